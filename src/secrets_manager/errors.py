@@ -1,0 +1,87 @@
+"""The exception tree every layer raises, and the CLI exit code of each branch.
+
+    SecretsManagerError                 exit 1   anything not listed below
+    ├── InvalidInputError               exit 2   bad name, over-size value, bad flag combination
+    │   └── UnsafeConfigurationError    exit 2   a guard rail of SHRIVENQUANT_ENV refused a setting
+    ├── NotFoundError                   exit 3   no such store, secret, version or label
+    ├── UnlockError                     exit 4   wrong or missing master password
+    ├── AccessDeniedError               exit 5   the caller may not do this
+    ├── IntegrityError                  exit 6   a record, keyset or header failed authentication
+    ├── ConflictError                   exit 7   compare-and-set lost, or the target already exists
+    └── StorageError                    exit 1   the backend itself failed (I/O, locked, unreachable)
+
+Invariant: no message built here or by a caller ever contains a secret value. Messages name
+secrets (names are not secret) and say what to do next.
+"""
+
+from __future__ import annotations
+
+
+class SecretsManagerError(Exception):
+    """Base of every error this package raises on purpose."""
+
+    exit_code = 1
+
+
+class InvalidInputError(SecretsManagerError):
+    """The request itself is malformed; nothing was read or written."""
+
+    exit_code = 2
+
+
+class UnsafeConfigurationError(InvalidInputError):
+    """A setting that the current SHRIVENQUANT_ENV forbids (e.g. MASTER_PASSWORD in production)."""
+
+
+class NotFoundError(SecretsManagerError):
+    """The store, secret, version or label does not exist (or was destroyed)."""
+
+    exit_code = 3
+
+
+class UnlockError(SecretsManagerError):
+    """The store could not be unlocked: wrong password, or no password source."""
+
+    exit_code = 4
+
+
+class AccessDeniedError(SecretsManagerError):
+    """The caller is not allowed to do this."""
+
+    exit_code = 5
+
+
+class IntegrityError(SecretsManagerError):
+    """Authenticated decryption failed. Deliberately opaque: it never says why."""
+
+    exit_code = 6
+
+    def __init__(self, message: str = "integrity check failed") -> None:
+        super().__init__(message)
+
+
+class ConflictError(SecretsManagerError):
+    """A compare-and-set precondition did not hold, or the target already exists."""
+
+    exit_code = 7
+
+
+class StorageError(SecretsManagerError):
+    """The storage backend failed to read or write."""
+
+    exit_code = 1
+
+
+EXIT_CODES: dict[type[SecretsManagerError], int] = {
+    cls: cls.exit_code
+    for cls in (
+        SecretsManagerError,
+        InvalidInputError,
+        NotFoundError,
+        UnlockError,
+        AccessDeniedError,
+        IntegrityError,
+        ConflictError,
+        StorageError,
+    )
+}

@@ -1,0 +1,67 @@
+"""The `Storage` protocol and the operation values `commit` takes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Final, Protocol, runtime_checkable
+
+
+class _Absent:
+    """Precondition: the key must not exist."""
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT: Final = _Absent()
+
+# A precondition on a key: None = no condition, ABSENT = must not exist, int = must be at that revision.
+Expect = int | _Absent | None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A stored value and the revision (storage-wide change number) that wrote it."""
+
+    value: bytes = field(repr=False)
+    revision: int
+
+
+@dataclass(frozen=True)
+class Put:
+    key: str
+    value: bytes = field(repr=False)
+    expect: Expect = None
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: str
+    expect: Expect = None
+
+
+Operation = Put | Delete
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """What every backend implements; `storage.testing.check_storage` is its conformance suite."""
+
+    def get(self, key: str) -> Entry | None:
+        """The entry under `key`, or None."""
+
+    def put(self, key: str, value: bytes, *, expect: Expect = None) -> int:
+        """Write one key (subject to `expect`); return the new revision."""
+
+    def delete(self, key: str, *, expect: Expect = None) -> int:
+        """Remove one key (subject to `expect`; deleting a missing key is not an error)."""
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys starting with `prefix` (taken literally), sorted."""
+
+    def commit(self, operations: Sequence[Operation]) -> int:
+        """Apply all operations or none; ConflictError if any precondition fails."""
+
+    def close(self) -> None:
+        """Release connections and files."""

@@ -1,0 +1,164 @@
+"""SQLite storage: one file, mode 0600 in a 0700 directory, WAL, safe with several processes.
+
+Each `commit` is one `BEGIN IMMEDIATE` transaction, so writers from several processes serialise
+on SQLite's lock and preconditions are checked under it. `synchronous=FULL` makes a commit durable
+before it is acknowledged; `secure_delete` zeroes freed pages so erased key material leaves the file.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from secrets_manager.errors import ConflictError, NotFoundError, StorageError
+from secrets_manager.storage.base import ABSENT, Delete, Entry, Expect, Operation, Put
+
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+_APPLICATION_ID = 0x534D4731  # "SMG1": marks the file as ours for `file(1)` and for us
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS entries (
+    key TEXT PRIMARY KEY NOT NULL,
+    value BLOB NOT NULL,
+    revision INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS counter (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    revision INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO counter (id, revision) VALUES (1, 0);
+"""
+
+
+class SqliteStorage:
+    """`Storage` over one SQLite file. Thread-safe: one connection behind a lock."""
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = False) -> None:
+        self.path = Path(path)
+        if create:
+            _create_private_file(self.path)
+        elif not self.path.exists():
+            raise NotFoundError(
+                f"no store at {self.path}; create one with 'secrets-manager init' or pass --store"
+            )
+        self._lock = threading.Lock()
+        try:
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+            )
+            self._configure(create)
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(f"cannot open store {self.path}: {exc}") from None
+
+    def _configure(self, create: bool) -> None:
+        db = self._db
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        db.execute("PRAGMA secure_delete = ON")
+        db.execute("PRAGMA synchronous = FULL")
+        if create:
+            db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
+        elif db.execute("PRAGMA application_id").fetchone()[0] != _APPLICATION_ID:
+            raise StorageError(f"{self.path} is not a secrets-manager store")
+        if db.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+            raise StorageError(f"cannot switch {self.path} to WAL mode")
+        with self._transaction():
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    yield self._db
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                raise StorageError(f"store {self.path}: {exc}") from None
+
+    def get(self, key: str) -> Entry | None:
+        try:
+            with self._lock:
+                row = self._db.execute(
+                    "SELECT value, revision FROM entries WHERE key = ?", (key,)
+                ).fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"store {self.path}: {exc}") from None
+        return None if row is None else Entry(value=bytes(row[0]), revision=row[1])
+
+    def put(self, key: str, value: bytes, *, expect: Expect = None) -> int:
+        return self.commit([Put(key, value, expect)])
+
+    def delete(self, key: str, *, expect: Expect = None) -> int:
+        return self.commit([Delete(key, expect)])
+
+    def list(self, prefix: str) -> list[str]:
+        # Range scan instead of LIKE, so '%' and '_' in a prefix are literal.
+        try:
+            with self._lock:
+                if prefix:
+                    rows = self._db.execute(
+                        "SELECT key FROM entries WHERE key >= ? AND key < ? ORDER BY key",
+                        (prefix, prefix + "\U0010ffff"),
+                    ).fetchall()
+                else:
+                    rows = self._db.execute("SELECT key FROM entries ORDER BY key").fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"store {self.path}: {exc}") from None
+        return [row[0] for row in rows if row[0].startswith(prefix)]
+
+    def commit(self, operations: Sequence[Operation]) -> int:
+        with self._transaction() as db:
+            for op in operations:
+                _check_precondition(db, op.key, op.expect)
+            revision = int(db.execute("SELECT revision FROM counter WHERE id = 1").fetchone()[0]) + 1
+            db.execute("UPDATE counter SET revision = ? WHERE id = 1", (revision,))
+            for op in operations:
+                if isinstance(op, Put):
+                    db.execute(
+                        "INSERT INTO entries (key, value, revision) VALUES (?, ?, ?) "
+                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value, revision = excluded.revision",
+                        (op.key, op.value, revision),
+                    )
+                elif isinstance(op, Delete):
+                    db.execute("DELETE FROM entries WHERE key = ?", (op.key,))
+            return revision
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __repr__(self) -> str:
+        return f"SqliteStorage({str(self.path)!r})"
+
+
+def _check_precondition(db: sqlite3.Connection, key: str, expect: Expect) -> None:
+    if expect is None:
+        return
+    row = db.execute("SELECT revision FROM entries WHERE key = ?", (key,)).fetchone()
+    if expect is ABSENT:
+        if row is not None:
+            raise ConflictError(f"storage key {key!r} already exists")
+    elif row is None or row[0] != expect:
+        raise ConflictError(f"storage key {key!r} changed concurrently")
+
+
+def _create_private_file(path: Path) -> None:
+    """Create the store file 0600 (and missing parent directories 0700); never overwrite."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        raise ConflictError(f"a store already exists at {path}; init never overwrites one") from None
+    except OSError as exc:
+        raise StorageError(f"cannot create store {path}: {exc.strerror}") from None
+    os.close(fd)

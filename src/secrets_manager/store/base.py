@@ -1,0 +1,99 @@
+"""The `SecretStore` protocol in plaintext terms, and the values it returns.
+
+Every entry point (CLI, service, SDK) talks to a `SecretStore`; `store.testing.check_secret_store`
+is the conformance suite every implementation passes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from secrets_manager.values import SecretValue
+
+CURRENT = "current"
+PREVIOUS = "previous"
+PENDING = "pending"
+LABELS = (CURRENT, PREVIOUS, PENDING)
+MAX_VALUE_SIZE = 64 * 1024
+DEFAULT_MAX_VERSIONS = 10
+
+
+@dataclass(frozen=True)
+class Secret:
+    """One version of a secret, with its value redacted until `value.reveal()`."""
+
+    name: str
+    version: int
+    value: SecretValue
+    created: datetime
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """Metadata of one version; never its value."""
+
+    version: int
+    created: datetime
+    created_by: str
+    labels: tuple[str, ...] = ()
+    destroyed: bool = False
+
+
+@dataclass(frozen=True)
+class SecretMetadata:
+    """Everything about a secret except values. Names and metadata are not secret."""
+
+    name: str
+    namespace: str
+    created: datetime
+    updated: datetime
+    created_by: str
+    description: str
+    tags: Mapping[str, str]
+    current_version: int | None
+    versions: tuple[VersionInfo, ...]
+    deleted: datetime | None = None
+    max_versions: int = DEFAULT_MAX_VERSIONS
+    labels: Mapping[str, int] = field(default_factory=dict)
+
+
+@runtime_checkable
+class SecretStore(Protocol):
+    def put(
+        self,
+        name: str,
+        value: bytes,
+        *,
+        expect_version: int | None = None,
+        description: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> VersionInfo:
+        """Write a new version and move `current`/`previous`. `expect_version=0` means create-only."""
+
+    def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
+        """One version: by number, by label, or `current` when neither is given."""
+
+    def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
+        """Metadata of the secrets whose names start with `prefix`, sorted by name."""
+
+    def describe(self, name: str) -> SecretMetadata:
+        """Metadata and version history of one secret (deleted ones too)."""
+
+    def delete(self, name: str) -> None:
+        """Soft delete: hidden from get and list until `undelete`."""
+
+    def undelete(self, name: str) -> None:
+        """Undo a soft delete."""
+
+    def destroy(self, name: str, versions: Iterable[int]) -> None:
+        """Erase the given versions' values for good; metadata remembers they existed."""
+
+    def destroy_secret(self, name: str) -> None:
+        """Erase the secret entirely: every version and its metadata."""
+
+    def close(self) -> None:
+        """Release the backend."""

@@ -1,0 +1,531 @@
+"""`EncryptedStore`: our barrier. Plaintext above, ciphertext only below (in a `Storage`).
+
+Key hierarchy (docs/format.md): unlock source → root key → one keyset per namespace → records.
+Storage layout:
+
+    core/header              JSON: format, creation time, root key id, the unlock source's section
+    core/keyset/<namespace>  the namespace's keyset, sealed under the root key
+    meta/<name>              the secret's metadata (versions, labels, tags), sealed under its keyset
+    data/<name>#<version>    one version's value, sealed under its keyset
+
+Every logical write is one `Storage.commit` guarded by compare-and-set on each entry it read, and
+is retried from a fresh read when another writer got there first: no update is ever lost.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, TypeVar
+
+from secrets_manager.crypto import DataKey, Keyset, Purpose, open_record, seal_record
+from secrets_manager.crypto.aead import new_key
+from secrets_manager.crypto.keyset import KeyStatus, new_key_id
+from secrets_manager.errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    StorageError,
+)
+from secrets_manager.storage import ABSENT, Delete, Entry, Put, Storage
+from secrets_manager.storage.base import Expect, Operation
+from secrets_manager.store.base import (
+    CURRENT,
+    DEFAULT_MAX_VERSIONS,
+    LABELS,
+    MAX_VALUE_SIZE,
+    PREVIOUS,
+    Secret,
+    SecretMetadata,
+    VersionInfo,
+)
+from secrets_manager.store.names import namespace_of, validate_name, validate_prefix
+from secrets_manager.store.unlock import UnlockSource
+from secrets_manager.values import SecretValue
+
+STORE_FORMAT = 1
+HEADER_KEY = "core/header"
+KEYSET_PREFIX = "core/keyset/"
+META_PREFIX = "meta/"
+DATA_PREFIX = "data/"
+RETRY_DEADLINE_SECONDS = 30.0
+
+T = TypeVar("T")
+
+
+class _LostRace(Exception):
+    """A storage precondition failed because another writer committed first: re-read and retry."""
+
+
+class EncryptedStore:
+    """A `SecretStore` that encrypts everything it hands to its `Storage`."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        root_key: DataKey,
+        *,
+        actor: str = "unknown",
+        clock: Callable[[], float] = time.time,
+        max_versions: int = DEFAULT_MAX_VERSIONS,
+    ) -> None:
+        self._storage = storage
+        self._root = root_key
+        self._actor = actor
+        self._clock = clock
+        self._max_versions = max_versions
+        self._keysets: dict[str, tuple[int, Keyset]] = {}
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, storage: Storage, unlock: UnlockSource, **options: Any) -> EncryptedStore:
+        """Initialise an empty storage: a new root key wrapped by `unlock`. Never overwrites."""
+        now = int(options.get("clock", time.time)())
+        root = DataKey(id=new_key_id(set()), status=KeyStatus.ENABLED, created=now, material=new_key())
+        header = {"format": STORE_FORMAT, "created": now, "root_key_id": root.id, "unlock": unlock.wrap(root)}
+        try:
+            storage.put(HEADER_KEY, _dump(header), expect=ABSENT)
+        except ConflictError:
+            raise ConflictError("the store is already initialised; init never overwrites a store") from None
+        return cls(storage, root, **options)
+
+    @classmethod
+    def open(cls, storage: Storage, unlock: UnlockSource, **options: Any) -> EncryptedStore:
+        """Unlock an existing store. UnlockError on a wrong password; nothing is written."""
+        header = _read_header(storage)
+        root = unlock.unwrap(header["unlock"], created=int(header["created"]))
+        if root.id != header["root_key_id"]:
+            raise IntegrityError("the store header is damaged (integrity check failed)")
+        return cls(storage, root, **options)
+
+    def change_unlock(self, unlock: UnlockSource) -> None:
+        """Rewrap the root key under a new unlock source (e.g. a new password). O(1) in secrets."""
+        entry = self._storage.get(HEADER_KEY)
+        if entry is None:
+            raise NotFoundError("the store has no header")
+        header = _load_json(entry.value, "store header")
+        header["unlock"] = unlock.wrap(self._root)
+        try:
+            self._storage.put(HEADER_KEY, _dump(header), expect=entry.revision)
+        except ConflictError:
+            raise ConflictError("the master password was changed concurrently; try again") from None
+
+    def close(self) -> None:
+        self._storage.close()
+
+    def __repr__(self) -> str:
+        return f"EncryptedStore({self._storage!r})"
+
+    # ---- reads -----------------------------------------------------------------------------
+
+    def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
+        validate_name(name)
+        if version is not None and label is not None:
+            raise InvalidInputError("give a version or a label, not both")
+        if label is not None and label not in LABELS:
+            raise InvalidInputError(f"unknown label {label!r}; labels are {', '.join(LABELS)}")
+        for _attempt in range(3):  # a concurrent prune between the two reads: read again
+            meta_entry, meta = self._read_meta(name)
+            if meta is None or meta.deleted is not None:
+                raise NotFoundError(f"secret {name!r} not found")
+            number = self._resolve(meta, name, version, label or (CURRENT if version is None else None))
+            record = self._storage.get(_data_key(name, number))
+            if record is None:
+                continue
+            plaintext = open_record(
+                self._keyset_for_read(namespace_of(name)).key_for_decryption,
+                Purpose.SECRET_VALUE,
+                name,
+                number,
+                record.value,
+            )
+            info = meta.versions[number]
+            return Secret(
+                name=name,
+                version=number,
+                value=SecretValue(plaintext),
+                created=_time(info["created"]),
+                labels=meta.labels_of(number),
+            )
+        raise NotFoundError(f"version {number} of {name!r} is no longer stored")
+
+    def describe(self, name: str) -> SecretMetadata:
+        validate_name(name)
+        _, meta = self._read_meta(name)
+        if meta is None:
+            raise NotFoundError(f"secret {name!r} not found")
+        return meta.public(name)
+
+    def history(self, name: str) -> list[VersionInfo]:
+        return list(self.describe(name).versions)
+
+    def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
+        validate_prefix(prefix)
+        result = []
+        for key in self._storage.list(META_PREFIX + prefix):
+            name = key[len(META_PREFIX) :]
+            _, meta = self._read_meta(name)
+            if meta is not None and (include_deleted or meta.deleted is None):
+                result.append(meta.public(name))
+        return result
+
+    def _resolve(self, meta: _Meta, name: str, version: int | None, label: str | None) -> int:
+        if label is not None:
+            if label not in meta.labels:
+                raise NotFoundError(f"secret {name!r} has no version labelled {label!r}")
+            number = meta.labels[label]
+        else:
+            assert version is not None
+            number = version
+        info = meta.versions.get(number)
+        if info is None:
+            raise NotFoundError(f"secret {name!r} has no version {number}")
+        if info["destroyed"]:
+            raise NotFoundError(f"version {number} of {name!r} was destroyed")
+        return number
+
+    # ---- writes ----------------------------------------------------------------------------
+
+    def put(
+        self,
+        name: str,
+        value: bytes,
+        *,
+        expect_version: int | None = None,
+        description: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> VersionInfo:
+        validate_name(name)
+        if isinstance(value, SecretValue):
+            value = value.reveal()
+        if not isinstance(value, bytes):
+            raise InvalidInputError("a secret value is bytes; encode text as UTF-8")
+        if len(value) > MAX_VALUE_SIZE:
+            raise InvalidInputError(f"value is {len(value)} bytes; the limit is {MAX_VALUE_SIZE} (64 KiB)")
+        if expect_version is not None and expect_version < 0:
+            raise InvalidInputError("--expect-version must be 0 (create only) or a version number")
+
+        def attempt() -> VersionInfo:
+            now = self._clock()
+            meta_entry, meta = self._read_meta(name)
+            current = None if meta is None else meta.labels.get(CURRENT)
+            if meta is not None and meta.deleted is not None:
+                raise ConflictError(
+                    f"secret {name!r} is deleted; run 'undelete {name}' first, or 'destroy {name} --all'"
+                )
+            if expect_version is not None and (current or 0) != expect_version:
+                raise ConflictError(
+                    f"secret {name!r} is at version {current or 0}, not {expect_version}; "
+                    "read it again and retry"
+                )
+            if meta is None:
+                meta = _Meta.new(now, self._actor, self._max_versions)
+            number = meta.next_version
+            meta.add_version(number, now, self._actor)
+            if description is not None:
+                meta.description = description
+            if tags is not None:
+                meta.tags = dict(tags)
+            pruned = meta.prune()
+            ops: list[Operation] = [
+                Delete(_data_key(name, old)) for old in pruned
+            ]
+            ns = namespace_of(name)
+            ks_expect, keyset = self._keyset_for_write(ns)
+            key = keyset.primary
+            ops.append(
+                Put(
+                    _data_key(name, number),
+                    seal_record(key, Purpose.SECRET_VALUE, name, number, value),
+                    expect=ABSENT,
+                )
+            )
+            ops.append(Put(META_PREFIX + name, self._seal_meta(key, name, meta), _expect(meta_entry)))
+            self._commit_with_keyset(ns, ks_expect, keyset.with_uses(2), ops)
+            return meta.public(name).versions[-1]
+
+        return self._retry(attempt)
+
+    def delete(self, name: str) -> None:
+        def change(meta: _Meta, now: float) -> list[Operation]:
+            if meta.deleted is not None:
+                raise NotFoundError(f"secret {name!r} is already deleted")
+            meta.deleted = now
+            return []
+
+        self._update_meta(name, change)
+
+    def undelete(self, name: str) -> None:
+        def change(meta: _Meta, now: float) -> list[Operation]:
+            if meta.deleted is None:
+                raise ConflictError(f"secret {name!r} is not deleted")
+            meta.deleted = None
+            return []
+
+        self._update_meta(name, change)
+
+    def destroy(self, name: str, versions: Iterable[int]) -> None:
+        wanted = sorted(set(versions))
+        if not wanted:
+            raise InvalidInputError("name the versions to destroy (--version N), or use --all")
+
+        def change(meta: _Meta, now: float) -> list[Operation]:
+            missing = [v for v in wanted if v not in meta.versions]
+            if missing:
+                raise NotFoundError(f"secret {name!r} has no version {missing[0]}")
+            for number in wanted:
+                meta.versions[number]["destroyed"] = True
+            return [Delete(_data_key(name, number)) for number in wanted]
+
+        self._update_meta(name, change)
+
+    def destroy_secret(self, name: str) -> None:
+        validate_name(name)
+
+        def attempt() -> None:
+            meta_entry, meta = self._read_meta(name)
+            if meta_entry is None or meta is None:
+                raise NotFoundError(f"secret {name!r} not found")
+            ops: list[Operation] = [Delete(_data_key(name, n)) for n in meta.versions]
+            ops.append(Delete(META_PREFIX + name, expect=meta_entry.revision))
+            self._commit(ops)
+
+        self._retry(attempt)
+
+    def _update_meta(self, name: str, change: Callable[[_Meta, float], list[Operation]]) -> None:
+        """Read-modify-write of one secret's metadata (plus the extra operations `change` returns)."""
+        validate_name(name)
+
+        def attempt() -> None:
+            now = self._clock()
+            meta_entry, meta = self._read_meta(name)
+            if meta_entry is None or meta is None:
+                raise NotFoundError(f"secret {name!r} not found")
+            ops = change(meta, now)
+            meta.updated = now
+            ns = namespace_of(name)
+            ks_expect, keyset = self._keyset_for_write(ns)
+            ops.append(
+                Put(META_PREFIX + name, self._seal_meta(keyset.primary, name, meta), meta_entry.revision)
+            )
+            self._commit_with_keyset(ns, ks_expect, keyset.with_uses(1), ops)
+
+        self._retry(attempt)
+
+    # ---- keysets and records ---------------------------------------------------------------
+
+    def _keyset_for_read(self, namespace: str) -> Keyset:
+        entry = self._storage.get(KEYSET_PREFIX + namespace)
+        if entry is None:
+            raise IntegrityError(f"keyset of namespace {namespace!r} is missing (integrity check failed)")
+        return self._decode_keyset(namespace, entry)
+
+    def _keyset_for_write(self, namespace: str) -> tuple[Expect, Keyset]:
+        entry = self._storage.get(KEYSET_PREFIX + namespace)
+        if entry is None:
+            return ABSENT, Keyset.generate(created=int(self._clock()))
+        return entry.revision, self._decode_keyset(namespace, entry)
+
+    def _decode_keyset(self, namespace: str, entry: Entry) -> Keyset:
+        cached = self._keysets.get(namespace)
+        if cached is not None and cached[0] == entry.revision:
+            return cached[1]
+        plaintext = open_record(self._root_lookup, Purpose.KEYSET, namespace, 0, entry.value)
+        keyset = Keyset.from_bytes(plaintext)
+        self._keysets[namespace] = (entry.revision, keyset)
+        return keyset
+
+    def _root_lookup(self, key_id: int) -> DataKey:
+        if key_id != self._root.id:
+            raise IntegrityError()
+        return self._root
+
+    def _commit_with_keyset(
+        self, namespace: str, expect: Expect, keyset: Keyset, ops: list[Operation]
+    ) -> None:
+        sealed = seal_record(self._root, Purpose.KEYSET, namespace, 0, keyset.to_bytes())
+        ops.append(Put(KEYSET_PREFIX + namespace, sealed, expect))
+        revision = self._commit(ops)
+        self._keysets[namespace] = (revision, keyset)
+
+    def _commit(self, ops: list[Operation]) -> int:
+        try:
+            return self._storage.commit(ops)
+        except ConflictError:
+            raise _LostRace() from None
+
+    def _read_meta(self, name: str) -> tuple[Entry | None, _Meta | None]:
+        entry = self._storage.get(META_PREFIX + name)
+        if entry is None:
+            return None, None
+        keyset = self._keyset_for_read(namespace_of(name))
+        plaintext = open_record(
+            keyset.key_for_decryption, Purpose.SECRET_METADATA, name, 0, entry.value
+        )
+        return entry, _Meta.from_json(plaintext)
+
+    def _seal_meta(self, key: DataKey, name: str, meta: _Meta) -> bytes:
+        return seal_record(key, Purpose.SECRET_METADATA, name, 0, meta.to_json())
+
+    def _retry(self, attempt: Callable[[], T]) -> T:
+        """Run `attempt` until it commits without losing a race, with jittered backoff."""
+        deadline = time.monotonic() + RETRY_DEADLINE_SECONDS
+        delay = 0.001
+        while True:
+            try:
+                return attempt()
+            except _LostRace:
+                if time.monotonic() > deadline:
+                    raise StorageError("too much write contention on the store; try again") from None
+                time.sleep(random.uniform(0, delay))
+                delay = min(delay * 2, 0.05)
+
+
+@dataclass
+class _Meta:
+    """The decrypted metadata document of one secret (docs/format.md, "Metadata")."""
+
+    created: float
+    updated: float
+    created_by: str
+    max_versions: int
+    next_version: int = 1
+    description: str = ""
+    tags: dict[str, str] = field(default_factory=dict)
+    deleted: float | None = None
+    labels: dict[str, int] = field(default_factory=dict)
+    versions: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def new(cls, now: float, actor: str, max_versions: int) -> _Meta:
+        return cls(created=now, updated=now, created_by=actor, max_versions=max_versions)
+
+    def add_version(self, number: int, now: float, actor: str) -> None:
+        self.versions[number] = {"created": now, "created_by": actor, "destroyed": False}
+        if CURRENT in self.labels:
+            self.labels[PREVIOUS] = self.labels[CURRENT]
+        self.labels[CURRENT] = number
+        self.next_version = number + 1
+        self.updated = now
+
+    def prune(self) -> list[int]:
+        """Forget the oldest versions beyond `max_versions`; never one that carries a label."""
+        labelled = set(self.labels.values())
+        removable = [n for n in sorted(self.versions) if n not in labelled]
+        excess = len(self.versions) - self.max_versions
+        pruned = removable[: max(excess, 0)]
+        for number in pruned:
+            del self.versions[number]
+        return pruned
+
+    def labels_of(self, number: int) -> tuple[str, ...]:
+        return tuple(label for label in LABELS if self.labels.get(label) == number)
+
+    def public(self, name: str) -> SecretMetadata:
+        return SecretMetadata(
+            name=name,
+            namespace=namespace_of(name),
+            created=_time(self.created),
+            updated=_time(self.updated),
+            created_by=self.created_by,
+            description=self.description,
+            tags=dict(self.tags),
+            current_version=self.labels.get(CURRENT),
+            versions=tuple(
+                VersionInfo(
+                    version=n,
+                    created=_time(info["created"]),
+                    created_by=info["created_by"],
+                    labels=self.labels_of(n),
+                    destroyed=info["destroyed"],
+                )
+                for n, info in sorted(self.versions.items())
+            ),
+            deleted=None if self.deleted is None else _time(self.deleted),
+            max_versions=self.max_versions,
+            labels=dict(self.labels),
+        )
+
+    def to_json(self) -> bytes:
+        doc = {
+            "created": self.created,
+            "updated": self.updated,
+            "created_by": self.created_by,
+            "max_versions": self.max_versions,
+            "next_version": self.next_version,
+            "description": self.description,
+            "tags": self.tags,
+            "deleted": self.deleted,
+            "labels": self.labels,
+            "versions": {str(n): info for n, info in self.versions.items()},
+        }
+        return _dump(doc)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> _Meta:
+        doc = _load_json(data, "secret metadata")
+        try:
+            return cls(
+                created=float(doc["created"]),
+                updated=float(doc["updated"]),
+                created_by=str(doc["created_by"]),
+                max_versions=int(doc["max_versions"]),
+                next_version=int(doc["next_version"]),
+                description=str(doc["description"]),
+                tags={str(k): str(v) for k, v in doc["tags"].items()},
+                deleted=None if doc["deleted"] is None else float(doc["deleted"]),
+                labels={str(k): int(v) for k, v in doc["labels"].items()},
+                versions={int(n): dict(info) for n, info in doc["versions"].items()},
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise IntegrityError() from None
+
+
+def _read_header(storage: Storage) -> dict[str, Any]:
+    entry = storage.get(HEADER_KEY)
+    if entry is None:
+        raise NotFoundError(
+            "the store is not initialised (an interrupted 'init'?); remove the file and run init"
+        )
+    header = _load_json(entry.value, "store header")
+    fmt = header.get("format")
+    if fmt != STORE_FORMAT:
+        if isinstance(fmt, int) and fmt > STORE_FORMAT:
+            raise StorageError(f"the store has format {fmt}; upgrade secrets-manager to open it")
+        raise IntegrityError("the store header is damaged (integrity check failed)")
+    for field_name in ("created", "root_key_id", "unlock"):
+        if field_name not in header:
+            raise IntegrityError("the store header is damaged (integrity check failed)")
+    return header
+
+
+def _data_key(name: str, version: int) -> str:
+    return f"{DATA_PREFIX}{name}#{version}"
+
+
+def _expect(entry: Entry | None) -> Expect:
+    return ABSENT if entry is None else entry.revision
+
+
+def _dump(doc: Mapping[str, Any]) -> bytes:
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def _load_json(data: bytes, what: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(data)
+    except ValueError:
+        raise IntegrityError(f"the {what} is damaged (integrity check failed)") from None
+    if not isinstance(doc, dict):
+        raise IntegrityError(f"the {what} is damaged (integrity check failed)")
+    return doc
+
+
+def _time(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, tz=timezone.utc)

@@ -1,0 +1,49 @@
+"""Secret names: the documented character set, length limit and namespace rule.
+
+A name is one or more segments joined by '/'. A segment starts with a letter, digit or '_' and
+continues with letters, digits, '_', '.', '-' (so no '..', no leading '-' that reads like a flag).
+At most 256 characters in all. The first segment of a name with a '/' is its namespace; a name
+without '/' lives in the `default` namespace. These rules keep names valid in Vault paths and AWS
+Secrets Manager names alike.
+"""
+
+from __future__ import annotations
+
+import re
+
+from secrets_manager.errors import InvalidInputError
+
+MAX_NAME_LENGTH = 256
+DEFAULT_NAMESPACE = "default"
+_SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.\-]*"
+_NAME = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
+
+
+def validate_name(name: str) -> str:
+    """Return `name` if valid, else raise InvalidInputError saying what is allowed."""
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError("secret name is empty; names look like 'auth/DB_PASSWORD'")
+    if len(name) > MAX_NAME_LENGTH:
+        raise InvalidInputError(f"secret name is longer than {MAX_NAME_LENGTH} characters")
+    if not _NAME.fullmatch(name):
+        raise InvalidInputError(
+            f"invalid secret name {name!r}: use segments of letters, digits, '_', '.', '-' "
+            "joined by '/', each starting with a letter, digit or '_'"
+        )
+    return name
+
+
+def validate_prefix(prefix: str) -> str:
+    """A list prefix: any leading part of a valid name (may end in '/' or mid-segment)."""
+    if not prefix:
+        return prefix
+    body = prefix[:-1] if prefix.endswith("/") else prefix
+    if len(prefix) > MAX_NAME_LENGTH or not _NAME.fullmatch(body):
+        raise InvalidInputError(f"invalid name prefix {prefix!r}: give the leading part of a name")
+    return prefix
+
+
+def namespace_of(name: str) -> str:
+    """The namespace (and so the keyset) a secret belongs to."""
+    head, sep, _ = name.partition("/")
+    return head if sep else DEFAULT_NAMESPACE

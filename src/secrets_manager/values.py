@@ -1,0 +1,58 @@
+"""`SecretValue`: plaintext that cannot leak by accident.
+
+Its `repr`, `str` and `format` are redacted, it refuses pickling, and the bytes come out only
+through `reveal()` / `reveal_text()`, so a value ends up in a log line only if someone wrote
+`reveal` next to the log call.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import NoReturn
+
+REDACTED = "**********"
+
+
+class SecretValue:
+    """Bytes of a secret, redacted everywhere except through `reveal()`."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        if not isinstance(value, bytes):
+            raise TypeError("SecretValue holds bytes; encode text as UTF-8 first")
+        self._value = value
+
+    def reveal(self) -> bytes:
+        """The plaintext bytes. Call it where the value is used, never where it is logged."""
+        return self._value
+
+    def reveal_text(self) -> str:
+        """The plaintext as text; raises UnicodeDecodeError (without the value) if not UTF-8."""
+        try:
+            return self._value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError("the secret value is not UTF-8 text") from None
+
+    def __len__(self) -> int:
+        return len(self._value)
+
+    def __repr__(self) -> str:
+        return f"SecretValue('{REDACTED}')"
+
+    def __str__(self) -> str:
+        return REDACTED
+
+    def __format__(self, format_spec: str) -> str:
+        return REDACTED
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, SecretValue):
+            return hmac.compare_digest(self._value, other._value)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash((SecretValue, len(self._value)))
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("SecretValue cannot be pickled")
