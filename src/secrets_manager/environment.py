@@ -11,7 +11,7 @@ from secrets_manager.errors import InvalidInputError
 ENV_VARIABLE = "SHRIVENQUANT_ENV"
 
 
-class Environment(str, enum.Enum):
+class Environment(enum.StrEnum):
     DEVELOPMENT = "development"
     STAGING = "staging"
     PRODUCTION = "production"

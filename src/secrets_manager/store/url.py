@@ -1,7 +1,8 @@
-"""Store URLs: which `Storage` a URL names, and the file guard rails of production.
+"""Store URLs and opening a store: which `Storage` a URL names, production's guard rails.
 
 Supported now: a plain path or `sqlite:///absolute/path`. Unsupported schemes fail with a message
-that names what is supported.
+that names what is supported. The entry points call `create_store` / `open_store` /
+`change_password` and never see storage or crypto themselves.
 """
 
 from __future__ import annotations
@@ -11,9 +12,13 @@ from pathlib import Path
 
 from platformdirs import user_data_path
 
+from secrets_manager.crypto.kdf import DEFAULT as PRODUCTION_KDF_MINIMUM
+from secrets_manager.crypto.kdf import PROFILES as KDF_PROFILES
 from secrets_manager.environment import Environment
-from secrets_manager.errors import InvalidInputError, UnsafeConfigurationError
+from secrets_manager.errors import ConflictError, InvalidInputError, UnsafeConfigurationError
 from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store.encrypted import EncryptedStore
+from secrets_manager.store.unlock import PasswordUnlock
 
 SQLITE_SCHEME = "sqlite://"
 DEFAULT_FILE_NAME = "secrets.db"
@@ -52,3 +57,60 @@ def open_storage(url: str | None, *, create: bool, environment: Environment) -> 
                 f"run 'chmod 600 {path}' (production refuses unprotected store files)"
             )
     return SqliteStorage(path, create=create)
+
+
+def create_store(
+    url: str | None,
+    password: bytes,
+    *,
+    kdf_profile: str,
+    environment: Environment,
+    actor: str,
+) -> EncryptedStore:
+    """Create a new, empty password-protected store where `url` points. Never overwrites."""
+    if kdf_profile not in KDF_PROFILES:
+        raise InvalidInputError(f"unknown KDF profile {kdf_profile!r}; use one of {', '.join(KDF_PROFILES)}")
+    if environment.is_production and KDF_PROFILES[kdf_profile].is_weaker_than(PRODUCTION_KDF_MINIMUM):
+        raise UnsafeConfigurationError(
+            f"KDF profile {kdf_profile!r} is too weak for production; use the default profile"
+        )
+    path = sqlite_path(url)
+    if path.exists():
+        raise ConflictError(f"a store already exists at {path}; init never overwrites one")
+    storage = open_storage(url, create=True, environment=environment)
+    try:
+        unlock = PasswordUnlock(password, KDF_PROFILES[kdf_profile])
+        return EncryptedStore.create(storage, unlock, actor=actor)
+    except BaseException:
+        storage.close()
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        raise
+
+
+def open_store(url: str | None, password: bytes, *, environment: Environment, actor: str) -> EncryptedStore:
+    """Unlock the store `url` points at with a master password."""
+    storage = open_storage(url, create=False, environment=environment)
+    try:
+        return EncryptedStore.open(storage, _password_unlock(password, environment), actor=actor)
+    except BaseException:
+        storage.close()
+        raise
+
+
+def change_password(
+    url: str | None, old_password: bytes, new_password: bytes, *, environment: Environment, actor: str
+) -> None:
+    """Rewrap the root key under a new password, keeping the store's Argon2id costs. O(1)."""
+    storage = open_storage(url, create=False, environment=environment)
+    try:
+        old = _password_unlock(old_password, environment)
+        store = EncryptedStore.open(storage, old, actor=actor)
+        store.change_unlock(PasswordUnlock(new_password, old.params))
+    finally:
+        storage.close()
+
+
+def _password_unlock(password: bytes, environment: Environment) -> PasswordUnlock:
+    minimum = PRODUCTION_KDF_MINIMUM if environment.is_production else None
+    return PasswordUnlock(password, minimum=minimum)

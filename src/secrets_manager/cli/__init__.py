@@ -1,0 +1,60 @@
+"""The `secrets-manager` command line: parse, call the store, format. Nothing else.
+
+`main` turns every error into one line on stderr and the exit code documented in errors.py, so no
+traceback ever reaches a user.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from secrets_manager.cli.app import cli
+from secrets_manager.cli.output import error_line
+from secrets_manager.errors import SecretsManagerError
+
+DEBUG_VARIABLE = "SECRETS_MANAGER_DEBUG"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point; returns (and exits with) the documented exit code."""
+    code = run(argv)
+    sys.exit(code)
+
+
+def run(argv: list[str] | None = None) -> int:
+    try:
+        result = cli.main(args=argv, prog_name="secrets-manager", standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except SecretsManagerError as exc:
+        error_line(str(exc))
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    except click.exceptions.Abort:
+        error_line("aborted")
+        return 130
+    except click.UsageError as exc:
+        hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
+        error_line(exc.format_message().replace("\n", " ") + hint)
+        return 2
+    except click.ClickException as exc:
+        error_line(exc.format_message().replace("\n", " "))
+        return exc.exit_code
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): not an error worth a message.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        return 130
+    except Exception as exc:  # a bug: say so in one line; the message is withheld (it could hold data)
+        if os.environ.get(DEBUG_VARIABLE):
+            raise
+        error_line(
+            f"internal error ({type(exc).__name__}); rerun with {DEBUG_VARIABLE}=1 for details and report it"
+        )
+        return 1

@@ -1,0 +1,408 @@
+"""The click commands. Each one parses, validates input before asking for a password, calls the
+store, and formats; all crypto and SQL live below `store/`."""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import os
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import version as package_version
+from pathlib import Path
+from typing import Any
+
+import click
+
+from secrets_manager.cli.output import (
+    info_line,
+    print_json,
+    print_table,
+    timestamp,
+    warning_line,
+)
+from secrets_manager.cli.password import (
+    prompt_password,
+    read_password,
+    read_password_file,
+    terminal_available,
+)
+from secrets_manager.environment import Environment, current_environment
+from secrets_manager.errors import ConflictError, InvalidInputError
+from secrets_manager.store import MAX_VALUE_SIZE, EncryptedStore, SecretMetadata, validate_name
+from secrets_manager.store.base import LABELS
+from secrets_manager.store.names import validate_prefix
+from secrets_manager.store.url import change_password, create_store, open_store, sqlite_path
+from secrets_manager.values import SecretValue
+
+STORE_VARIABLE = "SECRETS_MANAGER_STORE"
+
+
+@dataclass
+class Session:
+    """Options every command shares, resolved once per invocation."""
+
+    store_url: str | None
+    password_file: str | None
+    environment: Environment
+    environ: Mapping[str, str]
+
+    @property
+    def actor(self) -> str:
+        try:
+            return getpass.getuser()
+        except (KeyError, OSError):
+            return f"uid:{os.getuid()}"
+
+    def password(self, *, confirm: bool = False) -> bytes:
+        return read_password(
+            self.password_file, environment=self.environment, environ=self.environ, confirm=confirm
+        )
+
+    @contextmanager
+    def open(self) -> Iterator[EncryptedStore]:
+        store = open_store(self.store_url, self.password(), environment=self.environment, actor=self.actor)
+        try:
+            yield store
+        finally:
+            store.close()
+
+
+pass_session = click.make_pass_decorator(Session)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--store",
+    "store_url",
+    envvar=STORE_VARIABLE,
+    metavar="URL",
+    help=f"Store file path or sqlite:///path [env {STORE_VARIABLE}; default: a file in your data directory].",
+)
+@click.option(
+    "--password-file",
+    metavar="PATH",
+    help="Read the master password from this file [env MASTER_PASSWORD_FILE].",
+)
+@click.version_option(package_version("secrets-manager"), prog_name="secrets-manager")
+@click.pass_context
+def cli(ctx: click.Context, store_url: str | None, password_file: str | None) -> None:
+    """Keep credentials encrypted (AES-256-GCM, Argon2id, a separate key per service).
+
+    \b
+    Master password sources, first match wins: --password-file, MASTER_PASSWORD_FILE,
+    MASTER_PASSWORD, a prompt on the terminal.
+    Exit codes: 0 ok, 1 error, 2 invalid input, 3 not found, 4 unlock failed,
+    5 access denied, 6 integrity failure, 7 conflict.
+    """
+    ctx.obj = Session(
+        store_url=store_url or None,
+        password_file=password_file,
+        environment=current_environment(),
+        environ=os.environ,
+    )
+
+
+@cli.command()
+@click.option(
+    "--kdf-profile",
+    type=click.Choice(["default", "test"]),
+    default="default",
+    show_default=True,
+    help="Argon2id cost: 'default' is RFC 9106's t=3, 64 MiB, p=4; 'test' is cheap, for test suites only.",
+)
+@pass_session
+def init(session: Session, kdf_profile: str) -> None:
+    """Create a new, empty store. Never overwrites an existing one."""
+    path = sqlite_path(session.store_url)
+    if path.exists():
+        raise ConflictError(f"a store already exists at {path}; init never overwrites one")
+    store = create_store(
+        session.store_url,
+        session.password(confirm=True),
+        kdf_profile=kdf_profile,
+        environment=session.environment,
+        actor=session.actor,
+    )
+    store.close()
+    info_line(f"created an empty store at {path}")
+
+
+@cli.command("store")
+@click.argument("name")
+@click.argument("value", required=False)
+@click.option("--file", "value_file", metavar="PATH", help="Read the value's exact bytes from a file.")
+@click.option("--raw", is_flag=True, help="Keep stdin byte for byte (else one trailing newline is dropped).")
+@click.option(
+    "--expect-version",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Write only if the current version is N (0: only if the secret does not exist).",
+)
+@click.option("--description", help="A note about the secret (not secret itself).")
+@click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the secret (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_session
+def store_command(
+    session: Session,
+    name: str,
+    value: str | None,
+    value_file: str | None,
+    raw: bool,
+    expect_version: int | None,
+    description: str | None,
+    tags: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Store a new version of NAME. The value comes from stdin, a prompt, --file, or VALUE (warns)."""
+    validate_name(name)
+    parsed_tags = parse_tags(tags) if tags else None
+    secret = read_value(value, value_file, raw=raw)
+    with session.open() as store:
+        info = store.put(
+            name,
+            secret.reveal(),
+            expect_version=expect_version,
+            description=description,
+            tags=parsed_tags,
+        )
+    if as_json:
+        print_json({"name": name, "version": info.version})
+    else:
+        click.echo(f"stored {name} version {info.version}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--version", "version", type=click.IntRange(min=1), metavar="N", help="A version number.")
+@click.option("--label", type=click.Choice(LABELS), help="A label instead of 'current'.")
+@click.option("--raw", is_flag=True, help="Write exactly the stored bytes, no newline.")
+@click.option("--json", "as_json", is_flag=True, help="Print name, version, labels and value as JSON.")
+@pass_session
+def get(
+    session: Session, name: str, version: int | None, label: str | None, raw: bool, as_json: bool
+) -> None:
+    """Print the value of NAME (its current version unless --version or --label)."""
+    validate_name(name)
+    if raw and as_json:
+        raise InvalidInputError("--raw and --json exclude each other")
+    if version is not None and label is not None:
+        raise InvalidInputError("give --version or --label, not both")
+    with session.open() as store:
+        secret = store.get(name, version=version, label=label)
+    data = secret.value.reveal()
+    if raw:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    if as_json:
+        doc: dict[str, Any] = {
+            "name": secret.name,
+            "version": secret.version,
+            "labels": list(secret.labels),
+            "created": timestamp(secret.created),
+        }
+        try:
+            doc["value"] = data.decode("utf-8")
+        except UnicodeDecodeError:
+            doc["value_base64"] = base64.b64encode(data).decode("ascii")
+        print_json(doc)
+        return
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInputError(
+            f"the value of {name} is binary ({len(data)} bytes); use --raw or --json"
+        ) from None
+    click.echo(text)
+
+
+@cli.command("list")
+@click.argument("prefix", required=False, default="")
+@click.option("--long", "-l", "long_format", is_flag=True, help="Show version, update time and description.")
+@click.option("--deleted", is_flag=True, help="Include soft-deleted secrets.")
+@click.option("--json", "as_json", is_flag=True, help="Print metadata as JSON (never values).")
+@pass_session
+def list_command(session: Session, prefix: str, long_format: bool, deleted: bool, as_json: bool) -> None:
+    """List secret names (never values), optionally only those starting with PREFIX."""
+    validate_prefix(prefix)
+    with session.open() as store:
+        secrets = store.list(prefix, include_deleted=deleted)
+    if as_json:
+        print_json([metadata_doc(meta) for meta in secrets])
+    elif long_format:
+        print_table(
+            ["NAME", "VERSION", "UPDATED", "STATE", "DESCRIPTION"],
+            [
+                [
+                    meta.name,
+                    str(meta.current_version or "-"),
+                    timestamp(meta.updated),
+                    "deleted" if meta.deleted else "active",
+                    meta.description,
+                ]
+                for meta in secrets
+            ],
+        )
+    else:
+        for meta in secrets:
+            click.echo(meta.name)
+
+
+@cli.command()
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print metadata and versions as JSON.")
+@pass_session
+def history(session: Session, name: str, as_json: bool) -> None:
+    """Show the versions of NAME: when, by whom, labels, destroyed or not (never values)."""
+    validate_name(name)
+    with session.open() as store:
+        meta = store.describe(name)
+    if as_json:
+        print_json(metadata_doc(meta))
+        return
+    print_table(
+        ["VERSION", "CREATED", "CREATED BY", "LABELS", "STATE"],
+        [
+            [
+                str(v.version),
+                timestamp(v.created),
+                v.created_by,
+                ",".join(v.labels),
+                "destroyed" if v.destroyed else "stored",
+            ]
+            for v in meta.versions
+        ],
+    )
+
+
+@cli.command()
+@click.argument("name")
+@pass_session
+def delete(session: Session, name: str) -> None:
+    """Soft-delete NAME: hidden from get and list until 'undelete'."""
+    validate_name(name)
+    with session.open() as store:
+        store.delete(name)
+    info_line(f"deleted {name} (recoverable with 'secrets-manager undelete {name}')")
+
+
+@cli.command()
+@click.argument("name")
+@pass_session
+def undelete(session: Session, name: str) -> None:
+    """Restore a soft-deleted NAME."""
+    validate_name(name)
+    with session.open() as store:
+        store.undelete(name)
+    info_line(f"restored {name}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option(
+    "--version",
+    "versions",
+    type=click.IntRange(min=1),
+    multiple=True,
+    metavar="N",
+    help="A version to erase (repeatable).",
+)
+@click.option("--all", "destroy_all", is_flag=True, help="Erase every version and the metadata.")
+@pass_session
+def destroy(session: Session, name: str, versions: tuple[int, ...], destroy_all: bool) -> None:
+    """Erase versions of NAME for good (cannot be undone)."""
+    validate_name(name)
+    if bool(versions) == destroy_all:
+        raise InvalidInputError("give --version N (repeatable) or --all")
+    with session.open() as store:
+        if destroy_all:
+            store.destroy_secret(name)
+        else:
+            store.destroy(name, versions)
+    if destroy_all:
+        info_line(f"destroyed every version of {name}")
+    else:
+        info_line(f"destroyed version {', '.join(map(str, sorted(set(versions))))} of {name}")
+
+
+@cli.command()
+@click.option("--new-password-file", metavar="PATH", help="Read the new master password from this file.")
+@pass_session
+def passwd(session: Session, new_password_file: str | None) -> None:
+    """Change the master password (rewraps the root key only: fast at any store size)."""
+    old = session.password()
+    if new_password_file:
+        new = read_password_file(Path(new_password_file), environment=session.environment)
+    else:
+        new = prompt_password("New master password", confirm=True)
+    change_password(session.store_url, old, new, environment=session.environment, actor=session.actor)
+    info_line("master password changed")
+
+
+def read_value(value: str | None, value_file: str | None, *, raw: bool) -> SecretValue:
+    """The value to store, from exactly one source; checked for size before any unlock."""
+    if value is not None and value_file is not None:
+        raise InvalidInputError("give the value as an argument or with --file, not both")
+    if value is not None:
+        warning_line(
+            "a value on the command line is visible in the process list and shell history; "
+            "pipe it on stdin or use --file instead"
+        )
+        data = value.encode("utf-8")
+    elif value_file is not None:
+        try:
+            data = Path(value_file).read_bytes()
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read {value_file}: {exc.strerror}") from None
+    elif not sys.stdin.isatty():
+        data = sys.stdin.buffer.read(MAX_VALUE_SIZE + 3)
+        if not raw:
+            data = data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data
+    elif terminal_available():
+        text = click.prompt(
+            "Value", hide_input=True, confirmation_prompt=True, err=True, default="", show_default=False
+        )
+        data = text.encode("utf-8")
+    else:
+        raise InvalidInputError("no value given: pipe it on stdin, use --file PATH, or pass VALUE")
+    if len(data) > MAX_VALUE_SIZE:
+        raise InvalidInputError(f"the value is over {MAX_VALUE_SIZE} bytes (64 KiB); nothing was stored")
+    return SecretValue(data)
+
+
+def parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
+    parsed = {}
+    for tag in tags:
+        key, sep, val = tag.partition("=")
+        if not sep or not key:
+            raise InvalidInputError(f"tag {tag!r} is not KEY=VALUE")
+        parsed[key] = val
+    return parsed
+
+
+def metadata_doc(meta: SecretMetadata) -> dict[str, Any]:
+    return {
+        "name": meta.name,
+        "namespace": meta.namespace,
+        "current_version": meta.current_version,
+        "created": timestamp(meta.created),
+        "updated": timestamp(meta.updated),
+        "created_by": meta.created_by,
+        "description": meta.description,
+        "tags": dict(meta.tags),
+        "deleted": timestamp(meta.deleted) or None,
+        "labels": dict(meta.labels),
+        "versions": [
+            {
+                "version": v.version,
+                "created": timestamp(v.created),
+                "created_by": v.created_by,
+                "labels": list(v.labels),
+                "destroyed": v.destroyed,
+            }
+            for v in meta.versions
+        ],
+    }

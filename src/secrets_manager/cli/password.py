@@ -1,0 +1,102 @@
+"""Where the master password comes from: first match wins.
+
+    1. --password-file PATH
+    2. MASTER_PASSWORD_FILE
+    3. MASTER_PASSWORD            (the seed's variable; refused in production, warned in staging)
+    4. a prompt on the terminal   (asked twice when a new password is set)
+
+Files are read whole with one trailing newline removed. Production also refuses a password file
+that group or others can read.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+from secrets_manager.cli.output import warning_line
+from secrets_manager.environment import Environment
+from secrets_manager.errors import InvalidInputError, UnlockError, UnsafeConfigurationError
+
+PASSWORD_FILE_VARIABLE = "MASTER_PASSWORD_FILE"  # noqa: S105 (a variable name)
+PASSWORD_VARIABLE = "MASTER_PASSWORD"  # noqa: S105 (a variable name)
+
+
+def read_password(
+    password_file: str | None,
+    *,
+    environment: Environment,
+    environ: Mapping[str, str],
+    confirm: bool = False,
+) -> bytes:
+    """The master password from the first source that has one; UnlockError if none does."""
+    path = password_file or environ.get(PASSWORD_FILE_VARIABLE)
+    if path:
+        return read_password_file(Path(path), environment=environment)
+    if PASSWORD_VARIABLE in environ:
+        if environment.is_production:
+            raise UnsafeConfigurationError(
+                f"{PASSWORD_VARIABLE} is refused in production (environment variables leak into child "
+                f"processes and crash dumps); put the password in a 0600 file and pass --password-file "
+                f"or set {PASSWORD_FILE_VARIABLE}"
+            )
+        if environment is Environment.STAGING:
+            warning_line(f"{PASSWORD_VARIABLE} is unsafe outside development; use {PASSWORD_FILE_VARIABLE}")
+        password = environ[PASSWORD_VARIABLE].encode("utf-8")
+        if not password:
+            raise UnlockError(f"{PASSWORD_VARIABLE} is set but empty")
+        return password
+    return prompt_password("Master password", confirm=confirm)
+
+
+def read_password_file(path: Path, *, environment: Environment) -> bytes:
+    try:
+        if environment.is_production and stat.S_IMODE(path.stat().st_mode) & 0o077:
+            raise UnsafeConfigurationError(
+                f"password file {path} can be read by group or others; run 'chmod 600 {path}'"
+            )
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise UnlockError(f"password file {path} does not exist") from None
+    except IsADirectoryError:
+        raise UnlockError(f"password file {path} is a directory") from None
+    except PermissionError:
+        raise UnlockError(f"cannot read password file {path}: permission denied") from None
+    password = _strip_one_newline(data)
+    if not password:
+        raise UnlockError(f"password file {path} is empty")
+    return password
+
+
+def prompt_password(label: str, *, confirm: bool) -> bytes:
+    """Ask on the controlling terminal without echo; never read a password from piped stdin."""
+    if not terminal_available():
+        raise UnlockError(
+            "no master password: pass --password-file, set MASTER_PASSWORD_FILE, or run on a terminal"
+        )
+    password = getpass.getpass(f"{label}: ")
+    if confirm and getpass.getpass(f"{label} (again): ") != password:
+        raise InvalidInputError("the two passwords differ; nothing was changed")
+    if not password:
+        raise UnlockError("empty master password")
+    return password.encode("utf-8")
+
+
+def terminal_available() -> bool:
+    try:
+        fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _strip_one_newline(data: bytes) -> bytes:
+    if data.endswith(b"\r\n"):
+        return data[:-2]
+    if data.endswith(b"\n"):
+        return data[:-1]
+    return data

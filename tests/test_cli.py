@@ -1,0 +1,426 @@
+"""The CLI contract of issue #2, exercised through the real `secrets-manager` console script."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(sys.executable).with_name("secrets-manager")
+PASSWORD = "correct horse battery staple"
+KNOWN_VALUE = "sk-live-KNOWN-TEST-VALUE-4f1c2e"
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: bytes
+    stderr: str
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode("utf-8")
+
+
+class Cli:
+    """Runs the console script against one store, detached from any terminal."""
+
+    def __init__(self, store: Path, home: Path) -> None:
+        self.store = store
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(home),
+            "SECRETS_MANAGER_STORE": str(store),
+            "MASTER_PASSWORD": PASSWORD,
+        }
+
+    def __call__(
+        self, *args: str, input: bytes | None = None, env: Mapping[str, str | None] | None = None
+    ) -> Result:
+        full_env = dict(self.env)
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
+        proc = subprocess.run(
+            [str(SCRIPT), *args],
+            input=input if input is not None else b"",
+            capture_output=True,
+            env=full_env,
+            start_new_session=True,  # no controlling terminal: prompts must not be attempted
+            timeout=60,
+        )
+        stderr = proc.stderr.decode("utf-8", errors="replace")
+        assert "Traceback" not in stderr, stderr
+        return Result(proc.returncode, proc.stdout, stderr)
+
+    def store_bytes(self) -> dict[str, bytes]:
+        return {
+            p.name: p.read_bytes()
+            for p in self.store.parent.iterdir()
+            if p.name.startswith(self.store.name)
+        }
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path / "vault" / "store.db", tmp_path)
+
+
+@pytest.fixture
+def ready(cli: Cli) -> Cli:
+    result = cli("init", "--kdf-profile", "test")
+    assert result.code == 0, result.stderr
+    return cli
+
+
+def assert_one_line_error(result: Result, code: int, *needles: str) -> None:
+    assert result.code == code, (result.code, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("secrets-manager: error: ")
+    for needle in needles:
+        assert needle in lines[0]
+
+
+# ---- init ---------------------------------------------------------------------------------------
+
+
+def test_init_creates_private_file_in_private_directory(cli: Cli) -> None:
+    assert cli("init", "--kdf-profile", "test").code == 0
+    assert cli.store.stat().st_mode & 0o777 == 0o600
+    assert cli.store.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_init_never_overwrites_an_existing_store(ready: Cli) -> None:
+    assert ready("store", "a/b", input=b"v1").code == 0
+    before = ready.store_bytes()
+    result = ready("init", "--kdf-profile", "test")
+    assert_one_line_error(result, 7, "already exists")
+    assert ready.store_bytes() == before
+    assert ready("get", "a/b").out == "v1\n"
+
+
+def test_default_kdf_profile_is_rfc9106_second_recommendation(cli: Cli) -> None:
+    assert cli("init").code == 0
+    db = sqlite3.connect(cli.store)
+    header = json.loads(db.execute("SELECT value FROM entries WHERE key = 'core/header'").fetchone()[0])
+    db.close()
+    kdf = header["unlock"]["kdf"]
+    assert (kdf["algorithm"], kdf["time_cost"], kdf["memory_cost_kib"], kdf["parallelism"]) == (
+        "argon2id",
+        3,
+        65536,
+        4,
+    )
+    assert len(kdf["salt"]) == 24  # 16 bytes, base64
+
+
+def test_commands_on_a_missing_store_say_how_to_create_one(cli: Cli) -> None:
+    assert_one_line_error(cli("list"), 3, "init")
+
+
+# ---- store / get ------------------------------------------------------------------------------
+
+
+def test_seed_forms_work_and_a_command_line_value_warns(ready: Cli) -> None:
+    stored = ready("store", "BINANCE_API_KEY", "your-api-key")
+    assert stored.code == 0
+    assert "warning" in stored.stderr and "process list" in stored.stderr
+    assert "your-api-key" not in stored.stderr
+    assert ready("get", "BINANCE_API_KEY").out == "your-api-key\n"
+    assert ready("list").out == "BINANCE_API_KEY\n"
+
+
+def test_stdin_value_drops_one_trailing_newline(ready: Cli) -> None:
+    assert ready("store", "auth/DB_PASSWORD", input=b"s3cret\n").code == 0
+    assert ready("get", "auth/DB_PASSWORD", "--raw").stdout == b"s3cret"
+
+
+def test_raw_store_and_raw_get_keep_exact_bytes(ready: Cli) -> None:
+    assert ready("store", "--raw", "x/NL", input=b"line\n\n").code == 0
+    assert ready("get", "--raw", "x/NL").stdout == b"line\n\n"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [b"plain-text", "ключ-🔑-ünïcödé".encode(), b"", b"\x00\xff\x80binary\x00", bytes(range(256)) * 256],
+    ids=["text", "unicode", "empty", "binary", "64KiB"],
+)
+def test_values_round_trip_exactly(ready: Cli, tmp_path: Path, value: bytes) -> None:
+    source = tmp_path / "value.bin"
+    source.write_bytes(value)
+    assert ready("store", "svc/VALUE", "--file", str(source)).code == 0
+    assert ready("get", "svc/VALUE", "--raw").stdout == value
+
+
+def test_over_size_value_is_refused_and_nothing_changes(ready: Cli, tmp_path: Path) -> None:
+    assert ready("store", "svc/BIG", input=b"small").code == 0
+    before = ready.store_bytes()
+    result = ready("store", "--raw", "svc/BIG", input=b"x" * (64 * 1024 + 1))
+    assert_one_line_error(result, 2, "64 KiB")
+    assert ready.store_bytes() == before
+    assert ready("get", "svc/BIG").out == "small\n"
+
+
+def test_binary_value_is_not_printed_as_text(ready: Cli) -> None:
+    assert ready("store", "--raw", "svc/BIN", input=b"\xff\xfe").code == 0
+    assert_one_line_error(ready("get", "svc/BIN"), 2, "--raw")
+    doc = json.loads(ready("get", "svc/BIN", "--json").out)
+    assert doc["value_base64"] == "//4="
+
+
+def test_get_json_has_name_version_labels_and_value(ready: Cli) -> None:
+    ready("store", "svc/K", input=b"one")
+    ready("store", "svc/K", input=b"two")
+    doc = json.loads(ready("get", "svc/K", "--json").out)
+    assert doc["name"] == "svc/K" and doc["version"] == 2 and doc["value"] == "two"
+    assert doc["labels"] == ["current"]
+
+
+def test_versions_and_labels_move_on_each_write(ready: Cli) -> None:
+    for value in (b"v1", b"v2", b"v3"):
+        assert ready("store", "svc/ROTATING", input=value).code == 0
+    assert ready("get", "svc/ROTATING").out == "v3\n"
+    assert ready("get", "svc/ROTATING", "--label", "previous").out == "v2\n"
+    assert ready("get", "svc/ROTATING", "--version", "1").out == "v1\n"
+    assert_one_line_error(ready("get", "svc/ROTATING", "--label", "pending"), 3, "pending")
+    assert_one_line_error(ready("get", "svc/ROTATING", "--version", "9"), 3, "version 9")
+
+
+def test_expect_version_conflict_exits_7_and_writes_nothing(ready: Cli) -> None:
+    assert ready("store", "svc/CAS", "--expect-version", "0", input=b"first").code == 0
+    assert_one_line_error(ready("store", "svc/CAS", "--expect-version", "0", input=b"x"), 7, "version 1")
+    assert_one_line_error(ready("store", "svc/CAS", "--expect-version", "5", input=b"x"), 7)
+    assert ready("store", "svc/CAS", "--expect-version", "1", input=b"second").code == 0
+    assert ready("get", "svc/CAS").out == "second\n"
+
+
+@pytest.mark.parametrize(
+    "name", ["bad name", "../etc/passwd", "a//b", "-flag", "a/", "/a", "x" * 257, "semi;colon", "ü"]
+)
+def test_invalid_names_exit_2_and_write_nothing(ready: Cli, name: str) -> None:
+    before = ready.store_bytes()
+    result = ready("store", "--", name, input=b"value")
+    assert_one_line_error(result, 2)
+    assert ready.store_bytes() == before
+
+
+def test_missing_secret_exits_3(ready: Cli) -> None:
+    assert_one_line_error(ready("get", "svc/NOPE"), 3, "svc/NOPE")
+
+
+def test_unsupported_store_url_scheme_exits_2(ready: Cli) -> None:
+    assert_one_line_error(ready("--store", "vault://127.0.0.1:8200/kv", "list"), 2, "not supported")
+
+
+def test_sqlite_url_form_names_the_same_store(ready: Cli) -> None:
+    ready("store", "svc/URL", input=b"via-url")
+    assert ready("--store", f"sqlite://{ready.store}", "get", "svc/URL").out == "via-url\n"
+
+
+def test_usage_errors_are_one_line_with_exit_2(ready: Cli) -> None:
+    assert_one_line_error(ready("get"), 2, "--help")
+    assert_one_line_error(ready("no-such-command"), 2)
+    assert_one_line_error(ready("destroy", "svc/X"), 2, "--all")
+    assert_one_line_error(ready("store", "svc/T", "--tag", "novalue", input=b"v"), 2, "KEY=VALUE")
+
+
+# ---- list / history --------------------------------------------------------------------------
+
+
+def test_list_never_prints_values_and_filters_by_prefix(ready: Cli) -> None:
+    ready("store", "auth/DB_PASSWORD", input=KNOWN_VALUE.encode())
+    ready("store", "market-connector/BINANCE_API_KEY", input=KNOWN_VALUE.encode())
+    ready("store", "market-connector/BINANCE_SECRET", input=KNOWN_VALUE.encode())
+    everything = ready("list")
+    assert everything.out.splitlines() == [
+        "auth/DB_PASSWORD",
+        "market-connector/BINANCE_API_KEY",
+        "market-connector/BINANCE_SECRET",
+    ]
+    assert ready("list", "market-connector/").out.splitlines() == [
+        "market-connector/BINANCE_API_KEY",
+        "market-connector/BINANCE_SECRET",
+    ]
+    for args in (("list", "--long"), ("list", "--json"), ("history", "auth/DB_PASSWORD", "--json")):
+        result = ready(*args)
+        assert result.code == 0
+        assert KNOWN_VALUE not in result.out
+
+
+def test_list_json_and_history_show_metadata(ready: Cli) -> None:
+    ready("store", "svc/META", "--description", "exchange key", "--tag", "owner=desk1", input=b"a")
+    ready("store", "svc/META", input=b"b")
+    [doc] = json.loads(ready("list", "--json").out)
+    assert doc["name"] == "svc/META" and doc["current_version"] == 2
+    assert doc["description"] == "exchange key" and doc["tags"] == {"owner": "desk1"}
+    history = json.loads(ready("history", "svc/META", "--json").out)
+    assert [(v["version"], v["labels"]) for v in history["versions"]] == [
+        (1, ["previous"]),
+        (2, ["current"]),
+    ]
+    table = ready("history", "svc/META").out.splitlines()
+    assert table[0].split("\t")[0] == "1" and "previous" in table[0]
+
+
+# ---- delete / undelete / destroy -------------------------------------------------------------
+
+
+def test_delete_is_soft_and_undelete_restores(ready: Cli) -> None:
+    ready("store", "svc/SOFT", input=b"keep-me")
+    assert ready("delete", "svc/SOFT").code == 0
+    assert_one_line_error(ready("get", "svc/SOFT"), 3)
+    assert ready("list").out == ""
+    assert "svc/SOFT" in ready("list", "--deleted").out
+    assert_one_line_error(ready("store", "svc/SOFT", input=b"new"), 7, "undelete")
+    assert ready("undelete", "svc/SOFT").code == 0
+    assert ready("get", "svc/SOFT").out == "keep-me\n"
+
+
+def test_destroy_version_erases_it_for_good(ready: Cli) -> None:
+    ready("store", "svc/GONE", input=b"old")
+    ready("store", "svc/GONE", input=b"new")
+    assert ready("destroy", "svc/GONE", "--version", "1").code == 0
+    assert_one_line_error(ready("get", "svc/GONE", "--version", "1"), 3, "destroyed")
+    assert ready("get", "svc/GONE").out == "new\n"
+    assert ready("destroy", "svc/GONE", "--all").code == 0
+    assert_one_line_error(ready("history", "svc/GONE"), 3)
+
+
+# ---- passwords and unlock --------------------------------------------------------------------
+
+
+def test_wrong_password_exits_4_and_leaves_the_file_unchanged(ready: Cli) -> None:
+    ready("store", "svc/LOCKED", input=b"v")
+    before = ready.store_bytes()
+    for args in (("get", "svc/LOCKED"), ("store", "svc/LOCKED"), ("list",)):
+        result = ready(*args, input=b"attempt", env={"MASTER_PASSWORD": "wrong"})
+        assert_one_line_error(result, 4, "wrong master password")
+    assert ready.store_bytes() == before
+
+
+def test_no_password_source_exits_4_with_instructions(ready: Cli) -> None:
+    result = ready("list", env={"MASTER_PASSWORD": None})
+    assert_one_line_error(result, 4, "--password-file")
+
+
+def test_password_file_sources_and_precedence(ready: Cli, tmp_path: Path) -> None:
+    good = tmp_path / "pw"
+    good.write_text(PASSWORD + "\n")
+    good.chmod(0o600)
+    ready("store", "svc/PF", input=b"v")
+    no_env = {"MASTER_PASSWORD": None}
+    assert ready("--password-file", str(good), "get", "svc/PF", env=no_env).out == "v\n"
+    assert ready("get", "svc/PF", env={"MASTER_PASSWORD": None, "MASTER_PASSWORD_FILE": str(good)}).code == 0
+    # --password-file wins over MASTER_PASSWORD: a wrong file fails even with the right variable.
+    bad = tmp_path / "bad"
+    bad.write_text("wrong\n")
+    assert_one_line_error(ready("--password-file", str(bad), "get", "svc/PF"), 4)
+    assert_one_line_error(ready("--password-file", str(tmp_path / "missing"), "get", "svc/PF"), 4)
+
+
+def test_passwd_rewraps_and_old_password_stops_working(ready: Cli, tmp_path: Path) -> None:
+    ready("store", "svc/A", input=b"alpha")
+    ready("store", "other/B", input=b"beta")
+    new = tmp_path / "new"
+    new.write_text("a brand new password\n")
+    assert ready("passwd", "--new-password-file", str(new)).code == 0
+    assert_one_line_error(ready("get", "svc/A"), 4)
+    assert ready("get", "svc/A", env={"MASTER_PASSWORD": "a brand new password"}).out == "alpha\n"
+    assert ready("get", "other/B", env={"MASTER_PASSWORD": "a brand new password"}).out == "beta\n"
+
+
+# ---- environments ----------------------------------------------------------------------------
+
+
+def test_production_refuses_master_password_variable(ready: Cli) -> None:
+    result = ready("list", env={"SHRIVENQUANT_ENV": "production"})
+    assert_one_line_error(result, 2, "MASTER_PASSWORD_FILE")
+
+
+def test_production_refuses_weak_kdf_and_unprotected_files(cli: Cli, tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD)
+    pw.chmod(0o600)
+    prod = {"SHRIVENQUANT_ENV": "production", "MASTER_PASSWORD": None, "MASTER_PASSWORD_FILE": str(pw)}
+    assert_one_line_error(cli("init", "--kdf-profile", "test", env=prod), 2, "production")
+    assert not cli.store.exists()
+    assert cli("init", "--kdf-profile", "test").code == 0  # a development store with cheap costs
+    assert_one_line_error(cli("list", env=prod), 2, "production minimum")
+    cli.store.chmod(0o644)
+    assert_one_line_error(cli("list", env=prod), 2, "chmod 600")
+    cli.store.chmod(0o600)
+    pw.chmod(0o644)
+    assert_one_line_error(cli("list", env=prod), 2, "chmod 600")
+
+
+def test_staging_warns_about_master_password_variable(ready: Cli) -> None:
+    result = ready("list", env={"SHRIVENQUANT_ENV": "staging"})
+    assert result.code == 0 and "warning" in result.stderr
+
+
+def test_unknown_environment_is_refused(ready: Cli) -> None:
+    assert_one_line_error(ready("list", env={"SHRIVENQUANT_ENV": "prod"}), 2, "SHRIVENQUANT_ENV")
+
+
+# ---- integrity and leaks ---------------------------------------------------------------------
+
+
+def test_tampered_record_fails_alone_with_exit_6(ready: Cli) -> None:
+    ready("store", "svc/VICTIM", input=b"victim")
+    ready("store", "svc/BYSTANDER", input=b"bystander")
+    db = sqlite3.connect(ready.store)
+    (record,) = db.execute("SELECT value FROM entries WHERE key = 'data/svc/VICTIM#1'").fetchone()
+    flipped = bytes(record[:-1]) + bytes([record[-1] ^ 1])
+    db.execute("UPDATE entries SET value = ? WHERE key = 'data/svc/VICTIM#1'", (flipped,))
+    db.commit()
+    db.close()
+    assert_one_line_error(ready("get", "svc/VICTIM"), 6, "integrity check failed")
+    assert ready("get", "svc/BYSTANDER").out == "bystander\n"
+
+
+def test_known_value_never_reaches_stderr_or_the_file(ready: Cli, tmp_path: Path) -> None:
+    secret = KNOWN_VALUE.encode()
+    outputs = [
+        ready("store", "svc/LEAK", input=secret),
+        ready("store", "svc/LEAK", KNOWN_VALUE),
+        ready("store", "svc/LEAK", "--expect-version", "1", input=secret),
+        ready("store", "bad name", input=secret),
+        ready("get", "svc/LEAK", env={"MASTER_PASSWORD": "wrong"}),
+        ready("get", "svc/LEAK"),
+        ready("list", "--json"),
+        ready("history", "svc/LEAK"),
+    ]
+    for result in outputs:
+        assert KNOWN_VALUE not in result.stderr
+    for name, data in ready.store_bytes().items():
+        assert secret not in data, name
+
+
+def test_version_flag_prints_the_version(cli: Cli) -> None:
+    result = cli("--version")
+    assert result.code == 0 and "secrets-manager" in result.out
+
+
+def test_closed_pipe_is_not_an_error(ready: Cli) -> None:
+    for i in range(50):
+        ready("store", f"svc/K{i:03}", input=b"v")
+    proc = subprocess.run(
+        f"'{SCRIPT}' list | head -n 1",
+        shell=True,
+        capture_output=True,
+        env=ready.env,
+        start_new_session=True,
+        timeout=60,
+    )
+    assert proc.stdout == b"svc/K000\n"
+    assert b"Traceback" not in proc.stderr
