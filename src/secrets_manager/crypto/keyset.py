@@ -20,9 +20,12 @@ from secrets_manager.crypto.aead import KEY_SIZE, cipher_for, new_key
 from secrets_manager.errors import IntegrityError
 
 KEYSET_FORMAT = 1
+# NIST SP 800-38D, section 8.3: at most 2^32 encryptions with random 96-bit nonces per key.
+# The primary is replaced at half of that, leaving a wide margin for uncounted retries.
+ROTATE_AFTER_USES = 2**31
 
 
-class KeyStatus(str, enum.Enum):
+class KeyStatus(enum.StrEnum):
     ENABLED = "enabled"
     DISABLED = "disabled"
     DESTROYED = "destroyed"
@@ -98,6 +101,12 @@ class Keyset:
         """Record `count` more encryptions under the primary key."""
         primary = self.primary
         return self._replace_key(replace(primary, uses=primary.uses + count))
+
+    def with_rotation_if_due(self, *, created: int) -> Keyset:
+        """This keyset, or one with a fresh primary once the primary reached ROTATE_AFTER_USES."""
+        if self.primary.uses >= ROTATE_AFTER_USES:
+            return self.with_new_primary(created=created)
+        return self
 
     def with_new_primary(self, *, created: int) -> Keyset:
         """Add a fresh key and make it primary (rotation steps 1 and 2 in one)."""

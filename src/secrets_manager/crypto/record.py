@@ -1,7 +1,8 @@
 """The encrypted record layout of docs/format.md, section "Records".
 
-    record = format_version (1 byte, = 1) ‖ key_id (4 bytes, big-endian) ‖ nonce (12) ‖ ciphertext ‖ tag (16)
-    AD     = "secrets-manager" ‖ 0x00 ‖ purpose (1) ‖ format_version (1) ‖ key_id (4) ‖ version (8, big-endian) ‖ name (UTF-8)
+    record = format_version (1, = 1) ‖ key_id (4, BE) ‖ nonce (12) ‖ ciphertext ‖ tag (16)
+    AD     = "secrets-manager" ‖ 0x00 ‖ purpose (1) ‖ format_version (1) ‖ key_id (4, BE)
+             ‖ version (8, BE) ‖ name (UTF-8)
 
 The associated data binds purpose, format, key id, name and version, so a record copied to another
 name, version or purpose fails to open. Every failure is the same IntegrityError.

@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from secrets_manager.crypto import DataKey, Keyset, Purpose, open_record, seal_record
@@ -56,6 +56,7 @@ DATA_PREFIX = "data/"
 RETRY_DEADLINE_SECONDS = 30.0
 
 T = TypeVar("T")
+Operations = list[Operation]
 
 
 class _LostRace(Exception):
@@ -131,7 +132,7 @@ class EncryptedStore:
         if label is not None and label not in LABELS:
             raise InvalidInputError(f"unknown label {label!r}; labels are {', '.join(LABELS)}")
         for _attempt in range(3):  # a concurrent prune between the two reads: read again
-            meta_entry, meta = self._read_meta(name)
+            _, meta = self._read_meta(name)
             if meta is None or meta.deleted is not None:
                 raise NotFoundError(f"secret {name!r} not found")
             number = self._resolve(meta, name, version, label or (CURRENT if version is None else None))
@@ -233,7 +234,7 @@ class EncryptedStore:
             if tags is not None:
                 meta.tags = dict(tags)
             pruned = meta.prune()
-            ops: list[Operation] = [
+            ops: Operations = [
                 Delete(_data_key(name, old)) for old in pruned
             ]
             ns = namespace_of(name)
@@ -253,7 +254,7 @@ class EncryptedStore:
         return self._retry(attempt)
 
     def delete(self, name: str) -> None:
-        def change(meta: _Meta, now: float) -> list[Operation]:
+        def change(meta: _Meta, now: float) -> Operations:
             if meta.deleted is not None:
                 raise NotFoundError(f"secret {name!r} is already deleted")
             meta.deleted = now
@@ -262,7 +263,7 @@ class EncryptedStore:
         self._update_meta(name, change)
 
     def undelete(self, name: str) -> None:
-        def change(meta: _Meta, now: float) -> list[Operation]:
+        def change(meta: _Meta, now: float) -> Operations:
             if meta.deleted is None:
                 raise ConflictError(f"secret {name!r} is not deleted")
             meta.deleted = None
@@ -275,7 +276,7 @@ class EncryptedStore:
         if not wanted:
             raise InvalidInputError("name the versions to destroy (--version N), or use --all")
 
-        def change(meta: _Meta, now: float) -> list[Operation]:
+        def change(meta: _Meta, now: float) -> Operations:
             missing = [v for v in wanted if v not in meta.versions]
             if missing:
                 raise NotFoundError(f"secret {name!r} has no version {missing[0]}")
@@ -292,13 +293,13 @@ class EncryptedStore:
             meta_entry, meta = self._read_meta(name)
             if meta_entry is None or meta is None:
                 raise NotFoundError(f"secret {name!r} not found")
-            ops: list[Operation] = [Delete(_data_key(name, n)) for n in meta.versions]
+            ops: Operations = [Delete(_data_key(name, n)) for n in meta.versions]
             ops.append(Delete(META_PREFIX + name, expect=meta_entry.revision))
             self._commit(ops)
 
         self._retry(attempt)
 
-    def _update_meta(self, name: str, change: Callable[[_Meta, float], list[Operation]]) -> None:
+    def _update_meta(self, name: str, change: Callable[[_Meta, float], Operations]) -> None:
         """Read-modify-write of one secret's metadata (plus the extra operations `change` returns)."""
         validate_name(name)
 
@@ -330,7 +331,8 @@ class EncryptedStore:
         entry = self._storage.get(KEYSET_PREFIX + namespace)
         if entry is None:
             return ABSENT, Keyset.generate(created=int(self._clock()))
-        return entry.revision, self._decode_keyset(namespace, entry)
+        keyset = self._decode_keyset(namespace, entry)
+        return entry.revision, keyset.with_rotation_if_due(created=int(self._clock()))
 
     def _decode_keyset(self, namespace: str, entry: Entry) -> Keyset:
         cached = self._keysets.get(namespace)
@@ -347,14 +349,14 @@ class EncryptedStore:
         return self._root
 
     def _commit_with_keyset(
-        self, namespace: str, expect: Expect, keyset: Keyset, ops: list[Operation]
+        self, namespace: str, expect: Expect, keyset: Keyset, ops: Operations
     ) -> None:
         sealed = seal_record(self._root, Purpose.KEYSET, namespace, 0, keyset.to_bytes())
         ops.append(Put(KEYSET_PREFIX + namespace, sealed, expect))
         revision = self._commit(ops)
         self._keysets[namespace] = (revision, keyset)
 
-    def _commit(self, ops: list[Operation]) -> int:
+    def _commit(self, ops: Operations) -> int:
         try:
             return self._storage.commit(ops)
         except ConflictError:
@@ -383,7 +385,7 @@ class EncryptedStore:
             except _LostRace:
                 if time.monotonic() > deadline:
                     raise StorageError("too much write contention on the store; try again") from None
-                time.sleep(random.uniform(0, delay))
+                time.sleep(random.uniform(0, delay))  # noqa: S311 (jitter, not crypto)
                 delay = min(delay * 2, 0.05)
 
 
@@ -499,8 +501,10 @@ def _read_header(storage: Storage) -> dict[str, Any]:
         if isinstance(fmt, int) and fmt > STORE_FORMAT:
             raise StorageError(f"the store has format {fmt}; upgrade secrets-manager to open it")
         raise IntegrityError("the store header is damaged (integrity check failed)")
-    for field_name in ("created", "root_key_id", "unlock"):
-        if field_name not in header:
+    expected_types = {"created": int, "root_key_id": int, "unlock": dict}
+    for field_name, expected_type in expected_types.items():
+        value = header.get(field_name)
+        if not isinstance(value, expected_type) or isinstance(value, bool):
             raise IntegrityError("the store header is damaged (integrity check failed)")
     return header
 
@@ -528,4 +532,4 @@ def _load_json(data: bytes, what: str) -> dict[str, Any]:
 
 
 def _time(epoch: float) -> datetime:
-    return datetime.fromtimestamp(epoch, tz=timezone.utc)
+    return datetime.fromtimestamp(epoch, tz=UTC)
