@@ -51,9 +51,15 @@ class SqliteStorage:
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
             )
-            self._configure(create)
         except sqlite3.DatabaseError as exc:
             raise StorageError(f"cannot open store {self.path}: {exc}") from None
+        try:
+            self._configure(create)
+        except BaseException as exc:
+            self._db.close()  # a file we refuse must not keep a connection (and descriptors) open
+            if isinstance(exc, sqlite3.DatabaseError):
+                raise StorageError(f"cannot open store {self.path}: {exc}") from None
+            raise
 
     def _configure(self, create: bool) -> None:
         db = self._db
@@ -62,14 +68,21 @@ class SqliteStorage:
         db.execute("PRAGMA synchronous = FULL")
         if create:
             db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
-        elif db.execute("PRAGMA application_id").fetchone()[0] != _APPLICATION_ID:
+            if db.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
+                raise StorageError(f"cannot switch {self.path} to WAL mode")
+            with self._transaction():
+                for statement in filter(str.strip, _SCHEMA.split(";")):
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            return
+        # Opening must not write: a read-only command leaves the file's bytes as they were.
+        if db.execute("PRAGMA application_id").fetchone()[0] != _APPLICATION_ID:
             raise StorageError(f"{self.path} is not a secrets-manager store")
-        if db.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
-            raise StorageError(f"cannot switch {self.path} to WAL mode")
-        with self._transaction():
-            for statement in filter(str.strip, _SCHEMA.split(";")):
-                db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        schema = db.execute("PRAGMA user_version").fetchone()[0]
+        if schema > SCHEMA_VERSION:
+            raise StorageError(f"{self.path} has storage schema {schema}; upgrade secrets-manager to open it")
+        if schema != SCHEMA_VERSION:
+            raise StorageError(f"{self.path} is not a secrets-manager store (schema {schema})")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -88,9 +101,7 @@ class SqliteStorage:
     def get(self, key: str) -> Entry | None:
         try:
             with self._lock:
-                row = self._db.execute(
-                    "SELECT value, revision FROM entries WHERE key = ?", (key,)
-                ).fetchone()
+                row = self._db.execute("SELECT value, revision FROM entries WHERE key = ?", (key,)).fetchone()
         except sqlite3.Error as exc:
             raise StorageError(f"store {self.path}: {exc}") from None
         return None if row is None else Entry(value=bytes(row[0]), revision=row[1])
@@ -103,15 +114,18 @@ class SqliteStorage:
 
     def list(self, prefix: str) -> list[str]:
         # Range scan instead of LIKE, so '%' and '_' in a prefix are literal.
+        end = _prefix_end(prefix)
         try:
             with self._lock:
-                if prefix:
+                if end is not None:
                     rows = self._db.execute(
                         "SELECT key FROM entries WHERE key >= ? AND key < ? ORDER BY key",
-                        (prefix, prefix + "\U0010ffff"),
+                        (prefix, end),
                     ).fetchall()
                 else:
-                    rows = self._db.execute("SELECT key FROM entries ORDER BY key").fetchall()
+                    rows = self._db.execute(
+                        "SELECT key FROM entries WHERE key >= ? ORDER BY key", (prefix,)
+                    ).fetchall()
         except sqlite3.Error as exc:
             raise StorageError(f"store {self.path}: {exc}") from None
         return [row[0] for row in rows if row[0].startswith(prefix)]
@@ -125,8 +139,8 @@ class SqliteStorage:
             for op in operations:
                 if isinstance(op, Put):
                     db.execute(
-                        "INSERT INTO entries (key, value, revision) VALUES (?, ?, ?) "
-                        "ON CONFLICT (key) DO UPDATE SET value = excluded.value, revision = excluded.revision",
+                        "INSERT INTO entries (key, value, revision) VALUES (?, ?, ?) ON CONFLICT (key) "
+                        "DO UPDATE SET value = excluded.value, revision = excluded.revision",
                         (op.key, op.value, revision),
                     )
                 elif isinstance(op, Delete):
@@ -139,6 +153,22 @@ class SqliteStorage:
 
     def __repr__(self) -> str:
         return f"SqliteStorage({str(self.path)!r})"
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The least string above every string that starts with `prefix`, or None if there is none.
+
+    SQLite's BINARY collation compares UTF-8 bytes, which is code-point order, so this is `prefix`
+    with its last character incremented (dropping trailing U+10FFFF, skipping the surrogates).
+    Appending U+10FFFF instead would miss keys that continue with U+10FFFF.
+    """
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            following = 0xE000 if 0xD800 <= last + 1 <= 0xDFFF else last + 1
+            return "".join(chars) + chr(following)
+    return None
 
 
 def _check_precondition(db: sqlite3.Connection, key: str, expect: Expect) -> None:

@@ -1,0 +1,400 @@
+"""The conformance suite every `Storage` backend passes: `check_storage(make_storage)`.
+
+One function exercises a backend end to end, like Vault's physical-backend tests, so SQLite,
+PostgreSQL and whatever comes next are held to the same contract:
+
+    from secrets_manager.storage.testing import check_storage
+
+    def test_sqlite_storage_conforms(tmp_path):
+        path = tmp_path / "store.db"
+        SqliteStorage(path, create=True).close()
+        check_storage(lambda: SqliteStorage(path))
+
+`make_storage` must return a **new handle to the same place** on every call (the same file,
+database or bucket), and the place must be empty the first time. The suite opens several handles,
+some at once, closes every handle it opens, and uses keys under `conformance/` only. Reopening is
+how it checks durability (values and revisions survive `close`) and that handles see each other's
+writes and compare-and-set preconditions.
+
+Each check is a small function, listed by name in `STORAGE_CHECKS`, so a test can run them one by
+one (`check(make_storage)`) and a failure names the behaviour that broke. Failures raise
+`AssertionError` explicitly (not `assert`), so the suite also runs under `python -O` and without
+pytest.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from itertools import pairwise
+
+from secrets_manager.errors import ConflictError
+from secrets_manager.storage.base import ABSENT, Delete, Operation, Put, Storage
+
+MakeStorage = Callable[[], Storage]
+Check = Callable[[MakeStorage], None]
+
+ROOT = "conformance/"
+MIB = 1024 * 1024
+
+
+def check_storage(make_storage: MakeStorage) -> None:
+    """Run every check in `STORAGE_CHECKS` against the backend `make_storage` opens.
+
+    `make_storage()` returns a fresh handle to the same (initially empty) place on each call.
+    Raises AssertionError naming the first behaviour that does not hold (an unexpected exception
+    from the backend is wrapped in one, chained).
+    """
+    with _handle(make_storage) as storage:
+        _require(storage.list("") == [], "the place passed to check_storage must start empty")
+    for name, check in STORAGE_CHECKS.items():
+        try:
+            check(make_storage)
+        except AssertionError as exc:
+            raise AssertionError(f"storage conformance check {name!r} failed: {exc}") from exc
+        except Exception as exc:
+            raise AssertionError(
+                f"storage conformance check {name!r} failed: unexpected {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+def _raises_conflict(action: Callable[[], object], message: str) -> None:
+    try:
+        action()
+    except ConflictError:
+        return
+    raise AssertionError(f"{message}: expected ConflictError, nothing was raised")
+
+
+@contextmanager
+def _handle(make_storage: MakeStorage) -> Iterator[Storage]:
+    storage = make_storage()
+    try:
+        yield storage
+    finally:
+        storage.close()
+
+
+def _value_of(storage: Storage, key: str) -> bytes | None:
+    entry = storage.get(key)
+    return None if entry is None else entry.value
+
+
+def _snapshot(storage: Storage, prefix: str) -> dict[str, tuple[bytes, int]]:
+    """Every key under `prefix` with its value and revision."""
+    result: dict[str, tuple[bytes, int]] = {}
+    for key in storage.list(prefix):
+        entry = storage.get(key)
+        _require(entry is not None, f"list({prefix!r}) returned {key!r} but get({key!r}) is None")
+        assert entry is not None  # for the type checker; _require raised already
+        result[key] = (entry.value, entry.revision)
+    return result
+
+
+# ---- the checks --------------------------------------------------------------------------------
+
+
+def _check_get_missing_key_is_none(make_storage: MakeStorage) -> None:
+    with _handle(make_storage) as storage:
+        _require(storage.get(ROOT + "missing/never-written") is None, "get of a missing key is not None")
+        storage.put(ROOT + "missing/other", b"x")
+        _require(storage.get(ROOT + "missing/othe") is None, "get matched a key by prefix")
+        _require(storage.get(ROOT + "missing/other2") is None, "get of a missing key is not None")
+
+
+def _check_binary_values_round_trip(make_storage: MakeStorage) -> None:
+    values = {
+        "empty": b"",
+        "nul": b"\x00",
+        "nuls-inside": b"a\x00b\x00\x00c",
+        "all-bytes": bytes(range(256)) * 4,
+        "not-utf8": b"\xff\xfe\xc3\x28\x80",
+        "1mib-random": os.urandom(MIB),
+        "1mib-zeros": bytes(MIB),
+    }
+    with _handle(make_storage) as storage:
+        for name, value in values.items():
+            storage.put(ROOT + "binary/" + name, value)
+        for name, value in values.items():
+            entry = storage.get(ROOT + "binary/" + name)
+            _require(entry is not None, f"value {name!r} was not stored")
+            assert entry is not None
+            _require(
+                type(entry.value) is bytes, f"value {name!r} came back as {type(entry.value)}, not bytes"
+            )
+            _require(entry.value == value, f"value {name!r} ({len(value)} bytes) changed on the round trip")
+
+
+def _check_put_overwrites(make_storage: MakeStorage) -> None:
+    key = ROOT + "overwrite/k"
+    with _handle(make_storage) as storage:
+        first = storage.put(key, b"one")
+        second = storage.put(key, b"two")
+        entry = storage.get(key)
+        _require(entry is not None and entry.value == b"two", "put without a precondition did not overwrite")
+        _require(entry is not None and entry.revision == second, "get's revision is not the overwrite's")
+        _require(second > first, "an overwrite did not get a higher revision")
+        _require(storage.list(ROOT + "overwrite/") == [key], "an overwrite duplicated the key")
+
+
+def _check_revisions_strictly_increase(make_storage: MakeStorage) -> None:
+    prefix = ROOT + "revisions/"
+    with _handle(make_storage) as storage:
+        revisions = [storage.put(prefix + "a", b"1")]
+        revisions.append(storage.put(prefix + "b", b"2"))
+        revisions.append(storage.put(prefix + "a", b"3"))
+        revisions.append(storage.delete(prefix + "b"))
+        revisions.append(storage.commit([Put(prefix + "c", b"4"), Put(prefix + "d", b"5")]))
+        revisions.append(storage.delete(prefix + "never-existed"))
+        _require(
+            all(isinstance(r, int) and r > 0 for r in revisions), f"revisions are not positive: {revisions}"
+        )
+        _require(
+            all(a < b for a, b in pairwise(revisions)),
+            f"revisions of successive commits do not strictly increase: {revisions}",
+        )
+        entry_a, entry_c, entry_d = (
+            storage.get(prefix + "a"),
+            storage.get(prefix + "c"),
+            storage.get(prefix + "d"),
+        )
+        _require(
+            entry_a is not None and entry_a.revision == revisions[2], "get does not report put's revision"
+        )
+        _require(
+            entry_c is not None
+            and entry_d is not None
+            and entry_c.revision == entry_d.revision == revisions[4],
+            "the keys one commit wrote do not share its revision",
+        )
+    with _handle(make_storage) as reopened:
+        later = reopened.put(prefix + "e", b"6")
+        _require(later > revisions[-1], "revisions went back after reopening the storage")
+
+
+def _check_put_absent_conflicts_on_existing_key(make_storage: MakeStorage) -> None:
+    key = ROOT + "absent/k"
+    with _handle(make_storage) as storage:
+        created = storage.put(key, b"original", expect=ABSENT)
+        _require(storage.get(key) is not None, "put with expect=ABSENT did not create a missing key")
+        _raises_conflict(
+            lambda: storage.put(key, b"clobber", expect=ABSENT), "put with expect=ABSENT on an existing key"
+        )
+        entry = storage.get(key)
+        _require(
+            entry is not None and entry.value == b"original" and entry.revision == created,
+            "a put refused by expect=ABSENT changed the stored entry",
+        )
+
+
+def _check_put_with_stale_revision_conflicts(make_storage: MakeStorage) -> None:
+    key = ROOT + "stale/k"
+    with _handle(make_storage) as storage:
+        first = storage.put(key, b"v1")
+        second = storage.put(key, b"v2", expect=first)
+        _require(_value_of(storage, key) == b"v2", "put with the current revision was not applied")
+        _raises_conflict(lambda: storage.put(key, b"v3", expect=first), "put with a stale revision")
+        _raises_conflict(lambda: storage.put(key, b"v3", expect=second + 1000), "put with a future revision")
+        _raises_conflict(
+            lambda: storage.put(ROOT + "stale/missing", b"x", expect=second),
+            "put expecting a revision of a missing key",
+        )
+        entry = storage.get(key)
+        _require(
+            entry is not None and entry.value == b"v2" and entry.revision == second,
+            "a put refused for a stale revision changed the stored entry",
+        )
+        _require(storage.get(ROOT + "stale/missing") is None, "a refused put created its key")
+
+
+def _check_delete_with_expect(make_storage: MakeStorage) -> None:
+    key = ROOT + "delete-expect/k"
+    with _handle(make_storage) as storage:
+        first = storage.put(key, b"v1")
+        second = storage.put(key, b"v2")
+        _raises_conflict(lambda: storage.delete(key, expect=first), "delete with a stale revision")
+        _raises_conflict(
+            lambda: storage.delete(key, expect=ABSENT), "delete expecting ABSENT of an existing key"
+        )
+        _require(_value_of(storage, key) == b"v2", "a refused delete removed or changed the key")
+        storage.delete(key, expect=second)
+        _require(storage.get(key) is None, "delete with the current revision did not remove the key")
+        _require(key not in storage.list(ROOT + "delete-expect/"), "a deleted key is still listed")
+        _raises_conflict(
+            lambda: storage.delete(key, expect=second), "delete expecting a revision of a key that is gone"
+        )
+
+
+def _check_delete_missing_key_is_not_an_error(make_storage: MakeStorage) -> None:
+    prefix = ROOT + "delete-missing/"
+    with _handle(make_storage) as storage:
+        storage.put(prefix + "keep", b"kept")
+        before = _snapshot(storage, prefix)
+        storage.delete(prefix + "never-written")
+        storage.delete(prefix + "never-written-either", expect=ABSENT)
+        _require(storage.get(prefix + "never-written") is None, "deleting a missing key created it")
+        _require(_snapshot(storage, prefix) == before, "deleting a missing key changed another key")
+
+
+def _check_list_prefix_sorted_and_literal(make_storage: MakeStorage) -> None:
+    base = ROOT + "list/"
+    keys = [
+        "a%b", "axb", "a_b", "aXb", "a", "a/", "a/b", "a/b/c", "ab", "b",
+        "B", "_", "%", "a*b", "a?b", "a[b]", "a\\b", "a.b", "é", "z\U0010ffff", "z\U0010ffffz", "za",
+    ]  # fmt: skip
+    with _handle(make_storage) as storage:
+        storage.commit([Put(base + k, k.encode("utf-8")) for k in keys])
+        storage.put(ROOT + "lis", b"outside")  # shares a prefix with base without being under it
+
+        def listed(prefix: str) -> list[str]:
+            return [k[len(base) :] for k in storage.list(base + prefix)]
+
+        everything = listed("")
+        _require(everything == sorted(keys), f"list is not every key in code-point order: {everything!r}")
+        cases = {
+            "a%": ["a%b"],
+            "a_": ["a_b"],
+            "%": ["%"],
+            "_": ["_"],
+            "a*": ["a*b"],
+            "a?": ["a?b"],
+            "a[": ["a[b]"],
+            "a\\": ["a\\b"],
+            "a.": ["a.b"],
+            "a/": ["a/", "a/b", "a/b/c"],
+            "a/b": ["a/b", "a/b/c"],
+            "A": [],
+            "B": ["B"],
+            "b": ["b"],
+            "é": ["é"],
+            "z": ["za", "z\U0010ffff", "z\U0010ffffz"],
+            "z\U0010ffff": ["z\U0010ffff", "z\U0010ffffz"],
+            "nothing-here": [],
+            "a/b/c/d": [],
+        }
+        for prefix, expected in cases.items():
+            got = listed(prefix)
+            _require(got == expected, f"list({prefix!r}) under {base!r} gave {got!r}, expected {expected!r}")
+        _require(
+            storage.list(ROOT + "lis") == [ROOT + "lis", *(base + k for k in sorted(keys))],
+            "list of a prefix did not include the key equal to it and every key below it",
+        )
+        for key in storage.list(base):
+            _require(type(key) is str, f"list returned a {type(key)} key")
+
+
+def _check_list_empty_prefix_lists_all(make_storage: MakeStorage) -> None:
+    prefix = ROOT + "list-all/"
+    added = [prefix + k for k in ("c", "a", "b/1", "b/0")]
+    with _handle(make_storage) as storage:
+        before = storage.list("")
+        _require(before == sorted(before), "list('') is not sorted")
+        storage.commit([Put(key, b"v") for key in added])
+        after = storage.list("")
+        _require(
+            after == sorted(before + added), "list('') is not exactly the old keys plus the new ones, sorted"
+        )
+        storage.delete(added[0])
+        _require(storage.list("") == sorted(before + added[1:]), "list('') still shows a deleted key")
+        for key in storage.list(""):
+            _require(storage.get(key) is not None, f"list('') returned {key!r}, which get cannot find")
+
+
+def _check_commit_is_all_or_nothing(make_storage: MakeStorage) -> None:
+    prefix = ROOT + "atomic/"
+    with _handle(make_storage) as storage:
+        keep_rev = storage.put(prefix + "to-delete", b"still here")
+        guard_rev = storage.put(prefix + "guard", b"guard v1")
+        storage.put(prefix + "guard", b"guard v2")  # guard_rev is now stale
+        before = _snapshot(storage, prefix)
+
+        failing: list[Operation] = [
+            Put(prefix + "new-1", b"new"),
+            Put(prefix + "to-delete", b"overwritten", expect=keep_rev),
+            Delete(prefix + "to-delete"),
+            Put(prefix + "new-2", b"new", expect=ABSENT),
+            Put(prefix + "guard", b"guard v3", expect=guard_rev),  # the last operation fails
+        ]
+        _raises_conflict(lambda: storage.commit(failing), "commit whose last precondition fails")
+        _require(_snapshot(storage, prefix) == before, "a failed commit applied some of its operations")
+
+        failing_delete: list[Operation] = [
+            Put(prefix + "new-3", b"new"),
+            Delete(prefix + "to-delete", expect=ABSENT),
+        ]
+        _raises_conflict(lambda: storage.commit(failing_delete), "commit whose delete precondition fails")
+        _require(_snapshot(storage, prefix) == before, "a failed commit applied some of its operations")
+
+        revision = storage.commit(
+            [Put(prefix + "new-1", b"new"), Delete(prefix + "to-delete", expect=keep_rev)]
+        )
+        entry = storage.get(prefix + "new-1")
+        _require(
+            entry is not None and entry.revision == revision and storage.get(prefix + "to-delete") is None,
+            "a commit whose preconditions hold was not applied in full",
+        )
+
+
+def _check_values_survive_reopen(make_storage: MakeStorage) -> None:
+    prefix = ROOT + "durable/"
+    big = os.urandom(MIB)
+    with _handle(make_storage) as storage:
+        storage.put(prefix + "small", b"\x00small\x00")
+        storage.put(prefix + "big", big)
+        storage.put(prefix + "gone", b"deleted before close")
+        storage.delete(prefix + "gone")
+        before = _snapshot(storage, prefix)
+    with _handle(make_storage) as reopened:
+        _require(_snapshot(reopened, prefix) == before, "values or revisions changed across close and reopen")
+        _require(_value_of(reopened, prefix + "big") == big, "a 1 MiB value did not survive reopening")
+        _require(reopened.get(prefix + "gone") is None, "a deleted key came back after reopening")
+
+
+def _check_handles_share_state(make_storage: MakeStorage) -> None:
+    key = ROOT + "shared/k"
+    with _handle(make_storage) as first, _handle(make_storage) as second:
+        revision = first.put(key, b"from first")
+        entry = second.get(key)
+        _require(
+            entry is not None and entry.value == b"from first" and entry.revision == revision,
+            "a second handle does not see the first handle's write",
+        )
+        newer = second.put(key, b"from second", expect=revision)
+        _raises_conflict(
+            lambda: first.put(key, b"lost update", expect=revision), "compare-and-set across two handles"
+        )
+        entry = first.get(key)
+        _require(
+            entry is not None and entry.value == b"from second" and entry.revision == newer,
+            "a handle does not see another handle's write",
+        )
+        _raises_conflict(
+            lambda: first.put(key, b"clobber", expect=ABSENT), "expect=ABSENT across two handles"
+        )
+
+
+STORAGE_CHECKS: dict[str, Check] = {
+    "get of a missing key is None": _check_get_missing_key_is_none,
+    "binary values round trip (NUL bytes, empty, 1 MiB)": _check_binary_values_round_trip,
+    "put without a precondition overwrites": _check_put_overwrites,
+    "revisions strictly increase across commits": _check_revisions_strictly_increase,
+    "put expecting ABSENT conflicts on an existing key": _check_put_absent_conflicts_on_existing_key,
+    "put with a stale revision conflicts": _check_put_with_stale_revision_conflicts,
+    "delete honours its precondition": _check_delete_with_expect,
+    "delete of a missing key is not an error": _check_delete_missing_key_is_not_an_error,
+    "list(prefix) is sorted and the prefix is literal": _check_list_prefix_sorted_and_literal,
+    "list('') lists every key": _check_list_empty_prefix_lists_all,
+    "commit is all or nothing": _check_commit_is_all_or_nothing,
+    "values survive close and reopen": _check_values_survive_reopen,
+    "handles on the same place share state and preconditions": _check_handles_share_state,
+}
+"""Every check by the behaviour it verifies; `check_storage` runs them in this order."""

@@ -1,0 +1,480 @@
+"""The conformance suite every `SecretStore` passes: `check_secret_store(make_store)`.
+
+EncryptedStore runs it today; VaultStore, AwsStore and EncryptedStore on PostgreSQL run the same
+function, so every entry point sees one behaviour whichever store is behind it:
+
+    from secrets_manager.store.testing import check_secret_store
+
+    def test_encrypted_store_conforms(make_store):
+        check_secret_store(make_store)
+
+`make_store()` returns a store handle (a new one, or the same one again) on a place that may be
+shared and may already hold other secrets; the store must use its default settings (in particular
+`max_versions` of 10). The suite closes every handle it is given. Each check writes only under its
+own namespace `conformance-<run>-<check>/`, with a random run id, so reruns against a persistent
+Vault or AWS account do not collide.
+
+Each check is a small function listed by behaviour in `SECRET_STORE_CHECKS`, so a test can run them
+one by one and a failure names the behaviour that broke. Failures raise `AssertionError` explicitly
+(not `assert`), so the suite also runs under `python -O` and without pytest.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from datetime import datetime
+from functools import partial
+from typing import Any, cast
+
+from secrets_manager.errors import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    SecretsManagerError,
+)
+from secrets_manager.store.base import (
+    CURRENT,
+    DEFAULT_MAX_VERSIONS,
+    MAX_VALUE_SIZE,
+    PENDING,
+    PREVIOUS,
+    Secret,
+    SecretMetadata,
+    SecretStore,
+    VersionInfo,
+)
+from secrets_manager.values import SecretValue
+
+MakeStore = Callable[[], SecretStore]
+Check = Callable[[MakeStore, str], None]
+
+# A value no implementation would produce by accident; the redaction checks look for it.
+MARKER = "s3cr3t-VALUE-must-not-leak-7f3a9c"
+
+
+def check_secret_store(make_store: MakeStore) -> None:
+    """Run every check in `SECRET_STORE_CHECKS` against the store `make_store` opens.
+
+    Raises AssertionError naming the first behaviour that does not hold (an unexpected exception
+    from the store is wrapped in one, chained).
+    """
+    run = secrets.token_hex(4)
+    for key, check in SECRET_STORE_CHECKS.items():
+        try:
+            check(make_store, f"conformance-{run}-{key}")
+        except AssertionError as exc:
+            raise AssertionError(f"secret store conformance check {key!r} failed: {exc}") from exc
+        except Exception as exc:
+            raise AssertionError(
+                f"secret store conformance check {key!r} failed: unexpected {type(exc).__name__}: {exc}"
+            ) from exc
+
+
+def run_check(make_store: MakeStore, key: str) -> None:
+    """Run the one check `SECRET_STORE_CHECKS[key]` in a fresh namespace (for per-check tests)."""
+    SECRET_STORE_CHECKS[key](make_store, f"conformance-{secrets.token_hex(4)}-{key}")
+
+
+# ---- helpers -----------------------------------------------------------------------------------
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise AssertionError(message)
+
+
+def _raises(error: type[Exception], action: Callable[[], object], what: str) -> Exception:
+    """Run `action`, require it to raise `error` (or a subclass) and return the exception."""
+    try:
+        action()
+    except error as exc:
+        return exc
+    except Exception as exc:
+        raise AssertionError(f"{what}: expected {error.__name__}, got {type(exc).__name__}") from exc
+    raise AssertionError(f"{what}: expected {error.__name__}, nothing was raised")
+
+
+@contextmanager
+def _opened(make_store: MakeStore) -> Iterator[SecretStore]:
+    store = make_store()
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _revealed(secret: Secret) -> bytes:
+    _require(isinstance(secret.value, SecretValue), f"get returned a {type(secret.value)}, not a SecretValue")
+    return secret.value.reveal()
+
+
+def _version_numbers(meta: SecretMetadata) -> list[int]:
+    return [info.version for info in meta.versions]
+
+
+def _names(listed: list[SecretMetadata]) -> list[str]:
+    return [meta.name for meta in listed]
+
+
+def _leaks(obj: object, value: bytes) -> bool:
+    """Whether repr() or str() of `obj` shows `value` in any common spelling."""
+    shown = repr(obj) + "\n" + str(obj)
+    spellings = {repr(value), value.hex()}
+    with suppress(UnicodeDecodeError):
+        spellings.add(value.decode("utf-8"))
+    return any(spelling and spelling in shown for spelling in spellings)
+
+
+def _require_no_leak(obj: object, value: bytes, what: str) -> None:
+    _require(
+        not _leaks(obj, value), f"repr() or str() of {what} ({type(obj).__name__}) shows the secret value"
+    )
+
+
+# ---- the checks --------------------------------------------------------------------------------
+
+
+def _check_values_round_trip(make_store: MakeStore, ns: str) -> None:
+    values = {
+        "text": b"correct horse battery staple",
+        "binary": bytes(range(256)) + b"\x00\x00\xff",
+        "empty": b"",
+        "unicode": "pässwörd ✓ 秘密 🔑".encode(),
+        "max-size": bytes((i * 7) % 256 for i in range(MAX_VALUE_SIZE)),
+    }
+    with _opened(make_store) as store:
+        for key, value in values.items():
+            info = store.put(f"{ns}/{key}", value)
+            _require(
+                isinstance(info, VersionInfo) and info.version == 1, f"first put of {key!r} is not version 1"
+            )
+        for key, value in values.items():
+            secret = store.get(f"{ns}/{key}")
+            _require(
+                _revealed(secret) == value, f"the {key} value ({len(value)} bytes) changed on the round trip"
+            )
+            _require(
+                secret.name == f"{ns}/{key}" and secret.version == 1, f"get of {key!r} names the wrong secret"
+            )
+            _require(CURRENT in secret.labels, f"get of {key!r} without a version is not the current one")
+            aware = isinstance(secret.created, datetime) and secret.created.tzinfo is not None
+            _require(aware, "Secret.created is not a timezone-aware datetime")
+
+
+def _check_oversize_value_refused(make_store: MakeStore, ns: str) -> None:
+    too_big = b"x" * (MAX_VALUE_SIZE + 1)
+    with _opened(make_store) as store:
+        _raises(InvalidInputError, lambda: store.put(f"{ns}/new", too_big), "put of 64 KiB + 1 bytes")
+        _raises(
+            NotFoundError, lambda: store.describe(f"{ns}/new"), "a refused put created the secret: describe"
+        )
+        store.put(f"{ns}/existing", b"small")
+        _raises(InvalidInputError, lambda: store.put(f"{ns}/existing", too_big), "put of 64 KiB + 1 bytes")
+        _require(_version_numbers(store.describe(f"{ns}/existing")) == [1], "a refused put added a version")
+        _require(_revealed(store.get(f"{ns}/existing")) == b"small", "a refused put changed the value")
+        not_bytes = cast(Any, "text, not bytes")
+        _raises(InvalidInputError, lambda: store.put(f"{ns}/text", not_bytes), "put of a str value")
+        _raises(NotFoundError, lambda: store.describe(f"{ns}/text"), "a refused put created the secret")
+
+
+def _check_versions_and_labels(make_store: MakeStore, ns: str) -> None:
+    name = f"{ns}/rotating"
+    with _opened(make_store) as store:
+        infos = [store.put(name, f"value {n}".encode()) for n in (1, 2, 3)]
+        _require(
+            [i.version for i in infos] == [1, 2, 3], f"versions are {[i.version for i in infos]}, not 1, 2, 3"
+        )
+        _require(
+            infos[2].labels == (CURRENT,), f"the new version's labels are {infos[2].labels}, not (current,)"
+        )
+        meta = store.describe(name)
+        _require(meta.current_version == 3, "current_version is not the newest version")
+        _require(dict(meta.labels) == {CURRENT: 3, PREVIOUS: 2}, f"labels are {dict(meta.labels)}")
+        by_number = {info.version: info.labels for info in meta.versions}
+        _require(
+            by_number == {1: (), 2: (PREVIOUS,), 3: (CURRENT,)},
+            f"version labels are {by_number}: current and previous did not move",
+        )
+        _require(_revealed(store.get(name)) == b"value 3", "get does not return the current version")
+        _require(store.get(name).labels == (CURRENT,), "get's Secret does not carry the current label")
+
+
+def _check_get_by_version_and_label(make_store: MakeStore, ns: str) -> None:
+    name = f"{ns}/s"
+    with _opened(make_store) as store:
+        for n in (1, 2, 3):
+            store.put(name, f"value {n}".encode())
+        for n in (1, 2, 3):
+            secret = store.get(name, version=n)
+            _require(_revealed(secret) == f"value {n}".encode() and secret.version == n, f"get version={n}")
+        previous = store.get(name, label=PREVIOUS)
+        _require(previous.version == 2 and _revealed(previous) == b"value 2", "get label=previous")
+        _require(previous.labels == (PREVIOUS,), "a Secret got by label does not carry that label")
+        current = store.get(name, label=CURRENT)
+        _require(current.version == 3 and _revealed(current) == b"value 3", "get label=current")
+        _require(store.get(name, version=1).labels == (), "an unlabelled version carries labels")
+        _raises(NotFoundError, lambda: store.get(name, label=PENDING), "get of a label no version carries")
+        _raises(NotFoundError, lambda: store.get(name, version=4), "get of a version never written")
+        _raises(NotFoundError, lambda: store.get(name, version=0), "get of version 0")
+        _raises(NotFoundError, lambda: store.get(f"{ns}/missing"), "get of a missing secret")
+        _raises(InvalidInputError, lambda: store.get(name, label="latest"), "get of an unknown label")
+        _raises(
+            InvalidInputError, lambda: store.get(name, version=1, label=CURRENT), "get by version and label"
+        )
+
+
+def _check_expect_version(make_store: MakeStore, ns: str) -> None:
+    name = f"{ns}/cas"
+    with _opened(make_store) as store:
+        _raises(
+            ConflictError,
+            lambda: store.put(name, b"x", expect_version=1),
+            "expect_version=1 of a missing secret",
+        )
+        _raises(NotFoundError, lambda: store.describe(name), "a refused put created the secret")
+        created = store.put(name, b"v1", expect_version=0)
+        _require(created.version == 1, "expect_version=0 did not create version 1")
+        _raises(
+            ConflictError,
+            lambda: store.put(name, b"again", expect_version=0),
+            "expect_version=0 of an existing secret",
+        )
+        _raises(
+            ConflictError,
+            lambda: store.put(name, b"stale", expect_version=2),
+            "expect_version ahead of current",
+        )
+        _require(_version_numbers(store.describe(name)) == [1], "a refused put added a version")
+        _require(_revealed(store.get(name)) == b"v1", "a refused put changed the current value")
+        second = store.put(name, b"v2", expect_version=1)
+        _require(second.version == 2, "expect_version equal to the current version was refused")
+        _raises(
+            ConflictError,
+            lambda: store.put(name, b"lost", expect_version=1),
+            "expect_version of a stale version",
+        )
+        _require(_version_numbers(store.describe(name)) == [1, 2], "a refused put added a version")
+        _require(_revealed(store.get(name)) == b"v2", "a refused put changed the current value")
+
+
+def _check_list_by_prefix(make_store: MakeStore, ns: str) -> None:
+    value = MARKER.encode()
+    names = [f"{ns}/b/one", f"{ns}/a", f"{ns}/b/two", f"{ns}/ab", f"{ns}/B"]
+    with _opened(make_store) as store:
+        for name in names:
+            store.put(name, value)
+        store.put(f"{ns}-other/a", value)  # shares the prefix text but not the namespace
+        listed = store.list(f"{ns}/")
+        _require(_names(listed) == sorted(names), f"list({ns + '/'!r}) gave {_names(listed)}")
+        _require(all(isinstance(m, SecretMetadata) for m in listed), "list does not return SecretMetadata")
+        _require(_names(store.list(f"{ns}/b/")) == [f"{ns}/b/one", f"{ns}/b/two"], "list of a sub-path")
+        _require(_names(store.list(f"{ns}/a")) == [f"{ns}/a", f"{ns}/ab"], "list of a mid-segment prefix")
+        _require(_names(store.list(f"{ns}/zzz")) == [], "list of a prefix with no secrets is not empty")
+        every = _names(store.list())
+        _require(set(names) | {f"{ns}-other/a"} <= set(every), "list() does not include every secret")
+        _require(every == sorted(every), "list() is not sorted by name")
+        for meta in listed:
+            _require_no_leak(meta, value, "a listed secret")
+            _require(meta.current_version == 1, f"list reports version {meta.current_version} of {meta.name}")
+        _raises(InvalidInputError, lambda: store.list("bad prefix!"), "list of an invalid prefix")
+
+
+def _check_describe_and_history(make_store: MakeStore, ns: str) -> None:
+    name = f"{ns}/described"
+    with _opened(make_store) as store:
+        store.put(name, b"v1", description="the exchange key", tags={"team": "trading", "env": "dev"})
+        store.put(name, b"v2")
+        store.put(name, b"v3", tags={"team": "ops"})
+        meta = store.describe(name)
+        _require(
+            meta.name == name and meta.namespace == ns, f"describe names {meta.name!r} in {meta.namespace!r}"
+        )
+        _require(meta.description == "the exchange key", "a put without description dropped the description")
+        _require(dict(meta.tags) == {"team": "ops"}, f"tags are {dict(meta.tags)}, not the last ones given")
+        _require(_version_numbers(meta) == [1, 2, 3], f"history is {_version_numbers(meta)}, not [1, 2, 3]")
+        _require(meta.current_version == 3 and meta.deleted is None, "describe of a live secret")
+        _require(
+            meta.max_versions == DEFAULT_MAX_VERSIONS, f"max_versions is {meta.max_versions}, not the default"
+        )
+        _require(meta.created <= meta.updated, "created is after updated")
+        created = [info.created for info in meta.versions]
+        _require(created == sorted(created), "version creation times go backwards")
+        _require(all(not info.destroyed for info in meta.versions), "a live version is marked destroyed")
+        _require(isinstance(meta.created_by, str), "created_by is not a string")
+        history = getattr(store, "history", None)
+        if history is not None:  # optional convenience beyond the protocol
+            _require(list(history(name)) == list(meta.versions), "history() differs from describe().versions")
+        _raises(NotFoundError, lambda: store.describe(f"{ns}/missing"), "describe of a missing secret")
+        default = f"{ns}-in-default"  # a name without '/' lives in the 'default' namespace
+        store.put(default, b"x")
+        try:
+            _require(store.describe(default).namespace == "default", "a name without '/' is not in 'default'")
+        finally:
+            store.destroy_secret(default)
+
+
+def _check_delete_and_undelete(make_store: MakeStore, ns: str) -> None:
+    name = f"{ns}/soft"
+    with _opened(make_store) as store:
+        store.put(name, b"v1")
+        store.put(name, b"v2")
+        store.delete(name)
+        _raises(NotFoundError, lambda: store.get(name), "get of a deleted secret")
+        _raises(NotFoundError, lambda: store.get(name, version=1), "get by version of a deleted secret")
+        _require(name not in _names(store.list(f"{ns}/")), "a deleted secret is listed")
+        deleted = [m for m in store.list(f"{ns}/", include_deleted=True) if m.name == name]
+        _require(len(deleted) == 1 and deleted[0].deleted is not None, "list(include_deleted=True) misses it")
+        _require(store.describe(name).deleted is not None, "describe of a deleted secret does not say so")
+        _raises(ConflictError, lambda: store.put(name, b"v3"), "put to a deleted secret")
+        _require(_version_numbers(store.describe(name)) == [1, 2], "a refused put to a deleted secret wrote")
+        _raises(SecretsManagerError, lambda: store.delete(name), "delete of an already deleted secret")
+        store.undelete(name)
+        _require(_revealed(store.get(name)) == b"v2", "undelete did not restore the current value")
+        _require(_revealed(store.get(name, version=1)) == b"v1", "undelete did not restore older versions")
+        _require(name in _names(store.list(f"{ns}/")), "an undeleted secret is not listed")
+        _require(store.describe(name).deleted is None, "describe still says deleted after undelete")
+        _raises(SecretsManagerError, lambda: store.undelete(name), "undelete of a live secret")
+        _raises(NotFoundError, lambda: store.delete(f"{ns}/missing"), "delete of a missing secret")
+        _raises(NotFoundError, lambda: store.undelete(f"{ns}/missing"), "undelete of a missing secret")
+        _require(store.put(name, b"v3").version == 3, "put after undelete does not continue the versions")
+
+
+def _check_destroy_versions(make_store: MakeStore, ns: str) -> None:
+    name = f"{ns}/destroy"
+    with _opened(make_store) as store:
+        for n in (1, 2, 3):
+            store.put(name, f"value {n}".encode())
+        store.destroy(name, [1])
+        _raises(NotFoundError, lambda: store.get(name, version=1), "get of a destroyed version")
+        _require(_revealed(store.get(name, version=2)) == b"value 2", "destroying v1 broke v2")
+        _require(_revealed(store.get(name)) == b"value 3", "destroying v1 broke the current version")
+        flags = {info.version: info.destroyed for info in store.describe(name).versions}
+        _require(flags == {1: True, 2: False, 3: False}, f"describe's destroyed flags are {flags}")
+        store.destroy(name, [3])
+        _raises(NotFoundError, lambda: store.get(name), "get of a destroyed current version")
+        _require(
+            _revealed(store.get(name, label=PREVIOUS)) == b"value 2", "previous unreadable after destroy"
+        )
+        _raises(NotFoundError, lambda: store.destroy(name, [9]), "destroy of a version never written")
+        _raises(InvalidInputError, lambda: store.destroy(name, []), "destroy of no versions")
+        _raises(NotFoundError, lambda: store.destroy(f"{ns}/missing", [1]), "destroy on a missing secret")
+        _require(_revealed(store.get(name, version=2)) == b"value 2", "a refused destroy erased a version")
+
+
+def _check_destroy_secret(make_store: MakeStore, ns: str) -> None:
+    name, other = f"{ns}/doomed", f"{ns}/survivor"
+    with _opened(make_store) as store:
+        store.put(name, b"v1")
+        store.put(name, b"v2")
+        store.put(other, b"kept")
+        store.destroy_secret(name)
+        _raises(NotFoundError, lambda: store.get(name), "get after destroy_secret")
+        _raises(NotFoundError, lambda: store.get(name, version=1), "get of a version after destroy_secret")
+        _raises(NotFoundError, lambda: store.describe(name), "describe after destroy_secret")
+        _require(name not in _names(store.list(f"{ns}/", include_deleted=True)), "destroyed secret listed")
+        _require(_revealed(store.get(other)) == b"kept", "destroy_secret touched another secret")
+        _raises(NotFoundError, lambda: store.destroy_secret(name), "destroy_secret of a missing secret")
+        _require(store.put(name, b"reborn").version == 1, "a re-created secret does not start at version 1")
+        store.delete(name)
+        store.destroy_secret(name)  # a soft-deleted secret can be destroyed for good
+        _raises(NotFoundError, lambda: store.describe(name), "describe after destroying a deleted secret")
+
+
+INVALID_NAMES = (
+    "", "/leading", "trailing/", "double//slash", "-flag", "../escape", "a/../b", "a/./b", ".hidden",
+    "has space", "new\nline", "tab\t", "nul\x00", "pct%", "star*", "qu?", "colon:x", "back\\slash",
+    "ünïcode", "x" * 257,
+)  # fmt: skip
+
+
+_NAME_VERBS: dict[str, Callable[[SecretStore, str], object]] = {
+    "put": lambda store, name: store.put(name, b"x"),
+    "get": lambda store, name: store.get(name),
+    "describe": lambda store, name: store.describe(name),
+    "delete": lambda store, name: store.delete(name),
+    "undelete": lambda store, name: store.undelete(name),
+    "destroy": lambda store, name: store.destroy(name, [1]),
+    "destroy_secret": lambda store, name: store.destroy_secret(name),
+}
+
+
+def _check_invalid_names_refused(make_store: MakeStore, ns: str) -> None:
+    with _opened(make_store) as store:
+        before = _names(store.list(include_deleted=True))
+        for bad in INVALID_NAMES:
+            for verb, action in _NAME_VERBS.items():
+                _raises(InvalidInputError, partial(action, store, bad), f"{verb} of the invalid name {bad!r}")
+        _raises(InvalidInputError, lambda: store.put(cast(Any, None), b"x"), "put with name None")
+        _require(_names(store.list(include_deleted=True)) == before, "a refused invalid name was written")
+        longest = f"{ns}/" + "n" * (256 - len(ns) - 1)
+        _require(store.put(longest, b"ok").version == 1, "a 256-character name was refused")
+
+
+def _check_max_versions_pruning(make_store: MakeStore, ns: str) -> None:
+    name = f"{ns}/pruned"
+    total = DEFAULT_MAX_VERSIONS + 3
+    with _opened(make_store) as store:
+        for n in range(1, total + 1):
+            store.put(name, f"value {n}".encode())
+        meta = store.describe(name)
+        kept = _version_numbers(meta)
+        _require(meta.max_versions == DEFAULT_MAX_VERSIONS, f"max_versions is {meta.max_versions}")
+        _require(len(kept) <= meta.max_versions, f"{len(kept)} versions kept, more than {meta.max_versions}")
+        newest = list(range(total - DEFAULT_MAX_VERSIONS + 1, total + 1))
+        _require(kept == newest, f"kept versions {kept}, not the newest {DEFAULT_MAX_VERSIONS}")
+        _require(total in kept and total - 1 in kept, "pruning dropped the current or previous version")
+        for n in kept:
+            _require(
+                _revealed(store.get(name, version=n)) == f"value {n}".encode(), f"kept version {n} unreadable"
+            )
+        for n in range(1, total + 1):
+            if n not in kept:
+                _raises(NotFoundError, partial(store.get, name, version=n), f"get of pruned version {n}")
+        _require(
+            _revealed(store.get(name, label=PREVIOUS)) == f"value {total - 1}".encode(), "previous pruned"
+        )
+
+
+def _check_repr_never_shows_values(make_store: MakeStore, ns: str) -> None:
+    value = MARKER.encode()
+    name = f"{ns}/redacted"
+    with _opened(make_store) as store:
+        returned: list[tuple[str, object]] = [
+            ("put's VersionInfo", store.put(name, value, description="desc", tags={"k": "v"})),
+            ("put's VersionInfo", store.put(name, value)),
+        ]
+        secret = store.get(name)
+        returned += [
+            ("get's Secret", secret),
+            ("Secret.value", secret.value),
+            ("get by version", store.get(name, version=1)),
+            ("get by label", store.get(name, label=PREVIOUS)),
+            ("describe's SecretMetadata", store.describe(name)),
+            ("the store", store),
+        ]
+        returned += [("a listed SecretMetadata", m) for m in store.list(f"{ns}/")]
+        returned += [("a VersionInfo", v) for v in store.describe(name).versions]
+        for what, obj in returned:
+            _require_no_leak(obj, value, what)
+        _require(f"{secret.value}" != MARKER and f"{secret!s}".count(MARKER) == 0, "format() shows the value")
+        _require(secret.value.reveal() == value, "the value is not recoverable through reveal()")
+
+
+SECRET_STORE_CHECKS: dict[str, Check] = {
+    "round-trip": _check_values_round_trip,
+    "oversize-refused": _check_oversize_value_refused,
+    "versions-labels": _check_versions_and_labels,
+    "get-version-label": _check_get_by_version_and_label,
+    "expect-version": _check_expect_version,
+    "list-prefix": _check_list_by_prefix,
+    "describe-history": _check_describe_and_history,
+    "delete-undelete": _check_delete_and_undelete,
+    "destroy-versions": _check_destroy_versions,
+    "destroy-secret": _check_destroy_secret,
+    "invalid-names": _check_invalid_names_refused,
+    "max-versions": _check_max_versions_pruning,
+    "repr-redacted": _check_repr_never_shows_values,
+}
+"""Every check by a short key (used in its namespace and in test ids); run in this order."""

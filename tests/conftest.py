@@ -1,0 +1,64 @@
+"""Shared fixtures: a store file in a fresh private directory, and an unlocked EncryptedStore on it.
+
+Stores here use the cheap Argon2id profile `kdf.TEST` (production refuses it), so unlocking costs
+milliseconds. Keep this file generic; fixtures for one test module belong in that module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from secrets_manager.crypto import kdf
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+
+TEST_PASSWORD = "correct horse battery staple"
+
+OpenStore = Callable[..., EncryptedStore]
+
+
+@pytest.fixture
+def tmp_store_path(tmp_path: Path) -> Path:
+    """Where a test's store file goes: inside a directory that does not exist yet."""
+    return tmp_path / "store" / "secrets.db"
+
+
+@pytest.fixture
+def store_password() -> str:
+    return TEST_PASSWORD
+
+
+@pytest.fixture
+def open_store(tmp_store_path: Path, store_password: str) -> Iterator[OpenStore]:
+    """A factory: `open_store(password=..., **options)` opens the store at `tmp_store_path` again.
+
+    Each call returns a new handle (its own SqliteStorage connection); all are closed at teardown.
+    """
+    opened: list[EncryptedStore] = []
+
+    def _open(password: str = store_password, **options: Any) -> EncryptedStore:
+        storage = SqliteStorage(tmp_store_path)
+        try:
+            store = EncryptedStore.open(storage, PasswordUnlock(password, kdf.TEST), **options)
+        except BaseException:
+            storage.close()
+            raise
+        opened.append(store)
+        return store
+
+    yield _open
+    for store in opened:
+        store.close()
+
+
+@pytest.fixture
+def encrypted_store(tmp_store_path: Path, store_password: str) -> Iterator[EncryptedStore]:
+    """A new, empty EncryptedStore on SQLite at `tmp_store_path`, unlocked with `store_password`."""
+    storage = SqliteStorage(tmp_store_path, create=True)
+    store = EncryptedStore.create(storage, PasswordUnlock(store_password, kdf.TEST))
+    yield store
+    store.close()

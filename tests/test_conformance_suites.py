@@ -1,0 +1,224 @@
+"""The conformance suites themselves: a correct reference passes, and broken implementations fail
+with a message naming the behaviour that broke (so every check asserts something real).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from secrets_manager.crypto import kdf
+from secrets_manager.errors import ConflictError, SecretsManagerError
+from secrets_manager.storage import ABSENT, Delete, Entry, Put, Storage
+from secrets_manager.storage.base import Expect, Operation
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.storage.testing import STORAGE_CHECKS, check_storage
+from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretStore
+from secrets_manager.store import encrypted as encrypted_module
+from secrets_manager.store.testing import check_secret_store
+from secrets_manager.values import SecretValue
+
+
+class Place:
+    """What a backend persists: shared by every handle to it."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, Entry] = {}
+        self.revision = 0
+
+
+class MemoryStorage:
+    """A small correct Storage; subclasses below each break one rule."""
+
+    def __init__(self, place: Place) -> None:
+        self.place = place
+
+    def get(self, key: str) -> Entry | None:
+        return self.place.entries.get(key)
+
+    def put(self, key: str, value: bytes, *, expect: Expect = None) -> int:
+        return self.commit([Put(key, value, expect)])
+
+    def delete(self, key: str, *, expect: Expect = None) -> int:
+        return self.commit([Delete(key, expect)])
+
+    def list(self, prefix: str) -> list[str]:
+        return sorted(k for k in self.place.entries if k.startswith(prefix))
+
+    def check(self, op: Operation) -> None:
+        entry = self.place.entries.get(op.key)
+        if op.expect is ABSENT and entry is not None:
+            raise ConflictError("exists")
+        if isinstance(op.expect, int) and (entry is None or entry.revision != op.expect):
+            raise ConflictError("changed")
+
+    def apply(self, op: Operation, revision: int) -> None:
+        if isinstance(op, Put):
+            self.place.entries[op.key] = Entry(bytes(op.value), revision)
+        else:
+            self.place.entries.pop(op.key, None)
+
+    def commit(self, operations: Sequence[Operation]) -> int:
+        for op in operations:
+            self.check(op)
+        self.place.revision += 1
+        for op in operations:
+            self.apply(op, self.place.revision)
+        return self.place.revision
+
+    def close(self) -> None:
+        pass
+
+
+class NotAtomic(MemoryStorage):
+    def commit(self, operations: Sequence[Operation]) -> int:
+        self.place.revision += 1
+        for op in operations:
+            self.check(op)
+            self.apply(op, self.place.revision)
+        return self.place.revision
+
+
+class WildcardList(MemoryStorage):
+    def list(self, prefix: str) -> list[str]:  # LIKE-style: '_' and '%' match anything
+        pattern = prefix.replace("*", "[*]").replace("?", "[?]").replace("_", "?").replace("%", "*") + "*"
+        return sorted(k for k in self.place.entries if fnmatch.fnmatchcase(k, pattern))
+
+
+class IgnoresAbsent(MemoryStorage):
+    def check(self, op: Operation) -> None:
+        if op.expect is not ABSENT:
+            super().check(op)
+
+
+class RevisionPerKey(MemoryStorage):
+    def apply(self, op: Operation, revision: int) -> None:
+        old = self.place.entries.get(op.key)
+        super().apply(op, 1 if old is None else old.revision + 1)
+
+
+class UnsortedList(MemoryStorage):
+    def list(self, prefix: str) -> list[str]:
+        return [k for k in self.place.entries if k.startswith(prefix)]
+
+
+class TruncatesAtNul(MemoryStorage):
+    def apply(self, op: Operation, revision: int) -> None:
+        if isinstance(op, Put):
+            op = Put(op.key, op.value.split(b"\x00")[0], op.expect)
+        super().apply(op, revision)
+
+
+class DeleteMissingFails(MemoryStorage):
+    def apply(self, op: Operation, revision: int) -> None:
+        if isinstance(op, Delete):
+            del self.place.entries[op.key]
+        else:
+            super().apply(op, revision)
+
+
+def test_a_correct_storage_passes_check_storage() -> None:
+    place = Place()
+    check_storage(lambda: MemoryStorage(place))
+
+
+@pytest.mark.parametrize(
+    ("broken", "behaviour"),
+    [
+        (NotAtomic, "commit is all or nothing"),
+        (WildcardList, "list(prefix) is sorted and the prefix is literal"),
+        (UnsortedList, "list(prefix) is sorted and the prefix is literal"),
+        (IgnoresAbsent, "put expecting ABSENT conflicts on an existing key"),
+        (RevisionPerKey, "revisions strictly increase across commits"),
+        (TruncatesAtNul, "binary values round trip (NUL bytes, empty, 1 MiB)"),
+        (DeleteMissingFails, "delete of a missing key is not an error"),
+    ],
+)
+def test_each_storage_check_rejects_a_backend_breaking_its_rule(
+    broken: type[MemoryStorage], behaviour: str
+) -> None:
+    place = Place()
+    with pytest.raises((AssertionError, KeyError)):
+        STORAGE_CHECKS[behaviour](lambda: broken(place))
+    with pytest.raises(AssertionError, match=r"^storage conformance check '"):
+        check_storage(lambda: broken(Place()))
+
+
+@pytest.mark.parametrize(
+    "behaviour",
+    ["values survive close and reopen", "handles on the same place share state and preconditions"],
+)
+def test_storage_checks_reject_a_backend_that_forgets_on_close(behaviour: str) -> None:
+    with pytest.raises(AssertionError):
+        STORAGE_CHECKS[behaviour](lambda: MemoryStorage(Place()))
+
+
+# ---- the secret store suite against deliberately broken EncryptedStores --------------------------
+
+
+@pytest.fixture
+def make_store(
+    encrypted_store: EncryptedStore, tmp_store_path: Path, store_password: str
+) -> Callable[[], SecretStore]:
+    return lambda: EncryptedStore.open(
+        SqliteStorage(tmp_store_path), PasswordUnlock(store_password, kdf.TEST)
+    )
+
+
+def test_check_secret_store_notices_missing_pruning(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(encrypted_module._Meta, "prune", lambda self: [])
+    with pytest.raises(AssertionError, match="'max-versions' failed"):
+        check_secret_store(make_store)
+
+
+def test_check_secret_store_notices_a_leaking_repr(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(SecretValue, "__repr__", lambda self: f"SecretValue({self.reveal()!r})")
+    with pytest.raises(AssertionError, match="'repr-redacted' failed"):
+        check_secret_store(make_store)
+
+
+def test_check_secret_store_notices_an_off_by_one_size_limit(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(encrypted_module, "MAX_VALUE_SIZE", encrypted_module.MAX_VALUE_SIZE + 1)
+    with pytest.raises(AssertionError, match="'oversize-refused' failed"):
+        check_secret_store(make_store)
+
+
+def test_check_secret_store_notices_puts_to_deleted_secrets(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = encrypted_module.EncryptedStore.put
+
+    def put_undeleting(self: EncryptedStore, name: str, value: bytes, **kwargs: object) -> object:
+        with contextlib.suppress(SecretsManagerError):  # not deleted, or missing: nothing to undo
+            self.undelete(name)
+        return original(self, name, value, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(encrypted_module.EncryptedStore, "put", put_undeleting)
+    with pytest.raises(AssertionError, match="'delete-undelete' failed"):
+        check_secret_store(make_store)
+
+
+def test_check_secret_store_wraps_unexpected_errors_with_the_check_name() -> None:
+    class Exploding:
+        def __getattr__(self, name: str) -> object:
+            raise RuntimeError("backend on fire")
+
+    def make() -> SecretStore:
+        return Exploding()  # type: ignore[return-value]
+
+    with pytest.raises(AssertionError, match="'round-trip' failed: unexpected RuntimeError: backend on fire"):
+        check_secret_store(make)
+
+
+def test_storage_protocol_is_satisfied_by_the_reference() -> None:
+    assert isinstance(MemoryStorage(Place()), Storage)

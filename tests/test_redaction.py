@@ -1,0 +1,161 @@
+"""A known value never shows in repr/str/format/logs/errors; values and key material refuse pickling.
+
+DESIGN.md section 9: no secret value in logs, exceptions, tracebacks or repr.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import logging
+import pickle
+import traceback
+from collections.abc import Callable
+from typing import Any, cast
+
+import pytest
+
+from secrets_manager.crypto import DataKey, Keyset, kdf
+from secrets_manager.errors import SecretsManagerError
+from secrets_manager.store import MAX_VALUE_SIZE, EncryptedStore, PasswordUnlock
+from secrets_manager.values import REDACTED, SecretValue
+
+KNOWN = "sk-live-KNOWN-TEST-VALUE-1c9e5f0a"
+KNOWN_BYTES = KNOWN.encode()
+
+
+def shows(obj: object, needle: str) -> bool:
+    return any(needle in text for text in (repr(obj), str(obj), f"{obj}", "%s" % (obj,), "%r" % (obj,)))  # noqa: UP031
+
+
+def material_spellings(material: bytes) -> list[str]:
+    return [repr(material), material.hex(), base64.b64encode(material).decode(), str(list(material))]
+
+
+@pytest.fixture
+def populated(encrypted_store: EncryptedStore) -> EncryptedStore:
+    encrypted_store.put("svc/key", KNOWN_BYTES, description="exchange key", tags={"team": "trading"})
+    encrypted_store.put("svc/key", KNOWN_BYTES + b"-2")
+    return encrypted_store
+
+
+# ---- repr and str -------------------------------------------------------------------------------
+
+
+def test_secret_value_repr_str_and_format_are_redacted() -> None:
+    value = SecretValue(KNOWN_BYTES)
+    assert not shows(value, KNOWN)
+    assert str(value) == REDACTED and f"{value:>40}" == REDACTED
+    assert value.reveal() == KNOWN_BYTES and value.reveal_text() == KNOWN
+
+
+def test_returned_objects_never_show_the_value(populated: EncryptedStore) -> None:
+    secret = populated.get("svc/key")
+    meta = populated.describe("svc/key")
+    returned: list[object] = [
+        secret,
+        secret.value,
+        populated.get("svc/key", version=1),
+        meta,
+        *meta.versions,
+        *populated.list("svc/"),
+        *populated.history("svc/key"),
+        populated.put("svc/other", KNOWN_BYTES),
+        populated,
+    ]
+    assert [type(obj).__name__ for obj in returned if shows(obj, KNOWN)] == []
+    assert secret.value.reveal() == KNOWN_BYTES + b"-2"
+
+
+def test_logging_a_secret_does_not_log_its_value(
+    populated: EncryptedStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = populated.get("svc/key")
+    with caplog.at_level(logging.DEBUG):
+        logging.getLogger("test").info("got %s / %r / value=%s", secret, secret, secret.value)
+    assert "svc/key" in caplog.text
+    assert KNOWN not in caplog.text
+
+
+def test_keys_never_show_their_material(populated: EncryptedStore) -> None:
+    keyset = populated._keyset_for_read("svc")
+    root = populated._root
+    objects: list[object] = [keyset, *keyset.keys, root]
+    secrets_in_them = [m for key in (*keyset.keys, root) for m in material_spellings(key.material)]
+    leaks = [(type(obj).__name__, s) for obj in objects for s in secrets_in_them if shows(obj, s)]
+    assert leaks == []
+    assert str(keyset.primary_id) in repr(keyset)  # the repr is still useful
+
+
+def test_password_unlock_never_shows_the_password() -> None:
+    unlock = PasswordUnlock(KNOWN, kdf.TEST)
+    assert not shows(unlock, KNOWN)
+
+
+# ---- errors -------------------------------------------------------------------------------------
+
+
+def error_text(exc: BaseException) -> str:
+    return str(exc) + repr(exc) + "".join(traceback.format_exception(exc))
+
+
+def bad_calls(store: EncryptedStore) -> dict[str, Callable[[], object]]:
+    store.put("svc/deleted", KNOWN_BYTES)
+    store.delete("svc/deleted")
+    return {
+        "over-size value": lambda: store.put(
+            "svc/big", KNOWN_BYTES * (MAX_VALUE_SIZE // len(KNOWN_BYTES) + 1)
+        ),
+        "value given as str": lambda: store.put("svc/text", cast(Any, KNOWN)),
+        "invalid name": lambda: store.put("bad name!", KNOWN_BYTES),
+        "stale expect_version": lambda: store.put("svc/key", KNOWN_BYTES, expect_version=1),
+        "create-only on an existing secret": lambda: store.put("svc/key", KNOWN_BYTES, expect_version=0),
+        "put to a deleted secret": lambda: store.put("svc/deleted", KNOWN_BYTES),
+        "negative expect_version": lambda: store.put("svc/key", KNOWN_BYTES, expect_version=-1),
+        "unknown label": lambda: store.get("svc/key", label="latest"),
+        "missing version": lambda: store.get("svc/key", version=99),
+    }
+
+
+def test_errors_for_bad_input_never_contain_the_value(populated: EncryptedStore) -> None:
+    calls = bad_calls(populated)
+    leaked = []
+    for what, call in calls.items():
+        with pytest.raises(SecretsManagerError) as caught:
+            call()
+        if KNOWN in error_text(caught.value):
+            leaked.append(what)
+    assert leaked == []
+
+
+def test_wrong_password_error_shows_neither_password(
+    populated: EncryptedStore, open_store: Callable[..., EncryptedStore], store_password: str
+) -> None:
+    with pytest.raises(SecretsManagerError) as caught:
+        open_store(password=KNOWN)
+    text = error_text(caught.value)
+    assert KNOWN not in text and store_password not in text
+
+
+# ---- pickling -----------------------------------------------------------------------------------
+
+
+def test_secret_value_refuses_pickling_and_copying() -> None:
+    value = SecretValue(KNOWN_BYTES)
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(value)
+    with pytest.raises(TypeError):
+        copy.deepcopy(value)
+
+
+def test_secret_refuses_pickling(populated: EncryptedStore) -> None:
+    with pytest.raises(TypeError):
+        pickle.dumps(populated.get("svc/key"))
+
+
+def test_key_material_refuses_pickling(populated: EncryptedStore) -> None:
+    keyset: Keyset = populated._keyset_for_read("svc")
+    key: DataKey = keyset.primary
+    for obj in (key, keyset, populated._root):
+        with pytest.raises(TypeError, match="cannot be pickled"):
+            pickle.dumps(obj)

@@ -1,0 +1,205 @@
+"""SqliteStorage: the Storage conformance suite, plus what is particular to one private SQLite file."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from secrets_manager.errors import ConflictError, NotFoundError, StorageError
+from secrets_manager.storage import Storage
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.storage.testing import STORAGE_CHECKS, check_storage
+
+
+@pytest.fixture
+def make_storage(tmp_store_path: Path) -> Callable[[], Storage]:
+    """New handles to one freshly created, empty SQLite file."""
+    SqliteStorage(tmp_store_path, create=True).close()
+    return lambda: SqliteStorage(tmp_store_path)
+
+
+@pytest.fixture
+def storage(tmp_store_path: Path) -> Iterator[SqliteStorage]:
+    created = SqliteStorage(tmp_store_path, create=True)
+    yield created
+    created.close()
+
+
+def file_bytes(path: Path) -> dict[str, bytes]:
+    """The store file and its -wal/-shm companions, by name."""
+    return {p.name: p.read_bytes() for p in path.parent.iterdir() if p.name.startswith(path.name)}
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def open_descriptors_to(path: Path) -> int:
+    fd_dir = Path("/proc/self/fd")
+    count = 0
+    for fd in fd_dir.iterdir():
+        try:
+            if os.readlink(fd) == str(path):
+                count += 1
+        except OSError:
+            continue
+    return count
+
+
+# ---- conformance --------------------------------------------------------------------------------
+
+
+def test_sqlite_storage_passes_the_whole_conformance_suite_on_one_file(
+    make_storage: Callable[[], Storage],
+) -> None:
+    check_storage(make_storage)
+
+
+@pytest.mark.parametrize("behaviour", list(STORAGE_CHECKS))
+def test_sqlite_storage_conforms(behaviour: str, make_storage: Callable[[], Storage]) -> None:
+    STORAGE_CHECKS[behaviour](make_storage)
+
+
+def test_conformance_suite_refuses_a_place_that_is_not_empty(make_storage: Callable[[], Storage]) -> None:
+    first = make_storage()
+    first.put("left/over", b"x")
+    first.close()
+    with pytest.raises(AssertionError, match="must start empty"):
+        check_storage(make_storage)
+
+
+# ---- files and permissions ----------------------------------------------------------------------
+
+
+def test_store_file_is_created_0600_in_a_0700_directory(storage: SqliteStorage, tmp_store_path: Path) -> None:
+    assert mode(tmp_store_path) == 0o600
+    assert mode(tmp_store_path.parent) == 0o700
+
+
+def test_wal_and_shm_files_are_0600_even_with_a_permissive_umask(tmp_store_path: Path) -> None:
+    previous = os.umask(0)
+    try:
+        created = SqliteStorage(tmp_store_path, create=True)
+        try:
+            created.put("k", b"v")
+            companions = [tmp_store_path.with_name(tmp_store_path.name + s) for s in ("-wal", "-shm")]
+            assert all(p.exists() for p in companions)
+            assert {p.name: mode(p) for p in companions} == {p.name: 0o600 for p in companions}
+            assert mode(tmp_store_path) == 0o600
+            assert mode(tmp_store_path.parent) == 0o700
+        finally:
+            created.close()
+    finally:
+        os.umask(previous)
+
+
+def test_store_uses_write_ahead_logging(storage: SqliteStorage, tmp_store_path: Path) -> None:
+    storage.put("k", b"v")
+    db = sqlite3.connect(tmp_store_path)
+    try:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        db.close()
+
+
+def test_init_never_overwrites_an_existing_store(storage: SqliteStorage, tmp_store_path: Path) -> None:
+    storage.put("precious", b"keep me")
+    storage.close()
+    before = file_bytes(tmp_store_path)
+    with pytest.raises(ConflictError, match="already exists"):
+        SqliteStorage(tmp_store_path, create=True)
+    assert file_bytes(tmp_store_path) == before
+    reopened = SqliteStorage(tmp_store_path)
+    try:
+        entry = reopened.get("precious")
+        assert entry is not None and entry.value == b"keep me"
+    finally:
+        reopened.close()
+
+
+def test_init_never_overwrites_an_unrelated_existing_file(tmp_path: Path) -> None:
+    target = tmp_path / "notes.txt"
+    target.write_bytes(b"my notes")
+    with pytest.raises(ConflictError):
+        SqliteStorage(target, create=True)
+    assert target.read_bytes() == b"my notes"
+
+
+def test_opening_a_missing_file_is_not_found_and_creates_nothing(tmp_store_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="no store at"):
+        SqliteStorage(tmp_store_path)
+    assert not tmp_store_path.exists()
+    assert not tmp_store_path.parent.exists()
+
+
+def test_opening_an_existing_store_writes_nothing(storage: SqliteStorage, tmp_store_path: Path) -> None:
+    storage.put("k", b"v")
+    storage.close()
+    before = file_bytes(tmp_store_path)
+    assert set(before) == {tmp_store_path.name}  # the last close checkpointed and removed the WAL
+    reader = SqliteStorage(tmp_store_path)
+    assert reader.get("k") is not None
+    assert reader.list("") == ["k"]
+    assert tmp_store_path.with_name(tmp_store_path.name + "-wal").read_bytes() == b""
+    reader.close()
+    assert file_bytes(tmp_store_path) == before
+
+
+# ---- files that are not stores ------------------------------------------------------------------
+
+
+def test_opening_a_foreign_sqlite_database_is_a_clear_error(tmp_path: Path) -> None:
+    foreign = tmp_path / "app.db"
+    db = sqlite3.connect(foreign)
+    db.execute("CREATE TABLE entries (key TEXT, value BLOB, revision INTEGER)")
+    db.commit()
+    db.close()
+    before = foreign.read_bytes()
+    with pytest.raises(StorageError, match="is not a secrets-manager store"):
+        SqliteStorage(foreign)
+    assert foreign.read_bytes() == before
+
+
+def test_opening_a_garbage_file_is_a_clear_error(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"this is not a database, just text\n" * 200)
+    before = garbage.read_bytes()
+    with pytest.raises(StorageError, match=r"cannot open store .*garbage\.db"):
+        SqliteStorage(garbage)
+    assert garbage.read_bytes() == before
+
+
+def test_opening_an_empty_file_is_a_clear_error(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    with pytest.raises(StorageError, match="is not a secrets-manager store"):
+        SqliteStorage(empty)
+    assert empty.read_bytes() == b""
+
+
+def test_opening_a_store_from_a_newer_release_is_refused_untouched(
+    storage: SqliteStorage, tmp_store_path: Path
+) -> None:
+    storage.close()
+    db = sqlite3.connect(tmp_store_path)
+    db.execute("PRAGMA user_version = 99")
+    db.close()
+    before = file_bytes(tmp_store_path)
+    with pytest.raises(StorageError, match="upgrade secrets-manager"):
+        SqliteStorage(tmp_store_path)
+    assert file_bytes(tmp_store_path) == before
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count descriptors")
+def test_a_refused_file_keeps_no_descriptor_open(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database\n" * 500)
+    for _ in range(3):
+        with pytest.raises(StorageError):
+            SqliteStorage(garbage)
+    assert open_descriptors_to(garbage) == 0

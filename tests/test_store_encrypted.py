@@ -1,0 +1,417 @@
+"""EncryptedStore on SQLite: the SecretStore conformance suite, then what only our barrier promises:
+ciphertext only in the file, per-namespace keys, records bound to their place, O(1) password change.
+
+Tampering goes through the Storage API on a second handle to the same file, as an attacker with
+write access to the file would (the backend is untrusted).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from secrets_manager.crypto import kdf
+from secrets_manager.crypto.record import record_key_id
+from secrets_manager.errors import (
+    ConflictError,
+    IntegrityError,
+    NotFoundError,
+    UnlockError,
+)
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretStore
+from secrets_manager.store.testing import SECRET_STORE_CHECKS, check_secret_store, run_check
+
+VALUE = b"sk-live-KNOWN-TEST-VALUE-9b1e77c4"
+OTHER_VALUE = b"db-password-OTHER-VALUE-5d02aa"
+
+OpenStore = Callable[..., EncryptedStore]  # the `open_store` fixture of conftest.py
+
+
+@pytest.fixture
+def make_store(
+    encrypted_store: EncryptedStore, tmp_store_path: Path, store_password: str
+) -> Callable[[], SecretStore]:
+    """New EncryptedStore handles (each with its own connection) on one initialised file."""
+    return lambda: EncryptedStore.open(
+        SqliteStorage(tmp_store_path), PasswordUnlock(store_password, kdf.TEST)
+    )
+
+
+@pytest.fixture
+def raw(encrypted_store: EncryptedStore, tmp_store_path: Path) -> Iterator[SqliteStorage]:
+    """A second, plain Storage handle on the store file: the attacker's view."""
+    handle = SqliteStorage(tmp_store_path)
+    yield handle
+    handle.close()
+
+
+def file_bytes(path: Path) -> dict[str, bytes]:
+    """The store file and its -wal/-shm companions, by name."""
+    return {p.name: p.read_bytes() for p in path.parent.iterdir() if p.name.startswith(path.name)}
+
+
+def all_bytes(path: Path) -> bytes:
+    return b"".join(file_bytes(path).values())
+
+
+def entry_value(storage: SqliteStorage, key: str) -> bytes:
+    entry = storage.get(key)
+    assert entry is not None, key
+    return entry.value
+
+
+def copy_entry(storage: SqliteStorage, source: str, target: str) -> None:
+    storage.put(target, entry_value(storage, source))
+
+
+def flip_bit(storage: SqliteStorage, key: str, offset: int) -> None:
+    data = bytearray(entry_value(storage, key))
+    data[offset] ^= 0x01
+    storage.put(key, bytes(data))
+
+
+def revisions(storage: SqliteStorage) -> dict[str, int]:
+    result = {}
+    for key in storage.list(""):
+        entry = storage.get(key)
+        assert entry is not None
+        result[key] = entry.revision
+    return result
+
+
+def spellings(material: bytes) -> list[bytes]:
+    """Raw, hex and base64 forms of key material, as they might land in a file."""
+    return [material, material.hex().encode(), base64.b64encode(material)]
+
+
+# ---- conformance --------------------------------------------------------------------------------
+
+
+def test_encrypted_store_passes_the_whole_conformance_suite(make_store: Callable[[], SecretStore]) -> None:
+    check_secret_store(make_store)
+
+
+@pytest.mark.parametrize("behaviour", list(SECRET_STORE_CHECKS))
+def test_encrypted_store_conforms(behaviour: str, make_store: Callable[[], SecretStore]) -> None:
+    run_check(make_store, behaviour)
+
+
+def test_encrypted_store_satisfies_the_secret_store_protocol(encrypted_store: EncryptedStore) -> None:
+    assert isinstance(encrypted_store, SecretStore)
+
+
+# ---- what reaches the file ----------------------------------------------------------------------
+
+
+def test_store_file_holds_no_plaintext_value_and_no_key_material(
+    encrypted_store: EncryptedStore, tmp_store_path: Path, store_password: str
+) -> None:
+    encrypted_store.put("market-connector/BINANCE_API_KEY", VALUE)
+    encrypted_store.put("auth/DB_PASSWORD", OTHER_VALUE)
+    encrypted_store.put("auth/DB_PASSWORD", OTHER_VALUE + b"-rotated")
+    big = VALUE * (60_000 // len(VALUE))
+    encrypted_store.put("auth/BIG", big)
+    root = encrypted_store._root.material
+    data_keys = [
+        key.material
+        for ns in ("market-connector", "auth")
+        for key in encrypted_store._keyset_for_read(ns).keys
+    ]
+    forbidden = [VALUE, OTHER_VALUE, store_password.encode(), *spellings(root)]
+    forbidden += [form for material in data_keys for form in spellings(material)]
+
+    while_open = all_bytes(tmp_store_path)
+    assert b"market-connector/BINANCE_API_KEY" in while_open  # names are not secret: we read the right bytes
+    assert [needle for needle in forbidden if needle in while_open] == []
+
+    encrypted_store.close()  # checkpoints the WAL into the main file
+    after_close = all_bytes(tmp_store_path)
+    assert b"auth/DB_PASSWORD" in after_close
+    assert [needle for needle in forbidden if needle in after_close] == []
+
+
+def test_wrong_password_is_an_unlock_error_and_leaves_the_file_unchanged(
+    encrypted_store: EncryptedStore, tmp_store_path: Path, open_store: OpenStore
+) -> None:
+    encrypted_store.put("svc/key", VALUE)
+    encrypted_store.close()
+    before = file_bytes(tmp_store_path)
+    for _ in range(2):
+        with pytest.raises(UnlockError, match="wrong master password"):
+            open_store(password="not the password")
+    assert file_bytes(tmp_store_path) == before
+    assert open_store().get("svc/key").value.reveal() == VALUE
+
+
+def test_each_namespace_has_its_own_keyset(encrypted_store: EncryptedStore, raw: SqliteStorage) -> None:
+    for name in ("alpha/x", "beta/x", "plain"):
+        encrypted_store.put(name, VALUE)
+    keysets = {ns: encrypted_store._keyset_for_read(ns) for ns in ("alpha", "beta", "default")}
+    assert raw.list("core/keyset/") == ["core/keyset/alpha", "core/keyset/beta", "core/keyset/default"]
+    assert len({ks.primary_id for ks in keysets.values()}) == 3
+    assert len({ks.primary.material for ks in keysets.values()}) == 3
+    assert encrypted_store._root.material not in {ks.primary.material for ks in keysets.values()}
+    for ns, name in (("alpha", "alpha/x"), ("beta", "beta/x"), ("default", "plain")):
+        assert record_key_id(entry_value(raw, f"data/{name}#1")) == keysets[ns].primary_id
+
+
+# ---- records bound to their place ---------------------------------------------------------------
+
+
+def test_swapped_record_fails_integrity_check(encrypted_store: EncryptedStore, raw: SqliteStorage) -> None:
+    encrypted_store.put("svc/a", VALUE)
+    encrypted_store.put("svc/b", OTHER_VALUE)
+    encrypted_store.put("other/c", OTHER_VALUE)
+    copy_entry(raw, "data/svc/a#1", "data/svc/b#1")
+    with pytest.raises(IntegrityError, match="integrity check failed"):
+        encrypted_store.get("svc/b")
+    assert encrypted_store.get("svc/a").value.reveal() == VALUE
+    assert encrypted_store.get("other/c").value.reveal() == OTHER_VALUE
+
+
+def test_record_copied_to_another_version_fails_integrity_check(
+    encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    encrypted_store.put("svc/a", b"old value")
+    encrypted_store.put("svc/a", VALUE)
+    copy_entry(raw, "data/svc/a#1", "data/svc/a#2")
+    with pytest.raises(IntegrityError):
+        encrypted_store.get("svc/a")
+    assert encrypted_store.get("svc/a", version=1).value.reveal() == b"old value"
+
+
+def test_record_moved_to_another_namespace_fails_integrity_check(
+    encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    encrypted_store.put("alpha/key", VALUE)
+    encrypted_store.put("beta/key", OTHER_VALUE)
+    copy_entry(raw, "data/alpha/key#1", "data/beta/key#1")
+    with pytest.raises(IntegrityError):
+        encrypted_store.get("beta/key")
+    assert encrypted_store.get("alpha/key").value.reveal() == VALUE
+
+
+@pytest.mark.parametrize(
+    ("part", "offset"),
+    [("format byte", 0), ("key id", 2), ("nonce", 8), ("ciphertext", 20), ("tag", -1)],
+)
+def test_flipped_bit_in_a_value_record_fails_integrity_check(
+    part: str, offset: int, encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    encrypted_store.put("svc/a", VALUE)
+    encrypted_store.put("svc/b", OTHER_VALUE)
+    flip_bit(raw, "data/svc/a#1", offset)
+    with pytest.raises(IntegrityError):
+        encrypted_store.get("svc/a")
+    assert encrypted_store.get("svc/b").value.reveal() == OTHER_VALUE
+
+
+def test_truncated_record_fails_integrity_check(encrypted_store: EncryptedStore, raw: SqliteStorage) -> None:
+    encrypted_store.put("svc/a", VALUE)
+    record = entry_value(raw, "data/svc/a#1")
+    for length in (0, 5, 32, len(record) - 1):
+        raw.put("data/svc/a#1", record[:length])
+        with pytest.raises(IntegrityError):
+            encrypted_store.get("svc/a")
+
+
+def test_tampered_metadata_fails_integrity_check(encrypted_store: EncryptedStore, raw: SqliteStorage) -> None:
+    encrypted_store.put("svc/a", VALUE)
+    encrypted_store.put("svc/b", OTHER_VALUE)
+    flip_bit(raw, "meta/svc/a", 30)
+    with pytest.raises(IntegrityError):
+        encrypted_store.get("svc/a")
+    with pytest.raises(IntegrityError):
+        encrypted_store.describe("svc/a")
+    assert encrypted_store.get("svc/b").value.reveal() == OTHER_VALUE
+
+
+def test_metadata_swapped_between_secrets_fails_integrity_check(
+    encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    encrypted_store.put("svc/a", VALUE)
+    encrypted_store.put("svc/b", OTHER_VALUE)
+    encrypted_store.put("svc/b", OTHER_VALUE + b"2")
+    copy_entry(raw, "meta/svc/a", "meta/svc/b")
+    with pytest.raises(IntegrityError):
+        encrypted_store.describe("svc/b")
+    assert encrypted_store.get("svc/a").value.reveal() == VALUE
+
+
+def test_tampered_keyset_fails_integrity_check(encrypted_store: EncryptedStore, raw: SqliteStorage) -> None:
+    encrypted_store.put("svc/a", VALUE)
+    encrypted_store.put("other/b", OTHER_VALUE)
+    flip_bit(raw, "core/keyset/svc", 40)
+    with pytest.raises(IntegrityError):
+        encrypted_store.get("svc/a")
+    with pytest.raises(IntegrityError):
+        encrypted_store.put("svc/new", b"must not be written under a damaged keyset")
+    assert raw.get("data/svc/new#1") is None
+    assert encrypted_store.get("other/b").value.reveal() == OTHER_VALUE
+
+
+def test_keyset_swapped_between_namespaces_fails_integrity_check(
+    encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    encrypted_store.put("alpha/a", VALUE)
+    encrypted_store.put("beta/b", OTHER_VALUE)
+    copy_entry(raw, "core/keyset/alpha", "core/keyset/beta")
+    with pytest.raises(IntegrityError):
+        encrypted_store.get("beta/b")
+    assert encrypted_store.get("alpha/a").value.reveal() == VALUE
+
+
+def test_missing_keyset_fails_integrity_check(encrypted_store: EncryptedStore, raw: SqliteStorage) -> None:
+    encrypted_store.put("svc/a", VALUE)
+    raw.delete("core/keyset/svc")
+    with pytest.raises(IntegrityError):
+        encrypted_store.get("svc/a")
+
+
+def test_integrity_errors_are_opaque_and_show_no_value(
+    encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    encrypted_store.put("svc/a", VALUE)
+    encrypted_store.put("svc/b", OTHER_VALUE)
+    copy_entry(raw, "data/svc/a#1", "data/svc/b#1")
+    with pytest.raises(IntegrityError) as caught:
+        encrypted_store.get("svc/b")
+    message = str(caught.value)
+    assert "integrity check failed" in message
+    assert VALUE.decode() not in message and OTHER_VALUE.decode() not in message
+    assert caught.value.__cause__ is None and caught.value.__suppress_context__
+
+
+# ---- the header ---------------------------------------------------------------------------------
+
+
+def rewrite_header(raw: SqliteStorage, change: Callable[[dict[str, object]], None]) -> None:
+    header = json.loads(entry_value(raw, "core/header"))
+    change(header)
+    raw.put("core/header", json.dumps(header).encode())
+
+
+def test_header_with_another_root_key_id_fails_integrity_check(
+    encrypted_store: EncryptedStore, raw: SqliteStorage, open_store: OpenStore
+) -> None:
+    rewrite_header(raw, lambda h: h.update(root_key_id=int(str(h["root_key_id"])) ^ 1))
+    with pytest.raises(IntegrityError):
+        open_store()
+
+
+def test_header_that_is_not_json_fails_integrity_check(
+    encrypted_store: EncryptedStore, raw: SqliteStorage, open_store: OpenStore
+) -> None:
+    raw.put("core/header", b"\x00garbage")
+    with pytest.raises(IntegrityError):
+        open_store()
+
+
+def test_weakened_kdf_parameters_in_the_header_are_refused(
+    encrypted_store: EncryptedStore, raw: SqliteStorage, open_store: OpenStore
+) -> None:
+    def weaken(header: dict[str, object]) -> None:
+        unlock = header["unlock"]
+        assert isinstance(unlock, dict)
+        unlock["kdf"]["memory_cost_kib"] = 8
+
+    rewrite_header(raw, weaken)
+    with pytest.raises((UnlockError, IntegrityError)):
+        open_store()
+
+
+def test_flipped_bit_in_the_wrapped_root_key_is_refused(
+    encrypted_store: EncryptedStore, raw: SqliteStorage, open_store: OpenStore
+) -> None:
+    def flip(header: dict[str, object]) -> None:
+        unlock = header["unlock"]
+        assert isinstance(unlock, dict)
+        sealed = bytearray(base64.b64decode(unlock["wrapped_root_key"]))
+        sealed[-3] ^= 0x80
+        unlock["wrapped_root_key"] = base64.b64encode(bytes(sealed)).decode()
+
+    rewrite_header(raw, flip)
+    with pytest.raises((UnlockError, IntegrityError)):
+        open_store()
+
+
+def test_storage_without_a_header_is_not_found(tmp_store_path: Path) -> None:
+    SqliteStorage(tmp_store_path, create=True).close()
+    storage = SqliteStorage(tmp_store_path)
+    try:
+        with pytest.raises(NotFoundError, match="not initialised"):
+            EncryptedStore.open(storage, PasswordUnlock("whatever", kdf.TEST))
+    finally:
+        storage.close()
+
+
+def test_create_never_overwrites_an_initialised_store(
+    encrypted_store: EncryptedStore, tmp_store_path: Path, open_store: OpenStore
+) -> None:
+    encrypted_store.put("svc/a", VALUE)
+    storage = SqliteStorage(tmp_store_path)
+    try:
+        before = storage.get("core/header")
+        with pytest.raises(ConflictError, match="already initialised"):
+            EncryptedStore.create(storage, PasswordUnlock("another password", kdf.TEST))
+        assert storage.get("core/header") == before
+    finally:
+        storage.close()
+    assert open_store().get("svc/a").value.reveal() == VALUE
+
+
+# ---- changing the password ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def changed(encrypted_store: EncryptedStore) -> EncryptedStore:
+    """A store with secrets in two namespaces whose password was then changed to 'new password'."""
+    encrypted_store.put("alpha/a", VALUE)
+    encrypted_store.put("alpha/a", VALUE + b"-2")
+    encrypted_store.put("beta/b", OTHER_VALUE)
+    encrypted_store.change_unlock(PasswordUnlock("new password", kdf.TEST))
+    return encrypted_store
+
+
+def test_password_change_keeps_every_secret_readable_with_the_new_password(
+    changed: EncryptedStore, open_store: OpenStore
+) -> None:
+    store = open_store(password="new password")
+    assert store.get("alpha/a").value.reveal() == VALUE + b"-2"
+    assert store.get("alpha/a", version=1).value.reveal() == VALUE
+    assert store.get("beta/b").value.reveal() == OTHER_VALUE
+    assert store.put("beta/b", b"written after the change").version == 2
+
+
+def test_password_change_rejects_the_old_password(
+    changed: EncryptedStore, open_store: OpenStore, store_password: str
+) -> None:
+    with pytest.raises(UnlockError):
+        open_store(password=store_password)
+
+
+def test_password_change_rewrites_only_the_header(
+    encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    encrypted_store.put("alpha/a", VALUE)
+    encrypted_store.put("beta/b", OTHER_VALUE)
+    before = revisions(raw)
+    values_before = {key: entry_value(raw, key) for key in before}
+    encrypted_store.change_unlock(PasswordUnlock("new password", kdf.TEST))
+    after = revisions(raw)
+    assert set(after) == set(before)
+    assert [key for key in before if after[key] != before[key]] == ["core/header"]
+    assert {key: entry_value(raw, key) for key in before if key != "core/header"} == {
+        key: value for key, value in values_before.items() if key != "core/header"
+    }
+    assert entry_value(raw, "core/header") != values_before["core/header"]
+
+
+def test_password_change_keeps_the_root_key(encrypted_store: EncryptedStore, open_store: OpenStore) -> None:
+    encrypted_store.change_unlock(PasswordUnlock("new password", kdf.TEST))
+    assert open_store(password="new password")._root.material == encrypted_store._root.material
