@@ -64,9 +64,7 @@ class Cli:
 
     def store_bytes(self) -> dict[str, bytes]:
         return {
-            p.name: p.read_bytes()
-            for p in self.store.parent.iterdir()
-            if p.name.startswith(self.store.name)
+            p.name: p.read_bytes() for p in self.store.parent.iterdir() if p.name.startswith(self.store.name)
         }
 
 

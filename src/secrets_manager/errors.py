@@ -10,6 +10,8 @@
     ├── ConflictError                   exit 7   compare-and-set lost, or the target already exists
     └── StorageError                    exit 1   the backend itself failed (I/O, locked, unreachable)
 
+Each class also has a `kind`, the outcome name the audit log records (e.g. "not_found").
+
 Invariant: no message built here or by a caller ever contains a secret value. Messages name
 secrets (names are not secret) and say what to do next.
 """
@@ -21,12 +23,14 @@ class SecretsManagerError(Exception):
     """Base of every error this package raises on purpose."""
 
     exit_code = 1
+    kind = "error"
 
 
 class InvalidInputError(SecretsManagerError):
     """The request itself is malformed; nothing was read or written."""
 
     exit_code = 2
+    kind = "invalid_input"
 
 
 class UnsafeConfigurationError(InvalidInputError):
@@ -37,24 +41,28 @@ class NotFoundError(SecretsManagerError):
     """The store, secret, version or label does not exist (or was destroyed)."""
 
     exit_code = 3
+    kind = "not_found"
 
 
 class UnlockError(SecretsManagerError):
     """The store could not be unlocked: wrong password, or no password source."""
 
     exit_code = 4
+    kind = "unlock_failed"
 
 
 class AccessDeniedError(SecretsManagerError):
     """The caller is not allowed to do this."""
 
     exit_code = 5
+    kind = "access_denied"
 
 
 class IntegrityError(SecretsManagerError):
     """Authenticated decryption failed. Deliberately opaque: it never says why."""
 
     exit_code = 6
+    kind = "integrity_error"
 
     def __init__(self, message: str = "integrity check failed") -> None:
         super().__init__(message)
@@ -64,12 +72,14 @@ class ConflictError(SecretsManagerError):
     """A compare-and-set precondition did not hold, or the target already exists."""
 
     exit_code = 7
+    kind = "conflict"
 
 
 class StorageError(SecretsManagerError):
     """The storage backend failed to read or write."""
 
     exit_code = 1
+    kind = "storage_error"
 
 
 EXIT_CODES: dict[type[SecretsManagerError], int] = {

@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from secrets_manager.cli import audit_commands  # noqa: F401  (registers `audit`)
 from secrets_manager.cli.app import cli
 from secrets_manager.cli.output import error_line
 from secrets_manager.errors import SecretsManagerError

@@ -9,13 +9,14 @@ import os
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
 import click
 
+from secrets_manager.audit import AuditError, AuditEvent, AuditLog, value_fingerprint
 from secrets_manager.cli.output import (
     info_line,
     print_json,
@@ -30,14 +31,23 @@ from secrets_manager.cli.password import (
     terminal_available,
 )
 from secrets_manager.environment import Environment, current_environment
-from secrets_manager.errors import ConflictError, InvalidInputError
+from secrets_manager.errors import AccessDeniedError, ConflictError, InvalidInputError, UnlockError
 from secrets_manager.store import MAX_VALUE_SIZE, EncryptedStore, SecretMetadata, validate_name
 from secrets_manager.store.base import LABELS
 from secrets_manager.store.names import validate_prefix
-from secrets_manager.store.url import change_password, create_store, open_store, sqlite_path
+from secrets_manager.store.url import (
+    create_store,
+    default_audit_path,
+    open_store,
+    remove_store_files,
+    sqlite_path,
+)
 from secrets_manager.values import SecretValue
 
 STORE_VARIABLE = "SECRETS_MANAGER_STORE"
+AUDIT_FILE_VARIABLE = "SECRETS_MANAGER_AUDIT_FILE"
+AUDIT_MAX_BYTES_VARIABLE = "SECRETS_MANAGER_AUDIT_MAX_BYTES"
+AUDIT_TIMEOUT_VARIABLE = "SECRETS_MANAGER_AUDIT_TIMEOUT"
 
 
 @dataclass
@@ -46,6 +56,7 @@ class Session:
 
     store_url: str | None
     password_file: str | None
+    audit_file: str | None
     environment: Environment
     environ: Mapping[str, str]
 
@@ -61,11 +72,69 @@ class Session:
             self.password_file, environment=self.environment, environ=self.environ, confirm=confirm
         )
 
-    @contextmanager
-    def open(self) -> Iterator[EncryptedStore]:
-        store = open_store(self.store_url, self.password(), environment=self.environment, actor=self.actor)
+    def audit_log(self) -> AuditLog:
+        path = Path(self.audit_file) if self.audit_file else default_audit_path(self.store_url)
+        options: dict[str, Any] = {}
+        raw_max = self.environ.get(AUDIT_MAX_BYTES_VARIABLE)
+        if raw_max is not None:
+            if not raw_max.isdigit() or int(raw_max) < 1:
+                raise InvalidInputError(f"{AUDIT_MAX_BYTES_VARIABLE} must be a positive number of bytes")
+            options["max_bytes"] = int(raw_max)
+        raw_timeout = self.environ.get(AUDIT_TIMEOUT_VARIABLE)
+        if raw_timeout is not None:
+            try:
+                options["timeout"] = float(raw_timeout)
+            except ValueError:
+                options["timeout"] = -1.0
+            if not 0 < options["timeout"] <= 600:
+                raise InvalidInputError(f"{AUDIT_TIMEOUT_VARIABLE} must be seconds between 0 and 600")
+        return AuditLog(path, **options)
+
+    def event(self, operation: str, name: str | None = None, **fields: Any) -> AuditEvent:
+        return AuditEvent(operation=operation, actor=self.actor, name=name, **fields)
+
+    def unlock(self) -> EncryptedStore:
+        """Open the store; a wrong password is audited as a denied unlock before it is reported."""
+        password = self.password()
         try:
-            yield store
+            return open_store(self.store_url, password, environment=self.environment, actor=self.actor)
+        except UnlockError as exc:
+            denied = self.event("unlock", decision="deny", outcome=exc.kind)
+            try:
+                self.audit_log().append([denied], anchor=None)
+            except (AuditError, InvalidInputError) as audit_exc:
+                warning_line(f"the failed unlock was not audited: {audit_exc}")
+            raise
+
+    @contextmanager
+    def operation(
+        self, operation: str, name: str | None = None, *, mutating: bool = False
+    ) -> Iterator[tuple[EncryptedStore, AuditEvent]]:
+        """Unlock, run one audited operation, close. Fails closed: the audit log is locked before
+        the operation starts; a change is preceded by a durable request record (as Vault's audit
+        devices do), and the caller shows a result only after the final record is durable."""
+        audit = self.audit_log()
+        store = self.unlock()
+        try:
+            pending = audit.begin()
+            event = self.event(operation, name)
+            unlocked = self.event("unlock", request_id=event.request_id)
+            if mutating:
+                pending.write([unlocked, replace(event, outcome="pending")], store, release=False)
+                first: list[AuditEvent] = []
+            else:
+                first = [unlocked]
+            try:
+                yield store, event
+            except BaseException as exc:
+                event.outcome = getattr(exc, "kind", "error")
+                event.decision = "deny" if isinstance(exc, AccessDeniedError) else "allow"
+                try:
+                    pending.write([*first, event], store)
+                except AuditError as audit_exc:
+                    warning_line(str(audit_exc))
+                raise
+            pending.write([*first, event], store)
         finally:
             store.close()
 
@@ -86,9 +155,15 @@ pass_session = click.make_pass_decorator(Session)
     metavar="PATH",
     help="Read the master password from this file [env MASTER_PASSWORD_FILE].",
 )
+@click.option(
+    "--audit-file",
+    envvar=AUDIT_FILE_VARIABLE,
+    metavar="PATH",
+    help=f"Audit log file [env {AUDIT_FILE_VARIABLE}; default: <store>.audit.jsonl beside the store].",
+)
 @click.version_option(package_version("secrets-manager"), prog_name="secrets-manager")
 @click.pass_context
-def cli(ctx: click.Context, store_url: str | None, password_file: str | None) -> None:
+def cli(ctx: click.Context, store_url: str | None, password_file: str | None, audit_file: str | None) -> None:
     """Keep credentials encrypted (AES-256-GCM, Argon2id, a separate key per service).
 
     \b
@@ -100,6 +175,7 @@ def cli(ctx: click.Context, store_url: str | None, password_file: str | None) ->
     ctx.obj = Session(
         store_url=store_url or None,
         password_file=password_file,
+        audit_file=audit_file or None,
         environment=current_environment(),
         environ=os.environ,
     )
@@ -119,13 +195,21 @@ def init(session: Session, kdf_profile: str) -> None:
     path = sqlite_path(session.store_url)
     if path.exists():
         raise ConflictError(f"a store already exists at {path}; init never overwrites one")
+    password = session.password(confirm=True)
+    pending = session.audit_log().begin()  # an unwritable audit log refuses init up front
     store = create_store(
         session.store_url,
-        session.password(confirm=True),
+        password,
         kdf_profile=kdf_profile,
         environment=session.environment,
         actor=session.actor,
     )
+    try:
+        pending.write([session.event("init")], store)
+    except BaseException:
+        store.close()
+        remove_store_files(path)  # the new store was never announced: leave nothing behind
+        raise
     store.close()
     info_line(f"created an empty store at {path}")
 
@@ -160,7 +244,8 @@ def store_command(
     validate_name(name)
     parsed_tags = parse_tags(tags) if tags else None
     secret = read_value(value, value_file, raw=raw)
-    with session.open() as store:
+    with session.operation("store", name, mutating=True) as (store, event):
+        event.value_hmac = value_fingerprint(store, secret.reveal())
         info = store.put(
             name,
             secret.reveal(),
@@ -168,6 +253,7 @@ def store_command(
             description=description,
             tags=parsed_tags,
         )
+        event.version = info.version
     if as_json:
         print_json({"name": name, "version": info.version})
     else:
@@ -190,8 +276,10 @@ def get(
         raise InvalidInputError("--raw and --json exclude each other")
     if version is not None and label is not None:
         raise InvalidInputError("give --version or --label, not both")
-    with session.open() as store:
+    with session.operation("get", name) as (store, event):
         secret = store.get(name, version=version, label=label)
+        event.version = secret.version
+        event.value_hmac = value_fingerprint(store, secret.value.reveal())
     data = secret.value.reveal()
     if raw:
         sys.stdout.buffer.write(data)
@@ -228,7 +316,7 @@ def get(
 def list_command(session: Session, prefix: str, long_format: bool, deleted: bool, as_json: bool) -> None:
     """List secret names (never values), optionally only those starting with PREFIX."""
     validate_prefix(prefix)
-    with session.open() as store:
+    with session.operation("list", prefix or None) as (store, _):
         secrets = store.list(prefix, include_deleted=deleted)
     if as_json:
         print_json([metadata_doc(meta) for meta in secrets])
@@ -258,7 +346,7 @@ def list_command(session: Session, prefix: str, long_format: bool, deleted: bool
 def history(session: Session, name: str, as_json: bool) -> None:
     """Show the versions of NAME: when, by whom, labels, destroyed or not (never values)."""
     validate_name(name)
-    with session.open() as store:
+    with session.operation("history", name) as (store, _):
         meta = store.describe(name)
     if as_json:
         print_json(metadata_doc(meta))
@@ -284,7 +372,7 @@ def history(session: Session, name: str, as_json: bool) -> None:
 def delete(session: Session, name: str) -> None:
     """Soft-delete NAME: hidden from get and list until 'undelete'."""
     validate_name(name)
-    with session.open() as store:
+    with session.operation("delete", name, mutating=True) as (store, _):
         store.delete(name)
     info_line(f"deleted {name} (recoverable with 'secrets-manager undelete {name}')")
 
@@ -295,7 +383,7 @@ def delete(session: Session, name: str) -> None:
 def undelete(session: Session, name: str) -> None:
     """Restore a soft-deleted NAME."""
     validate_name(name)
-    with session.open() as store:
+    with session.operation("undelete", name, mutating=True) as (store, _):
         store.undelete(name)
     info_line(f"restored {name}")
 
@@ -317,7 +405,9 @@ def destroy(session: Session, name: str, versions: tuple[int, ...], destroy_all:
     validate_name(name)
     if bool(versions) == destroy_all:
         raise InvalidInputError("give --version N (repeatable) or --all")
-    with session.open() as store:
+    with session.operation("destroy", name, mutating=True) as (store, event):
+        if not destroy_all:
+            event.version = min(versions) if len(set(versions)) == 1 else None
         if destroy_all:
             store.destroy_secret(name)
         else:
@@ -333,12 +423,12 @@ def destroy(session: Session, name: str, versions: tuple[int, ...], destroy_all:
 @pass_session
 def passwd(session: Session, new_password_file: str | None) -> None:
     """Change the master password (rewraps the root key only: fast at any store size)."""
-    old = session.password()
-    if new_password_file:
-        new = read_password_file(Path(new_password_file), environment=session.environment)
-    else:
-        new = prompt_password("New master password", confirm=True)
-    change_password(session.store_url, old, new, environment=session.environment, actor=session.actor)
+    with session.operation("passwd", mutating=True) as (store, _):
+        if new_password_file:
+            new = read_password_file(Path(new_password_file), environment=session.environment)
+        else:
+            new = prompt_password("New master password", confirm=True)
+        store.change_password(new)
     info_line("master password changed")
 
 

@@ -31,14 +31,12 @@ class Purpose(enum.IntEnum):
     SECRET_METADATA = 2
     KEYSET = 3
     ROOT_KEY = 4
+    AUDIT_KEY = 5
+    AUDIT_ANCHOR = 6
 
 
 def associated_data(purpose: Purpose, key_id: int, name: str, version: int) -> bytes:
-    return (
-        _AD_PREFIX
-        + struct.pack(">BBIQ", purpose, RECORD_FORMAT, key_id, version)
-        + name.encode("utf-8")
-    )
+    return _AD_PREFIX + struct.pack(">BBIQ", purpose, RECORD_FORMAT, key_id, version) + name.encode("utf-8")
 
 
 def seal_record(

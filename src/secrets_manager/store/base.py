@@ -61,6 +61,14 @@ class SecretMetadata:
     labels: Mapping[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Anchor:
+    """The newest audit record a store vouched for (its sequence number and chained hash)."""
+
+    seq: int
+    hash: str
+
+
 @runtime_checkable
 class SecretStore(Protocol):
     def put(

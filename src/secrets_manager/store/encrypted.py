@@ -14,6 +14,7 @@ is retried from a fresh read when another writer got there first: no update is e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -40,12 +41,13 @@ from secrets_manager.store.base import (
     LABELS,
     MAX_VALUE_SIZE,
     PREVIOUS,
+    Anchor,
     Secret,
     SecretMetadata,
     VersionInfo,
 )
 from secrets_manager.store.names import namespace_of, validate_name, validate_prefix
-from secrets_manager.store.unlock import UnlockSource
+from secrets_manager.store.unlock import PasswordUnlock, UnlockSource
 from secrets_manager.values import SecretValue
 
 STORE_FORMAT = 1
@@ -53,6 +55,8 @@ HEADER_KEY = "core/header"
 KEYSET_PREFIX = "core/keyset/"
 META_PREFIX = "meta/"
 DATA_PREFIX = "data/"
+AUDIT_KEY_KEY = "core/audit-key"
+AUDIT_ANCHOR_KEY = "core/audit-anchor"
 RETRY_DEADLINE_SECONDS = 30.0
 
 T = TypeVar("T")
@@ -81,6 +85,8 @@ class EncryptedStore:
         self._clock = clock
         self._max_versions = max_versions
         self._keysets: dict[str, tuple[int, Keyset]] = {}
+        self._audit_key: bytes | None = None
+        self._unlock: UnlockSource | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -94,7 +100,9 @@ class EncryptedStore:
             storage.put(HEADER_KEY, _dump(header), expect=ABSENT)
         except ConflictError:
             raise ConflictError("the store is already initialised; init never overwrites a store") from None
-        return cls(storage, root, **options)
+        store = cls(storage, root, **options)
+        store._unlock = unlock
+        return store
 
     @classmethod
     def open(cls, storage: Storage, unlock: UnlockSource, **options: Any) -> EncryptedStore:
@@ -103,7 +111,9 @@ class EncryptedStore:
         root = unlock.unwrap(header["unlock"], created=int(header["created"]))
         if root.id != header["root_key_id"]:
             raise IntegrityError("the store header is damaged (integrity check failed)")
-        return cls(storage, root, **options)
+        store = cls(storage, root, **options)
+        store._unlock = unlock
+        return store
 
     def change_unlock(self, unlock: UnlockSource) -> None:
         """Rewrap the root key under a new unlock source (e.g. a new password). O(1) in secrets."""
@@ -116,6 +126,12 @@ class EncryptedStore:
             self._storage.put(HEADER_KEY, _dump(header), expect=entry.revision)
         except ConflictError:
             raise ConflictError("the master password was changed concurrently; try again") from None
+
+    def change_password(self, new_password: bytes) -> None:
+        """Rewrap the root key under a new master password with the same Argon2id costs."""
+        if not isinstance(self._unlock, PasswordUnlock):
+            raise InvalidInputError("this store is not unlocked by a password")
+        self.change_unlock(PasswordUnlock(new_password, self._unlock.params))
 
     def close(self) -> None:
         self._storage.close()
@@ -234,9 +250,7 @@ class EncryptedStore:
             if tags is not None:
                 meta.tags = dict(tags)
             pruned = meta.prune()
-            ops: Operations = [
-                Delete(_data_key(name, old)) for old in pruned
-            ]
+            ops: Operations = [Delete(_data_key(name, old)) for old in pruned]
             ns = namespace_of(name)
             ks_expect, keyset = self._keyset_for_write(ns)
             key = keyset.primary
@@ -348,9 +362,7 @@ class EncryptedStore:
             raise IntegrityError()
         return self._root
 
-    def _commit_with_keyset(
-        self, namespace: str, expect: Expect, keyset: Keyset, ops: Operations
-    ) -> None:
+    def _commit_with_keyset(self, namespace: str, expect: Expect, keyset: Keyset, ops: Operations) -> None:
         sealed = seal_record(self._root, Purpose.KEYSET, namespace, 0, keyset.to_bytes())
         ops.append(Put(KEYSET_PREFIX + namespace, sealed, expect))
         revision = self._commit(ops)
@@ -367,13 +379,45 @@ class EncryptedStore:
         if entry is None:
             return None, None
         keyset = self._keyset_for_read(namespace_of(name))
-        plaintext = open_record(
-            keyset.key_for_decryption, Purpose.SECRET_METADATA, name, 0, entry.value
-        )
+        plaintext = open_record(keyset.key_for_decryption, Purpose.SECRET_METADATA, name, 0, entry.value)
         return entry, _Meta.from_json(plaintext)
 
     def _seal_meta(self, key: DataKey, name: str, meta: _Meta) -> bytes:
         return seal_record(key, Purpose.SECRET_METADATA, name, 0, meta.to_json())
+
+    # ---- audit support (the `AuditAnchor` protocol of audit/) -----------------------------------
+
+    def audit_key(self) -> bytes:
+        """The store's secret audit key, created on first use; sealed under the root key."""
+        if self._audit_key is None:
+            entry = self._storage.get(AUDIT_KEY_KEY)
+            if entry is None:
+                sealed = seal_record(self._root, Purpose.AUDIT_KEY, AUDIT_KEY_KEY, 0, new_key())
+                with contextlib.suppress(ConflictError):  # another process made it first: use theirs
+                    self._storage.put(AUDIT_KEY_KEY, sealed, expect=ABSENT)
+                entry = self._storage.get(AUDIT_KEY_KEY)
+                assert entry is not None
+            self._audit_key = open_record(self._root_lookup, Purpose.AUDIT_KEY, AUDIT_KEY_KEY, 0, entry.value)
+        return self._audit_key
+
+    def audit_anchor(self) -> Anchor | None:
+        """The newest audit record this store vouched for, or None before the first one."""
+        entry = self._storage.get(AUDIT_ANCHOR_KEY)
+        if entry is None:
+            return None
+        doc = _load_json(
+            open_record(self._root_lookup, Purpose.AUDIT_ANCHOR, AUDIT_ANCHOR_KEY, 0, entry.value),
+            "audit anchor",
+        )
+        try:
+            return Anchor(seq=int(doc["seq"]), hash=str(doc["hash"]))
+        except (KeyError, TypeError, ValueError):
+            raise IntegrityError() from None
+
+    def set_audit_anchor(self, anchor: Anchor) -> None:
+        doc = _dump({"seq": anchor.seq, "hash": anchor.hash})
+        sealed = seal_record(self._root, Purpose.AUDIT_ANCHOR, AUDIT_ANCHOR_KEY, 0, doc)
+        self._storage.put(AUDIT_ANCHOR_KEY, sealed)
 
     def _retry(self, attempt: Callable[[], T]) -> T:
         """Run `attempt` until it commits without losing a race, with jittered backoff."""

@@ -54,9 +54,7 @@ class PasswordUnlock:
         self._check_strength(params)
         kdf_doc = _kdf_to_doc(params)
         wrapping = _unlock_key(self._password, params, root_key.id)
-        sealed = seal_record(
-            wrapping, Purpose.ROOT_KEY, _canonical(kdf_doc), 0, root_key.material
-        )
+        sealed = seal_record(wrapping, Purpose.ROOT_KEY, _canonical(kdf_doc), 0, root_key.material)
         return {"kind": self.kind, "kdf": kdf_doc, "wrapped_root_key": _b64(sealed)}
 
     def unwrap(self, section: dict[str, Any], *, created: int) -> DataKey:
@@ -72,9 +70,7 @@ class PasswordUnlock:
         self._check_strength(params)
         wrapping = _unlock_key(self._password, params, root_id)
         try:
-            material = open_record(
-                lambda _id: wrapping, Purpose.ROOT_KEY, _canonical(kdf_doc), 0, sealed
-            )
+            material = open_record(lambda _id: wrapping, Purpose.ROOT_KEY, _canonical(kdf_doc), 0, sealed)
         except IntegrityError:
             raise UnlockError("wrong master password") from None
         self._params = params

@@ -1,8 +1,8 @@
 """Store URLs and opening a store: which `Storage` a URL names, production's guard rails.
 
 Supported now: a plain path or `sqlite:///absolute/path`. Unsupported schemes fail with a message
-that names what is supported. The entry points call `create_store` / `open_store` /
-`change_password` and never see storage or crypto themselves.
+that names what is supported. The entry points call `create_store` / `open_store` and
+never see storage or crypto themselves.
 """
 
 from __future__ import annotations
@@ -46,6 +46,12 @@ def sqlite_path(url: str | None) -> Path:
     return Path(url).expanduser()
 
 
+def default_audit_path(url: str | None) -> Path:
+    """The audit log beside the store file: `store.db` → `store.audit.jsonl`."""
+    path = sqlite_path(url)
+    return path.with_name(f"{path.stem}.audit.jsonl")
+
+
 def open_storage(url: str | None, *, create: bool, environment: Environment) -> SqliteStorage:
     """Open (or, with `create`, make) the storage a URL names, applying production's guard rails."""
     path = sqlite_path(url)
@@ -83,9 +89,14 @@ def create_store(
         return EncryptedStore.create(storage, unlock, actor=actor)
     except BaseException:
         storage.close()
-        for suffix in ("", "-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        remove_store_files(path)
         raise
+
+
+def remove_store_files(path: Path) -> None:
+    """Delete a store file and its SQLite companions (only for a store that was never used)."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
 def open_store(url: str | None, password: bytes, *, environment: Environment, actor: str) -> EncryptedStore:
@@ -96,19 +107,6 @@ def open_store(url: str | None, password: bytes, *, environment: Environment, ac
     except BaseException:
         storage.close()
         raise
-
-
-def change_password(
-    url: str | None, old_password: bytes, new_password: bytes, *, environment: Environment, actor: str
-) -> None:
-    """Rewrap the root key under a new password, keeping the store's Argon2id costs. O(1)."""
-    storage = open_storage(url, create=False, environment=environment)
-    try:
-        old = _password_unlock(old_password, environment)
-        store = EncryptedStore.open(storage, old, actor=actor)
-        store.change_unlock(PasswordUnlock(new_password, old.params))
-    finally:
-        storage.close()
 
 
 def _password_unlock(password: bytes, environment: Environment) -> PasswordUnlock:

@@ -1,0 +1,27 @@
+"""The tamper-evident audit log: one hash-chained, MAC'd JSON line per operation.
+
+Used by every entry point (the CLI now, the gRPC service later); knows nothing of which store is
+behind the `AuditAnchor` it is given.
+"""
+
+from secrets_manager.audit.log import (
+    GENESIS_HASH,
+    AuditAnchor,
+    AuditError,
+    AuditEvent,
+    AuditLog,
+    AuditTamperError,
+    value_fingerprint,
+)
+from secrets_manager.store.base import Anchor
+
+__all__ = [
+    "GENESIS_HASH",
+    "Anchor",
+    "AuditAnchor",
+    "AuditError",
+    "AuditEvent",
+    "AuditLog",
+    "AuditTamperError",
+    "value_fingerprint",
+]

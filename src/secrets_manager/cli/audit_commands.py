@@ -1,0 +1,118 @@
+"""`secrets-manager audit show|verify|hash`: read, check and query the audit log.
+
+These commands read the log; they are not themselves recorded in it.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import click
+
+from secrets_manager.audit import value_fingerprint
+from secrets_manager.cli.app import Session, cli, pass_session, read_value
+from secrets_manager.cli.output import print_json, print_table
+from secrets_manager.errors import InvalidInputError
+
+_RELATIVE = re.compile(r"(\d+)([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+@cli.group()
+def audit() -> None:
+    """Read and verify the tamper-evident audit log."""
+
+
+@audit.command()
+@click.option("--name", "name_prefix", metavar="PREFIX", help="Only records for names starting with PREFIX.")
+@click.option("--actor", metavar="ACTOR", help="Only records by this actor.")
+@click.option(
+    "--since", metavar="TIME", help="Only records at or after TIME (ISO 8601, or 30m / 12h / 7d ago)."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the records as a JSON array.")
+@pass_session
+def show(
+    session: Session, name_prefix: str | None, actor: str | None, since: str | None, as_json: bool
+) -> None:
+    """Print audit records (values never appear in them)."""
+    cutoff = parse_since(since) if since else None
+    selected = [
+        record
+        for record in session.audit_log().records()
+        if (name_prefix is None or str(record.get("name") or "").startswith(name_prefix))
+        and (actor is None or record.get("actor") == actor)
+        and (cutoff is None or record_time(record) >= cutoff)
+    ]
+    if as_json:
+        print_json(selected)
+        return
+    print_table(
+        ["SEQ", "TIME", "ACTOR", "SOURCE", "OPERATION", "NAME", "VERSION", "DECISION", "OUTCOME"],
+        [
+            [
+                str(r.get("seq")),
+                str(r.get("time")),
+                str(r.get("actor")),
+                str(r.get("source")) + (f" {r['peer']}" if r.get("peer") else ""),
+                str(r.get("operation")),
+                str(r.get("name") or ""),
+                "" if r.get("version") is None else str(r.get("version")),
+                str(r.get("decision")),
+                str(r.get("outcome")),
+            ]
+            for r in selected
+        ],
+    )
+
+
+@audit.command()
+@pass_session
+def verify(session: Session) -> None:
+    """Check the whole chain: exit 0 with the count, or exit 6 naming the first bad record."""
+    log = session.audit_log()
+    store = session.unlock()
+    try:
+        count = log.verify(store.audit_key(), store.audit_anchor())
+    finally:
+        store.close()
+    files = len(log.files())
+    click.echo(f"audit log verified: {count} records in {files} file{'s' if files != 1 else ''}")
+
+
+@audit.command("hash")
+@click.option("--raw", is_flag=True, help="Keep stdin byte for byte (else one trailing newline is dropped).")
+@pass_session
+def hash_command(session: Session, raw: bool) -> None:
+    """HMAC a candidate value from stdin as the audit log does, to see if a record refers to it."""
+    candidate = read_value(None, None, raw=raw)
+    store = session.unlock()
+    try:
+        click.echo(value_fingerprint(store, candidate.reveal()))
+    finally:
+        store.close()
+
+
+def parse_since(text: str) -> datetime:
+    match = _RELATIVE.fullmatch(text.strip())
+    if match:
+        amount, unit = match.groups()
+        return datetime.now(UTC) - timedelta(**{_UNITS[unit]: int(amount)})
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInputError(
+            f"--since {text!r}: give an ISO 8601 time or an age like 30m, 12h, 7d"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def record_time(record: dict[str, Any]) -> datetime:
+    try:
+        return datetime.fromisoformat(str(record.get("time")))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+
+
+__all__ = ["audit"]

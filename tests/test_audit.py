@@ -1,0 +1,358 @@
+"""The audit log of issue #4: every operation recorded, tampering detected, failures fail closed."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pytest
+
+from secrets_manager.audit import AuditEvent, AuditLog, AuditTamperError
+from secrets_manager.environment import Environment
+from secrets_manager.store import EncryptedStore
+from secrets_manager.store.url import open_store
+
+SCRIPT = Path(sys.executable).with_name("secrets-manager")
+PASSWORD = "audit test password"
+KNOWN_VALUE = "sk-live-AUDIT-KNOWN-VALUE-9d3e"
+
+
+class Cli:
+    def __init__(self, tmp_path: Path) -> None:
+        self.store = tmp_path / "vault" / "store.db"
+        self.audit = tmp_path / "vault" / "store.audit.jsonl"
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(tmp_path),
+            "SECRETS_MANAGER_STORE": str(self.store),
+            "MASTER_PASSWORD": PASSWORD,
+        }
+
+    def __call__(
+        self,
+        *args: str,
+        input: bytes = b"",
+        env: Mapping[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        proc = subprocess.run(
+            [str(SCRIPT), *args],
+            input=input,
+            capture_output=True,
+            env={**self.env, **(env or {})},
+            start_new_session=True,
+            timeout=60,
+            preexec_fn=preexec_fn,
+        )
+        assert b"Traceback" not in proc.stderr, proc.stderr
+        return proc
+
+    def records(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.audit.read_text().splitlines()]
+
+    def store_bytes(self) -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in self.store.parent.glob(self.store.name + "*")}
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    c = Cli(tmp_path)
+    assert c("init", "--kdf-profile", "test").returncode == 0
+    return c
+
+
+def busy_session(cli: Cli) -> None:
+    """A short session that leaves 10+ records: init, writes, reads, a list, a miss."""
+    assert cli("store", "market-connector/BINANCE_API_KEY", input=KNOWN_VALUE.encode()).returncode == 0
+    assert cli("store", "auth/DB_PASSWORD", input=b"db-pass").returncode == 0
+    assert cli("get", "market-connector/BINANCE_API_KEY").returncode == 0
+    assert cli("list").returncode == 0
+    assert cli("get", "auth/NOPE").returncode == 3
+
+
+def verify(cli: Cli) -> subprocess.CompletedProcess[bytes]:
+    return cli("audit", "verify")
+
+
+# ---- what is recorded ----------------------------------------------------------------------
+
+
+def test_every_operation_appends_records_with_the_documented_fields(cli: Cli) -> None:
+    busy_session(cli)
+    records = cli.records()
+    ops = [(r["operation"], r["name"], r["outcome"]) for r in records]
+    assert ops == [
+        ("init", None, "ok"),
+        ("unlock", None, "ok"),
+        ("store", "market-connector/BINANCE_API_KEY", "pending"),
+        ("store", "market-connector/BINANCE_API_KEY", "ok"),
+        ("unlock", None, "ok"),
+        ("store", "auth/DB_PASSWORD", "pending"),
+        ("store", "auth/DB_PASSWORD", "ok"),
+        ("unlock", None, "ok"),
+        ("get", "market-connector/BINANCE_API_KEY", "ok"),
+        ("unlock", None, "ok"),
+        ("list", None, "ok"),
+        ("unlock", None, "ok"),
+        ("get", "auth/NOPE", "not_found"),
+    ]
+    for record in records:
+        assert set(record) >= {
+            "seq",
+            "time",
+            "actor",
+            "source",
+            "peer",
+            "operation",
+            "name",
+            "version",
+            "decision",
+            "outcome",
+            "request_id",
+            "value_hmac",
+            "prev",
+            "hash",
+            "mac",
+        }
+        assert record["source"] == "cli" and record["decision"] == "allow"
+        assert str(record["time"]).endswith("+00:00")
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    store_request, store_response = records[2], records[3]
+    assert store_request["request_id"] == store_response["request_id"] == records[1]["request_id"]
+    assert store_response["version"] == 1
+    assert cli.audit.stat().st_mode & 0o777 == 0o600
+
+
+def test_known_value_appears_nowhere_in_the_audit_file(cli: Cli) -> None:
+    busy_session(cli)
+    cli("store", "market-connector/BINANCE_API_KEY", KNOWN_VALUE)  # the warned command-line form
+    cli("get", "market-connector/BINANCE_API_KEY", "--json")
+    cli("store", "bad name", input=KNOWN_VALUE.encode())
+    raw = cli.audit.read_bytes()
+    assert KNOWN_VALUE.encode() not in raw
+    assert KNOWN_VALUE.encode().hex().encode() not in raw
+
+
+def test_audit_hash_identifies_a_recorded_value(cli: Cli) -> None:
+    busy_session(cli)
+    fingerprint = cli("audit", "hash", input=KNOWN_VALUE.encode() + b"\n")
+    assert fingerprint.returncode == 0
+    line = fingerprint.stdout.decode().strip()
+    assert line.startswith("hmac-sha256:") and len(line) == len("hmac-sha256:") + 64
+    get_record = next(r for r in cli.records() if r["operation"] == "get" and r["outcome"] == "ok")
+    assert get_record["value_hmac"] == line
+    other = cli("audit", "hash", input=b"some other value").stdout.decode().strip()
+    assert other != line
+
+
+def test_wrong_password_is_recorded_as_denied_unlock(cli: Cli) -> None:
+    assert cli("get", "auth/X", env={"MASTER_PASSWORD": "wrong"}).returncode == 4
+    last = cli.records()[-1]
+    assert (last["operation"], last["decision"], last["outcome"]) == ("unlock", "deny", "unlock_failed")
+    assert last["mac"] is None  # the writer could not unlock: nothing to sign with
+    assert verify(cli).returncode == 0  # and the chain still holds
+
+
+def test_audit_show_filters_and_prints_json(cli: Cli) -> None:
+    busy_session(cli)
+    shown = cli("audit", "show", "--name", "auth/", "--json")
+    assert shown.returncode == 0
+    records = json.loads(shown.stdout)
+    assert records and all(str(r["name"]).startswith("auth/") for r in records)
+    assert cli("audit", "show", "--actor", "nobody-at-all", "--json").stdout.strip() == b"[]"
+    assert json.loads(cli("audit", "show", "--since", "1h", "--json").stdout) == cli.records()
+    future = cli("audit", "show", "--since", "2999-01-01T00:00:00", "--json")
+    assert json.loads(future.stdout) == []
+    table = cli("audit", "show").stdout.decode().splitlines()
+    assert len(table) == len(cli.records()) and table[0].split("\t")[4] == "init"
+    assert cli("audit", "show", "--since", "yesterday").returncode == 2
+
+
+# ---- tamper evidence -----------------------------------------------------------------------
+
+
+def test_untouched_log_verifies_with_its_count(cli: Cli) -> None:
+    busy_session(cli)
+    result = verify(cli)
+    assert result.returncode == 0
+    assert f"{len(cli.records())} records" in result.stdout.decode()
+
+
+def _edit_field(lines: list[str]) -> list[str]:
+    record = json.loads(lines[3])
+    record["name"] = "auth/SOMETHING_ELSE"
+    return [*lines[:3], json.dumps(record, sort_keys=True, separators=(",", ":")), *lines[4:]]
+
+
+def _edit_field_and_rehash(lines: list[str]) -> list[str]:
+    """A forger who knows the format recomputes the hash, but cannot recompute the MAC."""
+    from secrets_manager.audit.log import record_hash
+
+    record = json.loads(lines[3])
+    record["actor"] = "someone-else"
+    record["hash"] = record_hash(record)
+    return [*lines[:3], json.dumps(record, sort_keys=True, separators=(",", ":")), *lines[4:]]
+
+
+TAMPERINGS: dict[str, Callable[[list[str]], list[str]]] = {
+    "edit a field": _edit_field,
+    "edit a field and recompute its hash": _edit_field_and_rehash,
+    "delete a middle record": lambda lines: lines[:4] + lines[5:],
+    "swap two records": lambda lines: [*lines[:4], lines[5], lines[4], *lines[6:]],
+    "truncate the tail": lambda lines: lines[:-2],
+    "delete the whole file": lambda lines: [],
+}
+
+
+@pytest.mark.parametrize("tampering", list(TAMPERINGS), ids=list(TAMPERINGS))
+def test_tampering_is_detected_by_verify_with_exit_6(cli: Cli, tampering: str) -> None:
+    busy_session(cli)
+    lines = cli.audit.read_text().splitlines()
+    changed = TAMPERINGS[tampering](lines)
+    if changed:
+        cli.audit.write_text("\n".join(changed) + "\n")
+    else:
+        cli.audit.unlink()
+    result = verify(cli)
+    assert result.returncode == 6, result
+    message = result.stderr.decode().strip()
+    assert message.startswith("secrets-manager: error: audit") and "\n" not in message
+
+
+def test_a_log_that_lost_anchored_records_is_not_extended(cli: Cli) -> None:
+    busy_session(cli)
+    lines = cli.audit.read_text().splitlines()
+    cli.audit.write_text("\n".join(lines[:-2]) + "\n")
+    result = cli("get", "auth/DB_PASSWORD")
+    assert result.returncode == 6 and result.stdout == b""
+    assert len(cli.audit.read_text().splitlines()) == len(lines) - 2
+
+
+def test_rotated_files_verify_as_one_continuous_chain(cli: Cli) -> None:
+    small = {"SECRETS_MANAGER_AUDIT_MAX_BYTES": "1500"}
+    for i in range(8):
+        assert cli("store", f"svc/K{i}", input=b"v", env=small).returncode == 0
+    files = AuditLog(cli.audit).files()
+    assert len(files) >= 3
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in files)
+    result = verify(cli)
+    assert result.returncode == 0
+    total = sum(len(p.read_text().splitlines()) for p in files)
+    assert f"{total} records in {len(files)} files" in result.stdout.decode()
+    files[1].unlink()  # a whole rotated file goes missing
+    assert verify(cli).returncode == 6
+
+
+# ---- failure behaviour ---------------------------------------------------------------------
+
+
+def test_unwritable_audit_log_refuses_get_and_store(cli: Cli, tmp_path: Path) -> None:
+    assert cli("store", "svc/SAFE", input=KNOWN_VALUE.encode()).returncode == 0
+    before = cli.store_bytes()
+    mount_point = tmp_path / "readonly"
+    mount_point.mkdir()
+    shutil.copy(cli.audit, mount_point / "audit.jsonl")
+    if not _mount_readonly_tmpfs_with(mount_point, cli.audit):
+        if os.environ.get("CI"):
+            pytest.fail("CI must be able to mount a read-only tmpfs (runs as root)")
+        pytest.skip("needs root to mount a read-only tmpfs")
+    try:
+        env = {"SECRETS_MANAGER_AUDIT_FILE": str(mount_point / "audit.jsonl")}
+        got = cli("get", "svc/SAFE", env=env)
+        assert got.returncode != 0 and got.stdout == b""
+        assert KNOWN_VALUE.encode() not in got.stderr
+        assert "audit" in got.stderr.decode()
+        stored = cli("store", "svc/SAFE", input=b"new value", env=env)
+        assert stored.returncode != 0
+        assert cli.store_bytes() == before
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+    assert cli("get", "svc/SAFE").stdout == KNOWN_VALUE.encode() + b"\n"
+
+
+def _mount_readonly_tmpfs_with(mount_point: Path, source: Path) -> bool:
+    """Mount a tmpfs holding a copy of the audit log (and its anchor-matching tail), read-only."""
+    staging = mount_point.parent / "staging"
+    staging.mkdir()
+    shutil.copy(source, staging / "audit.jsonl")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(mount_point)],
+        capture_output=True,
+    )
+    if mounted.returncode != 0:
+        return False
+    shutil.copy(staging / "audit.jsonl", mount_point / "audit.jsonl")
+    (mount_point / "audit.jsonl").chmod(0o600)
+    subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+    return True
+
+
+def test_full_disk_refuses_get_and_store(cli: Cli) -> None:
+    assert cli("store", "svc/FULL", input=KNOWN_VALUE.encode()).returncode == 0
+    _grow_audit_log(cli, records=300)  # past SQLite's own files, so only the audit log hits the limit
+    before = cli.store_bytes()
+    limit = cli.audit.stat().st_size  # any write past the current end fails with EFBIG
+
+    def no_room() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    got = cli("get", "svc/FULL", preexec_fn=no_room)
+    assert got.returncode == 1 and got.stdout == b""
+    assert "audit" in got.stderr.decode()
+    stored = cli("store", "svc/FULL", input=b"never stored", preexec_fn=no_room)
+    assert stored.returncode == 1
+    assert cli.store_bytes() == before
+    assert cli.audit.stat().st_size == limit  # no half-written record left behind
+    assert verify(cli).returncode == 0
+
+
+def _grow_audit_log(cli: Cli, records: int) -> None:
+    store = open_store(str(cli.store), PASSWORD.encode(), environment=Environment.DEVELOPMENT, actor="filler")
+    try:
+        AuditLog(cli.audit).append(
+            [AuditEvent(operation="list", actor="filler") for _ in range(records)], store
+        )
+    finally:
+        store.close()
+
+
+def test_stuck_audit_sink_fails_the_request_in_bounded_time(cli: Cli) -> None:
+    assert cli("store", "svc/STUCK", input=KNOWN_VALUE.encode()).returncode == 0
+    lock = os.open(f"{cli.audit}.lock", os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another writer hangs while holding the log
+    try:
+        started = time.monotonic()
+        got = cli("get", "svc/STUCK", env={"SECRETS_MANAGER_AUDIT_TIMEOUT": "1"})
+        elapsed = time.monotonic() - started
+    finally:
+        os.close(lock)
+    assert got.returncode == 1 and got.stdout == b""
+    assert elapsed < 10
+    assert "audit" in got.stderr.decode()
+
+
+# ---- library level -------------------------------------------------------------------------
+
+
+def test_library_records_chain_and_verify(encrypted_store: EncryptedStore, tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "lib.audit.jsonl")
+    for i in range(5):
+        log.append([AuditEvent(operation="get", actor="svc", name=f"a/{i}")], encrypted_store)
+    assert log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) == 5
+    anchor = encrypted_store.audit_anchor()
+    assert anchor is not None and anchor.seq == 5
+
+
+def test_verify_with_another_stores_key_fails(encrypted_store: EncryptedStore, tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "lib.audit.jsonl")
+    log.append([AuditEvent(operation="get", actor="svc")], encrypted_store)
+    with pytest.raises(AuditTamperError):
+        log.verify(os.urandom(32), encrypted_store.audit_anchor())
