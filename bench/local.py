@@ -46,13 +46,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib.metadata import version
 from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 import secrets_manager
+from secrets_manager.audit import AuditEvent, AuditLog, value_fingerprint
 from secrets_manager.crypto import kdf
 from secrets_manager.crypto.kdf import derive_unlock_key
 from secrets_manager.storage.sqlite import BUSY_TIMEOUT_MS, SqliteStorage
@@ -293,6 +294,66 @@ def measure_size(
     ]
 
 
+def bench_audit(tmp: Path, profile: Profile, rng: random.Random) -> list[Row]:
+    """get and put with the audit log on (as the CLI and service run them) against the same
+    operations with it off, on one store of the smallest size."""
+    size = min(profile.sizes)
+    names = [secret_name(i) for i in range(size)]
+    store = new_store(tmp / "audit-store.db")
+    log = AuditLog(tmp / "audit-store.audit.jsonl")
+    values = [new_value() for _ in range(1024)]
+    picks: list[str] = []
+
+    def pick_names(max_iters: int) -> None:
+        picks[:] = rng.choices(names, k=max(1, max_iters // profile.rounds))
+
+    def audited_get(i: int) -> None:
+        pending = log.begin()
+        secret = store.get(picks[i])
+        event = AuditEvent("get", actor="bench", name=secret.name, version=secret.version)
+        event.value_hmac = value_fingerprint(store, secret.value.reveal())
+        pending.write([event], store)
+
+    def audited_put(i: int) -> None:
+        pending = log.begin()
+        value = values[i & 1023]
+        event = AuditEvent("store", actor="bench", name=picks[i])
+        event.value_hmac = value_fingerprint(store, value)
+        pending.write([replace(event, outcome="pending")], store, release=False)
+        event.version = store.put(picks[i], value).version
+        pending.write([event], store)
+
+    try:
+        populate(store, names, 0, size, "store.put")
+        _log(f"measuring get with and without auditing at {size:,} secrets")
+        audit_get, plain_get = compare(
+            audited_get,
+            lambda i: store.get(picks[i]),
+            max_iters=profile.get_iters,
+            seconds=profile.seconds,
+            rounds=profile.rounds,
+            before_round=lambda: pick_names(profile.get_iters),
+        )
+        _log(f"measuring put with and without auditing at {size:,} secrets")
+        audit_put, plain_put = compare(
+            audited_put,
+            lambda i: store.put(picks[i], values[i & 1023]),
+            max_iters=profile.put_iters,
+            seconds=profile.seconds,
+            rounds=profile.rounds,
+            before_round=lambda: pick_names(profile.put_iters),
+        )
+        audited = sum(1 for _ in log.records())
+        if log.verify(store.audit_key(), store.audit_anchor()) != audited:
+            raise RuntimeError("the benchmark's audit log does not verify")
+    finally:
+        store.close()
+    return [
+        Row("get+audit", size, audit_get, plain_get),
+        Row("put+audit", size, audit_put, plain_put),
+    ]
+
+
 def bench_passwd(tmp: Path, profile: Profile) -> list[Row]:
     """change_unlock with the DEFAULT Argon2id profile, beside one bare derive_unlock_key."""
     names = [secret_name(i) for i in range(max(PASSWD_SIZES))]
@@ -454,6 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sm-bench-", dir=args.dir) as tmp:
         _log(f"temporary files in {tmp}")
         rows, populate_seconds = bench_sizes(Path(tmp), profile, rng)
+        rows += bench_audit(Path(tmp), profile, rng)
         rows += bench_passwd(Path(tmp), profile)
     total = time.perf_counter() - began
 
@@ -476,6 +538,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "+ AESGCM.decrypt of a 64-byte value, table of as many rows.",
         "put:    EncryptedStore.put, new version of a random existing secret  vs  AESGCM.encrypt "
         "+ INSERT of a new row, BEGIN IMMEDIATE/COMMIT each; both WAL, synchronous=FULL.",
+        "get+audit / put+audit: the same get / put with an audit record written durably (flock, "
+        "append, fsync, anchor update; put writes a request and a response record)  vs  auditing off.",
         "passwd: EncryptedStore.change_unlock(PasswordUnlock(kdf.DEFAULT))  vs  one derive_unlock_key "
         "(Argon2id t=3, m=64 MiB, p=4).",
         f"Store populated through store.put one by one, grown size to size: {populated}.",

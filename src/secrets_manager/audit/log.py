@@ -16,6 +16,7 @@ import errno
 import fcntl
 import json
 import os
+import queue
 import stat
 import threading
 import time
@@ -95,13 +96,14 @@ class AuditLog:
         self.max_bytes = max_bytes
         self.timeout = timeout
         self._clock = clock
+        self._worker = _SinkWorker()
 
     # ---- writing -----------------------------------------------------------------------------
 
     def begin(self) -> PendingRecord:
         """Lock the log and open it for appending, within the deadline. Call before the operation,
         so an unwritable sink refuses the operation before anything happens."""
-        return _bounded(self._begin, self.timeout, f"audit log {self.path}")
+        return self._worker.run(self._begin, self.timeout, f"audit log {self.path}")
 
     def append(self, events: Sequence[AuditEvent], anchor: AuditAnchor | None) -> list[dict[str, Any]]:
         """begin() + write(): records for operations that are already decided."""
@@ -214,7 +216,7 @@ class PendingRecord:
         if self._closed:
             raise AuditError(f"audit log {self._log.path} is no longer held; the operation was refused")
         try:
-            records = _bounded(
+            records = self._log._worker.run(
                 lambda: self._write(events, anchor), self._log.timeout, f"audit log {self._log.path}"
             )
         except AuditError as exc:
@@ -366,32 +368,49 @@ def _flock_with_deadline(fd: int, deadline: float) -> None:
             time.sleep(0.005)
 
 
-def _bounded(work: Callable[[], T], timeout: float, what: str) -> T:
-    """Run sink I/O in a worker thread and give up after `timeout` seconds (fail closed)."""
-    outcome: list[Any] = []
-    done = threading.Event()
+class _SinkWorker:
+    """One daemon thread that does an audit log's I/O, so the caller can stop waiting for it.
 
-    def run() -> None:
-        try:
-            outcome.append((True, work()))
-        except BaseException as exc:
-            outcome.append((False, exc))
-        finally:
-            done.set()
+    A daemon thread (unlike a ThreadPoolExecutor's) cannot keep a failing process from exiting
+    when the sink is stuck; it is reused across records because starting a thread per record
+    costs more than the write itself.
+    """
 
-    worker = threading.Thread(target=run, name="audit-sink", daemon=True)
-    worker.start()
-    if not done.wait(timeout):
-        raise AuditError(
-            f"{what} did not answer within {timeout:g} s; the operation was refused", timed_out=True
-        )
-    ok, value = outcome[0]
-    if ok:
-        return value  # type: ignore[no-any-return]
-    if isinstance(value, SecretsManagerError):
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="audit-sink", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            self._jobs.get()()
+
+    def run(self, work: Callable[[], T], timeout: float, what: str) -> T:
+        """Run sink I/O on the worker and give up after `timeout` seconds (fail closed)."""
+        outcome: list[tuple[bool, Any]] = []
+        done = threading.Event()
+
+        def job() -> None:
+            try:
+                outcome.append((True, work()))
+            except BaseException as exc:
+                outcome.append((False, exc))
+            finally:
+                done.set()
+
+        self._jobs.put(job)
+        if not done.wait(timeout):
+            raise AuditError(
+                f"{what} did not answer within {timeout:g} s; the operation was refused",
+                timed_out=True,
+            )
+        ok, value = outcome[0]
+        if ok:
+            return value  # type: ignore[no-any-return]
+        if isinstance(value, SecretsManagerError):
+            raise value
+        if isinstance(value, OSError):
+            raise AuditError(
+                f"cannot write {what}: {value.strerror or value}; the operation was refused"
+            ) from None
         raise value
-    if isinstance(value, OSError):
-        raise AuditError(
-            f"cannot write {what}: {value.strerror or value}; the operation was refused"
-        ) from None
-    raise value
