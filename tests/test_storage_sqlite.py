@@ -81,6 +81,16 @@ def test_store_file_is_created_0600_in_a_0700_directory(storage: SqliteStorage, 
     assert mode(tmp_store_path.parent) == 0o700
 
 
+def test_missing_ancestor_directories_are_created_0700(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "c" / "secrets.db"
+    previous = os.umask(0)
+    try:
+        SqliteStorage(path, create=True).close()
+    finally:
+        os.umask(previous)
+    assert [mode(p) for p in (tmp_path / "a", tmp_path / "a" / "b", path.parent)] == [0o700] * 3
+
+
 def test_wal_and_shm_files_are_0600_even_with_a_permissive_umask(tmp_store_path: Path) -> None:
     previous = os.umask(0)
     try:

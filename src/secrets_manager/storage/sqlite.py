@@ -184,7 +184,9 @@ def _check_precondition(db: sqlite3.Connection, key: str, expect: Expect) -> Non
 
 def _create_private_file(path: Path) -> None:
     """Create the store file 0600 (and missing parent directories 0700); never overwrite."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    for directory in reversed(missing):  # mkdir(parents=True) would give ancestors the umask's mode
+        directory.mkdir(mode=0o700, exist_ok=True)
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except FileExistsError:
