@@ -13,7 +13,7 @@ import pytest
 
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import ConflictError, SecretsManagerError
-from secrets_manager.storage import ABSENT, Delete, Entry, Put, Storage
+from secrets_manager.storage import ABSENT, Change, ChangeBatch, Delete, Entry, Put, Storage
 from secrets_manager.storage.base import Expect, Operation
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.storage.testing import STORAGE_CHECKS, check_storage
@@ -29,6 +29,7 @@ class Place:
     def __init__(self) -> None:
         self.entries: dict[str, Entry] = {}
         self.revision = 0
+        self.changes: list[Change] = []
 
 
 class MemoryStorage:
@@ -57,6 +58,7 @@ class MemoryStorage:
             raise ConflictError("changed")
 
     def apply(self, op: Operation, revision: int) -> None:
+        self.place.changes.append(Change(revision, op.key, isinstance(op, Delete)))
         if isinstance(op, Put):
             self.place.entries[op.key] = Entry(bytes(op.value), revision)
         else:
@@ -69,6 +71,10 @@ class MemoryStorage:
         for op in operations:
             self.apply(op, self.place.revision)
         return self.place.revision
+
+    def changes_since(self, revision: int, *, limit: int = 10_000) -> ChangeBatch:
+        changes = [c for c in self.place.changes if c.revision > revision][:limit]
+        return ChangeBatch(changes=changes, revision=self.place.revision)
 
     def close(self) -> None:
         pass

@@ -44,6 +44,24 @@ class Delete:
 Operation = Put | Delete
 
 
+@dataclass(frozen=True)
+class Change:
+    """One key written (or deleted) by the commit with this revision."""
+
+    revision: int
+    key: str
+    deleted: bool
+
+
+@dataclass(frozen=True)
+class ChangeBatch:
+    """Changes after some revision, up to `revision`; `truncated` if older ones were dropped."""
+
+    changes: list[Change]
+    revision: int
+    truncated: bool = False
+
+
 @runtime_checkable
 class Storage(Protocol):
     """What every backend implements; `storage.testing.check_storage` is its conformance suite."""
@@ -62,6 +80,9 @@ class Storage(Protocol):
 
     def commit(self, operations: Sequence[Operation]) -> int:
         """Apply all operations or none; ConflictError if any precondition fails."""
+
+    def changes_since(self, revision: int, *, limit: int = 10_000) -> ChangeBatch:
+        """The change feed: keys changed by commits after `revision` (by any process), in order."""
 
     def close(self) -> None:
         """Release connections and files."""

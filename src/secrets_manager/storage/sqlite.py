@@ -15,10 +15,20 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from secrets_manager.errors import ConflictError, NotFoundError, StorageError
-from secrets_manager.storage.base import ABSENT, Delete, Entry, Expect, Operation, Put
+from secrets_manager.storage.base import (
+    ABSENT,
+    Change,
+    ChangeBatch,
+    Delete,
+    Entry,
+    Expect,
+    Operation,
+    Put,
+)
 
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
+CHANGE_LOG_RETAINED = 100_000  # revisions of change history kept for watchers
 _APPLICATION_ID = 0x534D4731  # "SMG1": marks the file as ours for `file(1)` and for us
 
 _SCHEMA = """
@@ -32,6 +42,12 @@ CREATE TABLE IF NOT EXISTS counter (
     revision INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO counter (id, revision) VALUES (1, 0);
+CREATE TABLE IF NOT EXISTS changes (
+    revision INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    deleted INTEGER NOT NULL,
+    PRIMARY KEY (revision, key)
+) WITHOUT ROWID;
 """
 
 
@@ -137,6 +153,10 @@ class SqliteStorage:
             revision = int(db.execute("SELECT revision FROM counter WHERE id = 1").fetchone()[0]) + 1
             db.execute("UPDATE counter SET revision = ? WHERE id = 1", (revision,))
             for op in operations:
+                db.execute(
+                    "INSERT OR REPLACE INTO changes (revision, key, deleted) VALUES (?, ?, ?)",
+                    (revision, op.key, isinstance(op, Delete)),
+                )
                 if isinstance(op, Put):
                     db.execute(
                         "INSERT INTO entries (key, value, revision) VALUES (?, ?, ?) ON CONFLICT (key) "
@@ -145,7 +165,33 @@ class SqliteStorage:
                     )
                 elif isinstance(op, Delete):
                     db.execute("DELETE FROM entries WHERE key = ?", (op.key,))
+            if revision % 1024 == 0:  # keep the change log bounded; watchers that fall behind resync
+                db.execute("DELETE FROM changes WHERE revision <= ?", (revision - CHANGE_LOG_RETAINED,))
             return revision
+
+    def changes_since(self, revision: int, *, limit: int = 10_000) -> ChangeBatch:
+        """Keys changed after `revision`, oldest first, and whether older changes were dropped."""
+        try:
+            with self._lock:
+                current = int(self._db.execute("SELECT revision FROM counter WHERE id = 1").fetchone()[0])
+                oldest = self._db.execute("SELECT min(revision) FROM changes").fetchone()[0]
+                rows = self._db.execute(
+                    "SELECT revision, key, deleted FROM changes WHERE revision > ? "
+                    "ORDER BY revision, key LIMIT ?",
+                    (revision, limit),
+                ).fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError(f"store {self.path}: {exc}") from None
+        truncated = revision < current and oldest is not None and oldest > revision + 1
+        changes = [Change(revision=r, key=k, deleted=bool(d)) for r, k, d in rows]
+        if len(changes) < limit:
+            return ChangeBatch(changes=changes, revision=current, truncated=truncated)
+        # A full page: end it on a whole commit, so the next call resumes without a gap.
+        last = changes[-1].revision
+        complete = [c for c in changes if c.revision < last]
+        if complete:
+            return ChangeBatch(changes=complete, revision=last - 1, truncated=truncated)
+        return ChangeBatch(changes=changes, revision=last, truncated=True)
 
     def close(self) -> None:
         with self._lock:

@@ -382,8 +382,28 @@ def _check_handles_share_state(make_storage: MakeStorage) -> None:
         )
 
 
+def _check_change_feed_lists_every_commit_in_order(make_storage: MakeStorage) -> None:
+    a, b = ROOT + "feed/a", ROOT + "feed/b"
+    with _handle(make_storage) as writer, _handle(make_storage) as watcher:
+        start = watcher.changes_since(0).revision
+        first = writer.commit([Put(a, b"1"), Put(b, b"1")])
+        second = writer.delete(a)
+        batch = watcher.changes_since(start)
+        seen = [(c.revision, c.key, c.deleted) for c in batch.changes]
+        _require(
+            seen == [(first, a, False), (first, b, False), (second, a, True)],
+            f"change feed after {start} is {seen}, not the two commits in order",
+        )
+        _require(batch.revision == second, "the feed's revision is not the newest commit's")
+        _require(not watcher.changes_since(second).changes, "the feed repeats changes already read")
+        _require(not batch.truncated, "a fresh feed claims to have dropped changes")
+
+
 STORAGE_CHECKS: dict[str, Check] = {
     "get of a missing key is None": _check_get_missing_key_is_none,
+    "the change feed lists every commit, from any handle, in order": (
+        _check_change_feed_lists_every_commit_in_order
+    ),
     "binary values round trip (NUL bytes, empty, 1 MiB)": _check_binary_values_round_trip,
     "put without a precondition overwrites": _check_put_overwrites,
     "revisions strictly increase across commits": _check_revisions_strictly_increase,
