@@ -308,20 +308,18 @@ def bench_audit(tmp: Path, profile: Profile, rng: random.Random) -> list[Row]:
         picks[:] = rng.choices(names, k=max(1, max_iters // profile.rounds))
 
     def audited_get(i: int) -> None:
-        pending = log.begin()
         secret = store.get(picks[i])
         event = AuditEvent("get", actor="bench", name=secret.name, version=secret.version)
         event.value_hmac = value_fingerprint(store, secret.value.reveal())
-        pending.write([event], store)
+        log.append([event], store)
 
     def audited_put(i: int) -> None:
-        pending = log.begin()
         value = values[i & 1023]
         event = AuditEvent("store", actor="bench", name=picks[i])
         event.value_hmac = value_fingerprint(store, value)
-        pending.write([replace(event, outcome="pending")], store, release=False)
+        log.append([replace(event, outcome="pending")], store)
         event.version = store.put(picks[i], value).version
-        pending.write([event], store)
+        log.append([event], store)
 
     try:
         populate(store, names, 0, size, "store.put")
@@ -538,8 +536,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "+ AESGCM.decrypt of a 64-byte value, table of as many rows.",
         "put:    EncryptedStore.put, new version of a random existing secret  vs  AESGCM.encrypt "
         "+ INSERT of a new row, BEGIN IMMEDIATE/COMMIT each; both WAL, synchronous=FULL.",
-        "get+audit / put+audit: the same get / put with an audit record written durably (flock, "
-        "append, fsync, anchor update; put writes a request and a response record)  vs  auditing off.",
+        "get+audit / put+audit: the same get / put with its audit record written durably (flock, "
+        "append, fsync, anchor update; put writes a request and a response record), one caller  vs  "
+        "auditing off.",
         "passwd: EncryptedStore.change_unlock(PasswordUnlock(kdf.DEFAULT))  vs  one derive_unlock_key "
         "(Argon2id t=3, m=64 MiB, p=4).",
         f"Store populated through store.put one by one, grown size to size: {populated}.",

@@ -96,30 +96,96 @@ class AuditLog:
         self.max_bytes = max_bytes
         self.timeout = timeout
         self._clock = clock
-        self._worker = _SinkWorker()
+        self._worker = _SinkWorker(self._write_batch)
 
     # ---- writing -----------------------------------------------------------------------------
 
-    def begin(self) -> PendingRecord:
-        """Lock the log and open it for appending, within the deadline. Call before the operation,
-        so an unwritable sink refuses the operation before anything happens."""
-        return self._worker.run(self._begin, self.timeout, f"audit log {self.path}")
-
     def append(self, events: Sequence[AuditEvent], anchor: AuditAnchor | None) -> list[dict[str, Any]]:
-        """begin() + write(): records for operations that are already decided."""
-        return self.begin().write(events, anchor)
+        """Append records durably and move the store's anchor; return them once they are on disk.
 
-    def _begin(self) -> PendingRecord:
+        Concurrent callers are group-committed: the sink worker writes every waiting record with
+        one lock, one write, one fsync and one anchor update. Raises AuditError if that does not
+        happen within `timeout` seconds. `anchor` is None only for a writer that could not unlock
+        the store (a denied unlock): such records carry no MAC and do not move the anchor.
+        """
+        job = _AppendJob(list(events), anchor)
+        self._worker.submit(job)
+        if not job.done.wait(self.timeout):
+            job.abandoned = True
+            raise AuditError(
+                f"audit log {self.path} did not answer within {self.timeout:g} s; the operation was refused",
+                timed_out=True,
+            )
+        if job.error is not None:
+            if isinstance(job.error, SecretsManagerError):
+                raise job.error
+            if isinstance(job.error, OSError):
+                reason = job.error.strerror or str(job.error)
+                raise AuditError(
+                    f"cannot write audit log {self.path}: {reason}; the operation was refused"
+                ) from None
+            raise job.error
+        return job.records
+
+    def _write_batch(self, jobs: list[_AppendJob]) -> None:
+        """On the worker: write runs of jobs that share an anchor together."""
+        live = [job for job in jobs if not job.abandoned]
+        while live:
+            size = next((i for i, job in enumerate(live) if job.anchor is not live[0].anchor), len(live))
+            group = live[:size]
+            live = live[len(group) :]
+            try:
+                self._write_group(group)
+            except BaseException as exc:
+                for job in group:
+                    job.error = exc
+            finally:
+                for job in group:
+                    job.done.set()
+
+    def _write_group(self, jobs: list[_AppendJob]) -> None:
+        anchor = jobs[0].anchor
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock_fd = _open_private(self.lock_path, os.O_RDWR | os.O_CREAT)
         try:
             _flock_with_deadline(lock_fd, time.monotonic() + self.timeout)
             self._rotate_if_full()
             fd = _open_private(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
-        except BaseException:
-            os.close(lock_fd)
+            try:
+                self._append_records(fd, jobs, anchor)
+            finally:
+                os.close(fd)
+        finally:
+            os.close(lock_fd)  # releases the flock
+
+    def _append_records(self, fd: int, jobs: list[_AppendJob], anchor: AuditAnchor | None) -> None:
+        last = self.last_record()
+        if anchor is not None:
+            _check_tail_against_anchor(last, anchor.audit_anchor(), self.path)
+        key = None if anchor is None else anchor.audit_key()
+        seq = 0 if last is None else int(last["seq"])
+        previous = GENESIS_HASH if last is None else str(last["hash"])
+        now = datetime.fromtimestamp(self._clock(), tz=UTC).isoformat(timespec="microseconds")
+        lines = []
+        for job in jobs:
+            for event in job.events:
+                seq += 1
+                record: dict[str, Any] = {"seq": seq, "time": now, **asdict(event), "prev": previous}
+                record["hash"] = previous = record_hash(record)
+                record["mac"] = None if key is None else record_mac(key, record["hash"])
+                job.records.append(record)
+                lines.append(_canonical(record) + b"\n")
+        data = b"".join(lines)
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, data) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size)  # never leave half a record behind
             raise
-        return PendingRecord(self, lock_fd, fd)
+        if anchor is not None and seq > (0 if last is None else int(last["seq"])):
+            anchor.set_audit_anchor(Anchor(seq=seq, hash=previous))
 
     def _rotate_if_full(self) -> None:
         try:
@@ -198,80 +264,16 @@ class AuditLog:
         return count
 
 
-class PendingRecord:
-    """A locked, open audit log waiting for the outcome of one operation."""
+@dataclass(eq=False)
+class _AppendJob:
+    """Records one caller waits for; filled in by the sink worker."""
 
-    def __init__(self, log: AuditLog, lock_fd: int, fd: int) -> None:
-        self._log = log
-        self._lock_fd = lock_fd
-        self._fd = fd
-        self._closed = False
-
-    def write(
-        self, events: Sequence[AuditEvent], anchor: AuditAnchor | None, *, release: bool = True
-    ) -> list[dict[str, Any]]:
-        """Append the records (durably, in one write) and move the store's anchor. `release=False`
-        keeps the log locked for a later write (a request record now, its response later).
-        `anchor` is None only for a writer that could not unlock the store."""
-        if self._closed:
-            raise AuditError(f"audit log {self._log.path} is no longer held; the operation was refused")
-        try:
-            records = self._log._worker.run(
-                lambda: self._write(events, anchor), self._log.timeout, f"audit log {self._log.path}"
-            )
-        except AuditError as exc:
-            if exc.timed_out:
-                # The worker may still use the descriptors: leak them rather than let a late write
-                # land in whatever file reuses the numbers. The process is failing anyway.
-                self._closed = True
-            self.close()
-            raise
-        except BaseException:
-            self.close()
-            raise
-        if release:
-            self.close()
-        return records
-
-    def _write(self, events: Sequence[AuditEvent], anchor: AuditAnchor | None) -> list[dict[str, Any]]:
-        last = self._log.last_record()
-        if anchor is not None:
-            _check_tail_against_anchor(last, anchor.audit_anchor(), self._log.path)
-        key = None if anchor is None else anchor.audit_key()
-        seq = 0 if last is None else int(last["seq"])
-        previous = GENESIS_HASH if last is None else str(last["hash"])
-        now = datetime.fromtimestamp(self._log._clock(), tz=UTC).isoformat(timespec="microseconds")
-        records = []
-        for event in events:
-            seq += 1
-            record: dict[str, Any] = {"seq": seq, "time": now, **asdict(event), "prev": previous}
-            record["hash"] = previous = record_hash(record)
-            record["mac"] = None if key is None else record_mac(key, record["hash"])
-            records.append(record)
-        data = b"".join(_canonical(record) + b"\n" for record in records)
-        size = os.fstat(self._fd).st_size
-        try:
-            if os.write(self._fd, data) != len(data):
-                raise OSError(errno.ENOSPC, "short write")
-            os.fsync(self._fd)
-        except OSError:
-            os.ftruncate(self._fd, size)  # never leave half a record behind
-            raise
-        if anchor is not None and records:
-            anchor.set_audit_anchor(Anchor(seq=seq, hash=previous))
-        return records
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            os.close(self._fd)
-            os.close(self._lock_fd)  # releases the flock
-
-    def __enter__(self) -> PendingRecord:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    events: list[AuditEvent]
+    anchor: AuditAnchor | None
+    records: list[dict[str, Any]] = field(default_factory=list)
+    error: BaseException | None = None
+    abandoned: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
 
 
 def _check_tail_against_anchor(last: dict[str, Any] | None, anchored: Anchor | None, path: Path) -> None:
@@ -369,48 +371,28 @@ def _flock_with_deadline(fd: int, deadline: float) -> None:
 
 
 class _SinkWorker:
-    """One daemon thread that does an audit log's I/O, so the caller can stop waiting for it.
+    """One daemon thread that does an audit log's I/O, in batches.
 
-    A daemon thread (unlike a ThreadPoolExecutor's) cannot keep a failing process from exiting
-    when the sink is stuck; it is reused across records because starting a thread per record
-    costs more than the write itself.
+    Callers wait with a deadline, so a stuck sink fails requests instead of hanging them; a daemon
+    thread (unlike a ThreadPoolExecutor's) cannot keep a failing process from exiting. Jobs that
+    arrive while a batch is being written form the next batch: group commit.
     """
 
-    def __init__(self) -> None:
-        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+    def __init__(self, write_batch: Callable[[list[_AppendJob]], None]) -> None:
+        self._jobs: queue.SimpleQueue[_AppendJob] = queue.SimpleQueue()
+        self._write_batch = write_batch
         self._thread = threading.Thread(target=self._serve, name="audit-sink", daemon=True)
         self._thread.start()
 
+    def submit(self, job: _AppendJob) -> None:
+        self._jobs.put(job)
+
     def _serve(self) -> None:
         while True:
-            self._jobs.get()()
-
-    def run(self, work: Callable[[], T], timeout: float, what: str) -> T:
-        """Run sink I/O on the worker and give up after `timeout` seconds (fail closed)."""
-        outcome: list[tuple[bool, Any]] = []
-        done = threading.Event()
-
-        def job() -> None:
-            try:
-                outcome.append((True, work()))
-            except BaseException as exc:
-                outcome.append((False, exc))
-            finally:
-                done.set()
-
-        self._jobs.put(job)
-        if not done.wait(timeout):
-            raise AuditError(
-                f"{what} did not answer within {timeout:g} s; the operation was refused",
-                timed_out=True,
-            )
-        ok, value = outcome[0]
-        if ok:
-            return value  # type: ignore[no-any-return]
-        if isinstance(value, SecretsManagerError):
-            raise value
-        if isinstance(value, OSError):
-            raise AuditError(
-                f"cannot write {what}: {value.strerror or value}; the operation was refused"
-            ) from None
-        raise value
+            batch = [self._jobs.get()]
+            while True:
+                try:
+                    batch.append(self._jobs.get_nowait())
+                except queue.Empty:
+                    break
+            self._write_batch(batch)

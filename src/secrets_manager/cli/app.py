@@ -110,31 +110,29 @@ class Session:
     def operation(
         self, operation: str, name: str | None = None, *, mutating: bool = False
     ) -> Iterator[tuple[EncryptedStore, AuditEvent]]:
-        """Unlock, run one audited operation, close. Fails closed: the audit log is locked before
-        the operation starts; a change is preceded by a durable request record (as Vault's audit
-        devices do), and the caller shows a result only after the final record is durable."""
+        """Unlock, run one audited operation, close. Fails closed, as Vault's audit devices do: a
+        change is preceded by a durable request record (if that cannot be written, nothing is
+        changed), and the caller shows a result only after the final record is durable."""
         audit = self.audit_log()
         store = self.unlock()
         try:
-            pending = audit.begin()
             event = self.event(operation, name)
             unlocked = self.event("unlock", request_id=event.request_id)
+            pending = [unlocked]
             if mutating:
-                pending.write([unlocked, replace(event, outcome="pending")], store, release=False)
-                first: list[AuditEvent] = []
-            else:
-                first = [unlocked]
+                audit.append([unlocked, replace(event, outcome="pending")], store)
+                pending = []
             try:
                 yield store, event
             except BaseException as exc:
                 event.outcome = getattr(exc, "kind", "error")
                 event.decision = "deny" if isinstance(exc, AccessDeniedError) else "allow"
                 try:
-                    pending.write([*first, event], store)
+                    audit.append([*pending, event], store)
                 except AuditError as audit_exc:
                     warning_line(str(audit_exc))
                 raise
-            pending.write([*first, event], store)
+            audit.append([*pending, event], store)
         finally:
             store.close()
 
@@ -196,7 +194,7 @@ def init(session: Session, kdf_profile: str) -> None:
     if path.exists():
         raise ConflictError(f"a store already exists at {path}; init never overwrites one")
     password = session.password(confirm=True)
-    pending = session.audit_log().begin()  # an unwritable audit log refuses init up front
+    audit = session.audit_log()
     store = create_store(
         session.store_url,
         password,
@@ -205,7 +203,7 @@ def init(session: Session, kdf_profile: str) -> None:
         actor=session.actor,
     )
     try:
-        pending.write([session.event("init")], store)
+        audit.append([session.event("init")], store)
     except BaseException:
         store.close()
         remove_store_files(path)  # the new store was never announced: leave nothing behind
