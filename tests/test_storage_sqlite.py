@@ -213,3 +213,24 @@ def test_a_refused_file_keeps_no_descriptor_open(tmp_path: Path) -> None:
         with pytest.raises(StorageError):
             SqliteStorage(garbage)
     assert open_descriptors_to(garbage) == 0
+
+
+def test_scrub_empties_the_wal_and_leaves_no_overwritten_or_deleted_value_in_any_file(
+    storage: SqliteStorage, tmp_store_path: Path
+) -> None:
+    overwritten, deleted = os.urandom(48), os.urandom(48)
+    storage.put("k/overwritten", overwritten)
+    storage.put("k/deleted", deleted)
+    storage.put("k/overwritten", b"the value that stays")
+    storage.delete("k/deleted")
+    before = b"".join(file_bytes(tmp_store_path).values())
+    assert overwritten in before and deleted in before  # the WAL still holds the old page images
+    other = SqliteStorage(tmp_store_path)  # an idle second connection does not stop it
+    try:
+        assert storage.scrub() is True
+    finally:
+        other.close()
+    assert tmp_store_path.with_name(tmp_store_path.name + "-wal").stat().st_size == 0
+    after = b"".join(file_bytes(tmp_store_path).values())
+    assert overwritten not in after and deleted not in after
+    assert b"the value that stays" in after

@@ -1,13 +1,15 @@
 """Everything the CLI prints: one-line errors and warnings on stderr, tables or JSON on stdout.
 
-Tables use rich on a terminal and plain tab-separated lines in a pipe, so scripts can parse them.
+Tables use rich on a terminal and plain tab-separated lines in a pipe, so scripts can parse them;
+progress bars likewise appear on a terminal only.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -44,6 +46,28 @@ def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     else:
         for row in rows:
             click.echo("\t".join(row))
+
+
+@contextmanager
+def progress_bars(description: str) -> Iterator[Callable[[str, int, int], None]]:
+    """A reporter `report(label, done, total)` that draws one rich progress bar per label on stderr
+    when stderr is a terminal, and does nothing otherwise (a long job stays quiet in a pipe)."""
+    if not sys.stderr.isatty():
+        yield lambda _label, _done, _total: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=Console(stderr=True)) as progress:
+        tasks: dict[str, TaskID] = {}
+
+        def report(label: str, done: int, total: int) -> None:
+            if label not in tasks:
+                tasks[label] = progress.add_task(f"{description} {label}", total=total)
+            progress.update(tasks[label], completed=done, total=total)
+
+        yield report
 
 
 def timestamp(value: datetime | None) -> str:

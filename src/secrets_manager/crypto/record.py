@@ -33,6 +33,7 @@ class Purpose(enum.IntEnum):
     ROOT_KEY = 4
     AUDIT_KEY = 5
     AUDIT_ANCHOR = 6
+    KEY_POLICY = 7
 
 
 def associated_data(purpose: Purpose, key_id: int, name: str, version: int) -> bytes:

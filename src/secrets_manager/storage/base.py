@@ -86,3 +86,16 @@ class Storage(Protocol):
 
     def close(self) -> None:
         """Release connections and files."""
+
+
+@runtime_checkable
+class Scrubbable(Protocol):
+    """Optional for a `Storage`: erase the bytes of superseded and deleted values.
+
+    A backend that keeps old copies of what it overwrote or deleted (a write-ahead log, free pages,
+    dead tuples) implements it, so that destroying key material leaves no copy in its files.
+    `storage.testing` checks it keeps every live value; the backend's own tests check the bytes.
+    """
+
+    def scrub(self) -> bool:
+        """Erase superseded bytes now; False if it could not finish (e.g. a reader held them)."""

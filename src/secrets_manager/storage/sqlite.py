@@ -2,7 +2,9 @@
 
 Each `commit` is one `BEGIN IMMEDIATE` transaction, so writers from several processes serialise
 on SQLite's lock and preconditions are checked under it. `synchronous=FULL` makes a commit durable
-before it is acknowledged; `secure_delete` zeroes freed pages so erased key material leaves the file.
+before it is acknowledged; `secure_delete` zeroes freed space in the database file, and `scrub`
+checkpoints and truncates the WAL, whose frames still hold superseded page images: after both,
+erased key material has left every file of the store.
 """
 
 from __future__ import annotations
@@ -192,6 +194,19 @@ class SqliteStorage:
         if complete:
             return ChangeBatch(changes=complete, revision=last - 1, truncated=truncated)
         return ChangeBatch(changes=changes, revision=last, truncated=True)
+
+    def scrub(self) -> bool:
+        """Copy every WAL frame into the database file and truncate the WAL to zero bytes.
+
+        With `secure_delete` on, the database file then holds no superseded value, and the WAL no
+        old page image. Waits up to the busy timeout for other connections' writes and reads to
+        finish; False if one still held an old snapshot, so the WAL could not be emptied."""
+        try:
+            with self._lock:
+                busy, _frames, _copied = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"store {self.path}: {exc}") from None
+        return bool(busy == 0)
 
     def close(self) -> None:
         with self._lock:

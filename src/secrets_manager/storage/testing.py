@@ -16,6 +16,11 @@ some at once, closes every handle it opens, and uses keys under `conformance/` o
 how it checks durability (values and revisions survive `close`) and that handles see each other's
 writes and compare-and-set preconditions.
 
+`scrub()` is optional (the `Scrubbable` protocol: erase superseded bytes, so destroyed key
+material leaves the backend's files); its check is skipped for a backend without it. Whether the
+bytes are really gone is backend-specific and is tested beside the backend (for SQLite, by
+searching the -wal and database files after a key is destroyed).
+
 Each check is a small function, listed by name in `STORAGE_CHECKS`, so a test can run them one by
 one (`check(make_storage)`) and a failure names the behaviour that broke. Failures raise
 `AssertionError` explicitly (not `assert`), so the suite also runs under `python -O` and without
@@ -30,7 +35,7 @@ from contextlib import contextmanager
 from itertools import pairwise
 
 from secrets_manager.errors import ConflictError
-from secrets_manager.storage.base import ABSENT, Delete, Operation, Put, Storage
+from secrets_manager.storage.base import ABSENT, Delete, Operation, Put, Scrubbable, Storage
 
 MakeStorage = Callable[[], Storage]
 Check = Callable[[MakeStorage], None]
@@ -399,6 +404,27 @@ def _check_change_feed_lists_every_commit_in_order(make_storage: MakeStorage) ->
         _require(not batch.truncated, "a fresh feed claims to have dropped changes")
 
 
+def _check_scrub_keeps_every_value(make_storage: MakeStorage) -> None:
+    """Only for backends that implement the optional `Scrubbable`: erasing superseded bytes must
+    keep every live value and revision (what it erased is checked in the backend's own tests)."""
+    prefix = ROOT + "scrub/"
+    with _handle(make_storage) as storage:
+        if not isinstance(storage, Scrubbable):
+            return
+        storage.put(prefix + "kept", b"kept")
+        storage.put(prefix + "overwritten", b"old")
+        storage.put(prefix + "overwritten", b"new")
+        storage.put(prefix + "deleted", b"gone")
+        storage.delete(prefix + "deleted")
+        before = _snapshot(storage, prefix)
+        with _handle(make_storage) as other:  # another open handle must not stop a scrub
+            _require(other.get(prefix + "kept") is not None, "a second handle does not see a write")
+            _require(storage.scrub() is True, "scrub() did not finish with another handle idle")
+        _require(_snapshot(storage, prefix) == before, "scrub() changed a live value or revision")
+    with _handle(make_storage) as reopened:
+        _require(_snapshot(reopened, prefix) == before, "values changed across scrub() and reopen")
+
+
 STORAGE_CHECKS: dict[str, Check] = {
     "get of a missing key is None": _check_get_missing_key_is_none,
     "the change feed lists every commit, from any handle, in order": (
@@ -416,5 +442,6 @@ STORAGE_CHECKS: dict[str, Check] = {
     "commit is all or nothing": _check_commit_is_all_or_nothing,
     "values survive close and reopen": _check_values_survive_reopen,
     "handles on the same place share state and preconditions": _check_handles_share_state,
+    "scrub (optional) keeps every live value": _check_scrub_keeps_every_value,
 }
 """Every check by the behaviour it verifies; `check_storage` runs them in this order."""

@@ -5,16 +5,21 @@ Storage layout:
 
     core/header              JSON: format, creation time, root key id, the unlock source's section
     core/keyset/<namespace>  the namespace's keyset, sealed under the root key
+    core/key-policy          when primaries rotate on their own, sealed under the root key
     meta/<name>              the secret's metadata (versions, labels, tags), sealed under its keyset
     data/<name>#<version>    one version's value, sealed under its keyset
 
 Every logical write is one `Storage.commit` guarded by compare-and-set on each entry it read, and
 is retried from a fresh read when another writer got there first: no update is ever lost.
+The key lifecycle (rotate, rewrap, disable, destroy, root rotation) is in `store/keys.py`.
+
+Another process may rotate the root key while this one has the store open: a root-sealed entry
+naming a root key id other than ours makes us unwrap the new root from the header again (with the
+unlock source we were opened with), so long-lived handles keep working.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 import time
@@ -23,17 +28,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from secrets_manager.crypto import DataKey, Keyset, Purpose, open_record, seal_record
+from secrets_manager.crypto import DataKey, Keyset, Purpose, RotationPolicy, open_record, seal_record
 from secrets_manager.crypto.aead import new_key
-from secrets_manager.crypto.keyset import KeyStatus, new_key_id
+from secrets_manager.crypto.keyset import DEFAULT_POLICY, KeyStatus, new_key_id
+from secrets_manager.crypto.record import record_key_id
 from secrets_manager.errors import (
     ConflictError,
     IntegrityError,
     InvalidInputError,
     NotFoundError,
     StorageError,
+    UnlockError,
 )
-from secrets_manager.storage import ABSENT, Delete, Entry, Put, Storage
+from secrets_manager.storage import ABSENT, Delete, Entry, Put, Scrubbable, Storage
 from secrets_manager.storage.base import Expect, Operation
 from secrets_manager.store.base import (
     CURRENT,
@@ -46,6 +53,7 @@ from secrets_manager.store.base import (
     SecretMetadata,
     VersionInfo,
 )
+from secrets_manager.store.changes import SecretChanges, secret_changes
 from secrets_manager.store.names import namespace_of, validate_name, validate_prefix
 from secrets_manager.store.unlock import PasswordUnlock, UnlockSource
 from secrets_manager.values import SecretValue
@@ -57,6 +65,7 @@ META_PREFIX = "meta/"
 DATA_PREFIX = "data/"
 AUDIT_KEY_KEY = "core/audit-key"
 AUDIT_ANCHOR_KEY = "core/audit-anchor"
+KEY_POLICY_KEY = "core/key-policy"
 RETRY_DEADLINE_SECONDS = 30.0
 
 T = TypeVar("T")
@@ -85,8 +94,10 @@ class EncryptedStore:
         self._clock = clock
         self._max_versions = max_versions
         self._keysets: dict[str, tuple[int, Keyset]] = {}
+        self._policy: tuple[int, RotationPolicy] | None = None
         self._audit_key: bytes | None = None
         self._unlock: UnlockSource | None = None
+        self._unlock_section: dict[str, Any] | None = None  # the header section _unlock matches
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -95,24 +106,25 @@ class EncryptedStore:
         """Initialise an empty storage: a new root key wrapped by `unlock`. Never overwrites."""
         now = int(options.get("clock", time.time)())
         root = DataKey(id=new_key_id(set()), status=KeyStatus.ENABLED, created=now, material=new_key())
-        header = {"format": STORE_FORMAT, "created": now, "root_key_id": root.id, "unlock": unlock.wrap(root)}
+        section = unlock.wrap(root)
+        header = {"format": STORE_FORMAT, "created": now, "root_key_id": root.id, "unlock": section}
         try:
             storage.put(HEADER_KEY, _dump(header), expect=ABSENT)
         except ConflictError:
             raise ConflictError("the store is already initialised; init never overwrites a store") from None
         store = cls(storage, root, **options)
         store._unlock = unlock
+        store._unlock_section = section
         return store
 
     @classmethod
     def open(cls, storage: Storage, unlock: UnlockSource, **options: Any) -> EncryptedStore:
         """Unlock an existing store. UnlockError on a wrong password; nothing is written."""
         header = _read_header(storage)
-        root = unlock.unwrap(header["unlock"], created=int(header["created"]))
-        if root.id != header["root_key_id"]:
-            raise IntegrityError("the store header is damaged (integrity check failed)")
+        root = _unwrap_root(unlock, header)
         store = cls(storage, root, **options)
         store._unlock = unlock
+        store._unlock_section = header["unlock"]
         return store
 
     def change_unlock(self, unlock: UnlockSource) -> None:
@@ -121,11 +133,16 @@ class EncryptedStore:
         if entry is None:
             raise NotFoundError("the store has no header")
         header = _load_json(entry.value, "store header")
+        if header.get("root_key_id") != self._root.id:
+            # Another process rotated the root key: wrapping ours would lock every keyset out.
+            self._refresh_root(header.get("root_key_id"))
         header["unlock"] = unlock.wrap(self._root)
         try:
             self._storage.put(HEADER_KEY, _dump(header), expect=entry.revision)
         except ConflictError:
             raise ConflictError("the master password was changed concurrently; try again") from None
+        self._unlock = unlock
+        self._unlock_section = header["unlock"]
 
     def change_password(self, new_password: bytes) -> None:
         """Rewrap the root key under a new master password with the same Argon2id costs."""
@@ -341,12 +358,18 @@ class EncryptedStore:
             raise IntegrityError(f"keyset of namespace {namespace!r} is missing (integrity check failed)")
         return self._decode_keyset(namespace, entry)
 
-    def _keyset_for_write(self, namespace: str) -> tuple[Expect, Keyset]:
+    def _keyset_for_write(
+        self, namespace: str, policy: RotationPolicy | None = None
+    ) -> tuple[Expect, Keyset]:
+        """The keyset to seal with, and the precondition to commit it under. Its primary is replaced
+        first if `policy` (default: the store's key policy) says it is due."""
         entry = self._storage.get(KEYSET_PREFIX + namespace)
         if entry is None:
             return ABSENT, Keyset.generate(created=int(self._clock()))
         keyset = self._decode_keyset(namespace, entry)
-        return entry.revision, keyset.with_rotation_if_due(created=int(self._clock()))
+        if policy is None:
+            policy = self.key_policy()
+        return entry.revision, keyset.with_rotation_if_due(created=int(self._clock()), policy=policy)
 
     def _decode_keyset(self, namespace: str, entry: Entry) -> Keyset:
         cached = self._keysets.get(namespace)
@@ -359,10 +382,67 @@ class EncryptedStore:
 
     def _root_lookup(self, key_id: int) -> DataKey:
         if key_id != self._root.id:
-            raise IntegrityError()
+            self._refresh_root(key_id)
         return self._root
 
+    def _refresh_root(self, key_id: object) -> None:
+        """Adopt the root key the header names now, if it is `key_id` (another process rotated it).
+
+        Any other case is the opaque IntegrityError a record under an unknown root key gets."""
+        if self._unlock is None or not isinstance(key_id, int) or key_id == self._root.id:
+            raise IntegrityError()
+        header = _read_header(self._storage)
+        if header["root_key_id"] != key_id:
+            raise IntegrityError()
+        try:
+            root = _unwrap_root(self._unlock, header)
+        except UnlockError:
+            raise ConflictError(
+                "the store's root key was rotated and its master password changed since it was "
+                "opened; open the store again"
+            ) from None
+        self._root = root
+        self._unlock_section = header["unlock"]
+        self._keysets.clear()
+        self._policy = None
+
+    def _root_guard(self) -> Put:
+        """Rewrite the header unchanged, on condition that it is still the one that names our root.
+
+        A commit that creates a root-sealed entry (a namespace's first keyset, the audit key, the
+        first anchor or policy) carries this, so it cannot land after another process rotated the
+        root key: the rotation rewrote the header, the guard's precondition fails, and the retry
+        adopts the new root. Entries that already exist need no guard: a rotation rewrites them,
+        so their own compare-and-set fails instead."""
+        entry = self._storage.get(HEADER_KEY)
+        if entry is None:
+            raise NotFoundError("the store has no header")
+        root_id = _load_json(entry.value, "store header").get("root_key_id")
+        if root_id != self._root.id:
+            self._refresh_root(root_id)
+        return Put(HEADER_KEY, entry.value, expect=entry.revision)
+
+    def key_policy(self) -> RotationPolicy:
+        """When primary keys rotate on their own (`core/key-policy`; the default if never set)."""
+        entry = self._storage.get(KEY_POLICY_KEY)
+        if entry is None:
+            return DEFAULT_POLICY
+        if self._policy is not None and self._policy[0] == entry.revision:
+            return self._policy[1]
+        plaintext = open_record(self._root_lookup, Purpose.KEY_POLICY, KEY_POLICY_KEY, 0, entry.value)
+        policy = RotationPolicy.from_bytes(plaintext)
+        self._policy = (entry.revision, policy)
+        return policy
+
+    def _scrub(self) -> bool:
+        """Ask the storage to erase superseded bytes (see `Scrubbable`); False if it could not."""
+        if isinstance(self._storage, Scrubbable):
+            return self._storage.scrub()
+        return False
+
     def _commit_with_keyset(self, namespace: str, expect: Expect, keyset: Keyset, ops: Operations) -> None:
+        if expect is ABSENT:
+            ops.append(self._root_guard())
         sealed = seal_record(self._root, Purpose.KEYSET, namespace, 0, keyset.to_bytes())
         ops.append(Put(KEYSET_PREFIX + namespace, sealed, expect))
         revision = self._commit(ops)
@@ -385,18 +465,35 @@ class EncryptedStore:
     def _seal_meta(self, key: DataKey, name: str, meta: _Meta) -> bytes:
         return seal_record(key, Purpose.SECRET_METADATA, name, 0, meta.to_json())
 
+    # ---- change feed ---------------------------------------------------------------------------
+
+    def changes_since(self, revision: int | None) -> tuple[SecretChanges, int]:
+        """Secret changes committed after `revision` by any process (None: start from now), and
+        the revision to ask from next time. Names and versions only, never values."""
+        if revision is None:
+            return [], self._storage.changes_since(2**62).revision
+        batch = self._storage.changes_since(revision)
+        return secret_changes(batch), batch.revision
+
     # ---- audit support (the `AuditAnchor` protocol of audit/) -----------------------------------
 
     def audit_key(self) -> bytes:
         """The store's secret audit key, created on first use; sealed under the root key."""
         if self._audit_key is None:
-            entry = self._storage.get(AUDIT_KEY_KEY)
-            if entry is None:
-                sealed = seal_record(self._root, Purpose.AUDIT_KEY, AUDIT_KEY_KEY, 0, new_key())
-                with contextlib.suppress(ConflictError):  # another process made it first: use theirs
-                    self._storage.put(AUDIT_KEY_KEY, sealed, expect=ABSENT)
+
+            def attempt() -> Entry:
                 entry = self._storage.get(AUDIT_KEY_KEY)
-                assert entry is not None
+                if entry is None:
+                    guard = self._root_guard()
+                    sealed = seal_record(self._root, Purpose.AUDIT_KEY, AUDIT_KEY_KEY, 0, new_key())
+                    # If another process made one first, this loses the race and the retry uses theirs.
+                    self._commit([Put(AUDIT_KEY_KEY, sealed, expect=ABSENT), guard])
+                    entry = self._storage.get(AUDIT_KEY_KEY)
+                    if entry is None:
+                        raise _LostRace()
+                return entry
+
+            entry = self._retry(attempt)
             self._audit_key = open_record(self._root_lookup, Purpose.AUDIT_KEY, AUDIT_KEY_KEY, 0, entry.value)
         return self._audit_key
 
@@ -416,8 +513,18 @@ class EncryptedStore:
 
     def set_audit_anchor(self, anchor: Anchor) -> None:
         doc = _dump({"seq": anchor.seq, "hash": anchor.hash})
-        sealed = seal_record(self._root, Purpose.AUDIT_ANCHOR, AUDIT_ANCHOR_KEY, 0, doc)
-        self._storage.put(AUDIT_ANCHOR_KEY, sealed)
+
+        def attempt() -> None:
+            # Compare-and-set, so an anchor sealed under a root key that another process has just
+            # rotated away can never replace the one the rotation rewrapped.
+            entry = self._storage.get(AUDIT_ANCHOR_KEY)
+            if entry is not None and _root_id_of(entry) != self._root.id:
+                self._refresh_root(_root_id_of(entry))
+            ops: Operations = [] if entry is not None else [self._root_guard()]
+            sealed = seal_record(self._root, Purpose.AUDIT_ANCHOR, AUDIT_ANCHOR_KEY, 0, doc)
+            self._commit([*ops, Put(AUDIT_ANCHOR_KEY, sealed, _expect(entry))])
+
+        self._retry(attempt)
 
     def _retry(self, attempt: Callable[[], T]) -> T:
         """Run `attempt` until it commits without losing a race, with jittered backoff."""
@@ -551,6 +658,20 @@ def _read_header(storage: Storage) -> dict[str, Any]:
         if not isinstance(value, expected_type) or isinstance(value, bool):
             raise IntegrityError("the store header is damaged (integrity check failed)")
     return header
+
+
+def _unwrap_root(unlock: UnlockSource, header: dict[str, Any]) -> DataKey:
+    """The root key (4.4 steps 4-8): UnlockError for a wrong password, IntegrityError for a header
+    whose root key id is not the one the wrapped key was sealed with."""
+    root = unlock.unwrap(header["unlock"], created=int(header["created"]))
+    if root.id != header["root_key_id"]:
+        raise IntegrityError("the store header is damaged (integrity check failed)")
+    return root
+
+
+def _root_id_of(entry: Entry) -> int:
+    """The root key id a root-sealed entry names (IntegrityError if it is not a record)."""
+    return record_key_id(entry.value)
 
 
 def _data_key(name: str, version: int) -> str:

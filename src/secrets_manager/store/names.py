@@ -17,6 +17,7 @@ MAX_NAME_LENGTH = 256
 DEFAULT_NAMESPACE = "default"
 _SEGMENT = r"[A-Za-z0-9_][A-Za-z0-9_.\-]*"
 _NAME = re.compile(rf"{_SEGMENT}(?:/{_SEGMENT})*")
+_ONE_SEGMENT = re.compile(_SEGMENT)
 
 
 def validate_name(name: str) -> str:
@@ -41,6 +42,20 @@ def validate_prefix(prefix: str) -> str:
     if len(prefix) > MAX_NAME_LENGTH or not _NAME.fullmatch(body):
         raise InvalidInputError(f"invalid name prefix {prefix!r}: give the leading part of a name")
     return prefix
+
+
+def validate_namespace(namespace: str) -> str:
+    """Return `namespace` if it can be one (a single segment of a name), else InvalidInputError."""
+    if (
+        not isinstance(namespace, str)
+        or len(namespace) > MAX_NAME_LENGTH
+        or not _ONE_SEGMENT.fullmatch(namespace)
+    ):
+        raise InvalidInputError(
+            f"invalid namespace {namespace!r}: a namespace is the first segment of a name, "
+            "like 'auth' in 'auth/DB_PASSWORD' ('default' holds names without '/')"
+        )
+    return namespace
 
 
 def namespace_of(name: str) -> str:
