@@ -1,0 +1,294 @@
+"""Access control: identities → roles → rules (path glob + capabilities, or deny).
+
+The decision for (identity, capability, name), in this order:
+
+1. a name that is not a valid secret name, or an identity with no roles: denied;
+2. a matching rule of any of the identity's roles that denies the capability: denied
+   (an explicit deny wins over every allow, whichever role it comes from);
+3. a matching rule that grants the capability: allowed;
+4. otherwise: denied (default deny).
+
+`admin` stands for every capability, in grants and denies alike: granting it grants all six;
+`deny = ["admin"]` (or `deny = true`) denies all six; and a request *for* admin on a name is denied
+by any deny that matches the name, since it no longer holds every capability there.
+
+Invariant: this module is pure. Only `load_policy` touches the file system, and it reads one file.
+A policy that does not parse, names an unknown capability, key or role, or has a malformed glob is
+rejected whole with an InvalidInputError naming the file and the place, never half-applied.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from re import Pattern
+from types import MappingProxyType
+from typing import Any
+
+from secrets_manager.access.patterns import GlobError, compile_glob
+from secrets_manager.errors import InvalidInputError, NotFoundError
+from secrets_manager.store.names import validate_name
+
+
+class Capability(StrEnum):
+    READ = "read"
+    LIST = "list"
+    WRITE = "write"
+    DELETE = "delete"
+    ROTATE = "rotate"
+    ADMIN = "admin"
+
+
+ALL_CAPABILITIES = frozenset(Capability)
+_CAPABILITY_NAMES = ", ".join(c.value for c in Capability)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One line of a role: which names (`path`), what it grants (`allow`) or denies (`deny`)."""
+
+    path: str
+    allow: frozenset[Capability] = frozenset()
+    deny: frozenset[Capability] = frozenset()
+    pattern: Pattern[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pattern", compile_glob(self.path))  # raises GlobError
+
+    def matches(self, name: str) -> bool:
+        return self.pattern.fullmatch(name) is not None
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str
+    rules: tuple[Rule, ...]
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Why a request was allowed or denied, for the audit log: the deciding role and rule if any."""
+
+    allowed: bool
+    identity: str
+    capability: Capability
+    name: str
+    reason: str
+    role: str | None = None
+    rule: Rule | None = None
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A parsed policy file. Build it with `Policy.parse` or `load_policy`."""
+
+    identities: Mapping[str, tuple[str, ...]]
+    roles: Mapping[str, Role]
+    source: str = "<policy>"
+
+    @classmethod
+    def parse(cls, text: str, source: str = "<policy>") -> Policy:
+        """Parse policy TOML; raises InvalidInputError naming `source` and the problem."""
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise InvalidInputError(f"{source}: not valid TOML: {exc}") from None
+        return _build(doc, source)
+
+    def roles_of(self, identity: str) -> tuple[str, ...]:
+        """The roles an identity holds; () for an identity the policy does not name."""
+        return self.identities.get(identity, ())
+
+    def decide(self, identity: str, capability: Capability | str, name: str) -> Decision:
+        """The decision with its reason. Raises only for an unknown capability (a caller bug)."""
+        wanted = _capability(capability)
+
+        def verdict(
+            allowed: bool, reason: str, role: str | None = None, rule: Rule | None = None
+        ) -> Decision:
+            return Decision(allowed, identity, wanted, name, reason, role, rule)
+
+        if not _is_valid_name(name):
+            return verdict(False, "not a valid secret name")
+        roles = self.roles_of(identity)
+        if not roles:
+            return verdict(False, "identity has no roles")
+        grant: tuple[str, Rule] | None = None
+        for role_name in roles:
+            for rule in self.roles[role_name].rules:
+                if not rule.matches(name):
+                    continue
+                if wanted in rule.deny or (wanted is Capability.ADMIN and rule.deny):
+                    return verdict(False, f"denied by role {role_name} rule {rule.path!r}", role_name, rule)
+                if grant is None and wanted in rule.allow:
+                    grant = (role_name, rule)
+        if grant is None:
+            return verdict(False, "no rule grants it")
+        role_name, rule = grant
+        return verdict(True, f"allowed by role {role_name} rule {rule.path!r}", role_name, rule)
+
+    def allows(self, identity: str, capability: Capability | str, name: str) -> bool:
+        """True only if a rule grants `capability` on `name` and no rule denies it."""
+        return self.decide(identity, capability, name).allowed
+
+    def filter_names(self, identity: str, capability: Capability | str, names: Iterable[str]) -> list[str]:
+        """The names (in their order) on which `identity` holds `capability`; invalid names dropped."""
+        wanted = _capability(capability)
+        if not self.roles_of(identity):
+            return []
+        return [name for name in names if self.allows(identity, wanted, name)]
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Read and parse a policy file (UTF-8 TOML)."""
+    source = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"policy file {source} does not exist") from None
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read policy file {source}: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"{source}: not UTF-8 text") from None
+    return Policy.parse(text, source)
+
+
+# ---- parsing --------------------------------------------------------------------------------------
+
+
+def _build(doc: dict[str, Any], source: str) -> Policy:
+    unknown = sorted(set(doc) - {"identities", "roles"})
+    if unknown:
+        raise _problem(
+            source, unknown[0], "unknown key; a policy has only [identities] and [roles.NAME] tables"
+        )
+
+    raw_roles = doc.get("roles", {})
+    if not isinstance(raw_roles, dict):
+        raise _problem(source, "roles", "must be a table of roles, e.g. [roles.auth-reader]")
+    roles: dict[str, Role] = {}
+    for role_name, raw_role in raw_roles.items():
+        roles[role_name] = _build_role(role_name, raw_role, source)
+
+    raw_identities = doc.get("identities", {})
+    if not isinstance(raw_identities, dict):
+        raise _problem(source, "identities", 'must be a table: "identity" = ["role", ...]')
+    identities: dict[str, tuple[str, ...]] = {}
+    for identity, role_names in raw_identities.items():
+        where = f'identities."{identity}"'
+        if not identity.strip() or identity != identity.strip():
+            raise _problem(source, where, "an identity must be non-empty and have no surrounding spaces")
+        if not isinstance(role_names, list) or not all(isinstance(r, str) for r in role_names):
+            raise _problem(source, where, "must be a list of role names")
+        for role_name in role_names:
+            if role_name not in roles:
+                raise _problem(
+                    source, where, f"role {role_name!r} is not defined (add a [roles.{role_name}] table)"
+                )
+        identities[identity] = tuple(dict.fromkeys(role_names))
+    return Policy(MappingProxyType(identities), MappingProxyType(roles), source)
+
+
+def _problem(source: str, where: str, problem: str) -> InvalidInputError:
+    return InvalidInputError(f"{source}: {where}: {problem}")
+
+
+def _build_role(role_name: str, raw_role: Any, source: str) -> Role:
+    where = f"roles.{role_name}"
+    if not isinstance(raw_role, dict):
+        raise _problem(source, where, "must be a table with a 'rules' list")
+    unknown = sorted(set(raw_role) - {"rules", "description"})
+    if unknown:
+        raise _problem(
+            source, f"{where}.{unknown[0]}", "unknown key; a role has 'rules' and an optional 'description'"
+        )
+    description = raw_role.get("description", "")
+    if not isinstance(description, str):
+        raise _problem(source, f"{where}.description", "must be a string")
+    raw_rules = raw_role.get("rules")
+    if not isinstance(raw_rules, list):
+        raise _problem(
+            source,
+            where,
+            'needs a \'rules\' list, e.g. rules = [ { path = "auth/*", capabilities = ["read"] } ]',
+        )
+    rules = tuple(
+        _build_rule(raw_rule, f"{where}.rules[{i}]", source) for i, raw_rule in enumerate(raw_rules)
+    )
+    return Role(role_name, rules, description)
+
+
+def _build_rule(raw_rule: Any, where: str, source: str) -> Rule:
+    if not isinstance(raw_rule, dict):
+        raise _problem(source, where, 'must be a table like { path = "auth/*", capabilities = ["read"] }')
+    unknown = sorted(set(raw_rule) - {"path", "capabilities", "deny"})
+    if unknown:
+        raise _problem(
+            source, f"{where}.{unknown[0]}", "unknown key; a rule has 'path' and 'capabilities' or 'deny'"
+        )
+    path = raw_rule.get("path")
+    if not isinstance(path, str):
+        raise _problem(source, where, "needs a 'path' glob string")
+    has_allow, has_deny = "capabilities" in raw_rule, "deny" in raw_rule
+    if has_allow == has_deny:
+        raise _problem(source, where, "give exactly one of 'capabilities' (grant) or 'deny'")
+    allow: frozenset[Capability] = frozenset()
+    deny: frozenset[Capability] = frozenset()
+    if has_allow:
+        allow = _capability_set(raw_rule["capabilities"], f"{where}.capabilities", source)
+    else:
+        raw_deny = raw_rule["deny"]
+        if raw_deny is True:
+            deny = ALL_CAPABILITIES
+        elif isinstance(raw_deny, bool):
+            raise _problem(
+                source, f"{where}.deny", "deny = false means nothing; remove the rule or list capabilities"
+            )
+        else:
+            deny = _capability_set(raw_deny, f"{where}.deny", source)
+    try:
+        return Rule(path, allow, deny)
+    except GlobError as exc:
+        raise _problem(source, f"{where}.path", str(exc)) from None
+
+
+def _capability_set(raw: Any, where: str, source: str) -> frozenset[Capability]:
+    if not isinstance(raw, list) or not raw or not all(isinstance(c, str) for c in raw):
+        raise _problem(source, where, f"must be a non-empty list of capabilities ({_CAPABILITY_NAMES})")
+    found = set()
+    for name in raw:
+        try:
+            found.add(Capability(name))
+        except ValueError:
+            raise _problem(
+                source, where, f"unknown capability {name!r} (expected one of {_CAPABILITY_NAMES})"
+            ) from None
+    return ALL_CAPABILITIES if Capability.ADMIN in found else frozenset(found)
+
+
+def _capability(value: Capability | str) -> Capability:
+    try:
+        return Capability(value)
+    except ValueError:
+        raise InvalidInputError(
+            f"unknown capability {value!r} (expected one of {_CAPABILITY_NAMES})"
+        ) from None
+
+
+def _is_valid_name(name: object) -> bool:
+    if not isinstance(name, str):
+        return False
+    try:
+        validate_name(name)
+    except InvalidInputError:
+        return False
+    return True

@@ -1,0 +1,181 @@
+"""The PKI directory: `ca.pem`, `ca-key.pem`, and `NAME.pem` + `NAME-key.pem` per certificate.
+
+Invariants: the directory (and any ancestor we create) is made 0700; every file is written 0600,
+atomically (a temporary file in the same directory, fsync, then link or rename, then fsync of the
+directory), so a reader sees the old file or the new one, never half of one. Nothing is
+overwritten without `force`: replacing a CA invalidates every certificate it issued.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from cryptography import x509
+
+from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError
+from secrets_manager.tls.identity import identity_from_certificate
+from secrets_manager.tls.pki import (
+    CA_DAYS,
+    CERTIFICATE_DAYS,
+    DEFAULT_CA_NAME,
+    DEFAULT_TRUST_DOMAIN,
+    check_name,
+    issue,
+    new_ca,
+)
+
+CA_CERT_FILE = "ca.pem"
+CA_KEY_FILE = "ca-key.pem"
+
+
+@dataclass(frozen=True)
+class WrittenCertificate:
+    """What a `pki` command wrote: the two files, whose identity, valid until when."""
+
+    certificate: Path
+    key: Path
+    identity: str
+    not_after: datetime
+
+
+def init_ca(
+    directory: str | os.PathLike[str],
+    *,
+    trust_domain: str = DEFAULT_TRUST_DOMAIN,
+    days: int = CA_DAYS,
+    common_name: str = DEFAULT_CA_NAME,
+    force: bool = False,
+) -> WrittenCertificate:
+    """Create `ca.pem` and `ca-key.pem` in `directory`; ConflictError if either exists (unless force)."""
+    folder = Path(directory)
+    cert_path, key_path = folder / CA_CERT_FILE, folder / CA_KEY_FILE
+    if not force:
+        _refuse_existing(
+            (cert_path, key_path),
+            "a CA already exists at {path}; 'pki init' replaces a CA only with --force "
+            "(every certificate it issued stops working)",
+        )
+    cert_pem, key_pem = new_ca(common_name, days, trust_domain)
+    return _write_pair(folder, cert_path, key_path, cert_pem, key_pem, overwrite=force)
+
+
+def issue_certificate(
+    directory: str | os.PathLike[str],
+    name: str,
+    *,
+    server: bool = False,
+    dns: Iterable[str] = (),
+    ips: Iterable[str] = (),
+    days: int = CERTIFICATE_DAYS,
+    force: bool = False,
+) -> WrittenCertificate:
+    """Issue `NAME.pem` + `NAME-key.pem`, signed by the CA in `directory`."""
+    check_name(name)
+    if name == "ca" or name.endswith("-key"):
+        raise InvalidInputError(
+            f"the certificate name {name!r} would collide with the CA's or another key's file name"
+        )
+    folder = Path(directory)
+    ca_cert_pem, ca_key_pem = read_ca(folder)
+    cert_path, key_path = folder / f"{name}.pem", folder / f"{name}-key.pem"
+    if not force:
+        _refuse_existing((cert_path, key_path), "{path} already exists; add --force to replace it")
+    cert_pem, key_pem = issue(ca_cert_pem, ca_key_pem, name, server=server, dns=dns, ips=ips, days=days)
+    return _write_pair(folder, cert_path, key_path, cert_pem, key_pem, overwrite=force)
+
+
+def read_ca(directory: str | os.PathLike[str]) -> tuple[bytes, bytes]:
+    """(ca.pem, ca-key.pem) from `directory`; NotFoundError naming the missing file."""
+    folder = Path(directory)
+    found = []
+    for path in (folder / CA_CERT_FILE, folder / CA_KEY_FILE):
+        try:
+            found.append(path.read_bytes())
+        except FileNotFoundError:
+            raise NotFoundError(
+                f"no CA in {folder}: {path.name} is missing; "
+                f"run 'secrets-manager pki init --dir {folder}' first"
+            ) from None
+        except OSError as exc:
+            raise InvalidInputError(f"cannot read {path}: {exc.strerror}") from None
+    return found[0], found[1]
+
+
+def make_private_directory(directory: Path) -> None:
+    """Create `directory` and any missing ancestors 0700 (mkdir(parents=True) would use the umask)."""
+    missing = [p for p in (directory, *directory.parents) if not p.exists()]
+    try:
+        for folder in reversed(missing):
+            folder.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot create directory {directory}: {exc.strerror}") from None
+    if not directory.is_dir():
+        raise InvalidInputError(f"{directory} is not a directory")
+
+
+def write_private_file(path: Path, data: bytes, *, overwrite: bool) -> None:
+    """Write `data` to `path` atomically, mode 0600; ConflictError if it exists and not `overwrite`."""
+    try:
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise InvalidInputError(f"cannot write in {path.parent}: {exc.strerror}") from None
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # mkstemp already creates 0600; say so rather than rely on it
+            os.write(fd, data)  # PEM files are a few hundred bytes: one write
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if overwrite:
+            os.replace(temporary, path)
+        else:
+            os.link(temporary, path)  # fails if `path` exists, where a rename would clobber it
+    except FileExistsError:
+        raise ConflictError(f"{path} already exists; add --force to replace it") from None
+    except OSError as exc:
+        raise InvalidInputError(f"cannot write {path}: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+    _fsync_directory(path.parent)
+
+
+def _write_pair(
+    folder: Path, cert_path: Path, key_path: Path, cert_pem: bytes, key_pem: bytes, *, overwrite: bool
+) -> WrittenCertificate:
+    make_private_directory(folder)
+    write_private_file(key_path, key_pem, overwrite=overwrite)
+    try:
+        write_private_file(cert_path, cert_pem, overwrite=overwrite)
+    except BaseException:
+        if not overwrite:  # the key is ours alone: do not leave half a pair behind
+            with contextlib.suppress(OSError):
+                key_path.unlink()
+        raise
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    return WrittenCertificate(cert_path, key_path, identity_from_certificate(cert), cert.not_valid_after_utc)
+
+
+def _refuse_existing(paths: Iterable[Path], message: str) -> None:
+    for path in paths:
+        if os.path.lexists(path):
+            raise ConflictError(message.format(path=path))
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,108 @@
+"""Who is calling: the identity in a peer's client certificate.
+
+The identity is the certificate's SPIFFE ID (its one `spiffe://` URI SAN) if it has one, else its
+subject common name. It is the key the access policy's [identities] table is looked up by.
+
+Invariant: a certificate whose identity is ambiguous or malformed (two SPIFFE IDs, a SPIFFE ID
+that is not `spiffe://<trust-domain>/<path>`, several CNs, control characters) yields an
+IdentityError, never a guess; in particular a bad SPIFFE ID does not fall back to the CN.
+This module takes plain values and does not import grpc.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+
+from secrets_manager.errors import AccessDeniedError
+
+_SPIFFE_ID = re.compile(r"spiffe://[a-z0-9_-]+(?:\.[a-z0-9_-]+)*(?:/[A-Za-z0-9._-]+)*")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class IdentityError(AccessDeniedError):
+    """The peer presented no certificate, or one that names no usable identity."""
+
+    kind = "unauthenticated"
+
+
+def identity_from_certificate(certificate: bytes | str | x509.Certificate) -> str:
+    """The SPIFFE ID of a certificate (PEM or DER), else its subject CN."""
+    cert = _load(certificate)
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    spiffe_ids = [uri for uri in uris if uri.lower().startswith("spiffe:")]
+    if len(spiffe_ids) > 1:
+        raise IdentityError("the client certificate has more than one SPIFFE ID")
+    if spiffe_ids:
+        spiffe_id = spiffe_ids[0]
+        segments = spiffe_id.removeprefix("spiffe://").split("/")[1:]
+        if not _SPIFFE_ID.fullmatch(spiffe_id) or any(s in (".", "..") for s in segments):
+            raise IdentityError(f"the client certificate's SPIFFE ID {spiffe_id!r} is malformed")
+        return spiffe_id
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        raise IdentityError("the client certificate has neither a SPIFFE ID (URI SAN) nor a common name")
+    if len(names) > 1:
+        raise IdentityError("the client certificate has more than one common name")
+    common_name = names[0].value
+    if isinstance(common_name, bytes):
+        common_name = common_name.decode("utf-8", errors="replace")
+    if not _usable_common_name(common_name):
+        raise IdentityError("the client certificate's common name is empty or has control characters")
+    return common_name
+
+
+def identity_from_auth_context(auth_context: Mapping[str, Iterable[bytes | str]]) -> str:
+    """The caller's identity from a grpc ServicerContext's `auth_context()`.
+
+    grpc (core's SSL security connector) fills that dict, str → list of bytes, for a TLS peer
+    (as seen with grpcio 1.85): `transport_security_type` [b"ssl"], `security_level`,
+    `ssl_session_reused`, `ssl_tls_version`; and when the peer sent a verified certificate
+    `x509_pem_cert` [its PEM], `x509_subject` [b"CN=auth"], `x509_common_name` [b"auth"],
+    `x509_subject_alternative_name` [each SAN as text], `peer_uri` and `peer_spiffe_id`
+    [b"spiffe://…"]. An insecure channel has no `transport_security_type` of "ssl".
+
+    The certificate itself is authoritative and goes through `identity_from_certificate`, so one
+    rule decides identities. Without it (older grpc), the CN is used only if grpc reports no SAN
+    at all, so a SPIFFE ID is never silently ignored.
+    """
+    if _values(auth_context, "transport_security_type") != ["ssl"]:
+        raise IdentityError("the connection is not TLS; mutual TLS is required")
+    pem = _values(auth_context, "x509_pem_cert")
+    if pem:
+        return identity_from_certificate(pem[0])
+    common_names = _values(auth_context, "x509_common_name")
+    has_san = bool(_values(auth_context, "x509_subject_alternative_name"))
+    if len(common_names) == 1 and not has_san and _usable_common_name(common_names[0]):
+        return common_names[0]
+    raise IdentityError("the caller presented no usable client certificate; mutual TLS is required")
+
+
+def _usable_common_name(name: str) -> bool:
+    return bool(name.strip()) and not _CONTROL.search(name)
+
+
+def _values(auth_context: Mapping[str, Iterable[bytes | str]], key: str) -> list[str]:
+    return [
+        value.decode("utf-8", errors="replace") if isinstance(value, bytes) else value
+        for value in auth_context.get(key, ())
+    ]
+
+
+def _load(certificate: bytes | str | x509.Certificate) -> x509.Certificate:
+    if isinstance(certificate, x509.Certificate):
+        return certificate
+    data = certificate.encode("ascii", errors="replace") if isinstance(certificate, str) else certificate
+    try:
+        if data.lstrip().startswith(b"-----BEGIN"):
+            return x509.load_pem_x509_certificate(data)
+        return x509.load_der_x509_certificate(data)
+    except ValueError:
+        raise IdentityError("the client certificate is not a valid X.509 certificate") from None

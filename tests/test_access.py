@@ -1,0 +1,427 @@
+"""Access control (DESIGN.md §6, issue #5): identities → roles → path-glob rules, default deny,
+explicit deny wins, admin implies every capability, and names that try to escape a glob."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from secrets_manager import access
+from secrets_manager.access import Capability, Policy, load_policy
+from secrets_manager.access.patterns import GlobError, compile_glob
+from secrets_manager.errors import InvalidInputError, NotFoundError
+
+AUTH = "spiffe://shrivenquant.local/auth"
+MARKET = "market-connector"
+
+SEED_POLICY = """
+[identities]
+"spiffe://shrivenquant.local/auth" = ["auth-reader"]
+"market-connector" = ["mc-reader"]          # a certificate CN also works as an identity
+"ops" = ["admin"]
+"deployer" = ["auth-reader", "writer"]
+"nobody" = []
+
+[roles.auth-reader]
+rules = [ { path = "auth/*", capabilities = ["read", "list"] } ]
+
+[roles.mc-reader]
+description = "market-connector reads its own secrets"
+rules = [ { path = "market-connector/*", capabilities = ["read", "list"] } ]
+
+[roles.writer]
+rules = [ { path = "auth/**", capabilities = ["write", "rotate"] },
+          { path = "auth/ROOT_*", deny = ["write"] } ]
+
+[roles.admin]
+rules = [ { path = "**", capabilities = ["admin"] },
+          { path = "auth/ROOT_*", deny = ["write"] } ]   # deny = true denies every capability
+"""
+
+
+@pytest.fixture(scope="module")
+def policy() -> Policy:
+    return Policy.parse(SEED_POLICY, source="seed.toml")
+
+
+def parse_error(text: str, source: str = "policy.toml") -> str:
+    with pytest.raises(InvalidInputError) as caught:
+        Policy.parse(text, source=source)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{source}: ")
+    return message
+
+
+# ---- the public face ----------------------------------------------------------------------------
+
+
+def test_public_api_is_pinned() -> None:
+    assert sorted(access.__all__) == ["Capability", "Decision", "Policy", "Role", "Rule", "load_policy"]
+
+
+# ---- decisions ----------------------------------------------------------------------------------
+
+
+def test_role_grants_its_capabilities_on_matching_names(policy: Policy) -> None:
+    assert policy.allows(AUTH, "read", "auth/DB_PASSWORD")
+    assert policy.allows(AUTH, Capability.LIST, "auth/DB_PASSWORD")
+    assert policy.allows(MARKET, "read", "market-connector/BINANCE_API_KEY")
+
+
+def test_default_deny_for_capabilities_the_role_lacks(policy: Policy) -> None:
+    for capability in ("write", "delete", "rotate", "admin"):
+        assert not policy.allows(AUTH, capability, "auth/DB_PASSWORD")
+
+
+def test_default_deny_outside_the_roles_paths(policy: Policy) -> None:
+    assert not policy.allows(AUTH, "read", "market-connector/BINANCE_API_KEY")
+    assert not policy.allows(MARKET, "read", "auth/DB_PASSWORD")
+    assert not policy.allows(AUTH, "read", "auth/nested/DB_PASSWORD")  # '*' is one segment only
+    assert not policy.allows(AUTH, "read", "AUTH/DB_PASSWORD")  # names are case-sensitive
+
+
+def test_unknown_identity_has_no_rights(policy: Policy) -> None:
+    for identity in (
+        "stranger",
+        "",
+        "spiffe://shrivenquant.local/auth/",
+        "spiffe://other.domain/auth",
+        "OPS",
+    ):
+        assert policy.roles_of(identity) == ()
+        assert not policy.allows(identity, "read", "auth/DB_PASSWORD")
+        assert policy.filter_names(identity, "read", ["auth/DB_PASSWORD"]) == []
+
+
+def test_identity_with_an_empty_role_list_has_no_rights(policy: Policy) -> None:
+    assert policy.roles_of("nobody") == ()
+    assert not policy.allows("nobody", "read", "auth/X")
+
+
+def test_roles_of_lists_an_identitys_roles_in_file_order(policy: Policy) -> None:
+    assert policy.roles_of("deployer") == ("auth-reader", "writer")
+    assert policy.roles_of("ops") == ("admin",)
+
+
+def test_admin_implies_every_capability(policy: Policy) -> None:
+    for capability in Capability:
+        assert policy.allows("ops", capability, "market-connector/BINANCE_API_KEY")
+        assert policy.allows("ops", capability, "TOP_LEVEL")
+        assert policy.allows("ops", capability, "a/b/c/d")
+
+
+def test_explicit_deny_wins_over_admin(policy: Policy) -> None:
+    assert not policy.allows("ops", "write", "auth/ROOT_TOKEN")
+    assert policy.allows("ops", "read", "auth/ROOT_TOKEN")
+    assert policy.allows("ops", "write", "auth/OTHER")
+
+
+def test_a_request_for_admin_is_denied_where_any_capability_is_denied(policy: Policy) -> None:
+    assert policy.allows("ops", "admin", "auth/OTHER")
+    assert not policy.allows("ops", "admin", "auth/ROOT_TOKEN")
+
+
+def test_explicit_deny_in_one_role_wins_over_an_allow_in_another() -> None:
+    policy = Policy.parse(
+        """
+        [identities]
+        svc = ["reader", "fence"]
+        [roles.reader]
+        rules = [ { path = "auth/*", capabilities = ["read"] } ]
+        [roles.fence]
+        rules = [ { path = "auth/ROOT_*", deny = ["read"] } ]
+        """
+    )
+    assert policy.allows("svc", "read", "auth/DB")
+    assert not policy.allows("svc", "read", "auth/ROOT_KEY")
+
+
+def test_deny_true_denies_every_capability() -> None:
+    policy = Policy.parse(
+        """
+        [identities]
+        ops = ["admin"]
+        [roles.admin]
+        rules = [ { path = "**", capabilities = ["admin"] }, { path = "vault/**", deny = true } ]
+        """
+    )
+    for capability in Capability:
+        assert not policy.allows("ops", capability, "vault/master")
+        assert policy.allows("ops", capability, "other/master")
+
+
+def test_deny_admin_is_the_same_as_deny_true() -> None:
+    policy = Policy.parse(
+        """
+        [identities]
+        ops = ["admin"]
+        [roles.admin]
+        rules = [ { path = "**", capabilities = ["admin"] }, { path = "vault/*", deny = ["admin"] } ]
+        """
+    )
+    assert not any(policy.allows("ops", c, "vault/master") for c in Capability)
+
+
+def test_deny_order_within_a_role_does_not_matter() -> None:
+    first = '{ path = "auth/ROOT_*", deny = ["read"] }'
+    second = '{ path = "auth/*", capabilities = ["read"] }'
+    for rules in (f"[{first}, {second}]", f"[{second}, {first}]"):
+        policy = Policy.parse(f'[identities]\nsvc = ["r"]\n[roles.r]\nrules = {rules}\n')
+        assert not policy.allows("svc", "read", "auth/ROOT_KEY")
+        assert policy.allows("svc", "read", "auth/KEY")
+
+
+def test_unknown_capability_in_a_request_is_a_caller_error(policy: Policy) -> None:
+    with pytest.raises(InvalidInputError, match="unknown capability 'reed'"):
+        policy.allows(AUTH, "reed", "auth/X")
+
+
+def test_decision_names_the_deciding_role_and_rule(policy: Policy) -> None:
+    allowed = policy.decide("deployer", "read", "auth/DB")
+    assert allowed and allowed.role == "auth-reader" and allowed.rule is not None
+    assert allowed.rule.path == "auth/*"
+    assert "auth-reader" in allowed.reason
+
+    denied = policy.decide("deployer", "write", "auth/ROOT_TOKEN")
+    assert not denied and denied.role == "writer" and denied.rule is not None
+    assert denied.rule.path == "auth/ROOT_*" and denied.reason.startswith("denied by")
+
+    assert policy.decide("deployer", "delete", "auth/DB").reason == "no rule grants it"
+    assert policy.decide("stranger", "read", "auth/DB").reason == "identity has no roles"
+    assert policy.decide(AUTH, "read", "auth/../x").reason == "not a valid secret name"
+
+
+# ---- list filtering -----------------------------------------------------------------------------
+
+
+def test_filter_names_keeps_only_permitted_names_in_order(policy: Policy) -> None:
+    names = [
+        "market-connector/BINANCE_API_KEY",
+        "auth/JWT_SECRET",
+        "auth/nested/X",
+        "auth/DB_PASSWORD",
+        "TOP_LEVEL",
+        "auth/../market-connector/BINANCE_API_KEY",
+    ]
+    assert policy.filter_names(AUTH, "list", names) == ["auth/JWT_SECRET", "auth/DB_PASSWORD"]
+    assert policy.filter_names(MARKET, "list", names) == ["market-connector/BINANCE_API_KEY"]
+    assert policy.filter_names("ops", "list", names) == names[:5]
+
+
+def test_filter_names_respects_denies(policy: Policy) -> None:
+    names = ["auth/ROOT_TOKEN", "auth/DB", "auth/x/y"]
+    assert policy.filter_names("deployer", "write", names) == ["auth/DB", "auth/x/y"]
+
+
+def test_filter_names_accepts_any_iterable(policy: Policy) -> None:
+    assert policy.filter_names(AUTH, "read", (n for n in ["auth/A", "other/B"])) == ["auth/A"]
+
+
+# ---- glob semantics -----------------------------------------------------------------------------
+
+GLOB_CASES = [
+    # pattern, name, matches
+    ("auth/*", "auth/DB", True),
+    ("auth/*", "auth/a.b-c_d", True),
+    ("auth/*", "auth/x/DB", False),
+    ("auth/*", "auth", False),
+    ("auth/*", "authz/DB", False),
+    ("auth/*_KEY", "auth/API_KEY", True),
+    ("auth/*_KEY", "auth/API_KEY2", False),
+    ("auth/*_KEY", "auth/x/API_KEY", False),
+    ("*", "TOP", True),
+    ("*", "a/b", False),
+    ("*/*", "a/b", True),
+    ("*/*", "a/b/c", False),
+    ("auth/**", "auth/DB", True),
+    ("auth/**", "auth/x/y/z", True),
+    ("auth/**", "auth", False),
+    ("auth/**", "authz/DB", False),
+    ("**", "a", True),
+    ("**", "a/b/c", True),
+    ("**/KEY", "KEY", True),
+    ("**/KEY", "a/KEY", True),
+    ("**/KEY", "a/b/KEY", True),
+    ("**/KEY", "a/MYKEY", False),
+    ("a/**/b", "a/b", True),
+    ("a/**/b", "a/x/b", True),
+    ("a/**/b", "a/x/y/b", True),
+    ("a/**/b", "a/xb", False),
+    ("a/**/b", "ab", False),
+    ("a**", "a/b/c", True),
+    ("a**", "abc", True),
+    ("a/?", "a/b", True),
+    ("a/?", "a/bc", False),
+    ("a/???", "a/bcd", True),
+    ("a?b", "a/b", False),
+    ("a.b", "a.b", True),
+    ("a.b", "axb", False),  # '.' is literal, not a regex wildcard
+    ("a-b", "a-b", True),
+    ("auth/DB", "auth/DB", True),
+    ("auth/DB", "auth/DB2", False),
+    ("auth/DB", "xauth/DB", False),
+]
+
+
+@pytest.mark.parametrize(("pattern", "name", "matches"), GLOB_CASES)
+def test_glob_semantics(pattern: str, name: str, matches: bool) -> None:
+    assert (compile_glob(pattern).fullmatch(name) is not None) is matches
+    policy = Policy.parse(
+        f'[identities]\nsvc = ["r"]\n[roles.r]\nrules = [{{ path = "{pattern}", capabilities = ["read"] }}]\n'
+    )
+    assert policy.allows("svc", "read", name) is matches
+
+
+@pytest.mark.parametrize(
+    ("pattern", "problem"),
+    [
+        ("", "empty"),
+        ("/auth/*", "empty segment"),
+        ("auth/", "empty segment"),
+        ("auth//x", "empty segment"),
+        ("auth/***", "'***'"),
+        ("auth/../x", "'..' segment"),
+        ("./auth", "'.' segment"),
+        ("auth/[ab]", "characters no secret name contains"),
+        ("auth/{a,b}", "characters no secret name contains"),
+        ("auth/x y", "characters no secret name contains"),
+        ("auth/\u0430", "characters no secret name contains"),  # CYRILLIC SMALL LETTER A
+    ],
+)
+def test_malformed_globs_are_rejected(pattern: str, problem: str) -> None:
+    with pytest.raises(GlobError, match=problem.replace("*", r"\*").replace(".", r"\.")):
+        compile_glob(pattern)
+
+
+# ---- escape attempts ----------------------------------------------------------------------------
+
+ESCAPES = [
+    "auth/../market-connector/BINANCE_API_KEY",
+    "auth/..",
+    "auth/./X",
+    "auth/%2e%2e/market-connector/X",
+    "auth/%2E%2E/X",
+    "auth/..%2fmarket-connector/X",
+    "auth/X/",
+    "auth//X",
+    "/auth/X",
+    "auth/X\x00",
+    "auth/X\x00/../../market-connector/X",
+    "auth/X\n",
+    "auth/\u0430pi",  # CYRILLIC SMALL LETTER A look-alike
+    "auth/X\u2215Y",  # DIVISION SLASH look-alike
+    "auth/X\uff0fY",  # FULLWIDTH SOLIDUS
+    "auth\uff0fX",
+    "auth/\u2024\u2024/X",  # ONE DOT LEADER pair
+    "auth/X\\..\\Y",
+    "auth/ X",
+    "auth/-X",
+    "",
+    "auth/" + "A" * 300,
+]
+
+
+@pytest.mark.parametrize("name", ESCAPES)
+def test_names_that_try_to_escape_a_glob_never_match(policy: Policy, name: str) -> None:
+    for identity in (AUTH, "ops"):
+        for capability in Capability:
+            assert policy.allows(identity, capability, name) is False
+    assert policy.filter_names("ops", "read", [name]) == []
+
+
+def test_non_string_names_are_denied_not_raised(policy: Policy) -> None:
+    for name in (None, b"auth/X", 3, ["auth/X"]):
+        assert policy.allows("ops", "read", name) is False  # type: ignore[arg-type]
+
+
+# ---- parse errors -------------------------------------------------------------------------------
+
+
+def test_toml_syntax_error_names_file_line_and_column() -> None:
+    message = parse_error('[identities]\nsvc = ["r"] x\n', source="/etc/sm/policy.toml")
+    assert "not valid TOML" in message
+    assert "line 2" in message and "column" in message
+
+
+def test_unknown_capability_is_rejected_with_its_place() -> None:
+    message = parse_error('[roles.r]\nrules = [ { path = "a/*", capabilities = ["reed"] } ]\n')
+    assert "roles.r.rules[0].capabilities" in message and "unknown capability 'reed'" in message
+    assert "read, list, write, delete, rotate, admin" in message
+
+
+def test_unknown_capability_in_a_deny_is_rejected() -> None:
+    message = parse_error('[roles.r]\nrules = [ { path = "a/*", deny = ["wipe"] } ]\n')
+    assert "roles.r.rules[0].deny" in message and "'wipe'" in message
+
+
+def test_undefined_role_is_rejected() -> None:
+    message = parse_error('[identities]\nsvc = ["ghost"]\n')
+    assert 'identities."svc"' in message and "role 'ghost' is not defined" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[identitys]\n", "identitys: unknown key"),
+        ("[roles.r]\nrulez = []\n", "roles.r.rulez: unknown key"),
+        (
+            '[roles.r]\nrules = [ { path = "a", capabilities = ["read"], paths = "b" } ]\n',
+            "rules[0].paths: unknown key",
+        ),
+        ("[roles.r]\n", "needs a 'rules' list"),
+        ('[roles.r]\nrules = [ { capabilities = ["read"] } ]\n', "needs a 'path'"),
+        ('[roles.r]\nrules = [ { path = "a" } ]\n', "exactly one of 'capabilities'"),
+        ('[roles.r]\nrules = [ { path = "a", capabilities = ["read"], deny = true } ]\n', "exactly one of"),
+        ('[roles.r]\nrules = [ { path = "a", capabilities = [] } ]\n', "non-empty list"),
+        ('[roles.r]\nrules = [ { path = "a", capabilities = "read" } ]\n', "non-empty list"),
+        ('[roles.r]\nrules = [ { path = "a", deny = false } ]\n', "deny = false means nothing"),
+        ('[roles.r]\nrules = [ { path = "a/../b", capabilities = ["read"] } ]\n', "rules[0].path"),
+        ('[roles.r]\nrules = [ { path = "a/[x]", capabilities = ["read"] } ]\n', "rules[0].path"),
+        ('[roles.r]\nrules = [ "a/*" ]\n', "rules[0]: must be a table"),
+        ("roles = 3\n", "roles: must be a table"),
+        ('[identities]\nsvc = "admin"\n', "must be a list of role names"),
+        ('[roles.r]\nrules = []\n[identities]\n" svc" = ["r"]\n', "surrounding spaces"),
+        ("[roles.r]\nrules = []\ndescription = 3\n", "description: must be a string"),
+    ],
+)
+def test_malformed_policies_are_rejected_with_the_problem(text: str, needle: str) -> None:
+    assert needle in parse_error(text)
+
+
+def test_empty_policy_denies_everything() -> None:
+    policy = Policy.parse("")
+    assert not policy.allows("ops", "read", "a")
+
+
+def test_load_policy_reads_a_file_and_names_it_in_errors(tmp_path: Path) -> None:
+    good = tmp_path / "policy.toml"
+    good.write_text(SEED_POLICY, encoding="utf-8")
+    policy = load_policy(good)
+    assert policy.source == str(good)
+    assert policy.allows(AUTH, "read", "auth/X")
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[roles.r]\nrules = [ { path = "a", capabilities = ["fly"] } ]\n', encoding="utf-8")
+    with pytest.raises(InvalidInputError, match=f"^{bad}: roles.r"):
+        load_policy(bad)
+
+
+def test_load_policy_of_a_missing_file_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="does not exist"):
+        load_policy(tmp_path / "nope.toml")
+
+
+def test_load_policy_rejects_non_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[identities]\n"caf\xe9" = []\n')
+    with pytest.raises(InvalidInputError, match="not UTF-8"):
+        load_policy(path)
+
+
+def test_policy_is_immutable(policy: Policy) -> None:
+    with pytest.raises(AttributeError):
+        policy.source = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        policy.identities["ops"] = ()  # type: ignore[index]
