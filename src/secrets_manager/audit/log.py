@@ -35,7 +35,7 @@ from secrets_manager.store.base import Anchor
 GENESIS_HASH = "0" * 64
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_TIMEOUT_SECONDS = 5.0
-_TAIL_CHUNK = 64 * 1024
+_TAIL_CHUNK = 4096
 T = TypeVar("T")
 
 
@@ -221,6 +221,10 @@ class AuditLog:
                     yield _parse_line(line, path, number)
 
     def last_record(self) -> dict[str, Any] | None:
+        if self.path.exists():  # the common case: no need to look for rotated files
+            record = _last_record(self.path)
+            if record is not None:
+                return record
         for path in reversed(self.files()):
             record = _last_record(path)
             if record is not None:
@@ -327,19 +331,24 @@ def _first_record(path: Path) -> dict[str, Any] | None:
 
 
 def _last_record(path: Path) -> dict[str, Any] | None:
+    """The file's last record, reading backwards only as far as its start."""
     with path.open("rb") as handle:
-        handle.seek(0, os.SEEK_END)
-        end = handle.tell()
+        end = handle.seek(0, os.SEEK_END)
         if end == 0:
             return None
-        start = max(0, end - _TAIL_CHUNK)
-        handle.seek(start)
-        chunk = handle.read()
-    lines = chunk.rstrip(b"\n").split(b"\n")
+        chunk_size = _TAIL_CHUNK
+        while True:
+            start = max(0, end - chunk_size)
+            handle.seek(start)
+            chunk = handle.read()
+            body = chunk.rstrip(b"\n")
+            if b"\n" in body or start == 0:
+                break
+            chunk_size *= 4
     if not chunk.endswith(b"\n"):
         raise AuditError(f"audit log {path} ends in a partial record; run 'secrets-manager audit verify'")
     try:
-        return _parse_line(lines[-1], path, -1)
+        return _parse_line(body.rsplit(b"\n", 1)[-1], path, -1)
     except AuditTamperError:
         raise AuditError(
             f"audit log {path} ends in a damaged record; run 'secrets-manager audit verify'"

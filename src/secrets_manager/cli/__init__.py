@@ -11,7 +11,12 @@ import sys
 
 import click
 
-from secrets_manager.cli import audit_commands  # noqa: F401  (registers `audit`)
+from secrets_manager.cli import (
+    audit_commands,  # noqa: F401  (registers `audit`)
+    keys_commands,  # noqa: F401  (registers `keys`)
+    pki_commands,  # noqa: F401  (registers `pki`)
+    serve_commands,  # noqa: F401  (registers `serve`)
+)
 from secrets_manager.cli.app import cli
 from secrets_manager.cli.output import error_line
 from secrets_manager.errors import SecretsManagerError

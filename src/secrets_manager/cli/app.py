@@ -30,9 +30,10 @@ from secrets_manager.cli.password import (
     read_password_file,
     terminal_available,
 )
+from secrets_manager.client import RemoteStore, TlsFiles
 from secrets_manager.environment import Environment, current_environment
 from secrets_manager.errors import AccessDeniedError, ConflictError, InvalidInputError, UnlockError
-from secrets_manager.store import MAX_VALUE_SIZE, EncryptedStore, SecretMetadata, validate_name
+from secrets_manager.store import MAX_VALUE_SIZE, EncryptedStore, SecretMetadata, SecretStore, validate_name
 from secrets_manager.store.base import LABELS
 from secrets_manager.store.names import validate_prefix
 from secrets_manager.store.url import (
@@ -45,6 +46,8 @@ from secrets_manager.store.url import (
 from secrets_manager.values import SecretValue
 
 STORE_VARIABLE = "SECRETS_MANAGER_STORE"
+SERVER_VARIABLE = "SECRETS_MANAGER_ADDR"
+TLS_VARIABLES = ("SECRETS_MANAGER_CERT", "SECRETS_MANAGER_KEY", "SECRETS_MANAGER_CA")
 AUDIT_FILE_VARIABLE = "SECRETS_MANAGER_AUDIT_FILE"
 AUDIT_MAX_BYTES_VARIABLE = "SECRETS_MANAGER_AUDIT_MAX_BYTES"
 AUDIT_TIMEOUT_VARIABLE = "SECRETS_MANAGER_AUDIT_TIMEOUT"
@@ -59,6 +62,7 @@ class Session:
     audit_file: str | None
     environment: Environment
     environ: Mapping[str, str]
+    server: str | None = None
 
     @property
     def actor(self) -> str:
@@ -106,6 +110,34 @@ class Session:
                 warning_line(f"the failed unlock was not audited: {audit_exc}")
             raise
 
+    def tls_files(self) -> TlsFiles:
+        missing = [v for v in TLS_VARIABLES if not self.environ.get(v)]
+        if missing:
+            raise InvalidInputError(f"--server needs a client certificate: set {', '.join(missing)}")
+        cert, key, ca = (Path(self.environ[v]) for v in TLS_VARIABLES)
+        return TlsFiles(cert=cert, key=key, ca=ca)
+
+    def require_local(self, command: str) -> None:
+        if self.server:
+            raise InvalidInputError(
+                f"'{command}' works on a local store only; drop --server / {SERVER_VARIABLE}"
+            )
+
+    @contextmanager
+    def secret_operation(
+        self, operation: str, name: str | None = None, *, mutating: bool = False
+    ) -> Iterator[tuple[SecretStore, Note]]:
+        """A store operation that works locally (audited here) or against a service (audited there)."""
+        if self.server:
+            remote = RemoteStore(self.server, self.tls_files())
+            try:
+                yield remote, Note()
+            finally:
+                remote.close()
+            return
+        with self.operation(operation, name, mutating=mutating) as (store, event):
+            yield store, Note(event, store)
+
     @contextmanager
     def operation(
         self, operation: str, name: str | None = None, *, mutating: bool = False
@@ -137,6 +169,23 @@ class Session:
             store.close()
 
 
+class Note:
+    """What a command learns during its operation, for the local audit record (a no-op remotely)."""
+
+    def __init__(self, event: AuditEvent | None = None, store: EncryptedStore | None = None) -> None:
+        self._event = event
+        self._store = store
+
+    def version(self, number: int) -> None:
+        if self._event is not None:
+            self._event.version = number
+
+    def value(self, data: bytes) -> None:
+        """Record the value's `hmac-sha256:` fingerprint (never the value)."""
+        if self._event is not None and self._store is not None:
+            self._event.value_hmac = value_fingerprint(self._store, data)
+
+
 pass_session = click.make_pass_decorator(Session)
 
 
@@ -159,9 +208,22 @@ pass_session = click.make_pass_decorator(Session)
     metavar="PATH",
     help=f"Audit log file [env {AUDIT_FILE_VARIABLE}; default: <store>.audit.jsonl beside the store].",
 )
+@click.option(
+    "--server",
+    envvar=SERVER_VARIABLE,
+    metavar="HOST:PORT",
+    help=f"Use a secrets-manager service instead of a local store [env {SERVER_VARIABLE}]; "
+    "mutual TLS from SECRETS_MANAGER_CERT, SECRETS_MANAGER_KEY, SECRETS_MANAGER_CA.",
+)
 @click.version_option(package_version("secrets-manager"), prog_name="secrets-manager")
 @click.pass_context
-def cli(ctx: click.Context, store_url: str | None, password_file: str | None, audit_file: str | None) -> None:
+def cli(
+    ctx: click.Context,
+    store_url: str | None,
+    password_file: str | None,
+    audit_file: str | None,
+    server: str | None,
+) -> None:
     """Keep credentials encrypted (AES-256-GCM, Argon2id, a separate key per service).
 
     \b
@@ -176,6 +238,7 @@ def cli(ctx: click.Context, store_url: str | None, password_file: str | None, au
         audit_file=audit_file or None,
         environment=current_environment(),
         environ=os.environ,
+        server=server or None,
     )
 
 
@@ -190,6 +253,7 @@ def cli(ctx: click.Context, store_url: str | None, password_file: str | None, au
 @pass_session
 def init(session: Session, kdf_profile: str) -> None:
     """Create a new, empty store. Never overwrites an existing one."""
+    session.require_local("init")
     path = sqlite_path(session.store_url)
     if path.exists():
         raise ConflictError(f"a store already exists at {path}; init never overwrites one")
@@ -242,8 +306,8 @@ def store_command(
     validate_name(name)
     parsed_tags = parse_tags(tags) if tags else None
     secret = read_value(value, value_file, raw=raw)
-    with session.operation("store", name, mutating=True) as (store, event):
-        event.value_hmac = value_fingerprint(store, secret.reveal())
+    with session.secret_operation("store", name, mutating=True) as (store, note):
+        note.value(secret.reveal())
         info = store.put(
             name,
             secret.reveal(),
@@ -251,7 +315,7 @@ def store_command(
             description=description,
             tags=parsed_tags,
         )
-        event.version = info.version
+        note.version(info.version)
     if as_json:
         print_json({"name": name, "version": info.version})
     else:
@@ -274,10 +338,10 @@ def get(
         raise InvalidInputError("--raw and --json exclude each other")
     if version is not None and label is not None:
         raise InvalidInputError("give --version or --label, not both")
-    with session.operation("get", name) as (store, event):
+    with session.secret_operation("get", name) as (store, note):
         secret = store.get(name, version=version, label=label)
-        event.version = secret.version
-        event.value_hmac = value_fingerprint(store, secret.value.reveal())
+        note.version(secret.version)
+        note.value(secret.value.reveal())
     data = secret.value.reveal()
     if raw:
         sys.stdout.buffer.write(data)
@@ -314,7 +378,7 @@ def get(
 def list_command(session: Session, prefix: str, long_format: bool, deleted: bool, as_json: bool) -> None:
     """List secret names (never values), optionally only those starting with PREFIX."""
     validate_prefix(prefix)
-    with session.operation("list", prefix or None) as (store, _):
+    with session.secret_operation("list", prefix or None) as (store, _):
         secrets = store.list(prefix, include_deleted=deleted)
     if as_json:
         print_json([metadata_doc(meta) for meta in secrets])
@@ -344,7 +408,7 @@ def list_command(session: Session, prefix: str, long_format: bool, deleted: bool
 def history(session: Session, name: str, as_json: bool) -> None:
     """Show the versions of NAME: when, by whom, labels, destroyed or not (never values)."""
     validate_name(name)
-    with session.operation("history", name) as (store, _):
+    with session.secret_operation("history", name) as (store, _):
         meta = store.describe(name)
     if as_json:
         print_json(metadata_doc(meta))
@@ -370,7 +434,7 @@ def history(session: Session, name: str, as_json: bool) -> None:
 def delete(session: Session, name: str) -> None:
     """Soft-delete NAME: hidden from get and list until 'undelete'."""
     validate_name(name)
-    with session.operation("delete", name, mutating=True) as (store, _):
+    with session.secret_operation("delete", name, mutating=True) as (store, _):
         store.delete(name)
     info_line(f"deleted {name} (recoverable with 'secrets-manager undelete {name}')")
 
@@ -381,7 +445,7 @@ def delete(session: Session, name: str) -> None:
 def undelete(session: Session, name: str) -> None:
     """Restore a soft-deleted NAME."""
     validate_name(name)
-    with session.operation("undelete", name, mutating=True) as (store, _):
+    with session.secret_operation("undelete", name, mutating=True) as (store, _):
         store.undelete(name)
     info_line(f"restored {name}")
 
@@ -400,6 +464,7 @@ def undelete(session: Session, name: str) -> None:
 @pass_session
 def destroy(session: Session, name: str, versions: tuple[int, ...], destroy_all: bool) -> None:
     """Erase versions of NAME for good (cannot be undone)."""
+    session.require_local("destroy")
     validate_name(name)
     if bool(versions) == destroy_all:
         raise InvalidInputError("give --version N (repeatable) or --all")
@@ -421,6 +486,7 @@ def destroy(session: Session, name: str, versions: tuple[int, ...], destroy_all:
 @pass_session
 def passwd(session: Session, new_password_file: str | None) -> None:
     """Change the master password (rewraps the root key only: fast at any store size)."""
+    session.require_local("passwd")
     with session.operation("passwd", mutating=True) as (store, _):
         if new_password_file:
             new = read_password_file(Path(new_password_file), environment=session.environment)

@@ -37,6 +37,7 @@ def show(
     session: Session, name_prefix: str | None, actor: str | None, since: str | None, as_json: bool
 ) -> None:
     """Print audit records (values never appear in them)."""
+    session.require_local("audit show")
     cutoff = parse_since(since) if since else None
     selected = [
         record
@@ -71,6 +72,7 @@ def show(
 @pass_session
 def verify(session: Session) -> None:
     """Check the whole chain: exit 0 with the count, or exit 6 naming the first bad record."""
+    session.require_local("audit verify")
     log = session.audit_log()
     store = session.unlock()
     try:
@@ -86,6 +88,7 @@ def verify(session: Session) -> None:
 @pass_session
 def hash_command(session: Session, raw: bool) -> None:
     """HMAC a candidate value from stdin as the audit log does, to see if a record refers to it."""
+    session.require_local("audit hash")
     candidate = read_value(None, None, raw=raw)
     store = session.unlock()
     try:

@@ -1,0 +1,253 @@
+"""Service benchmark: `secrets-manager serve` against a bare gRPC server, with the same mutual TLS.
+
+The bare server answers GetSecret from a dict — the same message shapes, the same TLS credentials
+and thread pool — so it is the transport ceiling. Ours authenticates the certificate, checks the
+policy, reads and decrypts from the embedded SQLite store and writes a durable, chained audit
+record before answering. For 1 and for 8 concurrent callers (separate processes, so the load is not
+bound by one interpreter's GIL) it prints requests per second and p50/p99 latency of each server
+and the ratios ours ÷ bare, from alternating rounds in the same run.
+
+    python bench/service.py            # 3 rounds of 3 s per server and caller count
+    python bench/service.py --quick    # 1 round of 1.5 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from secrets_manager.crypto import kdf
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.tls import pki
+from secrets_manager.v1 import secrets_pb2 as pb
+from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
+
+PASSWORD = "bench password"  # noqa: S105 - throwaway store
+SECRETS = 100
+VALUE = b"v" * 64
+SCRIPT = Path(sys.executable).with_name("secrets-manager")
+
+
+def names() -> list[str]:
+    return [f"market-connector/KEY_{i:03d}" for i in range(SECRETS)]
+
+
+# ---- the bare server (run as a child process: python bench/service.py --bare DIR) -------------
+
+
+class BareSecrets(pb_grpc.SecretsServicer):  # type: ignore[misc]
+    def __init__(self) -> None:
+        self.values = {name: VALUE for name in names()}
+
+    def GetSecret(self, request: pb.GetSecretRequest, context: grpc.ServicerContext) -> pb.GetSecretResponse:
+        value = self.values.get(request.name)
+        if value is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "not found")
+        return pb.GetSecretResponse(
+            secret=pb.SecretVersion(name=request.name, version=1, value=value, labels=["current"], created="")
+        )
+
+
+def run_bare(directory: Path) -> None:
+    credentials = grpc.ssl_server_credentials(
+        [((directory / "server-key.pem").read_bytes(), (directory / "server.pem").read_bytes())],
+        root_certificates=(directory / "ca.pem").read_bytes(),
+        require_client_auth=True,
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+    pb_grpc.add_SecretsServicer_to_server(BareSecrets(), server)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    print(f'"port": {port}', file=sys.stderr, flush=True)
+    signal.sigwait({signal.SIGTERM})
+    server.stop(1).wait()
+
+
+# ---- load --------------------------------------------------------------------------------------
+
+
+def caller(args: tuple[str, str, float, int]) -> list[float]:
+    """One client process: GetSecret of random names for `seconds`; returns latencies (s)."""
+    address, directory, seconds, seed = args
+    d = Path(directory)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=(d / "ca.pem").read_bytes(),
+        private_key=(d / "bench-key.pem").read_bytes(),
+        certificate_chain=(d / "bench.pem").read_bytes(),
+    )
+    channel = grpc.secure_channel(address, credentials)
+    stub = pb_grpc.SecretsStub(channel)
+    rng = random.Random(seed)
+    pool = names()
+    for _ in range(20):  # warm up the connection
+        stub.GetSecret(pb.GetSecretRequest(name=pool[0]), timeout=10)
+    latencies = []
+    deadline = time.perf_counter() + seconds
+    while True:
+        started = time.perf_counter()
+        if started >= deadline:
+            break
+        stub.GetSecret(pb.GetSecretRequest(name=rng.choice(pool)), timeout=10)
+        latencies.append(time.perf_counter() - started)
+    channel.close()
+    return latencies
+
+
+@dataclass
+class Sample:
+    rps: float
+    p50: float
+    p99: float
+
+
+def measure(
+    address: str, directory: Path, callers: int, seconds: float, pool: multiprocessing.pool.Pool
+) -> Sample:
+    jobs = [(address, str(directory), seconds, random.randrange(2**32)) for _ in range(callers)]
+    results = pool.map(caller, jobs)
+    latencies = sorted(x for r in results for x in r)
+    return Sample(
+        rps=len(latencies) / seconds,
+        p50=latencies[len(latencies) // 2],
+        p99=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+    )
+
+
+def start(command: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[bytes], int]:
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, env=env)
+    assert process.stderr is not None
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        line = process.stderr.readline().decode()
+        match = re.search(r'"port": (\d+)', line)
+        if match:
+            return process, int(match.group(1))
+        if not line:
+            break
+    process.kill()
+    raise RuntimeError(f"server did not start: {command}")
+
+
+def prepare(directory: Path) -> None:
+    ca_cert, ca_key = pki.new_ca()
+    (directory / "ca.pem").write_bytes(ca_cert)
+    for name, server in (("server", True), ("bench", False)):
+        cert, key = pki.issue(ca_cert, ca_key, name, server=server)
+        (directory / f"{name}.pem").write_bytes(cert)
+        (directory / f"{name}-key.pem").write_bytes(key)
+    (directory / "policy.toml").write_text(
+        '[identities]\n"spiffe://shrivenquant.local/bench" = ["reader"]\n'
+        '[roles.reader]\nrules = [{ path = "market-connector/*", capabilities = ["read"] }]\n'
+    )
+    (directory / "server.toml").write_text(
+        'listen = "127.0.0.1:0"\nstore = "store.db"\npolicy = "policy.toml"\n'
+        '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
+    )
+    store = EncryptedStore.create(
+        SqliteStorage(directory / "store.db", create=True), PasswordUnlock(PASSWORD, kdf.TEST)
+    )
+    for name in names():
+        store.put(name, VALUE)
+    store.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--bare", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.bare:
+        run_bare(args.bare)
+        return 0
+    rounds, seconds = (1, 1.5) if args.quick else (3, 3.0)
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sm-bench-service-") as tmp:
+        directory = Path(tmp)
+        prepare(directory)
+        env = {**os.environ, "MASTER_PASSWORD": PASSWORD}
+        bare, bare_port = start([sys.executable, __file__, "--bare", str(directory)], env)
+        ours, our_port = start([str(SCRIPT), "serve", "--config", str(directory / "server.toml")], env)
+        rows = []
+        try:
+            with multiprocessing.get_context("spawn").Pool(8) as pool:
+                for callers in (1, 8):
+                    samples: dict[str, list[Sample]] = {"bare": [], "ours": []}
+                    for r in range(rounds):
+                        order = [("bare", bare_port), ("ours", our_port)]
+                        if r % 2:
+                            order.reverse()
+                        for label, port in order:
+                            print(f"{label}: {callers} caller(s), round {r + 1}", file=sys.stderr, flush=True)
+                            samples[label].append(
+                                measure(f"127.0.0.1:{port}", directory, callers, seconds, pool)
+                            )
+                    med = {
+                        k: Sample(
+                            *(statistics.median(getattr(s, f) for s in v) for f in ("rps", "p50", "p99"))
+                        )
+                        for k, v in samples.items()
+                    }
+                    rows.append((callers, med["bare"], med["ours"]))
+        finally:
+            for process in (bare, ours):
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=30)
+        audited = sum(1 for _ in (directory / "store.audit.jsonl").open())
+    total = time.perf_counter() - began
+    header = (
+        "callers",
+        "bare req/s",
+        "ours req/s",
+        "ratio",
+        "bare p50",
+        "ours p50",
+        "ratio",
+        "bare p99",
+        "ours p99",
+        "ratio",
+    )
+    lines = [header]
+    for callers, b, o in rows:
+        lines.append(
+            (
+                str(callers),
+                f"{b.rps:,.0f}",
+                f"{o.rps:,.0f}",
+                f"{o.rps / b.rps:.2f}",
+                f"{b.p50 * 1e3:.2f} ms",
+                f"{o.p50 * 1e3:.2f} ms",
+                f"{o.p50 / b.p50:.2f}",
+                f"{b.p99 * 1e3:.2f} ms",
+                f"{o.p99 * 1e3:.2f} ms",
+                f"{o.p99 / b.p99:.2f}",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    print(f"secrets-manager service benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} CPUs")
+    for line in lines:
+        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
+    print(
+        f"GetSecret of a random one of {SECRETS} secrets, mutual TLS (EC P-256), medians of {rounds} "
+        f"alternating round(s) of {seconds:g} s; ratio = ours / bare (throughput: higher is better, "
+        f"latency: lower is better). Ours wrote {audited:,} audit records. Total {total:.0f} s."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""`secrets-manager serve --config server.toml`: run the gRPC service on an unlocked store."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from secrets_manager.audit import AuditLog
+from secrets_manager.cli.app import Session, cli, pass_session
+from secrets_manager.cli.password import read_password_file
+from secrets_manager.service import load_config, run_server
+from secrets_manager.service.server import configure_logging
+from secrets_manager.store.url import default_audit_path, open_store
+
+
+@cli.command()
+@click.option("--config", "config_path", required=True, metavar="PATH", help="The server's TOML config file.")
+@pass_session
+def serve(session: Session, config_path: str) -> None:
+    """Serve the store over gRPC with mutual TLS, access control and audit, until SIGTERM.
+
+    The master password comes from the config's password_file, else the usual sources. SIGHUP
+    reloads the access policy; SIGTERM stops accepting calls and lets running ones finish."""
+    session.require_local("serve")
+    config = load_config(Path(config_path))
+    store_url = config.store or session.store_url
+    if config.password_file is not None:
+        password = read_password_file(config.password_file, environment=session.environment)
+    else:
+        password = session.password()
+    audit = AuditLog(config.audit_file or default_audit_path(store_url))
+    store = open_store(store_url, password, environment=session.environment, actor=session.actor)
+    try:
+        audit.append([session.event("serve", source="grpc", peer=config.listen)], store)
+        configure_logging(sys.stderr)
+        run_server(config, store, audit)
+    finally:
+        store.close()

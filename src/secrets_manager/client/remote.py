@@ -1,0 +1,222 @@
+"""`RemoteStore`: the `SecretStore` protocol over the gRPC service, with mutual TLS.
+
+The CLI uses it for `--server`, so `store`, `get`, `list`, `history`, `delete` behave the same
+locally and remotely; status codes come back as the same exceptions (wire.STATUS_OF_ERROR).
+The SDK (client/_client.py) also uses its `watch` stream and `wait_until_ready` probe.
+"""
+
+from __future__ import annotations
+
+import builtins
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from secrets_manager.errors import InvalidInputError, NotFoundError
+from secrets_manager.store import Secret, SecretMetadata, VersionInfo
+from secrets_manager.store.changes import ChangeKind, SecretChange
+from secrets_manager.v1 import secrets_pb2 as pb
+from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
+from secrets_manager.wire import error_for, metadata_from_message, secret_from_message
+
+DEFAULT_TIMEOUT_SECONDS = 10.0
+_CHANGE_KIND = {
+    pb.ChangeEvent.VERSION_ADDED: ChangeKind.VERSION_ADDED,
+    pb.ChangeEvent.METADATA_CHANGED: ChangeKind.METADATA_CHANGED,
+    pb.ChangeEvent.SECRET_DESTROYED: ChangeKind.SECRET_DESTROYED,
+    pb.ChangeEvent.RESYNC: ChangeKind.RESYNC,
+}
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """The client certificate, its key, and the CA that signed the server's certificate."""
+
+    cert: Path
+    key: Path
+    ca: Path
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        try:
+            return grpc.ssl_channel_credentials(
+                root_certificates=self.ca.read_bytes(),
+                private_key=self.key.read_bytes(),
+                certificate_chain=self.cert.read_bytes(),
+            )
+        except FileNotFoundError as exc:
+            raise NotFoundError(f"TLS file {exc.filename} does not exist") from None
+
+
+class RemoteStore:
+    """A `SecretStore` whose every call is one RPC to a secrets-manager service."""
+
+    def __init__(
+        self,
+        address: str,
+        tls: TlsFiles,
+        *,
+        timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.address = address
+        self._channel = grpc.secure_channel(address, tls.credentials(), options=list(options))
+        self._stub = pb_grpc.SecretsStub(self._channel)  # type: ignore[no-untyped-call]
+        self._timeout = timeout
+
+    def _call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            details = exc.details() or code.name
+            if code is grpc.StatusCode.UNAVAILABLE and "handshake" in details.lower():
+                details = f"TLS handshake with {self.address} failed: check the certificate files"
+            raise error_for(code, f"{details}") from None
+
+    def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
+        request = pb.GetSecretRequest(name=name)
+        if version is not None:
+            request.version = version
+        if label is not None:
+            request.label = label
+        return secret_from_message(self._call("GetSecret", request).secret)
+
+    def get_many(self, names: Iterable[str] = (), *, prefix: str = "") -> list[Secret]:
+        """The named secrets, or every secret the caller may read under `prefix`."""
+        response = self._call("BatchGetSecrets", pb.BatchGetSecretsRequest(names=list(names), prefix=prefix))
+        return [secret_from_message(m) for m in response.secrets]
+
+    def put(
+        self,
+        name: str,
+        value: bytes,
+        *,
+        expect_version: int | None = None,
+        description: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> VersionInfo:
+        version = self.put_version(
+            name, value, expect_version=expect_version, description=description, tags=tags
+        )
+        meta = self.describe(name)
+        for info in meta.versions:
+            if info.version == version:
+                return info
+        return VersionInfo(version=version, created=meta.updated, created_by="")
+
+    def put_version(
+        self,
+        name: str,
+        value: bytes,
+        *,
+        expect_version: int | None = None,
+        description: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> int:
+        """PutSecret alone: the new version number, without `put`'s DescribeSecret (which needs the
+        list capability on top of write)."""
+        request = pb.PutSecretRequest(name=name, value=value)
+        if expect_version is not None:
+            request.expect_version = expect_version
+        if description is not None:
+            request.description = description
+        if tags is not None:
+            request.tags.update(tags)
+            request.replace_tags = True
+        return int(self._call("PutSecret", request).version)
+
+    def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
+        response = self._call(
+            "ListSecrets", pb.ListSecretsRequest(prefix=prefix, include_deleted=include_deleted)
+        )
+        return [metadata_from_message(m) for m in response.secrets]
+
+    def describe(self, name: str) -> SecretMetadata:
+        return metadata_from_message(
+            self._call("DescribeSecret", pb.DescribeSecretRequest(name=name)).metadata
+        )
+
+    def history(self, name: str) -> builtins.list[VersionInfo]:
+        return list(self.describe(name).versions)
+
+    def delete(self, name: str) -> None:
+        self._call("DeleteSecret", pb.DeleteSecretRequest(name=name))
+
+    def undelete(self, name: str) -> None:
+        self._call("UndeleteSecret", pb.UndeleteSecretRequest(name=name))
+
+    def destroy(self, name: str, versions: Iterable[int]) -> None:
+        raise InvalidInputError("destroy is not offered by the service; run it on the server's store")
+
+    def destroy_secret(self, name: str) -> None:
+        raise InvalidInputError("destroy is not offered by the service; run it on the server's store")
+
+    def watch(self, prefix: str = "") -> ChangeStream:
+        """Watch: change events (never values) for the secrets under `prefix` the caller may read.
+
+        The stream has no deadline; it ends when the server shuts down or `cancel()` is called."""
+        return ChangeStream(self._stub.Watch(pb.WatchRequest(prefix=prefix)), self.address)
+
+    def wait_until_ready(self, timeout: float) -> bool:
+        """Connect (TLS handshake included) if not connected: True once the channel is ready,
+        False as soon as connecting fails or when `timeout` passes. A stream opened on a channel
+        that is not ready could hang without an error (a peer that accepts TCP and never answers)."""
+        settled = threading.Event()
+        seen: list[grpc.ChannelConnectivity] = []
+
+        def observe(state: grpc.ChannelConnectivity) -> None:
+            seen.append(state)
+            if state in _SETTLED_STATES:
+                settled.set()
+
+        self._channel.subscribe(observe, try_to_connect=True)
+        try:
+            settled.wait(timeout)
+        finally:
+            self._channel.unsubscribe(observe)
+        return bool(seen) and seen[-1] is grpc.ChannelConnectivity.READY
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __repr__(self) -> str:
+        return f"RemoteStore({self.address!r})"
+
+
+_SETTLED_STATES = (
+    grpc.ChannelConnectivity.READY,
+    grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+    grpc.ChannelConnectivity.SHUTDOWN,
+)
+
+
+class ChangeStream:
+    """The change events of one Watch call: iterate in one thread, `cancel()` from any other.
+
+    Iteration ends quietly after `cancel()` or when the server ends the stream; a broken stream
+    raises the exception of its status (StorageError for UNAVAILABLE)."""
+
+    def __init__(self, call: Any, address: str) -> None:
+        self._call = call
+        self.address = address
+        self._cancelled = False
+
+    def __iter__(self) -> Iterator[SecretChange]:
+        try:
+            for event in self._call:
+                # An unknown kind (a newer server) is treated as "re-read what you cache".
+                kind = _CHANGE_KIND.get(event.kind, ChangeKind.RESYNC)
+                yield SecretChange(kind, event.name, event.version or None, event.revision)
+        except grpc.RpcError as exc:
+            if self._cancelled:
+                return
+            code = exc.code()
+            raise error_for(code, f"watch stream from {self.address}: {exc.details() or code.name}") from None
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        self._call.cancel()

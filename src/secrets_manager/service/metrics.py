@@ -1,0 +1,42 @@
+"""Prometheus metrics: requests by method and status code, and a latency histogram per method."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+
+
+class Metrics:
+    """Own registry per server, exposed on `listen` (HOST:PORT) when given."""
+
+    def __init__(self, listen: str | None) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "secrets_manager_requests",
+            "gRPC requests handled, by method and status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "secrets_manager_request_seconds",
+            "gRPC request latency in seconds, by method.",
+            ["method"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self._http: Any = None
+        if listen:
+            host, _, port = listen.rpartition(":")
+            self._http = start_http_server(int(port), addr=host, registry=self.registry)
+
+    def observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        self.requests.labels(method, code.name).inc()
+        self.latency.labels(method).observe(time.perf_counter() - started)
+
+    def close(self) -> None:
+        if self._http is not None:
+            server, _thread = self._http
+            server.shutdown()

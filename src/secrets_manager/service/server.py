@@ -1,0 +1,371 @@
+"""The Secrets gRPC servicer and the process around it (TLS, health, reflection, signals, metrics).
+
+Every RPC runs through `SecretsServicer._call`: identity from the client certificate → name
+validation → policy → (for changes) a durable audit request record → the store → the audit
+record → the response. Denials and failures are audited too. Values are only ever in responses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from secrets_manager.access import Policy, load_policy
+from secrets_manager.audit import AuditEvent, AuditLog, value_fingerprint
+from secrets_manager.errors import AccessDeniedError, InvalidInputError, NotFoundError, SecretsManagerError
+from secrets_manager.service.config import ServerConfig
+from secrets_manager.service.metrics import Metrics
+from secrets_manager.store import EncryptedStore, Secret
+from secrets_manager.store.changes import ChangeKind
+from secrets_manager.store.names import validate_name, validate_prefix
+from secrets_manager.tls.identity import IdentityError, identity_from_auth_context
+from secrets_manager.v1 import secrets_pb2 as pb
+from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
+from secrets_manager.wire import metadata_message, secret_message, status_for
+
+log = logging.getLogger("secrets_manager.service")
+
+WATCH_POLL_SECONDS = 0.2
+_KIND = {
+    ChangeKind.VERSION_ADDED: pb.ChangeEvent.VERSION_ADDED,
+    ChangeKind.METADATA_CHANGED: pb.ChangeEvent.METADATA_CHANGED,
+    ChangeKind.SECRET_DESTROYED: pb.ChangeEvent.SECRET_DESTROYED,
+    ChangeKind.RESYNC: pb.ChangeEvent.RESYNC,
+}
+
+
+class PolicyHolder:
+    """The policy in force; swapped whole on reload, so a request sees one policy or the other."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.current: Policy = load_policy(path)
+
+    def reload(self) -> bool:
+        """Load the file again; on any error keep the old policy and log why."""
+        try:
+            self.current = load_policy(self.path)
+        except SecretsManagerError as exc:
+            log.error("policy reload rejected; the previous policy stays in force", extra={"error": str(exc)})
+            return False
+        log.info("policy reloaded", extra={"policy": str(self.path)})
+        return True
+
+
+@dataclass
+class _Request:
+    """What one RPC knows about its caller, for authorisation and audit."""
+
+    identity: str
+    peer: str
+    event: AuditEvent
+    extra_events: list[AuditEvent]
+
+
+class SecretsServicer(pb_grpc.SecretsServicer):
+    def __init__(
+        self, store: EncryptedStore, policy: PolicyHolder, audit: AuditLog, metrics: Metrics
+    ) -> None:
+        self._store = store
+        self._policy = policy
+        self._audit = audit
+        self._metrics = metrics
+        self.stopping = threading.Event()
+
+    # ---- the request pipeline ------------------------------------------------------------------
+
+    @contextmanager
+    def _call(
+        self,
+        context: grpc.ServicerContext,
+        method: str,
+        operation: str,
+        name: str | None,
+        capability: str | None,
+        *,
+        mutating: bool = False,
+        prefix: bool = False,
+    ) -> Iterator[_Request]:
+        """Authenticate, validate, authorise, audit and map errors around one RPC body.
+
+        `capability=None` means the body filters by policy itself (list, batch get by prefix)."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        peer = context.peer()
+        try:
+            identity = identity_from_auth_context(context.auth_context())
+        except IdentityError as exc:
+            identity = "<unidentified>"
+            self._record(
+                AuditEvent(
+                    operation, identity, "grpc", peer, name, decision="deny", outcome="unauthenticated"
+                )
+            )
+            self._metrics.observe(method, grpc.StatusCode.UNAUTHENTICATED, started)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+        event = AuditEvent(operation, identity, "grpc", peer, name)
+        request = _Request(identity, peer, event, [])
+        try:
+            if name is not None:
+                (validate_prefix if prefix else validate_name)(name)
+            if capability is not None and not self._policy.current.allows(identity, capability, name or ""):
+                raise AccessDeniedError(f"{identity} may not {capability} {name!r}")
+            if mutating:
+                self._audit.append([replace(event, outcome="pending")], self._store)
+            yield request
+            self._audit.append(request.extra_events or [event], self._store)
+        except SecretsManagerError as exc:
+            code = status_for(exc)
+            event.outcome = exc.kind
+            event.decision = "deny" if isinstance(exc, AccessDeniedError) else "allow"
+            self._record(event)
+            log.info(
+                "request failed",
+                extra={
+                    "method": method,
+                    "identity": identity,
+                    "peer": peer,
+                    "secret": name,
+                    "code": code.name,
+                },
+            )
+            context.abort(code, str(exc))
+        finally:
+            self._metrics.observe(method, code, started)
+
+    def _record(self, event: AuditEvent) -> None:
+        """Audit a failure; if even that fails, the request is failing already: log it."""
+        try:
+            self._audit.append([event], self._store)
+        except SecretsManagerError as exc:
+            log.error("audit record could not be written", extra={"error": str(exc)})
+
+    # ---- RPCs -------------------------------------------------------------------------------------
+
+    def GetSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._call(context, "GetSecret", "get", request.name, "read") as call:
+            selector = request.WhichOneof("selector")
+            secret = self._store.get(
+                request.name,
+                version=request.version if selector == "version" else None,
+                label=request.label if selector == "label" else None,
+            )
+            self._note_read(call.event, secret)
+        return pb.GetSecretResponse(secret=secret_message(secret))
+
+    def BatchGetSecrets(self, request: Any, context: grpc.ServicerContext) -> Any:
+        names = list(request.names)
+        with self._call(
+            context, "BatchGetSecrets", "batch_get", request.prefix or None, None, prefix=True
+        ) as call:
+            policy = self._policy.current
+            if names:
+                for name in names:
+                    validate_name(name)
+                denied = [n for n in names if not policy.allows(call.identity, "read", n)]
+                if denied:
+                    raise AccessDeniedError(f"{call.identity} may not read {denied[0]!r}")
+            else:
+                listed = [meta.name for meta in self._store.list(request.prefix)]
+                names = policy.filter_names(call.identity, "read", listed)
+            secrets = []
+            for name in names:
+                try:
+                    secret = self._store.get(name)
+                except NotFoundError:
+                    if request.names:
+                        raise
+                    continue  # deleted between list and get
+                event = AuditEvent(
+                    "get", call.identity, "grpc", call.peer, name, request_id=call.event.request_id
+                )
+                self._note_read(event, secret)
+                call.extra_events.append(event)
+                secrets.append(secret)
+            if not call.extra_events:
+                call.extra_events.append(call.event)
+        return pb.BatchGetSecretsResponse(secrets=[secret_message(s) for s in secrets])
+
+    def PutSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._call(context, "PutSecret", "store", request.name, "write", mutating=True) as call:
+            call.event.value_hmac = value_fingerprint(self._store, request.value)
+            info = self._store.put(
+                request.name,
+                request.value,
+                expect_version=request.expect_version if request.HasField("expect_version") else None,
+                description=request.description if request.HasField("description") else None,
+                tags=dict(request.tags) if (request.tags or request.replace_tags) else None,
+            )
+            call.event.version = info.version
+        return pb.PutSecretResponse(name=request.name, version=info.version)
+
+    def ListSecrets(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._call(context, "ListSecrets", "list", request.prefix or None, None, prefix=True) as call:
+            found = self._store.list(request.prefix, include_deleted=request.include_deleted)
+            allowed = set(self._policy.current.filter_names(call.identity, "list", [m.name for m in found]))
+        return pb.ListSecretsResponse(secrets=[metadata_message(m) for m in found if m.name in allowed])
+
+    def DescribeSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._call(context, "DescribeSecret", "history", request.name, "list"):
+            meta = self._store.describe(request.name)
+        return pb.DescribeSecretResponse(metadata=metadata_message(meta))
+
+    def DeleteSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._call(context, "DeleteSecret", "delete", request.name, "delete", mutating=True):
+            self._store.delete(request.name)
+        return pb.DeleteSecretResponse()
+
+    def UndeleteSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._call(context, "UndeleteSecret", "undelete", request.name, "delete", mutating=True):
+            self._store.undelete(request.name)
+        return pb.UndeleteSecretResponse()
+
+    def Watch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        prefix = request.prefix
+        with self._call(context, "Watch", "watch", prefix or None, None, prefix=True) as call:
+            _, revision = self._store.changes_since(None)
+        identity = call.identity
+        while context.is_active() and not self.stopping.is_set():
+            try:
+                changes, revision = self._store.changes_since(revision)
+            except SecretsManagerError as exc:
+                context.abort(status_for(exc), str(exc))
+            policy = self._policy.current
+            for change in changes:
+                visible = change.kind is ChangeKind.RESYNC or (
+                    change.name.startswith(prefix) and policy.allows(identity, "read", change.name)
+                )
+                if visible:
+                    yield pb.ChangeEvent(
+                        name=change.name,
+                        version=change.version or 0,
+                        kind=_KIND[change.kind],
+                        revision=change.revision,
+                    )
+            self.stopping.wait(WATCH_POLL_SECONDS)
+
+    def _note_read(self, event: AuditEvent, secret: Secret) -> None:
+        event.version = secret.version
+        event.value_hmac = value_fingerprint(self._store, secret.value.reveal())
+
+
+# ---- the process ------------------------------------------------------------------------------
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    servicer: SecretsServicer
+    port: int
+    health: health.HealthServicer
+    metrics: Metrics
+
+    def stop(self, grace: float) -> None:
+        """Refuse new calls, end watch streams, let in-flight calls finish within `grace` seconds."""
+        self.health.enter_graceful_shutdown()
+        self.servicer.stopping.set()
+        self.server.stop(grace).wait()
+        self.metrics.close()
+
+
+def build_server(
+    config: ServerConfig, store: EncryptedStore, audit: AuditLog, policy: PolicyHolder
+) -> RunningServer:
+    """A started gRPC server with mutual TLS, health, reflection and (optionally) metrics."""
+    credentials = grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=config.tls_client_ca.read_bytes(),
+        require_client_auth=True,
+    )
+    metrics = Metrics(config.metrics_listen)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
+        options=[("grpc.so_reuseport", 0)],
+    )
+    servicer = SecretsServicer(store, policy, audit, metrics)
+    pb_grpc.add_SecretsServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    service_name = pb.DESCRIPTOR.services_by_name["Secrets"].full_name
+    for name in (service_name, ""):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    port = server.add_secure_port(config.listen, credentials)
+    if port == 0:
+        raise InvalidInputError(f"cannot listen on {config.listen}")
+    server.start()
+    return RunningServer(server, servicer, port, health_servicer, metrics)
+
+
+def run_server(
+    config: ServerConfig,
+    store: EncryptedStore,
+    audit: AuditLog,
+    *,
+    ready: Callable[[int], None] = lambda port: None,
+) -> int:
+    """Serve until SIGTERM/SIGINT (graceful stop, exit 0); SIGHUP reloads the policy."""
+    policy = PolicyHolder(config.policy)
+    running = build_server(config, store, audit, policy)
+    stop_requested = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
+    signal.signal(signal.SIGINT, lambda *_: stop_requested.set())
+    signal.signal(signal.SIGHUP, lambda *_: policy.reload())
+    log.info("serving", extra={"listen": config.listen, "port": running.port})
+    ready(running.port)
+    stop_requested.wait()
+    log.info("shutting down", extra={"grace_seconds": config.shutdown_grace_seconds})
+    running.stop(config.shutdown_grace_seconds)
+    log.info("stopped")
+    return 0
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line. Only fields we put in `extra` appear: never a value."""
+
+    _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname.lower(),
+            "message": record.getMessage(),
+        }
+        doc.update({k: v for k, v in record.__dict__.items() if k not in self._STANDARD})
+        return json.dumps(doc, default=str, sort_keys=True)
+
+
+def configure_logging(stream: Any) -> None:
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger("secrets_manager")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO)
+    root.propagate = False
+
+
+__all__ = [
+    "JsonLogFormatter",
+    "PolicyHolder",
+    "RunningServer",
+    "SecretsServicer",
+    "build_server",
+    "configure_logging",
+    "run_server",
+]

@@ -1,0 +1,489 @@
+"""The gRPC service of issue #5, tested against a real `secrets-manager serve` process with real
+mutual TLS certificates, a real SQLite store and its audit log."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from secrets_manager.crypto import kdf
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.tls import pki
+from secrets_manager.v1 import secrets_pb2 as pb
+from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
+
+SCRIPT = Path(sys.executable).with_name("secrets-manager")
+PASSWORD = "service test password"
+TD = "shrivenquant.local"
+SEED = {
+    "auth/DB_PASSWORD": b"auth-db-pass",
+    "auth/JWT_KEY": b"auth-jwt-key",
+    "market-connector/BINANCE_API_KEY": b"binance-key-KNOWN-VALUE",
+    "market-connector/BINANCE_SECRET": b"binance-secret",
+}
+POLICY = f"""
+[identities]
+"spiffe://{TD}/auth" = ["auth-reader"]
+"market-connector" = ["mc-reader"]
+"spiffe://{TD}/ops" = ["admin"]
+"spiffe://{TD}/writer" = ["writer"]
+
+[roles.auth-reader]
+rules = [{{ path = "auth/*", capabilities = ["read", "list"] }}]
+
+[roles.mc-reader]
+rules = [{{ path = "market-connector/*", capabilities = ["read", "list"] }}]
+
+[roles.writer]
+rules = [{{ path = "load/**", capabilities = ["read", "write", "list"] }}]
+
+[roles.admin]
+rules = [{{ path = "**", capabilities = ["admin"] }}]
+"""
+
+
+@dataclass
+class Server:
+    dir: Path
+    process: subprocess.Popen[bytes]
+    port: int
+    metrics_port: int
+    log_lines: list[str]
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def channel(self, name: str | None, *, ca: Path | None = None) -> grpc.Channel:
+        ca_pem = (ca or self.dir / "ca.pem").read_bytes()
+        if name is None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=ca_pem,
+                private_key=(self.dir / f"{name}-key.pem").read_bytes(),
+                certificate_chain=(self.dir / f"{name}.pem").read_bytes(),
+            )
+        return grpc.secure_channel(self.address, credentials)
+
+    def stub(self, name: str | None) -> pb_grpc.SecretsStub:
+        return pb_grpc.SecretsStub(self.channel(name))
+
+    def audit_records(self) -> list[dict[str, object]]:
+        path = self.dir / "store.audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def cli(self, name: str, *args: str, input: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.dir),
+            "SECRETS_MANAGER_ADDR": self.address,
+            "SECRETS_MANAGER_CERT": str(self.dir / f"{name}.pem"),
+            "SECRETS_MANAGER_KEY": str(self.dir / f"{name}-key.pem"),
+            "SECRETS_MANAGER_CA": str(self.dir / "ca.pem"),
+        }
+        return subprocess.run(
+            [str(SCRIPT), *args],
+            input=input,
+            capture_output=True,
+            env=env,
+            timeout=60,
+            start_new_session=True,
+        )
+
+
+def _write(path: Path, pair: tuple[bytes, bytes]) -> None:
+    path.write_bytes(pair[0])
+    path.with_name(path.stem + "-key.pem").write_bytes(pair[1])
+
+
+def _make_pki(directory: Path) -> None:
+    ca_cert, ca_key = pki.new_ca(trust_domain=TD)
+    (directory / "ca.pem").write_bytes(ca_cert)
+    (directory / "ca-key.pem").write_bytes(ca_key)
+    _write(directory / "server.pem", pki.issue(ca_cert, ca_key, "server", server=True))
+    for name in ("auth", "ops", "writer", "nobody", "market-connector"):
+        _write(directory / f"{name}.pem", pki.issue(ca_cert, ca_key, name))
+    long_ago = datetime.now(UTC) - timedelta(days=30)
+    _write(directory / "expired.pem", pki.issue(ca_cert, ca_key, "auth", days=1, not_before=long_ago))
+    other_cert, other_key = pki.new_ca(trust_domain=TD)
+    (directory / "other-ca.pem").write_bytes(other_cert)
+    _write(directory / "foreign.pem", pki.issue(other_cert, other_key, "ops"))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_server(directory: Path) -> Server:
+    metrics_port = _free_port()
+    (directory / "server.toml").write_text(
+        f'listen = "127.0.0.1:0"\nstore = "store.db"\npolicy = "policy.toml"\n'
+        f'metrics_listen = "127.0.0.1:{metrics_port}"\nshutdown_grace_seconds = 5\n'
+        '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
+    )
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(directory),
+        "MASTER_PASSWORD": PASSWORD,
+    }
+    process = subprocess.Popen(
+        [str(SCRIPT), "serve", "--config", str(directory / "server.toml")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 30
+    port = 0
+    while time.monotonic() < deadline:
+        line = process.stderr.readline().decode()
+        if not line:
+            break
+        lines.append(line)
+        match = re.search(r'"port": (\d+)', line)
+        if match:
+            port = int(match.group(1))
+            break
+    if not port:
+        process.kill()
+        raise AssertionError(f"server did not start: {''.join(lines)}")
+    server = Server(directory, process, port, metrics_port, lines)
+    threading.Thread(target=_drain, args=(process, lines), daemon=True).start()
+    return server
+
+
+def _drain(process: subprocess.Popen[bytes], lines: list[str]) -> None:
+    assert process.stderr is not None
+    for raw in process.stderr:
+        lines.append(raw.decode())
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    _make_pki(tmp_path)
+    (tmp_path / "policy.toml").write_text(POLICY)
+    store = EncryptedStore.create(
+        SqliteStorage(tmp_path / "store.db", create=True), PasswordUnlock(PASSWORD, kdf.TEST)
+    )
+    for name, value in SEED.items():
+        store.put(name, value)
+    store.close()
+    running = start_server(tmp_path)
+    yield running
+    if running.process.poll() is None:
+        running.process.send_signal(signal.SIGTERM)
+        running.process.wait(timeout=30)
+
+
+def code_of(call: object) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()  # type: ignore[operator]
+    return caught.value.code()
+
+
+# ---- identity and TLS ----------------------------------------------------------------------
+
+
+def test_caller_with_a_role_reads_its_own_secrets(server: Server) -> None:
+    reply = server.stub("auth").GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+    assert reply.secret.value == b"auth-db-pass" and reply.secret.version == 1
+    assert list(reply.secret.labels) == ["current"]
+
+
+@pytest.mark.parametrize("client", [None, "foreign", "expired"], ids=["no-cert", "other-ca", "expired"])
+def test_handshake_rejects_clients_without_a_valid_certificate(server: Server, client: str | None) -> None:
+    stub = server.stub(client)
+    assert code_of(lambda: stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)) is (
+        grpc.StatusCode.UNAVAILABLE
+    )
+    assert not any(r.get("actor") == f"spiffe://{TD}/ops" for r in server.audit_records())
+
+
+def test_identity_without_a_role_is_denied_and_audited(server: Server) -> None:
+    stub = server.stub("nobody")
+    assert code_of(lambda: stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)) is (
+        grpc.StatusCode.PERMISSION_DENIED
+    )
+    last = server.audit_records()[-1]
+    assert last["actor"] == f"spiffe://{TD}/nobody" and last["decision"] == "deny"
+    assert last["source"] == "grpc" and str(last["peer"]).startswith("ipv4:127.0.0.1:")
+    assert last["outcome"] == "access_denied" and last["name"] == "auth/DB_PASSWORD"
+
+
+def test_role_without_the_capability_is_denied_and_audited(server: Server) -> None:
+    stub = server.stub("auth")
+    request = pb.PutSecretRequest(name="auth/DB_PASSWORD", value=b"overwrite")
+    assert code_of(lambda: stub.PutSecret(request, timeout=10)) is grpc.StatusCode.PERMISSION_DENIED
+    assert server.audit_records()[-1]["operation"] == "store"
+    assert server.audit_records()[-1]["decision"] == "deny"
+    reply = server.stub("ops").GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+    assert reply.secret.value == b"auth-db-pass"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "auth/../market-connector/BINANCE_API_KEY",
+        "auth/%2e%2e/market-connector/BINANCE_API_KEY",
+        "auth/./../market-connector/BINANCE_API_KEY",
+        "auth/DB_PASSWORD/",
+        "auth//DB_PASSWORD",
+        "auth/DB\x00PASSWORD",
+        "\u0430uth/DB_PASSWORD",  # a Cyrillic look-alike of "auth"
+        "/auth/DB_PASSWORD",
+    ],
+)
+def test_names_that_try_to_escape_a_glob_are_rejected_and_audited(server: Server, name: str) -> None:
+    stub = server.stub("auth")
+    assert code_of(lambda: stub.GetSecret(pb.GetSecretRequest(name=name), timeout=10)) is (
+        grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert server.audit_records()[-1]["outcome"] == "invalid_input"
+
+
+def test_list_returns_only_names_the_caller_may_list(server: Server) -> None:
+    names = [m.name for m in server.stub("auth").ListSecrets(pb.ListSecretsRequest(), timeout=10).secrets]
+    assert names == ["auth/DB_PASSWORD", "auth/JWT_KEY"]
+    every = [m.name for m in server.stub("ops").ListSecrets(pb.ListSecretsRequest(), timeout=10).secrets]
+    assert every == sorted(SEED)
+    assert server.stub("nobody").ListSecrets(pb.ListSecretsRequest(), timeout=10).secrets == []
+
+
+def test_batch_get_of_everything_returns_what_the_caller_may_read(server: Server) -> None:
+    reply = server.stub("auth").BatchGetSecrets(pb.BatchGetSecretsRequest(), timeout=10)
+    assert {s.name: s.value for s in reply.secrets} == {
+        "auth/DB_PASSWORD": b"auth-db-pass",
+        "auth/JWT_KEY": b"auth-jwt-key",
+    }
+    explicit = pb.BatchGetSecretsRequest(names=["auth/DB_PASSWORD", "market-connector/BINANCE_SECRET"])
+    stub = server.stub("auth")
+    assert code_of(lambda: stub.BatchGetSecrets(explicit, timeout=10)) is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_compare_and_set_conflict_is_aborted(server: Server) -> None:
+    stub = server.stub("ops")
+    stale = pb.PutSecretRequest(name="auth/DB_PASSWORD", value=b"x", expect_version=7)
+    assert code_of(lambda: stub.PutSecret(stale, timeout=10)) is grpc.StatusCode.ABORTED
+    fresh = pb.PutSecretRequest(name="auth/DB_PASSWORD", value=b"rotated", expect_version=1)
+    assert stub.PutSecret(fresh, timeout=10).version == 2
+
+
+def test_missing_secret_is_not_found(server: Server) -> None:
+    stub = server.stub("ops")
+    assert code_of(lambda: stub.GetSecret(pb.GetSecretRequest(name="auth/NOPE"), timeout=10)) is (
+        grpc.StatusCode.NOT_FOUND
+    )
+
+
+def test_sixteen_concurrent_clients_read_and_write_correct_values(server: Server) -> None:
+    errors: list[str] = []
+
+    def client(index: int) -> None:
+        stub = server.stub("writer")
+        name = f"load/client-{index}"
+        try:
+            for round_ in range(15):
+                value = f"{index}:{round_}".encode()
+                stub.PutSecret(pb.PutSecretRequest(name=name, value=value), timeout=30)
+                got = stub.GetSecret(pb.GetSecretRequest(name=name), timeout=30).secret
+                if got.value != value or got.version != round_ + 1:
+                    errors.append(f"{name}: {got.value!r} v{got.version}, wanted {value!r} v{round_ + 1}")
+        except grpc.RpcError as exc:
+            errors.append(f"{name}: {exc.code()} {exc.details()}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert errors == []
+    names = [
+        m.name
+        for m in server.stub("ops").ListSecrets(pb.ListSecretsRequest(prefix="load/"), timeout=10).secrets
+    ]
+    assert len(names) == 16
+
+
+# ---- audit, values, logs ------------------------------------------------------------------------
+
+
+def test_known_value_never_reaches_logs_or_audit(server: Server) -> None:
+    stub = server.stub("ops")
+    stub.GetSecret(pb.GetSecretRequest(name="market-connector/BINANCE_API_KEY"), timeout=10)
+    stub.PutSecret(
+        pb.PutSecretRequest(name="market-connector/BINANCE_API_KEY", value=b"NEW-KNOWN-VALUE"), timeout=10
+    )
+    denied = server.stub("auth")
+    code_of(
+        lambda: denied.GetSecret(pb.GetSecretRequest(name="market-connector/BINANCE_API_KEY"), timeout=10)
+    )
+    audit = (server.dir / "store.audit.jsonl").read_bytes()
+    logs = "".join(server.log_lines)
+    for value in (b"binance-key-KNOWN-VALUE", b"NEW-KNOWN-VALUE"):
+        assert value not in audit
+        assert value.decode() not in logs
+    reads = [r for r in server.audit_records() if r["operation"] == "get" and r["outcome"] == "ok"]
+    assert reads and all(str(r["value_hmac"]).startswith("hmac-sha256:") for r in reads)
+
+
+# ---- operations --------------------------------------------------------------------------------
+
+
+def test_health_reflection_and_metrics(server: Server) -> None:
+    health = health_pb2_grpc.HealthStub(server.channel("auth"))
+    status = health.Check(health_pb2.HealthCheckRequest(service="secrets_manager.v1.Secrets"), timeout=10)
+    assert status.status == health_pb2.HealthCheckResponse.SERVING
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    reflect = reflection_pb2_grpc.ServerReflectionStub(server.channel("auth"))
+    replies = reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    services = {s.name for reply in replies for s in reply.list_services_response.service}
+    assert "secrets_manager.v1.Secrets" in services
+    server.stub("auth").GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+    body = (
+        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
+    )
+    assert 'secrets_manager_requests_total{code="OK",method="GetSecret"}' in body
+    assert "secrets_manager_request_seconds_bucket" in body
+
+
+def test_watch_sees_changes_made_by_another_process(server: Server) -> None:
+    stub = server.stub("auth")
+    stream = stub.Watch(pb.WatchRequest(prefix="auth/"), timeout=30)
+    time.sleep(0.5)  # the stream is established and has read the current revision
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(server.dir), "MASTER_PASSWORD": PASSWORD}
+    for name in ("market-connector/BINANCE_SECRET", "auth/JWT_KEY"):
+        written = subprocess.run(
+            [str(SCRIPT), "--store", str(server.dir / "store.db"), "store", name],
+            input=b"changed elsewhere",
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
+        assert written.returncode == 0, written.stderr
+    event = next(iter(stream))
+    assert (event.name, event.version, event.kind) == ("auth/JWT_KEY", 2, pb.ChangeEvent.VERSION_ADDED)
+    stream.cancel()
+
+
+def test_sighup_reloads_the_policy_and_a_broken_policy_is_rejected(server: Server) -> None:
+    stub = server.stub("nobody")
+    request = pb.GetSecretRequest(name="auth/DB_PASSWORD")
+    assert code_of(lambda: stub.GetSecret(request, timeout=10)) is grpc.StatusCode.PERMISSION_DENIED
+    policy = server.dir / "policy.toml"
+    policy.write_text(
+        POLICY.replace('"market-connector" = ["mc-reader"]', f'"spiffe://{TD}/nobody" = ["auth-reader"]')
+    )
+    server.process.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert stub.GetSecret(request, timeout=10).secret.value == b"auth-db-pass"
+    policy.write_text("this is [not toml")
+    server.process.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert stub.GetSecret(request, timeout=10).secret.value == b"auth-db-pass"  # the old policy stays
+    assert any("policy reload rejected" in line for line in server.log_lines)
+
+
+def test_sigterm_under_load_finishes_in_flight_calls_and_exits_0(server: Server) -> None:
+    store = EncryptedStore.open(SqliteStorage(server.dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    for i in range(1500):
+        store.put(f"load/bulk/K{i:04d}", b"bulk-%d" % i)
+    store.close()
+    calls: list[tuple[float, float, str]] = []  # (started, ended, outcome) of small calls
+    stop = threading.Event()
+
+    def load() -> None:
+        stub = server.stub("writer")
+        while not stop.is_set():
+            started = time.monotonic()
+            try:
+                stub.GetSecret(pb.GetSecretRequest(name="load/bulk/K0001"), timeout=10)
+                outcome = "ok"
+            except grpc.RpcError as exc:
+                outcome = exc.code().name
+            calls.append((started, time.monotonic(), outcome))
+
+    big: dict[str, object] = {}
+
+    def long_call() -> None:
+        started = time.monotonic()
+        reply = server.stub("writer").BatchGetSecrets(
+            pb.BatchGetSecretsRequest(prefix="load/bulk/"), timeout=60
+        )
+        big.update(started=started, ended=time.monotonic(), count=len(reply.secrets))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    in_flight = threading.Thread(target=long_call)
+    in_flight.start()
+    time.sleep(0.05)
+    terminated = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) == 0
+    in_flight.join(timeout=60)
+    time.sleep(1.5)  # keep calling a server that has gone: those calls must be refused
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=30)
+    # The long call was in flight when SIGTERM arrived, and it completed with every value.
+    assert big["count"] == 1500 and float(big["ended"]) > terminated  # type: ignore[arg-type]
+    # Calls finished before the signal all succeeded; calls started well after it were refused.
+    assert all(outcome == "ok" for _, ended, outcome in calls if ended < terminated)
+    late = [outcome for started, _, outcome in calls if started > terminated + 1.0]
+    assert late and "ok" not in late
+    assert any('"message": "stopped"' in line for line in server.log_lines)
+
+
+# ---- the CLI against the service ----------------------------------------------------------------
+
+
+def test_cli_verbs_work_remotely_with_the_same_exit_codes(server: Server) -> None:
+    assert server.cli("auth", "get", "auth/DB_PASSWORD").stdout == b"auth-db-pass\n"
+    assert server.cli("auth", "list").stdout.decode().split() == ["auth/DB_PASSWORD", "auth/JWT_KEY"]
+    denied = server.cli("auth", "get", "market-connector/BINANCE_API_KEY")
+    assert denied.returncode == 5 and denied.stderr.decode().count("\n") == 1
+    assert b"Traceback" not in denied.stderr
+    assert (
+        server.cli("ops", "store", "auth/NEW", input=b"from the cli").stdout == b"stored auth/NEW version 1\n"
+    )
+    assert server.cli("ops", "get", "auth/NEW").stdout == b"from the cli\n"
+    assert server.cli("ops", "get", "auth/MISSING").returncode == 3
+    history = json.loads(server.cli("ops", "history", "auth/DB_PASSWORD", "--json").stdout)
+    assert [v["version"] for v in history["versions"]] == [1]
+    assert server.cli("ops", "delete", "auth/NEW").returncode == 0
+    assert server.cli("ops", "get", "auth/NEW").returncode == 3
+    conflict = server.cli("ops", "store", "auth/DB_PASSWORD", "--expect-version", "9", input=b"x")
+    assert conflict.returncode == 7
+
+
+@pytest.mark.parametrize(
+    "command", [["audit", "verify"], ["destroy", "auth/X", "--all"], ["passwd"], ["init"]]
+)
+def test_local_only_commands_refuse_a_server(server: Server, command: list[str]) -> None:
+    result = server.cli("ops", *command)
+    assert result.returncode == 2 and b"local store only" in result.stderr
