@@ -57,19 +57,20 @@ class MemoryStorage:
         if isinstance(op.expect, int) and (entry is None or entry.revision != op.expect):
             raise ConflictError("changed")
 
-    def apply(self, op: Operation, revision: int) -> None:
-        self.place.changes.append(Change(revision, op.key, isinstance(op, Delete)))
+    def apply(self, op: Operation, revision: int, *, silent: bool = False) -> None:
+        if not silent:
+            self.place.changes.append(Change(revision, op.key, isinstance(op, Delete)))
         if isinstance(op, Put):
             self.place.entries[op.key] = Entry(bytes(op.value), revision)
         else:
             self.place.entries.pop(op.key, None)
 
-    def commit(self, operations: Sequence[Operation]) -> int:
+    def commit(self, operations: Sequence[Operation], *, silent: bool = False, durable: bool = True) -> int:
         for op in operations:
             self.check(op)
         self.place.revision += 1
         for op in operations:
-            self.apply(op, self.place.revision)
+            self.apply(op, self.place.revision, silent=silent)
         return self.place.revision
 
     def changes_since(self, revision: int, *, limit: int = 10_000) -> ChangeBatch:
@@ -81,7 +82,7 @@ class MemoryStorage:
 
 
 class NotAtomic(MemoryStorage):
-    def commit(self, operations: Sequence[Operation]) -> int:
+    def commit(self, operations: Sequence[Operation], *, silent: bool = False, durable: bool = True) -> int:
         self.place.revision += 1
         for op in operations:
             self.check(op)
@@ -102,9 +103,9 @@ class IgnoresAbsent(MemoryStorage):
 
 
 class RevisionPerKey(MemoryStorage):
-    def apply(self, op: Operation, revision: int) -> None:
+    def apply(self, op: Operation, revision: int, *, silent: bool = False) -> None:
         old = self.place.entries.get(op.key)
-        super().apply(op, 1 if old is None else old.revision + 1)
+        super().apply(op, 1 if old is None else old.revision + 1, silent=silent)
 
 
 class UnsortedList(MemoryStorage):
@@ -113,18 +114,18 @@ class UnsortedList(MemoryStorage):
 
 
 class TruncatesAtNul(MemoryStorage):
-    def apply(self, op: Operation, revision: int) -> None:
+    def apply(self, op: Operation, revision: int, *, silent: bool = False) -> None:
         if isinstance(op, Put):
             op = Put(op.key, op.value.split(b"\x00")[0], op.expect)
-        super().apply(op, revision)
+        super().apply(op, revision, silent=silent)
 
 
 class DeleteMissingFails(MemoryStorage):
-    def apply(self, op: Operation, revision: int) -> None:
+    def apply(self, op: Operation, revision: int, *, silent: bool = False) -> None:
         if isinstance(op, Delete):
             del self.place.entries[op.key]
         else:
-            super().apply(op, revision)
+            super().apply(op, revision, silent=silent)
 
 
 def test_a_correct_storage_passes_check_storage() -> None:

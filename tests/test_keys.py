@@ -605,3 +605,16 @@ def test_the_same_password_opens_the_store_after_several_root_rotations(
         assert store.get("other/x").value.reveal() == b"x1"
     finally:
         storage.close()
+
+
+def test_rewrap_is_invisible_to_watchers_but_new_versions_are_not(encrypted_store: EncryptedStore) -> None:
+    for i in range(5):
+        encrypted_store.put(f"auth/K{i}", b"v")
+    _, revision = encrypted_store.changes_since(None)
+    keys.rotate_key(encrypted_store, "auth")
+    keys.rewrap(encrypted_store, "auth")
+    changes, revision = encrypted_store.changes_since(revision)
+    assert changes == []
+    encrypted_store.put("auth/K0", b"w")
+    changes, _ = encrypted_store.changes_since(revision)
+    assert [(c.kind.value, c.name, c.version) for c in changes] == [("version_added", "auth/K0", 2)]

@@ -103,16 +103,22 @@ class SqliteStorage:
             raise StorageError(f"{self.path} is not a secrets-manager store (schema {schema})")
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
+    def _transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                if not durable:  # WAL + NORMAL: atomic and crash-safe, not fsynced at commit
+                    self._db.execute("PRAGMA synchronous = NORMAL")
                 try:
-                    yield self._db
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
+                    self._db.execute("BEGIN IMMEDIATE")
+                    try:
+                        yield self._db
+                    except BaseException:
+                        self._db.execute("ROLLBACK")
+                        raise
+                    self._db.execute("COMMIT")
+                finally:
+                    if not durable:
+                        self._db.execute("PRAGMA synchronous = FULL")
             except sqlite3.Error as exc:
                 raise StorageError(f"store {self.path}: {exc}") from None
 
@@ -148,17 +154,18 @@ class SqliteStorage:
             raise StorageError(f"store {self.path}: {exc}") from None
         return [row[0] for row in rows if row[0].startswith(prefix)]
 
-    def commit(self, operations: Sequence[Operation]) -> int:
-        with self._transaction() as db:
+    def commit(self, operations: Sequence[Operation], *, silent: bool = False, durable: bool = True) -> int:
+        with self._transaction(durable=durable) as db:
             for op in operations:
                 _check_precondition(db, op.key, op.expect)
             revision = int(db.execute("SELECT revision FROM counter WHERE id = 1").fetchone()[0]) + 1
             db.execute("UPDATE counter SET revision = ? WHERE id = 1", (revision,))
             for op in operations:
-                db.execute(
-                    "INSERT OR REPLACE INTO changes (revision, key, deleted) VALUES (?, ?, ?)",
-                    (revision, op.key, isinstance(op, Delete)),
-                )
+                if not silent:
+                    db.execute(
+                        "INSERT OR REPLACE INTO changes (revision, key, deleted) VALUES (?, ?, ?)",
+                        (revision, op.key, isinstance(op, Delete)),
+                    )
                 if isinstance(op, Put):
                     db.execute(
                         "INSERT INTO entries (key, value, revision) VALUES (?, ?, ?) ON CONFLICT (key) "

@@ -402,6 +402,15 @@ def _check_change_feed_lists_every_commit_in_order(make_storage: MakeStorage) ->
         _require(batch.revision == second, "the feed's revision is not the newest commit's")
         _require(not watcher.changes_since(second).changes, "the feed repeats changes already read")
         _require(not batch.truncated, "a fresh feed claims to have dropped changes")
+        quiet = writer.commit([Put(b, b"re-encrypted")], silent=True)
+        later = writer.put(a, b"2")
+        after = [(c.revision, c.key) for c in watcher.changes_since(second).changes]
+        _require(after == [(later, a)], f"a silent commit ({quiet}) showed in the change feed: {after}")
+        entry = watcher.get(b)
+        _require(entry is not None and entry.value == b"re-encrypted", "a silent commit was not applied")
+        writer.commit([Put(b, b"not fsynced")], durable=False)
+        entry = watcher.get(b)
+        _require(entry is not None and entry.value == b"not fsynced", "a non-durable commit was not applied")
 
 
 def _check_scrub_keeps_every_value(make_storage: MakeStorage) -> None:

@@ -440,17 +440,19 @@ class EncryptedStore:
             return self._storage.scrub()
         return False
 
-    def _commit_with_keyset(self, namespace: str, expect: Expect, keyset: Keyset, ops: Operations) -> None:
+    def _commit_with_keyset(
+        self, namespace: str, expect: Expect, keyset: Keyset, ops: Operations, *, silent: bool = False
+    ) -> None:
         if expect is ABSENT:
             ops.append(self._root_guard())
         sealed = seal_record(self._root, Purpose.KEYSET, namespace, 0, keyset.to_bytes())
         ops.append(Put(KEYSET_PREFIX + namespace, sealed, expect))
-        revision = self._commit(ops)
+        revision = self._commit(ops, silent=silent)
         self._keysets[namespace] = (revision, keyset)
 
-    def _commit(self, ops: Operations) -> int:
+    def _commit(self, ops: Operations, *, silent: bool = False, durable: bool = True) -> int:
         try:
-            return self._storage.commit(ops)
+            return self._storage.commit(ops, silent=silent, durable=durable)
         except ConflictError:
             raise _LostRace() from None
 
@@ -522,7 +524,9 @@ class EncryptedStore:
                 self._refresh_root(_root_id_of(entry))
             ops: Operations = [] if entry is not None else [self._root_guard()]
             sealed = seal_record(self._root, Purpose.AUDIT_ANCHOR, AUDIT_ANCHOR_KEY, 0, doc)
-            self._commit([*ops, Put(AUDIT_ANCHOR_KEY, sealed, _expect(entry))])
+            # Not fsynced: a power cut can only make the anchor lag, and records past it verify by MAC.
+            # Silent: it is not a secret, so watchers need not hear of it.
+            self._commit([*ops, Put(AUDIT_ANCHOR_KEY, sealed, _expect(entry))], silent=True, durable=False)
 
         self._retry(attempt)
 

@@ -458,7 +458,8 @@ def _rewrap_batch(
         ops.append(Put(key, sealed, expect=entry.revision))
     count = len(ops)
     if count:
-        store._commit_with_keyset(namespace, expect, keyset.with_uses(count), ops)
+        # Silent: re-encryption changes no secret, so watchers are not told of it.
+        store._commit_with_keyset(namespace, expect, keyset.with_uses(count), ops, silent=True)
     return count, unreadable
 
 
