@@ -51,6 +51,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+import report
 import secrets_manager
 from secrets_manager.crypto import kdf
 from secrets_manager.storage.sqlite import SqliteStorage
@@ -246,64 +247,16 @@ def bench_namespaces(tmp: Path, profile: Profile) -> list[Row]:
 HEADERS = ("op", "size", "ours/s", "base/s", "ratio", "ours per op", "base per op")
 
 
-def _per_op(rate: float) -> str:
-    seconds = 1 / rate
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 0.001:
-        return f"{seconds * 1000:.2f} ms"
-    return f"{seconds * 1e6:.2f} us"
-
-
-def _rate(rate: float) -> str:
-    return f"{rate:,.2f}" if rate < 100 else f"{rate:,.0f}"
-
-
 def _cells(row: Row) -> tuple[str, ...]:
     return (
         row.op,
         row.size,
-        _rate(row.ours),
-        _rate(row.baseline),
+        report.rate(row.ours),
+        report.rate(row.baseline),
         f"{row.ratio:.3f}",
-        _per_op(row.ours),
-        _per_op(row.baseline),
+        report.per_op(row.ours, digits=2),
+        report.per_op(row.baseline, digits=2),
     )
-
-
-def render(rows: list[Row], title: str, notes: list[str]) -> None:
-    if sys.stdout.isatty():
-        from rich import box
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-        for i, header in enumerate(HEADERS):
-            table.add_column(header, justify="right" if i > 1 else "left", no_wrap=True)
-        for row in rows:
-            table.add_row(*_cells(row))
-        console = Console()
-        console.print(table)
-        for note in notes:
-            console.print(note, highlight=False, markup=False)
-        return
-    lines = [HEADERS, *(_cells(row) for row in rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADERS))]
-
-    def fmt(line: Sequence[str]) -> str:
-        padded = (
-            cell.rjust(w) if i > 1 else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        )
-        return "  ".join(padded).rstrip()
-
-    print(title)
-    print(fmt(HEADERS))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(fmt(_cells(row)))
-    for note in notes:
-        print(note)
 
 
 def parse_count(text: str) -> int:
@@ -357,12 +310,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"rotate --root: keys.rotate_root_key, median of {profile.root_reps} (after a warm-up)  vs  "
         "change_unlock on the same store (same Argon2id cost, kdf.TEST): the O(1) passwd header rewrite.",
         f"root rotation scaling: {NAMESPACE_COUNTS[1]:,} namespaces take {scaling:.1f}x the time of "
-        f"{NAMESPACE_COUNTS[0]:,} ({_per_op(large.ours)} vs {_per_op(small.ours)}); "
-        f"the {profile.records:,}-record store, one namespace: {_per_op(rewrap_rows[1].ours)}.",
+        f"{NAMESPACE_COUNTS[0]:,} ({report.per_op(large.ours, 2)} vs {report.per_op(small.ours, 2)}); "
+        f"the {profile.records:,}-record store, one namespace: {report.per_op(rewrap_rows[1].ours, 2)}.",
         f"Rewrap store populated through store.put: {profile.records // 2:,} secrets in "
         f"{populate_seconds:.1f} s. Total run time: {total:.1f} s.",
     ]
-    render(rows, title, notes)
+    report.render(HEADERS, [_cells(row) for row in rows], title, notes, left_columns=2)
     return 0
 
 

@@ -52,6 +52,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+import report
 import secrets_manager
 from secrets_manager.audit import AuditEvent, AuditLog, value_fingerprint
 from secrets_manager.crypto import kdf
@@ -407,68 +408,16 @@ def passwd_at(path: Path, names: Sequence[str], profile: Profile) -> Row:
 HEADERS = ("op", "secrets", "ours op/s", "base op/s", "ratio", "ours/op", "base/op")
 
 
-def _per_op(rate: float) -> str:
-    seconds = 1 / rate
-    if seconds >= 1:
-        return f"{seconds:.2f} s"
-    if seconds >= 0.001:
-        return f"{seconds * 1000:.1f} ms"
-    return f"{seconds * 1e6:.1f} us"
-
-
-def _ops(rate: float) -> str:
-    return f"{rate:,.2f}" if rate < 100 else f"{rate:,.0f}"
-
-
 def _cells(row: Row) -> tuple[str, ...]:
     return (
         row.op,
         f"{row.secrets:,}",
-        _ops(row.ours),
-        _ops(row.baseline),
+        report.rate(row.ours),
+        report.rate(row.baseline),
         f"{row.ratio:.2f}",
-        _per_op(row.ours),
-        _per_op(row.baseline),
+        report.per_op(row.ours),
+        report.per_op(row.baseline),
     )
-
-
-def render(rows: list[Row], title: str, notes: list[str]) -> None:
-    if sys.stdout.isatty():
-        from rich import box
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-        for i, header in enumerate(HEADERS):
-            table.add_column(header, justify="right" if i else "left", no_wrap=True)
-        previous = None
-        for row in rows:
-            if previous is not None and row.op != previous:
-                table.add_section()
-            previous = row.op
-            table.add_row(*_cells(row))
-        console = Console()
-        console.print(table)
-        for note in notes:
-            console.print(note, highlight=False, markup=False)
-        return
-    lines = [HEADERS, *(_cells(row) for row in rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(HEADERS))]
-
-    def fmt(line: Sequence[str]) -> str:
-        padded = (
-            cell.rjust(w) if i else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(line, widths, strict=True))
-        )
-        return "  ".join(padded).rstrip()
-
-    print(title)
-    print(fmt(HEADERS))
-    print("  ".join("-" * w for w in widths))
-    for row in rows:
-        print(fmt(_cells(row)))
-    for note in notes:
-        print(note)
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -544,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"Store populated through store.put one by one, grown size to size: {populated}.",
         f"Total run time: {total:.1f} s.",
     ]
-    render(rows, title, notes)
+    report.render(HEADERS, [_cells(row) for row in rows], title, notes)
     return 0
 
 
