@@ -20,6 +20,7 @@ unlock source we were opened with), so long-lived handles keep working.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -173,11 +174,7 @@ class EncryptedStore:
             if record is None:
                 continue
             plaintext = open_record(
-                self._keyset_for_read(namespace_of(name)).key_for_decryption,
-                Purpose.SECRET_VALUE,
-                name,
-                number,
-                record.value,
+                self._fresh_key_lookup(namespace_of(name)), Purpose.SECRET_VALUE, name, number, record.value
             )
             info = meta.versions[number]
             return Secret(
@@ -351,6 +348,19 @@ class EncryptedStore:
         self._retry(attempt)
 
     # ---- keysets and records ---------------------------------------------------------------
+
+    def _fresh_key_lookup(self, namespace: str) -> Callable[[int], DataKey]:
+        """Key lookup for a read that has just loaded the namespace's keyset (in `_read_meta`):
+        use that copy, and go back to storage only for a key it does not know (a rotation since)."""
+        cached = self._keysets.get(namespace)
+
+        def lookup(key_id: int) -> DataKey:
+            if cached is not None:
+                with contextlib.suppress(IntegrityError):
+                    return cached[1].key_for_decryption(key_id)
+            return self._keyset_for_read(namespace).key_for_decryption(key_id)
+
+        return lookup
 
     def _keyset_for_read(self, namespace: str) -> Keyset:
         entry = self._storage.get(KEYSET_PREFIX + namespace)
