@@ -3,6 +3,14 @@
 The public API is the short `__all__` below; everything else is internal and may change.
 """
 
+from secrets_manager.client import (
+    AsyncClient,
+    Client,
+    Credentials,
+    get_credentials,
+    get_credentials_sync,
+    install_log_redaction,
+)
 from secrets_manager.errors import (
     AccessDeniedError,
     ConflictError,
@@ -20,7 +28,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AccessDeniedError",
+    "AsyncClient",
+    "Client",
     "ConflictError",
+    "Credentials",
     "EncryptedStore",
     "IntegrityError",
     "InvalidInputError",
@@ -34,4 +45,7 @@ __all__ = [
     "StorageError",
     "UnlockError",
     "__version__",
+    "get_credentials",
+    "get_credentials_sync",
+    "install_log_redaction",
 ]

@@ -2,19 +2,19 @@
 
 The CLI uses it for `--server`, so `store`, `get`, `list`, `history`, `delete` behave the same
 locally and remotely; status codes come back as the same exceptions (wire.STATUS_OF_ERROR).
-The SDK (client/_client.py) also uses its `watch` stream and `wait_until_ready` probe.
+The SDK (client/_client.py) also uses its `watch` stream and `is_serving` probe.
 """
 
 from __future__ import annotations
 
 import builtins
-import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from secrets_manager.errors import InvalidInputError, NotFoundError
 from secrets_manager.store import Secret, SecretMetadata, VersionInfo
@@ -24,6 +24,7 @@ from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 from secrets_manager.wire import error_for, metadata_from_message, secret_from_message
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Secrets"].full_name
 _CHANGE_KIND = {
     pb.ChangeEvent.VERSION_ADDED: ChangeKind.VERSION_ADDED,
     pb.ChangeEvent.METADATA_CHANGED: ChangeKind.METADATA_CHANGED,
@@ -65,6 +66,7 @@ class RemoteStore:
         self.address = address
         self._channel = grpc.secure_channel(address, tls.credentials(), options=list(options))
         self._stub = pb_grpc.SecretsStub(self._channel)  # type: ignore[no-untyped-call]
+        self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
 
     def _call(self, method: str, request: Any) -> Any:
@@ -161,37 +163,25 @@ class RemoteStore:
         The stream has no deadline; it ends when the server shuts down or `cancel()` is called."""
         return ChangeStream(self._stub.Watch(pb.WatchRequest(prefix=prefix)), self.address)
 
-    def wait_until_ready(self, timeout: float) -> bool:
-        """Connect (TLS handshake included) if not connected: True once the channel is ready,
-        False as soon as connecting fails or when `timeout` passes. A stream opened on a channel
-        that is not ready could hang without an error (a peer that accepts TCP and never answers)."""
-        settled = threading.Event()
-        seen: list[grpc.ChannelConnectivity] = []
+    def is_serving(self, timeout: float) -> bool:
+        """Health/Check of the Secrets service (connecting first if needed), within `timeout`.
 
-        def observe(state: grpc.ChannelConnectivity) -> None:
-            seen.append(state)
-            if state in _SETTLED_STATES:
-                settled.set()
-
-        self._channel.subscribe(observe, try_to_connect=True)
+        A stream opened without such a probe could hang without an error on a peer that accepts
+        TCP and never answers; this also skips a server that is shutting down (NOT_SERVING). It is
+        an RPC rather than a connectivity subscription: gRPC's subscription thread may raise
+        "Channel closed!" when the channel is closed while it polls (grpc/grpc#18995)."""
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
         try:
-            settled.wait(timeout)
-        finally:
-            self._channel.unsubscribe(observe)
-        return bool(seen) and seen[-1] is grpc.ChannelConnectivity.READY
+            reply = self._health.Check(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            return bool(exc.code() is grpc.StatusCode.UNIMPLEMENTED)  # answered, just no health service
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
     def close(self) -> None:
         self._channel.close()
 
     def __repr__(self) -> str:
         return f"RemoteStore({self.address!r})"
-
-
-_SETTLED_STATES = (
-    grpc.ChannelConnectivity.READY,
-    grpc.ChannelConnectivity.TRANSIENT_FAILURE,
-    grpc.ChannelConnectivity.SHUTDOWN,
-)
 
 
 class ChangeStream:

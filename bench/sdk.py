@@ -1,0 +1,189 @@
+"""SDK benchmark: the hot cached read beside aws-secretsmanager-caching, and push propagation.
+
+1. Hot cached read, ns per call. Ours: `Client.get(name)` and `Client.credentials()[name]` on a
+   warm cache, the client connected to a real `secrets-manager serve` over mutual TLS. Baseline:
+   `aws_secretsmanager_caching.SecretCache.get_secret_string(name)` on a warm cache, its boto3
+   client pointed at moto in process (`mock_aws`): only its cache-hit path is timed, which makes no
+   call. Both read the same secret; rounds alternate; medians are shown, with
+   ratio = baseline ns / ours ns (how many of our reads fit in the time of one of theirs).
+2. Propagation: 20 clients subscribed to one server; a writer puts a new value; for each client,
+   the time from just before the put until that client serves the new value from its cache
+   (polled every millisecond): p50, p99 and max over all clients and rounds. Beside it, the
+   staleness bound of the baseline: its default refresh interval (a cached value is served until
+   then, whatever changed).
+
+    python bench/sdk.py            # 7 rounds of 200k reads each; 20 propagation rounds
+    python bench/sdk.py --quick    # 3 rounds of 50k reads; 5 propagation rounds (about 15 s)
+
+The server helpers (real certificates, policy, store) are those of tests/service_fixtures.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import boto3
+from aws_secretsmanager_caching import SecretCache, SecretCacheConfig
+from moto import mock_aws
+
+from secrets_manager.client import Client
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+fixtures: Any = importlib.import_module("service_fixtures")
+
+NAME = "auth/JWT_KEY"
+VALUE = "v" * 64
+CLIENTS = 20
+
+
+def ns_per_call(function: Callable[[], object], calls: int) -> float:
+    loop = itertools.repeat(None, calls)
+    started = time.perf_counter_ns()
+    for _ in loop:
+        function()
+    return (time.perf_counter_ns() - started) / calls
+
+
+def hot_reads(server_dir: Path, address: str, rounds: int, calls: int) -> dict[str, float]:
+    """Median ns per cached read: ours (two ways) and the AWS caching client's cache hit."""
+    samples: dict[str, list[float]] = {"get": [], "credentials": [], "aws": []}
+    with Client(environ=fixtures.client_environ(server_dir, "auth", [address])) as client, mock_aws():
+        boto = boto3.client("secretsmanager", region_name="us-east-1")
+        boto.create_secret(Name=NAME, SecretString=VALUE)
+        cache = SecretCache(config=SecretCacheConfig(), client=boto)
+        assert client.get(NAME).value.reveal_text() == VALUE == cache.get_secret_string(NAME)
+        assert client.credentials()[NAME].reveal_text() == VALUE
+
+        def ours_get() -> object:
+            return client.get(NAME)
+
+        def ours_credentials() -> object:
+            return client.credentials()[NAME]
+
+        def theirs() -> object:
+            return cache.get_secret_string(NAME)
+
+        for function in (ours_get, ours_credentials, theirs):
+            ns_per_call(function, calls // 10)  # warm up
+        for round_ in range(rounds):
+            order = [("get", ours_get), ("credentials", ours_credentials), ("aws", theirs)]
+            if round_ % 2:
+                order.reverse()
+            for label, function in order:
+                samples[label].append(ns_per_call(function, calls))
+            print(f"hot reads: round {round_ + 1}/{rounds}", file=sys.stderr, flush=True)
+    return {label: statistics.median(values) for label, values in samples.items()}
+
+
+def propagation(server_dir: Path, address: str, rounds: int) -> list[float]:
+    """Seconds from a put until each of CLIENTS subscribed clients serves the new value."""
+    clients = [Client(environ=fixtures.client_environ(server_dir, "auth", [address])) for _ in range(CLIENTS)]
+    writer = Client(environ=fixtures.client_environ(server_dir, "writer", [address]))
+    latencies: list[float] = []
+    try:
+        for client in clients:
+            client.credentials()
+        time.sleep(1.0)  # every watch stream is up
+        for round_ in range(rounds):
+            value = f"rotated-{round_}".encode()
+            put_at = time.monotonic()
+            writer.put(NAME, value)
+            waiting = set(range(CLIENTS))
+            while waiting and time.monotonic() - put_at < 10:
+                for index in list(waiting):
+                    if clients[index].credentials()[NAME].reveal() == value:
+                        latencies.append(time.monotonic() - put_at)
+                        waiting.discard(index)
+                time.sleep(0.001)
+            if waiting:
+                raise SystemExit(f"{len(waiting)} clients never served the new value")
+            print(f"propagation: round {round_ + 1}/{rounds}", file=sys.stderr, flush=True)
+            time.sleep(0.3)
+    finally:
+        for client in [*clients, writer]:
+            client.close()
+    return latencies
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+def table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(
+                cell.ljust(width) if i == 0 else cell.rjust(width)
+                for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+            )
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (about 15 s)")
+    args = parser.parse_args(argv)
+    rounds, calls, propagation_rounds = (3, 50_000, 5) if args.quick else (7, 200_000, 20)
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="sm-bench-sdk-") as tmp:
+        directory = Path(tmp)
+        fixtures.make_pki(directory)
+        fixtures.make_store(directory, {NAME: VALUE.encode(), "auth/DB_PASSWORD": b"p" * 32})
+        server = fixtures.start_server(directory)
+        try:
+            reads = hot_reads(directory, server.address, rounds, calls)
+            latencies = propagation(directory, server.address, propagation_rounds)
+        finally:
+            server.stop()
+    refresh_interval = SecretCacheConfig().secret_refresh_interval
+    print(f"secrets-manager SDK benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} CPUs")
+    print()
+    table(
+        [
+            ("hot cached read", "ns/call", "ratio"),
+            ("aws-secretsmanager-caching SecretCache.get_secret_string", f"{reads['aws']:,.0f}", "1.00"),
+            ("ours Client.get(name)", f"{reads['get']:,.0f}", f"{reads['aws'] / reads['get']:.2f}"),
+            (
+                "ours Client.credentials()[name]",
+                f"{reads['credentials']:,.0f}",
+                f"{reads['aws'] / reads['credentials']:.2f}",
+            ),
+        ]
+    )
+    print()
+    table(
+        [
+            (f"propagation to {CLIENTS} subscribed clients", "p50", "p99", "max"),
+            (
+                f"ours: put -> served from cache ({len(latencies)} samples)",
+                f"{percentile(latencies, 0.5) * 1e3:.0f} ms",
+                f"{percentile(latencies, 0.99) * 1e3:.0f} ms",
+                f"{max(latencies) * 1e3:.0f} ms",
+            ),
+            ("aws-secretsmanager-caching default refresh interval", "-", "-", f"{refresh_interval:,} s"),
+        ]
+    )
+    print()
+    print(
+        f"Hot reads: medians of {rounds} alternating rounds of {calls:,} calls; ratio = baseline ns / "
+        f"ours ns (higher is better). Propagation: {propagation_rounds} puts, time from just before "
+        f"the put until each client's cache serves the new value (server watch poll: 0.2 s). "
+        f"Total {time.perf_counter() - began:.0f} s."
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,935 @@
+"""`Client`, `AsyncClient` and `get_credentials()`: a cache in front of the service that is pushed
+fresh values, fails over between replicas, and keeps serving through a bounded outage.
+
+How a value reaches a caller:
+
+- Read path. A fresh cache entry is returned at once: a dict lookup, no lock, no I/O. Otherwise one
+  fetch per key at a time (single flight) goes to the service, trying each address in turn
+  (failover); the address that answered is tried first next time.
+- Push refresh. A watcher thread holds one Watch stream (to the first address that connects) and
+  hands each change event to a refresher thread, which re-fetches that name at once: a rotated
+  value is served within about a second. The jittered TTL is only a backstop for missed events.
+  After every (re)connect the refresher re-reads everything cached, since events may have been
+  missed; and once more `SETTLE_SECONDS` later, because the server reads the stream's starting
+  revision at an instant the client cannot observe (the stream sends nothing until an event).
+- Stale-if-error. When no address answers (a call failed on all of them, or the watcher cannot
+  connect anywhere) an outage starts. Cached values are served, marked stale (`Client.stale`,
+  `Credentials.stale`, one warning in the log), for at most `stale_if_error` seconds from its start
+  and without touching the network, while the watcher reconnects with exponential backoff and
+  jitter. Past the bound a read tries the service again and, if it still fails, raises a
+  `StorageError` that says so. Any successful call or event ends the outage.
+- Without an address, outside production, the same machinery runs over the local store, read-only;
+  the watcher polls the store's change feed like the service does.
+
+`AsyncClient` wraps a `Client`. A cached read is answered in the event loop (it never waits);
+anything that may wait on the network or the disk runs in a worker thread (`asyncio.to_thread`),
+with concurrent misses for one key sharing one thread. One cache and one watcher then serve sync
+and async callers alike, and the client is not bound to one event loop (grpc.aio channels are),
+so the process-wide client behind `get_credentials()` survives `asyncio.run()` being called twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import heapq
+import itertools
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
+
+from secrets_manager.client._cache import Reachability, TtlCache
+from secrets_manager.client._config import (
+    TTL_JITTER,
+    ClientConfig,
+    LocalTarget,
+    RemoteTarget,
+    resolve_config,
+)
+from secrets_manager.client._credentials import Credentials
+from secrets_manager.client._logging import LIVE_VALUES
+from secrets_manager.client.remote import RemoteStore, TlsFiles
+from secrets_manager.errors import (
+    AccessDeniedError,
+    InvalidInputError,
+    NotFoundError,
+    SecretsManagerError,
+    StorageError,
+)
+from secrets_manager.store import EncryptedStore, Secret, SecretMetadata
+from secrets_manager.store.changes import ChangeKind, SecretChange
+from secrets_manager.store.names import DEFAULT_NAMESPACE, validate_namespace
+from secrets_manager.store.url import open_store
+from secrets_manager.values import SecretValue
+
+log = logging.getLogger("secrets_manager.client")
+
+T = TypeVar("T")
+SETTLE_SECONDS = 0.5  # > the service's 0.2 s watch poll plus the time its stream takes to start
+LOCAL_POLL_SECONDS = 0.2  # the local store's change feed, polled as the service polls it
+BACKOFF_INITIAL_SECONDS = 0.1
+BACKOFF_MAX_SECONDS = 5.0
+HEALTHY_STREAM_SECONDS = 5.0  # a stream that lived this long resets the reconnect backoff
+CHANNEL_OPTIONS = (
+    # Retry a lost connection within a couple of seconds, not gRPC's default of up to two minutes.
+    # (Not grpc.min_reconnect_backoff_ms: gRPC also uses it as the connect timeout, TLS included.)
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+)
+_EVERYTHING = "*"  # refresher job: re-read all that is cached ('*' is never a secret name)
+_ALL = ""  # the listing's cache key: every name the caller may read
+
+
+# ---- where values come from ------------------------------------------------------------------
+
+
+class _ChangeSource(Protocol):
+    def __iter__(self) -> Iterator[SecretChange]: ...
+
+    def cancel(self) -> None: ...
+
+
+class _Backend(Protocol):
+    def fetch_all(self) -> list[Secret]: ...
+
+    def fetch(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret: ...
+
+    def put(
+        self,
+        name: str,
+        value: bytes,
+        *,
+        expect_version: int | None,
+        description: str | None,
+        tags: Mapping[str, str] | None,
+    ) -> int: ...
+
+    def describe(self, name: str) -> SecretMetadata: ...
+
+    def list(self, prefix: str, *, include_deleted: bool) -> list[SecretMetadata]: ...
+
+    def open_watch(self) -> _ChangeSource: ...
+
+    def close(self) -> None: ...
+
+
+class _ServiceReplicas:
+    """The service at one or more addresses. A call goes to the address that answered last and
+    moves on to the next when one cannot give an answer (unreachable, timed out, unavailable);
+    a definite answer (not found, denied, invalid, conflict) is final."""
+
+    def __init__(self, target: RemoteTarget, timeout: float) -> None:
+        self._timeout = timeout
+        self._replicas: list[RemoteStore] = []
+        try:
+            for address in target.addresses:
+                self._replicas.append(
+                    RemoteStore(address, target.tls, timeout=timeout, options=CHANNEL_OPTIONS)
+                )
+        except BaseException:
+            self.close()
+            raise
+        self._preferred = 0
+
+    def _in_order(self) -> list[tuple[int, RemoteStore]]:
+        start = self._preferred
+        indexed = list(enumerate(self._replicas))
+        return indexed[start:] + indexed[:start]
+
+    def _call(self, operation: Callable[[RemoteStore], T]) -> T:
+        failures: list[str] = []
+        for index, replica in self._in_order():
+            try:
+                result = operation(replica)
+            except SecretsManagerError as exc:
+                if not _worth_another_address(exc):
+                    raise
+                failures.append(f"{replica.address}: {exc}")
+                continue
+            self._preferred = index
+            return result
+        raise StorageError("; ".join(failures))
+
+    def fetch_all(self) -> list[Secret]:
+        """BatchGetSecrets with no names: every secret the caller's certificate may read."""
+        return self._call(lambda replica: replica.get_many())
+
+    def fetch(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
+        """GetSecret."""
+        return self._call(lambda replica: replica.get(name, version=version, label=label))
+
+    def put(
+        self,
+        name: str,
+        value: bytes,
+        *,
+        expect_version: int | None,
+        description: str | None,
+        tags: Mapping[str, str] | None,
+    ) -> int:
+        """PutSecret."""
+        return self._call(
+            lambda replica: replica.put_version(
+                name, value, expect_version=expect_version, description=description, tags=tags
+            )
+        )
+
+    def describe(self, name: str) -> SecretMetadata:
+        """DescribeSecret."""
+        return self._call(lambda replica: replica.describe(name))
+
+    def list(self, prefix: str, *, include_deleted: bool) -> list[SecretMetadata]:
+        """ListSecrets."""
+        return self._call(lambda replica: replica.list(prefix, include_deleted=include_deleted))
+
+    def open_watch(self) -> _ChangeSource:
+        """Watch, on the first address whose health check says SERVING within the timeout."""
+        unready: list[str] = []
+        for index, replica in self._in_order():
+            if replica.is_serving(self._timeout):
+                self._preferred = index
+                return replica.watch()
+            unready.append(replica.address)
+        raise StorageError(f"no service is serving at {', '.join(unready)}")
+
+    def close(self) -> None:
+        for replica in self._replicas:
+            replica.close()
+
+
+def _worth_another_address(error: SecretsManagerError) -> bool:
+    # StorageError is UNAVAILABLE / DEADLINE_EXCEEDED (and a server whose store failed); the base
+    # class is any status without a meaning of ours (RESOURCE_EXHAUSTED, INTERNAL, ...).
+    return isinstance(error, StorageError) or type(error) is SecretsManagerError
+
+
+class _LocalStore:
+    """Development without a service: the local store, opened once, read-only for the SDK.
+
+    Writes stay with `secrets-manager store`, which audits them; reads here are not audited."""
+
+    def __init__(self, target: LocalTarget) -> None:
+        self._store: EncryptedStore = open_store(
+            target.store_url, target.read_password(), environment=target.environment, actor=_local_actor()
+        )
+
+    def fetch_all(self) -> list[Secret]:
+        secrets = []
+        for meta in self._store.list():
+            try:
+                secrets.append(self._store.get(meta.name))
+            except NotFoundError:
+                continue  # deleted between list and get
+        return secrets
+
+    def fetch(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
+        return self._store.get(name, version=version, label=label)
+
+    def put(
+        self,
+        name: str,
+        value: bytes,
+        *,
+        expect_version: int | None,
+        description: str | None,
+        tags: Mapping[str, str] | None,
+    ) -> int:
+        raise InvalidInputError(
+            "the SDK only reads the local store; write with 'secrets-manager store' (which audits "
+            "the change) or set SECRETS_MANAGER_ADDR to use a service"
+        )
+
+    def describe(self, name: str) -> SecretMetadata:
+        return self._store.describe(name)
+
+    def list(self, prefix: str, *, include_deleted: bool) -> list[SecretMetadata]:
+        return self._store.list(prefix, include_deleted=include_deleted)
+
+    def open_watch(self) -> _ChangeSource:
+        return _PolledChanges(self._store)
+
+    def close(self) -> None:
+        self._store.close()
+
+
+class _PolledChanges:
+    """The local store's change feed as a stream, read every LOCAL_POLL_SECONDS."""
+
+    def __init__(self, store: EncryptedStore) -> None:
+        self._store = store
+        _, self._revision = store.changes_since(None)
+        self._cancelled = threading.Event()
+
+    def __iter__(self) -> Iterator[SecretChange]:
+        while not self._cancelled.is_set():
+            changes, self._revision = self._store.changes_since(self._revision)
+            yield from changes
+            self._cancelled.wait(LOCAL_POLL_SECONDS)
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+
+def _local_actor() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid:{os.getuid()}"
+
+
+# ---- background work ---------------------------------------------------------------------------
+
+
+class _Backoff:
+    """Exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling to a cap."""
+
+    def __init__(self, rng: random.Random) -> None:
+        self._rng = rng
+        self._delay = BACKOFF_INITIAL_SECONDS
+
+    def next_delay(self) -> float:
+        delay = self._delay
+        self._delay = min(BACKOFF_MAX_SECONDS, delay * 2)
+        return delay / 2 + self._rng.random() * delay / 2
+
+    def reset(self) -> None:
+        self._delay = BACKOFF_INITIAL_SECONDS
+
+
+class _RefreshQueue:
+    """Keys to re-fetch and when; `take_due` blocks until some are due (or `wake`)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self._condition = threading.Condition()
+        self._heap: list[tuple[float, int, str]] = []
+        self._order = itertools.count()
+        self._woken = False
+
+    def schedule(self, key: str, at: float | None = None) -> None:
+        with self._condition:
+            heapq.heappush(self._heap, (self._clock() if at is None else at, next(self._order), key))
+            self._condition.notify()
+
+    def take_due(self) -> set[str]:
+        with self._condition:
+            while not self._woken:
+                now = self._clock()
+                if self._heap and self._heap[0][0] <= now:
+                    due = set()
+                    while self._heap and self._heap[0][0] <= now:
+                        due.add(heapq.heappop(self._heap)[2])
+                    return due
+                self._condition.wait(self._heap[0][0] - now if self._heap else None)
+            return set()
+
+    def wake(self) -> None:
+        with self._condition:
+            self._woken = True
+            self._condition.notify_all()
+
+
+# ---- the client --------------------------------------------------------------------------------
+
+
+class Client:
+    """The secrets this service may read, cached, pushed fresh, failing over between replicas.
+
+    Safe to share between threads. Each argument left out comes from the environment (see
+    `secrets_manager.client._config`): `addresses` ("host:port,host:port" or a list), `tls` (the
+    client certificate), `ttl` (seconds a value is trusted without asking), `stale_if_error`
+    (seconds the last good values are served while no service answers), `timeout` (seconds per
+    call to one address), `environ` (instead of os.environ). Nothing is contacted until the first
+    read. Call `close()` (or use `with`) to stop its threads."""
+
+    def __init__(
+        self,
+        addresses: str | Sequence[str] | None = None,
+        *,
+        tls: TlsFiles | None = None,
+        ttl: float | None = None,
+        stale_if_error: float | None = None,
+        timeout: float | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self._config: ClientConfig = resolve_config(
+            addresses, tls=tls, ttl=ttl, stale_if_error=stale_if_error, timeout=timeout, environ=environ
+        )
+        self._clock = clock = time.monotonic
+        self._rng = random.Random()  # noqa: S311 (spreading refreshes and retries, not a secret)
+        self._secrets: TtlCache[str, Secret] = TtlCache(
+            self._config.ttl, jitter=TTL_JITTER, clock=clock, rng=self._rng
+        )
+        self._listing: TtlCache[str, frozenset[str]] = TtlCache(
+            self._config.ttl, jitter=TTL_JITTER, clock=clock, rng=self._rng
+        )
+        self._reach = Reachability(self._config.stale_if_error, clock=clock)
+        self._snapshots: dict[str | None, tuple[tuple[int, int, bool], Credentials]] = {}
+        self._write_lock = threading.RLock()  # every cache write; reads take no lock
+        self._flights: dict[str, threading.Lock] = {}
+        self._flights_lock = threading.Lock()
+        self._start_lock = threading.Lock()
+        self._backend: _Backend | None = None
+        self._queue = _RefreshQueue(clock)
+        self._closed = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._stream: _ChangeSource | None = None
+        self._stream_lock = threading.Lock()
+        self._live_since: float | None = None
+
+    # ---- reading ---------------------------------------------------------------------------------
+
+    def credentials(self, namespace: str | None = None) -> Credentials:
+        """Every secret the caller may read (BatchGetSecrets), by full name; with `namespace`,
+        only that namespace's secrets, by their names inside it ('BINANCE_API_KEY')."""
+        if namespace is not None:
+            validate_namespace(namespace)
+        hit = self._cached_credentials(namespace)
+        return hit if hit is not None else self._load_credentials(namespace)
+
+    def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
+        """One secret (GetSecret): the current version from the cache; a given version or label
+        ('previous', 'pending') is always asked of the service."""
+        if version is None and label is None:
+            entry = self._secrets.get(name)
+            if entry is not None and self._reach.outage_since is None and self._clock() < entry.fresh_until:
+                return entry.value
+            hit = self._cached_secret(name)
+            return hit if hit is not None else self._load_secret(name)
+        return self._uncached(lambda backend: backend.fetch(name, version=version, label=label))
+
+    def describe(self, name: str) -> SecretMetadata:
+        """Metadata and version history (DescribeSecret); never cached, never a value."""
+        return self._uncached(lambda backend: backend.describe(name))
+
+    def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
+        """Metadata of the secrets under `prefix` the caller may list (ListSecrets); never cached."""
+        return self._uncached(lambda backend: backend.list(prefix, include_deleted=include_deleted))
+
+    def put(
+        self,
+        name: str,
+        value: bytes | str | SecretValue,
+        *,
+        expect_version: int | None = None,
+        description: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> int:
+        """Write a new version (PutSecret) when the caller's role may; returns its number.
+
+        A put that fails over may, if an answer was lost after the first address committed,
+        write the value twice (two versions). Pass `expect_version` for exactly once."""
+        raw = value.reveal() if isinstance(value, SecretValue) else value
+        data = raw.encode("utf-8") if isinstance(raw, str) else raw
+        version = self._uncached(
+            lambda backend: backend.put(
+                name, data, expect_version=expect_version, description=description, tags=tags
+            )
+        )
+        with self._write_lock:  # read your own write: the next read asks the service
+            self._secrets.outdate(name)
+            self._secrets.expire(name)
+            self._listing.expire(_ALL)
+        return version
+
+    @property
+    def stale(self) -> bool:
+        """True while no service answers: reads serve the last good values, for at most the
+        stale-if-error bound from the moment the outage began."""
+        return self._reach.outage_since is not None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the watcher and refresher threads and close the connections (or local store)."""
+        with self._start_lock:
+            if self._closed.is_set():
+                return
+            self._closed.set()
+            threads, backend = list(self._threads), self._backend
+        with self._stream_lock:
+            if self._stream is not None:
+                self._stream.cancel()
+        self._queue.wake()
+        for thread in threads:  # a call in flight ends within the timeout
+            thread.join(timeout=self._config.timeout + 5)
+        if backend is not None:
+            backend.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = ", stale=True" if self.stale else ""
+        return f"Client({self._config.description!r}{state})"
+
+    # ---- the read path ---------------------------------------------------------------------------
+
+    def _cached_credentials(self, namespace: str | None) -> Credentials | None:
+        """What `credentials()` returns if that needs no I/O; else None. Never blocks."""
+        listing = self._listing.get(_ALL)
+        if listing is None:
+            return None
+        now = self._clock()
+        if self._reach.outage_since is None:
+            if now >= listing.fresh_until:
+                return None
+            return self._snapshot(namespace, stale=False)
+        if self._reach.may_serve_stale(now):
+            return self._snapshot(namespace, stale=True)
+        return None
+
+    def _cached_secret(self, name: str) -> Secret | None:
+        """What `get(name)` returns if that needs no I/O; else None. Never blocks."""
+        entry = self._secrets.get(name)
+        if entry is None:
+            return None
+        now = self._clock()
+        if self._reach.outage_since is None:
+            return entry.value if now < entry.fresh_until else None
+        return entry.value if self._reach.may_serve_stale(now) else None
+
+    def _load_credentials(self, namespace: str | None) -> Credentials:
+        with self._flight(_ALL):
+            hit = self._cached_credentials(namespace)  # another thread may just have fetched
+            if hit is not None:
+                return hit
+            started = self._clock()
+            try:
+                secrets = self._call(lambda backend: backend.fetch_all())
+            except StorageError as exc:
+                cached = self._listing.get(_ALL) is not None
+                if cached and self._reach.may_serve_stale(self._clock()):
+                    return self._snapshot(namespace, stale=True)
+                raise self._unavailable(exc, cached=cached) from None
+            self._store_all(secrets, started)
+            return self._snapshot(namespace, stale=False, fetched=secrets)
+
+    def _load_secret(self, name: str) -> Secret:
+        with self._flight(name):
+            hit = self._cached_secret(name)
+            if hit is not None:
+                return hit
+            started = self._clock()
+            try:
+                secret = self._call(lambda backend: backend.fetch(name))
+            except StorageError as exc:
+                entry = self._secrets.get(name)
+                if entry is not None and self._reach.may_serve_stale(self._clock()):
+                    return entry.value
+                raise self._unavailable(exc, cached=entry is not None) from None
+            except (NotFoundError, AccessDeniedError):
+                self._forget(name)
+                raise
+            self._store_secret(secret, started)
+            return secret
+
+    def _snapshot(
+        self, namespace: str | None, *, stale: bool, fetched: Sequence[Secret] | None = None
+    ) -> Credentials:
+        """Credentials from one generation of the cache, built once per generation."""
+        generation = (self._secrets.generation, self._listing.generation, stale)
+        cached = self._snapshots.get(namespace)
+        if cached is not None and cached[0] == generation:
+            return cached[1]
+        entries = self._secrets.entries()
+        listing = self._listing.get(_ALL)
+        if listing is not None:
+            values = {name: entries[name].value.value for name in sorted(listing.value) if name in entries}
+        else:  # only when the fetch just made was older than one stored meanwhile (rare)
+            values = {secret.name: secret.value for secret in fetched or ()}
+        credentials = Credentials(_in_namespace(values, namespace), stale=stale)
+        self._snapshots[namespace] = (generation, credentials)
+        return credentials
+
+    @contextmanager
+    def _flight(self, key: str) -> Iterator[None]:
+        """At most one fetch per key at a time; the others wait for it and use its result."""
+        with self._flights_lock:
+            lock = self._flights.setdefault(key, threading.Lock())
+        with lock:
+            yield
+
+    def _call(self, operation: Callable[[_Backend], T]) -> T:
+        """One operation on the backend, recording whether any service answered."""
+        backend = self._started_backend()
+        try:
+            result = operation(backend)
+        except StorageError as exc:
+            self._unreachable(exc)
+            raise
+        self._reachable()
+        return result
+
+    def _uncached(self, operation: Callable[[_Backend], T]) -> T:
+        """A call that no cached value can stand in for."""
+        try:
+            return self._call(operation)
+        except StorageError as exc:
+            raise StorageError(
+                f"no secrets-manager service answered ({self._config.description}): {exc}"
+            ) from None
+
+    def _unreachable(self, error: SecretsManagerError) -> None:
+        if self._reach.failed():
+            if self._live_since is not None:  # the stream is up, so no reconnect will end this
+                self._queue.schedule(_EVERYTHING, self._clock() + BACKOFF_INITIAL_SECONDS)
+            log.warning(
+                "no secrets-manager service answered (%s); serving cached values, marked stale, "
+                "for up to %g s: %s",
+                self._config.description,
+                self._config.stale_if_error,
+                error,
+            )
+
+    def _reachable(self) -> None:
+        if self._reach.succeeded():
+            log.info("secrets-manager service answering again (%s)", self._config.description)
+
+    def _unavailable(self, error: SecretsManagerError, *, cached: bool) -> StorageError:
+        if not cached:
+            why = "and nothing is cached for this read"
+        elif self._config.stale_if_error == 0:
+            why = "and serving stale values is turned off (stale_if_error=0)"
+        else:
+            why = (
+                f"for longer than the stale-if-error bound of {self._config.stale_if_error:g} s, "
+                "so cached values are no longer served"
+            )
+        return StorageError(
+            f"no secrets-manager service answered ({self._config.description}) {why}: {error}"
+        )
+
+    # ---- cache writes ----------------------------------------------------------------------------
+
+    def _store_all(self, secrets: Sequence[Secret], started: float) -> None:
+        """A fresh listing: every readable secret, replacing the old listing in one swap."""
+        by_name = {secret.name: secret for secret in secrets}
+        for secret in secrets:
+            LIVE_VALUES.remember(secret.value)
+        with self._write_lock:
+            old = self._listing.get(_ALL)
+            dropped = old.value - by_name.keys() if old is not None else frozenset()
+            self._secrets.put_many(by_name, started=started, drop=dropped)
+            entries = self._secrets.entries()
+            vouched_later = {name for name in dropped if name in entries and entries[name].started > started}
+            self._listing.put(_ALL, frozenset(by_name) | vouched_later, started=started)
+        self._settle(_EVERYTHING, started)
+
+    def _store_secret(self, secret: Secret, started: float) -> None:
+        LIVE_VALUES.remember(secret.value)
+        with self._write_lock:
+            if self._secrets.put(secret.name, secret, started=started):
+                listing = self._listing.get(_ALL)
+                if listing is not None and secret.name not in listing.value:
+                    self._listing.replace_value(_ALL, listing.value | {secret.name})
+        self._settle(secret.name, started)
+
+    def _forget(self, name: str) -> None:
+        with self._write_lock:
+            self._secrets.discard(name)
+            listing = self._listing.get(_ALL)
+            if listing is not None and name in listing.value:
+                self._listing.replace_value(_ALL, listing.value - {name})
+
+    def _settle(self, key: str, started: float) -> None:
+        """A fetch that began before the stream had surely started, stored after the settle
+        refresh already ran, may predate a change the stream never reports: fetch it again."""
+        live_since = self._live_since
+        if live_since is not None and started < live_since + SETTLE_SECONDS <= self._clock():
+            self._queue.schedule(key)
+
+    # ---- background threads ----------------------------------------------------------------------
+
+    def _started_backend(self) -> _Backend:
+        backend = self._backend
+        if backend is not None and not self._closed.is_set():
+            return backend
+        with self._start_lock:
+            if self._closed.is_set():
+                raise InvalidInputError("this secrets-manager client is closed")
+            if self._backend is None:
+                target = self._config.target
+                self._backend = (
+                    _ServiceReplicas(target, self._config.timeout)
+                    if isinstance(target, RemoteTarget)
+                    else _LocalStore(target)
+                )
+                for name, run in (("watch", self._watch), ("refresh", self._refresh_forever)):
+                    thread = threading.Thread(target=run, name=f"secrets-manager-{name}", daemon=True)
+                    thread.start()
+                    self._threads.append(thread)
+            return self._backend
+
+    def _watch(self) -> None:
+        """Hold a change stream; on loss reconnect at once (failover), then with backoff."""
+        backend = self._backend
+        assert backend is not None
+        backoff = _Backoff(self._rng)
+        while not self._closed.is_set():
+            try:
+                stream = backend.open_watch()
+            except StorageError as exc:
+                self._unreachable(exc)
+                self._closed.wait(backoff.next_delay())
+                continue
+            except SecretsManagerError as exc:
+                log.warning("cannot watch for changes (%s): %s", self._config.description, exc)
+                self._closed.wait(backoff.next_delay())
+                continue
+            with self._stream_lock:
+                if self._closed.is_set():
+                    stream.cancel()
+                    return
+                self._stream = stream
+            opened = self._clock()
+            self._live_since = opened
+            self._queue.schedule(_EVERYTHING)  # events were missed while not connected
+            self._queue.schedule(_EVERYTHING, opened + SETTLE_SECONDS)
+            try:
+                for change in stream:
+                    self._reachable()
+                    self._on_change(change)
+                log.debug("watch stream ended by the service, reconnecting")
+            except StorageError as exc:
+                log.info("watch stream lost, reconnecting: %s", exc)
+            except SecretsManagerError as exc:
+                log.warning("watch stream failed, reconnecting: %s", exc)
+            finally:
+                with self._stream_lock:
+                    self._stream = None
+                self._live_since = None
+            if self._clock() - opened >= HEALTHY_STREAM_SECONDS:
+                backoff.reset()
+            else:
+                self._closed.wait(backoff.next_delay())
+
+    def _on_change(self, change: SecretChange) -> None:
+        if change.kind is ChangeKind.RESYNC:
+            self._queue.schedule(_EVERYTHING)
+        elif change.kind is ChangeKind.SECRET_DESTROYED:
+            self._forget(change.name)
+        elif change.name in self._secrets.entries() or self._listing.get(_ALL) is not None:
+            self._secrets.outdate(change.name)  # a fetch begun before now must not be stored
+            self._queue.schedule(change.name)
+
+    def _refresh_forever(self) -> None:
+        probes = _Backoff(self._rng)
+        while not self._closed.is_set():
+            due = self._queue.take_due()
+            if _EVERYTHING in due:
+                self._refresh_everything()
+            else:
+                for name in due:
+                    self._refresh(name)
+            if self._reach.outage_since is None:
+                probes.reset()
+            elif due and self._live_since is not None:
+                # A call failed while the stream stayed up (a blip, a hung replica): keep asking,
+                # with backoff, so the outage ends when the service answers, not at the bound.
+                self._queue.schedule(_EVERYTHING, self._clock() + probes.next_delay())
+
+    def _refresh_everything(self) -> None:
+        listing = self._listing.get(_ALL)
+        if listing is not None:
+            started = self._clock()
+            try:
+                secrets = self._call(lambda backend: backend.fetch_all())
+            except SecretsManagerError as exc:
+                log.debug("refresh of all cached secrets failed: %s", exc)
+                return
+            self._store_all(secrets, started)
+        for name in list(self._secrets.entries()):
+            if listing is None or name not in listing.value:
+                self._refresh(name)
+
+    def _refresh(self, name: str) -> None:
+        started = self._clock()
+        try:
+            secret = self._call(lambda backend: backend.fetch(name))
+        except (NotFoundError, AccessDeniedError):
+            self._forget(name)
+            return
+        except SecretsManagerError as exc:
+            log.debug("refresh of %s failed: %s", name, exc)
+            self._secrets.expire(name)  # the next read asks again (or serves it stale)
+            return
+        self._store_secret(secret, started)
+
+
+def _in_namespace(values: Mapping[str, SecretValue], namespace: str | None) -> dict[str, SecretValue]:
+    if namespace is None:
+        return dict(values)
+    if namespace == DEFAULT_NAMESPACE:
+        return {name: value for name, value in values.items() if "/" not in name}
+    prefix = f"{namespace}/"
+    return {name[len(prefix) :]: value for name, value in values.items() if name.startswith(prefix)}
+
+
+class AsyncClient:
+    """The asyncio face of a `Client`: a cached read is answered in the event loop without
+    waiting; anything else runs in a worker thread, so the loop is never blocked."""
+
+    def __init__(
+        self,
+        addresses: str | Sequence[str] | None = None,
+        *,
+        tls: TlsFiles | None = None,
+        ttl: float | None = None,
+        stale_if_error: float | None = None,
+        timeout: float | None = None,
+        environ: Mapping[str, str] | None = None,
+        client: Client | None = None,
+    ) -> None:
+        self._client = client or Client(
+            addresses, tls=tls, ttl=ttl, stale_if_error=stale_if_error, timeout=timeout, environ=environ
+        )
+        self._in_flight: dict[tuple[asyncio.AbstractEventLoop, Hashable], asyncio.Future[Any]] = {}
+
+    @property
+    def sync(self) -> Client:
+        """The synchronous client underneath (same cache, same watcher)."""
+        return self._client
+
+    @property
+    def stale(self) -> bool:
+        """See `Client.stale`."""
+        return self._client.stale
+
+    async def credentials(self, namespace: str | None = None) -> Credentials:
+        """See `Client.credentials` (BatchGetSecrets)."""
+        if namespace is not None:
+            validate_namespace(namespace)
+        hit = self._client._cached_credentials(namespace)
+        if hit is not None:
+            return hit
+        result: Credentials = await self._shared(
+            ("credentials", namespace), self._client.credentials, namespace
+        )
+        return result
+
+    async def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
+        """See `Client.get` (GetSecret)."""
+        if version is None and label is None:
+            hit = self._client._cached_secret(name)
+            if hit is not None:
+                return hit
+            result: Secret = await self._shared(("get", name), self._client.get, name)
+            return result
+        return await asyncio.to_thread(self._client.get, name, version=version, label=label)
+
+    async def describe(self, name: str) -> SecretMetadata:
+        """See `Client.describe` (DescribeSecret)."""
+        return await asyncio.to_thread(self._client.describe, name)
+
+    async def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
+        """See `Client.list` (ListSecrets)."""
+        return await asyncio.to_thread(self._client.list, prefix, include_deleted=include_deleted)
+
+    async def put(
+        self,
+        name: str,
+        value: bytes | str | SecretValue,
+        *,
+        expect_version: int | None = None,
+        description: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> int:
+        """See `Client.put` (PutSecret)."""
+        return await asyncio.to_thread(
+            self._client.put, name, value, expect_version=expect_version, description=description, tags=tags
+        )
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._client.close)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"Async{self._client!r}"
+
+    async def _shared(self, key: Hashable, function: Callable[..., Any], *args: Any) -> Any:
+        """Run `function` in a worker thread; concurrent callers with the same key share one run.
+        A caller's cancellation does not cancel the run the others are waiting for."""
+        loop = asyncio.get_running_loop()
+        flight = self._in_flight.get((loop, key))
+        if flight is None:
+            flight = asyncio.ensure_future(asyncio.to_thread(function, *args))
+            self._in_flight[(loop, key)] = flight
+            flight.add_done_callback(lambda done: self._landed(loop, key, done))
+        return await asyncio.shield(flight)
+
+    def _landed(self, loop: asyncio.AbstractEventLoop, key: Hashable, flight: asyncio.Future[Any]) -> None:
+        self._in_flight.pop((loop, key), None)
+        if not flight.cancelled():
+            flight.exception()  # retrieved: no "never retrieved" warning if every waiter left
+
+
+# ---- the process-wide client behind get_credentials() --------------------------------------------
+
+_default_lock = threading.Lock()
+_default_client: Client | None = None
+_default_async_client: AsyncClient | None = None
+
+
+def default_client() -> Client:
+    """The process-wide client, configured from the environment on first use."""
+    global _default_client
+    client = _default_client
+    if client is None:
+        with _default_lock:
+            if _default_client is None:
+                _default_client = Client()
+            client = _default_client
+    return client
+
+
+def _default_async() -> AsyncClient:
+    global _default_async_client
+    client = _default_async_client
+    if client is None:
+        shared = default_client()
+        with _default_lock:
+            if _default_async_client is None:
+                _default_async_client = AsyncClient(client=shared)
+            client = _default_async_client
+    return client
+
+
+async def get_credentials(namespace: str | None = None) -> Credentials:
+    """The secrets this service may read, from the process-wide client (see `Client.credentials`).
+
+    `creds = await get_credentials(); creds["market-connector/BINANCE_API_KEY"].reveal_text()`"""
+    return await _default_async().credentials(namespace)
+
+
+def get_credentials_sync(namespace: str | None = None) -> Credentials:
+    """`get_credentials` for code without an event loop."""
+    return default_client().credentials(namespace)
+
+
+def close_default_client() -> None:
+    """Close the process-wide client; the next `get_credentials()` makes a new one from the
+    environment as it is then."""
+    global _default_client, _default_async_client
+    with _default_lock:
+        client, _default_client, _default_async_client = _default_client, None, None
+    if client is not None:
+        client.close()

@@ -1,0 +1,199 @@
+"""Real `secrets-manager serve` processes for tests and benchmarks that need a running service.
+
+Adapted from the helpers of tests/test_service.py: real mutual-TLS certificates from
+`secrets_manager.tls.pki`, a real policy file and a real SQLite store. Several servers may share
+one directory (and so one store file and one audit log), each with its own config and port.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from secrets_manager.client import TlsFiles
+from secrets_manager.crypto import kdf
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.tls import pki
+
+SCRIPT = Path(sys.executable).with_name("secrets-manager")
+PASSWORD = "service test password"
+TD = "shrivenquant.local"
+CLIENT_NAMES = ("auth", "ops", "writer", "nobody", "market-connector")
+SEED = {
+    "auth/DB_PASSWORD": b"auth-db-pass-SEEKRIT-1",
+    "auth/JWT_KEY": b"auth-jwt-key-SEEKRIT-2",
+    "market-connector/BINANCE_API_KEY": b"binance-key-SEEKRIT-3",
+    "market-connector/BINANCE_SECRET": b"binance-secret-SEEKRIT-4",
+}
+POLICY = f"""
+[identities]
+"spiffe://{TD}/auth" = ["auth-reader"]
+"spiffe://{TD}/market-connector" = ["mc-reader"]
+"spiffe://{TD}/ops" = ["admin"]
+"spiffe://{TD}/writer" = ["writer"]
+
+[roles.auth-reader]
+rules = [{{ path = "auth/*", capabilities = ["read", "list"] }}]
+
+[roles.mc-reader]
+rules = [{{ path = "market-connector/*", capabilities = ["read", "list"] }}]
+
+[roles.writer]
+rules = [{{ path = "auth/**", capabilities = ["read", "write", "list"] }}]
+
+[roles.admin]
+rules = [{{ path = "**", capabilities = ["admin"] }}]
+"""
+
+
+def make_pki(directory: Path, clients: tuple[str, ...] = CLIENT_NAMES) -> None:
+    """A CA, a server certificate for 127.0.0.1/localhost and one client certificate per name."""
+    ca_cert, ca_key = pki.new_ca(trust_domain=TD)
+    (directory / "ca.pem").write_bytes(ca_cert)
+    _write_pair(directory / "server.pem", pki.issue(ca_cert, ca_key, "server", server=True))
+    for name in clients:
+        _write_pair(directory / f"{name}.pem", pki.issue(ca_cert, ca_key, name))
+
+
+def _write_pair(path: Path, pair: tuple[bytes, bytes]) -> None:
+    path.write_bytes(pair[0])
+    path.with_name(path.stem + "-key.pem").write_bytes(pair[1])
+
+
+def make_store(directory: Path, seed: Mapping[str, bytes] = SEED) -> Path:
+    """A new store at `directory/store.db` (cheap KDF) holding `seed`, and the policy beside it."""
+    (directory / "policy.toml").write_text(POLICY)
+    path = directory / "store.db"
+    store = EncryptedStore.create(SqliteStorage(path, create=True), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        for name, value in seed.items():
+            store.put(name, value)
+    finally:
+        store.close()
+    return path
+
+
+def tls_files(directory: Path, client: str) -> TlsFiles:
+    return TlsFiles(
+        cert=directory / f"{client}.pem", key=directory / f"{client}-key.pem", ca=directory / "ca.pem"
+    )
+
+
+def client_environ(directory: Path, client: str, addresses: list[str]) -> dict[str, str]:
+    """The environment a service using the SDK would have: addresses and its certificate."""
+    return {
+        "SHRIVENQUANT_ENV": "production",
+        "SECRETS_MANAGER_ADDR": ",".join(addresses),
+        "SECRETS_MANAGER_CERT": str(directory / f"{client}.pem"),
+        "SECRETS_MANAGER_KEY": str(directory / f"{client}-key.pem"),
+        "SECRETS_MANAGER_CA": str(directory / "ca.pem"),
+    }
+
+
+@dataclass
+class Server:
+    dir: Path
+    process: subprocess.Popen[bytes]
+    port: int
+    log_lines: list[str] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        """SIGTERM (graceful) and wait; a no-op if it has exited already."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+    def kill(self) -> None:
+        """SIGKILL: no graceful shutdown, connections are cut."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+
+
+def start_server(directory: Path, name: str = "server", *, max_workers: int = 64) -> Server:
+    """`secrets-manager serve` on a free port over `directory/store.db`; returns once it listens.
+
+    Every watch stream holds one of the server's worker threads, so tests with many subscribed
+    clients raise `max_workers` above the default 32."""
+    config = directory / f"{name}.toml"
+    config.write_text(
+        f'listen = "127.0.0.1:0"\nstore = "store.db"\npolicy = "policy.toml"\n'
+        f"max_workers = {max_workers}\nshutdown_grace_seconds = 5\n"
+        '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
+    )
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(directory),
+        "MASTER_PASSWORD": PASSWORD,
+    }
+    process = subprocess.Popen(
+        [str(SCRIPT), "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 30
+    port = 0
+    while time.monotonic() < deadline:
+        line = process.stderr.readline().decode()
+        if not line:
+            break
+        lines.append(line)
+        match = re.search(r'"port": (\d+)', line)
+        if match:
+            port = int(match.group(1))
+            break
+    if not port:
+        process.kill()
+        process.wait(timeout=10)
+        raise AssertionError(f"server did not start: {''.join(lines)}")
+    server = Server(directory, process, port, lines)
+    threading.Thread(target=_drain, args=(process, lines), daemon=True).start()
+    return server
+
+
+def _drain(process: subprocess.Popen[bytes], lines: list[str]) -> None:
+    assert process.stderr is not None
+    for raw in process.stderr:
+        lines.append(raw.decode())
+
+
+class SilentListener:
+    """A TCP port that accepts connections and never answers: a service that hangs mid-handshake."""
+
+    def __init__(self) -> None:
+        self._socket = socket.socket()
+        self._socket.bind(("127.0.0.1", 0))
+        self._socket.listen(64)
+        self.address = f"127.0.0.1:{self._socket.getsockname()[1]}"
+
+    def close(self) -> None:
+        self._socket.close()
+
+
+def free_address() -> str:
+    """An address where nothing listens (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"

@@ -1,0 +1,387 @@
+"""The Python SDK of issue #6 against real `secrets-manager serve` processes: mutual TLS with real
+certificates, a real policy, a real SQLite store (shared by two servers in the failover test)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from secrets_manager import get_credentials_sync
+from secrets_manager.client import Client, RemoteStore, close_default_client
+from secrets_manager.crypto import kdf
+from secrets_manager.errors import AccessDeniedError, InvalidInputError, NotFoundError, StorageError
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+from service_fixtures import (
+    PASSWORD,
+    SEED,
+    TD,
+    Server,
+    SilentListener,
+    client_environ,
+    free_address,
+    make_pki,
+    make_store,
+    start_server,
+    tls_files,
+)
+
+AUTH = {name: value for name, value in SEED.items() if name.startswith("auth/")}
+MARKET = {name: value for name, value in SEED.items() if name.startswith("market-connector/")}
+ClientFactory = Callable[..., Client]
+
+
+@pytest.fixture
+def service_dir(tmp_path: Path) -> Path:
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def server(service_dir: Path) -> Iterator[Server]:
+    running = start_server(service_dir)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def make_client(service_dir: Path) -> Iterator[ClientFactory]:
+    """`make_client("auth", [addresses], **options)`: a Client with that identity's certificate."""
+    made: list[Client] = []
+
+    def make(identity: str, addresses: list[str], **options: Any) -> Client:
+        client = Client(environ=client_environ(service_dir, identity, addresses), **options)
+        made.append(client)
+        return client
+
+    yield make
+    for client in made:
+        client.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_default_client() -> Iterator[None]:
+    yield
+    close_default_client()
+
+
+def revealed(mapping: Any) -> dict[str, bytes]:
+    return {name: value.reveal() for name, value in mapping.items()}
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 0.005) -> float:
+    """Seconds until `condition()` held; fails the test after `timeout`."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(interval)
+    return time.monotonic() - started
+
+
+# ---- what the caller may read ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("identity", "expected"),
+    [("auth", AUTH), ("market-connector", MARKET), ("ops", SEED), ("nobody", {})],
+)
+def test_get_credentials_returns_exactly_what_the_policy_allows(
+    server: Server,
+    service_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    identity: str,
+    expected: dict[str, bytes],
+) -> None:
+    for variable, value in client_environ(service_dir, identity, [server.address]).items():
+        monkeypatch.setenv(variable, value)
+    creds = get_credentials_sync()
+    assert revealed(creds) == expected
+    assert not creds.stale
+
+
+def test_a_namespace_view_is_keyed_by_the_names_inside_it(server: Server, make_client: ClientFactory) -> None:
+    client = make_client("market-connector", [server.address])
+    creds = client.credentials("market-connector")
+    assert creds["BINANCE_API_KEY"].reveal() == SEED["market-connector/BINANCE_API_KEY"]
+    assert sorted(creds) == ["BINANCE_API_KEY", "BINANCE_SECRET"]
+    assert dict(client.credentials("auth")) == {}
+    with pytest.raises(InvalidInputError):
+        client.credentials("not/a-namespace")
+
+
+def test_one_secret_a_version_and_its_history(server: Server, make_client: ClientFactory) -> None:
+    writer = make_client("writer", [server.address])
+    assert writer.put("auth/DB_PASSWORD", "rotated-db-pass-SEEKRIT") == 2
+    assert writer.get("auth/DB_PASSWORD").value.reveal() == b"rotated-db-pass-SEEKRIT"  # reads its write
+    assert writer.get("auth/DB_PASSWORD", version=1).value.reveal() == SEED["auth/DB_PASSWORD"]
+    assert writer.get("auth/DB_PASSWORD", label="previous").version == 1
+    assert [v.version for v in writer.describe("auth/DB_PASSWORD").versions] == [1, 2]
+    assert [m.name for m in writer.list("auth/")] == ["auth/DB_PASSWORD", "auth/JWT_KEY"]
+
+
+def test_denied_and_missing_secrets_raise_the_documented_errors(
+    server: Server, make_client: ClientFactory
+) -> None:
+    auth = make_client("auth", [server.address])
+    with pytest.raises(AccessDeniedError):
+        auth.get("market-connector/BINANCE_API_KEY")
+    with pytest.raises(AccessDeniedError):
+        auth.put("auth/DB_PASSWORD", b"the auth role may only read")
+    with pytest.raises(NotFoundError):
+        make_client("ops", [server.address]).get("auth/NOPE")
+
+
+# ---- push refresh ---------------------------------------------------------------------------------
+
+
+def test_a_value_changed_on_the_server_reaches_20_subscribed_clients_within_a_second(
+    server: Server, make_client: ClientFactory
+) -> None:
+    clients = [make_client("auth", [server.address]) for _ in range(20)]
+    for client in clients:
+        assert revealed(client.credentials()) == AUTH
+    time.sleep(1.0)  # subscribed: every watch stream is up
+    writer = make_client("writer", [server.address])
+    new_value = b"jwt-key-ROTATED-within-a-second"
+    put_at = time.monotonic()
+    writer.put("auth/JWT_KEY", new_value)
+    served_after: dict[int, float] = {}
+    while len(served_after) < len(clients) and time.monotonic() - put_at < 5:
+        for index, client in enumerate(clients):
+            if index not in served_after and client.credentials()["auth/JWT_KEY"].reveal() == new_value:
+                served_after[index] = time.monotonic() - put_at
+        time.sleep(0.002)
+    assert len(served_after) == 20, f"{20 - len(served_after)} clients never served the new value"
+    slowest = max(served_after.values())
+    assert slowest < 1.0, f"the slowest client served the new value after {slowest:.3f} s"
+
+
+def test_a_new_secret_the_caller_may_read_appears_and_a_deleted_one_disappears(
+    server: Server, service_dir: Path, make_client: ClientFactory
+) -> None:
+    reader = make_client("auth", [server.address])
+    assert set(reader.credentials()) == set(AUTH)
+    time.sleep(1.0)
+    ops = RemoteStore(server.address, tls_files(service_dir, "ops"))
+    try:
+        ops.put("auth/NEW_TOKEN", b"new-token-SEEKRIT")
+        ops.put("market-connector/NOT_FOR_AUTH", b"other-namespace-SEEKRIT")
+        wait_until(lambda: "auth/NEW_TOKEN" in reader.credentials(), timeout=2.0)
+        ops.delete("auth/NEW_TOKEN")
+        wait_until(lambda: "auth/NEW_TOKEN" not in reader.credentials(), timeout=2.0)
+    finally:
+        ops.close()
+    assert set(reader.credentials()) == set(AUTH)
+
+
+# ---- failover -------------------------------------------------------------------------------------
+
+
+def test_two_servers_on_one_store_clients_keep_working_when_one_is_killed(
+    service_dir: Path, make_client: ClientFactory
+) -> None:
+    first = start_server(service_dir, "server-a")
+    second = start_server(service_dir, "server-b")
+    try:
+        addresses = [first.address, second.address]
+        clients = [make_client("auth", addresses) for _ in range(5)]
+        writer = make_client("writer", addresses)
+        for client in clients:
+            assert revealed(client.credentials()) == AUTH
+        time.sleep(1.0)
+        first.kill()
+        for client in clients:  # cached reads go on
+            assert revealed(client.credentials()) == AUTH
+        assert writer.put("auth/JWT_KEY", b"written-through-the-survivor") == 2
+        new_value = b"written-through-the-survivor"
+        elapsed = wait_until(
+            lambda: all(c.get("auth/JWT_KEY").value.reveal() == new_value for c in clients), timeout=5.0
+        )
+        assert elapsed < 2.0  # the watch streams moved to the survivor and pushed the change
+        for client in clients:  # an uncached read goes to the survivor
+            assert client.get("auth/JWT_KEY", version=1).value.reveal() == SEED["auth/JWT_KEY"]
+            assert not client.stale
+    finally:
+        first.kill()
+        second.stop()
+
+
+def test_an_address_that_refuses_connections_is_skipped(server: Server, make_client: ClientFactory) -> None:
+    client = make_client("auth", [free_address(), server.address])
+    assert revealed(client.credentials()) == AUTH
+    assert not client.stale
+
+
+def test_an_address_that_hangs_is_abandoned_after_the_timeout(
+    server: Server, make_client: ClientFactory
+) -> None:
+    silent = SilentListener()
+    try:
+        client = make_client("auth", [silent.address, server.address], timeout=0.5)
+        started = time.monotonic()
+        assert revealed(client.credentials()) == AUTH
+        assert 0.4 < time.monotonic() - started < 3.0
+    finally:
+        silent.close()
+
+
+# ---- stale-if-error -------------------------------------------------------------------------------
+
+
+def test_server_stopped_cached_values_are_served_until_the_bound_then_a_clear_error(
+    server: Server, make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = make_client("auth", [server.address], stale_if_error=2.0)
+    assert revealed(client.credentials()) == AUTH
+    caplog.set_level(logging.INFO, logger="secrets_manager.client")
+    stopped_at = time.monotonic()
+    server.stop()
+    wait_until(lambda: client.stale, timeout=2.0)
+    stale = client.credentials()
+    assert stale.stale and revealed(stale) == AUTH
+    assert client.get("auth/DB_PASSWORD").value.reveal() == SEED["auth/DB_PASSWORD"]
+    assert any("serving cached values, marked stale, for up to 2 s" in r.getMessage() for r in caplog.records)
+    while time.monotonic() - stopped_at < 1.9:  # served throughout the bound
+        assert revealed(client.credentials()) == AUTH
+        time.sleep(0.05)
+    with pytest.raises(StorageError) as failure:
+        while time.monotonic() - stopped_at < 5.0:
+            client.credentials()
+            time.sleep(0.05)
+    assert time.monotonic() - stopped_at >= 2.0
+    message = str(failure.value)
+    assert "no secrets-manager service answered" in message
+    assert "stale-if-error bound of 2 s" in message and "\n" not in message
+    with pytest.raises(StorageError, match="stale-if-error bound"):
+        client.get("auth/JWT_KEY")
+
+
+def test_nothing_cached_and_no_service_is_a_clear_error_at_once(make_client: ClientFactory) -> None:
+    client = make_client("auth", [free_address()])
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="nothing is cached"):
+        client.credentials()
+    assert time.monotonic() - started < 3.0
+
+
+# ---- development fallback -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_store(tmp_path: Path) -> Path:
+    path = tmp_path / "local" / "store.db"
+    path.parent.mkdir(mode=0o700)
+    store = EncryptedStore.create(SqliteStorage(path, create=True), PasswordUnlock(PASSWORD, kdf.TEST))
+    for name, value in SEED.items():
+        store.put(name, value)
+    store.close()
+    return path
+
+
+def test_development_without_an_address_reads_the_local_store_and_sees_its_changes(local_store: Path) -> None:
+    env = {
+        "SHRIVENQUANT_ENV": "development",
+        "SECRETS_MANAGER_STORE": str(local_store),
+        "MASTER_PASSWORD": PASSWORD,
+    }
+    with Client(environ=env) as client:
+        assert revealed(client.credentials()) == SEED
+        time.sleep(0.5)
+        writer = EncryptedStore.open(SqliteStorage(local_store), PasswordUnlock(PASSWORD, kdf.TEST))
+        try:
+            writer.put("auth/JWT_KEY", b"changed-by-the-cli")
+        finally:
+            writer.close()
+        wait_until(
+            lambda: client.credentials()["auth/JWT_KEY"].reveal() == b"changed-by-the-cli", timeout=1.0
+        )
+        with pytest.raises(InvalidInputError, match="only reads the local store"):
+            client.put("auth/JWT_KEY", b"no")
+
+
+def test_development_fallback_with_a_password_file(local_store: Path, tmp_path: Path) -> None:
+    password_file = tmp_path / "password"
+    password_file.write_text(PASSWORD + "\n")
+    env = {"SECRETS_MANAGER_STORE": str(local_store), "MASTER_PASSWORD_FILE": str(password_file)}
+    with Client(environ=env) as client:
+        assert (
+            client.get("market-connector/BINANCE_SECRET").value.reveal()
+            == SEED["market-connector/BINANCE_SECRET"]
+        )
+
+
+def test_production_without_an_address_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, local_store: Path
+) -> None:
+    for variable in ("SECRETS_MANAGER_ADDR", "MASTER_PASSWORD_FILE"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("SHRIVENQUANT_ENV", "production")
+    monkeypatch.setenv("SECRETS_MANAGER_STORE", str(local_store))
+    monkeypatch.setenv("MASTER_PASSWORD", PASSWORD)
+    with pytest.raises(
+        InvalidInputError, match="SECRETS_MANAGER_ADDR is not set and SHRIVENQUANT_ENV=production"
+    ):
+        get_credentials_sync()
+
+
+# ---- threads ---------------------------------------------------------------------------------------
+
+
+def test_many_threads_share_one_client_and_one_fetch(server: Server, make_client: ClientFactory) -> None:
+    client = make_client("ops", [server.address])
+    results: list[dict[str, bytes]] = []
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            for _ in range(50):
+                results.append(revealed(client.credentials()))
+                client.get("auth/DB_PASSWORD")
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == [] and len(results) == 16 * 50
+    assert all(result == SEED for result in results)
+    batch_reads = {
+        r["request_id"]
+        for r in server_audit(server)
+        if r["actor"] == f"spiffe://{TD}/ops" and r["operation"] == "get"
+    }
+    assert len(batch_reads) <= 3  # one read-path fetch, at most the watcher's two re-reads
+
+
+def server_audit(server: Server) -> list[dict[str, Any]]:
+    import json
+
+    path = server.dir / "store.audit.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_hung_server_is_served_stale_and_the_client_recovers_when_it_answers_again(
+    server: Server, make_client: ClientFactory
+) -> None:
+    client = make_client("auth", [server.address], ttl=0.3, timeout=0.5, stale_if_error=30)
+    assert revealed(client.credentials()) == AUTH
+    time.sleep(1.0)  # the stream is up, its settle re-read done, and the cached values expired
+    server.process.send_signal(signal.SIGSTOP)  # connections stay open; nothing answers
+    try:
+        stale = client.credentials()  # the re-fetch times out: the last good values, marked stale
+        assert stale.stale and revealed(stale) == AUTH and client.stale
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    wait_until(lambda: not client.stale, timeout=5.0)
+    assert not client.credentials().stale

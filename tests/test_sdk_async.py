@@ -1,0 +1,144 @@
+"""`get_credentials()` and `AsyncClient` under asyncio, against a real `secrets-manager serve`:
+many concurrent tasks are served, and the event loop never waits on the network."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from secrets_manager import AsyncClient, Credentials, get_credentials
+from secrets_manager.client import close_default_client
+from secrets_manager.errors import AccessDeniedError
+from service_fixtures import SEED, Server, SilentListener, client_environ, make_pki, make_store, start_server
+
+AUTH = {name: value for name, value in SEED.items() if name.startswith("auth/")}
+
+
+@pytest.fixture
+def service_dir(tmp_path: Path) -> Path:
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def server(service_dir: Path) -> Iterator[Server]:
+    running = start_server(service_dir)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def auth_environment(server: Server, service_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    for variable, value in client_environ(service_dir, "auth", [server.address]).items():
+        monkeypatch.setenv(variable, value)
+    yield
+    close_default_client()
+
+
+def revealed(creds: Credentials) -> dict[str, bytes]:
+    return {name: value.reveal() for name, value in creds.items()}
+
+
+async def ticking(stop: asyncio.Event, period: float = 0.01) -> list[float]:
+    """The loop's heartbeat: when each `sleep(period)` actually came back."""
+    beats = [time.monotonic()]
+    while not stop.is_set():
+        await asyncio.sleep(period)
+        beats.append(time.monotonic())
+    return beats
+
+
+def test_many_concurrent_tasks_get_the_callers_credentials(auth_environment: None) -> None:
+    async def main() -> list[Credentials]:
+        return await asyncio.gather(*(get_credentials() for _ in range(200)))
+
+    results = asyncio.run(main())
+    assert len(results) == 200 and all(revealed(creds) == AUTH for creds in results)
+
+
+def test_the_event_loop_keeps_ticking_while_a_slow_call_is_in_flight(
+    server: Server, service_dir: Path
+) -> None:
+    silent = SilentListener()  # the first address hangs: every cold read waits for its timeout
+    client = AsyncClient(
+        environ=client_environ(service_dir, "auth", [silent.address, server.address]), timeout=1.0
+    )
+
+    async def main() -> tuple[list[float], float, list[Credentials]]:
+        stop = asyncio.Event()
+        ticker = asyncio.create_task(ticking(stop))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        results = await asyncio.gather(*(client.credentials() for _ in range(100)))
+        slow = time.monotonic() - started
+        await asyncio.sleep(0.05)
+        stop.set()
+        return await ticker, slow, results
+
+    try:
+        beats, slow, results = asyncio.run(main())
+    finally:
+        asyncio.run(client.close())
+        silent.close()
+    assert slow >= 0.9, "the call was meant to be slow (the hanging address's 1 s timeout)"
+    assert all(revealed(creds) == AUTH for creds in results)
+    gaps = [later - earlier for earlier, later in itertools.pairwise(beats)]
+    assert len(beats) >= slow / 0.01 / 2  # at least half the ideal number of ticks
+    assert max(gaps) < 0.1, f"the loop stalled for {max(gaps) * 1000:.0f} ms"
+
+
+def test_cached_reads_are_answered_in_the_loop_without_a_thread(
+    server: Server, service_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = AsyncClient(environ=client_environ(service_dir, "auth", [server.address]))
+    threads_started = 0
+    to_thread = asyncio.to_thread
+
+    async def counting_to_thread(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        nonlocal threads_started
+        threads_started += 1
+        return await to_thread(function, *args, **kwargs)
+
+    async def main() -> None:
+        await client.credentials()
+        await client.get("auth/JWT_KEY")
+        monkeypatch.setattr(asyncio, "to_thread", counting_to_thread)
+        for _ in range(1000):
+            await client.credentials()
+            await client.get("auth/JWT_KEY")
+        monkeypatch.undo()
+
+    try:
+        asyncio.run(main())
+    finally:
+        asyncio.run(client.close())
+    assert threads_started == 0
+
+
+def test_the_process_wide_client_survives_a_new_event_loop(auth_environment: None) -> None:
+    first = asyncio.run(get_credentials())
+    second = asyncio.run(get_credentials("auth"))
+    assert revealed(first) == AUTH
+    assert revealed(second) == {"DB_PASSWORD": AUTH["auth/DB_PASSWORD"], "JWT_KEY": AUTH["auth/JWT_KEY"]}
+
+
+def test_async_client_gets_versions_describes_and_reports_denials(server: Server, service_dir: Path) -> None:
+    async def main() -> None:
+        async with AsyncClient(environ=client_environ(service_dir, "writer", [server.address])) as client:
+            assert await client.put("auth/JWT_KEY", b"async-put-SEEKRIT") == 2
+            assert (await client.get("auth/JWT_KEY")).value.reveal() == b"async-put-SEEKRIT"
+            assert (await client.get("auth/JWT_KEY", version=1)).value.reveal() == AUTH["auth/JWT_KEY"]
+            assert (await client.describe("auth/JWT_KEY")).current_version == 2
+            assert [m.name for m in await client.list("auth/")] == sorted(AUTH)
+            with pytest.raises(AccessDeniedError):
+                await client.get("market-connector/BINANCE_API_KEY")
+            assert not client.stale
+
+    asyncio.run(main())

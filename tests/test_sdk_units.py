@@ -1,0 +1,195 @@
+"""The SDK's parts that need no service: configuration, the cache, `Credentials`, the public names."""
+
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+
+import pytest
+
+import secrets_manager
+from secrets_manager import client as sdk
+from secrets_manager.client import Client, Credentials
+from secrets_manager.client._cache import Reachability, TtlCache
+from secrets_manager.client._config import LocalTarget, RemoteTarget, resolve_config
+from secrets_manager.errors import InvalidInputError, UnlockError, UnsafeConfigurationError
+from secrets_manager.values import REDACTED, SecretValue
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# ---- the public surface --------------------------------------------------------------------------
+
+
+def test_public_names_change_only_on_purpose() -> None:
+    assert sorted(sdk.__all__) == [
+        "AsyncClient",
+        "Client",
+        "Credentials",
+        "RemoteStore",
+        "SecretRedactionFilter",
+        "TlsFiles",
+        "close_default_client",
+        "default_client",
+        "get_credentials",
+        "get_credentials_sync",
+        "install_log_redaction",
+    ]
+    sdk_names = {"AsyncClient", "Client", "Credentials", "get_credentials", "get_credentials_sync"}
+    assert sdk_names | {"install_log_redaction"} <= set(secrets_manager.__all__)
+    for name in secrets_manager.__all__:
+        assert hasattr(secrets_manager, name)
+
+
+# ---- configuration -------------------------------------------------------------------------------
+
+
+def test_production_without_an_address_is_an_error_that_names_the_variable() -> None:
+    with pytest.raises(UnsafeConfigurationError, match="SECRETS_MANAGER_ADDR is not set"):
+        Client(environ={"SHRIVENQUANT_ENV": "production", "MASTER_PASSWORD": "would work in dev"})
+
+
+def test_several_comma_separated_addresses_are_tried_in_order(tmp_path: Path) -> None:
+    env = {
+        "SECRETS_MANAGER_ADDR": " a.internal:7443, b.internal:7443 ,",
+        "SECRETS_MANAGER_CERT": str(tmp_path / "c.pem"),
+        "SECRETS_MANAGER_KEY": str(tmp_path / "k.pem"),
+        "SECRETS_MANAGER_CA": str(tmp_path / "ca.pem"),
+    }
+    target = resolve_config(environ=env).target
+    assert isinstance(target, RemoteTarget)
+    assert target.addresses == ("a.internal:7443", "b.internal:7443")
+    assert target.tls.cert == tmp_path / "c.pem"
+
+
+def test_an_address_without_the_client_certificate_names_what_is_missing() -> None:
+    env = {"SECRETS_MANAGER_ADDR": "a:1", "SECRETS_MANAGER_CA": "/ca.pem"}
+    with pytest.raises(InvalidInputError, match="SECRETS_MANAGER_CERT, SECRETS_MANAGER_KEY are not"):
+        resolve_config(environ=env)
+
+
+@pytest.mark.parametrize("address", ["nohost", "host:", "host:http", ":7443", "host:70000"])
+def test_a_malformed_address_is_refused(address: str) -> None:
+    with pytest.raises(InvalidInputError, match="is not host:port"):
+        resolve_config(address, environ={})
+
+
+def test_development_without_an_address_or_a_password_says_both_ways_out() -> None:
+    with pytest.raises(UnlockError, match=r"set SECRETS_MANAGER_ADDR .* MASTER_PASSWORD_FILE"):
+        resolve_config(environ={"SHRIVENQUANT_ENV": "development"})
+
+
+def test_development_fallback_keeps_the_password_out_of_repr(tmp_path: Path) -> None:
+    config = resolve_config(
+        environ={"MASTER_PASSWORD": "hunter2-password", "SECRETS_MANAGER_STORE": str(tmp_path / "s.db")}
+    )
+    assert isinstance(config.target, LocalTarget)
+    assert config.target.read_password() == b"hunter2-password"
+    assert "hunter2" not in repr(config)
+    password_file = tmp_path / "pw"
+    password_file.write_text("from-a-file\n")
+    file_target = resolve_config(environ={"MASTER_PASSWORD_FILE": str(password_file)}).target
+    assert isinstance(file_target, LocalTarget) and file_target.read_password() == b"from-a-file"
+
+
+def test_cache_settings_come_from_arguments_then_the_environment() -> None:
+    env = {
+        "MASTER_PASSWORD": "x" * 8,
+        "SECRETS_MANAGER_CACHE_TTL": "60",
+        "SECRETS_MANAGER_STALE_IF_ERROR": "0",
+    }
+    config = resolve_config(environ=env, stale_if_error=7)
+    assert (config.ttl, config.stale_if_error) == (60.0, 7.0)
+    with pytest.raises(InvalidInputError, match="SECRETS_MANAGER_CACHE_TTL"):
+        resolve_config(environ={**env, "SECRETS_MANAGER_CACHE_TTL": "soon"})
+
+
+# ---- the cache -----------------------------------------------------------------------------------
+
+
+def test_ttl_is_jittered_downwards_within_the_bound() -> None:
+    clock = FakeClock()
+    cache: TtlCache[str, int] = TtlCache(100.0, jitter=0.1, clock=clock, rng=random.Random(7))
+    lifetimes = []
+    for i in range(200):
+        cache.put(f"k{i}", i, started=clock.now)
+        entry = cache.get(f"k{i}")
+        assert entry is not None
+        lifetimes.append(entry.fresh_until - clock.now)
+    assert 90.0 <= min(lifetimes) < 92.0 and 98.0 < max(lifetimes) <= 100.0
+
+
+def test_an_older_fetch_never_overwrites_a_newer_one() -> None:
+    clock = FakeClock()
+    cache: TtlCache[str, str] = TtlCache(10.0, clock=clock)
+    assert cache.put("k", "new", started=5.0)
+    assert not cache.put("k", "old", started=4.0)
+    entry = cache.get("k")
+    assert entry is not None and entry.value == "new"
+
+
+def test_a_change_event_outdates_fetches_begun_before_it() -> None:
+    clock = FakeClock()
+    cache: TtlCache[str, str] = TtlCache(10.0, clock=clock)
+    began = clock.now
+    clock.now += 1
+    cache.outdate("k")  # the event arrives while that fetch is in flight
+    assert not cache.put("k", "value from before the change", started=began)
+    assert cache.put("k", "value after the change", started=clock.now)
+
+
+def test_a_reader_sees_one_generation_of_a_batch() -> None:
+    cache: TtlCache[str, str] = TtlCache(10.0)
+    cache.put_many({"key": "v1", "secret": "v1"}, started=1.0)
+    before = cache.entries()
+    cache.put_many({"key": "v2", "secret": "v2"}, started=2.0, drop=["gone"])
+    assert {k: e.value for k, e in before.items()} == {"key": "v1", "secret": "v1"}
+    assert {k: e.value for k, e in cache.entries().items()} == {"key": "v2", "secret": "v2"}
+
+
+def test_expired_values_are_kept_for_stale_serving() -> None:
+    clock = FakeClock()
+    cache: TtlCache[str, str] = TtlCache(10.0, clock=clock)
+    cache.put("k", "v", started=clock.now)
+    cache.expire("k")
+    entry = cache.get("k")
+    assert entry is not None and entry.value == "v" and entry.fresh_until < clock.now
+
+
+def test_stale_values_may_be_served_only_within_the_bound_from_the_outage_start() -> None:
+    clock = FakeClock()
+    reach = Reachability(2.0, clock=clock)
+    assert not reach.may_serve_stale(clock.now)
+    assert reach.failed() and not reach.failed()  # the first failure starts the outage
+    clock.now += 1.9
+    assert reach.may_serve_stale(clock.now)
+    clock.now += 0.2
+    assert not reach.may_serve_stale(clock.now)
+    assert reach.succeeded() and not reach.succeeded()
+    assert reach.outage_since is None
+
+
+# ---- Credentials ---------------------------------------------------------------------------------
+
+
+def test_credentials_are_a_read_only_mapping_that_shows_names_only() -> None:
+    creds = Credentials({"auth/DB_PASSWORD": SecretValue(b"pa55word-XYZ")}, stale=True)
+    assert creds["auth/DB_PASSWORD"].reveal() == b"pa55word-XYZ"
+    assert creds.get("missing") is None and len(creds) == 1 and "auth/DB_PASSWORD" in creds
+    assert creds.stale
+    logged = "%s" % (creds,)  # noqa: UP031 (the %-formatting logging uses)
+    for text in (repr(creds), str(creds), f"{creds}", f"{creds!r}", logged, str(dict(creds))):
+        assert "pa55word" not in text
+    assert repr(creds) == "Credentials(['auth/DB_PASSWORD'], stale=True)"
+    assert REDACTED in str(dict(creds))
+    with pytest.raises(TypeError):
+        creds["auth/DB_PASSWORD"] = SecretValue(b"x")  # type: ignore[index]
+    with pytest.raises(TypeError):
+        pickle.dumps(creds)
