@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -398,13 +398,21 @@ def test_sighup_reloads_the_policy_and_a_broken_policy_is_rejected(server: Serve
         POLICY.replace('"market-connector" = ["mc-reader"]', f'"spiffe://{TD}/nobody" = ["auth-reader"]')
     )
     server.process.send_signal(signal.SIGHUP)
-    time.sleep(0.5)
+    assert _eventually(lambda: any('"message": "policy reloaded"' in line for line in server.log_lines))
     assert stub.GetSecret(request, timeout=10).secret.value == b"auth-db-pass"
     policy.write_text("this is [not toml")
     server.process.send_signal(signal.SIGHUP)
-    time.sleep(0.5)
+    assert _eventually(lambda: any("policy reload rejected" in line for line in server.log_lines))
     assert stub.GetSecret(request, timeout=10).secret.value == b"auth-db-pass"  # the old policy stays
-    assert any("policy reload rejected" in line for line in server.log_lines)
+
+
+def _eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
 
 
 def test_sigterm_under_load_finishes_in_flight_calls_and_exits_0(server: Server) -> None:

@@ -6,7 +6,7 @@
     audit_file = "/var/log/secrets-manager/audit.jsonl"   # default: beside the store
     password_file = "/run/secrets/master-password"        # or MASTER_PASSWORD_FILE / MASTER_PASSWORD
     metrics_listen = "127.0.0.1:9464"                     # optional Prometheus endpoint
-    max_workers = 32
+    max_workers = 64                    # each open Watch stream holds one worker
     shutdown_grace_seconds = 10
 
     [tls]
@@ -50,7 +50,7 @@ class ServerConfig:
     audit_file: Path | None = None
     password_file: Path | None = None
     metrics_listen: str | None = None
-    max_workers: int = 32
+    max_workers: int = 64
     shutdown_grace_seconds: float = 10.0
 
 
@@ -87,7 +87,7 @@ def load_config(path: str | Path) -> ServerConfig:
     listen = doc.get("listen", "127.0.0.1:7443")
     if not isinstance(listen, str) or ":" not in listen:
         raise InvalidInputError(f"server config {path}: listen must be HOST:PORT")
-    workers = doc.get("max_workers", 32)
+    workers = doc.get("max_workers", 64)
     grace = doc.get("shutdown_grace_seconds", 10)
     if not isinstance(workers, int) or not 1 <= workers <= 1024:
         raise InvalidInputError(f"server config {path}: max_workers must be 1..1024")

@@ -243,6 +243,8 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         prefix = request.prefix
         with self._call(context, "Watch", "watch", prefix or None, None, prefix=True) as call:
             _, revision = self._store.changes_since(None)
+        # Tell the client the stream is live: every change from here on will reach it.
+        context.send_initial_metadata(())
         identity = call.identity
         while context.is_active() and not self.stopping.is_set():
             try:
@@ -299,7 +301,12 @@ def build_server(
     metrics = Metrics(config.metrics_listen)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
-        options=[("grpc.so_reuseport", 0)],
+        options=[
+            ("grpc.so_reuseport", 0),
+            # Let clients keep idle watch streams alive, so a silently dropped connection is noticed.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ],
     )
     servicer = SecretsServicer(store, policy, audit, metrics)
     pb_grpc.add_SecretsServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
