@@ -342,7 +342,10 @@ def run_server(
     signal.signal(signal.SIGHUP, lambda *_: policy.reload())
     log.info("serving", extra={"listen": config.listen, "port": running.port})
     ready(running.port)
-    stop_requested.wait()
+    # Wake up now and then: a signal delivered to another thread only runs its Python handler
+    # when the main thread next executes bytecode, which a wait without a timeout may never do.
+    while not stop_requested.wait(0.5):
+        pass
     log.info("shutting down", extra={"grace_seconds": config.shutdown_grace_seconds})
     running.stop(config.shutdown_grace_seconds)
     log.info("stopped")
