@@ -1,4 +1,5 @@
-"""Shared fixtures: a store file in a fresh private directory, and an unlocked EncryptedStore on it.
+"""Shared fixtures: a store file in a fresh private directory, an unlocked EncryptedStore on it, and
+moto's AWS server for the AWS store tests.
 
 Stores here use the cheap Argon2id profile `kdf.TEST` (production refuses it), so unlocking costs
 milliseconds. Keep this file generic; fixtures for one test module belong in that module.
@@ -6,6 +7,7 @@ milliseconds. Keep this file generic; fixtures for one test module belong in tha
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -62,3 +64,24 @@ def encrypted_store(tmp_store_path: Path, store_password: str) -> Iterator[Encry
     store = EncryptedStore.create(storage, PasswordUnlock(store_password, kdf.TEST))
     yield store
     store.close()
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint() -> Iterator[str]:
+    """moto's ThreadedMotoServer on 127.0.0.1: a real HTTP endpoint that boto3 signs requests to.
+
+    Shared by the session: tests keep apart by using their own name prefixes. Without moto the
+    tests that need it are skipped, except under CI (the `CI` variable set), where they fail."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail(
+                "moto[server] is not installed but CI must run the AWS tests: pip install -e '.[dev]'"
+            )
+        pytest.skip("moto[server] is not installed (pip install -e '.[dev]' brings it)")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()

@@ -217,7 +217,7 @@ def test_missing_secret_exits_3(ready: Cli) -> None:
 
 
 def test_unsupported_store_url_scheme_exits_2(ready: Cli) -> None:
-    assert_one_line_error(ready("--store", "vault://127.0.0.1:8200/kv", "list"), 2, "not supported")
+    assert_one_line_error(ready("--store", "ftp://127.0.0.1/kv", "list"), 2, "not supported")
 
 
 def test_sqlite_url_form_names_the_same_store(ready: Cli) -> None:

@@ -2,7 +2,8 @@
 
     SecretsManagerError                 exit 1   anything not listed below
     ├── InvalidInputError               exit 2   bad name, over-size value, bad flag combination
-    │   └── UnsafeConfigurationError    exit 2   a guard rail of SHRIVENQUANT_ENV refused a setting
+    │   ├── UnsafeConfigurationError    exit 2   a guard rail of SHRIVENQUANT_ENV refused a setting
+    │   └── UnsupportedOperationError   exit 2   the store cannot do this (e.g. AWS: destroy one version)
     ├── NotFoundError                   exit 3   no such store, secret, version or label
     ├── UnlockError                     exit 4   wrong or missing master password
     ├── AccessDeniedError               exit 5   the caller may not do this
@@ -35,6 +36,12 @@ class InvalidInputError(SecretsManagerError):
 
 class UnsafeConfigurationError(InvalidInputError):
     """A setting that the current SHRIVENQUANT_ENV forbids (e.g. MASTER_PASSWORD in production)."""
+
+
+class UnsupportedOperationError(InvalidInputError):
+    """The store behind this request cannot do it (its backend has no such operation); nothing changed.
+
+    Messages say "... is not supported by this store" and what to do instead."""
 
 
 class NotFoundError(SecretsManagerError):

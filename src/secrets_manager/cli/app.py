@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import base64
 import getpass
+import json
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -32,13 +33,23 @@ from secrets_manager.cli.password import (
 )
 from secrets_manager.client import RemoteStore, TlsFiles
 from secrets_manager.environment import Environment, current_environment
-from secrets_manager.errors import AccessDeniedError, ConflictError, InvalidInputError, UnlockError
+from secrets_manager.errors import (
+    AccessDeniedError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    StorageError,
+    UnlockError,
+    UnsupportedOperationError,
+)
 from secrets_manager.store import MAX_VALUE_SIZE, EncryptedStore, SecretMetadata, SecretStore, validate_name
-from secrets_manager.store.base import LABELS
+from secrets_manager.store.base import LABELS, AuditedStore
 from secrets_manager.store.names import validate_prefix
 from secrets_manager.store.url import (
     create_store,
     default_audit_path,
+    needs_password,
+    open_external_store,
     open_store,
     remove_store_files,
     sqlite_path,
@@ -51,6 +62,8 @@ TLS_VARIABLES = ("SECRETS_MANAGER_CERT", "SECRETS_MANAGER_KEY", "SECRETS_MANAGER
 AUDIT_FILE_VARIABLE = "SECRETS_MANAGER_AUDIT_FILE"
 AUDIT_MAX_BYTES_VARIABLE = "SECRETS_MANAGER_AUDIT_MAX_BYTES"
 AUDIT_TIMEOUT_VARIABLE = "SECRETS_MANAGER_AUDIT_TIMEOUT"
+FIELD_SEPARATOR = "#"
+S = TypeVar("S", bound=AuditedStore)
 
 
 @dataclass
@@ -76,8 +89,17 @@ class Session:
             self.password_file, environment=self.environment, environ=self.environ, confirm=confirm
         )
 
+    @property
+    def audit_path(self) -> Path:
+        return Path(self.audit_file) if self.audit_file else default_audit_path(self.store_url)
+
+    @property
+    def needs_password(self) -> bool:
+        """False for Vault and AWS stores: their credentials come from their own environment."""
+        return needs_password(self.store_url)
+
     def audit_log(self) -> AuditLog:
-        path = Path(self.audit_file) if self.audit_file else default_audit_path(self.store_url)
+        path = self.audit_path
         options: dict[str, Any] = {}
         raw_max = self.environ.get(AUDIT_MAX_BYTES_VARIABLE)
         if raw_max is not None:
@@ -97,18 +119,45 @@ class Session:
     def event(self, operation: str, name: str | None = None, **fields: Any) -> AuditEvent:
         return AuditEvent(operation=operation, actor=self.actor, name=name, **fields)
 
-    def unlock(self) -> EncryptedStore:
-        """Open the store; a wrong password is audited as a denied unlock before it is reported."""
+    def unlock(self) -> AuditedStore:
+        """Open the store: an encrypted one with the master password, a Vault or AWS one with the
+        credentials of its environment (no password asked). A failed unlock is audited as denied
+        before it is reported."""
+        if self.needs_password:
+            return self.unlock_encrypted("unlock")
+        try:
+            return open_external_store(
+                str(self.store_url),
+                environment=self.environment,
+                actor=self.actor,
+                audit_path=self.audit_path,
+                environ=self.environ,
+            )
+        except UnlockError as exc:
+            self._audit_denied_unlock(exc)
+            raise
+
+    def unlock_encrypted(self, operation: str) -> EncryptedStore:
+        """Unlock our encrypted store with the master password (commands that manage its keys or
+        password need one; a Vault or AWS store has neither)."""
+        if not self.needs_password:
+            raise UnsupportedOperationError(
+                f"'{operation}' is not supported by this store: {self.store_url} has no master password "
+                "or keys of ours (Vault and AWS encrypt with their own keys)"
+            )
         password = self.password()
         try:
             return open_store(self.store_url, password, environment=self.environment, actor=self.actor)
         except UnlockError as exc:
-            denied = self.event("unlock", decision="deny", outcome=exc.kind)
-            try:
-                self.audit_log().append([denied], anchor=None)
-            except (AuditError, InvalidInputError) as audit_exc:
-                warning_line(f"the failed unlock was not audited: {audit_exc}")
+            self._audit_denied_unlock(exc)
             raise
+
+    def _audit_denied_unlock(self, exc: UnlockError) -> None:
+        denied = self.event("unlock", decision="deny", outcome=exc.kind)
+        try:
+            self.audit_log().append([denied], anchor=None)
+        except (AuditError, InvalidInputError) as audit_exc:
+            warning_line(f"the failed unlock was not audited: {audit_exc}")
 
     def tls_files(self) -> TlsFiles:
         missing = [v for v in TLS_VARIABLES if not self.environ.get(v)]
@@ -135,24 +184,42 @@ class Session:
             finally:
                 remote.close()
             return
-        with self.operation(operation, name, mutating=mutating) as (store, event):
+        with self.store_operation(operation, name, mutating=mutating) as (store, event):
             yield store, Note(event, store)
+
+    @contextmanager
+    def store_operation(
+        self, operation: str, name: str | None = None, *, mutating: bool = False
+    ) -> Iterator[tuple[AuditedStore, AuditEvent]]:
+        """One audited operation on whichever local store the URL names (encrypted, Vault, AWS)."""
+        with self._audited(self.unlock, operation, name, mutating=mutating) as opened:
+            yield opened
 
     @contextmanager
     def operation(
         self, operation: str, name: str | None = None, *, mutating: bool = False
     ) -> Iterator[tuple[EncryptedStore, AuditEvent]]:
-        """Unlock, run one audited operation, close. Fails closed, as Vault's audit devices do: a
+        """One audited operation that needs our encrypted store (its keys or its password)."""
+        with self._audited(
+            lambda: self.unlock_encrypted(operation), operation, name, mutating=mutating
+        ) as opened:
+            yield opened
+
+    @contextmanager
+    def _audited(
+        self, opener: Callable[[], S], operation: str, name: str | None, *, mutating: bool
+    ) -> Iterator[tuple[S, AuditEvent]]:
+        """Open, run one audited operation, close. Fails closed, as Vault's audit devices do: a
         change is preceded by a durable request record (if that cannot be written, nothing is
         changed), and the caller shows a result only after the final record is durable."""
         audit = self.audit_log()
-        store = self.unlock()
+        store = opener()
         try:
             event = self.event(operation, name)
-            unlocked = self.event("unlock", request_id=event.request_id)
-            pending = [unlocked]
+            # An encrypted store was unlocked with the password; a Vault or AWS one needs no unlock.
+            pending = [self.event("unlock", request_id=event.request_id)] if self.needs_password else []
             if mutating:
-                audit.append([unlocked, replace(event, outcome="pending")], store)
+                audit.append([*pending, replace(event, outcome="pending")], store)
                 pending = []
             try:
                 yield store, event
@@ -163,6 +230,11 @@ class Session:
                     audit.append([*pending, event], store)
                 except AuditError as audit_exc:
                     warning_line(str(audit_exc))
+                except (StorageError, AccessDeniedError):
+                    # The store itself failed while keeping the audit anchor: a Vault or AWS store
+                    # that is down or refuses us, which is why the operation failed too. Nothing was
+                    # changed or shown; the operation's own error is the one to report.
+                    pass
                 raise
             audit.append([*pending, event], store)
         finally:
@@ -172,7 +244,7 @@ class Session:
 class Note:
     """What a command learns during its operation, for the local audit record (a no-op remotely)."""
 
-    def __init__(self, event: AuditEvent | None = None, store: EncryptedStore | None = None) -> None:
+    def __init__(self, event: AuditEvent | None = None, store: AuditedStore | None = None) -> None:
         self._event = event
         self._store = store
 
@@ -195,7 +267,8 @@ pass_session = click.make_pass_decorator(Session)
     "store_url",
     envvar=STORE_VARIABLE,
     metavar="URL",
-    help=f"Store file path or sqlite:///path [env {STORE_VARIABLE}; default: a file in your data directory].",
+    help=f"Store file path, sqlite:///path, vault://HOST:PORT/MOUNT or aws-secretsmanager://REGION/PREFIX "
+    f"[env {STORE_VARIABLE}; default: a file in your data directory].",
 )
 @click.option(
     "--password-file",
@@ -254,6 +327,11 @@ def cli(
 def init(session: Session, kdf_profile: str) -> None:
     """Create a new, empty store. Never overwrites an existing one."""
     session.require_local("init")
+    if not session.needs_password:
+        raise UnsupportedOperationError(
+            f"'init' is not supported by this store: {session.store_url} needs none (its secrets live in "
+            "Vault or AWS); run the other commands directly"
+        )
     path = sqlite_path(session.store_url)
     if path.exists():
         raise ConflictError(f"a store already exists at {path}; init never overwrites one")
@@ -332,8 +410,14 @@ def store_command(
 def get(
     session: Session, name: str, version: int | None, label: str | None, raw: bool, as_json: bool
 ) -> None:
-    """Print the value of NAME (its current version unless --version or --label)."""
+    """Print the value of NAME (its current version unless --version or --label).
+
+    NAME#FIELD prints one field of a secret whose value is a JSON object (a Vault secret with
+    several keys, an AWS secret like {"username": …, "password": …})."""
+    name, selector, field = name.partition(FIELD_SEPARATOR)
     validate_name(name)
+    if selector and not field:
+        raise InvalidInputError(f"'{name}{FIELD_SEPARATOR}' names no field; write NAME#FIELD")
     if raw and as_json:
         raise InvalidInputError("--raw and --json exclude each other")
     if version is not None and label is not None:
@@ -343,6 +427,8 @@ def get(
         note.version(secret.version)
         note.value(secret.value.reveal())
     data = secret.value.reveal()
+    if field:
+        data = select_field(data, name, field)
     if raw:
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
@@ -468,7 +554,7 @@ def destroy(session: Session, name: str, versions: tuple[int, ...], destroy_all:
     validate_name(name)
     if bool(versions) == destroy_all:
         raise InvalidInputError("give --version N (repeatable) or --all")
-    with session.operation("destroy", name, mutating=True) as (store, event):
+    with session.store_operation("destroy", name, mutating=True) as (store, event):
         if not destroy_all:
             event.version = min(versions) if len(set(versions)) == 1 else None
         if destroy_all:
@@ -525,6 +611,24 @@ def read_value(value: str | None, value_file: str | None, *, raw: bool) -> Secre
     if len(data) > MAX_VALUE_SIZE:
         raise InvalidInputError(f"the value is over {MAX_VALUE_SIZE} bytes (64 KiB); nothing was stored")
     return SecretValue(data)
+
+
+def select_field(data: bytes, name: str, field: str) -> bytes:
+    """One top-level field of a JSON object value: a string as is, anything else as JSON."""
+    try:
+        document = json.loads(data)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise InvalidInputError(f"the value of {name} is not a JSON object, so it has no field {field!r}")
+    if field not in document:
+        raise NotFoundError(
+            f"the value of {name} has no field {field!r}; it has {', '.join(sorted(document))}"
+        )
+    chosen = document[field]
+    if isinstance(chosen, str):
+        return chosen.encode("utf-8")
+    return json.dumps(chosen, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
 def parse_tags(tags: tuple[str, ...]) -> dict[str, str]:

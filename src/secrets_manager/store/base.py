@@ -6,6 +6,7 @@ is the conformance suite every implementation passes.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +20,22 @@ PENDING = "pending"
 LABELS = (CURRENT, PREVIOUS, PENDING)
 MAX_VALUE_SIZE = 64 * 1024
 DEFAULT_MAX_VERSIONS = 10
+
+
+class Capability(enum.StrEnum):
+    """Optional parts of the contract. A store that lacks one lists it in its class attribute
+    `unsupported_capabilities`; the operation then raises UnsupportedOperationError ("... is not
+    supported by this store"), and the conformance suite checks exactly that."""
+
+    DESTROY_VERSION = "destroy-version"  # erase one version's value for good (`destroy`)
+    PENDING_LABEL = "pending-label"  # a version can carry the `pending` label
+    EMPTY_VALUE = "empty-value"  # a value of zero bytes
+
+
+def unsupported_capabilities(store: object) -> frozenset[Capability]:
+    """The capabilities `store` declares it lacks (none, unless it says so)."""
+    declared: Iterable[str] = getattr(store, "unsupported_capabilities", frozenset())
+    return frozenset(Capability(c) for c in declared)
 
 
 @dataclass(frozen=True)
@@ -105,3 +122,17 @@ class SecretStore(Protocol):
 
     def close(self) -> None:
         """Release the backend."""
+
+
+@runtime_checkable
+class AuditedStore(SecretStore, Protocol):
+    """A store that also keeps the audit log's key and anchor (the `AuditAnchor` of audit/)."""
+
+    def audit_key(self) -> bytes:
+        """The secret HMAC key of the audit log, created on first use."""
+
+    def audit_anchor(self) -> Anchor | None:
+        """The newest audit record this store vouched for, or None before the first one."""
+
+    def set_audit_anchor(self, anchor: Anchor) -> None:
+        """Vouch for a newer audit record."""

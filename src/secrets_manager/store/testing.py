@@ -1,7 +1,8 @@
 """The conformance suite every `SecretStore` passes: `check_secret_store(make_store)`.
 
-EncryptedStore runs it today; VaultStore, AwsStore and EncryptedStore on PostgreSQL run the same
-function, so every entry point sees one behaviour whichever store is behind it:
+EncryptedStore, VaultStore (tests/test_store_vault.py: a KV v2 test server, or a real Vault) and
+AwsStore (tests/test_store_aws.py: moto's server) run the same function, so every entry point sees one
+behaviour whichever store is behind it:
 
     from secrets_manager.store.testing import check_secret_store
 
@@ -17,6 +18,11 @@ Vault or AWS account do not collide.
 Each check is a small function listed by behaviour in `SECRET_STORE_CHECKS`, so a test can run them
 one by one and a failure names the behaviour that broke. Failures raise `AssertionError` explicitly
 (not `assert`), so the suite also runs under `python -O` and without pytest.
+
+A store that cannot do part of the contract (AWS cannot destroy one version; Vault has no `pending`
+label) lists those `Capability` values in its `unsupported_capabilities`. Nothing is skipped for it:
+the checks that cover such an operation require instead that it fails cleanly, with an
+`UnsupportedOperationError` saying "not supported by this store", and changes nothing.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from secrets_manager.errors import (
     InvalidInputError,
     NotFoundError,
     SecretsManagerError,
+    UnsupportedOperationError,
 )
 from secrets_manager.store.base import (
     CURRENT,
@@ -40,10 +47,12 @@ from secrets_manager.store.base import (
     MAX_VALUE_SIZE,
     PENDING,
     PREVIOUS,
+    Capability,
     Secret,
     SecretMetadata,
     SecretStore,
     VersionInfo,
+    unsupported_capabilities,
 )
 from secrets_manager.values import SecretValue
 
@@ -52,6 +61,7 @@ Check = Callable[[MakeStore, str], None]
 
 # A value no implementation would produce by accident; the redaction checks look for it.
 MARKER = "s3cr3t-VALUE-must-not-leak-7f3a9c"
+UNSUPPORTED_MESSAGE = "not supported by this store"
 
 
 def check_secret_store(make_store: MakeStore) -> None:
@@ -127,6 +137,16 @@ def _leaks(obj: object, value: bytes) -> bool:
     return any(spelling and spelling in shown for spelling in spellings)
 
 
+def _lacks(store: SecretStore, capability: Capability) -> bool:
+    return capability in unsupported_capabilities(store)
+
+
+def _require_unsupported(action: Callable[[], object], what: str) -> None:
+    """`action` must fail with UnsupportedOperationError whose message says so plainly."""
+    exc = _raises(UnsupportedOperationError, action, f"{what} (declared unsupported)")
+    _require(UNSUPPORTED_MESSAGE in str(exc), f"{what}: the error does not say {UNSUPPORTED_MESSAGE!r}")
+
+
 def _require_no_leak(obj: object, value: bytes, what: str) -> None:
     _require(
         not _leaks(obj, value), f"repr() or str() of {what} ({type(obj).__name__}) shows the secret value"
@@ -145,6 +165,10 @@ def _check_values_round_trip(make_store: MakeStore, ns: str) -> None:
         "max-size": bytes((i * 7) % 256 for i in range(MAX_VALUE_SIZE)),
     }
     with _opened(make_store) as store:
+        if _lacks(store, Capability.EMPTY_VALUE):
+            del values["empty"]
+            _require_unsupported(lambda: store.put(f"{ns}/empty", b""), "put of an empty value")
+            _raises(NotFoundError, lambda: store.describe(f"{ns}/empty"), "a refused put created the secret")
         for key, value in values.items():
             info = store.put(f"{ns}/{key}", value)
             _require(
@@ -215,7 +239,12 @@ def _check_get_by_version_and_label(make_store: MakeStore, ns: str) -> None:
         current = store.get(name, label=CURRENT)
         _require(current.version == 3 and _revealed(current) == b"value 3", "get label=current")
         _require(store.get(name, version=1).labels == (), "an unlabelled version carries labels")
-        _raises(NotFoundError, lambda: store.get(name, label=PENDING), "get of a label no version carries")
+        if _lacks(store, Capability.PENDING_LABEL):
+            _require_unsupported(lambda: store.get(name, label=PENDING), "get of the pending label")
+        else:
+            _raises(
+                NotFoundError, lambda: store.get(name, label=PENDING), "get of a label no version carries"
+            )
         _raises(NotFoundError, lambda: store.get(name, version=4), "get of a version never written")
         _raises(NotFoundError, lambda: store.get(name, version=0), "get of version 0")
         _raises(NotFoundError, lambda: store.get(f"{ns}/missing"), "get of a missing secret")
@@ -346,6 +375,17 @@ def _check_destroy_versions(make_store: MakeStore, ns: str) -> None:
     with _opened(make_store) as store:
         for n in (1, 2, 3):
             store.put(name, f"value {n}".encode())
+        if _lacks(store, Capability.DESTROY_VERSION):
+            _require_unsupported(lambda: store.destroy(name, [1]), "destroy of one version")
+            _require_unsupported(lambda: store.destroy(name, [1, 2, 3]), "destroy of every version")
+            for n in (1, 2, 3):
+                _require(
+                    _revealed(store.get(name, version=n)) == f"value {n}".encode(),
+                    f"a refused destroy changed version {n}",
+                )
+            marked = [info.version for info in store.describe(name).versions if info.destroyed]
+            _require(not marked, f"a refused destroy marked versions {marked} destroyed")
+            return
         store.destroy(name, [1])
         _raises(NotFoundError, lambda: store.get(name, version=1), "get of a destroyed version")
         _require(_revealed(store.get(name, version=2)) == b"value 2", "destroying v1 broke v2")

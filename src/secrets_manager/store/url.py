@@ -1,27 +1,144 @@
-"""Store URLs and opening a store: which `Storage` a URL names, production's guard rails.
+"""Store URLs and opening a store: which store a URL names, production's guard rails.
 
-Supported now: a plain path or `sqlite:///absolute/path`. Unsupported schemes fail with a message
-that names what is supported. The entry points call `create_store` / `open_store` and
-never see storage or crypto themselves.
+    path/to/store.db, sqlite:///abs/path     EncryptedStore on a SQLite file (needs a master password)
+    vault://HOST[:PORT]/MOUNT[?namespace=NS]  VaultStore on a KV v2 mount, over https (port 8200)
+    vault+http://HOST[:PORT]/MOUNT            the same over plain http (dev servers; refused in production)
+    aws-secretsmanager://REGION[/PREFIX][?kms=KEY&kms.NAMESPACE=KEY&recovery_window_days=N]
+                                              AwsStore: secret NAME is the AWS secret PREFIX/NAME
+
+Other schemes fail with a message that names what is supported. The entry points call
+`create_store` / `open_store` (encrypted stores) or `open_external_store` (Vault, AWS; no master
+password) and never see storage or crypto themselves.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qsl, urlsplit
 
 from platformdirs import user_data_path
 
 from secrets_manager.crypto.kdf import DEFAULT as PRODUCTION_KDF_MINIMUM
 from secrets_manager.crypto.kdf import PROFILES as KDF_PROFILES
 from secrets_manager.environment import Environment
-from secrets_manager.errors import ConflictError, InvalidInputError, UnsafeConfigurationError
+from secrets_manager.errors import (
+    ConflictError,
+    InvalidInputError,
+    UnsafeConfigurationError,
+    UnsupportedOperationError,
+)
 from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store.base import AuditedStore
 from secrets_manager.store.encrypted import EncryptedStore
+from secrets_manager.store.external import DEFAULT_AUDIT_SCOPE, DEFAULT_RECOVERY_WINDOW_DAYS, audit_scope_for
+from secrets_manager.store.names import validate_name, validate_namespace
 from secrets_manager.store.unlock import PasswordUnlock
 
 SQLITE_SCHEME = "sqlite://"
+VAULT_SCHEMES = {"vault": "https", "vault+https": "https", "vault+http": "http"}
+AWS_SCHEME = "aws-secretsmanager"
+DEFAULT_VAULT_PORT = 8200
 DEFAULT_FILE_NAME = "secrets.db"
+_REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+-\d+")
+_MOUNT = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
+
+
+@dataclass(frozen=True)
+class VaultLocation:
+    """A `vault://` URL, parsed: the server address, the KV v2 mount, an optional namespace."""
+
+    address: str
+    mount: str
+    namespace: str | None = None
+
+    @property
+    def plain_http(self) -> bool:
+        return self.address.startswith("http://")
+
+
+@dataclass(frozen=True)
+class AwsLocation:
+    """An `aws-secretsmanager://` URL, parsed."""
+
+    region: str
+    prefix: str
+    kms_keys: Mapping[str, str] = field(default_factory=dict)
+    default_kms_key: str | None = None
+    recovery_window_days: int = DEFAULT_RECOVERY_WINDOW_DAYS
+
+
+def external_location(url: str | None) -> VaultLocation | AwsLocation | None:
+    """The Vault or AWS store a URL names; None for a SQLite store (a path or sqlite:// URL)."""
+    if not url or "://" not in url:
+        return None
+    scheme = url.split("://", 1)[0].lower()
+    if scheme in VAULT_SCHEMES:
+        return _vault_location(url, VAULT_SCHEMES[scheme])
+    if scheme == AWS_SCHEME:
+        return _aws_location(url)
+    return None
+
+
+def needs_password(url: str | None) -> bool:
+    """Whether the store needs a master password: only our encrypted store files do."""
+    return external_location(url) is None
+
+
+def _vault_location(url: str, http_scheme: str) -> VaultLocation:
+    parts = urlsplit(url)
+    usage = "write vault://HOST:PORT/MOUNT (or vault+http://… for a dev server without TLS)"
+    try:
+        host, port = parts.hostname, parts.port or DEFAULT_VAULT_PORT
+    except ValueError:
+        raise InvalidInputError(f"store URL {url!r}: bad port; {usage}") from None
+    mount = parts.path.strip("/")
+    if not host or parts.username or parts.password or not _MOUNT.fullmatch(mount):
+        raise InvalidInputError(f"store URL {url!r}: {usage}")
+    options = dict(parse_qsl(parts.query, keep_blank_values=True))
+    namespace = options.pop("namespace", None)
+    if options:
+        raise InvalidInputError(
+            f"store URL {url!r}: unknown option {next(iter(options))!r}; only namespace=NS"
+        )
+    netloc = f"[{host}]" if ":" in host else host
+    return VaultLocation(address=f"{http_scheme}://{netloc}:{port}", mount=mount, namespace=namespace or None)
+
+
+def _aws_location(url: str) -> AwsLocation:
+    parts = urlsplit(url)
+    usage = "write aws-secretsmanager://REGION/PREFIX, e.g. aws-secretsmanager://eu-west-1/trading"
+    region = parts.netloc.lower()
+    if not _REGION.fullmatch(region):
+        raise InvalidInputError(f"store URL {url!r}: {region!r} is not an AWS region; {usage}")
+    prefix = parts.path.strip("/")
+    if prefix:
+        try:
+            validate_name(prefix)
+        except InvalidInputError:
+            raise InvalidInputError(
+                f"store URL {url!r}: the prefix {prefix!r} is not a valid path; {usage}"
+            ) from None
+    kms_keys: dict[str, str] = {}
+    default_kms_key = None
+    recovery = DEFAULT_RECOVERY_WINDOW_DAYS
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        if key == "kms" and value:
+            default_kms_key = value
+        elif key.startswith("kms.") and value:
+            kms_keys[validate_namespace(key[len("kms.") :])] = value
+        elif key == "recovery_window_days" and value.isdigit() and 7 <= int(value) <= 30:
+            recovery = int(value)
+        else:
+            raise InvalidInputError(
+                f"store URL {url!r}: bad option {key!r}; options are kms=KEY, kms.NAMESPACE=KEY, "
+                "recovery_window_days=7..30"
+            )
+    return AwsLocation(region, prefix, kms_keys, default_kms_key, recovery)
 
 
 def default_store_path() -> Path:
@@ -38,18 +155,69 @@ def sqlite_path(url: str | None) -> Path:
         if not path.startswith("/") or path == "/":
             raise InvalidInputError(f"store URL {url!r}: write sqlite:///absolute/path/to/store.db")
         return Path(path)
+    if external_location(url) is not None:
+        raise InvalidInputError(f"store URL {url!r} names a Vault or AWS store, not a store file")
     if "://" in url:
         scheme = url.split("://", 1)[0]
         raise InvalidInputError(
-            f"store URL scheme {scheme!r} is not supported; use a file path or sqlite:///path"
+            f"store URL scheme {scheme!r} is not supported; use a file path, sqlite:///path, "
+            "vault://HOST:PORT/MOUNT or aws-secretsmanager://REGION/PREFIX"
         )
     return Path(url).expanduser()
 
 
 def default_audit_path(url: str | None) -> Path:
-    """The audit log beside the store file: `store.db` → `store.audit.jsonl`."""
-    path = sqlite_path(url)
-    return path.with_name(f"{path.stem}.audit.jsonl")
+    """The audit log beside the store file (`store.db` → `store.audit.jsonl`); for a Vault or AWS
+    store, a file named after it in the user data directory."""
+    location = external_location(url)
+    if isinstance(location, VaultLocation):
+        slug = f"vault-{location.address.split('://', 1)[1]}-{location.mount}"
+    elif isinstance(location, AwsLocation):
+        slug = f"aws-{location.region}-{location.prefix}".rstrip("-")
+    else:
+        path = sqlite_path(url)
+        return path.with_name(f"{path.stem}.audit.jsonl")
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", slug).strip("-")
+    return default_store_path().parent / f"{slug}.audit.jsonl"
+
+
+def open_external_store(
+    url: str,
+    *,
+    environment: Environment,
+    actor: str,
+    audit_path: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> AuditedStore:
+    """Open the Vault or AWS store `url` names (credentials from the environment, no password).
+
+    `audit_path` is the audit log this process writes: its anchor is kept in the backend under an
+    id derived from it (store/external.py)."""
+    location = external_location(url)
+    environ = os.environ if environ is None else environ
+    scope = audit_scope_for(audit_path) if audit_path is not None else DEFAULT_AUDIT_SCOPE
+    if isinstance(location, VaultLocation):
+        if location.plain_http and environment.is_production:
+            raise UnsafeConfigurationError(
+                f"store URL {url!r} uses plain http, which production refuses; use vault://… (https)"
+            )
+        from secrets_manager.store.vault import VaultStore, connect_vault
+
+        client = connect_vault(location.address, environ=environ, namespace=location.namespace)
+        return VaultStore(client, location.mount, actor=actor, audit_scope=scope)
+    if isinstance(location, AwsLocation):
+        from secrets_manager.store.aws import AwsStore, connect_aws
+
+        return AwsStore(
+            connect_aws(location.region),
+            location.prefix,
+            kms_keys=location.kms_keys,
+            default_kms_key=location.default_kms_key,
+            recovery_window_days=location.recovery_window_days,
+            actor=actor,
+            audit_scope=scope,
+        )
+    raise InvalidInputError(f"store URL {url!r} names neither a Vault nor an AWS store")
 
 
 def open_storage(url: str | None, *, create: bool, environment: Environment) -> SqliteStorage:
@@ -101,6 +269,11 @@ def remove_store_files(path: Path) -> None:
 
 def open_store(url: str | None, password: bytes, *, environment: Environment, actor: str) -> EncryptedStore:
     """Unlock the store `url` points at with a master password."""
+    if not needs_password(url):
+        raise UnsupportedOperationError(
+            f"opening {url} with a master password is not supported by this store: Vault and AWS "
+            "stores have none (this entry point works on encrypted store files only)"
+        )
     storage = open_storage(url, create=False, environment=environment)
     try:
         return EncryptedStore.open(storage, _password_unlock(password, environment), actor=actor)

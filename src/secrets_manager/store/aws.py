@@ -1,0 +1,670 @@
+"""`AwsStore`: secrets kept natively in AWS Secrets Manager, through `boto3`.
+
+The mapping (docs/stores.md has it in full):
+
+    secret NAME              the AWS secret PREFIX/NAME (just NAME with an empty prefix)
+    a UTF-8 text value       SecretString; any other value: SecretBinary
+    version N                the AWS version whose VersionId is `secrets-manager-version-NNNNNNNNNN`
+                             (we pass it as ClientRequestToken). Versions written by other tools
+                             (UUID ids) are numbered in creation order after the ones before them.
+    current/previous/pending the staging labels AWSCURRENT / AWSPREVIOUS / AWSPENDING
+    description, tags        the secret's Description and Tags (tag `secrets-manager:created-by` is ours)
+    delete / undelete        DeleteSecret with a recovery window / RestoreSecret
+    destroy_secret           DeleteSecret with ForceDeleteWithoutRecovery
+    KMS key                  per namespace, given when a secret is created (`?kms.NAMESPACE=KEY`)
+
+Compare-and-set: the VersionId of version N is fixed, and AWS refuses a second version with an id
+it already has (ResourceExistsException) unless its value is identical, so two secrets-manager
+writers racing for version N cannot both win. Other tools do not take part in this.
+
+Not supported (UnsupportedOperationError): destroying single versions (AWS cannot erase one
+version) and empty values (AWS needs a non-empty SecretString or SecretBinary). AWS keeps older,
+unlabelled versions itself (it removes them past its own limit); we show and read only the newest
+`max_versions` of them, plus any version that carries a label.
+
+Transport: boto3 with the standard retry mode (throttling and transient errors are retried with
+backoff); error codes map to our exceptions through `_ERRORS`. Each method's docstring names the
+API calls it makes.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import random
+import re
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    NoCredentialsError,
+    ParamValidationError,
+    PartialCredentialsError,
+)
+
+from secrets_manager.errors import (
+    AccessDeniedError,
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    SecretsManagerError,
+    StorageError,
+    UnlockError,
+    UnsupportedOperationError,
+)
+from secrets_manager.store.base import (
+    CURRENT,
+    DEFAULT_MAX_VERSIONS,
+    LABELS,
+    PENDING,
+    PREVIOUS,
+    Anchor,
+    Capability,
+    Secret,
+    SecretMetadata,
+    VersionInfo,
+)
+from secrets_manager.store.external import (
+    AUDIT_KEY_NAME,
+    AUDIT_KEY_SIZE,
+    CREATED_BY_KEY,
+    DEFAULT_AUDIT_SCOPE,
+    DEFAULT_RECOVERY_WINDOW_DAYS,
+    audit_anchor_name,
+    checked_value,
+    checked_write,
+    user_tags,
+    utc,
+)
+from secrets_manager.store.names import namespace_of, validate_name, validate_prefix
+from secrets_manager.values import SecretValue
+
+STAGE_OF_LABEL = {CURRENT: "AWSCURRENT", PREVIOUS: "AWSPREVIOUS", PENDING: "AWSPENDING"}
+LABEL_OF_STAGE = {stage: label for label, stage in STAGE_OF_LABEL.items()}
+VERSION_ID_PREFIX = "secrets-manager-version-"
+RETRY_DEADLINE_SECONDS = 30.0
+_OUR_VERSION_ID = re.compile(re.escape(VERSION_ID_PREFIX) + r"(\d{10})")
+_TAG_VALUE_UNSAFE = re.compile(r"[^\w .:/=+\-@]")
+
+# AWS error codes → our exceptions. InvalidRequestException ("the secret is scheduled for deletion",
+# mostly) depends on the call, so the call says what it means (`state_error`).
+_ERRORS: tuple[tuple[frozenset[str], type[SecretsManagerError], str], ...] = (
+    (frozenset({"ResourceNotFoundException"}), NotFoundError, "{what} not found"),
+    (
+        frozenset({"AccessDeniedException", "AccessDenied", "UnrecognizedClientException",
+                   "InvalidSignatureException", "ExpiredTokenException", "InvalidClientTokenId"}),
+        AccessDeniedError,
+        "AWS denied {action}: {message}",
+    ),
+    (
+        frozenset({"DecryptionFailure", "EncryptionFailure", "KMSAccessDeniedException"}),
+        AccessDeniedError,
+        "AWS KMS refused {action}: {message} (check the KMS key and its policy)",
+    ),
+    (
+        frozenset({"ThrottlingException", "TooManyRequestsException", "RequestLimitExceeded",
+                   "LimitExceededException"}),
+        StorageError,
+        "AWS kept throttling {action} ({code}); try again later",
+    ),
+    (
+        frozenset({"InvalidParameterException", "ValidationException", "MalformedPolicyDocumentException"}),
+        InvalidInputError,
+        "AWS refused {action} as invalid ({code})",
+    ),
+    (frozenset({"ResourceExistsException"}), ConflictError, "{what} already exists"),
+    (frozenset({"InternalServiceError", "ServiceUnavailable"}), StorageError, "AWS failed {action} ({code})"),
+)  # fmt: skip
+
+
+def connect_aws(region: str, *, attempts: int = 5) -> Any:
+    """A Secrets Manager client for `region`: credentials, profile and endpoint come from boto3's
+    standard configuration (environment, ~/.aws, AWS_PROFILE, AWS_ENDPOINT_URL…); the standard
+    retry mode retries throttling and transient errors with backoff."""
+    config = Config(
+        retries={"mode": "standard", "max_attempts": attempts}, connect_timeout=10, read_timeout=30
+    )
+    try:
+        return boto3.session.Session().client("secretsmanager", region_name=region, config=config)
+    except BotoCoreError as exc:
+        raise StorageError(f"cannot configure AWS Secrets Manager ({type(exc).__name__})") from None
+
+
+@dataclass(frozen=True)
+class _AwsVersion:
+    number: int
+    version_id: str
+    labels: tuple[str, ...]
+    created: datetime
+
+
+class AwsStore:
+    """A `SecretStore` on AWS Secrets Manager; values stay readable by `aws secretsmanager`."""
+
+    unsupported_capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {Capability.DESTROY_VERSION, Capability.EMPTY_VALUE}
+    )
+
+    def __init__(
+        self,
+        client: Any,
+        prefix: str = "",
+        *,
+        kms_keys: Mapping[str, str] | None = None,
+        default_kms_key: str | None = None,
+        recovery_window_days: int = DEFAULT_RECOVERY_WINDOW_DAYS,
+        actor: str = "unknown",
+        audit_scope: str = DEFAULT_AUDIT_SCOPE,
+        max_versions: int = DEFAULT_MAX_VERSIONS,
+    ) -> None:
+        prefix = prefix.strip("/")
+        if prefix:
+            validate_name(prefix)
+        if not 7 <= recovery_window_days <= 30:
+            raise InvalidInputError("the recovery window is 7 to 30 days (AWS's limits)")
+        self._client = client
+        self._prefix = prefix
+        self._kms_keys = dict(kms_keys or {})
+        self._default_kms_key = default_kms_key
+        self._recovery_window_days = recovery_window_days
+        self._actor = actor
+        self._anchor_name = audit_anchor_name(audit_scope)
+        self._max_versions = max_versions
+        self._audit_key: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"AwsStore(region={self._client.meta.region_name!r}, prefix={self._prefix!r})"
+
+    def close(self) -> None:
+        self._client.close()
+
+    def aws_name(self, name: str) -> str:
+        """The AWS secret name of our secret `name`."""
+        return f"{self._prefix}/{name}" if self._prefix else name
+
+    def kms_key_for(self, name: str) -> str | None:
+        """The KMS key new secrets of `name`'s namespace are encrypted with (None: AWS's default)."""
+        return self._kms_keys.get(namespace_of(name), self._default_kms_key)
+
+    # ---- reads -----------------------------------------------------------------------------
+
+    def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
+        """GetSecretValue by staging label; for a version number, DescribeSecret and
+        ListSecretVersionIds first (to find the VersionId of our number)."""
+        validate_name(name)
+        if version is not None and label is not None:
+            raise InvalidInputError("give a version or a label, not both")
+        if label is not None and label not in LABELS:
+            raise InvalidInputError(f"unknown label {label!r}; labels are {', '.join(LABELS)}")
+        secret_id = self.aws_name(name)
+        if version is None:
+            wanted = label or CURRENT
+            with self._aws(f"read {name}", name, state_error=NotFoundError):
+                try:
+                    reply = self._client.get_secret_value(
+                        SecretId=secret_id, VersionStage=STAGE_OF_LABEL[wanted]
+                    )
+                except ClientError as exc:
+                    if _code(exc) != "ResourceNotFoundException" or wanted == CURRENT:
+                        raise
+                    self._client.describe_secret(SecretId=secret_id)  # NotFound if the secret is missing
+                    raise NotFoundError(f"secret {name!r} has no version labelled {wanted!r}") from None
+            number = _our_number(reply["VersionId"])
+            if number is None:  # another tool's version: its number comes from the whole history
+                numbers = [v.number for v in self._versions(name) if v.version_id == reply["VersionId"]]
+                if not numbers:
+                    raise NotFoundError(f"secret {name!r} changed while it was read; try again")
+                number = numbers[0]
+            return self._secret(name, number, reply)
+        with self._aws(f"read {name}", name, state_error=NotFoundError):
+            if self._client.describe_secret(SecretId=secret_id).get("DeletedDate"):
+                raise NotFoundError(f"secret {name!r} is deleted; 'undelete {name}' restores it")
+        visible = {v.number: v for v in self._visible(self._versions(name))}
+        if version not in visible:
+            raise NotFoundError(f"secret {name!r} has no version {version}")
+        with self._aws(f"read {name}", name, state_error=NotFoundError):
+            reply = self._client.get_secret_value(SecretId=secret_id, VersionId=visible[version].version_id)
+        return self._secret(name, version, reply)
+
+    def describe(self, name: str) -> SecretMetadata:
+        """DescribeSecret and ListSecretVersionIds."""
+        validate_name(name)
+        with self._aws(f"describe {name}", name):
+            description = self._client.describe_secret(SecretId=self.aws_name(name))
+        return self._public(name, description, self._versions(name))
+
+    def list(self, prefix: str = "", *, include_deleted: bool = False) -> builtins.list[SecretMetadata]:
+        """ListSecrets (name filter on PREFIX/prefix), then ListSecretVersionIds for each secret.
+        Secrets whose names are not valid secret names (ours under .secrets-manager/) are left out."""
+        validate_prefix(prefix)
+        wanted = self.aws_name(prefix) if prefix else (f"{self._prefix}/" if self._prefix else "")
+        arguments: dict[str, Any] = {"IncludePlannedDeletion": include_deleted}
+        if wanted:
+            arguments["Filters"] = [{"Key": "name", "Values": [wanted]}]
+        strip = len(self._prefix) + 1 if self._prefix else 0
+        result = []
+        with self._aws("list secrets", None):
+            pages = list(self._client.get_paginator("list_secrets").paginate(**arguments))
+        for page in pages:
+            for entry in page.get("SecretList", []):
+                aws_name = str(entry.get("Name", ""))
+                if not aws_name.startswith(wanted):  # AWS's name filter ignores case
+                    continue
+                name = aws_name[strip:]
+                try:
+                    validate_name(name)
+                except InvalidInputError:
+                    continue
+                if entry.get("DeletedDate") and not include_deleted:
+                    continue
+                try:
+                    result.append(self._public(name, entry, self._versions(name)))
+                except NotFoundError:
+                    continue  # destroyed since ListSecrets answered
+        return sorted(result, key=lambda meta: meta.name)
+
+    def _versions(self, name: str) -> builtins.list[_AwsVersion]:
+        """ListSecretVersionIds (with deprecated versions), numbered; oldest first."""
+        raw: list[dict[str, Any]] = []
+        with self._aws(f"list the versions of {name}", name, state_error=NotFoundError):
+            arguments: dict[str, Any] = {"SecretId": self.aws_name(name), "IncludeDeprecated": True}
+            while True:
+                page = self._client.list_secret_version_ids(**arguments)
+                raw.extend(page.get("Versions", []))
+                if not page.get("NextToken"):
+                    break
+                arguments["NextToken"] = page["NextToken"]
+        return _numbered(raw)
+
+    def _visible(self, versions: builtins.list[_AwsVersion]) -> builtins.list[_AwsVersion]:
+        """The newest `max_versions` versions, and any older one that still carries a label."""
+        newest = {v.number for v in versions[-self._max_versions :]}
+        return [v for v in versions if v.number in newest or v.labels]
+
+    def _secret(self, name: str, number: int, reply: Mapping[str, Any]) -> Secret:
+        if reply.get("SecretString") is not None:
+            value = str(reply["SecretString"]).encode("utf-8")
+        elif reply.get("SecretBinary") is not None:
+            value = bytes(reply["SecretBinary"])
+        else:
+            raise NotFoundError(f"version {number} of {name!r} has no value")
+        return Secret(
+            name=name,
+            version=number,
+            value=SecretValue(value),
+            created=utc(reply["CreatedDate"]),
+            labels=_labels(reply.get("VersionStages", [])),
+        )
+
+    def _public(
+        self, name: str, entry: Mapping[str, Any], versions: builtins.list[_AwsVersion]
+    ) -> SecretMetadata:
+        tags = {str(t["Key"]): str(t["Value"]) for t in entry.get("Tags") or []}
+        created = utc(entry.get("CreatedDate") or datetime.now(UTC))
+        visible = self._visible(versions)
+        labels = {label: v.number for v in visible for label in v.labels}
+        deleted = entry.get("DeletedDate")
+        return SecretMetadata(
+            name=name,
+            namespace=namespace_of(name),
+            created=created,
+            updated=utc(entry.get("LastChangedDate") or created),
+            created_by=tags.get(CREATED_BY_KEY, ""),
+            description=str(entry.get("Description") or ""),
+            tags=user_tags(tags),
+            current_version=labels.get(CURRENT),
+            versions=tuple(
+                VersionInfo(
+                    version=v.number, created=v.created, created_by="", labels=v.labels, destroyed=False
+                )
+                for v in visible
+            ),
+            deleted=None if deleted is None else utc(deleted),
+            max_versions=self._max_versions,
+            labels=labels,
+        )
+
+    # ---- writes ----------------------------------------------------------------------------
+
+    def put(
+        self,
+        name: str,
+        value: bytes,
+        *,
+        expect_version: int | None = None,
+        description: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> VersionInfo:
+        """DescribeSecret, then CreateSecret (a new secret) or ListSecretVersionIds and
+        PutSecretValue with ClientRequestToken = the next version's id; then UpdateSecret,
+        TagResource, UntagResource as the description and tags require."""
+        checked_write(name, expect_version, tags)
+        payload = _payload(checked_value(value, empty_supported=False))
+        secret_id = self.aws_name(name)
+        deadline = time.monotonic() + RETRY_DEADLINE_SECONDS
+        delay = 0.05
+        while True:
+            with self._aws(f"store {name}", name):
+                existing = self._describe_or_none(secret_id)
+            try:
+                if existing is None:
+                    if expect_version not in (None, 0):
+                        raise ConflictError(
+                            f"secret {name!r} is at version 0, not {expect_version}; read it again and retry"
+                        )
+                    self._create(name, payload, description, tags)
+                    return VersionInfo(version=1, created=datetime.now(UTC), created_by="", labels=(CURRENT,))
+                number = self._put_version(name, existing, payload, expect_version)
+                break
+            except _LostRace:
+                if time.monotonic() > deadline:
+                    raise StorageError(f"too many concurrent writes to {name!r}; try again") from None
+                time.sleep(random.uniform(0, delay))  # noqa: S311 (jitter, not crypto)
+                delay = min(delay * 2, 1.0)
+        self._update_metadata(name, existing, description, tags)
+        return VersionInfo(version=number, created=datetime.now(UTC), created_by="", labels=(CURRENT,))
+
+    def _create(
+        self, name: str, payload: Mapping[str, Any], description: str | None, tags: Mapping[str, str] | None
+    ) -> None:
+        arguments: dict[str, Any] = {
+            "Name": self.aws_name(name),
+            "ClientRequestToken": _version_id(1),
+            "Tags": [{"Key": CREATED_BY_KEY, "Value": _tag_value(self._actor)}]
+            + [{"Key": k, "Value": v} for k, v in (tags or {}).items()],
+            **payload,
+        }
+        if description:
+            arguments["Description"] = description
+        kms_key = self.kms_key_for(name)
+        if kms_key:
+            arguments["KmsKeyId"] = kms_key
+        with self._aws(f"store {name}", name):
+            try:
+                self._client.create_secret(**arguments)
+            except ClientError as exc:
+                # Created meanwhile, or the name is still being freed after a forced delete (AWS
+                # takes a moment): the next round sees the secret, or the name free.
+                if _code(exc) in ("ResourceExistsException", "InvalidRequestException"):
+                    raise _LostRace() from None
+                raise
+
+    def _put_version(
+        self, name: str, existing: Mapping[str, Any], payload: Mapping[str, Any], expect_version: int | None
+    ) -> int:
+        if existing.get("DeletedDate"):
+            raise ConflictError(
+                f"secret {name!r} is deleted; run 'undelete {name}' first, or 'destroy {name} --all'"
+            )
+        versions = self._versions(name)
+        current = next((v.number for v in versions if CURRENT in v.labels), 0)
+        if expect_version is not None and current != expect_version:
+            raise ConflictError(
+                f"secret {name!r} is at version {current}, not {expect_version}; read it again and retry"
+            )
+        number = (versions[-1].number if versions else 0) + 1
+        with self._aws(f"store {name}", name):
+            try:
+                self._client.put_secret_value(
+                    SecretId=self.aws_name(name), ClientRequestToken=_version_id(number), **payload
+                )
+            except ClientError as exc:
+                if _code(exc) != "ResourceExistsException":
+                    raise
+                # Another writer took version `number` (with another value): compare-and-set lost.
+                if expect_version is not None:
+                    raise ConflictError(
+                        f"secret {name!r} changed since version {expect_version}; read it again and retry"
+                    ) from None
+                raise _LostRace() from None
+        return number
+
+    def _update_metadata(
+        self,
+        name: str,
+        existing: Mapping[str, Any],
+        description: str | None,
+        tags: Mapping[str, str] | None,
+    ) -> None:
+        secret_id = self.aws_name(name)
+        with self._aws(f"store the metadata of {name}", name, state_error=ConflictError):
+            if description is not None and description != (existing.get("Description") or ""):
+                self._client.update_secret(SecretId=secret_id, Description=description)
+            if tags is not None:
+                old = user_tags({str(t["Key"]): str(t["Value"]) for t in existing.get("Tags") or []})
+                gone = [k for k in old if k not in tags]
+                if gone:
+                    self._client.untag_resource(SecretId=secret_id, TagKeys=gone)
+                if tags:
+                    self._client.tag_resource(
+                        SecretId=secret_id, Tags=[{"Key": k, "Value": v} for k, v in tags.items()]
+                    )
+
+    def delete(self, name: str) -> None:
+        """DescribeSecret, then DeleteSecret with RecoveryWindowInDays."""
+        validate_name(name)
+        with self._aws(f"delete {name}", name, state_error=NotFoundError):
+            existing = self._client.describe_secret(SecretId=self.aws_name(name))
+            if existing.get("DeletedDate"):
+                raise NotFoundError(f"secret {name!r} is already deleted")
+            self._client.delete_secret(
+                SecretId=self.aws_name(name), RecoveryWindowInDays=self._recovery_window_days
+            )
+
+    def undelete(self, name: str) -> None:
+        """DescribeSecret, then RestoreSecret."""
+        validate_name(name)
+        with self._aws(f"undelete {name}", name, state_error=ConflictError):
+            existing = self._client.describe_secret(SecretId=self.aws_name(name))
+            if not existing.get("DeletedDate"):
+                raise ConflictError(f"secret {name!r} is not deleted")
+            self._client.restore_secret(SecretId=self.aws_name(name))
+
+    def destroy(self, name: str, versions: Iterable[int]) -> None:
+        """Not supported: AWS Secrets Manager has no call that erases one version."""
+        validate_name(name)
+        raise UnsupportedOperationError(
+            "destroying single versions is not supported by this store: AWS Secrets Manager cannot "
+            f"erase one version; 'destroy {name} --all' erases the whole secret"
+        )
+
+    def destroy_secret(self, name: str) -> None:
+        """DescribeSecret, then DeleteSecret with ForceDeleteWithoutRecovery (a secret already
+        scheduled for deletion is restored first, which AWS requires before a forced delete)."""
+        validate_name(name)
+        secret_id = self.aws_name(name)
+        with self._aws(f"destroy {name}", name, state_error=ConflictError):
+            self._client.describe_secret(SecretId=secret_id)
+            try:
+                self._client.delete_secret(SecretId=secret_id, ForceDeleteWithoutRecovery=True)
+            except ClientError as exc:
+                if _code(exc) != "InvalidRequestException":
+                    raise
+                self._client.restore_secret(SecretId=secret_id)
+                self._client.delete_secret(SecretId=secret_id, ForceDeleteWithoutRecovery=True)
+
+    def _describe_or_none(self, secret_id: str) -> dict[str, Any] | None:
+        try:
+            return dict(self._client.describe_secret(SecretId=secret_id))
+        except ClientError as exc:
+            if _code(exc) == "ResourceNotFoundException":
+                return None
+            raise
+
+    # ---- audit support (the `AuditAnchor` protocol of audit/) -----------------------------------
+
+    def audit_key(self) -> bytes:
+        """The audit HMAC key, SecretBinary of PREFIX/.secrets-manager/audit-key: GetSecretValue,
+        or CreateSecret on first use (if another process wins that race, theirs is used)."""
+        if self._audit_key is None:
+            secret_id = self.aws_name(AUDIT_KEY_NAME)
+            with self._aws("read the audit key", None, state_error=IntegrityError):
+                try:
+                    reply = self._client.get_secret_value(SecretId=secret_id)
+                except ClientError as exc:
+                    if _code(exc) != "ResourceNotFoundException":
+                        raise
+                    arguments: dict[str, Any] = {
+                        "Name": secret_id,
+                        "SecretBinary": secrets.token_bytes(AUDIT_KEY_SIZE),
+                        "Description": "secrets-manager: the audit log's HMAC key",
+                    }
+                    if self._default_kms_key:
+                        arguments["KmsKeyId"] = self._default_kms_key
+                    try:
+                        self._client.create_secret(**arguments)
+                    except ClientError as create_exc:
+                        if _code(create_exc) != "ResourceExistsException":
+                            raise
+                    reply = self._client.get_secret_value(SecretId=secret_id)
+            key = reply.get("SecretBinary")
+            if not isinstance(key, bytes) or len(key) != AUDIT_KEY_SIZE:
+                raise IntegrityError(f"the audit key in AWS ({secret_id}) is damaged")
+            self._audit_key = key
+        return self._audit_key
+
+    def audit_anchor(self) -> Anchor | None:
+        """DescribeSecret of PREFIX/.secrets-manager/audit-anchor/SCOPE: the anchor is its
+        Description (a JSON object), so moving it creates no secret versions (AWS caps those)."""
+        with self._aws("read the audit anchor", None, state_error=IntegrityError):
+            existing = self._describe_or_none(self.aws_name(self._anchor_name))
+        if existing is None:
+            return None
+        try:
+            doc = json.loads(existing.get("Description") or "")
+            return Anchor(seq=int(doc["seq"]), hash=str(doc["hash"]))
+        except (ValueError, KeyError, TypeError):
+            raise IntegrityError("the audit anchor in AWS is damaged") from None
+
+    def set_audit_anchor(self, anchor: Anchor) -> None:
+        """UpdateSecret(Description=anchor), or CreateSecret the first time."""
+        secret_id = self.aws_name(self._anchor_name)
+        doc = json.dumps({"seq": anchor.seq, "hash": anchor.hash}, separators=(",", ":"))
+        with self._aws("anchor the audit log", None, state_error=IntegrityError):
+            try:
+                self._client.update_secret(SecretId=secret_id, Description=doc)
+            except ClientError as exc:
+                if _code(exc) != "ResourceNotFoundException":
+                    raise
+                arguments: dict[str, Any] = {"Name": secret_id, "Description": doc, "SecretString": "{}"}
+                if self._default_kms_key:
+                    arguments["KmsKeyId"] = self._default_kms_key
+                self._client.create_secret(**arguments)
+
+    # ---- transport ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _aws(
+        self, action: str, name: str | None, *, state_error: type[Exception] = ConflictError
+    ) -> Iterator[None]:
+        """Map what boto3 raises inside the block to our exceptions (`_ERRORS`).
+
+        `state_error` is what InvalidRequestException means for this call: AWS uses it for a secret
+        scheduled for deletion (a read of it is NotFound, a write a Conflict)."""
+        what = f"secret {name!r}" if name else "the secret"
+        try:
+            yield
+        except ClientError as exc:
+            code = _code(exc)
+            message = str(exc.response.get("Error", {}).get("Message", ""))[:300]
+            if code == "InvalidRequestException":
+                if "deleted" in message or "deletion" in message:
+                    hint = f"; 'undelete {name}' restores it" if name else " (scheduled for deletion in AWS)"
+                    raise state_error(f"{what} is deleted{hint}") from None
+                raise state_error(f"AWS refused {action} in the secret's current state: {message}") from None
+            for codes, ours, template in _ERRORS:
+                if code in codes:
+                    raise ours(
+                        template.format(what=what, action=action, code=code, message=message)
+                    ) from None
+            raise StorageError(f"AWS failed {action} ({code})") from None
+        except (NoCredentialsError, PartialCredentialsError):
+            raise UnlockError(
+                "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+                "or configure ~/.aws (boto3's standard sources)"
+            ) from None
+        except ParamValidationError:
+            raise InvalidInputError(f"AWS refused {action}: a parameter is invalid") from None
+        except BotoCoreError as exc:
+            raise StorageError(
+                f"cannot reach AWS Secrets Manager for {action} ({type(exc).__name__})"
+            ) from None
+
+
+class _LostRace(Exception):
+    """Another writer created the secret or took the version number first: read again, retry."""
+
+
+def _code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _version_id(number: int) -> str:
+    """The VersionId (ClientRequestToken, 32 to 64 characters) of our version `number`."""
+    return f"{VERSION_ID_PREFIX}{number:010d}"
+
+
+def _our_number(version_id: str) -> int | None:
+    match = _OUR_VERSION_ID.fullmatch(version_id)
+    return int(match.group(1)) if match else None
+
+
+def _labels(stages: Iterable[str]) -> tuple[str, ...]:
+    present = {LABEL_OF_STAGE[s] for s in stages if s in LABEL_OF_STAGE}
+    return tuple(label for label in LABELS if label in present)
+
+
+_STAGE_ORDER = {"AWSPREVIOUS": 1, "AWSCURRENT": 2, "AWSPENDING": 3}
+
+
+def _numbered(raw: Iterable[Mapping[str, Any]]) -> list[_AwsVersion]:
+    """Our version numbers for AWS's versions, oldest first.
+
+    Ours carry their number in their id. Another tool's version (a UUID) is numbered one above the
+    version before it in creation order (ties, as in a second-resolution clock, are broken by the
+    staging label: previous before current before pending). If a version of ours claims a number
+    not above the one before it (another tool wrote in between), it moves up too."""
+
+    def order(item: Mapping[str, Any]) -> tuple[datetime, int, int, str]:
+        stages = item.get("VersionStages") or []
+        rank = max((_STAGE_ORDER.get(s, 0) for s in stages), default=0)
+        ours = _our_number(str(item["VersionId"]))
+        return (utc(item["CreatedDate"]), rank, ours or 0, str(item["VersionId"]))
+
+    numbered = []
+    last = 0
+    for item in sorted(raw, key=order):
+        ours = _our_number(str(item["VersionId"]))
+        number = ours if ours is not None and ours > last else last + 1
+        last = number
+        numbered.append(
+            _AwsVersion(
+                number=number,
+                version_id=str(item["VersionId"]),
+                labels=_labels(item.get("VersionStages") or []),
+                created=utc(item["CreatedDate"]),
+            )
+        )
+    return numbered
+
+
+def _payload(value: bytes) -> dict[str, Any]:
+    try:
+        return {"SecretString": value.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {"SecretBinary": value}
+
+
+def _tag_value(text: str) -> str:
+    """`text` within AWS's tag value character set and length."""
+    return _TAG_VALUE_UNSAFE.sub("_", text)[:256]

@@ -1,0 +1,102 @@
+"""What `VaultStore` and `AwsStore` share: checks on values and tags, the names we reserve in a
+backend that is also used by other tools, and where the audit key and anchors live there.
+
+Both stores keep values natively, so other tools read what we write and we read what they write.
+Our own bookkeeping in the backend is kept out of the way of both:
+
+    .secrets-manager/audit-key             the audit log's HMAC key (32 random bytes)
+    .secrets-manager/audit-anchor/<scope>  the anchor of one audit log (one per log file and host)
+
+A name whose segment starts with '.' is not a valid secret name (store/names.py), so these entries
+can never be read, written or listed through the `SecretStore` API. Metadata keys and tags that
+start with `secrets-manager:` are ours too (e.g. `secrets-manager:created-by`); a user's tag may not
+use that prefix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+
+from secrets_manager.errors import InvalidInputError, UnsupportedOperationError
+from secrets_manager.store.base import MAX_VALUE_SIZE
+from secrets_manager.store.names import validate_name
+from secrets_manager.values import SecretValue
+
+RESERVED_FOLDER = ".secrets-manager"
+AUDIT_KEY_NAME = f"{RESERVED_FOLDER}/audit-key"
+AUDIT_ANCHOR_FOLDER = f"{RESERVED_FOLDER}/audit-anchor"
+RESERVED_KEY_PREFIX = "secrets-manager:"
+CREATED_BY_KEY = f"{RESERVED_KEY_PREFIX}created-by"
+DESCRIPTION_KEY = f"{RESERVED_KEY_PREFIX}description"
+AUDIT_KEY_SIZE = 32
+DEFAULT_AUDIT_SCOPE = "default"
+DEFAULT_RECOVERY_WINDOW_DAYS = 30  # AWS's own default for DeleteSecret
+_SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def audit_anchor_name(scope: str) -> str:
+    """Where the anchor of the audit log `scope` lives in the backend."""
+    if not _SCOPE.fullmatch(scope):
+        raise InvalidInputError(f"invalid audit scope {scope!r}")
+    return f"{AUDIT_ANCHOR_FOLDER}/{scope}"
+
+
+def audit_scope_for(log_path: Path) -> str:
+    """A stable id for one audit log file on this host.
+
+    Many hosts and users share one Vault mount or AWS prefix, each with its own local audit log, so
+    every log needs its own anchor: a store-wide one would be moved by every other log."""
+    identity = f"{socket.gethostname()}:{log_path.expanduser().resolve()}"
+    return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:32]
+
+
+def checked_value(value: bytes, *, empty_supported: bool = True) -> bytes:
+    """The bytes to write, after the checks every store makes (type, 64 KiB limit)."""
+    if isinstance(value, SecretValue):
+        value = value.reveal()
+    if not isinstance(value, bytes):
+        raise InvalidInputError("a secret value is bytes; encode text as UTF-8")
+    if len(value) > MAX_VALUE_SIZE:
+        raise InvalidInputError(f"value is {len(value)} bytes; the limit is {MAX_VALUE_SIZE} (64 KiB)")
+    if not value and not empty_supported:
+        raise UnsupportedOperationError(
+            "an empty value is not supported by this store (AWS Secrets Manager needs a non-empty "
+            "SecretString or SecretBinary); store at least one byte"
+        )
+    return value
+
+
+def checked_write(name: str, expect_version: int | None, tags: Mapping[str, str] | None) -> None:
+    """Name, compare-and-set and tag checks of `put`, made before the backend is asked anything."""
+    validate_name(name)
+    if expect_version is not None and expect_version < 0:
+        raise InvalidInputError("--expect-version must be 0 (create only) or a version number")
+    for key in tags or {}:
+        if not key or key.startswith(RESERVED_KEY_PREFIX):
+            raise InvalidInputError(
+                f"tag {key!r} is not allowed: tag keys are non-empty and must not start with "
+                f"{RESERVED_KEY_PREFIX!r} (reserved for secrets-manager's own metadata)"
+            )
+
+
+def user_tags(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The user's tags among a backend's key/value metadata (without our reserved keys)."""
+    return {k: v for k, v in metadata.items() if not k.startswith(RESERVED_KEY_PREFIX)}
+
+
+def as_text(value: bytes) -> str | None:
+    """The value as text if it is UTF-8, else None (then it is kept as binary)."""
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def utc(moment: datetime) -> datetime:
+    """`moment` in UTC (a naive one is taken to be UTC already)."""
+    return moment.astimezone(UTC) if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

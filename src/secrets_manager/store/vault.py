@@ -1,0 +1,734 @@
+"""`VaultStore`: secrets kept natively in HashiCorp Vault's KV version 2 engine, through `hvac`.
+
+The mapping (docs/stores.md has it in full):
+
+    secret NAME              MOUNT/data/NAME; its metadata at MOUNT/metadata/NAME
+    a UTF-8 text value       data {"value": "<text>"}         (what `vault kv put MOUNT/NAME value=…` writes)
+    any other value          data {"value_base64": "<base64>"}
+    data written otherwise   read as the canonical JSON of the data object (several keys, numbers, …)
+    version N                KV version N; every write is check-and-set (`cas`) on the version it read
+    current / previous       KV's current_version / the version before it; `pending` is not supported
+    description, tags        custom_metadata `secrets-manager:description`, other keys are tags
+    delete / undelete        KV soft delete / undelete of every live version
+    destroy / destroy_secret KV destroy of versions / delete of the metadata and every version
+
+A secret is *deleted* when every version that is not destroyed is soft-deleted. `get` without a
+version returns KV's latest version, as `vault kv get` does: if another tool soft-deleted only that
+version, `get` says so (NotFoundError) rather than serve an older value.
+
+Transport: one `requests.Session` whose urllib3 `Retry` repeats what Vault refused without doing it
+(429 rate limit, 503 sealed or standby) for every method, and other 5xx answers for reads only (a
+write might have been applied). Errors map to our exceptions through `_ERRORS`; each method's
+docstring names the endpoints it calls.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import builtins
+import json
+import random
+import re
+import secrets
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, ClassVar, NoReturn
+
+import hvac
+import requests
+from hvac import exceptions as vault_errors
+from requests.adapters import HTTPAdapter
+from urllib3.util.retry import Retry
+
+from secrets_manager.errors import (
+    AccessDeniedError,
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    SecretsManagerError,
+    StorageError,
+    UnlockError,
+    UnsupportedOperationError,
+)
+from secrets_manager.store.base import (
+    CURRENT,
+    DEFAULT_MAX_VERSIONS,
+    LABELS,
+    PENDING,
+    PREVIOUS,
+    Anchor,
+    Capability,
+    Secret,
+    SecretMetadata,
+    VersionInfo,
+)
+from secrets_manager.store.external import (
+    AUDIT_KEY_NAME,
+    AUDIT_KEY_SIZE,
+    CREATED_BY_KEY,
+    DEFAULT_AUDIT_SCOPE,
+    DESCRIPTION_KEY,
+    RESERVED_KEY_PREFIX,
+    audit_anchor_name,
+    checked_value,
+    checked_write,
+    user_tags,
+)
+from secrets_manager.store.names import namespace_of, validate_name, validate_namespace, validate_prefix
+from secrets_manager.values import SecretValue
+
+TOKEN_VARIABLE = "VAULT_TOKEN"  # noqa: S105 (a variable name)
+ROLE_ID_VARIABLE = "VAULT_ROLE_ID"
+SECRET_ID_VARIABLE = "VAULT_SECRET_ID"  # noqa: S105 (a variable name)
+APPROLE_MOUNT_VARIABLE = "VAULT_APPROLE_MOUNT"
+CACERT_VARIABLE = "VAULT_CACERT"
+NAMESPACE_VARIABLE = "VAULT_NAMESPACE"
+TEXT_FIELD = "value"
+BINARY_FIELD = "value_base64"
+RETRY_DEADLINE_SECONDS = 30.0
+_REFUSED_STATUSES = frozenset({429, 503})  # Vault did not act on the request: safe to repeat any method
+_TRANSIENT_STATUSES = frozenset({500, 502, 504})  # may have acted: repeat reads only
+_READ_METHODS = frozenset({"GET", "HEAD", "LIST", "OPTIONS"})
+_VAULT_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
+
+
+class VaultRetry(Retry):
+    """urllib3's Retry, but a status retry of a write only when Vault refused it without acting."""
+
+    def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
+        if status_code in _REFUSED_STATUSES:
+            return True
+        return method.upper() in _READ_METHODS and status_code in _TRANSIENT_STATUSES
+
+
+def retrying_session(
+    *, verify: bool | str = True, attempts: int = 4, backoff: float = 0.2
+) -> requests.Session:
+    """A requests session that retries connection failures and transient answers with backoff."""
+    retry = VaultRetry(
+        total=attempts,
+        connect=attempts,
+        read=attempts,
+        status=attempts,
+        backoff_factor=backoff,
+        allowed_methods=_READ_METHODS,
+        raise_on_status=False,  # the last answer goes back to hvac, which maps its status
+        respect_retry_after_header=False,  # keep a command's wait bounded (a few seconds)
+    )
+    session = requests.Session()
+    adapter = HTTPAdapter(max_retries=retry)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    session.verify = verify  # set here: hvac takes a session's verify over its own argument
+    return session
+
+
+def connect_vault(
+    address: str,
+    *,
+    environ: Mapping[str, str],
+    namespace: str | None = None,
+    session: requests.Session | None = None,
+) -> hvac.Client:
+    """An authenticated hvac client for `address` (https://host:8200 or, for dev servers, http://…).
+
+    The token, first match wins: VAULT_TOKEN; an AppRole login with VAULT_ROLE_ID and
+    VAULT_SECRET_ID (at auth/VAULT_APPROLE_MOUNT, default `approle`); the Vault CLI's
+    ~/.vault-token. UnlockError when there is none. VAULT_CACERT names a CA bundle for TLS and
+    VAULT_NAMESPACE a Vault Enterprise namespace."""
+    verify: bool | str = environ.get(CACERT_VARIABLE) or True
+    client = hvac.Client(
+        url=address,
+        token="",  # never hvac's own look-up in os.environ: `environ` is the one source
+        verify=verify,
+        session=session or retrying_session(verify=verify),
+        namespace=namespace or environ.get(NAMESPACE_VARIABLE) or None,
+    )
+    token = environ.get(TOKEN_VARIABLE)
+    if token:
+        client.token = token
+        return client
+    role_id, secret_id = environ.get(ROLE_ID_VARIABLE), environ.get(SECRET_ID_VARIABLE)
+    if role_id and secret_id:
+        mount = environ.get(APPROLE_MOUNT_VARIABLE) or "approle"
+        try:
+            client.auth.approle.login(role_id=role_id, secret_id=secret_id, mount_point=mount)
+        except (vault_errors.InvalidRequest, vault_errors.Forbidden, vault_errors.Unauthorized):
+            raise UnlockError(
+                f"Vault refused the AppRole login at auth/{mount}; "
+                f"check {ROLE_ID_VARIABLE} and {SECRET_ID_VARIABLE}"
+            ) from None
+        except vault_errors.VaultError as exc:
+            _raise_mapped(exc, "the AppRole login")
+        except requests.exceptions.RequestException as exc:
+            raise StorageError(f"cannot reach Vault at {address} ({type(exc).__name__})") from None
+        return client
+    home = environ.get("HOME")
+    token_file = Path(home) / ".vault-token" if home else None
+    if token_file is not None and token_file.is_file():
+        token = token_file.read_text(encoding="utf-8").strip()
+        if token:
+            client.token = token
+            return client
+    client.adapter.close()
+    raise UnlockError(
+        f"no Vault token: set {TOKEN_VARIABLE}, or {ROLE_ID_VARIABLE} and {SECRET_ID_VARIABLE} for an "
+        "AppRole login, or run 'vault login'"
+    )
+
+
+class _NotThere(Exception):
+    """Vault answered 404; `body` is its JSON (a soft-deleted version's carries its metadata)."""
+
+    def __init__(self, body: Any) -> None:
+        super().__init__("not found")
+        self.body = body
+
+
+class _CasMismatch(Exception):
+    """Vault refused a write because its `cas` was not the current version."""
+
+
+# hvac raises one exception class per HTTP status; this table is the whole mapping to ours.
+_ERRORS: tuple[tuple[type[vault_errors.VaultError], type[SecretsManagerError], str], ...] = (
+    (vault_errors.Forbidden, AccessDeniedError,
+     "Vault denied {action}: permission denied (check the token and its policy)"),
+    (vault_errors.Unauthorized, AccessDeniedError, "Vault refused the token for {action}; log in again"),
+    (vault_errors.InvalidRequest, InvalidInputError, "Vault refused {action} as invalid: {errors}"),
+    (vault_errors.RateLimitExceeded, StorageError,
+     "Vault kept rate-limiting {action} (429); try again later"),
+    (vault_errors.VaultDown, StorageError,
+     "Vault is sealed or unavailable (503) for {action}; try again once it is unsealed"),
+    (vault_errors.VaultNotInitialized, StorageError,
+     "Vault is not initialised (501); run 'vault operator init'"),
+    (vault_errors.VaultError, StorageError, "Vault failed {action}: {errors}"),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _KvVersion:
+    number: int
+    created: datetime
+    deleted: datetime | None
+    destroyed: bool
+
+
+@dataclass(frozen=True)
+class _KvMeta:
+    """A secret's KV v2 metadata document, parsed."""
+
+    created: datetime
+    updated: datetime
+    current: int  # KV's current_version: the latest version, whatever its state (0: none)
+    max_versions: int
+    custom: dict[str, str]
+    versions: dict[int, _KvVersion]
+
+    @property
+    def deleted(self) -> datetime | None:
+        """When the secret was deleted: every version that is not destroyed is soft-deleted."""
+        live = [v for v in self.versions.values() if not v.destroyed]
+        stamps = [v.deleted for v in live if v.deleted is not None]
+        return max(stamps) if live and len(stamps) == len(live) else None
+
+    @property
+    def labels(self) -> dict[str, int]:
+        labels = {}
+        if self.current in self.versions:
+            labels[CURRENT] = self.current
+        if self.current - 1 in self.versions:
+            labels[PREVIOUS] = self.current - 1
+        return labels
+
+    def labels_of(self, number: int) -> tuple[str, ...]:
+        labels = self.labels
+        return tuple(label for label in LABELS if labels.get(label) == number)
+
+    def public(self, name: str) -> SecretMetadata:
+        return SecretMetadata(
+            name=name,
+            namespace=namespace_of(name),
+            created=self.created,
+            updated=self.updated,
+            created_by=self.custom.get(CREATED_BY_KEY, ""),
+            description=self.custom.get(DESCRIPTION_KEY, ""),
+            tags=user_tags(self.custom),
+            current_version=self.current if self.current in self.versions else None,
+            versions=tuple(
+                VersionInfo(
+                    version=v.number,
+                    created=v.created,
+                    created_by="",  # KV v2 does not record who wrote a version (Vault's audit device does)
+                    labels=self.labels_of(v.number),
+                    destroyed=v.destroyed,
+                )
+                for v in sorted(self.versions.values(), key=lambda v: v.number)
+            ),
+            deleted=self.deleted,
+            max_versions=self.max_versions,
+            labels=self.labels,
+        )
+
+    @classmethod
+    def parse(cls, body: Any) -> _KvMeta:
+        try:
+            data = body["data"]
+            versions = {}
+            for key, info in (data.get("versions") or {}).items():
+                number = int(key)
+                versions[number] = _KvVersion(
+                    number=number,
+                    created=_vault_time(info["created_time"]),
+                    deleted=_vault_time(info["deletion_time"]) if info.get("deletion_time") else None,
+                    destroyed=bool(info.get("destroyed")),
+                )
+            custom = data.get("custom_metadata") or {}
+            return cls(
+                created=_vault_time(data["created_time"]),
+                updated=_vault_time(data["updated_time"]),
+                current=int(data.get("current_version") or 0),
+                max_versions=int(data.get("max_versions") or 0) or DEFAULT_MAX_VERSIONS,
+                custom={str(k): str(v) for k, v in custom.items()},
+                versions=versions,
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise StorageError(
+                "Vault sent secret metadata in a shape we do not know (is it KV v2?)"
+            ) from None
+
+
+class VaultStore:
+    """A `SecretStore` on a KV v2 mount. Values stay readable by `vault kv get`, and ours by it."""
+
+    unsupported_capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.PENDING_LABEL})
+
+    def __init__(
+        self,
+        client: hvac.Client,
+        mount: str,
+        *,
+        actor: str = "unknown",
+        audit_scope: str = DEFAULT_AUDIT_SCOPE,
+        max_versions: int = DEFAULT_MAX_VERSIONS,
+    ) -> None:
+        self._client = client
+        self._mount = mount.strip("/")
+        self._actor = actor
+        self._anchor_name = audit_anchor_name(audit_scope)
+        self._anchor_version: int | None = None
+        self._max_versions = max_versions
+        self._audit_key: bytes | None = None
+
+    def __repr__(self) -> str:
+        return f"VaultStore({self._client.url!r}, mount={self._mount!r})"
+
+    def close(self) -> None:
+        self._client.adapter.close()
+
+    # ---- reads -----------------------------------------------------------------------------
+
+    def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
+        """GET MOUNT/data/NAME (the latest version), or MOUNT/metadata/NAME then
+        MOUNT/data/NAME?version=N for a version number or the `previous` label."""
+        validate_name(name)
+        if version is not None and label is not None:
+            raise InvalidInputError("give a version or a label, not both")
+        if label is not None and label not in LABELS:
+            raise InvalidInputError(f"unknown label {label!r}; labels are {', '.join(LABELS)}")
+        if label == PENDING:
+            raise UnsupportedOperationError(
+                "the 'pending' label is not supported by this store: Vault KV v2 has no labels, "
+                "only its latest version (current) and the ones before it"
+            )
+        if version is None and label in (None, CURRENT):
+            body = self._read_data(name, None)
+            number = int(body["metadata"]["version"])
+            return self._secret(name, number, body, (CURRENT,))
+        meta = self._read_meta(name)
+        if meta is None:
+            raise NotFoundError(f"secret {name!r} not found")
+        if meta.deleted is not None:
+            raise NotFoundError(f"secret {name!r} is deleted; 'undelete {name}' restores it")
+        if label is not None:
+            if label not in meta.labels:
+                raise NotFoundError(f"secret {name!r} has no version labelled {label!r}")
+            number = meta.labels[label]
+        else:
+            assert version is not None
+            number = version
+        if number not in meta.versions:
+            raise NotFoundError(f"secret {name!r} has no version {number}")
+        body = self._read_data(name, number)
+        return self._secret(name, number, body, meta.labels_of(number))
+
+    def describe(self, name: str) -> SecretMetadata:
+        """GET MOUNT/metadata/NAME."""
+        validate_name(name)
+        meta = self._read_meta(name)
+        if meta is None:
+            raise NotFoundError(f"secret {name!r} not found")
+        return meta.public(name)
+
+    def list(self, prefix: str = "", *, include_deleted: bool = False) -> builtins.list[SecretMetadata]:
+        """LIST MOUNT/metadata/FOLDER/ (recursively below the prefix), then GET each secret's
+        metadata. Entries whose names are not valid secret names (ours under .secrets-manager/,
+        or another tool's) are left out."""
+        validate_prefix(prefix)
+        folder, _, start = prefix.rpartition("/")
+        result = []
+        for name in sorted(self._walk(f"{folder}/" if folder else "", start)):
+            try:
+                validate_name(name)
+            except InvalidInputError:
+                continue
+            meta = self._read_meta(name)
+            if meta is not None and (include_deleted or meta.deleted is None):
+                result.append(meta.public(name))
+        return result
+
+    def _walk(self, folder: str, start: str) -> Iterator[str]:
+        try:
+            body = self._send("LIST", f"metadata/{folder}", action=f"list {folder or '/'}")
+        except _NotThere:
+            return
+        keys = (body or {}).get("data", {}).get("keys") or []
+        for key in keys:
+            if not isinstance(key, str) or not key.startswith(start):
+                continue
+            if key.endswith("/"):
+                try:
+                    validate_namespace(key[:-1])  # skip folders no valid name can be in (.secrets-manager/)
+                except InvalidInputError:
+                    continue
+                yield from self._walk(folder + key, "")
+            else:
+                yield folder + key
+
+    def _secret(self, name: str, number: int, body: Mapping[str, Any], labels: tuple[str, ...]) -> Secret:
+        return Secret(
+            name=name,
+            version=number,
+            value=SecretValue(_decode_data(body["data"])),
+            created=_vault_time(body["metadata"]["created_time"]),
+            labels=labels,
+        )
+
+    def _read_data(self, name: str, version: int | None, *, action: str | None = None) -> dict[str, Any]:
+        """GET MOUNT/data/NAME[?version=N]: the `data` and `metadata` of one readable version."""
+        params = {} if version is None else {"version": version}
+        try:
+            body = self._send("GET", f"data/{name}", action=action or f"read {name}", params=params)
+        except _NotThere as missing:
+            _raise_unreadable(name, version, missing.body)
+        data = (body or {}).get("data") or {}
+        if not isinstance(data.get("data"), dict) or not isinstance(data.get("metadata"), dict):
+            _raise_unreadable(name, version, body)
+        return dict(data)
+
+    def _read_meta(self, name: str, *, action: str | None = None) -> _KvMeta | None:
+        try:
+            body = self._send("GET", f"metadata/{name}", action=action or f"describe {name}")
+        except _NotThere:
+            return None
+        return _KvMeta.parse(body)
+
+    # ---- writes ----------------------------------------------------------------------------
+
+    def put(
+        self,
+        name: str,
+        value: bytes,
+        *,
+        expect_version: int | None = None,
+        description: str | None = None,
+        tags: Mapping[str, str] | None = None,
+    ) -> VersionInfo:
+        """GET MOUNT/metadata/NAME, POST MOUNT/data/NAME with `cas` = the version read, then POST
+        MOUNT/metadata/NAME when the secret is new or its description or tags change."""
+        checked_write(name, expect_version, tags)
+        data = _encode_data(checked_value(value))
+        deadline = time.monotonic() + RETRY_DEADLINE_SECONDS
+        delay = 0.01
+        while True:
+            meta = self._read_meta(name)
+            if meta is not None and meta.deleted is not None:
+                raise ConflictError(
+                    f"secret {name!r} is deleted; run 'undelete {name}' first, or 'destroy {name} --all'"
+                )
+            current = 0 if meta is None else meta.current
+            if expect_version is not None and current != expect_version:
+                raise ConflictError(
+                    f"secret {name!r} is at version {current}, not {expect_version}; read it again and retry"
+                )
+            try:
+                written = self._write_data(name, data, cas=current, action=f"store {name}")
+                break
+            except _CasMismatch:
+                if expect_version is not None:
+                    raise ConflictError(
+                        f"secret {name!r} changed since version {expect_version}; read it again and retry"
+                    ) from None
+                if time.monotonic() > deadline:
+                    raise StorageError(f"too many concurrent writes to {name!r}; try again") from None
+                time.sleep(random.uniform(0, delay))  # noqa: S311 (jitter, not crypto)
+                delay = min(delay * 2, 0.5)
+        if meta is None or description is not None or tags is not None:
+            self._write_custom_metadata(name, meta, description, tags)
+        return VersionInfo(
+            version=int(written["version"]),
+            created=_vault_time(written["created_time"]),
+            created_by="",
+            labels=(CURRENT,),
+        )
+
+    def _write_data(self, name: str, data: Mapping[str, Any], *, cas: int, action: str) -> dict[str, Any]:
+        """POST MOUNT/data/NAME {"options": {"cas": N}, "data": …}: the new version's metadata."""
+        body = self._send("POST", f"data/{name}", action=action, json={"options": {"cas": cas}, "data": data})
+        try:
+            written = dict((body or {})["data"])
+            int(written["version"])
+        except (KeyError, TypeError, ValueError):
+            raise StorageError(f"Vault's answer to {action} has no version (is the mount KV v2?)") from None
+        return written
+
+    def _write_custom_metadata(
+        self,
+        name: str,
+        meta: _KvMeta | None,
+        description: str | None,
+        tags: Mapping[str, str] | None,
+    ) -> None:
+        """POST MOUNT/metadata/NAME with custom_metadata (and max_versions for a new secret).
+
+        KV's metadata endpoint has no compare-and-set: two writers changing the description or tags
+        of one secret at the same moment can lose one change (the versions themselves cannot)."""
+        custom = {} if meta is None else dict(meta.custom)
+        if meta is None:
+            custom[CREATED_BY_KEY] = self._actor
+        if description is not None:
+            custom[DESCRIPTION_KEY] = description
+            if not description:
+                del custom[DESCRIPTION_KEY]
+        if tags is not None:
+            custom = {k: v for k, v in custom.items() if k.startswith(RESERVED_KEY_PREFIX)}
+            custom.update(tags)
+        body: dict[str, Any] = {"custom_metadata": custom}
+        if meta is None:
+            body["max_versions"] = self._max_versions
+        self._send("POST", f"metadata/{name}", action=f"store metadata of {name}", json=body)
+
+    def delete(self, name: str) -> None:
+        """POST MOUNT/delete/NAME {"versions": every live version} (after reading the metadata)."""
+        validate_name(name)
+        meta = self._require_meta(name)
+        if meta.deleted is not None:
+            raise NotFoundError(f"secret {name!r} is already deleted")
+        live = sorted(v.number for v in meta.versions.values() if not v.destroyed and v.deleted is None)
+        if not live:
+            raise ConflictError(f"secret {name!r} has no version left to delete (all are destroyed)")
+        self._send("POST", f"delete/{name}", action=f"delete {name}", json={"versions": live})
+
+    def undelete(self, name: str) -> None:
+        """POST MOUNT/undelete/NAME {"versions": every soft-deleted version}."""
+        validate_name(name)
+        meta = self._require_meta(name)
+        deleted = sorted(v.number for v in meta.versions.values() if not v.destroyed and v.deleted)
+        if not deleted:
+            raise ConflictError(f"secret {name!r} is not deleted")
+        self._send("POST", f"undelete/{name}", action=f"undelete {name}", json={"versions": deleted})
+
+    def destroy(self, name: str, versions: Iterable[int]) -> None:
+        """POST MOUNT/destroy/NAME {"versions": […]} (Vault ignores unknown versions; we refuse them)."""
+        validate_name(name)
+        wanted = sorted(set(versions))
+        if not wanted:
+            raise InvalidInputError("name the versions to destroy (--version N), or use --all")
+        meta = self._require_meta(name)
+        missing = [v for v in wanted if v not in meta.versions]
+        if missing:
+            raise NotFoundError(f"secret {name!r} has no version {missing[0]}")
+        self._send("POST", f"destroy/{name}", action=f"destroy {name}", json={"versions": wanted})
+
+    def destroy_secret(self, name: str) -> None:
+        """DELETE MOUNT/metadata/NAME: every version and the metadata, for good."""
+        validate_name(name)
+        self._require_meta(name)
+        self._send("DELETE", f"metadata/{name}", action=f"destroy {name}")
+
+    def _require_meta(self, name: str) -> _KvMeta:
+        meta = self._read_meta(name)
+        if meta is None:
+            raise NotFoundError(f"secret {name!r} not found")
+        return meta
+
+    # ---- audit support (the `AuditAnchor` protocol of audit/) -----------------------------------
+
+    def audit_key(self) -> bytes:
+        """The audit HMAC key at MOUNT/data/.secrets-manager/audit-key, created (cas=0) on first use."""
+        if self._audit_key is None:
+            for _attempt in range(3):
+                try:
+                    body = self._read_data(AUDIT_KEY_NAME, None, action="read the audit key")
+                except NotFoundError:
+                    fresh = {BINARY_FIELD: base64.b64encode(secrets.token_bytes(AUDIT_KEY_SIZE)).decode()}
+                    with suppress(_CasMismatch):  # another process created it first: use theirs
+                        self._write_data(AUDIT_KEY_NAME, fresh, cas=0, action="create the audit key")
+                    continue
+                key = _decode_data(body["data"])
+                if len(key) != AUDIT_KEY_SIZE:
+                    raise IntegrityError(f"the audit key in Vault ({AUDIT_KEY_NAME}) is damaged")
+                self._audit_key = key
+                break
+            else:
+                raise StorageError(
+                    f"the audit key in Vault ({self._mount}/{AUDIT_KEY_NAME}) cannot be read: if it was "
+                    "deleted, 'vault kv undelete' restores it"
+                )
+        return self._audit_key
+
+    def audit_anchor(self) -> Anchor | None:
+        """The anchor of this audit log, GET MOUNT/data/.secrets-manager/audit-anchor/SCOPE."""
+        meta = self._read_meta(self._anchor_name, action="read the audit anchor")
+        if meta is None:
+            self._anchor_version = 0
+            return None
+        self._anchor_version = meta.current
+        try:
+            body = self._read_data(self._anchor_name, None, action="read the audit anchor")
+        except NotFoundError:
+            raise IntegrityError("the audit anchor in Vault was deleted or destroyed") from None
+        try:
+            data = body["data"]
+            return Anchor(seq=int(data["seq"]), hash=str(data["hash"]))
+        except (KeyError, TypeError, ValueError):
+            raise IntegrityError("the audit anchor in Vault is damaged") from None
+
+    def set_audit_anchor(self, anchor: Anchor) -> None:
+        """POST MOUNT/data/.secrets-manager/audit-anchor/SCOPE with cas = the version last read
+        (one log has one writer at a time: its file lock); max_versions 1 on creation."""
+        if self._anchor_version is None:
+            self.audit_anchor()
+        assert self._anchor_version is not None
+        data = {"seq": anchor.seq, "hash": anchor.hash}
+        try:
+            written = self._write_data(
+                self._anchor_name, data, cas=self._anchor_version, action="anchor the audit log"
+            )
+        except _CasMismatch:
+            self._anchor_version = None
+            raise ConflictError(
+                "the audit anchor in Vault was changed by another writer; try again"
+            ) from None
+        self._anchor_version = int(written["version"])
+        if self._anchor_version == 1:
+            self._send(
+                "POST",
+                f"metadata/{self._anchor_name}",
+                action="configure the audit anchor",
+                json={"max_versions": 1},
+            )
+
+    # ---- transport ---------------------------------------------------------------------------
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        action: str,
+        json: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
+        """One request to /v1/MOUNT/PATH. The JSON body, or None for an empty answer (204).
+
+        Raises _NotThere on 404 (callers decide what it means), _CasMismatch on a failed
+        check-and-set, and our exceptions for everything else (`_ERRORS`)."""
+        kwargs: dict[str, Any] = {}
+        if json is not None:
+            kwargs["json"] = json
+        if params:
+            kwargs["params"] = params
+        try:
+            response = self._client.adapter.request(method, f"/v1/{self._mount}/{path}", **kwargs)
+        except vault_errors.InvalidPath as exc:
+            body = exc.json if isinstance(exc.json, dict) else {}
+            if any("no handler for route" in str(e) for e in body.get("errors") or []):
+                raise NotFoundError(
+                    f"Vault has no KV v2 secrets engine at {self._mount!r}; "
+                    f"enable one with 'vault secrets enable -path={self._mount} kv-v2'"
+                ) from None
+            raise _NotThere(body) from None
+        except vault_errors.InvalidRequest as exc:
+            if any("check-and-set" in str(e) for e in exc.errors or []):
+                raise _CasMismatch() from None
+            _raise_mapped(exc, action)
+        except vault_errors.VaultError as exc:
+            _raise_mapped(exc, action)
+        except requests.exceptions.RequestException as exc:
+            raise StorageError(
+                f"cannot reach Vault at {self._client.url} for {action} ({type(exc).__name__}); "
+                "check the address and that Vault is running"
+            ) from None
+        return response if isinstance(response, dict) else None
+
+
+def _raise_mapped(exc: vault_errors.VaultError, action: str) -> NoReturn:
+    errors = "; ".join(str(e) for e in (exc.errors or []))[:300] or f"HTTP error {type(exc).__name__}"
+    for vault_type, ours, message in _ERRORS:
+        if isinstance(exc, vault_type):
+            raise ours(message.format(action=action, errors=errors)) from None
+    raise StorageError(f"Vault failed {action}: {errors}") from None
+
+
+def _raise_unreadable(name: str, version: int | None, body: Any) -> NoReturn:
+    """NotFoundError for a 404 on a version: soft-deleted, destroyed, or simply not there."""
+    metadata = (body or {}).get("data", {}) if isinstance(body, dict) else {}
+    metadata = (metadata or {}).get("metadata") if isinstance(metadata, dict) else None
+    which = f"version {version}" if version is not None else "the current version"
+    if isinstance(metadata, dict):
+        number = metadata.get("version", version)
+        which = f"version {number}" if version is not None else f"the current version ({number})"
+        if metadata.get("destroyed"):
+            raise NotFoundError(f"{which} of {name!r} was destroyed")
+        if metadata.get("deletion_time"):
+            raise NotFoundError(f"{which} of {name!r} is deleted; 'undelete {name}' restores it")
+    if version is None:
+        raise NotFoundError(f"secret {name!r} not found")
+    raise NotFoundError(f"secret {name!r} has no version {version}")
+
+
+def _encode_data(value: bytes) -> dict[str, str]:
+    try:
+        return {TEXT_FIELD: value.decode("utf-8")}
+    except UnicodeDecodeError:
+        return {BINARY_FIELD: base64.b64encode(value).decode("ascii")}
+
+
+def _decode_data(data: Any) -> bytes:
+    """Our value from a KV data object: "value" text, "value_base64" bytes, else canonical JSON."""
+    if isinstance(data, dict) and len(data) == 1:
+        [(key, item)] = data.items()
+        if key == TEXT_FIELD and isinstance(item, str):
+            return item.encode("utf-8")
+        if key == BINARY_FIELD and isinstance(item, str):
+            try:
+                return base64.b64decode(item, validate=True)
+            except (binascii.Error, ValueError):
+                pass  # not ours after all: hand out what is there
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def _vault_time(text: str) -> datetime:
+    """RFC 3339 with up to nanoseconds, as Vault writes it ("2024-05-01T10:00:00.123456789Z")."""
+    match = _VAULT_TIME.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise StorageError("Vault sent a time we cannot read")
+    whole, fraction, zone = match.groups()
+    micros = (fraction or "0")[:6].ljust(6, "0")
+    return datetime.fromisoformat(f"{whole}.{micros}{'+00:00' if zone == 'Z' else zone}")

@@ -1,0 +1,293 @@
+"""The real `secrets-manager` console script on Vault and AWS stores (`--store vault://…`,
+`--store aws-secretsmanager://…`): the same commands and exit codes as on the encrypted store, no
+master password, auditing kept, and interop with plain hvac / boto3 calls both ways.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import hvac
+import pytest
+from botocore.config import Config
+
+from vault_server import FakeVault
+
+SCRIPT = Path(sys.executable).with_name("secrets-manager")
+REGION = "us-east-1"
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: bytes
+    stderr: str
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode("utf-8")
+
+
+class Cli:
+    """The console script with one store URL, no master password and no terminal."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **env}
+
+    def __call__(self, *args: str, input: bytes = b"", env: Mapping[str, str | None] | None = None) -> Result:
+        full_env = dict(self.env)
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
+        proc = subprocess.run(
+            [str(SCRIPT), *args],
+            input=input,
+            capture_output=True,
+            env=full_env,
+            start_new_session=True,
+            timeout=120,
+        )
+        stderr = proc.stderr.decode("utf-8", errors="replace")
+        assert "Traceback" not in stderr, stderr
+        return Result(proc.returncode, proc.stdout, stderr)
+
+
+def assert_one_line_error(result: Result, code: int, *needles: str) -> None:
+    assert result.code == code, (result.code, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("secrets-manager: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+# ---- Vault -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fake_vault() -> Iterator[FakeVault]:
+    vault = FakeVault().start()
+    yield vault
+    vault.stop()
+
+
+@pytest.fixture
+def vault_cli(fake_vault: FakeVault, tmp_path: Path) -> Cli:
+    return Cli(
+        {
+            "HOME": str(tmp_path),
+            "SECRETS_MANAGER_STORE": fake_vault.address.replace("http://", "vault+http://") + "/secret",
+            "VAULT_TOKEN": fake_vault.root_token,
+        }
+    )
+
+
+@pytest.fixture
+def hvac_client(fake_vault: FakeVault) -> hvac.Client:
+    return hvac.Client(url=fake_vault.address, token=fake_vault.root_token)
+
+
+def test_a_secret_written_with_hvac_is_read_through_the_cli(vault_cli: Cli, hvac_client: hvac.Client) -> None:
+    hvac_client.secrets.kv.v2.create_or_update_secret(
+        path="market-connector/BINANCE_API_KEY", secret={"value": "from-hvac"}, mount_point="secret"
+    )
+    assert vault_cli("get", "market-connector/BINANCE_API_KEY").out == "from-hvac\n"
+    assert vault_cli("list").out == "market-connector/BINANCE_API_KEY\n"
+
+
+def test_a_secret_written_through_the_cli_is_read_with_hvac(vault_cli: Cli, hvac_client: hvac.Client) -> None:
+    assert vault_cli("store", "auth/DB_PASSWORD", "--description", "db", input=b"from-cli\n").code == 0
+    read = hvac_client.secrets.kv.v2.read_secret_version(
+        path="auth/DB_PASSWORD", mount_point="secret", raise_on_deleted_version=True
+    )
+    assert read["data"]["data"] == {"value": "from-cli"}
+    metadata = hvac_client.secrets.kv.v2.read_secret_metadata(path="auth/DB_PASSWORD", mount_point="secret")
+    assert metadata["data"]["custom_metadata"]["secrets-manager:description"] == "db"
+
+
+def test_a_field_of_a_secret_with_several_keys_is_selected(vault_cli: Cli, hvac_client: hvac.Client) -> None:
+    hvac_client.secrets.kv.v2.create_or_update_secret(
+        path="db/creds", secret={"username": "app", "password": "pw-1", "port": 5432}, mount_point="secret"
+    )
+    assert vault_cli("get", "db/creds#password").out == "pw-1\n"
+    assert vault_cli("get", "db/creds#port").out == "5432\n"
+    assert json.loads(vault_cli("get", "db/creds").out) == {
+        "username": "app",
+        "password": "pw-1",
+        "port": 5432,
+    }
+    assert_one_line_error(vault_cli("get", "db/creds#missing"), 3, "no field 'missing'")
+    assert vault_cli("store", "db/plain", input=b"not json").code == 0
+    assert_one_line_error(vault_cli("get", "db/plain#x"), 2, "not a JSON object")
+
+
+def test_every_verb_works_on_vault_with_the_usual_exit_codes(vault_cli: Cli) -> None:
+    for value in (b"v1", b"v2", b"v3"):
+        assert vault_cli("store", "svc/K", input=value).code == 0
+    assert vault_cli("get", "svc/K").out == "v3\n"
+    assert vault_cli("get", "svc/K", "--label", "previous").out == "v2\n"
+    assert vault_cli("get", "svc/K", "--version", "1").out == "v1\n"
+    history = json.loads(vault_cli("history", "svc/K", "--json").out)
+    assert [(v["version"], v["labels"]) for v in history["versions"]] == [
+        (1, []),
+        (2, ["previous"]),
+        (3, ["current"]),
+    ]
+    assert_one_line_error(vault_cli("get", "svc/NOPE"), 3, "svc/NOPE")
+    assert_one_line_error(vault_cli("store", "svc/K", "--expect-version", "1", input=b"x"), 7, "version 3")
+    assert_one_line_error(vault_cli("get", "svc/K", "--label", "pending"), 2, "not supported by this store")
+    assert_one_line_error(vault_cli("store", "bad name", input=b"x"), 2)
+    assert vault_cli("delete", "svc/K").code == 0
+    assert_one_line_error(vault_cli("get", "svc/K"), 3)
+    assert_one_line_error(vault_cli("store", "svc/K", input=b"x"), 7, "undelete")
+    assert "svc/K" in vault_cli("list", "--deleted").out
+    assert vault_cli("undelete", "svc/K").code == 0
+    assert vault_cli("destroy", "svc/K", "--version", "1").code == 0
+    assert_one_line_error(vault_cli("get", "svc/K", "--version", "1"), 3, "destroyed")
+    assert vault_cli("destroy", "svc/K", "--all").code == 0
+    assert_one_line_error(vault_cli("history", "svc/K"), 3)
+
+
+def test_vault_errors_reach_the_user_as_exit_codes(vault_cli: Cli, fake_vault: FakeVault) -> None:
+    assert_one_line_error(vault_cli("list", env={"VAULT_TOKEN": "wrong"}), 5, "permission denied")
+    assert_one_line_error(vault_cli("list", env={"VAULT_TOKEN": None}), 4, "VAULT_TOKEN")
+    fake_vault.seal()
+    assert_one_line_error(vault_cli("get", "svc/K"), 1, "sealed")
+
+
+def test_commands_of_our_own_encryption_are_not_supported_on_vault(vault_cli: Cli) -> None:
+    assert_one_line_error(vault_cli("init"), 2, "not supported by this store")
+    assert_one_line_error(vault_cli("passwd"), 2, "not supported by this store")
+    assert_one_line_error(vault_cli("keys", "status"), 2, "not supported by this store")
+
+
+def test_plain_http_vault_is_refused_in_production(vault_cli: Cli) -> None:
+    assert_one_line_error(vault_cli("list", env={"SHRIVENQUANT_ENV": "production"}), 2, "plain http")
+
+
+def test_the_cli_audits_vault_operations_with_the_anchor_in_vault(
+    vault_cli: Cli, fake_vault: FakeVault, tmp_path: Path
+) -> None:
+    vault_cli("store", "svc/A", input=b"audited-value")
+    vault_cli("get", "svc/A")
+    log = (
+        tmp_path
+        / ".local/share/secrets-manager"
+        / f"vault-127.0.0.1-{fake_vault.address.rsplit(':', 1)[1]}-secret.audit.jsonl"
+    )
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["operation"], r["outcome"]) for r in records] == [
+        ("store", "pending"),
+        ("store", "ok"),
+        ("get", "ok"),
+    ]
+    assert all(r["mac"] for r in records) and b"audited-value" not in log.read_bytes()
+    anchors = [k for k in fake_vault.mounts["secret"] if k.startswith(".secrets-manager/audit-anchor/")]
+    assert len(anchors) == 1
+    assert vault_cli("audit", "verify").out.startswith("audit log verified: 3 records")
+    log.write_text("".join(line + "\n" for line in log.read_text().splitlines()[:-1]))  # cut the tail
+    assert_one_line_error(vault_cli("audit", "verify"), 6, "missing")
+
+
+# ---- AWS -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def aws_prefix() -> str:
+    return f"cli-{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def aws_cli(moto_endpoint: str, aws_prefix: str, tmp_path: Path) -> Cli:
+    return Cli(
+        {
+            "HOME": str(tmp_path),
+            "SECRETS_MANAGER_STORE": f"aws-secretsmanager://{REGION}/{aws_prefix}",
+            "AWS_ENDPOINT_URL": moto_endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+    )
+
+
+@pytest.fixture
+def boto(moto_endpoint: str) -> Any:
+    return boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
+    ).client("secretsmanager", endpoint_url=moto_endpoint, config=Config(retries={"mode": "standard"}))
+
+
+def test_a_secret_written_with_boto3_is_read_through_the_cli(
+    aws_cli: Cli, boto: Any, aws_prefix: str
+) -> None:
+    boto.create_secret(Name=f"{aws_prefix}/auth/DB_PASSWORD", SecretString="from-boto3")
+    boto.create_secret(Name=f"{aws_prefix}/svc/BIN", SecretBinary=b"\x00\xffbin")
+    assert aws_cli("get", "auth/DB_PASSWORD").out == "from-boto3\n"
+    assert aws_cli("get", "svc/BIN", "--raw").stdout == b"\x00\xffbin"
+    assert aws_cli("list").out.splitlines() == ["auth/DB_PASSWORD", "svc/BIN"]
+
+
+def test_a_secret_written_through_the_cli_is_read_with_boto3(
+    aws_cli: Cli, boto: Any, aws_prefix: str
+) -> None:
+    assert aws_cli("store", "market/KEY", "--tag", "team=desk1", input=b"from-cli\n").code == 0
+    assert aws_cli("store", "market/KEY", input=b"second").code == 0
+    reply = boto.get_secret_value(SecretId=f"{aws_prefix}/market/KEY")
+    assert reply["SecretString"] == "second" and "AWSCURRENT" in reply["VersionStages"]
+    previous = boto.get_secret_value(SecretId=f"{aws_prefix}/market/KEY", VersionStage="AWSPREVIOUS")
+    assert previous["SecretString"] == "from-cli"
+    tags = boto.describe_secret(SecretId=f"{aws_prefix}/market/KEY")["Tags"]
+    assert {"Key": "team", "Value": "desk1"} in tags
+
+
+def test_a_field_of_a_json_aws_secret_is_selected(aws_cli: Cli, boto: Any, aws_prefix: str) -> None:
+    boto.create_secret(Name=f"{aws_prefix}/db/rds", SecretString='{"username": "app", "password": "pw-2"}')
+    assert aws_cli("get", "db/rds#password").out == "pw-2\n"
+
+
+def test_every_verb_works_on_aws_with_the_usual_exit_codes(aws_cli: Cli) -> None:
+    for value in (b"v1", b"v2", b"v3"):
+        assert aws_cli("store", "svc/K", input=value).code == 0
+    assert aws_cli("get", "svc/K", "--label", "previous").out == "v2\n"
+    assert aws_cli("get", "svc/K", "--version", "1").out == "v1\n"
+    assert_one_line_error(aws_cli("get", "svc/K", "--label", "pending"), 3, "pending")
+    assert_one_line_error(aws_cli("get", "svc/NOPE"), 3, "svc/NOPE")
+    assert_one_line_error(aws_cli("store", "svc/K", "--expect-version", "2", input=b"x"), 7, "version 3")
+    assert_one_line_error(aws_cli("store", "svc/EMPTY", input=b""), 2, "not supported by this store")
+    assert_one_line_error(aws_cli("destroy", "svc/K", "--version", "1"), 2, "not supported by this store")
+    assert aws_cli("get", "svc/K", "--version", "1").out == "v1\n"
+    assert aws_cli("delete", "svc/K").code == 0
+    assert_one_line_error(aws_cli("get", "svc/K"), 3, "deleted")
+    assert_one_line_error(aws_cli("store", "svc/K", input=b"x"), 7, "undelete")
+    assert aws_cli("undelete", "svc/K").code == 0
+    assert aws_cli("get", "svc/K").out == "v3\n"
+    assert aws_cli("destroy", "svc/K", "--all").code == 0
+    assert_one_line_error(aws_cli("history", "svc/K"), 3)
+
+
+def test_no_aws_credentials_is_exit_4(aws_cli: Cli) -> None:
+    result = aws_cli("list", env={"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None})
+    assert_one_line_error(result, 4, "AWS credentials")
+
+
+def test_the_cli_audits_aws_operations(aws_cli: Cli, boto: Any, aws_prefix: str) -> None:
+    assert aws_cli("store", "svc/A", input=b"v").code == 0
+    assert aws_cli("get", "svc/A").code == 0
+    assert aws_cli("audit", "verify").out.startswith("audit log verified: 3 records")
+    anchors = boto.list_secrets(
+        Filters=[{"Key": "name", "Values": [f"{aws_prefix}/.secrets-manager/audit-anchor/"]}]
+    )
+    assert len(anchors["SecretList"]) == 1

@@ -1,0 +1,356 @@
+"""AwsStore: the conformance suite against moto's server on 127.0.0.1, the native layout that other
+AWS tools see, and AWS's errors mapped to ours.
+
+Known moto divergences, worked around rather than relied on: ListSecretVersionIds reports the time
+of the call as every version's CreatedDate (our numbering does not depend on it for our own
+versions, which carry their number in their VersionId); PutSecretValue on a secret scheduled for
+deletion is accepted (AwsStore checks DescribeSecret first, as AWS would refuse it);
+ListSecretVersionIds of a missing secret is a 500 rather than ResourceNotFoundException (AwsStore
+calls DescribeSecret before it).
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from secrets_manager.environment import Environment
+from secrets_manager.errors import (
+    AccessDeniedError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    StorageError,
+    UnsupportedOperationError,
+)
+from secrets_manager.store import SecretStore
+from secrets_manager.store.aws import AwsStore
+from secrets_manager.store.base import PENDING, PREVIOUS, Anchor, AuditedStore
+from secrets_manager.store.external import CREATED_BY_KEY
+from secrets_manager.store.testing import SECRET_STORE_CHECKS, check_secret_store, run_check
+from secrets_manager.store.url import AwsLocation, external_location, open_external_store
+
+REGION = "us-east-1"
+MakeAws = Callable[..., AwsStore]
+
+
+def aws_client(endpoint: str, **credentials: str) -> Any:
+    session = boto3.session.Session(
+        aws_access_key_id=credentials.get("key", "testing"),
+        aws_secret_access_key=credentials.get("secret", "testing"),
+        region_name=REGION,
+    )
+    return session.client(
+        "secretsmanager",
+        endpoint_url=endpoint,
+        config=Config(retries={"mode": "standard", "max_attempts": 2}),
+    )
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"test-{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def native(moto_endpoint: str) -> Any:
+    """A plain boto3 client: what `aws secretsmanager` would see."""
+    return aws_client(moto_endpoint)
+
+
+@pytest.fixture
+def make_aws(moto_endpoint: str, prefix: str) -> MakeAws:
+    def _open(**options: Any) -> AwsStore:
+        options.setdefault("actor", "tester")
+        return AwsStore(aws_client(moto_endpoint), options.pop("prefix", prefix), **options)
+
+    return _open
+
+
+# ---- the contract --------------------------------------------------------------------------------
+
+
+def test_aws_store_passes_the_whole_conformance_suite(make_aws: MakeAws) -> None:
+    check_secret_store(make_aws)
+
+
+@pytest.mark.parametrize("behaviour", list(SECRET_STORE_CHECKS))
+def test_aws_store_conforms(behaviour: str, make_aws: MakeAws) -> None:
+    run_check(make_aws, behaviour)
+
+
+def test_aws_store_conforms_with_no_prefix(make_aws: MakeAws) -> None:
+    run_check(lambda: make_aws(prefix=""), "list-prefix")
+
+
+def test_aws_store_satisfies_the_audited_store_protocol(make_aws: MakeAws) -> None:
+    store = make_aws()
+    assert isinstance(store, SecretStore) and isinstance(store, AuditedStore)
+    store.close()
+
+
+# ---- what other AWS tools see --------------------------------------------------------------------
+
+
+def test_text_is_a_secret_string_and_binary_a_secret_binary(
+    make_aws: MakeAws, native: Any, prefix: str
+) -> None:
+    store = make_aws()
+    store.put("svc/TEXT", "pässwörd".encode())
+    store.put("svc/BIN", b"\xff\x00\xfe")
+    text = native.get_secret_value(SecretId=f"{prefix}/svc/TEXT")
+    assert text["SecretString"] == "pässwörd" and "SecretBinary" not in text
+    binary = native.get_secret_value(SecretId=f"{prefix}/svc/BIN")
+    assert binary["SecretBinary"] == b"\xff\x00\xfe" and "SecretString" not in binary
+
+
+def test_versions_carry_their_number_in_the_version_id(make_aws: MakeAws, native: Any, prefix: str) -> None:
+    store = make_aws()
+    store.put("svc/V", b"one")
+    store.put("svc/V", b"two")
+    reply = native.get_secret_value(SecretId=f"{prefix}/svc/V")
+    assert reply["VersionId"] == "secrets-manager-version-0000000002"
+    previous = native.get_secret_value(SecretId=f"{prefix}/svc/V", VersionStage="AWSPREVIOUS")
+    assert previous["SecretString"] == "one"
+
+
+def test_description_and_tags_are_native(make_aws: MakeAws, native: Any, prefix: str) -> None:
+    store = make_aws()
+    store.put("svc/META", b"v", description="exchange key", tags={"team": "desk1", "env": "dev"})
+    store.put("svc/META", b"w", tags={"team": "ops"})
+    described = native.describe_secret(SecretId=f"{prefix}/svc/META")
+    assert described["Description"] == "exchange key"
+    assert {t["Key"]: t["Value"] for t in described["Tags"]} == {CREATED_BY_KEY: "tester", "team": "ops"}
+    meta = store.describe("svc/META")
+    assert (meta.created_by, dict(meta.tags)) == ("tester", {"team": "ops"})
+
+
+def test_versions_written_by_another_tool_are_numbered_in_order(
+    make_aws: MakeAws, native: Any, prefix: str
+) -> None:
+    native.create_secret(Name=f"{prefix}/svc/FOREIGN", SecretString="from-another-tool")
+    store = make_aws()
+    assert store.get("svc/FOREIGN").version == 1
+    assert store.put("svc/FOREIGN", b"ours").version == 2
+    native.put_secret_value(SecretId=f"{prefix}/svc/FOREIGN", SecretString="rotated-by-lambda")
+    meta = store.describe("svc/FOREIGN")
+    assert [(v.version, v.labels) for v in meta.versions] == [(1, ()), (2, (PREVIOUS,)), (3, ("current",))]
+    assert store.get("svc/FOREIGN").value.reveal() == b"rotated-by-lambda"
+    assert store.get("svc/FOREIGN", version=1).value.reveal() == b"from-another-tool"
+    assert store.put("svc/FOREIGN", b"ours again").version == 4
+
+
+def test_the_pending_label_is_awspending(make_aws: MakeAws, native: Any, prefix: str) -> None:
+    store = make_aws()
+    store.put("svc/ROT", b"current")
+    native.put_secret_value(
+        SecretId=f"{prefix}/svc/ROT", SecretString="next", VersionStages=["AWSPENDING"]
+    )  # a rotation's first step
+    pending = store.get("svc/ROT", label=PENDING)
+    assert pending.value.reveal() == b"next" and pending.labels == (PENDING,)
+    assert store.get("svc/ROT").value.reveal() == b"current"
+
+
+def test_a_kms_key_per_namespace_is_given_at_creation(make_aws: MakeAws, native: Any, prefix: str) -> None:
+    store = make_aws(kms_keys={"auth": "alias/auth"}, default_kms_key="alias/shared")
+    store.put("auth/DB_PASSWORD", b"a")
+    store.put("market/KEY", b"b")
+    assert native.describe_secret(SecretId=f"{prefix}/auth/DB_PASSWORD")["KmsKeyId"] == "alias/auth"
+    assert native.describe_secret(SecretId=f"{prefix}/market/KEY")["KmsKeyId"] == "alias/shared"
+
+
+def test_delete_uses_a_recovery_window_and_undelete_restores(
+    make_aws: MakeAws, native: Any, prefix: str
+) -> None:
+    store = make_aws(recovery_window_days=7)
+    store.put("svc/SOFT", b"v")
+    store.delete("svc/SOFT")
+    assert "DeletedDate" in native.describe_secret(SecretId=f"{prefix}/svc/SOFT")
+    store.undelete("svc/SOFT")
+    assert "DeletedDate" not in native.describe_secret(SecretId=f"{prefix}/svc/SOFT")
+
+
+def test_destroying_one_version_is_not_supported(make_aws: MakeAws) -> None:
+    store = make_aws()
+    store.put("svc/KEEP", b"v")
+    with pytest.raises(UnsupportedOperationError, match=r"not supported by this store.*--all"):
+        store.destroy("svc/KEEP", [1])
+    assert store.get("svc/KEEP", version=1).value.reveal() == b"v"
+
+
+def test_an_empty_value_is_not_supported(make_aws: MakeAws) -> None:
+    with pytest.raises(UnsupportedOperationError, match="not supported by this store"):
+        make_aws().put("svc/EMPTY", b"")
+
+
+def test_concurrent_writers_lose_no_version(make_aws: MakeAws) -> None:
+    stores = [make_aws() for _ in range(4)]
+    stores[0].put("svc/RACE", b"start")
+    errors: list[BaseException] = []
+
+    def writer(store: AwsStore, n: int) -> None:
+        try:
+            for i in range(3):
+                store.put("svc/RACE", f"{n}-{i}".encode())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(s, n)) for n, s in enumerate(stores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    meta = stores[0].describe("svc/RACE")
+    assert meta.current_version == 13
+    assert [v.version for v in meta.versions] == list(range(4, 14))
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+
+def test_a_stale_version_taken_by_another_writer_is_a_conflict(
+    make_aws: MakeAws, native: Any, prefix: str
+) -> None:
+    store = make_aws()
+    store.put("svc/CAS", b"v1")
+    # A rival secrets-manager writer took version 2 between our read and our write.
+    original = store._versions
+    calls = iter([True])
+
+    def versions_then_rival(name: str) -> Any:
+        result = original(name)
+        if next(calls, False):
+            native.put_secret_value(
+                SecretId=f"{prefix}/svc/CAS",
+                SecretString="rival",
+                ClientRequestToken="secrets-manager-version-0000000002",
+            )
+        return result
+
+    store._versions = versions_then_rival  # type: ignore[method-assign]
+    with pytest.raises(ConflictError, match="changed since version 1"):
+        store.put("svc/CAS", b"mine", expect_version=1)
+    assert store.get("svc/CAS").value.reveal() == b"rival"
+
+
+def test_a_missing_secret_is_not_found(make_aws: MakeAws) -> None:
+    with pytest.raises(NotFoundError, match="svc/NOPE"):
+        make_aws().get("svc/NOPE")
+
+
+def test_a_deleted_secret_reads_as_not_found(make_aws: MakeAws) -> None:
+    store = make_aws()
+    store.put("svc/GONE", b"v")
+    store.delete("svc/GONE")
+    with pytest.raises(NotFoundError, match="deleted"):
+        store.get("svc/GONE")
+
+
+def test_an_unreachable_endpoint_is_a_storage_error() -> None:
+    store = AwsStore(aws_client("http://127.0.0.1:9"), "x")
+    with pytest.raises(StorageError, match="cannot reach AWS"):
+        store.list()
+
+
+def test_a_reserved_tag_key_is_refused(make_aws: MakeAws) -> None:
+    with pytest.raises(InvalidInputError, match="reserved"):
+        make_aws().put("svc/T", b"v", tags={"secrets-manager:created-by": "someone"})
+
+
+def test_access_denied_maps_to_access_denied(make_aws: MakeAws) -> None:
+    """moto accepts any credentials; the mapping is exercised with the error AWS sends."""
+    from botocore.exceptions import ClientError
+
+    store = make_aws()
+    error = {"Error": {"Code": "AccessDeniedException", "Message": "User is not authorized"}}
+    with pytest.raises(AccessDeniedError, match="not authorized"), store._aws("read svc/X", "svc/X"):
+        raise ClientError(error, "GetSecretValue")
+
+
+def test_throttling_after_retries_is_a_storage_error(make_aws: MakeAws) -> None:
+    from botocore.exceptions import ClientError
+
+    store = make_aws()
+    error = {"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}
+    with pytest.raises(StorageError, match="throttling"), store._aws("read svc/X", "svc/X"):
+        raise ClientError(error, "GetSecretValue")
+
+
+# ---- audit key and anchors ---------------------------------------------------------------------
+
+
+def test_the_audit_key_is_made_once_and_shared(make_aws: MakeAws, native: Any, prefix: str) -> None:
+    first, second = make_aws(), make_aws()
+    key = first.audit_key()
+    assert len(key) == 32 and second.audit_key() == key
+    assert native.get_secret_value(SecretId=f"{prefix}/.secrets-manager/audit-key")["SecretBinary"] == key
+    assert first.list(include_deleted=True) == []
+
+
+def test_each_audit_log_has_its_own_anchor_and_moving_it_makes_no_versions(
+    make_aws: MakeAws, native: Any, prefix: str
+) -> None:
+    laptop, server = make_aws(audit_scope="laptop"), make_aws(audit_scope="server")
+    assert laptop.audit_anchor() is None
+    for seq in range(1, 4):
+        laptop.set_audit_anchor(Anchor(seq=seq, hash=f"{seq:064x}"))
+    assert laptop.audit_anchor() == Anchor(seq=3, hash=f"{3:064x}")
+    assert server.audit_anchor() is None
+    versions = native.list_secret_version_ids(SecretId=f"{prefix}/.secrets-manager/audit-anchor/laptop")
+    assert len(versions["Versions"]) == 1
+
+
+# ---- opening by URL --------------------------------------------------------------------------------
+
+
+def test_the_url_names_region_prefix_kms_keys_and_recovery_window() -> None:
+    location = external_location(
+        "aws-secretsmanager://eu-west-1/trading/prod?kms.auth=alias/auth&kms=alias/all&recovery_window_days=7"
+    )
+    assert location == AwsLocation(
+        region="eu-west-1",
+        prefix="trading/prod",
+        kms_keys={"auth": "alias/auth"},
+        default_kms_key="alias/all",
+        recovery_window_days=7,
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "aws-secretsmanager://not a region/x",
+        "aws-secretsmanager://us-east-1/bad prefix",
+        "aws-secretsmanager://us-east-1/x?recovery_window_days=3",
+        "aws-secretsmanager://us-east-1/x?colour=blue",
+    ],
+)
+def test_bad_aws_urls_are_invalid_input(url: str) -> None:
+    with pytest.raises(InvalidInputError):
+        external_location(url)
+
+
+def test_the_url_opens_a_store_with_boto3s_standard_configuration(
+    moto_endpoint: str, prefix: str, native: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    for variable, value in {
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+    }.items():
+        monkeypatch.setenv(variable, value)
+    store = open_external_store(
+        f"aws-secretsmanager://{REGION}/{prefix}", environment=Environment.DEVELOPMENT, actor="url-user"
+    )
+    store.put("svc/URL", b"via-url")
+    assert native.get_secret_value(SecretId=f"{prefix}/svc/URL")["SecretString"] == "via-url"
+    store.close()

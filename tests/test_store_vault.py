@@ -1,0 +1,370 @@
+"""VaultStore: the conformance suite against the KV v2 test server (and a real Vault when VAULT_ADDR
+and VAULT_TOKEN are set), the native layout other Vault tools see, and Vault's errors mapped to ours.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from secrets_manager.environment import Environment
+from secrets_manager.errors import (
+    AccessDeniedError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    StorageError,
+    UnlockError,
+    UnsafeConfigurationError,
+    UnsupportedOperationError,
+)
+from secrets_manager.store import SecretStore
+from secrets_manager.store.base import PENDING, PREVIOUS, Anchor, AuditedStore
+from secrets_manager.store.external import AUDIT_KEY_NAME, CREATED_BY_KEY, DESCRIPTION_KEY
+from secrets_manager.store.testing import SECRET_STORE_CHECKS, check_secret_store, run_check
+from secrets_manager.store.url import (
+    VaultLocation,
+    default_audit_path,
+    external_location,
+    open_external_store,
+)
+from secrets_manager.store.vault import VaultStore, connect_vault, retrying_session
+from vault_server import FakeVault
+
+MakeVault = Callable[..., VaultStore]
+
+
+@pytest.fixture
+def fake_vault() -> Iterator[FakeVault]:
+    vault = FakeVault().start()
+    yield vault
+    vault.stop()
+
+
+@pytest.fixture
+def make_vault(fake_vault: FakeVault) -> MakeVault:
+    """Open a VaultStore on the test server (token, mount and options can be changed per call)."""
+
+    def _open(*, token: str | None = None, mount: str = "secret", **options: Any) -> VaultStore:
+        environ = {"VAULT_TOKEN": fake_vault.root_token if token is None else token}
+        session = retrying_session(attempts=3, backoff=0.001)
+        client = connect_vault(fake_vault.address, environ=environ, session=session)
+        return VaultStore(client, mount, actor="tester", **options)
+
+    return _open
+
+
+def kv(vault: FakeVault, name: str, mount: str = "secret") -> Any:
+    return vault.mounts[mount][name]
+
+
+# ---- the contract --------------------------------------------------------------------------------
+
+
+def test_vault_store_passes_the_whole_conformance_suite(make_vault: MakeVault) -> None:
+    check_secret_store(make_vault)
+
+
+@pytest.mark.parametrize("behaviour", list(SECRET_STORE_CHECKS))
+def test_vault_store_conforms(behaviour: str, make_vault: MakeVault) -> None:
+    run_check(make_vault, behaviour)
+
+
+def test_vault_store_satisfies_the_audited_store_protocol(make_vault: MakeVault) -> None:
+    store = make_vault()
+    assert isinstance(store, SecretStore) and isinstance(store, AuditedStore)
+    store.close()
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("VAULT_ADDR") and os.environ.get("VAULT_TOKEN")),
+    reason="set VAULT_ADDR and VAULT_TOKEN (and VAULT_KV_MOUNT, default 'secret') to run on a real Vault",
+)
+def test_vault_store_conforms_on_a_real_vault() -> None:
+    environ = dict(os.environ)
+    mount = environ.get("VAULT_KV_MOUNT", "secret")
+    check_secret_store(lambda: VaultStore(connect_vault(environ["VAULT_ADDR"], environ=environ), mount))
+
+
+# ---- what other Vault tools see ------------------------------------------------------------------
+
+
+def test_text_is_stored_as_a_value_field_and_binary_as_base64(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    store = make_vault()
+    store.put("svc/TEXT", "pässwörd".encode())
+    store.put("svc/BIN", b"\xff\x00\xfe")
+    assert kv(fake_vault, "svc/TEXT").versions[1].data == {"value": "pässwörd"}
+    assert kv(fake_vault, "svc/BIN").versions[1].data == {
+        "value_base64": base64.b64encode(b"\xff\x00\xfe").decode()
+    }
+
+
+def test_description_tags_and_author_are_custom_metadata(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    store = make_vault()
+    store.put("svc/META", b"v", description="exchange key", tags={"team": "desk1"})
+    secret = kv(fake_vault, "svc/META")
+    assert secret.custom_metadata == {
+        CREATED_BY_KEY: "tester",
+        DESCRIPTION_KEY: "exchange key",
+        "team": "desk1",
+    }
+    assert secret.max_versions == 10
+    meta = store.describe("svc/META")
+    assert (meta.created_by, meta.description, dict(meta.tags)) == (
+        "tester",
+        "exchange key",
+        {"team": "desk1"},
+    )
+
+
+def test_a_reserved_tag_key_is_refused(make_vault: MakeVault) -> None:
+    with pytest.raises(InvalidInputError, match="reserved"):
+        make_vault().put("svc/T", b"v", tags={CREATED_BY_KEY: "someone else"})
+
+
+def test_data_written_by_another_tool_with_several_keys_reads_as_canonical_json(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    fake_vault.handle(
+        "POST", "/v1/secret/data/db/creds", fake_vault.root_token, {"data": {"username": "app", "port": 5432}}
+    )
+    assert make_vault().get("db/creds").value.reveal() == b'{"port":5432,"username":"app"}'
+
+
+def test_a_soft_deleted_latest_version_is_not_replaced_by_an_older_one(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    store = make_vault()
+    store.put("svc/K", b"old")
+    store.put("svc/K", b"compromised")
+    fake_vault.handle("DELETE", "/v1/secret/data/svc/K", fake_vault.root_token, None)  # `vault kv delete`
+    with pytest.raises(NotFoundError, match=r"current version \(2\).*deleted"):
+        store.get("svc/K")
+    assert store.get("svc/K", label=PREVIOUS).value.reveal() == b"old"
+    assert store.describe("svc/K").deleted is None  # one version deleted, not the secret
+    store.undelete("svc/K")
+    assert store.get("svc/K").value.reveal() == b"compromised"
+
+
+def test_delete_soft_deletes_every_version_and_undelete_restores_them(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    store = make_vault()
+    store.put("svc/D", b"1")
+    store.put("svc/D", b"2")
+    store.delete("svc/D")
+    assert all(v.deletion_time for v in kv(fake_vault, "svc/D").versions.values())
+    store.undelete("svc/D")
+    assert not any(v.deletion_time for v in kv(fake_vault, "svc/D").versions.values())
+
+
+def test_the_pending_label_is_not_supported(make_vault: MakeVault) -> None:
+    store = make_vault()
+    store.put("svc/P", b"v")
+    with pytest.raises(UnsupportedOperationError, match="not supported by this store"):
+        store.get("svc/P", label=PENDING)
+
+
+def test_concurrent_writers_lose_no_version(make_vault: MakeVault) -> None:
+    stores = [make_vault() for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def writer(store: VaultStore, n: int) -> None:
+        try:
+            for i in range(5):
+                store.put("svc/RACE", f"{n}-{i}".encode())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(s, n)) for n, s in enumerate(stores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    meta = stores[0].describe("svc/RACE")
+    assert meta.current_version == 20
+    assert [v.version for v in meta.versions] == list(range(11, 21))
+
+
+def test_a_stale_expect_version_is_a_conflict_even_when_vault_decides(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    store = make_vault()
+    store.put("svc/CAS", b"v1")
+    # Another writer gets in between our read of the metadata and our write: Vault's cas refuses.
+    original = fake_vault._write
+
+    def write_after_a_rival(secrets: Any, key: str, body: Any) -> Any:
+        fake_vault._write = original  # type: ignore[method-assign]
+        original(secrets, key, {"data": {"value": "rival"}})
+        return original(secrets, key, body)
+
+    fake_vault._write = write_after_a_rival  # type: ignore[method-assign]
+    with pytest.raises(ConflictError, match="changed since version 1"):
+        store.put("svc/CAS", b"mine", expect_version=1)
+    assert store.get("svc/CAS").value.reveal() == b"rival"
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+
+
+def test_no_token_is_an_unlock_error(fake_vault: FakeVault) -> None:
+    with pytest.raises(UnlockError, match="VAULT_TOKEN"):
+        connect_vault(fake_vault.address, environ={})
+
+
+def test_a_token_vault_does_not_know_is_access_denied(make_vault: MakeVault) -> None:
+    with pytest.raises(AccessDeniedError, match="permission denied"):
+        make_vault(token="not-a-token").list()
+
+
+def test_a_read_only_token_cannot_write(make_vault: MakeVault, fake_vault: FakeVault) -> None:
+    make_vault().put("svc/RO", b"v")
+    reader = make_vault(token=fake_vault.add_token("reader", readonly=True))
+    assert reader.get("svc/RO").value.reveal() == b"v"
+    with pytest.raises(AccessDeniedError):
+        reader.put("svc/RO", b"w")
+
+
+def test_a_sealed_vault_is_a_storage_error_after_retries(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    fake_vault.seal()
+    with pytest.raises(StorageError, match="sealed"):
+        make_vault().get("svc/X")
+    assert len(fake_vault.requests) == 4  # the first try and three retries
+
+
+def test_rate_limiting_and_sealed_answers_are_retried_for_writes(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    store = make_vault()
+    store.put("svc/R", b"v1")
+    fake_vault.fail_next(429, 1)
+    fake_vault.fail_next(503, 1)
+    assert store.put("svc/R", b"v2").version == 2
+
+
+def test_a_server_error_on_a_write_is_not_repeated(make_vault: MakeVault, fake_vault: FakeVault) -> None:
+    store = make_vault()
+    store.put("svc/W", b"v1")
+    fake_vault.requests.clear()
+    original = fake_vault.handle
+
+    def fail_writes(method: str, path: str, token: str | None, body: Any) -> Any:
+        if method == "POST":
+            fake_vault.requests.append((method, path))
+            return 500, {"errors": ["internal error"]}
+        return original(method, path, token, body)
+
+    fake_vault.handle = fail_writes  # type: ignore[method-assign]
+    with pytest.raises(StorageError):
+        store.put("svc/W", b"v2")
+    assert [r for r in fake_vault.requests if r[0] == "POST"] == [("POST", "/v1/secret/data/svc/W")]
+
+
+def test_a_missing_mount_says_how_to_enable_it(make_vault: MakeVault) -> None:
+    with pytest.raises(NotFoundError, match="vault secrets enable -path=nope kv-v2"):
+        make_vault(mount="nope").put("svc/X", b"v")
+
+
+def test_an_unreachable_vault_is_a_storage_error() -> None:
+    client = connect_vault(
+        "http://127.0.0.1:9", environ={"VAULT_TOKEN": "t"}, session=retrying_session(attempts=1, backoff=0)
+    )
+    with pytest.raises(StorageError, match="cannot reach Vault"):
+        VaultStore(client, "secret").list()
+
+
+def test_approle_login_is_the_second_way_in(fake_vault: FakeVault) -> None:
+    fake_vault.approles["role-1"] = "secret-1"
+    client = connect_vault(
+        fake_vault.address, environ={"VAULT_ROLE_ID": "role-1", "VAULT_SECRET_ID": "secret-1"}
+    )
+    store = VaultStore(client, "secret")
+    store.put("svc/AR", b"v")
+    assert store.get("svc/AR").value.reveal() == b"v"
+    with pytest.raises(UnlockError, match="AppRole"):
+        connect_vault(fake_vault.address, environ={"VAULT_ROLE_ID": "role-1", "VAULT_SECRET_ID": "wrong"})
+
+
+def test_repr_names_the_server_but_never_the_token(make_vault: MakeVault, fake_vault: FakeVault) -> None:
+    shown = repr(make_vault())
+    assert fake_vault.address in shown and fake_vault.root_token not in shown
+
+
+# ---- audit key and anchors ---------------------------------------------------------------------
+
+
+def test_the_audit_key_is_made_once_and_shared_by_every_handle(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    first, second = make_vault(), make_vault()
+    key = first.audit_key()
+    assert len(key) == 32 and second.audit_key() == key
+    assert AUDIT_KEY_NAME in fake_vault.mounts["secret"]
+    assert [m.name for m in first.list(include_deleted=True)] == []  # our bookkeeping is not listed
+
+
+def test_each_audit_log_has_its_own_anchor(make_vault: MakeVault, fake_vault: FakeVault) -> None:
+    laptop, server = make_vault(audit_scope="laptop"), make_vault(audit_scope="server")
+    assert laptop.audit_anchor() is None
+    laptop.set_audit_anchor(Anchor(seq=1, hash="a" * 64))
+    laptop.set_audit_anchor(Anchor(seq=2, hash="b" * 64))
+    assert server.audit_anchor() is None
+    assert make_vault(audit_scope="laptop").audit_anchor() == Anchor(seq=2, hash="b" * 64)
+    anchor = kv(fake_vault, ".secrets-manager/audit-anchor/laptop")
+    assert anchor.max_versions == 1 and list(anchor.versions) == [2]
+
+
+def test_an_anchor_moved_by_another_writer_is_a_conflict(make_vault: MakeVault) -> None:
+    mine, theirs = make_vault(audit_scope="log"), make_vault(audit_scope="log")
+    assert mine.audit_anchor() is None
+    theirs.set_audit_anchor(Anchor(seq=5, hash="c" * 64))
+    with pytest.raises(ConflictError, match="anchor"):
+        mine.set_audit_anchor(Anchor(seq=1, hash="d" * 64))
+
+
+# ---- opening by URL --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "address", "mount"),
+    [
+        ("vault://vault.internal/secret", "https://vault.internal:8200", "secret"),
+        ("vault://vault.internal:8300/team/kv/", "https://vault.internal:8300", "team/kv"),
+        ("vault+http://127.0.0.1:8200/secret", "http://127.0.0.1:8200", "secret"),
+    ],
+)
+def test_vault_urls_name_an_address_and_a_mount(url: str, address: str, mount: str) -> None:
+    assert external_location(url) == VaultLocation(address=address, mount=mount)
+
+
+@pytest.mark.parametrize(
+    "url", ["vault://host", "vault:///secret", "vault://host:notaport/secret", "vault://host/kv?colour=blue"]
+)
+def test_bad_vault_urls_are_invalid_input(url: str) -> None:
+    with pytest.raises(InvalidInputError):
+        external_location(url)
+
+
+def test_a_vault_store_has_its_audit_log_in_the_data_directory() -> None:
+    path = default_audit_path("vault://vault.internal:8200/secret")
+    assert path.name == "vault-vault.internal-8200-secret.audit.jsonl"
+    assert path.parent.name == "secrets-manager"
+
+
+def test_plain_http_is_refused_in_production(fake_vault: FakeVault) -> None:
+    url = fake_vault.address.replace("http://", "vault+http://") + "/secret"
+    with pytest.raises(UnsafeConfigurationError, match="plain http"):
+        open_external_store(url, environment=Environment.PRODUCTION, actor="x", environ={"VAULT_TOKEN": "t"})

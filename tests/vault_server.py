@@ -1,0 +1,393 @@
+"""A KV version 2 test server: the parts of HashiCorp Vault's HTTP API that `VaultStore` uses.
+
+No Vault binary can be installed on the project's machines, so the Vault tests run against this
+threaded HTTP server on 127.0.0.1. It follows Vault's documented endpoints, response shapes and
+error codes (https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2):
+
+    GET    /v1/MOUNT/data/PATH[?version=N]    200 {"data": {"data": …, "metadata": …}}
+                                              404 {"errors": []} when missing; a soft-deleted or
+                                              destroyed version: 404 with {"data": {"data": null,
+                                              "metadata": {…}}}
+    POST   /v1/MOUNT/data/PATH                {"options": {"cas": N}, "data": {…}}; 200 with the new
+                                              version's metadata; cas mismatch → 400 "check-and-set
+                                              parameter did not match the current version"
+    DELETE /v1/MOUNT/data/PATH                soft-delete the latest version
+    POST   /v1/MOUNT/delete|undelete|destroy/PATH  {"versions": [..]} → 204
+    GET    /v1/MOUNT/metadata/PATH            200 metadata (current_version, versions, custom_metadata…)
+    POST   /v1/MOUNT/metadata/PATH            update only the fields given → 204
+    DELETE /v1/MOUNT/metadata/PATH            every version and the metadata → 204
+    LIST   /v1/MOUNT/metadata/FOLDER[/]       200 {"data": {"keys": [...]}} ("sub/" for folders), 404 if none
+    POST   /v1/auth/approle/login             {"role_id", "secret_id"} → {"auth": {"client_token": …}}
+
+Every request needs a known X-Vault-Token (else 403 {"errors": ["permission denied"]}); read-only
+tokens get 403 on writes. `seal()` makes every request 503 {"errors": ["Vault is sealed"]};
+`fail_next(status, count)` answers the next requests with an error (for retry tests). Versions
+beyond max_versions (the secret's, else 10) are removed oldest first, as Vault does.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+DEFAULT_MAX_VERSIONS = 10
+CAS_MISMATCH = "check-and-set parameter did not match the current version"
+
+
+def vault_time() -> str:
+    ns = time.time_ns()
+    whole = datetime.fromtimestamp(ns // 1_000_000_000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{whole}.{ns % 1_000_000_000:09d}Z"
+
+
+@dataclass
+class KvVersion:
+    data: dict[str, Any] | None
+    created_time: str
+    deletion_time: str = ""
+    destroyed: bool = False
+
+    def metadata(self, number: int, custom: dict[str, str] | None) -> dict[str, Any]:
+        return {
+            "created_time": self.created_time,
+            "custom_metadata": custom,
+            "deletion_time": self.deletion_time,
+            "destroyed": self.destroyed,
+            "version": number,
+        }
+
+
+@dataclass
+class KvSecret:
+    created_time: str = field(default_factory=vault_time)
+    updated_time: str = field(default_factory=vault_time)
+    current_version: int = 0
+    oldest_version: int = 0
+    max_versions: int = 0
+    cas_required: bool = False
+    delete_version_after: str = "0s"
+    custom_metadata: dict[str, str] | None = None
+    versions: dict[int, KvVersion] = field(default_factory=dict)
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "cas_required": self.cas_required,
+            "created_time": self.created_time,
+            "current_version": self.current_version,
+            "custom_metadata": self.custom_metadata,
+            "delete_version_after": self.delete_version_after,
+            "max_versions": self.max_versions,
+            "oldest_version": self.oldest_version,
+            "updated_time": self.updated_time,
+            "versions": {
+                str(n): {
+                    "created_time": v.created_time,
+                    "deletion_time": v.deletion_time,
+                    "destroyed": v.destroyed,
+                }
+                for n, v in sorted(self.versions.items())
+            },
+        }
+
+
+class VaultError(Exception):
+    def __init__(
+        self, status: int, errors: list[str] | None = None, body: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(status)
+        self.status = status
+        self.body = body if body is not None else {"errors": errors or []}
+
+
+class FakeVault:
+    """The server's state and request handling; `start()` serves it on 127.0.0.1."""
+
+    def __init__(self, *, mounts: tuple[str, ...] = ("secret",), root_token: str = "root-token") -> None:  # noqa: S107
+        self.root_token = root_token
+        self.tokens = {root_token}
+        self.readonly_tokens: set[str] = set()
+        self.approles: dict[str, str] = {}  # role_id -> secret_id
+        self.mounts: dict[str, dict[str, KvSecret]] = {m: {} for m in mounts}
+        self.sealed = False
+        self.requests: list[tuple[str, str]] = []
+        self._failures: list[tuple[int, list[str]]] = []
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    # ---- control ---------------------------------------------------------------------------------
+
+    @property
+    def address(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> FakeVault:
+        vault = self
+
+        class Handler(_Handler):
+            server_state = vault
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-vault", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def seal(self, sealed: bool = True) -> None:
+        self.sealed = sealed
+
+    def fail_next(self, status: int, count: int = 1, errors: list[str] | None = None) -> None:
+        with self._lock:
+            self._failures.extend([(status, errors or [f"injected failure {status}"])] * count)
+
+    def add_token(self, token: str, *, readonly: bool = False) -> str:
+        self.tokens.add(token)
+        if readonly:
+            self.readonly_tokens.add(token)
+        return token
+
+    # ---- request handling --------------------------------------------------------------------------
+
+    def handle(self, method: str, raw_path: str, token: str | None, body: Any) -> tuple[int, Any]:
+        parts = urlsplit(raw_path)
+        path = parts.path
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        if method == "GET" and query.get("list") == "true":
+            method = "LIST"
+        with self._lock:
+            self.requests.append((method, path))
+            if self._failures:
+                status, errors = self._failures.pop(0)
+                return status, {"errors": errors}
+            if self.sealed:
+                return 503, {"errors": ["Vault is sealed"]}
+            try:
+                if path == "/v1/auth/approle/login" and method in ("POST", "PUT"):
+                    return 200, self._approle_login(body)
+                if token not in self.tokens:
+                    raise VaultError(403, ["permission denied"])
+                if token in self.readonly_tokens and method not in ("GET", "LIST"):
+                    raise VaultError(403, ["1 error occurred:\n\t* permission denied\n\n"])
+                return self._route(method, path, query, body)
+            except VaultError as exc:
+                return exc.status, exc.body
+
+    def _approle_login(self, body: Any) -> dict[str, Any]:
+        role_id, secret_id = (body or {}).get("role_id"), (body or {}).get("secret_id")
+        if not role_id or self.approles.get(role_id) != secret_id:
+            raise VaultError(400, ["invalid role or secret ID"])
+        token = f"hvs.{uuid.uuid4().hex}"
+        self.tokens.add(token)
+        return _envelope(None, auth={"client_token": token, "policies": ["default"], "lease_duration": 3600})
+
+    def _route(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, Any]:
+        if not path.startswith("/v1/"):
+            raise VaultError(404, [])
+        rest = path[len("/v1/") :]
+        for mount in sorted(self.mounts, key=len, reverse=True):
+            if rest.startswith(f"{mount}/"):
+                break
+        else:
+            raise VaultError(404, [f'no handler for route "{rest}". route entry not found.'])
+        secrets = self.mounts[mount]
+        endpoint, _, key = rest[len(mount) + 1 :].partition("/")
+        key = key.strip("/")
+        if endpoint == "data":
+            if method == "GET":
+                return 200, self._read(secrets, key, query)
+            if method in ("POST", "PUT"):
+                return 200, self._write(secrets, key, body)
+            if method == "DELETE":
+                secret = secrets.get(key)
+                if secret is not None and secret.current_version in secret.versions:
+                    self._mark_deleted(secret, [secret.current_version])
+                return 204, None
+        if endpoint == "metadata":
+            if method == "LIST":
+                return 200, self._list(secrets, key)
+            if method == "GET":
+                secret = secrets.get(key)
+                if secret is None:
+                    raise VaultError(404, [])
+                return 200, _envelope(secret.metadata())
+            if method in ("POST", "PUT"):
+                self._update_metadata(secrets, key, body or {})
+                return 204, None
+            if method == "DELETE":
+                secrets.pop(key, None)
+                return 204, None
+        if endpoint in ("delete", "undelete", "destroy") and method in ("POST", "PUT"):
+            versions = (body or {}).get("versions")
+            if not versions or not all(isinstance(v, int) for v in versions):
+                raise VaultError(400, ["no version number provided"])
+            secret = secrets.get(key)
+            if secret is not None:
+                {"delete": self._mark_deleted, "undelete": self._undelete, "destroy": self._destroy}[
+                    endpoint
+                ](secret, versions)
+            return 204, None
+        raise VaultError(405, ["unsupported operation"])
+
+    def _read(self, secrets: dict[str, KvSecret], key: str, query: dict[str, str]) -> dict[str, Any]:
+        secret = secrets.get(key)
+        if secret is None:
+            raise VaultError(404, [])
+        number = int(query.get("version") or 0) or secret.current_version
+        version = secret.versions.get(number)
+        if version is None:
+            raise VaultError(404, [])
+        body = _envelope({"data": version.data, "metadata": version.metadata(number, secret.custom_metadata)})
+        if version.deletion_time or version.destroyed:
+            body["data"]["data"] = None
+            raise VaultError(404, body=body)
+        return body
+
+    def _write(self, secrets: dict[str, KvSecret], key: str, body: Any) -> dict[str, Any]:
+        if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
+            raise VaultError(400, ["no data provided"])
+        options = body.get("options") or {}
+        secret = secrets.get(key)
+        current = secret.current_version if secret is not None else 0
+        cas = options.get("cas")
+        if cas is None and secret is not None and secret.cas_required:
+            raise VaultError(400, ["check-and-set parameter required for this call"])
+        if cas is not None and cas != current:
+            raise VaultError(400, [CAS_MISMATCH])
+        if secret is None:
+            secret = secrets[key] = KvSecret()
+        number = secret.current_version + 1
+        now = vault_time()
+        secret.versions[number] = KvVersion(data=body["data"], created_time=now)
+        secret.current_version = number
+        secret.updated_time = now
+        limit = secret.max_versions or DEFAULT_MAX_VERSIONS
+        while len(secret.versions) > limit:
+            del secret.versions[min(secret.versions)]
+        secret.oldest_version = min(secret.versions)
+        return _envelope(secret.versions[number].metadata(number, secret.custom_metadata))
+
+    def _update_metadata(self, secrets: dict[str, KvSecret], key: str, body: dict[str, Any]) -> None:
+        custom = body.get("custom_metadata")
+        if custom is not None:
+            if not isinstance(custom, dict) or len(custom) > 64:
+                raise VaultError(400, ["custom_metadata: at most 64 keys of strings"])
+            for k, v in custom.items():
+                if not isinstance(v, str) or not k or len(k) > 128 or len(v) > 512:
+                    raise VaultError(400, [f"custom_metadata key {k!r}: keys 1-128 bytes, values up to 512"])
+        secret = secrets.setdefault(key, KvSecret())
+        if "max_versions" in body:
+            secret.max_versions = int(body["max_versions"])
+        if "cas_required" in body:
+            secret.cas_required = bool(body["cas_required"])
+        if "delete_version_after" in body:
+            secret.delete_version_after = str(body["delete_version_after"])
+        if custom is not None:
+            secret.custom_metadata = dict(custom)
+        secret.updated_time = vault_time()
+
+    def _list(self, secrets: dict[str, KvSecret], folder: str) -> dict[str, Any]:
+        prefix = f"{folder}/" if folder else ""
+        keys = set()
+        for key in secrets:
+            if key.startswith(prefix):
+                head, sep, _ = key[len(prefix) :].partition("/")
+                keys.add(head + sep)
+        if not keys:
+            raise VaultError(404, [])
+        return _envelope({"keys": sorted(keys)})
+
+    @staticmethod
+    def _mark_deleted(secret: KvSecret, versions: list[int]) -> None:
+        for number in versions:
+            version = secret.versions.get(number)
+            if version is not None and not version.destroyed and not version.deletion_time:
+                version.deletion_time = vault_time()
+        secret.updated_time = vault_time()
+
+    @staticmethod
+    def _undelete(secret: KvSecret, versions: list[int]) -> None:
+        for number in versions:
+            version = secret.versions.get(number)
+            if version is not None and not version.destroyed:
+                version.deletion_time = ""
+        secret.updated_time = vault_time()
+
+    @staticmethod
+    def _destroy(secret: KvSecret, versions: list[int]) -> None:
+        for number in versions:
+            version = secret.versions.get(number)
+            if version is not None:
+                version.destroyed = True
+                version.data = None
+        secret.updated_time = vault_time()
+
+
+def _envelope(data: Any, *, auth: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "request_id": str(uuid.uuid4()),
+        "lease_id": "",
+        "renewable": False,
+        "lease_duration": 0,
+        "data": data,
+        "wrap_info": None,
+        "warnings": None,
+        "auth": auth,
+        "mount_type": "kv",
+    }
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server_state: FakeVault
+    protocol_version = "HTTP/1.1"  # keep-alive, as Vault: the store's session reuses connections
+
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in two writes: without this, Nagle's algorithm holds the body
+        # back until the client's delayed ACK, some 40 ms per request.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _serve(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            self._answer(400, {"errors": ["failed to parse JSON input"]})
+            return
+        status, answer = self.server_state.handle(
+            self.command, self.path, self.headers.get("X-Vault-Token"), body
+        )
+        self._answer(status, answer)
+
+    def _answer(self, status: int, answer: Any) -> None:
+        payload = b"" if answer is None else json.dumps(answer).encode("utf-8")
+        self.send_response(status)
+        if answer is not None:
+            self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_LIST = _serve
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        pass
