@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -128,6 +128,36 @@ class DeleteMissingFails(MemoryStorage):
             super().apply(op, revision, silent=silent)
 
 
+class View:
+    """What a snapshot reads from: a dict of entries (a copy, or the live one for the broken case)."""
+
+    def __init__(self, entries: dict[str, Entry], revision: int) -> None:
+        self.entries = entries
+        self.revision = revision
+
+    def get(self, key: str) -> Entry | None:
+        return self.entries.get(key)
+
+    def list(self, prefix: str) -> list[str]:
+        return sorted(k for k in self.entries if k.startswith(prefix))
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, Entry]]:
+        for key in self.list(prefix):
+            yield key, self.entries[key]
+
+
+class SnapshotMemoryStorage(MemoryStorage):
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[View]:
+        yield View(dict(self.place.entries), self.place.revision)
+
+
+class LiveSnapshot(MemoryStorage):
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[View]:
+        yield View(self.place.entries, self.place.revision)  # sees every later commit
+
+
 def test_a_correct_storage_passes_check_storage() -> None:
     place = Place()
     check_storage(lambda: MemoryStorage(place))
@@ -153,6 +183,17 @@ def test_each_storage_check_rejects_a_backend_breaking_its_rule(
         STORAGE_CHECKS[behaviour](lambda: broken(place))
     with pytest.raises(AssertionError, match=r"^storage conformance check '"):
         check_storage(lambda: broken(Place()))
+
+
+def test_a_storage_with_a_true_snapshot_passes_check_storage() -> None:
+    place = Place()
+    check_storage(lambda: SnapshotMemoryStorage(place))
+
+
+def test_the_snapshot_check_rejects_a_snapshot_that_sees_later_commits() -> None:
+    place = Place()
+    with pytest.raises(AssertionError, match="saw commits made after it began"):
+        STORAGE_CHECKS["snapshot (optional) sees one instant"](lambda: LiveSnapshot(place))
 
 
 @pytest.mark.parametrize(

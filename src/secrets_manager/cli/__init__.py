@@ -13,6 +13,7 @@ import click
 
 from secrets_manager.cli import (
     audit_commands,  # noqa: F401  (registers `audit`)
+    backup_commands,  # noqa: F401  (registers `backup` and `restore`)
     keys_commands,  # noqa: F401  (registers `keys`)
     pki_commands,  # noqa: F401  (registers `pki`)
     serve_commands,  # noqa: F401  (registers `serve`)

@@ -34,6 +34,7 @@ class Purpose(enum.IntEnum):
     AUDIT_KEY = 5
     AUDIT_ANCHOR = 6
     KEY_POLICY = 7
+    BACKUP_FILE_KEY = 8
 
 
 def associated_data(purpose: Purpose, key_id: int, name: str, version: int) -> bytes:

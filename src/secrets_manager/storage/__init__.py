@@ -5,6 +5,28 @@ verbs — get, put, delete, list — plus `commit`, which applies several puts a
 with per-key preconditions, so one logical write of the store is one transaction.
 """
 
-from secrets_manager.storage.base import ABSENT, Change, ChangeBatch, Delete, Entry, Put, Scrubbable, Storage
+from secrets_manager.storage.base import (
+    ABSENT,
+    Change,
+    ChangeBatch,
+    Delete,
+    Entry,
+    Put,
+    Scrubbable,
+    Snapshotting,
+    Storage,
+    StorageSnapshot,
+)
 
-__all__ = ["ABSENT", "Change", "ChangeBatch", "Delete", "Entry", "Put", "Scrubbable", "Storage"]
+__all__ = [
+    "ABSENT",
+    "Change",
+    "ChangeBatch",
+    "Delete",
+    "Entry",
+    "Put",
+    "Scrubbable",
+    "Snapshotting",
+    "Storage",
+    "StorageSnapshot",
+]

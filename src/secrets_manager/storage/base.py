@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Final, Protocol, runtime_checkable
 
@@ -104,3 +105,37 @@ class Scrubbable(Protocol):
 
     def scrub(self) -> bool:
         """Erase superseded bytes now; False if it could not finish (e.g. a reader held them)."""
+
+
+class StorageSnapshot(Protocol):
+    """Reads of a `Storage` as it was at one instant (what `Snapshotting.snapshot` yields)."""
+
+    revision: int
+    """The newest commit the snapshot includes."""
+
+    def get(self, key: str) -> Entry | None:
+        """The entry under `key` at the snapshot's instant, or None."""
+
+    def list(self, prefix: str) -> list[str]:
+        """Keys starting with `prefix` (taken literally) at the snapshot's instant, sorted."""
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, Entry]]:
+        """Every (key, entry) under `prefix` at the snapshot's instant, in key order."""
+
+
+@runtime_checkable
+class Snapshotting(Protocol):
+    """Optional for a `Storage`: a consistent read of many keys while others keep writing.
+
+    `with storage.snapshot() as snap:` every read through `snap` sees the storage exactly as it was
+    at one instant — after some commit and before the next — whatever other handles or processes
+    commit meanwhile, so a backup is never a mix of before and after a concurrent write. Commits
+    through other handles go ahead during a snapshot (SQLite: one read transaction, `BEGIN` …
+    `COMMIT`, in WAL mode; PostgreSQL would use `REPEATABLE READ`); the handle that holds the
+    snapshot should not be used for anything else until it ends. Keep snapshots short: SQLite
+    cannot checkpoint its write-ahead log past a snapshot that is still open.
+    `storage.testing` checks that a snapshot does not see later commits.
+    """
+
+    def snapshot(self) -> AbstractContextManager[StorageSnapshot]:
+        """Start a read-only snapshot; it ends when the context manager exits."""

@@ -202,6 +202,27 @@ class SqliteStorage:
             return ChangeBatch(changes=complete, revision=last - 1, truncated=truncated)
         return ChangeBatch(changes=changes, revision=last, truncated=True)
 
+    @contextmanager
+    def snapshot(self) -> Iterator[SqliteSnapshot]:
+        """Reads that all see one instant (`Snapshotting`): one read transaction, `BEGIN` … `COMMIT`.
+
+        In WAL mode SQLite fixes a reader's view at its first read, so the counter read right after
+        `BEGIN` pins the snapshot; writers in other connections and processes commit meanwhile,
+        unseen. This handle's lock is held throughout, so its other methods wait until the
+        snapshot ends; other handles do not."""
+        with self._lock:
+            try:
+                self._db.execute("BEGIN")
+                try:
+                    revision = int(
+                        self._db.execute("SELECT revision FROM counter WHERE id = 1").fetchone()[0]
+                    )
+                    yield SqliteSnapshot(self._db, self.path, revision)
+                finally:
+                    self._db.execute("COMMIT")  # read only: ends the transaction, writes nothing
+            except sqlite3.Error as exc:
+                raise StorageError(f"store {self.path}: {exc}") from None
+
     def scrub(self) -> bool:
         """Copy every WAL frame into the database file and truncate the WAL to zero bytes.
 
@@ -221,6 +242,42 @@ class SqliteStorage:
 
     def __repr__(self) -> str:
         return f"SqliteStorage({str(self.path)!r})"
+
+
+class SqliteSnapshot:
+    """The `StorageSnapshot` of `SqliteStorage.snapshot`: reads inside its read transaction."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path, revision: int) -> None:
+        self._db = db
+        self._path = path
+        self.revision = revision
+
+    def get(self, key: str) -> Entry | None:
+        try:
+            row = self._db.execute("SELECT value, revision FROM entries WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"store {self._path}: {exc}") from None
+        return None if row is None else Entry(value=bytes(row[0]), revision=row[1])
+
+    def list(self, prefix: str) -> list[str]:
+        return [key for key, _ in self.scan(prefix)]
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, Entry]]:
+        end = _prefix_end(prefix)
+        query, args = (
+            (
+                "SELECT key, value, revision FROM entries WHERE key >= ? AND key < ? ORDER BY key",
+                (prefix, end),
+            )
+            if end is not None
+            else ("SELECT key, value, revision FROM entries WHERE key >= ? ORDER BY key", (prefix,))
+        )
+        try:
+            for key, value, revision in self._db.execute(query, args):
+                if key.startswith(prefix):
+                    yield key, Entry(value=bytes(value), revision=revision)
+        except sqlite3.Error as exc:
+            raise StorageError(f"store {self._path}: {exc}") from None
 
 
 def _prefix_end(prefix: str) -> str | None:

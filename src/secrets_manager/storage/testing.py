@@ -16,6 +16,9 @@ some at once, closes every handle it opens, and uses keys under `conformance/` o
 how it checks durability (values and revisions survive `close`) and that handles see each other's
 writes and compare-and-set preconditions.
 
+`snapshot()` is optional too (the `Snapshotting` protocol: reads that see one instant while other
+handles commit, what a consistent backup needs); its check is skipped for a backend without it.
+
 `scrub()` is optional (the `Scrubbable` protocol: erase superseded bytes, so destroyed key
 material leaves the backend's files); its check is skipped for a backend without it. Whether the
 bytes are really gone is backend-specific and is tested beside the backend (for SQLite, by
@@ -35,7 +38,7 @@ from contextlib import contextmanager
 from itertools import pairwise
 
 from secrets_manager.errors import ConflictError
-from secrets_manager.storage.base import ABSENT, Delete, Operation, Put, Scrubbable, Storage
+from secrets_manager.storage.base import ABSENT, Delete, Operation, Put, Scrubbable, Snapshotting, Storage
 
 MakeStorage = Callable[[], Storage]
 Check = Callable[[MakeStorage], None]
@@ -434,6 +437,35 @@ def _check_scrub_keeps_every_value(make_storage: MakeStorage) -> None:
         _require(_snapshot(reopened, prefix) == before, "values changed across scrub() and reopen")
 
 
+def _check_snapshot_sees_one_instant(make_storage: MakeStorage) -> None:
+    """Only for backends that implement the optional `Snapshotting`: commits through another handle
+    while a snapshot is open are invisible to it (puts, overwrites, deletes alike), and visible after."""
+    prefix = ROOT + "snapshot/"
+    with _handle(make_storage) as storage:
+        if not isinstance(storage, Snapshotting):
+            return
+        storage.put(prefix + "a", b"a1")
+        storage.put(prefix + "doomed", b"d")
+        before = _snapshot(storage, prefix)
+        with _handle(make_storage) as writer, storage.snapshot() as snap:
+            first = snap.get(prefix + "a")
+            _require(first is not None and first.value == b"a1", "a snapshot does not see earlier commits")
+            last = writer.commit([Put(prefix + "a", b"a2"), Put(prefix + "b", b"b1")])
+            writer.delete(prefix + "doomed")
+            seen = {key: (entry.value, entry.revision) for key, entry in snap.scan(prefix)}
+            _require(seen == before, f"a snapshot saw commits made after it began: {sorted(seen)}")
+            _require(snap.list(prefix) == sorted(before), "snapshot list() saw later commits")
+            entry = snap.get(prefix + "a")
+            _require(entry is not None and entry.value == b"a1", "snapshot get() saw a later commit")
+            _require(snap.get(prefix + "b") is None, "snapshot get() saw a key created after it began")
+            _require(snap.revision < last, "a snapshot's revision includes later commits")
+        after = _snapshot(storage, prefix)
+        _require(
+            sorted(after) == [prefix + "a", prefix + "b"] and after[prefix + "a"][0] == b"a2",
+            "after the snapshot ended, the handle does not see the commits made during it",
+        )
+
+
 STORAGE_CHECKS: dict[str, Check] = {
     "get of a missing key is None": _check_get_missing_key_is_none,
     "the change feed lists every commit, from any handle, in order": (
@@ -452,5 +484,6 @@ STORAGE_CHECKS: dict[str, Check] = {
     "values survive close and reopen": _check_values_survive_reopen,
     "handles on the same place share state and preconditions": _check_handles_share_state,
     "scrub (optional) keeps every live value": _check_scrub_keeps_every_value,
+    "snapshot (optional) sees one instant": _check_snapshot_sees_one_instant,
 }
 """Every check by the behaviour it verifies; `check_storage` runs them in this order."""

@@ -1,0 +1,313 @@
+"""`secrets-manager backup …` and `restore`: one encrypted file holding a whole store, and back.
+
+    backup FILE [--backup-password-file PATH] [--force]   a consistent snapshot, 0600, written atomically
+    backup verify FILE [--backup-password-file PATH] [--json]
+    restore FILE [--store URL] [--backup-password-file PATH] [--on-existing fail|skip|overwrite]
+
+Without `--backup-password-file` a backup copies the store's own ciphertexts and wrapped keys: it
+opens with the store's master password (as it was when the backup was taken). With it, the backup
+holds the secrets in logical form under that separate password, for off-site copies and for
+restoring into another kind of store. `backup` and `restore` are audited (operations `backup` and
+`restore`); `backup verify` opens no store and writes no audit record. The format is
+docs/backup-format.md; the work is in store/backup.py and store/restore.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from secrets_manager.cli.app import Session, cli, pass_session
+from secrets_manager.cli.output import info_line, print_json, progress_bars, timestamp, warning_line
+from secrets_manager.cli.password import prompt_password, read_password_file, terminal_available
+from secrets_manager.errors import ConflictError, InvalidInputError, UnlockError
+from secrets_manager.store.backup import (
+    KIND_STORE,
+    BackupSummary,
+    read_backup,
+    read_backup_header,
+    write_backup,
+)
+from secrets_manager.store.restore import OnExisting, RestoreResult, restore_into, restore_new_store
+from secrets_manager.store.url import open_store, remove_store_files, sqlite_path
+
+new_password_option = click.option(
+    "--backup-password-file",
+    metavar="PATH",
+    help="Protect the backup with a separate password read from this file (one trailing newline "
+    "dropped) instead of the store's own keys.",
+)
+password_file_option = click.option(
+    "--backup-password-file",
+    metavar="PATH",
+    help="Read the password that opens FILE from this file: its backup password, or for a copy of a "
+    "store the master password that store had [default: the master password sources].",
+)
+
+
+class _BackupGroup(click.Group):
+    """`backup FILE` is short for `backup create FILE`; `backup verify FILE` checks a backup."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
+            args = ["create", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=_BackupGroup)
+def backup() -> None:
+    """Write a backup of the store to a file (backup FILE), or check one (backup verify FILE).
+
+    \b
+    secrets-manager backup store.smbackup                  opens with the master password
+    secrets-manager backup off-site.smbackup --backup-password-file pw.txt
+    secrets-manager backup verify off-site.smbackup --backup-password-file pw.txt
+    secrets-manager restore store.smbackup --store new.db  into a new (or empty) store
+    """
+
+
+@backup.command("create")
+@click.argument("file", required=False)
+@click.option("--out", metavar="FILE", help="Where to write the backup (the same as FILE).")
+@new_password_option
+@click.option("--force", is_flag=True, help="Replace FILE if it exists (atomically: never half-written).")
+@pass_session
+def create(
+    session: Session, file: str | None, out: str | None, backup_password_file: str | None, force: bool
+) -> None:
+    """Back up every secret (all kept versions, labels, metadata, deleted ones) to FILE.
+
+    The store is read at one instant while others keep writing. Without --backup-password-file the
+    file copies the store's own ciphertexts and opens with its master password; with it, the file
+    holds the secrets under that separate password and restores into any kind of store."""
+    session.require_local("backup")
+    if (file is None) == (out is None):
+        raise InvalidInputError("give the backup file once: 'backup FILE' or 'backup --out FILE'")
+    path = Path(file or out or "")
+    _check_destination(session, path, force=force)
+    password = _read_file(session, backup_password_file) if backup_password_file else None
+    # A copy of the store needs our encrypted store; a password backup can be of any store (Vault, AWS).
+    opened = session.operation if password is None else session.store_operation
+    with opened("backup", mutating=True) as (store, _), progress_bars("backup") as report:
+        summary = write_backup(store, path, password=password, replace=force, progress=report)
+    opens = "the backup password" if password else "the store's master password (as it is now)"
+    info_line(f"backed up {_counts(summary)} to {path} ({_size(summary.size)}); it opens with {opens}")
+    if summary.not_included:
+        warning_line(
+            f"{len(summary.not_included)} deleted secret(s) were not backed up (first: "
+            f"{summary.not_included[0]}): this store gives out no value of a deleted secret"
+        )
+
+
+@backup.command("verify")
+@click.argument("file")
+@password_file_option
+@click.option("--json", "as_json", is_flag=True, help="Print the kind, time and counts as JSON.")
+@pass_session
+def verify(session: Session, file: str, backup_password_file: str | None, as_json: bool) -> None:
+    """Check that FILE is a complete, intact backup, without restoring it: exit 0 with its counts,
+    6 if it is damaged, 4 for a wrong password. A backup made without --backup-password-file
+    opens with the master password the store had when it was taken."""
+    path = Path(file)
+    header = read_backup_header(path)
+    password = _backup_password(session, path, header.kind, backup_password_file)
+    with progress_bars("verify") as report:
+        summary = read_backup(path, password, environment=session.environment, progress=report).summary
+    if as_json:
+        print_json(summary_doc(summary))
+        return
+    click.echo(
+        f"backup {path} is intact and complete: {_counts(summary)}; {_kind(summary.kind)}, taken "
+        f"{timestamp(datetime.fromtimestamp(summary.created, UTC))}"
+    )
+
+
+@cli.command()
+@click.argument("file")
+@click.option(
+    "--store",
+    "target",
+    metavar="URL",
+    help="The store to restore into [default: the global --store]. A path with no store yet gets a "
+    "new one; an existing store must be empty unless --on-existing is given.",
+)
+@password_file_option
+@click.option(
+    "--on-existing",
+    type=click.Choice([choice.value for choice in OnExisting]),
+    help="Allow a non-empty store, and say what happens to its secrets that the backup also has: "
+    "fail (refuse if there are any), skip (keep the store's), overwrite (take the backup's).",
+)
+@click.option(
+    "--kdf-profile",
+    type=click.Choice(["default", "test"]),
+    default="default",
+    show_default=True,
+    help="Argon2id cost of a new store made from a password-protected backup ('test': test suites only).",
+)
+@pass_session
+def restore(
+    session: Session,
+    file: str,
+    target: str | None,
+    backup_password_file: str | None,
+    on_existing: str | None,
+    kdf_profile: str,
+) -> None:
+    """Restore the backup FILE, all or nothing: the whole file is checked first, and a failure at any
+    point leaves the target store as it was.
+
+    \b
+    Into a path with no store: a copy of the backed-up store (it opens with the backup's master
+    password), or, from a password-protected backup, a new store under the master password.
+    Into an existing store: the secrets are written under that store's keys; it must be empty
+    unless --on-existing says what happens to names it already holds."""
+    session.require_local("restore")
+    if target:
+        session = dataclasses.replace(session, store_url=target)
+    mode = OnExisting(on_existing) if on_existing else None
+    path = Path(file)
+    header = read_backup_header(path)
+    password = _backup_password(session, path, header.kind, backup_password_file)
+    with progress_bars("check") as report:
+        checked = read_backup(path, password, environment=session.environment, progress=report)
+    if _no_store_at(session.store_url):
+        new_password = password if header.kind == KIND_STORE else session.password(confirm=True)
+        if header.kind != KIND_STORE and session.audit_path.exists():
+            raise ConflictError(
+                f"the audit log {session.audit_path} of another store is where the new store's log "
+                "would go; move it away or pass --audit-file"
+            )
+        with progress_bars("restore") as report:
+            result = restore_new_store(
+                checked,
+                session.store_url,
+                password=new_password,
+                kdf_profile=kdf_profile,
+                environment=session.environment,
+                actor=session.actor,
+                progress=report,
+            )
+        _audit_new_store(session, new_password)
+        where = f"a new store at {sqlite_path(session.store_url)}"
+    else:
+        with (
+            session.store_operation("restore", mutating=True) as (store, _),
+            progress_bars("restore") as report,
+        ):
+            result = restore_into(store, checked.secrets, on_existing=mode, progress=report)
+        where = "the store" if session.needs_password else f"the store {session.store_url}"
+    info_line(f"restored {_restored(result)} into {where}")
+    if result.skipped:
+        info_line(f"left {len(result.skipped)} existing secret(s) as they were (--on-existing skip)")
+    if result.without_value:
+        warning_line(
+            f"{len(result.without_value)} secret(s) had every version destroyed and were not created "
+            f"(first: {result.without_value[0]}): this store cannot hold a secret without a value"
+        )
+    if not result.exact:
+        info_line("this store numbers versions itself: the kept values were written oldest first")
+
+
+def summary_doc(summary: BackupSummary) -> dict[str, Any]:
+    return {
+        "file": str(summary.path),
+        "kind": summary.kind,
+        "created": timestamp(datetime.fromtimestamp(summary.created, UTC)),
+        "size": summary.size,
+        "secrets": summary.secrets,
+        "deleted": summary.deleted,
+        "versions": summary.versions,
+        "entries": summary.entries,
+    }
+
+
+def _check_destination(session: Session, path: Path, *, force: bool) -> None:
+    """Refuse before unlocking: an existing file (unless --force), a missing directory, the store."""
+    if path.is_dir():
+        raise InvalidInputError(f"{path} is a directory; give a file name for the backup")
+    if not path.parent.is_dir():
+        raise InvalidInputError(f"directory {path.parent} does not exist")
+    if path.exists() and not force:
+        raise ConflictError(f"{path} already exists; choose another name or pass --force to replace it")
+    try:
+        store_file = sqlite_path(session.store_url)
+    except InvalidInputError:
+        return
+    if path.resolve() in {Path(f"{store_file}{suffix}").resolve() for suffix in ("", "-wal", "-shm")}:
+        raise InvalidInputError(f"{path} is the store itself; write the backup to another file")
+
+
+def _backup_password(session: Session, path: Path, kind: str, password_file: str | None) -> bytes:
+    """What opens the file: --backup-password-file; else, for a copy of a store, its master
+    password from the usual sources; else a prompt on a terminal."""
+    if password_file:
+        return _read_file(session, password_file)
+    if kind == KIND_STORE:
+        return session.password()
+    if terminal_available():
+        return prompt_password("Backup password", confirm=False)
+    raise UnlockError(f"{path} is protected by a backup password: pass --backup-password-file PATH")
+
+
+def _read_file(session: Session, password_file: str) -> bytes:
+    try:
+        return read_password_file(Path(password_file), environment=session.environment)
+    except UnlockError as exc:
+        raise UnlockError(str(exc).replace("password file", "backup password file", 1)) from None
+
+
+def _no_store_at(url: str | None) -> bool:
+    """Whether `url` names a SQLite file that does not exist yet (so restore creates it)."""
+    try:
+        return not sqlite_path(url).exists()
+    except InvalidInputError:  # not a SQLite URL: a store that exists elsewhere (or a bad URL)
+        return False
+
+
+def _audit_new_store(session: Session, password: bytes) -> None:
+    """Record the restore in the new store's audit log, as `init` does; if that fails, the new store
+    was never announced and is removed again."""
+    store = open_store(session.store_url, password, environment=session.environment, actor=session.actor)
+    try:
+        session.audit_log().append([session.event("restore")], store)
+    except BaseException:
+        store.close()
+        remove_store_files(sqlite_path(session.store_url))
+        raise
+    store.close()
+
+
+def _counts(summary: BackupSummary) -> str:
+    deleted = f", {summary.deleted} deleted" if summary.deleted else ""
+    versions = f"{summary.versions} version{_s(summary.versions)}"
+    return f"{summary.secrets} secret{_s(summary.secrets)} ({versions}{deleted})"
+
+
+def _restored(result: RestoreResult) -> str:
+    return f"{result.secrets} secret{_s(result.secrets)} ({result.versions} version{_s(result.versions)})"
+
+
+def _kind(kind: str) -> str:
+    if kind == KIND_STORE:
+        return "a copy of the store (opens with its master password)"
+    return "protected by a backup password"
+
+
+def _size(size: int) -> str:
+    if size < 1024:
+        return f"{size} bytes"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.1f} KiB"
+    return f"{size / 1024 / 1024:.1f} MiB"
+
+
+def _s(count: int) -> str:
+    return "" if count == 1 else "s"
+
+
+__all__ = ["backup", "restore"]

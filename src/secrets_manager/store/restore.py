@@ -1,0 +1,409 @@
+"""Restore a checked backup (`store.backup.read_backup`) into a store: all or nothing.
+
+Three ways in (docs/backup-format.md section 9):
+
+* **A new SQLite store** (`restore_new_store`): the store is built complete in a temporary file
+  beside the target, closed (its write-ahead log folded in), and hard-linked to the target name,
+  which must not exist; a failure at any point removes the temporary file and leaves no store.
+  Kind `store` copies the entries byte for byte (the backup's master password opens the result);
+  kind `password` creates a store under a new master password and imports the logical form.
+* **An existing `EncryptedStore`** (`restore_into`): every record of the restore — values,
+  metadata and the keysets whose use counts they change — goes into **one** storage commit, with
+  compare-and-set on every name it touches. Either the whole restore lands or nothing does;
+  concurrent writers are never overwritten (a lost race re-reads and recomputes). Versions,
+  labels, times, authors and deleted state are kept exactly.
+* **Any other `SecretStore`** (Vault, AWS: no multi-secret transaction): the logical form is
+  written through the protocol, secret by secret, and a failure midway is compensated: every name
+  the restore created is destroyed again, and every name it overwrote is written back from the
+  copy read before anything was changed. "As it was" then means the same names, each with the same
+  kept values in the same order, the same current value and the same deleted state; version
+  numbers and times are the target's own (it numbers versions itself).
+
+Existing names: with `on_existing=None` the target must hold no secret at all; FAIL refuses if any
+name of the backup exists there; SKIP leaves those names as they are; OVERWRITE replaces each
+with the backup's secret (its whole history). Every decision is made before the first write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import os
+import secrets
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from secrets_manager.crypto import Purpose, seal_record
+from secrets_manager.environment import Environment
+from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError, StorageError
+from secrets_manager.storage import ABSENT, Delete, Put
+from secrets_manager.storage.base import Expect, Operation
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store.backup import KIND_STORE, Backup, BackupSecret, BackupVersion
+from secrets_manager.store.base import Capability, SecretStore, unsupported_capabilities
+from secrets_manager.store.encrypted import (
+    HEADER_KEY,
+    KEYSET_PREFIX,
+    META_PREFIX,
+    EncryptedStore,
+    _data_key,
+    _dump,
+)
+from secrets_manager.store.names import namespace_of
+from secrets_manager.store.url import create_store, remove_store_files, sqlite_path
+
+# progress(what, done, total)
+Progress = Callable[[str, int, int], None]
+
+
+def _no_progress(_what: str, _done: int, _total: int) -> None:
+    pass
+
+
+class OnExisting(enum.StrEnum):
+    """What a restore does with a name the target already holds."""
+
+    FAIL = "fail"
+    SKIP = "skip"
+    OVERWRITE = "overwrite"
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What a restore did. `exact`: version numbers, labels, times and authors kept as in the backup
+    (an `EncryptedStore` target); otherwise the target numbered the versions itself."""
+
+    secrets: int
+    versions: int
+    skipped: tuple[str, ...] = ()
+    overwritten: tuple[str, ...] = ()
+    without_value: tuple[str, ...] = ()  # every version destroyed: nothing to write into such a store
+    exact: bool = True
+
+
+# ---- a new SQLite store ----------------------------------------------------------------------------
+
+
+def restore_new_store(
+    backup: Backup,
+    url: str | None,
+    *,
+    password: bytes | None,
+    kdf_profile: str,
+    environment: Environment,
+    actor: str,
+    progress: Progress = _no_progress,
+) -> RestoreResult:
+    """Create the SQLite store `url` names from `backup`; ConflictError if something is there already.
+
+    Kind `store`: the entries as they are (the backup's master password opens the store; `password`
+    is not used). Kind `password`: a new store locked by `password` (the new master password) with
+    `kdf_profile`, then the logical form imported into it."""
+    path = sqlite_path(url)
+    if path.exists():
+        raise ConflictError(
+            f"a store already exists at {path}; restore into it with --on-existing, or pick a new path"
+        )
+    temporary = path.with_name(f".{path.name}.restore-{secrets.token_hex(6)}")
+    try:
+        if backup.summary.kind == KIND_STORE:
+            assert backup.store_header is not None
+            storage = SqliteStorage(temporary, create=True)
+            try:
+                operations: list[Operation] = [Put(HEADER_KEY, _dump(backup.store_header), ABSENT)]
+                operations += [Put(key, value) for key, value in backup.entries]  # a new, private file
+                progress("writing", 0, len(operations))
+                storage.commit(operations, silent=True)  # nobody can watch a file that has no name yet
+                progress("writing", len(operations), len(operations))
+            finally:
+                storage.close()
+            result = RestoreResult(secrets=backup.summary.secrets, versions=backup.summary.versions)
+        else:
+            if not password:
+                raise InvalidInputError("a new store needs a master password")
+            store = create_store(
+                str(temporary), password, kdf_profile=kdf_profile, environment=environment, actor=actor
+            )
+            try:
+                result = _import_encrypted(store, backup.secrets, None, progress, silent=True)
+            finally:
+                store.close()
+        _publish_store(temporary, path)
+    except BaseException:
+        remove_store_files(temporary)
+        raise
+    return result
+
+
+def _publish_store(temporary: Path, path: Path) -> None:
+    """Give a closed SQLite store its final name in one step, never replacing a file there."""
+    for suffix in ("-wal", "-shm"):  # closing the last connection folds the log in and removes it
+        companion = Path(f"{temporary}{suffix}")
+        if companion.exists() and companion.stat().st_size and suffix == "-wal":
+            raise StorageError(
+                f"the restored store {temporary} still has a write-ahead log; it was not published"
+            )
+        companion.unlink(missing_ok=True)
+    try:
+        os.link(temporary, path)
+    except FileExistsError:
+        raise ConflictError(f"a store appeared at {path} during the restore; nothing was restored") from None
+    except OSError as exc:
+        raise StorageError(f"cannot create {path}: {exc.strerror}") from None
+    temporary.unlink()
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- an existing store -------------------------------------------------------------------------------
+
+
+def restore_into(
+    store: SecretStore,
+    backup_secrets: Sequence[BackupSecret],
+    *,
+    on_existing: OnExisting | None = None,
+    progress: Progress = _no_progress,
+) -> RestoreResult:
+    """Write the logical form of a backup into an existing store, all or nothing (module docstring)."""
+    if isinstance(store, EncryptedStore):
+        return _import_encrypted(store, backup_secrets, on_existing, progress)
+    return _import_through_protocol(store, backup_secrets, on_existing, progress)
+
+
+def _clashes(
+    existing: Iterable[str], backup_secrets: Sequence[BackupSecret], on_existing: OnExisting | None
+) -> set[str]:
+    """The backup's names the target holds; ConflictError where `on_existing` forbids them."""
+    held = set(existing)
+    if on_existing is None and held:
+        raise ConflictError(
+            f"the target store is not empty ({len(held)} secret{'' if len(held) == 1 else 's'}); restore "
+            "into an empty store, or pass --on-existing fail|skip|overwrite to say what happens to names "
+            "it holds"
+        )
+    clashes = {s.name for s in backup_secrets if s.name in held}
+    if on_existing is OnExisting.FAIL and clashes:
+        first = min(clashes)
+        raise ConflictError(
+            f"{len(clashes)} name{'' if len(clashes) == 1 else 's'} of the backup already exist in the "
+            f"target store (first: {first}); pass --on-existing skip or overwrite"
+        )
+    return clashes
+
+
+def _import_encrypted(
+    store: EncryptedStore,
+    backup_secrets: Sequence[BackupSecret],
+    on_existing: OnExisting | None,
+    progress: Progress,
+    *,
+    silent: bool = False,
+) -> RestoreResult:
+    """Every record sealed under the target's own keys, then one commit (see the module docstring).
+    `silent` leaves the commit out of the change feed: only for a store nobody can be watching yet."""
+    by_namespace: dict[str, list[BackupSecret]] = {}
+    for secret in backup_secrets:
+        by_namespace.setdefault(namespace_of(secret.name), []).append(secret)
+    total = len(backup_secrets)
+
+    def attempt() -> RestoreResult:
+        storage = store._storage
+        clashes = _clashes(
+            (key[len(META_PREFIX) :] for key in storage.list(META_PREFIX)), backup_secrets, on_existing
+        )
+        ops: list[Operation] = []
+        guard = False
+        done = versions = 0
+        skipped: list[str] = []
+        overwritten: list[str] = []
+        for namespace, group in sorted(by_namespace.items()):
+            keyset_expect, keyset = store._keyset_for_write(namespace)
+            key = keyset.primary
+            sealed = 0
+            for secret in group:
+                done += 1
+                if done % 1000 == 0 or done == total:
+                    progress("restoring", done, total)
+                meta_expect: Expect = ABSENT
+                old_keys: set[str] = set()
+                if secret.name in clashes:
+                    if on_existing is OnExisting.SKIP:
+                        skipped.append(secret.name)
+                        continue
+                    entry, old = store._read_meta(secret.name)
+                    if entry is None or old is None:  # destroyed meanwhile: write it as new
+                        meta_expect = ABSENT
+                    else:
+                        meta_expect = entry.revision
+                        old_keys = {
+                            _data_key(secret.name, n) for n, i in old.versions.items() if not i["destroyed"]
+                        }
+                        overwritten.append(secret.name)
+                new_keys = set()
+                for version in secret.kept:
+                    data_key = _data_key(secret.name, version.version)
+                    new_keys.add(data_key)
+                    assert version.value is not None
+                    record = seal_record(
+                        key, Purpose.SECRET_VALUE, secret.name, version.version, version.value
+                    )
+                    ops.append(Put(data_key, record, None if data_key in old_keys else ABSENT))
+                ops.extend(Delete(k) for k in sorted(old_keys - new_keys))
+                meta = seal_record(key, Purpose.SECRET_METADATA, secret.name, 0, secret.metadata().to_json())
+                ops.append(Put(META_PREFIX + secret.name, meta, meta_expect))
+                sealed += len(new_keys) + 1
+                versions += len(new_keys)
+            if sealed:
+                keyset_record = seal_record(
+                    store._root, Purpose.KEYSET, namespace, 0, keyset.with_uses(sealed).to_bytes()
+                )
+                ops.append(Put(KEYSET_PREFIX + namespace, keyset_record, keyset_expect))
+                guard = guard or keyset_expect is ABSENT
+        if guard:
+            ops.append(store._root_guard())
+        if ops:
+            store._commit(ops, silent=silent)
+        return RestoreResult(
+            secrets=total - len(skipped),
+            versions=versions,
+            skipped=tuple(skipped),
+            overwritten=tuple(overwritten),
+        )
+
+    return store._retry(attempt)
+
+
+# ---- any other store, through the protocol ------------------------------------------------------------
+
+
+def _import_through_protocol(
+    store: SecretStore,
+    backup_secrets: Sequence[BackupSecret],
+    on_existing: OnExisting | None,
+    progress: Progress,
+) -> RestoreResult:
+    existing = {meta.name: meta for meta in store.list("", include_deleted=True)}
+    clashes = _clashes(existing, backup_secrets, on_existing)
+    lacks = unsupported_capabilities(store)
+    if Capability.EMPTY_VALUE in lacks:
+        empty = [s.name for s in backup_secrets if any(v.value == b"" for v in s.kept)]
+        if empty:
+            raise InvalidInputError(
+                f"{len(empty)} secret(s) of the backup have an empty value, which this store cannot hold "
+                f"(first: {empty[0]}); nothing was restored"
+            )
+    # Before the first write: a copy of every secret that will be replaced, to put back on failure.
+    originals: dict[str, BackupSecret] = {}
+    if on_existing is OnExisting.OVERWRITE:
+        for name in sorted(clashes):
+            if existing[name].deleted is not None:
+                raise ConflictError(
+                    f"{name} is deleted in the target store, so it cannot be copied aside before it is "
+                    f"overwritten; run 'undelete {name}' or 'destroy {name} --all' first"
+                )
+            originals[name] = _read_secret(store, name)
+    journal: list[tuple[str, BackupSecret | None]] = []  # (name, what to put back) in write order
+    skipped: list[str] = []
+    without_value: list[str] = []
+    versions = 0
+    total = len(backup_secrets)
+    try:
+        for done, secret in enumerate(backup_secrets, 1):
+            progress("restoring", done, total)
+            if secret.name in clashes and on_existing is OnExisting.SKIP:
+                skipped.append(secret.name)
+                continue
+            if not secret.kept:
+                without_value.append(secret.name)
+                continue
+            original = originals.get(secret.name)
+            journal.append((secret.name, original))
+            if original is not None:
+                store.destroy_secret(secret.name)
+            versions += _write_secret(store, secret)
+    except BaseException as exc:
+        _compensate(store, journal, exc)
+        raise
+    return RestoreResult(
+        secrets=total - len(skipped) - len(without_value),
+        versions=versions,
+        skipped=tuple(skipped),
+        overwritten=tuple(sorted(originals)),
+        without_value=tuple(without_value),
+        exact=False,
+    )
+
+
+def _read_secret(store: SecretStore, name: str) -> BackupSecret:
+    meta = store.describe(name)
+    versions = tuple(
+        BackupVersion(
+            version=info.version,
+            created=info.created.timestamp(),
+            created_by=info.created_by,
+            destroyed=info.destroyed,
+            value=None if info.destroyed else store.get(name, version=info.version).value.reveal(),
+        )
+        for info in meta.versions
+    )
+    return BackupSecret(
+        name=name,
+        created=meta.created.timestamp(),
+        updated=meta.updated.timestamp(),
+        created_by=meta.created_by,
+        description=meta.description,
+        tags=dict(meta.tags),
+        max_versions=meta.max_versions,
+        next_version=max((v.version for v in versions), default=0) + 1,
+        deleted=None if meta.deleted is None else meta.deleted.timestamp(),
+        labels=dict(meta.labels),
+        versions=versions,
+    )
+
+
+def _write_secret(store: SecretStore, secret: BackupSecret) -> int:
+    """The kept values oldest first (so `current` ends on the newest), then the deleted state.
+    The first write is create-only and each next one expects the version before it, so a
+    concurrent writer makes the restore fail (and be undone) rather than interleave."""
+    expect = 0
+    for version in secret.kept:
+        assert version.value is not None
+        info = store.put(
+            secret.name,
+            version.value,
+            expect_version=expect,
+            description=secret.description or None,
+            tags=dict(secret.tags) or None,
+        )
+        expect = info.version
+    if secret.deleted is not None:
+        store.delete(secret.name)
+    return len(secret.kept)
+
+
+def _compensate(
+    store: SecretStore, journal: list[tuple[str, BackupSecret | None]], cause: BaseException
+) -> None:
+    """Undo a partial protocol restore, newest first; if that fails too, say which names are left."""
+    left: list[str] = []
+    for name, original in reversed(journal):
+        try:
+            with contextlib.suppress(NotFoundError):  # the failed write created nothing
+                store.destroy_secret(name)
+            if original is not None and original.kept:
+                _write_secret(store, original)
+        except Exception:  # keep undoing the others, then report every name left
+            left.append(name)
+    if left:
+        raise StorageError(
+            f"the restore failed ({type(cause).__name__}: {cause}) and could not be undone for "
+            f"{len(left)} name(s) (first: {sorted(left)[0]}); check them by hand"
+        ) from cause
+
+
+__all__ = ["OnExisting", "RestoreResult", "restore_into", "restore_new_store"]

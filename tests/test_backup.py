@@ -1,0 +1,627 @@
+"""Backup and restore (issue 8) through the library: round trips of both kinds, one instant while
+another process writes, the file on disk (0600, atomic, no value in its bytes), existing names, and
+all or nothing — one commit into an `EncryptedStore`, build-beside-and-link for a new store, an
+undo journal for stores reached only through the `SecretStore` protocol.
+
+The CLI contract (exit codes, messages, audit) is in test_backup_cli.py; the format's vectors in
+test_backup_vectors.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from secrets_manager.crypto import Purpose, kdf, open_record
+from secrets_manager.crypto.record import record_key_id
+from secrets_manager.environment import Environment
+from secrets_manager.errors import (
+    ConflictError,
+    IntegrityError,
+    NotFoundError,
+    StorageError,
+    UnsupportedOperationError,
+)
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretMetadata, SecretStore, VersionInfo
+from secrets_manager.store import backup as backup_module
+from secrets_manager.store import restore as restore_module
+from secrets_manager.store.backup import Backup, read_backup, write_backup
+from secrets_manager.store.encrypted import DATA_PREFIX, KEYSET_PREFIX, META_PREFIX
+from secrets_manager.store.names import namespace_of
+from secrets_manager.store.restore import OnExisting, restore_into, restore_new_store
+
+BACKUP_PASSWORD = b"off-site backup password"
+VALUES = {
+    "market-connector/BINANCE_API_KEY": [
+        b"sk-live-FIRST-9c1d22",
+        b"sk-live-SECOND-71aa0e",
+        b"sk-live-THIRD-e5f3b8",
+    ],
+    "auth/DB_PASSWORD": [b"db-password-ONLY-44be19"],
+    "auth/EMPTY": [b""],
+    "auth/BINARY": [bytes(range(256))],
+    "ROOT_LEVEL": [b"root-level-VALUE-0b7d5c", b"root-level-NEWER-3a90d1"],
+    "auth/GONE": [b"deleted-VALUE-6f2e81"],
+}
+
+OpenStore = Any  # the conftest factory
+
+
+# ---- helpers -----------------------------------------------------------------------------------------
+
+
+def populate(store: EncryptedStore) -> None:
+    """Several namespaces, several versions, a destroyed version, a deleted secret, tags."""
+    for name, values in VALUES.items():
+        for i, value in enumerate(values):
+            store.put(name, value, description=f"about {name}" if i == 0 else None, tags={"v": str(i)})
+    store.destroy("market-connector/BINANCE_API_KEY", [1])
+    store.delete("auth/GONE")
+
+
+def full_state(store: EncryptedStore) -> dict[str, tuple[SecretMetadata, dict[int, bytes]]]:
+    """Every secret (deleted ones too): its metadata and the value of every kept version, read
+    through the store's own keys (get() refuses deleted secrets)."""
+    state = {}
+    for meta in store.list("", include_deleted=True):
+        keyset = store._keyset_for_read(namespace_of(meta.name))
+        values = {}
+        for info in meta.versions:
+            if info.destroyed:
+                continue
+            entry = store._storage.get(f"{DATA_PREFIX}{meta.name}#{info.version}")
+            assert entry is not None
+            values[info.version] = open_record(
+                keyset.key_for_decryption, Purpose.SECRET_VALUE, meta.name, info.version, entry.value
+            )
+        state[meta.name] = (meta, values)
+    return state
+
+
+def entries(path: Path) -> dict[str, bytes]:
+    """What a store file holds, except the audit anchor (which every audited command moves)."""
+    storage = SqliteStorage(path)
+    try:
+        return {k: storage.get(k).value for k in storage.list("") if k != "core/audit-anchor"}  # type: ignore[union-attr]
+    finally:
+        storage.close()
+
+
+def open_at(path: Path, password: str | bytes) -> EncryptedStore:
+    storage = SqliteStorage(path)
+    try:
+        return EncryptedStore.open(storage, PasswordUnlock(password, kdf.TEST))
+    except BaseException:
+        storage.close()
+        raise
+
+
+def new_store(path: Path, password: str | bytes = "target password") -> EncryptedStore:  # noqa: S107
+    return EncryptedStore.create(SqliteStorage(path, create=True), PasswordUnlock(password, kdf.TEST))
+
+
+def take(store: SecretStore, path: Path, *, password: bytes | None = None) -> Backup:
+    write_backup(store, path, password=password, kdf=kdf.TEST)
+    return read_backup(path, password or b"")
+
+
+def restore_fresh(backup: Backup, path: Path, *, password: bytes = b"new master") -> None:
+    restore_new_store(
+        backup,
+        str(path),
+        password=password,
+        kdf_profile="test",
+        environment=Environment.DEVELOPMENT,
+        actor="t",
+    )
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture
+def source(encrypted_store: EncryptedStore) -> EncryptedStore:
+    populate(encrypted_store)
+    return encrypted_store
+
+
+# ---- round trips ----------------------------------------------------------------------------------
+
+
+def test_store_copy_restores_every_name_version_label_value_and_metadata(
+    source: EncryptedStore, tmp_path: Path, store_password: str
+) -> None:
+    backup_file = tmp_path / "copy.smbackup"
+    write_backup(source, backup_file)
+    restore_fresh(read_backup(backup_file, store_password.encode()), tmp_path / "restored" / "store.db")
+    restored = open_at(tmp_path / "restored" / "store.db", store_password)  # the same master password
+    try:
+        assert full_state(restored) == full_state(source)
+    finally:
+        restored.close()
+
+
+def test_store_copy_restore_is_the_same_store_byte_for_byte(
+    source: EncryptedStore, tmp_path: Path, tmp_store_path: Path, store_password: str
+) -> None:
+    source.audit_key()  # copied too
+    write_backup(source, tmp_path / "copy.smbackup")
+    backup = read_backup(tmp_path / "copy.smbackup", store_password.encode())
+    restore_fresh(backup, tmp_path / "restored.db")
+    assert entries(tmp_path / "restored.db") == entries(tmp_store_path)
+
+
+def test_password_backup_restores_everything_into_a_new_store_under_a_new_master_password(
+    source: EncryptedStore, tmp_path: Path
+) -> None:
+    backup_file = tmp_path / "off-site.smbackup"
+    write_backup(source, backup_file, password=BACKUP_PASSWORD, kdf=kdf.TEST)
+    restore_fresh(read_backup(backup_file, BACKUP_PASSWORD), tmp_path / "new.db", password=b"new master")
+    restored = open_at(tmp_path / "new.db", "new master")
+    try:
+        assert full_state(restored) == full_state(source)
+    finally:
+        restored.close()
+
+
+def test_restore_into_an_existing_empty_store_seals_under_its_own_keys(
+    source: EncryptedStore, tmp_path: Path, store_password: str
+) -> None:
+    backup_file = tmp_path / "copy.smbackup"
+    write_backup(source, backup_file)
+    target = new_store(tmp_path / "target.db", "target password")
+    try:
+        result = restore_into(target, read_backup(backup_file, store_password.encode()).secrets)
+        assert (result.secrets, result.versions, result.exact) == (len(VALUES), 8, True)
+        assert full_state(target) == full_state(source)
+        for key in target._storage.list(META_PREFIX) + target._storage.list(DATA_PREFIX):
+            name = key.split("/", 1)[1].split("#")[0]
+            keyset = target._keyset_for_read(namespace_of(name))
+            assert keyset.key(record_key_id(target._storage.get(key).value))  # type: ignore[union-attr]
+    finally:
+        target.close()
+
+
+def test_a_restored_store_takes_new_writes_after_the_restored_versions(
+    source: EncryptedStore, tmp_path: Path
+) -> None:
+    target = new_store(tmp_path / "target.db")
+    try:
+        restore_into(target, take(source, tmp_path / "b", password=BACKUP_PASSWORD).secrets)
+        info = target.put("market-connector/BINANCE_API_KEY", b"sk-live-FOURTH")
+        assert info.version == 4
+        assert target.get("market-connector/BINANCE_API_KEY", label="previous").value.reveal() == (
+            b"sk-live-THIRD-e5f3b8"
+        )
+        keysets = {k[len(KEYSET_PREFIX) :] for k in target._storage.list(KEYSET_PREFIX)}
+        assert keysets == {"market-connector", "auth", "default"}
+    finally:
+        target.close()
+
+
+# ---- one instant, while another process writes --------------------------------------------------
+
+WRITER = r"""
+import os, sys
+from secrets_manager.crypto import kdf
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+
+unlock = PasswordUnlock(os.environ["TEST_STORE_PASSWORD"], kdf.TEST)
+store = EncryptedStore.open(SqliteStorage(sys.argv[1]), unlock)
+i = 0
+while True:  # until killed: A then B, the same counter (= their version number), two commits
+    i += 1
+    store.put("pair/a", str(i).encode())
+    store.put("pair/b", str(i).encode())
+    if i == 5:
+        print("writing", flush=True)
+"""
+
+
+def check_one_instant(backup_secrets: Iterable[backup_module.BackupSecret]) -> tuple[int, int]:
+    """Every version's value is its number (so no record is torn from another instant), versions
+    are contiguous, and B's counter is A's or one behind: the pair as it was between two commits."""
+    by_name = {s.name: s for s in backup_secrets}
+    for name in ("pair/a", "pair/b"):
+        numbers = [v.version for v in by_name[name].versions]
+        assert numbers == list(range(numbers[0], numbers[-1] + 1)), numbers
+        assert all(v.value == str(v.version).encode() for v in by_name[name].versions)
+    a = by_name["pair/a"].labels["current"]
+    b = by_name["pair/b"].labels["current"]
+    assert a - 1 <= b <= a, (a, b)
+    return a, b
+
+
+@pytest.mark.slow
+def test_a_backup_taken_while_another_process_writes_restores_one_instant(
+    encrypted_store: EncryptedStore, tmp_store_path: Path, store_password: str, tmp_path: Path
+) -> None:
+    for i in range(1500):  # enough entries that a backup takes a while to read and check
+        encrypted_store.put(f"filler/k{i:05d}", b"x" * 64)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(tmp_store_path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, TEST_STORE_PASSWORD=store_password),
+    )
+    seen: list[tuple[int, int]] = []
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "writing\n"
+        for round_ in range(6):
+            backup_file = tmp_path / f"live-{round_}.smbackup"
+            write_backup(encrypted_store, backup_file)
+            seen.append(check_one_instant(read_backup(backup_file, store_password.encode()).secrets))
+        assert writer.poll() is None, "the writer stopped during the backups"
+    finally:
+        writer.kill()
+        writer.wait()
+    assert len({a for a, _ in seen}) > 1, f"the writer made no progress between backups: {seen}"
+    restored_path = tmp_path / "restored.db"
+    restore_fresh(read_backup(tmp_path / "live-5.smbackup", store_password.encode()), restored_path)
+    restored = open_at(restored_path, store_password)
+    try:
+        a = int(restored.get("pair/a").value.reveal())
+        b = int(restored.get("pair/b").value.reveal())
+        assert (a, b) == seen[-1]
+        for name in ("pair/a", "pair/b"):
+            numbers = [v.version for v in restored.describe(name).versions if not v.destroyed]
+            assert numbers == list(range(numbers[0], numbers[-1] + 1))
+        assert len(restored.list("filler/")) == 1500
+    finally:
+        restored.close()
+
+
+# ---- the file ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("password", [None, BACKUP_PASSWORD], ids=["store-copy", "backup-password"])
+def test_the_backup_file_is_private(source: EncryptedStore, tmp_path: Path, password: bytes | None) -> None:
+    os.umask(0o022)
+    write_backup(source, tmp_path / "b.smbackup", password=password, kdf=kdf.TEST)
+    assert (tmp_path / "b.smbackup").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("password", [None, BACKUP_PASSWORD], ids=["store-copy", "backup-password"])
+def test_no_value_appears_in_the_backup_files_bytes(
+    source: EncryptedStore, tmp_path: Path, password: bytes | None
+) -> None:
+    write_backup(source, tmp_path / "b.smbackup", password=password, kdf=kdf.TEST)
+    data = (tmp_path / "b.smbackup").read_bytes()
+    for values in VALUES.values():
+        for value in values:
+            if len(value) < 8:
+                continue
+            for form in (value, base64.b64encode(value), value.hex().encode()):
+                assert form not in data
+    assert b"sk-live" not in data and b"db-password" not in data
+
+
+def test_a_failed_write_leaves_nothing_under_the_final_name(
+    source: EncryptedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_fsync(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(backup_module.os, "fsync", failing_fsync)
+    with pytest.raises(StorageError, match="No space left"):
+        write_backup(source, tmp_path / "b.smbackup")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
+
+
+def test_a_backup_never_replaces_a_file_unless_asked(source: EncryptedStore, tmp_path: Path) -> None:
+    target = tmp_path / "b.smbackup"
+    target.write_bytes(b"an older backup")
+    with pytest.raises(ConflictError, match="already exists"):
+        write_backup(source, target)
+    assert target.read_bytes() == b"an older backup"
+    write_backup(source, target, replace=True)
+    assert target.read_bytes().startswith(b"secrets-manager-backup/v1\n")
+    assert leftovers(tmp_path) == []
+
+
+def test_a_store_with_a_damaged_record_is_not_backed_up(
+    source: EncryptedStore, tmp_path: Path, tmp_store_path: Path
+) -> None:
+    raw = SqliteStorage(tmp_store_path)
+    try:
+        key = f"{DATA_PREFIX}auth/DB_PASSWORD#1"
+        value = bytearray(raw.get(key).value)  # type: ignore[union-attr]
+        value[-1] ^= 1
+        raw.put(key, bytes(value))
+    finally:
+        raw.close()
+    with pytest.raises(IntegrityError):
+        write_backup(source, tmp_path / "b.smbackup")
+    assert not (tmp_path / "b.smbackup").exists()
+    assert leftovers(tmp_path) == []
+
+
+# ---- existing names ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def backup(source: EncryptedStore, tmp_path: Path) -> Backup:
+    return take(source, tmp_path / "b.smbackup", password=BACKUP_PASSWORD)
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[EncryptedStore]:
+    store = new_store(tmp_path / "target.db")
+    store.put("auth/DB_PASSWORD", b"target-OWN-password")
+    store.put("other/UNRELATED", b"target-UNRELATED")
+    yield store
+    store.close()
+
+
+def test_a_non_empty_store_is_refused_unless_on_existing_is_given(
+    backup: Backup, target: EncryptedStore, tmp_path: Path
+) -> None:
+    before = entries(tmp_path / "target.db")
+    with pytest.raises(ConflictError, match=r"not empty \(2 secrets\).*--on-existing"):
+        restore_into(target, backup.secrets)
+    assert entries(tmp_path / "target.db") == before
+
+
+def test_on_existing_fail_refuses_a_shared_name_and_writes_nothing(
+    backup: Backup, target: EncryptedStore, tmp_path: Path
+) -> None:
+    before = entries(tmp_path / "target.db")
+    with pytest.raises(ConflictError, match="first: auth/DB_PASSWORD"):
+        restore_into(target, backup.secrets, on_existing=OnExisting.FAIL)
+    assert entries(tmp_path / "target.db") == before
+
+
+def test_on_existing_fail_allows_a_store_whose_names_differ(backup: Backup, tmp_path: Path) -> None:
+    store = new_store(tmp_path / "other.db")
+    try:
+        store.put("other/UNRELATED", b"kept")
+        restore_into(store, backup.secrets, on_existing=OnExisting.FAIL)
+        assert len(store.list("", include_deleted=True)) == len(VALUES) + 1
+        assert store.get("other/UNRELATED").value.reveal() == b"kept"
+    finally:
+        store.close()
+
+
+def test_on_existing_skip_keeps_the_stores_own_secret(backup: Backup, target: EncryptedStore) -> None:
+    result = restore_into(target, backup.secrets, on_existing=OnExisting.SKIP)
+    assert result.skipped == ("auth/DB_PASSWORD",)
+    assert target.get("auth/DB_PASSWORD").value.reveal() == b"target-OWN-password"
+    assert target.get("ROOT_LEVEL").value.reveal() == b"root-level-NEWER-3a90d1"
+    assert target.get("other/UNRELATED").value.reveal() == b"target-UNRELATED"
+
+
+def test_on_existing_overwrite_replaces_the_whole_history_of_shared_names_only(
+    backup: Backup, target: EncryptedStore, source: EncryptedStore
+) -> None:
+    target.put("auth/DB_PASSWORD", b"target-SECOND")
+    result = restore_into(target, backup.secrets, on_existing=OnExisting.OVERWRITE)
+    assert result.overwritten == ("auth/DB_PASSWORD",)
+    assert target.describe("auth/DB_PASSWORD") == source.describe("auth/DB_PASSWORD")
+    with pytest.raises(NotFoundError):
+        target.get("auth/DB_PASSWORD", version=2)
+    assert target.get("other/UNRELATED").value.reveal() == b"target-UNRELATED"
+
+
+# ---- all or nothing ---------------------------------------------------------------------------------
+
+
+def test_a_failing_commit_leaves_the_existing_store_as_it_was(
+    backup: Backup, target: EncryptedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = entries(tmp_path / "target.db")
+
+    def broken_commit(*args: Any, **kwargs: Any) -> int:
+        raise StorageError("disk I/O error")
+
+    monkeypatch.setattr(target._storage, "commit", broken_commit)
+    with pytest.raises(StorageError):
+        restore_into(target, backup.secrets, on_existing=OnExisting.OVERWRITE)
+    assert entries(tmp_path / "target.db") == before
+
+
+def test_the_restore_is_one_commit_so_a_concurrent_writer_is_never_overwritten(
+    backup: Backup, target: EncryptedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write lands between the restore's read and its commit: the commit's compare-and-set fails,
+    and the retry sees (and keeps) the concurrent write."""
+    other = open_at(tmp_path / "target.db", "target password")
+    original_commit = target._storage.commit
+    calls = []
+
+    def commit_after_a_concurrent_write(ops: Any, **kwargs: Any) -> int:
+        if not calls:
+            other.put("auth/DB_PASSWORD", b"written-CONCURRENTLY")
+        calls.append(len(ops))
+        return original_commit(ops, **kwargs)
+
+    monkeypatch.setattr(target._storage, "commit", commit_after_a_concurrent_write)
+    try:
+        restore_into(target, backup.secrets, on_existing=OnExisting.SKIP)
+    finally:
+        other.close()
+    assert len(calls) == 2
+    assert target.get("auth/DB_PASSWORD").value.reveal() == b"written-CONCURRENTLY"
+    assert target.get("ROOT_LEVEL").value.reveal() == b"root-level-NEWER-3a90d1"
+
+
+def test_a_failure_while_building_a_new_store_leaves_no_store(
+    backup: Backup, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_link(src: Any, dst: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(restore_module.os, "link", failing_link)
+    with pytest.raises(StorageError):
+        restore_fresh(backup, tmp_path / "new" / "store.db")
+    assert list((tmp_path / "new").iterdir()) == []
+
+
+def test_a_new_store_is_never_created_over_an_existing_file(backup: Backup, tmp_path: Path) -> None:
+    (tmp_path / "taken.db").write_bytes(b"not ours")
+    with pytest.raises(ConflictError, match="already exists"):
+        restore_fresh(backup, tmp_path / "taken.db")
+    assert (tmp_path / "taken.db").read_bytes() == b"not ours"
+
+
+# ---- stores reached through the protocol only (Vault, AWS) --------------------------------------------
+
+
+class ProtocolOnly:
+    """Another kind of store: only the `SecretStore` verbs of the store it wraps, so restore and
+    backup must go through the protocol (no snapshot, no shared commit, versions numbered by it)."""
+
+    def __init__(self, inner: EncryptedStore, *, fail_on_put: int | None = None) -> None:
+        self._inner = inner
+        self.puts = 0
+        self._fail_on_put = fail_on_put
+
+    def put(self, name: str, value: bytes, **options: Any) -> VersionInfo:
+        self.puts += 1
+        if self.puts == self._fail_on_put:
+            raise StorageError("the backend went away")
+        return self._inner.put(name, value, **options)
+
+    def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Any:
+        return self._inner.get(name, version=version, label=label)
+
+    def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
+        return self._inner.list(prefix, include_deleted=include_deleted)
+
+    def describe(self, name: str) -> SecretMetadata:
+        return self._inner.describe(name)
+
+    def delete(self, name: str) -> None:
+        self._inner.delete(name)
+
+    def undelete(self, name: str) -> None:
+        self._inner.undelete(name)
+
+    def destroy(self, name: str, versions: Iterable[int]) -> None:
+        self._inner.destroy(name, versions)
+
+    def destroy_secret(self, name: str) -> None:
+        self._inner.destroy_secret(name)
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+class NoEmptyValues(ProtocolOnly):
+    unsupported_capabilities = frozenset({"empty-value"})
+
+    def put(self, name: str, value: bytes, **options: Any) -> VersionInfo:
+        if not value:
+            raise UnsupportedOperationError("an empty value is not supported by this store")
+        return super().put(name, value, **options)
+
+
+def kept_values(store: SecretStore) -> dict[str, tuple[list[bytes], bool]]:
+    """Each secret's kept values oldest first and whether it is deleted: what a store that numbers
+    versions itself can keep."""
+    result = {}
+    for meta in store.list("", include_deleted=True):
+        if meta.deleted is not None:
+            store.undelete(meta.name)
+        values = [
+            store.get(meta.name, version=v.version).value.reveal() for v in meta.versions if not v.destroyed
+        ]
+        if meta.deleted is not None:
+            store.delete(meta.name)
+        result[meta.name] = (values, meta.deleted is not None)
+    return result
+
+
+def test_migration_through_the_protocol_and_back_keeps_every_value(
+    source: EncryptedStore, backup: Backup, tmp_path: Path
+) -> None:
+    """SQLite → another kind of store (through the protocol) → a backup of that store → SQLite."""
+    other = ProtocolOnly(new_store(tmp_path / "other.db"))
+    try:
+        result = restore_into(other, backup.secrets)
+        assert (result.exact, result.secrets, result.versions) == (False, len(VALUES), 8)
+        assert kept_values(other) == kept_values(source)
+        assert other.get("market-connector/BINANCE_API_KEY").value.reveal() == b"sk-live-THIRD-e5f3b8"
+        assert other.describe("auth/DB_PASSWORD").description == "about auth/DB_PASSWORD"
+        summary = write_backup(
+            other, tmp_path / "from-other.smbackup", password=BACKUP_PASSWORD, kdf=kdf.TEST
+        )
+        assert summary.not_included == ("auth/GONE",)  # a deleted secret gives out no value
+        other.undelete("auth/GONE")
+        write_backup(
+            other, tmp_path / "from-other.smbackup", password=BACKUP_PASSWORD, kdf=kdf.TEST, replace=True
+        )
+    finally:
+        other.close()
+    back = tmp_path / "back.db"
+    restore_fresh(read_backup(tmp_path / "from-other.smbackup", BACKUP_PASSWORD), back, password=b"back")
+    restored = open_at(back, "back")
+    try:
+        restored.delete("auth/GONE")
+        assert kept_values(restored) == kept_values(source)
+    finally:
+        restored.close()
+
+
+def test_a_protocol_restore_that_fails_midway_is_undone(backup: Backup, tmp_path: Path) -> None:
+    inner = new_store(tmp_path / "other.db")
+    inner.put("auth/DB_PASSWORD", b"other-FIRST")
+    inner.put("auth/DB_PASSWORD", b"other-SECOND")
+    inner.put("keep/ME", b"untouched")
+    inner.delete("keep/ME")
+    before = kept_values(inner)
+    other = ProtocolOnly(inner, fail_on_put=6)
+    try:
+        with pytest.raises(StorageError, match="went away"):
+            restore_into(other, backup.secrets, on_existing=OnExisting.OVERWRITE)
+        assert other.puts >= 6
+        assert kept_values(inner) == before
+        assert inner.get("auth/DB_PASSWORD").value.reveal() == b"other-SECOND"
+    finally:
+        other.close()
+
+
+def test_a_protocol_store_that_cannot_hold_a_value_is_refused_before_any_write(
+    backup: Backup, tmp_path: Path
+) -> None:
+    other = NoEmptyValues(new_store(tmp_path / "other.db"))
+    try:
+        with pytest.raises(Exception, match="empty value") as caught:
+            restore_into(other, backup.secrets)
+        assert caught.value.exit_code == 2  # type: ignore[attr-defined]
+        assert other.puts == 0
+        assert other.list("", include_deleted=True) == []
+    finally:
+        other.close()
+
+
+def test_a_store_without_snapshots_is_not_copied_as_a_store(tmp_path: Path) -> None:
+    other = ProtocolOnly(new_store(tmp_path / "other.db"))
+    try:
+        with pytest.raises(Exception, match="--backup-password-file"):
+            write_backup(other, tmp_path / "b.smbackup")
+        assert not (tmp_path / "b.smbackup").exists()
+    finally:
+        other.close()
+
+
+def test_secret_values_stay_redacted_in_backup_objects(backup: Backup) -> None:
+    text = repr(backup) + repr(backup.secrets) + repr(backup.summary)
+    for values in VALUES.values():
+        for value in values:
+            if value:
+                assert repr(value)[2:-1] not in text
+
+
+def test_reading_a_missing_file_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError):
+        read_backup(tmp_path / "nothing.smbackup", b"pw")

@@ -1,0 +1,412 @@
+"""`secrets-manager backup`, `backup verify` and `restore` through the real console script: round
+trips, the documented exit codes with one-line errors for damaged, cut, wrong-password and newer
+files (the target's bytes unchanged), existing stores, the file's mode, audit records, and quiet
+output in a pipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from secrets_manager.crypto import kdf
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+
+SCRIPT = Path(sys.executable).with_name("secrets-manager")
+PASSWORD = "backup cli test password"
+BACKUP_PASSWORD = "a separate off-site password"
+TIMEOUT = 120
+SECRETS = {
+    "svc/API_KEY": [b"sk-live-ONE-5b21c9", b"sk-live-TWO-a4e017"],
+    "svc/DB": [b"db-password-7f0c3d"],
+    "other/TOKEN": [b"token-VALUE-e81b44"],
+}
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    stderr: str
+
+
+class Cli:
+    """Runs the console script against one store, detached from any terminal."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.store = tmp_path / "vault" / "store.db"
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(tmp_path),
+            "SECRETS_MANAGER_STORE": str(self.store),
+            "MASTER_PASSWORD": PASSWORD,
+        }
+        self.backup_password = tmp_path / "backup-password"
+        self.backup_password.write_text(BACKUP_PASSWORD + "\n")
+
+    def __call__(self, *args: str, env: Mapping[str, str] | None = None) -> Result:
+        proc = subprocess.run(
+            [str(SCRIPT), *args],
+            input=b"",
+            capture_output=True,
+            env={**self.env, **(env or {})},
+            start_new_session=True,
+            timeout=TIMEOUT,
+        )
+        stderr = proc.stderr.decode("utf-8", errors="replace")
+        assert "Traceback" not in stderr, stderr
+        return Result(proc.returncode, proc.stdout.decode("utf-8"), stderr)
+
+    def ok(self, *args: str) -> Result:
+        result = self(*args)
+        assert result.code == 0, (args, result.stderr)
+        return result
+
+
+def files_of(store: Path) -> dict[str, bytes]:
+    """The store file and its companions (-wal, -shm, audit log), byte for byte."""
+    if not store.parent.exists():
+        return {}
+    return {p.name: p.read_bytes() for p in sorted(store.parent.iterdir())}
+
+
+def entries(store: Path) -> dict[str, bytes]:
+    """What a store holds, except the audit anchor, which every audited command moves."""
+    db = sqlite3.connect(store)
+    try:
+        rows = db.execute("SELECT key, value FROM entries WHERE key != 'core/audit-anchor'").fetchall()
+    finally:
+        db.close()
+    return {key: bytes(value) for key, value in rows}
+
+
+def values_of(cli: Cli, store: Path) -> dict[str, list[str]]:
+    """Every version's value of every secret, as `get --version` prints them."""
+    found = {}
+    for name in json.loads(cli.ok("--store", str(store), "list", "--json").out):
+        history = json.loads(cli.ok("--store", str(store), "history", name["name"], "--json").out)
+        found[name["name"]] = [
+            cli.ok("--store", str(store), "get", name["name"], "--version", str(v["version"])).out
+            for v in history["versions"]
+        ]
+    return found
+
+
+def audit_operations(log: Path) -> list[tuple[str, str]]:
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    return [(r["operation"], r["outcome"]) for r in records]
+
+
+def assert_one_line_error(result: Result, code: int, *needles: str) -> None:
+    assert result.code == code, (result.code, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("secrets-manager: error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    """A store (cheap Argon2id) with secrets in two namespaces, one of them with two versions."""
+    cli = Cli(tmp_path)
+    store = EncryptedStore.create(SqliteStorage(cli.store, create=True), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        store.audit_key()  # as init's audit record would
+        for name, values in SECRETS.items():
+            for value in values:
+                store.put(name, value, description=f"about {name}")
+    finally:
+        store.close()
+    return cli
+
+
+@pytest.fixture
+def copy_file(cli: Cli) -> Path:
+    path = cli.tmp / "copy.smbackup"
+    cli.ok("backup", str(path))
+    return path
+
+
+@pytest.fixture
+def password_file(cli: Cli) -> Path:
+    path = cli.tmp / "off-site.smbackup"
+    cli.ok("backup", str(path), "--backup-password-file", str(cli.backup_password))
+    return path
+
+
+# ---- round trips -----------------------------------------------------------------------------------
+
+
+def test_a_store_copy_restores_into_a_new_store_with_every_version(cli: Cli, copy_file: Path) -> None:
+    target = cli.tmp / "restored" / "store.db"
+    result = cli.ok("restore", str(copy_file), "--store", str(target))
+    assert "restored 3 secrets (4 versions) into a new store" in result.stderr
+    assert values_of(cli, target) == values_of(cli, cli.store)
+    assert target.stat().st_mode & 0o777 == 0o600
+    assert cli.ok("--store", str(target), "audit", "verify").out.startswith("audit log verified")
+
+
+def test_a_password_backup_restores_into_a_new_store_under_the_master_password(
+    cli: Cli, password_file: Path
+) -> None:
+    target = cli.tmp / "elsewhere" / "store.db"
+    cli.ok(
+        "restore",
+        str(password_file),
+        "--store",
+        str(target),
+        "--backup-password-file",
+        str(cli.backup_password),
+        "--kdf-profile",
+        "test",
+    )
+    assert values_of(cli, target) == values_of(cli, cli.store)
+    wrong = cli("--store", str(target), "get", "svc/DB", env={"MASTER_PASSWORD": BACKUP_PASSWORD})
+    assert wrong.code == 4  # the backup password is not the new store's master password
+
+
+def test_a_restore_into_an_initialised_empty_store_keeps_its_master_password(
+    cli: Cli, copy_file: Path
+) -> None:
+    target = cli.tmp / "empty" / "store.db"
+    own = {"MASTER_PASSWORD": "the empty store's own password"}
+    assert cli("--store", str(target), "init", "--kdf-profile", "test", env=own).code == 0
+    (cli.tmp / "source-password").write_text(PASSWORD)  # what opens the copy: its store's password
+    args = (
+        "restore",
+        str(copy_file),
+        "--store",
+        str(target),
+        "--backup-password-file",
+        str(cli.tmp / "source-password"),
+    )
+    restored = cli(*args, env=own)
+    assert restored.code == 0, restored.stderr
+    assert "into the store" in restored.stderr
+    got = cli("--store", str(target), "get", "svc/API_KEY", "--version", "1", env=own)
+    assert got.out == "sk-live-ONE-5b21c9\n"
+
+
+def test_a_missing_backup_password_file_exits_4(cli: Cli, copy_file: Path) -> None:
+    result = cli("backup", "verify", str(copy_file), "--backup-password-file", str(cli.tmp / "nowhere"))
+    assert_one_line_error(result, 4, "backup password file", "does not exist")
+
+
+def test_backup_out_is_the_same_as_file(cli: Cli) -> None:
+    cli.ok("backup", "--out", str(cli.tmp / "out.smbackup"))
+    assert "3 secrets" in cli.ok("backup", "verify", str(cli.tmp / "out.smbackup")).out
+
+
+def test_verify_prints_the_counts_and_json(cli: Cli, copy_file: Path, password_file: Path) -> None:
+    line = cli.ok("backup", "verify", str(copy_file)).out
+    assert line.startswith(f"backup {copy_file} is intact and complete: 3 secrets (4 versions);")
+    doc = json.loads(
+        cli.ok(
+            "backup",
+            "verify",
+            str(password_file),
+            "--backup-password-file",
+            str(cli.backup_password),
+            "--json",
+        ).out
+    )
+    assert (doc["kind"], doc["secrets"], doc["versions"], doc["deleted"]) == ("password", 3, 4, 0)
+
+
+# ---- refused files: clear one-line errors, documented exit codes, target unchanged -------------------
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    if how == "flipped byte":
+        middle = len(data) - 100
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0x40]) + data[middle + 1 :])
+    elif how == "truncated":
+        path.write_bytes(data[: len(data) * 2 // 3])
+    elif how == "newer version":
+        path.write_bytes(data.replace(b"secrets-manager-backup/v1\n", b"secrets-manager-backup/v2\n", 1))
+
+
+REFUSALS = [
+    ("flipped byte", 6, "is damaged: integrity check failed"),
+    ("truncated", 6, "is damaged"),
+    ("newer version", 2, "upgrade secrets-manager"),
+]
+
+
+@pytest.mark.parametrize(("how", "code", "message"), REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_a_refused_file_leaves_an_existing_target_unchanged(
+    cli: Cli, copy_file: Path, how: str, code: int, message: str
+) -> None:
+    target = cli.tmp / "target" / "store.db"
+    cli.ok("restore", str(copy_file), "--store", str(target))
+    damage(copy_file, how)
+    before = files_of(target)
+    assert_one_line_error(
+        cli("restore", str(copy_file), "--store", str(target), "--on-existing", "overwrite"), code, message
+    )
+    assert files_of(target) == before
+    assert_one_line_error(cli("backup", "verify", str(copy_file)), code, message)
+
+
+@pytest.mark.parametrize(("how", "code", "message"), REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_a_refused_file_creates_no_store(
+    cli: Cli, password_file: Path, how: str, code: int, message: str
+) -> None:
+    damage(password_file, how)
+    target = cli.tmp / "never" / "store.db"
+    result = cli(
+        "restore",
+        str(password_file),
+        "--store",
+        str(target),
+        "--backup-password-file",
+        str(cli.backup_password),
+    )
+    assert_one_line_error(result, code, message)
+    assert files_of(target) == {}
+
+
+@pytest.mark.parametrize("kind", ["store copy", "backup password"])
+def test_a_wrong_backup_password_exits_4_and_changes_nothing(
+    cli: Cli, copy_file: Path, password_file: Path, kind: str
+) -> None:
+    wrong = cli.tmp / "wrong"
+    wrong.write_text("not it")
+    file = copy_file if kind == "store copy" else password_file
+    before = files_of(cli.store)
+    result = cli("restore", str(file), "--on-existing", "overwrite", "--backup-password-file", str(wrong))
+    assert_one_line_error(result, 4, "wrong", "password")
+    assert files_of(cli.store) == before
+    assert_one_line_error(
+        cli("backup", "verify", str(file), "--backup-password-file", str(wrong)), 4, "wrong"
+    )
+
+
+def test_a_password_backup_without_a_password_source_exits_4(cli: Cli, password_file: Path) -> None:
+    result = cli("backup", "verify", str(password_file))
+    assert_one_line_error(result, 4, "--backup-password-file")
+
+
+def test_a_missing_file_exits_3(cli: Cli) -> None:
+    assert_one_line_error(cli("backup", "verify", str(cli.tmp / "nothing")), 3, "no backup file")
+
+
+# ---- existing stores and files ----------------------------------------------------------------------
+
+
+def test_a_non_empty_store_is_refused_without_on_existing(cli: Cli, copy_file: Path) -> None:
+    before = entries(cli.store)
+    assert_one_line_error(cli("restore", str(copy_file)), 7, "not empty", "--on-existing")
+    assert entries(cli.store) == before
+
+
+def test_on_existing_skip_restores_only_missing_names(cli: Cli, copy_file: Path) -> None:
+    cli.ok("destroy", "svc/DB", "--all")
+    cli.ok("store", "svc/API_KEY", "kept-NEWER")
+    cli.ok("restore", str(copy_file), "--on-existing", "skip")
+    assert cli.ok("get", "svc/DB").out == "db-password-7f0c3d\n"
+    assert cli.ok("get", "svc/API_KEY").out == "kept-NEWER\n"
+
+
+def test_backup_never_replaces_a_file_without_force(cli: Cli, copy_file: Path) -> None:
+    before = copy_file.read_bytes()
+    assert_one_line_error(cli("backup", str(copy_file)), 7, "already exists", "--force")
+    assert copy_file.read_bytes() == before
+    cli.ok("backup", str(copy_file), "--force")
+    assert copy_file.read_bytes() != before
+    assert copy_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_backup_refuses_to_write_over_the_store_itself(cli: Cli) -> None:
+    before = files_of(cli.store)
+    assert_one_line_error(cli("backup", str(cli.store), "--force"), 2, "is the store itself")
+    assert files_of(cli.store) == before
+
+
+# ---- the file, the audit log, the terminal ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["store copy", "backup password"])
+def test_the_backup_file_is_0600_and_holds_no_value(
+    cli: Cli, copy_file: Path, password_file: Path, kind: str
+) -> None:
+    file = copy_file if kind == "store copy" else password_file
+    assert file.stat().st_mode & 0o777 == 0o600
+    data = file.read_bytes()
+    for values in SECRETS.values():
+        for value in values:
+            assert value not in data
+
+
+def test_backup_and_restore_are_audited(cli: Cli, copy_file: Path) -> None:
+    assert audit_operations(cli.store.with_name("store.audit.jsonl"))[-3:] == [
+        ("unlock", "ok"),
+        ("backup", "pending"),
+        ("backup", "ok"),
+    ]
+    target = cli.tmp / "restored" / "store.db"
+    cli.ok("restore", str(copy_file), "--store", str(target))
+    assert audit_operations(target.with_name("store.audit.jsonl")) == [("restore", "ok")]
+    cli.ok("restore", str(copy_file), "--store", str(target), "--on-existing", "overwrite")
+    assert audit_operations(target.with_name("store.audit.jsonl"))[-2:] == [
+        ("restore", "pending"),
+        ("restore", "ok"),
+    ]
+
+
+def test_backup_and_restore_are_quiet_in_a_pipe(cli: Cli) -> None:
+    backup = cli.ok("backup", str(cli.tmp / "quiet.smbackup"))
+    restore = cli.ok("restore", str(cli.tmp / "quiet.smbackup"), "--store", str(cli.tmp / "q" / "s.db"))
+    for result in (backup, restore):
+        assert result.out == ""
+        assert [line.split(":")[0] for line in result.stderr.splitlines()] == ["secrets-manager"]
+
+
+def test_backup_against_a_server_is_refused(cli: Cli) -> None:
+    result = cli("--server", "127.0.0.1:1", "backup", str(cli.tmp / "b"))
+    assert_one_line_error(result, 2, "local store only")
+
+
+def test_backup_draws_a_progress_bar_on_a_terminal(cli: Cli) -> None:
+    primary, secondary = pty.openpty()
+    try:
+        proc = subprocess.run(
+            [str(SCRIPT), "backup", str(cli.tmp / "tty.smbackup")],
+            input=b"",
+            stdout=subprocess.PIPE,
+            stderr=secondary,
+            env={**cli.env, "TERM": "xterm", "COLUMNS": "100"},
+            start_new_session=True,
+            timeout=TIMEOUT,
+        )
+        os.close(secondary)
+        secondary = -1
+        drawn = b""
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the other side is closed and everything was read
+                break
+            if not chunk:
+                break
+            drawn += chunk
+    finally:
+        os.close(primary)
+        if secondary != -1:
+            os.close(secondary)
+    assert proc.returncode == 0
+    text = drawn.decode("utf-8", errors="replace")
+    assert "backup writing" in text and "10/10" in text

@@ -1,0 +1,205 @@
+"""Migration between kinds of store with backup and restore (issue 8): SQLite → AWS Secrets Manager
+(moto's real HTTP server on 127.0.0.1) → SQLite, and SQLite → Vault KV v2 (the test server of
+vault_server.py) → SQLite, keeping every value; and a backup AWS cannot hold refused up front.
+
+The backups go through the file (write, read and check, restore), as the CLI does; the Vault and
+AWS stores are opened directly (their URLs reach the CLI through store/url.py).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from secrets_manager.crypto import kdf
+from secrets_manager.environment import Environment
+from secrets_manager.errors import InvalidInputError
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretStore
+from secrets_manager.store.backup import read_backup, write_backup
+from secrets_manager.store.restore import restore_into, restore_new_store
+from vault_server import FakeVault
+
+SCRIPT = Path(sys.executable).with_name("secrets-manager")
+BACKUP_PASSWORD = b"migration backup password"
+SOURCE = {
+    "market-connector/BINANCE_API_KEY": [
+        b"sk-live-FIRST-9c1d22",
+        b"sk-live-SECOND-71aa0e",
+        b"sk-live-THIRD-e5f3b8",
+    ],
+    "auth/DB_PASSWORD": [b"db-password-ONLY-44be19"],
+    "auth/BINARY": [bytes(range(1, 256))],
+    "ROOT_LEVEL": [b"root-level-VALUE-0b7d5c", b"root-level-NEWER-3a90d1"],
+}
+
+
+def source_store(path: Path) -> EncryptedStore:
+    store = EncryptedStore.create(SqliteStorage(path, create=True), PasswordUnlock("source", kdf.TEST))
+    for name, values in SOURCE.items():
+        for value in values:
+            store.put(name, value, description=f"about {name}", tags={"team": "trading"})
+    store.destroy("market-connector/BINANCE_API_KEY", [1])  # a destroyed version is not migrated
+    return store
+
+
+def kept(store: SecretStore) -> dict[str, tuple[list[bytes], bytes, str]]:
+    """Each secret's kept values oldest first, its current value and its description."""
+    result = {}
+    for meta in store.list(""):
+        values = [
+            store.get(meta.name, version=v.version).value.reveal() for v in meta.versions if not v.destroyed
+        ]
+        result[meta.name] = (values, store.get(meta.name).value.reveal(), meta.description)
+    return result
+
+
+def round_trip(source: EncryptedStore, other: SecretStore, tmp_path: Path) -> EncryptedStore:
+    """source → backup file → other store → backup file → a new SQLite store."""
+    write_backup(source, tmp_path / "from-sqlite.smbackup", password=BACKUP_PASSWORD, kdf=kdf.TEST)
+    result = restore_into(other, read_backup(tmp_path / "from-sqlite.smbackup", BACKUP_PASSWORD).secrets)
+    assert (result.secrets, result.versions, result.exact) == (len(SOURCE), 6, False)
+    assert kept(other) == kept(source)
+    summary = write_backup(other, tmp_path / "from-other.smbackup", password=BACKUP_PASSWORD, kdf=kdf.TEST)
+    assert (summary.secrets, summary.versions, summary.not_included) == (len(SOURCE), 6, ())
+    back = tmp_path / "back.db"
+    restore_new_store(
+        read_backup(tmp_path / "from-other.smbackup", BACKUP_PASSWORD),
+        str(back),
+        password=b"back",
+        kdf_profile="test",
+        environment=Environment.DEVELOPMENT,
+        actor="t",
+    )
+    return EncryptedStore.open(SqliteStorage(back), PasswordUnlock("back", kdf.TEST))
+
+
+# ---- AWS Secrets Manager (moto server) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint() -> Iterator[str]:
+    server_module = pytest.importorskip("moto.server")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def aws(
+    moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Iterator[SecretStore]:
+    aws_module = pytest.importorskip("secrets_manager.store.aws")
+    for variable, value in {
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+    }.items():
+        monkeypatch.setenv(variable, value)
+    prefix = f"migration/{request.node.name.replace('_', '-')[:60]}"
+    store = aws_module.AwsStore(aws_module.connect_aws("eu-west-1"), prefix, actor="migration-test")
+    yield store
+    store.close()
+
+
+def test_sqlite_to_aws_and_back_keeps_every_value(aws: SecretStore, tmp_path: Path) -> None:
+    source = source_store(tmp_path / "source.db")
+    try:
+        back = round_trip(source, aws, tmp_path)
+        try:
+            assert kept(back) == kept(source)
+        finally:
+            back.close()
+    finally:
+        source.close()
+
+
+def test_the_cli_migrates_sqlite_to_aws_and_back(moto_endpoint: str, tmp_path: Path) -> None:
+    """`restore --store aws-secretsmanager://…`, then `--store aws-secretsmanager://… backup`, then
+    `restore` into a new SQLite store, through the console script."""
+    source = source_store(tmp_path / "source.db")
+    try:
+        source_values = kept(source)
+    finally:
+        source.close()
+    (tmp_path / "backup-password").write_bytes(BACKUP_PASSWORD)
+    aws_url = "aws-secretsmanager://eu-west-1/cli-migration"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "MASTER_PASSWORD": "source",
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+    }
+
+    def run(*args: str) -> str:
+        proc = subprocess.run(
+            [str(SCRIPT), *args], capture_output=True, env=env, start_new_session=True, timeout=120
+        )
+        assert proc.returncode == 0, (args, proc.stderr.decode())
+        return proc.stderr.decode()
+
+    password = ("--backup-password-file", str(tmp_path / "backup-password"))
+    run("--store", str(tmp_path / "source.db"), "backup", str(tmp_path / "one.smbackup"), *password)
+    assert "into the store aws-secretsmanager://" in run(
+        "restore", str(tmp_path / "one.smbackup"), "--store", aws_url, *password
+    )
+    run("--store", aws_url, "backup", str(tmp_path / "two.smbackup"), *password)
+    back = tmp_path / "back" / "store.db"
+    run("restore", str(tmp_path / "two.smbackup"), "--store", str(back), *password, "--kdf-profile", "test")
+    restored = EncryptedStore.open(SqliteStorage(back), PasswordUnlock("source", kdf.TEST))
+    try:
+        assert kept(restored) == source_values
+    finally:
+        restored.close()
+
+
+def test_a_backup_aws_cannot_hold_is_refused_before_any_write(aws: SecretStore, tmp_path: Path) -> None:
+    source = source_store(tmp_path / "source.db")
+    try:
+        source.put("auth/EMPTY", b"")
+        write_backup(source, tmp_path / "b.smbackup", password=BACKUP_PASSWORD, kdf=kdf.TEST)
+    finally:
+        source.close()
+    with pytest.raises(InvalidInputError, match="empty value"):
+        restore_into(aws, read_backup(tmp_path / "b.smbackup", BACKUP_PASSWORD).secrets)
+    assert aws.list("", include_deleted=True) == []
+
+
+# ---- Vault KV v2 (the test server) ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def vault() -> Iterator[SecretStore]:
+    vault_module = pytest.importorskip("secrets_manager.store.vault")
+    server = FakeVault().start()
+    client = vault_module.connect_vault(
+        server.address,
+        environ={"VAULT_TOKEN": server.root_token},
+        session=vault_module.retrying_session(attempts=3, backoff=0.001),
+    )
+    store = vault_module.VaultStore(client, "secret", actor="migration-test")
+    yield store
+    store.close()
+    server.stop()
+
+
+def test_sqlite_to_vault_and_back_keeps_every_value(vault: SecretStore, tmp_path: Path) -> None:
+    source = source_store(tmp_path / "source.db")
+    try:
+        back = round_trip(source, vault, tmp_path)
+        try:
+            assert kept(back) == kept(source)
+        finally:
+            back.close()
+    finally:
+        source.close()
