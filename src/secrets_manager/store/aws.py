@@ -31,10 +31,8 @@ from __future__ import annotations
 
 import builtins
 import json
-import random
 import re
 import secrets
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,6 +60,7 @@ from secrets_manager.errors import (
     UnlockError,
     UnsupportedOperationError,
 )
+from secrets_manager.store.backoff import Backoff
 from secrets_manager.store.base import (
     CURRENT,
     DEFAULT_MAX_VERSIONS,
@@ -351,8 +350,7 @@ class AwsStore:
         checked_write(name, expect_version, tags)
         payload = _payload(checked_value(value, empty_supported=False))
         secret_id = self.aws_name(name)
-        deadline = time.monotonic() + RETRY_DEADLINE_SECONDS
-        delay = 0.05
+        backoff = Backoff(first=0.05, cap=1.0, deadline_seconds=RETRY_DEADLINE_SECONDS, what=repr(name))
         while True:
             with self._aws(f"store {name}", name):
                 existing = self._describe_or_none(secret_id)
@@ -367,10 +365,7 @@ class AwsStore:
                 number = self._put_version(name, existing, payload, expect_version)
                 break
             except _LostRace:
-                if time.monotonic() > deadline:
-                    raise StorageError(f"too many concurrent writes to {name!r}; try again") from None
-                time.sleep(random.uniform(0, delay))  # noqa: S311 (jitter, not crypto)
-                delay = min(delay * 2, 1.0)
+                backoff.wait()
         self._update_metadata(name, existing, description, tags)
         return VersionInfo(version=number, created=datetime.now(UTC), created_by="", labels=(CURRENT,))
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import random
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from secrets_manager.errors import (
 )
 from secrets_manager.storage import ABSENT, Delete, Entry, Put, Scrubbable, Storage
 from secrets_manager.storage.base import Expect, Operation
+from secrets_manager.store.backoff import Backoff
 from secrets_manager.store.base import (
     CURRENT,
     DEFAULT_MAX_VERSIONS,
@@ -542,16 +542,12 @@ class EncryptedStore:
 
     def _retry(self, attempt: Callable[[], T]) -> T:
         """Run `attempt` until it commits without losing a race, with jittered backoff."""
-        deadline = time.monotonic() + RETRY_DEADLINE_SECONDS
-        delay = 0.001
+        backoff = Backoff(first=0.001, cap=0.05, deadline_seconds=RETRY_DEADLINE_SECONDS, what="the store")
         while True:
             try:
                 return attempt()
             except _LostRace:
-                if time.monotonic() > deadline:
-                    raise StorageError("too much write contention on the store; try again") from None
-                time.sleep(random.uniform(0, delay))  # noqa: S311 (jitter, not crypto)
-                delay = min(delay * 2, 0.05)
+                backoff.wait()
 
 
 @dataclass

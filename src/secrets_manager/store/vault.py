@@ -28,10 +28,8 @@ import base64
 import binascii
 import builtins
 import json
-import random
 import re
 import secrets
-import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
@@ -56,6 +54,7 @@ from secrets_manager.errors import (
     UnlockError,
     UnsupportedOperationError,
 )
+from secrets_manager.store.backoff import Backoff
 from secrets_manager.store.base import (
     CURRENT,
     DEFAULT_MAX_VERSIONS,
@@ -453,8 +452,7 @@ class VaultStore:
         MOUNT/metadata/NAME when the secret is new or its description or tags change."""
         checked_write(name, expect_version, tags)
         data = _encode_data(checked_value(value))
-        deadline = time.monotonic() + RETRY_DEADLINE_SECONDS
-        delay = 0.01
+        backoff = Backoff(first=0.01, cap=0.5, deadline_seconds=RETRY_DEADLINE_SECONDS, what=repr(name))
         while True:
             meta = self._read_meta(name)
             if meta is not None and meta.deleted is not None:
@@ -474,10 +472,7 @@ class VaultStore:
                     raise ConflictError(
                         f"secret {name!r} changed since version {expect_version}; read it again and retry"
                     ) from None
-                if time.monotonic() > deadline:
-                    raise StorageError(f"too many concurrent writes to {name!r}; try again") from None
-                time.sleep(random.uniform(0, delay))  # noqa: S311 (jitter, not crypto)
-                delay = min(delay * 2, 0.5)
+                backoff.wait()
         if meta is None or description is not None or tags is not None:
             self._write_custom_metadata(name, meta, description, tags)
         return VersionInfo(
