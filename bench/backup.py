@@ -141,7 +141,11 @@ def open_store(path: Path) -> EncryptedStore:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="10k secrets, 2 runs per op")
-    parser.add_argument("--secrets", type=parse_count, help="secrets in the store (default 100k, quick 10k)")
+    parser.add_argument(
+        "--secrets",
+        type=lambda t: report.parse_count(t, what="number of secrets"),
+        help="secrets in the store (default 100k, quick 10k)",
+    )
     parser.add_argument("--runs", type=int, help="runs per op (default 3, quick 2)")
     parser.add_argument("--dir", type=Path, default=None, help="directory for the temporary files")
     args = parser.parse_args(argv)
@@ -244,19 +248,6 @@ def _cells(row: Row) -> tuple[str, ...]:
         f"{row.size / 2**20:.1f}",
         f"{row.ratio:.3f}",
     )
-
-
-def parse_count(text: str) -> int:
-    """'100k' → 100000."""
-    part = text.strip().lower()
-    scale = {"k": 1_000, "m": 1_000_000}.get(part[-1:], 1)
-    try:
-        count = int(float(part[:-1] if scale != 1 else part) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a count: {text!r} (use e.g. 100k)") from None
-    if count < 1:
-        raise argparse.ArgumentTypeError("at least 1 secret")
-    return count
 
 
 if __name__ == "__main__":

@@ -259,23 +259,14 @@ def _cells(row: Row) -> tuple[str, ...]:
     )
 
 
-def parse_count(text: str) -> int:
-    """'100k' → 100000; at least 2 (one secret is two records)."""
-    part = text.strip().lower()
-    scale = {"k": 1_000, "m": 1_000_000}.get(part[-1:], 1)
-    try:
-        count = int(float(part[:-1] if scale != 1 else part) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a count: {text!r} (use e.g. 100k)") from None
-    if count < 2:
-        raise argparse.ArgumentTypeError("at least 2 records (one secret)")
-    return count
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="10k records, fewer repetitions")
-    parser.add_argument("--records", type=parse_count, help="records to rewrap (default 100k, quick 10k)")
+    parser.add_argument(
+        "--records",
+        type=lambda t: report.parse_count(t, minimum=2, what="number of records"),
+        help="records to rewrap (default 100k, quick 10k)",
+    )
     parser.add_argument(
         "--batch-size", type=int, default=key_lifecycle.DEFAULT_REWRAP_BATCH, help="records per rewrap commit"
     )

@@ -425,20 +425,10 @@ def _cells(row: Row) -> tuple[str, ...]:
 
 def parse_sizes(text: str) -> tuple[int, ...]:
     """'1k,10k,100k' or '1000,5000' → (1000, 10000, 100000)."""
-    sizes = []
-    for part in filter(None, (p.strip().lower() for p in text.split(","))):
-        scale = {"k": 1_000, "m": 1_000_000}.get(part[-1], 1)
-        number = part[:-1] if scale != 1 else part
-        try:
-            size = int(float(number) * scale)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a size: {part!r} (use e.g. 1k,10k,100k)") from None
-        if size < 1:
-            raise argparse.ArgumentTypeError("sizes are at least 1")
-        sizes.append(size)
+    sizes = tuple(report.parse_count(p, what="size") for p in text.split(",") if p.strip())
     if not sizes:
         raise argparse.ArgumentTypeError("give at least one size")
-    return tuple(sizes)
+    return sizes
 
 
 def main(argv: Sequence[str] | None = None) -> int:

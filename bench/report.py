@@ -67,3 +67,18 @@ def render(
         print(fmt(row))
     for note in notes:
         print(note)
+
+
+def parse_count(text: str, *, minimum: int = 1, what: str = "count") -> int:
+    """'100k' → 100000, '2m' → 2000000; argparse-friendly errors."""
+    import argparse
+
+    part = text.strip().lower()
+    scale = {"k": 1_000, "m": 1_000_000}.get(part[-1:], 1)
+    try:
+        count = int(float(part[:-1] if scale != 1 else part) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a {what}: {text!r} (use e.g. 100k)") from None
+    if count < minimum:
+        raise argparse.ArgumentTypeError(f"a {what} is at least {minimum}")
+    return count
