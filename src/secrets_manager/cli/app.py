@@ -46,6 +46,7 @@ from secrets_manager.store import MAX_VALUE_SIZE, EncryptedStore, SecretMetadata
 from secrets_manager.store.base import LABELS, AuditedStore
 from secrets_manager.store.names import validate_prefix
 from secrets_manager.store.url import (
+    KDF_PROFILE_NAMES,
     create_store,
     default_audit_path,
     needs_password,
@@ -318,7 +319,7 @@ def cli(
 @cli.command()
 @click.option(
     "--kdf-profile",
-    type=click.Choice(["default", "test"]),
+    type=click.Choice(KDF_PROFILE_NAMES),
     default="default",
     show_default=True,
     help="Argon2id cost: 'default' is RFC 9106's t=3, 64 MiB, p=4; 'test' is cheap, for test suites only.",

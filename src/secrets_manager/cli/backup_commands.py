@@ -33,7 +33,7 @@ from secrets_manager.store.backup import (
     write_backup,
 )
 from secrets_manager.store.restore import OnExisting, RestoreResult, restore_into, restore_new_store
-from secrets_manager.store.url import open_store, remove_store_files, sqlite_path
+from secrets_manager.store.url import KDF_PROFILE_NAMES, open_store, remove_store_files, sqlite_path
 
 new_password_option = click.option(
     "--backup-password-file",
@@ -144,7 +144,7 @@ def verify(session: Session, file: str, backup_password_file: str | None, as_jso
 )
 @click.option(
     "--kdf-profile",
-    type=click.Choice(["default", "test"]),
+    type=click.Choice(KDF_PROFILE_NAMES),
     default="default",
     show_default=True,
     help="Argon2id cost of a new store made from a password-protected backup ('test': test suites only).",

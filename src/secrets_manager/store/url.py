@@ -47,6 +47,8 @@ DEFAULT_FILE_NAME = "secrets.db"
 _REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+-\d+")
 _MOUNT = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
 
+KDF_PROFILE_NAMES: tuple[str, ...] = tuple(KDF_PROFILES)  # what `--kdf-profile` accepts
+
 
 @dataclass(frozen=True)
 class VaultLocation:
