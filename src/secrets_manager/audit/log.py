@@ -12,6 +12,7 @@ fails the operation instead of hanging it. Failures raise `AuditError`; callers 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -22,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -35,6 +36,7 @@ from secrets_manager.store.base import Anchor
 GENESIS_HASH = "0" * 64
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_TIMEOUT_SECONDS = 5.0
+DEFAULT_FLUSH_INTERVAL_SECONDS = 0.01
 _TAIL_CHUNK = 4096
 T = TypeVar("T")
 
@@ -89,33 +91,56 @@ class AuditLog:
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
+        flush_interval: float = DEFAULT_FLUSH_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
         self.lock_path = Path(f"{self.path}.lock")
         self.max_bytes = max_bytes
         self.timeout = timeout
+        self.flush_interval = flush_interval
         self._clock = clock
-        self._worker = _SinkWorker(self._write_batch)
+        # Guards the file state below between this process's threads; the flock guards it
+        # between processes. Held only around a write, never while waiting for a caller.
+        self._lock = threading.Lock()
+        self._tail: _Tail | None = None
+        self._lock_fd: int | None = None
+        self._file: tuple[int, int] | None = None  # the live file: descriptor and inode
+        self._unsynced: _Unsynced | None = None
+        self._failure: str | None = None
+        self._worker = _SinkWorker(self._write_batch, self._flush_from_worker)
 
     # ---- writing -----------------------------------------------------------------------------
 
-    def append(self, events: Sequence[AuditEvent], anchor: AuditAnchor | None) -> list[dict[str, Any]]:
-        """Append records durably and move the store's anchor; return them once they are on disk.
+    def append(
+        self, events: Sequence[AuditEvent], anchor: AuditAnchor | None, *, durable: bool = True
+    ) -> list[dict[str, Any]]:
+        """Append records and return them once they are written.
 
-        Concurrent callers are group-committed: the sink worker writes every waiting record with
-        one lock, one write, one fsync and one anchor update. Raises AuditError if that does not
-        happen within `timeout` seconds. `anchor` is None only for a writer that could not unlock
-        the store (a denied unlock): such records carry no MAC and do not move the anchor.
+        durable=True (every change, and every CLI operation): the records are fsynced and the
+        store's anchor moved before this returns. Concurrent callers are group-committed: the
+        sink worker writes every waiting record with one lock, one write, one fsync and one
+        anchor update. durable=False (the service's reads, by default): the records are in the
+        file — the OS has them, so a crash of this process loses none — before this returns;
+        the fsync and the anchor follow within `flush_interval` seconds, for every record
+        written in that window at once. That is what Vault's file audit device promises
+        (written before the response, never fsynced), plus the bounded fsync.
+
+        Raises AuditError if this does not happen within `timeout` seconds, or if an earlier
+        deferred fsync failed (the log may have lost records: every later request is refused).
+        `anchor` is None only for a writer that could not unlock the store (a denied unlock):
+        such records carry no MAC and do not move the anchor.
         """
-        job = _AppendJob(list(events), anchor)
+        self._raise_if_failed()
+        if not durable:
+            records = self._append_here(list(events), anchor)
+            if records is not None:
+                return records
+        job = _AppendJob(list(events), anchor, durable=durable)
         self._worker.submit(job)
         if not job.done.wait(self.timeout):
             job.abandoned = True
-            raise AuditError(
-                f"audit log {self.path} did not answer within {self.timeout:g} s; the operation was refused",
-                timed_out=True,
-            )
+            raise self._timed_out()
         if job.error is not None:
             if isinstance(job.error, SecretsManagerError):
                 raise job.error
@@ -127,11 +152,50 @@ class AuditLog:
             raise job.error
         return job.records
 
+    def flush(self) -> None:
+        """Fsync records appended with durable=False and anchor them now (e.g. at shutdown)."""
+        self._flush()
+        self._raise_if_failed()
+
+    def _append_here(
+        self, events: list[AuditEvent], anchor: AuditAnchor | None
+    ) -> list[dict[str, Any]] | None:
+        """A non-durable append on the caller's thread: no hand-off to the worker, no fsync.
+
+        Returns None when another process holds the log's lock: the caller then queues the
+        records for the worker, which waits for the lock with the deadline."""
+        if not self._lock.acquire(timeout=self.timeout):
+            raise self._timed_out()
+        try:
+            if not self._flock(deadline=None):
+                return None
+            try:
+                job = _AppendJob(events, anchor, durable=False)
+                self._write_locked([job], anchor, durable=False)
+            finally:
+                self._unflock()
+        except OSError as exc:
+            raise AuditError(
+                f"cannot write audit log {self.path}: {exc.strerror or exc}; the operation was refused"
+            ) from None
+        finally:
+            self._lock.release()
+        self._worker.flush_within(self.flush_interval)
+        return job.records
+
     def _write_batch(self, jobs: list[_AppendJob]) -> None:
-        """On the worker: write runs of jobs that share an anchor together."""
+        """On the worker: write runs of jobs that share an anchor and durability together."""
         live = [job for job in jobs if not job.abandoned]
         while live:
-            size = next((i for i, job in enumerate(live) if job.anchor is not live[0].anchor), len(live))
+            first = live[0]
+            size = next(
+                (
+                    i
+                    for i, job in enumerate(live)
+                    if job.anchor is not first.anchor or job.durable != first.durable
+                ),
+                len(live),
+            )
             group = live[:size]
             live = live[len(group) :]
             try:
@@ -144,60 +208,186 @@ class AuditLog:
                     job.done.set()
 
     def _write_group(self, jobs: list[_AppendJob]) -> None:
-        anchor = jobs[0].anchor
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        lock_fd = _open_private(self.lock_path, os.O_RDWR | os.O_CREAT)
-        try:
-            _flock_with_deadline(lock_fd, time.monotonic() + self.timeout)
-            self._rotate_if_full()
-            fd = _open_private(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+        anchor, durable = jobs[0].anchor, jobs[0].durable
+        with self._lock:
+            self._flock(deadline=time.monotonic() + self.timeout)
             try:
-                self._append_records(fd, jobs, anchor)
+                self._write_locked(jobs, anchor, durable=durable)
             finally:
-                os.close(fd)
-        finally:
-            os.close(lock_fd)  # releases the flock
+                self._unflock()
+        if not durable:
+            self._worker.flush_within(self.flush_interval)
 
-    def _append_records(self, fd: int, jobs: list[_AppendJob], anchor: AuditAnchor | None) -> None:
-        last = self.last_record()
-        if anchor is not None:
-            _check_tail_against_anchor(last, anchor.audit_anchor(), self.path)
+    # The lock file and the live file stay open between appends (opening, checking and closing
+    # them was most of a non-durable append). Both are reopened when they are not the files at
+    # their paths any more: the lock file was deleted, the live file rotated or replaced.
+
+    def _flock(self, *, deadline: float | None) -> bool:
+        """Take the cross-process lock: once (deadline None; False if busy) or until `deadline`."""
+        fd = self._lock_fd
+        if fd is None or os.fstat(fd).st_nlink == 0:
+            if fd is not None:
+                self._lock_fd = None
+                os.close(fd)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = self._lock_fd = _open_private(self.lock_path, os.O_RDWR | os.O_CREAT)
+        if deadline is not None:
+            _flock_with_deadline(fd, deadline)
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _unflock(self) -> None:
+        if self._lock_fd is not None:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _live_file(self) -> tuple[int, os.stat_result]:
+        """Holding both locks: the live file (rotated first if full) open for appending, and its
+        state before this append."""
+        try:
+            now: os.stat_result | None = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            now = None
+        if now is not None and now.st_size >= self.max_bytes and self._rotate():
+            now = None
+        if now is None or self._file is None or now.st_ino != self._file[1]:
+            if self._file is not None:
+                old, self._file = self._file[0], None
+                os.close(old)
+            fd = _open_private(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+            now = os.fstat(fd)
+            self._file = (fd, now.st_ino)
+        return self._file[0], now
+
+    def _write_locked(self, jobs: list[_AppendJob], anchor: AuditAnchor | None, *, durable: bool) -> None:
+        """Holding both locks: chain the jobs' records onto the tail, write them, and (durable)
+        fsync them and move the anchor."""
+        fd, before = self._live_file()
+        seq, previous = self._tail_of(before, anchor)
+        first_seq = seq
         key = None if anchor is None else anchor.audit_key()
-        seq = 0 if last is None else int(last["seq"])
-        previous = GENESIS_HASH if last is None else str(last["hash"])
         now = datetime.fromtimestamp(self._clock(), tz=UTC).isoformat(timespec="microseconds")
         lines = []
         for job in jobs:
             for event in job.events:
                 seq += 1
-                record: dict[str, Any] = {"seq": seq, "time": now, **asdict(event), "prev": previous}
+                record: dict[str, Any] = {"seq": seq, "time": now, **vars(event), "prev": previous}
                 record["hash"] = previous = record_hash(record)
                 record["mac"] = None if key is None else record_mac(key, record["hash"])
                 job.records.append(record)
                 lines.append(_canonical(record) + b"\n")
+        if seq == first_seq:
+            return
         data = b"".join(lines)
-        size = os.fstat(fd).st_size
+        self._tail = None  # until the write is known to be whole
         try:
             if os.write(fd, data) != len(data):
                 raise OSError(errno.ENOSPC, "short write")
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         except OSError:
-            os.ftruncate(fd, size)  # never leave half a record behind
+            os.ftruncate(fd, before.st_size)  # never leave half a record behind
             raise
-        if anchor is not None and seq > (0 if last is None else int(last["seq"])):
+        self._tail = _Tail(before.st_ino, before.st_size + len(data), seq, previous)
+        if not durable:
+            self._note_unsynced(fd, before.st_ino, anchor)
+            return
+        if self._unsynced is not None and self._unsynced.inode == before.st_ino:
+            unsynced, self._unsynced = self._unsynced, None
+            unsynced.close()  # this fsync covered those records too
+        if anchor is not None:
             anchor.set_audit_anchor(Anchor(seq=seq, hash=previous))
 
-    def _rotate_if_full(self) -> None:
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            return
-        if size < self.max_bytes:
-            return
+    def _tail_of(self, now: os.stat_result, anchor: AuditAnchor | None) -> tuple[int, str]:
+        """The last record's seq and hash. Read from the file (and checked against the store's
+        anchor) unless the file is as this process left it (same file, same size: every other
+        writer only appends, and a same-size rewrite breaks the chain `verify` walks)."""
+        tail = self._tail
+        if tail is not None and (now.st_ino, now.st_size) == tail.stamp:
+            return tail.seq, tail.hash
+        last = self.last_record()
+        if anchor is not None:
+            _check_tail_against_anchor(last, anchor.audit_anchor(), self.path)
+        if last is None:
+            return 0, GENESIS_HASH
+        return int(last["seq"]), str(last["hash"])
+
+    def _note_unsynced(self, fd: int, inode: int, anchor: AuditAnchor | None) -> None:
+        """Remember the file the next flush must fsync. A file that is no longer the live one
+        (it was rotated) is fsynced now, so a flush never has to chase it."""
+        current = self._unsynced
+        if current is not None and current.inode != inode:
+            self._unsynced = None
+            current.sync_and_close()
+            current = None
+        if current is None:
+            self._unsynced = _Unsynced(os.dup(fd), inode, anchor)
+        elif anchor is not None:
+            current.anchor = anchor
+
+    def _flush_from_worker(self) -> None:
+        # A failure is kept as the sticky `_failure` that the next append raises.
+        with contextlib.suppress(AuditError):
+            self._flush()
+
+    def _flush(self) -> None:
+        """Fsync the records written without it, then anchor the file's last record.
+
+        Both happen holding this process's lock, and the anchor only while also holding the
+        flock and only if the file is exactly as this process left it: then its last record is
+        the newest anywhere and was covered by the fsync, so the anchor only moves forward and
+        never vouches for a record a power cut could lose. Otherwise (another process holds the
+        log) the anchor lags until the next flush or durable append. A failed fsync means
+        records may be lost: from then on every append is refused. A failed anchor update is
+        not a loss (the records are on disk and verify by MAC)."""
+        with self._lock:
+            unsynced, self._unsynced = self._unsynced, None
+            if unsynced is None:
+                return
+            locked = self._flock(deadline=None)
+            try:
+                try:
+                    unsynced.sync_and_close()
+                except OSError as exc:
+                    self._failure = (
+                        f"audit log {self.path} could not be synced to disk ({exc.strerror or exc}); "
+                        "records may be lost, so requests are refused: check the disk and restart"
+                    )
+                    raise AuditError(self._failure) from None
+                tail = self._tail
+                if not locked or unsynced.anchor is None or tail is None:
+                    return
+                try:
+                    live = os.stat(self.path, follow_symlinks=False)
+                except FileNotFoundError:
+                    return
+                if (live.st_ino, live.st_size) == tail.stamp:
+                    with contextlib.suppress(SecretsManagerError):
+                        unsynced.anchor.set_audit_anchor(Anchor(seq=tail.seq, hash=tail.hash))
+            finally:
+                if locked:
+                    self._unflock()
+
+    def _raise_if_failed(self) -> None:
+        if self._failure is not None:
+            raise AuditError(self._failure)
+
+    def _timed_out(self) -> AuditError:
+        return AuditError(
+            f"audit log {self.path} did not answer within {self.timeout:g} s; the operation was refused",
+            timed_out=True,
+        )
+
+    def _rotate(self) -> bool:
+        """Rename the full live file to `<file>.<first seq>`; False if it holds no record."""
         first = _first_record(self.path)
         if first is None:
-            return
+            return False
         self.path.rename(self._rotated_path(int(first["seq"])))
+        return True
 
     def _rotated_path(self, first_seq: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{first_seq:012d}")
@@ -274,10 +464,44 @@ class _AppendJob:
 
     events: list[AuditEvent]
     anchor: AuditAnchor | None
+    durable: bool = True
     records: list[dict[str, Any]] = field(default_factory=list)
     error: BaseException | None = None
     abandoned: bool = False
     done: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class _Tail:
+    """The live file as this process last left it, and its last record."""
+
+    inode: int
+    size: int
+    seq: int
+    hash: str
+
+    @property
+    def stamp(self) -> tuple[int, int]:
+        return self.inode, self.size
+
+
+@dataclass
+class _Unsynced:
+    """A file holding records written without fsync (a descriptor of our own), and the store
+    whose anchor they should move."""
+
+    fd: int
+    inode: int
+    anchor: AuditAnchor | None
+
+    def sync_and_close(self) -> None:
+        try:
+            os.fsync(self.fd)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
 def _check_tail_against_anchor(last: dict[str, Any] | None, anchored: Anchor | None, path: Path) -> None:
@@ -380,28 +604,56 @@ def _flock_with_deadline(fd: int, deadline: float) -> None:
 
 
 class _SinkWorker:
-    """One daemon thread that does an audit log's I/O, in batches.
+    """One daemon thread that does an audit log's I/O, in batches, and its deferred fsyncs.
 
     Callers wait with a deadline, so a stuck sink fails requests instead of hanging them; a daemon
     thread (unlike a ThreadPoolExecutor's) cannot keep a failing process from exiting. Jobs that
     arrive while a batch is being written form the next batch: group commit.
     """
 
-    def __init__(self, write_batch: Callable[[list[_AppendJob]], None]) -> None:
-        self._jobs: queue.SimpleQueue[_AppendJob] = queue.SimpleQueue()
+    def __init__(self, write_batch: Callable[[list[_AppendJob]], None], flush: Callable[[], None]) -> None:
+        self._jobs: queue.SimpleQueue[_AppendJob | None] = queue.SimpleQueue()
         self._write_batch = write_batch
+        self._flush = flush
+        self._flush_due: float | None = None
+        self._due_lock = threading.Lock()
         self._thread = threading.Thread(target=self._serve, name="audit-sink", daemon=True)
         self._thread.start()
 
     def submit(self, job: _AppendJob) -> None:
         self._jobs.put(job)
 
+    def flush_within(self, seconds: float) -> None:
+        """Make sure a flush runs at most `seconds` from now."""
+        with self._due_lock:
+            if self._flush_due is not None:
+                return
+            self._flush_due = time.monotonic() + seconds
+        self._jobs.put(None)  # wake the worker so it waits for the new deadline
+
     def _serve(self) -> None:
         while True:
-            batch = [self._jobs.get()]
+            with self._due_lock:
+                due = self._flush_due
+            try:
+                first = self._jobs.get(timeout=None if due is None else max(0.0, due - time.monotonic()))
+            except queue.Empty:
+                first = None
+            batch = [] if first is None else [first]
             while True:
                 try:
-                    batch.append(self._jobs.get_nowait())
+                    job = self._jobs.get_nowait()
                 except queue.Empty:
                     break
-            self._write_batch(batch)
+                if job is not None:
+                    batch.append(job)
+            if batch:
+                self._write_batch(batch)
+            with self._due_lock:
+                due = self._flush_due
+                if due is not None and time.monotonic() >= due:
+                    self._flush_due = None
+                else:
+                    due = None
+            if due is not None:
+                self._flush()

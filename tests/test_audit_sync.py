@@ -1,0 +1,184 @@
+"""Non-durable audit appends (the service's reads): written before the call returns, fsynced and
+anchored within the flush interval, one chain with every other writer, failures fail closed."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from secrets_manager.audit import AuditError, AuditEvent, AuditLog, AuditTamperError
+from secrets_manager.crypto import kdf
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+
+PASSWORD = "audit sync test password"
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[EncryptedStore]:
+    opened = EncryptedStore.create(
+        SqliteStorage(tmp_path / "store.db", create=True), PasswordUnlock(PASSWORD, kdf.TEST)
+    )
+    yield opened
+    opened.close()
+
+
+def read(n: int) -> AuditEvent:
+    return AuditEvent("get", "spiffe://test/reader", "grpc", "ipv4:127.0.0.1:1", f"auth/KEY_{n}", version=1)
+
+
+def lines(path: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()
+
+
+def anchored_seq(store: EncryptedStore) -> int:
+    anchor = store.audit_anchor()
+    return 0 if anchor is None else anchor.seq
+
+
+def test_a_non_durable_record_is_in_the_file_when_append_returns(tmp_path: Path, store: EncryptedStore) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl", flush_interval=60)  # no flush during the test
+    for n in range(1, 6):
+        written = log.append([read(n)], store, durable=False)
+        on_disk = lines(tmp_path / "audit.jsonl")
+        assert on_disk[-1] == written[0] and on_disk[-1]["seq"] == n
+    assert log.verify(store.audit_key(), store.audit_anchor()) == 5
+
+
+def test_the_flush_fsyncs_and_anchors_within_the_interval(
+    tmp_path: Path, store: EncryptedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, flush_interval=0.3)
+    for n in range(1, 4):
+        log.append([read(n)], store, durable=False)
+    assert synced == [] and anchored_seq(store) == 0  # deferred: nothing yet
+    assert wait_for(lambda: anchored_seq(store) == 3)
+    assert synced == [path.stat().st_ino]  # one fsync for the three records
+    assert store.audit_anchor().hash == lines(path)[-1]["hash"]  # type: ignore[union-attr]
+
+
+def test_durable_and_non_durable_writers_share_one_chain(tmp_path: Path, store: EncryptedStore) -> None:
+    """Two logs on one file stand for two processes (each has its own locks and tail cache)."""
+    path = tmp_path / "audit.jsonl"
+    service, cli = AuditLog(path, flush_interval=60), AuditLog(path)
+    service.append([read(1), read(2)], store, durable=False)
+    cli.append([AuditEvent("store", "alice", name="auth/KEY_9")], store)  # durable: anchors seq 3
+    service.append([read(3)], store, durable=False)  # must chain onto the CLI's record
+    cli.append([AuditEvent("get", "alice", name="auth/KEY_9")], store)
+    service.append([read(4)], store, durable=False)
+    service.flush()
+    assert [r["seq"] for r in lines(path)] == [1, 2, 3, 4, 5, 6]
+    assert service.verify(store.audit_key(), store.audit_anchor()) == 6
+    assert anchored_seq(store) == 6
+
+
+def test_a_flush_never_moves_the_anchor_backwards(tmp_path: Path, store: EncryptedStore) -> None:
+    path = tmp_path / "audit.jsonl"
+    service, cli = AuditLog(path, flush_interval=60), AuditLog(path)
+    service.append([read(1), read(2)], store, durable=False)
+    cli.append([AuditEvent("store", "alice", name="auth/KEY_9")], store)
+    assert anchored_seq(store) == 3
+    service.flush()  # its records (1, 2) are older than the anchored tail
+    assert anchored_seq(store) == 3
+    assert service.verify(store.audit_key(), store.audit_anchor()) == 3
+
+
+def test_a_cut_tail_is_still_detected(tmp_path: Path, store: EncryptedStore) -> None:
+    """The tail cache must not skip the anchor check once the file is not as we left it."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, flush_interval=60)
+    log.append([read(1), read(2), read(3)], store, durable=False)
+    log.flush()
+    data = path.read_bytes()
+    path.write_bytes(data[: data.rstrip(b"\n").rfind(b"\n") + 1])  # drop record 3
+    with pytest.raises(AuditTamperError, match="lost records"):
+        log.append([read(4)], store, durable=False)
+
+
+def test_rotation_keeps_one_chain_and_syncs_the_rotated_file(tmp_path: Path, store: EncryptedStore) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, max_bytes=1500, flush_interval=60)
+    for n in range(1, 31):
+        log.append([read(n)], store, durable=False)
+    log.flush()
+    assert len(log.files()) > 2
+    assert log.verify(store.audit_key(), store.audit_anchor()) == 30
+    assert anchored_seq(store) == 30
+
+
+def test_a_failed_fsync_refuses_every_later_append(
+    tmp_path: Path, store: EncryptedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EIO from fsync cannot be produced on demand here; the injected error is what Linux returns
+    when writeback of the log's pages failed (they may be gone)."""
+    log = AuditLog(tmp_path / "audit.jsonl", flush_interval=60)
+    log.append([read(1)], store, durable=False)
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(AuditError, match="could not be synced"):
+        log.flush()
+    monkeypatch.undo()
+    for durable in (False, True):
+        with pytest.raises(AuditError, match="records may be lost"):
+            log.append([read(2)], store, durable=durable)
+    assert len(lines(tmp_path / "audit.jsonl")) == 1
+
+
+CRASHING_WRITER = """
+import os, sys
+from secrets_manager.audit import AuditEvent, AuditLog
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+store = EncryptedStore.open(SqliteStorage(sys.argv[1]), PasswordUnlock(sys.argv[3]))
+log = AuditLog(sys.argv[2], flush_interval=60)
+for n in range(200):
+    log.append([AuditEvent("get", "svc", "grpc", None, f"auth/K{n}")], store, durable=False)
+print("appended", flush=True)
+os.kill(os.getpid(), 9)
+"""
+
+
+def test_a_crashed_writer_loses_no_record(tmp_path: Path, store: EncryptedStore) -> None:
+    """SIGKILL right after the appends, before any flush: the records are the kernel's by then."""
+    store.audit_key()  # created by this process, so the child only reads the store
+    path = tmp_path / "audit.jsonl"
+    child = subprocess.run(
+        [sys.executable, "-c", CRASHING_WRITER, str(tmp_path / "store.db"), str(path), PASSWORD],
+        capture_output=True,
+        timeout=60,
+    )
+    assert child.returncode == -9 and child.stdout == b"appended\n", child.stderr
+    assert [r["seq"] for r in lines(path)] == list(range(1, 201))
+    log = AuditLog(path)
+    assert log.verify(store.audit_key(), store.audit_anchor()) == 200  # the anchor lags; that is allowed
+    log.append([read(201)], store)  # and the next writer carries on from the crashed one's tail
+    assert log.verify(store.audit_key(), store.audit_anchor()) == 201
