@@ -11,6 +11,7 @@ This module takes plain values and does not import grpc.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 
@@ -75,14 +76,22 @@ def identity_from_auth_context(auth_context: Mapping[str, Iterable[bytes | str]]
     """
     if _values(auth_context, "transport_security_type") != ["ssl"]:
         raise IdentityError("the connection is not TLS; mutual TLS is required")
-    pem = _values(auth_context, "x509_pem_cert")
+    pem = auth_context.get("x509_pem_cert")
     if pem:
-        return identity_from_certificate(pem[0])
+        return _identity_from_pem(next(iter(pem)))
     common_names = _values(auth_context, "x509_common_name")
     has_san = bool(_values(auth_context, "x509_subject_alternative_name"))
     if len(common_names) == 1 and not has_san and _usable_common_name(common_names[0]):
         return common_names[0]
     raise IdentityError("the caller presented no usable client certificate; mutual TLS is required")
+
+
+@functools.lru_cache(maxsize=1024)
+def _identity_from_pem(pem: bytes | str) -> str:
+    """`identity_from_certificate` remembered per certificate: a connection presents the same
+    certificate on every call, and parsing it was a fifth of a GetSecret. A pure function of
+    the bytes, so caching cannot change an answer; errors are not cached."""
+    return identity_from_certificate(pem)
 
 
 def _usable_common_name(name: str) -> bool:
