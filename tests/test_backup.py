@@ -34,6 +34,7 @@ from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretMetadata
 from secrets_manager.store import backup as backup_module
 from secrets_manager.store import restore as restore_module
 from secrets_manager.store.backup import Backup, read_backup, write_backup
+from secrets_manager.store.base import Anchor
 from secrets_manager.store.encrypted import DATA_PREFIX, KEYSET_PREFIX, META_PREFIX
 from secrets_manager.store.names import namespace_of
 from secrets_manager.store.restore import OnExisting, restore_into, restore_new_store
@@ -148,6 +149,25 @@ def test_store_copy_restores_every_name_version_label_value_and_metadata(
         assert full_state(restored) == full_state(source)
     finally:
         restored.close()
+
+
+def test_audit_anchors_are_not_copied_whatever_their_scope(
+    source: EncryptedStore, tmp_path: Path, tmp_store_path: Path, store_password: str
+) -> None:
+    """An anchor pins the source's own audit logs; a restored store starts its logs afresh."""
+    source.set_audit_anchor(Anchor(seq=5, hash="ab" * 32))
+    replica = EncryptedStore.open(
+        SqliteStorage(tmp_store_path), PasswordUnlock(store_password, kdf.TEST), audit_scope="replica-a"
+    )
+    replica.set_audit_anchor(Anchor(seq=9, hash="cd" * 32))
+    replica.close()
+    write_backup(source, tmp_path / "copy.smbackup")
+    restore_fresh(read_backup(tmp_path / "copy.smbackup", store_password.encode()), tmp_path / "restored.db")
+    restored = entries(tmp_path / "restored.db")
+    assert not [key for key in restored if key.startswith("core/audit-anchor")]
+    assert {k: v for k, v in restored.items() if k.startswith(("meta/", "data/"))} == {
+        k: v for k, v in entries(tmp_store_path).items() if k.startswith(("meta/", "data/"))
+    }
 
 
 def test_store_copy_restore_is_the_same_store_byte_for_byte(

@@ -524,6 +524,24 @@ def test_root_rotation_erases_the_old_root_keys_sealed_entries_from_the_files(
     assert [form for form in spellings(old_root) if form in files] == []
 
 
+def test_each_audit_scope_has_its_own_anchor_and_root_rotation_keeps_them(
+    audited: EncryptedStore, open_store: OpenStore, raw: SqliteStorage
+) -> None:
+    """Several hosts serving one shared store each keep their own audit log, so each needs its own
+    anchor; the unscoped one (a single local log) is unaffected by them."""
+    replica_a, replica_b = open_store(audit_scope="replica-a"), open_store(audit_scope="replica-b")
+    assert replica_a.audit_anchor() is None
+    replica_a.set_audit_anchor(Anchor(seq=7, hash="aa" * 32))
+    replica_b.set_audit_anchor(Anchor(seq=2, hash="bb" * 32))
+    assert raw.list("core/audit-anchor/") == ["core/audit-anchor/replica-a", "core/audit-anchor/replica-b"]
+    keys.rotate_root_key(audited)
+    assert open_store(audit_scope="replica-a").audit_anchor() == Anchor(seq=7, hash="aa" * 32)
+    assert open_store(audit_scope="replica-b").audit_anchor() == Anchor(seq=2, hash="bb" * 32)
+    assert open_store().audit_anchor() == Anchor(seq=3, hash="ab" * 32)
+    with pytest.raises(InvalidInputError, match="audit scope"):
+        open_store(audit_scope="../header")
+
+
 def test_a_handle_opened_before_a_root_rotation_keeps_reading_and_writing(
     audited: EncryptedStore, open_store: OpenStore
 ) -> None:

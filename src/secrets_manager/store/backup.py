@@ -78,6 +78,7 @@ from secrets_manager.store.encrypted import (
     KEY_POLICY_KEY,
     KEYSET_PREFIX,
     META_PREFIX,
+    SCOPED_ANCHOR_PREFIX,
     STORE_FORMAT,
     EncryptedStore,
     _dump,
@@ -322,7 +323,11 @@ def _read_encrypted(
     progress("reading", 0, 1)
     with storage.snapshot() as snap:
         header_entry = snap.get(HEADER_KEY)
-        entries = [(key, entry.value) for key, entry in snap.scan("") if key not in NOT_COPIED]
+        entries = [
+            (key, entry.value)
+            for key, entry in snap.scan("")
+            if key not in NOT_COPIED and not key.startswith(SCOPED_ANCHOR_PREFIX)
+        ]
     progress("reading", 1, 1)
     if header_entry is None:
         raise NotFoundError("the store has no header")

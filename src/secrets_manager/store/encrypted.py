@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -66,6 +67,8 @@ META_PREFIX = "meta/"
 DATA_PREFIX = "data/"
 AUDIT_KEY_KEY = "core/audit-key"
 AUDIT_ANCHOR_KEY = "core/audit-anchor"
+SCOPED_ANCHOR_PREFIX = AUDIT_ANCHOR_KEY + "/"  # + scope: the anchor of one of several audit logs
+_AUDIT_SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 KEY_POLICY_KEY = "core/key-policy"
 RETRY_DEADLINE_SECONDS = 30.0
 
@@ -88,7 +91,10 @@ class EncryptedStore:
         actor: str = "unknown",
         clock: Callable[[], float] = time.time,
         max_versions: int = DEFAULT_MAX_VERSIONS,
+        audit_scope: str | None = None,
     ) -> None:
+        if audit_scope is not None and not _AUDIT_SCOPE.fullmatch(audit_scope):
+            raise InvalidInputError(f"invalid audit scope {audit_scope!r}")
         self._storage = storage
         self._root = root_key
         self._actor = actor
@@ -97,6 +103,8 @@ class EncryptedStore:
         self._keysets: dict[str, tuple[int, Keyset]] = {}
         self._policy: tuple[int, RotationPolicy] | None = None
         self._audit_key: bytes | None = None
+        # One anchor per audit log: a store shared by several hosts (PostgreSQL) has one log each.
+        self._anchor_key = AUDIT_ANCHOR_KEY if audit_scope is None else SCOPED_ANCHOR_PREFIX + audit_scope
         self._unlock: UnlockSource | None = None
         self._unlock_section: dict[str, Any] | None = None  # the header section _unlock matches
 
@@ -511,11 +519,11 @@ class EncryptedStore:
 
     def audit_anchor(self) -> Anchor | None:
         """The newest audit record this store vouched for, or None before the first one."""
-        entry = self._storage.get(AUDIT_ANCHOR_KEY)
+        entry = self._storage.get(self._anchor_key)
         if entry is None:
             return None
         doc = _load_json(
-            open_record(self._root_lookup, Purpose.AUDIT_ANCHOR, AUDIT_ANCHOR_KEY, 0, entry.value),
+            open_record(self._root_lookup, Purpose.AUDIT_ANCHOR, self._anchor_key, 0, entry.value),
             "audit anchor",
         )
         try:
@@ -529,14 +537,14 @@ class EncryptedStore:
         def attempt() -> None:
             # Compare-and-set, so an anchor sealed under a root key that another process has just
             # rotated away can never replace the one the rotation rewrapped.
-            entry = self._storage.get(AUDIT_ANCHOR_KEY)
+            entry = self._storage.get(self._anchor_key)
             if entry is not None and _root_id_of(entry) != self._root.id:
                 self._refresh_root(_root_id_of(entry))
             ops: Operations = [] if entry is not None else [self._root_guard()]
-            sealed = seal_record(self._root, Purpose.AUDIT_ANCHOR, AUDIT_ANCHOR_KEY, 0, doc)
+            sealed = seal_record(self._root, Purpose.AUDIT_ANCHOR, self._anchor_key, 0, doc)
             # Not fsynced: a power cut can only make the anchor lag, and records past it verify by MAC.
             # Silent: it is not a secret, so watchers need not hear of it.
-            self._commit([*ops, Put(AUDIT_ANCHOR_KEY, sealed, _expect(entry))], silent=True, durable=False)
+            self._commit([*ops, Put(self._anchor_key, sealed, _expect(entry))], silent=True, durable=False)
 
         self._retry(attempt)
 

@@ -49,6 +49,7 @@ from secrets_manager.store.encrypted import (
     KEY_POLICY_KEY,
     KEYSET_PREFIX,
     META_PREFIX,
+    SCOPED_ANCHOR_PREFIX,
     EncryptedStore,
     Operations,
     _dump,
@@ -349,7 +350,8 @@ def rotate_root_key(store: EncryptedStore) -> RootRotation:
             ops.append(
                 Put(key, seal_record(new_root, Purpose.KEYSET, ns, 0, plaintext), expect=entry.revision)
             )
-        for key, purpose in _ROOT_SEALED:
+        scoped_anchors = [(key, Purpose.AUDIT_ANCHOR) for key in store._storage.list(SCOPED_ANCHOR_PREFIX)]
+        for key, purpose in (*_ROOT_SEALED, *scoped_anchors):
             entry = store._storage.get(key)
             if entry is None:  # creating one carries the header guard, so it cannot slip past us
                 continue
