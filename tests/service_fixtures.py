@@ -131,8 +131,8 @@ class Server:
 def start_server(directory: Path, name: str = "server", *, max_workers: int = 64) -> Server:
     """`secrets-manager serve` on a free port over `directory/store.db`; returns once it listens.
 
-    Every watch stream holds one of the server's worker threads, so tests with many subscribed
-    clients raise `max_workers` above the default 32."""
+    Every watch stream holds one of the server's worker threads (at most `max_workers` - 16 of them
+    by default), so tests with many subscribed clients pass a larger `max_workers`."""
     config = directory / f"{name}.toml"
     config.write_text(
         f'listen = "127.0.0.1:0"\nstore = "store.db"\npolicy = "policy.toml"\n'

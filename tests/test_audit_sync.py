@@ -53,7 +53,9 @@ def anchored_seq(store: EncryptedStore) -> int:
     return 0 if anchor is None else anchor.seq
 
 
-def test_a_non_durable_record_is_in_the_file_when_append_returns(tmp_path: Path, store: EncryptedStore) -> None:
+def test_a_non_durable_record_is_in_the_file_when_append_returns(
+    tmp_path: Path, store: EncryptedStore
+) -> None:
     log = AuditLog(tmp_path / "audit.jsonl", flush_interval=60)  # no flush during the test
     for n in range(1, 6):
         written = log.append([read(n)], store, durable=False)

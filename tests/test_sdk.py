@@ -385,3 +385,43 @@ def test_a_hung_server_is_served_stale_and_the_client_recovers_when_it_answers_a
         server.process.send_signal(signal.SIGCONT)
     wait_until(lambda: not client.stale, timeout=5.0)
     assert not client.credentials().stale
+
+
+def test_a_reconnect_resumes_the_stream_so_a_change_made_while_disconnected_is_pushed(
+    service_dir: Path, make_client: ClientFactory
+) -> None:
+    first = start_server(service_dir, "server-a")
+    second = start_server(service_dir, "server-b")
+    try:
+        client = make_client("auth", [first.address, second.address], ttl=300, timeout=0.5)
+        events: list[tuple[str, int | None]] = []
+        on_change = client._on_change
+
+        def record(change: Any) -> None:
+            events.append((change.name, change.version))
+            on_change(change)
+
+        client._on_change = record  # type: ignore[method-assign]
+        assert revealed(client.credentials()) == AUTH
+        writer = make_client("writer", [first.address])
+        writer.put("auth/JWT_KEY", b"seen-while-connected")
+        wait_until(lambda: ("auth/JWT_KEY", 2) in events, timeout=5.0)  # the stream is up, on `first`
+        second.process.send_signal(signal.SIGSTOP)  # hangs: the watcher cannot reconnect there yet
+        try:
+            first.kill()
+            store = EncryptedStore.open(
+                SqliteStorage(service_dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST)
+            )
+            try:
+                assert store.put("auth/JWT_KEY", b"written-while-disconnected").version == 3
+            finally:
+                store.close()
+        finally:
+            second.process.send_signal(signal.SIGCONT)
+        # The watcher reconnects to `second`, resuming after the last revision it saw: the change
+        # made while it had no stream is replayed as an event (a fresh stream would not carry it).
+        wait_until(lambda: ("auth/JWT_KEY", 3) in events, timeout=15.0)
+        wait_until(lambda: client.get("auth/JWT_KEY").value.reveal() == b"written-while-disconnected", 5.0)
+    finally:
+        first.kill()
+        second.stop()

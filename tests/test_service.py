@@ -135,11 +135,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(directory: Path) -> Server:
+def start_server(directory: Path, settings: str = "") -> Server:
     metrics_port = _free_port()
     (directory / "server.toml").write_text(
         f'listen = "127.0.0.1:0"\nstore = "store.db"\npolicy = "policy.toml"\n'
-        f'metrics_listen = "127.0.0.1:{metrics_port}"\nshutdown_grace_seconds = 5\n'
+        f'metrics_listen = "127.0.0.1:{metrics_port}"\nshutdown_grace_seconds = 5\n{settings}'
         '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
     )
     env = {
@@ -347,6 +347,57 @@ def test_known_value_never_reaches_logs_or_audit(server: Server) -> None:
         assert value.decode() not in logs
     reads = [r for r in server.audit_records() if r["operation"] == "get" and r["outcome"] == "ok"]
     assert reads and all(str(r["value_hmac"]).startswith("hmac-sha256:") for r in reads)
+
+
+def local_audit_verify(directory: Path) -> subprocess.CompletedProcess[bytes]:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(directory),
+        "SECRETS_MANAGER_STORE": str(directory / "store.db"),
+        "MASTER_PASSWORD": PASSWORD,
+    }
+    return subprocess.run(
+        [str(SCRIPT), "audit", "verify"], capture_output=True, env=env, timeout=60, start_new_session=True
+    )
+
+
+def test_reads_are_audited_before_the_response_and_survive_a_crash(server: Server) -> None:
+    """The default audit_sync = "interval": the record of a read is in the file when the caller
+    gets the value, so SIGKILL of the service right after loses none of them."""
+    stub = server.stub("auth")
+    for n in range(30):
+        name = ("auth/DB_PASSWORD", "auth/JWT_KEY")[n % 2]
+        reply = stub.GetSecret(pb.GetSecretRequest(name=name), timeout=10)
+        last = server.audit_records()[-1]
+        assert (last["operation"], last["name"], last["outcome"]) == ("get", name, "ok")
+        assert last["version"] == reply.secret.version
+    server.process.kill()
+    server.process.wait(timeout=10)
+    reads = [r for r in server.audit_records() if r["operation"] == "get"]
+    assert len(reads) == 30
+    verified = local_audit_verify(server.dir)
+    assert verified.returncode == 0, verified.stderr
+
+
+def test_audit_sync_always_and_a_bad_setting(tmp_path: Path) -> None:
+    _make_pki(tmp_path)
+    (tmp_path / "policy.toml").write_text(POLICY)
+    store = EncryptedStore.create(
+        SqliteStorage(tmp_path / "store.db", create=True), PasswordUnlock(PASSWORD, kdf.TEST)
+    )
+    store.put("auth/DB_PASSWORD", b"auth-db-pass")
+    store.close()
+    with pytest.raises(AssertionError, match="audit_sync must be"):
+        start_server(tmp_path, 'audit_sync = "sometimes"\n')
+    running = start_server(tmp_path, 'audit_sync = "always"\n')
+    try:
+        reply = running.stub("auth").GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+        assert reply.secret.value == b"auth-db-pass"
+        assert running.audit_records()[-1]["operation"] == "get"
+    finally:
+        running.process.send_signal(signal.SIGTERM)
+        assert running.process.wait(timeout=30) == 0
+    assert local_audit_verify(tmp_path).returncode == 0
 
 
 # ---- operations --------------------------------------------------------------------------------

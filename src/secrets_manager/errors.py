@@ -10,6 +10,7 @@
     ├── IntegrityError                  exit 6   a record, keyset or header failed authentication
     ├── ConflictError                   exit 7   compare-and-set lost, or the target already exists
     └── StorageError                    exit 1   the backend itself failed (I/O, locked, unreachable)
+        └── ResourceExhaustedError      exit 1   the service is at a capacity limit (max_watch_streams)
 
 Each class also has a `kind`, the outcome name the audit log records (e.g. "not_found").
 
@@ -87,6 +88,13 @@ class StorageError(SecretsManagerError):
 
     exit_code = 1
     kind = "storage_error"
+
+
+class ResourceExhaustedError(StorageError):
+    """The service is at a capacity limit (e.g. its `max_watch_streams`): it cannot take this call
+    now, like an unreachable service. Messages say which limit and how to raise it."""
+
+    kind = "resource_exhausted"
 
 
 EXIT_CODES: dict[type[SecretsManagerError], int] = {

@@ -14,6 +14,7 @@ from secrets_manager.errors import (
     IntegrityError,
     InvalidInputError,
     NotFoundError,
+    ResourceExhaustedError,
     SecretsManagerError,
     StorageError,
     UnlockError,
@@ -23,6 +24,9 @@ from secrets_manager.store.names import namespace_of
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.values import SecretValue
 
+# Watch's initial metadata: the revision (decimal) the stream starts after (proto: rpc Watch).
+WATCH_REVISION_KEY = "secrets-manager-revision"
+
 STATUS_OF_ERROR: tuple[tuple[type[SecretsManagerError], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
@@ -30,6 +34,7 @@ STATUS_OF_ERROR: tuple[tuple[type[SecretsManagerError], grpc.StatusCode], ...] =
     (AccessDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
     (ConflictError, grpc.StatusCode.ABORTED),
+    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # before its base, StorageError
     (StorageError, grpc.StatusCode.UNAVAILABLE),
 )
 

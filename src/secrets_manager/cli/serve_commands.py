@@ -30,7 +30,10 @@ def serve(session: Session, config_path: str) -> None:
         password = read_password_file(config.password_file, environment=session.environment)
     else:
         password = session.password()
-    audit = AuditLog(config.audit_file or default_audit_path(store_url))
+    audit = AuditLog(
+        config.audit_file or default_audit_path(store_url),
+        flush_interval=config.audit_sync_interval_ms / 1000,
+    )
     store = open_store(store_url, password, environment=session.environment, actor=session.actor)
     try:
         audit.append([session.event("serve", source="grpc", peer=config.listen)], store)

@@ -9,9 +9,15 @@ How a value reaches a caller:
 - Push refresh. A watcher thread holds one Watch stream (to the first address that connects) and
   hands each change event to a refresher thread, which re-fetches that name at once: a rotated
   value is served within about a second. The jittered TTL is only a backstop for missed events.
-  After every (re)connect the refresher re-reads everything cached, since events may have been
-  missed; and once more `SETTLE_SECONDS` later, because the server reads the stream's starting
-  revision at an instant the client cannot observe (the stream sends nothing until an event).
+  The watcher remembers the last revision its stream reached and a reconnect resumes from it
+  (`since_revision`): the service replays what changed meanwhile, so nothing is missed. Otherwise
+  (the first connect, or a service that cannot resume) the refresher re-reads everything cached
+  once the service says the stream is live, since events may have been missed; and once more
+  `SETTLE_SECONDS` later, in case a fetch in flight predates the stream's starting revision. A
+  RESYNC event (the service's change feed was trimmed, or this client fell behind) also re-reads
+  everything.
+  A service at its watch-stream limit refuses the stream (RESOURCE_EXHAUSTED): values are then
+  refreshed by TTL only while the watcher retries with backoff.
 - Stale-if-error. When no address answers (a call failed on all of them, or the watcher cannot
   connect anywhere) an outage starts. Cached values are served, marked stale (`Client.stale`,
   `Credentials.stale`, one warning in the log), for at most `stale_if_error` seconds from its start
@@ -59,6 +65,7 @@ from secrets_manager.errors import (
     AccessDeniedError,
     InvalidInputError,
     NotFoundError,
+    ResourceExhaustedError,
     SecretsManagerError,
     StorageError,
 )
@@ -90,6 +97,13 @@ _ALL = ""  # the listing's cache key: every name the caller may read
 
 
 class _ChangeSource(Protocol):
+    revision: int | None  # every change up to here has been delivered: where to resume from
+
+    def start(self) -> int | None: ...
+
+    @property
+    def resumed(self) -> bool: ...
+
     def __iter__(self) -> Iterator[SecretChange]: ...
 
     def cancel(self) -> None: ...
@@ -114,7 +128,7 @@ class _Backend(Protocol):
 
     def list(self, prefix: str, *, include_deleted: bool) -> list[SecretMetadata]: ...
 
-    def open_watch(self) -> _ChangeSource: ...
+    def open_watch(self, since_revision: int | None = None) -> _ChangeSource: ...
 
     def close(self) -> None: ...
 
@@ -188,13 +202,14 @@ class _ServiceReplicas:
         """ListSecrets."""
         return self._call(lambda replica: replica.list(prefix, include_deleted=include_deleted))
 
-    def open_watch(self) -> _ChangeSource:
-        """Watch, on the first address whose health check says SERVING within the timeout."""
+    def open_watch(self, since_revision: int | None = None) -> _ChangeSource:
+        """Watch, on the first address whose health check says SERVING within the timeout (the
+        replicas share one store, so a stream resumes `since_revision` on any of them)."""
         unready: list[str] = []
         for index, replica in self._in_order():
             if replica.is_serving(self._timeout):
                 self._preferred = index
-                return replica.watch()
+                return replica.watch(since_revision=since_revision)
             unready.append(replica.address)
         raise StorageError(f"no service is serving at {', '.join(unready)}")
 
@@ -251,8 +266,8 @@ class _LocalStore:
     def list(self, prefix: str, *, include_deleted: bool) -> list[SecretMetadata]:
         return self._store.list(prefix, include_deleted=include_deleted)
 
-    def open_watch(self) -> _ChangeSource:
-        return _PolledChanges(self._store)
+    def open_watch(self, since_revision: int | None = None) -> _ChangeSource:
+        return _PolledChanges(self._store, since_revision)
 
     def close(self) -> None:
         self._store.close()
@@ -261,14 +276,29 @@ class _LocalStore:
 class _PolledChanges:
     """The local store's change feed as a stream, read every LOCAL_POLL_SECONDS."""
 
-    def __init__(self, store: EncryptedStore) -> None:
+    def __init__(self, store: EncryptedStore, since_revision: int | None = None) -> None:
         self._store = store
-        _, self._revision = store.changes_since(None)
+        _, current = store.changes_since(None)
+        self._pending: list[SecretChange] = []
+        if since_revision is None:
+            self.revision: int | None = current
+        elif since_revision > current:  # the feed never got there (the store was replaced)
+            self._pending.append(SecretChange(ChangeKind.RESYNC, "", None, current))
+            self.revision = current
+        else:
+            self.revision = since_revision
+        self.resumed = since_revision is not None and self.revision == since_revision
         self._cancelled = threading.Event()
 
+    def start(self) -> int | None:
+        return self.revision
+
     def __iter__(self) -> Iterator[SecretChange]:
+        yield from self._pending
         while not self._cancelled.is_set():
-            changes, self._revision = self._store.changes_since(self._revision)
+            revision = self.revision
+            assert revision is not None
+            changes, self.revision = self._store.changes_since(revision)
             yield from changes
             self._cancelled.wait(LOCAL_POLL_SECONDS)
 
@@ -673,13 +703,16 @@ class Client:
             return self._backend
 
     def _watch(self) -> None:
-        """Hold a change stream; on loss reconnect at once (failover), then with backoff."""
+        """Hold a change stream; on loss reconnect at once (failover), then with backoff, resuming
+        from the last revision the stream reached."""
         backend = self._backend
         assert backend is not None
         backoff = _Backoff(self._rng)
+        resume: int | None = None  # every change up to this revision has reached `_on_change`
+        refusals = 0  # streams refused in a row (the service at its watch-stream limit)
         while not self._closed.is_set():
             try:
-                stream = backend.open_watch()
+                stream = backend.open_watch(resume)
             except StorageError as exc:
                 self._unreachable(exc)
                 self._closed.wait(backoff.next_delay())
@@ -695,13 +728,22 @@ class Client:
                 self._stream = stream
             opened = self._clock()
             self._live_since = opened
-            self._queue.schedule(_EVERYTHING)  # events were missed while not connected
-            self._queue.schedule(_EVERYTHING, opened + SETTLE_SECONDS)
             try:
+                # Wait until the service says the stream is live and whether it took up `resume`
+                # (a refused stream raises here, before it costs the service a re-read).
+                stream.start()
+                self._reachable()  # it answered: an outage ends even if no event follows
+                if not stream.resumed:
+                    self._reload_after_connect(opened)
                 for change in stream:
                     self._reachable()
                     self._on_change(change)
                 log.debug("watch stream ended by the service, reconnecting")
+            except ResourceExhaustedError as exc:
+                refusals += 1
+                (log.warning if refusals == 1 else log.debug)(
+                    "watch stream refused, retrying with backoff (values refresh by TTL): %s", exc
+                )
             except StorageError as exc:
                 log.info("watch stream lost, reconnecting: %s", exc)
             except SecretsManagerError as exc:
@@ -710,10 +752,19 @@ class Client:
                 with self._stream_lock:
                     self._stream = None
                 self._live_since = None
+                if stream.revision is not None:  # the stream went live
+                    resume = stream.revision
+                    refusals = 0
             if self._clock() - opened >= HEALTHY_STREAM_SECONDS:
                 backoff.reset()
             else:
                 self._closed.wait(backoff.next_delay())
+
+    def _reload_after_connect(self, opened: float) -> None:
+        """Events may have been missed while not connected: re-read everything cached, now and
+        once the stream has surely started."""
+        self._queue.schedule(_EVERYTHING)
+        self._queue.schedule(_EVERYTHING, opened + SETTLE_SECONDS)
 
     def _on_change(self, change: SecretChange) -> None:
         if change.kind is ChangeKind.RESYNC:

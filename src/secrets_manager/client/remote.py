@@ -21,7 +21,7 @@ from secrets_manager.store import Secret, SecretMetadata, VersionInfo
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
-from secrets_manager.wire import error_for, metadata_from_message, secret_from_message
+from secrets_manager.wire import WATCH_REVISION_KEY, error_for, metadata_from_message, secret_from_message
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Secrets"].full_name
@@ -157,11 +157,17 @@ class RemoteStore:
     def destroy_secret(self, name: str) -> None:
         raise InvalidInputError("destroy is not offered by the service; run it on the server's store")
 
-    def watch(self, prefix: str = "") -> ChangeStream:
+    def watch(self, prefix: str = "", since_revision: int | None = None) -> ChangeStream:
         """Watch: change events (never values) for the secrets under `prefix` the caller may read.
 
-        The stream has no deadline; it ends when the server shuts down or `cancel()` is called."""
-        return ChangeStream(self._stub.Watch(pb.WatchRequest(prefix=prefix)), self.address)
+        With `since_revision` (a `ChangeStream.revision` of an earlier stream) the stream resumes:
+        the changes after that revision come first, or a RESYNC event if the service's change feed
+        no longer goes back that far. The stream has no deadline; it ends when the server shuts
+        down or `cancel()` is called."""
+        request = pb.WatchRequest(prefix=prefix)
+        if since_revision is not None:
+            request.since_revision = since_revision
+        return ChangeStream(self._stub.Watch(request), self.address, since_revision)
 
     def is_serving(self, timeout: float) -> bool:
         """Health/Check of the Secrets service (connecting first if needed), within `timeout`.
@@ -188,24 +194,66 @@ class ChangeStream:
     """The change events of one Watch call: iterate in one thread, `cancel()` from any other.
 
     Iteration ends quietly after `cancel()` or when the server ends the stream; a broken stream
-    raises the exception of its status (StorageError for UNAVAILABLE)."""
+    raises the exception of its status (StorageError for UNAVAILABLE, and for RESOURCE_EXHAUSTED:
+    the service's watch-stream limit, ResourceExhaustedError).
 
-    def __init__(self, call: Any, address: str) -> None:
+    `revision` is where a later stream may resume (`RemoteStore.watch(since_revision=...)`): every
+    change up to it has been delivered. It is the revision the server said the stream starts after,
+    then each event's; None until the server has said (an older server never does)."""
+
+    def __init__(self, call: Any, address: str, since_revision: int | None = None) -> None:
         self._call = call
         self.address = address
+        self.since_revision = since_revision
+        self.revision: int | None = None
+        self._start: int | None = None
+        self._started = False
         self._cancelled = False
+
+    def start(self) -> int | None:
+        """Wait until the server says the stream is live (its initial metadata): every change after
+        the revision returned reaches this stream. None if the server did not say which revision.
+        Raises the stream's error if the call ended before it went live."""
+        if not self._started:
+            self._started = True
+            try:
+                metadata = self._call.initial_metadata() or ()
+            except grpc.RpcError as exc:
+                self._raise(exc)
+                return None
+            for key, value in metadata:
+                if key == WATCH_REVISION_KEY and str(value).isdigit():
+                    self._start = int(value)
+                    self.revision = max(self.revision or 0, self._start)
+            if self._start is None and self._call.done() and not self._cancelled:
+                code = self._call.code()
+                if code is not grpc.StatusCode.OK:
+                    raise self._error(code, self._call.details())
+        return self._start
+
+    @property
+    def resumed(self) -> bool:
+        """Whether the server took up `since_revision`: nothing after it was missed (after `start()`)."""
+        return self.since_revision is not None and self._start == self.since_revision
 
     def __iter__(self) -> Iterator[SecretChange]:
         try:
+            self.start()
             for event in self._call:
                 # An unknown kind (a newer server) is treated as "re-read what you cache".
                 kind = _CHANGE_KIND.get(event.kind, ChangeKind.RESYNC)
-                yield SecretChange(kind, event.name, event.version or None, event.revision)
+                change = SecretChange(kind, event.name, event.version or None, event.revision)
+                self.revision = max(self.revision or 0, change.revision)
+                yield change
         except grpc.RpcError as exc:
-            if self._cancelled:
-                return
-            code = exc.code()
-            raise error_for(code, f"watch stream from {self.address}: {exc.details() or code.name}") from None
+            self._raise(exc)
+
+    def _raise(self, exc: grpc.RpcError) -> None:
+        if not self._cancelled:
+            raise self._error(exc.code(), exc.details()) from None
+
+    def _error(self, code: grpc.StatusCode, details: str | None) -> Exception:
+        return error_for(code, f"watch stream from {self.address}: {details or code.name}")
 
     def cancel(self) -> None:
         self._cancelled = True

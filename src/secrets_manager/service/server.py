@@ -26,19 +26,20 @@ from grpc_reflection.v1alpha import reflection
 from secrets_manager.access import Policy, load_policy
 from secrets_manager.audit import AuditEvent, AuditLog, value_fingerprint
 from secrets_manager.errors import AccessDeniedError, InvalidInputError, NotFoundError, SecretsManagerError
-from secrets_manager.service.config import ServerConfig
+from secrets_manager.service.config import DEFAULT_MAX_WORKERS, WORKERS_KEPT_FROM_WATCH, ServerConfig
 from secrets_manager.service.metrics import Metrics
+from secrets_manager.service.watch import ChangeHub
 from secrets_manager.store import EncryptedStore, Secret
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.store.names import validate_name, validate_prefix
 from secrets_manager.tls.identity import IdentityError, identity_from_auth_context
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
-from secrets_manager.wire import metadata_message, secret_message, status_for
+from secrets_manager.wire import WATCH_REVISION_KEY, metadata_message, secret_message, status_for
 
 log = logging.getLogger("secrets_manager.service")
 
-WATCH_POLL_SECONDS = 0.2
+WATCH_IDLE_SECONDS = 1.0  # a quiet watch stream still checks this often that it should go on
 _KIND = {
     ChangeKind.VERSION_ADDED: pb.ChangeEvent.VERSION_ADDED,
     ChangeKind.METADATA_CHANGED: pb.ChangeEvent.METADATA_CHANGED,
@@ -77,13 +78,24 @@ class _Request:
 
 class SecretsServicer(pb_grpc.SecretsServicer):
     def __init__(
-        self, store: EncryptedStore, policy: PolicyHolder, audit: AuditLog, metrics: Metrics
+        self,
+        store: EncryptedStore,
+        policy: PolicyHolder,
+        audit: AuditLog,
+        metrics: Metrics,
+        *,
+        fsync_reads: bool = False,
+        max_watch_streams: int = DEFAULT_MAX_WORKERS - WORKERS_KEPT_FROM_WATCH,
     ) -> None:
         self._store = store
         self._policy = policy
         self._audit = audit
         self._metrics = metrics
+        # Changes are always audited durably; reads only if asked (config `audit_sync`).
+        self._fsync_reads = fsync_reads
         self.stopping = threading.Event()
+        # One poller of the change feed for every Watch stream, and the cap on open streams.
+        self.watch_hub = ChangeHub(store, max_subscribers=max_watch_streams)
 
     # ---- the request pipeline ------------------------------------------------------------------
 
@@ -105,6 +117,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         peer = context.peer()
+        durable = mutating or self._fsync_reads
         try:
             identity = identity_from_auth_context(context.auth_context())
         except IdentityError as exc:
@@ -112,7 +125,8 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             self._record(
                 AuditEvent(
                     operation, identity, "grpc", peer, name, decision="deny", outcome="unauthenticated"
-                )
+                ),
+                durable,
             )
             self._metrics.observe(method, grpc.StatusCode.UNAUTHENTICATED, started)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
@@ -126,12 +140,12 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             if mutating:
                 self._audit.append([replace(event, outcome="pending")], self._store)
             yield request
-            self._audit.append(request.extra_events or [event], self._store)
+            self._audit.append(request.extra_events or [event], self._store, durable=durable)
         except SecretsManagerError as exc:
             code = status_for(exc)
             event.outcome = exc.kind
             event.decision = "deny" if isinstance(exc, AccessDeniedError) else "allow"
-            self._record(event)
+            self._record(event, durable)
             log.info(
                 "request failed",
                 extra={
@@ -146,16 +160,16 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         except Exception as exc:  # a bug: audited and counted, its message withheld (it could hold data)
             code = grpc.StatusCode.INTERNAL
             event.outcome = "error"
-            self._record(event)
+            self._record(event, durable)
             log.error("internal error", extra={"method": method, "error_type": type(exc).__name__})
             context.abort(code, "internal error")
         finally:
             self._metrics.observe(method, code, started)
 
-    def _record(self, event: AuditEvent) -> None:
+    def _record(self, event: AuditEvent, durable: bool) -> None:
         """Audit a failure; if even that fails, the request is failing already: log it."""
         try:
-            self._audit.append([event], self._store)
+            self._audit.append([event], self._store, durable=durable)
         except SecretsManagerError as exc:
             log.error("audit record could not be written", extra={"error": str(exc)})
 
@@ -240,30 +254,39 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         return pb.UndeleteSecretResponse()
 
     def Watch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        """Stream change events from the one change-feed poller (service/watch.py). The stream holds
+        this worker thread while open; past `max_watch_streams` open streams: RESOURCE_EXHAUSTED."""
         prefix = request.prefix
+        since = request.since_revision if request.HasField("since_revision") else None
         with self._call(context, "Watch", "watch", prefix or None, None, prefix=True) as call:
-            _, revision = self._store.changes_since(None)
-        # Tell the client the stream is live: every change from here on will reach it.
-        context.send_initial_metadata(())
-        identity = call.identity
-        while context.is_active() and not self.stopping.is_set():
-            try:
-                changes, revision = self._store.changes_since(revision)
-            except SecretsManagerError as exc:
-                context.abort(status_for(exc), str(exc))
-            policy = self._policy.current
-            for change in changes:
-                visible = change.kind is ChangeKind.RESYNC or (
-                    change.name.startswith(prefix) and policy.allows(identity, "read", change.name)
-                )
-                if visible:
-                    yield pb.ChangeEvent(
-                        name=change.name,
-                        version=change.version or 0,
-                        kind=_KIND[change.kind],
-                        revision=change.revision,
+            subscription = self.watch_hub.subscribe(since)
+        with subscription:  # ended (its place under the limit freed) however the stream ends
+            if not context.add_callback(subscription.close):  # the client has gone already
+                return
+            # Tell the client the stream is live: every change after this revision will reach it.
+            context.send_initial_metadata(((WATCH_REVISION_KEY, str(subscription.revision)),))
+            identity = call.identity
+            while context.is_active() and not self.stopping.is_set():
+                changes = subscription.next_batch(WATCH_IDLE_SECONDS)
+                if changes is None:  # closed (shutdown, client gone) or failed
+                    break
+                policy = self._policy.current
+                for change in changes:
+                    visible = change.kind is ChangeKind.RESYNC or (
+                        change.name.startswith(prefix) and policy.allows(identity, "read", change.name)
                     )
-            self.stopping.wait(WATCH_POLL_SECONDS)
+                    if visible:
+                        yield pb.ChangeEvent(
+                            name=change.name,
+                            version=change.version or 0,
+                            kind=_KIND[change.kind],
+                            revision=change.revision,
+                        )
+            error = subscription.error
+            if isinstance(error, SecretsManagerError):
+                context.abort(status_for(error), str(error))
+            elif error is not None:  # a bug in the poller, logged there; its message is withheld
+                context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
     def _note_read(self, event: AuditEvent, secret: Secret) -> None:
         event.version = secret.version
@@ -285,6 +308,7 @@ class RunningServer:
         """Refuse new calls, end watch streams, let in-flight calls finish within `grace` seconds."""
         self.health.enter_graceful_shutdown()
         self.servicer.stopping.set()
+        self.servicer.watch_hub.close()  # every watch stream ends now, and the feed poller stops
         self.server.stop(grace).wait()
         self.metrics.close()
 
@@ -308,7 +332,14 @@ def build_server(
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ],
     )
-    servicer = SecretsServicer(store, policy, audit, metrics)
+    servicer = SecretsServicer(
+        store,
+        policy,
+        audit,
+        metrics,
+        fsync_reads=config.audit_sync == "always",
+        max_watch_streams=config.watch_stream_limit,
+    )
     pb_grpc.add_SecretsServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -348,6 +379,10 @@ def run_server(
         pass
     log.info("shutting down", extra={"grace_seconds": config.shutdown_grace_seconds})
     running.stop(config.shutdown_grace_seconds)
+    try:
+        audit.flush()
+    except SecretsManagerError as exc:
+        log.error("audit log could not be flushed at shutdown", extra={"error": str(exc)})
     log.info("stopped")
     return 0
 

@@ -174,10 +174,12 @@ class UndeleteSecretResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("prefix",)
+    __slots__ = ("prefix", "since_revision")
     PREFIX_FIELD_NUMBER: _ClassVar[int]
+    SINCE_REVISION_FIELD_NUMBER: _ClassVar[int]
     prefix: str
-    def __init__(self, prefix: _Optional[str] = ...) -> None: ...
+    since_revision: int
+    def __init__(self, prefix: _Optional[str] = ..., since_revision: _Optional[int] = ...) -> None: ...
 
 class ChangeEvent(_message.Message):
     __slots__ = ("name", "version", "kind", "revision")

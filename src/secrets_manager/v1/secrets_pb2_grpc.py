@@ -129,7 +129,10 @@ class SecretsServicer:
 
     def Watch(self, request, context):
         """Change events (never values) for the secrets the caller may read, as they happen, including
-        changes made by other processes on the same store.
+        changes made by other processes on the same store. The server sends its initial metadata once
+        the stream is live, with "secrets-manager-revision": the revision (decimal) the stream starts
+        after; every change committed after it reaches the stream. A server at its max_watch_streams
+        limit refuses the call with RESOURCE_EXHAUSTED (retry later, or elsewhere).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

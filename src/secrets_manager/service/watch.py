@@ -1,0 +1,295 @@
+"""`ChangeHub`: one poller of the store's change feed, fanned out to every open Watch stream.
+
+A Watch stream used to poll the store itself (one SQLite query per stream every 0.2 s). Now one
+thread polls every `WATCH_POLL_SECONDS` and hands the decoded `SecretChange`s to each subscriber's
+bounded queue; the stream's own thread only waits on that queue.
+
+- A subscription starts at a revision: every change committed after it reaches the subscriber.
+  `subscribe(None)` starts from the hub's current position (read from the store when no poller is
+  running), which the caller reads before it tells its client the stream is live.
+  `subscribe(since_revision)` resumes: the changes after `since_revision` up to the hub's position
+  are read from the feed for this subscriber alone (a RESYNC event first if the feed no longer
+  goes back that far, or never got there), then it follows the live changes.
+- A subscriber that falls behind (its queue holds `queue_events` undelivered events) has its queue
+  cleared and gets one RESYNC event instead: memory stays bounded and the poller never blocks.
+- A store error in the poller ends every subscription with that error (the stream ends with the
+  error's status); the poller carries on and polls again for the next subscribers.
+- `max_subscribers` bounds the open subscriptions: each Watch stream holds a gRPC worker thread, so
+  the bound keeps workers free for every other call. One more gets `ResourceExhaustedError`.
+
+The poller starts with the first subscription and idles (no queries) while there is none, so a
+service nobody watches never touches the feed; `close()` ends every subscription and the thread.
+Names and versions only ever pass through here, never values.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Protocol
+
+from secrets_manager.errors import (
+    InvalidInputError,
+    ResourceExhaustedError,
+    SecretsManagerError,
+    StorageError,
+)
+from secrets_manager.store.changes import ChangeKind, SecretChange, SecretChanges
+
+log = logging.getLogger("secrets_manager.service")
+
+WATCH_POLL_SECONDS = 0.2  # how often the one poller reads the change feed
+QUEUE_EVENTS = 1024  # undelivered events a subscriber may have before it is sent RESYNC instead
+LIMIT_WARNING_SECONDS = 60.0  # at most one "limit reached" warning in the log per this interval
+
+
+class ChangeFeed(Protocol):
+    """What the hub needs of a store (EncryptedStore has it)."""
+
+    def changes_since(self, revision: int | None) -> tuple[SecretChanges, int]: ...
+
+
+def _resync(revision: int) -> SecretChange:
+    return SecretChange(ChangeKind.RESYNC, "", None, revision)
+
+
+class Subscription:
+    """One subscriber's queue. Read with `next_batch` from one thread; `close()` from any."""
+
+    def __init__(self, hub: ChangeHub, capacity: int, revision: int) -> None:
+        self._hub = hub
+        self._capacity = capacity
+        self._condition = threading.Condition()
+        self._backlog: list[SecretChange] = []  # the resumed part, delivered before the live queue
+        self._events: deque[SecretChange] = deque()
+        self._floor = revision  # live changes at or below this were already delivered (resume)
+        self._ended = False
+        self.revision = revision  # every change committed after this revision reaches the subscriber
+        self.error: BaseException | None = None  # why the hub ended the subscription, if it did
+        self.resyncs = 0  # how often the queue overflowed and was replaced by RESYNC
+
+    def next_batch(self, timeout: float) -> list[SecretChange] | None:
+        """The changes waiting (after up to `timeout` seconds: maybe none); None once it has ended
+        (closed, or failed: then `error` says why). Changes queued before an error come first."""
+        with self._condition:
+            if not (self._backlog or self._events or self._ended):
+                self._condition.wait(timeout)
+            if self._backlog or self._events:
+                floor = self._floor
+                live = [c for c in self._events if c.kind is ChangeKind.RESYNC or c.revision > floor]
+                batch = self._backlog + live
+                self._backlog = []
+                self._events.clear()
+                return batch
+            return None if self._ended else []
+
+    def close(self) -> None:
+        """End the subscription and leave the hub (frees its place under the limit). Idempotent."""
+        self._end(None)
+        self._hub._unsubscribe(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # ---- called by the hub ---------------------------------------------------------------------
+
+    def _offer(self, changes: SecretChanges, revision: int) -> None:
+        """Queue live changes; past the capacity, drop what is queued and queue RESYNC instead."""
+        with self._condition:
+            if self._ended or not changes:
+                return
+            if len(self._events) + len(changes) > self._capacity:
+                self._events.clear()
+                self._events.append(_resync(revision))
+                self.resyncs += 1
+            else:
+                self._events.extend(changes)
+            self._condition.notify_all()
+
+    def _set_backlog(self, backlog: SecretChanges, floor: int, revision: int) -> None:
+        with self._condition:
+            self._backlog = backlog
+            self._floor = floor
+            self.revision = revision
+
+    def _end(self, error: BaseException | None) -> None:
+        with self._condition:
+            if not self._ended:
+                self._ended = True
+                self.error = error
+            self._condition.notify_all()
+
+
+class ChangeHub:
+    """One thread polls `store.changes_since` and fans the changes out to every `Subscription`."""
+
+    def __init__(
+        self,
+        store: ChangeFeed,
+        *,
+        max_subscribers: int,
+        poll_seconds: float = WATCH_POLL_SECONDS,
+        queue_events: int = QUEUE_EVENTS,
+    ) -> None:
+        if max_subscribers < 1 or queue_events < 1:
+            raise InvalidInputError("a change hub needs max_subscribers >= 1 and queue_events >= 1")
+        self._store = store
+        self._max = max_subscribers
+        self._poll_seconds = poll_seconds
+        self._queue_events = queue_events
+        self._lock = threading.Condition()
+        self._subscribers: set[Subscription] = set()
+        self._revision: int | None = None  # fanned out up to here; None while nobody subscribes
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._last_limit_warning = -LIMIT_WARNING_SECONDS
+        self.polls = 0  # change-feed reads by the poller (for tests and benchmarks)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)
+
+    @property
+    def running(self) -> bool:
+        """Whether the poller thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def subscribe(self, since_revision: int | None = None) -> Subscription:
+        """A new subscription: from now (`since_revision=None`) or resuming after `since_revision`.
+
+        Raises ResourceExhaustedError at the limit, StorageError once closed, and whatever the store
+        raises while reading the starting revision (then nothing is subscribed)."""
+        if since_revision is not None and since_revision < 0:
+            raise InvalidInputError(f"since_revision must be 0 or more, not {since_revision}")
+        with self._lock:
+            if self._closed:
+                raise StorageError("the service is shutting down; watch through another replica")
+            if len(self._subscribers) >= self._max:
+                self._warn_limit()
+                raise ResourceExhaustedError(
+                    f"too many watch streams (max_watch_streams = {self._max}): raise max_watch_streams "
+                    "and max_workers in the server config, or watch through another replica"
+                )
+            if self._revision is None:
+                _, self._revision = self._store.changes_since(None)
+            live_from = self._revision
+            subscription = Subscription(self, self._queue_events, live_from)
+            self._subscribers.add(subscription)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._poll_forever, name="watch-hub", daemon=True)
+                self._thread.start()
+            self._lock.notify_all()
+        if since_revision is not None and since_revision != live_from:
+            try:
+                self._resume(subscription, since_revision, live_from)
+            except BaseException:
+                subscription.close()
+                raise
+        return subscription
+
+    def close(self, timeout: float = 5.0) -> None:
+        """End every subscription (their streams end) and stop the poller. Idempotent."""
+        with self._lock:
+            self._closed = True
+            subscribers = list(self._subscribers)
+            self._subscribers.clear()
+            thread = self._thread
+            self._lock.notify_all()
+        for subscription in subscribers:
+            subscription._end(None)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+
+    # ---- internals -------------------------------------------------------------------------------
+
+    def _resume(self, subscription: Subscription, since: int, live_from: int) -> None:
+        """Give a resuming subscriber what it missed: the feed from `since` up to `live_from`."""
+        if since > live_from:
+            _, current = self._store.changes_since(None)
+            if since > current:  # the feed never got there (another store, or restored): start over
+                subscription._set_backlog([_resync(live_from)], live_from, live_from)
+            else:  # the caller saw more than this hub has fanned out yet (another replica's hub)
+                subscription._set_backlog([], since, since)
+            return
+        backlog: list[SecretChange] = []
+        revision = since
+        while revision < live_from:
+            changes, following = self._store.changes_since(revision)
+            for change in changes:
+                if change.kind is ChangeKind.RESYNC:  # the feed was trimmed past `since`
+                    backlog.append(_resync(min(change.revision, live_from)))
+                elif change.revision <= live_from:  # later ones reach the live queue
+                    backlog.append(change)
+            if len(backlog) > self._queue_events:
+                backlog = [_resync(live_from)]
+                break
+            if following <= revision:
+                break
+            revision = following
+        subscription._set_backlog(backlog, live_from, since)
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        with self._lock:
+            self._subscribers.discard(subscription)
+            if not self._subscribers:
+                self._revision = None  # idle: the next subscriber reads the store's position anew
+
+    def _warn_limit(self) -> None:
+        now = time.monotonic()
+        if now - self._last_limit_warning >= LIMIT_WARNING_SECONDS:
+            self._last_limit_warning = now
+            log.warning(
+                "watch stream refused: max_watch_streams reached",
+                extra={"max_watch_streams": self._max},
+            )
+
+    def _poll_forever(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._subscribers:
+                    self._lock.wait()
+                if self._closed:
+                    return
+                revision = self._revision
+            assert revision is not None
+            self._poll_once(revision)
+            with self._lock:
+                if not self._closed:
+                    self._lock.wait(self._poll_seconds)
+
+    def _poll_once(self, revision: int) -> None:
+        """One read of the feed, fanned out; an error ends every subscription and is logged."""
+        self.polls += 1
+        try:
+            changes, following = self._store.changes_since(revision)
+        except Exception as exc:  # the store's error (or a bug) ends the streams; polling goes on
+            if isinstance(exc, SecretsManagerError):  # our messages never hold a value
+                log.warning("change feed could not be read; watch streams end", extra={"error": str(exc)})
+            else:  # a bug: its message is withheld (it could hold data)
+                log.error("change feed poller failed", extra={"error_type": type(exc).__name__})
+            self._fail(revision, exc)
+            return
+        with self._lock:
+            if self._revision != revision:  # everyone left (and maybe others came) meanwhile
+                return
+            for subscription in self._subscribers:
+                subscription._offer(changes, following)
+            self._revision = following
+
+    def _fail(self, revision: int, error: BaseException) -> None:
+        with self._lock:
+            if self._revision != revision:
+                return
+            failed = list(self._subscribers)
+            self._subscribers.clear()
+            self._revision = None
+        for subscription in failed:
+            subscription._end(error)
+
+
+__all__ = ["QUEUE_EVENTS", "WATCH_POLL_SECONDS", "ChangeFeed", "ChangeHub", "Subscription"]
