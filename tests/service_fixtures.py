@@ -7,6 +7,7 @@ one directory (and so one store file and one audit log), each with its own confi
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -17,13 +18,17 @@ import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import grpc
 
 from secrets_manager.client import TlsFiles
 from secrets_manager.crypto import kdf
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.tls import pki
+from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 PASSWORD = "service test password"
@@ -57,12 +62,19 @@ rules = [{{ path = "**", capabilities = ["admin"] }}]
 
 
 def make_pki(directory: Path, clients: tuple[str, ...] = CLIENT_NAMES) -> None:
-    """A CA, a server certificate for 127.0.0.1/localhost and one client certificate per name."""
+    """A CA, a server certificate for 127.0.0.1/localhost and one client certificate per name, plus
+    two the server must refuse: `expired` (auth's, expired) and `foreign` (ops's, from another CA)."""
     ca_cert, ca_key = pki.new_ca(trust_domain=TD)
     (directory / "ca.pem").write_bytes(ca_cert)
+    (directory / "ca-key.pem").write_bytes(ca_key)
     _write_pair(directory / "server.pem", pki.issue(ca_cert, ca_key, "server", server=True))
     for name in clients:
         _write_pair(directory / f"{name}.pem", pki.issue(ca_cert, ca_key, name))
+    long_ago = datetime.now(UTC) - timedelta(days=30)
+    _write_pair(directory / "expired.pem", pki.issue(ca_cert, ca_key, "auth", days=1, not_before=long_ago))
+    other_cert, other_key = pki.new_ca(trust_domain=TD)
+    (directory / "other-ca.pem").write_bytes(other_cert)
+    _write_pair(directory / "foreign.pem", pki.issue(other_cert, other_key, "ops"))
 
 
 def _write_pair(path: Path, pair: tuple[bytes, bytes]) -> None:
@@ -70,9 +82,9 @@ def _write_pair(path: Path, pair: tuple[bytes, bytes]) -> None:
     path.with_name(path.stem + "-key.pem").write_bytes(pair[1])
 
 
-def make_store(directory: Path, seed: Mapping[str, bytes] = SEED) -> Path:
+def make_store(directory: Path, seed: Mapping[str, bytes] = SEED, policy: str = POLICY) -> Path:
     """A new store at `directory/store.db` (cheap KDF) holding `seed`, and the policy beside it."""
-    (directory / "policy.toml").write_text(POLICY)
+    (directory / "policy.toml").write_text(policy)
     path = directory / "store.db"
     store = EncryptedStore.create(SqliteStorage(path, create=True), PasswordUnlock(PASSWORD, kdf.TEST))
     try:
@@ -106,10 +118,50 @@ class Server:
     process: subprocess.Popen[bytes]
     port: int
     log_lines: list[str] = field(default_factory=list)
+    metrics_port: int | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def channel(self, name: str | None, *, ca: Path | None = None) -> grpc.Channel:
+        """A mutual-TLS channel as client `name` (None: no client certificate at all)."""
+        ca_pem = (ca or self.dir / "ca.pem").read_bytes()
+        if name is None:
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=ca_pem,
+                private_key=(self.dir / f"{name}-key.pem").read_bytes(),
+                certificate_chain=(self.dir / f"{name}.pem").read_bytes(),
+            )
+        return grpc.secure_channel(self.address, credentials)
+
+    def stub(self, name: str | None) -> pb_grpc.SecretsStub:
+        return pb_grpc.SecretsStub(self.channel(name))
+
+    def audit_records(self) -> list[dict[str, object]]:
+        path = self.dir / "store.audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def cli(self, name: str, *args: str, input: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        """The real console script against this server, as client `name`."""
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.dir),
+            "SECRETS_MANAGER_ADDR": self.address,
+            "SECRETS_MANAGER_CERT": str(self.dir / f"{name}.pem"),
+            "SECRETS_MANAGER_KEY": str(self.dir / f"{name}-key.pem"),
+            "SECRETS_MANAGER_CA": str(self.dir / "ca.pem"),
+        }
+        return subprocess.run(
+            [str(SCRIPT), *args],
+            input=input,
+            capture_output=True,
+            env=env,
+            timeout=60,
+            start_new_session=True,
+        )
 
     def stop(self) -> None:
         """SIGTERM (graceful) and wait; a no-op if it has exited already."""
@@ -128,15 +180,24 @@ class Server:
             self.process.wait(timeout=10)
 
 
-def start_server(directory: Path, name: str = "server", *, max_workers: int = 64) -> Server:
+def start_server(
+    directory: Path,
+    name: str = "server",
+    *,
+    max_workers: int = 64,
+    metrics: bool = False,
+    settings: str = "",
+) -> Server:
     """`secrets-manager serve` on a free port over `directory/store.db`; returns once it listens.
 
     Every watch stream holds one of the server's worker threads (at most `max_workers` - 16 of them
     by default), so tests with many subscribed clients pass a larger `max_workers`."""
     config = directory / f"{name}.toml"
+    metrics_port = int(free_address().rpartition(":")[2]) if metrics else None
+    metrics_line = f'metrics_listen = "127.0.0.1:{metrics_port}"\n' if metrics else ""
     config.write_text(
         f'listen = "127.0.0.1:0"\nstore = "store.db"\npolicy = "policy.toml"\n'
-        f"max_workers = {max_workers}\nshutdown_grace_seconds = 5\n"
+        f"max_workers = {max_workers}\nshutdown_grace_seconds = 5\n{metrics_line}{settings}"
         '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
     )
     env = {
@@ -168,7 +229,7 @@ def start_server(directory: Path, name: str = "server", *, max_workers: int = 64
         process.kill()
         process.wait(timeout=10)
         raise AssertionError(f"server did not start: {''.join(lines)}")
-    server = Server(directory, process, port, lines)
+    server = Server(directory, process, port, lines, metrics_port)
     threading.Thread(target=_drain, args=(process, lines), daemon=True).start()
     return server
 

@@ -5,16 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -24,13 +20,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from secrets_manager.crypto import kdf
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
-from secrets_manager.tls import pki
 from secrets_manager.v1 import secrets_pb2 as pb
-from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
+from service_fixtures import PASSWORD, SCRIPT, TD, Server, make_pki, make_store, start_server
 
-SCRIPT = Path(sys.executable).with_name("secrets-manager")
-PASSWORD = "service test password"
-TD = "shrivenquant.local"
 SEED = {
     "auth/DB_PASSWORD": b"auth-db-pass",
     "auth/JWT_KEY": b"auth-jwt-key",
@@ -58,144 +50,13 @@ rules = [{{ path = "**", capabilities = ["admin"] }}]
 """
 
 
-@dataclass
-class Server:
-    dir: Path
-    process: subprocess.Popen[bytes]
-    port: int
-    metrics_port: int
-    log_lines: list[str]
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def channel(self, name: str | None, *, ca: Path | None = None) -> grpc.Channel:
-        ca_pem = (ca or self.dir / "ca.pem").read_bytes()
-        if name is None:
-            credentials = grpc.ssl_channel_credentials(root_certificates=ca_pem)
-        else:
-            credentials = grpc.ssl_channel_credentials(
-                root_certificates=ca_pem,
-                private_key=(self.dir / f"{name}-key.pem").read_bytes(),
-                certificate_chain=(self.dir / f"{name}.pem").read_bytes(),
-            )
-        return grpc.secure_channel(self.address, credentials)
-
-    def stub(self, name: str | None) -> pb_grpc.SecretsStub:
-        return pb_grpc.SecretsStub(self.channel(name))
-
-    def audit_records(self) -> list[dict[str, object]]:
-        path = self.dir / "store.audit.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()]
-
-    def cli(self, name: str, *args: str, input: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(self.dir),
-            "SECRETS_MANAGER_ADDR": self.address,
-            "SECRETS_MANAGER_CERT": str(self.dir / f"{name}.pem"),
-            "SECRETS_MANAGER_KEY": str(self.dir / f"{name}-key.pem"),
-            "SECRETS_MANAGER_CA": str(self.dir / "ca.pem"),
-        }
-        return subprocess.run(
-            [str(SCRIPT), *args],
-            input=input,
-            capture_output=True,
-            env=env,
-            timeout=60,
-            start_new_session=True,
-        )
-
-
-def _write(path: Path, pair: tuple[bytes, bytes]) -> None:
-    path.write_bytes(pair[0])
-    path.with_name(path.stem + "-key.pem").write_bytes(pair[1])
-
-
-def _make_pki(directory: Path) -> None:
-    ca_cert, ca_key = pki.new_ca(trust_domain=TD)
-    (directory / "ca.pem").write_bytes(ca_cert)
-    (directory / "ca-key.pem").write_bytes(ca_key)
-    _write(directory / "server.pem", pki.issue(ca_cert, ca_key, "server", server=True))
-    for name in ("auth", "ops", "writer", "nobody", "market-connector"):
-        _write(directory / f"{name}.pem", pki.issue(ca_cert, ca_key, name))
-    long_ago = datetime.now(UTC) - timedelta(days=30)
-    _write(directory / "expired.pem", pki.issue(ca_cert, ca_key, "auth", days=1, not_before=long_ago))
-    other_cert, other_key = pki.new_ca(trust_domain=TD)
-    (directory / "other-ca.pem").write_bytes(other_cert)
-    _write(directory / "foreign.pem", pki.issue(other_cert, other_key, "ops"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_server(directory: Path, settings: str = "") -> Server:
-    metrics_port = _free_port()
-    (directory / "server.toml").write_text(
-        f'listen = "127.0.0.1:0"\nstore = "store.db"\npolicy = "policy.toml"\n'
-        f'metrics_listen = "127.0.0.1:{metrics_port}"\nshutdown_grace_seconds = 5\n{settings}'
-        '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
-    )
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(directory),
-        "MASTER_PASSWORD": PASSWORD,
-    }
-    process = subprocess.Popen(
-        [str(SCRIPT), "serve", "--config", str(directory / "server.toml")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env=env,
-        start_new_session=True,
-    )
-    assert process.stderr is not None
-    lines: list[str] = []
-    deadline = time.monotonic() + 30
-    port = 0
-    while time.monotonic() < deadline:
-        line = process.stderr.readline().decode()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r'"port": (\d+)', line)
-        if match:
-            port = int(match.group(1))
-            break
-    if not port:
-        process.kill()
-        raise AssertionError(f"server did not start: {''.join(lines)}")
-    server = Server(directory, process, port, metrics_port, lines)
-    threading.Thread(target=_drain, args=(process, lines), daemon=True).start()
-    return server
-
-
-def _drain(process: subprocess.Popen[bytes], lines: list[str]) -> None:
-    assert process.stderr is not None
-    for raw in process.stderr:
-        lines.append(raw.decode())
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    _make_pki(tmp_path)
-    (tmp_path / "policy.toml").write_text(POLICY)
-    store = EncryptedStore.create(
-        SqliteStorage(tmp_path / "store.db", create=True), PasswordUnlock(PASSWORD, kdf.TEST)
-    )
-    for name, value in SEED.items():
-        store.put(name, value)
-    store.close()
-    running = start_server(tmp_path)
+    make_pki(tmp_path)
+    make_store(tmp_path, SEED, POLICY)
+    running = start_server(tmp_path, metrics=True)
     yield running
-    if running.process.poll() is None:
-        running.process.send_signal(signal.SIGTERM)
-        running.process.wait(timeout=30)
+    running.stop()
 
 
 def code_of(call: object) -> grpc.StatusCode:
@@ -380,16 +241,11 @@ def test_reads_are_audited_before_the_response_and_survive_a_crash(server: Serve
 
 
 def test_audit_sync_always_and_a_bad_setting(tmp_path: Path) -> None:
-    _make_pki(tmp_path)
-    (tmp_path / "policy.toml").write_text(POLICY)
-    store = EncryptedStore.create(
-        SqliteStorage(tmp_path / "store.db", create=True), PasswordUnlock(PASSWORD, kdf.TEST)
-    )
-    store.put("auth/DB_PASSWORD", b"auth-db-pass")
-    store.close()
+    make_pki(tmp_path)
+    make_store(tmp_path, {"auth/DB_PASSWORD": b"auth-db-pass"}, POLICY)
     with pytest.raises(AssertionError, match="audit_sync must be"):
-        start_server(tmp_path, 'audit_sync = "sometimes"\n')
-    running = start_server(tmp_path, 'audit_sync = "always"\n')
+        start_server(tmp_path, settings='audit_sync = "sometimes"\n')
+    running = start_server(tmp_path, settings='audit_sync = "always"\n')
     try:
         reply = running.stub("auth").GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
         assert reply.secret.value == b"auth-db-pass"
