@@ -1,5 +1,5 @@
-"""Shared fixtures: a store file in a fresh private directory, an unlocked EncryptedStore on it, and
-moto's AWS server for the AWS store tests.
+"""Shared fixtures: a store file in a fresh private directory, an unlocked EncryptedStore on it,
+moto's AWS server for the AWS store tests, and a private PostgreSQL cluster for the PostgreSQL ones.
 
 Stores here use the cheap Argon2id profile `kdf.TEST` (production refuses it), so unlocking costs
 milliseconds. Keep this file generic; fixtures for one test module belong in that module.
@@ -85,3 +85,30 @@ def moto_endpoint() -> Iterator[str]:
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[Any]:
+    """A private PostgreSQL 15 cluster (tests/postgres_cluster.py) on 127.0.0.1 and a free port,
+    password auth on, stopped and removed at the end of the session.
+
+    Shared by the session: tests keep apart by using schemas of their own. Where the server
+    binaries or the `postgres` user are missing the tests that need it are skipped, except under
+    CI (the `CI` variable set), where they fail."""
+    try:
+        from postgres_cluster import ClusterUnavailable, PostgresCluster
+    except ImportError as exc:  # psycopg is a runtime dependency: this is a broken install
+        if os.environ.get("CI"):
+            pytest.fail(f"cannot import the PostgreSQL test helpers ({exc}): pip install -e '.[dev]'")
+        pytest.skip(f"cannot import the PostgreSQL test helpers ({exc}): pip install -e '.[dev]'")
+    cluster = PostgresCluster()
+    try:
+        cluster.start()
+    except ClusterUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the PostgreSQL tests, but {exc}")
+        pytest.skip(str(exc))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

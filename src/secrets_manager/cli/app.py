@@ -49,11 +49,12 @@ from secrets_manager.store.url import (
     KDF_PROFILE_NAMES,
     create_store,
     default_audit_path,
+    discard_new_store,
     needs_password,
     open_external_store,
     open_store,
-    remove_store_files,
-    sqlite_path,
+    store_exists,
+    store_location,
 )
 from secrets_manager.values import SecretValue
 
@@ -148,7 +149,13 @@ class Session:
             )
         password = self.password()
         try:
-            return open_store(self.store_url, password, environment=self.environment, actor=self.actor)
+            return open_store(
+                self.store_url,
+                password,
+                environment=self.environment,
+                actor=self.actor,
+                audit_path=self.audit_path,
+            )
         except UnlockError as exc:
             self._audit_denied_unlock(exc)
             raise
@@ -268,8 +275,8 @@ pass_session = click.make_pass_decorator(Session)
     "store_url",
     envvar=STORE_VARIABLE,
     metavar="URL",
-    help=f"Store file path, sqlite:///path, vault://HOST:PORT/MOUNT or aws-secretsmanager://REGION/PREFIX "
-    f"[env {STORE_VARIABLE}; default: a file in your data directory].",
+    help=f"Store file path, sqlite:///path, postgresql://USER@HOST:PORT/DB, vault://HOST:PORT/MOUNT or "
+    f"aws-secretsmanager://REGION/PREFIX [env {STORE_VARIABLE}; default: a file in your data directory].",
 )
 @click.option(
     "--password-file",
@@ -333,9 +340,9 @@ def init(session: Session, kdf_profile: str) -> None:
             f"'init' is not supported by this store: {session.store_url} needs none (its secrets live in "
             "Vault or AWS); run the other commands directly"
         )
-    path = sqlite_path(session.store_url)
-    if path.exists():
-        raise ConflictError(f"a store already exists at {path}; init never overwrites one")
+    where = store_location(session.store_url)
+    if store_exists(session.store_url, environment=session.environment):
+        raise ConflictError(f"a store already exists at {where}; init never overwrites one")
     password = session.password(confirm=True)
     audit = session.audit_log()
     store = create_store(
@@ -344,15 +351,15 @@ def init(session: Session, kdf_profile: str) -> None:
         kdf_profile=kdf_profile,
         environment=session.environment,
         actor=session.actor,
+        audit_path=session.audit_path,
     )
     try:
         audit.append([session.event("init")], store)
     except BaseException:
-        store.close()
-        remove_store_files(path)  # the new store was never announced: leave nothing behind
+        discard_new_store(session.store_url, store)  # never announced: leave nothing behind
         raise
     store.close()
-    info_line(f"created an empty store at {path}")
+    info_line(f"created an empty store at {where}")
 
 
 @cli.command("store")

@@ -34,7 +34,9 @@ def serve(session: Session, config_path: str) -> None:
         config.audit_file or default_audit_path(store_url),
         flush_interval=config.audit_sync_interval_ms / 1000,
     )
-    store = open_store(store_url, password, environment=session.environment, actor=session.actor)
+    store = open_store(
+        store_url, password, environment=session.environment, actor=session.actor, audit_path=audit.path
+    )
     try:
         audit.append([session.event("serve", source="grpc", peer=config.listen)], store)
         configure_logging(sys.stderr)

@@ -1,25 +1,32 @@
 """Store URLs and opening a store: which store a URL names, production's guard rails.
 
     path/to/store.db, sqlite:///abs/path     EncryptedStore on a SQLite file (needs a master password)
+    postgresql://USER@HOST[:PORT]/DB[?schema=NAME&sslmode=…]
+                                              EncryptedStore on PostgreSQL (also postgres://; needs a
+                                              master password); the database password comes from
+                                              libpq's PGPASSWORD or PGPASSFILE, not the URL
     vault://HOST[:PORT]/MOUNT[?namespace=NS]  VaultStore on a KV v2 mount, over https (port 8200)
     vault+http://HOST[:PORT]/MOUNT            the same over plain http (dev servers; refused in production)
     aws-secretsmanager://REGION[/PREFIX][?kms=KEY&kms.NAMESPACE=KEY&recovery_window_days=N]
                                               AwsStore: secret NAME is the AWS secret PREFIX/NAME
 
-Other schemes fail with a message that names what is supported. The entry points call
-`create_store` / `open_store` (encrypted stores) or `open_external_store` (Vault, AWS; no master
-password) and never see storage or crypto themselves.
+A password in a PostgreSQL URL works but is visible in process lists and shell history: it is
+logged as a warning, and production refuses it; no message shows it. Other schemes fail with a
+message that names what is supported. The entry points call `create_store` / `open_store`
+(encrypted stores) or `open_external_store` (Vault, AWS; no master password) and never see storage
+or crypto themselves.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from platformdirs import user_data_path
 
@@ -29,23 +36,42 @@ from secrets_manager.environment import Environment
 from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
+    NotFoundError,
     UnsafeConfigurationError,
     UnsupportedOperationError,
 )
+from secrets_manager.storage import Delete, Storage
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store.base import AuditedStore
-from secrets_manager.store.encrypted import EncryptedStore
+from secrets_manager.store.encrypted import HEADER_KEY, EncryptedStore
 from secrets_manager.store.external import DEFAULT_AUDIT_SCOPE, DEFAULT_RECOVERY_WINDOW_DAYS, audit_scope_for
 from secrets_manager.store.names import validate_name, validate_namespace
 from secrets_manager.store.unlock import PasswordUnlock
 
 SQLITE_SCHEME = "sqlite://"
+POSTGRES_SCHEMES = ("postgresql", "postgres")
+POSTGRES_DEFAULT_SCHEMA = "secrets_manager"  # storage/postgres.py's DEFAULT_SCHEMA
 VAULT_SCHEMES = {"vault": "https", "vault+https": "https", "vault+http": "http"}
 AWS_SCHEME = "aws-secretsmanager"
 DEFAULT_VAULT_PORT = 8200
 DEFAULT_FILE_NAME = "secrets.db"
 _REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+-\d+")
 _MOUNT = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
+_PG_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+# What a postgresql:// URL may carry besides our `schema`: libpq's own connection options.
+_PG_OPTIONS = frozenset(
+    {
+        "application_name", "channel_binding", "connect_timeout", "gssencmode", "keepalives",
+        "keepalives_count", "keepalives_idle", "keepalives_interval", "load_balance_hosts", "options",
+        "passfile", "sslcert", "sslcrl", "sslkey", "sslmode", "sslrootcert", "target_session_attrs",
+    }
+)  # fmt: skip
+SUPPORTED_URLS = (
+    "a file path, sqlite:///path, postgresql://USER@HOST:PORT/DB, vault://HOST:PORT/MOUNT or "
+    "aws-secretsmanager://REGION/PREFIX"
+)
+log = logging.getLogger(__name__)
+_warned_password_urls: set[str] = set()
 
 KDF_PROFILE_NAMES: tuple[str, ...] = tuple(KDF_PROFILES)  # what `--kdf-profile` accepts
 
@@ -61,6 +87,20 @@ class VaultLocation:
     @property
     def plain_http(self) -> bool:
         return self.address.startswith("http://")
+
+
+@dataclass(frozen=True)
+class PostgresLocation:
+    """A `postgresql://` URL, parsed. `conninfo` is what libpq gets (the URL without our options)
+    and may hold a password, so it is left out of `repr`; `display` never holds one."""
+
+    conninfo: str = field(repr=False)
+    display: str
+    hosts: str
+    port: str
+    dbname: str
+    schema: str = POSTGRES_DEFAULT_SCHEMA
+    password_in_url: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,8 +127,76 @@ def external_location(url: str | None) -> VaultLocation | AwsLocation | None:
 
 
 def needs_password(url: str | None) -> bool:
-    """Whether the store needs a master password: only our encrypted store files do."""
+    """Whether the store needs a master password: only our encrypted stores (SQLite, PostgreSQL) do."""
     return external_location(url) is None
+
+
+def postgres_location(url: str | None) -> PostgresLocation | None:
+    """The PostgreSQL store a URL names; None for any other URL or path."""
+    if not url or "://" not in url or url.split("://", 1)[0].lower() not in POSTGRES_SCHEMES:
+        return None
+    usage = (
+        "write postgresql://USER@HOST:PORT/DATABASE[?schema=NAME] with the password in PGPASSWORD or "
+        "PGPASSFILE"
+    )
+    userinfo = url.split("://", 1)[1].rpartition("@")[0]
+    if any(c in userinfo for c in "/?#[]"):  # it would split the URL elsewhere, maybe in a password
+        raise InvalidInputError(
+            "the PostgreSQL store URL has '/', '?', '#', '[' or ']' in its user or password part; "
+            "percent-encode them, or better, keep the password in PGPASSFILE or PGPASSWORD"
+        )
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unbalanced [ of an IPv6 address
+        raise InvalidInputError(f"store URL {_redacted(url)!r}: {usage}") from None
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    user, has_colon, password = userinfo.partition(":")
+    options = parse_qsl(parts.query, keep_blank_values=True)
+    schema = POSTGRES_DEFAULT_SCHEMA
+    passed: list[tuple[str, str]] = []
+    password_in_url = bool(has_colon and password)
+    for key, value in options:
+        if key == "schema":
+            if not _PG_SCHEMA.fullmatch(value):
+                raise InvalidInputError(
+                    f"store URL {_redacted(url)!r}: schema {value!r} is not valid; use lower-case "
+                    "letters, digits and _"
+                )
+            schema = value
+        elif key == "password":
+            password_in_url = password_in_url or bool(value)
+            passed.append((key, value))
+        elif key in _PG_OPTIONS:
+            passed.append((key, value))
+        else:
+            raise InvalidInputError(
+                f"store URL {_redacted(url)!r}: unknown option {key!r}; options are schema=NAME and "
+                "libpq's (sslmode, sslrootcert, connect_timeout, target_session_attrs, …)"
+            )
+    dbname = unquote(parts.path.lstrip("/"))
+    if not hosts or not dbname or "/" in dbname or parts.fragment:
+        raise InvalidInputError(f"store URL {_redacted(url)!r}: {usage}")
+    port = ""
+    if re.fullmatch(r"[^,\[\]]+:\d+", hosts):  # one host with a port (several stay as libpq reads them)
+        hosts, port = hosts.rsplit(":", 1)
+    conninfo = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(passed, quote_via=quote), ""))
+    shown_user = f"{unquote(user)}@" if user else ""
+    display = f"postgresql://{shown_user}{hosts}{':' + port if port else ''}/{dbname}"
+    if schema != POSTGRES_DEFAULT_SCHEMA:
+        display += f"?schema={schema}"
+    return PostgresLocation(conninfo, display, hosts, port, dbname, schema, password_in_url)
+
+
+def _redacted(url: str) -> str:
+    """`url` with any password (in the user part or a password= option) replaced by ***.
+
+    Everything up to the last '@' counts as the user part, so an unencoded '/', '?' or '@' in a
+    password cannot make part of it show."""
+    scheme, _, rest = url.partition("://")
+    userinfo, at, tail = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}:***@{tail}"
+    return re.sub(r"([?&]password=)[^&]*", r"\1***", f"{scheme}://{rest}")
 
 
 def _vault_location(url: str, http_scheme: str) -> VaultLocation:
@@ -150,6 +258,10 @@ def default_store_path() -> Path:
 
 def sqlite_path(url: str | None) -> Path:
     """The file a store URL names; InvalidInputError for a scheme we do not support."""
+    if postgres_location(url) is not None:
+        raise InvalidInputError(
+            f"store URL {_redacted(str(url))!r} names a PostgreSQL store, not a store file"
+        )
     if not url:
         return default_store_path()
     if url.startswith(SQLITE_SCHEME):
@@ -161,18 +273,20 @@ def sqlite_path(url: str | None) -> Path:
         raise InvalidInputError(f"store URL {url!r} names a Vault or AWS store, not a store file")
     if "://" in url:
         scheme = url.split("://", 1)[0]
-        raise InvalidInputError(
-            f"store URL scheme {scheme!r} is not supported; use a file path, sqlite:///path, "
-            "vault://HOST:PORT/MOUNT or aws-secretsmanager://REGION/PREFIX"
-        )
+        raise InvalidInputError(f"store URL scheme {scheme!r} is not supported; use {SUPPORTED_URLS}")
     return Path(url).expanduser()
 
 
 def default_audit_path(url: str | None) -> Path:
-    """The audit log beside the store file (`store.db` → `store.audit.jsonl`); for a Vault or AWS
-    store, a file named after it in the user data directory."""
-    location = external_location(url)
-    if isinstance(location, VaultLocation):
+    """The audit log beside the store file (`store.db` → `store.audit.jsonl`); for a PostgreSQL,
+    Vault or AWS store, a file named after it in the user data directory."""
+    location: VaultLocation | AwsLocation | PostgresLocation | None = postgres_location(url)
+    location = location or external_location(url)
+    if isinstance(location, PostgresLocation):
+        slug = f"postgresql-{location.hosts}-{location.port or 'default'}-{location.dbname}"
+        if location.schema != POSTGRES_DEFAULT_SCHEMA:
+            slug += f"-{location.schema}"
+    elif isinstance(location, VaultLocation):
         slug = f"vault-{location.address.split('://', 1)[1]}-{location.mount}"
     elif isinstance(location, AwsLocation):
         slug = f"aws-{location.region}-{location.prefix}".rstrip("-")
@@ -222,8 +336,20 @@ def open_external_store(
     raise InvalidInputError(f"store URL {url!r} names neither a Vault nor an AWS store")
 
 
-def open_storage(url: str | None, *, create: bool, environment: Environment) -> SqliteStorage:
-    """Open (or, with `create`, make) the storage a URL names, applying production's guard rails."""
+def store_location(url: str | None) -> str:
+    """Where the store a URL names is, for messages: the file, or the URL without any password."""
+    location = postgres_location(url)
+    return location.display if location is not None else str(sqlite_path(url))
+
+
+def open_storage(url: str | None, *, create: bool, environment: Environment) -> Storage:
+    """Open (or, with `create`, make) the storage a URL names, applying production's guard rails.
+
+    PostgreSQL: `create` makes the schema and tables if missing (idempotent: whether a *store*
+    exists there is EncryptedStore's header, which `create` never overwrites)."""
+    location = postgres_location(url)
+    if location is not None:
+        return _open_postgres(location, create=create, environment=environment)
     path = sqlite_path(url)
     if environment.is_production and not create and path.exists():
         mode = stat.S_IMODE(path.stat().st_mode)
@@ -235,6 +361,55 @@ def open_storage(url: str | None, *, create: bool, environment: Environment) -> 
     return SqliteStorage(path, create=create)
 
 
+def _open_postgres(location: PostgresLocation, *, create: bool, environment: Environment) -> Storage:
+    if location.password_in_url:
+        if environment.is_production:
+            raise UnsafeConfigurationError(
+                f"store URL {location.display} carries a database password, which process lists and "
+                "shell history show; production refuses it: put it in PGPASSFILE (~/.pgpass) or PGPASSWORD"
+            )
+        if location.display not in _warned_password_urls:  # once per process, not per connection
+            _warned_password_urls.add(location.display)
+            log.warning(
+                "the store URL %s carries a database password, which process lists and shell "
+                "history show; put it in PGPASSFILE (~/.pgpass) or PGPASSWORD instead",
+                location.display,
+            )
+    from secrets_manager.storage.postgres import PostgresStorage  # psycopg loads only when used
+
+    return PostgresStorage(location.conninfo, schema=location.schema, create=create)
+
+
+def store_exists(url: str | None, *, environment: Environment) -> bool:
+    """Whether an initialised store is where `url` points (init refuses to go on if so)."""
+    if postgres_location(url) is None:
+        return sqlite_path(url).exists()
+    try:
+        storage = open_storage(url, create=False, environment=environment)
+    except NotFoundError:
+        return False
+    try:
+        return storage.get(HEADER_KEY) is not None
+    finally:
+        storage.close()
+
+
+def discard_new_store(url: str | None, store: EncryptedStore) -> None:
+    """Undo an `init` that was never announced (its audit record failed): close the new store and
+    remove what it wrote. On PostgreSQL, each entry goes only if nobody changed it since, and the
+    schema and tables stay (an empty store there is no store)."""
+    if postgres_location(url) is None:
+        store.close()
+        remove_store_files(sqlite_path(url))
+        return
+    storage = store._storage
+    try:
+        entries = [(key, storage.get(key)) for key in storage.list("")]
+        storage.commit([Delete(key, expect=e.revision) for key, e in entries if e is not None])
+    finally:
+        store.close()
+
+
 def create_store(
     url: str | None,
     password: bytes,
@@ -242,21 +417,38 @@ def create_store(
     kdf_profile: str,
     environment: Environment,
     actor: str,
+    audit_path: Path | None = None,
 ) -> EncryptedStore:
-    """Create a new, empty password-protected store where `url` points. Never overwrites."""
+    """Create a new, empty password-protected store where `url` points. Never overwrites.
+
+    `audit_path`: the audit log this process writes (see `open_store`)."""
     if kdf_profile not in KDF_PROFILES:
         raise InvalidInputError(f"unknown KDF profile {kdf_profile!r}; use one of {', '.join(KDF_PROFILES)}")
     if environment.is_production and KDF_PROFILES[kdf_profile].is_weaker_than(PRODUCTION_KDF_MINIMUM):
         raise UnsafeConfigurationError(
             f"KDF profile {kdf_profile!r} is too weak for production; use the default profile"
         )
+    options: dict[str, str] = {"actor": actor, **_store_options(url, audit_path)}
+    if postgres_location(url) is not None:
+        storage = open_storage(url, create=True, environment=environment)
+        unlock = PasswordUnlock(password, KDF_PROFILES[kdf_profile])
+        try:  # EncryptedStore.create writes the header only if there is none: never overwrites
+            return EncryptedStore.create(storage, unlock, **options)
+        except ConflictError:
+            storage.close()
+            raise ConflictError(
+                f"a store already exists at {store_location(url)}; init never overwrites one"
+            ) from None
+        except BaseException:
+            storage.close()
+            raise
     path = sqlite_path(url)
     if path.exists():
         raise ConflictError(f"a store already exists at {path}; init never overwrites one")
     storage = open_storage(url, create=True, environment=environment)
     try:
         unlock = PasswordUnlock(password, KDF_PROFILES[kdf_profile])
-        return EncryptedStore.create(storage, unlock, actor=actor)
+        return EncryptedStore.create(storage, unlock, **options)
     except BaseException:
         storage.close()
         remove_store_files(path)
@@ -269,8 +461,19 @@ def remove_store_files(path: Path) -> None:
         Path(f"{path}{suffix}").unlink(missing_ok=True)
 
 
-def open_store(url: str | None, password: bytes, *, environment: Environment, actor: str) -> EncryptedStore:
-    """Unlock the store `url` points at with a master password."""
+def open_store(
+    url: str | None,
+    password: bytes,
+    *,
+    environment: Environment,
+    actor: str,
+    audit_path: Path | None = None,
+) -> EncryptedStore:
+    """Unlock the store `url` points at with a master password.
+
+    `audit_path` is the audit log this process writes (default: `default_audit_path(url)`). A
+    PostgreSQL store is shared by hosts that each keep their own log, so there every log gets its
+    own anchor, under an id derived from the host and this path; a SQLite file has one."""
     if not needs_password(url):
         raise UnsupportedOperationError(
             f"opening {url} with a master password is not supported by this store: Vault and AWS "
@@ -278,10 +481,26 @@ def open_store(url: str | None, password: bytes, *, environment: Environment, ac
         )
     storage = open_storage(url, create=False, environment=environment)
     try:
-        return EncryptedStore.open(storage, _password_unlock(password, environment), actor=actor)
+        return EncryptedStore.open(
+            storage, _password_unlock(password, environment), **_store_options(url, audit_path), actor=actor
+        )
+    except NotFoundError:
+        storage.close()
+        location = postgres_location(url)
+        if location is None:
+            raise
+        raise NotFoundError(  # the tables are there (an interrupted init?) but no store header
+            f"no store at {location.display}; create one with 'secrets-manager init'"
+        ) from None
     except BaseException:
         storage.close()
         raise
+
+
+def _store_options(url: str | None, audit_path: Path | None) -> dict[str, str]:
+    if postgres_location(url) is None:
+        return {}
+    return {"audit_scope": audit_scope_for(audit_path or default_audit_path(url))}
 
 
 def _password_unlock(password: bytes, environment: Environment) -> PasswordUnlock:

@@ -1,0 +1,515 @@
+"""PostgreSQL storage (psycopg 3): several service replicas share one store through one database.
+
+The store lives in a schema of its own (default `secrets_manager`; several stores can share a
+database under different schemas), in three tables:
+
+    meta     one row: which application and schema version made it, the revision counter, and
+             `log_start`, the newest revision whose change-log rows may have been dropped
+    entries  key (text, COLLATE "C": code-point order, like SQLite's BINARY) → value (bytea), revision
+    changes  the change feed: (revision, key, deleted), bounded to CHANGE_LOG_RETAINED revisions
+
+Invariant: every `commit` is one transaction whose first statement increments the counter row
+(`UPDATE meta SET revision = revision + 1 … RETURNING`). That row lock serialises committers
+across every connection, process and replica — what `BEGIN IMMEDIATE` is for SQLite — so:
+
+* compare-and-set cannot race: preconditions are checked after the lock is taken, by statements
+  that (in READ COMMITTED) see every commit that held it before;
+* revisions are handed out in commit order and without gaps (a refused commit rolls its increment
+  back), and a commit is visible before the next one can take the lock, so a change-feed reader
+  that has seen revision N has seen everything up to N. A SEQUENCE would not do: its numbers are
+  taken before commit and become visible out of order, and a watcher that read 11 before 10
+  committed would skip 10 forever. SERIALIZABLE with retries would keep compare-and-set safe
+  too, but would still need the counter for the feed and would burn retries under contention.
+
+The cost is one writer at a time per store, fine for secrets (writes are rare and short).
+`durable=False` commits with `SET LOCAL synchronous_commit = off`: atomic and crash-safe, but
+acknowledged before the WAL reaches disk.
+
+Not `Scrubbable`: PostgreSQL keeps superseded row versions until VACUUM reuses their space (it
+does not zero it), and copies in its WAL, WAL archive, replicas and base backups, none of which a
+client can erase. A destroyed key's sealed copies age out with them instead; `EncryptedStore`
+reports "not scrubbed" for this storage, which is the truth.
+
+The connection string may hold a password; it is never shown: `repr`, errors and logs name the
+store as `postgresql://user@host:port/dbname`, and any text from the server or libpq has the
+password masked before it is raised.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from secrets_manager.errors import ConflictError, NotFoundError, StorageError
+from secrets_manager.storage.base import (
+    ABSENT,
+    Change,
+    ChangeBatch,
+    Delete,
+    Entry,
+    Expect,
+    Operation,
+    Put,
+)
+
+SCHEMA_VERSION = 1
+APPLICATION = "secrets-manager"
+DEFAULT_SCHEMA = "secrets_manager"
+CHANGE_LOG_RETAINED = 100_000  # revisions of change history kept for watchers (as SqliteStorage)
+LOCK_TIMEOUT_MS = 30_000  # how long a commit waits for another writer (SqliteStorage's busy timeout)
+CONNECT_TIMEOUT_S = 10  # unless the connection string or PGCONNECT_TIMEOUT says otherwise
+SCAN_PAGE = 512  # rows per round trip when a snapshot scans
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+T = TypeVar("T")
+
+
+def valid_schema_name(name: str) -> bool:
+    """Whether `name` is a schema name we accept: lower-case letters, digits, _ (no quoting needed)."""
+    return _SCHEMA_NAME.fullmatch(name) is not None
+
+
+class PostgresStorage:
+    """`Storage` (and `Snapshotting`) on PostgreSQL. Thread-safe: one connection behind a lock.
+
+    `conninfo` is anything libpq accepts (`postgresql://user@host:port/dbname?sslmode=…` or
+    `host=… dbname=…`); a password missing from it comes from libpq's own PGPASSWORD or
+    PGPASSFILE (~/.pgpass). `create=True` makes the schema and tables if missing (idempotent, safe
+    to race); otherwise a database without them is NotFoundError. A dropped connection is opened
+    again on the next call; a read that finds it dropped is retried once, a commit only if it
+    certainly did not reach the server's COMMIT.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        create: bool = False,
+        change_log_retained: int = CHANGE_LOG_RETAINED,
+    ) -> None:
+        if not valid_schema_name(schema):
+            raise StorageError(
+                f"PostgreSQL schema name {schema!r} is not valid: use lower-case letters, digits and _"
+            )
+        if change_log_retained < 1:
+            raise StorageError("change_log_retained must be at least 1")
+        try:
+            params = conninfo_to_dict(conninfo)
+        except psycopg.Error:
+            # libpq's message quotes the string, which may hold a password: say what, not where.
+            raise StorageError(
+                "the PostgreSQL connection string is not valid (it is not shown: it may hold a password)"
+            ) from None
+        self._conninfo = conninfo
+        self._secrets = [str(s) for s in (params.get("password"), os.environ.get("PGPASSWORD")) if s]
+        self.location = describe(params, schema)
+        self.schema = schema
+        self._retained = change_log_retained
+        self._prune_every = min(1024, change_log_retained)
+        self._q = _Queries(schema)
+        self._connect_options: dict[str, Any] = {"application_name": APPLICATION, "client_encoding": "utf8"}
+        if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT"):
+            self._connect_options["connect_timeout"] = CONNECT_TIMEOUT_S
+        self._lock = threading.Lock()
+        self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
+        self._closed = False
+        with self._lock:
+            try:
+                conn = self._connection()
+                if create:
+                    self._create_schema(conn)
+                self._check_schema(conn)
+            except psycopg.Error as exc:
+                self._drop_connection()
+                raise self._error(exc) from None
+            except BaseException:
+                self._drop_connection()  # a database we refuse must not keep a connection open
+                raise
+
+    # ---- connection ------------------------------------------------------------------------
+
+    def _connection(self) -> psycopg.Connection[tuple[Any, ...]]:
+        """The open connection, opened (again) if there is none or the last one broke."""
+        if self._closed:
+            raise StorageError(f"store {self.location} is closed")
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
+            return self._conn
+        self._drop_connection()
+        conn = psycopg.connect(self._conninfo, autocommit=True, **self._connect_options)
+        try:
+            encoding = conn.execute("SHOW server_encoding").fetchone()
+            if encoding is None or str(encoding[0]).upper() not in ("UTF8", "UTF-8"):
+                raise StorageError(
+                    f"store {self.location}: the database's encoding is {encoding and encoding[0]}, "
+                    "not UTF8; create the database with ENCODING 'UTF8'"
+                )
+            conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{LOCK_TIMEOUT_MS}ms")))
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            with contextlib.suppress(psycopg.Error):  # a broken connection: nothing left to release
+                self._conn.close()
+            self._conn = None
+
+    def _error(self, exc: psycopg.Error) -> StorageError:
+        """One line naming the store and what failed, with no password in it."""
+        if isinstance(exc, psycopg.errors.LockNotAvailable):
+            message = f"another writer held the store for {LOCK_TIMEOUT_MS // 1000} s; try again"
+        elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            message = f"permission denied ({_one_line(str(exc))}); grant the store's role access to it"
+        else:
+            message = _one_line(str(exc)) or type(exc).__name__
+        for secret in self._secrets:
+            message = message.replace(secret, "***")
+        return StorageError(f"store {self.location}: {message}")
+
+    def _read(self, action: Callable[[psycopg.Connection[tuple[Any, ...]]], T]) -> T:
+        """Run a read under the lock; retried once on a fresh connection if the old one had dropped."""
+        with self._lock:
+            for attempt in (1, 2):
+                conn = self._connection_or_error()
+                try:
+                    return action(conn)
+                except psycopg.OperationalError as exc:
+                    if attempt == 1 and conn.broken:
+                        continue
+                    raise self._error(exc) from None
+                except psycopg.Error as exc:
+                    raise self._error(exc) from None
+            raise AssertionError("unreachable")  # pragma: no cover
+
+    def _connection_or_error(self) -> psycopg.Connection[tuple[Any, ...]]:
+        try:
+            return self._connection()
+        except psycopg.Error as exc:
+            raise self._error(exc) from None
+
+    # ---- schema ----------------------------------------------------------------------------
+
+    def _create_schema(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        """Create the schema and tables where missing, in one transaction under an advisory lock,
+        so replicas starting together do not trip over each other's CREATE."""
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{APPLICATION}:{self.schema}",))
+            exists = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,)).fetchone()
+            if exists is None:
+                conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema)))
+            if conn.execute(self._q.table_exists, (self.schema,)).fetchone() is None:
+                for statement in self._q.create:
+                    conn.execute(statement)
+
+    def _check_schema(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        """Refuse a database that holds no store, someone else's tables, or a newer schema.
+        Opening writes nothing."""
+        if conn.execute(self._q.table_exists, (self.schema,)).fetchone() is None:
+            raise NotFoundError(
+                f"no store at {self.location}; create one with 'secrets-manager init' or pass --store"
+            )
+        try:
+            row = conn.execute(self._q.read_meta_header).fetchone()
+        except psycopg.errors.UndefinedColumn:
+            row = None
+        if row is None or row[0] != APPLICATION:
+            raise StorageError(f"{self.location} holds tables that are not a secrets-manager store")
+        version = int(row[1])
+        if version > SCHEMA_VERSION:
+            raise StorageError(
+                f"{self.location} has storage schema {version}; upgrade secrets-manager to open it"
+            )
+        if version != SCHEMA_VERSION:
+            raise StorageError(f"{self.location} is not a secrets-manager store (schema {version})")
+
+    # ---- the Storage protocol --------------------------------------------------------------
+
+    def get(self, key: str) -> Entry | None:
+        row = self._read(lambda conn: conn.execute(self._q.get, (key,)).fetchone())
+        return None if row is None else Entry(value=bytes(row[0]), revision=int(row[1]))
+
+    def put(self, key: str, value: bytes, *, expect: Expect = None) -> int:
+        return self.commit([Put(key, value, expect)])
+
+    def delete(self, key: str, *, expect: Expect = None) -> int:
+        return self.commit([Delete(key, expect)])
+
+    def list(self, prefix: str) -> list[str]:
+        rows = self._read(lambda conn: _list(conn, self._q, prefix))
+        return [row[0] for row in rows]
+
+    def commit(self, operations: Sequence[Operation], *, silent: bool = False, durable: bool = True) -> int:
+        operations = list(operations)
+        with self._lock:
+            for attempt in (1, 2):
+                conn = self._connection_or_error()
+                reached_commit = False
+                try:
+                    with conn.transaction():
+                        revision = self._apply(conn, operations, silent=silent, durable=durable)
+                        reached_commit = True  # leaving the block sends COMMIT
+                    return revision
+                except psycopg.OperationalError as exc:
+                    # Broken before COMMIT was sent: the server rolled the transaction back, so
+                    # once more on a new connection is safe. At or after COMMIT, it may have landed.
+                    if attempt == 1 and conn.broken and not reached_commit:
+                        continue
+                    raise self._error(exc) from None
+                except psycopg.Error as exc:
+                    raise self._error(exc) from None
+            raise AssertionError("unreachable")  # pragma: no cover
+
+    def _apply(
+        self,
+        conn: psycopg.Connection[tuple[Any, ...]],
+        operations: Sequence[Operation],
+        *,
+        silent: bool,
+        durable: bool,
+    ) -> int:
+        """Inside the commit's transaction: take the counter lock, check, write, log."""
+        if not durable:
+            conn.execute("SET LOCAL synchronous_commit = off")
+        bumped = conn.execute(self._q.bump).fetchone()
+        if bumped is None:
+            raise StorageError(f"store {self.location}: its revision counter is missing")
+        revision = int(bumped[0])
+        # Preconditions see the storage as it was before this commit, as in SqliteStorage.
+        expected = [(op.key, op.expect) for op in operations if op.expect is not None]
+        if expected:
+            keys = sorted({key for key, _ in expected})
+            current = {k: int(r) for k, r in conn.execute(self._q.revisions_of, (keys,)).fetchall()}
+            for key, expect in expected:
+                _check_precondition(key, expect, current.get(key))
+        final: dict[str, Operation] = {}
+        for op in operations:  # applied in order, so the last operation on a key decides
+            final[op.key] = op
+        puts = [(key, op.value, revision) for key, op in final.items() if isinstance(op, Put)]
+        deletes = [key for key, op in final.items() if isinstance(op, Delete)]
+        with conn.cursor() as cur:
+            if puts:
+                cur.executemany(self._q.upsert, puts)
+            if deletes:
+                cur.execute(self._q.delete_many, (deletes,))
+            if not silent and final:
+                cur.executemany(
+                    self._q.log_change,
+                    [(revision, key, isinstance(op, Delete)) for key, op in final.items()],
+                )
+            if revision % self._prune_every == 0:  # bounded log; watchers that fall behind resync
+                horizon = revision - self._retained
+                if horizon > 0:
+                    cur.execute(self._q.prune, (horizon,))
+                    cur.execute(self._q.advance_log_start, (horizon,))
+        return revision
+
+    def changes_since(self, revision: int, *, limit: int = 10_000) -> ChangeBatch:
+        """Keys changed after `revision`, oldest first, and whether older changes were dropped.
+
+        One statement, so one snapshot: the counter and the rows agree."""
+        rows = self._read(lambda conn: conn.execute(self._q.changes, (revision, limit)).fetchall())
+        current, log_start = int(rows[0][0]), int(rows[0][1])
+        changes = [Change(revision=int(r), key=k, deleted=bool(d)) for _, _, r, k, d in rows if r is not None]
+        truncated = revision < log_start
+        if len(changes) < limit:
+            return ChangeBatch(changes=changes, revision=current, truncated=truncated)
+        # A full page: end it on a whole commit, so the next call resumes without a gap.
+        last = changes[-1].revision
+        complete = [c for c in changes if c.revision < last]
+        if complete:
+            return ChangeBatch(changes=complete, revision=last - 1, truncated=truncated)
+        return ChangeBatch(changes=changes, revision=last, truncated=True)
+
+    @contextmanager
+    def snapshot(self) -> Iterator[PostgresSnapshot]:
+        """Reads that all see one instant (`Snapshotting`): a REPEATABLE READ, READ ONLY transaction.
+
+        Its snapshot is taken at its first statement, the counter read, so `revision` and every
+        read through the snapshot agree; other connections commit meanwhile, unseen. This handle's
+        lock is held throughout, so its other methods wait until the snapshot ends."""
+        with self._lock:
+            conn = self._connection_or_error()
+            try:
+                with conn.transaction():
+                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                    row = conn.execute(self._q.read_revision).fetchone()
+                    if row is None:
+                        raise StorageError(f"store {self.location}: its revision counter is missing")
+                    yield PostgresSnapshot(conn, self._q, int(row[0]), self._error)
+            except psycopg.Error as exc:
+                raise self._error(exc) from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._drop_connection()
+
+    def __repr__(self) -> str:
+        return f"PostgresStorage({self.location!r})"
+
+
+class PostgresSnapshot:
+    """The `StorageSnapshot` of `PostgresStorage.snapshot`: reads inside its transaction."""
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[tuple[Any, ...]],
+        queries: _Queries,
+        revision: int,
+        error: Callable[[psycopg.Error], StorageError],
+    ) -> None:
+        self._conn = conn
+        self._q = queries
+        self._error = error
+        self.revision = revision
+
+    def get(self, key: str) -> Entry | None:
+        try:
+            row = self._conn.execute(self._q.get, (key,)).fetchone()
+        except psycopg.Error as exc:
+            raise self._error(exc) from None
+        return None if row is None else Entry(value=bytes(row[0]), revision=int(row[1]))
+
+    def list(self, prefix: str) -> list[str]:
+        try:
+            return [row[0] for row in _list(self._conn, self._q, prefix)]
+        except psycopg.Error as exc:
+            raise self._error(exc) from None
+
+    def scan(self, prefix: str) -> Iterator[tuple[str, Entry]]:
+        """Every entry under `prefix` in key order, a page per round trip (keyset pagination: each
+        page starts after the last key seen, so no cursor outlives a call)."""
+        end = _prefix_end(prefix)
+        after: str | None = None
+        while True:
+            try:
+                rows = self._conn.execute(
+                    self._q.scan_page, (prefix, end, end, after, after, SCAN_PAGE)
+                ).fetchall()
+            except psycopg.Error as exc:
+                raise self._error(exc) from None
+            for key, value, revision in rows:
+                yield key, Entry(value=bytes(value), revision=int(revision))
+            if len(rows) < SCAN_PAGE:
+                return
+            after = rows[-1][0]
+
+
+class _Queries:
+    """Every statement, with the store's schema name quoted once."""
+
+    def __init__(self, schema: str) -> None:
+        def q(text: str) -> sql.Composed:
+            return sql.SQL(text).format(s=sql.Identifier(schema))
+
+        self.create = [
+            q(
+                "CREATE TABLE {s}.meta ("
+                " id integer PRIMARY KEY CHECK (id = 1),"
+                " application text NOT NULL,"
+                " schema_version integer NOT NULL,"
+                " revision bigint NOT NULL,"
+                " log_start bigint NOT NULL)"
+            ),
+            sql.SQL("INSERT INTO {s}.meta VALUES (1, {app}, {version}, 0, 0)").format(
+                s=sql.Identifier(schema), app=sql.Literal(APPLICATION), version=sql.Literal(SCHEMA_VERSION)
+            ),
+            q(
+                'CREATE TABLE {s}.entries (key text COLLATE "C" PRIMARY KEY,'
+                " value bytea NOT NULL, revision bigint NOT NULL)"
+            ),
+            q(
+                'CREATE TABLE {s}.changes (revision bigint NOT NULL, key text COLLATE "C" NOT NULL,'
+                " deleted boolean NOT NULL, PRIMARY KEY (revision, key))"
+            ),
+        ]
+        self.table_exists = sql.SQL("SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = 'meta'")
+        self.read_meta_header = q("SELECT application, schema_version FROM {s}.meta WHERE id = 1")
+        self.read_revision = q("SELECT revision FROM {s}.meta WHERE id = 1")
+        self.bump = q("UPDATE {s}.meta SET revision = revision + 1 WHERE id = 1 RETURNING revision")
+        self.get = q("SELECT value, revision FROM {s}.entries WHERE key = %s")
+        self.revisions_of = q("SELECT key, revision FROM {s}.entries WHERE key = ANY(%s)")
+        self.upsert = q(
+            "INSERT INTO {s}.entries (key, value, revision) VALUES (%s, %s, %s) ON CONFLICT (key) "
+            "DO UPDATE SET value = excluded.value, revision = excluded.revision"
+        )
+        self.delete_many = q("DELETE FROM {s}.entries WHERE key = ANY(%s)")
+        self.log_change = q("INSERT INTO {s}.changes (revision, key, deleted) VALUES (%s, %s, %s)")
+        self.prune = q("DELETE FROM {s}.changes WHERE revision <= %s")
+        self.advance_log_start = q("UPDATE {s}.meta SET log_start = greatest(log_start, %s) WHERE id = 1")
+        # Range scans, not LIKE, so '%' and '_' in a prefix are literal; NULL end = no upper bound.
+        self.list_range = q(
+            "SELECT key FROM {s}.entries WHERE key >= %s AND (%s::text IS NULL OR key < %s) ORDER BY key"
+        )
+        self.scan_page = q(
+            "SELECT key, value, revision FROM {s}.entries"
+            " WHERE key >= %s AND (%s::text IS NULL OR key < %s) AND (%s::text IS NULL OR key > %s)"
+            " ORDER BY key LIMIT %s"
+        )
+        self.changes = q(
+            "SELECT m.revision, m.log_start, c.revision, c.key, c.deleted FROM {s}.meta m"
+            " LEFT JOIN LATERAL (SELECT revision, key, deleted FROM {s}.changes WHERE revision > %s"
+            " ORDER BY revision, key LIMIT %s) c ON true WHERE m.id = 1 ORDER BY c.revision, c.key"
+        )
+
+
+def _list(conn: psycopg.Connection[tuple[Any, ...]], queries: _Queries, prefix: str) -> list[tuple[Any, ...]]:
+    end = _prefix_end(prefix)
+    return conn.execute(queries.list_range, (prefix, end, end)).fetchall()
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The least string above every string that starts with `prefix`, or None if there is none.
+
+    COLLATE "C" on a UTF8 database compares UTF-8 bytes, which is code-point order, so this is
+    `prefix` with its last character incremented (dropping trailing U+10FFFF, skipping the
+    surrogates) — the same bound as SqliteStorage's."""
+    chars = list(prefix)
+    while chars:
+        last = ord(chars.pop())
+        if last < 0x10FFFF:
+            following = 0xE000 if 0xD800 <= last + 1 <= 0xDFFF else last + 1
+            return "".join(chars) + chr(following)
+    return None
+
+
+def _check_precondition(key: str, expect: Expect, revision: int | None) -> None:
+    if expect is ABSENT:
+        if revision is not None:
+            raise ConflictError(f"storage key {key!r} already exists")
+    elif revision is None or revision != expect:
+        raise ConflictError(f"storage key {key!r} changed concurrently")
+
+
+def describe(params: dict[str, Any], schema: str = DEFAULT_SCHEMA) -> str:
+    """`postgresql://user@host:port/dbname[?schema=…]` from libpq parameters: never the password."""
+    user = params.get("user")
+    hosts = str(params.get("host") or "").split(",")
+    ports = str(params.get("port") or "").split(",")
+    if len(ports) == 1 and len(hosts) > 1:
+        ports = ports * len(hosts)
+    netloc = ",".join(
+        (f"[{h}]" if ":" in h else h) + (f":{p}" if p else "")
+        for h, p in zip(hosts, ports + [""] * (len(hosts) - len(ports)), strict=False)
+    )
+    if netloc.startswith("/"):  # a Unix-socket directory
+        netloc = ""
+    userinfo = f"{user}@" if user else ""
+    query = "" if schema == DEFAULT_SCHEMA else f"?schema={schema}"
+    return f"postgresql://{userinfo}{netloc}/{params.get('dbname') or ''}{query}"
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())

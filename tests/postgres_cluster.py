@@ -1,0 +1,205 @@
+"""A private PostgreSQL 15 cluster for one test session, from the Debian binaries.
+
+`PostgresCluster.start()` runs initdb and pg_ctl from /usr/lib/postgresql/15/bin in a fresh
+directory of its own: as the `postgres` user when we are root (initdb refuses root), listening on
+127.0.0.1 and a free port only (no Unix socket), with scram-sha-256 password authentication for
+every connection. `stop()` shuts it down and removes the directory. Passwords reach initdb through a
+file and the server through SQL over the connection, never through a process's arguments.
+
+Tests use a login role (`ROLE`) that owns one database (`DATABASE`); each test takes a schema of its
+own in it (`new_schema()`), which is as good as an empty database and costs a millisecond.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import psycopg
+from psycopg import sql
+
+BIN_DIR = Path(os.environ.get("SECRETS_MANAGER_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
+SYSTEM_USER = "postgres"
+ROLE = "sm_test"
+DATABASE = "sm_test"
+START_ATTEMPTS = 3  # a free port can be taken by someone else between our probe and the server's bind
+
+
+class ClusterUnavailable(Exception):
+    """What is missing to start a cluster on this machine (the reason a test is skipped)."""
+
+
+def missing_requirements() -> str | None:
+    """Why no cluster can start here, or None if it can."""
+    for tool in ("initdb", "pg_ctl"):
+        if not (BIN_DIR / tool).is_file():
+            return (
+                f"PostgreSQL 15 server binaries not found ({BIN_DIR / tool} is missing); "
+                "install them with 'apt-get install postgresql-15'"
+            )
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam(SYSTEM_USER)
+        except KeyError:
+            return f"running as root, but there is no '{SYSTEM_USER}' user to run initdb as (it refuses root)"
+        if shutil.which("runuser") is None:
+            return "running as root, but 'runuser' (util-linux) is missing to run initdb as 'postgres'"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class PostgresCluster:
+    """One private cluster: `start()`, then `url()` / `connect()`, then `stop()`."""
+
+    def __init__(self) -> None:
+        self.role_password = secrets.token_urlsafe(18)
+        self._superuser_password = secrets.token_urlsafe(18)
+        self.port = 0
+        self._dir: Path | None = None
+        self._as_system_user = os.geteuid() == 0
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> PostgresCluster:
+        reason = missing_requirements()
+        if reason is not None:
+            raise ClusterUnavailable(reason)
+        self._dir = Path(tempfile.mkdtemp(prefix="secrets-manager-pg-"))
+        try:
+            self._initdb()
+            for attempt in range(1, START_ATTEMPTS + 1):
+                self.port = _free_port()
+                try:
+                    self._pg_ctl("start", "-w", "-t", "60", "-l", str(self._dir / "server.log"), "-o",
+                                 f"-p {self.port}")  # fmt: skip
+                    break
+                except subprocess.CalledProcessError:
+                    if attempt == START_ATTEMPTS:
+                        raise RuntimeError(f"PostgreSQL did not start: {self.server_log()}") from None
+            self._create_role_and_database()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self._dir is None:
+            return
+        if (self._dir / "data" / "postmaster.pid").exists():
+            with contextlib.suppress(subprocess.CalledProcessError):
+                self._pg_ctl("stop", "-m", "fast", "-w", "-t", "30")
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self._dir = None
+
+    def _initdb(self) -> None:
+        assert self._dir is not None
+        password_file = self._dir / "superuser-password"
+        password_file.write_text(self._superuser_password + "\n")
+        password_file.chmod(0o600)
+        self._give_to_system_user(self._dir, password_file)
+        try:
+            self._run(
+                str(BIN_DIR / "initdb"),
+                "--pgdata", str(self._dir / "data"),
+                "--username", SYSTEM_USER,
+                "--pwfile", str(password_file),
+                "--auth", "scram-sha-256",
+                "--encoding", "UTF8",
+                "--locale", "C",
+                "--no-sync",
+            )  # fmt: skip
+        finally:
+            password_file.unlink()
+        settings = {
+            "listen_addresses": "'127.0.0.1'",
+            "unix_socket_directories": "''",  # TCP on loopback only: password auth applies to all
+            "password_encryption": "'scram-sha-256'",
+            "fsync": "off",  # a throwaway cluster: durability across power cuts is not under test
+            "full_page_writes": "off",
+            "max_connections": "60",
+            "shared_buffers": "32MB",
+            "log_min_messages": "warning",
+        }
+        with (self._dir / "data" / "postgresql.conf").open("a") as conf:
+            conf.write("\n# secrets-manager test cluster\n")
+            conf.writelines(f"{key} = {value}\n" for key, value in settings.items())
+        hba = "host all all 127.0.0.1/32 scram-sha-256\n"
+        (self._dir / "data" / "pg_hba.conf").write_text(hba)
+
+    def _give_to_system_user(self, *paths: Path) -> None:
+        if not self._as_system_user:
+            return
+        account = pwd.getpwnam(SYSTEM_USER)
+        for path in paths:
+            os.chown(path, account.pw_uid, account.pw_gid)
+
+    def _pg_ctl(self, *args: str) -> None:
+        assert self._dir is not None
+        self._run(str(BIN_DIR / "pg_ctl"), "--pgdata", str(self._dir / "data"), *args)
+
+    def _run(self, *command: str) -> None:
+        prefix = ["runuser", "-u", SYSTEM_USER, "--"] if self._as_system_user else []
+        subprocess.run(
+            [*prefix, *command],
+            check=True,
+            capture_output=True,
+            cwd=self._dir,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
+            timeout=120,
+        )
+
+    def _create_role_and_database(self) -> None:
+        with self.connect(superuser=True) as admin:
+            admin.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(ROLE), sql.Literal(self.role_password)
+                )
+            )
+            admin.execute(
+                sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(DATABASE), sql.Identifier(ROLE))
+            )
+
+    def server_log(self) -> str:
+        if self._dir is None:
+            return ""
+        log = self._dir / "server.log"
+        return log.read_text(errors="replace")[-4000:] if log.exists() else ""
+
+    # ---- for tests ---------------------------------------------------------------------------
+
+    def url(self, *, with_password: bool = False, database: str = DATABASE, user: str = ROLE) -> str:
+        """`postgresql://sm_test@127.0.0.1:PORT/sm_test`; the password only when asked for."""
+        secret = f":{self.role_password}" if with_password else ""
+        return f"postgresql://{user}{secret}@127.0.0.1:{self.port}/{database}"
+
+    def env(self) -> Mapping[str, str]:
+        """libpq's own variables for the test role: the password travels here, not in a URL."""
+        return {"PGPASSWORD": self.role_password, "PGCONNECT_TIMEOUT": "10"}
+
+    def connect(self, *, superuser: bool = False) -> psycopg.Connection[tuple[object, ...]]:
+        if superuser:
+            return psycopg.connect(
+                host="127.0.0.1", port=self.port, user=SYSTEM_USER, dbname="postgres",
+                password=self._superuser_password, autocommit=True, connect_timeout=10,
+            )  # fmt: skip
+        return psycopg.connect(
+            host="127.0.0.1", port=self.port, user=ROLE, dbname=DATABASE,
+            password=self.role_password, autocommit=True, connect_timeout=10,
+        )  # fmt: skip
+
+    def new_schema(self) -> str:
+        """A fresh schema name nobody has used; the store creates it."""
+        return f"t_{secrets.token_hex(6)}"

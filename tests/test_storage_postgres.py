@@ -1,0 +1,776 @@
+"""PostgresStorage on a private PostgreSQL 15 cluster: the Storage and SecretStore conformance suites,
+then what is particular to a database that several processes and replicas share: compare-and-set
+and revisions across processes, the change feed seen from other connections, the schema, dropped
+connections, the store URL, the CLI end to end, and the database password staying out of sight.
+
+The cluster (tests/postgres_cluster.py, fixture `postgres_cluster` in conftest.py) is started once
+per session; each test works in a fresh schema of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from postgres_cluster import PostgresCluster
+from secrets_manager.audit import Anchor
+from secrets_manager.crypto import kdf
+from secrets_manager.environment import Environment
+from secrets_manager.errors import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    StorageError,
+    UnsafeConfigurationError,
+)
+from secrets_manager.storage import ABSENT, Delete, Put, Snapshotting, Storage
+from secrets_manager.storage.postgres import SCAN_PAGE, PostgresStorage
+from secrets_manager.storage.testing import STORAGE_CHECKS, check_storage
+from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretStore
+from secrets_manager.store.testing import SECRET_STORE_CHECKS, check_secret_store, run_check
+from secrets_manager.store.url import (
+    create_store,
+    default_audit_path,
+    discard_new_store,
+    needs_password,
+    open_store,
+    postgres_location,
+    sqlite_path,
+    store_exists,
+    store_location,
+)
+from service_fixtures import PASSWORD as SERVICE_PASSWORD
+from service_fixtures import POLICY as SERVICE_POLICY
+from service_fixtures import Server, make_pki
+
+SCRIPT = Path(sys.executable).with_name("secrets-manager")
+MASTER_PASSWORD = "correct horse battery staple"
+DEV = Environment.DEVELOPMENT
+
+
+@dataclass
+class Place:
+    """One schema of the test database: where a store lives, and how to open handles on it."""
+
+    cluster: PostgresCluster
+    schema: str
+
+    @property
+    def conninfo(self) -> str:
+        """The URL libpq gets, password included (as a service's config might hold it)."""
+        return self.cluster.url(with_password=True)
+
+    @property
+    def url(self) -> str:
+        """The store URL an operator writes: no password (it comes from PGPASSWORD)."""
+        return f"{self.cluster.url()}?schema={self.schema}"
+
+    def open(self, *, create: bool = False, **options: Any) -> PostgresStorage:
+        return PostgresStorage(self.conninfo, schema=self.schema, create=create, **options)
+
+
+@pytest.fixture
+def place(postgres_cluster: PostgresCluster) -> Place:
+    return Place(postgres_cluster, postgres_cluster.new_schema())
+
+
+@pytest.fixture
+def pg_password(postgres_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The test role's password in PGPASSWORD, as libpq reads it (for opening stores by URL)."""
+    monkeypatch.setenv("PGPASSWORD", postgres_cluster.role_password)
+    return postgres_cluster.role_password
+
+
+@pytest.fixture
+def make_storage(place: Place) -> Callable[[], Storage]:
+    place.open(create=True).close()
+    return lambda: place.open()
+
+
+@pytest.fixture
+def storage(place: Place) -> Iterator[PostgresStorage]:
+    created = place.open(create=True)
+    yield created
+    created.close()
+
+
+# ---- conformance --------------------------------------------------------------------------------
+
+
+def test_postgres_storage_passes_the_whole_conformance_suite(make_storage: Callable[[], Storage]) -> None:
+    check_storage(make_storage)
+
+
+@pytest.mark.parametrize("behaviour", list(STORAGE_CHECKS))
+def test_postgres_storage_conforms(behaviour: str, make_storage: Callable[[], Storage]) -> None:
+    STORAGE_CHECKS[behaviour](make_storage)
+
+
+def test_postgres_storage_takes_snapshots_and_does_not_claim_to_scrub(storage: PostgresStorage) -> None:
+    assert isinstance(storage, Snapshotting)
+    assert not hasattr(storage, "scrub")  # superseded row versions and WAL copies cannot be erased
+
+
+@pytest.fixture
+def make_store(place: Place) -> Callable[[], SecretStore]:
+    EncryptedStore.create(place.open(create=True), PasswordUnlock(MASTER_PASSWORD, kdf.TEST)).close()
+    return lambda: EncryptedStore.open(place.open(), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
+
+
+def test_encrypted_store_on_postgres_passes_the_whole_secret_store_suite(
+    make_store: Callable[[], SecretStore],
+) -> None:
+    check_secret_store(make_store)
+
+
+@pytest.mark.parametrize("behaviour", ["expect-version", "max-versions", "repr-redacted"])
+def test_encrypted_store_on_postgres_conforms(behaviour: str, make_store: Callable[[], SecretStore]) -> None:
+    assert behaviour in SECRET_STORE_CHECKS
+    run_check(make_store, behaviour)
+
+
+# ---- several processes at once ------------------------------------------------------------------
+
+
+def _increment(args: tuple[str, str, int, float]) -> list[int]:
+    """In a worker process: add 1 to the counter under `counter` `times` times by compare-and-set,
+    retrying lost races; the revisions of its successful commits."""
+    conninfo, schema, times, start_at = args
+    storage = PostgresStorage(conninfo, schema=schema)
+    won: list[int] = []
+    try:
+        time.sleep(max(0.0, start_at - time.time()))  # every worker connected: start together
+        while len(won) < times:
+            entry = storage.get("counter")
+            assert entry is not None
+            try:
+                won.append(storage.put("counter", b"%d" % (int(entry.value) + 1), expect=entry.revision))
+            except ConflictError:
+                continue
+    finally:
+        storage.close()
+    return won
+
+
+def _put_distinct(args: tuple[str, str, int, float]) -> list[int]:
+    """In a worker process: write `times` keys of its own, unconditionally."""
+    conninfo, schema, times, start_at = args
+    storage = PostgresStorage(conninfo, schema=schema)
+    try:
+        time.sleep(max(0.0, start_at - time.time()))
+        pid = os.getpid()
+        return [storage.put(f"distinct/{pid}/{i:03d}", b"v%d" % i) for i in range(times)]
+    finally:
+        storage.close()
+
+
+def _run_in_processes(worker: Callable[..., list[int]], place: Place, processes: int, times: int,
+                      during: Callable[[], None] = lambda: None) -> list[list[int]]:  # fmt: skip
+    """`worker` in `processes` fresh interpreters at once (spawn: no connection crosses a fork);
+    `during` runs in this process until they are all done."""
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes) as pool:
+        start_at = time.time() + 1.5
+        pending = pool.map_async(worker, [(place.conninfo, place.schema, times, start_at)] * processes)
+        while not pending.ready():
+            during()
+            pending.wait(0.01)
+        during()
+        return pending.get(timeout=60)
+
+
+def test_compare_and_set_from_four_processes_loses_no_increment(
+    storage: PostgresStorage, place: Place
+) -> None:
+    first = storage.put("counter", b"0")
+    results = _run_in_processes(_increment, place, processes=4, times=50)
+    entry = storage.get("counter")
+    assert entry is not None and entry.value == b"200"  # no lost update
+    won = sorted(r for result in results for r in result)
+    assert len(won) == len(set(won)) == 200  # no revision handed out twice
+    assert won == list(range(first + 1, first + 201))  # in commit order, no gaps: refused commits burn none
+    assert entry.revision == won[-1]
+
+
+def test_a_watcher_sees_every_concurrent_commit_once_in_order(storage: PostgresStorage, place: Place) -> None:
+    watcher = place.open()
+    start = watcher.changes_since(0).revision
+    seen: list[tuple[int, str]] = []
+    cursor = start
+
+    def poll() -> None:
+        nonlocal cursor
+        batch = watcher.changes_since(cursor)
+        assert not batch.truncated
+        seen.extend((c.revision, c.key) for c in batch.changes)
+        cursor = batch.revision
+
+    try:
+        results = _run_in_processes(_put_distinct, place, processes=4, times=50, during=poll)
+    finally:
+        watcher.close()
+    written = sorted(r for result in results for r in result)
+    assert [revision for revision, _ in seen] == written == list(range(start + 1, start + 201))
+    assert len({key for _, key in seen}) == 200
+    assert storage.list("distinct/") == sorted(key for _, key in seen)
+
+
+def test_threads_sharing_one_handle_lose_no_increment(storage: PostgresStorage) -> None:
+    storage.put("counter", b"0")
+
+    def work() -> None:
+        done = 0
+        while done < 25:
+            entry = storage.get("counter")
+            assert entry is not None
+            try:
+                storage.put("counter", b"%d" % (int(entry.value) + 1), expect=entry.revision)
+                done += 1
+            except ConflictError:
+                continue
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    entry = storage.get("counter")
+    assert entry is not None and entry.value == b"100"
+
+
+# ---- the change feed ----------------------------------------------------------------------------
+
+
+def test_a_second_connection_sees_the_feed_and_the_values(storage: PostgresStorage, place: Place) -> None:
+    other = place.open()
+    try:
+        start = other.changes_since(0).revision
+        first = storage.commit([Put("feed/a", b"1"), Put("feed/b", b"2")])
+        second = storage.commit([Delete("feed/a"), Put("feed/c", b"3")])
+        batch = other.changes_since(start)
+        assert [(c.revision, c.key, c.deleted) for c in batch.changes] == [
+            (first, "feed/a", False),
+            (first, "feed/b", False),
+            (second, "feed/a", True),
+            (second, "feed/c", False),
+        ]
+        assert batch.revision == second and not batch.truncated
+        entry = other.get("feed/c")
+        assert entry is not None and entry.value == b"3" and entry.revision == second
+    finally:
+        other.close()
+
+
+def test_a_key_written_twice_in_one_commit_is_one_change_with_the_last_value(
+    storage: PostgresStorage,
+) -> None:
+    start = storage.changes_since(0).revision
+    revision = storage.commit(
+        [Put("twice", b"first"), Put("twice", b"second"), Put("gone", b"x"), Delete("gone")]
+    )
+    entry = storage.get("twice")
+    assert entry is not None and entry.value == b"second"
+    assert storage.get("gone") is None
+    assert [(c.key, c.deleted) for c in storage.changes_since(start).changes] == [
+        ("gone", True),
+        ("twice", False),
+    ]
+    assert storage.changes_since(start).revision == revision
+
+
+def test_the_feed_says_truncated_once_it_no_longer_reaches_back(place: Place) -> None:
+    writer = place.open(create=True, change_log_retained=4)
+    try:
+        start = writer.put("k", b"0")
+        for i in range(1, 12):
+            writer.put("k", b"%d" % i)
+        now = writer.changes_since(0).revision
+        old = writer.changes_since(start)
+        assert old.truncated  # changes after `start` were dropped
+        recent = writer.changes_since(now - 3)
+        assert not recent.truncated and [c.revision for c in recent.changes] == [now - 2, now - 1, now]
+    finally:
+        writer.close()
+
+
+def test_a_full_page_of_the_feed_ends_on_a_whole_commit(storage: PostgresStorage) -> None:
+    first = storage.commit([Put(f"page/{i}", b"v") for i in range(3)])
+    second = storage.commit([Put(f"page/{i}", b"w") for i in range(3)])
+    batch = storage.changes_since(first - 1, limit=4)
+    assert [c.revision for c in batch.changes] == [first] * 3 and batch.revision == first
+    rest = storage.changes_since(batch.revision, limit=4)
+    assert [c.revision for c in rest.changes] == [second] * 3 and rest.revision == second
+
+
+def test_asking_from_far_ahead_gives_the_current_revision(storage: PostgresStorage) -> None:
+    revision = storage.put("k", b"v")
+    batch = storage.changes_since(2**62)  # how EncryptedStore asks for "now"
+    assert batch.changes == [] and batch.revision == revision and not batch.truncated
+
+
+def test_a_refused_commit_burns_no_revision_and_logs_nothing(storage: PostgresStorage) -> None:
+    before = storage.put("k", b"v")
+    with pytest.raises(ConflictError):
+        storage.commit([Put("new", b"x"), Put("k", b"w", expect=ABSENT)])
+    assert storage.changes_since(before).changes == []
+    assert storage.put("other", b"x") == before + 1
+
+
+# ---- schema, opening, connections ---------------------------------------------------------------
+
+
+def test_creating_twice_keeps_the_data(place: Place) -> None:
+    first = place.open(create=True)
+    revision = first.put("k", b"kept")
+    first.close()
+    again = place.open(create=True)
+    try:
+        entry = again.get("k")
+        assert entry is not None and entry.value == b"kept" and entry.revision == revision
+    finally:
+        again.close()
+
+
+def test_several_handles_may_create_the_same_store_at_once(place: Place) -> None:
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            place.open(create=True).close()
+        except BaseException as exc:  # collected: the assertion below names it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+
+
+def test_opening_a_schema_without_a_store_is_not_found_and_creates_nothing(
+    place: Place, postgres_cluster: PostgresCluster
+) -> None:
+    with pytest.raises(NotFoundError, match=r"no store at postgresql://sm_test@127\.0\.0\.1"):
+        place.open()
+    with postgres_cluster.connect() as conn:
+        assert (
+            conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (place.schema,)).fetchone() is None
+        )
+
+
+def test_stores_in_different_schemas_of_one_database_are_separate(
+    place: Place, postgres_cluster: PostgresCluster
+) -> None:
+    other = Place(postgres_cluster, postgres_cluster.new_schema())
+    a, b = place.open(create=True), other.open(create=True)
+    try:
+        a.put("k", b"in a")
+        assert b.get("k") is None and b.list("") == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_tables_that_are_not_ours_are_refused_untouched(
+    place: Place, postgres_cluster: PostgresCluster
+) -> None:
+    with postgres_cluster.connect() as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(place.schema)))
+        conn.execute(
+            sql.SQL("CREATE TABLE {}.meta (id integer, note text)").format(sql.Identifier(place.schema))
+        )
+    with pytest.raises(StorageError, match="not a secrets-manager store"):
+        place.open()
+    with pytest.raises(StorageError, match="not a secrets-manager store"):
+        place.open(create=True)
+
+
+def test_a_store_from_a_newer_release_is_refused(
+    storage: PostgresStorage, place: Place, postgres_cluster: PostgresCluster
+) -> None:
+    with postgres_cluster.connect() as conn:
+        conn.execute(sql.SQL("UPDATE {}.meta SET schema_version = 99").format(sql.Identifier(place.schema)))
+    with pytest.raises(StorageError, match="upgrade secrets-manager"):
+        place.open()
+
+
+def test_an_invalid_schema_name_is_refused(postgres_cluster: PostgresCluster) -> None:
+    with pytest.raises(StorageError, match="schema name"):
+        PostgresStorage(postgres_cluster.url(with_password=True), schema='x"; DROP TABLE y; --')
+
+
+def _terminate_our_connections(cluster: PostgresCluster) -> None:
+    """What a server restart or failover does to every open connection of ours."""
+    with cluster.connect(superuser=True) as admin:
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'secrets-manager' AND pid <> pg_backend_pid()"
+        )
+
+
+def test_a_dropped_connection_is_reopened(
+    storage: PostgresStorage, postgres_cluster: PostgresCluster
+) -> None:
+    storage.put("k", b"before")
+    backend = storage._connection().info.backend_pid
+    _terminate_our_connections(postgres_cluster)
+    entry = storage.get("k")  # the read finds the connection gone, reconnects and retries
+    assert entry is not None and entry.value == b"before"
+    assert storage._connection().info.backend_pid != backend
+    _terminate_our_connections(postgres_cluster)
+    later = storage.put("k", b"after")  # BEGIN fails before anything was sent: safe to run again
+    entry = storage.get("k")
+    assert entry is not None and entry.value == b"after" and entry.revision == later
+
+
+def test_a_closed_handle_says_so(storage: PostgresStorage) -> None:
+    storage.close()
+    with pytest.raises(StorageError, match="is closed"):
+        storage.get("k")
+
+
+def test_a_non_durable_commit_changes_synchronous_commit_for_itself_only(storage: PostgresStorage) -> None:
+    storage.commit([Put("anchor", b"a")], durable=False)
+    assert storage._connection().execute("SHOW synchronous_commit").fetchone() == ("on",)
+    entry = storage.get("anchor")
+    assert entry is not None and entry.value == b"a"
+
+
+def test_a_snapshot_holds_its_instant_across_many_pages(storage: PostgresStorage, place: Place) -> None:
+    count = SCAN_PAGE * 2 + 7
+    storage.commit([Put(f"bulk/{i:05d}", b"%d" % i) for i in range(count)])
+    writer = place.open()
+    try:
+        with storage.snapshot() as snap:
+            writer.commit([Delete(f"bulk/{i:05d}") for i in range(0, count, 2)])
+            scanned = [key for key, _ in snap.scan("bulk/")]
+        assert scanned == [f"bulk/{i:05d}" for i in range(count)]
+        assert len(storage.list("bulk/")) == count // 2
+    finally:
+        writer.close()
+
+
+# ---- the database password stays out of sight --------------------------------------------------
+
+
+def test_the_password_is_never_in_repr_or_errors(place: Place, postgres_cluster: PostgresCluster) -> None:
+    password = postgres_cluster.role_password
+    created = place.open(create=True)
+    store = EncryptedStore.create(created, PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
+    try:
+        assert password not in repr(created) and password not in repr(store)
+        assert (
+            repr(created)
+            == f"PostgresStorage('postgresql://sm_test@127.0.0.1:{postgres_cluster.port}/sm_test?schema={place.schema}')"
+        )
+    finally:
+        store.close()
+    failures: list[Callable[[], object]] = [
+        lambda: PostgresStorage(postgres_cluster.url(with_password=True, database="no_such_db")),
+        lambda: PostgresStorage(
+            postgres_cluster.url(with_password=True).replace(f":{postgres_cluster.port}/", ":1/")
+        ),
+        lambda: PostgresStorage(postgres_cluster.url(with_password=True, user="nobody")),
+        lambda: PostgresStorage(f"host=127.0.0.1 password={password} this-is-not-conninfo"),
+        lambda: PostgresStorage(postgres_cluster.url(with_password=True), schema="no_store_here"),
+    ]
+    for failure in failures:
+        with pytest.raises((StorageError, NotFoundError)) as caught:
+            failure()
+        assert password not in str(caught.value), caught.value
+        assert password not in repr(caught.value)
+        error = caught.value  # no chained psycopg exception shows in a traceback either
+        assert error.__cause__ is None and (error.__context__ is None or error.__suppress_context__)
+
+
+def test_an_error_that_quotes_the_password_has_it_masked(
+    storage: PostgresStorage, postgres_cluster: PostgresCluster
+) -> None:
+    password = postgres_cluster.role_password
+    error = storage._error(psycopg.OperationalError(f"server said: bad password {password!r}"))
+    assert password not in str(error) and "***" in str(error)
+
+
+# ---- store URLs ---------------------------------------------------------------------------------
+
+
+def test_postgres_urls_are_parsed_without_showing_the_password() -> None:
+    location = postgres_location(
+        "postgresql://trader:s3cret@db.internal:5433/trading?schema=desk_a&sslmode=verify-full"
+    )
+    assert location is not None
+    assert location.display == "postgresql://trader@db.internal:5433/trading?schema=desk_a"
+    assert location.password_in_url and location.schema == "desk_a"
+    assert "schema" not in location.conninfo and "sslmode=verify-full" in location.conninfo
+    assert "s3cret" not in repr(location)
+    assert postgres_location("postgres://trader@db:5432/trading") is not None
+    assert postgres_location("sqlite:///tmp/x.db") is None and postgres_location(None) is None
+    assert needs_password("postgresql://trader@db:5432/trading")
+    assert (
+        store_location("postgresql://trader:s3cret@db:5432/trading") == "postgresql://trader@db:5432/trading"
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://trader:s3cret@db:5432/trading?schema=Bad-Name",
+        "postgresql://trader:s3cret@db:5432/trading?colour=blue",
+        "postgresql://trader:s3cret@db:5432/",
+        "postgresql://trader:s3cret@/trading",
+        "postgresql://trader:s3cret/x?y@db:5432/trading",  # unencoded: the URL splits inside it
+    ],
+)
+def test_bad_postgres_urls_are_refused_without_showing_the_password(url: str) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        postgres_location(url)
+    assert "s3cret" not in str(caught.value)
+
+
+def test_a_postgres_url_is_not_a_store_file() -> None:
+    with pytest.raises(InvalidInputError, match="names a PostgreSQL store") as caught:
+        sqlite_path("postgresql://trader:s3cret@db:5432/trading")
+    assert "s3cret" not in str(caught.value)
+
+
+def test_the_default_audit_log_is_named_after_the_database() -> None:
+    path = default_audit_path("postgresql://trader:s3cret@db.internal:5433/trading?schema=desk_a")
+    assert path.name == "postgresql-db.internal-5433-trading-desk_a.audit.jsonl"
+    assert "s3cret" not in str(path)
+
+
+def test_a_password_in_the_url_is_warned_about(
+    place: Place, postgres_cluster: PostgresCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    url = f"{postgres_cluster.url(with_password=True)}?schema={place.schema}"
+    with caplog.at_level(logging.WARNING):
+        store = create_store(url, MASTER_PASSWORD.encode(), kdf_profile="test", environment=DEV, actor="t")
+    store.close()
+    assert "process lists" in caplog.text and postgres_cluster.role_password not in caplog.text
+
+
+def test_production_refuses_a_password_in_the_url(place: Place, postgres_cluster: PostgresCluster) -> None:
+    url = f"{postgres_cluster.url(with_password=True)}?schema={place.schema}"
+    with pytest.raises(UnsafeConfigurationError, match="PGPASSFILE") as caught:
+        open_store(url, MASTER_PASSWORD.encode(), environment=Environment.PRODUCTION, actor="t")
+    assert postgres_cluster.role_password not in str(caught.value)
+
+
+def test_init_by_url_never_overwrites_a_store(place: Place, pg_password: str) -> None:
+    create_store(place.url, MASTER_PASSWORD.encode(), kdf_profile="test", environment=DEV, actor="t").close()
+    with pytest.raises(ConflictError, match="already exists at postgresql://"):
+        create_store(place.url, b"another password", kdf_profile="test", environment=DEV, actor="t")
+    open_store(place.url, MASTER_PASSWORD.encode(), environment=DEV, actor="t").close()
+
+
+def test_an_init_that_was_never_announced_can_be_discarded_and_redone(place: Place, pg_password: str) -> None:
+    store = create_store(place.url, MASTER_PASSWORD.encode(), kdf_profile="test", environment=DEV, actor="t")
+    assert store_exists(place.url, environment=DEV)
+    discard_new_store(place.url, store)
+    assert not store_exists(place.url, environment=DEV)
+    with pytest.raises(NotFoundError, match="secrets-manager init"):
+        open_store(place.url, MASTER_PASSWORD.encode(), environment=DEV, actor="t")
+    create_store(place.url, b"second try", kdf_profile="test", environment=DEV, actor="t").close()
+    open_store(place.url, b"second try", environment=DEV, actor="t").close()
+
+
+def test_hosts_sharing_a_store_keep_separate_audit_anchors(
+    place: Place, pg_password: str, tmp_path: Path
+) -> None:
+    create_store(place.url, MASTER_PASSWORD.encode(), kdf_profile="test", environment=DEV, actor="t").close()
+    one = open_store(
+        place.url, MASTER_PASSWORD.encode(), environment=DEV, actor="t", audit_path=tmp_path / "1.jsonl"
+    )
+    two = open_store(
+        place.url, MASTER_PASSWORD.encode(), environment=DEV, actor="t", audit_path=tmp_path / "2.jsonl"
+    )
+    try:
+        one.set_audit_anchor(Anchor(seq=5, hash="a" * 64))
+        assert two.audit_anchor() is None
+    finally:
+        one.close()
+        two.close()
+
+
+# ---- the CLI end to end -------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: bytes
+    stderr: str
+
+    @property
+    def out(self) -> str:
+        return self.stdout.decode("utf-8")
+
+
+class Cli:
+    """The real console script on a PostgreSQL store URL; the database password only in PGPASSWORD."""
+
+    def __init__(self, url: str, home: Path, env: Mapping[str, str]) -> None:
+        self.url = url
+        self.env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), **env}
+
+    def __call__(self, *args: str, input: bytes = b"", env: Mapping[str, str | None] | None = None) -> Result:
+        full_env = dict(self.env)
+        for key, value in (env or {}).items():
+            if value is None:
+                full_env.pop(key, None)
+            else:
+                full_env[key] = value
+        # Options before the command, e.g. cli("--password-file", PATH, "list").
+        argv = [str(SCRIPT), "--store", self.url, *args]
+        assert full_env.get("PGPASSWORD", "<none>") not in " ".join(argv)  # never in our own argv
+        proc = subprocess.run(
+            argv, input=input, capture_output=True, env=full_env, start_new_session=True, timeout=60
+        )
+        stderr = proc.stderr.decode("utf-8", errors="replace")
+        assert "Traceback" not in stderr, stderr
+        return Result(proc.returncode, proc.stdout, stderr)
+
+
+@pytest.fixture
+def cli(place: Place, postgres_cluster: PostgresCluster, tmp_path: Path) -> Cli:
+    env = {**postgres_cluster.env(), "MASTER_PASSWORD": MASTER_PASSWORD}
+    return Cli(place.url, tmp_path, env)
+
+
+def test_the_cli_works_on_a_postgres_store_as_on_a_file(
+    cli: Cli, postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    init = cli("init", "--kdf-profile", "test")
+    assert init.code == 0, init.stderr
+    assert (
+        f"created an empty store at postgresql://sm_test@127.0.0.1:{postgres_cluster.port}/sm_test"
+        in init.stderr
+    )
+    assert cli("store", "market-connector/BINANCE_API_KEY", input=b"sk-live-PG-VALUE-9d1e").code == 0
+    assert cli("store", "auth/DB_PASSWORD", input=b"pg-db-pass").code == 0
+    got = cli("get", "market-connector/BINANCE_API_KEY")
+    assert got.code == 0 and got.out == "sk-live-PG-VALUE-9d1e\n"
+    listed = cli("list")
+    assert listed.code == 0
+    assert [line.split("\t")[0] for line in listed.out.splitlines()] == [
+        "auth/DB_PASSWORD",
+        "market-connector/BINANCE_API_KEY",
+    ]
+    assert "sk-live-PG-VALUE" not in listed.out
+    again = cli("init", "--kdf-profile", "test")
+    assert again.code == 7 and "already exists" in again.stderr
+    assert cli("get", "market-connector/BINANCE_API_KEY").out == "sk-live-PG-VALUE-9d1e\n"
+    verified = cli("audit", "verify")
+    assert verified.code == 0, verified.stderr
+    logs = list(
+        (tmp_path / ".local" / "share" / "secrets-manager").glob("postgresql-127.0.0.1-*.audit.jsonl")
+    )
+    assert len(logs) == 1 and b"sk-live-PG-VALUE" not in logs[0].read_bytes()
+    wrong = cli("get", "market-connector/BINANCE_API_KEY", env={"MASTER_PASSWORD": "wrong"})
+    assert wrong.code == 4
+
+
+def test_the_cli_reports_a_database_it_cannot_reach_in_one_line_without_the_password(
+    cli: Cli, postgres_cluster: PostgresCluster
+) -> None:
+    result = cli("list", env={"PGPASSWORD": "not-the-password-7c1f"})
+    assert result.code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("secrets-manager: error: store postgresql://sm_test@"), (
+        result.stderr
+    )
+    assert (
+        "not-the-password-7c1f" not in result.stderr and postgres_cluster.role_password not in result.stderr
+    )
+    missing = cli("list")
+    assert missing.code == 3 and "init" in missing.stderr
+
+
+def test_the_cli_refuses_a_password_in_the_url_in_production(
+    place: Place, postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    url = f"{postgres_cluster.url(with_password=True)}?schema={place.schema}"
+    password_file = tmp_path / "master"
+    password_file.write_text(MASTER_PASSWORD)
+    password_file.chmod(0o600)
+    cli = Cli(url, tmp_path, {"SHRIVENQUANT_ENV": "production"})
+    result = cli("--password-file", str(password_file), "list")
+    assert result.code == 2 and "production refuses" in result.stderr
+    assert postgres_cluster.role_password not in result.stderr
+
+
+# ---- serve: replicas sharing one store ------------------------------------------------------------
+
+
+def _serve(directory: Path, name: str, url: str, env: Mapping[str, str]) -> Server:
+    """`secrets-manager serve` on `url` with its own config and audit log; returns once it listens."""
+    config = directory / f"{name}.toml"
+    config.write_text(
+        f'listen = "127.0.0.1:0"\nstore = "{url}"\npolicy = "policy.toml"\n'
+        f'audit_file = "{name}.audit.jsonl"\nshutdown_grace_seconds = 5\n'
+        '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
+    )
+    process = subprocess.Popen(
+        [str(SCRIPT), "serve", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(directory), **env},
+        start_new_session=True,
+    )
+    assert process.stderr is not None
+    lines: list[str] = []
+    while line := process.stderr.readline().decode():
+        lines.append(line)
+        if match := re.search(r'"port": (\d+)', line):
+            server = Server(directory, process, int(match.group(1)), lines)
+            threading.Thread(
+                target=lambda: lines.extend(r.decode() for r in process.stderr or []), daemon=True
+            ).start()
+            return server
+    process.kill()
+    process.wait(timeout=10)
+    raise AssertionError(f"server {name} did not start: {''.join(lines)}")
+
+
+def test_two_serve_replicas_share_one_postgres_store(
+    place: Place, postgres_cluster: PostgresCluster, pg_password: str, tmp_path: Path
+) -> None:
+    make_pki(tmp_path)
+    (tmp_path / "policy.toml").write_text(SERVICE_POLICY)
+    create_store(place.url, SERVICE_PASSWORD.encode(), kdf_profile="test", environment=DEV, actor="t").close()
+    env = {**postgres_cluster.env(), "MASTER_PASSWORD": SERVICE_PASSWORD}
+    servers: list[Server] = []
+    try:
+        for name in ("replica-a", "replica-b"):
+            servers.append(_serve(tmp_path, name, place.url, env))
+        a, b = servers
+        written = a.cli("writer", "store", "auth/DB_PASSWORD", input=b"written-through-a")
+        assert written.returncode == 0, written.stderr
+        read = b.cli("auth", "get", "auth/DB_PASSWORD")
+        assert read.returncode == 0 and read.stdout == b"written-through-a\n", read.stderr
+    finally:
+        for server in servers:
+            server.stop()
+    logs = [(tmp_path / f"{name}.audit.jsonl").read_text() for name in ("replica-a", "replica-b")]
+    assert "auth/DB_PASSWORD" in logs[0] and "auth/DB_PASSWORD" in logs[1]
+    assert "written-through-a" not in logs[0] + logs[1]
+    assert postgres_cluster.role_password not in "".join(a.log_lines + b.log_lines)
+    cli = Cli(place.url, tmp_path, env)
+    for name in ("replica-a", "replica-b"):  # each log verifies against its own anchor in the store
+        verified = cli("--audit-file", str(tmp_path / f"{name}.audit.jsonl"), "audit", "verify")
+        assert verified.code == 0, verified.stderr
