@@ -69,6 +69,16 @@ def test_several_comma_separated_addresses_are_tried_in_order(tmp_path: Path) ->
     assert target.tls.cert == tmp_path / "c.pem"
 
 
+def test_the_local_store_description_never_shows_a_database_password() -> None:
+    env = {
+        "SECRETS_MANAGER_STORE": "postgresql://app:hunter2-db-pass@db.internal:5432/secrets",
+        "MASTER_PASSWORD": "dev only",
+    }
+    description = resolve_config(environ=env).description
+    assert description == "local store postgresql://app@db.internal:5432/secrets"
+    assert "hunter2" not in description
+
+
 def test_an_address_without_the_client_certificate_names_what_is_missing() -> None:
     env = {"SECRETS_MANAGER_ADDR": "a:1", "SECRETS_MANAGER_CA": "/ca.pem"}
     with pytest.raises(InvalidInputError, match="SECRETS_MANAGER_CERT, SECRETS_MANAGER_KEY are not"):

@@ -25,7 +25,13 @@ from pathlib import Path
 
 from secrets_manager.client.remote import TlsFiles
 from secrets_manager.environment import Environment, current_environment
-from secrets_manager.errors import InvalidInputError, UnlockError, UnsafeConfigurationError
+from secrets_manager.errors import (
+    InvalidInputError,
+    SecretsManagerError,
+    UnlockError,
+    UnsafeConfigurationError,
+)
+from secrets_manager.store.url import store_location
 from secrets_manager.values import SecretValue
 
 log = logging.getLogger("secrets_manager.client")
@@ -81,7 +87,12 @@ class ClientConfig:
         """Where values come from, for messages: the addresses, or the local store."""
         if isinstance(self.target, RemoteTarget):
             return ", ".join(self.target.addresses)
-        return f"local store {self.target.store_url or '(default path)'}"
+        if not self.target.store_url:
+            return "local store (default path)"
+        try:  # never a database password that a postgresql:// URL may carry
+            return f"local store {store_location(self.target.store_url)}"
+        except SecretsManagerError:
+            return "local store (unsupported URL)"
 
 
 def resolve_config(
