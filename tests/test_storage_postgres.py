@@ -9,6 +9,7 @@ per session; each test works in a fresh schema of its own.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -683,6 +684,24 @@ def test_the_cli_works_on_a_postgres_store_as_on_a_file(
     assert len(logs) == 1 and b"sk-live-PG-VALUE" not in logs[0].read_bytes()
     wrong = cli("get", "market-connector/BINANCE_API_KEY", env={"MASTER_PASSWORD": "wrong"})
     assert wrong.code == 4
+
+
+def test_key_destroy_on_postgres_says_what_it_cannot_erase(cli: Cli) -> None:
+    """The key leaves the keyset, but PostgreSQL keeps old row versions and WAL copies that no
+    client can erase: the CLI must not claim they are gone, nor ask to run it again."""
+    assert cli("init", "--kdf-profile", "test").code == 0
+    assert cli("store", "svc/KEY", input=b"pg-key-value").code == 0
+    old = json.loads(cli("keys", "status", "svc", "--json").stdout)["keys"][0]["id"]
+    assert cli("keys", "rotate", "svc").code == 0
+    assert cli("keys", "rewrap", "svc").code == 0
+    assert cli("keys", "disable", str(old)).code == 0
+    destroyed = cli("keys", "destroy", str(old))
+    assert destroyed.code == 0, destroyed.stderr
+    assert "gone from the keyset" in destroyed.stderr and "no client can erase" in destroyed.stderr
+    assert "erased from the store" not in destroyed.stderr and "again" not in destroyed.stderr
+    root = cli("keys", "rotate", "--root")
+    assert root.code == 0 and "no client can erase" in root.stderr
+    assert cli("get", "svc/KEY").out == "pg-key-value\n"
 
 
 def test_the_cli_reports_a_database_it_cannot_reach_in_one_line_without_the_password(

@@ -52,6 +52,10 @@ NOT_SCRUBBED = (
     "another process kept the store's write-ahead log busy, so older copies may remain in it until "
     "the next checkpoint; run 'secrets-manager keys {command}' again to erase them now"
 )
+CANNOT_SCRUB = (
+    "this store's database keeps superseded copies (old row versions, its WAL, replicas and backups) "
+    "that no client can erase; older sealed copies remain there until they age out"
+)
 namespace_option = click.option(
     "--namespace",
     metavar="NAMESPACE",
@@ -121,12 +125,13 @@ def rotate(session: Session, namespace: str | None, every: bool, root: bool) -> 
         with session.operation("keys.rotate_root", mutating=True) as (store, event):
             result = rotate_root_key(store)
             event.version = result.new_id
+            can_scrub = store.can_scrub
         info_line(
             f"new root key {result.new_id}: {result.namespaces} keyset{_s(result.namespaces)} rewrapped "
             "under it; the master password is unchanged"
         )
         if not result.scrubbed:
-            warning_line(NOT_SCRUBBED.format(command="rotate --root"))
+            warning_line(NOT_SCRUBBED.format(command="rotate --root") if can_scrub else CANNOT_SCRUB)
         return
     if namespace is not None:
         validate_namespace(namespace)
@@ -228,11 +233,18 @@ def destroy(session: Session, key_id: int, namespace: str | None) -> None:
         event.version = key_id
         result = destroy_key(store, key_id, namespace)
         event.name = result.namespace
-    info_line(
-        f"destroyed key {key_id} of namespace {result.namespace}: its material is erased from the store"
-    )
-    if not result.scrubbed:
-        warning_line(NOT_SCRUBBED.format(command=f"destroy {key_id}"))
+        can_scrub = store.can_scrub
+    if can_scrub:
+        info_line(
+            f"destroyed key {key_id} of namespace {result.namespace}: its material is erased from the store"
+        )
+        if not result.scrubbed:
+            warning_line(NOT_SCRUBBED.format(command=f"destroy {key_id}"))
+    else:
+        info_line(
+            f"destroyed key {key_id} of namespace {result.namespace}: its material is gone from the keyset"
+        )
+        warning_line(CANNOT_SCRUB)
 
 
 @keys.command()

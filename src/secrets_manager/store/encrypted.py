@@ -452,6 +452,11 @@ class EncryptedStore:
         self._policy = (entry.revision, policy)
         return policy
 
+    @property
+    def can_scrub(self) -> bool:
+        """Whether the storage can erase superseded bytes at all (SQLite can; PostgreSQL cannot)."""
+        return isinstance(self._storage, Scrubbable)
+
     def _scrub(self) -> bool:
         """Ask the storage to erase superseded bytes (see `Scrubbable`); False if it could not."""
         if isinstance(self._storage, Scrubbable):
