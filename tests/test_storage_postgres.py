@@ -720,6 +720,32 @@ def test_the_cli_reports_a_database_it_cannot_reach_in_one_line_without_the_pass
     assert missing.code == 3 and "init" in missing.stderr
 
 
+def test_a_backup_of_a_file_store_restores_into_a_postgres_store_after_init(cli: Cli, tmp_path: Path) -> None:
+    """Moving from a laptop's SQLite file to PostgreSQL: backup, init there, restore."""
+    laptop = tmp_path / "laptop.db"
+    for args, stdin in (
+        (["init", "--kdf-profile", "test"], b""),
+        (["store", "auth/DB_PASSWORD"], b"from-the-laptop"),
+        (["backup", str(tmp_path / "laptop.smbackup")], b""),
+    ):
+        done = subprocess.run(
+            [str(SCRIPT), "--store", str(laptop), *args],
+            input=stdin,
+            capture_output=True,
+            env=cli.env,
+            start_new_session=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+    before_init = cli("restore", str(tmp_path / "laptop.smbackup"))
+    assert before_init.code == 3 and "secrets-manager init" in before_init.stderr
+    assert len(before_init.stderr.strip().splitlines()) == 1
+    assert cli("init", "--kdf-profile", "test").code == 0
+    restored = cli("restore", str(tmp_path / "laptop.smbackup"))
+    assert restored.code == 0, restored.stderr
+    assert cli("get", "auth/DB_PASSWORD").out == "from-the-laptop\n"
+
+
 def test_the_cli_refuses_a_password_in_the_url_in_production(
     place: Place, postgres_cluster: PostgresCluster, tmp_path: Path
 ) -> None:

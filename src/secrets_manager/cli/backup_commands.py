@@ -165,7 +165,8 @@ def restore(
     Into a path with no store: a copy of the backed-up store (it opens with the backup's master
     password), or, from a password-protected backup, a new store under the master password.
     Into an existing store: the secrets are written under that store's keys; it must be empty
-    unless --on-existing says what happens to names it already holds."""
+    unless --on-existing says what happens to names it already holds. A PostgreSQL store must
+    exist first ('secrets-manager init'): restore then writes into it."""
     session.require_local("restore")
     if target:
         session = dataclasses.replace(session, store_url=target)
