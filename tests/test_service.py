@@ -270,11 +270,23 @@ def test_health_reflection_and_metrics(server: Server) -> None:
     services = {s.name for reply in replies for s in reply.list_services_response.service}
     assert "secrets_manager.v1.Secrets" in services
     server.stub("auth").GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
-    body = (
-        urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
-    )
+
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        return str(urllib.request.urlopen(url, timeout=10).read().decode())
+
+    body = scrape()
     assert 'secrets_manager_requests_total{code="OK",method="GetSecret"}' in body
     assert "secrets_manager_request_seconds_bucket" in body
+    assert "secrets_manager_watch_streams 0.0" in body
+    stream = server.stub("auth").Watch(pb.WatchRequest(prefix="auth/"), timeout=30)
+    stream.initial_metadata()  # the stream is live
+    assert "secrets_manager_watch_streams 1.0" in scrape()
+    stream.cancel()
+    deadline = time.monotonic() + 10
+    while "secrets_manager_watch_streams 0.0" not in scrape() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "secrets_manager_watch_streams 0.0" in scrape()
 
 
 def test_watch_sees_changes_made_by_another_process(server: Server) -> None:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 
 class Metrics:
@@ -27,6 +28,11 @@ class Metrics:
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
+        self.watch_streams = Gauge(
+            "secrets_manager_watch_streams",
+            "Watch streams open now (each holds a worker thread; refused past max_watch_streams).",
+            registry=self.registry,
+        )
         self._http: Any = None
         if listen:
             host, _, port = listen.rpartition(":")
@@ -35,6 +41,10 @@ class Metrics:
     def observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
         self.requests.labels(method, code.name).inc()
         self.latency.labels(method).observe(time.perf_counter() - started)
+
+    def count_watch_streams(self, open_streams: Callable[[], int]) -> None:
+        """Read the open Watch streams from `open_streams` at every scrape."""
+        self.watch_streams.set_function(open_streams)
 
     def close(self) -> None:
         if self._http is not None:

@@ -96,6 +96,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         self.stopping = threading.Event()
         # One poller of the change feed for every Watch stream, and the cap on open streams.
         self.watch_hub = ChangeHub(store, max_subscribers=max_watch_streams)
+        metrics.count_watch_streams(lambda: self.watch_hub.subscribers)
 
     # ---- the request pipeline ------------------------------------------------------------------
 
