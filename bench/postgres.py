@@ -7,6 +7,8 @@ in the same run:
 * get: `EncryptedStore.get` of a random secret on PostgreSQL. Baselines: one raw psycopg
   `SELECT value FROM t WHERE key = %s` plus one AES-256-GCM decrypt of a record of the same size
   (the round-trip floor), and `EncryptedStore.get` on a SQLite file (what the embedded store costs).
+* list: `EncryptedStore.list()` of every secret (names and metadata). Baselines: one raw psycopg
+  SELECT of every row with an AES-GCM decrypt each, and `EncryptedStore.list()` on SQLite.
 * put: `EncryptedStore.put` of a new version of a random secret. Baselines: a raw psycopg
   transaction of one AES-GCM encrypt and one INSERT … ON CONFLICT UPDATE (synchronous_commit on),
   and `EncryptedStore.put` on SQLite.
@@ -101,11 +103,20 @@ def main(argv: list[str] | None = None) -> int:
                     (rng.choice(names), aead.encrypt(os.urandom(12), VALUE, None)),
                 )
 
+        def raw_list() -> None:
+            for _key, value in raw.execute("SELECT key, value FROM bench ORDER BY key").fetchall():
+                aead.decrypt(nonce, bytes(value)[-len(sealed) :], None)
+
         ops: dict[str, dict[str, Callable[[], object]]] = {
             "get": {
                 "postgres": lambda: pg.get(rng.choice(names)),
                 "raw psycopg": raw_get,
                 "sqlite": lambda: lite.get(rng.choice(names)),
+            },
+            "list": {
+                "postgres": lambda: pg.list(),
+                "raw psycopg": raw_list,
+                "sqlite": lambda: lite.list(),
             },
             "put": {
                 "postgres": lambda: pg.put(rng.choice(names), VALUE),
