@@ -158,6 +158,27 @@ class LiveSnapshot(MemoryStorage):
         yield View(self.place.entries, self.place.revision)  # sees every later commit
 
 
+class MultiGetMemoryStorage(MemoryStorage):
+    def get_many(self, keys: Sequence[str]) -> dict[str, Entry]:
+        return {key: entry for key in keys if (entry := self.get(key)) is not None}
+
+
+class MultiGetReportsMissing(MemoryStorage):
+    def get_many(self, keys: Sequence[str]) -> dict[str, Entry | None]:
+        return {key: self.get(key) for key in keys}  # missing keys as None instead of left out
+
+
+def test_a_storage_with_get_many_passes_check_storage() -> None:
+    place = Place()
+    check_storage(lambda: MultiGetMemoryStorage(place))
+
+
+def test_the_get_many_check_rejects_missing_keys_in_the_answer() -> None:
+    place = Place()
+    with pytest.raises(AssertionError, match="get_many returned missing keys"):
+        STORAGE_CHECKS["get_many (optional) answers as get does"](lambda: MultiGetReportsMissing(place))
+
+
 def test_a_correct_storage_passes_check_storage() -> None:
     place = Place()
     check_storage(lambda: MemoryStorage(place))

@@ -95,6 +95,18 @@ class Storage(Protocol):
 
 
 @runtime_checkable
+class MultiGet(Protocol):
+    """Optional for a `Storage`: several keys in one read (one round trip to a database server).
+
+    A secret read needs its metadata and its namespace's keyset at once; over a network that is
+    one round trip instead of two. The result is what `get` of each key would return at one
+    instant, with missing keys left out."""
+
+    def get_many(self, keys: Sequence[str]) -> dict[str, Entry]:
+        """The entries of those `keys` that exist."""
+
+
+@runtime_checkable
 class Scrubbable(Protocol):
     """Optional for a `Storage`: erase the bytes of superseded and deleted values.
 

@@ -240,6 +240,14 @@ class PostgresStorage:
         row = self._read(lambda conn: conn.execute(self._q.get, (key,)).fetchone())
         return None if row is None else Entry(value=bytes(row[0]), revision=int(row[1]))
 
+    def get_many(self, keys: Sequence[str]) -> dict[str, Entry]:
+        """`MultiGet`: one statement, so one round trip and one instant, for all of `keys`."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return {}
+        rows = self._read(lambda conn: conn.execute(self._q.get_many, (unique,)).fetchall())
+        return {key: Entry(value=bytes(value), revision=int(revision)) for key, value, revision in rows}
+
     def put(self, key: str, value: bytes, *, expect: Expect = None) -> int:
         return self.commit([Put(key, value, expect)])
 
@@ -438,6 +446,7 @@ class _Queries:
         self.table_exists = sql.SQL("SELECT 1 FROM pg_tables WHERE schemaname = %s AND tablename = 'meta'")
         self.read_meta_header = q("SELECT application, schema_version FROM {s}.meta WHERE id = 1")
         self.read_revision = q("SELECT revision FROM {s}.meta WHERE id = 1")
+        self.get_many = q("SELECT key, value, revision FROM {s}.entries WHERE key = ANY(%s)")
         self.bump = q("UPDATE {s}.meta SET revision = revision + 1 WHERE id = 1 RETURNING revision")
         self.get = q("SELECT value, revision FROM {s}.entries WHERE key = %s")
         self.revisions_of = q("SELECT key, revision FROM {s}.entries WHERE key = ANY(%s)")

@@ -19,6 +19,9 @@ writes and compare-and-set preconditions.
 `snapshot()` is optional too (the `Snapshotting` protocol: reads that see one instant while other
 handles commit, what a consistent backup needs); its check is skipped for a backend without it.
 
+`get_many()` is optional too (the `MultiGet` protocol: several keys in one read, one round trip
+to a database server); its check is skipped for a backend without it.
+
 `scrub()` is optional (the `Scrubbable` protocol: erase superseded bytes, so destroyed key
 material leaves the backend's files); its check is skipped for a backend without it. Whether the
 bytes are really gone is backend-specific and is tested beside the backend (for SQLite, by
@@ -38,7 +41,16 @@ from contextlib import contextmanager
 from itertools import pairwise
 
 from secrets_manager.errors import ConflictError
-from secrets_manager.storage.base import ABSENT, Delete, Operation, Put, Scrubbable, Snapshotting, Storage
+from secrets_manager.storage.base import (
+    ABSENT,
+    Delete,
+    MultiGet,
+    Operation,
+    Put,
+    Scrubbable,
+    Snapshotting,
+    Storage,
+)
 
 MakeStorage = Callable[[], Storage]
 Check = Callable[[MakeStorage], None]
@@ -437,6 +449,24 @@ def _check_scrub_keeps_every_value(make_storage: MakeStorage) -> None:
         _require(_snapshot(reopened, prefix) == before, "values changed across scrub() and reopen")
 
 
+def _check_get_many_answers_as_get_does(make_storage: MakeStorage) -> None:
+    """Only for backends that implement the optional `MultiGet`: the entries of the keys that
+    exist, exactly as `get` returns them; missing keys left out; duplicates and no keys are fine."""
+    prefix = ROOT + "many/"
+    with _handle(make_storage) as storage:
+        if not isinstance(storage, MultiGet):
+            return
+        _require(storage.get_many([]) == {}, "get_many([]) is not {}")
+        keys = [f"{prefix}{i:04d}" for i in range(1200)]  # more than one statement's worth in places
+        storage.commit([Put(key, key.encode() + bytes([i % 256])) for i, key in enumerate(keys)])
+        storage.delete(keys[7])
+        asked = [*keys, prefix + "missing", keys[3], keys[3]]
+        found = storage.get_many(asked)
+        _require(keys[7] not in found and prefix + "missing" not in found, "get_many returned missing keys")
+        expected = {key: storage.get(key) for key in keys if key != keys[7]}
+        _require(found == expected, "get_many does not return what get returns for each key")
+
+
 def _check_snapshot_sees_one_instant(make_storage: MakeStorage) -> None:
     """Only for backends that implement the optional `Snapshotting`: commits through another handle
     while a snapshot is open are invisible to it (puts, overwrites, deletes alike), and visible after."""
@@ -485,5 +515,6 @@ STORAGE_CHECKS: dict[str, Check] = {
     "handles on the same place share state and preconditions": _check_handles_share_state,
     "scrub (optional) keeps every live value": _check_scrub_keeps_every_value,
     "snapshot (optional) sees one instant": _check_snapshot_sees_one_instant,
+    "get_many (optional) answers as get does": _check_get_many_answers_as_get_does,
 }
 """Every check by the behaviour it verifies; `check_storage` runs them in this order."""

@@ -42,7 +42,7 @@ from secrets_manager.errors import (
     StorageError,
     UnlockError,
 )
-from secrets_manager.storage import ABSENT, Delete, Entry, Put, Scrubbable, Snapshotting, Storage
+from secrets_manager.storage import ABSENT, Delete, Entry, MultiGet, Put, Scrubbable, Snapshotting, Storage
 from secrets_manager.storage.base import Expect, Operation
 from secrets_manager.store.backoff import Backoff
 from secrets_manager.store.base import (
@@ -97,6 +97,7 @@ class EncryptedStore:
         if audit_scope is not None and not _AUDIT_SCOPE.fullmatch(audit_scope):
             raise InvalidInputError(f"invalid audit scope {audit_scope!r}")
         self._storage = storage
+        self._multi_get = storage if isinstance(storage, MultiGet) else None
         self._root = root_key
         self._actor = actor
         self._clock = clock
@@ -509,10 +510,20 @@ class EncryptedStore:
             raise _LostRace() from None
 
     def _read_meta(self, name: str) -> tuple[Entry | None, _Meta | None]:
-        entry = self._storage.get(META_PREFIX + name)
-        if entry is None:
-            return None, None
-        keyset = self._keyset_for_read(namespace_of(name))
+        namespace = namespace_of(name)
+        if self._multi_get is not None:  # both in one read: one round trip to a database server
+            both = self._multi_get.get_many([META_PREFIX + name, KEYSET_PREFIX + namespace])
+            entry, keyset_entry = both.get(META_PREFIX + name), both.get(KEYSET_PREFIX + namespace)
+            if entry is None:
+                return None, None
+            if keyset_entry is None:
+                raise IntegrityError(f"keyset of namespace {namespace!r} is missing (integrity check failed)")
+            keyset = self._decode_keyset(namespace, keyset_entry)
+        else:
+            entry = self._storage.get(META_PREFIX + name)
+            if entry is None:
+                return None, None
+            keyset = self._keyset_for_read(namespace)
         plaintext = open_record(keyset.key_for_decryption, Purpose.SECRET_METADATA, name, 0, entry.value)
         return entry, _Meta.from_json(plaintext)
 
