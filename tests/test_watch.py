@@ -448,3 +448,29 @@ def test_an_sdk_client_refused_a_stream_serves_its_cache_and_retries_until_it_ge
         holder.close()
         refused.close()
         server.stop()
+
+
+def test_an_sdk_client_refused_by_one_replica_watches_through_another(service_dir: Path) -> None:
+    """A replica at its watch-stream limit sends the SDK's watcher to the next replica, so pushes
+    keep arriving; without that it would retry the full one and refresh only by TTL."""
+    full = start_server(service_dir, "full", max_workers=17)  # max_watch_streams: 1
+    spare = start_server(service_dir, "spare")
+    holder = Client(environ=client_environ(service_dir, "market-connector", [full.address]))
+    client = Client(environ=client_environ(service_dir, "auth", [full.address, spare.address]), ttl=300)
+    writer = RemoteStore(spare.address, tls_files(service_dir, "writer"))
+    try:
+        holder.credentials()
+        wait_until(lambda: watch_audit(full, "market-connector") == ["ok"])  # it has full's one stream
+        assert client.credentials()["auth/JWT_KEY"].reveal() == SEED["auth/JWT_KEY"]  # served by full
+        wait_until(lambda: "resource_exhausted" in watch_audit(full, "auth"))
+        wait_until(lambda: "ok" in watch_audit(full, "auth"))  # the shared log: spare took the stream
+        new_value = b"pushed-through-the-spare-replica"
+        writer.put_version("auth/JWT_KEY", new_value)
+        wait_until(lambda: client.get("auth/JWT_KEY").value.reveal() == new_value, timeout=3)
+        assert not client.stale
+    finally:
+        writer.close()
+        holder.close()
+        client.close()
+        full.stop()
+        spare.stop()

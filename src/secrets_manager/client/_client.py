@@ -130,6 +130,8 @@ class _Backend(Protocol):
 
     def open_watch(self, since_revision: int | None = None) -> _ChangeSource: ...
 
+    def watch_refused(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -150,6 +152,8 @@ class _ServiceReplicas:
             self.close()
             raise
         self._preferred = 0
+        self._watching: int | None = None  # the replica of the last watch stream opened
+        self._watch_refused_by: int | None = None
 
     def _in_order(self) -> list[tuple[int, RemoteStore]]:
         start = self._preferred
@@ -204,14 +208,21 @@ class _ServiceReplicas:
 
     def open_watch(self, since_revision: int | None = None) -> _ChangeSource:
         """Watch, on the first address whose health check says SERVING within the timeout (the
-        replicas share one store, so a stream resumes `since_revision` on any of them)."""
+        replicas share one store, so a stream resumes `since_revision` on any of them). A replica
+        that refused the last stream (at its watch-stream limit) is tried last."""
+        order = self._in_order()
+        order.sort(key=lambda pair: pair[0] == self._watch_refused_by)  # stable: the rest keep order
         unready: list[str] = []
-        for index, replica in self._in_order():
+        for index, replica in order:
             if replica.is_serving(self._timeout):
-                self._preferred = index
+                self._preferred = self._watching = index
                 return replica.watch(since_revision=since_revision)
             unready.append(replica.address)
         raise StorageError(f"no service is serving at {', '.join(unready)}")
+
+    def watch_refused(self) -> None:
+        """The stream just opened was refused: its replica is at its watch-stream limit."""
+        self._watch_refused_by = self._watching
 
     def close(self) -> None:
         for replica in self._replicas:
@@ -268,6 +279,9 @@ class _LocalStore:
 
     def open_watch(self, since_revision: int | None = None) -> _ChangeSource:
         return _PolledChanges(self._store, since_revision)
+
+    def watch_refused(self) -> None:
+        """Never happens: the local store has no limit on watchers."""
 
     def close(self) -> None:
         self._store.close()
@@ -740,6 +754,7 @@ class Client:
                     self._on_change(change)
                 log.debug("watch stream ended by the service, reconnecting")
             except ResourceExhaustedError as exc:
+                backend.watch_refused()  # try the other replicas first next time
                 refusals += 1
                 (log.warning if refusals == 1 else log.debug)(
                     "watch stream refused, retrying with backoff (values refresh by TTL): %s", exc
