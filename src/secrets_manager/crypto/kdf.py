@@ -38,17 +38,25 @@ class KdfParams:
         )
 
     def validate(self) -> None:
-        """Reject parameters no honest writer produces (a reader MUST NOT run them)."""
+        """Reject parameters no honest writer produces (a reader MUST NOT run them).
+
+        The upper bounds keep a doctored header (anyone who can write the store's storage, e.g. a
+        database administrator, can edit it) from making every reader allocate gigabytes and
+        spend minutes before the password is even checked: at most 1 GiB, 16 passes, 16 lanes,
+        well above every profile we write (the default is 64 MiB, 3 passes, 4 lanes)."""
         if len(self.salt) != SALT_SIZE:
             raise ValueError("Argon2 salt must be 16 bytes")
-        if not (1 <= self.time_cost <= 64 and 1 <= self.parallelism <= 64):
-            raise ValueError("Argon2 time cost and parallelism must be between 1 and 64")
-        if not (8 * self.parallelism <= self.memory_cost_kib <= 4 * 1024 * 1024):
-            raise ValueError("Argon2 memory cost must be between 8*p KiB and 4 GiB")
+        if not (1 <= self.time_cost <= MAX_TIME_COST and 1 <= self.parallelism <= MAX_PARALLELISM):
+            raise ValueError("Argon2 time cost and parallelism must be between 1 and 16")
+        if not (8 * self.parallelism <= self.memory_cost_kib <= MAX_MEMORY_KIB):
+            raise ValueError("Argon2 memory cost must be between 8*p KiB and 1 GiB")
         if self.version != ARGON2_VERSION:
             raise ValueError("unsupported Argon2 version")
 
 
+MAX_TIME_COST = 16
+MAX_PARALLELISM = 16
+MAX_MEMORY_KIB = 1024 * 1024  # 1 GiB
 DEFAULT = KdfParams(time_cost=3, memory_cost_kib=64 * 1024, parallelism=4)
 TEST = KdfParams(time_cost=1, memory_cost_kib=1024, parallelism=1)
 PROFILES: dict[str, KdfParams] = {"default": DEFAULT, "test": TEST}
