@@ -321,7 +321,10 @@ class AuditLog:
         current = self._unsynced
         if current is not None and current.inode != inode:
             self._unsynced = None
-            current.sync_and_close()
+            try:
+                current.sync_and_close()
+            except OSError as exc:
+                raise self._sync_failed(exc) from None
             current = None
         if current is None:
             self._unsynced = _Unsynced(os.dup(fd), inode, anchor)
@@ -352,11 +355,7 @@ class AuditLog:
                 try:
                     unsynced.sync_and_close()
                 except OSError as exc:
-                    self._failure = (
-                        f"audit log {self.path} could not be synced to disk ({exc.strerror or exc}); "
-                        "records may be lost, so requests are refused: check the disk and restart"
-                    )
-                    raise AuditError(self._failure) from None
+                    raise self._sync_failed(exc) from None
                 tail = self._tail
                 if not locked or unsynced.anchor is None or tail is None:
                     return
@@ -370,6 +369,14 @@ class AuditLog:
             finally:
                 if locked:
                     self._unflock()
+
+    def _sync_failed(self, exc: OSError) -> AuditError:
+        """A deferred fsync failed: records may be gone, so this and every later append fail."""
+        self._failure = (
+            f"audit log {self.path} could not be synced to disk ({exc.strerror or exc}); "
+            "records may be lost, so requests are refused: check the disk and restart"
+        )
+        return AuditError(self._failure)
 
     def _raise_if_failed(self) -> None:
         if self._failure is not None:
