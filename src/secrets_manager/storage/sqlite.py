@@ -53,8 +53,6 @@ CREATE TABLE IF NOT EXISTS changes (
 """
 
 
-_KEYS_PER_SELECT = 500  # well under SQLite's limit on ? parameters
-
 
 class SqliteStorage:
     """`Storage` over one SQLite file. Thread-safe: one connection behind a lock."""
@@ -132,28 +130,6 @@ class SqliteStorage:
         except sqlite3.Error as exc:
             raise StorageError(f"store {self.path}: {exc}") from None
         return None if row is None else Entry(value=bytes(row[0]), revision=row[1])
-
-    def get_many(self, keys: Sequence[str]) -> dict[str, Entry]:
-        """`MultiGet`: one SELECT per 500 keys, all in one read transaction (one instant)."""
-        unique = list(dict.fromkeys(keys))
-        chunks = [unique[i : i + _KEYS_PER_SELECT] for i in range(0, len(unique), _KEYS_PER_SELECT)]
-        found: dict[str, Entry] = {}
-        try:
-            with self._lock:
-                if len(chunks) > 1:  # a single SELECT is one read transaction by itself
-                    self._db.execute("BEGIN")
-                try:
-                    for chunk in chunks:
-                        marks = ",".join("?" * len(chunk))
-                        query = f"SELECT key, value, revision FROM entries WHERE key IN ({marks})"  # noqa: S608
-                        for key, value, revision in self._db.execute(query, chunk):
-                            found[key] = Entry(value=bytes(value), revision=revision)
-                finally:
-                    if len(chunks) > 1:
-                        self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            raise StorageError(f"store {self.path}: {exc}") from None
-        return found
 
     def put(self, key: str, value: bytes, *, expect: Expect = None) -> int:
         return self.commit([Put(key, value, expect)])
