@@ -53,7 +53,6 @@ CREATE TABLE IF NOT EXISTS changes (
 """
 
 
-
 class SqliteStorage:
     """`Storage` over one SQLite file. Thread-safe: one connection behind a lock."""
 
