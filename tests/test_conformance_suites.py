@@ -277,6 +277,32 @@ def test_check_secret_store_notices_puts_to_deleted_secrets(
         check_secret_store(make_store)
 
 
+def test_check_secret_store_notices_a_stage_that_moves_current(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(
+        encrypted_module.EncryptedStore, "stage", lambda self, name, value: self.put(name, value)
+    )
+    with pytest.raises(AssertionError, match="'pending-rotation' failed"):
+        check_secret_store(make_store)
+
+
+def test_check_secret_store_notices_a_promote_of_a_version_no_longer_pending(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = encrypted_module.EncryptedStore.promote
+
+    def promote_anything(self: EncryptedStore, name: str, version: int) -> None:
+        pending = self.describe(name).labels.get("pending")
+        original(self, name, version if pending is None else pending)
+
+    monkeypatch.setattr(encrypted_module.EncryptedStore, "promote", promote_anything)
+    with pytest.raises(
+        AssertionError, match="'pending-rotation' failed: promote of a version no longer pending"
+    ):
+        check_secret_store(make_store)
+
+
 def test_check_secret_store_wraps_unexpected_errors_with_the_check_name() -> None:
     class Exploding:
         def __getattr__(self, name: str) -> object:

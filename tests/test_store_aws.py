@@ -354,3 +354,20 @@ def test_the_url_opens_a_store_with_boto3s_standard_configuration(
     store.put("svc/URL", b"via-url")
     assert native.get_secret_value(SecretId=f"{prefix}/svc/URL")["SecretString"] == "via-url"
     store.close()
+
+
+def test_our_versions_keep_their_numbers_within_one_second_whatever_their_labels() -> None:
+    """AWS dates versions to the second: a version staged and then replaced in the same second has
+    no label left, yet keeps its number (sorting ours by label would renumber them)."""
+    from datetime import UTC, datetime, timedelta
+
+    from secrets_manager.store.aws import _numbered, _version_id
+
+    second = datetime(2026, 11, 28, 12, 0, 0, tzinfo=UTC)
+    raw = [
+        {"VersionId": _version_id(4), "CreatedDate": second, "VersionStages": ["AWSPENDING"]},
+        {"VersionId": _version_id(3), "CreatedDate": second, "VersionStages": []},
+        {"VersionId": _version_id(2), "CreatedDate": second, "VersionStages": ["AWSCURRENT"]},
+        {"VersionId": _version_id(1), "CreatedDate": second - timedelta(seconds=5), "VersionStages": []},
+    ]
+    assert [(v.number, v.version_id) for v in _numbered(raw)] == [(n, _version_id(n)) for n in (1, 2, 3, 4)]

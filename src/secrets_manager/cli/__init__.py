@@ -16,6 +16,7 @@ from secrets_manager.cli import (
     backup_commands,  # noqa: F401  (registers `backup` and `restore`)
     keys_commands,  # noqa: F401  (registers `keys`)
     pki_commands,  # noqa: F401  (registers `pki`)
+    rotate_commands,  # noqa: F401  (registers `rotate`)
     serve_commands,  # noqa: F401  (registers `serve`)
 )
 from secrets_manager.cli.app import cli

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from secrets_manager.errors import InvalidInputError, NotFoundError
+from secrets_manager.errors import InvalidInputError, NotFoundError, UnsupportedOperationError
 from secrets_manager.store import Secret, SecretMetadata, VersionInfo
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.v1 import secrets_pb2 as pb
@@ -157,6 +157,15 @@ class RemoteStore:
     def destroy_secret(self, name: str) -> None:
         raise InvalidInputError("destroy is not offered by the service; run it on the server's store")
 
+    def stage(self, name: str, value: bytes) -> VersionInfo:
+        raise _no_rotation()
+
+    def promote(self, name: str, version: int) -> None:
+        raise _no_rotation()
+
+    def discard_pending(self, name: str) -> None:
+        raise _no_rotation()
+
     def watch(self, prefix: str = "", since_revision: int | None = None) -> ChangeStream:
         """Watch: change events (never values) for the secrets under `prefix` the caller may read.
 
@@ -258,3 +267,10 @@ class ChangeStream:
     def cancel(self) -> None:
         self._cancelled = True
         self._call.cancel()
+
+
+def _no_rotation() -> UnsupportedOperationError:
+    return UnsupportedOperationError(
+        "rotation (the 'pending' label) is not supported by this store over the service yet; "
+        "run 'rotate' on the server's store"
+    )

@@ -8,6 +8,7 @@ The mapping (docs/stores.md has it in full):
                              (we pass it as ClientRequestToken). Versions written by other tools
                              (UUID ids) are numbered in creation order after the ones before them.
     current/previous/pending the staging labels AWSCURRENT / AWSPREVIOUS / AWSPENDING
+    stage / promote          PutSecretValue with VersionStages=[AWSPENDING] / UpdateSecretVersionStage
     description, tags        the secret's Description and Tags (tag `secrets-manager:created-by` is ours)
     delete / undelete        DeleteSecret with a recovery window / RestoreSecret
     destroy_secret           DeleteSecret with ForceDeleteWithoutRecovery
@@ -424,6 +425,89 @@ class AwsStore:
                 raise _LostRace() from None
         return number
 
+    # ---- rotation: AWS's own staging labels ----------------------------------------------------
+
+    def stage(self, name: str, value: bytes) -> VersionInfo:
+        """DescribeSecret, ListSecretVersionIds, then PutSecretValue with VersionStages=[AWSPENDING]
+        (AWS moves the label off any version that had it; AWSCURRENT stays where it is)."""
+        validate_name(name)
+        payload = _payload(checked_value(value, empty_supported=False))
+        backoff = Backoff(first=0.05, cap=1.0, deadline_seconds=RETRY_DEADLINE_SECONDS, what=repr(name))
+        while True:
+            self._require_live(name)
+            versions = self._versions(name)
+            number = (versions[-1].number if versions else 0) + 1
+            with self._aws(f"stage a new version of {name}", name):
+                try:
+                    self._client.put_secret_value(
+                        SecretId=self.aws_name(name),
+                        ClientRequestToken=_version_id(number),
+                        VersionStages=[STAGE_OF_LABEL[PENDING]],
+                        **payload,
+                    )
+                    break
+                except ClientError as exc:
+                    if _code(exc) != "ResourceExistsException":
+                        raise
+            backoff.wait()  # another writer took version `number`: read again
+        return VersionInfo(version=number, created=datetime.now(UTC), created_by="", labels=(PENDING,))
+
+    def promote(self, name: str, version: int) -> None:
+        """ListSecretVersionIds, then UpdateSecretVersionStage moving AWSCURRENT to the pending
+        version (AWS moves AWSPREVIOUS to the old current itself), then one removing AWSPENDING.
+        AWS has no multi-label transaction: between the two calls the new current version still
+        carries AWSPENDING too (as after AWS's own rotation Lambdas); the second call removes it."""
+        validate_name(name)
+        self._require_live(name)
+        versions = self._versions(name)
+        pending = next((v for v in versions if PENDING in v.labels), None)
+        if pending is None or pending.number != version:
+            now_pending = "no version is" if pending is None else f"version {pending.number} is"
+            raise ConflictError(
+                f"version {version} of {name!r} is not pending ({now_pending}); nothing was promoted"
+            )
+        current = next((v for v in versions if CURRENT in v.labels), None)
+        secret_id = self.aws_name(name)
+        with self._aws(f"promote version {version} of {name}", name):
+            arguments: dict[str, Any] = {
+                "SecretId": secret_id,
+                "VersionStage": STAGE_OF_LABEL[CURRENT],
+                "MoveToVersionId": pending.version_id,
+            }
+            if current is not None:
+                arguments["RemoveFromVersionId"] = current.version_id
+            self._client.update_secret_version_stage(**arguments)
+            self._client.update_secret_version_stage(
+                SecretId=secret_id,
+                VersionStage=STAGE_OF_LABEL[PENDING],
+                RemoveFromVersionId=pending.version_id,
+            )
+
+    def discard_pending(self, name: str) -> None:
+        """ListSecretVersionIds, then UpdateSecretVersionStage removing AWSPENDING."""
+        validate_name(name)
+        self._require_live(name)
+        pending = next((v for v in self._versions(name) if PENDING in v.labels), None)
+        if pending is None:
+            raise NotFoundError(f"secret {name!r} has no version labelled {PENDING!r}")
+        with self._aws(f"discard the pending version of {name}", name):
+            self._client.update_secret_version_stage(
+                SecretId=self.aws_name(name),
+                VersionStage=STAGE_OF_LABEL[PENDING],
+                RemoveFromVersionId=pending.version_id,
+            )
+
+    def _require_live(self, name: str) -> None:
+        """DescribeSecret: NotFoundError if the secret is missing, ConflictError if it is deleted."""
+        with self._aws(f"read {name}", name):
+            existing = self._describe_or_none(self.aws_name(name))
+        if existing is None:
+            raise NotFoundError(f"secret {name!r} not found")
+        if existing.get("DeletedDate"):
+            raise ConflictError(
+                f"secret {name!r} is deleted; run 'undelete {name}' first, or 'destroy {name} --all'"
+            )
+
     def _update_metadata(
         self,
         name: str,
@@ -627,8 +711,10 @@ def _numbered(raw: Iterable[Mapping[str, Any]]) -> list[_AwsVersion]:
 
     Ours carry their number in their id. Another tool's version (a UUID) is numbered one above the
     version before it in creation order (ties, as in a second-resolution clock, are broken by the
-    staging label: previous before current before pending). If a version of ours claims a number
-    not above the one before it (another tool wrote in between), it moves up too."""
+    staging label: previous before current before pending). Within one such tie, ours keep the
+    order of their numbers whatever their labels (a version staged and then replaced has none
+    left). If a version of ours claims a number not above the one before it (another tool wrote in
+    between), it moves up."""
 
     def order(item: Mapping[str, Any]) -> tuple[datetime, int, int, str]:
         stages = item.get("VersionStages") or []
@@ -636,9 +722,22 @@ def _numbered(raw: Iterable[Mapping[str, Any]]) -> list[_AwsVersion]:
         ours = _our_number(str(item["VersionId"]))
         return (utc(item["CreatedDate"]), rank, ours or 0, str(item["VersionId"]))
 
+    items = sorted(raw, key=order)
+    # Put ours back in number order within each tie, in the places ours hold there.
+    for created in {utc(item["CreatedDate"]) for item in items}:
+        places = [
+            i
+            for i, item in enumerate(items)
+            if utc(item["CreatedDate"]) == created and _our_number(str(item["VersionId"])) is not None
+        ]
+        ours_in_order = sorted(
+            (items[i] for i in places), key=lambda item: _our_number(str(item["VersionId"])) or 0
+        )
+        for place, item in zip(places, ours_in_order, strict=True):
+            items[place] = item
     numbered = []
     last = 0
-    for item in sorted(raw, key=order):
+    for item in items:
         ours = _our_number(str(item["VersionId"]))
         number = ours if ours is not None and ours > last else last + 1
         last = number

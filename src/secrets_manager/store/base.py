@@ -120,6 +120,17 @@ class SecretStore(Protocol):
     def destroy_secret(self, name: str) -> None:
         """Erase the secret entirely: every version and its metadata."""
 
+    def stage(self, name: str, value: bytes) -> VersionInfo:
+        """Write a new version labelled `pending` (rotation, step 1); `current` and `previous` do not
+        move. The label leaves whichever version carried it. Same errors as `put`."""
+
+    def promote(self, name: str, version: int) -> None:
+        """Make `version`, which must carry `pending` (ConflictError otherwise), `current` in one
+        step: the old current becomes `previous` and the `pending` label is removed."""
+
+    def discard_pending(self, name: str) -> None:
+        """Remove the `pending` label (the version stays, unlabelled). NotFoundError if none has it."""
+
     def close(self) -> None:
         """Release the backend."""
 

@@ -41,6 +41,7 @@ from secrets_manager.errors import (
     NotFoundError,
     StorageError,
     UnlockError,
+    UnsupportedOperationError,
 )
 from secrets_manager.storage import ABSENT, Delete, Entry, MultiGet, Put, Scrubbable, Snapshotting, Storage
 from secrets_manager.storage.base import Expect, Operation
@@ -50,11 +51,14 @@ from secrets_manager.store.base import (
     DEFAULT_MAX_VERSIONS,
     LABELS,
     MAX_VALUE_SIZE,
+    PENDING,
     PREVIOUS,
     Anchor,
+    Capability,
     Secret,
     SecretMetadata,
     VersionInfo,
+    unsupported_capabilities,
 )
 from secrets_manager.store.changes import SecretChanges, secret_changes
 from secrets_manager.store.names import namespace_of, validate_name, validate_prefix
@@ -271,12 +275,7 @@ class EncryptedStore:
         tags: Mapping[str, str] | None = None,
     ) -> VersionInfo:
         validate_name(name)
-        if isinstance(value, SecretValue):
-            value = value.reveal()
-        if not isinstance(value, bytes):
-            raise InvalidInputError("a secret value is bytes; encode text as UTF-8")
-        if len(value) > MAX_VALUE_SIZE:
-            raise InvalidInputError(f"value is {len(value)} bytes; the limit is {MAX_VALUE_SIZE} (64 KiB)")
+        value = _checked_value(value)
         if expect_version is not None and expect_version < 0:
             raise InvalidInputError("--expect-version must be 0 (create only) or a version number")
 
@@ -295,29 +294,97 @@ class EncryptedStore:
                 )
             if meta is None:
                 meta = _Meta.new(now, self._actor, self._max_versions)
-            number = meta.next_version
-            meta.add_version(number, now, self._actor)
             if description is not None:
                 meta.description = description
             if tags is not None:
                 meta.tags = dict(tags)
-            pruned = meta.prune()
-            ops: Operations = [Delete(_data_key(name, old)) for old in pruned]
-            ns = namespace_of(name)
-            ks_expect, keyset = self._keyset_for_write(ns)
-            key = keyset.primary
-            ops.append(
-                Put(
-                    _data_key(name, number),
-                    seal_record(key, Purpose.SECRET_VALUE, name, number, value),
-                    expect=ABSENT,
-                )
-            )
-            ops.append(Put(META_PREFIX + name, self._seal_meta(key, name, meta), _expect(meta_entry)))
-            self._commit_with_keyset(ns, ks_expect, keyset.with_uses(2), ops)
-            return meta.public(name).versions[-1]
+            return self._write_version(name, value, meta_entry, meta, now, label=CURRENT)
 
         return self._retry(attempt)
+
+    def _write_version(
+        self, name: str, value: bytes, meta_entry: Entry | None, meta: _Meta, now: float, *, label: str
+    ) -> VersionInfo:
+        """Inside a retried attempt: seal `value` as the next version, labelled `label`, prune,
+        and commit it with the metadata (compare-and-set on the metadata read)."""
+        number = meta.next_version
+        meta.add_version(number, now, self._actor, label=label)
+        pruned = meta.prune()
+        ops: Operations = [Delete(_data_key(name, old)) for old in pruned]
+        ns = namespace_of(name)
+        ks_expect, keyset = self._keyset_for_write(ns)
+        key = keyset.primary
+        ops.append(
+            Put(
+                _data_key(name, number),
+                seal_record(key, Purpose.SECRET_VALUE, name, number, value),
+                expect=ABSENT,
+            )
+        )
+        ops.append(Put(META_PREFIX + name, self._seal_meta(key, name, meta), _expect(meta_entry)))
+        self._commit_with_keyset(ns, ks_expect, keyset.with_uses(2), ops)
+        return next(v for v in meta.public(name).versions if v.version == number)
+
+    # ---- rotation: the pending label -----------------------------------------------------------
+
+    def stage(self, name: str, value: bytes) -> VersionInfo:
+        """A new version labelled `pending`; `current` and `previous` stay where they are."""
+        self._require_pending_label()
+        validate_name(name)
+        value = _checked_value(value)
+
+        def attempt() -> VersionInfo:
+            now = self._clock()
+            meta_entry, meta = self._read_meta(name)
+            if meta_entry is None or meta is None:
+                raise NotFoundError(f"secret {name!r} not found")
+            if meta.deleted is not None:
+                raise ConflictError(
+                    f"secret {name!r} is deleted; run 'undelete {name}' first, or 'destroy {name} --all'"
+                )
+            return self._write_version(name, value, meta_entry, meta, now, label=PENDING)
+
+        return self._retry(attempt)
+
+    def promote(self, name: str, version: int) -> None:
+        """`version` (which must carry `pending`) becomes current; the old current, previous."""
+        self._require_pending_label()
+
+        def change(meta: _Meta, now: float) -> Operations:
+            if meta.deleted is not None:
+                raise ConflictError(f"secret {name!r} is deleted; run 'undelete {name}' first")
+            pending = meta.labels.get(PENDING)
+            if pending != version:
+                now_pending = "no version is" if pending is None else f"version {pending} is"
+                raise ConflictError(
+                    f"version {version} of {name!r} is not pending ({now_pending}); nothing was promoted"
+                )
+            if meta.versions[version]["destroyed"]:
+                raise ConflictError(f"version {version} of {name!r} was destroyed; nothing was promoted")
+            if CURRENT in meta.labels:
+                meta.labels[PREVIOUS] = meta.labels[CURRENT]
+            meta.labels[CURRENT] = version
+            del meta.labels[PENDING]
+            return []
+
+        self._update_meta(name, change)
+
+    def discard_pending(self, name: str) -> None:
+        """Remove the `pending` label; the version it was on stays, unlabelled."""
+        self._require_pending_label()
+
+        def change(meta: _Meta, now: float) -> Operations:
+            if PENDING not in meta.labels:
+                raise NotFoundError(f"secret {name!r} has no version labelled {PENDING!r}")
+            del meta.labels[PENDING]
+            return []
+
+        self._update_meta(name, change)
+
+    def _require_pending_label(self) -> None:
+        """A subclass that declares the pending label unsupported gets these operations refused."""
+        if Capability.PENDING_LABEL in unsupported_capabilities(self):
+            raise UnsupportedOperationError("the 'pending' label is not supported by this store")
 
     def delete(self, name: str) -> None:
         def change(meta: _Meta, now: float) -> Operations:
@@ -622,11 +689,13 @@ class _Meta:
     def new(cls, now: float, actor: str, max_versions: int) -> _Meta:
         return cls(created=now, updated=now, created_by=actor, max_versions=max_versions)
 
-    def add_version(self, number: int, now: float, actor: str) -> None:
+    def add_version(self, number: int, now: float, actor: str, *, label: str = CURRENT) -> None:
+        """A new version that takes `label`: `current` (the old current becomes `previous`), or
+        `pending` (staged for rotation; no other label moves)."""
         self.versions[number] = {"created": now, "created_by": actor, "destroyed": False}
-        if CURRENT in self.labels:
+        if label == CURRENT and CURRENT in self.labels:
             self.labels[PREVIOUS] = self.labels[CURRENT]
-        self.labels[CURRENT] = number
+        self.labels[label] = number
         self.next_version = number + 1
         self.updated = now
 
@@ -735,6 +804,17 @@ def _unwrap_root(unlock: UnlockSource, header: dict[str, Any]) -> DataKey:
 def _root_id_of(entry: Entry) -> int:
     """The root key id a root-sealed entry names (IntegrityError if it is not a record)."""
     return record_key_id(entry.value)
+
+
+def _checked_value(value: bytes) -> bytes:
+    """`value` as bytes within the size limit (InvalidInputError otherwise)."""
+    if isinstance(value, SecretValue):
+        value = value.reveal()
+    if not isinstance(value, bytes):
+        raise InvalidInputError("a secret value is bytes; encode text as UTF-8")
+    if len(value) > MAX_VALUE_SIZE:
+        raise InvalidInputError(f"value is {len(value)} bytes; the limit is {MAX_VALUE_SIZE} (64 KiB)")
+    return value
 
 
 def _data_key(name: str, version: int) -> str:

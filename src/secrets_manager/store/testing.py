@@ -422,6 +422,59 @@ def _check_destroy_secret(make_store: MakeStore, ns: str) -> None:
         _raises(NotFoundError, lambda: store.describe(name), "describe after destroying a deleted secret")
 
 
+def _check_pending_rotation(make_store: MakeStore, ns: str) -> None:
+    """stage / promote / discard_pending: rotation's four steps on the `pending` label."""
+    name = f"{ns}/rotated"
+    with _opened(make_store) as store:
+        store.put(name, b"value 1")
+        store.put(name, b"value 2")
+        if _lacks(store, Capability.PENDING_LABEL):
+            _require_unsupported(lambda: store.stage(name, b"value 3"), "stage of a pending version")
+            _require_unsupported(lambda: store.promote(name, 2), "promote")
+            _require_unsupported(lambda: store.discard_pending(name), "discard_pending")
+            _require(_revealed(store.get(name)) == b"value 2", "a refused stage changed the current value")
+            _require(_version_numbers(store.describe(name)) == [1, 2], "a refused stage wrote a version")
+            return
+        _raises(NotFoundError, lambda: store.stage(f"{ns}/missing", b"x"), "stage on a missing secret")
+        staged = store.stage(name, b"value 3")
+        _require(staged.version == 3 and staged.labels == (PENDING,), f"stage returned {staged}")
+        current = store.get(name)
+        _require(current.version == 2 and _revealed(current) == b"value 2", "stage moved the current label")
+        _require(store.get(name, label=PREVIOUS).version == 1, "stage moved the previous label")
+        pending = store.get(name, label=PENDING)
+        _require(pending.version == 3 and _revealed(pending) == b"value 3", "get label=pending after stage")
+        labels = dict(store.describe(name).labels)
+        _require(labels == {CURRENT: 2, PREVIOUS: 1, PENDING: 3}, f"labels after stage are {labels}")
+        _require(store.stage(name, b"value 4").version == 4, "a second stage is not the next version")
+        _require(store.get(name, label=PENDING).version == 4, "a second stage did not take the pending label")
+        _require(store.get(name, version=3).labels == (), "the version staged before still carries a label")
+        _raises(ConflictError, lambda: store.promote(name, 3), "promote of a version no longer pending")
+        _require(store.get(name).version == 2, "a refused promote moved the current label")
+        store.promote(name, 4)
+        promoted = store.get(name)
+        _require(
+            promoted.version == 4 and _revealed(promoted) == b"value 4", "promote did not make it current"
+        )
+        _require(
+            store.get(name, label=PREVIOUS).version == 2, "promote did not make the old current previous"
+        )
+        _raises(NotFoundError, lambda: store.get(name, label=PENDING), "get label=pending after promote")
+        labels = dict(store.describe(name).labels)
+        _require(labels == {CURRENT: 4, PREVIOUS: 2}, f"labels after promote are {labels}")
+        _raises(ConflictError, lambda: store.promote(name, 4), "promote of the current version")
+        store.stage(name, b"value 5")
+        store.discard_pending(name)
+        _raises(NotFoundError, lambda: store.get(name, label=PENDING), "get label=pending after discard")
+        _require(_revealed(store.get(name, version=5)) == b"value 5", "discard_pending lost the version")
+        _require(store.get(name).version == 4, "discard_pending moved the current label")
+        _raises(NotFoundError, lambda: store.discard_pending(name), "discard_pending with nothing pending")
+        _raises(ConflictError, lambda: store.promote(name, 5), "promote of a discarded version")
+        store.delete(name)
+        _raises(ConflictError, lambda: store.stage(name, b"value 6"), "stage on a deleted secret")
+        store.undelete(name)
+        _require(store.get(name).version == 4, "a refused stage on a deleted secret changed it")
+
+
 INVALID_NAMES = (
     "", "/leading", "trailing/", "double//slash", "-flag", "../escape", "a/../b", "a/./b", ".hidden",
     "has space", "new\nline", "tab\t", "nul\x00", "pct%", "star*", "qu?", "colon:x", "back\\slash",
@@ -515,6 +568,7 @@ SECRET_STORE_CHECKS: dict[str, Check] = {
     "destroy-secret": _check_destroy_secret,
     "invalid-names": _check_invalid_names_refused,
     "max-versions": _check_max_versions_pruning,
+    "pending-rotation": _check_pending_rotation,
     "repr-redacted": _check_repr_never_shows_values,
 }
 """Every check by a short key (used in its namespace and in test ids); run in this order."""

@@ -556,6 +556,17 @@ class VaultStore:
         self._require_meta(name)
         self._send("DELETE", f"metadata/{name}", action=f"destroy {name}")
 
+    # ---- rotation: refused (KV v2 has no labels, so no `pending`) ------------------------------
+
+    def stage(self, name: str, value: bytes) -> VersionInfo:
+        raise _no_pending("stage")
+
+    def promote(self, name: str, version: int) -> None:
+        raise _no_pending("promote")
+
+    def discard_pending(self, name: str) -> None:
+        raise _no_pending("discard_pending")
+
     def _require_meta(self, name: str) -> _KvMeta:
         meta = self._read_meta(name)
         if meta is None:
@@ -727,3 +738,10 @@ def _vault_time(text: str) -> datetime:
     whole, fraction, zone = match.groups()
     micros = (fraction or "0")[:6].ljust(6, "0")
     return datetime.fromisoformat(f"{whole}.{micros}{'+00:00' if zone == 'Z' else zone}")
+
+
+def _no_pending(operation: str) -> UnsupportedOperationError:
+    return UnsupportedOperationError(
+        f"'{operation}' needs the 'pending' label, which is not supported by this store: Vault KV v2 "
+        "has no labels; rotate by storing the new value once it works at the target"
+    )

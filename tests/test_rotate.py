@@ -1,0 +1,318 @@
+"""Credential rotation: the store's stage / promote / discard_pending, and `secrets-manager rotate`
+through the real console script on a real SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import string
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from secrets_manager.errors import ConflictError, NotFoundError, UnsupportedOperationError
+from secrets_manager.store import CURRENT, PENDING, PREVIOUS, EncryptedStore
+from secrets_manager.store.aws import AwsStore
+from secrets_manager.store.changes import ChangeKind
+from secrets_manager.store.testing import run_check
+from secrets_manager.store.vault import VaultStore, connect_vault, retrying_session
+from vault_server import FakeVault
+
+SCRIPT = Path(sys.executable).with_name("secrets-manager")
+PASSWORD = "correct horse battery staple"
+OLD_VALUE = "old-db-password-KNOWN-1234"
+
+
+# ---- the store API -------------------------------------------------------------------------------
+
+
+def test_stage_promote_and_discard_on_the_encrypted_store(encrypted_store: EncryptedStore) -> None:
+    store = encrypted_store
+    store.put("db/app", b"one")
+    store.put("db/app", b"two")
+    staged = store.stage("db/app", b"three")
+    assert (staged.version, staged.labels) == (3, (PENDING,))
+    assert store.describe("db/app").labels == {CURRENT: 2, PREVIOUS: 1, PENDING: 3}
+    store.promote("db/app", 3)
+    assert store.describe("db/app").labels == {CURRENT: 3, PREVIOUS: 2}
+    assert store.get("db/app").value.reveal() == b"three"
+    store.stage("db/app", b"four")
+    store.discard_pending("db/app")
+    assert store.describe("db/app").labels == {CURRENT: 3, PREVIOUS: 2}
+    assert store.get("db/app", version=4).value.reveal() == b"four"
+
+
+def test_stage_twice_then_promote_the_first_is_a_conflict(encrypted_store: EncryptedStore) -> None:
+    encrypted_store.put("db/app", b"one")
+    first = encrypted_store.stage("db/app", b"two")
+    encrypted_store.stage("db/app", b"three")
+    with pytest.raises(ConflictError, match="not pending"):
+        encrypted_store.promote("db/app", first.version)
+    assert encrypted_store.get("db/app").version == 1
+
+
+def test_stage_needs_an_existing_secret(encrypted_store: EncryptedStore) -> None:
+    with pytest.raises(NotFoundError):
+        encrypted_store.stage("db/missing", b"x")
+
+
+def test_a_pending_version_is_never_pruned(encrypted_store: EncryptedStore) -> None:
+    encrypted_store.put("db/app", b"v1")
+    staged = encrypted_store.stage("db/app", b"pending")
+    for n in range(15):
+        encrypted_store.put("db/app", f"later {n}".encode())
+    assert encrypted_store.get("db/app", label=PENDING).version == staged.version
+
+
+def test_rotation_goes_through_the_change_feed_without_values(encrypted_store: EncryptedStore) -> None:
+    encrypted_store.put("db/app", b"one")
+    _, revision = encrypted_store.changes_since(None)
+    encrypted_store.stage("db/app", b"SECRET-STAGED")
+    staged, revision = encrypted_store.changes_since(revision)
+    assert [(c.kind, c.name, c.version) for c in staged] == [(ChangeKind.VERSION_ADDED, "db/app", 2)]
+    encrypted_store.promote("db/app", 2)
+    promoted, revision = encrypted_store.changes_since(revision)
+    assert [(c.kind, c.name) for c in promoted] == [(ChangeKind.METADATA_CHANGED, "db/app")]
+    encrypted_store.stage("db/app", b"x")
+    encrypted_store.changes_since(revision)
+    encrypted_store.discard_pending("db/app")
+    discarded, _ = encrypted_store.changes_since(revision)
+    assert ChangeKind.METADATA_CHANGED in [c.kind for c in discarded]
+    assert "SECRET-STAGED" not in repr(staged + promoted + discarded)
+
+
+def test_the_vault_store_refuses_rotation_cleanly() -> None:
+    vault = FakeVault().start()
+    try:
+
+        def make() -> VaultStore:
+            environ = {"VAULT_TOKEN": vault.root_token}
+            client = connect_vault(vault.address, environ=environ, session=retrying_session(attempts=3))
+            return VaultStore(client, "secret", actor="tester")
+
+        run_check(make, "pending-rotation")
+        store = make()
+        store.put("db/app", b"one")
+        for action in (
+            lambda: store.stage("db/app", b"two"),
+            lambda: store.promote("db/app", 1),
+            lambda: store.discard_pending("db/app"),
+        ):
+            with pytest.raises(UnsupportedOperationError, match="not supported by this store"):
+                action()
+        store.close()
+    finally:
+        vault.stop()
+
+
+def test_the_aws_store_rotates_with_its_staging_labels(moto_endpoint: str) -> None:
+    def make() -> AwsStore:
+        client = boto3.session.Session(
+            aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+        ).client("secretsmanager", endpoint_url=moto_endpoint, config=Config(retries={"max_attempts": 2}))
+        return AwsStore(client, f"rotate-{os.getpid()}", actor="tester")
+
+    run_check(make, "pending-rotation")
+    store = make()
+    store.put("db/app", b"one")
+    staged = store.stage("db/app", b"two")
+    raw = store._client.describe_secret(SecretId=store.aws_name("db/app"))["VersionIdsToStages"]
+    assert ["AWSPENDING"] in raw.values()
+    store.promote("db/app", staged.version)
+    assert store.get("db/app").value.reveal() == b"two"
+    assert store.get("db/app", label=PREVIOUS).value.reveal() == b"one"
+    store.close()
+
+
+# ---- the command line ----------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+class Cli:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.store = home / "store.db"
+        self.audit = home / "audit.jsonl"
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(home),
+            "SECRETS_MANAGER_STORE": str(self.store),
+            "SECRETS_MANAGER_AUDIT_FILE": str(self.audit),
+            "MASTER_PASSWORD": PASSWORD,
+        }
+
+    def __call__(self, *args: str, input: bytes = b"", env: Mapping[str, str] | None = None) -> Result:
+        proc = subprocess.run(
+            [str(SCRIPT), *args],
+            input=input,
+            capture_output=True,
+            env={**self.env, **(env or {})},
+            start_new_session=True,
+            timeout=60,
+        )
+        stderr = proc.stderr.decode("utf-8", errors="replace")
+        assert "Traceback" not in stderr, stderr
+        return Result(proc.returncode, proc.stdout.decode("utf-8"), stderr)
+
+    def value(self, *args: str) -> str:
+        result = self("get", "db/app", *args)
+        assert result.code == 0, result.stderr
+        return result.stdout.rstrip("\n")
+
+    def labels(self) -> dict[str, int]:
+        history = self("history", "db/app", "--json")
+        assert history.code == 0, history.stderr
+        labels: dict[str, int] = json.loads(history.stdout)["labels"]
+        return labels
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    cli = Cli(tmp_path)
+    assert cli("init", "--kdf-profile", "test").code == 0
+    assert cli("store", "db/app", input=OLD_VALUE.encode()).code == 0
+    return cli
+
+
+def recorder(tmp_path: Path, tag: str, *, exit_code: int = 0) -> tuple[str, Callable[[], dict[str, Any]]]:
+    """A command that records its stdin, argv and environment, then exits with `exit_code`."""
+    out = tmp_path / f"{tag}.json"
+    script = tmp_path / f"{tag}.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "data = sys.stdin.read()\n"
+        f"json.dump({{'stdin': data, 'argv': sys.argv, 'env': dict(os.environ)}}, open({str(out)!r}, 'w'))\n"
+        f"print('{tag} command says hello')\n"
+        f"sys.exit({exit_code})\n"
+    )
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} --flag"
+    return command, lambda: json.loads(out.read_text())
+
+
+def test_rotate_generates_and_promotes(cli: Cli) -> None:
+    result = cli("rotate", "db/app", "--length", "20", "--alphabet", "hex")
+    assert result.code == 0, result.stderr
+    assert "rotated db/app: version 2 is current (previous: 1)" in result.stderr
+    assert result.stdout == ""
+    new = cli.value()
+    assert len(new) == 20 and set(new) <= set("0123456789abcdef")
+    assert cli.value("--label", "previous") == OLD_VALUE
+    assert cli.labels() == {"current": 2, "previous": 1}
+    assert cli("get", "db/app", "--label", "pending").code == 3
+
+
+def test_rotate_default_value_is_32_alphanumerics_and_json_output(cli: Cli) -> None:
+    result = cli("rotate", "db/app", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout) == {"name": "db/app", "version": 2, "previous": 1}
+    new = cli.value()
+    assert len(new) == 32 and set(new) <= set(string.ascii_letters + string.digits)
+
+
+def test_rotate_from_stdin(cli: Cli) -> None:
+    result = cli("rotate", "db/app", "--stdin", input=b"chosen-new-value\n")
+    assert result.code == 0, result.stderr
+    assert cli.value() == "chosen-new-value"
+
+
+def test_the_set_command_gets_the_value_on_stdin_only(cli: Cli, tmp_path: Path) -> None:
+    set_command, set_seen = recorder(tmp_path, "set")
+    test_command, test_seen = recorder(tmp_path, "test")
+    result = cli("rotate", "db/app", "--set-command", set_command, "--test-command", test_command)
+    assert result.code == 0, result.stderr
+    new = cli.value()
+    for seen in (set_seen(), test_seen()):
+        assert seen["stdin"] == new
+        assert seen["argv"][1:] == ["--flag"] and not any(new in arg for arg in seen["argv"])
+        assert not any(new in value for value in seen["env"].values())
+        assert seen["env"]["SECRETS_MANAGER_ROTATE_NAME"] == "db/app"
+        assert seen["env"]["SECRETS_MANAGER_ROTATE_VERSION"] == "2"
+        assert "MASTER_PASSWORD" not in seen["env"]
+    assert "set command says hello" in result.stderr and "test command says hello" in result.stderr
+    assert new not in result.stdout and new not in result.stderr
+    audit = cli.audit.read_text()
+    assert new not in audit and OLD_VALUE not in audit
+    operations = [json.loads(line).get("operation") for line in audit.splitlines()]
+    assert "rotate.stage" in operations and "rotate.promote" in operations
+
+
+def test_a_failing_test_command_leaves_current_and_can_be_resumed(cli: Cli, tmp_path: Path) -> None:
+    failing, _ = recorder(tmp_path, "failing", exit_code=5)
+    result = cli("rotate", "db/app", "--test-command", failing)
+    assert result.code == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert "test command failed (exit code 5)" in error
+    assert "secrets-manager rotate db/app --resume" in error and "--discard" in error
+    assert cli.value() == OLD_VALUE
+    assert cli.labels() == {"current": 1, "pending": 2}
+    staged = cli.value("--label", "pending")
+    assert staged not in result.stderr and staged not in result.stdout
+
+    passing, seen = recorder(tmp_path, "passing")
+    result = cli("rotate", "db/app", "--resume", "--test-command", passing)
+    assert result.code == 0, result.stderr
+    assert seen()["stdin"] == staged
+    assert cli.value() == staged and cli.labels() == {"current": 2, "previous": 1}
+
+
+def test_a_set_command_that_cannot_start_or_times_out_fails_cleanly(cli: Cli, tmp_path: Path) -> None:
+    result = cli("rotate", "db/app", "--set-command", str(tmp_path / "no-such-command"))
+    assert result.code == 1 and "set command failed (could not start" in result.stderr
+    slow = f"{shlex.quote(sys.executable)} -c 'import time; time.sleep(30)'"
+    result = cli("rotate", "db/app", "--resume", "--set-command", slow, "--timeout", "0.5")
+    assert result.code == 1 and "set command failed (timed out after 0.5 s)" in result.stderr
+    assert cli.value() == OLD_VALUE and cli.labels() == {"current": 1, "pending": 2}
+
+
+def test_discard_clears_pending(cli: Cli) -> None:
+    assert cli("rotate", "db/app", "--test-command", "false").code == 1
+    result = cli("rotate", "db/app", "--discard")
+    assert result.code == 0, result.stderr
+    assert cli.labels() == {"current": 1}
+    assert cli("get", "db/app", "--label", "pending").code == 3
+    assert cli("rotate", "db/app", "--discard").code == 3
+    assert cli("rotate", "db/app", "--resume").code == 3
+
+
+def test_promoting_a_version_no_longer_pending_exits_7(cli: Cli, tmp_path: Path) -> None:
+    """Someone stages another version while our test command runs: our promote must refuse."""
+    # The password variables are withheld from our commands: this one brings its own.
+    password = f"MASTER_PASSWORD={shlex.quote(PASSWORD)}"
+    restage = f"{password} {shlex.quote(str(SCRIPT))} rotate db/app --test-command false"
+    sneaky = f"sh -c {shlex.quote('cat >/dev/null; ' + restage + '; exit 0')}"
+    result = cli("rotate", "db/app", "--test-command", sneaky)
+    assert result.code == 7, result.stderr
+    assert "not pending" in result.stderr
+    assert cli.value() == OLD_VALUE and cli.labels() == {"current": 1, "pending": 3}
+
+
+def test_rotate_refuses_bad_option_combinations_and_the_server(cli: Cli) -> None:
+    assert cli("rotate", "db/app", "--stdin", "--generate").code == 2
+    assert cli("rotate", "db/app", "--resume", "--stdin").code == 2
+    assert cli("rotate", "db/app", "--discard", "--resume").code == 2
+    assert cli("rotate", "db/app", "--set-command", "").code == 2
+    assert cli("rotate", "db/missing").code == 3
+    result = cli("--server", "localhost:1", "rotate", "db/app")
+    assert result.code == 2 and "local store only" in result.stderr
+    assert cli.labels() == {"current": 1}
+
+
+def test_rotate_help_explains_the_steps(cli: Cli) -> None:
+    result = cli("rotate", "--help")
+    assert result.code == 0
+    for words in ("--set-command", "--test-command", "--resume", "--discard", "stdin", "pending"):
+        assert words in result.stdout
