@@ -246,8 +246,9 @@ def test_the_set_command_gets_the_value_on_stdin_only(cli: Cli, tmp_path: Path) 
     assert new not in result.stdout and new not in result.stderr
     audit = cli.audit.read_text()
     assert new not in audit and OLD_VALUE not in audit
-    operations = [json.loads(line).get("operation") for line in audit.splitlines()]
-    assert "rotate.stage" in operations and "rotate.promote" in operations
+    records = [json.loads(line) for line in audit.splitlines()]
+    done = [r["operation"] for r in records if r["operation"].startswith("rotate.") and r["outcome"] == "ok"]
+    assert done == ["rotate.stage", "rotate.set", "rotate.test", "rotate.promote"]
 
 
 def test_a_failing_test_command_leaves_current_and_can_be_resumed(cli: Cli, tmp_path: Path) -> None:
@@ -261,6 +262,9 @@ def test_a_failing_test_command_leaves_current_and_can_be_resumed(cli: Cli, tmp_
     assert cli.labels() == {"current": 1, "pending": 2}
     staged = cli.value("--label", "pending")
     assert staged not in result.stderr and staged not in result.stdout
+    records = [json.loads(line) for line in cli.audit.read_text().splitlines()]
+    failed = [r for r in records if r["operation"] == "rotate.test"]
+    assert [(r["outcome"], r["version"]) for r in failed] == [("rotation_step_failed", 2)]
 
     passing, seen = recorder(tmp_path, "passing")
     result = cli("rotate", "db/app", "--resume", "--test-command", passing)

@@ -5,8 +5,9 @@
     test     --test-command checks that the new value works there
     promote  the pending version becomes current, the old current previous
 
-Each store step is its own audited operation ("rotate.stage", "rotate.resume", "rotate.promote",
-"rotate.discard"), so the store is not held open while the user's commands run. The commands get
+Each step is its own audited operation ("rotate.stage", "rotate.resume", "rotate.set",
+"rotate.test", "rotate.promote", "rotate.discard"); a failed set or test is recorded with the
+outcome "rotation_step_failed". No store write is in progress while the user's commands run. The commands get
 the new value on stdin only, never in their arguments or environment; their output goes to our
 stderr. If set or test fails, current is untouched and the new version stays pending for --resume
 (or --discard).
@@ -154,7 +155,10 @@ def rotate(
 
     for step, argv in (("set", set_argv), ("test", test_argv)):
         if argv is not None:
-            _run_step(step, argv, name, version, value, timeout, session)
+            # Audited with its outcome (ok, or rotation_step_failed), so a failed step leaves a trace.
+            with session.store_operation(f"rotate.{step}", name) as (_, event):
+                event.version = version
+                _run_step(step, argv, name, version, value, timeout, session)
 
     current, previous = _promote(session, name, version)
     if as_json:
