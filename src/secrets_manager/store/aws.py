@@ -73,6 +73,7 @@ from secrets_manager.store.base import (
     Secret,
     SecretMetadata,
     VersionInfo,
+    checked_value,
 )
 from secrets_manager.store.external import (
     AUDIT_KEY_NAME,
@@ -81,7 +82,6 @@ from secrets_manager.store.external import (
     DEFAULT_AUDIT_SCOPE,
     DEFAULT_RECOVERY_WINDOW_DAYS,
     audit_anchor_name,
-    checked_value,
     checked_write,
     user_tags,
     utc,

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
+from secrets_manager.errors import InvalidInputError, UnsupportedOperationError
 from secrets_manager.values import SecretValue
 
 CURRENT = "current"
@@ -147,3 +148,19 @@ class AuditedStore(SecretStore, Protocol):
 
     def set_audit_anchor(self, anchor: Anchor) -> None:
         """Vouch for a newer audit record."""
+
+
+def checked_value(value: bytes, *, empty_supported: bool = True) -> bytes:
+    """The bytes to write, after the checks every store makes (type, 64 KiB limit)."""
+    if isinstance(value, SecretValue):
+        value = value.reveal()
+    if not isinstance(value, bytes):
+        raise InvalidInputError("a secret value is bytes; encode text as UTF-8")
+    if len(value) > MAX_VALUE_SIZE:
+        raise InvalidInputError(f"value is {len(value)} bytes; the limit is {MAX_VALUE_SIZE} (64 KiB)")
+    if not value and not empty_supported:
+        raise UnsupportedOperationError(
+            "an empty value is not supported by this store (AWS Secrets Manager needs a non-empty "
+            "SecretString or SecretBinary); store at least one byte"
+        )
+    return value

@@ -50,7 +50,6 @@ from secrets_manager.store.base import (
     CURRENT,
     DEFAULT_MAX_VERSIONS,
     LABELS,
-    MAX_VALUE_SIZE,
     PENDING,
     PREVIOUS,
     Anchor,
@@ -58,6 +57,7 @@ from secrets_manager.store.base import (
     Secret,
     SecretMetadata,
     VersionInfo,
+    checked_value,
     unsupported_capabilities,
 )
 from secrets_manager.store.changes import SecretChanges, secret_changes
@@ -234,12 +234,7 @@ class EncryptedStore:
                 name = key[len(META_PREFIX) :]
                 namespace = namespace_of(name)
                 if namespace not in keysets:
-                    keyset_entry = snap.get(KEYSET_PREFIX + namespace)
-                    if keyset_entry is None:
-                        raise IntegrityError(
-                            f"keyset of namespace {namespace!r} is missing (integrity check failed)"
-                        )
-                    keysets[namespace] = self._decode_keyset(namespace, keyset_entry)
+                    keysets[namespace] = self._keyset_from(namespace, snap.get(KEYSET_PREFIX + namespace))
                 plaintext = open_record(
                     keysets[namespace].key_for_decryption, Purpose.SECRET_METADATA, name, 0, entry.value
                 )
@@ -275,7 +270,7 @@ class EncryptedStore:
         tags: Mapping[str, str] | None = None,
     ) -> VersionInfo:
         validate_name(name)
-        value = _checked_value(value)
+        value = checked_value(value)
         if expect_version is not None and expect_version < 0:
             raise InvalidInputError("--expect-version must be 0 (create only) or a version number")
 
@@ -331,7 +326,7 @@ class EncryptedStore:
         """A new version labelled `pending`; `current` and `previous` stay where they are."""
         self._require_pending_label()
         validate_name(name)
-        value = _checked_value(value)
+        value = checked_value(value)
 
         def attempt() -> VersionInfo:
             now = self._clock()
@@ -468,7 +463,11 @@ class EncryptedStore:
         return lookup
 
     def _keyset_for_read(self, namespace: str) -> Keyset:
-        entry = self._storage.get(KEYSET_PREFIX + namespace)
+        return self._keyset_from(namespace, self._storage.get(KEYSET_PREFIX + namespace))
+
+    def _keyset_from(self, namespace: str, entry: Entry | None) -> Keyset:
+        """The keyset a read found under `core/keyset/<namespace>`; its absence is an integrity
+        failure (a namespace with secrets always has one)."""
         if entry is None:
             raise IntegrityError(f"keyset of namespace {namespace!r} is missing (integrity check failed)")
         return self._decode_keyset(namespace, entry)
@@ -583,9 +582,7 @@ class EncryptedStore:
             entry, keyset_entry = both.get(META_PREFIX + name), both.get(KEYSET_PREFIX + namespace)
             if entry is None:
                 return None, None
-            if keyset_entry is None:
-                raise IntegrityError(f"keyset of namespace {namespace!r} is missing (integrity check failed)")
-            keyset = self._decode_keyset(namespace, keyset_entry)
+            keyset = self._keyset_from(namespace, keyset_entry)
         else:
             entry = self._storage.get(META_PREFIX + name)
             if entry is None:
@@ -804,17 +801,6 @@ def _unwrap_root(unlock: UnlockSource, header: dict[str, Any]) -> DataKey:
 def _root_id_of(entry: Entry) -> int:
     """The root key id a root-sealed entry names (IntegrityError if it is not a record)."""
     return record_key_id(entry.value)
-
-
-def _checked_value(value: bytes) -> bytes:
-    """`value` as bytes within the size limit (InvalidInputError otherwise)."""
-    if isinstance(value, SecretValue):
-        value = value.reveal()
-    if not isinstance(value, bytes):
-        raise InvalidInputError("a secret value is bytes; encode text as UTF-8")
-    if len(value) > MAX_VALUE_SIZE:
-        raise InvalidInputError(f"value is {len(value)} bytes; the limit is {MAX_VALUE_SIZE} (64 KiB)")
-    return value
 
 
 def _data_key(name: str, version: int) -> str:

@@ -22,10 +22,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
-from secrets_manager.errors import InvalidInputError, UnsupportedOperationError
-from secrets_manager.store.base import MAX_VALUE_SIZE
+from secrets_manager.errors import InvalidInputError
 from secrets_manager.store.names import validate_name
-from secrets_manager.values import SecretValue
 
 RESERVED_FOLDER = ".secrets-manager"
 AUDIT_KEY_NAME = f"{RESERVED_FOLDER}/audit-key"
@@ -53,22 +51,6 @@ def audit_scope_for(log_path: Path) -> str:
     every log needs its own anchor: a store-wide one would be moved by every other log."""
     identity = f"{socket.gethostname()}:{log_path.expanduser().resolve()}"
     return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:32]
-
-
-def checked_value(value: bytes, *, empty_supported: bool = True) -> bytes:
-    """The bytes to write, after the checks every store makes (type, 64 KiB limit)."""
-    if isinstance(value, SecretValue):
-        value = value.reveal()
-    if not isinstance(value, bytes):
-        raise InvalidInputError("a secret value is bytes; encode text as UTF-8")
-    if len(value) > MAX_VALUE_SIZE:
-        raise InvalidInputError(f"value is {len(value)} bytes; the limit is {MAX_VALUE_SIZE} (64 KiB)")
-    if not value and not empty_supported:
-        raise UnsupportedOperationError(
-            "an empty value is not supported by this store (AWS Secrets Manager needs a non-empty "
-            "SecretString or SecretBinary); store at least one byte"
-        )
-    return value
 
 
 def checked_write(name: str, expect_version: int | None, tags: Mapping[str, str] | None) -> None:

@@ -66,6 +66,7 @@ from secrets_manager.store.base import (
     Secret,
     SecretMetadata,
     VersionInfo,
+    checked_value,
 )
 from secrets_manager.store.external import (
     AUDIT_KEY_NAME,
@@ -75,7 +76,6 @@ from secrets_manager.store.external import (
     DESCRIPTION_KEY,
     RESERVED_KEY_PREFIX,
     audit_anchor_name,
-    checked_value,
     checked_write,
     user_tags,
 )
