@@ -169,6 +169,73 @@ class MultiGetReportsMissing(MemoryStorage):
         return {key: self.get(key) for key in keys}  # missing keys as None instead of left out
 
 
+class ChangeHeadMemoryStorage(MemoryStorage):
+    def change_head(self) -> int:
+        return max((c.revision for c in self.place.changes), default=0)
+
+
+class HeadCountsSilentCommits(MemoryStorage):
+    def change_head(self) -> int:
+        return self.place.revision  # the revision counter: silent commits move it too
+
+
+class HeadOfThisHandleOnly(MemoryStorage):
+    def __init__(self, place: Place) -> None:
+        super().__init__(place)
+        self.head = max((c.revision for c in place.changes), default=0)
+
+    def commit(self, operations: Sequence[Operation], *, silent: bool = False, durable: bool = True) -> int:
+        revision = super().commit(operations, silent=silent, durable=durable)
+        if not silent:
+            self.head = revision  # what this handle committed; other handles' commits unseen
+        return revision
+
+    def change_head(self) -> int:
+        return self.head
+
+
+class HeadMissesNonDurableCommits(ChangeHeadMemoryStorage):
+    def commit(self, operations: Sequence[Operation], *, silent: bool = False, durable: bool = True) -> int:
+        return super().commit(operations, silent=silent or not durable, durable=durable)
+
+
+class HeadNeverMoves(MemoryStorage):
+    def change_head(self) -> int:
+        return 0
+
+
+class HeadForgottenOnReopen(ChangeHeadMemoryStorage):
+    def close(self) -> None:
+        self.place.changes.clear()  # e.g. a feed kept in memory only
+
+
+def test_a_storage_with_change_head_passes_check_storage() -> None:
+    place = Place()
+    check_storage(lambda: ChangeHeadMemoryStorage(place))
+
+
+@pytest.mark.parametrize(
+    ("broken", "message"),
+    [
+        (HeadCountsSilentCommits, r"after a silent commit \(revision \d+\)"),
+        (HeadOfThisHandleOnly, r"after a put, .* is \(\d+, 0\)"),
+        (HeadMissesNonDurableCommits, r"after a non-durable commit that is not silent"),
+        (HeadNeverMoves, r"after a put, change_head\(\) .* is \(0, 0\)"),
+        (HeadForgottenOnReopen, r"change_head\(\) changed across close and reopen"),
+    ],
+)
+def test_the_change_head_check_rejects_a_head_that_breaks_its_rule(
+    broken: type[MemoryStorage], message: str
+) -> None:
+    place = Place()
+    behaviour = "change_head (optional) moves with every commit that is not silent, and only then"
+    with pytest.raises(AssertionError, match=message):
+        STORAGE_CHECKS[behaviour](lambda: broken(place))
+    shared = Place()  # every other check passes: the whole suite names this one
+    with pytest.raises(AssertionError, match=r"^storage conformance check 'change_head \(optional\)"):
+        check_storage(lambda: broken(shared))
+
+
 def test_a_storage_with_get_many_passes_check_storage() -> None:
     place = Place()
     check_storage(lambda: MultiGetMemoryStorage(place))

@@ -308,6 +308,59 @@ def test_the_feed_says_truncated_once_it_no_longer_reaches_back(place: Place) ->
         writer.close()
 
 
+def logged_revisions(place: Place) -> list[int]:
+    """Every revision the change log still holds, read with plain SQL (not through the storage)."""
+    with psycopg.connect(place.conninfo) as conn:
+        query = sql.SQL("SELECT DISTINCT revision FROM {}.changes ORDER BY revision").format(
+            sql.Identifier(place.schema)
+        )
+        return [int(row[0]) for row in conn.execute(query).fetchall()]
+
+
+def test_the_prune_never_drops_the_newest_change_so_the_change_head_stays(place: Place) -> None:
+    writer = place.open(create=True, change_log_retained=4)  # a prune every 4 revisions
+    other = place.open()
+    try:
+        for i in range(4):
+            writer.put("k", b"%d" % i)  # revisions 1..4, pruned below
+        newest = writer.commit([Put("k", b"4"), Put("other", b"x")])  # revision 5, two rows
+        assert newest == 5 and writer.change_head() == newest
+        last = newest
+        while last < 20:  # silent, non-durable commits (audit anchor updates) through four prunes
+            last = writer.commit([Put("anchor", b"%d" % last)], silent=True, durable=False)
+        assert logged_revisions(place) == [newest]  # the prunes ran and kept only the newest
+        assert writer.change_head() == other.change_head() == newest
+        everything = other.changes_since(0)
+        assert everything.truncated  # revisions 1..4 were dropped
+        assert [(c.revision, c.key) for c in everything.changes] == [(5, "k"), (5, "other")]
+        assert [c.revision for c in other.changes_since(4).changes] == [5, 5]
+        caught_up = other.changes_since(newest)
+        assert caught_up.changes == [] and caught_up.revision == last
+
+        later = other.put("k", b"after the prunes")
+        while last < 32:  # past prunes whose horizon is above `later`: it is the newest, so it stays
+            last = writer.commit([Put("anchor", b"%d" % last)], silent=True, durable=False)
+        assert logged_revisions(place) == [later]
+        assert writer.change_head() == other.change_head() == later
+        assert [(c.revision, c.key) for c in other.changes_since(newest).changes] == [(later, "k")]
+    finally:
+        other.close()
+        writer.close()
+
+
+def test_the_prune_still_drops_changes_older_than_the_retained_window(place: Place) -> None:
+    writer = place.open(create=True, change_log_retained=4)
+    try:
+        last = 0
+        while last < 12:  # every commit logged; 4, 8 and 12 prune
+            last = writer.put("k", b"%d" % last)
+        assert logged_revisions(place) == [9, 10, 11, 12]
+        assert writer.change_head() == 12
+        assert writer.changes_since(7).truncated and not writer.changes_since(8).truncated
+    finally:
+        writer.close()
+
+
 def test_a_full_page_of_the_feed_ends_on_a_whole_commit(storage: PostgresStorage) -> None:
     first = storage.commit([Put(f"page/{i}", b"v") for i in range(3)])
     second = storage.commit([Put(f"page/{i}", b"w") for i in range(3)])

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from secrets_manager.errors import ConflictError, NotFoundError, StorageError
-from secrets_manager.storage import Storage
+from secrets_manager.storage import Put, Storage
+from secrets_manager.storage import sqlite as sqlite_module
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.storage.testing import STORAGE_CHECKS, check_storage
 
@@ -234,3 +235,58 @@ def test_scrub_empties_the_wal_and_leaves_no_overwritten_or_deleted_value_in_any
     after = b"".join(file_bytes(tmp_store_path).values())
     assert overwritten not in after and deleted not in after
     assert b"the value that stays" in after
+
+
+# ---- the change log's prune ---------------------------------------------------------------------
+
+
+def logged_revisions(path: Path) -> list[int]:
+    """Every revision the change log still holds, from the file (not through SqliteStorage)."""
+    db = sqlite3.connect(path)
+    try:
+        return [row[0] for row in db.execute("SELECT DISTINCT revision FROM changes ORDER BY revision")]
+    finally:
+        db.close()
+
+
+def test_the_prune_never_drops_the_newest_change_so_the_change_head_stays(
+    storage: SqliteStorage, tmp_store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "CHANGE_LOG_RETAINED", 10)
+    for i in range(4):
+        storage.put("k", b"%d" % i)  # revisions 1..4, pruned below
+    newest = storage.commit([Put("k", b"4"), Put("other", b"x")])  # revision 5, two rows
+    assert newest == 5 and storage.change_head() == newest
+    last = newest
+    while last < 1030:  # silent, non-durable commits (like audit anchor updates) past a prune at 1024
+        last = storage.commit([Put("anchor", b"%d" % last)], silent=True, durable=False)
+    assert logged_revisions(tmp_store_path) == [newest]  # the prune ran and kept only the newest
+    other = SqliteStorage(tmp_store_path)
+    try:
+        assert storage.change_head() == other.change_head() == newest
+        everything = other.changes_since(0)
+        assert everything.truncated  # revisions 1..4 were dropped
+        assert [(c.revision, c.key) for c in everything.changes] == [(5, "k"), (5, "other")]
+        from_before = other.changes_since(4)
+        assert not from_before.truncated and [c.revision for c in from_before.changes] == [5, 5]
+        caught_up = other.changes_since(newest)
+        assert caught_up.changes == [] and not caught_up.truncated and caught_up.revision == last
+
+        later = storage.put("k", b"after the prune")
+        assert storage.change_head() == other.change_head() == later
+        batch = other.changes_since(newest)
+        assert [(c.revision, c.key) for c in batch.changes] == [(later, "k")] and not batch.truncated
+    finally:
+        other.close()
+
+
+def test_the_prune_still_drops_changes_older_than_the_retained_window(
+    storage: SqliteStorage, tmp_store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "CHANGE_LOG_RETAINED", 10)
+    last = 0
+    while last < 1024:  # every commit logged; the one at 1024 prunes
+        last = storage.put("k", b"%d" % last)
+    assert logged_revisions(tmp_store_path) == list(range(1024 - 9, 1025))
+    assert storage.change_head() == 1024
+    assert storage.changes_since(1013).truncated and not storage.changes_since(1014).truncated

@@ -109,6 +109,20 @@ class MultiGet(Protocol):
 
 
 @runtime_checkable
+class ChangeHead(Protocol):
+    """Optional for a `Storage`: the revision of the newest change-feed entry, in one cheap read.
+
+    It moves with every commit that is not `silent` (by any process) and with nothing else, so a
+    reader can keep what it decoded for as long as it stays put: the encrypted store's read cache
+    (store/encrypted.py). A silent commit changes no logical content by definition (re-encryption,
+    the audit anchor), so it need not, and must not be relied on to, move it. The newest entry is
+    never pruned from the feed, so the head never moves back to a value it had before."""
+
+    def change_head(self) -> int:
+        """The newest change's revision; 0 if no commit was ever logged."""
+
+
+@runtime_checkable
 class Scrubbable(Protocol):
     """Optional for a `Storage`: erase the bytes of superseded and deleted values.
 

@@ -240,6 +240,11 @@ class PostgresStorage:
         row = self._read(lambda conn: conn.execute(self._q.get, (key,)).fetchone())
         return None if row is None else Entry(value=bytes(row[0]), revision=int(row[1]))
 
+    def change_head(self) -> int:
+        """`ChangeHead`: the newest change's revision (one index-only step back on the feed)."""
+        row = self._read(lambda conn: conn.execute(self._q.change_head).fetchone())
+        return 0 if row is None or row[0] is None else int(row[0])
+
     def get_many(self, keys: Sequence[str]) -> dict[str, Entry]:
         """`MultiGet`: one statement, so one round trip and one instant, for all of `keys`."""
         unique = list(dict.fromkeys(keys))
@@ -320,7 +325,7 @@ class PostgresStorage:
                 horizon = revision - self._retained
                 if horizon > 0:
                     cur.execute(self._q.prune, (horizon,))
-                    cur.execute(self._q.advance_log_start, (horizon,))
+                    cur.execute(self._q.advance_log_start, (horizon, horizon))
         return revision
 
     def changes_since(self, revision: int, *, limit: int = 10_000) -> ChangeBatch:
@@ -456,8 +461,18 @@ class _Queries:
         )
         self.delete_many = q("DELETE FROM {s}.entries WHERE key = ANY(%s)")
         self.log_change = q("INSERT INTO {s}.changes (revision, key, deleted) VALUES (%s, %s, %s)")
-        self.prune = q("DELETE FROM {s}.changes WHERE revision <= %s")
-        self.advance_log_start = q("UPDATE {s}.meta SET log_start = greatest(log_start, %s) WHERE id = 1")
+        self.change_head = q("SELECT max(revision) FROM {s}.changes")
+        # Never the newest entry: that is the change head that readers' caches compare.
+        self.prune = q(
+            "DELETE FROM {s}.changes WHERE revision <= %s "
+            "AND revision < (SELECT max(revision) FROM {s}.changes)"
+        )
+        # Up to the horizon, but not past the newest change, which the prune keeps (as SQLite's
+        # oldest-row rule: a watcher just before it has lost nothing).
+        self.advance_log_start = q(
+            "UPDATE {s}.meta SET log_start = greatest(log_start, "
+            "least(%s, (SELECT coalesce(max(revision), %s + 1) FROM {s}.changes) - 1)) WHERE id = 1"
+        )
         # Range scans, not LIKE, so '%' and '_' in a prefix are literal; NULL end = no upper bound.
         self.list_range = q(
             "SELECT key FROM {s}.entries WHERE key >= %s AND (%s::text IS NULL OR key < %s) ORDER BY key"

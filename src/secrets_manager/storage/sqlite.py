@@ -130,6 +130,15 @@ class SqliteStorage:
             raise StorageError(f"store {self.path}: {exc}") from None
         return None if row is None else Entry(value=bytes(row[0]), revision=row[1])
 
+    def change_head(self) -> int:
+        """`ChangeHead`: the newest change's revision (the last key of the feed's primary key)."""
+        try:
+            with self._lock:
+                row = self._db.execute("SELECT max(revision) FROM changes").fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError(f"store {self.path}: {exc}") from None
+        return int(row[0] or 0)
+
     def put(self, key: str, value: bytes, *, expect: Expect = None) -> int:
         return self.commit([Put(key, value, expect)])
 
@@ -175,7 +184,12 @@ class SqliteStorage:
                 elif isinstance(op, Delete):
                     db.execute("DELETE FROM entries WHERE key = ?", (op.key,))
             if revision % 1024 == 0:  # keep the change log bounded; watchers that fall behind resync
-                db.execute("DELETE FROM changes WHERE revision <= ?", (revision - CHANGE_LOG_RETAINED,))
+                # ... but never its newest entry: that is the change head readers' caches compare.
+                db.execute(
+                    "DELETE FROM changes WHERE revision <= ? "
+                    "AND revision < (SELECT max(revision) FROM changes)",
+                    (revision - CHANGE_LOG_RETAINED,),
+                )
             return revision
 
     def changes_since(self, revision: int, *, limit: int = 10_000) -> ChangeBatch:

@@ -22,6 +22,9 @@ handles commit, what a consistent backup needs); its check is skipped for a back
 `get_many()` is optional too (the `MultiGet` protocol: several keys in one read, one round trip
 to a database server); its check is skipped for a backend without it.
 
+`change_head()` is optional too (the `ChangeHead` protocol: the revision of the newest change-feed
+entry, which readers' caches compare); its check is skipped for a backend without it.
+
 `scrub()` is optional (the `Scrubbable` protocol: erase superseded bytes, so destroyed key
 material leaves the backend's files); its check is skipped for a backend without it. Whether the
 bytes are really gone is backend-specific and is tested beside the backend (for SQLite, by
@@ -43,6 +46,7 @@ from itertools import pairwise
 from secrets_manager.errors import ConflictError
 from secrets_manager.storage.base import (
     ABSENT,
+    ChangeHead,
     Delete,
     MultiGet,
     Operation,
@@ -496,6 +500,72 @@ def _check_snapshot_sees_one_instant(make_storage: MakeStorage) -> None:
         )
 
 
+def _newest_logged(storage: Storage) -> int:
+    """The revision of the newest change the feed holds (0 if none), read page by page."""
+    newest, after = 0, 0
+    while True:
+        batch = storage.changes_since(after)
+        if not batch.changes:
+            return newest
+        newest = max(newest, *(c.revision for c in batch.changes))
+        if batch.revision <= after:
+            raise AssertionError(f"changes_since({after}) returned changes but did not advance")
+        after = batch.revision
+
+
+def _check_change_head_follows_non_silent_commits(make_storage: MakeStorage) -> None:
+    """Only for backends that implement the optional `ChangeHead`: the head is the newest change's
+    revision (0 before any), moves with every commit that is not silent, durable or not, from any
+    handle, and with nothing else (not silent commits, not refused ones), and survives reopening."""
+    prefix = ROOT + "head/"
+    with _handle(make_storage) as storage, _handle(make_storage) as other:
+        if not isinstance(storage, ChangeHead):
+            return
+        _require(isinstance(other, ChangeHead), "only some handles of one backend implement change_head")
+        assert isinstance(other, ChangeHead)
+        start = storage.change_head()
+        _require(type(start) is int and start >= 0, f"change_head() is {start!r}, not an int >= 0")
+        newest = _newest_logged(storage)
+        _require(
+            start == newest,
+            f"change_head() is {start}, not the newest change-feed revision {newest} (0 if none)",
+        )
+
+        def heads_are(expected: int, after: str) -> None:
+            seen = (storage.change_head(), other.change_head())
+            _require(
+                seen == (expected, expected),
+                f"after {after}, change_head() of the writing and of another handle is {seen}, "
+                f"expected {expected} on both",
+            )
+
+        put = storage.put(prefix + "a", b"1")
+        heads_are(put, "a put")
+        _require(put > start, f"change_head() {start} was not below a later commit's revision {put}")
+        commit = other.commit([Put(prefix + "b", b"2"), Put(prefix + "c", b"3")])
+        heads_are(commit, "a commit of two puts through another handle")
+        deleted = storage.delete(prefix + "a")
+        heads_are(deleted, "a delete")
+        _raises_conflict(lambda: storage.put(prefix + "b", b"x", expect=ABSENT), "put expecting ABSENT")
+        heads_are(deleted, "a refused commit")
+        quiet = storage.commit([Put(prefix + "b", b"re-encrypted")], silent=True)
+        _require(quiet > deleted, "a silent commit did not get a higher revision")
+        heads_are(deleted, f"a silent commit (revision {quiet})")
+        quiet = other.commit([Put(prefix + "c", b"anchor")], silent=True, durable=False)
+        heads_are(deleted, f"a silent, non-durable commit (revision {quiet})")
+        loud = other.commit([Put(prefix + "c", b"not fsynced")], durable=False)
+        heads_are(loud, "a non-durable commit that is not silent")
+        _require(loud > quiet, "a commit after silent ones did not get a higher revision")
+        missing = storage.delete(prefix + "never-written")
+        heads_are(missing, "a delete of a missing key")
+        newest = _newest_logged(other)
+        _require(newest == missing, f"the feed's newest change is {newest}, change_head() is {missing}")
+    with _handle(make_storage) as reopened:
+        _require(isinstance(reopened, ChangeHead), "a reopened handle does not implement change_head")
+        assert isinstance(reopened, ChangeHead)
+        _require(reopened.change_head() == missing, "change_head() changed across close and reopen")
+
+
 STORAGE_CHECKS: dict[str, Check] = {
     "get of a missing key is None": _check_get_missing_key_is_none,
     "the change feed lists every commit, from any handle, in order": (
@@ -516,5 +586,8 @@ STORAGE_CHECKS: dict[str, Check] = {
     "scrub (optional) keeps every live value": _check_scrub_keeps_every_value,
     "snapshot (optional) sees one instant": _check_snapshot_sees_one_instant,
     "get_many (optional) answers as get does": _check_get_many_answers_as_get_does,
+    "change_head (optional) moves with every commit that is not silent, and only then": (
+        _check_change_head_follows_non_silent_commits
+    ),
 }
 """Every check by the behaviour it verifies; `check_storage` runs them in this order."""
