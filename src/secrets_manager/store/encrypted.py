@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 from secrets_manager.crypto import DataKey, Keyset, Purpose, RotationPolicy, open_record, seal_record
 from secrets_manager.crypto.aead import new_key
 from secrets_manager.crypto.keyset import DEFAULT_POLICY, KeyStatus, new_key_id
+from secrets_manager.crypto.mac import value_fingerprint
 from secrets_manager.crypto.record import record_key_id
 from secrets_manager.errors import (
     ConflictError,
@@ -43,7 +44,17 @@ from secrets_manager.errors import (
     UnlockError,
     UnsupportedOperationError,
 )
-from secrets_manager.storage import ABSENT, Delete, Entry, MultiGet, Put, Scrubbable, Snapshotting, Storage
+from secrets_manager.storage import (
+    ABSENT,
+    ChangeHead,
+    Delete,
+    Entry,
+    MultiGet,
+    Put,
+    Scrubbable,
+    Snapshotting,
+    Storage,
+)
 from secrets_manager.storage.base import Expect, Operation
 from secrets_manager.store.backoff import Backoff
 from secrets_manager.store.base import (
@@ -62,6 +73,7 @@ from secrets_manager.store.base import (
 )
 from secrets_manager.store.changes import SecretChanges, secret_changes
 from secrets_manager.store.names import namespace_of, validate_name, validate_prefix
+from secrets_manager.store.read_cache import ReadCache
 from secrets_manager.store.unlock import PasswordUnlock, UnlockSource
 from secrets_manager.values import SecretValue
 
@@ -102,6 +114,9 @@ class EncryptedStore:
             raise InvalidInputError(f"invalid audit scope {audit_scope!r}")
         self._storage = storage
         self._multi_get = storage if isinstance(storage, MultiGet) else None
+        # Reads decoded since the storage's last change (store/read_cache.py); needs its change head.
+        self._change_head = storage if isinstance(storage, ChangeHead) else None
+        self._read_cache: ReadCache[_CachedSecret] = ReadCache()
         self._root = root_key
         self._actor = actor
         self._clock = clock
@@ -166,6 +181,7 @@ class EncryptedStore:
         self.change_unlock(PasswordUnlock(new_password, self._unlock.params))
 
     def close(self) -> None:
+        self._read_cache.clear()
         self._storage.close()
 
     def __repr__(self) -> str:
@@ -174,30 +190,63 @@ class EncryptedStore:
     # ---- reads -----------------------------------------------------------------------------
 
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
+        return self._get(name, version, label, fingerprint=False)[0]
+
+    def get_with_fingerprint(
+        self, name: str, *, version: int | None = None, label: str | None = None
+    ) -> tuple[Secret, str]:
+        """`get`, and the value's audit fingerprint (`audit.value_fingerprint`): the service
+        audits every read with it, and a cached read remembers it instead of computing it again."""
+        secret, fingerprint = self._get(name, version, label, fingerprint=True)
+        assert fingerprint is not None
+        return secret, fingerprint
+
+    def _get(
+        self, name: str, version: int | None, label: str | None, *, fingerprint: bool
+    ) -> tuple[Secret, str | None]:
         validate_name(name)
         if version is not None and label is not None:
             raise InvalidInputError("give a version or a label, not both")
         if label is not None and label not in LABELS:
             raise InvalidInputError(f"unknown label {label!r}; labels are {', '.join(LABELS)}")
+        label = label or (CURRENT if version is None else None)
+        head = None if self._change_head is None else self._change_head.change_head()
+        if head is not None:
+            cached = self._read_cache.get(head, name)
+            if cached is not None:
+                number = self._resolve(cached.meta, name, version, label)
+                sealed = cached.records.get(number)
+                if sealed is not None:
+                    plaintext = open_record(
+                        _only(sealed.key), Purpose.SECRET_VALUE, name, number, sealed.record
+                    )
+                    if fingerprint and sealed.fingerprint is None:
+                        sealed.fingerprint = value_fingerprint(self.audit_key(), plaintext)
+                    return _secret(name, number, cached.meta, plaintext), sealed.fingerprint
         for _attempt in range(3):  # a concurrent prune between the two reads: read again
             _, meta = self._read_meta(name)
             if meta is None or meta.deleted is not None:
                 raise NotFoundError(f"secret {name!r} not found")
-            number = self._resolve(meta, name, version, label or (CURRENT if version is None else None))
-            record = self._storage.get(_data_key(name, number))
-            if record is None:
+            number = self._resolve(meta, name, version, label)
+            entry = self._storage.get(_data_key(name, number))
+            if entry is None:
                 continue
+            used: list[DataKey] = []
             plaintext = open_record(
-                self._fresh_key_lookup(namespace_of(name)), Purpose.SECRET_VALUE, name, number, record.value
+                _noting(self._fresh_key_lookup(namespace_of(name)), used),
+                Purpose.SECRET_VALUE,
+                name,
+                number,
+                entry.value,
             )
-            info = meta.versions[number]
-            return Secret(
-                name=name,
-                version=number,
-                value=SecretValue(plaintext),
-                created=_time(info["created"]),
-                labels=meta.labels_of(number),
-            )
+            print_ = value_fingerprint(self.audit_key(), plaintext) if fingerprint else None
+            # Kept only if nothing changed while it was read (the head is where it was before).
+            if head is not None and self._change_head is not None and self._change_head.change_head() == head:
+                cached = self._read_cache.get(head, name) or _CachedSecret(meta, {})
+                if cached.meta == meta:
+                    cached.records[number] = _SealedValue(entry.value, used[0], print_)
+                    self._read_cache.put(head, head, name, cached)
+            return _secret(name, number, meta, plaintext), print_
         raise NotFoundError(f"version {number} of {name!r} is no longer stored")
 
     def describe(self, name: str) -> SecretMetadata:
@@ -823,6 +872,57 @@ def _load_json(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise IntegrityError(f"the {what} is damaged (integrity check failed)")
     return doc
+
+
+@dataclass
+class _SealedValue:
+    """A value record as stored, the data key that opened it, and the value's audit fingerprint
+    once someone asked for it."""
+
+    record: bytes
+    key: DataKey
+    fingerprint: str | None
+
+
+@dataclass
+class _CachedSecret:
+    """What `get` keeps of a secret (store/read_cache.py): its metadata and the value records it
+    read, by version."""
+
+    meta: _Meta
+    records: dict[int, _SealedValue]
+
+
+def _noting(lookup: Callable[[int], DataKey], used: list[DataKey]) -> Callable[[int], DataKey]:
+    """`lookup` that also appends the key it returned to `used`."""
+
+    def noted(key_id: int) -> DataKey:
+        key = lookup(key_id)
+        used.append(key)
+        return key
+
+    return noted
+
+
+def _only(key: DataKey) -> Callable[[int], DataKey]:
+    """A key lookup that knows one key (a cached record's)."""
+
+    def lookup(key_id: int) -> DataKey:
+        if key_id != key.id:
+            raise IntegrityError()
+        return key
+
+    return lookup
+
+
+def _secret(name: str, number: int, meta: _Meta, plaintext: bytes) -> Secret:
+    return Secret(
+        name=name,
+        version=number,
+        value=SecretValue(plaintext),
+        created=_time(meta.versions[number]["created"]),
+        labels=meta.labels_of(number),
+    )
 
 
 def _time(epoch: float) -> datetime:

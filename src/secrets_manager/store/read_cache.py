@@ -1,0 +1,63 @@
+"""What the encrypted store decoded on recent reads, kept while nothing has changed since.
+
+A read of a secret costs three storage reads, two decryptions and a JSON parse; the service does
+it for every request. This cache keeps, per secret, the decrypted metadata and the value records
+already read — still sealed, with the data key that opens them, so no plaintext value is kept — and
+is valid only while the storage's change head (`storage.ChangeHead`) is where it was when they were
+read. Any change by any process moves the head, and the next read drops everything: one cheap read
+of the head replaces the rest. Vault's physical cache keeps ciphertext the same way.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Generic, TypeVar
+
+DEFAULT_ENTRIES = 4096  # secrets kept; past it the cache starts again (a bound, not a policy)
+
+T = TypeVar("T")
+
+
+class ReadCache(Generic[T]):
+    """Entries by name, tagged with one change head. Thread-safe."""
+
+    def __init__(self, limit: int = DEFAULT_ENTRIES) -> None:
+        self._lock = threading.Lock()
+        self._head = -1
+        self._entries: dict[str, T] = {}
+        self._limit = limit
+
+    def get(self, head: int, name: str) -> T | None:
+        """The entry read at `head`, or None. A newer head drops every entry."""
+        with self._lock:
+            if head != self._head:
+                self._advance(head)
+                return None
+            return self._entries.get(name)
+
+    def put(self, head_before: int, head_after: int, name: str, entry: T) -> None:
+        """Keep `entry`, read between two reads of the head, if the head did not move meanwhile.
+
+        (A reader that read the head before another moved it must not tag old data as new.)"""
+        if head_before != head_after:
+            return
+        with self._lock:
+            self._advance(head_before)
+            if head_before != self._head:
+                return
+            if len(self._entries) >= self._limit:
+                self._entries = {}
+            self._entries[name] = entry
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries = {}
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _advance(self, head: int) -> None:
+        # The head only moves forward; a lower one comes from a reader that read it earlier.
+        if head > self._head:
+            self._head = head
+            self._entries = {}
