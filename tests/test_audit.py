@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
+import random
 import resource
 import shutil
 import subprocess
 import sys
+import threading
 import time
+import uuid
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from secrets_manager.audit import AuditEvent, AuditLog, AuditTamperError
+from secrets_manager.audit import log as audit_log
+from secrets_manager.crypto.mac import sha256_hex
 from secrets_manager.environment import Environment
 from secrets_manager.store import EncryptedStore
 from secrets_manager.store.url import open_store
@@ -356,3 +363,270 @@ def test_verify_with_another_stores_key_fails(encrypted_store: EncryptedStore, t
     log.append([AuditEvent(operation="get", actor="svc")], encrypted_store)
     with pytest.raises(AuditTamperError):
         log.verify(os.urandom(32), encrypted_store.audit_anchor())
+
+
+# ---- the one encoding of a record (log._with_hash_and_mac) ----------------------------------
+
+# Strings that could fool a splice that looks for `,"name":` in the body: quotes, backslashes, the
+# key itself, the fields it inserts, JSON syntax, line breaks, control and non-ASCII characters.
+HOSTILE = [
+    "",
+    '"',
+    "\\",
+    '\\"',
+    '\\\\",',
+    ',"name":',
+    '","name":"',
+    '"mac":',
+    ',"mac":null,"name":',
+    ',"hash":"' + "0" * 64 + '","mac":null',
+    "}",
+    '{"name":"x"}',
+    "\n",
+    "\r\n",
+    "\u2028\u2029",
+    "\x00\x1f\x7f",
+    "ünïcödé ☃ 𝄞 名前",
+    "name",
+    " , : ",
+]
+
+
+def _hostile_event(pick: Callable[[], str | None], version: int | None) -> AuditEvent:
+    return AuditEvent(
+        operation=pick() or "get",
+        actor=pick() or "",
+        source=pick() or "grpc",
+        peer=pick(),
+        name=pick(),
+        version=version,
+        decision=pick() or "deny",
+        outcome=pick() or "ok",
+        value_hmac=pick(),
+        request_id=pick() or "r",
+    )
+
+
+def _uniform_event(value: str | None) -> AuditEvent:
+    """Every field that can hold `value` holds it."""
+    return _hostile_event(lambda: value, None)
+
+
+def _hostile_events(count: int, seed: int) -> list[AuditEvent]:
+    rng = random.Random(seed)
+
+    def pick() -> str | None:
+        if rng.random() < 0.2:
+            return None
+        return "".join(rng.choice(HOSTILE) for _ in range(rng.randint(1, 4)))
+
+    versions = [None, 0, 1, -1, 2**63, 10**30]
+    return [_hostile_event(pick, rng.choice(versions)) for _ in range(count)]
+
+
+def _body_like_write_locked(seq: int, event: AuditEvent, prev: str) -> dict[str, object]:
+    """The record as AuditLog._write_locked builds it, before `hash` and `mac`."""
+    return {"seq": seq, "time": "2024-02-29T23:59:59.999999+00:00", **vars(event), "prev": prev}
+
+
+def test_every_record_field_sorts_outside_the_spliced_hash_and_mac() -> None:
+    """The splice is only right if no field of a record sorts between "hash" and "mac"."""
+    fields = {"seq", "time", "prev", *AuditEvent.__dataclass_fields__}
+    assert all(not ("hash" <= key <= "mac") for key in fields)
+    first_after_mac = min(k for k in fields if k > "mac")
+    assert f',"{first_after_mac}":'.encode() == audit_log._SPLICE_AT
+
+
+@pytest.mark.parametrize("mac", [None, "f" * 64], ids=["no mac", "mac"])
+def test_spliced_line_is_the_canonical_encoding_of_the_whole_record(mac: str | None) -> None:
+    events = [_uniform_event(value) for value in [*HOSTILE, None]]
+    events += _hostile_events(2000, seed=4)
+    previous = audit_log.GENESIS_HASH
+    for seq, event in enumerate(events, start=1):
+        body = _body_like_write_locked(seq, event, previous)
+        encoded = audit_log._canonical(body)
+        record_hash = sha256_hex(encoded)
+        line = audit_log._with_hash_and_mac(encoded, record_hash, mac)
+        whole = {**body, "hash": record_hash, "mac": mac}
+        assert line == audit_log._canonical(whole) + b"\n", (seq, event)
+        assert json.loads(line) == whole and line.count(b"\n") == 1
+        assert audit_log.record_hash(json.loads(line)) == record_hash
+        previous = record_hash
+
+
+def test_hostile_events_are_written_canonically_and_verify(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    path = tmp_path / "hostile.audit.jsonl"
+    log = AuditLog(path, flush_interval=60)
+    events = [_uniform_event(value) for value in HOSTILE]
+    events += _hostile_events(300, seed=7)
+    returned: list[dict[str, object]] = []
+    for start in range(0, len(events), 25):
+        batch = events[start : start + 25]
+        returned += log.append(batch, encrypted_store, durable=start % 50 == 0)
+    returned += log.append([AuditEvent("unlock", '"\\\n', decision="deny", outcome="unlock_failed")], None)
+    log.flush()
+    lines = path.read_bytes().split(b"\n")
+    assert lines.pop() == b"" and len(lines) == len(events) + 1
+    for line, record in zip(lines, returned, strict=True):
+        parsed = json.loads(line)
+        assert parsed == record
+        assert line == audit_log._canonical(parsed)  # what encoding the whole record gives
+    assert log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) == len(events) + 1
+
+
+# ---- timestamps (AuditLog._timestamp) -------------------------------------------------------
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).isoformat(timespec="microseconds")
+
+
+def _near(epoch: float, steps: int = 3) -> list[float]:
+    """`epoch` and its float neighbours: rounding to the microsecond turns on the last bit."""
+    around = [epoch]
+    down = up = epoch
+    for _ in range(steps):
+        down, up = math.nextafter(down, -math.inf), math.nextafter(up, math.inf)
+        around += [down, up]
+    return around
+
+
+TIMESTAMP_EDGES = [
+    0.0,
+    0.0000005,
+    0.0000015,
+    0.9999994,
+    0.9999995,
+    1.0,
+    59.9999995,
+    86399.9999995,  # the end of a day
+    951868799.9999995,  # 2000-02-29T23:59:59.9999995: a leap day ends
+    1704067199.9999995,  # the end of 2023
+    1700000000.0,
+    1700000000.0000005,
+    1700000000.4999995,
+    1700000000.5,
+    1700000000.9999994,
+    1700000000.9999995,
+    1700000000.9999996,
+    2147483647.9999995,  # 32-bit time_t's last second
+    4102444799.9999995,  # the end of 2099
+    253402300798.9999995,  # near the end of year 9999
+]
+
+
+def test_timestamp_is_datetime_isoformat_at_the_edges(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    for edge in TIMESTAMP_EDGES:
+        for epoch in _near(edge):
+            assert log._timestamp(epoch) == _iso(epoch), repr(epoch)
+    for edge in reversed(TIMESTAMP_EDGES):  # the other way round: each call changes the cached second
+        for epoch in _near(edge):
+            assert log._timestamp(epoch) == _iso(epoch), repr(epoch)
+
+
+def test_timestamp_is_datetime_isoformat_for_random_times(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    rng = random.Random(1)
+    for _ in range(20_000):
+        epoch = rng.uniform(0, 4.2e9)
+        assert log._timestamp(epoch) == _iso(epoch), repr(epoch)
+    now = 1_718_000_000
+    for _ in range(20_000):  # clustered, as a clock gives them: the cache is hit and missed
+        epoch = now + rng.randrange(5) + rng.randrange(1_000_000) / 1e6 + rng.choice([0, 5e-7, -5e-7, 1e-9])
+        assert log._timestamp(epoch) == _iso(epoch), repr(epoch)
+
+
+def test_timestamp_never_serves_a_stale_second(tmp_path: Path) -> None:
+    log = AuditLog(tmp_path / "audit.jsonl")
+    second = 1_700_000_000
+    assert log._timestamp(second + 0.9999994) == "2023-11-14T22:13:20.999999+00:00"  # caches :20
+    assert log._timestamp(second + 0.9999996) == "2023-11-14T22:13:21.000000+00:00"  # rounds into :21
+    assert log._timestamp(second + 1.25) == "2023-11-14T22:13:21.250000+00:00"
+    assert log._timestamp(second + 0.5) == "2023-11-14T22:13:20.500000+00:00"  # a clock stepped back
+    assert log._timestamp(second + 86_400.0) == "2023-11-15T22:13:20.000000+00:00"
+    epoch = second + 0.99999
+    while epoch < second + 1.00001:  # through the boundary in steps smaller than a microsecond
+        assert log._timestamp(epoch) == _iso(epoch), repr(epoch)
+        epoch += 3e-7
+
+
+def test_records_carry_the_clocks_time_across_a_second_boundary(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    ticks = iter([1_700_000_000.9999990, 1_700_000_000.9999996, 1_700_000_001.0000004, 1_700_000_001.5])
+    times: list[float] = []
+
+    def clock() -> float:
+        times.append(next(ticks))
+        return times[-1]
+
+    log = AuditLog(tmp_path / "lib.audit.jsonl", clock=clock)
+    written = [log.append([AuditEvent("get", "svc")], encrypted_store)[0] for _ in range(4)]
+    assert [r["time"] for r in written] == [_iso(t) for t in times]
+    assert [r["time"] for r in written] == [
+        "2023-11-14T22:13:20.999999+00:00",
+        "2023-11-14T22:13:21.000000+00:00",
+        "2023-11-14T22:13:21.000000+00:00",
+        "2023-11-14T22:13:21.500000+00:00",
+    ]
+    assert log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) == 4
+
+
+# ---- request ids (log.new_request_id) -------------------------------------------------------
+
+
+def _is_random_uuid(text: str) -> bool:
+    parsed = uuid.UUID(text)
+    return parsed.version == 4 and parsed.variant == uuid.RFC_4122 and str(parsed) == text
+
+
+def test_request_ids_are_unique_random_uuids() -> None:
+    ids = [audit_log.new_request_id() for _ in range(100_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(_is_random_uuid(text) for text in ids)
+    assert len({text[:2] for text in ids}) == 256  # the random bits vary (the first byte, here)
+    assert AuditEvent.__dataclass_fields__["request_id"].default_factory is audit_log.new_request_id
+    assert AuditEvent("get", "a").request_id != AuditEvent("get", "a").request_id
+
+
+def test_request_ids_from_many_threads_are_unique() -> None:
+    chunks: list[list[str]] = [[] for _ in range(4)]
+
+    def take(chunk: list[str]) -> None:
+        chunk.extend(audit_log.new_request_id() for _ in range(10_000))
+
+    threads = [threading.Thread(target=take, args=(chunk,)) for chunk in chunks]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ids = [text for chunk in chunks for text in chunk]
+    assert len(ids) == 40_000 and len(set(ids)) == 40_000
+
+
+def test_a_forked_child_never_hands_out_the_parents_request_ids() -> None:
+    audit_log.new_request_id()  # a buffer is in use, so the child inherits one
+    count = 600  # more than one buffer (256 ids)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: only os-level calls, and always os._exit
+        code = 1
+        try:
+            os.close(read_end)
+            data = "\n".join(audit_log.new_request_id() for _ in range(count)).encode()
+            while data:
+                data = data[os.write(write_end, data) :]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    parents = [audit_log.new_request_id() for _ in range(count)]
+    with os.fdopen(read_end, "rb") as pipe:
+        childs = pipe.read().decode().split("\n")
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(childs) == count and all(_is_random_uuid(text) for text in childs)
+    assert not set(parents) & set(childs)

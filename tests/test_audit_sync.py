@@ -8,13 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from secrets_manager.audit import AuditError, AuditEvent, AuditLog, AuditTamperError
+from secrets_manager.audit import Anchor, AuditError, AuditEvent, AuditLog, AuditTamperError
 from secrets_manager.crypto import kdf
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
@@ -184,3 +185,132 @@ def test_a_crashed_writer_loses_no_record(tmp_path: Path, store: EncryptedStore)
     assert log.verify(store.audit_key(), store.audit_anchor()) == 200  # the anchor lags; that is allowed
     log.append([read(201)], store)  # and the next writer carries on from the crashed one's tail
     assert log.verify(store.audit_key(), store.audit_anchor()) == 201
+
+
+# ---- the deferred fsync runs outside the in-process lock -------------------------------------
+
+
+def watch_anchors(store: EncryptedStore, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The seq of every anchor the store is given, in order."""
+    given: list[int] = []
+    real = store.set_audit_anchor
+
+    def spy(anchor: Anchor) -> None:
+        given.append(anchor.seq)
+        real(anchor)
+
+    monkeypatch.setattr(store, "set_audit_anchor", spy)
+    return given
+
+
+def slow_fsync(monkeypatch: pytest.MonkeyPatch, seconds: float) -> threading.Event:
+    """Make os.fsync (as the audit log calls it) take `seconds`; the event is set once one starts."""
+    real_fsync = os.fsync
+    started = threading.Event()
+
+    def slow(fd: int) -> None:
+        started.set()
+        time.sleep(seconds)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow)
+    return started
+
+
+def test_appends_go_on_while_a_deferred_fsync_runs(
+    tmp_path: Path, store: EncryptedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Holding the lock through the fsync (as _flush once did) would stall these appends ~0.3 s."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, flush_interval=60)  # only the flushes below
+    given = watch_anchors(store, monkeypatch)
+    for n in range(1, 4):
+        log.append([read(n)], store, durable=False)
+    real_fsync = os.fsync
+    syncing = slow_fsync(monkeypatch, 0.3)
+    failures: list[BaseException] = []
+
+    def flush() -> None:
+        try:
+            log.flush()
+        except BaseException as exc:
+            failures.append(exc)
+
+    flusher = threading.Thread(target=flush)
+    flusher.start()
+    assert syncing.wait(5)
+    took = []
+    for n in range(4, 7):
+        started = time.monotonic()
+        log.append([read(n)], store, durable=False)
+        took.append(time.monotonic() - started)
+    assert sum(took) < 0.15, took
+    assert flusher.is_alive()  # the three appends ran while the fsync slept
+    flusher.join(5)
+    assert not flusher.is_alive() and failures == []
+    # The flush anchors what was written before its fsync began: 3, not the 4-6 it may not cover.
+    assert anchored_seq(store) == 3
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    log.flush()  # the next flush covers 4-6
+    assert anchored_seq(store) == 6 and given == [3, 6]
+    assert store.audit_anchor().hash == lines(path)[-1]["hash"]  # type: ignore[union-attr]
+    assert log.verify(store.audit_key(), store.audit_anchor()) == 6
+
+
+def test_flush_waits_for_a_deferred_flush_already_running(
+    tmp_path: Path, store: EncryptedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """flush() promises the records are fsynced and anchored when it returns (the service calls
+    it at shutdown); a flush the worker began just before must not make it return early."""
+    log = AuditLog(tmp_path / "audit.jsonl", flush_interval=0)  # the worker flushes at once
+    syncing = slow_fsync(monkeypatch, 0.3)
+    log.append([read(1)], store, durable=False)
+    assert syncing.wait(5)  # the worker is inside its fsync
+    try:
+        log.flush()
+        assert anchored_seq(store) == 1
+    finally:
+        wait_for(lambda: anchored_seq(store) == 1)  # the worker is done before the store closes
+
+
+def test_the_anchor_advances_under_continuous_appends(
+    tmp_path: Path, store: EncryptedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, flush_interval=0.01)
+    given = watch_anchors(store, monkeypatch)
+    stop = threading.Event()
+    written = [0] * 4
+    failures: list[BaseException] = []
+
+    def writer(i: int) -> None:
+        try:
+            while not stop.is_set():
+                log.append([read(i)], store, durable=False)
+                written[i] += 1
+                time.sleep(0.0002)  # keeps the file (and the final verify) small
+        except BaseException as exc:
+            failures.append(exc)
+            stop.set()
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    seen = []
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline and not stop.is_set():
+        seen.append(anchored_seq(store))
+        time.sleep(0.02)
+    stop.set()
+    for thread in threads:
+        thread.join(5)
+    assert failures == []
+    assert seen == sorted(seen) and given == sorted(given)  # never backwards
+    assert len({seq for seq in seen if seq}) >= 3, seen  # moving all along, not stuck at its first
+    total = sum(written)
+    assert len(lines(path)) == total
+    log.flush()
+    # flush() alone may return while the worker's own flush of the last records is still running
+    # (test_flush_waits_for_a_deferred_flush_already_running): wait for that one too.
+    assert wait_for(lambda: anchored_seq(store) == total), (anchored_seq(store), total)
+    assert log.verify(store.audit_key(), store.audit_anchor()) == total

@@ -11,6 +11,8 @@ from dataclasses import replace
 
 import pytest
 from argon2.low_level import Type, hash_secret_raw
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
 
 from secrets_manager.crypto import (
     NONCE_SIZE,
@@ -21,6 +23,7 @@ from secrets_manager.crypto import (
     KeyStatus,
     Purpose,
     derive_unlock_key,
+    mac,
     open_record,
     seal_record,
 )
@@ -362,3 +365,61 @@ def test_record_header_is_big_endian_struct() -> None:
     # Pins the two header fields independently of record.py's own struct definitions.
     record = seal_record(enabled_key(0xA1B2C3D4), Purpose.KEYSET, "ns", 0, b"")
     assert struct.unpack(">BI", record[:5]) == (1, 0xA1B2C3D4)
+
+
+# ---- audit digests (crypto/mac.py) ---------------------------------------------------------
+
+AUDIT_KEY = bytes(range(32))
+LENGTHS = [0, 1, 31, 32, 33, 55, 56, 63, 64, 65, 127, 128, 129, 1000, 100_000]
+
+
+def _reference_sha256(data: bytes) -> str:
+    digest = hashes.Hash(hashes.SHA256())
+    digest.update(data)
+    return digest.finalize().hex()
+
+
+def _reference_hmac(key: bytes, data: bytes) -> str:
+    mac = crypto_hmac.HMAC(key, hashes.SHA256())
+    mac.update(data)
+    return mac.finalize().hex()
+
+
+def _data(length: int) -> bytes:
+    return bytes((i * 131 + length) % 256 for i in range(length))
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_audit_digests_match_cryptography(length: int) -> None:
+    data = _data(length)
+    assert mac.sha256_hex(data) == _reference_sha256(data)
+    for key in (AUDIT_KEY, bytes(32), b"\xff" * 32):
+        assert mac.value_fingerprint(key, data) == "hmac-sha256:" + _reference_hmac(
+            key, b"secrets-manager/audit-value\x00" + data
+        )
+        record_hash = _reference_sha256(data)
+        expected = _reference_hmac(key, b"secrets-manager/audit-record\x00" + record_hash.encode())
+        assert mac.record_mac(key, record_hash) == expected
+        assert mac.record_mac_ok(key, record_hash, expected)
+        assert not mac.record_mac_ok(key, record_hash, expected[:-1] + ("0" if expected[-1] != "0" else "1"))
+
+
+def test_audit_digests_known_answers_and_domain_separation() -> None:
+    assert mac.sha256_hex(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    assert mac.sha256_hex(b"abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    assert mac.value_fingerprint(AUDIT_KEY, b"v") != mac.value_fingerprint(bytes(32), b"v")
+    # the same bytes under the two labels: a value fingerprint never passes as a record MAC
+    assert mac.record_mac(AUDIT_KEY, "0" * 64) != mac.value_fingerprint(AUDIT_KEY, b"0" * 64).removeprefix(
+        "hmac-sha256:"
+    )
+
+
+@pytest.mark.parametrize("size", [0, 1, 16, 31, 33, 64])
+def test_audit_macs_refuse_keys_that_are_not_32_bytes(size: int) -> None:
+    key = b"k" * size
+    with pytest.raises(ValueError, match="32 bytes"):
+        mac.record_mac(key, "0" * 64)
+    with pytest.raises(ValueError, match="32 bytes"):
+        mac.value_fingerprint(key, b"value")
+    with pytest.raises(ValueError, match="32 bytes"):
+        mac.record_mac_ok(key, "0" * 64, "0" * 64)

@@ -16,6 +16,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import math
 import os
 import queue
 import stat
@@ -66,6 +67,32 @@ class AuditAnchor(Protocol):
     def set_audit_anchor(self, anchor: Anchor) -> None: ...
 
 
+class _RandomIds:
+    """Random (version 4) UUIDs cut from a buffer of os.urandom bytes: one system call per 256
+    ids instead of one per id, and every request takes one. A forked child starts a new buffer."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer = b""
+        self._at = 0
+        os.register_at_fork(after_in_child=self._forget)
+
+    def __call__(self) -> str:
+        with self._lock:
+            if self._at >= len(self._buffer):
+                self._buffer, self._at = os.urandom(4096), 0
+            raw = self._buffer[self._at : self._at + 16]
+            self._at += 16
+        return str(uuid.UUID(bytes=raw, version=4))
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._buffer, self._at = b"", 0
+
+
+new_request_id = _RandomIds()
+
+
 @dataclass
 class AuditEvent:
     """The facts of one operation. Never a value: at most its `hmac-sha256:` fingerprint."""
@@ -79,7 +106,7 @@ class AuditEvent:
     decision: str = "allow"
     outcome: str = "ok"
     value_hmac: str | None = None
-    request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    request_id: str = field(default_factory=new_request_id)
 
 
 class AuditLog:
@@ -103,11 +130,13 @@ class AuditLog:
         # Guards the file state below between this process's threads; the flock guards it
         # between processes. Held only around a write, never while waiting for a caller.
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()  # held by a deferred flush from start to end
         self._tail: _Tail | None = None
         self._lock_fd: int | None = None
         self._file: tuple[int, int] | None = None  # the live file: descriptor and inode
         self._unsynced: _Unsynced | None = None
         self._failure: str | None = None
+        self._second: tuple[int, str] | None = None  # a second and its formatted date and time
         self._worker = _SinkWorker(self._write_batch, self._flush_from_worker)
 
     # ---- writing -----------------------------------------------------------------------------
@@ -136,8 +165,9 @@ class AuditLog:
             records = self._append_here(list(events), anchor)
             if records is not None:
                 return records
-        job = _AppendJob(list(events), anchor, durable=durable)
+        job = _AppendJob(list(events), anchor, durable=durable, done=threading.Event())
         self._worker.submit(job)
+        assert job.done is not None
         if not job.done.wait(self.timeout):
             job.abandoned = True
             raise self._timed_out()
@@ -205,7 +235,8 @@ class AuditLog:
                     job.error = exc
             finally:
                 for job in group:
-                    job.done.set()
+                    if job.done is not None:
+                        job.done.set()
 
     def _write_group(self, jobs: list[_AppendJob]) -> None:
         anchor, durable = jobs[0].anchor, jobs[0].durable
@@ -269,16 +300,17 @@ class AuditLog:
         seq, previous = self._tail_of(before, anchor)
         first_seq = seq
         key = None if anchor is None else anchor.audit_key()
-        now = datetime.fromtimestamp(self._clock(), tz=UTC).isoformat(timespec="microseconds")
+        now = self._timestamp(self._clock())
         lines = []
         for job in jobs:
             for event in job.events:
                 seq += 1
                 record: dict[str, Any] = {"seq": seq, "time": now, **vars(event), "prev": previous}
-                record["hash"] = previous = record_hash(record)
-                record["mac"] = None if key is None else record_mac(key, record["hash"])
+                body = _canonical(record)
+                record["hash"] = previous = sha256_hex(body)
+                record["mac"] = None if key is None else record_mac(key, previous)
                 job.records.append(record)
-                lines.append(_canonical(record) + b"\n")
+                lines.append(_with_hash_and_mac(body, record["hash"], record["mac"]))
         if seq == first_seq:
             return
         data = b"".join(lines)
@@ -300,6 +332,23 @@ class AuditLog:
             unsynced.close()  # this fsync covered those records too
         if anchor is not None:
             anchor.set_audit_anchor(Anchor(seq=seq, hash=previous))
+
+    def _timestamp(self, epoch: float) -> str:
+        """`epoch` as ISO 8601 UTC with microseconds, like datetime.isoformat: the date and time
+        of day are formatted once per second (most of the cost, paid on every record before)."""
+        fraction, whole = math.modf(epoch)  # the rounding datetime.fromtimestamp does
+        second, micro = int(whole), round(fraction * 1_000_000)
+        if micro >= 1_000_000:
+            second, micro = second + 1, micro - 1_000_000
+        elif micro < 0:  # before 1970
+            second, micro = second - 1, micro + 1_000_000
+        formatted = self._second
+        if formatted is None or formatted[0] != second:
+            formatted = self._second = (
+                second,
+                datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S"),
+            )
+        return f"{formatted[1]}.{micro:06d}+00:00"
 
     def _tail_of(self, now: os.stat_result, anchor: AuditAnchor | None) -> tuple[int, str]:
         """The last record's seq and hash. Read from the file (and checked against the store's
@@ -337,37 +386,37 @@ class AuditLog:
             self._flush()
 
     def _flush(self) -> None:
-        """Fsync the records written without it, then anchor the file's last record.
+        """Fsync the records written without it, then anchor this process's last record.
 
-        Both happen holding this process's lock, and the anchor only while also holding the
-        flock and only if the file is exactly as this process left it: then its last record is
-        the newest anywhere and was covered by the fsync, so the anchor only moves forward and
-        never vouches for a record a power cut could lose. Otherwise (another process holds the
-        log) the anchor lags until the next flush or durable append. A failed fsync means
-        records may be lost: from then on every append is refused. A failed anchor update is
-        not a loss (the records are on disk and verify by MAC)."""
-        with self._lock:
-            unsynced, self._unsynced = self._unsynced, None
+        The fsync runs outside this process's lock, so appends go on meanwhile (an fsync takes
+        milliseconds; holding the lock through it stalled every request behind it). What it
+        anchors is this process's newest record as it was *before* the fsync began, so the anchor
+        never vouches for a record a power cut could lose; and only under the flock, and only if
+        the store's anchor is older, so it never moves backwards (every anchor update holds the
+        flock). If another process holds the log, the anchor lags until the next flush or
+        durable append. A failed fsync means records may be lost: from then on every append is
+        refused. A failed anchor update is not a loss (the records are on disk and verify by MAC)."""
+        with self._flushing:  # a flush() waits for one already running: it promises "done now"
+            with self._lock:
+                unsynced, self._unsynced = self._unsynced, None
+                tail = self._tail
             if unsynced is None:
                 return
-            locked = self._flock(deadline=None)
             try:
-                try:
-                    unsynced.sync_and_close()
-                except OSError as exc:
-                    raise self._sync_failed(exc) from None
-                tail = self._tail
-                if not locked or unsynced.anchor is None or tail is None:
+                unsynced.sync_and_close()
+            except OSError as exc:
+                raise self._sync_failed(exc) from None
+            if unsynced.anchor is None or tail is None or tail.inode != unsynced.inode:
+                return
+            with self._lock:
+                if not self._flock(deadline=None):
                     return
                 try:
-                    live = os.stat(self.path, follow_symlinks=False)
-                except FileNotFoundError:
-                    return
-                if (live.st_ino, live.st_size) == tail.stamp:
                     with contextlib.suppress(SecretsManagerError):
-                        unsynced.anchor.set_audit_anchor(Anchor(seq=tail.seq, hash=tail.hash))
-            finally:
-                if locked:
+                        anchored = unsynced.anchor.audit_anchor()
+                        if anchored is None or anchored.seq < tail.seq:
+                            unsynced.anchor.set_audit_anchor(Anchor(seq=tail.seq, hash=tail.hash))
+                finally:
                     self._unflock()
 
     def _sync_failed(self, exc: OSError) -> AuditError:
@@ -475,7 +524,7 @@ class _AppendJob:
     records: list[dict[str, Any]] = field(default_factory=list)
     error: BaseException | None = None
     abandoned: bool = False
-    done: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event | None = None  # set by the worker when a caller waits for it
 
 
 @dataclass(frozen=True)
@@ -536,13 +585,30 @@ def record_hash(record: dict[str, Any]) -> str:
     return sha256_hex(_canonical(body))
 
 
+# The canonical line of a record is its body's canonical JSON with "hash" and "mac" in their sorted
+# places. Every other field sorts before "hash" or after "mac", so they go in just before the first
+# field after "mac" — found by its key, which cannot occur inside a JSON string (quotes are escaped).
+# (tests/test_audit.py checks the result is byte for byte what encoding the whole record gives.)
+_SPLICE_AT = b',"' + min(k for k in AuditEvent.__dataclass_fields__ if k > "mac").encode() + b'":'
+
+
+def _with_hash_and_mac(body: bytes, hash_: str, mac: str | None) -> bytes:
+    """The record's canonical line, from the canonical JSON of its body (the one encoding)."""
+    at = body.index(_SPLICE_AT)
+    fields = f',"hash":"{hash_}","mac":' + ("null" if mac is None else f'"{mac}"')
+    return body[:at] + fields.encode() + body[at:] + b"\n"
+
+
 def _may_be_unauthenticated(record: dict[str, Any]) -> bool:
     """Only a failed unlock is written without the audit key (the writer could not unlock)."""
     return record.get("operation") == "unlock" and record.get("decision") == "deny"
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def _canonical(doc: dict[str, Any]) -> bytes:
-    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return _CANONICAL.encode(doc).encode("utf-8")
 
 
 def _parse_line(line: bytes, path: Path, number: int) -> dict[str, Any]:
