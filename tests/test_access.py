@@ -425,3 +425,128 @@ def test_policy_is_immutable(policy: Policy) -> None:
         policy.source = "x"  # type: ignore[misc]
     with pytest.raises(TypeError):
         policy.identities["ops"] = ()  # type: ignore[index]
+
+
+# ---- cached decisions (Policy.allows) -----------------------------------------------------------
+
+OVERLAPPING_POLICY = """
+[identities]
+"svc-a" = ["reader", "writer"]
+"svc-b" = ["writer", "reader"]
+"svc-c" = ["reader", "fenced"]
+"ops" = ["admin", "fenced"]
+"idle" = []
+
+[roles.reader]
+rules = [ { path = "app/**", capabilities = ["read", "list"] },
+          { path = "app/*/SECRET_*", deny = ["read"] },
+          { path = "shared/*", capabilities = ["read"] } ]
+
+[roles.writer]
+rules = [ { path = "app/*", capabilities = ["write", "delete"] },
+          { path = "app/prod/**", capabilities = ["write", "rotate"] },
+          { path = "app/prod/LOCKED_*", deny = ["write", "delete"] } ]
+
+[roles.fenced]
+rules = [ { path = "shared/FENCED", deny = true },
+          { path = "app/prod/*", capabilities = ["list"] } ]
+
+[roles.admin]
+rules = [ { path = "**", capabilities = ["admin"] },
+          { path = "app/prod/ROOT_*", deny = ["write", "delete"] } ]
+"""
+
+GRID_IDENTITIES = ["svc-a", "svc-b", "svc-c", "ops", "idle", "stranger", ""]
+GRID_NAMES = [
+    "app/X",
+    "app/dev/X",
+    "app/dev/SECRET_X",
+    "app/prod/X",
+    "app/prod/SECRET_KEY",
+    "app/prod/LOCKED_X",
+    "app/prod/ROOT_X",
+    "app/prod/deep/X",
+    "shared/X",
+    "shared/FENCED",
+    "other/X",
+    "app",
+    "app/../shared/X",
+    "",
+]
+
+
+def test_cached_decisions_are_the_decisions(monkeypatch: pytest.MonkeyPatch) -> None:
+    policy = Policy.parse(OVERLAPPING_POLICY)
+    questions = [
+        (identity, capability, name)
+        for identity in GRID_IDENTITIES
+        for capability in [*Capability, *(c.value for c in Capability)]
+        for name in GRID_NAMES
+    ]
+    expected = {q: policy.decide(*q).allowed for q in questions}
+    assert any(expected.values()) and not all(expected.values())
+    assert [policy.allows(*q) for q in questions] == [expected[q] for q in questions]
+    assert policy._allowed  # the answers are kept...
+
+    def no_decision(*args: object) -> None:
+        raise AssertionError(f"decided again: {args}")
+
+    monkeypatch.setattr(Policy, "decide", no_decision)
+    assert [policy.allows(*q) for q in questions] == [expected[q] for q in questions]  # ...and reused
+    monkeypatch.undo()
+    fresh = Policy.parse(OVERLAPPING_POLICY)
+    assert policy == fresh and hash(policy.source) == hash(fresh.source)  # the cache is not the policy
+    assert [fresh.allows(*q) for q in reversed(questions)] == [expected[q] for q in reversed(questions)]
+
+
+def test_cached_decisions_spot_checks() -> None:
+    """What the grid above compares, stated: denies win over every overlapping allow."""
+    policy = Policy.parse(OVERLAPPING_POLICY)
+    for _ in range(2):
+        assert policy.allows("svc-a", "read", "app/dev/X")
+        assert not policy.allows("svc-a", "read", "app/dev/SECRET_X")
+        assert policy.allows("svc-a", "list", "app/dev/SECRET_X")
+        assert policy.allows("svc-b", "rotate", "app/prod/deep/X")
+        assert not policy.allows("svc-b", "write", "app/prod/LOCKED_X")
+        assert policy.allows("svc-b", "rotate", "app/prod/LOCKED_X")
+        assert not policy.allows("svc-c", "read", "shared/FENCED")
+        assert policy.allows("svc-a", "read", "shared/FENCED")
+        assert policy.allows("ops", "delete", "app/X")
+        assert not policy.allows("ops", "write", "app/prod/ROOT_X")
+        assert not policy.allows("ops", "read", "shared/FENCED")
+        assert not policy.allows("idle", "read", "app/X")
+        assert not policy.allows("stranger", "read", "app/X")
+
+
+def test_non_string_names_and_identities_are_denied_and_never_cached() -> None:
+    policy = Policy.parse(OVERLAPPING_POLICY)
+    for _ in range(2):
+        for name in (None, ["app/X"], b"app/X", bytearray(b"app/X"), 3, ("app/X",)):
+            assert policy.allows("ops", "read", name) is False  # type: ignore[arg-type]
+            assert policy.allows("svc-a", Capability.READ, name) is False  # type: ignore[arg-type]
+        for identity in (None, b"ops", 3):
+            assert policy.allows(identity, "read", "app/X") is False  # type: ignore[arg-type]
+    assert policy._allowed == {}
+    assert policy.allows("ops", "read", "app/X") is True
+    assert list(policy._allowed) == [("ops", "read", "app/X")]
+
+
+def test_an_unknown_capability_raises_every_time_and_is_not_cached() -> None:
+    policy = Policy.parse(OVERLAPPING_POLICY)
+    for _ in range(2):
+        with pytest.raises(InvalidInputError, match="unknown capability"):
+            policy.allows("ops", "READ", "app/X")
+    assert policy._allowed == {}
+
+
+def test_the_decision_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(access.policy, "_DECISIONS_KEPT", 4)
+    policy = Policy.parse(OVERLAPPING_POLICY)
+    questions = [("svc-a", "read", name) for name in GRID_NAMES]
+    for _ in range(3):
+        for question in questions:
+            assert policy.allows(*question) == policy.decide(*question).allowed
+            assert 1 <= len(policy._allowed) <= 4
+            assert question in policy._allowed
+    assert policy.allows("svc-a", "read", "app/dev/X")
+    assert not policy.allows("svc-a", "read", "app/dev/SECRET_X")

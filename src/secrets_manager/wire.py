@@ -60,13 +60,17 @@ def error_for(code: grpc.StatusCode, message: str) -> SecretsManagerError:
 
 
 def secret_message(secret: Secret) -> Any:
-    return pb.SecretVersion(
-        name=secret.name,
-        version=secret.version,
-        value=secret.value.reveal(),
-        labels=list(secret.labels),
-        created=secret.created.isoformat(),
-    )
+    return fill_secret_message(pb.SecretVersion(), secret)
+
+
+def fill_secret_message(message: Any, secret: Secret) -> Any:
+    """Set the fields of a SecretVersion (e.g. a response's, without building and copying one)."""
+    message.name = secret.name
+    message.version = secret.version
+    message.value = secret.value.reveal()
+    message.labels.extend(secret.labels)
+    message.created = secret.created.isoformat()
+    return message
 
 
 def secret_from_message(message: Any) -> Secret:

@@ -43,6 +43,7 @@ class Capability(StrEnum):
 
 
 ALL_CAPABILITIES = frozenset(Capability)
+_DECISIONS_KEPT = 100_000  # a bound on `Policy.allows`'s memory, not a policy
 _CAPABILITY_NAMES = ", ".join(c.value for c in Capability)
 
 
@@ -92,6 +93,11 @@ class Policy:
     identities: Mapping[str, tuple[str, ...]]
     roles: Mapping[str, Role]
     source: str = "<policy>"
+    # Decisions already made: a policy never changes (a reload builds a new one), so neither do
+    # they, and the service asks the same few questions on every request.
+    _allowed: dict[tuple[str, str, str], bool] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def parse(cls, text: str, source: str = "<policy>") -> Policy:
@@ -136,7 +142,16 @@ class Policy:
 
     def allows(self, identity: str, capability: Capability | str, name: str) -> bool:
         """True only if a rule grants `capability` on `name` and no rule denies it."""
-        return self.decide(identity, capability, name).allowed
+        if not (isinstance(identity, str) and isinstance(capability, str) and isinstance(name, str)):
+            return self.decide(identity, capability, name).allowed  # denied, never cached
+        question = (identity, capability, name)
+        allowed = self._allowed.get(question)
+        if allowed is None:
+            allowed = self.decide(identity, capability, name).allowed
+            if len(self._allowed) >= _DECISIONS_KEPT:
+                self._allowed.clear()
+            self._allowed[question] = allowed
+        return allowed
 
     def filter_names(self, identity: str, capability: Capability | str, names: Iterable[str]) -> list[str]:
         """The names (in their order) on which `identity` holds `capability`; invalid names dropped."""

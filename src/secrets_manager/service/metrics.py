@@ -33,14 +33,24 @@ class Metrics:
             "Watch streams open now (each holds a worker thread; refused past max_watch_streams).",
             registry=self.registry,
         )
+        # Label children by key, so a request does not look them up under the metric's lock.
+        self._counters: dict[tuple[str, grpc.StatusCode], Any] = {}
+        self._histograms: dict[str, Any] = {}
         self._http: Any = None
         if listen:
             host, _, port = listen.rpartition(":")
             self._http = start_http_server(int(port), addr=host, registry=self.registry)
 
     def observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
-        self.requests.labels(method, code.name).inc()
-        self.latency.labels(method).observe(time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        counter = self._counters.get((method, code))
+        if counter is None:
+            counter = self._counters[(method, code)] = self.requests.labels(method, code.name)
+        histogram = self._histograms.get(method)
+        if histogram is None:
+            histogram = self._histograms[method] = self.latency.labels(method)
+        counter.inc()
+        histogram.observe(elapsed)
 
     def count_watch_streams(self, open_streams: Callable[[], int]) -> None:
         """Read the open Watch streams from `open_streams` at every scrape."""

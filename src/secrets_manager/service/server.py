@@ -29,13 +29,19 @@ from secrets_manager.errors import AccessDeniedError, InvalidInputError, NotFoun
 from secrets_manager.service.config import DEFAULT_MAX_WORKERS, WORKERS_KEPT_FROM_WATCH, ServerConfig
 from secrets_manager.service.metrics import Metrics
 from secrets_manager.service.watch import ChangeHub
-from secrets_manager.store import EncryptedStore, Secret
+from secrets_manager.store import EncryptedStore
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.store.names import validate_name, validate_prefix
 from secrets_manager.tls.identity import IdentityError, identity_from_auth_context
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
-from secrets_manager.wire import WATCH_REVISION_KEY, metadata_message, secret_message, status_for
+from secrets_manager.wire import (
+    WATCH_REVISION_KEY,
+    fill_secret_message,
+    metadata_message,
+    secret_message,
+    status_for,
+)
 
 log = logging.getLogger("secrets_manager.service")
 
@@ -179,13 +185,16 @@ class SecretsServicer(pb_grpc.SecretsServicer):
     def GetSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._call(context, "GetSecret", "get", request.name, "read") as call:
             selector = request.WhichOneof("selector")
-            secret = self._store.get(
+            secret, fingerprint = self._store.get_with_fingerprint(
                 request.name,
                 version=request.version if selector == "version" else None,
                 label=request.label if selector == "label" else None,
             )
-            self._note_read(call.event, secret)
-        return pb.GetSecretResponse(secret=secret_message(secret))
+            call.event.version = secret.version
+            call.event.value_hmac = fingerprint
+        response = pb.GetSecretResponse()
+        fill_secret_message(response.secret, secret)
+        return response
 
     def BatchGetSecrets(self, request: Any, context: grpc.ServicerContext) -> Any:
         names = list(request.names)
@@ -205,15 +214,21 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             secrets = []
             for name in names:
                 try:
-                    secret = self._store.get(name)
+                    secret, fingerprint = self._store.get_with_fingerprint(name)
                 except NotFoundError:
                     if request.names:
                         raise
                     continue  # deleted between list and get
                 event = AuditEvent(
-                    "get", call.identity, "grpc", call.peer, name, request_id=call.event.request_id
+                    "get",
+                    call.identity,
+                    "grpc",
+                    call.peer,
+                    name,
+                    version=secret.version,
+                    value_hmac=fingerprint,
+                    request_id=call.event.request_id,
                 )
-                self._note_read(event, secret)
                 call.extra_events.append(event)
                 secrets.append(secret)
             if not call.extra_events:
@@ -288,10 +303,6 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 context.abort(status_for(error), str(error))
             elif error is not None:  # a bug in the poller, logged there; its message is withheld
                 context.abort(grpc.StatusCode.INTERNAL, "internal error")
-
-    def _note_read(self, event: AuditEvent, secret: Secret) -> None:
-        event.version = secret.version
-        event.value_hmac = value_fingerprint(self._store, secret.value.reveal())
 
 
 # ---- the process ------------------------------------------------------------------------------
