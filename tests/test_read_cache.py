@@ -511,14 +511,16 @@ def test_read_cache_drops_an_entry_tagged_with_an_older_head() -> None:
     assert cache.get(8, "a") is None and cache.get(8, "c") == "newer"
 
 
-def test_read_cache_starts_again_past_its_limit() -> None:
+def test_read_cache_past_its_limit_drops_the_oldest_entry() -> None:
     cache: ReadCache[int] = ReadCache(limit=3)
     for i in range(3):
         cache.put(1, 1, f"k{i}", i)
     assert len(cache) == 3 and [cache.get(1, f"k{i}") for i in range(3)] == [0, 1, 2]
+    cache.put(1, 1, "k1", 10)  # replacing a kept entry drops nothing
+    assert len(cache) == 3 and [cache.get(1, f"k{i}") for i in range(3)] == [0, 10, 2]
     cache.put(1, 1, "k3", 3)
-    assert len(cache) == 1
-    assert [cache.get(1, f"k{i}") for i in range(4)] == [None, None, None, 3]
+    assert len(cache) == 3
+    assert [cache.get(1, f"k{i}") for i in range(4)] == [None, 10, 2, 3]
     cache.clear()
     assert len(cache) == 0 and cache.get(1, "k3") is None
 

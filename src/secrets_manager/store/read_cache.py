@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 from typing import Generic, TypeVar
 
-DEFAULT_ENTRIES = 4096  # secrets kept; past it the cache starts again (a bound, not a policy)
+DEFAULT_ENTRIES = 10_000  # secrets kept (about 1.5 KB each); past it the oldest entry goes
 
 T = TypeVar("T")
 
@@ -45,8 +45,8 @@ class ReadCache(Generic[T]):
             self._advance(head_before)
             if head_before != self._head:
                 return
-            if len(self._entries) >= self._limit:
-                self._entries = {}
+            if name not in self._entries and len(self._entries) >= self._limit:
+                del self._entries[next(iter(self._entries))]  # the oldest kept (dicts keep order)
             self._entries[name] = entry
 
     def clear(self) -> None:
