@@ -1,13 +1,13 @@
 """Service benchmark: `secrets-manager serve` against a bare gRPC server, with the same mutual TLS.
 
-The bare server answers GetSecret from a dict — the same message shapes, the same TLS credentials
-and thread pool — so it is the transport ceiling. Ours authenticates the certificate, checks the
+The bare server answers GetSecret from a dict — the same message shapes, the same TLS credentials,
+the same synchronous gRPC server with a thread pool — so it is the transport ceiling. Ours authenticates the certificate, checks the
 policy, reads and decrypts from the embedded SQLite store and writes a chained, MAC'd audit record
 before answering: "ours" with the default `audit_sync = "interval"` (written before the response,
 fsynced within 10 ms), "ours-always" with `audit_sync = "always"` (fsynced before the response).
 For 1 and for 8 concurrent callers (separate processes, so the load is not bound by one
-interpreter's GIL) it prints requests per second and p50/p99 latency of each server and the ratios
-to the bare server, from rotating rounds in the same run.
+interpreter's GIL) it prints requests per second, p50/p99 latency and the server process's CPU time
+per request of each server, and the ratios to the bare server, from rotating rounds in the same run.
 
     python bench/service.py            # 3 rounds of 3 s per server and caller count
     python bench/service.py --quick    # 1 round of 1.5 s
@@ -116,18 +116,31 @@ class Sample:
     rps: float
     p50: float
     p99: float
+    cpu: float  # the server process's CPU seconds (user + system) per request; nan without /proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc), or nan elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def measure(
-    address: str, directory: Path, callers: int, seconds: float, pool: multiprocessing.pool.Pool
+    address: str, directory: Path, callers: int, seconds: float, pool: multiprocessing.pool.Pool, pid: int
 ) -> Sample:
     jobs = [(address, str(directory), seconds, random.randrange(2**32)) for _ in range(callers)]
+    before = cpu_seconds(pid)
     results = pool.map(caller, jobs)
+    used = cpu_seconds(pid) - before  # includes the callers' connection set-up and warm-up: small
     latencies = sorted(x for r in results for x in r)
     return Sample(
         rps=len(latencies) / seconds,
         p50=latencies[len(latencies) // 2],
         p99=latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        cpu=used / len(latencies),
     )
 
 
@@ -197,14 +210,17 @@ def main(argv: list[str] | None = None) -> int:
                     for r in range(rounds):
                         order = list(servers.items())
                         order = order[r % len(order) :] + order[: r % len(order)]  # rotate who goes first
-                        for label, (_, port) in order:
+                        for label, (process, port) in order:
                             print(f"{label}: {callers} caller(s), round {r + 1}", file=sys.stderr, flush=True)
                             samples[label].append(
-                                measure(f"127.0.0.1:{port}", directory, callers, seconds, pool)
+                                measure(f"127.0.0.1:{port}", directory, callers, seconds, pool, process.pid)
                             )
                     results[callers] = {
                         label: Sample(
-                            *(statistics.median(getattr(s, f) for s in runs) for f in ("rps", "p50", "p99"))
+                            *(
+                                statistics.median(getattr(s, f) for s in runs)
+                                for f in ("rps", "p50", "p99", "cpu")
+                            )
                         )
                         for label, runs in samples.items()
                     }
@@ -214,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                 process.wait(timeout=30)
         audited = {label: sum(1 for _ in (directory / f"{label}.audit.jsonl").open()) for label in SERVERS}
     total = time.perf_counter() - began
-    header = ("callers", "server", "req/s", "ratio", "p50", "ratio", "p99", "ratio")
+    header = ("callers", "server", "req/s", "ratio", "p50", "ratio", "p99", "ratio", "cpu/req", "ratio")
     lines = [header]
     for callers, by_server in results.items():
         bare = by_server["bare"]
@@ -229,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                     f"{sample.p50 / bare.p50:.2f}",
                     f"{sample.p99 * 1e3:.2f} ms",
                     f"{sample.p99 / bare.p99:.2f}",
+                    f"{sample.cpu * 1e6:.0f} us",
+                    f"{sample.cpu / bare.cpu:.2f}",
                 )
             )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -238,7 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"GetSecret of a random one of {SECRETS} secrets, mutual TLS (EC P-256), medians of {rounds} "
         f"rotating round(s) of {seconds:g} s; ratio = server / bare in the same run (throughput: higher "
-        'is better, latency: lower is better). ours = audit_sync "interval" (the default), '
+        "is better, latency and CPU: lower is better); cpu/req = the server process's user + system CPU "
+        'time per request. ours = audit_sync "interval" (the default), '
         f'ours-always = audit_sync "always". Audit records written: '
         + ", ".join(f"{label} {count:,}" for label, count in audited.items())
         + f". Total {total:.0f} s."
