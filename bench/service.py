@@ -1,13 +1,14 @@
 """Service benchmark: `secrets-manager serve` against a bare gRPC server, with the same mutual TLS.
 
 The bare server answers GetSecret from a dict — the same message shapes, the same TLS credentials,
-the same synchronous gRPC server with a thread pool — so it is the transport ceiling. Ours authenticates the certificate, checks the
-policy, reads and decrypts from the embedded SQLite store and writes a chained, MAC'd audit record
-before answering: "ours" with the default `audit_sync = "interval"` (written before the response,
-fsynced within 10 ms), "ours-always" with `audit_sync = "always"` (fsynced before the response).
-For 1 and for 8 concurrent callers (separate processes, so the load is not bound by one
-interpreter's GIL) it prints requests per second, p50/p99 latency and the server process's CPU time
-per request of each server, and the ratios to the bare server, from rotating rounds in the same run.
+the same synchronous gRPC server with a thread pool — so it is the transport ceiling. Ours
+authenticates the certificate, checks the policy, reads and decrypts from the embedded SQLite store
+and writes a chained, MAC'd audit record before answering: "ours" with the default `audit_sync =
+"interval"` (written before the response, fsynced within 10 ms), "ours-always" with `audit_sync =
+"always"` (fsynced before the response). For 1 and for 8 concurrent callers (separate processes, so
+the load is not bound by one interpreter's GIL) it prints requests per second, p50/p99 latency and
+the server process's CPU time per request of each server, and the ratios to the bare server, from
+rotating rounds in the same run.
 
     python bench/service.py            # 3 rounds of 3 s per server and caller count
     python bench/service.py --quick    # 1 round of 1.5 s
