@@ -304,14 +304,15 @@ def test_promoting_a_version_no_longer_pending_exits_7(cli: Cli, tmp_path: Path)
     assert cli.value() == OLD_VALUE and cli.labels() == {"current": 1, "pending": 3}
 
 
-def test_rotate_refuses_bad_option_combinations_and_the_server(cli: Cli) -> None:
+def test_rotate_refuses_bad_option_combinations_and_a_server_without_certificates(cli: Cli) -> None:
     assert cli("rotate", "db/app", "--stdin", "--generate").code == 2
     assert cli("rotate", "db/app", "--resume", "--stdin").code == 2
     assert cli("rotate", "db/app", "--discard", "--resume").code == 2
     assert cli("rotate", "db/app", "--set-command", "").code == 2
     assert cli("rotate", "db/missing").code == 3
+    # Rotation works through the service (tests/test_rotate_service.py); it needs a client certificate.
     result = cli("--server", "localhost:1", "rotate", "db/app")
-    assert result.code == 2 and "local store only" in result.stderr
+    assert result.code == 2 and "needs a client certificate" in result.stderr
     assert cli.labels() == {"current": 1}
 
 

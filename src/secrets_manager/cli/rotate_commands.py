@@ -5,12 +5,16 @@
     test     --test-command checks that the new value works there
     promote  the pending version becomes current, the old current previous
 
-Each step is its own audited operation ("rotate.stage", "rotate.resume", "rotate.set",
-"rotate.test", "rotate.promote", "rotate.discard"); a failed set or test is recorded with the
-outcome "rotation_step_failed". No store write is in progress while the user's commands run. The commands get
-the new value on stdin only, never in their arguments or environment; their output goes to our
-stderr. If set or test fails, current is untouched and the new version stays pending for --resume
-(or --discard).
+On a local store each step is its own audited operation ("rotate.stage", "rotate.resume",
+"rotate.set", "rotate.test", "rotate.promote", "rotate.discard"); a failed set or test is recorded
+with the outcome "rotation_step_failed". With --server the store steps are RPCs
+(StageSecretVersion, GetSecret of the pending label for --resume, PromoteSecretVersion,
+DiscardPendingVersion) that the service authorises (capability "rotate") and audits in its own log;
+set and test still run here, where the client has no audit log, so they are not audited: a failed
+one shows in the service's log as a staged version that was never promoted. No store write is in
+progress while the user's commands run. The commands get the new value on stdin only, never in
+their arguments or environment; their output goes to our stderr. If set or test fails, current is
+untouched and the new version stays pending for --resume (or --discard).
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from typing import Any
 
 import click
 
-from secrets_manager.audit import value_fingerprint
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
 from secrets_manager.cli.output import info_line, print_json
 from secrets_manager.cli.password import PASSWORD_FILE_VARIABLE, PASSWORD_VARIABLE
+from secrets_manager.client import RemoteStore
 from secrets_manager.errors import InvalidInputError, SecretsManagerError
 from secrets_manager.store import CURRENT, PENDING, PREVIOUS, validate_name
 from secrets_manager.values import SecretValue
@@ -123,14 +127,20 @@ def rotate(
     to stderr. If either fails (non-zero exit, timeout, cannot start), current is untouched and the
     new version stays pending: fix the cause and run 'rotate NAME --resume', or 'rotate NAME
     --discard'. On success the pending version becomes current and the old current previous;
-    exit 7 if another version was staged meanwhile. Local stores only (not --server).
+    exit 7 if another version was staged meanwhile.
+
+    \b
+    Audit: on a local store every step is recorded in its audit log (rotate.stage, rotate.resume,
+    rotate.set, rotate.test, rotate.promote, rotate.discard; fingerprints, never the value).
+    With --server the service checks the 'rotate' capability (--resume also needs 'read') and
+    audits stage, promote and discard (and --resume's read) in its log; the set and test commands
+    still run on this machine and are not audited anywhere.
 
     \b
     Example (scripts that read the new password on stdin; README "Credential rotation"):
       secrets-manager rotate db/app --set-command "python3 set-app-password.py" \\
           --test-command "python3 check-app-login.py"
     """
-    session.require_local("rotate")
     validate_name(name)
     set_argv = _command_argv(set_command, "--set-command")
     test_argv = _command_argv(test_command, "--test-command")
@@ -154,11 +164,17 @@ def rotate(
         version = _stage(session, name, value)
 
     for step, argv in (("set", set_argv), ("test", test_argv)):
-        if argv is not None:
-            # Audited with its outcome (ok, or rotation_step_failed), so a failed step leaves a trace.
-            with session.store_operation(f"rotate.{step}", name) as (_, event):
-                event.version = version
-                _run_step(step, argv, name, version, value, timeout, session)
+        if argv is None:
+            continue
+        if session.server:
+            # No store and no audit log on this side; the service audited the stage (and will the
+            # promote), so a failed step shows there as a version staged and never promoted.
+            _run_step(step, argv, name, version, value, timeout, session)
+            continue
+        # Audited with its outcome (ok, or rotation_step_failed), so a failed step leaves a trace.
+        with session.store_operation(f"rotate.{step}", name) as (_, event):
+            event.version = version
+            _run_step(step, argv, name, version, value, timeout, session)
 
     current, previous = _promote(session, name, version)
     if as_json:
@@ -183,37 +199,50 @@ def _generated(length: int, alphabet: str) -> SecretValue:
     return SecretValue("".join(secrets.choice(alphabet) for _ in range(length)).encode("ascii"))
 
 
+# Each store step is one `secret_operation`: on a local store opened and audited here, with
+# --server one RPC that the service authorises and audits.
+
+
 def _stage(session: Session, name: str, value: SecretValue) -> int:
-    with session.store_operation("rotate.stage", name, mutating=True) as (store, event):
-        event.value_hmac = value_fingerprint(store, value.reveal())
+    with session.secret_operation("rotate.stage", name, mutating=True) as (store, note):
+        note.value(value.reveal())
         info = store.stage(name, value.reveal())
-        event.version = info.version
+        note.version(info.version)
     return info.version
 
 
 def _resume(session: Session, name: str) -> tuple[int, SecretValue]:
-    with session.store_operation("rotate.resume", name) as (store, event):
+    with session.secret_operation("rotate.resume", name) as (store, note):
         secret = store.get(name, label=PENDING)
-        event.version = secret.version
-        event.value_hmac = value_fingerprint(store, secret.value.reveal())
+        note.version(secret.version)
+        note.value(secret.value.reveal())
     return secret.version, secret.value
 
 
 def _promote(session: Session, name: str, version: int) -> tuple[int, int | None]:
-    with session.store_operation("rotate.promote", name, mutating=True) as (store, event):
-        event.version = version
+    with session.secret_operation("rotate.promote", name, mutating=True) as (store, note):
+        note.version(version)
+        if isinstance(store, RemoteStore):
+            # The response says what moved: no DescribeSecret, which would need 'list' too.
+            return store.promote_version(name, version)
         store.promote(name, version)
         labels = store.describe(name).labels
     return labels.get(CURRENT, version), labels.get(PREVIOUS)
 
 
 def _discard(session: Session, name: str, *, as_json: bool) -> None:
-    with session.store_operation("rotate.discard", name, mutating=True) as (store, event):
-        event.version = store.describe(name).labels.get(PENDING)
-        store.discard_pending(name)
+    with session.secret_operation("rotate.discard", name, mutating=True) as (store, note):
+        discarded: int | None
+        if isinstance(store, RemoteStore):
+            discarded = store.discard_pending_version(name)
+        else:
+            discarded = store.describe(name).labels.get(PENDING)
+            if discarded is not None:
+                note.version(discarded)
+            store.discard_pending(name)
     if as_json:
-        print_json({"name": name, "discarded": event.version})
-    info_line(f"discarded the pending version {event.version} of {name}; current is unchanged")
+        print_json({"name": name, "discarded": discarded})
+    info_line(f"discarded the pending version {discarded} of {name}; current is unchanged")
 
 
 def _run_step(

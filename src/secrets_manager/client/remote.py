@@ -1,7 +1,7 @@
 """`RemoteStore`: the `SecretStore` protocol over the gRPC service, with mutual TLS.
 
-The CLI uses it for `--server`, so `store`, `get`, `list`, `history`, `delete` behave the same
-locally and remotely; status codes come back as the same exceptions (wire.STATUS_OF_ERROR).
+The CLI uses it for `--server`, so `store`, `get`, `list`, `history`, `delete`, `rotate` behave
+the same locally and remotely; status codes come back as the same exceptions (wire.STATUS_OF_ERROR).
 The SDK (client/_client.py) also uses its `watch` stream and `is_serving` probe.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from secrets_manager.errors import InvalidInputError, NotFoundError, UnsupportedOperationError
-from secrets_manager.store import Secret, SecretMetadata, VersionInfo
+from secrets_manager.store import PENDING, Secret, SecretMetadata, VersionInfo
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
@@ -77,6 +78,11 @@ class RemoteStore:
             details = exc.details() or code.name
             if code is grpc.StatusCode.UNAVAILABLE and "handshake" in details.lower():
                 details = f"TLS handshake with {self.address} failed: check the certificate files"
+            if code is grpc.StatusCode.UNIMPLEMENTED:  # an older service, without this RPC
+                raise UnsupportedOperationError(
+                    f"{method} is not supported by the service at {self.address} "
+                    "(an older secrets-manager?); upgrade it"
+                ) from None
             raise error_for(code, f"{details}") from None
 
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
@@ -158,13 +164,35 @@ class RemoteStore:
         raise InvalidInputError("destroy is not offered by the service; run it on the server's store")
 
     def stage(self, name: str, value: bytes) -> VersionInfo:
-        raise _no_rotation()
+        """StageSecretVersion (needs the rotate capability): a new version labelled `pending`."""
+        response = self._call("StageSecretVersion", pb.StageSecretVersionRequest(name=name, value=value))
+        return VersionInfo(
+            version=int(response.version),
+            created=datetime.fromisoformat(response.created),
+            created_by=response.created_by,
+            labels=(PENDING,),
+        )
 
     def promote(self, name: str, version: int) -> None:
-        raise _no_rotation()
+        """PromoteSecretVersion: `version`, which must still be pending (ConflictError otherwise),
+        becomes current."""
+        self.promote_version(name, version)
+
+    def promote_version(self, name: str, version: int) -> tuple[int, int | None]:
+        """PromoteSecretVersion alone, with what it changed: (current, previous), without a
+        DescribeSecret (which needs the list capability on top of rotate)."""
+        request = pb.PromoteSecretVersionRequest(name=name, version=version)
+        response = self._call("PromoteSecretVersion", request)
+        previous = int(response.previous) if response.HasField("previous") else None
+        return int(response.version), previous
 
     def discard_pending(self, name: str) -> None:
-        raise _no_rotation()
+        """DiscardPendingVersion: remove the `pending` label (NotFoundError if no version has it)."""
+        self.discard_pending_version(name)
+
+    def discard_pending_version(self, name: str) -> int:
+        """DiscardPendingVersion, returning the version that carried `pending` (it stays)."""
+        return int(self._call("DiscardPendingVersion", pb.DiscardPendingVersionRequest(name=name)).version)
 
     def watch(self, prefix: str = "", since_revision: int | None = None) -> ChangeStream:
         """Watch: change events (never values) for the secrets under `prefix` the caller may read.
@@ -267,10 +295,3 @@ class ChangeStream:
     def cancel(self) -> None:
         self._cancelled = True
         self._call.cancel()
-
-
-def _no_rotation() -> UnsupportedOperationError:
-    return UnsupportedOperationError(
-        "rotation (the 'pending' label) is not supported by this store over the service yet; "
-        "run 'rotate' on the server's store"
-    )

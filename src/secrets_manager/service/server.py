@@ -29,7 +29,7 @@ from secrets_manager.errors import AccessDeniedError, InvalidInputError, NotFoun
 from secrets_manager.service.config import DEFAULT_MAX_WORKERS, WORKERS_KEPT_FROM_WATCH, ServerConfig
 from secrets_manager.service.metrics import Metrics
 from secrets_manager.service.watch import ChangeHub
-from secrets_manager.store import EncryptedStore
+from secrets_manager.store import CURRENT, PENDING, PREVIOUS, EncryptedStore
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.store.names import validate_name, validate_prefix
 from secrets_manager.tls.identity import IdentityError, identity_from_auth_context
@@ -268,6 +268,49 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         with self._call(context, "UndeleteSecret", "undelete", request.name, "delete", mutating=True):
             self._store.undelete(request.name)
         return pb.UndeleteSecretResponse()
+
+    def StageSecretVersion(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Rotation step 1 (store.stage): a new version labelled pending; audited with its fingerprint."""
+        with self._call(
+            context, "StageSecretVersion", "rotate.stage", request.name, "rotate", mutating=True
+        ) as call:
+            call.event.value_hmac = value_fingerprint(self._store, request.value)
+            info = self._store.stage(request.name, request.value)
+            call.event.version = info.version
+        return pb.StageSecretVersionResponse(
+            name=request.name,
+            version=info.version,
+            created=info.created.isoformat(),
+            created_by=info.created_by,
+        )
+
+    def PromoteSecretVersion(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Rotation's last step (store.promote): ABORTED (a ConflictError) if the version is no longer
+        pending."""
+        with self._call(
+            context, "PromoteSecretVersion", "rotate.promote", request.name, "rotate", mutating=True
+        ) as call:
+            call.event.version = request.version
+            self._store.promote(request.name, request.version)
+            labels = self._store.describe(request.name).labels
+        response = pb.PromoteSecretVersionResponse(
+            name=request.name, version=labels.get(CURRENT, request.version)
+        )
+        previous = labels.get(PREVIOUS)
+        if previous is not None:
+            response.previous = previous
+        return response
+
+    def DiscardPendingVersion(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Abandon a rotation (store.discard_pending): NOT_FOUND if no version is pending."""
+        with self._call(
+            context, "DiscardPendingVersion", "rotate.discard", request.name, "rotate", mutating=True
+        ) as call:
+            # Which version loses the label, for the audit record and the caller (as the local CLI does).
+            pending = self._store.describe(request.name).labels.get(PENDING)
+            call.event.version = pending
+            self._store.discard_pending(request.name)
+        return pb.DiscardPendingVersionResponse(name=request.name, version=pending or 0)
 
     def Watch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         """Stream change events from the one change-feed poller (service/watch.py). The stream holds

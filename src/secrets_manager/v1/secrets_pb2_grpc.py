@@ -69,6 +69,21 @@ class SecretsStub:
                 request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.UndeleteSecretRequest.SerializeToString,
                 response_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.UndeleteSecretResponse.FromString,
                 _registered_method=True)
+        self.StageSecretVersion = channel.unary_unary(
+                '/secrets_manager.v1.Secrets/StageSecretVersion',
+                request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionRequest.SerializeToString,
+                response_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionResponse.FromString,
+                _registered_method=True)
+        self.PromoteSecretVersion = channel.unary_unary(
+                '/secrets_manager.v1.Secrets/PromoteSecretVersion',
+                request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.PromoteSecretVersionRequest.SerializeToString,
+                response_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.PromoteSecretVersionResponse.FromString,
+                _registered_method=True)
+        self.DiscardPendingVersion = channel.unary_unary(
+                '/secrets_manager.v1.Secrets/DiscardPendingVersion',
+                request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.DiscardPendingVersionRequest.SerializeToString,
+                response_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.DiscardPendingVersionResponse.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/secrets_manager.v1.Secrets/Watch',
                 request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.WatchRequest.SerializeToString,
@@ -127,6 +142,33 @@ class SecretsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StageSecretVersion(self, request, context):
+        """Credential rotation, step 1: a new version labelled "pending" (the label leaves whichever
+        version carried it); current and previous do not move. The caller then sets the value at its
+        target and tests it, and promotes the version or discards the label. These three RPCs need
+        the "rotate" capability on the name (reading the pending value back needs "read").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteSecretVersion(self, request, context):
+        """Rotation, last step: the pending version becomes current, the old current previous, in one
+        change. ABORTED if `version` no longer carries "pending" (another version was staged, or the
+        label was discarded or promoted, meanwhile); nothing changes then.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DiscardPendingVersion(self, request, context):
+        """Abandon a rotation: remove the "pending" label; the version it was on stays, unlabelled, and
+        current does not move. NOT_FOUND if no version carries the label.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Watch(self, request, context):
         """Change events (never values) for the secrets the caller may read, as they happen, including
         changes made by other processes on the same store. The server sends its initial metadata once
@@ -175,6 +217,21 @@ def add_SecretsServicer_to_server(servicer, server):
                     servicer.UndeleteSecret,
                     request_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.UndeleteSecretRequest.FromString,
                     response_serializer=secrets__manager_dot_v1_dot_secrets__pb2.UndeleteSecretResponse.SerializeToString,
+            ),
+            'StageSecretVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.StageSecretVersion,
+                    request_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionRequest.FromString,
+                    response_serializer=secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionResponse.SerializeToString,
+            ),
+            'PromoteSecretVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteSecretVersion,
+                    request_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.PromoteSecretVersionRequest.FromString,
+                    response_serializer=secrets__manager_dot_v1_dot_secrets__pb2.PromoteSecretVersionResponse.SerializeToString,
+            ),
+            'DiscardPendingVersion': grpc.unary_unary_rpc_method_handler(
+                    servicer.DiscardPendingVersion,
+                    request_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.DiscardPendingVersionRequest.FromString,
+                    response_serializer=secrets__manager_dot_v1_dot_secrets__pb2.DiscardPendingVersionResponse.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
@@ -371,6 +428,87 @@ class Secrets:
             '/secrets_manager.v1.Secrets/UndeleteSecret',
             secrets__manager_dot_v1_dot_secrets__pb2.UndeleteSecretRequest.SerializeToString,
             secrets__manager_dot_v1_dot_secrets__pb2.UndeleteSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StageSecretVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secrets_manager.v1.Secrets/StageSecretVersion',
+            secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionRequest.SerializeToString,
+            secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteSecretVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secrets_manager.v1.Secrets/PromoteSecretVersion',
+            secrets__manager_dot_v1_dot_secrets__pb2.PromoteSecretVersionRequest.SerializeToString,
+            secrets__manager_dot_v1_dot_secrets__pb2.PromoteSecretVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DiscardPendingVersion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secrets_manager.v1.Secrets/DiscardPendingVersion',
+            secrets__manager_dot_v1_dot_secrets__pb2.DiscardPendingVersionRequest.SerializeToString,
+            secrets__manager_dot_v1_dot_secrets__pb2.DiscardPendingVersionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,386 @@
+"""Credential rotation through the service: the StageSecretVersion, PromoteSecretVersion and
+DiscardPendingVersion RPCs (capability "rotate"), and `secrets-manager rotate NAME --server …`,
+against a real `secrets-manager serve` process with real mutual-TLS certificates and its audit log."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import string
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from secrets_manager.client import RemoteStore
+from secrets_manager.errors import UnsupportedOperationError
+from secrets_manager.v1 import secrets_pb2 as pb
+from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
+from secrets_manager.wire import metadata_from_message
+from service_fixtures import SCRIPT, TD, Server, make_pki, make_store, start_server, tls_files
+
+OLD_VALUE = b"old-db-password-KNOWN-1234"
+STAGED_VALUE = b"staged-db-password-SEEKRIT-5678"
+SEED = {"db/app": OLD_VALUE}
+CLIENTS = ("ops", "rotator", "writer", "reader")
+POLICY = f"""
+[identities]
+"spiffe://{TD}/ops" = ["admin"]
+"spiffe://{TD}/rotator" = ["rotator"]
+"spiffe://{TD}/writer" = ["writer"]
+"spiffe://{TD}/reader" = ["reader"]
+
+[roles.admin]
+rules = [{{ path = "**", capabilities = ["admin"] }}]
+
+[roles.rotator]
+rules = [{{ path = "db/**", capabilities = ["read", "rotate"] }}]
+
+[roles.writer]
+rules = [{{ path = "db/**", capabilities = ["read", "write", "list"] }}]
+
+[roles.reader]
+rules = [{{ path = "db/**", capabilities = ["read"] }}]
+"""
+ROTATOR = f"spiffe://{TD}/rotator"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    make_pki(tmp_path, CLIENTS)
+    make_store(tmp_path, SEED, POLICY)
+    running = start_server(tmp_path)
+    yield running
+    running.stop()
+
+
+def code_of(call: Callable[[], object]) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as caught:
+        call()
+    code: grpc.StatusCode = caught.value.code()
+    return code
+
+
+def labels(server: Server) -> dict[str, int]:
+    reply = server.stub("ops").DescribeSecret(pb.DescribeSecretRequest(name="db/app"), timeout=10)
+    return dict(metadata_from_message(reply.metadata).labels)
+
+
+def versions(server: Server) -> list[int]:
+    reply = server.stub("ops").DescribeSecret(pb.DescribeSecretRequest(name="db/app"), timeout=10)
+    return [v.version for v in reply.metadata.versions]
+
+
+def value(server: Server, **selector: Any) -> bytes:
+    reply = server.stub("ops").GetSecret(pb.GetSecretRequest(name="db/app", **selector), timeout=10)
+    return bytes(reply.secret.value)
+
+
+def stage(server: Server, client: str, data: bytes = STAGED_VALUE) -> Any:
+    request = pb.StageSecretVersionRequest(name="db/app", value=data)
+    return server.stub(client).StageSecretVersion(request, timeout=10)
+
+
+def rotate(server: Server, client: str, *args: str, input: bytes = b"") -> subprocess.CompletedProcess[str]:
+    """`secrets-manager rotate db/app ARGS` as `client`, through SECRETS_MANAGER_ADDR (Server.cli)."""
+    proc = server.cli(client, "rotate", "db/app", *args, input=input)
+    result = subprocess.CompletedProcess(
+        proc.args, proc.returncode, proc.stdout.decode("utf-8"), proc.stderr.decode("utf-8", "replace")
+    )
+    assert "Traceback" not in result.stderr, result.stderr
+    return result
+
+
+def recorder(tmp_path: Path, tag: str, *, exit_code: int = 0) -> tuple[str, Callable[[], dict[str, Any]]]:
+    """A command that records its stdin, argv and environment, then exits with `exit_code`."""
+    out = tmp_path / f"{tag}.json"
+    script = tmp_path / f"{tag}.py"
+    script.write_text(
+        "import json, os, sys\n"
+        "data = sys.stdin.read()\n"
+        f"json.dump({{'stdin': data, 'argv': sys.argv, 'env': dict(os.environ)}}, open({str(out)!r}, 'w'))\n"
+        f"print('{tag} command says hello')\n"
+        f"sys.exit({exit_code})\n"
+    )
+    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} --flag"
+    return command, lambda: json.loads(out.read_text())
+
+
+# ---- the RPCs ------------------------------------------------------------------------------------
+
+
+def test_stage_promote_and_discard_through_the_service(server: Server) -> None:
+    staged = stage(server, "rotator")
+    assert (staged.name, staged.version) == ("db/app", 2)
+    described = server.stub("ops").DescribeSecret(pb.DescribeSecretRequest(name="db/app"), timeout=10)
+    version_2 = described.metadata.versions[-1]
+    assert (version_2.version, version_2.created, version_2.created_by) == (
+        2,
+        staged.created,
+        staged.created_by,
+    )
+    assert labels(server) == {"current": 1, "pending": 2}
+    assert value(server) == OLD_VALUE
+
+    stub = server.stub("rotator")
+    promoted = stub.PromoteSecretVersion(pb.PromoteSecretVersionRequest(name="db/app", version=2), timeout=10)
+    assert (promoted.name, promoted.version, promoted.previous) == ("db/app", 2, 1)
+    assert labels(server) == {"current": 2, "previous": 1}
+    assert value(server) == STAGED_VALUE
+
+    assert stage(server, "rotator", b"never-promoted").version == 3
+    discarded = stub.DiscardPendingVersion(pb.DiscardPendingVersionRequest(name="db/app"), timeout=10)
+    assert (discarded.name, discarded.version) == ("db/app", 3)
+    assert labels(server) == {"current": 2, "previous": 1}
+    assert value(server, version=3) == b"never-promoted"  # the version stays, unlabelled
+
+
+def test_remote_store_rotation_methods_return_what_the_store_protocol_says(server: Server) -> None:
+    remote = RemoteStore(server.address, tls_files(server.dir, "rotator"))
+    try:
+        info = remote.stage("db/app", STAGED_VALUE)
+        assert (info.version, info.labels) == (2, ("pending",))
+        # As DescribeSecret tells it, though the rotator may not list (DescribeSecret) itself.
+        described = server.stub("ops").DescribeSecret(pb.DescribeSecretRequest(name="db/app"), timeout=10)
+        assert metadata_from_message(described.metadata).versions[-1] == info
+        assert remote.get("db/app", label="pending").value.reveal() == STAGED_VALUE
+        assert remote.promote("db/app", 2) is None  # type: ignore[func-returns-value]
+        assert remote.stage("db/app", b"third").version == 3
+        assert remote.discard_pending("db/app") is None  # type: ignore[func-returns-value]
+        assert remote.stage("db/app", b"fourth").version == 4
+        assert remote.promote_version("db/app", 4) == (4, 2)
+        assert remote.stage("db/app", b"fifth").version == 5
+        assert remote.discard_pending_version("db/app") == 5
+    finally:
+        remote.close()
+    assert labels(server) == {"current": 4, "previous": 2}
+
+
+def test_promoting_a_version_no_longer_pending_is_aborted_and_changes_nothing(server: Server) -> None:
+    first = stage(server, "rotator").version
+    assert stage(server, "rotator", b"someone-else-staged").version == 3
+    stub = server.stub("rotator")
+    request = pb.PromoteSecretVersionRequest(name="db/app", version=first)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.PromoteSecretVersion(request, timeout=10)
+    assert caught.value.code() is grpc.StatusCode.ABORTED
+    assert "not pending (version 3 is)" in str(caught.value.details())
+    assert labels(server) == {"current": 1, "pending": 3}
+    promotes = [r for r in server.audit_records() if r["operation"] == "rotate.promote"]
+    assert [(r["outcome"], r["version"]) for r in promotes][-1] == ("conflict", first)
+
+
+def test_rotation_errors_map_to_status_codes(server: Server) -> None:
+    stub = server.stub("rotator")
+    missing = pb.StageSecretVersionRequest(name="db/missing", value=b"x")
+    assert code_of(lambda: stub.StageSecretVersion(missing, timeout=10)) is grpc.StatusCode.NOT_FOUND
+    nothing_pending = pb.DiscardPendingVersionRequest(name="db/app")
+    assert (
+        code_of(lambda: stub.DiscardPendingVersion(nothing_pending, timeout=10)) is grpc.StatusCode.NOT_FOUND
+    )
+    promote = pb.PromoteSecretVersionRequest(name="db/app", version=1)
+    assert code_of(lambda: stub.PromoteSecretVersion(promote, timeout=10)) is grpc.StatusCode.ABORTED
+    too_big = pb.StageSecretVersionRequest(name="db/app", value=b"x" * (64 * 1024 + 1))
+    assert code_of(lambda: stub.StageSecretVersion(too_big, timeout=10)) is grpc.StatusCode.INVALID_ARGUMENT
+    bad_name = pb.StageSecretVersionRequest(name="db/../x", value=b"x")
+    assert code_of(lambda: stub.StageSecretVersion(bad_name, timeout=10)) is grpc.StatusCode.INVALID_ARGUMENT
+    assert labels(server) == {"current": 1} and versions(server) == [1]
+
+
+def test_an_identity_without_rotate_is_denied_and_nothing_changes(server: Server) -> None:
+    stage(server, "rotator")  # a pending version 2 that the writer must not promote or discard
+    stub = server.stub("writer")  # read, write and list, but not rotate
+    request = pb.StageSecretVersionRequest(name="db/app", value=b"writer-value")
+    assert code_of(lambda: stub.StageSecretVersion(request, timeout=10)) is grpc.StatusCode.PERMISSION_DENIED
+    promote = pb.PromoteSecretVersionRequest(name="db/app", version=2)
+    assert (
+        code_of(lambda: stub.PromoteSecretVersion(promote, timeout=10)) is grpc.StatusCode.PERMISSION_DENIED
+    )
+    discard = pb.DiscardPendingVersionRequest(name="db/app")
+    assert (
+        code_of(lambda: stub.DiscardPendingVersion(discard, timeout=10)) is grpc.StatusCode.PERMISSION_DENIED
+    )
+    assert labels(server) == {"current": 1, "pending": 2} and versions(server) == [1, 2]
+    denied = [r for r in server.audit_records() if r["decision"] == "deny"]
+    assert [(r["operation"], r["actor"], r["outcome"]) for r in denied] == [
+        (operation, f"spiffe://{TD}/writer", "access_denied")
+        for operation in ("rotate.stage", "rotate.promote", "rotate.discard")
+    ]
+
+    result = rotate(server, "writer")
+    assert result.returncode == 5, result.stderr
+    assert "may not rotate 'db/app'" in result.stderr
+    assert labels(server) == {"current": 1, "pending": 2} and versions(server) == [1, 2]
+
+
+def test_a_read_only_identity_cannot_stage_but_reads_the_pending_version(server: Server) -> None:
+    assert code_of(lambda: stage(server, "reader")) is grpc.StatusCode.PERMISSION_DENIED
+    assert rotate(server, "reader", "--stdin", input=b"from-a-reader").returncode == 5
+    assert versions(server) == [1]
+    stage(server, "rotator")
+    reply = server.stub("reader").GetSecret(pb.GetSecretRequest(name="db/app", label="pending"), timeout=10)
+    assert (reply.secret.value, reply.secret.version, list(reply.secret.labels)) == (
+        STAGED_VALUE,
+        2,
+        ["pending"],
+    )
+
+
+def test_each_step_is_audited_with_identity_and_fingerprint_never_the_value(server: Server) -> None:
+    stage(server, "rotator")
+    server.stub("reader").GetSecret(pb.GetSecretRequest(name="db/app", label="pending"), timeout=10)
+    stub = server.stub("rotator")
+    stub.PromoteSecretVersion(pb.PromoteSecretVersionRequest(name="db/app", version=2), timeout=10)
+    stage(server, "rotator", b"discarded-value-SEEKRIT")
+    stub.DiscardPendingVersion(pb.DiscardPendingVersionRequest(name="db/app"), timeout=10)
+
+    records = server.audit_records()
+    rotation = [r for r in records if str(r["operation"]).startswith("rotate.")]
+    assert [(r["operation"], r["outcome"]) for r in rotation] == [
+        ("rotate.stage", "pending"),  # the durable request record, before the change
+        ("rotate.stage", "ok"),
+        ("rotate.promote", "pending"),
+        ("rotate.promote", "ok"),
+        ("rotate.stage", "pending"),
+        ("rotate.stage", "ok"),
+        ("rotate.discard", "pending"),
+        ("rotate.discard", "ok"),
+    ]
+    done = [r for r in rotation if r["outcome"] == "ok"]
+    assert all(r["actor"] == ROTATOR and r["source"] == "grpc" and r["name"] == "db/app" for r in done)
+    assert [r["version"] for r in done] == [2, 2, 3, 3]
+    read = next(r for r in records if r["operation"] == "get" and r["version"] == 2)
+    assert str(done[0]["value_hmac"]).startswith("hmac-sha256:")
+    assert done[0]["value_hmac"] == read["value_hmac"]  # the staged value is identifiable, not shown
+    assert done[2]["value_hmac"] not in (None, read["value_hmac"])
+    text = (server.dir / "store.audit.jsonl").read_text()
+    log = "".join(server.log_lines)
+    for secret in (STAGED_VALUE, b"discarded-value-SEEKRIT", OLD_VALUE):
+        assert secret.decode() not in text and secret.decode() not in log
+
+
+def test_an_older_service_without_the_rotation_rpcs_is_reported_as_unsupported(tmp_path: Path) -> None:
+    make_pki(tmp_path, ("ops",))
+    grpc_server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_SecretsServicer_to_server(pb_grpc.SecretsServicer(), grpc_server)  # type: ignore[no-untyped-call]
+    credentials = grpc.ssl_server_credentials(
+        [((tmp_path / "server-key.pem").read_bytes(), (tmp_path / "server.pem").read_bytes())],
+        root_certificates=(tmp_path / "ca.pem").read_bytes(),
+        require_client_auth=True,
+    )
+    port = grpc_server.add_secure_port("127.0.0.1:0", credentials)
+    grpc_server.start()
+    remote = RemoteStore(f"127.0.0.1:{port}", tls_files(tmp_path, "ops"))
+    try:
+        with pytest.raises(
+            UnsupportedOperationError, match="StageSecretVersion is not supported by the service"
+        ):
+            remote.stage("db/app", STAGED_VALUE)
+    finally:
+        remote.close()
+        grpc_server.stop(0).wait()
+
+
+# ---- `secrets-manager rotate --server` ----------------------------------------------------------
+
+
+def test_cli_rotate_generates_and_promotes_through_the_service(server: Server) -> None:
+    result = rotate(server, "rotator", "--length", "20", "--alphabet", "hex")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    assert "rotated db/app: version 2 is current (previous: 1)" in result.stderr
+    new = value(server).decode()
+    assert len(new) == 20 and set(new) <= set("0123456789abcdef")
+    assert value(server, label="previous") == OLD_VALUE
+    assert labels(server) == {"current": 2, "previous": 1}
+    assert new not in "".join(server.log_lines)
+
+
+def test_cli_rotate_json_output_and_default_value_through_the_service(server: Server) -> None:
+    result = rotate(server, "rotator", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"name": "db/app", "version": 2, "previous": 1}
+    new = value(server).decode()
+    assert len(new) == 32 and set(new) <= set(string.ascii_letters + string.digits)
+
+
+def test_cli_rotate_from_stdin_through_the_service(server: Server) -> None:
+    result = rotate(server, "rotator", "--stdin", input=STAGED_VALUE + b"\n")
+    assert result.returncode == 0, result.stderr
+    assert value(server) == STAGED_VALUE
+    assert STAGED_VALUE.decode() not in result.stdout + result.stderr
+
+
+def test_cli_set_and_test_commands_run_here_with_the_value_on_stdin_only(
+    server: Server, tmp_path: Path
+) -> None:
+    set_command, set_seen = recorder(tmp_path, "set")
+    test_command, test_seen = recorder(tmp_path, "test")
+    result = rotate(server, "rotator", "--set-command", set_command, "--test-command", test_command)
+    assert result.returncode == 0, result.stderr
+    new = value(server).decode()
+    for seen in (set_seen(), test_seen()):
+        assert seen["stdin"] == new
+        assert seen["argv"][1:] == ["--flag"] and not any(new in arg for arg in seen["argv"])
+        assert not any(new in v for v in seen["env"].values())
+        assert seen["env"]["SECRETS_MANAGER_ROTATE_NAME"] == "db/app"
+        assert seen["env"]["SECRETS_MANAGER_ROTATE_VERSION"] == "2"
+    assert "set command says hello" in result.stderr and "test command says hello" in result.stderr
+    assert new not in result.stdout and new not in result.stderr
+    assert new not in "".join(server.log_lines)
+    text = (server.dir / "store.audit.jsonl").read_text()
+    assert new not in text
+    # The service audits its steps; set and test ran on the client, which has no audit log.
+    records = server.audit_records()
+    done = [r["operation"] for r in records if r["outcome"] == "ok" and r["actor"] == ROTATOR]
+    assert done == ["rotate.stage", "rotate.promote"]
+    assert not any(r["operation"] in ("rotate.set", "rotate.test") for r in records)
+
+
+def test_cli_failing_test_command_leaves_current_and_resume_finishes(server: Server, tmp_path: Path) -> None:
+    failing, _ = recorder(tmp_path, "failing", exit_code=5)
+    result = rotate(server, "rotator", "--test-command", failing)
+    assert result.returncode == 1
+    error = result.stderr.strip().splitlines()[-1]
+    assert "test command failed (exit code 5)" in error
+    assert "secrets-manager rotate db/app --resume" in error and "--discard" in error
+    assert value(server) == OLD_VALUE
+    assert labels(server) == {"current": 1, "pending": 2}
+    staged = value(server, label="pending").decode()
+    assert staged not in result.stdout + result.stderr
+
+    passing, seen = recorder(tmp_path, "passing")
+    result = rotate(server, "rotator", "--resume", "--test-command", passing)
+    assert result.returncode == 0, result.stderr
+    assert seen()["stdin"] == staged
+    assert value(server).decode() == staged and labels(server) == {"current": 2, "previous": 1}
+    assert "rotated db/app: version 2 is current (previous: 1)" in result.stderr
+    resumed = [r for r in server.audit_records() if r["operation"] == "get" and r["actor"] == ROTATOR]
+    assert [(r["version"], r["outcome"]) for r in resumed] == [(2, "ok")]
+
+
+def test_cli_discard_through_the_service(server: Server) -> None:
+    assert rotate(server, "rotator", "--test-command", "false").returncode == 1
+    result = rotate(server, "rotator", "--discard", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {"name": "db/app", "discarded": 2}
+    assert "discarded the pending version 2 of db/app; current is unchanged" in result.stderr
+    assert labels(server) == {"current": 1}
+    assert rotate(server, "rotator", "--discard").returncode == 3
+    assert rotate(server, "rotator", "--resume").returncode == 3
+
+
+def test_cli_exits_7_when_the_staged_version_is_no_longer_pending(server: Server) -> None:
+    """Someone stages another version while our test command runs: our promote must refuse.
+    The nested rotate reaches the same service: the commands inherit SECRETS_MANAGER_ADDR."""
+    restage = f"{shlex.quote(str(SCRIPT))} rotate db/app --test-command false"
+    sneaky = f"sh -c {shlex.quote('cat >/dev/null; ' + restage + '; exit 0')}"
+    result = rotate(server, "rotator", "--test-command", sneaky)
+    assert result.returncode == 7, result.stderr
+    assert "not pending" in result.stderr
+    assert value(server) == OLD_VALUE and labels(server) == {"current": 1, "pending": 3}
