@@ -43,7 +43,10 @@ rules = [{{ path = "auth/*", capabilities = ["read", "list"] }}]
 rules = [{{ path = "market-connector/*", capabilities = ["read", "list"] }}]
 
 [roles.writer]
-rules = [{{ path = "load/**", capabilities = ["read", "write", "list"] }}]
+rules = [
+  {{ path = "load/**", capabilities = ["read", "write", "list"] }},
+  {{ path = "drop/*", capabilities = ["write"] }},
+]
 
 [roles.admin]
 rules = [{{ path = "**", capabilities = ["admin"] }}]
@@ -414,3 +417,19 @@ def test_cli_verbs_work_remotely_with_the_same_exit_codes(server: Server) -> Non
 def test_local_only_commands_refuse_a_server(server: Server, command: list[str]) -> None:
     result = server.cli("ops", *command)
     assert result.returncode == 2 and b"local store only" in result.stderr
+
+
+def test_cli_store_needs_write_alone(server: Server) -> None:
+    """A write-only grant (a drop box) is enough for `store --server`: the client gets the new
+    version's details from PutSecret, not from a DescribeSecret that would need `list` — which
+    used to report a refusal (exit 5) for a write that had happened."""
+    proc = server.cli("writer", "store", "drop/TOKEN", "--json", input=b"dropped-value")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == {"name": "drop/TOKEN", "version": 1}
+    assert server.cli("writer", "get", "drop/TOKEN").returncode == 5  # and no more than write
+    reply = server.stub("ops").GetSecret(pb.GetSecretRequest(name="drop/TOKEN"), timeout=10)
+    assert (reply.secret.value, reply.secret.version) == (b"dropped-value", 1)
+    put = server.stub("writer").PutSecret(pb.PutSecretRequest(name="drop/TOKEN", value=b"v2"), timeout=10)
+    described = server.stub("ops").DescribeSecret(pb.DescribeSecretRequest(name="drop/TOKEN"), timeout=10)
+    second = next(v for v in described.metadata.versions if v.version == 2)
+    assert (put.version, put.created, put.created_by) == (2, second.created, second.created_by)

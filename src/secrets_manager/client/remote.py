@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from secrets_manager.errors import InvalidInputError, NotFoundError, UnsupportedOperationError
-from secrets_manager.store import PENDING, Secret, SecretMetadata, VersionInfo
+from secrets_manager.store import CURRENT, PENDING, Secret, SecretMetadata, VersionInfo
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
@@ -107,10 +107,16 @@ class RemoteStore:
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> VersionInfo:
-        version = self.put_version(
-            name, value, expect_version=expect_version, description=description, tags=tags
-        )
-        meta = self.describe(name)
+        response = self._put(name, value, expect_version=expect_version, description=description, tags=tags)
+        version = int(response.version)
+        if response.created:  # what the store returns, without a DescribeSecret (which needs list)
+            return VersionInfo(
+                version=version,
+                created=datetime.fromisoformat(response.created),
+                created_by=response.created_by,
+                labels=(CURRENT,),
+            )
+        meta = self.describe(name)  # an older service: its response has the version alone
         for info in meta.versions:
             if info.version == version:
                 return info
@@ -125,8 +131,20 @@ class RemoteStore:
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
     ) -> int:
-        """PutSecret alone: the new version number, without `put`'s DescribeSecret (which needs the
-        list capability on top of write)."""
+        """PutSecret: the new version number."""
+        return int(
+            self._put(name, value, expect_version=expect_version, description=description, tags=tags).version
+        )
+
+    def _put(
+        self,
+        name: str,
+        value: bytes,
+        *,
+        expect_version: int | None,
+        description: str | None,
+        tags: Mapping[str, str] | None,
+    ) -> Any:
         request = pb.PutSecretRequest(name=name, value=value)
         if expect_version is not None:
             request.expect_version = expect_version
@@ -135,7 +153,7 @@ class RemoteStore:
         if tags is not None:
             request.tags.update(tags)
             request.replace_tags = True
-        return int(self._call("PutSecret", request).version)
+        return self._call("PutSecret", request)
 
     def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
         response = self._call(

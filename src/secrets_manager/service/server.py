@@ -246,7 +246,12 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 tags=dict(request.tags) if (request.tags or request.replace_tags) else None,
             )
             call.event.version = info.version
-        return pb.PutSecretResponse(name=request.name, version=info.version)
+        return pb.PutSecretResponse(
+            name=request.name,
+            version=info.version,
+            created=info.created.isoformat(),
+            created_by=info.created_by,
+        )
 
     def ListSecrets(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._call(context, "ListSecrets", "list", request.prefix or None, None, prefix=True) as call:

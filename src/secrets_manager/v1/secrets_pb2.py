@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n secrets_manager/v1/secrets.proto\x12\x12secrets_manager.v1\"^\n\rSecretVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x0f\n\x07\x63reated\x18\x05 \x01(\t\"f\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0f\n\x07\x63reated\x18\x02 \x01(\t\x12\x12\n\ncreated_by\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x11\n\tdestroyed\x18\x05 \x01(\x08\"\xc2\x02\n\x0eSecretMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\t\x12\x0f\n\x07updated\x18\x04 \x01(\t\x12\x12\n\ncreated_by\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12:\n\x04tags\x18\x07 \x03(\x0b\x32,.secrets_manager.v1.SecretMetadata.TagsEntry\x12\x17\n\x0f\x63urrent_version\x18\x08 \x01(\x04\x12\x31\n\x08versions\x18\t \x03(\x0b\x32\x1f.secrets_manager.v1.VersionInfo\x12\x0f\n\x07\x64\x65leted\x18\n \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x10GetSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\x07version\x18\x02 \x01(\x04H\x00\x12\x0f\n\x05label\x18\x03 \x01(\tH\x00\x42\n\n\x08selector\"F\n\x11GetSecretResponse\x12\x31\n\x06secret\x18\x01 \x01(\x0b\x32!.secrets_manager.v1.SecretVersion\"7\n\x16\x42\x61tchGetSecretsRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\"M\n\x17\x42\x61tchGetSecretsResponse\x12\x32\n\x07secrets\x18\x01 \x03(\x0b\x32!.secrets_manager.v1.SecretVersion\"\x8a\x02\n\x10PutSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x1b\n\x0e\x65xpect_version\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x0b\x64\x65scription\x18\x04 \x01(\tH\x01\x88\x01\x01\x12<\n\x04tags\x18\x05 \x03(\x0b\x32..secrets_manager.v1.PutSecretRequest.TagsEntry\x12\x14\n\x0creplace_tags\x18\x06 \x01(\x08\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x11\n\x0f_expect_versionB\x0e\n\x0c_description\"2\n\x11PutSecretResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"=\n\x12ListSecretsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x17\n\x0finclude_deleted\x18\x02 \x01(\x08\"J\n\x13ListSecretsResponse\x12\x33\n\x07secrets\x18\x01 \x03(\x0b\x32\".secrets_manager.v1.SecretMetadata\"%\n\x15\x44\x65scribeSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"N\n\x16\x44\x65scribeSecretResponse\x12\x34\n\x08metadata\x18\x01 \x01(\x0b\x32\".secrets_manager.v1.SecretMetadata\"#\n\x13\x44\x65leteSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteSecretResponse\"%\n\x15UndeleteSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16UndeleteSecretResponse\"8\n\x19StageSecretVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"`\n\x1aStageSecretVersionResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07\x63reated\x18\x03 \x01(\t\x12\x12\n\ncreated_by\x18\x04 \x01(\t\"<\n\x1bPromoteSecretVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"a\n\x1cPromoteSecretVersionResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x15\n\x08previous\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x0b\n\t_previous\",\n\x1c\x44iscardPendingVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x1d\x44iscardPendingVersionResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"N\n\x0cWatchRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x1b\n\x0esince_revision\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x11\n\x0f_since_revision\"\xdb\x01\n\x0b\x43hangeEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x32\n\x04kind\x18\x03 \x01(\x0e\x32$.secrets_manager.v1.ChangeEvent.Kind\x12\x10\n\x08revision\x18\x04 \x01(\x04\"g\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rVERSION_ADDED\x10\x01\x12\x14\n\x10METADATA_CHANGED\x10\x02\x12\x14\n\x10SECRET_DESTROYED\x10\x03\x12\n\n\x06RESYNC\x10\x04\x32\xfa\x08\n\x07Secrets\x12X\n\tGetSecret\x12$.secrets_manager.v1.GetSecretRequest\x1a%.secrets_manager.v1.GetSecretResponse\x12j\n\x0f\x42\x61tchGetSecrets\x12*.secrets_manager.v1.BatchGetSecretsRequest\x1a+.secrets_manager.v1.BatchGetSecretsResponse\x12X\n\tPutSecret\x12$.secrets_manager.v1.PutSecretRequest\x1a%.secrets_manager.v1.PutSecretResponse\x12^\n\x0bListSecrets\x12&.secrets_manager.v1.ListSecretsRequest\x1a\'.secrets_manager.v1.ListSecretsResponse\x12g\n\x0e\x44\x65scribeSecret\x12).secrets_manager.v1.DescribeSecretRequest\x1a*.secrets_manager.v1.DescribeSecretResponse\x12\x61\n\x0c\x44\x65leteSecret\x12\'.secrets_manager.v1.DeleteSecretRequest\x1a(.secrets_manager.v1.DeleteSecretResponse\x12g\n\x0eUndeleteSecret\x12).secrets_manager.v1.UndeleteSecretRequest\x1a*.secrets_manager.v1.UndeleteSecretResponse\x12s\n\x12StageSecretVersion\x12-.secrets_manager.v1.StageSecretVersionRequest\x1a..secrets_manager.v1.StageSecretVersionResponse\x12y\n\x14PromoteSecretVersion\x12/.secrets_manager.v1.PromoteSecretVersionRequest\x1a\x30.secrets_manager.v1.PromoteSecretVersionResponse\x12|\n\x15\x44iscardPendingVersion\x12\x30.secrets_manager.v1.DiscardPendingVersionRequest\x1a\x31.secrets_manager.v1.DiscardPendingVersionResponse\x12L\n\x05Watch\x12 .secrets_manager.v1.WatchRequest\x1a\x1f.secrets_manager.v1.ChangeEvent0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n secrets_manager/v1/secrets.proto\x12\x12secrets_manager.v1\"^\n\rSecretVersion\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x0f\n\x07\x63reated\x18\x05 \x01(\t\"f\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0f\n\x07\x63reated\x18\x02 \x01(\t\x12\x12\n\ncreated_by\x18\x03 \x01(\t\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\x11\n\tdestroyed\x18\x05 \x01(\x08\"\xc2\x02\n\x0eSecretMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tnamespace\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\t\x12\x0f\n\x07updated\x18\x04 \x01(\t\x12\x12\n\ncreated_by\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12:\n\x04tags\x18\x07 \x03(\x0b\x32,.secrets_manager.v1.SecretMetadata.TagsEntry\x12\x17\n\x0f\x63urrent_version\x18\x08 \x01(\x04\x12\x31\n\x08versions\x18\t \x03(\x0b\x32\x1f.secrets_manager.v1.VersionInfo\x12\x0f\n\x07\x64\x65leted\x18\n \x01(\t\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"P\n\x10GetSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\x07version\x18\x02 \x01(\x04H\x00\x12\x0f\n\x05label\x18\x03 \x01(\tH\x00\x42\n\n\x08selector\"F\n\x11GetSecretResponse\x12\x31\n\x06secret\x18\x01 \x01(\x0b\x32!.secrets_manager.v1.SecretVersion\"7\n\x16\x42\x61tchGetSecretsRequest\x12\r\n\x05names\x18\x01 \x03(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\"M\n\x17\x42\x61tchGetSecretsResponse\x12\x32\n\x07secrets\x18\x01 \x03(\x0b\x32!.secrets_manager.v1.SecretVersion\"\x8a\x02\n\x10PutSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\x12\x1b\n\x0e\x65xpect_version\x18\x03 \x01(\x04H\x00\x88\x01\x01\x12\x18\n\x0b\x64\x65scription\x18\x04 \x01(\tH\x01\x88\x01\x01\x12<\n\x04tags\x18\x05 \x03(\x0b\x32..secrets_manager.v1.PutSecretRequest.TagsEntry\x12\x14\n\x0creplace_tags\x18\x06 \x01(\x08\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x11\n\x0f_expect_versionB\x0e\n\x0c_description\"W\n\x11PutSecretResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07\x63reated\x18\x03 \x01(\t\x12\x12\n\ncreated_by\x18\x04 \x01(\t\"=\n\x12ListSecretsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x17\n\x0finclude_deleted\x18\x02 \x01(\x08\"J\n\x13ListSecretsResponse\x12\x33\n\x07secrets\x18\x01 \x03(\x0b\x32\".secrets_manager.v1.SecretMetadata\"%\n\x15\x44\x65scribeSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"N\n\x16\x44\x65scribeSecretResponse\x12\x34\n\x08metadata\x18\x01 \x01(\x0b\x32\".secrets_manager.v1.SecretMetadata\"#\n\x13\x44\x65leteSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x16\n\x14\x44\x65leteSecretResponse\"%\n\x15UndeleteSecretRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16UndeleteSecretResponse\"8\n\x19StageSecretVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"`\n\x1aStageSecretVersionResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x0f\n\x07\x63reated\x18\x03 \x01(\t\x12\x12\n\ncreated_by\x18\x04 \x01(\t\"<\n\x1bPromoteSecretVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"a\n\x1cPromoteSecretVersionResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x15\n\x08previous\x18\x03 \x01(\x04H\x00\x88\x01\x01\x42\x0b\n\t_previous\",\n\x1c\x44iscardPendingVersionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\">\n\x1d\x44iscardPendingVersionResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\"N\n\x0cWatchRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x1b\n\x0esince_revision\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\x11\n\x0f_since_revision\"\xdb\x01\n\x0b\x43hangeEvent\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x32\n\x04kind\x18\x03 \x01(\x0e\x32$.secrets_manager.v1.ChangeEvent.Kind\x12\x10\n\x08revision\x18\x04 \x01(\x04\"g\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x11\n\rVERSION_ADDED\x10\x01\x12\x14\n\x10METADATA_CHANGED\x10\x02\x12\x14\n\x10SECRET_DESTROYED\x10\x03\x12\n\n\x06RESYNC\x10\x04\x32\xfa\x08\n\x07Secrets\x12X\n\tGetSecret\x12$.secrets_manager.v1.GetSecretRequest\x1a%.secrets_manager.v1.GetSecretResponse\x12j\n\x0f\x42\x61tchGetSecrets\x12*.secrets_manager.v1.BatchGetSecretsRequest\x1a+.secrets_manager.v1.BatchGetSecretsResponse\x12X\n\tPutSecret\x12$.secrets_manager.v1.PutSecretRequest\x1a%.secrets_manager.v1.PutSecretResponse\x12^\n\x0bListSecrets\x12&.secrets_manager.v1.ListSecretsRequest\x1a\'.secrets_manager.v1.ListSecretsResponse\x12g\n\x0e\x44\x65scribeSecret\x12).secrets_manager.v1.DescribeSecretRequest\x1a*.secrets_manager.v1.DescribeSecretResponse\x12\x61\n\x0c\x44\x65leteSecret\x12\'.secrets_manager.v1.DeleteSecretRequest\x1a(.secrets_manager.v1.DeleteSecretResponse\x12g\n\x0eUndeleteSecret\x12).secrets_manager.v1.UndeleteSecretRequest\x1a*.secrets_manager.v1.UndeleteSecretResponse\x12s\n\x12StageSecretVersion\x12-.secrets_manager.v1.StageSecretVersionRequest\x1a..secrets_manager.v1.StageSecretVersionResponse\x12y\n\x14PromoteSecretVersion\x12/.secrets_manager.v1.PromoteSecretVersionRequest\x1a\x30.secrets_manager.v1.PromoteSecretVersionResponse\x12|\n\x15\x44iscardPendingVersion\x12\x30.secrets_manager.v1.DiscardPendingVersionRequest\x1a\x31.secrets_manager.v1.DiscardPendingVersionResponse\x12L\n\x05Watch\x12 .secrets_manager.v1.WatchRequest\x1a\x1f.secrets_manager.v1.ChangeEvent0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,41 +56,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUTSECRETREQUEST_TAGSENTRY']._serialized_start=536
   _globals['_PUTSECRETREQUEST_TAGSENTRY']._serialized_end=579
   _globals['_PUTSECRETRESPONSE']._serialized_start=1140
-  _globals['_PUTSECRETRESPONSE']._serialized_end=1190
-  _globals['_LISTSECRETSREQUEST']._serialized_start=1192
-  _globals['_LISTSECRETSREQUEST']._serialized_end=1253
-  _globals['_LISTSECRETSRESPONSE']._serialized_start=1255
-  _globals['_LISTSECRETSRESPONSE']._serialized_end=1329
-  _globals['_DESCRIBESECRETREQUEST']._serialized_start=1331
-  _globals['_DESCRIBESECRETREQUEST']._serialized_end=1368
-  _globals['_DESCRIBESECRETRESPONSE']._serialized_start=1370
-  _globals['_DESCRIBESECRETRESPONSE']._serialized_end=1448
-  _globals['_DELETESECRETREQUEST']._serialized_start=1450
-  _globals['_DELETESECRETREQUEST']._serialized_end=1485
-  _globals['_DELETESECRETRESPONSE']._serialized_start=1487
-  _globals['_DELETESECRETRESPONSE']._serialized_end=1509
-  _globals['_UNDELETESECRETREQUEST']._serialized_start=1511
-  _globals['_UNDELETESECRETREQUEST']._serialized_end=1548
-  _globals['_UNDELETESECRETRESPONSE']._serialized_start=1550
-  _globals['_UNDELETESECRETRESPONSE']._serialized_end=1574
-  _globals['_STAGESECRETVERSIONREQUEST']._serialized_start=1576
-  _globals['_STAGESECRETVERSIONREQUEST']._serialized_end=1632
-  _globals['_STAGESECRETVERSIONRESPONSE']._serialized_start=1634
-  _globals['_STAGESECRETVERSIONRESPONSE']._serialized_end=1730
-  _globals['_PROMOTESECRETVERSIONREQUEST']._serialized_start=1732
-  _globals['_PROMOTESECRETVERSIONREQUEST']._serialized_end=1792
-  _globals['_PROMOTESECRETVERSIONRESPONSE']._serialized_start=1794
-  _globals['_PROMOTESECRETVERSIONRESPONSE']._serialized_end=1891
-  _globals['_DISCARDPENDINGVERSIONREQUEST']._serialized_start=1893
-  _globals['_DISCARDPENDINGVERSIONREQUEST']._serialized_end=1937
-  _globals['_DISCARDPENDINGVERSIONRESPONSE']._serialized_start=1939
-  _globals['_DISCARDPENDINGVERSIONRESPONSE']._serialized_end=2001
-  _globals['_WATCHREQUEST']._serialized_start=2003
-  _globals['_WATCHREQUEST']._serialized_end=2081
-  _globals['_CHANGEEVENT']._serialized_start=2084
-  _globals['_CHANGEEVENT']._serialized_end=2303
-  _globals['_CHANGEEVENT_KIND']._serialized_start=2200
-  _globals['_CHANGEEVENT_KIND']._serialized_end=2303
-  _globals['_SECRETS']._serialized_start=2306
-  _globals['_SECRETS']._serialized_end=3452
+  _globals['_PUTSECRETRESPONSE']._serialized_end=1227
+  _globals['_LISTSECRETSREQUEST']._serialized_start=1229
+  _globals['_LISTSECRETSREQUEST']._serialized_end=1290
+  _globals['_LISTSECRETSRESPONSE']._serialized_start=1292
+  _globals['_LISTSECRETSRESPONSE']._serialized_end=1366
+  _globals['_DESCRIBESECRETREQUEST']._serialized_start=1368
+  _globals['_DESCRIBESECRETREQUEST']._serialized_end=1405
+  _globals['_DESCRIBESECRETRESPONSE']._serialized_start=1407
+  _globals['_DESCRIBESECRETRESPONSE']._serialized_end=1485
+  _globals['_DELETESECRETREQUEST']._serialized_start=1487
+  _globals['_DELETESECRETREQUEST']._serialized_end=1522
+  _globals['_DELETESECRETRESPONSE']._serialized_start=1524
+  _globals['_DELETESECRETRESPONSE']._serialized_end=1546
+  _globals['_UNDELETESECRETREQUEST']._serialized_start=1548
+  _globals['_UNDELETESECRETREQUEST']._serialized_end=1585
+  _globals['_UNDELETESECRETRESPONSE']._serialized_start=1587
+  _globals['_UNDELETESECRETRESPONSE']._serialized_end=1611
+  _globals['_STAGESECRETVERSIONREQUEST']._serialized_start=1613
+  _globals['_STAGESECRETVERSIONREQUEST']._serialized_end=1669
+  _globals['_STAGESECRETVERSIONRESPONSE']._serialized_start=1671
+  _globals['_STAGESECRETVERSIONRESPONSE']._serialized_end=1767
+  _globals['_PROMOTESECRETVERSIONREQUEST']._serialized_start=1769
+  _globals['_PROMOTESECRETVERSIONREQUEST']._serialized_end=1829
+  _globals['_PROMOTESECRETVERSIONRESPONSE']._serialized_start=1831
+  _globals['_PROMOTESECRETVERSIONRESPONSE']._serialized_end=1928
+  _globals['_DISCARDPENDINGVERSIONREQUEST']._serialized_start=1930
+  _globals['_DISCARDPENDINGVERSIONREQUEST']._serialized_end=1974
+  _globals['_DISCARDPENDINGVERSIONRESPONSE']._serialized_start=1976
+  _globals['_DISCARDPENDINGVERSIONRESPONSE']._serialized_end=2038
+  _globals['_WATCHREQUEST']._serialized_start=2040
+  _globals['_WATCHREQUEST']._serialized_end=2118
+  _globals['_CHANGEEVENT']._serialized_start=2121
+  _globals['_CHANGEEVENT']._serialized_end=2340
+  _globals['_CHANGEEVENT_KIND']._serialized_start=2237
+  _globals['_CHANGEEVENT_KIND']._serialized_end=2340
+  _globals['_SECRETS']._serialized_start=2343
+  _globals['_SECRETS']._serialized_end=3489
 # @@protoc_insertion_point(module_scope)

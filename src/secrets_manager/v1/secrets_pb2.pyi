@@ -120,12 +120,16 @@ class PutSecretRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ..., expect_version: _Optional[int] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., replace_tags: _Optional[bool] = ...) -> None: ...
 
 class PutSecretResponse(_message.Message):
-    __slots__ = ("name", "version")
+    __slots__ = ("name", "version", "created", "created_by")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    CREATED_BY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+    created: str
+    created_by: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., created: _Optional[str] = ..., created_by: _Optional[str] = ...) -> None: ...
 
 class ListSecretsRequest(_message.Message):
     __slots__ = ("prefix", "include_deleted")
