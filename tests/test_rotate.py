@@ -9,15 +9,15 @@ import shlex
 import string
 import subprocess
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import boto3
 import pytest
 from botocore.config import Config
 
+from command_recorder import recorder
 from secrets_manager.errors import ConflictError, NotFoundError, UnsupportedOperationError
 from secrets_manager.store import CURRENT, PENDING, PREVIOUS, EncryptedStore
 from secrets_manager.store.aws import AwsStore
@@ -186,21 +186,6 @@ def cli(tmp_path: Path) -> Cli:
     assert cli("init", "--kdf-profile", "test").code == 0
     assert cli("store", "db/app", input=OLD_VALUE.encode()).code == 0
     return cli
-
-
-def recorder(tmp_path: Path, tag: str, *, exit_code: int = 0) -> tuple[str, Callable[[], dict[str, Any]]]:
-    """A command that records its stdin, argv and environment, then exits with `exit_code`."""
-    out = tmp_path / f"{tag}.json"
-    script = tmp_path / f"{tag}.py"
-    script.write_text(
-        "import json, os, sys\n"
-        "data = sys.stdin.read()\n"
-        f"json.dump({{'stdin': data, 'argv': sys.argv, 'env': dict(os.environ)}}, open({str(out)!r}, 'w'))\n"
-        f"print('{tag} command says hello')\n"
-        f"sys.exit({exit_code})\n"
-    )
-    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} --flag"
-    return command, lambda: json.loads(out.read_text())
 
 
 def test_rotate_generates_and_promotes(cli: Cli) -> None:

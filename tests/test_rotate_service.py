@@ -8,7 +8,6 @@ import json
 import shlex
 import string
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import grpc
 import pytest
 
+from command_recorder import recorder
 from secrets_manager.client import RemoteStore
 from secrets_manager.errors import UnsupportedOperationError
 from secrets_manager.v1 import secrets_pb2 as pb
@@ -94,21 +94,6 @@ def rotate(server: Server, client: str, *args: str, input: bytes = b"") -> subpr
     )
     assert "Traceback" not in result.stderr, result.stderr
     return result
-
-
-def recorder(tmp_path: Path, tag: str, *, exit_code: int = 0) -> tuple[str, Callable[[], dict[str, Any]]]:
-    """A command that records its stdin, argv and environment, then exits with `exit_code`."""
-    out = tmp_path / f"{tag}.json"
-    script = tmp_path / f"{tag}.py"
-    script.write_text(
-        "import json, os, sys\n"
-        "data = sys.stdin.read()\n"
-        f"json.dump({{'stdin': data, 'argv': sys.argv, 'env': dict(os.environ)}}, open({str(out)!r}, 'w'))\n"
-        f"print('{tag} command says hello')\n"
-        f"sys.exit({exit_code})\n"
-    )
-    command = f"{shlex.quote(sys.executable)} {shlex.quote(str(script))} --flag"
-    return command, lambda: json.loads(out.read_text())
 
 
 # ---- the RPCs ------------------------------------------------------------------------------------
