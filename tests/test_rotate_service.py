@@ -109,6 +109,7 @@ def test_stage_promote_and_discard_through_the_service(server: Server) -> None:
         staged.created,
         staged.created_by,
     )
+    assert staged.created_by == ROTATOR  # the caller, not the user the service runs as
     assert labels(server) == {"current": 1, "pending": 2}
     assert value(server) == OLD_VALUE
 

@@ -433,3 +433,4 @@ def test_cli_store_needs_write_alone(server: Server) -> None:
     described = server.stub("ops").DescribeSecret(pb.DescribeSecretRequest(name="drop/TOKEN"), timeout=10)
     second = next(v for v in described.metadata.versions if v.version == 2)
     assert (put.version, put.created, put.created_by) == (2, second.created, second.created_by)
+    assert put.created_by == f"spiffe://{TD}/writer"  # the caller, not the user the service runs as

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -415,3 +416,40 @@ def test_password_change_rewrites_only_the_header(
 def test_password_change_keeps_the_root_key(encrypted_store: EncryptedStore, open_store: OpenStore) -> None:
     encrypted_store.change_unlock(PasswordUnlock("new password", kdf.TEST))
     assert open_store(password="new password")._root.material == encrypted_store._root.material
+
+
+def test_acting_for_records_the_actor_of_writes_in_its_block_and_thread(
+    encrypted_store: EncryptedStore,
+) -> None:
+    """What the service uses so versions are `created_by` its caller: only inside the block, only
+    in that thread, and every other write keeps the store's own actor."""
+    encrypted_store.put("acting/default", VALUE)
+    seen: dict[str, str] = {}
+    inside = threading.Event()
+    other_done = threading.Event()
+
+    def other_thread() -> None:
+        inside.wait(5)  # write while the main thread is inside its block
+        encrypted_store.put("acting/other-thread", VALUE)
+        other_done.set()
+
+    worker = threading.Thread(target=other_thread)
+    worker.start()
+    with encrypted_store.acting_for("spiffe://example.org/caller"):
+        encrypted_store.put("acting/caller", VALUE)
+        encrypted_store.stage("acting/caller", OTHER_VALUE)
+        inside.set()
+        assert other_done.wait(5)
+    worker.join(5)
+    encrypted_store.put("acting/after", VALUE)
+    for name in ("acting/default", "acting/other-thread", "acting/caller", "acting/after"):
+        seen[name] = ",".join(v.created_by for v in encrypted_store.history(name))
+    default = seen["acting/default"]
+    assert default and default != "spiffe://example.org/caller"
+    assert seen == {
+        "acting/default": default,
+        "acting/other-thread": default,
+        "acting/caller": "spiffe://example.org/caller,spiffe://example.org/caller",
+        "acting/after": default,
+    }
+    assert encrypted_store.describe("acting/caller").created_by == "spiffe://example.org/caller"

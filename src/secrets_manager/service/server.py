@@ -146,7 +146,10 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 raise AccessDeniedError(f"{identity} may not {capability} {name!r}")
             if mutating:
                 self._audit.append([replace(event, outcome="pending")], self._store)
-            yield request
+                with self._store.acting_for(identity):  # versions it writes are by the caller
+                    yield request
+            else:
+                yield request
             self._audit.append(request.extra_events or [event], self._store, durable=durable)
         except SecretsManagerError as exc:
             code = status_for(exc)

@@ -22,10 +22,11 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import contextvars
 import json
 import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -95,6 +96,11 @@ Operations = list[Operation]
 
 class _LostRace(Exception):
     """A storage precondition failed because another writer committed first: re-read and retry."""
+
+
+# Who the versions written in this thread (or task) are by, when not the store's own actor: the
+# service's caller (EncryptedStore.acting_for).
+_ACTING_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("acting_for", default=None)
 
 
 class EncryptedStore:
@@ -179,6 +185,16 @@ class EncryptedStore:
         if not isinstance(self._unlock, PasswordUnlock):
             raise InvalidInputError("this store is not unlocked by a password")
         self.change_unlock(PasswordUnlock(new_password, self._unlock.params))
+
+    @contextlib.contextmanager
+    def acting_for(self, actor: str) -> Iterator[None]:
+        """Versions written in this block, in this thread or task, record `actor` as their creator
+        (`created_by`): the service's caller rather than the user the service runs as."""
+        token = _ACTING_FOR.set(actor)
+        try:
+            yield
+        finally:
+            _ACTING_FOR.reset(token)
 
     def close(self) -> None:
         self._read_cache.clear()
@@ -337,7 +353,7 @@ class EncryptedStore:
                     "read it again and retry"
                 )
             if meta is None:
-                meta = _Meta.new(now, self._actor, self._max_versions)
+                meta = _Meta.new(now, _ACTING_FOR.get() or self._actor, self._max_versions)
             if description is not None:
                 meta.description = description
             if tags is not None:
@@ -352,7 +368,7 @@ class EncryptedStore:
         """Inside a retried attempt: seal `value` as the next version, labelled `label`, prune,
         and commit it with the metadata (compare-and-set on the metadata read)."""
         number = meta.next_version
-        meta.add_version(number, now, self._actor, label=label)
+        meta.add_version(number, now, _ACTING_FOR.get() or self._actor, label=label)
         pruned = meta.prune()
         ops: Operations = [Delete(_data_key(name, old)) for old in pruned]
         ns = namespace_of(name)
