@@ -255,14 +255,14 @@ class EncryptedStore:
                 number,
                 entry.value,
             )
-            print_ = value_fingerprint(self.audit_key(), plaintext) if fingerprint else None
+            value_hmac = value_fingerprint(self.audit_key(), plaintext) if fingerprint else None
             # Kept only if nothing changed while it was read (the head is where it was before).
             if head is not None and self._change_head is not None and self._change_head.change_head() == head:
                 cached = self._read_cache.get(head, name) or _CachedSecret(meta, {})
                 if cached.meta == meta:
-                    cached.records[number] = _SealedValue(entry.value, used[0], print_)
+                    cached.records[number] = _SealedValue(entry.value, used[0], value_hmac)
                     self._read_cache.put(head, head, name, cached)
-            return _secret(name, number, meta, plaintext), print_
+            return _secret(name, number, meta, plaintext), value_hmac
         raise NotFoundError(f"version {number} of {name!r} is no longer stored")
 
     def describe(self, name: str) -> SecretMetadata:
