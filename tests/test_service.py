@@ -434,3 +434,36 @@ def test_cli_store_needs_write_alone(server: Server) -> None:
     second = next(v for v in described.metadata.versions if v.version == 2)
     assert (put.version, put.created, put.created_by) == (2, second.created, second.created_by)
     assert put.created_by == f"spiffe://{TD}/writer"  # the caller, not the user the service runs as
+
+
+def test_a_write_by_another_process_is_served_by_the_very_next_read(server: Server) -> None:
+    """The service answers reads from its cache (store/read_cache.py) only while the store's change
+    head stays put: a CLI writing the same file directly is seen by the next GetSecret — no TTL,
+    no window — and so are its delete and undelete."""
+    stub = server.stub("auth")
+    request = pb.GetSecretRequest(name="auth/JWT_KEY")
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(server.dir), "MASTER_PASSWORD": PASSWORD}
+
+    def local(*args: str, data: bytes = b"") -> None:
+        done = subprocess.run(
+            [str(SCRIPT), "--store", str(server.dir / "store.db"), *args],
+            input=data,
+            capture_output=True,
+            env=env,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+
+    for _ in range(3):  # cached now
+        assert stub.GetSecret(request, timeout=10).secret.value == b"auth-jwt-key"
+    for version in range(2, 6):
+        local("store", "auth/JWT_KEY", data=f"rotated-{version}".encode())
+        reply = stub.GetSecret(request, timeout=10)
+        assert (reply.secret.value, reply.secret.version) == (f"rotated-{version}".encode(), version)
+        assert stub.GetSecret(request, timeout=10).secret.version == version  # and then from the cache
+    previous = stub.GetSecret(pb.GetSecretRequest(name="auth/JWT_KEY", label="previous"), timeout=10)
+    assert (previous.secret.value, previous.secret.version) == (b"rotated-4", 4)
+    local("delete", "auth/JWT_KEY")
+    assert code_of(lambda: stub.GetSecret(request, timeout=10)) is grpc.StatusCode.NOT_FOUND
+    local("undelete", "auth/JWT_KEY")
+    assert stub.GetSecret(request, timeout=10).secret.value == b"rotated-5"
