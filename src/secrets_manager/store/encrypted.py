@@ -261,7 +261,7 @@ class EncryptedStore:
                 cached = self._read_cache.get(head, name) or _CachedSecret(meta, {})
                 if cached.meta == meta:
                     cached.records[number] = _SealedValue(entry.value, used[0], value_hmac)
-                    self._read_cache.put(head, head, name, cached)
+                    self._read_cache.put(head, name, cached)
             return _secret(name, number, meta, plaintext), value_hmac
         raise NotFoundError(f"version {number} of {name!r} is no longer stored")
 

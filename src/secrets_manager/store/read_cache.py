@@ -35,15 +35,13 @@ class ReadCache(Generic[T]):
                 return None
             return self._entries.get(name)
 
-    def put(self, head_before: int, head_after: int, name: str, entry: T) -> None:
-        """Keep `entry`, read between two reads of the head, if the head did not move meanwhile.
-
-        (A reader that read the head before another moved it must not tag old data as new.)"""
-        if head_before != head_after:
-            return
+    def put(self, head: int, name: str, entry: T) -> None:
+        """Keep `entry`, read wholly while the storage's head was `head` (the caller read the head
+        again after reading: an entry read across a change must not be kept). An entry tagged with
+        an older head than the cache's is dropped: its reader read the head before another moved it."""
         with self._lock:
-            self._advance(head_before)
-            if head_before != self._head:
+            self._advance(head)
+            if head != self._head:
                 return
             if name not in self._entries and len(self._entries) >= self._limit:
                 del self._entries[next(iter(self._entries))]  # the oldest kept (dicts keep order)
