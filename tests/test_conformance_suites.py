@@ -361,14 +361,42 @@ def test_check_secret_store_notices_a_promote_of_a_version_no_longer_pending(
 ) -> None:
     original = encrypted_module.EncryptedStore.promote
 
-    def promote_anything(self: EncryptedStore, name: str, version: int) -> None:
+    def promote_anything(self: EncryptedStore, name: str, version: int) -> int | None:
         pending = self.describe(name).labels.get("pending")
-        original(self, name, version if pending is None else pending)
+        return original(self, name, version if pending is None else pending)
 
     monkeypatch.setattr(encrypted_module.EncryptedStore, "promote", promote_anything)
     with pytest.raises(
         AssertionError, match="'pending-rotation' failed: promote of a version no longer pending"
     ):
+        check_secret_store(make_store)
+
+
+def test_check_secret_store_notices_a_promote_that_misreports_the_old_current(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = encrypted_module.EncryptedStore.promote
+
+    def promote_reporting_the_new_version(self: EncryptedStore, name: str, version: int) -> int | None:
+        original(self, name, version)
+        return version
+
+    monkeypatch.setattr(encrypted_module.EncryptedStore, "promote", promote_reporting_the_new_version)
+    with pytest.raises(AssertionError, match="'pending-rotation' failed: promote returned 4"):
+        check_secret_store(make_store)
+
+
+def test_check_secret_store_notices_a_discard_that_misreports_the_version(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = encrypted_module.EncryptedStore.discard_pending
+
+    def discard_reporting_nothing(self: EncryptedStore, name: str) -> int:
+        original(self, name)
+        return 0
+
+    monkeypatch.setattr(encrypted_module.EncryptedStore, "discard_pending", discard_reporting_nothing)
+    with pytest.raises(AssertionError, match="'pending-rotation' failed: discard_pending returned 0"):
         check_secret_store(make_store)
 
 

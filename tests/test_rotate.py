@@ -9,9 +9,10 @@ import shlex
 import string
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
@@ -48,6 +49,84 @@ def test_stage_promote_and_discard_on_the_encrypted_store(encrypted_store: Encry
     store.discard_pending("db/app")
     assert store.describe("db/app").labels == {CURRENT: 3, PREVIOUS: 2}
     assert store.get("db/app", version=4).value.reveal() == b"four"
+
+
+def test_promote_and_discard_return_what_their_own_commit_changed(encrypted_store: EncryptedStore) -> None:
+    store = encrypted_store
+    store.put("db/app", b"one")
+    store.put("db/app", b"two")
+    assert store.promote("db/app", store.stage("db/app", b"three").version) == 2
+    with pytest.raises(NotFoundError, match="no version labelled 'pending'"):
+        store.discard_pending("db/app")
+    store.stage("db/app", b"four")
+    assert store.discard_pending("db/app") == 4
+    assert store.describe("db/app").labels == {CURRENT: 3, PREVIOUS: 2}
+
+
+def _run_between_attempt_and_commit(store: EncryptedStore, interleaved: Callable[[], object]) -> None:
+    """Make `store`'s next storage commit run `interleaved` (another handle's work) first, once."""
+    storage = store._storage
+    real_commit = storage.commit
+
+    def commit(*args: Any, **kwargs: Any) -> int:
+        storage.commit = real_commit  # type: ignore[method-assign]
+        interleaved()
+        return real_commit(*args, **kwargs)
+
+    storage.commit = commit  # type: ignore[method-assign]
+
+
+def _run_after_commit(store: EncryptedStore, following: Callable[[], object]) -> None:
+    """Make `store`'s next storage commit run `following` (another handle's work) right after it, once."""
+    storage = store._storage
+    real_commit = storage.commit
+
+    def commit(*args: Any, **kwargs: Any) -> int:
+        storage.commit = real_commit  # type: ignore[method-assign]
+        revision = real_commit(*args, **kwargs)
+        following()
+        return revision
+
+    storage.commit = commit  # type: ignore[method-assign]
+
+
+def test_promote_reports_its_own_previous_when_another_rotation_follows_at_once(
+    open_store: Callable[..., EncryptedStore], encrypted_store: EncryptedStore
+) -> None:
+    """A second rotation lands between A's promote commit and A's return: A still reports version 1
+    (what its commit replaced), not 2 (what a describe afterwards shows)."""
+    encrypted_store.put("db/app", b"one")
+    a, b = open_store(), open_store()
+    staged = a.stage("db/app", b"two").version
+    _run_after_commit(a, lambda: b.promote("db/app", b.stage("db/app", b"three").version))
+    assert a.promote("db/app", staged) == 1
+    assert encrypted_store.describe("db/app").labels == {CURRENT: 3, PREVIOUS: 2}
+
+
+def test_promote_retried_after_a_lost_race_reports_the_previous_of_the_commit_that_won(
+    open_store: Callable[..., EncryptedStore], encrypted_store: EncryptedStore
+) -> None:
+    """B writes a new current version while A's promote is about to commit: A's commit loses the
+    race and is retried on fresh metadata, and reports B's version as the one it made previous."""
+    encrypted_store.put("db/app", b"one")
+    a, b = open_store(), open_store()
+    staged = a.stage("db/app", b"two").version
+    _run_between_attempt_and_commit(a, lambda: b.put("db/app", b"three"))
+    assert a.promote("db/app", staged) == 3
+    assert encrypted_store.describe("db/app").labels == {CURRENT: 2, PREVIOUS: 3}
+
+
+def test_discard_reports_the_version_its_own_commit_unlabelled(
+    open_store: Callable[..., EncryptedStore], encrypted_store: EncryptedStore
+) -> None:
+    """Another stage moves the pending label just before A's discard commits: the retried discard
+    takes the label from version 3 and says so."""
+    encrypted_store.put("db/app", b"one")
+    a, b = open_store(), open_store()
+    a.stage("db/app", b"two")
+    _run_between_attempt_and_commit(a, lambda: b.stage("db/app", b"three"))
+    assert a.discard_pending("db/app") == 3
+    assert encrypted_store.describe("db/app").labels == {CURRENT: 1}
 
 
 def test_stage_twice_then_promote_the_first_is_a_conflict(encrypted_store: EncryptedStore) -> None:

@@ -135,13 +135,13 @@ def test_remote_store_rotation_methods_return_what_the_store_protocol_says(serve
         described = server.stub("ops").DescribeSecret(pb.DescribeSecretRequest(name="db/app"), timeout=10)
         assert metadata_from_message(described.metadata).versions[-1] == info
         assert remote.get("db/app", label="pending").value.reveal() == STAGED_VALUE
-        assert remote.promote("db/app", 2) is None  # type: ignore[func-returns-value]
+        assert remote.promote("db/app", 2) == 1  # the old current, now previous
         assert remote.stage("db/app", b"third").version == 3
-        assert remote.discard_pending("db/app") is None  # type: ignore[func-returns-value]
+        assert remote.discard_pending("db/app") == 3
         assert remote.stage("db/app", b"fourth").version == 4
-        assert remote.promote_version("db/app", 4) == (4, 2)
+        assert remote.promote("db/app", 4) == 2
         assert remote.stage("db/app", b"fifth").version == 5
-        assert remote.discard_pending_version("db/app") == 5
+        assert remote.discard_pending("db/app") == 5
     finally:
         remote.close()
     assert labels(server) == {"current": 4, "previous": 2}

@@ -32,9 +32,8 @@ import click
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
 from secrets_manager.cli.output import info_line, print_json
 from secrets_manager.cli.password import PASSWORD_FILE_VARIABLE, PASSWORD_VARIABLE
-from secrets_manager.client import RemoteStore
 from secrets_manager.errors import InvalidInputError, SecretsManagerError
-from secrets_manager.store import CURRENT, PENDING, PREVIOUS, validate_name
+from secrets_manager.store import PENDING, validate_name
 from secrets_manager.values import SecretValue
 
 ALPHABETS = {
@@ -222,24 +221,14 @@ def _resume(session: Session, name: str) -> tuple[int, SecretValue]:
 def _promote(session: Session, name: str, version: int) -> tuple[int, int | None]:
     with session.secret_operation("rotate.promote", name, mutating=True) as (store, note):
         note.version(version)
-        if isinstance(store, RemoteStore):
-            # The response says what moved: no DescribeSecret, which would need 'list' too.
-            return store.promote_version(name, version)
-        store.promote(name, version)
-        labels = store.describe(name).labels
-    return labels.get(CURRENT, version), labels.get(PREVIOUS)
+        previous = store.promote(name, version)
+    return version, previous
 
 
 def _discard(session: Session, name: str, *, as_json: bool) -> None:
     with session.secret_operation("rotate.discard", name, mutating=True) as (store, note):
-        discarded: int | None
-        if isinstance(store, RemoteStore):
-            discarded = store.discard_pending_version(name)
-        else:
-            discarded = store.describe(name).labels.get(PENDING)
-            if discarded is not None:
-                note.version(discarded)
-            store.discard_pending(name)
+        discarded = store.discard_pending(name)
+        note.version(discarded)
     if as_json:
         print_json({"name": name, "discarded": discarded})
     info_line(f"discarded the pending version {discarded} of {name}; current is unchanged")

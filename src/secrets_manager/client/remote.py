@@ -191,25 +191,18 @@ class RemoteStore:
             labels=(PENDING,),
         )
 
-    def promote(self, name: str, version: int) -> None:
+    def promote(self, name: str, version: int) -> int | None:
         """PromoteSecretVersion: `version`, which must still be pending (ConflictError otherwise),
-        becomes current."""
-        self.promote_version(name, version)
+        becomes current. Returns the version that became previous, from the response (no
+        DescribeSecret, which would need the list capability on top of rotate)."""
+        response = self._call(
+            "PromoteSecretVersion", pb.PromoteSecretVersionRequest(name=name, version=version)
+        )
+        return int(response.previous) if response.HasField("previous") else None
 
-    def promote_version(self, name: str, version: int) -> tuple[int, int | None]:
-        """PromoteSecretVersion alone, with what it changed: (current, previous), without a
-        DescribeSecret (which needs the list capability on top of rotate)."""
-        request = pb.PromoteSecretVersionRequest(name=name, version=version)
-        response = self._call("PromoteSecretVersion", request)
-        previous = int(response.previous) if response.HasField("previous") else None
-        return int(response.version), previous
-
-    def discard_pending(self, name: str) -> None:
-        """DiscardPendingVersion: remove the `pending` label (NotFoundError if no version has it)."""
-        self.discard_pending_version(name)
-
-    def discard_pending_version(self, name: str) -> int:
-        """DiscardPendingVersion, returning the version that carried `pending` (it stays)."""
+    def discard_pending(self, name: str) -> int:
+        """DiscardPendingVersion: remove the `pending` label (NotFoundError if no version has it).
+        Returns the version that carried it (it stays)."""
         return int(self._call("DiscardPendingVersion", pb.DiscardPendingVersionRequest(name=name)).version)
 
     def watch(self, prefix: str = "", since_revision: int | None = None) -> ChangeStream:

@@ -29,7 +29,7 @@ from secrets_manager.errors import AccessDeniedError, InvalidInputError, NotFoun
 from secrets_manager.service.config import DEFAULT_MAX_WORKERS, WORKERS_KEPT_FROM_WATCH, ServerConfig
 from secrets_manager.service.metrics import Metrics
 from secrets_manager.service.watch import ChangeHub
-from secrets_manager.store import CURRENT, PENDING, PREVIOUS, EncryptedStore
+from secrets_manager.store import EncryptedStore
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.store.names import validate_name, validate_prefix
 from secrets_manager.tls.identity import IdentityError, identity_from_auth_context
@@ -294,17 +294,13 @@ class SecretsServicer(pb_grpc.SecretsServicer):
 
     def PromoteSecretVersion(self, request: Any, context: grpc.ServicerContext) -> Any:
         """Rotation's last step (store.promote): ABORTED (a ConflictError) if the version is no longer
-        pending."""
+        pending. The response names the old current as the change itself saw it."""
         with self._call(
             context, "PromoteSecretVersion", "rotate.promote", request.name, "rotate", mutating=True
         ) as call:
             call.event.version = request.version
-            self._store.promote(request.name, request.version)
-            labels = self._store.describe(request.name).labels
-        response = pb.PromoteSecretVersionResponse(
-            name=request.name, version=labels.get(CURRENT, request.version)
-        )
-        previous = labels.get(PREVIOUS)
+            previous = self._store.promote(request.name, request.version)
+        response = pb.PromoteSecretVersionResponse(name=request.name, version=request.version)
         if previous is not None:
             response.previous = previous
         return response
@@ -314,11 +310,9 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         with self._call(
             context, "DiscardPendingVersion", "rotate.discard", request.name, "rotate", mutating=True
         ) as call:
-            # Which version loses the label, for the audit record and the caller (as the local CLI does).
-            pending = self._store.describe(request.name).labels.get(PENDING)
-            call.event.version = pending
-            self._store.discard_pending(request.name)
-        return pb.DiscardPendingVersionResponse(name=request.name, version=pending or 0)
+            # The audit record and the caller get the version the change itself took the label from.
+            call.event.version = self._store.discard_pending(request.name)
+        return pb.DiscardPendingVersionResponse(name=request.name, version=call.event.version)
 
     def Watch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         """Stream change events from the one change-feed poller (service/watch.py). The stream holds

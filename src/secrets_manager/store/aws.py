@@ -452,11 +452,12 @@ class AwsStore:
             backoff.wait()  # another writer took version `number`: read again
         return VersionInfo(version=number, created=datetime.now(UTC), created_by="", labels=(PENDING,))
 
-    def promote(self, name: str, version: int) -> None:
+    def promote(self, name: str, version: int) -> int | None:
         """ListSecretVersionIds, then UpdateSecretVersionStage moving AWSCURRENT to the pending
         version (AWS moves AWSPREVIOUS to the old current itself), then one removing AWSPENDING.
         AWS has no multi-label transaction: between the two calls the new current version still
-        carries AWSPENDING too (as after AWS's own rotation Lambdas); the second call removes it."""
+        carries AWSPENDING too (as after AWS's own rotation Lambdas); the second call removes it.
+        Returns the old current, the version the move named in RemoveFromVersionId."""
         validate_name(name)
         self._require_live(name)
         versions = self._versions(name)
@@ -482,9 +483,12 @@ class AwsStore:
                 VersionStage=STAGE_OF_LABEL[PENDING],
                 RemoveFromVersionId=pending.version_id,
             )
+        return None if current is None else current.number
 
-    def discard_pending(self, name: str) -> None:
-        """ListSecretVersionIds, then UpdateSecretVersionStage removing AWSPENDING."""
+    def discard_pending(self, name: str) -> int:
+        """ListSecretVersionIds, then UpdateSecretVersionStage removing AWSPENDING from the version
+        that carried it, which is returned (AWS has no compare-and-set on labels: a concurrent stage
+        in between is a race this backend cannot close)."""
         validate_name(name)
         self._require_live(name)
         pending = next((v for v in self._versions(name) if PENDING in v.labels), None)
@@ -496,6 +500,7 @@ class AwsStore:
                 VersionStage=STAGE_OF_LABEL[PENDING],
                 RemoveFromVersionId=pending.version_id,
             )
+        return pending.number
 
     def _require_live(self, name: str) -> None:
         """DescribeSecret: NotFoundError if the secret is missing, ConflictError if it is deleted."""

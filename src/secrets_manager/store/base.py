@@ -125,12 +125,15 @@ class SecretStore(Protocol):
         """Write a new version labelled `pending` (rotation, step 1); `current` and `previous` do not
         move. The label leaves whichever version carried it. Same errors as `put`."""
 
-    def promote(self, name: str, version: int) -> None:
+    def promote(self, name: str, version: int) -> int | None:
         """Make `version`, which must carry `pending` (ConflictError otherwise), `current` in one
-        step: the old current becomes `previous` and the `pending` label is removed."""
+        step: the old current becomes `previous` and the `pending` label is removed. Returns the
+        version that became `previous` (None if nothing was current), as the change saw it: a
+        describe afterwards could report another rotation's labels."""
 
-    def discard_pending(self, name: str) -> None:
-        """Remove the `pending` label (the version stays, unlabelled). NotFoundError if none has it."""
+    def discard_pending(self, name: str) -> int:
+        """Remove the `pending` label (the version stays, unlabelled). NotFoundError if none has it.
+        Returns the version that carried it, as the change saw it."""
 
     def close(self) -> None:
         """Release the backend."""

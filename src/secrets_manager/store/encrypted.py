@@ -406,11 +406,14 @@ class EncryptedStore:
 
         return self._retry(attempt)
 
-    def promote(self, name: str, version: int) -> None:
-        """`version` (which must carry `pending`) becomes current; the old current, previous."""
+    def promote(self, name: str, version: int) -> int | None:
+        """`version` (which must carry `pending`) becomes current; the old current, previous.
+        Returns that old current, read in the same commit."""
         self._require_pending_label()
+        previous: int | None = None
 
         def change(meta: _Meta, now: float) -> Operations:
+            nonlocal previous
             if meta.deleted is not None:
                 raise ConflictError(f"secret {name!r} is deleted; run 'undelete {name}' first")
             pending = meta.labels.get(PENDING)
@@ -421,25 +424,31 @@ class EncryptedStore:
                 )
             if meta.versions[version]["destroyed"]:
                 raise ConflictError(f"version {version} of {name!r} was destroyed; nothing was promoted")
-            if CURRENT in meta.labels:
-                meta.labels[PREVIOUS] = meta.labels[CURRENT]
+            previous = meta.labels.get(CURRENT)  # set again by each retry: the one that commits wins
+            if previous is not None:
+                meta.labels[PREVIOUS] = previous
             meta.labels[CURRENT] = version
             del meta.labels[PENDING]
             return []
 
         self._update_meta(name, change)
+        return previous
 
-    def discard_pending(self, name: str) -> None:
-        """Remove the `pending` label; the version it was on stays, unlabelled."""
+    def discard_pending(self, name: str) -> int:
+        """Remove the `pending` label; the version it was on stays, unlabelled. Returns that
+        version, read in the same commit."""
         self._require_pending_label()
+        discarded = 0
 
         def change(meta: _Meta, now: float) -> Operations:
+            nonlocal discarded
             if PENDING not in meta.labels:
                 raise NotFoundError(f"secret {name!r} has no version labelled {PENDING!r}")
-            del meta.labels[PENDING]
+            discarded = meta.labels.pop(PENDING)
             return []
 
         self._update_meta(name, change)
+        return discarded
 
     def _require_pending_label(self) -> None:
         """A subclass that declares the pending label unsupported gets these operations refused."""

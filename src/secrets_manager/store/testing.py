@@ -450,7 +450,8 @@ def _check_pending_rotation(make_store: MakeStore, ns: str) -> None:
         _require(store.get(name, version=3).labels == (), "the version staged before still carries a label")
         _raises(ConflictError, lambda: store.promote(name, 3), "promote of a version no longer pending")
         _require(store.get(name).version == 2, "a refused promote moved the current label")
-        store.promote(name, 4)
+        previous = store.promote(name, 4)
+        _require(previous == 2, f"promote returned {previous}, not the old current 2")
         promoted = store.get(name)
         _require(
             promoted.version == 4 and _revealed(promoted) == b"value 4", "promote did not make it current"
@@ -463,7 +464,8 @@ def _check_pending_rotation(make_store: MakeStore, ns: str) -> None:
         _require(labels == {CURRENT: 4, PREVIOUS: 2}, f"labels after promote are {labels}")
         _raises(ConflictError, lambda: store.promote(name, 4), "promote of the current version")
         store.stage(name, b"value 5")
-        store.discard_pending(name)
+        discarded = store.discard_pending(name)
+        _require(discarded == 5, f"discard_pending returned {discarded}, not the pending version 5")
         _raises(NotFoundError, lambda: store.get(name, label=PENDING), "get label=pending after discard")
         _require(_revealed(store.get(name, version=5)) == b"value 5", "discard_pending lost the version")
         _require(store.get(name).version == 4, "discard_pending moved the current label")

@@ -561,10 +561,10 @@ class VaultStore:
     def stage(self, name: str, value: bytes) -> VersionInfo:
         raise _no_pending("stage")
 
-    def promote(self, name: str, version: int) -> None:
+    def promote(self, name: str, version: int) -> int | None:
         raise _no_pending("promote")
 
-    def discard_pending(self, name: str) -> None:
+    def discard_pending(self, name: str) -> int:
         raise _no_pending("discard_pending")
 
     def _require_meta(self, name: str) -> _KvMeta:
