@@ -8,10 +8,13 @@ and writes a chained, MAC'd audit record before answering: "ours" with the defau
 "always"` (fsynced before the response). For 1 and for 8 concurrent callers (separate processes, so
 the load is not bound by one interpreter's GIL) it prints requests per second, p50/p99 latency and
 the server process's CPU time per request of each server, and the ratios to the bare server, from
-rotating rounds in the same run.
+rotating rounds in the same run. A second bare server, the same code in another process
+("bare-again"), shows how far two identical servers land apart in the same run: the noise floor
+of every ratio.
 
-    python bench/service.py            # 3 rounds of 3 s per server and caller count
-    python bench/service.py --quick    # 1 round of 1.5 s
+    python bench/service.py                   # 3 rounds of 3 s per server and caller count
+    python bench/service.py --quick           # 1 round of 1.5 s
+    python bench/service.py --max-workers 4   # every server with 4 call threads (default 256)
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pathlib import Path
 import grpc
 
 from secrets_manager.crypto import kdf
+from secrets_manager.service.config import DEFAULT_MAX_WORKERS
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.tls import pki
@@ -67,13 +71,13 @@ class BareSecrets(pb_grpc.SecretsServicer):  # type: ignore[misc]
         )
 
 
-def run_bare(directory: Path) -> None:
+def run_bare(directory: Path, max_workers: int) -> None:
     credentials = grpc.ssl_server_credentials(
         [((directory / "server-key.pem").read_bytes(), (directory / "server.pem").read_bytes())],
         root_certificates=(directory / "ca.pem").read_bytes(),
         require_client_auth=True,
     )
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=32))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
     pb_grpc.add_SecretsServicer_to_server(BareSecrets(), server)
     port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
@@ -160,7 +164,7 @@ def start(command: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[byt
     raise RuntimeError(f"server did not start: {command}")
 
 
-def prepare(directory: Path) -> None:
+def prepare(directory: Path, max_workers: int = DEFAULT_MAX_WORKERS) -> None:
     ca_cert, ca_key = pki.new_ca()
     (directory / "ca.pem").write_bytes(ca_cert)
     for name, server in (("server", True), ("bench", False)):
@@ -174,7 +178,7 @@ def prepare(directory: Path) -> None:
     for server, sync in SERVERS.items():
         (directory / f"{server}.toml").write_text(
             f'listen = "127.0.0.1:0"\nstore = "{server}.db"\npolicy = "policy.toml"\n'
-            f'audit_sync = "{sync}"\n'
+            f'audit_sync = "{sync}"\nmax_workers = {max_workers}\n'
             '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
         )
         # One store (and so one audit log and anchor) per server.
@@ -189,18 +193,32 @@ def prepare(directory: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--max-workers",
+        type=int,
+        default=DEFAULT_MAX_WORKERS,
+        help=f"call threads of every server (ours' max_workers; default {DEFAULT_MAX_WORKERS})",
+    )
     parser.add_argument("--bare", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare:
-        run_bare(args.bare)
+        run_bare(args.bare, args.max_workers)
         return 0
     rounds, seconds = (1, 1.5) if args.quick else (3, 3.0)
     began = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="sm-bench-service-") as tmp:
         directory = Path(tmp)
-        prepare(directory)
+        prepare(directory, args.max_workers)
         env = {**os.environ, "MASTER_PASSWORD": PASSWORD}
-        servers = {"bare": start([sys.executable, __file__, "--bare", str(directory)], env)}
+        bare_command = [
+            sys.executable,
+            __file__,
+            "--bare",
+            str(directory),
+            "--max-workers",
+            str(args.max_workers),
+        ]
+        servers = {"bare": start(bare_command, env), "bare-again": start(bare_command, env)}
         for label in SERVERS:
             servers[label] = start([str(SCRIPT), "serve", "--config", str(directory / f"{label}.toml")], env)
         results: dict[int, dict[str, Sample]] = {}
@@ -256,9 +274,11 @@ def main(argv: list[str] | None = None) -> int:
         print("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)))
     print(
         f"GetSecret of a random one of {SECRETS} secrets, mutual TLS (EC P-256), medians of {rounds} "
-        f"rotating round(s) of {seconds:g} s; ratio = server / bare in the same run (throughput: higher "
-        "is better, latency and CPU: lower is better); cpu/req = the server process's user + system CPU "
-        'time per request. ours = audit_sync "interval" (the default), '
+        f"rotating round(s) of {seconds:g} s, {args.max_workers} call threads per server; ratio = "
+        "server / bare in the same run (throughput: higher is better, latency and CPU: lower is "
+        "better); cpu/req = the server process's user + system CPU "
+        "time per request. bare-again = the bare server's code in a second process (the noise floor: "
+        'identical servers differ this much). ours = audit_sync "interval" (the default), '
         f'ours-always = audit_sync "always". Audit records written: '
         + ", ".join(f"{label} {count:,}" for label, count in audited.items())
         + f". Total {total:.0f} s."
