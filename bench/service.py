@@ -247,7 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             for process, _ in servers.values():
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=30)
-        audited = {label: sum(1 for _ in (directory / f"{label}.audit.jsonl").open()) for label in SERVERS}
+        audited = {  # the live file and the ones rotated away by size (`<file>.<first seq>`)
+            label: sum(sum(1 for _ in path.open()) for path in directory.glob(f"{label}.audit.jsonl*"))
+            for label in SERVERS
+        }
     total = time.perf_counter() - began
     header = ("callers", "server", "req/s", "ratio", "p50", "ratio", "p99", "ratio", "cpu/req", "ratio")
     lines = [header]
