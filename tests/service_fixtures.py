@@ -187,8 +187,11 @@ def start_server(
     max_workers: int = 64,
     metrics: bool = False,
     settings: str = "",
+    store: str = "store.db",
+    environment: Mapping[str, str] | None = None,
 ) -> Server:
-    """`secrets-manager serve` on a free port over `directory/store.db`; returns once it listens.
+    """`secrets-manager serve` on a free port over `store` (default `directory/store.db`; any store
+    URL, with what it needs, e.g. PGPASSWORD, in `environment`); returns once it listens.
 
     Every watch stream holds one of the server's worker threads (at most `max_workers` - 16 of them
     by default), so tests with many subscribed clients pass a larger `max_workers`."""
@@ -196,7 +199,7 @@ def start_server(
     metrics_port = int(free_address().rpartition(":")[2]) if metrics else None
     metrics_line = f'metrics_listen = "127.0.0.1:{metrics_port}"\n' if metrics else ""
     config.write_text(
-        f'listen = "127.0.0.1:0"\nstore = "store.db"\npolicy = "policy.toml"\n'
+        f'listen = "127.0.0.1:0"\nstore = "{store}"\npolicy = "policy.toml"\n'
         f"max_workers = {max_workers}\nshutdown_grace_seconds = 5\n{metrics_line}{settings}"
         '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
     )
@@ -204,6 +207,7 @@ def start_server(
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(directory),
         "MASTER_PASSWORD": PASSWORD,
+        **(environment or {}),
     }
     process = subprocess.Popen(
         [str(SCRIPT), "serve", "--config", str(config)],

@@ -1,0 +1,184 @@
+"""The service on PostgreSQL, where replicas share one store: two real `secrets-manager serve`
+processes on one store in a private PostgreSQL cluster, with real mutual TLS certificates.
+
+Each replica has its own audit log (and so its own anchor in the store). A write through one
+replica, or by the CLI on the database directly, must be served by the other's very next read and
+reach the other's Watch streams."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from secrets_manager.crypto import kdf
+from secrets_manager.storage.postgres import PostgresStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.v1 import secrets_pb2 as pb
+from service_fixtures import PASSWORD, POLICY, SCRIPT, SEED, Server, make_pki, start_server
+
+
+@dataclass
+class Replicas:
+    a: Server
+    b: Server
+    url: str  # the store URL (no password: PGPASSWORD is in `env`)
+    env: dict[str, str]  # what a process needs to open the store
+
+    def audit_records(self, server: Server) -> list[dict[str, Any]]:
+        path = server.dir / f"{self.name_of(server)}.audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+    def name_of(self, server: Server) -> str:
+        return "replica-a" if server is self.a else "replica-b"
+
+    def cli(
+        self, *args: str, data: bytes = b"", audit_file: str | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        """The real console script on the PostgreSQL store itself (no service in between)."""
+        options = ["--audit-file", str(self.a.dir / audit_file)] if audit_file else []
+        return subprocess.run(
+            [str(SCRIPT), "--store", self.url, *options, *args],
+            input=data,
+            capture_output=True,
+            env=self.env,
+            timeout=60,
+        )
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, postgres_cluster: Any) -> Iterator[Replicas]:
+    make_pki(tmp_path)
+    (tmp_path / "policy.toml").write_text(POLICY)
+    schema = postgres_cluster.new_schema()
+    store = EncryptedStore.create(
+        PostgresStorage(postgres_cluster.url(with_password=True), schema=schema, create=True),
+        PasswordUnlock(PASSWORD, kdf.TEST),
+    )
+    try:
+        for name, value in SEED.items():
+            store.put(name, value)
+    finally:
+        store.close()
+    url = f"{postgres_cluster.url()}?schema={schema}"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "MASTER_PASSWORD": PASSWORD,
+        **postgres_cluster.env(),
+    }
+    servers: list[Server] = []
+    try:
+        for name in ("replica-a", "replica-b"):
+            servers.append(
+                start_server(
+                    tmp_path,
+                    name,
+                    store=url,
+                    environment=postgres_cluster.env(),
+                    settings=f'audit_file = "{name}.audit.jsonl"\n',
+                )
+            )
+        yield Replicas(servers[0], servers[1], url, env)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def test_sixteen_clients_each_read_their_writes_through_the_other_replica(replicas: Replicas) -> None:
+    """Every write goes through one replica and is read back at once through the other: the reading
+    replica's cache is checked against the store's change head on every read, so none is stale."""
+    errors: list[str] = []
+
+    def client(index: int) -> None:
+        writer = (replicas.a if index % 2 else replicas.b).stub("writer")
+        reader = (replicas.b if index % 2 else replicas.a).stub("writer")
+        name = f"auth/load/client-{index}"
+        try:
+            for round_ in range(10):
+                value = f"{index}:{round_}".encode()
+                put = writer.PutSecret(pb.PutSecretRequest(name=name, value=value), timeout=60)
+                got = reader.GetSecret(pb.GetSecretRequest(name=name), timeout=60).secret
+                if (put.version, got.version, got.value) != (round_ + 1, round_ + 1, value):
+                    errors.append(f"{name}: wrote v{put.version}, read {got.value!r} v{got.version}")
+        except grpc.RpcError as exc:
+            errors.append(f"{name}: {exc.code()} {exc.details()}")
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert errors == []
+    listed = replicas.a.stub("ops").ListSecrets(pb.ListSecretsRequest(prefix="auth/load/"), timeout=30)
+    assert sorted(m.name for m in listed.secrets) == sorted(f"auth/load/client-{i}" for i in range(16))
+    assert {m.current_version for m in listed.secrets} == {10}
+
+
+def test_compare_and_set_across_replicas_lets_exactly_one_writer_win(replicas: Replicas) -> None:
+    outcomes: list[tuple[str, int]] = []
+    start = threading.Barrier(8)
+
+    def write(index: int) -> None:
+        stub = (replicas.a if index % 2 else replicas.b).stub("writer")
+        request = pb.PutSecretRequest(
+            name="auth/DB_PASSWORD", value=f"writer-{index}".encode(), expect_version=1
+        )
+        start.wait()
+        try:
+            stub.PutSecret(request, timeout=60)
+            outcomes.append(("OK", index))
+        except grpc.RpcError as exc:
+            outcomes.append((exc.code().name, index))
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    winners = [index for outcome, index in outcomes if outcome == "OK"]
+    assert len(winners) == 1, outcomes
+    assert sorted(outcome for outcome, _ in outcomes) == ["ABORTED"] * 7 + ["OK"]
+    for server in (replicas.a, replicas.b):
+        got = server.stub("writer").GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=30).secret
+        assert (got.version, got.value) == (2, f"writer-{winners[0]}".encode())
+
+
+def test_watch_on_one_replica_sees_writes_through_the_other_and_by_the_cli(replicas: Replicas) -> None:
+    stream = replicas.b.stub("auth").Watch(pb.WatchRequest(prefix="auth/"), timeout=60)
+    assert dict(stream.initial_metadata() or ()).get("secrets-manager-revision")  # live from here
+    replicas.a.stub("writer").PutSecret(pb.PutSecretRequest(name="auth/JWT_KEY", value=b"via-a"), timeout=30)
+    written = replicas.cli("store", "auth/DB_PASSWORD", data=b"via-the-cli", audit_file="cli.audit.jsonl")
+    assert written.returncode == 0, written.stderr
+    events = stream
+    seen = [(event.name, event.version, event.kind) for _, event in zip(range(2), events, strict=False)]
+    stream.cancel()
+    assert seen == [
+        ("auth/JWT_KEY", 2, pb.ChangeEvent.VERSION_ADDED),
+        ("auth/DB_PASSWORD", 2, pb.ChangeEvent.VERSION_ADDED),
+    ]
+    got = replicas.b.stub("auth").GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=30).secret
+    assert (got.version, got.value) == (2, b"via-the-cli")
+
+
+def test_each_replica_keeps_its_own_audit_log_and_both_verify(replicas: Replicas) -> None:
+    replicas.a.stub("auth").GetSecret(pb.GetSecretRequest(name="auth/JWT_KEY"), timeout=30)
+    replicas.b.stub("writer").PutSecret(pb.PutSecretRequest(name="auth/new", value=b"through-b"), timeout=30)
+    for server in (replicas.a, replicas.b):
+        server.stop()  # flushes its log and anchors it in the store
+    reads = [(r["operation"], r["name"]) for r in replicas.audit_records(replicas.a)]
+    writes = [(r["operation"], r["name"]) for r in replicas.audit_records(replicas.b)]
+    assert reads == [("serve", None), ("get", "auth/JWT_KEY")]
+    assert ("store", "auth/new") in writes and ("get", "auth/JWT_KEY") not in writes
+    for server in (replicas.a, replicas.b):
+        verified = replicas.cli("audit", "verify", audit_file=f"{replicas.name_of(server)}.audit.jsonl")
+        assert verified.returncode == 0, verified.stderr
+    assert b"through-b" not in (replicas.a.dir / "replica-b.audit.jsonl").read_bytes()
