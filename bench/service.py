@@ -10,16 +10,20 @@ the load is not bound by one interpreter's GIL) it prints requests per second, p
 the server process's CPU time per request of each server, and the ratios to the bare server, from
 rotating rounds in the same run. A second bare server, the same code in another process
 ("bare-again"), shows how far two identical servers land apart in the same run: the noise floor
-of every ratio.
+of every ratio. With --postgres a private PostgreSQL 15 cluster (tests/postgres_cluster.py) is started
+and "ours-pg" serves the same secrets from it; its cpu/req counts the service process only, not
+the PostgreSQL backend's (which runs on the same cores).
 
     python bench/service.py                   # 3 rounds of 3 s per server and caller count
     python bench/service.py --quick           # 1 round of 1.5 s
     python bench/service.py --max-workers 4   # every server with 4 call threads (default 256)
+    python bench/service.py --postgres        # also "ours-pg": the service on a private PostgreSQL
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import random
@@ -33,11 +37,13 @@ import time
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
 from secrets_manager.crypto import kdf
 from secrets_manager.service.config import DEFAULT_MAX_WORKERS
+from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.tls import pki
@@ -190,6 +196,34 @@ def prepare(directory: Path, max_workers: int = DEFAULT_MAX_WORKERS) -> None:
         store.close()
 
 
+def prepare_postgres(directory: Path, cluster: Any, max_workers: int) -> None:
+    """A store of the same secrets in a new schema of `cluster`, and `ours-pg.toml` serving it."""
+    schema = cluster.new_schema()
+    store = EncryptedStore.create(
+        PostgresStorage(cluster.url(with_password=True), schema=schema, create=True),
+        PasswordUnlock(PASSWORD, kdf.TEST),
+    )
+    for name in names():
+        store.put(name, VALUE)
+    store.close()
+    (directory / "ours-pg.toml").write_text(
+        f'listen = "127.0.0.1:0"\nstore = "{cluster.url()}?schema={schema}"\npolicy = "policy.toml"\n'
+        f'audit_file = "ours-pg.audit.jsonl"\nmax_workers = {max_workers}\n'
+        '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
+    )
+
+
+def start_postgres() -> Any:
+    """The private PostgreSQL cluster of the tests (tests/postgres_cluster.py), started."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from postgres_cluster import PostgresCluster, missing_requirements
+
+    missing = missing_requirements()
+    if missing:
+        raise SystemExit(f"--postgres: cannot start PostgreSQL: {missing}")
+    return PostgresCluster().start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true")
@@ -199,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_MAX_WORKERS,
         help=f"call threads of every server (ours' max_workers; default {DEFAULT_MAX_WORKERS})",
     )
+    parser.add_argument(
+        "--postgres", action="store_true", help="also serve from a private PostgreSQL cluster (ours-pg)"
+    )
     parser.add_argument("--bare", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare:
@@ -206,10 +243,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rounds, seconds = (1, 1.5) if args.quick else (3, 3.0)
     began = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="sm-bench-service-") as tmp:
+    cluster = start_postgres() if args.postgres else None
+    with tempfile.TemporaryDirectory(prefix="sm-bench-service-") as tmp, contextlib.ExitStack() as cleanup:
+        if cluster is not None:
+            cleanup.callback(cluster.stop)
         directory = Path(tmp)
         prepare(directory, args.max_workers)
         env = {**os.environ, "MASTER_PASSWORD": PASSWORD}
+        ours = list(SERVERS)
+        if cluster is not None:
+            prepare_postgres(directory, cluster, args.max_workers)
+            env.update(cluster.env())
+            ours.append("ours-pg")
         bare_command = [
             sys.executable,
             __file__,
@@ -219,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             str(args.max_workers),
         ]
         servers = {"bare": start(bare_command, env), "bare-again": start(bare_command, env)}
-        for label in SERVERS:
+        for label in ours:
             servers[label] = start([str(SCRIPT), "serve", "--config", str(directory / f"{label}.toml")], env)
         results: dict[int, dict[str, Sample]] = {}
         try:
@@ -249,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                 process.wait(timeout=30)
         audited = {  # the live file and the ones rotated away by size (`<file>.<first seq>`)
             label: sum(sum(1 for _ in path.open()) for path in directory.glob(f"{label}.audit.jsonl*"))
-            for label in SERVERS
+            for label in ours
         }
     total = time.perf_counter() - began
     header = ("callers", "server", "req/s", "ratio", "p50", "ratio", "p99", "ratio", "cpu/req", "ratio")
@@ -282,7 +327,9 @@ def main(argv: list[str] | None = None) -> int:
         "better); cpu/req = the server process's user + system CPU "
         "time per request. bare-again = the bare server's code in a second process (the noise floor: "
         'identical servers differ this much). ours = audit_sync "interval" (the default), '
-        f'ours-always = audit_sync "always". Audit records written: '
+        'ours-always = audit_sync "always"'
+        + (", ours-pg = ours on PostgreSQL (cpu/req: the service process only)" if args.postgres else "")
+        + ". Audit records written: "
         + ", ".join(f"{label} {count:,}" for label, count in audited.items())
         + f". Total {total:.0f} s."
     )
