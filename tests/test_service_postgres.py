@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -182,3 +183,106 @@ def test_each_replica_keeps_its_own_audit_log_and_both_verify(replicas: Replicas
         verified = replicas.cli("audit", "verify", audit_file=f"{replicas.name_of(server)}.audit.jsonl")
         assert verified.returncode == 0, verified.stderr
     assert b"through-b" not in (replicas.a.dir / "replica-b.audit.jsonl").read_bytes()
+
+
+def test_a_database_outage_is_unavailable_and_the_service_recovers_without_a_restart(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """The store's database refuses the service (its role may not log in, its connection is cut):
+    calls fail with UNAVAILABLE and a one-line message, nothing else; once the database takes the
+    role back, the same server process answers again and its audit log still verifies."""
+    from psycopg import sql
+
+    role = f"sm_outage_{secrets.token_hex(4)}"
+    with postgres_cluster.connect(superuser=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(role), sql.Literal(postgres_cluster.role_password)
+            )
+        )
+        admin.execute(sql.SQL("GRANT CREATE ON DATABASE sm_test TO {}").format(sql.Identifier(role)))
+    make_pki(tmp_path)
+    (tmp_path / "policy.toml").write_text(POLICY)
+    schema = postgres_cluster.new_schema()
+    conninfo = postgres_cluster.url(user=role).replace(
+        f"{role}@", f"{role}:{postgres_cluster.role_password}@"
+    )
+    store = EncryptedStore.create(
+        PostgresStorage(conninfo, schema=schema, create=True), PasswordUnlock(PASSWORD, kdf.TEST)
+    )
+    store.put("auth/JWT_KEY", b"jwt-KNOWN-outage-value")
+    store.close()
+    url = f"{postgres_cluster.url(user=role)}?schema={schema}"
+    server = start_server(
+        tmp_path,
+        store=url,
+        environment=postgres_cluster.env(),
+        settings='audit_file = "outage.audit.jsonl"\n',
+    )
+    request = pb.GetSecretRequest(name="auth/JWT_KEY")
+    stub = server.stub("auth")
+
+    def set_login(allowed: bool) -> None:
+        with postgres_cluster.connect(superuser=True) as admin:
+            admin.execute(
+                sql.SQL("ALTER ROLE {} {}").format(
+                    sql.Identifier(role), sql.SQL("LOGIN" if allowed else "NOLOGIN")
+                )
+            )
+            if not allowed:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
+                )
+
+    try:
+        assert stub.GetSecret(request, timeout=30).secret.value == b"jwt-KNOWN-outage-value"
+        set_login(False)
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as failed:
+                stub.GetSecret(request, timeout=30)
+            assert failed.value.code() is grpc.StatusCode.UNAVAILABLE, failed.value.details()
+            details = failed.value.details() or ""
+            assert "\n" not in details and "jwt-KNOWN" not in details
+            assert postgres_cluster.role_password not in details
+        set_login(True)
+        assert stub.GetSecret(request, timeout=30).secret.value == b"jwt-KNOWN-outage-value"
+        put = server.stub("writer").PutSecret(
+            pb.PutSecretRequest(name="auth/JWT_KEY", value=b"after"), timeout=30
+        )
+        assert put.version == 2
+    finally:
+        set_login(True)
+        server.stop()
+    assert server.process.returncode == 0
+    assert not any("Traceback" in line for line in server.log_lines)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "MASTER_PASSWORD": PASSWORD,
+        **postgres_cluster.env(),
+    }
+    verified = subprocess.run(
+        [
+            str(SCRIPT),
+            "--store",
+            url,
+            "--audit-file",
+            str(tmp_path / "outage.audit.jsonl"),
+            "audit",
+            "verify",
+        ],
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+    assert verified.returncode == 0, verified.stderr
+    records = [json.loads(line) for line in (tmp_path / "outage.audit.jsonl").open()]
+    assert [(r["operation"], r["outcome"]) for r in records] == [
+        ("serve", "ok"),
+        ("get", "ok"),
+        *[("get", "storage_error")] * 3,  # each refused call is on record, with why
+        ("get", "ok"),
+        ("store", "pending"),
+        ("store", "ok"),
+    ]
+    assert postgres_cluster.role_password not in "".join(server.log_lines)
