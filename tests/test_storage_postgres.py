@@ -38,7 +38,7 @@ from secrets_manager.errors import (
     StorageError,
     UnsafeConfigurationError,
 )
-from secrets_manager.storage import ABSENT, Delete, Put, Snapshotting, Storage
+from secrets_manager.storage import ABSENT, Delete, Entry, Put, Snapshotting, Storage
 from secrets_manager.storage.postgres import SCAN_PAGE, PostgresStorage
 from secrets_manager.storage.testing import STORAGE_CHECKS, check_storage
 from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretStore
@@ -477,15 +477,21 @@ def _terminate_our_connections(cluster: PostgresCluster) -> None:
         )
 
 
+def _backend_pid(storage: PostgresStorage) -> int:
+    """The server process of the connection the next call would use."""
+    with storage._borrowed() as conn:
+        return int(conn.info.backend_pid)
+
+
 def test_a_dropped_connection_is_reopened(
     storage: PostgresStorage, postgres_cluster: PostgresCluster
 ) -> None:
     storage.put("k", b"before")
-    backend = storage._connection().info.backend_pid
+    backend = _backend_pid(storage)
     _terminate_our_connections(postgres_cluster)
     entry = storage.get("k")  # the read finds the connection gone, reconnects and retries
     assert entry is not None and entry.value == b"before"
-    assert storage._connection().info.backend_pid != backend
+    assert _backend_pid(storage) != backend
     _terminate_our_connections(postgres_cluster)
     later = storage.put("k", b"after")  # BEGIN fails before anything was sent: safe to run again
     entry = storage.get("k")
@@ -500,9 +506,87 @@ def test_a_closed_handle_says_so(storage: PostgresStorage) -> None:
 
 def test_a_non_durable_commit_changes_synchronous_commit_for_itself_only(storage: PostgresStorage) -> None:
     storage.commit([Put("anchor", b"a")], durable=False)
-    assert storage._connection().execute("SHOW synchronous_commit").fetchone() == ("on",)
+    with storage._borrowed() as conn:  # the connection the commit used: the only one open
+        assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
     entry = storage.get("anchor")
     assert entry is not None and entry.value == b"a"
+
+
+def _our_connections(cluster: PostgresCluster) -> int:
+    with cluster.connect(superuser=True) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'secrets-manager'"
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_an_open_snapshot_does_not_hold_up_other_threads_reads_and_commits(place: Place) -> None:
+    """A service's ListSecrets scans in a snapshot; its GetSecret and PutSecret calls meanwhile
+    borrow other connections of the same handle instead of waiting for the scan to end."""
+    storage = place.open(create=True)
+    try:
+        storage.commit([Put("listed", b"1"), Put("read", b"2")])
+        done: dict[str, object] = {}
+
+        def read_and_write() -> None:
+            done["read"] = storage.get("read")
+            done["revision"] = storage.commit([Put("written", b"3")])
+
+        with storage.snapshot() as snap:
+            other = threading.Thread(target=read_and_write)
+            other.start()
+            other.join(timeout=10)
+            finished_inside = not other.is_alive()
+            assert snap.get("written") is None  # the snapshot's instant is before that commit
+        other.join(timeout=10)
+        assert finished_inside, "a read and a commit waited for another thread's snapshot to end"
+        read = done["read"]
+        assert isinstance(read, Entry) and read.value == b"2"
+        assert storage.get("written") is not None
+    finally:
+        storage.close()
+
+
+def test_a_handle_opens_no_more_connections_than_its_limit_and_close_ends_them(place: Place) -> None:
+    before = _our_connections(place.cluster)
+    storage = place.open(create=True, max_connections=2)
+    storage.commit([Put("k", b"v")])
+    errors: list[BaseException] = []
+    start = threading.Barrier(8)
+
+    def reader() -> None:
+        start.wait()
+        try:
+            for _ in range(50):
+                with storage.snapshot() as snap:  # holds its connection across a round trip more
+                    assert snap.get("k") is not None
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    # Every connection is opened by a call holding one of the 2 slots and given back after it.
+    assert 1 <= len(storage._idle) <= 2
+    assert _our_connections(place.cluster) - before == len(storage._idle)
+    storage.close()
+    assert _our_connections(place.cluster) == before
+    with pytest.raises(StorageError, match="is closed"):
+        storage.get("k")
+
+
+def test_a_connection_lent_out_when_the_handle_closes_is_closed_when_given_back(place: Place) -> None:
+    storage = place.open(create=True)
+    with storage.snapshot():
+        with storage._borrowed() as lent:
+            storage.close()
+            assert not lent.closed  # the call in progress finishes on it
+        assert lent.closed
+    assert storage._idle == []
 
 
 def test_a_snapshot_holds_its_instant_across_many_pages(storage: PostgresStorage, place: Place) -> None:

@@ -48,6 +48,7 @@ from typing import Any, TypeVar
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
 
 from secrets_manager.errors import ConflictError, NotFoundError, StorageError
 from secrets_manager.storage.base import (
@@ -68,9 +69,16 @@ CHANGE_LOG_RETAINED = 100_000  # revisions of change history kept for watchers (
 LOCK_TIMEOUT_MS = 30_000  # how long a commit waits for another writer (SqliteStorage's busy timeout)
 CONNECT_TIMEOUT_S = 10  # unless the connection string or PGCONNECT_TIMEOUT says otherwise
 SCAN_PAGE = 512  # rows per round trip when a snapshot scans
+MAX_CONNECTIONS = 4  # per handle: calls of more threads than this at once wait for a connection
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 T = TypeVar("T")
+IDLE = TransactionStatus.IDLE
+
+
+def _close_quietly(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+    with contextlib.suppress(psycopg.Error):  # a broken connection: nothing left to release
+        conn.close()
 
 
 def valid_schema_name(name: str) -> bool:
@@ -79,14 +87,17 @@ def valid_schema_name(name: str) -> bool:
 
 
 class PostgresStorage:
-    """`Storage` (and `Snapshotting`) on PostgreSQL. Thread-safe: one connection behind a lock.
+    """`Storage` (and `Snapshotting`) on PostgreSQL. Thread-safe: each call borrows one of at most
+    `max_connections` connections, so one thread's long scan does not hold up another's read (a
+    service's ListSecrets and GetSecret); commits still go one at a time, at the counter row.
 
     `conninfo` is anything libpq accepts (`postgresql://user@host:port/dbname?sslmode=…` or
     `host=… dbname=…`); a password missing from it comes from libpq's own PGPASSWORD or
     PGPASSFILE (~/.pgpass). `create=True` makes the schema and tables if missing (idempotent, safe
     to race); otherwise a database without them is NotFoundError. A dropped connection is opened
     again on the next call; a read that finds it dropped is retried once, a commit only if it
-    certainly did not reach the server's COMMIT.
+    certainly did not reach the server's COMMIT. Connections are opened as calls need them (a CLI
+    command uses one) and kept for reuse until `close`.
     """
 
     def __init__(
@@ -96,6 +107,7 @@ class PostgresStorage:
         schema: str = DEFAULT_SCHEMA,
         create: bool = False,
         change_log_retained: int = CHANGE_LOG_RETAINED,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         if not valid_schema_name(schema):
             raise StorageError(
@@ -103,6 +115,8 @@ class PostgresStorage:
             )
         if change_log_retained < 1:
             raise StorageError("change_log_retained must be at least 1")
+        if max_connections < 1:
+            raise StorageError("max_connections must be at least 1")
         try:
             params = conninfo_to_dict(conninfo)
         except psycopg.Error:
@@ -120,31 +134,51 @@ class PostgresStorage:
         self._connect_options: dict[str, Any] = {"application_name": APPLICATION, "client_encoding": "utf8"}
         if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT"):
             self._connect_options["connect_timeout"] = CONNECT_TIMEOUT_S
-        self._lock = threading.Lock()
-        self._conn: psycopg.Connection[tuple[Any, ...]] | None = None
+        self._slots = threading.BoundedSemaphore(max_connections)  # connections lent out at once
+        self._idle_lock = threading.Lock()
+        self._idle: list[psycopg.Connection[tuple[Any, ...]]] = []  # open, not lent out
         self._closed = False
-        with self._lock:
-            try:
-                conn = self._connection()
+        try:
+            with self._borrowed() as conn:
                 if create:
                     self._create_schema(conn)
                 self._check_schema(conn)
-            except psycopg.Error as exc:
-                self._drop_connection()
-                raise self._error(exc) from None
-            except BaseException:
-                self._drop_connection()  # a database we refuse must not keep a connection open
-                raise
+        except psycopg.Error as exc:
+            self.close()
+            raise self._error(exc) from None
+        except BaseException:
+            self.close()  # a database we refuse must not keep a connection open
+            raise
 
-    # ---- connection ------------------------------------------------------------------------
+    # ---- connections -----------------------------------------------------------------------
 
-    def _connection(self) -> psycopg.Connection[tuple[Any, ...]]:
-        """The open connection, opened (again) if there is none or the last one broke."""
-        if self._closed:
-            raise StorageError(f"store {self.location} is closed")
-        if self._conn is not None and not self._conn.closed and not self._conn.broken:
-            return self._conn
-        self._drop_connection()
+    @contextmanager
+    def _borrowed(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+        """One connection for this call alone: an idle one, or a new one while fewer than
+        `max_connections` are lent out (else wait for one). Given back afterwards unless broken,
+        mid-transaction or the handle closed meanwhile."""
+        with self._slots:
+            conn = self._idle_or_new()
+            try:
+                yield conn
+            finally:
+                self._give_back(conn)
+
+    def _idle_or_new(self) -> psycopg.Connection[tuple[Any, ...]]:
+        with self._idle_lock:
+            if self._closed:
+                raise StorageError(f"store {self.location} is closed")
+            while self._idle:
+                conn = self._idle.pop()  # the most recently used: the likeliest to be alive
+                if not conn.closed and not conn.broken:
+                    return conn
+                _close_quietly(conn)
+        try:
+            return self._connect()
+        except psycopg.Error as exc:
+            raise self._error(exc) from None
+
+    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         conn = psycopg.connect(self._conninfo, autocommit=True, **self._connect_options)
         try:
             encoding = conn.execute("SHOW server_encoding").fetchone()
@@ -157,14 +191,23 @@ class PostgresStorage:
         except BaseException:
             conn.close()
             raise
-        self._conn = conn
         return conn
 
-    def _drop_connection(self) -> None:
-        if self._conn is not None:
-            with contextlib.suppress(psycopg.Error):  # a broken connection: nothing left to release
-                self._conn.close()
-            self._conn = None
+    def _give_back(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        reusable = not conn.closed and not conn.broken and conn.info.transaction_status == IDLE
+        with self._idle_lock:
+            if reusable and not self._closed:
+                self._idle.append(conn)
+                return
+        _close_quietly(conn)
+
+    def _drop_idle(self) -> None:
+        """A connection was found dropped: the idle ones most likely went with it (a server restart
+        or failover ends them all), so the retry opens a new one instead of trying each."""
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            _close_quietly(conn)
 
     def _error(self, exc: psycopg.Error) -> StorageError:
         """One line naming the store and what failed, with no password in it."""
@@ -179,25 +222,18 @@ class PostgresStorage:
         return StorageError(f"store {self.location}: {message}")
 
     def _read(self, action: Callable[[psycopg.Connection[tuple[Any, ...]]], T]) -> T:
-        """Run a read under the lock; retried once on a fresh connection if the old one had dropped."""
-        with self._lock:
-            for attempt in (1, 2):
-                conn = self._connection_or_error()
+        """Run a read on a borrowed connection; retried once on a new one if it had dropped."""
+        for attempt in (1, 2):
+            with self._borrowed() as conn:
                 try:
                     return action(conn)
                 except psycopg.OperationalError as exc:
-                    if attempt == 1 and conn.broken:
-                        continue
-                    raise self._error(exc) from None
+                    if not (attempt == 1 and conn.broken):
+                        raise self._error(exc) from None
                 except psycopg.Error as exc:
                     raise self._error(exc) from None
-            raise AssertionError("unreachable")  # pragma: no cover
-
-    def _connection_or_error(self) -> psycopg.Connection[tuple[Any, ...]]:
-        try:
-            return self._connection()
-        except psycopg.Error as exc:
-            raise self._error(exc) from None
+            self._drop_idle()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     # ---- schema ----------------------------------------------------------------------------
 
@@ -265,9 +301,8 @@ class PostgresStorage:
 
     def commit(self, operations: Sequence[Operation], *, silent: bool = False, durable: bool = True) -> int:
         operations = list(operations)
-        with self._lock:
-            for attempt in (1, 2):
-                conn = self._connection_or_error()
+        for attempt in (1, 2):
+            with self._borrowed() as conn:
                 reached_commit = False
                 try:
                     with conn.transaction():
@@ -277,12 +312,12 @@ class PostgresStorage:
                 except psycopg.OperationalError as exc:
                     # Broken before COMMIT was sent: the server rolled the transaction back, so
                     # once more on a new connection is safe. At or after COMMIT, it may have landed.
-                    if attempt == 1 and conn.broken and not reached_commit:
-                        continue
-                    raise self._error(exc) from None
+                    if not (attempt == 1 and conn.broken and not reached_commit):
+                        raise self._error(exc) from None
                 except psycopg.Error as exc:
                     raise self._error(exc) from None
-            raise AssertionError("unreachable")  # pragma: no cover
+            self._drop_idle()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _apply(
         self,
@@ -350,10 +385,9 @@ class PostgresStorage:
         """Reads that all see one instant (`Snapshotting`): a REPEATABLE READ, READ ONLY transaction.
 
         Its snapshot is taken at its first statement, the counter read, so `revision` and every
-        read through the snapshot agree; other connections commit meanwhile, unseen. This handle's
-        lock is held throughout, so its other methods wait until the snapshot ends."""
-        with self._lock:
-            conn = self._connection_or_error()
+        read through the snapshot agree; other connections commit meanwhile, unseen. The snapshot
+        keeps its borrowed connection until it ends; this handle's other calls use others."""
+        with self._borrowed() as conn:
             try:
                 with conn.transaction():
                     conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
@@ -365,9 +399,10 @@ class PostgresStorage:
                 raise self._error(exc) from None
 
     def close(self) -> None:
-        with self._lock:
+        """Close the idle connections now and each lent-out one when its call ends. Idempotent."""
+        with self._idle_lock:
             self._closed = True
-            self._drop_connection()
+        self._drop_idle()
 
     def __repr__(self) -> str:
         return f"PostgresStorage({self.location!r})"
