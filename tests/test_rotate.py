@@ -63,28 +63,19 @@ def test_promote_and_discard_return_what_their_own_commit_changed(encrypted_stor
     assert store.describe("db/app").labels == {CURRENT: 3, PREVIOUS: 2}
 
 
-def _run_between_attempt_and_commit(store: EncryptedStore, interleaved: Callable[[], object]) -> None:
-    """Make `store`'s next storage commit run `interleaved` (another handle's work) first, once."""
+def _interleave_with_next_commit(store: EncryptedStore, work: Callable[[], object], *, after: bool) -> None:
+    """Make `store`'s next storage commit run `work` (another handle's) just before or just after
+    it, once."""
     storage = store._storage
     real_commit = storage.commit
 
     def commit(*args: Any, **kwargs: Any) -> int:
         storage.commit = real_commit  # type: ignore[method-assign]
-        interleaved()
-        return real_commit(*args, **kwargs)
-
-    storage.commit = commit  # type: ignore[method-assign]
-
-
-def _run_after_commit(store: EncryptedStore, following: Callable[[], object]) -> None:
-    """Make `store`'s next storage commit run `following` (another handle's work) right after it, once."""
-    storage = store._storage
-    real_commit = storage.commit
-
-    def commit(*args: Any, **kwargs: Any) -> int:
-        storage.commit = real_commit  # type: ignore[method-assign]
+        if not after:
+            work()
         revision = real_commit(*args, **kwargs)
-        following()
+        if after:
+            work()
         return revision
 
     storage.commit = commit  # type: ignore[method-assign]
@@ -98,7 +89,9 @@ def test_promote_reports_its_own_previous_when_another_rotation_follows_at_once(
     encrypted_store.put("db/app", b"one")
     a, b = open_store(), open_store()
     staged = a.stage("db/app", b"two").version
-    _run_after_commit(a, lambda: b.promote("db/app", b.stage("db/app", b"three").version))
+    _interleave_with_next_commit(
+        a, lambda: b.promote("db/app", b.stage("db/app", b"three").version), after=True
+    )
     assert a.promote("db/app", staged) == 1
     assert encrypted_store.describe("db/app").labels == {CURRENT: 3, PREVIOUS: 2}
 
@@ -111,7 +104,7 @@ def test_promote_retried_after_a_lost_race_reports_the_previous_of_the_commit_th
     encrypted_store.put("db/app", b"one")
     a, b = open_store(), open_store()
     staged = a.stage("db/app", b"two").version
-    _run_between_attempt_and_commit(a, lambda: b.put("db/app", b"three"))
+    _interleave_with_next_commit(a, lambda: b.put("db/app", b"three"), after=False)
     assert a.promote("db/app", staged) == 3
     assert encrypted_store.describe("db/app").labels == {CURRENT: 2, PREVIOUS: 3}
 
@@ -124,7 +117,7 @@ def test_discard_reports_the_version_its_own_commit_unlabelled(
     encrypted_store.put("db/app", b"one")
     a, b = open_store(), open_store()
     a.stage("db/app", b"two")
-    _run_between_attempt_and_commit(a, lambda: b.stage("db/app", b"three"))
+    _interleave_with_next_commit(a, lambda: b.stage("db/app", b"three"), after=False)
     assert a.discard_pending("db/app") == 3
     assert encrypted_store.describe("db/app").labels == {CURRENT: 1}
 

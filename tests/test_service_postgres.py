@@ -12,7 +12,7 @@ import os
 import secrets
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import pytest
 
+from postgres_cluster import DATABASE
 from secrets_manager.crypto import kdf
 from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
@@ -27,12 +28,44 @@ from secrets_manager.v1 import secrets_pb2 as pb
 from service_fixtures import PASSWORD, POLICY, SCRIPT, SEED, Server, make_pki, start_server
 
 
+def create_store(conninfo: str, schema: str, seed: dict[str, bytes]) -> None:
+    """A new store (cheap KDF) in `schema` holding `seed`."""
+    store = EncryptedStore.create(
+        PostgresStorage(conninfo, schema=schema, create=True), PasswordUnlock(PASSWORD, kdf.TEST)
+    )
+    try:
+        for name, value in seed.items():
+            store.put(name, value)
+    finally:
+        store.close()
+
+
+def local_cli(
+    url: str, directory: Path, pg_env: Mapping[str, str], *args: str, data: bytes = b"", audit_file: str
+) -> subprocess.CompletedProcess[bytes]:
+    """The real console script on the PostgreSQL store itself (no service in between), with its
+    audit log at `directory/audit_file`."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(directory),
+        "MASTER_PASSWORD": PASSWORD,
+        **pg_env,
+    }
+    return subprocess.run(
+        [str(SCRIPT), "--store", url, "--audit-file", str(directory / audit_file), *args],
+        input=data,
+        capture_output=True,
+        env=env,
+        timeout=60,
+    )
+
+
 @dataclass
 class Replicas:
     a: Server
     b: Server
-    url: str  # the store URL (no password: PGPASSWORD is in `env`)
-    env: dict[str, str]  # what a process needs to open the store
+    url: str  # the store URL (no password: PGPASSWORD is in `pg_env`)
+    pg_env: Mapping[str, str]
 
     def audit_records(self, server: Server) -> list[dict[str, Any]]:
         path = server.dir / f"{self.name_of(server)}.audit.jsonl"
@@ -41,18 +74,8 @@ class Replicas:
     def name_of(self, server: Server) -> str:
         return "replica-a" if server is self.a else "replica-b"
 
-    def cli(
-        self, *args: str, data: bytes = b"", audit_file: str | None = None
-    ) -> subprocess.CompletedProcess[bytes]:
-        """The real console script on the PostgreSQL store itself (no service in between)."""
-        options = ["--audit-file", str(self.a.dir / audit_file)] if audit_file else []
-        return subprocess.run(
-            [str(SCRIPT), "--store", self.url, *options, *args],
-            input=data,
-            capture_output=True,
-            env=self.env,
-            timeout=60,
-        )
+    def cli(self, *args: str, data: bytes = b"", audit_file: str) -> subprocess.CompletedProcess[bytes]:
+        return local_cli(self.url, self.a.dir, self.pg_env, *args, data=data, audit_file=audit_file)
 
 
 @pytest.fixture
@@ -60,22 +83,8 @@ def replicas(tmp_path: Path, postgres_cluster: Any) -> Iterator[Replicas]:
     make_pki(tmp_path)
     (tmp_path / "policy.toml").write_text(POLICY)
     schema = postgres_cluster.new_schema()
-    store = EncryptedStore.create(
-        PostgresStorage(postgres_cluster.url(with_password=True), schema=schema, create=True),
-        PasswordUnlock(PASSWORD, kdf.TEST),
-    )
-    try:
-        for name, value in SEED.items():
-            store.put(name, value)
-    finally:
-        store.close()
+    create_store(postgres_cluster.url(with_password=True), schema, SEED)
     url = f"{postgres_cluster.url()}?schema={schema}"
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "MASTER_PASSWORD": PASSWORD,
-        **postgres_cluster.env(),
-    }
     servers: list[Server] = []
     try:
         for name in ("replica-a", "replica-b"):
@@ -88,7 +97,7 @@ def replicas(tmp_path: Path, postgres_cluster: Any) -> Iterator[Replicas]:
                     settings=f'audit_file = "{name}.audit.jsonl"\n',
                 )
             )
-        yield Replicas(servers[0], servers[1], url, env)
+        yield Replicas(servers[0], servers[1], url, postgres_cluster.env())
     finally:
         for server in servers:
             server.stop()
@@ -200,18 +209,18 @@ def test_a_database_outage_is_unavailable_and_the_service_recovers_without_a_res
                 sql.Identifier(role), sql.Literal(postgres_cluster.role_password)
             )
         )
-        admin.execute(sql.SQL("GRANT CREATE ON DATABASE sm_test TO {}").format(sql.Identifier(role)))
+        admin.execute(
+            sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(
+                sql.Identifier(DATABASE), sql.Identifier(role)
+            )
+        )
     make_pki(tmp_path)
     (tmp_path / "policy.toml").write_text(POLICY)
     schema = postgres_cluster.new_schema()
     conninfo = postgres_cluster.url(user=role).replace(
         f"{role}@", f"{role}:{postgres_cluster.role_password}@"
     )
-    store = EncryptedStore.create(
-        PostgresStorage(conninfo, schema=schema, create=True), PasswordUnlock(PASSWORD, kdf.TEST)
-    )
-    store.put("auth/JWT_KEY", b"jwt-KNOWN-outage-value")
-    store.close()
+    create_store(conninfo, schema, {"auth/JWT_KEY": b"jwt-KNOWN-outage-value"})
     url = f"{postgres_cluster.url(user=role)}?schema={schema}"
     server = start_server(
         tmp_path,
@@ -255,25 +264,8 @@ def test_a_database_outage_is_unavailable_and_the_service_recovers_without_a_res
         server.stop()
     assert server.process.returncode == 0
     assert not any("Traceback" in line for line in server.log_lines)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "MASTER_PASSWORD": PASSWORD,
-        **postgres_cluster.env(),
-    }
-    verified = subprocess.run(
-        [
-            str(SCRIPT),
-            "--store",
-            url,
-            "--audit-file",
-            str(tmp_path / "outage.audit.jsonl"),
-            "audit",
-            "verify",
-        ],
-        capture_output=True,
-        env=env,
-        timeout=60,
+    verified = local_cli(
+        url, tmp_path, postgres_cluster.env(), "audit", "verify", audit_file="outage.audit.jsonl"
     )
     assert verified.returncode == 0, verified.stderr
     records = [json.loads(line) for line in (tmp_path / "outage.audit.jsonl").open()]
