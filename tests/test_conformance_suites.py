@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from secrets_manager.crypto import kdf
-from secrets_manager.errors import ConflictError, SecretsManagerError
+from secrets_manager.errors import ConflictError, NotFoundError, SecretsManagerError
 from secrets_manager.storage import ABSENT, Change, ChangeBatch, Delete, Entry, Put, Storage
 from secrets_manager.storage.base import Expect, Operation
 from secrets_manager.storage.sqlite import SqliteStorage
@@ -353,6 +353,23 @@ def test_check_secret_store_notices_a_stage_that_moves_current(
         encrypted_module.EncryptedStore, "stage", lambda self, name, value: self.put(name, value)
     )
     with pytest.raises(AssertionError, match="'pending-rotation' failed"):
+        check_secret_store(make_store)
+
+
+def test_check_secret_store_notices_a_stage_that_takes_over_a_rotation_in_progress(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = encrypted_module.EncryptedStore.stage
+
+    def stage_over_pending(self: EncryptedStore, name: str, value: bytes) -> object:
+        with contextlib.suppress(NotFoundError):  # nothing pending: nothing to take over
+            self.discard_pending(name)
+        return original(self, name, value)
+
+    monkeypatch.setattr(encrypted_module.EncryptedStore, "stage", stage_over_pending)
+    with pytest.raises(
+        AssertionError, match="'pending-rotation' failed: a second stage while one is pending"
+    ):
         check_secret_store(make_store)
 
 

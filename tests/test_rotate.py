@@ -112,23 +112,46 @@ def test_promote_retried_after_a_lost_race_reports_the_previous_of_the_commit_th
 def test_discard_reports_the_version_its_own_commit_unlabelled(
     open_store: Callable[..., EncryptedStore], encrypted_store: EncryptedStore
 ) -> None:
-    """Another stage moves the pending label just before A's discard commits: the retried discard
-    takes the label from version 3 and says so."""
+    """B discards version 2 and stages version 3 just before A's discard commits: the retried
+    discard takes the label from version 3 and says so."""
     encrypted_store.put("db/app", b"one")
     a, b = open_store(), open_store()
     a.stage("db/app", b"two")
-    _interleave_with_next_commit(a, lambda: b.stage("db/app", b"three"), after=False)
+    _interleave_with_next_commit(
+        a, lambda: (b.discard_pending("db/app"), b.stage("db/app", b"three")), after=False
+    )
     assert a.discard_pending("db/app") == 3
     assert encrypted_store.describe("db/app").labels == {CURRENT: 1}
 
 
-def test_stage_twice_then_promote_the_first_is_a_conflict(encrypted_store: EncryptedStore) -> None:
+def test_a_second_stage_is_refused_while_a_rotation_is_in_progress(encrypted_store: EncryptedStore) -> None:
+    """As AWS's RotateSecret refuses: two rotations at once would each set their own value at the
+    target, and the one whose promote loses would leave the target on a value that is not current."""
     encrypted_store.put("db/app", b"one")
     first = encrypted_store.stage("db/app", b"two")
-    encrypted_store.stage("db/app", b"three")
-    with pytest.raises(ConflictError, match="not pending"):
-        encrypted_store.promote("db/app", first.version)
-    assert encrypted_store.get("db/app").version == 1
+    with pytest.raises(
+        ConflictError, match=r"a rotation of 'db/app' is in progress \(version 2 is pending\)"
+    ):
+        encrypted_store.stage("db/app", b"three")
+    assert encrypted_store.describe("db/app").labels == {CURRENT: 1, PENDING: 2}
+    assert [v.version for v in encrypted_store.history("db/app")] == [1, 2]
+    assert encrypted_store.promote("db/app", first.version) == 1
+    assert encrypted_store.stage("db/app", b"three").version == 3  # the rotation is over
+
+
+def test_of_two_stagers_racing_one_commits_and_the_other_is_refused(
+    open_store: Callable[..., EncryptedStore], encrypted_store: EncryptedStore
+) -> None:
+    """B stages just before A's stage commits: A's commit loses the race, and its retry, on fresh
+    metadata, sees B's rotation in progress instead of taking its pending label."""
+    encrypted_store.put("db/app", b"one")
+    a, b = open_store(), open_store()
+    _interleave_with_next_commit(a, lambda: b.stage("db/app", b"B's value"), after=False)
+    with pytest.raises(ConflictError, match="in progress"):
+        a.stage("db/app", b"A's value")
+    assert encrypted_store.describe("db/app").labels == {CURRENT: 1, PENDING: 2}
+    assert encrypted_store.get("db/app", label=PENDING).value.reveal() == b"B's value"
+    assert [v.version for v in encrypted_store.history("db/app")] == [1, 2]
 
 
 def test_stage_needs_an_existing_secret(encrypted_store: EncryptedStore) -> None:
@@ -349,11 +372,36 @@ def test_discard_clears_pending(cli: Cli) -> None:
     assert cli("rotate", "db/app", "--resume").code == 3
 
 
+def _nested_rotate(arguments: str) -> str:
+    """A shell command line for a `--test-command` that runs `secrets-manager rotate ARGUMENTS`
+    while the outer rotation is between its set and promote steps (the password variables are
+    withheld from our commands: it brings its own)."""
+    return f"MASTER_PASSWORD={shlex.quote(PASSWORD)} {shlex.quote(str(SCRIPT))} rotate {arguments}"
+
+
+def test_a_rotation_started_while_another_is_in_progress_exits_7_and_runs_nothing(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """The second rotation is refused before it stages or runs its set command, and the first
+    one finishes: two rotations at once would each have set their own value at the target."""
+    marker, inner_exit = tmp_path / "inner-set-ran", tmp_path / "inner-exit"
+    inner = _nested_rotate(f"db/app --set-command {shlex.quote(f'touch {marker}')}")
+    script = f"cat >/dev/null; {inner} 2>{tmp_path / 'inner-stderr'}; echo $? >{inner_exit}"
+    result = cli("rotate", "db/app", "--test-command", f"sh -c {shlex.quote(script)}")
+    assert result.code == 0, result.stderr
+    assert inner_exit.read_text().strip() == "7"
+    inner_stderr = (tmp_path / "inner-stderr").read_text()
+    assert inner_stderr.count("\n") == 1 and "a rotation of 'db/app' is in progress" in inner_stderr
+    assert "--resume" in inner_stderr and "--discard" in inner_stderr
+    assert not marker.exists()
+    assert cli.labels() == {"current": 2, "previous": 1}
+    assert [v["version"] for v in json.loads(cli("history", "db/app", "--json").stdout)["versions"]] == [1, 2]
+
+
 def test_promoting_a_version_no_longer_pending_exits_7(cli: Cli, tmp_path: Path) -> None:
-    """Someone stages another version while our test command runs: our promote must refuse."""
-    # The password variables are withheld from our commands: this one brings its own.
-    password = f"MASTER_PASSWORD={shlex.quote(PASSWORD)}"
-    restage = f"{password} {shlex.quote(str(SCRIPT))} rotate db/app --test-command false"
+    """Someone discards our pending version and stages another while our test command runs: our
+    promote must refuse."""
+    restage = f"{_nested_rotate('db/app --discard')}; {_nested_rotate('db/app --test-command false')}"
     sneaky = f"sh -c {shlex.quote('cat >/dev/null; ' + restage + '; exit 0')}"
     result = cli("rotate", "db/app", "--test-command", sneaky)
     assert result.code == 7, result.stderr

@@ -18,7 +18,7 @@ import pytest
 
 from command_recorder import recorder
 from secrets_manager.client import RemoteStore
-from secrets_manager.errors import UnsupportedOperationError
+from secrets_manager.errors import ConflictError, UnsupportedOperationError
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 from secrets_manager.wire import metadata_from_message
@@ -141,16 +141,32 @@ def test_remote_store_rotation_methods_return_what_the_store_protocol_says(serve
         assert remote.stage("db/app", b"fourth").version == 4
         assert remote.promote("db/app", 4) == 2
         assert remote.stage("db/app", b"fifth").version == 5
+        with pytest.raises(ConflictError, match="in progress"):  # ABORTED: a rotation is in progress
+            remote.stage("db/app", b"sixth")
         assert remote.discard_pending("db/app") == 5
     finally:
         remote.close()
     assert labels(server) == {"current": 4, "previous": 2}
 
 
+def test_a_stage_while_a_rotation_is_in_progress_is_aborted_and_changes_nothing(server: Server) -> None:
+    first = stage(server, "rotator").version
+    with pytest.raises(grpc.RpcError) as caught:
+        stage(server, "rotator", b"SECOND-STAGED-VALUE")
+    assert caught.value.code() is grpc.StatusCode.ABORTED
+    details = str(caught.value.details())
+    assert f"a rotation of 'db/app' is in progress (version {first} is pending)" in details
+    assert "SECOND-STAGED-VALUE" not in details
+    assert labels(server) == {"current": 1, "pending": first}
+    stages = [r for r in server.audit_records() if r["operation"] == "rotate.stage"]
+    assert [r["outcome"] for r in stages][-2:] == ["pending", "conflict"]
+
+
 def test_promoting_a_version_no_longer_pending_is_aborted_and_changes_nothing(server: Server) -> None:
     first = stage(server, "rotator").version
-    assert stage(server, "rotator", b"someone-else-staged").version == 3
     stub = server.stub("rotator")
+    stub.DiscardPendingVersion(pb.DiscardPendingVersionRequest(name="db/app"), timeout=10)
+    assert stage(server, "rotator", b"someone-else-staged").version == 3
     request = pb.PromoteSecretVersionRequest(name="db/app", version=first)
     with pytest.raises(grpc.RpcError) as caught:
         stub.PromoteSecretVersion(request, timeout=10)
@@ -362,9 +378,11 @@ def test_cli_discard_through_the_service(server: Server) -> None:
 
 
 def test_cli_exits_7_when_the_staged_version_is_no_longer_pending(server: Server) -> None:
-    """Someone stages another version while our test command runs: our promote must refuse.
-    The nested rotate reaches the same service: the commands inherit SECRETS_MANAGER_ADDR."""
-    restage = f"{shlex.quote(str(SCRIPT))} rotate db/app --test-command false"
+    """Someone discards our pending version and stages another while our test command runs: our
+    promote must refuse. The nested rotates reach the same service: the commands inherit
+    SECRETS_MANAGER_ADDR. (A nested rotate without the discard is refused: in progress.)"""
+    nested = shlex.quote(str(SCRIPT))
+    restage = f"{nested} rotate db/app --discard; {nested} rotate db/app --test-command false"
     sneaky = f"sh -c {shlex.quote('cat >/dev/null; ' + restage + '; exit 0')}"
     result = rotate(server, "rotator", "--test-command", sneaky)
     assert result.returncode == 7, result.stderr

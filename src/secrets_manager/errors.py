@@ -9,6 +9,7 @@
     ├── AccessDeniedError               exit 5   the caller may not do this
     ├── IntegrityError                  exit 6   a record, keyset or header failed authentication
     ├── ConflictError                   exit 7   compare-and-set lost, or the target already exists
+    │   └── RotationInProgressError     exit 7   a stage while another rotation's version is pending
     └── StorageError                    exit 1   the backend itself failed (I/O, locked, unreachable)
         └── ResourceExhaustedError      exit 1   the service is at a capacity limit (max_watch_streams)
 
@@ -81,6 +82,11 @@ class ConflictError(SecretsManagerError):
 
     exit_code = 7
     kind = "conflict"
+
+
+class RotationInProgressError(ConflictError):
+    """A new rotation was refused: a version of the secret is pending (another rotation runs, or
+    one that failed waits for --resume or --discard)."""
 
 
 class StorageError(SecretsManagerError):

@@ -125,8 +125,9 @@ def rotate(
     SECRETS_MANAGER_ROTATE_VERSION (the master password variables are removed). Their output goes
     to stderr. If either fails (non-zero exit, timeout, cannot start), current is untouched and the
     new version stays pending: fix the cause and run 'rotate NAME --resume', or 'rotate NAME
-    --discard'. On success the pending version becomes current and the old current previous;
-    exit 7 if another version was staged meanwhile.
+    --discard'. On success the pending version becomes current and the old current previous.
+    One rotation at a time: while a version is pending, a new rotation exits 7 before it stages
+    or runs anything; exit 7 after the commands means the pending version was discarded meanwhile.
 
     \b
     Audit: on a local store every step is recorded in its audit log (rotate.stage, rotate.resume,

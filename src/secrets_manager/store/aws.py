@@ -74,6 +74,7 @@ from secrets_manager.store.base import (
     SecretMetadata,
     VersionInfo,
     checked_value,
+    refuse_if_rotating,
 )
 from secrets_manager.store.external import (
     AUDIT_KEY_NAME,
@@ -429,13 +430,20 @@ class AwsStore:
 
     def stage(self, name: str, value: bytes) -> VersionInfo:
         """DescribeSecret, ListSecretVersionIds, then PutSecretValue with VersionStages=[AWSPENDING]
-        (AWS moves the label off any version that had it; AWSCURRENT stays where it is)."""
+        (AWSCURRENT stays where it is). Refused while AWSPENDING is on a version that is not
+        AWSCURRENT, as RotateSecret is. Two stagers that read the same versions ask for the same
+        ClientRequestToken, so the second is refused by AWS and sees the first's AWSPENDING."""
         validate_name(name)
         payload = _payload(checked_value(value, empty_supported=False))
         backoff = Backoff(first=0.05, cap=1.0, deadline_seconds=RETRY_DEADLINE_SECONDS, what=repr(name))
         while True:
             self._require_live(name)
             versions = self._versions(name)
+            refuse_if_rotating(
+                name,
+                next((v.number for v in versions if PENDING in v.labels), None),
+                next((v.number for v in versions if CURRENT in v.labels), None),
+            )
             number = (versions[-1].number if versions else 0) + 1
             with self._aws(f"stage a new version of {name}", name):
                 try:

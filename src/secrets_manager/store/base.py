@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
-from secrets_manager.errors import InvalidInputError, UnsupportedOperationError
+from secrets_manager.errors import InvalidInputError, RotationInProgressError, UnsupportedOperationError
 from secrets_manager.values import SecretValue
 
 CURRENT = "current"
@@ -123,7 +123,9 @@ class SecretStore(Protocol):
 
     def stage(self, name: str, value: bytes) -> VersionInfo:
         """Write a new version labelled `pending` (rotation, step 1); `current` and `previous` do not
-        move. The label leaves whichever version carried it. Same errors as `put`."""
+        move. RotationInProgressError (a ConflictError) while another rotation is in progress (a
+        version other than current carries `pending`), as AWS's RotateSecret refuses: two rotations
+        at once would each set their own value at the target. Otherwise the same errors as `put`."""
 
     def promote(self, name: str, version: int) -> int | None:
         """Make `version`, which must carry `pending` (ConflictError otherwise), `current` in one
@@ -151,6 +153,18 @@ class AuditedStore(SecretStore, Protocol):
 
     def set_audit_anchor(self, anchor: Anchor) -> None:
         """Vouch for a newer audit record."""
+
+
+def refuse_if_rotating(name: str, pending: int | None, current: int | None) -> None:
+    """RotationInProgressError if a rotation of `name` is in progress: `pending` on a version that is not
+    current. (Pending on the current version is a finished promote on a store that moves labels
+    one call at a time, as AWS does.)"""
+    if pending is not None and pending != current:
+        raise RotationInProgressError(
+            f"a rotation of {name!r} is in progress (version {pending} is pending); finish it with "
+            f"'secrets-manager rotate {name} --resume' or drop it with "
+            f"'secrets-manager rotate {name} --discard'"
+        )
 
 
 def checked_value(value: bytes, *, empty_supported: bool = True) -> bytes:

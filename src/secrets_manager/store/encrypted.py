@@ -70,6 +70,7 @@ from secrets_manager.store.base import (
     SecretMetadata,
     VersionInfo,
     checked_value,
+    refuse_if_rotating,
     unsupported_capabilities,
 )
 from secrets_manager.store.changes import SecretChanges, secret_changes
@@ -402,6 +403,8 @@ class EncryptedStore:
                 raise ConflictError(
                     f"secret {name!r} is deleted; run 'undelete {name}' first, or 'destroy {name} --all'"
                 )
+            # Checked on the metadata this attempt commits against: of two stagers, one wins.
+            refuse_if_rotating(name, meta.labels.get(PENDING), meta.labels.get(CURRENT))
             return self._write_version(name, value, meta_entry, meta, now, label=PENDING)
 
         return self._retry(attempt)

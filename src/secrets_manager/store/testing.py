@@ -445,9 +445,19 @@ def _check_pending_rotation(make_store: MakeStore, ns: str) -> None:
         _require(pending.version == 3 and _revealed(pending) == b"value 3", "get label=pending after stage")
         labels = dict(store.describe(name).labels)
         _require(labels == {CURRENT: 2, PREVIOUS: 1, PENDING: 3}, f"labels after stage are {labels}")
-        _require(store.stage(name, b"value 4").version == 4, "a second stage is not the next version")
-        _require(store.get(name, label=PENDING).version == 4, "a second stage did not take the pending label")
-        _require(store.get(name, version=3).labels == (), "the version staged before still carries a label")
+        _raises(ConflictError, lambda: store.stage(name, b"value 4"), "a second stage while one is pending")
+        labels = dict(store.describe(name).labels)
+        _require(labels == {CURRENT: 2, PREVIOUS: 1, PENDING: 3}, f"a refused second stage left {labels}")
+        _require(
+            _version_numbers(store.describe(name)) == [1, 2, 3], "a refused second stage wrote a version"
+        )
+        discarded = store.discard_pending(name)
+        _require(discarded == 3, f"discard_pending returned {discarded}, not the pending version 3")
+        _require(
+            store.stage(name, b"value 4").version == 4, "a stage after a discard is not the next version"
+        )
+        _require(store.get(name, label=PENDING).version == 4, "a stage after a discard did not take pending")
+        _require(store.get(name, version=3).labels == (), "the discarded version still carries a label")
         _raises(ConflictError, lambda: store.promote(name, 3), "promote of a version no longer pending")
         _require(store.get(name).version == 2, "a refused promote moved the current label")
         previous = store.promote(name, 4)
@@ -463,7 +473,7 @@ def _check_pending_rotation(make_store: MakeStore, ns: str) -> None:
         labels = dict(store.describe(name).labels)
         _require(labels == {CURRENT: 4, PREVIOUS: 2}, f"labels after promote are {labels}")
         _raises(ConflictError, lambda: store.promote(name, 4), "promote of the current version")
-        store.stage(name, b"value 5")
+        _require(store.stage(name, b"value 5").version == 5, "a stage after a promote was refused")
         discarded = store.discard_pending(name)
         _require(discarded == 5, f"discard_pending returned {discarded}, not the pending version 5")
         _raises(NotFoundError, lambda: store.get(name, label=PENDING), "get label=pending after discard")
