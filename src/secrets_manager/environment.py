@@ -9,6 +9,10 @@ from collections.abc import Mapping
 from secrets_manager.errors import InvalidInputError
 
 ENV_VARIABLE = "SHRIVENQUANT_ENV"
+PASSWORD_FILE_VARIABLE = "MASTER_PASSWORD_FILE"  # noqa: S105 (a variable name)
+PASSWORD_VARIABLE = "MASTER_PASSWORD"  # noqa: S105 (a variable name)
+# Withheld from every command we start: they must not learn how to unlock the store.
+PASSWORD_VARIABLES = (PASSWORD_VARIABLE, PASSWORD_FILE_VARIABLE)
 
 
 class Environment(enum.StrEnum):

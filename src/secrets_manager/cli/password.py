@@ -18,11 +18,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from secrets_manager.cli.output import warning_line
-from secrets_manager.environment import Environment
+from secrets_manager.environment import PASSWORD_FILE_VARIABLE, PASSWORD_VARIABLE, Environment
 from secrets_manager.errors import InvalidInputError, UnlockError, UnsafeConfigurationError
-
-PASSWORD_FILE_VARIABLE = "MASTER_PASSWORD_FILE"  # noqa: S105 (a variable name)
-PASSWORD_VARIABLE = "MASTER_PASSWORD"  # noqa: S105 (a variable name)
 
 
 def read_password(

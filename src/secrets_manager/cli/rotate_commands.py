@@ -19,39 +19,31 @@ untouched and the new version stays pending for --resume (or --discard).
 
 from __future__ import annotations
 
-import secrets
-import shlex
-import string
-import subprocess
-import sys
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
-from typing import Any
 
 import click
 
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
 from secrets_manager.cli.output import info_line, print_json
-from secrets_manager.cli.password import PASSWORD_FILE_VARIABLE, PASSWORD_VARIABLE
-from secrets_manager.errors import InvalidInputError, SecretsManagerError
+from secrets_manager.errors import InvalidInputError
+from secrets_manager.rotation import (
+    ALPHABETS,
+    DEFAULT_LENGTH,
+    DEFAULT_TIMEOUT,
+    MAX_LENGTH,
+    MAX_TIMEOUT,
+    MIN_LENGTH,
+    Commands,
+    command_argv,
+    generated_value,
+)
+from secrets_manager.rotation import (
+    rotate as run_rotation,
+)
 from secrets_manager.store import PENDING, validate_name
 from secrets_manager.values import SecretValue
-
-ALPHABETS = {
-    "alnum": string.ascii_letters + string.digits,
-    "hex": "0123456789abcdef",
-    "urlsafe": string.ascii_letters + string.digits + "-_",
-}
-NAME_VARIABLE = "SECRETS_MANAGER_ROTATE_NAME"
-VERSION_VARIABLE = "SECRETS_MANAGER_ROTATE_VERSION"
-DEFAULT_LENGTH = 32
-DEFAULT_TIMEOUT = 60.0
-
-
-class RotationStepFailed(SecretsManagerError):
-    """The set or test command failed: nothing was promoted, the new version stays pending."""
-
-    exit_code = 1
-    kind = "rotation_step_failed"
 
 
 @dataclass
@@ -71,7 +63,7 @@ class _OnePasswordSession(Session):
 @click.option("--generate", is_flag=True, help="Generate a random new value (the default).")
 @click.option(
     "--length",
-    type=click.IntRange(min=8, max=4096),
+    type=click.IntRange(min=MIN_LENGTH, max=MAX_LENGTH),
     default=DEFAULT_LENGTH,
     show_default=True,
     metavar="N",
@@ -92,7 +84,7 @@ class _OnePasswordSession(Session):
 @click.option("--test-command", metavar="CMD", help="Check that the new value works (value on stdin).")
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True, max=3600),
+    type=click.FloatRange(min=0, min_open=True, max=MAX_TIMEOUT),
     default=DEFAULT_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
@@ -142,8 +134,8 @@ def rotate(
           --test-command "python3 check-app-login.py"
     """
     validate_name(name)
-    set_argv = _command_argv(set_command, "--set-command")
-    test_argv = _command_argv(test_command, "--test-command")
+    set_argv = None if set_command is None else command_argv(set_command, "--set-command")
+    test_argv = None if test_command is None else command_argv(test_command, "--test-command")
     if generate and from_stdin:
         raise InvalidInputError("give --generate or --stdin, not both")
     if raw and not from_stdin:
@@ -152,78 +144,65 @@ def rotate(
         raise InvalidInputError("--discard takes no other rotation option")
     if resume and (generate or from_stdin):
         raise InvalidInputError("--resume reuses the pending value; drop --generate / --stdin")
-    session = _OnePasswordSession(**{f.name: getattr(session, f.name) for f in fields(session)})
-
+    session = one_password_session(session)
     if discard:
         _discard(session, name, as_json=as_json)
         return
-    if resume:
-        version, value = _resume(session, name)
-    else:
-        value = read_value(None, None, raw=raw) if from_stdin else _generated(length, ALPHABETS[alphabet])
-        version = _stage(session, name, value)
-
-    for step, argv in (("set", set_argv), ("test", test_argv)):
-        if argv is None:
-            continue
-        if session.server:
-            # No store and no audit log on this side; the service audited the stage (and will the
-            # promote), so a failed step shows there as a version staged and never promoted.
-            _run_step(step, argv, name, version, value, timeout, session)
-            continue
-        # Audited with its outcome (ok, or rotation_step_failed), so a failed step leaves a trace.
-        with session.store_operation(f"rotate.{step}", name) as (_, event):
-            event.version = version
-            _run_step(step, argv, name, version, value, timeout, session)
-
-    current, previous = _promote(session, name, version)
+    value = None
+    if not resume:
+        value = read_value(None, None, raw=raw) if from_stdin else generated_value(length, alphabet)
+    rotated = run_rotation(
+        SessionSteps(session), name, Commands(set_argv, test_argv, timeout, session.environ), value=value
+    )
     if as_json:
-        print_json({"name": name, "version": current, "previous": previous})
-    shown = "none" if previous is None else str(previous)
-    info_line(f"rotated {name}: version {current} is current (previous: {shown})")
+        print_json({"name": name, "version": rotated.version, "previous": rotated.previous})
+    shown = "none" if rotated.previous is None else str(rotated.previous)
+    info_line(f"rotated {name}: version {rotated.version} is current (previous: {shown})")
 
 
-def _command_argv(command: str | None, option: str) -> list[str] | None:
-    if command is None:
-        return None
-    try:
-        argv = shlex.split(command)
-    except ValueError as exc:
-        raise InvalidInputError(f"{option}: cannot split the command ({exc})") from None
-    if not argv:
-        raise InvalidInputError(f"{option} is empty")
-    return argv
+def one_password_session(session: Session) -> _OnePasswordSession:
+    """`session`, asking for the master password at most once for all the steps."""
+    return _OnePasswordSession(**{f.name: getattr(session, f.name) for f in fields(session)})
 
 
-def _generated(length: int, alphabet: str) -> SecretValue:
-    return SecretValue("".join(secrets.choice(alphabet) for _ in range(length)).encode("ascii"))
+@dataclass
+class SessionSteps:
+    """The store steps as `secret_operation`s: on a local store each opened and audited here
+    (the set and test commands too, with their outcome), with --server each one RPC that the
+    service authorises and audits (the commands run here, where there is no audit log)."""
 
+    session: Session
 
-# Each store step is one `secret_operation`: on a local store opened and audited here, with
-# --server one RPC that the service authorises and audits.
+    def stage(self, name: str, value: SecretValue) -> int:
+        with self.session.secret_operation("rotate.stage", name, mutating=True) as (store, note):
+            note.value(value.reveal())
+            info = store.stage(name, value.reveal())
+            note.version(info.version)
+        return info.version
 
+    def pending(self, name: str) -> tuple[int, SecretValue]:
+        with self.session.secret_operation("rotate.resume", name) as (store, note):
+            secret = store.get(name, label=PENDING)
+            note.version(secret.version)
+            note.value(secret.value.reveal())
+        return secret.version, secret.value
 
-def _stage(session: Session, name: str, value: SecretValue) -> int:
-    with session.secret_operation("rotate.stage", name, mutating=True) as (store, note):
-        note.value(value.reveal())
-        info = store.stage(name, value.reveal())
-        note.version(info.version)
-    return info.version
+    def promote(self, name: str, version: int) -> int | None:
+        with self.session.secret_operation("rotate.promote", name, mutating=True) as (store, note):
+            note.version(version)
+            return store.promote(name, version)
 
+    def command_step(self, step: str, name: str, version: int) -> AbstractContextManager[object]:
+        if self.session.server:
+            return nullcontext()
+        return self._audited_step(step, name, version)
 
-def _resume(session: Session, name: str) -> tuple[int, SecretValue]:
-    with session.secret_operation("rotate.resume", name) as (store, note):
-        secret = store.get(name, label=PENDING)
-        note.version(secret.version)
-        note.value(secret.value.reveal())
-    return secret.version, secret.value
-
-
-def _promote(session: Session, name: str, version: int) -> tuple[int, int | None]:
-    with session.secret_operation("rotate.promote", name, mutating=True) as (store, note):
-        note.version(version)
-        previous = store.promote(name, version)
-    return version, previous
+    @contextmanager
+    def _audited_step(self, step: str, name: str, version: int) -> Iterator[None]:
+        # Audited with its outcome (ok, or rotation_step_failed), so a failed step leaves a trace.
+        with self.session.store_operation(f"rotate.{step}", name) as (_, event):
+            event.version = version
+            yield
 
 
 def _discard(session: Session, name: str, *, as_json: bool) -> None:
@@ -233,29 +212,3 @@ def _discard(session: Session, name: str, *, as_json: bool) -> None:
     if as_json:
         print_json({"name": name, "discarded": discarded})
     info_line(f"discarded the pending version {discarded} of {name}; current is unchanged")
-
-
-def _run_step(
-    step: str, argv: list[str], name: str, version: int, value: SecretValue, timeout: float, session: Session
-) -> None:
-    """Run one user command with the new value on stdin; RotationStepFailed if it does not succeed."""
-    env = {k: v for k, v in session.environ.items() if k not in (PASSWORD_VARIABLE, PASSWORD_FILE_VARIABLE)}
-    env[NAME_VARIABLE] = name
-    env[VERSION_VARIABLE] = str(version)
-    options: dict[str, Any] = {"env": env, "stdout": sys.stderr.fileno(), "stderr": sys.stderr.fileno()}
-    sys.stderr.flush()
-    try:
-        proc = subprocess.run(argv, input=value.reveal(), timeout=timeout, check=False, **options)
-    except subprocess.TimeoutExpired:
-        failure = f"timed out after {timeout:g} s"
-    except OSError as exc:
-        failure = f"could not start ({exc.strerror or type(exc).__name__})"
-    else:
-        if proc.returncode == 0:
-            return
-        failure = f"exit code {proc.returncode}"
-    raise RotationStepFailed(
-        f"rotating {name}: the {step} command failed ({failure}); version {version} stays pending and "
-        f"current is unchanged; fix it and run 'secrets-manager rotate {name} --resume' "
-        f"(or discard with 'secrets-manager rotate {name} --discard')"
-    )

@@ -11,6 +11,8 @@
     shutdown_grace_seconds = 10
     audit_sync = "interval"             # or "always"; see below
     audit_sync_interval_ms = 10
+    rotation_schedule = "rotation.toml"  # optional: due credential rotations (service/schedule.py)
+    rotation_check_seconds = 60          # how often the schedule is read and checked
 
     [tls]
     cert = "server.pem"
@@ -58,6 +60,8 @@ _KNOWN = {
     "tls",
     "audit_sync",
     "audit_sync_interval_ms",
+    "rotation_schedule",
+    "rotation_check_seconds",
 }
 AUDIT_SYNC_MODES = ("interval", "always")
 DEFAULT_MAX_WORKERS = 256
@@ -80,6 +84,8 @@ class ServerConfig:
     shutdown_grace_seconds: float = 10.0
     audit_sync: str = "interval"
     audit_sync_interval_ms: int = 10
+    rotation_schedule: Path | None = None
+    rotation_check_seconds: float = 60.0
 
     @property
     def watch_stream_limit(self) -> int:
@@ -146,6 +152,9 @@ def load_config(path: str | Path) -> ServerConfig:
     interval = doc.get("audit_sync_interval_ms", 10)
     if not isinstance(interval, int) or isinstance(interval, bool) or not 1 <= interval <= 1000:
         raise InvalidInputError(f"server config {path}: audit_sync_interval_ms must be 1..1000")
+    check = doc.get("rotation_check_seconds", 60)
+    if not isinstance(check, int | float) or isinstance(check, bool) or not 0.1 <= check <= 86400:
+        raise InvalidInputError(f"server config {path}: rotation_check_seconds must be 0.1..86400")
     metrics = doc.get("metrics_listen")
     if metrics is not None and (not isinstance(metrics, str) or ":" not in metrics):
         raise InvalidInputError(f"server config {path}: metrics_listen must be HOST:PORT")
@@ -164,4 +173,8 @@ def load_config(path: str | Path) -> ServerConfig:
         shutdown_grace_seconds=float(grace),
         audit_sync=audit_sync,
         audit_sync_interval_ms=interval,
+        rotation_schedule=(
+            file(doc["rotation_schedule"], "rotation_schedule") if "rotation_schedule" in doc else None
+        ),
+        rotation_check_seconds=float(check),
     )

@@ -33,6 +33,12 @@ class Metrics:
             "Watch streams open now (each holds a worker thread; refused past max_watch_streams).",
             registry=self.registry,
         )
+        self.scheduled_rotations = Counter(
+            "secrets_manager_scheduled_rotations",
+            "Scheduled rotations attempted, by outcome (rotated, resumed, failed).",
+            ["outcome"],
+            registry=self.registry,
+        )
         # Label children by key, so a request does not look them up under the metric's lock.
         self._counters: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._histograms: dict[str, Any] = {}
@@ -51,6 +57,11 @@ class Metrics:
             histogram = self._histograms[method] = self.latency.labels(method)
         counter.inc()
         histogram.observe(elapsed)
+
+    def count_rotation(self, outcome: str) -> None:
+        """Count a scheduled rotation that ran (a skipped or not-due entry is not counted)."""
+        if outcome in ("rotated", "resumed", "failed"):
+            self.scheduled_rotations.labels(outcome).inc()
 
     def count_watch_streams(self, open_streams: Callable[[], int]) -> None:
         """Read the open Watch streams from `open_streams` at every scrape."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -28,6 +29,7 @@ from secrets_manager.audit import AuditEvent, AuditLog, value_fingerprint
 from secrets_manager.errors import AccessDeniedError, InvalidInputError, NotFoundError, SecretsManagerError
 from secrets_manager.service.config import DEFAULT_MAX_WORKERS, WORKERS_KEPT_FROM_WATCH, ServerConfig
 from secrets_manager.service.metrics import Metrics
+from secrets_manager.service.schedule import RotationScheduler
 from secrets_manager.service.watch import ChangeHub
 from secrets_manager.store import EncryptedStore
 from secrets_manager.store.changes import ChangeKind
@@ -423,19 +425,39 @@ def run_server(
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful stop, exit 0); SIGHUP reloads the policy."""
     policy = PolicyHolder(config.policy)
+    scheduler = None
+    if config.rotation_schedule is not None:  # read now: a bad file stops the start, as a bad policy does
+        scheduler = RotationScheduler(
+            config.rotation_schedule,
+            store,
+            audit,
+            check_seconds=config.rotation_check_seconds,
+            environ=os.environ,
+        )
     running = build_server(config, store, audit, policy)
     stop_requested = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
     signal.signal(signal.SIGINT, lambda *_: stop_requested.set())
     signal.signal(signal.SIGHUP, lambda *_: policy.reload())
     log.info("serving", extra={"listen": config.listen, "port": running.port})
+    if scheduler is not None:
+        scheduler.start(running.metrics.count_rotation)
+        log.info(
+            "rotation schedule in force",
+            extra={"schedule": str(scheduler.path), "entries": len(scheduler.rules)},
+        )
     ready(running.port)
     # Wake up now and then: a signal delivered to another thread only runs its Python handler
     # when the main thread next executes bytecode, which a wait without a timeout may never do.
     while not stop_requested.wait(0.5):
         pass
     log.info("shutting down", extra={"grace_seconds": config.shutdown_grace_seconds})
+    deadline = time.monotonic() + config.shutdown_grace_seconds
+    if scheduler is not None:
+        scheduler.request_stop()
     running.stop(config.shutdown_grace_seconds)
+    if scheduler is not None:  # a rotation running now gets what is left of the grace period
+        scheduler.join(max(0.0, deadline - time.monotonic()))
     try:
         audit.flush()
     except SecretsManagerError as exc:

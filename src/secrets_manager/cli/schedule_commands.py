@@ -1,0 +1,175 @@
+"""`secrets-manager schedule check|run FILE`: scheduled credential rotation without a service.
+
+The schedule file (rotation.py has its format) lists secrets with how often to rotate them and
+their set and test commands. `check` says what each entry would do now; `run` does it: every due
+rotation, one after the other, each as `rotate NAME` would (audited step by step on a local store,
+authorised and audited by the service with --server). Run it from cron or a systemd timer; the
+service does the same on its own when server.toml names the file (`rotation_schedule`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from secrets_manager.cli.app import Session, cli, pass_session
+from secrets_manager.cli.output import error_line, info_line, print_json, print_table, timestamp
+from secrets_manager.cli.rotate_commands import SessionSteps, one_password_session
+from secrets_manager.errors import NotFoundError, RotationInProgressError, SecretsManagerError
+from secrets_manager.rotation import Due, Plan, ScheduledRotation, generated_value, load_schedule, plan
+from secrets_manager.rotation import rotate as run_rotation
+
+MISSING = "missing"
+
+
+@dataclass
+class _Entry:
+    rule: ScheduledRotation
+    plan: Plan | None  # None: the secret does not exist
+
+    @property
+    def state(self) -> str:
+        return MISSING if self.plan is None else self.plan.state.value
+
+    def doc(self) -> dict[str, Any]:
+        return {
+            "name": self.rule.name,
+            "every_seconds": int(self.rule.every.total_seconds()),
+            "state": self.state,
+            "last_rotated": None if self.plan is None else _iso(self.plan.last_rotated),
+            "next_due": None if self.plan is None else _iso(self.plan.next_due),
+            "pending": None if self.plan is None else self.plan.pending,
+        }
+
+
+@cli.group()
+def schedule() -> None:
+    """Scheduled credential rotation: check a schedule file, or run what is due.
+
+    \b
+    The file (TOML; README "Scheduled rotation") lists secrets to rotate:
+      [[rotation]]
+      name = "db/app"
+      every = "30d"                                 # s, m, h or d
+      set_command = "python3 set-app-password.py"   # optional, value on stdin
+      test_command = "python3 check-app-login.py"   # optional
+      # length = 32, alphabet = "alnum", timeout = 60: the defaults
+    A secret is due when its current version is `every` old. The service runs the same file
+    on its own when server.toml names it (rotation_schedule)."""
+
+
+@schedule.command("check")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the entries as JSON on stdout.")
+@pass_session
+def check(session: Session, file: str, as_json: bool) -> int:
+    """Check FILE and show, for each entry, when its secret was last rotated, when it is next due
+    and what 'schedule run' would do now (due, not due, in progress, resume, deleted, missing).
+
+    Exit 2 if the file is invalid, 3 if a secret it names does not exist."""
+    entries = _entries(session, load_schedule(file))
+    if as_json:
+        print_json([entry.doc() for entry in entries])
+    else:
+        print_table(
+            ["NAME", "EVERY", "LAST ROTATED", "NEXT DUE", "STATE"],
+            [
+                [
+                    e.rule.name,
+                    _every(e.rule),
+                    "" if e.plan is None else timestamp(e.plan.last_rotated),
+                    "" if e.plan is None else timestamp(e.plan.next_due),
+                    e.state,
+                ]
+                for e in entries
+            ],
+        )
+    missing = [e.rule.name for e in entries if e.plan is None]
+    if missing:
+        error_line(f"secret {missing[0]!r} not found; store a first value before it can be rotated")
+        return NotFoundError.exit_code
+    return 0
+
+
+@schedule.command("run")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON on stdout.")
+@pass_session
+def run(session: Session, file: str, as_json: bool) -> int:
+    """Run every rotation of FILE that is due now: stage a generated value, set, test, promote
+    (as 'rotate NAME'); resume one whose pending version is older than 3 command timeouts (left
+    by a rotation that did not finish); skip one in progress elsewhere.
+
+    \b
+    Exit 0 if every due rotation succeeded (or none was due), 1 if any failed (each failure is
+    one line; the other entries still run), 3 if a secret it names does not exist."""
+    rules = load_schedule(file)
+    session = one_password_session(session)
+    results: list[dict[str, Any]] = []
+    exit_code = 0
+    for entry in _entries(session, rules):
+        result: dict[str, Any] = {"name": entry.rule.name, "state": entry.state}
+        results.append(result)
+        if entry.plan is None:
+            error_line(f"secret {entry.rule.name!r} not found; store a first value before it can be rotated")
+            exit_code = exit_code or NotFoundError.exit_code
+            continue
+        if entry.plan.state is Due.IN_PROGRESS:
+            info_line(f"{entry.rule.name}: a rotation is in progress (version {entry.plan.pending}); skipped")
+        elif entry.plan.state is Due.DELETED:
+            info_line(f"{entry.rule.name}: deleted; not rotated until it is undeleted")
+        if entry.plan.state not in (Due.DUE, Due.RESUME):
+            result["outcome"] = "skipped"
+            continue
+        rule = entry.rule
+        value = generated_value(rule.length, rule.alphabet) if entry.plan.state is Due.DUE else None
+        try:
+            rotated = run_rotation(
+                SessionSteps(session), rule.name, rule.commands(session.environ), value=value
+            )
+        except RotationInProgressError:  # another runner staged first (the store refused ours)
+            info_line(f"{rule.name}: another rotation started first; skipped")
+            result["outcome"] = "skipped"
+            continue
+        except SecretsManagerError as exc:
+            error_line(str(exc))
+            result.update(outcome="failed", error=str(exc))
+            exit_code = 1
+            continue
+        result.update(outcome="rotated", version=rotated.version, previous=rotated.previous)
+        shown = "none" if rotated.previous is None else str(rotated.previous)
+        how = "resumed and rotated" if rotated.resumed else "rotated"
+        info_line(f"{how} {rule.name}: version {rotated.version} is current (previous: {shown})")
+    if as_json:
+        print_json(results)
+    return exit_code
+
+
+def _entries(session: Session, rules: tuple[ScheduledRotation, ...]) -> list[_Entry]:
+    """Each rule with its plan now, from one read of the secrets' metadata (never values)."""
+    entries = []
+    now = datetime.now(UTC)
+    with session.secret_operation("schedule.check") as (store, _):
+        for rule in rules:
+            try:
+                meta = store.describe(rule.name)
+            except NotFoundError:
+                entries.append(_Entry(rule, None))
+                continue
+            entries.append(_Entry(rule, plan(rule, meta, now)))
+    return entries
+
+
+def _every(rule: ScheduledRotation) -> str:
+    seconds = int(rule.every.total_seconds())
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

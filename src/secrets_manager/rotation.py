@@ -1,0 +1,341 @@
+"""Credential rotation in AWS's four steps, and the schedule that says when (DESIGN.md section 8).
+
+    stage    a new version labelled `pending` (the store refuses it while another is in progress)
+    set      the set command applies the new value at the target (e.g. ALTER ROLE on PostgreSQL)
+    test     the test command checks that the new value works there
+    promote  the pending version becomes current, the old current previous
+
+`rotate` runs the steps; whoever calls it provides them (`RotationSteps`) and so decides how each is
+audited: the CLI on a local store, the CLI through a service, or the service's own schedule. The
+commands get the new value on stdin only, never in their arguments or environment, and never the
+master password variables.
+
+A schedule file lists which secrets to rotate, how often, and with which commands:
+
+    [[rotation]]
+    name = "db/app"                                   # a secret that exists
+    every = "30d"                                     # s, m, h or d; at least 1 s
+    set_command = "python3 set-app-password.py"       # optional; run in the file's directory
+    test_command = "python3 check-app-login.py"       # optional
+    length = 32                                       # generated value: characters (8..4096)
+    alphabet = "alnum"                                # alnum, hex or urlsafe
+    timeout = 60                                      # seconds per command (0 < t <= 3600)
+
+It is operator configuration, like server.toml and unlike anything a client can write: whoever
+writes it chooses commands that the service runs.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import secrets
+import shlex
+import string
+import subprocess
+import sys
+import tomllib
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from secrets_manager.environment import PASSWORD_VARIABLES
+from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError
+from secrets_manager.store import CURRENT, PENDING, SecretMetadata, validate_name
+from secrets_manager.values import SecretValue
+
+ALPHABETS = {
+    "alnum": string.ascii_letters + string.digits,
+    "hex": "0123456789abcdef",
+    "urlsafe": string.ascii_letters + string.digits + "-_",
+}
+NAME_VARIABLE = "SECRETS_MANAGER_ROTATE_NAME"
+VERSION_VARIABLE = "SECRETS_MANAGER_ROTATE_VERSION"
+DEFAULT_LENGTH = 32
+MIN_LENGTH, MAX_LENGTH = 8, 4096
+DEFAULT_TIMEOUT = 60.0
+MAX_TIMEOUT = 3600.0
+# A pending version older than this many command timeouts was left by a rotation that ended
+# without finishing (killed, or its set or test failed): the schedule resumes it.
+STALE_AFTER_TIMEOUTS = 3
+
+
+class RotationStepFailed(SecretsManagerError):
+    """The set or test command failed: nothing was promoted, the new version stays pending."""
+
+    exit_code = 1
+    kind = "rotation_step_failed"
+
+
+def generated_value(length: int = DEFAULT_LENGTH, alphabet: str = "alnum") -> SecretValue:
+    """A random value from Python's `secrets`: `length` characters of ALPHABETS[alphabet]."""
+    characters = ALPHABETS[alphabet]
+    return SecretValue("".join(secrets.choice(characters) for _ in range(length)).encode("ascii"))
+
+
+def command_argv(command: str, what: str) -> tuple[str, ...]:
+    """`command` split like a shell would (no shell runs it); InvalidInputError naming `what`."""
+    try:
+        argv = shlex.split(command)
+    except ValueError as exc:
+        raise InvalidInputError(f"{what}: cannot split the command ({exc})") from None
+    if not argv:
+        raise InvalidInputError(f"{what} is empty")
+    return tuple(argv)
+
+
+@dataclass(frozen=True)
+class Commands:
+    """The set and test commands of one rotation and how to run them."""
+
+    set_argv: tuple[str, ...] | None
+    test_argv: tuple[str, ...] | None
+    timeout: float
+    environ: Mapping[str, str]
+    cwd: Path | None = None
+
+
+def run_command(
+    step: str, argv: tuple[str, ...], name: str, version: int, value: SecretValue, commands: Commands
+) -> None:
+    """Run one command with the new value on stdin and its output on our stderr;
+    RotationStepFailed if it does not exit 0 within the timeout."""
+    env = {k: v for k, v in commands.environ.items() if k not in PASSWORD_VARIABLES}
+    env[NAME_VARIABLE] = name
+    env[VERSION_VARIABLE] = str(version)
+    sys.stderr.flush()
+    try:
+        proc = subprocess.run(
+            argv,
+            input=value.reveal(),
+            timeout=commands.timeout,
+            check=False,
+            env=env,
+            cwd=commands.cwd,
+            stdout=sys.stderr.fileno(),
+            stderr=sys.stderr.fileno(),
+        )
+    except subprocess.TimeoutExpired:
+        failure = f"timed out after {commands.timeout:g} s"
+    except OSError as exc:
+        failure = f"could not start ({exc.strerror or type(exc).__name__})"
+    else:
+        if proc.returncode == 0:
+            return
+        failure = f"exit code {proc.returncode}"
+    raise RotationStepFailed(
+        f"rotating {name}: the {step} command failed ({failure}); version {version} stays pending and "
+        f"current is unchanged; fix it and run 'secrets-manager rotate {name} --resume' "
+        f"(or discard with 'secrets-manager rotate {name} --discard')"
+    )
+
+
+class RotationSteps(Protocol):
+    """The store steps of a rotation, and the audit around its commands, as the caller does them."""
+
+    def stage(self, name: str, value: SecretValue) -> int:
+        """Stage `value` as pending; its version."""
+
+    def pending(self, name: str) -> tuple[int, SecretValue]:
+        """The version labelled pending and its value (to resume a rotation)."""
+
+    def promote(self, name: str, version: int) -> int | None:
+        """Make `version` current; the old current."""
+
+    def command_step(self, step: str, name: str, version: int) -> AbstractContextManager[object]:
+        """Around the set or test command (audited with its outcome where there is a log)."""
+
+
+@dataclass(frozen=True)
+class Rotated:
+    name: str
+    version: int  # now current
+    previous: int | None  # the old current, now previous
+    resumed: bool  # the version was staged by an earlier rotation that did not finish
+
+
+def rotate(steps: RotationSteps, name: str, commands: Commands, *, value: SecretValue | None) -> Rotated:
+    """Stage `value` (or, if None, resume the pending version), set, test, promote. A failed
+    command raises RotationStepFailed and leaves the version pending; nothing else moves."""
+    resumed = value is None
+    if value is None:
+        version, value = steps.pending(name)
+    else:
+        version = steps.stage(name, value)
+    for step, argv in (("set", commands.set_argv), ("test", commands.test_argv)):
+        if argv is not None:
+            with steps.command_step(step, name, version):
+                run_command(step, argv, name, version, value, commands)
+    return Rotated(name, version, steps.promote(name, version), resumed=resumed)
+
+
+# ---- the schedule ----------------------------------------------------------------------------------
+
+_KNOWN = {"name", "every", "set_command", "test_command", "length", "alphabet", "timeout"}
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"(\d+)([smhd])")
+MAX_EVERY = timedelta(days=3650)
+
+
+@dataclass(frozen=True)
+class ScheduledRotation:
+    """One entry of a schedule file: rotate `name` when its current version is `every` old."""
+
+    name: str
+    every: timedelta
+    set_argv: tuple[str, ...] | None
+    test_argv: tuple[str, ...] | None
+    length: int
+    alphabet: str
+    timeout: float
+    directory: Path  # the schedule file's: the commands run there
+
+    @property
+    def stale_after(self) -> timedelta:
+        return timedelta(seconds=self.timeout * STALE_AFTER_TIMEOUTS)
+
+    def commands(self, environ: Mapping[str, str]) -> Commands:
+        return Commands(self.set_argv, self.test_argv, self.timeout, environ, cwd=self.directory)
+
+
+def parse_every(text: object) -> timedelta:
+    """ "30d", "12h", "15m", "90s" (one number and unit) as a timedelta of 1 s .. 3650 d."""
+    match = _DURATION.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise InvalidInputError('every must be a number and a unit, e.g. "30d", "12h", "15m" or "90s"')
+    every = timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+    if not timedelta(seconds=1) <= every <= MAX_EVERY:
+        raise InvalidInputError("every must be between 1s and 3650d")
+    return every
+
+
+def load_schedule(path: str | Path) -> tuple[ScheduledRotation, ...]:
+    """Parse and check a schedule file; InvalidInputError names the file, the entry and the problem."""
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NotFoundError(f"rotation schedule {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"rotation schedule {path}: cannot read it ({exc})") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInputError(f"rotation schedule {path}: {exc}") from None
+    if set(doc) - {"rotation"}:
+        raise InvalidInputError(
+            f"rotation schedule {path}: unknown table {sorted(set(doc) - {'rotation'})[0]!r}; "
+            "entries are [[rotation]] tables"
+        )
+    entries = doc.get("rotation", [])
+    if not isinstance(entries, list):
+        raise InvalidInputError(f"rotation schedule {path}: entries are [[rotation]] tables")
+    schedule: list[ScheduledRotation] = []
+    for number, entry in enumerate(entries, start=1):
+        try:
+            schedule.append(_entry(entry, path.parent.resolve()))
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"rotation schedule {path}, rotation {number}: {exc}") from None
+    names = [rule.name for rule in schedule]
+    duplicate = next((name for name in names if names.count(name) > 1), None)
+    if duplicate is not None:
+        raise InvalidInputError(f"rotation schedule {path}: {duplicate!r} is listed twice")
+    return tuple(schedule)
+
+
+def _entry(entry: Any, directory: Path) -> ScheduledRotation:
+    if not isinstance(entry, dict):
+        raise InvalidInputError("must be a table")
+    unknown = set(entry) - _KNOWN
+    if unknown:
+        raise InvalidInputError(f"unknown setting {sorted(unknown)[0]!r}")
+    name = entry.get("name")
+    if not isinstance(name, str):
+        raise InvalidInputError("name (a secret's name) is required")
+    validate_name(name)
+    if "every" not in entry:
+        raise InvalidInputError('every is required, e.g. every = "30d"')
+    argv: dict[str, tuple[str, ...] | None] = {}
+    for key in ("set_command", "test_command"):
+        command = entry.get(key)
+        if command is not None and not isinstance(command, str):
+            raise InvalidInputError(f"{key} must be a string")
+        argv[key] = None if command is None else command_argv(command, key)
+    length = entry.get("length", DEFAULT_LENGTH)
+    if not isinstance(length, int) or isinstance(length, bool) or not MIN_LENGTH <= length <= MAX_LENGTH:
+        raise InvalidInputError(f"length must be {MIN_LENGTH}..{MAX_LENGTH}")
+    alphabet = entry.get("alphabet", "alnum")
+    if alphabet not in ALPHABETS:
+        raise InvalidInputError(f"alphabet must be one of {', '.join(sorted(ALPHABETS))}")
+    timeout = entry.get("timeout", DEFAULT_TIMEOUT)
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 < timeout <= MAX_TIMEOUT:
+        raise InvalidInputError(f"timeout must be more than 0 and at most {MAX_TIMEOUT:g} seconds")
+    return ScheduledRotation(
+        name=name,
+        every=parse_every(entry["every"]),
+        set_argv=argv["set_command"],
+        test_argv=argv["test_command"],
+        length=length,
+        alphabet=alphabet,
+        timeout=float(timeout),
+        directory=directory,
+    )
+
+
+class Due(enum.StrEnum):
+    """What a scheduled rotation should do now."""
+
+    NOT_DUE = "not due"
+    DUE = "due"  # stage a new value
+    IN_PROGRESS = "in progress"  # a version is pending and young: another rotation is running
+    RESUME = "resume"  # a version is pending and stale: finish that rotation
+    DELETED = "deleted"  # soft-deleted: nothing is rotated until it is undeleted
+
+
+@dataclass(frozen=True)
+class Plan:
+    state: Due
+    last_rotated: datetime | None  # when the current version was created
+    next_due: datetime | None
+    pending: int | None
+
+
+def plan(rule: ScheduledRotation, meta: SecretMetadata, now: datetime) -> Plan:
+    """Due when the current version is `every` old (any new current value restarts the clock,
+    whether a rotation or a `store` made it), or when there is none."""
+    created = {v.version: v.created for v in meta.versions}
+    current = meta.labels.get(CURRENT)
+    pending = meta.labels.get(PENDING)
+    last = created.get(current) if current is not None else None
+    next_due = None if last is None else last + rule.every
+    if meta.deleted is not None:
+        state = Due.DELETED
+    elif pending is not None and pending != current:
+        staged = created.get(pending)
+        young = staged is not None and now - staged < rule.stale_after
+        state = Due.IN_PROGRESS if young else Due.RESUME
+    elif next_due is None or now >= next_due:
+        state = Due.DUE
+    else:
+        state = Due.NOT_DUE
+    return Plan(state, last, next_due, pending if state in (Due.IN_PROGRESS, Due.RESUME) else None)
+
+
+__all__ = [
+    "ALPHABETS",
+    "Commands",
+    "Due",
+    "Plan",
+    "Rotated",
+    "RotationStepFailed",
+    "RotationSteps",
+    "ScheduledRotation",
+    "command_argv",
+    "generated_value",
+    "load_schedule",
+    "parse_every",
+    "plan",
+    "rotate",
+    "run_command",
+]

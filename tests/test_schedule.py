@@ -1,0 +1,478 @@
+"""Scheduled credential rotation: the schedule file, what is due when, `secrets-manager schedule
+check|run` through the real console script, and the service running its schedule (real server
+processes, one of them a pair of replicas on one store)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from secrets_manager.crypto import kdf
+from secrets_manager.errors import InvalidInputError, NotFoundError
+from secrets_manager.rotation import Due, load_schedule, parse_every, plan
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import CURRENT, EncryptedStore, PasswordUnlock
+from service_fixtures import PASSWORD as SERVICE_PASSWORD
+from service_fixtures import TD, Server, make_pki, make_store, start_server
+
+SCRIPT = Path(sys.executable).with_name("secrets-manager")
+PASSWORD = "schedule test password"
+# Writes the new value (stdin) to ./target; the test command checks ./target holds it.
+SET_TARGET = "sh -c 'cat > target'"
+TEST_TARGET = "sh -c 'cmp -s - target'"
+
+
+def write_schedule(path: Path, *entries: dict[str, object]) -> Path:
+    lines = []
+    for entry in entries:
+        lines.append("[[rotation]]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in entry.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---- the schedule file ----------------------------------------------------------------------------
+
+
+def test_a_schedule_file_is_read_with_its_settings_and_defaults(tmp_path: Path) -> None:
+    path = write_schedule(
+        tmp_path / "rotation.toml",
+        {
+            "name": "db/app",
+            "every": "30d",
+            "set_command": "python3 'set password.py' --role app",
+            "test_command": "./check",
+            "length": 48,
+            "alphabet": "hex",
+            "timeout": 5,
+        },
+        {"name": "exchange/KEY", "every": "90s"},
+    )
+    first, second = load_schedule(path)
+    assert (first.name, first.every, first.length, first.alphabet, first.timeout) == (
+        "db/app",
+        timedelta(days=30),
+        48,
+        "hex",
+        5.0,
+    )
+    assert first.set_argv == ("python3", "set password.py", "--role", "app")
+    assert first.test_argv == ("./check",)
+    assert first.directory == tmp_path.resolve()
+    assert first.stale_after == timedelta(seconds=15)
+    assert (second.every, second.set_argv, second.test_argv) == (timedelta(seconds=90), None, None)
+    assert (second.length, second.alphabet, second.timeout) == (32, "alnum", 60.0)
+    assert [parse_every(text) for text in ("1s", "15m", "12h", "3650d")] == [
+        timedelta(seconds=1),
+        timedelta(minutes=15),
+        timedelta(hours=12),
+        timedelta(days=3650),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (
+            '[[rotation]]\nname = "db/app"\nevery = "1d"\ncolour = "red"\n',
+            "rotation 1: unknown setting 'colour'",
+        ),
+        ('[[rotation]]\nevery = "1d"\n', "rotation 1: name (a secret's name) is required"),
+        ('[[rotation]]\nname = "../etc"\nevery = "1d"\n', "rotation 1:"),
+        ('[[rotation]]\nname = "db/app"\n', "rotation 1: every is required"),
+        ('[[rotation]]\nname = "db/app"\nevery = "30"\n', "every must be a number and a unit"),
+        ('[[rotation]]\nname = "db/app"\nevery = "0s"\n', "every must be between 1s and 3650d"),
+        ('[[rotation]]\nname = "db/app"\nevery = "3651d"\n', "every must be between 1s and 3650d"),
+        ('[[rotation]]\nname = "db/app"\nevery = 30\n', "every must be a number and a unit"),
+        ('[[rotation]]\nname = "db/app"\nevery = "1d"\nalphabet = "emoji"\n', "alphabet must be one of"),
+        ('[[rotation]]\nname = "db/app"\nevery = "1d"\nlength = 7\n', "length must be 8..4096"),
+        ('[[rotation]]\nname = "db/app"\nevery = "1d"\ntimeout = 0\n', "timeout must be more than 0"),
+        ('[[rotation]]\nname = "db/app"\nevery = "1d"\nset_command = ""\n', "set_command is empty"),
+        (
+            '[[rotation]]\nname = "db/app"\nevery = "1d"\ntest_command = "sh -c \'x"\n',
+            "test_command: cannot split the command",
+        ),
+        (
+            '[[rotation]]\nname = "db/app"\nevery = "1d"\n[[rotation]]\nname = "db/app"\nevery = "2d"\n',
+            "'db/app' is listed twice",
+        ),
+        ('[rotations]\nname = "db/app"\n', "unknown table 'rotations'"),
+        ('rotation = "db/app"\n', "entries are [[rotation]] tables"),
+        ("[[rotation]\n", "rotation.toml:"),
+    ],
+)
+def test_a_bad_schedule_file_is_refused_with_what_is_wrong_where(
+    tmp_path: Path, content: str, problem: str
+) -> None:
+    path = tmp_path / "rotation.toml"
+    path.write_text(content)
+    with pytest.raises(InvalidInputError) as caught:
+        load_schedule(path)
+    message = str(caught.value)
+    assert message.startswith(f"rotation schedule {path}") and problem in message
+    assert "\n" not in message
+
+
+def test_a_missing_schedule_file_is_not_found(tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match="does not exist"):
+        load_schedule(tmp_path / "nowhere.toml")
+
+
+def test_what_is_due_follows_the_current_version_and_the_pending_label(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    (rule,) = load_schedule(
+        write_schedule(tmp_path / "r.toml", {"name": "db/app", "every": "1h", "timeout": 10})
+    )
+    encrypted_store.put("db/app", b"one")
+    meta = encrypted_store.describe("db/app")
+    created = meta.versions[-1].created
+    before = plan(rule, meta, created + timedelta(minutes=59))
+    assert (before.state, before.last_rotated, before.next_due) == (
+        Due.NOT_DUE,
+        created,
+        created + timedelta(hours=1),
+    )
+    assert plan(rule, meta, created + timedelta(hours=1)).state is Due.DUE
+
+    staged = encrypted_store.stage("db/app", b"two")
+    meta = encrypted_store.describe("db/app")
+    young = plan(rule, meta, staged.created + timedelta(seconds=29))
+    assert (young.state, young.pending) == (Due.IN_PROGRESS, 2)
+    stale = plan(rule, meta, staged.created + timedelta(seconds=30))  # three timeouts of 10 s
+    assert (stale.state, stale.pending) == (Due.RESUME, 2)
+
+    encrypted_store.promote("db/app", 2)
+    meta = encrypted_store.describe("db/app")
+    assert (
+        plan(rule, meta, staged.created + timedelta(minutes=59)).state is Due.NOT_DUE
+    )  # the clock restarted
+    encrypted_store.delete("db/app")
+    assert (
+        plan(rule, encrypted_store.describe("db/app"), staged.created + timedelta(days=9)).state
+        is Due.DELETED
+    )
+
+
+# ---- `secrets-manager schedule` ------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@dataclass
+class Cli:
+    dir: Path
+
+    def __call__(self, *args: str, input: bytes = b"") -> Result:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.dir),
+            "MASTER_PASSWORD": PASSWORD,
+            "SECRETS_MANAGER_STORE": str(self.dir / "store.db"),
+        }
+        proc = subprocess.run(
+            [str(SCRIPT), *args], input=input, capture_output=True, env=env, cwd=self.dir, timeout=120
+        )
+        stderr = proc.stderr.decode()
+        assert "Traceback" not in stderr, stderr
+        return Result(proc.returncode, proc.stdout.decode(), stderr)
+
+    def value(self, name: str, *args: str) -> str:
+        result = self("get", name, *args)
+        assert result.code == 0, result.stderr
+        return result.stdout.rstrip("\n")
+
+    def history(self, name: str) -> dict[str, object]:
+        result = self("history", name, "--json")
+        assert result.code == 0, result.stderr
+        doc: dict[str, object] = json.loads(result.stdout)
+        return doc
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    cli = Cli(tmp_path)
+    assert cli("init", "--kdf-profile", "test").code == 0
+    for name in ("db/app", "db/other"):
+        assert cli("store", name, input=f"{name} FIRST-VALUE".encode()).code == 0
+    return cli
+
+
+def test_schedule_run_rotates_what_is_due_and_leaves_the_rest(cli: Cli) -> None:
+    schedule = write_schedule(
+        cli.dir / "rotation.toml",
+        {"name": "db/app", "every": "1s", "set_command": SET_TARGET, "test_command": TEST_TARGET},
+        {"name": "db/other", "every": "30d", "set_command": "sh -c 'touch other-was-set'"},
+    )
+    time.sleep(1.1)
+    checked = cli("schedule", "check", str(schedule), "--json")
+    assert checked.code == 0, checked.stderr
+    assert [(e["name"], e["state"]) for e in json.loads(checked.stdout)] == [
+        ("db/app", "due"),
+        ("db/other", "not due"),
+    ]
+
+    result = cli("schedule", "run", str(schedule), "--json")
+    assert result.code == 0, result.stderr
+    assert "rotated db/app: version 2 is current (previous: 1)" in result.stderr
+    assert [(r["name"], r["outcome"]) for r in json.loads(result.stdout)] == [
+        ("db/app", "rotated"),
+        ("db/other", "skipped"),
+    ]
+    new_value = cli.value("db/app")
+    assert new_value != "db/app FIRST-VALUE" and len(new_value) == 32
+    assert (cli.dir / "target").read_text() == new_value
+    assert cli.value("db/other") == "db/other FIRST-VALUE" and not (cli.dir / "other-was-set").exists()
+    audit = (cli.dir / "store.audit.jsonl").read_text()
+    assert new_value not in audit
+    steps = [
+        (r["operation"], r["outcome"]) for r in map(json.loads, audit.splitlines()) if r["name"] == "db/app"
+    ]
+    assert [s for s in steps if s[1] == "ok" and s[0].startswith("rotate.")] == [
+        ("rotate.stage", "ok"),
+        ("rotate.set", "ok"),
+        ("rotate.test", "ok"),
+        ("rotate.promote", "ok"),
+    ]
+    assert cli("audit", "verify").code == 0
+
+
+def test_a_failed_rotation_is_retried_by_a_later_run_once_it_is_stale(cli: Cli) -> None:
+    """The set command fails: exit 1, the version stays pending, the other entry still rotates.
+    A run right after skips it (in progress, perhaps elsewhere); one after three command timeouts
+    resumes it with the same value."""
+    set_unless_broken = "sh -c 'test ! -e broken && cat > target'"
+    schedule = write_schedule(
+        cli.dir / "rotation.toml",
+        {"name": "db/app", "every": "1s", "set_command": set_unless_broken, "timeout": 1},
+        {"name": "db/other", "every": "1s"},
+    )
+    (cli.dir / "broken").touch()
+    time.sleep(1.1)
+    failed = cli("schedule", "run", str(schedule))
+    assert failed.code == 1
+    errors = [line for line in failed.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "the set command failed (exit code 1)" in errors[0]
+    assert "rotated db/other: version 2" in failed.stderr
+    assert cli.history("db/app")["labels"] == {"current": 1, "pending": 2}
+    staged_value = cli.value("db/app", "--label", "pending")
+
+    (cli.dir / "broken").unlink()
+    young = cli("schedule", "run", str(schedule), "--json")
+    assert young.code == 0, young.stderr
+    assert "db/app: a rotation is in progress (version 2); skipped" in young.stderr
+    assert cli.history("db/app")["labels"] == {"current": 1, "pending": 2}
+
+    time.sleep(3.1)  # three timeouts of 1 s since the stage
+    resumed = cli("schedule", "run", str(schedule), "--json")
+    assert resumed.code == 0, resumed.stderr
+    assert "resumed and rotated db/app: version 2 is current (previous: 1)" in resumed.stderr
+    assert cli.value("db/app") == staged_value == (cli.dir / "target").read_text()
+
+
+def test_schedule_names_a_missing_secret_and_refuses_a_bad_file(cli: Cli) -> None:
+    schedule = write_schedule(
+        cli.dir / "rotation.toml", {"name": "db/missing", "every": "1d"}, {"name": "db/app", "every": "1s"}
+    )
+    time.sleep(1.1)
+    checked = cli("schedule", "check", str(schedule))
+    assert checked.code == 3
+    assert checked.stdout.splitlines()[0].split("\t") == ["db/missing", "1d", "", "", "missing"]
+    assert checked.stderr.strip().endswith(
+        "secret 'db/missing' not found; store a first value before it can be rotated"
+    )
+    ran = cli("schedule", "run", str(schedule))
+    assert ran.code == 3 and "rotated db/app: version 2" in ran.stderr  # the rest still ran
+
+    (cli.dir / "bad.toml").write_text('[[rotation]]\nname = "db/app"\nevery = "soon"\n')
+    before = cli.history("db/app")
+    for command in ("check", "run"):
+        bad = cli("schedule", command, str(cli.dir / "bad.toml"))
+        assert (
+            bad.code == 2
+            and bad.stderr.count("\n") == 1
+            and "every must be a number and a unit" in bad.stderr
+        )
+    assert cli.history("db/app") == before
+
+
+# ---- the service runs its schedule ----------------------------------------------------------------
+
+
+def _serve_with_schedule(
+    directory: Path, name: str, schedule: Path, check_seconds: float = 0.2, *, metrics: bool = False
+) -> Server:
+    return start_server(
+        directory,
+        name,
+        metrics=metrics,
+        settings=f'rotation_schedule = "{schedule.name}"\nrotation_check_seconds = {check_seconds}\n',
+    )
+
+
+def _store_values(directory: Path, name: str) -> tuple[str, dict[int, bytes], list[str]]:
+    """(current value, every version's value, each version's author) read from the store file."""
+    store = EncryptedStore.open(
+        SqliteStorage(directory / "store.db"), PasswordUnlock(SERVICE_PASSWORD, kdf.TEST)
+    )
+    try:
+        meta = store.describe(name)
+        values = {v.version: store.get(name, version=v.version).value.reveal() for v in meta.versions}
+        current = values[meta.labels[CURRENT]].decode()
+        return current, values, [v.created_by for v in meta.versions]
+    finally:
+        store.close()
+
+
+def _wait_for(condition: Callable[[], bool], seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_the_service_rotates_on_its_schedule_and_audits_every_step(tmp_path: Path) -> None:
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path, {"db/app": b"first-app-value-SEEKRIT"})
+    setter = "sh -c 'env > set-env.txt; cat > target'"
+    schedule = write_schedule(
+        tmp_path / "rotation.toml",
+        {"name": "db/app", "every": "1s", "set_command": setter, "test_command": TEST_TARGET},
+    )
+    server = _serve_with_schedule(tmp_path, "server", schedule, metrics=True)
+    try:
+        _wait_for(lambda: (tmp_path / "target").exists() and len(_store_values(tmp_path, "db/app")[1]) >= 3)
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read()
+    finally:
+        server.stop()
+    rotated = re.search(rb'secrets_manager_scheduled_rotations_total\{outcome="rotated"\} (\d+)', metrics)
+    assert rotated is not None and float(rotated[1]) >= 2
+    assert server.process.returncode == 0
+    current, values, authors = _store_values(tmp_path, "db/app")
+    assert (tmp_path / "target").read_text() == current
+    assert authors[1:] == ["rotation-schedule"] * (len(authors) - 1)
+    set_env = (tmp_path / "set-env.txt").read_text()
+    assert "SECRETS_MANAGER_ROTATE_NAME=db/app" in set_env and "MASTER_PASSWORD" not in set_env
+
+    records = server.audit_records()
+    steps = [(r["operation"], r["outcome"]) for r in records if r["actor"] == "rotation-schedule"]
+    assert steps[:6] == [
+        ("rotate.stage", "pending"),
+        ("rotate.stage", "ok"),
+        ("rotate.set", "ok"),
+        ("rotate.test", "ok"),
+        ("rotate.promote", "pending"),
+        ("rotate.promote", "ok"),
+    ]
+    assert {r["source"] for r in records if r["actor"] == "rotation-schedule"} == {"schedule"}
+    logged = (tmp_path / "store.audit.jsonl").read_text() + "".join(server.log_lines)
+    assert not [v for v in values.values() if v.decode() in logged]
+    assert any('"scheduled rotation finished"' in line for line in server.log_lines)
+    verify = subprocess.run(
+        [str(SCRIPT), "--store", str(tmp_path / "store.db"), "audit", "verify"],
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MASTER_PASSWORD": SERVICE_PASSWORD},
+        capture_output=True,
+        timeout=60,
+    )
+    assert verify.returncode == 0, verify.stderr
+
+
+def test_two_replicas_running_one_schedule_set_each_version_once(tmp_path: Path) -> None:
+    """Both replicas find the secret due at about the same moment, every second. The store lets
+    one of them stage; the other skips, so no version is set at the target that is not then made
+    current, and the target ends on the current value."""
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path, {"db/app": b"first-app-value-SEEKRIT"})
+    setter = f"sh -c {shlex.quote('echo $SECRETS_MANAGER_ROTATE_VERSION >> set.log; cat > target')}"
+    schedule = write_schedule(
+        tmp_path / "rotation.toml", {"name": "db/app", "every": "1s", "set_command": setter}
+    )
+    replicas = [_serve_with_schedule(tmp_path, name, schedule, check_seconds=0.1) for name in ("a", "b")]
+    try:
+        _wait_for(lambda: len(_store_values(tmp_path, "db/app")[1]) >= 8, seconds=30)
+    finally:
+        for replica in replicas:
+            replica.stop()
+    assert [replica.process.returncode for replica in replicas] == [0, 0]
+    current, values, _ = _store_values(tmp_path, "db/app")
+    set_versions = [int(line) for line in (tmp_path / "set.log").read_text().split()]
+    promoted = [
+        r["version"]
+        for r in replicas[0].audit_records()  # the replicas share the store's audit log
+        if r["operation"] == "rotate.promote" and r["outcome"] == "ok"
+    ]
+    # Every version set at the target was made current, once, in order, and every new one was set.
+    assert set_versions == promoted == sorted(values)[1:]
+    assert (tmp_path / "target").read_text() == current
+
+
+def test_a_schedule_file_that_stops_parsing_is_rejected_and_the_old_one_stays(tmp_path: Path) -> None:
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path, {"db/app": b"first-app-value-SEEKRIT"})
+    schedule = write_schedule(tmp_path / "rotation.toml", {"name": "db/app", "every": "1s"})
+    server = _serve_with_schedule(tmp_path, "server", schedule)
+    try:
+        _wait_for(lambda: len(_store_values(tmp_path, "db/app")[1]) >= 2)
+        schedule.write_text('[[rotation]]\nname = "db/app"\nevery = "whenever"\n')
+        _wait_for(lambda: any("rotation schedule rejected" in line for line in server.log_lines))
+        rotated_before = len(_store_values(tmp_path, "db/app")[1])
+        _wait_for(lambda: len(_store_values(tmp_path, "db/app")[1]) > rotated_before)  # the old one runs
+    finally:
+        server.stop()
+    assert server.process.returncode == 0
+    rejected = [line for line in server.log_lines if "rotation schedule rejected" in line]
+    assert len(rejected) == 1 and "every must be a number and a unit" in rejected[0]
+
+
+def test_a_bad_schedule_file_stops_the_service_from_starting(tmp_path: Path) -> None:
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path)
+    (tmp_path / "rotation.toml").write_text('[[rotation]]\nname = "db/app"\n')
+    with pytest.raises(AssertionError, match="every is required") as caught:
+        _serve_with_schedule(tmp_path, "server", tmp_path / "rotation.toml")
+    assert "Traceback" not in str(caught.value)
+
+
+def test_schedule_run_through_the_service_is_authorised_and_audited_there(tmp_path: Path) -> None:
+    """With --server the store steps are the service's RPCs under the caller's identity; the
+    commands run on the client."""
+    make_pki(tmp_path, ("ops", "auth"))
+    make_store(tmp_path)
+    schedule = write_schedule(
+        tmp_path / "rotation.toml",
+        {"name": "auth/DB_PASSWORD", "every": "1s", "set_command": SET_TARGET, "test_command": TEST_TARGET},
+    )
+    server = start_server(tmp_path)
+    try:
+        time.sleep(1.1)
+        denied = server.cli("auth", "schedule", "run", str(schedule))
+        assert denied.returncode == 1 and b"may not rotate" in denied.stderr  # auth may only read
+        assert not (tmp_path / "target").exists()
+        ran = server.cli("ops", "schedule", "run", str(schedule))
+        assert ran.returncode == 0, ran.stderr
+        assert b"rotated auth/DB_PASSWORD: version 2 is current (previous: 1)" in ran.stderr
+        current = server.cli("ops", "get", "auth/DB_PASSWORD").stdout.decode().rstrip("\n")
+    finally:
+        server.stop()
+    assert (tmp_path / "target").read_text() == current
+    ops = f"spiffe://{TD}/ops"
+    steps = [(r["operation"], r["outcome"]) for r in server.audit_records() if r["actor"] == ops]
+    assert ("rotate.stage", "ok") in steps and ("rotate.promote", "ok") in steps
+    assert ("history", "ok") in steps  # what is due is read with DescribeSecret
