@@ -7,16 +7,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shlex
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from secrets_manager.crypto import kdf
@@ -180,12 +183,13 @@ class Result:
 class Cli:
     dir: Path
 
-    def __call__(self, *args: str, input: bytes = b"") -> Result:
+    def __call__(self, *args: str, input: bytes = b"", env: Mapping[str, str] | None = None) -> Result:
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.dir),
             "MASTER_PASSWORD": PASSWORD,
             "SECRETS_MANAGER_STORE": str(self.dir / "store.db"),
+            **(env or {}),
         }
         proc = subprocess.run(
             [str(SCRIPT), *args], input=input, capture_output=True, env=env, cwd=self.dir, timeout=120
@@ -476,3 +480,69 @@ def test_schedule_run_through_the_service_is_authorised_and_audited_there(tmp_pa
     steps = [(r["operation"], r["outcome"]) for r in server.audit_records() if r["actor"] == ops]
     assert ("rotate.stage", "ok") in steps and ("rotate.promote", "ok") in steps
     assert ("history", "ok") in steps  # what is due is read with DescribeSecret
+
+
+def _readme_script(first_line: str) -> str:
+    """The README's Python example that starts with `first_line` (so the README stays true)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    (script,) = [block for block in blocks if block.startswith(first_line)]
+    return script
+
+
+def test_the_readme_scripts_rotate_a_postgresql_role_password_on_a_schedule(
+    cli: Cli, postgres_cluster: Any
+) -> None:
+    """The README's set-app-password.py and check-app-login.py, run by `schedule run` against the
+    private PostgreSQL cluster: afterwards the role logs in with the new current value only."""
+    from psycopg import OperationalError, sql
+
+    admin_password = secrets.token_urlsafe(16)
+    first = "first-app-password-SEEKRIT"
+    with postgres_cluster.connect(superuser=True) as superuser:
+        superuser.execute("DROP ROLE IF EXISTS app")
+        superuser.execute("DROP ROLE IF EXISTS sm_rotator")
+        superuser.execute(sql.SQL("CREATE ROLE app LOGIN PASSWORD {}").format(sql.Literal(first)))
+        superuser.execute(
+            sql.SQL("CREATE ROLE sm_rotator LOGIN CREATEROLE PASSWORD {}").format(sql.Literal(admin_password))
+        )
+    try:
+        (cli.dir / "set-app-password.py").write_text(_readme_script("# set-app-password.py"))
+        (cli.dir / "check-app-login.py").write_text(_readme_script("# check-app-login.py"))
+        python = shlex.quote(sys.executable)
+        schedule = write_schedule(
+            cli.dir / "rotation.toml",
+            {
+                "name": "db/pg-app",
+                "every": "1s",
+                "set_command": f"{python} set-app-password.py",
+                "test_command": f"{python} check-app-login.py",
+            },
+        )
+        assert cli("store", "db/pg-app", input=first.encode()).code == 0
+        libpq = {  # what the scripts' connections read: the admin role for set, the host for both
+            "PGHOST": "127.0.0.1",
+            "PGPORT": str(postgres_cluster.port),
+            "PGDATABASE": "postgres",
+            "PGUSER": "sm_rotator",
+            "PGPASSWORD": admin_password,
+        }
+        time.sleep(1.1)
+        result = cli("schedule", "run", str(schedule), env=libpq)
+        assert result.code == 0, result.stderr
+        assert "rotated db/pg-app: version 2 is current (previous: 1)" in result.stderr
+        new = cli.value("db/pg-app")
+
+        def login(password: str) -> None:
+            psycopg.connect(
+                host="127.0.0.1", port=postgres_cluster.port, dbname="postgres", user="app",
+                password=password, connect_timeout=10,
+            ).close()  # fmt: skip
+
+        login(new)
+        with pytest.raises(OperationalError, match="password authentication failed"):
+            login(first)
+    finally:
+        with postgres_cluster.connect(superuser=True) as superuser:
+            superuser.execute("DROP ROLE IF EXISTS app")
+            superuser.execute("DROP ROLE IF EXISTS sm_rotator")
