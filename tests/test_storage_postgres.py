@@ -48,6 +48,7 @@ from secrets_manager.store.url import (
     default_audit_path,
     discard_new_store,
     needs_password,
+    open_storage,
     open_store,
     postgres_location,
     sqlite_path,
@@ -664,9 +665,27 @@ def test_postgres_urls_are_parsed_without_showing_the_password() -> None:
     )
 
 
+def test_the_connection_limit_comes_from_the_url(place: Place, pg_password: str) -> None:
+    location = postgres_location("postgresql://trader@db:5432/trading?max_connections=8&sslmode=require")
+    assert location is not None and location.max_connections == 8
+    assert "max_connections" not in location.conninfo and "sslmode=require" in location.conninfo
+    plain = postgres_location("postgresql://trader@db:5432/trading")
+    assert plain is not None and plain.max_connections is None
+    for limit, expected in (("1", 1), (None, 4)):
+        url = place.url if limit is None else f"{place.url}&max_connections={limit}"
+        storage = open_storage(url, create=True, environment=DEV)
+        try:
+            assert isinstance(storage, PostgresStorage) and storage.max_connections == expected
+        finally:
+            storage.close()
+
+
 @pytest.mark.parametrize(
     "url",
     [
+        "postgresql://trader:s3cret@db:5432/trading?max_connections=0",
+        "postgresql://trader:s3cret@db:5432/trading?max_connections=65",
+        "postgresql://trader:s3cret@db:5432/trading?max_connections=four",
         "postgresql://trader:s3cret@db:5432/trading?schema=Bad-Name",
         "postgresql://trader:s3cret@db:5432/trading?colour=blue",
         "postgresql://trader:s3cret@db:5432/",

@@ -134,6 +134,7 @@ class PostgresStorage:
         self._connect_options: dict[str, Any] = {"application_name": APPLICATION, "client_encoding": "utf8"}
         if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT"):
             self._connect_options["connect_timeout"] = CONNECT_TIMEOUT_S
+        self.max_connections = max_connections
         self._slots = threading.BoundedSemaphore(max_connections)  # connections lent out at once
         self._idle_lock = threading.Lock()
         self._idle: list[psycopg.Connection[tuple[Any, ...]]] = []  # open, not lent out

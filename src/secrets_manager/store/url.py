@@ -1,7 +1,7 @@
 """Store URLs and opening a store: which store a URL names, production's guard rails.
 
     path/to/store.db, sqlite:///abs/path     EncryptedStore on a SQLite file (needs a master password)
-    postgresql://USER@HOST[:PORT]/DB[?schema=NAME&sslmode=…]
+    postgresql://USER@HOST[:PORT]/DB[?schema=NAME&max_connections=N&sslmode=…]
                                               EncryptedStore on PostgreSQL (also postgres://; needs a
                                               master password); the database password comes from
                                               libpq's PGPASSWORD or PGPASSFILE, not the URL
@@ -58,6 +58,7 @@ DEFAULT_FILE_NAME = "secrets.db"
 _REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+-\d+")
 _MOUNT = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
 _PG_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+MAX_PG_CONNECTIONS = 64  # `max_connections=N`: connections one store handle may hold at once
 # What a postgresql:// URL may carry besides our `schema`: libpq's own connection options.
 _PG_OPTIONS = frozenset(
     {
@@ -101,6 +102,7 @@ class PostgresLocation:
     dbname: str
     schema: str = POSTGRES_DEFAULT_SCHEMA
     password_in_url: bool = False
+    max_connections: int | None = None  # None: the storage's default
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ def postgres_location(url: str | None) -> PostgresLocation | None:
     user, has_colon, password = userinfo.partition(":")
     options = parse_qsl(parts.query, keep_blank_values=True)
     schema = POSTGRES_DEFAULT_SCHEMA
+    max_connections = None
     passed: list[tuple[str, str]] = []
     password_in_url = bool(has_colon and password)
     for key, value in options:
@@ -163,6 +166,12 @@ def postgres_location(url: str | None) -> PostgresLocation | None:
                     "letters, digits and _"
                 )
             schema = value
+        elif key == "max_connections":
+            if not (value.isascii() and value.isdigit() and 1 <= int(value) <= MAX_PG_CONNECTIONS):
+                raise InvalidInputError(
+                    f"store URL {_redacted(url)!r}: max_connections must be 1..{MAX_PG_CONNECTIONS}"
+                )
+            max_connections = int(value)
         elif key == "password":
             password_in_url = password_in_url or bool(value)
             passed.append((key, value))
@@ -170,8 +179,9 @@ def postgres_location(url: str | None) -> PostgresLocation | None:
             passed.append((key, value))
         else:
             raise InvalidInputError(
-                f"store URL {_redacted(url)!r}: unknown option {key!r}; options are schema=NAME and "
-                "libpq's (sslmode, sslrootcert, connect_timeout, target_session_attrs, …)"
+                f"store URL {_redacted(url)!r}: unknown option {key!r}; options are schema=NAME, "
+                "max_connections=N and libpq's (sslmode, sslrootcert, connect_timeout, "
+                "target_session_attrs, …)"
             )
     dbname = unquote(parts.path.lstrip("/"))
     if not hosts or not dbname or "/" in dbname or parts.fragment:
@@ -184,7 +194,7 @@ def postgres_location(url: str | None) -> PostgresLocation | None:
     display = f"postgresql://{shown_user}{hosts}{':' + port if port else ''}/{dbname}"
     if schema != POSTGRES_DEFAULT_SCHEMA:
         display += f"?schema={schema}"
-    return PostgresLocation(conninfo, display, hosts, port, dbname, schema, password_in_url)
+    return PostgresLocation(conninfo, display, hosts, port, dbname, schema, password_in_url, max_connections)
 
 
 def _redacted(url: str) -> str:
@@ -377,7 +387,8 @@ def _open_postgres(location: PostgresLocation, *, create: bool, environment: Env
             )
     from secrets_manager.storage.postgres import PostgresStorage  # psycopg loads only when used
 
-    return PostgresStorage(location.conninfo, schema=location.schema, create=create)
+    pool = {} if location.max_connections is None else {"max_connections": location.max_connections}
+    return PostgresStorage(location.conninfo, schema=location.schema, create=create, **pool)
 
 
 def store_exists(url: str | None, *, environment: Environment) -> bool:
