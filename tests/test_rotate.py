@@ -298,7 +298,7 @@ def test_rotate_generates_and_promotes(cli: Cli) -> None:
 def test_rotate_default_value_is_32_alphanumerics_and_json_output(cli: Cli) -> None:
     result = cli("rotate", "db/app", "--json")
     assert result.code == 0, result.stderr
-    assert json.loads(result.stdout) == {"name": "db/app", "version": 2, "previous": 1}
+    assert json.loads(result.stdout) == {"name": "db/app", "version": 2, "previous": 1, "resumed": False}
     new = cli.value()
     assert len(new) == 32 and set(new) <= set(string.ascii_letters + string.digits)
 

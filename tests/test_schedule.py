@@ -35,6 +35,15 @@ PASSWORD = "schedule test password"
 # Writes the new value (stdin) to ./target; the test command checks ./target holds it.
 SET_TARGET = "sh -c 'cat > target'"
 TEST_TARGET = "sh -c 'cmp -s - target'"
+# The audit records of one rotation's steps (a change has a request record before it).
+STEP_RECORDS = [
+    ("rotate.stage", "pending"),
+    ("rotate.stage", "ok"),
+    ("rotate.set", "ok"),
+    ("rotate.test", "ok"),
+    ("rotate.promote", "pending"),
+    ("rotate.promote", "ok"),
+]
 
 
 def write_schedule(path: Path, *entries: dict[str, object]) -> Path:
@@ -377,14 +386,7 @@ def test_the_service_rotates_on_its_schedule_and_audits_every_step(tmp_path: Pat
 
     records = server.audit_records()
     steps = [(r["operation"], r["outcome"]) for r in records if r["actor"] == "rotation-schedule"]
-    assert steps[:6] == [
-        ("rotate.stage", "pending"),
-        ("rotate.stage", "ok"),
-        ("rotate.set", "ok"),
-        ("rotate.test", "ok"),
-        ("rotate.promote", "pending"),
-        ("rotate.promote", "ok"),
-    ]
+    assert steps[:6] == STEP_RECORDS
     assert {r["source"] for r in records if r["actor"] == "rotation-schedule"} == {"schedule"}
     logged = (tmp_path / "store.audit.jsonl").read_text() + "".join(server.log_lines)
     assert not [v for v in values.values() if v.decode() in logged]
@@ -546,3 +548,87 @@ def test_the_readme_scripts_rotate_a_postgresql_role_password_on_a_schedule(
         with postgres_cluster.connect(superuser=True) as superuser:
             superuser.execute("DROP ROLE IF EXISTS app")
             superuser.execute("DROP ROLE IF EXISTS sm_rotator")
+
+
+# ---- RotateSecret: the service runs a configured rotation on request ---------------------------
+
+
+def test_rotate_on_server_runs_the_configured_rotation_there_and_audits_each_step(tmp_path: Path) -> None:
+    make_pki(tmp_path, ("ops", "writer"))
+    make_store(tmp_path)
+    schedule = write_schedule(
+        tmp_path / "rotation.toml",
+        {
+            "name": "auth/DB_PASSWORD",
+            "every": "3650d",
+            "set_command": SET_TARGET,
+            "test_command": TEST_TARGET,
+        },
+        {"name": "auth/JWT_KEY", "every": "3650d", "set_command": "false", "timeout": 30},
+    )
+    server = _serve_with_schedule(tmp_path, "server", schedule)
+    try:
+        denied = server.cli("writer", "rotate", "auth/DB_PASSWORD", "--on-server")
+        assert denied.returncode == 5, denied.stderr  # writer may write but not rotate
+        assert not (tmp_path / "target").exists()
+
+        done = server.cli("ops", "rotate", "auth/DB_PASSWORD", "--on-server", "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {
+            "name": "auth/DB_PASSWORD",
+            "version": 2,
+            "previous": 1,
+            "resumed": False,
+        }
+        assert b"rotated auth/DB_PASSWORD: version 2 is current (previous: 1)" in done.stderr
+        current = server.cli("ops", "get", "auth/DB_PASSWORD").stdout.decode().rstrip("\n")
+        assert (tmp_path / "target").read_text() == current  # the set command ran on the service
+
+        failed = server.cli("ops", "rotate", "auth/JWT_KEY", "--on-server")
+        assert failed.returncode == 1
+        assert failed.stderr.count(b"\n") == 1 and b"the set command failed (exit code 1)" in failed.stderr
+        busy = server.cli("ops", "rotate", "auth/JWT_KEY", "--on-server")
+        assert busy.returncode == 7 and b"is in progress (version 2 is pending)" in busy.stderr
+
+        unscheduled = server.cli("ops", "rotate", "market-connector/BINANCE_API_KEY", "--on-server")
+        assert (
+            unscheduled.returncode == 3
+            and b"has no entry for 'market-connector/BINANCE_API_KEY'" in unscheduled.stderr
+        )
+        history = server.cli("ops", "history", "auth/JWT_KEY", "--json")
+        assert json.loads(history.stdout)["labels"] == {"current": 1, "pending": 2}
+    finally:
+        server.stop()
+    _, _, authors = _store_values(tmp_path, "auth/DB_PASSWORD")
+    assert authors[-1] == f"spiffe://{TD}/ops"
+    records = server.audit_records()
+    (outer,) = [r for r in records if r["operation"] == "rotate" and r["outcome"] == "ok"]
+    assert (outer["actor"], outer["source"], outer["version"]) == (f"spiffe://{TD}/ops", "grpc", 2)
+    steps = [(r["operation"], r["outcome"]) for r in records if r["request_id"] == outer["request_id"]]
+    assert steps == [("rotate", "pending"), *STEP_RECORDS, ("rotate", "ok")]
+    assert [
+        r["outcome"] for r in records if r["operation"] == "rotate" and r["actor"] == f"spiffe://{TD}/writer"
+    ] == ["access_denied"]
+    failed_steps = [(r["operation"], r["outcome"]) for r in records if r["name"] == "auth/JWT_KEY"]
+    assert ("rotate.set", "rotation_step_failed") in failed_steps and (
+        "rotate",
+        "rotation_step_failed",
+    ) in failed_steps
+    assert current not in (tmp_path / "store.audit.jsonl").read_text() + "".join(server.log_lines)
+
+
+def test_rotate_on_server_needs_a_schedule_and_a_server(tmp_path: Path, cli: Cli) -> None:
+    alone = cli("rotate", "db/app", "--on-server")
+    assert alone.code == 2 and "--on-server needs --server" in alone.stderr
+    mixed = cli("rotate", "db/app", "--on-server", "--stdin")
+    assert mixed.code == 2 and "drop --generate, --stdin" in mixed.stderr
+    service_dir = tmp_path / "service"
+    service_dir.mkdir()
+    make_pki(service_dir, ("ops",))
+    make_store(service_dir)
+    server = start_server(service_dir)
+    try:
+        result = server.cli("ops", "rotate", "auth/DB_PASSWORD", "--on-server")
+    finally:
+        server.stop()
+    assert result.returncode == 3 and b"this service has no rotation schedule" in result.stderr

@@ -10,8 +10,9 @@
     ├── IntegrityError                  exit 6   a record, keyset or header failed authentication
     ├── ConflictError                   exit 7   compare-and-set lost, or the target already exists
     │   └── RotationInProgressError     exit 7   a stage while another rotation's version is pending
-    └── StorageError                    exit 1   the backend itself failed (I/O, locked, unreachable)
-        └── ResourceExhaustedError      exit 1   the service is at a capacity limit (max_watch_streams)
+    ├── StorageError                    exit 1   the backend itself failed (I/O, locked, unreachable)
+    │   └── ResourceExhaustedError      exit 1   the service is at a capacity limit (max_watch_streams)
+    └── RotationStepFailed              exit 1   a rotation's set or test command failed
 
 Each class also has a `kind`, the outcome name the audit log records (e.g. "not_found").
 
@@ -116,3 +117,10 @@ EXIT_CODES: dict[type[SecretsManagerError], int] = {
         StorageError,
     )
 }
+
+
+class RotationStepFailed(SecretsManagerError):
+    """A rotation's set or test command failed: nothing was promoted, the new version stays pending."""
+
+    exit_code = 1
+    kind = "rotation_step_failed"

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from secrets_manager.environment import PASSWORD_VARIABLES
-from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError
+from secrets_manager.errors import InvalidInputError, NotFoundError, RotationStepFailed
 from secrets_manager.store import CURRENT, PENDING, SecretMetadata, validate_name
 from secrets_manager.values import SecretValue
 
@@ -61,13 +61,6 @@ MAX_TIMEOUT = 3600.0
 # A pending version older than this many command timeouts was left by a rotation that ended
 # without finishing (killed, or its set or test failed): the schedule resumes it.
 STALE_AFTER_TIMEOUTS = 3
-
-
-class RotationStepFailed(SecretsManagerError):
-    """The set or test command failed: nothing was promoted, the new version stays pending."""
-
-    exit_code = 1
-    kind = "rotation_step_failed"
 
 
 def generated_value(length: int = DEFAULT_LENGTH, alphabet: str = "alnum") -> SecretValue:

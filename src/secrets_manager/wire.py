@@ -15,6 +15,7 @@ from secrets_manager.errors import (
     InvalidInputError,
     NotFoundError,
     ResourceExhaustedError,
+    RotationStepFailed,
     SecretsManagerError,
     StorageError,
     UnlockError,
@@ -36,6 +37,7 @@ STATUS_OF_ERROR: tuple[tuple[type[SecretsManagerError], grpc.StatusCode], ...] =
     (ConflictError, grpc.StatusCode.ABORTED),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # before its base, StorageError
     (StorageError, grpc.StatusCode.UNAVAILABLE),
+    (RotationStepFailed, grpc.StatusCode.FAILED_PRECONDITION),  # the target refused the new value
 )
 
 

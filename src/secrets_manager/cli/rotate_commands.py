@@ -27,6 +27,7 @@ import click
 
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
 from secrets_manager.cli.output import info_line, print_json
+from secrets_manager.client import RemoteStore
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.rotation import (
     ALPHABETS,
@@ -36,6 +37,7 @@ from secrets_manager.rotation import (
     MAX_TIMEOUT,
     MIN_LENGTH,
     Commands,
+    Rotated,
     command_argv,
     generated_value,
 )
@@ -90,6 +92,11 @@ class _OnePasswordSession(Session):
     metavar="SECONDS",
     help="Time limit for each command.",
 )
+@click.option(
+    "--on-server",
+    is_flag=True,
+    help="With --server: the service runs the rotation its schedule configures for NAME (commands there).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @pass_session
 def rotate(
@@ -105,6 +112,7 @@ def rotate(
     set_command: str | None,
     test_command: str | None,
     timeout: float,
+    on_server: bool,
     as_json: bool,
 ) -> None:
     """Rotate NAME: stage a new value as 'pending', set it at the target, test it, promote it.
@@ -126,7 +134,9 @@ def rotate(
     rotate.set, rotate.test, rotate.promote, rotate.discard; fingerprints, never the value).
     With --server the service checks the 'rotate' capability (--resume also needs 'read') and
     audits stage, promote and discard (and --resume's read) in its log; the set and test commands
-    still run on this machine and are not audited anywhere.
+    still run on this machine and are not audited anywhere. With --server and --on-server the
+    service runs the rotation its schedule configures for NAME (RotateSecret; its set and test
+    commands run on the service's host) and audits every step, under this client's identity.
 
     \b
     Example (scripts that read the new password on stdin; README "Credential rotation"):
@@ -144,6 +154,14 @@ def rotate(
         raise InvalidInputError("--discard takes no other rotation option")
     if resume and (generate or from_stdin):
         raise InvalidInputError("--resume reuses the pending value; drop --generate / --stdin")
+    if on_server:
+        if resume or discard or generate or from_stdin or raw or set_argv or test_argv:
+            raise InvalidInputError(
+                "--on-server runs the rotation the service's schedule configures; drop --generate, "
+                "--stdin, --resume, --discard, --set-command and --test-command"
+            )
+        _rotate_on_server(session, name, as_json=as_json)
+        return
     session = one_password_session(session)
     if discard:
         _discard(session, name, as_json=as_json)
@@ -154,10 +172,37 @@ def rotate(
     rotated = run_rotation(
         SessionSteps(session), name, Commands(set_argv, test_argv, timeout, session.environ), value=value
     )
+    _report(rotated, as_json=as_json)
+
+
+def _report(rotated: Rotated, *, as_json: bool) -> None:
     if as_json:
-        print_json({"name": name, "version": rotated.version, "previous": rotated.previous})
+        print_json(
+            {
+                "name": rotated.name,
+                "version": rotated.version,
+                "previous": rotated.previous,
+                "resumed": rotated.resumed,
+            }
+        )
     shown = "none" if rotated.previous is None else str(rotated.previous)
-    info_line(f"rotated {name}: version {rotated.version} is current (previous: {shown})")
+    how = "resumed and rotated" if rotated.resumed else "rotated"
+    info_line(f"{how} {rotated.name}: version {rotated.version} is current (previous: {shown})")
+
+
+def _rotate_on_server(session: Session, name: str, *, as_json: bool) -> None:
+    """RotateSecret: the service stages, runs its configured set and test commands, promotes, and
+    audits every step under this client's certificate identity."""
+    if not session.server:
+        raise InvalidInputError(
+            "--on-server needs --server HOST:PORT (or SECRETS_MANAGER_ADDR): it asks that service to "
+            "run the rotation its schedule configures"
+        )
+    remote = RemoteStore(session.server, session.tls_files())
+    try:
+        _report(remote.rotate_on_service(name), as_json=as_json)
+    finally:
+        remote.close()
 
 
 def one_password_session(session: Session) -> _OnePasswordSession:

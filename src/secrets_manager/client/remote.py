@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from secrets_manager.errors import InvalidInputError, NotFoundError, UnsupportedOperationError
+from secrets_manager.rotation import MAX_TIMEOUT, Rotated
 from secrets_manager.store import CURRENT, PENDING, Secret, SecretMetadata, VersionInfo
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.v1 import secrets_pb2 as pb
@@ -70,9 +71,9 @@ class RemoteStore:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
 
-    def _call(self, method: str, request: Any) -> Any:
+    def _call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
         try:
-            return getattr(self._stub, method)(request, timeout=self._timeout)
+            return getattr(self._stub, method)(request, timeout=timeout or self._timeout)
         except grpc.RpcError as exc:
             code = exc.code()
             details = exc.details() or code.name
@@ -204,6 +205,18 @@ class RemoteStore:
         """DiscardPendingVersion: remove the `pending` label (NotFoundError if no version has it).
         Returns the version that carried it (it stays)."""
         return int(self._call("DiscardPendingVersion", pb.DiscardPendingVersionRequest(name=name)).version)
+
+    def rotate_on_service(self, name: str) -> Rotated:
+        """RotateSecret (needs the rotate capability): the service runs the rotation its schedule
+        configures for `name`, commands included, and audits every step. It lasts as long as the
+        commands, so its deadline allows two of the longest command timeout and a minute more."""
+        response = self._call("RotateSecret", pb.RotateSecretRequest(name=name), timeout=2 * MAX_TIMEOUT + 60)
+        return Rotated(
+            name=name,
+            version=int(response.version),
+            previous=int(response.previous) if response.HasField("previous") else None,
+            resumed=response.resumed,
+        )
 
     def watch(self, prefix: str = "", since_revision: int | None = None) -> ChangeStream:
         """Watch: change events (never values) for the secrets under `prefix` the caller may read.

@@ -5,7 +5,8 @@ server.toml's `rotation_schedule` names a schedule file (rotation.py has its for
 does: stage a generated value, run the set and test commands, promote. Every step is audited in
 the service's log as actor "rotation-schedule", source "schedule", and the versions it writes are
 created by "rotation-schedule". The schedule is operator configuration and is not subject to the
-access policy.
+access policy. RotateSecret (`rotate NAME --on-server`) runs one entry at once for a caller with the
+`rotate` capability, every step audited under the caller's identity and request id.
 
 At shutdown no new rotation starts; one that is running gets what is left of the grace period. A
 command still running when the process exits is left to finish on its own; its version stays
@@ -32,6 +33,7 @@ from secrets_manager.audit import AuditEvent, AuditLog, value_fingerprint
 from secrets_manager.errors import NotFoundError, RotationInProgressError, SecretsManagerError
 from secrets_manager.rotation import (
     Due,
+    Rotated,
     ScheduledRotation,
     generated_value,
     load_schedule,
@@ -48,20 +50,36 @@ SOURCE = "schedule"
 
 
 class _ServiceSteps:
-    """RotationSteps on the service's own store, each step audited in the service's log: a change
-    with a durable request record before it, like a client's request."""
+    """RotationSteps on the service's own store, each step audited in the service's log (a change
+    with a durable request record before it, like a client's request) as `actor`: the schedule's,
+    or a RotateSecret caller's (with its peer and request id)."""
 
-    def __init__(self, store: EncryptedStore, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        store: EncryptedStore,
+        audit: AuditLog,
+        *,
+        actor: str = ACTOR,
+        source: str = SOURCE,
+        peer: str | None = None,
+        request_id: str | None = None,
+    ) -> None:
         self._store = store
         self._audit = audit
+        self._actor = actor
+        self._source = source
+        self._peer = peer
+        self._request_id = request_id
 
     @contextmanager
     def _audited(self, operation: str, name: str, *, mutating: bool) -> Iterator[AuditEvent]:
-        event = AuditEvent(operation, ACTOR, SOURCE, None, name)
+        event = AuditEvent(operation, self._actor, self._source, self._peer, name)
+        if self._request_id is not None:
+            event.request_id = self._request_id
         if mutating:
             self._audit.append([replace(event, outcome="pending")], self._store)
         try:
-            with self._store.acting_for(ACTOR):
+            with self._store.acting_for(self._actor):
                 yield event
         except BaseException as exc:
             event.outcome = exc.kind if isinstance(exc, SecretsManagerError) else "error"
@@ -114,6 +132,8 @@ class RotationScheduler:
         self.rules = load_schedule(path)  # a bad file at start stops the service from starting
         self._steps = _ServiceSteps(store, audit)
         self._store = store
+        self._audit = audit
+        self._reloading = threading.Lock()  # the thread and RotateSecret calls both reload
         self._check_seconds = check_seconds
         self._environ = dict(environ)
         self._clock = clock
@@ -160,14 +180,34 @@ class RotationScheduler:
 
     def _reload(self) -> None:
         """Read the file again; on any error keep the schedule in force and log why, once."""
-        try:
-            self.rules = load_schedule(self.path)
-        except SecretsManagerError as exc:
-            if ("", str(exc)) not in self._warned:
-                self._warned.add(("", str(exc)))
-                log.error(
-                    "rotation schedule rejected; the previous one stays in force", extra={"error": str(exc)}
-                )
+        with self._reloading:
+            try:
+                self.rules = load_schedule(self.path)
+            except SecretsManagerError as exc:
+                if ("", str(exc)) not in self._warned:
+                    self._warned.add(("", str(exc)))
+                    log.error(
+                        "rotation schedule rejected; the previous one stays in force",
+                        extra={"error": str(exc)},
+                    )
+
+    def rotate_now(self, name: str, *, actor: str, peer: str | None, request_id: str) -> Rotated:
+        """RotateSecret: run `name`'s configured rotation at once, due or not, audited as `actor`.
+        A stale pending version is resumed; a young one is another rotation in progress, which
+        the store's stage refuses (RotationInProgressError)."""
+        self._reload()
+        rule = next((r for r in self.rules if r.name == name), None)
+        if rule is None:
+            raise NotFoundError(
+                f"the service's rotation schedule {self.path.name} has no entry for {name!r}; add one "
+                "to rotate it on the service"
+            )
+        state = plan(rule, self._store.describe(name), self._clock()).state
+        value = None if state is Due.RESUME else generated_value(rule.length, rule.alphabet)
+        steps = _ServiceSteps(
+            self._store, self._audit, actor=actor, source="grpc", peer=peer, request_id=request_id
+        )
+        return rotate(steps, name, rule.commands(self._environ), value=value)
 
     def _run_one(self, rule: ScheduledRotation) -> str:
         try:

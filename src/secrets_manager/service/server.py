@@ -94,8 +94,10 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         *,
         fsync_reads: bool = False,
         max_watch_streams: int = DEFAULT_MAX_WORKERS - WORKERS_KEPT_FROM_WATCH,
+        scheduler: RotationScheduler | None = None,
     ) -> None:
         self._store = store
+        self._scheduler = scheduler  # RotateSecret runs its entries
         self._policy = policy
         self._audit = audit
         self._metrics = metrics
@@ -316,6 +318,26 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             call.event.version = self._store.discard_pending(request.name)
         return pb.DiscardPendingVersionResponse(name=request.name, version=call.event.version)
 
+    def RotateSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """Run the name's configured rotation here and now (service/schedule.py), each step audited
+        under the caller's identity and this request's id; the call holds its worker meanwhile."""
+        with self._call(context, "RotateSecret", "rotate", request.name, "rotate", mutating=True) as call:
+            if self._scheduler is None:
+                raise NotFoundError(
+                    "this service has no rotation schedule (rotation_schedule in server.toml); rotate "
+                    f"{request.name!r} from the client with 'secrets-manager rotate', or configure one"
+                )
+            rotated = self._scheduler.rotate_now(
+                request.name, actor=call.identity, peer=call.peer, request_id=call.event.request_id
+            )
+            call.event.version = rotated.version
+        response = pb.RotateSecretResponse(
+            name=request.name, version=rotated.version, resumed=rotated.resumed
+        )
+        if rotated.previous is not None:
+            response.previous = rotated.previous
+        return response
+
     def Watch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         """Stream change events from the one change-feed poller (service/watch.py). The stream holds
         this worker thread while open; past `max_watch_streams` open streams: RESOURCE_EXHAUSTED."""
@@ -373,7 +395,11 @@ class RunningServer:
 
 
 def build_server(
-    config: ServerConfig, store: EncryptedStore, audit: AuditLog, policy: PolicyHolder
+    config: ServerConfig,
+    store: EncryptedStore,
+    audit: AuditLog,
+    policy: PolicyHolder,
+    scheduler: RotationScheduler | None = None,
 ) -> RunningServer:
     """A started gRPC server with mutual TLS, health, reflection and (optionally) metrics."""
     credentials = grpc.ssl_server_credentials(
@@ -398,6 +424,7 @@ def build_server(
         metrics,
         fsync_reads=config.audit_sync == "always",
         max_watch_streams=config.watch_stream_limit,
+        scheduler=scheduler,
     )
     pb_grpc.add_SecretsServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
@@ -434,7 +461,7 @@ def run_server(
             check_seconds=config.rotation_check_seconds,
             environ=os.environ,
         )
-    running = build_server(config, store, audit, policy)
+    running = build_server(config, store, audit, policy, scheduler)
     stop_requested = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
     signal.signal(signal.SIGINT, lambda *_: stop_requested.set())

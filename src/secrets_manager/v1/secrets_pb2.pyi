@@ -215,6 +215,24 @@ class PromoteSecretVersionResponse(_message.Message):
     previous: int
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., previous: _Optional[int] = ...) -> None: ...
 
+class RotateSecretRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class RotateSecretResponse(_message.Message):
+    __slots__ = ("name", "version", "previous", "resumed")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    previous: int
+    resumed: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., previous: _Optional[int] = ..., resumed: _Optional[bool] = ...) -> None: ...
+
 class DiscardPendingVersionRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]

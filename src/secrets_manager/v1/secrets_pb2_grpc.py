@@ -84,6 +84,11 @@ class SecretsStub:
                 request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.DiscardPendingVersionRequest.SerializeToString,
                 response_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.DiscardPendingVersionResponse.FromString,
                 _registered_method=True)
+        self.RotateSecret = channel.unary_unary(
+                '/secrets_manager.v1.Secrets/RotateSecret',
+                request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.RotateSecretRequest.SerializeToString,
+                response_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.RotateSecretResponse.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/secrets_manager.v1.Secrets/Watch',
                 request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.WatchRequest.SerializeToString,
@@ -143,10 +148,12 @@ class SecretsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StageSecretVersion(self, request, context):
-        """Credential rotation, step 1: a new version labelled "pending" (the label leaves whichever
-        version carried it); current and previous do not move. The caller then sets the value at its
-        target and tests it, and promotes the version or discards the label. These three RPCs need
-        the "rotate" capability on the name (reading the pending value back needs "read").
+        """Credential rotation, step 1: a new version labelled "pending"; current and previous do not
+        move. ABORTED while another rotation is in progress (a version other than current is
+        pending): resume or discard that one first. The caller then sets the value at its target
+        and tests it, and promotes the version or discards the label. These three RPCs and
+        RotateSecret need the "rotate" capability on the name (reading the pending value back needs
+        "read").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,6 +171,20 @@ class SecretsServicer:
     def DiscardPendingVersion(self, request, context):
         """Abandon a rotation: remove the "pending" label; the version it was on stays, unlabelled, and
         current does not move. NOT_FOUND if no version carries the label.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateSecret(self, request, context):
+        """Rotate a secret now, on the service, with the rotation its schedule (rotation_schedule in
+        server.toml) configures for the name, as AWS's RotateSecret runs the secret's rotation
+        function: a generated value is staged, the set and test commands run on the service's host,
+        and it is promoted, every step audited in the service's log under the caller's identity.
+        A version left pending by a rotation that did not finish is resumed instead. NOT_FOUND if the
+        schedule has no entry for the name; ABORTED while another rotation of it is in progress;
+        FAILED_PRECONDITION if the set or test command fails (the version stays pending). The call
+        lasts as long as the commands (each at most the entry's timeout).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -232,6 +253,11 @@ def add_SecretsServicer_to_server(servicer, server):
                     servicer.DiscardPendingVersion,
                     request_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.DiscardPendingVersionRequest.FromString,
                     response_serializer=secrets__manager_dot_v1_dot_secrets__pb2.DiscardPendingVersionResponse.SerializeToString,
+            ),
+            'RotateSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateSecret,
+                    request_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.RotateSecretRequest.FromString,
+                    response_serializer=secrets__manager_dot_v1_dot_secrets__pb2.RotateSecretResponse.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
@@ -509,6 +535,33 @@ class Secrets:
             '/secrets_manager.v1.Secrets/DiscardPendingVersion',
             secrets__manager_dot_v1_dot_secrets__pb2.DiscardPendingVersionRequest.SerializeToString,
             secrets__manager_dot_v1_dot_secrets__pb2.DiscardPendingVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secrets_manager.v1.Secrets/RotateSecret',
+            secrets__manager_dot_v1_dot_secrets__pb2.RotateSecretRequest.SerializeToString,
+            secrets__manager_dot_v1_dot_secrets__pb2.RotateSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,
