@@ -12,6 +12,7 @@ import os
 import secrets
 import subprocess
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,3 +279,58 @@ def test_a_database_outage_is_unavailable_and_the_service_recovers_without_a_res
         ("store", "ok"),
     ]
     assert postgres_cluster.role_password not in "".join(server.log_lines)
+
+
+def test_two_replicas_running_one_rotation_schedule_set_each_version_once(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """The production layout of scheduled rotation: both replicas run the same schedule on one
+    PostgreSQL store. Each new version is set at the target once and made current; the target
+    ends on the current value."""
+    make_pki(tmp_path)
+    (tmp_path / "policy.toml").write_text(POLICY)
+    schema = postgres_cluster.new_schema()
+    create_store(postgres_cluster.url(with_password=True), schema, {"db/app": b"first-app-value-SEEKRIT"})
+    url = f"{postgres_cluster.url()}?schema={schema}"
+    setter = "sh -c 'echo $SECRETS_MANAGER_ROTATE_VERSION >> set.log; cat > target'"
+    (tmp_path / "rotation.toml").write_text(
+        f'[[rotation]]\nname = "db/app"\nevery = "1s"\nset_command = "{setter}"\n'
+    )
+    store = EncryptedStore.open(
+        PostgresStorage(postgres_cluster.url(with_password=True), schema=schema),
+        PasswordUnlock(PASSWORD, kdf.TEST),
+    )
+    servers: list[Server] = []
+    try:
+        for name in ("replica-a", "replica-b"):
+            settings = f'audit_file = "{name}.audit.jsonl"\nrotation_schedule = "rotation.toml"\n'
+            servers.append(
+                start_server(
+                    tmp_path,
+                    name,
+                    store=url,
+                    environment=postgres_cluster.env(),
+                    settings=settings + "rotation_check_seconds = 0.1\n",
+                )
+            )
+        deadline = time.monotonic() + 30
+        while len(store.describe("db/app").versions) < 6:
+            assert time.monotonic() < deadline, "the schedule did not rotate five times in 30 s"
+            time.sleep(0.05)
+    finally:
+        for server in servers:
+            server.stop()
+    assert [server.process.returncode for server in servers] == [0, 0]
+    meta = store.describe("db/app")
+    current = store.get("db/app").value.reveal().decode()
+    store.close()
+    promoted = sorted(
+        int(record["version"])
+        for name in ("replica-a", "replica-b")
+        for line in (tmp_path / f"{name}.audit.jsonl").read_text().splitlines()
+        for record in [json.loads(line)]
+        if record["operation"] == "rotate.promote" and record["outcome"] == "ok"
+    )
+    set_versions = [int(line) for line in (tmp_path / "set.log").read_text().split()]
+    assert set_versions == promoted == list(range(2, meta.labels["current"] + 1))
+    assert (tmp_path / "target").read_text() == current
