@@ -22,13 +22,14 @@ from typing import Any
 import psycopg
 import pytest
 
+from secrets_manager.client import Client
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import InvalidInputError, NotFoundError
 from secrets_manager.rotation import Due, load_schedule, parse_every, plan
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import CURRENT, EncryptedStore, PasswordUnlock
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
-from service_fixtures import TD, Server, make_pki, make_store, start_server
+from service_fixtures import SEED, TD, Server, client_environ, make_pki, make_store, start_server
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 PASSWORD = "schedule test password"
@@ -340,11 +341,16 @@ def _serve_with_schedule(
     )
 
 
-def _store_values(directory: Path, name: str) -> tuple[str, dict[int, bytes], list[str]]:
-    """(current value, every version's value, each version's author) read from the store file."""
-    store = EncryptedStore.open(
+def _open_service_store(directory: Path) -> EncryptedStore:
+    """The store file a test service serves, opened beside it (SQLite lets both)."""
+    return EncryptedStore.open(
         SqliteStorage(directory / "store.db"), PasswordUnlock(SERVICE_PASSWORD, kdf.TEST)
     )
+
+
+def _store_values(directory: Path, name: str) -> tuple[str, dict[int, bytes], list[str]]:
+    """(current value, every version's value, each version's author) read from the store file."""
+    store = _open_service_store(directory)
     try:
         meta = store.describe(name)
         values = {v.version: store.get(name, version=v.version).value.reveal() for v in meta.versions}
@@ -632,3 +638,44 @@ def test_rotate_on_server_needs_a_schedule_and_a_server(tmp_path: Path, cli: Cli
     finally:
         server.stop()
     assert result.returncode == 3 and b"this service has no rotation schedule" in result.stderr
+
+
+def test_a_running_sdk_client_serves_the_old_value_while_pending_and_the_new_one_once_promoted(
+    tmp_path: Path,
+) -> None:
+    """The product's promise end to end: the service rotates on its schedule, and a client that
+    has the secret cached picks up the new current value by push, within seconds, without ever
+    serving the staged value before it is promoted (the set command holds the rotation pending
+    for a second)."""
+    make_pki(tmp_path, ("auth", "ops"))
+    make_store(tmp_path)
+    name = "auth/DB_PASSWORD"
+    schedule = write_schedule(
+        tmp_path / "rotation.toml",
+        {"name": name, "every": "2s", "set_command": "sh -c 'cat >/dev/null; sleep 1'"},
+    )
+    server = _serve_with_schedule(tmp_path, "server", schedule, check_seconds=0.1)
+    try:
+        with Client(environ=client_environ(tmp_path, "auth", [server.address])) as client:
+            old = client.get(name).value.reveal()
+            assert old == SEED[name]
+
+            def pending_now() -> bool:
+                store = _open_service_store(tmp_path)
+                try:
+                    return "pending" in store.describe(name).labels
+                finally:
+                    store.close()
+
+            _wait_for(pending_now)  # staged: the client heard of a new version, and refetched
+            time.sleep(0.3)
+            assert client.get(name).value.reveal() == old  # current has not moved yet
+            _wait_for(lambda: not pending_now())
+            promoted_at = time.monotonic()
+            new = _store_values(tmp_path, name)[0].encode()
+            _wait_for(lambda: client.get(name).value.reveal() != old, seconds=5)
+            picked_up = time.monotonic() - promoted_at
+            assert client.get(name).value.reveal() in (new, *_store_values(tmp_path, name)[1].values())
+    finally:
+        server.stop()
+    assert picked_up < 5
