@@ -448,11 +448,16 @@ def test_a_schedule_file_that_stops_parsing_is_rejected_and_the_old_one_stays(tm
         _wait_for(lambda: any("rotation schedule rejected" in line for line in server.log_lines))
         rotated_before = len(_store_values(tmp_path, "db/app")[1])
         _wait_for(lambda: len(_store_values(tmp_path, "db/app")[1]) > rotated_before)  # the old one runs
+        time.sleep(0.5)  # passes on the same broken file do not log it again
+        write_schedule(schedule, {"name": "db/app", "every": "3650d"})
+        time.sleep(0.5)  # taken: a later breakage is news again
+        schedule.write_text('[[rotation]]\nname = "db/app"\nevery = "whenever"\n')
+        _wait_for(lambda: sum("rotation schedule rejected" in line for line in server.log_lines) == 2)
     finally:
         server.stop()
     assert server.process.returncode == 0
     rejected = [line for line in server.log_lines if "rotation schedule rejected" in line]
-    assert len(rejected) == 1 and "every must be a number and a unit" in rejected[0]
+    assert len(rejected) == 2 and all("every must be a number and a unit" in line for line in rejected)
 
 
 def test_a_bad_schedule_file_stops_the_service_from_starting(tmp_path: Path) -> None:

@@ -183,6 +183,7 @@ class RotationScheduler:
         with self._reloading:
             try:
                 self.rules = load_schedule(self.path)
+                self._warned = {w for w in self._warned if w[0]}  # a later breakage is logged again
             except SecretsManagerError as exc:
                 if ("", str(exc)) not in self._warned:
                     self._warned.add(("", str(exc)))
