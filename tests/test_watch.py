@@ -16,19 +16,24 @@ from typing import Any
 import grpc
 import pytest
 
+from secrets_manager.audit import AuditLog
 from secrets_manager.client import Client, RemoteStore
+from secrets_manager.crypto import kdf
 from secrets_manager.errors import (
     InvalidInputError,
     ResourceExhaustedError,
     StorageError,
 )
 from secrets_manager.service.config import load_config
+from secrets_manager.service.server import PolicyHolder, build_server
 from secrets_manager.service.watch import ChangeHub, Subscription
-from secrets_manager.store import EncryptedStore
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 from secrets_manager.wire import WATCH_REVISION_KEY, status_for
+from service_fixtures import PASSWORD as SERVICE_PASSWORD
 from service_fixtures import (
     SEED,
     TD,
@@ -291,6 +296,51 @@ def test_max_watch_streams_must_leave_workers_for_other_calls(tmp_path: Path, va
     with pytest.raises(InvalidInputError, match=r"max_watch_streams must be 1\.\.19") as failure:
         load_config(_config(tmp_path, f"max_workers = 20\nmax_watch_streams = {value}"))
     assert "\n" not in str(failure.value)
+
+
+def test_a_poke_reads_the_feed_at_once_instead_of_at_the_next_tick(encrypted_store: EncryptedStore) -> None:
+    hub = ChangeHub(encrypted_store, max_subscribers=2, poll_seconds=30)
+    try:
+        subscription = hub.subscribe()
+        wait_until(lambda: hub.polls == 1)  # the first read is done; the next tick is 30 s away
+        encrypted_store.put("auth/POKED", b"v")
+        started = time.monotonic()
+        hub.poke()
+        assert names_added(collect(subscription, names_added)) == ["auth/POKED"]
+        assert time.monotonic() - started < 5
+        assert hub.polls == 2
+    finally:
+        hub.close()
+
+
+def test_the_service_pokes_its_hub_after_a_change_made_through_it(service_dir: Path) -> None:
+    """In process, with the hub's tick at 30 s: a Watch on this server hears of a put through it
+    at once. (A change made elsewhere waits for the tick: 0.2 s in service.)"""
+    (service_dir / "server.toml").write_text(
+        'listen = "127.0.0.1:0"\nstore = "store.db"\npolicy = "policy.toml"\n'
+        '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
+    )
+    config = load_config(service_dir / "server.toml")
+    store = EncryptedStore.open(
+        SqliteStorage(service_dir / "store.db"), PasswordUnlock(SERVICE_PASSWORD, kdf.TEST)
+    )
+    running = build_server(config, store, AuditLog(service_dir / "audit.jsonl"), PolicyHolder(config.policy))
+    running.servicer.watch_hub._poll_seconds = 30
+    channel = grpc.secure_channel(f"127.0.0.1:{running.port}", tls_files(service_dir, "ops").credentials())
+    try:
+        stub = pb_grpc.SecretsStub(channel)  # type: ignore[no-untyped-call]
+        watch = stub.Watch(pb.WatchRequest(prefix="auth/"))
+        assert started_revision(watch) is not None
+        wait_until(lambda: running.servicer.watch_hub.polls >= 1)
+        started = time.monotonic()
+        stub.PutSecret(pb.PutSecretRequest(name="auth/POKED", value=b"v"), timeout=10)
+        event = next(watch)
+        assert (event.name, time.monotonic() - started < 5) == ("auth/POKED", True)
+        watch.cancel()
+    finally:
+        channel.close()
+        running.stop(1)
+        store.close()
 
 
 # ---- against a real server ------------------------------------------------------------------------

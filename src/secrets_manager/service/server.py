@@ -155,6 +155,8 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             else:
                 yield request
             self._audit.append(request.extra_events or [event], self._store, durable=durable)
+            if mutating:  # this replica's watchers hear of its own changes without waiting a tick
+                self.watch_hub.poke()
         except SecretsManagerError as exc:
             code = status_for(exc)
             event.outcome = exc.kind
@@ -468,7 +470,13 @@ def run_server(
     signal.signal(signal.SIGHUP, lambda *_: policy.reload())
     log.info("serving", extra={"listen": config.listen, "port": running.port})
     if scheduler is not None:
-        scheduler.start(running.metrics.count_rotation)
+
+        def after_scheduled(outcome: str) -> None:
+            running.metrics.count_rotation(outcome)
+            if outcome in ("rotated", "resumed"):
+                running.servicer.watch_hub.poke()
+
+        scheduler.start(after_scheduled)
         log.info(
             "rotation schedule in force",
             extra={"schedule": str(scheduler.path), "entries": len(scheduler.rules)},

@@ -2,7 +2,9 @@
 
 A Watch stream used to poll the store itself (one SQLite query per stream every 0.2 s). Now one
 thread polls every `WATCH_POLL_SECONDS` and hands the decoded `SecretChange`s to each subscriber's
-bounded queue; the stream's own thread only waits on that queue.
+bounded queue; the stream's own thread only waits on that queue. A change committed through this
+process `poke`s the poller, which reads at once: this replica's watchers hear of its own changes
+without waiting for a tick; changes made elsewhere (the CLI, another replica) wait for one.
 
 - A subscription starts at a revision: every change committed after it reaches the subscriber.
   `subscribe(None)` starts from the hub's current position (read from the store when no poller is
@@ -147,6 +149,7 @@ class ChangeHub:
         self._revision: int | None = None  # fanned out up to here; None while nobody subscribes
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._poked = False  # a change was committed through this process since the last read
         self._last_limit_warning = -LIMIT_WARNING_SECONDS
         self.polls = 0  # change-feed reads by the poller (for tests and benchmarks)
 
@@ -191,6 +194,14 @@ class ChangeHub:
                 subscription.close()
                 raise
         return subscription
+
+    def poke(self) -> None:
+        """A change was just committed through this process: read the feed now rather than at the
+        next tick, so its watchers hear of it at once. Changes made elsewhere (the CLI, another
+        replica) are still found by the poll."""
+        with self._lock:
+            self._poked = True
+            self._lock.notify_all()
 
     def close(self, timeout: float = 5.0) -> None:
         """End every subscription (their streams end) and stop the poller. Idempotent."""
@@ -256,10 +267,11 @@ class ChangeHub:
                 if self._closed:
                     return
                 revision = self._revision
+                self._poked = False  # this read covers every change committed before it
             assert revision is not None
             self._poll_once(revision)
             with self._lock:
-                if not self._closed:
+                if not self._closed and not self._poked:  # a poke during the read: read again now
                     self._lock.wait(self._poll_seconds)
 
     def _poll_once(self, revision: int) -> None:
