@@ -15,8 +15,10 @@
    changes start at random points of it). Beside them, the staleness bound of the baseline: its
    default refresh interval (a cached value is served until then, whatever changed).
 
-    python bench/sdk.py            # 7 rounds of 200k reads each; 20 propagation rounds
-    python bench/sdk.py --quick    # 3 rounds of 50k reads; 5 propagation rounds (about 15 s)
+    python bench/sdk.py              # 7 rounds of 200k reads each; 20 propagation rounds
+    python bench/sdk.py --quick      # 3 rounds of 50k reads; 5 propagation rounds (about 15 s)
+    python bench/sdk.py --postgres   # also propagation with the service on a private PostgreSQL
+                                     # cluster, where another handle's commit arrives by NOTIFY
 
 The server helpers (real certificates, policy, store) are those of tests/service_fixtures.py.
 """
@@ -43,6 +45,7 @@ from moto import mock_aws
 from secrets_manager.client import Client, RemoteStore
 from secrets_manager.crypto import kdf
 from secrets_manager.service.watch import WATCH_POLL_SECONDS
+from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 
@@ -100,7 +103,9 @@ CHANGES = {  # how propagation() changes the secret → the row's label
 }
 
 
-def propagation(server_dir: Path, address: str, rounds: int, how: str) -> list[float]:
+def propagation(
+    server_dir: Path, address: str, rounds: int, how: str, open_elsewhere: Callable[[], EncryptedStore]
+) -> list[float]:
     """Seconds from a change until each of CLIENTS subscribed clients serves the new value. The
     change (CHANGES) is a put through the service; a rotation's promote through it (the new value
     is staged first: the clients hear of a new version but must go on serving current); or a put
@@ -109,9 +114,7 @@ def propagation(server_dir: Path, address: str, rounds: int, how: str) -> list[f
     clients = [Client(environ=fixtures.client_environ(server_dir, "auth", [address])) for _ in range(CLIENTS)]
     writer = Client(environ=fixtures.client_environ(server_dir, "writer", [address]))
     rotator = RemoteStore(address, fixtures.tls_files(server_dir, "ops"))
-    elsewhere = EncryptedStore.open(
-        SqliteStorage(server_dir / "store.db"), PasswordUnlock(fixtures.PASSWORD, kdf.TEST)
-    )
+    elsewhere = open_elsewhere()
     latencies: list[float] = []
     rotate = how == "rotate"
     what = f"propagation ({how})"
@@ -155,6 +158,41 @@ def propagation(server_dir: Path, address: str, rounds: int, how: str) -> list[f
     return latencies
 
 
+def postgres_propagation(directory: Path, rounds: int) -> dict[str, list[float]]:
+    """propagation() with the service on a store in a private PostgreSQL cluster, where a commit
+    by another handle reaches the service by LISTEN/NOTIFY instead of at its next poll."""
+    from postgres_cluster import PostgresCluster, missing_requirements
+
+    missing = missing_requirements()
+    if missing:
+        raise SystemExit(f"--postgres: cannot start PostgreSQL: {missing}")
+    cluster = PostgresCluster().start()
+    try:
+        schema = cluster.new_schema()
+        conninfo = cluster.url(with_password=True)
+
+        def postgres_handle(*, create: bool = False) -> EncryptedStore:
+            storage = PostgresStorage(conninfo, schema=schema, create=create)
+            unlock = PasswordUnlock(fixtures.PASSWORD, kdf.TEST)
+            return EncryptedStore.create(storage, unlock) if create else EncryptedStore.open(storage, unlock)
+
+        seeding = postgres_handle(create=True)
+        for name, value in {NAME: VALUE.encode(), "auth/DB_PASSWORD": b"p" * 32}.items():
+            seeding.put(name, value)
+        seeding.close()
+        url = f"{cluster.url()}?schema={schema}"
+        server = fixtures.start_server(directory, "pg", store=url, environment=cluster.env())
+        try:
+            return {
+                f"postgres {how}": propagation(directory, server.address, rounds, how, postgres_handle)
+                for how in ("put", "elsewhere")
+            }
+        finally:
+            server.stop()
+    finally:
+        cluster.stop()
+
+
 def percentile(values: list[float], fraction: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
@@ -174,6 +212,11 @@ def table(rows: list[tuple[str, ...]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer rounds (about 15 s)")
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="also propagation with the service on a private PostgreSQL cluster (LISTEN/NOTIFY)",
+    )
     args = parser.parse_args(argv)
     rounds, calls, propagation_rounds = (3, 50_000, 5) if args.quick else (7, 200_000, 20)
     began = time.perf_counter()
@@ -182,13 +225,24 @@ def main(argv: list[str] | None = None) -> int:
         fixtures.make_pki(directory)
         fixtures.make_store(directory, {NAME: VALUE.encode(), "auth/DB_PASSWORD": b"p" * 32})
         server = fixtures.start_server(directory)
+
+        def sqlite_handle() -> EncryptedStore:
+            return EncryptedStore.open(
+                SqliteStorage(directory / "store.db"), PasswordUnlock(fixtures.PASSWORD, kdf.TEST)
+            )
+
         try:
             reads = hot_reads(directory, server.address, rounds, calls)
             latencies = {
-                how: propagation(directory, server.address, propagation_rounds, how) for how in CHANGES
+                f"sqlite {how}": propagation(
+                    directory, server.address, propagation_rounds, how, sqlite_handle
+                )
+                for how in CHANGES
             }
         finally:
             server.stop()
+        if args.postgres:
+            latencies.update(postgres_propagation(directory, propagation_rounds))
     refresh_interval = SecretCacheConfig().secret_refresh_interval
     print(f"secrets-manager SDK benchmark ({'quick' if args.quick else 'full'}), {os.cpu_count()} CPUs")
     print()
@@ -210,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
             (f"propagation to {CLIENTS} subscribed clients", "p50", "p99", "max"),
             *(
                 (
-                    f"ours: {CHANGES[how]} -> served from cache ({len(samples)})",
+                    f"ours, {how.split()[0]}: {CHANGES[how.split()[1]]} -> served ({len(samples)})",
                     f"{percentile(samples, 0.5) * 1e3:.0f} ms",
                     f"{percentile(samples, 0.99) * 1e3:.0f} ms",
                     f"{max(samples) * 1e3:.0f} ms",
@@ -226,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         f"ours ns (higher is better). Propagation: {propagation_rounds} changes of each kind, the time "
         "from just before the change until each client's cache serves the new value; a rotation is "
         "timed from its promote (staged 0.3-0.5 s before). Changes through the service reach its "
-        "watchers at once; one by another store handle waits for the service's next watch poll (every "
-        f"{WATCH_POLL_SECONDS:g} s; changes start at random points of it). "
+        "watchers at once; on SQLite one by another store handle waits for the service's next watch "
+        f"poll (every {WATCH_POLL_SECONDS:g} s; changes start at random points of it), on PostgreSQL it "
+        "arrives by LISTEN/NOTIFY. "
         f"Total {time.perf_counter() - began:.0f} s."
     )
     return 0

@@ -200,6 +200,15 @@ class PostgresCluster:
             password=self.role_password, autocommit=True, connect_timeout=10,
         )  # fmt: skip
 
+    def listeners(self) -> list[int]:
+        """Backend pids of secrets-manager connections waiting on LISTEN (change listeners)."""
+        with self.connect(superuser=True) as admin:
+            rows = admin.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'secrets-manager' "
+                "AND query LIKE 'LISTEN%%'"
+            ).fetchall()
+        return [int(row[0]) for row in rows]
+
     def new_schema(self) -> str:
         """A fresh schema name nobody has used; the store creates it."""
         return f"t_{secrets.token_hex(6)}"

@@ -16,15 +16,19 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 
+from secrets_manager.audit import AuditLog
 from secrets_manager.client import TlsFiles
 from secrets_manager.crypto import kdf
+from secrets_manager.service.config import load_config
+from secrets_manager.service.server import PolicyHolder, RunningServer, build_server
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.tls import pki
@@ -236,6 +240,38 @@ def start_server(
     server = Server(directory, process, port, lines, metrics_port)
     threading.Thread(target=_drain, args=(process, lines), daemon=True).start()
     return server
+
+
+@contextmanager
+def in_process_server(
+    directory: Path, store: EncryptedStore, *, watch_tick: float
+) -> Iterator[tuple[RunningServer, Callable[[str], pb_grpc.SecretsStub]]]:
+    """The service built in this process over `store` (certificates and policy as make_pki and
+    make_store leave them in `directory`), its watch poller ticking every `watch_tick` seconds
+    (to tell a poke from a tick); yields it and `stub(identity)`. Stopped at the end."""
+    (directory / "in-process.toml").write_text(
+        'listen = "127.0.0.1:0"\npolicy = "policy.toml"\n'
+        '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
+    )
+    config = load_config(directory / "in-process.toml")
+    running = build_server(
+        config, store, AuditLog(directory / "in-process.audit.jsonl"), PolicyHolder(config.policy)
+    )
+    running.servicer.watch_hub._poll_seconds = watch_tick
+    channels: list[grpc.Channel] = []
+
+    def stub(identity: str) -> pb_grpc.SecretsStub:
+        channels.append(
+            grpc.secure_channel(f"127.0.0.1:{running.port}", tls_files(directory, identity).credentials())
+        )
+        return pb_grpc.SecretsStub(channels[-1])  # type: ignore[no-untyped-call]
+
+    try:
+        yield running, stub
+    finally:
+        for channel in channels:
+            channel.close()
+        running.stop(1)
 
 
 def _drain(process: subprocess.Popen[bytes], lines: list[str]) -> None:

@@ -26,7 +26,8 @@ from secrets_manager.crypto import kdf
 from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.v1 import secrets_pb2 as pb
-from service_fixtures import PASSWORD, POLICY, SCRIPT, SEED, Server, make_pki, start_server
+from secrets_manager.wire import WATCH_REVISION_KEY
+from service_fixtures import PASSWORD, POLICY, SCRIPT, SEED, Server, in_process_server, make_pki, start_server
 
 
 def create_store(conninfo: str, schema: str, seed: dict[str, bytes]) -> None:
@@ -334,3 +335,39 @@ def test_two_replicas_running_one_rotation_schedule_set_each_version_once(
     set_versions = [int(line) for line in (tmp_path / "set.log").read_text().split()]
     assert set_versions == promoted == list(range(2, meta.labels["current"] + 1))
     assert (tmp_path / "target").read_text() == current
+
+
+def test_a_watch_hears_a_commit_by_another_process_at_once_on_postgresql(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """The store's LISTEN/NOTIFY pokes the service's watch poller: with its tick at 30 s, a Watch
+    hears of a put that another handle on the database made (as another replica or the CLI does)
+    within seconds. (On SQLite that change would wait for the tick.)"""
+    make_pki(tmp_path)
+    (tmp_path / "policy.toml").write_text(POLICY)
+    schema = postgres_cluster.new_schema()
+    conninfo = postgres_cluster.url(with_password=True)
+    create_store(conninfo, schema, SEED)
+
+    def open_handle() -> EncryptedStore:
+        return EncryptedStore.open(
+            PostgresStorage(conninfo, schema=schema), PasswordUnlock(PASSWORD, kdf.TEST)
+        )
+
+    served, elsewhere = open_handle(), open_handle()
+    try:
+        with in_process_server(tmp_path, served, watch_tick=30) as (running, stub):
+            watch = stub("ops").Watch(pb.WatchRequest(prefix="auth/"))
+            assert any(key == WATCH_REVISION_KEY for key, _ in watch.initial_metadata())
+            deadline = time.monotonic() + 10
+            while running.servicer.watch_hub.polls < 1 or not postgres_cluster.listeners():
+                assert time.monotonic() < deadline, "the hub did not start reading and listening"
+                time.sleep(0.01)
+            started = time.monotonic()
+            elsewhere.put("auth/FROM_ELSEWHERE", b"v")
+            event = next(watch)
+            assert (event.name, time.monotonic() - started < 5) == ("auth/FROM_ELSEWHERE", True)
+            watch.cancel()
+    finally:
+        served.close()
+        elsewhere.close()

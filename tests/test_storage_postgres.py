@@ -590,6 +590,60 @@ def test_a_connection_lent_out_when_the_handle_closes_is_closed_when_given_back(
     assert storage._idle == []
 
 
+def test_on_commits_hears_another_handles_commits_to_this_store_only(
+    place: Place, postgres_cluster: PostgresCluster
+) -> None:
+    """LISTEN/NOTIFY: a commit by another handle (another process, in production) reaches the
+    callback at once; a silent commit (re-encryption, not in the change feed) and a commit to
+    another store in the same database do not; stopping ends the listener's connection."""
+    listening, writer = place.open(create=True), place.open()
+    other = Place(postgres_cluster, postgres_cluster.new_schema()).open(create=True)
+    heard = threading.Event()
+    before = postgres_cluster.listeners()
+    stop = listening.on_commits(heard.set)
+    try:
+        assert heard.wait(10)  # once on connecting: whatever it may have missed
+        heard.clear()
+        writer.commit([Put("k", b"v1")])
+        assert heard.wait(5)
+        heard.clear()
+        writer.commit([Put("k", b"v2")], silent=True)
+        other.commit([Put("k", b"elsewhere")])
+        assert not heard.wait(1.0)
+        assert len(postgres_cluster.listeners()) == len(before) + 1
+    finally:
+        stop()
+        for storage in (listening, writer, other):
+            storage.close()
+    wait = time.monotonic() + 10
+    while len(postgres_cluster.listeners()) > len(before):
+        assert time.monotonic() < wait, "the listener's connection outlived stop()"
+        time.sleep(0.05)
+
+
+def test_on_commits_listens_again_after_its_connection_is_cut(
+    place: Place, postgres_cluster: PostgresCluster
+) -> None:
+    listening, writer = place.open(create=True), place.open()
+    heard = threading.Event()
+    before = set(postgres_cluster.listeners())
+    stop = listening.on_commits(heard.set)
+    try:
+        assert heard.wait(10)
+        (pid,) = set(postgres_cluster.listeners()) - before
+        with postgres_cluster.connect(superuser=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        heard.clear()
+        assert heard.wait(10)  # reconnected: told once for what it may have missed
+        heard.clear()
+        writer.commit([Put("k", b"after the cut")])
+        assert heard.wait(5)
+    finally:
+        stop()
+        listening.close()
+        writer.close()
+
+
 def test_a_snapshot_holds_its_instant_across_many_pages(storage: PostgresStorage, place: Place) -> None:
     count = SCAN_PAGE * 2 + 7
     storage.commit([Put(f"bulk/{i:05d}", b"%d" % i) for i in range(count)])

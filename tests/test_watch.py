@@ -16,7 +16,6 @@ from typing import Any
 import grpc
 import pytest
 
-from secrets_manager.audit import AuditLog
 from secrets_manager.client import Client, RemoteStore
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import (
@@ -25,7 +24,6 @@ from secrets_manager.errors import (
     StorageError,
 )
 from secrets_manager.service.config import load_config
-from secrets_manager.service.server import PolicyHolder, build_server
 from secrets_manager.service.watch import ChangeHub, Subscription
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
@@ -39,6 +37,7 @@ from service_fixtures import (
     TD,
     Server,
     client_environ,
+    in_process_server,
     make_pki,
     make_store,
     start_server,
@@ -314,32 +313,23 @@ def test_a_poke_reads_the_feed_at_once_instead_of_at_the_next_tick(encrypted_sto
 
 
 def test_the_service_pokes_its_hub_after_a_change_made_through_it(service_dir: Path) -> None:
-    """In process, with the hub's tick at 30 s: a Watch on this server hears of a put through it
-    at once. (A change made elsewhere waits for the tick: 0.2 s in service.)"""
-    (service_dir / "server.toml").write_text(
-        'listen = "127.0.0.1:0"\nstore = "store.db"\npolicy = "policy.toml"\n'
-        '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
-    )
-    config = load_config(service_dir / "server.toml")
+    """With the hub's tick at 30 s, a Watch on this server hears of a put through it at once. (On
+    SQLite a change made elsewhere waits for the tick: 0.2 s in service.)"""
     store = EncryptedStore.open(
         SqliteStorage(service_dir / "store.db"), PasswordUnlock(SERVICE_PASSWORD, kdf.TEST)
     )
-    running = build_server(config, store, AuditLog(service_dir / "audit.jsonl"), PolicyHolder(config.policy))
-    running.servicer.watch_hub._poll_seconds = 30
-    channel = grpc.secure_channel(f"127.0.0.1:{running.port}", tls_files(service_dir, "ops").credentials())
     try:
-        stub = pb_grpc.SecretsStub(channel)  # type: ignore[no-untyped-call]
-        watch = stub.Watch(pb.WatchRequest(prefix="auth/"))
-        assert started_revision(watch) is not None
-        wait_until(lambda: running.servicer.watch_hub.polls >= 1)
-        started = time.monotonic()
-        stub.PutSecret(pb.PutSecretRequest(name="auth/POKED", value=b"v"), timeout=10)
-        event = next(watch)
-        assert (event.name, time.monotonic() - started < 5) == ("auth/POKED", True)
-        watch.cancel()
+        with in_process_server(service_dir, store, watch_tick=30) as (running, stub):
+            ops = stub("ops")
+            watch = ops.Watch(pb.WatchRequest(prefix="auth/"))
+            assert started_revision(watch) is not None
+            wait_until(lambda: running.servicer.watch_hub.polls >= 1)
+            started = time.monotonic()
+            ops.PutSecret(pb.PutSecretRequest(name="auth/POKED", value=b"v"), timeout=10)
+            event = next(watch)
+            assert (event.name, time.monotonic() - started < 5) == ("auth/POKED", True)
+            watch.cancel()
     finally:
-        channel.close()
-        running.stop(1)
         store.close()
 
 

@@ -4,7 +4,9 @@ A Watch stream used to poll the store itself (one SQLite query per stream every 
 thread polls every `WATCH_POLL_SECONDS` and hands the decoded `SecretChange`s to each subscriber's
 bounded queue; the stream's own thread only waits on that queue. A change committed through this
 process `poke`s the poller, which reads at once: this replica's watchers hear of its own changes
-without waiting for a tick; changes made elsewhere (the CLI, another replica) wait for one.
+without waiting for a tick. On PostgreSQL a commit by any process pokes it too (the store's
+`on_commits`, LISTEN/NOTIFY); on SQLite changes made elsewhere (the CLI, another replica) wait
+for the next tick.
 
 - A subscription starts at a revision: every change committed after it reaches the subscriber.
   `subscribe(None)` starts from the hub's current position (read from the store when no poller is
@@ -30,6 +32,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 from secrets_manager.errors import (
@@ -149,7 +152,8 @@ class ChangeHub:
         self._revision: int | None = None  # fanned out up to here; None while nobody subscribes
         self._thread: threading.Thread | None = None
         self._closed = False
-        self._poked = False  # a change was committed through this process since the last read
+        self._poked = False  # a change was committed (here, or elsewhere where the store tells)
+        self._stop_listening: Callable[[], None] | None = None
         self._last_limit_warning = -LIMIT_WARNING_SECONDS
         self.polls = 0  # change-feed reads by the poller (for tests and benchmarks)
 
@@ -186,6 +190,9 @@ class ChangeHub:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._poll_forever, name="watch-hub", daemon=True)
                 self._thread.start()
+                # Where the store can tell (PostgreSQL), a commit by any process pokes the poller.
+                on_commits = getattr(self._store, "on_commits", None)
+                self._stop_listening = None if on_commits is None else on_commits(self.poke)
             self._lock.notify_all()
         if since_revision is not None and since_revision != live_from:
             try:
@@ -213,6 +220,8 @@ class ChangeHub:
             self._lock.notify_all()
         for subscription in subscribers:
             subscription._end(None)
+        if self._stop_listening is not None:
+            self._stop_listening()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
 

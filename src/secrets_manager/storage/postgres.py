@@ -38,6 +38,7 @@ password masked before it is raised.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import threading
@@ -63,11 +64,17 @@ from secrets_manager.storage.base import (
 )
 
 SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
+
 APPLICATION = "secrets-manager"
 DEFAULT_SCHEMA = "secrets_manager"
 CHANGE_LOG_RETAINED = 100_000  # revisions of change history kept for watchers (as SqliteStorage)
 LOCK_TIMEOUT_MS = 30_000  # how long a commit waits for another writer (SqliteStorage's busy timeout)
 CONNECT_TIMEOUT_S = 10  # unless the connection string or PGCONNECT_TIMEOUT says otherwise
+# Every commit that enters the change feed notifies this channel with its schema as the payload
+# (sent at COMMIT), so watchers in other processes hear of it at once (`on_commits`).
+NOTIFY_CHANNEL = "secrets_manager_changes"
+LISTEN_RETRY_SECONDS = (0.5, 10.0)  # first and longest wait before a listener reconnects
 SCAN_PAGE = 512  # rows per round trip when a snapshot scans
 MAX_CONNECTIONS = 4  # per handle: calls of more threads than this at once wait for a connection
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
@@ -357,6 +364,7 @@ class PostgresStorage:
                     self._q.log_change,
                     [(revision, key, isinstance(op, Delete)) for key, op in final.items()],
                 )
+                cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, self.schema))
             if revision % self._prune_every == 0:  # bounded log; watchers that fall behind resync
                 horizon = revision - self._retained
                 if horizon > 0:
@@ -398,6 +406,43 @@ class PostgresStorage:
                     yield PostgresSnapshot(conn, self._q, int(row[0]), self._error)
             except psycopg.Error as exc:
                 raise self._error(exc) from None
+
+    def on_commits(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` (on a listener thread) soon after a change to this store is committed by
+        any handle, in this process or another: LISTEN on a connection of its own. Also once each
+        time the listener (re)connects, for what it may have missed. Returns a function that stops
+        it. Best effort: while the database is unreachable it retries with backoff, and the
+        caller's own polling of the change feed covers the gap."""
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._listen, args=(callback, stop), name="postgres-listen", daemon=True
+        )
+        thread.start()
+
+        def stop_listening() -> None:
+            stop.set()
+            thread.join(timeout=5)
+
+        return stop_listening
+
+    def _listen(self, callback: Callable[[], None], stop: threading.Event) -> None:
+        delay, longest = LISTEN_RETRY_SECONDS
+        while not stop.is_set():
+            try:
+                with psycopg.connect(self._conninfo, autocommit=True, **self._connect_options) as conn:
+                    conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
+                    delay = LISTEN_RETRY_SECONDS[0]
+                    callback()
+                    while not stop.is_set():
+                        # Wakes at least twice a second to notice `stop`.
+                        if any(n.payload == self.schema for n in conn.notifies(timeout=0.5)):
+                            callback()
+            except psycopg.Error as exc:
+                log.info(
+                    "change listener lost its connection; retrying", extra={"error": str(self._error(exc))}
+                )
+            stop.wait(delay)
+            delay = min(delay * 2, longest)
 
     def close(self) -> None:
         """Close the idle connections now and each lent-out one when its call ends. Idempotent."""

@@ -673,6 +673,13 @@ class EncryptedStore:
 
     # ---- change feed ---------------------------------------------------------------------------
 
+    def on_commits(self, callback: Callable[[], None]) -> Callable[[], None] | None:
+        """Call `callback` soon after any writer commits a change, where the storage can tell
+        (PostgreSQL: LISTEN/NOTIFY); returns a function that stops it, or None where it cannot
+        (SQLite: read `changes_since` now and then)."""
+        listen = getattr(self._storage, "on_commits", None)
+        return None if listen is None else listen(callback)
+
     def changes_since(self, revision: int | None) -> tuple[SecretChanges, int]:
         """Secret changes committed after `revision` by any process (None: start from now), and
         the revision to ask from next time. Names and versions only, never values."""
