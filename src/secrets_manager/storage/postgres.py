@@ -21,6 +21,10 @@ across every connection, process and replica — what `BEGIN IMMEDIATE` is for S
   committed would skip 10 forever. SERIALIZABLE with retries would keep compare-and-set safe
   too, but would still need the counter for the feed and would burn retries under contention.
 
+A commit that enters the change feed also sends `NOTIFY secrets_manager_changes` with the schema
+as payload, delivered at COMMIT: `on_commits` LISTENs on a connection of its own, so a watcher in
+any process hears of a change at once instead of at its next read of the feed.
+
 The cost is one writer at a time per store, fine for secrets (writes are rare and short).
 `durable=False` commits with `SET LOCAL synchronous_commit = off`: atomic and crash-safe, but
 acknowledged before the WAL reaches disk.
