@@ -22,7 +22,8 @@ def serve(session: Session, config_path: str) -> None:
     """Serve the store over gRPC with mutual TLS, access control and audit, until SIGTERM.
 
     The master password comes from the config's password_file, else the usual sources. SIGHUP
-    reloads the access policy; SIGTERM stops accepting calls and lets running ones finish."""
+    reloads the access policy; SIGTERM stops accepting calls and lets running ones finish. With
+    rotation_schedule in the config it also runs due credential rotations (see 'schedule --help')."""
     session.require_local("serve")
     config = load_config(Path(config_path))
     store_url = config.store or session.store_url
