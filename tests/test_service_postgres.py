@@ -80,6 +80,23 @@ class Replicas:
         return local_cli(self.url, self.a.dir, self.pg_env, *args, data=data, audit_file=audit_file)
 
 
+def start_replicas(
+    servers: list[Server], directory: Path, cluster: Any, url: str, *, settings: str = ""
+) -> None:
+    """Start `serve` replicas "replica-a" and "replica-b" on the store at `url`, each with its own
+    audit log, appending each to `servers` as it starts (the caller stops them)."""
+    for name in ("replica-a", "replica-b"):
+        servers.append(
+            start_server(
+                directory,
+                name,
+                store=url,
+                environment=cluster.env(),
+                settings=f'audit_file = "{name}.audit.jsonl"\n{settings}',
+            )
+        )
+
+
 @pytest.fixture
 def replicas(tmp_path: Path, postgres_cluster: Any) -> Iterator[Replicas]:
     make_pki(tmp_path)
@@ -89,16 +106,7 @@ def replicas(tmp_path: Path, postgres_cluster: Any) -> Iterator[Replicas]:
     url = f"{postgres_cluster.url()}?schema={schema}"
     servers: list[Server] = []
     try:
-        for name in ("replica-a", "replica-b"):
-            servers.append(
-                start_server(
-                    tmp_path,
-                    name,
-                    store=url,
-                    environment=postgres_cluster.env(),
-                    settings=f'audit_file = "{name}.audit.jsonl"\n',
-                )
-            )
+        start_replicas(servers, tmp_path, postgres_cluster, url)
         yield Replicas(servers[0], servers[1], url, postgres_cluster.env())
     finally:
         for server in servers:
@@ -303,17 +311,8 @@ def test_two_replicas_running_one_rotation_schedule_set_each_version_once(
     )
     servers: list[Server] = []
     try:
-        for name in ("replica-a", "replica-b"):
-            settings = f'audit_file = "{name}.audit.jsonl"\nrotation_schedule = "rotation.toml"\n'
-            servers.append(
-                start_server(
-                    tmp_path,
-                    name,
-                    store=url,
-                    environment=postgres_cluster.env(),
-                    settings=settings + "rotation_check_seconds = 0.1\n",
-                )
-            )
+        schedule = 'rotation_schedule = "rotation.toml"\nrotation_check_seconds = 0.1\n'
+        start_replicas(servers, tmp_path, postgres_cluster, url, settings=schedule)
         deadline = time.monotonic() + 30
         while len(store.describe("db/app").versions) < 6:
             assert time.monotonic() < deadline, "the schedule did not rotate five times in 30 s"
