@@ -15,17 +15,19 @@ import time
 import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+from secrets_manager.audit import AuditLog
 from secrets_manager.client import Client
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import InvalidInputError, NotFoundError
 from secrets_manager.rotation import Due, load_schedule, parse_every, plan
+from secrets_manager.service.schedule import RotationScheduler
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import CURRENT, EncryptedStore, PasswordUnlock
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
@@ -686,3 +688,38 @@ def test_a_running_sdk_client_serves_the_old_value_while_pending_and_the_new_one
     finally:
         server.stop()
     assert picked_up < 5
+
+
+def test_runners_resuming_one_stale_version_together_do_not_report_a_failure(cli: Cli) -> None:
+    """After a failed rotation every replica finds the same stale pending version and resumes it.
+    They set the same value, and all but one find their promote refused: that is the rotation
+    done, not a failure. Here the set command itself plays the other replica, resuming first."""
+    store = EncryptedStore.open(SqliteStorage(cli.dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        staged = store.stage("db/app", b"staged-by-a-failed-rotation")
+        other_runner = (
+            f"MASTER_PASSWORD={shlex.quote(PASSWORD)} {shlex.quote(str(SCRIPT))} "
+            f"--store {shlex.quote(str(cli.dir / 'store.db'))} rotate db/app --resume"
+        )
+        schedule = write_schedule(
+            cli.dir / "rotation.toml",
+            {
+                "name": "db/app",
+                "every": "1s",
+                "timeout": 5,
+                "set_command": f"sh -c {shlex.quote('cat >/dev/null; ' + other_runner)}",
+            },
+        )
+        scheduler = RotationScheduler(
+            schedule,
+            store,
+            AuditLog(cli.dir / "store.audit.jsonl"),
+            check_seconds=60,
+            environ={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cli.dir)},
+            clock=lambda: datetime.now(UTC) + timedelta(hours=1),  # the pending version is stale
+        )
+        assert scheduler.run_due()["db/app"] == "resumed elsewhere"
+        assert store.describe("db/app").labels == {CURRENT: staged.version, "previous": 1}
+        assert store.get("db/app").value.reveal() == b"staged-by-a-failed-rotation"
+    finally:
+        store.close()

@@ -30,7 +30,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from secrets_manager.audit import AuditEvent, AuditLog, value_fingerprint
-from secrets_manager.errors import NotFoundError, RotationInProgressError, SecretsManagerError
+from secrets_manager.errors import (
+    ConflictError,
+    NotFoundError,
+    RotationInProgressError,
+    SecretsManagerError,
+)
 from secrets_manager.rotation import (
     Due,
     Rotated,
@@ -40,7 +45,7 @@ from secrets_manager.rotation import (
     plan,
     rotate,
 )
-from secrets_manager.store import PENDING, EncryptedStore
+from secrets_manager.store import CURRENT, PENDING, EncryptedStore
 from secrets_manager.values import SecretValue
 
 log = logging.getLogger("secrets_manager.service.schedule")
@@ -168,7 +173,8 @@ class RotationScheduler:
             self._stopping.wait(self._check_seconds)
 
     def run_due(self) -> dict[str, str]:
-        """One pass: what happened to each entry ("rotated", "resumed", "failed", or its plan)."""
+        """One pass: what happened to each entry ("rotated", "resumed", "resumed elsewhere",
+        "failed", or its plan)."""
         self._reload()
         outcomes: dict[str, str] = {}
         for rule in self.rules:
@@ -221,7 +227,8 @@ class RotationScheduler:
                 "rotation schedule cannot read a secret", extra={"secret": rule.name, "error": str(exc)}
             )
             return "failed"
-        state = plan(rule, meta, self._clock()).state
+        planned = plan(rule, meta, self._clock())
+        state = planned.state
         if state not in (Due.DUE, Due.RESUME):
             if state is Due.DELETED:
                 self._warn_once(rule.name, "scheduled secret is deleted; it is not rotated until undeleted")
@@ -232,6 +239,13 @@ class RotationScheduler:
             rotated = rotate(self._steps, rule.name, rule.commands(self._environ), value=value)
         except RotationInProgressError:  # another replica (or a person) staged first: theirs runs
             return Due.IN_PROGRESS.value
+        except ConflictError as exc:
+            if state is Due.RESUME and self._promoted_elsewhere(rule.name, planned.pending):
+                # Replicas resume a stale version together (same value): one promote wins.
+                log.info("scheduled rotation finished by another runner", extra={"secret": rule.name})
+                return "resumed elsewhere"
+            log.error("scheduled rotation failed", extra={"secret": rule.name, "error": str(exc)})
+            return "failed"
         except SecretsManagerError as exc:  # never a value in these messages
             log.error("scheduled rotation failed", extra={"secret": rule.name, "error": str(exc)})
             return "failed"
@@ -247,6 +261,13 @@ class RotationScheduler:
             },
         )
         return "resumed" if rotated.resumed else "rotated"
+
+    def _promoted_elsewhere(self, name: str, version: int | None) -> bool:
+        """Whether `version` is current now (after our promote of it was refused)."""
+        try:
+            return version is not None and self._store.describe(name).labels.get(CURRENT) == version
+        except SecretsManagerError:
+            return False
 
     def _warn_once(self, name: str, problem: str) -> None:
         if (name, problem) not in self._warned:
