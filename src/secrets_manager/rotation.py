@@ -193,6 +193,12 @@ class ScheduledRotation:
     def commands(self, environ: Mapping[str, str]) -> Commands:
         return Commands(self.set_argv, self.test_argv, self.timeout, environ, cwd=self.directory)
 
+    def value_for(self, state: Due) -> SecretValue | None:
+        """What `rotate` gets for a rotation run in `state`: None to resume the pending version
+        (Due.RESUME), else a newly generated value (which the store refuses to stage while
+        another rotation is in progress)."""
+        return None if state is Due.RESUME else generated_value(self.length, self.alphabet)
+
 
 def parse_every(text: object) -> timedelta:
     """ "30d", "12h", "15m", "90s" (one number and unit) as a timedelta of 1 s .. 3650 d."""
@@ -284,6 +290,11 @@ class Due(enum.StrEnum):
     IN_PROGRESS = "in progress"  # a version is pending and young: another rotation is running
     RESUME = "resume"  # a version is pending and stale: finish that rotation
     DELETED = "deleted"  # soft-deleted: nothing is rotated until it is undeleted
+
+    @property
+    def runs(self) -> bool:
+        """Whether a schedule pass rotates the secret now (stages a new value, or resumes)."""
+        return self in (Due.DUE, Due.RESUME)
 
 
 @dataclass(frozen=True)

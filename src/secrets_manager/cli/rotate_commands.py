@@ -185,6 +185,11 @@ def _report(rotated: Rotated, *, as_json: bool) -> None:
                 "resumed": rotated.resumed,
             }
         )
+    report_rotated(rotated)
+
+
+def report_rotated(rotated: Rotated) -> None:
+    """The one line on stderr that says a rotation finished (`rotate`, `schedule run`)."""
     shown = "none" if rotated.previous is None else str(rotated.previous)
     how = "resumed and rotated" if rotated.resumed else "rotated"
     info_line(f"{how} {rotated.name}: version {rotated.version} is current (previous: {shown})")

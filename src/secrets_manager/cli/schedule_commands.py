@@ -17,9 +17,9 @@ import click
 
 from secrets_manager.cli.app import Session, cli, pass_session
 from secrets_manager.cli.output import error_line, info_line, print_json, print_table, timestamp
-from secrets_manager.cli.rotate_commands import SessionSteps, one_password_session
+from secrets_manager.cli.rotate_commands import SessionSteps, one_password_session, report_rotated
 from secrets_manager.errors import NotFoundError, RotationInProgressError, SecretsManagerError
-from secrets_manager.rotation import Due, Plan, ScheduledRotation, generated_value, load_schedule, plan
+from secrets_manager.rotation import Due, Plan, ScheduledRotation, load_schedule, plan
 from secrets_manager.rotation import rotate as run_rotation
 
 MISSING = "missing"
@@ -121,11 +121,11 @@ def run(session: Session, file: str, as_json: bool) -> int:
             info_line(f"{entry.rule.name}: a rotation is in progress (version {entry.plan.pending}); skipped")
         elif entry.plan.state is Due.DELETED:
             info_line(f"{entry.rule.name}: deleted; not rotated until it is undeleted")
-        if entry.plan.state not in (Due.DUE, Due.RESUME):
+        if not entry.plan.state.runs:
             result["outcome"] = "skipped"
             continue
         rule = entry.rule
-        value = generated_value(rule.length, rule.alphabet) if entry.plan.state is Due.DUE else None
+        value = rule.value_for(entry.plan.state)
         try:
             rotated = run_rotation(
                 SessionSteps(session), rule.name, rule.commands(session.environ), value=value
@@ -140,9 +140,7 @@ def run(session: Session, file: str, as_json: bool) -> int:
             exit_code = 1
             continue
         result.update(outcome="rotated", version=rotated.version, previous=rotated.previous)
-        shown = "none" if rotated.previous is None else str(rotated.previous)
-        how = "resumed and rotated" if rotated.resumed else "rotated"
-        info_line(f"{how} {rule.name}: version {rotated.version} is current (previous: {shown})")
+        report_rotated(rotated)
     if as_json:
         print_json(results)
     return exit_code

@@ -40,7 +40,6 @@ from secrets_manager.rotation import (
     Due,
     Rotated,
     ScheduledRotation,
-    generated_value,
     load_schedule,
     plan,
     rotate,
@@ -210,7 +209,7 @@ class RotationScheduler:
                 "to rotate it on the service"
             )
         state = plan(rule, self._store.describe(name), self._clock()).state
-        value = None if state is Due.RESUME else generated_value(rule.length, rule.alphabet)
+        value = rule.value_for(state)
         steps = _ServiceSteps(
             self._store, self._audit, actor=actor, source="grpc", peer=peer, request_id=request_id
         )
@@ -229,11 +228,11 @@ class RotationScheduler:
             return "failed"
         planned = plan(rule, meta, self._clock())
         state = planned.state
-        if state not in (Due.DUE, Due.RESUME):
+        if not state.runs:
             if state is Due.DELETED:
                 self._warn_once(rule.name, "scheduled secret is deleted; it is not rotated until undeleted")
             return state.value
-        value = generated_value(rule.length, rule.alphabet) if state is Due.DUE else None
+        value = rule.value_for(state)
         started = time.monotonic()
         try:
             rotated = rotate(self._steps, rule.name, rule.commands(self._environ), value=value)
