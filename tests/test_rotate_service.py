@@ -18,10 +18,16 @@ import pytest
 
 from command_recorder import recorder
 from secrets_manager.client import RemoteStore
-from secrets_manager.errors import ConflictError, UnsupportedOperationError
+from secrets_manager.errors import (
+    ConflictError,
+    NotFoundError,
+    RotationInProgressError,
+    SecretsManagerError,
+    UnsupportedOperationError,
+)
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
-from secrets_manager.wire import metadata_from_message
+from secrets_manager.wire import ERROR_CLASS_KEY, error_for, error_metadata, metadata_from_message, status_for
 from service_fixtures import SCRIPT, TD, Server, make_pki, make_store, start_server, tls_files
 
 OLD_VALUE = b"old-db-password-KNOWN-1234"
@@ -141,8 +147,13 @@ def test_remote_store_rotation_methods_return_what_the_store_protocol_says(serve
         assert remote.stage("db/app", b"fourth").version == 4
         assert remote.promote("db/app", 4) == 2
         assert remote.stage("db/app", b"fifth").version == 5
-        with pytest.raises(ConflictError, match="in progress"):  # ABORTED: a rotation is in progress
+        # ABORTED either way; the service names the class, so the client tells a refused rotation
+        # from a lost compare-and-set.
+        with pytest.raises(RotationInProgressError, match="in progress"):
             remote.stage("db/app", b"sixth")
+        with pytest.raises(ConflictError, match="not pending") as lost:
+            remote.promote("db/app", 4)
+        assert type(lost.value) is ConflictError
         assert remote.discard_pending("db/app") == 5
     finally:
         remote.close()
@@ -388,3 +399,30 @@ def test_cli_exits_7_when_the_staged_version_is_no_longer_pending(server: Server
     assert result.returncode == 7, result.stderr
     assert "not pending" in result.stderr
     assert value(server) == OLD_VALUE and labels(server) == {"current": 1, "pending": 3}
+
+
+@pytest.mark.parametrize(
+    ("code", "named", "expected"),
+    [
+        (grpc.StatusCode.ABORTED, "RotationInProgressError", RotationInProgressError),
+        (grpc.StatusCode.ABORTED, None, ConflictError),
+        (grpc.StatusCode.INVALID_ARGUMENT, "UnsupportedOperationError", UnsupportedOperationError),
+        # A class that does not refine the status's own is ignored: the status decides the exit code.
+        (grpc.StatusCode.NOT_FOUND, "RotationInProgressError", NotFoundError),
+        (grpc.StatusCode.ABORTED, "SystemExit", ConflictError),
+    ],
+)
+def test_a_named_error_class_refines_the_status_and_never_overrides_it(
+    code: grpc.StatusCode, named: str | None, expected: type[Exception]
+) -> None:
+    metadata = [] if named is None else [(ERROR_CLASS_KEY, named)]
+    error = error_for(code, "what happened", metadata)
+    assert type(error) is expected and str(error) == "what happened"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [RotationInProgressError("x"), UnsupportedOperationError("x"), ConflictError("x"), NotFoundError("x")],
+)
+def test_the_client_raises_the_class_the_service_raised(error: SecretsManagerError) -> None:
+    assert type(error_for(status_for(error), "x", error_metadata(error))) is type(error)

@@ -23,7 +23,9 @@ import psycopg
 import pytest
 
 from secrets_manager.audit import AuditLog
-from secrets_manager.client import Client
+from secrets_manager.cli import run as run_cli
+from secrets_manager.cli import schedule_commands
+from secrets_manager.client import Client, RemoteStore
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import InvalidInputError, NotFoundError
 from secrets_manager.rotation import Due, load_schedule, parse_every, plan
@@ -31,7 +33,7 @@ from secrets_manager.service.schedule import RotationScheduler
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import CURRENT, EncryptedStore, PasswordUnlock
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
-from service_fixtures import SEED, TD, Server, client_environ, make_pki, make_store, start_server
+from service_fixtures import SEED, TD, Server, client_environ, make_pki, make_store, start_server, tls_files
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 PASSWORD = "schedule test password"
@@ -497,6 +499,47 @@ def test_schedule_run_through_the_service_is_authorised_and_audited_there(tmp_pa
     steps = [(r["operation"], r["outcome"]) for r in server.audit_records() if r["actor"] == ops]
     assert ("rotate.stage", "ok") in steps and ("rotate.promote", "ok") in steps
     assert ("history", "ok") in steps  # what is due is read with DescribeSecret
+
+
+def test_schedule_run_through_the_service_skips_an_entry_another_runner_staged_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Between `schedule run` reading what is due and staging, another runner stages: the service
+    refuses ours with ABORTED, and the class it names (RotationInProgressError, not a lost
+    compare-and-set) reaches the client, so the entry is skipped, not failed. In process, so the
+    other runner can act in exactly that window."""
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path)
+    schedule = write_schedule(
+        tmp_path / "rotation.toml",
+        {"name": "auth/DB_PASSWORD", "every": "1s", "set_command": SET_TARGET, "test_command": TEST_TARGET},
+    )
+    server = start_server(tmp_path)
+    try:
+        time.sleep(1.1)
+        read_what_is_due = schedule_commands._entries
+
+        def another_runner_stages_after_the_plan(session: Any, rules: Any) -> Any:
+            planned = read_what_is_due(session, rules)
+            other = RemoteStore(server.address, tls_files(tmp_path, "ops"))
+            try:
+                other.stage("auth/DB_PASSWORD", b"the-other-runner's-value")
+            finally:
+                other.close()
+            return planned
+
+        monkeypatch.setattr(schedule_commands, "_entries", another_runner_stages_after_the_plan)
+        for key, value in client_environ(tmp_path, "ops", [server.address]).items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.chdir(tmp_path)
+        code = run_cli(["schedule", "run", str(schedule), "--json"])
+        out, err = capsys.readouterr()
+    finally:
+        server.stop()
+    assert code == 0, err
+    assert "auth/DB_PASSWORD: another rotation started first; skipped" in err
+    assert json.loads(out) == [{"name": "auth/DB_PASSWORD", "state": "due", "outcome": "skipped"}]
+    assert not (tmp_path / "target").exists()  # ours never reached its set command
 
 
 def _readme_script(first_line: str) -> str:

@@ -3,6 +3,7 @@ gRPC status codes (and back), and conversions between store values and protobuf 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -15,10 +16,13 @@ from secrets_manager.errors import (
     InvalidInputError,
     NotFoundError,
     ResourceExhaustedError,
+    RotationInProgressError,
     RotationStepFailed,
     SecretsManagerError,
     StorageError,
     UnlockError,
+    UnsafeConfigurationError,
+    UnsupportedOperationError,
 )
 from secrets_manager.store import Secret, SecretMetadata, VersionInfo
 from secrets_manager.store.names import namespace_of
@@ -40,6 +44,14 @@ STATUS_OF_ERROR: tuple[tuple[type[SecretsManagerError], grpc.StatusCode], ...] =
     (RotationStepFailed, grpc.StatusCode.FAILED_PRECONDITION),  # the target refused the new value
 )
 
+# Trailing metadata of a failed call: the error's class, where its status alone does not name it
+# (a refused rotation and a lost compare-and-set are both ABORTED, yet a scheduler treats them apart).
+ERROR_CLASS_KEY = "secrets-manager-error"
+_REFINED_ERRORS: dict[str, type[SecretsManagerError]] = {
+    cls.__name__: cls
+    for cls in (RotationInProgressError, UnsafeConfigurationError, UnsupportedOperationError)
+}
+
 
 def status_for(error: SecretsManagerError) -> grpc.StatusCode:
     """The status a failed request gets; anything unlisted (e.g. an audit failure) is UNAVAILABLE."""
@@ -49,12 +61,26 @@ def status_for(error: SecretsManagerError) -> grpc.StatusCode:
     return grpc.StatusCode.UNAVAILABLE
 
 
-def error_for(code: grpc.StatusCode, message: str) -> SecretsManagerError:
-    """The exception a client raises for a status: the inverse of `status_for`."""
+def error_metadata(error: SecretsManagerError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that lets `error_for` raise `error`'s own class, if it needs any."""
+    name = type(error).__name__
+    return ((ERROR_CLASS_KEY, name),) if _REFINED_ERRORS.get(name) is type(error) else ()
+
+
+def error_for(
+    code: grpc.StatusCode, message: str, metadata: Sequence[tuple[str, str | bytes]] | None = ()
+) -> SecretsManagerError:
+    """The exception a client raises for a status (and the call's trailing metadata): the inverse
+    of `status_for`. A class named in the metadata is used only if it refines the status's own
+    class, so a service cannot change what a status means to the client (its exit code)."""
     for error_type, mapped in STATUS_OF_ERROR:
         if mapped is code:
             if error_type is UnlockError:
                 return AccessDeniedError(message)
+            named = next((value for key, value in metadata or () if key == ERROR_CLASS_KEY), None)
+            refined = _REFINED_ERRORS.get(named) if isinstance(named, str) else None
+            if refined is not None and issubclass(refined, error_type):
+                return refined(message)
             return error_type(message)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return StorageError(message)

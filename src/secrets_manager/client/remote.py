@@ -84,7 +84,7 @@ class RemoteStore:
                     f"{method} is not supported by the service at {self.address} "
                     "(an older secrets-manager?); upgrade it"
                 ) from None
-            raise error_for(code, f"{details}") from None
+            raise error_for(code, f"{details}", exc.trailing_metadata()) from None
 
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         request = pb.GetSecretRequest(name=name)

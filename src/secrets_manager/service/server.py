@@ -39,6 +39,7 @@ from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 from secrets_manager.wire import (
     WATCH_REVISION_KEY,
+    error_metadata,
     fill_secret_message,
     metadata_message,
     secret_message,
@@ -172,6 +173,9 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                     "code": code.name,
                 },
             )
+            refinement = error_metadata(exc)
+            if refinement:  # the client raises this class, not only its status's
+                context.set_trailing_metadata(refinement)
             context.abort(code, str(exc))
         except Exception as exc:  # a bug: audited and counted, its message withheld (it could hold data)
             code = grpc.StatusCode.INTERNAL
