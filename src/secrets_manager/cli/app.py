@@ -44,13 +44,16 @@ from secrets_manager.errors import (
 )
 from secrets_manager.store import MAX_VALUE_SIZE, EncryptedStore, SecretMetadata, SecretStore, validate_name
 from secrets_manager.store.base import LABELS, AuditedStore
+from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import validate_prefix
+from secrets_manager.store.unlock import UnlockSource
 from secrets_manager.store.url import (
     KDF_PROFILE_NAMES,
     create_store,
     default_audit_path,
     discard_new_store,
     needs_password,
+    new_password_unlock,
     open_external_store,
     open_store,
     store_exists,
@@ -140,18 +143,18 @@ class Session:
             raise
 
     def unlock_encrypted(self, operation: str) -> EncryptedStore:
-        """Unlock our encrypted store with the master password (commands that manage its keys or
-        password need one; a Vault or AWS store has neither)."""
+        """Unlock our encrypted store: with the master password, asked only if its header says a
+        password unlocks it (AWS KMS needs none). Commands that manage its keys or unlock need our
+        store; a Vault or AWS store has neither."""
         if not self.needs_password:
             raise UnsupportedOperationError(
                 f"'{operation}' is not supported by this store: {self.store_url} has no master password "
                 "or keys of ours (Vault and AWS encrypt with their own keys)"
             )
-        password = self.password()
         try:
             return open_store(
                 self.store_url,
-                password,
+                self.password,
                 environment=self.environment,
                 actor=self.actor,
                 audit_path=self.audit_path,
@@ -331,9 +334,17 @@ def cli(
     show_default=True,
     help="Argon2id cost: 'default' is RFC 9106's t=3, 64 MiB, p=4; 'test' is cheap, for test suites only.",
 )
+@click.option(
+    "--kms-key",
+    metavar="KEY",
+    help="Unlock the store with this AWS KMS key (ARN, key id or alias) instead of a master password.",
+)
 @pass_session
-def init(session: Session, kdf_profile: str) -> None:
-    """Create a new, empty store. Never overwrites an existing one."""
+def init(session: Session, kdf_profile: str, kms_key: str | None) -> None:
+    """Create a new, empty store. Never overwrites an existing one.
+
+    The store is unlocked by a master password, or with --kms-key by AWS KMS: then no password
+    exists, and whoever may call kms:Decrypt with that key (with AWS credentials) may open it."""
     session.require_local("init")
     if not session.needs_password:
         raise UnsupportedOperationError(
@@ -343,7 +354,7 @@ def init(session: Session, kdf_profile: str) -> None:
     where = store_location(session.store_url)
     if store_exists(session.store_url, environment=session.environment):
         raise ConflictError(f"a store already exists at {where}; init never overwrites one")
-    password = session.password(confirm=True)
+    password = None if kms_key else session.password(confirm=True)
     audit = session.audit_log()
     store = create_store(
         session.store_url,
@@ -352,6 +363,7 @@ def init(session: Session, kdf_profile: str) -> None:
         environment=session.environment,
         actor=session.actor,
         audit_path=session.audit_path,
+        kms_key=kms_key,
     )
     try:
         audit.append([session.event("init")], store)
@@ -359,7 +371,8 @@ def init(session: Session, kdf_profile: str) -> None:
         discard_new_store(session.store_url, store)  # never announced: leave nothing behind
         raise
     store.close()
-    info_line(f"created an empty store at {where}")
+    unlocked_by = f"; AWS KMS key {kms_key} unlocks it" if kms_key else ""
+    info_line(f"created an empty store at {where}{unlocked_by}")
 
 
 @cli.command("store")
@@ -582,12 +595,60 @@ def passwd(session: Session, new_password_file: str | None) -> None:
     """Change the master password (rewraps the root key only: fast at any store size)."""
     session.require_local("passwd")
     with session.operation("passwd", mutating=True) as (store, _):
+        store.require_password_unlock()  # before asking for a new one
         if new_password_file:
             new = read_password_file(Path(new_password_file), environment=session.environment)
         else:
             new = prompt_password("New master password", confirm=True)
         store.change_password(new)
     info_line("master password changed")
+
+
+@cli.command("unlock-with")
+@click.argument("source", type=click.Choice(["password", "kms"]))
+@click.argument("kms_key", metavar="[KMS_KEY]", required=False)
+@click.option("--new-password-file", metavar="PATH", help="Read the new master password from this file.")
+@click.option(
+    "--kdf-profile",
+    type=click.Choice(KDF_PROFILE_NAMES),
+    default="default",
+    show_default=True,
+    help="Argon2id cost of the new password ('test' is for test suites only).",
+)
+@pass_session
+def unlock_with(
+    session: Session, source: str, kms_key: str | None, new_password_file: str | None, kdf_profile: str
+) -> None:
+    """Switch what unlocks the store: 'kms KMS_KEY' (an AWS KMS key's ARN, id or alias) or
+    'password' (a new master password). Rewraps the root key only: no secret is re-encrypted.
+
+    \b
+    secrets-manager unlock-with kms arn:aws:kms:eu-west-1:111122223333:key/…
+    secrets-manager unlock-with password --new-password-file new-password.txt"""
+    session.require_local("unlock-with")
+    if source == "kms" and not kms_key:
+        raise InvalidInputError("give the KMS key: 'unlock-with kms KEY' (an ARN, key id or alias)")
+    if source == "kms" and new_password_file:
+        raise InvalidInputError("--new-password-file goes with 'unlock-with password', not with kms")
+    if source == "password" and kms_key:
+        raise InvalidInputError(
+            "'unlock-with password' takes no key: the new password comes from a prompt or file"
+        )
+    new_password = (
+        read_password_file(Path(new_password_file), environment=session.environment)
+        if new_password_file
+        else None
+    )
+    with session.operation("unlock-with", mutating=True) as (store, _):
+        unlock: UnlockSource
+        if kms_key:
+            unlock = AwsKmsUnlock(kms_key)
+        else:
+            if new_password is None:
+                new_password = prompt_password("New master password", confirm=True)
+            unlock = new_password_unlock(new_password, kdf_profile, environment=session.environment)
+        store.change_unlock(unlock)
+    info_line(f"the store is now unlocked by {f'AWS KMS key {kms_key}' if kms_key else 'the new password'}")
 
 
 def read_value(value: str | None, value_file: str | None, *, raw: bool) -> SecretValue:

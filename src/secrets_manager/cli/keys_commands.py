@@ -45,6 +45,7 @@ from secrets_manager.store.keys import (
     update_key_policy,
 )
 from secrets_manager.store.names import validate_namespace
+from secrets_manager.store.unlock import PasswordUnlock
 
 KEY_ID = click.IntRange(1, 2**32 - 1)
 SECONDS_PER_DAY = 86_400
@@ -112,7 +113,9 @@ def status(session: Session, namespace: str | None, as_json: bool) -> None:
 @click.argument("namespace", required=False)
 @click.option("--all", "every", is_flag=True, help="Rotate the key of every namespace.")
 @click.option(
-    "--root", is_flag=True, help="Rotate the root key (rewraps the keysets only; password unchanged)."
+    "--root",
+    is_flag=True,
+    help="Rotate the root key (rewraps the keysets only; password or KMS key unchanged).",
 )
 @pass_session
 def rotate(session: Session, namespace: str | None, every: bool, root: bool) -> None:
@@ -126,9 +129,11 @@ def rotate(session: Session, namespace: str | None, every: bool, root: bool) -> 
             result = rotate_root_key(store)
             event.version = result.new_id
             can_scrub = store.can_scrub
+            by_password = store.unlock_kind == PasswordUnlock.kind
+            unchanged = "the master password" if by_password else "the AWS KMS key"
         info_line(
             f"new root key {result.new_id}: {result.namespaces} keyset{_s(result.namespaces)} rewrapped "
-            "under it; the master password is unchanged"
+            f"under it; {unchanged} is unchanged"
         )
         if not result.scrubbed:
             warning_line(NOT_SCRUBBED.format(command="rotate --root") if can_scrub else CANNOT_SCRUB)

@@ -21,16 +21,20 @@ from secrets_manager.store.url import default_audit_path, open_store
 def serve(session: Session, config_path: str) -> None:
     """Serve the store over gRPC with mutual TLS, access control and audit, until SIGTERM.
 
-    The master password comes from the config's password_file, else the usual sources. SIGHUP
+    The master password comes from the config's password_file, else the usual sources; a store
+    that AWS KMS unlocks (init --kms-key, unlock-with kms) needs none. SIGHUP
     reloads the access policy; SIGTERM stops accepting calls and lets running ones finish. With
     rotation_schedule in the config it also runs due credential rotations (see 'schedule --help')."""
     session.require_local("serve")
     config = load_config(Path(config_path))
     store_url = config.store or session.store_url
-    if config.password_file is not None:
-        password = read_password_file(config.password_file, environment=session.environment)
-    else:
-        password = session.password()
+    password_file = config.password_file
+
+    def password() -> bytes:  # asked for only if a password unlocks the store (not AWS KMS)
+        if password_file is not None:
+            return read_password_file(password_file, environment=session.environment)
+        return session.password()
+
     audit = AuditLog(
         config.audit_file or default_audit_path(store_url),
         flush_interval=config.audit_sync_interval_ms / 1000,

@@ -242,7 +242,7 @@ class _LocalStore:
 
     def __init__(self, target: LocalTarget) -> None:
         self._store: EncryptedStore = open_store(
-            target.store_url, target.read_password(), environment=target.environment, actor=_local_actor()
+            target.store_url, target.read_password, environment=target.environment, actor=_local_actor()
         )
 
     def fetch_all(self) -> list[Secret]:

@@ -59,6 +59,12 @@ class RemoteTarget:
     tls: TlsFiles
 
 
+_NO_PASSWORD = (
+    f"no service and no local store password: set {ADDRESS_VARIABLE} (with {', '.join(TLS_VARIABLES)}), "
+    f"or for development {PASSWORD_FILE_VARIABLE} (or {PASSWORD_VARIABLE}) for the local store"
+)
+
+
 @dataclass(frozen=True)
 class LocalTarget:
     """Development without a service: the local store, opened read-only by the SDK."""
@@ -69,9 +75,11 @@ class LocalTarget:
     password: SecretValue | None = None  # from MASTER_PASSWORD; redacted in repr
 
     def read_password(self) -> bytes:
+        """The master password; asked for only if a password unlocks the store (not AWS KMS)."""
         if self.password_file is not None:
             return _read_password_file(self.password_file)
-        assert self.password is not None  # resolve_config guarantees one source
+        if self.password is None:  # a store named without a password: fine if KMS unlocks it
+            raise UnlockError(_NO_PASSWORD)
         return self.password.reveal()
 
 
@@ -161,10 +169,9 @@ def _local_target(env: Mapping[str, str], environment: Environment) -> LocalTarg
         if environment is not Environment.DEVELOPMENT:
             log.warning("%s is unsafe outside development; use %s", PASSWORD_VARIABLE, PASSWORD_FILE_VARIABLE)
         return LocalTarget(store_url, environment, password=SecretValue(env[PASSWORD_VARIABLE].encode()))
-    raise UnlockError(
-        f"no service and no local store password: set {ADDRESS_VARIABLE} (with {', '.join(TLS_VARIABLES)}), "
-        f"or for development {PASSWORD_FILE_VARIABLE} (or {PASSWORD_VARIABLE}) for the local store"
-    )
+    if store_url is not None:  # its header may say AWS KMS unlocks it; if not, read_password says so
+        return LocalTarget(store_url, environment)
+    raise UnlockError(_NO_PASSWORD)
 
 
 def _read_password_file(path: Path) -> bytes:

@@ -11,6 +11,7 @@ from secrets_manager.store.base import (
     VersionInfo,
 )
 from secrets_manager.store.encrypted import EncryptedStore
+from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import namespace_of, validate_name
 from secrets_manager.store.unlock import PasswordUnlock, UnlockSource
 
@@ -19,6 +20,7 @@ __all__ = [
     "MAX_VALUE_SIZE",
     "PENDING",
     "PREVIOUS",
+    "AwsKmsUnlock",
     "EncryptedStore",
     "PasswordUnlock",
     "Secret",

@@ -272,6 +272,13 @@ def write_backup(
                 "give --backup-password-file"
             )
         store_header, entries, root = _read_encrypted(store, progress)
+        unlocked_by = store_header["unlock"].get("kind")
+        if unlocked_by != PasswordUnlock.kind:  # a copy opens with the store's master password only
+            raise InvalidInputError(
+                f"this store is unlocked by {unlocked_by}, not a master password, so a copy of it "
+                "could not be opened to restore: give --backup-password-file (the backup then holds "
+                "the secrets under that password)"
+            )
         decoded = _checked(store_header, root, entries, progress)
         sealed_key = seal_record(root, Purpose.BACKUP_FILE_KEY, FILE_KEY_NAME, 0, file_key)
         header = {

@@ -181,11 +181,23 @@ class EncryptedStore:
         self._unlock = unlock
         self._unlock_section = header["unlock"]
 
+    @property
+    def unlock_kind(self) -> str:
+        """What unlocks this store now: "password" or "aws-kms" (its header's unlock section)."""
+        return str((self._unlock_section or {}).get("kind", PasswordUnlock.kind))
+
+    def require_password_unlock(self) -> PasswordUnlock:
+        """The password source that unlocks this store; InvalidInputError if it is not a password."""
+        if not isinstance(self._unlock, PasswordUnlock):
+            raise InvalidInputError(
+                f"this store is unlocked by {self.unlock_kind}, not a master password; to unlock it "
+                "with a password instead, run 'secrets-manager unlock-with password'"
+            )
+        return self._unlock
+
     def change_password(self, new_password: bytes) -> None:
         """Rewrap the root key under a new master password with the same Argon2id costs."""
-        if not isinstance(self._unlock, PasswordUnlock):
-            raise InvalidInputError("this store is not unlocked by a password")
-        self.change_unlock(PasswordUnlock(new_password, self._unlock.params))
+        self.change_unlock(PasswordUnlock(new_password, self.require_password_unlock().params))
 
     @contextlib.contextmanager
     def acting_for(self, actor: str) -> Iterator[None]:
@@ -851,6 +863,15 @@ class _Meta:
             )
         except (KeyError, TypeError, ValueError, AttributeError):
             raise IntegrityError() from None
+
+
+def unlock_kind(storage: Storage) -> str:
+    """The unlock source the store's header names ("password", "aws-kms"): read before unlocking,
+    so a store that KMS unlocks never asks for a password."""
+    kind = _read_header(storage)["unlock"].get("kind")
+    if not isinstance(kind, str):
+        raise IntegrityError("the store header is damaged (integrity check failed)")
+    return kind
 
 
 def _read_header(storage: Storage) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Unlock sources: a one-method pair that wraps the root key and unwraps it again.
 
 The header stores what `wrap` returned; `unwrap` gets it back. A password source runs Argon2id
-(docs/format.md, "Store header"). Other sources (KMS auto-unseal, Shamir shares) plug in here
-with the same two methods.
+(docs/format.md, "Store header"); AWS KMS auto-unlock is `store/kms.py`. Other sources (Shamir
+shares) would plug in with the same two methods, and a `kind` of their own.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
@@ -37,16 +37,18 @@ from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
     NotFoundError,
+    StorageError,
     UnsafeConfigurationError,
     UnsupportedOperationError,
 )
 from secrets_manager.storage import Delete, Storage
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store.base import AuditedStore
-from secrets_manager.store.encrypted import HEADER_KEY, EncryptedStore
+from secrets_manager.store.encrypted import HEADER_KEY, EncryptedStore, unlock_kind
 from secrets_manager.store.external import DEFAULT_AUDIT_SCOPE, DEFAULT_RECOVERY_WINDOW_DAYS, audit_scope_for
+from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import validate_name, validate_namespace
-from secrets_manager.store.unlock import PasswordUnlock
+from secrets_manager.store.unlock import PasswordUnlock, UnlockSource
 
 SQLITE_SCHEME = "sqlite://"
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -423,26 +425,28 @@ def discard_new_store(url: str | None, store: EncryptedStore) -> None:
 
 def create_store(
     url: str | None,
-    password: bytes,
+    password: bytes | None,
     *,
     kdf_profile: str,
     environment: Environment,
     actor: str,
     audit_path: Path | None = None,
+    kms_key: str | None = None,
 ) -> EncryptedStore:
-    """Create a new, empty password-protected store where `url` points. Never overwrites.
+    """Create a new, empty store where `url` points, unlocked by `password` or, with `kms_key`, by
+    that AWS KMS key (no password). Never overwrites.
 
     `audit_path`: the audit log this process writes (see `open_store`)."""
-    if kdf_profile not in KDF_PROFILES:
-        raise InvalidInputError(f"unknown KDF profile {kdf_profile!r}; use one of {', '.join(KDF_PROFILES)}")
-    if environment.is_production and KDF_PROFILES[kdf_profile].is_weaker_than(PRODUCTION_KDF_MINIMUM):
-        raise UnsafeConfigurationError(
-            f"KDF profile {kdf_profile!r} is too weak for production; use the default profile"
-        )
+    unlock: UnlockSource
+    if kms_key is not None:
+        unlock = AwsKmsUnlock(kms_key)
+    elif password is not None:
+        unlock = new_password_unlock(password, kdf_profile, environment=environment)
+    else:
+        raise InvalidInputError("a new store needs a master password or an AWS KMS key")
     options: dict[str, str] = {"actor": actor, **_store_options(url, audit_path)}
     if postgres_location(url) is not None:
         storage = open_storage(url, create=True, environment=environment)
-        unlock = PasswordUnlock(password, KDF_PROFILES[kdf_profile])
         try:  # EncryptedStore.create writes the header only if there is none: never overwrites
             return EncryptedStore.create(storage, unlock, **options)
         except ConflictError:
@@ -458,12 +462,23 @@ def create_store(
         raise ConflictError(f"a store already exists at {path}; init never overwrites one")
     storage = open_storage(url, create=True, environment=environment)
     try:
-        unlock = PasswordUnlock(password, KDF_PROFILES[kdf_profile])
         return EncryptedStore.create(storage, unlock, **options)
     except BaseException:
         storage.close()
         remove_store_files(path)
         raise
+
+
+def new_password_unlock(password: bytes, kdf_profile: str, *, environment: Environment) -> PasswordUnlock:
+    """A password unlock with the named Argon2id profile, for a new store or a new password;
+    production refuses a profile weaker than the default."""
+    if kdf_profile not in KDF_PROFILES:
+        raise InvalidInputError(f"unknown KDF profile {kdf_profile!r}; use one of {', '.join(KDF_PROFILES)}")
+    if environment.is_production and KDF_PROFILES[kdf_profile].is_weaker_than(PRODUCTION_KDF_MINIMUM):
+        raise UnsafeConfigurationError(
+            f"KDF profile {kdf_profile!r} is too weak for production; use the default profile"
+        )
+    return PasswordUnlock(password, KDF_PROFILES[kdf_profile])
 
 
 def remove_store_files(path: Path) -> None:
@@ -474,13 +489,15 @@ def remove_store_files(path: Path) -> None:
 
 def open_store(
     url: str | None,
-    password: bytes,
+    password: bytes | Callable[[], bytes],
     *,
     environment: Environment,
     actor: str,
     audit_path: Path | None = None,
 ) -> EncryptedStore:
-    """Unlock the store `url` points at with a master password.
+    """Unlock the store `url` points at: with its master password, or through AWS KMS if its
+    header says so. `password` may be a function, called only for a password store (so a store
+    that KMS unlocks never prompts).
 
     `audit_path` is the audit log this process writes (default: `default_audit_path(url)`). A
     PostgreSQL store is shared by hosts that each keep their own log, so there every log gets its
@@ -492,9 +509,8 @@ def open_store(
         )
     storage = open_storage(url, create=False, environment=environment)
     try:
-        return EncryptedStore.open(
-            storage, _password_unlock(password, environment), **_store_options(url, audit_path), actor=actor
-        )
+        unlock = _unlock_for(unlock_kind(storage), password, environment)
+        return EncryptedStore.open(storage, unlock, **_store_options(url, audit_path), actor=actor)
     except NotFoundError:
         storage.close()
         location = postgres_location(url)
@@ -512,6 +528,17 @@ def _store_options(url: str | None, audit_path: Path | None) -> dict[str, str]:
     if postgres_location(url) is None:
         return {}
     return {"audit_scope": audit_scope_for(audit_path or default_audit_path(url))}
+
+
+def _unlock_for(kind: str, password: bytes | Callable[[], bytes], environment: Environment) -> UnlockSource:
+    """The unlock source for a store whose header names `kind`."""
+    if kind == AwsKmsUnlock.kind:
+        return AwsKmsUnlock()
+    if kind == PasswordUnlock.kind:
+        return _password_unlock(password() if callable(password) else password, environment)
+    raise StorageError(
+        f"the store is unlocked by {kind!r}, which this secrets-manager does not know; upgrade it"
+    )
 
 
 def _password_unlock(password: bytes, environment: Environment) -> PasswordUnlock:

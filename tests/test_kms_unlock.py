@@ -1,0 +1,330 @@
+"""AWS KMS auto-unlock (store/kms.py) against moto's KMS on 127.0.0.1: a store whose root key a KMS
+key wraps opens with AWS credentials and no password, through the CLI, the service and the SDK's
+local mode; it switches to a password and back; a wrong key, a changed header, missing credentials
+and an unreachable KMS each give one line and their exit code.
+
+Known moto divergence, not relied on: moto decrypts under a disabled key, where AWS answers
+DisabledException (mapped like AccessDeniedException: unlock failed, exit 4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+
+from secrets_manager.client import Client
+from secrets_manager.crypto import DataKey, kdf
+from secrets_manager.crypto.aead import new_key
+from secrets_manager.crypto.keyset import KeyStatus
+from secrets_manager.errors import IntegrityError, UnlockError
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import AwsKmsUnlock, EncryptedStore, PasswordUnlock
+from secrets_manager.v1 import secrets_pb2 as pb
+from service_fixtures import POLICY, SCRIPT, make_pki, start_server
+
+REGION = "eu-west-1"
+VALUE = "kms-unlocked-SEEKRIT"
+NEW_PASSWORD = "a-new-master-password"
+
+
+def aws_environ(endpoint: str) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+@pytest.fixture
+def kms(moto_endpoint: str) -> Any:
+    return boto3.client(
+        "kms",
+        region_name=REGION,
+        endpoint_url=moto_endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+@pytest.fixture
+def key_arn(kms: Any) -> str:
+    return str(kms.create_key(Description="secrets-manager test")["KeyMetadata"]["Arn"])
+
+
+@pytest.fixture
+def aws_env(moto_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """This process's boto3 pointed at moto (for the in-process tests)."""
+    environ = aws_environ(moto_endpoint)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    return environ
+
+
+class Cli:
+    """The console script with AWS credentials for moto and no master password anywhere."""
+
+    def __init__(self, directory: Path, endpoint: str) -> None:
+        self.dir = directory
+        self.store = directory / "store.db"
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(directory),
+            "SECRETS_MANAGER_STORE": str(self.store),
+            **aws_environ(endpoint),
+        }
+
+    def __call__(
+        self, *args: str, input: bytes = b"", env: Mapping[str, str] | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        proc = subprocess.run(
+            [str(SCRIPT), *args],
+            input=input,
+            capture_output=True,
+            env={**self.env, **(env or {})},
+            start_new_session=True,  # no terminal: a password prompt would fail, not hang
+            timeout=120,
+        )
+        assert b"Traceback" not in proc.stderr, proc.stderr
+        return proc
+
+    def header(self) -> dict[str, Any]:
+        with sqlite3.connect(self.store) as db:
+            (raw,) = db.execute("SELECT value FROM entries WHERE key = 'core/header'").fetchone()
+        return dict(json.loads(raw))
+
+    def edit_header(self, **unlock_fields: Any) -> None:
+        header = self.header()
+        header["unlock"].update(unlock_fields)
+        with sqlite3.connect(self.store) as db:
+            db.execute(
+                "UPDATE entries SET value = ? WHERE key = 'core/header'", (json.dumps(header).encode(),)
+            )
+
+
+@pytest.fixture
+def cli(tmp_path: Path, moto_endpoint: str, key_arn: str) -> Cli:
+    c = Cli(tmp_path, moto_endpoint)
+    created = c("init", "--kms-key", key_arn)
+    assert created.returncode == 0, created.stderr
+    assert f"AWS KMS key {key_arn} unlocks it".encode() in created.stderr
+    assert c("store", "binance/API_KEY", input=VALUE.encode()).returncode == 0
+    return c
+
+
+def test_a_kms_store_opens_with_aws_credentials_and_no_password(cli: Cli, key_arn: str) -> None:
+    got = cli("get", "binance/API_KEY")
+    assert (got.returncode, got.stdout) == (0, VALUE.encode() + b"\n")
+    unlock = cli.header()["unlock"]
+    assert unlock["kind"] == "aws-kms" and unlock["key_arn"] == key_arn and unlock["region"] == REGION
+    assert "kdf" not in unlock  # no password was ever involved
+    assert cli("audit", "verify").returncode == 0
+
+
+def test_init_takes_an_alias_and_records_the_keys_arn(tmp_path: Path, moto_endpoint: str, kms: Any) -> None:
+    key = kms.create_key()["KeyMetadata"]
+    kms.create_alias(AliasName="alias/secrets-manager-test", TargetKeyId=key["KeyId"])
+    c = Cli(tmp_path, moto_endpoint)
+    assert c("init", "--kms-key", "alias/secrets-manager-test").returncode == 0
+    assert c.header()["unlock"]["key_arn"] == key["Arn"]
+    missing = c(
+        "init", "--kms-key", "alias/no-such-key", env={"SECRETS_MANAGER_STORE": str(tmp_path / "b.db")}
+    )
+    assert missing.returncode == 3 and b"AWS KMS key alias/no-such-key not found" in missing.stderr
+    assert not (tmp_path / "b.db").exists()  # a refused init leaves nothing behind
+
+
+def test_a_header_naming_another_key_is_an_unlock_failure(cli: Cli, kms: Any) -> None:
+    other = kms.create_key()["KeyMetadata"]["Arn"]
+    cli.edit_header(key_arn=other)
+    refused = cli("get", "binance/API_KEY")
+    assert refused.returncode == 4
+    assert b"AWS KMS refused to unwrap the root key with" in refused.stderr
+    assert len(refused.stderr.splitlines()) == 1 and VALUE.encode() not in refused.stdout + refused.stderr
+    assert cli.header()["unlock"]["key_arn"] == other  # the failed unlock wrote nothing
+
+
+def test_a_changed_root_key_id_fails_kmss_authentication(cli: Cli) -> None:
+    cli.edit_header(root_key_id=cli.header()["unlock"]["root_key_id"] + 1)
+    refused = cli("get", "binance/API_KEY")
+    assert refused.returncode == 6 and b"integrity check failed" in refused.stderr
+
+
+def test_an_unlock_kind_from_a_newer_version_says_upgrade_and_a_malformed_one_is_damage(cli: Cli) -> None:
+    cli.edit_header(kind="shamir")
+    newer = cli("get", "binance/API_KEY")
+    assert newer.returncode == 1 and b"unlocked by 'shamir'" in newer.stderr and b"upgrade" in newer.stderr
+    cli.edit_header(kind=7)
+    assert cli("get", "binance/API_KEY").returncode == 6
+
+
+def test_no_credentials_and_no_kms_each_say_what_to_do(cli: Cli, tmp_path: Path) -> None:
+    no_credentials = cli(
+        "get",
+        "binance/API_KEY",
+        env={
+            "AWS_ACCESS_KEY_ID": "",
+            "AWS_SECRET_ACCESS_KEY": "",
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+            "AWS_CONFIG_FILE": str(tmp_path / "none"),
+        },
+    )
+    assert (
+        no_credentials.returncode == 4 and b"no AWS credentials to call KMS Decrypt" in no_credentials.stderr
+    )
+    unreachable = cli(
+        "get", "binance/API_KEY", env={"AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_MAX_ATTEMPTS": "1"}
+    )
+    assert unreachable.returncode == 1 and b"cannot reach AWS KMS" in unreachable.stderr
+
+
+def test_unlock_with_switches_to_a_password_and_back_without_re_encrypting(cli: Cli, key_arn: str) -> None:
+    (cli.dir / "new-password").write_text(NEW_PASSWORD + "\n")
+    records = _records(cli)
+    switched = cli(
+        "unlock-with",
+        "password",
+        "--new-password-file",
+        str(cli.dir / "new-password"),
+        "--kdf-profile",
+        "test",
+    )
+    assert switched.returncode == 0, switched.stderr
+    assert cli.header()["unlock"]["kind"] == "password"
+    assert cli("get", "binance/API_KEY").returncode == 4  # now it needs the password
+    with_password = cli("get", "binance/API_KEY", env={"MASTER_PASSWORD": NEW_PASSWORD})
+    assert with_password.stdout == VALUE.encode() + b"\n"
+    assert _records(cli) == records  # the root key was rewrapped: no secret record changed
+
+    back = cli("unlock-with", "kms", key_arn, env={"MASTER_PASSWORD": NEW_PASSWORD})
+    assert back.returncode == 0, back.stderr
+    assert cli("get", "binance/API_KEY").stdout == VALUE.encode() + b"\n"
+    assert cli("get", "binance/API_KEY", env={"MASTER_PASSWORD": "wrong"}).returncode == 0  # not asked
+    operations = [(r["operation"], r["outcome"]) for r in _audit(cli)]
+    assert operations.count(("unlock-with", "ok")) == 2
+    assert cli("audit", "verify").returncode == 0
+
+
+def test_unlock_with_refuses_bad_arguments_before_opening(cli: Cli) -> None:
+    assert cli("unlock-with", "kms").returncode == 2
+    both = cli("unlock-with", "password", "arn:aws:kms:eu-west-1:111122223333:key/x")
+    assert both.returncode == 2 and b"takes no key" in both.stderr
+    assert cli.header()["unlock"]["kind"] == "aws-kms"
+
+
+def test_passwd_on_a_kms_store_says_how_to_switch_and_changes_nothing(cli: Cli) -> None:
+    before = cli.header()
+    refused = cli("passwd")
+    assert refused.returncode == 2
+    assert b"unlocked by aws-kms, not a master password" in refused.stderr
+    assert b"unlock-with password" in refused.stderr
+    assert cli.header() == before
+
+
+def test_keys_rotate_root_keeps_the_kms_key(cli: Cli, key_arn: str) -> None:
+    old_root = cli.header()["root_key_id"]
+    rotated = cli("keys", "rotate", "--root")
+    assert rotated.returncode == 0 and b"the AWS KMS key is unchanged" in rotated.stderr
+    header = cli.header()
+    assert header["root_key_id"] != old_root
+    assert header["unlock"]["root_key_id"] == header["root_key_id"] and header["unlock"]["key_arn"] == key_arn
+    assert cli("get", "binance/API_KEY").stdout == VALUE.encode() + b"\n"
+
+
+def test_a_kms_store_is_backed_up_under_its_own_password_and_restores(cli: Cli) -> None:
+    copy = cli("backup", str(cli.dir / "copy.smbackup"))
+    assert copy.returncode == 2 and b"give --backup-password-file" in copy.stderr
+    assert not (cli.dir / "copy.smbackup").exists()
+    (cli.dir / "backup-password").write_text("a-backup-password\n")
+    backup_password = ("--backup-password-file", str(cli.dir / "backup-password"))
+    made = cli("backup", str(cli.dir / "b.smbackup"), *backup_password)
+    assert made.returncode == 0, made.stderr
+    restored = cli(
+        "restore",
+        str(cli.dir / "b.smbackup"),
+        "--store",
+        str(cli.dir / "restored.db"),
+        *backup_password,
+        "--kdf-profile",
+        "test",
+        env={"MASTER_PASSWORD": NEW_PASSWORD},
+    )
+    assert restored.returncode == 0, restored.stderr
+    got = cli(
+        "--store",
+        str(cli.dir / "restored.db"),
+        "get",
+        "binance/API_KEY",
+        env={"MASTER_PASSWORD": NEW_PASSWORD},
+    )
+    assert got.stdout == VALUE.encode() + b"\n"
+
+
+def test_the_service_serves_a_kms_store_without_a_password(
+    tmp_path: Path, moto_endpoint: str, key_arn: str, aws_env: dict[str, str]
+) -> None:
+    make_pki(tmp_path, ("ops",))
+    (tmp_path / "policy.toml").write_text(POLICY)  # ops administers everything
+    store = EncryptedStore.create(SqliteStorage(tmp_path / "store.db", create=True), AwsKmsUnlock(key_arn))
+    store.put("market-connector/API_KEY", VALUE.encode())
+    store.close()
+    # An empty MASTER_PASSWORD: the service must not ask for one at all.
+    server = start_server(tmp_path, environment={**aws_env, "MASTER_PASSWORD": ""})
+    try:
+        response = server.stub("ops").GetSecret(
+            pb.GetSecretRequest(name="market-connector/API_KEY"), timeout=10
+        )
+        assert response.secret.value == VALUE.encode()
+    finally:
+        server.stop()
+    assert server.process.returncode == 0
+
+
+def test_the_sdks_local_mode_reads_a_kms_store_without_a_password(
+    cli: Cli, aws_env: dict[str, str], tmp_path: Path
+) -> None:
+    with Client(environ={"SECRETS_MANAGER_STORE": str(cli.store)}) as client:
+        assert client.credentials()["binance/API_KEY"].reveal() == VALUE.encode()
+    # A password store named the same way still says which password is missing, when it is opened.
+    password_store = tmp_path / "password.db"
+    EncryptedStore.create(SqliteStorage(password_store, create=True), PasswordUnlock("pw", kdf.TEST)).close()
+    unnamed = {"SECRETS_MANAGER_STORE": str(password_store)}
+    with pytest.raises(UnlockError, match="MASTER_PASSWORD_FILE"), Client(environ=unnamed) as client:
+        client.credentials()
+
+
+def test_the_root_key_round_trips_with_the_root_key_id_bound(key_arn: str, aws_env: dict[str, str]) -> None:
+    root = DataKey(id=12345, status=KeyStatus.ENABLED, created=1, material=new_key())
+    unlock = AwsKmsUnlock(key_arn)
+    section = unlock.wrap(root)
+    assert root.material.hex() not in json.dumps(section) and "material" not in repr(unlock)
+    assert AwsKmsUnlock().unwrap(section, created=1).material == root.material
+    with pytest.raises(IntegrityError):
+        AwsKmsUnlock().unwrap({**section, "root_key_id": 12346}, created=1)
+    with pytest.raises(IntegrityError):
+        AwsKmsUnlock().unwrap({**section, "wrapped_root_key": "not base64!"}, created=1)
+    with pytest.raises(UnlockError, match="not AWS KMS"):
+        AwsKmsUnlock().unwrap(PasswordUnlock("pw", kdf.TEST).wrap(root), created=1)
+
+
+def _records(cli: Cli) -> dict[str, bytes]:
+    """The store's secret records (everything but the header and root-sealed entries)."""
+    with sqlite3.connect(cli.store) as db:
+        return {
+            key: bytes(value)
+            for key, value in db.execute("SELECT key, value FROM entries")
+            if key.startswith("data/")
+        }
+
+
+def _audit(cli: Cli) -> list[dict[str, Any]]:
+    log = cli.dir / "store.audit.jsonl"  # beside the store
+    return [json.loads(line) for line in log.read_text().splitlines()]
