@@ -473,18 +473,25 @@ def test_a_bad_schedule_file_stops_the_service_from_starting(tmp_path: Path) -> 
     assert "Traceback" not in str(caught.value)
 
 
-def test_schedule_run_through_the_service_is_authorised_and_audited_there(tmp_path: Path) -> None:
-    """With --server the store steps are the service's RPCs under the caller's identity; the
-    commands run on the client."""
-    make_pki(tmp_path, ("ops", "auth"))
+def _service_with_a_due_entry(tmp_path: Path, clients: tuple[str, ...]) -> tuple[Path, Server]:
+    """A service on a new store, clients' certificates, and a schedule whose one entry
+    (auth/DB_PASSWORD, set and test on ./target) is due by the time this returns."""
+    make_pki(tmp_path, clients)
     make_store(tmp_path)
     schedule = write_schedule(
         tmp_path / "rotation.toml",
         {"name": "auth/DB_PASSWORD", "every": "1s", "set_command": SET_TARGET, "test_command": TEST_TARGET},
     )
     server = start_server(tmp_path)
+    time.sleep(1.1)  # the current version is older than `every`
+    return schedule, server
+
+
+def test_schedule_run_through_the_service_is_authorised_and_audited_there(tmp_path: Path) -> None:
+    """With --server the store steps are the service's RPCs under the caller's identity; the
+    commands run on the client."""
+    schedule, server = _service_with_a_due_entry(tmp_path, ("ops", "auth"))
     try:
-        time.sleep(1.1)
         denied = server.cli("auth", "schedule", "run", str(schedule))
         assert denied.returncode == 1 and b"may not rotate" in denied.stderr  # auth may only read
         assert not (tmp_path / "target").exists()
@@ -508,15 +515,8 @@ def test_schedule_run_through_the_service_skips_an_entry_another_runner_staged_f
     refuses ours with ABORTED, and the class it names (RotationInProgressError, not a lost
     compare-and-set) reaches the client, so the entry is skipped, not failed. In process, so the
     other runner can act in exactly that window."""
-    make_pki(tmp_path, ("ops",))
-    make_store(tmp_path)
-    schedule = write_schedule(
-        tmp_path / "rotation.toml",
-        {"name": "auth/DB_PASSWORD", "every": "1s", "set_command": SET_TARGET, "test_command": TEST_TARGET},
-    )
-    server = start_server(tmp_path)
+    schedule, server = _service_with_a_due_entry(tmp_path, ("ops",))
     try:
-        time.sleep(1.1)
         read_what_is_due = schedule_commands._entries
 
         def another_runner_stages_after_the_plan(session: Any, rules: Any) -> Any:

@@ -71,6 +71,17 @@ FIELD_SEPARATOR = "#"
 S = TypeVar("S", bound=AuditedStore)
 
 
+def kdf_profile_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--kdf-profile: the Argon2id cost of a new password (init, unlock-with, restore)."""
+    return click.option(
+        "--kdf-profile",
+        type=click.Choice(KDF_PROFILE_NAMES),
+        default="default",
+        show_default=True,
+        help=help_text,
+    )
+
+
 @dataclass
 class Session:
     """Options every command shares, resolved once per invocation."""
@@ -327,12 +338,8 @@ def cli(
 
 
 @cli.command()
-@click.option(
-    "--kdf-profile",
-    type=click.Choice(KDF_PROFILE_NAMES),
-    default="default",
-    show_default=True,
-    help="Argon2id cost: 'default' is RFC 9106's t=3, 64 MiB, p=4; 'test' is cheap, for test suites only.",
+@kdf_profile_option(
+    "Argon2id cost: 'default' is RFC 9106's t=3, 64 MiB, p=4; 'test' is cheap, for test suites only."
 )
 @click.option(
     "--kms-key",
@@ -608,13 +615,7 @@ def passwd(session: Session, new_password_file: str | None) -> None:
 @click.argument("source", type=click.Choice(["password", "kms"]))
 @click.argument("kms_key", metavar="[KMS_KEY]", required=False)
 @click.option("--new-password-file", metavar="PATH", help="Read the new master password from this file.")
-@click.option(
-    "--kdf-profile",
-    type=click.Choice(KDF_PROFILE_NAMES),
-    default="default",
-    show_default=True,
-    help="Argon2id cost of the new password ('test' is for test suites only).",
-)
+@kdf_profile_option("Argon2id cost of the new password ('test' is for test suites only).")
 @pass_session
 def unlock_with(
     session: Session, source: str, kms_key: str | None, new_password_file: str | None, kdf_profile: str

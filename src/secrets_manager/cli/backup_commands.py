@@ -21,7 +21,7 @@ from typing import Any
 
 import click
 
-from secrets_manager.cli.app import Session, cli, pass_session
+from secrets_manager.cli.app import Session, cli, kdf_profile_option, pass_session
 from secrets_manager.cli.output import info_line, print_json, progress_bars, timestamp, warning_line
 from secrets_manager.cli.password import prompt_password, read_password_file, terminal_available
 from secrets_manager.errors import ConflictError, InvalidInputError, UnlockError
@@ -33,7 +33,7 @@ from secrets_manager.store.backup import (
     write_backup,
 )
 from secrets_manager.store.restore import OnExisting, RestoreResult, restore_into, restore_new_store
-from secrets_manager.store.url import KDF_PROFILE_NAMES, open_store, remove_store_files, sqlite_path
+from secrets_manager.store.url import open_store, remove_store_files, sqlite_path
 
 new_password_option = click.option(
     "--backup-password-file",
@@ -142,12 +142,8 @@ def verify(session: Session, file: str, backup_password_file: str | None, as_jso
     help="Allow a non-empty store, and say what happens to its secrets that the backup also has: "
     "fail (refuse if there are any), skip (keep the store's), overwrite (take the backup's).",
 )
-@click.option(
-    "--kdf-profile",
-    type=click.Choice(KDF_PROFILE_NAMES),
-    default="default",
-    show_default=True,
-    help="Argon2id cost of a new store made from a password-protected backup ('test': test suites only).",
+@kdf_profile_option(
+    "Argon2id cost of a new store made from a password-protected backup ('test': test suites only)."
 )
 @pass_session
 def restore(
