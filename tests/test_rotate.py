@@ -298,7 +298,13 @@ def test_rotate_generates_and_promotes(cli: Cli) -> None:
 def test_rotate_default_value_is_32_alphanumerics_and_json_output(cli: Cli) -> None:
     result = cli("rotate", "db/app", "--json")
     assert result.code == 0, result.stderr
-    assert json.loads(result.stdout) == {"name": "db/app", "version": 2, "previous": 1, "resumed": False}
+    assert json.loads(result.stdout) == {
+        "name": "db/app",
+        "version": 2,
+        "previous": 1,
+        "resumed": False,
+        "promoted_elsewhere": False,
+    }
     new = cli.value()
     assert len(new) == 32 and set(new) <= set(string.ascii_letters + string.digits)
 
@@ -407,6 +413,26 @@ def test_promoting_a_version_no_longer_pending_exits_7(cli: Cli, tmp_path: Path)
     assert result.code == 7, result.stderr
     assert "not pending" in result.stderr
     assert cli.value() == OLD_VALUE and cli.labels() == {"current": 1, "pending": 3}
+
+
+def test_a_rotation_someone_else_resumed_and_promoted_first_is_done_not_a_conflict(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """While our test command runs, another runner (here: `rotate --resume`, as the schedule does
+    when a person's commands run long) resumes our pending version and promotes it. The value is
+    ours, so our refused promote is the rotation done: exit 0, said so, not exit 7."""
+    resume = f"sh -c {shlex.quote('cat >/dev/null; ' + _nested_rotate('db/app --resume') + ' 2>/dev/null')}"
+    result = cli("rotate", "db/app", "--test-command", resume, "--json")
+    assert result.code == 0, result.stderr
+    assert "rotated db/app: version 2 is current (another runner that resumed it promoted it first)" in (
+        result.stderr
+    )
+    assert json.loads(result.stdout)["promoted_elsewhere"] is True
+    assert cli.labels() == {"current": 2, "previous": 1}
+    checks = [
+        r for r in map(json.loads, cli.audit.read_text().splitlines()) if r["operation"] == "rotate.check"
+    ]
+    assert [(r["outcome"], r["version"]) for r in checks] == [("ok", 2)]
 
 
 def test_rotate_refuses_bad_option_combinations_and_a_server_without_certificates(cli: Cli) -> None:

@@ -317,7 +317,13 @@ def test_cli_rotate_generates_and_promotes_through_the_service(server: Server) -
 def test_cli_rotate_json_output_and_default_value_through_the_service(server: Server) -> None:
     result = rotate(server, "rotator", "--json")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == {"name": "db/app", "version": 2, "previous": 1, "resumed": False}
+    assert json.loads(result.stdout) == {
+        "name": "db/app",
+        "version": 2,
+        "previous": 1,
+        "resumed": False,
+        "promoted_elsewhere": False,
+    }
     new = value(server).decode()
     assert len(new) == 32 and set(new) <= set(string.ascii_letters + string.digits)
 

@@ -637,6 +637,7 @@ def test_rotate_on_server_runs_the_configured_rotation_there_and_audits_each_ste
             "version": 2,
             "previous": 1,
             "resumed": False,
+            "promoted_elsewhere": False,
         }
         assert b"rotated auth/DB_PASSWORD: version 2 is current (previous: 1)" in done.stderr
         current = server.cli("ops", "get", "auth/DB_PASSWORD").stdout.decode().rstrip("\n")
@@ -673,6 +674,46 @@ def test_rotate_on_server_runs_the_configured_rotation_there_and_audits_each_ste
         "rotation_step_failed",
     ) in failed_steps
     assert current not in (tmp_path / "store.audit.jsonl").read_text() + "".join(server.log_lines)
+
+
+def test_rotate_on_server_that_another_runner_finishes_first_answers_ok(tmp_path: Path) -> None:
+    """RotateSecret's test command plays another runner: it resumes the pending version on the
+    service's store and promotes it. The service's refused promote is the rotation done."""
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path)
+    other_runner = (  # on the service's store, writing to the service's audit log (flock-shared)
+        f"MASTER_PASSWORD={shlex.quote(SERVICE_PASSWORD)} {shlex.quote(str(SCRIPT))} "
+        f"--store {shlex.quote(str(tmp_path / 'store.db'))} rotate auth/DB_PASSWORD --resume"
+    )
+    schedule = write_schedule(
+        tmp_path / "rotation.toml",
+        {
+            "name": "auth/DB_PASSWORD",
+            "every": "3650d",
+            "set_command": SET_TARGET,
+            "test_command": f"sh -c {shlex.quote('cat >/dev/null; ' + other_runner)}",
+        },
+    )
+    server = _serve_with_schedule(tmp_path, "server", schedule)
+    try:
+        done = server.cli("ops", "rotate", "auth/DB_PASSWORD", "--on-server", "--json")
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout) == {
+            "name": "auth/DB_PASSWORD",
+            "version": 2,
+            "previous": None,
+            "resumed": False,
+            "promoted_elsewhere": True,
+        }
+        assert b"another runner that resumed it promoted it first" in done.stderr
+        current = server.cli("ops", "get", "auth/DB_PASSWORD").stdout.decode().rstrip("\n")
+    finally:
+        server.stop()
+    assert (tmp_path / "target").read_text() == current
+    promotes = [
+        (r["outcome"], r["version"]) for r in server.audit_records() if r["operation"] == "rotate.promote"
+    ]
+    assert promotes[-1] == ("conflict", 2)  # audited as what it was; answered as what it means
 
 
 def test_rotate_on_server_needs_a_schedule_and_a_server(tmp_path: Path, cli: Cli) -> None:

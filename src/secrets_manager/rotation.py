@@ -43,7 +43,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from secrets_manager.environment import PASSWORD_VARIABLES
-from secrets_manager.errors import InvalidInputError, NotFoundError, RotationStepFailed
+from secrets_manager.errors import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    RotationStepFailed,
+    SecretsManagerError,
+)
 from secrets_manager.store import CURRENT, PENDING, SecretMetadata, validate_name
 from secrets_manager.values import SecretValue
 
@@ -138,6 +144,9 @@ class RotationSteps(Protocol):
     def promote(self, name: str, version: int) -> int | None:
         """Make `version` current; the old current."""
 
+    def current(self, name: str) -> int | None:
+        """The version labelled current now (None if unknown): read after a refused promote."""
+
     def command_step(self, step: str, name: str, version: int) -> AbstractContextManager[object]:
         """Around the set or test command (audited with its outcome where there is a log)."""
 
@@ -148,11 +157,18 @@ class Rotated:
     version: int  # now current
     previous: int | None  # the old current, now previous
     resumed: bool  # the version was staged by an earlier rotation that did not finish
+    # Another runner that resumed this version made it current first (the value is the same):
+    # the rotation took place, and `previous` is not known here.
+    promoted_elsewhere: bool = False
 
 
 def rotate(steps: RotationSteps, name: str, commands: Commands, *, value: SecretValue | None) -> Rotated:
     """Stage `value` (or, if None, resume the pending version), set, test, promote. A failed
-    command raises RotationStepFailed and leaves the version pending; nothing else moves."""
+    command raises RotationStepFailed and leaves the version pending; nothing else moves.
+
+    A promote refused because the version is current already is the rotation done, not a
+    conflict: another runner (a replica, or the schedule while a person's commands ran long)
+    resumed this version, set the same value and promoted it first."""
     resumed = value is None
     if value is None:
         version, value = steps.pending(name)
@@ -162,7 +178,20 @@ def rotate(steps: RotationSteps, name: str, commands: Commands, *, value: Secret
         if argv is not None:
             with steps.command_step(step, name, version):
                 run_command(step, argv, name, version, value, commands)
-    return Rotated(name, version, steps.promote(name, version), resumed=resumed)
+    try:
+        previous = steps.promote(name, version)
+    except ConflictError:
+        if not _is_current(steps, name, version):
+            raise
+        return Rotated(name, version, None, resumed=resumed, promoted_elsewhere=True)
+    return Rotated(name, version, previous, resumed=resumed)
+
+
+def _is_current(steps: RotationSteps, name: str, version: int) -> bool:
+    try:
+        return steps.current(name) == version
+    except SecretsManagerError:  # cannot tell (e.g. not allowed to describe): the conflict stands
+        return False
 
 
 # ---- the schedule ----------------------------------------------------------------------------------

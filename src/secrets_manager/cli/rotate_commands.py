@@ -44,7 +44,7 @@ from secrets_manager.rotation import (
 from secrets_manager.rotation import (
     rotate as run_rotation,
 )
-from secrets_manager.store import PENDING, validate_name
+from secrets_manager.store import CURRENT, PENDING, validate_name
 from secrets_manager.values import SecretValue
 
 
@@ -183,6 +183,7 @@ def _report(rotated: Rotated, *, as_json: bool) -> None:
                 "version": rotated.version,
                 "previous": rotated.previous,
                 "resumed": rotated.resumed,
+                "promoted_elsewhere": rotated.promoted_elsewhere,
             }
         )
     report_rotated(rotated)
@@ -190,8 +191,14 @@ def _report(rotated: Rotated, *, as_json: bool) -> None:
 
 def report_rotated(rotated: Rotated) -> None:
     """The one line on stderr that says a rotation finished (`rotate`, `schedule run`)."""
-    shown = "none" if rotated.previous is None else str(rotated.previous)
     how = "resumed and rotated" if rotated.resumed else "rotated"
+    if rotated.promoted_elsewhere:
+        info_line(
+            f"{how} {rotated.name}: version {rotated.version} is current "
+            "(another runner that resumed it promoted it first)"
+        )
+        return
+    shown = "none" if rotated.previous is None else str(rotated.previous)
     info_line(f"{how} {rotated.name}: version {rotated.version} is current (previous: {shown})")
 
 
@@ -241,6 +248,13 @@ class SessionSteps:
         with self.session.secret_operation("rotate.promote", name, mutating=True) as (store, note):
             note.version(version)
             return store.promote(name, version)
+
+    def current(self, name: str) -> int | None:
+        with self.session.secret_operation("rotate.check", name) as (store, note):
+            current = store.describe(name).labels.get(CURRENT)
+            if current is not None:
+                note.version(current)
+            return current
 
     def command_step(self, step: str, name: str, version: int) -> AbstractContextManager[object]:
         if self.session.server:

@@ -216,6 +216,7 @@ class RemoteStore:
             version=int(response.version),
             previous=int(response.previous) if response.HasField("previous") else None,
             resumed=response.resumed,
+            promoted_elsewhere=response.promoted_elsewhere,
         )
 
     def watch(self, prefix: str = "", since_revision: int | None = None) -> ChangeStream:

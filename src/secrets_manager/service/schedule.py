@@ -31,7 +31,6 @@ from pathlib import Path
 
 from secrets_manager.audit import AuditEvent, AuditLog, value_fingerprint
 from secrets_manager.errors import (
-    ConflictError,
     NotFoundError,
     RotationInProgressError,
     SecretsManagerError,
@@ -108,6 +107,9 @@ class _ServiceSteps:
         with self._audited("rotate.promote", name, mutating=True) as event:
             event.version = version
             return self._store.promote(name, version)
+
+    def current(self, name: str) -> int | None:
+        return self._store.describe(name).labels.get(CURRENT)
 
     def command_step(self, step: str, name: str, version: int) -> AbstractContextManager[object]:
         return self._command_step(step, name, version)
@@ -226,8 +228,7 @@ class RotationScheduler:
                 "rotation schedule cannot read a secret", extra={"secret": rule.name, "error": str(exc)}
             )
             return "failed"
-        planned = plan(rule, meta, self._clock())
-        state = planned.state
+        state = plan(rule, meta, self._clock()).state
         if not state.runs:
             if state is Due.DELETED:
                 self._warn_once(rule.name, "scheduled secret is deleted; it is not rotated until undeleted")
@@ -238,17 +239,13 @@ class RotationScheduler:
             rotated = rotate(self._steps, rule.name, rule.commands(self._environ), value=value)
         except RotationInProgressError:  # another replica (or a person) staged first: theirs runs
             return Due.IN_PROGRESS.value
-        except ConflictError as exc:
-            if state is Due.RESUME and self._promoted_elsewhere(rule.name, planned.pending):
-                # Replicas resume a stale version together (same value): one promote wins.
-                log.info("scheduled rotation finished by another runner", extra={"secret": rule.name})
-                return "resumed elsewhere"
-            log.error("scheduled rotation failed", extra={"secret": rule.name, "error": str(exc)})
-            return "failed"
         except SecretsManagerError as exc:  # never a value in these messages
             log.error("scheduled rotation failed", extra={"secret": rule.name, "error": str(exc)})
             return "failed"
         self._warned = {w for w in self._warned if w[0] != rule.name}
+        if rotated.promoted_elsewhere:  # replicas resume a stale version together: one promote wins
+            log.info("scheduled rotation finished by another runner", extra={"secret": rule.name})
+            return "resumed elsewhere"
         log.info(
             "scheduled rotation finished",
             extra={
@@ -260,13 +257,6 @@ class RotationScheduler:
             },
         )
         return "resumed" if rotated.resumed else "rotated"
-
-    def _promoted_elsewhere(self, name: str, version: int | None) -> bool:
-        """Whether `version` is current now (after our promote of it was refused)."""
-        try:
-            return version is not None and self._store.describe(name).labels.get(CURRENT) == version
-        except SecretsManagerError:
-            return False
 
     def _warn_once(self, name: str, problem: str) -> None:
         if (name, problem) not in self._warned:

@@ -338,7 +338,10 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             )
             call.event.version = rotated.version
         response = pb.RotateSecretResponse(
-            name=request.name, version=rotated.version, resumed=rotated.resumed
+            name=request.name,
+            version=rotated.version,
+            resumed=rotated.resumed,
+            promoted_elsewhere=rotated.promoted_elsewhere,
         )
         if rotated.previous is not None:
             response.previous = rotated.previous

@@ -222,16 +222,18 @@ class RotateSecretRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class RotateSecretResponse(_message.Message):
-    __slots__ = ("name", "version", "previous", "resumed")
+    __slots__ = ("name", "version", "previous", "resumed", "promoted_elsewhere")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_ELSEWHERE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     previous: int
     resumed: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., previous: _Optional[int] = ..., resumed: _Optional[bool] = ...) -> None: ...
+    promoted_elsewhere: bool
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., previous: _Optional[int] = ..., resumed: _Optional[bool] = ..., promoted_elsewhere: _Optional[bool] = ...) -> None: ...
 
 class DiscardPendingVersionRequest(_message.Message):
     __slots__ = ("name",)
