@@ -239,7 +239,7 @@ def test_keys_rotate_root_keeps_the_kms_key(cli: Cli, key_arn: str) -> None:
     assert cli("get", "binance/API_KEY").stdout == VALUE.encode() + b"\n"
 
 
-def test_a_kms_store_is_backed_up_under_its_own_password_and_restores(cli: Cli) -> None:
+def test_a_kms_store_is_backed_up_under_its_own_password_and_restores(cli: Cli, key_arn: str) -> None:
     copy = cli("backup", str(cli.dir / "copy.smbackup"))
     assert copy.returncode == 2 and b"give --backup-password-file" in copy.stderr
     assert not (cli.dir / "copy.smbackup").exists()
@@ -266,6 +266,12 @@ def test_a_kms_store_is_backed_up_under_its_own_password_and_restores(cli: Cli) 
         env={"MASTER_PASSWORD": NEW_PASSWORD},
     )
     assert got.stdout == VALUE.encode() + b"\n"
+    # Into a new store that KMS unlocks: init it, then restore into it (empty, so allowed).
+    kms_store = {"SECRETS_MANAGER_STORE": str(cli.dir / "kms-restored.db")}
+    assert cli("init", "--kms-key", key_arn, env=kms_store).returncode == 0
+    into_kms = cli("restore", str(cli.dir / "b.smbackup"), *backup_password, env=kms_store)
+    assert into_kms.returncode == 0, into_kms.stderr
+    assert cli("get", "binance/API_KEY", env=kms_store).stdout == VALUE.encode() + b"\n"
 
 
 def test_the_service_serves_a_kms_store_without_a_password(
