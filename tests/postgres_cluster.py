@@ -172,11 +172,13 @@ class PostgresCluster:
                 sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(DATABASE), sql.Identifier(ROLE))
             )
 
-    def server_log(self) -> str:
+    def server_log(self, tail: int | None = 4000) -> str:
+        """The server's log: its last `tail` characters (None: all of it)."""
         if self._dir is None:
             return ""
         log = self._dir / "server.log"
-        return log.read_text(errors="replace")[-4000:] if log.exists() else ""
+        text = log.read_text(errors="replace") if log.exists() else ""
+        return text if tail is None else text[-tail:]
 
     # ---- for tests ---------------------------------------------------------------------------
 

@@ -554,7 +554,8 @@ def test_the_readme_scripts_rotate_a_postgresql_role_password_on_a_schedule(
     cli: Cli, postgres_cluster: Any
 ) -> None:
     """The README's set-app-password.py and check-app-login.py, run by `schedule run` against the
-    private PostgreSQL cluster: afterwards the role logs in with the new current value only."""
+    private PostgreSQL cluster: afterwards the role logs in with the new current value only, and
+    the server, logging every statement of the admin role, logged the verifier, not the value."""
     from psycopg import OperationalError, sql
 
     admin_password = secrets.token_urlsafe(16)
@@ -566,6 +567,7 @@ def test_the_readme_scripts_rotate_a_postgresql_role_password_on_a_schedule(
         superuser.execute(
             sql.SQL("CREATE ROLE sm_rotator LOGIN CREATEROLE PASSWORD {}").format(sql.Literal(admin_password))
         )
+        superuser.execute("ALTER ROLE sm_rotator SET log_statement = 'all'")
     try:
         (cli.dir / "set-app-password.py").write_text(_readme_script("# set-app-password.py"))
         (cli.dir / "check-app-login.py").write_text(_readme_script("# check-app-login.py"))
@@ -602,6 +604,9 @@ def test_the_readme_scripts_rotate_a_postgresql_role_password_on_a_schedule(
         login(new)
         with pytest.raises(OperationalError, match="password authentication failed"):
             login(first)
+        server_log = postgres_cluster.server_log(tail=None)
+        assert "ALTER ROLE app PASSWORD 'SCRAM-SHA-256$" in server_log  # statements were logged
+        assert new not in server_log
     finally:
         with postgres_cluster.connect(superuser=True) as superuser:
             superuser.execute("DROP ROLE IF EXISTS app")
