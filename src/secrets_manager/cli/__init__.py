@@ -17,6 +17,7 @@ from secrets_manager.cli import (
     keys_commands,  # noqa: F401  (registers `keys`)
     pki_commands,  # noqa: F401  (registers `pki`)
     rotate_commands,  # noqa: F401  (registers `rotate`)
+    run_command,  # noqa: F401  (registers `run`)
     schedule_commands,  # noqa: F401  (registers `schedule`)
     serve_commands,  # noqa: F401  (registers `serve`)
 )

@@ -42,7 +42,14 @@ from secrets_manager.errors import (
     UnlockError,
     UnsupportedOperationError,
 )
-from secrets_manager.store import MAX_VALUE_SIZE, EncryptedStore, SecretMetadata, SecretStore, validate_name
+from secrets_manager.store import (
+    MAX_VALUE_SIZE,
+    EncryptedStore,
+    Secret,
+    SecretMetadata,
+    SecretStore,
+    validate_name,
+)
 from secrets_manager.store.base import LABELS, AuditedStore
 from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import validate_prefix
@@ -206,15 +213,24 @@ class Session:
             finally:
                 remote.close()
             return
-        with self.store_operation(operation, name, mutating=mutating) as (store, event):
-            yield store, Note(event, store)
+        reads: list[AuditEvent] = []
+        with self.store_operation(operation, name, mutating=mutating, reads=reads) as (store, event):
+            yield store, Note(event, store, reads)
 
     @contextmanager
     def store_operation(
-        self, operation: str, name: str | None = None, *, mutating: bool = False
+        self,
+        operation: str,
+        name: str | None = None,
+        *,
+        mutating: bool = False,
+        reads: list[AuditEvent] | None = None,
     ) -> Iterator[tuple[AuditedStore, AuditEvent]]:
-        """One audited operation on whichever local store the URL names (encrypted, Vault, AWS)."""
-        with self._audited(self.unlock, operation, name, mutating=mutating) as opened:
+        """One audited operation on whichever local store the URL names (encrypted, Vault, AWS).
+
+        `reads`: one record per secret the operation read (`Note.read`), audited instead of the
+        operation's single record when it succeeds."""
+        with self._audited(self.unlock, operation, name, mutating=mutating, reads=reads) as opened:
             yield opened
 
     @contextmanager
@@ -229,7 +245,13 @@ class Session:
 
     @contextmanager
     def _audited(
-        self, opener: Callable[[], S], operation: str, name: str | None, *, mutating: bool
+        self,
+        opener: Callable[[], S],
+        operation: str,
+        name: str | None,
+        *,
+        mutating: bool,
+        reads: list[AuditEvent] | None = None,
     ) -> Iterator[tuple[S, AuditEvent]]:
         """Open, run one audited operation, close. Fails closed, as Vault's audit devices do: a
         change is preceded by a durable request record (if that cannot be written, nothing is
@@ -258,7 +280,7 @@ class Session:
                     # changed or shown; the operation's own error is the one to report.
                     pass
                 raise
-            audit.append([*pending, event], store)
+            audit.append([*pending, *(reads or [event])], store)
         finally:
             store.close()
 
@@ -266,9 +288,15 @@ class Session:
 class Note:
     """What a command learns during its operation, for the local audit record (a no-op remotely)."""
 
-    def __init__(self, event: AuditEvent | None = None, store: AuditedStore | None = None) -> None:
+    def __init__(
+        self,
+        event: AuditEvent | None = None,
+        store: AuditedStore | None = None,
+        reads: list[AuditEvent] | None = None,
+    ) -> None:
         self._event = event
         self._store = store
+        self._reads = reads
 
     def version(self, number: int) -> None:
         if self._event is not None:
@@ -278,6 +306,19 @@ class Note:
         """Record the value's `hmac-sha256:` fingerprint (never the value)."""
         if self._event is not None and self._store is not None:
             self._event.value_hmac = value_fingerprint(self._store, data)
+
+    def read(self, secret: Secret) -> None:
+        """Record one secret an operation of several read: its own record, in the same request."""
+        if self._event is None or self._store is None or self._reads is None:
+            return
+        self._reads.append(
+            replace(
+                self._event,
+                name=secret.name,
+                version=secret.version,
+                value_hmac=value_fingerprint(self._store, secret.value.reveal()),
+            )
+        )
 
 
 pass_session = click.make_pass_decorator(Session)

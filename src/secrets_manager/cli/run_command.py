@@ -1,0 +1,151 @@
+"""`secrets-manager run`: start a program with the secrets it may read as environment variables.
+
+For programs that read their credentials from the environment and know nothing of this tool, as
+`chamber exec`, `envconsul` or `doppler run` do. The values go only into the new program's
+environment (never its arguments), and this process becomes that program (exec), so its exit
+status and signals are the program's own.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import click
+
+from secrets_manager.cli.app import Session, cli, pass_session
+from secrets_manager.cli.output import warning_line
+from secrets_manager.client import RemoteStore
+from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError
+from secrets_manager.store import Secret, SecretStore
+from secrets_manager.store.names import validate_name, validate_namespace
+
+EXIT_CANNOT_EXECUTE = 126  # the shell's codes, as env(1) and nohup(1) use them
+EXIT_NOT_FOUND = 127
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_NOT_IN_VARIABLE = re.compile(r"[^A-Za-z0-9_]")
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.option(
+    "--service",
+    "namespaces",
+    multiple=True,
+    metavar="NAMESPACE",
+    help="Every secret under NAMESPACE/ that you may read, as the variable named by the rest of its "
+    "name ('auth/DB_PASSWORD' → DB_PASSWORD; '/' and other characters become '_'). Repeatable.",
+)
+@click.option(
+    "--secret",
+    "singles",
+    multiple=True,
+    metavar="NAME[=VAR]",
+    help="One secret, as VAR (default: the last part of its name). Repeatable.",
+)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@pass_session
+def run(
+    session: Session, namespaces: tuple[str, ...], singles: tuple[str, ...], command: tuple[str, ...]
+) -> None:
+    """Run COMMAND with secrets as environment variables; its exit status is run's.
+
+    \b
+    secrets-manager run --service auth -- python -m auth
+    secrets-manager run --secret market-connector/BINANCE_API_KEY=API_KEY -- ./connector
+
+    Locally each secret read is audited ('run', with its version and fingerprint); with --server
+    the service audits them and gives only what your certificate may read. Exit 3 if a --secret
+    or a --service with no secret you may read; 126/127 if COMMAND cannot run / is not found."""
+    if not namespaces and not singles:
+        raise InvalidInputError("say which secrets: --service NAMESPACE and/or --secret NAME[=VAR]")
+    wanted = [_single(text) for text in singles]
+    for namespace in namespaces:
+        validate_namespace(namespace)
+    variables: dict[str, Secret] = {}
+    with session.secret_operation("run") as (store, note):
+        found: list[tuple[str, Secret]] = []
+        for namespace in namespaces:
+            secrets = _read_namespace(store, namespace)
+            if not secrets:
+                raise NotFoundError(f"no secret under '{namespace}/' that you may read; nothing was run")
+            found += [(_variable_for(secret.name[len(namespace) + 1 :]), secret) for secret in secrets]
+        for name, variable in wanted:
+            found.append((variable, store.get(name)))
+        for variable, secret in found:
+            earlier = variables.get(variable)
+            if earlier is not None and earlier.name != secret.name:
+                raise InvalidInputError(
+                    f"{earlier.name} and {secret.name} would both be ${variable}; name one with "
+                    f"--secret {secret.name}=OTHER_NAME"
+                )
+            if b"\0" in secret.value.reveal():
+                raise InvalidInputError(
+                    f"the value of {secret.name} holds a NUL byte: it cannot be an environment variable"
+                )
+            variables[variable] = secret
+        for secret in {s.name: s for s in variables.values()}.values():
+            note.read(secret)
+    _exec(command, variables)
+
+
+def _single(text: str) -> tuple[str, str]:
+    """`--secret NAME[=VAR]` as (name, variable)."""
+    name, _, variable = text.partition("=")
+    validate_name(name)
+    variable = variable or _variable_for(name.rsplit("/", 1)[-1])
+    if not _VARIABLE.fullmatch(variable):
+        raise InvalidInputError(f"{variable!r} is not an environment variable name (letters, digits, '_')")
+    return name, variable
+
+
+def _variable_for(relative_name: str) -> str:
+    """'DB_PASSWORD' → DB_PASSWORD, 'db/password' → db_password, '2fa-seed' → _2fa_seed."""
+    variable = _NOT_IN_VARIABLE.sub("_", relative_name)
+    return variable if _VARIABLE.fullmatch(variable) else f"_{variable}"
+
+
+def _read_namespace(store: SecretStore, namespace: str) -> list[Secret]:
+    """Every current secret under `namespace/` the caller may read: from a service one
+    BatchGetSecrets, which its policy filters by `read` (a caller may read what it may not list);
+    locally list then get (a secret deleted in between is skipped)."""
+    if isinstance(store, RemoteStore):
+        return store.get_many(prefix=f"{namespace}/")
+    secrets = []
+    for meta in store.list(f"{namespace}/"):
+        try:
+            secrets.append(store.get(meta.name))
+        except NotFoundError:
+            continue
+    return secrets
+
+
+def _exec(command: tuple[str, ...], variables: dict[str, Secret]) -> None:
+    """Become COMMAND, with the secrets added to this environment (a secret wins over a variable
+    already set, with a warning that names the variable)."""
+    environment = dict(os.environb)
+    for variable, secret in variables.items():
+        key = variable.encode()
+        if key in environment:
+            warning_line(f"${variable} was set; {secret.name} replaces it for {command[0]}")
+        environment[key] = secret.value.reveal()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(command[0], list(command), environment)  # noqa: S606  (the caller's own command, no shell)
+    except FileNotFoundError:
+        raise CommandNotStarted(f"{command[0]}: command not found", EXIT_NOT_FOUND) from None
+    except OSError as exc:
+        raise CommandNotStarted(
+            f"cannot run {command[0]}: {exc.strerror or exc}", EXIT_CANNOT_EXECUTE
+        ) from None
+
+
+class CommandNotStarted(SecretsManagerError):
+    """COMMAND did not start: exit with the shell's codes for that (126, 127), not ours."""
+
+    kind = "command_not_started"
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -1,0 +1,205 @@
+"""`secrets-manager run`: a program started with the secrets it may read as environment variables,
+from the local store (each read audited here) and through a service (its policy decides)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import pytest
+
+from service_fixtures import SEED, make_pki, make_store, start_server
+
+SCRIPT = Path(sys.executable).with_name("secrets-manager")
+PASSWORD = "run-command-test-password"
+DB_PASSWORD = "db-password-SEEKRIT"
+SIGNING_KEY = "jwt-signing-key-SEEKRIT"
+SHOW = [sys.executable, "-c", "import json, os; print(json.dumps(dict(os.environ)))"]
+
+
+class Cli:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.audit = home / "store.audit.jsonl"
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(home),
+            "SECRETS_MANAGER_STORE": str(home / "store.db"),
+            "MASTER_PASSWORD": PASSWORD,
+        }
+
+    def __call__(
+        self, *args: str, input: bytes = b"", env: Mapping[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(SCRIPT), *args],
+            input=input.decode(),
+            capture_output=True,
+            text=True,
+            env={**self.env, **(env or {})},
+            start_new_session=True,
+            timeout=60,
+        )
+        assert "Traceback" not in proc.stderr, proc.stderr
+        return proc
+
+    def environment_of(self, *selection: str, env: Mapping[str, str] | None = None) -> dict[str, str]:
+        result = self("run", *selection, "--", *SHOW, env=env)
+        assert result.returncode == 0, result.stderr
+        environment: dict[str, str] = json.loads(result.stdout)
+        return environment
+
+    def records(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.audit.read_text().splitlines()]
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    cli = Cli(tmp_path)
+    assert cli("init", "--kdf-profile", "test").returncode == 0
+    for name, value in {
+        "auth/DB_PASSWORD": DB_PASSWORD,
+        "auth/jwt/signing-key": SIGNING_KEY,
+        "market-connector/BINANCE_API_KEY": "binance-key",
+    }.items():
+        assert cli("store", name, input=value.encode()).returncode == 0
+    return cli
+
+
+def test_a_service_namespace_becomes_variables_named_after_the_rest_of_each_name(cli: Cli) -> None:
+    environment = cli.environment_of("--service", "auth")
+    assert environment["DB_PASSWORD"] == DB_PASSWORD
+    assert environment["jwt_signing_key"] == SIGNING_KEY
+    assert "BINANCE_API_KEY" not in environment  # another namespace
+    assert environment["PATH"] == cli.env["PATH"]  # the rest of the environment is passed on
+
+
+def test_single_secrets_take_the_variable_they_are_given(cli: Cli) -> None:
+    environment = cli.environment_of(
+        "--secret", "market-connector/BINANCE_API_KEY=EXCHANGE_KEY", "--secret", "auth/DB_PASSWORD"
+    )
+    assert environment["EXCHANGE_KEY"] == "binance-key" and environment["DB_PASSWORD"] == DB_PASSWORD
+    assert "BINANCE_API_KEY" not in environment
+
+
+def test_the_program_replaces_run_keeps_its_pid_and_passes_its_exit_status(cli: Cli) -> None:
+    process = subprocess.Popen(
+        [str(SCRIPT), "run", "--service", "auth", "--", "sh", "-c", "echo $$; exit 42"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli.env,
+        text=True,
+    )
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 42, err
+    assert int(out) == process.pid  # exec: no process of ours stays between the program and its parent
+
+
+def test_every_secret_read_is_audited_by_version_and_fingerprint_never_by_value(cli: Cli) -> None:
+    cli.environment_of("--service", "auth")
+    records = cli.records()
+    runs = [r for r in records if r["operation"] == "run"]
+    assert sorted((r["name"], r["version"], r["outcome"]) for r in runs) == [
+        ("auth/DB_PASSWORD", 1, "ok"),
+        ("auth/jwt/signing-key", 1, "ok"),
+    ]
+    assert len({r["request_id"] for r in runs}) == 1 and all(
+        str(r["value_hmac"]).startswith("hmac-sha256:") for r in runs
+    )
+    fingerprint = cli("audit", "hash", input=DB_PASSWORD.encode()).stdout.strip()
+    assert next(r for r in runs if r["name"] == "auth/DB_PASSWORD")["value_hmac"] == fingerprint
+    log = cli.audit.read_text()
+    assert DB_PASSWORD not in log and SIGNING_KEY not in log
+    assert cli("audit", "verify").returncode == 0
+
+
+def test_a_variable_already_set_is_replaced_with_a_warning_that_shows_no_value(cli: Cli) -> None:
+    result = cli("run", "--service", "auth", "--", *SHOW, env={"DB_PASSWORD": "from-the-shell"})
+    assert json.loads(result.stdout)["DB_PASSWORD"] == DB_PASSWORD
+    assert "$DB_PASSWORD was set; auth/DB_PASSWORD replaces it" in result.stderr
+    assert DB_PASSWORD not in result.stderr and "from-the-shell" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("selection", "code", "message"),
+    [
+        ((), 2, "say which secrets"),
+        (("--service", "nothing-here"), 3, "no secret under 'nothing-here/' that you may read"),
+        (("--secret", "auth/MISSING"), 3, "not found"),
+        (("--secret", "auth/DB_PASSWORD=2BAD"), 2, "is not an environment variable name"),
+        (
+            ("--service", "auth", "--secret", "market-connector/BINANCE_API_KEY=DB_PASSWORD"),
+            2,
+            "would both be",
+        ),
+        (("--service", "../auth"), 2, ""),
+    ],
+)
+def test_a_bad_selection_runs_nothing(
+    cli: Cli, tmp_path: Path, selection: tuple[str, ...], code: int, message: str
+) -> None:
+    marker = tmp_path / "ran"
+    result = cli("run", *selection, "--", "touch", str(marker))
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr and len(result.stderr.splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_a_value_with_a_nul_byte_cannot_be_a_variable(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "nul").write_bytes(b"a\0b")
+    assert cli("store", "auth/BINARY", "--file", str(tmp_path / "nul")).returncode == 0
+    result = cli("run", "--service", "auth", "--", "true")
+    assert result.returncode == 2 and "auth/BINARY holds a NUL byte" in result.stderr
+
+
+def test_a_command_that_cannot_start_gets_the_shells_exit_codes(cli: Cli, tmp_path: Path) -> None:
+    missing = cli("run", "--service", "auth", "--", "no-such-command-anywhere")
+    assert missing.returncode == 127 and "no-such-command-anywhere: command not found" in missing.stderr
+    (tmp_path / "not-executable").write_text("#!/bin/sh\n")
+    denied = cli("run", "--service", "auth", "--", str(tmp_path / "not-executable"))
+    assert denied.returncode == 126 and "Permission denied" in denied.stderr
+
+
+def test_through_a_service_the_policy_decides_what_the_program_gets(tmp_path: Path) -> None:
+    make_pki(tmp_path, ("auth",))
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    try:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(tmp_path),
+            "SECRETS_MANAGER_ADDR": server.address,
+            "SECRETS_MANAGER_CERT": str(tmp_path / "auth.pem"),
+            "SECRETS_MANAGER_KEY": str(tmp_path / "auth-key.pem"),
+            "SECRETS_MANAGER_CA": str(tmp_path / "ca.pem"),
+        }
+
+        def run(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [str(SCRIPT), "run", *args], capture_output=True, text=True, env=env, timeout=60
+            )
+
+        allowed = run("--service", "auth", "--", *SHOW)
+        assert allowed.returncode == 0, allowed.stderr
+        environment = json.loads(allowed.stdout)
+        expected = {
+            name.split("/", 1)[1]: value.decode() for name, value in SEED.items() if name.startswith("auth/")
+        }
+        assert expected and {k: environment[k] for k in expected} == expected
+        other = run("--service", "market-connector", "--", "true")
+        assert (
+            other.returncode == 3 and "no secret under 'market-connector/' that you may read" in other.stderr
+        )
+        denied = run("--secret", next(n for n in SEED if n.startswith("market-connector/")), "--", "true")
+        assert denied.returncode == 5, denied.stderr
+    finally:
+        server.stop()
+    records = [r for r in server.audit_records() if str(r["actor"]).endswith("/auth")]
+    gets = [str(r["name"]) for r in records if r["operation"] == "get" and r["outcome"] == "ok"]
+    assert sorted(gets) == sorted(n for n in SEED if n.startswith("auth/"))
+    refused = [r for r in records if r["decision"] == "deny"]
+    assert [r["name"] for r in refused] == [next(n for n in SEED if n.startswith("market-connector/"))]
