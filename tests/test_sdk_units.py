@@ -10,7 +10,7 @@ import pytest
 
 import secrets_manager
 from secrets_manager import client as sdk
-from secrets_manager.client import Client, Credentials
+from secrets_manager.client import AmbiguousNameError, Client, Credentials
 from secrets_manager.client._cache import Reachability, TtlCache
 from secrets_manager.client._config import LocalTarget, RemoteTarget, resolve_config
 from secrets_manager.errors import InvalidInputError, UnlockError, UnsafeConfigurationError
@@ -30,6 +30,7 @@ class FakeClock:
 
 def test_public_names_change_only_on_purpose() -> None:
     assert sorted(sdk.__all__) == [
+        "AmbiguousNameError",
         "AsyncClient",
         "Client",
         "Credentials",
@@ -203,3 +204,26 @@ def test_credentials_are_a_read_only_mapping_that_shows_names_only() -> None:
         creds["auth/DB_PASSWORD"] = SecretValue(b"x")  # type: ignore[index]
     with pytest.raises(TypeError):
         pickle.dumps(creds)
+
+
+def test_a_short_name_finds_the_one_secret_it_ends_and_never_guesses_between_two() -> None:
+    creds = Credentials(
+        {
+            "market-connector/BINANCE_API_KEY": SecretValue(b"mc-key"),
+            "auth/DB_PASSWORD": SecretValue(b"auth-db"),
+            "reporting/DB_PASSWORD": SecretValue(b"reporting-db"),
+            "BINANCE_SECRET": SecretValue(b"default-namespace"),
+        }
+    )
+    assert creds["BINANCE_API_KEY"].reveal() == b"mc-key"  # the seed's creds.get("BINANCE_API_KEY")
+    assert creds["BINANCE_SECRET"].reveal() == b"default-namespace"
+    assert "BINANCE_API_KEY" in creds and "DB_PASSWORD" not in creds
+    assert sorted(creds) == sorted(creds._values)  # iteration: full names only
+    with pytest.raises(AmbiguousNameError, match="auth/DB_PASSWORD, reporting/DB_PASSWORD") as caught:
+        creds["DB_PASSWORD"]
+    assert "auth-db" not in str(caught.value) and "reporting-db" not in str(caught.value)
+    with pytest.raises(AmbiguousNameError):
+        creds.get("DB_PASSWORD")  # ambiguity is a bug to fix, not an absent secret
+    assert creds.get("MISSING") is None
+    with pytest.raises(KeyError):
+        creds["other/BINANCE_API_KEY"]  # a name with a namespace means exactly that name

@@ -16,11 +16,12 @@ from secrets_manager.client._client import (
     get_credentials,
     get_credentials_sync,
 )
-from secrets_manager.client._credentials import Credentials
+from secrets_manager.client._credentials import AmbiguousNameError, Credentials
 from secrets_manager.client._logging import SecretRedactionFilter, install_log_redaction
 from secrets_manager.client.remote import RemoteStore, TlsFiles
 
 __all__ = [
+    "AmbiguousNameError",
     "AsyncClient",
     "Client",
     "Credentials",

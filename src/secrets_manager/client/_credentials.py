@@ -15,14 +15,29 @@ from typing import NoReturn
 from secrets_manager.values import SecretValue
 
 
-class Credentials(Mapping[str, SecretValue]):
-    """Secret values by name (`creds["auth/DB_PASSWORD"].reveal_text()`), read-only."""
+class AmbiguousNameError(KeyError):
+    """A short name that more than one full name ends in."""
 
-    __slots__ = ("_stale", "_values")
+
+class Credentials(Mapping[str, SecretValue]):
+    """Secret values by name (`creds["auth/DB_PASSWORD"].reveal_text()`), read-only.
+
+    A name without a namespace that is not a key itself finds the one secret whose name ends in
+    it: `creds["BINANCE_API_KEY"]` is `market-connector/BINANCE_API_KEY` if no other secret here
+    ends in BINANCE_API_KEY (the seed's `creds.get("BINANCE_API_KEY")`). If two do, it is a
+    KeyError that names both: never a guess between them. Iteration shows the full names."""
+
+    __slots__ = ("_short", "_stale", "_values")
 
     def __init__(self, values: Mapping[str, SecretValue], *, stale: bool = False) -> None:
         self._values = dict(values)
         self._stale = stale
+        short: dict[str, list[str]] = {}
+        for name in self._values:
+            namespace, _, rest = name.rpartition("/")
+            if namespace:
+                short.setdefault(rest, []).append(name)
+        self._short = short
 
     @property
     def stale(self) -> bool:
@@ -31,7 +46,10 @@ class Credentials(Mapping[str, SecretValue]):
         return self._stale
 
     def __getitem__(self, name: str) -> SecretValue:
-        return self._values[name]
+        value = self._values.get(name)
+        if value is not None:
+            return value
+        return self._values[self._full_name(name)]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
@@ -40,7 +58,29 @@ class Credentials(Mapping[str, SecretValue]):
         return len(self._values)
 
     def __contains__(self, name: object) -> bool:
-        return name in self._values
+        if name in self._values:
+            return True
+        return isinstance(name, str) and len(self._short.get(name, ())) == 1
+
+    def _full_name(self, name: str) -> str:
+        """The one full name that ends in `name` (KeyError if none, or several)."""
+        matches = self._short.get(name, []) if "/" not in name else []
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise AmbiguousNameError(
+                f"{name!r} is ambiguous here: {', '.join(sorted(matches))}; use the full name"
+            )
+        raise KeyError(name)
+
+    def get(self, name: str, default: SecretValue | None = None) -> SecretValue | None:  # type: ignore[override]
+        """Like dict.get, except that an ambiguous short name raises (it is a bug, not absence)."""
+        try:
+            return self[name]
+        except AmbiguousNameError:
+            raise
+        except KeyError:
+            return default
 
     def __repr__(self) -> str:
         stale = ", stale=True" if self._stale else ""
