@@ -83,13 +83,15 @@ class Cli:
         }
 
     def __call__(
-        self, *args: str, input: bytes = b"", env: Mapping[str, str] | None = None
+        self, *args: str, input: bytes = b"", env: Mapping[str, str | None] | None = None
     ) -> subprocess.CompletedProcess[bytes]:
+        """The command with `env` over the fixture's environment (a None value unsets one)."""
+        merged = {**self.env, **(env or {})}
         proc = subprocess.run(
             [str(SCRIPT), *args],
             input=input,
             capture_output=True,
-            env={**self.env, **(env or {})},
+            env={name: value for name, value in merged.items() if value is not None},
             start_new_session=True,  # no terminal: a password prompt would fail, not hang
             timeout=120,
         )
@@ -135,11 +137,15 @@ def test_init_takes_an_alias_and_records_the_keys_arn(tmp_path: Path, moto_endpo
     c = Cli(tmp_path, moto_endpoint)
     assert c("init", "--kms-key", "alias/secrets-manager-test").returncode == 0
     assert c.header()["unlock"]["key_arn"] == key["Arn"]
-    missing = c(
-        "init", "--kms-key", "alias/no-such-key", env={"SECRETS_MANAGER_STORE": str(tmp_path / "b.db")}
-    )
+    elsewhere = {"SECRETS_MANAGER_STORE": str(tmp_path / "b.db")}
+    missing = c("init", "--kms-key", "alias/no-such-key", env=elsewhere)
     assert missing.returncode == 3 and b"AWS KMS key alias/no-such-key not found" in missing.stderr
     assert not (tmp_path / "b.db").exists()  # a refused init leaves nothing behind
+    no_region = {**elsewhere, "AWS_DEFAULT_REGION": None, "AWS_CONFIG_FILE": str(tmp_path / "none")}
+    unplaced = c("init", "--kms-key", "alias/secrets-manager-test", env=no_region)
+    assert unplaced.returncode == 2
+    assert b"give the key as an ARN or set AWS_DEFAULT_REGION" in unplaced.stderr
+    assert not (tmp_path / "b.db").exists()
 
 
 def test_a_header_naming_another_key_is_an_unlock_failure(cli: Cli, kms: Any) -> None:

@@ -61,13 +61,14 @@ def connect_kms(region: str | None) -> Any:
         return boto3.session.Session().client("kms", region_name=region, config=config)
     except BotoCoreError as exc:
         raise InvalidInputError(
-            f"cannot configure AWS KMS ({type(exc).__name__}): give the key as an ARN or set AWS_REGION"
+            f"cannot configure AWS KMS ({type(exc).__name__}): give the key as an ARN or set "
+            "AWS_DEFAULT_REGION"
         ) from None
 
 
 class AwsKmsUnlock:
-    """The root key wrapped by the AWS KMS key `key_id` (an ARN, key id or alias; for `wrap` only:
-    `unwrap` uses the key the store's header names)."""
+    """The root key wrapped by the AWS KMS key `key_id` (an ARN, key id or alias). `unwrap` uses the
+    key the store's header names and remembers it, so a root key rotation wraps under it again."""
 
     kind = KIND
 
