@@ -194,6 +194,40 @@ def test_versions_and_labels_move_on_each_write(ready: Cli) -> None:
     assert_one_line_error(ready("get", "svc/ROTATING", "--version", "9"), 3, "version 9")
 
 
+def test_rollback_writes_an_earlier_value_as_a_new_version(ready: Cli) -> None:
+    for value in (b"v1", b"v2-bad"):
+        assert ready("store", "svc/ROLLED", input=value).code == 0
+    rolled = ready("rollback", "svc/ROLLED", "--json")  # default: the previous version
+    assert rolled.code == 0, rolled.stderr
+    assert json.loads(rolled.out) == {"name": "svc/ROLLED", "version": 3, "from_version": 1}
+    assert "rolled back svc/ROLLED: version 3 is current, with the value of version 1" in rolled.stderr
+    assert ready("get", "svc/ROLLED").out == "v1\n"
+    assert ready("get", "svc/ROLLED", "--label", "previous").out == "v2-bad\n"  # history stays whole
+    assert [v["version"] for v in json.loads(ready("history", "svc/ROLLED", "--json").out)["versions"]] == [
+        1,
+        2,
+        3,
+    ]
+    assert ready("rollback", "svc/ROLLED", "--version", "2").code == 0
+    assert ready("get", "svc/ROLLED").out == "v2-bad\n"
+    audit = ready.store.with_name("store.audit.jsonl").read_text().splitlines()
+    rollbacks = [r for r in map(json.loads, audit) if r["operation"] == "rollback"]
+    outcomes = [(r["outcome"], r["version"]) for r in rollbacks]
+    assert outcomes == [("pending", None), ("ok", 3), ("pending", None), ("ok", 4)]
+    assert all(r["value_hmac"].startswith("hmac-sha256:") for r in rollbacks if r["outcome"] == "ok")
+    assert "v1" not in "\n".join(audit)
+
+
+def test_rollback_refuses_what_it_cannot_do_and_writes_nothing(ready: Cli) -> None:
+    assert ready("store", "svc/ONCE", input=b"only").code == 0
+    assert_one_line_error(ready("rollback", "svc/ONCE"), 3, "no previous version", "--version N")
+    assert_one_line_error(ready("rollback", "svc/ONCE", "--version", "1"), 2, "is current already")
+    assert_one_line_error(ready("rollback", "svc/ONCE", "--version", "7"), 3, "version 7")
+    assert_one_line_error(ready("rollback", "svc/MISSING"), 3, "not found")
+    history = json.loads(ready("history", "svc/ONCE", "--json").out)
+    assert [v["version"] for v in history["versions"]] == [1]
+
+
 def test_expect_version_conflict_exits_7_and_writes_nothing(ready: Cli) -> None:
     assert ready("store", "svc/CAS", "--expect-version", "0", input=b"first").code == 0
     assert_one_line_error(ready("store", "svc/CAS", "--expect-version", "0", input=b"x"), 7, "version 1")

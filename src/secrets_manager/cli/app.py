@@ -43,7 +43,9 @@ from secrets_manager.errors import (
     UnsupportedOperationError,
 )
 from secrets_manager.store import (
+    CURRENT,
     MAX_VALUE_SIZE,
+    PREVIOUS,
     EncryptedStore,
     Secret,
     SecretMetadata,
@@ -603,6 +605,42 @@ def undelete(session: Session, name: str) -> None:
     with session.secret_operation("undelete", name, mutating=True) as (store, _):
         store.undelete(name)
     info_line(f"restored {name}")
+
+
+@cli.command()
+@click.argument("name")
+@click.option(
+    "--version",
+    "version",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="The version whose value becomes current again (default: the one labelled previous).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print name, new version and source version as JSON.")
+@pass_session
+def rollback(session: Session, name: str, version: int | None, as_json: bool) -> None:
+    """Make an earlier version's value current again, written as a new version (Vault's
+    'kv rollback'): the history stays whole. Compare-and-set against the current version, so a
+    change made meanwhile is never overwritten (exit 7)."""
+    validate_name(name)
+    with session.secret_operation("rollback", name, mutating=True) as (store, note):
+        labels = store.describe(name).labels
+        current = labels.get(CURRENT)
+        if version is None:
+            version = labels.get(PREVIOUS)
+            if version is None:
+                raise NotFoundError(f"{name} has no previous version; give --version N")
+        if version == current:
+            raise InvalidInputError(f"version {version} of {name} is current already; nothing to roll back")
+        old = store.get(name, version=version)
+        info = store.put(name, old.value.reveal(), expect_version=current)
+        note.version(info.version)
+        note.value(old.value.reveal())
+    if as_json:
+        print_json({"name": name, "version": info.version, "from_version": old.version})
+    info_line(
+        f"rolled back {name}: version {info.version} is current, with the value of version {old.version}"
+    )
 
 
 @cli.command()
