@@ -46,6 +46,7 @@ rules = [{{ path = "market-connector/*", capabilities = ["read", "list"] }}]
 rules = [
   {{ path = "load/**", capabilities = ["read", "write", "list"] }},
   {{ path = "drop/*", capabilities = ["write"] }},
+  {{ path = "rw/*", capabilities = ["read", "write"] }},
 ]
 
 [roles.admin]
@@ -411,16 +412,17 @@ def test_cli_verbs_work_remotely_with_the_same_exit_codes(server: Server) -> Non
     assert conflict.returncode == 7
 
 
-def test_rollback_works_remotely_and_needs_write(server: Server) -> None:
+def test_rollback_works_remotely_with_read_and_write(server: Server) -> None:
     for value in (b"good", b"bad"):
+        assert server.cli("ops", "store", "rw/ROLLED", input=value).returncode == 0
         assert server.cli("ops", "store", "auth/ROLLED", input=value).returncode == 0
     denied = server.cli("auth", "rollback", "auth/ROLLED")  # auth may read and list, not write
     assert denied.returncode == 5, denied.stderr
     assert server.cli("ops", "get", "auth/ROLLED").stdout == b"bad\n"
-    rolled = server.cli("ops", "rollback", "auth/ROLLED")
+    rolled = server.cli("writer", "rollback", "rw/ROLLED")  # read and write, and no list
     assert rolled.returncode == 0, rolled.stderr
-    assert server.cli("ops", "get", "auth/ROLLED").stdout == b"good\n"
-    history = json.loads(server.cli("ops", "history", "auth/ROLLED", "--json").stdout)
+    assert server.cli("ops", "get", "rw/ROLLED").stdout == b"good\n"
+    history = json.loads(server.cli("ops", "history", "rw/ROLLED", "--json").stdout)
     assert history["labels"] == {"current": 3, "previous": 2}
 
 

@@ -43,7 +43,6 @@ from secrets_manager.errors import (
     UnsupportedOperationError,
 )
 from secrets_manager.store import (
-    CURRENT,
     MAX_VALUE_SIZE,
     PREVIOUS,
     EncryptedStore,
@@ -624,15 +623,18 @@ def rollback(session: Session, name: str, version: int | None, as_json: bool) ->
     change made meanwhile is never overwritten (exit 7)."""
     validate_name(name)
     with session.secret_operation("rollback", name, mutating=True) as (store, note):
-        labels = store.describe(name).labels
-        current = labels.get(CURRENT)
+        current = store.get(name).version  # GetSecret, not DescribeSecret: `read` suffices
         if version is None:
-            version = labels.get(PREVIOUS)
-            if version is None:
-                raise NotFoundError(f"{name} has no previous version; give --version N")
-        if version == current:
-            raise InvalidInputError(f"version {version} of {name} is current already; nothing to roll back")
-        old = store.get(name, version=version)
+            try:
+                old = store.get(name, label=PREVIOUS)
+            except NotFoundError:
+                raise NotFoundError(f"{name} has no previous version; give --version N") from None
+        else:
+            old = store.get(name, version=version)
+        if old.version == current:
+            raise InvalidInputError(
+                f"version {old.version} of {name} is current already; nothing to roll back"
+            )
         info = store.put(name, old.value.reveal(), expect_version=current)
         note.version(info.version)
         note.value(old.value.reveal())
