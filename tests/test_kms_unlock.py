@@ -300,6 +300,22 @@ def test_the_service_serves_a_kms_store_without_a_password(
     assert server.process.returncode == 0
 
 
+def test_production_shape_postgresql_store_unlocked_by_kms(
+    tmp_path: Path, moto_endpoint: str, key_arn: str, postgres_cluster: Any
+) -> None:
+    """The production combination: a PostgreSQL store that KMS unlocks. init, store and get with
+    the database password in PGPASSWORD and AWS credentials, and no master password anywhere."""
+    c = Cli(tmp_path, moto_endpoint)
+    url = f"{postgres_cluster.url()}?schema={postgres_cluster.new_schema()}"
+    env = {"SECRETS_MANAGER_STORE": url, "SHRIVENQUANT_ENV": "production", **postgres_cluster.env()}
+    created = c("init", "--kms-key", key_arn, env=env)
+    assert created.returncode == 0, created.stderr
+    assert c("store", "market-connector/API_KEY", input=VALUE.encode(), env=env).returncode == 0
+    got = c("get", "market-connector/API_KEY", env=env)
+    assert (got.returncode, got.stdout) == (0, VALUE.encode() + b"\n")
+    assert c("audit", "verify", env=env).returncode == 0
+
+
 def test_the_sdks_local_mode_reads_a_kms_store_without_a_password(
     cli: Cli, aws_env: dict[str, str], tmp_path: Path
 ) -> None:
