@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import string
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -192,6 +193,21 @@ def test_versions_and_labels_move_on_each_write(ready: Cli) -> None:
     assert ready("get", "svc/ROTATING", "--version", "1").out == "v1\n"
     assert_one_line_error(ready("get", "svc/ROTATING", "--label", "pending"), 3, "pending")
     assert_one_line_error(ready("get", "svc/ROTATING", "--version", "9"), 3, "version 9")
+
+
+def test_store_generate_stores_a_random_value_it_never_prints(ready: Cli) -> None:
+    made = ready("store", "svc/GENERATED", "--generate")
+    assert made.code == 0, made.stderr
+    value = ready("get", "svc/GENERATED").out.rstrip("\n")
+    assert len(value) == 32 and set(value) <= set(string.ascii_letters + string.digits)
+    assert value not in made.out + made.stderr
+    assert ready("store", "svc/GENERATED", "--generate", "--length", "16", "--alphabet", "hex").code == 0
+    second = ready("get", "svc/GENERATED").out.rstrip("\n")
+    assert len(second) == 16 and set(second) <= set("0123456789abcdef")
+    assert_one_line_error(ready("store", "svc/GENERATED", "VALUE", "--generate"), 2, "--generate")
+    assert_one_line_error(ready("store", "svc/OTHER", "--generate", "--length", "4"), 2, "--length")
+    assert ready("get", "svc/GENERATED").out.rstrip("\n") == second  # the refused ones wrote nothing
+    assert ready("get", "svc/OTHER").code == 3
 
 
 def test_rollback_writes_an_earlier_value_as_a_new_version(ready: Cli) -> None:

@@ -42,6 +42,7 @@ from secrets_manager.errors import (
     UnlockError,
     UnsupportedOperationError,
 )
+from secrets_manager.rotation import ALPHABETS, DEFAULT_LENGTH, MAX_LENGTH, MIN_LENGTH, generated_value
 from secrets_manager.store import (
     MAX_VALUE_SIZE,
     PREVIOUS,
@@ -77,6 +78,24 @@ AUDIT_MAX_BYTES_VARIABLE = "SECRETS_MANAGER_AUDIT_MAX_BYTES"
 AUDIT_TIMEOUT_VARIABLE = "SECRETS_MANAGER_AUDIT_TIMEOUT"
 FIELD_SEPARATOR = "#"
 S = TypeVar("S", bound=AuditedStore)
+
+
+# How a generated value looks (`store --generate`, `rotate`): Python's `secrets`, never our own.
+length_option = click.option(
+    "--length",
+    type=click.IntRange(min=MIN_LENGTH, max=MAX_LENGTH),
+    default=DEFAULT_LENGTH,
+    show_default=True,
+    metavar="N",
+    help="Characters in a generated value.",
+)
+alphabet_option = click.option(
+    "--alphabet",
+    type=click.Choice(sorted(ALPHABETS)),
+    default="alnum",
+    show_default=True,
+    help="Characters of a generated value.",
+)
 
 
 def kdf_profile_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -430,6 +449,11 @@ def init(session: Session, kdf_profile: str, kms_key: str | None) -> None:
 @click.option("--file", "value_file", metavar="PATH", help="Read the value's exact bytes from a file.")
 @click.option("--raw", is_flag=True, help="Keep stdin byte for byte (else one trailing newline is dropped).")
 @click.option(
+    "--generate", is_flag=True, help="Store a random value instead (shown by 'get', never printed here)."
+)
+@length_option
+@alphabet_option
+@click.option(
     "--expect-version",
     type=click.IntRange(min=0),
     metavar="N",
@@ -445,15 +469,21 @@ def store_command(
     value: str | None,
     value_file: str | None,
     raw: bool,
+    generate: bool,
+    length: int,
+    alphabet: str,
     expect_version: int | None,
     description: str | None,
     tags: tuple[str, ...],
     as_json: bool,
 ) -> None:
-    """Store a new version of NAME. The value comes from stdin, a prompt, --file, or VALUE (warns)."""
+    """Store a new version of NAME. The value comes from stdin, a prompt, --file, VALUE (warns), or
+    --generate (a random one, like 'pass generate': not printed; 'get' shows it)."""
     validate_name(name)
     parsed_tags = parse_tags(tags) if tags else None
-    secret = read_value(value, value_file, raw=raw)
+    if generate and (value is not None or value_file is not None):
+        raise InvalidInputError("--generate makes the value; give no VALUE or --file with it")
+    secret = generated_value(length, alphabet) if generate else read_value(value, value_file, raw=raw)
     with session.secret_operation("store", name, mutating=True) as (store, note):
         note.value(secret.reveal())
         info = store.put(

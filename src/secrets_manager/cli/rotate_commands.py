@@ -25,17 +25,13 @@ from dataclasses import dataclass, fields
 
 import click
 
-from secrets_manager.cli.app import Session, cli, pass_session, read_value
+from secrets_manager.cli.app import Session, alphabet_option, cli, length_option, pass_session, read_value
 from secrets_manager.cli.output import info_line, print_json
 from secrets_manager.client import RemoteStore
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.rotation import (
-    ALPHABETS,
-    DEFAULT_LENGTH,
     DEFAULT_TIMEOUT,
-    MAX_LENGTH,
     MAX_TIMEOUT,
-    MIN_LENGTH,
     Commands,
     Rotated,
     command_argv,
@@ -63,21 +59,8 @@ class _OnePasswordSession(Session):
 @cli.command()
 @click.argument("name")
 @click.option("--generate", is_flag=True, help="Generate a random new value (the default).")
-@click.option(
-    "--length",
-    type=click.IntRange(min=MIN_LENGTH, max=MAX_LENGTH),
-    default=DEFAULT_LENGTH,
-    show_default=True,
-    metavar="N",
-    help="Characters in a generated value.",
-)
-@click.option(
-    "--alphabet",
-    type=click.Choice(sorted(ALPHABETS)),
-    default="alnum",
-    show_default=True,
-    help="Characters of a generated value.",
-)
+@length_option
+@alphabet_option
 @click.option("--stdin", "from_stdin", is_flag=True, help="Read the new value from stdin, as 'store' does.")
 @click.option("--raw", is_flag=True, help="With --stdin: keep stdin byte for byte (no newline dropped).")
 @click.option("--resume", is_flag=True, help="Reuse the version already labelled pending (after a failure).")
