@@ -4,7 +4,8 @@ local mode; it switches to a password and back; a wrong key, a changed header, m
 and an unreachable KMS each give one line and their exit code.
 
 Known moto divergence, not relied on: moto decrypts under a disabled key, where AWS answers
-DisabledException (mapped like AccessDeniedException: unlock failed, exit 4)."""
+DisabledException. That error and AWS's other documented refusals are checked with botocore's
+Stubber instead (the last test)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,20 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.stub import Stubber
 
 from secrets_manager.client import Client
 from secrets_manager.crypto import DataKey, kdf
 from secrets_manager.crypto.aead import new_key
 from secrets_manager.crypto.keyset import KeyStatus
-from secrets_manager.errors import IntegrityError, UnlockError
+from secrets_manager.errors import (
+    AccessDeniedError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    StorageError,
+    UnlockError,
+)
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import AwsKmsUnlock, EncryptedStore, PasswordUnlock
 from secrets_manager.v1 import secrets_pb2 as pb
@@ -356,3 +365,50 @@ def _records(cli: Cli) -> dict[str, bytes]:
 def _audit(cli: Cli) -> list[dict[str, Any]]:
     log = cli.dir / "store.audit.jsonl"  # beside the store
     return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("operation", "code", "expected"),
+    [
+        ("decrypt", "DisabledException", UnlockError),
+        ("decrypt", "KMSInvalidStateException", UnlockError),  # e.g. pending deletion
+        ("decrypt", "IncorrectKeyException", UnlockError),
+        ("decrypt", "KeyUnavailableException", UnlockError),
+        ("decrypt", "AccessDeniedException", UnlockError),
+        ("decrypt", "InvalidCiphertextException", IntegrityError),
+        ("decrypt", "KMSInternalException", StorageError),
+        ("encrypt", "NotFoundException", NotFoundError),
+        ("encrypt", "AccessDeniedException", AccessDeniedError),
+        ("encrypt", "DisabledException", InvalidInputError),
+        ("encrypt", "InvalidKeyUsageException", InvalidInputError),  # an asymmetric key
+    ],
+)
+def test_kms_refusals_moto_does_not_give_map_like_aws_documents_them(
+    operation: str, code: str, expected: type[Exception]
+) -> None:
+    """AWS's documented errors of Encrypt and Decrypt, from botocore's Stubber (moto decrypts
+    under a disabled key, for one): each is one of our errors, naming the key and no material."""
+    client = boto3.client(
+        "kms", region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+    arn = f"arn:aws:kms:{REGION}:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    root = DataKey(id=7, status=KeyStatus.ENABLED, created=1, material=new_key())
+    section = {
+        "kind": "aws-kms",
+        "key_arn": arn,
+        "region": REGION,
+        "root_key_id": 7,
+        "wrapped_root_key": "AAAA",
+    }
+    unlock = AwsKmsUnlock(arn, connect=lambda _region: client)
+    with Stubber(client) as stubber:
+        stubber.add_client_error(operation, service_error_code=code, http_status_code=400)
+        with pytest.raises(expected) as caught:
+            if operation == "decrypt":
+                unlock.unwrap(section, created=1)
+            else:
+                unlock.wrap(root)
+    message = str(caught.value)
+    assert root.material.hex() not in message and len(message.splitlines()) == 1
+    if expected is not IntegrityError:
+        assert arn in message
