@@ -56,7 +56,8 @@ def run(
 
     Locally each secret read is audited ('run', with its version and fingerprint); with --server
     the service audits them and gives only what your certificate may read. Exit 3 if a --secret
-    or a --service with no secret you may read; 126/127 if COMMAND cannot run / is not found."""
+    does not exist or a --service holds no secret you may read; 126/127 if COMMAND cannot be
+    executed / is not found; else COMMAND's own status."""
     if not namespaces and not singles:
         raise InvalidInputError("say which secrets: --service NAMESPACE and/or --secret NAME[=VAR]")
     wanted = [_single(text) for text in singles]
