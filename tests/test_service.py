@@ -21,7 +21,7 @@ from secrets_manager.crypto import kdf
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.v1 import secrets_pb2 as pb
-from service_fixtures import PASSWORD, SCRIPT, TD, Server, make_pki, make_store, start_server
+from service_fixtures import PASSWORD, SCRIPT, TD, Server, free_address, make_pki, make_store, start_server
 
 SEED = {
     "auth/DB_PASSWORD": b"auth-db-pass",
@@ -424,6 +424,38 @@ def test_rollback_works_remotely_with_read_and_write(server: Server) -> None:
     assert server.cli("ops", "get", "rw/ROLLED").stdout == b"good\n"
     history = json.loads(server.cli("ops", "history", "rw/ROLLED", "--json").stdout)
     assert history["labels"] == {"current": 3, "previous": 2}
+
+
+def test_the_cli_takes_several_addresses_like_the_sdk_and_uses_the_first_that_answers(
+    server: Server,
+) -> None:
+    dead = free_address()  # nothing listens there
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(server.dir),
+        "SECRETS_MANAGER_CERT": str(server.dir / "ops.pem"),
+        "SECRETS_MANAGER_KEY": str(server.dir / "ops-key.pem"),
+        "SECRETS_MANAGER_CA": str(server.dir / "ca.pem"),
+    }
+
+    def cli(addresses: str, *args: str, input: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [str(SCRIPT), *args],
+            input=input,
+            capture_output=True,
+            env={**env, "SECRETS_MANAGER_ADDR": addresses},
+            timeout=60,
+        )
+
+    both = f"{dead}, {server.address}"
+    assert cli(both, "store", "auth/FAILOVER", input=b"once").returncode == 0
+    assert cli(both, "get", "auth/FAILOVER").stdout == b"once\n"
+    history = json.loads(cli(both, "history", "auth/FAILOVER", "--json").stdout)
+    assert [v["version"] for v in history["versions"]] == [1]  # written once, to the one that answered
+    nobody = cli(f"{dead},{free_address()}", "get", "auth/FAILOVER")
+    assert nobody.returncode == 1 and b"no secrets-manager service answered at" in nobody.stderr
+    malformed = cli(f"{server.address},nohost", "get", "auth/FAILOVER")
+    assert malformed.returncode == 2 and b"is not host:port" in malformed.stderr
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from secrets_manager.cli.password import (
     terminal_available,
 )
 from secrets_manager.client import RemoteStore, TlsFiles
+from secrets_manager.client._config import parse_addresses
 from secrets_manager.environment import Environment, current_environment
 from secrets_manager.errors import (
     AccessDeniedError,
@@ -72,6 +73,7 @@ from secrets_manager.values import SecretValue
 
 STORE_VARIABLE = "SECRETS_MANAGER_STORE"
 SERVER_VARIABLE = "SECRETS_MANAGER_ADDR"
+HEALTH_CHECK_SECONDS = 3.0  # per address, when --server names several
 TLS_VARIABLES = ("SECRETS_MANAGER_CERT", "SECRETS_MANAGER_KEY", "SECRETS_MANAGER_CA")
 AUDIT_FILE_VARIABLE = "SECRETS_MANAGER_AUDIT_FILE"
 AUDIT_MAX_BYTES_VARIABLE = "SECRETS_MANAGER_AUDIT_MAX_BYTES"
@@ -215,6 +217,21 @@ class Session:
         cert, key, ca = (Path(self.environ[v]) for v in TLS_VARIABLES)
         return TlsFiles(cert=cert, key=key, ca=ca)
 
+    def remote_store(self) -> RemoteStore:
+        """The service at --server / SECRETS_MANAGER_ADDR. Several comma-separated addresses (as
+        the SDK takes them from the same variable): the first whose health check answers serves
+        the whole command, so a write is never sent twice to two replicas."""
+        addresses = parse_addresses(self.server or "")
+        tls = self.tls_files()
+        if len(addresses) == 1:
+            return RemoteStore(addresses[0], tls)
+        for address in addresses:
+            remote = RemoteStore(address, tls)
+            if remote.is_serving(timeout=HEALTH_CHECK_SECONDS):
+                return remote
+            remote.close()
+        raise StorageError(f"no secrets-manager service answered at {', '.join(addresses)}; try again")
+
     def require_local(self, command: str) -> None:
         if self.server:
             raise InvalidInputError(
@@ -227,7 +244,7 @@ class Session:
     ) -> Iterator[tuple[SecretStore, Note]]:
         """A store operation that works locally (audited here) or against a service (audited there)."""
         if self.server:
-            remote = RemoteStore(self.server, self.tls_files())
+            remote = self.remote_store()
             try:
                 yield remote, Note()
             finally:
@@ -368,8 +385,9 @@ pass_session = click.make_pass_decorator(Session)
     "--server",
     envvar=SERVER_VARIABLE,
     metavar="HOST:PORT",
-    help=f"Use a secrets-manager service instead of a local store [env {SERVER_VARIABLE}]; "
-    "mutual TLS from SECRETS_MANAGER_CERT, SECRETS_MANAGER_KEY, SECRETS_MANAGER_CA.",
+    help=f"Use a secrets-manager service instead of a local store [env {SERVER_VARIABLE}]; several "
+    "comma-separated: the first that answers its health check; mutual TLS from SECRETS_MANAGER_CERT, "
+    "SECRETS_MANAGER_KEY, SECRETS_MANAGER_CA.",
 )
 @click.version_option(package_version("secrets-manager"), prog_name="secrets-manager")
 @click.pass_context

@@ -27,7 +27,6 @@ import click
 
 from secrets_manager.cli.app import Session, alphabet_option, cli, length_option, pass_session, read_value
 from secrets_manager.cli.output import info_line, print_json
-from secrets_manager.client import RemoteStore
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.rotation import (
     DEFAULT_TIMEOUT,
@@ -193,7 +192,7 @@ def _rotate_on_server(session: Session, name: str, *, as_json: bool) -> None:
             "--on-server needs --server HOST:PORT (or SECRETS_MANAGER_ADDR): it asks that service to "
             "run the rotation its schedule configures"
         )
-    remote = RemoteStore(session.server, session.tls_files())
+    remote = session.remote_store()
     try:
         _report(remote.rotate_on_service(name), as_json=as_json)
     finally:
