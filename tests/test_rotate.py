@@ -9,6 +9,7 @@ import shlex
 import string
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -433,6 +434,30 @@ def test_a_rotation_someone_else_resumed_and_promoted_first_is_done_not_a_confli
         r for r in map(json.loads, cli.audit.read_text().splitlines()) if r["operation"] == "rotate.check"
     ]
     assert [(r["outcome"], r["version"]) for r in checks] == [("ok", 2)]
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie waiting for its new parent to reap it does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def test_a_command_that_times_out_is_ended_with_everything_it_started(cli: Cli, tmp_path: Path) -> None:
+    """A `sh -c` whose child is still busy when the timeout comes: the child must not go on (and,
+    say, set a value at the target after the step was reported failed)."""
+    pidfile = tmp_path / "grandchild.pid"
+    script = f"cat >/dev/null; sleep 60 & echo $! > {shlex.quote(str(pidfile))}; wait"
+    result = cli("rotate", "db/app", "--set-command", f"sh -c {shlex.quote(script)}", "--timeout", "1")
+    assert result.code == 1 and "timed out after 1 s" in result.stderr
+    grandchild = int(pidfile.read_text())
+    deadline = time.monotonic() + 5
+    while _running(grandchild) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _running(grandchild)
+    assert cli.labels() == {"current": 1, "pending": 2}
 
 
 def test_rotate_refuses_bad_option_combinations_and_a_server_without_certificates(cli: Cli) -> None:

@@ -27,10 +27,13 @@ writes it chooses commands that the service runs.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import os
 import re
 import secrets
 import shlex
+import signal
 import string
 import subprocess
 import sys
@@ -107,29 +110,43 @@ def run_command(
     env[VERSION_VARIABLE] = str(version)
     sys.stderr.flush()
     try:
-        proc = subprocess.run(
-            argv,
-            input=value.reveal(),
-            timeout=commands.timeout,
-            check=False,
-            env=env,
-            cwd=commands.cwd,
-            stdout=sys.stderr.fileno(),
-            stderr=sys.stderr.fileno(),
-        )
+        returncode = _run_in_own_group(argv, value.reveal(), commands, env)
     except subprocess.TimeoutExpired:
         failure = f"timed out after {commands.timeout:g} s"
     except OSError as exc:
         failure = f"could not start ({exc.strerror or type(exc).__name__})"
     else:
-        if proc.returncode == 0:
+        if returncode == 0:
             return
-        failure = f"exit code {proc.returncode}"
+        failure = f"exit code {returncode}"
     raise RotationStepFailed(
         f"rotating {name}: the {step} command failed ({failure}); version {version} stays pending and "
         f"current is unchanged; fix it and run 'secrets-manager rotate {name} --resume' "
         f"(or discard with 'secrets-manager rotate {name} --discard')"
     )
+
+
+def _run_in_own_group(argv: tuple[str, ...], stdin: bytes, commands: Commands, env: dict[str, str]) -> int:
+    """Run a command in a process group of its own, and end the whole group if it times out or we
+    are interrupted: a `sh -c` whose child still runs must not go on setting a value at the
+    target after we have reported the step failed (subprocess.run would kill the shell only)."""
+    process = subprocess.Popen(
+        argv,
+        stdin=subprocess.PIPE,
+        stdout=sys.stderr.fileno(),
+        stderr=sys.stderr.fileno(),
+        env=env,
+        cwd=commands.cwd,
+        start_new_session=True,
+    )
+    try:
+        process.communicate(stdin, timeout=commands.timeout)
+    except BaseException:  # the timeout, or Ctrl-C / SIGTERM reaching us and not the group
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    return process.returncode
 
 
 class RotationSteps(Protocol):
