@@ -381,6 +381,8 @@ def _audit(cli: Cli) -> list[dict[str, Any]]:
         ("encrypt", "AccessDeniedException", AccessDeniedError),
         ("encrypt", "DisabledException", InvalidInputError),
         ("encrypt", "InvalidKeyUsageException", InvalidInputError),  # an asymmetric key
+        ("encrypt", "ExpiredTokenException", UnlockError),  # the credentials, not the key
+        ("decrypt", "UnrecognizedClientException", UnlockError),
     ],
 )
 def test_kms_refusals_moto_does_not_give_map_like_aws_documents_them(

@@ -40,10 +40,11 @@ _REFUSED = frozenset(
         "KeyUnavailableException",
         "NotFoundException",
         "InvalidKeyUsageException",
-        "UnrecognizedClientException",
-        "InvalidSignatureException",
-        "ExpiredTokenException",
     }
+)
+# AWS did not accept this host's credentials at all (for either call: not the key's fault).
+_BAD_CREDENTIALS = frozenset(
+    {"UnrecognizedClientException", "InvalidSignatureException", "ExpiredTokenException"}
 )
 
 KmsClientFactory = Callable[[str | None], Any]
@@ -154,6 +155,11 @@ def _call(client: Any, operation: str, key: str, **request: Any) -> dict[str, An
 
 
 def _refusal(operation: str, key: str, code: str) -> SecretsManagerError:
+    if code in _BAD_CREDENTIALS:
+        return UnlockError(
+            f"AWS rejected this host's credentials for KMS {operation} with {key} ({code}): renew or "
+            "fix them (environment, ~/.aws, an instance role)"
+        )
     if operation == "Decrypt":
         if code == "InvalidCiphertextException":  # a changed blob or context: KMS's tag failed
             return IntegrityError("the store header is damaged (integrity check failed)")
