@@ -32,12 +32,7 @@ class Credentials(Mapping[str, SecretValue]):
     def __init__(self, values: Mapping[str, SecretValue], *, stale: bool = False) -> None:
         self._values = dict(values)
         self._stale = stale
-        short: dict[str, list[str]] = {}
-        for name in self._values:
-            namespace, _, rest = name.rpartition("/")
-            if namespace:
-                short.setdefault(rest, []).append(name)
-        self._short = short
+        self._short: dict[str, list[str]] | None = None  # built on the first short-name lookup
 
     @property
     def stale(self) -> bool:
@@ -60,11 +55,23 @@ class Credentials(Mapping[str, SecretValue]):
     def __contains__(self, name: object) -> bool:
         if name in self._values:
             return True
-        return isinstance(name, str) and len(self._short.get(name, ())) == 1
+        return isinstance(name, str) and len(self._ending_in(name)) == 1
+
+    def _ending_in(self, name: str) -> list[str]:
+        """The full names whose last part is `name` (a namespaced `name` is only itself)."""
+        short = self._short
+        if short is None:  # not on every snapshot: most callers use full names
+            short = {}
+            for full in self._values:
+                namespace, _, rest = full.rpartition("/")
+                if namespace:
+                    short.setdefault(rest, []).append(full)
+            self._short = short  # whole, once built: a snapshot may be shared between threads
+        return short.get(name, []) if "/" not in name else []
 
     def _full_name(self, name: str) -> str:
         """The one full name that ends in `name` (KeyError if none, or several)."""
-        matches = self._short.get(name, []) if "/" not in name else []
+        matches = self._ending_in(name)
         if len(matches) == 1:
             return matches[0]
         if len(matches) > 1:
