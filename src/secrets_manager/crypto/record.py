@@ -35,6 +35,7 @@ class Purpose(enum.IntEnum):
     AUDIT_ANCHOR = 6
     KEY_POLICY = 7
     BACKUP_FILE_KEY = 8
+    RECOVERY_KEY = 9  # the recovery public key and its share set (docs/format.md 4.6)
 
 
 def associated_data(purpose: Purpose, key_id: int, name: str, version: int) -> bytes:

@@ -78,6 +78,7 @@ from secrets_manager.store.encrypted import (
     KEY_POLICY_KEY,
     KEYSET_PREFIX,
     META_PREFIX,
+    RECOVERY_KEY,
     SCOPED_ANCHOR_PREFIX,
     STORE_FORMAT,
     EncryptedStore,
@@ -86,6 +87,7 @@ from secrets_manager.store.encrypted import (
     _unwrap_root,
 )
 from secrets_manager.store.names import namespace_of, validate_name, validate_namespace
+from secrets_manager.store.recovery import RecoverySetup
 from secrets_manager.store.unlock import PasswordUnlock
 
 FORMAT_VERSION = 1
@@ -849,6 +851,8 @@ def decode_store(
                     raise IntegrityError()
             elif key == KEY_POLICY_KEY:
                 RotationPolicy.from_bytes(open_record(lookup, Purpose.KEY_POLICY, KEY_POLICY_KEY, 0, value))
+            elif key == RECOVERY_KEY:
+                RecoverySetup.from_bytes(open_record(lookup, Purpose.RECOVERY_KEY, RECOVERY_KEY, 0, value))
             elif key.startswith(META_PREFIX):
                 metas[_layout(validate_name, key[len(META_PREFIX) :])] = value
             elif key.startswith(DATA_PREFIX) and (match := _DATA_KEY.fullmatch(key[len(DATA_PREFIX) :])):

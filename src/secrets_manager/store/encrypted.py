@@ -6,6 +6,7 @@ Storage layout:
     core/header              JSON: format, creation time, root key id, the unlock source's section
     core/keyset/<namespace>  the namespace's keyset, sealed under the root key
     core/key-policy          when primaries rotate on their own, sealed under the root key
+    core/recovery            the recovery shares' public key (if set up), sealed under the root key
     meta/<name>              the secret's metadata (versions, labels, tags), sealed under its keyset
     data/<name>#<version>    one version's value, sealed under its keyset
 
@@ -89,6 +90,7 @@ AUDIT_ANCHOR_KEY = "core/audit-anchor"
 SCOPED_ANCHOR_PREFIX = AUDIT_ANCHOR_KEY + "/"  # + scope: the anchor of one of several audit logs
 _AUDIT_SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 KEY_POLICY_KEY = "core/key-policy"
+RECOVERY_KEY = "core/recovery"  # the recovery public key, sealed under the root key
 RETRY_DEADLINE_SECONDS = 30.0
 
 T = TypeVar("T")

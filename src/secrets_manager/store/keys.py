@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
 from secrets_manager.crypto import (
     DataKey,
@@ -49,6 +50,7 @@ from secrets_manager.store.encrypted import (
     KEY_POLICY_KEY,
     KEYSET_PREFIX,
     META_PREFIX,
+    RECOVERY_KEY,
     SCOPED_ANCHOR_PREFIX,
     EncryptedStore,
     Operations,
@@ -57,6 +59,8 @@ from secrets_manager.store.encrypted import (
     _load_json,
 )
 from secrets_manager.store.names import DEFAULT_NAMESPACE, namespace_of, validate_namespace
+from secrets_manager.store.recovery import SECTION as RECOVERY_SECTION
+from secrets_manager.store.recovery import RecoverySetup, sealed_root_section
 
 DEFAULT_REWRAP_BATCH = 100  # records per commit: small enough to stay out of live writers' way
 MAX_REWRAP_PASSES = 5  # a `keys rotate` during a pass leaves fresh work behind: passes at most
@@ -64,6 +68,7 @@ _ROOT_SEALED = (
     (AUDIT_KEY_KEY, Purpose.AUDIT_KEY),
     (AUDIT_ANCHOR_KEY, Purpose.AUDIT_ANCHOR),
     (KEY_POLICY_KEY, Purpose.KEY_POLICY),
+    (RECOVERY_KEY, Purpose.RECOVERY_KEY),
 )
 
 # progress(namespace, records done, records to do in all)
@@ -340,6 +345,7 @@ def rotate_root_key(store: EncryptedStore) -> RootRotation:
                 "opened the store; run the command again"
             )
         ops: Operations = []
+        recovery: dict[str, Any] | None = None
         keyset_keys = store._storage.list(KEYSET_PREFIX)
         for key in keyset_keys:
             entry = store._storage.get(key)
@@ -357,7 +363,12 @@ def rotate_root_key(store: EncryptedStore) -> RootRotation:
                 continue
             plaintext = open_record(store._root_lookup, purpose, key, 0, entry.value)
             ops.append(Put(key, seal_record(new_root, purpose, key, 0, plaintext), expect=entry.revision))
+            if key == RECOVERY_KEY:  # the shares stay valid: seal the new root to their public key
+                recovery = sealed_root_section(new_root, RecoverySetup.from_bytes(plaintext))
         header.update(root_key_id=new_root.id, unlock=section)
+        header.pop(RECOVERY_SECTION, None)
+        if recovery is not None:
+            header[RECOVERY_SECTION] = recovery
         ops.append(Put(HEADER_KEY, _dump(header), expect=header_entry.revision))
         store._commit(ops)
         return len(keyset_keys)

@@ -48,6 +48,7 @@ from secrets_manager.store.encrypted import HEADER_KEY, EncryptedStore, unlock_k
 from secrets_manager.store.external import DEFAULT_AUDIT_SCOPE, DEFAULT_RECOVERY_WINDOW_DAYS, audit_scope_for
 from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import validate_name, validate_namespace
+from secrets_manager.store.recovery import recover_root
 from secrets_manager.store.unlock import PasswordUnlock, UnlockSource
 
 SQLITE_SCHEME = "sqlite://"
@@ -507,18 +508,54 @@ def open_store(
             f"opening {url} with a master password is not supported by this store: Vault and AWS "
             "stores have none (this entry point works on encrypted store files only)"
         )
+    options = {**_store_options(url, audit_path), "actor": actor}
+    return _open_encrypted(
+        url,
+        environment,
+        lambda storage, kind: EncryptedStore.open(
+            storage, _unlock_for(kind, password, environment), **options
+        ),
+    )
+
+
+def open_store_with_recovery(
+    url: str | None,
+    mnemonics: list[str],
+    *,
+    environment: Environment,
+    actor: str,
+    audit_path: Path | None = None,
+) -> EncryptedStore:
+    """Open the store `url` points at with recovery shares (store/recovery.py) instead of its
+    password or KMS key, to give it a new one. The store returned has no unlock source until
+    `change_unlock`."""
+    if not needs_password(url):
+        raise UnsupportedOperationError(
+            f"recovery shares are not supported by this store: {url} keeps no keys of ours (Vault and "
+            "AWS encrypt with their own)"
+        )
+    options = {**_store_options(url, audit_path), "actor": actor}
+    return _open_encrypted(
+        url, environment, lambda storage, _kind: recover_root(storage, mnemonics, **options)
+    )
+
+
+def _open_encrypted(
+    url: str | None, environment: Environment, open_with: Callable[[Storage, str], EncryptedStore]
+) -> EncryptedStore:
+    """`open_with(storage, unlock kind)` on the storage at `url`, closed again if that fails."""
     storage = open_storage(url, create=False, environment=environment)
     try:
-        unlock = _unlock_for(unlock_kind(storage), password, environment)
-        return EncryptedStore.open(storage, unlock, **_store_options(url, audit_path), actor=actor)
-    except NotFoundError:
-        storage.close()
-        location = postgres_location(url)
-        if location is None:
-            raise
-        raise NotFoundError(  # the tables are there (an interrupted init?) but no store header
-            f"no store at {location.display}; create one with 'secrets-manager init'"
-        ) from None
+        try:
+            kind = unlock_kind(storage)
+        except NotFoundError:
+            location = postgres_location(url)
+            if location is None:
+                raise
+            raise NotFoundError(  # the tables are there (an interrupted init?) but no store header
+                f"no store at {location.display}; create one with 'secrets-manager init'"
+            ) from None
+        return open_with(storage, kind)
     except BaseException:
         storage.close()
         raise

@@ -1,0 +1,287 @@
+"""Recovery shares for an `EncryptedStore`: a second way to the root key, for when the master
+password is forgotten or the AWS KMS key is gone (docs/format.md 4.6).
+
+`recovery init` makes a key pair, seals the root key to its public half and splits the private half
+into SLIP-0039 shares, one per custodian; the private key is then dropped. Any `threshold` of the
+shares later open the root key once more, to set a new password or KMS key
+(`recover_root`, then `EncryptedStore.change_unlock`). Two entries hold it:
+
+- the header's `recovery` section: the root key sealed to the public key (readable without the root
+  key: that is the point), rewritten by every root key rotation, which needs only the public key;
+- `core/recovery`: the public key and the share set, sealed under the root key, so storage that
+  swaps the public key in the header cannot make the next rotation seal the root key to its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from secrets_manager.crypto import DataKey, KeyStatus, Purpose, open_record, seal_record
+from secrets_manager.crypto.recovery import (
+    MAX_SHARES,
+    PRIVATE_KEY_SIZE,
+    ShareSet,
+    combine_recovery_shares,
+    describe_share,
+    new_recovery_key,
+    open_with_recovery_key,
+    recovery_public_key,
+    seal_to_recovery_key,
+    split_recovery_key,
+)
+from secrets_manager.errors import IntegrityError, InvalidInputError, NotFoundError, UnlockError
+from secrets_manager.storage import ABSENT, Delete, Put, Storage
+from secrets_manager.store.encrypted import (
+    HEADER_KEY,
+    RECOVERY_KEY,
+    EncryptedStore,
+    _dump,
+    _load_json,
+    _read_header,
+)
+
+SECTION = "recovery"  # the header's member
+SECTION_KIND = "x25519-hpke"
+_INFO_PREFIX = b"secrets-manager recovery\x00"
+_DAMAGED = "the store header is damaged (integrity check failed)"
+
+
+@dataclass(frozen=True)
+class RecoverySetup:
+    """A store's recovery share set, as `recovery status` shows it (nothing here is secret)."""
+
+    identifier: int  # SLIP-0039's set identifier: printed on every share file of the set
+    threshold: int
+    shares: int
+    created: int
+    public_key: bytes = field(repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """The first 16 hex digits of the public key's SHA-256: to tell sets apart."""
+        return hashlib.sha256(self.public_key).hexdigest()[:16]
+
+    def to_bytes(self) -> bytes:
+        return _dump(
+            {
+                "created": self.created,
+                "identifier": self.identifier,
+                "public_key": base64.b64encode(self.public_key).decode("ascii"),
+                "shares": self.shares,
+                "threshold": self.threshold,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> RecoverySetup:
+        doc = _load_json(data, "recovery record")
+        try:
+            setup = cls(
+                identifier=_int(doc["identifier"]),
+                threshold=_int(doc["threshold"]),
+                shares=_int(doc["shares"]),
+                created=_int(doc["created"]),
+                public_key=base64.b64decode(doc["public_key"], validate=True),
+            )
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            raise IntegrityError("the recovery record is damaged (integrity check failed)") from None
+        if len(setup.public_key) != PRIVATE_KEY_SIZE or not 1 <= setup.threshold <= setup.shares:
+            raise IntegrityError("the recovery record is damaged (integrity check failed)")
+        return setup
+
+
+@dataclass(frozen=True)
+class NewShares:
+    """A new share set, made but not yet installed: hand out `mnemonics`, then `install_recovery`."""
+
+    setup: RecoverySetup
+    mnemonics: tuple[str, ...] = field(repr=False)
+
+
+def make_recovery_shares(*, threshold: int, shares: int, created: int | None = None) -> NewShares:
+    """A new key pair, its private half split into `shares` shares (any `threshold` rebuild it)."""
+    private_key = new_recovery_key()
+    share_set, mnemonics = split_recovery_key(private_key, threshold=threshold, shares=shares)
+    setup = RecoverySetup(
+        identifier=share_set.identifier,
+        threshold=threshold,
+        shares=shares,
+        created=int(time.time()) if created is None else created,
+        public_key=recovery_public_key(private_key),
+    )
+    return NewShares(setup=setup, mnemonics=tuple(mnemonics))
+
+
+def share_set_of(mnemonic: str) -> ShareSet:
+    """The set a share belongs to and its threshold; InvalidInputError if it is not a share."""
+    return describe_share(mnemonic)
+
+
+def recovery_setup(store: EncryptedStore) -> RecoverySetup | None:
+    """The store's recovery share set, or None if it has none."""
+    entry = store._storage.get(RECOVERY_KEY)
+    if entry is None:
+        return None
+    return _open_setup(store._root_lookup, entry.value)
+
+
+def install_recovery(store: EncryptedStore, new: NewShares, *, replace: bool = False) -> None:
+    """Seal the root key to `new`'s public key, in one commit with its `core/recovery` record.
+
+    InvalidInputError if the store has a share set already and `replace` is false: replacing one
+    makes the old shares useless, so it must be asked for."""
+
+    def attempt() -> None:
+        header_entry = store._storage.get(HEADER_KEY)
+        if header_entry is None:
+            raise NotFoundError("the store has no header")
+        header = _load_json(header_entry.value, "store header")
+        if header.get("root_key_id") != store._root.id:
+            store._refresh_root(header.get("root_key_id"))  # another process rotated the root key
+        existing = store._storage.get(RECOVERY_KEY)
+        if existing is not None and not replace:
+            raise InvalidInputError(
+                "this store has recovery shares already; give --replace to make a new set (the old "
+                "shares then stop working)"
+            )
+        sealed = seal_record(store._root, Purpose.RECOVERY_KEY, RECOVERY_KEY, 0, new.setup.to_bytes())
+        header[SECTION] = sealed_root_section(store._root, new.setup)
+        store._commit(
+            [
+                Put(RECOVERY_KEY, sealed, expect=ABSENT if existing is None else existing.revision),
+                Put(HEADER_KEY, _dump(header), expect=header_entry.revision),
+            ]
+        )
+
+    store._retry(attempt)
+
+
+def remove_recovery(store: EncryptedStore) -> RecoverySetup:
+    """Drop the store's share set (its shares stop working); NotFoundError if it has none."""
+
+    def attempt() -> RecoverySetup:
+        header_entry = store._storage.get(HEADER_KEY)
+        entry = store._storage.get(RECOVERY_KEY)
+        if header_entry is None or entry is None:
+            raise NotFoundError("this store has no recovery shares")
+        setup = _open_setup(store._root_lookup, entry.value)
+        header = _load_json(header_entry.value, "store header")
+        header.pop(SECTION, None)
+        store._commit(
+            [
+                Delete(RECOVERY_KEY, expect=entry.revision),
+                Put(HEADER_KEY, _dump(header), expect=header_entry.revision),
+            ]
+        )
+        return setup
+
+    setup: RecoverySetup = store._retry(attempt)
+    store._scrub()  # the sealed root key of the dropped set leaves the files, not only the header
+    return setup
+
+
+def sealed_root_section(root: DataKey, setup: RecoverySetup) -> dict[str, Any]:
+    """The header's `recovery` section: `root` sealed to the set's public key (format 4.6). A root
+    key rotation calls this with the new root and the setup read from `core/recovery`."""
+    sealed = seal_to_recovery_key(setup.public_key, root.material, _info(root.id, setup.public_key))
+    return {
+        "identifier": setup.identifier,
+        "kind": SECTION_KIND,
+        "root_key_id": root.id,
+        "sealed_root_key": base64.b64encode(sealed).decode("ascii"),
+    }
+
+
+def recover_root(storage: Storage, mnemonics: list[str], **options: Any) -> EncryptedStore:
+    """Open the store on `storage` with recovery shares instead of its unlock source.
+
+    The returned store has no unlock source: give it one with `change_unlock` (a new password or
+    KMS key). NotFoundError if the store has no share set; InvalidInputError for shares that do not
+    parse or combine; UnlockError for shares of another set; IntegrityError for a doctored header."""
+    header = _read_header(storage)
+    section = header.get(SECTION)
+    if section is None:
+        raise NotFoundError(
+            "this store has no recovery shares: they are made with 'secrets-manager recovery init' "
+            "while the store can still be unlocked"
+        )
+    root_id, stored_identifier, sealed = _parse_section(section, header["root_key_id"])
+    private_key = combine_recovery_shares(mnemonics)  # each share parses; one set; enough of them
+    given = describe_share(mnemonics[0])
+    if stored_identifier is not None and given.identifier != stored_identifier:
+        raise UnlockError(_other_set(given, stored_identifier))
+    public_key = recovery_public_key(private_key)
+    try:
+        material = open_with_recovery_key(private_key, sealed, _info(root_id, public_key))
+    except IntegrityError:
+        raise UnlockError(
+            "these recovery shares do not open this store: they belong to another store, or to a "
+            "set that 'recovery init --replace' replaced"
+        ) from None
+    root = DataKey(id=root_id, status=KeyStatus.ENABLED, created=int(header["created"]), material=material)
+    # Only the true root key opens core/recovery, and it must name the key the shares rebuilt.
+    entry = storage.get(RECOVERY_KEY)
+    if entry is None:
+        raise IntegrityError("the recovery record is missing (integrity check failed)")
+    setup = _open_setup(lambda _key_id: root, entry.value)
+    if setup.public_key != public_key:
+        raise IntegrityError("the recovery record does not match the header (integrity check failed)")
+    return EncryptedStore(storage, root, **options)
+
+
+def _open_setup(lookup: Callable[[int], DataKey], record: bytes) -> RecoverySetup:
+    return RecoverySetup.from_bytes(open_record(lookup, Purpose.RECOVERY_KEY, RECOVERY_KEY, 0, record))
+
+
+def _parse_section(section: object, header_root_id: int) -> tuple[int, int | None, bytes]:
+    try:
+        if not isinstance(section, dict) or section["kind"] != SECTION_KIND:
+            raise ValueError(SECTION)
+        root_id = _int(section["root_key_id"])
+        identifier = section.get("identifier")
+        sealed = base64.b64decode(section["sealed_root_key"], validate=True)
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        raise IntegrityError(_DAMAGED) from None
+    if root_id != header_root_id:
+        raise IntegrityError(_DAMAGED)
+    return root_id, identifier if isinstance(identifier, int) else None, sealed
+
+
+def _other_set(given: ShareSet, identifier: int) -> str:
+    return (
+        f"these recovery shares are of set {given.identifier:05d}; this store's set is "
+        f"{identifier:05d} (the number is on every share file)"
+    )
+
+
+def _info(root_id: int, public_key: bytes) -> bytes:
+    """HPKE `info`: binds the sealed root key to its id and to the public key it was sealed to."""
+    return _INFO_PREFIX + struct.pack(">I", root_id) + public_key
+
+
+def _int(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError("not an integer")
+    return value
+
+
+__all__ = [
+    "MAX_SHARES",
+    "SECTION",
+    "NewShares",
+    "RecoverySetup",
+    "install_recovery",
+    "make_recovery_shares",
+    "recover_root",
+    "recovery_setup",
+    "remove_recovery",
+    "sealed_root_section",
+    "share_set_of",
+]
