@@ -12,8 +12,14 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
+import pty
+import select
 import sqlite3
-from collections.abc import Sequence
+import stat
+import subprocess
+import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +35,7 @@ from secrets_manager.store import recovery as rec
 from secrets_manager.store.backup import read_backup, write_backup
 from secrets_manager.store.keys import rotate_root_key
 from secrets_manager.store.restore import restore_new_store
+from service_fixtures import SCRIPT
 
 VALUE = b"recovery-test-SEEKRIT"
 NEW_PASSWORD = b"the new master password"
@@ -260,3 +267,306 @@ def test_a_backup_of_a_store_with_shares_restores_with_its_shares(
     recovered.close()
     with pytest.raises(NotFoundError, match="no recovery shares"):
         _recover(tmp_path / "from-logical" / "secrets.db", list(new.mnemonics[:3]))
+
+
+# ---- the console script --------------------------------------------------------------------------
+
+
+class Cli:
+    """The console script on one store, with the master password in a file."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        directory.mkdir(exist_ok=True)
+        self.store = directory / "store.db"
+        self.password_file = directory / "password.txt"
+        self.password_file.write_text("the old password\n")
+        self.new_password_file = directory / "new-password.txt"
+        self.new_password_file.write_bytes(NEW_PASSWORD + b"\n")
+        self.shares_dir = directory / "shares"
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(directory),
+            "SECRETS_MANAGER_STORE": str(self.store),
+        }
+
+    def __call__(
+        self, *args: str, input: bytes = b"", env: Mapping[str, str | None] | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        merged = {**self.env, **(env or {})}
+        proc = subprocess.run(
+            [str(SCRIPT), *args],
+            input=input,
+            capture_output=True,
+            env={name: value for name, value in merged.items() if value is not None},
+            start_new_session=True,  # no terminal: a prompt fails instead of hanging
+            timeout=120,
+        )
+        assert b"Traceback" not in proc.stderr, proc.stderr
+        return proc
+
+    def with_password(self, *args: str, password: Path | None = None, input: bytes = b"") -> Any:
+        return self("--password-file", str(password or self.password_file), *args, input=input)
+
+    def share_files(self) -> list[Path]:
+        return sorted(self.shares_dir.iterdir())
+
+    def mnemonics(self) -> list[str]:
+        return [_mnemonic(p) for p in self.share_files()]
+
+    def header(self) -> dict[str, Any]:
+        return _header(self.store)
+
+    def audit(self) -> list[dict[str, Any]]:
+        path = self.dir / "store.audit.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _mnemonic(path: Path) -> str:
+    (line,) = [x for x in path.read_text().splitlines() if x and not x.startswith("#")]
+    return line
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    c = Cli(tmp_path)
+    assert c.with_password("init", "--kdf-profile", "test").returncode == 0
+    assert c.with_password("store", "auth/DB_PASSWORD", input=VALUE).returncode == 0
+    return c
+
+
+def test_cli_init_writes_private_share_files_and_status_describes_the_set(cli: Cli) -> None:
+    made = cli.with_password(
+        "recovery", "init", "--shares", "5", "--threshold", "3", "--out-dir", str(cli.shares_dir)
+    )
+    assert made.returncode == 0, made.stderr
+    files = cli.share_files()
+    assert [p.name for p in files] == [f"recovery-share-{i}-of-5.txt" for i in range(1, 6)]
+    assert stat.S_IMODE(cli.shares_dir.stat().st_mode) == 0o700
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in files)
+    assert all(len(_mnemonic(p).split()) == 33 for p in files)
+    status = cli.with_password("recovery", "status", "--json")
+    doc = json.loads(status.stdout)
+    assert (doc["threshold"], doc["shares"]) == (3, 5)
+    assert f"set {doc['set']:05d}" in files[0].read_text()
+    mnemonics = cli.mnemonics()
+    for proc in (made, status):
+        assert not quotes_a_share((proc.stdout + proc.stderr).decode(), mnemonics)
+    ops = [r["operation"] for r in cli.audit()]
+    assert "recovery.init" in ops and "recovery.status" in ops
+    assert not quotes_a_share((cli.dir / "store.audit.jsonl").read_text(), mnemonics)
+
+
+def test_cli_init_never_overwrites_share_files_and_asks_for_replace(cli: Cli) -> None:
+    cli.shares_dir.mkdir(mode=0o700)
+    (cli.shares_dir / "recovery-share-2-of-3.txt").write_text("someone's old share\n")
+    refused = cli.with_password(
+        "recovery", "init", "--shares", "3", "--threshold", "2", "--out-dir", str(cli.shares_dir)
+    )
+    assert refused.returncode == 2
+    assert b"already holds recovery-share-2-of-3.txt" in refused.stderr
+    assert (cli.shares_dir / "recovery-share-2-of-3.txt").read_text() == "someone's old share\n"
+    assert json.loads(cli.with_password("recovery", "status", "--json").stdout) is None
+    first = cli.dir / "first"
+    assert (
+        cli.with_password(
+            "recovery", "init", "--shares", "2", "--threshold", "2", "--out-dir", str(first)
+        ).returncode
+        == 0
+    )
+    again = cli.with_password(
+        "recovery", "init", "--shares", "2", "--threshold", "2", "--out-dir", str(cli.dir / "second")
+    )
+    assert again.returncode == 2 and b"--replace" in again.stderr
+    assert not (cli.dir / "second").exists()  # refused before any share was written
+    bad = cli.with_password(
+        "recovery", "init", "--shares", "3", "--threshold", "4", "--out-dir", str(cli.dir / "x")
+    )
+    assert bad.returncode == 2 and b"--threshold 4 is more than --shares 3" in bad.stderr
+
+
+def test_cli_unlock_with_sets_a_new_password_from_files_or_stdin(cli: Cli) -> None:
+    assert (
+        cli.with_password(
+            "recovery", "init", "--shares", "3", "--threshold", "2", "--out-dir", str(cli.shares_dir)
+        ).returncode
+        == 0
+    )
+    files = cli.share_files()
+    reset = cli(
+        "recovery", "unlock-with", "password", "--share-file", str(files[2]), "--share-file", str(files[0]),
+        "--new-password-file", str(cli.new_password_file), "--kdf-profile", "test",
+    )  # fmt: skip
+    assert reset.returncode == 0, reset.stderr
+    assert cli.with_password("get", "auth/DB_PASSWORD").returncode == 4  # the old password no longer opens
+    got = cli.with_password("get", "auth/DB_PASSWORD", password=cli.new_password_file)
+    assert got.returncode == 0 and got.stdout.rstrip(b"\n") == VALUE
+    piped = "".join(p.read_text() for p in files[1:])  # the files' comment lines and all
+    again = cli(
+        "recovery", "unlock-with", "password", "--new-password-file", str(cli.password_file),
+        "--kdf-profile", "test", input=piped.encode(),
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert cli.with_password("get", "auth/DB_PASSWORD").returncode == 0
+    records = [r for r in cli.audit() if r["operation"] == "recovery.unlock-with"]
+    assert [r["outcome"] for r in records] == ["pending", "ok", "pending", "ok"]
+    assert cli.with_password("audit", "verify").returncode == 0
+
+
+def test_cli_unlock_with_bad_shares_gives_one_line_and_its_exit_code(cli: Cli, tmp_path: Path) -> None:
+    assert (
+        cli.with_password(
+            "recovery", "init", "--shares", "3", "--threshold", "2", "--out-dir", str(cli.shares_dir)
+        ).returncode
+        == 0
+    )
+    files = cli.share_files()
+    mnemonics = cli.mnemonics()
+    damaged = tmp_path / "damaged.txt"
+    damaged.write_text(_mnemonic(files[0]).replace(" ", "  ", 1)[:-3] + "xyz\n")
+    other = Cli(tmp_path / "other")
+    assert other.with_password("init", "--kdf-profile", "test").returncode == 0
+    assert (
+        other.with_password(
+            "recovery", "init", "--shares", "2", "--threshold", "2", "--out-dir", str(other.shares_dir)
+        ).returncode
+        == 0
+    )
+    before = cli.store.read_bytes()
+    cases = [
+        ([files[0]], 2, "1 recovery share(s) given; this set needs 2"),
+        ([damaged, files[1]], 2, "share 1: not a valid recovery share"),
+        ([tmp_path / "missing.txt"], 2, "does not exist"),
+        ([cli.password_file], 2, "share 1: not a valid recovery share"),
+        (other.share_files(), 4, "this store's set is"),
+    ]
+    for share_files, code, message in cases:
+        args = [a for p in share_files for a in ("--share-file", str(p))]
+        proc = cli(
+            "recovery", "unlock-with", "password", *args, "--new-password-file", str(cli.new_password_file)
+        )
+        assert proc.returncode == code, (share_files, proc.stderr)
+        assert message.encode() in proc.stderr
+        assert len(proc.stderr.decode().strip().splitlines()) == 1
+        assert not quotes_a_share(proc.stderr.decode(), mnemonics)
+    assert cli.store.read_bytes() == before
+    denied = [r for r in cli.audit() if r["operation"] == "unlock" and r["decision"] == "deny"]
+    assert len(denied) == 1  # the foreign set's shares, as a wrong password would be
+    no_input = cli("recovery", "unlock-with", "password", "--new-password-file", str(cli.new_password_file))
+    assert no_input.returncode == 2 and b"--share-file" in no_input.stderr
+    kms_no_key = cli("recovery", "unlock-with", "kms", "--share-file", str(files[0]))
+    assert kms_no_key.returncode == 2 and b"give the KMS key" in kms_no_key.stderr
+
+
+def test_cli_remove_makes_the_shares_useless(cli: Cli) -> None:
+    assert (
+        cli.with_password(
+            "recovery", "init", "--shares", "2", "--threshold", "2", "--out-dir", str(cli.shares_dir)
+        ).returncode
+        == 0
+    )
+    removed = cli.with_password("recovery", "remove")
+    assert removed.returncode == 0 and b"no longer open the store" in removed.stderr
+    args = [a for p in cli.share_files() for a in ("--share-file", str(p))]
+    proc = cli(
+        "recovery", "unlock-with", "password", *args, "--new-password-file", str(cli.new_password_file)
+    )
+    assert proc.returncode == 3 and b"no recovery shares" in proc.stderr
+    assert cli.with_password("recovery", "remove").returncode == 3
+
+
+def test_a_kms_store_whose_key_is_gone_is_recovered_with_no_aws_at_all(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    """The disaster recovery shares are for: the KMS key was deleted (here: no AWS reachable)."""
+    import boto3
+
+    aws = {
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "eu-west-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    kms = boto3.client(
+        "kms", region_name="eu-west-1", endpoint_url=moto_endpoint,
+        aws_access_key_id="testing", aws_secret_access_key="testing",
+    )  # fmt: skip
+    key = kms.create_key()["KeyMetadata"]["Arn"]
+    cli = Cli(tmp_path)
+    cli.env.update(aws)
+    assert cli("init", "--kms-key", key).returncode == 0
+    assert cli("store", "auth/DB_PASSWORD", input=VALUE).returncode == 0
+    assert (
+        cli(
+            "recovery", "init", "--shares", "3", "--threshold", "2", "--out-dir", str(cli.shares_dir)
+        ).returncode
+        == 0
+    )
+    no_aws = {name: None for name in aws} | {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    assert cli("get", "auth/DB_PASSWORD", env=no_aws).returncode != 0
+    args = [a for p in cli.share_files()[:2] for a in ("--share-file", str(p))]
+    reset = cli(
+        "recovery", "unlock-with", "password", *args, "--new-password-file", str(cli.new_password_file),
+        "--kdf-profile", "test", env=no_aws,
+    )  # fmt: skip
+    assert reset.returncode == 0, reset.stderr
+    got = cli("--password-file", str(cli.new_password_file), "get", "auth/DB_PASSWORD", env=no_aws)
+    assert got.returncode == 0 and got.stdout.rstrip(b"\n") == VALUE
+    # And back to a (new) KMS key once AWS is there again: shares piped on stdin, no password.
+    new_key = kms.create_key()["KeyMetadata"]["Arn"]
+    piped = "\n".join(cli.mnemonics()[1:]).encode()
+    to_kms = cli("recovery", "unlock-with", "kms", new_key, input=piped)
+    assert to_kms.returncode == 0, to_kms.stderr
+    assert cli("get", "auth/DB_PASSWORD").stdout.rstrip(b"\n") == VALUE
+    assert cli.header()["unlock"]["key_arn"] == new_key
+
+
+def test_cli_unlock_with_asks_for_each_share_on_the_terminal_without_echo(cli: Cli) -> None:
+    assert (
+        cli.with_password(
+            "recovery", "init", "--shares", "3", "--threshold", "2", "--out-dir", str(cli.shares_dir)
+        ).returncode
+        == 0
+    )
+    mnemonics = cli.mnemonics()
+    args = ["recovery", "unlock-with", "password", "--new-password-file", str(cli.new_password_file)]
+    args += ["--kdf-profile", "test"]
+    pid, terminal = pty.fork()
+    if pid == 0:  # the child: its controlling terminal is the pseudo-terminal
+        try:
+            os.execve(str(SCRIPT), [str(SCRIPT), *args], cli.env)  # noqa: S606 (our script, fixed args)
+        finally:
+            os._exit(127)  # never return into pytest in the child
+    seen = b""
+    try:
+        for answer in (mnemonics[2], mnemonics[0]):
+            seen += _read_until(terminal, b": ")
+            os.write(terminal, answer.encode() + b"\n")
+        seen += _read_until(terminal, None)
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(terminal)
+    assert os.waitstatus_to_exitcode(status) == 0, seen
+    assert b"Recovery share 1: " in seen and b"Recovery share 2 of 2: " in seen
+    assert not quotes_a_share(seen.decode(errors="replace"), mnemonics)  # never echoed
+    got = cli.with_password("get", "auth/DB_PASSWORD", password=cli.new_password_file)
+    assert got.returncode == 0 and got.stdout.rstrip(b"\n") == VALUE
+
+
+def _read_until(fd: int, marker: bytes | None, timeout: float = 60.0) -> bytes:
+    """Read the terminal until `marker` has been seen (None: until the child closes it)."""
+    deadline = time.monotonic() + timeout
+    data = b""
+    while marker is None or marker not in data:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise AssertionError(f"no {marker!r} on the terminal within {timeout} s: {data!r}")
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child exited and closed the terminal
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data

@@ -16,6 +16,7 @@ from secrets_manager.cli import (
     backup_commands,  # noqa: F401  (registers `backup` and `restore`)
     keys_commands,  # noqa: F401  (registers `keys`)
     pki_commands,  # noqa: F401  (registers `pki`)
+    recovery_commands,  # noqa: F401  (registers `recovery`)
     rotate_commands,  # noqa: F401  (registers `rotate`)
     run_command,  # noqa: F401  (registers `run`)
     schedule_commands,  # noqa: F401  (registers `schedule`)

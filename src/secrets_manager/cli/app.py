@@ -66,6 +66,7 @@ from secrets_manager.store.url import (
     new_password_unlock,
     open_external_store,
     open_store,
+    open_store_with_recovery,
     store_exists,
     store_location,
 )
@@ -278,6 +279,30 @@ class Session:
         with self._audited(
             lambda: self.unlock_encrypted(operation), operation, name, mutating=mutating
         ) as opened:
+            yield opened
+
+    @contextmanager
+    def recovery_operation(
+        self, operation: str, mnemonics: list[str]
+    ) -> Iterator[tuple[EncryptedStore, AuditEvent]]:
+        """One audited operation on our store opened with recovery shares instead of its unlock
+        source (the password or KMS key is lost). Shares that do not open it are audited as a
+        denied unlock, as a wrong password is."""
+
+        def opener() -> EncryptedStore:
+            try:
+                return open_store_with_recovery(
+                    self.store_url,
+                    mnemonics,
+                    environment=self.environment,
+                    actor=self.actor,
+                    audit_path=self.audit_path,
+                )
+            except UnlockError as exc:
+                self._audit_denied_unlock(exc)
+                raise
+
+        with self._audited(opener, operation, None, mutating=True) as opened:
             yield opened
 
     @contextmanager
@@ -756,29 +781,39 @@ def unlock_with(
     secrets-manager unlock-with kms arn:aws:kms:eu-west-1:111122223333:key/…
     secrets-manager unlock-with password --new-password-file new-password.txt"""
     session.require_local("unlock-with")
+    new_password = new_unlock_arguments("unlock-with", source, kms_key, new_password_file, session)
+    with session.operation("unlock-with", mutating=True) as (store, _):
+        store.change_unlock(new_unlock_source(session, kms_key, new_password, kdf_profile))
+    info_line(f"the store is now unlocked by {f'AWS KMS key {kms_key}' if kms_key else 'the new password'}")
+
+
+def new_unlock_arguments(
+    command: str, source: str, kms_key: str | None, new_password_file: str | None, session: Session
+) -> bytes | None:
+    """Check `COMMAND password|kms [KMS_KEY] [--new-password-file]`; the new password if a file
+    gives it (read before anything is opened, so a bad file changes nothing)."""
     if source == "kms" and not kms_key:
-        raise InvalidInputError("give the KMS key: 'unlock-with kms KEY' (an ARN, key id or alias)")
+        raise InvalidInputError(f"give the KMS key: '{command} kms KEY' (an ARN, key id or alias)")
     if source == "kms" and new_password_file:
-        raise InvalidInputError("--new-password-file goes with 'unlock-with password', not with kms")
+        raise InvalidInputError(f"--new-password-file goes with '{command} password', not with kms")
     if source == "password" and kms_key:
         raise InvalidInputError(
-            "'unlock-with password' takes no key: the new password comes from a prompt or file"
+            f"'{command} password' takes no key: the new password comes from a prompt or file"
         )
-    new_password = (
-        read_password_file(Path(new_password_file), environment=session.environment)
-        if new_password_file
-        else None
-    )
-    with session.operation("unlock-with", mutating=True) as (store, _):
-        unlock: UnlockSource
-        if kms_key:
-            unlock = AwsKmsUnlock(kms_key)
-        else:
-            if new_password is None:
-                new_password = prompt_password("New master password", confirm=True)
-            unlock = new_password_unlock(new_password, kdf_profile, environment=session.environment)
-        store.change_unlock(unlock)
-    info_line(f"the store is now unlocked by {f'AWS KMS key {kms_key}' if kms_key else 'the new password'}")
+    if new_password_file:
+        return read_password_file(Path(new_password_file), environment=session.environment)
+    return None
+
+
+def new_unlock_source(
+    session: Session, kms_key: str | None, new_password: bytes | None, kdf_profile: str
+) -> UnlockSource:
+    """The AWS KMS key `kms_key`, or else the new password (asked twice now if no file gave it)."""
+    if kms_key:
+        return AwsKmsUnlock(kms_key)
+    if new_password is None:
+        new_password = prompt_password("New master password", confirm=True)
+    return new_password_unlock(new_password, kdf_profile, environment=session.environment)
 
 
 def read_value(value: str | None, value_file: str | None, *, raw: bool) -> SecretValue:

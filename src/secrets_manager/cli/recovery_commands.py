@@ -1,0 +1,269 @@
+"""`secrets-manager recovery …`: shares that open the store when its password or KMS key is lost.
+
+    recovery init --shares N --threshold K --out-dir DIR [--replace]
+    recovery status [--json]
+    recovery remove
+    recovery unlock-with password|kms [KMS_KEY] [--share-file F]... [--new-password-file P]
+
+Like Vault's recovery keys: `init` splits a recovery key among N people (any K of them rebuild it)
+as SLIP-0039 word lists, one file each; `unlock-with` later takes K of them instead of the lost
+password and sets a new password or KMS key. Audited as `recovery.init`, `recovery.status`,
+`recovery.remove`, `recovery.unlock-with`. The work is in `store/recovery.py`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import click
+
+from secrets_manager.cli.app import (
+    Session,
+    cli,
+    kdf_profile_option,
+    new_unlock_arguments,
+    new_unlock_source,
+    pass_session,
+)
+from secrets_manager.cli.output import info_line, print_json, print_table, timestamp
+from secrets_manager.cli.password import terminal_available
+from secrets_manager.errors import InvalidInputError
+from secrets_manager.store.recovery import (
+    MAX_SHARES,
+    NewShares,
+    RecoverySetup,
+    install_recovery,
+    make_recovery_shares,
+    recovery_setup,
+    remove_recovery,
+    share_set_of,
+)
+
+SHARE_FILE = "recovery-share-{index}-of-{shares}.txt"
+MAX_SHARE_FILE_SIZE = 4096  # a share is 33 words; anything much larger is not a share file
+
+
+@cli.group()
+def recovery() -> None:
+    """Recovery shares: open the store when its master password or KMS key is lost.
+
+    \b
+    secrets-manager recovery init --shares 5 --threshold 3 --out-dir shares/
+        hand each file to a different person, then delete them here
+    secrets-manager recovery unlock-with password --share-file a.txt --share-file b.txt ...
+        any 3 of the 5 set a new master password (or 'kms KEY': a new KMS key)
+    """
+
+
+@recovery.command("init")
+@click.option(
+    "--shares", type=click.IntRange(1, MAX_SHARES), required=True, help="How many shares to make (1-16)."
+)
+@click.option(
+    "--threshold",
+    type=click.IntRange(1, MAX_SHARES),
+    required=True,
+    help="How many shares open the store (2 or more, unless --shares is 1).",
+)
+@click.option(
+    "--out-dir",
+    metavar="DIR",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write one file per share here (created 0700 if missing; files 0600, never overwritten).",
+)
+@click.option("--replace", is_flag=True, help="Replace the store's share set: the old shares stop working.")
+@pass_session
+def init(session: Session, shares: int, threshold: int, out_dir: Path, replace: bool) -> None:
+    """Make recovery shares for the store: any THRESHOLD of the SHARES files open it instead of
+    its master password or KMS key. No secret is re-encrypted; root key rotations keep them valid."""
+    session.require_local("recovery init")
+    if threshold > shares:
+        raise InvalidInputError(f"--threshold {threshold} is more than --shares {shares}")
+    paths = [out_dir / SHARE_FILE.format(index=i, shares=shares) for i in range(1, shares + 1)]
+    taken = [p.name for p in paths if p.exists()]
+    if taken:
+        raise InvalidInputError(
+            f"{out_dir} already holds {', '.join(taken)}; move the old shares away or pick another --out-dir"
+        )
+    with session.operation("recovery.init", mutating=True) as (store, _):
+        if recovery_setup(store) is not None and not replace:
+            raise InvalidInputError(
+                "this store has recovery shares already; give --replace to make a new set (the old "
+                "shares then stop working)"
+            )
+        new = make_recovery_shares(threshold=threshold, shares=shares)
+        _write_share_files(new, paths, session.store_url or "the default store")
+        try:
+            install_recovery(store, new, replace=replace)
+        except BaseException:
+            for path in paths:  # shares of a set the store does not have must not circulate
+                path.unlink(missing_ok=True)
+            raise
+    info_line(
+        f"wrote {shares} recovery shares (set {new.setup.identifier:05d}) to {out_dir}: any {threshold} "
+        "open the store. Give each file to a different person, keep them offline, and delete them here"
+    )
+
+
+@recovery.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the share set as JSON.")
+@pass_session
+def status(session: Session, as_json: bool) -> None:
+    """Show the store's recovery share set: how many shares, how many open it, when made."""
+    session.require_local("recovery status")
+    with session.operation("recovery.status") as (store, _):
+        setup = recovery_setup(store)
+    if as_json:
+        print_json(None if setup is None else _setup_doc(setup))
+    elif setup is None:
+        info_line("this store has no recovery shares (make them with 'secrets-manager recovery init')")
+    else:
+        print_table(
+            ["set", "threshold", "shares", "created", "public key (SHA-256)"],
+            [
+                [
+                    f"{setup.identifier:05d}",
+                    str(setup.threshold),
+                    str(setup.shares),
+                    _created(setup),
+                    setup.fingerprint,
+                ]
+            ],
+        )
+
+
+@recovery.command("remove")
+@pass_session
+def remove(session: Session) -> None:
+    """Drop the store's recovery shares: every share of the set stops working."""
+    session.require_local("recovery remove")
+    with session.operation("recovery.remove", mutating=True) as (store, _):
+        setup = remove_recovery(store)
+    info_line(f"removed recovery share set {setup.identifier:05d}: its shares no longer open the store")
+
+
+@recovery.command("unlock-with")
+@click.argument("source", type=click.Choice(["password", "kms"]))
+@click.argument("kms_key", metavar="[KMS_KEY]", required=False)
+@click.option(
+    "--share-file",
+    "share_files",
+    multiple=True,
+    metavar="PATH",
+    help="A recovery share file (repeat for each). Without it: one share per line on stdin, or asked "
+    "for on the terminal.",
+)
+@click.option("--new-password-file", metavar="PATH", help="Read the new master password from this file.")
+@kdf_profile_option("Argon2id cost of the new password ('test' is for test suites only).")
+@pass_session
+def unlock_with(
+    session: Session,
+    source: str,
+    kms_key: str | None,
+    share_files: tuple[str, ...],
+    new_password_file: str | None,
+    kdf_profile: str,
+) -> None:
+    """Set what unlocks the store, opening it with recovery shares instead of the lost password
+    or KMS key: 'password' (a new master password) or 'kms KMS_KEY'. The shares stay valid."""
+    session.require_local("recovery unlock-with")
+    new_password = new_unlock_arguments("recovery unlock-with", source, kms_key, new_password_file, session)
+    mnemonics = [_read_share_file(Path(p)) for p in share_files] if share_files else _shares_from_input()
+    with session.recovery_operation("recovery.unlock-with", mnemonics) as (store, _):
+        store.change_unlock(new_unlock_source(session, kms_key, new_password, kdf_profile))
+    info_line(
+        f"the store is now unlocked by {f'AWS KMS key {kms_key}' if kms_key else 'the new password'}; "
+        "the recovery shares still open it"
+    )
+
+
+def _write_share_files(new: NewShares, paths: list[Path], store: str) -> None:
+    """One 0600 file per share, created exclusively in a 0700 directory; all or none."""
+    out_dir = paths[0].parent
+    try:
+        out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot create {out_dir}: {exc.strerror}") from None
+    made = datetime.fromtimestamp(new.setup.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    written: list[Path] = []
+    try:
+        for index, (path, mnemonic) in enumerate(zip(paths, new.mnemonics, strict=True), 1):
+            text = (
+                f"# secrets-manager recovery share {index} of {new.setup.shares}: any "
+                f"{new.setup.threshold} open the store\n"
+                f"# set {new.setup.identifier:05d}, made {made} for {store}\n"
+                "# Keep it offline and apart from the other shares and from the store.\n"
+                f"{mnemonic}\n"
+            )
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            written.append(path)
+            with os.fdopen(fd, "w", encoding="ascii") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+    except OSError as exc:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise InvalidInputError(f"cannot write the share files in {out_dir}: {exc.strerror}") from None
+
+
+def _read_share_file(path: Path) -> str:
+    try:
+        if path.stat().st_size > MAX_SHARE_FILE_SIZE:
+            raise InvalidInputError(f"{path} is not a recovery share file (too large)")
+        text = path.read_text(encoding="ascii")
+    except FileNotFoundError:
+        raise InvalidInputError(f"share file {path} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidInputError(f"share file {path} is a directory") from None
+    except PermissionError:
+        raise InvalidInputError(f"cannot read share file {path}: permission denied") from None
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"{path} is not a recovery share file (not plain text)") from None
+    words = _share_lines(text)
+    if len(words) != 1:
+        raise InvalidInputError(f"{path} is not a recovery share file: it should hold one line of words")
+    return words[0]
+
+
+def _shares_from_input() -> list[str]:
+    """Shares piped on stdin (one per line), or typed at the terminal without echo."""
+    if not sys.stdin.isatty():
+        data = sys.stdin.read(MAX_SHARES * MAX_SHARE_FILE_SIZE)
+        shares = _share_lines(data)
+        if not shares:
+            raise InvalidInputError(
+                "no recovery shares: give --share-file (repeatable) or one share per line on stdin"
+            )
+        return shares
+    if not terminal_available():
+        raise InvalidInputError("no recovery shares: give --share-file (repeatable)")
+    first = getpass.getpass("Recovery share 1: ")
+    needed = share_set_of(first).threshold
+    shares = [first]
+    while len(shares) < needed:
+        shares.append(getpass.getpass(f"Recovery share {len(shares) + 1} of {needed}: "))
+    return shares
+
+
+def _share_lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _setup_doc(setup: RecoverySetup) -> dict[str, object]:
+    return {
+        "set": setup.identifier,
+        "threshold": setup.threshold,
+        "shares": setup.shares,
+        "created": _created(setup),
+        "fingerprint": setup.fingerprint,
+    }
+
+
+def _created(setup: RecoverySetup) -> str:
+    return timestamp(datetime.fromtimestamp(setup.created, UTC))
