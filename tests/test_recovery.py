@@ -570,3 +570,40 @@ def _read_until(fd: int, marker: bytes | None, timeout: float = 60.0) -> bytes:
             break
         data += chunk
     return data
+
+
+def test_a_postgresql_store_in_production_is_recovered_and_its_shares_outlive_a_root_rotation(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    cli = Cli(tmp_path)
+    url = f"{postgres_cluster.url()}?schema={postgres_cluster.new_schema()}"
+    cli.env.update({"SECRETS_MANAGER_STORE": url, "SHRIVENQUANT_ENV": "production", **postgres_cluster.env()})
+    for path in (cli.password_file, cli.new_password_file):
+        path.chmod(0o600)  # production refuses password files others can read
+    assert cli.with_password("init").returncode == 0
+    assert cli.with_password("store", "auth/DB_PASSWORD", input=VALUE).returncode == 0
+    made = cli.with_password(
+        "recovery", "init", "--shares", "3", "--threshold", "2", "--out-dir", str(cli.shares_dir)
+    )
+    assert made.returncode == 0, made.stderr
+    assert cli.with_password("keys", "rotate", "--root").returncode == 0
+    args = [a for p in cli.share_files()[1:] for a in ("--share-file", str(p))]
+    weak = cli(
+        "recovery",
+        "unlock-with",
+        "password",
+        *args,
+        "--new-password-file",
+        str(cli.new_password_file),
+        "--kdf-profile",
+        "test",
+    )
+    assert weak.returncode != 0 and b"too weak for production" in weak.stderr
+    reset = cli(
+        "recovery", "unlock-with", "password", *args, "--new-password-file", str(cli.new_password_file)
+    )
+    assert reset.returncode == 0, reset.stderr
+    got = cli.with_password("get", "auth/DB_PASSWORD", password=cli.new_password_file)
+    assert got.returncode == 0 and got.stdout.rstrip(b"\n") == VALUE
+    assert cli.with_password("get", "auth/DB_PASSWORD").returncode == 4
+    assert cli.with_password("audit", "verify", password=cli.new_password_file).returncode == 0
