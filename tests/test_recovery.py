@@ -582,10 +582,16 @@ def test_a_postgresql_store_in_production_is_recovered_and_its_shares_outlive_a_
         path.chmod(0o600)  # production refuses password files others can read
     assert cli.with_password("init").returncode == 0
     assert cli.with_password("store", "auth/DB_PASSWORD", input=VALUE).returncode == 0
-    made = cli.with_password(
-        "recovery", "init", "--shares", "3", "--threshold", "2", "--out-dir", str(cli.shares_dir)
-    )
+    made = cli(
+        "--store", postgres_cluster.url(with_password=True) + url[url.index("?") :],
+        "--password-file", str(cli.password_file),
+        "recovery", "init", "--shares", "3", "--threshold", "2", "--out-dir", str(cli.shares_dir),
+        env={"SHRIVENQUANT_ENV": "development"},  # production refuses a password in the URL
+    )  # fmt: skip
     assert made.returncode == 0, made.stderr
+    share_text = cli.share_files()[0].read_text()
+    assert postgres_cluster.env()["PGPASSWORD"] not in share_text  # the URL's password is not copied
+    assert f"for {url[: url.index('?')]}" in share_text
     assert cli.with_password("keys", "rotate", "--root").returncode == 0
     args = [a for p in cli.share_files()[1:] for a in ("--share-file", str(p))]
     weak = cli(

@@ -42,6 +42,7 @@ from secrets_manager.store.recovery import (
     remove_recovery,
     share_set_of,
 )
+from secrets_manager.store.url import store_location
 
 SHARE_FILE = "recovery-share-{index}-of-{shares}.txt"
 MAX_SHARE_FILE_SIZE = 4096  # a share is 33 words; anything much larger is not a share file
@@ -97,7 +98,7 @@ def init(session: Session, shares: int, threshold: int, out_dir: Path, replace: 
                 "shares then stop working)"
             )
         new = make_recovery_shares(threshold=threshold, shares=shares)
-        _write_share_files(new, paths, session.store_url or "the default store")
+        _write_share_files(new, paths, store_location(session.store_url))  # never a URL's password
         try:
             install_recovery(store, new, replace=replace)
         except BaseException:
