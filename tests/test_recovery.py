@@ -73,6 +73,11 @@ def _header(path: Path) -> dict[str, Any]:
     return dict(json.loads(raw))
 
 
+def _store_files(path: Path) -> bytes:
+    """The store file and its SQLite companions (WAL, shared memory), as bytes."""
+    return b"".join(p.read_bytes() for p in path.parent.iterdir() if p.name.startswith(path.name))
+
+
 def _write_header(path: Path, header: dict[str, Any]) -> None:
     with sqlite3.connect(path) as db:
         db.execute("UPDATE entries SET value = ? WHERE key = 'core/header'", (json.dumps(header).encode(),))
@@ -150,9 +155,11 @@ def test_a_replaced_set_no_longer_opens_and_replacing_must_be_asked_for(
     with pytest.raises(InvalidInputError, match="--replace"):
         rec.install_recovery(encrypted_store, rec.make_recovery_shares(threshold=2, shares=2))
     assert rec.recovery_setup(encrypted_store) == old.setup
+    old_seal = _header(tmp_store_path)["recovery"]["sealed_root_key"].encode()
     new = rec.make_recovery_shares(threshold=2, shares=2)
     rec.install_recovery(encrypted_store, new, replace=True)
     assert rec.recovery_setup(encrypted_store) == new.setup
+    assert old_seal not in _store_files(tmp_store_path)  # erased from the file and its WAL too
     if old.setup.identifier != new.setup.identifier:  # 15-bit identifiers: 1 in 32768 collide
         with pytest.raises(UnlockError, match="set"):
             _recover(tmp_store_path, list(old.mnemonics[:3]))
@@ -170,7 +177,10 @@ def test_removed_shares_no_longer_open_the_store(
     encrypted_store: EncryptedStore, tmp_store_path: Path
 ) -> None:
     new = _shares(encrypted_store)
+    seal = _header(tmp_store_path)["recovery"]["sealed_root_key"].encode()
+    assert seal in _store_files(tmp_store_path)
     assert rec.remove_recovery(encrypted_store) == new.setup
+    assert seal not in _store_files(tmp_store_path)
     assert rec.recovery_setup(encrypted_store) is None
     assert "recovery" not in _header(tmp_store_path)
     with pytest.raises(NotFoundError, match="no recovery shares"):
@@ -232,9 +242,7 @@ def test_the_recovery_key_is_never_stored(
     monkeypatch.setattr(rec, "new_recovery_key", remembered)
     new = _shares(encrypted_store)
     encrypted_store.close()
-    files = b"".join(
-        p.read_bytes() for p in tmp_store_path.parent.iterdir() if p.name.startswith(tmp_store_path.name)
-    )
+    files = _store_files(tmp_store_path)
     (private_key,) = made
     assert private_key not in files and base64.b64encode(private_key) not in files
     assert not any(m.split()[5].encode() + b" " + m.split()[6].encode() in files for m in new.mnemonics)

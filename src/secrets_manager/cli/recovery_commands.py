@@ -14,7 +14,6 @@ password and sets a new password or KMS key. Audited as `recovery.init`, `recove
 from __future__ import annotations
 
 import getpass
-import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,6 +42,7 @@ from secrets_manager.store.recovery import (
     share_set_of,
 )
 from secrets_manager.store.url import store_location
+from secrets_manager.tls.files import make_private_directory, write_private_file
 
 SHARE_FILE = "recovery-share-{index}-of-{shares}.txt"
 MAX_SHARE_FILE_SIZE = 4096  # a share is 33 words; anything much larger is not a share file
@@ -184,12 +184,8 @@ def unlock_with(
 
 
 def _write_share_files(new: NewShares, paths: list[Path], store: str) -> None:
-    """One 0600 file per share, created exclusively in a 0700 directory; all or none."""
-    out_dir = paths[0].parent
-    try:
-        out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InvalidInputError(f"cannot create {out_dir}: {exc.strerror}") from None
+    """One 0600 file per share, written atomically and durably in a 0700 directory; all or none."""
+    make_private_directory(paths[0].parent)
     made = datetime.fromtimestamp(new.setup.created, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     written: list[Path] = []
     try:
@@ -201,16 +197,12 @@ def _write_share_files(new: NewShares, paths: list[Path], store: str) -> None:
                 "# Keep it offline and apart from the other shares and from the store.\n"
                 f"{mnemonic}\n"
             )
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            write_private_file(path, text.encode("ascii"), overwrite=False)
             written.append(path)
-            with os.fdopen(fd, "w", encoding="ascii") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-    except OSError as exc:
+    except BaseException:
         for path in written:
             path.unlink(missing_ok=True)
-        raise InvalidInputError(f"cannot write the share files in {out_dir}: {exc.strerror}") from None
+        raise
 
 
 def _read_share_file(path: Path) -> str:

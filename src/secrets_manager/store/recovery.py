@@ -161,6 +161,8 @@ def install_recovery(store: EncryptedStore, new: NewShares, *, replace: bool = F
         )
 
     store._retry(attempt)
+    if replace:
+        store._scrub()  # the root key sealed to the old set's key leaves the files too
 
 
 def remove_recovery(store: EncryptedStore) -> RecoverySetup:
