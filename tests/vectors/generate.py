@@ -2,17 +2,19 @@
 
     /tmp/venv/bin/python tests/vectors/generate.py
 
-Every input is fixed (keys, key ids, nonces, salt, password), so the output is byte-for-byte
-reproducible. Each record is built twice: once from the primitives exactly as docs/format.md
-describes it (struct + AES-GCM, below) and once through `seal_record`; the script stops if the two
-differ. The generated JSON files are committed; `tests/test_vectors.py` replays them and never runs
-this script, so a change to the format makes that test fail until the corpus is regenerated on
-purpose.
+Every input is fixed (keys, key ids, nonces, salt, password, the randomness of the SLIP-0039
+split), so the output is byte-for-byte reproducible. HPKE draws its ephemeral key inside the
+library, so the recovery seal (4.6) is a fixed constant below, made once and checked here.
+Each record is built twice: once from the primitives exactly as docs/format.md describes it
+(struct + AES-GCM, below) and once through `seal_record`; the script stops if the two differ.
+The generated JSON files are committed; `tests/test_vectors.py` replays them and never runs this
+script, so a change to the format makes that test fail until the corpus is regenerated on purpose.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import struct
 import sys
@@ -20,10 +22,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import shamir_mnemonic
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from secrets_manager.crypto import DataKey, Keyset, KeyStatus, Purpose, derive_unlock_key, seal_record
 from secrets_manager.crypto.kdf import TEST
+from secrets_manager.crypto.recovery import open_with_recovery_key
 
 OUT = Path(__file__).resolve().parent
 
@@ -436,8 +441,159 @@ def unlock_vectors() -> dict[str, dict[str, Any]]:
     }
 
 
+# ---- recovery shares (docs/format.md 4.6) --------------------------------------------------------
+
+RECOVERY_PRIVATE_KEY = bytes(range(0x80, 0xA0))
+RECOVERY_CREATED = 1_700_000_300
+# HPKE base mode, DHKEM(X25519, HKDF-SHA256), HKDF-SHA256, AES-256-GCM: ROOT's material sealed to
+# RECOVERY_PRIVATE_KEY's public key with the info of 4.6. Made once (HPKE picks its ephemeral key).
+RECOVERY_SEALED_ROOT = bytes.fromhex(
+    "59cffb7270590cb5eded6153ffadcde356b99c940a32b26166c42ee93de54079"
+    "fab1a071f2a259e65a6fdecbbeb6a404629248021b6abff0cb2f9c75b26d313e"
+    "3f533a48c9b20af0d72da9de476de9d9"
+)
+
+
+def recovery_info(root_key_id: int, public_key: bytes) -> bytes:
+    return b"secrets-manager recovery\x00" + struct.pack(">I", root_key_id) + public_key
+
+
+def fixed_shares(private_key: bytes, threshold: int, count: int, seed: bytes) -> list[str]:
+    """SLIP-0039 shares with the library's randomness replaced by SHA-256 of `seed` ‖ counter."""
+    counter = 0
+
+    def fixed_bytes(length: int) -> bytes:
+        nonlocal counter
+        out = b""
+        while len(out) < length:
+            counter += 1
+            out += hashlib.sha256(seed + struct.pack(">I", counter)).digest()
+        return out[:length]
+
+    original = shamir_mnemonic.shamir.RANDOM_BYTES
+    shamir_mnemonic.shamir.RANDOM_BYTES = fixed_bytes
+    try:
+        (shares,) = shamir_mnemonic.generate_mnemonics(1, [(threshold, count)], private_key)
+    finally:
+        shamir_mnemonic.shamir.RANDOM_BYTES = original
+    return list(shares)
+
+
+def recovery_vectors() -> dict[str, dict[str, Any]]:
+    private_key = RECOVERY_PRIVATE_KEY
+    public_key = X25519PrivateKey.from_private_bytes(private_key).public_key().public_bytes_raw()
+    if (
+        open_with_recovery_key(private_key, RECOVERY_SEALED_ROOT, recovery_info(ROOT.id, public_key))
+        != ROOT.material
+    ):
+        sys.exit("the fixed recovery seal does not open to ROOT under docs/format.md 4.6")
+    shares = fixed_shares(private_key, 2, 3, b"secrets-manager test vectors")
+    foreign = fixed_shares(bytes(range(0xA0, 0xC0)), 2, 3, b"another set")
+    identifier = shamir_mnemonic.Share.from_mnemonic(shares[0]).identifier
+
+    def setup_record(public: bytes) -> str:
+        doc = {
+            "created": RECOVERY_CREATED,
+            "identifier": identifier,
+            "public_key": base64.b64encode(public).decode(),
+            "shares": 3,
+            "threshold": 2,
+        }
+        plaintext = canonical(doc).encode()
+        nonce = next_nonce()
+        ad = spec_associated_data(Purpose.RECOVERY_KEY, ROOT.id, "core/recovery", 0)
+        record = spec_record(ROOT.material, ROOT.id, nonce, ad, plaintext)
+        if seal_record(ROOT, Purpose.RECOVERY_KEY, "core/recovery", 0, plaintext, nonce=nonce) != record:
+            sys.exit("seal_record disagrees with docs/format.md for core/recovery")
+        return record.hex()
+
+    section = {
+        "identifier": identifier,
+        "kind": "x25519-hpke",
+        "root_key_id": ROOT.id,
+        "sealed_root_key": base64.b64encode(RECOVERY_SEALED_ROOT).decode(),
+    }
+    unlock, _ = unlock_section(PASSWORD, SALT)
+    header = {
+        "created": ROOT.created,
+        "format": 1,
+        "root_key_id": ROOT.id,
+        "unlock": unlock,
+        "recovery": section,
+    }
+    record = setup_record(public_key)
+
+    def vector(
+        description: str,
+        expect: str,
+        given: list[str],
+        *,
+        header_changes: dict[str, Any] | None = None,
+        section_changes: dict[str, Any] | None = None,
+        recovery_record: str | None = record,
+    ) -> dict[str, Any]:
+        doc = {**header, **(header_changes or {}), "recovery": {**section, **(section_changes or {})}}
+        out = {
+            "description": description,
+            "kind": "recovery",
+            "expect": expect,
+            "shares": given,
+            "header": doc,
+            "recovery_record": recovery_record,
+        }
+        if expect == "ok":
+            out.update(public_key=public_key.hex(), root_key_id=ROOT.id, root_key=ROOT.material.hex())
+        return out
+
+    words = shares[0].split()
+    mistyped = " ".join([*words[:12], "academic" if words[12] != "academic" else "acid", *words[13:]])
+    flipped = base64.b64encode(flip(RECOVERY_SEALED_ROOT, 40)).decode()
+    return {
+        "recovery_good": vector(
+            "shares 1 and 3 of 3 (threshold 2) open the sealed root key", "ok", [shares[0], shares[2]]
+        ),
+        "recovery_good_all_three": vector("all three shares open it too", "ok", shares),
+        "recovery_too_few_shares": vector("one share of a threshold-2 set", "invalid_input", [shares[1]]),
+        "recovery_mistyped_share": vector(
+            "a share with one word changed fails its RS1024 checksum", "invalid_input", [mistyped, shares[1]]
+        ),
+        "recovery_mixed_sets": vector("shares of two sets", "invalid_input", [shares[0], foreign[1]]),
+        "recovery_other_set": vector(
+            "a whole other set: its identifier is not the header's", "unlock_error", foreign[:2]
+        ),
+        "recovery_flipped_seal": vector(
+            "a ciphertext byte of the seal flipped: the shares do not open it",
+            "unlock_error",
+            shares[:2],
+            section_changes={"sealed_root_key": flipped},
+        ),
+        "recovery_root_key_id_rewritten": vector(
+            "header and section name another root key id: the seal's info binds the id",
+            "unlock_error",
+            shares[:2],
+            header_changes={"root_key_id": KEY_C.id},
+            section_changes={"root_key_id": KEY_C.id},
+        ),
+        "recovery_section_names_another_root": vector(
+            "the section's root key id differs from the header's",
+            "integrity_error",
+            shares[:2],
+            section_changes={"root_key_id": KEY_C.id},
+        ),
+        "recovery_record_names_another_key": vector(
+            "core/recovery names another public key than the shares rebuild",
+            "integrity_error",
+            shares[:2],
+            recovery_record=setup_record(bytes(32 * [0x09])),
+        ),
+        "recovery_record_missing": vector(
+            "core/recovery is missing", "integrity_error", shares[:2], recovery_record=None
+        ),
+    }
+
+
 def main() -> None:
-    vectors = {**record_vectors(), **unlock_vectors()}
+    vectors = {**record_vectors(), **unlock_vectors(), **recovery_vectors()}
     for old in OUT.glob("*.json"):
         old.unlink()
     for name, doc in sorted(vectors.items()):
