@@ -78,6 +78,42 @@ def test_a_service_namespace_becomes_variables_named_after_the_rest_of_each_name
     assert environment["PATH"] == cli.env["PATH"]  # the rest of the environment is passed on
 
 
+def test_the_program_does_not_inherit_the_master_password_variables(cli: Cli, tmp_path: Path) -> None:
+    """It gets the secrets it was given, not the key that opens every namespace."""
+    assert "MASTER_PASSWORD" not in cli.environment_of("--service", "auth")
+    password_file = tmp_path / "password.txt"
+    password_file.write_text(PASSWORD)
+    from_file = {"MASTER_PASSWORD": "", "MASTER_PASSWORD_FILE": str(password_file)}
+    environment = cli.environment_of("--service", "auth", env=from_file)
+    assert "MASTER_PASSWORD_FILE" not in environment and "MASTER_PASSWORD" not in environment
+    assert environment["DB_PASSWORD"] == DB_PASSWORD
+
+
+def test_a_namespace_secret_may_not_set_a_variable_that_runs_code(cli: Cli, tmp_path: Path) -> None:
+    """Whoever may write one secret of auth/ must not choose code for the service to run."""
+    marker = tmp_path / "ran"
+    for name in ("LD_PRELOAD", "PATH", "PYTHONSTARTUP", "BASH_ENV"):
+        assert cli("store", f"auth/{name}", input=str(tmp_path).encode()).returncode == 0
+        refused = cli("run", "--service", "auth", "--", "touch", str(marker))
+        assert refused.returncode == 2, refused.stderr
+        assert f"auth/{name} would set ${name}" in refused.stderr
+        assert f"--secret auth/{name}={name}" in refused.stderr
+        assert not marker.exists()
+        assert cli("destroy", f"auth/{name}", "--all").returncode == 0
+
+
+def test_the_command_is_found_in_runs_own_path_not_one_a_secret_sets(cli: Cli, tmp_path: Path) -> None:
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "env").write_text("#!/bin/sh\necho decoy ran\n")
+    (decoy / "env").chmod(0o755)
+    assert cli("store", "auth/SEARCH", input=str(decoy).encode()).returncode == 0
+    result = cli("run", "--secret", "auth/SEARCH=PATH", "--", "env")  # named explicitly: allowed
+    assert result.returncode == 0, result.stderr
+    assert "decoy ran" not in result.stdout
+    assert f"PATH={decoy}" in result.stdout.splitlines()  # the program itself gets the secret
+
+
 def test_single_secrets_take_the_variable_they_are_given(cli: Cli) -> None:
     environment = cli.environment_of(
         "--secret", "market-connector/BINANCE_API_KEY=EXCHANGE_KEY", "--secret", "auth/DB_PASSWORD"

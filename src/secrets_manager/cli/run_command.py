@@ -4,12 +4,20 @@ For programs that read their credentials from the environment and know nothing o
 `chamber exec`, `envconsul` or `doppler run` do. The values go only into the new program's
 environment (never its arguments), and this process becomes that program (exec), so its exit
 status and signals are the program's own.
+
+The program does not inherit the master password variables (it gets only the secrets it was
+given, not the key to every namespace), COMMAND is looked up in the PATH `run` was started with
+(a secret cannot choose which program runs), and `--service` refuses to set variables that make
+programs load or run other code (LD_PRELOAD, PATH, PYTHONPATH, …): whoever may write one secret
+of a namespace must not gain code execution in the service that reads it. `--secret NAME=VAR`
+names such a variable explicitly, for who really means it.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 
 import click
@@ -17,6 +25,7 @@ import click
 from secrets_manager.cli.app import Session, cli, pass_session
 from secrets_manager.cli.output import warning_line
 from secrets_manager.client import RemoteStore
+from secrets_manager.environment import PASSWORD_VARIABLES
 from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError
 from secrets_manager.store import Secret, SecretStore
 from secrets_manager.store.names import validate_name, validate_namespace
@@ -25,6 +34,13 @@ EXIT_CANNOT_EXECUTE = 126  # the shell's codes, as env(1) and nohup(1) use them
 EXIT_NOT_FOUND = 127
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NOT_IN_VARIABLE = re.compile(r"[^A-Za-z0-9_]")
+# Variables through which a value chooses code to run: the dynamic loader's, the command search
+# path, and the start-up hooks of shells and common interpreters.
+_LOADS_CODE = re.compile(
+    r"(LD_|DYLD_|PYTHON|PERL|RUBY|NODE_|JAVA_|_JAVA_|JDK_|GCONV_|MALLOC_|GLIBC_).*"
+    r"|PATH|BASH_ENV|ENV|IFS|CDPATH|SHELLOPTS|BASHOPTS|PS4|PROMPT_COMMAND|GIT_.*|LESSOPEN|"
+    r"LESSCLOSE|EDITOR|VISUAL|PAGER|BROWSER|HOSTALIASES|RES_OPTIONS|LOCPATH|NLSPATH|TZDIR"
+)
 
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -70,7 +86,14 @@ def run(
             secrets = _read_namespace(store, namespace)
             if not secrets:
                 raise NotFoundError(f"no secret under '{namespace}/' that you may read; nothing was run")
-            found += [(_variable_for(secret.name[len(namespace) + 1 :]), secret) for secret in secrets]
+            for secret in secrets:
+                variable = _variable_for(secret.name[len(namespace) + 1 :])
+                if _LOADS_CODE.fullmatch(variable):
+                    raise InvalidInputError(
+                        f"{secret.name} would set ${variable}, which can make programs run other "
+                        f"code; nothing was run. If you mean it: --secret {secret.name}={variable}"
+                    )
+                found.append((variable, secret))
         for name, variable in wanted:
             found.append((variable, store.get(name)))
         for variable, secret in found:
@@ -122,9 +145,14 @@ def _read_namespace(store: SecretStore, namespace: str) -> list[Secret]:
 
 
 def _exec(command: tuple[str, ...], variables: dict[str, Secret]) -> None:
-    """Become COMMAND, with the secrets added to this environment (a secret wins over a variable
-    already set, with a warning that names the variable)."""
-    environment = dict(os.environb)
+    """Become COMMAND, with the secrets added to this environment less the master password
+    variables (a secret wins over a variable already set, with a warning that names it). COMMAND
+    is found in this process's PATH before any secret is added."""
+    program = command[0] if "/" in command[0] else shutil.which(command[0])
+    if program is None:
+        raise CommandNotStarted(f"{command[0]}: command not found", EXIT_NOT_FOUND)
+    dropped = {name.encode() for name in PASSWORD_VARIABLES}
+    environment = {k: v for k, v in os.environb.items() if k not in dropped}
     for variable, secret in variables.items():
         key = variable.encode()
         if key in environment:
@@ -133,7 +161,7 @@ def _exec(command: tuple[str, ...], variables: dict[str, Secret]) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execvpe(command[0], list(command), environment)  # noqa: S606  (the caller's own command, no shell)
+        os.execve(program, list(command), environment)  # noqa: S606  (the caller's own command, no shell)
     except FileNotFoundError:
         raise CommandNotStarted(f"{command[0]}: command not found", EXIT_NOT_FOUND) from None
     except OSError as exc:
