@@ -270,6 +270,23 @@ def test_unsupported_store_url_scheme_exits_2(ready: Cli) -> None:
     assert_one_line_error(ready("--store", "ftp://127.0.0.1/kv", "list"), 2, "not supported")
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "vault+http://tok:SEEKRIT-TOKEN@127.0.0.1:1/secret",
+        "vault://SEEKRIT-TOKEN@127.0.0.1/secret",
+        "aws-secretsmanager://AKIAEXAMPLE:SEEKRIT-KEY@us-east-1/prefix",
+        "AWS-SECRETSMANAGER://SEEKRIT-KEY@us-east-1/prefix",
+        "sqlite://user:SEEKRIT-PW@/tmp/store.db",
+    ],
+)
+def test_credentials_in_a_store_url_are_never_repeated(ready: Cli, url: str) -> None:
+    """A token or key typed into the URL is refused without echoing it (as PostgreSQL's are)."""
+    result = ready("--store", url, "list")
+    assert_one_line_error(result, 2, "***@")
+    assert "SEEKRIT" not in result.stderr.upper()
+
+
 def test_sqlite_url_form_names_the_same_store(ready: Cli) -> None:
     ready("store", "svc/URL", input=b"via-url")
     assert ready("--store", f"sqlite://{ready.store}", "get", "svc/URL").out == "via-url\n"

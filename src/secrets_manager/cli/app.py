@@ -62,6 +62,7 @@ from secrets_manager.store.url import (
     create_store,
     default_audit_path,
     discard_new_store,
+    display_url,
     needs_password,
     new_password_unlock,
     open_external_store,
@@ -189,8 +190,8 @@ class Session:
         store; a Vault or AWS store has neither."""
         if not self.needs_password:
             raise UnsupportedOperationError(
-                f"'{operation}' is not supported by this store: {self.store_url} has no master password "
-                "or keys of ours (Vault and AWS encrypt with their own keys)"
+                f"'{operation}' is not supported by this store: {display_url(self.store_url)} has no "
+                "master password or keys of ours (Vault and AWS encrypt with their own keys)"
             )
         try:
             return open_store(
@@ -459,8 +460,8 @@ def init(session: Session, kdf_profile: str, kms_key: str | None) -> None:
     session.require_local("init")
     if not session.needs_password:
         raise UnsupportedOperationError(
-            f"'init' is not supported by this store: {session.store_url} needs none (its secrets live in "
-            "Vault or AWS); run the other commands directly"
+            f"'init' is not supported by this store: {display_url(session.store_url)} needs none "
+            "(its secrets live in Vault or AWS); run the other commands directly"
         )
     where = store_location(session.store_url)
     if store_exists(session.store_url, environment=session.environment):

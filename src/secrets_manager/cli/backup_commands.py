@@ -33,7 +33,7 @@ from secrets_manager.store.backup import (
     write_backup,
 )
 from secrets_manager.store.restore import OnExisting, RestoreResult, restore_into, restore_new_store
-from secrets_manager.store.url import open_store, remove_store_files, sqlite_path
+from secrets_manager.store.url import display_url, open_store, remove_store_files, sqlite_path
 
 new_password_option = click.option(
     "--backup-password-file",
@@ -197,7 +197,7 @@ def restore(
             progress_bars("restore") as report,
         ):
             result = restore_into(store, checked.secrets, on_existing=mode, progress=report)
-        where = "the store" if session.needs_password else f"the store {session.store_url}"
+        where = "the store" if session.needs_password else f"the store {display_url(session.store_url)}"
     info_line(f"restored {_restored(result)} into {where}")
     if result.skipped:
         info_line(f"left {len(result.skipped)} existing secret(s) as they were (--on-existing skip)")

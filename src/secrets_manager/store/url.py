@@ -201,15 +201,25 @@ def postgres_location(url: str | None) -> PostgresLocation | None:
 
 
 def _redacted(url: str) -> str:
-    """`url` with any password (in the user part or a password= option) replaced by ***.
+    """`url` with any password (in the user part or a password= option) replaced by ***; for
+    any scheme but PostgreSQL's, the whole user part (a Vault token or AWS key may sit there).
 
     Everything up to the last '@' counts as the user part, so an unencoded '/', '?' or '@' in a
     password cannot make part of it show."""
-    scheme, _, rest = url.partition("://")
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url  # a file path
     userinfo, at, tail = rest.rpartition("@")
-    if at and ":" in userinfo:
+    if at and scheme.lower() not in POSTGRES_SCHEMES:
+        rest = f"***@{tail}"
+    elif at and ":" in userinfo:
         rest = f"{userinfo.split(':', 1)[0]}:***@{tail}"
     return re.sub(r"([?&]password=)[^&]*", r"\1***", f"{scheme}://{rest}")
+
+
+def display_url(url: str | None) -> str:
+    """A store URL for messages: never with a password, token or key in it."""
+    return "the default store" if url is None else _redacted(url)
 
 
 def _vault_location(url: str, http_scheme: str) -> VaultLocation:
@@ -218,15 +228,19 @@ def _vault_location(url: str, http_scheme: str) -> VaultLocation:
     try:
         host, port = parts.hostname, parts.port or DEFAULT_VAULT_PORT
     except ValueError:
-        raise InvalidInputError(f"store URL {url!r}: bad port; {usage}") from None
+        raise InvalidInputError(f"store URL {display_url(url)!r}: bad port; {usage}") from None
     mount = parts.path.strip("/")
-    if not host or parts.username or parts.password or not _MOUNT.fullmatch(mount):
-        raise InvalidInputError(f"store URL {url!r}: {usage}")
+    if "@" in parts.netloc:
+        raise InvalidInputError(
+            f"store URL {display_url(url)!r}: a token does not belong in the URL; set VAULT_TOKEN"
+        )
+    if not host or not _MOUNT.fullmatch(mount):
+        raise InvalidInputError(f"store URL {display_url(url)!r}: {usage}")
     options = dict(parse_qsl(parts.query, keep_blank_values=True))
     namespace = options.pop("namespace", None)
     if options:
         raise InvalidInputError(
-            f"store URL {url!r}: unknown option {next(iter(options))!r}; only namespace=NS"
+            f"store URL {display_url(url)!r}: unknown option {next(iter(options))!r}; only namespace=NS"
         )
     netloc = f"[{host}]" if ":" in host else host
     return VaultLocation(address=f"{http_scheme}://{netloc}:{port}", mount=mount, namespace=namespace or None)
@@ -235,16 +249,21 @@ def _vault_location(url: str, http_scheme: str) -> VaultLocation:
 def _aws_location(url: str) -> AwsLocation:
     parts = urlsplit(url)
     usage = "write aws-secretsmanager://REGION/PREFIX, e.g. aws-secretsmanager://eu-west-1/trading"
+    if "@" in parts.netloc:
+        raise InvalidInputError(
+            f"store URL {display_url(url)!r}: credentials do not belong in the URL; boto3 reads them "
+            "from the environment, ~/.aws or an instance role"
+        )
     region = parts.netloc.lower()
     if not _REGION.fullmatch(region):
-        raise InvalidInputError(f"store URL {url!r}: {region!r} is not an AWS region; {usage}")
+        raise InvalidInputError(f"store URL {display_url(url)!r}: {region!r} is not an AWS region; {usage}")
     prefix = parts.path.strip("/")
     if prefix:
         try:
             validate_name(prefix)
         except InvalidInputError:
             raise InvalidInputError(
-                f"store URL {url!r}: the prefix {prefix!r} is not a valid path; {usage}"
+                f"store URL {display_url(url)!r}: the prefix {prefix!r} is not a valid path; {usage}"
             ) from None
     kms_keys: dict[str, str] = {}
     default_kms_key = None
@@ -258,8 +277,8 @@ def _aws_location(url: str) -> AwsLocation:
             recovery = int(value)
         else:
             raise InvalidInputError(
-                f"store URL {url!r}: bad option {key!r}; options are kms=KEY, kms.NAMESPACE=KEY, "
-                "recovery_window_days=7..30"
+                f"store URL {display_url(url)!r}: bad option {key!r}; options are kms=KEY, "
+                "kms.NAMESPACE=KEY, recovery_window_days=7..30"
             )
     return AwsLocation(region, prefix, kms_keys, default_kms_key, recovery)
 
@@ -280,10 +299,14 @@ def sqlite_path(url: str | None) -> Path:
     if url.startswith(SQLITE_SCHEME):
         path = url[len(SQLITE_SCHEME) :]
         if not path.startswith("/") or path == "/":
-            raise InvalidInputError(f"store URL {url!r}: write sqlite:///absolute/path/to/store.db")
+            raise InvalidInputError(
+                f"store URL {display_url(url)!r}: write sqlite:///absolute/path/to/store.db"
+            )
         return Path(path)
     if external_location(url) is not None:
-        raise InvalidInputError(f"store URL {url!r} names a Vault or AWS store, not a store file")
+        raise InvalidInputError(
+            f"store URL {display_url(url)!r} names a Vault or AWS store, not a store file"
+        )
     if "://" in url:
         scheme = url.split("://", 1)[0]
         raise InvalidInputError(f"store URL scheme {scheme!r} is not supported; use {SUPPORTED_URLS}")
@@ -328,7 +351,8 @@ def open_external_store(
     if isinstance(location, VaultLocation):
         if location.plain_http and environment.is_production:
             raise UnsafeConfigurationError(
-                f"store URL {url!r} uses plain http, which production refuses; use vault://… (https)"
+                f"store URL {display_url(url)!r} uses plain http, which production refuses; use "
+                "vault://… (https)"
             )
         from secrets_manager.store.vault import VaultStore, connect_vault
 
@@ -346,7 +370,7 @@ def open_external_store(
             actor=actor,
             audit_scope=scope,
         )
-    raise InvalidInputError(f"store URL {url!r} names neither a Vault nor an AWS store")
+    raise InvalidInputError(f"store URL {display_url(url)!r} names neither a Vault nor an AWS store")
 
 
 def store_location(url: str | None) -> str:
@@ -505,8 +529,8 @@ def open_store(
     own anchor, under an id derived from the host and this path; a SQLite file has one."""
     if not needs_password(url):
         raise UnsupportedOperationError(
-            f"opening {url} with a master password is not supported by this store: Vault and AWS "
-            "stores have none (this entry point works on encrypted store files only)"
+            f"opening {display_url(url)} with a master password is not supported by this store: "
+            "Vault and AWS stores have none (this entry point works on encrypted store files only)"
         )
     options = {**_store_options(url, audit_path), "actor": actor}
     return _open_encrypted(
@@ -531,8 +555,8 @@ def open_store_with_recovery(
     `change_unlock`."""
     if not needs_password(url):
         raise UnsupportedOperationError(
-            f"recovery shares are not supported by this store: {url} keeps no keys of ours (Vault and "
-            "AWS encrypt with their own)"
+            f"recovery shares are not supported by this store: {display_url(url)} keeps no keys of "
+            "ours (Vault and AWS encrypt with their own)"
         )
     options = {**_store_options(url, audit_path), "actor": actor}
     return _open_encrypted(
