@@ -157,8 +157,34 @@ def test_raw_store_and_raw_get_keep_exact_bytes(ready: Cli) -> None:
 def test_values_round_trip_exactly(ready: Cli, tmp_path: Path, value: bytes) -> None:
     source = tmp_path / "value.bin"
     source.write_bytes(value)
-    assert ready("store", "svc/VALUE", "--file", str(source)).code == 0
+    empty = ["--allow-empty"] if not value else []
+    assert ready("store", "svc/VALUE", "--file", str(source), *empty).code == 0
     assert ready("get", "svc/VALUE", "--raw").stdout == value
+
+
+def test_an_empty_value_is_refused_unless_asked_for(ready: Cli, tmp_path: Path) -> None:
+    """A failed command feeding stdin must not blank a live credential."""
+    assert ready("store", "svc/LIVE", input=b"live-value").code == 0
+    before = ready.store_bytes()
+    empty_file = tmp_path / "empty"
+    empty_file.write_bytes(b"")
+    for args, given in (
+        (["svc/LIVE"], b""),
+        (["svc/LIVE"], b"\n"),
+        (["svc/LIVE", "--file", str(empty_file)], b""),
+    ):
+        assert_one_line_error(ready("store", *args, input=given), 2, "--allow-empty")
+    assert_one_line_error(ready("rotate", "svc/LIVE", "--stdin", input=b""), 2, "the value is empty")
+    assert ready.store_bytes() == before
+    assert ready("get", "svc/LIVE").out == "live-value\n"
+    assert ready("store", "svc/LIVE", "--allow-empty", input=b"").code == 0
+    assert ready("get", "svc/LIVE", "--raw").stdout == b""
+
+
+def test_a_file_that_never_ends_is_refused_without_reading_it_whole(ready: Cli) -> None:
+    """/dev/zero as a value or password file: refused after 64 KiB, not read into memory."""
+    assert_one_line_error(ready("store", "svc/Z", "--file", "/dev/zero"), 2, "larger than 65536 bytes")
+    assert_one_line_error(ready("--password-file", "/dev/zero", "list"), 2, "larger than 65536 bytes")
 
 
 def test_over_size_value_is_refused_and_nothing_changes(ready: Cli, tmp_path: Path) -> None:

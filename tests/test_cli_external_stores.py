@@ -266,7 +266,9 @@ def test_every_verb_works_on_aws_with_the_usual_exit_codes(aws_cli: Cli) -> None
     assert_one_line_error(aws_cli("get", "svc/K", "--label", "pending"), 3, "pending")
     assert_one_line_error(aws_cli("get", "svc/NOPE"), 3, "svc/NOPE")
     assert_one_line_error(aws_cli("store", "svc/K", "--expect-version", "2", input=b"x"), 7, "version 3")
-    assert_one_line_error(aws_cli("store", "svc/EMPTY", input=b""), 2, "not supported by this store")
+    assert_one_line_error(
+        aws_cli("store", "svc/EMPTY", "--allow-empty", input=b""), 2, "not supported by this store"
+    )
     assert_one_line_error(aws_cli("destroy", "svc/K", "--version", "1"), 2, "not supported by this store")
     assert aws_cli("get", "svc/K", "--version", "1").out == "v1\n"
     assert aws_cli("delete", "svc/K").code == 0

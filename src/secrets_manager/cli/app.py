@@ -27,6 +27,7 @@ from secrets_manager.cli.output import (
 )
 from secrets_manager.cli.password import (
     prompt_password,
+    read_bounded,
     read_password,
     read_password_file,
     terminal_available,
@@ -503,6 +504,7 @@ def init(session: Session, kdf_profile: str, kms_key: str | None) -> None:
     metavar="N",
     help="Write only if the current version is N (0: only if the secret does not exist).",
 )
+@click.option("--allow-empty", is_flag=True, help="Store an empty value (refused otherwise).")
 @click.option("--description", help="A note about the secret (not secret itself).")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the secret (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -517,6 +519,7 @@ def store_command(
     length: int,
     alphabet: str,
     expect_version: int | None,
+    allow_empty: bool,
     description: str | None,
     tags: tuple[str, ...],
     as_json: bool,
@@ -527,7 +530,11 @@ def store_command(
     parsed_tags = parse_tags(tags) if tags else None
     if generate and (value is not None or value_file is not None):
         raise InvalidInputError("--generate makes the value; give no VALUE or --file with it")
-    secret = generated_value(length, alphabet) if generate else read_value(value, value_file, raw=raw)
+    secret = (
+        generated_value(length, alphabet)
+        if generate
+        else read_value(value, value_file, raw=raw, allow_empty=allow_empty)
+    )
     with session.secret_operation("store", name, mutating=True) as (store, note):
         note.value(secret.reveal())
         info = store.put(
@@ -817,8 +824,12 @@ def new_unlock_source(
     return new_password_unlock(new_password, kdf_profile, environment=session.environment)
 
 
-def read_value(value: str | None, value_file: str | None, *, raw: bool) -> SecretValue:
-    """The value to store, from exactly one source; checked for size before any unlock."""
+def read_value(
+    value: str | None, value_file: str | None, *, raw: bool, allow_empty: bool = False
+) -> SecretValue:
+    """The value to store, from exactly one source; checked for size before any unlock. An empty
+    value is refused unless `allow_empty`: it is most often a failed command feeding stdin, and
+    storing it would blank a live credential."""
     if value is not None and value_file is not None:
         raise InvalidInputError("give the value as an argument or with --file, not both")
     if value is not None:
@@ -829,7 +840,7 @@ def read_value(value: str | None, value_file: str | None, *, raw: bool) -> Secre
         data = value.encode("utf-8")
     elif value_file is not None:
         try:
-            data = Path(value_file).read_bytes()
+            data = read_bounded(Path(value_file), MAX_VALUE_SIZE, what="the value")
         except OSError as exc:
             raise InvalidInputError(f"cannot read {value_file}: {exc.strerror}") from None
     elif not sys.stdin.isatty():
@@ -845,6 +856,11 @@ def read_value(value: str | None, value_file: str | None, *, raw: bool) -> Secre
         raise InvalidInputError("no value given: pipe it on stdin, use --file PATH, or pass VALUE")
     if len(data) > MAX_VALUE_SIZE:
         raise InvalidInputError(f"the value is over {MAX_VALUE_SIZE} bytes (64 KiB); nothing was stored")
+    if not data and not allow_empty:
+        raise InvalidInputError(
+            "the value is empty (did the command feeding stdin fail?); nothing was stored. "
+            "To store an empty value, give --allow-empty"
+        )
     return SecretValue(data)
 
 

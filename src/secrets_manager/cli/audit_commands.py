@@ -89,7 +89,7 @@ def verify(session: Session) -> None:
 def hash_command(session: Session, raw: bool) -> None:
     """HMAC a candidate value from stdin as the audit log does, to see if a record refers to it."""
     session.require_local("audit hash")
-    candidate = read_value(None, None, raw=raw)
+    candidate = read_value(None, None, raw=raw, allow_empty=True)
     store = session.unlock()
     try:
         click.echo(value_fingerprint(store, candidate.reveal()))

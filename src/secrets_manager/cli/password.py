@@ -21,6 +21,8 @@ from secrets_manager.cli.output import warning_line
 from secrets_manager.environment import PASSWORD_FILE_VARIABLE, PASSWORD_VARIABLE, Environment
 from secrets_manager.errors import InvalidInputError, UnlockError, UnsafeConfigurationError
 
+MAX_PASSWORD_FILE_SIZE = 64 * 1024
+
 
 def read_password(
     password_file: str | None,
@@ -55,7 +57,7 @@ def read_password_file(path: Path, *, environment: Environment) -> bytes:
             raise UnsafeConfigurationError(
                 f"password file {path} can be read by group or others; run 'chmod 600 {path}'"
             )
-        data = path.read_bytes()
+        data = read_bounded(path, MAX_PASSWORD_FILE_SIZE, what=f"password file {path}")
     except FileNotFoundError:
         raise UnlockError(f"password file {path} does not exist") from None
     except IsADirectoryError:
@@ -66,6 +68,22 @@ def read_password_file(path: Path, *, environment: Environment) -> bytes:
     if not password:
         raise UnlockError(f"password file {path} is empty")
     return password
+
+
+def read_bounded(path: Path, limit: int, *, what: str) -> bytes:
+    """At most `limit` bytes of `path`: InvalidInputError if it holds more (a wrong file, or one
+    like /dev/zero that never ends), so a mistake cannot fill memory. OSErrors other than a
+    missing file, a directory or no permission become a one-line InvalidInputError too."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
+    except (FileNotFoundError, IsADirectoryError, PermissionError):
+        raise
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if len(data) > limit:
+        raise InvalidInputError(f"{what} is larger than {limit} bytes; is {path} the right file?")
+    return data
 
 
 def prompt_password(label: str, *, confirm: bool) -> bytes:

@@ -29,7 +29,7 @@ from secrets_manager.cli.app import (
     pass_session,
 )
 from secrets_manager.cli.output import info_line, print_json, print_table, timestamp
-from secrets_manager.cli.password import terminal_available
+from secrets_manager.cli.password import read_bounded, terminal_available
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.store.recovery import (
     MAX_SHARES,
@@ -207,9 +207,7 @@ def _write_share_files(new: NewShares, paths: list[Path], store: str) -> None:
 
 def _read_share_file(path: Path) -> str:
     try:
-        if path.stat().st_size > MAX_SHARE_FILE_SIZE:
-            raise InvalidInputError(f"{path} is not a recovery share file (too large)")
-        text = path.read_text(encoding="ascii")
+        text = read_bounded(path, MAX_SHARE_FILE_SIZE, what=f"share file {path}").decode("ascii")
     except FileNotFoundError:
         raise InvalidInputError(f"share file {path} does not exist") from None
     except IsADirectoryError:
