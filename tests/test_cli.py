@@ -318,6 +318,12 @@ def test_sqlite_url_form_names_the_same_store(ready: Cli) -> None:
     assert ready("--store", f"sqlite://{ready.store}", "get", "svc/URL").out == "via-url\n"
 
 
+def test_the_rest_of_an_unquoted_value_is_not_echoed(ready: Cli) -> None:
+    result = ready("store", "svc/X", "first-word", "SEEKRIT", "WORDS")
+    assert_one_line_error(result, 2, "too many arguments")
+    assert "SEEKRIT" not in result.stderr
+
+
 def test_usage_errors_are_one_line_with_exit_2(ready: Cli) -> None:
     assert_one_line_error(ready("get"), 2, "--help")
     assert_one_line_error(ready("no-such-command"), 2)

@@ -49,7 +49,11 @@ def run(argv: list[str] | None = None) -> int:
         return 130
     except click.UsageError as exc:
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
-        error_line(exc.format_message().replace("\n", " ") + hint)
+        message = exc.format_message().replace("\n", " ")
+        if message.startswith("Got unexpected extra argument"):
+            # click quotes them, and they are often the rest of a value typed unquoted
+            message = "too many arguments (a value with spaces? pipe it on stdin instead)"
+        error_line(message + hint)
         return 2
     except click.ClickException as exc:
         error_line(exc.format_message().replace("\n", " "))
