@@ -243,6 +243,49 @@ def test_a_log_that_lost_anchored_records_is_not_extended(cli: Cli) -> None:
     assert len(cli.audit.read_text().splitlines()) == len(lines) - 2
 
 
+def test_a_partial_last_record_is_set_aside_and_the_repair_recorded(cli: Cli) -> None:
+    """A write a crash cut short (never acknowledged) must not stop every later command."""
+    busy_session(cli)
+    whole = cli.audit.read_bytes()
+    torn = b'{"actor":"root","decision":"al'
+    cli.audit.write_bytes(whole + torn)
+    result = verify(cli)
+    assert result.returncode == 1 and b"ends in a partial record" in result.stderr
+    assert cli("get", "auth/DB_PASSWORD").stdout == b"db-pass\n"
+    (aside,) = cli.audit.parent.glob(cli.audit.name + ".partial-*")
+    assert aside.read_bytes() == torn and aside.stat().st_mode & 0o777 == 0o600
+    records = cli.records()
+    assert cli.audit.read_bytes().startswith(whole)
+    assert [r["operation"] for r in records[-3:]] == ["audit.repair", "unlock", "get"]
+    assert records[-3]["outcome"] == "partial_set_aside" and records[-3]["mac"]
+    assert verify(cli).returncode == 0
+
+
+def test_audit_reset_starts_a_new_chain_after_a_loss_and_keeps_the_old_files(cli: Cli) -> None:
+    """A store copied without its log stops every command (fail closed) until an operator accepts
+    the loss; the old files are kept, and the new chain says it was reset."""
+    busy_session(cli)
+    refused = cli("audit", "reset", "--accept-loss")
+    assert refused.returncode == 2 and b"verifies" in refused.stderr  # nothing lost: nothing to reset
+    old = cli.audit.read_bytes()
+    cli.audit.write_bytes(b"\n".join(old.splitlines()[:-2]) + b"\n")  # the last records are lost
+    stopped = cli("get", "auth/DB_PASSWORD")
+    assert stopped.returncode == 6 and b"audit reset --accept-loss" in stopped.stderr
+    assert cli("audit", "reset").returncode == 2  # the loss must be accepted in so many words
+    reset = cli("audit", "reset", "--accept-loss")
+    assert reset.returncode == 0, reset.stderr
+    assert b"records are missing at the end" in reset.stderr
+    (kept,) = cli.audit.parent.glob(cli.audit.name + ".lost-*")
+    assert kept.read_bytes() == b"\n".join(old.splitlines()[:-2]) + b"\n"
+    assert cli("get", "auth/DB_PASSWORD").stdout == b"db-pass\n"
+    assert [r["operation"] for r in cli.records()] == ["audit.reset", "unlock", "get"]
+    assert verify(cli).returncode == 0
+    cli.audit.unlink()  # the whole log gone (a store file copied alone): the same way back
+    assert cli("list").returncode == 6
+    assert cli("audit", "reset", "--accept-loss").returncode == 0
+    assert cli("list").returncode == 0 and verify(cli).returncode == 0
+
+
 def test_rotated_files_verify_as_one_continuous_chain(cli: Cli) -> None:
     small = {"SECRETS_MANAGER_AUDIT_MAX_BYTES": "1500"}
     for i in range(8):

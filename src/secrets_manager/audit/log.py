@@ -39,6 +39,7 @@ DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_TIMEOUT_SECONDS = 5.0
 DEFAULT_FLUSH_INTERVAL_SECONDS = 0.01
 _TAIL_CHUNK = 4096
+_PARTIAL_LIMIT = 1 << 20  # a partial record longer than this is not one a write cut short
 T = TypeVar("T")
 
 
@@ -295,22 +296,33 @@ class AuditLog:
 
     def _write_locked(self, jobs: list[_AppendJob], anchor: AuditAnchor | None, *, durable: bool) -> None:
         """Holding both locks: chain the jobs' records onto the tail, write them, and (durable)
-        fsync them and move the anchor."""
+        fsync them and move the anchor. A partial record at the end of the file (a write a crash
+        cut short: never acknowledged) is first set aside, and an `audit.repair` record says so."""
         fd, before = self._live_file()
+        tail = self._tail
+        repair: list[tuple[_AppendJob | None, AuditEvent]] = []
+        first = next((event for job in jobs for event in job.events), None)
+        changed = tail is None or (before.st_ino, before.st_size) != tail.stamp
+        # Only an authenticated writer repairs: its audit.repair record carries a MAC.
+        repairing = first is not None and anchor is not None and before.st_size > 0 and changed
+        if repairing and first is not None and self._set_aside_partial_record(fd, before.st_size):
+            before = os.fstat(fd)
+            repaired = AuditEvent("audit.repair", first.actor, first.source, outcome="partial_set_aside")
+            repair.append((None, repaired))
         seq, previous = self._tail_of(before, anchor)
         first_seq = seq
         key = None if anchor is None else anchor.audit_key()
         now = self._timestamp(self._clock())
         lines = []
-        for job in jobs:
-            for event in job.events:
-                seq += 1
-                record: dict[str, Any] = {"seq": seq, "time": now, **vars(event), "prev": previous}
-                body = _canonical(record)
-                record["hash"] = previous = sha256_hex(body)
-                record["mac"] = None if key is None else record_mac(key, previous)
-                job.records.append(record)
-                lines.append(_with_hash_and_mac(body, record["hash"], record["mac"]))
+        for owner, event in [*repair, *((job, event) for job in jobs for event in job.events)]:
+            seq += 1
+            record: dict[str, Any] = {"seq": seq, "time": now, **vars(event), "prev": previous}
+            body = _canonical(record)
+            record["hash"] = previous = sha256_hex(body)
+            record["mac"] = None if key is None else record_mac(key, previous)
+            if owner is not None:
+                owner.records.append(record)
+            lines.append(_with_hash_and_mac(body, record["hash"], record["mac"]))
         if seq == first_seq:
             return
         data = b"".join(lines)
@@ -332,6 +344,59 @@ class AuditLog:
             unsynced.close()  # this fsync covered those records too
         if anchor is not None:
             anchor.set_audit_anchor(Anchor(seq=seq, hash=previous))
+
+    def _set_aside_partial_record(self, fd: int, size: int) -> bool:
+        """If the live file ends in a partial line, move that line to `<file>.partial-<time>`
+        (kept for inspection), cut the file after its last whole record and say True."""
+        if os.pread(fd, 1, size - 1) == b"\n":
+            return False
+        window = min(size, _PARTIAL_LIMIT)
+        chunk = os.pread(fd, window, size - window)
+        cut = chunk.rfind(b"\n")
+        if cut < 0 and window < size:
+            raise AuditError(
+                f"audit log {self.path} ends in over {_PARTIAL_LIMIT} bytes that are not a record; "
+                "run 'secrets-manager audit verify'"
+            )
+        keep = size - window + cut + 1
+        aside = _unused_path(self.path.with_name(f"{self.path.name}.partial-{_file_stamp(self._clock())}"))
+        aside_fd = _open_private(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        try:
+            os.write(aside_fd, chunk[cut + 1 :])
+            os.fsync(aside_fd)
+        finally:
+            os.close(aside_fd)
+        os.ftruncate(fd, keep)
+        os.fsync(fd)
+        self._tail = None
+        return True
+
+    def restart(self, anchor: AuditAnchor, event: AuditEvent) -> list[Path]:
+        """Begin the chain again, for an operator who accepts that the log lost records or was
+        damaged (a store restored without its log, a deleted or edited file): every file of the
+        old log is renamed `<file>.lost-<time>` and kept, the store's anchor is reset, and the new
+        chain starts with `event`. Returns the renamed files."""
+        with self._lock:
+            self._flock(deadline=time.monotonic() + self.timeout)
+            try:
+                stamp = _file_stamp(self._clock())
+                moved = []
+                for path in self.files():
+                    target = _unused_path(path.with_name(f"{path.name}.lost-{stamp}"))
+                    path.rename(target)
+                    moved.append(target)
+                if self._file is not None:
+                    old, self._file = self._file[0], None
+                    os.close(old)
+                if self._unsynced is not None:
+                    unsynced, self._unsynced = self._unsynced, None
+                    unsynced.close()
+                self._tail = None
+                anchor.set_audit_anchor(Anchor(seq=0, hash=GENESIS_HASH))
+                self._write_locked([_AppendJob([event], anchor)], anchor, durable=True)
+            finally:
+                self._unflock()
+        return moved
 
     def _timestamp(self, epoch: float) -> str:
         """`epoch` as ISO 8601 UTC with microseconds, like datetime.isoformat: the date and time
@@ -460,10 +525,16 @@ class AuditLog:
         return [*rotated, *([self.path] if self.path.exists() else [])]
 
     def records(self) -> Iterator[dict[str, Any]]:
-        """Every record in order; AuditTamperError on a line that is not a record."""
+        """Every record in order; AuditTamperError on a line that is not a record, AuditError on
+        a partial last line (a write a crash cut short)."""
         for path in self.files():
             with path.open("rb") as handle:
                 for number, line in enumerate(handle, start=1):
+                    if not line.endswith(b"\n") and path == self.path:
+                        raise AuditError(
+                            f"audit log {path} ends in a partial record (a write cut short by a "
+                            "crash?); the next audited operation sets it aside"
+                        )
                     yield _parse_line(line, path, number)
 
     def last_record(self) -> dict[str, Any] | None:
@@ -560,6 +631,19 @@ class _Unsynced:
         os.close(self.fd)
 
 
+def _file_stamp(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
+
+
+def _unused_path(path: Path) -> Path:
+    """`path`, or `path-2`, `path-3`… if it is taken (a rename would silently replace it)."""
+    candidate, number = path, 1
+    while os.path.lexists(candidate):
+        number += 1
+        candidate = path.with_name(f"{path.name}-{number}")
+    return candidate
+
+
 def _check_tail_against_anchor(last: dict[str, Any] | None, anchored: Anchor | None, path: Path) -> None:
     """Refuse to extend a log that lost records the store vouched for: that would hide the loss."""
     if anchored is None:
@@ -570,7 +654,8 @@ def _check_tail_against_anchor(last: dict[str, Any] | None, anchored: Anchor | N
     ):
         raise AuditTamperError(
             f"audit log {path} lost records the store anchored (up to record {anchored.seq}); "
-            "run 'secrets-manager audit verify' and restore the log before continuing"
+            "run 'secrets-manager audit verify' and restore the log, or accept the loss with "
+            "'secrets-manager audit reset --accept-loss'"
         )
 
 

@@ -1,6 +1,7 @@
-"""`secrets-manager audit show|verify|hash`: read, check and query the audit log.
+"""`secrets-manager audit show|verify|hash|reset`: read, check and query the audit log.
 
-These commands read the log; they are not themselves recorded in it.
+show, verify and hash read the log; they are not themselves recorded in it. reset starts a new
+chain (its first record is `audit.reset`) when the old one lost records.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from typing import Any
 
 import click
 
-from secrets_manager.audit import value_fingerprint
+from secrets_manager.audit import AuditError, AuditTamperError, value_fingerprint
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
-from secrets_manager.cli.output import print_json, print_table
+from secrets_manager.cli.output import info_line, print_json, print_table
 from secrets_manager.errors import InvalidInputError
 
 _RELATIVE = re.compile(r"(\d+)([smhd])")
@@ -81,6 +82,42 @@ def verify(session: Session) -> None:
         store.close()
     files = len(log.files())
     click.echo(f"audit log verified: {count} records in {files} file{'s' if files != 1 else ''}")
+
+
+@audit.command("reset")
+@click.option(
+    "--accept-loss",
+    is_flag=True,
+    help="Confirm that the log's missing or damaged records are accepted as lost.",
+)
+@pass_session
+def reset(session: Session, accept_loss: bool) -> None:
+    """Start the audit log again when it lost records or was damaged (a store restored without its
+    log, a deleted or edited file), which otherwise stops every command. The old files are kept
+    beside it as <file>.lost-<time>; the new chain begins with an 'audit.reset' record. Refused
+    while the log verifies."""
+    session.require_local("audit reset")
+    if not accept_loss:
+        raise InvalidInputError(
+            "this starts a new audit chain and sets the old log files aside; give --accept-loss once "
+            "you have checked them ('secrets-manager audit verify' says what is wrong)"
+        )
+    log = session.audit_log()
+    store = session.unlock()
+    try:
+        anchored = store.audit_anchor()
+        try:
+            count = log.verify(store.audit_key(), anchored)
+        except (AuditTamperError, AuditError) as exc:
+            problem = str(exc)
+        else:
+            raise InvalidInputError(f"the audit log verifies ({count} records): there is nothing to reset")
+        moved = log.restart(store, session.event("audit.reset"))
+    finally:
+        store.close()
+    info_line(f"the audit log was: {problem}")
+    kept = f"; the old files are kept as {', '.join(p.name for p in moved)}" if moved else ""
+    info_line(f"a new audit chain begins at {log.path}{kept}")
 
 
 @audit.command("hash")
