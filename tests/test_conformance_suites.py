@@ -331,6 +331,23 @@ def test_check_secret_store_notices_an_off_by_one_size_limit(
         check_secret_store(make_store)
 
 
+def test_check_secret_store_notices_a_lax_metadata_limit(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The metadata check every store shares (store/base.py `checked_metadata`), one tag too lax.
+    monkeypatch.setattr(store_base, "MAX_TAGS", store_base.MAX_TAGS + 1)
+    with pytest.raises(AssertionError, match="'metadata-limits' failed: 51 tags: expected InvalidInputError"):
+        check_secret_store(make_store)
+
+
+def test_check_secret_store_notices_metadata_with_control_characters(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_base, "has_control_characters", lambda text: False)
+    with pytest.raises(AssertionError, match=r"'metadata-limits' failed: a description with '\\x1b'"):
+        check_secret_store(make_store)
+
+
 def test_check_secret_store_notices_puts_to_deleted_secrets(
     make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:

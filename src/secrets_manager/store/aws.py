@@ -82,6 +82,7 @@ from secrets_manager.store.external import (
     CREATED_BY_KEY,
     DEFAULT_AUDIT_SCOPE,
     DEFAULT_RECOVERY_WINDOW_DAYS,
+    RESERVED_KEY_PREFIX,
     audit_anchor_name,
     checked_write,
     user_tags,
@@ -95,6 +96,7 @@ LABEL_OF_STAGE = {stage: label for label, stage in STAGE_OF_LABEL.items()}
 VERSION_ID_PREFIX = "secrets-manager-version-"
 RETRY_DEADLINE_SECONDS = 30.0
 _OUR_VERSION_ID = re.compile(re.escape(VERSION_ID_PREFIX) + r"(\d{10})")
+MAX_AWS_TAGS = 50  # per secret, ours included (TagResource)
 _TAG_VALUE_UNSAFE = re.compile(r"[^\w .:/=+\-@]")
 
 # AWS error codes → our exceptions. InvalidRequestException ("the secret is scheduled for deletion",
@@ -153,7 +155,7 @@ class AwsStore:
     """A `SecretStore` on AWS Secrets Manager; values stay readable by `aws secretsmanager`."""
 
     unsupported_capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {Capability.DESTROY_VERSION, Capability.EMPTY_VALUE}
+        {Capability.DESTROY_VERSION, Capability.EMPTY_VALUE, Capability.METADATA_AT_LIMITS}
     )
 
     def __init__(
@@ -349,13 +351,14 @@ class AwsStore:
         """DescribeSecret, then CreateSecret (a new secret) or ListSecretVersionIds and
         PutSecretValue with ClientRequestToken = the next version's id; then UpdateSecret,
         TagResource, UntagResource as the description and tags require."""
-        checked_write(name, expect_version, tags)
+        checked_write(name, expect_version, description, tags)
         payload = _payload(checked_value(value, empty_supported=False))
         secret_id = self.aws_name(name)
         backoff = Backoff(first=0.05, cap=1.0, deadline_seconds=RETRY_DEADLINE_SECONDS, what=repr(name))
         while True:
             with self._aws(f"store {name}", name):
                 existing = self._describe_or_none(secret_id)
+            _refuse_unless_tags_fit(name, existing, tags)
             try:
                 if existing is None:
                     if expect_version not in (None, 0):
@@ -770,6 +773,26 @@ def _payload(value: bytes) -> dict[str, Any]:
         return {"SecretString": value.decode("utf-8")}
     except UnicodeDecodeError:
         return {"SecretBinary": value}
+
+
+def _refuse_unless_tags_fit(
+    name: str, existing: Mapping[str, Any] | None, tags: Mapping[str, str] | None
+) -> None:
+    """UnsupportedOperationError if AWS's 50 tags per secret cannot hold these tags beside ours
+    (`secrets-manager:created-by`, set when we create a secret): AWS would refuse them only after
+    the new version is written."""
+    if tags is None:
+        return
+    if existing is None:
+        ours = 1
+    else:
+        ours = sum(1 for t in existing.get("Tags") or [] if str(t["Key"]).startswith(RESERVED_KEY_PREFIX))
+    if len(tags) + ours > MAX_AWS_TAGS:
+        raise UnsupportedOperationError(
+            f"{name!r} would have {len(tags)} tags; AWS Secrets Manager holds {MAX_AWS_TAGS} per secret "
+            f"and secrets-manager keeps {ours} of its own there, so more than {MAX_AWS_TAGS - ours} is "
+            "not supported by this store"
+        )
 
 
 def _tag_value(text: str) -> str:

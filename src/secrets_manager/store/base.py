@@ -7,6 +7,7 @@ is the conformance suite every implementation passes.
 from __future__ import annotations
 
 import enum
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -21,6 +22,16 @@ PENDING = "pending"
 LABELS = (CURRENT, PREVIOUS, PENDING)
 MAX_VALUE_SIZE = 64 * 1024
 DEFAULT_MAX_VERSIONS = 10
+# Metadata limits: AWS Secrets Manager's documented ones (Description; TagResource), for every store.
+MAX_DESCRIPTION_LENGTH = 2048  # characters
+MAX_TAGS = 50
+MAX_TAG_KEY_LENGTH = 128  # characters, at least 1
+MAX_TAG_VALUE_LENGTH = 256  # characters, may be empty
+# Tag keys that start with these are reserved: ours (Vault custom_metadata and AWS tags hold our own
+# bookkeeping under it) and AWS's own (TagResource refuses them). Refused by every store, so a
+# backup of any store restores into any other.
+RESERVED_TAG_PREFIX = "secrets-manager:"
+AWS_RESERVED_TAG_PREFIX = "aws:"
 
 
 class Capability(enum.StrEnum):
@@ -31,6 +42,10 @@ class Capability(enum.StrEnum):
     DESTROY_VERSION = "destroy-version"  # erase one version's value for good (`destroy`)
     PENDING_LABEL = "pending-label"  # a version can carry the `pending` label
     EMPTY_VALUE = "empty-value"  # a value of zero bytes
+    # descriptions and tags up to every limit of `checked_metadata` (2048 characters, 50 tags, …);
+    # a store whose backend holds less (Vault's custom_metadata, AWS's 50 tags counting ours) refuses
+    # what does not fit before it writes anything
+    METADATA_AT_LIMITS = "metadata-at-limits"
 
 
 def unsupported_capabilities(store: object) -> frozenset[Capability]:
@@ -181,3 +196,65 @@ def checked_value(value: bytes, *, empty_supported: bool = True) -> bytes:
             "SecretString or SecretBinary); store at least one byte"
         )
     return value
+
+
+def has_control_characters(text: str) -> bool:
+    """Whether `text` holds a control character (Unicode category Cc: C0, DEL and C1, which
+    includes ESC, BEL, NUL, newline and tab)."""
+    return any(unicodedata.category(char) == "Cc" for char in text)
+
+
+def checked_metadata(name: str, description: str | None, tags: Mapping[str, str] | None) -> None:
+    """The checks every store makes on a write's description and tags, before anything is written:
+    AWS Secrets Manager's limits (description up to 2048 characters; at most 50 tags; keys of 1 to
+    128 characters, values of 0 to 256) and no control characters anywhere, so metadata stays small
+    enough to list and safe to print. InvalidInputError names the limit and the secret, never the
+    offending text (only a tag key that is itself valid, to say which tag's value is wrong)."""
+    if description is not None:
+        if not isinstance(description, str):
+            raise InvalidInputError(f"the description of {name!r} must be text")
+        if len(description) > MAX_DESCRIPTION_LENGTH:
+            raise InvalidInputError(
+                f"the description of {name!r} is {len(description)} characters; "
+                f"the limit is {MAX_DESCRIPTION_LENGTH}"
+            )
+        if has_control_characters(description):
+            raise InvalidInputError(
+                f"the description of {name!r} contains a control character (such as a newline, tab "
+                "or escape); descriptions are one line of printable text"
+            )
+    if tags is None:
+        return
+    if not isinstance(tags, Mapping):
+        raise InvalidInputError(f"the tags of {name!r} must be a mapping of text to text")
+    if len(tags) > MAX_TAGS:
+        raise InvalidInputError(f"{name!r} would have {len(tags)} tags; the limit is {MAX_TAGS}")
+    for key, value in tags.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InvalidInputError(f"the tags of {name!r} must be a mapping of text to text")
+        if not 1 <= len(key) <= MAX_TAG_KEY_LENGTH:
+            raise InvalidInputError(
+                f"a tag key of {name!r} is {len(key)} characters; tag keys are 1 to "
+                f"{MAX_TAG_KEY_LENGTH} characters"
+            )
+        if has_control_characters(key):
+            raise InvalidInputError(
+                f"a tag key of {name!r} contains a control character (such as a newline, tab or "
+                "escape); tag keys are printable text"
+            )
+        if key.startswith(RESERVED_TAG_PREFIX) or key.lower().startswith(AWS_RESERVED_TAG_PREFIX):
+            raise InvalidInputError(
+                f"tag {key!r} of {name!r} is not allowed: tag keys must not start with "
+                f"{RESERVED_TAG_PREFIX!r} (reserved for secrets-manager's own metadata) or "
+                f"{AWS_RESERVED_TAG_PREFIX!r} (reserved by AWS)"
+            )
+        if len(value) > MAX_TAG_VALUE_LENGTH:
+            raise InvalidInputError(
+                f"the value of tag {key!r} of {name!r} is {len(value)} characters; the limit is "
+                f"{MAX_TAG_VALUE_LENGTH}"
+            )
+        if has_control_characters(value):
+            raise InvalidInputError(
+                f"the value of tag {key!r} of {name!r} contains a control character (such as a "
+                "newline, tab or escape); tag values are printable text"
+            )

@@ -70,6 +70,7 @@ from secrets_manager.store.base import (
     Secret,
     SecretMetadata,
     VersionInfo,
+    checked_metadata,
     checked_value,
     refuse_if_rotating,
     unsupported_capabilities,
@@ -353,6 +354,7 @@ class EncryptedStore:
         value = checked_value(value)
         if expect_version is not None and expect_version < 0:
             raise InvalidInputError("--expect-version must be 0 (create only) or a version number")
+        checked_metadata(name, description, tags)
 
         def attempt() -> VersionInfo:
             now = self._clock()

@@ -23,12 +23,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from secrets_manager.errors import InvalidInputError
+from secrets_manager.store.base import RESERVED_TAG_PREFIX, checked_metadata
 from secrets_manager.store.names import validate_name
 
 RESERVED_FOLDER = ".secrets-manager"
 AUDIT_KEY_NAME = f"{RESERVED_FOLDER}/audit-key"
 AUDIT_ANCHOR_FOLDER = f"{RESERVED_FOLDER}/audit-anchor"
-RESERVED_KEY_PREFIX = "secrets-manager:"
+RESERVED_KEY_PREFIX = RESERVED_TAG_PREFIX
 CREATED_BY_KEY = f"{RESERVED_KEY_PREFIX}created-by"
 DESCRIPTION_KEY = f"{RESERVED_KEY_PREFIX}description"
 AUDIT_KEY_SIZE = 32
@@ -53,17 +54,15 @@ def audit_scope_for(log_path: Path) -> str:
     return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:32]
 
 
-def checked_write(name: str, expect_version: int | None, tags: Mapping[str, str] | None) -> None:
-    """Name, compare-and-set and tag checks of `put`, made before the backend is asked anything."""
+def checked_write(
+    name: str, expect_version: int | None, description: str | None, tags: Mapping[str, str] | None
+) -> None:
+    """Name, compare-and-set, description and tag checks of `put` (the tag prefix
+    `secrets-manager:` is refused there), made before the backend is asked anything."""
     validate_name(name)
     if expect_version is not None and expect_version < 0:
         raise InvalidInputError("--expect-version must be 0 (create only) or a version number")
-    for key in tags or {}:
-        if not key or key.startswith(RESERVED_KEY_PREFIX):
-            raise InvalidInputError(
-                f"tag {key!r} is not allowed: tag keys are non-empty and must not start with "
-                f"{RESERVED_KEY_PREFIX!r} (reserved for secrets-manager's own metadata)"
-            )
+    checked_metadata(name, description, tags)
 
 
 def user_tags(metadata: Mapping[str, str]) -> dict[str, str]:

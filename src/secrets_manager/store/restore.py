@@ -41,7 +41,7 @@ from secrets_manager.storage import ABSENT, Delete, Put
 from secrets_manager.storage.base import Expect, Operation
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store.backup import KIND_STORE, Backup, BackupSecret, BackupVersion
-from secrets_manager.store.base import Capability, SecretStore, unsupported_capabilities
+from secrets_manager.store.base import Capability, SecretStore, checked_metadata, unsupported_capabilities
 from secrets_manager.store.encrypted import (
     HEADER_KEY,
     KEYSET_PREFIX,
@@ -297,6 +297,11 @@ def _import_through_protocol(
                 f"{len(empty)} secret(s) of the backup have an empty value, which this store cannot hold "
                 f"(first: {empty[0]}); nothing was restored"
             )
+    for secret in backup_secrets:  # the metadata limits of every store, before the first write
+        try:
+            checked_metadata(secret.name, secret.description or None, dict(secret.tags) or None)
+        except InvalidInputError as exc:
+            raise InvalidInputError(f"{exc}; nothing was restored") from None
     # Before the first write: a copy of every secret that will be replaced, to put back on failure.
     originals: dict[str, BackupSecret] = {}
     if on_existing is OnExisting.OVERWRITE:

@@ -44,6 +44,10 @@ from secrets_manager.errors import (
 from secrets_manager.store.base import (
     CURRENT,
     DEFAULT_MAX_VERSIONS,
+    MAX_DESCRIPTION_LENGTH,
+    MAX_TAG_KEY_LENGTH,
+    MAX_TAG_VALUE_LENGTH,
+    MAX_TAGS,
     MAX_VALUE_SIZE,
     PENDING,
     PREVIOUS,
@@ -567,6 +571,123 @@ def _check_repr_never_shows_values(make_store: MakeStore, ns: str) -> None:
         _require(secret.value.reveal() == value, "the value is not recoverable through reveal()")
 
 
+# Text a refused write's error must never echo (it would reach terminals and logs as given).
+OFFENDING = "offending-TEXT-9c1e"
+
+
+def _metadata_state(store: SecretStore, name: str) -> tuple[object, ...]:
+    meta = store.describe(name)
+    return (_version_numbers(meta), meta.description, dict(meta.tags), _revealed(store.get(name)))
+
+
+def _require_metadata_refused(
+    store: SecretStore, name: str, what: str, description: str | None, tags: dict[str, str] | None
+) -> None:
+    """A put with this metadata fails with InvalidInputError: one line that names the secret and
+    not the offending text, and the secret (which exists) is left as it was."""
+    before = _metadata_state(store, name)
+    exc = _raises(
+        InvalidInputError, lambda: store.put(name, b"refused", description=description, tags=tags), what
+    )
+    message = str(exc)
+    _require(name in message, f"{what}: the error does not name the secret: {message!r}")
+    _require(OFFENDING not in message, f"{what}: the error echoes the offending text")
+    _require(
+        not any(char in message for char in "\x00\x07\x1b\n\t\r"),
+        f"{what}: the error holds a control character",
+    )
+    _require(_metadata_state(store, name) == before, f"{what}: a refused put changed the secret")
+
+
+def _require_metadata_kept(
+    store: SecretStore, name: str, what: str, description: str, tags: dict[str, str], *, optional: bool
+) -> None:
+    """A put with this metadata is written and read back exactly; when `optional` (the store lacks
+    METADATA_AT_LIMITS) it may instead be refused as not supported, changing nothing."""
+    before = _metadata_state(store, name)
+    try:
+        store.put(name, b"kept", description=description, tags=tags)
+    except UnsupportedOperationError as exc:
+        if not optional:
+            raise AssertionError(f"{what} was refused ({exc})") from exc
+        _require(UNSUPPORTED_MESSAGE in str(exc), f"{what}: the error does not say {UNSUPPORTED_MESSAGE!r}")
+        _require(_metadata_state(store, name) == before, f"{what}: a refused put changed the secret")
+        return
+    meta = store.describe(name)
+    _require(meta.description == description, f"{what}: the description changed on the round trip")
+    _require(dict(meta.tags) == tags, f"{what}: the tags changed on the round trip")
+    listed = [m for m in store.list(f"{name}") if m.name == name]
+    _require(
+        len(listed) == 1 and listed[0].description == description and dict(listed[0].tags) == tags,
+        f"{what}: list does not show the metadata describe shows",
+    )
+
+
+def _check_metadata_limits(make_store: MakeStore, ns: str) -> None:
+    """AWS's limits on descriptions and tags, and no control characters in them, for every store."""
+    name = f"{ns}/described"
+    with _opened(make_store) as store:
+        lacks = _lacks(store, Capability.METADATA_AT_LIMITS)
+        store.put(name, b"v1", description="before", tags={"team": "trading"})
+        # Within what every backend holds (Vault: 512 bytes per entry; AWS: 50 tags with ours).
+        _require_metadata_kept(
+            store,
+            name,
+            "a 512-character description and 40 tags with a 128-character key and a 256-character value",
+            "d" * 512,
+            {f"k{i:02d}": f"v{i}" for i in range(38)}
+            | {"k" * MAX_TAG_KEY_LENGTH: "long key", "long-value": "v" * MAX_TAG_VALUE_LENGTH},
+            optional=False,
+        )
+        _require_metadata_kept(
+            store,
+            name,
+            f"a {MAX_DESCRIPTION_LENGTH}-character description and {MAX_TAGS} tags",
+            "é" * MAX_DESCRIPTION_LENGTH,
+            {f"tag-{i:02d}": "ü" * MAX_TAG_VALUE_LENGTH for i in range(MAX_TAGS)},
+            optional=lacks,
+        )
+        store.put(name, b"v-reset", description="plain", tags={"team": "trading"})
+        too_long = OFFENDING + "x" * MAX_DESCRIPTION_LENGTH
+        refused: list[tuple[str, str | None, dict[str, str] | None]] = [
+            (
+                f"a {MAX_DESCRIPTION_LENGTH + 1}-character description",
+                too_long[: MAX_DESCRIPTION_LENGTH + 1],
+                None,
+            ),
+            (f"{MAX_TAGS + 1} tags", None, {f"tag-{i:02d}": "v" for i in range(MAX_TAGS + 1)}),
+            ("an empty tag key", None, {"": "v"}),
+            (
+                f"a {MAX_TAG_KEY_LENGTH + 1}-character tag key",
+                None,
+                {(OFFENDING + "k" * MAX_TAG_KEY_LENGTH)[: MAX_TAG_KEY_LENGTH + 1]: "v"},
+            ),
+            (
+                f"a {MAX_TAG_VALUE_LENGTH + 1}-character tag value",
+                None,
+                {"k": (OFFENDING + "v" * MAX_TAG_VALUE_LENGTH)[: MAX_TAG_VALUE_LENGTH + 1]},
+            ),
+            ("a tag key with the reserved prefix secrets-manager:", None, {"secrets-manager:mine": "v"}),
+            ("a tag key with AWS's reserved prefix aws:", None, {"aws:mine": "v"}),
+        ]
+        for char in ("\x1b", "\x00", "\n", "\t", "\x07", "\x7f", "\x9b"):
+            spelled = repr(char)
+            refused += [
+                (f"a description with {spelled}", f"{OFFENDING}{char}[31mRED", None),
+                (f"a tag key with {spelled}", None, {f"{OFFENDING}{char}": "v"}),
+                (f"a tag value with {spelled}", None, {"k": f"{OFFENDING}{char}x"}),
+            ]
+        for what, description, tags in refused:
+            _require_metadata_refused(store, name, what, description, tags)
+        new = f"{ns}/never-written"
+        _raises(
+            InvalidInputError,
+            lambda: store.put(new, b"x", description="x" * (MAX_DESCRIPTION_LENGTH + 1)),
+            "put of a new secret with a too-long description",
+        )
+        _raises(NotFoundError, lambda: store.describe(new), "a refused put created the secret")
+
+
 SECRET_STORE_CHECKS: dict[str, Check] = {
     "round-trip": _check_values_round_trip,
     "oversize-refused": _check_oversize_value_refused,
@@ -582,5 +703,6 @@ SECRET_STORE_CHECKS: dict[str, Check] = {
     "max-versions": _check_max_versions_pruning,
     "pending-rotation": _check_pending_rotation,
     "repr-redacted": _check_repr_never_shows_values,
+    "metadata-limits": _check_metadata_limits,
 }
 """Every check by a short key (used in its namespace and in test ids); run in this order."""

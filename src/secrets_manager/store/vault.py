@@ -97,6 +97,44 @@ _READ_METHODS = frozenset({"GET", "HEAD", "LIST", "OPTIONS"})
 _VAULT_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
 
 
+# What KV v2 accepts in custom_metadata (vault-plugin-secrets-kv `validateCustomMetadata`): at most
+# 64 keys; keys of 1 to 128 bytes, values of 1 to 512 bytes, both printable. Vault checks it only
+# after our version is written, so `put` checks first.
+CUSTOM_METADATA_KEYS = 64
+CUSTOM_METADATA_KEY_BYTES = 128
+CUSTOM_METADATA_VALUE_BYTES = 512
+_OUR_CUSTOM_KEYS = 2  # secrets-manager:created-by, secrets-manager:description
+
+
+def _refuse_unless_custom_metadata_holds(
+    name: str, description: str | None, tags: Mapping[str, str] | None
+) -> None:
+    """UnsupportedOperationError if KV's custom_metadata cannot hold this description or these tags
+    (already within `checked_metadata`'s limits), naming the limit and never the text."""
+
+    def refuse(what: str, limit: str) -> NoReturn:
+        raise UnsupportedOperationError(
+            f"{what} of {name!r} does not fit Vault's custom_metadata ({limit}): it is not supported "
+            "by this store"
+        )
+
+    if description:
+        if len(description.encode("utf-8")) > CUSTOM_METADATA_VALUE_BYTES:
+            refuse("the description", f"at most {CUSTOM_METADATA_VALUE_BYTES} bytes of UTF-8 per entry")
+        if not description.isprintable():
+            refuse("the description", "printable characters only")
+    for key, value in (tags or {}).items():
+        if len(key.encode("utf-8")) > CUSTOM_METADATA_KEY_BYTES or not key.isprintable():
+            refuse("a tag key", f"keys are 1 to {CUSTOM_METADATA_KEY_BYTES} bytes of printable UTF-8")
+        if not value or len(value.encode("utf-8")) > CUSTOM_METADATA_VALUE_BYTES or not value.isprintable():
+            refuse(
+                f"the value of tag {key!r}",
+                f"values are 1 to {CUSTOM_METADATA_VALUE_BYTES} bytes of printable UTF-8, never empty",
+            )
+    if len(tags or {}) + _OUR_CUSTOM_KEYS > CUSTOM_METADATA_KEYS:
+        refuse("the tags", f"at most {CUSTOM_METADATA_KEYS - _OUR_CUSTOM_KEYS} tags beside ours")
+
+
 class VaultRetry(Retry):
     """urllib3's Retry, but a status retry of a write only when Vault refused it without acting."""
 
@@ -305,7 +343,9 @@ class _KvMeta:
 class VaultStore:
     """A `SecretStore` on a KV v2 mount. Values stay readable by `vault kv get`, and ours by it."""
 
-    unsupported_capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.PENDING_LABEL})
+    unsupported_capabilities: ClassVar[frozenset[Capability]] = frozenset(
+        {Capability.PENDING_LABEL, Capability.METADATA_AT_LIMITS}
+    )
 
     def __init__(
         self,
@@ -450,7 +490,8 @@ class VaultStore:
     ) -> VersionInfo:
         """GET MOUNT/metadata/NAME, POST MOUNT/data/NAME with `cas` = the version read, then POST
         MOUNT/metadata/NAME when the secret is new or its description or tags change."""
-        checked_write(name, expect_version, tags)
+        checked_write(name, expect_version, description, tags)
+        _refuse_unless_custom_metadata_holds(name, description, tags)
         data = _encode_data(checked_value(value))
         backoff = Backoff(first=0.01, cap=0.5, deadline_seconds=RETRY_DEADLINE_SECONDS, what=repr(name))
         while True:
