@@ -514,3 +514,32 @@ def test_a_write_by_another_process_is_served_by_the_very_next_read(server: Serv
     assert code_of(lambda: stub.GetSecret(request, timeout=10)) is grpc.StatusCode.NOT_FOUND
     local("undelete", "auth/JWT_KEY")
     assert stub.GetSecret(request, timeout=10).secret.value == b"rotated-5"
+
+
+def test_oversized_or_control_character_metadata_is_invalid_argument_and_list_still_works(
+    server: Server,
+) -> None:
+    """A client with only `write` once filled the store with 1 MB descriptions (and 10,000 tags),
+    and ListSecrets then failed for every client (its answer over gRPC's 4 MB limit)."""
+    writer, ops = server.stub("writer"), server.stub("ops")
+    huge = "evil-" + "x" * 1_000_000
+    requests = [pb.PutSecretRequest(name=f"drop/BIG{i}", value=b"v", description=huge) for i in range(5)]
+    requests += [
+        pb.PutSecretRequest(name="drop/TAGS", value=b"v", tags={f"t{i}": "v" for i in range(10_000)}),
+        pb.PutSecretRequest(name="drop/ESC", value=b"v", description="evil\x1b]0;TITLE\x07\nforged"),
+        pb.PutSecretRequest(name="drop/ESC", value=b"v", tags={"k": "evil\x1b[2J"}),
+    ]
+    for request in requests:
+        with pytest.raises(grpc.RpcError) as caught:
+            writer.PutSecret(request, timeout=30)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        details = caught.value.details() or ""
+        assert request.name in details and "evil" not in details and "\n" not in details
+        assert server.audit_records()[-1]["outcome"] == "invalid_input"
+    listed = ops.ListSecrets(pb.ListSecretsRequest(), timeout=10).secrets
+    assert [m.name for m in listed] == sorted(SEED)  # nothing was written
+    limit = pb.PutSecretRequest(name="drop/OK", value=b"v", description="d" * 2048)
+    assert writer.PutSecret(limit, timeout=10).version == 1
+    assert [
+        m.description for m in ops.ListSecrets(pb.ListSecretsRequest(prefix="drop/"), timeout=10).secrets
+    ] == ["d" * 2048]
