@@ -525,3 +525,29 @@ def test_closed_pipe_is_not_an_error(ready: Cli) -> None:
     lister.wait(timeout=60)  # click ends with status 1 on EPIPE; what matters is that it is quiet
     assert first == b"svc/K000\n"
     assert stderr == b""
+
+
+# ---- metadata: limits on writes, control characters never printed raw ---------------------------
+
+
+def test_metadata_over_the_limits_is_refused_with_exit_2_and_nothing_changes(ready: Cli) -> None:
+    assert ready("store", "svc/META", "--description", "ok", "--tag", "team=desk1", input=b"v1").code == 0
+    before = (ready("list", "--json").out, ready("history", "svc/META", "--json").out)
+    many_tags = [arg for i in range(51) for arg in ("--tag", f"t{i}=v")]
+    refused = [
+        (["--description", "evil-" + "x" * 2048], "2048"),
+        (many_tags, "50"),
+        (["--tag", "k" * 129 + "=v"], "128"),
+        (["--tag", "k=" + "evil-" + "v" * 256], "256"),
+        (["--description", "evil\x1b[31mRED\x1b]0;TITLE\x07"], "control character"),
+        (["--description", "evil\tb"], "control character"),
+        (["--tag", "evil\x1bkey=v"], "control character"),
+        (["--tag", "k=evil\x1b[2J"], "control character"),
+        (["--tag", "secrets-manager:created-by=me"], "reserved"),
+    ]
+    for args, limit in refused:
+        result = ready("store", "svc/META", *args, input=b"v2")
+        assert_one_line_error(result, 2, "svc/META", limit)
+        assert "evil" not in result.stderr and "\x1b" not in result.stderr
+    assert (ready("list", "--json").out, ready("history", "svc/META", "--json").out) == before
+    assert ready("get", "svc/META").out == "v1\n"
