@@ -551,3 +551,76 @@ def test_metadata_over_the_limits_is_refused_with_exit_2_and_nothing_changes(rea
         assert "evil" not in result.stderr and "\x1b" not in result.stderr
     assert (ready("list", "--json").out, ready("history", "svc/META", "--json").out) == before
     assert ready("get", "svc/META").out == "v1\n"
+
+
+EVIL_DESCRIPTION = "evil\x1b[31mRED\x1b]0;TITLE\x07\nNEWLINE\tTAB"
+FORGED_ROW = "a\tb\nfake/SECRET\t9\t2026\tactive\t"
+EVIL_AUTHOR = "mallory\x1b[2J\x9b31m\nfake\t9"
+
+
+def _write_unchecked_metadata(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Metadata with control characters, as a store written before metadata was checked (or by
+    another tool) holds it: written through the store API with the new check switched off."""
+    from secrets_manager.crypto import kdf
+    from secrets_manager.storage.sqlite import SqliteStorage
+    from secrets_manager.store import EncryptedStore, PasswordUnlock
+    from secrets_manager.store import encrypted as encrypted_module
+
+    monkeypatch.setattr(encrypted_module, "checked_metadata", lambda *args: None)
+    store = EncryptedStore.open(
+        SqliteStorage(cli.store), PasswordUnlock(PASSWORD, kdf.TEST), actor=EVIL_AUTHOR
+    )
+    try:
+        store.put("esc/X", b"v", description=EVIL_DESCRIPTION, tags={"k\x1b]0;T\x07": "v\nw"})
+        store.put("esc/Y", b"v", description=FORGED_ROW)
+    finally:
+        store.close()
+
+
+def test_list_long_and_history_print_control_characters_escaped(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_unchecked_metadata(ready, monkeypatch)
+    listed = ready("list", "esc/", "--long")
+    assert listed.code == 0, listed.stderr
+    history = ready("history", "esc/X")
+    assert history.code == 0, history.stderr
+    for result, rows, fields in ((listed, 2, 5), (history, 1, 5)):
+        assert not any(char in result.out for char in "\x1b\x07\x9b\r"), result.out
+        lines = result.out.splitlines()
+        assert len(lines) == rows, lines  # no forged row
+        assert all(len(line.split("\t")) == fields for line in lines), lines  # no forged column
+    x_row, y_row = (line.split("\t") for line in listed.out.splitlines())
+    assert x_row[0] == "esc/X" and x_row[4] == "evil\\x1b[31mRED\\x1b]0;TITLE\\x07\\nNEWLINE\\tTAB"
+    assert y_row[0] == "esc/Y" and y_row[4] == "a\\tb\\nfake/SECRET\\t9\\t2026\\tactive\\t"
+    assert history.out.split("\t")[2] == "mallory\\x1b[2J\\x9b31m\\nfake\\t9"
+
+
+def test_json_output_escapes_control_characters_and_keeps_the_text(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _write_unchecked_metadata(ready, monkeypatch)
+    listed = ready("list", "esc/", "--json")
+    history = ready("history", "esc/X", "--json")
+    for result in (listed, history):
+        assert result.code == 0, result.stderr
+        assert not any(char in result.out for char in "\x1b\x07\x9b\t\r"), result.out
+    docs = json.loads(listed.out)
+    assert [d["description"] for d in docs] == [EVIL_DESCRIPTION, FORGED_ROW]
+    assert docs[0]["tags"] == {"k\x1b]0;T\x07": "v\nw"}
+    assert json.loads(history.out)["versions"][0]["created_by"] == EVIL_AUTHOR
+
+
+def test_a_table_on_a_terminal_escapes_control_characters_and_ignores_markup(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from secrets_manager.cli.output import print_table
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # the rich table, as on a terminal
+    print_table(["NAME", "DESCRIPTION"], [["esc/X", EVIL_DESCRIPTION], ["esc/Z", "[/bold] [red]not markup"]])
+    _header, *rows = capsys.readouterr().out.splitlines()  # the header alone is styled (bold)
+    assert len(rows) == 2, rows
+    out = "\n".join(rows)
+    assert not any(char in out for char in "\x1b\x07\t"), out
+    assert "evil\\x1b[31mRED\\x1b]0;TITLE\\x07\\nNEWLINE\\tTAB" in out
+    assert "[/bold] [red]not markup" in out

@@ -2,12 +2,21 @@
 
 Tables use rich on a terminal and plain tab-separated lines in a pipe, so scripts can parse them;
 progress bars likewise appear on a terminal only.
+
+Text that came from a store (descriptions, tags, authors: a store written before metadata was
+checked, or a Vault or AWS store written by another tool, may hold anything) never reaches the
+terminal raw: every cell of a table and every message line shows control characters escaped
+(`\\x1b`, `\\n`, `\\t`), so it cannot move the cursor, retitle the window or forge a row or column.
+JSON escapes C0 controls itself; `print_json` also escapes DEL, the C1 controls (0x9b is CSI on
+some terminals) and the characters below, which `json.dumps` leaves raw; the document decodes the same.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
@@ -16,6 +25,31 @@ from typing import Any
 import click
 
 PROG = "secrets-manager"
+
+
+_NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+# Besides control characters (Cc): line and paragraph separators, and the bidirectional overrides
+# and isolates that reorder what a terminal shows ("Trojan Source").
+_ALSO_ESCAPED = frozenset("\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# What json.dumps(ensure_ascii=False) leaves raw of those; they occur only inside JSON strings.
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with every control character written as an escape (`\\t`, `\\n`, `\\r`, `\\x1b`,
+    `\\u202e`), safe to print on a terminal and in one tab-separated field."""
+    if text.isprintable():
+        return text
+    return "".join(_escaped(char) for char in text)
+
+
+def _escaped(char: str) -> str:
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    if unicodedata.category(char) == "Cc" or char in _ALSO_ESCAPED:
+        code = ord(char)
+        return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    return char
 
 
 def error_line(message: str) -> None:
@@ -31,21 +65,23 @@ def info_line(message: str) -> None:
 
 
 def print_json(doc: Any) -> None:
-    click.echo(json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False))
+    text = json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False)
+    click.echo(_JSON_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text))
 
 
 def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
     if sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
 
         table = Table(*columns, box=None, header_style="bold", pad_edge=False)
         for row in rows:
-            table.add_row(*row)
+            table.add_row(*(Text(printable(cell)) for cell in row))  # Text: no markup in cells
         Console().print(table)
     else:
         for row in rows:
-            click.echo("\t".join(row))
+            click.echo("\t".join(printable(cell) for cell in row))
 
 
 @contextmanager
@@ -75,4 +111,4 @@ def timestamp(value: datetime | None) -> str:
 
 
 def _one_line(message: str) -> str:
-    return " ".join(message.split())
+    return printable(" ".join(message.split()))
