@@ -112,6 +112,14 @@ def test_a_schedule_file_is_read_with_its_settings_and_defaults(tmp_path: Path) 
         ('[[rotation]]\nname = "db/app"\nevery = "30"\n', "every must be a number and a unit"),
         ('[[rotation]]\nname = "db/app"\nevery = "0s"\n', "every must be between 1s and 3650d"),
         ('[[rotation]]\nname = "db/app"\nevery = "3651d"\n', "every must be between 1s and 3650d"),
+        # Past what timedelta (or int()) can hold: an OverflowError ("internal error") before.
+        (
+            '[[rotation]]\nname = "db/app"\nevery = "99999999999999999999d"\n',
+            "between 1s and 3650d (10 years)",
+        ),
+        (f'[[rotation]]\nname = "db/app"\nevery = "{"9" * 5000}s"\n', "between 1s and 3650d (10 years)"),
+        # An Arabic-Indic one: \d matched it and it read as "1d".
+        ('[[rotation]]\nname = "db/app"\nevery = "\u0661d"\n', "every must be a number and a unit"),
         ('[[rotation]]\nname = "db/app"\nevery = 30\n', "every must be a number and a unit"),
         ('[[rotation]]\nname = "db/app"\nevery = "1d"\nalphabet = "emoji"\n', "alphabet must be one of"),
         ('[[rotation]]\nname = "db/app"\nevery = "1d"\nlength = 7\n', "length must be 8..4096"),
@@ -328,6 +336,12 @@ def test_schedule_names_a_missing_secret_and_refuses_a_bad_file(cli: Cli) -> Non
             and bad.stderr.count("\n") == 1
             and "every must be a number and a unit" in bad.stderr
         )
+    assert cli.history("db/app") == before
+    (cli.dir / "huge.toml").write_text('[[rotation]]\nname = "db/app"\nevery = "99999999999999999999d"\n')
+    for command in ("check", "run"):
+        huge = cli("schedule", command, str(cli.dir / "huge.toml"))
+        assert huge.code == 2 and huge.stderr.count("\n") == 1, huge.stderr
+        assert "every must be between 1s and 3650d (10 years)" in huge.stderr
     assert cli.history("db/app") == before
 
 

@@ -14,7 +14,7 @@ A schedule file lists which secrets to rotate, how often, and with which command
 
     [[rotation]]
     name = "db/app"                                   # a secret that exists
-    every = "30d"                                     # s, m, h or d; at least 1 s
+    every = "30d"                                     # s, m, h or d; 1 s .. 3650 d
     set_command = "python3 set-app-password.py"       # optional; run in the file's directory
     test_command = "python3 check-app-login.py"       # optional
     length = 32                                       # generated value: characters (8..4096)
@@ -215,7 +215,7 @@ def _is_current(steps: RotationSteps, name: str, version: int) -> bool:
 
 _KNOWN = {"name", "every", "set_command", "test_command", "length", "alphabet", "timeout"}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-_DURATION = re.compile(r"(\d+)([smhd])")
+_DURATION = re.compile(r"([0-9]+)([smhd])")  # ASCII only: \d also matches other scripts' digits
 MAX_EVERY = timedelta(days=3650)
 
 
@@ -247,14 +247,17 @@ class ScheduledRotation:
 
 
 def parse_every(text: object) -> timedelta:
-    """ "30d", "12h", "15m", "90s" (one number and unit) as a timedelta of 1 s .. 3650 d."""
+    """ "30d", "12h", "15m", "90s" (one number and unit) as a timedelta of 1 s .. 3650 d.
+    The bound is checked before any conversion: timedelta overflows on a huge number, and int()
+    refuses one of thousands of digits."""
     match = _DURATION.fullmatch(text) if isinstance(text, str) else None
     if match is None:
         raise InvalidInputError('every must be a number and a unit, e.g. "30d", "12h", "15m" or "90s"')
-    every = timedelta(seconds=int(match[1]) * _UNITS[match[2]])
-    if not timedelta(seconds=1) <= every <= MAX_EVERY:
-        raise InvalidInputError("every must be between 1s and 3650d")
-    return every
+    digits = match[1].lstrip("0") or "0"
+    seconds = int(digits) * _UNITS[match[2]] if len(digits) <= 12 else None
+    if seconds is None or not 1 <= seconds <= MAX_EVERY.total_seconds():
+        raise InvalidInputError("every must be between 1s and 3650d (10 years)")
+    return timedelta(seconds=seconds)
 
 
 def load_schedule(path: str | Path) -> tuple[ScheduledRotation, ...]:
