@@ -181,6 +181,10 @@ def test_audit_show_filters_and_prints_json(cli: Cli) -> None:
     table = cli("audit", "show").stdout.decode().splitlines()
     assert len(table) == len(cli.records()) and table[0].split("\t")[4] == "init"
     assert cli("audit", "show", "--since", "yesterday").returncode == 2
+    # An age before year 1 overflowed datetime: an internal error before.
+    too_far = cli("audit", "show", "--since", "999999999d")
+    assert too_far.returncode == 2 and too_far.stdout == b""
+    assert too_far.stderr.decode().count("\n") == 1 and b"before year 1" in too_far.stderr
 
 
 # ---- tamper evidence -----------------------------------------------------------------------

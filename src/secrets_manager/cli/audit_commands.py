@@ -17,7 +17,7 @@ from secrets_manager.cli.app import Session, cli, pass_session, read_value
 from secrets_manager.cli.output import info_line, print_json, print_table
 from secrets_manager.errors import InvalidInputError
 
-_RELATIVE = re.compile(r"(\d+)([smhd])")
+_RELATIVE = re.compile(r"([0-9]+)([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
@@ -135,10 +135,16 @@ def hash_command(session: Session, raw: bool) -> None:
 
 
 def parse_since(text: str) -> datetime:
+    """The cutoff `--since` names; an age reaching before year 1 is refused (datetime overflows)."""
     match = _RELATIVE.fullmatch(text.strip())
     if match:
         amount, unit = match.groups()
-        return datetime.now(UTC) - timedelta(**{_UNITS[unit]: int(amount)})
+        try:
+            return datetime.now(UTC) - timedelta(**{_UNITS[unit]: int(amount)})
+        except (OverflowError, ValueError):  # ValueError: int() of thousands of digits
+            raise InvalidInputError(
+                f"--since {text!r} reaches back before year 1; leave --since out to show every record"
+            ) from None
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
