@@ -624,3 +624,22 @@ def test_a_table_on_a_terminal_escapes_control_characters_and_ignores_markup(
     assert not any(char in out for char in "\x1b\x07\t"), out
     assert "evil\\x1b[31mRED\\x1b]0;TITLE\\x07\\nNEWLINE\\tTAB" in out
     assert "[/bold] [red]not markup" in out
+
+
+# ---- bad input found by exploratory testing: one line, never "internal error" -------------------
+
+
+@pytest.mark.parametrize("variable", ["SECRETS_MANAGER_CERT", "SECRETS_MANAGER_KEY", "SECRETS_MANAGER_CA"])
+def test_a_tls_file_that_is_a_directory_is_named_with_its_variable(
+    ready: Cli, tmp_path: Path, variable: str
+) -> None:
+    """Only a missing TLS file was caught: a directory ended in IsADirectoryError."""
+    tls = {
+        name: tmp_path / f"{name}.pem"
+        for name in ("SECRETS_MANAGER_CERT", "SECRETS_MANAGER_KEY", "SECRETS_MANAGER_CA")
+    }
+    for path in tls.values():
+        path.write_bytes(b"not used")
+    env = {name: str(tmp_path if name == variable else path) for name, path in tls.items()}
+    result = ready("--server", "127.0.0.1:1", "get", "a/B", env=env)
+    assert_one_line_error(result, 2, f"cannot read TLS file {tmp_path} ({variable})", "Is a directory")

@@ -44,14 +44,34 @@ class TlsFiles:
     ca: Path
 
     def credentials(self) -> grpc.ChannelCredentials:
-        try:
-            return grpc.ssl_channel_credentials(
-                root_certificates=self.ca.read_bytes(),
-                private_key=self.key.read_bytes(),
-                certificate_chain=self.cert.read_bytes(),
-            )
-        except FileNotFoundError as exc:
-            raise NotFoundError(f"TLS file {exc.filename} does not exist") from None
+        """The files read into gRPC credentials. One that cannot be read (missing, a directory,
+        no permission) is named with the variable that usually sets it, not left to a traceback."""
+        contents = {field: _read_tls_file(getattr(self, field), field) for field in _TLS_FILE_VARIABLES}
+        return grpc.ssl_channel_credentials(
+            root_certificates=contents["ca"],
+            private_key=contents["key"],
+            certificate_chain=contents["cert"],
+        )
+
+
+_TLS_FILE_VARIABLES = {
+    "cert": "SECRETS_MANAGER_CERT",
+    "key": "SECRETS_MANAGER_KEY",
+    "ca": "SECRETS_MANAGER_CA",
+}
+
+
+def _read_tls_file(path: Path, field: str) -> bytes:
+    variable = _TLS_FILE_VARIABLES[field]
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"TLS file {path} ({variable}) does not exist") from None
+    except OSError as exc:
+        raise InvalidInputError(
+            f"cannot read TLS file {path} ({variable}): {exc.strerror or type(exc).__name__}; "
+            f"point {variable} at a readable PEM file"
+        ) from None
 
 
 class RemoteStore:
