@@ -643,3 +643,8 @@ def test_a_tls_file_that_is_a_directory_is_named_with_its_variable(
     env = {name: str(tmp_path if name == variable else path) for name, path in tls.items()}
     result = ready("--server", "127.0.0.1:1", "get", "a/B", env=env)
     assert_one_line_error(result, 2, f"cannot read TLS file {tmp_path} ({variable})", "Is a directory")
+
+
+def test_a_server_option_without_an_address_is_invalid_input(ready: Cli) -> None:
+    """`--server ,` named no address and was reported as a service that did not answer (exit 1)."""
+    assert_one_line_error(ready("--server", ",", "get", "a/B"), 2, "names no address", "host:port")

@@ -225,6 +225,11 @@ class Session:
         the SDK takes them from the same variable): the first whose health check answers serves
         the whole command, so a write is never sent twice to two replicas."""
         addresses = parse_addresses(self.server or "")
+        if not addresses:  # e.g. "," : not a service that failed to answer, but none named
+            raise InvalidInputError(
+                f"--server / {SERVER_VARIABLE} {self.server!r} names no address; "
+                "give host:port, or several comma-separated"
+            )
         tls = self.tls_files()
         if len(addresses) == 1:
             return RemoteStore(addresses[0], tls)
