@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -258,6 +259,65 @@ def test_audit_sync_always_and_a_bad_setting(tmp_path: Path) -> None:
         running.process.send_signal(signal.SIGTERM)
         assert running.process.wait(timeout=30) == 0
     assert local_audit_verify(tmp_path).returncode == 0
+
+
+_TLS = {"cert": "server.pem", "key": "server-key.pem", "client_ca": "ca.pem"}
+
+
+@pytest.mark.parametrize(
+    ("settings", "tls", "code", "message"),
+    [
+        # gRPC took it and listened on 70000 mod 65536.
+        ('listen = "127.0.0.1:70000"', {}, 2, "listen must be HOST:PORT with a port of 0..65535"),
+        ('metrics_listen = "127.0.0.1:99999"', {}, 2, "metrics_listen must be HOST:PORT"),
+    ],
+)
+def test_a_server_that_cannot_start_says_why_in_one_line(
+    tmp_path: Path, settings: str, tls: dict[str, str], code: int, message: str
+) -> None:
+    make_pki(tmp_path)
+    make_store(tmp_path, {"auth/DB_PASSWORD": b"auth-db-pass"}, POLICY)
+    with socket.socket() as busy_socket:
+        busy_socket.bind(("127.0.0.1", 0))
+        busy_socket.listen()
+        busy = f"127.0.0.1:{busy_socket.getsockname()[1]}"
+        tls_table = "".join(f'{key} = "{value}"\n' for key, value in {**_TLS, **tls}.items())
+        listen = "" if "listen =" in settings.replace("metrics_listen", "") else 'listen = "127.0.0.1:0"\n'
+        config = tmp_path / "bad.toml"
+        config.write_text(
+            f'{listen}{settings.format(busy=busy)}\nstore = "store.db"\npolicy = "policy.toml"\n'
+            f"[tls]\n{tls_table}"
+        )
+        result = _serve(tmp_path, config)
+    stderr = result.stderr.decode()
+    assert result.returncode == code, stderr
+    assert stderr.count("\n") == 1 and stderr.startswith("secrets-manager: error: "), stderr
+    assert message.format(busy=busy) in stderr and "internal error" not in stderr
+
+
+def test_a_server_config_that_is_a_directory_is_refused_in_one_line(tmp_path: Path) -> None:
+    result = _serve(tmp_path, tmp_path)  # IsADirectoryError before
+    stderr = result.stderr.decode()
+    assert result.returncode == 2 and stderr.count("\n") == 1, stderr
+    assert f"server config {tmp_path}: cannot read it (Is a directory)" in stderr
+
+
+def _serve(directory: Path, config: Path) -> subprocess.CompletedProcess[bytes]:
+    """`serve` expected to stop at once: a server that starts after all is killed at the timeout."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(directory),
+        "MASTER_PASSWORD": PASSWORD,
+    }
+    result = subprocess.run(
+        [str(SCRIPT), "serve", "--config", str(config)],
+        capture_output=True,
+        env=env,
+        timeout=30,
+        start_new_session=True,
+    )
+    assert b"Traceback" not in result.stderr, result.stderr
+    return result
 
 
 # ---- operations --------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ DEFAULT_TTL_SECONDS = 300.0
 DEFAULT_STALE_IF_ERROR_SECONDS = 300.0
 DEFAULT_TIMEOUT_SECONDS = 5.0
 TTL_JITTER = 0.1  # a value's lifetime is drawn from [0.9, 1.0] x TTL
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 @dataclass(frozen=True)
@@ -142,7 +144,8 @@ def parse_addresses(raw: str | Sequence[str]) -> tuple[str, ...]:
     addresses = tuple(item.strip() for item in items if item.strip())
     for address in addresses:
         host, _, port = address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        # ASCII digits only: str.isdigit() also takes "²" (int() then fails) and "٧٤٤٣".
+        if not host or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
             raise InvalidInputError(
                 f"{ADDRESS_VARIABLE}: {address!r} is not host:port; "
                 "give one or more comma-separated addresses like secrets.internal:7443"

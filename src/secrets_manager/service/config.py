@@ -40,6 +40,7 @@ latency (bench/service.py).
 
 from __future__ import annotations
 
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,7 @@ _KNOWN = {
 AUDIT_SYNC_MODES = ("interval", "always")
 DEFAULT_MAX_WORKERS = 256
 WORKERS_KEPT_FROM_WATCH = 16  # default max_watch_streams: max_workers minus this, at least 1
+_PORT = re.compile(r"[0-9]{1,5}")
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,9 @@ def load_config(path: str | Path) -> ServerConfig:
         doc = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise NotFoundError(f"server config {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:  # a directory, unreadable, not UTF-8
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise InvalidInputError(f"server config {path}: cannot read it ({reason})") from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInputError(f"server config {path}: {exc}") from None
     unknown = set(doc) - _KNOWN
@@ -127,8 +132,10 @@ def load_config(path: str | Path) -> ServerConfig:
     if isinstance(store, str) and "://" not in store:
         store = str(file(store, "store"))
     listen = doc.get("listen", "127.0.0.1:7443")
-    if not isinstance(listen, str) or ":" not in listen:
-        raise InvalidInputError(f"server config {path}: listen must be HOST:PORT")
+    if not _is_host_port(listen, lowest_port=0):
+        raise InvalidInputError(
+            f"server config {path}: listen must be HOST:PORT with a port of 0..65535 (0: any free port)"
+        )
     workers = doc.get("max_workers", DEFAULT_MAX_WORKERS)
     grace = doc.get("shutdown_grace_seconds", 10)
     if not isinstance(workers, int) or not 1 <= workers <= 1024:
@@ -156,8 +163,10 @@ def load_config(path: str | Path) -> ServerConfig:
     if not isinstance(check, int | float) or isinstance(check, bool) or not 0.1 <= check <= 86400:
         raise InvalidInputError(f"server config {path}: rotation_check_seconds must be 0.1..86400")
     metrics = doc.get("metrics_listen")
-    if metrics is not None and (not isinstance(metrics, str) or ":" not in metrics):
-        raise InvalidInputError(f"server config {path}: metrics_listen must be HOST:PORT")
+    if metrics is not None and not _is_host_port(metrics, lowest_port=1):
+        raise InvalidInputError(
+            f"server config {path}: metrics_listen must be HOST:PORT with a port of 1..65535"
+        )
     return ServerConfig(
         listen=listen,
         store=store,
@@ -178,3 +187,12 @@ def load_config(path: str | Path) -> ServerConfig:
         ),
         rotation_check_seconds=float(check),
     )
+
+
+def _is_host_port(value: object, *, lowest_port: int) -> bool:
+    """HOST:PORT with an ASCII decimal port in range: gRPC takes "127.0.0.1:70000" and silently
+    listens on another port (70000 mod 65536)."""
+    if not isinstance(value, str):
+        return False
+    host, _, port = value.rpartition(":")
+    return bool(host) and _PORT.fullmatch(port) is not None and lowest_port <= int(port) <= 65535
