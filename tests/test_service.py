@@ -270,6 +270,15 @@ _TLS = {"cert": "server.pem", "key": "server-key.pem", "client_ca": "ca.pem"}
         # gRPC took it and listened on 70000 mod 65536.
         ('listen = "127.0.0.1:70000"', {}, 2, "listen must be HOST:PORT with a port of 0..65535"),
         ('metrics_listen = "127.0.0.1:99999"', {}, 2, "metrics_listen must be HOST:PORT"),
+        # gRPC's RuntimeError "failed to bind", and lines of its own on stderr.
+        ('listen = "{busy}"', {}, 1, "cannot listen on {busy} (in use, or not an address of this host)"),
+        ('listen = "256.1.1.1:1"', {}, 1, "cannot listen on 256.1.1.1:1 (in use"),
+        ("", {"key": "auth-key.pem"}, 2, "(tls.key) does not match the certificate"),
+        ("", {"cert": "policy.toml"}, 2, "policy.toml (tls.cert) is not a PEM certificate"),
+        ("", {"client_ca": "server-key.pem"}, 2, "(tls.client_ca) is not a PEM certificate"),
+        ("", {"key": "policy.toml"}, 2, "(tls.key) is not an unencrypted PEM private key"),
+        # IsADirectoryError before.
+        ("", {"cert": "."}, 2, "(tls.cert): Is a directory"),
     ],
 )
 def test_a_server_that_cannot_start_says_why_in_one_line(

@@ -7,10 +7,13 @@ record → the response. Denials and failures are audited too. Values are only e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,7 +29,12 @@ from grpc_reflection.v1alpha import reflection
 
 from secrets_manager.access import Policy, load_policy
 from secrets_manager.audit import AuditEvent, AuditLog, value_fingerprint
-from secrets_manager.errors import AccessDeniedError, InvalidInputError, NotFoundError, SecretsManagerError
+from secrets_manager.errors import (
+    AccessDeniedError,
+    NotFoundError,
+    SecretsManagerError,
+    StorageError,
+)
 from secrets_manager.service.config import DEFAULT_MAX_WORKERS, WORKERS_KEPT_FROM_WATCH, ServerConfig
 from secrets_manager.service.metrics import Metrics
 from secrets_manager.service.schedule import RotationScheduler
@@ -34,6 +42,7 @@ from secrets_manager.service.watch import ChangeHub
 from secrets_manager.store import EncryptedStore
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.store.names import validate_name, validate_prefix
+from secrets_manager.tls import read_server_tls
 from secrets_manager.tls.identity import IdentityError, identity_from_auth_context
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
@@ -411,12 +420,27 @@ def build_server(
     scheduler: RotationScheduler | None = None,
 ) -> RunningServer:
     """A started gRPC server with mutual TLS, health, reflection and (optionally) metrics."""
+    tls = read_server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
     credentials = grpc.ssl_server_credentials(
-        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
-        root_certificates=config.tls_client_ca.read_bytes(),
-        require_client_auth=True,
+        [(tls.key, tls.cert)], root_certificates=tls.client_ca, require_client_auth=True
     )
     metrics = Metrics(config.metrics_listen)
+    try:
+        return _start(config, credentials, metrics, store, audit, policy, scheduler)
+    except BaseException:
+        metrics.close()  # its port is free again for the next attempt
+        raise
+
+
+def _start(
+    config: ServerConfig,
+    credentials: grpc.ServerCredentials,
+    metrics: Metrics,
+    store: EncryptedStore,
+    audit: AuditLog,
+    policy: PolicyHolder,
+    scheduler: RotationScheduler | None,
+) -> RunningServer:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
         options=[
@@ -445,11 +469,38 @@ def build_server(
         (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = server.add_secure_port(config.listen, credentials)
-    if port == 0:
-        raise InvalidInputError(f"cannot listen on {config.listen}")
+    port = _bind(server, config.listen, credentials)
     server.start()
     return RunningServer(server, servicer, port, health_servicer, metrics)
+
+
+def _bind(server: grpc.Server, listen: str, credentials: grpc.ServerCredentials) -> int:
+    """The port `listen` got. gRPC says only "failed to bind" (a RuntimeError) and writes lines of
+    its own to stderr; those are held back and, if the bind fails, replaced by our one line (the
+    TLS files were checked before, so what is left is the address)."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all: nothing to hold back
+        saved = -1
+    with tempfile.TemporaryFile() as held:
+        if saved >= 0:
+            os.dup2(held.fileno(), 2)
+        try:
+            port: int = server.add_secure_port(listen, credentials)
+        except RuntimeError:
+            port = 0
+        finally:
+            if saved >= 0:
+                os.dup2(saved, 2)
+                os.close(saved)
+        if port:  # bound: whatever was written meanwhile goes out after all
+            held.seek(0)
+            with contextlib.suppress(OSError):
+                os.write(2, held.read())
+    if not port:
+        raise StorageError(f"cannot listen on {listen} (in use, or not an address of this host)")
+    return port
 
 
 def run_server(

@@ -5,13 +5,21 @@ keeps them in a private directory; `identity` reads the caller's identity back f
 or from grpc's auth context.
 """
 
-from secrets_manager.tls.files import WrittenCertificate, init_ca, issue_certificate, read_ca
+from secrets_manager.tls.files import (
+    ServerTlsFiles,
+    WrittenCertificate,
+    init_ca,
+    issue_certificate,
+    read_ca,
+    read_server_tls,
+)
 from secrets_manager.tls.identity import IdentityError, identity_from_auth_context, identity_from_certificate
 from secrets_manager.tls.pki import DEFAULT_TRUST_DOMAIN, issue, new_ca, spiffe_id
 
 __all__ = [
     "DEFAULT_TRUST_DOMAIN",
     "IdentityError",
+    "ServerTlsFiles",
     "WrittenCertificate",
     "identity_from_auth_context",
     "identity_from_certificate",
@@ -20,5 +28,6 @@ __all__ = [
     "issue_certificate",
     "new_ca",
     "read_ca",
+    "read_server_tls",
     "spiffe_id",
 ]

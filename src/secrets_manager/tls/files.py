@@ -17,6 +17,9 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 
 from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError
 from secrets_manager.tls.identity import identity_from_certificate
@@ -105,6 +108,63 @@ def read_ca(directory: str | os.PathLike[str]) -> tuple[bytes, bytes]:
         except OSError as exc:
             raise InvalidInputError(f"cannot read {path}: {exc.strerror}") from None
     return found[0], found[1]
+
+
+@dataclass(frozen=True)
+class ServerTlsFiles:
+    """The contents of the service's [tls] files, checked: gRPC reports a bad one only as "failed
+    to bind", with lines of its own on stderr, so each is checked here first."""
+
+    cert: bytes
+    key: bytes
+    client_ca: bytes
+
+
+def read_server_tls(cert: Path, key: Path, client_ca: Path) -> ServerTlsFiles:
+    """Read and check the server's certificate, its key and the client CA. NotFoundError for a
+    missing file; InvalidInputError for one that cannot be read, is not PEM of its kind, or a key
+    that does not belong to the certificate. Messages name the file and the [tls] setting."""
+    cert_pem = _read_tls_file(cert, "tls.cert")
+    key_pem = _read_tls_file(key, "tls.key")
+    ca_pem = _read_tls_file(client_ca, "tls.client_ca")
+    leaf = _certificates(cert_pem, cert, "tls.cert")[0]
+    _certificates(ca_pem, client_ca, "tls.client_ca")
+    try:
+        private_key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):  # TypeError: the key is encrypted
+        raise InvalidInputError(
+            f"the TLS key {key} (tls.key) is not an unencrypted PEM private key"
+        ) from None
+    if _public_der(private_key.public_key()) != _public_der(leaf.public_key()):
+        raise InvalidInputError(
+            f"the TLS key {key} (tls.key) does not match the certificate {cert} (tls.cert); "
+            "give the key issued with that certificate"
+        )
+    return ServerTlsFiles(cert_pem, key_pem, ca_pem)
+
+
+def _read_tls_file(path: Path, setting: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise NotFoundError(f"TLS file {path} ({setting}) does not exist") from None
+    except OSError as exc:
+        raise InvalidInputError(
+            f"cannot read TLS file {path} ({setting}): {exc.strerror or type(exc).__name__}"
+        ) from None
+
+
+def _certificates(pem: bytes, path: Path, setting: str) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise InvalidInputError(f"the TLS file {path} ({setting}) is not a PEM certificate") from None
+
+
+def _public_der(public_key: PublicKeyTypes) -> bytes:
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def make_private_directory(directory: Path) -> None:
