@@ -279,6 +279,8 @@ _TLS = {"cert": "server.pem", "key": "server-key.pem", "client_ca": "ca.pem"}
         ("", {"key": "policy.toml"}, 2, "(tls.key) is not an unencrypted PEM private key"),
         # IsADirectoryError before.
         ("", {"cert": "."}, 2, "(tls.cert): Is a directory"),
+        # prometheus_client's OSError.
+        ('metrics_listen = "{busy}"', {}, 1, "cannot listen on {busy} for metrics (metrics_listen)"),
     ],
 )
 def test_a_server_that_cannot_start_says_why_in_one_line(

@@ -9,6 +9,8 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from secrets_manager.errors import StorageError
+
 
 class Metrics:
     """Own registry per server, exposed on `listen` (HOST:PORT) when given."""
@@ -45,7 +47,13 @@ class Metrics:
         self._http: Any = None
         if listen:
             host, _, port = listen.rpartition(":")
-            self._http = start_http_server(int(port), addr=host, registry=self.registry)
+            try:
+                self._http = start_http_server(int(port), addr=host, registry=self.registry)
+            except OSError as exc:  # in use, or not an address of this host: not a bug of ours
+                raise StorageError(
+                    f"cannot listen on {listen} for metrics (metrics_listen): "
+                    f"{exc.strerror or type(exc).__name__}"
+                ) from None
 
     def observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
         elapsed = time.perf_counter() - started
