@@ -648,3 +648,32 @@ def test_a_tls_file_that_is_a_directory_is_named_with_its_variable(
 def test_a_server_option_without_an_address_is_invalid_input(ready: Cli) -> None:
     """`--server ,` named no address and was reported as a service that did not answer (exit 1)."""
     assert_one_line_error(ready("--server", ",", "get", "a/B"), 2, "names no address", "host:port")
+
+
+def test_a_store_path_with_an_unknown_user_is_invalid_input(cli: Cli) -> None:
+    """`~nouser/x.db`: expanduser's RuntimeError ended in an internal error."""
+    result = cli("--store", "~no-such-user-of-secrets-manager/x.db", "list")
+    assert_one_line_error(result, 2, "cannot expand '~no-such-user-of-secrets-manager'", "give the full path")
+
+
+@pytest.mark.parametrize("command", ["list", "init"])
+def test_a_store_file_name_too_long_is_invalid_input_and_creates_nothing(
+    cli: Cli, tmp_path: Path, command: str
+) -> None:
+    """ENAMETOOLONG from the first `exists()` ended in an internal error. A name that fits while
+    its SQLite journal's does not is refused too: init failed and left an empty file behind."""
+    for length in (300, 250):
+        store = tmp_path / ("a" * length + ".db")
+        result = cli(
+            "--store", str(store), *([command, "--kdf-profile", "test"] if command == "init" else [command])
+        )
+        assert_one_line_error(result, 2, f"store path {store}: File name too long")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_init_under_a_regular_file_names_it(ready: Cli, tmp_path: Path) -> None:
+    """A parent that is a file: mkdir's NotADirectoryError ended in an internal error."""
+    (tmp_path / "file.txt").write_text("not a directory")
+    result = ready("--store", str(tmp_path / "file.txt" / "sub" / "x.db"), "init", "--kdf-profile", "test")
+    assert_one_line_error(result, 2, f"{tmp_path / 'file.txt'} is not a directory")
+    assert (tmp_path / "file.txt").read_text() == "not a directory"

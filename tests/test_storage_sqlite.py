@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from secrets_manager.errors import ConflictError, NotFoundError, StorageError
+from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError, StorageError
 from secrets_manager.storage import Put, Storage
 from secrets_manager.storage import sqlite as sqlite_module
 from secrets_manager.storage.sqlite import SqliteStorage
@@ -290,3 +290,11 @@ def test_the_prune_still_drops_changes_older_than_the_retained_window(
     assert logged_revisions(tmp_store_path) == list(range(1024 - 9, 1025))
     assert storage.change_head() == 1024
     assert storage.changes_since(1013).truncated and not storage.changes_since(1014).truncated
+
+
+def test_a_parent_that_is_a_file_is_named_and_nothing_is_created(tmp_path: Path) -> None:
+    """mkdir's NotADirectoryError reached the user as an internal error."""
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(InvalidInputError, match=r"file\.txt is not a directory"):
+        SqliteStorage(tmp_path / "file.txt" / "sub" / "store.db", create=True)
+    assert (tmp_path / "file.txt").read_text() == "x"

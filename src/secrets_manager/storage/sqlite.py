@@ -9,6 +9,7 @@ erased key material has left every file of the store.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -16,7 +17,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from secrets_manager.errors import ConflictError, NotFoundError, StorageError
+from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError, StorageError
 from secrets_manager.storage.base import (
     ABSENT,
     Change,
@@ -65,6 +66,16 @@ class SqliteStorage:
                 f"no store at {self.path}; create one with 'secrets-manager init' or pass --store"
             )
         self._lock = threading.Lock()
+        try:
+            self._connect(create)
+        except BaseException:
+            if create:  # the file is ours (O_EXCL) and empty: an empty file would block the next init
+                for suffix in ("", "-wal", "-shm", "-journal"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(f"{self.path}{suffix}")
+            raise
+
+    def _connect(self, create: bool) -> None:
         try:
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
@@ -322,10 +333,20 @@ def _check_precondition(db: sqlite3.Connection, key: str, expect: Expect) -> Non
 
 
 def _create_private_file(path: Path) -> None:
-    """Create the store file 0600 (and missing parent directories 0700); never overwrite."""
-    missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
-    for directory in reversed(missing):  # mkdir(parents=True) would give ancestors the umask's mode
-        directory.mkdir(mode=0o700, exist_ok=True)
+    """Create the store file 0600 (and missing parent directories 0700); never overwrite.
+    A parent that is a file, or one we may not create, is one line naming it (not an OSError)."""
+    missing: list[Path] = []
+    try:
+        for directory in (path.parent, *path.parent.parents):
+            if directory.is_dir():
+                break
+            if directory.exists():
+                raise InvalidInputError(f"cannot create store {path}: {directory} is not a directory")
+            missing.append(directory)
+        for directory in reversed(missing):  # mkdir(parents=True) would give ancestors the umask's mode
+            directory.mkdir(mode=0o700, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create store {path}: {exc.strerror or type(exc).__name__}") from None
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except FileExistsError:

@@ -19,6 +19,7 @@ or crypto themselves.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -302,6 +303,7 @@ def sqlite_path(url: str | None) -> Path:
             raise InvalidInputError(
                 f"store URL {display_url(url)!r}: write sqlite:///absolute/path/to/store.db"
             )
+        _check_store_path(Path(path))
         return Path(path)
     if external_location(url) is not None:
         raise InvalidInputError(
@@ -310,7 +312,36 @@ def sqlite_path(url: str | None) -> Path:
     if "://" in url:
         scheme = url.split("://", 1)[0]
         raise InvalidInputError(f"store URL scheme {scheme!r} is not supported; use {SUPPORTED_URLS}")
-    return Path(url).expanduser()
+    try:
+        expanded = Path(url).expanduser()
+    except RuntimeError:  # "~nouser/x.db": no such user, or no home directory to expand
+        raise InvalidInputError(
+            f"store path {url!r}: cannot expand {url.split('/', 1)[0]!r} (no such user or home "
+            "directory); give the full path"
+        ) from None
+    _check_store_path(expanded)
+    return expanded
+
+
+# What `Path.exists()` takes for "no such file"; any other error of stat() it raises.
+_ABSENT_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EBADF, errno.ELOOP}
+
+
+def _check_store_path(path: Path) -> None:
+    """Stat the store file and its longest companion once, here, so that a path no file can have (a
+    name too long) or one we may not look at fails in one line naming it, rather than as an
+    OSError from whichever `exists()` or `open()` meets it first."""
+    for candidate in (str(path), f"{path}-journal"):  # the longest name SQLite gives a companion
+        try:
+            os.stat(candidate)
+        except OSError as exc:
+            if exc.errno in _ABSENT_ERRNOS:
+                continue
+            if exc.errno == errno.ENAMETOOLONG:
+                raise InvalidInputError(
+                    f"store path {path}: {exc.strerror}; choose a shorter file name"
+                ) from None
+            raise StorageError(f"store path {path}: {exc.strerror or type(exc).__name__}") from None
 
 
 def default_audit_path(url: str | None) -> Path:
