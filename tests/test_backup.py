@@ -38,6 +38,7 @@ from secrets_manager.store.base import Anchor
 from secrets_manager.store.encrypted import DATA_PREFIX, KEYSET_PREFIX, META_PREFIX
 from secrets_manager.store.names import namespace_of
 from secrets_manager.store.restore import OnExisting, restore_into, restore_new_store
+from secrets_manager.store.url import remove_store_files
 
 BACKUP_PASSWORD = b"off-site backup password"
 VALUES = {
@@ -645,3 +646,12 @@ def test_secret_values_stay_redacted_in_backup_objects(backup: Backup) -> None:
 def test_reading_a_missing_file_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError):
         read_backup(tmp_path / "nothing.smbackup", b"pw")
+
+
+def test_removing_store_files_where_none_can_be_is_quiet(tmp_path: Path) -> None:
+    """The cleanup after a failed create: under a regular file (NotADirectoryError) or with a name
+    too long for the file system there is nothing to remove, and no OSError to mask the cause."""
+    (tmp_path / "file.txt").write_text("x")
+    remove_store_files(tmp_path / "file.txt" / "store.db")
+    remove_store_files(tmp_path / ("a" * 300 + ".db"))
+    assert (tmp_path / "file.txt").read_text() == "x"

@@ -279,6 +279,17 @@ def test_a_refused_file_creates_no_store(
     assert files_of(target) == {}
 
 
+def test_a_restore_under_a_regular_file_is_refused_naming_it(cli: Cli, copy_file: Path) -> None:
+    """The parent is a file: the cleanup of the temporary store raised NotADirectoryError (an
+    internal error) over the real problem."""
+    blocker = cli.tmp / "file.txt"
+    blocker.write_text("not a directory")
+    target = blocker / "store.db"
+    result = cli("restore", str(copy_file), "--store", str(target))
+    assert_one_line_error(result, 2, f"cannot restore to {target}: {blocker} is not a directory")
+    assert blocker.read_text() == "not a directory"
+
+
 @pytest.mark.parametrize("kind", ["store copy", "backup password"])
 def test_a_wrong_backup_password_exits_4_and_changes_nothing(
     cli: Cli, copy_file: Path, password_file: Path, kind: str

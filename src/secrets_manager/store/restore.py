@@ -105,6 +105,9 @@ def restore_new_store(
         raise ConflictError(
             f"a store already exists at {path}; restore into it with --on-existing, or pick a new path"
         )
+    blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:  # say so about the target, not the temporary file beside it
+        raise InvalidInputError(f"cannot restore to {path}: {blocker} is not a directory; pick a new path")
     temporary = path.with_name(f".{path.name}.restore-{secrets.token_hex(6)}")
     try:
         if backup.summary.kind == KIND_STORE:

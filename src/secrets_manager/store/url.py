@@ -538,9 +538,19 @@ def new_password_unlock(password: bytes, kdf_profile: str, *, environment: Envir
 
 
 def remove_store_files(path: Path) -> None:
-    """Delete a store file and its SQLite companions (only for a store that was never used)."""
+    """Delete a store file and its SQLite companions (only for a store that was never used).
+    A path where no file can be (a parent that is a file, a name too long) has nothing to delete:
+    this runs while another error is reported, which must not become an OSError of its own."""
     for suffix in ("", "-wal", "-shm"):
-        Path(f"{path}{suffix}").unlink(missing_ok=True)
+        try:
+            Path(f"{path}{suffix}").unlink()
+        except (FileNotFoundError, NotADirectoryError):
+            pass
+        except OSError as exc:
+            if exc.errno != errno.ENAMETOOLONG:
+                raise StorageError(
+                    f"cannot remove {path}{suffix}: {exc.strerror}; remove it by hand"
+                ) from None
 
 
 def open_store(
