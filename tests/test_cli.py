@@ -677,3 +677,14 @@ def test_init_under_a_regular_file_names_it(ready: Cli, tmp_path: Path) -> None:
     result = ready("--store", str(tmp_path / "file.txt" / "sub" / "x.db"), "init", "--kdf-profile", "test")
     assert_one_line_error(result, 2, f"{tmp_path / 'file.txt'} is not a directory")
     assert (tmp_path / "file.txt").read_text() == "not a directory"
+
+
+def test_a_json_field_holding_a_lone_surrogate_is_refused_without_the_value(ready: Cli) -> None:
+    """`get NAME#field` of "\\ud800" (valid JSON, not UTF-8 text) ended in UnicodeEncodeError."""
+    value = b'{"p": "KNOWN-\\ud800-VALUE", "q": ["\\udc00"]}'
+    assert ready("store", "js/S", input=value).code == 0
+    for field in ("p", "q"):
+        result = ready("get", f"js/S#{field}")
+        assert_one_line_error(result, 2, f"field {field!r} of js/S", "get js/S --raw")
+        assert result.stdout == b"" and "KNOWN" not in result.stderr
+    assert ready("get", "js/S", "--raw").stdout == value

@@ -882,9 +882,16 @@ def select_field(data: bytes, name: str, field: str) -> bytes:
             f"the value of {name} has no field {field!r}; it has {', '.join(sorted(document))}"
         )
     chosen = document[field]
-    if isinstance(chosen, str):
-        return chosen.encode("utf-8")
-    return json.dumps(chosen, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text = (
+        chosen if isinstance(chosen, str) else json.dumps(chosen, separators=(",", ":"), ensure_ascii=False)
+    )
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # JSON may escape a lone surrogate ("\ud800"), which UTF-8 cannot hold
+        raise InvalidInputError(
+            f"field {field!r} of {name} holds an unpaired UTF-16 surrogate escape, which is not text; "
+            f"read the whole value with 'get {name} --raw'"
+        ) from None
 
 
 def parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
