@@ -1,6 +1,6 @@
 """`server.toml`: where the service listens, its TLS files, policy, store, audit log and unlock source.
 
-    listen = "127.0.0.1:7443"
+    listen = "127.0.0.1:7443"                             # HOST:PORT; port 0..65535 (0: any free)
     store = "/var/lib/secrets-manager/secrets.db"
     policy = "policy.toml"
     audit_file = "/var/log/secrets-manager/audit.jsonl"   # default: beside the store
