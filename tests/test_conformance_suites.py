@@ -406,6 +406,14 @@ def test_check_secret_store_notices_a_promote_of_a_version_no_longer_pending(
         check_secret_store(make_store)
 
 
+def test_check_secret_store_notices_a_promote_that_demotes_a_newer_current(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(encrypted_module, "refuse_to_demote", lambda name, version, current: None)
+    with pytest.raises(AssertionError, match="'pending-rotation' failed: promote under a newer current"):
+        check_secret_store(make_store)
+
+
 def test_check_secret_store_notices_a_promote_that_misreports_the_old_current(
     make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -360,6 +360,26 @@ def test_a_failing_test_command_leaves_current_and_can_be_resumed(cli: Cli, tmp_
     assert cli.value() == staged and cli.labels() == {"current": 2, "previous": 1}
 
 
+def test_a_resume_never_undoes_a_write_made_after_the_rotation_staged(cli: Cli, tmp_path: Path) -> None:
+    """Someone stores a new value while a failed rotation's version is pending: resuming must not
+    set the stale pending value at the target and then demote the newer one."""
+    failing, _ = recorder(tmp_path, "failing", exit_code=5)
+    assert cli("rotate", "db/app", "--test-command", failing).code == 1
+    assert cli.labels() == {"current": 1, "pending": 2}
+    assert cli("store", "db/app", input=b"written-by-a-person").code == 0
+    assert cli.labels() == {"current": 3, "previous": 1, "pending": 2}
+    setter, _ = recorder(tmp_path, "setter")
+    result = cli("rotate", "db/app", "--resume", "--set-command", setter)
+    assert result.code == 7, result.stderr
+    assert "version 3 of 'db/app' was written after the rotation staged version 2" in result.stderr
+    assert "--discard" in result.stderr
+    assert not (tmp_path / "setter.json").exists()  # the target was never touched
+    assert cli.value() == "written-by-a-person"
+    assert cli.labels() == {"current": 3, "previous": 1, "pending": 2}
+    assert cli("rotate", "db/app", "--discard").code == 0
+    assert cli("rotate", "db/app").code == 0 and cli.labels() == {"current": 4, "previous": 3}
+
+
 def test_a_set_command_that_cannot_start_or_times_out_fails_cleanly(cli: Cli, tmp_path: Path) -> None:
     result = cli("rotate", "db/app", "--set-command", str(tmp_path / "no-such-command"))
     assert result.code == 1 and "set command failed (could not start" in result.stderr

@@ -54,6 +54,7 @@ from secrets_manager.errors import (
     SecretsManagerError,
 )
 from secrets_manager.store import CURRENT, PENDING, SecretMetadata, validate_name
+from secrets_manager.store.base import refuse_to_demote
 from secrets_manager.values import SecretValue
 
 ALPHABETS = {
@@ -185,10 +186,15 @@ def rotate(steps: RotationSteps, name: str, commands: Commands, *, value: Secret
 
     A promote refused because the version is current already is the rotation done, not a
     conflict: another runner (a replica, or the schedule while a person's commands ran long)
-    resumed this version, set the same value and promoted it first."""
+    resumed this version, set the same value and promoted it first. A pending version older than
+    the current one (the secret was written after it was staged) is never promoted: a resume
+    refuses it before any command runs, and promote refuses it at the end (ConflictError)."""
     resumed = value is None
     if value is None:
         version, value = steps.pending(name)
+        current = _current_or_none(steps, name)
+        if current is not None and current > version:  # before the target is touched
+            refuse_to_demote(name, version, current)
     else:
         version = steps.stage(name, value)
     for step, argv in (("set", commands.set_argv), ("test", commands.test_argv)):
@@ -205,10 +211,14 @@ def rotate(steps: RotationSteps, name: str, commands: Commands, *, value: Secret
 
 
 def _is_current(steps: RotationSteps, name: str, version: int) -> bool:
+    return _current_or_none(steps, name) == version
+
+
+def _current_or_none(steps: RotationSteps, name: str) -> int | None:
     try:
-        return steps.current(name) == version
-    except SecretsManagerError:  # cannot tell (e.g. not allowed to describe): the conflict stands
-        return False
+        return steps.current(name)
+    except SecretsManagerError:  # cannot tell (e.g. not allowed to describe): promote decides
+        return None
 
 
 # ---- the schedule ----------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ from secrets_manager.store.base import (
     VersionInfo,
     checked_value,
     refuse_if_rotating,
+    refuse_to_demote,
 )
 from secrets_manager.store.external import (
     AUDIT_KEY_NAME,
@@ -479,6 +480,7 @@ class AwsStore:
                 f"version {version} of {name!r} is not pending ({now_pending}); nothing was promoted"
             )
         current = next((v for v in versions if CURRENT in v.labels), None)
+        refuse_to_demote(name, version, None if current is None else current.number)
         secret_id = self.aws_name(name)
         with self._aws(f"promote version {version} of {name}", name):
             arguments: dict[str, Any] = {

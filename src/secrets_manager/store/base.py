@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
-from secrets_manager.errors import InvalidInputError, RotationInProgressError, UnsupportedOperationError
+from secrets_manager.errors import (
+    ConflictError,
+    InvalidInputError,
+    RotationInProgressError,
+    UnsupportedOperationError,
+)
 from secrets_manager.values import SecretValue
 
 CURRENT = "current"
@@ -146,7 +151,8 @@ class SecretStore(Protocol):
         """Make `version`, which must carry `pending` (ConflictError otherwise), `current` in one
         step: the old current becomes `previous` and the `pending` label is removed. Returns the
         version that became `previous` (None if nothing was current), as the change saw it: a
-        describe afterwards could report another rotation's labels."""
+        describe afterwards could report another rotation's labels. ConflictError, nothing moved,
+        if the current version is newer than `version` (`refuse_to_demote`)."""
 
     def discard_pending(self, name: str) -> int:
         """Remove the `pending` label (the version stays, unlabelled). NotFoundError if none has it.
@@ -179,6 +185,17 @@ def refuse_if_rotating(name: str, pending: int | None, current: int | None) -> N
             f"a rotation of {name!r} is in progress (version {pending} is pending); finish it with "
             f"'secrets-manager rotate {name} --resume' or drop it with "
             f"'secrets-manager rotate {name} --discard'"
+        )
+
+
+def refuse_to_demote(name: str, version: int, current: int | None) -> None:
+    """ConflictError if promoting `version` would demote a newer current version: one written
+    after the rotation staged `version` (a `store` meanwhile). Promoting would undo that write."""
+    if current is not None and current > version:
+        raise ConflictError(
+            f"version {current} of {name!r} was written after the rotation staged version {version}; "
+            f"promoting it would undo that write, so nothing was promoted. Drop it with "
+            f"'secrets-manager rotate {name} --discard' and rotate again"
         )
 
 

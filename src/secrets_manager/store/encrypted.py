@@ -73,6 +73,7 @@ from secrets_manager.store.base import (
     checked_metadata,
     checked_value,
     refuse_if_rotating,
+    refuse_to_demote,
     unsupported_capabilities,
 )
 from secrets_manager.store.changes import SecretChanges, secret_changes
@@ -443,6 +444,7 @@ class EncryptedStore:
                 )
             if meta.versions[version]["destroyed"]:
                 raise ConflictError(f"version {version} of {name!r} was destroyed; nothing was promoted")
+            refuse_to_demote(name, version, meta.labels.get(CURRENT))
             previous = meta.labels.get(CURRENT)  # set again by each retry: the one that commits wins
             if previous is not None:
                 meta.labels[PREVIOUS] = previous

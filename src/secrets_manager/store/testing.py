@@ -489,6 +489,13 @@ def _check_pending_rotation(make_store: MakeStore, ns: str) -> None:
         _raises(ConflictError, lambda: store.stage(name, b"value 6"), "stage on a deleted secret")
         store.undelete(name)
         _require(store.get(name).version == 4, "a refused stage on a deleted secret changed it")
+        # A write while a rotation is pending: promoting the older pending version would undo it.
+        staged = store.stage(name, b"value 6")
+        written = store.put(name, b"value 7")
+        _raises(ConflictError, lambda: store.promote(name, staged.version), "promote under a newer current")
+        _require(store.get(name).version == written.version, "a refused promote demoted the newer current")
+        _require(store.get(name, label=PENDING).version == staged.version, "a refused promote lost pending")
+        _require(store.discard_pending(name) == staged.version, "discard after a refused promote")
 
 
 INVALID_NAMES = (
