@@ -969,6 +969,19 @@ def test_the_cli_refuses_a_password_in_the_url_in_production(
     assert postgres_cluster.role_password not in result.stderr
 
 
+def test_the_cli_warns_of_a_password_in_the_url_in_its_own_words(
+    place: Place, postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    url = f"{postgres_cluster.url(with_password=True)}?schema={place.schema}"
+    password_file = tmp_path / "master"
+    password_file.write_text(MASTER_PASSWORD)
+    result = Cli(url, tmp_path, {})("--password-file", str(password_file), "init", "--kdf-profile", "test")
+    assert result.code == 0, result.stderr
+    (warning,) = [line for line in result.stderr.splitlines() if "process lists" in line]
+    assert warning.startswith("secrets-manager: warning: the store URL ")
+    assert postgres_cluster.role_password not in result.stderr
+
+
 # ---- serve: replicas sharing one store ------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ traceback ever reaches a user.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -23,7 +24,7 @@ from secrets_manager.cli import (
     serve_commands,  # noqa: F401  (registers `serve`)
 )
 from secrets_manager.cli.app import cli
-from secrets_manager.cli.output import error_line
+from secrets_manager.cli.output import error_line, warning_line
 from secrets_manager.errors import SecretsManagerError
 
 DEBUG_VARIABLE = "SECRETS_MANAGER_DEBUG"
@@ -35,7 +36,27 @@ def main(argv: list[str] | None = None) -> int:
     sys.exit(code)
 
 
+class _WarningLines(logging.Handler):
+    """Library warnings (e.g. a password in a PostgreSQL URL) as the CLI's own warning lines;
+    `serve` replaces this with its JSON log handler."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warning_line(record.getMessage())
+
+
 def run(argv: list[str] | None = None) -> int:
+    library_log = logging.getLogger("secrets_manager")
+    saved = (library_log.handlers[:], library_log.propagate)
+    library_log.handlers[:] = [_WarningLines(logging.WARNING)]
+    library_log.propagate = False
+    try:
+        return _run(argv)
+    finally:  # as it was (for callers in the same process, such as tests)
+        if library_log.handlers[:1] and isinstance(library_log.handlers[0], _WarningLines):
+            library_log.handlers[:], library_log.propagate = saved
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         result = cli.main(args=argv, prog_name="secrets-manager", standalone_mode=False)
         return result if isinstance(result, int) else 0
