@@ -285,7 +285,9 @@ def test_audit_reset_starts_a_new_chain_after_a_loss_and_keeps_the_old_files(cli
     assert [r["operation"] for r in cli.records()] == ["audit.reset", "unlock", "get"]
     assert verify(cli).returncode == 0
     cli.audit.unlink()  # the whole log gone (a store file copied alone): the same way back
-    assert cli("list").returncode == 6
+    gone = cli("list")
+    assert gone.returncode == 6 and b"holds no records, but the store anchored record" in gone.stderr
+    assert b"--audit-file" in gone.stderr and b"audit reset --accept-loss" in gone.stderr
     assert cli("audit", "reset", "--accept-loss").returncode == 0
     assert cli("list").returncode == 0 and verify(cli).returncode == 0
 

@@ -375,7 +375,8 @@ def test_list_json_and_history_show_metadata(ready: Cli) -> None:
 def test_delete_is_soft_and_undelete_restores(ready: Cli) -> None:
     ready("store", "svc/SOFT", input=b"keep-me")
     assert ready("delete", "svc/SOFT").code == 0
-    assert_one_line_error(ready("get", "svc/SOFT"), 3)
+    assert_one_line_error(ready("get", "svc/SOFT"), 3, "is deleted; 'undelete svc/SOFT' restores it")
+    assert_one_line_error(ready("rollback", "svc/SOFT"), 3, "undelete")
     assert ready("list").out == ""
     assert "svc/SOFT" in ready("list", "--deleted").out
     assert_one_line_error(ready("store", "svc/SOFT", input=b"new"), 7, "undelete")

@@ -649,6 +649,12 @@ def _check_tail_against_anchor(last: dict[str, Any] | None, anchored: Anchor | N
     if anchored is None:
         return
     last_seq = 0 if last is None else int(last["seq"])
+    if last is None and anchored.seq > 0:
+        raise AuditTamperError(
+            f"audit log {path} holds no records, but the store anchored record {anchored.seq}: if this "
+            "is the wrong file, give the right one (--audit-file, SECRETS_MANAGER_AUDIT_FILE); if "
+            "the log is lost, accept the loss with 'secrets-manager audit reset --accept-loss'"
+        )
     if last_seq < anchored.seq or (
         last_seq == anchored.seq and last is not None and last["hash"] != anchored.hash
     ):

@@ -258,8 +258,10 @@ class EncryptedStore:
                     return _secret(name, number, cached.meta, plaintext), sealed.fingerprint
         for _attempt in range(3):  # a concurrent prune between the two reads: read again
             _, meta = self._read_meta(name)
-            if meta is None or meta.deleted is not None:
+            if meta is None:
                 raise NotFoundError(f"secret {name!r} not found")
+            if meta.deleted is not None:  # as AwsStore says it: a deleted secret can come back
+                raise NotFoundError(f"secret {name!r} is deleted; 'undelete {name}' restores it")
             number = self._resolve(meta, name, version, label)
             entry = self._storage.get(_data_key(name, number))
             if entry is None:
