@@ -445,6 +445,46 @@ def test_production_refuses_master_password_variable(ready: Cli) -> None:
     assert_one_line_error(result, 2, "MASTER_PASSWORD_FILE")
 
 
+def test_production_refuses_a_short_new_password_everywhere_one_is_set(cli: Cli, tmp_path: Path) -> None:
+    short, long = tmp_path / "short", tmp_path / "long"
+    short.write_text("hunter2")
+    long.write_text("a long enough passphrase")
+    for path in (short, long):
+        path.chmod(0o600)
+    prod = {"SHRIVENQUANT_ENV": "production", "MASTER_PASSWORD": None}
+    refused = cli("--password-file", str(short), "init", env=prod)
+    assert_one_line_error(refused, 2, "7 characters; production needs at least 12")
+    assert not cli.store.exists()
+    assert cli("--password-file", str(long), "init", env=prod).code == 0
+    assert_one_line_error(
+        cli("--password-file", str(long), "passwd", "--new-password-file", str(short), env=prod), 2, "12"
+    )
+    assert_one_line_error(
+        cli(
+            "--password-file",
+            str(long),
+            "unlock-with",
+            "password",
+            "--new-password-file",
+            str(short),
+            env=prod,
+        ),
+        2,
+        "12",
+    )
+    backup = cli(
+        "--password-file",
+        str(long),
+        "backup",
+        str(tmp_path / "b"),
+        "--backup-password-file",
+        str(short),
+        env=prod,
+    )
+    assert_one_line_error(backup, 2, "the backup password is 7 characters")
+    assert cli("--password-file", str(long), "list", env=prod).code == 0  # the store still opens as before
+
+
 def test_production_refuses_weak_kdf_and_unprotected_files(cli: Cli, tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_text(PASSWORD)

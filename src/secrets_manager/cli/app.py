@@ -774,7 +774,7 @@ def passwd(session: Session, new_password_file: str | None) -> None:
             new = read_password_file(Path(new_password_file), environment=session.environment)
         else:
             new = prompt_password("New master password", confirm=True)
-        store.change_password(new)
+        store.change_password(session.environment.check_new_password(new))
     info_line("master password changed")
 
 

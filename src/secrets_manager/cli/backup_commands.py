@@ -90,6 +90,8 @@ def create(
     path = Path(file or out or "")
     _check_destination(session, path, force=force)
     password = _read_file(session, backup_password_file) if backup_password_file else None
+    if password is not None:
+        session.environment.check_new_password(password, "the backup password")
     # A copy of the store needs our encrypted store; a password backup can be of any store (Vault, AWS).
     opened = session.operation if password is None else session.store_operation
     with opened("backup", mutating=True) as (store, _), progress_bars("backup") as report:

@@ -530,6 +530,7 @@ def new_password_unlock(password: bytes, kdf_profile: str, *, environment: Envir
     production refuses a profile weaker than the default."""
     if kdf_profile not in KDF_PROFILES:
         raise InvalidInputError(f"unknown KDF profile {kdf_profile!r}; use one of {', '.join(KDF_PROFILES)}")
+    environment.check_new_password(password)
     if environment.is_production and KDF_PROFILES[kdf_profile].is_weaker_than(PRODUCTION_KDF_MINIMUM):
         raise UnsafeConfigurationError(
             f"KDF profile {kdf_profile!r} is too weak for production; use the default profile"
