@@ -18,11 +18,22 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from secrets_manager.client import RemoteStore
 from secrets_manager.crypto import kdf
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.v1 import secrets_pb2 as pb
-from service_fixtures import PASSWORD, SCRIPT, TD, Server, free_address, make_pki, make_store, start_server
+from service_fixtures import (
+    PASSWORD,
+    SCRIPT,
+    TD,
+    Server,
+    free_address,
+    make_pki,
+    make_store,
+    start_server,
+    tls_files,
+)
 
 SEED = {
     "auth/DB_PASSWORD": b"auth-db-pass",
@@ -614,3 +625,61 @@ def test_oversized_or_control_character_metadata_is_invalid_argument_and_list_st
     assert [
         m.description for m in ops.ListSecrets(pb.ListSecretsRequest(prefix="drop/"), timeout=10).secrets
     ] == ["d" * 2048]
+
+
+# ---- paging: answers under gRPC's message limit -----------------------------------------------------
+
+
+def test_batch_get_answers_in_pages_under_grpcs_message_limit(server: Server) -> None:
+    """One answer used to hold every secret, and gRPC refuses messages over 4 MiB: a caller with
+    many large secrets (here 80 of 60 kB) got nothing at all, not even through the SDK."""
+    ops = server.stub("ops")
+    big = {f"bulk/K{i:03d}": bytes([i]) * 60_000 for i in range(80)}
+    for name, value in big.items():
+        ops.PutSecret(pb.PutSecretRequest(name=name, value=value), timeout=10)
+    with pytest.raises(grpc.RpcError) as caught:  # unpaged, as a client from before paging asks
+        ops.BatchGetSecrets(pb.BatchGetSecretsRequest(prefix="bulk/"), timeout=30)
+    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    request = pb.BatchGetSecretsRequest(prefix="bulk/", page_size=100)
+    pages: list[list[str]] = []
+    while True:
+        response = ops.BatchGetSecrets(request, timeout=30)
+        assert response.ByteSize() < 4 * 1024 * 1024
+        pages.append([s.name for s in response.secrets])
+        if not response.next_page_token:
+            break
+        request.page_token = response.next_page_token
+    assert len(pages) >= 3 and [name for page in pages for name in page] == sorted(big)
+    remote = RemoteStore(server.address, tls_files(server.dir, "ops"))
+    try:
+        assert {s.name: s.value.reveal() for s in remote.get_many(prefix="bulk/")} == big
+        wanted = sorted(big, reverse=True)  # named: paged by position, in the order asked
+        assert [s.name for s in remote.get_many(wanted)] == wanted
+    finally:
+        remote.close()
+    reads = [r["name"] for r in server.audit_records() if r["operation"] == "get"]
+    assert all(reads.count(name) == 4 for name in big)  # each page audits what it returned, once
+
+
+def test_list_answers_in_pages_filtered_by_policy_and_refuses_a_forged_token(server: Server) -> None:
+    ops = server.stub("ops")
+    for i in range(150):
+        ops.PutSecret(pb.PutSecretRequest(name=f"auth/M{i:03d}", value=b"v"), timeout=10)
+        ops.PutSecret(pb.PutSecretRequest(name=f"other/M{i:03d}", value=b"v"), timeout=10)
+    first = ops.ListSecrets(pb.ListSecretsRequest(prefix="auth/", page_size=100), timeout=10)
+    assert len(first.secrets) == 100 and first.next_page_token
+    second = ops.ListSecrets(
+        pb.ListSecretsRequest(prefix="auth/", page_size=100, page_token=first.next_page_token), timeout=10
+    )
+    names = [m.name for m in [*first.secrets, *second.secrets]]
+    assert not second.next_page_token and names == sorted(names) and len(names) == 152
+    auth = RemoteStore(server.address, tls_files(server.dir, "auth"))
+    try:
+        assert [m.name for m in auth.list()] == names  # other/ is filtered out, over two pages
+    finally:
+        auth.close()
+    for forged in ("at:3", "after:", "after:../x", "junk"):
+        with pytest.raises(grpc.RpcError) as caught:
+            ops.ListSecrets(pb.ListSecretsRequest(page_size=10, page_token=forged), timeout=10)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "page_token" in (caught.value.details() or "")

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from secrets_manager.errors import InvalidInputError, NotFoundError, UnsupportedOperationError
+from secrets_manager.errors import InvalidInputError, NotFoundError, StorageError, UnsupportedOperationError
 from secrets_manager.rotation import MAX_TIMEOUT, Rotated
 from secrets_manager.store import CURRENT, PENDING, Secret, SecretMetadata, VersionInfo
 from secrets_manager.store.changes import ChangeKind, SecretChange
@@ -26,6 +26,7 @@ from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 from secrets_manager.wire import WATCH_REVISION_KEY, error_for, metadata_from_message, secret_from_message
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
+PAGE_SIZE = 100  # secrets per BatchGetSecrets / ListSecrets page (AWS ListSecrets' maximum)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Secrets"].full_name
 _CHANGE_KIND = {
     pb.ChangeEvent.VERSION_ADDED: ChangeKind.VERSION_ADDED,
@@ -115,9 +116,9 @@ class RemoteStore:
         return secret_from_message(self._call("GetSecret", request).secret)
 
     def get_many(self, names: Iterable[str] = (), *, prefix: str = "") -> list[Secret]:
-        """The named secrets, or every secret the caller may read under `prefix`."""
-        response = self._call("BatchGetSecrets", pb.BatchGetSecretsRequest(names=list(names), prefix=prefix))
-        return [secret_from_message(m) for m in response.secrets]
+        """The named secrets, or every secret the caller may read under `prefix`, a page at a time."""
+        request = pb.BatchGetSecretsRequest(names=list(names), prefix=prefix, page_size=PAGE_SIZE)
+        return [secret_from_message(m) for m in self._pages("BatchGetSecrets", request)]
 
     def put(
         self,
@@ -177,10 +178,24 @@ class RemoteStore:
         return self._call("PutSecret", request)
 
     def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
-        response = self._call(
-            "ListSecrets", pb.ListSecretsRequest(prefix=prefix, include_deleted=include_deleted)
-        )
-        return [metadata_from_message(m) for m in response.secrets]
+        request = pb.ListSecretsRequest(prefix=prefix, include_deleted=include_deleted, page_size=PAGE_SIZE)
+        return [metadata_from_message(m) for m in self._pages("ListSecrets", request)]
+
+    def _pages(self, method: str, request: Any) -> builtins.list[Any]:
+        """Every page of a paged call (the proto's "Paging"): the request again with each
+        next_page_token until there is none. A server from before paging answers in one page."""
+        items: builtins.list[Any] = []
+        seen: set[str] = set()
+        while True:
+            response = self._call(method, request)
+            items.extend(response.secrets)
+            token = str(response.next_page_token)
+            if not token:
+                return items
+            if token in seen:
+                raise StorageError(f"the service at {self.address} repeated a page of {method}; try again")
+            seen.add(token)
+            request.page_token = token
 
     def describe(self, name: str) -> SecretMetadata:
         return metadata_from_message(

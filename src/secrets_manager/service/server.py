@@ -37,6 +37,7 @@ from secrets_manager.errors import (
 )
 from secrets_manager.service.config import DEFAULT_MAX_WORKERS, WORKERS_KEPT_FROM_WATCH, ServerConfig
 from secrets_manager.service.metrics import Metrics
+from secrets_manager.service.paging import Page
 from secrets_manager.service.schedule import RotationScheduler
 from secrets_manager.service.watch import ChangeHub
 from secrets_manager.store import EncryptedStore
@@ -233,14 +234,21 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             else:
                 listed = [meta.name for meta in self._store.list(request.prefix)]
                 names = policy.filter_names(call.identity, "read", listed)
-            secrets = []
-            for name in names:
+            page = Page(request.page_size, request.page_token, by_position=bool(request.names))
+            messages = []
+            for name in page.start(names):
+                if not page.has_room():
+                    break
                 try:
                     secret, fingerprint = self._store.get_with_fingerprint(name)
                 except NotFoundError:
                     if request.names:
                         raise
+                    page.skipped(name)
                     continue  # deleted between list and get
+                message = secret_message(secret)
+                if not page.fits(name, message.ByteSize()):
+                    break
                 event = AuditEvent(
                     "get",
                     call.identity,
@@ -252,10 +260,10 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                     request_id=call.event.request_id,
                 )
                 call.extra_events.append(event)
-                secrets.append(secret)
+                messages.append(message)
             if not call.extra_events:
                 call.extra_events.append(call.event)
-        return pb.BatchGetSecretsResponse(secrets=[secret_message(s) for s in secrets])
+        return pb.BatchGetSecretsResponse(secrets=messages, next_page_token=page.next_token())
 
     def PutSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._call(context, "PutSecret", "store", request.name, "write", mutating=True) as call:
@@ -279,7 +287,17 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         with self._call(context, "ListSecrets", "list", request.prefix or None, None, prefix=True) as call:
             found = self._store.list(request.prefix, include_deleted=request.include_deleted)
             allowed = set(self._policy.current.filter_names(call.identity, "list", [m.name for m in found]))
-        return pb.ListSecretsResponse(secrets=[metadata_message(m) for m in found if m.name in allowed])
+            page = Page(request.page_size, request.page_token, by_position=False)
+            by_name = {m.name: m for m in found if m.name in allowed}
+            messages = []
+            for name in page.start(sorted(by_name)):
+                if not page.has_room():
+                    break
+                message = metadata_message(by_name[name])
+                if not page.fits(name, message.ByteSize()):
+                    break
+                messages.append(message)
+        return pb.ListSecretsResponse(secrets=messages, next_page_token=page.next_token())
 
     def DescribeSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._call(context, "DescribeSecret", "history", request.name, "list"):

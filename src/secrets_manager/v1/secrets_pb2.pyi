@@ -83,18 +83,24 @@ class GetSecretResponse(_message.Message):
     def __init__(self, secret: _Optional[_Union[SecretVersion, _Mapping]] = ...) -> None: ...
 
 class BatchGetSecretsRequest(_message.Message):
-    __slots__ = ("names", "prefix")
+    __slots__ = ("names", "prefix", "page_size", "page_token")
     NAMES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     names: _containers.RepeatedScalarFieldContainer[str]
     prefix: str
-    def __init__(self, names: _Optional[_Iterable[str]] = ..., prefix: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, names: _Optional[_Iterable[str]] = ..., prefix: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class BatchGetSecretsResponse(_message.Message):
-    __slots__ = ("secrets",)
+    __slots__ = ("secrets", "next_page_token")
     SECRETS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     secrets: _containers.RepeatedCompositeFieldContainer[SecretVersion]
-    def __init__(self, secrets: _Optional[_Iterable[_Union[SecretVersion, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, secrets: _Optional[_Iterable[_Union[SecretVersion, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class PutSecretRequest(_message.Message):
     __slots__ = ("name", "value", "expect_version", "description", "tags", "replace_tags")
@@ -132,18 +138,24 @@ class PutSecretResponse(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., created: _Optional[str] = ..., created_by: _Optional[str] = ...) -> None: ...
 
 class ListSecretsRequest(_message.Message):
-    __slots__ = ("prefix", "include_deleted")
+    __slots__ = ("prefix", "include_deleted", "page_size", "page_token")
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_DELETED_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     prefix: str
     include_deleted: bool
-    def __init__(self, prefix: _Optional[str] = ..., include_deleted: _Optional[bool] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, prefix: _Optional[str] = ..., include_deleted: _Optional[bool] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListSecretsResponse(_message.Message):
-    __slots__ = ("secrets",)
+    __slots__ = ("secrets", "next_page_token")
     SECRETS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     secrets: _containers.RepeatedCompositeFieldContainer[SecretMetadata]
-    def __init__(self, secrets: _Optional[_Iterable[_Union[SecretMetadata, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, secrets: _Optional[_Iterable[_Union[SecretMetadata, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DescribeSecretRequest(_message.Message):
     __slots__ = ("name",)

@@ -1,0 +1,101 @@
+"""Paging of BatchGetSecrets and ListSecrets (the proto's "Paging"), as AWS pages ListSecrets.
+
+Without it one response held every secret, and gRPC refuses messages over 4 MiB: a caller with
+many (or large) secrets got nothing at all. A page holds at most `page_size` secrets, and fewer
+once they would make the response larger than `PAGE_BUDGET_BYTES`. The token names where the next
+page starts: after a name (names in sorted order, so secrets added or removed between pages do not
+shift the rest), or at a position of the caller's own list of names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from secrets_manager.errors import InvalidInputError
+from secrets_manager.store.names import validate_name
+
+PAGE_BUDGET_BYTES = 2 * 1024 * 1024  # half of gRPC's default 4 MiB message limit
+MAX_PAGE_SIZE = 1000
+_AFTER = "after:"
+_AT = "at:"
+
+
+class Page:
+    """One page of an answer: which names it starts at, and whether another page follows."""
+
+    def __init__(self, page_size: int, token: str, *, by_position: bool) -> None:
+        self._size = min(page_size, MAX_PAGE_SIZE)  # 0: an unpaged request (every secret at once)
+        self._token = token
+        self._by_position = by_position
+        self._count = 0
+        self._bytes = 0
+        self._last: str | None = None
+        self._next_position = 0
+        self._more = False
+
+    def start(self, names: Sequence[str]) -> Iterator[str]:
+        """The names this page may hold, in order, from the token's place on."""
+        if self._by_position:
+            begin = self._position()
+            if begin > len(names):
+                raise _bad_token()
+            self._next_position = begin
+            yield from names[begin:]
+            return
+        after = self._after()
+        yield from (name for name in sorted(names) if after is None or name > after)
+
+    def has_room(self) -> bool:
+        """Whether another secret may go in by count; False means another page follows."""
+        if self._size and self._count >= self._size:
+            self._more = True
+            return False
+        return True
+
+    def fits(self, name: str, size: int) -> bool:
+        """Take `name` (its message is `size` bytes) unless it would burst the byte budget; the
+        first secret of a page always fits. False means another page follows."""
+        if self._size and self._count and self._bytes + size > PAGE_BUDGET_BYTES:
+            self._more = True
+            return False
+        self._count += 1
+        self._bytes += size
+        self._last = name
+        self._next_position += 1
+        return True
+
+    def skipped(self, name: str) -> None:
+        """`name` vanished between list and read: the next page starts after it all the same."""
+        self._last = name
+        self._next_position += 1
+
+    def next_token(self) -> str:
+        if not (self._size and self._more):
+            return ""
+        if self._by_position:
+            return f"{_AT}{self._next_position}"
+        return f"{_AFTER}{self._last}" if self._last is not None else self._token
+
+    def _position(self) -> int:
+        if not self._token:
+            return 0
+        digits = self._token.removeprefix(_AT)
+        if not self._token.startswith(_AT) or not digits.isascii() or not digits.isdigit():
+            raise _bad_token()
+        return int(digits)
+
+    def _after(self) -> str | None:
+        if not self._token:
+            return None
+        if not self._token.startswith(_AFTER):
+            raise _bad_token()
+        try:
+            return validate_name(self._token.removeprefix(_AFTER))
+        except InvalidInputError:
+            raise _bad_token() from None
+
+
+def _bad_token() -> InvalidInputError:
+    return InvalidInputError(
+        "invalid page_token: send back the next_page_token of the previous page, with the same request"
+    )
