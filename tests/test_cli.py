@@ -437,6 +437,26 @@ def test_passwd_rewraps_and_old_password_stops_working(ready: Cli, tmp_path: Pat
     assert ready("get", "other/B", env={"MASTER_PASSWORD": "a brand new password"}).out == "beta\n"
 
 
+def test_a_bad_new_password_file_is_invalid_input_and_changes_nothing(ready: Cli, tmp_path: Path) -> None:
+    ready("store", "svc/A", input=b"alpha")
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    assert_one_line_error(ready("passwd", "--new-password-file", str(empty)), 2, "new password file")
+    missing = str(tmp_path / "missing")
+    assert_one_line_error(
+        ready("unlock-with", "password", "--new-password-file", missing), 2, "does not exist"
+    )
+    assert ready("get", "svc/A").out == "alpha\n"  # the old password still opens it
+
+
+def test_a_store_path_that_is_no_store_says_so(ready: Cli, tmp_path: Path) -> None:
+    assert_one_line_error(ready("--store", str(tmp_path), "list"), 2, "is a directory")
+    garbage = tmp_path / "garbage.db"
+    garbage.write_bytes(b"not a database at all" * 100)
+    assert_one_line_error(ready("--store", str(garbage), "list"), 1, "is not a secrets-manager store")
+    assert garbage.read_bytes() == b"not a database at all" * 100
+
+
 # ---- environments ----------------------------------------------------------------------------
 
 

@@ -28,8 +28,8 @@ from secrets_manager.cli.output import (
 from secrets_manager.cli.password import (
     prompt_password,
     read_bounded,
+    read_new_password_file,
     read_password,
-    read_password_file,
     terminal_available,
 )
 from secrets_manager.client import RemoteStore, TlsFiles
@@ -771,7 +771,7 @@ def passwd(session: Session, new_password_file: str | None) -> None:
     with session.operation("passwd", mutating=True) as (store, _):
         store.require_password_unlock()  # before asking for a new one
         if new_password_file:
-            new = read_password_file(Path(new_password_file), environment=session.environment)
+            new = read_new_password_file(Path(new_password_file), environment=session.environment)
         else:
             new = prompt_password("New master password", confirm=True)
         store.change_password(session.environment.check_new_password(new))
@@ -814,7 +814,7 @@ def new_unlock_arguments(
             f"'{command} password' takes no key: the new password comes from a prompt or file"
         )
     if new_password_file:
-        return read_password_file(Path(new_password_file), environment=session.environment)
+        return read_new_password_file(Path(new_password_file), environment=session.environment)
     return None
 
 

@@ -70,6 +70,15 @@ def read_password_file(path: Path, *, environment: Environment) -> bytes:
     return password
 
 
+def read_new_password_file(path: Path, *, environment: Environment) -> bytes:
+    """A new password from `path`: a missing, empty or unreadable file is invalid input (exit 2),
+    not an unlock failure, since nothing was being unlocked with it."""
+    try:
+        return read_password_file(path, environment=environment)
+    except UnlockError as exc:
+        raise InvalidInputError(str(exc).replace("password file", "new password file", 1)) from None
+
+
 def read_bounded(path: Path, limit: int, *, what: str) -> bytes:
     """At most `limit` bytes of `path`: InvalidInputError if it holds more (a wrong file, or one
     like /dev/zero that never ends), so a mistake cannot fill memory. OSErrors other than a

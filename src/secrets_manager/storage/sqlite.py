@@ -76,6 +76,8 @@ class SqliteStorage:
             raise
 
     def _connect(self, create: bool) -> None:
+        if self.path.is_dir():
+            raise InvalidInputError(f"store {self.path} is a directory; give the store file's path")
         try:
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
@@ -86,6 +88,11 @@ class SqliteStorage:
             self._configure(create)
         except BaseException as exc:
             self._db.close()  # a file we refuse must not keep a connection (and descriptors) open
+            if isinstance(exc, sqlite3.DatabaseError) and "file is not a database" in str(exc):
+                raise StorageError(
+                    f"{self.path} is not a secrets-manager store (not an SQLite database): check --store "
+                    "or SECRETS_MANAGER_STORE"
+                ) from None
             if isinstance(exc, sqlite3.DatabaseError):
                 raise StorageError(f"cannot open store {self.path}: {exc}") from None
             raise
