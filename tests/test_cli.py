@@ -519,6 +519,20 @@ def test_production_refuses_weak_kdf_and_unprotected_files(cli: Cli, tmp_path: P
     cli.store.chmod(0o600)
     pw.chmod(0o644)
     assert_one_line_error(cli("list", env=prod), 2, "chmod 600")
+    pw.chmod(0o600)
+    cli.store.parent.chmod(0o777)  # anyone could replace the store file with one of theirs
+    assert_one_line_error(cli("list", env=prod), 2, f"chmod 700 {cli.store.parent}")
+    cli.store.parent.chmod(0o700)
+
+
+def test_length_and_alphabet_are_refused_where_no_value_is_generated(ready: Cli) -> None:
+    """They used to be ignored silently: the user believed the value had that shape."""
+    assert_one_line_error(ready("store", "svc/G", "--length", "40", input=b"typed"), 2, "--generate")
+    assert ready("store", "svc/G", "--generate", "--length", "40").code == 0
+    assert len(ready("get", "svc/G").out.strip()) == 40
+    refused = ready("rotate", "svc/G", "--stdin", "--alphabet", "hex", "--length", "20", input=b"x")
+    assert_one_line_error(refused, 2, "--length and --alphabet only shape a generated value")
+    assert len(ready("get", "svc/G").out.strip()) == 40  # nothing rotated
 
 
 def test_staging_warns_about_master_password_variable(ready: Cli) -> None:

@@ -167,6 +167,7 @@ def test_a_variable_already_set_is_replaced_with_a_warning_that_shows_no_value(c
         (("--service", "nothing-here"), 3, "no secret under 'nothing-here/' that you may read"),
         (("--secret", "auth/MISSING"), 3, "not found"),
         (("--secret", "auth/DB_PASSWORD=2BAD"), 2, "is not an environment variable name"),
+        (("--secret", "auth/DB_PASSWORD="), 2, "give the variable's name after '='"),
         (
             ("--service", "auth", "--secret", "market-connector/BINANCE_API_KEY=DB_PASSWORD"),
             2,

@@ -103,6 +103,22 @@ alphabet_option = click.option(
 )
 
 
+def refuse_generator_options(without: str) -> None:
+    """InvalidInputError if --length or --alphabet was typed where no value is generated: it would
+    be ignored silently, and the user would believe the value has that shape."""
+    context = click.get_current_context()
+    given = [
+        f"--{name}"
+        for name in ("length", "alphabet")
+        if context.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE
+    ]
+    if given:
+        verb, them = ("shape", "them") if len(given) > 1 else ("shapes", "it")
+        raise InvalidInputError(
+            f"{' and '.join(given)} only {verb} a generated value; {without.format(them=them)}"
+        )
+
+
 def kdf_profile_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """--kdf-profile: the Argon2id cost of a new password (init, unlock-with, restore)."""
     return click.option(
@@ -535,6 +551,8 @@ def store_command(
     parsed_tags = parse_tags(tags) if tags else None
     if generate and (value is not None or value_file is not None):
         raise InvalidInputError("--generate makes the value; give no VALUE or --file with it")
+    if not generate:
+        refuse_generator_options("give --generate too, or drop {them}")
     secret = (
         generated_value(length, alphabet)
         if generate

@@ -25,7 +25,15 @@ from dataclasses import dataclass, fields
 
 import click
 
-from secrets_manager.cli.app import Session, alphabet_option, cli, length_option, pass_session, read_value
+from secrets_manager.cli.app import (
+    Session,
+    alphabet_option,
+    cli,
+    length_option,
+    pass_session,
+    read_value,
+    refuse_generator_options,
+)
 from secrets_manager.cli.output import info_line, print_json
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.rotation import (
@@ -130,6 +138,8 @@ def rotate(
     test_argv = None if test_command is None else command_argv(test_command, "--test-command")
     if generate and from_stdin:
         raise InvalidInputError("give --generate or --stdin, not both")
+    if from_stdin or resume or discard or on_server:
+        refuse_generator_options("drop {them} with --stdin, --resume, --discard or --on-server")
     if raw and not from_stdin:
         raise InvalidInputError("--raw applies to --stdin only")
     if discard and (resume or generate or from_stdin or set_argv or test_argv):

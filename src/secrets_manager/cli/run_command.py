@@ -115,8 +115,10 @@ def run(
 
 def _single(text: str) -> tuple[str, str]:
     """`--secret NAME[=VAR]` as (name, variable)."""
-    name, _, variable = text.partition("=")
+    name, equals, variable = text.partition("=")
     validate_name(name)
+    if equals and not variable:
+        raise InvalidInputError(f"--secret {text}: give the variable's name after '=', or leave out '='")
     variable = variable or _variable_for(name.rsplit("/", 1)[-1])
     if not _VARIABLE.fullmatch(variable):
         raise InvalidInputError(f"{variable!r} is not an environment variable name (letters, digits, '_')")

@@ -426,6 +426,14 @@ def open_storage(url: str | None, *, create: bool, environment: Environment) -> 
                 f"store file {path} has mode {mode:04o}, which group or others can access; "
                 f"run 'chmod 600 {path}' (production refuses unprotected store files)"
             )
+    if environment.is_production and path.parent.is_dir():
+        # Who may write the directory may replace the store file (or its -wal) with one of theirs.
+        folder = stat.S_IMODE(path.parent.stat().st_mode)
+        if folder & 0o022:
+            raise UnsafeConfigurationError(
+                f"the store's directory {path.parent} has mode {folder:04o}, which lets group or "
+                f"others replace the store file; run 'chmod 700 {path.parent}' (production refuses it)"
+            )
     return SqliteStorage(path, create=create)
 
 
