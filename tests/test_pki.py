@@ -108,6 +108,7 @@ def test_public_api_is_pinned() -> None:
     assert sorted(tls.__all__) == [
         "DEFAULT_TRUST_DOMAIN",
         "IdentityError",
+        "ServerTlsFiles",
         "WrittenCertificate",
         "identity_from_auth_context",
         "identity_from_certificate",
@@ -116,6 +117,7 @@ def test_public_api_is_pinned() -> None:
         "issue_certificate",
         "new_ca",
         "read_ca",
+        "read_server_tls",
         "spiffe_id",
     ]
 

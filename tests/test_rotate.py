@@ -97,17 +97,19 @@ def test_promote_reports_its_own_previous_when_another_rotation_follows_at_once(
     assert encrypted_store.describe("db/app").labels == {CURRENT: 3, PREVIOUS: 2}
 
 
-def test_promote_retried_after_a_lost_race_reports_the_previous_of_the_commit_that_won(
+def test_promote_retried_after_losing_to_a_newer_write_refuses_to_demote_it(
     open_store: Callable[..., EncryptedStore], encrypted_store: EncryptedStore
 ) -> None:
     """B writes a new current version while A's promote is about to commit: A's commit loses the
-    race and is retried on fresh metadata, and reports B's version as the one it made previous."""
+    race and is retried on fresh metadata, where the pending version is older than current now.
+    It used to promote it anyway (B's write became previous); it refuses instead, nothing moves."""
     encrypted_store.put("db/app", b"one")
     a, b = open_store(), open_store()
     staged = a.stage("db/app", b"two").version
     _interleave_with_next_commit(a, lambda: b.put("db/app", b"three"), after=False)
-    assert a.promote("db/app", staged) == 3
-    assert encrypted_store.describe("db/app").labels == {CURRENT: 2, PREVIOUS: 3}
+    with pytest.raises(ConflictError, match="version 3 of 'db/app' was written after the rotation staged"):
+        a.promote("db/app", staged)
+    assert encrypted_store.describe("db/app").labels == {CURRENT: 3, PREVIOUS: 1, PENDING: 2}
 
 
 def test_discard_reports_the_version_its_own_commit_unlabelled(
@@ -335,7 +337,8 @@ def test_the_set_command_gets_the_value_on_stdin_only(cli: Cli, tmp_path: Path) 
     assert new not in audit and OLD_VALUE not in audit
     records = [json.loads(line) for line in audit.splitlines()]
     done = [r["operation"] for r in records if r["operation"].startswith("rotate.") and r["outcome"] == "ok"]
-    assert done == ["rotate.stage", "rotate.set", "rotate.test", "rotate.promote"]
+    # rotate.read: the current value, read to see it is no JSON object a generated value would replace
+    assert done == ["rotate.read", "rotate.stage", "rotate.set", "rotate.test", "rotate.promote"]
 
 
 def test_a_failing_test_command_leaves_current_and_can_be_resumed(cli: Cli, tmp_path: Path) -> None:
@@ -453,7 +456,8 @@ def test_a_rotation_someone_else_resumed_and_promoted_first_is_done_not_a_confli
     checks = [
         r for r in map(json.loads, cli.audit.read_text().splitlines()) if r["operation"] == "rotate.check"
     ]
-    assert [(r["outcome"], r["version"]) for r in checks] == [("ok", 2)]
+    # The resuming runner reads current (1) before its commands run; ours after its refused promote (2).
+    assert [(r["outcome"], r["version"]) for r in checks] == [("ok", 1), ("ok", 2)]
 
 
 def _running(pid: int) -> bool:
@@ -497,3 +501,59 @@ def test_rotate_help_explains_the_steps(cli: Cli) -> None:
     assert result.code == 0
     for words in ("--set-command", "--test-command", "--resume", "--discard", "stdin", "pending"):
         assert words in result.stdout
+
+
+# ---- one field of a JSON object (database credentials as AWS keeps them) ----------------------------
+
+CREDENTIALS = {"engine": "postgres", "host": "db.internal", "password": OLD_VALUE, "username": "app"}
+
+
+def test_a_generated_value_never_replaces_a_json_object_whole(cli: Cli) -> None:
+    assert cli("store", "db/json", input=json.dumps(CREDENTIALS).encode()).code == 0
+    result = cli("rotate", "db/json")
+    assert result.code == 2, result.stderr
+    assert "db/json holds a JSON object (fields engine, host, password, username)" in result.stderr
+    assert "rotate db/json#FIELD" in result.stderr and OLD_VALUE not in result.stderr
+    history = json.loads(cli("history", "db/json", "--json").stdout)
+    assert history["labels"] == {"current": 1}  # nothing staged
+    whole = {**CREDENTIALS, "password": "given-whole"}
+    assert cli("rotate", "db/json", "--stdin", input=json.dumps(whole).encode()).code == 0  # on purpose
+    assert json.loads(cli("get", "db/json").stdout) == whole
+
+
+def test_rotating_one_field_keeps_the_others_and_the_commands_get_the_whole_object(
+    cli: Cli, tmp_path: Path
+) -> None:
+    assert cli("store", "db/json", input=json.dumps(CREDENTIALS).encode()).code == 0
+    setter, seen = recorder(tmp_path, "setter")
+    result = cli("rotate", "db/json#password", "--set-command", setter, "--length", "40")
+    assert result.code == 0, result.stderr
+    rotated = json.loads(cli("get", "db/json").stdout)
+    assert {k: v for k, v in rotated.items() if k != "password"} == {
+        k: v for k, v in CREDENTIALS.items() if k != "password"
+    }
+    assert len(rotated["password"]) == 40 and rotated["password"] != OLD_VALUE
+    assert json.loads(seen()["stdin"]) == rotated  # the set command sees the whole new object
+    assert json.loads(cli("get", "db/json", "--label", "previous").stdout) == CREDENTIALS
+    assert cli("rotate", "db/json#password", "--stdin", input=b"typed-new-password").code == 0
+    assert cli("get", "db/json#password").stdout == "typed-new-password\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("db/json#nope",), "has no text field 'nope'; it has engine, host, password, username"),
+        (("db/json#",), "give the field after '#'"),
+        (("db/app#password",), "the value of db/app is not a JSON object"),
+        (("db/json#password", "--resume"), "NAME#FIELD goes with a new value"),
+    ],
+)
+def test_a_field_rotation_that_cannot_be_is_refused_before_anything_is_staged(
+    cli: Cli, args: tuple[str, ...], message: str
+) -> None:
+    assert cli("store", "db/json", input=json.dumps(CREDENTIALS).encode()).code == 0
+    result = cli("rotate", *args)
+    assert result.code == 2 and message in result.stderr, result.stderr
+    assert OLD_VALUE not in result.stderr
+    for name in ("db/app", "db/json"):
+        assert "pending" not in json.loads(cli("history", name, "--json").stdout)["labels"]

@@ -40,8 +40,10 @@ PASSWORD = "schedule test password"
 # Writes the new value (stdin) to ./target; the test command checks ./target holds it.
 SET_TARGET = "sh -c 'cat > target'"
 TEST_TARGET = "sh -c 'cmp -s - target'"
-# The audit records of one rotation's steps (a change has a request record before it).
+# The audit records of one rotation's steps (a change has a request record before it); the read
+# first sees whether the current value is a JSON object a generated value must not replace whole.
 STEP_RECORDS = [
+    ("rotate.read", "ok"),
     ("rotate.stage", "pending"),
     ("rotate.stage", "ok"),
     ("rotate.set", "ok"),
@@ -241,6 +243,21 @@ def cli(tmp_path: Path) -> Cli:
     return cli
 
 
+def test_a_schedule_entry_can_rotate_one_field_of_a_json_object(cli: Cli) -> None:
+    credentials = {"host": "db.internal", "password": "FIRST-PASSWORD", "username": "app"}
+    assert cli("store", "db/json", input=json.dumps(credentials).encode()).code == 0
+    whole = write_schedule(cli.dir / "whole.toml", {"name": "db/json", "every": "1s"})
+    field = write_schedule(cli.dir / "field.toml", {"name": "db/json", "every": "1s", "field": "password"})
+    time.sleep(1.1)
+    refused = cli("schedule", "run", str(whole))
+    assert refused.code == 1 and "holds a JSON object" in refused.stderr
+    result = cli("schedule", "run", str(field), "--json")
+    assert result.code == 0, result.stderr
+    rotated = json.loads(cli.value("db/json"))
+    assert rotated["username"] == "app" and rotated["host"] == "db.internal"
+    assert rotated["password"] != "FIRST-PASSWORD" and len(rotated["password"]) == 32
+
+
 def test_schedule_run_rotates_what_is_due_and_leaves_the_rest(cli: Cli) -> None:
     schedule = write_schedule(
         cli.dir / "rotation.toml",
@@ -272,6 +289,7 @@ def test_schedule_run_rotates_what_is_due_and_leaves_the_rest(cli: Cli) -> None:
         (r["operation"], r["outcome"]) for r in map(json.loads, audit.splitlines()) if r["name"] == "db/app"
     ]
     assert [s for s in steps if s[1] == "ok" and s[0].startswith("rotate.")] == [
+        ("rotate.read", "ok"),
         ("rotate.stage", "ok"),
         ("rotate.set", "ok"),
         ("rotate.test", "ok"),
@@ -410,7 +428,7 @@ def test_the_service_rotates_on_its_schedule_and_audits_every_step(tmp_path: Pat
 
     records = server.audit_records()
     steps = [(r["operation"], r["outcome"]) for r in records if r["actor"] == "rotation-schedule"]
-    assert steps[:6] == STEP_RECORDS
+    assert steps[: len(STEP_RECORDS)] == STEP_RECORDS
     assert {r["source"] for r in records if r["actor"] == "rotation-schedule"} == {"schedule"}
     logged = (tmp_path / "store.audit.jsonl").read_text() + "".join(server.log_lines)
     assert not [v for v in values.values() if v.decode() in logged]

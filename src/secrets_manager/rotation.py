@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import os
 import re
 import secrets
@@ -165,6 +166,10 @@ class RotationSteps(Protocol):
     def current(self, name: str) -> int | None:
         """The version labelled current now (None if unknown): read after a refused promote."""
 
+    def current_value(self, name: str) -> SecretValue | None:
+        """The current value, to rotate one field of a JSON object or to see that it is one;
+        None where the caller does not read it (a client staging through a service)."""
+
     def command_step(self, step: str, name: str, version: int) -> AbstractContextManager[object]:
         """Around the set or test command (audited with its outcome where there is a log)."""
 
@@ -180,7 +185,15 @@ class Rotated:
     promoted_elsewhere: bool = False
 
 
-def rotate(steps: RotationSteps, name: str, commands: Commands, *, value: SecretValue | None) -> Rotated:
+def rotate(
+    steps: RotationSteps,
+    name: str,
+    commands: Commands,
+    *,
+    value: SecretValue | None,
+    field: str | None = None,
+    generated: bool = False,
+) -> Rotated:
     """Stage `value` (or, if None, resume the pending version), set, test, promote. A failed
     command raises RotationStepFailed and leaves the version pending; nothing else moves.
 
@@ -188,8 +201,14 @@ def rotate(steps: RotationSteps, name: str, commands: Commands, *, value: Secret
     conflict: another runner (a replica, or the schedule while a person's commands ran long)
     resumed this version, set the same value and promoted it first. A pending version older than
     the current one (the secret was written after it was staged) is never promoted: a resume
-    refuses it before any command runs, and promote refuses it at the end (ConflictError)."""
+    refuses it before any command runs, and promote refuses it at the end (ConflictError).
+
+    `field`: `value` replaces that text field of the current value, a JSON object (as AWS keeps
+    database credentials: {"username": …, "password": …}); the other fields stay. A `generated`
+    value never replaces a JSON object whole (every field but one would be lost)."""
     resumed = value is None
+    if value is not None and (field is not None or generated):
+        value = new_value_for(name, steps.current_value(name), value, field=field, generated=generated)
     if value is None:
         version, value = steps.pending(name)
         current = _current_or_none(steps, name)
@@ -210,6 +229,44 @@ def rotate(steps: RotationSteps, name: str, commands: Commands, *, value: Secret
     return Rotated(name, version, previous, resumed=resumed)
 
 
+def new_value_for(
+    name: str, current: SecretValue | None, value: SecretValue, *, field: str | None, generated: bool
+) -> SecretValue:
+    """The value to stage: `value` itself, or the current JSON object with `field` set to it."""
+    document = None if current is None else _json_object(current.reveal())
+    if field is None:
+        if generated and document is not None:
+            raise InvalidInputError(
+                f"{name} holds a JSON object (fields {', '.join(sorted(document))}); a generated value "
+                f"would replace all of it: rotate one field ('rotate {name}#FIELD'), or give the whole "
+                "new object with --stdin"
+            )
+        return value
+    if current is None:
+        raise InvalidInputError(
+            f"rotating field {field!r} of {name} needs its current value, which was not read"
+        )
+    if document is None:
+        raise InvalidInputError(f"the value of {name} is not a JSON object, so it has no field {field!r}")
+    if not isinstance(document.get(field), str):
+        raise InvalidInputError(
+            f"the value of {name} has no text field {field!r}; it has {', '.join(sorted(document))}"
+        )
+    try:
+        document[field] = value.reveal().decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"the new value of field {field!r} must be UTF-8 text") from None
+    return SecretValue(json.dumps(document, ensure_ascii=False).encode("utf-8"))
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    try:
+        document = json.loads(data)
+    except ValueError:  # also UnicodeDecodeError: not text at all
+        return None
+    return document if isinstance(document, dict) else None
+
+
 def _is_current(steps: RotationSteps, name: str, version: int) -> bool:
     return _current_or_none(steps, name) == version
 
@@ -223,7 +280,7 @@ def _current_or_none(steps: RotationSteps, name: str) -> int | None:
 
 # ---- the schedule ----------------------------------------------------------------------------------
 
-_KNOWN = {"name", "every", "set_command", "test_command", "length", "alphabet", "timeout"}
+_KNOWN = {"name", "every", "set_command", "test_command", "length", "alphabet", "timeout", "field"}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"([0-9]+)([smhd])")  # ASCII only: \d also matches other scripts' digits
 MAX_EVERY = timedelta(days=3650)
@@ -241,6 +298,7 @@ class ScheduledRotation:
     alphabet: str
     timeout: float
     directory: Path  # the schedule file's: the commands run there
+    field: str | None = None  # rotate this text field of a JSON object value (the rest stays)
 
     @property
     def stale_after(self) -> timedelta:
@@ -254,6 +312,11 @@ class ScheduledRotation:
         (Due.RESUME), else a newly generated value (which the store refuses to stage while
         another rotation is in progress)."""
         return None if state is Due.RESUME else generated_value(self.length, self.alphabet)
+
+    def run(self, steps: RotationSteps, environ: Mapping[str, str], state: Due) -> Rotated:
+        """This entry's rotation in `state` (resume, or a new generated value), as `rotate` does it."""
+        value = self.value_for(state)
+        return rotate(steps, self.name, self.commands(environ), value=value, field=self.field, generated=True)
 
 
 def parse_every(text: object) -> timedelta:
@@ -329,6 +392,9 @@ def _entry(entry: Any, directory: Path) -> ScheduledRotation:
     timeout = entry.get("timeout", DEFAULT_TIMEOUT)
     if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 < timeout <= MAX_TIMEOUT:
         raise InvalidInputError(f"timeout must be more than 0 and at most {MAX_TIMEOUT:g} seconds")
+    field = entry.get("field")
+    if field is not None and not (isinstance(field, str) and field and field.isprintable()):
+        raise InvalidInputError("field must be the name of a text field of the JSON object value")
     return ScheduledRotation(
         name=name,
         every=parse_every(entry["every"]),
@@ -338,6 +404,7 @@ def _entry(entry: Any, directory: Path) -> ScheduledRotation:
         alphabet=alphabet,
         timeout=float(timeout),
         directory=directory,
+        field=field,
     )
 
 

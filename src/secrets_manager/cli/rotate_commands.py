@@ -26,6 +26,7 @@ from dataclasses import dataclass, fields
 import click
 
 from secrets_manager.cli.app import (
+    FIELD_SEPARATOR,
     Session,
     alphabet_option,
     cli,
@@ -133,7 +134,15 @@ def rotate(
       secrets-manager rotate db/app --set-command "python3 set-app-password.py" \\
           --test-command "python3 check-app-login.py"
     """
+    name, separator, field_text = name.partition(FIELD_SEPARATOR)
     validate_name(name)
+    field = field_text if separator else None
+    if separator and not field_text:
+        raise InvalidInputError(f"give the field after '#': 'rotate {name}#password'")
+    if field is not None and (resume or discard or on_server):
+        raise InvalidInputError(
+            "NAME#FIELD goes with a new value: drop it with --resume, --discard or --on-server"
+        )
     set_argv = None if set_command is None else command_argv(set_command, "--set-command")
     test_argv = None if test_command is None else command_argv(test_command, "--test-command")
     if generate and from_stdin:
@@ -162,7 +171,12 @@ def rotate(
     if not resume:
         value = read_value(None, None, raw=raw) if from_stdin else generated_value(length, alphabet)
     rotated = run_rotation(
-        SessionSteps(session), name, Commands(set_argv, test_argv, timeout, session.environ), value=value
+        SessionSteps(session, reading_fields=field is not None),
+        name,
+        Commands(set_argv, test_argv, timeout, session.environ),
+        value=value,
+        field=field,
+        generated=not from_stdin,
     )
     _report(rotated, as_json=as_json)
 
@@ -221,6 +235,7 @@ class SessionSteps:
     service authorises and audits (the commands run here, where there is no audit log)."""
 
     session: Session
+    reading_fields: bool = False  # a field rotation: the current value must be read
 
     def stage(self, name: str, value: SecretValue) -> int:
         with self.session.secret_operation("rotate.stage", name, mutating=True) as (store, note):
@@ -247,6 +262,18 @@ class SessionSteps:
             if current is not None:
                 note.version(current)
             return current
+
+    def current_value(self, name: str) -> SecretValue | None:
+        """Read (audited as rotate.read) for a field rotation always; to see whether the value is
+        a JSON object, only on a local store: through a service that would need `read`, which a
+        rotation by an identity with only `rotate` does not have (the service checks its own)."""
+        if self.session.server and not self.reading_fields:
+            return None
+        with self.session.secret_operation("rotate.read", name) as (store, note):
+            secret = store.get(name)
+            note.version(secret.version)
+            note.value(secret.value.reveal())
+        return secret.value
 
     def command_step(self, step: str, name: str, version: int) -> AbstractContextManager[object]:
         if self.session.server:

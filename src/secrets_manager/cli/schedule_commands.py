@@ -20,7 +20,6 @@ from secrets_manager.cli.output import error_line, info_line, print_json, print_
 from secrets_manager.cli.rotate_commands import SessionSteps, one_password_session, report_rotated
 from secrets_manager.errors import NotFoundError, RotationInProgressError, SecretsManagerError
 from secrets_manager.rotation import Due, Plan, ScheduledRotation, load_schedule, plan
-from secrets_manager.rotation import rotate as run_rotation
 
 MISSING = "missing"
 
@@ -125,11 +124,9 @@ def run(session: Session, file: str, as_json: bool) -> int:
             result["outcome"] = "skipped"
             continue
         rule = entry.rule
-        value = rule.value_for(entry.plan.state)
         try:
-            rotated = run_rotation(
-                SessionSteps(session), rule.name, rule.commands(session.environ), value=value
-            )
+            steps = SessionSteps(session, reading_fields=rule.field is not None)
+            rotated = rule.run(steps, session.environ, entry.plan.state)
         except RotationInProgressError:  # another runner staged first (the store refused ours)
             info_line(f"{rule.name}: another rotation started first; skipped")
             result["outcome"] = "skipped"

@@ -41,7 +41,6 @@ from secrets_manager.rotation import (
     ScheduledRotation,
     load_schedule,
     plan,
-    rotate,
 )
 from secrets_manager.store import CURRENT, PENDING, EncryptedStore
 from secrets_manager.values import SecretValue
@@ -110,6 +109,13 @@ class _ServiceSteps:
 
     def current(self, name: str) -> int | None:
         return self._store.describe(name).labels.get(CURRENT)
+
+    def current_value(self, name: str) -> SecretValue:
+        with self._audited("rotate.read", name, mutating=False) as event:
+            secret = self._store.get(name)
+            event.version = secret.version
+            event.value_hmac = value_fingerprint(self._store, secret.value.reveal())
+        return secret.value
 
     def command_step(self, step: str, name: str, version: int) -> AbstractContextManager[object]:
         return self._command_step(step, name, version)
@@ -211,11 +217,10 @@ class RotationScheduler:
                 "to rotate it on the service"
             )
         state = plan(rule, self._store.describe(name), self._clock()).state
-        value = rule.value_for(state)
         steps = _ServiceSteps(
             self._store, self._audit, actor=actor, source="grpc", peer=peer, request_id=request_id
         )
-        return rotate(steps, name, rule.commands(self._environ), value=value)
+        return rule.run(steps, self._environ, state)
 
     def _run_one(self, rule: ScheduledRotation) -> str:
         try:
@@ -233,10 +238,9 @@ class RotationScheduler:
             if state is Due.DELETED:
                 self._warn_once(rule.name, "scheduled secret is deleted; it is not rotated until undeleted")
             return state.value
-        value = rule.value_for(state)
         started = time.monotonic()
         try:
-            rotated = rotate(self._steps, rule.name, rule.commands(self._environ), value=value)
+            rotated = rule.run(self._steps, self._environ, state)
         except RotationInProgressError:  # another replica (or a person) staged first: theirs runs
             return Due.IN_PROGRESS.value
         except SecretsManagerError as exc:  # never a value in these messages

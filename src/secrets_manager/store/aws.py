@@ -408,7 +408,7 @@ class AwsStore:
                 f"secret {name!r} is deleted; run 'undelete {name}' first, or 'destroy {name} --all'"
             )
         versions = self._versions(name)
-        current = next((v.number for v in versions if CURRENT in v.labels), 0)
+        current = next((v.number for v in reversed(versions) if CURRENT in v.labels), 0)
         if expect_version is not None and current != expect_version:
             raise ConflictError(
                 f"secret {name!r} is at version {current}, not {expect_version}; read it again and retry"
@@ -446,7 +446,7 @@ class AwsStore:
             refuse_if_rotating(
                 name,
                 next((v.number for v in versions if PENDING in v.labels), None),
-                next((v.number for v in versions if CURRENT in v.labels), None),
+                next((v.number for v in reversed(versions) if CURRENT in v.labels), None),
             )
             number = (versions[-1].number if versions else 0) + 1
             with self._aws(f"stage a new version of {name}", name):
@@ -479,7 +479,10 @@ class AwsStore:
             raise ConflictError(
                 f"version {version} of {name!r} is not pending ({now_pending}); nothing was promoted"
             )
-        current = next((v for v in versions if CURRENT in v.labels), None)
+        # The newest holder of AWSCURRENT: AWS keeps a stage on one version, but moto can leave it on
+        # two after PutSecretValue follows UpdateSecretVersionStage (docs/stores.md); describe
+        # reports the newest too.
+        current = next((v for v in reversed(versions) if CURRENT in v.labels), None)
         refuse_to_demote(name, version, None if current is None else current.number)
         secret_id = self.aws_name(name)
         with self._aws(f"promote version {version} of {name}", name):
