@@ -92,7 +92,7 @@ def test_the_program_does_not_inherit_the_master_password_variables(cli: Cli, tm
 def test_a_namespace_secret_may_not_set_a_variable_that_runs_code(cli: Cli, tmp_path: Path) -> None:
     """Whoever may write one secret of auth/ must not choose code for the service to run."""
     marker = tmp_path / "ran"
-    for name in ("LD_PRELOAD", "PATH", "PYTHONSTARTUP", "BASH_ENV"):
+    for name in ("LD_PRELOAD", "PATH", "PYTHONSTARTUP", "BASH_ENV", "SSL_CERT_FILE", "GIT_SSH_COMMAND"):
         assert cli("store", f"auth/{name}", input=str(tmp_path).encode()).returncode == 0
         refused = cli("run", "--service", "auth", "--", "touch", str(marker))
         assert refused.returncode == 2, refused.stderr
@@ -100,6 +100,10 @@ def test_a_namespace_secret_may_not_set_a_variable_that_runs_code(cli: Cli, tmp_
         assert f"--secret auth/{name}={name}" in refused.stderr
         assert not marker.exists()
         assert cli("destroy", f"auth/{name}", "--all").returncode == 0
+    for name in ("NODE_ENV", "GIT_TOKEN"):  # ordinary names that only look alike
+        assert cli("store", f"auth/{name}", input=b"fine").returncode == 0
+    environment = cli.environment_of("--service", "auth")
+    assert environment["NODE_ENV"] == environment["GIT_TOKEN"] == "fine"
 
 
 def test_the_command_is_found_in_runs_own_path_not_one_a_secret_sets(cli: Cli, tmp_path: Path) -> None:

@@ -34,12 +34,17 @@ EXIT_CANNOT_EXECUTE = 126  # the shell's codes, as env(1) and nohup(1) use them
 EXIT_NOT_FOUND = 127
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NOT_IN_VARIABLE = re.compile(r"[^A-Za-z0-9_]")
-# Variables through which a value chooses code to run: the dynamic loader's, the command search
-# path, and the start-up hooks of shells and common interpreters.
+# Variables through which a value chooses code to run, or whom to trust: the dynamic loader's,
+# the command search path, interpreters' and shells' start-up hooks, the helpers git and less
+# start, and the CA bundles TLS clients trust. Named ones only: NODE_ENV or GIT_TOKEN stay usable.
 _LOADS_CODE = re.compile(
-    r"(LD_|DYLD_|PYTHON|PERL|RUBY|NODE_|JAVA_|_JAVA_|JDK_|GCONV_|MALLOC_|GLIBC_).*"
-    r"|PATH|BASH_ENV|ENV|IFS|CDPATH|SHELLOPTS|BASHOPTS|PS4|PROMPT_COMMAND|GIT_.*|LESSOPEN|"
-    r"LESSCLOSE|EDITOR|VISUAL|PAGER|BROWSER|HOSTALIASES|RES_OPTIONS|LOCPATH|NLSPATH|TZDIR"
+    r"(LD_|DYLD_|PYTHON|PERL5|RUBY|GCONV_|GIT_CONFIG|XDG_CONFIG_).*"
+    r"|PATH|HOME|BASH_ENV|ENV|IFS|CDPATH|SHELLOPTS|BASHOPTS|PS4|PROMPT_COMMAND|GLIBC_TUNABLES"
+    r"|NODE_OPTIONS|NODE_PATH|JAVA_HOME|JAVA_TOOL_OPTIONS|_JAVA_OPTIONS|JDK_JAVA_OPTIONS|CLASSPATH"
+    r"|GIT_SSH|GIT_SSH_COMMAND|GIT_EXEC_PATH|GIT_ASKPASS|SSH_ASKPASS|GIT_PROXY_COMMAND|GIT_EXTERNAL_DIFF"
+    r"|GIT_PAGER|GIT_EDITOR|EDITOR|VISUAL|PAGER|BROWSER|LESSOPEN|LESSCLOSE"
+    r"|HOSTALIASES|RES_OPTIONS|LOCPATH|NLSPATH|TZDIR|OPENSSL_CONF|OPENSSL_ENGINES"
+    r"|SSL_CERT_FILE|SSL_CERT_DIR|REQUESTS_CA_BUNDLE|CURL_CA_BUNDLE|NODE_EXTRA_CA_CERTS"
 )
 
 
