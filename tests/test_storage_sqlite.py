@@ -180,7 +180,7 @@ def test_opening_a_garbage_file_is_a_clear_error(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.db"
     garbage.write_bytes(b"this is not a database, just text\n" * 200)
     before = garbage.read_bytes()
-    with pytest.raises(StorageError, match=r"cannot open store .*garbage\.db"):
+    with pytest.raises(StorageError, match=r"garbage\.db is not a secrets-manager store"):
         SqliteStorage(garbage)
     assert garbage.read_bytes() == before
 
