@@ -189,17 +189,15 @@ class Session:
         before it is reported."""
         if self.needs_password:
             return self.unlock_encrypted("unlock")
-        try:
-            return open_external_store(
+        return self._denials_audited(
+            lambda: open_external_store(
                 str(self.store_url),
                 environment=self.environment,
                 actor=self.actor,
                 audit_path=self.audit_path,
                 environ=self.environ,
             )
-        except UnlockError as exc:
-            self._audit_denied_unlock(exc)
-            raise
+        )
 
     def unlock_encrypted(self, operation: str) -> EncryptedStore:
         """Unlock our encrypted store: with the master password, asked only if its header says a
@@ -210,14 +208,21 @@ class Session:
                 f"'{operation}' is not supported by this store: {display_url(self.store_url)} has no "
                 "master password or keys of ours (Vault and AWS encrypt with their own keys)"
             )
-        try:
-            return open_store(
+        return self._denials_audited(
+            lambda: open_store(
                 self.store_url,
                 self.password,
                 environment=self.environment,
                 actor=self.actor,
                 audit_path=self.audit_path,
             )
+        )
+
+    def _denials_audited(self, opener: Callable[[], S]) -> S:
+        """`opener()`; an unlock it refuses (a wrong password, foreign recovery shares, a KMS key
+        this host may not use) is audited as denied before it is reported."""
+        try:
+            return opener()
         except UnlockError as exc:
             self._audit_denied_unlock(exc)
             raise
@@ -313,17 +318,15 @@ class Session:
         denied unlock, as a wrong password is."""
 
         def opener() -> EncryptedStore:
-            try:
-                return open_store_with_recovery(
+            return self._denials_audited(
+                lambda: open_store_with_recovery(
                     self.store_url,
                     mnemonics,
                     environment=self.environment,
                     actor=self.actor,
                     audit_path=self.audit_path,
                 )
-            except UnlockError as exc:
-                self._audit_denied_unlock(exc)
-                raise
+            )
 
         with self._audited(opener, operation, None, mutating=True) as opened:
             yield opened

@@ -19,7 +19,12 @@ from pathlib import Path
 
 from secrets_manager.cli.output import warning_line
 from secrets_manager.environment import PASSWORD_FILE_VARIABLE, PASSWORD_VARIABLE, Environment
-from secrets_manager.errors import InvalidInputError, UnlockError, UnsafeConfigurationError
+from secrets_manager.errors import (
+    InvalidInputError,
+    SecretsManagerError,
+    UnlockError,
+    UnsafeConfigurationError,
+)
 
 MAX_PASSWORD_FILE_SIZE = 64 * 1024
 
@@ -52,18 +57,11 @@ def read_password(
 
 
 def read_password_file(path: Path, *, environment: Environment) -> bytes:
-    try:
-        if environment.is_production and stat.S_IMODE(path.stat().st_mode) & 0o077:
-            raise UnsafeConfigurationError(
-                f"password file {path} can be read by group or others; run 'chmod 600 {path}'"
-            )
-        data = read_bounded(path, MAX_PASSWORD_FILE_SIZE, what=f"password file {path}")
-    except FileNotFoundError:
-        raise UnlockError(f"password file {path} does not exist") from None
-    except IsADirectoryError:
-        raise UnlockError(f"password file {path} is a directory") from None
-    except PermissionError:
-        raise UnlockError(f"cannot read password file {path}: permission denied") from None
+    data = read_small_file(path, MAX_PASSWORD_FILE_SIZE, f"password file {path}", UnlockError)
+    if environment.is_production and stat.S_IMODE(path.stat().st_mode) & 0o077:
+        raise UnsafeConfigurationError(
+            f"password file {path} can be read by group or others; run 'chmod 600 {path}'"
+        )
     password = _strip_one_newline(data)
     if not password:
         raise UnlockError(f"password file {path} is empty")
@@ -77,6 +75,21 @@ def read_new_password_file(path: Path, *, environment: Environment) -> bytes:
         return read_password_file(path, environment=environment)
     except UnlockError as exc:
         raise InvalidInputError(str(exc).replace("password file", "new password file", 1)) from None
+
+
+def read_small_file(
+    path: Path, limit: int, what: str, error: type[SecretsManagerError] = InvalidInputError
+) -> bytes:
+    """At most `limit` bytes of `path`, which `what` names in messages ("password file X"): a
+    missing file, a directory or no permission is one line of `error`."""
+    try:
+        return read_bounded(path, limit, what=what)
+    except FileNotFoundError:
+        raise error(f"{what} does not exist") from None
+    except IsADirectoryError:
+        raise error(f"{what} is a directory") from None
+    except PermissionError:
+        raise error(f"cannot read {what}: permission denied") from None
 
 
 def read_bounded(path: Path, limit: int, *, what: str) -> bytes:

@@ -29,7 +29,7 @@ from secrets_manager.cli.app import (
     pass_session,
 )
 from secrets_manager.cli.output import info_line, print_json, print_table, timestamp
-from secrets_manager.cli.password import read_bounded, terminal_available
+from secrets_manager.cli.password import read_small_file, terminal_available
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.store.recovery import (
     MAX_SHARES,
@@ -207,13 +207,7 @@ def _write_share_files(new: NewShares, paths: list[Path], store: str) -> None:
 
 def _read_share_file(path: Path) -> str:
     try:
-        text = read_bounded(path, MAX_SHARE_FILE_SIZE, what=f"share file {path}").decode("ascii")
-    except FileNotFoundError:
-        raise InvalidInputError(f"share file {path} does not exist") from None
-    except IsADirectoryError:
-        raise InvalidInputError(f"share file {path} is a directory") from None
-    except PermissionError:
-        raise InvalidInputError(f"cannot read share file {path}: permission denied") from None
+        text = read_small_file(path, MAX_SHARE_FILE_SIZE, f"share file {path}").decode("ascii")
     except UnicodeDecodeError:
         raise InvalidInputError(f"{path} is not a recovery share file (not plain text)") from None
     words = _share_lines(text)

@@ -17,10 +17,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from secrets_manager.errors import InvalidInputError, NotFoundError, StorageError, UnsupportedOperationError
+from secrets_manager.errors import InvalidInputError, StorageError, UnsupportedOperationError
 from secrets_manager.rotation import MAX_TIMEOUT, Rotated
 from secrets_manager.store import CURRENT, PENDING, Secret, SecretMetadata, VersionInfo
 from secrets_manager.store.changes import ChangeKind, SecretChange
+from secrets_manager.tls.files import read_tls_file
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 from secrets_manager.wire import WATCH_REVISION_KEY, error_for, metadata_from_message, secret_from_message
@@ -64,15 +65,7 @@ _TLS_FILE_VARIABLES = {
 
 def _read_tls_file(path: Path, field: str) -> bytes:
     variable = _TLS_FILE_VARIABLES[field]
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise NotFoundError(f"TLS file {path} ({variable}) does not exist") from None
-    except OSError as exc:
-        raise InvalidInputError(
-            f"cannot read TLS file {path} ({variable}): {exc.strerror or type(exc).__name__}; "
-            f"point {variable} at a readable PEM file"
-        ) from None
+    return read_tls_file(path, variable, f"; point {variable} at a readable PEM file")
 
 
 class RemoteStore:

@@ -230,16 +230,7 @@ def checked_metadata(name: str, description: str | None, tags: Mapping[str, str]
     if description is not None:
         if not isinstance(description, str):
             raise InvalidInputError(f"the description of {name!r} must be text")
-        if len(description) > MAX_DESCRIPTION_LENGTH:
-            raise InvalidInputError(
-                f"the description of {name!r} is {len(description)} characters; "
-                f"the limit is {MAX_DESCRIPTION_LENGTH}"
-            )
-        if has_control_characters(description):
-            raise InvalidInputError(
-                f"the description of {name!r} contains a control character (such as a newline, tab "
-                "or escape); descriptions are one line of printable text"
-            )
+        _check_text(description, f"the description of {name!r}", 0, MAX_DESCRIPTION_LENGTH)
     if tags is None:
         return
     if not isinstance(tags, Mapping):
@@ -249,29 +240,24 @@ def checked_metadata(name: str, description: str | None, tags: Mapping[str, str]
     for key, value in tags.items():
         if not isinstance(key, str) or not isinstance(value, str):
             raise InvalidInputError(f"the tags of {name!r} must be a mapping of text to text")
-        if not 1 <= len(key) <= MAX_TAG_KEY_LENGTH:
-            raise InvalidInputError(
-                f"a tag key of {name!r} is {len(key)} characters; tag keys are 1 to "
-                f"{MAX_TAG_KEY_LENGTH} characters"
-            )
-        if has_control_characters(key):
-            raise InvalidInputError(
-                f"a tag key of {name!r} contains a control character (such as a newline, tab or "
-                "escape); tag keys are printable text"
-            )
+        _check_text(key, f"a tag key of {name!r}", 1, MAX_TAG_KEY_LENGTH)
         if key.startswith(RESERVED_TAG_PREFIX) or key.lower().startswith(AWS_RESERVED_TAG_PREFIX):
             raise InvalidInputError(
                 f"tag {key!r} of {name!r} is not allowed: tag keys must not start with "
                 f"{RESERVED_TAG_PREFIX!r} (reserved for secrets-manager's own metadata) or "
                 f"{AWS_RESERVED_TAG_PREFIX!r} (reserved by AWS)"
             )
-        if len(value) > MAX_TAG_VALUE_LENGTH:
-            raise InvalidInputError(
-                f"the value of tag {key!r} of {name!r} is {len(value)} characters; the limit is "
-                f"{MAX_TAG_VALUE_LENGTH}"
-            )
-        if has_control_characters(value):
-            raise InvalidInputError(
-                f"the value of tag {key!r} of {name!r} contains a control character (such as a "
-                "newline, tab or escape); tag values are printable text"
-            )
+        _check_text(value, f"the value of tag {key!r} of {name!r}", 0, MAX_TAG_VALUE_LENGTH)
+
+
+def _check_text(text: str, what: str, shortest: int, longest: int) -> None:
+    """`what` (a description, tag key or value) is `shortest`..`longest` characters of printable
+    text; the message names it and the limit, never the text."""
+    if not shortest <= len(text) <= longest:
+        bounds = f"the limit is {longest}" if shortest == 0 else f"it must be {shortest} to {longest}"
+        raise InvalidInputError(f"{what} is {len(text)} characters; {bounds}")
+    if has_control_characters(text):
+        raise InvalidInputError(
+            f"{what} contains a control character (such as a newline, tab or escape); it must be "
+            "printable text on one line"
+        )

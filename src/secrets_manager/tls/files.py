@@ -124,9 +124,9 @@ def read_server_tls(cert: Path, key: Path, client_ca: Path) -> ServerTlsFiles:
     """Read and check the server's certificate, its key and the client CA. NotFoundError for a
     missing file; InvalidInputError for one that cannot be read, is not PEM of its kind, or a key
     that does not belong to the certificate. Messages name the file and the [tls] setting."""
-    cert_pem = _read_tls_file(cert, "tls.cert")
-    key_pem = _read_tls_file(key, "tls.key")
-    ca_pem = _read_tls_file(client_ca, "tls.client_ca")
+    cert_pem = read_tls_file(cert, "tls.cert")
+    key_pem = read_tls_file(key, "tls.key")
+    ca_pem = read_tls_file(client_ca, "tls.client_ca")
     leaf = _certificates(cert_pem, cert, "tls.cert")[0]
     _certificates(ca_pem, client_ca, "tls.client_ca")
     try:
@@ -143,14 +143,16 @@ def read_server_tls(cert: Path, key: Path, client_ca: Path) -> ServerTlsFiles:
     return ServerTlsFiles(cert_pem, key_pem, ca_pem)
 
 
-def _read_tls_file(path: Path, setting: str) -> bytes:
+def read_tls_file(path: Path, setting: str, hint: str = "") -> bytes:
+    """A TLS file's bytes; one line naming it and the `setting` or variable that gave it if it
+    cannot be read (missing: NotFoundError; a directory, no permission: InvalidInputError)."""
     try:
         return path.read_bytes()
     except FileNotFoundError:
         raise NotFoundError(f"TLS file {path} ({setting}) does not exist") from None
     except OSError as exc:
         raise InvalidInputError(
-            f"cannot read TLS file {path} ({setting}): {exc.strerror or type(exc).__name__}"
+            f"cannot read TLS file {path} ({setting}): {exc.strerror or type(exc).__name__}{hint}"
         ) from None
 
 
