@@ -316,6 +316,13 @@ class Cli:
     def with_password(self, *args: str, password: Path | None = None, input: bytes = b"") -> Any:
         return self("--password-file", str(password or self.password_file), *args, input=input)
 
+    def make_shares(self, shares: int, threshold: int, *, password: bool = True) -> None:
+        """`recovery init` into `shares_dir`; it must succeed."""
+        args = ("recovery", "init", "--shares", str(shares), "--threshold", str(threshold))
+        args += ("--out-dir", str(self.shares_dir))
+        made = self.with_password(*args) if password else self(*args)
+        assert made.returncode == 0, made.stderr
+
     def share_files(self) -> list[Path]:
         return sorted(self.shares_dir.iterdir())
 
@@ -394,12 +401,7 @@ def test_cli_init_never_overwrites_share_files_and_asks_for_replace(cli: Cli) ->
 
 
 def test_cli_unlock_with_sets_a_new_password_from_files_or_stdin(cli: Cli) -> None:
-    assert (
-        cli.with_password(
-            "recovery", "init", "--shares", "3", "--threshold", "2", "--out-dir", str(cli.shares_dir)
-        ).returncode
-        == 0
-    )
+    cli.make_shares(3, 2)
     files = cli.share_files()
     reset = cli(
         "recovery", "unlock-with", "password", "--share-file", str(files[2]), "--share-file", str(files[0]),
@@ -422,24 +424,14 @@ def test_cli_unlock_with_sets_a_new_password_from_files_or_stdin(cli: Cli) -> No
 
 
 def test_cli_unlock_with_bad_shares_gives_one_line_and_its_exit_code(cli: Cli, tmp_path: Path) -> None:
-    assert (
-        cli.with_password(
-            "recovery", "init", "--shares", "3", "--threshold", "2", "--out-dir", str(cli.shares_dir)
-        ).returncode
-        == 0
-    )
+    cli.make_shares(3, 2)
     files = cli.share_files()
     mnemonics = cli.mnemonics()
     damaged = tmp_path / "damaged.txt"
     damaged.write_text(_mnemonic(files[0]).replace(" ", "  ", 1)[:-3] + "xyz\n")
     other = Cli(tmp_path / "other")
     assert other.with_password("init", "--kdf-profile", "test").returncode == 0
-    assert (
-        other.with_password(
-            "recovery", "init", "--shares", "2", "--threshold", "2", "--out-dir", str(other.shares_dir)
-        ).returncode
-        == 0
-    )
+    other.make_shares(2, 2)
     before = cli.store.read_bytes()
     cases = [
         ([files[0]], 2, "1 recovery share(s) given; this set needs 2"),
@@ -467,12 +459,7 @@ def test_cli_unlock_with_bad_shares_gives_one_line_and_its_exit_code(cli: Cli, t
 
 
 def test_cli_remove_makes_the_shares_useless(cli: Cli) -> None:
-    assert (
-        cli.with_password(
-            "recovery", "init", "--shares", "2", "--threshold", "2", "--out-dir", str(cli.shares_dir)
-        ).returncode
-        == 0
-    )
+    cli.make_shares(2, 2)
     removed = cli.with_password("recovery", "remove")
     assert removed.returncode == 0 and b"no longer open the store" in removed.stderr
     args = [a for p in cli.share_files() for a in ("--share-file", str(p))]
@@ -505,12 +492,7 @@ def test_a_kms_store_whose_key_is_gone_is_recovered_with_no_aws_at_all(
     cli.env.update(aws)
     assert cli("init", "--kms-key", key).returncode == 0
     assert cli("store", "auth/DB_PASSWORD", input=VALUE).returncode == 0
-    assert (
-        cli(
-            "recovery", "init", "--shares", "3", "--threshold", "2", "--out-dir", str(cli.shares_dir)
-        ).returncode
-        == 0
-    )
+    cli.make_shares(3, 2, password=False)
     no_aws = {name: None for name in aws} | {"AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
     assert cli("get", "auth/DB_PASSWORD", env=no_aws).returncode != 0
     args = [a for p in cli.share_files()[:2] for a in ("--share-file", str(p))]
@@ -531,12 +513,7 @@ def test_a_kms_store_whose_key_is_gone_is_recovered_with_no_aws_at_all(
 
 
 def test_cli_unlock_with_asks_for_each_share_on_the_terminal_without_echo(cli: Cli) -> None:
-    assert (
-        cli.with_password(
-            "recovery", "init", "--shares", "3", "--threshold", "2", "--out-dir", str(cli.shares_dir)
-        ).returncode
-        == 0
-    )
+    cli.make_shares(3, 2)
     mnemonics = cli.mnemonics()
     args = ["recovery", "unlock-with", "password", "--new-password-file", str(cli.new_password_file)]
     args += ["--kdf-profile", "test"]
