@@ -288,6 +288,7 @@ def test_audit_reset_starts_a_new_chain_after_a_loss_and_keeps_the_old_files(cli
     gone = cli("list")
     assert gone.returncode == 6 and b"holds no records, but the store anchored record" in gone.stderr
     assert b"--audit-file" in gone.stderr and b"audit reset --accept-loss" in gone.stderr
+    assert not cli.audit.exists()  # refused before an empty log was created
     assert cli("audit", "reset", "--accept-loss").returncode == 0
     assert cli("list").returncode == 0 and verify(cli).returncode == 0
 

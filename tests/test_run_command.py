@@ -169,6 +169,7 @@ def test_a_variable_already_set_is_replaced_with_a_warning_that_shows_no_value(c
     [
         ((), 2, "say which secrets"),
         (("--service", "nothing-here"), 3, "no secret under 'nothing-here/' that you may read"),
+        (("--service", "default"), 3, "names without '/' are under no NAMESPACE/: take them with --secret"),
         (("--secret", "auth/MISSING"), 3, "not found"),
         (("--secret", "auth/DB_PASSWORD=2BAD"), 2, "is not an environment variable name"),
         (("--secret", "auth/DB_PASSWORD="), 2, "give the variable's name after '='"),

@@ -298,6 +298,9 @@ class AuditLog:
         """Holding both locks: chain the jobs' records onto the tail, write them, and (durable)
         fsync them and move the anchor. A partial record at the end of the file (a write a crash
         cut short: never acknowledged) is first set aside, and an `audit.repair` record says so."""
+        if anchor is not None and not os.path.lexists(self.path):
+            # Checked before the live file is created: a mistyped --audit-file leaves nothing behind.
+            _check_tail_against_anchor(self.last_record(), anchor.audit_anchor(), self.path)
         fd, before = self._live_file()
         tail = self._tail
         repair: list[tuple[_AppendJob | None, AuditEvent]] = []

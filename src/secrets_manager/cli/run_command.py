@@ -28,7 +28,7 @@ from secrets_manager.client import RemoteStore
 from secrets_manager.environment import PASSWORD_VARIABLES
 from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError
 from secrets_manager.store import Secret, SecretStore
-from secrets_manager.store.names import validate_name, validate_namespace
+from secrets_manager.store.names import DEFAULT_NAMESPACE, validate_name, validate_namespace
 
 EXIT_CANNOT_EXECUTE = 126  # the shell's codes, as env(1) and nohup(1) use them
 EXIT_NOT_FOUND = 127
@@ -90,7 +90,14 @@ def run(
         for namespace in namespaces:
             secrets = _read_namespace(store, namespace)
             if not secrets:
-                raise NotFoundError(f"no secret under '{namespace}/' that you may read; nothing was run")
+                unslashed = (
+                    " (names without '/' are under no NAMESPACE/: take them with --secret NAME)"
+                    if namespace == DEFAULT_NAMESPACE
+                    else ""
+                )
+                raise NotFoundError(
+                    f"no secret under '{namespace}/' that you may read; nothing was run{unslashed}"
+                )
             for secret in secrets:
                 variable = _variable_for(secret.name[len(namespace) + 1 :])
                 if _LOADS_CODE.fullmatch(variable):
