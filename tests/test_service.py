@@ -315,6 +315,10 @@ def test_a_server_that_cannot_start_says_why_in_one_line(
     assert result.returncode == code, stderr
     assert stderr.count("\n") == 1 and stderr.startswith("secrets-manager: error: "), stderr
     assert message.format(busy=busy) in stderr and "internal error" not in stderr
+    if code == 1:  # the start was recorded, and so is why it failed
+        records = [json.loads(line) for line in (tmp_path / "store.audit.jsonl").read_text().splitlines()]
+        serve = [(r["operation"], r["outcome"]) for r in records if r["operation"] == "serve"]
+        assert serve == [("serve", "pending"), ("serve", "storage_error")]
 
 
 def test_a_server_config_that_is_a_directory_is_refused_in_one_line(tmp_path: Path) -> None:

@@ -196,7 +196,7 @@ def test_each_replica_keeps_its_own_audit_log_and_both_verify(replicas: Replicas
         server.stop()  # flushes its log and anchors it in the store
     reads = [(r["operation"], r["name"]) for r in replicas.audit_records(replicas.a)]
     writes = [(r["operation"], r["name"]) for r in replicas.audit_records(replicas.b)]
-    assert reads == [("serve", None), ("get", "auth/JWT_KEY")]
+    assert reads == [("serve", None), ("serve", None), ("get", "auth/JWT_KEY")]  # pending, ok
     assert ("store", "auth/new") in writes and ("get", "auth/JWT_KEY") not in writes
     for server in (replicas.a, replicas.b):
         verified = replicas.cli("audit", "verify", audit_file=f"{replicas.name_of(server)}.audit.jsonl")
@@ -280,6 +280,7 @@ def test_a_database_outage_is_unavailable_and_the_service_recovers_without_a_res
     assert verified.returncode == 0, verified.stderr
     records = [json.loads(line) for line in (tmp_path / "outage.audit.jsonl").open()]
     assert [(r["operation"], r["outcome"]) for r in records] == [
+        ("serve", "pending"),
         ("serve", "ok"),
         ("get", "ok"),
         *[("get", "storage_error")] * 3,  # each refused call is on record, with why

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -10,6 +11,7 @@ import click
 from secrets_manager.audit import AuditLog
 from secrets_manager.cli.app import Session, cli, pass_session
 from secrets_manager.cli.password import read_password_file
+from secrets_manager.errors import SecretsManagerError
 from secrets_manager.service import load_config, run_server
 from secrets_manager.service.server import configure_logging
 from secrets_manager.store.url import default_audit_path, open_store
@@ -43,8 +45,20 @@ def serve(session: Session, config_path: str) -> None:
         store_url, password, environment=session.environment, actor=session.actor, audit_path=audit.path
     )
     try:
-        audit.append([session.event("serve", source="grpc", peer=config.listen)], store)
+        # As for a change: a durable request record first (a log that cannot be written stops the
+        # start), then the outcome: ok once the server listens, or why it could not start.
+        event = session.event("serve", source="grpc", peer=config.listen)
+        audit.append([replace(event, outcome="pending")], store)
         configure_logging(sys.stderr)
-        run_server(config, store, audit)
+
+        def listening(_port: int) -> None:
+            audit.append([event], store)
+
+        try:
+            run_server(config, store, audit, ready=listening)
+        except SecretsManagerError as exc:
+            if exc.kind != "audit_error":
+                audit.append([replace(event, outcome=exc.kind)], store)
+            raise
     finally:
         store.close()

@@ -557,7 +557,13 @@ def run_server(
             "rotation schedule in force",
             extra={"schedule": str(scheduler.path), "entries": len(scheduler.rules)},
         )
-    ready(running.port)
+    try:
+        ready(running.port)
+    except BaseException:  # e.g. its audit record could not be written: do not serve without it
+        if scheduler is not None:
+            scheduler.request_stop()
+        running.stop(0)
+        raise
     # Wake up now and then: a signal delivered to another thread only runs its Python handler
     # when the main thread next executes bytecode, which a wait without a timeout may never do.
     while not stop_requested.wait(0.5):
