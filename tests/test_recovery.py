@@ -398,6 +398,11 @@ def test_cli_init_never_overwrites_share_files_and_asks_for_replace(cli: Cli) ->
         "recovery", "init", "--shares", "3", "--threshold", "4", "--out-dir", str(cli.dir / "x")
     )
     assert bad.returncode == 2 and b"--threshold 4 is more than --shares 3" in bad.stderr
+    one = cli.with_password(
+        "recovery", "init", "--shares", "3", "--threshold", "1", "--out-dir", str(cli.dir / "y")
+    )
+    assert one.returncode == 2 and b"every share the whole key" in one.stderr
+    assert not (cli.dir / "y").exists()
 
 
 def test_cli_unlock_with_sets_a_new_password_from_files_or_stdin(cli: Cli) -> None:

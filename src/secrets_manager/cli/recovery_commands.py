@@ -85,6 +85,8 @@ def init(session: Session, shares: int, threshold: int, out_dir: Path, replace: 
     session.require_local("recovery init")
     if threshold > shares:
         raise InvalidInputError(f"--threshold {threshold} is more than --shares {shares}")
+    if threshold == 1 and shares > 1:  # SLIP-0039 refuses it; say so before the store is opened
+        raise InvalidInputError("--threshold 1 would make every share the whole key; use 2 or more")
     paths = [out_dir / SHARE_FILE.format(index=i, shares=shares) for i in range(1, shares + 1)]
     taken = [p.name for p in paths if p.exists()]
     if taken:
