@@ -265,6 +265,37 @@ def test_a_partial_last_record_is_set_aside_and_the_repair_recorded(cli: Cli) ->
     assert verify(cli).returncode == 0
 
 
+def test_a_partial_record_in_a_full_log_is_set_aside_not_rotated_with_it(cli: Cli) -> None:
+    """A rotated file is never written again, so a partial record rotated into it would stop
+    every later command for good."""
+    busy_session(cli)
+    cli.audit.write_bytes(cli.audit.read_bytes() + b'{"actor":"root","dec')
+    small = {"SECRETS_MANAGER_AUDIT_MAX_BYTES": "2000"}  # the log is over it: the next append rotates
+    assert cli("get", "auth/DB_PASSWORD", env=small).stdout == b"db-pass\n"
+    assert cli("get", "auth/DB_PASSWORD", env=small).stdout == b"db-pass\n"
+    assert len(list(cli.audit.parent.glob(cli.audit.name + ".partial-*"))) == 1
+    assert len(AuditLog(cli.audit).files()) >= 2  # it did rotate, one append later
+    assert verify(cli).returncode == 0
+
+
+def test_a_reset_is_not_undone_by_another_process_anchoring_the_old_chain(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """A service's deferred flush used to anchor its last record of the old chain after a reset
+    by the CLI, and every command then saw a log that 'lost records'."""
+    path = tmp_path / "shared.audit.jsonl"
+    service, cli = AuditLog(path, flush_interval=60), AuditLog(path)
+    for i in range(5):
+        service.append([AuditEvent(operation="get", actor="svc", name=f"a/{i}")], encrypted_store)
+    service.append([AuditEvent(operation="get", actor="svc", name="a/late")], encrypted_store, durable=False)
+    cli.restart(encrypted_store, AuditEvent(operation="audit.reset", actor="operator"))
+    service.flush()  # its unsynced record is in the file the reset set aside
+    anchor = encrypted_store.audit_anchor()
+    assert anchor is not None and anchor.seq == 1
+    AuditLog(path).append([AuditEvent(operation="get", actor="cli", name="a/0")], encrypted_store)
+    assert AuditLog(path).verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) == 2
+
+
 def test_audit_reset_starts_a_new_chain_after_a_loss_and_keeps_the_old_files(cli: Cli) -> None:
     """A store copied without its log stops every command (fail closed) until an operator accepts
     the loss; the old files are kept, and the new chain says it was reset."""

@@ -603,3 +603,23 @@ def test_a_postgresql_store_in_production_is_recovered_and_its_shares_outlive_a_
     assert got.returncode == 0 and got.stdout.rstrip(b"\n") == VALUE
     assert cli.with_password("get", "auth/DB_PASSWORD").returncode == 4
     assert cli.with_password("audit", "verify", password=cli.new_password_file).returncode == 0
+
+
+def test_shares_open_a_store_whose_password_and_audit_log_are_both_lost(cli: Cli) -> None:
+    """A store copied to a new host without its log, its password forgotten: the shares accept
+    the log's loss (audit reset) and then set a new password."""
+    cli.make_shares(2, 2)
+    args = [a for p in cli.share_files() for a in ("--share-file", str(p))]
+    log = cli.dir / "store.audit.jsonl"
+    log.rename(cli.dir / "lost.jsonl")
+    new_password = ["--new-password-file", str(cli.new_password_file), "--kdf-profile", "test"]
+    stopped = cli("recovery", "unlock-with", "password", *args, *new_password)
+    assert stopped.returncode == 6 and b"--share-file too if the password is lost" in stopped.stderr
+    assert cli("audit", "reset", "--accept-loss").returncode == 4  # no password anywhere
+    reset = cli("audit", "reset", "--accept-loss", *args)
+    assert reset.returncode == 0, reset.stderr
+    assert cli("recovery", "unlock-with", "password", *args, *new_password).returncode == 0
+    got = cli.with_password("get", "auth/DB_PASSWORD", password=cli.new_password_file)
+    assert got.returncode == 0 and got.stdout.rstrip(b"\n") == VALUE
+    assert [r["operation"] for r in cli.audit()][:1] == ["audit.reset"]
+    assert cli.with_password("audit", "verify", password=cli.new_password_file).returncode == 0

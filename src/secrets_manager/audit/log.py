@@ -482,10 +482,19 @@ class AuditLog:
                 try:
                     with contextlib.suppress(SecretsManagerError):
                         anchored = unsynced.anchor.audit_anchor()
-                        if anchored is None or anchored.seq < tail.seq:
+                        if (anchored is None or anchored.seq < tail.seq) and self._in_chain(tail.inode):
                             unsynced.anchor.set_audit_anchor(Anchor(seq=tail.seq, hash=tail.hash))
                 finally:
                     self._unflock()
+
+    def _in_chain(self, inode: int) -> bool:
+        """Holding the flock: whether the file `inode` is still part of the log (live, or rotated
+        away). An `audit reset` in another process sets the old files aside: records there must
+        never be anchored over the new chain."""
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == inode:
+                return True
+        return any(path.stat().st_ino == inode for path in self.files() if path.exists())
 
     def _sync_failed(self, exc: OSError) -> AuditError:
         """A deferred fsync failed: records may be gone, so this and every later append fail."""
@@ -506,7 +515,13 @@ class AuditLog:
         )
 
     def _rotate(self) -> bool:
-        """Rename the full live file to `<file>.<first seq>`; False if it holds no record."""
+        """Rename the full live file to `<file>.<first seq>`; False if it holds no record, or if
+        it ends in a partial record (the append sets that aside first; a rotated file never
+        holds one, where nothing would repair it)."""
+        with self.path.open("rb") as handle:
+            end = handle.seek(0, os.SEEK_END)
+            if end and (handle.seek(end - 1), handle.read(1))[1] != b"\n":
+                return False
         first = _first_record(self.path)
         if first is None:
             return False
@@ -647,6 +662,9 @@ def _unused_path(path: Path) -> Path:
     return candidate
 
 
+_RESET_HINT = "'secrets-manager audit reset --accept-loss' (--share-file too if the password is lost)"
+
+
 def _check_tail_against_anchor(last: dict[str, Any] | None, anchored: Anchor | None, path: Path) -> None:
     """Refuse to extend a log that lost records the store vouched for: that would hide the loss."""
     if anchored is None:
@@ -656,15 +674,14 @@ def _check_tail_against_anchor(last: dict[str, Any] | None, anchored: Anchor | N
         raise AuditTamperError(
             f"audit log {path} holds no records, but the store anchored record {anchored.seq}: if this "
             "is the wrong file, give the right one (--audit-file, SECRETS_MANAGER_AUDIT_FILE); if "
-            "the log is lost, accept the loss with 'secrets-manager audit reset --accept-loss'"
+            f"the log is lost, accept the loss with {_RESET_HINT}"
         )
     if last_seq < anchored.seq or (
         last_seq == anchored.seq and last is not None and last["hash"] != anchored.hash
     ):
         raise AuditTamperError(
             f"audit log {path} lost records the store anchored (up to record {anchored.seq}); "
-            "run 'secrets-manager audit verify' and restore the log, or accept the loss with "
-            "'secrets-manager audit reset --accept-loss'"
+            f"run 'secrets-manager audit verify' and restore the log, or accept the loss with {_RESET_HINT}"
         )
 
 

@@ -317,19 +317,23 @@ class Session:
         source (the password or KMS key is lost). Shares that do not open it are audited as a
         denied unlock, as a wrong password is."""
 
-        def opener() -> EncryptedStore:
-            return self._denials_audited(
-                lambda: open_store_with_recovery(
-                    self.store_url,
-                    mnemonics,
-                    environment=self.environment,
-                    actor=self.actor,
-                    audit_path=self.audit_path,
-                )
-            )
-
-        with self._audited(opener, operation, None, mutating=True) as opened:
+        with self._audited(
+            lambda: self.open_with_recovery_shares(mnemonics), operation, None, mutating=True
+        ) as opened:
             yield opened
+
+    def open_with_recovery_shares(self, mnemonics: list[str]) -> EncryptedStore:
+        """Our store opened with recovery shares; shares that do not open it are audited as a
+        denied unlock."""
+        return self._denials_audited(
+            lambda: open_store_with_recovery(
+                self.store_url,
+                mnemonics,
+                environment=self.environment,
+                actor=self.actor,
+                audit_path=self.audit_path,
+            )
+        )
 
     @contextmanager
     def _audited(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import click
@@ -15,7 +16,9 @@ import click
 from secrets_manager.audit import AuditError, AuditTamperError, value_fingerprint
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
 from secrets_manager.cli.output import info_line, print_json, print_table
+from secrets_manager.cli.recovery_commands import read_share_file
 from secrets_manager.errors import InvalidInputError
+from secrets_manager.store.base import AuditedStore
 
 _RELATIVE = re.compile(r"([0-9]+)([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -90,8 +93,15 @@ def verify(session: Session) -> None:
     is_flag=True,
     help="Confirm that the log's missing or damaged records are accepted as lost.",
 )
+@click.option(
+    "--share-file",
+    "share_files",
+    multiple=True,
+    metavar="PATH",
+    help="Open the store with recovery shares (repeat for each) when its password or KMS key is lost too.",
+)
 @pass_session
-def reset(session: Session, accept_loss: bool) -> None:
+def reset(session: Session, accept_loss: bool, share_files: tuple[str, ...]) -> None:
     """Start the audit log again when it lost records or was damaged (a store restored without its
     log, a deleted or edited file), which otherwise stops every command. The old files are kept
     beside it as <file>.lost-<time>; the new chain begins with an 'audit.reset' record. Refused
@@ -103,7 +113,11 @@ def reset(session: Session, accept_loss: bool) -> None:
             "you have checked them ('secrets-manager audit verify' says what is wrong)"
         )
     log = session.audit_log()
-    store = session.unlock()
+    store: AuditedStore = (
+        session.open_with_recovery_shares([read_share_file(Path(p)) for p in share_files])
+        if share_files
+        else session.unlock()
+    )
     try:
         anchored = store.audit_anchor()
         try:

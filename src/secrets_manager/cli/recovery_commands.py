@@ -176,7 +176,7 @@ def unlock_with(
     or KMS key: 'password' (a new master password) or 'kms KMS_KEY'. The shares stay valid."""
     session.require_local("recovery unlock-with")
     new_password = new_unlock_arguments("recovery unlock-with", source, kms_key, new_password_file, session)
-    mnemonics = [_read_share_file(Path(p)) for p in share_files] if share_files else _shares_from_input()
+    mnemonics = [read_share_file(Path(p)) for p in share_files] if share_files else _shares_from_input()
     with session.recovery_operation("recovery.unlock-with", mnemonics) as (store, _):
         store.change_unlock(new_unlock_source(session, kms_key, new_password, kdf_profile))
     info_line(
@@ -207,7 +207,8 @@ def _write_share_files(new: NewShares, paths: list[Path], store: str) -> None:
         raise
 
 
-def _read_share_file(path: Path) -> str:
+def read_share_file(path: Path) -> str:
+    """The share in a share file (its one line of words; comment lines are skipped)."""
     try:
         text = read_small_file(path, MAX_SHARE_FILE_SIZE, f"share file {path}").decode("ascii")
     except UnicodeDecodeError:
