@@ -63,7 +63,9 @@ def test_a_skipped_name_moves_the_next_page_past_it() -> None:
     assert page.next_token() == "after:a/2"
 
 
-@pytest.mark.parametrize("token", ["junk", "after:", "after:../x", "at:x", "at:-1", "at:\u0661"])
+@pytest.mark.parametrize(
+    "token", ["junk", "after:", "after:../x", "at:x", "at:-1", "at:\u0661", "at:" + "9" * 5000]
+)
 def test_a_forged_token_is_invalid_input(token: str) -> None:
     for by_position in (False, True):
         with pytest.raises(InvalidInputError, match="page_token"):

@@ -28,7 +28,13 @@ import pytest
 from secrets_manager.crypto import kdf
 from secrets_manager.crypto.recovery import new_recovery_key, recovery_public_key, seal_to_recovery_key
 from secrets_manager.environment import Environment
-from secrets_manager.errors import IntegrityError, InvalidInputError, NotFoundError, UnlockError
+from secrets_manager.errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    UnlockError,
+)
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.store import recovery as rec
@@ -171,6 +177,33 @@ def test_a_replaced_set_no_longer_opens_and_replacing_must_be_asked_for(
     header["recovery"]["identifier"] = new.setup.identifier
     _write_header(tmp_store_path, header)
     _recover(tmp_store_path, list(new.mnemonics)).close()
+
+
+def test_a_replace_that_lost_a_race_installs_nothing(encrypted_store: EncryptedStore) -> None:
+    """Two operators run 'recovery init --replace' at once: the second must not also succeed
+    (one of the two handed-out sets would not work)."""
+    first = _shares(encrypted_store)
+    mine, theirs = (rec.make_recovery_shares(threshold=2, shares=2) for _ in range(2))
+    rec.install_recovery(encrypted_store, theirs, replace=True, expected=first.setup)
+    with pytest.raises(ConflictError, match="changed the store's share set meanwhile"):
+        rec.install_recovery(encrypted_store, mine, replace=True, expected=first.setup)
+    assert rec.recovery_setup(encrypted_store) == theirs.setup
+
+
+def test_status_reports_a_damaged_header_section_and_a_root_rotation_mends_it(cli: Cli) -> None:
+    cli.make_shares(2, 2)
+    header = cli.header()
+    del header["recovery"]
+    _write_header(cli.store, header)
+    status = cli.with_password("recovery", "status")
+    assert status.returncode == 6 and b"keys rotate --root" in status.stderr
+    assert cli.with_password("keys", "rotate", "--root").returncode == 0
+    assert cli.with_password("recovery", "status").returncode == 0
+    args = [a for p in cli.share_files() for a in ("--share-file", str(p))]
+    reset = cli(
+        "recovery", "unlock-with", "password", *args, "--new-password-file", str(cli.new_password_file)
+    )
+    assert reset.returncode == 0, reset.stderr
 
 
 def test_removed_shares_no_longer_open_the_store(

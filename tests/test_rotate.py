@@ -539,6 +539,18 @@ def test_rotating_one_field_keeps_the_others_and_the_commands_get_the_whole_obje
     assert cli("get", "db/json#password").stdout == "typed-new-password\n"
 
 
+def test_json_objects_too_deep_or_with_huge_numbers_are_still_never_replaced_whole(cli: Cli) -> None:
+    deep = b'{"password": "old", "n": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+    huge = b'{"password": "old", "n": ' + b"9" * 5000 + b"}"
+    for value in (deep, huge):
+        assert cli("store", "db/odd", "--file", "/dev/stdin", input=value).code == 0
+        whole = cli("rotate", "db/odd")
+        assert whole.code == 2 and "holds a JSON object" in whole.stderr, whole.stderr
+        field = cli("rotate", "db/odd#password")
+        assert field.code == 2 and "cannot be rewritten exactly" in field.stderr, field.stderr
+        assert cli("get", "db/odd", "--raw").stdout == value.decode()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

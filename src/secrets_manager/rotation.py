@@ -234,12 +234,13 @@ def new_value_for(
 ) -> SecretValue:
     """The value to stage: `value` itself, or the current JSON object with `field` set to it."""
     document = None if current is None else _json_object(current.reveal())
+    is_object = document is not None or (current is not None and _looks_like_json_object(current.reveal()))
     if field is None:
-        if generated and document is not None:
+        if generated and is_object:
+            fields = f" (fields {', '.join(sorted(document))})" if document else ""
             raise InvalidInputError(
-                f"{name} holds a JSON object (fields {', '.join(sorted(document))}); a generated value "
-                f"would replace all of it: rotate one field ('rotate {name}#FIELD'), or give the whole "
-                "new object with --stdin"
+                f"{name} holds a JSON object{fields}; a generated value would replace all of it: rotate "
+                f"one field ('rotate {name}#FIELD'), or give the whole new object with --stdin"
             )
         return value
     if current is None:
@@ -247,6 +248,11 @@ def new_value_for(
             f"rotating field {field!r} of {name} needs its current value, which was not read"
         )
     if document is None:
+        if is_object:
+            raise InvalidInputError(
+                f"the value of {name} is a JSON object that cannot be rewritten exactly (a number too "
+                "long, or nesting too deep): give the whole new object with --stdin"
+            )
         raise InvalidInputError(f"the value of {name} is not a JSON object, so it has no field {field!r}")
     if not isinstance(document.get(field), str):
         raise InvalidInputError(
@@ -260,11 +266,23 @@ def new_value_for(
 
 
 def _json_object(data: bytes) -> dict[str, Any] | None:
+    """`data` as a JSON object that can be written back exactly, or None."""
     try:
         document = json.loads(data)
-    except ValueError:  # also UnicodeDecodeError: not text at all
+    except (ValueError, RecursionError):  # ValueError includes UnicodeDecodeError: not text at all
         return None
     return document if isinstance(document, dict) else None
+
+
+def _looks_like_json_object(data: bytes) -> bool:
+    """Whether `data` is a JSON object even if `_json_object` cannot rebuild it: numbers too long
+    for int(), or nesting deeper than the parser goes (then an opening brace decides)."""
+    try:
+        return isinstance(json.loads(data, parse_int=str, parse_float=str), dict)
+    except RecursionError:
+        return data.lstrip().startswith(b"{")
+    except ValueError:
+        return False
 
 
 def _is_current(steps: RotationSteps, name: str, version: int) -> bool:

@@ -898,7 +898,7 @@ def select_field(data: bytes, name: str, field: str) -> bytes:
     """One top-level field of a JSON object value: a string as is, anything else as JSON."""
     try:
         document = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         document = None
     if not isinstance(document, dict):
         raise InvalidInputError(f"the value of {name} is not a JSON object, so it has no field {field!r}")

@@ -30,13 +30,14 @@ from secrets_manager.cli.app import (
 )
 from secrets_manager.cli.output import info_line, print_json, print_table, timestamp
 from secrets_manager.cli.password import read_small_file, terminal_available
-from secrets_manager.errors import InvalidInputError
+from secrets_manager.errors import ConflictError, IntegrityError, InvalidInputError
 from secrets_manager.store.recovery import (
     MAX_SHARES,
     NewShares,
     RecoverySetup,
     install_recovery,
     make_recovery_shares,
+    recovery_header_problem,
     recovery_setup,
     remove_recovery,
     share_set_of,
@@ -94,7 +95,8 @@ def init(session: Session, shares: int, threshold: int, out_dir: Path, replace: 
             f"{out_dir} already holds {', '.join(taken)}; move the old shares away or pick another --out-dir"
         )
     with session.operation("recovery.init", mutating=True) as (store, _):
-        if recovery_setup(store) is not None and not replace:
+        current = recovery_setup(store)
+        if current is not None and not replace:
             raise InvalidInputError(
                 "this store has recovery shares already; give --replace to make a new set (the old "
                 "shares then stop working)"
@@ -102,7 +104,7 @@ def init(session: Session, shares: int, threshold: int, out_dir: Path, replace: 
         new = make_recovery_shares(threshold=threshold, shares=shares)
         _write_share_files(new, paths, store_location(session.store_url))  # never a URL's password
         try:
-            install_recovery(store, new, replace=replace)
+            install_recovery(store, new, replace=replace, expected=current)
         except BaseException:
             for path in paths:  # shares of a set the store does not have must not circulate
                 path.unlink(missing_ok=True)
@@ -121,6 +123,12 @@ def status(session: Session, as_json: bool) -> None:
     session.require_local("recovery status")
     with session.operation("recovery.status") as (store, _):
         setup = recovery_setup(store)
+        problem = None if setup is None else recovery_header_problem(store, setup)
+    if problem is not None:
+        raise IntegrityError(
+            f"{problem}: the shares cannot open the store until 'secrets-manager keys rotate --root' "
+            "writes it again from the store's own record"
+        )
     if as_json:
         print_json(None if setup is None else _setup_doc(setup))
     elif setup is None:
@@ -199,7 +207,12 @@ def _write_share_files(new: NewShares, paths: list[Path], store: str) -> None:
                 "# Keep it offline and apart from the other shares and from the store.\n"
                 f"{mnemonic}\n"
             )
-            write_private_file(path, text.encode("ascii"), overwrite=False)
+            try:
+                write_private_file(path, text.encode("ascii"), overwrite=False)
+            except ConflictError:  # made meanwhile (another recovery init into the same directory)
+                raise InvalidInputError(
+                    f"{path} appeared while the shares were written; move it away or pick another --out-dir"
+                ) from None
             written.append(path)
     except BaseException:
         for path in written:

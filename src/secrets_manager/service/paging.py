@@ -80,7 +80,7 @@ class Page:
         if not self._token:
             return 0
         digits = self._token.removeprefix(_AT)
-        if not self._token.startswith(_AT) or not digits.isascii() or not digits.isdigit():
+        if not self._token.startswith(_AT) or not digits.isascii() or not digits.isdigit() or len(digits) > 9:
             raise _bad_token()
         return int(digits)
 

@@ -36,7 +36,13 @@ from secrets_manager.crypto.recovery import (
     seal_to_recovery_key,
     split_recovery_key,
 )
-from secrets_manager.errors import IntegrityError, InvalidInputError, NotFoundError, UnlockError
+from secrets_manager.errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    NotFoundError,
+    UnlockError,
+)
 from secrets_manager.storage import ABSENT, Delete, Put, Storage
 from secrets_manager.store.encrypted import (
     HEADER_KEY,
@@ -48,6 +54,7 @@ from secrets_manager.store.encrypted import (
 )
 
 SECTION = "recovery"  # the header's member
+_UNCHECKED = object()
 SECTION_KIND = "x25519-hpke"
 _INFO_PREFIX = b"secrets-manager recovery\x00"
 _DAMAGED = "the store header is damaged (integrity check failed)"
@@ -132,11 +139,19 @@ def recovery_setup(store: EncryptedStore) -> RecoverySetup | None:
     return _open_setup(store._root_lookup, entry.value)
 
 
-def install_recovery(store: EncryptedStore, new: NewShares, *, replace: bool = False) -> None:
+def install_recovery(
+    store: EncryptedStore,
+    new: NewShares,
+    *,
+    replace: bool = False,
+    expected: object = _UNCHECKED,  # a RecoverySetup, None (no set), or unchecked
+) -> None:
     """Seal the root key to `new`'s public key, in one commit with its `core/recovery` record.
 
     InvalidInputError if the store has a share set already and `replace` is false: replacing one
-    makes the old shares useless, so it must be asked for."""
+    makes the old shares useless, so it must be asked for. `expected`: the set (or None) the caller
+    saw; ConflictError if another writer changed it meanwhile (two `--replace` at once would each
+    hand out shares, and one set would not work)."""
 
     def attempt() -> None:
         header_entry = store._storage.get(HEADER_KEY)
@@ -151,6 +166,12 @@ def install_recovery(store: EncryptedStore, new: NewShares, *, replace: bool = F
                 "this store has recovery shares already; give --replace to make a new set (the old "
                 "shares then stop working)"
             )
+        current = None if existing is None else _open_setup(store._root_lookup, existing.value)
+        if expected is not _UNCHECKED and current != expected:
+            raise ConflictError(
+                "another 'recovery init' changed the store's share set meanwhile; these shares were "
+                "not installed"
+            )
         sealed = seal_record(store._root, Purpose.RECOVERY_KEY, RECOVERY_KEY, 0, new.setup.to_bytes())
         header[SECTION] = sealed_root_section(store._root, new.setup)
         store._commit(
@@ -163,6 +184,23 @@ def install_recovery(store: EncryptedStore, new: NewShares, *, replace: bool = F
     store._retry(attempt)
     if replace:
         store._scrub()  # the root key sealed to the old set's key leaves the files too
+
+
+def recovery_header_problem(store: EncryptedStore, setup: RecoverySetup) -> str | None:
+    """What is wrong with the header's recovery section, which the shares need, as far as it can
+    be checked without them (present, well formed, the current root key, the set `setup` names);
+    None if nothing is. The section is not authenticated: storage can damage it unnoticed."""
+    header = _read_header(store._storage)
+    section = header.get(SECTION)
+    if section is None:
+        return "the store header has no recovery section"
+    try:
+        _, identifier, _ = _parse_section(section, header["root_key_id"])
+    except IntegrityError:
+        return "the store header's recovery section is damaged"
+    if identifier is not None and identifier != setup.identifier:
+        return f"the store header's recovery section names set {identifier:05d}, not {setup.identifier:05d}"
+    return None
 
 
 def remove_recovery(store: EncryptedStore) -> RecoverySetup:
@@ -282,6 +320,7 @@ __all__ = [
     "install_recovery",
     "make_recovery_shares",
     "recover_root",
+    "recovery_header_problem",
     "recovery_setup",
     "remove_recovery",
     "sealed_root_section",
