@@ -92,7 +92,8 @@ def test_the_program_does_not_inherit_the_master_password_variables(cli: Cli, tm
 def test_a_namespace_secret_may_not_set_a_variable_that_runs_code(cli: Cli, tmp_path: Path) -> None:
     """Whoever may write one secret of auth/ must not choose code for the service to run."""
     marker = tmp_path / "ran"
-    for name in ("LD_PRELOAD", "PATH", "PYTHONSTARTUP", "BASH_ENV", "SSL_CERT_FILE", "GIT_SSH_COMMAND"):
+    refused = ("LD_PRELOAD", "PATH", "PYTHONSTARTUP", "BASH_ENV", "SSL_CERT_FILE", "GIT_SSH_COMMAND")
+    for name in (*refused, "PERLLIB", "SSLKEYLOGFILE", "HTTPS_PROXY", "AWS_CA_BUNDLE", "KUBECONFIG"):
         assert cli("store", f"auth/{name}", input=str(tmp_path).encode()).returncode == 0
         refused = cli("run", "--service", "auth", "--", "touch", str(marker))
         assert refused.returncode == 2, refused.stderr
