@@ -656,3 +656,32 @@ def test_shares_open_a_store_whose_password_and_audit_log_are_both_lost(cli: Cli
     assert got.returncode == 0 and got.stdout.rstrip(b"\n") == VALUE
     assert [r["operation"] for r in cli.audit()][:1] == ["audit.reset"]
     assert cli.with_password("audit", "verify", password=cli.new_password_file).returncode == 0
+
+
+def test_production_refuses_share_files_and_directories_others_can_read(tmp_path: Path) -> None:
+    cli = Cli(tmp_path)
+    for path in (cli.password_file, cli.new_password_file):
+        path.chmod(0o600)
+    cli.env["SHRIVENQUANT_ENV"] = "production"
+    assert cli.with_password("init").returncode == 0  # the default Argon2id profile
+    open_dir = tmp_path / "open"
+    open_dir.mkdir(mode=0o777)
+    open_dir.chmod(0o777)
+    refused = cli.with_password(
+        "recovery", "init", "--shares", "2", "--threshold", "2", "--out-dir", str(open_dir)
+    )
+    assert refused.returncode == 2 and b"chmod 700" in refused.stderr
+    assert not list(open_dir.iterdir())
+    cli.make_shares(2, 2)
+    readable = cli.share_files()[0]
+    readable.chmod(0o644)
+    args = [a for p in cli.share_files() for a in ("--share-file", str(p))]
+    unlock = cli(
+        "recovery", "unlock-with", "password", *args, "--new-password-file", str(cli.new_password_file)
+    )
+    assert unlock.returncode == 2 and f"chmod 600 {readable}".encode() in unlock.stderr
+    readable.chmod(0o600)
+    unlock = cli(
+        "recovery", "unlock-with", "password", *args, "--new-password-file", str(cli.new_password_file)
+    )
+    assert unlock.returncode == 0, unlock.stderr

@@ -114,7 +114,9 @@ def reset(session: Session, accept_loss: bool, share_files: tuple[str, ...]) -> 
         )
     log = session.audit_log()
     store: AuditedStore = (
-        session.open_with_recovery_shares([read_share_file(Path(p)) for p in share_files])
+        session.open_with_recovery_shares(
+            [read_share_file(Path(p), session.environment) for p in share_files]
+        )
         if share_files
         else session.unlock()
     )

@@ -14,6 +14,7 @@ password and sets a new password or KMS key. Audited as `recovery.init`, `recove
 from __future__ import annotations
 
 import getpass
+import stat
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +31,13 @@ from secrets_manager.cli.app import (
 )
 from secrets_manager.cli.output import info_line, print_json, print_table, timestamp
 from secrets_manager.cli.password import read_small_file, terminal_available
-from secrets_manager.errors import ConflictError, IntegrityError, InvalidInputError
+from secrets_manager.environment import Environment
+from secrets_manager.errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    UnsafeConfigurationError,
+)
 from secrets_manager.store.recovery import (
     MAX_SHARES,
     NewShares,
@@ -88,6 +95,15 @@ def init(session: Session, shares: int, threshold: int, out_dir: Path, replace: 
         raise InvalidInputError(f"--threshold {threshold} is more than --shares {shares}")
     if threshold == 1 and shares > 1:  # SLIP-0039 refuses it; say so before the store is opened
         raise InvalidInputError("--threshold 1 would make every share the whole key; use 2 or more")
+    if (
+        session.environment.is_production
+        and out_dir.is_dir()
+        and stat.S_IMODE(out_dir.stat().st_mode) & 0o077
+    ):
+        raise UnsafeConfigurationError(
+            f"--out-dir {out_dir} can be read or written by group or others; run 'chmod 700 {out_dir}' "
+            "or pick a private directory (production refuses it)"
+        )
     paths = [out_dir / SHARE_FILE.format(index=i, shares=shares) for i in range(1, shares + 1)]
     taken = [p.name for p in paths if p.exists()]
     if taken:
@@ -184,7 +200,11 @@ def unlock_with(
     or KMS key: 'password' (a new master password) or 'kms KMS_KEY'. The shares stay valid."""
     session.require_local("recovery unlock-with")
     new_password = new_unlock_arguments("recovery unlock-with", source, kms_key, new_password_file, session)
-    mnemonics = [read_share_file(Path(p)) for p in share_files] if share_files else _shares_from_input()
+    mnemonics = (
+        [read_share_file(Path(p), session.environment) for p in share_files]
+        if share_files
+        else _shares_from_input()
+    )
     with session.recovery_operation("recovery.unlock-with", mnemonics) as (store, _):
         store.change_unlock(new_unlock_source(session, kms_key, new_password, kdf_profile))
     info_line(
@@ -220,12 +240,17 @@ def _write_share_files(new: NewShares, paths: list[Path], store: str) -> None:
         raise
 
 
-def read_share_file(path: Path) -> str:
-    """The share in a share file (its one line of words; comment lines are skipped)."""
+def read_share_file(path: Path, environment: Environment) -> str:
+    """The share in a share file (its one line of words; comment lines are skipped). Production
+    refuses one that group or others can read, as it refuses such a password file."""
     try:
         text = read_small_file(path, MAX_SHARE_FILE_SIZE, f"share file {path}").decode("ascii")
     except UnicodeDecodeError:
         raise InvalidInputError(f"{path} is not a recovery share file (not plain text)") from None
+    if environment.is_production and stat.S_IMODE(path.stat().st_mode) & 0o077:
+        raise UnsafeConfigurationError(
+            f"share file {path} can be read by group or others; run 'chmod 600 {path}'"
+        )
     words = _share_lines(text)
     if len(words) != 1:
         raise InvalidInputError(f"{path} is not a recovery share file: it should hold one line of words")
