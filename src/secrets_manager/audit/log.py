@@ -276,13 +276,16 @@ class AuditLog:
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def _live_file(self) -> tuple[int, os.stat_result]:
+    def _live_file(self, anchor: AuditAnchor | None) -> tuple[int, os.stat_result]:
         """Holding both locks: the live file (rotated first if full) open for appending, and its
-        state before this append."""
+        state before this append. A missing one is checked against the store's anchor before it
+        is created, so a mistyped --audit-file leaves no empty log behind."""
         try:
             now: os.stat_result | None = os.stat(self.path, follow_symlinks=False)
         except FileNotFoundError:
             now = None
+            if anchor is not None:
+                _check_tail_against_anchor(self.last_record(), anchor.audit_anchor(), self.path)
         if now is not None and now.st_size >= self.max_bytes and self._rotate():
             now = None
         if now is None or self._file is None or now.st_ino != self._file[1]:
@@ -298,10 +301,7 @@ class AuditLog:
         """Holding both locks: chain the jobs' records onto the tail, write them, and (durable)
         fsync them and move the anchor. A partial record at the end of the file (a write a crash
         cut short: never acknowledged) is first set aside, and an `audit.repair` record says so."""
-        if anchor is not None and not os.path.lexists(self.path):
-            # Checked before the live file is created: a mistyped --audit-file leaves nothing behind.
-            _check_tail_against_anchor(self.last_record(), anchor.audit_anchor(), self.path)
-        fd, before = self._live_file()
+        fd, before = self._live_file(anchor)
         tail = self._tail
         repair: list[tuple[_AppendJob | None, AuditEvent]] = []
         first = next((event for job in jobs for event in job.events), None)
