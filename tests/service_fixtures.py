@@ -65,6 +65,24 @@ rules = [{{ path = "**", capabilities = ["admin"] }}]
 """
 
 
+def run_script(
+    environ: Mapping[str, str], *args: str, input: bytes = b"", env: Mapping[str, str | None] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """The console script with `env` over `environ` (a None value unsets one), with no terminal (a
+    prompt fails instead of hanging); a traceback on stderr fails the test."""
+    merged = {**environ, **(env or {})}
+    proc = subprocess.run(
+        [str(SCRIPT), *args],
+        input=input,
+        capture_output=True,
+        env={name: value for name, value in merged.items() if value is not None},
+        start_new_session=True,
+        timeout=120,
+    )
+    assert b"Traceback" not in proc.stderr, proc.stderr
+    return proc
+
+
 def make_pki(directory: Path, clients: tuple[str, ...] = CLIENT_NAMES) -> None:
     """A CA, a server certificate for 127.0.0.1/localhost and one client certificate per name, plus
     two the server must refuse: `expired` (auth's, expired) and `foreign` (ops's, from another CA)."""

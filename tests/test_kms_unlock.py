@@ -36,7 +36,7 @@ from secrets_manager.errors import (
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import AwsKmsUnlock, EncryptedStore, PasswordUnlock
 from secrets_manager.v1 import secrets_pb2 as pb
-from service_fixtures import POLICY, SCRIPT, make_pki, start_server
+from service_fixtures import POLICY, make_pki, run_script, start_server
 
 REGION = "eu-west-1"
 VALUE = "kms-unlocked-SEEKRIT"
@@ -95,17 +95,7 @@ class Cli:
         self, *args: str, input: bytes = b"", env: Mapping[str, str | None] | None = None
     ) -> subprocess.CompletedProcess[bytes]:
         """The command with `env` over the fixture's environment (a None value unsets one)."""
-        merged = {**self.env, **(env or {})}
-        proc = subprocess.run(
-            [str(SCRIPT), *args],
-            input=input,
-            capture_output=True,
-            env={name: value for name, value in merged.items() if value is not None},
-            start_new_session=True,  # no terminal: a password prompt would fail, not hang
-            timeout=120,
-        )
-        assert b"Traceback" not in proc.stderr, proc.stderr
-        return proc
+        return run_script(self.env, *args, input=input, env=env)
 
     def header(self) -> dict[str, Any]:
         with sqlite3.connect(self.store) as db:

@@ -41,7 +41,7 @@ from secrets_manager.store import recovery as rec
 from secrets_manager.store.backup import read_backup, write_backup
 from secrets_manager.store.keys import rotate_root_key
 from secrets_manager.store.restore import restore_new_store
-from service_fixtures import SCRIPT
+from service_fixtures import SCRIPT, run_script
 
 VALUE = b"recovery-test-SEEKRIT"
 NEW_PASSWORD = b"the new master password"
@@ -334,17 +334,8 @@ class Cli:
     def __call__(
         self, *args: str, input: bytes = b"", env: Mapping[str, str | None] | None = None
     ) -> subprocess.CompletedProcess[bytes]:
-        merged = {**self.env, **(env or {})}
-        proc = subprocess.run(
-            [str(SCRIPT), *args],
-            input=input,
-            capture_output=True,
-            env={name: value for name, value in merged.items() if value is not None},
-            start_new_session=True,  # no terminal: a prompt fails instead of hanging
-            timeout=120,
-        )
-        assert b"Traceback" not in proc.stderr, proc.stderr
-        return proc
+        """The command with `env` over the fixture's environment (a None value unsets one)."""
+        return run_script(self.env, *args, input=input, env=env)
 
     def with_password(self, *args: str, password: Path | None = None, input: bytes = b"") -> Any:
         return self("--password-file", str(password or self.password_file), *args, input=input)
