@@ -80,11 +80,32 @@ def moto_endpoint() -> Iterator[str]:
                 "moto[server] is not installed but CI must run the AWS tests: pip install -e '.[dev]'"
             )
         pytest.skip("moto[server] is not installed (pip install -e '.[dev]' brings it)")
+    _clear_descriptions_as_aws_does()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     yield f"http://{host}:{port}"
     server.stop()
+
+
+def _clear_descriptions_as_aws_does() -> None:
+    """moto's UpdateSecret keeps the old description when given an empty one (`description or
+    secret.description`); AWS clears it (DescribeSecret then has no Description), as
+    `secrets-manager metadata NAME --description ''` relies on. Patched here to AWS's behaviour."""
+    from moto.secretsmanager.models import SecretsManagerBackend
+
+    update_secret = SecretsManagerBackend.update_secret
+    if getattr(update_secret, "clears_descriptions", False):
+        return
+
+    def clearing(self: Any, secret_id: str, *args: Any, **kwargs: Any) -> Any:
+        result = update_secret(self, secret_id, *args, **kwargs)
+        if kwargs.get("description") == "":
+            self.secrets[secret_id].description = ""
+        return result
+
+    clearing.clears_descriptions = True  # type: ignore[attr-defined]
+    SecretsManagerBackend.update_secret = clearing  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import contextlib
 import fnmatch
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -360,6 +361,36 @@ def test_check_secret_store_notices_puts_to_deleted_secrets(
 
     monkeypatch.setattr(encrypted_module.EncryptedStore, "put", put_undeleting)
     with pytest.raises(AssertionError, match="'delete-undelete' failed"):
+        check_secret_store(make_store)
+
+
+def test_check_secret_store_notices_a_metadata_update_that_writes_a_version(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def update_by_put(self: EncryptedStore, name: str, **change: Any) -> None:
+        meta = self.describe(name)
+        tags = {k: v for k, v in meta.tags.items() if k not in set(change.get("remove_tags", ()))}
+        self.put(
+            name,
+            self.get(name).value.reveal(),
+            description=change.get("description"),
+            tags=tags | dict(change.get("set_tags") or {}),
+        )
+
+    monkeypatch.setattr(encrypted_module.EncryptedStore, "update_metadata", update_by_put)
+    with pytest.raises(AssertionError, match="'update-metadata' failed: update_metadata wrote a version"):
+        check_secret_store(make_store)
+
+
+def test_check_secret_store_notices_a_metadata_update_that_drops_other_tags(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def replacing(name: str, description: str, tags: Any, **change: Any) -> tuple[str, dict[str, str]]:
+        new = change["new_description"]
+        return (description if new is None else new), dict(change["set_tags"])
+
+    monkeypatch.setattr(encrypted_module, "updated_metadata", replacing)
+    with pytest.raises(AssertionError, match="'update-metadata' failed: setting a tag dropped others"):
         check_secret_store(make_store)
 
 

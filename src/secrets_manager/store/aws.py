@@ -73,9 +73,11 @@ from secrets_manager.store.base import (
     Secret,
     SecretMetadata,
     VersionInfo,
+    checked_metadata_update,
     checked_value,
     refuse_if_rotating,
     refuse_to_demote,
+    updated_metadata,
 )
 from secrets_manager.store.external import (
     AUDIT_KEY_NAME,
@@ -549,6 +551,47 @@ class AwsStore:
                     self._client.tag_resource(
                         SecretId=secret_id, Tags=[{"Key": k, "Value": v} for k, v in tags.items()]
                     )
+
+    def update_metadata(
+        self,
+        name: str,
+        *,
+        description: str | None = None,
+        set_tags: Mapping[str, str] | None = None,
+        remove_tags: Iterable[str] = (),
+    ) -> None:
+        """DescribeSecret, then UpdateSecret with only a Description (AWS writes no version for
+        it), UntagResource and TagResource with only the keys given, so a concurrent change of
+        other tags is kept."""
+        validate_name(name)
+        setting, removing = checked_metadata_update(name, description, set_tags, remove_tags)
+        secret_id = self.aws_name(name)
+        with self._aws(f"read {name}", name):
+            existing = self._describe_or_none(secret_id)
+        if existing is None:
+            raise NotFoundError(f"secret {name!r} not found")
+        if existing.get("DeletedDate"):
+            raise ConflictError(f"secret {name!r} is deleted; run 'undelete {name}' first")
+        old_tags = user_tags({str(t["Key"]): str(t["Value"]) for t in existing.get("Tags") or []})
+        _, tags = updated_metadata(
+            name,
+            str(existing.get("Description") or ""),
+            old_tags,
+            new_description=description,
+            set_tags=setting,
+            remove_tags=removing,
+        )
+        _refuse_unless_tags_fit(name, existing, tags)
+        gone = sorted(removing & old_tags.keys())
+        with self._aws(f"store the metadata of {name}", name, state_error=ConflictError):
+            if description is not None:
+                self._client.update_secret(SecretId=secret_id, Description=description)
+            if gone:
+                self._client.untag_resource(SecretId=secret_id, TagKeys=gone)
+            if setting:
+                self._client.tag_resource(
+                    SecretId=secret_id, Tags=[{"Key": k, "Value": v} for k, v in setting.items()]
+                )
 
     def delete(self, name: str) -> None:
         """DescribeSecret, then DeleteSecret with RecoveryWindowInDays."""

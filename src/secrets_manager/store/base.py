@@ -129,6 +129,19 @@ class SecretStore(Protocol):
     def describe(self, name: str) -> SecretMetadata:
         """Metadata and version history of one secret (deleted ones too)."""
 
+    def update_metadata(
+        self,
+        name: str,
+        *,
+        description: str | None = None,
+        set_tags: Mapping[str, str] | None = None,
+        remove_tags: Iterable[str] = (),
+    ) -> None:
+        """Change the description and tags without writing a version, as AWS's UpdateSecret
+        without a value, TagResource and UntagResource do: `set_tags` are added or replaced,
+        `remove_tags` removed (an absent key is no error), other tags stay. NotFoundError if the
+        secret is missing, ConflictError if it is deleted; the checks of `put` on the result."""
+
     def delete(self, name: str) -> None:
         """Soft delete: hidden from get and list until `undelete`."""
 
@@ -248,6 +261,47 @@ def checked_metadata(name: str, description: str | None, tags: Mapping[str, str]
                 f"{AWS_RESERVED_TAG_PREFIX!r} (reserved by AWS)"
             )
         _check_text(value, f"the value of tag {key!r} of {name!r}", 0, MAX_TAG_VALUE_LENGTH)
+
+
+def checked_metadata_update(
+    name: str, description: str | None, set_tags: Mapping[str, str] | None, remove_tags: Iterable[str]
+) -> tuple[dict[str, str], frozenset[str]]:
+    """The checks of an `update_metadata` before anything is read: something to change, each
+    tag key set or removed (not both), and the limits of `checked_metadata` on what is given.
+    Returns the tags to set and the keys to remove."""
+    setting = dict(set_tags or {})
+    checked_metadata(name, description, setting)
+    removing = frozenset(remove_tags)
+    for key in removing:
+        if not isinstance(key, str):
+            raise InvalidInputError(f"the tag keys to remove from {name!r} must be text")
+        _check_text(key, f"a tag key to remove from {name!r}", 1, MAX_TAG_KEY_LENGTH)
+        if key.startswith(RESERVED_TAG_PREFIX):
+            raise InvalidInputError(f"tag {key!r} of {name!r} is secrets-manager's own and cannot be removed")
+    both = sorted(removing & setting.keys())
+    if both:
+        raise InvalidInputError(f"tag {both[0]!r} of {name!r} is both set and removed; give one or the other")
+    if description is None and not setting and not removing:
+        raise InvalidInputError(
+            f"nothing to change for {name!r}: give a description, tags to set or to remove"
+        )
+    return setting, removing
+
+
+def updated_metadata(
+    name: str,
+    description: str,
+    tags: Mapping[str, str],
+    *,
+    new_description: str | None,
+    set_tags: Mapping[str, str],
+    remove_tags: frozenset[str],
+) -> tuple[str, dict[str, str]]:
+    """A secret's description and tags after an `update_metadata`, checked whole (the tag count)."""
+    merged = {key: value for key, value in tags.items() if key not in remove_tags} | dict(set_tags)
+    result = description if new_description is None else new_description
+    checked_metadata(name, result, merged)
+    return result, merged
 
 
 def _check_text(text: str, what: str, shortest: int, longest: int) -> None:

@@ -71,10 +71,12 @@ from secrets_manager.store.base import (
     SecretMetadata,
     VersionInfo,
     checked_metadata,
+    checked_metadata_update,
     checked_value,
     refuse_if_rotating,
     refuse_to_demote,
     unsupported_capabilities,
+    updated_metadata,
 )
 from secrets_manager.store.changes import SecretChanges, secret_changes
 from secrets_manager.store.names import namespace_of, validate_name, validate_prefix
@@ -477,6 +479,34 @@ class EncryptedStore:
         """A subclass that declares the pending label unsupported gets these operations refused."""
         if Capability.PENDING_LABEL in unsupported_capabilities(self):
             raise UnsupportedOperationError("the 'pending' label is not supported by this store")
+
+    def update_metadata(
+        self,
+        name: str,
+        *,
+        description: str | None = None,
+        set_tags: Mapping[str, str] | None = None,
+        remove_tags: Iterable[str] = (),
+    ) -> None:
+        """The description and tags change in the metadata's own compare-and-set commit, so two
+        updates of different tags both land; no version is written."""
+        validate_name(name)
+        setting, removing = checked_metadata_update(name, description, set_tags, remove_tags)
+
+        def change(meta: _Meta, now: float) -> Operations:
+            if meta.deleted is not None:
+                raise ConflictError(f"secret {name!r} is deleted; run 'undelete {name}' first")
+            meta.description, meta.tags = updated_metadata(
+                name,
+                meta.description,
+                meta.tags,
+                new_description=description,
+                set_tags=setting,
+                remove_tags=removing,
+            )
+            return []
+
+        self._update_meta(name, change)
 
     def delete(self, name: str) -> None:
         def change(meta: _Meta, now: float) -> Operations:

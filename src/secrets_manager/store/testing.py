@@ -696,6 +696,74 @@ def _check_metadata_limits(make_store: MakeStore, ns: str) -> None:
         _raises(NotFoundError, lambda: store.describe(new), "a refused put created the secret")
 
 
+def _check_update_metadata(make_store: MakeStore, ns: str) -> None:
+    """update_metadata changes the description and tags, and nothing else: no new version, the
+    other tags kept; bad input is refused with nothing changed."""
+    name = f"{ns}/annotated"
+    with _opened(make_store) as store:
+        store.put(name, b"v1", description="before", tags={"team": "trading", "env": "dev"})
+        store.put(name, b"v2")
+        store.update_metadata(
+            name,
+            description="after",
+            set_tags={"env": "prod", "owner": "ops"},
+            remove_tags=["team", "absent"],
+        )
+        meta = store.describe(name)
+        _require(
+            _version_numbers(meta) == [1, 2], f"update_metadata wrote a version: {_version_numbers(meta)}"
+        )
+        _require(meta.current_version == 2, "update_metadata moved current")
+        _require(_revealed(store.get(name)) == b"v2", "update_metadata changed the value")
+        _require(meta.description == "after", f"the description is {meta.description!r}, not 'after'")
+        _require(
+            dict(meta.tags) == {"env": "prod", "owner": "ops"},
+            f"tags are {dict(meta.tags)} after setting env, owner and removing team",
+        )
+        listed = [m for m in store.list(f"{ns}/") if m.name == name]
+        _require(
+            len(listed) == 1 and listed[0].description == "after" and dict(listed[0].tags) == dict(meta.tags),
+            "list does not show the updated metadata",
+        )
+        store.update_metadata(name, set_tags={"k": "v"})
+        meta = store.describe(name)
+        _require(meta.description == "after", "setting a tag changed the description")
+        _require(dict(meta.tags) == {"env": "prod", "owner": "ops", "k": "v"}, "setting a tag dropped others")
+        store.update_metadata(name, description="")
+        _require(store.describe(name).description == "", "an empty description did not clear it")
+        store.update_metadata(name, remove_tags=["env", "owner", "k"])
+        _require(dict(store.describe(name).tags) == {}, "removing every tag left some")
+        store.update_metadata(name, set_tags={f"t{i:02d}": "v" for i in range(30)})
+        before = _metadata_state(store, name)
+        refused: list[tuple[str, dict[str, Any]]] = [
+            ("an update with nothing to change", {}),
+            ("a tag both set and removed", {"set_tags": {"t00": "w"}, "remove_tags": ["t00"]}),
+            ("a tag key with AWS's reserved prefix", {"set_tags": {"aws:mine": "v"}}),
+            ("removing secrets-manager's own tag", {"remove_tags": ["secrets-manager:created-by"]}),
+            ("a description with an escape", {"description": f"{OFFENDING}\x1b[31m"}),
+            ("an empty tag key to remove", {"remove_tags": [""]}),
+            (f"{MAX_TAGS + 1} tags in all", {"set_tags": {f"u{i:02d}": "v" for i in range(MAX_TAGS - 29)}}),
+        ]
+        for what, change in refused:
+            exc = _raises(InvalidInputError, partial(store.update_metadata, name, **change), what)
+            _require(OFFENDING not in str(exc), f"{what}: the error echoes the offending text")
+        _require(_metadata_state(store, name) == before, "a refused update_metadata changed the secret")
+        _raises(
+            NotFoundError,
+            lambda: store.update_metadata(f"{ns}/missing", description="x"),
+            "update_metadata of a missing secret",
+        )
+        _raises(NotFoundError, lambda: store.describe(f"{ns}/missing"), "update_metadata created a secret")
+        store.delete(name)
+        _raises(
+            ConflictError,
+            lambda: store.update_metadata(name, description="while deleted"),
+            "update_metadata of a deleted secret",
+        )
+        store.undelete(name)
+        _require(store.describe(name).description == "", "a refused update of a deleted secret changed it")
+
+
 SECRET_STORE_CHECKS: dict[str, Check] = {
     "round-trip": _check_values_round_trip,
     "oversize-refused": _check_oversize_value_refused,
@@ -712,5 +780,6 @@ SECRET_STORE_CHECKS: dict[str, Check] = {
     "pending-rotation": _check_pending_rotation,
     "repr-redacted": _check_repr_never_shows_values,
     "metadata-limits": _check_metadata_limits,
+    "update-metadata": _check_update_metadata,
 }
 """Every check by a short key (used in its namespace and in test ids); run in this order."""

@@ -66,7 +66,9 @@ from secrets_manager.store.base import (
     Secret,
     SecretMetadata,
     VersionInfo,
+    checked_metadata_update,
     checked_value,
+    updated_metadata,
 )
 from secrets_manager.store.external import (
     AUDIT_KEY_NAME,
@@ -558,6 +560,32 @@ class VaultStore:
         if meta is None:
             body["max_versions"] = self._max_versions
         self._send("POST", f"metadata/{name}", action=f"store metadata of {name}", json=body)
+
+    def update_metadata(
+        self,
+        name: str,
+        *,
+        description: str | None = None,
+        set_tags: Mapping[str, str] | None = None,
+        remove_tags: Iterable[str] = (),
+    ) -> None:
+        """GET MOUNT/metadata/NAME, then POST it with the new custom_metadata (no version is
+        written). Without compare-and-set on that endpoint, as `_write_custom_metadata` says."""
+        validate_name(name)
+        setting, removing = checked_metadata_update(name, description, set_tags, remove_tags)
+        meta = self._require_meta(name)
+        if meta.deleted is not None:
+            raise ConflictError(f"secret {name!r} is deleted; run 'undelete {name}' first")
+        new_description, tags = updated_metadata(
+            name,
+            meta.custom.get(DESCRIPTION_KEY, ""),
+            user_tags(meta.custom),
+            new_description=description,
+            set_tags=setting,
+            remove_tags=removing,
+        )
+        _refuse_unless_custom_metadata_holds(name, new_description, tags)
+        self._write_custom_metadata(name, meta, new_description, tags)
 
     def delete(self, name: str) -> None:
         """POST MOUNT/delete/NAME {"versions": every live version} (after reading the metadata)."""
