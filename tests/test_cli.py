@@ -369,6 +369,52 @@ def test_list_json_and_history_show_metadata(ready: Cli) -> None:
     assert table[0].split("\t")[0] == "1" and "previous" in table[0]
 
 
+def test_metadata_shows_and_changes_description_and_tags_without_a_new_version(ready: Cli) -> None:
+    ready(
+        "store",
+        "svc/META",
+        "--description",
+        "exchange key",
+        "--tag",
+        "owner=desk1",
+        "--tag",
+        "env=dev",
+        input=b"a",
+    )
+    shown = ready("metadata", "svc/META")
+    assert shown.code == 0, shown.stderr
+    assert "description:     exchange key" in shown.out and "tag:             owner=desk1" in shown.out
+    assert "current version: 1" in shown.out and "state:           active" in shown.out
+    changed = ready("metadata", "svc/META", "--description", "", "--tag", "env=prod", "--untag", "owner")
+    assert changed.code == 0, changed.stderr
+    assert changed.stderr == (
+        "secrets-manager: updated the metadata of svc/META: description cleared, 1 tag(s) set, "
+        "1 tag(s) removed (no new version)\n"
+    )
+    doc = json.loads(ready("metadata", "svc/META", "--json").out)
+    assert (doc["description"], doc["tags"], doc["current_version"]) == ("", {"env": "prod"}, 1)
+    assert ready("get", "svc/META").out == "a\n"
+    before = ready("metadata", "svc/META", "--json").out
+    for args, code, needle in (
+        (["--json", "--tag", "a=b"], 2, "--json shows the metadata"),
+        (["--tag", "novalue"], 2, "is not KEY=VALUE"),
+        (["--tag", "aws:x=y"], 2, "must not start with"),
+        (["--untag", "secrets-manager:created-by"], 2, "cannot be removed"),
+        (["--tag", "k=v", "--untag", "k"], 2, "both set and removed"),
+        (["--description", "evil\x1b[31m"], 2, "control character"),
+    ):
+        assert_one_line_error(ready("metadata", "svc/META", *args), code, needle)
+    assert_one_line_error(ready("metadata", "svc/MISSING", "--tag", "a=b"), 3, "not found")
+    assert ready("metadata", "svc/META", "--json").out == before  # refused: nothing changed
+    ready("delete", "svc/META")
+    assert_one_line_error(ready("metadata", "svc/META", "--tag", "a=b"), 7, "undelete")
+    assert "state:           deleted" in ready("metadata", "svc/META").out
+    audit = json.loads(ready("audit", "show", "--name", "svc/META", "--json").out)
+    operations = [(r["operation"], r["outcome"]) for r in audit]
+    assert ("metadata", "ok") in operations and ("metadata", "invalid_input") in operations
+    assert ("history", "ok") in operations
+
+
 # ---- delete / undelete / destroy -------------------------------------------------------------
 
 

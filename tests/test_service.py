@@ -687,3 +687,43 @@ def test_list_answers_in_pages_filtered_by_policy_and_refuses_a_forged_token(ser
             ops.ListSecrets(pb.ListSecretsRequest(page_size=10, page_token=forged), timeout=10)
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "page_token" in (caught.value.details() or "")
+
+
+def test_metadata_changes_remotely_with_write_alone_and_is_watched_and_audited(server: Server) -> None:
+    """`metadata NAME --tag/--untag/--description --server` is UpdateSecretMetadata: it needs
+    `write` (a write-only grant is enough), writes no version, is audited under the caller, and
+    watchers hear it."""
+    name = "drop/TOKEN"
+    assert server.cli("ops", "store", name, input=b"dropped").returncode == 0
+    stream = server.stub("ops").Watch(pb.WatchRequest(prefix="drop/"), timeout=30)
+    time.sleep(0.5)  # the stream is live
+    changed = server.cli("writer", "metadata", name, "--description", "a drop box", "--tag", "team=auth")
+    assert changed.returncode == 0, changed.stderr
+    assert b"no new version" in changed.stderr
+    event = next(iter(stream))
+    assert (event.name, event.kind) == (name, pb.ChangeEvent.METADATA_CHANGED)
+    stream.cancel()
+    shown = json.loads(server.cli("ops", "metadata", name, "--json").stdout)
+    assert (shown["description"], shown["tags"], shown["current_version"]) == (
+        "a drop box",
+        {"team": "auth"},
+        1,
+    )
+    assert [v["version"] for v in shown["versions"]] == [1]
+    assert server.cli("writer", "metadata", name).returncode == 5  # showing needs list
+    denied = server.cli("auth", "metadata", name, "--untag", "team")
+    assert denied.returncode == 5 and denied.stderr.decode().count("\n") == 1
+    assert server.cli("writer", "metadata", "drop/MISSING", "--tag", "a=b").returncode == 3
+    refused = server.cli("writer", "metadata", name, "--tag", "aws:x=y")
+    assert refused.returncode == 2 and b"Traceback" not in refused.stderr
+    assert server.cli("writer", "metadata", name, "--untag", "team").returncode == 0
+    described = server.stub("ops").DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10)
+    assert dict(described.metadata.tags) == {} and described.metadata.description == "a drop box"
+    outcomes = [
+        (r["actor"], r["outcome"], r["decision"])
+        for r in server.audit_records()
+        if r["operation"] == "metadata"
+    ]
+    writer, auth = f"spiffe://{TD}/writer", f"spiffe://{TD}/auth"
+    assert (writer, "ok", "allow") in outcomes and (auth, "access_denied", "deny") in outcomes
+    assert (writer, "not_found", "allow") in outcomes

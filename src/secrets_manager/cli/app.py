@@ -22,6 +22,7 @@ from secrets_manager.cli.output import (
     info_line,
     print_json,
     print_table,
+    printable,
     timestamp,
     warning_line,
 )
@@ -693,6 +694,64 @@ def history(session: Session, name: str, as_json: bool) -> None:
             for v in meta.versions
         ],
     )
+
+
+@cli.command("metadata")
+@click.argument("name")
+@click.option("--description", metavar="TEXT", help="Set the description ('' clears it).")
+@click.option(
+    "--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Add or change a tag (repeatable); others stay."
+)
+@click.option("--untag", "untags", multiple=True, metavar="KEY", help="Remove a tag (repeatable).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON (never values).")
+@pass_session
+def metadata_command(
+    session: Session,
+    name: str,
+    description: str | None,
+    tags: tuple[str, ...],
+    untags: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Show NAME's description, tags and state; or change them with --description, --tag and
+    --untag without writing a new version (like AWS's update-secret and tag-resource)."""
+    validate_name(name)
+    if description is None and not tags and not untags:
+        with session.secret_operation("history", name) as (store, _):
+            meta = store.describe(name)
+        if as_json:
+            print_json(metadata_doc(meta))
+        else:
+            print_metadata(meta)
+        return
+    if as_json:
+        raise InvalidInputError("--json shows the metadata; give it without --description, --tag or --untag")
+    set_tags = parse_tags(tags)
+    with session.secret_operation("metadata", name, mutating=True) as (store, _):
+        store.update_metadata(name, description=description, set_tags=set_tags, remove_tags=untags)
+    changed = [
+        *([] if description is None else ["description cleared" if not description else "description set"]),
+        *([f"{len(set_tags)} tag(s) set"] if set_tags else []),
+        *([f"{len(set(untags))} tag(s) removed"] if untags else []),
+    ]
+    info_line(f"updated the metadata of {name}: {', '.join(changed)} (no new version)")
+
+
+def print_metadata(meta: SecretMetadata) -> None:
+    """One 'field: value' line each, tags one per line, escaped for the terminal."""
+    created_by = f" by {meta.created_by}" if meta.created_by else ""
+    lines = [
+        ("name", meta.name),
+        ("description", meta.description),
+        *(("tag", f"{key}={value}") for key, value in sorted(meta.tags.items())),
+        ("current version", str(meta.current_version or "-")),
+        ("versions", str(len(meta.versions))),
+        ("created", timestamp(meta.created) + created_by),
+        ("updated", timestamp(meta.updated)),
+        ("state", f"deleted {timestamp(meta.deleted)}" if meta.deleted else "active"),
+    ]
+    for field_name, value in lines:
+        click.echo(f"{field_name + ':':<17}{printable(value)}")
 
 
 @cli.command()

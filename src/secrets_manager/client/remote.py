@@ -198,6 +198,22 @@ class RemoteStore:
     def history(self, name: str) -> builtins.list[VersionInfo]:
         return list(self.describe(name).versions)
 
+    def update_metadata(
+        self,
+        name: str,
+        *,
+        description: str | None = None,
+        set_tags: Mapping[str, str] | None = None,
+        remove_tags: Iterable[str] = (),
+    ) -> None:
+        """UpdateSecretMetadata (needs write)."""
+        self._call(
+            "UpdateSecretMetadata",
+            pb.UpdateSecretMetadataRequest(
+                name=name, description=description, set_tags=set_tags or {}, remove_tags=list(remove_tags)
+            ),
+        )
+
     def delete(self, name: str) -> None:
         self._call("DeleteSecret", pb.DeleteSecretRequest(name=name))
 

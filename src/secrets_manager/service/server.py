@@ -304,6 +304,16 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             meta = self._store.describe(request.name)
         return pb.DescribeSecretResponse(metadata=metadata_message(meta))
 
+    def UpdateSecretMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
+        with self._call(context, "UpdateSecretMetadata", "metadata", request.name, "write", mutating=True):
+            self._store.update_metadata(
+                request.name,
+                description=request.description if request.HasField("description") else None,
+                set_tags=dict(request.set_tags),
+                remove_tags=list(request.remove_tags),
+            )
+        return pb.UpdateSecretMetadataResponse()
+
     def DeleteSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._call(context, "DeleteSecret", "delete", request.name, "delete", mutating=True):
             self._store.delete(request.name)

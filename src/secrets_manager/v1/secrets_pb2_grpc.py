@@ -59,6 +59,11 @@ class SecretsStub:
                 request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.DescribeSecretRequest.SerializeToString,
                 response_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.DescribeSecretResponse.FromString,
                 _registered_method=True)
+        self.UpdateSecretMetadata = channel.unary_unary(
+                '/secrets_manager.v1.Secrets/UpdateSecretMetadata',
+                request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataRequest.SerializeToString,
+                response_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataResponse.FromString,
+                _registered_method=True)
         self.DeleteSecret = channel.unary_unary(
                 '/secrets_manager.v1.Secrets/DeleteSecret',
                 request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretRequest.SerializeToString,
@@ -129,6 +134,17 @@ class SecretsServicer:
 
     def DescribeSecret(self, request, context):
         """Metadata and version history of one secret. Never values.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSecretMetadata(self, request, context):
+        """A secret's description and tags, changed without a new version (AWS's UpdateSecret without
+        a value, TagResource and UntagResource): tags in set_tags are added or replaced, keys in
+        remove_tags removed, other tags kept. Needs "write". NOT_FOUND if the secret is missing,
+        ABORTED if it is deleted, INVALID_ARGUMENT if nothing is to change or the result breaks the
+        metadata limits of PutSecret.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -228,6 +244,11 @@ def add_SecretsServicer_to_server(servicer, server):
                     servicer.DescribeSecret,
                     request_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.DescribeSecretRequest.FromString,
                     response_serializer=secrets__manager_dot_v1_dot_secrets__pb2.DescribeSecretResponse.SerializeToString,
+            ),
+            'UpdateSecretMetadata': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSecretMetadata,
+                    request_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataRequest.FromString,
+                    response_serializer=secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataResponse.SerializeToString,
             ),
             'DeleteSecret': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteSecret,
@@ -400,6 +421,33 @@ class Secrets:
             '/secrets_manager.v1.Secrets/DescribeSecret',
             secrets__manager_dot_v1_dot_secrets__pb2.DescribeSecretRequest.SerializeToString,
             secrets__manager_dot_v1_dot_secrets__pb2.DescribeSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSecretMetadata(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secrets_manager.v1.Secrets/UpdateSecretMetadata',
+            secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataRequest.SerializeToString,
+            secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataResponse.FromString,
             options,
             channel_credentials,
             insecure,
