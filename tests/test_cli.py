@@ -809,3 +809,147 @@ def test_a_json_field_holding_a_lone_surrogate_is_refused_without_the_value(read
         assert_one_line_error(result, 2, f"field {field!r} of js/S", "get js/S --raw")
         assert result.stdout == b"" and "KNOWN" not in result.stderr
     assert ready("get", "js/S", "--raw").stdout == value
+
+
+# ---- import ----------------------------------------------------------------------------------
+
+DOTENV = b"""# the auth service's old .env
+export DB_PASSWORD="pa$$word with 'quotes' and spaces"
+JWT_KEY=KNOWN-jwt-1  # a trailing comment
+MULTI="line one
+line two"
+DB_CREDS='{"username": "app", "password": "KNOWN-db-2"}'
+"""
+
+
+def test_import_of_a_dotenv_file_round_trips_through_run_and_is_audited_per_secret(
+    ready: Cli, tmp_path: Path
+) -> None:
+    source = tmp_path / "auth.env"
+    source.write_bytes(DOTENV)
+    result = ready("import", str(source), "--service", "auth")
+    assert result.code == 0, result.stderr
+    assert result.out.splitlines() == [
+        "auth/DB_PASSWORD\tversion 1",
+        "auth/JWT_KEY\tversion 1",
+        "auth/MULTI\tversion 1",
+        "auth/DB_CREDS\tversion 1",
+    ]
+    assert "imported 4 of 4 secret(s) into auth/" in result.stderr
+    assert f"{source} still holds these values in plain text" in result.stderr
+    assert ready("get", "auth/DB_PASSWORD").out == "pa$$word with 'quotes' and spaces\n"  # no ${} expansion
+    assert ready("get", "auth/MULTI").out == "line one\nline two\n"
+    assert ready("get", "auth/DB_CREDS#password").out == "KNOWN-db-2\n"
+    env = ready(
+        "run", "--service", "auth", "--", sys.executable, "-c", "import os; print(os.environ['JWT_KEY'])"
+    )
+    assert env.out == "KNOWN-jwt-1\n"
+    records = [r for r in json.loads(ready("audit", "show", "--json").out) if r["operation"] == "import"]
+    written = {r["name"]: r for r in records if r["name"] != "auth/"}
+    assert sorted(written) == ["auth/DB_CREDS", "auth/DB_PASSWORD", "auth/JWT_KEY", "auth/MULTI"]
+    fingerprint = ready("audit", "hash", input=b"KNOWN-jwt-1").out.strip()
+    assert written["auth/JWT_KEY"]["value_hmac"] == fingerprint and written["auth/JWT_KEY"]["version"] == 1
+    log = b"".join(p.read_bytes() for p in ready.store.parent.glob("*.jsonl*"))
+    assert b"KNOWN" not in log and b"KNOWN" not in result.stdout
+
+
+def test_import_refuses_existing_names_unless_told_and_writes_nothing_then(
+    ready: Cli, tmp_path: Path
+) -> None:
+    source = tmp_path / "mc.json"
+    source.write_text(json.dumps({"API_KEY": "new-key", "API_SECRET": "new-secret", "CONF": {"a": [1, 2]}}))
+    ready("store", "mc/API_KEY", input=b"old-key")
+    refused = ready("import", str(source), "--service", "mc")
+    assert_one_line_error(
+        refused, 7, "1 of the 3 names exist already (mc/API_KEY first)", "--on-existing skip"
+    )
+    assert ready("list", "mc/").out == "mc/API_KEY\n"  # nothing written
+    skipped = ready("import", str(source), "--service", "mc", "--on-existing", "skip", "--json")
+    assert skipped.code == 0, skipped.stderr
+    assert [(d["name"], d["action"], d["version"]) for d in json.loads(skipped.out)] == [
+        ("mc/API_KEY", "skipped", None),
+        ("mc/API_SECRET", "created", 1),
+        ("mc/CONF", "created", 1),
+    ]
+    assert ready("get", "mc/API_KEY").out == "old-key\n" and ready("get", "mc/CONF").out == '{"a":[1,2]}\n'
+    overwritten = ready("import", str(source), "--service", "mc", "--on-existing", "overwrite", "--json")
+    assert [d["version"] for d in json.loads(overwritten.out)] == [2, 2, 2]
+    assert ready("get", "mc/API_KEY").out == "new-key\n"
+    ready("delete", "mc/API_SECRET")
+    deleted = ready("import", str(source), "--service", "mc", "--on-existing", "overwrite")
+    assert_one_line_error(deleted, 7, "mc/API_SECRET is deleted; nothing was imported")
+    assert json.loads(ready("history", "mc/API_KEY", "--json").out)["current_version"] == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "code", "needle"),
+    [
+        ("bad.env", b"A=1\nnot a binding here\n", 2, "bad.env line 2 is not KEY=VALUE"),
+        ("novalue.env", b"A=1\nKNOWN_ONLY\n", 2, "line 2: 'KNOWN_ONLY' has no '='"),
+        ("twice.env", b"A=KNOWN-1\nA=KNOWN-2\n", 2, "'A' is set twice (lines 1 and 2)"),
+        ("empty-value.env", b"A=\n", 2, "--allow-empty"),
+        ("empty.env", b"# nothing\n", 2, "holds no KEY=VALUE"),
+        ("bad-name.env", b"A@B=KNOWN\n", 2, "invalid secret name"),
+        ("binary.env", b"A=\xff\xfe\n", 2, "is not UTF-8 text"),
+        ("big.env", b"A=" + b"K" * (64 * 1024 + 1) + b"\n", 2, "larger than 65536 bytes"),
+        ("list.json", b'["KNOWN"]', 2, "must hold one JSON object"),
+        ("broken.json", b'{"A": "KNOWN",\n', 2, "is not valid JSON (line 2)"),
+        ("dup.json", b'{"A": "KNOWN-1", "A": "KNOWN-2"}', 2, "key 'A' appears twice"),
+        ("null.json", b'{"A": null}', 2, "'A' is null"),
+        ("missing.env", None, 2, "does not exist"),
+    ],
+)
+def test_import_refuses_a_bad_file_in_one_line_and_writes_nothing(
+    ready: Cli, tmp_path: Path, name: str, content: bytes | None, code: int, needle: str
+) -> None:
+    source = tmp_path / name
+    if content is not None:
+        source.write_bytes(content)
+    result = ready("import", str(source), "--service", "svc")
+    assert_one_line_error(result, code, needle)
+    assert "KNOWN" not in result.stderr.replace("KNOWN_ONLY", "")  # keys may be named, values never
+    assert ready("list", "--deleted").out == ""
+
+
+def test_import_refuses_a_bad_service_and_takes_empty_values_when_allowed(ready: Cli, tmp_path: Path) -> None:
+    source = tmp_path / "a.env"
+    source.write_bytes(b"EMPTY=\nFULL=x\n")
+    assert_one_line_error(ready("import", str(source), "--service", "a/b"), 2, "invalid namespace")
+    assert ready("import", str(source), "--service", "svc", "--allow-empty").code == 0
+    assert ready("get", "svc/EMPTY", "--raw").stdout == b""
+
+
+def test_an_import_that_fails_part_way_audits_the_secrets_it_wrote(
+    ready: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In process, with the store's put failing on the third secret: the two written before are
+    in the audit log (with their fingerprints), then the failure."""
+    from secrets_manager.cli import run
+    from secrets_manager.errors import StorageError
+    from secrets_manager.store import EncryptedStore
+
+    source = tmp_path / "three.env"
+    source.write_bytes(b"ONE=1\nTWO=2\nTHREE=3\n")
+    put = EncryptedStore.put
+    calls = []
+
+    def failing_put(self: EncryptedStore, name: str, value: bytes, **options: object) -> object:
+        calls.append(name)
+        if len(calls) == 3:
+            raise StorageError("the disk went away")
+        return put(self, name, value, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(EncryptedStore, "put", failing_put)
+    for key, value in ready.env.items():
+        monkeypatch.setenv(key, value)
+    assert run(["import", str(source), "--service", "svc"]) == 1
+    monkeypatch.undo()
+    assert ready("list", "svc/").out == "svc/ONE\nsvc/TWO\n"
+    records = [r for r in json.loads(ready("audit", "show", "--json").out) if r["operation"] == "import"]
+    assert [(r["name"], r["outcome"]) for r in records] == [
+        ("svc/", "pending"),
+        ("svc/ONE", "ok"),
+        ("svc/TWO", "ok"),
+        ("svc/", "storage_error"),
+    ]
+    assert all(r["value_hmac"] for r in records[1:3])

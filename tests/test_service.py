@@ -727,3 +727,18 @@ def test_metadata_changes_remotely_with_write_alone_and_is_watched_and_audited(s
     writer, auth = f"spiffe://{TD}/writer", f"spiffe://{TD}/auth"
     assert (writer, "ok", "allow") in outcomes and (auth, "access_denied", "deny") in outcomes
     assert (writer, "not_found", "allow") in outcomes
+
+
+def test_import_works_remotely_with_list_and_write(server: Server) -> None:
+    source = server.dir / "rw.env"
+    source.write_bytes(b"TOKEN=imported-remotely\nOTHER='two'\n")
+    imported = server.cli("writer", "import", str(source), "--service", "load")
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.decode().splitlines() == ["load/TOKEN\tversion 1", "load/OTHER\tversion 1"]
+    assert server.cli("writer", "get", "load/OTHER").stdout == b"two\n"
+    again = server.cli("writer", "import", str(source), "--service", "load")
+    assert again.returncode == 7 and b"exist already" in again.stderr
+    denied = server.cli("auth", "import", str(source), "--service", "auth")
+    assert denied.returncode == 5 and denied.stderr.decode().count("\n") == 1
+    writes = [r["name"] for r in server.audit_records() if r["operation"] == "store" and r["outcome"] == "ok"]
+    assert {"load/TOKEN", "load/OTHER"} <= set(writes)

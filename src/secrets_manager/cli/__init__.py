@@ -15,6 +15,7 @@ import click
 from secrets_manager.cli import (
     audit_commands,  # noqa: F401  (registers `audit`)
     backup_commands,  # noqa: F401  (registers `backup` and `restore`)
+    import_command,  # noqa: F401  (registers `import`)
     keys_commands,  # noqa: F401  (registers `keys`)
     pki_commands,  # noqa: F401  (registers `pki`)
     recovery_commands,  # noqa: F401  (registers `recovery`)

@@ -363,8 +363,10 @@ class Session:
             except BaseException as exc:
                 event.outcome = getattr(exc, "kind", "error")
                 event.decision = "deny" if isinstance(exc, AccessDeniedError) else "allow"
+                # A change of several secrets that failed part-way: the ones it made are audited too.
+                made = (reads or []) if mutating else []
                 try:
-                    audit.append([*pending, event], store)
+                    audit.append([*pending, *made, event], store)
                 except AuditError as audit_exc:
                     warning_line(str(audit_exc))
                 except (StorageError, AccessDeniedError):
@@ -402,15 +404,15 @@ class Note:
 
     def read(self, secret: Secret) -> None:
         """Record one secret an operation of several read: its own record, in the same request."""
+        self.wrote(secret.name, secret.version, secret.value.reveal())
+
+    def wrote(self, name: str, version: int, data: bytes) -> None:
+        """Record one secret an operation of several read or wrote (`data`: its value, of which
+        only the fingerprint is kept): its own record, in the same request."""
         if self._event is None or self._store is None or self._reads is None:
             return
         self._reads.append(
-            replace(
-                self._event,
-                name=secret.name,
-                version=secret.version,
-                value_hmac=value_fingerprint(self._store, secret.value.reveal()),
-            )
+            replace(self._event, name=name, version=version, value_hmac=value_fingerprint(self._store, data))
         )
 
 
