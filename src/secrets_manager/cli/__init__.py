@@ -18,6 +18,7 @@ from secrets_manager.cli import (
     import_command,  # noqa: F401  (registers `import`)
     keys_commands,  # noqa: F401  (registers `keys`)
     pki_commands,  # noqa: F401  (registers `pki`)
+    policy_commands,  # noqa: F401  (registers `policy`)
     recovery_commands,  # noqa: F401  (registers `recovery`)
     rotate_commands,  # noqa: F401  (registers `rotate`)
     run_command,  # noqa: F401  (registers `run`)

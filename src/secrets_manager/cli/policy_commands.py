@@ -1,0 +1,118 @@
+"""`secrets-manager policy check|explain`: test an access policy before the service loads it.
+
+Like `nginx -t` for the file and Vault's `token capabilities` for a decision. They read the
+policy file (and a certificate) only: no store, no password, no audit record.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from secrets_manager.access import Capability, Decision, Policy, load_policy
+from secrets_manager.cli.app import cli
+from secrets_manager.cli.output import info_line, print_json, printable, warning_line
+from secrets_manager.cli.password import read_small_file
+from secrets_manager.errors import AccessDeniedError, InvalidInputError
+from secrets_manager.tls import IdentityError, identity_from_certificate
+
+MAX_CERTIFICATE_BYTES = 64 * 1024
+_POLICY_FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+@cli.group()
+def policy() -> None:
+    """Check an access policy file, and explain what it lets an identity do.
+
+    \b
+    secrets-manager policy check policy.toml
+    secrets-manager policy explain policy.toml spiffe://shrivenquant.local/auth auth/DB_PASSWORD
+    secrets-manager policy explain policy.toml --cert auth.pem auth/DB_PASSWORD --capability read
+    """
+
+
+@policy.command("check")
+@click.argument("policy_file", metavar="POLICY_FILE", type=_POLICY_FILE)
+def check(policy_file: Path) -> None:
+    """Parse POLICY_FILE as `serve` and SIGHUP would: exit 0 with a summary, or 2 naming the problem.
+
+    Roles no identity holds are warned about (often a typo in [identities])."""
+    parsed = load_policy(policy_file)
+    held = {role for roles in parsed.identities.values() for role in roles}
+    for role in sorted(set(parsed.roles) - held):
+        warning_line(f"{policy_file}: role {role!r} is held by no identity")
+    rules = sum(len(role.rules) for role in parsed.roles.values())
+    info_line(
+        f"{policy_file}: valid: {len(parsed.identities)} identities, {len(parsed.roles)} roles, {rules} rules"
+    )
+
+
+@policy.command("explain")
+@click.argument("policy_file", metavar="POLICY_FILE", type=_POLICY_FILE)
+@click.argument("identity_and_name", metavar="[IDENTITY] NAME", nargs=-1, required=True)
+@click.option(
+    "--cert",
+    "cert_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    metavar="PEM",
+    help="Take the identity from this client certificate, as the service does (SPIFFE ID, else CN).",
+)
+@click.option(
+    "--capability",
+    type=click.Choice([c.value for c in Capability]),
+    help="Decide only this one: exit 0 if allowed, 5 if denied.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the decisions as JSON.")
+def explain(
+    policy_file: Path,
+    identity_and_name: tuple[str, ...],
+    cert_file: Path | None,
+    capability: str | None,
+    as_json: bool,
+) -> None:
+    """What IDENTITY (or the holder of --cert) may do to the secret NAME, and which rule decides."""
+    identity, name = _identity_and_name(identity_and_name, cert_file)
+    parsed = load_policy(policy_file)
+    wanted = [Capability(capability)] if capability else list(Capability)
+    decisions = [parsed.decide(identity, c, name) for c in wanted]
+    if as_json:
+        print_json(
+            {
+                "identity": identity,
+                "roles": list(parsed.roles_of(identity)),
+                "name": name,
+                "decisions": {
+                    d.capability.value: {"allowed": d.allowed, "reason": d.reason, "role": d.role}
+                    for d in decisions
+                },
+            }
+        )
+    else:
+        _print_decisions(parsed, identity, name, decisions)
+    if capability and not decisions[0].allowed:
+        raise AccessDeniedError(f"{identity} may not {capability} {name!r}: {decisions[0].reason}")
+
+
+def _identity_and_name(arguments: tuple[str, ...], cert_file: Path | None) -> tuple[str, str]:
+    if cert_file is None:
+        if len(arguments) != 2:
+            raise InvalidInputError("give IDENTITY and NAME, or --cert PEM and NAME")
+        return arguments[0], arguments[1]
+    if len(arguments) != 1:
+        raise InvalidInputError("with --cert give only NAME: the certificate names the identity")
+    pem = read_small_file(cert_file, MAX_CERTIFICATE_BYTES, f"certificate file {cert_file}")
+    try:
+        return identity_from_certificate(pem), arguments[0]
+    except IdentityError as exc:
+        raise InvalidInputError(f"{cert_file}: {exc}") from None
+
+
+def _print_decisions(parsed: Policy, identity: str, name: str, decisions: list[Decision]) -> None:
+    roles = ", ".join(parsed.roles_of(identity)) or "none: every request is denied"
+    click.echo(f"identity  {printable(identity)}")
+    click.echo(f"roles     {printable(roles)}")
+    click.echo(f"name      {printable(name)}")
+    for decision in decisions:
+        verdict = "allowed" if decision.allowed else "denied"
+        click.echo(f"{decision.capability.value:<9} {verdict:<8} {printable(decision.reason)}")
