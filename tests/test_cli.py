@@ -911,6 +911,16 @@ def test_import_refuses_a_bad_file_in_one_line_and_writes_nothing(
     assert ready("list", "--deleted").out == ""
 
 
+def test_import_reads_standard_input_for_dash(ready: Cli) -> None:
+    result = ready("import", "-", "--service", "svc", input=b'{"A": "from-stdin"}')
+    assert result.code == 0, result.stderr
+    assert "plain text" not in result.stderr  # no file to delete
+    assert ready("get", "svc/A").out == "from-stdin\n"
+    assert_one_line_error(
+        ready("import", "-", "--service", "svc", input=b""), 2, "standard input holds no KEY=VALUE"
+    )
+
+
 def test_import_refuses_a_bad_service_and_takes_empty_values_when_allowed(ready: Cli, tmp_path: Path) -> None:
     source = tmp_path / "a.env"
     source.write_bytes(b"EMPTY=\nFULL=x\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,18 +71,22 @@ def import_command(
     allow_empty: bool,
     as_json: bool,
 ) -> None:
-    """Import the credentials of a .env or JSON FILE as secrets SERVICE/KEY, all checked first."""
+    """Import the credentials of a .env or JSON FILE ('-': stdin) as secrets SERVICE/KEY, all
+    checked before the first write."""
     validate_namespace(service)
     path = Path(file)
-    data = read_small_file(path, MAX_IMPORT_FILE_BYTES, f"import file {file}")
+    source = "standard input" if file == "-" else file
+    data = (
+        _read_stdin() if file == "-" else read_small_file(path, MAX_IMPORT_FILE_BYTES, f"import file {file}")
+    )
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise InvalidInputError(f"import file {file} is not UTF-8 text") from None
+        raise InvalidInputError(f"{source} is not UTF-8 text; nothing was imported") from None
     if file_format == "auto":
         file_format = "json" if path.suffix.lower() == ".json" or text.lstrip().startswith("{") else "env"
-    pairs = _parse_json(text, file) if file_format == "json" else _parse_env(text, file)
-    entries = _checked_entries(pairs, service, file, allow_empty=allow_empty)
+    pairs = _parse_json(text, source) if file_format == "json" else _parse_env(text, source)
+    entries = _checked_entries(pairs, service, source, allow_empty=allow_empty)
     done: list[dict[str, object]] = []
     with session.secret_operation("import", f"{service}/", mutating=True) as (store, note):
         existing = {meta.name: meta for meta in store.list(f"{service}/", include_deleted=True)}
@@ -114,8 +119,18 @@ def import_command(
             click.echo(f"{item['name']}\t{detail}")
     written = sum(1 for item in done if item["version"] is not None)
     info_line(f"imported {written} of {len(done)} secret(s) into {service}/")
-    if written:
+    if written and file != "-":
         warning_line(f"{file} still holds these values in plain text: delete it once nothing reads it")
+
+
+def _read_stdin() -> bytes:
+    """FILE '-': standard input, up to the same limit as a file."""
+    data = sys.stdin.buffer.read(MAX_IMPORT_FILE_BYTES + 1)
+    if len(data) > MAX_IMPORT_FILE_BYTES:
+        raise InvalidInputError(
+            f"standard input holds more than {MAX_IMPORT_FILE_BYTES} bytes; nothing was imported"
+        )
+    return data
 
 
 def _parse_env(text: str, file: str) -> list[tuple[str, str, int]]:
