@@ -3,6 +3,7 @@ through the real console script on a real SQLite store."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import shlex
@@ -21,11 +22,13 @@ from botocore.config import Config
 
 from command_recorder import recorder
 from secrets_manager.errors import ConflictError, NotFoundError, UnsupportedOperationError
+from secrets_manager.rotation import new_value_for
 from secrets_manager.store import CURRENT, PENDING, PREVIOUS, EncryptedStore
 from secrets_manager.store.aws import AwsStore
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.store.testing import run_check
 from secrets_manager.store.vault import VaultStore, connect_vault, retrying_session
+from secrets_manager.values import SecretValue
 from vault_server import FakeVault
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
@@ -549,6 +552,29 @@ def test_json_objects_too_deep_or_with_huge_numbers_are_still_never_replaced_who
         field = cli("rotate", "db/odd#password")
         assert field.code == 2 and "cannot be rewritten exactly" in field.stderr, field.stderr
         assert cli("get", "db/odd", "--raw").stdout == value.decode()
+
+
+def test_a_field_rotation_keeps_a_byte_order_mark_and_the_whitespace_around_the_object(cli: Cli) -> None:
+    # A value saved by a Windows editor: a UTF-8 BOM before the object, a final newline after it.
+    stored = codecs.BOM_UTF8 + json.dumps(CREDENTIALS).encode() + b"\r\n"
+    assert cli("store", "db/json", "--file", "/dev/stdin", input=stored).code == 0
+    result = cli("rotate", "db/json#password", "--stdin", input=b"new-password")
+    assert result.code == 0, result.stderr
+    raw = cli("get", "db/json", "--raw").stdout.encode()
+    assert raw.startswith(codecs.BOM_UTF8) and raw.endswith(b"}\r\n"), raw[:8]
+    assert json.loads(raw) == {**CREDENTIALS, "password": "new-password"}
+    assert cli("get", "db/json#password").stdout == "new-password\n"
+    assert cli("get", "db/json", "--label", "previous", "--raw").stdout.encode() == stored
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-16-be", "utf-32-le", "utf-32"])
+def test_a_rewritten_object_keeps_the_encoding_json_read_it_in(encoding: str) -> None:
+    stored = (" " + json.dumps(CREDENTIALS, indent=2) + "\n").encode(encoding)
+    value = new_value_for(
+        "db/json", SecretValue(stored), SecretValue(b"new"), field="password", generated=False
+    ).reveal()
+    assert value.startswith(" ".encode(encoding))  # the same byte-order mark (or none), the space
+    assert value.decode(encoding) == " " + json.dumps({**CREDENTIALS, "password": "new"}) + "\n"
 
 
 @pytest.mark.parametrize(

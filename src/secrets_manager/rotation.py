@@ -27,6 +27,7 @@ writes it chooses commands that the service runs.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import enum
 import json
@@ -262,7 +263,32 @@ def new_value_for(
         document[field] = value.reveal().decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidInputError(f"the new value of field {field!r} must be UTF-8 text") from None
-    return SecretValue(json.dumps(document, ensure_ascii=False).encode("utf-8"))
+    return SecretValue(_rewritten(current.reveal(), json.dumps(document, ensure_ascii=False)))
+
+
+# Byte-order marks json.loads accepts before a JSON text, longest first (UTF-32-LE's starts with
+# UTF-16-LE's), and the codec of the text after each.
+_BOMS = (
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+)
+_JSON_WHITESPACE = " \t\n\r"
+
+
+def _rewritten(data: bytes, body: str) -> bytes:
+    """`body`, the rewritten JSON text of `data` (a JSON object json.loads read), in `data`'s frame:
+    the same byte-order mark if it had one, the same encoding (json.loads also reads UTF-16 and
+    UTF-32), and the same whitespace before and after the object (a file's final newline, say)."""
+    bom, codec = next(
+        ((bom, codec) for bom, codec in _BOMS if data.startswith(bom)), (b"", json.detect_encoding(data))
+    )
+    text = data[len(bom) :].decode(codec)
+    before = text[: len(text) - len(text.lstrip(_JSON_WHITESPACE))]
+    after = text[len(text.rstrip(_JSON_WHITESPACE)) :]
+    return bom + (before + body + after).encode(codec)
 
 
 def _json_object(data: bytes) -> dict[str, Any] | None:
