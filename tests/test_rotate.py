@@ -577,6 +577,15 @@ def test_a_rewritten_object_keeps_the_encoding_json_read_it_in(encoding: str) ->
     assert value.decode(encoding) == " " + json.dumps({**CREDENTIALS, "password": "new"}) + "\n"
 
 
+def test_a_field_rotation_keeps_an_escaped_unpaired_surrogate_in_another_field(cli: Cli) -> None:
+    stored = b'{"password": "old", "note": "\\ud800 and \\udc00\\ud83d"}'  # valid JSON, not text
+    assert cli("store", "db/json", "--file", "/dev/stdin", input=stored).code == 0
+    result = cli("rotate", "db/json#password", "--stdin", input=b"new")
+    assert result.code == 0, result.stderr
+    raw = cli("get", "db/json", "--raw").stdout.encode()
+    assert raw == b'{"password": "new", "note": "\\ud800 and \\udc00\\ud83d"}'
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -288,7 +288,9 @@ def _rewritten(data: bytes, body: str) -> bytes:
     text = data[len(bom) :].decode(codec)
     before = text[: len(text) - len(text.lstrip(_JSON_WHITESPACE))]
     after = text[len(text.rstrip(_JSON_WHITESPACE)) :]
-    return bom + (before + body + after).encode(codec)
+    # json.loads reads an escaped unpaired surrogate ("\\ud800") into the string, where no UTF codec
+    # can write it as is: written back as the same escape, which backslashreplace produces.
+    return bom + (before + body + after).encode(codec, errors="backslashreplace")
 
 
 def _json_object(data: bytes) -> dict[str, Any] | None:
