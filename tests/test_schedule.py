@@ -250,7 +250,11 @@ def test_a_schedule_entry_can_rotate_one_field_of_a_json_object(cli: Cli) -> Non
     field = write_schedule(cli.dir / "field.toml", {"name": "db/json", "every": "1s", "field": "password"})
     time.sleep(1.1)
     refused = cli("schedule", "run", str(whole))
-    assert refused.code == 1 and "holds a JSON object" in refused.stderr
+    message = refused.stderr
+    assert refused.code == 1 and "db/json holds a JSON object (fields host, password, username)" in message
+    # The fix is a setting of the entry, not an option of 'rotate': the message says that.
+    assert 'in its [[rotation]] entry of the schedule file (field = "<name>")' in message, message
+    assert "#FIELD" not in message and "--stdin" not in message and "FIRST-PASSWORD" not in message
     result = cli("schedule", "run", str(field), "--json")
     assert result.code == 0, result.stderr
     rotated = json.loads(cli.value("db/json"))

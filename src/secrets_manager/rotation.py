@@ -194,6 +194,7 @@ def rotate(
     value: SecretValue | None,
     field: str | None = None,
     generated: bool = False,
+    scheduled: bool = False,
 ) -> Rotated:
     """Stage `value` (or, if None, resume the pending version), set, test, promote. A failed
     command raises RotationStepFailed and leaves the version pending; nothing else moves.
@@ -206,10 +207,13 @@ def rotate(
 
     `field`: `value` replaces that text field of the current value, a JSON object (as AWS keeps
     database credentials: {"username": …, "password": …}); the other fields stay. A `generated`
-    value never replaces a JSON object whole (every field but one would be lost)."""
+    value never replaces a JSON object whole (every field but one would be lost). `scheduled`: the
+    rotation is a schedule entry's, so a refusal says what to change in the schedule file."""
     resumed = value is None
     if value is not None and (field is not None or generated):
-        value = new_value_for(name, steps.current_value(name), value, field=field, generated=generated)
+        value = new_value_for(
+            name, steps.current_value(name), value, field=field, generated=generated, scheduled=scheduled
+        )
     if value is None:
         version, value = steps.pending(name)
         current = _current_or_none(steps, name)
@@ -231,17 +235,28 @@ def rotate(
 
 
 def new_value_for(
-    name: str, current: SecretValue | None, value: SecretValue, *, field: str | None, generated: bool
+    name: str,
+    current: SecretValue | None,
+    value: SecretValue,
+    *,
+    field: str | None,
+    generated: bool,
+    scheduled: bool = False,
 ) -> SecretValue:
-    """The value to stage: `value` itself, or the current JSON object with `field` set to it."""
+    """The value to stage: `value` itself, or the current JSON object with `field` set to it.
+    `scheduled`: for a schedule entry, whose fix is a setting in the schedule file, not an option."""
     document = None if current is None else _json_object(current.reveal())
     is_object = document is not None or (current is not None and _looks_like_json_object(current.reveal()))
     if field is None:
         if generated and is_object:
             fields = f" (fields {', '.join(sorted(document))})" if document else ""
+            fix = (
+                'name the field to rotate in its [[rotation]] entry of the schedule file (field = "<name>")'
+                if scheduled
+                else f"rotate one field ('rotate {name}#FIELD'), or give the whole new object with --stdin"
+            )
             raise InvalidInputError(
-                f"{name} holds a JSON object{fields}; a generated value would replace all of it: rotate "
-                f"one field ('rotate {name}#FIELD'), or give the whole new object with --stdin"
+                f"{name} holds a JSON object{fields}; a generated value would replace all of it: {fix}"
             )
         return value
     if current is None:
@@ -362,7 +377,15 @@ class ScheduledRotation:
     def run(self, steps: RotationSteps, environ: Mapping[str, str], state: Due) -> Rotated:
         """This entry's rotation in `state` (resume, or a new generated value), as `rotate` does it."""
         value = self.value_for(state)
-        return rotate(steps, self.name, self.commands(environ), value=value, field=self.field, generated=True)
+        return rotate(
+            steps,
+            self.name,
+            self.commands(environ),
+            value=value,
+            field=self.field,
+            generated=True,
+            scheduled=True,
+        )
 
 
 def parse_every(text: object) -> timedelta:
