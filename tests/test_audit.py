@@ -324,6 +324,45 @@ def test_audit_reset_starts_a_new_chain_after_a_loss_and_keeps_the_old_files(cli
     assert cli("list").returncode == 0 and verify(cli).returncode == 0
 
 
+@pytest.mark.parametrize("where", ["typo.audit.jsonl", "no/such/dir/store.audit.jsonl"])
+def test_a_wrong_audit_file_is_refused_leaving_nothing_at_its_path(
+    cli: Cli, tmp_path: Path, where: str
+) -> None:
+    """A mistyped --audit-file (no log there, while the store anchored records) is refused, and
+    leaves no log, no lock file and no directory behind."""
+    busy_session(cli)
+    before = sorted(tmp_path.rglob("*"))
+    wrong = tmp_path / "vault" / where
+    for args in (
+        ("--audit-file", str(wrong), "list"),
+        ("--audit-file", str(wrong), "get", "auth/DB_PASSWORD"),
+    ):
+        refused = cli(*args)
+        assert refused.returncode == 6 and b"holds no records, but the store anchored" in refused.stderr
+        assert sorted(tmp_path.rglob("*")) == before, "the refusal left files behind"
+    assert cli("list").returncode == 0 and verify(cli).returncode == 0  # the right log still works
+    assert Path(f"{cli.audit}.lock").exists()
+
+
+def test_a_lock_file_deleted_while_a_writer_waits_for_it_is_not_shared_by_two_writers(tmp_path: Path) -> None:
+    """A refused writer removes the lock file it created: a writer that was waiting on that file
+    must then lock the one at the path, as a writer that opens it afresh does."""
+    path = tmp_path / "audit.jsonl"
+    first, waiting, later = AuditLog(path), AuditLog(path), AuditLog(path)
+    assert first._flock(deadline=None)
+    waiter = threading.Thread(target=waiting._flock, kwargs={"deadline": time.monotonic() + 10})
+    waiter.start()
+    time.sleep(0.2)  # `waiting` has the lock file open and waits for it
+    Path(f"{path}.lock").unlink()
+    first._unflock()
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert later._flock(deadline=None) is False  # `waiting` holds the lock at the path
+    waiting._unflock()
+    assert later._flock(deadline=None)
+    later._unflock()
+
+
 def test_rotated_files_verify_as_one_continuous_chain(cli: Cli) -> None:
     small = {"SECRETS_MANAGER_AUDIT_MAX_BYTES": "1500"}
     for i in range(8):

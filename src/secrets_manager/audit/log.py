@@ -134,6 +134,10 @@ class AuditLog:
         self._flushing = threading.Lock()  # held by a deferred flush from start to end
         self._tail: _Tail | None = None
         self._lock_fd: int | None = None
+        # What this process created to lock a log that does not exist yet (the lock file, then
+        # the directories it made for it, innermost first), until the log is written: removed
+        # again if the log is refused (a mistyped --audit-file must leave nothing behind).
+        self._created: list[Path] | None = None
         self._file: tuple[int, int] | None = None  # the live file: descriptor and inode
         self._unsynced: _Unsynced | None = None
         self._failure: str | None = None
@@ -255,22 +259,63 @@ class AuditLog:
     # their paths any more: the lock file was deleted, the live file rotated or replaced.
 
     def _flock(self, *, deadline: float | None) -> bool:
-        """Take the cross-process lock: once (deadline None; False if busy) or until `deadline`."""
+        """Take the cross-process lock: once (deadline None; False if busy) or until `deadline`.
+
+        A lock file deleted meanwhile (by a writer that created it for a log it then refused, or
+        by hand) is not the lock any more: it is checked once held, and the one at the path is
+        locked instead, so two writers never each hold a different file."""
+        while True:
+            fd = self._lock_fd
+            if fd is None:
+                fd = self._lock_fd = self._open_lock_file()
+            if deadline is not None:
+                _flock_with_deadline(fd, deadline)
+            else:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    return False
+            if os.fstat(fd).st_nlink > 0:
+                return True
+            self._lock_fd = None
+            os.close(fd)  # and its flock
+
+    def _open_lock_file(self) -> int:
+        """Open (creating it and its directory if need be) the lock file, noting in `_created`
+        what this made while the log does not exist yet."""
+        retries = 2
+        while True:
+            made = _make_directory(self.path.parent)
+            try:
+                fd = _open_private(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+            except FileExistsError:
+                return _open_private(self.lock_path, os.O_RDWR | os.O_CREAT)
+            except FileNotFoundError:  # a refused writer removed the directory it had made
+                if not retries:
+                    raise
+                retries -= 1
+                continue
+            self._created = None if os.path.lexists(self.path) else [self.lock_path, *reversed(made)]
+            return fd
+
+    def _remove_what_was_created(self) -> None:
+        """Holding the flock, for a log refused before it was created: remove the lock file and
+        the directories this process made for it (a directory something else now holds stays)."""
+        created, self._created = self._created, None
         fd = self._lock_fd
-        if fd is None or os.fstat(fd).st_nlink == 0:
-            if fd is not None:
-                self._lock_fd = None
-                os.close(fd)
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = self._lock_fd = _open_private(self.lock_path, os.O_RDWR | os.O_CREAT)
-        if deadline is not None:
-            _flock_with_deadline(fd, deadline)
-            return True
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
+        if created is None or fd is None:
+            return
+        lock_file, *directories = created
+        with contextlib.suppress(OSError):
+            if os.stat(lock_file, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                os.unlink(lock_file)  # waiters on it see st_nlink 0 and lock the path afresh
+        self._lock_fd = None
+        os.close(fd)
+        for directory in directories:
+            try:
+                directory.rmdir()
+            except OSError:
+                break
 
     def _unflock(self) -> None:
         if self._lock_fd is not None:
@@ -285,7 +330,11 @@ class AuditLog:
         except FileNotFoundError:
             now = None
             if anchor is not None:
-                _check_tail_against_anchor(self.last_record(), anchor.audit_anchor(), self.path)
+                try:
+                    _check_tail_against_anchor(self.last_record(), anchor.audit_anchor(), self.path)
+                except AuditTamperError:
+                    self._remove_what_was_created()
+                    raise
         if now is not None and now.st_size >= self.max_bytes and self._rotate():
             now = None
         if now is None or self._file is None or now.st_ino != self._file[1]:
@@ -295,6 +344,7 @@ class AuditLog:
             fd = _open_private(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
             now = os.fstat(fd)
             self._file = (fd, now.st_ino)
+            self._created = None  # the log exists: its lock file is in use
         return self._file[0], now
 
     def _write_locked(self, jobs: list[_AppendJob], anchor: AuditAnchor | None, *, durable: bool) -> None:
@@ -774,6 +824,24 @@ def _open_private(path: Path, flags: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _make_directory(directory: Path) -> list[Path]:
+    """`directory` made (0700) if missing, with its missing parents (as mkdir -p); the ones this
+    made, outermost first."""
+    missing = []
+    for path in (directory, *directory.parents):
+        if os.path.lexists(path):
+            break
+        missing.append(path)
+    made = []
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o700 if path == directory else 0o777)
+        except FileExistsError:
+            continue
+        made.append(path)
+    return made
 
 
 def _flock_with_deadline(fd: int, deadline: float) -> None:
