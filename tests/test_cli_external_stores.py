@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -199,6 +200,53 @@ def test_the_cli_audits_vault_operations_with_the_anchor_in_vault(
     assert_one_line_error(vault_cli("audit", "verify"), 6, "missing")
 
 
+def files_under(home: Path) -> list[Path]:
+    return sorted(home.rglob("*"))
+
+
+def unused_address() -> str:
+    """127.0.0.1 and a port nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{probe.getsockname()[1]}"
+
+
+def audit_records(home: Path) -> list[tuple[str, str, str]]:
+    (log,) = (home / ".local/share/secrets-manager").glob("*.audit.jsonl")
+    return [
+        (r["operation"], r["decision"], r["outcome"]) for r in map(json.loads, log.read_text().splitlines())
+    ]
+
+
+def test_a_vault_command_that_fails_before_doing_anything_leaves_no_audit_file(
+    vault_cli: Cli, fake_vault: FakeVault, tmp_path: Path
+) -> None:
+    """Vault unreachable, a token it refuses, no token at all: nothing was done and nothing could
+    be audited (the anchor lives in Vault), so no audit file, lock file or data directory appears."""
+    before = files_under(tmp_path)
+    unreachable = {"SECRETS_MANAGER_STORE": f"vault+http://{unused_address()}/secret"}
+    for args, env, code, needle in (
+        (("list",), unreachable, 1, "cannot reach Vault"),
+        (("store", "svc/K"), unreachable, 1, "cannot reach Vault"),
+        (("get", "svc/K"), {"VAULT_TOKEN": "wrong"}, 5, "permission denied"),
+        (("list",), {"VAULT_TOKEN": None}, 4, "VAULT_TOKEN"),
+    ):
+        assert_one_line_error(vault_cli(*args, input=b"v", env=env), code, needle)
+        assert files_under(tmp_path) == before, (args, env, files_under(tmp_path))
+    # One that reached Vault and was refused or failed there is audited, as before.
+    fake_vault.approles["role-1"] = "secret-1"
+    login = {"VAULT_TOKEN": None, "VAULT_ROLE_ID": "role-1", "VAULT_SECRET_ID": "wrong"}
+    assert_one_line_error(vault_cli("list", env=login), 4, "AppRole")
+    assert_one_line_error(vault_cli("get", "svc/MISSING"), 3, "not found")
+    read_only = fake_vault.add_token("read-only-token", readonly=True)
+    assert_one_line_error(vault_cli("store", "svc/K", input=b"v", env={"VAULT_TOKEN": read_only}), 5)
+    assert audit_records(tmp_path) == [
+        ("unlock", "deny", "unlock_failed"),
+        ("get", "allow", "not_found"),
+        ("store", "allow", "pending"),
+    ]
+
+
 # ---- AWS -------------------------------------------------------------------------------------------
 
 
@@ -293,3 +341,17 @@ def test_the_cli_audits_aws_operations(aws_cli: Cli, boto: Any, aws_prefix: str)
         Filters=[{"Key": "name", "Values": [f"{aws_prefix}/.secrets-manager/audit-anchor/"]}]
     )
     assert len(anchors["SecretList"]) == 1
+
+
+def test_an_aws_command_that_fails_before_doing_anything_leaves_no_audit_file(
+    aws_cli: Cli, tmp_path: Path
+) -> None:
+    before = files_under(tmp_path)
+    for env, code, needle in (
+        ({"AWS_ENDPOINT_URL": f"http://{unused_address()}"}, 1, "cannot reach AWS"),
+        ({"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None}, 4, "AWS credentials"),
+    ):
+        assert_one_line_error(aws_cli("list", env=env), code, needle)
+        assert files_under(tmp_path) == before, (env, files_under(tmp_path))
+    assert_one_line_error(aws_cli("get", "svc/MISSING"), 3, "not found")  # reached AWS: audited
+    assert audit_records(tmp_path) == [("get", "allow", "not_found")]

@@ -6,6 +6,7 @@
     │   └── UnsupportedOperationError   exit 2   the store cannot do this (e.g. AWS: destroy one version)
     ├── NotFoundError                   exit 3   no such store, secret, version or label
     ├── UnlockError                     exit 4   wrong or missing master password
+    │   └── MissingCredentialsError     exit 4   no Vault token or AWS credentials to present
     ├── AccessDeniedError               exit 5   the caller may not do this
     ├── IntegrityError                  exit 6   a record, keyset or header failed authentication
     ├── ConflictError                   exit 7   compare-and-set lost, or the target already exists
@@ -59,6 +60,11 @@ class UnlockError(SecretsManagerError):
 
     exit_code = 4
     kind = "unlock_failed"
+
+
+class MissingCredentialsError(UnlockError):
+    """A Vault or AWS store: there are no credentials to present (no token, no AWS keys). Nothing
+    reached the store, so there is no attempt to audit (a refused login is an UnlockError)."""
 
 
 class AccessDeniedError(SecretsManagerError):

@@ -299,8 +299,9 @@ class AuditLog:
             return fd
 
     def _remove_what_was_created(self) -> None:
-        """Holding the flock, for a log refused before it was created: remove the lock file and
-        the directories this process made for it (a directory something else now holds stays)."""
+        """Holding the flock, for a log not created after all (refused, or its anchor unreadable):
+        remove the lock file and the directories this process made for it (a directory something
+        else now holds stays)."""
         created, self._created = self._created, None
         fd = self._lock_fd
         if created is None or fd is None:
@@ -332,7 +333,10 @@ class AuditLog:
             if anchor is not None:
                 try:
                     _check_tail_against_anchor(self.last_record(), anchor.audit_anchor(), self.path)
-                except AuditTamperError:
+                except BaseException:
+                    # Refused (a mistyped --audit-file), or the anchor could not be read (a Vault
+                    # or AWS store that is unreachable or refuses us): nothing is written, so
+                    # nothing this made for the log stays behind.
                     self._remove_what_was_created()
                     raise
         if now is not None and now.st_size >= self.max_bytes and self._rotate():

@@ -40,6 +40,7 @@ from secrets_manager.errors import (
     AccessDeniedError,
     ConflictError,
     InvalidInputError,
+    MissingCredentialsError,
     NotFoundError,
     StorageError,
     UnlockError,
@@ -224,6 +225,8 @@ class Session:
         this host may not use) is audited as denied before it is reported."""
         try:
             return opener()
+        except MissingCredentialsError:  # no token or keys: nothing reached the store, nothing to audit
+            raise
         except UnlockError as exc:
             self._audit_denied_unlock(exc)
             raise

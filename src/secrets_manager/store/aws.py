@@ -55,10 +55,10 @@ from secrets_manager.errors import (
     ConflictError,
     IntegrityError,
     InvalidInputError,
+    MissingCredentialsError,
     NotFoundError,
     SecretsManagerError,
     StorageError,
-    UnlockError,
     UnsupportedOperationError,
 )
 from secrets_manager.store.backoff import Backoff
@@ -732,7 +732,7 @@ class AwsStore:
                     ) from None
             raise StorageError(f"AWS failed {action} ({code})") from None
         except (NoCredentialsError, PartialCredentialsError):
-            raise UnlockError(
+            raise MissingCredentialsError(
                 "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
                 "or configure ~/.aws (boto3's standard sources)"
             ) from None

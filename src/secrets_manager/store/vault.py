@@ -48,6 +48,7 @@ from secrets_manager.errors import (
     ConflictError,
     IntegrityError,
     InvalidInputError,
+    MissingCredentialsError,
     NotFoundError,
     SecretsManagerError,
     StorageError,
@@ -179,8 +180,8 @@ def connect_vault(
 
     The token, first match wins: VAULT_TOKEN; an AppRole login with VAULT_ROLE_ID and
     VAULT_SECRET_ID (at auth/VAULT_APPROLE_MOUNT, default `approle`); the Vault CLI's
-    ~/.vault-token. UnlockError when there is none. VAULT_CACERT names a CA bundle for TLS and
-    VAULT_NAMESPACE a Vault Enterprise namespace."""
+    ~/.vault-token. MissingCredentialsError when there is none (UnlockError: a refused AppRole
+    login). VAULT_CACERT names a CA bundle for TLS and VAULT_NAMESPACE a Vault Enterprise namespace."""
     verify: bool | str = environ.get(CACERT_VARIABLE) or True
     client = hvac.Client(
         url=address,
@@ -216,7 +217,7 @@ def connect_vault(
             client.token = token
             return client
     client.adapter.close()
-    raise UnlockError(
+    raise MissingCredentialsError(
         f"no Vault token: set {TOKEN_VARIABLE}, or {ROLE_ID_VARIABLE} and {SECRET_ID_VARIABLE} for an "
         "AppRole login, or run 'vault login'"
     )
