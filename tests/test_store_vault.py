@@ -10,6 +10,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import hvac
+import hvac.exceptions
 import pytest
 
 from secrets_manager.environment import Environment
@@ -124,6 +126,46 @@ def test_description_tags_and_author_are_custom_metadata(
         "exchange key",
         {"team": "desk1"},
     )
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "accepted"),
+    [
+        ("description", "é" * 256, True),  # 256 characters, 512 bytes: the most a value holds
+        ("description", "é" * 257, False),  # 257 characters, 514 bytes
+        ("description", "€" * 171, False),  # 171 characters, 513 bytes
+        ("€" * 42, "v", True),  # a key of 126 bytes
+        ("€" * 43, "v", False),  # 43 characters, 129 bytes
+    ],
+)
+def test_the_test_server_limits_custom_metadata_in_bytes_as_vault_does(
+    fake_vault: FakeVault, key: str, value: str, accepted: bool
+) -> None:
+    """Vault (vault-plugin-secrets-kv validateCustomMetadata, Go's len()) counts UTF-8 bytes:
+    keys 1 to 128, values 1 to 512. A test server counting characters took too much."""
+    client = hvac.Client(url=fake_vault.address, token=fake_vault.root_token)
+
+    def write() -> None:
+        client.secrets.kv.v2.update_metadata(
+            path="svc/META", custom_metadata={key: value}, mount_point="secret"
+        )
+
+    if accepted:
+        write()
+        assert kv(fake_vault, "svc/META").custom_metadata == {key: value}
+    else:
+        with pytest.raises(hvac.exceptions.InvalidRequest, match="custom_metadata validation failed"):
+            write()
+        assert "svc/META" not in fake_vault.mounts["secret"]
+
+
+def test_a_description_of_512_bytes_of_utf8_is_the_longest_vault_holds(make_vault: MakeVault) -> None:
+    store = make_vault()
+    store.put("svc/META", b"v", description="é" * 256)
+    assert store.describe("svc/META").description == "é" * 256
+    with pytest.raises(UnsupportedOperationError, match="at most 512 bytes of UTF-8"):
+        store.put("svc/META", b"v2", description="é" * 257)
+    assert store.describe("svc/META").description == "é" * 256
 
 
 def test_a_reserved_tag_key_is_refused(make_vault: MakeVault) -> None:

@@ -14,7 +14,9 @@ error codes (https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2):
     DELETE /v1/MOUNT/data/PATH                soft-delete the latest version
     POST   /v1/MOUNT/delete|undelete|destroy/PATH  {"versions": [..]} → 204
     GET    /v1/MOUNT/metadata/PATH            200 metadata (current_version, versions, custom_metadata…)
-    POST   /v1/MOUNT/metadata/PATH            update only the fields given → 204
+    POST   /v1/MOUNT/metadata/PATH            update only the fields given → 204; custom_metadata as
+                                              Vault checks it: at most 64 keys, keys of 1-128 and values
+                                              up to 512 UTF-8 bytes (not characters), else 400
     DELETE /v1/MOUNT/metadata/PATH            every version and the metadata → 204
     LIST   /v1/MOUNT/metadata/FOLDER[/]       200 {"data": {"keys": [...]}} ("sub/" for folders), 404 if none
     POST   /v1/auth/approle/login             {"role_id", "secret_id"} → {"auth": {"client_token": …}}
@@ -289,10 +291,14 @@ class FakeVault:
         custom = body.get("custom_metadata")
         if custom is not None:
             if not isinstance(custom, dict) or len(custom) > 64:
-                raise VaultError(400, ["custom_metadata: at most 64 keys of strings"])
+                raise VaultError(400, ["custom_metadata validation failed: at most 64 keys of strings"])
             for k, v in custom.items():
-                if not isinstance(v, str) or not k or len(k) > 128 or len(v) > 512:
-                    raise VaultError(400, [f"custom_metadata key {k!r}: keys 1-128 bytes, values up to 512"])
+                # Vault's validateCustomMetadata measures with Go's len(): UTF-8 bytes, not characters.
+                if not isinstance(v, str) or not k or len(k.encode()) > 128 or len(v.encode()) > 512:
+                    raise VaultError(
+                        400,
+                        [f"custom_metadata validation failed: key {k!r}: keys 1-128 bytes, values up to 512"],
+                    )
         secret = secrets.setdefault(key, KvSecret())
         if "max_versions" in body:
             secret.max_versions = int(body["max_versions"])
