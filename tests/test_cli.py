@@ -8,8 +8,10 @@ import sqlite3
 import string
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -413,6 +415,24 @@ def test_metadata_shows_and_changes_description_and_tags_without_a_new_version(r
     operations = [(r["operation"], r["outcome"]) for r in audit]
     assert ("metadata", "ok") in operations and ("metadata", "invalid_input") in operations
     assert ("history", "ok") in operations
+
+
+def test_list_older_than_finds_values_not_rotated_since(ready: Cli) -> None:
+    ready("store", "svc/OLD", input=b"a")
+    time.sleep(1.1)
+    between = datetime.now(UTC).isoformat()
+    time.sleep(1.1)
+    ready("store", "svc/NEW", input=b"b")
+    assert ready("list", "--older-than", between).out == "svc/OLD\n"
+    assert ready("list", "--older-than", "0s").out == "svc/NEW\nsvc/OLD\n"
+    assert ready("list", "--older-than", "30d").out == ""
+    assert ready("metadata", "svc/OLD", "--tag", "k=v").code == 0  # metadata is not a rotation
+    [doc] = json.loads(ready("list", "--older-than", between, "--json").out)
+    assert doc["name"] == "svc/OLD" and doc["updated"] > between[:19]
+    ready("store", "svc/OLD", input=b"rotated")
+    assert ready("list", "--older-than", between).out == ""
+    assert_one_line_error(ready("list", "--older-than", "soon"), 2, "--older-than 'soon'", "7d")
+    assert_one_line_error(ready("list", "--older-than", "999999999d"), 2, "before year 1")
 
 
 # ---- delete / undelete / destroy -------------------------------------------------------------

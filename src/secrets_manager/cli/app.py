@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import datetime
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ import click
 from secrets_manager.audit import AuditError, AuditEvent, AuditLog, value_fingerprint
 from secrets_manager.cli.output import (
     info_line,
+    parse_cutoff,
     print_json,
     print_table,
     printable,
@@ -646,13 +648,30 @@ def get(
 @click.argument("prefix", required=False, default="")
 @click.option("--long", "-l", "long_format", is_flag=True, help="Show version, update time and description.")
 @click.option("--deleted", is_flag=True, help="Include soft-deleted secrets.")
+@click.option(
+    "--older-than",
+    metavar="TIME",
+    help="Only secrets whose current value was stored before TIME (ISO 8601, or an age such as 90d): "
+    "the ones not rotated since.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print metadata as JSON (never values).")
 @pass_session
-def list_command(session: Session, prefix: str, long_format: bool, deleted: bool, as_json: bool) -> None:
+def list_command(
+    session: Session, prefix: str, long_format: bool, deleted: bool, older_than: str | None, as_json: bool
+) -> None:
     """List secret names (never values), optionally only those starting with PREFIX."""
     validate_prefix(prefix)
+    cutoff = (
+        parse_cutoff(older_than, "--older-than", "leave --older-than out to list every secret")
+        if older_than
+        else None
+    )
     with session.secret_operation("list", prefix or None) as (store, _):
         secrets = store.list(prefix, include_deleted=deleted)
+    if cutoff is not None:
+        secrets = [
+            meta for meta in secrets if (stored := current_value_time(meta)) is not None and stored < cutoff
+        ]
     if as_json:
         print_json([metadata_doc(meta) for meta in secrets])
     elif long_format:
@@ -740,6 +759,12 @@ def metadata_command(
         *([f"{len(set(untags))} tag(s) removed"] if untags else []),
     ]
     info_line(f"updated the metadata of {name}: {', '.join(changed)} (no new version)")
+
+
+def current_value_time(meta: SecretMetadata) -> datetime | None:
+    """When the current version was stored (None without one): what a rotation moves, unlike
+    `updated`, which a metadata change moves too."""
+    return next((v.created for v in meta.versions if v.version == meta.current_version), None)
 
 
 def print_metadata(meta: SecretMetadata) -> None:

@@ -6,8 +6,7 @@ chain (its first record is `audit.reset`) when the old one lost records.
 
 from __future__ import annotations
 
-import re
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +14,10 @@ import click
 
 from secrets_manager.audit import AuditError, AuditTamperError, value_fingerprint
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
-from secrets_manager.cli.output import info_line, print_json, print_table
+from secrets_manager.cli.output import info_line, parse_cutoff, print_json, print_table
 from secrets_manager.cli.recovery_commands import read_share_file
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.store.base import AuditedStore
-
-_RELATIVE = re.compile(r"([0-9]+)([smhd])")
-_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
 @cli.group()
@@ -42,7 +38,7 @@ def show(
 ) -> None:
     """Print audit records (values never appear in them)."""
     session.require_local("audit show")
-    cutoff = parse_since(since) if since else None
+    cutoff = parse_cutoff(since, "--since", "leave --since out to show every record") if since else None
     selected = [
         record
         for record in session.audit_log().records()
@@ -148,26 +144,6 @@ def hash_command(session: Session, raw: bool) -> None:
         click.echo(value_fingerprint(store, candidate.reveal()))
     finally:
         store.close()
-
-
-def parse_since(text: str) -> datetime:
-    """The cutoff `--since` names; an age reaching before year 1 is refused (datetime overflows)."""
-    match = _RELATIVE.fullmatch(text.strip())
-    if match:
-        amount, unit = match.groups()
-        try:
-            return datetime.now(UTC) - timedelta(**{_UNITS[unit]: int(amount)})
-        except (OverflowError, ValueError):  # ValueError: int() of thousands of digits
-            raise InvalidInputError(
-                f"--since {text!r} reaches back before year 1; leave --since out to show every record"
-            ) from None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        raise InvalidInputError(
-            f"--since {text!r}: give an ISO 8601 time or an age like 30m, 12h, 7d"
-        ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def record_time(record: dict[str, Any]) -> datetime:

@@ -19,10 +19,12 @@ import sys
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
+
+from secrets_manager.errors import InvalidInputError
 
 PROG = "secrets-manager"
 
@@ -33,6 +35,8 @@ _NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 _ALSO_ESCAPED = frozenset("\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # What json.dumps(ensure_ascii=False) leaves raw of those; they occur only inside JSON strings.
 _JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+_AGE = re.compile(r"([0-9]+)([smhd])")
+_AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
 def printable(text: str) -> str:
@@ -104,6 +108,26 @@ def progress_bars(description: str) -> Iterator[Callable[[str, int, int], None]]
             progress.update(tasks[label], completed=done, total=total)
 
         yield report
+
+
+def parse_cutoff(text: str, option: str, without: str) -> datetime:
+    """The moment an option such as `--since` names: ISO 8601 (UTC unless it says otherwise) or
+    an age ago (30m, 12h, 7d). An age reaching before year 1 is refused (datetime overflows);
+    `without` says what leaving the option out does."""
+    match = _AGE.fullmatch(text.strip())
+    if match:
+        amount, unit = match.groups()
+        try:
+            return datetime.now(UTC) - timedelta(**{_AGE_UNITS[unit]: int(amount)})
+        except (OverflowError, ValueError):  # ValueError: int() of thousands of digits
+            raise InvalidInputError(f"{option} {text!r} reaches back before year 1; {without}") from None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInputError(
+            f"{option} {text!r}: give an ISO 8601 time or an age like 30m, 12h, 7d"
+        ) from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def timestamp(value: datetime | None) -> str:
