@@ -187,6 +187,37 @@ def test_audit_show_filters_and_prints_json(cli: Cli) -> None:
     assert too_far.stderr.decode().count("\n") == 1 and b"before year 1" in too_far.stderr
 
 
+def test_audit_show_selects_by_operation_denial_failure_request_and_last(cli: Cli) -> None:
+    busy_session(cli)
+    assert cli("get", "auth/X", env={"MASTER_PASSWORD": "wrong"}).returncode == 4
+
+    def shown(*args: str) -> list[dict[str, object]]:
+        result = cli("audit", "show", *args, "--json")
+        assert result.returncode == 0, result.stderr
+        return list(json.loads(result.stdout))
+
+    everything = cli.records()
+    assert [r["operation"] for r in shown("--operation", "get")] == [
+        r["operation"] for r in everything if r["operation"] == "get"
+    ]
+    assert {r["operation"] for r in shown("--operation", "st*", "--operation", "list")} == {"store", "list"}
+    denied = shown("--denied")
+    assert [(r["operation"], r["outcome"]) for r in denied] == [("unlock", "unlock_failed")]
+    failed = shown("--failed")
+    assert [(r["operation"], r["outcome"]) for r in failed] == [
+        ("get", "not_found"),
+        ("unlock", "unlock_failed"),
+    ]
+    miss = next(r for r in everything if r["outcome"] == "not_found")
+    one_request = shown("--request-id", str(miss["request_id"]))
+    assert one_request and all(r["request_id"] == miss["request_id"] for r in one_request)
+    assert shown("--last", "2") == everything[-2:]
+    assert shown("--operation", "get", "--last", "1") == [
+        [r for r in everything if r["operation"] == "get"][-1]
+    ]
+    assert cli("audit", "show", "--last", "0").returncode == 2
+
+
 # ---- tamper evidence -----------------------------------------------------------------------
 
 

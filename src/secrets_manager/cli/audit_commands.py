@@ -6,6 +6,7 @@ chain (its first record is `audit.reset`) when the old one lost records.
 
 from __future__ import annotations
 
+import fnmatch
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -31,12 +32,34 @@ def audit() -> None:
 @click.option(
     "--since", metavar="TIME", help="Only records at or after TIME (ISO 8601, or 30m / 12h / 7d ago)."
 )
+@click.option(
+    "--operation",
+    "operations",
+    multiple=True,
+    metavar="OP",
+    help="Only these operations (repeatable; a glob such as 'rotate.*').",
+)
+@click.option("--denied", is_flag=True, help="Only requests that were refused (decision deny).")
+@click.option("--failed", is_flag=True, help="Only records whose outcome is not ok (denials and errors).")
+@click.option("--request-id", metavar="ID", help="Only the records of one request.")
+@click.option(
+    "--last", type=click.IntRange(min=1), metavar="N", help="Only the last N of the records selected."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the records as a JSON array.")
 @pass_session
 def show(
-    session: Session, name_prefix: str | None, actor: str | None, since: str | None, as_json: bool
+    session: Session,
+    name_prefix: str | None,
+    actor: str | None,
+    since: str | None,
+    operations: tuple[str, ...],
+    denied: bool,
+    failed: bool,
+    request_id: str | None,
+    last: int | None,
+    as_json: bool,
 ) -> None:
-    """Print audit records (values never appear in them)."""
+    """Print audit records (values never appear in them), oldest first."""
     session.require_local("audit show")
     cutoff = parse_cutoff(since, "--since", "leave --since out to show every record") if since else None
     selected = [
@@ -45,7 +68,15 @@ def show(
         if (name_prefix is None or str(record.get("name") or "").startswith(name_prefix))
         and (actor is None or record.get("actor") == actor)
         and (cutoff is None or record_time(record) >= cutoff)
+        and (
+            not operations or any(fnmatch.fnmatchcase(str(record.get("operation")), op) for op in operations)
+        )
+        and (not denied or record.get("decision") == "deny")
+        and (not failed or record.get("outcome") not in ("ok", "pending"))
+        and (request_id is None or record.get("request_id") == request_id)
     ]
+    if last is not None:
+        selected = selected[-last:]
     if as_json:
         print_json(selected)
         return
