@@ -355,6 +355,25 @@ def test_audit_reset_starts_a_new_chain_after_a_loss_and_keeps_the_old_files(cli
     assert cli("list").returncode == 0 and verify(cli).returncode == 0
 
 
+@pytest.mark.parametrize(
+    "forged", [b'{"seq": 99}', b'{"hash": "00"}', b'{"seq": true, "hash": "x"}', b"[1, 2]"]
+)
+def test_a_forged_last_line_that_is_json_but_no_record_is_reported_not_a_crash(
+    cli: Cli, forged: bytes
+) -> None:
+    """It was an internal error (KeyError 'hash') on every command."""
+    busy_session(cli)
+    with cli.audit.open("ab") as log:
+        log.write(forged + b"\n")
+    stopped = cli("get", "auth/DB_PASSWORD")
+    assert stopped.returncode == 1 and stopped.stdout == b""
+    assert stopped.stderr.decode().count("\n") == 1 and b"ends in a damaged record" in stopped.stderr
+    assert b"internal error" not in stopped.stderr
+    assert verify(cli).returncode == 6
+    assert cli("audit", "reset", "--accept-loss").returncode == 0
+    assert cli("get", "auth/DB_PASSWORD").stdout == b"db-pass\n"
+
+
 @pytest.mark.parametrize("where", ["typo.audit.jsonl", "no/such/dir/store.audit.jsonl"])
 def test_a_wrong_audit_file_is_refused_leaving_nothing_at_its_path(
     cli: Cli, tmp_path: Path, where: str

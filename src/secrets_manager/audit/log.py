@@ -786,10 +786,18 @@ def _parse_line(line: bytes, path: Path, number: int) -> dict[str, Any]:
     return record
 
 
+def _chained(record: dict[str, Any], path: Path, number: int) -> dict[str, Any]:
+    """`record` if it has the chain's fields an append reads (an integer seq, a text hash);
+    AuditTamperError otherwise, so a forged or damaged line is reported, not a crash."""
+    if type(record.get("seq")) is not int or not isinstance(record.get("hash"), str):
+        raise AuditTamperError(f"{path.name} line {number} is not an audit record (damaged or forged)")
+    return record
+
+
 def _first_record(path: Path) -> dict[str, Any] | None:
     with path.open("rb") as handle:
         line = handle.readline()
-    return _parse_line(line, path, 1) if line.strip() else None
+    return _chained(_parse_line(line, path, 1), path, 1) if line.strip() else None
 
 
 def _last_record(path: Path) -> dict[str, Any] | None:
@@ -810,7 +818,7 @@ def _last_record(path: Path) -> dict[str, Any] | None:
     if not chunk.endswith(b"\n"):
         raise AuditError(f"audit log {path} ends in a partial record; run 'secrets-manager audit verify'")
     try:
-        return _parse_line(body.rsplit(b"\n", 1)[-1], path, -1)
+        return _chained(_parse_line(body.rsplit(b"\n", 1)[-1], path, -1), path, -1)
     except AuditTamperError:
         raise AuditError(
             f"audit log {path} ends in a damaged record; run 'secrets-manager audit verify'"
