@@ -435,6 +435,36 @@ def test_list_older_than_finds_values_not_rotated_since(ready: Cli) -> None:
     assert_one_line_error(ready("list", "--older-than", "999999999d"), 2, "before year 1")
 
 
+def test_status_shows_the_store_at_a_glance_and_exits_6_when_the_audit_log_does_not_verify(
+    ready: Cli,
+) -> None:
+    ready("store", "auth/DB", input=b"a")
+    ready("store", "mc/KEY", input=b"b")
+    ready("store", "mc/GONE", input=b"c")
+    ready("delete", "mc/GONE")
+    shown = ready("status")
+    assert shown.code == 0, shown.stderr
+    lines = dict(line.split(":", 1) for line in shown.out.splitlines())
+    assert lines["store"].strip() == f"{ready.store} (sqlite)"
+    assert lines["unlocked by"].strip() == "password"
+    assert lines["secrets"].strip() == "2 in 2 namespace(s) (auth, mc), 1 deleted"
+    assert lines["oldest value"].strip().startswith("auth/DB, stored ")
+    assert lines["audit log"].strip().endswith("records, verified")
+    assert lines["recovery shares"].strip() == "none"
+    doc = json.loads(ready("status", "--json").out)
+    assert (doc["secrets"], doc["deleted_secrets"], doc["namespaces"]) == (2, 1, ["auth", "mc"])
+    assert doc["audit_verified"] is True and doc["audit_records"] > 10 and doc["kind"] == "sqlite"
+    assert doc["oldest_value"]["name"] == "auth/DB" and doc["oldest_value"]["days"] == 0
+    audit = ready.store.with_name("store.audit.jsonl")
+    records = audit.read_bytes().splitlines(keepends=True)
+    records[3] = records[3].replace(b'"actor":"', b'"actor":"mallory-')  # an edited record mid-log
+    audit.write_bytes(b"".join(records))
+    broken = ready("status")
+    assert_one_line_error(broken, 6, "the audit log does not verify", "record 4 was edited")
+    assert "DOES NOT VERIFY" in broken.out
+    assert_one_line_error(ready("status", env={"SECRETS_MANAGER_ADDR": "127.0.0.1:1"}), 2, "status")
+
+
 # ---- delete / undelete / destroy -------------------------------------------------------------
 
 

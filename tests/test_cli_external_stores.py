@@ -159,6 +159,26 @@ def test_every_verb_works_on_vault_with_the_usual_exit_codes(vault_cli: Cli) -> 
     assert_one_line_error(vault_cli("history", "svc/K"), 3)
 
 
+def check_import_metadata_and_status(cli: Cli, tmp_path: Path, kind: str) -> None:
+    """The commands of the encrypted store that take any store: import, metadata, status."""
+    source = tmp_path / "svc.env"
+    source.write_bytes(b"A=one\nB='two'\n")
+    imported = cli("import", str(source), "--service", "imp")
+    assert imported.code == 0, imported.stderr
+    assert cli("get", "imp/B").out == "two\n"
+    assert_one_line_error(cli("import", str(source), "--service", "imp"), 7, "exist already")
+    assert cli("metadata", "imp/A", "--description", "from .env", "--tag", "team=t").code == 0
+    doc = json.loads(cli("metadata", "imp/A", "--json").out)
+    assert (doc["description"], doc["tags"], doc["current_version"]) == ("from .env", {"team": "t"}, 1)
+    status = json.loads(cli("status", "--json").out)
+    assert (status["kind"], status["unlocked_by"], status["secrets"]) == (kind, "backend credentials", 2)
+    assert status["audit_verified"] is True and status["recovery_shares"] is None
+
+
+def test_import_metadata_and_status_work_on_vault(vault_cli: Cli, tmp_path: Path) -> None:
+    check_import_metadata_and_status(vault_cli, tmp_path, "vault")
+
+
 def test_vault_errors_reach_the_user_as_exit_codes(vault_cli: Cli, fake_vault: FakeVault) -> None:
     assert_one_line_error(vault_cli("list", env={"VAULT_TOKEN": "wrong"}), 5, "permission denied")
     assert_one_line_error(vault_cli("list", env={"VAULT_TOKEN": None}), 4, "VAULT_TOKEN")
@@ -326,6 +346,10 @@ def test_every_verb_works_on_aws_with_the_usual_exit_codes(aws_cli: Cli) -> None
     assert aws_cli("get", "svc/K").out == "v3\n"
     assert aws_cli("destroy", "svc/K", "--all").code == 0
     assert_one_line_error(aws_cli("history", "svc/K"), 3)
+
+
+def test_import_metadata_and_status_work_on_aws(aws_cli: Cli, tmp_path: Path) -> None:
+    check_import_metadata_and_status(aws_cli, tmp_path, "aws-secretsmanager")
 
 
 def test_no_aws_credentials_is_exit_4(aws_cli: Cli) -> None:

@@ -24,6 +24,7 @@ from secrets_manager.cli import (
     run_command,  # noqa: F401  (registers `run`)
     schedule_commands,  # noqa: F401  (registers `schedule`)
     serve_commands,  # noqa: F401  (registers `serve`)
+    status_command,  # noqa: F401  (registers `status`)
 )
 from secrets_manager.cli.app import cli
 from secrets_manager.cli.output import error_line, warning_line

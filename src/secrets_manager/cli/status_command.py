@@ -1,0 +1,131 @@
+"""`secrets-manager status`: the store at a glance, as `vault status` is for a Vault server.
+
+One audited read: where the store is and what kind, what unlocks it, how many secrets in which
+namespaces, the oldest current value (the credential longest without a rotation), whether the
+audit log verifies, and the recovery shares. Exit 6 when the audit log does not verify.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import click
+
+from secrets_manager.cli.app import Session, cli, current_value_time, pass_session
+from secrets_manager.cli.output import print_json, printable, timestamp
+from secrets_manager.errors import IntegrityError, SecretsManagerError
+from secrets_manager.store import EncryptedStore
+from secrets_manager.store.names import namespace_of
+from secrets_manager.store.recovery import recovery_header_problem, recovery_setup
+from secrets_manager.store.url import (
+    AwsLocation,
+    VaultLocation,
+    display_url,
+    external_location,
+    postgres_location,
+)
+
+
+@cli.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@pass_session
+def status(session: Session, as_json: bool) -> None:
+    """Show the store at a glance: kind, unlock, secrets, oldest value, audit log, recovery shares.
+    Exit 6 if the audit log does not verify."""
+    session.require_local("status")
+    doc: dict[str, Any] = {
+        "store": display_url(session.store_url),
+        "kind": _kind(session.store_url),
+        "environment": session.environment.value,
+        "audit_file": str(session.audit_path),
+    }
+    audit_problem: str | None = None
+    with session.store_operation("status") as (store, _):
+        doc["unlocked_by"] = store.unlock_kind if isinstance(store, EncryptedStore) else "backend credentials"
+        secrets = store.list("", include_deleted=True)
+        live = [meta for meta in secrets if meta.deleted is None]
+        doc["secrets"] = len(live)
+        doc["deleted_secrets"] = len(secrets) - len(live)
+        doc["namespaces"] = sorted({namespace_of(meta.name) for meta in live})
+        stored = sorted((t, meta.name) for meta in live if (t := current_value_time(meta)) is not None)
+        doc["oldest_value"] = (
+            {
+                "name": stored[0][1],
+                "stored": timestamp(stored[0][0]),
+                "days": (datetime.now(UTC) - stored[0][0]).days,
+            }
+            if stored
+            else None
+        )
+        try:
+            doc["audit_records"] = session.audit_log().verify(store.audit_key(), store.audit_anchor())
+        except IntegrityError as exc:
+            audit_problem = str(exc)
+            doc["audit_records"] = None
+        doc["audit_verified"] = audit_problem is None
+        doc["recovery_shares"] = _recovery(store) if isinstance(store, EncryptedStore) else None
+    if as_json:
+        print_json(doc)
+    else:
+        _print(doc, audit_problem)
+    if audit_problem is not None:
+        raise IntegrityError(f"the audit log does not verify: {audit_problem}")
+
+
+def _kind(url: str | None) -> str:
+    external = external_location(url)
+    if isinstance(external, VaultLocation):
+        return "vault"
+    if isinstance(external, AwsLocation):
+        return "aws-secretsmanager"
+    return "postgresql" if postgres_location(url) is not None else "sqlite"
+
+
+def _recovery(store: EncryptedStore) -> dict[str, Any] | None:
+    setup = recovery_setup(store)
+    if setup is None:
+        return None
+    try:
+        problem = recovery_header_problem(store, setup)
+    except SecretsManagerError as exc:
+        problem = str(exc)
+    return {"threshold": setup.threshold, "shares": setup.shares, "problem": problem}
+
+
+def _print(doc: dict[str, Any], audit_problem: str | None) -> None:
+    oldest = doc["oldest_value"]
+    recovery = doc["recovery_shares"]
+    lines = [
+        ("store", f"{doc['store']} ({doc['kind']})"),
+        ("environment", doc["environment"]),
+        ("unlocked by", doc["unlocked_by"]),
+        (
+            "secrets",
+            f"{doc['secrets']} in {len(doc['namespaces'])} namespace(s)"
+            + (f" ({', '.join(doc['namespaces'])})" if doc["namespaces"] else "")
+            + (f", {doc['deleted_secrets']} deleted" if doc["deleted_secrets"] else ""),
+        ),
+        (
+            "oldest value",
+            "-"
+            if oldest is None
+            else f"{oldest['name']}, stored {oldest['stored']} ({oldest['days']} days ago)",
+        ),
+        (
+            "audit log",
+            f"{doc['audit_file']}: "
+            + (f"{doc['audit_records']} records, verified" if audit_problem is None else "DOES NOT VERIFY"),
+        ),
+        (
+            "recovery shares",
+            "n/a (the backend keeps its own)"
+            if doc["kind"] in ("vault", "aws-secretsmanager")
+            else "none"
+            if recovery is None
+            else f"{recovery['threshold']} of {recovery['shares']}"
+            + (f"; {recovery['problem']}" if recovery["problem"] else ""),
+        ),
+    ]
+    for field_name, value in lines:
+        click.echo(f"{field_name + ':':<17}{printable(str(value))}")
