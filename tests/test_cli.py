@@ -921,7 +921,7 @@ def test_import_refuses_existing_names_unless_told_and_writes_nothing_then(
         ("mc/API_SECRET", "created", 1),
         ("mc/CONF", "created", 1),
     ]
-    assert ready("get", "mc/API_KEY").out == "old-key\n" and ready("get", "mc/CONF").out == '{"a":[1,2]}\n'
+    assert ready("get", "mc/API_KEY").out == "old-key\n" and ready("get", "mc/CONF").out == '{"a": [1, 2]}\n'
     overwritten = ready("import", str(source), "--service", "mc", "--on-existing", "overwrite", "--json")
     assert [d["version"] for d in json.loads(overwritten.out)] == [2, 2, 2]
     assert ready("get", "mc/API_KEY").out == "new-key\n"
@@ -932,33 +932,61 @@ def test_import_refuses_existing_names_unless_told_and_writes_nothing_then(
 
 
 @pytest.mark.parametrize(
-    ("name", "content", "code", "needle"),
+    ("name", "content", "needle"),
     [
-        ("bad.env", b"A=1\nnot a binding here\n", 2, "bad.env line 2 is not KEY=VALUE"),
-        ("novalue.env", b"A=1\nKNOWN_ONLY\n", 2, "line 2: 'KNOWN_ONLY' has no '='"),
-        ("twice.env", b"A=KNOWN-1\nA=KNOWN-2\n", 2, "'A' is set twice (lines 1 and 2)"),
-        ("empty-value.env", b"A=\n", 2, "--allow-empty"),
-        ("empty.env", b"# nothing\n", 2, "holds no KEY=VALUE"),
-        ("bad-name.env", b"A@B=KNOWN\n", 2, "invalid secret name"),
-        ("binary.env", b"A=\xff\xfe\n", 2, "is not UTF-8 text"),
-        ("big.env", b"A=" + b"K" * (64 * 1024 + 1) + b"\n", 2, "larger than 65536 bytes"),
-        ("list.json", b'["KNOWN"]', 2, "must hold one JSON object"),
-        ("broken.json", b'{"A": "KNOWN",\n', 2, "is not valid JSON (line 2)"),
-        ("dup.json", b'{"A": "KNOWN-1", "A": "KNOWN-2"}', 2, "key 'A' appears twice"),
-        ("null.json", b'{"A": null}', 2, "'A' is null"),
-        ("missing.env", None, 2, "does not exist"),
+        ("bad.env", b"A=1\nnot a binding KNOWN\n", "bad.env line 2 is not KEY=VALUE"),
+        ("novalue.env", b"A=1\nKNOWN-pasted-key-line\n", "novalue.env line 2 is not KEY=VALUE"),
+        ("cr.env", b"A=pass\rKNOWNword\n", "cr.env line 2 is not KEY=VALUE"),
+        ("pem.env", b"K=-----BEGIN KEY-----\nMIIKNOWNsecret\n-----END KEY-----\n", "pem.env line 2 is not"),
+        ("twice.env", b"A=KNOWN-1\nA=KNOWN-2\n", "line 1 and line 2 set the same key"),
+        ("empty-value.env", b"A=\n", "line 1: the value is empty"),
+        ("empty.env", b"# nothing\n", "holds no KEY=VALUE"),
+        ("bad-name.env", b"sk-live:KNOWN=abc\n", "line 1: the key is not a valid secret name"),
+        ("binary.env", b"A=\xff\xfe\n", "is not UTF-8 text"),
+        ("big.env", b"A=" + b"K" * (64 * 1024 + 1) + b"\n", "line 1: the value is larger than 65536 bytes"),
+        ("list.json", b'["KNOWN"]', "must hold one JSON object"),
+        ("empty.json", b"{}", "holds no KEY: value"),
+        ("broken.json", b'{"A": "KNOWN",\n', "is not valid JSON (line 2)"),
+        ("trailing.json", b'{"A": "KNOWN"} {"B": 1}', "is not valid JSON"),
+        ("dup.json", b'{"A": "KNOWN-1", "A": "KNOWN-2"}', "key #1 and key #2 set the same key"),
+        ("nested-dup.json", b'{"A": {"p": "KNOWN", "p": "x"}}', "an object in it has a key twice"),
+        ("null.json", b'{"A": null}', "key #1 is null"),
+        ("nan.json", b'{"A": NaN}', "is not valid JSON"),
+        ("surrogate.json", b'{"A": "KNOWN\\ud800"}', "key #1: the value is not valid Unicode"),
+        ("deep.json", b'{"A": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nests JSON too deeply"),
+        ("missing.env", None, "does not exist"),
     ],
 )
 def test_import_refuses_a_bad_file_in_one_line_and_writes_nothing(
-    ready: Cli, tmp_path: Path, name: str, content: bytes | None, code: int, needle: str
+    ready: Cli, tmp_path: Path, name: str, content: bytes | None, needle: str
 ) -> None:
     source = tmp_path / name
     if content is not None:
         source.write_bytes(content)
     result = ready("import", str(source), "--service", "svc")
-    assert_one_line_error(result, code, needle)
-    assert "KNOWN" not in result.stderr.replace("KNOWN_ONLY", "")  # keys may be named, values never
+    assert_one_line_error(result, 2, needle)
+    assert "KNOWN" not in result.stderr  # no text of the file: a bad line may be part of a value
     assert ready("list", "--deleted").out == ""
+
+
+def test_import_of_json_keeps_the_exact_text_of_numbers_and_objects(ready: Cli, tmp_path: Path) -> None:
+    source = tmp_path / "exact.json"
+    source.write_bytes(b'{"BIG": 1234567890123456789.5, "E": 1e3, "OBJ": {"b": 1.10, "a": [true]}, "S": "t"}')
+    assert ready("import", str(source), "--service", "svc").code == 0
+    assert ready("get", "svc/BIG").out == "1234567890123456789.5\n"
+    assert ready("get", "svc/E").out == "1e3\n"
+    assert ready("get", "svc/OBJ").out == '{"b": 1.10, "a": [true]}\n'
+    assert ready("get", "svc/OBJ#b").out == "1.1\n"
+    assert ready("get", "svc/S").out == "t\n"
+
+
+def test_import_warns_of_what_run_service_would_refuse(ready: Cli, tmp_path: Path) -> None:
+    source = tmp_path / "risky.env"
+    source.write_bytes(b"PATH=/tmp/evil\na.b=1\na_b=2\n")
+    result = ready("import", str(source), "--service", "svc")
+    assert result.code == 0, result.stderr
+    assert "'run --service svc' would refuse the namespace: PATH would set $PATH" in result.stderr
+    assert "a.b and a_b would both be $a_b" in result.stderr
 
 
 def test_import_reads_standard_input_for_dash(ready: Cli) -> None:
@@ -980,10 +1008,11 @@ def test_import_refuses_a_bad_service_and_takes_empty_values_when_allowed(ready:
 
 
 def test_an_import_that_fails_part_way_audits_the_secrets_it_wrote(
-    ready: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ready: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """In process, with the store's put failing on the third secret: the two written before are
-    in the audit log (with their fingerprints), then the failure."""
+    in the audit log (with their fingerprints), durably before the next write begins (a killed
+    import leaves them too), then the failure, whose message says how far it got."""
     from secrets_manager.cli import run
     from secrets_manager.errors import StorageError
     from secrets_manager.store import EncryptedStore
@@ -993,9 +1022,13 @@ def test_an_import_that_fails_part_way_audits_the_secrets_it_wrote(
     put = EncryptedStore.put
     calls = []
 
+    logged_before_third: list[str] = []
+
     def failing_put(self: EncryptedStore, name: str, value: bytes, **options: object) -> object:
         calls.append(name)
         if len(calls) == 3:
+            log = ready.store.with_name("store.audit.jsonl").read_text().splitlines()
+            logged_before_third.extend(json.loads(line)["name"] or "" for line in log)
             raise StorageError("the disk went away")
         return put(self, name, value, **options)  # type: ignore[arg-type]
 
@@ -1004,6 +1037,8 @@ def test_an_import_that_fails_part_way_audits_the_secrets_it_wrote(
         monkeypatch.setenv(key, value)
     assert run(["import", str(source), "--service", "svc"]) == 1
     monkeypatch.undo()
+    assert logged_before_third[-2:] == ["svc/ONE", "svc/TWO"]
+    assert "2 of 3 secret(s) were imported before this (the last svc/TWO)" in capsys.readouterr().err
     assert ready("list", "svc/").out == "svc/ONE\nsvc/TWO\n"
     records = [r for r in json.loads(ready("audit", "show", "--json").out) if r["operation"] == "import"]
     assert [(r["name"], r["outcome"]) for r in records] == [

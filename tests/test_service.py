@@ -742,3 +742,27 @@ def test_import_works_remotely_with_list_and_write(server: Server) -> None:
     assert denied.returncode == 5 and denied.stderr.decode().count("\n") == 1
     writes = [r["name"] for r in server.audit_records() if r["operation"] == "store" and r["outcome"] == "ok"]
     assert {"load/TOKEN", "load/OTHER"} <= set(writes)
+
+
+def test_import_by_a_write_only_caller_meets_names_it_cannot_list_at_their_write(server: Server) -> None:
+    """ListSecrets shows a write-only caller nothing, so a name that exists is found only when its
+    create-only write is refused: the import stops there and says how far it got; with
+    --on-existing skip such names are skipped."""
+    assert server.cli("ops", "store", "drop/A", input=b"kept").returncode == 0
+    source = server.dir / "drop.env"
+    source.write_bytes(b"B=new-b\nA=new-a\nC=new-c\n")
+    stopped = server.cli("writer", "import", str(source), "--service", "drop")
+    assert stopped.returncode == 7 and stopped.stderr.decode().count("\n") == 1
+    assert b"1 of 3 secret(s) were imported before this (the last drop/B)" in stopped.stderr
+    assert b"--on-existing skip" in stopped.stderr
+    skipped = server.cli(
+        "writer", "import", str(source), "--service", "drop", "--on-existing", "skip", "--json"
+    )
+    assert skipped.returncode == 0, skipped.stderr
+    assert [(d["name"], d["action"]) for d in json.loads(skipped.stdout)] == [
+        ("drop/B", "skipped"),
+        ("drop/A", "skipped"),
+        ("drop/C", "created"),
+    ]
+    reply = server.stub("ops").GetSecret(pb.GetSecretRequest(name="drop/A"), timeout=10)
+    assert reply.secret.value == b"kept"

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any, TypeVar
@@ -286,8 +287,12 @@ class Session:
                 remote.close()
             return
         reads: list[AuditEvent] = []
-        with self.store_operation(operation, name, mutating=mutating, reads=reads) as (store, event):
-            yield store, Note(event, store, reads)
+        recorder = Recorder() if mutating else None
+        with self.store_operation(operation, name, mutating=mutating, reads=reads, recorder=recorder) as (
+            store,
+            event,
+        ):
+            yield store, Note(event, store, reads, recorder)
 
     @contextmanager
     def store_operation(
@@ -297,12 +302,16 @@ class Session:
         *,
         mutating: bool = False,
         reads: list[AuditEvent] | None = None,
+        recorder: Recorder | None = None,
     ) -> Iterator[tuple[AuditedStore, AuditEvent]]:
         """One audited operation on whichever local store the URL names (encrypted, Vault, AWS).
 
         `reads`: one record per secret the operation read (`Note.read`), audited instead of the
-        operation's single record when it succeeds."""
-        with self._audited(self.unlock, operation, name, mutating=mutating, reads=reads) as opened:
+        operation's single record when it succeeds. `recorder`: set up to append records durably
+        while the operation runs (`Note.wrote` of a change of several secrets)."""
+        with self._audited(
+            self.unlock, operation, name, mutating=mutating, reads=reads, recorder=recorder
+        ) as opened:
             yield opened
 
     @contextmanager
@@ -350,6 +359,7 @@ class Session:
         *,
         mutating: bool,
         reads: list[AuditEvent] | None = None,
+        recorder: Recorder | None = None,
     ) -> Iterator[tuple[S, AuditEvent]]:
         """Open, run one audited operation, close. Fails closed, as Vault's audit devices do: a
         change is preceded by a durable request record (if that cannot be written, nothing is
@@ -363,6 +373,8 @@ class Session:
             if mutating:
                 audit.append([*pending, replace(event, outcome="pending")], store)
                 pending = []
+                if recorder is not None:
+                    recorder.append = partial(audit.append, anchor=store)
             try:
                 yield store, event
             except BaseException as exc:
@@ -385,6 +397,14 @@ class Session:
             store.close()
 
 
+@dataclass
+class Recorder:
+    """Appends records durably while a change runs, so a change of several secrets that is cut
+    short (killed, or failing part-way) leaves a record of each one it made. Set by `_audited`."""
+
+    append: Callable[[list[AuditEvent]], object] | None = None
+
+
 class Note:
     """What a command learns during its operation, for the local audit record (a no-op remotely)."""
 
@@ -393,10 +413,12 @@ class Note:
         event: AuditEvent | None = None,
         store: AuditedStore | None = None,
         reads: list[AuditEvent] | None = None,
+        recorder: Recorder | None = None,
     ) -> None:
         self._event = event
         self._store = store
         self._reads = reads
+        self._recorder = recorder
 
     def version(self, number: int) -> None:
         if self._event is not None:
@@ -413,12 +435,17 @@ class Note:
 
     def wrote(self, name: str, version: int, data: bytes) -> None:
         """Record one secret an operation of several read or wrote (`data`: its value, of which
-        only the fingerprint is kept): its own record, in the same request."""
+        only the fingerprint is kept): its own record, in the same request. A change's record is
+        appended durably at once; a read's with the operation's end."""
         if self._event is None or self._store is None or self._reads is None:
             return
-        self._reads.append(
-            replace(self._event, name=name, version=version, value_hmac=value_fingerprint(self._store, data))
+        record = replace(
+            self._event, name=name, version=version, value_hmac=value_fingerprint(self._store, data)
         )
+        if self._recorder is not None and self._recorder.append is not None:
+            self._recorder.append([record])
+        else:
+            self._reads.append(record)
 
 
 pass_session = click.make_pass_decorator(Session)

@@ -17,11 +17,12 @@ from pathlib import Path
 import click
 from dotenv.parser import parse_stream
 
-from secrets_manager.cli.app import Session, cli, pass_session
+from secrets_manager.cli.app import Note, Session, cli, pass_session
 from secrets_manager.cli.output import info_line, print_json, warning_line
 from secrets_manager.cli.password import read_small_file
-from secrets_manager.errors import ConflictError, InvalidInputError
-from secrets_manager.store import MAX_VALUE_SIZE, validate_name
+from secrets_manager.cli.run_command import service_variable_problems
+from secrets_manager.errors import ConflictError, InvalidInputError, SecretsManagerError
+from secrets_manager.store import MAX_VALUE_SIZE, SecretMetadata, SecretStore, validate_name
 from secrets_manager.store.names import validate_namespace
 
 MAX_IMPORT_FILE_BYTES = 16 * 1024 * 1024
@@ -87,30 +88,29 @@ def import_command(
         file_format = "json" if path.suffix.lower() == ".json" or text.lstrip().startswith("{") else "env"
     pairs = _parse_json(text, source) if file_format == "json" else _parse_env(text, source)
     entries = _checked_entries(pairs, service, source, allow_empty=allow_empty)
+    for problem in service_variable_problems([(entry.key, entry.value) for entry in entries])[:3]:
+        warning_line(f"'run --service {service}' would refuse the namespace: {problem}")
     done: list[dict[str, object]] = []
     with session.secret_operation("import", f"{service}/", mutating=True) as (store, note):
         existing = {meta.name: meta for meta in store.list(f"{service}/", include_deleted=True)}
         clashes = [entry.name for entry in entries if entry.name in existing]
         deleted = [name for name in clashes if existing[name].deleted is not None]
+        if deleted and on_existing != "skip":
+            raise ConflictError(
+                f"{deleted[0]} is deleted; nothing was imported: 'undelete' it or 'destroy --all' it "
+                "first, or pass --on-existing skip"
+            )
         if clashes and on_existing == "fail":
             raise ConflictError(
                 f"{len(clashes)} of the {len(entries)} names exist already ({clashes[0]} first); nothing "
                 "was imported: pass --on-existing skip or --on-existing overwrite"
             )
-        if deleted and on_existing == "overwrite":
-            raise ConflictError(
-                f"{deleted[0]} is deleted; nothing was imported: 'undelete' it or 'destroy --all' it "
-                "first, or pass --on-existing skip"
-            )
-        for entry in entries:
-            if entry.name in existing and on_existing == "skip":
-                done.append({"name": entry.name, "key": entry.key, "action": "skipped", "version": None})
-                continue
-            overwrite = entry.name in existing
-            info = store.put(entry.name, entry.value, expect_version=None if overwrite else 0)
-            note.wrote(entry.name, info.version, entry.value)
-            action = "overwritten" if overwrite else "created"
-            done.append({"name": entry.name, "key": entry.key, "action": action, "version": info.version})
+        try:
+            for entry in entries:
+                done.append(_import_one(store, note, entry, existing, on_existing))
+        except SecretsManagerError as exc:
+            _say_what_was_imported(exc, done, len(entries))
+            raise
     if as_json:
         print_json(done)
     else:
@@ -123,6 +123,37 @@ def import_command(
         warning_line(f"{file} still holds these values in plain text: delete it once nothing reads it")
 
 
+def _import_one(
+    store: SecretStore, note: Note, entry: Entry, existing: dict[str, SecretMetadata], on_existing: str
+) -> dict[str, object]:
+    """Write one entry, its audit record appended at once. A name that turns out to exist when it
+    is written (created meanwhile, or not listed to a caller without `list`) counts as existing."""
+    item: dict[str, object] = {"name": entry.name, "key": entry.key, "action": "skipped", "version": None}
+    if entry.name in existing and on_existing == "skip":
+        return item
+    overwrite = on_existing == "overwrite"
+    try:
+        info = store.put(entry.name, entry.value, expect_version=None if overwrite else 0)
+    except ConflictError:
+        if on_existing == "skip":
+            return item
+        raise
+    note.wrote(entry.name, info.version, entry.value)
+    item["action"] = "overwritten" if entry.name in existing else "created"
+    item["version"] = info.version
+    return item
+
+
+def _say_what_was_imported(exc: SecretsManagerError, done: list[dict[str, object]], total: int) -> None:
+    """A failure part-way: its message also says how far the import got (each write is audited)."""
+    written = [item for item in done if item["version"] is not None]
+    if written:
+        exc.args = (
+            f"{exc}; {len(written)} of {total} secret(s) were imported before this (the last "
+            f"{written[-1]['name']}): rerun with --on-existing skip to import the rest",
+        )
+
+
 def _read_stdin() -> bytes:
     """FILE '-': standard input, up to the same limit as a file."""
     data = sys.stdin.buffer.read(MAX_IMPORT_FILE_BYTES + 1)
@@ -133,76 +164,126 @@ def _read_stdin() -> bytes:
     return data
 
 
-def _parse_env(text: str, file: str) -> list[tuple[str, str, int]]:
+def _parse_env(text: str, source: str) -> list[tuple[str, str, str]]:
     """KEY=VALUE bindings (python-dotenv's parser: quotes, `export`, comments, multi-line quoted
     values; no ${VAR} expansion, so a '$' in a password stays). A line it cannot parse, or a key
-    without '=', is refused with its line number, never its text."""
+    without '=', is refused by its line number alone: its text may be part of a value (a pasted
+    private key, a stray carriage return)."""
     pairs = []
     for binding in parse_stream(io.StringIO(text)):
         line = binding.original.line
-        if binding.error:
-            raise InvalidInputError(f"{file} line {line} is not KEY=VALUE; nothing was imported")
+        if binding.error or (binding.key is not None and binding.value is None):
+            raise InvalidInputError(f"{source} line {line} is not KEY=VALUE; nothing was imported")
         if binding.key is None:
             continue  # a comment or a blank line
-        if binding.value is None:
-            raise InvalidInputError(
-                f"{file} line {line}: {binding.key!r} has no '=' and no value; nothing was imported"
-            )
-        pairs.append((binding.key, binding.value, line))
+        assert binding.value is not None
+        pairs.append((binding.key, binding.value, f"line {line}"))
     return pairs
 
 
-def _parse_json(text: str, file: str) -> list[tuple[str, str, int]]:
-    """One JSON object: a text value is stored as it is; an object, array, number or boolean as
-    its JSON text (so {"db": {"username": …, "password": …}} reads back with `get NAME#password`)."""
+def _parse_json(text: str, source: str) -> list[tuple[str, str, str]]:
+    """One JSON object, key by key: a text value is stored as it is; any other value (an object,
+    array, number or boolean) as its exact text in the file, so numbers keep every digit and
+    {"db": {"username": …, "password": …}} reads back with `get NAME#password`. The place named
+    in an error is the key's position, never its text."""
+    decoder = json.JSONDecoder(object_pairs_hook=_refuse_duplicate_keys, parse_constant=_refuse_constant)
+    pairs: list[tuple[str, str, str]] = []
     try:
-        doc = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+        position = _skip_space(text, 0)
+        if text[position : position + 1] != "{":
+            raise InvalidInputError(f"{source} must hold one JSON object of KEY: value; nothing was imported")
+        position = _skip_space(text, position + 1)
+        if text[position : position + 1] == "}":
+            position += 1
+        while text[position - 1 : position] != "}":
+            key, position = decoder.raw_decode(text, position)
+            number = len(pairs) + 1
+            if not isinstance(key, str):
+                raise ValueError("a key is not text")
+            position = _skip_space(text, position)
+            if text[position : position + 1] != ":":
+                raise ValueError("':' expected")
+            start = _skip_space(text, position + 1)
+            value, end = decoder.raw_decode(text, start)
+            if value is None:
+                raise InvalidInputError(f"{source}: key #{number} is null; nothing was imported")
+            pairs.append((key, value if isinstance(value, str) else text[start:end], f"key #{number}"))
+            position = _skip_space(text, end)
+            if text[position : position + 1] not in (",", "}"):
+                raise ValueError("',' or '}' expected")
+            position = _skip_space(text, position + 1) if text[position] == "," else position + 1
+        if text[position:].strip():
+            raise ValueError("text after the object")
+    except RecursionError:
+        raise InvalidInputError(f"{source} nests JSON too deeply; nothing was imported") from None
+    except _RepeatedKey:
+        raise InvalidInputError(f"{source}: an object in it has a key twice; nothing was imported") from None
     except ValueError as exc:
         where = f" (line {exc.lineno})" if isinstance(exc, json.JSONDecodeError) else ""
-        raise InvalidInputError(f"{file} is not valid JSON{where}; nothing was imported") from None
-    if not isinstance(doc, dict):
-        raise InvalidInputError(f"{file} must hold one JSON object of KEY: value; nothing was imported")
-    pairs = []
-    for position, (key, value) in enumerate(doc.items(), start=1):
-        if value is None:
-            raise InvalidInputError(f"{file}: {key!r} is null; nothing was imported")
-        text_value = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
-        pairs.append((key, text_value, position))
+        raise InvalidInputError(f"{source} is not valid JSON{where}; nothing was imported") from None
+    if not pairs:
+        raise InvalidInputError(f"{source} holds no KEY: value; nothing was imported")
     return pairs
+
+
+def _skip_space(text: str, position: int) -> int:
+    while position < len(text) and text[position] in " \t\r\n":
+        position += 1
+    return position
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+class _RepeatedKey(ValueError):
+    """A nested object with a key twice: JSON allows it, but which value would count is unclear."""
 
 
 def _refuse_duplicate_keys(items: list[tuple[str, object]]) -> dict[str, object]:
     keys = [key for key, _ in items]
-    repeated = next((key for key in keys if keys.count(key) > 1), None)
-    if repeated is not None:
-        raise InvalidInputError(f"key {repeated!r} appears twice; nothing was imported")
+    if len(set(keys)) != len(keys):
+        raise _RepeatedKey()
     return dict(items)
 
 
 def _checked_entries(
-    pairs: list[tuple[str, str, int]], service: str, file: str, *, allow_empty: bool
+    pairs: list[tuple[str, str, str]], service: str, source: str, *, allow_empty: bool
 ) -> list[Entry]:
-    """Every name valid, every key once, every value within the limits: or nothing is written."""
+    """Every name valid, every key once, every value within the limits: or nothing is written.
+    Errors name the line (env) or key position (JSON), never a key or value."""
     if not pairs:
-        raise InvalidInputError(f"{file} holds no KEY=VALUE; nothing was imported")
+        raise InvalidInputError(f"{source} holds no KEY=VALUE; nothing was imported")
     entries: list[Entry] = []
-    seen: dict[str, int] = {}
-    for key, value, line in pairs:
+    seen: dict[str, str] = {}
+    for key, value, place in pairs:
+        where = f"{source} {place}"
         if key in seen:
             raise InvalidInputError(
-                f"{file}: {key!r} is set twice (lines {seen[key]} and {line}); nothing was imported"
+                f"{source}: {seen[key]} and {place} set the same key; nothing was imported"
             )
-        seen[key] = line
+        seen[key] = place
         name = f"{service}/{key}"
-        validate_name(name)
-        data = value.encode("utf-8")
+        try:
+            validate_name(name)
+        except InvalidInputError:
+            raise InvalidInputError(
+                f"{where}: the key is not a valid secret name (letters, digits, '_', '.', '-' and '/' "
+                "between segments); nothing was imported"
+            ) from None
+        try:
+            data = value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidInputError(
+                f"{where}: the value is not valid Unicode (a lone surrogate); nothing was imported"
+            ) from None
         if not data and not allow_empty:
             raise InvalidInputError(
-                f"{file}: {key!r} is empty; nothing was imported (pass --allow-empty to import empty values)"
+                f"{where}: the value is empty; nothing was imported (--allow-empty imports empty values)"
             )
         if len(data) > MAX_VALUE_SIZE:
             raise InvalidInputError(
-                f"{file}: the value of {key!r} is larger than {MAX_VALUE_SIZE} bytes; nothing was imported"
+                f"{where}: the value is larger than {MAX_VALUE_SIZE} bytes; nothing was imported"
             )
         entries.append(Entry(key, name, data))
     return entries

@@ -127,6 +127,24 @@ def run(
     _exec(command, variables)
 
 
+def service_variable_problems(entries: list[tuple[str, bytes]]) -> list[str]:
+    """Why `run --service NS` would refuse secrets NS/KEY with these KEYs and values (it refuses the
+    whole namespace for one of them): a variable that loads code, two keys that are one variable,
+    a NUL byte. For `import`, which writes what `run --service` reads back."""
+    problems = []
+    seen: dict[str, str] = {}
+    for key, value in entries:
+        variable = _variable_for(key)
+        if _LOADS_CODE.fullmatch(variable):
+            problems.append(f"{key} would set ${variable}, which can make programs run other code")
+        if variable in seen:
+            problems.append(f"{seen[variable]} and {key} would both be ${variable}")
+        seen.setdefault(variable, key)
+        if b"\0" in value:
+            problems.append(f"the value of {key} holds a NUL byte")
+    return problems
+
+
 def _single(text: str) -> tuple[str, str]:
     """`--secret NAME[=VAR]` as (name, variable)."""
     name, equals, variable = text.partition("=")
