@@ -403,6 +403,8 @@ def test_metadata_shows_and_changes_description_and_tags_without_a_new_version(r
         (["--tag", "aws:x=y"], 2, "must not start with"),
         (["--untag", "secrets-manager:created-by"], 2, "cannot be removed"),
         (["--tag", "k=v", "--untag", "k"], 2, "both set and removed"),
+        (["--tag", "k=1", "--tag", "k=2"], 2, "tag 'k' is given twice"),
+        (["--untag", "aws:cloudformation:stack-id"], 2, "is reserved and cannot be removed"),
         (["--description", "evil\x1b[31m"], 2, "control character"),
     ):
         assert_one_line_error(ready("metadata", "svc/META", *args), code, needle)

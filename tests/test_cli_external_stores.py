@@ -116,6 +116,25 @@ def test_a_secret_written_through_the_cli_is_read_with_hvac(vault_cli: Cli, hvac
     assert metadata["data"]["custom_metadata"]["secrets-manager:description"] == "db"
 
 
+def test_a_vault_secret_with_more_tags_than_ours_can_still_lose_some(
+    vault_cli: Cli, hvac_client: hvac.Client
+) -> None:
+    """Vault allows 64 custom_metadata keys; another tool may set 60. Our limit of 50 stops a
+    change that adds tags, not one that removes some or changes the description."""
+    hvac_client.secrets.kv.v2.create_or_update_secret(
+        path="ext/S", secret={"value": "v"}, mount_point="secret"
+    )
+    hvac_client.secrets.kv.v2.update_metadata(
+        path="ext/S", custom_metadata={f"k{i:02d}": "v" for i in range(60)}, mount_point="secret"
+    )
+    assert vault_cli("metadata", "ext/S", "--untag", "k00", "--description", "trimmed").code == 0
+    doc = json.loads(vault_cli("metadata", "ext/S", "--json").out)
+    assert len(doc["tags"]) == 59 and "k00" not in doc["tags"] and doc["description"] == "trimmed"
+    assert_one_line_error(
+        vault_cli("metadata", "ext/S", "--tag", "new=1"), 2, "would have 60 tags; the limit is 50"
+    )
+
+
 def test_a_field_of_a_secret_with_several_keys_is_selected(vault_cli: Cli, hvac_client: hvac.Client) -> None:
     hvac_client.secrets.kv.v2.create_or_update_secret(
         path="db/creds", secret={"username": "app", "password": "pw-1", "port": 5432}, mount_point="secret"

@@ -119,6 +119,7 @@ def test_public_api_is_pinned() -> None:
         "read_ca",
         "read_server_tls",
         "spiffe_id",
+        "unpresentable_identity",
     ]
 
 

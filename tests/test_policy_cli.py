@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID, NameOID
 
 from secrets_manager.cli import run
 from secrets_manager.tls import pki
@@ -134,3 +140,81 @@ def test_explain_takes_the_identity_from_a_certificate_as_the_service_does(
     assert "with --cert give only NAME" in capsys.readouterr().err
     assert run(["policy", "explain", str(policy_file), "auth/DB"]) == 2
     assert "give IDENTITY and NAME" in capsys.readouterr().err
+
+
+def test_check_and_explain_warn_of_identities_no_certificate_can_carry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "odd.toml"
+    path.write_text(
+        '[identities]\n"spiffe://Shrivenquant.local/auth" = ["r"]\n"spiffe://x/a/../b" = ["r"]\n"ok" = []\n'
+        '[roles.r]\nrules = [{ path = "auth/*", capabilities = ["read"] }]\n'
+    )
+    assert run(["policy", "check", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "identity 'spiffe://Shrivenquant.local/auth' is not a SPIFFE ID a certificate can carry" in err
+    assert "identity 'spiffe://x/a/../b' is not a SPIFFE ID" in err
+    assert "identity 'ok' holds no role" in err
+    assert run(["policy", "explain", str(path), "spiffe://Shrivenquant.local/auth", "auth/X"]) == 0
+    assert "the service never sees a caller with it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["/dev/zero", "fifo"])
+def test_a_policy_file_that_is_not_a_regular_file_is_refused_not_read_forever(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    if where == "fifo":
+        where = str(tmp_path / "fifo")
+        os.mkfifo(where)
+    assert run(["policy", "check", where]) == 2
+    assert "is not a regular file" in capsys.readouterr().err
+
+
+def test_a_policy_file_over_1_mib_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "big.toml"
+    path.write_text("# " + "x" * (1024 * 1024) + "\n")
+    assert run(["policy", "check", str(path)]) == 2
+    assert "larger than 1048576 bytes" in capsys.readouterr().err
+
+
+def _certificate(tmp_path: Path, extension: x509.ExtensionType) -> Path:
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "auth")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(extension, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    path = tmp_path / "odd.pem"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def test_explain_refuses_a_certificate_with_a_malformed_extension_in_one_line(
+    policy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """cryptography parses extensions lazily: a bad SubjectAlternativeName was an internal error."""
+    bad_san = x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x02\x01\x00")
+    path = _certificate(tmp_path, bad_san)
+    assert run(["policy", "explain", str(policy_file), "--cert", str(path), "auth/X"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "malformed extension or subject" in err
+
+
+def test_explain_reads_a_pem_with_text_before_it(
+    policy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """openssl pkcs12 writes "Bag Attributes" lines before the PEM; openssl x509 reads past them."""
+    ca_cert, ca_key = pki.new_ca()
+    cert, _key = pki.issue(ca_cert, ca_key, "auth", server=False)
+    path = tmp_path / "bag.pem"
+    path.write_bytes(b"Bag Attributes\n    localKeyID: 01\nsubject=/CN=auth\n" + cert)
+    assert run(["policy", "explain", str(path.parent / "policy.toml"), "--cert", str(path), "auth/DB"]) == 0
+    assert f"identity  {AUTH}" in capsys.readouterr().out

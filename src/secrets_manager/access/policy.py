@@ -19,6 +19,8 @@ rejected whole with an InvalidInputError naming the file and the place, never ha
 
 from __future__ import annotations
 
+import os
+import stat
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -43,6 +45,7 @@ class Capability(StrEnum):
 
 
 ALL_CAPABILITIES = frozenset(Capability)
+MAX_POLICY_BYTES = 1024 * 1024
 _DECISIONS_KEPT = 100_000  # a bound on `Policy.allows`'s memory, not a policy
 _CAPABILITY_NAMES = ", ".join(c.value for c in Capability)
 
@@ -162,14 +165,25 @@ class Policy:
 
 
 def load_policy(path: str | Path) -> Policy:
-    """Read and parse a policy file (UTF-8 TOML)."""
+    """Read and parse a policy file (UTF-8 TOML): a regular file of at most 1 MiB, so a wrong
+    path (a FIFO, /dev/zero) is refused, not waited on or read without end."""
     source = str(path)
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise NotFoundError(f"policy file {source} does not exist") from None
     except OSError as exc:
         raise InvalidInputError(f"cannot read policy file {source}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InvalidInputError(f"policy file {source} is not a regular file")
+        data = os.read(fd, MAX_POLICY_BYTES + 1)
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read policy file {source}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_POLICY_BYTES:
+        raise InvalidInputError(f"policy file {source} is larger than {MAX_POLICY_BYTES} bytes")
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

@@ -1041,6 +1041,8 @@ def parse_tags(tags: tuple[str, ...]) -> dict[str, str]:
         key, sep, val = tag.partition("=")
         if not sep or not key:
             raise InvalidInputError(f"tag {tag!r} is not KEY=VALUE")
+        if key in parsed:
+            raise InvalidInputError(f"tag {key!r} is given twice; give each key once")
         parsed[key] = val
     return parsed
 

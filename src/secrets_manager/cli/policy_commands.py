@@ -15,7 +15,7 @@ from secrets_manager.cli.app import cli
 from secrets_manager.cli.output import info_line, print_json, printable, warning_line
 from secrets_manager.cli.password import read_small_file
 from secrets_manager.errors import AccessDeniedError, InvalidInputError
-from secrets_manager.tls import IdentityError, identity_from_certificate
+from secrets_manager.tls import IdentityError, identity_from_certificate, unpresentable_identity
 
 MAX_CERTIFICATE_BYTES = 64 * 1024
 _POLICY_FILE = click.Path(dir_okay=False, path_type=Path)
@@ -42,6 +42,12 @@ def check(policy_file: Path) -> None:
     held = {role for roles in parsed.identities.values() for role in roles}
     for role in sorted(set(parsed.roles) - held):
         warning_line(f"{policy_file}: role {role!r} is held by no identity")
+    for identity, roles in parsed.identities.items():
+        problem = unpresentable_identity(identity)
+        if problem is not None:
+            warning_line(f"{policy_file}: identity '{printable(identity)}' is {problem}: it grants nothing")
+        elif not roles:
+            warning_line(f"{policy_file}: identity '{printable(identity)}' holds no role")
     rules = sum(len(role.rules) for role in parsed.roles.values())
     info_line(
         f"{policy_file}: valid: {len(parsed.identities)} identities, {len(parsed.roles)} roles, {rules} rules"
@@ -74,6 +80,9 @@ def explain(
     """What IDENTITY (or the holder of --cert) may do to the secret NAME, and which rule decides."""
     identity, name = _identity_and_name(identity_and_name, cert_file)
     parsed = load_policy(policy_file)
+    problem = unpresentable_identity(identity)
+    if problem is not None:
+        warning_line(f"'{printable(identity)}' is {problem}: the service never sees a caller with it")
     wanted = [Capability(capability)] if capability else list(Capability)
     decisions = [parsed.decide(identity, c, name) for c in wanted]
     if as_json:

@@ -276,8 +276,8 @@ def checked_metadata_update(
         if not isinstance(key, str):
             raise InvalidInputError(f"the tag keys to remove from {name!r} must be text")
         _check_text(key, f"a tag key to remove from {name!r}", 1, MAX_TAG_KEY_LENGTH)
-        if key.startswith(RESERVED_TAG_PREFIX):
-            raise InvalidInputError(f"tag {key!r} of {name!r} is secrets-manager's own and cannot be removed")
+        if key.startswith(RESERVED_TAG_PREFIX) or key.lower().startswith(AWS_RESERVED_TAG_PREFIX):
+            raise InvalidInputError(f"tag {key!r} of {name!r} is reserved and cannot be removed")
     both = sorted(removing & setting.keys())
     if both:
         raise InvalidInputError(f"tag {both[0]!r} of {name!r} is both set and removed; give one or the other")
@@ -297,10 +297,14 @@ def updated_metadata(
     set_tags: Mapping[str, str],
     remove_tags: frozenset[str],
 ) -> tuple[str, dict[str, str]]:
-    """A secret's description and tags after an `update_metadata`, checked whole (the tag count)."""
+    """A secret's description and tags after an `update_metadata`: the tags given were checked
+    already; the count may not grow past MAX_TAGS (a secret that another tool gave more, as Vault
+    allows, can still lose some)."""
     merged = {key: value for key, value in tags.items() if key not in remove_tags} | dict(set_tags)
     result = description if new_description is None else new_description
-    checked_metadata(name, result, merged)
+    checked_metadata(name, result, None)
+    if len(merged) > MAX_TAGS and len(merged) > len(tags):  # one written elsewhere may shrink
+        raise InvalidInputError(f"{name!r} would have {len(merged)} tags; the limit is {MAX_TAGS}")
     return result, merged
 
 

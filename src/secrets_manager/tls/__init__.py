@@ -13,7 +13,12 @@ from secrets_manager.tls.files import (
     read_ca,
     read_server_tls,
 )
-from secrets_manager.tls.identity import IdentityError, identity_from_auth_context, identity_from_certificate
+from secrets_manager.tls.identity import (
+    IdentityError,
+    identity_from_auth_context,
+    identity_from_certificate,
+    unpresentable_identity,
+)
 from secrets_manager.tls.pki import DEFAULT_TRUST_DOMAIN, issue, new_ca, spiffe_id
 
 __all__ = [
@@ -30,4 +35,5 @@ __all__ = [
     "read_ca",
     "read_server_tls",
     "spiffe_id",
+    "unpresentable_identity",
 ]

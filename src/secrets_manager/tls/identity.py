@@ -31,8 +31,16 @@ class IdentityError(AccessDeniedError):
 
 
 def identity_from_certificate(certificate: bytes | str | x509.Certificate) -> str:
-    """The SPIFFE ID of a certificate (PEM or DER), else its subject CN."""
+    """The SPIFFE ID of a certificate (PEM or DER), else its subject CN. IdentityError if it names
+    none, or if its extensions or subject cannot be parsed (cryptography parses them lazily)."""
     cert = _load(certificate)
+    try:
+        return _identity_of(cert)
+    except ValueError:
+        raise IdentityError("the client certificate has a malformed extension or subject") from None
+
+
+def _identity_of(cert: x509.Certificate) -> str:
     try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
@@ -94,6 +102,22 @@ def _identity_from_pem(pem: bytes | str) -> str:
     return identity_from_certificate(pem)
 
 
+def unpresentable_identity(identity: str) -> str | None:
+    """Why no client certificate can ever present `identity` to the service (a policy naming it
+    grants nothing), or None if one can: the rules `identity_from_certificate` applies."""
+    if identity.lower().startswith("spiffe:"):
+        segments = identity.removeprefix("spiffe://").split("/")[1:]
+        if not _SPIFFE_ID.fullmatch(identity) or any(s in (".", "..") for s in segments):
+            return (
+                "not a SPIFFE ID a certificate can carry (spiffe://trust-domain/path: a lower-case "
+                "trust domain, path segments of letters, digits, '.', '_', '-')"
+            )
+        return None
+    if not _usable_common_name(identity):
+        return "not a common name a certificate can carry (empty, or control characters)"
+    return None
+
+
 def _usable_common_name(name: str) -> bool:
     return bool(name.strip()) and not _CONTROL.search(name)
 
@@ -109,9 +133,10 @@ def _load(certificate: bytes | str | x509.Certificate) -> x509.Certificate:
     if isinstance(certificate, x509.Certificate):
         return certificate
     data = certificate.encode("ascii", errors="replace") if isinstance(certificate, str) else certificate
+    begin = data.find(b"-----BEGIN")
     try:
-        if data.lstrip().startswith(b"-----BEGIN"):
-            return x509.load_pem_x509_certificate(data)
+        if begin >= 0:  # text before it (openssl's "Bag Attributes") is no part of the certificate
+            return x509.load_pem_x509_certificate(data[begin:])
         return x509.load_der_x509_certificate(data)
     except ValueError:
         raise IdentityError("the client certificate is not a valid X.509 certificate") from None
