@@ -7,6 +7,7 @@ milliseconds. Keep this file generic; fixtures for one test module belong in tha
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -81,6 +82,7 @@ def moto_endpoint() -> Iterator[str]:
             )
         pytest.skip("moto[server] is not installed (pip install -e '.[dev]' brings it)")
     _clear_descriptions_as_aws_does()
+    _date_versions_as_aws_does()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -106,6 +108,27 @@ def _clear_descriptions_as_aws_does() -> None:
 
     clearing.clears_descriptions = True  # type: ignore[attr-defined]
     SecretsManagerBackend.update_secret = clearing  # type: ignore[method-assign]
+
+
+def _date_versions_as_aws_does() -> None:
+    """moto's ListSecretVersionIds reports the time of the call as every version's CreatedDate;
+    AWS reports when the version was created (`list --older-than` and `history` rely on it).
+    Patched here to the creation time moto keeps with each version."""
+    from moto.secretsmanager.models import SecretsManagerBackend
+
+    list_versions = SecretsManagerBackend.list_secret_version_ids
+    if getattr(list_versions, "dates_versions", False):
+        return
+
+    def dated(self: Any, secret_id: str, *args: Any, **kwargs: Any) -> Any:
+        reply = json.loads(list_versions(self, secret_id, *args, **kwargs))
+        versions = self.secrets[secret_id].versions
+        for version in reply["Versions"]:
+            version["CreatedDate"] = versions[version["VersionId"]]["createdate"]
+        return json.dumps(reply)
+
+    dated.dates_versions = True  # type: ignore[attr-defined]
+    SecretsManagerBackend.list_secret_version_ids = dated  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")

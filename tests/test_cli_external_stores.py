@@ -11,8 +11,10 @@ import secrets
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -369,6 +371,18 @@ def test_every_verb_works_on_aws_with_the_usual_exit_codes(aws_cli: Cli) -> None
 
 def test_import_metadata_and_status_work_on_aws(aws_cli: Cli, tmp_path: Path) -> None:
     check_import_metadata_and_status(aws_cli, tmp_path, "aws-secretsmanager")
+
+
+def test_list_older_than_and_history_times_on_aws(aws_cli: Cli) -> None:
+    """The version's creation time, not the time of the call (moto is patched to AWS's behaviour)."""
+    assert aws_cli("store", "svc/OLD", input=b"a").code == 0
+    time.sleep(1.1)
+    between = datetime.now(UTC).isoformat()
+    time.sleep(1.1)
+    assert aws_cli("store", "svc/NEW", input=b"b").code == 0
+    assert aws_cli("list", "--older-than", between).out == "svc/OLD\n"
+    [version] = json.loads(aws_cli("history", "svc/OLD", "--json").out)["versions"]
+    assert version["created"] < between
 
 
 def test_no_aws_credentials_is_exit_4(aws_cli: Cli) -> None:

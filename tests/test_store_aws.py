@@ -3,7 +3,9 @@ AWS tools see, and AWS's errors mapped to ours.
 
 Known moto divergences, worked around rather than relied on: ListSecretVersionIds reports the time
 of the call as every version's CreatedDate (our numbering does not depend on it for our own
-versions, which carry their number in their VersionId); PutSecretValue on a secret scheduled for
+versions, which carry their number in their VersionId; tests/conftest.py patches moto to report
+the creation time, as AWS does, for `list --older-than` and `history`); UpdateSecret ignores an
+empty Description (patched there too: AWS clears it); PutSecretValue on a secret scheduled for
 deletion is accepted (AwsStore checks DescribeSecret first, as AWS would refuse it);
 ListSecretVersionIds of a missing secret is a 500 rather than ResourceNotFoundException (AwsStore
 calls DescribeSecret before it).
