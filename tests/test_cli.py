@@ -1050,3 +1050,17 @@ def test_an_import_that_fails_part_way_audits_the_secrets_it_wrote(
         ("svc/", "storage_error"),
     ]
     assert all(r["value_hmac"] for r in records[1:3])
+
+
+def test_shell_completion_scripts_and_command_completion(cli: Cli) -> None:
+    for shell in ("bash", "zsh", "fish"):
+        script = cli(env={"_SECRETS_MANAGER_COMPLETE": f"{shell}_source"})
+        assert script.code == 0 and "_SECRETS_MANAGER_COMPLETE" in script.out, script.stderr
+    completed = cli(
+        env={
+            "_SECRETS_MANAGER_COMPLETE": "bash_complete",
+            "COMP_WORDS": "secrets-manager me",
+            "COMP_CWORD": "1",
+        }
+    )
+    assert completed.out.split() == ["plain,metadata"]
