@@ -356,7 +356,14 @@ def test_audit_reset_starts_a_new_chain_after_a_loss_and_keeps_the_old_files(cli
 
 
 @pytest.mark.parametrize(
-    "forged", [b'{"seq": 99}', b'{"hash": "00"}', b'{"seq": true, "hash": "x"}', b"[1, 2]"]
+    "forged",
+    [
+        b'{"seq": 99}',
+        b'{"hash": "00"}',
+        b'{"seq": true, "hash": "x"}',
+        b"[1, 2]",
+        b'{"seq": "5", "hash": "x"}',
+    ],
 )
 def test_a_forged_last_line_that_is_json_but_no_record_is_reported_not_a_crash(
     cli: Cli, forged: bytes
@@ -366,12 +373,42 @@ def test_a_forged_last_line_that_is_json_but_no_record_is_reported_not_a_crash(
     with cli.audit.open("ab") as log:
         log.write(forged + b"\n")
     stopped = cli("get", "auth/DB_PASSWORD")
-    assert stopped.returncode == 1 and stopped.stdout == b""
+    assert stopped.returncode == 6 and stopped.stdout == b""
     assert stopped.stderr.decode().count("\n") == 1 and b"ends in a damaged record" in stopped.stderr
+    assert b"audit reset --accept-loss" in stopped.stderr
     assert b"internal error" not in stopped.stderr
     assert verify(cli).returncode == 6
     assert cli("audit", "reset", "--accept-loss").returncode == 0
     assert cli("get", "auth/DB_PASSWORD").stdout == b"db-pass\n"
+
+
+def test_a_forged_last_record_with_a_high_seq_does_not_pass_for_a_log_that_grew(cli: Cli) -> None:
+    """Records lost at the end, then a forged line with a large seq: it must not satisfy the check
+    against the store's anchor (its hash and MAC do not verify)."""
+    busy_session(cli)
+    cut = b"".join(cli.audit.read_bytes().splitlines(keepends=True)[:-3])
+    cli.audit.write_bytes(cut + b'{"seq": 1000000, "hash": "x", "mac": "y"}\n')
+    stopped = cli("list")
+    assert stopped.returncode == 6 and stopped.stderr.decode().count("\n") == 1
+    assert b"does not verify (edited or forged)" in stopped.stderr
+    assert b"1000001" not in cli.audit.read_bytes()  # nothing was chained onto it
+
+
+def test_a_wrong_audit_file_that_is_no_log_says_so_and_leaves_no_lock_file(cli: Cli, tmp_path: Path) -> None:
+    busy_session(cli)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("shopping list\n")
+    result = cli("--audit-file", str(notes), "list")
+    assert result.returncode == 6 and b"is not an audit log" in result.stderr
+    assert notes.read_text() == "shopping list\n"
+    directory = tmp_path / "a-directory"
+    directory.mkdir()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(cli.audit)
+    assert b"symbolic link" in cli("--audit-file", str(link), "list").stderr
+    assert cli("--audit-file", str(directory), "list").returncode != 0
+    leftovers = sorted(p.name for p in tmp_path.glob("*.lock"))
+    assert leftovers == [], leftovers
 
 
 @pytest.mark.parametrize("where", ["typo.audit.jsonl", "no/such/dir/store.audit.jsonl"])

@@ -207,6 +207,9 @@ class AuditLog:
             try:
                 job = _AppendJob(events, anchor, durable=False)
                 self._write_locked([job], anchor, durable=False)
+            except BaseException:
+                self._remove_what_was_created()  # if this made the lock file for a log it refused
+                raise
             finally:
                 self._unflock()
         except OSError as exc:
@@ -249,6 +252,9 @@ class AuditLog:
             self._flock(deadline=time.monotonic() + self.timeout)
             try:
                 self._write_locked(jobs, anchor, durable=durable)
+            except BaseException:
+                self._remove_what_was_created()  # if this made the lock file for a log it refused
+                raise
             finally:
                 self._unflock()
         if not durable:
@@ -282,7 +288,7 @@ class AuditLog:
 
     def _open_lock_file(self) -> int:
         """Open (creating it and its directory if need be) the lock file, noting in `_created`
-        what this made while the log does not exist yet."""
+        what this made, until a record is written (a refused log leaves none of it behind)."""
         retries = 2
         while True:
             made = _make_directory(self.path.parent)
@@ -295,7 +301,7 @@ class AuditLog:
                     raise
                 retries -= 1
                 continue
-            self._created = None if os.path.lexists(self.path) else [self.lock_path, *reversed(made)]
+            self._created = [self.lock_path, *reversed(made)]
             return fd
 
     def _remove_what_was_created(self) -> None:
@@ -332,7 +338,9 @@ class AuditLog:
             now = None
             if anchor is not None:
                 try:
-                    _check_tail_against_anchor(self.last_record(), anchor.audit_anchor(), self.path)
+                    _check_tail_against_anchor(
+                        self.last_record(), anchor.audit_anchor(), self.path, anchor.audit_key()
+                    )
                 except BaseException:
                     # Refused (a mistyped --audit-file), or the anchor could not be read (a Vault
                     # or AWS store that is unreachable or refuses us): nothing is written, so
@@ -348,7 +356,6 @@ class AuditLog:
             fd = _open_private(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
             now = os.fstat(fd)
             self._file = (fd, now.st_ino)
-            self._created = None  # the log exists: its lock file is in use
         return self._file[0], now
 
     def _write_locked(self, jobs: list[_AppendJob], anchor: AuditAnchor | None, *, durable: bool) -> None:
@@ -393,6 +400,7 @@ class AuditLog:
             os.ftruncate(fd, before.st_size)  # never leave half a record behind
             raise
         self._tail = _Tail(before.st_ino, before.st_size + len(data), seq, previous)
+        self._created = None  # a record is written: the lock file and its directory are in use
         if not durable:
             self._note_unsynced(fd, before.st_ino, anchor)
             return
@@ -481,7 +489,7 @@ class AuditLog:
             return tail.seq, tail.hash
         last = self.last_record()
         if anchor is not None:
-            _check_tail_against_anchor(last, anchor.audit_anchor(), self.path)
+            _check_tail_against_anchor(last, anchor.audit_anchor(), self.path, anchor.audit_key())
         if last is None:
             return 0, GENESIS_HASH
         return int(last["seq"]), str(last["hash"])
@@ -627,7 +635,7 @@ class AuditLog:
         anchor_seen = anchor is None
         for record in self.records():
             seq = record.get("seq")
-            where = f"record {seq}" if isinstance(seq, int) else f"record #{count + 1}"
+            where = f"record {seq}" if type(seq) is int else f"record #{count + 1}"
             if seq != expected_seq:
                 raise AuditTamperError(
                     f"audit chain broken at {where}: expected record {expected_seq} "
@@ -719,8 +727,17 @@ def _unused_path(path: Path) -> Path:
 _RESET_HINT = "'secrets-manager audit reset --accept-loss' (--share-file too if the password is lost)"
 
 
-def _check_tail_against_anchor(last: dict[str, Any] | None, anchored: Anchor | None, path: Path) -> None:
-    """Refuse to extend a log that lost records the store vouched for: that would hide the loss."""
+def _check_tail_against_anchor(
+    last: dict[str, Any] | None, anchored: Anchor | None, path: Path, key: bytes | None = None
+) -> None:
+    """Refuse to extend a log that lost records the store vouched for: that would hide the loss.
+    With the audit `key`, the last record must also verify (hash and MAC): a forged last line
+    with a large seq would otherwise pass for a log that grew."""
+    if key is not None and last is not None and not _record_verifies(last, key):
+        raise AuditTamperError(
+            f"the last record of audit log {path} does not verify (edited or forged): run "
+            f"'secrets-manager audit verify' and restore the log, or accept the loss with {_RESET_HINT}"
+        )
     if anchored is None:
         return
     last_seq = 0 if last is None else int(last["seq"])
@@ -762,6 +779,19 @@ def _with_hash_and_mac(body: bytes, hash_: str, mac: str | None) -> bytes:
     at = body.index(_SPLICE_AT)
     fields = f',"hash":"{hash_}","mac":' + ("null" if mac is None else f'"{mac}"')
     return body[:at] + fields.encode() + body[at:] + b"\n"
+
+
+def _record_verifies(record: dict[str, Any], key: bytes) -> bool:
+    """Whether one record's hash matches its body and its MAC is right (or it may have none)."""
+    try:
+        if record_hash(record) != record.get("hash"):
+            return False
+    except (TypeError, ValueError):  # not JSON the chain could have written (a lone surrogate)
+        return False
+    mac = record.get("mac")
+    if mac is None:
+        return _may_be_unauthenticated(record)
+    return isinstance(mac, str) and record_mac_ok(key, str(record["hash"]), mac)
 
 
 def _may_be_unauthenticated(record: dict[str, Any]) -> bool:
@@ -820,14 +850,32 @@ def _last_record(path: Path) -> dict[str, Any] | None:
     try:
         return _chained(_parse_line(body.rsplit(b"\n", 1)[-1], path, -1), path, -1)
     except AuditTamperError:
-        raise AuditError(
-            f"audit log {path} ends in a damaged record; run 'secrets-manager audit verify'"
+        if not _starts_with_a_record(path):
+            raise AuditTamperError(
+                f"{path} is not an audit log (its first line is no audit record): if it is the wrong "
+                "file, give the right one (--audit-file, SECRETS_MANAGER_AUDIT_FILE)"
+            ) from None
+        raise AuditTamperError(
+            f"audit log {path} ends in a damaged record: run 'secrets-manager audit verify' and restore "
+            f"the log, or accept the loss with {_RESET_HINT}"
         ) from None
+
+
+def _starts_with_a_record(path: Path) -> bool:
+    try:
+        return _first_record(path) is not None
+    except AuditTamperError:
+        return False
 
 
 def _open_private(path: Path, flags: int) -> int:
     """Open a regular file we own, created 0600. O_NONBLOCK so a FIFO cannot block the open."""
-    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise AuditError(f"{path} is a symbolic link; give the audit log's own path") from None
+        raise
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise AuditError(f"{path} is not a regular file; the audit log must be one")
