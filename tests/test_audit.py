@@ -382,6 +382,17 @@ def test_a_forged_last_line_that_is_json_but_no_record_is_reported_not_a_crash(
     assert cli("get", "auth/DB_PASSWORD").stdout == b"db-pass\n"
 
 
+def test_audit_show_escapes_lone_surrogates_of_a_forged_line(cli: Cli) -> None:
+    """UTF-8 cannot write them: printing one was an internal error (UnicodeEncodeError)."""
+    busy_session(cli)
+    with cli.audit.open("ab") as log:
+        log.write(b'{"seq": 99, "hash": "\\ud800", "name": "\\udc00x"}\n')
+    table = cli("audit", "show")
+    assert table.returncode == 0 and b"\\udc00x" in table.stdout, table.stderr
+    shown = cli("audit", "show", "--json")
+    assert shown.returncode == 0 and json.loads(shown.stdout)[-1]["name"] == "\udc00x"
+
+
 def test_a_forged_last_record_with_a_high_seq_does_not_pass_for_a_log_that_grew(cli: Cli) -> None:
     """Records lost at the end, then a forged line with a large seq: it must not satisfy the check
     against the store's anchor (its hash and MAC do not verify)."""

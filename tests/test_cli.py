@@ -956,6 +956,9 @@ def test_import_refuses_existing_names_unless_told_and_writes_nothing_then(
         ("nan.json", b'{"A": NaN}', "is not valid JSON"),
         ("surrogate.json", b'{"A": "KNOWN\\ud800"}', "key #1: the value is not valid Unicode"),
         ("deep.json", b'{"A": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nests JSON too deeply"),
+        ("garbage.json", b'{"A": 1}\n\ngarbage', "is not valid JSON (line 3)"),
+        ("formfeed.json", b'{"A": 1}\x0c', "is not valid JSON"),
+        ("nocolon.json", b'{"A" 1}', "is not valid JSON (line 1)"),
         ("missing.env", None, "does not exist"),
     ],
 )
@@ -973,13 +976,19 @@ def test_import_refuses_a_bad_file_in_one_line_and_writes_nothing(
 
 def test_import_of_json_keeps_the_exact_text_of_numbers_and_objects(ready: Cli, tmp_path: Path) -> None:
     source = tmp_path / "exact.json"
-    source.write_bytes(b'{"BIG": 1234567890123456789.5, "E": 1e3, "OBJ": {"b": 1.10, "a": [true]}, "S": "t"}')
+    huge = b"1" + b"0" * 5000  # valid JSON, past Python's default int-string digit limit
+    source.write_bytes(
+        b'{"BIG": 1234567890123456789.5, "E": 1e3, "OBJ": {"b": 1.10, "a": [true]}, "S": "t", "H": '
+        + huge
+        + b"}"
+    )
     assert ready("import", str(source), "--service", "svc").code == 0
     assert ready("get", "svc/BIG").out == "1234567890123456789.5\n"
     assert ready("get", "svc/E").out == "1e3\n"
     assert ready("get", "svc/OBJ").out == '{"b": 1.10, "a": [true]}\n'
     assert ready("get", "svc/OBJ#b").out == "1.1\n"
     assert ready("get", "svc/S").out == "t\n"
+    assert ready("get", "svc/H").out == huge.decode() + "\n"
 
 
 def test_import_warns_of_what_run_service_would_refuse(ready: Cli, tmp_path: Path) -> None:
@@ -989,6 +998,16 @@ def test_import_warns_of_what_run_service_would_refuse(ready: Cli, tmp_path: Pat
     assert result.code == 0, result.stderr
     assert "'run --service svc' would refuse the namespace: PATH would set $PATH" in result.stderr
     assert "a.b and a_b would both be $a_b" in result.stderr
+
+
+def test_import_from_a_pipe_does_not_ask_to_delete_it(ready: Cli, tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.env"
+    os.mkfifo(fifo)
+    writer = subprocess.Popen(["sh", "-c", f"printf 'A=1\\n' > {fifo}"])
+    result = ready("import", str(fifo), "--service", "svc")
+    writer.wait(timeout=30)
+    assert result.code == 0, result.stderr
+    assert "plain text" not in result.stderr
 
 
 def test_import_reads_standard_input_for_dash(ready: Cli) -> None:
@@ -1040,7 +1059,7 @@ def test_an_import_that_fails_part_way_audits_the_secrets_it_wrote(
     assert run(["import", str(source), "--service", "svc"]) == 1
     monkeypatch.undo()
     assert logged_before_third[-2:] == ["svc/ONE", "svc/TWO"]
-    assert "2 of 3 secret(s) were imported before this (the last svc/TWO)" in capsys.readouterr().err
+    assert "2 of 3 secret(s) were imported (the last svc/TWO)" in capsys.readouterr().err
     assert ready("list", "svc/").out == "svc/ONE\nsvc/TWO\n"
     records = [r for r in json.loads(ready("audit", "show", "--json").out) if r["operation"] == "import"]
     assert [(r["name"], r["outcome"]) for r in records] == [
@@ -1064,3 +1083,34 @@ def test_shell_completion_scripts_and_command_completion(cli: Cli) -> None:
         }
     )
     assert completed.out.split() == ["plain,metadata"]
+
+
+def test_an_import_whose_audit_log_fails_part_way_still_says_how_far_it_got(
+    ready: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The log refusing a secret's record (here: it vanished mid-import) stops the import; the
+    error still counts the secret written just before, and the failure record that cannot be
+    written either is a warning, not a second error that hides the first."""
+    from secrets_manager.audit import AuditLog, AuditTamperError
+    from secrets_manager.cli import run
+
+    source = tmp_path / "three.env"
+    source.write_bytes(b"ONE=1\nTWO=2\nTHREE=3\n")
+    append = AuditLog.append
+    calls = []
+
+    def failing_append(self: AuditLog, events: object, anchor: object, **options: object) -> object:
+        calls.append(events)
+        if len(calls) >= 3:  # the pending record and ONE's are written; TWO's is refused
+            raise AuditTamperError("the audit log vanished")
+        return append(self, events, anchor, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(AuditLog, "append", failing_append)
+    for key, value in ready.env.items():
+        monkeypatch.setenv(key, value)
+    assert run(["import", str(source), "--service", "svc"]) == 6
+    monkeypatch.undo()
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "secrets-manager: warning: the audit log vanished"
+    assert err[1].startswith("secrets-manager: error: the audit log vanished; 2 of 3 secret(s) were imported")
+    assert ready("list", "svc/").out == "svc/ONE\nsvc/TWO\n"

@@ -753,7 +753,8 @@ def test_import_by_a_write_only_caller_meets_names_it_cannot_list_at_their_write
     source.write_bytes(b"B=new-b\nA=new-a\nC=new-c\n")
     stopped = server.cli("writer", "import", str(source), "--service", "drop")
     assert stopped.returncode == 7 and stopped.stderr.decode().count("\n") == 1
-    assert b"1 of 3 secret(s) were imported before this (the last drop/B)" in stopped.stderr
+    assert b"1 of 3 secret(s) were imported (the last drop/B)" in stopped.stderr
+    assert b"drop/A exists already, though it was not listed before the import" in stopped.stderr
     assert b"--on-existing skip" in stopped.stderr
     skipped = server.cli(
         "writer", "import", str(source), "--service", "drop", "--on-existing", "skip", "--json"
@@ -766,3 +767,11 @@ def test_import_by_a_write_only_caller_meets_names_it_cannot_list_at_their_write
     ]
     reply = server.stub("ops").GetSecret(pb.GetSecretRequest(name="drop/A"), timeout=10)
     assert reply.secret.value == b"kept"
+    overwritten = server.cli(
+        "writer", "import", str(source), "--service", "drop", "--on-existing", "overwrite", "--json"
+    )
+    assert [(d["name"], d["action"], d["version"]) for d in json.loads(overwritten.stdout)] == [
+        ("drop/B", "overwritten", 2),
+        ("drop/A", "overwritten", 2),
+        ("drop/C", "overwritten", 2),
+    ]

@@ -45,6 +45,7 @@ from secrets_manager.errors import (
     InvalidInputError,
     MissingCredentialsError,
     NotFoundError,
+    SecretsManagerError,
     StorageError,
     UnlockError,
     UnsupportedOperationError,
@@ -384,13 +385,13 @@ class Session:
                 made = (reads or []) if mutating else []
                 try:
                     audit.append([*pending, *made, event], store)
-                except AuditError as audit_exc:
-                    warning_line(str(audit_exc))
                 except (StorageError, AccessDeniedError):
                     # The store itself failed while keeping the audit anchor: a Vault or AWS store
                     # that is down or refuses us, which is why the operation failed too. Nothing was
                     # changed or shown; the operation's own error is the one to report.
                     pass
+                except SecretsManagerError as audit_exc:  # the log cannot take it (an AuditError,
+                    warning_line(str(audit_exc))  # or a tamper error): the operation's error stays
                 raise
             audit.append([*pending, *(reads or [event])], store)
         finally:

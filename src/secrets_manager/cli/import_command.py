@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 from dotenv.parser import parse_stream
 
-from secrets_manager.cli.app import Note, Session, cli, pass_session
+from secrets_manager.cli.app import Session, cli, pass_session
 from secrets_manager.cli.output import info_line, print_json, warning_line
 from secrets_manager.cli.password import read_small_file
 from secrets_manager.cli.run_command import service_variable_problems
@@ -107,7 +107,11 @@ def import_command(
             )
         try:
             for entry in entries:
-                done.append(_import_one(store, note, entry, existing, on_existing))
+                item = _import_one(store, entry, existing, on_existing)
+                done.append(item)  # before its record: a failing append still counts it written
+                version = item["version"]
+                if isinstance(version, int):
+                    note.wrote(entry.name, version, entry.value)
         except SecretsManagerError as exc:
             _say_what_was_imported(exc, done, len(entries))
             raise
@@ -119,15 +123,15 @@ def import_command(
             click.echo(f"{item['name']}\t{detail}")
     written = sum(1 for item in done if item["version"] is not None)
     info_line(f"imported {written} of {len(done)} secret(s) into {service}/")
-    if written and file != "-":
+    if written and file != "-" and path.is_file():  # not stdin, nor a pipe such as <(…)
         warning_line(f"{file} still holds these values in plain text: delete it once nothing reads it")
 
 
 def _import_one(
-    store: SecretStore, note: Note, entry: Entry, existing: dict[str, SecretMetadata], on_existing: str
+    store: SecretStore, entry: Entry, existing: dict[str, SecretMetadata], on_existing: str
 ) -> dict[str, object]:
-    """Write one entry, its audit record appended at once. A name that turns out to exist when it
-    is written (created meanwhile, or not listed to a caller without `list`) counts as existing."""
+    """Write one entry (or skip it). A name that turns out to exist when it is written (created
+    meanwhile, or not listed to a caller without `list`) counts as existing."""
     item: dict[str, object] = {"name": entry.name, "key": entry.key, "action": "skipped", "version": None}
     if entry.name in existing and on_existing == "skip":
         return item
@@ -137,9 +141,13 @@ def _import_one(
     except ConflictError:
         if on_existing == "skip":
             return item
-        raise
-    note.wrote(entry.name, info.version, entry.value)
-    item["action"] = "overwritten" if entry.name in existing else "created"
+        if overwrite:
+            raise
+        raise ConflictError(
+            f"{entry.name} exists already, though it was not listed before the import (created "
+            "meanwhile, or you may not list it): pass --on-existing skip or --on-existing overwrite"
+        ) from None
+    item["action"] = "overwritten" if entry.name in existing or info.version > 1 else "created"
     item["version"] = info.version
     return item
 
@@ -149,8 +157,8 @@ def _say_what_was_imported(exc: SecretsManagerError, done: list[dict[str, object
     written = [item for item in done if item["version"] is not None]
     if written:
         exc.args = (
-            f"{exc}; {len(written)} of {total} secret(s) were imported before this (the last "
-            f"{written[-1]['name']}): rerun with --on-existing skip to import the rest",
+            f"{exc}; {len(written)} of {total} secret(s) were imported (the last {written[-1]['name']}): "
+            "rerun with --on-existing skip to import the rest",
         )
 
 
@@ -186,7 +194,12 @@ def _parse_json(text: str, source: str) -> list[tuple[str, str, str]]:
     array, number or boolean) as its exact text in the file, so numbers keep every digit and
     {"db": {"username": …, "password": …}} reads back with `get NAME#password`. The place named
     in an error is the key's position, never its text."""
-    decoder = json.JSONDecoder(object_pairs_hook=_refuse_duplicate_keys, parse_constant=_refuse_constant)
+    decoder = json.JSONDecoder(
+        object_pairs_hook=_refuse_duplicate_keys,
+        parse_constant=_refuse_constant,
+        parse_int=_any_number,  # only the type matters: the text is kept (and 5000 digits are fine)
+        parse_float=_any_number,
+    )
     pairs: list[tuple[str, str, str]] = []
     try:
         position = _skip_space(text, 0)
@@ -199,10 +212,10 @@ def _parse_json(text: str, source: str) -> list[tuple[str, str, str]]:
             key, position = decoder.raw_decode(text, position)
             number = len(pairs) + 1
             if not isinstance(key, str):
-                raise ValueError("a key is not text")
+                raise json.JSONDecodeError("a key is not text", text, position)
             position = _skip_space(text, position)
             if text[position : position + 1] != ":":
-                raise ValueError("':' expected")
+                raise json.JSONDecodeError("':' expected", text, position)
             start = _skip_space(text, position + 1)
             value, end = decoder.raw_decode(text, start)
             if value is None:
@@ -210,10 +223,11 @@ def _parse_json(text: str, source: str) -> list[tuple[str, str, str]]:
             pairs.append((key, value if isinstance(value, str) else text[start:end], f"key #{number}"))
             position = _skip_space(text, end)
             if text[position : position + 1] not in (",", "}"):
-                raise ValueError("',' or '}' expected")
+                raise json.JSONDecodeError("',' or '}' expected", text, position)
             position = _skip_space(text, position + 1) if text[position] == "," else position + 1
-        if text[position:].strip():
-            raise ValueError("text after the object")
+        after = _skip_space(text, position)
+        if after != len(text):
+            raise json.JSONDecodeError("text after the object", text, after)
     except RecursionError:
         raise InvalidInputError(f"{source} nests JSON too deeply; nothing was imported") from None
     except _RepeatedKey:
@@ -230,6 +244,10 @@ def _skip_space(text: str, position: int) -> int:
     while position < len(text) and text[position] in " \t\r\n":
         position += 1
     return position
+
+
+def _any_number(text: str) -> int:
+    return 0
 
 
 def _refuse_constant(name: str) -> None:

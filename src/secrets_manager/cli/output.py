@@ -34,7 +34,8 @@ _NAMED_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
 # and isolates that reorder what a terminal shows ("Trojan Source").
 _ALSO_ESCAPED = frozenset("\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 # What json.dumps(ensure_ascii=False) leaves raw of those; they occur only inside JSON strings.
-_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# Lone surrogates too (a forged record's "\\ud800"): UTF-8 cannot write them.
+_JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 _AGE = re.compile(r"([0-9]+)([smhd])")
 _AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
@@ -50,7 +51,7 @@ def printable(text: str) -> str:
 def _escaped(char: str) -> str:
     if char in _NAMED_ESCAPES:
         return _NAMED_ESCAPES[char]
-    if unicodedata.category(char) == "Cc" or char in _ALSO_ESCAPED:
+    if unicodedata.category(char) in ("Cc", "Cs") or char in _ALSO_ESCAPED:
         code = ord(char)
         return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
     return char
