@@ -385,10 +385,11 @@ class Session:
                 made = (reads or []) if mutating else []
                 try:
                     audit.append([*pending, *made, event], store)
-                except (StorageError, AccessDeniedError):
+                except (StorageError, AccessDeniedError, UnlockError):
                     # The store itself failed while keeping the audit anchor: a Vault or AWS store
-                    # that is down or refuses us, which is why the operation failed too. Nothing was
-                    # changed or shown; the operation's own error is the one to report.
+                    # that is down, refuses us or has no credentials to give, which is why the
+                    # operation failed too. Nothing was changed or shown; the operation's own error
+                    # is the one to report.
                     pass
                 except SecretsManagerError as audit_exc:  # the log cannot take it (an AuditError,
                     warning_line(str(audit_exc))  # or a tamper error): the operation's error stays
