@@ -1111,6 +1111,6 @@ def test_an_import_whose_audit_log_fails_part_way_still_says_how_far_it_got(
     assert run(["import", str(source), "--service", "svc"]) == 6
     monkeypatch.undo()
     err = capsys.readouterr().err.splitlines()
-    assert err[0] == "secrets-manager: warning: the audit log vanished"
+    assert err[0] == "secrets-manager: warning: the failure could not be audited: the audit log vanished"
     assert err[1].startswith("secrets-manager: error: the audit log vanished; 2 of 3 secret(s) were imported")
     assert ready("list", "svc/").out == "svc/ONE\nsvc/TWO\n"

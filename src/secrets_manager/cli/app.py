@@ -392,7 +392,8 @@ class Session:
                     # is the one to report.
                     pass
                 except SecretsManagerError as audit_exc:  # the log cannot take it (an AuditError,
-                    warning_line(str(audit_exc))  # or a tamper error): the operation's error stays
+                    # or a tamper error): said, and the operation's own error is the one raised
+                    warning_line(f"the failure could not be audited: {audit_exc}")
                 raise
             audit.append([*pending, *(reads or [event])], store)
         finally:
