@@ -83,6 +83,19 @@ def ready(cli: Cli) -> Cli:
     return cli
 
 
+def run_in_process(cli: Cli, monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """The CLI in this process, with `cli`'s environment, so a test can patch what it calls; every
+    patch is undone afterwards."""
+    from secrets_manager.cli import run
+
+    for key, value in cli.env.items():
+        monkeypatch.setenv(key, value)
+    try:
+        return run(list(args))
+    finally:
+        monkeypatch.undo()
+
+
 def assert_one_line_error(result: Result, code: int, *needles: str) -> None:
     assert result.code == code, (result.code, result.stderr)
     lines = result.stderr.strip().splitlines()
@@ -1034,7 +1047,6 @@ def test_an_import_that_fails_part_way_audits_the_secrets_it_wrote(
     """In process, with the store's put failing on the third secret: the two written before are
     in the audit log (with their fingerprints), durably before the next write begins (a killed
     import leaves them too), then the failure, whose message says how far it got."""
-    from secrets_manager.cli import run
     from secrets_manager.errors import StorageError
     from secrets_manager.store import EncryptedStore
 
@@ -1054,10 +1066,7 @@ def test_an_import_that_fails_part_way_audits_the_secrets_it_wrote(
         return put(self, name, value, **options)  # type: ignore[arg-type]
 
     monkeypatch.setattr(EncryptedStore, "put", failing_put)
-    for key, value in ready.env.items():
-        monkeypatch.setenv(key, value)
-    assert run(["import", str(source), "--service", "svc"]) == 1
-    monkeypatch.undo()
+    assert run_in_process(ready, monkeypatch, "import", str(source), "--service", "svc") == 1
     assert logged_before_third[-2:] == ["svc/ONE", "svc/TWO"]
     assert "2 of 3 secret(s) were imported (the last svc/TWO)" in capsys.readouterr().err
     assert ready("list", "svc/").out == "svc/ONE\nsvc/TWO\n"
@@ -1092,7 +1101,6 @@ def test_an_import_whose_audit_log_fails_part_way_still_says_how_far_it_got(
     error still counts the secret written just before, and the failure record that cannot be
     written either is a warning, not a second error that hides the first."""
     from secrets_manager.audit import AuditLog, AuditTamperError
-    from secrets_manager.cli import run
 
     source = tmp_path / "three.env"
     source.write_bytes(b"ONE=1\nTWO=2\nTHREE=3\n")
@@ -1106,10 +1114,7 @@ def test_an_import_whose_audit_log_fails_part_way_still_says_how_far_it_got(
         return append(self, events, anchor, **options)  # type: ignore[arg-type]
 
     monkeypatch.setattr(AuditLog, "append", failing_append)
-    for key, value in ready.env.items():
-        monkeypatch.setenv(key, value)
-    assert run(["import", str(source), "--service", "svc"]) == 6
-    monkeypatch.undo()
+    assert run_in_process(ready, monkeypatch, "import", str(source), "--service", "svc") == 6
     err = capsys.readouterr().err.splitlines()
     assert err[0] == "secrets-manager: warning: the failure could not be audited: the audit log vanished"
     assert err[1].startswith("secrets-manager: error: the audit log vanished; 2 of 3 secret(s) were imported")

@@ -80,8 +80,13 @@ def extension(cert: x509.Certificate, kind: type[Any]) -> Any:
     return cert.extensions.get_extension_for_class(kind)
 
 
-def self_signed(common_names: list[str] = (), uris: list[str] = ()) -> x509.Certificate:  # type: ignore[assignment]
-    """A bare certificate with exactly the given CNs and URI SANs, for identity edge cases."""
+def self_signed(
+    common_names: list[str] = (),  # type: ignore[assignment]
+    uris: list[str] = (),  # type: ignore[assignment]
+    extensions: list[x509.ExtensionType] = (),  # type: ignore[assignment]
+) -> x509.Certificate:
+    """A bare certificate with exactly the given CNs, URI SANs and other extensions, for identity
+    edge cases (tests/test_policy_cli.py uses it too)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn) for cn in common_names])
     now = datetime.now(UTC)
@@ -98,6 +103,8 @@ def self_signed(common_names: list[str] = (), uris: list[str] = ()) -> x509.Cert
         builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=False
         )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
     return builder.sign(key, hashes.SHA256())
 
 

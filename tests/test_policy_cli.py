@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtensionOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import ExtensionOID
 
 from secrets_manager.cli import run
 from secrets_manager.tls import pki
+from test_pki import self_signed
 
 POLICY = """
 [identities]
@@ -177,32 +176,13 @@ def test_a_policy_file_over_1_mib_is_refused(tmp_path: Path, capsys: pytest.Capt
     assert "larger than 1048576 bytes" in capsys.readouterr().err
 
 
-def _certificate(tmp_path: Path, extension: x509.ExtensionType) -> Path:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "auth")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
-        .not_valid_after(now + timedelta(days=1))
-        .add_extension(extension, critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    path = tmp_path / "odd.pem"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
 def test_explain_refuses_a_certificate_with_a_malformed_extension_in_one_line(
     policy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """cryptography parses extensions lazily: a bad SubjectAlternativeName was an internal error."""
     bad_san = x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x02\x01\x00")
-    path = _certificate(tmp_path, bad_san)
+    path = tmp_path / "odd.pem"
+    path.write_bytes(self_signed(["auth"], extensions=[bad_san]).public_bytes(serialization.Encoding.PEM))
     assert run(["policy", "explain", str(policy_file), "--cert", str(path), "auth/X"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "malformed extension or subject" in err

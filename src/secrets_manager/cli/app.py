@@ -381,10 +381,8 @@ class Session:
             except BaseException as exc:
                 event.outcome = getattr(exc, "kind", "error")
                 event.decision = "deny" if isinstance(exc, AccessDeniedError) else "allow"
-                # A change of several secrets that failed part-way: the ones it made are audited too.
-                made = (reads or []) if mutating else []
                 try:
-                    audit.append([*pending, *made, event], store)
+                    audit.append([*pending, event], store)
                 except (StorageError, AccessDeniedError, UnlockError):
                     # The store itself failed while keeping the audit anchor: a Vault or AWS store
                     # that is down, refuses us or has no credentials to give, which is why the
