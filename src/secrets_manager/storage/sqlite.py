@@ -65,7 +65,9 @@ class SqliteStorage:
             raise NotFoundError(
                 f"no store at {self.path}; create one with 'secrets-manager init' or pass --store"
             )
-        self._lock = threading.Lock()
+        # Reentrant: a read by the thread that holds a snapshot or a transaction of this handle
+        # runs inside it (the store adopts a rotated root key while decoding a snapshot).
+        self._lock = threading.RLock()
         try:
             self._connect(create)
         except BaseException:
@@ -241,7 +243,8 @@ class SqliteStorage:
         In WAL mode SQLite fixes a reader's view at its first read, so the counter read right after
         `BEGIN` pins the snapshot; writers in other connections and processes commit meanwhile,
         unseen. This handle's lock is held throughout, so its other methods wait until the
-        snapshot ends; other handles do not."""
+        snapshot ends in other threads; the snapshot's own thread reads inside it, seeing its
+        instant. Other handles do not wait."""
         with self._lock:
             try:
                 self._db.execute("BEGIN")
