@@ -558,6 +558,22 @@ def test_a_handle_opened_before_a_root_rotation_keeps_reading_and_writing(
     assert fresh.audit_anchor() == Anchor(seq=4, hash="cd" * 32)
 
 
+def test_a_handle_lists_after_another_rotated_the_root_key(
+    audited: EncryptedStore, open_store: OpenStore
+) -> None:
+    """list() decodes keysets inside a storage snapshot; adopting the new root key there reads the
+    header through the same handle. That deadlocked on SQLite (a service's ListSecrets hung, and
+    every call after it) until the handle's lock became reentrant."""
+    stale = open_store()
+    before = [meta.name for meta in stale.list()]
+    keys.rotate_root_key(audited)
+    listed: list[list[str]] = []
+    lister = threading.Thread(target=lambda: listed.append([m.name for m in stale.list()]), daemon=True)
+    lister.start()
+    lister.join(10)
+    assert listed == [before], "list() after a root key rotation never returned"
+
+
 def test_a_new_namespace_cannot_be_sealed_under_a_root_key_rotated_away_meanwhile(
     audited: EncryptedStore, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -592,6 +608,31 @@ def test_a_password_change_from_a_handle_opened_before_a_root_rotation_keeps_the
     assert values(store) == before
     with pytest.raises(UnlockError):
         open_store()
+
+
+def test_a_handle_reads_its_password_again_after_passwd_then_a_root_rotation(
+    audited: EncryptedStore, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`serve` holds the store open for weeks. Another process runs `passwd`, then `keys rotate
+    --root`: the password the service holds no longer opens the header. With renew_unlock_with
+    (serve's password file) it reads the password again; without, it says to open the store again."""
+    password_file = ["store test password"]  # what the service's password file holds
+    serving, plain = open_store(), open_store()
+    serving.renew_unlock_with(lambda: PasswordUnlock(password_file[0], kdf.TEST))
+    before = values(audited)
+    audited.change_password(b"a new password")
+    keys.rotate_root_key(audited)
+    with pytest.raises(ConflictError, match=r"open the store again$"):
+        plain.get("svc/a")
+    with pytest.raises(ConflictError, match="put the new password in its password file"):
+        serving.get("svc/a")  # the file still holds the old password
+    password_file[0] = "a new password"
+    with pytest.raises(ConflictError, match="password file"):
+        serving.get("svc/a")  # a failed attempt is not repeated at once (each costs an Argon2id run)
+    monkeypatch.setattr("secrets_manager.store.encrypted.RENEW_RETRY_SECONDS", 0.0)
+    assert values(serving) == before
+    serving.put("svc/a", b"written after the renewal")
+    assert open_store(password="a new password").get("svc/a").value.reveal() == b"written after the renewal"
 
 
 def test_root_rotation_refuses_to_undo_a_password_change_made_meanwhile(

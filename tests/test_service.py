@@ -22,6 +22,7 @@ from secrets_manager.client import RemoteStore
 from secrets_manager.crypto import kdf
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.store.encrypted import RENEW_RETRY_SECONDS
 from secrets_manager.v1 import secrets_pb2 as pb
 from service_fixtures import (
     PASSWORD,
@@ -31,6 +32,7 @@ from service_fixtures import (
     free_address,
     make_pki,
     make_store,
+    run_script,
     start_server,
     tls_files,
 )
@@ -775,3 +777,41 @@ def test_import_by_a_write_only_caller_meets_names_it_cannot_list_at_their_write
         ("drop/A", "overwritten", 2),
         ("drop/C", "overwritten", 2),
     ]
+
+
+def test_a_password_file_is_read_again_after_passwd_and_a_root_rotation(tmp_path: Path) -> None:
+    """Another process changes the master password, then rotates the root key: the password the
+    service read at start no longer opens the header. Each call is refused (ABORTED, saying what to
+    do) until the new password is in its password file, which it then reads again: no restart.
+    A list, which decodes keysets inside a storage snapshot, answers too (it used to hang)."""
+    make_pki(tmp_path)
+    make_store(tmp_path, SEED, POLICY)
+    password_file = tmp_path / "master-password"
+    password_file.write_text(PASSWORD)
+    password_file.chmod(0o600)
+    server = start_server(tmp_path, settings=f'password_file = "{password_file.name}"\n')
+    try:
+        stub = server.stub("ops")
+        get = pb.GetSecretRequest(name="auth/DB_PASSWORD")
+        assert stub.GetSecret(get, timeout=10).secret.value == SEED["auth/DB_PASSWORD"]
+        local = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "MASTER_PASSWORD": PASSWORD}
+        (tmp_path / "new-password").write_text("the new master password")
+        store = ("--store", str(tmp_path / "store.db"))
+        changed = run_script(local, *store, "passwd", "--new-password-file", str(tmp_path / "new-password"))
+        assert changed.returncode == 0, changed.stderr
+        rotated = run_script(
+            local, *store, "keys", "rotate", "--root", env={"MASTER_PASSWORD": "the new master password"}
+        )
+        assert rotated.returncode == 0, rotated.stderr
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetSecret(get, timeout=10)
+        assert refused.value.code() is grpc.StatusCode.ABORTED
+        assert "put the new password in its password file" in str(refused.value.details())
+        password_file.write_text("the new master password")
+        time.sleep(RENEW_RETRY_SECONDS + 0.2)  # a failed attempt is not repeated sooner
+        assert stub.GetSecret(get, timeout=10).secret.value == SEED["auth/DB_PASSWORD"]
+        names = [m.name for m in stub.ListSecrets(pb.ListSecretsRequest(prefix="auth/"), timeout=10).secrets]
+        assert names == ["auth/DB_PASSWORD", "auth/JWT_KEY"]
+        assert server.cli("ops", "store", "auth/NEW", input=b"written after").returncode == 0
+    finally:
+        server.stop()

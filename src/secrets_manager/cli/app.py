@@ -38,7 +38,7 @@ from secrets_manager.cli.password import (
 )
 from secrets_manager.client import RemoteStore, TlsFiles
 from secrets_manager.client._config import parse_addresses
-from secrets_manager.environment import Environment, current_environment
+from secrets_manager.environment import PASSWORD_FILE_VARIABLE, Environment, current_environment
 from secrets_manager.errors import (
     AccessDeniedError,
     ConflictError,
@@ -158,6 +158,12 @@ class Session:
         return read_password(
             self.password_file, environment=self.environment, environ=self.environ, confirm=confirm
         )
+
+    @property
+    def password_from_file(self) -> bool:
+        """Whether `password()` reads a file (--password-file, MASTER_PASSWORD_FILE): it can be
+        read again later, unlike a prompt or a variable that cannot change."""
+        return bool(self.password_file or self.environ.get(PASSWORD_FILE_VARIABLE))
 
     @property
     def audit_path(self) -> Path:

@@ -24,7 +24,8 @@ def serve(session: Session, config_path: str) -> None:
     """Serve the store over gRPC with mutual TLS, access control and audit, until SIGTERM.
 
     The master password comes from the config's password_file, else the usual sources; a store
-    that AWS KMS unlocks (init --kms-key, unlock-with kms) needs none. SIGHUP
+    that AWS KMS unlocks (init --kms-key, unlock-with kms) needs none. A password file is read
+    again if 'passwd' and then 'keys rotate --root' ran meanwhile: put the new password in it. SIGHUP
     reloads the access policy; SIGTERM stops accepting calls and lets running ones finish. With
     rotation_schedule in the config it also runs due credential rotations (see 'schedule --help')."""
     session.require_local("serve")
@@ -42,7 +43,13 @@ def serve(session: Session, config_path: str) -> None:
         flush_interval=config.audit_sync_interval_ms / 1000,
     )
     store = open_store(
-        store_url, password, environment=session.environment, actor=session.actor, audit_path=audit.path
+        store_url,
+        password,
+        environment=session.environment,
+        actor=session.actor,
+        audit_path=audit.path,
+        # A file is read again after another process ran passwd and 'keys rotate --root'.
+        password_rereadable=password_file is not None or session.password_from_file,
     )
     try:
         # As for a change: a durable request record first (a log that cannot be written stops the

@@ -26,6 +26,7 @@ import contextlib
 import contextvars
 import json
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from secrets_manager.errors import (
     IntegrityError,
     InvalidInputError,
     NotFoundError,
+    SecretsManagerError,
     StorageError,
     UnlockError,
     UnsupportedOperationError,
@@ -93,6 +95,7 @@ AUDIT_KEY_KEY = "core/audit-key"
 AUDIT_ANCHOR_KEY = "core/audit-anchor"
 SCOPED_ANCHOR_PREFIX = AUDIT_ANCHOR_KEY + "/"  # + scope: the anchor of one of several audit logs
 _AUDIT_SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+RENEW_RETRY_SECONDS = 5.0  # between attempts to read an unlock source again that failed
 KEY_POLICY_KEY = "core/key-policy"
 RECOVERY_KEY = "core/recovery"  # the recovery public key, sealed under the root key
 RETRY_DEADLINE_SECONDS = 30.0
@@ -141,6 +144,11 @@ class EncryptedStore:
         self._anchor_key = AUDIT_ANCHOR_KEY if audit_scope is None else SCOPED_ANCHOR_PREFIX + audit_scope
         self._unlock: UnlockSource | None = None
         self._unlock_section: dict[str, Any] | None = None  # the header section _unlock matches
+        # A long-running process (serve) can read its unlock source again (a password file): see
+        # renew_unlock_with. Failed attempts are spaced, for each costs an Argon2id derivation.
+        self._renew_unlock: Callable[[], UnlockSource] | None = None
+        self._renew_lock = threading.Lock()
+        self._renew_failed_at: float | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -186,6 +194,13 @@ class EncryptedStore:
             raise ConflictError("the master password was changed concurrently; try again") from None
         self._unlock = unlock
         self._unlock_section = header["unlock"]
+
+    def renew_unlock_with(self, source: Callable[[], UnlockSource]) -> None:
+        """Let this handle ask `source` for its unlock source again when the one it holds stops
+        opening the header: another process changed the master password (`passwd`) and then
+        rotated the root key. Without it a long-running service fails every call until restarted;
+        with it, putting the new password in its password file is enough."""
+        self._renew_unlock = source
 
     @property
     def unlock_kind(self) -> str:
@@ -638,14 +653,37 @@ class EncryptedStore:
         try:
             root = _unwrap_root(self._unlock, header)
         except UnlockError:
-            raise ConflictError(
-                "the store's root key was rotated and its master password changed since it was "
-                "opened; open the store again"
-            ) from None
+            root = self._unwrap_with_renewed_source(header)
         self._root = root
         self._unlock_section = header["unlock"]
         self._keysets.clear()
         self._policy = None
+
+    def _unwrap_with_renewed_source(self, header: dict[str, Any]) -> DataKey:
+        """The root key `header` names, from the unlock source read again (renew_unlock_with);
+        ConflictError if there is none, it does not open the header either, or it failed less
+        than RENEW_RETRY_SECONDS ago."""
+        refused = ConflictError(
+            "the store's root key was rotated and its master password changed since it was "
+            "opened; open the store again"
+            + ("" if self._renew_unlock is None else " (or put the new password in its password file)")
+        )
+        if self._renew_unlock is None:
+            raise refused
+        with self._renew_lock:
+            if self._root.id == header["root_key_id"]:  # another thread renewed it meanwhile
+                return self._root
+            failed_at = self._renew_failed_at
+            if failed_at is not None and time.monotonic() - failed_at < RENEW_RETRY_SECONDS:
+                raise refused
+            try:
+                source = self._renew_unlock()
+                root = _unwrap_root(source, header)
+            except SecretsManagerError:
+                self._renew_failed_at = time.monotonic()
+                raise refused from None
+            self._unlock, self._renew_failed_at = source, None
+            return root
 
     def _root_guard(self) -> Put:
         """Rewrite the header unchanged, on condition that it is still the one that names our root.

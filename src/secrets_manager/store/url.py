@@ -569,10 +569,13 @@ def open_store(
     environment: Environment,
     actor: str,
     audit_path: Path | None = None,
+    password_rereadable: bool = False,
 ) -> EncryptedStore:
     """Unlock the store `url` points at: with its master password, or through AWS KMS if its
     header says so. `password` may be a function, called only for a password store (so a store
-    that KMS unlocks never prompts).
+    that KMS unlocks never prompts). `password_rereadable`: the function may be called again
+    while the store is open (it reads a file, not a prompt), when another process has changed the
+    password and rotated the root key (EncryptedStore.renew_unlock_with).
 
     `audit_path` is the audit log this process writes (default: `default_audit_path(url)`). A
     PostgreSQL store is shared by hosts that each keep their own log, so there every log gets its
@@ -583,13 +586,16 @@ def open_store(
             "Vault and AWS stores have none (this entry point works on encrypted store files only)"
         )
     options = {**_store_options(url, audit_path), "actor": actor}
-    return _open_encrypted(
+    store = _open_encrypted(
         url,
         environment,
         lambda storage, kind: EncryptedStore.open(
             storage, _unlock_for(kind, password, environment), **options
         ),
     )
+    if password_rereadable and callable(password):
+        store.renew_unlock_with(lambda: _password_unlock(password(), environment))
+    return store
 
 
 def open_store_with_recovery(
