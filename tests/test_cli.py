@@ -450,6 +450,42 @@ def test_list_older_than_finds_values_not_rotated_since(ready: Cli) -> None:
     assert_one_line_error(ready("list", "--older-than", "999999999d"), 2, "before year 1")
 
 
+def test_list_filters_by_tag_and_description_like_aws_list_secrets(ready: Cli) -> None:
+    ready(
+        "store",
+        "svc/A",
+        "--tag",
+        "env=prod",
+        "--tag",
+        "team=desk1",
+        "--description",
+        "Binance key",
+        input=b"a",
+    )
+    ready("store", "svc/B", "--tag", "env=dev", "--tag", "team=", input=b"b")
+    ready("store", "svc/C", "--description", "the binance read-only KEY", input=b"c")
+    ready("store", "other/D", "--tag", "env=prod", input=b"d")
+    assert ready("list", "--tag", "env").out == "other/D\nsvc/A\nsvc/B\n"
+    assert ready("list", "--tag", "env=prod").out == "other/D\nsvc/A\n"
+    assert ready("list", "--tag", "team=").out == "svc/B\n"  # an empty value, exactly
+    assert ready("list", "--tag", "env=prod", "--tag", "team").out == "svc/A\n"  # all must hold
+    assert ready("list", "--tag", "env=Prod").out == ""  # values are case-sensitive, as on AWS
+    assert ready("list", "svc/", "--tag", "env=prod").out == "svc/A\n"
+    assert ready("list", "--description", "BINANCE").out == "svc/A\nsvc/C\n"
+    assert ready("list", "--description", "key", "--tag", "env").out == "svc/A\n"
+    [doc] = json.loads(ready("list", "--tag", "team=desk1", "--json").out)
+    assert (doc["name"], doc["tags"]) == ("svc/A", {"env": "prod", "team": "desk1"})
+    assert "Binance key" in ready("list", "--tag", "team=desk1", "--long").out
+    ready("delete", "svc/A")
+    assert ready("list", "--tag", "team=desk1").out == ""
+    assert ready("list", "--tag", "team=desk1", "--deleted").out == "svc/A\n"
+    assert ready("list", "--tag", "env=prod", "--older-than", "0s").out == "other/D\n"
+    assert ready("list", "--tag", "env=prod", "--older-than", "30d").out == ""
+    assert_one_line_error(ready("list", "--tag", "=x"), 2, "--tag '=x' names no tag key", "--tag KEY=VALUE")
+    assert_one_line_error(ready("list", "--tag", ""), 2, "names no tag key")
+    assert_one_line_error(ready("list", "--description", ""), 2, "give some text")
+
+
 def test_status_shows_the_store_at_a_glance_and_exits_6_when_the_audit_log_does_not_verify(
     ready: Cli,
 ) -> None:

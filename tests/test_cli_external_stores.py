@@ -191,6 +191,8 @@ def check_import_metadata_and_status(cli: Cli, tmp_path: Path, kind: str) -> Non
     assert cli("metadata", "imp/A", "--description", "from .env", "--tag", "team=t").code == 0
     doc = json.loads(cli("metadata", "imp/A", "--json").out)
     assert (doc["description"], doc["tags"], doc["current_version"]) == ("from .env", {"team": "t"}, 1)
+    assert cli("list", "--tag", "team=t", "--description", "FROM").out == "imp/A\n"
+    assert cli("list", "--tag", "team").out == "imp/A\n" and cli("list", "--tag", "team=u").out == ""
     status = json.loads(cli("status", "--json").out)
     assert (status["kind"], status["unlocked_by"], status["secrets"]) == (kind, "backend credentials", 2)
     assert status["audit_verified"] is True and status["recovery_shares"] is None
@@ -381,6 +383,11 @@ def test_list_older_than_and_history_times_on_aws(aws_cli: Cli) -> None:
     time.sleep(1.1)
     assert aws_cli("store", "svc/NEW", input=b"b").code == 0
     assert aws_cli("list", "--older-than", between).out == "svc/OLD\n"
+    assert aws_cli("metadata", "svc/NEW", "--tag", "env=prod").code == 0
+    assert aws_cli("metadata", "svc/OLD", "--tag", "env=dev").code == 0
+    assert aws_cli("list", "--older-than", between, "--tag", "env=dev").out == "svc/OLD\n"
+    assert aws_cli("list", "--older-than", between, "--tag", "env=prod").out == ""
+    assert aws_cli("list", "--tag", "env").out == "svc/NEW\nsvc/OLD\n"
     [version] = json.loads(aws_cli("history", "svc/OLD", "--json").out)["versions"]
     assert version["created"] < between
 

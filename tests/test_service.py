@@ -491,6 +491,9 @@ def test_cli_verbs_work_remotely_with_the_same_exit_codes(server: Server) -> Non
         server.cli("ops", "store", "auth/NEW", input=b"from the cli").stdout == b"stored auth/NEW version 1\n"
     )
     assert server.cli("ops", "get", "auth/NEW").stdout == b"from the cli\n"
+    assert server.cli("ops", "metadata", "auth/NEW", "--tag", "team=db").returncode == 0
+    assert server.cli("auth", "list", "--tag", "team=db").stdout == b"auth/NEW\n"  # ListSecrets has tags
+    assert server.cli("auth", "list", "--tag", "team=web").stdout == b""
     assert server.cli("ops", "get", "auth/MISSING").returncode == 3
     history = json.loads(server.cli("ops", "history", "auth/DB_PASSWORD", "--json").stdout)
     assert [v["version"] for v in history["versions"]] == [1]

@@ -688,24 +688,57 @@ def get(
     help="Only secrets whose current value was stored before TIME (ISO 8601, or an age such as 90d): "
     "the ones not rotated since.",
 )
+@click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="KEY[=VALUE]",
+    help="Only secrets with this tag (KEY), or with it set to exactly VALUE (KEY=VALUE); repeatable, "
+    "all must hold.",
+)
+@click.option(
+    "--description",
+    "description_text",
+    metavar="TEXT",
+    help="Only secrets whose description contains TEXT, ignoring case.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print metadata as JSON (never values).")
 @pass_session
 def list_command(
-    session: Session, prefix: str, long_format: bool, deleted: bool, older_than: str | None, as_json: bool
+    session: Session,
+    prefix: str,
+    long_format: bool,
+    deleted: bool,
+    older_than: str | None,
+    tags: tuple[str, ...],
+    description_text: str | None,
+    as_json: bool,
 ) -> None:
-    """List secret names (never values), optionally only those starting with PREFIX."""
+    """List secret names (never values), optionally only those starting with PREFIX.
+
+    --tag and --description filter like the tag-key, tag-value and description filters of AWS's
+    list-secrets; all filters given must hold."""
     validate_prefix(prefix)
     cutoff = (
         parse_cutoff(older_than, "--older-than", "leave --older-than out to list every secret")
         if older_than
         else None
     )
+    wanted_tags = parse_tag_filters(tags)
+    if description_text == "":
+        raise InvalidInputError("--description '' would match every secret; give some text to look for")
     with session.secret_operation("list", prefix or None) as (store, _):
         secrets = store.list(prefix, include_deleted=deleted)
+    # Filtered here, on what every store (and ListSecrets over --server) returns: the same on all.
     if cutoff is not None:
         secrets = [
             meta for meta in secrets if (stored := current_value_time(meta)) is not None and stored < cutoff
         ]
+    if wanted_tags:
+        secrets = [meta for meta in secrets if has_tags(meta, wanted_tags)]
+    if description_text is not None:
+        needle = description_text.casefold()
+        secrets = [meta for meta in secrets if needle in meta.description.casefold()]
     if as_json:
         print_json([metadata_doc(meta) for meta in secrets])
     elif long_format:
@@ -793,6 +826,23 @@ def metadata_command(
         *([f"{len(set(untags))} tag(s) removed"] if untags else []),
     ]
     info_line(f"updated the metadata of {name}: {', '.join(changed)} (no new version)")
+
+
+def parse_tag_filters(tags: tuple[str, ...]) -> list[tuple[str, str | None]]:
+    """`list --tag` arguments as (key, value) pairs: the value None for a bare KEY (the tag is set,
+    whatever its value). The first '=' ends the key, as in `store --tag`."""
+    wanted: list[tuple[str, str | None]] = []
+    for tag in tags:
+        key, sep, value = tag.partition("=")
+        if not key:
+            raise InvalidInputError(f"--tag {tag!r} names no tag key; write --tag KEY or --tag KEY=VALUE")
+        wanted.append((key, value if sep else None))
+    return wanted
+
+
+def has_tags(meta: SecretMetadata, wanted: list[tuple[str, str | None]]) -> bool:
+    """Whether `meta` has every tag in `wanted` (with exactly that value where one is given)."""
+    return all(key in meta.tags and value in (None, meta.tags[key]) for key, value in wanted)
 
 
 def current_value_time(meta: SecretMetadata) -> datetime | None:
