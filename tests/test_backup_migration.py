@@ -175,6 +175,22 @@ def test_a_backup_aws_cannot_hold_is_refused_before_any_write(aws: SecretStore, 
     assert aws.list("", include_deleted=True) == []
 
 
+def test_a_backup_with_a_tag_aws_cannot_hold_restores_nothing_into_aws(
+    aws: SecretStore, tmp_path: Path
+) -> None:
+    """A tag character AWS refuses (fine on SQLite) stops the restore at that secret, before its
+    write; the secrets restored before it are taken back."""
+    source = source_store(tmp_path / "source.db")
+    try:
+        source.put("zz/LAST", b"v", tags={"link": "https://example.test/?q=1"})
+        write_backup(source, tmp_path / "b.smbackup", password=BACKUP_PASSWORD, kdf=kdf.TEST)
+    finally:
+        source.close()
+    with pytest.raises(InvalidInputError, match="tag 'link' of 'zz/LAST' has a character AWS does not allow"):
+        restore_into(aws, read_backup(tmp_path / "b.smbackup", BACKUP_PASSWORD).secrets)
+    assert [meta.name for meta in aws.list("", include_deleted=True)] == []
+
+
 # ---- Vault KV v2 (the test server) ---------------------------------------------------------------------
 
 

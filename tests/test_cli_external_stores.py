@@ -392,6 +392,22 @@ def test_list_older_than_and_history_times_on_aws(aws_cli: Cli) -> None:
     assert version["created"] < between
 
 
+def test_a_tag_aws_would_refuse_leaves_the_secret_untouched(aws_cli: Cli, boto: Any, aws_prefix: str) -> None:
+    """moto accepts `v!`; AWS would refuse it, for `store` after writing the new version."""
+    assert aws_cli("store", "svc/T", "--tag", "team=desk1", input=b"v1").code == 0
+    before = boto.describe_secret(SecretId=f"{aws_prefix}/svc/T")
+    for args in (["store", "svc/T", "--tag", "k=v!"], ["metadata", "svc/T", "--tag", "k=v!"]):
+        refused = aws_cli(*args, input=b"v2")
+        assert_one_line_error(refused, 2, "tag 'k' of 'svc/T'", "_ . : / = + - @")
+        assert "v!" not in refused.stderr
+    assert_one_line_error(aws_cli("store", "svc/T", "--tag", "k?=v", input=b"v2"), 2, "tag key 'k?'")
+    after = boto.describe_secret(SecretId=f"{aws_prefix}/svc/T")
+    assert (after["Tags"], after["VersionIdsToStages"]) == (before["Tags"], before["VersionIdsToStages"])
+    assert aws_cli("get", "svc/T").out == "v1\n"
+    assert_one_line_error(aws_cli("store", "svc/NEW", "--tag", "k=v!", input=b"v"), 2, "tag 'k'")
+    assert_one_line_error(aws_cli("history", "svc/NEW"), 3)
+
+
 def test_no_aws_credentials_is_exit_4(aws_cli: Cli) -> None:
     result = aws_cli("list", env={"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None})
     assert_one_line_error(result, 4, "AWS credentials")

@@ -8,7 +8,8 @@ the creation time, as AWS does, for `list --older-than` and `history`); UpdateSe
 empty Description (patched there too: AWS clears it); PutSecretValue on a secret scheduled for
 deletion is accepted (AwsStore checks DescribeSecret first, as AWS would refuse it);
 ListSecretVersionIds of a missing secret is a 500 rather than ResourceNotFoundException (AwsStore
-calls DescribeSecret before it).
+calls DescribeSecret before it); tags with characters AWS refuses are accepted (AwsStore refuses
+them first).
 """
 
 from __future__ import annotations
@@ -131,6 +132,41 @@ def test_description_and_tags_are_native(make_aws: MakeAws, native: Any, prefix:
     assert {t["Key"]: t["Value"] for t in described["Tags"]} == {CREATED_BY_KEY: "tester", "team": "ops"}
     meta = store.describe("svc/META")
     assert (meta.created_by, dict(meta.tags)) == ("tester", {"team": "ops"})
+
+
+def test_a_tag_aws_would_refuse_is_refused_before_anything_is_written(
+    make_aws: MakeAws, native: Any, prefix: str
+) -> None:
+    """moto takes any character in a tag; AWS refuses those outside its tag character set, and for
+    `put` only after the new version was written. Letters of any script are allowed."""
+    store = make_aws()
+    kept = {"team": "désk 1", "path": "a/b:c=d+e-f_g.h@i"}
+    store.put("svc/T", b"v1", description="before", tags=kept)
+    before = native.describe_secret(SecretId=f"{prefix}/svc/T")
+    for tags, named in (
+        ({"k": "v!"}, "the value of tag 'k' of 'svc/T'"),
+        ({"k": "a,b"}, "the value of tag 'k'"),
+        ({"ключ": "ü", "k": "<v>"}, "the value of tag 'k'"),
+        ({"k!": "v"}, "tag key 'k!' of 'svc/T'"),
+        ({"k\u202e": "v"}, "tag key 'k\\u202e'"),  # a format character, escaped in the message
+    ):
+        with pytest.raises(InvalidInputError) as on_put:
+            store.put("svc/T", b"v2", tags=tags)
+        with pytest.raises(InvalidInputError) as on_update:
+            store.update_metadata("svc/T", description="after", set_tags=tags)
+        for message in (str(on_put.value), str(on_update.value)):
+            assert named in message and "does not allow" in message and "_ . : / = + - @" in message
+            assert not any(value in message for value in ("v!", "a,b", "<v>"))
+    with pytest.raises(InvalidInputError, match="character AWS does not allow"):
+        store.put("svc/NEW", b"v", tags={"k": "v!"})
+    with pytest.raises(NotFoundError):
+        store.describe("svc/NEW")
+    after = native.describe_secret(SecretId=f"{prefix}/svc/T")
+    assert after["Tags"] == before["Tags"] and after["Description"] == "before"
+    assert after["VersionIdsToStages"] == before["VersionIdsToStages"]  # no new version
+    assert store.get("svc/T").value.reveal() == b"v1"
+    store.update_metadata("svc/T", set_tags={"ключ": "значение 2"}, remove_tags=["bad!"])  # absent: no call
+    assert dict(store.describe("svc/T").tags) == kept | {"ключ": "значение 2"}
 
 
 def test_versions_written_by_another_tool_are_numbered_in_order(

@@ -34,6 +34,7 @@ import builtins
 import json
 import re
 import secrets
+import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -100,7 +101,17 @@ VERSION_ID_PREFIX = "secrets-manager-version-"
 RETRY_DEADLINE_SECONDS = 30.0
 _OUR_VERSION_ID = re.compile(re.escape(VERSION_ID_PREFIX) + r"(\d{10})")
 MAX_AWS_TAGS = 50  # per secret, ours included (TagResource)
-_TAG_VALUE_UNSAFE = re.compile(r"[^\w .:/=+\-@]")
+# The characters AWS allows in tag keys and values. Secrets Manager's TagResource reference
+# (docs.aws.amazon.com/secretsmanager/latest/apireference/API_TagResource.html) lists them as
+# "letters, spaces, and numbers representable in UTF-8, plus the following special characters:
+# + - = . _ : / @"; its Tag shape (and botocore's model) gives only the lengths, 1-128 and 0-256,
+# which base.checked_metadata checks. AWS's tagging APIs publish the set as the pattern
+# ^([\p{L}\p{Z}\p{N}_.:/=+\-@]*)$ (the Tag shapes of EFS, FSx, Service Quotas; their
+# ValidationException names it), which we apply: refusing a tag AWS would take costs another
+# spelling, letting through one it refuses costs a version written without its tags.
+# \p{L}\p{Z}\p{N} are the Unicode categories L*, Z*, N*.
+_TAG_SYMBOLS = frozenset("_.:/=+-@")
+_TAG_CHARACTERS = "letters, digits, spaces and _ . : / = + - @"
 
 # AWS error codes → our exceptions. InvalidRequestException ("the secret is scheduled for deletion",
 # mostly) depends on the call, so the call says what it means (`state_error`).
@@ -355,6 +366,7 @@ class AwsStore:
         PutSecretValue with ClientRequestToken = the next version's id; then UpdateSecret,
         TagResource, UntagResource as the description and tags require."""
         checked_write(name, expect_version, description, tags)
+        _refuse_tags_aws_refuses(name, tags)
         payload = _payload(checked_value(value, empty_supported=False))
         secret_id = self.aws_name(name)
         backoff = Backoff(first=0.05, cap=1.0, deadline_seconds=RETRY_DEADLINE_SECONDS, what=repr(name))
@@ -565,6 +577,7 @@ class AwsStore:
         other tags is kept."""
         validate_name(name)
         setting, removing = checked_metadata_update(name, description, set_tags, remove_tags)
+        _refuse_tags_aws_refuses(name, setting)  # a key to remove that AWS could not hold is absent
         secret_id = self.aws_name(name)
         with self._aws(f"read {name}", name):
             existing = self._describe_or_none(secret_id)
@@ -843,6 +856,27 @@ def _refuse_unless_tags_fit(
         )
 
 
+def _aws_tag_character(char: str) -> bool:
+    return char in _TAG_SYMBOLS or unicodedata.category(char)[0] in "LNZ"
+
+
+def _refuse_tags_aws_refuses(name: str, tags: Mapping[str, str] | None) -> None:
+    """InvalidInputError, before anything is written, for a tag whose key or value has a character
+    AWS does not allow in tags: moto takes them, and AWS's ValidationException would come, for
+    `put`, after the new version is written. Names the tag's key (escaped by repr), never its value."""
+    for key, value in (tags or {}).items():
+        if not all(map(_aws_tag_character, key)):
+            raise InvalidInputError(
+                f"tag key {key!r} of {name!r} has a character AWS does not allow in tags; "
+                f"use {_TAG_CHARACTERS}"
+            )
+        if not all(map(_aws_tag_character, value)):
+            raise InvalidInputError(
+                f"the value of tag {key!r} of {name!r} has a character AWS does not allow in tags; "
+                f"use {_TAG_CHARACTERS}"
+            )
+
+
 def _tag_value(text: str) -> str:
-    """`text` within AWS's tag value character set and length."""
-    return _TAG_VALUE_UNSAFE.sub("_", text)[:256]
+    """`text` within AWS's tag value character set and length (others become '_')."""
+    return "".join(c if _aws_tag_character(c) else "_" for c in text)[:256]
