@@ -21,7 +21,7 @@ from secrets_manager.storage.testing import STORAGE_CHECKS, check_storage
 from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretStore
 from secrets_manager.store import base as store_base
 from secrets_manager.store import encrypted as encrypted_module
-from secrets_manager.store.testing import check_secret_store
+from secrets_manager.store.testing import check_secret_store, run_check
 from secrets_manager.values import SecretValue
 
 
@@ -392,6 +392,42 @@ def test_check_secret_store_notices_a_metadata_update_that_drops_other_tags(
     monkeypatch.setattr(encrypted_module, "updated_metadata", replacing)
     with pytest.raises(AssertionError, match="'update-metadata' failed: setting a tag dropped others"):
         check_secret_store(make_store)
+
+
+def test_check_secret_store_notices_pruning_that_drops_labelled_versions(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def prune_by_count(self: Any) -> list[int]:
+        pruned = sorted(self.versions)[: max(len(self.versions) - self.max_versions, 0)]
+        for number in pruned:
+            del self.versions[number]
+        return pruned
+
+    monkeypatch.setattr(encrypted_module._Meta, "prune", prune_by_count)
+    with pytest.raises(AssertionError, match="under max_versions 2 a stage kept"):
+        run_check(make_store, "max-versions-setting")
+
+
+def test_check_secret_store_notices_a_lax_max_versions_bound(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_base, "MAX_MAX_VERSIONS", store_base.MAX_MAX_VERSIONS + 1)
+    with pytest.raises(AssertionError, match="max_versions 101: expected InvalidInputError"):
+        run_check(make_store, "max-versions-setting")
+
+
+def test_check_secret_store_notices_a_put_that_resets_max_versions(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = encrypted_module.EncryptedStore.put
+
+    def put_resetting(self: EncryptedStore, name: str, value: bytes, **kwargs: Any) -> Any:
+        kwargs["max_versions"] = kwargs.get("max_versions") or store_base.DEFAULT_MAX_VERSIONS
+        return original(self, name, value, **kwargs)
+
+    monkeypatch.setattr(encrypted_module.EncryptedStore, "put", put_resetting)
+    with pytest.raises(AssertionError, match="after a write under max_versions 3, kept"):
+        run_check(make_store, "max-versions-setting")
 
 
 def test_check_secret_store_notices_a_stage_that_moves_current(

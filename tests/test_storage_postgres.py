@@ -139,7 +139,10 @@ def test_encrypted_store_on_postgres_passes_the_whole_secret_store_suite(
     check_secret_store(make_store)
 
 
-@pytest.mark.parametrize("behaviour", ["expect-version", "max-versions", "repr-redacted", "metadata-limits"])
+@pytest.mark.parametrize(
+    "behaviour",
+    ["expect-version", "max-versions", "max-versions-setting", "repr-redacted", "metadata-limits"],
+)
 def test_encrypted_store_on_postgres_conforms(behaviour: str, make_store: Callable[[], SecretStore]) -> None:
     assert behaviour in SECRET_STORE_CHECKS
     run_check(make_store, behaviour)

@@ -35,7 +35,7 @@ from secrets_manager.errors import (
 from secrets_manager.store import SecretStore
 from secrets_manager.store.aws import AwsStore
 from secrets_manager.store.base import PENDING, PREVIOUS, Anchor, AuditedStore
-from secrets_manager.store.external import CREATED_BY_KEY
+from secrets_manager.store.external import CREATED_BY_KEY, MAX_VERSIONS_KEY
 from secrets_manager.store.testing import SECRET_STORE_CHECKS, check_secret_store, run_check
 from secrets_manager.store.url import AwsLocation, external_location, open_external_store
 
@@ -167,6 +167,55 @@ def test_a_tag_aws_would_refuse_is_refused_before_anything_is_written(
     assert store.get("svc/T").value.reveal() == b"v1"
     store.update_metadata("svc/T", set_tags={"ключ": "значение 2"}, remove_tags=["bad!"])  # absent: no call
     assert dict(store.describe("svc/T").tags) == kept | {"ключ": "значение 2"}
+
+
+def test_max_versions_is_our_tag_and_limits_the_versions_we_show(
+    make_aws: MakeAws, native: Any, prefix: str
+) -> None:
+    """AWS has no per-secret max_versions: ours is the tag secrets-manager:max-versions. AWS keeps
+    the versions, so a lower value hides the older ones at once and a higher one shows them again."""
+    store = make_aws()
+    store.put("svc/ROLL", b"v1", max_versions=3, tags={"team": "desk1"})
+    for n in range(2, 6):
+        store.put("svc/ROLL", f"v{n}".encode())
+    described = native.describe_secret(SecretId=f"{prefix}/svc/ROLL")
+    assert {t["Key"]: t["Value"] for t in described["Tags"]} == {
+        CREATED_BY_KEY: "tester",
+        MAX_VERSIONS_KEY: "3",
+        "team": "desk1",
+    }
+    meta = store.describe("svc/ROLL")
+    assert (meta.max_versions, [v.version for v in meta.versions], dict(meta.tags)) == (
+        3,
+        [3, 4, 5],
+        {"team": "desk1"},
+    )
+    with pytest.raises(NotFoundError):
+        store.get("svc/ROLL", version=2)
+    store.update_metadata("svc/ROLL", max_versions=5)
+    assert [v.version for v in store.describe("svc/ROLL").versions] == [1, 2, 3, 4, 5]
+    assert store.get("svc/ROLL", version=1).value.reveal() == b"v1"
+    native.tag_resource(SecretId=f"{prefix}/svc/ROLL", Tags=[{"Key": MAX_VERSIONS_KEY, "Value": "junk"}])
+    assert store.describe("svc/ROLL").max_versions == 10  # spoilt by another tool: the default
+
+
+def test_a_max_versions_tag_that_does_not_fit_is_refused_before_the_write(
+    make_aws: MakeAws, native: Any, prefix: str
+) -> None:
+    store = make_aws()
+    store.put("svc/FULL", b"v1", tags={f"t{i:02d}": "v" for i in range(49)})  # 49 and created-by: 50
+    for attempt in (
+        lambda: store.put("svc/FULL", b"v2", max_versions=3),
+        lambda: store.update_metadata("svc/FULL", max_versions=3),
+    ):
+        with pytest.raises(UnsupportedOperationError, match="not supported by this store"):
+            attempt()
+    meta = store.describe("svc/FULL")
+    assert (meta.current_version, meta.max_versions, len(meta.tags)) == (1, 10, 49)
+    with pytest.raises(UnsupportedOperationError):
+        store.put("svc/NEW", b"v1", max_versions=3, tags={f"t{i:02d}": "v" for i in range(49)})
+    with pytest.raises(NotFoundError):
+        store.describe("svc/NEW")
 
 
 def test_versions_written_by_another_tool_are_numbered_in_order(

@@ -128,6 +128,43 @@ def test_description_tags_and_author_are_custom_metadata(
     )
 
 
+def test_max_versions_is_vaults_own_and_vault_prunes_at_the_next_write(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    """`update_metadata(max_versions=)` is `vault kv metadata put -max-versions`: it sends
+    max_versions alone (so a concurrent change of custom_metadata is not undone), and Vault prunes
+    only when the next version is written."""
+    store = make_vault()
+    client = hvac.Client(url=fake_vault.address, token=fake_vault.root_token)
+    store.put("svc/ROLL", b"v1", description="d")
+    for n in range(2, 6):
+        store.put("svc/ROLL", f"v{n}".encode())
+    custom = dict(kv(fake_vault, "svc/ROLL").custom_metadata) | {"other-tool": "x"}
+    client.secrets.kv.v2.update_metadata(path="svc/ROLL", custom_metadata=custom, mount_point="secret")
+    store.update_metadata("svc/ROLL", max_versions=2)
+    secret = kv(fake_vault, "svc/ROLL")
+    assert secret.max_versions == 2 and sorted(secret.versions) == [1, 2, 3, 4, 5]
+    assert secret.custom_metadata == custom
+    store.put("svc/ROLL", b"v6")
+    assert sorted(kv(fake_vault, "svc/ROLL").versions) == [5, 6]
+    native = client.secrets.kv.v2.read_secret_metadata(path="svc/ROLL", mount_point="secret")
+    assert native["data"]["max_versions"] == 2
+    store.put("svc/ROLL", b"v7", max_versions=3)  # set before the write, so Vault prunes under it
+    assert kv(fake_vault, "svc/ROLL").max_versions == 3
+    client.secrets.kv.v2.create_or_update_secret(
+        path="svc/OTHER", secret={"value": "x"}, mount_point="secret"
+    )
+    assert kv(fake_vault, "svc/OTHER").max_versions == 0  # another tool's: the mount's default
+    assert store.describe("svc/OTHER").max_versions == 10
+
+
+def test_the_test_server_refuses_a_max_versions_that_is_no_integer(fake_vault: FakeVault) -> None:
+    client = hvac.Client(url=fake_vault.address, token=fake_vault.root_token)
+    with pytest.raises(hvac.exceptions.InvalidRequest, match="max_versions"):
+        client.adapter.post("/v1/secret/metadata/svc/BAD", json={"max_versions": "many"})
+    assert "svc/BAD" not in fake_vault.mounts["secret"]
+
+
 @pytest.mark.parametrize(
     ("key", "value", "accepted"),
     [

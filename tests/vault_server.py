@@ -16,7 +16,9 @@ error codes (https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2):
     GET    /v1/MOUNT/metadata/PATH            200 metadata (current_version, versions, custom_metadata…)
     POST   /v1/MOUNT/metadata/PATH            update only the fields given → 204; custom_metadata as
                                               Vault checks it: at most 64 keys, keys of 1-128 and values
-                                              up to 512 UTF-8 bytes (not characters), else 400
+                                              up to 512 UTF-8 bytes (not characters), else 400;
+                                              max_versions an integer (else 400), stored only: as in
+                                              Vault, nothing is pruned until the next data write
     DELETE /v1/MOUNT/metadata/PATH            every version and the metadata → 204
     LIST   /v1/MOUNT/metadata/FOLDER[/]       200 {"data": {"keys": [...]}} ("sub/" for folders), 404 if none
     POST   /v1/auth/approle/login             {"role_id", "secret_id"} → {"auth": {"client_token": …}}
@@ -24,7 +26,9 @@ error codes (https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2):
 Every request needs a known X-Vault-Token (else 403 {"errors": ["permission denied"]}); read-only
 tokens get 403 on writes. `seal()` makes every request 503 {"errors": ["Vault is sealed"]};
 `fail_next(status, count)` answers the next requests with an error (for retry tests). Versions
-beyond max_versions (the secret's, else 10) are removed oldest first, as Vault does.
+beyond max_versions (the secret's, else 10) are removed oldest first by each data write, as
+Vault's KeyMetadata.AddVersion does (so a lowered max_versions removes several at once); the mount
+has no max_versions of its own here (Vault's config endpoint, which would raise the limit).
 """
 
 from __future__ import annotations
@@ -299,9 +303,15 @@ class FakeVault:
                         400,
                         [f"custom_metadata validation failed: key {k!r}: keys 1-128 bytes, values up to 512"],
                     )
+        max_versions = body.get("max_versions")
+        # Vault's field is a TypeInt: an integer, or text that parses as one.
+        if max_versions is not None and (
+            isinstance(max_versions, bool) or not str(max_versions).lstrip("-").isdigit()
+        ):
+            raise VaultError(400, ['error converting input for field "max_versions"'])
         secret = secrets.setdefault(key, KvSecret())
-        if "max_versions" in body:
-            secret.max_versions = int(body["max_versions"])
+        if max_versions is not None:
+            secret.max_versions = int(max_versions)
         if "cas_required" in body:
             secret.cas_required = bool(body["cas_required"])
         if "delete_version_after" in body:

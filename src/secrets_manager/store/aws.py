@@ -10,6 +10,8 @@ The mapping (docs/stores.md has it in full):
     current/previous/pending the staging labels AWSCURRENT / AWSPREVIOUS / AWSPENDING
     stage / promote          PutSecretValue with VersionStages=[AWSPENDING] / UpdateSecretVersionStage
     description, tags        the secret's Description and Tags (tag `secrets-manager:created-by` is ours)
+    max_versions             our tag `secrets-manager:max-versions` (AWS has no such setting); absent:
+                             the store's default (10)
     delete / undelete        DeleteSecret with a recovery window / RestoreSecret
     destroy_secret           DeleteSecret with ForceDeleteWithoutRecovery
     KMS key                  per namespace, given when a secret is created (`?kms.NAMESPACE=KEY`)
@@ -21,7 +23,8 @@ writers racing for version N cannot both win. Other tools do not take part in th
 Not supported (UnsupportedOperationError): destroying single versions (AWS cannot erase one
 version) and empty values (AWS needs a non-empty SecretString or SecretBinary). AWS keeps older,
 unlabelled versions itself (it removes them past its own limit); we show and read only the newest
-`max_versions` of them, plus any version that carries a label.
+`max_versions` of them, plus any version that carries a label. So a lower max_versions hides the
+older versions at once, and a higher one shows them again while AWS still keeps them.
 
 Transport: boto3 with the standard retry mode (throttling and transient errors are retried with
 backoff); error codes map to our exceptions through `_ERRORS`. Each method's docstring names the
@@ -74,6 +77,7 @@ from secrets_manager.store.base import (
     Secret,
     SecretMetadata,
     VersionInfo,
+    checked_max_versions,
     checked_metadata_update,
     checked_value,
     refuse_if_rotating,
@@ -86,6 +90,7 @@ from secrets_manager.store.external import (
     CREATED_BY_KEY,
     DEFAULT_AUDIT_SCOPE,
     DEFAULT_RECOVERY_WINDOW_DAYS,
+    MAX_VERSIONS_KEY,
     RESERVED_KEY_PREFIX,
     audit_anchor_name,
     checked_write,
@@ -244,9 +249,11 @@ class AwsStore:
                 number = numbers[0]
             return self._secret(name, number, reply)
         with self._aws(f"read {name}", name, state_error=NotFoundError):
-            if self._client.describe_secret(SecretId=secret_id).get("DeletedDate"):
+            described = self._client.describe_secret(SecretId=secret_id)
+            if described.get("DeletedDate"):
                 raise NotFoundError(f"secret {name!r} is deleted; 'undelete {name}' restores it")
-        visible = {v.number: v for v in self._visible(self._versions(name))}
+        limit = self._max_versions_of(described)
+        visible = {v.number: v for v in _visible(self._versions(name), limit)}
         if version not in visible:
             raise NotFoundError(f"secret {name!r} has no version {version}")
         with self._aws(f"read {name}", name, state_error=NotFoundError):
@@ -303,10 +310,15 @@ class AwsStore:
                 arguments["NextToken"] = page["NextToken"]
         return _numbered(raw)
 
-    def _visible(self, versions: builtins.list[_AwsVersion]) -> builtins.list[_AwsVersion]:
-        """The newest `max_versions` versions, and any older one that still carries a label."""
-        newest = {v.number for v in versions[-self._max_versions :]}
-        return [v for v in versions if v.number in newest or v.labels]
+    def _max_versions_of(self, entry: Mapping[str, Any]) -> int:
+        """The secret's own max_versions (our tag on its DescribeSecret or ListSecrets entry),
+        else the store's default; a tag that another tool spoilt counts as absent."""
+        for tag in entry.get("Tags") or []:
+            if tag.get("Key") == MAX_VERSIONS_KEY:
+                text = str(tag.get("Value", ""))
+                if text.isascii() and text.isdigit() and int(text) > 0:
+                    return int(text)
+        return self._max_versions
 
     def _secret(self, name: str, number: int, reply: Mapping[str, Any]) -> Secret:
         if reply.get("SecretString") is not None:
@@ -328,7 +340,8 @@ class AwsStore:
     ) -> SecretMetadata:
         tags = {str(t["Key"]): str(t["Value"]) for t in entry.get("Tags") or []}
         created = utc(entry.get("CreatedDate") or datetime.now(UTC))
-        visible = self._visible(versions)
+        max_versions = self._max_versions_of(entry)
+        visible = _visible(versions, max_versions)
         labels = {label: v.number for v in visible for label in v.labels}
         deleted = entry.get("DeletedDate")
         return SecretMetadata(
@@ -347,7 +360,7 @@ class AwsStore:
                 for v in visible
             ),
             deleted=None if deleted is None else utc(deleted),
-            max_versions=self._max_versions,
+            max_versions=max_versions,
             labels=labels,
         )
 
@@ -361,42 +374,51 @@ class AwsStore:
         expect_version: int | None = None,
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
+        max_versions: int | None = None,
     ) -> VersionInfo:
         """DescribeSecret, then CreateSecret (a new secret) or ListSecretVersionIds and
         PutSecretValue with ClientRequestToken = the next version's id; then UpdateSecret,
-        TagResource, UntagResource as the description and tags require."""
+        TagResource, UntagResource as the description, tags and max_versions require."""
         checked_write(name, expect_version, description, tags)
         _refuse_tags_aws_refuses(name, tags)
+        checked_max_versions(name, max_versions)
         payload = _payload(checked_value(value, empty_supported=False))
         secret_id = self.aws_name(name)
         backoff = Backoff(first=0.05, cap=1.0, deadline_seconds=RETRY_DEADLINE_SECONDS, what=repr(name))
         while True:
             with self._aws(f"store {name}", name):
                 existing = self._describe_or_none(secret_id)
-            _refuse_unless_tags_fit(name, existing, tags)
+            _refuse_unless_tags_fit(name, existing, tags, max_versions)
             try:
                 if existing is None:
                     if expect_version not in (None, 0):
                         raise ConflictError(
                             f"secret {name!r} is at version 0, not {expect_version}; read it again and retry"
                         )
-                    self._create(name, payload, description, tags)
+                    self._create(name, payload, description, tags, max_versions)
                     return VersionInfo(version=1, created=datetime.now(UTC), created_by="", labels=(CURRENT,))
                 number = self._put_version(name, existing, payload, expect_version)
                 break
             except _LostRace:
                 backoff.wait()
-        self._update_metadata(name, existing, description, tags)
+        self._update_metadata(name, existing, description, tags, max_versions)
         return VersionInfo(version=number, created=datetime.now(UTC), created_by="", labels=(CURRENT,))
 
     def _create(
-        self, name: str, payload: Mapping[str, Any], description: str | None, tags: Mapping[str, str] | None
+        self,
+        name: str,
+        payload: Mapping[str, Any],
+        description: str | None,
+        tags: Mapping[str, str] | None,
+        max_versions: int | None,
     ) -> None:
+        ours = {CREATED_BY_KEY: _tag_value(self._actor)}
+        if max_versions is not None:
+            ours[MAX_VERSIONS_KEY] = str(max_versions)
         arguments: dict[str, Any] = {
             "Name": self.aws_name(name),
             "ClientRequestToken": _version_id(1),
-            "Tags": [{"Key": CREATED_BY_KEY, "Value": _tag_value(self._actor)}]
-            + [{"Key": k, "Value": v} for k, v in (tags or {}).items()],
+            "Tags": [{"Key": k, "Value": v} for k, v in (ours | dict(tags or {})).items()],
             **payload,
         }
         if description:
@@ -549,8 +571,12 @@ class AwsStore:
         existing: Mapping[str, Any],
         description: str | None,
         tags: Mapping[str, str] | None,
+        max_versions: int | None,
     ) -> None:
         secret_id = self.aws_name(name)
+        setting = dict(tags or {})
+        if max_versions is not None:
+            setting[MAX_VERSIONS_KEY] = str(max_versions)
         with self._aws(f"store the metadata of {name}", name, state_error=ConflictError):
             if description is not None and description != (existing.get("Description") or ""):
                 self._client.update_secret(SecretId=secret_id, Description=description)
@@ -559,10 +585,10 @@ class AwsStore:
                 gone = [k for k in old if k not in tags]
                 if gone:
                     self._client.untag_resource(SecretId=secret_id, TagKeys=gone)
-                if tags:
-                    self._client.tag_resource(
-                        SecretId=secret_id, Tags=[{"Key": k, "Value": v} for k, v in tags.items()]
-                    )
+            if setting:
+                self._client.tag_resource(
+                    SecretId=secret_id, Tags=[{"Key": k, "Value": v} for k, v in setting.items()]
+                )
 
     def update_metadata(
         self,
@@ -571,12 +597,13 @@ class AwsStore:
         description: str | None = None,
         set_tags: Mapping[str, str] | None = None,
         remove_tags: Iterable[str] = (),
+        max_versions: int | None = None,
     ) -> None:
         """DescribeSecret, then UpdateSecret with only a Description (AWS writes no version for
-        it), UntagResource and TagResource with only the keys given, so a concurrent change of
-        other tags is kept."""
+        it), UntagResource and TagResource with only the keys given (max_versions is our tag), so
+        a concurrent change of other tags is kept."""
         validate_name(name)
-        setting, removing = checked_metadata_update(name, description, set_tags, remove_tags)
+        setting, removing = checked_metadata_update(name, description, set_tags, remove_tags, max_versions)
         _refuse_tags_aws_refuses(name, setting)  # a key to remove that AWS could not hold is absent
         secret_id = self.aws_name(name)
         with self._aws(f"read {name}", name):
@@ -594,8 +621,10 @@ class AwsStore:
             set_tags=setting,
             remove_tags=removing,
         )
-        _refuse_unless_tags_fit(name, existing, tags)
+        _refuse_unless_tags_fit(name, existing, tags, max_versions)
         gone = sorted(removing & old_tags.keys())
+        if max_versions is not None:
+            setting[MAX_VERSIONS_KEY] = str(max_versions)
         with self._aws(f"store the metadata of {name}", name, state_error=ConflictError):
             if description is not None:
                 self._client.update_secret(SecretId=secret_id, Description=description)
@@ -829,6 +858,12 @@ def _numbered(raw: Iterable[Mapping[str, Any]]) -> list[_AwsVersion]:
     return numbered
 
 
+def _visible(versions: list[_AwsVersion], max_versions: int) -> list[_AwsVersion]:
+    """The newest `max_versions` versions, and any older one that still carries a label."""
+    newest = {v.number for v in versions[-max_versions:]}
+    return [v for v in versions if v.number in newest or v.labels]
+
+
 def _payload(value: bytes) -> dict[str, Any]:
     try:
         return {"SecretString": value.decode("utf-8")}
@@ -837,17 +872,20 @@ def _payload(value: bytes) -> dict[str, Any]:
 
 
 def _refuse_unless_tags_fit(
-    name: str, existing: Mapping[str, Any] | None, tags: Mapping[str, str] | None
+    name: str, existing: Mapping[str, Any] | None, tags: Mapping[str, str] | None, max_versions: int | None
 ) -> None:
-    """UnsupportedOperationError if AWS's 50 tags per secret cannot hold these tags beside ours
-    (`secrets-manager:created-by`, set when we create a secret): AWS would refuse them only after
-    the new version is written."""
+    """UnsupportedOperationError if AWS's 50 tags per secret cannot hold these tags (None: the
+    secret's own) beside ours (`secrets-manager:created-by`, set when we create a secret, and
+    `secrets-manager:max-versions` once one is set): AWS would refuse them only after the new
+    version is written."""
+    keys = {str(t["Key"]) for t in (existing or {}).get("Tags") or []}
     if tags is None:
-        return
-    if existing is None:
-        ours = 1
-    else:
-        ours = sum(1 for t in existing.get("Tags") or [] if str(t["Key"]).startswith(RESERVED_KEY_PREFIX))
+        if max_versions is None or MAX_VERSIONS_KEY in keys:
+            return  # no tag is added
+        tags = user_tags({key: "" for key in keys})
+    ours = 1 if existing is None else sum(1 for key in keys if key.startswith(RESERVED_KEY_PREFIX))
+    if max_versions is not None and MAX_VERSIONS_KEY not in keys:
+        ours += 1
     if len(tags) + ours > MAX_AWS_TAGS:
         raise UnsupportedOperationError(
             f"{name!r} would have {len(tags)} tags; AWS Secrets Manager holds {MAX_AWS_TAGS} per secret "

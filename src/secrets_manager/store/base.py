@@ -27,6 +27,11 @@ PENDING = "pending"
 LABELS = (CURRENT, PREVIOUS, PENDING)
 MAX_VALUE_SIZE = 64 * 1024
 DEFAULT_MAX_VERSIONS = 10
+# What a secret's own max_versions may be set to. At least 2: `current` and `previous` are labels,
+# never pruned, so 1 would keep two anyway (and Vault, whose `previous` is just the version before
+# the latest, would prune it). At most 100: about what AWS Secrets Manager keeps of a secret.
+MIN_MAX_VERSIONS = 2
+MAX_MAX_VERSIONS = 100
 # Metadata limits: AWS Secrets Manager's documented ones (Description; TagResource), for every store.
 MAX_DESCRIPTION_LENGTH = 2048  # characters
 MAX_TAGS = 50
@@ -117,8 +122,11 @@ class SecretStore(Protocol):
         expect_version: int | None = None,
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
+        max_versions: int | None = None,
     ) -> VersionInfo:
-        """Write a new version and move `current`/`previous`. `expect_version=0` means create-only."""
+        """Write a new version and move `current`/`previous`. `expect_version=0` means create-only.
+        `description`, `tags` and `max_versions`, when given, are set on the secret (new or not)
+        with this write; the write prunes under the new `max_versions` (`update_metadata`)."""
 
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """One version: by number, by label, or `current` when neither is given."""
@@ -136,11 +144,15 @@ class SecretStore(Protocol):
         description: str | None = None,
         set_tags: Mapping[str, str] | None = None,
         remove_tags: Iterable[str] = (),
+        max_versions: int | None = None,
     ) -> None:
-        """Change the description and tags without writing a version, as AWS's UpdateSecret
-        without a value, TagResource and UntagResource do: `set_tags` are added or replaced,
-        `remove_tags` removed (an absent key is no error), other tags stay. NotFoundError if the
-        secret is missing, ConflictError if it is deleted; the checks of `put` on the result."""
+        """Change the description, tags and max_versions without writing a version, as AWS's
+        UpdateSecret without a value, TagResource and UntagResource and Vault's `kv metadata put`
+        do: `set_tags` are added or replaced, `remove_tags` removed (an absent key is no error),
+        other tags stay. A lower `max_versions` prunes nothing now: as in Vault, the next write
+        removes the oldest unlabelled versions past it (AwsStore, which prunes nothing itself, hides
+        them at once). NotFoundError if the secret is missing, ConflictError if it is deleted; the
+        checks of `put` on the result."""
 
     def delete(self, name: str) -> None:
         """Soft delete: hidden from get and list until `undelete`."""
@@ -263,14 +275,33 @@ def checked_metadata(name: str, description: str | None, tags: Mapping[str, str]
         _check_text(value, f"the value of tag {key!r} of {name!r}", 0, MAX_TAG_VALUE_LENGTH)
 
 
+def checked_max_versions(name: str, max_versions: int | None) -> None:
+    """InvalidInputError unless `max_versions` is None (unchanged) or MIN_MAX_VERSIONS to
+    MAX_MAX_VERSIONS; checked by every store before anything is written."""
+    if max_versions is None:
+        return
+    if not isinstance(max_versions, int) or isinstance(max_versions, bool):
+        raise InvalidInputError(f"max versions of {name!r} must be a whole number")
+    if not MIN_MAX_VERSIONS <= max_versions <= MAX_MAX_VERSIONS:
+        raise InvalidInputError(
+            f"max versions of {name!r} cannot be {max_versions}; give {MIN_MAX_VERSIONS} to "
+            f"{MAX_MAX_VERSIONS} (current and previous are always kept)"
+        )
+
+
 def checked_metadata_update(
-    name: str, description: str | None, set_tags: Mapping[str, str] | None, remove_tags: Iterable[str]
+    name: str,
+    description: str | None,
+    set_tags: Mapping[str, str] | None,
+    remove_tags: Iterable[str],
+    max_versions: int | None = None,
 ) -> tuple[dict[str, str], frozenset[str]]:
     """The checks of an `update_metadata` before anything is read: something to change, each
-    tag key set or removed (not both), and the limits of `checked_metadata` on what is given.
-    Returns the tags to set and the keys to remove."""
+    tag key set or removed (not both), and the limits of `checked_metadata` and
+    `checked_max_versions` on what is given. Returns the tags to set and the keys to remove."""
     setting = dict(set_tags or {})
     checked_metadata(name, description, setting)
+    checked_max_versions(name, max_versions)
     removing = frozenset(remove_tags)
     for key in removing:
         if not isinstance(key, str):
@@ -281,9 +312,9 @@ def checked_metadata_update(
     both = sorted(removing & setting.keys())
     if both:
         raise InvalidInputError(f"tag {both[0]!r} of {name!r} is both set and removed; give one or the other")
-    if description is None and not setting and not removing:
+    if description is None and not setting and not removing and max_versions is None:
         raise InvalidInputError(
-            f"nothing to change for {name!r}: give a description, tags to set or to remove"
+            f"nothing to change for {name!r}: give a description, tags to set or to remove, or max versions"
         )
     return setting, removing
 

@@ -72,6 +72,7 @@ from secrets_manager.store.base import (
     Secret,
     SecretMetadata,
     VersionInfo,
+    checked_max_versions,
     checked_metadata,
     checked_metadata_update,
     checked_value,
@@ -369,12 +370,14 @@ class EncryptedStore:
         expect_version: int | None = None,
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
+        max_versions: int | None = None,
     ) -> VersionInfo:
         validate_name(name)
         value = checked_value(value)
         if expect_version is not None and expect_version < 0:
             raise InvalidInputError("--expect-version must be 0 (create only) or a version number")
         checked_metadata(name, description, tags)
+        checked_max_versions(name, max_versions)
 
         def attempt() -> VersionInfo:
             now = self._clock()
@@ -395,6 +398,8 @@ class EncryptedStore:
                 meta.description = description
             if tags is not None:
                 meta.tags = dict(tags)
+            if max_versions is not None:  # before _write_version prunes, so this write prunes under it
+                meta.max_versions = max_versions
             return self._write_version(name, value, meta_entry, meta, now, label=CURRENT)
 
         return self._retry(attempt)
@@ -502,11 +507,13 @@ class EncryptedStore:
         description: str | None = None,
         set_tags: Mapping[str, str] | None = None,
         remove_tags: Iterable[str] = (),
+        max_versions: int | None = None,
     ) -> None:
-        """The description and tags change in the metadata's own compare-and-set commit, so two
-        updates of different tags both land; no version is written."""
+        """The description, tags and max_versions change in the metadata's own compare-and-set
+        commit, so two updates of different tags both land; no version is written, and none is
+        pruned: a lower max_versions is applied by the next write (`_Meta.prune`), as Vault does."""
         validate_name(name)
-        setting, removing = checked_metadata_update(name, description, set_tags, remove_tags)
+        setting, removing = checked_metadata_update(name, description, set_tags, remove_tags, max_versions)
 
         def change(meta: _Meta, now: float) -> Operations:
             if meta.deleted is not None:
@@ -519,6 +526,8 @@ class EncryptedStore:
                 set_tags=setting,
                 remove_tags=removing,
             )
+            if max_versions is not None:
+                meta.max_versions = max_versions
             return []
 
         self._update_meta(name, change)

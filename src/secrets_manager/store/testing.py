@@ -554,6 +554,120 @@ def _check_max_versions_pruning(make_store: MakeStore, ns: str) -> None:
         )
 
 
+def _check_max_versions_setting(make_store: MakeStore, ns: str) -> None:
+    """A secret's own max_versions (put or update_metadata, 2 to 100): shown by describe and list;
+    a lower one prunes the oldest unlabelled versions from the next write on (a store may hide them
+    at once), never a labelled one; a higher one keeps more; out of range refused, nothing changed."""
+    name = f"{ns}/rolled"
+    with _opened(make_store) as store:
+        store.put(name, b"value 1", description="kept", tags={"desk": "fx"})
+        for n in range(2, 7):
+            store.put(name, f"value {n}".encode())
+        store.update_metadata(name, max_versions=3)
+        meta = store.describe(name)
+        _require(meta.max_versions == 3, f"max_versions is {meta.max_versions} after setting 3")
+        _require(
+            meta.current_version == 6 and _version_numbers(meta)[-3:] == [4, 5, 6],
+            f"setting max_versions wrote or lost a version: {_version_numbers(meta)}",
+        )
+        _require(
+            meta.description == "kept" and dict(meta.tags) == {"desk": "fx"},
+            "setting max_versions changed the description or tags",
+        )
+        listed = [m for m in store.list(f"{ns}/") if m.name == name]
+        _require(
+            len(listed) == 1 and listed[0].max_versions == 3, "list does not show the secret's max_versions"
+        )
+        store.put(name, b"value 7")
+        pruned = _version_numbers(store.describe(name))
+        _require(pruned == [5, 6, 7], f"after a write under max_versions 3, kept {pruned}, not [5, 6, 7]")
+        for n in range(1, 5):
+            _raises(NotFoundError, partial(store.get, name, version=n), f"get of version {n}, pruned under 3")
+        _require(_revealed(store.get(name, version=5)) == b"value 5", "the oldest kept version is unreadable")
+
+        store.update_metadata(name, max_versions=2)  # labelled versions stay past it
+        if _lacks(store, Capability.PENDING_LABEL):
+            store.put(name, b"value 8")
+            kept = [7, 8]
+        else:
+            store.stage(name, b"value 8")  # pending 8, current 7, previous 6: three labelled
+            staged = _version_numbers(store.describe(name))
+            _require(
+                staged == [6, 7, 8], f"under max_versions 2 a stage kept {staged}, not the labelled [6, 7, 8]"
+            )
+            store.put(name, b"value 9")  # current 9, previous 7, pending still 8
+            kept = [7, 8, 9]
+        _require(
+            _version_numbers(store.describe(name)) == kept,
+            f"under max_versions 2 kept {_version_numbers(store.describe(name))}, not {kept}",
+        )
+        _require(store.get(name, label=PREVIOUS).version == 7, "a labelled version (previous) was pruned")
+        if not _lacks(store, Capability.PENDING_LABEL):
+            store.discard_pending(name)
+
+        store.update_metadata(name, max_versions=4)
+        last = kept[-1] + 2
+        store.put(name, f"value {last - 1}".encode())
+        store.put(name, f"value {last}".encode())
+        raised = _version_numbers(store.describe(name))
+        _require(raised == list(range(last - 3, last + 1)), f"under max_versions 4 kept {raised}")
+
+        before = (_metadata_state(store, name), store.describe(name).max_versions)
+        for bad in (0, 1, 101, -3, True, "3"):
+            exc = _raises(
+                InvalidInputError,
+                partial(store.update_metadata, name, max_versions=cast(Any, bad)),
+                f"update_metadata with max_versions {bad!r}",
+            )
+            _require(name in str(exc), f"max_versions {bad!r}: the error does not name the secret")
+            _raises(
+                InvalidInputError,
+                partial(store.put, name, b"refused", max_versions=cast(Any, bad)),
+                f"put with max_versions {bad!r}",
+            )
+        _require(
+            "2 to 100"
+            in str(_raises(InvalidInputError, lambda: store.update_metadata(name, max_versions=101), "101")),
+            "the error does not give the allowed range 2 to 100",
+        )
+        after = (_metadata_state(store, name), store.describe(name).max_versions)
+        _require(after == before, "a refused max_versions changed the secret")
+        _raises(
+            InvalidInputError,
+            lambda: store.put(f"{ns}/never", b"x", max_versions=1),
+            "put of a new secret, 1",
+        )
+        _raises(NotFoundError, lambda: store.describe(f"{ns}/never"), "a refused put created the secret")
+
+        short = f"{ns}/short"
+        store.put(short, b"v1", max_versions=5)
+        _require(store.describe(short).max_versions == 5, "put of a new secret did not set max_versions")
+        store.put(short, b"v2", tags={"a": "b"})
+        store.put(short, b"v3", description="d")
+        _require(store.describe(short).max_versions == 5, "a put without max_versions changed it")
+        store.put(short, b"v4", max_versions=2)
+        meta = store.describe(short)
+        _require(
+            meta.max_versions == 2 and _version_numbers(meta) == [3, 4],
+            f"put with max_versions 2 kept {_version_numbers(meta)} (max {meta.max_versions}), not [3, 4]",
+        )
+        _require(
+            dict(meta.tags) == {"a": "b"} and meta.description == "d", "put with max_versions lost metadata"
+        )
+
+        _raises(
+            NotFoundError,
+            lambda: store.update_metadata(f"{ns}/missing", max_versions=3),
+            "max_versions of a missing secret",
+        )
+        store.delete(short)
+        _raises(
+            ConflictError, lambda: store.update_metadata(short, max_versions=3), "max_versions while deleted"
+        )
+        store.undelete(short)
+        _require(store.describe(short).max_versions == 2, "a refused update of a deleted secret changed it")
+
+
 def _check_repr_never_shows_values(make_store: MakeStore, ns: str) -> None:
     value = MARKER.encode()
     name = f"{ns}/redacted"
@@ -781,5 +895,6 @@ SECRET_STORE_CHECKS: dict[str, Check] = {
     "repr-redacted": _check_repr_never_shows_values,
     "metadata-limits": _check_metadata_limits,
     "update-metadata": _check_update_metadata,
+    "max-versions-setting": _check_max_versions_setting,
 }
 """Every check by a short key (used in its namespace and in test ids); run in this order."""

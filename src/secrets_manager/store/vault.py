@@ -9,6 +9,8 @@ The mapping (docs/stores.md has it in full):
     version N                KV version N; every write is check-and-set (`cas`) on the version it read
     current / previous       KV's current_version / the version before it; `pending` is not supported
     description, tags        custom_metadata `secrets-manager:description`, other keys are tags
+    max_versions             KV's own max_versions (0, the mount's default, reads as 10); Vault prunes
+                             past it at the next write
     delete / undelete        KV soft delete / undelete of every live version
     destroy / destroy_secret KV destroy of versions / delete of the metadata and every version
 
@@ -67,6 +69,7 @@ from secrets_manager.store.base import (
     Secret,
     SecretMetadata,
     VersionInfo,
+    checked_max_versions,
     checked_metadata_update,
     checked_value,
     updated_metadata,
@@ -490,10 +493,14 @@ class VaultStore:
         expect_version: int | None = None,
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
+        max_versions: int | None = None,
     ) -> VersionInfo:
-        """GET MOUNT/metadata/NAME, POST MOUNT/data/NAME with `cas` = the version read, then POST
-        MOUNT/metadata/NAME when the secret is new or its description or tags change."""
+        """GET MOUNT/metadata/NAME, POST MOUNT/metadata/NAME {"max_versions"} first if it is given
+        for an existing secret (so this write prunes under it), POST MOUNT/data/NAME with `cas` =
+        the version read, then POST MOUNT/metadata/NAME when the secret is new or its description
+        or tags change."""
         checked_write(name, expect_version, description, tags)
+        checked_max_versions(name, max_versions)
         _refuse_unless_custom_metadata_holds(name, description, tags)
         data = _encode_data(checked_value(value))
         backoff = Backoff(first=0.01, cap=0.5, deadline_seconds=RETRY_DEADLINE_SECONDS, what=repr(name))
@@ -508,6 +515,13 @@ class VaultStore:
                 raise ConflictError(
                     f"secret {name!r} is at version {current}, not {expect_version}; read it again and retry"
                 )
+            if meta is not None and max_versions is not None:
+                self._send(
+                    "POST",
+                    f"metadata/{name}",
+                    action=f"store metadata of {name}",
+                    json={"max_versions": max_versions},
+                )
             try:
                 written = self._write_data(name, data, cas=current, action=f"store {name}")
                 break
@@ -518,7 +532,7 @@ class VaultStore:
                     ) from None
                 backoff.wait()
         if meta is None or description is not None or tags is not None:
-            self._write_custom_metadata(name, meta, description, tags)
+            self._write_metadata(name, meta, description, tags, max_versions if meta is None else None)
         return VersionInfo(
             version=int(written["version"]),
             created=_vault_time(written["created_time"]),
@@ -536,17 +550,31 @@ class VaultStore:
             raise StorageError(f"Vault's answer to {action} has no version (is the mount KV v2?)") from None
         return written
 
-    def _write_custom_metadata(
+    def _write_metadata(
         self,
         name: str,
         meta: _KvMeta | None,
         description: str | None,
         tags: Mapping[str, str] | None,
+        max_versions: int | None,
     ) -> None:
-        """POST MOUNT/metadata/NAME with custom_metadata (and max_versions for a new secret).
+        """POST MOUNT/metadata/NAME with custom_metadata if the description or tags change (or the
+        secret is new), and max_versions if given (the store's default for a new secret). Vault
+        keeps the fields a POST leaves out.
 
         KV's metadata endpoint has no compare-and-set: two writers changing the description or tags
         of one secret at the same moment can lose one change (the versions themselves cannot)."""
+        body: dict[str, Any] = {}
+        if meta is None or description is not None or tags is not None:
+            body["custom_metadata"] = self._custom_metadata(meta, description, tags)
+        if max_versions is not None or meta is None:
+            body["max_versions"] = self._max_versions if max_versions is None else max_versions
+        self._send("POST", f"metadata/{name}", action=f"store metadata of {name}", json=body)
+
+    def _custom_metadata(
+        self, meta: _KvMeta | None, description: str | None, tags: Mapping[str, str] | None
+    ) -> dict[str, str]:
+        """The custom_metadata of a secret (`meta`, None if new) with this description and tags."""
         custom = {} if meta is None else dict(meta.custom)
         if meta is None:
             custom[CREATED_BY_KEY] = self._actor
@@ -557,10 +585,7 @@ class VaultStore:
         if tags is not None:
             custom = {k: v for k, v in custom.items() if k.startswith(RESERVED_KEY_PREFIX)}
             custom.update(tags)
-        body: dict[str, Any] = {"custom_metadata": custom}
-        if meta is None:
-            body["max_versions"] = self._max_versions
-        self._send("POST", f"metadata/{name}", action=f"store metadata of {name}", json=body)
+        return custom
 
     def update_metadata(
         self,
@@ -569,14 +594,20 @@ class VaultStore:
         description: str | None = None,
         set_tags: Mapping[str, str] | None = None,
         remove_tags: Iterable[str] = (),
+        max_versions: int | None = None,
     ) -> None:
-        """GET MOUNT/metadata/NAME, then POST it with the new custom_metadata (no version is
-        written). Without compare-and-set on that endpoint, as `_write_custom_metadata` says."""
+        """GET MOUNT/metadata/NAME, then POST it with the new custom_metadata (if the description
+        or tags change) and max_versions (if given); no version is written, and Vault prunes past
+        a lower max_versions only at the next write. Without compare-and-set on that endpoint, as
+        `_write_metadata` says (a change of max_versions alone sends nothing else, so loses none)."""
         validate_name(name)
-        setting, removing = checked_metadata_update(name, description, set_tags, remove_tags)
+        setting, removing = checked_metadata_update(name, description, set_tags, remove_tags, max_versions)
         meta = self._require_meta(name)
         if meta.deleted is not None:
             raise ConflictError(f"secret {name!r} is deleted; run 'undelete {name}' first")
+        if description is None and not setting and not removing:
+            self._write_metadata(name, meta, None, None, max_versions)
+            return
         new_description, tags = updated_metadata(
             name,
             meta.custom.get(DESCRIPTION_KEY, ""),
@@ -586,7 +617,7 @@ class VaultStore:
             remove_tags=removing,
         )
         _refuse_unless_custom_metadata_holds(name, new_description, tags)
-        self._write_custom_metadata(name, meta, new_description, tags)
+        self._write_metadata(name, meta, new_description, tags, max_versions)
 
     def delete(self, name: str) -> None:
         """POST MOUNT/delete/NAME {"versions": every live version} (after reading the metadata)."""
