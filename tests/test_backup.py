@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from secrets_manager.environment import Environment
 from secrets_manager.errors import (
     ConflictError,
     IntegrityError,
+    InvalidInputError,
     NotFoundError,
     StorageError,
     UnsupportedOperationError,
@@ -61,11 +63,13 @@ OpenStore = Any  # the conftest factory
 
 
 def populate(store: EncryptedStore) -> None:
-    """Several namespaces, several versions, a destroyed version, a deleted secret, tags."""
+    """Several namespaces, several versions, a destroyed version, a deleted secret, tags, a
+    max_versions of its own."""
     for name, values in VALUES.items():
         for i, value in enumerate(values):
             store.put(name, value, description=f"about {name}" if i == 0 else None, tags={"v": str(i)})
     store.destroy("market-connector/BINANCE_API_KEY", [1])
+    store.update_metadata("market-connector/BINANCE_API_KEY", max_versions=50)
     store.delete("auth/GONE")
 
 
@@ -521,6 +525,9 @@ class ProtocolOnly:
     def describe(self, name: str) -> SecretMetadata:
         return self._inner.describe(name)
 
+    def update_metadata(self, name: str, **change: Any) -> None:
+        self._inner.update_metadata(name, **change)
+
     def delete(self, name: str) -> None:
         self._inner.delete(name)
 
@@ -591,6 +598,55 @@ def test_migration_through_the_protocol_and_back_keeps_every_value(
         assert kept_values(restored) == kept_values(source)
     finally:
         restored.close()
+
+
+def test_max_versions_round_trips_exactly_and_through_the_protocol(tmp_path: Path) -> None:
+    """A secret's own max_versions reaches the backup and every kind of restore. Through the
+    protocol, no kept value is pruned on the way in, even where more are kept than the secret's
+    max_versions (lowered, not yet written since)."""
+    source = new_store(tmp_path / "source.db")
+    try:
+        source.put("desk/TOKEN", b"t1", max_versions=3)
+        for n in range(2, 6):
+            source.put("desk/TOKEN", f"t{n}".encode())
+        source.put("desk/EXCHANGE_KEY", b"k1", max_versions=50)
+        for n in range(2, 7):
+            source.put("desk/EXCHANGE_KEY", f"k{n}".encode())
+        source.update_metadata("desk/EXCHANGE_KEY", max_versions=2)
+        backup = take(source, tmp_path / "b.smbackup", password=BACKUP_PASSWORD)
+        kept = {s.name: (s.max_versions, [v.version for v in s.kept]) for s in backup.secrets}
+        assert kept == {"desk/TOKEN": (3, [3, 4, 5]), "desk/EXCHANGE_KEY": (2, [1, 2, 3, 4, 5, 6])}
+        restore_fresh(backup, tmp_path / "exact.db")
+        exact = open_at(tmp_path / "exact.db", "new master")
+        try:
+            assert full_state(exact) == full_state(source)
+        finally:
+            exact.close()
+        other = ProtocolOnly(new_store(tmp_path / "other.db"))
+        try:
+            restore_into(other, backup.secrets)
+            assert kept_values(other) == kept_values(source)
+            assert {m.name: m.max_versions for m in other.list()} == {"desk/TOKEN": 3, "desk/EXCHANGE_KEY": 2}
+            other.put("desk/EXCHANGE_KEY", b"k7")  # the restored setting prunes at the next write
+            assert [v.version for v in other.describe("desk/EXCHANGE_KEY").versions] == [6, 7]
+        finally:
+            other.close()
+    finally:
+        source.close()
+
+
+def test_a_protocol_restore_of_a_max_versions_out_of_range_is_refused_before_any_write(
+    backup: Backup, tmp_path: Path
+) -> None:
+    """Another tool may set any max_versions (Vault allows 1 or 500); our stores take 2 to 100."""
+    secrets = [replace(s, max_versions=500) if s.name == "ROOT_LEVEL" else s for s in backup.secrets]
+    other = ProtocolOnly(new_store(tmp_path / "other.db"))
+    try:
+        with pytest.raises(InvalidInputError, match=r"ROOT_LEVEL.*2 to 100.*nothing was restored"):
+            restore_into(other, secrets)
+        assert other.puts == 0
+    finally:
+        other.close()
 
 
 def test_a_protocol_restore_that_fails_midway_is_undone(backup: Backup, tmp_path: Path) -> None:

@@ -45,17 +45,19 @@ def source_store(path: Path) -> EncryptedStore:
         for value in values:
             store.put(name, value, description=f"about {name}", tags={"team": "trading"})
     store.destroy("market-connector/BINANCE_API_KEY", [1])  # a destroyed version is not migrated
+    store.update_metadata("market-connector/BINANCE_API_KEY", max_versions=50)  # its own, carried
+    store.update_metadata("ROOT_LEVEL", max_versions=3)
     return store
 
 
-def kept(store: SecretStore) -> dict[str, tuple[list[bytes], bytes, str]]:
-    """Each secret's kept values oldest first, its current value and its description."""
+def kept(store: SecretStore) -> dict[str, tuple[list[bytes], bytes, str, int]]:
+    """Each secret's kept values oldest first, its current value, description and max_versions."""
     result = {}
     for meta in store.list(""):
         values = [
             store.get(meta.name, version=v.version).value.reveal() for v in meta.versions if not v.destroyed
         ]
-        result[meta.name] = (values, store.get(meta.name).value.reveal(), meta.description)
+        result[meta.name] = (values, store.get(meta.name).value.reveal(), meta.description, meta.max_versions)
     return result
 
 

@@ -41,7 +41,16 @@ from secrets_manager.storage import ABSENT, Delete, Put
 from secrets_manager.storage.base import Expect, Operation
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store.backup import KIND_STORE, Backup, BackupSecret, BackupVersion
-from secrets_manager.store.base import Capability, SecretStore, checked_metadata, unsupported_capabilities
+from secrets_manager.store.base import (
+    DEFAULT_MAX_VERSIONS,
+    MAX_MAX_VERSIONS,
+    MIN_MAX_VERSIONS,
+    Capability,
+    SecretStore,
+    checked_max_versions,
+    checked_metadata,
+    unsupported_capabilities,
+)
 from secrets_manager.store.encrypted import (
     HEADER_KEY,
     KEYSET_PREFIX,
@@ -303,6 +312,7 @@ def _import_through_protocol(
     for secret in backup_secrets:  # the metadata limits of every store, before the first write
         try:
             checked_metadata(secret.name, secret.description or None, dict(secret.tags) or None)
+            checked_max_versions(secret.name, secret.max_versions)
         except InvalidInputError as exc:
             raise InvalidInputError(f"{exc}; nothing was restored") from None
     # Before the first write: a copy of every secret that will be replaced, to put back on failure.
@@ -377,7 +387,16 @@ def _read_secret(store: SecretStore, name: str) -> BackupSecret:
 def _write_secret(store: SecretStore, secret: BackupSecret) -> int:
     """The kept values oldest first (so `current` ends on the newest), then the deleted state.
     The first write is create-only and each next one expects the version before it, so a
-    concurrent writer makes the restore fail (and be undone) rather than interleave."""
+    concurrent writer makes the restore fail (and be undone) rather than interleave.
+
+    The first write sets a max_versions with room for every kept value (which may be more than
+    the secret's own, for labelled or not yet pruned ones), and the secret's own is set after the
+    last, so the target prunes none of them now. (A secret put back by `_compensate` whose
+    max_versions another tool set out of our range gets the default.)"""
+    wanted = secret.max_versions
+    if not MIN_MAX_VERSIONS <= wanted <= MAX_MAX_VERSIONS:
+        wanted = DEFAULT_MAX_VERSIONS
+    room = min(max(len(secret.kept), wanted), MAX_MAX_VERSIONS)
     expect = 0
     for version in secret.kept:
         assert version.value is not None
@@ -387,8 +406,11 @@ def _write_secret(store: SecretStore, secret: BackupSecret) -> int:
             expect_version=expect,
             description=secret.description or None,
             tags=dict(secret.tags) or None,
+            max_versions=room if expect == 0 else None,
         )
         expect = info.version
+    if room != wanted:
+        store.update_metadata(secret.name, max_versions=wanted)
     if secret.deleted is not None:
         store.delete(secret.name)
     return len(secret.kept)
