@@ -25,6 +25,7 @@ from secrets_manager.errors import (
     UnsupportedOperationError,
 )
 from secrets_manager.store import Secret, SecretMetadata, VersionInfo
+from secrets_manager.store.base import DEFAULT_MAX_VERSIONS
 from secrets_manager.store.names import namespace_of
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.values import SecretValue
@@ -132,6 +133,7 @@ def metadata_message(meta: SecretMetadata) -> Any:
             for v in meta.versions
         ],
         deleted=meta.deleted.isoformat() if meta.deleted else "",
+        max_versions=meta.max_versions,
     )
 
 
@@ -157,5 +159,6 @@ def metadata_from_message(message: Any) -> SecretMetadata:
         current_version=message.current_version or None,
         versions=versions,
         deleted=datetime.fromisoformat(message.deleted) if message.deleted else None,
+        max_versions=message.max_versions or DEFAULT_MAX_VERSIONS,  # 0: a server from before it
         labels={label: v.version for v in versions for label in v.labels},
     )

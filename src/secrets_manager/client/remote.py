@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from secrets_manager.errors import InvalidInputError, StorageError, UnsupportedOperationError
 from secrets_manager.rotation import MAX_TIMEOUT, Rotated
 from secrets_manager.store import CURRENT, PENDING, Secret, SecretMetadata, VersionInfo
+from secrets_manager.store.base import checked_max_versions
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.tls.files import read_tls_file
 from secrets_manager.v1 import secrets_pb2 as pb
@@ -121,8 +122,16 @@ class RemoteStore:
         expect_version: int | None = None,
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
+        max_versions: int | None = None,
     ) -> VersionInfo:
-        response = self._put(name, value, expect_version=expect_version, description=description, tags=tags)
+        response = self._put(
+            name,
+            value,
+            expect_version=expect_version,
+            description=description,
+            tags=tags,
+            max_versions=max_versions,
+        )
         version = int(response.version)
         if response.created:  # what the store returns, without a DescribeSecret (which needs list)
             return VersionInfo(
@@ -145,10 +154,18 @@ class RemoteStore:
         expect_version: int | None = None,
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
+        max_versions: int | None = None,
     ) -> int:
         """PutSecret: the new version number."""
         return int(
-            self._put(name, value, expect_version=expect_version, description=description, tags=tags).version
+            self._put(
+                name,
+                value,
+                expect_version=expect_version,
+                description=description,
+                tags=tags,
+                max_versions=max_versions,
+            ).version
         )
 
     def _put(
@@ -159,7 +176,9 @@ class RemoteStore:
         expect_version: int | None,
         description: str | None,
         tags: Mapping[str, str] | None,
+        max_versions: int | None,
     ) -> Any:
+        checked_max_versions(name, max_versions)  # the service checks too; uint32 holds no -1
         request = pb.PutSecretRequest(name=name, value=value)
         if expect_version is not None:
             request.expect_version = expect_version
@@ -168,6 +187,8 @@ class RemoteStore:
         if tags is not None:
             request.tags.update(tags)
             request.replace_tags = True
+        if max_versions is not None:
+            request.max_versions = max_versions
         return self._call("PutSecret", request)
 
     def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
@@ -205,12 +226,18 @@ class RemoteStore:
         description: str | None = None,
         set_tags: Mapping[str, str] | None = None,
         remove_tags: Iterable[str] = (),
+        max_versions: int | None = None,
     ) -> None:
         """UpdateSecretMetadata (needs write)."""
+        checked_max_versions(name, max_versions)  # the service checks too; uint32 holds no -1
         self._call(
             "UpdateSecretMetadata",
             pb.UpdateSecretMetadataRequest(
-                name=name, description=description, set_tags=set_tags or {}, remove_tags=list(remove_tags)
+                name=name,
+                description=description,
+                set_tags=set_tags or {},
+                remove_tags=list(remove_tags),
+                max_versions=max_versions,
             ),
         )
 

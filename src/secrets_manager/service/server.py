@@ -274,6 +274,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 expect_version=request.expect_version if request.HasField("expect_version") else None,
                 description=request.description if request.HasField("description") else None,
                 tags=dict(request.tags) if (request.tags or request.replace_tags) else None,
+                max_versions=request.max_versions if request.HasField("max_versions") else None,
             )
             call.event.version = info.version
         return pb.PutSecretResponse(
@@ -311,6 +312,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 description=request.description if request.HasField("description") else None,
                 set_tags=dict(request.set_tags),
                 remove_tags=list(request.remove_tags),
+                max_versions=request.max_versions if request.HasField("max_versions") else None,
             )
         return pb.UpdateSecretMetadataResponse()
 

@@ -36,7 +36,7 @@ class VersionInfo(_message.Message):
     def __init__(self, version: _Optional[int] = ..., created: _Optional[str] = ..., created_by: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., destroyed: _Optional[bool] = ...) -> None: ...
 
 class SecretMetadata(_message.Message):
-    __slots__ = ("name", "namespace", "created", "updated", "created_by", "description", "tags", "current_version", "versions", "deleted")
+    __slots__ = ("name", "namespace", "created", "updated", "created_by", "description", "tags", "current_version", "versions", "deleted", "max_versions")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class SecretMetadata(_message.Message):
     CURRENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
+    MAX_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
     created: str
@@ -64,7 +65,8 @@ class SecretMetadata(_message.Message):
     current_version: int
     versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
     deleted: str
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., created: _Optional[str] = ..., updated: _Optional[str] = ..., created_by: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., current_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., deleted: _Optional[str] = ...) -> None: ...
+    max_versions: int
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., created: _Optional[str] = ..., updated: _Optional[str] = ..., created_by: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., current_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., deleted: _Optional[str] = ..., max_versions: _Optional[int] = ...) -> None: ...
 
 class GetSecretRequest(_message.Message):
     __slots__ = ("name", "version", "label")
@@ -103,7 +105,7 @@ class BatchGetSecretsResponse(_message.Message):
     def __init__(self, secrets: _Optional[_Iterable[_Union[SecretVersion, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class PutSecretRequest(_message.Message):
-    __slots__ = ("name", "value", "expect_version", "description", "tags", "replace_tags")
+    __slots__ = ("name", "value", "expect_version", "description", "tags", "replace_tags", "max_versions")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -117,13 +119,15 @@ class PutSecretRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     REPLACE_TAGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     value: bytes
     expect_version: int
     description: str
     tags: _containers.ScalarMap[str, str]
     replace_tags: bool
-    def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ..., expect_version: _Optional[int] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., replace_tags: _Optional[bool] = ...) -> None: ...
+    max_versions: int
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ..., expect_version: _Optional[int] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., replace_tags: _Optional[bool] = ..., max_versions: _Optional[int] = ...) -> None: ...
 
 class PutSecretResponse(_message.Message):
     __slots__ = ("name", "version", "created", "created_by")
@@ -170,7 +174,7 @@ class DescribeSecretResponse(_message.Message):
     def __init__(self, metadata: _Optional[_Union[SecretMetadata, _Mapping]] = ...) -> None: ...
 
 class UpdateSecretMetadataRequest(_message.Message):
-    __slots__ = ("name", "description", "set_tags", "remove_tags")
+    __slots__ = ("name", "description", "set_tags", "remove_tags", "max_versions")
     class SetTagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -182,11 +186,13 @@ class UpdateSecretMetadataRequest(_message.Message):
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     SET_TAGS_FIELD_NUMBER: _ClassVar[int]
     REMOVE_TAGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     set_tags: _containers.ScalarMap[str, str]
     remove_tags: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., set_tags: _Optional[_Mapping[str, str]] = ..., remove_tags: _Optional[_Iterable[str]] = ...) -> None: ...
+    max_versions: int
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., set_tags: _Optional[_Mapping[str, str]] = ..., remove_tags: _Optional[_Iterable[str]] = ..., max_versions: _Optional[int] = ...) -> None: ...
 
 class UpdateSecretMetadataResponse(_message.Message):
     __slots__ = ()

@@ -140,11 +140,12 @@ class SecretsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateSecretMetadata(self, request, context):
-        """A secret's description and tags, changed without a new version (AWS's UpdateSecret without
-        a value, TagResource and UntagResource): tags in set_tags are added or replaced, keys in
-        remove_tags removed, other tags kept. Needs "write". NOT_FOUND if the secret is missing,
-        ABORTED if it is deleted, INVALID_ARGUMENT if nothing is to change or the result breaks the
-        metadata limits of PutSecret.
+        """A secret's description, tags and max_versions, changed without a new version (AWS's
+        UpdateSecret without a value, TagResource and UntagResource; Vault's kv metadata put): tags in
+        set_tags are added or replaced, keys in remove_tags removed, other tags kept; a lower
+        max_versions prunes at the secret's next write. Needs "write". NOT_FOUND if the secret is
+        missing, ABORTED if it is deleted, INVALID_ARGUMENT if nothing is to change or the result
+        breaks the metadata limits of PutSecret (max_versions 2 to 100).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
