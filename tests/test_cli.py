@@ -432,6 +432,44 @@ def test_metadata_shows_and_changes_description_and_tags_without_a_new_version(r
     assert ("history", "ok") in operations
 
 
+def test_max_versions_is_set_by_store_and_metadata_shown_and_pruned_at_the_next_write(ready: Cli) -> None:
+    assert ready("store", "svc/ROLLED", "--max-versions", "4", input=b"v1").code == 0
+    for n in range(2, 6):
+        ready("store", "svc/ROLLED", input=f"v{n}".encode())
+    shown = ready("metadata", "svc/ROLLED")
+    assert "max versions:    4" in shown.out and "versions:        4" in shown.out
+    [listed] = json.loads(ready("list", "--json").out)
+    assert listed["max_versions"] == 4
+    changed = ready("metadata", "svc/ROLLED", "--max-versions", "2")
+    assert changed.code == 0, changed.stderr
+    assert changed.stderr == (
+        "secrets-manager: updated the metadata of svc/ROLLED: max versions set to 2 (no new version; "
+        "the next write prunes the oldest unlabelled versions past it)\n"
+    )
+    doc = json.loads(ready("metadata", "svc/ROLLED", "--json").out)
+    assert doc["max_versions"] == 2 and [v["version"] for v in doc["versions"]] == [2, 3, 4, 5]
+    assert ready("get", "svc/ROLLED", "--version", "2").out == "v2\n"  # not pruned before a write
+    ready("store", "svc/ROLLED", input=b"v6")
+    doc = json.loads(ready("history", "svc/ROLLED", "--json").out)
+    assert [v["version"] for v in doc["versions"]] == [5, 6] and doc["max_versions"] == 2
+    assert_one_line_error(ready("get", "svc/ROLLED", "--version", "4"), 3, "no version 4")
+    before = ready("metadata", "svc/ROLLED", "--json").out
+    for args in (["metadata", "svc/ROLLED"], ["store", "svc/ROLLED"]):
+        for bad in ("0", "1", "101", "-1"):
+            result = ready(*args, "--max-versions", bad, input=b"refused")
+            assert_one_line_error(result, 2, "svc/ROLLED", "2 to 100")
+    assert_one_line_error(ready("metadata", "svc/ROLLED", "--json", "--max-versions", "3"), 2, "--json")
+    assert_one_line_error(ready("store", "svc/NEW", "--max-versions", "101", input=b"x"), 2, "2 to 100")
+    assert ready("metadata", "svc/ROLLED", "--json").out == before  # refused: nothing changed
+    assert_one_line_error(ready("metadata", "svc/NEW"), 3, "not found")
+    stored = ready("store", "svc/ROLLED", "--max-versions", "3", input=b"v7")  # an existing secret
+    assert stored.code == 0, stored.stderr
+    doc = json.loads(ready("metadata", "svc/ROLLED", "--json").out)
+    assert doc["max_versions"] == 3 and [v["version"] for v in doc["versions"]] == [5, 6, 7]
+    assert "--max-versions N" in ready("metadata", "--help").out
+    assert "--max-versions N" in ready("store", "--help").out
+
+
 def test_list_older_than_finds_values_not_rotated_since(ready: Cli) -> None:
     ready("store", "svc/OLD", input=b"a")
     time.sleep(1.1)

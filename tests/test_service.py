@@ -734,6 +734,42 @@ def test_metadata_changes_remotely_with_write_alone_and_is_watched_and_audited(s
     assert (writer, "not_found", "allow") in outcomes
 
 
+def test_max_versions_is_set_remotely_with_write_alone_and_shown_and_audited(server: Server) -> None:
+    """`store --max-versions` is PutSecret.max_versions and `metadata --max-versions` is
+    UpdateSecretMetadata.max_versions: write is enough, DescribeSecret shows it, the next write
+    prunes under it, out of range is INVALID_ARGUMENT (exit 2) and changes nothing."""
+    name = "drop/ROLLED"
+    stored = server.cli("writer", "store", name, "--max-versions", "5", input=b"v1")
+    assert stored.returncode == 0, stored.stderr
+    for n in range(2, 6):
+        assert server.cli("writer", "store", name, input=f"v{n}".encode()).returncode == 0
+    assert json.loads(server.cli("ops", "metadata", name, "--json").stdout)["max_versions"] == 5
+    changed = server.cli("writer", "metadata", name, "--max-versions", "3")
+    assert changed.returncode == 0, changed.stderr
+    assert b"max versions set to 3" in changed.stderr
+    shown = json.loads(server.cli("ops", "metadata", name, "--json").stdout)
+    assert shown["max_versions"] == 3 and [v["version"] for v in shown["versions"]] == [1, 2, 3, 4, 5]
+    assert server.cli("writer", "store", name, input=b"v6").returncode == 0
+    described = server.stub("ops").DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10)
+    assert described.metadata.max_versions == 3
+    assert [v.version for v in described.metadata.versions] == [4, 5, 6]
+    for bad in ("1", "101"):
+        refused = server.cli("writer", "metadata", name, "--max-versions", bad)
+        assert refused.returncode == 2 and b"2 to 100" in refused.stderr
+    with pytest.raises(grpc.RpcError) as caught:  # a client that skips the check: the service refuses
+        server.stub("writer").UpdateSecretMetadata(
+            pb.UpdateSecretMetadataRequest(name=name, max_versions=1000), timeout=10
+        )
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "2 to 100" in (caught.value.details() or "")
+    assert server.cli("auth", "metadata", name, "--max-versions", "4").returncode == 5
+    after = server.stub("ops").DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10)
+    assert after.metadata.max_versions == 3
+    outcomes = [(r["outcome"], r["decision"]) for r in server.audit_records() if r["operation"] == "metadata"]
+    assert ("ok", "allow") in outcomes and ("invalid_input", "allow") in outcomes
+    assert ("access_denied", "deny") in outcomes
+
+
 def test_import_works_remotely_with_list_and_write(server: Server) -> None:
     source = server.dir / "rw.env"
     source.write_bytes(b"TOKEN=imported-remotely\nOTHER='two'\n")

@@ -60,7 +60,13 @@ from secrets_manager.store import (
     SecretStore,
     validate_name,
 )
-from secrets_manager.store.base import LABELS, AuditedStore
+from secrets_manager.store.base import (
+    LABELS,
+    MAX_MAX_VERSIONS,
+    MIN_MAX_VERSIONS,
+    AuditedStore,
+    checked_max_versions,
+)
 from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import validate_prefix
 from secrets_manager.store.unlock import UnlockSource
@@ -577,6 +583,13 @@ def init(session: Session, kdf_profile: str, kms_key: str | None) -> None:
 @click.option("--allow-empty", is_flag=True, help="Store an empty value (refused otherwise).")
 @click.option("--description", help="A note about the secret (not secret itself).")
 @click.option("--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Tag the secret (repeatable).")
+@click.option(
+    "--max-versions",
+    type=int,
+    metavar="N",
+    help=f"Keep at most N versions of the secret ({MIN_MAX_VERSIONS} to {MAX_MAX_VERSIONS}; new or "
+    "existing, from this write on; labelled ones are never pruned). Default: 10, or as set before.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_session
 def store_command(
@@ -592,12 +605,14 @@ def store_command(
     allow_empty: bool,
     description: str | None,
     tags: tuple[str, ...],
+    max_versions: int | None,
     as_json: bool,
 ) -> None:
     """Store a new version of NAME. The value comes from stdin, a prompt, --file, VALUE (warns), or
     --generate (a random one, like 'pass generate': not printed; 'get' shows it)."""
     validate_name(name)
     parsed_tags = parse_tags(tags) if tags else None
+    checked_max_versions(name, max_versions)
     if generate and (value is not None or value_file is not None):
         raise InvalidInputError("--generate makes the value; give no VALUE or --file with it")
     if not generate:
@@ -615,6 +630,7 @@ def store_command(
             expect_version=expect_version,
             description=description,
             tags=parsed_tags,
+            max_versions=max_versions,
         )
         note.version(info.version)
     if as_json:
@@ -794,6 +810,13 @@ def history(session: Session, name: str, as_json: bool) -> None:
     "--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Add or change a tag (repeatable); others stay."
 )
 @click.option("--untag", "untags", multiple=True, metavar="KEY", help="Remove a tag (repeatable).")
+@click.option(
+    "--max-versions",
+    type=int,
+    metavar="N",
+    help=f"Keep at most N versions ({MIN_MAX_VERSIONS} to {MAX_MAX_VERSIONS}); if fewer than are kept now, "
+    "the oldest unlabelled ones go at the next write.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON (never values).")
 @pass_session
 def metadata_command(
@@ -802,12 +825,14 @@ def metadata_command(
     description: str | None,
     tags: tuple[str, ...],
     untags: tuple[str, ...],
+    max_versions: int | None,
     as_json: bool,
 ) -> None:
-    """Show NAME's description, tags and state; or change them with --description, --tag and
-    --untag without writing a new version (like AWS's update-secret and tag-resource)."""
+    """Show NAME's description, tags, max versions and state; or change them with --description,
+    --tag, --untag and --max-versions without writing a new version (like AWS's update-secret and
+    tag-resource, and Vault's 'kv metadata put')."""
     validate_name(name)
-    if description is None and not tags and not untags:
+    if description is None and not tags and not untags and max_versions is None:
         with session.secret_operation("history", name) as (store, _):
             meta = store.describe(name)
         if as_json:
@@ -816,16 +841,23 @@ def metadata_command(
             print_metadata(meta)
         return
     if as_json:
-        raise InvalidInputError("--json shows the metadata; give it without --description, --tag or --untag")
+        raise InvalidInputError(
+            "--json shows the metadata; give it without --description, --tag, --untag or --max-versions"
+        )
     set_tags = parse_tags(tags)
+    checked_max_versions(name, max_versions)
     with session.secret_operation("metadata", name, mutating=True) as (store, _):
-        store.update_metadata(name, description=description, set_tags=set_tags, remove_tags=untags)
+        store.update_metadata(
+            name, description=description, set_tags=set_tags, remove_tags=untags, max_versions=max_versions
+        )
     changed = [
         *([] if description is None else ["description cleared" if not description else "description set"]),
         *([f"{len(set_tags)} tag(s) set"] if set_tags else []),
         *([f"{len(set(untags))} tag(s) removed"] if untags else []),
+        *([] if max_versions is None else [f"max versions set to {max_versions}"]),
     ]
-    info_line(f"updated the metadata of {name}: {', '.join(changed)} (no new version)")
+    pruning = "" if max_versions is None else "; the next write prunes the oldest unlabelled versions past it"
+    info_line(f"updated the metadata of {name}: {', '.join(changed)} (no new version{pruning})")
 
 
 def parse_tag_filters(tags: tuple[str, ...]) -> list[tuple[str, str | None]]:
@@ -860,6 +892,7 @@ def print_metadata(meta: SecretMetadata) -> None:
         *(("tag", f"{key}={value}") for key, value in sorted(meta.tags.items())),
         ("current version", str(meta.current_version or "-")),
         ("versions", str(len(meta.versions))),
+        ("max versions", str(meta.max_versions)),
         ("created", timestamp(meta.created) + created_by),
         ("updated", timestamp(meta.updated)),
         ("state", f"deleted {timestamp(meta.deleted)}" if meta.deleted else "active"),
@@ -1116,6 +1149,7 @@ def metadata_doc(meta: SecretMetadata) -> dict[str, Any]:
         "tags": dict(meta.tags),
         "deleted": timestamp(meta.deleted) or None,
         "labels": dict(meta.labels),
+        "max_versions": meta.max_versions,
         "versions": [
             {
                 "version": v.version,
