@@ -1080,10 +1080,11 @@ def test_import_of_json_keeps_the_exact_text_of_numbers_and_objects(ready: Cli, 
 
 def test_import_warns_of_what_run_service_would_refuse(ready: Cli, tmp_path: Path) -> None:
     source = tmp_path / "risky.env"
-    source.write_bytes(b"PATH=/tmp/evil\na.b=1\na_b=2\n")
+    source.write_bytes(b"PATH=/tmp/evil\na.b=1\na_b=2\nhttps_proxy=http://x:1\n")
     result = ready("import", str(source), "--service", "svc")
     assert result.code == 0, result.stderr
     assert "'run --service svc' would refuse the namespace: PATH would set $PATH" in result.stderr
+    assert "https_proxy would set $https_proxy, which can choose the code programs run" in result.stderr
     assert "a.b and a_b would both be $a_b" in result.stderr
 
 

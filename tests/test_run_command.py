@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from secrets_manager.cli.run_command import service_variable_problems
 from service_fixtures import SEED, make_pki, make_store, start_server
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
@@ -246,3 +247,46 @@ def test_through_a_service_the_policy_decides_what_the_program_gets(tmp_path: Pa
     assert sorted(gets) == sorted(n for n in SEED if n.startswith("auth/"))
     refused = [r for r in records if r["decision"] == "deny"]
     assert [r["name"] for r in refused] == [next(n for n in SEED if n.startswith("market-connector/"))]
+
+
+def test_proxies_in_either_case_and_the_sdks_own_trust_variables_are_refused(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """curl and wget read only `https_proxy`, and a secret choosing SECRETS_MANAGER_CA or _ADDR picks
+    whom the service's own SDK trusts: a namespace writer must not redirect its traffic."""
+    marker = tmp_path / "ran"
+    for name in ("https_proxy", "SECRETS_MANAGER_CA"):
+        assert cli("store", f"auth/{name}", input=b"http://attacker.example:3128").returncode == 0
+        refused = cli("run", "--service", "auth", "--", "touch", str(marker))
+        assert refused.returncode == 2, refused.stderr
+        assert (
+            f"auth/{name} would set ${name}, which can choose the code programs run or whom" in refused.stderr
+        )
+        assert not marker.exists()
+        assert cli("destroy", f"auth/{name}", "--all").returncode == 0
+
+
+@pytest.mark.parametrize(
+    "variable",
+    [
+        *("http_proxy", "HTTPS_PROXY", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy", "Http_Proxy"),
+        *("SECRETS_MANAGER_ADDR", "SECRETS_MANAGER_CA", "SECRETS_MANAGER_CERT", "SECRETS_MANAGER_KEY"),
+        *("SECRETS_MANAGER_STORE", "SECRETS_MANAGER_AUDIT_FILE", "MASTER_PASSWORD", "MASTER_PASSWORD_FILE"),
+        *("SHRIVENQUANT_ENV", "PYTHONSTARTUP", "PERL5OPT", "RUBYOPT", "NODE_OPTIONS", "LD_AUDIT"),
+        *("DYLD_INSERT_LIBRARIES", "BASH_ENV", "ENV", "SSL_CERT_FILE", "REQUESTS_CA_BUNDLE"),
+        *("CURL_CA_BUNDLE", "GIT_SSH_COMMAND", "JAVA_TOOL_OPTIONS", "npm_config_registry", "SHELL"),
+        *("CURL_HOME", "WGETRC", "GIT_TEMPLATE_DIR", "OPENSSL_MODULES", "PGSSLROOTCERT", "VAULT_CACERT"),
+        *("VAULT_ADDR", "VAULT_SKIP_VERIFY", "AWS_ENDPOINT_URL", "DOCKER_HOST", "GOPROXY", "GODEBUG"),
+    ],
+)
+def test_variables_that_choose_code_or_trust_are_named_by_the_check(variable: str) -> None:
+    """The check `run --service` refuses by and `import` warns by: one list, tried name by name."""
+    problems = service_variable_problems([(variable, b"x")])
+    assert problems == [
+        f"{variable} would set ${variable}, which can choose the code programs run or whom they trust"
+    ]
+
+
+@pytest.mark.parametrize("variable", ["NODE_ENV", "GIT_TOKEN", "DB_PASSWORD", "proxy_user", "VAULT_TOKEN"])
+def test_ordinary_variables_pass_the_check(variable: str) -> None:
+    assert service_variable_problems([(variable, b"x")]) == []

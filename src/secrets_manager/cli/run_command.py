@@ -8,8 +8,9 @@ status and signals are the program's own.
 The program does not inherit the master password variables (it gets only the secrets it was
 given, not the key to every namespace), COMMAND is looked up in the PATH `run` was started with
 (a secret cannot choose which program runs), and `--service` refuses to set variables that make
-programs load or run other code (LD_PRELOAD, PATH, PYTHONPATH, …): whoever may write one secret
-of a namespace must not gain code execution in the service that reads it. `--secret NAME=VAR`
+programs load or run other code or choose whom they trust (LD_PRELOAD, PATH, PYTHONPATH,
+https_proxy, SECRETS_MANAGER_CA, …): whoever may write one secret of a namespace must not gain
+code execution in the service that reads it, nor send its traffic elsewhere. `--secret NAME=VAR`
 names such a variable explicitly, for who really means it.
 """
 
@@ -35,18 +36,32 @@ EXIT_NOT_FOUND = 127
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NOT_IN_VARIABLE = re.compile(r"[^A-Za-z0-9_]")
 # Variables through which a value chooses code to run, or whom to trust: the dynamic loader's,
-# the command search path, interpreters' and shells' start-up hooks, the helpers git and less
-# start, and the CA bundles TLS clients trust. Named ones only: NODE_ENV or GIT_TOKEN stay usable.
+# the command search path, interpreters', shells' and build tools' start-up hooks and option
+# variables, the helpers git, less and others start, the proxies and CA bundles TLS and HTTP
+# clients trust, and this tool's own: where the SDK connects and what it trusts, which store with
+# which password, and the guard rails of SHRIVENQUANT_ENV. Named ones only: NODE_ENV or GIT_TOKEN
+# stay usable. Proxies and npm's settings are read in either case (curl and wget read only
+# `http_proxy`), so those match in any case; the rest are read as written.
 _LOADS_CODE = re.compile(
-    r"(LD_|DYLD_|PYTHON|PERL|RUBY|LUA_|DOTNET_|GCONV_|GIT_CONFIG|XDG_CONFIG_|NPM_CONFIG_|PIP_).*"
-    r"|.*_PROXY|.*_CA_BUNDLE|.*_SSL_ROOTS_FILE_PATH|GIT_SSL_.*|SSLKEYLOGFILE|NODE_TLS_REJECT_UNAUTHORIZED"
-    r"|PATH|HOME|ZDOTDIR|BASH_ENV|ENV|IFS|CDPATH|SHELLOPTS|BASHOPTS|PS4|PROMPT_COMMAND|GLIBC_TUNABLES"
-    r"|NODE_OPTIONS|NODE_PATH|JAVA_HOME|JAVA_TOOL_OPTIONS|_JAVA_OPTIONS|JDK_JAVA_OPTIONS|CLASSPATH"
-    r"|PHPRC|PHP_INI_SCAN_DIR|GEM_HOME|GEM_PATH|AWS_CONFIG_FILE|AWS_SHARED_CREDENTIALS_FILE|KUBECONFIG"
-    r"|GIT_SSH|GIT_SSH_COMMAND|GIT_EXEC_PATH|GIT_ASKPASS|SSH_ASKPASS|GIT_PROXY_COMMAND|GIT_EXTERNAL_DIFF"
-    r"|GIT_DIR|GIT_PAGER|GIT_EDITOR|GIT_SEQUENCE_EDITOR|EDITOR|VISUAL|PAGER|MANPAGER|BROWSER|LESSOPEN"
-    r"|LESSCLOSE|HOSTALIASES|RES_OPTIONS|LOCPATH|NLSPATH|TZDIR|OPENSSL_CONF|OPENSSL_ENGINES"
-    r"|SSL_CERT_FILE|SSL_CERT_DIR|NODE_EXTRA_CA_CERTS"
+    r"(?i:.*_PROXY|NPM_CONFIG_.*)"
+    r"|(LD_|DYLD_|PYTHON|PERL|RUBY|LUA_|DOTNET_|GCONV_|GIT_CONFIG|XDG_CONFIG_|PIP_|SECRETS_MANAGER_).*"
+    r"|.*_CA_BUNDLE|.*_SSL_ROOTS_FILE_PATH|GIT_SSL_.*|PGSSL.*|AWS_ENDPOINT_URL.*|SSLKEYLOGFILE"
+    r"|NODE_TLS_REJECT_UNAUTHORIZED|NODE_OPTIONS|NODE_PATH|NODE_EXTRA_CA_CERTS"
+    r"|PATH|HOME|SHELL|ZDOTDIR|BASH_ENV|ENV|IFS|CDPATH|SHELLOPTS|BASHOPTS|PS4|PROMPT_COMMAND"
+    r"|BASH_LOADABLES_PATH|GLIBC_TUNABLES|HOSTALIASES|RES_OPTIONS|LOCPATH|NLSPATH|TZDIR"
+    r"|JAVA_HOME|JAVA_TOOL_OPTIONS|_JAVA_OPTIONS|JDK_JAVA_OPTIONS|JAVA_OPTS|MAVEN_OPTS|GRADLE_OPTS"
+    r"|CLASSPATH|PHPRC|PHP_INI_SCAN_DIR|GEM_HOME|GEM_PATH|BUNDLE_GEMFILE"
+    r"|GOFLAGS|GOPROXY|GONOPROXY|GOPRIVATE|GOINSECURE|GOSUMDB|GONOSUMDB|GONOSUMCHECK|GOROOT|GOPATH"
+    r"|GOTOOLCHAIN|GODEBUG|RUSTC_WRAPPER|RUSTC"
+    r"|GIT_SSH|GIT_SSH_COMMAND|GIT_EXEC_PATH|GIT_ASKPASS|SSH_ASKPASS|SUDO_ASKPASS|GIT_PROXY_COMMAND"
+    r"|GIT_EXTERNAL_DIFF|GIT_DIR|GIT_COMMON_DIR|GIT_TEMPLATE_DIR|GIT_PAGER|GIT_EDITOR"
+    r"|GIT_SEQUENCE_EDITOR|EDITOR|VISUAL|PAGER|MANPAGER|BROWSER|LESSOPEN|LESSCLOSE"
+    r"|OPENSSL_CONF|OPENSSL_ENGINES|OPENSSL_MODULES|SSL_CERT_FILE|SSL_CERT_DIR|CURL_HOME|WGETRC"
+    r"|NETRC|GNUPGHOME|PSQLRC|PGSERVICEFILE|PGSYSCONFDIR|AWS_CONFIG_FILE|AWS_SHARED_CREDENTIALS_FILE"
+    r"|AWS_CONTAINER_CREDENTIALS_FULL_URI|KUBECONFIG|DOCKER_HOST|DOCKER_CONFIG|DOCKER_CERT_PATH"
+    r"|DOCKER_TLS_VERIFY|VAULT_ADDR|VAULT_AGENT_ADDR|VAULT_CACERT|VAULT_CAPATH|VAULT_SKIP_VERIFY"
+    r"|VAULT_CLIENT_CERT|VAULT_CLIENT_KEY|VAULT_TLS_SERVER_NAME|SHRIVENQUANT_ENV"
+    r"|" + "|".join(PASSWORD_VARIABLES)
 )
 
 
@@ -104,8 +119,9 @@ def run(
                 variable = _variable_for(secret.name[len(namespace) + 1 :])
                 if _LOADS_CODE.fullmatch(variable):
                     raise InvalidInputError(
-                        f"{secret.name} would set ${variable}, which can make programs run other "
-                        f"code; nothing was run. If you mean it: --secret {secret.name}={variable}"
+                        f"{secret.name} would set ${variable}, which can choose the code programs "
+                        f"run or whom they trust; nothing was run. If you mean it: "
+                        f"--secret {secret.name}={variable}"
                     )
                 found.append((variable, secret))
         for name, variable in wanted:
@@ -136,7 +152,9 @@ def service_variable_problems(entries: list[tuple[str, bytes]]) -> list[str]:
     for key, value in entries:
         variable = _variable_for(key)
         if _LOADS_CODE.fullmatch(variable):
-            problems.append(f"{key} would set ${variable}, which can make programs run other code")
+            problems.append(
+                f"{key} would set ${variable}, which can choose the code programs run or whom they trust"
+            )
         if variable in seen:
             problems.append(f"{seen[variable]} and {key} would both be ${variable}")
         seen.setdefault(variable, key)
