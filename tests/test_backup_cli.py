@@ -370,12 +370,72 @@ def test_backup_and_restore_are_audited(cli: Cli, copy_file: Path) -> None:
     ]
     target = cli.tmp / "restored" / "store.db"
     cli.ok("restore", str(copy_file), "--store", str(target))
-    assert audit_operations(target.with_name("store.audit.jsonl")) == [("restore", "ok")]
+    log = target.with_name("store.audit.jsonl")
+    new_store = [(r["operation"], r["name"], r["version"], r["outcome"]) for r in audit_records(log)]
+    assert new_store[-1] == ("restore", None, None, "ok")  # the restore's own record comes last
+    assert sorted(new_store[:-1]) == [
+        ("restore", "other/TOKEN", 1, "ok"),
+        ("restore", "svc/API_KEY", 2, "ok"),
+        ("restore", "svc/DB", 1, "ok"),
+    ]
+    assert len({r["request_id"] for r in audit_records(log)}) == 1
     cli.ok("restore", str(copy_file), "--store", str(target), "--on-existing", "overwrite")
-    assert audit_operations(target.with_name("store.audit.jsonl"))[-2:] == [
+    assert audit_operations(log)[-6:] == [
+        ("unlock", "ok"),
         ("restore", "pending"),
+        *[("restore.overwrite", "ok")] * 3,
         ("restore", "ok"),
     ]
+    assert cli.ok("--store", str(target), "audit", "verify").out.startswith("audit log verified")
+
+
+def audit_records(log: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_an_overwriting_restore_names_and_audits_what_it_replaced(cli: Cli, copy_file: Path) -> None:
+    """Versions written after the backup are gone after `--on-existing overwrite`: the output names
+    each secret replaced, and the audit log has a record per secret with its restored version and
+    that value's fingerprint (the one `audit hash` gives)."""
+    for value in ("new-THREE", "new-FOUR", "new-FIVE"):
+        cli.ok("store", "svc/API_KEY", value)
+    cli.ok("store", "svc/EXTRA", "not-in-the-backup")
+    log = cli.store.with_name("store.audit.jsonl")
+    before = len(audit_records(log))
+    result = cli.ok("restore", str(copy_file), "--on-existing", "overwrite")
+    assert sorted(result.out.splitlines()) == [
+        f"{name}\toverwritten (its versions now are the backup's)" for name in sorted(SECRETS)
+    ]
+    assert "overwrote 3 existing secret(s)" in result.stderr
+    assert "versions written after the backup are gone" in result.stderr
+    records = audit_records(log)[before:]
+    assert [(r["operation"], r["outcome"]) for r in records[:2]] == [("unlock", "ok"), ("restore", "pending")]
+    per_secret = {r["name"]: r for r in records[2:-1]}
+    assert set(per_secret) == set(SECRETS)  # svc/EXTRA was not touched
+    assert {r["operation"] for r in per_secret.values()} == {"restore.overwrite"}
+    api_key = per_secret["svc/API_KEY"]
+    assert api_key["version"] == 2
+    assert api_key["value_hmac"] == fingerprint(cli, b"sk-live-TWO-a4e017")
+    assert (records[-1]["operation"], records[-1]["name"], records[-1]["outcome"]) == ("restore", None, "ok")
+    assert len({r["request_id"] for r in records[1:]}) == 1
+    for value in SECRETS["svc/API_KEY"] + SECRETS["svc/DB"]:  # never a value in a record
+        assert value.decode() not in log.read_text()
+    skipped = cli.ok("restore", str(copy_file), "--on-existing", "skip")
+    assert sorted(skipped.out.splitlines()) == [f"{name}\tskipped (it exists)" for name in sorted(SECRETS)]
+    assert audit_operations(log)[-2:] == [("restore", "pending"), ("restore", "ok")]  # nothing changed
+
+
+def fingerprint(cli: Cli, value: bytes) -> str:
+    proc = subprocess.run(
+        [str(SCRIPT), "audit", "hash", "--raw"],
+        input=value,
+        capture_output=True,
+        env=cli.env,
+        start_new_session=True,
+        timeout=TIMEOUT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.decode().strip()
 
 
 def test_backup_and_restore_are_quiet_in_a_pipe(cli: Cli) -> None:

@@ -15,23 +15,28 @@ docs/backup-format.md; the work is in store/backup.py and store/restore.py.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import click
 
+from secrets_manager.audit import AuditEvent, value_fingerprint
 from secrets_manager.cli.app import Session, cli, kdf_profile_option, pass_session
 from secrets_manager.cli.output import info_line, print_json, progress_bars, timestamp, warning_line
 from secrets_manager.cli.password import prompt_password, read_password_file, terminal_available
 from secrets_manager.errors import ConflictError, InvalidInputError, UnlockError
 from secrets_manager.store.backup import (
     KIND_STORE,
+    BackupSecret,
     BackupSummary,
     read_backup,
     read_backup_header,
     write_backup,
 )
+from secrets_manager.store.base import AuditedStore
 from secrets_manager.store.restore import OnExisting, RestoreResult, restore_into, restore_new_store
 from secrets_manager.store.url import display_url, open_store, remove_store_files, sqlite_path
 
@@ -191,16 +196,27 @@ def restore(
                 actor=session.actor,
                 progress=report,
             )
-        _audit_new_store(session, new_password)
+        _audit_new_store(session, new_password, checked.secrets, result)
         where = f"a new store at {sqlite_path(session.store_url)}"
     else:
+        records: list[AuditEvent] = []
         with (
-            session.store_operation("restore", mutating=True) as (store, _),
+            session.store_operation("restore", mutating=True, reads=records) as (store, event),
             progress_bars("restore") as report,
         ):
             result = restore_into(store, checked.secrets, on_existing=mode, progress=report)
+            records += [*_secret_records(event, store, checked.secrets, result), event]
         where = "the store" if session.needs_password else f"the store {display_url(session.store_url)}"
+    for name in result.overwritten:
+        click.echo(f"{name}\toverwritten (its versions now are the backup's)")
+    for name in result.skipped:
+        click.echo(f"{name}\tskipped (it exists)")
     info_line(f"restored {_restored(result)} into {where}")
+    if result.overwritten:
+        info_line(
+            f"overwrote {len(result.overwritten)} existing secret(s) with the backup's history "
+            "(--on-existing overwrite): versions written after the backup are gone"
+        )
     if result.skipped:
         info_line(f"left {len(result.skipped)} existing secret(s) as they were (--on-existing skip)")
     if result.without_value:
@@ -268,17 +284,47 @@ def _no_store_at(url: str | None) -> bool:
         return False
 
 
-def _audit_new_store(session: Session, password: bytes) -> None:
-    """Record the restore in the new store's audit log, as `init` does; if that fails, the new store
-    was never announced and is removed again."""
+def _audit_new_store(
+    session: Session, password: bytes, restored: Sequence[BackupSecret], result: RestoreResult
+) -> None:
+    """Record the restore in the new store's audit log, as `init` does (one record per secret, then
+    the restore's own); if that fails, the new store was never announced and is removed again."""
     store = open_store(session.store_url, password, environment=session.environment, actor=session.actor)
     try:
-        session.audit_log().append([session.event("restore")], store)
+        event = session.event("restore")
+        session.audit_log().append([*_secret_records(event, store, restored, result), event], store)
     except BaseException:
         store.close()
         remove_store_files(sqlite_path(session.store_url))
         raise
     store.close()
+
+
+def _secret_records(
+    event: AuditEvent, store: AuditedStore, restored: Sequence[BackupSecret], result: RestoreResult
+) -> list[AuditEvent]:
+    """One record per secret the restore wrote, under its request id: `restore` for a new name,
+    `restore.overwrite` for one whose history it replaced; the version is the one labelled current
+    (where the target keeps the backup's numbers) with its value's fingerprint. Appended together
+    with the restore's own record, in one durable append: the restore itself is one commit."""
+    left_alone = {*result.skipped, *result.without_value}
+    overwritten = set(result.overwritten)
+    records = []
+    for secret in restored:
+        if secret.name in left_alone:
+            continue
+        current = secret.labels.get("current")
+        value = next((v.value for v in secret.kept if v.version == current), None)
+        records.append(
+            replace(
+                event,
+                operation="restore.overwrite" if secret.name in overwritten else "restore",
+                name=secret.name,
+                version=current if result.exact and value is not None else None,
+                value_hmac=None if value is None else value_fingerprint(store, value),
+            )
+        )
+    return records
 
 
 def _counts(summary: BackupSummary) -> str:
