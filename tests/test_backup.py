@@ -437,6 +437,23 @@ def test_on_existing_overwrite_replaces_the_whole_history_of_shared_names_only(
     assert target.get("other/UNRELATED").value.reveal() == b"target-UNRELATED"
 
 
+def test_an_overwrite_never_gives_a_version_number_to_a_second_value(
+    backup: Backup, target: EncryptedStore, source: EncryptedStore
+) -> None:
+    """Versions the target wrote after the backup are erased, but their numbers stay used: the next
+    write takes a new number (as Vault and AWS never reuse one), so the audit log's `store NAME N`
+    means one value only."""
+    backed_up = source.describe("auth/DB_PASSWORD").versions[-1].version
+    for n in range(backed_up + 3):
+        target.put("auth/DB_PASSWORD", b"target-LATER-%d" % n)
+    given_out = target.describe("auth/DB_PASSWORD").versions[-1].version
+    assert given_out > backed_up
+    restore_into(target, backup.secrets, on_existing=OnExisting.OVERWRITE)
+    assert target.describe("auth/DB_PASSWORD").versions == source.describe("auth/DB_PASSWORD").versions
+    assert target.get("auth/DB_PASSWORD").version == backed_up
+    assert target.put("auth/DB_PASSWORD", b"after-the-restore").version == given_out + 1
+
+
 # ---- all or nothing ---------------------------------------------------------------------------------
 
 

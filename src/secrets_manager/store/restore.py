@@ -11,7 +11,8 @@ Three ways in (docs/backup-format.md section 9):
   metadata and the keysets whose use counts they change — goes into **one** storage commit, with
   compare-and-set on every name it touches. Either the whole restore lands or nothing does;
   concurrent writers are never overwritten (a lost race re-reads and recomputes). Versions,
-  labels, times, authors and deleted state are kept exactly.
+  labels, times, authors and deleted state are kept exactly; an overwritten secret keeps its own
+  `next_version` where that is higher, so no version number is ever given to a second value.
 * **Any other `SecretStore`** (Vault, AWS: no multi-secret transaction): the logical form is
   written through the protocol, secret by secret, and a failure midway is compensated: every name
   the restore created is destroyed again, and every name it overwrote is written back from the
@@ -58,6 +59,7 @@ from secrets_manager.store.encrypted import (
     EncryptedStore,
     _data_key,
     _dump,
+    _Meta,
 )
 from secrets_manager.store.names import namespace_of
 from secrets_manager.store.url import create_store, remove_store_files, sqlite_path
@@ -243,6 +245,7 @@ def _import_encrypted(
                     progress("restoring", done, total)
                 meta_expect: Expect = ABSENT
                 old_keys: set[str] = set()
+                old: _Meta | None = None
                 if secret.name in clashes:
                     if on_existing is OnExisting.SKIP:
                         skipped.append(secret.name)
@@ -266,7 +269,10 @@ def _import_encrypted(
                     )
                     ops.append(Put(data_key, record, None if data_key in old_keys else ABSENT))
                 ops.extend(Delete(k) for k in sorted(old_keys - new_keys))
-                meta = seal_record(key, Purpose.SECRET_METADATA, secret.name, 0, secret.metadata().to_json())
+                document = secret.metadata()
+                if old is not None:  # never give a number the store gave out again (as Vault, AWS)
+                    document.next_version = max(document.next_version, old.next_version)
+                meta = seal_record(key, Purpose.SECRET_METADATA, secret.name, 0, document.to_json())
                 ops.append(Put(META_PREFIX + secret.name, meta, meta_expect))
                 sealed += len(new_keys) + 1
                 versions += len(new_keys)
