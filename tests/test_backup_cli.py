@@ -341,6 +341,28 @@ def test_backup_never_replaces_a_file_without_force(cli: Cli, copy_file: Path) -
     assert copy_file.stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.parametrize(
+    ("args", "stream"),
+    [
+        (("backup", "-"), "output"),
+        (("backup", "--out", "-"), "output"),
+        (("backup", "verify", "-"), "input"),
+        (("restore", "-"), "input"),
+    ],
+)
+def test_a_dash_is_refused_not_taken_as_a_file_named_dash(
+    cli: Cli, copy_file: Path, monkeypatch: pytest.MonkeyPatch, args: tuple[str, ...], stream: str
+) -> None:
+    """`import -` reads stdin, so `backup -` must not quietly write ./-; a backup is a file
+    (written atomically, read twice), so '-' is refused with what to do instead."""
+    monkeypatch.chdir(cli.tmp)
+    (cli.tmp / "-").unlink(missing_ok=True)
+    before = files_of(cli.store)
+    assert_one_line_error(cli(*args), 2, f"not standard {stream}", "./-")
+    assert not (cli.tmp / "-").exists()
+    assert files_of(cli.store) == before
+
+
 def test_backup_refuses_to_write_over_the_store_itself(cli: Cli) -> None:
     before = files_of(cli.store)
     assert_one_line_error(cli("backup", str(cli.store), "--force"), 2, "is the store itself")

@@ -9,7 +9,8 @@ opens with the store's master password (as it was when the backup was taken). Wi
 holds the secrets in logical form under that separate password, for off-site copies and for
 restoring into another kind of store. `backup` and `restore` are audited (operations `backup` and
 `restore`); `backup verify` opens no store and writes no audit record. The format is
-docs/backup-format.md; the work is in store/backup.py and store/restore.py.
+docs/backup-format.md; the work is in store/backup.py and store/restore.py. FILE is always a file:
+'-' is refused, not taken as stdout/stdin (as `import -` is) nor as a file named '-'.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def create(
     session.require_local("backup")
     if (file is None) == (out is None):
         raise InvalidInputError("give the backup file once: 'backup FILE' or 'backup --out FILE'")
-    path = Path(file or out or "")
+    path = _file_argument(file or out or "", "backup")
     _check_destination(session, path, force=force)
     password = _read_file(session, backup_password_file) if backup_password_file else None
     if password is not None:
@@ -119,7 +120,7 @@ def verify(session: Session, file: str, backup_password_file: str | None, as_jso
     """Check that FILE is a complete, intact backup, without restoring it: exit 0 with its counts,
     6 if it is damaged, 4 for a wrong password. A backup made without --backup-password-file
     opens with the master password the store had when it was taken."""
-    path = Path(file)
+    path = _file_argument(file, "backup verify")
     header = read_backup_header(path)
     password = _backup_password(session, path, header.kind, backup_password_file)
     with progress_bars("verify") as report:
@@ -174,7 +175,7 @@ def restore(
     if target:
         session = dataclasses.replace(session, store_url=target)
     mode = OnExisting(on_existing) if on_existing else None
-    path = Path(file)
+    path = _file_argument(file, "restore")
     header = read_backup_header(path)
     password = _backup_password(session, path, header.kind, backup_password_file)
     with progress_bars("check") as report:
@@ -239,6 +240,22 @@ def summary_doc(summary: BackupSummary) -> dict[str, Any]:
         "versions": summary.versions,
         "entries": summary.entries,
     }
+
+
+def _file_argument(file: str, command: str) -> Path:
+    """FILE as a path; '-' is refused rather than taken as a file of that name (`import -` is stdin,
+    so `backup -` writing ./- surprised). A backup is a file: written under a temporary name and
+    renamed when complete, read twice by restore (header, then the whole check), never a pipe."""
+    if file == "-":
+        stream, where = (
+            ("output", "write it to a file")
+            if command == "backup"
+            else ("input", "save the stream to a file first")
+        )
+        raise InvalidInputError(
+            f"'{command} -': a backup is a file, not standard {stream}; {where} (a file named '-' is ./-)"
+        )
+    return Path(file)
 
 
 def _check_destination(session: Session, path: Path, *, force: bool) -> None:
