@@ -369,6 +369,58 @@ def test_backup_refuses_to_write_over_the_store_itself(cli: Cli) -> None:
     assert files_of(cli.store) == before
 
 
+# A restore into a new store that stops right after its commit (the new store's records in its
+# -wal, not yet published) until its stdin closes: the point where a kill -9 leaves the most behind.
+HELD_RESTORE = """
+import sys
+from secrets_manager.cli import main
+from secrets_manager.storage.sqlite import SqliteStorage
+
+original = SqliteStorage.commit
+
+def commit(self, *args, **kwargs):
+    revision = original(self, *args, **kwargs)
+    if ".restore-" in self.path.name:
+        print("committed", flush=True)
+        sys.stdin.read()
+    return revision
+
+SqliteStorage.commit = commit
+main(sys.argv[1:])
+"""
+
+
+def test_a_killed_restore_leaves_files_that_the_next_restore_removes(cli: Cli, copy_file: Path) -> None:
+    """kill -9 mid-restore leaves .NAME.restore-* (and a -wal sealed under the source's keys):
+    a restore running beside it leaves them alone, the next restore once it is dead removes them."""
+    directory = cli.tmp / "restores"
+    held = subprocess.Popen(
+        [sys.executable, "-c", HELD_RESTORE, "restore", str(copy_file), "--store", str(directory / "a.db")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli.env,
+        start_new_session=True,
+    )
+    try:
+        assert held.stdout is not None and held.stdout.readline() == b"committed\n"
+        leftovers = sorted(p.name for p in directory.iterdir())
+        assert any(name.endswith("-wal") for name in leftovers), leftovers
+        assert all(name.startswith(".a.db.restore-") for name in leftovers), leftovers
+        beside = cli.ok("restore", str(copy_file), "--store", str(directory / "b.db"))
+        assert "interrupted" not in beside.stderr  # a running restore's files are not leftovers
+        assert set(leftovers) <= {p.name for p in directory.iterdir()}
+    finally:
+        held.kill()  # SIGKILL: no cleanup of its own runs
+        held.communicate(timeout=TIMEOUT)
+    assert held.returncode == -9
+    assert set(leftovers) <= {p.name for p in directory.iterdir()}
+    result = cli.ok("restore", str(copy_file), "--store", str(directory / "a.db"))
+    assert f"removed {len(leftovers)} file(s) an interrupted restore left in {directory}" in result.stderr
+    assert not [p.name for p in directory.iterdir() if ".restore-" in p.name]
+    assert values_of(cli, directory / "a.db") == values_of(cli, cli.store)
+
+
 # ---- the file, the audit log, the terminal ----------------------------------------------------------
 
 

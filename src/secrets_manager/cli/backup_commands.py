@@ -199,6 +199,11 @@ def restore(
             )
         _audit_new_store(session, new_password, checked.secrets, result)
         where = f"a new store at {sqlite_path(session.store_url)}"
+        if result.stale_removed:
+            info_line(
+                f"removed {len(result.stale_removed)} file(s) an interrupted restore left in "
+                f"{sqlite_path(session.store_url).parent} (first: {result.stale_removed[0]})"
+            )
     else:
         records: list[AuditEvent] = []
         with (

@@ -343,8 +343,20 @@ def _check_precondition(db: sqlite3.Connection, key: str, expect: Expect) -> Non
 
 
 def _create_private_file(path: Path) -> None:
-    """Create the store file 0600 (and missing parent directories 0700); never overwrite.
-    A parent that is a file, or one we may not create, is one line naming it (not an OSError)."""
+    """Create the store file 0600 (and missing parent directories 0700); never overwrite."""
+    create_private_directories(path)
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except FileExistsError:
+        raise ConflictError(f"a store already exists at {path}; init never overwrites one") from None
+    except OSError as exc:
+        raise StorageError(f"cannot create store {path}: {exc.strerror}") from None
+    os.close(fd)
+
+
+def create_private_directories(path: Path) -> None:
+    """Create the missing parent directories of the store file `path`, 0700. A parent that is a
+    file, or one we may not create, is one line naming it (not an OSError)."""
     missing: list[Path] = []
     try:
         for directory in (path.parent, *path.parent.parents):
@@ -357,10 +369,3 @@ def _create_private_file(path: Path) -> None:
             directory.mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
         raise StorageError(f"cannot create store {path}: {exc.strerror or type(exc).__name__}") from None
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-    except FileExistsError:
-        raise ConflictError(f"a store already exists at {path}; init never overwrites one") from None
-    except OSError as exc:
-        raise StorageError(f"cannot create store {path}: {exc.strerror}") from None
-    os.close(fd)

@@ -28,10 +28,13 @@ with the backup's secret (its whole history). Every decision is made before the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
+import fcntl
 import os
+import re
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +43,7 @@ from secrets_manager.environment import Environment
 from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError, StorageError
 from secrets_manager.storage import ABSENT, Delete, Put
 from secrets_manager.storage.base import Expect, Operation
-from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.storage.sqlite import SqliteStorage, create_private_directories
 from secrets_manager.store.backup import KIND_STORE, Backup, BackupSecret, BackupVersion
 from secrets_manager.store.base import (
     DEFAULT_MAX_VERSIONS,
@@ -91,6 +94,7 @@ class RestoreResult:
     overwritten: tuple[str, ...] = ()
     without_value: tuple[str, ...] = ()  # every version destroyed: nothing to write into such a store
     exact: bool = True
+    stale_removed: tuple[str, ...] = ()  # files of killed restores into new stores, removed first
 
 
 # ---- a new SQLite store ----------------------------------------------------------------------------
@@ -119,6 +123,52 @@ def restore_new_store(
     blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:  # say so about the target, not the temporary file beside it
         raise InvalidInputError(f"cannot restore to {path}: {blocker} is not a directory; pick a new path")
+    create_private_directories(path)
+    with _restore_directory(path.parent) as stale:
+        result = _build_new_store(backup, path, password, kdf_profile, environment, actor, progress)
+    return dataclasses.replace(result, stale_removed=stale)
+
+
+# A restore into a new store builds it as `.NAME.restore-<12 hex>` (plus SQLite's -wal, -shm,
+# -journal) beside NAME, holding a shared flock on the directory until it is published or removed.
+_TEMPORARY = re.compile(r"\..+\.restore-[0-9a-f]{12}(-wal|-shm|-journal)?")
+
+
+@contextlib.contextmanager
+def _restore_directory(directory: Path) -> Iterator[tuple[str, ...]]:
+    """Hold a shared flock on `directory` while a restore builds a store in it, and first remove
+    the temporary files of restores that were killed there (kill -9, a power cut): when the flock
+    can be taken exclusively no restore is running in the directory, so every such file is a
+    leftover (its -wal may hold records sealed under the backed-up store's keys). Yields the names
+    removed."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        removed: list[str] = []
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pass  # another restore runs here: its files are not leftovers; the next restore cleans
+        else:
+            for entry in sorted(os.listdir(fd)):
+                if _TEMPORARY.fullmatch(entry):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(entry, dir_fd=fd)
+                        removed.append(entry)
+        fcntl.flock(fd, fcntl.LOCK_SH)  # not atomic after LOCK_EX: our own file does not exist yet
+        yield tuple(removed)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def _build_new_store(
+    backup: Backup,
+    path: Path,
+    password: bytes | None,
+    kdf_profile: str,
+    environment: Environment,
+    actor: str,
+    progress: Progress,
+) -> RestoreResult:
     temporary = path.with_name(f".{path.name}.restore-{secrets.token_hex(6)}")
     try:
         if backup.summary.kind == KIND_STORE:
