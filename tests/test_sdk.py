@@ -4,7 +4,10 @@ certificates, a real policy, a real SQLite store (shared by two servers in the f
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -29,6 +32,7 @@ from service_fixtures import (
     free_address,
     make_pki,
     make_store,
+    run_script,
     start_server,
     tls_files,
 )
@@ -271,6 +275,47 @@ def test_nothing_cached_and_no_service_is_a_clear_error_at_once(make_client: Cli
     with pytest.raises(StorageError, match="nothing is cached"):
         client.credentials()
     assert time.monotonic() - started < 3.0
+
+
+# ---- the certificate files ----------------------------------------------------------------------
+
+_CHILD_SDK = """
+import sys
+from secrets_manager.client import Client
+from secrets_manager.errors import SecretsManagerError
+try:
+    Client().credentials()
+except SecretsManagerError as exc:
+    print(exc, file=sys.stderr)
+    sys.exit(exc.exit_code)
+"""
+
+
+@pytest.mark.parametrize("variable", ["SECRETS_MANAGER_CERT", "SECRETS_MANAGER_KEY", "SECRETS_MANAGER_CA"])
+@pytest.mark.parametrize("entry", ["cli", "sdk"])
+def test_an_empty_certificate_file_is_a_one_line_error_not_an_abort(
+    service_dir: Path, variable: str, entry: str
+) -> None:
+    """gRPC's C core aborts the process (SIGABRT) when given an empty certificate or key, so each
+    is tried in a child process."""
+    empty = service_dir / "empty.pem"
+    empty.write_bytes(b"")
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(service_dir),
+        **client_environ(service_dir, "auth", [free_address()]),
+        variable: str(empty),
+    }
+    if entry == "cli":
+        result = run_script(env, "list")
+    else:
+        result = subprocess.run(
+            [sys.executable, "-c", _CHILD_SDK], capture_output=True, env=env, timeout=60, check=False
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode == InvalidInputError.exit_code, stderr
+    assert f"TLS file {empty} ({variable}) is empty; point {variable} at a readable PEM file" in stderr
+    assert stderr.count("\n") == 1, stderr
 
 
 # ---- development fallback -------------------------------------------------------------------------

@@ -292,6 +292,10 @@ _TLS = {"cert": "server.pem", "key": "server-key.pem", "client_ca": "ca.pem"}
         ("", {"key": "policy.toml"}, 2, "(tls.key) is not an unencrypted PEM private key"),
         # IsADirectoryError before.
         ("", {"cert": "."}, 2, "(tls.cert): Is a directory"),
+        # An empty file: said so, rather than "not a PEM ..." (gRPC's C core would abort on it).
+        ("", {"cert": "empty.pem"}, 2, "empty.pem (tls.cert) is empty"),
+        ("", {"key": "empty.pem"}, 2, "empty.pem (tls.key) is empty"),
+        ("", {"client_ca": "empty.pem"}, 2, "empty.pem (tls.client_ca) is empty"),
         # prometheus_client's OSError.
         ('metrics_listen = "{busy}"', {}, 1, "cannot listen on {busy} for metrics (metrics_listen)"),
     ],
@@ -301,6 +305,7 @@ def test_a_server_that_cannot_start_says_why_in_one_line(
 ) -> None:
     make_pki(tmp_path)
     make_store(tmp_path, {"auth/DB_PASSWORD": b"auth-db-pass"}, POLICY)
+    (tmp_path / "empty.pem").write_bytes(b"")
     with socket.socket() as busy_socket:
         busy_socket.bind(("127.0.0.1", 0))
         busy_socket.listen()

@@ -145,15 +145,22 @@ def read_server_tls(cert: Path, key: Path, client_ca: Path) -> ServerTlsFiles:
 
 def read_tls_file(path: Path, setting: str, hint: str = "") -> bytes:
     """A TLS file's bytes; one line naming it and the `setting` or variable that gave it if it
-    cannot be read (missing: NotFoundError; a directory, no permission: InvalidInputError)."""
+    cannot be read (missing: NotFoundError; a directory, no permission: InvalidInputError) or is
+    empty (InvalidInputError: gRPC's C core aborts the whole process on an empty certificate or key
+    rather than raising, "Check failed: cert_chain != nullptr")."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise NotFoundError(f"TLS file {path} ({setting}) does not exist") from None
     except OSError as exc:
         raise InvalidInputError(
             f"cannot read TLS file {path} ({setting}): {exc.strerror or type(exc).__name__}{hint}"
         ) from None
+    if not data.strip():
+        raise InvalidInputError(
+            f"TLS file {path} ({setting}) is empty{hint or f'; point {setting} at a PEM file'}"
+        )
+    return data
 
 
 def _certificates(pem: bytes, path: Path, setting: str) -> list[x509.Certificate]:
