@@ -187,6 +187,125 @@ def test_a_new_secret_the_caller_may_read_appears_and_a_deleted_one_disappears(
     assert set(reader.credentials()) == set(AUTH)
 
 
+def _destroy(service_dir: Path, name: str) -> None:
+    """Destroy `name` on the server's store (the service offers no destroy)."""
+    store = EncryptedStore.open(SqliteStorage(service_dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        store.destroy_secret(name)
+    finally:
+        store.close()
+
+
+class _HeldFetch:
+    """Patched into a client: its first fetch of `name` reads the service, then waits for
+    `release()` before returning, so the answer lands after whatever the test does meanwhile."""
+
+    def __init__(self, client: Client, name: str) -> None:
+        self.fetched, self._release = threading.Event(), threading.Event()
+        self.landed = threading.Event()  # the cache was offered the held answer
+        backend, store_secret = client._backend, client._store_secret
+        assert backend is not None
+        fetch = backend.fetch
+
+        def held_fetch(wanted: str, **options: Any) -> Any:
+            secret = fetch(wanted, **options)
+            if wanted == name and not self.fetched.is_set():
+                self.fetched.set()
+                self._release.wait(10)
+            return secret
+
+        def store(secret: Any, started: float) -> None:
+            store_secret(secret, started)
+            if secret.name == name:
+                self.landed.set()
+
+        backend.fetch = held_fetch  # type: ignore[method-assign]
+        client._store_secret = store  # type: ignore[method-assign]
+
+    def release(self) -> None:
+        self._release.set()
+
+
+def _handled_changes(client: Client) -> list[tuple[str, str]]:
+    """(kind, name) of every change event the client has handled from now on."""
+    handled: list[tuple[str, str]] = []
+    on_change = client._on_change
+
+    def record(change: Any) -> None:
+        on_change(change)
+        handled.append((change.kind.value, change.name))
+
+    client._on_change = record  # type: ignore[method-assign]
+    return handled
+
+
+@pytest.mark.parametrize("removal", ["destroyed", "deleted"])
+def test_a_value_fetched_before_its_secret_was_removed_never_comes_back(
+    server: Server, service_dir: Path, make_client: ClientFactory, removal: str
+) -> None:
+    """A push refresh in flight when the secret is destroyed (or deleted) must not store its
+    answer afterwards: it would be served as fresh, stale=False, until the TTL ended."""
+    client = make_client("auth", [server.address])
+    assert revealed(client.credentials()) == AUTH
+    time.sleep(1.0)  # the stream is live and its settle re-read done
+    handled = _handled_changes(client)
+    held = _HeldFetch(client, "auth/JWT_KEY")
+    ops = RemoteStore(server.address, tls_files(service_dir, "ops"))
+    try:
+        ops.put("auth/JWT_KEY", b"read-before-its-removal")  # the refresher fetches it, held
+        assert held.fetched.wait(5)
+        if removal == "destroyed":
+            _destroy(service_dir, "auth/JWT_KEY")
+        else:
+            ops.delete("auth/JWT_KEY")
+        kind = "secret_destroyed" if removal == "destroyed" else "metadata_changed"
+        wait_until(lambda: (kind, "auth/JWT_KEY") in handled, timeout=5.0)
+    finally:
+        held.release()
+        ops.close()
+    assert held.landed.wait(5)
+    wait_until(lambda: "auth/JWT_KEY" not in client.credentials(), timeout=3.0)
+    time.sleep(0.5)  # and it stays gone
+    creds = client.credentials()
+    assert sorted(creds) == ["auth/DB_PASSWORD"] and not creds.stale
+    with pytest.raises(NotFoundError):
+        client.get("auth/JWT_KEY")
+
+
+@pytest.mark.parametrize("change", ["destroyed", "rotated"])
+def test_a_first_read_in_flight_when_its_secret_changes_is_not_cached_as_fresh(
+    server: Server, service_dir: Path, make_client: ClientFactory, change: str
+) -> None:
+    """The same race for a name not cached yet, by a client that never listed (get() only)."""
+    client = make_client("auth", [server.address])
+    assert client.get("auth/DB_PASSWORD").value.reveal() == SEED["auth/DB_PASSWORD"]
+    time.sleep(1.0)
+    handled = _handled_changes(client)
+    held = _HeldFetch(client, "auth/JWT_KEY")
+    first_read = threading.Thread(target=client.get, args=("auth/JWT_KEY",))
+    first_read.start()
+    try:
+        assert held.fetched.wait(5)
+        if change == "destroyed":
+            _destroy(service_dir, "auth/JWT_KEY")
+        else:
+            ops = RemoteStore(server.address, tls_files(service_dir, "ops"))
+            try:
+                ops.put("auth/JWT_KEY", b"rotated-while-read")
+            finally:
+                ops.close()
+        wait_until(lambda: any(name == "auth/JWT_KEY" for _, name in handled), timeout=5.0)
+    finally:
+        held.release()
+        first_read.join(10)
+    assert held.landed.is_set()
+    if change == "destroyed":
+        with pytest.raises(NotFoundError):
+            client.get("auth/JWT_KEY")
+    else:
+        assert client.get("auth/JWT_KEY").value.reveal() == b"rotated-while-read"
+
+
 # ---- failover -------------------------------------------------------------------------------------
 
 

@@ -784,10 +784,14 @@ class Client:
     def _on_change(self, change: SecretChange) -> None:
         if change.kind is ChangeKind.RESYNC:
             self._queue.schedule(_EVERYTHING)
-        elif change.kind is ChangeKind.SECRET_DESTROYED:
+            return
+        # A fetch begun before now must not be stored: without this floor an answer in flight
+        # lands after the change, a destroyed secret included, and is served as fresh until the
+        # TTL ends. Also for a name not cached yet: its first read may be the fetch in flight.
+        self._secrets.outdate(change.name)
+        if change.kind is ChangeKind.SECRET_DESTROYED:
             self._forget(change.name)
         elif change.name in self._secrets.entries() or self._listing.get(_ALL) is not None:
-            self._secrets.outdate(change.name)  # a fetch begun before now must not be stored
             self._queue.schedule(change.name)
 
     def _refresh_forever(self) -> None:
