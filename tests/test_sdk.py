@@ -437,6 +437,86 @@ def test_an_empty_certificate_file_is_a_one_line_error_not_an_abort(
     assert stderr.count("\n") == 1, stderr
 
 
+# ---- fork() --------------------------------------------------------------------------------------
+
+_FORKING_SERVICE = """
+import os, select, sys, time
+from pathlib import Path
+from secrets_manager import get_credentials_sync
+from secrets_manager.client import RemoteStore, TlsFiles, default_client
+
+def value():
+    return get_credentials_sync()["auth/JWT_KEY"].reveal()
+
+def wait_for(condition, timeout):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+assert value() == b"auth-jwt-key-SEEKRIT-2"
+parent = default_client()
+assert wait_for(lambda: parent._live_since is not None, 5)  # the parent's stream is up
+time.sleep(0.6)  # and its settle re-read done
+parent_backend = parent._backend
+ready_read, ready_write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    try:
+        child = default_client()
+        assert value() == b"auth-jwt-key-SEEKRIT-2"
+        own = child._backend is not parent_backend
+        print("child uses", "its own channels" if own else "the parent's channels", flush=True)
+        wait_for(lambda: child._live_since is not None, 5)
+        time.sleep(0.6)
+        os.write(ready_write, b"r")
+        seen = wait_for(lambda: value() == b"rotated-after-the-fork", 3)
+        print("child", "saw the rotation" if seen else "never saw the rotation",
+              "stale" if get_credentials_sync().stale else "fresh", flush=True)
+        os._exit(0 if seen and own else 1)
+    except BaseException as exc:
+        print("child failed:", repr(exc), flush=True)
+        os._exit(2)
+assert select.select([ready_read], [], [], 20)[0], "the child did not get ready"
+env = os.environ
+ops = RemoteStore(env["SECRETS_MANAGER_ADDR"], TlsFiles(
+    cert=Path(env["OPS_CERT"]), key=Path(env["OPS_KEY"]), ca=Path(env["SECRETS_MANAGER_CA"])))
+ops.put("auth/JWT_KEY", b"rotated-after-the-fork")
+ops.close()
+rotated = wait_for(lambda: value() == b"rotated-after-the-fork", 3)
+print("parent", "saw the rotation" if rotated else "never saw the rotation", flush=True)
+_, status = os.waitpid(pid, 0)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+@pytest.mark.parametrize("grpc_fork_support", [False, True], ids=["default", "grpc-fork-support"])
+def test_a_forked_child_gets_its_own_watcher_and_channels(
+    server: Server, service_dir: Path, grpc_fork_support: bool
+) -> None:
+    """gunicorn --preload and Celery prefork fork after the SDK has read: the child must still be
+    pushed a rotation (the TTL is 300 s), through channels of its own. In a child process, which
+    itself forks (forking the test runner would fork its gRPC state too)."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(service_dir),
+        **client_environ(service_dir, "auth", [server.address]),
+        "OPS_CERT": str(service_dir / "ops.pem"),
+        "OPS_KEY": str(service_dir / "ops-key.pem"),
+    }
+    if grpc_fork_support:  # what gRPC's fork_support.md asks of a process that forks after using it
+        env.update(GRPC_ENABLE_FORK_SUPPORT="true", GRPC_POLL_STRATEGY="poll")
+    result = subprocess.run(
+        [sys.executable, "-c", _FORKING_SERVICE], capture_output=True, env=env, timeout=90, check=False
+    )
+    output = result.stdout.decode()
+    assert result.returncode == 0, output + result.stderr.decode()
+    assert "child uses its own channels" in output, output
+    assert "child saw the rotation fresh" in output and "parent saw the rotation" in output, output
+
+
 # ---- development fallback -------------------------------------------------------------------------
 
 

@@ -123,6 +123,12 @@ class TtlCache(Generic[K, V]):
             self._swap({})
             self._floors.clear()
 
+    def reset_after_fork(self) -> None:
+        """In a forked child: a new lock (the parent's may have been held by a thread that did not
+        survive the fork), and every value expired, since no watcher kept them fresh meanwhile."""
+        self._lock = threading.Lock()
+        self._swap({key: Entry(old.value, float("-inf"), old.started) for key, old in self._entries.items()})
+
     def _newest(self, entries: Mapping[K, Entry[V]], key: K) -> float:
         old = entries.get(key)
         return max(old.started if old else float("-inf"), self._floors.get(key, float("-inf")))
@@ -161,6 +167,10 @@ class Reachability:
             ended = self.outage_since is not None
             self.outage_since = None
             return ended
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: a new lock (the parent's may have been held at the fork)."""
+        self._lock = threading.Lock()
 
     def may_serve_stale(self, now: float) -> bool:
         since = self.outage_since

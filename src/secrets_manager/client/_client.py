@@ -27,6 +27,13 @@ How a value reaches a caller:
 - Without an address, outside production, the same machinery runs over the local store, read-only;
   the watcher polls the store's change feed like the service does.
 
+- fork(). A forked child (gunicorn --preload, Celery prefork) inherits the cache but not the
+  watcher and refresher threads, and must not use the parent's gRPC channels (gRPC's fork support
+  doc: gRPC objects made before a fork are not safe to use after it) nor its SQLite connection.
+  So in the child every client drops (without closing: that would act on the parent's state)
+  its backend and starts over at the next read: new channels, new threads, and the values it
+  inherited expired, so that read fetches them again (or serves them stale during an outage).
+
 `AsyncClient` wraps a `Client`. A cached read is answered in the event loop (it never waits);
 anything that may wait on the network or the disk runs in a worker thread (`asyncio.to_thread`),
 with concurrent misses for one key sharing one thread. One cache and one watcher then serve sync
@@ -45,6 +52,7 @@ import os
 import random
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
@@ -426,6 +434,7 @@ class Client:
         self._stream: _ChangeSource | None = None
         self._stream_lock = threading.Lock()
         self._live_since: float | None = None
+        _CLIENTS.add(self)
 
     # ---- reading ---------------------------------------------------------------------------------
 
@@ -505,6 +514,22 @@ class Client:
             thread.join(timeout=self._config.timeout + 5)
         if backend is not None:
             backend.close()
+
+    def _after_fork_in_child(self) -> None:
+        """Only the thread that forked survives: locks other threads held stay held, and the
+        watcher and refresher are gone. New locks and queue; the backend is kept referenced but
+        never used or closed here, and the next read starts a new one (see the module doc)."""
+        self._write_lock = threading.RLock()
+        self._flights, self._flights_lock = {}, threading.Lock()
+        self._start_lock, self._stream_lock = threading.Lock(), threading.Lock()
+        self._queue, self._closed = _RefreshQueue(self._clock), threading.Event()  # not set: checked
+        self._rng.seed()  # else every worker would jitter its TTLs and backoffs exactly alike
+        self._secrets.reset_after_fork()
+        self._listing.reset_after_fork()
+        self._reach.reset_after_fork()
+        if self._backend is not None:
+            _LEFT_BY_FORK.append(self._backend)
+        self._backend, self._threads, self._stream, self._live_since = None, [], None, None
 
     def __enter__(self) -> Client:
         return self
@@ -950,6 +975,23 @@ class AsyncClient:
         self._in_flight.pop((loop, key), None)
         if not flight.cancelled():
             flight.exception()  # retrieved: no "never retrieved" warning if every waiter left
+
+
+# ---- fork() ---------------------------------------------------------------------------------------
+
+_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()  # every client of this process, not kept alive
+_LEFT_BY_FORK: list[_Backend] = []  # a parent's backends, in a child: referenced, so never finalised
+
+
+def _after_fork_in_child() -> None:
+    global _default_lock
+    _default_lock = threading.Lock()
+    for client in list(_CLIENTS):
+        if not client._closed.is_set():
+            client._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # ---- the process-wide client behind get_credentials() --------------------------------------------

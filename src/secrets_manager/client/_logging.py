@@ -13,6 +13,7 @@ all log lines would garble them, and such values are not secrets worth the name.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -34,6 +35,10 @@ class LiveSecretValues:
         self._pattern: re.Pattern[str] | None = None
         self._compiled_for = 0
         self._generation = 0
+        os.register_at_fork(after_in_child=self._new_lock)  # one held at a fork stays held
+
+    def _new_lock(self) -> None:
+        self._lock = threading.Lock()
 
     def remember(self, value: SecretValue) -> None:
         raw = value.reveal()
