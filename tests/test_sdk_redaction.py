@@ -4,6 +4,7 @@ or without the log redaction filter; with it, even a revealed value is redacted 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import time
 from collections.abc import Iterator
@@ -13,9 +14,9 @@ import pytest
 
 from secrets_manager import install_log_redaction
 from secrets_manager.client import AsyncClient, Client, SecretRedactionFilter
-from secrets_manager.client._logging import uninstall_log_redaction
+from secrets_manager.client._logging import LIVE_VALUES, uninstall_log_redaction
 from secrets_manager.errors import SecretsManagerError
-from secrets_manager.values import REDACTED
+from secrets_manager.values import REDACTED, SecretValue
 from service_fixtures import SEED, Server, client_environ, make_pki, make_store, start_server
 
 SECRET_TEXTS = [value.decode() for value in SEED.values()] + ["ROTATED-SEEKRIT-value"]
@@ -155,3 +156,70 @@ def test_a_filter_on_one_handler_redacts_what_that_handler_writes(server: Server
         log.removeHandler(handler)
         log.propagate = True
     assert stream.getvalue() == f"db password {REDACTED}\n"
+
+
+# ---- encoded forms and extra fields -----------------------------------------------------------------
+
+AWKWARD = ["pässwörd\tX-1", 'quo"te\\back-2', "naïve-€-3", 'it\'s "both"-4', "plain-hunter2-5"]
+
+
+class _JsonFormatter(logging.Formatter):
+    """A structured-log formatter of the common kind: the message and every extra field, as JSON."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {key: value for key, value in record.__dict__.items() if key not in _STANDARD}
+        return json.dumps({"msg": record.getMessage(), **fields}, default=str)
+
+
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
+
+
+def _encoded_forms(text: str) -> set[str]:
+    return {
+        text,
+        repr(text)[1:-1],
+        ascii(text)[1:-1],
+        json.dumps(text)[1:-1],
+        json.dumps(text, ensure_ascii=False)[1:-1],
+        repr(text.encode())[2:-1],
+    }
+
+
+@pytest.mark.parametrize("how", ["install", "handler-filter"])
+def test_encoded_forms_and_extra_fields_of_a_value_are_redacted(how: str) -> None:
+    """repr (%r, a dict with %s), ascii (%a), JSON with and without ensure_ascii, and `extra=`
+    fields a JSON formatter prints: each a way a value with a quote, a backslash, a tab or
+    non-ASCII text reaches a log line in another spelling."""
+    for text in AWKWARD:
+        LIVE_VALUES.remember(SecretValue(text.encode()))
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log = logging.getLogger(f"encoded.{how}")
+    log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    if how == "install":
+        install_log_redaction()
+    else:
+        handler.addFilter(SecretRedactionFilter())
+    try:
+        for text in AWKWARD:
+            log.info("repr %r", text)
+            log.info("dict %s", {"pw": text})
+            log.info("ascii %a", text)
+            log.info("json %s", json.dumps({"pw": text}))
+            log.info("json %s", json.dumps({"pw": text}, ensure_ascii=False))
+            log.info("bytes %r", text.encode())
+        handler.setFormatter(_JsonFormatter())
+        for text in AWKWARD:
+            log.info("login", extra={"password": text, "cfg": {"db": {"pw": [text]}}, "raw": text.encode()})
+    finally:
+        uninstall_log_redaction()
+        log.removeHandler(handler)
+        log.propagate = True
+    output = stream.getvalue()
+    for text in AWKWARD:
+        for form in _encoded_forms(text):
+            assert form not in output, (form, output)
+    assert output.count(REDACTED) == 6 * len(AWKWARD) + 3 * len(AWKWARD)
+    assert '"password": "**********"' in output

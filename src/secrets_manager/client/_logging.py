@@ -3,35 +3,57 @@
 `SecretValue` already keeps values out of logs unless someone reveals one next to a log call
 (`log.info("key=%s", key.reveal_text())`, an f-string, an exception message). This is the net
 under that: every value the SDK has handed out in this process is remembered (`LIVE_VALUES`), and
-the filter replaces any occurrence of one in a record's message, arguments, exception text or
-stack text by the redaction marker before a handler formats it.
+any occurrence of one in a record's message, arguments, exception text, stack text or `extra=`
+fields is replaced by the redaction marker before a handler formats it. A value is matched as
+written and in the spellings logging and JSON give it: `repr` (`%r`, a dict or list logged with
+`%s`), `ascii` (`%a`), `json.dumps` with and without `ensure_ascii`, and the `repr` of its bytes.
 
-Values shorter than `MIN_REDACTED_LENGTH` bytes are not matched: replacing every "1" or "ab" in
-all log lines would garble them, and such values are not secrets worth the name.
+What it cannot catch: a value split up or transformed before it is logged (a part of it, base64,
+hex, URL-encoding, upper case, a hash), one written by an object's own `__str__` inside an extra
+field, one printed without `logging` (print, a traceback on stderr), and values shorter than
+`MIN_REDACTED_LENGTH` bytes: replacing every "1" or "ab" in all log lines would garble them, and
+such values are not secrets worth the name. It is a net, not a licence to log values.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from secrets_manager.values import REDACTED, SecretValue
 
 MIN_REDACTED_LENGTH = 4
 MAX_REMEMBERED_VALUES = 10_000
+_MAX_EXTRA_DEPTH = 8  # how deep into an extra field's dicts and lists values are looked for
+
+
+def encoded_forms(raw: bytes) -> frozenset[str]:
+    """The spellings of `raw` that a log line may hold: computed once per value, when it is
+    remembered, never per record."""
+    text = raw.decode("utf-8", "replace")
+    forms = {
+        text,
+        repr(text)[1:-1],  # %r, and str() of a dict, list or tuple holding it
+        ascii(text)[1:-1],  # %a
+        json.dumps(text)[1:-1],  # json.dumps: \" \\ \uXXXX
+        json.dumps(text, ensure_ascii=False)[1:-1],
+        repr(raw)[2:-1],  # how the bytes show inside `b'...'` in a %r
+    }
+    return frozenset(form for form in forms if len(form) >= MIN_REDACTED_LENGTH)
 
 
 class LiveSecretValues:
     """Every value the SDK has served in this process (superseded ones too: an old credential is
-    still a secret while it may be valid), as one compiled pattern."""
+    still a secret while it may be valid), as one compiled pattern of all their spellings."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._values: dict[bytes, None] = {}  # insertion-ordered set; oldest dropped past the cap
+        self._values: dict[bytes, frozenset[str]] = {}  # insertion-ordered; oldest dropped past the cap
         self._pattern: re.Pattern[str] | None = None
         self._compiled_for = 0
         self._generation = 0
@@ -44,23 +66,19 @@ class LiveSecretValues:
         raw = value.reveal()
         if len(raw) < MIN_REDACTED_LENGTH or raw in self._values:
             return
+        forms = encoded_forms(raw)
         with self._lock:
-            self._values[raw] = None
+            self._values[raw] = forms
             while len(self._values) > MAX_REMEMBERED_VALUES:
                 del self._values[next(iter(self._values))]
             self._generation += 1
 
     def pattern(self) -> re.Pattern[str] | None:
-        """One alternation of every remembered value, longest first; None when there are none."""
+        """One alternation of every remembered spelling, longest first; None when there are none."""
         if self._compiled_for == self._generation:
             return self._pattern
         with self._lock:
-            forms: set[str] = set()
-            for raw in self._values:
-                forms.add(raw.decode("utf-8", "replace"))
-                forms.add(repr(raw)[2:-1])  # how the bytes show inside `b'...'` in a %r
-            forms = {form for form in forms if len(form) >= MIN_REDACTED_LENGTH}
-            ordered = sorted(forms, key=len, reverse=True)
+            ordered = sorted(set().union(*self._values.values()), key=len, reverse=True)
             self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
             self._compiled_for = self._generation
             return self._pattern
@@ -71,6 +89,9 @@ class LiveSecretValues:
 
 
 LIVE_VALUES = LiveSecretValues()
+
+# The attributes every LogRecord has; any other is an `extra=` field (or a filter's addition).
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName"}
 
 
 class SecretRedactionFilter(logging.Filter):
@@ -84,6 +105,7 @@ class SecretRedactionFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         redact_record(record, self._values)
+        redact_fields(record, [key for key in record.__dict__ if key not in _RECORD_ATTRIBUTES], self._values)
         return True
 
 
@@ -105,6 +127,47 @@ def redact_record(record: logging.LogRecord, values: LiveSecretValues = LIVE_VAL
         record.stack_info = values.redact(record.stack_info)
 
 
+def redact_fields(
+    record: logging.LogRecord, keys: Iterable[str], values: LiveSecretValues = LIVE_VALUES
+) -> None:
+    """Redact the record's `extra=` fields `keys`: text, bytes, and text inside dicts, lists,
+    tuples and sets (rebuilt only where a value was found, so a formatter still sees structure)."""
+    if values.pattern() is None:
+        return
+    for key in keys:
+        value = record.__dict__.get(key)
+        redacted = _redacted(value, values, _MAX_EXTRA_DEPTH)
+        if redacted is not value:
+            record.__dict__[key] = redacted
+
+
+def _redacted(value: Any, values: LiveSecretValues, depth: int) -> Any:
+    if isinstance(value, str):
+        text = values.redact(value)
+        return value if text == value else text
+    if isinstance(value, bytes):
+        shown = repr(value)
+        text = values.redact(shown)
+        return value if text == shown else text
+    if depth == 0:
+        return value
+    if isinstance(value, dict):
+        old_items = [item for pair in value.items() for item in pair]
+        new_items = [_redacted(item, values, depth - 1) for item in old_items]
+        if _same(new_items, old_items):
+            return value
+        return dict(zip(new_items[::2], new_items[1::2], strict=True))
+    if isinstance(value, list | tuple | set | frozenset):
+        old_items = list(value)
+        new_items = [_redacted(item, values, depth - 1) for item in old_items]
+        return value if _same(new_items, old_items) else new_items
+    return value
+
+
+def _same(new: list[Any], old: list[Any]) -> bool:
+    return all(a is b for a, b in zip(new, old, strict=True))
+
+
 class _RedactingRecordFactory:
     """The record factory `install_log_redaction` puts in force, around the one it found."""
 
@@ -117,6 +180,19 @@ class _RedactingRecordFactory:
         return record
 
 
+_original_make_record = logging.Logger.makeRecord
+
+
+def _make_record_redacting_extra(self: logging.Logger, *args: Any, **kwargs: Any) -> logging.LogRecord:
+    """`Logger.makeRecord`, then its `extra=` fields redacted: logging sets them on the record
+    after the record factory has run, so the factory alone never sees them."""
+    record = _original_make_record(self, *args, **kwargs)
+    extra = kwargs.get("extra", args[8] if len(args) > 8 else None)
+    if extra:
+        redact_fields(record, list(extra))
+    return record
+
+
 _install_lock = threading.Lock()
 
 
@@ -125,12 +201,14 @@ def install_log_redaction() -> None:
     or handler (also those added later). Idempotent; call once at start-up.
 
     It wraps the logging module's record factory, so the redaction happens when a record is made,
-    before any filter, handler or formatter sees it. For one handler only, add a
-    `SecretRedactionFilter` to it instead."""
+    before any filter, handler or formatter sees it, and `Logger.makeRecord` for the `extra=`
+    fields (a logger class that overrides makeRecord is not covered). For one handler only, add a
+    `SecretRedactionFilter` to it instead. See the module doc for what it cannot catch."""
     with _install_lock:
         factory = logging.getLogRecordFactory()
         if not isinstance(factory, _RedactingRecordFactory):
             logging.setLogRecordFactory(_RedactingRecordFactory(factory))
+        logging.Logger.makeRecord = _make_record_redacting_extra  # type: ignore[method-assign]
 
 
 def uninstall_log_redaction() -> None:
@@ -139,3 +217,5 @@ def uninstall_log_redaction() -> None:
         factory = logging.getLogRecordFactory()
         if isinstance(factory, _RedactingRecordFactory):
             logging.setLogRecordFactory(factory.wrapped)
+        if logging.Logger.makeRecord is _make_record_redacting_extra:
+            logging.Logger.makeRecord = _original_make_record  # type: ignore[method-assign]
