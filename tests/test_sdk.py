@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -435,6 +436,76 @@ def test_an_empty_certificate_file_is_a_one_line_error_not_an_abort(
     assert result.returncode == InvalidInputError.exit_code, stderr
     assert f"TLS file {empty} ({variable}) is empty; point {variable} at a readable PEM file" in stderr
     assert stderr.count("\n") == 1, stderr
+
+
+def test_an_expired_client_certificate_is_named_with_its_date_before_any_connection(
+    server: Server, service_dir: Path, make_client: ClientFactory
+) -> None:
+    """The server refuses an expired certificate by closing the connection, which looked like an
+    outage ("Socket closed") and put the SDK in stale mode."""
+    env = {
+        **client_environ(service_dir, "auth", [server.address]),
+        "SECRETS_MANAGER_CERT": str(service_dir / "expired.pem"),
+        "SECRETS_MANAGER_KEY": str(service_dir / "expired-key.pem"),
+    }
+    client = Client(environ=env)
+    try:
+        with pytest.raises(InvalidInputError) as failure:
+            client.credentials()
+        assert not client.stale
+    finally:
+        client.close()
+    message = str(failure.value)
+    assert message.startswith(f"the client certificate {service_dir / 'expired.pem'} (SECRETS_MANAGER_CERT) ")
+    assert re.search(r"expired on \d{4}-\d\d-\d\d \d\d:\d\d UTC: issue a new one", message), message
+    assert "secrets-manager pki issue auth --force" in message and "\n" not in message
+    cli = run_script(
+        {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(service_dir), **env}, "list"
+    )
+    assert cli.returncode == 2 and "expired on" in cli.stderr.decode() and cli.stderr.count(b"\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("files", "message"),
+    [
+        ({"CERT": "policy.toml"}, "policy.toml (SECRETS_MANAGER_CERT) is not a PEM certificate"),
+        ({"KEY": "ops-key.pem"}, "ops-key.pem (SECRETS_MANAGER_KEY) does not match the certificate"),
+        ({"KEY": "auth.pem"}, "auth.pem (SECRETS_MANAGER_KEY) is not an unencrypted PEM private key"),
+        ({"CA": "policy.toml"}, "policy.toml (SECRETS_MANAGER_CA) is not a PEM certificate"),
+    ],
+)
+def test_certificate_files_that_cannot_work_are_named_before_any_connection(
+    service_dir: Path, make_client: ClientFactory, files: dict[str, str], message: str
+) -> None:
+    """Each was a failed TLS handshake, "check the certificate files", and stale mode."""
+    env = client_environ(service_dir, "auth", [free_address()])
+    env.update({f"SECRETS_MANAGER_{kind}": str(service_dir / name) for kind, name in files.items()})
+    client = Client(environ=env)
+    try:
+        with pytest.raises(InvalidInputError, match=re.escape(message)):
+            client.credentials()
+        assert not client.stale
+    finally:
+        client.close()
+
+
+def test_a_certificate_the_server_refuses_says_it_may_have_been_refused(
+    server: Server, service_dir: Path, make_client: ClientFactory
+) -> None:
+    env = {
+        **client_environ(service_dir, "ops", [server.address]),
+        "SECRETS_MANAGER_CERT": str(service_dir / "foreign.pem"),  # from another CA
+        "SECRETS_MANAGER_KEY": str(service_dir / "foreign-key.pem"),
+    }
+    client = Client(environ=env, stale_if_error=0)
+    try:
+        with pytest.raises(StorageError) as failure:
+            client.credentials()
+    finally:
+        client.close()
+    message = str(failure.value)
+    assert f"it may have refused the client certificate {service_dir / 'foreign.pem'}" in message, message
+    assert "another CA" in message and "\n" not in message
 
 
 # ---- fork() --------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from secrets_manager.rotation import MAX_TIMEOUT, Rotated
 from secrets_manager.store import CURRENT, PENDING, Secret, SecretMetadata, VersionInfo
 from secrets_manager.store.base import checked_max_versions
 from secrets_manager.store.changes import ChangeKind, SecretChange
-from secrets_manager.tls.files import read_tls_file
+from secrets_manager.tls.files import read_client_tls
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 from secrets_manager.wire import WATCH_REVISION_KEY, error_for, metadata_from_message, secret_from_message
@@ -48,25 +48,15 @@ class TlsFiles:
 
     def credentials(self) -> grpc.ChannelCredentials:
         """The files read into gRPC credentials. One that cannot be read (missing, a directory,
-        no permission) is named with the variable that usually sets it, not left to a traceback."""
-        contents = {field: _read_tls_file(getattr(self, field), field) for field in _TLS_FILE_VARIABLES}
-        return grpc.ssl_channel_credentials(
-            root_certificates=contents["ca"],
-            private_key=contents["key"],
-            certificate_chain=contents["cert"],
+        no permission), is not PEM of its kind, a key not of the certificate, or a certificate
+        out of its validity dates, is named with the variable that usually sets it: gRPC would
+        report each as a failed handshake or a closed socket (and aborts on an empty file)."""
+        cert, key, ca = read_client_tls(
+            (self.cert, "SECRETS_MANAGER_CERT"),
+            (self.key, "SECRETS_MANAGER_KEY"),
+            (self.ca, "SECRETS_MANAGER_CA"),
         )
-
-
-_TLS_FILE_VARIABLES = {
-    "cert": "SECRETS_MANAGER_CERT",
-    "key": "SECRETS_MANAGER_KEY",
-    "ca": "SECRETS_MANAGER_CA",
-}
-
-
-def _read_tls_file(path: Path, field: str) -> bytes:
-    variable = _TLS_FILE_VARIABLES[field]
-    return read_tls_file(path, variable, f"; point {variable} at a readable PEM file")
+        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
 class RemoteStore:
@@ -81,6 +71,7 @@ class RemoteStore:
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.address = address
+        self._tls = tls
         self._channel = grpc.secure_channel(address, tls.credentials(), options=list(options))
         self._stub = pb_grpc.SecretsStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
@@ -93,7 +84,16 @@ class RemoteStore:
             code = exc.code()
             details = exc.details() or code.name
             if code is grpc.StatusCode.UNAVAILABLE and "handshake" in details.lower():
-                details = f"TLS handshake with {self.address} failed: check the certificate files"
+                details = (
+                    f"TLS handshake with {self.address} failed: check the certificate files (is the "
+                    f"server's certificate signed by the CA in {self._tls.ca} and issued for this address?)"
+                )
+            elif code is grpc.StatusCode.UNAVAILABLE and "socket closed" in details.lower():
+                # How a server that refuses the client certificate in the handshake looks from here.
+                details = (
+                    f"{details} (if the service is up, it may have refused the client certificate "
+                    f"{self._tls.cert}: one from another CA than the server trusts?)"
+                )
             if code is grpc.StatusCode.UNIMPLEMENTED:  # an older service, without this RPC
                 raise UnsupportedOperationError(
                     f"{method} is not supported by the service at {self.address} "

@@ -13,13 +13,14 @@ import os
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+from cryptography.x509.oid import NameOID
 
 from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError
 from secrets_manager.tls.identity import identity_from_certificate
@@ -127,20 +128,59 @@ def read_server_tls(cert: Path, key: Path, client_ca: Path) -> ServerTlsFiles:
     cert_pem = read_tls_file(cert, "tls.cert")
     key_pem = read_tls_file(key, "tls.key")
     ca_pem = read_tls_file(client_ca, "tls.client_ca")
-    leaf = _certificates(cert_pem, cert, "tls.cert")[0]
+    _checked_pair(cert_pem, key_pem, (cert, "tls.cert"), (key, "tls.key"))
     _certificates(ca_pem, client_ca, "tls.client_ca")
+    return ServerTlsFiles(cert_pem, key_pem, ca_pem)
+
+
+def read_client_tls(
+    cert: tuple[Path, str], key: tuple[Path, str], ca: tuple[Path, str]
+) -> tuple[bytes, bytes, bytes]:
+    """The contents of a client's certificate, key and CA, each given with the variable that set
+    it, checked as `read_server_tls` checks the server's. Also the certificate's validity dates:
+    a server refuses an expired one by closing the connection, which the client can only report
+    as "Socket closed", like an outage. Once per load of the files, never per call."""
+    hint = "; point {} at a readable PEM file"
+    cert_pem, key_pem, ca_pem = (
+        read_tls_file(path, name, hint.format(name)) for path, name in (cert, key, ca)
+    )
+    leaf = _checked_pair(cert_pem, key_pem, cert, key)
+    _certificates(ca_pem, *ca)
+    now = datetime.now(UTC)
+    names = [
+        a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)
+    ]
+    renew = f"secrets-manager pki issue {names[0] if names else 'NAME'} --force --dir CA-DIR"
+    if leaf.not_valid_after_utc <= now:
+        raise InvalidInputError(
+            f"the client certificate {cert[0]} ({cert[1]}) expired on "
+            f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: issue a new one ({renew})"
+        )
+    if leaf.not_valid_before_utc > now:
+        raise InvalidInputError(
+            f"the client certificate {cert[0]} ({cert[1]}) is not valid before "
+            f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC: check this machine's clock"
+        )
+    return cert_pem, key_pem, ca_pem
+
+
+def _checked_pair(
+    cert_pem: bytes, key_pem: bytes, cert: tuple[Path, str], key: tuple[Path, str]
+) -> x509.Certificate:
+    """The leaf certificate, once it and the key parse and belong together."""
+    leaf = _certificates(cert_pem, *cert)[0]
     try:
         private_key = serialization.load_pem_private_key(key_pem, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm):  # TypeError: the key is encrypted
         raise InvalidInputError(
-            f"the TLS key {key} (tls.key) is not an unencrypted PEM private key"
+            f"the TLS key {key[0]} ({key[1]}) is not an unencrypted PEM private key"
         ) from None
     if _public_der(private_key.public_key()) != _public_der(leaf.public_key()):
         raise InvalidInputError(
-            f"the TLS key {key} (tls.key) does not match the certificate {cert} (tls.cert); "
+            f"the TLS key {key[0]} ({key[1]}) does not match the certificate {cert[0]} ({cert[1]}); "
             "give the key issued with that certificate"
         )
-    return ServerTlsFiles(cert_pem, key_pem, ca_pem)
+    return leaf
 
 
 def read_tls_file(path: Path, setting: str, hint: str = "") -> bytes:
