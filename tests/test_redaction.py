@@ -49,6 +49,14 @@ def test_secret_value_repr_str_and_format_are_redacted() -> None:
     assert value.reveal() == KNOWN_BYTES and value.reveal_text() == KNOWN
 
 
+def test_reveal_text_of_bytes_that_are_not_utf8_raises_a_plain_value_error() -> None:
+    """As its docstring says: a ValueError, not the UnicodeDecodeError that holds the bytes."""
+    with pytest.raises(ValueError, match="not UTF-8") as failure:
+        SecretValue(b"\xffsecret-bytes").reveal_text()
+    assert type(failure.value) is ValueError and failure.value.__suppress_context__
+    assert "secret-bytes" not in repr(failure.value) and "xff" not in str(failure.value)
+
+
 def test_returned_objects_never_show_the_value(populated: EncryptedStore) -> None:
     secret = populated.get("svc/key")
     meta = populated.describe("svc/key")

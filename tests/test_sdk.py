@@ -389,6 +389,21 @@ def test_server_stopped_cached_values_are_served_until_the_bound_then_a_clear_er
         client.get("auth/JWT_KEY")
 
 
+def test_with_stale_serving_off_the_outage_warning_does_not_promise_stale_values(
+    server: Server, make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = make_client("auth", [server.address], stale_if_error=0)
+    assert revealed(client.credentials()) == AUTH
+    server.stop()
+    with caplog.at_level(logging.WARNING, logger="secrets_manager.client"), pytest.raises(StorageError):
+        client.get("auth/JWT_KEY", version=1)  # never cached: asks the service
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("serving stale values is turned off (stale_if_error=0)" in w for w in warnings), warnings
+    assert not any("for up to 0 s" in w for w in warnings), warnings
+    with pytest.raises(StorageError, match="turned off"):  # and indeed it serves none
+        client.credentials()
+
+
 def test_nothing_cached_and_no_service_is_a_clear_error_at_once(make_client: ClientFactory) -> None:
     client = make_client("auth", [free_address()])
     started = time.monotonic()

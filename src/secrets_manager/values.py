@@ -28,7 +28,8 @@ class SecretValue:
         return self._value
 
     def reveal_text(self) -> str:
-        """The plaintext as text; raises UnicodeDecodeError (without the value) if not UTF-8."""
+        """The plaintext as text; raises ValueError if not UTF-8. Not UnicodeDecodeError, a
+        subclass of it: that would carry the bytes (`.object`) and show one in its message."""
         try:
             return self._value.decode("utf-8")
         except UnicodeDecodeError:

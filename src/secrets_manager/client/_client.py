@@ -654,12 +654,12 @@ class Client:
         if self._reach.failed():
             if self._live_since is not None:  # the stream is up, so no reconnect will end this
                 self._queue.schedule(_EVERYTHING, self._clock() + BACKOFF_INITIAL_SECONDS)
+            if self._config.stale_if_error == 0:
+                serving = "serving stale values is turned off (stale_if_error=0): reads fail until one does"
+            else:
+                serving = f"serving cached values, marked stale, for up to {self._config.stale_if_error:g} s"
             log.warning(
-                "no secrets-manager service answered (%s); serving cached values, marked stale, "
-                "for up to %g s: %s",
-                self._config.description,
-                self._config.stale_if_error,
-                error,
+                "no secrets-manager service answered (%s); %s: %s", self._config.description, serving, error
             )
 
     def _reachable(self) -> None:
