@@ -125,6 +125,10 @@ class SqliteStorage:
     @contextmanager
     def _transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            if self._db.in_transaction:  # this thread's own snapshot (the lock is reentrant)
+                # Refused before BEGIN IMMEDIATE, which would fail but still leave the snapshot's
+                # read transaction holding the write lock: every other writer would wait it out.
+                raise StorageError(f"store {self.path}: a write inside a read snapshot of the same handle")
             try:
                 if not durable:  # WAL + NORMAL: atomic and crash-safe, not fsynced at commit
                     self._db.execute("PRAGMA synchronous = NORMAL")

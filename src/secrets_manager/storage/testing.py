@@ -38,13 +38,15 @@ pytest.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import pairwise
 
-from secrets_manager.errors import ConflictError
+from secrets_manager.errors import ConflictError, StorageError
 from secrets_manager.storage.base import (
     ABSENT,
     ChangeHead,
@@ -505,7 +507,8 @@ def _check_snapshot_sees_one_instant(make_storage: MakeStorage) -> None:
 def _check_reads_inside_a_snapshot_return(make_storage: MakeStorage) -> None:
     """Only for `Snapshotting` backends: while a snapshot is open, the same thread may still read
     through the handle itself (the store does, to adopt a root key another process rotated while
-    it decodes the snapshot's keysets). It must get an answer, not wait on the snapshot forever."""
+    it decodes the snapshot's keysets). It must get an answer, not wait on the snapshot forever;
+    and a write tried there, landed or refused, must not hold up other handles' writes."""
     prefix = ROOT + "nested/"
     storage = make_storage()
     if not isinstance(storage, Snapshotting):
@@ -515,19 +518,29 @@ def _check_reads_inside_a_snapshot_return(make_storage: MakeStorage) -> None:
     answers: list[object] = []
 
     def read_inside() -> None:
-        with storage.snapshot() as snap:
+        with storage.snapshot() as snap, _handle(make_storage) as other:
             answers.append(snap.get(prefix + "a"))
             answers.append(storage.get(prefix + "a"))
             answers.append(storage.get_many([prefix + "a"]) if isinstance(storage, MultiGet) else None)
+            with contextlib.suppress(StorageError):  # it may land (another connection) or be refused
+                storage.put(prefix + "b", b"b1")
+            started = time.monotonic()
+            with contextlib.suppress(StorageError):  # "database is locked" once it gave up waiting
+                other.put(prefix + "c", b"c1")
+            answers.append(time.monotonic() - started)
 
     reader = threading.Thread(target=read_inside, daemon=True)
     reader.start()
-    reader.join(10)
+    reader.join(60)  # longer than SQLite's busy timeout, for the timing check below
     # Not closed if the reader hangs: closing would wait for the snapshot too.
     _require(not reader.is_alive(), "a read through the handle inside its own snapshot never returned")
     storage.close()
     entry = answers[1]
     _require(isinstance(entry, Entry) and entry.value == b"a1", "a read inside a snapshot was wrong")
+    _require(
+        isinstance(answers[3], float) and answers[3] < 5,
+        "a write attempted inside a snapshot made another handle's write wait",
+    )
 
 
 def _newest_logged(storage: Storage) -> int:
