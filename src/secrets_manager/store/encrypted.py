@@ -96,6 +96,7 @@ AUDIT_KEY_KEY = "core/audit-key"
 AUDIT_ANCHOR_KEY = "core/audit-anchor"
 SCOPED_ANCHOR_PREFIX = AUDIT_ANCHOR_KEY + "/"  # + scope: the anchor of one of several audit logs
 _AUDIT_SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+SNAPSHOT_ATTEMPTS = 3  # reads of a snapshot tried again after the root key changed under it
 RENEW_RETRY_SECONDS = 5.0  # between attempts to read an unlock source again that failed
 KEY_POLICY_KEY = "core/key-policy"
 RECOVERY_KEY = "core/recovery"  # the recovery public key, sealed under the root key
@@ -107,6 +108,14 @@ Operations = list[Operation]
 
 class _LostRace(Exception):
     """A storage precondition failed because another writer committed first: re-read and retry."""
+
+
+class _RootChangedUnderSnapshot(Exception):
+    """A record read in a storage snapshot is sealed under a root key other than the one this
+    handle holds (another process rotated it, before or after the snapshot began). Adopting the
+    new one needs a header read outside the snapshot: on PostgreSQL a second pooled connection,
+    which a pool full of waiting snapshots never frees. So the snapshot ends, and the read is
+    tried again."""
 
 
 # Who the versions written in this thread (or task) are by, when not the store's own actor: the
@@ -315,7 +324,12 @@ class EncryptedStore:
     def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
         validate_prefix(prefix)
         if isinstance(self._storage, Snapshotting):  # one scan instead of two reads per secret
-            return self._list_from_snapshot(self._storage, prefix, include_deleted=include_deleted)
+            for _ in range(SNAPSHOT_ATTEMPTS):
+                try:
+                    return self._list_from_snapshot(self._storage, prefix, include_deleted=include_deleted)
+                except _RootChangedUnderSnapshot:
+                    self._adopt_the_headers_root()
+            raise IntegrityError()  # a keyset under a root key no header ever named
         result = []
         for key in self._storage.list(META_PREFIX + prefix):
             name = key[len(META_PREFIX) :]
@@ -336,7 +350,9 @@ class EncryptedStore:
                 name = key[len(META_PREFIX) :]
                 namespace = namespace_of(name)
                 if namespace not in keysets:
-                    keysets[namespace] = self._keyset_from(namespace, snap.get(KEYSET_PREFIX + namespace))
+                    keysets[namespace] = self._keyset_from(
+                        namespace, snap.get(KEYSET_PREFIX + namespace), self._root_in_snapshot
+                    )
                 plaintext = open_record(
                     keysets[namespace].key_for_decryption, Purpose.SECRET_METADATA, name, 0, entry.value
                 )
@@ -616,12 +632,14 @@ class EncryptedStore:
     def _keyset_for_read(self, namespace: str) -> Keyset:
         return self._keyset_from(namespace, self._storage.get(KEYSET_PREFIX + namespace))
 
-    def _keyset_from(self, namespace: str, entry: Entry | None) -> Keyset:
+    def _keyset_from(
+        self, namespace: str, entry: Entry | None, root_lookup: Callable[[int], DataKey] | None = None
+    ) -> Keyset:
         """The keyset a read found under `core/keyset/<namespace>`; its absence is an integrity
         failure (a namespace with secrets always has one)."""
         if entry is None:
             raise IntegrityError(f"keyset of namespace {namespace!r} is missing (integrity check failed)")
-        return self._decode_keyset(namespace, entry)
+        return self._decode_keyset(namespace, entry, root_lookup)
 
     def _keyset_for_write(
         self, namespace: str, policy: RotationPolicy | None = None
@@ -636,11 +654,13 @@ class EncryptedStore:
             policy = self.key_policy()
         return entry.revision, keyset.with_rotation_if_due(created=int(self._clock()), policy=policy)
 
-    def _decode_keyset(self, namespace: str, entry: Entry) -> Keyset:
+    def _decode_keyset(
+        self, namespace: str, entry: Entry, root_lookup: Callable[[int], DataKey] | None = None
+    ) -> Keyset:
         cached = self._keysets.get(namespace)
         if cached is not None and cached[0] == entry.revision:
             return cached[1]
-        plaintext = open_record(self._root_lookup, Purpose.KEYSET, namespace, 0, entry.value)
+        plaintext = open_record(root_lookup or self._root_lookup, Purpose.KEYSET, namespace, 0, entry.value)
         keyset = Keyset.from_bytes(plaintext)
         self._keysets[namespace] = (entry.revision, keyset)
         return keyset
@@ -649,6 +669,19 @@ class EncryptedStore:
         if key_id != self._root.id:
             self._refresh_root(key_id)
         return self._root
+
+    def _root_in_snapshot(self, key_id: int) -> DataKey:
+        """The root key for a record read in a snapshot: only the one held (see
+        _RootChangedUnderSnapshot), so nothing inside a snapshot reads storage outside it."""
+        if key_id != self._root.id:
+            raise _RootChangedUnderSnapshot()
+        return self._root
+
+    def _adopt_the_headers_root(self) -> None:
+        """Outside any snapshot: adopt the root key the header names now, if it is not ours."""
+        root_id = _read_header(self._storage)["root_key_id"]
+        if root_id != self._root.id:
+            self._refresh_root(root_id)
 
     def _refresh_root(self, key_id: object) -> None:
         """Adopt the root key the header names now, if it is `key_id` (another process rotated it).
