@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from postgres_cluster import DATABASE
 from secrets_manager.crypto import kdf
@@ -263,7 +264,9 @@ def test_a_database_outage_is_unavailable_and_the_service_recovers_without_a_res
             details = failed.value.details() or ""
             assert "\n" not in details and "jwt-KNOWN" not in details
             assert postgres_cluster.role_password not in details
+        wait_for_health(server, health_pb2.HealthCheckResponse.NOT_SERVING)  # clients pass it over
         set_login(True)
+        wait_for_health(server, health_pb2.HealthCheckResponse.SERVING)
         assert stub.GetSecret(request, timeout=30).secret.value == b"jwt-KNOWN-outage-value"
         put = server.stub("writer").PutSecret(
             pb.PutSecretRequest(name="auth/JWT_KEY", value=b"after"), timeout=30
@@ -289,6 +292,15 @@ def test_a_database_outage_is_unavailable_and_the_service_recovers_without_a_res
         ("store", "ok"),
     ]
     assert postgres_cluster.role_password not in "".join(server.log_lines)
+
+
+def wait_for_health(server: Server, expected: int, seconds: float = 15) -> None:
+    """Until the server's overall health check says `expected` (its store probe runs every 2 s)."""
+    checker = health_pb2_grpc.HealthStub(server.channel("auth"))
+    deadline = time.monotonic() + seconds
+    while (status := checker.Check(health_pb2.HealthCheckRequest(), timeout=10).status) != expected:
+        assert time.monotonic() < deadline, f"health stayed {status}, not {expected}"
+        time.sleep(0.1)
 
 
 def test_two_replicas_running_one_rotation_schedule_set_each_version_once(

@@ -36,6 +36,7 @@ from secrets_manager.errors import (
     StorageError,
 )
 from secrets_manager.service.config import DEFAULT_MAX_WORKERS, WORKERS_KEPT_FROM_WATCH, ServerConfig
+from secrets_manager.service.health_probe import StoreHealth
 from secrets_manager.service.metrics import Metrics
 from secrets_manager.service.paging import Page
 from secrets_manager.service.schedule import RotationScheduler
@@ -432,10 +433,12 @@ class RunningServer:
     port: int
     health: health.HealthServicer
     metrics: Metrics
+    store_health: StoreHealth
 
     def stop(self, grace: float) -> None:
         """Refuse new calls, end watch streams, let in-flight calls finish within `grace` seconds."""
         self.health.enter_graceful_shutdown()
+        self.store_health.stop()
         self.servicer.stopping.set()
         self.servicer.watch_hub.close()  # every watch stream ends now, and the feed poller stops
         self.server.stop(grace).wait()
@@ -501,7 +504,10 @@ def _start(
     )
     port = _bind(server, config.listen, credentials)
     server.start()
-    return RunningServer(server, servicer, port, health_servicer, metrics)
+    # NOT_SERVING while the store does not answer, so clients pass over this replica.
+    store_health = StoreHealth(health_servicer, (service_name, ""), lambda: store.changes_since(None))
+    store_health.start()
+    return RunningServer(server, servicer, port, health_servicer, metrics, store_health)
 
 
 def _bind(server: grpc.Server, listen: str, credentials: grpc.ServerCredentials) -> int:
