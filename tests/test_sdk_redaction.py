@@ -223,3 +223,29 @@ def test_encoded_forms_and_extra_fields_of_a_value_are_redacted(how: str) -> Non
             assert form not in output, (form, output)
     assert output.count(REDACTED) == 6 * len(AWKWARD) + 3 * len(AWKWARD)
     assert '"password": "**********"' in output
+
+
+@pytest.mark.parametrize("text", ["密码1", "Ключ", "€€", "🔑"])
+def test_a_value_of_four_bytes_or_more_is_redacted_however_few_characters_it_has(
+    text: str, redaction: None
+) -> None:
+    """The limit is in bytes, as documented: a value of 4+ UTF-8 bytes in 1 to 3 characters is
+    redacted in every spelling; only values under 4 bytes are left alone."""
+    LIVE_VALUES.remember(SecretValue(text.encode()))
+    LIVE_VALUES.remember(SecretValue("é1".encode()))  # 3 bytes: left alone
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log = logging.getLogger("short.non-ascii")
+    log.addHandler(handler)
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    try:
+        log.info("s %s r %r a %a j %s", text, text, text, json.dumps(text), extra={"field": text})
+        log.info("three bytes %s", "é1")
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    output = stream.getvalue()
+    for form in _encoded_forms(text):
+        assert form not in output, (form, output)
+    assert "three bytes é1" in output

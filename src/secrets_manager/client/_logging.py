@@ -11,8 +11,9 @@ written and in the spellings logging and JSON give it: `repr` (`%r`, a dict or l
 What it cannot catch: a value split up or transformed before it is logged (a part of it, base64,
 hex, URL-encoding, upper case, a hash), one written by an object's own `__str__` inside an extra
 field, one printed without `logging` (print, a traceback on stderr), and values shorter than
-`MIN_REDACTED_LENGTH` bytes: replacing every "1" or "ab" in all log lines would garble them, and
-such values are not secrets worth the name. It is a net, not a licence to log values.
+`MIN_REDACTED_LENGTH` bytes (counted in bytes: "密码1", 7 bytes in 3 characters, is matched):
+replacing every "1" or "ab" in all log lines would garble them, and such values are not secrets
+worth the name. It is a net, not a licence to log values.
 """
 
 from __future__ import annotations
@@ -34,7 +35,10 @@ _MAX_EXTRA_DEPTH = 8  # how deep into an extra field's dicts and lists values ar
 
 def encoded_forms(raw: bytes) -> frozenset[str]:
     """The spellings of `raw` that a log line may hold: computed once per value, when it is
-    remembered, never per record."""
+    remembered, never per record. None under `MIN_REDACTED_LENGTH` bytes; from there on every
+    spelling, however few characters it has ("密码1" is 7 bytes in 3 characters)."""
+    if len(raw) < MIN_REDACTED_LENGTH:
+        return frozenset()
     text = raw.decode("utf-8", "replace")
     forms = {
         text,
@@ -44,7 +48,7 @@ def encoded_forms(raw: bytes) -> frozenset[str]:
         json.dumps(text, ensure_ascii=False)[1:-1],
         repr(raw)[2:-1],  # how the bytes show inside `b'...'` in a %r
     }
-    return frozenset(form for form in forms if len(form) >= MIN_REDACTED_LENGTH)
+    return frozenset(forms)
 
 
 class LiveSecretValues:
