@@ -149,8 +149,11 @@ def test_max_versions_is_vaults_own_and_vault_prunes_at_the_next_write(
     assert sorted(kv(fake_vault, "svc/ROLL").versions) == [5, 6]
     native = client.secrets.kv.v2.read_secret_metadata(path="svc/ROLL", mount_point="secret")
     assert native["data"]["max_versions"] == 2
-    store.put("svc/ROLL", b"v7", max_versions=3)  # set before the write, so Vault prunes under it
+    store.put("svc/ROLL", b"v7", max_versions=3)  # set after the write: it pruned under 2
     assert kv(fake_vault, "svc/ROLL").max_versions == 3
+    assert sorted(kv(fake_vault, "svc/ROLL").versions) == [6, 7]
+    store.put("svc/ROLL", b"v8")  # the next write keeps 3
+    assert sorted(kv(fake_vault, "svc/ROLL").versions) == [6, 7, 8]
     client.secrets.kv.v2.create_or_update_secret(
         path="svc/OTHER", secret={"value": "x"}, mount_point="secret"
     )
@@ -292,6 +295,51 @@ def test_a_stale_expect_version_is_a_conflict_even_when_vault_decides(
     with pytest.raises(ConflictError, match="changed since version 1"):
         store.put("svc/CAS", b"mine", expect_version=1)
     assert store.get("svc/CAS").value.reveal() == b"rival"
+
+
+def test_a_put_with_max_versions_that_loses_the_race_leaves_the_limit_alone(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    """KV's metadata endpoint has no compare-and-set, so max_versions is sent only after the data
+    write succeeded: a put refused by Vault's cas (a rival wrote between our read and our write)
+    changes nothing, and the rival's next write does not prune under the limit we never set."""
+    store = make_vault()
+    for n in range(1, 7):
+        store.put("svc/LIMIT", f"v{n}".encode())
+    original = fake_vault._write
+
+    def write_after_a_rival(secrets: Any, key: str, body: Any) -> Any:
+        fake_vault._write = original  # type: ignore[method-assign]
+        original(secrets, key, {"data": {"value": "rival"}})
+        return original(secrets, key, body)
+
+    fake_vault._write = write_after_a_rival  # type: ignore[method-assign]
+    with pytest.raises(ConflictError, match="changed since version 6"):
+        store.put("svc/LIMIT", b"mine", expect_version=6, max_versions=2)
+    assert kv(fake_vault, "svc/LIMIT").max_versions == 10
+    store.put("svc/LIMIT", b"next")
+    assert sorted(kv(fake_vault, "svc/LIMIT").versions) == [1, 2, 3, 4, 5, 6, 7, 8]
+
+
+def test_a_put_with_max_versions_that_vault_fails_leaves_the_limit_alone(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    store = make_vault()
+    for n in range(1, 4):
+        store.put("svc/FAILS", f"v{n}".encode())
+    original = fake_vault.handle
+
+    def fail_the_data_write(method: str, path: str, token: str | None, body: Any) -> Any:
+        if method == "POST" and path == "/v1/secret/data/svc/FAILS":
+            fake_vault.handle = original  # type: ignore[method-assign]
+            return 500, {"errors": ["internal error"]}
+        return original(method, path, token, body)
+
+    fake_vault.handle = fail_the_data_write  # type: ignore[method-assign]
+    with pytest.raises(StorageError):
+        store.put("svc/FAILS", b"v4", max_versions=2)
+    assert kv(fake_vault, "svc/FAILS").max_versions == 10
+    assert store.describe("svc/FAILS").max_versions == 10
 
 
 # ---- errors ---------------------------------------------------------------------------------------

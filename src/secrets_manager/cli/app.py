@@ -588,7 +588,8 @@ def init(session: Session, kdf_profile: str, kms_key: str | None) -> None:
     type=int,
     metavar="N",
     help=f"Keep at most N versions of the secret ({MIN_MAX_VERSIONS} to {MAX_MAX_VERSIONS}; new or "
-    "existing, from this write on; labelled ones are never pruned). Default: 10, or as set before.",
+    "existing, from this write on (on Vault from the next: set once this write succeeded); labelled ones "
+    "are never pruned). Default: 10, or as set before.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_session

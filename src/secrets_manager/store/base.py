@@ -126,7 +126,9 @@ class SecretStore(Protocol):
     ) -> VersionInfo:
         """Write a new version and move `current`/`previous`. `expect_version=0` means create-only.
         `description`, `tags` and `max_versions`, when given, are set on the secret (new or not)
-        with this write; the write prunes under the new `max_versions` (`update_metadata`)."""
+        with this write, and not at all if the write is refused. A lower `max_versions` prunes
+        (`update_metadata`) from this write on, or on a store that can set it only after the write
+        (Vault: no compare-and-set on its metadata) from the next write on."""
 
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """One version: by number, by label, or `current` when neither is given."""

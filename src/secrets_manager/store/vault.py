@@ -495,10 +495,13 @@ class VaultStore:
         tags: Mapping[str, str] | None = None,
         max_versions: int | None = None,
     ) -> VersionInfo:
-        """GET MOUNT/metadata/NAME, POST MOUNT/metadata/NAME {"max_versions"} first if it is given
-        for an existing secret (so this write prunes under it), POST MOUNT/data/NAME with `cas` =
-        the version read, then POST MOUNT/metadata/NAME when the secret is new or its description
-        or tags change."""
+        """GET MOUNT/metadata/NAME, POST MOUNT/data/NAME with `cas` = the version read, then POST
+        MOUNT/metadata/NAME when the secret is new or its description, tags or max_versions change.
+
+        max_versions goes after the data write: that endpoint has no compare-and-set, so sent
+        before, a write refused (lost cas race, Vault error) would still have changed the limit and
+        the next write, anyone's, would prune under it. So this write prunes under the old limit,
+        the next one under the new."""
         checked_write(name, expect_version, description, tags)
         checked_max_versions(name, max_versions)
         _refuse_unless_custom_metadata_holds(name, description, tags)
@@ -515,13 +518,6 @@ class VaultStore:
                 raise ConflictError(
                     f"secret {name!r} is at version {current}, not {expect_version}; read it again and retry"
                 )
-            if meta is not None and max_versions is not None:
-                self._send(
-                    "POST",
-                    f"metadata/{name}",
-                    action=f"store metadata of {name}",
-                    json={"max_versions": max_versions},
-                )
             try:
                 written = self._write_data(name, data, cas=current, action=f"store {name}")
                 break
@@ -531,8 +527,8 @@ class VaultStore:
                         f"secret {name!r} changed since version {expect_version}; read it again and retry"
                     ) from None
                 backoff.wait()
-        if meta is None or description is not None or tags is not None:
-            self._write_metadata(name, meta, description, tags, max_versions if meta is None else None)
+        if meta is None or description is not None or tags is not None or max_versions is not None:
+            self._write_metadata(name, meta, description, tags, max_versions)
         return VersionInfo(
             version=int(written["version"]),
             created=_vault_time(written["created_time"]),
