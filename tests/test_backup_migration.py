@@ -9,19 +9,21 @@ AWS stores are opened directly (their URLs reach the CLI through store/url.py).
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
 from secrets_manager.crypto import kdf
 from secrets_manager.environment import Environment
-from secrets_manager.errors import InvalidInputError
+from secrets_manager.errors import InvalidInputError, UnsupportedOperationError
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretStore
-from secrets_manager.store.backup import read_backup, write_backup
+from secrets_manager.store.backup import BackupSecret, read_backup, write_backup
 from secrets_manager.store.restore import restore_into, restore_new_store
 from vault_server import FakeVault
 
@@ -177,20 +179,49 @@ def test_a_backup_aws_cannot_hold_is_refused_before_any_write(aws: SecretStore, 
     assert aws.list("", include_deleted=True) == []
 
 
-def test_a_backup_with_a_tag_aws_cannot_hold_restores_nothing_into_aws(
-    aws: SecretStore, tmp_path: Path
-) -> None:
-    """A tag character AWS refuses (fine on SQLite) stops the restore at that secret, before its
-    write; the secrets restored before it are taken back."""
+def backup_with(tmp_path: Path, name: str, **metadata: Any) -> list[BackupSecret]:
+    """The secrets of a backup of `source_store` plus `name` written last with `metadata`."""
     source = source_store(tmp_path / "source.db")
     try:
-        source.put("zz/LAST", b"v", tags={"link": "https://example.test/?q=1"})
+        source.put(name, b"v", **metadata)
         write_backup(source, tmp_path / "b.smbackup", password=BACKUP_PASSWORD, kdf=kdf.TEST)
     finally:
         source.close()
-    with pytest.raises(InvalidInputError, match="tag 'link' of 'zz/LAST' has a character AWS does not allow"):
-        restore_into(aws, read_backup(tmp_path / "b.smbackup", BACKUP_PASSWORD).secrets)
-    assert [meta.name for meta in aws.list("", include_deleted=True)] == []
+    return list(read_backup(tmp_path / "b.smbackup", BACKUP_PASSWORD).secrets)
+
+
+class CountingWrites:
+    """`store`, counting every call that could write (a restore refused up front makes none)."""
+
+    def __init__(self, store: SecretStore) -> None:
+        self._store = store
+        self.writes = 0
+
+    def __getattr__(self, attribute: str) -> Any:
+        found = getattr(self._store, attribute)
+        if attribute in {"put", "update_metadata", "delete", "destroy", "destroy_secret", "stage"}:
+            self.writes += 1
+        return found
+
+
+@pytest.mark.parametrize(
+    ("tags", "refused"),
+    [
+        ({"link": "https://example.test/?q=1"}, "tag 'link' of 'zz/LAST' has a character AWS does not allow"),
+        ({f"k{n}": "v" for n in range(49)}, "'zz/LAST' would have 49 tags; AWS Secrets Manager holds 50"),
+    ],
+)
+def test_a_backup_with_tags_aws_cannot_hold_is_refused_before_any_write(
+    aws: SecretStore, tmp_path: Path, tags: dict[str, str], refused: str
+) -> None:
+    """A tag character AWS refuses, or 49 tags (ours take two: created-by, max-versions), are fine
+    on SQLite; restore refuses them before its first write, as the other metadata limits."""
+    secrets = backup_with(tmp_path, "zz/LAST", tags=tags)
+    counting = CountingWrites(aws)
+    with pytest.raises(InvalidInputError, match=rf"{re.escape(refused)}.*nothing was restored"):
+        restore_into(cast(SecretStore, counting), secrets)
+    assert counting.writes == 0
+    assert aws.list("", include_deleted=True) == []
 
 
 # ---- Vault KV v2 (the test server) ---------------------------------------------------------------------
@@ -221,3 +252,15 @@ def test_sqlite_to_vault_and_back_keeps_every_value(vault: SecretStore, tmp_path
             back.close()
     finally:
         source.close()
+
+
+def test_a_backup_with_metadata_vault_cannot_hold_is_refused_before_any_write(
+    vault: SecretStore, tmp_path: Path
+) -> None:
+    """An empty tag value is fine on SQLite and AWS; Vault's custom_metadata refuses it."""
+    secrets = backup_with(tmp_path, "zz/LAST", tags={"empty": ""})
+    counting = CountingWrites(vault)
+    with pytest.raises(UnsupportedOperationError, match=r"tag 'empty' of 'zz/LAST'.*nothing was restored"):
+        restore_into(cast(SecretStore, counting), secrets)
+    assert counting.writes == 0
+    assert vault.list("", include_deleted=True) == []

@@ -404,6 +404,19 @@ class AwsStore:
         self._update_metadata(name, existing, description, tags, max_versions)
         return VersionInfo(version=number, created=datetime.now(UTC), created_by="", labels=(CURRENT,))
 
+    def check_metadata_fits(
+        self,
+        name: str,
+        *,
+        description: str | None,
+        tags: Mapping[str, str] | None,
+        max_versions: int | None,
+    ) -> None:
+        """What `put` creating `name` would refuse before writing: a tag character AWS does not
+        allow, more tags than fit beside ours (`store.base.check_metadata_fits`)."""
+        _refuse_tags_aws_refuses(name, tags)
+        _refuse_unless_tags_fit(name, None, tags, max_versions)
+
     def _create(
         self,
         name: str,

@@ -64,6 +64,26 @@ def unsupported_capabilities(store: object) -> frozenset[Capability]:
     return frozenset(Capability(c) for c in declared)
 
 
+def check_metadata_fits(
+    store: object,
+    name: str,
+    *,
+    description: str | None,
+    tags: Mapping[str, str] | None,
+    max_versions: int | None,
+) -> None:
+    """What a `put` creating `name` with this metadata would refuse for the metadata alone, asked
+    before anything is written (a restore checks every secret before its first write).
+
+    Optional: a store whose backend holds less than `checked_metadata` allows (Vault's
+    custom_metadata, AWS's tag characters and 50 tags counting ours) defines a method
+    `check_metadata_fits(name, *, description, tags, max_versions)` raising what its `put` would
+    (InvalidInputError or UnsupportedOperationError); a store without one holds all of it."""
+    check = getattr(store, "check_metadata_fits", None)
+    if check is not None:
+        check(name, description=description, tags=tags, max_versions=max_versions)
+
+
 @dataclass(frozen=True)
 class Secret:
     """One version of a secret, with its value redacted until `value.reveal()`."""

@@ -51,6 +51,7 @@ from secrets_manager.store.base import (
     MIN_MAX_VERSIONS,
     Capability,
     SecretStore,
+    check_metadata_fits,
     checked_max_versions,
     checked_metadata,
     unsupported_capabilities,
@@ -365,12 +366,16 @@ def _import_through_protocol(
                 f"{len(empty)} secret(s) of the backup have an empty value, which this store cannot hold "
                 f"(first: {empty[0]}); nothing was restored"
             )
-    for secret in backup_secrets:  # the metadata limits of every store, before the first write
+    for secret in backup_secrets:  # the metadata limits of every store and this one's, before any write
+        description, tags = secret.description or None, dict(secret.tags) or None
         try:
-            checked_metadata(secret.name, secret.description or None, dict(secret.tags) or None)
+            checked_metadata(secret.name, description, tags)
             checked_max_versions(secret.name, secret.max_versions)
-        except InvalidInputError as exc:
-            raise InvalidInputError(f"{exc}; nothing was restored") from None
+            check_metadata_fits(
+                store, secret.name, description=description, tags=tags, max_versions=secret.max_versions
+            )
+        except InvalidInputError as exc:  # UnsupportedOperationError too, and kept as such
+            raise type(exc)(f"{exc}; nothing was restored") from None
     # Before the first write: a copy of every secret that will be replaced, to put back on failure.
     originals: dict[str, BackupSecret] = {}
     if on_existing is OnExisting.OVERWRITE:

@@ -583,6 +583,18 @@ class VaultStore:
             custom.update(tags)
         return custom
 
+    def check_metadata_fits(
+        self,
+        name: str,
+        *,
+        description: str | None,
+        tags: Mapping[str, str] | None,
+        max_versions: int | None,
+    ) -> None:
+        """What `put` would refuse before writing because custom_metadata cannot hold it
+        (`store.base.check_metadata_fits`); Vault takes every max_versions we allow."""
+        _refuse_unless_custom_metadata_holds(name, description, tags)
+
     def update_metadata(
         self,
         name: str,
