@@ -36,7 +36,7 @@ from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretMetadata
 from secrets_manager.store import backup as backup_module
 from secrets_manager.store import restore as restore_module
 from secrets_manager.store.backup import Backup, read_backup, write_backup
-from secrets_manager.store.base import Anchor
+from secrets_manager.store.base import PENDING, PREVIOUS, Anchor
 from secrets_manager.store.encrypted import DATA_PREFIX, KEYSET_PREFIX, META_PREFIX
 from secrets_manager.store.names import namespace_of
 from secrets_manager.store.restore import OnExisting, restore_into, restore_new_store
@@ -557,8 +557,20 @@ class ProtocolOnly:
     def destroy_secret(self, name: str) -> None:
         self._inner.destroy_secret(name)
 
+    def stage(self, name: str, value: bytes) -> VersionInfo:
+        return self._inner.stage(name, value)
+
     def close(self) -> None:
         self._inner.close()
+
+
+class NoPendingLabel(ProtocolOnly):
+    """As Vault: no `pending` label, so nothing can be staged."""
+
+    unsupported_capabilities = frozenset({"pending-label"})
+
+    def stage(self, name: str, value: bytes) -> VersionInfo:
+        raise UnsupportedOperationError("the 'pending' label is not supported by this store")
 
 
 class NoEmptyValues(ProtocolOnly):
@@ -694,6 +706,55 @@ def test_a_protocol_store_that_cannot_hold_a_value_is_refused_before_any_write(
         assert caught.value.exit_code == 2  # type: ignore[attr-defined]
         assert other.puts == 0
         assert other.list("", include_deleted=True) == []
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("kind", [ProtocolOnly, NoPendingLabel])
+def test_a_pending_rotation_never_becomes_current_through_the_protocol(
+    kind: type[ProtocolOnly], tmp_path: Path
+) -> None:
+    """A secret whose rotation was staged but not promoted (pending newer than current), and one
+    where a store came in between (current newer than pending): the target's current and previous
+    are the backup's; the pending value is staged again where the store has the label, else left
+    out and named. `served` gives the target's number of the value it serves."""
+    source = new_store(tmp_path / "source.db")
+    try:
+        for value in (b"db-ONE", b"db-TWO"):
+            source.put("svc/DB", value)
+        source.stage("svc/DB", b"db-STAGED-never-deployed")  # current 2, pending 3
+        for value in (b"key-ONE", b"key-TWO"):
+            source.put("svc/KEY", value)
+        source.stage("svc/KEY", b"key-STAGED")  # pending 3
+        source.put("svc/KEY", b"key-FOUR")  # current 4, previous 2, pending 3
+        backup = take(source, tmp_path / "b.smbackup", password=BACKUP_PASSWORD)
+    finally:
+        source.close()
+    other = kind(new_store(tmp_path / "other.db"))
+    try:
+        result = restore_into(other, backup.secrets)
+        assert other.get("svc/DB").value.reveal() == b"db-TWO"
+        assert other.get("svc/DB", label=PREVIOUS).value.reveal() == b"db-ONE"
+        assert other.get("svc/KEY").value.reveal() == b"key-FOUR"
+        assert other.get("svc/KEY", label=PREVIOUS).value.reveal() == b"key-TWO"
+        served = {
+            name: (ours, other.get(name, version=theirs).value.reveal())
+            for name, ours, theirs in result.served
+        }
+        assert served == {"svc/DB": (2, b"db-TWO"), "svc/KEY": (4, b"key-FOUR")}
+        if kind is NoPendingLabel:
+            assert result.pending_left_out == ("svc/DB", "svc/KEY")
+            assert result.versions == 5
+            values = [
+                other.get("svc/KEY", version=v.version).value.reveal()
+                for v in other.describe("svc/KEY").versions
+            ]
+            assert b"key-STAGED" not in values
+        else:
+            assert result.pending_left_out == ()
+            assert result.versions == 7
+            assert other.get("svc/DB", label=PENDING).value.reveal() == b"db-STAGED-never-deployed"
+            assert other.get("svc/KEY", label=PENDING).value.reveal() == b"key-STAGED"
     finally:
         other.close()
 

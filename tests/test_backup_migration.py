@@ -24,6 +24,7 @@ from secrets_manager.errors import InvalidInputError, UnsupportedOperationError
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretStore
 from secrets_manager.store.backup import BackupSecret, read_backup, write_backup
+from secrets_manager.store.base import PENDING
 from secrets_manager.store.restore import restore_into, restore_new_store
 from vault_server import FakeVault
 
@@ -264,3 +265,32 @@ def test_a_backup_with_metadata_vault_cannot_hold_is_refused_before_any_write(
         restore_into(cast(SecretStore, counting), secrets)
     assert counting.writes == 0
     assert vault.list("", include_deleted=True) == []
+
+
+def pending_backup(tmp_path: Path) -> list[BackupSecret]:
+    """A backup of a secret whose rotation was staged and never promoted (current 2, pending 3)."""
+    source = EncryptedStore.create(
+        SqliteStorage(tmp_path / "pending.db", create=True), PasswordUnlock("source", kdf.TEST)
+    )
+    try:
+        source.put("svc/DB", b"db-deployed-ONE")
+        source.put("svc/DB", b"db-deployed-TWO")
+        source.stage("svc/DB", b"db-STAGED-never-deployed")
+        write_backup(source, tmp_path / "pending.smbackup", password=BACKUP_PASSWORD, kdf=kdf.TEST)
+    finally:
+        source.close()
+    return list(read_backup(tmp_path / "pending.smbackup", BACKUP_PASSWORD).secrets)
+
+
+def test_a_pending_rotation_stays_pending_in_aws(aws: SecretStore, tmp_path: Path) -> None:
+    result = restore_into(aws, pending_backup(tmp_path))
+    assert aws.get("svc/DB").value.reveal() == b"db-deployed-TWO"
+    assert aws.get("svc/DB", label=PENDING).value.reveal() == b"db-STAGED-never-deployed"
+    assert (result.served, result.pending_left_out) == ((("svc/DB", 2, 2),), ())
+
+
+def test_a_pending_rotation_is_left_out_of_vault(vault: SecretStore, tmp_path: Path) -> None:
+    result = restore_into(vault, pending_backup(tmp_path))
+    assert vault.get("svc/DB").value.reveal() == b"db-deployed-TWO"
+    assert [v.version for v in vault.describe("svc/DB").versions] == [1, 2]
+    assert (result.served, result.pending_left_out) == ((("svc/DB", 2, 2),), ("svc/DB",))

@@ -23,6 +23,10 @@ import hvac
 import pytest
 from botocore.config import Config
 
+from secrets_manager.crypto import kdf
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.store.backup import write_backup
 from vault_server import FakeVault
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
@@ -241,6 +245,36 @@ def test_the_cli_audits_vault_operations_with_the_anchor_in_vault(
     assert vault_cli("audit", "verify").out.startswith("audit log verified: 3 records")
     log.write_text("".join(line + "\n" for line in log.read_text().splitlines()[:-1]))  # cut the tail
     assert_one_line_error(vault_cli("audit", "verify"), 6, "missing")
+
+
+def test_a_restore_into_vault_leaves_a_pending_value_out_and_audits_what_vault_serves(
+    vault_cli: Cli, tmp_path: Path
+) -> None:
+    """A backup of a secret with an unfinished rotation: Vault has no `pending`, and written last
+    the staged value would be current there. It is left out with a warning naming the secret; the
+    restore's record for it has Vault's version and the fingerprint of the value Vault serves."""
+    source = EncryptedStore.create(
+        SqliteStorage(tmp_path / "source.db", create=True), PasswordUnlock("source", kdf.TEST)
+    )
+    try:
+        source.put("svc/DB", b"deployed-credential")
+        source.stage("svc/DB", b"staged-never-deployed")
+        write_backup(source, tmp_path / "b.smbackup", password=b"backup password", kdf=kdf.TEST)
+    finally:
+        source.close()
+    (tmp_path / "backup-password").write_bytes(b"backup password")
+    result = vault_cli(
+        "restore", str(tmp_path / "b.smbackup"), "--backup-password-file", str(tmp_path / "backup-password")
+    )
+    assert result.code == 0, result.stderr
+    assert "warning: svc/DB: its pending version" in result.stderr
+    assert vault_cli("get", "svc/DB").stdout == b"deployed-credential\n"
+    (log,) = (tmp_path / ".local/share/secrets-manager").glob("*.audit.jsonl")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    (record,) = [r for r in records if (r["operation"], r["name"]) == ("restore", "svc/DB")]
+    assert record["version"] == 1
+    served = vault_cli("audit", "hash", "--raw", input=b"deployed-credential").out.strip()
+    assert record["value_hmac"] == served
 
 
 def files_under(home: Path) -> list[Path]:

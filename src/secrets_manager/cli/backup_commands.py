@@ -227,11 +227,21 @@ def restore(
         info_line(f"left {len(result.skipped)} existing secret(s) as they were (--on-existing skip)")
     if result.without_value:
         warning_line(
-            f"{len(result.without_value)} secret(s) had every version destroyed and were not created "
-            f"(first: {result.without_value[0]}): this store cannot hold a secret without a value"
+            f"{len(result.without_value)} secret(s) had no current value (every version destroyed, or "
+            f"all but a pending one) and were not created (first: {result.without_value[0]}): this "
+            "store cannot hold a secret without a value"
+        )
+    for name in result.pending_left_out:
+        warning_line(
+            f"{name}: its pending version (a rotation not finished at the backup) was left out, as "
+            f"this store has no 'pending' label; the backup's current value is current. Rotate {name} "
+            "again"
         )
     if not result.exact:
-        info_line("this store numbers versions itself: the kept values were written oldest first")
+        info_line(
+            "this store numbers versions itself: the kept values were written oldest first, the "
+            "backup's previous and current last"
+        )
 
 
 def summary_doc(summary: BackupSummary) -> dict[str, Any]:
@@ -326,23 +336,29 @@ def _secret_records(
     event: AuditEvent, store: AuditedStore, restored: Sequence[BackupSecret], result: RestoreResult
 ) -> list[AuditEvent]:
     """One record per secret the restore wrote, under its request id: `restore` for a new name,
-    `restore.overwrite` for one whose history it replaced; the version is the one labelled current
-    (where the target keeps the backup's numbers) with its value's fingerprint. Appended together
-    with the restore's own record, in one durable append: the restore itself is one commit."""
+    `restore.overwrite` for one whose history it replaced; the version the target now serves as
+    current (its own number where it numbers versions itself) with that value's fingerprint.
+    Appended together with the restore's own record, in one durable append: the restore itself is
+    one commit."""
     left_alone = {*result.skipped, *result.without_value}
     overwritten = set(result.overwritten)
+    served = {name: (ours, theirs) for name, ours, theirs in result.served}
     records = []
     for secret in restored:
         if secret.name in left_alone:
             continue
-        current = secret.labels.get("current")
+        if result.exact:
+            current = secret.labels.get("current")
+            version = current
+        else:
+            current, version = served.get(secret.name, (None, None))
         value = next((v.value for v in secret.kept if v.version == current), None)
         records.append(
             replace(
                 event,
                 operation="restore.overwrite" if secret.name in overwritten else "restore",
                 name=secret.name,
-                version=current if result.exact and value is not None else None,
+                version=version if value is not None else None,
                 value_hmac=None if value is None else value_fingerprint(store, value),
             )
         )

@@ -14,11 +14,12 @@ Three ways in (docs/backup-format.md section 9):
   labels, times, authors and deleted state are kept exactly; an overwritten secret keeps its own
   `next_version` where that is higher, so no version number is ever given to a second value.
 * **Any other `SecretStore`** (Vault, AWS: no multi-secret transaction): the logical form is
-  written through the protocol, secret by secret, and a failure midway is compensated: every name
-  the restore created is destroyed again, and every name it overwrote is written back from the
-  copy read before anything was changed. "As it was" then means the same names, each with the same
-  kept values in the same order, the same current value and the same deleted state; version
-  numbers and times are the target's own (it numbers versions itself).
+  written through the protocol, secret by secret (`_write_order`: the backup's current last, a
+  pending value staged again or, without that label, left out), and a failure midway is
+  compensated: every name the restore created is destroyed again, and every name it overwrote is
+  written back from the copy read before anything was changed. "As it was" then means the same
+  names, each with the same kept values, the same current and previous value and the same deleted
+  state; version numbers and times are the target's own (it numbers versions itself).
 
 Existing names: with `on_existing=None` the target must hold no secret at all; FAIL refuses if any
 name of the backup exists there; SKIP leaves those names as they are; OVERWRITE replaces each
@@ -46,9 +47,12 @@ from secrets_manager.storage.base import Expect, Operation
 from secrets_manager.storage.sqlite import SqliteStorage, create_private_directories
 from secrets_manager.store.backup import KIND_STORE, Backup, BackupSecret, BackupVersion
 from secrets_manager.store.base import (
+    CURRENT,
     DEFAULT_MAX_VERSIONS,
     MAX_MAX_VERSIONS,
     MIN_MAX_VERSIONS,
+    PENDING,
+    PREVIOUS,
     Capability,
     SecretStore,
     check_metadata_fits,
@@ -93,9 +97,15 @@ class RestoreResult:
     versions: int
     skipped: tuple[str, ...] = ()
     overwritten: tuple[str, ...] = ()
-    without_value: tuple[str, ...] = ()  # every version destroyed: nothing to write into such a store
+    # every version destroyed (or all but a pending one): no current value to write into such a store
+    without_value: tuple[str, ...] = ()
     exact: bool = True
     stale_removed: tuple[str, ...] = ()  # files of killed restores into new stores, removed first
+    # Through the protocol: each written secret's (name, backup version, target version) of the
+    # value the target now serves as current; and the secrets whose pending version was left out
+    # (a store without the `pending` label).
+    served: tuple[tuple[str, int, int], ...] = ()
+    pending_left_out: tuple[str, ...] = ()
 
 
 # ---- a new SQLite store ----------------------------------------------------------------------------
@@ -389,6 +399,8 @@ def _import_through_protocol(
     journal: list[tuple[str, BackupSecret | None]] = []  # (name, what to put back) in write order
     skipped: list[str] = []
     without_value: list[str] = []
+    served: list[tuple[str, int, int]] = []
+    pending_left_out: list[str] = []
     versions = 0
     total = len(backup_secrets)
     try:
@@ -397,14 +409,19 @@ def _import_through_protocol(
             if secret.name in clashes and on_existing is OnExisting.SKIP:
                 skipped.append(secret.name)
                 continue
-            if not secret.kept:
+            if not _write_order(secret)[0]:  # nothing it could serve as current
                 without_value.append(secret.name)
                 continue
             original = originals.get(secret.name)
             journal.append((secret.name, original))
             if original is not None:
                 store.destroy_secret(secret.name)
-            versions += _write_secret(store, secret)
+            written = _write_secret(store, secret)
+            versions += written.versions
+            if written.served is not None:
+                served.append((secret.name, *written.served))
+            if written.pending_left_out:
+                pending_left_out.append(secret.name)
     except BaseException as exc:
         _compensate(store, journal, exc)
         raise
@@ -415,6 +432,8 @@ def _import_through_protocol(
         overwritten=tuple(sorted(originals)),
         without_value=tuple(without_value),
         exact=False,
+        served=tuple(served),
+        pending_left_out=tuple(pending_left_out),
     )
 
 
@@ -445,8 +464,32 @@ def _read_secret(store: SecretStore, name: str) -> BackupSecret:
     )
 
 
-def _write_secret(store: SecretStore, secret: BackupSecret) -> int:
-    """The kept values oldest first (so `current` ends on the newest), then the deleted state.
+@dataclass(frozen=True)
+class _Written:
+    versions: int  # values written (the pending one staged included)
+    served: tuple[int, int] | None  # (backup version, target version) of the target's current
+    pending_left_out: bool
+
+
+def _write_order(secret: BackupSecret) -> tuple[list[BackupVersion], BackupVersion | None]:
+    """The kept values in the order to `put` them, and the pending one to `stage` after them.
+
+    The backup's `current` goes last (the target's current is the backup's, never a value only a
+    rotation staged), its `previous` just before it (so the target's previous is the backup's
+    too), the other kept values oldest first before them. A version carrying `pending` but not
+    `current` is the rotation's new value, never deployed: it is left out of the puts."""
+    labels = secret.labels
+    kept = {v.version: v for v in secret.kept}
+    pending = labels.get(PENDING) if labels.get(PENDING) != labels.get(CURRENT) else None
+    last = [labels[label] for label in (PREVIOUS, CURRENT) if label in labels]
+    last = [n for n in last if n in kept and n != pending]
+    rest = [n for n in kept if n not in last and n != pending]
+    return [kept[n] for n in rest + last], kept.get(pending) if pending is not None else None
+
+
+def _write_secret(store: SecretStore, secret: BackupSecret) -> _Written:
+    """The kept values in `_write_order` (the backup's current last), then its pending value
+    staged where the store has the `pending` label (else left out), then the deleted state.
     The first write is create-only and each next one expects the version before it, so a
     concurrent writer makes the restore fail (and be undone) rather than interleave.
 
@@ -454,12 +497,15 @@ def _write_secret(store: SecretStore, secret: BackupSecret) -> int:
     the secret's own, for labelled or not yet pruned ones), and the secret's own is set after the
     last, so the target prunes none of them now. (A secret put back by `_compensate` whose
     max_versions another tool set out of our range gets the default.)"""
+    order, pending = _write_order(secret)
+    stage = pending is not None and Capability.PENDING_LABEL not in unsupported_capabilities(store)
     wanted = secret.max_versions
     if not MIN_MAX_VERSIONS <= wanted <= MAX_MAX_VERSIONS:
         wanted = DEFAULT_MAX_VERSIONS
-    room = min(max(len(secret.kept), wanted), MAX_MAX_VERSIONS)
+    room = min(max(len(order) + stage, wanted), MAX_MAX_VERSIONS)
     expect = 0
-    for version in secret.kept:
+    served: tuple[int, int] | None = None
+    for version in order:
         assert version.value is not None
         info = store.put(
             secret.name,
@@ -470,11 +516,16 @@ def _write_secret(store: SecretStore, secret: BackupSecret) -> int:
             max_versions=room if expect == 0 else None,
         )
         expect = info.version
+        served = (version.version, info.version)
+    if stage and pending is not None and pending.value is not None:
+        store.stage(secret.name, pending.value)
     if room != wanted:
         store.update_metadata(secret.name, max_versions=wanted)
     if secret.deleted is not None:
         store.delete(secret.name)
-    return len(secret.kept)
+    return _Written(
+        versions=len(order) + stage, served=served, pending_left_out=pending is not None and not stage
+    )
 
 
 def _compensate(
