@@ -247,25 +247,54 @@ def test_the_cli_audits_vault_operations_with_the_anchor_in_vault(
     assert_one_line_error(vault_cli("audit", "verify"), 6, "missing")
 
 
+def backup_file(
+    tmp_path: Path, values: Mapping[str, list[bytes]], *, staged: bytes | None = None
+) -> list[str]:
+    """A password backup of a new SQLite store holding `values` (`staged`: a pending value of the
+    last secret), and the restore arguments that open it."""
+    source = EncryptedStore.create(
+        SqliteStorage(tmp_path / "source.db", create=True), PasswordUnlock("source", kdf.TEST)
+    )
+    try:
+        for name, versions in values.items():
+            for value in versions:
+                source.put(name, value)
+            if staged is not None:
+                source.stage(name, staged)
+        write_backup(source, tmp_path / "b.smbackup", password=b"backup password", kdf=kdf.TEST)
+    finally:
+        source.close()
+    (tmp_path / "backup-password").write_bytes(b"backup password")
+    return [str(tmp_path / "b.smbackup"), "--backup-password-file", str(tmp_path / "backup-password")]
+
+
+def check_overwrite_numbers_from_one_again(cli: Cli, tmp_path: Path) -> None:
+    """Vault and AWS destroy an overwritten secret and write it again: its numbering restarts, so a
+    number from before the restore names another value after it, and the restore says so."""
+    backup = backup_file(tmp_path, {"svc/K": [b"from-the-backup"]})
+    for value in (b"a", b"b", b"c"):
+        assert cli("store", "svc/K", input=value).code == 0
+    result = cli("restore", *backup, "--on-existing", "overwrite")
+    assert result.code == 0, result.stderr
+    assert "numbers the overwritten secrets' versions from 1 again" in result.stderr
+    assert "version number from before this restore may now name another value" in result.stderr
+    assert cli("store", "svc/K", input=b"NEW").out == "stored svc/K version 2\n"
+
+
+def test_an_overwriting_restore_into_vault_says_it_numbers_from_one_again(
+    vault_cli: Cli, tmp_path: Path
+) -> None:
+    check_overwrite_numbers_from_one_again(vault_cli, tmp_path)
+
+
 def test_a_restore_into_vault_leaves_a_pending_value_out_and_audits_what_vault_serves(
     vault_cli: Cli, tmp_path: Path
 ) -> None:
     """A backup of a secret with an unfinished rotation: Vault has no `pending`, and written last
     the staged value would be current there. It is left out with a warning naming the secret; the
     restore's record for it has Vault's version and the fingerprint of the value Vault serves."""
-    source = EncryptedStore.create(
-        SqliteStorage(tmp_path / "source.db", create=True), PasswordUnlock("source", kdf.TEST)
-    )
-    try:
-        source.put("svc/DB", b"deployed-credential")
-        source.stage("svc/DB", b"staged-never-deployed")
-        write_backup(source, tmp_path / "b.smbackup", password=b"backup password", kdf=kdf.TEST)
-    finally:
-        source.close()
-    (tmp_path / "backup-password").write_bytes(b"backup password")
-    result = vault_cli(
-        "restore", str(tmp_path / "b.smbackup"), "--backup-password-file", str(tmp_path / "backup-password")
-    )
+    backup = backup_file(tmp_path, {"svc/DB": [b"deployed-credential"]}, staged=b"staged-never-deployed")
+    result = vault_cli("restore", *backup)
     assert result.code == 0, result.stderr
     assert "warning: svc/DB: its pending version" in result.stderr
     assert vault_cli("get", "svc/DB").stdout == b"deployed-credential\n"
@@ -440,6 +469,10 @@ def test_a_tag_aws_would_refuse_leaves_the_secret_untouched(aws_cli: Cli, boto: 
     assert aws_cli("get", "svc/T").out == "v1\n"
     assert_one_line_error(aws_cli("store", "svc/NEW", "--tag", "k=v!", input=b"v"), 2, "tag 'k'")
     assert_one_line_error(aws_cli("history", "svc/NEW"), 3)
+
+
+def test_an_overwriting_restore_into_aws_says_it_numbers_from_one_again(aws_cli: Cli, tmp_path: Path) -> None:
+    check_overwrite_numbers_from_one_again(aws_cli, tmp_path)
 
 
 def test_no_aws_credentials_is_exit_4(aws_cli: Cli) -> None:

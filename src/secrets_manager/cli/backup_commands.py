@@ -223,6 +223,12 @@ def restore(
             f"overwrote {len(result.overwritten)} existing secret(s) with the backup's history "
             "(--on-existing overwrite): versions written after the backup are gone"
         )
+        if not result.exact:
+            info_line(
+                "this store numbers the overwritten secrets' versions from 1 again (it cannot erase "
+                "a secret and keep counting): a version number from before this restore may now name "
+                "another value"
+            )
     if result.skipped:
         info_line(f"left {len(result.skipped)} existing secret(s) as they were (--on-existing skip)")
     if result.without_value:

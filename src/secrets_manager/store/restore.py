@@ -19,7 +19,9 @@ Three ways in (docs/backup-format.md section 9):
   compensated: every name the restore created is destroyed again, and every name it overwrote is
   written back from the copy read before anything was changed. "As it was" then means the same
   names, each with the same kept values, the same current and previous value and the same deleted
-  state; version numbers and times are the target's own (it numbers versions itself).
+  state; version numbers and times are the target's own (it numbers versions itself). An
+  overwritten name is destroyed before it is written, so it is numbered from 1 again: unlike the
+  case above, a number the target gave out before may then name another value.
 
 Existing names: with `on_existing=None` the target must hold no secret at all; FAIL refuses if any
 name of the backup exists there; SKIP leaves those names as they are; OVERWRITE replaces each
@@ -331,7 +333,7 @@ def _import_encrypted(
                     ops.append(Put(data_key, record, None if data_key in old_keys else ABSENT))
                 ops.extend(Delete(k) for k in sorted(old_keys - new_keys))
                 document = secret.metadata()
-                if old is not None:  # never give a number the store gave out again (as Vault, AWS)
+                if old is not None:  # never give a number the store gave out again
                     document.next_version = max(document.next_version, old.next_version)
                 meta = seal_record(key, Purpose.SECRET_METADATA, secret.name, 0, document.to_json())
                 ops.append(Put(META_PREFIX + secret.name, meta, meta_expect))
