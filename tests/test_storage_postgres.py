@@ -559,6 +559,25 @@ def test_a_dropped_connection_is_reopened(
     assert entry is not None and entry.value == b"after" and entry.revision == later
 
 
+def test_a_snapshot_after_the_connections_dropped_is_retried_on_a_new_one(
+    storage: PostgresStorage, postgres_cluster: PostgresCluster
+) -> None:
+    """A restart or failover ends every pooled connection: the first snapshot (a list, a prefix
+    BatchGet) finds its connection gone at BEGIN, drops the other idle ones and retries, as a get
+    does, so no call fails for each dead connection in the pool."""
+    storage.put("k", b"v")
+    with storage.snapshot(), storage.snapshot(), storage.snapshot():
+        pass  # three connections open, idle in the pool afterwards
+    assert len(storage._idle) == 3
+    _terminate_our_connections(postgres_cluster)
+    for _ in range(4):
+        with storage.snapshot() as snap:
+            entry = snap.get("k")
+            assert entry is not None and entry.value == b"v"
+            assert snap.list("") == ["k"]
+    assert len(storage._idle) == 1  # the dead ones were closed, not tried one by one
+
+
 def test_a_closed_handle_says_so(storage: PostgresStorage) -> None:
     storage.close()
     with pytest.raises(StorageError, match="is closed"):

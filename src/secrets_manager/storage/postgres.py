@@ -399,17 +399,30 @@ class PostgresStorage:
 
         Its snapshot is taken at its first statement, the counter read, so `revision` and every
         read through the snapshot agree; other connections commit meanwhile, unseen. The snapshot
-        keeps its borrowed connection until it ends; this handle's other calls use others."""
-        with self._borrowed() as conn:
-            try:
-                with conn.transaction():
-                    conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-                    row = conn.execute(self._q.read_revision).fetchone()
-                    if row is None:
-                        raise StorageError(f"store {self.location}: its revision counter is missing")
-                    yield PostgresSnapshot(conn, self._q, int(row[0]), self._error)
-            except psycopg.Error as exc:
-                raise self._error(exc) from None
+        keeps its borrowed connection until it ends; this handle's other calls use others.
+
+        Its setup (BEGIN and the counter read) is retried once on a new connection if it finds
+        the connection dropped, as `get` is; once the snapshot is handed out, nothing is retried
+        (its reads must all see one instant)."""
+        for attempt in (1, 2):
+            with self._borrowed() as conn:
+                started = False
+                try:
+                    with conn.transaction():
+                        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                        row = conn.execute(self._q.read_revision).fetchone()
+                        if row is None:
+                            raise StorageError(f"store {self.location}: its revision counter is missing")
+                        started = True
+                        yield PostgresSnapshot(conn, self._q, int(row[0]), self._error)
+                    return
+                except psycopg.OperationalError as exc:
+                    if started or not (attempt == 1 and conn.broken):
+                        raise self._error(exc) from None
+                except psycopg.Error as exc:
+                    raise self._error(exc) from None
+            self._drop_idle()
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def on_commits(self, callback: Callable[[], None]) -> Callable[[], None]:
         """Call `callback` (on a listener thread) soon after a change to this store is committed by
