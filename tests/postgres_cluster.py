@@ -20,7 +20,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import psycopg
@@ -201,6 +201,19 @@ class PostgresCluster:
             host="127.0.0.1", port=self.port, user=ROLE, dbname=DATABASE,
             password=self.role_password, autocommit=True, connect_timeout=10,
         )  # fmt: skip
+
+    @contextlib.contextmanager
+    def commit_lock_held(self, schema: str) -> Iterator[None]:
+        """Another transaction holds the store's commit lock (its counter row) until the block
+        ends, as a big restore or import into the database, or a writer paused mid-commit, does."""
+        with self.connect() as other:
+            other.execute("BEGIN")
+            query = sql.SQL("SELECT revision FROM {}.meta WHERE id = 1 FOR UPDATE")
+            other.execute(query.format(sql.Identifier(schema)))
+            try:
+                yield
+            finally:
+                other.execute("ROLLBACK")
 
     def listeners(self) -> list[int]:
         """Backend pids of secrets-manager connections waiting on LISTEN (change listeners)."""

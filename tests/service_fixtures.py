@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 
 from secrets_manager.audit import AuditLog
+from secrets_manager.audit.log import DEFAULT_TIMEOUT_SECONDS
 from secrets_manager.client import TlsFiles
 from secrets_manager.crypto import kdf
 from secrets_manager.service.config import load_config
@@ -262,18 +263,26 @@ def start_server(
 
 @contextmanager
 def in_process_server(
-    directory: Path, store: EncryptedStore, *, watch_tick: float
+    directory: Path,
+    store: EncryptedStore,
+    *,
+    watch_tick: float,
+    audit_timeout: float = DEFAULT_TIMEOUT_SECONDS,
 ) -> Iterator[tuple[RunningServer, Callable[[str], pb_grpc.SecretsStub]]]:
     """The service built in this process over `store` (certificates and policy as make_pki and
     make_store leave them in `directory`), its watch poller ticking every `watch_tick` seconds
-    (to tell a poke from a tick); yields it and `stub(identity)`. Stopped at the end."""
+    (to tell a poke from a tick) and its audit log giving up after `audit_timeout`; yields it and
+    `stub(identity)`. Stopped at the end."""
     (directory / "in-process.toml").write_text(
         'listen = "127.0.0.1:0"\npolicy = "policy.toml"\n'
         '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
     )
     config = load_config(directory / "in-process.toml")
     running = build_server(
-        config, store, AuditLog(directory / "in-process.audit.jsonl"), PolicyHolder(config.policy)
+        config,
+        store,
+        AuditLog(directory / "in-process.audit.jsonl", timeout=audit_timeout),
+        PolicyHolder(config.policy),
     )
     running.servicer.watch_hub._poll_seconds = watch_tick
     channels: list[grpc.Channel] = []

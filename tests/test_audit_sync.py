@@ -195,9 +195,9 @@ def watch_anchors(store: EncryptedStore, monkeypatch: pytest.MonkeyPatch) -> lis
     given: list[int] = []
     real = store.set_audit_anchor
 
-    def spy(anchor: Anchor) -> None:
+    def spy(anchor: Anchor, *, lock_wait: float | None = None) -> None:
         given.append(anchor.seq)
-        real(anchor)
+        real(anchor, lock_wait=lock_wait)
 
     monkeypatch.setattr(store, "set_audit_anchor", spy)
     return given

@@ -67,7 +67,14 @@ class MemoryStorage:
         else:
             self.place.entries.pop(op.key, None)
 
-    def commit(self, operations: Sequence[Operation], *, silent: bool = False, durable: bool = True) -> int:
+    def commit(
+        self,
+        operations: Sequence[Operation],
+        *,
+        silent: bool = False,
+        durable: bool = True,
+        lock_wait: float | None = None,
+    ) -> int:
         for op in operations:
             self.check(op)
         self.place.revision += 1
@@ -84,12 +91,26 @@ class MemoryStorage:
 
 
 class NotAtomic(MemoryStorage):
-    def commit(self, operations: Sequence[Operation], *, silent: bool = False, durable: bool = True) -> int:
+    def commit(
+        self,
+        operations: Sequence[Operation],
+        *,
+        silent: bool = False,
+        durable: bool = True,
+        lock_wait: float | None = None,
+    ) -> int:
         self.place.revision += 1
         for op in operations:
             self.check(op)
             self.apply(op, self.place.revision)
         return self.place.revision
+
+
+class NoLockWait(MemoryStorage):
+    def commit(  # type: ignore[override]
+        self, operations: Sequence[Operation], *, silent: bool = False, durable: bool = True
+    ) -> int:
+        return super().commit(operations, silent=silent, durable=durable)
 
 
 class WildcardList(MemoryStorage):
@@ -185,8 +206,15 @@ class HeadOfThisHandleOnly(MemoryStorage):
         super().__init__(place)
         self.head = max((c.revision for c in place.changes), default=0)
 
-    def commit(self, operations: Sequence[Operation], *, silent: bool = False, durable: bool = True) -> int:
-        revision = super().commit(operations, silent=silent, durable=durable)
+    def commit(
+        self,
+        operations: Sequence[Operation],
+        *,
+        silent: bool = False,
+        durable: bool = True,
+        lock_wait: float | None = None,
+    ) -> int:
+        revision = super().commit(operations, silent=silent, durable=durable, lock_wait=lock_wait)
         if not silent:
             self.head = revision  # what this handle committed; other handles' commits unseen
         return revision
@@ -196,8 +224,15 @@ class HeadOfThisHandleOnly(MemoryStorage):
 
 
 class HeadMissesNonDurableCommits(ChangeHeadMemoryStorage):
-    def commit(self, operations: Sequence[Operation], *, silent: bool = False, durable: bool = True) -> int:
-        return super().commit(operations, silent=silent or not durable, durable=durable)
+    def commit(
+        self,
+        operations: Sequence[Operation],
+        *,
+        silent: bool = False,
+        durable: bool = True,
+        lock_wait: float | None = None,
+    ) -> int:
+        return super().commit(operations, silent=silent or not durable, durable=durable, lock_wait=lock_wait)
 
 
 class HeadNeverMoves(MemoryStorage):
@@ -257,6 +292,7 @@ def test_a_correct_storage_passes_check_storage() -> None:
     ("broken", "behaviour"),
     [
         (NotAtomic, "commit is all or nothing"),
+        (NoLockWait, "a commit with a lock_wait lands when no other writer holds the lock"),
         (WildcardList, "list(prefix) is sorted and the prefix is literal"),
         (UnsortedList, "list(prefix) is sorted and the prefix is literal"),
         (IgnoresAbsent, "put expecting ABSENT conflicts on an existing key"),

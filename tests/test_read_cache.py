@@ -55,8 +55,15 @@ class Forwarding:
     def list(self, prefix: str) -> list[str]:
         return self.inner.list(prefix)
 
-    def commit(self, operations: Sequence[Operation], *, silent: bool = False, durable: bool = True) -> int:
-        return self.inner.commit(operations, silent=silent, durable=durable)
+    def commit(
+        self,
+        operations: Sequence[Operation],
+        *,
+        silent: bool = False,
+        durable: bool = True,
+        lock_wait: float | None = None,
+    ) -> int:
+        return self.inner.commit(operations, silent=silent, durable=durable, lock_wait=lock_wait)
 
     def changes_since(self, revision: int, *, limit: int = 10_000) -> ChangeBatch:
         return self.inner.changes_since(revision, limit=limit)

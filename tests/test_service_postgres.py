@@ -383,3 +383,38 @@ def test_a_watch_hears_a_commit_by_another_process_at_once_on_postgresql(
     finally:
         served.close()
         elsewhere.close()
+
+
+def test_reads_go_on_while_another_transaction_holds_the_stores_commit_lock(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """A big restore or import into the database holds the store's commit lock for seconds. Reads
+    never need it: GetSecret keeps answering at once (the audit log's deferred anchor update does
+    not wait for the lock); a PutSecret, which must anchor its record, fails UNAVAILABLE saying
+    the store's lock was busy, not that the audit log did not answer."""
+    make_pki(tmp_path)
+    (tmp_path / "policy.toml").write_text(POLICY)
+    schema = postgres_cluster.new_schema()
+    conninfo = postgres_cluster.url(with_password=True)
+    create_store(conninfo, schema, SEED)
+    store = EncryptedStore.open(PostgresStorage(conninfo, schema=schema), PasswordUnlock(PASSWORD, kdf.TEST))
+    request = pb.GetSecretRequest(name="auth/JWT_KEY")
+    try:
+        with in_process_server(tmp_path, store, watch_tick=0.2, audit_timeout=1.5) as (_running, stub):
+            reader = stub("auth")
+            reader.GetSecret(request, timeout=30)
+            with postgres_cluster.commit_lock_held(schema):
+                for n in range(20):  # two seconds of reads: every one is followed by a flush
+                    started = time.monotonic()
+                    reader.GetSecret(request, timeout=30)
+                    assert time.monotonic() - started < 1, f"read {n} waited for the store's lock"
+                    time.sleep(0.1)
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub("writer").PutSecret(pb.PutSecretRequest(name="auth/k", value=b"v"), timeout=30)
+                assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+                details = refused.value.details() or ""
+                assert "held the store's lock" in details and "did not answer" not in details, details
+            put = stub("writer").PutSecret(pb.PutSecretRequest(name="auth/k", value=b"v"), timeout=30)
+            assert put.version == 1
+    finally:
+        store.close()

@@ -28,7 +28,8 @@ import pytest
 from psycopg import sql
 
 from postgres_cluster import PostgresCluster
-from secrets_manager.audit import Anchor
+from secrets_manager.audit import Anchor, AuditEvent, AuditLog
+from secrets_manager.audit.log import FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
 from secrets_manager.crypto import Keyset, kdf
 from secrets_manager.environment import Environment
 from secrets_manager.errors import (
@@ -36,6 +37,7 @@ from secrets_manager.errors import (
     InvalidInputError,
     NotFoundError,
     StorageError,
+    StoreBusyError,
     UnsafeConfigurationError,
 )
 from secrets_manager.storage import ABSENT, Delete, Entry, Put, Snapshotting, Storage
@@ -590,6 +592,59 @@ def test_a_non_durable_commit_changes_synchronous_commit_for_itself_only(storage
         assert conn.execute("SHOW synchronous_commit").fetchone() == ("on",)
     entry = storage.get("anchor")
     assert entry is not None and entry.value == b"a"
+
+
+def test_a_commit_with_a_lock_wait_gives_up_when_another_transaction_holds_the_lock(
+    storage: PostgresStorage, place: Place
+) -> None:
+    before = storage.put("k", b"before")
+    with place.cluster.commit_lock_held(place.schema):
+        started = time.monotonic()
+        with pytest.raises(
+            StoreBusyError, match=r"another writer held the store's lock for 0\.2 s; try again"
+        ):
+            storage.commit([Put("k", b"after")], lock_wait=0.2)
+        assert time.monotonic() - started < 2
+        assert storage.get("k") == Entry(b"before", before)  # reads do not wait for the lock
+    later = storage.commit([Put("k", b"after")], lock_wait=0.2)  # the limit was its own
+    assert later == before + 1 and storage.get("k") == Entry(b"after", later)
+    with storage._borrowed() as conn:
+        assert conn.execute("SHOW lock_timeout").fetchone() == ("30s",)
+
+
+def test_the_audit_log_does_not_stall_on_a_store_whose_commit_lock_another_transaction_holds(
+    place: Place, tmp_path: Path
+) -> None:
+    """A big restore or import into the database holds the commit lock for a long time. Reads go
+    on meanwhile: the deferred flush's anchor update gives up at once and the anchor lags (every
+    append would wait for it). A change's durable append must anchor: it fails, saying why, before
+    its caller's timeout. Once the lock is free the anchor catches up, the chain verifies."""
+    store = EncryptedStore.create(place.open(create=True), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
+    log = AuditLog(tmp_path / "audit.jsonl", timeout=2.0)  # flushes every 10 ms (the default)
+    try:
+        log.append([AuditEvent("store", "alice", name="auth/k")], store)  # durable: anchors record 1
+        with place.cluster.commit_lock_held(place.schema):
+            for n in range(15):  # spans a dozen deferred flushes
+                started = time.monotonic()
+                log.append([AuditEvent("get", "bob", name=f"auth/k{n}")], store, durable=False)
+                assert time.monotonic() - started < 0.5, f"read {n} waited for the store's lock"
+                time.sleep(0.05)
+            anchored = store.audit_anchor()
+            assert anchored is not None and anchored.seq == 1  # lags, as a failed flush may
+            started = time.monotonic()
+            with pytest.raises(StoreBusyError, match=r"could not be anchored.*held the store's lock") as busy:
+                log.append([AuditEvent("store", "alice", name="auth/k")], store)
+            assert time.monotonic() - started < 2.0 and "did not answer" not in str(busy.value)
+        time.sleep(FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS)
+        last = log.append([AuditEvent("get", "bob", name="auth/k")], store, durable=False)[-1]
+        deadline = time.monotonic() + 5
+        while (anchored := store.audit_anchor()) is None or anchored.seq < last["seq"]:
+            assert time.monotonic() < deadline, "the anchor did not catch up after the lock was freed"
+            time.sleep(0.02)
+        assert anchored.seq == last["seq"] == 18
+        assert log.verify(store.audit_key(), anchored) == 18
+    finally:
+        store.close()
 
 
 def _our_connections(cluster: PostgresCluster) -> int:

@@ -5,13 +5,20 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError, StorageError
-from secrets_manager.storage import Put, Storage
+from secrets_manager.errors import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    StorageError,
+    StoreBusyError,
+)
+from secrets_manager.storage import Entry, Put, Storage
 from secrets_manager.storage import sqlite as sqlite_module
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.storage.testing import STORAGE_CHECKS, check_storage
@@ -75,6 +82,28 @@ def test_conformance_suite_refuses_a_place_that_is_not_empty(make_storage: Calla
 
 
 # ---- files and permissions ----------------------------------------------------------------------
+
+
+def test_a_commit_with_a_lock_wait_gives_up_when_another_process_holds_the_write_lock(
+    storage: SqliteStorage, tmp_store_path: Path
+) -> None:
+    before = storage.put("k", b"before")
+    other = sqlite3.connect(tmp_store_path, isolation_level=None)  # as another process's writer
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(
+            StoreBusyError, match=r"another writer held the store's lock for 0\.2 s; try again"
+        ):
+            storage.commit([Put("k", b"after")], lock_wait=0.2)
+        assert time.monotonic() - started < 2
+        assert storage.get("k") == Entry(b"before", before)
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    assert storage._db.execute("PRAGMA busy_timeout").fetchone() == (sqlite_module.BUSY_TIMEOUT_MS,)
+    later = storage.commit([Put("k", b"after")], lock_wait=0.2)
+    assert storage.get("k") == Entry(b"after", later)
 
 
 def test_store_file_is_created_0600_in_a_0700_directory(storage: SqliteStorage, tmp_store_path: Path) -> None:

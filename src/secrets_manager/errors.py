@@ -12,6 +12,7 @@
     ├── ConflictError                   exit 7   compare-and-set lost, or the target already exists
     │   └── RotationInProgressError     exit 7   a stage while another rotation's version is pending
     ├── StorageError                    exit 1   the backend itself failed (I/O, locked, unreachable)
+    │   ├── StoreBusyError              exit 1   another writer held the store's lock too long
     │   └── ResourceExhaustedError      exit 1   the service is at a capacity limit (max_watch_streams)
     └── RotationStepFailed              exit 1   a rotation's set or test command failed
 
@@ -101,6 +102,11 @@ class StorageError(SecretsManagerError):
 
     exit_code = 1
     kind = "storage_error"
+
+
+class StoreBusyError(StorageError):
+    """Another writer held the store's commit lock longer than this commit would wait (a long
+    restore or import, a writer paused mid-commit); nothing was written, so trying again is safe."""
 
 
 class ResourceExhaustedError(StorageError):

@@ -31,13 +31,21 @@ from typing import Any, Protocol, TypeVar
 
 from secrets_manager.crypto.mac import record_mac, record_mac_ok, sha256_hex
 from secrets_manager.crypto.mac import value_fingerprint as _value_fingerprint
-from secrets_manager.errors import IntegrityError, SecretsManagerError
+from secrets_manager.errors import IntegrityError, SecretsManagerError, StoreBusyError
 from secrets_manager.store.base import Anchor
 
 GENESIS_HASH = "0" * 64
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_TIMEOUT_SECONDS = 5.0
 DEFAULT_FLUSH_INTERVAL_SECONDS = 0.01
+# Anchor updates hold the log's locks, so every append waits for them. A deferred flush's update
+# waits this long at most for another writer's lock on the store (a big restore or import is one
+# long commit); on a busy store the anchor lags, and flushes leave it alone for the backoff after.
+FLUSH_ANCHOR_LOCK_WAIT_SECONDS = 0.1
+FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS = 1.0
+# A durable append's anchor update gives up this long before its caller would, so the caller
+# hears that the store's lock was busy, not that the log did not answer.
+ANCHOR_ANSWER_MARGIN_SECONDS = 0.25
 _TAIL_CHUNK = 4096
 _PARTIAL_LIMIT = 1 << 20  # a partial record longer than this is not one a write cut short
 T = TypeVar("T")
@@ -65,7 +73,7 @@ class AuditAnchor(Protocol):
 
     def audit_anchor(self) -> Anchor | None: ...
 
-    def set_audit_anchor(self, anchor: Anchor) -> None: ...
+    def set_audit_anchor(self, anchor: Anchor, *, lock_wait: float | None = None) -> None: ...
 
 
 class _RandomIds:
@@ -142,6 +150,7 @@ class AuditLog:
         self._unsynced: _Unsynced | None = None
         self._failure: str | None = None
         self._second: tuple[int, str] | None = None  # a second and its formatted date and time
+        self._anchor_busy_until = 0.0  # monotonic: deferred flushes do not anchor before this
         self._worker = _SinkWorker(self._write_batch, self._flush_from_worker)
 
     # ---- writing -----------------------------------------------------------------------------
@@ -170,7 +179,8 @@ class AuditLog:
             records = self._append_here(list(events), anchor)
             if records is not None:
                 return records
-        job = _AppendJob(list(events), anchor, durable=durable, done=threading.Event())
+        deadline = time.monotonic() + self.timeout
+        job = _AppendJob(list(events), anchor, durable=durable, done=threading.Event(), deadline=deadline)
         self._worker.submit(job)
         assert job.done is not None
         if not job.done.wait(self.timeout):
@@ -408,7 +418,16 @@ class AuditLog:
             unsynced, self._unsynced = self._unsynced, None
             unsynced.close()  # this fsync covered those records too
         if anchor is not None:
-            anchor.set_audit_anchor(Anchor(seq=seq, hash=previous))
+            waits = [job.deadline for job in jobs if job.deadline is not None]
+            lock_wait = None
+            if waits:
+                lock_wait = max(0.0, min(waits) - time.monotonic() - ANCHOR_ANSWER_MARGIN_SECONDS)
+            try:
+                anchor.set_audit_anchor(Anchor(seq=seq, hash=previous), lock_wait=lock_wait)
+            except StoreBusyError as exc:
+                raise StoreBusyError(
+                    f"audit log {self.path} could not be anchored, so the operation was refused: {exc}"
+                ) from None
 
     def _set_aside_partial_record(self, fd: int, size: int) -> bool:
         """If the live file ends in a partial line, move that line to `<file>.partial-<time>`
@@ -513,9 +532,9 @@ class AuditLog:
     def _flush_from_worker(self) -> None:
         # A failure is kept as the sticky `_failure` that the next append raises.
         with contextlib.suppress(AuditError):
-            self._flush()
+            self._flush(deferred=True)
 
-    def _flush(self) -> None:
+    def _flush(self, *, deferred: bool = False) -> None:
         """Fsync the records written without it, then anchor this process's last record.
 
         The fsync runs outside this process's lock, so appends go on meanwhile (an fsync takes
@@ -525,7 +544,9 @@ class AuditLog:
         the store's anchor is older, so it never moves backwards (every anchor update holds the
         flock). If another process holds the log, the anchor lags until the next flush or
         durable append. A failed fsync means records may be lost: from then on every append is
-        refused. A failed anchor update is not a loss (the records are on disk and verify by MAC)."""
+        refused. A failed anchor update is not a loss (the records are on disk and verify by MAC),
+        so it waits only briefly for a store whose lock another writer holds (every append waits
+        for it meanwhile), and `deferred` flushes then leave the anchor alone for a while."""
         with self._flushing:  # a flush() waits for one already running: it promises "done now"
             with self._lock:
                 unsynced, self._unsynced = self._unsynced, None
@@ -538,14 +559,21 @@ class AuditLog:
                 raise self._sync_failed(exc) from None
             if unsynced.anchor is None or tail is None or tail.inode != unsynced.inode:
                 return
+            if deferred and time.monotonic() < self._anchor_busy_until:
+                return
             with self._lock:
                 if not self._flock(deadline=None):
                     return
                 try:
-                    with contextlib.suppress(SecretsManagerError):
-                        anchored = unsynced.anchor.audit_anchor()
-                        if (anchored is None or anchored.seq < tail.seq) and self._in_chain(tail.inode):
-                            unsynced.anchor.set_audit_anchor(Anchor(seq=tail.seq, hash=tail.hash))
+                    anchored = unsynced.anchor.audit_anchor()
+                    if (anchored is None or anchored.seq < tail.seq) and self._in_chain(tail.inode):
+                        unsynced.anchor.set_audit_anchor(
+                            Anchor(seq=tail.seq, hash=tail.hash), lock_wait=FLUSH_ANCHOR_LOCK_WAIT_SECONDS
+                        )
+                except StoreBusyError:
+                    self._anchor_busy_until = time.monotonic() + FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
+                except SecretsManagerError:
+                    pass  # the anchor lags until the next flush or durable append
                 finally:
                     self._unflock()
 
@@ -676,6 +704,7 @@ class _AppendJob:
     error: BaseException | None = None
     abandoned: bool = False
     done: threading.Event | None = None  # set by the worker when a caller waits for it
+    deadline: float | None = None  # monotonic: when its caller stops waiting
 
 
 @dataclass(frozen=True)

@@ -79,13 +79,22 @@ class Storage(Protocol):
     def list(self, prefix: str) -> list[str]:
         """Keys starting with `prefix` (taken literally), sorted."""
 
-    def commit(self, operations: Sequence[Operation], *, silent: bool = False, durable: bool = True) -> int:
+    def commit(
+        self,
+        operations: Sequence[Operation],
+        *,
+        silent: bool = False,
+        durable: bool = True,
+        lock_wait: float | None = None,
+    ) -> int:
         """Apply all operations or none; ConflictError if any precondition fails.
 
         `silent`: the commit changes no logical content (records re-encrypted under another key), so
         it is left out of the change feed. `durable=False`: the backend may acknowledge before the
         commit reaches stable storage (it is still atomic); for data whose loss in a power cut is
-        harmless, like the audit anchor, which then only lags."""
+        harmless, like the audit anchor, which then only lags. `lock_wait`: wait at most this many
+        seconds for another writer (None: the backend's usual 30 s), then StoreBusyError with
+        nothing written; for a commit that must not stall its caller, like a deferred anchor."""
 
     def changes_since(self, revision: int, *, limit: int = 10_000) -> ChangeBatch:
         """The change feed: keys changed by commits after `revision` (by any process), in order."""

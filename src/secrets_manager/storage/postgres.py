@@ -55,7 +55,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
-from secrets_manager.errors import ConflictError, NotFoundError, StorageError
+from secrets_manager.errors import ConflictError, NotFoundError, StorageError, StoreBusyError
 from secrets_manager.storage.base import (
     ABSENT,
     Change,
@@ -221,11 +221,14 @@ class PostgresStorage:
         for conn in idle:
             _close_quietly(conn)
 
-    def _error(self, exc: psycopg.Error) -> StorageError:
+    def _error(self, exc: psycopg.Error, *, lock_wait_ms: int = LOCK_TIMEOUT_MS) -> StorageError:
         """One line naming the store and what failed, with no password in it."""
         if isinstance(exc, psycopg.errors.LockNotAvailable):
-            message = f"another writer held the store for {LOCK_TIMEOUT_MS // 1000} s; try again"
-        elif isinstance(exc, psycopg.errors.InsufficientPrivilege):
+            return StoreBusyError(
+                f"store {self.location}: another writer held the store's lock for "
+                f"{lock_wait_ms / 1000:.2g} s; try again"
+            )
+        if isinstance(exc, psycopg.errors.InsufficientPrivilege):
             message = f"permission denied ({_one_line(str(exc))}); grant the store's role access to it"
         else:
             message = _one_line(str(exc)) or type(exc).__name__
@@ -311,13 +314,25 @@ class PostgresStorage:
         rows = self._read(lambda conn: _list(conn, self._q, prefix))
         return [row[0] for row in rows]
 
-    def commit(self, operations: Sequence[Operation], *, silent: bool = False, durable: bool = True) -> int:
+    def commit(
+        self,
+        operations: Sequence[Operation],
+        *,
+        silent: bool = False,
+        durable: bool = True,
+        lock_wait: float | None = None,
+    ) -> int:
         operations = list(operations)
+        wait_ms = LOCK_TIMEOUT_MS if lock_wait is None else max(1, round(lock_wait * 1000))  # 0: no limit
         for attempt in (1, 2):
             with self._borrowed() as conn:
                 reached_commit = False
                 try:
                     with conn.transaction():
+                        if wait_ms != LOCK_TIMEOUT_MS:  # for this transaction only
+                            conn.execute(
+                                sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{wait_ms}ms"))
+                            )
                         revision = self._apply(conn, operations, silent=silent, durable=durable)
                         reached_commit = True  # leaving the block sends COMMIT
                     return revision
@@ -325,9 +340,9 @@ class PostgresStorage:
                     # Broken before COMMIT was sent: the server rolled the transaction back, so
                     # once more on a new connection is safe. At or after COMMIT, it may have landed.
                     if not (attempt == 1 and conn.broken and not reached_commit):
-                        raise self._error(exc) from None
+                        raise self._error(exc, lock_wait_ms=wait_ms) from None
                 except psycopg.Error as exc:
-                    raise self._error(exc) from None
+                    raise self._error(exc, lock_wait_ms=wait_ms) from None
             self._drop_idle()
         raise AssertionError("unreachable")  # pragma: no cover
 

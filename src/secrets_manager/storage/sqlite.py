@@ -17,7 +17,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError, StorageError
+from secrets_manager.errors import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    StorageError,
+    StoreBusyError,
+)
 from secrets_manager.storage.base import (
     ABSENT,
     Change,
@@ -123,7 +129,10 @@ class SqliteStorage:
             raise StorageError(f"{self.path} is not a secrets-manager store (schema {schema})")
 
     @contextmanager
-    def _transaction(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def _transaction(
+        self, *, durable: bool = True, lock_wait: float | None = None
+    ) -> Iterator[sqlite3.Connection]:
+        wait_ms = BUSY_TIMEOUT_MS if lock_wait is None else max(0, round(lock_wait * 1000))
         with self._lock:
             if self._db.in_transaction:  # this thread's own snapshot (the lock is reentrant)
                 # Refused before BEGIN IMMEDIATE, which would fail but still leave the snapshot's
@@ -133,7 +142,7 @@ class SqliteStorage:
                 if not durable:  # WAL + NORMAL: atomic and crash-safe, not fsynced at commit
                     self._db.execute("PRAGMA synchronous = NORMAL")
                 try:
-                    self._db.execute("BEGIN IMMEDIATE")
+                    self._begin_immediate(wait_ms)
                     try:
                         yield self._db
                     except BaseException:
@@ -145,6 +154,23 @@ class SqliteStorage:
                         self._db.execute("PRAGMA synchronous = FULL")
             except sqlite3.Error as exc:
                 raise StorageError(f"store {self.path}: {exc}") from None
+
+    def _begin_immediate(self, wait_ms: int) -> None:
+        """Take the write lock, waiting at most `wait_ms` for another writer (StoreBusyError)."""
+        if wait_ms != BUSY_TIMEOUT_MS:
+            self._db.execute(f"PRAGMA busy_timeout = {wait_ms}")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorcode != sqlite3.SQLITE_BUSY:
+                raise
+            raise StoreBusyError(
+                f"store {self.path}: another writer held the store's lock for "
+                f"{wait_ms / 1000:.2g} s; try again"
+            ) from None
+        finally:
+            if wait_ms != BUSY_TIMEOUT_MS:
+                self._db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
 
     def get(self, key: str) -> Entry | None:
         try:
@@ -187,8 +213,15 @@ class SqliteStorage:
             raise StorageError(f"store {self.path}: {exc}") from None
         return [row[0] for row in rows if row[0].startswith(prefix)]
 
-    def commit(self, operations: Sequence[Operation], *, silent: bool = False, durable: bool = True) -> int:
-        with self._transaction(durable=durable) as db:
+    def commit(
+        self,
+        operations: Sequence[Operation],
+        *,
+        silent: bool = False,
+        durable: bool = True,
+        lock_wait: float | None = None,
+    ) -> int:
+        with self._transaction(durable=durable, lock_wait=lock_wait) as db:
             for op in operations:
                 _check_precondition(db, op.key, op.expect)
             revision = int(db.execute("SELECT revision FROM counter WHERE id = 1").fetchone()[0]) + 1

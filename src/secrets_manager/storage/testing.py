@@ -372,6 +372,31 @@ def _check_commit_is_all_or_nothing(make_storage: MakeStorage) -> None:
         )
 
 
+def _check_commit_with_a_lock_wait_lands_when_no_writer_holds_the_lock(make_storage: MakeStorage) -> None:
+    """`commit(lock_wait=…)` bounds only the wait for another writer: with none (the previous
+    commit, by this or another handle, released the lock), even lock_wait=0 commits as usual.
+    That it gives up on a held lock is the backend's own test (holding it is backend-specific)."""
+    key = ROOT + "lock-wait/k"
+    with _handle(make_storage) as first, _handle(make_storage) as second:
+        revision = first.put(key, b"1")
+        try:
+            newer = second.commit([Put(key, b"2", expect=revision)], lock_wait=0.0)
+            silent = first.commit([Put(key, b"3", expect=newer)], silent=True, durable=False, lock_wait=1.0)
+        except TypeError:
+            raise AssertionError("commit does not take lock_wait") from None
+        except StorageError as exc:
+            raise AssertionError(f"a commit with a lock_wait failed with no other writer: {exc}") from None
+        entry = second.get(key)
+        _require(
+            newer > revision and silent > newer and entry == Entry(b"3", silent),
+            "a commit with a lock_wait was not applied as a commit without one",
+        )
+        _raises_conflict(
+            lambda: first.commit([Put(key, b"4", expect=revision)], lock_wait=1.0),
+            "a stale compare-and-set with a lock_wait",
+        )
+
+
 def _check_values_survive_reopen(make_storage: MakeStorage) -> None:
     prefix = ROOT + "durable/"
     big = os.urandom(MIB)
@@ -624,6 +649,9 @@ STORAGE_CHECKS: dict[str, Check] = {
     "list(prefix) is sorted and the prefix is literal": _check_list_prefix_sorted_and_literal,
     "list('') lists every key": _check_list_empty_prefix_lists_all,
     "commit is all or nothing": _check_commit_is_all_or_nothing,
+    "a commit with a lock_wait lands when no other writer holds the lock": (
+        _check_commit_with_a_lock_wait_lands_when_no_writer_holds_the_lock
+    ),
     "values survive close and reopen": _check_values_survive_reopen,
     "handles on the same place share state and preconditions": _check_handles_share_state,
     "scrub (optional) keeps every live value": _check_scrub_keeps_every_value,

@@ -219,8 +219,10 @@ class AuditedStore(SecretStore, Protocol):
     def audit_anchor(self) -> Anchor | None:
         """The newest audit record this store vouched for, or None before the first one."""
 
-    def set_audit_anchor(self, anchor: Anchor) -> None:
-        """Vouch for a newer audit record."""
+    def set_audit_anchor(self, anchor: Anchor, *, lock_wait: float | None = None) -> None:
+        """Vouch for a newer audit record. A store that serialises writers on a lock waits at
+        most `lock_wait` seconds for it (None: its usual limit), then raises StoreBusyError;
+        one without such a lock (Vault, AWS) ignores it."""
 
 
 def refuse_if_rotating(name: str, pending: int | None, current: int | None) -> None:

@@ -776,9 +776,11 @@ class EncryptedStore:
         revision = self._commit(ops, silent=silent)
         self._keysets[namespace] = (revision, keyset)
 
-    def _commit(self, ops: Operations, *, silent: bool = False, durable: bool = True) -> int:
+    def _commit(
+        self, ops: Operations, *, silent: bool = False, durable: bool = True, lock_wait: float | None = None
+    ) -> int:
         try:
-            return self._storage.commit(ops, silent=silent, durable=durable)
+            return self._storage.commit(ops, silent=silent, durable=durable, lock_wait=lock_wait)
         except ConflictError:
             raise _LostRace() from None
 
@@ -854,7 +856,9 @@ class EncryptedStore:
         except (KeyError, TypeError, ValueError):
             raise IntegrityError() from None
 
-    def set_audit_anchor(self, anchor: Anchor) -> None:
+    def set_audit_anchor(self, anchor: Anchor, *, lock_wait: float | None = None) -> None:
+        """Vouch for a newer audit record; `lock_wait` bounds the wait for another writer's
+        commit lock (StoreBusyError after it, the anchor unmoved)."""
         doc = _dump({"seq": anchor.seq, "hash": anchor.hash})
 
         def attempt() -> None:
@@ -867,7 +871,12 @@ class EncryptedStore:
             sealed = seal_record(self._root, Purpose.AUDIT_ANCHOR, self._anchor_key, 0, doc)
             # Not fsynced: a power cut can only make the anchor lag, and records past it verify by MAC.
             # Silent: it is not a secret, so watchers need not hear of it.
-            self._commit([*ops, Put(self._anchor_key, sealed, _expect(entry))], silent=True, durable=False)
+            self._commit(
+                [*ops, Put(self._anchor_key, sealed, _expect(entry))],
+                silent=True,
+                durable=False,
+                lock_wait=lock_wait,
+            )
 
         self._retry(attempt)
 
