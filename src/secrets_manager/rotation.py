@@ -39,6 +39,7 @@ import signal
 import string
 import subprocess
 import sys
+import threading
 import tomllib
 from collections.abc import Mapping
 from contextlib import AbstractContextManager
@@ -142,6 +143,8 @@ def _run_in_own_group(argv: tuple[str, ...], stdin: bytes, commands: Commands, e
         cwd=commands.cwd,
         start_new_session=True,
     )
+    with _running_lock:
+        _running_groups.add(process.pid)
     try:
         process.communicate(stdin, timeout=commands.timeout)
     except BaseException:  # the timeout, or Ctrl-C / SIGTERM reaching us and not the group
@@ -149,7 +152,27 @@ def _run_in_own_group(argv: tuple[str, ...], stdin: bytes, commands: Commands, e
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
         raise
+    finally:
+        with _running_lock:
+            _running_groups.discard(process.pid)
     return process.returncode
+
+
+# The process groups of the commands running now, for end_running_commands.
+_running_groups: set[int] = set()
+_running_lock = threading.Lock()
+
+
+def end_running_commands() -> int:
+    """Kill the process group of every command still running (how many), as a timeout would: at
+    the end of a service's shutdown grace. A command left to run on after we exit could set an
+    old value at the target after a later rotation, resumed elsewhere, has set a newer one."""
+    with _running_lock:
+        groups = list(_running_groups)
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(group, signal.SIGKILL)
+    return len(groups)
 
 
 class RotationSteps(Protocol):
@@ -195,6 +218,7 @@ def rotate(
     field: str | None = None,
     generated: bool = False,
     scheduled: bool = False,
+    set_ran: bool = False,
 ) -> Rotated:
     """Stage `value` (or, if None, resume the pending version), set, test, promote. A failed
     command raises RotationStepFailed and leaves the version pending; nothing else moves.
@@ -208,7 +232,10 @@ def rotate(
     `field`: `value` replaces that text field of the current value, a JSON object (as AWS keeps
     database credentials: {"username": …, "password": …}); the other fields stay. A `generated`
     value never replaces a JSON object whole (every field but one would be lost). `scheduled`: the
-    rotation is a schedule entry's, so a refusal says what to change in the schedule file."""
+    rotation is a schedule entry's, so a refusal says what to change in the schedule file.
+    `set_ran`: resuming a version whose set command this runner saw exit 0 (its promote failed,
+    say): the value is at the target, so only the test runs again (it is cheap and read-only, and
+    checks the target still takes the value after whatever interrupted us), then promote."""
     resumed = value is None
     if value is not None and (field is not None or generated):
         value = new_value_for(
@@ -222,7 +249,7 @@ def rotate(
     else:
         version = steps.stage(name, value)
     for step, argv in (("set", commands.set_argv), ("test", commands.test_argv)):
-        if argv is not None:
+        if argv is not None and not (step == "set" and resumed and set_ran):
             with steps.command_step(step, name, version):
                 run_command(step, argv, name, version, value, commands)
     try:
@@ -374,7 +401,9 @@ class ScheduledRotation:
         another rotation is in progress)."""
         return None if state is Due.RESUME else generated_value(self.length, self.alphabet)
 
-    def run(self, steps: RotationSteps, environ: Mapping[str, str], state: Due) -> Rotated:
+    def run(
+        self, steps: RotationSteps, environ: Mapping[str, str], state: Due, *, set_ran: bool = False
+    ) -> Rotated:
         """This entry's rotation in `state` (resume, or a new generated value), as `rotate` does it."""
         value = self.value_for(state)
         return rotate(
@@ -385,6 +414,7 @@ class ScheduledRotation:
             field=self.field,
             generated=True,
             scheduled=True,
+            set_ran=set_ran,
         )
 
 
@@ -531,6 +561,7 @@ __all__ = [
     "RotationSteps",
     "ScheduledRotation",
     "command_argv",
+    "end_running_commands",
     "generated_value",
     "load_schedule",
     "parse_every",

@@ -9,23 +9,34 @@ access policy. RotateSecret (`rotate NAME --on-server`) runs one entry at once f
 `rotate` capability, every step audited under the caller's identity and request id.
 
 At shutdown no new rotation starts; one that is running gets what is left of the grace period. A
-command still running when the process exits is left to finish on its own; its version stays
-pending and the schedule resumes it later.
+command still running at the end of it is killed, as at a timeout (run_server does that); its
+version stays pending.
 
 Replicas that share a store may all run the same schedule: the store refuses a second stage while
 a version is pending, so only one replica rotates a secret and the others skip it. A pending
 version older than three command timeouts (a rotation that failed or was killed) is resumed: its
 value is set and tested again and promoted, so replicas that resume it together apply one value.
+
+Interruptions (_Ledger): a rotation whose set command exited 0 but that then failed (the store
+was unreachable for its promote, say) is retried by this replica with backoff, from the test on,
+while its version is young; another replica cannot tell it from a rotation still running, so it
+would wait three timeouts. A rotation this replica was running when it stopped is resumed at the
+next start's first pass: a marker file beside the audit log, locked while the process lives,
+tells the next start which pending versions were its own and not another live replica's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -42,13 +53,149 @@ from secrets_manager.rotation import (
     load_schedule,
     plan,
 )
-from secrets_manager.store import CURRENT, PENDING, EncryptedStore
+from secrets_manager.store import CURRENT, PENDING, EncryptedStore, SecretMetadata
 from secrets_manager.values import SecretValue
 
 log = logging.getLogger("secrets_manager.service.schedule")
 
 ACTOR = "rotation-schedule"
 SOURCE = "schedule"
+
+
+# A rotation owed a retry here is tried again after 1, 2, 4 ... s, at most this long apart.
+RETRY_FIRST_SECONDS = 1.0
+RETRY_CAP_SECONDS = 60.0
+
+
+@dataclass
+class _Owed:
+    """A rotation this process started (or a stopped run of this replica left) and has not seen end."""
+
+    version: int
+    set_ran: bool = False  # its set command exited 0 here: the value is at the target
+    failures: int = 0
+    next_try: float = 0.0  # time.monotonic() of the next attempt
+
+
+class _Ledger:
+    """The rotations under way or owed a retry in this process, mirrored in a marker file beside
+    the audit log (`<audit log>.rotating.<pid>`, JSON {name: version}, no value). The file is
+    written and fsynced before a set command runs and holds a lock for as long as the process
+    lives, so a later start takes over the markers whose lock it can get (their process is gone)
+    and leaves a running replica's alone. Without a usable directory it works in memory only."""
+
+    def __init__(self, audit_path: Path) -> None:
+        self._lock = threading.Lock()
+        self._owed: dict[str, _Owed] = {}
+        self._fd: int | None = None
+        self._path = audit_path.with_name(f"{audit_path.name}.rotating.{os.getpid()}")
+        try:
+            self._owed = {name: _Owed(version) for name, version in self._take_over(audit_path).items()}
+            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise
+            self._fd = fd
+            self._write()
+        except OSError as exc:
+            log.warning(
+                "cannot keep the rotation marker file; a rotation this replica leaves unfinished is "
+                "resumed only once it is stale",
+                extra={"path": str(self._path), "error": exc.strerror or type(exc).__name__},
+            )
+
+    def _take_over(self, audit_path: Path) -> dict[str, int]:
+        """The versions in the marker files of processes that are gone; those files are removed."""
+        left: dict[str, int] = {}
+        for path in sorted(audit_path.parent.glob(f"{audit_path.name}.rotating.*")):
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while its process lives
+                with contextlib.suppress(ValueError, OSError):
+                    doc = json.loads(os.pread(fd, 1 << 20, 0) or b"{}")
+                    left.update({k: v for k, v in doc.items() if isinstance(v, int)})
+                path.unlink()
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        return left
+
+    def _write(self) -> None:
+        if self._fd is None:
+            return
+        data = json.dumps({name: owed.version for name, owed in self._owed.items()}).encode()
+        try:
+            os.ftruncate(self._fd, 0)
+            os.pwrite(self._fd, data, 0)
+            os.fsync(self._fd)
+        except OSError as exc:
+            log.warning("cannot write the rotation marker file", extra={"error": exc.strerror})
+
+    def started(self, name: str, version: int) -> None:
+        """A set command is about to run: noted durably, so the next start knows it may have run."""
+        with self._lock:
+            owed = self._owed.setdefault(name, _Owed(version))
+            if owed.version != version:
+                self._owed[name] = _Owed(version)
+            self._write()
+
+    def set_ran(self, name: str, version: int) -> None:
+        with self._lock:
+            owed = self._owed.get(name)
+            if owed is not None and owed.version == version:
+                owed.set_ran = True
+
+    def failed(self, name: str) -> None:
+        """The rotation failed: retried with backoff if its set ran here, else forgotten (it is
+        resumed once stale, as any replica's)."""
+        with self._lock:
+            owed = self._owed.get(name)
+            if owed is None:
+                return
+            if not owed.set_ran:
+                del self._owed[name]
+                self._write()
+                return
+            delay = min(RETRY_FIRST_SECONDS * 2**owed.failures, RETRY_CAP_SECONDS)
+            owed.failures += 1
+            owed.next_try = time.monotonic() + delay
+
+    def done(self, name: str) -> None:
+        with self._lock:
+            if self._owed.pop(name, None) is not None:
+                self._write()
+
+    def owed(self, name: str, pending: int | None) -> _Owed | None:
+        """What this process owes `name`, if its version is still the pending one (else the
+        rotation ended elsewhere, or was discarded or overtaken: forgotten)."""
+        with self._lock:
+            owed = self._owed.get(name)
+            if owed is not None and owed.version != pending:
+                del self._owed[name]
+                self._write()
+                return None
+            return owed
+
+    def next_try(self) -> float | None:
+        with self._lock:
+            return min((owed.next_try for owed in self._owed.values()), default=None)
+
+    def close(self) -> None:
+        """At a clean stop: the marker file goes if nothing is owed (else the next start takes it)."""
+        with self._lock:
+            if self._fd is None:
+                return
+            if not self._owed:
+                with contextlib.suppress(OSError):
+                    self._path.unlink()
+            os.close(self._fd)
+            self._fd = None
 
 
 class _ServiceSteps:
@@ -65,8 +212,10 @@ class _ServiceSteps:
         source: str = SOURCE,
         peer: str | None = None,
         request_id: str | None = None,
+        ledger: _Ledger | None = None,
     ) -> None:
         self._store = store
+        self._ledger = ledger
         self._audit = audit
         self._actor = actor
         self._source = source
@@ -74,8 +223,11 @@ class _ServiceSteps:
         self._request_id = request_id
 
     @contextmanager
-    def _audited(self, operation: str, name: str, *, mutating: bool) -> Iterator[AuditEvent]:
+    def _audited(
+        self, operation: str, name: str, *, mutating: bool, version: int | None = None
+    ) -> Iterator[AuditEvent]:
         event = AuditEvent(operation, self._actor, self._source, self._peer, name)
+        event.version = version
         if self._request_id is not None:
             event.request_id = self._request_id
         if mutating:
@@ -122,9 +274,15 @@ class _ServiceSteps:
 
     @contextmanager
     def _command_step(self, step: str, name: str, version: int) -> Iterator[None]:
-        with self._audited(f"rotate.{step}", name, mutating=False) as event:
-            event.version = version
+        # The set command changes the target: like a change, a durable record that it started goes
+        # first (and the marker), so a log that ends there shows the set may have happened.
+        setting = step == "set"
+        if setting and self._ledger is not None:
+            self._ledger.started(name, version)
+        with self._audited(f"rotate.{step}", name, mutating=setting, version=version):
             yield
+            if setting and self._ledger is not None:  # before its outcome record, which may fail
+                self._ledger.set_ran(name, version)
 
 
 class RotationScheduler:
@@ -142,7 +300,9 @@ class RotationScheduler:
     ) -> None:
         self.path = path
         self.rules = load_schedule(path)  # a bad file at start stops the service from starting
-        self._steps = _ServiceSteps(store, audit)
+        self._ledger = _Ledger(audit.path)
+        self._steps = _ServiceSteps(store, audit, ledger=self._ledger)
+        self._unseen = {rule.name for rule in self.rules}  # not yet described since the start
         self._store = store
         self._audit = audit
         self._reloading = threading.Lock()  # the thread and RotateSecret calls both reload
@@ -164,12 +324,16 @@ class RotationScheduler:
         self._stopping.set()
 
     def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
+        """Wait for the running pass, then close the marker file: it goes unless a rotation is
+        left, and is not written again (the rotation ended at exit must stay in it)."""
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning(
-                "a scheduled rotation was still running at shutdown; its version stays pending and "
-                "the schedule resumes it later"
+                "a scheduled rotation was still running at shutdown; its command is ended, its "
+                "version stays pending and this replica resumes it when it starts again"
             )
+        self._ledger.close()
 
     def _serve(self) -> None:
         while not self._stopping.is_set():
@@ -177,7 +341,14 @@ class RotationScheduler:
                 self.run_due()
             except Exception as exc:  # a bug: logged (type only), and the next pass tries again
                 log.error("rotation schedule pass failed", extra={"error_type": type(exc).__name__})
-            self._stopping.wait(self._check_seconds)
+            self._stopping.wait(self._wait_seconds())
+
+    def _wait_seconds(self) -> float:
+        """Until the next pass: `check_seconds`, or sooner when a retry owed here is due."""
+        retry = self._ledger.next_try()
+        if retry is None:
+            return self._check_seconds
+        return max(0.05, min(self._check_seconds, retry - time.monotonic()))
 
     def run_due(self) -> dict[str, str]:
         """One pass: what happened to each entry ("rotated", "resumed", "resumed elsewhere",
@@ -218,9 +389,21 @@ class RotationScheduler:
             )
         state = plan(rule, self._store.describe(name), self._clock()).state
         steps = _ServiceSteps(
-            self._store, self._audit, actor=actor, source="grpc", peer=peer, request_id=request_id
+            self._store,
+            self._audit,
+            actor=actor,
+            source="grpc",
+            peer=peer,
+            request_id=request_id,
+            ledger=self._ledger,
         )
-        return rule.run(steps, self._environ, state)
+        try:
+            rotated = rule.run(steps, self._environ, state)
+        except SecretsManagerError:
+            self._ledger.failed(name)  # the schedule retries it if its set ran here
+            raise
+        self._ledger.done(name)
+        return rotated
 
     def _run_one(self, rule: ScheduledRotation) -> str:
         try:
@@ -233,19 +416,35 @@ class RotationScheduler:
                 "rotation schedule cannot read a secret", extra={"secret": rule.name, "error": str(exc)}
             )
             return "failed"
-        state = plan(rule, meta, self._clock()).state
+        now = self._clock()
+        planned = plan(rule, meta, now)
+        state = planned.state
+        owed = self._ledger.owed(rule.name, planned.pending)
+        if rule.name in self._unseen:
+            self._unseen.discard(rule.name)
+            self._log_found(rule, meta, planned.pending, ours=owed is not None)
+        set_ran = False
+        if owed is not None:  # a rotation of ours that has not ended: retried, not waited out
+            if time.monotonic() < owed.next_try:
+                return Due.IN_PROGRESS.value
+            # While young only this replica knows the set ran; once stale, every replica resumes
+            # it from the set, and so does this one (the target may have lost the value).
+            set_ran = owed.set_ran and state is Due.IN_PROGRESS
+            state = Due.RESUME
         if not state.runs:
             if state is Due.DELETED:
                 self._warn_once(rule.name, "scheduled secret is deleted; it is not rotated until undeleted")
             return state.value
         started = time.monotonic()
         try:
-            rotated = rule.run(self._steps, self._environ, state)
+            rotated = rule.run(self._steps, self._environ, state, set_ran=set_ran)
         except RotationInProgressError:  # another replica (or a person) staged first: theirs runs
             return Due.IN_PROGRESS.value
         except SecretsManagerError as exc:  # never a value in these messages
+            self._ledger.failed(rule.name)
             log.error("scheduled rotation failed", extra={"secret": rule.name, "error": str(exc)})
             return "failed"
+        self._ledger.done(rule.name)
         self._warned = {w for w in self._warned if w[0] != rule.name}
         if rotated.promoted_elsewhere:  # replicas resume a stale version together: one promote wins
             log.info("scheduled rotation finished by another runner", extra={"secret": rule.name})
@@ -261,6 +460,27 @@ class RotationScheduler:
             },
         )
         return "resumed" if rotated.resumed else "rotated"
+
+    def _log_found(
+        self, rule: ScheduledRotation, meta: SecretMetadata, pending: int | None, *, ours: bool
+    ) -> None:
+        """At start: a pending version is a rotation that did not finish here (resumed now) or
+        another runner's, perhaps still running (resumed once stale, if it does not end first)."""
+        if pending is None:
+            return
+        staged = next((v.created for v in meta.versions if v.version == pending), None)
+        resume_at = None if staged is None else (staged + rule.stale_after).isoformat()
+        if ours:
+            log.warning(
+                "found a rotation this replica left unfinished when it stopped; resuming it now",
+                extra={"secret": rule.name, "version": pending},
+            )
+        else:
+            log.warning(
+                "found a pending version (another runner's rotation, perhaps still running); it is "
+                "resumed once stale unless it finishes first",
+                extra={"secret": rule.name, "version": pending, "resume_after": resume_at},
+            )
 
     def _warn_once(self, name: str, problem: str) -> None:
         if (name, problem) not in self._warned:

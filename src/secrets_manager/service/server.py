@@ -35,6 +35,7 @@ from secrets_manager.errors import (
     SecretsManagerError,
     StorageError,
 )
+from secrets_manager.rotation import end_running_commands
 from secrets_manager.service.config import DEFAULT_MAX_WORKERS, WORKERS_KEPT_FROM_WATCH, ServerConfig
 from secrets_manager.service.health_probe import StoreHealth
 from secrets_manager.service.metrics import Metrics
@@ -593,6 +594,14 @@ def run_server(
     running.stop(config.shutdown_grace_seconds)
     if scheduler is not None:  # a rotation running now gets what is left of the grace period
         scheduler.join(max(0.0, deadline - time.monotonic()))
+    # A set or test command still running (the schedule's, or a RotateSecret's) is ended as at a
+    # timeout: left running after we exit, it could set an old value after a newer one.
+    ended = end_running_commands()
+    if ended:
+        log.warning(
+            "rotation commands still running at the end of the grace period were ended",
+            extra={"commands": ended},
+        )
     try:
         audit.flush()
     except SecretsManagerError as exc:
