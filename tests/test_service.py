@@ -353,6 +353,50 @@ def _serve(directory: Path, config: Path) -> subprocess.CompletedProcess[bytes]:
     return result
 
 
+def test_a_sighup_while_serve_starts_does_not_end_it(tmp_path: Path) -> None:
+    """SIGHUP's default action ends a process: one sent while serve waits for its password (here a
+    FIFO nobody has written yet, so the moment is certain) must not, and it serves after."""
+    make_pki(tmp_path)
+    make_store(tmp_path, SEED, POLICY)
+    fifo = tmp_path / "password.fifo"
+    os.mkfifo(fifo, 0o600)
+    tls_table = "".join(f'{key} = "{value}"\n' for key, value in _TLS.items())
+    config = tmp_path / "server.toml"
+    config.write_text(
+        f'listen = "127.0.0.1:0"\nstore = "store.db"\npolicy = "policy.toml"\npassword_file = "{fifo}"\n'
+        f"[tls]\n{tls_table}"
+    )
+    process = subprocess.Popen(
+        [str(SCRIPT), "serve", "--config", str(config)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # opening a FIFO's write end without blocking works once serve reads it
+            try:
+                writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+        process.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        assert process.poll() is None, "SIGHUP ended serve while it started"
+        os.write(writer, PASSWORD.encode())
+        os.close(writer)
+        assert process.stderr is not None
+        assert '"message": "serving"' in process.stderr.readline().decode()
+        process.send_signal(signal.SIGHUP)  # now it reloads the policy
+        assert '"message": "policy reloaded"' in process.stderr.readline().decode()
+    finally:
+        process.terminate()
+        process.wait(30)
+    assert process.returncode == 0
+
+
 # ---- operations --------------------------------------------------------------------------------
 
 

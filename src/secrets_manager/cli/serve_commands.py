@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -26,8 +27,12 @@ def serve(session: Session, config_path: str) -> None:
     The master password comes from the config's password_file, else the usual sources; a store
     that AWS KMS unlocks (init --kms-key, unlock-with kms) needs none. A password file is read
     again if 'passwd' and then 'keys rotate --root' ran meanwhile: put the new password in it. SIGHUP
-    reloads the access policy; SIGTERM stops accepting calls and lets running ones finish. With
-    rotation_schedule in the config it also runs due credential rotations (see 'schedule --help')."""
+    reloads the access policy (while serve starts it is ignored); SIGTERM stops accepting calls and
+    lets running ones finish. With rotation_schedule in the config it also runs due credential
+    rotations (see 'schedule --help')."""
+    # SIGHUP's default ends the process: until run_server makes it reload the policy, a SIGHUP sent
+    # while we start (a deploy tool's reload, a closed terminal) is ignored; the policy is read after.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     session.require_local("serve")
     config = load_config(Path(config_path))
     store_url = config.store or session.store_url

@@ -548,7 +548,11 @@ def run_server(
     ready: Callable[[int], None] = lambda port: None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful stop, exit 0); SIGHUP reloads the policy."""
+    # Reloads from before the policy is first read: none is lost between that read and serving.
+    holder: list[PolicyHolder] = []
+    signal.signal(signal.SIGHUP, lambda *_: holder and holder[0].reload())
     policy = PolicyHolder(config.policy)
+    holder.append(policy)
     scheduler = None
     if config.rotation_schedule is not None:  # read now: a bad file stops the start, as a bad policy does
         scheduler = RotationScheduler(
@@ -562,7 +566,6 @@ def run_server(
     stop_requested = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
     signal.signal(signal.SIGINT, lambda *_: stop_requested.set())
-    signal.signal(signal.SIGHUP, lambda *_: policy.reload())
     log.info("serving", extra={"listen": config.listen, "port": running.port})
     if scheduler is not None:
 
