@@ -278,12 +278,8 @@ def test_concurrent_writers_lose_no_version(make_vault: MakeVault) -> None:
     assert [v.version for v in meta.versions] == list(range(11, 21))
 
 
-def test_a_stale_expect_version_is_a_conflict_even_when_vault_decides(
-    make_vault: MakeVault, fake_vault: FakeVault
-) -> None:
-    store = make_vault()
-    store.put("svc/CAS", b"v1")
-    # Another writer gets in between our read of the metadata and our write: Vault's cas refuses.
+def a_rival_writes_first(fake_vault: FakeVault) -> None:
+    """The next data write reaching the server is preceded by another writer's (value "rival")."""
     original = fake_vault._write
 
     def write_after_a_rival(secrets: Any, key: str, body: Any) -> Any:
@@ -292,6 +288,14 @@ def test_a_stale_expect_version_is_a_conflict_even_when_vault_decides(
         return original(secrets, key, body)
 
     fake_vault._write = write_after_a_rival  # type: ignore[method-assign]
+
+
+def test_a_stale_expect_version_is_a_conflict_even_when_vault_decides(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    store = make_vault()
+    store.put("svc/CAS", b"v1")
+    a_rival_writes_first(fake_vault)  # between our read of the metadata and our write: cas refuses
     with pytest.raises(ConflictError, match="changed since version 1"):
         store.put("svc/CAS", b"mine", expect_version=1)
     assert store.get("svc/CAS").value.reveal() == b"rival"
@@ -306,14 +310,7 @@ def test_a_put_with_max_versions_that_loses_the_race_leaves_the_limit_alone(
     store = make_vault()
     for n in range(1, 7):
         store.put("svc/LIMIT", f"v{n}".encode())
-    original = fake_vault._write
-
-    def write_after_a_rival(secrets: Any, key: str, body: Any) -> Any:
-        fake_vault._write = original  # type: ignore[method-assign]
-        original(secrets, key, {"data": {"value": "rival"}})
-        return original(secrets, key, body)
-
-    fake_vault._write = write_after_a_rival  # type: ignore[method-assign]
+    a_rival_writes_first(fake_vault)
     with pytest.raises(ConflictError, match="changed since version 6"):
         store.put("svc/LIMIT", b"mine", expect_version=6, max_versions=2)
     assert kv(fake_vault, "svc/LIMIT").max_versions == 10
