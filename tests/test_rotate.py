@@ -342,6 +342,8 @@ def test_the_set_command_gets_the_value_on_stdin_only(cli: Cli, tmp_path: Path) 
     done = [r["operation"] for r in records if r["operation"].startswith("rotate.") and r["outcome"] == "ok"]
     # rotate.read: the current value, read to see it is no JSON object a generated value would replace
     assert done == ["rotate.read", "rotate.stage", "rotate.set", "rotate.test", "rotate.promote"]
+    started = [r["operation"] for r in records if r["outcome"] == "pending"]
+    assert "rotate.set" in started  # durably before the command ran: a kill leaves it on record
 
 
 def test_a_failing_test_command_leaves_current_and_can_be_resumed(cli: Cli, tmp_path: Path) -> None:

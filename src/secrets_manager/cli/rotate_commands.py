@@ -283,7 +283,9 @@ class SessionSteps:
     @contextmanager
     def _audited_step(self, step: str, name: str, version: int) -> Iterator[None]:
         # Audited with its outcome (ok, or rotation_step_failed), so a failed step leaves a trace.
-        with self.session.store_operation(f"rotate.{step}", name) as (_, event):
+        # The set command changes the target: like a change, a durable "pending" record goes
+        # first, so a log that ends there (the process was killed) shows the set may have run.
+        with self.session.store_operation(f"rotate.{step}", name, mutating=step == "set") as (_, event):
             event.version = version
             yield
 
