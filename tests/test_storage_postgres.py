@@ -617,8 +617,10 @@ def test_the_audit_log_does_not_stall_on_a_store_whose_commit_lock_another_trans
 ) -> None:
     """A big restore or import into the database holds the commit lock for a long time. Reads go
     on meanwhile: the deferred flush's anchor update gives up at once and the anchor lags (every
-    append would wait for it). A change's durable append must anchor: it fails, saying why, before
-    its caller's timeout. Once the lock is free the anchor catches up, the chain verifies."""
+    append would wait for it). A change's "pending" record must anchor: it is refused, saying why,
+    before its caller's timeout, and the change is not made. The record of a change already made is
+    not refused (that would misstate it): it is written, and the anchor lags. Once the lock is free
+    the anchor catches up, the chain verifies."""
     store = EncryptedStore.create(place.open(create=True), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
     log = AuditLog(tmp_path / "audit.jsonl", timeout=2.0)  # flushes every 10 ms (the default)
     try:
@@ -633,16 +635,18 @@ def test_the_audit_log_does_not_stall_on_a_store_whose_commit_lock_another_trans
             assert anchored is not None and anchored.seq == 1  # lags, as a failed flush may
             started = time.monotonic()
             with pytest.raises(StoreBusyError, match=r"could not be anchored.*held the store's lock") as busy:
-                log.append([AuditEvent("store", "alice", name="auth/k")], store)
+                log.append([AuditEvent("store", "alice", name="auth/k", outcome="pending")], store)
             assert time.monotonic() - started < 2.0 and "did not answer" not in str(busy.value)
+            done = log.append([AuditEvent("store", "alice", name="auth/k")], store)  # made: kept
+            assert done[-1]["seq"] == 18 and store.audit_anchor() == anchored
         time.sleep(FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS)
         last = log.append([AuditEvent("get", "bob", name="auth/k")], store, durable=False)[-1]
         deadline = time.monotonic() + 5
         while (anchored := store.audit_anchor()) is None or anchored.seq < last["seq"]:
             assert time.monotonic() < deadline, "the anchor did not catch up after the lock was freed"
             time.sleep(0.02)
-        assert anchored.seq == last["seq"] == 18
-        assert log.verify(store.audit_key(), anchored) == 18
+        assert anchored.seq == last["seq"] == 19
+        assert log.verify(store.audit_key(), anchored) == 19
     finally:
         store.close()
 

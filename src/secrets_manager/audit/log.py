@@ -425,9 +425,16 @@ class AuditLog:
             try:
                 anchor.set_audit_anchor(Anchor(seq=seq, hash=previous), lock_wait=lock_wait)
             except StoreBusyError as exc:
-                raise StoreBusyError(
+                # A change's "pending" record is refused: the change is not made. Any other record
+                # reports an operation already done; refusing it would misstate it (a caller would
+                # retry a change that stands). Those records are written and fsynced: only the
+                # anchor lags, until the next durable append, as after a deferred flush.
+                refused = StoreBusyError(
                     f"audit log {self.path} could not be anchored, so the operation was refused: {exc}"
-                ) from None
+                )
+                for job in jobs:
+                    if all(event.outcome == "pending" for event in job.events):
+                        job.error = refused
 
     def _set_aside_partial_record(self, fd: int, size: int) -> bool:
         """If the live file ends in a partial line, move that line to `<file>.partial-<time>`
