@@ -29,7 +29,7 @@ from secrets_manager.client import Client, RemoteStore
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import InvalidInputError, NotFoundError
 from secrets_manager.rotation import Due, load_schedule, parse_every, plan
-from secrets_manager.service.schedule import RotationScheduler
+from secrets_manager.service.schedule import RotationScheduler, _Ledger
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import CURRENT, EncryptedStore, PasswordUnlock
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
@@ -914,9 +914,10 @@ def _running(pid: int) -> bool:
 
 def test_a_rotation_cut_short_by_a_stop_is_resumed_at_the_next_start(tmp_path: Path) -> None:
     """SIGTERM while the set command runs: the command is ended at the end of the grace period
-    (left running it could set an old value after a newer one), the audit log ends at the set's
-    durable "pending" record, and the next start of this replica finds the pending version in its
-    marker file and resumes it at once, not three command timeouts (here 3 min) later."""
+    (left running it could set an old value after a newer one) and its step is audited as failed
+    after the set's durable "pending" record, and the next start of this replica finds the pending
+    version in its marker file (closed cleanly) and resumes it at once, not three command timeouts
+    (here 3 min) later."""
     make_pki(tmp_path, ("ops",))
     make_store(tmp_path, {"db/app": b"first-app-value-SEEKRIT"})
     slow = f"sh -c {shlex.quote('echo $$ > set.pid; sleep 60; cat > target')}"
@@ -933,7 +934,8 @@ def test_a_rotation_cut_short_by_a_stop_is_resumed_at_the_next_start(tmp_path: P
     assert not _running(int((tmp_path / "set.pid").read_text()))
     assert not (tmp_path / "target").exists()
     steps = [(r["operation"], r["outcome"]) for r in server.audit_records() if r["name"] == "db/app"]
-    assert steps[-1] == ("rotate.set", "pending")
+    # The command was ended before the stop finished: its step is on record as failed (cut short).
+    assert steps[-2:] == [("rotate.set", "pending"), ("rotate.set", "rotation_step_failed")]
     store = _open_service_store(tmp_path)
     try:
         pending = store.describe("db/app").labels["pending"]
@@ -958,3 +960,28 @@ def test_a_rotation_cut_short_by_a_stop_is_resumed_at_the_next_start(tmp_path: P
     assert len(found) == 1 and f'"version": {pending}' in found[0]
     assert staged.decode() not in "".join(server.log_lines)
     assert not list(tmp_path.glob("store.audit.jsonl.rotating.*"))  # a clean stop leaves no marker
+
+
+def test_only_a_marker_closed_at_a_clean_stop_is_resumed_at_once(tmp_path: Path) -> None:
+    """A marker whose process stopped cleanly (its commands ended) is taken over and resumed at
+    the next start; one left by a crash is taken over but not resumed early, since its set command
+    (a session of its own) may still be running: two at once could leave the older value at the
+    target. A marker appears only once its process holds the lock on it."""
+    audit_path = tmp_path / "store.audit.jsonl"
+    clean, crashed = (tmp_path / f"store.audit.jsonl.rotating.{pid}" for pid in (101, 102))
+    clean.write_text(json.dumps({"owed": {"db/clean": 3}, "clean": True}))
+    crashed.write_text(json.dumps({"owed": {"db/crashed": 5}, "clean": False}))
+    ledger = _Ledger(audit_path)
+    try:
+        assert ledger.owed("db/clean", 3) is not None
+        assert ledger.owed("db/crashed", 5) is None  # resumed once stale, as any replica's
+        assert not clean.exists() and not crashed.exists()  # taken over
+        mine = list(tmp_path.glob("store.audit.jsonl.rotating*"))
+        assert [p.name for p in mine] == [f"store.audit.jsonl.rotating.{os.getpid()}"]
+        ledger.started("db/next", 7)
+        ledger.stopping()
+        ledger.failed("db/next")  # its command was ended by the stop: still owed
+    finally:
+        ledger.close()
+    left = json.loads(mine[0].read_text())
+    assert left == {"owed": {"db/clean": 3, "db/next": 7}, "clean": True}

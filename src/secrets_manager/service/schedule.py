@@ -50,6 +50,7 @@ from secrets_manager.rotation import (
     Due,
     Rotated,
     ScheduledRotation,
+    end_running_commands,
     load_schedule,
     plan,
 )
@@ -79,26 +80,37 @@ class _Owed:
 
 class _Ledger:
     """The rotations under way or owed a retry in this process, mirrored in a marker file beside
-    the audit log (`<audit log>.rotating.<pid>`, JSON {name: version}, no value). The file is
-    written and fsynced before a set command runs and holds a lock for as long as the process
-    lives, so a later start takes over the markers whose lock it can get (their process is gone)
-    and leaves a running replica's alone. Without a usable directory it works in memory only."""
+    the audit log (`<audit log>.rotating.<pid>`, JSON {"owed": {name: version}, "clean": bool}, no
+    value). The file is written and fsynced before a set command runs and holds a lock for as
+    long as the process lives, so a later start takes over the markers whose lock it can get
+    (their process is gone) and leaves a running replica's alone. It only appears once locked (made
+    under another name, then renamed), so a replica starting beside it cannot take it over. Only a
+    marker closed at a clean stop, after its commands were ended, is resumed at once: after a crash
+    (SIGKILL, OOM) the set command, in a session of its own, may still run, and a second one beside
+    it could leave the older value at the target; those wait until stale like any replica's.
+    Without a usable directory it works in memory only."""
 
     def __init__(self, audit_path: Path) -> None:
         self._lock = threading.Lock()
         self._owed: dict[str, _Owed] = {}
         self._fd: int | None = None
+        self._stopping = False
         self._path = audit_path.with_name(f"{audit_path.name}.rotating.{os.getpid()}")
         try:
             self._owed = {name: _Owed(version) for name, version in self._take_over(audit_path).items()}
-            fd = os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            making = self._path.with_name(f"{audit_path.name}.rotating-new.{os.getpid()}")  # not globbed
+            fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._fd = fd
+                self._write()
+                os.rename(making, self._path)  # the lock goes with the open file
             except OSError:
+                self._fd = None
                 os.close(fd)
+                with contextlib.suppress(OSError):
+                    making.unlink()
                 raise
-            self._fd = fd
-            self._write()
         except OSError as exc:
             log.warning(
                 "cannot keep the rotation marker file; a rotation this replica leaves unfinished is "
@@ -118,7 +130,9 @@ class _Ledger:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while its process lives
                 with contextlib.suppress(ValueError, OSError):
                     doc = json.loads(os.pread(fd, 1 << 20, 0) or b"{}")
-                    left.update({k: v for k, v in doc.items() if isinstance(v, int)})
+                    owed = doc.get("owed") if isinstance(doc, dict) else None
+                    if doc.get("clean") is True and isinstance(owed, dict):  # else: crashed, see above
+                        left.update({k: v for k, v in owed.items() if isinstance(v, int)})
                 path.unlink()
             except OSError:
                 pass
@@ -126,10 +140,11 @@ class _Ledger:
                 os.close(fd)
         return left
 
-    def _write(self) -> None:
+    def _write(self, *, clean: bool = False) -> None:
         if self._fd is None:
             return
-        data = json.dumps({name: owed.version for name, owed in self._owed.items()}).encode()
+        owed = {name: owed.version for name, owed in self._owed.items()}
+        data = json.dumps({"owed": owed, "clean": clean}).encode()
         try:
             os.ftruncate(self._fd, 0)
             os.pwrite(self._fd, data, 0)
@@ -158,7 +173,7 @@ class _Ledger:
             owed = self._owed.get(name)
             if owed is None:
                 return
-            if not owed.set_ran:
+            if not owed.set_ran and not self._stopping:
                 del self._owed[name]
                 self._write()
                 return
@@ -186,14 +201,23 @@ class _Ledger:
         with self._lock:
             return min((owed.next_try for owed in self._owed.values()), default=None)
 
+    def stopping(self) -> None:
+        """The process is stopping and ends its commands: a rotation that fails now was cut
+        short, not refused by its target, so it stays owed for the next start."""
+        with self._lock:
+            self._stopping = True
+
     def close(self) -> None:
-        """At a clean stop: the marker file goes if nothing is owed (else the next start takes it)."""
+        """At a clean stop, once the commands were ended: the marker file goes if nothing is owed,
+        else it says so (clean), for the next start to take it over and resume at once."""
         with self._lock:
             if self._fd is None:
                 return
             if not self._owed:
                 with contextlib.suppress(OSError):
                     self._path.unlink()
+            else:
+                self._write(clean=True)
             os.close(self._fd)
             self._fd = None
 
@@ -333,6 +357,9 @@ class RotationScheduler:
                 "a scheduled rotation was still running at shutdown; its command is ended, its "
                 "version stays pending and this replica resumes it when it starts again"
             )
+            self._ledger.stopping()  # the rotation its ended command fails stays owed
+            end_running_commands()  # before the marker says the stop was clean
+            self._thread.join(1.0)
         self._ledger.close()
 
     def _serve(self) -> None:
