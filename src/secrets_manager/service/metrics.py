@@ -41,6 +41,11 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.certificate_expiry = Gauge(
+            "secrets_manager_tls_certificate_expiry_timestamp_seconds",
+            "When the server's TLS certificate in force expires (Unix time); alert on it minus time().",
+            registry=self.registry,
+        )
         # Label children by key, so a request does not look them up under the metric's lock.
         self._counters: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._histograms: dict[str, Any] = {}
@@ -74,6 +79,10 @@ class Metrics:
     def count_watch_streams(self, open_streams: Callable[[], int]) -> None:
         """Read the open Watch streams from `open_streams` at every scrape."""
         self.watch_streams.set_function(open_streams)
+
+    def track_certificate_expiry(self, not_valid_after: Callable[[], float]) -> None:
+        """Read the server certificate's end from `not_valid_after` at every scrape (it follows reloads)."""
+        self.certificate_expiry.set_function(not_valid_after)
 
     def close(self) -> None:
         if self._http is not None:

@@ -36,6 +36,7 @@ from secrets_manager.errors import (
     StorageError,
 )
 from secrets_manager.rotation import end_running_commands
+from secrets_manager.service.certificates import ServerCertificates
 from secrets_manager.service.config import DEFAULT_MAX_WORKERS, WORKERS_KEPT_FROM_WATCH, ServerConfig
 from secrets_manager.service.health_probe import StoreHealth
 from secrets_manager.service.metrics import Metrics
@@ -45,7 +46,6 @@ from secrets_manager.service.watch import ChangeHub
 from secrets_manager.store import EncryptedStore
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.store.names import validate_name, validate_prefix
-from secrets_manager.tls import read_server_tls
 from secrets_manager.tls.identity import IdentityError, identity_from_auth_context
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
@@ -435,6 +435,7 @@ class RunningServer:
     health: health.HealthServicer
     metrics: Metrics
     store_health: StoreHealth
+    certificates: ServerCertificates
 
     def stop(self, grace: float) -> None:
         """Refuse new calls, end watch streams, let in-flight calls finish within `grace` seconds."""
@@ -452,15 +453,16 @@ def build_server(
     audit: AuditLog,
     policy: PolicyHolder,
     scheduler: RotationScheduler | None = None,
+    certificates: ServerCertificates | None = None,
 ) -> RunningServer:
-    """A started gRPC server with mutual TLS, health, reflection and (optionally) metrics."""
-    tls = read_server_tls(config.tls_cert, config.tls_key, config.tls_client_ca)
-    credentials = grpc.ssl_server_credentials(
-        [(tls.key, tls.cert)], root_certificates=tls.client_ca, require_client_auth=True
-    )
+    """A started gRPC server with mutual TLS, health, reflection and (optionally) metrics.
+    `certificates` (default: the config's [tls] files, read now) are what SIGHUP reloads."""
+    if certificates is None:
+        certificates = ServerCertificates(config.tls_cert, config.tls_key, config.tls_client_ca)
     metrics = Metrics(config.metrics_listen)
+    metrics.track_certificate_expiry(certificates.not_valid_after)
     try:
-        return _start(config, credentials, metrics, store, audit, policy, scheduler)
+        return _start(config, certificates, metrics, store, audit, policy, scheduler)
     except BaseException:
         metrics.close()  # its port is free again for the next attempt
         raise
@@ -468,7 +470,7 @@ def build_server(
 
 def _start(
     config: ServerConfig,
-    credentials: grpc.ServerCredentials,
+    certificates: ServerCertificates,
     metrics: Metrics,
     store: EncryptedStore,
     audit: AuditLog,
@@ -503,12 +505,12 @@ def _start(
         (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    port = _bind(server, config.listen, credentials)
+    port = _bind(server, config.listen, certificates.credentials())
     server.start()
     # NOT_SERVING while the store does not answer, so clients pass over this replica.
     store_health = StoreHealth(health_servicer, (service_name, ""), lambda: store.changes_since(None))
     store_health.start()
-    return RunningServer(server, servicer, port, health_servicer, metrics, store_health)
+    return RunningServer(server, servicer, port, health_servicer, metrics, store_health, certificates)
 
 
 def _bind(server: grpc.Server, listen: str, credentials: grpc.ServerCredentials) -> int:
@@ -547,12 +549,15 @@ def run_server(
     *,
     ready: Callable[[int], None] = lambda port: None,
 ) -> int:
-    """Serve until SIGTERM/SIGINT (graceful stop, exit 0); SIGHUP reloads the policy."""
-    # Reloads from before the policy is first read: none is lost between that read and serving.
-    holder: list[PolicyHolder] = []
-    signal.signal(signal.SIGHUP, lambda *_: holder and holder[0].reload())
+    """Serve until SIGTERM/SIGINT (graceful stop, exit 0); SIGHUP reloads the policy and the TLS
+    files, each on its own (a rejected one keeps what is in force, the other still reloads)."""
+    # Reloads from before the files are first read: none is lost between that read and serving.
+    reloadable: list[PolicyHolder | ServerCertificates] = []
+    signal.signal(signal.SIGHUP, lambda *_: [each.reload() for each in reloadable])
     policy = PolicyHolder(config.policy)
-    holder.append(policy)
+    reloadable.append(policy)
+    certificates = ServerCertificates(config.tls_cert, config.tls_key, config.tls_client_ca)
+    reloadable.append(certificates)
     scheduler = None
     if config.rotation_schedule is not None:  # read now: a bad file stops the start, as a bad policy does
         scheduler = RotationScheduler(
@@ -562,7 +567,7 @@ def run_server(
             check_seconds=config.rotation_check_seconds,
             environ=os.environ,
         )
-    running = build_server(config, store, audit, policy, scheduler)
+    running = build_server(config, store, audit, policy, scheduler, certificates)
     stop_requested = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
     signal.signal(signal.SIGINT, lambda *_: stop_requested.set())

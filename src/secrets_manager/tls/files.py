@@ -119,18 +119,28 @@ class ServerTlsFiles:
     cert: bytes
     key: bytes
     client_ca: bytes
+    not_valid_after: datetime  # the server certificate's end, for the expiry metric and warnings
+    serial_number: int  # names which certificate is in force in logs (never key material)
 
 
 def read_server_tls(cert: Path, key: Path, client_ca: Path) -> ServerTlsFiles:
     """Read and check the server's certificate, its key and the client CA. NotFoundError for a
-    missing file; InvalidInputError for one that cannot be read, is not PEM of its kind, or a key
-    that does not belong to the certificate. Messages name the file and the [tls] setting."""
+    missing file; InvalidInputError for one that cannot be read, is not PEM of its kind, a key
+    that does not belong to the certificate, or a certificate out of its validity dates (every
+    client would refuse it in the handshake, which they can only report as a failed connection).
+    Messages name the file and the [tls] setting."""
     cert_pem = read_tls_file(cert, "tls.cert")
     key_pem = read_tls_file(key, "tls.key")
     ca_pem = read_tls_file(client_ca, "tls.client_ca")
-    _checked_pair(cert_pem, key_pem, (cert, "tls.cert"), (key, "tls.key"))
+    leaf = _checked_pair(cert_pem, key_pem, (cert, "tls.cert"), (key, "tls.key"))
     _certificates(ca_pem, client_ca, "tls.client_ca")
-    return ServerTlsFiles(cert_pem, key_pem, ca_pem)
+    _check_dates(
+        leaf,
+        (cert, "tls.cert"),
+        "server",
+        "secrets-manager pki issue {} --server --force --dir CA-DIR, with its --dns/--ip options",
+    )
+    return ServerTlsFiles(cert_pem, key_pem, ca_pem, leaf.not_valid_after_utc, leaf.serial_number)
 
 
 def read_client_tls(
@@ -146,22 +156,28 @@ def read_client_tls(
     )
     leaf = _checked_pair(cert_pem, key_pem, cert, key)
     _certificates(ca_pem, *ca)
+    _check_dates(leaf, cert, "client", "secrets-manager pki issue {} --force --dir CA-DIR")
+    return cert_pem, key_pem, ca_pem
+
+
+def _check_dates(leaf: x509.Certificate, cert: tuple[Path, str], role: str, renewal: str) -> None:
+    """InvalidInputError unless `leaf` is within its validity dates now: an expired one names its
+    date and `renewal` (the command that renews it, {} its CN), one not valid yet points at the clock."""
     now = datetime.now(UTC)
     names = [
         a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)
     ]
-    renew = f"secrets-manager pki issue {names[0] if names else 'NAME'} --force --dir CA-DIR"
+    renew = renewal.format(names[0] if names else "NAME")
     if leaf.not_valid_after_utc <= now:
         raise InvalidInputError(
-            f"the client certificate {cert[0]} ({cert[1]}) expired on "
+            f"the {role} certificate {cert[0]} ({cert[1]}) expired on "
             f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: issue a new one ({renew})"
         )
     if leaf.not_valid_before_utc > now:
         raise InvalidInputError(
-            f"the client certificate {cert[0]} ({cert[1]}) is not valid before "
+            f"the {role} certificate {cert[0]} ({cert[1]}) is not valid before "
             f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC: check this machine's clock"
         )
-    return cert_pem, key_pem, ca_pem
 
 
 def _checked_pair(

@@ -1,0 +1,106 @@
+"""The server's TLS certificate, key and client CA, re-read on SIGHUP without dropping connections.
+
+Certificates are renewed (short-lived ones every few hours or days, `pki issue --force` by a
+job), and a CA is rotated by trusting the new one beside the old one for a while. As Vault does on
+SIGHUP, the service reads its [tls] files again: connections made from then on get the new
+certificate and are checked against the new client CA; connections already open keep theirs. gRPC
+asks for the configuration before each new handshake (`dynamic_ssl_server_credentials`), and gets
+a new one only once after a reload.
+
+A reload is checked as the start is (`read_server_tls`): a renewal caught half-written (the new
+certificate beside the old key), an expired certificate or a file that does not parse is rejected
+with one log line, and the files in force stay in force, as for a policy that does not parse.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+
+from secrets_manager.errors import SecretsManagerError
+from secrets_manager.tls import ServerTlsFiles, read_server_tls
+
+log = logging.getLogger(__name__)
+
+# A certificate that ends sooner than this is logged as a warning at start and at each reload:
+# the renewal job may be broken. Alerting should use the expiry metric; this is the fallback.
+EXPIRY_WARNING = timedelta(days=7)
+
+
+class ServerCertificates:
+    """The [tls] files in force, and the gRPC server credentials that follow their reloads."""
+
+    def __init__(self, cert: Path, key: Path, client_ca: Path) -> None:
+        self._paths = (cert, key, client_ca)
+        self._lock = threading.Lock()
+        self.current: ServerTlsFiles = read_server_tls(*self._paths)  # a bad file stops the start
+        self._unsent: ServerTlsFiles | None = None  # reloaded, not yet handed to gRPC
+        _warn_if_ending_soon(self.current, cert)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """Mutual-TLS credentials that take the files of the latest good reload at each handshake."""
+        return grpc.dynamic_ssl_server_credentials(
+            _configuration(self.current), self._next_configuration, require_client_authentication=True
+        )
+
+    def reload(self) -> bool:
+        """Read the files again; on any error keep the ones in force and log why."""
+        cert = self._paths[0]
+        try:
+            files = read_server_tls(*self._paths)
+        except SecretsManagerError as exc:
+            log.error(
+                "TLS reload rejected; the certificate in force stays",
+                extra={"error": str(exc), "serial": _serial(self.current)},
+            )
+            return False
+        with self._lock:
+            self.current = self._unsent = files
+        log.info(
+            "TLS certificate reloaded",
+            extra={
+                "cert": str(cert),
+                "serial": _serial(files),
+                "not_valid_after": files.not_valid_after.isoformat(),
+            },
+        )
+        _warn_if_ending_soon(files, cert)
+        return True
+
+    def not_valid_after(self) -> float:
+        """The end of the certificate in force, as a Unix time (the expiry metric)."""
+        return self.current.not_valid_after.timestamp()
+
+    def _next_configuration(self) -> grpc.ServerCertificateConfiguration | None:
+        """Called by gRPC before each handshake: a new configuration once per reload, else None
+        (keep the current one). Never raises: it runs on gRPC's own threads."""
+        with self._lock:
+            files, self._unsent = self._unsent, None
+        return None if files is None else _configuration(files)
+
+
+def _configuration(files: ServerTlsFiles) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration(
+        [(files.key, files.cert)], root_certificates=files.client_ca
+    )
+
+
+def _serial(files: ServerTlsFiles) -> str:
+    return format(files.serial_number, "x")
+
+
+def _warn_if_ending_soon(files: ServerTlsFiles, cert: Path) -> None:
+    left = files.not_valid_after - datetime.now(UTC)
+    if left < EXPIRY_WARNING:
+        log.warning(
+            "the server certificate expires soon: renew it and send SIGHUP",
+            extra={
+                "cert": str(cert),
+                "not_valid_after": files.not_valid_after.isoformat(),
+                "hours_left": round(left.total_seconds() / 3600, 1),
+            },
+        )

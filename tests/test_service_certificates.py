@@ -1,0 +1,198 @@
+"""The service's own TLS files: checked at start, reloaded on SIGHUP (a renewed certificate, a new
+client CA) without dropping connections, a bad reload rejected. Real `serve` processes, real
+certificates, and a plain TLS handshake to see which certificate the server presents."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import ssl
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+
+from secrets_manager.service.certificates import ServerCertificates
+from secrets_manager.tls import pki
+from secrets_manager.v1 import secrets_pb2 as pb
+from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
+from service_fixtures import PASSWORD, Server, make_pki, make_store, run_script, start_server
+
+READ = pb.GetSecretRequest(name="auth/DB_PASSWORD")
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    running = start_server(tmp_path, metrics=True)
+    yield running
+    running.stop()
+
+
+def presented_serial(server: Server) -> int:
+    """The serial number of the certificate the server presents to a new connection (as `auth`)."""
+    context = ssl.create_default_context(cafile=str(server.dir / "ca.pem"))
+    context.check_hostname = False
+    context.load_cert_chain(server.dir / "auth.pem", server.dir / "auth-key.pem")
+    context.set_alpn_protocols(["h2"])
+    with (
+        socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock,
+        context.wrap_socket(sock) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def serial_of(path: Path) -> int:
+    return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+
+
+def replace_file(path: Path, data: bytes) -> None:
+    """As a renewal job writes: a new file beside it, then a rename over it."""
+    staged = path.with_name(path.name + ".new")
+    staged.write_bytes(data)
+    os.chmod(staged, 0o600)
+    os.replace(staged, path)
+
+
+def renew_server_certificate(directory: Path, *, key_too: bool = True) -> int:
+    """A new server certificate (and key) from the test CA in place of the old; its serial."""
+    cert, key = pki.issue(
+        (directory / "ca.pem").read_bytes(), (directory / "ca-key.pem").read_bytes(), "server", server=True
+    )
+    replace_file(directory / "server.pem", cert)
+    if key_too:
+        replace_file(directory / "server-key.pem", key)
+    else:
+        (directory / "renewed-key.pem").write_bytes(key)
+    return x509.load_pem_x509_certificate(cert).serial_number
+
+
+def sighup_and_wait_for(server: Server, message: str) -> None:
+    seen = sum(message in line for line in server.log_lines)
+    server.process.send_signal(signal.SIGHUP)
+    assert eventually(lambda: sum(message in line for line in server.log_lines) > seen), server.log_lines
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def test_sighup_serves_a_renewed_certificate_and_keeps_open_connections(server: Server) -> None:
+    old_serial = serial_of(server.dir / "server.pem")
+    assert presented_serial(server) == old_serial
+    open_stub = server.stub("auth")
+    assert open_stub.GetSecret(READ, timeout=10).secret.name == READ.name  # the connection is up
+
+    new_serial = renew_server_certificate(server.dir)
+    sighup_and_wait_for(server, "TLS certificate reloaded")
+
+    assert presented_serial(server) == new_serial  # a new connection gets the renewed certificate
+    assert open_stub.GetSecret(READ, timeout=10).secret.name == READ.name  # the open one still works
+    assert server.stub("auth").GetSecret(READ, timeout=10).secret.name == READ.name  # and new channels
+    assert server.process.poll() is None
+    expiry = x509.load_pem_x509_certificate((server.dir / "server.pem").read_bytes()).not_valid_after_utc
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10) as answer:
+        scraped = answer.read().decode()
+    line = next(
+        x for x in scraped.splitlines() if x.startswith("secrets_manager_tls_certificate_expiry_timestamp")
+    )
+    assert float(line.split()[-1]) == expiry.timestamp()
+
+
+def test_a_half_written_renewal_is_rejected_and_the_certificate_in_force_stays(server: Server) -> None:
+    old_serial = serial_of(server.dir / "server.pem")
+    new_serial = renew_server_certificate(server.dir, key_too=False)  # the key is not there yet
+    sighup_and_wait_for(server, "TLS reload rejected")
+    rejected = next(line for line in server.log_lines if "TLS reload rejected" in line)
+    assert "does not match the certificate" in rejected
+    assert "PRIVATE KEY" not in rejected
+    assert presented_serial(server) == old_serial
+    assert server.stub("auth").GetSecret(READ, timeout=10).secret.name == READ.name
+
+    replace_file(server.dir / "server-key.pem", (server.dir / "renewed-key.pem").read_bytes())
+    sighup_and_wait_for(server, "TLS certificate reloaded")
+    assert presented_serial(server) == new_serial
+    assert server.stub("auth").GetSecret(READ, timeout=10).secret.name == READ.name
+
+
+def test_sighup_trusts_a_client_ca_added_to_the_file(server: Server) -> None:
+    """CA rotation: the new CA is added beside the old one; its clients are accepted after SIGHUP."""
+    foreign = server.channel("foreign")  # ops's certificate from another CA
+    with pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.SecretsStub(foreign).GetSecret(READ, timeout=10)
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    foreign.close()
+
+    both = (server.dir / "ca.pem").read_bytes() + (server.dir / "other-ca.pem").read_bytes()
+    replace_file(server.dir / "ca.pem", both)
+    sighup_and_wait_for(server, "TLS certificate reloaded")
+    answer = server.stub("foreign").GetSecret(READ, timeout=10)
+    assert answer.secret.name == READ.name  # ops administers everything
+    assert server.audit_records()[-1]["actor"] == "spiffe://shrivenquant.local/ops"
+    assert server.stub("auth").GetSecret(READ, timeout=10).secret.name == READ.name  # the old CA still
+
+
+def test_serve_refuses_an_expired_server_certificate(tmp_path: Path) -> None:
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    long_ago = datetime.now(UTC) - timedelta(days=30)
+    ca_cert, ca_key = (tmp_path / "ca.pem").read_bytes(), (tmp_path / "ca-key.pem").read_bytes()
+    cert, key = pki.issue(ca_cert, ca_key, "server", server=True, days=1, not_before=long_ago)
+    (tmp_path / "server.pem").write_bytes(cert)
+    (tmp_path / "server-key.pem").write_bytes(key)
+    (tmp_path / "server.toml").write_text(
+        'listen = "127.0.0.1:0"\nstore = "store.db"\npolicy = "policy.toml"\n'
+        '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
+    )
+    environ = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "MASTER_PASSWORD": PASSWORD,
+    }
+    proc = run_script(environ, "serve", "--config", str(tmp_path / "server.toml"))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.decode().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "server certificate" in lines[0] and "expired on" in lines[0]
+    assert "secrets-manager pki issue server --server --force" in lines[0]
+
+
+def test_a_certificate_ending_soon_is_logged_at_start_and_reload(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    make_pki(tmp_path)
+    ca_cert, ca_key = (tmp_path / "ca.pem").read_bytes(), (tmp_path / "ca-key.pem").read_bytes()
+    paths = (tmp_path / "server.pem", tmp_path / "server-key.pem", tmp_path / "ca.pem")
+    caplog.set_level(logging.INFO, logger="secrets_manager")
+    certificates = ServerCertificates(*paths)  # make_pki's lasts the default term: no warning
+    assert not [r for r in caplog.records if "expires soon" in r.getMessage()]
+
+    ending = datetime.now(UTC) - timedelta(days=1) + timedelta(hours=5)  # one day long, 5 h left
+    cert, key = pki.issue(ca_cert, ca_key, "server", server=True, days=1, not_before=ending)
+    replace_file(paths[0], cert)
+    replace_file(paths[1], key)
+    assert certificates.reload()
+    warnings = [r for r in caplog.records if "expires soon" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
+    assert warnings[0].__dict__["hours_left"] == pytest.approx(5, abs=0.1)
+    assert (
+        certificates.not_valid_after() == x509.load_pem_x509_certificate(cert).not_valid_after_utc.timestamp()
+    )
+    caplog.clear()
+    ServerCertificates(*paths)  # and at start
+    assert [r for r in caplog.records if "expires soon" in r.getMessage()]
