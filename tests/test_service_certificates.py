@@ -19,7 +19,9 @@ import grpc
 import pytest
 from cryptography import x509
 
+from secrets_manager.service import server as server_module
 from secrets_manager.service.certificates import ServerCertificates
+from secrets_manager.service.server import PolicyHolder
 from secrets_manager.tls import pki
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
@@ -196,3 +198,26 @@ def test_a_certificate_ending_soon_is_logged_at_start_and_reload(
     caplog.clear()
     ServerCertificates(*paths)  # and at start
     assert [r for r in caplog.records if "expires soon" in r.getMessage()]
+
+
+def test_a_reload_that_raises_is_logged_and_the_next_one_still_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SIGHUP's handler runs on serve's main thread: an exception escaping it would end the service."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    certificates = ServerCertificates(
+        tmp_path / "server.pem", tmp_path / "server-key.pem", tmp_path / "ca.pem"
+    )
+    policy = PolicyHolder(tmp_path / "policy.toml")
+
+    def broken(*_: object) -> None:
+        raise RuntimeError("a bug that quotes -----BEGIN PRIVATE KEY-----")
+
+    monkeypatch.setattr("secrets_manager.service.certificates.read_server_tls", broken)
+    caplog.set_level(logging.INFO, logger="secrets_manager")
+    server_module._reload([certificates, policy])
+    failed = [r for r in caplog.records if r.getMessage().startswith("reload failed")]
+    assert len(failed) == 1 and failed[0].__dict__["error_type"] == "RuntimeError"
+    assert "PRIVATE KEY" not in caplog.text
+    assert any(r.getMessage() == "policy reloaded" for r in caplog.records)  # the next one ran

@@ -553,7 +553,7 @@ def run_server(
     files, each on its own (a rejected one keeps what is in force, the other still reloads)."""
     # Reloads from before the files are first read: none is lost between that read and serving.
     reloadable: list[PolicyHolder | ServerCertificates] = []
-    signal.signal(signal.SIGHUP, lambda *_: [each.reload() for each in reloadable])
+    signal.signal(signal.SIGHUP, lambda *_: _reload(reloadable))
     policy = PolicyHolder(config.policy)
     reloadable.append(policy)
     certificates = ServerCertificates(config.tls_cert, config.tls_key, config.tls_client_ca)
@@ -616,6 +616,17 @@ def run_server(
         log.error("audit log could not be flushed at shutdown", extra={"error": str(exc)})
     log.info("stopped")
     return 0
+
+
+def _reload(reloadable: list[PolicyHolder | ServerCertificates]) -> None:
+    """SIGHUP: reload each on its own. A reload rejects bad files itself; anything it raises
+    besides is a bug, logged without its message (it could quote a file), never fatal: the
+    handler runs on the main thread, and an exception there would end the service."""
+    for each in reloadable:
+        try:
+            each.reload()
+        except Exception as exc:
+            log.error("reload failed; what was in force stays", extra={"error_type": type(exc).__name__})
 
 
 class JsonLogFormatter(logging.Formatter):
