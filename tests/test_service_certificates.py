@@ -221,3 +221,17 @@ def test_a_reload_that_raises_is_logged_and_the_next_one_still_runs(
     assert len(failed) == 1 and failed[0].__dict__["error_type"] == "RuntimeError"
     assert "PRIVATE KEY" not in caplog.text
     assert any(r.getMessage() == "policy reloaded" for r in caplog.records)  # the next one ran
+
+
+def test_a_burst_of_sighups_reloads_without_a_logging_error(server: Server) -> None:
+    """A handler that logged ran between two bytecodes of the main thread: a SIGHUP arriving while
+    that thread wrote a log line (its own reload's, here) failed with "--- Logging error ---"
+    (reentrant call inside stderr's writer). Now the handler only asks; the main loop reloads."""
+    for _ in range(200):
+        server.process.send_signal(signal.SIGHUP)
+        time.sleep(0.001)
+    assert eventually(lambda: any("TLS certificate reloaded" in line for line in server.log_lines))
+    time.sleep(0.5)  # the last reload's lines are out
+    assert server.process.poll() is None
+    assert not [line for line in server.log_lines if "Logging error" in line or "Traceback" in line]
+    assert server.stub("auth").GetSecret(READ, timeout=10).secret.name == READ.name

@@ -60,6 +60,7 @@ from secrets_manager.wire import (
 
 log = logging.getLogger("secrets_manager.service")
 
+SIGNAL_POLL_SECONDS = 0.1  # how soon serve's main loop acts on SIGHUP, SIGTERM and SIGINT
 WATCH_IDLE_SECONDS = 1.0  # a quiet watch stream still checks this often that it should go on
 _KIND = {
     ChangeKind.VERSION_ADDED: pb.ChangeEvent.VERSION_ADDED,
@@ -551,13 +552,15 @@ def run_server(
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful stop, exit 0); SIGHUP reloads the policy and the TLS
     files, each on its own (a rejected one keeps what is in force, the other still reloads)."""
-    # Reloads from before the files are first read: none is lost between that read and serving.
-    reloadable: list[PolicyHolder | ServerCertificates] = []
-    signal.signal(signal.SIGHUP, lambda *_: _reload(reloadable))
+    # A handler only sets a flag: it runs between two bytecodes of the main thread, which may be
+    # inside a write to stderr (a log line from the handler then failed, "reentrant call") or hold
+    # a lock the handler would wait for. The main loop below acts on the flags. Set from before
+    # the files are first read: a SIGHUP meanwhile reloads them once more when serving starts.
+    requested = _Requested()
+    signal.signal(signal.SIGHUP, lambda *_: setattr(requested, "reload", True))
     policy = PolicyHolder(config.policy)
-    reloadable.append(policy)
     certificates = ServerCertificates(config.tls_cert, config.tls_key, config.tls_client_ca)
-    reloadable.append(certificates)
+    reloadable: list[PolicyHolder | ServerCertificates] = [policy, certificates]
     scheduler = None
     if config.rotation_schedule is not None:  # read now: a bad file stops the start, as a bad policy does
         scheduler = RotationScheduler(
@@ -568,9 +571,8 @@ def run_server(
             environ=os.environ,
         )
     running = build_server(config, store, audit, policy, scheduler, certificates)
-    stop_requested = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop_requested.set())
-    signal.signal(signal.SIGINT, lambda *_: stop_requested.set())
+    signal.signal(signal.SIGTERM, lambda *_: setattr(requested, "stop", True))
+    signal.signal(signal.SIGINT, lambda *_: setattr(requested, "stop", True))
     log.info("serving", extra={"listen": config.listen, "port": running.port})
     if scheduler is not None:
 
@@ -591,10 +593,13 @@ def run_server(
             scheduler.request_stop()
         running.stop(0)
         raise
-    # Wake up now and then: a signal delivered to another thread only runs its Python handler
-    # when the main thread next executes bytecode, which a wait without a timeout may never do.
-    while not stop_requested.wait(0.5):
-        pass
+    # The handlers' flags are read every SIGNAL_POLL_SECONDS (a signal also cuts a sleep short
+    # only to run its handler; the sleep then goes on).
+    while not requested.stop:
+        if requested.reload:
+            requested.reload = False
+            _reload(reloadable)
+        time.sleep(SIGNAL_POLL_SECONDS)
     log.info("shutting down", extra={"grace_seconds": config.shutdown_grace_seconds})
     deadline = time.monotonic() + config.shutdown_grace_seconds
     if scheduler is not None:
@@ -618,10 +623,17 @@ def run_server(
     return 0
 
 
+class _Requested:
+    """What signals asked serve's main loop to do."""
+
+    reload = False
+    stop = False
+
+
 def _reload(reloadable: list[PolicyHolder | ServerCertificates]) -> None:
-    """SIGHUP: reload each on its own. A reload rejects bad files itself; anything it raises
-    besides is a bug, logged without its message (it could quote a file), never fatal: the
-    handler runs on the main thread, and an exception there would end the service."""
+    """After SIGHUP: reload each on its own. A reload rejects bad files itself; anything it raises
+    besides is a bug, logged without its message (it could quote a file), never fatal: this runs
+    in serve's main loop, and an exception there would end the service."""
     for each in reloadable:
         try:
             each.reload()
