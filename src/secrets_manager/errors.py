@@ -13,7 +13,8 @@
     │   └── RotationInProgressError     exit 7   a stage while another rotation's version is pending
     ├── StorageError                    exit 1   the backend itself failed (I/O, locked, unreachable)
     │   ├── StoreBusyError              exit 1   another writer held the store's lock too long
-    │   └── ResourceExhaustedError      exit 1   the service is at a capacity limit (max_watch_streams)
+    │   ├── ResourceExhaustedError      exit 1   the service is at a capacity limit (max_watch_streams)
+    │   └── HandshakeFailedError        exit 1   the TLS handshake failed or the server closed it
     └── RotationStepFailed              exit 1   a rotation's set or test command failed
 
 Each class also has a `kind`, the outcome name the audit log records (e.g. "not_found").
@@ -114,6 +115,12 @@ class ResourceExhaustedError(StorageError):
     now, like an unreachable service. Messages say which limit and how to raise it."""
 
     kind = "resource_exhausted"
+
+
+class HandshakeFailedError(StorageError):
+    """The service could not be reached in the way a failed or refused TLS handshake looks
+    ("Socket closed", "handshake"): maybe an outage, maybe our certificate (expired, from another
+    CA). The SDK then checks at once whether its certificate files were renewed."""
 
 
 EXIT_CODES: dict[type[SecretsManagerError], int] = {

@@ -8,6 +8,7 @@ The SDK (client/_client.py) also uses its `watch` stream and `is_serving` probe.
 from __future__ import annotations
 
 import builtins
+import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,12 +18,17 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from secrets_manager.errors import InvalidInputError, StorageError, UnsupportedOperationError
+from secrets_manager.errors import (
+    HandshakeFailedError,
+    InvalidInputError,
+    StorageError,
+    UnsupportedOperationError,
+)
 from secrets_manager.rotation import MAX_TIMEOUT, Rotated
 from secrets_manager.store import CURRENT, PENDING, Secret, SecretMetadata, VersionInfo
 from secrets_manager.store.base import checked_max_versions
 from secrets_manager.store.changes import ChangeKind, SecretChange
-from secrets_manager.tls.files import read_client_tls
+from secrets_manager.tls.files import ClientTlsFiles, read_client_tls
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 from secrets_manager.wire import WATCH_REVISION_KEY, error_for, metadata_from_message, secret_from_message
@@ -46,17 +52,40 @@ class TlsFiles:
     key: Path
     ca: Path
 
-    def credentials(self) -> grpc.ChannelCredentials:
-        """The files read into gRPC credentials. One that cannot be read (missing, a directory,
-        no permission), is not PEM of its kind, a key not of the certificate, or a certificate
-        out of its validity dates, is named with the variable that usually sets it: gRPC would
-        report each as a failed handshake or a closed socket (and aborts on an empty file)."""
-        cert, key, ca = read_client_tls(
+    def read(self) -> ClientTlsFiles:
+        """The files' contents, checked. One that cannot be read (missing, a directory, no
+        permission), is not PEM of its kind, a key not of the certificate, or a certificate out of
+        its validity dates, is named with the variable that usually sets it: gRPC would report
+        each as a failed handshake or a closed socket (and aborts on an empty file)."""
+        return read_client_tls(
             (self.cert, "SECRETS_MANAGER_CERT"),
             (self.key, "SECRETS_MANAGER_KEY"),
             (self.ca, "SECRETS_MANAGER_CA"),
         )
-        return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """The files read (see `read`) into gRPC credentials."""
+        return channel_credentials(self.read())
+
+    def signature(self) -> tuple[tuple[int, int, int] | None, ...]:
+        """(st_ino, st_size, st_mtime_ns) of each file (None: cannot be stat'ed): what changes when
+        a file is renewed, by a rename (a new inode; a symlink swapped, as in a Kubernetes secret
+        volume, too, since stat follows it) or rewritten in place (size, mtime). Three stat calls."""
+        found: list[tuple[int, int, int] | None] = []
+        for path in (self.cert, self.key, self.ca):
+            try:
+                info = os.stat(path)
+            except OSError:
+                found.append(None)
+            else:
+                found.append((info.st_ino, info.st_size, info.st_mtime_ns))
+        return tuple(found)
+
+
+def channel_credentials(files: ClientTlsFiles) -> grpc.ChannelCredentials:
+    return grpc.ssl_channel_credentials(
+        root_certificates=files.ca, private_key=files.key, certificate_chain=files.cert
+    )
 
 
 class RemoteStore:
@@ -69,10 +98,12 @@ class RemoteStore:
         *,
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         options: Sequence[tuple[str, Any]] = (),
+        credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
+        """`credentials`: the `tls` files already read (several channels from one reading)."""
         self.address = address
         self._tls = tls
-        self._channel = grpc.secure_channel(address, tls.credentials(), options=list(options))
+        self._channel = grpc.secure_channel(address, credentials or tls.credentials(), options=list(options))
         self._stub = pb_grpc.SecretsStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout
@@ -84,16 +115,16 @@ class RemoteStore:
             code = exc.code()
             details = exc.details() or code.name
             if code is grpc.StatusCode.UNAVAILABLE and "handshake" in details.lower():
-                details = (
+                raise HandshakeFailedError(
                     f"TLS handshake with {self.address} failed: check the certificate files (is the "
                     f"server's certificate signed by the CA in {self._tls.ca} and issued for this address?)"
-                )
-            elif code is grpc.StatusCode.UNAVAILABLE and "socket closed" in details.lower():
+                ) from None
+            if code is grpc.StatusCode.UNAVAILABLE and "socket closed" in details.lower():
                 # How a server that refuses the client certificate in the handshake looks from here.
-                details = (
+                raise HandshakeFailedError(
                     f"{details} (if the service is up, it may have refused the client certificate "
-                    f"{self._tls.cert}: one from another CA than the server trusts?)"
-                )
+                    f"{self._tls.cert}: one from another CA than the server trusts, or expired?)"
+                ) from None
             if code is grpc.StatusCode.UNIMPLEMENTED:  # an older service, without this RPC
                 raise UnsupportedOperationError(
                     f"{method} is not supported by the service at {self.address} "

@@ -143,9 +143,19 @@ def read_server_tls(cert: Path, key: Path, client_ca: Path) -> ServerTlsFiles:
     return ServerTlsFiles(cert_pem, key_pem, ca_pem, leaf.not_valid_after_utc, leaf.serial_number)
 
 
-def read_client_tls(
-    cert: tuple[Path, str], key: tuple[Path, str], ca: tuple[Path, str]
-) -> tuple[bytes, bytes, bytes]:
+@dataclass(frozen=True)
+class ClientTlsFiles:
+    """The contents of a client's [TLS] files, checked, and the certificate's validity dates (the
+    SDK warns before they end; the client layer does not parse certificates itself)."""
+
+    cert: bytes
+    key: bytes
+    ca: bytes
+    not_before: datetime
+    not_after: datetime
+
+
+def read_client_tls(cert: tuple[Path, str], key: tuple[Path, str], ca: tuple[Path, str]) -> ClientTlsFiles:
     """The contents of a client's certificate, key and CA, each given with the variable that set
     it, checked as `read_server_tls` checks the server's. Also the certificate's validity dates:
     a server refuses an expired one by closing the connection, which the client can only report
@@ -157,7 +167,7 @@ def read_client_tls(
     leaf = _checked_pair(cert_pem, key_pem, cert, key)
     _certificates(ca_pem, *ca)
     _check_dates(leaf, cert, "client", "secrets-manager pki issue {} --force --dir CA-DIR")
-    return cert_pem, key_pem, ca_pem
+    return ClientTlsFiles(cert_pem, key_pem, ca_pem, leaf.not_valid_before_utc, leaf.not_valid_after_utc)
 
 
 def _check_dates(leaf: x509.Certificate, cert: tuple[Path, str], role: str, renewal: str) -> None:
