@@ -12,17 +12,20 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from secrets_manager import get_credentials_sync
-from secrets_manager.client import Client, RemoteStore, close_default_client
+from secrets_manager.client import Client, RemoteStore, _client, close_default_client
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import AccessDeniedError, InvalidInputError, NotFoundError, StorageError
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.tls import pki
+from secrets_manager.tls.files import write_private_file
 from service_fixtures import (
     PASSWORD,
     SEED,
@@ -521,6 +524,182 @@ def test_a_certificate_the_server_refuses_says_it_may_have_been_refused(
     message = str(failure.value)
     assert f"it may have refused the client certificate {service_dir / 'foreign.pem'}" in message, message
     assert "another CA" in message and "\n" not in message
+
+
+# ---- a renewed certificate ------------------------------------------------------------------------
+
+
+def renew(service_dir: Path, pair: tuple[bytes, bytes], *, key: bool = True) -> None:
+    """What a renewal job does to auth's files: each written whole, then renamed over the old one
+    (`key=False`: the certificate only, as a job caught between its two files leaves them)."""
+    write_private_file(service_dir / "auth.pem", pair[0], overwrite=True)
+    if key:
+        write_private_file(service_dir / "auth-key.pem", pair[1], overwrite=True)
+
+
+def pair_of(service_dir: Path, identity: str) -> tuple[bytes, bytes]:
+    return (service_dir / f"{identity}.pem").read_bytes(), (service_dir / f"{identity}-key.pem").read_bytes()
+
+
+def readable(client: Client, name: str) -> bool:
+    """Whether the service lets this client's certificate read `name` now (asked every time)."""
+    try:
+        client.get(name, version=1)
+    except AccessDeniedError:
+        return False
+    return True
+
+
+def warnings_of(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_renewed_certificate_is_used_within_the_check_interval_stream_included(
+    server: Server, service_dir: Path, make_client: ClientFactory
+) -> None:
+    """auth's files are replaced by market-connector's (a renewal that changes the identity makes
+    the change visible): the service sees the new certificate without a restart."""
+    client = make_client("auth", [server.address])
+    assert revealed(client.credentials()) == AUTH
+    assert not readable(client, "market-connector/BINANCE_API_KEY")
+    renew(service_dir, pair_of(service_dir, "market-connector"))
+    elapsed = wait_until(
+        lambda: readable(client, "market-connector/BINANCE_API_KEY"),
+        timeout=_client.TLS_CHECK_SECONDS + 3,
+        interval=0.1,
+    )
+    assert elapsed < _client.TLS_CHECK_SECONDS + 1.5
+    reads = [r for r in server.audit_records() if r["name"] == "market-connector/BINANCE_API_KEY"]
+    assert reads[-1]["actor"] == f"spiffe://{TD}/market-connector" and reads[-1]["decision"] == "allow"
+    assert reads[0]["actor"] == f"spiffe://{TD}/auth" and reads[0]["decision"] == "deny"
+    # The watch stream moved too: a change only the new identity may see is pushed (TTL is 300 s).
+    assert (
+        client.get("market-connector/BINANCE_SECRET").value.reveal()
+        == SEED["market-connector/BINANCE_SECRET"]
+    )
+    make_client("ops", [server.address]).put("market-connector/BINANCE_SECRET", b"pushed-after-renewal")
+    wait_until(
+        lambda: client.get("market-connector/BINANCE_SECRET").value.reveal() == b"pushed-after-renewal",
+        timeout=2.0,
+    )
+    assert not client.stale
+
+
+@pytest.mark.parametrize("noticed", ["by-the-check", "when-refused"])
+def test_a_certificate_renewed_before_it_expires_keeps_the_client_working_after_it_expired(
+    service_dir: Path,
+    make_client: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    noticed: str,
+) -> None:
+    """A short-lived certificate (an SVID) renewed on disk: once the old one expired, a server the
+    client connects to anew refuses it, so the old code went stale ("Socket closed"). The renewal
+    is noticed by the periodic check before the expiry, or (no check in time) when a call is
+    refused as an expired certificate is: then the files are checked at once and the call retried."""
+    if noticed == "when-refused":
+        monkeypatch.setattr(_client, "TLS_CHECK_SECONDS", 3600.0)
+    first = start_server(service_dir, "server-a")
+    second = start_server(service_dir, "server-b")
+    try:
+        ca = (service_dir / "ca.pem").read_bytes(), (service_dir / "ca-key.pem").read_bytes()
+        expires = (datetime.now(UTC) + timedelta(seconds=8)).replace(microsecond=0)
+        renew(service_dir, pki.issue(*ca, "auth", days=1, not_before=expires - timedelta(days=1)))
+        caplog.set_level(logging.INFO, logger="secrets_manager.client")
+        client = make_client("auth", [first.address, second.address])
+        assert revealed(client.credentials()) == AUTH
+        renew(service_dir, pki.issue(*ca, "auth"))  # the renewal job, before the expiry
+        time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 1.0)
+        first.kill()  # from now on every connection is new: the survivor sees a new handshake
+        assert client.get("auth/JWT_KEY", version=1).value.reveal() == SEED["auth/JWT_KEY"]
+        creds = client.credentials()
+        assert revealed(creds) == AUTH and not creds.stale and not client.stale
+    finally:
+        first.kill()
+        second.stop()
+    expiring = [w for w in warnings_of(caplog) if "expires on" in w]
+    assert expiring == [
+        f"the client certificate {service_dir / 'auth.pem'} (SECRETS_MANAGER_CERT) expires on "
+        f"{expires:%Y-%m-%d %H:%M:%S} UTC and no renewal has appeared; the service refuses it from "
+        "then on: check the job that renews it"
+    ]
+
+
+@pytest.mark.parametrize("half", ["certificate-only", "empty-key"])
+def test_a_half_written_renewal_is_not_used_until_it_is_complete(
+    server: Server,
+    service_dir: Path,
+    make_client: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    half: str,
+) -> None:
+    monkeypatch.setattr(_client, "TLS_CHECK_SECONDS", 0.1)
+    client = make_client("auth", [server.address])
+    assert revealed(client.credentials()) == AUTH
+    caplog.set_level(logging.INFO, logger="secrets_manager.client")
+    new_cert, new_key = pair_of(service_dir, "market-connector")
+    old_key = (service_dir / "auth-key.pem").read_bytes()
+    if half == "certificate-only":  # the new certificate beside the old key
+        renew(service_dir, (new_cert, b""), key=False)
+        expected = "(SECRETS_MANAGER_KEY) does not match the certificate"
+    else:  # a job that truncates the key file before it writes it
+        renew(service_dir, (new_cert, b""))
+        expected = "(SECRETS_MANAGER_KEY) is empty"
+    time.sleep(1.0)  # ten checks
+    assert readable(client, "auth/JWT_KEY")  # still auth's working channels
+    assert not readable(client, "market-connector/BINANCE_API_KEY")
+    assert not client.stale
+    warnings = warnings_of(caplog)
+    assert len(warnings) == 1, warnings
+    assert "cannot be used yet" in warnings[0] and expected in warnings[0], warnings[0]
+    assert str(service_dir / "auth-key.pem") in warnings[0]
+    for material in (old_key, new_key, new_cert):
+        assert material.decode().splitlines()[1] not in warnings[0]
+    assert "BEGIN" not in warnings[0]
+    renew(service_dir, (new_cert, new_key))  # the key arrives
+    wait_until(lambda: readable(client, "market-connector/BINANCE_API_KEY"), timeout=2.0, interval=0.05)
+    assert len(warnings_of(caplog)) == 1
+    assert any("renewed" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+
+
+def test_twenty_renewals_leave_no_channel_or_thread_behind(
+    server: Server, service_dir: Path, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_client, "TLS_CHECK_SECONDS", 0.05)
+    made: list[RemoteStore] = []
+    closed: set[int] = set()
+
+    class Tracked(RemoteStore):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+        def close(self) -> None:
+            closed.add(id(self))
+            super().close()
+
+    monkeypatch.setattr(_client, "RemoteStore", Tracked)
+    client = make_client("auth", [server.address])
+    assert revealed(client.credentials()) == AUTH
+    wait_until(lambda: client._live_since is not None, timeout=5.0)  # the watch stream is up
+    threads = threading.active_count()
+    turns = [
+        (pair_of(service_dir, "market-connector"), "market-connector/BINANCE_API_KEY"),
+        (pair_of(service_dir, "auth"), "auth/JWT_KEY"),
+    ]
+    for turn in range(20):
+        pair, name = turns[turn % 2]
+        renew(service_dir, pair)
+        wait_until(lambda: readable(client, name), timeout=3.0, interval=0.02)  # noqa: B023
+    wait_until(lambda: len(made) - len(closed) == 1, timeout=5.0)  # only the newest channel is open
+    assert len(made) == 21 and id(made[-1]) not in closed
+    wait_until(lambda: client._live_since is not None, timeout=5.0)
+    assert threading.active_count() <= threads, [t.name for t in threading.enumerate()]
+    # The watch stream lives on the newest channel: a change is pushed.
+    assert client.get("auth/JWT_KEY").value.reveal() == SEED["auth/JWT_KEY"]
+    make_client("writer", [server.address]).put("auth/JWT_KEY", b"pushed-after-twenty-renewals")
+    wait_until(lambda: client.get("auth/JWT_KEY").value.reveal() == b"pushed-after-twenty-renewals", 2.0)
 
 
 # ---- fork() --------------------------------------------------------------------------------------

@@ -24,6 +24,16 @@ How a value reaches a caller:
   and without touching the network, while the watcher reconnects with exponential backoff and
   jitter. Past the bound a read tries the service again and, if it still fails, raises a
   `StorageError` that says so. Any successful call or event ends the outage.
+- Renewed certificate. gRPC presents the client certificate only in a new connection's
+  handshake and keeps a channel's connection for the channel's life, so a renewal needs new
+  channels. The refresher stats the three files every `TLS_CHECK_SECONDS`, and a call that fails
+  as a refused certificate looks ("Socket closed", a failed handshake) checks them at once (and is
+  tried again if they changed). Changed files that `read_client_tls` accepts get new channels to
+  every address, swapped in at once; calls in flight finish on the old ones, the watch stream is
+  cancelled and resumes from its revision on the new ones, and the old channels close when their
+  last call or stream ends. Files caught half-written (a new certificate beside the old key, an
+  empty file) are not used: one warning, and they are read again when they change. A certificate
+  near its expiry with no renewal in sight gets one warning (client/_renewal.py).
 - Without an address, outside production, the same machinery runs over the local store, read-only;
   the watcher polls the store's change feed like the service does.
 
@@ -68,9 +78,11 @@ from secrets_manager.client._config import (
 )
 from secrets_manager.client._credentials import Credentials
 from secrets_manager.client._logging import LIVE_VALUES
-from secrets_manager.client.remote import RemoteStore, TlsFiles
+from secrets_manager.client._renewal import CertificateFiles
+from secrets_manager.client.remote import ChangeStream, RemoteStore, TlsFiles, channel_credentials
 from secrets_manager.errors import (
     AccessDeniedError,
+    HandshakeFailedError,
     InvalidInputError,
     NotFoundError,
     ResourceExhaustedError,
@@ -81,6 +93,7 @@ from secrets_manager.store import EncryptedStore, Secret, SecretMetadata
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.store.names import DEFAULT_NAMESPACE, validate_namespace
 from secrets_manager.store.url import open_store
+from secrets_manager.tls.files import ClientTlsFiles
 from secrets_manager.values import SecretValue
 
 log = logging.getLogger("secrets_manager.client")
@@ -91,6 +104,12 @@ LOCAL_POLL_SECONDS = 0.2  # the local store's change feed, polled as the service
 BACKOFF_INITIAL_SECONDS = 0.1
 BACKOFF_MAX_SECONDS = 5.0
 HEALTHY_STREAM_SECONDS = 5.0  # a stream that lived this long resets the reconnect backoff
+# How often the certificate files are stat'ed for a renewal. Three stat calls in the refresher
+# thread, nothing on the read path, so cost does not bound it; what does is how soon a renewed
+# certificate is in use. Renewers act long before expiry (SPIFFE helpers at half an SVID's hour,
+# cert-manager with a third of the lifetime left), so seconds are far inside their margin, and
+# a call refused the way an expired certificate is refused checks at once anyway.
+TLS_CHECK_SECONDS = 5.0
 CHANNEL_OPTIONS = (
     # Retry a lost connection within a couple of seconds, not gRPC's default of up to two minutes.
     # (Not grpc.min_reconnect_backoff_ms: gRPC also uses it as the connect timeout, TLS included.)
@@ -99,13 +118,18 @@ CHANNEL_OPTIONS = (
 )
 _EVERYTHING = "*"  # refresher job: re-read all that is cached ('*' is never a secret name)
 _ALL = ""  # the listing's cache key: every name the caller may read
+_RENEWAL = "?tls"  # refresher job: have the certificate files been renewed? (never a secret name)
 
 
 # ---- where values come from ------------------------------------------------------------------
 
 
 class _ChangeSource(Protocol):
-    revision: int | None  # every change up to here has been delivered: where to resume from
+    @property
+    def revision(self) -> int | None: ...  # every change up to here was delivered: resume from it
+
+    @property
+    def moved(self) -> bool: ...  # cancelled to move to new channels (reconnect at once)
 
     def start(self) -> int | None: ...
 
@@ -115,6 +139,8 @@ class _ChangeSource(Protocol):
     def __iter__(self) -> Iterator[SecretChange]: ...
 
     def cancel(self) -> None: ...
+
+    def close(self) -> None: ...  # the watcher is done with it
 
 
 class _Backend(Protocol):
@@ -140,46 +166,152 @@ class _Backend(Protocol):
 
     def watch_refused(self) -> None: ...
 
+    def renew_tls(self) -> None: ...
+
     def close(self) -> None: ...
+
+
+class _Channels:
+    """One channel (RemoteStore) per address, all made from one reading of the certificate files.
+
+    `users` counts the calls and watch streams on them; once newer channels replace these
+    (`retired`), they are closed when the last of those ends, never under a call in flight."""
+
+    def __init__(self, replicas: list[RemoteStore]) -> None:
+        self.replicas = replicas
+        self.users = 0
+        self.retired = False
+        self.streams: set[_HeldStream] = set()
+
+    def close(self) -> None:
+        for replica in self.replicas:
+            replica.close()
+
+
+class _HeldStream:
+    """A watch stream that keeps its channels open until the watcher is done with it (`close`).
+    `moved`: cancelled because newer channels replaced its own (a renewed certificate), so the
+    watcher reconnects at once, resuming where this one stopped."""
+
+    def __init__(
+        self, stream: ChangeStream, channels: _Channels, done: Callable[[_HeldStream], None]
+    ) -> None:
+        self._stream = stream
+        self.channels = channels
+        self._done = done
+        self._closed = False
+        self.moved = False
+
+    @property
+    def revision(self) -> int | None:
+        return self._stream.revision
+
+    def start(self) -> int | None:
+        return self._stream.start()
+
+    @property
+    def resumed(self) -> bool:
+        return self._stream.resumed
+
+    def __iter__(self) -> Iterator[SecretChange]:
+        return iter(self._stream)
+
+    def cancel(self) -> None:
+        self._stream.cancel()
+
+    def move(self) -> None:
+        self.moved = True
+        self._stream.cancel()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._done(self)
 
 
 class _ServiceReplicas:
     """The service at one or more addresses. A call goes to the address that answered last and
     moves on to the next when one cannot give an answer (unreachable, timed out, unavailable);
-    a definite answer (not found, denied, invalid, conflict) is final."""
+    a definite answer (not found, denied, invalid, conflict) is final.
+
+    `renew_tls` replaces every channel at once when the certificate files were renewed; calls and
+    the watch stream on the old channels finish there (the stream is cancelled, to move), then
+    the old channels close. A call that fails as a refused certificate looks checks the files at
+    once and, if they were renewed, is tried again on the new channels."""
 
     def __init__(self, target: RemoteTarget, timeout: float) -> None:
         self._timeout = timeout
-        self._replicas: list[RemoteStore] = []
-        try:
-            for address in target.addresses:
-                self._replicas.append(
-                    RemoteStore(address, target.tls, timeout=timeout, options=CHANNEL_OPTIONS)
-                )
-        except BaseException:
-            self.close()
-            raise
+        self._addresses = target.addresses
+        self._files = CertificateFiles(target.tls)
+        self._lock = threading.Lock()  # _current, _open, _closed and every _Channels' users/streams
+        self._renew_lock = threading.Lock()  # one renewal at a time, so an older one never wins
+        self._closed = False
+        self._current = self._make_channels(self._files.loaded)
+        # Channels not closed yet, kept referenced: a forked child must never finalise them.
+        self._open: list[_Channels] = [self._current]
         self._preferred = 0
         self._watching: int | None = None  # the replica of the last watch stream opened
         self._watch_refused_by: int | None = None
 
-    def _in_order(self) -> list[tuple[int, RemoteStore]]:
+    def _make_channels(self, files: ClientTlsFiles) -> _Channels:
+        credentials = channel_credentials(files)
+        replicas: list[RemoteStore] = []
+        try:
+            for address in self._addresses:
+                replicas.append(
+                    RemoteStore(
+                        address,
+                        self._files.tls,
+                        timeout=self._timeout,
+                        options=CHANNEL_OPTIONS,
+                        credentials=credentials,
+                    )
+                )
+        except BaseException:
+            _Channels(replicas).close()
+            raise
+        return _Channels(replicas)
+
+    def _take(self) -> _Channels:
+        with self._lock:
+            channels = self._current
+            channels.users += 1
+            return channels
+
+    def _give_back(self, channels: _Channels) -> None:
+        with self._lock:
+            channels.users -= 1
+            finished = channels.retired and channels.users == 0 and channels in self._open
+            if finished:
+                self._open.remove(channels)
+        if finished:
+            channels.close()
+
+    def _in_order(self, channels: _Channels) -> list[tuple[int, RemoteStore]]:
         start = self._preferred
-        indexed = list(enumerate(self._replicas))
+        indexed = list(enumerate(channels.replicas))
         return indexed[start:] + indexed[:start]
 
-    def _call(self, operation: Callable[[RemoteStore], T]) -> T:
+    def _call(self, operation: Callable[[RemoteStore], T], *, renewed: bool = False) -> T:
         failures: list[str] = []
-        for index, replica in self._in_order():
-            try:
-                result = operation(replica)
-            except SecretsManagerError as exc:
-                if not _worth_another_address(exc):
-                    raise
-                failures.append(f"{replica.address}: {exc}")
-                continue
-            self._preferred = index
-            return result
+        refused = False
+        channels = self._take()
+        try:
+            for index, replica in self._in_order(channels):
+                try:
+                    result = operation(replica)
+                except SecretsManagerError as exc:
+                    if not _worth_another_address(exc):
+                        raise
+                    refused = refused or isinstance(exc, HandshakeFailedError)
+                    failures.append(f"{replica.address}: {exc}")
+                    continue
+                self._preferred = index
+                return result
+        finally:
+            self._give_back(channels)
+        if refused and not renewed and self._renew():
+            return self._call(operation, renewed=True)
         raise StorageError("; ".join(failures))
 
     def fetch_all(self) -> list[Secret]:
@@ -217,24 +349,74 @@ class _ServiceReplicas:
     def open_watch(self, since_revision: int | None = None) -> _ChangeSource:
         """Watch, on the first address whose health check says SERVING within the timeout (the
         replicas share one store, so a stream resumes `since_revision` on any of them). A replica
-        that refused the last stream (at its watch-stream limit) is tried last."""
-        order = self._in_order()
-        order.sort(key=lambda pair: pair[0] == self._watch_refused_by)  # stable: the rest keep order
-        unready: list[str] = []
-        for index, replica in order:
-            if replica.is_serving(self._timeout):
-                self._preferred = self._watching = index
-                return replica.watch(since_revision=since_revision)
-            unready.append(replica.address)
+        that refused the last stream (at its watch-stream limit) is tried last. The stream holds
+        its channels open until the watcher closes it."""
+        channels = self._take()
+        try:
+            order = self._in_order(channels)
+            order.sort(key=lambda pair: pair[0] == self._watch_refused_by)  # stable: the rest keep order
+            unready: list[str] = []
+            for index, replica in order:
+                if replica.is_serving(self._timeout):
+                    self._preferred = self._watching = index
+                    stream = _HeldStream(replica.watch(since_revision=since_revision), channels, self._ended)
+                    with self._lock:
+                        channels.streams.add(stream)
+                        replaced = channels.retired
+                    if replaced:  # renewed while this one connected: move at once
+                        stream.move()
+                    return stream
+                unready.append(replica.address)
+        except BaseException:
+            self._give_back(channels)
+            raise
+        self._give_back(channels)
         raise StorageError(f"no service is serving at {', '.join(unready)}")
+
+    def _ended(self, stream: _HeldStream) -> None:
+        with self._lock:
+            stream.channels.streams.discard(stream)
+        self._give_back(stream.channels)
 
     def watch_refused(self) -> None:
         """The stream just opened was refused: its replica is at its watch-stream limit."""
         self._watch_refused_by = self._watching
 
+    def renew_tls(self) -> None:
+        """New channels if the certificate files were renewed and are usable (see `_renew`)."""
+        self._renew()
+
+    def _renew(self) -> bool:
+        """Whether the certificate files changed into usable ones and now back new channels."""
+        with self._renew_lock:
+            files = self._files.renewed()
+            if files is None:
+                return False
+            fresh = self._make_channels(files)
+            with self._lock:
+                if self._closed:  # closed meanwhile: nothing to swap into
+                    swapped, idle, moving = False, fresh, []
+                else:
+                    old, self._current = self._current, fresh
+                    self._open.append(fresh)
+                    old.retired = True
+                    swapped, idle, moving = True, old, list(old.streams)
+                    if old.users:
+                        idle = None  # the last call or stream on them closes them
+                    else:
+                        self._open.remove(old)
+            for stream in moving:  # the watcher reconnects on the new channels
+                stream.move()
+            if idle is not None:
+                idle.close()
+            return swapped
+
     def close(self) -> None:
-        for replica in self._replicas:
-            replica.close()
+        with self._lock:
+            self._closed = True
+            channels, self._open = self._open, []
+        for each in channels:
+            each.close()
 
 
 def _worth_another_address(error: SecretsManagerError) -> bool:
@@ -291,6 +473,9 @@ class _LocalStore:
     def watch_refused(self) -> None:
         """Never happens: the local store has no limit on watchers."""
 
+    def renew_tls(self) -> None:
+        """No certificate: nothing to renew."""
+
     def close(self) -> None:
         self._store.close()
 
@@ -310,6 +495,7 @@ class _PolledChanges:
         else:
             self.revision = since_revision
         self.resumed = since_revision is not None and self.revision == since_revision
+        self.moved = False
         self._cancelled = threading.Event()
 
     def start(self) -> int | None:
@@ -326,6 +512,9 @@ class _PolledChanges:
 
     def cancel(self) -> None:
         self._cancelled.set()
+
+    def close(self) -> None:
+        self.cancel()
 
 
 def _local_actor() -> str:
@@ -730,11 +919,11 @@ class Client:
                 raise InvalidInputError("this secrets-manager client is closed")
             if self._backend is None:
                 target = self._config.target
-                self._backend = (
-                    _ServiceReplicas(target, self._config.timeout)
-                    if isinstance(target, RemoteTarget)
-                    else _LocalStore(target)
-                )
+                if isinstance(target, RemoteTarget):
+                    self._backend = _ServiceReplicas(target, self._config.timeout)
+                    self._queue.schedule(_RENEWAL, self._clock() + TLS_CHECK_SECONDS)
+                else:
+                    self._backend = _LocalStore(target)
                 for name, run in (("watch", self._watch), ("refresh", self._refresh_forever)):
                     thread = threading.Thread(target=run, name=f"secrets-manager-{name}", daemon=True)
                     thread.start()
@@ -762,7 +951,7 @@ class Client:
                 continue
             with self._stream_lock:
                 if self._closed.is_set():
-                    stream.cancel()
+                    stream.close()
                     return
                 self._stream = stream
             opened = self._clock()
@@ -771,13 +960,18 @@ class Client:
                 # Wait until the service says the stream is live and whether it took up `resume`
                 # (a refused stream raises here, before it costs the service a re-read).
                 stream.start()
+                if stream.moved:  # renewed while it connected: to the new channels at once
+                    continue
                 self._reachable()  # it answered: an outage ends even if no event follows
                 if not stream.resumed:
                     self._reload_after_connect(opened)
                 for change in stream:
                     self._reachable()
                     self._on_change(change)
-                log.debug("watch stream ended by the service, reconnecting")
+                if stream.moved:
+                    log.debug("watch stream moving to the channels of the renewed certificate")
+                else:
+                    log.debug("watch stream ended by the service, reconnecting")
             except ResourceExhaustedError as exc:
                 backend.watch_refused()  # try the other replicas first next time
                 refusals += 1
@@ -792,9 +986,12 @@ class Client:
                 with self._stream_lock:
                     self._stream = None
                 self._live_since = None
+                stream.close()  # its channels may close now, if a renewal replaced them
                 if stream.revision is not None:  # the stream went live
                     resume = stream.revision
                     refusals = 0
+            if stream.moved:
+                continue  # not a failure: no backoff
             if self._clock() - opened >= HEALTHY_STREAM_SECONDS:
                 backoff.reset()
             else:
@@ -823,6 +1020,9 @@ class Client:
         probes = _Backoff(self._rng)
         while not self._closed.is_set():
             due = self._queue.take_due()
+            if _RENEWAL in due:
+                due.discard(_RENEWAL)
+                self._check_renewal()
             if _EVERYTHING in due:
                 self._refresh_everything()
             else:
@@ -834,6 +1034,16 @@ class Client:
                 # A call failed while the stream stayed up (a blip, a hung replica): keep asking,
                 # with backoff, so the outage ends when the service answers, not at the bound.
                 self._queue.schedule(_EVERYTHING, self._clock() + probes.next_delay())
+
+    def _check_renewal(self) -> None:
+        """Every TLS_CHECK_SECONDS: new channels if the certificate files were renewed."""
+        backend = self._backend
+        try:
+            if backend is not None:
+                backend.renew_tls()
+        except Exception as exc:  # never end the refresher; the next check tries again
+            log.warning("checking the client certificate files for a renewal failed: %s", exc)
+        self._queue.schedule(_RENEWAL, self._clock() + TLS_CHECK_SECONDS)
 
     def _refresh_everything(self) -> None:
         listing = self._listing.get(_ALL)
