@@ -18,6 +18,7 @@ from secrets_manager.environment import Environment
 from secrets_manager.errors import (
     AccessDeniedError,
     ConflictError,
+    IntegrityError,
     InvalidInputError,
     NotFoundError,
     StorageError,
@@ -36,7 +37,7 @@ from secrets_manager.store.url import (
     open_external_store,
 )
 from secrets_manager.store.vault import VaultStore, connect_vault, retrying_session
-from vault_server import FakeVault
+from vault_server import FakeVault, vault_time, vault_time_ns
 
 MakeVault = Callable[..., VaultStore]
 
@@ -492,3 +493,119 @@ def test_plain_http_is_refused_in_production(fake_vault: FakeVault) -> None:
     url = fake_vault.address.replace("http://", "vault+http://") + "/secret"
     with pytest.raises(UnsafeConfigurationError, match="plain http"):
         open_external_store(url, environment=Environment.PRODUCTION, actor="x", environ={"VAULT_TOKEN": "t"})
+
+
+# ---- delete_version_after: a deletion_time ahead is an expiry, not a deletion ------------------------
+
+
+def age(vault: FakeVault, name: str, version: int, *, seconds: int) -> None:
+    """Move a version's created_time and deletion_time `seconds` back, as if written that long ago."""
+    kept = kv(vault, name).versions[version]
+    shift = seconds * 1_000_000_000
+    kept.created_time = vault_time(vault_time_ns(kept.created_time) - shift)
+    if kept.deletion_time:
+        kept.deletion_time = vault_time(vault_time_ns(kept.deletion_time) - shift)
+
+
+def test_the_test_server_applies_delete_version_after_as_vault_does(fake_vault: FakeVault) -> None:
+    """pathDataWrite: deletion_time = created + the smaller non-zero of the secret's and the mount's
+    delete_version_after; a negative mount setting disables it; the version is served until then."""
+    client = hvac.Client(url=fake_vault.address, token=fake_vault.root_token)
+    kv2 = client.secrets.kv.v2
+
+    def expiry_of_a_write(path: str) -> float:
+        written = kv2.create_or_update_secret(path=path, secret={"value": "x"}, mount_point="secret")["data"]
+        if not written["deletion_time"]:
+            return 0.0
+        return (
+            vault_time_ns(written["deletion_time"]) - vault_time_ns(written["created_time"])
+        ) / 1_000_000_000
+
+    kv2.update_metadata(path="svc/A", delete_version_after="720h", mount_point="secret")
+    assert expiry_of_a_write("svc/A") == 720 * 3600
+    assert kv2.read_secret_version(path="svc/A", mount_point="secret", raise_on_deleted_version=True)
+    assert kv2.read_secret_metadata(path="svc/A", mount_point="secret")["data"]["delete_version_after"] == (
+        "720h0m0s"
+    )
+    assert expiry_of_a_write("svc/B") == 0
+    client.adapter.post("/v1/secret/config", json={"delete_version_after": "1h"})
+    assert expiry_of_a_write("svc/A") == 3600  # the mount's is smaller: it wins
+    assert expiry_of_a_write("svc/B") == 3600
+    client.adapter.post("/v1/secret/config", json={"delete_version_after": "-1s"})
+    assert expiry_of_a_write("svc/A") == 0  # disabled on the mount: the secret's is ignored too
+    assert client.adapter.get("/v1/secret/config")["data"]["delete_version_after"] == "-1s"
+
+
+def test_a_version_with_an_expiry_ahead_is_alive(make_vault: MakeVault, fake_vault: FakeVault) -> None:
+    """A secret whose versions carry a future deletion_time (delete_version_after) is listed,
+    written, deleted and read as any other; undelete leaves a pending expiry alone."""
+    store = make_vault()
+    client = hvac.Client(url=fake_vault.address, token=fake_vault.root_token)
+    client.secrets.kv.v2.update_metadata(path="auth/DB", delete_version_after="720h", mount_point="secret")
+    client.secrets.kv.v2.create_or_update_secret(path="auth/DB", secret={"value": "v1"}, mount_point="secret")
+    assert kv(fake_vault, "auth/DB").versions[1].deletion_time  # an expiry, 30 days ahead
+    assert [m.name for m in store.list()] == ["auth/DB"]
+    assert store.describe("auth/DB").deleted is None
+    assert store.put("auth/DB", b"v2").version == 2
+    assert store.get("auth/DB", version=1).value.reveal() == b"v1"
+    expiry = kv(fake_vault, "auth/DB").versions[1].deletion_time
+    with pytest.raises(ConflictError, match="is not deleted"):
+        store.undelete("auth/DB")
+    assert kv(fake_vault, "auth/DB").versions[1].deletion_time == expiry
+    store.delete("auth/DB")
+    assert store.describe("auth/DB").deleted is not None
+    with pytest.raises(NotFoundError, match="deleted"):
+        store.get("auth/DB")
+    store.undelete("auth/DB")
+    assert store.get("auth/DB").value.reveal() == b"v2"
+
+
+def test_a_version_whose_expiry_passed_is_deleted(make_vault: MakeVault, fake_vault: FakeVault) -> None:
+    store = make_vault()
+    client = hvac.Client(url=fake_vault.address, token=fake_vault.root_token)
+    client.adapter.post("/v1/secret/config", json={"delete_version_after": "1h"})
+    store.put("auth/TMP", b"v1")
+    age(fake_vault, "auth/TMP", 1, seconds=3601)
+    with pytest.raises(NotFoundError, match=r"current version \(1\).*deleted"):
+        store.get("auth/TMP")
+    assert store.list() == [] and store.describe("auth/TMP").deleted is not None
+    with pytest.raises(ConflictError, match="is deleted"):
+        store.put("auth/TMP", b"v2")
+    store.undelete("auth/TMP")
+    assert store.get("auth/TMP").value.reveal() == b"v1"
+
+
+def test_the_audit_key_is_refreshed_before_a_mount_policy_expires_it(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    """A secret's delete_version_after cannot lengthen the mount's (Vault takes the smaller), so
+    the store writes the same key again once half of its lifetime has gone."""
+    client = hvac.Client(url=fake_vault.address, token=fake_vault.root_token)
+    client.adapter.post("/v1/secret/config", json={"delete_version_after": "2h"})
+    key = make_vault().audit_key()
+    assert make_vault().audit_key() == key and list(kv(fake_vault, AUDIT_KEY_NAME).versions) == [1]
+    age(fake_vault, AUDIT_KEY_NAME, 1, seconds=3601)  # past half of its two hours
+    assert make_vault().audit_key() == key
+    refreshed = kv(fake_vault, AUDIT_KEY_NAME)
+    assert refreshed.current_version == 2
+    assert vault_time_ns(refreshed.versions[2].deletion_time) > vault_time_ns(
+        refreshed.versions[1].deletion_time
+    )
+    age(fake_vault, AUDIT_KEY_NAME, 1, seconds=3600)  # the first version expires: the second serves
+    assert make_vault().audit_key() == key
+
+
+def test_an_anchor_expired_by_delete_version_after_is_still_an_integrity_failure_that_says_why(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    client = hvac.Client(url=fake_vault.address, token=fake_vault.root_token)
+    client.adapter.post("/v1/secret/config", json={"delete_version_after": "1h"})
+    store = make_vault(audit_scope="idle")
+    store.audit_anchor()
+    store.set_audit_anchor(Anchor(seq=1, hash="a" * 64))
+    assert make_vault(audit_scope="idle").audit_anchor() == Anchor(seq=1, hash="a" * 64)
+    age(fake_vault, ".secrets-manager/audit-anchor/idle", 1, seconds=3601)
+    with pytest.raises(
+        IntegrityError, match=r"delete_version_after.*vault kv undelete -mount=secret -versions=1"
+    ):
+        make_vault(audit_scope="idle").audit_anchor()

@@ -23,17 +23,28 @@ error codes (https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2):
     LIST   /v1/MOUNT/metadata/FOLDER[/]       200 {"data": {"keys": [...]}} ("sub/" for folders), 404 if none
     POST   /v1/auth/approle/login             {"role_id", "secret_id"} → {"auth": {"client_token": …}}
 
+    GET|POST /v1/MOUNT/config                 the mount's max_versions, cas_required and
+                                              delete_version_after (a negative duration disables it)
+
+delete_version_after as Vault applies it (vault-plugin-secrets-kv pathDataWrite, deletionTime): each
+write gives the new version deletion_time = created_time + the smaller non-zero of the secret's and
+the mount's setting (a secret's can only shorten the mount's; "0s" means unset), unless the mount
+disables it. A version is deleted only once that time has passed (pathDataRead:
+deletionTime.Before(now)); delete skips versions already past it and undelete applies the expiry
+anew from now, as pathUndeleteWrite does. Durations are Go's ("720h", "1h30m", "90s") or seconds.
+
 Every request needs a known X-Vault-Token (else 403 {"errors": ["permission denied"]}); read-only
 tokens get 403 on writes. `seal()` makes every request 503 {"errors": ["Vault is sealed"]};
 `fail_next(status, count)` answers the next requests with an error (for retry tests). Versions
-beyond max_versions (the secret's, else 10) are removed oldest first by each data write, as
-Vault's KeyMetadata.AddVersion does (so a lowered max_versions removes several at once); the mount
-has no max_versions of its own here (Vault's config endpoint, which would raise the limit).
+beyond max_versions (the larger of the secret's and the mount's, else 10) are removed oldest first
+by each data write, as Vault's KeyMetadata.AddVersion does (so a lowered max_versions removes
+several at once).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
@@ -48,10 +59,56 @@ DEFAULT_MAX_VERSIONS = 10
 CAS_MISMATCH = "check-and-set parameter did not match the current version"
 
 
-def vault_time() -> str:
-    ns = time.time_ns()
+def vault_time(ns: int | None = None) -> str:
+    """RFC 3339 with nanoseconds, as Vault writes times; now, or `ns` nanoseconds since the epoch."""
+    ns = time.time_ns() if ns is None else ns
     whole = datetime.fromtimestamp(ns // 1_000_000_000, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
     return f"{whole}.{ns % 1_000_000_000:09d}Z"
+
+
+def vault_time_ns(text: str) -> int:
+    """Nanoseconds since the epoch of a time `vault_time` wrote."""
+    whole, _, fraction = text.rstrip("Z").partition(".")
+    seconds = int(datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp())
+    return seconds * 1_000_000_000 + int((fraction or "0").ljust(9, "0")[:9])
+
+
+def is_past(deletion_time: str) -> bool:
+    """Vault's test for a deleted version: a deletion_time that is set and before now."""
+    return bool(deletion_time) and vault_time_ns(deletion_time) < time.time_ns()
+
+
+_GO_UNITS = {"h": 3600, "m": 60, "s": 1}
+
+
+def duration_seconds(value: Any) -> int:
+    """A TypeDurationSecond field: an integer of seconds, or a Go duration ("720h", "1h30m", "-1s")."""
+    if isinstance(value, bool):
+        raise VaultError(400, ['error converting input for field "delete_version_after"'])
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    match = re.fullmatch(r"(-?)((?:\d+[hms])+)", text)
+    if match is None:
+        raise VaultError(400, ['error converting input for field "delete_version_after"'])
+    total = sum(int(n) * _GO_UNITS[unit] for n, unit in re.findall(r"(\d+)([hms])", match[2]))
+    return -total if match[1] else total
+
+
+def go_duration(seconds: int) -> str:
+    """Go's time.Duration.String() of whole seconds, as Vault shows delete_version_after."""
+    if seconds == 0:
+        return "0s"
+    sign, seconds = ("-", -seconds) if seconds < 0 else ("", seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{sign}{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{sign}{minutes}m{secs}s"
+    return f"{sign}{secs}s"
 
 
 @dataclass
@@ -89,7 +146,7 @@ class KvSecret:
             "created_time": self.created_time,
             "current_version": self.current_version,
             "custom_metadata": self.custom_metadata,
-            "delete_version_after": self.delete_version_after,
+            "delete_version_after": go_duration(duration_seconds(self.delete_version_after)),
             "max_versions": self.max_versions,
             "oldest_version": self.oldest_version,
             "updated_time": self.updated_time,
@@ -102,6 +159,24 @@ class KvSecret:
                 for n, v in sorted(self.versions.items())
             },
         }
+
+
+@dataclass
+class KvConfig:
+    """A mount's KV v2 configuration (MOUNT/config); delete_version_after in seconds, -1: disabled."""
+
+    max_versions: int = 0
+    cas_required: bool = False
+    delete_version_after: int = 0
+
+    def deletion_time(self, secret: KvSecret, now_ns: int) -> str:
+        """The deletion_time Vault gives a version written (or undeleted) at `now_ns`."""
+        if self.delete_version_after < 0:
+            return ""
+        settings = [
+            d for d in (self.delete_version_after, duration_seconds(secret.delete_version_after)) if d > 0
+        ]
+        return vault_time(now_ns + min(settings) * 1_000_000_000) if settings else ""
 
 
 class VaultError(Exception):
@@ -122,6 +197,7 @@ class FakeVault:
         self.readonly_tokens: set[str] = set()
         self.approles: dict[str, str] = {}  # role_id -> secret_id
         self.mounts: dict[str, dict[str, KvSecret]] = {m: {} for m in mounts}
+        self.configs: dict[str, KvConfig] = {m: KvConfig() for m in mounts}
         self.sealed = False
         self.requests: list[tuple[str, str]] = []
         self._failures: list[tuple[int, list[str]]] = []
@@ -215,8 +291,21 @@ class FakeVault:
         else:
             raise VaultError(404, [f'no handler for route "{rest}". route entry not found.'])
         secrets = self.mounts[mount]
+        config = self.configs[mount]
         endpoint, _, key = rest[len(mount) + 1 :].partition("/")
         key = key.strip("/")
+        if endpoint == "config" and not key:
+            if method == "GET":
+                return 200, _envelope(
+                    {
+                        "max_versions": config.max_versions,
+                        "cas_required": config.cas_required,
+                        "delete_version_after": go_duration(config.delete_version_after),
+                    }
+                )
+            if method in ("POST", "PUT"):
+                self._configure(config, body or {})
+                return 204, None
         if endpoint == "data":
             if method == "GET":
                 return 200, self._read(secrets, key, query)
@@ -246,10 +335,10 @@ class FakeVault:
             if not versions or not all(isinstance(v, int) for v in versions):
                 raise VaultError(400, ["no version number provided"])
             secret = secrets.get(key)
-            if secret is not None:
-                {"delete": self._mark_deleted, "undelete": self._undelete, "destroy": self._destroy}[
-                    endpoint
-                ](secret, versions)
+            if secret is not None and endpoint == "undelete":
+                self._undelete(secret, versions, config)
+            elif secret is not None:
+                {"delete": self._mark_deleted, "destroy": self._destroy}[endpoint](secret, versions)
             return 204, None
         raise VaultError(405, ["unsupported operation"])
 
@@ -262,10 +351,19 @@ class FakeVault:
         if version is None:
             raise VaultError(404, [])
         body = _envelope({"data": version.data, "metadata": version.metadata(number, secret.custom_metadata)})
-        if version.deletion_time or version.destroyed:
+        if is_past(version.deletion_time) or version.destroyed:
             body["data"]["data"] = None
             raise VaultError(404, body=body)
         return body
+
+    @staticmethod
+    def _configure(config: KvConfig, body: dict[str, Any]) -> None:
+        if "max_versions" in body:
+            config.max_versions = int(body["max_versions"])
+        if "cas_required" in body:
+            config.cas_required = bool(body["cas_required"])
+        if "delete_version_after" in body:
+            config.delete_version_after = max(duration_seconds(body["delete_version_after"]), -1)
 
     def _write(self, secrets: dict[str, KvSecret], key: str, body: Any) -> dict[str, Any]:
         if not isinstance(body, dict) or not isinstance(body.get("data"), dict):
@@ -274,18 +372,22 @@ class FakeVault:
         secret = secrets.get(key)
         current = secret.current_version if secret is not None else 0
         cas = options.get("cas")
-        if cas is None and secret is not None and secret.cas_required:
+        config = next(self.configs[m] for m, kept in self.mounts.items() if kept is secrets)
+        if cas is None and (config.cas_required or (secret is not None and secret.cas_required)):
             raise VaultError(400, ["check-and-set parameter required for this call"])
         if cas is not None and cas != current:
             raise VaultError(400, [CAS_MISMATCH])
         if secret is None:
             secret = secrets[key] = KvSecret()
         number = secret.current_version + 1
-        now = vault_time()
-        secret.versions[number] = KvVersion(data=body["data"], created_time=now)
+        now_ns = time.time_ns()
+        now = vault_time(now_ns)
+        secret.versions[number] = KvVersion(
+            data=body["data"], created_time=now, deletion_time=config.deletion_time(secret, now_ns)
+        )
         secret.current_version = number
         secret.updated_time = now
-        limit = secret.max_versions or DEFAULT_MAX_VERSIONS
+        limit = max(secret.max_versions, config.max_versions) or DEFAULT_MAX_VERSIONS
         while len(secret.versions) > limit:
             del secret.versions[min(secret.versions)]
         secret.oldest_version = min(secret.versions)
@@ -315,6 +417,9 @@ class FakeVault:
         if "cas_required" in body:
             secret.cas_required = bool(body["cas_required"])
         if "delete_version_after" in body:
+            seconds = duration_seconds(body["delete_version_after"])
+            if seconds < 0:
+                raise VaultError(400, ["delete_version_after cannot be negative"])
             secret.delete_version_after = str(body["delete_version_after"])
         if custom is not None:
             secret.custom_metadata = dict(custom)
@@ -335,16 +440,16 @@ class FakeVault:
     def _mark_deleted(secret: KvSecret, versions: list[int]) -> None:
         for number in versions:
             version = secret.versions.get(number)
-            if version is not None and not version.destroyed and not version.deletion_time:
+            if version is not None and not version.destroyed and not is_past(version.deletion_time):
                 version.deletion_time = vault_time()
         secret.updated_time = vault_time()
 
     @staticmethod
-    def _undelete(secret: KvSecret, versions: list[int]) -> None:
+    def _undelete(secret: KvSecret, versions: list[int], config: KvConfig) -> None:
         for number in versions:
             version = secret.versions.get(number)
             if version is not None and not version.destroyed:
-                version.deletion_time = ""
+                version.deletion_time = config.deletion_time(secret, time.time_ns())
         secret.updated_time = vault_time()
 
     @staticmethod

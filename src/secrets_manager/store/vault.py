@@ -14,6 +14,8 @@ The mapping (docs/stores.md has it in full):
     delete / undelete        KV soft delete / undelete of every live version
     destroy / destroy_secret KV destroy of versions / delete of the metadata and every version
 
+A version is soft-deleted once its deletion_time has passed: a time in the future is the expiry a
+`delete_version_after` (the secret's or the mount's) gave it, and Vault serves the version until then.
 A secret is *deleted* when every version that is not destroyed is soft-deleted. `get` without a
 version returns KV's latest version, as `vault kv get` does: if another tool soft-deleted only that
 version, `get` says so (NotFoundError) rather than serve an older value.
@@ -35,7 +37,7 @@ import secrets
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
@@ -258,7 +260,8 @@ _ERRORS: tuple[tuple[type[vault_errors.VaultError], type[SecretsManagerError], s
 class _KvVersion:
     number: int
     created: datetime
-    deleted: datetime | None
+    deleted: datetime | None  # its deletion_time, once passed: Vault no longer serves it
+    expires: datetime | None  # its deletion_time while still ahead (delete_version_after)
     destroyed: bool
 
 
@@ -320,15 +323,18 @@ class _KvMeta:
 
     @classmethod
     def parse(cls, body: Any) -> _KvMeta:
+        now = datetime.now(UTC)
         try:
             data = body["data"]
             versions = {}
             for key, info in (data.get("versions") or {}).items():
                 number = int(key)
+                deletion = _vault_time(info["deletion_time"]) if info.get("deletion_time") else None
                 versions[number] = _KvVersion(
                     number=number,
                     created=_vault_time(info["created_time"]),
-                    deleted=_vault_time(info["deletion_time"]) if info.get("deletion_time") else None,
+                    deleted=deletion if deletion is not None and deletion <= now else None,
+                    expires=deletion if deletion is not None and deletion > now else None,
                     destroyed=bool(info.get("destroyed")),
                 )
             custom = data.get("custom_metadata") or {}
@@ -639,7 +645,8 @@ class VaultStore:
         self._send("POST", f"delete/{name}", action=f"delete {name}", json={"versions": live})
 
     def undelete(self, name: str) -> None:
-        """POST MOUNT/undelete/NAME {"versions": every soft-deleted version}."""
+        """POST MOUNT/undelete/NAME {"versions": every soft-deleted version}. A version whose expiry
+        (delete_version_after) is still ahead is not deleted, so not sent: its expiry stays."""
         validate_name(name)
         meta = self._require_meta(name)
         deleted = sorted(v.number for v in meta.versions.values() if not v.destroyed and v.deleted)
@@ -698,6 +705,7 @@ class VaultStore:
                 key = _decode_data(body["data"])
                 if len(key) != AUDIT_KEY_SIZE:
                     raise IntegrityError(f"the audit key in Vault ({AUDIT_KEY_NAME}) is damaged")
+                self._refresh_if_expiring(AUDIT_KEY_NAME, body, what="the audit key")
                 self._audit_key = key
                 break
             else:
@@ -706,6 +714,23 @@ class VaultStore:
                     "deleted, 'vault kv undelete' restores it"
                 )
         return self._audit_key
+
+    def _refresh_if_expiring(self, name: str, body: Mapping[str, Any], *, what: str) -> None:
+        """Write the same data again (cas = the version read) when a delete_version_after has given
+        the version an expiry and half of its lifetime has gone: our bookkeeping must outlive the
+        mount's retention policy, and a secret's own delete_version_after cannot lengthen the
+        mount's (Vault takes the smaller), nor can undelete clear it (it applies it anew). Best
+        effort: the version is still readable now, and the next use tries again."""
+        metadata = body.get("metadata") or {}
+        with suppress(KeyError, TypeError, ValueError, StorageError):
+            if not metadata.get("deletion_time"):
+                return
+            created = _vault_time(metadata["created_time"])
+            expires = _vault_time(metadata["deletion_time"])
+            if datetime.now(UTC) < created + (expires - created) / 2:
+                return
+            with suppress(_CasMismatch, SecretsManagerError):  # someone else refreshed it, or may not
+                self._write_data(name, body["data"], cas=int(metadata["version"]), action=f"refresh {what}")
 
     def audit_anchor(self) -> Anchor | None:
         """The anchor of this audit log, GET MOUNT/data/.secrets-manager/audit-anchor/SCOPE."""
@@ -717,6 +742,14 @@ class VaultStore:
         try:
             body = self._read_data(self._anchor_name, None, action="read the audit anchor")
         except NotFoundError:
+            version = meta.versions.get(meta.current)
+            if version is not None and version.deleted is not None and not version.destroyed:
+                raise IntegrityError(
+                    f"the audit anchor in Vault was deleted (version {meta.current}, at "
+                    f"{version.deleted:%Y-%m-%d %H:%M} UTC); if the mount's delete_version_after expired "
+                    "it (no command ran for that long), 'vault kv undelete -mount="
+                    f"{self._mount} -versions={meta.current} {self._anchor_name}' restores it"
+                ) from None
             raise IntegrityError("the audit anchor in Vault was deleted or destroyed") from None
         try:
             data = body["data"]
