@@ -353,6 +353,29 @@ def test_a_vault_command_that_fails_before_doing_anything_leaves_no_audit_file(
     ]
 
 
+def test_a_kv_version_1_mount_is_refused_in_one_line_and_nothing_is_written(tmp_path: Path) -> None:
+    vault = FakeVault(kv1_mounts=("kv",)).start()
+    try:
+        vault.kv1["kv"]["auth/DB_PASSWORD"] = {"value": "existing"}
+        cli = Cli(
+            {
+                "HOME": str(tmp_path),
+                "SECRETS_MANAGER_STORE": vault.address.replace("http://", "vault+http://") + "/kv",
+                "VAULT_TOKEN": vault.root_token,
+            }
+        )
+        for args in (("get", "auth/DB_PASSWORD"), ("list",), ("store", "market/API_KEY")):
+            assert_one_line_error(
+                cli(*args, input=b"hunter2"),
+                2,
+                "kv is a KV version 1 mount; secrets-manager needs KV version 2 "
+                "(vault kv enable-versioning kv)",
+            )
+        assert vault.kv1["kv"] == {"auth/DB_PASSWORD": {"value": "existing"}}  # no audit key, no value
+    finally:
+        vault.stop()
+
+
 # ---- AWS -------------------------------------------------------------------------------------------
 
 

@@ -609,3 +609,89 @@ def test_an_anchor_expired_by_delete_version_after_is_still_an_integrity_failure
         IntegrityError, match=r"delete_version_after.*vault kv undelete -mount=secret -versions=1"
     ):
         make_vault(audit_scope="idle").audit_anchor()
+
+
+# ---- the engine at the mount: KV version 2 only -----------------------------------------------------
+
+
+@pytest.fixture
+def vault_with_kv1() -> Iterator[FakeVault]:
+    vault = FakeVault(kv1_mounts=("kv",)).start()
+    vault.kv1["kv"]["auth/DB_PASSWORD"] = {
+        "value": "existing-v1-secret"
+    }  # `vault kv put kv/auth/DB_PASSWORD`
+    yield vault
+    vault.stop()
+
+
+def open_on(vault: FakeVault, mount: str) -> VaultStore:
+    session = retrying_session(attempts=1, backoff=0)
+    return VaultStore(
+        connect_vault(vault.address, environ={"VAULT_TOKEN": vault.root_token}, session=session), mount
+    )
+
+
+def test_the_test_server_answers_the_mounts_endpoint_as_vault_does(vault_with_kv1: FakeVault) -> None:
+    client = hvac.Client(url=vault_with_kv1.address, token=vault_with_kv1.root_token)
+    for path, version in (("secret", "2"), ("kv", "1"), ("kv/auth/DB_PASSWORD", "1")):
+        data = client.adapter.get(f"/v1/sys/internal/ui/mounts/{path}")["data"]
+        assert (data["type"], data["options"]["version"]) == ("kv", version)
+    with pytest.raises(hvac.exceptions.Forbidden):  # a path in no mount: Vault does not say which exist
+        client.adapter.get("/v1/sys/internal/ui/mounts/nope")
+    assert client.adapter.get("/v1/kv/auth/DB_PASSWORD")["data"] == {"value": "existing-v1-secret"}
+
+
+@pytest.mark.parametrize(
+    "operation",
+    [
+        lambda s: s.get("auth/DB_PASSWORD"),
+        lambda s: s.list(),
+        lambda s: s.put("market/API_KEY", b"hunter2-new-value"),
+        lambda s: s.audit_key(),
+        lambda s: s.set_audit_anchor(Anchor(seq=1, hash="a" * 64)),
+    ],
+    ids=["get", "list", "put", "audit_key", "set_audit_anchor"],
+)
+def test_a_kv_version_1_mount_is_refused_before_anything_is_read_or_written(
+    vault_with_kv1: FakeVault, operation: Callable[[VaultStore], Any]
+) -> None:
+    with pytest.raises(InvalidInputError) as refused:
+        operation(open_on(vault_with_kv1, "kv"))
+    assert str(refused.value) == (
+        "kv is a KV version 1 mount; secrets-manager needs KV version 2 (vault kv enable-versioning kv)"
+    )
+    assert vault_with_kv1.kv1["kv"] == {"auth/DB_PASSWORD": {"value": "existing-v1-secret"}}
+    assert [path for _, path in vault_with_kv1.requests] == ["/v1/sys/internal/ui/mounts/kv"]
+
+
+def test_without_the_mounts_endpoint_a_kv_version_1_mount_is_refused_before_a_value_is_sent(
+    vault_with_kv1: FakeVault,
+) -> None:
+    """A policy may refuse sys/internal/ui/mounts: reads go ahead as before (a v1 path reads as
+    missing), and the first write is preceded by a probe that holds no value and is removed."""
+    vault_with_kv1.refuse_mounts_endpoint = True
+    store = open_on(vault_with_kv1, "kv")
+    with pytest.raises(NotFoundError):
+        store.get("auth/DB_PASSWORD")
+    with pytest.raises(InvalidInputError, match="kv is a KV version 1 mount"):
+        store.put("market/API_KEY", b"hunter2-new-value")
+    assert vault_with_kv1.kv1["kv"] == {"auth/DB_PASSWORD": {"value": "existing-v1-secret"}}
+    assert not any(b"hunter2" in repr(body).encode() for body in vault_with_kv1.kv1["kv"].values())
+    # On a KV v2 mount the probe writes nothing, and the put goes on.
+    v2 = open_on(vault_with_kv1, "secret")
+    assert v2.put("market/API_KEY", b"v").version == 1
+    assert list(vault_with_kv1.mounts["secret"]) == ["market/API_KEY"]
+
+
+def test_a_mount_of_another_engine_is_refused(vault_with_kv1: FakeVault) -> None:
+    original = vault_with_kv1._ui_mount
+
+    def transit(rest: str) -> Any:
+        answer = original(rest)
+        answer["data"]["type"], answer["data"]["options"] = "transit", None
+        return answer
+
+    vault_with_kv1._ui_mount = transit  # type: ignore[method-assign]
+    with pytest.raises(InvalidInputError, match="secret is a transit secrets engine"):
+        open_on(vault_with_kv1, "secret").list()
+

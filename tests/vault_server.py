@@ -22,6 +22,14 @@ error codes (https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2):
     DELETE /v1/MOUNT/metadata/PATH            every version and the metadata → 204
     LIST   /v1/MOUNT/metadata/FOLDER[/]       200 {"data": {"keys": [...]}} ("sub/" for folders), 404 if none
     POST   /v1/auth/approle/login             {"role_id", "secret_id"} → {"auth": {"client_token": …}}
+    GET    /v1/sys/internal/ui/mounts/PATH    the mount holding PATH: {"data": {"type": "kv", "path":
+                                              "MOUNT/", "options": {"version": "2"}, …}} (what `vault kv`
+                                              asks first); 403 for a path in no mount, as Vault answers
+                                              (it does not tell which mounts exist), or for every path
+                                              with `refuse_mounts_endpoint`
+
+`FakeVault(kv1_mounts=("kv",))` adds KV version 1 mounts (api-docs/secret/kv/kv-v1): GET, POST/PUT,
+DELETE and LIST of MOUNT/PATH, no versions or metadata; `kv1[MOUNT]` holds their data.
 
     GET|POST /v1/MOUNT/config                 the mount's max_versions, cas_required and
                                               delete_version_after (a negative duration disables it)
@@ -191,13 +199,21 @@ class VaultError(Exception):
 class FakeVault:
     """The server's state and request handling; `start()` serves it on 127.0.0.1."""
 
-    def __init__(self, *, mounts: tuple[str, ...] = ("secret",), root_token: str = "root-token") -> None:  # noqa: S107
+    def __init__(
+        self,
+        *,
+        mounts: tuple[str, ...] = ("secret",),
+        kv1_mounts: tuple[str, ...] = (),
+        root_token: str = "root-token",  # noqa: S107
+    ) -> None:
         self.root_token = root_token
         self.tokens = {root_token}
         self.readonly_tokens: set[str] = set()
         self.approles: dict[str, str] = {}  # role_id -> secret_id
         self.mounts: dict[str, dict[str, KvSecret]] = {m: {} for m in mounts}
         self.configs: dict[str, KvConfig] = {m: KvConfig() for m in mounts}
+        self.kv1: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in kv1_mounts}
+        self.refuse_mounts_endpoint = False
         self.sealed = False
         self.requests: list[tuple[str, str]] = []
         self._failures: list[tuple[int, list[str]]] = []
@@ -281,15 +297,56 @@ class FakeVault:
         self.tokens.add(token)
         return _envelope(None, auth={"client_token": token, "policies": ["default"], "lease_duration": 3600})
 
+    def _mount_of(self, rest: str) -> str | None:
+        for mount in sorted([*self.mounts, *self.kv1], key=len, reverse=True):
+            if rest == mount or rest.startswith(f"{mount}/"):
+                return mount
+        return None
+
+    def _ui_mount(self, rest: str) -> dict[str, Any]:
+        mount = None if self.refuse_mounts_endpoint else self._mount_of(rest.strip("/"))
+        if mount is None:
+            raise VaultError(403, ["permission denied"])
+        return _envelope(
+            {
+                "type": "kv",
+                "path": f"{mount}/",
+                "description": "",
+                "options": {"version": "1" if mount in self.kv1 else "2"},
+                "local": False,
+                "seal_wrap": False,
+                "external_entropy_access": False,
+            }
+        )
+
+    def _kv1(self, data: dict[str, dict[str, Any]], method: str, key: str, body: Any) -> tuple[int, Any]:
+        if method == "GET":
+            if key not in data:
+                raise VaultError(404, [])
+            return 200, _envelope(data[key])
+        if method in ("POST", "PUT"):
+            if not isinstance(body, dict) or not body:
+                raise VaultError(400, ["no data provided"])
+            data[key] = body
+            return 204, None
+        if method == "DELETE":
+            data.pop(key, None)
+            return 204, None
+        if method == "LIST":
+            return 200, self._list(data, key)
+        raise VaultError(405, ["unsupported operation"])
+
     def _route(self, method: str, path: str, query: dict[str, str], body: Any) -> tuple[int, Any]:
         if not path.startswith("/v1/"):
             raise VaultError(404, [])
         rest = path[len("/v1/") :]
-        for mount in sorted(self.mounts, key=len, reverse=True):
-            if rest.startswith(f"{mount}/"):
-                break
-        else:
+        if rest.startswith("sys/internal/ui/mounts/") and method == "GET":
+            return 200, self._ui_mount(rest[len("sys/internal/ui/mounts/") :])
+        mount = self._mount_of(rest)
+        if mount is None or rest == mount:
             raise VaultError(404, [f'no handler for route "{rest}". route entry not found.'])
+        if mount in self.kv1:
+            return self._kv1(self.kv1[mount], method, rest[len(mount) + 1 :].strip("/"), body)
         secrets = self.mounts[mount]
         config = self.configs[mount]
         endpoint, _, key = rest[len(mount) + 1 :].partition("/")
@@ -425,7 +482,7 @@ class FakeVault:
             secret.custom_metadata = dict(custom)
         secret.updated_time = vault_time()
 
-    def _list(self, secrets: dict[str, KvSecret], folder: str) -> dict[str, Any]:
+    def _list(self, secrets: dict[str, Any], folder: str) -> dict[str, Any]:
         prefix = f"{folder}/" if folder else ""
         keys = set()
         for key in secrets:

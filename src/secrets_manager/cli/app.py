@@ -402,8 +402,11 @@ class Session:
                     # is the one to report.
                     pass
                 except SecretsManagerError as audit_exc:  # the log cannot take it (an AuditError,
-                    # or a tamper error): said, and the operation's own error is the one raised
-                    warning_line(f"the failure could not be audited: {audit_exc}")
+                    # or a tamper error): said, and the operation's own error is the one raised.
+                    # The same error again (a Vault mount that is missing or KV version 1 refuses
+                    # the anchor as it refused the operation) is the cause already reported.
+                    if (type(audit_exc), str(audit_exc)) != (type(exc), str(exc)):
+                        warning_line(f"the failure could not be audited: {audit_exc}")
                 raise
             audit.append([*pending, *(reads or [event])], store)
         finally:

@@ -20,6 +20,12 @@ A secret is *deleted* when every version that is not destroyed is soft-deleted. 
 version returns KV's latest version, as `vault kv get` does: if another tool soft-deleted only that
 version, `get` says so (NotFoundError) rather than serve an older value.
 
+The engine is checked before the first request to the mount, as `vault kv` does: GET
+sys/internal/ui/mounts/MOUNT, whose `options.version` must be "2" (any token with a capability on
+the mount may read it). A KV version 1 mount is refused before anything is read or written. If that
+endpoint is refused, the first data write is preceded by a probe that writes nothing on KV v2 (a
+`cas` no version can match) and only a harmless marker, removed at once, on KV v1: never a value.
+
 Transport: one `requests.Session` whose urllib3 `Retry` repeats what Vault refused without doing it
 (429 rate limit, 503 sealed or standby) for every method, and other 5xx answers for reads only (a
 write might have been applied). Errors map to our exceptions through `_ERRORS`; each method's
@@ -102,6 +108,8 @@ RETRY_DEADLINE_SECONDS = 30.0
 _REFUSED_STATUSES = frozenset({429, 503})  # Vault did not act on the request: safe to repeat any method
 _TRANSIENT_STATUSES = frozenset({500, 502, 504})  # may have acted: repeat reads only
 _READ_METHODS = frozenset({"GET", "HEAD", "LIST", "OPTIONS"})
+_PROBE_NAME = ".secrets-manager/kv-version-probe"
+_PROBE_CAS = 2**62  # no secret reaches this version: KV v2 refuses the write, writing nothing
 _VAULT_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
 
 
@@ -375,6 +383,7 @@ class VaultStore:
         self._anchor_version: int | None = None
         self._max_versions = max_versions
         self._audit_key: bytes | None = None
+        self._engine: str | None = None  # "kv2" once known; "unknown" if the mounts endpoint refused
 
     def __repr__(self) -> str:
         return f"VaultStore({self._client.url!r}, mount={self._mount!r})"
@@ -544,6 +553,9 @@ class VaultStore:
 
     def _write_data(self, name: str, data: Mapping[str, Any], *, cas: int, action: str) -> dict[str, Any]:
         """POST MOUNT/data/NAME {"options": {"cas": N}, "data": …}: the new version's metadata."""
+        self._check_engine()
+        if self._engine == "unknown":
+            self._probe_engine()
         body = self._send("POST", f"data/{name}", action=action, json={"options": {"cas": cas}, "data": data})
         try:
             written = dict((body or {})["data"])
@@ -784,6 +796,68 @@ class VaultStore:
                 json={"max_versions": 1},
             )
 
+    # ---- which engine is at the mount ------------------------------------------------------------
+
+    def _refuse_kv1(self) -> NoReturn:
+        raise InvalidInputError(
+            f"{self._mount} is a KV version 1 mount; secrets-manager needs KV version 2 "
+            f"(vault kv enable-versioning {self._mount})"
+        )
+
+    def _check_engine(self) -> None:
+        """GET sys/internal/ui/mounts/MOUNT (what `vault kv` asks first): refuse anything but KV v2.
+        A refusal (403: a policy without it, or no such mount) leaves the engine "unknown"."""
+        if self._engine is not None:
+            return
+        try:
+            response = self._client.adapter.get(f"/v1/sys/internal/ui/mounts/{self._mount}")
+        except (vault_errors.Forbidden, vault_errors.InvalidPath, vault_errors.InvalidRequest):
+            self._engine = "unknown"
+            return
+        except vault_errors.VaultError as exc:
+            _raise_mapped(exc, f"check the secrets engine at {self._mount!r}")
+        except requests.exceptions.RequestException as exc:
+            raise StorageError(
+                f"cannot reach Vault at {self._client.url} ({type(exc).__name__}); "
+                "check the address and that Vault is running"
+            ) from None
+        data = (response or {}).get("data") if isinstance(response, dict) else None
+        if not isinstance(data, dict):
+            self._engine = "unknown"
+            return
+        kind = str(data.get("type") or "")
+        version = str((data.get("options") or {}).get("version") or "1")
+        if kind not in ("kv", "generic"):
+            raise InvalidInputError(
+                f"{self._mount} is a {kind or 'non-KV'} secrets engine; secrets-manager needs KV version 2 "
+                f"(vault secrets enable -path=OTHER kv-v2)"
+            )
+        if version != "2":
+            self._refuse_kv1()
+        self._engine = "kv2"
+
+    def _probe_engine(self) -> None:
+        """Before the first data write when the mounts endpoint was refused: POST a marker with a
+        `cas` no version can match. KV v2 refuses it (nothing written); KV v1 stores it (204, no
+        version), so it is deleted again and the mount refused, before any value is sent."""
+        marker = {"probe": "secrets-manager checks that this mount is KV version 2"}
+        try:
+            answer = self._send(
+                "POST",
+                f"data/{_PROBE_NAME}",
+                action=f"check that {self._mount!r} is a KV version 2 mount",
+                json={"options": {"cas": _PROBE_CAS}, "data": marker},
+            )
+        except _CasMismatch:
+            self._engine = "kv2"
+            return
+        if isinstance(answer, dict) and isinstance(answer.get("data"), dict) and "version" in answer["data"]:
+            self._engine = "kv2"  # a KV v2 that took the cas (it cannot match; never seen)
+            return
+        with suppress(SecretsManagerError, _NotThere):
+            self._send("DELETE", f"data/{_PROBE_NAME}", action="remove the KV version probe")
+        self._refuse_kv1()
+
     # ---- transport ---------------------------------------------------------------------------
 
     def _send(
@@ -799,6 +873,8 @@ class VaultStore:
 
         Raises _NotThere on 404 (callers decide what it means), _CasMismatch on a failed
         check-and-set, and our exceptions for everything else (`_ERRORS`)."""
+        if self._engine is None:
+            self._check_engine()
         kwargs: dict[str, Any] = {}
         if json is not None:
             kwargs["json"] = json
