@@ -695,3 +695,54 @@ def test_a_mount_of_another_engine_is_refused(vault_with_kv1: FakeVault) -> None
     with pytest.raises(InvalidInputError, match="secret is a transit secrets engine"):
         open_on(vault_with_kv1, "secret").list()
 
+
+# ---- tokens we got from an AppRole login -----------------------------------------------------------
+
+
+def approle_store(vault: FakeVault, **environ: str) -> VaultStore:
+    vault.approles["role-1"] = "secret-1"
+    env = {"VAULT_ROLE_ID": "role-1", "VAULT_SECRET_ID": "secret-1", **environ}
+    return VaultStore(connect_vault(vault.address, environ=env), "secret")
+
+
+def test_an_approle_token_is_revoked_at_close(fake_vault: FakeVault) -> None:
+    before = set(fake_vault.tokens)
+    store = approle_store(fake_vault)
+    store.put("svc/K", b"v")
+    assert len(fake_vault.tokens - before) == 1
+    store.close()
+    assert fake_vault.tokens == before
+    assert ("POST", "/v1/auth/token/revoke-self") in fake_vault.requests
+
+
+def test_a_token_the_user_gave_is_never_revoked(make_vault: MakeVault, fake_vault: FakeVault) -> None:
+    store = make_vault()
+    store.put("svc/K", b"v")
+    store.close()
+    assert fake_vault.root_token in fake_vault.tokens
+    assert not any("revoke" in path for _, path in fake_vault.requests)
+
+
+def test_a_revoke_that_fails_does_not_fail_the_close(fake_vault: FakeVault) -> None:
+    store = approle_store(fake_vault)
+    store.list()
+    fake_vault.seal()
+    store.close()  # Vault sealed: the token lapses at its TTL instead
+
+
+def test_an_expired_approle_token_is_replaced_by_a_new_login(fake_vault: FakeVault) -> None:
+    """A long `serve` outlives its token's TTL: Vault then answers 403, and the store logs in again
+    and repeats the request (which Vault did not act on)."""
+    store = approle_store(fake_vault)
+    store.put("svc/K", b"v1")
+    fake_vault.tokens.discard(store._client.token)  # its TTL ran out
+    assert store.put("svc/K", b"v2").version == 2
+    assert store.get("svc/K").value.reveal() == b"v2"
+    live = set(fake_vault.tokens)
+    fake_vault.fail_next(403, errors=["permission denied"])  # a 403 while the token is still valid:
+    assert store.put("svc/K", b"v3").version == 3  # the token it replaces is revoked, not left behind
+    assert len(fake_vault.tokens) == len(live) and store._client.token not in live
+    fake_vault.approles.clear()  # and when the login itself is refused, the 403 stands
+    fake_vault.tokens.discard(store._client.token)
+    with pytest.raises(AccessDeniedError, match="permission denied"):
+        store.get("svc/K")

@@ -22,6 +22,7 @@ error codes (https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2):
     DELETE /v1/MOUNT/metadata/PATH            every version and the metadata → 204
     LIST   /v1/MOUNT/metadata/FOLDER[/]       200 {"data": {"keys": [...]}} ("sub/" for folders), 404 if none
     POST   /v1/auth/approle/login             {"role_id", "secret_id"} → {"auth": {"client_token": …}}
+    POST   /v1/auth/token/revoke-self         the calling token is no longer honoured → 204
     GET    /v1/sys/internal/ui/mounts/PATH    the mount holding PATH: {"data": {"type": "kv", "path":
                                               "MOUNT/", "options": {"version": "2"}, …}} (what `vault kv`
                                               asks first); 403 for a path in no mount, as Vault answers
@@ -283,6 +284,10 @@ class FakeVault:
                     return 200, self._approle_login(body)
                 if token not in self.tokens:
                     raise VaultError(403, ["permission denied"])
+                if path == "/v1/auth/token/revoke-self" and method in ("POST", "PUT"):
+                    self.tokens.discard(token)
+                    self.readonly_tokens.discard(token)
+                    return 204, None
                 if token in self.readonly_tokens and method not in ("GET", "LIST"):
                     raise VaultError(403, ["1 error occurred:\n\t* permission denied\n\n"])
                 return self._route(method, path, query, body)

@@ -40,7 +40,8 @@ import builtins
 import json
 import re
 import secrets
-from collections.abc import Iterable, Iterator, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -108,6 +109,9 @@ RETRY_DEADLINE_SECONDS = 30.0
 _REFUSED_STATUSES = frozenset({429, 503})  # Vault did not act on the request: safe to repeat any method
 _TRANSIENT_STATUSES = frozenset({500, 502, 504})  # may have acted: repeat reads only
 _READ_METHODS = frozenset({"GET", "HEAD", "LIST", "OPTIONS"})
+# Clients whose token connect_vault got from an AppRole login, with how to log in again: that token
+# is ours to revoke at close and to replace when Vault stops honouring it; a token the user gave is not.
+_OWN_LOGINS: weakref.WeakKeyDictionary[hvac.Client, Callable[[], None]] = weakref.WeakKeyDictionary()
 _PROBE_NAME = ".secrets-manager/kv-version-probe"
 _PROBE_CAS = 2**62  # no secret reaches this version: KV v2 refuses the write, writing nothing
 _VAULT_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
@@ -210,17 +214,22 @@ def connect_vault(
     role_id, secret_id = environ.get(ROLE_ID_VARIABLE), environ.get(SECRET_ID_VARIABLE)
     if role_id and secret_id:
         mount = environ.get(APPROLE_MOUNT_VARIABLE) or "approle"
-        try:
-            client.auth.approle.login(role_id=role_id, secret_id=secret_id, mount_point=mount)
-        except (vault_errors.InvalidRequest, vault_errors.Forbidden, vault_errors.Unauthorized):
-            raise UnlockError(
-                f"Vault refused the AppRole login at auth/{mount}; "
-                f"check {ROLE_ID_VARIABLE} and {SECRET_ID_VARIABLE}"
-            ) from None
-        except vault_errors.VaultError as exc:
-            _raise_mapped(exc, "the AppRole login")
-        except requests.exceptions.RequestException as exc:
-            raise StorageError(f"cannot reach Vault at {address} ({type(exc).__name__})") from None
+
+        def login() -> None:
+            try:
+                client.auth.approle.login(role_id=role_id, secret_id=secret_id, mount_point=mount)
+            except (vault_errors.InvalidRequest, vault_errors.Forbidden, vault_errors.Unauthorized):
+                raise UnlockError(
+                    f"Vault refused the AppRole login at auth/{mount}; "
+                    f"check {ROLE_ID_VARIABLE} and {SECRET_ID_VARIABLE}"
+                ) from None
+            except vault_errors.VaultError as exc:
+                _raise_mapped(exc, "the AppRole login")
+            except requests.exceptions.RequestException as exc:
+                raise StorageError(f"cannot reach Vault at {address} ({type(exc).__name__})") from None
+
+        login()
+        _OWN_LOGINS[client] = login
         return client
     home = environ.get("HOME")
     token_file = Path(home) / ".vault-token" if home else None
@@ -389,7 +398,27 @@ class VaultStore:
         return f"VaultStore({self._client.url!r}, mount={self._mount!r})"
 
     def close(self) -> None:
+        """Revoke the token if we logged in ourselves (AppRole): left alone it would stay valid,
+        with its lease, for its whole TTL (768h by default). Never a token the user gave us. A
+        revoke that fails changes nothing for the caller: the token then lapses at its TTL."""
+        if _OWN_LOGINS.pop(self._client, None) is not None:
+            with suppress(vault_errors.VaultError, requests.exceptions.RequestException):
+                self._client.auth.token.revoke_self()
         self._client.adapter.close()
+
+    def _login_again(self) -> bool:
+        """Log in again with the AppRole (a long `serve` outlives its token's TTL): True if done."""
+        login = _OWN_LOGINS.get(self._client)
+        if login is None:
+            return False
+        # A 403 may be a policy's, with the token still valid: revoke it rather than leave it behind.
+        with suppress(vault_errors.VaultError, requests.exceptions.RequestException):
+            self._client.auth.token.revoke_self()
+        try:
+            login()
+        except SecretsManagerError:
+            return False
+        return True
 
     # ---- reads -----------------------------------------------------------------------------
 
@@ -881,7 +910,14 @@ class VaultStore:
         if params:
             kwargs["params"] = params
         try:
-            response = self._client.adapter.request(method, f"/v1/{self._mount}/{path}", **kwargs)
+            try:
+                response = self._client.adapter.request(method, f"/v1/{self._mount}/{path}", **kwargs)
+            except vault_errors.Forbidden:
+                # An expired or revoked AppRole token of ours: Vault did not act, so once logged in
+                # again the request is repeated (once; a policy that denies it denies it again).
+                if not self._login_again():
+                    raise
+                response = self._client.adapter.request(method, f"/v1/{self._mount}/{path}", **kwargs)
         except vault_errors.InvalidPath as exc:
             body = exc.json if isinstance(exc.json, dict) else {}
             if any("no handler for route" in str(e) for e in body.get("errors") or []):
