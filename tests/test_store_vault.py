@@ -739,9 +739,12 @@ def test_an_expired_approle_token_is_replaced_by_a_new_login(fake_vault: FakeVau
     assert store.put("svc/K", b"v2").version == 2
     assert store.get("svc/K").value.reveal() == b"v2"
     live = set(fake_vault.tokens)
-    fake_vault.fail_next(403, errors=["permission denied"])  # a 403 while the token is still valid:
-    assert store.put("svc/K", b"v3").version == 3  # the token it replaces is revoked, not left behind
-    assert len(fake_vault.tokens) == len(live) and store._client.token not in live
+    logins = fake_vault.requests.count(("POST", "/v1/auth/approle/login"))
+    fake_vault.fail_next(403, errors=["permission denied"])  # a policy's 403, the token still valid:
+    with pytest.raises(AccessDeniedError):  # it stands; no new login, no token swapped
+        store.put("svc/K", b"v3")
+    assert fake_vault.tokens == live and store._client.token in live
+    assert fake_vault.requests.count(("POST", "/v1/auth/approle/login")) == logins
     fake_vault.approles.clear()  # and when the login itself is refused, the 403 stands
     fake_vault.tokens.discard(store._client.token)
     with pytest.raises(AccessDeniedError, match="permission denied"):

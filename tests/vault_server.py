@@ -22,6 +22,7 @@ error codes (https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2):
     DELETE /v1/MOUNT/metadata/PATH            every version and the metadata → 204
     LIST   /v1/MOUNT/metadata/FOLDER[/]       200 {"data": {"keys": [...]}} ("sub/" for folders), 404 if none
     POST   /v1/auth/approle/login             {"role_id", "secret_id"} → {"auth": {"client_token": …}}
+    GET    /v1/auth/token/lookup-self         the calling token's data (the default policy allows it)
     POST   /v1/auth/token/revoke-self         the calling token is no longer honoured → 204
     GET    /v1/sys/internal/ui/mounts/PATH    the mount holding PATH: {"data": {"type": "kv", "path":
                                               "MOUNT/", "options": {"version": "2"}, …}} (what `vault kv`
@@ -284,6 +285,8 @@ class FakeVault:
                     return 200, self._approle_login(body)
                 if token not in self.tokens:
                     raise VaultError(403, ["permission denied"])
+                if path == "/v1/auth/token/lookup-self" and method == "GET":
+                    return 200, _envelope({"id": token, "policies": ["default"], "ttl": 3600})
                 if path == "/v1/auth/token/revoke-self" and method in ("POST", "PUT"):
                     self.tokens.discard(token)
                     self.readonly_tokens.discard(token)

@@ -411,9 +411,15 @@ class VaultStore:
         login = _OWN_LOGINS.get(self._client)
         if login is None:
             return False
-        # A 403 may be a policy's, with the token still valid: revoke it rather than leave it behind.
+        # A 403 may be a policy's, with the token still valid (Vault's default policy lets every
+        # token look itself up): then it stands, and no other thread's token is swapped under it.
+        try:
+            self._client.auth.token.lookup_self()
+            return False
+        except (vault_errors.VaultError, requests.exceptions.RequestException):
+            pass
         with suppress(vault_errors.VaultError, requests.exceptions.RequestException):
-            self._client.auth.token.revoke_self()
+            self._client.auth.token.revoke_self()  # a token refused its own lookup: not left behind
         try:
             login()
         except SecretsManagerError:
