@@ -23,6 +23,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from secrets_manager.audit import AuditLog
 from secrets_manager.audit.log import DEFAULT_TIMEOUT_SECONDS
@@ -98,6 +102,44 @@ def make_pki(directory: Path, clients: tuple[str, ...] = CLIENT_NAMES) -> None:
     other_cert, other_key = pki.new_ca(trust_domain=TD)
     (directory / "other-ca.pem").write_bytes(other_cert)
     _write_pair(directory / "foreign.pem", pki.issue(other_cert, other_key, "ops"))
+
+
+def make_odd_client(
+    directory: Path, name: str, *, cn: str | None, uris: tuple[str, ...] = (), ca: bool = False
+) -> x509.Certificate:
+    """A client certificate `pki issue` would never make (any CN, these URI SANs, perhaps CA=true),
+    signed by the CA in `directory` as a CA that lets requesters choose their CN would: written as
+    NAME.pem and NAME-key.pem, so `Server.stub(name)` presents it."""
+    ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((directory / "ca-key.pem").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn is not None else []))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+    )
+    if uris:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=False
+        )
+    cert = builder.sign(ca_key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    _write_pair(directory / f"{name}.pem", (cert.public_bytes(serialization.Encoding.PEM), key_pem))
+    return cert
 
 
 def _write_pair(path: Path, pair: tuple[bytes, bytes]) -> None:

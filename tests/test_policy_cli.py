@@ -158,6 +158,28 @@ def test_check_and_explain_warn_of_identities_no_certificate_can_carry(
     assert "the service never sees a caller with it" in capsys.readouterr().err
 
 
+def test_check_warns_of_common_names_no_certificate_can_present_and_explain_refuses_them(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "cn.toml"
+    path.write_text(
+        '[identities]\n"<unidentified>" = ["r"]\n"\u0430uth" = ["r"]\n"o\u200bps" = ["r"]\n'
+        '"svc.example" = ["r"]\n'
+        '[roles.r]\nrules = [{ path = "auth/*", capabilities = ["read"] }]\n'
+    )
+    assert run(["policy", "check", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert "identity '<unidentified>' is not a common name a certificate can carry" in err
+    assert "identity '\u0430uth' is not a common name a certificate can carry" in err
+    assert err.count("is not a common name a certificate can carry") == 3  # and the zero-width one
+    assert "svc.example' is" not in err
+    spoof = self_signed(["spiffe://shrivenquant.local/auth"], ["https://example.com/"])
+    (tmp_path / "spoof.pem").write_bytes(spoof.public_bytes(serialization.Encoding.PEM))
+    assert run(["policy", "explain", str(path), "--cert", str(tmp_path / "spoof.pem"), "auth/X"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "written like a URI" in err
+
+
 @pytest.mark.parametrize("where", ["/dev/zero", "fifo"])
 def test_a_policy_file_that_is_not_a_regular_file_is_refused_not_read_forever(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str

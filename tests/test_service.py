@@ -30,6 +30,7 @@ from service_fixtures import (
     TD,
     Server,
     free_address,
+    make_odd_client,
     make_pki,
     make_store,
     run_script,
@@ -99,6 +100,26 @@ def test_handshake_rejects_clients_without_a_valid_certificate(server: Server, c
         grpc.StatusCode.UNAVAILABLE
     )
     assert not any(r.get("actor") == f"spiffe://{TD}/ops" for r in server.audit_records())
+
+
+def test_a_common_name_written_like_ops_spiffe_id_is_unauthenticated_not_ops(server: Server) -> None:
+    """A CA whose requesters choose their CN could sign `CN=spiffe://…/ops`: it was ops (admin)."""
+    make_odd_client(server.dir, "cn-spoof", cn=f"spiffe://{TD}/ops")
+    make_odd_client(server.dir, "cn-spoof-https", cn=f"spiffe://{TD}/ops", uris=("https://example.com/x",))
+    make_odd_client(server.dir, "cn-cyrillic", cn="\u0430uth")
+    for client in ("cn-spoof", "cn-spoof-https", "cn-cyrillic"):
+        stub = server.stub(client)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+        assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+        assert "common name" in caught.value.details()  # type: ignore[attr-defined]
+        last = server.audit_records()[-1]
+        assert (last["actor"], last["decision"], last["outcome"]) == (
+            "<unidentified>",
+            "deny",
+            "unauthenticated",
+        )
+    assert not any(r["actor"] in (f"spiffe://{TD}/ops", "\u0430uth") for r in server.audit_records())
 
 
 def test_identity_without_a_role_is_denied_and_audited(server: Server) -> None:

@@ -4,8 +4,12 @@ The identity is the certificate's SPIFFE ID (its one `spiffe://` URI SAN) if it 
 subject common name. It is the key the access policy's [identities] table is looked up by.
 
 Invariant: a certificate whose identity is ambiguous or malformed (two SPIFFE IDs, a SPIFFE ID
-that is not `spiffe://<trust-domain>/<path>`, several CNs, control characters) yields an
-IdentityError, never a guess; in particular a bad SPIFFE ID does not fall back to the CN.
+that is not `spiffe://<trust-domain>/<path>`, several CNs, a CN that is not a certificate name)
+yields an IdentityError, never a guess; in particular a bad SPIFFE ID does not fall back to the CN.
+A CN identity follows `pki.check_name`'s rule (ASCII letters, digits, '_', '.', '-', at most 64):
+so a CN can never pass for a SPIFFE ID or a URI, the audit log's `<unidentified>`, a name with
+spaces, invisible or control characters, or a look-alike in another script. `unpresentable_identity`
+applies the same rules to the identities a policy names.
 This module takes plain values and does not import grpc.
 """
 
@@ -13,15 +17,19 @@ from __future__ import annotations
 
 import functools
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from secrets_manager.errors import AccessDeniedError
+from secrets_manager.tls.pki import is_name
 
 _SPIFFE_ID = re.compile(r"spiffe://[a-z0-9_-]+(?:\.[a-z0-9_-]+)*(?:/[A-Za-z0-9._-]+)*")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_URI_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+_INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp"})  # control, format (zero-width, bidi), separators
+_CN_RULE = "a CN identity is 1 to 64 ASCII letters, digits, '_', '.', '-', as 'pki issue' names"
 
 
 class IdentityError(AccessDeniedError):
@@ -63,8 +71,13 @@ def _identity_of(cert: x509.Certificate) -> str:
     common_name = names[0].value
     if isinstance(common_name, bytes):
         common_name = common_name.decode("utf-8", errors="replace")
-    if not _usable_common_name(common_name):
-        raise IdentityError("the client certificate's common name is empty or has control characters")
+    problem = _common_name_problem(common_name)
+    if problem is not None:
+        shown = repr(common_name) if len(common_name) <= 80 else repr(common_name[:80]) + "..."
+        raise IdentityError(
+            f"the client certificate's common name {shown} {problem}; {_CN_RULE} "
+            "(or give the certificate a SPIFFE ID as a URI SAN)"
+        )
     return common_name
 
 
@@ -89,7 +102,7 @@ def identity_from_auth_context(auth_context: Mapping[str, Iterable[bytes | str]]
         return _identity_from_pem(next(iter(pem)))
     common_names = _values(auth_context, "x509_common_name")
     has_san = bool(_values(auth_context, "x509_subject_alternative_name"))
-    if len(common_names) == 1 and not has_san and _usable_common_name(common_names[0]):
+    if len(common_names) == 1 and not has_san and _common_name_problem(common_names[0]) is None:
         return common_names[0]
     raise IdentityError("the caller presented no usable client certificate; mutual TLS is required")
 
@@ -113,13 +126,26 @@ def unpresentable_identity(identity: str) -> str | None:
                 "trust domain, path segments of letters, digits, '.', '_', '-')"
             )
         return None
-    if not _usable_common_name(identity):
-        return "not a common name a certificate can carry (empty, or control characters)"
+    problem = _common_name_problem(identity)
+    if problem is not None:
+        return f"not a common name a certificate can carry (it {problem}; {_CN_RULE})"
     return None
 
 
-def _usable_common_name(name: str) -> bool:
-    return bool(name.strip()) and not _CONTROL.search(name)
+def _common_name_problem(name: str) -> str | None:
+    """Why `name` is not usable as a CN identity, or None. The last test alone decides; the ones
+    before it only say more precisely what is wrong."""
+    if any(unicodedata.category(c) in _INVISIBLE for c in name):
+        return "has control characters or invisible ones"
+    if not name.strip() or name != name.strip():
+        return "is empty or has spaces at an end"
+    if name.lower().startswith("spiffe:") or "://" in name or _URI_SCHEME.match(name):
+        return "is written like a URI (a SPIFFE ID counts only as a URI SAN, never as the CN)"
+    if name.startswith("<") and name.endswith(">"):
+        return "is written like the audit log's marker for a caller without an identity"
+    if not is_name(name):
+        return "has characters other than ASCII letters, digits, '_', '.', '-', or more than 64"
+    return None
 
 
 def _values(auth_context: Mapping[str, Iterable[bytes | str]], key: str) -> list[str]:

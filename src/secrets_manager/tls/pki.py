@@ -192,9 +192,15 @@ def check_trust_domain(trust_domain: str) -> str:
     return trust_domain
 
 
+def is_name(name: str) -> bool:
+    """Whether `name` is a certificate name (`check_name`'s rule): ASCII letters, digits, '_',
+    '.', '-', at most 64. A CN identity must be one too (tls/identity.py)."""
+    return _NAME.fullmatch(name) is not None
+
+
 def check_name(name: str) -> str:
     """A certificate name: one SPIFFE path segment and a CN, also usable as a file name."""
-    if not _NAME.fullmatch(name):
+    if not is_name(name):
         raise InvalidInputError(
             f"invalid certificate name {name!r}: use up to 64 letters, digits, '_', '.', '-', "
             "starting with a letter, digit or '_' (like market-connector)"
