@@ -5,8 +5,14 @@ seen from the policy's side. tests/test_pki.py covers the ordinary cases."""
 from __future__ import annotations
 
 import pytest
+from cryptography import x509
 
-from secrets_manager.tls import IdentityError, identity_from_auth_context, identity_from_certificate
+from secrets_manager.tls import (
+    IdentityError,
+    identity_from_auth_context,
+    identity_from_certificate,
+    new_ca,
+)
 from secrets_manager.tls.identity import unpresentable_identity
 from test_pki import self_signed
 
@@ -73,3 +79,25 @@ def test_the_auth_context_without_a_pem_applies_the_same_common_name_rule() -> N
     for cn in (OPS, "<unidentified>", "ops ", "\u0430uth"):
         with pytest.raises(IdentityError):
             identity_from_auth_context({**base, "x509_common_name": [cn.encode()]})
+
+
+# ---- a CA is no caller (F6) -----------------------------------------------------------------
+
+
+def test_a_ca_certificate_is_no_client_whatever_it_names() -> None:
+    ca_cert, _key = new_ca(trust_domain=TD)
+    with pytest.raises(IdentityError, match="is a CA certificate"):
+        identity_from_certificate(ca_cert)
+    ca_with_a_path = self_signed(["ops"], [OPS], [x509.BasicConstraints(ca=True, path_length=None)])
+    with pytest.raises(IdentityError, match="is a CA certificate"):
+        identity_from_certificate(ca_with_a_path)
+    not_a_ca = self_signed(["ops"], [OPS], [x509.BasicConstraints(ca=False, path_length=None)])
+    assert identity_from_certificate(not_a_ca) == OPS
+
+
+def test_a_spiffe_id_without_a_path_names_no_workload() -> None:
+    with pytest.raises(IdentityError, match="trust domain alone"):
+        identity_from_certificate(self_signed(["ops"], [f"spiffe://{TD}"]))
+    reason = unpresentable_identity(f"spiffe://{TD}")
+    assert reason is not None and "trust domain alone" in reason
+    assert unpresentable_identity(OPS) is None

@@ -122,6 +122,21 @@ def test_a_common_name_written_like_ops_spiffe_id_is_unauthenticated_not_ops(ser
     assert not any(r["actor"] in (f"spiffe://{TD}/ops", "\u0430uth") for r in server.audit_records())
 
 
+def test_the_ca_certificate_presented_as_a_client_is_unauthenticated(server: Server) -> None:
+    """ca.pem and ca-key.pem as the client pair were the caller spiffe://TD, the trust domain."""
+    (server.dir / "the-ca.pem").write_bytes((server.dir / "ca.pem").read_bytes())
+    (server.dir / "the-ca-key.pem").write_bytes((server.dir / "ca-key.pem").read_bytes())
+    make_odd_client(server.dir, "sub-ca", cn="ops", uris=(f"spiffe://{TD}/ops",), ca=True)
+    make_odd_client(server.dir, "no-path", cn="ops", uris=(f"spiffe://{TD}",))
+    for client, problem in (("the-ca", "CA certificate"), ("sub-ca", "CA certificate"), ("no-path", "alone")):
+        stub = server.stub(client)
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ListSecrets(pb.ListSecretsRequest(), timeout=10)
+        assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED, client  # type: ignore[attr-defined]
+        assert problem in caught.value.details()  # type: ignore[attr-defined]
+    assert {r["actor"] for r in server.audit_records() if r["operation"] == "list"} == {"<unidentified>"}
+
+
 def test_identity_without_a_role_is_denied_and_audited(server: Server) -> None:
     stub = server.stub("nobody")
     assert code_of(lambda: stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)) is (

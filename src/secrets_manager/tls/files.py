@@ -32,6 +32,7 @@ from secrets_manager.tls.pki import (
     check_name,
     issue,
     new_ca,
+    spiffe_id,
 )
 
 CA_CERT_FILE = "ca.pem"
@@ -66,7 +67,9 @@ def init_ca(
             "(every certificate it issued stops working)",
         )
     cert_pem, key_pem = new_ca(common_name, days, trust_domain)
-    return _write_pair(folder, cert_path, key_path, cert_pem, key_pem, overwrite=force)
+    # A CA is no caller (identity_from_certificate refuses it): it is shown by its trust domain.
+    identity = spiffe_id(trust_domain)
+    return _write_pair(folder, cert_path, key_path, cert_pem, key_pem, identity, overwrite=force)
 
 
 def issue_certificate(
@@ -91,7 +94,8 @@ def issue_certificate(
     if not force:
         _refuse_existing((cert_path, key_path), "{path} already exists; add --force to replace it")
     cert_pem, key_pem = issue(ca_cert_pem, ca_key_pem, name, server=server, dns=dns, ips=ips, days=days)
-    return _write_pair(folder, cert_path, key_path, cert_pem, key_pem, overwrite=force)
+    identity = identity_from_certificate(cert_pem)
+    return _write_pair(folder, cert_path, key_path, cert_pem, key_pem, identity, overwrite=force)
 
 
 def read_ca(directory: str | os.PathLike[str]) -> tuple[bytes, bytes]:
@@ -282,7 +286,14 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool) -> None:
 
 
 def _write_pair(
-    folder: Path, cert_path: Path, key_path: Path, cert_pem: bytes, key_pem: bytes, *, overwrite: bool
+    folder: Path,
+    cert_path: Path,
+    key_path: Path,
+    cert_pem: bytes,
+    key_pem: bytes,
+    identity: str,
+    *,
+    overwrite: bool,
 ) -> WrittenCertificate:
     make_private_directory(folder)
     write_private_file(key_path, key_pem, overwrite=overwrite)
@@ -294,7 +305,7 @@ def _write_pair(
                 key_path.unlink()
         raise
     cert = x509.load_pem_x509_certificate(cert_pem)
-    return WrittenCertificate(cert_path, key_path, identity_from_certificate(cert), cert.not_valid_after_utc)
+    return WrittenCertificate(cert_path, key_path, identity, cert.not_valid_after_utc)
 
 
 def _refuse_existing(paths: Iterable[Path], message: str) -> None:

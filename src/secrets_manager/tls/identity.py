@@ -50,6 +50,15 @@ def identity_from_certificate(certificate: bytes | str | x509.Certificate) -> st
 
 def _identity_of(cert: x509.Certificate) -> str:
     try:
+        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        constraints = None
+    if constraints is not None and constraints.ca:
+        raise IdentityError(
+            "the client certificate is a CA certificate (BasicConstraints CA:TRUE); "
+            "present a client certificate the CA issued, e.g. with 'pki issue NAME'"
+        )
+    try:
         sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = sans.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
@@ -59,9 +68,9 @@ def _identity_of(cert: x509.Certificate) -> str:
         raise IdentityError("the client certificate has more than one SPIFFE ID")
     if spiffe_ids:
         spiffe_id = spiffe_ids[0]
-        segments = spiffe_id.removeprefix("spiffe://").split("/")[1:]
-        if not _SPIFFE_ID.fullmatch(spiffe_id) or any(s in (".", "..") for s in segments):
-            raise IdentityError(f"the client certificate's SPIFFE ID {spiffe_id!r} is malformed")
+        problem = _spiffe_id_problem(spiffe_id)
+        if problem is not None:
+            raise IdentityError(f"the client certificate's SPIFFE ID {spiffe_id!r} is {problem}")
         return spiffe_id
     names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names:
@@ -119,16 +128,27 @@ def unpresentable_identity(identity: str) -> str | None:
     """Why no client certificate can ever present `identity` to the service (a policy naming it
     grants nothing), or None if one can: the rules `identity_from_certificate` applies."""
     if identity.lower().startswith("spiffe:"):
-        segments = identity.removeprefix("spiffe://").split("/")[1:]
-        if not _SPIFFE_ID.fullmatch(identity) or any(s in (".", "..") for s in segments):
-            return (
-                "not a SPIFFE ID a certificate can carry (spiffe://trust-domain/path: a lower-case "
-                "trust domain, path segments of letters, digits, '.', '_', '-')"
-            )
+        problem = _spiffe_id_problem(identity)
+        if problem is not None:
+            return f"not a SPIFFE ID a certificate can carry (it is {problem})"
         return None
     problem = _common_name_problem(identity)
     if problem is not None:
         return f"not a common name a certificate can carry (it {problem}; {_CN_RULE})"
+    return None
+
+
+def _spiffe_id_problem(spiffe_id: str) -> str | None:
+    """Why `spiffe_id` is no caller's SPIFFE ID, or None."""
+    if not _SPIFFE_ID.fullmatch(spiffe_id) or any(
+        s in (".", "..") for s in spiffe_id.removeprefix("spiffe://").split("/")[1:]
+    ):
+        return (
+            "malformed: spiffe://trust-domain/path, a lower-case trust domain, path segments of "
+            "letters, digits, '.', '_', '-'"
+        )
+    if "/" not in spiffe_id.removeprefix("spiffe://"):
+        return "a trust domain alone, which names no workload (a CA's own ID); it needs a path"
     return None
 
 
