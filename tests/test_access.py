@@ -550,3 +550,64 @@ def test_the_decision_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
             assert question in policy._allowed
     assert policy.allows("svc-a", "read", "app/dev/X")
     assert not policy.allows("svc-a", "read", "app/dev/SECRET_X")
+
+
+# ---- revoked certificates -------------------------------------------------------------------
+
+SERIAL = 0x3F2A00C1  # a certificate's serial number, as cryptography gives it
+FINGERPRINT = bytes(range(32))  # its SHA-256
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    ["3F2A00C1", "3f2a00c1", "3f:2a:00:c1", "00:3F:2A:00:C1", "serial=3F2A00C1", " SERIAL=3f2a00c1 "],
+)
+def test_a_revoked_serial_is_taken_in_every_spelling_openssl_prints(spelling: str) -> None:
+    policy = Policy.parse(f'[revoked]\nserials = ["{spelling}"]\n')
+    assert policy.revoked_serials == {SERIAL}
+    reason = policy.revocation(SERIAL, FINGERPRINT)
+    assert reason is not None and reason.startswith("certificate revoked") and "serial number" in reason
+    assert policy.revocation(SERIAL + 1, FINGERPRINT) is None
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        FINGERPRINT.hex(),
+        FINGERPRINT.hex().upper(),
+        FINGERPRINT.hex(":").upper(),
+        f"sha256 Fingerprint={FINGERPRINT.hex(':').upper()}",
+        f"SHA256 Fingerprint={FINGERPRINT.hex(':')}",
+    ],
+)
+def test_a_revoked_fingerprint_is_taken_in_every_spelling_openssl_prints(spelling: str) -> None:
+    policy = Policy.parse(f'[revoked]\nfingerprints = ["{spelling}"]\n')
+    reason = policy.revocation(1, FINGERPRINT)
+    assert reason is not None and "fingerprint" in reason
+    assert policy.revocation(1, bytes(32)) is None
+
+
+def test_revocation_is_independent_of_roles_and_refuses_an_uncheckable_certificate() -> None:
+    assert Policy.parse(SEED_POLICY).revocation(None, None) is None  # nothing revoked: nothing to check
+    policy = Policy.parse(SEED_POLICY + '\n[revoked]\nserials = ["01"]\n')
+    assert policy.allows("ops", "read", "auth/x")  # the policy's rules are unchanged ...
+    assert policy.revocation(1, FINGERPRINT) is not None  # ... the service asks this first
+    assert policy.revocation(None, None) is not None
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[revoked]\nserial = []\n", "revoked.serial: unknown key"),
+        ('[revoked]\nserials = "3F2A"\n', "revoked.serials: must be a list of strings"),
+        ("[revoked]\nserials = [12]\n", "revoked.serials: must be a list of strings"),
+        ('[revoked]\nserials = ["3F2G"]\n', "revoked.serials[0]: '3F2G' is not a serial number in hex"),
+        ('[revoked]\nserials = ["01", ""]\n', "revoked.serials[1]"),
+        (f'[revoked]\nserials = ["{"ab" * 32}"]\n', "a SHA-256 fingerprint goes in"),
+        ('[revoked]\nfingerprints = ["3F2A"]\n', "revoked.fingerprints[0]: '3F2A' is not a SHA-256"),
+        (f'[revoked]\nfingerprints = ["{"ab" * 20}"]\n', "64 hex digits"),  # a SHA-1 one
+        ("revoked = 1\n", "revoked: must be a table"),
+    ],
+)
+def test_malformed_revocations_are_rejected_with_the_place(text: str, needle: str) -> None:
+    assert needle in parse_error(text)

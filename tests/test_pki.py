@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -113,10 +115,13 @@ def self_signed(
 
 def test_public_api_is_pinned() -> None:
     assert sorted(tls.__all__) == [
+        "Caller",
         "DEFAULT_TRUST_DOMAIN",
         "IdentityError",
         "ServerTlsFiles",
         "WrittenCertificate",
+        "caller_from_auth_context",
+        "caller_from_certificate",
         "identity_from_auth_context",
         "identity_from_certificate",
         "init_ca",
@@ -493,15 +498,48 @@ def assert_one_line(run: Run, code: int, *needles: str) -> None:
         assert needle in lines[0], lines[0]
 
 
+def assert_issued(run: Run, *needles: str) -> tuple[str, str]:
+    """`pki issue` succeeded: what it wrote on one line, then the serial and fingerprint that
+    revoke it; returns those two."""
+    assert run.code == 0, (run.code, run.stderr)
+    wrote, numbers = run.stderr.strip().splitlines()
+    for needle in needles:
+        assert needle in wrote, wrote
+    match = re.fullmatch(r"secrets-manager: serial ([0-9A-F]+), SHA-256 fingerprint ([0-9A-F:]{95})", numbers)
+    assert match, numbers
+    return match[1], match[2]
+
+
 def test_cli_init_and_issue_make_a_working_set_without_a_store_or_password(tmp_path: Path) -> None:
     certs = tmp_path / "certs"
     assert_one_line(
         pki(tmp_path, "init", "--dir", str(certs), "--trust-domain", "example.org"), 0, "ca.pem", "ca-key.pem"
     )
     assert mode(certs) == 0o700
-    assert_one_line(
-        pki(tmp_path, "issue", "auth", "--dir", str(certs)), 0, "auth.pem", "spiffe://example.org/auth"
+    serial, fingerprint = assert_issued(
+        pki(tmp_path, "issue", "auth", "--dir", str(certs)), "auth.pem", "spiffe://example.org/auth"
     )
+    auth = x509.load_pem_x509_certificate((certs / "auth.pem").read_bytes())
+    assert int(serial, 16) == auth.serial_number and len(serial) % 2 == 0
+    assert bytes.fromhex(fingerprint.replace(":", "")) == auth.fingerprint(hashes.SHA256())
+    if shutil.which("openssl"):  # the spelling openssl prints, which [revoked] takes as it is
+        shown = subprocess.run(
+            [
+                "openssl",
+                "x509",
+                "-noout",
+                "-serial",
+                "-fingerprint",
+                "-sha256",
+                "-in",
+                str(certs / "auth.pem"),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+        assert shown[0] == f"serial={serial}"
+        assert shown[1].lower() == f"sha256 fingerprint={fingerprint}".lower()
     run = pki(
         tmp_path,
         "issue",
@@ -518,7 +556,7 @@ def test_cli_init_and_issue_make_a_working_set_without_a_store_or_password(tmp_p
         "--days",
         "30",
     )
-    assert_one_line(run, 0, "server certificate")
+    assert_issued(run, "server certificate")
     assert sorted(p.name for p in certs.iterdir()) == [
         "auth-key.pem",
         "auth.pem",

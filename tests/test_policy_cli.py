@@ -180,6 +180,34 @@ def test_check_warns_of_common_names_no_certificate_can_present_and_explain_refu
     assert err.count("\n") == 1 and "written like a URI" in err
 
 
+def test_explain_says_when_the_certificate_is_revoked_and_check_counts_revocations(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ca_cert, ca_key = pki.new_ca()
+    cert, _key = pki.issue(ca_cert, ca_key, "auth")
+    (tmp_path / "auth.pem").write_bytes(cert)
+    serial = x509.load_pem_x509_certificate(cert).serial_number
+    path = tmp_path / "policy.toml"
+    path.write_text(POLICY + f'\n[revoked]\nserials = ["serial={serial:X}", "01"]\n')
+    assert run(["policy", "check", str(path)]) == 0
+    assert "valid: 2 identities, 3 roles, 3 rules, 2 revoked certificates" in capsys.readouterr().err
+    args = ["policy", "explain", str(path), "--cert", str(tmp_path / "auth.pem"), "auth/DB"]
+    assert run([*args, "--capability", "read"]) == 5
+    out, err = capsys.readouterr()
+    assert "revoked   yes: every request is refused" in out and "certificate revoked" in err
+    assert run([*args, "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["certificate"]["revoked"] is True and int(doc["certificate"]["serial"], 16) == serial
+    assert not any(d["allowed"] for d in doc["decisions"].values())
+    assert doc["decisions"]["read"]["reason"].startswith("certificate revoked")
+    path.write_text(POLICY + '\n[revoked]\nserials = ["01"]\n')
+    assert run([*args, "--capability", "read"]) == 0
+    assert "revoked   no" in capsys.readouterr().out
+    path.write_text(POLICY + '\n[revoked]\nfingerprints = ["01"]\n')
+    assert run(["policy", "check", str(path)]) == 2
+    assert "revoked.fingerprints[0]: '01' is not a SHA-256 fingerprint" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("where", ["/dev/zero", "fifo"])
 def test_a_policy_file_that_is_not_a_regular_file_is_refused_not_read_forever(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], where: str

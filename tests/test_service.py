@@ -16,6 +16,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from secrets_manager.client import RemoteStore
@@ -23,6 +25,7 @@ from secrets_manager.crypto import kdf
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.store.encrypted import RENEW_RETRY_SECONDS
+from secrets_manager.tls import pki
 from secrets_manager.v1 import secrets_pb2 as pb
 from service_fixtures import (
     PASSWORD,
@@ -509,6 +512,49 @@ def _eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return condition()
+
+
+def test_a_revoked_certificate_is_cut_off_on_sighup_and_its_renewal_works(server: Server) -> None:
+    """`pki issue ops --force` leaves the leaked old certificate working: [revoked] ends it."""
+    for suffix in (".pem", "-key.pem"):
+        (server.dir / f"ops-leaked{suffix}").write_bytes((server.dir / f"ops{suffix}").read_bytes())
+    ca = ((server.dir / "ca.pem").read_bytes(), (server.dir / "ca-key.pem").read_bytes())
+    renewed, renewed_key = pki.issue(*ca, "ops")
+    (server.dir / "ops.pem").write_bytes(renewed)
+    (server.dir / "ops-key.pem").write_bytes(renewed_key)
+    request = pb.GetSecretRequest(name="auth/DB_PASSWORD")
+    old, new = server.stub("ops-leaked"), server.stub("ops")
+    assert old.GetSecret(request, timeout=10).secret.value == new.GetSecret(request, timeout=10).secret.value
+
+    leaked = x509.load_pem_x509_certificate((server.dir / "ops-leaked.pem").read_bytes())
+    (server.dir / "policy.toml").write_text(
+        POLICY + f'\n[revoked]\nserials = ["{leaked.serial_number.to_bytes(20).hex(":")}"]\n'
+    )
+    server.process.send_signal(signal.SIGHUP)
+    assert _eventually(lambda: any('"message": "policy reloaded"' in line for line in server.log_lines))
+    with pytest.raises(grpc.RpcError) as caught:
+        old.GetSecret(request, timeout=10)
+    assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    assert "certificate revoked" in caught.value.details()  # type: ignore[attr-defined]
+    last = server.audit_records()[-1]
+    assert (last["actor"], last["decision"], last["outcome"]) == (
+        f"spiffe://{TD}/ops",
+        "deny",
+        "unauthenticated",
+    )
+    assert int(str(last["certificate_serial"]), 16) == leaked.serial_number
+    assert str(last["peer"]).startswith("ipv4:127.0.0.1:") and last["name"] == "auth/DB_PASSWORD"
+    assert new.GetSecret(request, timeout=10).secret.value == b"auth-db-pass"  # the renewal works
+    assert "certificate_serial" not in server.audit_records()[-1]  # only a revocation names one
+
+    fingerprint = x509.load_pem_x509_certificate(renewed).fingerprint(hashes.SHA256()).hex(":").upper()
+    (server.dir / "policy.toml").write_text(POLICY + f'\n[revoked]\nfingerprints = ["{fingerprint}"]\n')
+    server.process.send_signal(signal.SIGHUP)
+    assert _eventually(lambda: sum('"message": "policy reloaded"' in line for line in server.log_lines) == 2)
+    assert code_of(lambda: new.ListSecrets(pb.ListSecretsRequest(), timeout=10)) is (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    assert old.GetSecret(request, timeout=10).secret.value == b"auth-db-pass"  # no longer listed
 
 
 def test_sigterm_under_load_finishes_in_flight_calls_and_exits_0(server: Server) -> None:

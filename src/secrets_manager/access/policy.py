@@ -12,6 +12,12 @@ The decision for (identity, capability, name), in this order:
 `deny = ["admin"]` (or `deny = true`) denies all six; and a request *for* admin on a name is denied
 by any deny that matches the name, since it no longer holds every capability there.
 
+A `[revoked]` table lists client certificates the service refuses whatever their identity's roles
+(`Policy.revocation`): `serials` (hex, as `openssl x509 -serial` or `pki issue` print them) and
+`fingerprints` (SHA-256, as `openssl x509 -fingerprint -sha256` prints them), colons and case as
+you like. A serial is unique only per CA, so with several CAs in `client_ca` it may cut off another
+CA's certificate too; a fingerprint is unique everywhere.
+
 Invariant: this module is pure. Only `load_policy` touches the file system, and it reads one file.
 A policy that does not parse, names an unknown capability, key or role, or has a malformed glob is
 rejected whole with an InvalidInputError naming the file and the place, never half-applied.
@@ -20,6 +26,7 @@ rejected whole with an InvalidInputError naming the file and the place, never ha
 from __future__ import annotations
 
 import os
+import re
 import stat
 import tomllib
 from collections.abc import Iterable, Mapping
@@ -48,6 +55,8 @@ ALL_CAPABILITIES = frozenset(Capability)
 MAX_POLICY_BYTES = 1024 * 1024
 _DECISIONS_KEPT = 100_000  # a bound on `Policy.allows`'s memory, not a policy
 _CAPABILITY_NAMES = ", ".join(c.value for c in Capability)
+_MAX_SERIAL_BYTES = 20  # RFC 5280 4.1.2.2
+_HEX = re.compile(r"[0-9a-fA-F]+")
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,8 @@ class Policy:
     identities: Mapping[str, tuple[str, ...]]
     roles: Mapping[str, Role]
     source: str = "<policy>"
+    revoked_serials: frozenset[int] = frozenset()
+    revoked_fingerprints: frozenset[bytes] = frozenset()  # SHA-256 of the certificate's DER
     # Decisions already made: a policy never changes (a reload builds a new one), so neither do
     # they, and the service asks the same few questions on every request.
     _allowed: dict[tuple[str, str, str], bool] = field(
@@ -156,6 +167,20 @@ class Policy:
             self._allowed[question] = allowed
         return allowed
 
+    def revocation(self, serial: int | None, fingerprint: bytes | None) -> str | None:
+        """Why the service refuses a client certificate with this serial number and SHA-256
+        fingerprint, whatever its identity may do; None if it is not revoked. A certificate
+        not known (None) is refused once anything is revoked: it cannot be checked."""
+        if not (self.revoked_serials or self.revoked_fingerprints):
+            return None
+        if serial is None or fingerprint is None:
+            return "the client certificate cannot be checked against the revoked certificates"
+        if fingerprint in self.revoked_fingerprints:
+            return "certificate revoked (its SHA-256 fingerprint is in the policy's [revoked] list)"
+        if serial in self.revoked_serials:
+            return "certificate revoked (its serial number is in the policy's [revoked] list)"
+        return None
+
     def filter_names(self, identity: str, capability: Capability | str, names: Iterable[str]) -> list[str]:
         """The names (in their order) on which `identity` holds `capability`; invalid names dropped."""
         wanted = _capability(capability)
@@ -195,11 +220,14 @@ def load_policy(path: str | Path) -> Policy:
 
 
 def _build(doc: dict[str, Any], source: str) -> Policy:
-    unknown = sorted(set(doc) - {"identities", "roles"})
+    unknown = sorted(set(doc) - {"identities", "roles", "revoked"})
     if unknown:
         raise _problem(
-            source, unknown[0], "unknown key; a policy has only [identities] and [roles.NAME] tables"
+            source,
+            unknown[0],
+            "unknown key; a policy has only [identities], [roles.NAME] and [revoked] tables",
         )
+    serials, fingerprints = _build_revoked(doc.get("revoked", {}), source)
 
     raw_roles = doc.get("roles", {})
     if not isinstance(raw_roles, dict):
@@ -224,7 +252,69 @@ def _build(doc: dict[str, Any], source: str) -> Policy:
                     source, where, f"role {role_name!r} is not defined (add a [roles.{role_name}] table)"
                 )
         identities[identity] = tuple(dict.fromkeys(role_names))
-    return Policy(MappingProxyType(identities), MappingProxyType(roles), source)
+    return Policy(MappingProxyType(identities), MappingProxyType(roles), source, serials, fingerprints)
+
+
+def _build_revoked(raw: Any, source: str) -> tuple[frozenset[int], frozenset[bytes]]:
+    if not isinstance(raw, dict):
+        raise _problem(source, "revoked", 'must be a table: serials = ["3F2A..."], fingerprints = [...]')
+    unknown = sorted(set(raw) - {"serials", "fingerprints"})
+    if unknown:
+        raise _problem(
+            source, f"revoked.{unknown[0]}", "unknown key; [revoked] has 'serials' and 'fingerprints'"
+        )
+    serials = {
+        _serial(text, f"revoked.serials[{i}]", source)
+        for i, text in enumerate(_strings(raw.get("serials", []), "revoked.serials", source))
+    }
+    fingerprints = {
+        _fingerprint(text, f"revoked.fingerprints[{i}]", source)
+        for i, text in enumerate(_strings(raw.get("fingerprints", []), "revoked.fingerprints", source))
+    }
+    return frozenset(serials), frozenset(fingerprints)
+
+
+def _strings(raw: Any, where: str, source: str) -> list[str]:
+    if not isinstance(raw, list) or not all(isinstance(item, str) for item in raw):
+        raise _problem(source, where, "must be a list of strings")
+    return raw
+
+
+def _hex_digits(text: str, label: str) -> str | None:
+    """The hex digits of `text` without colons and an optional `label=` (openssl's
+    `serial=…`, `sha256 Fingerprint=…`), or None if that leaves anything else."""
+    digits = text.strip()
+    if digits.lower().startswith(label):
+        digits = digits[len(label) :]
+    digits = digits.replace(":", "")
+    return digits if _HEX.fullmatch(digits) else None
+
+
+def _serial(text: str, where: str, source: str) -> int:
+    digits = _hex_digits(text, "serial=")
+    if digits is None:
+        raise _problem(source, where, f"{text!r} is not a serial number in hex (like 3F2A... or 3f:2a:...)")
+    serial = int(digits, 16)
+    if serial.bit_length() > 8 * _MAX_SERIAL_BYTES:
+        raise _problem(
+            source,
+            where,
+            f"longer than a serial number (at most {_MAX_SERIAL_BYTES} bytes); "
+            "a SHA-256 fingerprint goes in [revoked] fingerprints",
+        )
+    return serial
+
+
+def _fingerprint(text: str, where: str, source: str) -> bytes:
+    digits = _hex_digits(text, "sha256 fingerprint=")
+    if digits is None or len(digits) != 64:
+        raise _problem(
+            source,
+            where,
+            f"{text!r} is not a SHA-256 fingerprint: 64 hex digits, colons allowed, as "
+            "'openssl x509 -noout -fingerprint -sha256 -in CERT' or 'pki issue' print it",
+        )
+    return bytes.fromhex(digits)
 
 
 def _problem(source: str, where: str, problem: str) -> InvalidInputError:

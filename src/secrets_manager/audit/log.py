@@ -116,6 +116,15 @@ class AuditEvent:
     outcome: str = "ok"
     value_hmac: str | None = None
     request_id: str = field(default_factory=new_request_id)
+    # The service's refusal of a revoked client certificate names it; other records have no such key.
+    certificate_serial: str | None = None
+
+    def as_record(self) -> dict[str, Any]:
+        """The record's fields from this event."""
+        found = dict(vars(self))
+        if found["certificate_serial"] is None:
+            del found["certificate_serial"]
+        return found
 
 
 class AuditLog:
@@ -390,7 +399,7 @@ class AuditLog:
         lines = []
         for owner, event in [*repair, *((job, event) for job in jobs for event in job.events)]:
             seq += 1
-            record: dict[str, Any] = {"seq": seq, "time": now, **vars(event), "prev": previous}
+            record: dict[str, Any] = {"seq": seq, "time": now, **event.as_record(), "prev": previous}
             body = _canonical(record)
             record["hash"] = previous = sha256_hex(body)
             record["mac"] = None if key is None else record_mac(key, previous)

@@ -65,6 +65,8 @@ def issue_command(
 
     A client certificate's identity is spiffe://<trust-domain>/NAME (its CN is NAME). A server
     certificate covers the --dns names and --ip addresses, or localhost and 127.0.0.1 if none.
+    Prints the serial number and SHA-256 fingerprint: listed under [revoked] in the service's
+    policy, they cut the certificate off (renewing with --force does not: the old one still works).
     """
     written = issue_certificate(directory, name, server=server, dns=dns, ips=ips, days=days, force=force)
     kind = "server" if server else "client"
@@ -72,6 +74,8 @@ def issue_command(
         f"wrote {written.certificate} and {written.key}: {kind} certificate for {written.identity}, "
         f"{_until(written)}"
     )
+    # What cuts this certificate off later, should its key leak: [revoked] in the policy.
+    info_line(f"serial {written.serial}, SHA-256 fingerprint {written.fingerprint}")
 
 
 def _until(written: WrittenCertificate) -> str:

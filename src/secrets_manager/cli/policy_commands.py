@@ -15,7 +15,7 @@ from secrets_manager.cli.app import cli
 from secrets_manager.cli.output import info_line, print_json, printable, warning_line
 from secrets_manager.cli.password import read_small_file
 from secrets_manager.errors import AccessDeniedError, InvalidInputError
-from secrets_manager.tls import IdentityError, identity_from_certificate, unpresentable_identity
+from secrets_manager.tls import Caller, IdentityError, caller_from_certificate, unpresentable_identity
 
 MAX_CERTIFICATE_BYTES = 64 * 1024
 _POLICY_FILE = click.Path(dir_okay=False, path_type=Path)
@@ -37,7 +37,9 @@ def policy() -> None:
 def check(policy_file: Path) -> None:
     """Parse POLICY_FILE as `serve` and SIGHUP would: exit 0 with a summary, or 2 naming the problem.
 
-    Roles no identity holds are warned about (often a typo in [identities])."""
+    Roles no identity holds are warned about (often a typo in [identities]), and identities no
+    client certificate can present. [revoked] entries must be serial numbers or SHA-256
+    fingerprints in hex (colons and case as you like)."""
     parsed = load_policy(policy_file)
     held = {role for roles in parsed.identities.values() for role in roles}
     for role in sorted(set(parsed.roles) - held):
@@ -49,8 +51,10 @@ def check(policy_file: Path) -> None:
         elif not roles:
             warning_line(f"{policy_file}: identity '{printable(identity)}' holds no role")
     rules = sum(len(role.rules) for role in parsed.roles.values())
+    revoked = len(parsed.revoked_serials) + len(parsed.revoked_fingerprints)
     info_line(
         f"{policy_file}: valid: {len(parsed.identities)} identities, {len(parsed.roles)} roles, {rules} rules"
+        + (f", {revoked} revoked certificates" if revoked else "")
     )
 
 
@@ -62,7 +66,8 @@ def check(policy_file: Path) -> None:
     "cert_file",
     type=click.Path(dir_okay=False, path_type=Path),
     metavar="PEM",
-    help="Take the identity from this client certificate, as the service does (SPIFFE ID, else CN).",
+    help="Take the identity from this client certificate, as the service does (SPIFFE ID, else CN), "
+    "and deny everything if the policy revokes it.",
 )
 @click.option(
     "--capability",
@@ -78,19 +83,30 @@ def explain(
     as_json: bool,
 ) -> None:
     """What IDENTITY (or the holder of --cert) may do to the secret NAME, and which rule decides."""
-    identity, name = _identity_and_name(identity_and_name, cert_file)
+    caller, name = _caller_and_name(identity_and_name, cert_file)
+    identity = caller.identity
     parsed = load_policy(policy_file)
     problem = unpresentable_identity(identity)
     if problem is not None:
         warning_line(f"'{printable(identity)}' is {problem}: the service never sees a caller with it")
+    revoked = parsed.revocation(caller.serial, caller.fingerprint) if cert_file is not None else None
     wanted = [Capability(capability)] if capability else list(Capability)
     decisions = [parsed.decide(identity, c, name) for c in wanted]
+    if revoked is not None:  # the service refuses the certificate before it asks the rules
+        decisions = [Decision(False, identity, d.capability, name, revoked) for d in decisions]
     if as_json:
         print_json(
             {
                 "identity": identity,
                 "roles": list(parsed.roles_of(identity)),
                 "name": name,
+                "certificate": None
+                if cert_file is None
+                else {
+                    "serial": caller.serial_text,
+                    "sha256_fingerprint": caller.fingerprint_text,
+                    "revoked": revoked is not None,
+                },
                 "decisions": {
                     d.capability.value: {"allowed": d.allowed, "reason": d.reason, "role": d.role}
                     for d in decisions
@@ -98,29 +114,36 @@ def explain(
             }
         )
     else:
-        _print_decisions(parsed, identity, name, decisions)
+        _print_decisions(parsed, caller if cert_file is not None else None, name, decisions, revoked)
     if capability and not decisions[0].allowed:
         raise AccessDeniedError(f"{identity} may not {capability} {name!r}: {decisions[0].reason}")
 
 
-def _identity_and_name(arguments: tuple[str, ...], cert_file: Path | None) -> tuple[str, str]:
+def _caller_and_name(arguments: tuple[str, ...], cert_file: Path | None) -> tuple[Caller, str]:
     if cert_file is None:
         if len(arguments) != 2:
             raise InvalidInputError("give IDENTITY and NAME, or --cert PEM and NAME")
-        return arguments[0], arguments[1]
+        return Caller(arguments[0]), arguments[1]
     if len(arguments) != 1:
         raise InvalidInputError("with --cert give only NAME: the certificate names the identity")
     pem = read_small_file(cert_file, MAX_CERTIFICATE_BYTES, f"certificate file {cert_file}")
     try:
-        return identity_from_certificate(pem), arguments[0]
+        return caller_from_certificate(pem), arguments[0]
     except IdentityError as exc:
         raise InvalidInputError(f"{cert_file}: {exc}") from None
 
 
-def _print_decisions(parsed: Policy, identity: str, name: str, decisions: list[Decision]) -> None:
+def _print_decisions(
+    parsed: Policy, caller: Caller | None, name: str, decisions: list[Decision], revoked: str | None
+) -> None:
+    identity = decisions[0].identity
     roles = ", ".join(parsed.roles_of(identity)) or "none: every request is denied"
     click.echo(f"identity  {printable(identity)}")
     click.echo(f"roles     {printable(roles)}")
+    if caller is not None:
+        click.echo(f"serial    {caller.serial_text}")
+        click.echo(f"sha256    {caller.fingerprint_text}")
+        click.echo(f"revoked   {'yes: every request is refused' if revoked else 'no'}")
     click.echo(f"name      {printable(name)}")
     for decision in decisions:
         verdict = "allowed" if decision.allowed else "denied"

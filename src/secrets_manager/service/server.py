@@ -1,6 +1,7 @@
 """The Secrets gRPC servicer and the process around it (TLS, health, reflection, signals, metrics).
 
-Every RPC runs through `SecretsServicer._call`: identity from the client certificate → name
+Every RPC runs through `SecretsServicer._call`: identity from the client certificate (refused if
+the policy revokes that certificate) → name
 validation → policy → (for changes) a durable audit request record → the store → the audit
 record → the response. Denials and failures are audited too. Values are only ever in responses.
 """
@@ -46,7 +47,7 @@ from secrets_manager.service.watch import ChangeHub
 from secrets_manager.store import EncryptedStore
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.store.names import validate_name, validate_prefix
-from secrets_manager.tls.identity import IdentityError, identity_from_auth_context
+from secrets_manager.tls.identity import IdentityError, caller_from_auth_context
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 from secrets_manager.wire import (
@@ -143,13 +144,24 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         code = grpc.StatusCode.OK
         peer = context.peer()
         durable = mutating or self._fsync_reads
+        identity, caller = "<unidentified>", None
         try:
-            identity = identity_from_auth_context(context.auth_context())
+            caller = caller_from_auth_context(context.auth_context())  # parsed once per certificate
+            identity = caller.identity
+            revoked = self._policy.current.revocation(caller.serial, caller.fingerprint)  # set lookups
+            if revoked is not None:
+                raise IdentityError(revoked)
         except IdentityError as exc:
-            identity = "<unidentified>"
             self._record(
                 AuditEvent(
-                    operation, identity, "grpc", peer, name, decision="deny", outcome="unauthenticated"
+                    operation,
+                    identity,
+                    "grpc",
+                    peer,
+                    name,
+                    decision="deny",
+                    outcome="unauthenticated",
+                    certificate_serial=None if caller is None else caller.serial_text,
                 ),
                 durable,
             )

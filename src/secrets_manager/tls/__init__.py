@@ -14,7 +14,10 @@ from secrets_manager.tls.files import (
     read_server_tls,
 )
 from secrets_manager.tls.identity import (
+    Caller,
     IdentityError,
+    caller_from_auth_context,
+    caller_from_certificate,
     identity_from_auth_context,
     identity_from_certificate,
     unpresentable_identity,
@@ -23,9 +26,12 @@ from secrets_manager.tls.pki import DEFAULT_TRUST_DOMAIN, issue, new_ca, spiffe_
 
 __all__ = [
     "DEFAULT_TRUST_DOMAIN",
+    "Caller",
     "IdentityError",
     "ServerTlsFiles",
     "WrittenCertificate",
+    "caller_from_auth_context",
+    "caller_from_certificate",
     "identity_from_auth_context",
     "identity_from_certificate",
     "init_ca",

@@ -18,12 +18,12 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
 from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError
-from secrets_manager.tls.identity import identity_from_certificate
+from secrets_manager.tls.identity import fingerprint_text, identity_from_certificate, serial_text
 from secrets_manager.tls.pki import (
     CA_DAYS,
     CERTIFICATE_DAYS,
@@ -47,6 +47,8 @@ class WrittenCertificate:
     key: Path
     identity: str
     not_after: datetime
+    serial: str  # as `openssl x509 -serial` prints it: what [revoked] serials in a policy takes
+    fingerprint: str  # SHA-256, as `openssl x509 -fingerprint -sha256` prints it
 
 
 def init_ca(
@@ -305,7 +307,14 @@ def _write_pair(
                 key_path.unlink()
         raise
     cert = x509.load_pem_x509_certificate(cert_pem)
-    return WrittenCertificate(cert_path, key_path, identity, cert.not_valid_after_utc)
+    return WrittenCertificate(
+        cert_path,
+        key_path,
+        identity,
+        cert.not_valid_after_utc,
+        serial_text(cert.serial_number),
+        fingerprint_text(cert.fingerprint(hashes.SHA256())),
+    )
 
 
 def _refuse_existing(paths: Iterable[Path], message: str) -> None:

@@ -19,8 +19,10 @@ import functools
 import re
 import unicodedata
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 
 from secrets_manager.errors import AccessDeniedError
@@ -38,12 +40,47 @@ class IdentityError(AccessDeniedError):
     kind = "unauthenticated"
 
 
+@dataclass(frozen=True)
+class Caller:
+    """A client certificate's identity, and what tells it apart from the identity's other
+    certificates: its serial number and the SHA-256 of its DER (what `[revoked]` lists).
+    Both None when grpc did not hand over the certificate itself."""
+
+    identity: str
+    serial: int | None = None
+    fingerprint: bytes | None = None
+
+    @property
+    def serial_text(self) -> str | None:
+        return None if self.serial is None else serial_text(self.serial)
+
+    @property
+    def fingerprint_text(self) -> str | None:
+        return None if self.fingerprint is None else fingerprint_text(self.fingerprint)
+
+
+def serial_text(serial: int) -> str:
+    """A serial number as `openssl x509 -serial` prints it: upper-case hex, whole bytes."""
+    digits = f"{serial:X}"
+    return digits.zfill(len(digits) + len(digits) % 2)
+
+
+def fingerprint_text(fingerprint: bytes) -> str:
+    """A fingerprint as `openssl x509 -fingerprint` prints it: upper-case hex bytes and colons."""
+    return fingerprint.hex(":").upper()
+
+
 def identity_from_certificate(certificate: bytes | str | x509.Certificate) -> str:
     """The SPIFFE ID of a certificate (PEM or DER), else its subject CN. IdentityError if it names
     none, or if its extensions or subject cannot be parsed (cryptography parses them lazily)."""
+    return caller_from_certificate(certificate).identity
+
+
+def caller_from_certificate(certificate: bytes | str | x509.Certificate) -> Caller:
+    """`identity_from_certificate` with the certificate's serial number and fingerprint."""
     cert = _load(certificate)
     try:
-        return _identity_of(cert)
+        return Caller(_identity_of(cert), cert.serial_number, cert.fingerprint(hashes.SHA256()))
     except ValueError:
         raise IdentityError("the client certificate has a malformed extension or subject") from None
 
@@ -91,7 +128,13 @@ def _identity_of(cert: x509.Certificate) -> str:
 
 
 def identity_from_auth_context(auth_context: Mapping[str, Iterable[bytes | str]]) -> str:
-    """The caller's identity from a grpc ServicerContext's `auth_context()`.
+    """The caller's identity from a grpc ServicerContext's `auth_context()` (`caller_from_auth_context`)."""
+    return caller_from_auth_context(auth_context).identity
+
+
+def caller_from_auth_context(auth_context: Mapping[str, Iterable[bytes | str]]) -> Caller:
+    """The caller (identity, certificate serial and fingerprint) from a grpc ServicerContext's
+    `auth_context()`.
 
     grpc (core's SSL security connector) fills that dict, str → list of bytes, for a TLS peer
     (as seen with grpcio 1.85): `transport_security_type` [b"ssl"], `security_level`,
@@ -108,20 +151,20 @@ def identity_from_auth_context(auth_context: Mapping[str, Iterable[bytes | str]]
         raise IdentityError("the connection is not TLS; mutual TLS is required")
     pem = auth_context.get("x509_pem_cert")
     if pem:
-        return _identity_from_pem(next(iter(pem)))
+        return _caller_from_pem(next(iter(pem)))
     common_names = _values(auth_context, "x509_common_name")
     has_san = bool(_values(auth_context, "x509_subject_alternative_name"))
     if len(common_names) == 1 and not has_san and _common_name_problem(common_names[0]) is None:
-        return common_names[0]
+        return Caller(common_names[0])
     raise IdentityError("the caller presented no usable client certificate; mutual TLS is required")
 
 
 @functools.lru_cache(maxsize=1024)
-def _identity_from_pem(pem: bytes | str) -> str:
-    """`identity_from_certificate` remembered per certificate: a connection presents the same
+def _caller_from_pem(pem: bytes | str) -> Caller:
+    """`caller_from_certificate` remembered per certificate: a connection presents the same
     certificate on every call, and parsing it was a fifth of a GetSecret. A pure function of
     the bytes, so caching cannot change an answer; errors are not cached."""
-    return identity_from_certificate(pem)
+    return caller_from_certificate(pem)
 
 
 def unpresentable_identity(identity: str) -> str | None:
