@@ -219,6 +219,64 @@ def test_filter_names_accepts_any_iterable(policy: Policy) -> None:
     assert policy.filter_names(AUTH, "read", (n for n in ["auth/A", "other/B"])) == ["auth/A"]
 
 
+# ---- what batch get by prefix and watch may show (enumerable_by_read) ---------------------------
+
+HIDDEN_POLICY = """
+[identities]
+"reader" = ["reader"]
+"reader-fenced" = ["reader", "fence"]
+"stranger-role" = ["fence"]
+
+[roles.reader]
+rules = [ { path = "**", capabilities = ["read", "list"] },
+          { path = "hidden/*", deny = ["list"] },
+          { path = "sealed/*", deny = true },
+          { path = "admin-denied/*", deny = ["admin"] },
+          { path = "no-read/*", deny = ["read"] },
+          { path = "write-denied/*", deny = ["write"] } ]
+
+[roles.fence]
+rules = [ { path = "fenced/*", deny = ["list"] } ]
+"""
+
+
+def test_an_explicit_list_deny_hides_a_readable_name_from_enumeration_by_read() -> None:
+    policy = Policy.parse(HIDDEN_POLICY)
+    names = [
+        "app/A",
+        "hidden/ROOT_TOKEN",
+        "sealed/X",
+        "admin-denied/X",
+        "no-read/X",
+        "write-denied/X",
+        "fenced/X",
+        "app/../hidden/X",
+    ]
+    for _ in range(2):  # the second round answers from the cache
+        # read is allowed on hidden/*, so a named read works, but no enumeration shows it
+        assert policy.allows("reader", "read", "hidden/ROOT_TOKEN")
+        assert policy.denies_explicitly("reader", "list", "hidden/ROOT_TOKEN")
+        assert not policy.enumerable_by_read("reader", "hidden/ROOT_TOKEN")
+        assert policy.filter_enumerable_by_read("reader", names) == ["app/A", "write-denied/X", "fenced/X"]
+        # a deny in another role of the same identity wins too
+        assert policy.filter_enumerable_by_read("reader-fenced", names) == ["app/A", "write-denied/X"]
+        # a name that is readable but merely not granted `list` stays: read defines these paths
+        assert policy.filter_enumerable_by_read("stranger-role", names) == []
+        assert policy.filter_enumerable_by_read("nobody", names) == []
+
+
+def test_enumerable_by_read_is_read_without_an_explicit_list_deny_on_the_grid() -> None:
+    policy = Policy.parse(OVERLAPPING_POLICY)
+    for identity in GRID_IDENTITIES:
+        for name in GRID_NAMES:
+            listed = policy.decide(identity, "list", name)
+            expected = policy.allows(identity, "read", name) and (listed.allowed or listed.rule is None)
+            assert policy.enumerable_by_read(identity, name) == expected, (identity, name)
+    # svc-c may read shared/X without holding list there: batch get and watch still show it
+    assert policy.enumerable_by_read("svc-c", "shared/X") and not policy.allows("svc-c", "list", "shared/X")
+    assert policy.enumerable_by_read(None, "app/X") is False  # type: ignore[arg-type]
+
+
 # ---- glob semantics -----------------------------------------------------------------------------
 
 GLOB_CASES = [

@@ -24,6 +24,7 @@ POLICY = """
 rules = [
   { path = "auth/*", capabilities = ["read", "list"] },
   { path = "auth/admin-*", deny = ["read"] },
+  { path = "auth/hidden-*", deny = ["list"] },
 ]
 
 [roles.mc-reader]
@@ -49,7 +50,7 @@ def test_check_summarises_a_valid_policy_and_warns_of_roles_nobody_holds(
     err = capsys.readouterr().err.splitlines()
     assert err == [
         f"secrets-manager: warning: {policy_file}: role 'spare' is held by no identity",
-        f"secrets-manager: {policy_file}: valid: 2 identities, 3 roles, 3 rules",
+        f"secrets-manager: {policy_file}: valid: 2 identities, 3 roles, 4 rules",
     ]
 
 
@@ -77,11 +78,40 @@ def test_explain_shows_every_capability_with_the_deciding_rule(
     assert run(["policy", "explain", str(policy_file), AUTH, "auth/admin-token"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[:3] == [f"identity  {AUTH}", "roles     auth-reader", "name      auth/admin-token"]
-    decided = {line.split()[0]: line.split(None, 2)[1:] for line in lines[3:]}
+    decided = {line.split()[0]: line.split(None, 2)[1:] for line in lines[3:-1]}
     assert decided["read"] == ["denied", "denied by role auth-reader rule 'auth/admin-*'"]
     assert decided["list"] == ["allowed", "allowed by role auth-reader rule 'auth/*'"]
     assert decided["write"] == ["denied", "no rule grants it"]
     assert sorted(decided) == ["admin", "delete", "list", "read", "rotate", "write"]
+
+
+def test_explain_says_where_a_name_shows_up_and_that_a_list_deny_hides_it(
+    policy_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    expected = {
+        (
+            AUTH,
+            "auth/DB",
+        ): "in ListSecrets: yes; in BatchGetSecrets by prefix and Watch: yes (read allows it)",
+        (AUTH, "auth/admin-token"): (
+            "in ListSecrets: yes; in BatchGetSecrets by prefix and Watch: no (read is not allowed)"
+        ),
+        (AUTH, "auth/hidden-token"): (
+            "in ListSecrets: no; in BatchGetSecrets by prefix and Watch: "
+            "no (list is denied by role auth-reader rule 'auth/hidden-*')"
+        ),
+        # read without list: a prefix batch get or a watch still reveals the name
+        ("market-connector", "market-connector/KEY"): (
+            "in ListSecrets: no; in BatchGetSecrets by prefix and Watch: yes (read allows it)"
+        ),
+    }
+    for (identity, name), line in expected.items():
+        assert run(["policy", "explain", str(policy_file), identity, name]) == 0
+        assert capsys.readouterr().out.splitlines()[-1] == f"shown     {line}"
+    assert run(["policy", "explain", str(policy_file), AUTH, "auth/hidden-token", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["decisions"]["read"]["allowed"] is True
+    assert doc["shown"] == {"list": False, "batch_get_and_watch": False}
 
 
 def test_explain_one_capability_exits_5_when_denied(

@@ -201,6 +201,46 @@ def test_batch_get_of_everything_returns_what_the_caller_may_read(server: Server
     assert code_of(lambda: stub.BatchGetSecrets(explicit, timeout=10)) is grpc.StatusCode.PERMISSION_DENIED
 
 
+HIDDEN_POLICY = f"""
+[identities]
+"spiffe://{TD}/auth" = ["reader"]
+"spiffe://{TD}/ops" = ["admin"]
+
+[roles.reader]
+rules = [
+  {{ path = "**", capabilities = ["read", "list"] }},
+  {{ path = "hidden/*", deny = ["list"] }},
+]
+
+[roles.admin]
+rules = [{{ path = "**", capabilities = ["admin"] }}]
+"""
+
+
+def test_a_list_deny_hides_names_from_batch_get_by_prefix_and_watch(tmp_path: Path) -> None:
+    make_pki(tmp_path)
+    make_store(tmp_path, {**SEED, "hidden/ROOT_TOKEN": b"root-token"}, HIDDEN_POLICY)
+    running = start_server(tmp_path)
+    try:
+        auth, ops = running.stub("auth"), running.stub("ops")
+        listed = [m.name for m in auth.ListSecrets(pb.ListSecretsRequest(), timeout=10).secrets]
+        assert listed == sorted(SEED)
+        for prefix in ("hidden/", ""):
+            reply = auth.BatchGetSecrets(pb.BatchGetSecretsRequest(prefix=prefix), timeout=10)
+            assert sorted(s.name for s in reply.secrets) == (sorted(SEED) if prefix == "" else [])
+        # read is not denied: asked for by name, it is still served
+        named = auth.GetSecret(pb.GetSecretRequest(name="hidden/ROOT_TOKEN"), timeout=10)
+        assert named.secret.value == b"root-token"
+        stream = auth.Watch(pb.WatchRequest(prefix=""), timeout=30)
+        assert dict(stream.initial_metadata())  # live: it sees every change after this
+        ops.PutSecret(pb.PutSecretRequest(name="hidden/NEW_ONE", value=b"x"), timeout=10)
+        ops.PutSecret(pb.PutSecretRequest(name="auth/VISIBLE", value=b"y"), timeout=10)
+        assert next(iter(stream)).name == "auth/VISIBLE"  # hidden/NEW_ONE, changed first, never came
+        stream.cancel()
+    finally:
+        running.stop()
+
+
 def test_compare_and_set_conflict_is_aborted(server: Server) -> None:
     stub = server.stub("ops")
     stale = pb.PutSecretRequest(name="auth/DB_PASSWORD", value=b"x", expect_version=7)

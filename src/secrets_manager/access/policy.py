@@ -18,6 +18,11 @@ A `[revoked]` table lists client certificates the service refuses whatever their
 you like. A serial is unique only per CA, so with several CAs in `client_ca` it may cut off another
 CA's certificate too; a fingerprint is unique everywhere.
 
+Names are learned three ways. ListSecrets shows the names the caller may `list`. BatchGetSecrets by
+prefix and Watch show the names it may `read` (what `get_credentials()` fetches and keeps fresh),
+except those on which `list` is explicitly denied (`enumerable_by_read`): a deny of `list` hides a
+name from every enumeration, while a named read of it may still be allowed.
+
 Invariant: this module is pure. Only `load_policy` touches the file system, and it reads one file.
 A policy that does not parse, names an unknown capability, key or role, or has a malformed glob is
 rejected whole with an InvalidInputError naming the file and the place, never half-applied.
@@ -112,6 +117,9 @@ class Policy:
     _allowed: dict[tuple[str, str, str], bool] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    _enumerable: dict[tuple[str, str], bool] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     @classmethod
     def parse(cls, text: str, source: str = "<policy>") -> Policy:
@@ -187,6 +195,33 @@ class Policy:
         if not self.roles_of(identity):
             return []
         return [name for name in names if self.allows(identity, wanted, name)]
+
+    def enumerable_by_read(self, identity: str, name: str) -> bool:
+        """Whether batch get by prefix and watch may show `name` to `identity`: it may read it and
+        no rule explicitly denies it `list` there (a deny wins on every path that reveals names)."""
+        if not (isinstance(identity, str) and isinstance(name, str)):
+            return False
+        question = (identity, name)
+        shown = self._enumerable.get(question)
+        if shown is None:
+            shown = self.allows(identity, Capability.READ, name) and not self.denies_explicitly(
+                identity, Capability.LIST, name
+            )
+            if len(self._enumerable) >= _DECISIONS_KEPT:
+                self._enumerable.clear()
+            self._enumerable[question] = shown
+        return shown
+
+    def filter_enumerable_by_read(self, identity: str, names: Iterable[str]) -> list[str]:
+        """The names (in their order) that `enumerable_by_read` lets `identity` see."""
+        if not self.roles_of(identity):
+            return []
+        return [name for name in names if self.enumerable_by_read(identity, name)]
+
+    def denies_explicitly(self, identity: str, capability: Capability | str, name: str) -> bool:
+        """True if a rule denies `capability` on `name` (not merely that no rule grants it)."""
+        decision = self.decide(identity, capability, name)
+        return not decision.allowed and decision.rule is not None
 
 
 def load_policy(path: str | Path) -> Policy:

@@ -82,7 +82,11 @@ def explain(
     capability: str | None,
     as_json: bool,
 ) -> None:
-    """What IDENTITY (or the holder of --cert) may do to the secret NAME, and which rule decides."""
+    """What IDENTITY (or the holder of --cert) may do to the secret NAME, and which rule decides.
+
+    The last line says where NAME shows up unasked: ListSecrets shows the names IDENTITY may
+    `list`; BatchGetSecrets by prefix (get_credentials, run --service) and Watch show those it may
+    `read`, so `read` alone reveals a name there. A deny of `list` hides it from all of them."""
     caller, name = _caller_and_name(identity_and_name, cert_file)
     identity = caller.identity
     parsed = load_policy(policy_file)
@@ -92,8 +96,10 @@ def explain(
     revoked = parsed.revocation(caller.serial, caller.fingerprint) if cert_file is not None else None
     wanted = [Capability(capability)] if capability else list(Capability)
     decisions = [parsed.decide(identity, c, name) for c in wanted]
+    shown = _shown(parsed, identity, name)
     if revoked is not None:  # the service refuses the certificate before it asks the rules
         decisions = [Decision(False, identity, d.capability, name, revoked) for d in decisions]
+        shown = (False, False)
     if as_json:
         print_json(
             {
@@ -111,10 +117,15 @@ def explain(
                     d.capability.value: {"allowed": d.allowed, "reason": d.reason, "role": d.role}
                     for d in decisions
                 },
+                "shown": {"list": shown[0], "batch_get_and_watch": shown[1]},
             }
         )
     else:
         _print_decisions(parsed, caller if cert_file is not None else None, name, decisions, revoked)
+        where = (
+            "nowhere: the certificate is revoked" if revoked else _shown_line(parsed, identity, name, shown)
+        )
+        click.echo(f"shown     {printable(where)}")
     if capability and not decisions[0].allowed:
         raise AccessDeniedError(f"{identity} may not {capability} {name!r}: {decisions[0].reason}")
 
@@ -148,3 +159,18 @@ def _print_decisions(
     for decision in decisions:
         verdict = "allowed" if decision.allowed else "denied"
         click.echo(f"{decision.capability.value:<9} {verdict:<8} {printable(decision.reason)}")
+
+
+def _shown(parsed: Policy, identity: str, name: str) -> tuple[bool, bool]:
+    """Whether NAME shows up in (ListSecrets, BatchGetSecrets by prefix and Watch)."""
+    return parsed.allows(identity, Capability.LIST, name), parsed.enumerable_by_read(identity, name)
+
+
+def _shown_line(parsed: Policy, identity: str, name: str, shown: tuple[bool, bool]) -> str:
+    listed, by_read = shown
+    line = f"in ListSecrets: {'yes' if listed else 'no'}; in BatchGetSecrets by prefix and Watch: "
+    if by_read:
+        return line + "yes (read allows it)"
+    if not parsed.allows(identity, Capability.READ, name):
+        return line + "no (read is not allowed)"
+    return line + f"no (list is {parsed.decide(identity, Capability.LIST, name).reason})"

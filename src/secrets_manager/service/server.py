@@ -248,7 +248,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                     raise AccessDeniedError(f"{call.identity} may not read {denied[0]!r}")
             else:
                 listed = [meta.name for meta in self._store.list(request.prefix)]
-                names = policy.filter_names(call.identity, "read", listed)
+                names = policy.filter_enumerable_by_read(call.identity, listed)
             page = Page(request.page_size, request.page_token, by_position=bool(request.names))
             messages = []
             for name in page.start(names):
@@ -421,7 +421,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 policy = self._policy.current
                 for change in changes:
                     visible = change.kind is ChangeKind.RESYNC or (
-                        change.name.startswith(prefix) and policy.allows(identity, "read", change.name)
+                        change.name.startswith(prefix) and policy.enumerable_by_read(identity, change.name)
                     )
                     if visible:
                         yield pb.ChangeEvent(
