@@ -100,7 +100,7 @@ def wait_until(condition: Callable[[], bool], timeout: float, interval: float = 
 
 @pytest.mark.parametrize(
     ("identity", "expected"),
-    [("auth", AUTH), ("market-connector", MARKET), ("ops", SEED), ("nobody", {})],
+    [("auth", AUTH), ("market-connector", MARKET), ("ops", SEED)],
 )
 def test_get_credentials_returns_exactly_what_the_policy_allows(
     server: Server,
@@ -146,6 +146,8 @@ def test_denied_and_missing_secrets_raise_the_documented_errors(
         auth.put("auth/DB_PASSWORD", b"the auth role may only read")
     with pytest.raises(NotFoundError):
         make_client("ops", [server.address]).get("auth/NOPE")
+    with pytest.raises(AccessDeniedError, match="holds no role"):  # not an empty mapping
+        make_client("nobody", [server.address]).credentials()
 
 
 # ---- push refresh ---------------------------------------------------------------------------------

@@ -139,7 +139,9 @@ class SecretsServicer(pb_grpc.SecretsServicer):
     ) -> Iterator[_Request]:
         """Authenticate, validate, authorise, audit and map errors around one RPC body.
 
-        `capability=None` means the body filters by policy itself (list, batch get by prefix)."""
+        `capability=None` means the body filters by policy itself (list, batch get, watch); the
+        caller must still hold a role, so one the policy does not know cannot scan the store or
+        hold watch streams."""
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         peer = context.peer()
@@ -172,7 +174,10 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         try:
             if name is not None:
                 (validate_prefix if prefix else validate_name)(name)
-            if capability is not None and not self._policy.current.allows(identity, capability, name or ""):
+            policy = self._policy.current
+            if capability is None and not policy.roles_of(identity):
+                raise AccessDeniedError(f"{identity} holds no role in the service's policy: {method} refused")
+            if capability is not None and not policy.allows(identity, capability, name or ""):
                 raise AccessDeniedError(f"{identity} may not {capability} {name!r}")
             if mutating:
                 self._audit.append([replace(event, outcome="pending")], self._store)
@@ -419,6 +424,11 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 if changes is None:  # closed (shutdown, client gone) or failed
                     break
                 policy = self._policy.current
+                if not policy.roles_of(identity):  # a reload took its last role: free the slot
+                    context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        f"{identity} no longer holds a role in the service's policy: Watch ended",
+                    )
                 for change in changes:
                     visible = change.kind is ChangeKind.RESYNC or (
                         change.name.startswith(prefix) and policy.enumerable_by_read(identity, change.name)
