@@ -179,7 +179,59 @@ def test_names_that_try_to_escape_a_glob_are_rejected_and_audited(server: Server
     assert code_of(lambda: stub.GetSecret(pb.GetSecretRequest(name=name), timeout=10)) is (
         grpc.StatusCode.INVALID_ARGUMENT
     )
-    assert server.audit_records()[-1]["outcome"] == "invalid_input"
+    last = server.audit_records()[-1]
+    assert (last["name"], last["decision"], last["outcome"]) == (name, "deny", "invalid_input")
+
+
+def test_refusals_before_the_policy_allowed_are_denials_naming_what_was_refused(server: Server) -> None:
+    """An auditor counting `decision: deny` sees every probe, and the record names the secret the
+    caller was refused; a request the policy allowed that then fails stays `allow`."""
+    nobody, auth = server.stub("nobody"), server.stub("auth")
+    for name in ("../etc/passwd", "auth//X", "-rf"):
+        request = pb.GetSecretRequest(name=name)
+        assert code_of(lambda r=request: nobody.GetSecret(r, timeout=10)) is grpc.StatusCode.INVALID_ARGUMENT
+    probes = [(r["name"], r["decision"], r["outcome"]) for r in server.audit_records()[-3:]]
+    assert probes == [(n, "deny", "invalid_input") for n in ("../etc/passwd", "auth//X", "-rf")]
+
+    def batch_get(stub: object, names: list[str], prefix: str = "") -> tuple[object, ...]:
+        request = pb.BatchGetSecretsRequest(names=names, prefix=prefix)
+        code = code_of(lambda: stub.BatchGetSecrets(request, timeout=10))  # type: ignore[attr-defined]
+        last = server.audit_records()[-1]
+        return code, last["operation"], last["name"], last["decision"], last["outcome"]
+
+    denied = grpc.StatusCode.PERMISSION_DENIED
+    assert batch_get(nobody, ["auth/DB_PASSWORD", "market-connector/BINANCE_SECRET"]) == (
+        denied,
+        "batch_get",
+        "auth/DB_PASSWORD",
+        "deny",
+        "access_denied",
+    )
+    assert batch_get(auth, ["auth/DB_PASSWORD", "market-connector/BINANCE_SECRET"], prefix="auth/") == (
+        denied,
+        "batch_get",
+        "market-connector/BINANCE_SECRET",
+        "deny",
+        "access_denied",
+    )
+    assert batch_get(auth, ["auth/DB_PASSWORD", "auth//X"], prefix="auth/") == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "batch_get",
+        "auth//X",
+        "deny",
+        "invalid_input",
+    )
+    assert batch_get(auth, ["auth/DB_PASSWORD", "auth/GONE"]) == (
+        grpc.StatusCode.NOT_FOUND,
+        "batch_get",
+        "auth/GONE",
+        "allow",
+        "not_found",
+    )
+    get = pb.GetSecretRequest(name="auth/GONE")
+    assert code_of(lambda: auth.GetSecret(get, timeout=10)) is grpc.StatusCode.NOT_FOUND
+    last = server.audit_records()[-1]
+    assert (last["name"], last["decision"], last["outcome"]) == ("auth/GONE", "allow", "not_found")
 
 
 def test_list_returns_only_names_the_caller_may_list(server: Server) -> None:

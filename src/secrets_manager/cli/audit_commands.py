@@ -39,7 +39,12 @@ def audit() -> None:
     metavar="OP",
     help="Only these operations (repeatable; a glob such as 'rotate.*').",
 )
-@click.option("--denied", is_flag=True, help="Only requests that were refused (decision deny).")
+@click.option(
+    "--denied",
+    is_flag=True,
+    help="Only requests refused before they were authorised (decision deny): policy denials, "
+    "malformed names, callers without a valid certificate, failed unlocks.",
+)
 @click.option("--failed", is_flag=True, help="Only records whose outcome is not ok (denials and errors).")
 @click.option("--request-id", metavar="ID", help="Only the records of one request.")
 @click.option(

@@ -97,6 +97,8 @@ class _Request:
     peer: str
     event: AuditEvent
     extra_events: list[AuditEvent]
+    # Set once the policy granted the request; a failure before that is audited as a denial.
+    allowed: bool = False
 
 
 class SecretsServicer(pb_grpc.SecretsServicer):
@@ -139,9 +141,10 @@ class SecretsServicer(pb_grpc.SecretsServicer):
     ) -> Iterator[_Request]:
         """Authenticate, validate, authorise, audit and map errors around one RPC body.
 
-        `capability=None` means the body filters by policy itself (list, batch get, watch); the
-        caller must still hold a role, so one the policy does not know cannot scan the store or
-        hold watch streams."""
+        `capability=None` means the body filters by policy itself (list, batch get, watch) and sets
+        `allowed` once it has decided; the caller must still hold a role, so one the policy does
+        not know cannot scan the store or hold watch streams. A failure before the request was
+        allowed (an invalid name included) is audited `decision: deny` (docs/audit.md)."""
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         peer = context.peer()
@@ -179,6 +182,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 raise AccessDeniedError(f"{identity} holds no role in the service's policy: {method} refused")
             if capability is not None and not policy.allows(identity, capability, name or ""):
                 raise AccessDeniedError(f"{identity} may not {capability} {name!r}")
+            request.allowed = capability is not None
             if mutating:
                 self._audit.append([replace(event, outcome="pending")], self._store)
                 with self._store.acting_for(identity):  # versions it writes are by the caller
@@ -191,7 +195,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         except SecretsManagerError as exc:
             code = status_for(exc)
             event.outcome = exc.kind
-            event.decision = "deny" if isinstance(exc, AccessDeniedError) else "allow"
+            event.decision = "allow" if request.allowed else "deny"
             self._record(event, durable)
             log.info(
                 "request failed",
@@ -210,6 +214,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         except Exception as exc:  # a bug: audited and counted, its message withheld (it could hold data)
             code = grpc.StatusCode.INTERNAL
             event.outcome = "error"
+            event.decision = "allow" if request.allowed else "deny"
             self._record(event, durable)
             log.error("internal error", extra={"method": method, "error_type": type(exc).__name__})
             context.abort(code, "internal error")
@@ -241,17 +246,25 @@ class SecretsServicer(pb_grpc.SecretsServicer):
 
     def BatchGetSecrets(self, request: Any, context: grpc.ServicerContext) -> Any:
         names = list(request.names)
-        with self._call(
-            context, "BatchGetSecrets", "batch_get", request.prefix or None, None, prefix=True
-        ) as call:
+        # A refusal's record names what was refused: by name, the first name (a caller with no role,
+        # refused before the body, may read none of them), else the name the body refuses.
+        audited = names[0] if names else request.prefix or None
+        with self._call(context, "BatchGetSecrets", "batch_get", audited, None, prefix=not names) as call:
             policy = self._policy.current
             if names:
+                call.event.name = request.prefix or None
+                validate_prefix(request.prefix)  # unused beside names, but still checked
                 for name in names:
+                    call.event.name = name
                     validate_name(name)
                 denied = [n for n in names if not policy.allows(call.identity, "read", n)]
                 if denied:
+                    call.event.name = denied[0]
                     raise AccessDeniedError(f"{call.identity} may not read {denied[0]!r}")
+                call.event.name = request.prefix or None
+                call.allowed = True
             else:
+                call.allowed = True
                 listed = [meta.name for meta in self._store.list(request.prefix)]
                 names = policy.filter_enumerable_by_read(call.identity, listed)
             page = Page(request.page_size, request.page_token, by_position=bool(request.names))
@@ -263,6 +276,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                     secret, fingerprint = self._store.get_with_fingerprint(name)
                 except NotFoundError:
                     if request.names:
+                        call.event.name = name
                         raise
                     page.skipped(name)
                     continue  # deleted between list and get
@@ -306,6 +320,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
 
     def ListSecrets(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._call(context, "ListSecrets", "list", request.prefix or None, None, prefix=True) as call:
+            call.allowed = True  # it holds a role; the names it is shown are filtered below
             found = self._store.list(request.prefix, include_deleted=request.include_deleted)
             allowed = set(self._policy.current.filter_names(call.identity, "list", [m.name for m in found]))
             page = Page(request.page_size, request.page_token, by_position=False)
@@ -412,6 +427,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         prefix = request.prefix
         since = request.since_revision if request.HasField("since_revision") else None
         with self._call(context, "Watch", "watch", prefix or None, None, prefix=True) as call:
+            call.allowed = True  # it holds a role; the changes it is shown are filtered below
             subscription = self.watch_hub.subscribe(since)
         with subscription:  # ended (its place under the limit freed) however the stream ends
             if not context.add_callback(subscription.close):  # the client has gone already
