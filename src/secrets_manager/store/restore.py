@@ -17,7 +17,12 @@ Three ways in (docs/backup-format.md section 9):
   written through the protocol, secret by secret (`_write_order`: the backup's current last, a
   pending value staged again or, without that label, left out), and a failure midway is
   compensated: every name the restore created is destroyed again, and every name it overwrote is
-  written back from the copy read before anything was changed. "As it was" then means the same
+  written back from the copy read before anything was changed. A name counts as created by the
+  restore only once its first, create-only write succeeded: a name that turns out to exist then
+  (another writer came first; AWS's ListSecrets lags up to five minutes) was not ours, is never
+  destroyed, and meets the --on-existing rule there and then. If that first write's answer was
+  lost (a timeout), the name is read back: it is ours only if it holds exactly the one version
+  we sent; in doubt it is left in place and named in the error. "As it was" then means the same
   names, each with the same kept values, the same current and previous value and the same deleted
   state; version numbers and times are the target's own (it numbers versions itself). An
   overwritten name is destroyed before it is written, so it is numbered from 1 again: unlike the
@@ -34,6 +39,7 @@ import contextlib
 import dataclasses
 import enum
 import fcntl
+import hmac
 import os
 import re
 import secrets
@@ -56,6 +62,7 @@ from secrets_manager.store.base import (
     PENDING,
     PREVIOUS,
     Capability,
+    SecretMetadata,
     SecretStore,
     check_metadata_fits,
     checked_max_versions,
@@ -392,13 +399,9 @@ def _import_through_protocol(
     originals: dict[str, BackupSecret] = {}
     if on_existing is OnExisting.OVERWRITE:
         for name in sorted(clashes):
-            if existing[name].deleted is not None:
-                raise ConflictError(
-                    f"{name} is deleted in the target store, so it cannot be copied aside before it is "
-                    f"overwritten; run 'undelete {name}' or 'destroy {name} --all' first"
-                )
-            originals[name] = _read_secret(store, name)
+            originals[name] = _copy_aside(store, name, existing[name])
     journal: list[tuple[str, BackupSecret | None]] = []  # (name, what to put back) in write order
+    doubtful: list[str] = []  # names whose first write's answer was lost and may or may not be ours
     skipped: list[str] = []
     without_value: list[str] = []
     served: list[tuple[str, int, int]] = []
@@ -415,17 +418,30 @@ def _import_through_protocol(
                 without_value.append(secret.name)
                 continue
             original = originals.get(secret.name)
-            journal.append((secret.name, original))
-            if original is not None:
-                store.destroy_secret(secret.name)
-            written = _write_secret(store, secret)
+            try:
+                written = _replace_or_create(store, secret, original, journal, doubtful)
+            except _AppearedMeanwhile:
+                # Another writer created the name after our list (or AWS's list did not show it
+                # yet): not ours, so never destroyed; --on-existing decides, as for a listed one.
+                if on_existing is OnExisting.SKIP:
+                    skipped.append(secret.name)
+                    continue
+                if on_existing is not OnExisting.OVERWRITE:
+                    raise ConflictError(
+                        f"{secret.name} appeared in the target store during the restore (another "
+                        "writer, or a list that lagged); it was left as it is and nothing was "
+                        "restored: pass --on-existing skip or overwrite, or retry"
+                    ) from None
+                original = _copy_aside(store, secret.name)
+                originals[secret.name] = original
+                written = _replace_or_create(store, secret, original, journal, doubtful)
             versions += written.versions
             if written.served is not None:
                 served.append((secret.name, *written.served))
             if written.pending_left_out:
                 pending_left_out.append(secret.name)
     except BaseException as exc:
-        _compensate(store, journal, exc)
+        _compensate(store, journal, exc, doubtful)
         raise
     return RestoreResult(
         secrets=total - len(skipped) - len(without_value),
@@ -437,6 +453,65 @@ def _import_through_protocol(
         served=tuple(served),
         pending_left_out=tuple(pending_left_out),
     )
+
+
+class _AppearedMeanwhile(Exception):
+    """The first, create-only write of a name found it there: another writer's secret."""
+
+
+def _copy_aside(store: SecretStore, name: str, meta: SecretMetadata | None = None) -> BackupSecret:
+    """A copy of `name` as the target holds it, to write back if the restore is undone."""
+    meta = meta or store.describe(name)
+    if meta.deleted is not None:
+        raise ConflictError(
+            f"{name} is deleted in the target store, so it cannot be copied aside before it is "
+            f"overwritten; run 'undelete {name}' or 'destroy {name} --all' first"
+        )
+    return _read_secret(store, name)
+
+
+def _replace_or_create(
+    store: SecretStore,
+    secret: BackupSecret,
+    original: BackupSecret | None,
+    journal: list[tuple[str, BackupSecret | None]],
+    doubtful: list[str],
+) -> _Written:
+    """Write `secret`, journalling what the undo must do: a name being overwritten before it is
+    destroyed (it is put back from `original`), a new name only once the restore created it."""
+    if original is None:
+        return _write_secret(
+            store, secret, created=lambda: journal.append((secret.name, None)), doubtful=doubtful
+        )
+    journal.append((secret.name, original))
+    store.destroy_secret(secret.name)
+    try:
+        return _write_secret(store, secret)
+    except _AppearedMeanwhile:  # written between our destroy and our write: a concurrent writer
+        raise ConflictError(
+            f"{secret.name} was written by another writer while the restore replaced it; nothing "
+            "was restored, retry"
+        ) from None
+
+
+def _created_by_us(store: SecretStore, name: str, value: bytes) -> bool | None:
+    """After a create-only write whose answer was lost: whether it landed. True if `name` holds
+    exactly one version and it is the value we sent, False if `name` is absent, None (doubt)
+    otherwise or if it cannot be read back. Another writer's identical single value cannot be
+    told apart, which is why only an exact match counts."""
+    try:
+        meta = store.describe(name)
+    except NotFoundError:
+        return False
+    except Exception:  # the store is still unreachable: cannot tell
+        return None
+    try:
+        if len(meta.versions) != 1 or meta.deleted is not None:
+            return None
+        held = store.get(name, version=meta.versions[0].version).value.reveal()
+    except Exception:
+        return None
+    return True if hmac.compare_digest(held, value) else None
 
 
 def _read_secret(store: SecretStore, name: str) -> BackupSecret:
@@ -489,7 +564,13 @@ def _write_order(secret: BackupSecret) -> tuple[list[BackupVersion], BackupVersi
     return [kept[n] for n in rest + last], kept.get(pending) if pending is not None else None
 
 
-def _write_secret(store: SecretStore, secret: BackupSecret) -> _Written:
+def _write_secret(
+    store: SecretStore,
+    secret: BackupSecret,
+    *,
+    created: Callable[[], None] | None = None,
+    doubtful: list[str] | None = None,
+) -> _Written:
     """The kept values in `_write_order` (the backup's current last), then its pending value
     staged where the store has the `pending` label (else left out), then the deleted state.
     The first write is create-only and each next one expects the version before it, so a
@@ -498,7 +579,11 @@ def _write_secret(store: SecretStore, secret: BackupSecret) -> _Written:
     The first write sets a max_versions with room for every kept value (which may be more than
     the secret's own, for labelled or not yet pruned ones), and the secret's own is set after the
     last, so the target prunes none of them now. (A secret put back by `_compensate` whose
-    max_versions another tool set out of our range gets the default.)"""
+    max_versions another tool set out of our range gets the default.)
+
+    The first write finding the name taken raises `_AppearedMeanwhile`. `created` is called once
+    the first write created the name; if that write's answer is lost, `_created_by_us` decides,
+    and a name in doubt is added to `doubtful` (never undone)."""
     order, pending = _write_order(secret)
     stage = pending is not None and Capability.PENDING_LABEL not in unsupported_capabilities(store)
     wanted = secret.max_versions
@@ -509,14 +594,29 @@ def _write_secret(store: SecretStore, secret: BackupSecret) -> _Written:
     served: tuple[int, int] | None = None
     for version in order:
         assert version.value is not None
-        info = store.put(
-            secret.name,
-            version.value,
-            expect_version=expect,
-            description=secret.description or None,
-            tags=dict(secret.tags) or None,
-            max_versions=room if expect == 0 else None,
-        )
+        try:
+            info = store.put(
+                secret.name,
+                version.value,
+                expect_version=expect,
+                description=secret.description or None,
+                tags=dict(secret.tags) or None,
+                max_versions=room if expect == 0 else None,
+            )
+        except ConflictError:
+            if expect == 0:
+                raise _AppearedMeanwhile() from None
+            raise
+        except Exception:
+            if expect == 0 and created is not None:
+                landed = _created_by_us(store, secret.name, version.value)
+                if landed:
+                    created()
+                elif landed is None and doubtful is not None:
+                    doubtful.append(secret.name)
+            raise
+        if expect == 0 and created is not None:
+            created()
         expect = info.version
         served = (version.version, info.version)
     if stage and pending is not None and pending.value is not None:
@@ -531,9 +631,13 @@ def _write_secret(store: SecretStore, secret: BackupSecret) -> _Written:
 
 
 def _compensate(
-    store: SecretStore, journal: list[tuple[str, BackupSecret | None]], cause: BaseException
+    store: SecretStore,
+    journal: list[tuple[str, BackupSecret | None]],
+    cause: BaseException,
+    doubtful: Sequence[str] = (),
 ) -> None:
-    """Undo a partial protocol restore, newest first; if that fails too, say which names are left."""
+    """Undo a partial protocol restore, newest first; if that fails too, or a name may or may
+    not have been created by it (`doubtful`, left in place), say which names to check."""
     left: list[str] = []
     for name, original in reversed(journal):
         try:
@@ -547,6 +651,12 @@ def _compensate(
         raise StorageError(
             f"the restore failed ({type(cause).__name__}: {cause}) and could not be undone for "
             f"{len(left)} name(s) (first: {sorted(left)[0]}); check them by hand"
+        ) from cause
+    if doubtful:
+        raise StorageError(
+            f"the restore failed ({type(cause).__name__}: {cause}) and was undone, except that "
+            f"{doubtful[0]} may have been created by it (the answer to its first write was lost) "
+            "and was left as it is; check it by hand"
         ) from cause
 
 
