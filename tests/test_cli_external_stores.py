@@ -498,6 +498,32 @@ def test_an_overwriting_restore_into_aws_says_it_numbers_from_one_again(aws_cli:
     check_overwrite_numbers_from_one_again(aws_cli, tmp_path)
 
 
+def test_get_of_another_tools_aws_secret_needs_no_list_versions_permission(
+    aws_cli: Cli, boto: Any, aws_prefix: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader's policy without secretsmanager:ListSecretVersionIds (moto, in this process, answers
+    it as IAM would): the value is printed; its number is unknown (null, and none in the audit)."""
+    from moto.secretsmanager.exceptions import SecretsManagerClientError
+    from moto.secretsmanager.models import SecretsManagerBackend
+
+    listed = SecretsManagerBackend.list_secret_version_ids
+
+    def denied(self: Any, secret_id: str, *args: Any, **kwargs: Any) -> Any:
+        if "/.secrets-manager/" in secret_id:
+            return listed(self, secret_id, *args, **kwargs)
+        raise SecretsManagerClientError("AccessDeniedException", "not authorized: ListSecretVersionIds", 400)
+
+    boto.create_secret(Name=f"{aws_prefix}/svc/FROM_TERRAFORM", SecretString="tf-value")
+    monkeypatch.setattr(SecretsManagerBackend, "list_secret_version_ids", denied)
+    assert aws_cli("get", "svc/FROM_TERRAFORM").out == "tf-value\n"
+    doc = json.loads(aws_cli("get", "svc/FROM_TERRAFORM", "--json").out)
+    assert (doc["value"], doc["version"], doc["labels"]) == ("tf-value", None, ["current"])
+    assert_one_line_error(aws_cli("history", "svc/FROM_TERRAFORM"), 5, "ListSecretVersionIds")
+    (log,) = (tmp_path / ".local/share/secrets-manager").glob("*.audit.jsonl")
+    gets = [r for r in map(json.loads, log.read_text().splitlines()) if r["operation"] == "get"]
+    assert [(r["outcome"], r.get("version")) for r in gets] == [("ok", None), ("ok", None)]
+
+
 def test_no_aws_credentials_is_exit_4(aws_cli: Cli) -> None:
     result = aws_cli("list", env={"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None})
     assert_one_line_error(result, 4, "AWS credentials")

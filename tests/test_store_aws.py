@@ -361,6 +361,41 @@ def test_access_denied_maps_to_access_denied(make_aws: MakeAws) -> None:
         raise ClientError(error, "GetSecretValue")
 
 
+@pytest.fixture
+def list_versions_denied(monkeypatch: pytest.MonkeyPatch) -> None:
+    """moto answering ListSecretVersionIds as IAM does for a reader's policy without that action
+    (AWS's usual least privilege for consumers: GetSecretValue, maybe DescribeSecret)."""
+    from moto.secretsmanager.exceptions import SecretsManagerClientError
+    from moto.secretsmanager.models import SecretsManagerBackend
+
+    def denied(self: Any, secret_id: str, *args: Any, **kwargs: Any) -> Any:
+        raise SecretsManagerClientError(
+            "AccessDeniedException",
+            "User: arn:aws:sts::123456789012:assumed-role/reader/x is not authorized to perform: "
+            "secretsmanager:ListSecretVersionIds",
+            400,
+        )
+
+    monkeypatch.setattr(SecretsManagerBackend, "list_secret_version_ids", denied)
+
+
+def test_a_reader_without_list_versions_reads_another_tools_value_with_its_number_unknown(
+    make_aws: MakeAws, native: Any, prefix: str, request: pytest.FixtureRequest
+) -> None:
+    """AWS already returned the value; only its number needs the version list."""
+    store = make_aws()
+    store.put("svc/OURS", b"our-value")
+    native.create_secret(Name=f"{prefix}/svc/FROM_TERRAFORM", SecretString="tf-value")
+    request.getfixturevalue("list_versions_denied")
+    foreign = store.get("svc/FROM_TERRAFORM")
+    assert (foreign.value.reveal(), foreign.version, foreign.labels) == (b"tf-value", 0, ("current",))
+    ours = store.get("svc/OURS")
+    assert (ours.value.reveal(), ours.version) == (b"our-value", 1)
+    for read in (lambda: store.get("svc/FROM_TERRAFORM", version=1), lambda: store.describe("svc/OURS")):
+        with pytest.raises(AccessDeniedError, match="ListSecretVersionIds"):
+            read()
+
+
 def test_throttling_after_retries_is_a_storage_error(make_aws: MakeAws) -> None:
     from botocore.exceptions import ClientError
 

@@ -437,8 +437,10 @@ class Note:
         self._recorder = recorder
 
     def version(self, number: int) -> None:
+        """The version the operation read or wrote; 0 (a number the store could not tell, as on
+        AWS without secretsmanager:ListSecretVersionIds) is recorded as none."""
         if self._event is not None:
-            self._event.version = number
+            self._event.version = number or None
 
     def value(self, data: bytes) -> None:
         """Record the value's `hmac-sha256:` fingerprint (never the value)."""
@@ -456,7 +458,7 @@ class Note:
         if self._event is None or self._store is None or self._reads is None:
             return
         record = replace(
-            self._event, name=name, version=version, value_hmac=value_fingerprint(self._store, data)
+            self._event, name=name, version=version or None, value_hmac=value_fingerprint(self._store, data)
         )
         if self._recorder is not None and self._recorder.append is not None:
             self._recorder.append([record])
@@ -679,7 +681,7 @@ def get(
     if as_json:
         doc: dict[str, Any] = {
             "name": secret.name,
-            "version": secret.version,
+            "version": secret.version or None,  # 0: not known (AWS, without ListSecretVersionIds)
             "labels": list(secret.labels),
             "created": timestamp(secret.created),
         }

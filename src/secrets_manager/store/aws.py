@@ -103,6 +103,7 @@ from secrets_manager.values import SecretValue
 STAGE_OF_LABEL = {CURRENT: "AWSCURRENT", PREVIOUS: "AWSPREVIOUS", PENDING: "AWSPENDING"}
 LABEL_OF_STAGE = {stage: label for label, stage in STAGE_OF_LABEL.items()}
 VERSION_ID_PREFIX = "secrets-manager-version-"
+UNKNOWN_VERSION = 0  # the number of a version read without the right to list the versions
 RETRY_DEADLINE_SECONDS = 30.0
 _OUR_VERSION_ID = re.compile(re.escape(VERSION_ID_PREFIX) + r"(\d{10})")
 MAX_AWS_TAGS = 50  # per secret, ours included (TagResource)
@@ -222,7 +223,9 @@ class AwsStore:
 
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """GetSecretValue by staging label; for a version number, DescribeSecret and
-        ListSecretVersionIds first (to find the VersionId of our number)."""
+        ListSecretVersionIds first (to find the VersionId of our number). A label's version that
+        another tool wrote is numbered with ListSecretVersionIds; if the caller may not call it,
+        the value is returned with version UNKNOWN_VERSION (0) rather than refused."""
         validate_name(name)
         if version is not None and label is not None:
             raise InvalidInputError("give a version or a label, not both")
@@ -243,7 +246,13 @@ class AwsStore:
                     raise NotFoundError(f"secret {name!r} has no version labelled {wanted!r}") from None
             number = _our_number(reply["VersionId"])
             if number is None:  # another tool's version: its number comes from the whole history
-                numbers = [v.number for v in self._versions(name) if v.version_id == reply["VersionId"]]
+                try:
+                    versions = self._versions(name)
+                except AccessDeniedError:
+                    # A reader's policy often grants GetSecretValue alone: the value is ours to
+                    # give, only its number is not known (UNKNOWN_VERSION; `history` needs the call).
+                    return self._secret(name, UNKNOWN_VERSION, reply)
+                numbers = [v.number for v in versions if v.version_id == reply["VersionId"]]
                 if not numbers:
                     raise NotFoundError(f"secret {name!r} changed while it was read; try again")
                 number = numbers[0]
