@@ -11,6 +11,7 @@ from secrets_manager.audit.log import (
     AuditEvent,
     AuditLog,
     AuditTamperError,
+    adopt_log,
     value_fingerprint,
 )
 from secrets_manager.store.base import Anchor
@@ -23,5 +24,6 @@ __all__ = [
     "AuditEvent",
     "AuditLog",
     "AuditTamperError",
+    "adopt_log",
     "value_fingerprint",
 ]

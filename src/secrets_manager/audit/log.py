@@ -826,6 +826,78 @@ def _with_hash_and_mac(body: bytes, hash_: str, mac: str | None) -> bytes:
     return body[:at] + fields.encode() + body[at:] + b"\n"
 
 
+def adopt_log(
+    old_path: Path,
+    new_path: Path,
+    old_anchor: AuditAnchor,
+    anchor: AuditAnchor,
+    *,
+    timeout: float = DEFAULT_TIMEOUT_SECONDS,
+) -> list[Path]:
+    """Give a log that was kept under an old default name (`old_path`, its anchor `old_anchor`)
+    the new one (`new_path`, anchored by `anchor`), if it is this store's; return the files moved.
+
+    It is this store's if its last MAC'd record verifies under the store's audit key: a log
+    another account or namespace wrote (once they shared the old name) is left where it is, for
+    its own store to adopt. Nothing moves if the new log has files, or if the new anchor holds
+    something other than the old one. The old anchor is copied to the new one first, then the
+    files are renamed (holding both logs' locks), so the tail stays protected and a cut-short
+    adoption is finished by the next one."""
+    old, new = AuditLog(old_path, timeout=timeout), AuditLog(new_path, timeout=timeout)
+    if not old.files() or new.files():
+        return []
+    deadline = time.monotonic() + timeout
+    moved: list[Path] = []
+    try:
+        old._flock(deadline=deadline)
+        new._flock(deadline=deadline)
+        if not old.files() or new.files():
+            return []  # adopted meanwhile by another process
+        last = _last_signed_record(old)
+        if last is None or not _record_verifies(last, anchor.audit_key()):
+            return []
+        anchored, current = old_anchor.audit_anchor(), anchor.audit_anchor()
+        if current is not None and current != anchored:
+            return []
+        if anchored is not None and current is None:
+            anchor.set_audit_anchor(anchored)
+        for path in old.files():
+            target = new_path.with_name(new_path.name + path.name[len(old_path.name) :])
+            os.rename(path, target)
+            moved.append(target)
+        fd = os.open(new_path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return moved
+    finally:
+        if not moved:
+            new._remove_what_was_created()
+        for log in (old, new):
+            if log._lock_fd is not None:
+                os.close(log._lock_fd)
+                log._lock_fd = None
+
+
+def _last_signed_record(log: AuditLog) -> dict[str, Any] | None:
+    """The log's newest record that carries a MAC (a denied unlock's carries none); lines that
+    are not records (a partial last write) are passed over."""
+    for path in reversed(log.files()):
+        last = None
+        with path.open("rb") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("mac"):
+                    last = record
+        if last is not None:
+            return last
+    return None
+
+
 def _record_verifies(record: dict[str, Any], key: bytes) -> bool:
     """Whether one record's hash matches its body and its MAC is right (or it may have none)."""
     try:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import click
 
-from secrets_manager.audit import AuditError, AuditEvent, AuditLog, value_fingerprint
+from secrets_manager.audit import AuditError, AuditEvent, AuditLog, adopt_log, value_fingerprint
 from secrets_manager.cli.output import (
     info_line,
     parse_cutoff,
@@ -76,6 +76,7 @@ from secrets_manager.store.url import (
     default_audit_path,
     discard_new_store,
     display_url,
+    legacy_audit_path,
     needs_password,
     new_password_unlock,
     open_external_store,
@@ -173,7 +174,9 @@ class Session:
 
     @property
     def audit_path(self) -> Path:
-        return Path(self.audit_file) if self.audit_file else default_audit_path(self.store_url)
+        if self.audit_file:
+            return Path(self.audit_file)
+        return default_audit_path(self.store_url, environ=self.environ)
 
     @property
     def needs_password(self) -> bool:
@@ -207,15 +210,41 @@ class Session:
         before it is reported."""
         if self.needs_password:
             return self.unlock_encrypted("unlock")
-        return self._denials_audited(
-            lambda: open_external_store(
-                str(self.store_url),
-                environment=self.environment,
-                actor=self.actor,
-                audit_path=self.audit_path,
-                environ=self.environ,
-            )
+        return self._denials_audited(self._open_external)
+
+    def _open_external(self, audit_path: Path | None = None) -> AuditedStore:
+        store = open_external_store(
+            str(self.store_url),
+            environment=self.environment,
+            actor=self.actor,
+            audit_path=audit_path or self.audit_path,
+            environ=self.environ,
         )
+        if audit_path is None and not self.audit_file:
+            try:
+                self._adopt_legacy_log(store)
+            except BaseException:
+                store.close()
+                raise
+        return store
+
+    def _adopt_legacy_log(self, store: AuditedStore) -> None:
+        """Move this store's log from its old default name (before logs were named after the AWS
+        account and the Vault namespace) to its new one, once: a log of another account or
+        namespace that shared the old name stays for that store to adopt (audit.adopt_log)."""
+        legacy, path = legacy_audit_path(self.store_url), self.audit_path
+        if legacy is None or legacy == path or not AuditLog(legacy).files():
+            return
+        old = self._open_external(legacy)
+        try:
+            moved = adopt_log(legacy, path, old, store)
+        finally:
+            old.close()
+        if moved:
+            info_line(
+                f"the audit log {legacy} of this store is now {path} (default logs are named after the "
+                "AWS account and the Vault namespace)"
+            )
 
     def unlock_encrypted(self, operation: str) -> EncryptedStore:
         """Unlock our encrypted store: with the master password, asked only if its header says a

@@ -43,6 +43,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
@@ -150,6 +151,12 @@ _ERRORS: tuple[tuple[frozenset[str], type[SecretsManagerError], str], ...] = (
 )  # fmt: skip
 
 
+_NO_CREDENTIALS = (
+    "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
+    "or configure ~/.aws (boto3's standard sources)"
+)
+
+
 def connect_aws(region: str, *, attempts: int = 5) -> Any:
     """A Secrets Manager client for `region`: credentials, profile and endpoint come from boto3's
     standard configuration (environment, ~/.aws, AWS_PROFILE, AWS_ENDPOINT_URL…); the standard
@@ -161,6 +168,63 @@ def connect_aws(region: str, *, attempts: int = 5) -> Any:
         return boto3.session.Session().client("secretsmanager", region_name=region, config=config)
     except BotoCoreError as exc:
         raise StorageError(f"cannot configure AWS Secrets Manager ({type(exc).__name__})") from None
+
+
+@dataclass(frozen=True)
+class AwsAccount:
+    """Where an AWS store's audit key and anchors live, besides its region and prefix: the account
+    the credentials act in, and the Secrets Manager endpoint unless it is AWS's own."""
+
+    account: str
+    endpoint: str | None = None
+
+
+_AWS_DOMAINS = (".amazonaws.com", ".amazonaws.com.cn", ".api.aws")
+_accounts: dict[tuple[str, str, str], AwsAccount] = {}
+
+
+def aws_account(region: str) -> AwsAccount:
+    """The account of boto3's standard credentials (sts:GetCallerIdentity, which needs no IAM
+    permission), asked once per process for each region, endpoint and access key.
+
+    A failure is one line naming what to do: missing credentials as everywhere (exit 4), refused
+    ones exit 5, an STS that cannot be reached (a network with a Secrets Manager endpoint only)
+    suggests naming the audit log, which then needs no account."""
+    client = connect_aws(region)
+    try:
+        endpoint = str(client.meta.endpoint_url)
+        host = (urlsplit(endpoint).hostname or "").lower()
+        ours = None if host.endswith(_AWS_DOMAINS) else endpoint
+        credentials = boto3.session.Session().get_credentials()
+        if credentials is None:
+            raise NoCredentialsError()
+        cache_key = (region, endpoint, str(credentials.access_key))
+        if cache_key not in _accounts:
+            sts = boto3.session.Session().client(
+                "sts",
+                region_name=region,
+                config=Config(retries={"mode": "standard"}, connect_timeout=10, read_timeout=30),
+            )
+            reply = sts.get_caller_identity()
+            _accounts[cache_key] = AwsAccount(str(reply["Account"]), ours)
+        return _accounts[cache_key]
+    except ClientError as exc:
+        message = str(exc.response.get("Error", {}).get("Message", ""))[:300]
+        error = AccessDeniedError if _code(exc) in _ERRORS[1][0] else StorageError
+        raise error(
+            f"AWS refused sts:GetCallerIdentity ({_code(exc)}: {message}); the audit log is named after "
+            "the account: check the credentials, or name the log with --audit-file"
+        ) from None
+    except (NoCredentialsError, PartialCredentialsError):
+        raise MissingCredentialsError(_NO_CREDENTIALS) from None
+    except BotoCoreError as exc:
+        raise StorageError(
+            f"cannot reach AWS STS to learn the account the audit log is named after "
+            f"({type(exc).__name__}); if only Secrets Manager is reachable from here, name the log "
+            "with --audit-file or SECRETS_MANAGER_AUDIT_FILE"
+        ) from None
+    finally:
+        client.close()
 
 
 @dataclass(frozen=True)
@@ -797,10 +861,7 @@ class AwsStore:
                     ) from None
             raise StorageError(f"AWS failed {action} ({code})") from None
         except (NoCredentialsError, PartialCredentialsError):
-            raise MissingCredentialsError(
-                "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
-                "or configure ~/.aws (boto3's standard sources)"
-            ) from None
+            raise MissingCredentialsError(_NO_CREDENTIALS) from None
         except ParamValidationError:
             raise InvalidInputError(f"AWS refused {action}: a parameter is invalid") from None
         except BotoCoreError as exc:

@@ -20,6 +20,7 @@ or crypto themselves.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import re
@@ -58,6 +59,9 @@ POSTGRES_DEFAULT_SCHEMA = "secrets_manager"  # storage/postgres.py's DEFAULT_SCH
 VAULT_SCHEMES = {"vault": "https", "vault+https": "https", "vault+http": "http"}
 AWS_SCHEME = "aws-secretsmanager"
 DEFAULT_VAULT_PORT = 8200
+VAULT_NAMESPACE_VARIABLE = (
+    "VAULT_NAMESPACE"  # store/vault.py's NAMESPACE_VARIABLE (hvac loads only when used)
+)
 DEFAULT_FILE_NAME = "secrets.db"
 _REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+-\d+")
 _MOUNT = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
@@ -344,24 +348,66 @@ def _check_store_path(path: Path) -> None:
             raise StorageError(f"store path {path}: {exc.strerror or type(exc).__name__}") from None
 
 
-def default_audit_path(url: str | None) -> Path:
+def default_audit_path(url: str | None, *, environ: Mapping[str, str] | None = None) -> Path:
     """The audit log beside the store file (`store.db` → `store.audit.jsonl`); for a PostgreSQL,
-    Vault or AWS store, a file named after it in the user data directory."""
+    Vault or AWS store, a file named after it in the user data directory.
+
+    The log must map one to one to where its audit key and anchor live: for Vault, the address,
+    namespace (`?namespace=`, else VAULT_NAMESPACE) and mount; for AWS, the account (asked of STS
+    once per process: `store.aws.aws_account`), region, endpoint (if not AWS's own) and prefix.
+    A namespace or endpoint, free text, is followed by a short hash of the whole identity, so two
+    stores never share a name."""
     location: VaultLocation | AwsLocation | PostgresLocation | None = postgres_location(url)
     location = location or external_location(url)
+    environ = os.environ if environ is None else environ
     if isinstance(location, PostgresLocation):
         slug = f"postgresql-{location.hosts}-{location.port or 'default'}-{location.dbname}"
         if location.schema != POSTGRES_DEFAULT_SCHEMA:
             slug += f"-{location.schema}"
     elif isinstance(location, VaultLocation):
-        slug = f"vault-{location.address.split('://', 1)[1]}-{location.mount}"
+        host = location.address.split("://", 1)[1]
+        namespace = (location.namespace or environ.get(VAULT_NAMESPACE_VARIABLE) or "").strip("/")
+        slug = f"vault-{host}-{location.mount}"
+        if namespace:
+            slug = (
+                f"vault-{host}-{namespace}-{location.mount}-{_identity_hash(host, namespace, location.mount)}"
+            )
     elif isinstance(location, AwsLocation):
-        slug = f"aws-{location.region}-{location.prefix}".rstrip("-")
+        from secrets_manager.store.aws import aws_account  # boto3 loads only for an AWS store
+
+        where = aws_account(location.region)
+        slug = f"aws-{where.account}-{location.region}"
+        if where.endpoint is not None:
+            endpoint = where.endpoint.split("://", 1)[-1]
+            slug += f"-{endpoint}-{location.prefix}-"
+            slug += _identity_hash(where.account, location.region, where.endpoint, location.prefix)
+        else:
+            slug = f"{slug}-{location.prefix}".rstrip("-")
     else:
         path = sqlite_path(url)
         return path.with_name(f"{path.stem}.audit.jsonl")
+    return _data_file(slug)
+
+
+def legacy_audit_path(url: str | None) -> Path | None:
+    """The default audit log a Vault or AWS store had before it was named after the Vault namespace
+    and the AWS account (`vault-HOST-PORT-MOUNT`, `aws-REGION-PREFIX`), to be adopted by the store
+    it belongs to; None for other stores."""
+    location = external_location(url)
+    if isinstance(location, VaultLocation):
+        return _data_file(f"vault-{location.address.split('://', 1)[1]}-{location.mount}")
+    if isinstance(location, AwsLocation):
+        return _data_file(f"aws-{location.region}-{location.prefix}".rstrip("-"))
+    return None
+
+
+def _data_file(slug: str) -> Path:
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", slug).strip("-")
     return default_store_path().parent / f"{slug}.audit.jsonl"
+
+
+def _identity_hash(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode("utf-8")).hexdigest()[:8]
 
 
 def open_external_store(
