@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -403,6 +404,40 @@ def test_throttling_after_retries_is_a_storage_error(make_aws: MakeAws) -> None:
     error = {"Error": {"Code": "ThrottlingException", "Message": "Rate exceeded"}}
     with pytest.raises(StorageError, match="throttling"), store._aws("read svc/X", "svc/X"):
         raise ClientError(error, "GetSecretValue")
+
+
+def test_a_quota_and_an_invalid_parameter_keep_what_aws_said(make_aws: MakeAws) -> None:
+    """LimitExceededException is a quota, not throttling; AWS's reason for refusing a parameter
+    (e.g. a KMS key it cannot use) is part of the one line."""
+    from botocore.exceptions import ClientError
+
+    store = make_aws()
+    quota = {"Error": {"Code": "LimitExceededException", "Message": "too many versions"}}
+    with (
+        pytest.raises(StorageError, match=r"quota is reached.*too many versions") as caught,
+        store._aws("store svc/X", "svc/X"),
+    ):
+        raise ClientError(quota, "PutSecretValue")
+    assert "throttling" not in str(caught.value)
+    invalid = {"Error": {"Code": "InvalidParameterException", "Message": "Invalid KmsKeyId alias/nope"}}
+    with pytest.raises(InvalidInputError, match="alias/nope"), store._aws("store svc/X", "svc/X"):
+        raise ClientError(invalid, "CreateSecret")
+
+
+def test_an_invalid_request_on_create_is_reported_at_once_not_retried_as_a_race(
+    make_aws: MakeAws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from moto.secretsmanager.exceptions import InvalidRequestException
+    from moto.secretsmanager.models import SecretsManagerBackend
+
+    def refused(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise InvalidRequestException("The KMS key is disabled.")
+
+    monkeypatch.setattr(SecretsManagerBackend, "create_secret", refused)
+    started = time.monotonic()
+    with pytest.raises(ConflictError, match="KMS key is disabled"):
+        make_aws().put("svc/NEW", b"v")
+    assert time.monotonic() - started < 5
 
 
 # ---- audit key and anchors ---------------------------------------------------------------------

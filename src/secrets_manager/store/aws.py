@@ -136,15 +136,19 @@ _ERRORS: tuple[tuple[frozenset[str], type[SecretsManagerError], str], ...] = (
         "AWS KMS refused {action}: {message} (check the KMS key and its policy)",
     ),
     (
-        frozenset({"ThrottlingException", "TooManyRequestsException", "RequestLimitExceeded",
-                   "LimitExceededException"}),
+        frozenset({"ThrottlingException", "TooManyRequestsException", "RequestLimitExceeded"}),
         StorageError,
         "AWS kept throttling {action} ({code}); try again later",
+    ),
+    (  # a quota (e.g. versions per secret), not a rate: waiting does not help
+        frozenset({"LimitExceededException"}),
+        StorageError,
+        "AWS refused {action}: a quota is reached ({code}: {message})",
     ),
     (
         frozenset({"InvalidParameterException", "ValidationException", "MalformedPolicyDocumentException"}),
         InvalidInputError,
-        "AWS refused {action} as invalid ({code})",
+        "AWS refused {action} as invalid ({code}: {message})",
     ),
     (frozenset({"ResourceExistsException"}), ConflictError, "{what} already exists"),
     (frozenset({"InternalServiceError", "ServiceUnavailable"}), StorageError, "AWS failed {action} ({code})"),
@@ -517,8 +521,11 @@ class AwsStore:
                 self._client.create_secret(**arguments)
             except ClientError as exc:
                 # Created meanwhile, or the name is still being freed after a forced delete (AWS
-                # takes a moment): the next round sees the secret, or the name free.
-                if _code(exc) in ("ResourceExistsException", "InvalidRequestException"):
+                # takes a moment): the next round sees the secret, or the name free. Any other
+                # InvalidRequestException (a disabled KMS key…) is no race: reported at once.
+                message = str(exc.response.get("Error", {}).get("Message", ""))
+                freeing = _code(exc) == "InvalidRequestException" and "delet" in message.lower()
+                if _code(exc) == "ResourceExistsException" or freeing:
                     raise _LostRace() from None
                 raise
 
