@@ -220,7 +220,7 @@ def test_explain_says_when_the_certificate_is_revoked_and_check_counts_revocatio
     path = tmp_path / "policy.toml"
     path.write_text(POLICY + f'\n[revoked]\nserials = ["serial={serial:X}", "01"]\n')
     assert run(["policy", "check", str(path)]) == 0
-    assert "valid: 2 identities, 3 roles, 3 rules, 2 revoked certificates" in capsys.readouterr().err
+    assert "valid: 2 identities, 3 roles, 4 rules, 2 revoked certificates" in capsys.readouterr().err
     args = ["policy", "explain", str(path), "--cert", str(tmp_path / "auth.pem"), "auth/DB"]
     assert run([*args, "--capability", "read"]) == 5
     out, err = capsys.readouterr()
