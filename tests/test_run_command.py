@@ -277,6 +277,8 @@ def test_proxies_in_either_case_and_the_sdks_own_trust_variables_are_refused(
         *("CURL_CA_BUNDLE", "GIT_SSH_COMMAND", "JAVA_TOOL_OPTIONS", "npm_config_registry", "SHELL"),
         *("CURL_HOME", "WGETRC", "GIT_TEMPLATE_DIR", "OPENSSL_MODULES", "PGSSLROOTCERT", "VAULT_CACERT"),
         *("VAULT_ADDR", "VAULT_SKIP_VERIFY", "AWS_ENDPOINT_URL", "DOCKER_HOST", "GOPROXY", "GODEBUG"),
+        *("GTK_MODULES", "QT_PLUGIN_PATH", "GST_PLUGIN_PATH", "GIO_EXTRA_MODULES", "R_PROFILE_USER"),
+        *("ERL_AFLAGS", "ELIXIR_ERL_OPTIONS", "JULIA_LOAD_PATH", "TCLLIBPATH", "CC", "MAKEFLAGS"),
     ],
 )
 def test_variables_that_choose_code_or_trust_are_named_by_the_check(variable: str) -> None:

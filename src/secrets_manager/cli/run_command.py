@@ -39,7 +39,9 @@ _NOT_IN_VARIABLE = re.compile(r"[^A-Za-z0-9_]")
 # the command search path, interpreters', shells' and build tools' start-up hooks and option
 # variables, the helpers git, less and others start, the proxies and CA bundles TLS and HTTP
 # clients trust, and this tool's own: where the SDK connects and what it trusts, which store with
-# which password, and the guard rails of SHRIVENQUANT_ENV. Named ones only: NODE_ENV or GIT_TOKEN
+# which password, and the guard rails of SHRIVENQUANT_ENV; GUI toolkits' and media frameworks'
+# module paths, R's, Erlang's, Julia's and Deno's start-up and library variables, and the
+# compiler and make variables builds run. Named ones only: NODE_ENV or GIT_TOKEN
 # stay usable. Proxies and npm's settings are read in either case (curl and wget read only
 # `http_proxy`), so those match in any case; the rest are read as written.
 _LOADS_CODE = re.compile(
@@ -61,6 +63,11 @@ _LOADS_CODE = re.compile(
     r"|AWS_CONTAINER_CREDENTIALS_FULL_URI|KUBECONFIG|DOCKER_HOST|DOCKER_CONFIG|DOCKER_CERT_PATH"
     r"|DOCKER_TLS_VERIFY|VAULT_ADDR|VAULT_AGENT_ADDR|VAULT_CACERT|VAULT_CAPATH|VAULT_SKIP_VERIFY"
     r"|VAULT_CLIENT_CERT|VAULT_CLIENT_KEY|VAULT_TLS_SERVER_NAME|SHRIVENQUANT_ENV"
+    r"|GTK_MODULES|GTK_PATH|GTK_IM_MODULE_FILE|QT_PLUGIN_PATH|QT_QPA_PLATFORM_PLUGIN_PATH"
+    r"|GIO_MODULE_DIR|GIO_EXTRA_MODULES|GST_PLUGIN_PATH|GST_PLUGIN_SYSTEM_PATH|GST_PLUGIN_SCANNER"
+    r"|TCLLIBPATH|R_PROFILE|R_PROFILE_USER|R_ENVIRON|R_ENVIRON_USER|R_LIBS|R_LIBS_USER|R_LIBS_SITE"
+    r"|ERL_LIBS|ERL_AFLAGS|ERL_ZFLAGS|ERL_FLAGS|ELIXIR_ERL_OPTIONS|JULIA_LOAD_PATH|JULIA_DEPOT_PATH"
+    r"|JULIA_PROJECT|DENO_DIR|DENO_CERT|BUN_INSTALL|CC|CXX|CPP|LD|MAKEFLAGS|MAKEFILES"
     r"|" + "|".join(PASSWORD_VARIABLES)
 )
 
