@@ -404,3 +404,73 @@ def test_kms_refusals_moto_does_not_give_map_like_aws_documents_them(
     assert root.material.hex() not in message and len(message.splitlines()) == 1
     if expected is not IntegrityError:
         assert arn in message
+
+
+# An IAM principal allowed kms:Encrypt but not kms:Decrypt (moto does not enforce IAM): loaded into
+# the console script through PYTHONPATH, it makes every Decrypt of that process AccessDeniedException.
+_NO_DECRYPT = """
+import botocore.client
+from botocore.exceptions import ClientError
+_call = botocore.client.BaseClient._make_api_call
+def _refusing(self, operation, params):
+    if operation == "Decrypt":
+        error = {"Code": "AccessDeniedException", "Message": "not authorized to perform kms:Decrypt"}
+        raise ClientError({"Error": error}, operation)
+    return _call(self, operation, params)
+botocore.client.BaseClient._make_api_call = _refusing
+"""
+
+
+@pytest.fixture
+def encrypt_only(tmp_path: Path) -> dict[str, str]:
+    """The environment that gives a console script Encrypt without Decrypt."""
+    directory = tmp_path / "encrypt-only"
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text(_NO_DECRYPT)
+    return {"PYTHONPATH": str(directory)}
+
+
+def test_unlock_with_kms_is_refused_where_kms_would_not_decrypt_and_the_password_stays(
+    tmp_path: Path, moto_endpoint: str, key_arn: str, encrypt_only: dict[str, str]
+) -> None:
+    c = Cli(tmp_path, moto_endpoint)
+    password = {"MASTER_PASSWORD": NEW_PASSWORD}
+    assert c("init", "--kdf-profile", "test", env=password).returncode == 0
+    assert c("store", "binance/API_KEY", input=VALUE.encode(), env=password).returncode == 0
+    refused = c("unlock-with", "kms", key_arn, env={**password, **encrypt_only})
+    assert refused.returncode == 5, refused.stderr
+    message = refused.stderr.decode()
+    assert "kms:Decrypt" in message and key_arn in message and len(message.strip().splitlines()) == 1
+    assert c.header()["unlock"]["kind"] == "password"
+    assert c("get", "binance/API_KEY", env=password).stdout == VALUE.encode() + b"\n"
+
+
+def test_init_with_a_kms_key_this_host_cannot_decrypt_with_leaves_no_store(
+    tmp_path: Path, moto_endpoint: str, key_arn: str, encrypt_only: dict[str, str]
+) -> None:
+    c = Cli(tmp_path, moto_endpoint)
+    refused = c("init", "--kms-key", key_arn, env=encrypt_only)
+    assert refused.returncode == 5 and b"kms:Decrypt" in refused.stderr
+    assert not c.store.exists()
+
+
+def test_wrap_unwraps_what_it_wrapped_before_handing_the_section_back() -> None:
+    """A root key rotation (`keys rotate --root`) by a host that has lost kms:Decrypt must not write a
+    header it cannot read back either: the round trip is in `AwsKmsUnlock.wrap`, which every writer of
+    a KMS section (init, unlock-with, recovery unlock-with, keys rotate --root) calls."""
+    client = boto3.client(
+        "kms", region_name=REGION, aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+    arn = f"arn:aws:kms:{REGION}:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab"
+    root = DataKey(id=99, status=KeyStatus.ENABLED, created=1, material=new_key())
+    with Stubber(client) as stubber:
+        stubber.add_response("encrypt", {"KeyId": arn, "CiphertextBlob": b"wrapped"})
+        stubber.add_client_error("decrypt", service_error_code="AccessDeniedException", http_status_code=400)
+        with pytest.raises(AccessDeniedError, match="kms:Decrypt") as caught:
+            AwsKmsUnlock(arn, connect=lambda _region: client).wrap(root)
+    assert root.material.hex() not in str(caught.value)
+    with Stubber(client) as stubber:  # KMS handing back other bytes than it was given
+        stubber.add_response("encrypt", {"KeyId": arn, "CiphertextBlob": b"wrapped"})
+        stubber.add_response("decrypt", {"KeyId": arn, "Plaintext": new_key()})
+        with pytest.raises(IntegrityError):
+            AwsKmsUnlock(arn, connect=lambda _region: client).wrap(root)

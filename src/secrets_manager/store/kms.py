@@ -4,7 +4,9 @@ Like Vault's `awskms` seal: a service host opens the store with its AWS credenti
 role, say) and no password file lies on its disk. `wrap` is one KMS Encrypt of the 32-byte root key
 and `unwrap` one Decrypt, both with an encryption context that names the root key id, so KMS
 authenticates the pair. The header section (docs/format.md, "Store header") keeps the key's ARN
-and region, so opening needs no configuration beyond credentials. Who may call kms:Decrypt on that
+and region, so opening needs no configuration beyond credentials. `wrap` decrypts what it has just
+encrypted before handing the section back: a host allowed kms:Encrypt but not kms:Decrypt must
+not write a header nobody can open. Who may call kms:Decrypt on that
 key may open the store: that is the key policy's job, and CloudTrail records every call.
 """
 
@@ -97,13 +99,30 @@ class AwsKmsUnlock:
         )
         arn = str(response["KeyId"])  # the key's ARN, even when an alias or id was given
         region = _ARN.fullmatch(arn)
-        return {
+        section = {
             "kind": KIND,
             "key_arn": arn,
             "region": region["region"] if region else client.meta.region_name,
             "root_key_id": root_key.id,  # in the encryption context: KMS authenticates it
             "wrapped_root_key": base64.b64encode(response["CiphertextBlob"]).decode("ascii"),
         }
+        self._check_round_trip(section, root_key)
+        return section
+
+    def _check_round_trip(self, section: dict[str, Any], root_key: DataKey) -> None:
+        """Unwrap what was just wrapped. AWS grants kms:Encrypt and kms:Decrypt separately: a
+        header written by a host that may only encrypt would lock every secret out for good, so
+        nothing is written unless this host can open it again."""
+        try:
+            unwrapped = AwsKmsUnlock(connect=self._connect).unwrap(section, created=root_key.created)
+        except UnlockError:
+            raise AccessDeniedError(
+                f"AWS KMS key {section['key_arn']} encrypts but does not decrypt for this host "
+                "(kms:Decrypt refused): the store could never be unlocked with it; grant kms:Decrypt "
+                "on the key and try again (nothing was changed)"
+            ) from None
+        if unwrapped.material != root_key.material or unwrapped.id != root_key.id:
+            raise IntegrityError("AWS KMS returned another key than it wrapped (integrity check failed)")
 
     def unwrap(self, section: dict[str, Any], *, created: int) -> DataKey:
         try:
