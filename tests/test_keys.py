@@ -610,6 +610,23 @@ def test_a_password_change_from_a_handle_opened_before_a_root_rotation_keeps_the
         open_store()
 
 
+def test_of_two_password_changes_from_handles_opened_together_the_second_is_refused(
+    encrypted_store: EncryptedStore, open_store: OpenStore
+) -> None:
+    """Two `passwd` at once (two administrators): each process opened the store with the same
+    password; the one that writes second must fail rather than both say "master password changed"
+    while only one password opens the store."""
+    alice, bob = open_store(), open_store()
+    alice.change_password(b"alices new password")
+    with pytest.raises(ConflictError, match="another process changed what unlocks the store"):
+        bob.change_password(b"bobs new password")
+    assert open_store(password="alices new password")
+    with pytest.raises(UnlockError):
+        open_store(password="bobs new password")
+    alice.change_password(b"alice again")  # the winner's handle knows the header it wrote
+    assert open_store(password="alice again")
+
+
 def test_a_handle_reads_its_password_again_after_passwd_then_a_root_rotation(
     audited: EncryptedStore, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -27,6 +27,7 @@ from secrets_manager.crypto.aead import new_key
 from secrets_manager.crypto.keyset import KeyStatus
 from secrets_manager.errors import (
     AccessDeniedError,
+    ConflictError,
     IntegrityError,
     InvalidInputError,
     NotFoundError,
@@ -35,6 +36,7 @@ from secrets_manager.errors import (
 )
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import AwsKmsUnlock, EncryptedStore, PasswordUnlock
+from secrets_manager.store.encrypted import unlock_kind
 from secrets_manager.v1 import secrets_pb2 as pb
 from service_fixtures import POLICY, make_pki, run_script, start_server
 
@@ -474,3 +476,29 @@ def test_wrap_unwraps_what_it_wrapped_before_handing_the_section_back() -> None:
         stubber.add_response("decrypt", {"KeyId": arn, "Plaintext": new_key()})
         with pytest.raises(IntegrityError):
             AwsKmsUnlock(arn, connect=lambda _region: client).wrap(root)
+
+
+def test_a_password_change_from_a_handle_opened_before_a_switch_to_kms_is_refused(
+    tmp_path: Path, key_arn: str, aws_env: dict[str, str]
+) -> None:
+    """A switches the store to KMS; B, opened before with the old password, runs passwd: B must
+    fail (exit 7), not silently put a password back in place of the KMS key."""
+    path = tmp_path / "store.db"
+    EncryptedStore.create(
+        SqliteStorage(path, create=True), PasswordUnlock("old-password-1", kdf.TEST)
+    ).close()
+    a = EncryptedStore.open(SqliteStorage(path), PasswordUnlock("old-password-1"))
+    b = EncryptedStore.open(SqliteStorage(path), PasswordUnlock("old-password-1"))
+    try:
+        a.change_unlock(AwsKmsUnlock(key_arn))
+        with pytest.raises(ConflictError, match="run the command again"):
+            b.change_password(b"bobs-new-password")
+        storage = SqliteStorage(path)
+        try:
+            assert unlock_kind(storage) == "aws-kms"
+            EncryptedStore.open(storage, AwsKmsUnlock())
+        finally:
+            storage.close()
+    finally:
+        a.close()
+        b.close()

@@ -108,6 +108,24 @@ def test_any_threshold_of_the_shares_opens_the_store_and_sets_a_new_password(
     assert rec.recovery_setup(reopened) == new.setup  # the shares still open it
 
 
+def test_a_recovery_unlock_with_refuses_to_undo_a_password_set_since_the_shares_opened_the_store(
+    encrypted_store: EncryptedStore, tmp_store_path: Path, open_store: Any
+) -> None:
+    new = _shares(encrypted_store, threshold=2, shares=3)
+    first, second = (
+        _recover(tmp_store_path, list(new.mnemonics[:2])),
+        _recover(tmp_store_path, list(new.mnemonics[1:])),
+    )
+    try:
+        first.change_unlock(PasswordUnlock(NEW_PASSWORD, kdf.TEST))
+        with pytest.raises(ConflictError, match="another process changed what unlocks the store"):
+            second.change_unlock(PasswordUnlock(b"another new password", kdf.TEST))
+    finally:
+        first.close()
+        second.close()
+    assert open_store(password=NEW_PASSWORD.decode())
+
+
 def test_shares_outlive_root_key_rotations_and_password_changes(
     encrypted_store: EncryptedStore, tmp_store_path: Path
 ) -> None:

@@ -189,7 +189,11 @@ class EncryptedStore:
         return store
 
     def change_unlock(self, unlock: UnlockSource) -> None:
-        """Rewrap the root key under a new unlock source (e.g. a new password). O(1) in secrets."""
+        """Rewrap the root key under a new unlock source (e.g. a new password). O(1) in secrets.
+
+        ConflictError if another process changed the unlock source since this handle opened the
+        store (or last adopted its header): of two `passwd` at once, one must fail, not both
+        report success while only one password opens the store."""
         entry = self._storage.get(HEADER_KEY)
         if entry is None:
             raise NotFoundError("the store has no header")
@@ -197,11 +201,13 @@ class EncryptedStore:
         if header.get("root_key_id") != self._root.id:
             # Another process rotated the root key: wrapping ours would lock every keyset out.
             self._refresh_root(header.get("root_key_id"))
+        if self._unlock_section is not None and header.get("unlock") != self._unlock_section:
+            raise _unlock_changed()
         header["unlock"] = unlock.wrap(self._root)
         try:
             self._storage.put(HEADER_KEY, _dump(header), expect=entry.revision)
         except ConflictError:
-            raise ConflictError("the master password was changed concurrently; try again") from None
+            raise _unlock_changed() from None
         self._unlock = unlock
         self._unlock_section = header["unlock"]
 
@@ -990,6 +996,13 @@ class _Meta:
             )
         except (KeyError, TypeError, ValueError, AttributeError):
             raise IntegrityError() from None
+
+
+def _unlock_changed() -> ConflictError:
+    return ConflictError(
+        "another process changed what unlocks the store (passwd, unlock-with, keys rotate --root) "
+        "since this one opened it; nothing was changed here: run the command again"
+    )
 
 
 def unlock_kind(storage: Storage) -> str:

@@ -273,7 +273,10 @@ def recover_root(storage: Storage, mnemonics: list[str], **options: Any) -> Encr
     setup = _open_setup(lambda _key_id: root, entry.value)
     if setup.public_key != public_key:
         raise IntegrityError("the recovery record does not match the header (integrity check failed)")
-    return EncryptedStore(storage, root, **options)
+    store = EncryptedStore(storage, root, **options)
+    # The unlock section the shares opened beside: a new one replaces it only if it is still there.
+    store._unlock_section = header["unlock"]
+    return store
 
 
 def _open_setup(lookup: Callable[[int], DataKey], record: bytes) -> RecoverySetup:
