@@ -524,6 +524,39 @@ def test_root_rotation_erases_the_old_root_keys_sealed_entries_from_the_files(
     assert [form for form in spellings(old_root) if form in files] == []
 
 
+def test_a_password_change_erases_the_old_wrapped_root_key_from_the_files(
+    audited: EncryptedStore,
+    raw: SqliteStorage,
+    tmp_store_path: Path,
+    open_store: OpenStore,
+    store_password: str,
+) -> None:
+    """A copy of the store's files taken after `passwd` must not open with the old password."""
+    old_wrapped = entry_value(raw, "core/header").split(b'"wrapped_root_key":"')[1].split(b'"')[0]
+    assert old_wrapped in all_bytes(tmp_store_path)
+    assert audited.change_password(b"a new password") is True
+    assert old_wrapped not in all_bytes(tmp_store_path)
+    copy = tmp_store_path.with_name("copy.db")
+    copy.write_bytes(tmp_store_path.read_bytes())  # the WAL was emptied into it
+    storage = SqliteStorage(copy)
+    try:
+        with pytest.raises(UnlockError):
+            EncryptedStore.open(storage, PasswordUnlock(store_password, kdf.TEST))
+    finally:
+        storage.close()
+    assert values(open_store(password="a new password")) == values(audited)
+
+
+def test_a_password_change_says_when_a_reader_kept_the_old_wrapping_in_the_wal(
+    audited: EncryptedStore, open_store: OpenStore
+) -> None:
+    reader = open_store()
+    assert isinstance(reader._storage, SqliteStorage) and isinstance(audited._storage, SqliteStorage)
+    audited._storage._db.execute("PRAGMA busy_timeout = 200")  # not the 30 s a CLI waits for the reader
+    with reader._storage.snapshot():  # a read transaction pins the WAL
+        assert audited.change_password(b"a new password") is False
+
+
 def test_each_audit_scope_has_its_own_anchor_and_root_rotation_keeps_them(
     audited: EncryptedStore, open_store: OpenStore, raw: SqliteStorage
 ) -> None:

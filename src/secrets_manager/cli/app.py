@@ -69,7 +69,7 @@ from secrets_manager.store.base import (
 )
 from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import validate_prefix
-from secrets_manager.store.unlock import UnlockSource
+from secrets_manager.store.unlock import PasswordUnlock, UnlockSource
 from secrets_manager.store.url import (
     KDF_PROFILE_NAMES,
     create_store,
@@ -1040,8 +1040,10 @@ def passwd(session: Session, new_password_file: str | None) -> None:
             new = read_new_password_file(Path(new_password_file), environment=session.environment)
         else:
             new = prompt_password("New master password", confirm=True)
-        store.change_password(session.environment.check_new_password(new))
+        scrubbed = store.change_password(session.environment.check_new_password(new))
+        can_scrub = store.can_scrub
     info_line("master password changed")
+    warn_if_not_scrubbed(scrubbed, can_scrub, "password")
 
 
 @cli.command("unlock-with")
@@ -1062,8 +1064,35 @@ def unlock_with(
     session.require_local("unlock-with")
     new_password = new_unlock_arguments("unlock-with", source, kms_key, new_password_file, session)
     with session.operation("unlock-with", mutating=True) as (store, _):
-        store.change_unlock(new_unlock_source(session, kms_key, new_password, kdf_profile))
+        old = unlocked_by(store)
+        scrubbed = store.change_unlock(new_unlock_source(session, kms_key, new_password, kdf_profile))
+        can_scrub = store.can_scrub
     info_line(f"the store is now unlocked by {f'AWS KMS key {kms_key}' if kms_key else 'the new password'}")
+    warn_if_not_scrubbed(scrubbed, can_scrub, old)
+
+
+def unlocked_by(store: EncryptedStore) -> str:
+    """What unlocks `store` now, in words: "password" or "AWS KMS key"."""
+    return "password" if store.unlock_kind == PasswordUnlock.kind else "AWS KMS key"
+
+
+def warn_if_not_scrubbed(scrubbed: bool, can_scrub: bool, old: str) -> None:
+    """After a change of what unlocks the store: say so if the root key wrapped by the old
+    `old` ("password", "AWS KMS key") may still be in the store's files."""
+    if scrubbed:
+        return
+    if can_scrub:
+        warning_line(
+            f"another process had the store open, so the root key wrapped by the old {old} may stay in "
+            "its write-ahead log until the next checkpoint; run 'secrets-manager keys rotate --root' "
+            "when it is closed to make that copy useless"
+        )
+    else:
+        warning_line(
+            f"this store's database keeps superseded copies (old row versions, its WAL, replicas and "
+            f"backups) that no client can erase: the root key wrapped by the old {old} remains there; "
+            "'secrets-manager keys rotate --root' makes those copies useless"
+        )
 
 
 def new_unlock_arguments(

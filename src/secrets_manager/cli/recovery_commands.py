@@ -28,6 +28,8 @@ from secrets_manager.cli.app import (
     new_unlock_arguments,
     new_unlock_source,
     pass_session,
+    unlocked_by,
+    warn_if_not_scrubbed,
 )
 from secrets_manager.cli.output import info_line, print_json, print_table, timestamp
 from secrets_manager.cli.password import read_small_file, terminal_available
@@ -206,11 +208,14 @@ def unlock_with(
         else _shares_from_input()
     )
     with session.recovery_operation("recovery.unlock-with", mnemonics) as (store, _):
-        store.change_unlock(new_unlock_source(session, kms_key, new_password, kdf_profile))
+        old = unlocked_by(store)
+        scrubbed = store.change_unlock(new_unlock_source(session, kms_key, new_password, kdf_profile))
+        can_scrub = store.can_scrub
     info_line(
         f"the store is now unlocked by {f'AWS KMS key {kms_key}' if kms_key else 'the new password'}; "
         "the recovery shares still open it"
     )
+    warn_if_not_scrubbed(scrubbed, can_scrub, old)
 
 
 def _write_share_files(new: NewShares, paths: list[Path], store: str) -> None:

@@ -188,9 +188,11 @@ class EncryptedStore:
         store._unlock_section = header["unlock"]
         return store
 
-    def change_unlock(self, unlock: UnlockSource) -> None:
+    def change_unlock(self, unlock: UnlockSource) -> bool:
         """Rewrap the root key under a new unlock source (e.g. a new password). O(1) in secrets.
 
+        The old wrapping is then scrubbed from the storage's files (`Scrubbable`), so a copy of
+        them taken later does not open with the old password; returns False if it could not be.
         ConflictError if another process changed the unlock source since this handle opened the
         store (or last adopted its header): of two `passwd` at once, one must fail, not both
         report success while only one password opens the store."""
@@ -210,6 +212,7 @@ class EncryptedStore:
             raise _unlock_changed() from None
         self._unlock = unlock
         self._unlock_section = header["unlock"]
+        return self._scrub()
 
     def renew_unlock_with(self, source: Callable[[], UnlockSource]) -> None:
         """Let this handle ask `source` for its unlock source again when the one it holds stops
@@ -232,9 +235,10 @@ class EncryptedStore:
             )
         return self._unlock
 
-    def change_password(self, new_password: bytes) -> None:
-        """Rewrap the root key under a new master password with the same Argon2id costs."""
-        self.change_unlock(PasswordUnlock(new_password, self.require_password_unlock().params))
+    def change_password(self, new_password: bytes) -> bool:
+        """Rewrap the root key under a new master password with the same Argon2id costs; False
+        if the old wrapping could not be scrubbed (see `change_unlock`)."""
+        return self.change_unlock(PasswordUnlock(new_password, self.require_password_unlock().params))
 
     @contextlib.contextmanager
     def acting_for(self, actor: str) -> Iterator[None]:
