@@ -414,6 +414,64 @@ def test_cli_init_writes_private_share_files_and_status_describes_the_set(cli: C
     assert not quotes_a_share((cli.dir / "store.audit.jsonl").read_text(), mnemonics)
 
 
+# Loaded into the console script through PYTHONPATH: `recovery init` is killed (SIGKILL) just before
+# or just after the store commits the new set, with its share files already written.
+_KILLED_INIT = """
+import os, signal
+import secrets_manager.cli.recovery_commands as commands
+_install = commands.install_recovery
+def _killed(*args, **kwargs):
+    if os.environ["KILL_INIT"] == "after":
+        _install(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+commands.install_recovery = _killed
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_killed_cli_init_leaves_no_set_of_valid_looking_share_files_and_the_next_run_cleans_up(
+    cli: Cli, when: str
+) -> None:
+    hook = cli.dir / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_KILLED_INIT)
+    args = ("recovery", "init", "--shares", "3", "--threshold", "2", "--out-dir", str(cli.shares_dir))
+    killed = cli(
+        "--password-file", str(cli.password_file), *args, env={"PYTHONPATH": str(hook), "KILL_INIT": when}
+    )
+    assert killed.returncode == -9
+    left = sorted(p.name for p in cli.shares_dir.iterdir())
+    assert left == [f"recovery-share-{i}-of-3.txt.incomplete" for i in (1, 2, 3)]  # none looks finished
+    installed = json.loads(cli.with_password("recovery", "status", "--json").stdout)
+    assert (installed is None) == (when == "before")
+
+    again = cli.with_password(*args)
+    files = sorted(cli.shares_dir.iterdir())
+    assert [p.name for p in files] == [f"recovery-share-{i}-of-3.txt" for i in (1, 2, 3)]
+    if when == "before":  # the leftovers were of a set the store never had: removed, a new set made
+        assert again.returncode == 0, again.stderr
+        assert b"removed 3 share files" in again.stderr and b"never had their set" in again.stderr
+    else:  # the store has the killed run's set: its files get their names, and init asks for --replace
+        assert again.returncode == 2 and b"--replace" in again.stderr
+        assert f"installed set {installed['set']:05d}:".encode() in again.stderr
+    setup = json.loads(cli.with_password("recovery", "status", "--json").stdout)
+    assert all(f"set {setup['set']:05d}," in p.read_text() for p in files)
+    opened = cli(
+        "recovery",
+        "unlock-with",
+        "password",
+        "--share-file",
+        str(files[0]),
+        "--share-file",
+        str(files[2]),
+        "--new-password-file",
+        str(cli.new_password_file),
+        "--kdf-profile",
+        "test",
+    )
+    assert opened.returncode == 0, opened.stderr
+
+
 def test_cli_init_never_overwrites_share_files_and_asks_for_replace(cli: Cli) -> None:
     cli.shares_dir.mkdir(mode=0o700)
     (cli.shares_dir / "recovery-share-2-of-3.txt").write_text("someone's old share\n")

@@ -31,7 +31,7 @@ from secrets_manager.cli.app import (
     unlocked_by,
     warn_if_not_scrubbed,
 )
-from secrets_manager.cli.output import info_line, print_json, print_table, timestamp
+from secrets_manager.cli.output import info_line, print_json, print_table, timestamp, warning_line
 from secrets_manager.cli.password import read_small_file, terminal_available
 from secrets_manager.environment import Environment
 from secrets_manager.errors import (
@@ -52,9 +52,10 @@ from secrets_manager.store.recovery import (
     share_set_of,
 )
 from secrets_manager.store.url import store_location
-from secrets_manager.tls.files import make_private_directory, write_private_file
+from secrets_manager.tls.files import make_private_directory, move_private_file, write_private_file
 
 SHARE_FILE = "recovery-share-{index}-of-{shares}.txt"
+INCOMPLETE = ".incomplete"  # a share file's suffix until the store has its set
 MAX_SHARE_FILE_SIZE = 4096  # a share is 33 words; anything much larger is not a share file
 
 
@@ -85,7 +86,8 @@ def recovery() -> None:
     metavar="DIR",
     required=True,
     type=click.Path(file_okay=False, path_type=Path),
-    help="Write one file per share here (created 0700 if missing; files 0600, never overwritten).",
+    help="Write one file per share here (created 0700 if missing; files 0600, never overwritten; "
+    "named *.incomplete until the store has the set).",
 )
 @click.option("--replace", is_flag=True, help="Replace the store's share set: the old shares stop working.")
 @pass_session
@@ -114,19 +116,25 @@ def init(session: Session, shares: int, threshold: int, out_dir: Path, replace: 
         )
     with session.operation("recovery.init", mutating=True) as (store, _):
         current = recovery_setup(store)
+        _finish_interrupted_init(out_dir, current, session.environment)
         if current is not None and not replace:
             raise InvalidInputError(
                 "this store has recovery shares already; give --replace to make a new set (the old "
                 "shares then stop working)"
             )
         new = make_recovery_shares(threshold=threshold, shares=shares)
-        _write_share_files(new, paths, store_location(session.store_url))  # never a URL's password
+        # Written under names that say they are not shares yet, renamed once the store has the set:
+        # a run killed in between leaves no set of valid-looking files the store does not have.
+        incomplete = [path.with_name(path.name + INCOMPLETE) for path in paths]
+        _write_share_files(new, incomplete, store_location(session.store_url))  # never a URL's password
         try:
             install_recovery(store, new, replace=replace, expected=current)
         except BaseException:
-            for path in paths:  # shares of a set the store does not have must not circulate
+            for path in incomplete:  # shares of a set the store does not have must not circulate
                 path.unlink(missing_ok=True)
             raise
+        for source, target in zip(incomplete, paths, strict=True):
+            move_private_file(source, target)
     info_line(
         f"wrote {shares} recovery shares (set {new.setup.identifier:05d}) to {out_dir}: any {threshold} "
         "open the store. Give each file to a different person, keep them offline, and delete them here"
@@ -216,6 +224,38 @@ def unlock_with(
         "the recovery shares still open it"
     )
     warn_if_not_scrubbed(scrubbed, can_scrub, old)
+
+
+def _finish_interrupted_init(out_dir: Path, current: RecoverySetup | None, environment: Environment) -> None:
+    """Share files a killed `recovery init` left in `out_dir` (named *.incomplete): renamed into
+    place if they are of the set the store has (it was killed after the commit), else removed."""
+    if not out_dir.is_dir():
+        return
+    for leftover in sorted(out_dir.glob(f".recovery-share-*-of-*.txt{INCOMPLETE}.*.tmp")):
+        leftover.unlink(missing_ok=True)  # a half-written file (write_private_file's temporary)
+    leftovers = sorted(out_dir.glob(f"recovery-share-*-of-*.txt{INCOMPLETE}"))
+    if not leftovers:
+        return
+    try:
+        sets = {share_set_of(read_share_file(path, environment)).identifier for path in leftovers}
+    except InvalidInputError:
+        sets = set()
+    if current is not None and sets == {current.identifier}:
+        for path in leftovers:
+            target = path.with_name(path.name[: -len(INCOMPLETE)])
+            if not target.exists():
+                move_private_file(path, target)
+        warning_line(
+            f"an interrupted 'recovery init' had installed set {current.identifier:05d}: its share files in "
+            f"{out_dir} now have their final names"
+        )
+        return
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    warning_line(
+        f"removed {len(leftovers)} share file{'s' if len(leftovers) != 1 else ''} in {out_dir} of an "
+        "interrupted 'recovery init': the store never had their set"
+    )
 
 
 def _write_share_files(new: NewShares, paths: list[Path], store: str) -> None:

@@ -287,6 +287,19 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool) -> None:
     _fsync_directory(path.parent)
 
 
+def move_private_file(source: Path, target: Path) -> None:
+    """Give the file `source` the name `target` in the same directory, durably (the directory is
+    fsynced); ConflictError if `target` exists, which is never replaced."""
+    try:
+        os.link(source, target)
+        os.unlink(source)
+    except FileExistsError:
+        raise ConflictError(f"{target} already exists") from None
+    except OSError as exc:
+        raise InvalidInputError(f"cannot rename {source} to {target.name}: {exc.strerror}") from None
+    _fsync_directory(target.parent)
+
+
 def _write_pair(
     folder: Path,
     cert_path: Path,
