@@ -37,6 +37,7 @@ from secrets_manager.errors import (
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import AwsKmsUnlock, EncryptedStore, PasswordUnlock
 from secrets_manager.store.encrypted import unlock_kind
+from secrets_manager.store.keys import rotate_root_key
 from secrets_manager.v1 import secrets_pb2 as pb
 from service_fixtures import POLICY, make_pki, run_script, start_server
 
@@ -502,3 +503,59 @@ def test_a_password_change_from_a_handle_opened_before_a_switch_to_kms_is_refuse
     finally:
         a.close()
         b.close()
+
+
+def test_a_long_lived_password_handle_follows_a_switch_to_kms_and_a_root_rotation(
+    tmp_path: Path, key_arn: str, aws_env: dict[str, str]
+) -> None:
+    """`serve` opened with a password file; an administrator then runs `unlock-with kms` and `keys
+    rotate --root`. The header now names the KMS key, so serve re-unlocks through KMS rather than
+    failing every call with "put the new password in its password file" (there is none)."""
+    path = tmp_path / "store.db"
+    created = EncryptedStore.create(
+        SqliteStorage(path, create=True), PasswordUnlock("old-password-1", kdf.TEST)
+    )
+    created.put("app/x", b"v")
+    created.close()
+    serve = EncryptedStore.open(SqliteStorage(path), PasswordUnlock("old-password-1"))
+    serve.renew_unlock_with(lambda: PasswordUnlock("old-password-1"))
+    admin = EncryptedStore.open(SqliteStorage(path), PasswordUnlock("old-password-1"))
+    try:
+        admin.change_unlock(AwsKmsUnlock(key_arn))
+        rotate_root_key(admin)
+        admin.put("app/y", b"w")
+        assert serve.get("app/x").value.reveal() == b"v"
+        assert serve.get("app/y").value.reveal() == b"w"
+        serve.put("app/z", b"written by serve after the switch")
+        assert admin.get("app/z").value.reveal() == b"written by serve after the switch"
+    finally:
+        serve.close()
+        admin.close()
+
+
+def test_a_handle_that_cannot_use_kms_after_the_switch_says_so(
+    tmp_path: Path, key_arn: str, aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "store.db"
+    EncryptedStore.create(
+        SqliteStorage(path, create=True), PasswordUnlock("old-password-1", kdf.TEST)
+    ).close()
+    serve = EncryptedStore.open(SqliteStorage(path), PasswordUnlock("old-password-1"))
+    serve.renew_unlock_with(lambda: PasswordUnlock("old-password-1"))
+    admin = EncryptedStore.open(SqliteStorage(path), PasswordUnlock("old-password-1"))
+    try:
+        admin.change_unlock(AwsKmsUnlock(key_arn))
+        rotate_root_key(admin)
+        admin.put("app/y", b"w")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "")  # this process has no AWS credentials
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+        with pytest.raises(ConflictError) as caught:
+            serve.get("app/y")
+        message = str(caught.value)
+        assert "now unlocked by AWS KMS" in message and "restart serve" in message
+        assert "password file" not in message
+    finally:
+        serve.close()
+        admin.close()

@@ -26,7 +26,8 @@ def serve(session: Session, config_path: str) -> None:
 
     The master password comes from the config's password_file, else the usual sources; a store
     that AWS KMS unlocks (init --kms-key, unlock-with kms) needs none. A password file is read
-    again if 'passwd' and then 'keys rotate --root' ran meanwhile: put the new password in it. SIGHUP
+    again if 'passwd' and then 'keys rotate --root' ran meanwhile: put the new password in it;
+    after 'unlock-with kms' and a root rotation it re-unlocks through KMS (AWS credentials). SIGHUP
     reloads the access policy and the [tls] files, e.g. a renewed certificate (while serve starts
     it is ignored); SIGTERM stops accepting calls and
     lets running ones finish. With rotation_schedule in the config it also runs due credential

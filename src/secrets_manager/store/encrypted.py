@@ -82,6 +82,7 @@ from secrets_manager.store.base import (
     updated_metadata,
 )
 from secrets_manager.store.changes import SecretChanges, secret_changes
+from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import namespace_of, validate_name, validate_prefix
 from secrets_manager.store.read_cache import ReadCache
 from secrets_manager.store.unlock import PasswordUnlock, UnlockSource
@@ -705,21 +706,51 @@ class EncryptedStore:
         try:
             root = _unwrap_root(self._unlock, header)
         except UnlockError:
-            root = self._unwrap_with_renewed_source(header)
+            if header["unlock"].get("kind") == AwsKmsUnlock.kind and not isinstance(
+                self._unlock, AwsKmsUnlock
+            ):
+                root = self._unwrap_through_kms(header)
+            else:
+                root = self._unwrap_with_renewed_source(header)
         self._root = root
         self._unlock_section = header["unlock"]
         self._keysets.clear()
         self._policy = None
 
+    def _unwrap_through_kms(self, header: dict[str, Any]) -> DataKey:
+        """Another process switched the store to AWS KMS (`unlock-with kms`) and rotated the root
+        key: the header names the KMS key, so this host's AWS credentials may open it without any
+        configuration; ConflictError saying so if they cannot."""
+        with self._renew_lock:
+            if self._root.id == header["root_key_id"]:  # another thread adopted it meanwhile
+                return self._root
+            source = AwsKmsUnlock()
+            try:
+                root = _unwrap_root(source, header)
+            except SecretsManagerError as exc:
+                raise ConflictError(
+                    "the store's root key was rotated and it is now unlocked by AWS KMS, which this "
+                    f"process could not use ({exc.kind}); open the store again (restart serve) with AWS "
+                    "credentials that may call kms:Decrypt on its key"
+                ) from None
+            self._unlock = source
+            return root
+
     def _unwrap_with_renewed_source(self, header: dict[str, Any]) -> DataKey:
         """The root key `header` names, from the unlock source read again (renew_unlock_with);
         ConflictError if there is none, it does not open the header either, or it failed less
         than RENEW_RETRY_SECONDS ago."""
-        refused = ConflictError(
-            "the store's root key was rotated and its master password changed since it was "
-            "opened; open the store again"
-            + ("" if self._renew_unlock is None else " (or put the new password in its password file)")
-        )
+        if isinstance(self._unlock, AwsKmsUnlock):  # switched from KMS to a password meanwhile
+            refused = ConflictError(
+                "the store's root key was rotated and it is now unlocked by a master password, not "
+                "AWS KMS; open the store again (restart serve) with its password"
+            )
+        else:
+            refused = ConflictError(
+                "the store's root key was rotated and its master password changed since it was "
+                "opened; open the store again"
+                + ("" if self._renew_unlock is None else " (or put the new password in its password file)")
+            )
         if self._renew_unlock is None:
             raise refused
         with self._renew_lock:
