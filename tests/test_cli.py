@@ -710,6 +710,55 @@ def test_production_refuses_weak_kdf_and_unprotected_files(cli: Cli, tmp_path: P
     cli.store.parent.chmod(0o700)
 
 
+def test_a_test_profile_store_is_raised_in_place_by_passwd_kdf_profile_and_status_shows_the_cost(
+    ready: Cli, tmp_path: Path
+) -> None:
+    """Production refuses a store made with the cheap 'test' profile and names the fix in place;
+    `passwd --kdf-profile default` raises the costs without re-creating the store; `status` shows
+    them; and production refuses a weaker profile for a new password."""
+    assert ready("store", "svc/A", input=b"kept").code == 0
+    status = json.loads(ready("status", "--json").stdout)
+    assert status["kdf"] == {"algorithm": "argon2id", "memory_kib": 1024, "iterations": 1, "lanes": 1}
+    assert "Argon2id, 1024 KiB, 1 iterations, 1 lanes" in ready("status").out
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD)
+    pw.chmod(0o600)
+    prod = {"SHRIVENQUANT_ENV": "production", "MASTER_PASSWORD": None, "MASTER_PASSWORD_FILE": str(pw)}
+    refused = ready("get", "svc/A", env=prod)
+    assert_one_line_error(refused, 2, "passwd --kdf-profile default")
+    assert "recovery unlock-with password" in refused.stderr and "re-create" not in refused.stderr
+
+    new = tmp_path / "new"
+    new.write_text("a new and longer master password")
+    new.chmod(0o600)
+    assert ready("passwd", "--new-password-file", str(new)).code == 0  # no profile: the store's own
+    assert (
+        json.loads(ready("status", "--json", env={"MASTER_PASSWORD": new.read_text()}).stdout)["kdf"][
+            "memory_kib"
+        ]
+        == 1024
+    )
+    raised = ready(
+        "passwd",
+        "--new-password-file",
+        str(pw),
+        "--kdf-profile",
+        "default",
+        env={"MASTER_PASSWORD": new.read_text()},
+    )
+    assert raised.code == 0, raised.stderr
+    assert json.loads(ready("status", "--json").stdout)["kdf"] == {
+        "algorithm": "argon2id",
+        "memory_kib": 65536,
+        "iterations": 3,
+        "lanes": 4,
+    }
+    assert ready("get", "svc/A", env=prod).stdout == b"kept\n"
+    weaker = ready("passwd", "--new-password-file", str(new), "--kdf-profile", "test", env=prod)
+    assert_one_line_error(weaker, 2, "too weak for production")
+    assert ready("get", "svc/A", env=prod).stdout == b"kept\n"  # the password is unchanged
+
+
 def test_length_and_alphabet_are_refused_where_no_value_is_generated(ready: Cli) -> None:
     """They used to be ignored silently: the user believed the value had that shape."""
     assert_one_line_error(ready("store", "svc/G", "--length", "40", input=b"typed"), 2, "--generate")

@@ -1030,8 +1030,15 @@ def destroy(session: Session, name: str, versions: tuple[int, ...], destroy_all:
 
 @cli.command()
 @click.option("--new-password-file", metavar="PATH", help="Read the new master password from this file.")
+@click.option(
+    "--kdf-profile",
+    type=click.Choice(KDF_PROFILE_NAMES),
+    default=None,
+    help="Argon2id cost of the new password: 'default' raises a store made with 'test' in place. "
+    "Without it the store's own cost stays (see 'status').",
+)
 @pass_session
-def passwd(session: Session, new_password_file: str | None) -> None:
+def passwd(session: Session, new_password_file: str | None, kdf_profile: str | None) -> None:
     """Change the master password (rewraps the root key only: fast at any store size)."""
     session.require_local("passwd")
     with session.operation("passwd", mutating=True) as (store, _):
@@ -1040,7 +1047,12 @@ def passwd(session: Session, new_password_file: str | None) -> None:
             new = read_new_password_file(Path(new_password_file), environment=session.environment)
         else:
             new = prompt_password("New master password", confirm=True)
-        scrubbed = store.change_password(session.environment.check_new_password(new))
+        if kdf_profile is None:
+            scrubbed = store.change_password(session.environment.check_new_password(new))
+        else:  # production refuses a profile weaker than the default
+            scrubbed = store.change_unlock(
+                new_password_unlock(new, kdf_profile, environment=session.environment)
+            )
         can_scrub = store.can_scrub
     info_line("master password changed")
     warn_if_not_scrubbed(scrubbed, can_scrub, "password")

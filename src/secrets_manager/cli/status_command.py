@@ -43,6 +43,17 @@ def status(session: Session, as_json: bool) -> None:
     audit_problem: str | None = None
     with session.store_operation("status") as (store, _):
         doc["unlocked_by"] = store.unlock_kind if isinstance(store, EncryptedStore) else "backend credentials"
+        params = store.kdf_params if isinstance(store, EncryptedStore) else None
+        doc["kdf"] = (
+            None
+            if params is None
+            else {
+                "algorithm": "argon2id",
+                "memory_kib": params.memory_cost_kib,
+                "iterations": params.time_cost,
+                "lanes": params.parallelism,
+            }
+        )
         secrets = store.list("", include_deleted=True)
         live = [meta for meta in secrets if meta.deleted is None]
         doc["secrets"] = len(live)
@@ -100,6 +111,17 @@ def _print(doc: dict[str, Any], audit_problem: str | None) -> None:
         ("store", f"{doc['store']} ({doc['kind']})"),
         ("environment", doc["environment"]),
         ("unlocked by", doc["unlocked_by"]),
+        *(
+            []
+            if doc["kdf"] is None
+            else [
+                (
+                    "password KDF",
+                    f"Argon2id, {doc['kdf']['memory_kib']} KiB, {doc['kdf']['iterations']} iterations, "
+                    f"{doc['kdf']['lanes']} lanes",
+                )
+            ]
+        ),
         (
             "secrets",
             f"{doc['secrets']} in {len(doc['namespaces'])} namespace(s)"

@@ -33,7 +33,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-from secrets_manager.crypto import DataKey, Keyset, Purpose, RotationPolicy, open_record, seal_record
+from secrets_manager.crypto import (
+    DataKey,
+    KdfParams,
+    Keyset,
+    Purpose,
+    RotationPolicy,
+    open_record,
+    seal_record,
+)
 from secrets_manager.crypto.aead import new_key
 from secrets_manager.crypto.keyset import DEFAULT_POLICY, KeyStatus, new_key_id
 from secrets_manager.crypto.mac import value_fingerprint
@@ -226,6 +234,11 @@ class EncryptedStore:
     def unlock_kind(self) -> str:
         """What unlocks this store now: "password" or "aws-kms" (its header's unlock section)."""
         return str((self._unlock_section or {}).get("kind", PasswordUnlock.kind))
+
+    @property
+    def kdf_params(self) -> KdfParams | None:
+        """The Argon2id costs of the master password (None if no password unlocks the store)."""
+        return self._unlock.params if isinstance(self._unlock, PasswordUnlock) else None
 
     def require_password_unlock(self) -> PasswordUnlock:
         """The password source that unlocks this store; InvalidInputError if it is not a password."""

@@ -81,7 +81,9 @@ class PasswordUnlock:
             raise UnsafeConfigurationError(
                 "the store's Argon2id parameters are below the production minimum "
                 f"(t={self._minimum.time_cost}, m={self._minimum.memory_cost_kib} KiB, "
-                f"p={self._minimum.parallelism}); re-create it with the default KDF profile"
+                f"p={self._minimum.parallelism}); raise them in place with 'secrets-manager recovery "
+                "unlock-with password' (recovery shares), or outside production with 'secrets-manager "
+                "passwd --kdf-profile default'"
             )
 
 
