@@ -688,6 +688,34 @@ def test_a_revoked_certificate_is_cut_off_on_sighup_and_its_renewal_works(server
     assert old.GetSecret(request, timeout=10).secret.value == b"auth-db-pass"  # no longer listed
 
 
+def test_a_revoked_certificates_open_watch_stream_ends_at_the_reload(server: Server) -> None:
+    """A Watch opened before the revocation ends within a second of the SIGHUP (it checks the
+    policy at every batch, an idle second included), and no change after it reaches the stream."""
+    stream = server.stub("auth").Watch(pb.WatchRequest(prefix="auth/"), timeout=30)
+    events: list[str] = []
+    ended: list[grpc.StatusCode] = []
+
+    def consume() -> None:
+        try:
+            events.extend(event.name for event in stream)
+        except grpc.RpcError as exc:
+            ended.append(exc.code())  # type: ignore[attr-defined]
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    time.sleep(0.5)  # the stream is open
+    fingerprint = x509.load_pem_x509_certificate((server.dir / "auth.pem").read_bytes()).fingerprint(
+        hashes.SHA256()
+    )
+    (server.dir / "policy.toml").write_text(POLICY + f'\n[revoked]\nfingerprints = ["{fingerprint.hex()}"]\n')
+    server.process.send_signal(signal.SIGHUP)
+    assert _eventually(lambda: any('"message": "policy reloaded"' in line for line in server.log_lines))
+    consumer.join(timeout=5)
+    assert ended == [grpc.StatusCode.UNAUTHENTICATED]
+    server.stub("ops").PutSecret(pb.PutSecretRequest(name="auth/JWT_KEY", value=b"after"), timeout=10)
+    assert events == []
+
+
 def test_sigterm_under_load_finishes_in_flight_calls_and_exits_0(server: Server) -> None:
     store = EncryptedStore.open(SqliteStorage(server.dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
     for i in range(1500):

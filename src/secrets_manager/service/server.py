@@ -47,7 +47,7 @@ from secrets_manager.service.watch import ChangeHub
 from secrets_manager.store import EncryptedStore
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.store.names import validate_name, validate_prefix
-from secrets_manager.tls.identity import IdentityError, caller_from_auth_context
+from secrets_manager.tls.identity import Caller, IdentityError, caller_from_auth_context
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 from secrets_manager.wire import (
@@ -97,6 +97,7 @@ class _Request:
     peer: str
     event: AuditEvent
     extra_events: list[AuditEvent]
+    caller: Caller  # its certificate's serial and fingerprint: a Watch re-checks `[revoked]`
     # Set once the policy granted the request; a failure before that is audited as a denial.
     allowed: bool = False
 
@@ -173,7 +174,8 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             self._metrics.observe(method, grpc.StatusCode.UNAUTHENTICATED, started)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         event = AuditEvent(operation, identity, "grpc", peer, name)
-        request = _Request(identity, peer, event, [])
+        assert caller is not None  # else IdentityError aborted above
+        request = _Request(identity, peer, event, [], caller)
         try:
             if name is not None:
                 (validate_prefix if prefix else validate_name)(name)
@@ -440,6 +442,9 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 if changes is None:  # closed (shutdown, client gone) or failed
                     break
                 policy = self._policy.current
+                revoked = policy.revocation(call.caller.serial, call.caller.fingerprint)
+                if revoked is not None:  # a reload revoked its certificate: no more events
+                    context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{revoked}: Watch ended")
                 if not policy.roles_of(identity):  # a reload took its last role: free the slot
                     context.abort(
                         grpc.StatusCode.PERMISSION_DENIED,
