@@ -627,6 +627,36 @@ def test_a_certificate_renewed_before_it_expires_keeps_the_client_working_after_
     ]
 
 
+def test_calls_refused_at_once_are_all_retried_on_the_renewed_certificate(
+    server: Server, service_dir: Path, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight calls refused together (a certificate the service does not accept, its renewal on
+    disk): the first to check the files swapped the channels, and the others, finding the files
+    unchanged since, failed ("Socket closed", 7 of 8) although the new channels were in place."""
+    monkeypatch.setattr(_client, "TLS_CHECK_SECONDS", 3600.0)  # only a refusal looks at the files
+    renewal = pair_of(service_dir, "auth")
+    renew(service_dir, pair_of(service_dir, "foreign"))  # another CA's: refused in the handshake
+    client = make_client("auth", [server.address])
+    client._started_backend()  # the refused files are loaded; nothing is contacted yet
+    renew(service_dir, renewal)
+    barrier = threading.Barrier(8)
+    failures: list[str] = []
+
+    def call() -> None:
+        barrier.wait()
+        try:
+            client.get("auth/JWT_KEY", version=1)  # uncached: asks the service
+        except StorageError as exc:
+            failures.append(str(exc))
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
 @pytest.mark.parametrize("half", ["certificate-only", "empty-key"])
 def test_a_half_written_renewal_is_not_used_until_it_is_complete(
     server: Server,

@@ -28,12 +28,13 @@ How a value reaches a caller:
   handshake and keeps a channel's connection for the channel's life, so a renewal needs new
   channels. The refresher stats the three files every `TLS_CHECK_SECONDS`, and a call that fails
   as a refused certificate looks ("Socket closed", a failed handshake) checks them at once (and is
-  tried again if they changed). Changed files that `read_client_tls` accepts get new channels to
-  every address, swapped in at once; calls in flight finish on the old ones, the watch stream is
-  cancelled and resumes from its revision on the new ones, and the old channels close when their
-  last call or stream ends. Files caught half-written (a new certificate beside the old key, an
-  empty file) are not used: one warning, and they are read again when they change. A certificate
-  near its expiry with no renewal in sight gets one warning (client/_renewal.py).
+  tried again, once, if they changed or another call has renewed the channels since it began).
+  Changed files that `read_client_tls` accepts get new channels to every address, swapped in at
+  once; calls in flight finish on the old ones, the watch stream is cancelled and resumes from its
+  revision on the new ones, and the old channels close when their last call or stream ends. Files
+  caught half-written (a new certificate beside the old key, an empty file) are not used: one
+  warning, and they are read again when they change. A certificate near its expiry with no
+  renewal in sight gets one warning (client/_renewal.py).
 - Without an address, outside production, the same machinery runs over the local store, read-only;
   the watcher polls the store's change feed like the service does.
 
@@ -237,7 +238,8 @@ class _ServiceReplicas:
     `renew_tls` replaces every channel at once when the certificate files were renewed; calls and
     the watch stream on the old channels finish there (the stream is cancelled, to move), then
     the old channels close. A call that fails as a refused certificate looks checks the files at
-    once and, if they were renewed, is tried again on the new channels."""
+    once and, if they were renewed (by this call or another since it began), is tried again on
+    the new channels."""
 
     def __init__(self, target: RemoteTarget, timeout: float) -> None:
         self._timeout = timeout
@@ -310,7 +312,7 @@ class _ServiceReplicas:
                 return result
         finally:
             self._give_back(channels)
-        if refused and not renewed and self._renew():
+        if refused and not renewed and self._renew(refused_on=channels):
             return self._call(operation, renewed=True)
         raise StorageError("; ".join(failures))
 
@@ -386,9 +388,14 @@ class _ServiceReplicas:
         """New channels if the certificate files were renewed and are usable (see `_renew`)."""
         self._renew()
 
-    def _renew(self) -> bool:
-        """Whether the certificate files changed into usable ones and now back new channels."""
+    def _renew(self, *, refused_on: _Channels | None = None) -> bool:
+        """Whether the certificate files changed into usable ones and now back new channels.
+        Also true when `refused_on` (where a call was refused) was already replaced: calls refused
+        together find the files unchanged after the first one renewed, yet are worth a retry."""
         with self._renew_lock:
+            with self._lock:
+                if refused_on is not None and refused_on is not self._current and not self._closed:
+                    return True
             files = self._files.renewed()
             if files is None:
                 return False
