@@ -20,6 +20,7 @@ import pytest
 
 from secrets_manager import get_credentials_sync
 from secrets_manager.client import Client, RemoteStore, _client, close_default_client
+from secrets_manager.client._renewal import CertificateFiles
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import AccessDeniedError, InvalidInputError, NotFoundError, StorageError
 from secrets_manager.storage.sqlite import SqliteStorage
@@ -693,6 +694,28 @@ def test_a_half_written_renewal_is_not_used_until_it_is_complete(
     wait_until(lambda: readable(client, "market-connector/BINANCE_API_KEY"), timeout=2.0, interval=0.05)
     assert len(warnings_of(caplog)) == 1
     assert any("renewed" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO)
+
+
+def test_a_renewal_not_valid_yet_is_used_once_it_is_valid(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A renewed certificate valid from 1-2 s ahead (an issuer that does not backdate, or this
+    machine's clock a little behind the issuer's) was read once, judged half-written, and never
+    read again, although nothing else would change the files until the next renewal."""
+    make_pki(tmp_path)
+    files = CertificateFiles(tls_files(tmp_path, "auth"))
+    ca = (tmp_path / "ca.pem").read_bytes(), (tmp_path / "ca-key.pem").read_bytes()
+    starts = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=2)
+    renew(tmp_path, pki.issue(*ca, "auth", days=30, not_before=starts))
+    caplog.set_level(logging.INFO, logger="secrets_manager.client")
+    assert files.renewed() is None and files.renewed() is None  # not valid yet: the old one stays
+    [warning] = warnings_of(caplog)
+    assert (
+        "cannot be used yet" in warning and "read again once the new certificate is valid, in " in warning
+    ), warning
+    assert f"is not valid before {starts:%Y-%m-%d %H:%M:%S} UTC" in warning, warning
+    wait_until(lambda: files.renewed() is not None, timeout=4.0, interval=0.05)
+    assert files.loaded.not_before == starts and len(warnings_of(caplog)) == 1
 
 
 def test_twenty_renewals_leave_no_channel_or_thread_behind(

@@ -3,6 +3,7 @@
     SecretsManagerError                 exit 1   anything not listed below
     ├── InvalidInputError               exit 2   bad name, over-size value, bad flag combination
     │   ├── UnsafeConfigurationError    exit 2   a guard rail of SHRIVENQUANT_ENV refused a setting
+    │   ├── CertificateNotYetValidError exit 2   a TLS certificate whose validity starts later
     │   └── UnsupportedOperationError   exit 2   the store cannot do this (e.g. AWS: destroy one version)
     ├── NotFoundError                   exit 3   no such store, secret, version or label
     ├── UnlockError                     exit 4   wrong or missing master password
@@ -25,6 +26,8 @@ secrets (names are not secret) and say what to do next.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 
 class SecretsManagerError(Exception):
     """Base of every error this package raises on purpose."""
@@ -42,6 +45,15 @@ class InvalidInputError(SecretsManagerError):
 
 class UnsafeConfigurationError(InvalidInputError):
     """A setting that the current SHRIVENQUANT_ENV forbids (e.g. MASTER_PASSWORD in production)."""
+
+
+class CertificateNotYetValidError(InvalidInputError):
+    """A certificate that is fine but valid only from `not_before` (an issuer that does not
+    backdate, this machine's clock behind): unlike a broken file, it works unchanged from then."""
+
+    def __init__(self, message: str, not_before: datetime) -> None:
+        super().__init__(message)
+        self.not_before = not_before
 
 
 class UnsupportedOperationError(InvalidInputError):

@@ -33,8 +33,8 @@ How a value reaches a caller:
   once; calls in flight finish on the old ones, the watch stream is cancelled and resumes from its
   revision on the new ones, and the old channels close when their last call or stream ends. Files
   caught half-written (a new certificate beside the old key, an empty file) are not used: one
-  warning, and they are read again when they change. A certificate near its expiry with no
-  renewal in sight gets one warning (client/_renewal.py).
+  warning, and they are read again when they change (a certificate not valid yet: once it is).
+  A certificate near its expiry with no renewal in sight gets one warning (client/_renewal.py).
 - Without an address, outside production, the same machinery runs over the local store, read-only;
   the watcher polls the store's change feed like the service does.
 

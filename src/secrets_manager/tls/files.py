@@ -22,7 +22,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
 from cryptography.x509.oid import NameOID
 
-from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError
+from secrets_manager.errors import (
+    CertificateNotYetValidError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+)
 from secrets_manager.tls.identity import fingerprint_text, identity_from_certificate, serial_text
 from secrets_manager.tls.pki import (
     CA_DAYS,
@@ -178,7 +183,8 @@ def read_client_tls(cert: tuple[Path, str], key: tuple[Path, str], ca: tuple[Pat
 
 def _check_dates(leaf: x509.Certificate, cert: tuple[Path, str], role: str, renewal: str) -> None:
     """InvalidInputError unless `leaf` is within its validity dates now: an expired one names its
-    date and `renewal` (the command that renews it, {} its CN), one not valid yet points at the clock."""
+    date and `renewal` (the command that renews it, {} its CN); one not valid yet points at the
+    clock (CertificateNotYetValidError, with the date it becomes valid)."""
     now = datetime.now(UTC)
     names = [
         a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)
@@ -189,10 +195,11 @@ def _check_dates(leaf: x509.Certificate, cert: tuple[Path, str], role: str, rene
             f"the {role} certificate {cert[0]} ({cert[1]}) expired on "
             f"{leaf.not_valid_after_utc:%Y-%m-%d %H:%M} UTC: issue a new one ({renew})"
         )
-    if leaf.not_valid_before_utc > now:
-        raise InvalidInputError(
+    if leaf.not_valid_before_utc > now:  # to the second: it is often seconds away
+        raise CertificateNotYetValidError(
             f"the {role} certificate {cert[0]} ({cert[1]}) is not valid before "
-            f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M} UTC: check this machine's clock"
+            f"{leaf.not_valid_before_utc:%Y-%m-%d %H:%M:%S} UTC: check this machine's clock",
+            leaf.not_valid_before_utc,
         )
 
 
