@@ -7,13 +7,17 @@ as it was.
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from test_cli_external_stores import Cli
+from secrets_manager.audit import AuditEvent, AuditLog, adopt_log
+from secrets_manager.store.base import Anchor
+from test_cli_external_stores import SCRIPT, Cli
 from vault_server import FakeVault
 
 
@@ -105,3 +109,110 @@ def test_a_log_under_the_old_name_is_adopted_by_its_own_namespace_only(
     assert not old.exists()
     assert team_a("audit", "verify").out.startswith("audit log verified: 3 records")
     assert team_b("audit", "verify").out.startswith("audit log verified: 2 records")
+
+
+# Kills the CLI (SIGKILL: no finally, no atexit) right after adopt_log's KILL_AT_RENAME-th rename.
+_KILLED_ADOPTION = """
+import os, signal
+import secrets_manager.audit.log as audit_log
+
+class _Os:
+    renames = 0
+    def __getattr__(self, name):
+        return getattr(os, name)
+    def rename(self, src, dst):
+        os.rename(src, dst)
+        _Os.renames += 1
+        if _Os.renames == int(os.environ["KILL_AT_RENAME"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+audit_log.os = _Os()
+"""
+
+
+@pytest.mark.parametrize("kill_at", [1, 2, 3, 4])
+def test_an_adoption_killed_after_any_rename_is_finished_by_the_next_command(
+    vault: NamespacedVault, tmp_path: Path, kill_at: int
+) -> None:
+    """The old log has three rotated files and the live one, renamed oldest first. Killed between
+    two renames, the log was split across both names: every later command failed as tampered
+    (exit 6), and the message suggested an audit reset that throws a whole chain away."""
+    team_a, team_b = cli(vault, tmp_path, "team-a"), cli(vault, tmp_path, "team-b")
+    data = tmp_path / ".local/share/secrets-manager"
+    port = vault.address.rsplit(":", 1)[1]
+    old = data / f"vault-127.0.0.1-{port}-secret.audit.jsonl"
+    small = {"SECRETS_MANAGER_AUDIT_MAX_BYTES": "600"}  # rotates every record or two
+    for i in range(4):
+        assert team_a("--audit-file", str(old), "store", f"svc/K{i}", input=b"v", env=small).code == 0
+    assert len(AuditLog(old).files()) == 4
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_KILLED_ADOPTION)
+    killed = subprocess.run(
+        [str(SCRIPT), "get", "svc/K0"],
+        env={**team_a.env, "PYTHONPATH": str(hook), "KILL_AT_RENAME": str(kill_at)},
+        capture_output=True,
+        timeout=120,
+    )
+    assert killed.returncode == -9
+    assert len(AuditLog(old).files()) == 4 - kill_at
+    # Another namespace's command leaves this store's halves alone.
+    assert team_b("get", "svc/K0").code == 3
+    assert len(AuditLog(old).files()) == 4 - kill_at
+    again = team_a("get", "svc/K0")
+    assert again.code == 0 and again.out == "v\n", again.stderr
+    assert not list(data.glob(old.name + "*"))  # the lock file too, once all the files moved
+    assert team_a("audit", "verify").out.startswith("audit log verified: 9 records in 4 files")
+    assert team_b("audit", "verify").out.startswith("audit log verified: 1 record")
+
+
+class _Anchors:
+    """A store's audit key and anchor, in memory (what adopt_log asks of a store)."""
+
+    def __init__(self, key: bytes) -> None:
+        self.key, self.anchor = key, None
+
+    def audit_key(self) -> bytes:
+        return self.key
+
+    def audit_anchor(self) -> Anchor | None:
+        return self.anchor
+
+    def set_audit_anchor(self, anchor: Anchor, *, lock_wait: float | None = None) -> None:
+        self.anchor = anchor
+
+
+def _written(path: Path, anchors: _Anchors, records: int) -> AuditLog:
+    log = AuditLog(path, max_bytes=1)  # every record in a file of its own
+    for _ in range(records):
+        log.append([AuditEvent("get", "ops", name="svc/K")], anchors)
+    return log
+
+
+def test_only_the_rest_of_the_same_chain_is_moved_to_join_files_under_the_new_name(tmp_path: Path) -> None:
+    """Rotated files under the new name and no live file is what a cut-short adoption leaves; the
+    old files are moved after them only if their chain takes up where the new files' ends."""
+    key = os.urandom(32)
+    old_anchors, new_anchors = _Anchors(key), _Anchors(key)
+    old, new = tmp_path / "old.audit.jsonl", tmp_path / "new.audit.jsonl"
+    other = _written(tmp_path / "other.audit.jsonl", _Anchors(key), 2)
+    _written(old, old_anchors, 3)
+    new_anchors.anchor = old_anchors.anchor
+    first_new = new.with_name(new.name + ".000000000001")
+    # The first file of another chain under the same key is not the old log's beginning.
+    other.files()[0].rename(first_new)
+    assert adopt_log(old, new, old_anchors, new_anchors) == []
+    assert len(AuditLog(old).files()) == 3
+    # The old log's own first file is: the rest follows it.
+    AuditLog(old).files()[0].rename(first_new)
+    moved = adopt_log(old, new, old_anchors, new_anchors)
+    assert [p.name for p in moved] == ["new.audit.jsonl.000000000002", "new.audit.jsonl"]
+    assert AuditLog(new).verify(key, new_anchors.anchor) == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "new.audit.jsonl",
+        "new.audit.jsonl.000000000001",
+        "new.audit.jsonl.000000000002",
+        "new.audit.jsonl.lock",
+        "other.audit.jsonl",
+        "other.audit.jsonl.lock",
+    ]

@@ -12,6 +12,7 @@ from secrets_manager.audit.log import (
     AuditLog,
     AuditTamperError,
     adopt_log,
+    discard_adopted_lock,
     value_fingerprint,
 )
 from secrets_manager.store.base import Anchor
@@ -25,5 +26,6 @@ __all__ = [
     "AuditLog",
     "AuditTamperError",
     "adopt_log",
+    "discard_adopted_lock",
     "value_fingerprint",
 ]

@@ -343,6 +343,16 @@ class AuditLog:
             except OSError:
                 break
 
+    def _remove_lock_file(self) -> None:
+        """Holding the flock, once the log's files are gone for good (adopted under another name):
+        remove its lock file, so nothing is left under the old name (a waiter sees st_nlink 0)."""
+        fd = self._lock_fd
+        if fd is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.stat(self.lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                os.unlink(self.lock_path)
+
     def _unflock(self) -> None:
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
@@ -839,30 +849,38 @@ def adopt_log(
 
     It is this store's if its last MAC'd record verifies under the store's audit key: a log
     another account or namespace wrote (once they shared the old name) is left where it is, for
-    its own store to adopt. Nothing moves if the new log has files, or if the new anchor holds
-    something other than the old one. The old anchor is copied to the new one first, then the
-    files are renamed (holding both logs' locks), so the tail stays protected and a cut-short
-    adoption is finished by the next one."""
+    its own store to adopt. The old anchor is copied to the new one first, then the files are
+    renamed oldest first (holding both logs' locks), so the tail stays protected. An adoption
+    cut short (killed between two renames) left the new name with the chain's first files and no
+    live file, the old name with the rest: the next one finishes it. Nothing moves if the new
+    log is anything else, or if the new anchor holds something other than the old one."""
     old, new = AuditLog(old_path, timeout=timeout), AuditLog(new_path, timeout=timeout)
-    if not old.files() or new.files():
+    if not old.files() or new_path.exists():
         return []
     deadline = time.monotonic() + timeout
     moved: list[Path] = []
     try:
         old._flock(deadline=deadline)
         new._flock(deadline=deadline)
-        if not old.files() or new.files():
+        files = old.files()
+        if not files or new_path.exists():
             return []  # adopted meanwhile by another process
+        targets = [new_path.with_name(new_path.name + path.name[len(old_path.name) :]) for path in files]
+        key = anchor.audit_key()
+        begun = new.files()
+        if begun and not _continues(begun[-1], files[0], key):
+            return []
+        if any(os.path.lexists(target) for target in targets):
+            return []
         last = _last_signed_record(old)
-        if last is None or not _record_verifies(last, anchor.audit_key()):
+        if last is None or not _record_verifies(last, key):
             return []
         anchored, current = old_anchor.audit_anchor(), anchor.audit_anchor()
         if current is not None and current != anchored:
             return []
         if anchored is not None and current is None:
             anchor.set_audit_anchor(anchored)
-        for path in old.files():
-            target = new_path.with_name(new_path.name + path.name[len(old_path.name) :])
+        for path, target in zip(files, targets, strict=True):
             os.rename(path, target)
             moved.append(target)
         fd = os.open(new_path.parent, os.O_RDONLY | os.O_DIRECTORY)
@@ -870,14 +888,49 @@ def adopt_log(
             os.fsync(fd)
         finally:
             os.close(fd)
+        old._remove_lock_file()
         return moved
     finally:
+        old._remove_what_was_created()  # a lock file made here for a log adopted meanwhile
         if not moved:
             new._remove_what_was_created()
         for log in (old, new):
             if log._lock_fd is not None:
                 os.close(log._lock_fd)
                 log._lock_fd = None
+
+
+def discard_adopted_lock(old_path: Path) -> None:
+    """Remove the lock file an adoption killed after its last rename left under the old name, if
+    the log there still has no files and no one holds the lock."""
+    old = AuditLog(old_path)
+    if old.files() or not old.lock_path.exists():
+        return
+    try:
+        if old._flock(deadline=None) and not old.files():
+            old._remove_lock_file()
+    finally:
+        if old._lock_fd is not None:
+            os.close(old._lock_fd)
+            old._lock_fd = None
+
+
+def _continues(before: Path, after: Path, key: bytes) -> bool:
+    """Whether file `after` takes up the chain where file `before` ends: its first record follows
+    the last one of `before`, and both verify under `key` (the halves of one log an adoption cut
+    short, not two logs that happen to share a name)."""
+    try:
+        last, first = _last_record(before), _first_record(after)
+    except (AuditError, AuditTamperError):
+        return False
+    return (
+        last is not None
+        and first is not None
+        and first["seq"] == last["seq"] + 1
+        and first.get("prev") == last["hash"]
+        and _record_verifies(last, key)
+        and _record_verifies(first, key)
+    )
 
 
 def _last_signed_record(log: AuditLog) -> dict[str, Any] | None:

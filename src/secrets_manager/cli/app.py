@@ -19,7 +19,14 @@ from typing import Any, TypeVar
 
 import click
 
-from secrets_manager.audit import AuditError, AuditEvent, AuditLog, adopt_log, value_fingerprint
+from secrets_manager.audit import (
+    AuditError,
+    AuditEvent,
+    AuditLog,
+    adopt_log,
+    discard_adopted_lock,
+    value_fingerprint,
+)
 from secrets_manager.cli.output import (
     info_line,
     parse_cutoff,
@@ -233,7 +240,10 @@ class Session:
         account and the Vault namespace) to its new one, once: a log of another account or
         namespace that shared the old name stays for that store to adopt (audit.adopt_log)."""
         legacy, path = legacy_audit_path(self.store_url), self.audit_path
-        if legacy is None or legacy == path or not AuditLog(legacy).files():
+        if legacy is None or legacy == path:
+            return
+        if not AuditLog(legacy).files():
+            discard_adopted_lock(legacy)
             return
         old = self._open_external(legacy)
         try:
