@@ -169,3 +169,88 @@ class _FakeSecretsManager:
 
     def close(self) -> None:
         pass
+
+
+@pytest.fixture
+def sts_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The STS actions moto's server (in this process) answers, in order."""
+    from moto.sts.models import STSBackend
+
+    calls: list[str] = []
+    for action in ("assume_role", "get_caller_identity"):
+        answer = getattr(STSBackend, action)
+
+        def counted(
+            self: Any, *args: Any, _answer: Any = answer, _action: str = action, **kwargs: Any
+        ) -> Any:
+            calls.append(_action)
+            return _answer(self, *args, **kwargs)
+
+        monkeypatch.setattr(STSBackend, action, counted)
+    return calls
+
+
+def role_profile(aws_cli: Cli, home: Path, *, region: str | None) -> Cli:
+    """aws_cli with no keys of its own: AWS_PROFILE assumes a role in PROD_ACCOUNT with the keys of
+    a source profile (the usual way to reach a prod account; with mfa_serial, one prompt per
+    AssumeRole)."""
+    where = f"region = {region}\n" if region else ""
+    (home / "aws-config").write_text(
+        f"[profile base]\n{where}"
+        f"[profile prod]\n{where}role_arn = arn:aws:iam::{PROD_ACCOUNT}:role/ops\nsource_profile = base\n"
+    )
+    (home / "aws-credentials").write_text(
+        "[base]\naws_access_key_id = testing\naws_secret_access_key = testing\n"
+    )
+    env = {k: v for k, v in aws_cli.env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    return Cli(
+        {
+            **env,
+            "AWS_CONFIG_FILE": str(home / "aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(home / "aws-credentials"),
+            "AWS_PROFILE": "prod",
+        }
+    )
+
+
+def test_a_command_assumes_the_role_of_its_profile_once(
+    aws_cli: Cli, tmp_path: Path, sts_calls: list[str]
+) -> None:
+    """The default log needs the account: it is asked with the credentials the store uses, not
+    with fresh ones (each fresh boto3 session assumed the role again: 7 AssumeRole per command)."""
+    prod = role_profile(aws_cli, tmp_path, region=REGION)
+    assert prod("--audit-file", str(tmp_path / "named.jsonl"), "store", "svc/A", input=b"v").code == 0
+    assert sts_calls == ["assume_role"]
+    for args in (("store", "svc/B"), ("get", "svc/B"), ("audit", "verify")):
+        sts_calls.clear()
+        result = prod(*args, input=b"v")
+        assert result.code == 0, result.stderr
+        assert sts_calls == ["assume_role", "get_caller_identity"], args
+    assert [n.split("-")[1] for n in logs(tmp_path)] == [PROD_ACCOUNT]
+
+
+def test_a_role_profile_without_a_region_uses_the_store_urls(aws_cli: Cli, tmp_path: Path) -> None:
+    """The region is in the store URL only: STS (and the AssumeRole before it) is asked there too,
+    as the store's own calls are; it failed 'cannot reach AWS STS (NoRegionError)'."""
+    prod = role_profile(aws_cli, tmp_path, region=None)
+    assert prod("--audit-file", str(tmp_path / "named.jsonl"), "store", "svc/A", input=b"v").code == 0
+    result = prod("get", "svc/A")
+    assert result.code == 0 and result.out == "v\n", result.stderr
+    assert [n.split("-")[1] for n in logs(tmp_path)] == [PROD_ACCOUNT]
+
+
+def test_a_configuration_problem_is_not_called_unreachable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from botocore.exceptions import NoRegionError
+
+    class Unconfigured:
+        def get_caller_identity(self) -> Any:
+            raise NoRegionError()
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "unconfigured-here")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setattr(aws_module.boto3.session.Session, "client", lambda self, *a, **k: Unconfigured())
+    monkeypatch.setattr(aws_module, "connect_aws", lambda region: _FakeSecretsManager())
+    with pytest.raises(StorageError) as raised:
+        aws_module.aws_account("eu-central-1")
+    assert "cannot reach" not in str(raised.value)
+    assert "NoRegionError" in str(raised.value) and "--audit-file" in str(raised.value)

@@ -4,6 +4,7 @@ store, and formats; all crypto and SQL live below `store/`."""
 from __future__ import annotations
 
 import base64
+import functools
 import getpass
 import json
 import os
@@ -179,8 +180,9 @@ class Session:
         read again later, unlike a prompt or a variable that cannot change."""
         return bool(self.password_file or self.environ.get(PASSWORD_FILE_VARIABLE))
 
-    @property
+    @functools.cached_property
     def audit_path(self) -> Path:
+        """Once per session: an AWS store's default asks STS for the account."""
         if self.audit_file:
             return Path(self.audit_file)
         return default_audit_path(self.store_url, environ=self.environ)

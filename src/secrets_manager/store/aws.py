@@ -35,8 +35,10 @@ from __future__ import annotations
 
 import builtins
 import json
+import os
 import re
 import secrets
+import threading
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -50,10 +52,12 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    HTTPClientError,
     NoCredentialsError,
     ParamValidationError,
     PartialCredentialsError,
 )
+from botocore.exceptions import ConnectionError as BotoConnectionError
 
 from secrets_manager.errors import (
     AccessDeniedError,
@@ -169,9 +173,31 @@ def connect_aws(region: str, *, attempts: int = 5) -> Any:
         retries={"mode": "standard", "max_attempts": attempts}, connect_timeout=10, read_timeout=30
     )
     try:
-        return boto3.session.Session().client("secretsmanager", region_name=region, config=config)
+        return _client(region, "secretsmanager", config)
     except BotoCoreError as exc:
         raise StorageError(f"cannot configure AWS Secrets Manager ({type(exc).__name__})") from None
+
+
+_sessions: dict[tuple[str, tuple[tuple[str, str], ...]], boto3.session.Session] = {}
+_sessions_lock = threading.Lock()  # a boto3 session is not thread-safe; its clients are
+
+
+def _session(region: str) -> boto3.session.Session:
+    """This process's boto3 session for `region` and the AWS_* environment; hold _sessions_lock.
+
+    Clients made from one session share its resolved credentials, so a role (a profile with
+    role_arn, perhaps with an MFA prompt) is assumed once for the store and for the account its
+    audit log is named after, not once per client. Its region is the store's, which the role's
+    sts:AssumeRole uses when the profile names none."""
+    key = (region, tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))))
+    if key not in _sessions:
+        _sessions[key] = boto3.session.Session(region_name=region)
+    return _sessions[key]
+
+
+def _client(region: str, service: str, config: Config) -> Any:
+    with _sessions_lock:
+        return _session(region).client(service, region_name=region, config=config)
 
 
 @dataclass(frozen=True)
@@ -189,27 +215,26 @@ _accounts: dict[tuple[str, str, str], AwsAccount] = {}
 
 def aws_account(region: str) -> AwsAccount:
     """The account of boto3's standard credentials (sts:GetCallerIdentity, which needs no IAM
-    permission), asked once per process for each region, endpoint and access key.
+    permission), asked once per process for each region, endpoint and access key, with the
+    credentials the store's own client uses (`_session`).
 
     A failure is one line naming what to do: missing credentials as everywhere (exit 4), refused
     ones exit 5, an STS that cannot be reached (a network with a Secrets Manager endpoint only)
-    suggests naming the audit log, which then needs no account."""
+    suggests naming the audit log, which then needs no account; so does a configuration boto3
+    cannot use, named as such."""
     client = connect_aws(region)
     try:
         endpoint = str(client.meta.endpoint_url)
         host = (urlsplit(endpoint).hostname or "").lower()
         ours = None if host.endswith(_AWS_DOMAINS) else endpoint
-        credentials = boto3.session.Session().get_credentials()
+        with _sessions_lock:
+            credentials = _session(region).get_credentials()
         if credentials is None:
             raise NoCredentialsError()
         cache_key = (region, endpoint, str(credentials.access_key))
         if cache_key not in _accounts:
-            sts = boto3.session.Session().client(
-                "sts",
-                region_name=region,
-                config=Config(retries={"mode": "standard"}, connect_timeout=10, read_timeout=30),
-            )
-            reply = sts.get_caller_identity()
+            config = Config(retries={"mode": "standard"}, connect_timeout=10, read_timeout=30)
+            reply = _client(region, "sts", config).get_caller_identity()
             _accounts[cache_key] = AwsAccount(str(reply["Account"]), ours)
         return _accounts[cache_key]
     except ClientError as exc:
@@ -221,11 +246,17 @@ def aws_account(region: str) -> AwsAccount:
         ) from None
     except (NoCredentialsError, PartialCredentialsError):
         raise MissingCredentialsError(_NO_CREDENTIALS) from None
-    except BotoCoreError as exc:
+    except (BotoConnectionError, HTTPClientError) as exc:  # no answer: timeouts included
         raise StorageError(
             f"cannot reach AWS STS to learn the account the audit log is named after "
             f"({type(exc).__name__}); if only Secrets Manager is reachable from here, name the log "
             "with --audit-file or SECRETS_MANAGER_AUDIT_FILE"
+        ) from None
+    except BotoCoreError as exc:
+        raise StorageError(
+            f"boto3 cannot ask AWS STS for the account the audit log is named after: its configuration "
+            f"is incomplete or invalid ({type(exc).__name__}); fix it (AWS_PROFILE, ~/.aws/config), "
+            "or name the log with --audit-file or SECRETS_MANAGER_AUDIT_FILE"
         ) from None
     finally:
         client.close()
