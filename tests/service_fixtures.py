@@ -343,6 +343,16 @@ def in_process_server(
         running.stop(1)
 
 
+def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Whether `condition` holds within `timeout` seconds (tried every 50 ms)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
 def _drain(process: subprocess.Popen[bytes], lines: list[str]) -> None:
     assert process.stderr is not None
     for raw in process.stderr:

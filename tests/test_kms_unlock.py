@@ -511,19 +511,8 @@ def test_a_long_lived_password_handle_follows_a_switch_to_kms_and_a_root_rotatio
     """`serve` opened with a password file; an administrator then runs `unlock-with kms` and `keys
     rotate --root`. The header now names the KMS key, so serve re-unlocks through KMS rather than
     failing every call with "put the new password in its password file" (there is none)."""
-    path = tmp_path / "store.db"
-    created = EncryptedStore.create(
-        SqliteStorage(path, create=True), PasswordUnlock("old-password-1", kdf.TEST)
-    )
-    created.put("app/x", b"v")
-    created.close()
-    serve = EncryptedStore.open(SqliteStorage(path), PasswordUnlock("old-password-1"))
-    serve.renew_unlock_with(lambda: PasswordUnlock("old-password-1"))
-    admin = EncryptedStore.open(SqliteStorage(path), PasswordUnlock("old-password-1"))
+    serve, admin = _serve_beside_a_switch_to_kms(tmp_path / "store.db", key_arn)
     try:
-        admin.change_unlock(AwsKmsUnlock(key_arn))
-        rotate_root_key(admin)
-        admin.put("app/y", b"w")
         assert serve.get("app/x").value.reveal() == b"v"
         assert serve.get("app/y").value.reveal() == b"w"
         serve.put("app/z", b"written by serve after the switch")
@@ -536,17 +525,8 @@ def test_a_long_lived_password_handle_follows_a_switch_to_kms_and_a_root_rotatio
 def test_a_handle_that_cannot_use_kms_after_the_switch_says_so(
     tmp_path: Path, key_arn: str, aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = tmp_path / "store.db"
-    EncryptedStore.create(
-        SqliteStorage(path, create=True), PasswordUnlock("old-password-1", kdf.TEST)
-    ).close()
-    serve = EncryptedStore.open(SqliteStorage(path), PasswordUnlock("old-password-1"))
-    serve.renew_unlock_with(lambda: PasswordUnlock("old-password-1"))
-    admin = EncryptedStore.open(SqliteStorage(path), PasswordUnlock("old-password-1"))
+    serve, admin = _serve_beside_a_switch_to_kms(tmp_path / "store.db", key_arn)
     try:
-        admin.change_unlock(AwsKmsUnlock(key_arn))
-        rotate_root_key(admin)
-        admin.put("app/y", b"w")
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "")  # this process has no AWS credentials
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
         monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
@@ -559,3 +539,21 @@ def test_a_handle_that_cannot_use_kms_after_the_switch_says_so(
     finally:
         serve.close()
         admin.close()
+
+
+def _serve_beside_a_switch_to_kms(path: Path, key_arn: str) -> tuple[EncryptedStore, EncryptedStore]:
+    """A store holding app/x; a handle opened with its password as serve opens it (re-reading
+    the password when the root changes), and an admin handle that then switched the store to the
+    KMS key, rotated the root key and wrote app/y. Both are the caller's to close."""
+    created = EncryptedStore.create(
+        SqliteStorage(path, create=True), PasswordUnlock("old-password-1", kdf.TEST)
+    )
+    created.put("app/x", b"v")
+    created.close()
+    serve = EncryptedStore.open(SqliteStorage(path), PasswordUnlock("old-password-1"))
+    serve.renew_unlock_with(lambda: PasswordUnlock("old-password-1"))
+    admin = EncryptedStore.open(SqliteStorage(path), PasswordUnlock("old-password-1"))
+    admin.change_unlock(AwsKmsUnlock(key_arn))
+    rotate_root_key(admin)
+    admin.put("app/y", b"w")
+    return serve, admin

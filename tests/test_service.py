@@ -11,7 +11,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -32,6 +32,7 @@ from service_fixtures import (
     SCRIPT,
     TD,
     Server,
+    eventually,
     free_address,
     make_odd_client,
     make_pki,
@@ -613,7 +614,7 @@ def test_a_reload_that_takes_a_watchers_last_role_ends_its_stream(server: Server
     assert dict(stream.initial_metadata())
     (server.dir / "policy.toml").write_text(POLICY.replace(f'"spiffe://{TD}/auth" = ["auth-reader"]', ""))
     server.process.send_signal(signal.SIGHUP)
-    assert _eventually(lambda: any('"message": "policy reloaded"' in line for line in server.log_lines))
+    assert eventually(lambda: any('"message": "policy reloaded"' in line for line in server.log_lines))
     started = time.monotonic()
     assert code_of(lambda: next(iter(stream))) is grpc.StatusCode.PERMISSION_DENIED
     assert time.monotonic() - started < 5  # not at the stream's deadline: its slot is free again
@@ -628,21 +629,12 @@ def test_sighup_reloads_the_policy_and_a_broken_policy_is_rejected(server: Serve
         POLICY.replace('"market-connector" = ["mc-reader"]', f'"spiffe://{TD}/nobody" = ["auth-reader"]')
     )
     server.process.send_signal(signal.SIGHUP)
-    assert _eventually(lambda: any('"message": "policy reloaded"' in line for line in server.log_lines))
+    assert eventually(lambda: any('"message": "policy reloaded"' in line for line in server.log_lines))
     assert stub.GetSecret(request, timeout=10).secret.value == b"auth-db-pass"
     policy.write_text("this is [not toml")
     server.process.send_signal(signal.SIGHUP)
-    assert _eventually(lambda: any("policy reload rejected" in line for line in server.log_lines))
+    assert eventually(lambda: any("policy reload rejected" in line for line in server.log_lines))
     assert stub.GetSecret(request, timeout=10).secret.value == b"auth-db-pass"  # the old policy stays
-
-
-def _eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def test_a_revoked_certificate_is_cut_off_on_sighup_and_its_renewal_works(server: Server) -> None:
@@ -662,7 +654,7 @@ def test_a_revoked_certificate_is_cut_off_on_sighup_and_its_renewal_works(server
         POLICY + f'\n[revoked]\nserials = ["{leaked.serial_number.to_bytes(20).hex(":")}"]\n'
     )
     server.process.send_signal(signal.SIGHUP)
-    assert _eventually(lambda: any('"message": "policy reloaded"' in line for line in server.log_lines))
+    assert eventually(lambda: any('"message": "policy reloaded"' in line for line in server.log_lines))
     with pytest.raises(grpc.RpcError) as caught:
         old.GetSecret(request, timeout=10)
     assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
@@ -681,7 +673,7 @@ def test_a_revoked_certificate_is_cut_off_on_sighup_and_its_renewal_works(server
     fingerprint = x509.load_pem_x509_certificate(renewed).fingerprint(hashes.SHA256()).hex(":").upper()
     (server.dir / "policy.toml").write_text(POLICY + f'\n[revoked]\nfingerprints = ["{fingerprint}"]\n')
     server.process.send_signal(signal.SIGHUP)
-    assert _eventually(lambda: sum('"message": "policy reloaded"' in line for line in server.log_lines) == 2)
+    assert eventually(lambda: sum('"message": "policy reloaded"' in line for line in server.log_lines) == 2)
     assert code_of(lambda: new.ListSecrets(pb.ListSecretsRequest(), timeout=10)) is (
         grpc.StatusCode.UNAUTHENTICATED
     )
@@ -709,7 +701,7 @@ def test_a_revoked_certificates_open_watch_stream_ends_at_the_reload(server: Ser
     )
     (server.dir / "policy.toml").write_text(POLICY + f'\n[revoked]\nfingerprints = ["{fingerprint.hex()}"]\n')
     server.process.send_signal(signal.SIGHUP)
-    assert _eventually(lambda: any('"message": "policy reloaded"' in line for line in server.log_lines))
+    assert eventually(lambda: any('"message": "policy reloaded"' in line for line in server.log_lines))
     consumer.join(timeout=5)
     assert ended == [grpc.StatusCode.UNAUTHENTICATED]
     server.stub("ops").PutSecret(pb.PutSecretRequest(name="auth/JWT_KEY", value=b"after"), timeout=10)

@@ -11,7 +11,7 @@ import socket
 import ssl
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from secrets_manager.service.server import PolicyHolder
 from secrets_manager.tls import pki
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
-from service_fixtures import PASSWORD, Server, make_pki, make_store, run_script, start_server
+from service_fixtures import PASSWORD, Server, eventually, make_pki, make_store, run_script, start_server
 
 READ = pb.GetSecretRequest(name="auth/DB_PASSWORD")
 
@@ -83,15 +83,6 @@ def sighup_and_wait_for(server: Server, message: str) -> None:
     seen = sum(message in line for line in server.log_lines)
     server.process.send_signal(signal.SIGHUP)
     assert eventually(lambda: sum(message in line for line in server.log_lines) > seen), server.log_lines
-
-
-def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
 
 
 def test_sighup_serves_a_renewed_certificate_and_keeps_open_connections(server: Server) -> None:
