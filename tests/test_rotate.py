@@ -404,7 +404,80 @@ def test_discard_clears_pending(cli: Cli) -> None:
     assert cli.labels() == {"current": 1}
     assert cli("get", "db/app", "--label", "pending").code == 3
     assert cli("rotate", "db/app", "--discard").code == 3
-    assert cli("rotate", "db/app", "--resume").code == 3
+    assert cli("rotate", "db/app", "--resume", "--promote-only").code == 3
+
+
+def _target_commands(target: Path) -> tuple[str, str]:
+    """A set command that writes the new value to `target` (the database, say) and a test
+    command that checks `target` holds it."""
+    return (
+        f"sh -c {shlex.quote(f'cat > {shlex.quote(str(target))}')}",
+        f"sh -c {shlex.quote(f'cmp -s - {shlex.quote(str(target))}')}",
+    )
+
+
+@pytest.mark.parametrize("failing", ["set", "test"])
+def test_a_resume_without_its_commands_is_refused_and_promotes_nothing(
+    cli: Cli, tmp_path: Path, failing: str
+) -> None:
+    """'rotate NAME --resume' alone used to promote the pending value without running any command:
+    the store then served a value the target never got (a failed set), or one its test had just
+    refused, and every reader of the credential broke. It is refused before the store is read."""
+    target = tmp_path / "target"
+    target.write_text(OLD_VALUE)
+    set_command, test_command = _target_commands(target)
+    if failing == "set":
+        set_command = "false"
+    else:
+        test_command = "false"
+    assert cli("rotate", "db/app", "--set-command", set_command, "--test-command", test_command).code == 1
+    assert cli.labels() == {"current": 1, "pending": 2}
+    records_before = cli.audit.read_text()
+
+    refused = cli("rotate", "db/app", "--resume")
+    assert refused.code == 2, refused.stderr
+    assert refused.stderr.count("\n") == 1
+    assert (
+        "--resume without --set-command would promote a value nothing has set at the target; give the "
+        "rotation's --set-command/--test-command, or --promote-only if the target already holds the "
+        "pending value (set by hand)"
+    ) in refused.stderr
+    assert cli.audit.read_text() == records_before  # refused before the store was opened
+    assert cli.value() == OLD_VALUE and cli.labels() == {"current": 1, "pending": 2}
+
+    set_command, test_command = _target_commands(target)
+    result = cli("rotate", "db/app", "--resume", "--set-command", set_command, "--test-command", test_command)
+    assert result.code == 0, result.stderr
+    assert cli.value() == target.read_text() != OLD_VALUE and cli.labels() == {"current": 2, "previous": 1}
+
+
+def test_resume_promote_only_promotes_a_value_set_by_hand_without_running_anything(
+    cli: Cli, tmp_path: Path
+) -> None:
+    target = tmp_path / "target"
+    assert cli("rotate", "db/app", "--set-command", "false").code == 1
+    for wrong, message in (
+        (("--promote-only",), "--promote-only goes with --resume"),
+        (("--resume", "--promote-only", "--set-command", "true"), "--promote-only runs no command"),
+        (("--resume", "--promote-only", "--test-command", "true"), "--promote-only runs no command"),
+    ):
+        result = cli("rotate", "db/app", *wrong)
+        assert result.code == 2 and message in result.stderr, result.stderr
+    assert cli.labels() == {"current": 1, "pending": 2}
+
+    target.write_text(cli.value("--label", "pending"))  # the operator sets it by hand
+    result = cli("rotate", "db/app", "--resume", "--promote-only", "--json")
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["resumed"] is True
+    assert cli.value() == target.read_text() and cli.labels() == {"current": 2, "previous": 1}
+    records = [json.loads(line) for line in cli.audit.read_text().splitlines()]
+    resumed_at = max(i for i, r in enumerate(records) if r["operation"] == "rotate.resume")
+    steps = [r for r in records[resumed_at:] if r["operation"].startswith("rotate.")]
+    assert [r["operation"] for r in steps if r["outcome"] == "ok"] == [
+        "rotate.resume",
+        "rotate.check",
+        "rotate.promote",
+    ]
 
 
 def _nested_rotate(arguments: str) -> str:
@@ -450,7 +523,8 @@ def test_a_rotation_someone_else_resumed_and_promoted_first_is_done_not_a_confli
     """While our test command runs, another runner (here: `rotate --resume`, as the schedule does
     when a person's commands run long) resumes our pending version and promotes it. The value is
     ours, so our refused promote is the rotation done: exit 0, said so, not exit 7."""
-    resume = f"sh -c {shlex.quote('cat >/dev/null; ' + _nested_rotate('db/app --resume') + ' 2>/dev/null')}"
+    other = _nested_rotate("db/app --resume --promote-only")  # its commands would be ours: done
+    resume = f"sh -c {shlex.quote('cat >/dev/null; ' + other + ' 2>/dev/null')}"
     result = cli("rotate", "db/app", "--test-command", resume, "--json")
     assert result.code == 0, result.stderr
     assert "rotated db/app: version 2 is current (another runner that resumed it promoted it first)" in (

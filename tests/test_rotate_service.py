@@ -383,6 +383,21 @@ def test_cli_failing_test_command_leaves_current_and_resume_finishes(server: Ser
     assert [(r["version"], r["outcome"]) for r in resumed] == [(2, "ok")]
 
 
+def test_cli_resume_without_commands_is_refused_before_any_call(server: Server, tmp_path: Path) -> None:
+    """Through the service too, a bare --resume would promote a value nothing set at the target;
+    --promote-only says the target holds it."""
+    assert rotate(server, "rotator", "--set-command", "false").returncode == 1
+    refused = rotate(server, "rotator", "--resume")
+    assert refused.returncode == 2, refused.stderr
+    assert "--resume without --set-command would promote a value nothing has set" in refused.stderr
+    assert labels(server) == {"current": 1, "pending": 2} and value(server) == OLD_VALUE
+    assert not [r for r in server.audit_records() if r["actor"] == ROTATOR and r["operation"] == "get"]
+
+    result = rotate(server, "rotator", "--resume", "--promote-only")
+    assert result.returncode == 0, result.stderr
+    assert labels(server) == {"current": 2, "previous": 1}
+
+
 def test_cli_discard_through_the_service(server: Server) -> None:
     assert rotate(server, "rotator", "--test-command", "false").returncode == 1
     result = rotate(server, "rotator", "--discard", "--json")
@@ -391,7 +406,7 @@ def test_cli_discard_through_the_service(server: Server) -> None:
     assert "discarded the pending version 2 of db/app; current is unchanged" in result.stderr
     assert labels(server) == {"current": 1}
     assert rotate(server, "rotator", "--discard").returncode == 3
-    assert rotate(server, "rotator", "--resume").returncode == 3
+    assert rotate(server, "rotator", "--resume", "--promote-only").returncode == 3
 
 
 def test_cli_exits_7_when_the_staged_version_is_no_longer_pending(server: Server) -> None:

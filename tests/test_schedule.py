@@ -729,7 +729,7 @@ def test_rotate_on_server_that_another_runner_finishes_first_answers_ok(tmp_path
     make_store(tmp_path)
     other_runner = (  # on the service's store, writing to the service's audit log (flock-shared)
         f"MASTER_PASSWORD={shlex.quote(SERVICE_PASSWORD)} {shlex.quote(str(SCRIPT))} "
-        f"--store {shlex.quote(str(tmp_path / 'store.db'))} rotate auth/DB_PASSWORD --resume"
+        f"--store {shlex.quote(str(tmp_path / 'store.db'))} rotate auth/DB_PASSWORD --resume --promote-only"
     )
     schedule = write_schedule(
         tmp_path / "rotation.toml",
@@ -829,7 +829,7 @@ def test_runners_resuming_one_stale_version_together_do_not_report_a_failure(cli
         staged = store.stage("db/app", b"staged-by-a-failed-rotation")
         other_runner = (
             f"MASTER_PASSWORD={shlex.quote(PASSWORD)} {shlex.quote(str(SCRIPT))} "
-            f"--store {shlex.quote(str(cli.dir / 'store.db'))} rotate db/app --resume"
+            f"--store {shlex.quote(str(cli.dir / 'store.db'))} rotate db/app --resume --promote-only"
         )
         schedule = write_schedule(
             cli.dir / "rotation.toml",

@@ -71,7 +71,16 @@ class _OnePasswordSession(Session):
 @alphabet_option
 @click.option("--stdin", "from_stdin", is_flag=True, help="Read the new value from stdin, as 'store' does.")
 @click.option("--raw", is_flag=True, help="With --stdin: keep stdin byte for byte (no newline dropped).")
-@click.option("--resume", is_flag=True, help="Reuse the version already labelled pending (after a failure).")
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Finish the rotation whose version is pending: give it the same --set-command/--test-command.",
+)
+@click.option(
+    "--promote-only",
+    is_flag=True,
+    help="With --resume: promote without running any command (the target already holds the value).",
+)
 @click.option("--discard", is_flag=True, help="Remove the pending label and stop (the version stays).")
 @click.option("--set-command", metavar="CMD", help="Apply the new value at the target (value on stdin).")
 @click.option("--test-command", metavar="CMD", help="Check that the new value works (value on stdin).")
@@ -99,6 +108,7 @@ def rotate(
     from_stdin: bool,
     raw: bool,
     resume: bool,
+    promote_only: bool,
     discard: bool,
     set_command: str | None,
     test_command: str | None,
@@ -115,8 +125,13 @@ def rotate(
     arguments or environment; they also get SECRETS_MANAGER_ROTATE_NAME and
     SECRETS_MANAGER_ROTATE_VERSION (the master password variables are removed). Their output goes
     to stderr. If either fails (non-zero exit, timeout, cannot start), current is untouched and the
-    new version stays pending: fix the cause and run 'rotate NAME --resume', or 'rotate NAME
-    --discard'. On success the pending version becomes current and the old current previous.
+    new version stays pending: fix the cause and run the same command again with --resume (its
+    --set-command and --test-command too: the pending value is set and tested again), or
+    'rotate NAME --discard'. --resume without --set-command or --test-command is refused (exit 2):
+    it would promote a value nothing has set at the target, and every reader of the credential
+    would break; '--resume --promote-only' promotes without running a command, when the target
+    already holds the pending value (set by hand). On success the pending version becomes
+    current and the old current previous.
     One rotation at a time: while a version is pending, a new rotation exits 7 before it stages
     or runs anything; exit 7 after the commands means the pending version was discarded meanwhile.
 
@@ -155,6 +170,7 @@ def rotate(
         raise InvalidInputError("--discard takes no other rotation option")
     if resume and (generate or from_stdin):
         raise InvalidInputError("--resume reuses the pending value; drop --generate / --stdin")
+    _check_resume_commands(resume=resume, promote_only=promote_only, commands=bool(set_argv or test_argv))
     if on_server:
         if resume or discard or generate or from_stdin or raw or set_argv or test_argv:
             raise InvalidInputError(
@@ -179,6 +195,24 @@ def rotate(
         generated=not from_stdin,
     )
     _report(rotated, as_json=as_json)
+
+
+def _check_resume_commands(*, resume: bool, promote_only: bool, commands: bool) -> None:
+    """A resume runs the rotation's commands again, or is told the target holds the value already:
+    promoting a pending value nothing has set at the target breaks every reader of the credential
+    (the database still has the old one)."""
+    if promote_only and not resume:
+        raise InvalidInputError("--promote-only goes with --resume: 'rotate NAME --resume --promote-only'")
+    if promote_only and commands:
+        raise InvalidInputError(
+            "--promote-only runs no command; drop --set-command/--test-command, or drop --promote-only"
+        )
+    if resume and not commands and not promote_only:
+        raise InvalidInputError(
+            "--resume without --set-command would promote a value nothing has set at the target; give "
+            "the rotation's --set-command/--test-command, or --promote-only if the target already holds "
+            "the pending value (set by hand)"
+        )
 
 
 def _report(rotated: Rotated, *, as_json: bool) -> None:
