@@ -451,6 +451,39 @@ def test_a_resume_without_its_commands_is_refused_and_promotes_nothing(
     assert cli.value() == target.read_text() != OLD_VALUE and cli.labels() == {"current": 2, "previous": 1}
 
 
+@pytest.mark.parametrize("failing", ["set", "test"])
+def test_a_failure_shows_the_same_command_with_resume_and_that_command_finishes_the_rotation(
+    cli: Cli, tmp_path: Path, failing: str
+) -> None:
+    """The advice used to be 'rotate NAME --resume', which promoted the pending value without
+    setting it at the target. It is now the command that was run, its set and test commands (and
+    --timeout) included, with --resume: run as shown, it sets, tests and promotes."""
+    target, broken = tmp_path / "the target", tmp_path / "broken"
+    set_command, test_command = _target_commands(target)
+    unless_broken = f"test ! -e {shlex.quote(str(broken))} && "
+    if failing == "set":
+        set_command = f"sh -c {shlex.quote(unless_broken + f'cat > {shlex.quote(str(target))}')}"
+    else:
+        test_command = f"sh -c {shlex.quote(unless_broken + f'cmp -s - {shlex.quote(str(target))}')}"
+    broken.touch()
+    args = ("--set-command", set_command, "--test-command", test_command, "--timeout", "30")
+    result = cli("rotate", "db/app", *args)
+    assert result.code == 1, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert f"the {failing} command failed (exit code 1); version 2 stays pending" in error
+    shown = error.partition("run the same command again with --resume: ")[2].partition(" (or discard it: ")
+    assert shown[2] == "secrets-manager rotate db/app --discard)", error
+    assert shlex.split(shown[0]) == ["secrets-manager", "rotate", "db/app", "--resume", *args], error
+    staged = cli.value("--label", "pending")
+    assert staged not in result.stderr + result.stdout
+
+    broken.unlink()
+    finished = cli(*shlex.split(shown[0])[1:])
+    assert finished.code == 0, finished.stderr
+    assert "resumed and rotated db/app: version 2 is current (previous: 1)" in finished.stderr
+    assert cli.value() == staged == target.read_text() and cli.labels() == {"current": 2, "previous": 1}
+
+
 def test_resume_promote_only_promotes_a_value_set_by_hand_without_running_anything(
     cli: Cli, tmp_path: Path
 ) -> None:

@@ -367,7 +367,9 @@ def test_cli_failing_test_command_leaves_current_and_resume_finishes(server: Ser
     assert result.returncode == 1
     error = result.stderr.strip().splitlines()[-1]
     assert "test command failed (exit code 5)" in error
-    assert "secrets-manager rotate db/app --resume" in error and "--discard" in error
+    command = shlex.join(shlex.split(failing))  # as it was split, joined again
+    shown = shlex.join(["secrets-manager", "rotate", "db/app", "--resume", "--test-command", command])
+    assert f"run the same command again with --resume: {shown} (or discard it" in error
     assert value(server) == OLD_VALUE
     assert labels(server) == {"current": 1, "pending": 2}
     staged = value(server, label="pending").decode()

@@ -319,6 +319,9 @@ def test_a_failed_rotation_is_retried_by_a_later_run_once_it_is_stale(cli: Cli) 
     assert failed.code == 1
     errors = [line for line in failed.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "the set command failed (exit code 1)" in errors[0]
+    # A bare 'rotate db/app --resume' would promote a value nothing set; the schedule sets it again.
+    assert "the schedule resumes it with its entry's set and test commands once it is 3 s old" in errors[0]
+    assert "--resume" not in errors[0] and "broken" not in errors[0]  # no command line from the file
     assert "rotated db/other: version 2" in failed.stderr
     assert cli.history("db/app")["labels"] == {"current": 1, "pending": 2}
     staged_value = cli.value("db/app", "--label", "pending")
@@ -692,6 +695,10 @@ def test_rotate_on_server_runs_the_configured_rotation_there_and_audits_each_ste
         failed = server.cli("ops", "rotate", "auth/JWT_KEY", "--on-server")
         assert failed.returncode == 1
         assert failed.stderr.count(b"\n") == 1 and b"the set command failed (exit code 1)" in failed.stderr
+        assert b"the schedule resumes it with its entry's set and test commands once it is 90 s" in (
+            failed.stderr
+        )
+        assert b"--resume" not in failed.stderr
         busy = server.cli("ops", "rotate", "auth/JWT_KEY", "--on-server")
         assert busy.returncode == 7 and b"is in progress (version 2 is pending)" in busy.stderr
 

@@ -104,11 +104,33 @@ class Commands:
     cwd: Path | None = None
 
 
+def resume_command(name: str, commands: Commands) -> str:
+    """The command line that finishes a rotation of `name` run with `commands`: the same set and
+    test commands again. A resume without them would promote a value nothing has set at the
+    target. Only command lines and a name, never a value (the value goes to the commands' stdin)."""
+    words = ["secrets-manager", "rotate", name, "--resume"]
+    if commands.set_argv is not None:
+        words += ["--set-command", shlex.join(commands.set_argv)]
+    if commands.test_argv is not None:
+        words += ["--test-command", shlex.join(commands.test_argv)]
+    if commands.timeout != DEFAULT_TIMEOUT:
+        words += ["--timeout", f"{commands.timeout:g}"]
+    return shlex.join(words)
+
+
 def run_command(
-    step: str, argv: tuple[str, ...], name: str, version: int, value: SecretValue, commands: Commands
+    step: str,
+    argv: tuple[str, ...],
+    name: str,
+    version: int,
+    value: SecretValue,
+    commands: Commands,
+    *,
+    scheduled: bool = False,
 ) -> None:
     """Run one command with the new value on stdin and its output on our stderr;
-    RotationStepFailed if it does not exit 0 within the timeout."""
+    RotationStepFailed if it does not exit 0 within the timeout, saying how to finish: the same
+    command again with --resume, or for a schedule entry (`scheduled`) that the schedule will."""
     env = {k: v for k, v in commands.environ.items() if k not in PASSWORD_VARIABLES}
     env[NAME_VARIABLE] = name
     env[VERSION_VARIABLE] = str(version)
@@ -123,10 +145,19 @@ def run_command(
         if returncode == 0:
             return
         failure = f"exit code {returncode}"
+    if scheduled:  # the entry's commands stay in the schedule file, out of logs and replies
+        stale = commands.timeout * STALE_AFTER_TIMEOUTS
+        finish = (
+            f"fix the cause: the schedule resumes it with its entry's set and test commands once it is "
+            f"{stale:g} s old (three command timeouts)"
+        )
+    else:
+        finish = (
+            f"fix the cause and run the same command again with --resume: {resume_command(name, commands)}"
+        )
     raise RotationStepFailed(
         f"rotating {name}: the {step} command failed ({failure}); version {version} stays pending and "
-        f"current is unchanged; fix it and run 'secrets-manager rotate {name} --resume' "
-        f"(or discard with 'secrets-manager rotate {name} --discard')"
+        f"current is unchanged; {finish} (or discard it: secrets-manager rotate {name} --discard)"
     )
 
 
@@ -232,7 +263,8 @@ def rotate(
     `field`: `value` replaces that text field of the current value, a JSON object (as AWS keeps
     database credentials: {"username": …, "password": …}); the other fields stay. A `generated`
     value never replaces a JSON object whole (every field but one would be lost). `scheduled`: the
-    rotation is a schedule entry's, so a refusal says what to change in the schedule file.
+    rotation is a schedule entry's, so a refusal says what to change in the schedule file, and a
+    failed command that the schedule resumes it.
     `set_ran`: resuming a version whose set command this runner saw exit 0 (its promote failed,
     say): the value is at the target, so only the test runs again (it is cheap and read-only, and
     checks the target still takes the value after whatever interrupted us), then promote."""
@@ -251,7 +283,7 @@ def rotate(
     for step, argv in (("set", commands.set_argv), ("test", commands.test_argv)):
         if argv is not None and not (step == "set" and resumed and set_ran):
             with steps.command_step(step, name, version):
-                run_command(step, argv, name, version, value, commands)
+                run_command(step, argv, name, version, value, commands, scheduled=scheduled)
     try:
         previous = steps.promote(name, version)
     except ConflictError:
@@ -566,6 +598,7 @@ __all__ = [
     "load_schedule",
     "parse_every",
     "plan",
+    "resume_command",
     "rotate",
     "run_command",
 ]
