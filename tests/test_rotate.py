@@ -225,6 +225,8 @@ def test_the_aws_store_rotates_with_its_staging_labels(moto_endpoint: str) -> No
     store = make()
     store.put("db/app", b"one")
     staged = store.stage("db/app", b"two")
+    with pytest.raises(ConflictError, match="--set-command/--test-command of the rotation that started it"):
+        store.stage("db/app", b"three")
     raw = store._client.describe_secret(SecretId=store.aws_name("db/app"))["VersionIdsToStages"]
     assert ["AWSPENDING"] in raw.values()
     store.promote("db/app", staged.version)
@@ -533,7 +535,12 @@ def test_a_rotation_started_while_another_is_in_progress_exits_7_and_runs_nothin
     assert inner_exit.read_text().strip() == "7"
     inner_stderr = (tmp_path / "inner-stderr").read_text()
     assert inner_stderr.count("\n") == 1 and "a rotation of 'db/app' is in progress" in inner_stderr
-    assert "--resume" in inner_stderr and "--discard" in inner_stderr
+    # Not a bare --resume, which would promote a value nothing has set at the target.
+    assert (
+        "finish it by running 'secrets-manager rotate db/app --resume' with the "
+        "--set-command/--test-command of the rotation that started it (a schedule resumes its own), "
+        "or drop it with 'secrets-manager rotate db/app --discard'"
+    ) in inner_stderr
     assert not marker.exists()
     assert cli.labels() == {"current": 2, "previous": 1}
     assert [v["version"] for v in json.loads(cli("history", "db/app", "--json").stdout)["versions"]] == [1, 2]

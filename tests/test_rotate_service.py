@@ -167,6 +167,7 @@ def test_a_stage_while_a_rotation_is_in_progress_is_aborted_and_changes_nothing(
     assert caught.value.code() is grpc.StatusCode.ABORTED
     details = str(caught.value.details())
     assert f"a rotation of 'db/app' is in progress (version {first} is pending)" in details
+    assert "'secrets-manager rotate db/app --resume' with the --set-command/--test-command of the " in details
     assert "SECOND-STAGED-VALUE" not in details
     assert labels(server) == {"current": 1, "pending": first}
     stages = [r for r in server.audit_records() if r["operation"] == "rotate.stage"]

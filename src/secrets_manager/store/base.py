@@ -228,11 +228,14 @@ class AuditedStore(SecretStore, Protocol):
 def refuse_if_rotating(name: str, pending: int | None, current: int | None) -> None:
     """RotationInProgressError if a rotation of `name` is in progress: `pending` on a version that is not
     current. (Pending on the current version is a finished promote on a store that moves labels
-    one call at a time, as AWS does.)"""
+    one call at a time, as AWS does.) The message cannot name that rotation's commands, which the
+    store never sees, but must ask for them: a resume without them would promote a value nothing
+    has set at the target."""
     if pending is not None and pending != current:
         raise RotationInProgressError(
-            f"a rotation of {name!r} is in progress (version {pending} is pending); finish it with "
-            f"'secrets-manager rotate {name} --resume' or drop it with "
+            f"a rotation of {name!r} is in progress (version {pending} is pending); finish it by running "
+            f"'secrets-manager rotate {name} --resume' with the --set-command/--test-command of the "
+            "rotation that started it (a schedule resumes its own), or drop it with "
             f"'secrets-manager rotate {name} --discard'"
         )
 
