@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sqlite3
 import string
 import subprocess
@@ -140,6 +141,22 @@ def test_default_kdf_profile_is_rfc9106_second_recommendation(cli: Cli) -> None:
 
 def test_commands_on_a_missing_store_say_how_to_create_one(cli: Cli) -> None:
     assert_one_line_error(cli("list"), 3, "init")
+
+
+def test_the_missing_store_message_gives_the_init_command_for_that_store(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bare 'secrets-manager init' creates the default store, not the one that was missing."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my dir").mkdir(mode=0o700)
+    relative = "my dir/secrets.db"
+    result = cli("list", env={"SECRETS_MANAGER_STORE": relative})
+    command = f"secrets-manager --store '{tmp_path / relative}' init"
+    assert_one_line_error(result, 3, f"no store at {relative}; create one with '{command}'")
+    # Followed as printed (cheap KDF for the test), it creates that store.
+    created = cli(*shlex.split(command)[1:], "--kdf-profile", "test", env={"SECRETS_MANAGER_STORE": None})
+    assert created.code == 0, created.stderr
+    assert cli("list", env={"SECRETS_MANAGER_STORE": relative}).code == 0
 
 
 # ---- store / get ------------------------------------------------------------------------------

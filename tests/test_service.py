@@ -488,6 +488,21 @@ def test_a_server_that_cannot_start_says_why_in_one_line(
         assert serve == [("serve", "pending"), ("serve", "storage_error")]
 
 
+def test_serve_on_a_missing_store_names_the_config_setting_and_the_init_command(tmp_path: Path) -> None:
+    """--store cannot help (the config's store wins over it), and a bare init creates another store."""
+    make_pki(tmp_path)
+    make_store(tmp_path, {"auth/DB_PASSWORD": b"auth-db-pass"}, POLICY)
+    tls_table = "".join(f'{key} = "{value}"\n' for key, value in _TLS.items())
+    config = tmp_path / "server.toml"
+    config.write_text(f'listen = "127.0.0.1:0"\nstore = "new.db"\npolicy = "policy.toml"\n[tls]\n{tls_table}')
+    result = _serve(tmp_path, config)
+    stderr = result.stderr.decode()
+    assert result.returncode == 3 and stderr.count("\n") == 1, stderr
+    assert f"no store at {tmp_path / 'new.db'} (the store setting of {config})" in stderr
+    assert f"'secrets-manager --store {tmp_path / 'new.db'} init'" in stderr
+    assert f"or set store in {config}" in stderr and "--store with" not in stderr
+
+
 def test_a_server_config_that_is_a_directory_is_refused_in_one_line(tmp_path: Path) -> None:
     result = _serve(tmp_path, tmp_path)  # IsADirectoryError before
     stderr = result.stderr.decode()

@@ -482,8 +482,9 @@ def test_several_handles_may_create_the_same_store_at_once(place: Place) -> None
 def test_opening_a_schema_without_a_store_is_not_found_and_creates_nothing(
     place: Place, postgres_cluster: PostgresCluster
 ) -> None:
-    with pytest.raises(NotFoundError, match=r"no store at postgresql://sm_test@127\.0\.0\.1"):
+    with pytest.raises(NotFoundError, match=r"no store at postgresql://sm_test@127\.0\.0\.1") as caught:
         place.open()
+    assert "create one with 'secrets-manager --store 'postgresql://sm_test@127.0.0.1:" in str(caught.value)
     with postgres_cluster.connect() as conn:
         assert (
             conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (place.schema,)).fetchone() is None

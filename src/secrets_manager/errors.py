@@ -6,6 +6,7 @@
     │   ├── CertificateNotYetValidError exit 2   a TLS certificate whose validity starts later
     │   └── UnsupportedOperationError   exit 2   the store cannot do this (e.g. AWS: destroy one version)
     ├── NotFoundError                   exit 3   no such store, secret, version or label
+    │   └── StoreNotFoundError          exit 3   no store at the path or database the URL names
     ├── UnlockError                     exit 4   wrong or missing master password
     │   └── MissingCredentialsError     exit 4   no Vault token or AWS credentials to present
     ├── AccessDeniedError               exit 5   the caller may not do this
@@ -26,6 +27,7 @@ secrets (names are not secret) and say what to do next.
 
 from __future__ import annotations
 
+import shlex
 from datetime import datetime
 
 
@@ -67,6 +69,20 @@ class NotFoundError(SecretsManagerError):
 
     exit_code = 3
     kind = "not_found"
+
+
+class StoreNotFoundError(NotFoundError):
+    """No store where the URL points. `location` is where (never a password); `init_command` is
+    the exact command that creates one there, so a caller that knows better advice (serve: the
+    config's `store`) can say it without parsing the message."""
+
+    def __init__(self, location: str, store_argument: str) -> None:
+        self.location = location
+        self.init_command = f"secrets-manager --store {shlex.quote(store_argument)} init"
+        super().__init__(
+            f"no store at {location}; create one with '{self.init_command}', "
+            "or pass --store with the store you meant"
+        )
 
 
 class UnlockError(SecretsManagerError):

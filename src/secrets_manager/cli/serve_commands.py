@@ -12,7 +12,7 @@ import click
 from secrets_manager.audit import AuditLog
 from secrets_manager.cli.app import Session, cli, pass_session
 from secrets_manager.cli.password import read_password_file
-from secrets_manager.errors import SecretsManagerError
+from secrets_manager.errors import NotFoundError, SecretsManagerError, StoreNotFoundError
 from secrets_manager.service import load_config, run_server
 from secrets_manager.service.server import configure_logging
 from secrets_manager.store.url import default_audit_path, open_store
@@ -49,15 +49,24 @@ def serve(session: Session, config_path: str) -> None:
         config.audit_file or default_audit_path(store_url),
         flush_interval=config.audit_sync_interval_ms / 1000,
     )
-    store = open_store(
-        store_url,
-        password,
-        environment=session.environment,
-        actor=session.actor,
-        audit_path=audit.path,
-        # A file is read again after another process ran passwd and 'keys rotate --root'.
-        password_rereadable=password_file is not None or session.password_from_file,
-    )
+    try:
+        store = open_store(
+            store_url,
+            password,
+            environment=session.environment,
+            actor=session.actor,
+            audit_path=audit.path,
+            # A file is read again after another process ran passwd and 'keys rotate --root'.
+            password_rereadable=password_file is not None or session.password_from_file,
+        )
+    except StoreNotFoundError as exc:
+        if config.store is None:
+            raise
+        # --store cannot help here: the config's store wins over it.
+        raise NotFoundError(
+            f"no store at {exc.location} (the store setting of {config_path}); create one with "
+            f"'{exc.init_command}', or set store in {config_path} to the store you meant"
+        ) from None
     try:
         # As for a change: a durable request record first (a log that cannot be written stops the
         # start), then the outcome: ok once the server listens, or why it could not start.

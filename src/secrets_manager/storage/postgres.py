@@ -55,7 +55,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
-from secrets_manager.errors import ConflictError, NotFoundError, StorageError, StoreBusyError
+from secrets_manager.errors import ConflictError, StorageError, StoreBusyError, StoreNotFoundError
 from secrets_manager.storage.base import (
     ABSENT,
     Change,
@@ -268,9 +268,7 @@ class PostgresStorage:
         """Refuse a database that holds no store, someone else's tables, or a newer schema.
         Opening writes nothing."""
         if conn.execute(self._q.table_exists, (self.schema,)).fetchone() is None:
-            raise NotFoundError(
-                f"no store at {self.location}; create one with 'secrets-manager init' or pass --store"
-            )
+            raise StoreNotFoundError(self.location, self.location)
         try:
             row = conn.execute(self._q.read_meta_header).fetchone()
         except psycopg.errors.UndefinedColumn:

@@ -20,9 +20,9 @@ from pathlib import Path
 from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
-    NotFoundError,
     StorageError,
     StoreBusyError,
+    StoreNotFoundError,
 )
 from secrets_manager.storage.base import (
     ABSENT,
@@ -68,9 +68,7 @@ class SqliteStorage:
         if create:
             _create_private_file(self.path)
         elif not self.path.exists():
-            raise NotFoundError(
-                f"no store at {self.path}; create one with 'secrets-manager init' or pass --store"
-            )
+            raise StoreNotFoundError(str(self.path), str(self.path.absolute()))
         # Reentrant: a read by the thread that holds a snapshot or a transaction of this handle
         # runs inside it (the store adopts a rotated root key while decoding a snapshot).
         self._lock = threading.RLock()

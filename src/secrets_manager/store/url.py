@@ -40,6 +40,7 @@ from secrets_manager.errors import (
     InvalidInputError,
     NotFoundError,
     StorageError,
+    StoreNotFoundError,
     UnsafeConfigurationError,
     UnsupportedOperationError,
 )
@@ -678,9 +679,8 @@ def _open_encrypted(
             location = postgres_location(url)
             if location is None:
                 raise
-            raise NotFoundError(  # the tables are there (an interrupted init?) but no store header
-                f"no store at {location.display}; create one with 'secrets-manager init'"
-            ) from None
+            # The tables are there (an interrupted init?) but no store header.
+            raise StoreNotFoundError(location.display, location.display) from None
         return open_with(storage, kind)
     except BaseException:
         storage.close()
