@@ -204,6 +204,15 @@ def test_a_missing_backup_password_file_exits_4(cli: Cli, copy_file: Path) -> No
     assert_one_line_error(result, 4, "backup password file", "does not exist")
 
 
+def test_backup_help_shows_how_to_back_up(tmp_path: Path) -> None:
+    """`backup --help` is where a user looks for `backup FILE`'s options, not `backup create --help`."""
+    shown = Cli(tmp_path).ok("backup", "--help").out
+    assert "Usage: secrets-manager backup FILE [--backup-password-file PATH] [--force]" in shown
+    assert "secrets-manager backup verify FILE" in shown
+    for option in ("--backup-password-file PATH", "--force", "--out FILE"):
+        assert option in shown
+
+
 def test_backup_out_is_the_same_as_file(cli: Cli) -> None:
     cli.ok("backup", "--out", str(cli.tmp / "out.smbackup"))
     assert "3 secrets" in cli.ok("backup", "verify", str(cli.tmp / "out.smbackup")).out

@@ -56,17 +56,36 @@ password_file_option = click.option(
 
 
 class _BackupGroup(click.Group):
-    """`backup FILE` is short for `backup create FILE`; `backup verify FILE` checks a backup."""
+    """`backup FILE` is short for `backup create FILE`; `backup verify FILE` checks a backup.
+
+    Its --help shows `backup FILE` and create's options, the form the README and most users type,
+    rather than a bare group whose options are only under `backup create --help`."""
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if not args or (args[0] not in self.commands and args[0] not in ctx.help_option_names):
             args = ["create", *args]
         return super().parse_args(ctx, args)
 
+    def format_usage(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        formatter.write_usage(ctx.command_path, "FILE [--backup-password-file PATH] [--force]")
+        formatter.write_usage(ctx.command_path, "verify FILE [OPTIONS]", prefix="   or: ")
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        create_command = self.commands["create"]
+        create_ctx = click.Context(create_command, info_name="create", parent=ctx)
+        rows = [
+            row
+            for param in create_command.get_params(create_ctx)
+            if isinstance(param, click.Option) and (row := param.get_help_record(create_ctx)) is not None
+        ]
+        with formatter.section("Options of backup FILE (the same as 'backup create FILE')"):
+            formatter.write_dl(rows)
+        self.format_commands(ctx, formatter)
+
 
 @cli.group(cls=_BackupGroup)
 def backup() -> None:
-    """Write a backup of the store to a file (backup FILE), or check one (backup verify FILE).
+    """Write a backup of the store to FILE (backup FILE), or check one (backup verify FILE).
 
     \b
     secrets-manager backup store.smbackup                  opens with the master password
