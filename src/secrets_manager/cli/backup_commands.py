@@ -16,6 +16,7 @@ docs/backup-format.md; the work is in store/backup.py and store/restore.py. FILE
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -232,10 +233,13 @@ def restore(
             result = restore_into(store, checked.secrets, on_existing=mode, progress=report)
             records += [*_secret_records(event, store, checked.secrets, result), event]
         where = "the store" if session.needs_password else f"the store {display_url(session.store_url)}"
+    # NAME<TAB>overwritten / NAME<TAB>skipped: in a pipe the bare token, for `cut -f2`; a
+    # terminal also gets what it means.
+    explained = sys.stdout.isatty()
     for name in result.overwritten:
-        click.echo(f"{name}\toverwritten (its versions now are the backup's)")
+        click.echo(f"{name}\toverwritten" + (" (its versions now are the backup's)" if explained else ""))
     for name in result.skipped:
-        click.echo(f"{name}\tskipped (it exists)")
+        click.echo(f"{name}\tskipped" + (" (it exists)" if explained else ""))
     info_line(f"restored {_restored(result)} into {where}")
     if result.overwritten:
         info_line(
