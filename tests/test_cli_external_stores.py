@@ -197,6 +197,13 @@ def check_import_metadata_and_status(cli: Cli, tmp_path: Path, kind: str) -> Non
     assert (doc["description"], doc["tags"], doc["current_version"]) == ("from .env", {"team": "t"}, 1)
     assert cli("list", "--tag", "team=t", "--description", "FROM").out == "imp/A\n"
     assert cli("list", "--tag", "team").out == "imp/A\n" and cli("list", "--tag", "team=u").out == ""
+    # When a lower max_versions takes effect depends on the store: AWS only filters what we show.
+    limited = cli("metadata", "imp/A", "--max-versions", "3")
+    assert limited.code == 0, limited.stderr
+    if kind == "aws-secretsmanager":
+        assert "versions past it are hidden at once" in limited.stderr and "next write" not in limited.stderr
+    else:
+        assert "the next write prunes the oldest unlabelled versions past it" in limited.stderr
     status = json.loads(cli("status", "--json").out)
     assert (status["kind"], status["unlocked_by"], status["secrets"]) == (kind, "backend credentials", 2)
     assert status["audit_verified"] is True and status["recovery_shares"] is None

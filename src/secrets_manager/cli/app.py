@@ -74,6 +74,7 @@ from secrets_manager.store.base import (
     MIN_MAX_VERSIONS,
     AuditedStore,
     checked_max_versions,
+    max_versions_hide_at_once,
 )
 from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import validate_prefix
@@ -862,7 +863,7 @@ def history(session: Session, name: str, as_json: bool) -> None:
     type=int,
     metavar="N",
     help=f"Keep at most N versions ({MIN_MAX_VERSIONS} to {MAX_MAX_VERSIONS}); if fewer than are kept now, "
-    "the oldest unlabelled ones go at the next write.",
+    "the oldest unlabelled ones go at the next write (on AWS they are hidden at once).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON (never values).")
 @pass_session
@@ -903,8 +904,20 @@ def metadata_command(
         *([f"{len(set(untags))} tag(s) removed"] if untags else []),
         *([] if max_versions is None else [f"max versions set to {max_versions}"]),
     ]
-    pruning = "" if max_versions is None else "; the next write prunes the oldest unlabelled versions past it"
+    pruning = _pruning(store, max_versions)
     info_line(f"updated the metadata of {name}: {', '.join(changed)} (no new version{pruning})")
+
+
+def _pruning(store: SecretStore, max_versions: int | None) -> str:
+    """When a new max_versions takes effect, which depends on the store."""
+    if max_versions is None:
+        return ""
+    if max_versions_hide_at_once(store):
+        return "; versions past it are hidden at once (AWS keeps them: a higher limit shows them again)"
+    at_next_write = "; the next write prunes the oldest unlabelled versions past it"
+    if isinstance(store, RemoteStore):  # the service's store is not known here
+        return f"{at_next_write} (a service on AWS hides them at once)"
+    return at_next_write
 
 
 def parse_tag_filters(tags: tuple[str, ...]) -> list[tuple[str, str | None]]:

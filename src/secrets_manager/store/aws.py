@@ -276,6 +276,8 @@ class AwsStore:
     unsupported_capabilities: ClassVar[frozenset[Capability]] = frozenset(
         {Capability.DESTROY_VERSION, Capability.EMPTY_VALUE, Capability.METADATA_AT_LIMITS}
     )
+    # AWS keeps old versions itself; max_versions only filters what we show (see the module docstring).
+    max_versions_hide_at_once: ClassVar[bool] = True
 
     def __init__(
         self,

@@ -58,6 +58,13 @@ class Capability(enum.StrEnum):
     METADATA_AT_LIMITS = "metadata-at-limits"
 
 
+def max_versions_hide_at_once(store: object) -> bool:
+    """Whether a lower max_versions hides the versions past it at once (AWS, which keeps old
+    versions itself: the limit only filters what we show) rather than from the next write on,
+    as Vault and our encrypted store prune. A store says so in `max_versions_hide_at_once`."""
+    return bool(getattr(store, "max_versions_hide_at_once", False))
+
+
 def unsupported_capabilities(store: object) -> frozenset[Capability]:
     """The capabilities `store` declares it lacks (none, unless it says so)."""
     declared: Iterable[str] = getattr(store, "unsupported_capabilities", frozenset())
