@@ -952,6 +952,44 @@ def test_a_table_on_a_terminal_escapes_control_characters_and_ignores_markup(
     assert "[/bold] [red]not markup" in out
 
 
+def _on_an_80_column_terminal(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
+) -> list[str]:
+    """The command's table as an 80-column terminal shows it (rich), without styling."""
+    capsys.readouterr()
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    monkeypatch.setenv("COLUMNS", "80")
+    monkeypatch.setenv("TERM", "dumb")  # no colour codes in the captured text
+    assert run_in_process(cli, monkeypatch, *args) == 0
+    return [line.rstrip() for line in capsys.readouterr().out.splitlines()]
+
+
+def test_tables_on_a_terminal_never_cut_names_or_times(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """At 80 columns `list --long` showed `market-connector/BINANCE_AP…` beside an empty
+    DESCRIPTION, and `audit show` `2026-11-…` and `market-co…`: an empty column is left out and free
+    text folds, and names and times are whole even if the table must be wider than the terminal."""
+    names = ["market-connector/BINANCE_API_KEY", "market-connector/BINANCE_SECRET_KEY_FOR_FUTURES"]
+    for name in names:
+        assert ready("store", name, input=b"v").code == 0
+    listed = _on_an_80_column_terminal(ready, monkeypatch, capsys, "list", "market-connector/", "--long")
+    assert listed[0].split() == ["NAME", "VERSION", "UPDATED", "STATE"], listed  # no empty DESCRIPTION
+    assert [line.split()[0] for line in listed[1:]] == names, listed
+    assert not any("\u2026" in line for line in listed), listed
+    assert ready("metadata", names[1], "--description", "words " * 30).code == 0
+    described = _on_an_80_column_terminal(ready, monkeypatch, capsys, "list", "market-connector/", "--long")
+    assert [line.split()[0] for line in described[1:3]] == names, described  # the description folds
+    assert described[0].split()[-1] == "DESCRIPTION" and described[2].split()[-1] == "words", described
+    records = [
+        json.loads(line) for line in ready.store.with_name("store.audit.jsonl").read_text().splitlines()
+    ]
+    shown = _on_an_80_column_terminal(ready, monkeypatch, capsys, "audit", "show", "--last", "3")
+    assert not any("\u2026" in line for line in shown), shown
+    for record, line in zip(records[-3:], shown[-3:], strict=True):
+        assert record["time"] in line.split() and (record["name"] or "") in [*line.split(), ""], line
+
+
 # ---- bad input found by exploratory testing: one line, never "internal error" -------------------
 
 

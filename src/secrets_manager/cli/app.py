@@ -818,6 +818,7 @@ def list_command(
                 ]
                 for meta in secrets
             ],
+            free_text=["DESCRIPTION"],
         )
     else:
         for meta in secrets:
@@ -848,6 +849,7 @@ def history(session: Session, name: str, as_json: bool) -> None:
             ]
             for v in meta.versions
         ],
+        free_text=["CREATED BY"],
     )
 
 

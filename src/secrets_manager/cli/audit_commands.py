@@ -101,6 +101,7 @@ def show(
             ]
             for r in selected
         ],
+        free_text=["ACTOR", "SOURCE"],
     )
 
 

@@ -17,7 +17,7 @@ import json
 import re
 import sys
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -74,19 +74,47 @@ def print_json(doc: Any) -> None:
     click.echo(_JSON_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text))
 
 
-def print_table(columns: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-    if sys.stdout.isatty():
-        from rich.console import Console
-        from rich.table import Table
-        from rich.text import Text
+FREE_TEXT_MIN_WIDTH = 12  # a free-text column folds down to this before a table grows wider
 
-        table = Table(*columns, box=None, header_style="bold", pad_edge=False)
-        for row in rows:
-            table.add_row(*(Text(printable(cell)) for cell in row))  # Text: no markup in cells
-        Console().print(table)
-    else:
+
+def print_table(
+    columns: Sequence[str], rows: Sequence[Sequence[str]], *, free_text: Collection[str] = ()
+) -> None:
+    """Rows as plain tab-separated lines in a pipe; on a terminal a rich table that cuts no cell.
+
+    On a terminal, a column with no text in any row is left out; the `free_text` columns (a
+    description, an author) fold onto more lines to fit, down to FREE_TEXT_MIN_WIDTH; every other
+    column (names, times, versions) keeps its full width. A table that still does not fit is
+    printed wider than the terminal, which wraps its lines: better than a name cut to `market-co…`."""
+    if not sys.stdout.isatty():
         for row in rows:
             click.echo("\t".join(printable(cell) for cell in row))
+        return
+    from rich.cells import cell_len
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    cells = [[printable(cell) for cell in row] for row in rows]
+    shown = [i for i in range(len(columns)) if not cells or any(row[i] for row in cells)]
+    natural = {i: max(cell_len(columns[i]), *(cell_len(row[i]) for row in cells)) for i in shown}
+    folding = [i for i in shown if columns[i] in free_text]
+    fixed = sum(natural[i] for i in shown if i not in folding) + 2 * (len(shown) - 1)  # padding: 1 a side
+    console = Console()
+    least = fixed + sum(min(natural[i], FREE_TEXT_MIN_WIDTH) for i in folding)
+    if console.width < least:  # with the height too, or rich keeps a dumb terminal's 80 columns
+        console = Console(width=least, height=console.height)
+    widths = dict(natural)
+    room = console.width - fixed
+    for count, i in enumerate(sorted(folding, key=natural.__getitem__)):  # narrowest first
+        widths[i] = min(natural[i], max(room // (len(folding) - count), FREE_TEXT_MIN_WIDTH))
+        room -= widths[i]
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for i in shown:
+        table.add_column(columns[i], width=widths[i], no_wrap=i not in folding, overflow="fold")
+    for row in cells:
+        table.add_row(*(Text(row[i]) for i in shown))  # Text: no markup in cells
+    console.print(table)
 
 
 @contextmanager

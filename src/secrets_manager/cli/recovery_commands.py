@@ -171,6 +171,7 @@ def status(session: Session, as_json: bool) -> None:
                     setup.fingerprint,
                 ]
             ],
+            free_text=["public key (SHA-256)"],
         )
 
 
