@@ -571,6 +571,20 @@ def test_status_shows_the_store_at_a_glance_and_exits_6_when_the_audit_log_does_
     assert_one_line_error(ready("status", env={"SECRETS_MANAGER_ADDR": "127.0.0.1:1"}), 2, "status")
 
 
+def test_status_says_where_the_store_is_for_the_default_and_a_relative_store(
+    cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said 'the default store' (and a relative path as given), not where the file is."""
+    default = tmp_path / ".local" / "share" / "secrets-manager" / "secrets.db"  # HOME is tmp_path
+    monkeypatch.chdir(tmp_path)
+    for store, path in ((None, default), ("rel.db", tmp_path / "rel.db")):
+        env = {"SECRETS_MANAGER_STORE": store}
+        assert cli("init", "--kdf-profile", "test", env=env).code == 0
+        lines = dict(line.split(":", 1) for line in cli("status", env=env).out.splitlines())
+        assert lines["store"].strip() == f"{path} (sqlite)"
+        assert json.loads(cli("status", "--json", env=env).out)["store"] == str(path)
+
+
 # ---- delete / undelete / destroy -------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from secrets_manager.store.url import (
     display_url,
     external_location,
     postgres_location,
+    sqlite_path,
 )
 
 
@@ -35,7 +36,7 @@ def status(session: Session, as_json: bool) -> None:
     Exit 6 if the audit log does not verify."""
     session.require_local("status")
     doc: dict[str, Any] = {
-        "store": display_url(session.store_url),
+        "store": _where(session.store_url),
         "kind": _kind(session.store_url),
         "environment": session.environment.value,
         "audit_file": str(session.audit_path),
@@ -82,6 +83,14 @@ def status(session: Session, as_json: bool) -> None:
         _print(doc, audit_problem)
     if audit_problem is not None:
         raise IntegrityError(f"the audit log does not verify: {audit_problem}")
+
+
+def _where(url: str | None) -> str:
+    """Where the store is: a store file's absolute path (the default store's too), else its URL
+    without secrets."""
+    if _kind(url) == "sqlite":
+        return str(sqlite_path(url).absolute())
+    return display_url(url)
 
 
 def _kind(url: str | None) -> str:
