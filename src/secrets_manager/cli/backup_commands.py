@@ -138,8 +138,9 @@ def create(
 @pass_session
 def verify(session: Session, file: str, backup_password_file: str | None, as_json: bool) -> None:
     """Check that FILE is a complete, intact backup, without restoring it: exit 0 with its counts,
-    6 if it is damaged, 4 for a wrong password. A backup made without --backup-password-file
-    opens with the master password the store had when it was taken."""
+    6 if it is damaged or cut short, 4 for a wrong password, 2 if a newer secrets-manager wrote it
+    (upgrade to read it). A backup made without --backup-password-file opens with the master
+    password the store had when it was taken."""
     path = _file_argument(file, "backup verify")
     header = read_backup_header(path)
     password = _backup_password(session, path, header.kind, backup_password_file)

@@ -35,7 +35,8 @@ def policy() -> None:
 @policy.command("check")
 @click.argument("policy_file", metavar="POLICY_FILE", type=_POLICY_FILE)
 def check(policy_file: Path) -> None:
-    """Parse POLICY_FILE as `serve` and SIGHUP would: exit 0 with a summary, or 2 naming the problem.
+    """Parse POLICY_FILE as `serve` and SIGHUP would: exit 0 with a summary, 2 naming the problem,
+    3 if the file does not exist.
 
     Roles no identity holds are warned about (often a typo in [identities]), and identities no
     client certificate can present. [revoked] entries must be serial numbers or SHA-256
