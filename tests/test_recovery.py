@@ -154,7 +154,11 @@ def test_too_few_mistyped_repeated_or_foreign_shares_are_refused_without_quoting
         (list(new.mnemonics[:2]), InvalidInputError, "2 recovery share(s) given; this set needs 3"),
         ([typo, *new.mnemonics[1:3]], InvalidInputError, "share 1: not a valid recovery share"),
         ([new.mnemonics[1], swapped, new.mnemonics[2]], InvalidInputError, "share 2: not a valid"),
-        ([new.mnemonics[0], new.mnemonics[0], new.mnemonics[1]], InvalidInputError, "given twice"),
+        (
+            [new.mnemonics[1], new.mnemonics[0], new.mnemonics[1]],
+            InvalidInputError,
+            "share 3 is the same recovery share as share 1",
+        ),
         ([], InvalidInputError, "no recovery shares given"),
     ]
     other_storage = SqliteStorage(tmp_path / "other.db", create=True)

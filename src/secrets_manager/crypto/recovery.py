@@ -96,8 +96,13 @@ def combine_recovery_shares(mnemonics: Sequence[str]) -> bytes:
                 f"(set {other.identifier:05d}, not {first.identifier:05d})"
             )
     normalised = [_normalised(m) for m in mnemonics]
-    if len(set(normalised)) != len(normalised):
-        raise InvalidInputError("the same recovery share was given twice: give distinct shares")
+    first_seen: dict[str, int] = {}
+    for position, mnemonic in enumerate(normalised, 1):
+        earlier = first_seen.setdefault(mnemonic, position)
+        if earlier != position:
+            raise InvalidInputError(
+                f"share {position} is the same recovery share as share {earlier}: give distinct shares"
+            )
     if len(normalised) < first.threshold:
         raise InvalidInputError(
             f"{len(normalised)} recovery share(s) given; this set needs {first.threshold}"
