@@ -426,6 +426,15 @@ def test_metadata_shows_and_changes_description_and_tags_without_a_new_version(r
     doc = json.loads(ready("metadata", "svc/META", "--json").out)
     assert (doc["description"], doc["tags"], doc["current_version"]) == ("", {"env": "prod"}, 1)
     assert ready("get", "svc/META").out == "a\n"
+    # An --untag of a tag the secret does not have says so; it said "1 tag(s) removed".
+    absent = ready("metadata", "svc/META", "--untag", "owner", "--untag", "env")
+    assert absent.code == 0, absent.stderr
+    assert absent.stderr == (
+        "secrets-manager: updated the metadata of svc/META: 1 tag(s) removed, no tag 'owner' to remove "
+        "(it was not there) (no new version)\n"
+    )
+    assert json.loads(ready("metadata", "svc/META", "--json").out)["tags"] == {}
+    assert ready("metadata", "svc/META", "--tag", "env=prod").code == 0
     before = ready("metadata", "svc/META", "--json").out
     for args, code, needle in (
         (["--json", "--tag", "a=b"], 2, "--json shows the metadata"),

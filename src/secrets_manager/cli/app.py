@@ -896,14 +896,21 @@ def metadata_command(
         )
     set_tags = parse_tags(tags)
     checked_max_versions(name, max_versions)
+    absent: list[str] | None = None  # the --untag keys the secret did not have; None: not known
     with session.secret_operation("metadata", name, mutating=True) as (store, _):
+        if untags and not isinstance(store, RemoteStore):  # a service's describe needs `list`
+            tags_before = store.describe(name).tags
+            absent = sorted({key for key in untags if key not in tags_before})
         store.update_metadata(
             name, description=description, set_tags=set_tags, remove_tags=untags, max_versions=max_versions
         )
+    removed = len(set(untags)) - len(absent or [])
     changed = [
         *([] if description is None else ["description cleared" if not description else "description set"]),
         *([f"{len(set_tags)} tag(s) set"] if set_tags else []),
-        *([f"{len(set(untags))} tag(s) removed"] if untags else []),
+        *([f"{removed} tag(s) removed"] if removed else []),
+        *([f"no tag {', '.join(map(repr, absent))} to remove (it was not there)"] if absent else []),
+        *(["a tag not set is ignored"] if untags and absent is None else []),
         *([] if max_versions is None else [f"max versions set to {max_versions}"]),
     ]
     pruning = _pruning(store, max_versions)
