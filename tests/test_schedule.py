@@ -411,6 +411,22 @@ def _wait_for(condition: Callable[[], bool], seconds: float = 20) -> None:
         time.sleep(0.05)
 
 
+def test_the_rotation_counts_start_at_zero_when_a_schedule_is_in_force(tmp_path: Path) -> None:
+    """Without a series until the first rotation, an absent() alert fired for weeks."""
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path, {"db/app": b"first-app-value-SEEKRIT"})
+    schedule = write_schedule(
+        tmp_path / "rotation.toml", {"name": "db/app", "every": "30d", "set_command": "true"}
+    )
+    server = _serve_with_schedule(tmp_path, "server", schedule, metrics=True)
+    try:
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read()
+    finally:
+        server.stop()
+    for outcome in ("rotated", "resumed", "failed"):
+        assert f'secrets_manager_scheduled_rotations_total{{outcome="{outcome}"}} 0.0'.encode() in metrics
+
+
 def test_the_service_rotates_on_its_schedule_and_audits_every_step(tmp_path: Path) -> None:
     make_pki(tmp_path, ("ops",))
     make_store(tmp_path, {"db/app": b"first-app-value-SEEKRIT"})

@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from secrets_manager.errors import StorageError
 
+ROTATION_OUTCOMES = ("rotated", "resumed", "failed")
+
 
 class Metrics:
     """Own registry per server, exposed on `listen` (HOST:PORT) when given."""
@@ -71,9 +73,16 @@ class Metrics:
         counter.inc()
         histogram.observe(elapsed)
 
+    def start_rotation_counts(self) -> None:
+        """Show every outcome's count at 0 while a schedule is in force: a series that appears
+        only at the first rotation (weeks later) makes `absent()` alerts fire, and `increase()`
+        miss that first one."""
+        for outcome in ROTATION_OUTCOMES:
+            self.scheduled_rotations.labels(outcome)
+
     def count_rotation(self, outcome: str) -> None:
         """Count a scheduled rotation that ran (a skipped or not-due entry is not counted)."""
-        if outcome in ("rotated", "resumed", "failed"):
+        if outcome in ROTATION_OUTCOMES:
             self.scheduled_rotations.labels(outcome).inc()
 
     def count_watch_streams(self, open_streams: Callable[[], int]) -> None:

@@ -624,6 +624,7 @@ def run_server(
             if outcome in ("rotated", "resumed"):
                 running.servicer.watch_hub.poke()
 
+        running.metrics.start_rotation_counts()
         scheduler.start(after_scheduled)
         log.info(
             "rotation schedule in force",
