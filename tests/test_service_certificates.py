@@ -123,6 +123,27 @@ def test_a_half_written_renewal_is_rejected_and_the_certificate_in_force_stays(s
     assert server.stub("auth").GetSecret(READ, timeout=10).secret.name == READ.name
 
 
+def test_a_renewal_not_valid_yet_is_used_once_it_is_valid_without_another_sighup(server: Server) -> None:
+    """An issuer that does not backdate (or this clock a little behind): the reload refuses the
+    certificate until its notBefore, keeps the one in force, then takes it on its own."""
+    ca = ((server.dir / "ca.pem").read_bytes(), (server.dir / "ca-key.pem").read_bytes())
+    starts = datetime.now(UTC) + timedelta(seconds=2)
+    cert, key = pki.issue(*ca, "server", server=True, not_before=starts)
+    old_serial = serial_of(server.dir / "server.pem")
+    replace_file(server.dir / "server-key.pem", key)
+    replace_file(server.dir / "server.pem", cert)
+    sighup_and_wait_for(
+        server, "TLS reload rejected; the certificate in force stays until the new one is valid"
+    )
+    assert presented_serial(server) == old_serial
+    assert eventually(
+        lambda: any("TLS certificate reloaded" in line for line in server.log_lines), timeout=15
+    )
+    renewed = x509.load_pem_x509_certificate(cert)
+    assert datetime.now(UTC) >= renewed.not_valid_before_utc  # not before it was valid
+    assert presented_serial(server) == renewed.serial_number
+
+
 def test_sighup_trusts_a_client_ca_added_to_the_file(server: Server) -> None:
     """CA rotation: the new CA is added beside the old one; its clients are accepted after SIGHUP."""
     foreign = server.channel("foreign")  # ops's certificate from another CA

@@ -9,7 +9,9 @@ a new one only once after a reload.
 
 A reload is checked as the start is (`read_server_tls`): a renewal caught half-written (the new
 certificate beside the old key), an expired certificate or a file that does not parse is rejected
-with one log line, and the files in force stay in force, as for a policy that does not parse.
+with one log line, and the files in force stay in force, as for a policy that does not parse. A
+certificate refused only because it is not valid yet is tried again once it is (`retry_due`,
+polled by serve's main loop), without another SIGHUP.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from secrets_manager.errors import SecretsManagerError
+from secrets_manager.errors import CertificateNotYetValidError, SecretsManagerError
 from secrets_manager.tls import ServerTlsFiles, read_server_tls
 
 log = logging.getLogger(__name__)
@@ -39,6 +41,9 @@ class ServerCertificates:
         self._lock = threading.Lock()
         self.current: ServerTlsFiles = read_server_tls(*self._paths)  # a bad file stops the start
         self._unsent: ServerTlsFiles | None = None  # reloaded, not yet handed to gRPC
+        # A reload refused only because the new certificate is not valid yet (an issuer that does
+        # not backdate, this clock behind) is tried again from then on, without another SIGHUP.
+        self.retry_at: datetime | None = None
         _warn_if_ending_soon(self.current, cert)
 
     def credentials(self) -> grpc.ServerCredentials:
@@ -50,8 +55,20 @@ class ServerCertificates:
     def reload(self) -> bool:
         """Read the files again; on any error keep the ones in force and log why."""
         cert = self._paths[0]
+        self.retry_at = None
         try:
             files = read_server_tls(*self._paths)
+        except CertificateNotYetValidError as exc:
+            self.retry_at = exc.not_before
+            log.error(
+                "TLS reload rejected; the certificate in force stays until the new one is valid",
+                extra={
+                    "error": str(exc),
+                    "serial": _serial(self.current),
+                    "retry_at": exc.not_before.isoformat(),
+                },
+            )
+            return False
         except SecretsManagerError as exc:
             log.error(
                 "TLS reload rejected; the certificate in force stays",
@@ -70,6 +87,10 @@ class ServerCertificates:
         )
         _warn_if_ending_soon(files, cert)
         return True
+
+    def retry_due(self) -> bool:
+        """Whether a reload refused for a certificate not valid yet should be tried again now."""
+        return self.retry_at is not None and datetime.now(UTC) >= self.retry_at
 
     def not_valid_after(self) -> float:
         """The end of the certificate in force, as a Unix time (the expiry metric)."""

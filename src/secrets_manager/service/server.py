@@ -643,6 +643,8 @@ def run_server(
         if requested.reload:
             requested.reload = False
             _reload(reloadable)
+        elif certificates.retry_due():  # a renewal that was not valid yet at its SIGHUP
+            _reload([certificates])
         time.sleep(SIGNAL_POLL_SECONDS)
     log.info("shutting down", extra={"grace_seconds": config.shutdown_grace_seconds})
     deadline = time.monotonic() + config.shutdown_grace_seconds
