@@ -10,6 +10,7 @@ exit codes, stdin, the audit records, and a KMS store recovered with no AWS at a
 from __future__ import annotations
 
 import base64
+import dataclasses
 import itertools
 import json
 import os
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import shamir_mnemonic
 
 from secrets_manager.crypto import kdf
 from secrets_manager.crypto.recovery import new_recovery_key, recovery_public_key, seal_to_recovery_key
@@ -174,6 +176,24 @@ def test_too_few_mistyped_repeated_or_foreign_shares_are_refused_without_quoting
         assert message in str(caught.value)
         assert not quotes_a_share(str(caught.value), new.mnemonics), str(caught.value)
     assert tmp_store_path.read_bytes() == before
+
+
+def test_an_altered_share_is_named_or_passed_over_when_the_others_suffice(
+    encrypted_store: EncryptedStore, tmp_store_path: Path
+) -> None:
+    """A share changed so that its checksum still holds (re-encoded with another value): among
+    exactly `threshold` shares it is refused as altered; beside a share of the same number it is
+    named; among more shares than the threshold the others open the store."""
+    new = _shares(encrypted_store)
+    honest = shamir_mnemonic.Share.from_mnemonic(new.mnemonics[0])
+    altered = dataclasses.replace(honest, value=bytes(b ^ 0x5A for b in honest.value)).mnemonic()
+    assert shamir_mnemonic.Share.from_mnemonic(altered).index == honest.index  # its checksum holds
+    with pytest.raises(InvalidInputError, match="one of them was altered") as caught:
+        _recover(tmp_store_path, [altered, *new.mnemonics[1:3]])
+    assert "same share number" not in str(caught.value)
+    with pytest.raises(InvalidInputError, match="shares 1 and 4 hold the same share number"):
+        _recover(tmp_store_path, [new.mnemonics[0], *new.mnemonics[1:3], altered])
+    _recover(tmp_store_path, [altered, *new.mnemonics[1:4]]).close()  # 3 good ones of 4 given
 
 
 def test_a_replaced_set_no_longer_opens_and_replacing_must_be_asked_for(

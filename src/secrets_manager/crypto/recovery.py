@@ -10,6 +10,7 @@ root key rotation re-seals the new root key without anyone's shares (docs/format
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -107,12 +108,26 @@ def combine_recovery_shares(mnemonics: Sequence[str]) -> bytes:
         raise InvalidInputError(
             f"{len(normalised)} recovery share(s) given; this set needs {first.threshold}"
         )
-    try:
-        return _checked_key(shamir_mnemonic.combine_mnemonics(normalised[: first.threshold]))
-    except (shamir_mnemonic.MnemonicError, ValueError):
-        raise InvalidInputError(
-            "these recovery shares do not combine (two of them hold the same share number?)"
-        ) from None
+    numbers: dict[int, int] = {}
+    for position, mnemonic in enumerate(normalised, 1):
+        number = shamir_mnemonic.Share.from_mnemonic(mnemonic).index
+        earlier = numbers.setdefault(number, position)
+        if earlier != position:
+            raise InvalidInputError(
+                f"shares {earlier} and {position} hold the same share number but differ: one of them "
+                "was altered (its checksum still holds) or comes from another issue; give another"
+            )
+    # More shares than the threshold: any `threshold` of them rebuild the key, so one altered
+    # share among them does not stop the others. SLIP-0039's digest refuses a wrong combination.
+    for chosen in itertools.combinations(normalised, first.threshold):
+        try:
+            return _checked_key(shamir_mnemonic.combine_mnemonics(list(chosen)))
+        except (shamir_mnemonic.MnemonicError, ValueError):
+            continue
+    raise InvalidInputError(
+        "these recovery shares do not combine: one of them was altered (a word changed so that its "
+        "checksum still holds); try others of the set"
+    )
 
 
 def seal_to_recovery_key(public_key: bytes, plaintext: bytes, info: bytes) -> bytes:
