@@ -1013,6 +1013,16 @@ def test_tables_on_a_terminal_never_cut_names_or_times(
         assert record["time"] in line.split() and (record["name"] or "") in [*line.split(), ""], line
 
 
+def test_a_table_with_no_rows_on_a_terminal_shows_its_header(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A filter that matches nothing crashed the terminal table ('internal error (TypeError)')."""
+    listed = _on_an_80_column_terminal(ready, monkeypatch, capsys, "list", "nomatch/", "--long")
+    assert listed[0].split() == ["NAME", "VERSION", "UPDATED", "STATE", "DESCRIPTION"], listed
+    shown = _on_an_80_column_terminal(ready, monkeypatch, capsys, "audit", "show", "--denied")
+    assert shown and shown[0].split()[0] == "SEQ", shown
+
+
 # ---- bad input found by exploratory testing: one line, never "internal error" -------------------
 
 

@@ -96,8 +96,10 @@ def print_table(
     from rich.text import Text
 
     cells = [[printable(cell) for cell in row] for row in rows]
-    shown = [i for i in range(len(columns)) if not cells or any(row[i] for row in cells)]
-    natural = {i: max(cell_len(columns[i]), *(cell_len(row[i]) for row in cells)) for i in shown}
+    shown = [i for i in range(len(columns)) if any(row[i] for row in cells)]
+    if not shown:  # no rows, or none with any text: the header alone, every column
+        shown = list(range(len(columns)))
+    natural = {i: max([cell_len(columns[i]), *(cell_len(row[i]) for row in cells)]) for i in shown}
     folding = [i for i in shown if columns[i] in free_text]
     fixed = sum(natural[i] for i in shown if i not in folding) + 2 * (len(shown) - 1)  # padding: 1 a side
     console = Console()
