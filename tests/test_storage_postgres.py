@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import re
+import shlex
 import subprocess
 import sys
 import threading
@@ -489,6 +490,53 @@ def test_opening_a_schema_without_a_store_is_not_found_and_creates_nothing(
         assert (
             conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (place.schema,)).fetchone() is None
         )
+
+
+def test_the_printed_init_command_keeps_the_urls_options_and_creates_that_store(
+    postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    """The missing store's 'exact' init command kept only user, hosts, database and schema:
+    pasted, it lost passfile (no password: refused) and sslmode (verify-full fell back to libpq's
+    default). Now the URL stays whole but for a password, which is never printed."""
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"127.0.0.1:{postgres_cluster.port}:*:sm_test:{postgres_cluster.role_password}\n")
+    passfile.chmod(0o600)
+    schema = postgres_cluster.new_schema()
+    url = f"{postgres_cluster.url()}?schema={schema}&passfile={passfile}&sslmode=disable"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "SECRETS_MANAGER_", "MASTER_"))}
+    env |= {"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data"), "MASTER_PASSWORD": "pw"}
+    missing = subprocess.run(
+        [str(SCRIPT), "--store", url, "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 3, missing.stderr
+    command = missing.stderr.partition("create one with '")[2].partition("', or pass")[0]
+    assert "passfile=" in command and "sslmode=disable" in command, command
+    init = subprocess.run(
+        [str(SCRIPT), *shlex.split(command)[1:], "--kdf-profile", "test"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert init.returncode == 0, init.stderr
+    with_password = subprocess.run(
+        [
+            str(SCRIPT),
+            "--store",
+            f"{url.replace(schema, postgres_cluster.new_schema())}&password={postgres_cluster.role_password}",
+            "list",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert with_password.returncode == 3, with_password.stderr
+    assert postgres_cluster.role_password not in with_password.stderr and "passfile=" in with_password.stderr
 
 
 def test_stores_in_different_schemas_of_one_database_are_separate(

@@ -223,6 +223,22 @@ def _redacted(url: str) -> str:
     return re.sub(r"([?&]password=)[^&]*", r"\1***", f"{scheme}://{rest}")
 
 
+def url_without_password(url: str) -> str:
+    """`url` as the user gave it minus any password (the user part's, or a password= option), for a
+    command line we print: the rest (sslmode, passfile, schema, ...) stays, so it connects as the
+    user's did, with the password from where it should come (PGPASSFILE, PGPASSWORD)."""
+    scheme, separator, rest = url.partition("://")
+    if not separator:
+        return url  # a file path
+    userinfo, at, tail = rest.rpartition("@")
+    if at and ":" in userinfo:
+        rest = f"{userinfo.split(':', 1)[0]}@{tail}"
+    elif at and scheme.lower() not in POSTGRES_SCHEMES:
+        rest = tail  # a Vault token or AWS key in the user part
+    without = re.sub(r"([?&])password=[^&]*&?", r"\1", f"{scheme}://{rest}")
+    return without.rstrip("?&")
+
+
 def display_url(url: str | None) -> str:
     """A store URL for messages: never with a password, token or key in it."""
     return "the default store" if url is None else _redacted(url)
@@ -464,7 +480,10 @@ def open_storage(url: str | None, *, create: bool, environment: Environment) -> 
     exists there is EncryptedStore's header, which `create` never overwrites)."""
     location = postgres_location(url)
     if location is not None:
-        return _open_postgres(location, create=create, environment=environment)
+        try:
+            return _open_postgres(location, create=create, environment=environment)
+        except StoreNotFoundError as exc:  # the command to create it keeps the URL's options
+            raise StoreNotFoundError(exc.location, url_without_password(url or "")) from None
     path = sqlite_path(url)
     if environment.is_production and not create and path.exists():
         mode = stat.S_IMODE(path.stat().st_mode)
@@ -680,7 +699,7 @@ def _open_encrypted(
             if location is None:
                 raise
             # The tables are there (an interrupted init?) but no store header.
-            raise StoreNotFoundError(location.display, location.display) from None
+            raise StoreNotFoundError(location.display, url_without_password(url or "")) from None
         return open_with(storage, kind)
     except BaseException:
         storage.close()
