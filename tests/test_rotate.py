@@ -486,6 +486,31 @@ def test_a_failure_shows_the_same_command_with_resume_and_that_command_finishes_
     assert cli.value() == staged == target.read_text() and cli.labels() == {"current": 2, "previous": 1}
 
 
+def test_the_suggested_commands_keep_the_global_options_given_on_the_command_line(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """With the store given as --store (not the environment, which a pasted command inherits), the
+    suggested --resume and --discard named no store: pasted, they acted on the default store,
+    whose own pending version was then set at this rotation's target."""
+    other = tmp_path / "team store.db"
+    options = ("--store", str(other), "--audit-file", str(tmp_path / "team.audit.jsonl"))
+    assert cli(*options, "init", "--kdf-profile", "test").code == 0
+    assert cli(*options, "store", "db/app", input=b"team-old").code == 0
+    result = cli(*options, "rotate", "db/app", "--set-command", "false", "--timeout", "12.345678")
+    assert result.code == 1, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    suggested = error.partition("run the same command again with --resume: ")[2]
+    shown, _, discard = suggested.partition(" (or discard it: ")
+    assert shlex.split(shown) == [
+        *("secrets-manager", *options, "rotate", "db/app", "--resume"),
+        *("--set-command", "false", "--timeout", "12.345678"),
+    ], error
+    discard_argv = shlex.split(discard.removesuffix(")"))
+    assert discard_argv == ["secrets-manager", *options, "rotate", "db/app", "--discard"], error
+    assert cli(*discard_argv[1:]).code == 0
+    assert "pending" not in cli(*options, "history", "db/app").stdout
+
+
 def test_resume_promote_only_promotes_a_value_set_by_hand_without_running_anything(
     cli: Cli, tmp_path: Path
 ) -> None:

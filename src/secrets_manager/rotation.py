@@ -102,19 +102,23 @@ class Commands:
     timeout: float
     environ: Mapping[str, str]
     cwd: Path | None = None
+    # How the rotation was invoked before `rotate`: the program and the global options given on
+    # its command line (--store, --server, ...), so a suggested command acts on the same store.
+    invocation: tuple[str, ...] = ("secrets-manager",)
 
 
 def resume_command(name: str, commands: Commands) -> str:
     """The command line that finishes a rotation of `name` run with `commands`: the same set and
     test commands again. A resume without them would promote a value nothing has set at the
     target. Only command lines and a name, never a value (the value goes to the commands' stdin)."""
-    words = ["secrets-manager", "rotate", name, "--resume"]
+    words = [*commands.invocation, "rotate", name, "--resume"]
     if commands.set_argv is not None:
         words += ["--set-command", shlex.join(commands.set_argv)]
     if commands.test_argv is not None:
         words += ["--test-command", shlex.join(commands.test_argv)]
     if commands.timeout != DEFAULT_TIMEOUT:
-        words += ["--timeout", f"{commands.timeout:g}"]
+        given = f"{commands.timeout:g}"  # 30 as 30, but never rounded (":g" made 1234.5678 1234.57)
+        words += ["--timeout", given if float(given) == commands.timeout else repr(commands.timeout)]
     return shlex.join(words)
 
 
@@ -155,9 +159,10 @@ def run_command(
         finish = (
             f"fix the cause and run the same command again with --resume: {resume_command(name, commands)}"
         )
+    discard = shlex.join([*commands.invocation, "rotate", name, "--discard"])
     raise RotationStepFailed(
         f"rotating {name}: the {step} command failed ({failure}); version {version} stays pending and "
-        f"current is unchanged; {finish} (or discard it: secrets-manager rotate {name} --discard)"
+        f"current is unchanged; {finish} (or discard it: {discard})"
     )
 
 

@@ -49,6 +49,7 @@ from secrets_manager.rotation import (
     rotate as run_rotation,
 )
 from secrets_manager.store import CURRENT, PENDING, validate_name
+from secrets_manager.store.url import url_without_password
 from secrets_manager.values import SecretValue
 
 
@@ -189,12 +190,30 @@ def rotate(
     rotated = run_rotation(
         SessionSteps(session, reading_fields=field is not None),
         name,
-        Commands(set_argv, test_argv, timeout, session.environ),
+        Commands(set_argv, test_argv, timeout, session.environ, invocation=_invocation()),
         value=value,
         field=field,
         generated=not from_stdin,
     )
     _report(rotated, as_json=as_json)
+
+
+def _invocation() -> tuple[str, ...]:
+    """`secrets-manager` and the global options given on this command line (not from the
+    environment, which a pasted command inherits), for the commands a failure suggests: without
+    --store or --server they would act on another store. A store URL's password is left out."""
+    root = click.get_current_context().find_root()
+    words = ["secrets-manager"]
+    for param, flag in (
+        ("store_url", "--store"),
+        ("server", "--server"),
+        ("password_file", "--password-file"),
+        ("audit_file", "--audit-file"),
+    ):
+        value = root.params.get(param)
+        if value and root.get_parameter_source(param) is click.core.ParameterSource.COMMANDLINE:
+            words += [flag, url_without_password(value) if param == "store_url" else value]
+    return tuple(words)
 
 
 def _check_resume_commands(*, resume: bool, promote_only: bool, commands: bool) -> None:
