@@ -479,7 +479,6 @@ class RunningServer:
     health: health.HealthServicer
     metrics: Metrics
     store_health: StoreHealth
-    certificates: ServerCertificates
 
     def stop(self, grace: float) -> None:
         """Refuse new calls, end watch streams, let in-flight calls finish within `grace` seconds."""
@@ -554,7 +553,7 @@ def _start(
     # NOT_SERVING while the store does not answer, so clients pass over this replica.
     store_health = StoreHealth(health_servicer, (service_name, ""), lambda: store.changes_since(None))
     store_health.start()
-    return RunningServer(server, servicer, port, health_servicer, metrics, store_health, certificates)
+    return RunningServer(server, servicer, port, health_servicer, metrics, store_health)
 
 
 def _bind(server: grpc.Server, listen: str, credentials: grpc.ServerCredentials) -> int:
