@@ -343,6 +343,48 @@ def test_a_failed_write_leaves_nothing_under_the_final_name(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]
 
 
+_HOLD_LOCKED = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+os.write(fd, b"secrets-manager-backup/v1\\n half a backup")
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def _writer_holding(path: Path) -> subprocess.Popen[str]:
+    """A process that made `path` as a backup writes its temporary file, and holds its lock."""
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _HOLD_LOCKED, str(path)], stdout=subprocess.PIPE, text=True
+    )
+    assert writer.stdout is not None and writer.stdout.readline() == "locked\n"
+    return writer
+
+
+def test_a_backup_killed_mid_write_leaves_nothing_behind_the_next_one(
+    source: EncryptedStore, tmp_path: Path
+) -> None:
+    target = tmp_path / "b.smbackup"
+    abandoned = tmp_path / ".b.smbackup.0123456789ab.tmp"
+    killed = _writer_holding(abandoned)
+    killed.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
+    killed.wait()
+    running = _writer_holding(tmp_path / ".b.smbackup.ba9876543210.tmp")
+    try:
+        others = [tmp_path / ".other.smbackup.0123456789ab.tmp", tmp_path / ".b.smbackup.notes.tmp"]
+        for other in others:
+            other.write_bytes(b"not this backup's")
+        write_backup(source, target)
+        assert leftovers(tmp_path) == sorted(
+            [".b.smbackup.ba9876543210.tmp", ".other.smbackup.0123456789ab.tmp", ".b.smbackup.notes.tmp"]
+        )  # the killed writer's file is gone; a live writer's and other files stay
+        assert target.read_bytes().startswith(b"secrets-manager-backup/v1\n")
+    finally:
+        running.kill()
+        running.wait()
+
+
 def test_a_backup_never_replaces_a_file_unless_asked(source: EncryptedStore, tmp_path: Path) -> None:
     target = tmp_path / "b.smbackup"
     target.write_bytes(b"an older backup")

@@ -26,16 +26,20 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import errno
+import fcntl
 import json
 import math
 import os
 import re
 import secrets
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -460,9 +464,11 @@ def _write_file(
     """Seal `lines` into a backup file at `path`, atomically; return its size."""
     prefix = VERSION_LINE + header + b"\n"
     sealer = ChunkSealer(file_key, payload_context(prefix), nonces=nonces)
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    _remove_abandoned_temporaries(path)
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMPORARY_SUFFIX}")
     try:
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: marks the file as being written
     except OSError as exc:
         raise StorageError(f"cannot write {path}: {exc.strerror}") from None
     try:
@@ -482,6 +488,34 @@ def _write_file(
         temporary.unlink(missing_ok=True)
         raise
     return path.stat().st_size
+
+
+TEMPORARY_SUFFIX = ".tmp"
+
+
+def _remove_abandoned_temporaries(path: Path) -> None:
+    """Remove what a backup to `path` killed mid-write (SIGKILL, power cut) left behind: its
+    hidden temporary file, unlocked once its writer is gone. One a live writer holds stays."""
+    for leftover in path.parent.glob(f".{glob_escape(path.name)}.*{TEMPORARY_SUFFIX}"):
+        if not re.fullmatch(
+            rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}{re.escape(TEMPORARY_SUFFIX)}", leftover.name
+        ):
+            continue
+        try:
+            fd = os.open(leftover, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            continue  # gone meanwhile, a symlink, or not ours to open: left alone
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a backup is writing it now
+            with contextlib.suppress(FileNotFoundError):
+                leftover.unlink()
+        finally:
+            os.close(fd)
 
 
 def _publish(temporary: Path, path: Path, *, replace: bool) -> None:
