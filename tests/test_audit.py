@@ -168,6 +168,25 @@ def test_wrong_password_is_recorded_as_denied_unlock(cli: Cli) -> None:
     assert verify(cli).returncode == 0  # and the chain still holds
 
 
+def test_a_wrong_password_on_a_damaged_log_is_still_a_wrong_password(cli: Cli) -> None:
+    """The denial cannot be recorded (the log ends in a damaged line): the user must still hear
+    that the password was wrong (exit 4, first), then that it was not audited and why. It was an
+    integrity error (exit 6) that never mentioned the password."""
+    assert cli("list").returncode == 0
+    with cli.audit.open("ab") as log:
+        log.write(b"garbage\n")
+    damaged = cli.audit.read_bytes()
+    got = cli("list", env={"MASTER_PASSWORD": "wrong"})
+    assert got.returncode == 4 and got.stdout == b""
+    error, note = got.stderr.decode().splitlines()
+    assert error == "secrets-manager: error: wrong master password"
+    assert note.startswith(
+        "secrets-manager: warning: the failed unlock could not be audited because the audit log is damaged"
+    )
+    assert cli.audit.read_bytes() == damaged  # nothing appended past the damage
+    assert cli("list").returncode == 6  # the right password: still refused, fail closed
+
+
 def test_audit_show_filters_and_prints_json(cli: Cli) -> None:
     busy_session(cli)
     shown = cli("audit", "show", "--name", "auth/", "--json")

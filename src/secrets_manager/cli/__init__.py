@@ -65,6 +65,8 @@ def _run(argv: list[str] | None) -> int:
         return result if isinstance(result, int) else 0
     except SecretsManagerError as exc:
         error_line(str(exc))
+        for note in getattr(exc, "__notes__", ()):  # e.g. a refused unlock that could not be audited
+            warning_line(str(note))
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code

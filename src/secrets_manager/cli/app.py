@@ -24,6 +24,7 @@ from secrets_manager.audit import (
     AuditError,
     AuditEvent,
     AuditLog,
+    AuditTamperError,
     adopt_log,
     discard_adopted_lock,
     value_fingerprint,
@@ -290,11 +291,18 @@ class Session:
             raise
 
     def _audit_denied_unlock(self, exc: UnlockError) -> None:
+        """Record a refused unlock. Whatever keeps that record from being written is said on a
+        line after the refusal's own (a note on `exc`), and never replaces it: a wrong password is
+        reported as one (exit 4) whatever state the log is in."""
         denied = self.event("unlock", decision="deny", outcome=exc.kind)
         try:
             self.audit_log().append([denied], anchor=None)
+        except AuditTamperError as audit_exc:  # its remedies need the right password anyway
+            exc.add_note(
+                f"the failed unlock could not be audited because the audit log is damaged: {audit_exc}"
+            )
         except (AuditError, InvalidInputError) as audit_exc:
-            warning_line(f"the failed unlock was not audited: {audit_exc}")
+            exc.add_note(f"the failed unlock was not audited: {audit_exc}")
 
     def tls_files(self) -> TlsFiles:
         missing = [v for v in TLS_VARIABLES if not self.environ.get(v)]
