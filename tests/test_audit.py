@@ -6,6 +6,7 @@ import fcntl
 import json
 import math
 import os
+import pwd
 import random
 import resource
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from secrets_manager.audit import AuditEvent, AuditLog, AuditTamperError
+from secrets_manager.audit import AuditEvent, AuditLog, AuditTamperError, local_actor
 from secrets_manager.audit import log as audit_log
 from secrets_manager.crypto.mac import sha256_hex
 from secrets_manager.environment import Environment
@@ -185,6 +186,56 @@ def test_a_wrong_password_on_a_damaged_log_is_still_a_wrong_password(cli: Cli) -
     )
     assert cli.audit.read_bytes() == damaged  # nothing appended past the damage
     assert cli("list").returncode == 6  # the right password: still refused, fail closed
+
+
+def test_the_cli_actor_is_the_effective_user_not_a_name_from_the_environment(cli: Cli) -> None:
+    """getpass.getuser() read LOGNAME, USER, LNAME and USERNAME first: anyone could record any
+    name, and a name that is not UTF-8 made a wrong password an internal error with no record."""
+    real = pwd.getpwuid(os.geteuid()).pw_name
+    claimed = {variable: f"mallory-not-{real}" for variable in ("LOGNAME", "USER", "LNAME", "USERNAME")}
+    assert cli("list", env=claimed).returncode == 0
+    assert cli.records()[-1]["actor"] == real
+    undecodable = {"LOGNAME": b"\xff", "USER": b"\xff"}
+    for _ in range(2):  # each guess is answered as one, and recorded
+        guess = cli("list", env={**undecodable, "MASTER_PASSWORD": "wrong"})
+        assert guess.returncode == 4, guess.stderr
+        assert guess.stderr.decode() == "secrets-manager: error: wrong master password\n"
+        last = cli.records()[-1]
+        assert (last["operation"], last["decision"], last["actor"]) == ("unlock", "deny", real)
+    assert verify(cli).returncode == 0
+
+
+def test_the_actor_is_uid_n_for_a_user_without_a_usable_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    uid = os.geteuid()
+
+    def named(name: str) -> Callable[[int], object]:
+        return lambda _uid: pwd.struct_passwd((name, "x", uid, uid, "", "/", "/bin/sh"))
+
+    monkeypatch.setattr(pwd, "getpwuid", named("trader"))
+    assert local_actor() == "trader"
+    monkeypatch.setattr(pwd, "getpwuid", named(b"tr\xffder".decode("utf-8", "surrogateescape")))
+    assert local_actor() == f"uid:{uid}"  # a canonical (UTF-8) audit line could not hold it
+    monkeypatch.setattr(pwd, "getpwuid", named(""))
+    assert local_actor() == f"uid:{uid}"
+
+    def missing(_uid: int) -> object:
+        raise KeyError(_uid)
+
+    monkeypatch.setattr(pwd, "getpwuid", missing)
+    assert local_actor() == f"uid:{uid}"
+
+
+def test_a_wrong_password_is_reported_as_one_whatever_breaks_its_audit_record(cli: Cli) -> None:
+    """Writing the denied unlock's record failed with something other than an audit error (here a
+    line nested too deep for the JSON parser): the wrong password became 'internal error', exit 1."""
+    assert cli("list").returncode == 0
+    with cli.audit.open("a") as log:
+        log.write("[" * 200_000 + "]" * 200_000 + "\n")
+    got = cli("list", env={"MASTER_PASSWORD": "wrong"})
+    assert got.returncode == 4 and got.stdout == b""
+    error, note = got.stderr.decode().splitlines()
+    assert error == "secrets-manager: error: wrong master password"
+    assert note.startswith("secrets-manager: warning: the failed unlock ") and "audited" in note
 
 
 def test_audit_show_filters_and_prints_json(cli: Cli) -> None:

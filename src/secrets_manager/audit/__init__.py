@@ -4,6 +4,7 @@ Used by every entry point (the CLI now, the gRPC service later); knows nothing o
 behind the `AuditAnchor` it is given.
 """
 
+from secrets_manager.audit.actor import local_actor
 from secrets_manager.audit.log import (
     GENESIS_HASH,
     AuditAnchor,
@@ -27,5 +28,6 @@ __all__ = [
     "AuditTamperError",
     "adopt_log",
     "discard_adopted_lock",
+    "local_actor",
     "value_fingerprint",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import getpass
 import json
 import os
 import sys
@@ -27,6 +26,7 @@ from secrets_manager.audit import (
     AuditTamperError,
     adopt_log,
     discard_adopted_lock,
+    local_actor,
     value_fingerprint,
 )
 from secrets_manager.cli.output import (
@@ -164,12 +164,10 @@ class Session:
     environ: Mapping[str, str]
     server: str | None = None
 
-    @property
+    @functools.cached_property
     def actor(self) -> str:
-        try:
-            return getpass.getuser()
-        except (KeyError, OSError):
-            return f"uid:{os.getuid()}"
+        """The local OS user (its effective uid), never a name from the environment."""
+        return local_actor()
 
     def password(self, *, confirm: bool = False) -> bytes:
         return read_password(
@@ -294,8 +292,8 @@ class Session:
         """Record a refused unlock. Whatever keeps that record from being written is said on a
         line after the refusal's own (a note on `exc`), and never replaces it: a wrong password is
         reported as one (exit 4) whatever state the log is in."""
-        denied = self.event("unlock", decision="deny", outcome=exc.kind)
         try:
+            denied = self.event("unlock", decision="deny", outcome=exc.kind)
             self.audit_log().append([denied], anchor=None)
         except AuditTamperError as audit_exc:  # its remedies need the right password anyway
             exc.add_note(
@@ -303,6 +301,11 @@ class Session:
             )
         except (AuditError, InvalidInputError) as audit_exc:
             exc.add_note(f"the failed unlock was not audited: {audit_exc}")
+        except Exception as audit_exc:  # a bug: it must never turn a wrong password into an
+            # internal error, which left password guessing unanswered and unrecorded
+            exc.add_note(
+                f"the failed unlock was not audited: internal error ({type(audit_exc).__name__}); report it"
+            )
 
     def tls_files(self) -> TlsFiles:
         missing = [v for v in TLS_VARIABLES if not self.environ.get(v)]
