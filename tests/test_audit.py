@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -606,6 +606,118 @@ def test_full_disk_refuses_get_and_store(cli: Cli) -> None:
     assert stored.returncode == 1
     assert cli.store_bytes() == before
     assert cli.audit.stat().st_size == limit  # no half-written record left behind
+    assert verify(cli).returncode == 0
+
+
+PAGE = 4096  # tmpfs allocates whole pages: a file can grow into the rest of its last one
+
+
+@pytest.fixture
+def log_on_small_tmpfs(tmp_path: Path) -> Iterator[Cli]:
+    """A store whose audit log is on a small tmpfs of its own (mounted as root), to be filled."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI must be able to mount a tmpfs (runs as root)")
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        c = Cli(tmp_path)
+        c.audit = mount_point / "store.audit.jsonl"
+        c.env["SECRETS_MANAGER_AUDIT_FILE"] = str(c.audit)
+        assert c("init", "--kdf-profile", "test").returncode == 0
+        yield c
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
+
+
+def _fill_leaving(cli: Cli, room: int) -> Path:
+    """Pad the log with verifiable records until exactly `room` bytes are left in its last page,
+    then fill the rest of its file system: the next `room` bytes of records fit, no more."""
+    store = open_store(str(cli.store), PASSWORD.encode(), environment=Environment.DEVELOPMENT, actor="filler")
+    log = AuditLog(cli.audit)
+    try:
+        for _ in range(5):
+            if -cli.audit.stat().st_size % PAGE == room:
+                break
+            before = cli.audit.stat().st_size
+            log.append([AuditEvent(operation="list", actor="filler", name="x")], store)
+            probe = cli.audit.stat().st_size - before  # a record whose name is one character
+            add = (-cli.audit.stat().st_size % PAGE - room) % PAGE
+            add += PAGE if add < probe else 0
+            log.append([AuditEvent(operation="list", actor="filler", name="x" * (add - probe + 1))], store)
+        assert -cli.audit.stat().st_size % PAGE == room
+    finally:
+        store.close()
+        for fd in (log._file[0] if log._file else None, log._lock_fd):  # AuditLog has no close():
+            if fd is not None:  # its files on the tmpfs would keep it from being unmounted
+                os.close(fd)
+    fill = cli.audit.with_name("fill")
+    fd = os.open(fill, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, bytes(65536))
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return fill
+
+
+def _line_sizes(cli: Cli, count: int) -> list[int]:
+    return [len(line) for line in cli.audit.read_bytes().splitlines(keepends=True)[-count:]]
+
+
+def test_a_change_whose_last_record_cannot_be_written_is_reported_as_made(log_on_small_tmpfs: Cli) -> None:
+    """Room for the request record only: the store is changed, then its record fails. The CLI said
+    "the operation was refused", so a user retried and made a second version."""
+    cli = log_on_small_tmpfs
+    assert cli("store", "svc/FULL", input=b"first value").returncode == 0
+    unlock, pending, done = _line_sizes(cli, 3)
+    fill = _fill_leaving(cli, unlock + pending + done // 2)
+    stored = cli("store", "svc/FULL", input=b"second value")
+    assert stored.returncode == 1 and stored.stdout == b""
+    message = stored.stderr.decode()
+    assert message.count("\n") == 1 and "refused" not in message
+    assert message.startswith("secrets-manager: error: the change was made (store svc/FULL, version 2), ")
+    assert f"its audit record could not be written (cannot write audit log {cli.audit}: " in message
+    assert "do not make the change again" in message and "'secrets-manager audit verify'" in message
+    assert b"second value" not in stored.stderr
+    last = cli.records()[-1]
+    assert (last["operation"], last["outcome"], last["version"]) == ("store", "pending", None)
+    fill.unlink()
+    assert cli("get", "svc/FULL").stdout == b"second value\n"  # the change stands
+    assert verify(cli).returncode == 0
+
+
+def test_an_import_whose_record_of_a_written_secret_fails_says_it_was_written(
+    log_on_small_tmpfs: Cli,
+) -> None:
+    """Each imported secret's record is appended as it is written: when one cannot be, that secret
+    is in the store all the same. The message counted it imported and said the operation was
+    refused; the secret had no record."""
+    cli = log_on_small_tmpfs
+    env_file = cli.store.parent / "creds.env"
+    env_file.write_text("K1=one\nK2=two\nK3=three\nK4=four\n")
+    assert cli("import", str(env_file), "--service", "smp").returncode == 0  # same sizes as below
+    unlock, pending, first, *_ = _line_sizes(cli, 7)
+    fill = _fill_leaving(cli, unlock + pending + first + first // 2)
+    imported = cli("import", str(env_file), "--service", "imp")
+    assert imported.returncode == 1 and imported.stdout == b""
+    message = imported.stderr.decode()
+    assert message.count("\n") == 1 and "refused" not in message
+    assert message.startswith(
+        "secrets-manager: error: the change was made (import imp/K2, version 1), but its audit record "
+        "could not be written (cannot write audit log "
+    )
+    assert "2 of 4 secret(s) were imported (the last imp/K2)" in message
+    assert [r["name"] for r in cli.records()[-2:]] == ["imp/", "imp/K1"]
+    fill.unlink()
+    listed = cli("list", "imp/").stdout.decode().split()
+    assert "imp/K2" in listed and "imp/K3" not in listed
     assert verify(cli).returncode == 0
 
 

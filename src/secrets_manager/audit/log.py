@@ -52,14 +52,18 @@ T = TypeVar("T")
 
 
 class AuditError(SecretsManagerError):
-    """The audit record could not be written in time; the operation must not go ahead."""
+    """The audit record could not be written in time; the operation must not go ahead.
+
+    `cause` is why, without what follows for the operation ("the operation was refused"): a
+    caller whose records report a change already made says that instead."""
 
     exit_code = 1
     kind = "audit_error"
 
-    def __init__(self, message: str, *, timed_out: bool = False) -> None:
+    def __init__(self, message: str, *, timed_out: bool = False, cause: str | None = None) -> None:
         super().__init__(message)
         self.timed_out = timed_out
+        self.cause = message if cause is None else cause
 
 
 class AuditTamperError(IntegrityError):
@@ -199,10 +203,8 @@ class AuditLog:
             if isinstance(job.error, SecretsManagerError):
                 raise job.error
             if isinstance(job.error, OSError):
-                reason = job.error.strerror or str(job.error)
-                raise AuditError(
-                    f"cannot write audit log {self.path}: {reason}; the operation was refused"
-                ) from None
+                cause = f"cannot write audit log {self.path}: {job.error.strerror or job.error}"
+                raise AuditError(f"{cause}; the operation was refused", cause=cause) from None
             raise job.error
         return job.records
 
@@ -232,9 +234,8 @@ class AuditLog:
             finally:
                 self._unflock()
         except OSError as exc:
-            raise AuditError(
-                f"cannot write audit log {self.path}: {exc.strerror or exc}; the operation was refused"
-            ) from None
+            cause = f"cannot write audit log {self.path}: {exc.strerror or exc}"
+            raise AuditError(f"{cause}; the operation was refused", cause=cause) from None
         finally:
             self._lock.release()
         self._worker.flush_within(self.flush_interval)
@@ -422,7 +423,7 @@ class AuditLog:
         self._tail = None  # until the write is known to be whole
         try:
             if os.write(fd, data) != len(data):
-                raise OSError(errno.ENOSPC, "short write")
+                raise OSError(errno.ENOSPC, "no space left on its device (a short write)")
             if durable:
                 os.fsync(fd)
         except OSError:
@@ -625,10 +626,8 @@ class AuditLog:
             raise AuditError(self._failure)
 
     def _timed_out(self) -> AuditError:
-        return AuditError(
-            f"audit log {self.path} did not answer within {self.timeout:g} s; the operation was refused",
-            timed_out=True,
-        )
+        cause = f"audit log {self.path} did not answer within {self.timeout:g} s"
+        return AuditError(f"{cause}; the operation was refused", timed_out=True, cause=cause)
 
     def _rotate(self) -> bool:
         """Rename the full live file to `<file>.<first seq>`; False if it holds no record, or if
@@ -1081,7 +1080,10 @@ def _flock_with_deadline(fd: int, deadline: float) -> None:
             return
         except BlockingIOError:
             if time.monotonic() > deadline:
-                raise AuditError("another process holds the audit log lock; try again") from None
+                raise AuditError(
+                    "another process holds the audit log lock; try again",
+                    cause="another process held the audit log's lock too long",
+                ) from None
             time.sleep(0.005)
 
 

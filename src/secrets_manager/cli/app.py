@@ -457,13 +457,48 @@ class Session:
                 except SecretsManagerError as audit_exc:  # the log cannot take it (an AuditError,
                     # or a tamper error): said, and the operation's own error is the one raised.
                     # The same error again (a Vault mount that is missing or KV version 1 refuses
-                    # the anchor as it refused the operation) is the cause already reported.
-                    if (type(audit_exc), str(audit_exc)) != (type(exc), str(exc)):
+                    # the anchor as it refused the operation) is the cause already reported, as is
+                    # the log failing again as it failed for the record of a change made.
+                    said = exc.cause if isinstance(exc, UnrecordedChangeError) else None
+                    if (type(audit_exc), str(audit_exc)) != (type(exc), str(exc)) and said != getattr(
+                        audit_exc, "cause", str(audit_exc)
+                    ):
                         warning_line(f"the failure could not be audited: {audit_exc}")
                 raise
-            audit.append([*pending, *(reads or [event])], store)
+            try:
+                audit.append([*pending, *(reads or [event])], store)
+            except SecretsManagerError as exc:
+                if not mutating:  # a read: its result is not shown, so it was refused indeed
+                    raise
+                raise UnrecordedChangeError(change_made(event), exc) from None
         finally:
             store.close()
+
+
+class UnrecordedChangeError(AuditError):
+    """A change was made, and then its audit record could not be written. Not "refused": the
+    change stands, and a caller told otherwise would make it again (a second version, a second
+    import). The fix is the log's, not the change's. The exit code is the log's error's (1 for
+    one that cannot be written, 6 for one found damaged)."""
+
+    def __init__(self, made: str, audit_exc: SecretsManagerError) -> None:
+        cause = audit_exc.cause if isinstance(audit_exc, AuditError) else str(audit_exc)
+        self.exit_code = audit_exc.exit_code
+        super().__init__(
+            f"{made}, but its audit record could not be written ({cause}): do not make the change "
+            "again; once the audit log can be written (free space on its disk if it is full), run "
+            "'secrets-manager audit verify'",
+            cause=cause,
+        )
+
+
+def change_made(event: AuditEvent) -> str:
+    """The change an operation's record reports, in words: "the change was made (store a/x,
+    version 2)"."""
+    what = " ".join(part for part in (event.operation, event.name) if part)
+    if event.version:
+        what += f", version {event.version}"
+    return f"the change was made ({what})"
 
 
 @dataclass
@@ -514,7 +549,10 @@ class Note:
             self._event, name=name, version=version or None, value_hmac=value_fingerprint(self._store, data)
         )
         if self._recorder is not None and self._recorder.append is not None:
-            self._recorder.append([record])
+            try:
+                self._recorder.append([record])
+            except SecretsManagerError as exc:  # written already: say so, never "refused"
+                raise UnrecordedChangeError(change_made(record), exc) from None
         else:
             self._reads.append(record)
 
