@@ -10,6 +10,7 @@ import pwd
 import random
 import resource
 import shutil
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -395,6 +396,42 @@ def test_a_reset_is_not_undone_by_another_process_anchoring_the_old_chain(
     assert anchor is not None and anchor.seq == 1
     AuditLog(path).append([AuditEvent(operation="get", actor="cli", name="a/0")], encrypted_store)
     assert AuditLog(path).verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) == 2
+
+
+@pytest.mark.parametrize("offset", [4, -1], ids=["its-root-key-id", "its-tag"])
+def test_a_damaged_anchor_is_named_and_audit_reset_replaces_it(cli: Cli, tmp_path: Path, offset: int) -> None:
+    """One byte of the sealed core/audit-anchor row flipped: every command said only "integrity
+    check failed" (exit 6), and so did the documented way out, 'audit reset --accept-loss', which
+    read the anchor it is there to replace."""
+    assert cli("store", "svc/A", input=KNOWN_VALUE.encode()).returncode == 0
+    db = sqlite3.connect(cli.store)
+    try:
+        (sealed,) = db.execute("SELECT value FROM entries WHERE key = 'core/audit-anchor'").fetchone()
+        damaged = bytearray(sealed)
+        damaged[offset] ^= 0x01
+        db.execute("UPDATE entries SET value = ? WHERE key = 'core/audit-anchor'", (bytes(damaged),))
+        db.commit()
+    finally:
+        db.close()
+    for command in (
+        ("get", "svc/A"),
+        ("list",),
+        ("audit", "verify"),
+        ("backup", str(tmp_path / "b.smbackup")),
+    ):
+        stopped = cli(*command)
+        assert stopped.returncode == 6 and stopped.stdout == b"", command
+        message = stopped.stderr.decode()
+        assert message.count("\n") == 1 and KNOWN_VALUE not in message
+        assert "audit anchor (core/audit-anchor) is damaged" in message, message
+        assert "'secrets-manager audit reset --accept-loss'" in message and "backup" in message
+    reset = cli("audit", "reset", "--accept-loss")
+    assert reset.returncode == 0, reset.stderr
+    assert b"audit anchor (core/audit-anchor) is damaged" in reset.stderr  # what was wrong
+    assert cli("get", "svc/A").stdout == KNOWN_VALUE.encode() + b"\n"
+    assert [r["operation"] for r in cli.records()] == ["audit.reset", "unlock", "get"]
+    assert verify(cli).returncode == 0
+    assert cli("audit", "reset", "--accept-loss").returncode == 2  # sound again: nothing to reset
 
 
 def test_audit_reset_starts_a_new_chain_after_a_loss_and_keeps_the_old_files(cli: Cli) -> None:

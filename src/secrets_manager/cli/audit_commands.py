@@ -17,7 +17,7 @@ from secrets_manager.audit import AuditError, AuditTamperError, value_fingerprin
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
 from secrets_manager.cli.output import info_line, parse_cutoff, print_json, print_table
 from secrets_manager.cli.recovery_commands import read_share_file
-from secrets_manager.errors import InvalidInputError
+from secrets_manager.errors import IntegrityError, InvalidInputError
 from secrets_manager.store.base import AuditedStore
 
 
@@ -154,13 +154,19 @@ def reset(session: Session, accept_loss: bool, share_files: tuple[str, ...]) -> 
         else session.unlock()
     )
     try:
-        anchored = store.audit_anchor()
         try:
-            count = log.verify(store.audit_key(), anchored)
-        except (AuditTamperError, AuditError) as exc:
+            anchored = store.audit_anchor()
+        except IntegrityError as exc:  # damaged: the reset replaces it, never needing to read it
             problem = str(exc)
         else:
-            raise InvalidInputError(f"the audit log verifies ({count} records): there is nothing to reset")
+            try:
+                count = log.verify(store.audit_key(), anchored)
+            except (AuditTamperError, AuditError) as exc:
+                problem = str(exc)
+            else:
+                raise InvalidInputError(
+                    f"the audit log verifies ({count} records): there is nothing to reset"
+                )
         moved = log.restart(store, session.event("audit.reset"))
     finally:
         store.close()

@@ -897,31 +897,42 @@ class EncryptedStore:
         return self._audit_key
 
     def audit_anchor(self) -> Anchor | None:
-        """The newest audit record this store vouched for, or None before the first one."""
+        """The newest audit record this store vouched for, or None before the first one.
+        IntegrityError naming the anchor, and the way out, if it does not open."""
         entry = self._storage.get(self._anchor_key)
         if entry is None:
             return None
-        doc = _load_json(
-            open_record(self._root_lookup, Purpose.AUDIT_ANCHOR, self._anchor_key, 0, entry.value),
-            "audit anchor",
-        )
         try:
+            doc = _load_json(
+                open_record(self._root_lookup, Purpose.AUDIT_ANCHOR, self._anchor_key, 0, entry.value),
+                "audit anchor",
+            )
             return Anchor(seq=int(doc["seq"]), hash=str(doc["hash"]))
-        except (KeyError, TypeError, ValueError):
-            raise IntegrityError() from None
+        except (IntegrityError, KeyError, TypeError, ValueError):
+            raise IntegrityError(
+                f"the store's audit anchor ({self._anchor_key}) is damaged (integrity check failed), so "
+                "no command can check the audit log against it: if the store file itself was damaged, "
+                "restore it from a backup; else replace the anchor with 'secrets-manager audit reset "
+                "--accept-loss' (it starts a new audit chain and keeps the old log files)"
+            ) from None
 
     def set_audit_anchor(self, anchor: Anchor, *, lock_wait: float | None = None) -> None:
         """Vouch for a newer audit record; `lock_wait` bounds the wait for another writer's
-        commit lock (StoreBusyError after it, the anchor unmoved)."""
+        commit lock (StoreBusyError after it, the anchor unmoved). The anchor there is never
+        opened: a damaged one is replaced (by 'audit reset'; every other writer read it first)."""
         doc = _dump({"seq": anchor.seq, "hash": anchor.hash})
 
         def attempt() -> None:
             # Compare-and-set, so an anchor sealed under a root key that another process has just
             # rotated away can never replace the one the rotation rewrapped.
             entry = self._storage.get(self._anchor_key)
-            if entry is not None and _root_id_of(entry) != self._root.id:
-                self._refresh_root(_root_id_of(entry))
-            ops: Operations = [] if entry is not None else [self._root_guard()]
+            guarded = entry is None
+            if entry is not None and self._sealed_under(entry) != self._root.id:
+                try:
+                    self._refresh_root(self._sealed_under(entry))
+                except IntegrityError:  # damaged: no root key the header names sealed it
+                    guarded = True
+            ops: Operations = [self._root_guard()] if guarded else []
             sealed = seal_record(self._root, Purpose.AUDIT_ANCHOR, self._anchor_key, 0, doc)
             # Not fsynced: a power cut can only make the anchor lag, and records past it verify by MAC.
             # Silent: it is not a secret, so watchers need not hear of it.
@@ -933,6 +944,14 @@ class EncryptedStore:
             )
 
         self._retry(attempt)
+
+    @staticmethod
+    def _sealed_under(entry: Entry) -> int | None:
+        """The root key id a root-sealed entry names; None if it is not a record at all."""
+        try:
+            return _root_id_of(entry)
+        except IntegrityError:
+            return None
 
     def _retry(self, attempt: Callable[[], T]) -> T:
         """Run `attempt` until it commits without losing a race, with jittered backoff."""
