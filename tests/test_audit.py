@@ -51,6 +51,7 @@ class Cli:
         input: bytes = b"",
         env: Mapping[str, str] | None = None,
         preexec_fn: Callable[[], None] | None = None,
+        timeout: float = 60,
     ) -> subprocess.CompletedProcess[bytes]:
         proc = subprocess.run(
             [str(SCRIPT), *args],
@@ -58,7 +59,7 @@ class Cli:
             capture_output=True,
             env={**self.env, **(env or {})},
             start_new_session=True,
-            timeout=60,
+            timeout=timeout,
             preexec_fn=preexec_fn,
         )
         assert b"Traceback" not in proc.stderr, proc.stderr
@@ -498,6 +499,75 @@ def test_audit_show_escapes_lone_surrogates_of_a_forged_line(cli: Cli) -> None:
     assert table.returncode == 0 and b"\\udc00x" in table.stdout, table.stderr
     shown = cli("audit", "show", "--json")
     assert shown.returncode == 0 and json.loads(shown.stdout)[-1]["name"] == "\udc00x"
+
+
+def _nested_line(cli: Cli) -> str:
+    with cli.audit.open("a") as log:
+        log.write("[" * 200_000 + "]" * 200_000 + "\n")  # json.loads: RecursionError
+    return "damaged"
+
+
+def _lone_surrogate(cli: Cli) -> str:
+    """The next record in the chain (right seq and prev) whose name UTF-8 cannot encode."""
+    last = cli.records()[-1]
+    forged = dict(last, seq=last["seq"] + 1, prev=last["hash"], name="x\udcff")  # type: ignore[operator]
+    with cli.audit.open("a") as log:
+        log.write(json.dumps(forged) + "\n")  # ensure_ascii: the surrogate as a \\udcff escape
+    return "edited"
+
+
+def _directory_as_rotated_file(cli: Cli) -> str:
+    Path(f"{cli.audit}.000000000005").mkdir()
+    return "not a regular file"
+
+
+def _fifo_as_rotated_file(cli: Cli) -> str:
+    os.mkfifo(f"{cli.audit}.000000000005")
+    return "not a regular file"
+
+
+def _fifo_as_live_file(cli: Cli) -> str:
+    cli.audit.rename(f"{cli.audit}.000000000001")  # its records, as a rotated file
+    os.mkfifo(cli.audit)
+    return "not a regular file"
+
+
+DAMAGES: dict[str, Callable[[Cli], str]] = {
+    "a line nested 200000 arrays deep": _nested_line,
+    "a chained record with a lone surrogate": _lone_surrogate,
+    "a directory named like a rotated file": _directory_as_rotated_file,
+    "a FIFO named like a rotated file": _fifo_as_rotated_file,
+    "a FIFO as the live file": _fifo_as_live_file,
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES), ids=list(DAMAGES))
+def test_a_damaged_or_forged_log_is_reported_as_such_never_a_crash_or_a_hang(cli: Cli, damage: str) -> None:
+    """Each was an internal error (RecursionError, UnicodeEncodeError, IsADirectoryError) or hung
+    verify, status, show and reset for good; reset, the documented way back, must still work."""
+    busy_session(cli)
+    needle = DAMAGES[damage](cli)
+    commands = [("audit", "verify"), ("status",), ("audit", "show")]
+    if damage == "a chained record with a lone surrogate":
+        assert cli("audit", "show", timeout=20).returncode == 0  # it is JSON: show prints it escaped
+        commands.pop()
+    if damage == "a FIFO as the live file":  # status writes a record first: writers refuse it (exit 1)
+        refused = cli("status", timeout=20)
+        assert refused.returncode == 1 and b"not a regular file" in refused.stderr
+        commands.remove(("status",))
+    for command in commands:
+        result = cli(*command, timeout=20)
+        message = result.stderr.decode()
+        assert result.returncode == 6, (command, message)
+        assert message.startswith("secrets-manager: error: ") and message.count("\n") == 1, message
+        assert needle in message and ".audit.jsonl" in message and "audit reset --accept-loss" in message
+    if damage in ("a line nested 200000 arrays deep", "a chained record with a lone surrogate"):
+        assert cli("list", timeout=20).returncode == 6  # writers check the tail too
+
+    reset = cli("audit", "reset", "--accept-loss", timeout=20)
+    assert reset.returncode == 0, reset.stderr
+    assert cli("get", "auth/DB_PASSWORD").stdout == b"db-pass\n"
+    assert verify(cli).returncode == 0
 
 
 def test_a_forged_last_record_with_a_high_seq_does_not_pass_for_a_log_that_grew(cli: Cli) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from secrets_manager.crypto.mac import record_mac, record_mac_ok, sha256_hex
 from secrets_manager.crypto.mac import value_fingerprint as _value_fingerprint
@@ -658,17 +658,23 @@ class AuditLog:
         return [*rotated, *([self.path] if self.path.exists() else [])]
 
     def records(self) -> Iterator[dict[str, Any]]:
-        """Every record in order; AuditTamperError on a line that is not a record, AuditError on
-        a partial last line (a write a crash cut short)."""
+        """Every record in order; AuditTamperError on a line that is not a record (or a file of the
+        log that is not a regular file), AuditError on a partial last line (a write a crash cut
+        short)."""
+        for _path, _number, record in self._numbered_records():
+            yield record
+
+    def _numbered_records(self) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+        """Every record in order, with the file and line it is on."""
         for path in self.files():
-            with path.open("rb") as handle:
+            with _open_for_reading(path) as handle:
                 for number, line in enumerate(handle, start=1):
                     if not line.endswith(b"\n") and path == self.path:
                         raise AuditError(
                             f"audit log {path} ends in a partial record (a write cut short by a "
                             "crash?); the next audited operation sets it aside"
                         )
-                    yield _parse_line(line, path, number)
+                    yield path, number, _parse_line(line, path, number)
 
     def last_record(self) -> dict[str, Any] | None:
         if self.path.exists():  # the common case: no need to look for rotated files
@@ -683,37 +689,46 @@ class AuditLog:
 
     def verify(self, key: bytes, anchor: Anchor | None) -> int:
         """Walk the whole chain; return the number of records, or raise AuditTamperError naming
-        the first record that does not hold."""
+        the first record that does not hold (and the file and line it is on)."""
         previous_hash, expected_seq, count = GENESIS_HASH, 1, 0
         anchor_seen = anchor is None
-        for record in self.records():
+        for path, number, record in self._numbered_records():
             seq = record.get("seq")
             where = f"record {seq}" if type(seq) is int else f"record #{count + 1}"
+            at = f"{path.name} line {number}: {_RESTORE_HINT}"
             if seq != expected_seq:
                 raise AuditTamperError(
                     f"audit chain broken at {where}: expected record {expected_seq} "
-                    "(a record was deleted, reordered or inserted)"
+                    f"(a record was deleted, reordered or inserted), in {at}"
                 )
             if record.get("prev") != previous_hash:
-                raise AuditTamperError(f"audit chain broken at {where}: it does not follow record {seq - 1}")
-            if record_hash(record) != record.get("hash"):
-                raise AuditTamperError(f"audit record {seq} was edited (its hash does not match)")
+                raise AuditTamperError(
+                    f"audit chain broken at {where}: it does not follow record {seq - 1}, in {at}"
+                )
+            try:
+                hashed: str | None = record_hash(record)
+            except (ValueError, RecursionError):  # no JSON the chain could have written (a lone surrogate)
+                hashed = None
+            if hashed is None or hashed != record.get("hash"):
+                raise AuditTamperError(f"audit record {seq} was edited (its hash does not match), in {at}")
             mac = record.get("mac")
             if mac is None:
                 if not _may_be_unauthenticated(record):
-                    raise AuditTamperError(f"audit record {seq} lacks its MAC")
-            elif not (isinstance(mac, str) and record_mac_ok(key, record["hash"], mac)):
-                raise AuditTamperError(f"audit record {seq} was forged or edited (its MAC does not match)")
+                    raise AuditTamperError(f"audit record {seq} lacks its MAC, in {at}")
+            elif not (isinstance(mac, str) and record_mac_ok(key, hashed, mac)):
+                raise AuditTamperError(
+                    f"audit record {seq} was forged or edited (its MAC does not match), in {at}"
+                )
             if anchor is not None and seq == anchor.seq:
-                if record["hash"] != anchor.hash:
-                    raise AuditTamperError(f"audit record {seq} is not the one the store anchored")
+                if hashed != anchor.hash:
+                    raise AuditTamperError(f"audit record {seq} is not the one the store anchored, in {at}")
                 anchor_seen = True
-            previous_hash, expected_seq, count = record["hash"], expected_seq + 1, count + 1
+            previous_hash, expected_seq, count = hashed, expected_seq + 1, count + 1
         if not anchor_seen:
             assert anchor is not None
             raise AuditTamperError(
                 f"audit log ends at record {count} but the store anchored record {anchor.seq}: "
-                "records are missing at the end"
+                f"records are missing at the end: {_RESTORE_HINT}"
             )
         return count
 
@@ -779,6 +794,7 @@ def _unused_path(path: Path) -> Path:
 
 
 _RESET_HINT = "'secrets-manager audit reset --accept-loss' (--share-file too if the password is lost)"
+_RESTORE_HINT = f"restore the log from a copy, or accept the loss with {_RESET_HINT}"
 
 
 def _check_tail_against_anchor(
@@ -937,11 +953,11 @@ def _last_signed_record(log: AuditLog) -> dict[str, Any] | None:
     are not records (a partial last write) are passed over."""
     for path in reversed(log.files()):
         last = None
-        with path.open("rb") as handle:
+        with _open_for_reading(path) as handle:
             for line in handle:
                 try:
                     record = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
                 if isinstance(record, dict) and record.get("mac"):
                     last = record
@@ -955,7 +971,7 @@ def _record_verifies(record: dict[str, Any], key: bytes) -> bool:
     try:
         if record_hash(record) != record.get("hash"):
             return False
-    except (TypeError, ValueError):  # not JSON the chain could have written (a lone surrogate)
+    except (TypeError, ValueError, RecursionError):  # not JSON the chain could have written
         return False
     mac = record.get("mac")
     if mac is None:
@@ -978,10 +994,12 @@ def _canonical(doc: dict[str, Any]) -> bytes:
 def _parse_line(line: bytes, path: Path, number: int) -> dict[str, Any]:
     try:
         record = json.loads(line)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: arrays or objects nested too deep
         record = None
     if not isinstance(record, dict):
-        raise AuditTamperError(f"{path.name} line {number} is not an audit record (damaged or truncated)")
+        raise AuditTamperError(
+            f"audit log {path.name} line {number} is not an audit record (damaged or forged): {_RESTORE_HINT}"
+        )
     return record
 
 
@@ -994,14 +1012,14 @@ def _chained(record: dict[str, Any], path: Path, number: int) -> dict[str, Any]:
 
 
 def _first_record(path: Path) -> dict[str, Any] | None:
-    with path.open("rb") as handle:
+    with _open_for_reading(path) as handle:
         line = handle.readline()
     return _chained(_parse_line(line, path, 1), path, 1) if line.strip() else None
 
 
 def _last_record(path: Path) -> dict[str, Any] | None:
     """The file's last record, reading backwards only as far as its start."""
-    with path.open("rb") as handle:
+    with _open_for_reading(path) as handle:
         end = handle.seek(0, os.SEEK_END)
         if end == 0:
             return None
@@ -1053,6 +1071,31 @@ def _open_private(path: Path, flags: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _open_for_reading(path: Path) -> BinaryIO:
+    """A file of the log opened for reading. Anything but a regular file is refused as damage
+    (AuditTamperError): a FIFO would hang the reader, a directory crash it, a symbolic link point
+    anywhere. O_NONBLOCK so a FIFO cannot block the open."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        fd = None
+    try:
+        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
+            kind = "a symbolic link" if fd is None else "not a regular file (a directory, a FIFO?)"
+            raise AuditTamperError(
+                f"{path} is {kind}, so it cannot be a file of the audit log: move it away and run "
+                f"'secrets-manager audit verify', or accept the loss with {_RESET_HINT}"
+            )
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        if fd is not None:
+            os.close(fd)
+        raise
 
 
 def _make_directory(directory: Path) -> list[Path]:
