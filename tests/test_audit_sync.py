@@ -187,6 +187,99 @@ def test_a_crashed_writer_loses_no_record(tmp_path: Path, store: EncryptedStore)
     assert log.verify(store.audit_key(), store.audit_anchor()) == 201
 
 
+ROTATING_WRITER = """
+import sys, time
+from secrets_manager.audit import AuditEvent, AuditLog
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+store = EncryptedStore.open(SqliteStorage(sys.argv[1]), PasswordUnlock(sys.argv[3]))
+log = AuditLog(sys.argv[2], max_bytes=2000)
+print("ready", flush=True)
+end, n = time.monotonic() + float(sys.argv[4]), 0
+while time.monotonic() < end:
+    log.append([AuditEvent("get", "svc", "grpc", None, f"auth/K{n}")], store, durable=n % 3 != 0)
+    n += 1
+log.flush()
+print(n, flush=True)
+"""
+
+
+def test_verify_and_reset_raise_no_false_alarm_while_a_writer_rotates_the_log(
+    tmp_path: Path, store: EncryptedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """verify listed the files, then opened each by name: a rotation in between had it read the
+    new live file in the rotated one's place ('chain broken at record 1047: expected record
+    1027', 'ends at record 2050 but the store anchored record 2051'), so a cron verify alerted
+    at each rotation, and 'audit reset --accept-loss' could set a good log aside."""
+    from secrets_manager.cli import run
+
+    store.audit_key()  # created here, so the writer only reads the store
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.append([read(0)], store)
+    for key, value in {
+        "SECRETS_MANAGER_STORE": str(tmp_path / "store.db"),
+        "SECRETS_MANAGER_AUDIT_FILE": str(path),
+        "MASTER_PASSWORD": PASSWORD,
+        "HOME": str(tmp_path),
+    }.items():
+        monkeypatch.setenv(key, value)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", ROTATING_WRITER, str(tmp_path / "store.db"), str(path), PASSWORD, "3"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    problems: list[str] = []
+    verified = resets_refused = 0
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == b"ready\n"
+        while writer.poll() is None and not problems:
+            try:
+                log.verify(store.audit_key(), store.audit_anchor())
+                verified += 1
+            except (AuditError, AuditTamperError) as exc:
+                problems.append(str(exc))
+            if verified % 4 == 3:  # the CLI's reset, in this process: refused, the log verifies
+                if run(["audit", "reset", "--accept-loss"]) != 2:
+                    problems.append("audit reset set the log aside")
+                resets_refused += 1
+        out, err = writer.communicate(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    assert problems == [], problems
+    assert writer.returncode == 0, err
+    assert verified >= 5 and resets_refused >= 1, (verified, resets_refused)
+    assert len(log.files()) > 20  # it rotated all along
+    assert log.verify(store.audit_key(), store.audit_anchor()) == int(out) + 1
+
+
+def test_a_write_under_way_is_not_taken_for_a_partial_record(tmp_path: Path, store: EncryptedStore) -> None:
+    """A reader can see a write's first bytes before its last: verify took that for a partial
+    record a crash left (exit 1). It reads such a line again once it holds the writers' lock."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.append([read(1), read(2)], store)
+    whole = path.read_bytes()
+    *_, last = whole.splitlines(keepends=True)
+    path.write_bytes(whole[: -len(last)])
+    writer = AuditLog(path)
+    assert writer._flock(deadline=None)  # a writer at work: its record half written
+    with path.open("ab") as handle:
+        handle.write(last[:50])
+    outcome: list[object] = []
+    reader = threading.Thread(target=lambda: outcome.append(log.verify(store.audit_key(), None)))
+    reader.start()
+    time.sleep(0.3)
+    assert reader.is_alive()  # waiting for the lock, not reporting a partial record
+    with path.open("ab") as handle:
+        handle.write(last[50:])
+    writer._unflock()
+    reader.join(10)
+    assert outcome == [2]
+
+
 # ---- the deferred fsync runs outside the in-process lock -------------------------------------
 
 

@@ -48,6 +48,7 @@ FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS = 1.0
 ANCHOR_ANSWER_MARGIN_SECONDS = 0.25
 _TAIL_CHUNK = 4096
 _PARTIAL_LIMIT = 1 << 20  # a partial record longer than this is not one a write cut short
+_SNAPSHOT_TRIES = 5  # lock-free listings of a log's files a reader tries before it takes the lock
 T = TypeVar("T")
 
 
@@ -490,23 +491,45 @@ class AuditLog:
         with self._lock:
             self._flock(deadline=time.monotonic() + self.timeout)
             try:
-                stamp = _file_stamp(self._clock())
-                moved = []
-                for path in self.files():
-                    target = _unused_path(path.with_name(f"{path.name}.lost-{stamp}"))
-                    path.rename(target)
-                    moved.append(target)
-                if self._file is not None:
-                    old, self._file = self._file[0], None
-                    os.close(old)
-                if self._unsynced is not None:
-                    unsynced, self._unsynced = self._unsynced, None
-                    unsynced.close()
-                self._tail = None
-                anchor.set_audit_anchor(Anchor(seq=0, hash=GENESIS_HASH))
-                self._write_locked([_AppendJob([event], anchor)], anchor, durable=True)
+                return self._restart_locked(anchor, event)
             finally:
                 self._unflock()
+
+    def reset(self, anchor: AuditAnchor, event: AuditEvent) -> Reset:
+        """`restart`, only if the log does not verify (`audit reset`). Decided holding the lock,
+        verifying against the anchor read then: a writer rotating the log meanwhile can neither
+        make a good log look broken (and have it set aside) nor slip records in unchecked."""
+        with self._lock:
+            self._flock(deadline=time.monotonic() + self.timeout)
+            try:
+                try:
+                    try:
+                        anchored = anchor.audit_anchor()
+                    except IntegrityError as exc:  # damaged: the reset replaces it, never needing to read it
+                        raise AuditError(str(exc)) from None
+                    count = self._verify(anchor.audit_key(), anchored, locked=True)
+                except (AuditTamperError, AuditError) as exc:
+                    return Reset(problem=str(exc), records=0, moved=self._restart_locked(anchor, event))
+                return Reset(problem=None, records=count, moved=[])
+            finally:
+                self._unflock()
+
+    def _restart_locked(self, anchor: AuditAnchor, event: AuditEvent) -> list[Path]:
+        stamp = _file_stamp(self._clock())
+        moved = []
+        for path in self.files():
+            target = _unused_path(path.with_name(f"{path.name}.lost-{stamp}"))
+            path.rename(target)
+            moved.append(target)
+        if self._file is not None:
+            old, self._file = self._file[0], None
+            os.close(old)
+        if self._unsynced is not None:
+            unsynced, self._unsynced = self._unsynced, None
+            unsynced.close()
+        self._tail = None
+        anchor.set_audit_anchor(Anchor(seq=0, hash=GENESIS_HASH))
+        self._write_locked([_AppendJob([event], anchor)], anchor, durable=True)
         return moved
 
     def _timestamp(self, epoch: float) -> str:
@@ -655,7 +678,7 @@ class AuditLog:
             for p in self.path.parent.glob(f"{self.path.name}.*")
             if p.name[len(self.path.name) + 1 :].isdigit()
         )
-        return [*rotated, *([self.path] if self.path.exists() else [])]
+        return [*rotated, *([self.path] if os.path.lexists(self.path) else [])]
 
     def records(self) -> Iterator[dict[str, Any]]:
         """Every record in order; AuditTamperError on a line that is not a record (or a file of the
@@ -664,17 +687,98 @@ class AuditLog:
         for _path, _number, record in self._numbered_records():
             yield record
 
-    def _numbered_records(self) -> Iterator[tuple[Path, int, dict[str, Any]]]:
-        """Every record in order, with the file and line it is on."""
-        for path in self.files():
-            with _open_for_reading(path) as handle:
-                for number, line in enumerate(handle, start=1):
-                    if not line.endswith(b"\n") and path == self.path:
+    def _numbered_records(self, *, locked: bool = False) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+        """Every record in order, with the file and line it is on. `locked`: the caller holds the
+        writers' lock (nothing changes while this reads)."""
+        files = self._snapshot(locked=locked)
+        try:
+            for path, handle in files:
+                live = path == self.path
+                lines = _lines(handle, None if locked or not live else self._reader_lock)
+                for number, line in enumerate(lines, start=1):
+                    if not line.endswith(b"\n") and live:
                         raise AuditError(
                             f"audit log {path} ends in a partial record (a write cut short by a "
                             "crash?); the next audited operation sets it aside"
                         )
                     yield path, number, _parse_line(line, path, number)
+        finally:
+            for _, handle in files:
+                handle.close()
+
+    def _snapshot(self, *, locked: bool) -> list[tuple[Path, BinaryIO]]:
+        """Every file of the log opened, as they were at one instant. A writer that rotated the
+        live file between a reader's listing and its opening made the reader miss the rotated
+        file and read the new live one in its place: a false 'chain broken' or 'records are
+        missing at the end' (with the default 10 MiB limit, a cron verify alerted at every
+        rotation). So the files are listed, opened and listed again, until the two listings
+        agree; after a few tries (a log rotating all the time) they are opened holding the
+        writers' lock, which only takes as long as the opens. An open file stays whole: a rotated
+        file is never written again, and the live one only grows (or is rotated whole)."""
+        for _ in range(1 if locked else _SNAPSHOT_TRIES):
+            opened = self._open_listed()
+            if opened is not None:
+                return opened
+        if not locked:
+            with self._reader_lock():
+                opened = self._open_listed()
+            if opened is not None:
+                return opened
+        raise AuditError(f"the files of audit log {self.path} kept changing while they were read; try again")
+
+    def _open_listed(self) -> list[tuple[Path, BinaryIO]] | None:
+        """The log's files opened; None if one was renamed, replaced or added meanwhile."""
+        listed = self._listing()
+        if listed is None:
+            return None
+        opened: list[tuple[Path, BinaryIO]] = []
+        consistent = False
+        try:
+            for path, inode in listed:
+                try:
+                    handle = _open_for_reading(path)
+                except FileNotFoundError:
+                    break
+                opened.append((path, handle))
+                if os.fstat(handle.fileno()).st_ino != inode:
+                    break
+            else:
+                consistent = self._listing() == listed
+        finally:
+            if not consistent:
+                for _, handle in opened:
+                    handle.close()
+        return opened if consistent else None
+
+    def _listing(self) -> list[tuple[Path, int]] | None:
+        """The log's files in order with their inodes; None if one went while they were listed."""
+        listing = []
+        for path in self.files():
+            try:
+                listing.append((path, os.lstat(path).st_ino))
+            except FileNotFoundError:
+                return None
+        return listing
+
+    @contextlib.contextmanager
+    def _reader_lock(self) -> Iterator[None]:
+        """The writers' lock, held for a moment by a reader, which writes nothing: on a descriptor
+        of its own, and never creating the lock file (without one, no writer is at work). Raises
+        AuditError if a writer holds it beyond the timeout."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fd = os.open(self.lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            except (FileNotFoundError, PermissionError):
+                yield
+                return
+            try:
+                _flock_with_deadline(fd, deadline)
+                if os.fstat(fd).st_nlink > 0:  # else deleted meanwhile: not the lock any more
+                    yield
+                    return
+            finally:
+                os.close(fd)  # and its flock
 
     def last_record(self) -> dict[str, Any] | None:
         if self.path.exists():  # the common case: no need to look for rotated files
@@ -690,9 +794,12 @@ class AuditLog:
     def verify(self, key: bytes, anchor: Anchor | None) -> int:
         """Walk the whole chain; return the number of records, or raise AuditTamperError naming
         the first record that does not hold (and the file and line it is on)."""
+        return self._verify(key, anchor, locked=False)
+
+    def _verify(self, key: bytes, anchor: Anchor | None, *, locked: bool) -> int:
         previous_hash, expected_seq, count = GENESIS_HASH, 1, 0
         anchor_seen = anchor is None
-        for path, number, record in self._numbered_records():
+        for path, number, record in self._numbered_records(locked=locked):
             seq = record.get("seq")
             where = f"record {seq}" if type(seq) is int else f"record #{count + 1}"
             at = f"{path.name} line {number}: {_RESTORE_HINT}"
@@ -731,6 +838,36 @@ class AuditLog:
                 f"records are missing at the end: {_RESTORE_HINT}"
             )
         return count
+
+
+@dataclass(frozen=True)
+class Reset:
+    """What `AuditLog.reset` found and did."""
+
+    problem: str | None  # why the log did not verify; None: it verifies, and nothing was done
+    records: int  # the records of a log that verifies
+    moved: list[Path]  # the old files, set aside as <file>.lost-<time>
+
+
+def _lines(
+    handle: BinaryIO, reader_lock: Callable[[], contextlib.AbstractContextManager[None]] | None
+) -> Iterator[bytes]:
+    """The lines of an open log file. A reader can see the first bytes of a write before its
+    last: with `reader_lock`, a last line without its newline is read again from its start
+    holding the writers' lock (no write under way then), so it is a partial record only if it
+    still is (a crash's leftover). What follows it by then (more records; or, if a writer set a
+    crash's partial record aside meanwhile, what replaced it) is read too."""
+    start = 0
+    for line in handle:
+        if reader_lock is None or line.endswith(b"\n"):
+            start += len(line)
+            yield line
+            continue
+        with reader_lock():
+            handle.seek(start)
+            rest = handle.read()
+        yield from rest.splitlines(keepends=True)
+        return
 
 
 @dataclass(eq=False)

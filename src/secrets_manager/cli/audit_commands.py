@@ -13,11 +13,11 @@ from typing import Any
 
 import click
 
-from secrets_manager.audit import AuditError, AuditTamperError, value_fingerprint
+from secrets_manager.audit import value_fingerprint
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
 from secrets_manager.cli.output import info_line, parse_cutoff, print_json, print_table
 from secrets_manager.cli.recovery_commands import read_share_file
-from secrets_manager.errors import IntegrityError, InvalidInputError
+from secrets_manager.errors import InvalidInputError
 from secrets_manager.store.base import AuditedStore
 
 
@@ -154,23 +154,15 @@ def reset(session: Session, accept_loss: bool, share_files: tuple[str, ...]) -> 
         else session.unlock()
     )
     try:
-        try:
-            anchored = store.audit_anchor()
-        except IntegrityError as exc:  # damaged: the reset replaces it, never needing to read it
-            problem = str(exc)
-        else:
-            try:
-                count = log.verify(store.audit_key(), anchored)
-            except (AuditTamperError, AuditError) as exc:
-                problem = str(exc)
-            else:
-                raise InvalidInputError(
-                    f"the audit log verifies ({count} records): there is nothing to reset"
-                )
-        moved = log.restart(store, session.event("audit.reset"))
+        outcome = log.reset(store, session.event("audit.reset"))
     finally:
         store.close()
-    info_line(f"the audit log was: {problem}")
+    if outcome.problem is None:
+        raise InvalidInputError(
+            f"the audit log verifies ({outcome.records} records): there is nothing to reset"
+        )
+    info_line(f"the audit log was: {outcome.problem}")
+    moved = outcome.moved
     kept = f"; the old files are kept as {', '.join(p.name for p in moved)}" if moved else ""
     info_line(f"a new audit chain begins at {log.path}{kept}")
 
