@@ -368,6 +368,29 @@ def test_a_partial_last_record_is_set_aside_and_the_repair_recorded(cli: Cli) ->
     assert verify(cli).returncode == 0
 
 
+def test_a_tail_cut_through_an_anchored_record_is_tampering_not_a_crash(cli: Cli) -> None:
+    """Three anchored records cut off, half of one left: verify said 'a write cut short by a
+    crash?' (exit 1), and the next command set the half record aside before it refused."""
+    busy_session(cli)
+    lines = cli.audit.read_bytes().splitlines(keepends=True)
+    cli.audit.write_bytes(b"".join(lines[:-3]) + lines[-3][:100])
+
+    def audit_files() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in cli.audit.parent.glob(cli.audit.name + "*")}
+
+    cut = audit_files()
+    for command in (("audit", "verify"), ("status",), ("get", "auth/DB_PASSWORD"), ("list",)):
+        result = cli(*command)
+        assert result.returncode == 6, (command, result.stderr)
+        assert b"crash" not in result.stderr.replace(b"a crash never", b"")
+        assert b"audit reset --accept-loss" in result.stderr
+    assert b"records are missing at the end" in verify(cli).stderr
+    assert verify(cli).stderr.decode().count("\n") == 1
+    assert audit_files() == cut  # refused without setting anything aside
+    assert cli("audit", "reset", "--accept-loss").returncode == 0
+    assert cli("get", "auth/DB_PASSWORD").stdout == b"db-pass\n"
+
+
 def test_a_partial_record_in_a_full_log_is_set_aside_not_rotated_with_it(cli: Cli) -> None:
     """A rotated file is never written again, so a partial record rotated into it would stop
     every later command for good."""

@@ -71,6 +71,11 @@ class AuditTamperError(IntegrityError):
     """The audit chain is broken: a record was edited, removed, reordered or cut off."""
 
 
+class AuditPartialRecordError(AuditError):
+    """The live file ends in a partial record a crash left (every record the store anchored is
+    there before it): not tampering. The next authenticated append sets it aside."""
+
+
 class AuditAnchor(Protocol):
     """What the audit log needs from a store: a secret key and a tamper-proof anchor."""
 
@@ -400,7 +405,12 @@ class AuditLog:
         changed = tail is None or (before.st_ino, before.st_size) != tail.stamp
         # Only an authenticated writer repairs: its audit.repair record carries a MAC.
         repairing = first is not None and anchor is not None and before.st_size > 0 and changed
-        if repairing and first is not None and self._set_aside_partial_record(fd, before.st_size):
+        if (
+            repairing
+            and first is not None
+            and anchor is not None
+            and self._set_aside_partial_record(fd, before.st_size, anchor)
+        ):
             before = os.fstat(fd)
             repaired = AuditEvent("audit.repair", first.actor, first.source, outcome="partial_set_aside")
             repair.append((None, repaired))
@@ -457,11 +467,13 @@ class AuditLog:
                     if all(event.outcome == "pending" for event in job.events):
                         job.error = refused
 
-    def _set_aside_partial_record(self, fd: int, size: int) -> bool:
+    def _set_aside_partial_record(self, fd: int, size: int, anchor: AuditAnchor) -> Path | None:
         """If the live file ends in a partial line, move that line to `<file>.partial-<time>`
-        (kept for inspection), cut the file after its last whole record and say True."""
+        (kept for inspection), cut the file after its last whole record and return where it went.
+        Only a crash's leftover is: if records the store anchored are missing before it (the tail
+        cut through an anchored record), AuditTamperError, and nothing is changed."""
         if os.pread(fd, 1, size - 1) == b"\n":
-            return False
+            return None
         window = min(size, _PARTIAL_LIMIT)
         chunk = os.pread(fd, window, size - window)
         cut = chunk.rfind(b"\n")
@@ -471,6 +483,8 @@ class AuditLog:
                 "run 'secrets-manager audit verify'"
             )
         keep = size - window + cut + 1
+        last = _last_record(self.path, end=keep) if keep else self._last_rotated_record()
+        _check_tail_against_anchor(last, anchor.audit_anchor(), self.path, anchor.audit_key())
         aside = _unused_path(self.path.with_name(f"{self.path.name}.partial-{_file_stamp(self._clock())}"))
         aside_fd = _open_private(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
@@ -481,7 +495,15 @@ class AuditLog:
         os.ftruncate(fd, keep)
         os.fsync(fd)
         self._tail = None
-        return True
+        return aside
+
+    def _last_rotated_record(self) -> dict[str, Any] | None:
+        for path in reversed(self.files()):
+            if path != self.path:
+                record = _last_record(path)
+                if record is not None:
+                    return record
+        return None
 
     def restart(self, anchor: AuditAnchor, event: AuditEvent) -> list[Path]:
         """Begin the chain again, for an operator who accepts that the log lost records or was
@@ -682,14 +704,19 @@ class AuditLog:
 
     def records(self) -> Iterator[dict[str, Any]]:
         """Every record in order; AuditTamperError on a line that is not a record (or a file of the
-        log that is not a regular file), AuditError on a partial last line (a write a crash cut
-        short)."""
+        log that is not a regular file), AuditPartialRecordError on a partial last line (a write
+        cut short; records() does not know whether records the store anchored are missing too:
+        verify() does)."""
         for _path, _number, record in self._numbered_records():
             yield record
 
-    def _numbered_records(self, *, locked: bool = False) -> Iterator[tuple[Path, int, dict[str, Any]]]:
+    def _numbered_records(
+        self, *, locked: bool = False, on_partial: Callable[[Path, int], None] | None = None
+    ) -> Iterator[tuple[Path, int, dict[str, Any]]]:
         """Every record in order, with the file and line it is on. `locked`: the caller holds the
-        writers' lock (nothing changes while this reads)."""
+        writers' lock (nothing changes while this reads). A partial last line of the live file is
+        given to `on_partial` (its file and line number), which may raise; by default it raises
+        AuditPartialRecordError."""
         files = self._snapshot(locked=locked)
         try:
             for path, handle in files:
@@ -697,10 +724,10 @@ class AuditLog:
                 lines = _lines(handle, None if locked or not live else self._reader_lock)
                 for number, line in enumerate(lines, start=1):
                     if not line.endswith(b"\n") and live:
-                        raise AuditError(
-                            f"audit log {path} ends in a partial record (a write cut short by a "
-                            "crash?); the next audited operation sets it aside"
-                        )
+                        if on_partial is None:
+                            raise _partial_record(path)
+                        on_partial(path, number)
+                        return
                     yield path, number, _parse_line(line, path, number)
         finally:
             for _, handle in files:
@@ -799,7 +826,20 @@ class AuditLog:
     def _verify(self, key: bytes, anchor: Anchor | None, *, locked: bool) -> int:
         previous_hash, expected_seq, count = GENESIS_HASH, 1, 0
         anchor_seen = anchor is None
-        for path, number, record in self._numbered_records(locked=locked):
+
+        def partial(path: Path, number: int) -> None:
+            """A crash cuts short only a write never acknowledged, so never one the store anchored:
+            a partial last line before the anchored record is records cut off, not a crash."""
+            if not anchor_seen:
+                assert anchor is not None
+                raise AuditTamperError(
+                    f"audit log ends at record {count}, then a partial line ({path.name} line {number}), "
+                    f"but the store anchored record {anchor.seq}: records are missing at the end "
+                    f"(a crash never cuts an anchored record short): {_RESTORE_HINT}"
+                )
+            raise _partial_record(path)
+
+        for path, number, record in self._numbered_records(locked=locked, on_partial=partial):
             seq = record.get("seq")
             where = f"record {seq}" if type(seq) is int else f"record #{count + 1}"
             at = f"{path.name} line {number}: {_RESTORE_HINT}"
@@ -1148,23 +1188,32 @@ def _chained(record: dict[str, Any], path: Path, number: int) -> dict[str, Any]:
     return record
 
 
+def _partial_record(path: Path) -> AuditPartialRecordError:
+    return AuditPartialRecordError(
+        f"audit log {path} ends in a partial record (a write cut short by a crash?); "
+        "the next audited operation sets it aside"
+    )
+
+
 def _first_record(path: Path) -> dict[str, Any] | None:
     with _open_for_reading(path) as handle:
         line = handle.readline()
     return _chained(_parse_line(line, path, 1), path, 1) if line.strip() else None
 
 
-def _last_record(path: Path) -> dict[str, Any] | None:
-    """The file's last record, reading backwards only as far as its start."""
+def _last_record(path: Path, *, end: int | None = None) -> dict[str, Any] | None:
+    """The file's last record, reading backwards only as far as its start; `end`: of the file's
+    first `end` bytes only."""
     with _open_for_reading(path) as handle:
-        end = handle.seek(0, os.SEEK_END)
+        if end is None:
+            end = handle.seek(0, os.SEEK_END)
         if end == 0:
             return None
         chunk_size = _TAIL_CHUNK
         while True:
             start = max(0, end - chunk_size)
             handle.seek(start)
-            chunk = handle.read()
+            chunk = handle.read(end - start)
             body = chunk.rstrip(b"\n")
             if b"\n" in body or start == 0:
                 break
