@@ -368,6 +368,34 @@ def test_a_partial_last_record_is_set_aside_and_the_repair_recorded(cli: Cli) ->
     assert verify(cli).returncode == 0
 
 
+def test_a_crashs_partial_record_neither_blocks_show_nor_makes_reset_discard_the_chain(cli: Cli) -> None:
+    """'audit show' printed nothing (exit 1), and 'audit reset --accept-loss' set the whole valid
+    chain aside as .lost-*, though the docs say a partial record is set aside on its own."""
+    busy_session(cli)
+    whole = cli.audit.read_bytes()
+    complete = cli.records()
+    torn = b'{"actor":"root","decision":"al'
+    cli.audit.write_bytes(whole + torn)
+    shown = cli("audit", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == complete
+    warning = shown.stderr.decode()
+    assert warning.count("\n") == 1 and "partial record" in warning and str(cli.audit) in warning
+    reset = cli("audit", "reset", "--accept-loss")
+    assert reset.returncode == 0, reset.stderr
+    assert b"set aside" in reset.stderr and b"no new chain" in reset.stderr
+    assert not list(cli.audit.parent.glob(cli.audit.name + ".lost-*"))
+    (aside,) = cli.audit.parent.glob(cli.audit.name + ".partial-*")
+    assert aside.read_bytes() == torn
+    records = cli.records()
+    assert records[: len(complete)] == complete  # the chain is kept
+    assert [(r["operation"], r["outcome"]) for r in records[len(complete) :]] == [
+        ("audit.repair", "partial_set_aside")
+    ]
+    assert verify(cli).returncode == 0
+    assert cli("audit", "reset", "--accept-loss").returncode == 2  # nothing left to reset
+
+
 def test_a_tail_cut_through_an_anchored_record_is_tampering_not_a_crash(cli: Cli) -> None:
     """Three anchored records cut off, half of one left: verify said 'a write cut short by a
     crash?' (exit 1), and the next command set the half record aside before it refused."""

@@ -24,7 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
@@ -524,17 +524,35 @@ class AuditLog:
         with self._lock:
             self._flock(deadline=time.monotonic() + self.timeout)
             try:
+                aside = None
                 try:
                     try:
                         anchored = anchor.audit_anchor()
                     except IntegrityError as exc:  # damaged: the reset replaces it, never needing to read it
                         raise AuditError(str(exc)) from None
-                    count = self._verify(anchor.audit_key(), anchored, locked=True)
+                    try:
+                        count = self._verify(anchor.audit_key(), anchored, locked=True)
+                    except AuditPartialRecordError:
+                        # A crash's leftover after every anchored record: set aside on its own, as
+                        # the next audited command would, not a reason to discard the chain.
+                        aside = self._repair_locked(anchor, event)
+                        count = self._verify(anchor.audit_key(), anchor.audit_anchor(), locked=True)
                 except (AuditTamperError, AuditError) as exc:
-                    return Reset(problem=str(exc), records=0, moved=self._restart_locked(anchor, event))
-                return Reset(problem=None, records=count, moved=[])
+                    moved = self._restart_locked(anchor, event)
+                    return Reset(problem=str(exc), records=0, moved=moved, set_aside=aside)
+                return Reset(problem=None, records=count, moved=[], set_aside=aside)
             finally:
                 self._unflock()
+
+    def _repair_locked(self, anchor: AuditAnchor, event: AuditEvent) -> Path | None:
+        """Holding both locks: set a partial last record aside, as an append does (checked
+        against the anchor first), and record the repair; where it went, or None."""
+        fd, before = self._live_file(anchor)
+        aside = self._set_aside_partial_record(fd, before.st_size, anchor)
+        if aside is not None:
+            repaired = replace(event, operation="audit.repair", outcome="partial_set_aside")
+            self._write_locked([_AppendJob([repaired], anchor)], anchor, durable=True)
+        return aside
 
     def _restart_locked(self, anchor: AuditAnchor, event: AuditEvent) -> list[Path]:
         stamp = _file_stamp(self._clock())
@@ -702,12 +720,12 @@ class AuditLog:
         )
         return [*rotated, *([self.path] if os.path.lexists(self.path) else [])]
 
-    def records(self) -> Iterator[dict[str, Any]]:
+    def records(self, *, on_partial: Callable[[Path, int], None] | None = None) -> Iterator[dict[str, Any]]:
         """Every record in order; AuditTamperError on a line that is not a record (or a file of the
-        log that is not a regular file), AuditPartialRecordError on a partial last line (a write
-        cut short; records() does not know whether records the store anchored are missing too:
-        verify() does)."""
-        for _path, _number, record in self._numbered_records():
+        log that is not a regular file). A partial last line (a write cut short; records() does
+        not know whether records the store anchored are missing too: verify() does) is given to
+        `on_partial` (its file and line number); without one, AuditPartialRecordError."""
+        for _path, _number, record in self._numbered_records(on_partial=on_partial):
             yield record
 
     def _numbered_records(
@@ -884,9 +902,10 @@ class AuditLog:
 class Reset:
     """What `AuditLog.reset` found and did."""
 
-    problem: str | None  # why the log did not verify; None: it verifies, and nothing was done
+    problem: str | None  # why the log did not verify; None: it verifies, and no new chain was begun
     records: int  # the records of a log that verifies
     moved: list[Path]  # the old files, set aside as <file>.lost-<time>
+    set_aside: Path | None = None  # a crash's partial last record, moved here (<file>.partial-<time>)
 
 
 def _lines(

@@ -15,7 +15,7 @@ import click
 
 from secrets_manager.audit import value_fingerprint
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
-from secrets_manager.cli.output import info_line, parse_cutoff, print_json, print_table
+from secrets_manager.cli.output import info_line, parse_cutoff, print_json, print_table, warning_line
 from secrets_manager.cli.recovery_commands import read_share_file
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.store.base import AuditedStore
@@ -67,9 +67,17 @@ def show(
     """Print audit records (values never appear in them), oldest first."""
     session.require_local("audit show")
     cutoff = parse_cutoff(since, "--since", "leave --since out to show every record") if since else None
+
+    def partial(path: Path, number: int) -> None:
+        warning_line(
+            f"line {number} of audit log {path}, its last, is a partial record (not shown): "
+            "'secrets-manager audit verify' says whether a crash cut it short; the next audited "
+            "operation sets it aside"
+        )
+
     selected = [
         record
-        for record in session.audit_log().records()
+        for record in session.audit_log().records(on_partial=partial)
         if (name_prefix is None or str(record.get("name") or "").startswith(name_prefix))
         and (actor is None or record.get("actor") == actor)
         and (cutoff is None or record_time(record) >= cutoff)
@@ -157,6 +165,14 @@ def reset(session: Session, accept_loss: bool, share_files: tuple[str, ...]) -> 
         outcome = log.reset(store, session.event("audit.reset"))
     finally:
         store.close()
+    if outcome.set_aside is not None:
+        info_line(
+            f"the audit log ended in a partial record (a write a crash cut short): it was set aside "
+            f"as {outcome.set_aside.name}, as the next audited command would have done"
+        )
+    if outcome.problem is None and outcome.set_aside is not None:
+        info_line(f"the audit log verifies ({outcome.records} records): no new chain was begun")
+        return
     if outcome.problem is None:
         raise InvalidInputError(
             f"the audit log verifies ({outcome.records} records): there is nothing to reset"
