@@ -621,6 +621,18 @@ def test_a_damaged_or_forged_log_is_reported_as_such_never_a_crash_or_a_hang(cli
     assert verify(cli).returncode == 0
 
 
+def test_audit_show_since_passes_over_a_record_whose_time_has_no_timezone(cli: Cli) -> None:
+    """It was an internal error (TypeError: a naive time compared with the aware cutoff)."""
+    busy_session(cli)
+    with cli.audit.open("a") as log:
+        log.write(json.dumps(dict(cli.records()[-1], seq=99, time="2020-01-01T00:00:00")) + "\n")
+    since = cli("audit", "show", "--since", "2000-01-01", "--json")
+    assert since.returncode == 0, since.stderr
+    assert [r["seq"] for r in json.loads(since.stdout)] == list(range(1, 14))  # not the forged one
+    everything = cli("audit", "show", "--json")
+    assert json.loads(everything.stdout)[-1]["seq"] == 99
+
+
 def test_a_forged_last_record_with_a_high_seq_does_not_pass_for_a_log_that_grew(cli: Cli) -> None:
     """Records lost at the end, then a forged line with a large seq: it must not satisfy the check
     against the store's anchor (its hash and MAC do not verify)."""

@@ -198,10 +198,16 @@ def hash_command(session: Session, raw: bool) -> None:
 
 
 def record_time(record: dict[str, Any]) -> datetime:
+    """The record's time. Writers always write UTC with its offset: a time that does not parse,
+    or has no timezone (forged or damaged), is taken as the earliest time, so `--since` never
+    selects it (comparing a naive time with the cutoff was an internal error)."""
     try:
-        return datetime.fromisoformat(str(record.get("time")))
+        moment = datetime.fromisoformat(str(record.get("time")))
     except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
         return datetime.min.replace(tzinfo=UTC)
+    return moment
 
 
 __all__ = ["audit"]
