@@ -8,7 +8,9 @@ as it was.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -187,6 +189,25 @@ def _written(path: Path, anchors: _Anchors, records: int) -> AuditLog:
     for _ in range(records):
         log.append([AuditEvent("get", "ops", name="svc/K")], anchors)
     return log
+
+
+def test_a_fifo_under_the_old_name_is_left_where_it_is_without_hanging(tmp_path: Path) -> None:
+    """Reading it for its last signed record opened it by name: the adoption (every command on
+    the store) hung for good."""
+    key = os.urandom(32)
+    old_anchors, new_anchors = _Anchors(key), _Anchors(key)
+    old, new = tmp_path / "old.audit.jsonl", tmp_path / "new.audit.jsonl"
+    _written(old, old_anchors, 2)
+    old.unlink()  # its live file (the last record)...
+    os.mkfifo(old)  # ...replaced by a FIFO
+    found: list[list[Path]] = []
+    adopting = threading.Thread(
+        target=lambda: found.append(adopt_log(old, new, old_anchors, new_anchors)), daemon=True
+    )
+    adopting.start()
+    adopting.join(10)
+    assert found == [[]]
+    assert stat.S_ISFIFO(old.lstat().st_mode) and not new.exists()
 
 
 def test_only_the_rest_of_the_same_chain_is_moved_to_join_files_under_the_new_name(tmp_path: Path) -> None:

@@ -1083,7 +1083,10 @@ def adopt_log(
             return []
         if any(os.path.lexists(target) for target in targets):
             return []
-        last = _last_signed_record(old)
+        try:
+            last = _last_signed_record(old)
+        except AuditTamperError:  # a file that cannot be read (a FIFO, a directory): not ours to move
+            return []
         if last is None or not _record_verifies(last, key):
             return []
         anchored, current = old_anchor.audit_anchor(), anchor.audit_anchor()
