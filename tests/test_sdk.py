@@ -345,6 +345,41 @@ def test_two_servers_on_one_store_clients_keep_working_when_one_is_killed(
         second.stop()
 
 
+def test_a_replica_that_hangs_under_the_watch_stream_is_left_within_seconds(
+    service_dir: Path, make_client: ClientFactory
+) -> None:
+    """A replica that hangs (SIGSTOP: its connections stay open, nothing answers) while it holds the
+    watch stream: the keepalive ping goes unanswered, the stream fails, and the watcher moves to the
+    other replica, so rotations made through it are pushed, not seen at the TTL (300 s). Without
+    keepalive the stream waits on the hung replica for good."""
+    first = start_server(service_dir, "server-a")
+    second = start_server(service_dir, "server-b")
+    try:
+        client = make_client("auth", [first.address, second.address], ttl=300, timeout=1.0)
+        assert revealed(client.credentials()) == AUTH
+        wait_until(lambda: client._live_since is not None, timeout=5.0)
+        assert isinstance(client._backend, _client._ServiceReplicas)
+        assert client._backend._watching == 0  # the stream is on `first`
+        writer = make_client("writer", [second.address])
+        time.sleep(_client.SETTLE_SECONDS + 0.5)  # its settle re-read done: only an event brings news
+        first.process.send_signal(signal.SIGSTOP)
+        try:
+            writer.put("auth/JWT_KEY", b"rotated-while-a-hangs")
+            bound = (_client.KEEPALIVE_TIME_MS + _client.KEEPALIVE_TIMEOUT_MS) / 1000 + 5
+            took = wait_until(
+                lambda: client.credentials()["auth/JWT_KEY"].reveal() == b"rotated-while-a-hangs", bound, 0.05
+            )
+            assert took < 20
+            writer.put("auth/JWT_KEY", b"rotated-again")  # the watcher is on `second` now: pushed
+            wait_until(lambda: client.credentials()["auth/JWT_KEY"].reveal() == b"rotated-again", 3.0, 0.05)
+            assert not client.credentials().stale
+        finally:
+            first.process.send_signal(signal.SIGCONT)
+    finally:
+        first.stop()
+        second.stop()
+
+
 def test_an_address_that_refuses_connections_is_skipped(server: Server, make_client: ClientFactory) -> None:
     client = make_client("auth", [free_address(), server.address])
     assert revealed(client.credentials()) == AUTH

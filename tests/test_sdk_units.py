@@ -231,3 +231,16 @@ def test_a_short_name_finds_the_one_secret_it_ends_and_never_guesses_between_two
     assert creds.get("MISSING") is None
     with pytest.raises(KeyError):
         creds["other/BINANCE_API_KEY"]  # a name with a namespace means exactly that name
+
+
+def test_keepalive_pings_stay_within_what_the_service_permits() -> None:
+    """The SDK's keepalive (which notices a hung replica) must never ping an idle watch stream more
+    often than the service allows, or it would answer GOAWAY too_many_pings and end the stream."""
+    from secrets_manager.client import _client
+    from secrets_manager.wire import MIN_PING_INTERVAL_WITHOUT_DATA_MS
+
+    options = dict(_client.CHANNEL_OPTIONS)
+    assert options["grpc.keepalive_time_ms"] > MIN_PING_INTERVAL_WITHOUT_DATA_MS
+    assert options["grpc.http2.max_pings_without_data"] == 0  # keep pinging an idle stream
+    assert options.get("grpc.keepalive_permit_without_calls", 0) == 0
+    assert options["grpc.keepalive_time_ms"] + options["grpc.keepalive_timeout_ms"] <= 20_000

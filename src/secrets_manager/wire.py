@@ -33,6 +33,12 @@ from secrets_manager.values import SecretValue
 # Watch's initial metadata: the revision (decimal) the stream starts after (proto: rpc Watch).
 WATCH_REVISION_KEY = "secrets-manager-revision"
 
+# The shortest interval between a client's HTTP/2 keepalive pings that the service accepts on a
+# connection whose streams send no data (an idle watch stream): the server's
+# grpc.http2.min_ping_interval_without_data_ms. A client that pings more often is answered, after
+# grpc.http2.max_ping_strikes (2) pings too soon, with GOAWAY too_many_pings, which ends its streams.
+MIN_PING_INTERVAL_WITHOUT_DATA_MS = 10_000
+
 STATUS_OF_ERROR: tuple[tuple[type[SecretsManagerError], grpc.StatusCode], ...] = (
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),

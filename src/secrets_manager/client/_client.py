@@ -96,6 +96,7 @@ from secrets_manager.store.names import DEFAULT_NAMESPACE, validate_namespace
 from secrets_manager.store.url import open_store
 from secrets_manager.tls.files import ClientTlsFiles
 from secrets_manager.values import SecretValue
+from secrets_manager.wire import MIN_PING_INTERVAL_WITHOUT_DATA_MS
 
 log = logging.getLogger("secrets_manager.client")
 
@@ -111,11 +112,27 @@ HEALTHY_STREAM_SECONDS = 5.0  # a stream that lived this long resets the reconne
 # cert-manager with a third of the lifetime left), so seconds are far inside their margin, and
 # a call refused the way an expired certificate is refused checks at once anyway.
 TLS_CHECK_SECONDS = 5.0
+KEEPALIVE_TIME_MS = MIN_PING_INTERVAL_WITHOUT_DATA_MS + 1_000  # a margin over the service's minimum
+KEEPALIVE_TIMEOUT_MS = 5_000
 CHANNEL_OPTIONS = (
     # Retry a lost connection within a couple of seconds, not gRPC's default of up to two minutes.
     # (Not grpc.min_reconnect_backoff_ms: gRPC also uses it as the connect timeout, TLS included.)
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2000),
+    # Notice a replica that hangs (stopped, blackholed: its TCP connection stays open, nothing
+    # answers) within KEEPALIVE_TIME + KEEPALIVE_TIMEOUT: a ping unanswered that long fails the
+    # connection and its calls, the watch stream included, which then fails over. Without it a
+    # watch stream on a hung replica waits forever and pushes nothing. Pings go only while a call
+    # or stream is open (keepalive_permit_without_calls stays 0), at most as often as the service
+    # permits on a connection that sends no data (wire.MIN_PING_INTERVAL_WITHOUT_DATA_MS; more often
+    # would be answered GOAWAY too_many_pings), and with no cap on pings without data (gRPC's
+    # default, 2, would stop them on an idle watch stream). gRPC 1.85 waits for a keepalive ping's
+    # ack as long as for any ping (grpc.http2.ping_timeout_ms, default 1 min), not keepalive_timeout
+    # alone: both are set.
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.ping_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.http2.max_pings_without_data", 0),
 )
 _EVERYTHING = "*"  # refresher job: re-read all that is cached ('*' is never a secret name)
 _ALL = ""  # the listing's cache key: every name the caller may read

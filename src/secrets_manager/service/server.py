@@ -51,6 +51,7 @@ from secrets_manager.tls.identity import Caller, IdentityError, caller_from_auth
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 from secrets_manager.wire import (
+    MIN_PING_INTERVAL_WITHOUT_DATA_MS,
     WATCH_REVISION_KEY,
     error_metadata,
     fill_secret_message,
@@ -526,7 +527,7 @@ def _start(
             ("grpc.so_reuseport", 0),
             # Let clients keep idle watch streams alive, so a silently dropped connection is noticed.
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_WITHOUT_DATA_MS),
         ],
     )
     servicer = SecretsServicer(
