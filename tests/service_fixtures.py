@@ -254,8 +254,10 @@ def start_server(
     settings: str = "",
     store: str = "store.db",
     environment: Mapping[str, str] | None = None,
+    port: int = 0,
 ) -> Server:
-    """`secrets-manager serve` on a free port over `store` (default `directory/store.db`; any store
+    """`secrets-manager serve` on `port` (default: a free one; a restart may pass the port it had)
+    over `store` (default `directory/store.db`; any store
     URL, with what it needs, e.g. PGPASSWORD, in `environment`); returns once it listens.
 
     Every watch stream holds one of the server's worker threads (at most `max_workers` - 16 of them
@@ -264,7 +266,7 @@ def start_server(
     metrics_port = int(free_address().rpartition(":")[2]) if metrics else None
     metrics_line = f'metrics_listen = "127.0.0.1:{metrics_port}"\n' if metrics else ""
     config.write_text(
-        f'listen = "127.0.0.1:0"\nstore = "{store}"\npolicy = "policy.toml"\n'
+        f'listen = "127.0.0.1:{port}"\nstore = "{store}"\npolicy = "policy.toml"\n'
         f"max_workers = {max_workers}\nshutdown_grace_seconds = 5\n{metrics_line}{settings}"
         '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
     )
@@ -284,7 +286,7 @@ def start_server(
     assert process.stderr is not None
     lines: list[str] = []
     deadline = time.monotonic() + 30
-    port = 0
+    port = 0  # the port it listens on, as it says
     while time.monotonic() < deadline:
         line = process.stderr.readline().decode()
         if not line:

@@ -986,6 +986,57 @@ def test_a_hung_server_is_served_stale_and_the_client_recovers_when_it_answers_a
     assert not client.credentials().stale
 
 
+def test_a_refresh_that_failed_is_retried_after_a_resumed_stream_ends_the_outage(
+    service_dir: Path, make_client: ClientFactory
+) -> None:
+    """A change event arrives, the service is killed before the re-fetch it asks for, and comes back
+    at the same address: the watcher's stream resumes (nothing to replay: the event was delivered),
+    so only a retry of the failed re-fetch brings the new value; until then the old one is served
+    marked stale, never as fresh. (The race a put followed at once by SIGKILL runs into.)"""
+    server = start_server(service_dir)
+    port = server.port
+    try:
+        client = make_client("auth", [server.address], ttl=300, timeout=1.0, stale_if_error=60)
+        assert revealed(client.credentials()) == AUTH
+        wait_until(lambda: client._live_since is not None, timeout=5.0)
+        time.sleep(_client.SETTLE_SECONDS + 0.5)  # the settle re-read done
+        backend = client._backend
+        assert backend is not None
+        fetch = backend.fetch
+        killed = threading.Event()
+
+        def fetch_after_the_kill(name: str, **options: Any) -> Any:
+            if name == "auth/JWT_KEY" and not killed.is_set():
+                server.kill()  # between the event and its re-fetch
+                killed.set()
+                wait_until(lambda: client._live_since is None, timeout=5.0)  # the stream broke
+            return fetch(name, **options)
+
+        backend.fetch = fetch_after_the_kill  # type: ignore[method-assign]
+        writer = RemoteStore(server.address, tls_files(service_dir, "writer"))
+        try:
+            writer.put("auth/JWT_KEY", b"put-just-before-the-kill")
+        finally:
+            writer.close()
+        assert killed.wait(5.0)
+        wait_until(lambda: client.stale, timeout=5.0)
+        server = start_server(service_dir, port=port)
+        wait_until(lambda: client._live_since is not None, timeout=10.0)  # resumed: the outage is over
+        served: list[tuple[bytes, bool]] = []
+
+        def served_new() -> bool:
+            creds = client.credentials()
+            served.append((creds["auth/JWT_KEY"].reveal(), creds.stale))
+            return served[-1][0] == b"put-just-before-the-kill"
+
+        wait_until(served_new, timeout=10.0, interval=0.05)
+        assert all(stale for value, stale in served if value != b"put-just-before-the-kill"), served
+        assert not client.credentials().stale
+        assert client.get("auth/JWT_KEY").value.reveal() == b"put-just-before-the-kill"
+    finally:
+        server.stop()
+
+
 def test_a_reconnect_resumes_the_stream_so_a_change_made_while_disconnected_is_pushed(
     service_dir: Path, make_client: ClientFactory
 ) -> None:

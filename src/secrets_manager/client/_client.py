@@ -24,6 +24,10 @@ How a value reaches a caller:
   and without touching the network, while the watcher reconnects with exponential backoff and
   jitter. Past the bound a read tries the service again and, if it still fails, raises a
   `StorageError` that says so. Any successful call or event ends the outage.
+- A re-fetch that fails (an event's, a re-read's) is owed: the refresher tries it again with
+  backoff until one succeeds, since neither a resumed stream (it replays nothing already
+  delivered) nor the TTL may come soon; meanwhile reads serve the cached value marked stale, as
+  in an outage and within the same bound from the first failure, never as fresh.
 - Renewed certificate. gRPC presents the client certificate only in a new connection's
   handshake and keeps a channel's connection for the channel's life, so a renewal needs new
   channels. The refresher stats the three files every `TLS_CHECK_SECONDS`, and a call that fails
@@ -64,7 +68,7 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -647,6 +651,9 @@ class Client:
         self._stream: _ChangeSource | None = None
         self._stream_lock = threading.Lock()
         self._live_since: float | None = None
+        # Refreshes that failed and are owed: key (a name, or _ALL for the listing) -> (start of
+        # the first failed attempt, attempts failed). Copy-on-write under _write_lock, read without.
+        self._owed: dict[str, tuple[float, int]] = {}
         _CLIENTS.add(self)
 
     # ---- reading ---------------------------------------------------------------------------------
@@ -706,9 +713,10 @@ class Client:
 
     @property
     def stale(self) -> bool:
-        """True while no service answers: reads serve the last good values, for at most the
-        stale-if-error bound from the moment the outage began."""
-        return self._reach.outage_since is not None
+        """True while no service answers, or a value known to have changed could not be fetched
+        again yet: reads serve the last good values, for at most the stale-if-error bound from the
+        moment the outage (or the failed re-fetch) began."""
+        return self._reach.outage_since is not None or bool(self._owed)
 
     # ---- lifecycle -------------------------------------------------------------------------------
 
@@ -737,6 +745,7 @@ class Client:
         self._start_lock, self._stream_lock = threading.Lock(), threading.Lock()
         self._queue, self._closed = _RefreshQueue(self._clock), threading.Event()  # not set: checked
         self._rng.seed()  # else every worker would jitter its TTLs and backoffs exactly alike
+        self._owed = {}  # every value is expired: the next read fetches it
         self._secrets.reset_after_fork()
         self._listing.reset_after_fork()
         self._reach.reset_after_fork()
@@ -767,6 +776,13 @@ class Client:
         if self._reach.outage_since is None:
             if now >= listing.fresh_until:
                 return None
+            owed = self._owed
+            if owed:  # a listed value changed and its re-fetch failed: stale, and being retried
+                since = min(
+                    (owed[key][0] for key in owed if key == _ALL or key in listing.value), default=None
+                )
+                if since is not None:
+                    return self._snapshot(namespace, stale=True) if self._owed_servable(since, now) else None
             return self._snapshot(namespace, stale=False)
         if self._reach.may_serve_stale(now):
             return self._snapshot(namespace, stale=True)
@@ -779,8 +795,16 @@ class Client:
             return None
         now = self._clock()
         if self._reach.outage_since is None:
-            return entry.value if now < entry.fresh_until else None
+            if now < entry.fresh_until:
+                return entry.value
+            owed = self._owed.get(name)
+            return entry.value if owed is not None and self._owed_servable(owed[0], now) else None
         return entry.value if self._reach.may_serve_stale(now) else None
+
+    def _owed_servable(self, since: float, now: float) -> bool:
+        """Whether a value whose re-fetch has failed since `since` may still be served (stale): as
+        during an outage, for at most the stale-if-error bound."""
+        return now < since + self._config.stale_if_error
 
     def _load_credentials(self, namespace: str | None) -> Credentials:
         with self._flight(_ALL):
@@ -907,6 +931,7 @@ class Client:
             entries = self._secrets.entries()
             vouched_later = {name for name in dropped if name in entries and entries[name].started > started}
             self._listing.put(_ALL, frozenset(by_name) | vouched_later, started=started)
+            self._paid({_ALL, *by_name, *dropped}, started)
         self._settle(_EVERYTHING, started)
 
     def _store_secret(self, secret: Secret, started: float) -> None:
@@ -916,10 +941,34 @@ class Client:
                 listing = self._listing.get(_ALL)
                 if listing is not None and secret.name not in listing.value:
                     self._listing.replace_value(_ALL, listing.value | {secret.name})
+            self._paid({secret.name}, started)
         self._settle(secret.name, started)
+
+    def _owe(self, key: str, started: float) -> None:
+        """A re-fetch of `key` (a name, or _ALL: the listing) that started at `started` failed.
+        Until one started later succeeds, reads serve the cached value marked stale (within the
+        stale-if-error bound), and the refresher tries again with backoff: no later event, stream
+        or TTL may come to do it (a resumed stream replays nothing already delivered)."""
+        with self._write_lock:
+            since, failures = self._owed.get(key, (started, 0))
+            self._owed = {**self._owed, key: (since, failures + 1)}
+        delay = min(BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2**failures)
+        delay = delay / 2 + self._rng.random() * delay / 2
+        self._queue.schedule(_EVERYTHING if key == _ALL else key, self._clock() + delay)
+
+    def _paid(self, keys: Iterable[str], started: float) -> None:
+        """A fetch of `keys` that started at `started` succeeded: what it covers is owed no more.
+        (Under _write_lock.)"""
+        owed = self._owed
+        if owed:
+            remaining = {key: debt for key, debt in owed.items() if key not in keys or started < debt[0]}
+            if len(remaining) != len(owed):
+                self._owed = remaining
 
     def _forget(self, name: str) -> None:
         with self._write_lock:
+            if name in self._owed:
+                self._owed = {key: debt for key, debt in self._owed.items() if key != name}
             self._secrets.discard(name)
             listing = self._listing.get(_ALL)
             if listing is not None and name in listing.value:
@@ -1077,6 +1126,7 @@ class Client:
                 secrets = self._call(lambda backend: backend.fetch_all())
             except SecretsManagerError as exc:
                 log.debug("refresh of all cached secrets failed: %s", exc)
+                self._owe(_ALL, started)
                 return
             self._store_all(secrets, started)
         for name in list(self._secrets.entries()):
@@ -1092,7 +1142,8 @@ class Client:
             return
         except SecretsManagerError as exc:
             log.debug("refresh of %s failed: %s", name, exc)
-            self._secrets.expire(name)  # the next read asks again (or serves it stale)
+            self._secrets.expire(name)
+            self._owe(name, started)  # served stale until a retry succeeds
             return
         self._store_secret(secret, started)
 
