@@ -22,7 +22,13 @@ from secrets_manager import get_credentials_sync
 from secrets_manager.client import Client, RemoteStore, _client, close_default_client
 from secrets_manager.client._renewal import CertificateFiles
 from secrets_manager.crypto import kdf
-from secrets_manager.errors import AccessDeniedError, InvalidInputError, NotFoundError, StorageError
+from secrets_manager.errors import (
+    AccessDeniedError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    StorageError,
+)
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.tls import pki
@@ -1035,6 +1041,53 @@ def test_a_refresh_that_failed_is_retried_after_a_resumed_stream_ends_the_outage
         assert client.get("auth/JWT_KEY").value.reveal() == b"put-just-before-the-kill"
     finally:
         server.stop()
+
+
+def test_a_service_that_cannot_read_its_store_gets_cached_values_served_stale_by_get_and_credentials(
+    server: Server, service_dir: Path, make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A service whose store changed under it (`passwd` then `keys rotate --root` elsewhere) answers
+    every read ABORTED until it is given the new password. Meanwhile the re-fetch of a changed value
+    and reads past the TTL both serve the cached value marked stale (get() and credentials() alike,
+    never raising ConflictError, never stale=False), and the SDK keeps asking until it is answered."""
+    client = make_client("auth", [server.address], ttl=1.0, timeout=1.0, stale_if_error=60)
+    assert revealed(client.credentials()) == AUTH
+    assert client.get("auth/DB_PASSWORD").value.reveal() == AUTH["auth/DB_PASSWORD"]
+    wait_until(lambda: client._live_since is not None, timeout=5.0)
+    time.sleep(_client.SETTLE_SECONDS + 0.5)
+    backend = client._backend
+    assert backend is not None
+    fetch, fetch_all = backend.fetch, backend.fetch_all
+    locked = threading.Event()
+    locked.set()
+
+    def refuse(call: Callable[..., Any]) -> Callable[..., Any]:
+        def refused(*args: Any, **options: Any) -> Any:
+            if locked.is_set():  # what the service answers with a store it cannot decrypt
+                raise ConflictError("the store changed under the service: restart it")
+            return call(*args, **options)
+
+        return refused
+
+    backend.fetch, backend.fetch_all = refuse(fetch), refuse(fetch_all)  # type: ignore[method-assign]
+    writer = RemoteStore(server.address, tls_files(service_dir, "writer"))
+    try:
+        writer.put("auth/JWT_KEY", b"rotated-while-locked")
+    finally:
+        writer.close()
+    wait_until(lambda: client.credentials().stale, timeout=5.0)  # the event's re-fetch failed
+    time.sleep(1.2)  # and every cached value is past its TTL
+    creds = client.credentials()
+    assert creds.stale and revealed(creds) == AUTH
+    assert client.get("auth/JWT_KEY").value.reveal() == AUTH["auth/JWT_KEY"]
+    assert client.get("auth/DB_PASSWORD").value.reveal() == AUTH["auth/DB_PASSWORD"]
+    assert client.stale
+    assert any("could not give" in message for message in warnings_of(caplog))
+    locked.clear()  # the service has its new password: answered again, with no read needed
+    wait_until(lambda: not client.stale, timeout=10.0, interval=0.05)
+    creds = client.credentials()
+    assert not creds.stale and creds["auth/JWT_KEY"].reveal() == b"rotated-while-locked"
+    assert client.get("auth/JWT_KEY").value.reveal() == b"rotated-while-locked"
 
 
 def test_a_reconnect_resumes_the_stream_so_a_change_made_while_disconnected_is_pushed(

@@ -447,6 +447,13 @@ class _ServiceReplicas:
             each.close()
 
 
+def _no_answer_now(error: SecretsManagerError) -> bool:
+    """Whether `error` from a read says the service cannot answer now (its store changed under it,
+    a corrupt or locked store, an internal error), not something about the secret or the request
+    (not found, denied, invalid), so the cached value stands in for it, marked stale."""
+    return not isinstance(error, (NotFoundError, AccessDeniedError, InvalidInputError))
+
+
 def _worth_another_address(error: SecretsManagerError) -> bool:
     # StorageError is UNAVAILABLE / DEADLINE_EXCEEDED (and a server whose store failed); the base
     # class is any status without a meaning of ours (RESOURCE_EXHAUSTED, INTERNAL, ...).
@@ -819,6 +826,13 @@ class Client:
                 if cached and self._reach.may_serve_stale(self._clock()):
                     return self._snapshot(namespace, stale=True)
                 raise self._unavailable(exc, cached=cached) from None
+            except SecretsManagerError as exc:
+                if not _no_answer_now(exc) or self._listing.get(_ALL) is None:
+                    raise
+                self._owe(_ALL, started, exc, by_read=True)
+                if self._owed_servable(self._owed.get(_ALL, (started, 0))[0], self._clock()):
+                    return self._snapshot(namespace, stale=True)
+                raise
             self._store_all(secrets, started)
             return self._snapshot(namespace, stale=False, fetched=secrets)
 
@@ -837,6 +851,14 @@ class Client:
                 raise self._unavailable(exc, cached=entry is not None) from None
             except (NotFoundError, AccessDeniedError):
                 self._forget(name)
+                raise
+            except SecretsManagerError as exc:
+                entry = self._secrets.get(name)
+                if not _no_answer_now(exc) or entry is None:
+                    raise
+                self._owe(name, started, exc, by_read=True)
+                if self._owed_servable(self._owed.get(name, (started, 0))[0], self._clock()):
+                    return entry.value
                 raise
             self._store_secret(secret, started)
             return secret
@@ -944,14 +966,28 @@ class Client:
             self._paid({secret.name}, started)
         self._settle(secret.name, started)
 
-    def _owe(self, key: str, started: float) -> None:
+    def _owe(self, key: str, started: float, error: SecretsManagerError, *, by_read: bool = False) -> None:
         """A re-fetch of `key` (a name, or _ALL: the listing) that started at `started` failed.
         Until one started later succeeds, reads serve the cached value marked stale (within the
         stale-if-error bound), and the refresher tries again with backoff: no later event, stream
-        or TTL may come to do it (a resumed stream replays nothing already delivered)."""
+        or TTL may come to do it (a resumed stream replays nothing already delivered). The same
+        whether the service did not answer (StorageError: an outage, warned about as such) or
+        answered that it cannot now (a store changed under it: ABORTED, DATA_LOSS; warned here).
+        `by_read`: from the read path, which starts a retry only if none is under way."""
         with self._write_lock:
-            since, failures = self._owed.get(key, (started, 0))
+            debt = self._owed.get(key)
+            since, failures = debt if debt is not None else (started, 0)
             self._owed = {**self._owed, key: (since, failures + 1)}
+        if debt is None and not isinstance(error, StorageError):
+            log.warning(
+                "the secrets-manager service (%s) could not give %s; serving the cached value, marked "
+                "stale, and asking again: %s",
+                self._config.description,
+                "the secrets" if key == _ALL else key,
+                error,
+            )
+        if by_read and debt is not None:
+            return  # the refresher's retries are under way
         delay = min(BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2**failures)
         delay = delay / 2 + self._rng.random() * delay / 2
         self._queue.schedule(_EVERYTHING if key == _ALL else key, self._clock() + delay)
@@ -1126,7 +1162,7 @@ class Client:
                 secrets = self._call(lambda backend: backend.fetch_all())
             except SecretsManagerError as exc:
                 log.debug("refresh of all cached secrets failed: %s", exc)
-                self._owe(_ALL, started)
+                self._owe(_ALL, started, exc)
                 return
             self._store_all(secrets, started)
         for name in list(self._secrets.entries()):
@@ -1143,7 +1179,7 @@ class Client:
         except SecretsManagerError as exc:
             log.debug("refresh of %s failed: %s", name, exc)
             self._secrets.expire(name)
-            self._owe(name, started)  # served stale until a retry succeeds
+            self._owe(name, started, exc)  # served stale until a retry succeeds
             return
         self._store_secret(secret, started)
 
