@@ -31,6 +31,8 @@ from secrets_manager.errors import (
 )
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.store import encrypted as encrypted_module
+from secrets_manager.store.keys import rotate_root_key
 from secrets_manager.tls import pki
 from secrets_manager.tls.files import write_private_file
 from service_fixtures import (
@@ -922,6 +924,42 @@ def test_development_fallback_with_a_password_file(local_store: Path, tmp_path: 
             client.get("market-connector/BINANCE_SECRET").value.reveal()
             == SEED["market-connector/BINANCE_SECRET"]
         )
+
+
+def test_development_fallback_recovers_from_passwd_and_a_root_rotation_once_its_password_file_has_it(
+    local_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`passwd` then `keys rotate --root` on the local store: the SDK reading it with a password
+    file serves what it has (marked stale) and, once the file holds the new password, reads the
+    store again without a restart, as `serve` does."""
+    monkeypatch.setattr(encrypted_module, "RENEW_RETRY_SECONDS", 0.2)  # a failed re-read is spaced
+    password_file = tmp_path / "password"
+    password_file.write_text(PASSWORD + "\n")
+    env = {
+        "SHRIVENQUANT_ENV": "development",
+        "SECRETS_MANAGER_STORE": str(local_store),
+        "MASTER_PASSWORD_FILE": str(password_file),
+    }
+    with Client(environ=env) as client:
+        assert revealed(client.credentials()) == SEED
+        time.sleep(0.5)  # the change feed is being polled
+        admin = EncryptedStore.open(SqliteStorage(local_store), PasswordUnlock(PASSWORD, kdf.TEST))
+        try:
+            admin.change_unlock(PasswordUnlock("a new master password", kdf.TEST))
+            rotate_root_key(admin)
+            admin.put("auth/JWT_KEY", b"written-under-the-new-root-key")
+        finally:
+            admin.close()
+        wait_until(lambda: client.stale, timeout=5.0)  # the change seen, its value not readable
+        assert revealed(client.credentials()) == SEED
+        password_file.write_text("a new master password\n")
+        wait_until(
+            lambda: client.credentials()["auth/JWT_KEY"].reveal() == b"written-under-the-new-root-key",
+            timeout=10.0,
+            interval=0.05,
+        )
+        assert not client.credentials().stale
+        assert client.get("auth/DB_PASSWORD").value.reveal() == SEED["auth/DB_PASSWORD"]
 
 
 def test_production_without_an_address_is_an_error(

@@ -466,8 +466,15 @@ class _LocalStore:
     Writes stay with `secrets-manager store`, which audits them; reads here are not audited."""
 
     def __init__(self, target: LocalTarget) -> None:
+        # A password file may be read again when another process has changed the password and
+        # rotated the root key (`passwd`, `keys rotate --root`), as `serve` does: putting the new
+        # password in the file is then enough. A password from the environment cannot change.
         self._store: EncryptedStore = open_store(
-            target.store_url, target.read_password, environment=target.environment, actor=_local_actor()
+            target.store_url,
+            target.read_password,
+            environment=target.environment,
+            actor=_local_actor(),
+            password_rereadable=target.password_file is not None,
         )
 
     def fetch_all(self) -> list[Secret]:
@@ -980,7 +987,7 @@ class Client:
             self._owed = {**self._owed, key: (since, failures + 1)}
         if debt is None and not isinstance(error, StorageError):
             log.warning(
-                "the secrets-manager service (%s) could not give %s; serving the cached value, marked "
+                "secrets-manager (%s) could not give %s; serving the cached value, marked "
                 "stale, and asking again: %s",
                 self._config.description,
                 "the secrets" if key == _ALL else key,
