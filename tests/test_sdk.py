@@ -3,6 +3,7 @@ certificates, a real policy, a real SQLite store (shared by two servers in the f
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -1005,6 +1006,34 @@ def test_many_threads_share_one_client_and_one_fetch(server: Server, make_client
         if r["actor"] == f"spiffe://{TD}/ops" and r["operation"] == "get"
     }
     assert len(batch_reads) <= 3  # one read-path fetch, at most the watcher's two re-reads
+
+
+def test_names_asked_for_leave_no_single_flight_state_behind(local_store: Path) -> None:
+    """Every distinct name read (5,000 missing ones, say) once kept a lock in the client for good."""
+    env = {
+        "SHRIVENQUANT_ENV": "development",
+        "SECRETS_MANAGER_STORE": str(local_store),
+        "MASTER_PASSWORD": PASSWORD,
+    }
+    with Client(environ=env) as client:
+        assert client.get("auth/JWT_KEY").value.reveal() == SEED["auth/JWT_KEY"]
+        for index in range(200):
+            with pytest.raises(NotFoundError):
+                client.get(f"auth/missing-{index}")
+        assert revealed(client.credentials()) == SEED
+        assert client._flights == {}
+
+        def read() -> None:
+            for index in range(50):
+                with contextlib.suppress(NotFoundError):
+                    client.get(f"auth/missing-{index % 5}")
+
+        threads = [threading.Thread(target=read) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert client._flights == {}
 
 
 def server_audit(server: Server) -> list[dict[str, Any]]:

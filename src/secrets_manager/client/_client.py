@@ -585,6 +585,16 @@ class _Backoff:
         self._delay = BACKOFF_INITIAL_SECONDS
 
 
+class _Flight:
+    """The lock of one key's fetch and how many requests for the key hold or wait for it."""
+
+    __slots__ = ("lock", "requests")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+
+
 class _RefreshQueue:
     """Keys to re-fetch and when; `take_due` blocks until some are due (or `wake`)."""
 
@@ -655,7 +665,7 @@ class Client:
         self._reach = Reachability(self._config.stale_if_error, clock=clock)
         self._snapshots: dict[str | None, tuple[tuple[int, int, bool], Credentials]] = {}
         self._write_lock = threading.RLock()  # every cache write; reads take no lock
-        self._flights: dict[str, threading.Lock] = {}
+        self._flights: dict[str, _Flight] = {}  # only keys with a request in flight
         self._flights_lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._backend: _Backend | None = None
@@ -890,11 +900,22 @@ class Client:
 
     @contextmanager
     def _flight(self, key: str) -> Iterator[None]:
-        """At most one fetch per key at a time; the others wait for it and use its result."""
+        """At most one fetch per key at a time; the others wait for it and use its result. A key's
+        entry lives only while requests for it are in flight, so names asked for once (missing
+        ones included) leave nothing behind."""
         with self._flights_lock:
-            lock = self._flights.setdefault(key, threading.Lock())
-        with lock:
-            yield
+            flight = self._flights.get(key)
+            if flight is None:
+                flight = self._flights[key] = _Flight()
+            flight.requests += 1
+        try:
+            with flight.lock:
+                yield
+        finally:
+            with self._flights_lock:
+                flight.requests -= 1
+                if flight.requests == 0 and self._flights.get(key) is flight:
+                    del self._flights[key]
 
     def _call(self, operation: Callable[[_Backend], T]) -> T:
         """One operation on the backend, recording whether any service answered."""
