@@ -881,6 +881,63 @@ def test_a_forked_child_gets_its_own_watcher_and_channels(
     assert "child saw the rotation fresh" in output and "parent saw the rotation" in output, output
 
 
+_FORKING_AT_ONCE = """
+import os, signal, sys, time
+from secrets_manager import get_credentials_sync
+
+def value():
+    return get_credentials_sync()["auth/JWT_KEY"].reveal()
+
+hung = 0
+for round in range(3):  # fork right after a read, as gunicorn --preload does: the watcher is starting
+    assert value() == b"auth-jwt-key-SEEKRIT-2"
+    children = []
+    for _ in range(2):
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if value() == b"auth-jwt-key-SEEKRIT-2" else 1)
+        children.append(pid)
+    deadline = time.monotonic() + 15
+    for pid in children:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                assert os.waitstatus_to_exitcode(status) == 0, status
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                hung += 1
+                break
+            time.sleep(0.05)
+    time.sleep(0.2 * round)
+print("children hung:", hung, flush=True)
+assert value() == b"auth-jwt-key-SEEKRIT-2"
+sys.exit(1 if hung else 0)
+"""
+
+
+def test_children_forked_right_after_a_read_under_grpc_fork_support_do_not_hang(
+    server: Server, service_dir: Path
+) -> None:
+    """With GRPC_ENABLE_FORK_SUPPORT=true and GRPC_POLL_STRATEGY=poll (what the README asks of a
+    process that forks after using gRPC), a fork while the SDK's threads were inside gRPC calls
+    left children stuck for good in gRPC's post-fork handler. Forks in a child process, bounded."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(service_dir),
+        **client_environ(service_dir, "auth", [server.address]),
+        "GRPC_ENABLE_FORK_SUPPORT": "true",
+        "GRPC_POLL_STRATEGY": "poll",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", _FORKING_AT_ONCE], capture_output=True, env=env, timeout=120, check=False
+    )
+    output = result.stdout.decode()
+    assert result.returncode == 0, output + result.stderr.decode()[-3000:]
+    assert "children hung: 0" in output
+
+
 # ---- development fallback -------------------------------------------------------------------------
 
 

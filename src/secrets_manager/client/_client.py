@@ -760,6 +760,46 @@ class Client:
         if backend is not None:
             backend.close()
 
+    def _pause_for_fork(self) -> bool:
+        """Before fork(): stop the watcher and refresher and close the channels (cancelling the
+        calls on them), so no thread of this client is inside gRPC when the process forks. gRPC's
+        fork support (GRPC_ENABLE_FORK_SUPPORT) skips its fork handlers when other threads are
+        calling into it, and a child forked so could hang for good in its post-fork handler.
+        `_start_lock` stays held until after the fork, so no read starts new channels meanwhile.
+        Whether there was anything to stop (the parent then starts it again)."""
+        with self._start_lock:
+            backend, threads = self._backend, list(self._threads)
+            if backend is None or self._closed.is_set():
+                self._start_lock.acquire()  # released by _resume_after_fork_in_parent
+                return False
+            self._closed.set()  # the threads' loops end
+        with self._stream_lock:
+            if self._stream is not None:
+                self._stream.cancel()
+        self._queue.wake()
+        backend.close()  # a call in flight ends now, cancelled
+        for thread in threads:  # not under _start_lock: a refresh may be waiting for it
+            thread.join(timeout=self._config.timeout + 5)
+        self._start_lock.acquire()  # released by _resume_after_fork_in_parent
+        self._backend, self._threads, self._stream, self._live_since = None, [], None, None
+        self._closed, self._queue = threading.Event(), _RefreshQueue(self._clock)
+        return True
+
+    def _resume_after_fork_in_parent(self, paused: bool) -> None:
+        """After fork() in the parent: new channels and threads, as after a first read. The new
+        stream re-reads everything cached (nothing may be missed while paused), and what was owed
+        is tried again."""
+        self._start_lock.release()
+        if not paused:
+            return
+        try:
+            self._started_backend()
+        except SecretsManagerError as exc:  # the next read starts it again
+            log.warning("restarting the secrets-manager client after fork() failed: %s", exc)
+            return
+        for key in list(self._owed):
+            self._queue.schedule(_EVERYTHING if key == _ALL else key)
+
     def _after_fork_in_child(self) -> None:
         """Only the thread that forked survives: locks other threads held stay held, and the
         watcher and refresher are gone. New locks and queue; the backend is kept referenced but
@@ -1058,6 +1098,7 @@ class Client:
                 target = self._config.target
                 if isinstance(target, RemoteTarget):
                     self._backend = _ServiceReplicas(target, self._config.timeout)
+                    _register_fork_pause()
                     self._queue.schedule(_RENEWAL, self._clock() + TLS_CHECK_SECONDS)
                 else:
                     self._backend = _LocalStore(target)
@@ -1332,15 +1373,48 @@ _CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()  # every client of this pr
 _LEFT_BY_FORK: list[_Backend] = []  # a parent's backends, in a child: referenced, so never finalised
 
 
+_PAUSED_FOR_FORK: list[tuple[Client, bool]] = []  # in the forking thread, between before and after
+
+
+def _before_fork() -> None:
+    for client in list(_CLIENTS):
+        try:
+            paused = client._pause_for_fork()
+        except Exception as exc:  # never stop the fork; the client starts over at its next read
+            log.warning("pausing the secrets-manager client for fork() failed: %s", exc)
+            paused = False
+        _PAUSED_FOR_FORK.append((client, paused))
+
+
+def _after_fork_in_parent() -> None:
+    paused, _PAUSED_FOR_FORK[:] = list(_PAUSED_FOR_FORK), []
+    for client, was_running in paused:
+        client._resume_after_fork_in_parent(was_running)
+
+
 def _after_fork_in_child() -> None:
     global _default_lock
     _default_lock = threading.Lock()
+    _PAUSED_FOR_FORK.clear()
     for client in list(_CLIENTS):
         if not client._closed.is_set():
             client._after_fork_in_child()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+_fork_pause_lock = threading.Lock()
+_fork_pause_registered = False
+
+
+def _register_fork_pause() -> None:
+    """Register the before/after-in-parent hooks once gRPC has registered its own (at its first
+    channel): `before` hooks run in reverse order of registration, so ours closes the channels
+    before gRPC's marks a fork in progress (after which closing a channel would wait for the fork)."""
+    global _fork_pause_registered
+    with _fork_pause_lock:
+        if not _fork_pause_registered:
+            os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent)
+            _fork_pause_registered = True
 
 
 # ---- the process-wide client behind get_credentials() --------------------------------------------
