@@ -563,3 +563,18 @@ def test_backup_draws_a_progress_bar_on_a_terminal(cli: Cli) -> None:
     assert proc.returncode == 0
     text = drawn.decode("utf-8", errors="replace")
     assert "backup writing" in text and "10/10" in text
+
+
+def test_backup_refuses_to_write_over_the_audit_log_and_its_rotated_files(cli: Cli) -> None:
+    """`backup AUDIT_LOG --force` replaced the log with the backup: every command then exited 6
+    (a broken chain) until `audit reset`."""
+    cli.ok("backup", str(cli.tmp / "first.smbackup"))  # an audited command: the log exists
+    log = cli.store.with_name("store.audit.jsonl")
+    alias = cli.tmp / "alias"
+    alias.symlink_to(log.parent)
+    before = files_of(cli.store)
+    assert log.name in before
+    for target in (log, log.with_name(f"{log.name}.000000000001"), alias / log.name):
+        assert_one_line_error(cli("backup", str(target), "--force"), 2, "audit log", "another file")
+        assert files_of(cli.store) == before
+    cli.ok("audit", "verify")
