@@ -902,6 +902,27 @@ def test_metadata_over_the_limits_is_refused_with_exit_2_and_nothing_changes(rea
     assert ready("get", "svc/META").out == "v1\n"
 
 
+def test_text_that_is_not_utf8_is_refused_in_every_metadata_field(ready: Cli) -> None:
+    """A byte that is not UTF-8 in an argument became a lone surrogate that was stored (exit 0);
+    the service then failed on every listing that included it."""
+    assert ready("store", "svc/META", "--description", "ok", "--tag", "team=desk1", input=b"v1").code == 0
+    before = (ready("list", "--json").out, ready("history", "svc/META", "--json").out)
+    bad = os.fsdecode(b"x\xff")
+    refused = [
+        ("store", "svc/META", "--description", bad),
+        ("store", "svc/META", "--tag", f"{bad}=v"),
+        ("store", "svc/META", "--tag", f"k={bad}"),
+        ("store", "svc/NEW", "--description", bad),
+        ("metadata", "svc/META", "--description", bad),
+        ("metadata", "svc/META", "--tag", f"{bad}=v"),
+        ("metadata", "svc/META", "--tag", f"k={bad}"),
+        ("metadata", "svc/META", "--untag", bad),
+    ]
+    for args in refused:
+        assert_one_line_error(ready(*args, input=b"v2"), 2, "not UTF-8")
+    assert (ready("list", "--json").out, ready("history", "svc/META", "--json").out) == before
+
+
 EVIL_DESCRIPTION = "evil\x1b[31mRED\x1b]0;TITLE\x07\nNEWLINE\tTAB"
 FORGED_ROW = "a\tb\nfake/SECRET\t9\t2026\tactive\t"
 EVIL_AUTHOR = "mallory\x1b[2J\x9b31m\nfake\t9"

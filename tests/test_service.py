@@ -12,6 +12,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
@@ -34,6 +35,7 @@ from service_fixtures import (
     Server,
     eventually,
     free_address,
+    in_process_server,
     make_odd_client,
     make_pki,
     make_store,
@@ -1151,3 +1153,28 @@ def test_a_password_file_is_read_again_after_passwd_and_a_root_rotation(tmp_path
         assert server.cli("ops", "store", "auth/NEW", input=b"written after").returncode == 0
     finally:
         server.stop()
+
+
+def test_a_response_that_cannot_be_built_is_internal_error_without_the_exception_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A description holding a lone surrogate (what a non-UTF-8 byte on the command line became,
+    before the CLI refused it) cannot go into a response: DescribeSecret failed after the audited
+    part, and gRPC sent "Exception calling application: 'utf-8' codec can't encode…"."""
+    make_pki(tmp_path)
+    make_store(tmp_path, SEED, POLICY)
+    store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        real_describe = store.describe
+        monkeypatch.setattr(
+            store, "describe", lambda name: replace(real_describe(name), description="SEEKRIT-\udcff")
+        )
+        with (
+            in_process_server(tmp_path, store, watch_tick=30) as (_running, stub),
+            pytest.raises(grpc.RpcError) as failure,
+        ):
+            stub("ops").DescribeSecret(pb.DescribeSecretRequest(name="auth/JWT_KEY"), timeout=10)
+    finally:
+        store.close()
+    assert failure.value.code() == grpc.StatusCode.INTERNAL
+    assert failure.value.details() == "internal error"

@@ -26,7 +26,7 @@ from secrets_manager.errors import (
 )
 from secrets_manager.rotation import MAX_TIMEOUT, Rotated
 from secrets_manager.store import CURRENT, PENDING, Secret, SecretMetadata, VersionInfo
-from secrets_manager.store.base import checked_max_versions
+from secrets_manager.store.base import checked_max_versions, checked_metadata, checked_metadata_update
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.tls.files import ClientTlsFiles, read_client_tls
 from secrets_manager.v1 import secrets_pb2 as pb
@@ -210,6 +210,7 @@ class RemoteStore:
         max_versions: int | None,
     ) -> Any:
         checked_max_versions(name, max_versions)  # the service checks too; uint32 holds no -1
+        checked_metadata(name, description, tags)  # protobuf cannot encode text that is not UTF-8
         request = pb.PutSecretRequest(name=name, value=value)
         if expect_version is not None:
             request.expect_version = expect_version
@@ -260,7 +261,8 @@ class RemoteStore:
         max_versions: int | None = None,
     ) -> None:
         """UpdateSecretMetadata (needs write)."""
-        checked_max_versions(name, max_versions)  # the service checks too; uint32 holds no -1
+        # The service checks too; but uint32 holds no -1, and protobuf cannot encode non-UTF-8 text.
+        checked_metadata_update(name, description, set_tags, remove_tags, max_versions)
         self._call(
             "UpdateSecretMetadata",
             pb.UpdateSecretMetadataRequest(

@@ -529,6 +529,7 @@ def _start(
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_WITHOUT_DATA_MS),
         ],
+        interceptors=[WithheldErrors()],
     )
     servicer = SecretsServicer(
         store,
@@ -667,6 +668,55 @@ def run_server(
         log.error("audit log could not be flushed at shutdown", extra={"error": str(exc)})
     log.info("stopped")
     return 0
+
+
+class WithheldErrors(grpc.ServerInterceptor):  # type: ignore[misc]
+    """An exception that escapes a handler without a status (a bug, or a response that cannot be
+    built, such as text that is not UTF-8) ends the call INTERNAL "internal error", its type logged:
+    gRPC itself would send "Exception calling application: <its text>", which could hold data."""
+
+    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
+        handler = continuation(details)
+        if handler is None or handler.request_streaming:
+            return handler
+        method = str(details.method).rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            def unary_call(request: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    return unary(request, context)
+                except Exception as exc:
+                    _withhold(exc, context, method)
+
+            return grpc.unary_unary_rpc_method_handler(
+                unary_call,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            stream = handler.unary_stream
+
+            def stream_call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                try:
+                    yield from stream(request, context)
+                except Exception as exc:
+                    _withhold(exc, context, method)
+
+            return grpc.unary_stream_rpc_method_handler(
+                stream_call,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+def _withhold(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
+    """Re-raise an abort (its status is set already); end anything else as "internal error"."""
+    if context.code() is not None:
+        raise exc
+    log.error("internal error", extra={"method": method, "error_type": type(exc).__name__})
+    context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
 class _Requested:

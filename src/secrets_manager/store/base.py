@@ -280,6 +280,13 @@ def has_control_characters(text: str) -> bool:
     return any(unicodedata.category(char) == "Cc" for char in text)
 
 
+def has_undecodable_bytes(text: str) -> bool:
+    """Whether `text` holds a lone surrogate (Unicode category Cs): what Python makes of a byte that
+    is not UTF-8 in a command-line argument or file name. It cannot be encoded as UTF-8, so no
+    store, file or response could hold it."""
+    return any(unicodedata.category(char) == "Cs" for char in text)
+
+
 def checked_metadata(name: str, description: str | None, tags: Mapping[str, str] | None) -> None:
     """The checks every store makes on a write's description and tags, before anything is written:
     AWS Secrets Manager's limits (description up to 2048 characters; at most 50 tags; keys of 1 to
@@ -379,6 +386,11 @@ def _check_text(text: str, what: str, shortest: int, longest: int) -> None:
     if not shortest <= len(text) <= longest:
         bounds = f"the limit is {longest}" if shortest == 0 else f"it must be {shortest} to {longest}"
         raise InvalidInputError(f"{what} is {len(text)} characters; {bounds}")
+    if has_undecodable_bytes(text):
+        raise InvalidInputError(
+            f"{what} holds a byte that is not UTF-8 (text from a Latin-1 terminal or file?); give it "
+            "as UTF-8 text"
+        )
     if has_control_characters(text):
         raise InvalidInputError(
             f"{what} contains a control character (such as a newline, tab or escape); it must be "
