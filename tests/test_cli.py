@@ -871,9 +871,67 @@ def test_closed_pipe_is_not_an_error(ready: Cli) -> None:
     first = lister.stdout.readline()
     lister.stdout.close()  # the reader goes away, like `| head -n 1`
     stderr = lister.stderr.read()
-    lister.wait(timeout=60)  # click ends with status 1 on EPIPE; what matters is that it is quiet
+    assert lister.wait(timeout=60) == 0
     assert first == b"svc/K000\n"
     assert stderr == b""
+
+
+@pytest.mark.parametrize(
+    "args", [["list"], ["list", "--long"], ["audit", "show"], ["status"], ["get", "svc/K"], ["--help"]]
+)
+def test_a_reader_gone_before_any_output_ends_the_command_quietly_with_exit_0(
+    ready: Cli, args: list[str]
+) -> None:
+    """`| head -1` over a long listing: click turned the broken pipe into a silent exit 1."""
+    assert ready("store", "svc/K", input=b"v").code == 0
+    process = subprocess.Popen(
+        [str(SCRIPT), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=ready.env,
+        start_new_session=True,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # before the command has started: its first write meets a closed pipe
+    stderr = process.stderr.read()
+    assert (process.wait(timeout=60), stderr) == (0, b"")
+
+
+def _run_to(cli: Cli, stdout: str, *args: str, input: bytes = b"") -> Result:
+    """The command with its standard output opened on `stdout` ('-' for closed, as `>&-`)."""
+    redirect = ">&-" if stdout == "-" else f">{shlex.quote(stdout)}"
+    proc = subprocess.run(
+        ["sh", "-c", f'exec "$@" {redirect}', "sh", str(SCRIPT), *args],
+        input=input,
+        stderr=subprocess.PIPE,
+        env=cli.env,
+        start_new_session=True,
+        timeout=60,
+    )
+    stderr = proc.stderr.decode("utf-8", errors="replace")
+    assert "Traceback" not in stderr, stderr
+    return Result(proc.returncode, b"", stderr)
+
+
+def test_output_that_cannot_be_written_is_a_one_line_error_saying_what_was_done(ready: Cli) -> None:
+    """Into /dev/full: 'internal error (OSError)', though `store` had stored the value; with stdout
+    closed, `get` exited 0 having printed nothing."""
+    stored = _run_to(ready, "/dev/full", "store", "svc/FULL", input=b"v1")
+    assert_one_line_error(stored, 1, "stored svc/FULL version 1, but", "standard output", "No space left")
+    assert ready("get", "svc/FULL").out == "v1\n"
+    for args in (
+        ["get", "svc/FULL"],
+        ["list"],
+        ["status"],
+        ["--help"],
+        ["--version"],
+        ["get", "svc/FULL", "--raw"],
+    ):
+        assert_one_line_error(_run_to(ready, "/dev/full", *args), 1, "standard output", "No space left")
+        assert_one_line_error(_run_to(ready, "-", *args), 1, "standard output", "closed")
+    assert_one_line_error(_run_to(ready, "-", "store", "svc/CLOSED", input=b"v"), 1, "stored svc/CLOSED")
+    assert ready("get", "svc/CLOSED").out == "v\n"
 
 
 # ---- metadata: limits on writes, control characters never printed raw ---------------------------

@@ -6,6 +6,7 @@ traceback ever reaches a user.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import sys
@@ -27,7 +28,7 @@ from secrets_manager.cli import (
     status_command,  # noqa: F401  (registers `status`)
 )
 from secrets_manager.cli.app import cli
-from secrets_manager.cli.output import error_line, warning_line
+from secrets_manager.cli.output import OutputClosed, OutputFailed, StandardOutput, error_line, warning_line
 from secrets_manager.errors import SecretsManagerError
 
 DEBUG_VARIABLE = "SECRETS_MANAGER_DEBUG"
@@ -35,8 +36,41 @@ DEBUG_VARIABLE = "SECRETS_MANAGER_DEBUG"
 
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns (and exits with) the documented exit code."""
+    _own_standard_output()
     code = run(argv)
     sys.exit(code)
+
+
+def _own_standard_output() -> None:
+    """`sys.stdout` on fd 1 through StandardOutput, so a closed pipe or a full disk is told from
+    any other OSError; a closed fd 1 (`>&-`) gets /dev/null, so no file opened later lands there."""
+    try:
+        os.fstat(1)
+        closed = False
+    except OSError:
+        closed = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        if devnull != 1:
+            os.dup2(devnull, 1)
+            os.close(devnull)
+    original = sys.stdout
+    sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(StandardOutput(closed_at_start=closed)),
+        encoding=getattr(original, "encoding", None) or "utf-8",
+        errors=getattr(original, "errors", None) or "strict",
+        line_buffering=bool(getattr(original, "line_buffering", False)),
+    )
+
+
+def _discard_output() -> None:
+    """After a closed pipe or a failed write: whatever is still buffered goes nowhere."""
+    raw = getattr(getattr(sys.stdout, "buffer", None), "raw", None)
+    if isinstance(raw, StandardOutput):
+        raw.discard()
+    else:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 class _WarningLines(logging.Handler):
@@ -62,7 +96,16 @@ def run(argv: list[str] | None = None) -> int:
 def _run(argv: list[str] | None) -> int:
     try:
         result = cli.main(args=argv, prog_name="secrets-manager", standalone_mode=False)
+        if sys.stdout is not None:
+            sys.stdout.flush()  # here, so a failure is reported as any other
         return result if isinstance(result, int) else 0
+    except OutputClosed:  # the reader went away (`| head`): quiet, as other Unix tools end
+        _discard_output()
+        return 0
+    except OutputFailed as exc:
+        _discard_output()
+        error_line(exc.message())
+        return 1
     except SecretsManagerError as exc:
         error_line(str(exc))
         for note in getattr(exc, "__notes__", ()):  # e.g. a refused unlock that could not be audited
@@ -84,10 +127,8 @@ def _run(argv: list[str] | None) -> int:
     except click.ClickException as exc:
         error_line(exc.format_message().replace("\n", " "))
         return exc.exit_code
-    except BrokenPipeError:
-        # The reader went away (e.g. `| head`): not an error worth a message.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+    except BrokenPipeError:  # the same, where sys.stdout is not StandardOutput (in-process callers)
+        _discard_output()
         return 0
     except KeyboardInterrupt:
         error_line("interrupted")

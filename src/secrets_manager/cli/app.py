@@ -31,6 +31,7 @@ from secrets_manager.audit import (
 )
 from secrets_manager.cli.output import (
     info_line,
+    output_of,
     parse_cutoff,
     print_json,
     print_table,
@@ -730,10 +731,11 @@ def store_command(
             max_versions=max_versions,
         )
         note.version(info.version)
-    if as_json:
-        print_json({"name": name, "version": info.version})
-    else:
-        click.echo(f"stored {name} version {info.version}")
+    with output_of(f"stored {name} version {info.version}"):
+        if as_json:
+            print_json({"name": name, "version": info.version})
+        else:
+            click.echo(f"stored {name} version {info.version}")
 
 
 @cli.command()

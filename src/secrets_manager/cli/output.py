@@ -13,7 +13,9 @@ some terminals) and the characters below, which `json.dumps` leaves raw; the doc
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import re
 import sys
 import unicodedata
@@ -55,6 +57,73 @@ def _escaped(char: str) -> str:
         code = ord(char)
         return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
     return char
+
+
+class OutputClosed(Exception):  # not an OSError: click would turn EPIPE into exit 1
+    """The reader of standard output went away (`| head`): the command ends quietly, exit 0."""
+
+
+class OutputFailed(Exception):
+    """Standard output cannot be written (a full disk, a closed descriptor): exit 1 naming it."""
+
+    def __init__(self, reason: str, done: str | None = None) -> None:
+        self.reason, self.done = reason, done
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        if self.done:
+            return f"{self.done}, but its output could not be written to standard output: {self.reason}"
+        return (
+            f"cannot write the output to standard output: {self.reason}; check where it goes "
+            "(a full disk, a closed file)"
+        )
+
+
+class StandardOutput(io.RawIOBase):
+    """File descriptor 1 for `sys.stdout`, whose write errors are OutputClosed and OutputFailed,
+    so main can tell them from any other OSError. `closed_at_start`: fd 1 was closed when the
+    process started (`>&-`; main put /dev/null there so no file opened later lands on it), and
+    any output fails."""
+
+    def __init__(self, *, closed_at_start: bool) -> None:
+        super().__init__()
+        self._closed_at_start = closed_at_start
+        self._discarding = False
+
+    def discard(self) -> None:
+        """After a failure has been reported: drop what is left (the exit's flush must not fail)."""
+        self._discarding = True
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 1
+
+    def isatty(self) -> bool:
+        return not self._closed_at_start and os.isatty(1)
+
+    def write(self, data: Any) -> int:
+        if self._discarding:
+            return len(data)
+        if self._closed_at_start:
+            raise OutputFailed("it is closed")
+        try:
+            return os.write(1, data)
+        except BrokenPipeError:
+            raise OutputClosed() from None
+        except OSError as exc:
+            raise OutputFailed(exc.strerror or type(exc).__name__) from None
+
+
+@contextmanager
+def output_of(done: str) -> Iterator[None]:
+    """Around a command's output after it changed something: a failed write says what was done."""
+    try:
+        yield
+        sys.stdout.flush()
+    except OutputFailed as exc:
+        raise OutputFailed(exc.reason, done) from None
 
 
 def error_line(message: str) -> None:
