@@ -303,6 +303,23 @@ def test_rotate_generates_and_promotes(cli: Cli) -> None:
     assert cli("get", "db/app", "--label", "pending").code == 3
 
 
+@pytest.mark.parametrize("timeout", ["nan", "NaN", "inf", "-inf", "0", "-1", "3601", "1e400", "soon"])
+def test_a_timeout_that_is_not_a_positive_finite_number_is_refused_before_anything_changes(
+    cli: Cli, timeout: str
+) -> None:
+    """`--timeout nan` staged a version and then failed with internal error (ValueError), leaving it
+    pending (the next rotate exited 7); without --set-command it was accepted silently."""
+    history = cli("history", "db/app", "--json").stdout
+    for commands in ([], ["--set-command", "true"]):
+        result = cli("rotate", "db/app", "--timeout", timeout, *commands)
+        assert result.code == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("secrets-manager: error: "), result.stderr
+        assert "--timeout" in lines[0] and "seconds above 0" in lines[0]
+        assert cli("history", "db/app", "--json").stdout == history
+    assert cli("rotate", "db/app", "--timeout", "30").code == 0
+
+
 def test_rotate_default_value_is_32_alphanumerics_and_json_output(cli: Cli) -> None:
     result = cli("rotate", "db/app", "--json")
     assert result.code == 0, result.stderr

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import re
 import sys
@@ -124,6 +125,26 @@ def output_of(done: str) -> Iterator[None]:
         sys.stdout.flush()
     except OutputFailed as exc:
         raise OutputFailed(exc.reason, done) from None
+
+
+class Seconds(click.ParamType[float, Any]):
+    """A duration option in seconds: a finite number above 0 and at most `most`. click's FloatRange
+    lets 'nan' through (every comparison with it is false), and a nan timeout failed only once the
+    command had changed something."""
+
+    name = "seconds"
+
+    def __init__(self, most: float) -> None:
+        self.most = most
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not (math.isfinite(seconds) and 0 < seconds <= self.most):
+            self.fail(f"{value!r} is not a number of seconds above 0 and at most {self.most:g}", param, ctx)
+        return seconds
 
 
 def error_line(message: str) -> None:

@@ -35,7 +35,7 @@ from secrets_manager.cli.app import (
     read_value,
     refuse_generator_options,
 )
-from secrets_manager.cli.output import info_line, print_json
+from secrets_manager.cli.output import Seconds, info_line, print_json
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.rotation import (
     DEFAULT_TIMEOUT,
@@ -87,7 +87,7 @@ class _OnePasswordSession(Session):
 @click.option("--test-command", metavar="CMD", help="Check that the new value works (value on stdin).")
 @click.option(
     "--timeout",
-    type=click.FloatRange(min=0, min_open=True, max=MAX_TIMEOUT),
+    type=Seconds(MAX_TIMEOUT),
     default=DEFAULT_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
