@@ -900,7 +900,11 @@ def test_a_reader_gone_before_any_output_ends_the_command_quietly_with_exit_0(
 
 def _run_to(cli: Cli, stdout: str, *args: str, input: bytes = b"") -> Result:
     """The command with its standard output opened on `stdout` ('-' for closed, as `>&-`)."""
-    redirect = ">&-" if stdout == "-" else f">{shlex.quote(stdout)}"
+    return _run_redirected(cli, ">&-" if stdout == "-" else f">{shlex.quote(stdout)}", *args, input=input)
+
+
+def _run_redirected(cli: Cli, redirect: str, *args: str, input: bytes = b"") -> Result:
+    """The command run by sh with `redirect` (such as `<&-`) applied; stdout is not captured."""
     proc = subprocess.run(
         ["sh", "-c", f'exec "$@" {redirect}', "sh", str(SCRIPT), *args],
         input=input,
@@ -932,6 +936,25 @@ def test_output_that_cannot_be_written_is_a_one_line_error_saying_what_was_done(
         assert_one_line_error(_run_to(ready, "-", *args), 1, "standard output", "closed")
     assert_one_line_error(_run_to(ready, "-", "store", "svc/CLOSED", input=b"v"), 1, "stored svc/CLOSED")
     assert ready("get", "svc/CLOSED").out == "v\n"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["store", "svc/IN"],
+        ["store", "svc/NEW"],
+        ["import", "-", "--service", "svc"],
+        ["rotate", "svc/IN", "--stdin"],
+        ["audit", "hash"],
+        ["recovery", "unlock-with", "password"],
+    ],
+)
+def test_a_closed_standard_input_is_a_one_line_error_and_changes_nothing(ready: Cli, args: list[str]) -> None:
+    """`<&-` left sys.stdin None: internal error (AttributeError)."""
+    assert ready("store", "svc/IN", input=b"v1").code == 0
+    before = ready("list", "--json").out, ready("history", "svc/IN", "--json").out
+    assert_one_line_error(_run_redirected(ready, "<&-", *args), 2, "standard input is closed")
+    assert (ready("list", "--json").out, ready("history", "svc/IN", "--json").out) == before
 
 
 # ---- metadata: limits on writes, control characters never printed raw ---------------------------

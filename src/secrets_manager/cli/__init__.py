@@ -28,7 +28,14 @@ from secrets_manager.cli import (
     status_command,  # noqa: F401  (registers `status`)
 )
 from secrets_manager.cli.app import cli
-from secrets_manager.cli.output import OutputClosed, OutputFailed, StandardOutput, error_line, warning_line
+from secrets_manager.cli.output import (
+    ClosedInput,
+    OutputClosed,
+    OutputFailed,
+    StandardOutput,
+    error_line,
+    warning_line,
+)
 from secrets_manager.errors import SecretsManagerError
 
 DEBUG_VARIABLE = "SECRETS_MANAGER_DEBUG"
@@ -43,16 +50,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _own_standard_output() -> None:
     """`sys.stdout` on fd 1 through StandardOutput, so a closed pipe or a full disk is told from
-    any other OSError; a closed fd 1 (`>&-`) gets /dev/null, so no file opened later lands there."""
-    try:
-        os.fstat(1)
-        closed = False
-    except OSError:
-        closed = True
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        if devnull != 1:
-            os.dup2(devnull, 1)
-            os.close(devnull)
+    any other OSError. A closed fd 0 or 1 (`<&-`, `>&-`) gets /dev/null, so no file opened later
+    lands there, and reading or writing it is a one-line error."""
+    if _closed(0, os.O_RDONLY):
+        sys.stdin = io.TextIOWrapper(io.BufferedReader(ClosedInput()), encoding="utf-8")
+    closed = _closed(1, os.O_WRONLY)
     original = sys.stdout
     sys.stdout = io.TextIOWrapper(
         io.BufferedWriter(StandardOutput(closed_at_start=closed)),
@@ -60,6 +62,19 @@ def _own_standard_output() -> None:
         errors=getattr(original, "errors", None) or "strict",
         line_buffering=bool(getattr(original, "line_buffering", False)),
     )
+
+
+def _closed(fd: int, mode: int) -> bool:
+    """Whether `fd` was closed; if so, it is /dev/null now."""
+    try:
+        os.fstat(fd)
+        return False
+    except OSError:
+        devnull = os.open(os.devnull, mode)
+        if devnull != fd:
+            os.dup2(devnull, fd)
+            os.close(devnull)
+        return True
 
 
 def _discard_output() -> None:

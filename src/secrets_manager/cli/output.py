@@ -117,6 +117,23 @@ class StandardOutput(io.RawIOBase):
             raise OutputFailed(exc.strerror or type(exc).__name__) from None
 
 
+class ClosedInput(io.RawIOBase):
+    """`sys.stdin` when fd 0 was closed as the process started (`<&-`; main put /dev/null there so
+    no file opened later lands on it): reading it is invalid input, not an internal error."""
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 0
+
+    def readinto(self, buffer: Any) -> int:
+        raise InvalidInputError(
+            "standard input is closed; give the input on it (a pipe or a file: < FILE), or as the "
+            "command's options say"
+        )
+
+
 @contextmanager
 def output_of(done: str) -> Iterator[None]:
     """Around a command's output after it changed something: a failed write says what was done."""
