@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
 import shlex
 import sqlite3
 import string
@@ -955,6 +957,59 @@ def test_a_closed_standard_input_is_a_one_line_error_and_changes_nothing(ready: 
     before = ready("list", "--json").out, ready("history", "svc/IN", "--json").out
     assert_one_line_error(_run_redirected(ready, "<&-", *args), 2, "standard input is closed")
     assert (ready("list", "--json").out, ready("history", "svc/IN", "--json").out) == before
+
+
+def _typed_at_the_prompt(cli: Cli, keys: bytes, *args: str, env: Mapping[str, str | None]) -> tuple[int, str]:
+    """The command on a new terminal, `keys` typed at its first prompt; its exit code and output."""
+    full_env = {key: value for key, value in {**cli.env, **env}.items() if value is not None}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: exec at once
+        os.execve(str(SCRIPT), [str(SCRIPT), *args], full_env)  # noqa: S606
+    out, typed, deadline = b"", False, time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([fd], [], [], 0.1)[0]:
+                continue
+            try:
+                data = os.read(fd, 4096)
+            except OSError:  # EIO: the child has ended
+                break
+            if not data:
+                break
+            out += data
+            if not typed and b": " in out:
+                os.write(fd, keys)
+                typed = True
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), out.decode("utf-8", errors="replace")
+
+
+def test_a_value_argument_is_stored_as_its_bytes_even_when_not_utf8(ready: Cli) -> None:
+    """`store NAME $'x\\xff'` failed with internal error (UnicodeEncodeError)."""
+    result = ready("store", "svc/BYTES", os.fsdecode(b"x\xff"))
+    assert result.code == 0, result.stderr
+    assert ready("get", "svc/BYTES", "--raw").stdout == b"x\xff"
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "what"),
+    [
+        (["store", "svc/TYPED"], {}, "the value typed is not UTF-8"),
+        (["get", "svc/TYPED"], {"MASTER_PASSWORD": None}, "the master password typed is not UTF-8"),
+    ],
+    ids=["value", "password"],
+)
+def test_a_byte_typed_at_a_prompt_that_is_not_utf8_is_a_one_line_error(
+    ready: Cli, args: list[str], env: dict[str, str | None], what: str
+) -> None:
+    """A Latin-1 byte typed at the value or password prompt: internal error (UnicodeDecodeError)."""
+    code, out = _typed_at_the_prompt(ready, b"\xc3\r", *args, env=env)
+    assert code == 2, out
+    assert "Traceback" not in out and "internal error" not in out, out
+    assert f"secrets-manager: error: {what}" in out, out
+    assert ready("list").out == ""
 
 
 # ---- metadata: limits on writes, control characters never printed raw ---------------------------

@@ -1234,7 +1234,7 @@ def read_value(
             "a value on the command line is visible in the process list and shell history; "
             "pipe it on stdin or use --file instead"
         )
-        data = value.encode("utf-8")
+        data = os.fsencode(value)  # the argument's own bytes, UTF-8 or not
     elif value_file is not None:
         try:
             data = read_bounded(Path(value_file), MAX_VALUE_SIZE, what="the value")
@@ -1245,9 +1245,15 @@ def read_value(
         if not raw:
             data = data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data
     elif terminal_available():
-        text = click.prompt(
-            "Value", hide_input=True, confirmation_prompt=True, err=True, default="", show_default=False
-        )
+        try:
+            text = click.prompt(
+                "Value", hide_input=True, confirmation_prompt=True, err=True, default="", show_default=False
+            )
+        except UnicodeDecodeError:
+            raise InvalidInputError(
+                "the value typed is not UTF-8 text (is the terminal set to UTF-8?); nothing was stored. "
+                "To store any bytes, pipe them on stdin or use --file"
+            ) from None
         data = text.encode("utf-8")
     else:
         raise InvalidInputError("no value given: pipe it on stdin, use --file PATH, or pass VALUE")

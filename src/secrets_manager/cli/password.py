@@ -114,8 +114,15 @@ def prompt_password(label: str, *, confirm: bool) -> bytes:
         raise UnlockError(
             "no master password: pass --password-file, set MASTER_PASSWORD_FILE, or run on a terminal"
         )
-    password = getpass.getpass(f"{label}: ")
-    if confirm and getpass.getpass(f"{label} (again): ") != password:
+    try:
+        password = getpass.getpass(f"{label}: ")
+        again = getpass.getpass(f"{label} (again): ") if confirm else password
+    except UnicodeDecodeError:
+        raise InvalidInputError(
+            f"the {label.lower()} typed is not UTF-8 text (is the terminal set to UTF-8?); "
+            "type it again in UTF-8, or give it in a file (see the command's --help)"
+        ) from None
+    if again != password:
         raise InvalidInputError("the two passwords differ; nothing was changed")
     if not password:
         raise UnlockError("empty master password")
