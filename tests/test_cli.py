@@ -7,6 +7,7 @@ import os
 import pty
 import select
 import shlex
+import signal
 import sqlite3
 import string
 import subprocess
@@ -1010,6 +1011,44 @@ def test_a_byte_typed_at_a_prompt_that_is_not_utf8_is_a_one_line_error(
     assert "Traceback" not in out and "internal error" not in out, out
     assert f"secrets-manager: error: {what}" in out, out
     assert ready("list").out == ""
+
+
+SLOW_IMPORT = """
+import sys, time
+
+class _SlowGrpc:
+    def find_spec(self, name, path=None, target=None):
+        if name == "grpc":
+            sys.meta_path.remove(self)
+            sys.stderr.write("importing grpc\\n")
+            sys.stderr.flush()
+            time.sleep(60)
+        return None
+
+sys.meta_path.insert(0, _SlowGrpc())
+"""
+
+
+def test_ctrl_c_while_the_cli_is_still_importing_is_one_line_and_exit_130(ready: Cli, tmp_path: Path) -> None:
+    """The package imports grpc and cryptography before main's error handling is in place: Ctrl-C
+    in that second printed a traceback. A sitecustomize holds the import of grpc until the test
+    has sent SIGINT."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_IMPORT)
+    process = subprocess.Popen(
+        [str(SCRIPT), "get", "svc/ANY"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**ready.env, "PYTHONPATH": str(hook)},
+        start_new_session=True,
+    )
+    assert process.stderr is not None
+    assert process.stderr.readline() == b"importing grpc\n"
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert (process.returncode, stdout, stderr) == (130, b"", b"secrets-manager: error: interrupted\n")
 
 
 # ---- metadata: limits on writes, control characters never printed raw ---------------------------

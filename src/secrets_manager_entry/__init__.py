@@ -1,0 +1,17 @@
+"""The `secrets-manager` console script's entry point, outside the `secrets_manager` package.
+
+Importing the CLI takes about a second (the package imports grpc and cryptography) before its own
+error handling is in place: Ctrl-C in that time ends here, with one line and exit 130, rather than
+with a Python traceback. This module imports nothing else first, so there is no such window left.
+"""
+
+import sys
+
+
+def main() -> None:
+    try:
+        from secrets_manager.cli import main as cli_main
+    except KeyboardInterrupt:
+        sys.stderr.write("secrets-manager: error: interrupted\n")
+        sys.exit(130)
+    cli_main()
