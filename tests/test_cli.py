@@ -665,6 +665,15 @@ def test_passwd_rewraps_and_old_password_stops_working(ready: Cli, tmp_path: Pat
     assert ready("get", "other/B", env={"MASTER_PASSWORD": "a brand new password"}).out == "beta\n"
 
 
+def test_passwd_without_a_terminal_says_the_new_password_is_missing(ready: Cli) -> None:
+    """With MASTER_PASSWORD set, the message was "no master password: pass --password-file…",
+    exit 4: what is missing is the new one."""
+    ready("store", "svc/A", input=b"alpha")
+    result = ready("passwd")
+    assert_one_line_error(result, 2, "no new master password given", "--new-password-file")
+    assert ready("get", "svc/A").out == "alpha\n"  # the old password still opens it
+
+
 def test_a_bad_new_password_file_is_invalid_input_and_changes_nothing(ready: Cli, tmp_path: Path) -> None:
     ready("store", "svc/A", input=b"alpha")
     empty = tmp_path / "empty"

@@ -1131,7 +1131,7 @@ def passwd(session: Session, new_password_file: str | None, kdf_profile: str | N
         if new_password_file:
             new = read_new_password_file(Path(new_password_file), environment=session.environment)
         else:
-            new = prompt_password("New master password", confirm=True)
+            new = prompt_password("New master password", confirm=True, file_option="--new-password-file")
         if kdf_profile is None:
             scrubbed = store.change_password(session.environment.check_new_password(new))
         else:  # production refuses a profile weaker than the default
@@ -1217,7 +1217,7 @@ def new_unlock_source(
     if kms_key:
         return AwsKmsUnlock(kms_key)
     if new_password is None:
-        new_password = prompt_password("New master password", confirm=True)
+        new_password = prompt_password("New master password", confirm=True, file_option="--new-password-file")
     return new_password_unlock(new_password, kdf_profile, environment=session.environment)
 
 

@@ -108,9 +108,15 @@ def read_bounded(path: Path, limit: int, *, what: str) -> bytes:
     return data
 
 
-def prompt_password(label: str, *, confirm: bool) -> bytes:
-    """Ask on the controlling terminal without echo; never read a password from piped stdin."""
+def prompt_password(label: str, *, confirm: bool, file_option: str | None = None) -> bytes:
+    """Ask on the controlling terminal without echo; never read a password from piped stdin.
+    `file_option`: for a new password, the option that gives it from a file instead (with no
+    terminal it is that password that is missing, invalid input, not an unlock failure)."""
     if not terminal_available():
+        if file_option:
+            raise InvalidInputError(
+                f"no {label.lower()} given: pass {file_option} PATH, or run on a terminal to type it"
+            )
         raise UnlockError(
             "no master password: pass --password-file, set MASTER_PASSWORD_FILE, or run on a terminal"
         )
