@@ -461,6 +461,17 @@ def test_metadata_shows_and_changes_description_and_tags_without_a_new_version(r
     assert ("history", "ok") in operations
 
 
+def test_removing_only_absent_tags_changes_nothing_not_even_updated(ready: Cli) -> None:
+    """`metadata NAME --untag nope` said "no tag 'nope' to remove" but moved `updated` forward."""
+    assert ready("store", "svc/META", "--tag", "k=v", input=b"a").code == 0
+    before = ready("metadata", "svc/META", "--json").out
+    time.sleep(1.1)  # timestamps are shown to the second
+    result = ready("metadata", "svc/META", "--untag", "nope", "--untag", "absent")
+    assert result.code == 0, result.stderr
+    assert "no tag 'absent', 'nope' to remove" in result.stderr
+    assert ready("metadata", "svc/META", "--json").out == before
+
+
 def test_max_versions_is_set_by_store_and_metadata_shown_and_pruned_at_the_next_write(ready: Cli) -> None:
     assert ready("store", "svc/ROLLED", "--max-versions", "4", input=b"v1").code == 0
     for n in range(2, 6):

@@ -76,6 +76,7 @@ from secrets_manager.store.base import (
     MIN_MAX_VERSIONS,
     AuditedStore,
     checked_max_versions,
+    checked_metadata_update,
     max_versions_hide_at_once,
 )
 from secrets_manager.store.kms import AwsKmsUnlock
@@ -952,9 +953,23 @@ def metadata_command(
         if untags and not isinstance(store, RemoteStore):  # a service's describe needs `list`
             tags_before = store.describe(name).tags
             absent = sorted({key for key in untags if key not in tags_before})
-        store.update_metadata(
-            name, description=description, set_tags=set_tags, remove_tags=untags, max_versions=max_versions
+        nothing_to_do = (
+            absent is not None
+            and len(absent) == len(set(untags))
+            and description is None
+            and not set_tags
+            and max_versions is None
         )
+        if nothing_to_do:  # removing only tags it does not have changes nothing, `updated` included
+            checked_metadata_update(name, description, set_tags, untags, max_versions)  # as the store would
+        else:
+            store.update_metadata(
+                name,
+                description=description,
+                set_tags=set_tags,
+                remove_tags=untags,
+                max_versions=max_versions,
+            )
     removed = len(set(untags)) - len(absent or [])
     changed = [
         *([] if description is None else ["description cleared" if not description else "description set"]),
