@@ -461,6 +461,18 @@ def test_metadata_shows_and_changes_description_and_tags_without_a_new_version(r
     assert ("history", "ok") in operations
 
 
+def test_a_store_reached_through_a_symlink_uses_the_real_files_audit_log(ready: Cli) -> None:
+    """`--store alias.db` (a symlink to the store) looked for alias.audit.jsonl: every command
+    exited 6 ("holds no records … audit reset", which would start a second chain)."""
+    assert ready("store", "svc/A", input=b"alpha").code == 0
+    alias = ready.store.with_name("alias.db")
+    alias.symlink_to(ready.store.name)
+    result = ready("--store", str(alias), "get", "svc/A")
+    assert (result.code, result.out) == (0, "alpha\n"), result.stderr
+    assert ready("--store", str(alias), "audit", "verify").code == 0
+    assert not alias.with_name("alias.audit.jsonl").exists()
+
+
 def test_removing_only_absent_tags_changes_nothing_not_even_updated(ready: Cli) -> None:
     """`metadata NAME --untag nope` said "no tag 'nope' to remove" but moved `updated` forward."""
     assert ready("store", "svc/META", "--tag", "k=v", input=b"a").code == 0

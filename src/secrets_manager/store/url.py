@@ -402,6 +402,8 @@ def default_audit_path(url: str | None, *, environ: Mapping[str, str] | None = N
             slug = f"{slug}-{location.prefix}".rstrip("-")
     else:
         path = sqlite_path(url)
+        if path.is_symlink():  # the log belongs to the real file, whatever name reaches it
+            path = path.resolve()
         return path.with_name(f"{path.stem}.audit.jsonl")
     return _data_file(slug)
 
