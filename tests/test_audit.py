@@ -662,6 +662,22 @@ def test_a_wrong_audit_file_that_is_no_log_says_so_and_leaves_no_lock_file(cli: 
     assert leftovers == [], leftovers
 
 
+@pytest.mark.parametrize("content", [b"a\nb\nlast line", b"no newline at all", b"a\nb\n"])
+def test_a_new_store_never_cuts_a_file_that_is_no_audit_log(tmp_path: Path, content: bytes) -> None:
+    """A new store has no anchor to check a tail against: its first writer set the end of a
+    wrong --audit-file aside as a 'partial record' (a file with no newline was cut to 0 bytes,
+    moved to notes.txt.partial-*) and chained its records onto it. It is refused as it is."""
+    cli = Cli(tmp_path)
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(content)
+    refused = cli("--audit-file", str(notes), "init", "--kdf-profile", "test")
+    assert refused.returncode == 6 and b"is not an audit log" in refused.stderr, refused.stderr
+    assert refused.stderr.count(b"\n") == 1
+    assert notes.read_bytes() == content
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "vault"]
+    assert not cli.store.exists()  # the refused init left no store behind
+
+
 @pytest.mark.parametrize("where", ["typo.audit.jsonl", "no/such/dir/store.audit.jsonl"])
 def test_a_wrong_audit_file_is_refused_leaving_nothing_at_its_path(
     cli: Cli, tmp_path: Path, where: str

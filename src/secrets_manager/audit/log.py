@@ -483,6 +483,13 @@ class AuditLog:
                 "run 'secrets-manager audit verify'"
             )
         keep = size - window + cut + 1
+        # Nothing is changed before the file is known to be a log: a write cut short leaves the
+        # start of a record (canonical JSON: its first key is "actor"), and the file starts with a
+        # whole record unless that partial write was its first. Anything else (a wrong
+        # --audit-file: notes, the store file) is refused as it is, byte for byte.
+        partial = chunk[cut + 1 : cut + 1 + len(_RECORD_START)]
+        if not _RECORD_START.startswith(partial) or (keep and not _starts_with_a_record(self.path)):
+            raise _not_an_audit_log(self.path)
         last = _last_record(self.path, end=keep) if keep else self._last_rotated_record()
         _check_tail_against_anchor(last, anchor.audit_anchor(), self.path, anchor.audit_key())
         aside = _unused_path(self.path.with_name(f"{self.path.name}.partial-{_file_stamp(self._clock())}"))
@@ -1246,10 +1253,7 @@ def _last_record(path: Path, *, end: int | None = None) -> dict[str, Any] | None
         return _chained(_parse_line(body.rsplit(b"\n", 1)[-1], path, -1), path, -1)
     except AuditTamperError:
         if not _starts_with_a_record(path):
-            raise AuditTamperError(
-                f"{path} is not an audit log (its first line is no audit record): if it is the wrong "
-                "file, give the right one (--audit-file, SECRETS_MANAGER_AUDIT_FILE)"
-            ) from None
+            raise _not_an_audit_log(path) from None
         raise AuditTamperError(
             f"audit log {path} ends in a damaged record: run 'secrets-manager audit verify' and restore "
             f"the log, or accept the loss with {_RESET_HINT}"
@@ -1257,10 +1261,25 @@ def _last_record(path: Path, *, end: int | None = None) -> dict[str, Any] | None
 
 
 def _starts_with_a_record(path: Path) -> bool:
+    """Whether the file's first line is a whole record (read no further than a record can be
+    long: a file that is no log may have no newline for gigabytes)."""
     try:
-        return _first_record(path) is not None
+        with _open_for_reading(path) as handle:
+            line = handle.readline(_PARTIAL_LIMIT)
+        return line.endswith(b"\n") and _chained(_parse_line(line, path, 1), path, 1) is not None
     except AuditTamperError:
         return False
+
+
+def _not_an_audit_log(path: Path) -> AuditTamperError:
+    return AuditTamperError(
+        f"{path} is not an audit log (its first line is no audit record), so it was left as it is: if "
+        "it is the wrong file, give the right one (--audit-file, SECRETS_MANAGER_AUDIT_FILE)"
+    )
+
+
+# How every record's line begins (canonical JSON, keys sorted: "actor" is the first field).
+_RECORD_START = b'{"actor":"'
 
 
 def _open_private(path: Path, flags: int) -> int:
