@@ -678,6 +678,67 @@ def test_a_new_store_never_cuts_a_file_that_is_no_audit_log(tmp_path: Path, cont
     assert not cli.store.exists()  # the refused init left no store behind
 
 
+def test_an_audit_file_that_is_the_store_or_the_password_file_is_refused_untouched(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """--audit-file naming the store file cut its end off (a partial record set aside), the
+    password file was emptied the same way, and 'audit reset --accept-loss' renamed the store to
+    store.db.lost-* and wrote a new chain into store.db. Each is refused (exit 2) and untouched."""
+    busy_session(cli)
+    before = cli.store_bytes()
+    password_file = tmp_path / "password"
+    password_file.write_text(PASSWORD)
+    hard_link = tmp_path / "link-to-store"
+    os.link(cli.store, hard_link)
+    attempts = [
+        ("--audit-file", str(cli.store), "get", "auth/DB_PASSWORD"),
+        ("--audit-file", str(hard_link), "list"),
+        ("--audit-file", f"{cli.store}-wal", "list"),
+        ("--audit-file", str(cli.store), "audit", "reset", "--accept-loss"),
+        (
+            "--audit-file",
+            str(password_file),
+            "--password-file",
+            str(password_file),
+            "get",
+            "auth/DB_PASSWORD",
+        ),
+        (
+            "--audit-file",
+            str(password_file),
+            "--password-file",
+            str(password_file),
+            "audit",
+            "reset",
+            "--accept-loss",
+        ),
+    ]
+    for args in attempts:
+        refused = cli(*args)
+        message = refused.stderr.decode()
+        assert refused.returncode == 2 and message.count("\n") == 1, (args, message)
+        assert "give the audit log a file of its own" in message, message
+    refused = cli("get", "auth/DB_PASSWORD", env={"SECRETS_MANAGER_AUDIT_FILE": str(cli.store)})
+    assert refused.returncode == 2
+    assert password_file.read_text() == PASSWORD
+    assert cli.store_bytes() == before
+    assert not list(tmp_path.rglob("*.lost-*")) and not list(tmp_path.rglob("*.partial-*"))
+    assert cli("get", "auth/DB_PASSWORD").stdout == b"db-pass\n"
+    assert verify(cli).returncode == 0
+
+
+def test_audit_reset_refuses_a_file_that_is_no_audit_log(cli: Cli, tmp_path: Path) -> None:
+    """Reset renamed whatever the path named to <file>.lost-* and began a chain there."""
+    busy_session(cli)
+    notes = tmp_path / "notes.txt"
+    notes.write_bytes(b"shopping list\nmilk")
+    refused = cli("--audit-file", str(notes), "audit", "reset", "--accept-loss")
+    assert refused.returncode == 6 and b"is not an audit log" in refused.stderr, refused.stderr
+    assert notes.read_bytes() == b"shopping list\nmilk"
+    assert not list(tmp_path.glob("notes.txt.*"))
+    assert verify(cli).returncode == 0
+
+
 @pytest.mark.parametrize("where", ["typo.audit.jsonl", "no/such/dir/store.audit.jsonl"])
 def test_a_wrong_audit_file_is_refused_leaving_nothing_at_its_path(
     cli: Cli, tmp_path: Path, where: str

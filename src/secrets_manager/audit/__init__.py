@@ -15,6 +15,7 @@ from secrets_manager.audit.log import (
     AuditTamperError,
     adopt_log,
     discard_adopted_lock,
+    refuse_files_of_others,
     value_fingerprint,
 )
 from secrets_manager.store.base import Anchor
@@ -31,5 +32,6 @@ __all__ = [
     "adopt_log",
     "discard_adopted_lock",
     "local_actor",
+    "refuse_files_of_others",
     "value_fingerprint",
 ]

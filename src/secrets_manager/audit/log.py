@@ -31,7 +31,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 
 from secrets_manager.crypto.mac import record_mac, record_mac_ok, sha256_hex
 from secrets_manager.crypto.mac import value_fingerprint as _value_fingerprint
-from secrets_manager.errors import IntegrityError, SecretsManagerError, StoreBusyError
+from secrets_manager.errors import IntegrityError, InvalidInputError, SecretsManagerError, StoreBusyError
 from secrets_manager.store.base import Anchor
 
 GENESIS_HASH = "0" * 64
@@ -531,6 +531,11 @@ class AuditLog:
         with self._lock:
             self._flock(deadline=time.monotonic() + self.timeout)
             try:
+                try:
+                    self._refuse_unless_a_log()
+                except AuditTamperError:
+                    self._remove_what_was_created()  # a refused path is left as it was found
+                    raise
                 aside = None
                 try:
                     try:
@@ -550,6 +555,19 @@ class AuditLog:
                 return Reset(problem=None, records=count, moved=[], set_aside=aside)
             finally:
                 self._unflock()
+
+    def _refuse_unless_a_log(self) -> None:
+        """Holding the lock, before a reset renames the log's files: each regular one must begin
+        as every record does (or be empty), however damaged what follows is. A path that names
+        another file (the store's, notes) is refused and left where it is."""
+        for path in self.files():
+            try:
+                with _open_for_reading(path) as handle:
+                    start = handle.read(len(_RECORD_START))
+            except (OSError, AuditTamperError):
+                continue  # not a regular file (a FIFO, a directory): no one's data; set aside too
+            if not _RECORD_START.startswith(start):
+                raise _not_an_audit_log(path)
 
     def _repair_locked(self, anchor: AuditAnchor, event: AuditEvent) -> Path | None:
         """Holding both locks: set a partial last record aside, as an append does (checked
@@ -1027,6 +1045,34 @@ def _check_tail_against_anchor(
             f"audit log {path} lost records the store anchored (up to record {anchored.seq}); "
             f"run 'secrets-manager audit verify' and restore the log, or accept the loss with {_RESET_HINT}"
         )
+
+
+def refuse_files_of_others(path: Path, others: Sequence[tuple[Path, str]]) -> None:
+    """InvalidInputError (exit 2) if the audit log `path` is one of `others` (each a file and what
+    it is: the store's own file, its -wal, the password file), so a writer never appends to it,
+    sets its end aside or renames it. Compared by device and inode where both exist (a hard link,
+    another name through a symbolic link), else by their resolved paths."""
+    try:
+        mine: tuple[int, int] | None = _identity(os.stat(path))
+    except OSError:
+        mine = None
+    for other, what in others:
+        try:
+            same = mine is not None and mine == _identity(os.stat(other))
+        except OSError:
+            same = False
+        if not same:
+            with contextlib.suppress(OSError, RuntimeError):
+                same = os.path.realpath(path) == os.path.realpath(other)
+        if same:
+            raise InvalidInputError(
+                f"the audit log {path} is {what} ({other}), which the log would overwrite: give the "
+                "audit log a file of its own (--audit-file, SECRETS_MANAGER_AUDIT_FILE, audit_file)"
+            )
+
+
+def _identity(found: os.stat_result) -> tuple[int, int]:
+    return found.st_dev, found.st_ino
 
 
 def value_fingerprint(anchor: AuditAnchor, value: bytes) -> str:

@@ -27,6 +27,7 @@ from secrets_manager.audit import (
     adopt_log,
     discard_adopted_lock,
     local_actor,
+    refuse_files_of_others,
     value_fingerprint,
 )
 from secrets_manager.cli.output import (
@@ -89,6 +90,7 @@ from secrets_manager.store.url import (
     discard_new_store,
     display_url,
     legacy_audit_path,
+    local_store_files,
     needs_password,
     new_password_unlock,
     open_external_store,
@@ -210,7 +212,17 @@ class Session:
                 options["timeout"] = -1.0
             if not 0 < options["timeout"] <= 600:
                 raise InvalidInputError(f"{AUDIT_TIMEOUT_VARIABLE} must be seconds between 0 and 600")
+        refuse_files_of_others(path, self.files_not_for_audit())
         return AuditLog(path, **options)
+
+    def files_not_for_audit(self) -> list[tuple[Path, str]]:
+        """Files an audit log path must not name: the store's own (and its SQLite companions) and
+        the password file. A writer would append to them, or set their end aside."""
+        files = [(path, "the store's file") for path in local_store_files(self.store_url)]
+        password_file = self.password_file or self.environ.get(PASSWORD_FILE_VARIABLE)
+        if password_file:
+            files.append((Path(password_file), "the password file"))
+        return files
 
     def event(self, operation: str, name: str | None = None, **fields: Any) -> AuditEvent:
         return AuditEvent(operation=operation, actor=self.actor, name=name, **fields)

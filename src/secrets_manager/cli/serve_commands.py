@@ -9,13 +9,13 @@ from pathlib import Path
 
 import click
 
-from secrets_manager.audit import AuditLog
+from secrets_manager.audit import AuditLog, refuse_files_of_others
 from secrets_manager.cli.app import Session, cli, pass_session
 from secrets_manager.cli.password import read_password_file
 from secrets_manager.errors import NotFoundError, SecretsManagerError, StoreNotFoundError
 from secrets_manager.service import load_config, run_server
 from secrets_manager.service.server import configure_logging
-from secrets_manager.store.url import default_audit_path, open_store
+from secrets_manager.store.url import default_audit_path, local_store_files, open_store
 
 
 @cli.command()
@@ -45,8 +45,13 @@ def serve(session: Session, config_path: str) -> None:
             return read_password_file(password_file, environment=session.environment)
         return session.password()
 
+    audit_path = config.audit_file or default_audit_path(store_url)
+    others = [(path, "the store's file") for path in local_store_files(store_url)]
+    if password_file is not None:
+        others.append((password_file, "the password file"))
+    refuse_files_of_others(audit_path, [*others, *session.files_not_for_audit()])
     audit = AuditLog(
-        config.audit_file or default_audit_path(store_url),
+        audit_path,
         flush_interval=config.audit_sync_interval_ms / 1000,
     )
     try:

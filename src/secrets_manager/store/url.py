@@ -614,6 +614,15 @@ def new_password_unlock(password: bytes, kdf_profile: str, *, environment: Envir
     return PasswordUnlock(password, KDF_PROFILES[kdf_profile])
 
 
+def local_store_files(url: str | None) -> list[Path]:
+    """The files of a store kept in a local SQLite file (the file, then its -wal, -shm and
+    -journal companions, whether or not they exist); none for a PostgreSQL, Vault or AWS store."""
+    if postgres_location(url) is not None or external_location(url) is not None:
+        return []
+    path = sqlite_path(url)
+    return [path, *(Path(f"{path}{suffix}") for suffix in ("-wal", "-shm", "-journal"))]
+
+
 def remove_store_files(path: Path) -> None:
     """Delete a store file and its SQLite companions (only for a store that was never used).
     A path where no file can be (a parent that is a file, a name too long) has nothing to delete:
