@@ -350,6 +350,29 @@ def test_a_log_that_lost_anchored_records_is_not_extended(cli: Cli) -> None:
     assert len(cli.audit.read_text().splitlines()) == len(lines) - 2
 
 
+def test_an_older_longer_chain_put_back_after_a_reset_is_not_extended(cli: Cli) -> None:
+    """After 'audit reset' the old chain (.lost-*, MAC'd under the same key) is longer than the new
+    one. Copied back as the log, its last record verified and its seq passed the anchor's, so the
+    next ordinary command extended it and moved the anchor onto it: verify then passed, and the
+    reset and everything after it were gone. Its record at the anchor's seq is another one."""
+    busy_session(cli)
+    cut = b"".join(cli.audit.read_bytes().splitlines(keepends=True)[:-3])
+    cli.audit.write_bytes(cut)
+    assert cli("audit", "reset", "--accept-loss").returncode == 0
+    assert cli("store", "ns/b", input=b"new value").returncode == 0
+    assert cli("get", "ns/b").returncode == 0
+    (lost,) = cli.audit.parent.glob(cli.audit.name + ".lost-*")
+    assert len(lost.read_bytes().splitlines()) > len(cli.audit.read_bytes().splitlines())
+    cli.audit.write_bytes(lost.read_bytes())
+    swapped = cli.audit.read_bytes()
+    for command in (("list",), ("get", "ns/b"), ("store", "ns/c")):
+        refused = cli(*command, input=b"v")
+        assert refused.returncode == 6, (command, refused.stderr)
+        assert b"is not the chain the store anchored" in refused.stderr and refused.stderr.count(b"\n") == 1
+    assert cli.audit.read_bytes() == swapped  # nothing chained onto it
+    assert verify(cli).returncode == 6
+
+
 def test_a_partial_last_record_is_set_aside_and_the_repair_recorded(cli: Cli) -> None:
     """A write a crash cut short (never acknowledged) must not stop every later command."""
     busy_session(cli)

@@ -374,9 +374,7 @@ class AuditLog:
             now = None
             if anchor is not None:
                 try:
-                    _check_tail_against_anchor(
-                        self.last_record(), anchor.audit_anchor(), self.path, anchor.audit_key()
-                    )
+                    self._check_tail(self.last_record(), anchor)
                 except BaseException:
                     # Refused (a mistyped --audit-file), or the anchor could not be read (a Vault
                     # or AWS store that is unreachable or refuses us): nothing is written, so
@@ -491,7 +489,7 @@ class AuditLog:
         if not _RECORD_START.startswith(partial) or (keep and not _starts_with_a_record(self.path)):
             raise _not_an_audit_log(self.path)
         last = _last_record(self.path, end=keep) if keep else self._last_rotated_record()
-        _check_tail_against_anchor(last, anchor.audit_anchor(), self.path, anchor.audit_key())
+        self._check_tail(last, anchor, live_end=keep)
         aside = _unused_path(self.path.with_name(f"{self.path.name}.partial-{_file_stamp(self._clock())}"))
         aside_fd = _open_private(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
@@ -623,10 +621,48 @@ class AuditLog:
             return tail.seq, tail.hash
         last = self.last_record()
         if anchor is not None:
-            _check_tail_against_anchor(last, anchor.audit_anchor(), self.path, anchor.audit_key())
+            self._check_tail(last, anchor)
         if last is None:
             return 0, GENESIS_HASH
         return int(last["seq"]), str(last["hash"])
+
+    def _check_tail(
+        self, last: dict[str, Any] | None, anchor: AuditAnchor, *, live_end: int | None = None
+    ) -> None:
+        """Refuse to extend a log that is not the chain the store anchored (§3): its last record
+        must verify and reach the anchor, and where it runs past the anchor, its record at the
+        anchor's seq must be the anchored one (an older chain put back after an 'audit reset' is
+        longer, and its records verify under the same key). That record is found reading back
+        from the end: as many lines as the anchor lags, once per file this process did not write.
+        `live_end`: the live file's whole records end there (a partial line follows)."""
+        anchored = anchor.audit_anchor()
+        _check_tail_against_anchor(last, anchored, self.path, anchor.audit_key())
+        if last is None or anchored is None or anchored.seq < 1 or int(last["seq"]) <= anchored.seq:
+            return
+        found = self._record_at(anchored.seq, live_end=live_end)
+        if found is None or record_hash(found) != anchored.hash:
+            raise AuditTamperError(
+                f"audit log {self.path} is not the chain the store anchored: its record {anchored.seq} "
+                f"is {'missing' if found is None else 'another one'} (an older or another copy of the "
+                f"log put in its place?): run 'secrets-manager audit verify' and restore the log, or "
+                f"accept the loss with {_RESET_HINT}"
+            )
+
+    def _record_at(self, seq: int, *, live_end: int | None) -> dict[str, Any] | None:
+        """The record `seq`, read backwards from the end of the log (newest file first); None if
+        the lines pass below `seq` without it, or one on the way is no record."""
+        for path in reversed(self.files()):
+            for line in _lines_backwards(path, live_end if path == self.path else None):
+                try:
+                    record = _parse_line(line, path, -1)
+                except AuditTamperError:
+                    return None
+                found = record.get("seq")
+                if type(found) is not int or found < seq:
+                    return None
+                if found == seq:
+                    return record
+        return None
 
     def _note_unsynced(self, fd: int, inode: int, anchor: AuditAnchor | None) -> None:
         """Remember the file the next flush must fsync. A file that is no longer the live one
@@ -1304,6 +1340,29 @@ def _last_record(path: Path, *, end: int | None = None) -> dict[str, Any] | None
             f"audit log {path} ends in a damaged record: run 'secrets-manager audit verify' and restore "
             f"the log, or accept the loss with {_RESET_HINT}"
         ) from None
+
+
+def _lines_backwards(path: Path, end: int | None) -> Iterator[bytes]:
+    """The whole lines of a file (of its first `end` bytes), last first; a last line without its
+    newline (a partial record) is passed over."""
+    with _open_for_reading(path) as handle:
+        position = handle.seek(0, os.SEEK_END) if end is None else end
+        rest = b""
+        after_last_newline = True  # the first piece split off is what follows the last newline
+        chunk_size = _TAIL_CHUNK
+        while position > 0:
+            start = max(0, position - chunk_size)
+            handle.seek(start)
+            data = handle.read(position - start) + rest
+            position = start
+            rest, *lines = data.split(b"\n")  # rest: a line that began before this chunk
+            if after_last_newline and lines:
+                lines.pop()  # empty, or a partial record
+                after_last_newline = False
+            yield from reversed(lines)
+            chunk_size = min(chunk_size * 2, 1 << 20)
+        if rest and not after_last_newline:
+            yield rest
 
 
 def _starts_with_a_record(path: Path) -> bool:
