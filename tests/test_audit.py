@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import math
@@ -27,6 +28,7 @@ from secrets_manager.audit import log as audit_log
 from secrets_manager.crypto.mac import sha256_hex
 from secrets_manager.environment import Environment
 from secrets_manager.store import EncryptedStore
+from secrets_manager.store.base import Anchor
 from secrets_manager.store.url import open_store
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
@@ -801,6 +803,48 @@ def test_a_lock_file_deleted_while_a_writer_waits_for_it_is_not_shared_by_two_wr
     later._unflock()
 
 
+_APPENDER = """
+import sys, time
+from pathlib import Path
+from secrets_manager.audit import AuditEvent, AuditLog
+from secrets_manager.environment import Environment
+from secrets_manager.store.url import open_store
+store_path, audit_path, seconds = Path(sys.argv[1]), Path(sys.argv[2]), float(sys.argv[3])
+store = open_store(str(store_path), sys.argv[4].encode(), environment=Environment.DEVELOPMENT,
+                   actor="w", audit_path=audit_path)
+log, stop = AuditLog(audit_path), time.monotonic() + seconds
+while time.monotonic() < stop:
+    log.append([AuditEvent("get", "w", name="ns/x")], store)
+store.close()
+"""
+
+
+def test_a_lock_file_deleted_while_writers_hold_it_does_not_fork_the_chain(cli: Cli) -> None:
+    """The st_nlink check covers a lock file deleted while a writer waits, not one deleted while
+    a writer holds it: a second writer then locked a new file and appended at once (review
+    lockdel2.sh: a duplicate seq, verify exit 6). Writers lock the live file too."""
+    lock = Path(f"{cli.audit}.lock")
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", _APPENDER, str(cli.store), str(cli.audit), "4", PASSWORD],
+            env={**os.environ, **cli.env},
+        )
+        for _ in range(3)
+    ]
+    try:
+        while any(w.poll() is None for w in writers):
+            with contextlib.suppress(FileNotFoundError):
+                lock.unlink()
+            time.sleep(0.0005)
+    finally:
+        for w in writers:
+            w.wait(60)
+    assert all(w.returncode == 0 for w in writers)
+    seqs = [record["seq"] for record in cli.records()]
+    assert len(seqs) > 100 and len(set(seqs)) == len(seqs)
+    assert verify(cli).returncode == 0
+
+
 def test_rotated_files_verify_as_one_continuous_chain(cli: Cli) -> None:
     small = {"SECRETS_MANAGER_AUDIT_MAX_BYTES": "1500"}
     for i in range(8):
@@ -1026,6 +1070,19 @@ def test_library_records_chain_and_verify(encrypted_store: EncryptedStore, tmp_p
     assert log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) == 5
     anchor = encrypted_store.audit_anchor()
     assert anchor is not None and anchor.seq == 5
+
+
+def test_the_anchor_never_moves_back_except_by_a_reset(encrypted_store: EncryptedStore) -> None:
+    """set_audit_anchor had no 'only if newer' check inside its compare-and-set: a writer that
+    read an older anchor (a lock shared by mistake, a slow flush) moved it backwards."""
+    encrypted_store.set_audit_anchor(Anchor(seq=5, hash="a" * 64))
+    encrypted_store.set_audit_anchor(Anchor(seq=3, hash="b" * 64))
+    encrypted_store.set_audit_anchor(Anchor(seq=5, hash="c" * 64))
+    assert encrypted_store.audit_anchor() == Anchor(seq=5, hash="a" * 64)
+    encrypted_store.set_audit_anchor(Anchor(seq=6, hash="d" * 64))
+    assert encrypted_store.audit_anchor() == Anchor(seq=6, hash="d" * 64)
+    encrypted_store.set_audit_anchor(Anchor(seq=0, hash="0" * 64), reset=True)
+    assert encrypted_store.audit_anchor() == Anchor(seq=0, hash="0" * 64)
 
 
 def test_verify_with_another_stores_key_fails(encrypted_store: EncryptedStore, tmp_path: Path) -> None:

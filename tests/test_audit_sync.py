@@ -288,9 +288,9 @@ def watch_anchors(store: EncryptedStore, monkeypatch: pytest.MonkeyPatch) -> lis
     given: list[int] = []
     real = store.set_audit_anchor
 
-    def spy(anchor: Anchor, *, lock_wait: float | None = None) -> None:
+    def spy(anchor: Anchor, *, lock_wait: float | None = None, reset: bool = False) -> None:
         given.append(anchor.seq)
-        real(anchor, lock_wait=lock_wait)
+        real(anchor, lock_wait=lock_wait, reset=reset)
 
     monkeypatch.setattr(store, "set_audit_anchor", spy)
     return given

@@ -83,7 +83,9 @@ class AuditAnchor(Protocol):
 
     def audit_anchor(self) -> Anchor | None: ...
 
-    def set_audit_anchor(self, anchor: Anchor, *, lock_wait: float | None = None) -> None: ...
+    def set_audit_anchor(
+        self, anchor: Anchor, *, lock_wait: float | None = None, reset: bool = False
+    ) -> None: ...
 
 
 class _RandomIds:
@@ -166,6 +168,7 @@ class AuditLog:
         # again if the log is refused (a mistyped --audit-file must leave nothing behind).
         self._created: list[Path] | None = None
         self._file: tuple[int, int] | None = None  # the live file: descriptor and inode
+        self._file_locked = False  # whether this holds the live file's flock (with the lock file's)
         self._unsynced: _Unsynced | None = None
         self._failure: str | None = None
         self._second: tuple[int, str] | None = None  # a second and its formatted date and time
@@ -361,6 +364,9 @@ class AuditLog:
                 os.unlink(self.lock_path)
 
     def _unflock(self) -> None:
+        if self._file_locked and self._file is not None:
+            fcntl.flock(self._file[0], fcntl.LOCK_UN)
+        self._file_locked = False
         if self._lock_fd is not None:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
@@ -381,16 +387,30 @@ class AuditLog:
                     # nothing this made for the log stays behind.
                     self._remove_what_was_created()
                     raise
-        if now is not None and now.st_size >= self.max_bytes and self._rotate():
-            now = None
-        if now is None or self._file is None or now.st_ino != self._file[1]:
-            if self._file is not None:
-                old, self._file = self._file[0], None
-                os.close(old)
-            fd = _open_private(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
-            now = os.fstat(fd)
-            self._file = (fd, now.st_ino)
-        return self._file[0], now
+        while True:
+            if now is None or self._file is None or now.st_ino != self._file[1]:
+                if self._file is not None:
+                    old, self._file = self._file[0], None
+                    os.close(old)
+                fd = _open_private(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+                self._file = (fd, os.fstat(fd).st_ino)
+            # The live file is locked too: a lock file deleted while a writer held it (by hand)
+            # let a second writer lock a new one and append at once (a duplicate seq, a forked
+            # chain). The live file cannot go without that being tampering the anchor shows;
+            # held, it is checked to be still the file at the path (another writer rotated it).
+            fd = self._file[0]
+            _flock_with_deadline(fd, time.monotonic() + self.timeout)
+            self._file_locked = True
+            try:
+                now = os.stat(self.path, follow_symlinks=False)
+            except FileNotFoundError:
+                now = None
+            if now is not None and now.st_ino == self._file[1]:
+                if now.st_size < self.max_bytes or not self._rotate():
+                    return fd, os.fstat(fd)
+                now = None  # rotated: a new live file
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            self._file_locked = False
 
     def _write_locked(self, jobs: list[_AppendJob], anchor: AuditAnchor | None, *, durable: bool) -> None:
         """Holding both locks: chain the jobs' records onto the tail, write them, and (durable)
@@ -586,12 +606,14 @@ class AuditLog:
             moved.append(target)
         if self._file is not None:
             old, self._file = self._file[0], None
+            self._file_locked = False
+            fcntl.flock(old, fcntl.LOCK_UN)
             os.close(old)
         if self._unsynced is not None:
             unsynced, self._unsynced = self._unsynced, None
             unsynced.close()
         self._tail = None
-        anchor.set_audit_anchor(Anchor(seq=0, hash=GENESIS_HASH))
+        anchor.set_audit_anchor(Anchor(seq=0, hash=GENESIS_HASH), reset=True)  # the one way back
         self._write_locked([_AppendJob([event], anchor)], anchor, durable=True)
         return moved
 

@@ -857,7 +857,9 @@ class AwsStore:
         except (ValueError, KeyError, TypeError):
             raise IntegrityError("the audit anchor in AWS is damaged") from None
 
-    def set_audit_anchor(self, anchor: Anchor, *, lock_wait: float | None = None) -> None:
+    def set_audit_anchor(
+        self, anchor: Anchor, *, lock_wait: float | None = None, reset: bool = False
+    ) -> None:
         """UpdateSecret(Description=anchor), or CreateSecret the first time. `lock_wait` is
         ignored: AWS has no store-wide writer lock to wait on; the request's timeout bounds it."""
         secret_id = self.aws_name(self._anchor_name)

@@ -226,7 +226,9 @@ class AuditedStore(SecretStore, Protocol):
     def audit_anchor(self) -> Anchor | None:
         """The newest audit record this store vouched for, or None before the first one."""
 
-    def set_audit_anchor(self, anchor: Anchor, *, lock_wait: float | None = None) -> None:
+    def set_audit_anchor(
+        self, anchor: Anchor, *, lock_wait: float | None = None, reset: bool = False
+    ) -> None:
         """Vouch for a newer audit record. A store that serialises writers on a lock waits at
         most `lock_wait` seconds for it (None: its usual limit), then raises StoreBusyError;
         one without such a lock (Vault, AWS) ignores it."""

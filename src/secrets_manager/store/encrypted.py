@@ -916,10 +916,14 @@ class EncryptedStore:
                 "--accept-loss' (it starts a new audit chain and keeps the old log files)"
             ) from None
 
-    def set_audit_anchor(self, anchor: Anchor, *, lock_wait: float | None = None) -> None:
+    def set_audit_anchor(
+        self, anchor: Anchor, *, lock_wait: float | None = None, reset: bool = False
+    ) -> None:
         """Vouch for a newer audit record; `lock_wait` bounds the wait for another writer's
-        commit lock (StoreBusyError after it, the anchor unmoved). The anchor there is never
-        opened: a damaged one is replaced (by 'audit reset'; every other writer read it first)."""
+        commit lock (StoreBusyError after it, the anchor unmoved). The anchor never moves back:
+        an anchor stored meanwhile at the same or a later seq is left as it is, compared within
+        the same compare-and-set commit. Only `reset` ('audit reset', beginning a new chain) sets
+        it back; a damaged anchor, which does not open, is replaced."""
         doc = _dump({"seq": anchor.seq, "hash": anchor.hash})
 
         def attempt() -> None:
@@ -932,6 +936,18 @@ class EncryptedStore:
                     self._refresh_root(self._sealed_under(entry))
                 except IntegrityError:  # damaged: no root key the header names sealed it
                     guarded = True
+            if entry is not None and not reset and not guarded:
+                try:
+                    stored = _load_json(
+                        open_record(
+                            self._root_lookup, Purpose.AUDIT_ANCHOR, self._anchor_key, 0, entry.value
+                        ),
+                        "audit anchor",
+                    )
+                    if int(stored["seq"]) >= anchor.seq:
+                        return  # another writer anchored as far or further: never move it back
+                except (IntegrityError, KeyError, TypeError, ValueError):
+                    pass  # damaged: replaced, as before
             ops: Operations = [self._root_guard()] if guarded else []
             sealed = seal_record(self._root, Purpose.AUDIT_ANCHOR, self._anchor_key, 0, doc)
             # Not fsynced: a power cut can only make the anchor lag, and records past it verify by MAC.

@@ -804,7 +804,9 @@ class VaultStore:
         except (KeyError, TypeError, ValueError):
             raise IntegrityError("the audit anchor in Vault is damaged") from None
 
-    def set_audit_anchor(self, anchor: Anchor, *, lock_wait: float | None = None) -> None:
+    def set_audit_anchor(
+        self, anchor: Anchor, *, lock_wait: float | None = None, reset: bool = False
+    ) -> None:
         """POST MOUNT/data/.secrets-manager/audit-anchor/SCOPE with cas = the version last read
         (one log has one writer at a time: its file lock); max_versions 1 on creation.
         `lock_wait` is ignored: Vault has no store-wide writer lock to wait on (a check-and-set
