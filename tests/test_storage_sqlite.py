@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,6 +16,7 @@ import pytest
 
 from secrets_manager.errors import (
     ConflictError,
+    IntegrityError,
     InvalidInputError,
     NotFoundError,
     StorageError,
@@ -327,3 +331,92 @@ def test_a_parent_that_is_a_file_is_named_and_nothing_is_created(tmp_path: Path)
     with pytest.raises(InvalidInputError, match=r"file\.txt is not a directory"):
         SqliteStorage(tmp_path / "file.txt" / "sub" / "store.db", create=True)
     assert (tmp_path / "file.txt").read_text() == "x"
+
+
+def test_a_value_stored_as_text_is_an_integrity_error_that_quotes_no_stored_bytes(
+    storage: SqliteStorage, tmp_store_path: Path
+) -> None:
+    """A record whose SQLite type was changed to TEXT (`CAST(value AS TEXT)`) is damage: exit 6,
+    and the message does not carry SQLite's "Could not decode to UTF-8 ... with text '<bytes>'"."""
+    value = b"\xff\xfeSTOREDBYTES\x80"
+    storage.put("ns/a", value)
+    storage.put("ns/b", b"plain-text-bytes")
+    db = sqlite3.connect(tmp_store_path)
+    db.execute("UPDATE entries SET value = CAST(value AS TEXT)")
+    db.commit()
+    db.close()
+    for read in (
+        lambda: storage.get("ns/a"),
+        lambda: storage.get("ns/b"),  # valid UTF-8: it would be a str, not bytes
+        lambda: list(storage.snapshot().__enter__().scan("ns/")),
+    ):
+        with pytest.raises(IntegrityError, match="restore the store from a backup") as caught:
+            read()
+        assert "STOREDBYTES" not in str(caught.value) and "plain-text" not in str(caught.value)
+
+
+def test_a_truncated_store_file_is_an_integrity_error_with_advice(tmp_store_path: Path) -> None:
+    storage = SqliteStorage(tmp_store_path, create=True)
+    for number in range(200):
+        storage.put(f"ns/key{number}", os.urandom(500))
+    assert storage.scrub()
+    storage.close()
+    os.truncate(tmp_store_path, tmp_store_path.stat().st_size // 2)
+    with pytest.raises(IntegrityError, match=r"is damaged .*restore it from a backup"):
+        SqliteStorage(tmp_store_path).list("ns/")
+
+
+def test_a_full_disk_says_the_disk_holding_the_store_is_full(storage: SqliteStorage) -> None:
+    """SQLite's "database or disk is full" (SQLITE_FULL, here from a page limit) says what is full."""
+    storage._db.execute("PRAGMA max_page_count = 8")
+    with pytest.raises(StorageError, match=r"the disk holding the store .* is full: free space"):
+        for number in range(100):
+            storage.put(f"ns/key{number}", os.urandom(2000))
+
+
+def test_a_store_on_a_read_only_mount_says_it_cannot_be_opened_for_writing_and_where(tmp_path: Path) -> None:
+    """SQLite's "unable to open database file" (it cannot create the -wal and -shm files beside a
+    store on a read-only mount) names the directory. The mount is a read-only bind mount in a
+    private mount namespace (`unshare -m`), which refuses writes even to root."""
+    directory = tmp_path / "store"
+    path = directory / "s.db"
+    storage = SqliteStorage(path, create=True)
+    storage.put("ns/a", b"x")
+    storage.close()  # the last connection: SQLite removes the -wal and -shm files
+    script = (
+        "import sys\n"
+        "from secrets_manager.errors import StorageError\n"
+        "from secrets_manager.storage.sqlite import SqliteStorage\n"
+        "try:\n"
+        "    SqliteStorage(sys.argv[1]).list('ns/')\n"
+        "except StorageError as exc:\n"
+        "    print(exc)\n"
+    )
+    mount = f"mount --bind '{directory}' '{directory}' && mount -o remount,ro,bind '{directory}'"
+    if (
+        os.geteuid() != 0
+        or shutil.which("unshare") is None
+        or subprocess.run(["unshare", "-m", "sh", "-c", mount], capture_output=True).returncode
+    ):
+        if os.environ.get("CI"):
+            pytest.fail("CI must run this test as root with unshare and mount (util-linux)")
+        pytest.skip("needs root, unshare and mount (util-linux) for a read-only bind mount")
+    result = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "sh",
+            "-c",
+            f'{mount} && exec "$0" -c "$1" "$2"',
+            sys.executable,
+            script,
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.stderr == ""
+    assert f"cannot open the store {path} for writing: its directory {directory} is not writable" in (
+        result.stdout
+    )

@@ -19,7 +19,9 @@ from pathlib import Path
 
 from secrets_manager.errors import (
     ConflictError,
+    IntegrityError,
     InvalidInputError,
+    SecretsManagerError,
     StorageError,
     StoreBusyError,
     StoreNotFoundError,
@@ -58,6 +60,10 @@ CREATE TABLE IF NOT EXISTS changes (
     PRIMARY KEY (revision, key)
 ) WITHOUT ROWID;
 """
+# A value is read as bytes whatever its SQLite type, with the type beside it: a value that is not a
+# BLOB (the file was edited: `UPDATE entries SET value = CAST(value AS TEXT)`) is refused by
+# `_entry` instead of being decoded as text, whose error message would quote the stored bytes.
+_GET = "SELECT CAST(value AS BLOB), revision, typeof(value) FROM entries WHERE key = ?"
 
 
 class SqliteStorage:
@@ -89,7 +95,7 @@ class SqliteStorage:
                 self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
             )
         except sqlite3.DatabaseError as exc:
-            raise StorageError(f"cannot open store {self.path}: {exc}") from None
+            raise _sqlite_error(self.path, exc) from None
         try:
             self._configure(create)
         except BaseException as exc:
@@ -99,8 +105,8 @@ class SqliteStorage:
                     f"{self.path} is not a secrets-manager store (not an SQLite database): check --store "
                     "or SECRETS_MANAGER_STORE"
                 ) from None
-            if isinstance(exc, sqlite3.DatabaseError):
-                raise StorageError(f"cannot open store {self.path}: {exc}") from None
+            if isinstance(exc, sqlite3.Error):
+                raise _sqlite_error(self.path, exc) from None
             raise
 
     def _configure(self, create: bool) -> None:
@@ -144,14 +150,17 @@ class SqliteStorage:
                     try:
                         yield self._db
                     except BaseException:
-                        self._db.execute("ROLLBACK")
+                        # SQLite may have rolled back already (SQLITE_FULL, some I/O errors): a
+                        # second ROLLBACK would fail and hide the error that says what happened.
+                        if self._db.in_transaction:
+                            self._db.execute("ROLLBACK")
                         raise
                     self._db.execute("COMMIT")
                 finally:
                     if not durable:
                         self._db.execute("PRAGMA synchronous = FULL")
             except sqlite3.Error as exc:
-                raise StorageError(f"store {self.path}: {exc}") from None
+                raise _sqlite_error(self.path, exc) from None
 
     def _begin_immediate(self, wait_ms: int) -> None:
         """Take the write lock, waiting at most `wait_ms` for another writer (StoreBusyError)."""
@@ -173,10 +182,10 @@ class SqliteStorage:
     def get(self, key: str) -> Entry | None:
         try:
             with self._lock:
-                row = self._db.execute("SELECT value, revision FROM entries WHERE key = ?", (key,)).fetchone()
+                row = self._db.execute(_GET, (key,)).fetchone()
         except sqlite3.Error as exc:
-            raise StorageError(f"store {self.path}: {exc}") from None
-        return None if row is None else Entry(value=bytes(row[0]), revision=row[1])
+            raise _sqlite_error(self.path, exc) from None
+        return None if row is None else _entry(self.path, key, *row)
 
     def change_head(self) -> int:
         """`ChangeHead`: the newest change's revision (the last key of the feed's primary key)."""
@@ -184,7 +193,7 @@ class SqliteStorage:
             with self._lock:
                 row = self._db.execute("SELECT max(revision) FROM changes").fetchone()
         except sqlite3.Error as exc:
-            raise StorageError(f"store {self.path}: {exc}") from None
+            raise _sqlite_error(self.path, exc) from None
         return int(row[0] or 0)
 
     def put(self, key: str, value: bytes, *, expect: Expect = None) -> int:
@@ -208,7 +217,7 @@ class SqliteStorage:
                         "SELECT key FROM entries WHERE key >= ? ORDER BY key", (prefix,)
                     ).fetchall()
         except sqlite3.Error as exc:
-            raise StorageError(f"store {self.path}: {exc}") from None
+            raise _sqlite_error(self.path, exc) from None
         return [row[0] for row in rows if row[0].startswith(prefix)]
 
     def commit(
@@ -259,7 +268,7 @@ class SqliteStorage:
                     (revision, limit),
                 ).fetchall()
         except sqlite3.Error as exc:
-            raise StorageError(f"store {self.path}: {exc}") from None
+            raise _sqlite_error(self.path, exc) from None
         truncated = revision < current and oldest is not None and oldest > revision + 1
         changes = [Change(revision=r, key=k, deleted=bool(d)) for r, k, d in rows]
         if len(changes) < limit:
@@ -291,7 +300,7 @@ class SqliteStorage:
                 finally:
                     self._db.execute("COMMIT")  # read only: ends the transaction, writes nothing
             except sqlite3.Error as exc:
-                raise StorageError(f"store {self.path}: {exc}") from None
+                raise _sqlite_error(self.path, exc) from None
 
     def scrub(self) -> bool:
         """Copy every WAL frame into the database file and truncate the WAL to zero bytes.
@@ -303,7 +312,7 @@ class SqliteStorage:
             with self._lock:
                 busy, _frames, _copied = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
         except sqlite3.Error as exc:
-            raise StorageError(f"store {self.path}: {exc}") from None
+            raise _sqlite_error(self.path, exc) from None
         return bool(busy == 0)
 
     def close(self) -> None:
@@ -324,10 +333,10 @@ class SqliteSnapshot:
 
     def get(self, key: str) -> Entry | None:
         try:
-            row = self._db.execute("SELECT value, revision FROM entries WHERE key = ?", (key,)).fetchone()
+            row = self._db.execute(_GET, (key,)).fetchone()
         except sqlite3.Error as exc:
-            raise StorageError(f"store {self._path}: {exc}") from None
-        return None if row is None else Entry(value=bytes(row[0]), revision=row[1])
+            raise _sqlite_error(self._path, exc) from None
+        return None if row is None else _entry(self._path, key, *row)
 
     def list(self, prefix: str) -> list[str]:
         return [key for key, _ in self.scan(prefix)]
@@ -336,18 +345,82 @@ class SqliteSnapshot:
         end = _prefix_end(prefix)
         query, args = (
             (
-                "SELECT key, value, revision FROM entries WHERE key >= ? AND key < ? ORDER BY key",
+                "SELECT key, CAST(value AS BLOB), revision, typeof(value) FROM entries "
+                "WHERE key >= ? AND key < ? ORDER BY key",
                 (prefix, end),
             )
             if end is not None
-            else ("SELECT key, value, revision FROM entries WHERE key >= ? ORDER BY key", (prefix,))
+            else (
+                "SELECT key, CAST(value AS BLOB), revision, typeof(value) FROM entries "
+                "WHERE key >= ? ORDER BY key",
+                (prefix,),
+            )
         )
         try:
-            for key, value, revision in self._db.execute(query, args):
+            for key, value, revision, kind in self._db.execute(query, args):
                 if key.startswith(prefix):
-                    yield key, Entry(value=bytes(value), revision=revision)
+                    yield key, _entry(self._path, key, value, revision, kind)
         except sqlite3.Error as exc:
-            raise StorageError(f"store {self._path}: {exc}") from None
+            raise _sqlite_error(self._path, exc) from None
+
+
+def _entry(path: Path, key: str, value: bytes, revision: int, kind: str) -> Entry:
+    if kind != "blob":
+        raise IntegrityError(
+            f"store {path} is damaged: the record {key!r} is stored as {kind}, not as bytes (the file "
+            "was changed outside secrets-manager); restore the store from a backup"
+        )
+    return Entry(value=bytes(value), revision=revision)
+
+
+def _sqlite_error(path: Path, exc: sqlite3.Error) -> SecretsManagerError:
+    """An error of SQLite as one of ours that says what to do. Never SQLite's text alone: some of
+    its messages quote stored bytes (a TEXT value that is not UTF-8), so only known codes are
+    named, by SQLite's fixed wording for them."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    primary = None if code is None else code & 0xFF
+    directory = path.absolute().parent
+    if primary in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return IntegrityError(
+            f"store {path} is damaged (SQLite: database disk image is malformed; a cut or overwritten "
+            "file): restore it from a backup ('secrets-manager restore FILE --store PATH')"
+        )
+    if primary == sqlite3.SQLITE_FULL or (primary == sqlite3.SQLITE_IOERR and _disk_full(directory)):
+        return StorageError(
+            f"the disk holding the store {path} ({directory}) is full: free space there and try again"
+        )
+    if primary == sqlite3.SQLITE_IOERR:
+        return StorageError(
+            f"store {path}: the disk holding it ({directory}) failed to read or write (disk I/O error): "
+            "check that disk (is it full, unmounted or failing?) and try again"
+        )
+    if primary in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM):
+        if not os.access(directory, os.W_OK):
+            where = (
+                f"its directory {directory} is not writable (SQLite keeps the store's -wal and -shm "
+                "files there)"
+            )
+        elif path.exists() and not os.access(path, os.W_OK):
+            where = f"{path} is not writable"
+        else:
+            where = f"it or its directory {directory} is read-only"
+        return StorageError(
+            f"cannot open the store {path} for writing: {where}; on a read-only mount or directory, "
+            "copy the store to a writable place and pass --store, or make it writable"
+        )
+    if primary in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+        return StoreBusyError(f"store {path}: another process holds the store's lock; try again")
+    if code is not None:  # a known SQLite error: its message is SQLite's fixed text for the code
+        return StorageError(f"store {path}: {exc}")
+    return StorageError(f"store {path}: {type(exc).__name__} from SQLite; the store file may be damaged")
+
+
+def _disk_full(directory: Path) -> bool:
+    try:
+        stats = os.statvfs(directory)
+    except OSError:
+        return False
+    return stats.f_bavail == 0 or stats.f_favail == 0
 
 
 def _prefix_end(prefix: str) -> str | None:
