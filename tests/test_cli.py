@@ -127,6 +127,30 @@ def test_init_never_overwrites_an_existing_store(ready: Cli) -> None:
     assert ready("get", "a/b").out == "v1\n"
 
 
+def test_init_where_something_else_is_says_what_is_there_and_changes_nothing(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Not "a store already exists" for an empty file, another file or a directory."""
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    notes = tmp_path / "notes.db"
+    notes.write_bytes(b"my notes")
+    directory = tmp_path / "dir.db"
+    directory.mkdir()
+    before = sorted(tmp_path.iterdir())
+    for path, code, needle in (
+        (empty, 7, "is an empty file, not a store: init never overwrites a file: remove it"),
+        (notes, 7, "is not a secrets-manager store (not an SQLite database): init never overwrites"),
+        (directory, 2, "is a directory, not a store file: choose a file's path"),
+    ):
+        result = cli("--store", str(path), "init", "--kdf-profile", "test")
+        assert_one_line_error(result, code, str(path), needle)
+        assert "already exists" not in result.stderr
+    assert sorted(tmp_path.iterdir()) == before
+    assert empty.read_bytes() == b"" and notes.read_bytes() == b"my notes"
+    assert list(directory.iterdir()) == []
+
+
 def test_default_kdf_profile_is_rfc9106_second_recommendation(cli: Cli) -> None:
     assert cli("init").code == 0
     db = sqlite3.connect(cli.store)

@@ -169,9 +169,39 @@ def test_init_never_overwrites_an_existing_store(storage: SqliteStorage, tmp_sto
 def test_init_never_overwrites_an_unrelated_existing_file(tmp_path: Path) -> None:
     target = tmp_path / "notes.txt"
     target.write_bytes(b"my notes")
-    with pytest.raises(ConflictError):
+    with pytest.raises(ConflictError, match=r"notes\.txt is not a secrets-manager store \(not an SQLite"):
         SqliteStorage(target, create=True)
     assert target.read_bytes() == b"my notes"
+
+
+def test_init_on_an_empty_file_says_it_is_an_empty_file_and_leaves_it(tmp_path: Path) -> None:
+    target = tmp_path / "s.db"
+    target.touch()
+    with pytest.raises(ConflictError, match=r"s\.db is an empty file, not a store: .*remove it") as caught:
+        SqliteStorage(target, create=True)
+    assert "already exists" not in str(caught.value)
+    assert target.read_bytes() == b""
+    assert sorted(tmp_path.iterdir()) == [target]
+
+
+def test_init_on_another_sqlite_database_says_so_and_leaves_it(tmp_path: Path) -> None:
+    target = tmp_path / "app.db"
+    db = sqlite3.connect(target)
+    db.execute("CREATE TABLE t (x)")
+    db.commit()
+    db.close()
+    before = target.read_bytes()
+    with pytest.raises(ConflictError, match=r"app\.db is not a secrets-manager store \(another SQLite"):
+        SqliteStorage(target, create=True)
+    assert target.read_bytes() == before
+
+
+def test_init_on_a_directory_says_it_is_a_directory(tmp_path: Path) -> None:
+    target = tmp_path / "dir.db"
+    target.mkdir()
+    with pytest.raises(InvalidInputError, match=r"dir\.db is a directory, not a store file"):
+        SqliteStorage(target, create=True)
+    assert list(target.iterdir()) == []
 
 
 def test_opening_a_missing_file_is_not_found_and_creates_nothing(tmp_store_path: Path) -> None:

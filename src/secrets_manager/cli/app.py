@@ -52,7 +52,6 @@ from secrets_manager.client._config import parse_addresses
 from secrets_manager.environment import PASSWORD_FILE_VARIABLE, Environment, current_environment
 from secrets_manager.errors import (
     AccessDeniedError,
-    ConflictError,
     InvalidInputError,
     MissingCredentialsError,
     NotFoundError,
@@ -96,7 +95,7 @@ from secrets_manager.store.url import (
     open_external_store,
     open_store,
     open_store_with_recovery,
-    store_exists,
+    refuse_existing_store,
     store_location,
 )
 from secrets_manager.values import SecretValue
@@ -651,8 +650,7 @@ def init(session: Session, kdf_profile: str, kms_key: str | None) -> None:
             "(its secrets live in Vault or AWS); run the other commands directly"
         )
     where = store_location(session.store_url)
-    if store_exists(session.store_url, environment=session.environment):
-        raise ConflictError(f"a store already exists at {where}; init never overwrites one")
+    refuse_existing_store(session.store_url, environment=session.environment)
     password = None if kms_key else session.password(confirm=True)
     audit = session.audit_log()
     store = create_store(

@@ -456,10 +456,33 @@ def _create_private_file(path: Path) -> None:
     try:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
     except FileExistsError:
-        raise ConflictError(f"a store already exists at {path}; init never overwrites one") from None
+        raise occupied_path_error(path) from None
     except OSError as exc:
         raise StorageError(f"cannot create store {path}: {exc.strerror}") from None
     os.close(fd)
+
+
+def occupied_path_error(path: Path) -> SecretsManagerError:
+    """What is at `path`, where init would create a store, named with what to do. A file is an
+    existing target (exit 7, whatever it holds: init never overwrites); a directory is a wrong
+    path (exit 2, as `list` says of it). Reads at most the file's header."""
+    elsewhere = "init never overwrites a file: remove it if it is not needed, or choose another path"
+    if path.is_dir():
+        return InvalidInputError(
+            f"{path} is a directory, not a store file: choose a file's path (e.g. {path / 'secrets.db'})"
+        )
+    try:
+        with path.open("rb") as file:
+            header = file.read(100)
+    except OSError as exc:
+        return ConflictError(f"{path} exists and cannot be read ({exc.strerror}): {elsewhere}")
+    if not header:
+        return ConflictError(f"{path} is an empty file, not a store: {elsewhere}")
+    if header[:16] != b"SQLite format 3\x00" or len(header) < 72:
+        return ConflictError(f"{path} is not a secrets-manager store (not an SQLite database): {elsewhere}")
+    if int.from_bytes(header[68:72], "big") != _APPLICATION_ID:
+        return ConflictError(f"{path} is not a secrets-manager store (another SQLite database): {elsewhere}")
+    return ConflictError(f"a store already exists at {path}; init never overwrites one")
 
 
 def create_private_directories(path: Path) -> None:

@@ -45,7 +45,7 @@ from secrets_manager.errors import (
     UnsupportedOperationError,
 )
 from secrets_manager.storage import Delete, Storage
-from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.storage.sqlite import SqliteStorage, occupied_path_error
 from secrets_manager.store.base import AuditedStore
 from secrets_manager.store.encrypted import HEADER_KEY, EncryptedStore, unlock_kind
 from secrets_manager.store.external import DEFAULT_AUDIT_SCOPE, DEFAULT_RECOVERY_WINDOW_DAYS, audit_scope_for
@@ -539,6 +539,18 @@ def store_exists(url: str | None, *, environment: Environment) -> bool:
         storage.close()
 
 
+def refuse_existing_store(url: str | None, *, environment: Environment) -> None:
+    """For init: the error to give if something is where `url` points; a store (exit 7), or, for
+    a file path, whatever else is there, named (an empty file, another file, a directory)."""
+    if postgres_location(url) is None:
+        path = sqlite_path(url)
+        if path.exists() or path.is_symlink():
+            raise occupied_path_error(path)
+        return
+    if store_exists(url, environment=environment):
+        raise ConflictError(f"a store already exists at {store_location(url)}; init never overwrites one")
+
+
 def discard_new_store(url: str | None, store: EncryptedStore) -> None:
     """Undo an `init` that was never announced (its audit record failed): close the new store and
     remove what it wrote. On PostgreSQL, each entry goes only if nobody changed it since, and the
@@ -591,7 +603,7 @@ def create_store(
             raise
     path = sqlite_path(url)
     if path.exists():
-        raise ConflictError(f"a store already exists at {path}; init never overwrites one")
+        raise occupied_path_error(path)
     storage = open_storage(url, create=True, environment=environment)
     try:
         return EncryptedStore.create(storage, unlock, **options)
