@@ -1544,6 +1544,38 @@ def test_an_import_that_fails_part_way_audits_the_secrets_it_wrote(
     assert all(r["value_hmac"] for r in records[1:3])
 
 
+def test_ctrl_c_part_way_through_an_import_says_how_many_were_imported_and_how_to_go_on(
+    ready: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In process, with Ctrl-C (KeyboardInterrupt) arriving as the third secret is written: exit
+    130 and one line that names the count, the last written, the one being written, and how to
+    resume; not a bare "aborted"."""
+    from secrets_manager.store import EncryptedStore
+
+    source = tmp_path / "four.env"
+    source.write_bytes(b"ONE=1\nTWO=2\nTHREE=3\nFOUR=4\n")
+    put = EncryptedStore.put
+    calls = []
+
+    def interrupted_put(self: EncryptedStore, name: str, value: bytes, **options: object) -> object:
+        calls.append(name)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return put(self, name, value, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(EncryptedStore, "put", interrupted_put)
+    assert run_in_process(ready, monkeypatch, "import", str(source), "--service", "svc") == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [
+        "secrets-manager: error: interrupted; 2 of 4 secret(s) were imported (the last svc/TWO); "
+        "svc/THREE, being written then, may have been too: rerun with --on-existing skip to import the rest"
+    ]
+    assert ready("list", "svc/").out == "svc/ONE\nsvc/TWO\n"
+    resumed = ready("import", str(source), "--service", "svc", "--on-existing", "skip")
+    assert resumed.code == 0, resumed.stderr
+    assert ready("list", "svc/").out == "svc/FOUR\nsvc/ONE\nsvc/THREE\nsvc/TWO\n"
+
+
 def test_shell_completion_scripts_and_command_completion(cli: Cli) -> None:
     for shell in ("bash", "zsh", "fish"):
         script = cli(env={"_SECRETS_MANAGER_COMPLETE": f"{shell}_source"})

@@ -17,7 +17,8 @@
     │   ├── StoreBusyError              exit 1   another writer held the store's lock too long
     │   ├── ResourceExhaustedError      exit 1   the service is at a capacity limit (max_watch_streams)
     │   └── HandshakeFailedError        exit 1   the TLS handshake failed or the server closed it
-    └── RotationStepFailed              exit 1   a rotation's set or test command failed
+    ├── RotationStepFailed              exit 1   a rotation's set or test command failed
+    └── OperationInterrupted            exit 130 Ctrl-C part-way through a multi-write command
 
 Each class also has a `kind`, the outcome name the audit log records (e.g. "not_found").
 
@@ -171,3 +172,11 @@ class RotationStepFailed(SecretsManagerError):
 
     exit_code = 1
     kind = "rotation_step_failed"
+
+
+class OperationInterrupted(SecretsManagerError):
+    """Ctrl-C (SIGINT) part-way through a command that writes one secret at a time (import): the
+    message says how far it got and how to go on, as any failure part-way does."""
+
+    exit_code = 130
+    kind = "interrupted"

@@ -21,7 +21,12 @@ from secrets_manager.cli.app import Session, cli, pass_session
 from secrets_manager.cli.output import info_line, print_json, warning_line
 from secrets_manager.cli.password import read_small_file
 from secrets_manager.cli.run_command import service_variable_problems
-from secrets_manager.errors import ConflictError, InvalidInputError, SecretsManagerError
+from secrets_manager.errors import (
+    ConflictError,
+    InvalidInputError,
+    OperationInterrupted,
+    SecretsManagerError,
+)
 from secrets_manager.store import MAX_VALUE_SIZE, SecretMetadata, SecretStore, validate_name
 from secrets_manager.store.names import validate_namespace
 
@@ -115,6 +120,10 @@ def import_command(
         except SecretsManagerError as exc:
             _say_what_was_imported(exc, done, len(entries))
             raise
+        except KeyboardInterrupt:
+            # Ctrl-C between or during writes: those done are committed and audited; say how far
+            # it got, as any failure part-way does.
+            raise _interrupted(done, entries) from None
     if as_json:
         print_json(done)
     else:
@@ -160,6 +169,18 @@ def _say_what_was_imported(exc: SecretsManagerError, done: list[dict[str, object
             f"{exc}; {len(written)} of {total} secret(s) were imported (the last {written[-1]['name']}): "
             "rerun with --on-existing skip to import the rest",
         )
+
+
+def _interrupted(done: list[dict[str, object]], entries: list[Entry]) -> OperationInterrupted:
+    written = [item for item in done if item["version"] is not None]
+    so_far = (
+        f"{len(written)} of {len(entries)} secret(s) were imported (the last {written[-1]['name']})"
+        if written
+        else "no secret was imported"
+    )
+    if len(done) < len(entries):  # its write may have committed just before the interrupt came
+        so_far += f"; {entries[len(done)].name}, being written then, may have been too"
+    return OperationInterrupted(f"interrupted; {so_far}: rerun with --on-existing skip to import the rest")
 
 
 def _read_stdin() -> bytes:
