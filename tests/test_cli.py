@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import pty
@@ -1574,6 +1575,47 @@ def test_ctrl_c_part_way_through_an_import_says_how_many_were_imported_and_how_t
     resumed = ready("import", str(source), "--service", "svc", "--on-existing", "skip")
     assert resumed.code == 0, resumed.stderr
     assert ready("list", "svc/").out == "svc/FOUR\nsvc/ONE\nsvc/THREE\nsvc/TWO\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "needle"),
+    [
+        (["backup", "{dir}/x.bk"], "cannot write the backup to {dir}/x.bk: Permission denied"),
+        (["pki", "init", "--dir", "{dir}/pk"], "cannot create directory {dir}/pk: Permission denied"),
+        (
+            ["recovery", "init", "--shares", "3", "--threshold", "2", "--out-dir", "{dir}/sh"],
+            "cannot use --out-dir {dir}/sh: Permission denied",
+        ),
+    ],
+)
+def test_a_path_under_a_directory_the_user_may_not_search_is_one_line_naming_it(
+    ready: Cli,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    command: list[str],
+    needle: str,
+) -> None:
+    """As a user who may not search a directory (`/root` for nobody), looking at a path in it
+    raises PermissionError: exit 2 and one line naming the path, not an internal error. Root may
+    search everything, so the refusal is simulated in process: stat() of anything under the
+    directory raises EACCES, as the kernel does for such a user."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    real_stat = Path.stat
+
+    def stat(self: Path, **options: bool) -> os.stat_result:
+        if self != private and self.is_relative_to(private):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_stat(self, **options)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    args = [part.format(dir=private) for part in command]
+    assert run_in_process(ready, monkeypatch, *args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("secrets-manager: error: "), lines
+    assert needle.format(dir=private) in lines[0]
+    assert list(private.iterdir()) == []
 
 
 def test_shell_completion_scripts_and_command_completion(cli: Cli) -> None:

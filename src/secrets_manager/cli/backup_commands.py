@@ -305,6 +305,16 @@ def _file_argument(file: str, command: str) -> Path:
 
 def _check_destination(session: Session, path: Path, *, force: bool) -> None:
     """Refuse before unlocking: an existing file (unless --force), a missing directory, the store."""
+    try:
+        _check_destination_path(session, path, force=force)
+    except OSError as exc:  # a directory on the way this user may not search (EACCES), a loop
+        raise InvalidInputError(
+            f"cannot write the backup to {path}: {exc.strerror or type(exc).__name__} (a directory on "
+            "the way this user may not enter?); choose a path you can write to"
+        ) from None
+
+
+def _check_destination_path(session: Session, path: Path, *, force: bool) -> None:
     if path.is_dir():
         raise InvalidInputError(f"{path} is a directory; give a file name for the backup")
     if not path.parent.is_dir():

@@ -99,17 +99,23 @@ def init(session: Session, shares: int, threshold: int, out_dir: Path, replace: 
         raise InvalidInputError(f"--threshold {threshold} is more than --shares {shares}")
     if threshold == 1 and shares > 1:  # SLIP-0039 refuses it; say so before the store is opened
         raise InvalidInputError("--threshold 1 would make every share the whole key; use 2 or more")
-    if (
-        session.environment.is_production
-        and out_dir.is_dir()
-        and stat.S_IMODE(out_dir.stat().st_mode) & 0o077
-    ):
-        raise UnsafeConfigurationError(
-            f"--out-dir {out_dir} can be read or written by group or others; run 'chmod 700 {out_dir}' "
-            "or pick a private directory (production refuses it)"
-        )
     paths = [out_dir / SHARE_FILE.format(index=i, shares=shares) for i in range(1, shares + 1)]
-    taken = [p.name for p in paths if p.exists()]
+    try:
+        if (
+            session.environment.is_production
+            and out_dir.is_dir()
+            and stat.S_IMODE(out_dir.stat().st_mode) & 0o077
+        ):
+            raise UnsafeConfigurationError(
+                f"--out-dir {out_dir} can be read or written by group or others; run 'chmod 700 "
+                f"{out_dir}' or pick a private directory (production refuses it)"
+            )
+        taken = [p.name for p in paths if p.exists()]
+    except OSError as exc:  # a directory on the way this user may not search (EACCES)
+        raise InvalidInputError(
+            f"cannot use --out-dir {out_dir}: {exc.strerror or type(exc).__name__} (a directory on the "
+            "way this user may not enter?); choose a directory you can write to"
+        ) from None
     if taken:
         raise InvalidInputError(
             f"{out_dir} already holds {', '.join(taken)}; move the old shares away or pick another --out-dir"

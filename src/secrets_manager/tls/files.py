@@ -257,8 +257,8 @@ def _public_der(public_key: PublicKeyTypes) -> bytes:
 
 def make_private_directory(directory: Path) -> None:
     """Create `directory` and any missing ancestors 0700 (mkdir(parents=True) would use the umask)."""
-    missing = [p for p in (directory, *directory.parents) if not p.exists()]
     try:
+        missing = [p for p in (directory, *directory.parents) if not p.exists()]
         for folder in reversed(missing):
             folder.mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
