@@ -139,6 +139,14 @@ class StoreBusyError(StorageError):
     restore or import, a writer paused mid-commit); nothing was written, so trying again is safe."""
 
 
+class ChangeUnrecordedError(StorageError):
+    """A change was made, and then its audit record could not be written (the service's log is
+    full or failing). Not "refused": the change stands, so a client must not make it again, here
+    or at another replica (unlike the other StorageErrors, it is not worth another address)."""
+
+    kind = "audit_error"
+
+
 class ResourceExhaustedError(StorageError):
     """The service is at a capacity limit (e.g. its `max_watch_streams`): it cannot take this call
     now, like an unreachable service. Messages say which limit and how to raise it."""

@@ -11,6 +11,7 @@ import grpc
 
 from secrets_manager.errors import (
     AccessDeniedError,
+    ChangeUnrecordedError,
     ConflictError,
     IntegrityError,
     InvalidInputError,
@@ -56,7 +57,12 @@ STATUS_OF_ERROR: tuple[tuple[type[SecretsManagerError], grpc.StatusCode], ...] =
 ERROR_CLASS_KEY = "secrets-manager-error"
 _REFINED_ERRORS: dict[str, type[SecretsManagerError]] = {
     cls.__name__: cls
-    for cls in (RotationInProgressError, UnsafeConfigurationError, UnsupportedOperationError)
+    for cls in (
+        ChangeUnrecordedError,
+        RotationInProgressError,
+        UnsafeConfigurationError,
+        UnsupportedOperationError,
+    )
 }
 
 

@@ -87,6 +87,7 @@ from secrets_manager.client._renewal import CertificateFiles
 from secrets_manager.client.remote import ChangeStream, RemoteStore, TlsFiles, channel_credentials
 from secrets_manager.errors import (
     AccessDeniedError,
+    ChangeUnrecordedError,
     HandshakeFailedError,
     InvalidInputError,
     NotFoundError,
@@ -456,7 +457,10 @@ def _no_answer_now(error: SecretsManagerError) -> bool:
 
 def _worth_another_address(error: SecretsManagerError) -> bool:
     # StorageError is UNAVAILABLE / DEADLINE_EXCEEDED (and a server whose store failed); the base
-    # class is any status without a meaning of ours (RESOURCE_EXHAUSTED, INTERNAL, ...).
+    # class is any status without a meaning of ours (RESOURCE_EXHAUSTED, INTERNAL, ...). A change
+    # made whose audit record failed is not: made again elsewhere, it would be made twice.
+    if isinstance(error, ChangeUnrecordedError):
+        return False
     return isinstance(error, StorageError) or type(error) is SecretsManagerError
 
 

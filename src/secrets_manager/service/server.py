@@ -32,6 +32,7 @@ from secrets_manager.access import Policy, load_policy
 from secrets_manager.audit import AuditEvent, AuditLog, value_fingerprint
 from secrets_manager.errors import (
     AccessDeniedError,
+    ChangeUnrecordedError,
     NotFoundError,
     SecretsManagerError,
     StorageError,
@@ -101,6 +102,20 @@ class _Request:
     caller: Caller  # its certificate's serial and fingerprint: a Watch re-checks `[revoked]`
     # Set once the policy granted the request; a failure before that is audited as a denial.
     allowed: bool = False
+
+
+def _unrecorded_change(event: AuditEvent, audit_exc: SecretsManagerError) -> ChangeUnrecordedError:
+    """The error for a change made whose record the log then refused: it says the change stands
+    (a client told "refused" would make it again), as the CLI does for a local change."""
+    cause = getattr(audit_exc, "cause", None) or str(audit_exc)
+    what = " ".join(part for part in (event.operation, event.name) if part)
+    if event.version:
+        what += f", version {event.version}"
+    return ChangeUnrecordedError(
+        f"the change was made ({what}), but the service could not write its audit record ({cause}): "
+        "do not make the change again; the service's operator must make its audit log writable "
+        "(free space on its disk if it is full) and run 'secrets-manager audit verify' on its store"
+    )
 
 
 class SecretsServicer(pb_grpc.SecretsServicer):
@@ -192,7 +207,12 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                     yield request
             else:
                 yield request
-            self._audit.append(request.extra_events or [event], self._store, durable=durable)
+            try:
+                self._audit.append(request.extra_events or [event], self._store, durable=durable)
+            except SecretsManagerError as exc:
+                if not mutating:  # a read: its result is not sent, so it was refused indeed
+                    raise
+                raise _unrecorded_change(event, exc) from None
             if mutating:  # this replica's watchers hear of its own changes without waiting a tick
                 self.watch_hub.poke()
         except SecretsManagerError as exc:
