@@ -3,9 +3,11 @@ anchored within the flush interval, one chain with every other writer, failures 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -16,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from secrets_manager.audit import Anchor, AuditError, AuditEvent, AuditLog, AuditTamperError
+from secrets_manager.audit.log import FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
 from secrets_manager.crypto import kdf
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
@@ -407,3 +410,105 @@ def test_the_anchor_advances_under_continuous_appends(
     # (test_flush_waits_for_a_deferred_flush_already_running): wait for that one too.
     assert wait_for(lambda: anchored_seq(store) == total), (anchored_seq(store), total)
     assert log.verify(store.audit_key(), store.audit_anchor()) == total
+
+
+# ---- an anchor that could not be moved is owed, and retried until it moves -------------------
+
+
+@contextlib.contextmanager
+def store_write_lock_held(store_path: Path) -> Iterator[None]:
+    """Another writer holding the store's commit lock (a long import or restore), on a connection
+    of its own: the store's own connection gets SQLITE_BUSY until it is released."""
+    other = sqlite3.connect(store_path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+
+
+def test_the_anchor_catches_up_once_the_store_is_free_without_another_append(
+    tmp_path: Path, store: EncryptedStore
+) -> None:
+    """Reads answered while another writer held the store's lock: every flush then failed to
+    anchor (or skipped it, in the backoff after) and nothing tried again, so once the service was
+    idle the anchor stayed at the record before the burst for good, and those acknowledged reads
+    could be cut from the log undetected. The anchor is owed now, and retried after the backoff."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)  # flushes every 10 ms (the default)
+    log.append([AuditEvent("store", "alice", name="auth/KEY_0")], store)  # durable: anchors record 1
+    with store_write_lock_held(tmp_path / "store.db"):
+        for n in range(1, 13):
+            started = time.monotonic()
+            log.append([read(n)], store, durable=False)
+            assert time.monotonic() - started < 0.5, f"read {n} waited for the store's lock"
+            time.sleep(0.03)
+        time.sleep(0.2)  # the last flush ran (and failed, or left the anchor alone in the backoff)
+        assert anchored_seq(store) == 1
+    last = lines(path)[-1]
+    assert last["seq"] == 13
+    # Nothing is appended from here on: only a retry can move the anchor (the backoff is 1 s).
+    assert wait_for(lambda: anchored_seq(store) == 13, FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS + 1.5), anchored_seq(
+        store
+    )
+    assert store.audit_anchor() == Anchor(seq=13, hash=str(last["hash"]))
+    assert lines(path)[-1] == last  # the retry wrote nothing
+    assert log.verify(store.audit_key(), store.audit_anchor()) == 13
+    cut = b"".join(path.read_bytes().splitlines(keepends=True)[:1])
+    path.write_bytes(cut)  # the reads cut from the log: now seen
+    with pytest.raises(AuditTamperError, match="records are missing at the end"):
+        log.verify(store.audit_key(), store.audit_anchor())
+
+
+def test_the_anchor_catches_up_when_another_process_held_the_log_during_the_flush(
+    tmp_path: Path, store: EncryptedStore
+) -> None:
+    """A flush that finds another writer holding the log's flock cannot anchor; it tries again soon,
+    not only at the next flush (which waits for a new read)."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, flush_interval=0.2)
+    for n in range(1, 4):
+        log.append([read(n)], store, durable=False)
+    other = AuditLog(path)  # another process: a lock of its own
+    assert other._flock(deadline=None)
+    try:
+        time.sleep(0.5)  # the flush ran meanwhile: fsynced, but the anchor could not move
+        assert anchored_seq(store) == 0
+    finally:
+        other._unflock()
+    assert wait_for(lambda: anchored_seq(store) == 3, 1.0), anchored_seq(store)
+    assert log.verify(store.audit_key(), store.audit_anchor()) == 3
+
+
+def test_flush_anchors_what_an_earlier_flush_could_not(tmp_path: Path, store: EncryptedStore) -> None:
+    """At shutdown the service's flush() must anchor every record, also those a flush already
+    fsynced but could not anchor (nothing is unsynced any more by then), backoff or not."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, flush_interval=60)
+    for n in range(1, 4):
+        log.append([read(n)], store, durable=False)
+    with store_write_lock_held(tmp_path / "store.db"):
+        log._flush(deferred=True)  # the worker's flush: fsynced, the store busy
+        assert anchored_seq(store) == 0
+    log.flush()  # at once: within the backoff a deferred flush would keep
+    assert anchored_seq(store) == 3
+    assert log.verify(store.audit_key(), store.audit_anchor()) == 3
+
+
+def test_an_owed_anchor_is_dropped_once_an_audit_reset_set_its_file_aside(
+    tmp_path: Path, store: EncryptedStore
+) -> None:
+    """Records of the old chain are never anchored over the new one an `audit reset` began."""
+    path = tmp_path / "audit.jsonl"
+    service, cli = AuditLog(path), AuditLog(path)
+    for n in range(1, 6):
+        service.append([read(n)], store, durable=False)
+    with store_write_lock_held(tmp_path / "store.db"):
+        time.sleep(0.3)  # flushed, not anchored: owed
+        assert anchored_seq(store) == 0
+    cli.restart(store, AuditEvent("audit.reset", "operator"))  # within the service's backoff
+    assert anchored_seq(store) == 1
+    time.sleep(FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS + 0.5)  # the retry ran, and found nothing to do
+    assert anchored_seq(store) == 1
+    assert AuditLog(path).verify(store.audit_key(), store.audit_anchor()) == 1

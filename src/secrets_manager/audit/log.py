@@ -43,6 +43,9 @@ DEFAULT_FLUSH_INTERVAL_SECONDS = 0.01
 # long commit); on a busy store the anchor lags, and flushes leave it alone for the backoff after.
 FLUSH_ANCHOR_LOCK_WAIT_SECONDS = 0.1
 FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS = 1.0
+# An anchor a flush could not move (the store busy, or another process holding the log) is owed:
+# the sink worker tries again after the backoff, or this soon when the log's flock was taken.
+ANCHOR_FLOCK_RETRY_SECONDS = 0.05
 # A durable append's anchor update gives up this long before its caller would, so the caller
 # hears that the store's lock was busy, not that the log did not answer.
 ANCHOR_ANSWER_MARGIN_SECONDS = 0.25
@@ -170,6 +173,10 @@ class AuditLog:
         self._file: tuple[int, int] | None = None  # the live file: descriptor and inode
         self._file_locked = False  # whether this holds the live file's flock (with the lock file's)
         self._unsynced: _Unsynced | None = None
+        # This process's newest fsynced record not yet anchored (a flush or durable append could
+        # not move the anchor): the sink worker retries until it moves or is no longer needed.
+        self._owed: _Owed | None = None
+        self._writes = 0  # records written by this process so far: orders the tails it left
         self._failure: str | None = None
         self._second: tuple[int, str] | None = None  # a second and its formatted date and time
         self._anchor_busy_until = 0.0  # monotonic: deferred flushes do not anchor before this
@@ -458,7 +465,8 @@ class AuditLog:
         except OSError:
             os.ftruncate(fd, before.st_size)  # never leave half a record behind
             raise
-        self._tail = _Tail(before.st_ino, before.st_size + len(data), seq, previous)
+        self._writes += 1
+        written = self._tail = _Tail(before.st_ino, before.st_size + len(data), seq, previous, self._writes)
         self._created = None  # a record is written: the lock file and its directory are in use
         if not durable:
             self._note_unsynced(fd, before.st_ino, anchor)
@@ -477,13 +485,18 @@ class AuditLog:
                 # A change's "pending" record is refused: the change is not made. Any other record
                 # reports an operation already done; refusing it would misstate it (a caller would
                 # retry a change that stands). Those records are written and fsynced: only the
-                # anchor lags, until the next durable append, as after a deferred flush.
+                # anchor lags, and is owed, as after a deferred flush (the worker retries it).
                 refused = StoreBusyError(
                     f"audit log {self.path} could not be anchored, so the operation was refused: {exc}"
                 )
                 for job in jobs:
                     if all(event.outcome == "pending" for event in job.events):
                         job.error = refused
+                self._owe_locked(_Owed(written, anchor))
+                self._anchor_busy_until = time.monotonic() + FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
+                self._worker.retry_within(FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS)
+            else:
+                self._owed = None  # this process's newest record is anchored: older ones are too
 
     def _set_aside_partial_record(self, fd: int, size: int, anchor: AuditAnchor) -> Path | None:
         """If the live file ends in a partial line, move that line to `<file>.partial-<time>`
@@ -612,6 +625,7 @@ class AuditLog:
         if self._unsynced is not None:
             unsynced, self._unsynced = self._unsynced, None
             unsynced.close()
+        self._owed = None  # records of the old chain are never anchored over the new one
         self._tail = None
         anchor.set_audit_anchor(Anchor(seq=0, hash=GENESIS_HASH), reset=True)  # the one way back
         self._write_locked([_AppendJob([event], anchor)], anchor, durable=True)
@@ -715,40 +729,85 @@ class AuditLog:
         anchors is this process's newest record as it was *before* the fsync began, so the anchor
         never vouches for a record a power cut could lose; and only under the flock, and only if
         the store's anchor is older, so it never moves backwards (every anchor update holds the
-        flock). If another process holds the log, the anchor lags until the next flush or
-        durable append. A failed fsync means records may be lost: from then on every append is
-        refused. A failed anchor update is not a loss (the records are on disk and verify by MAC),
-        so it waits only briefly for a store whose lock another writer holds (every append waits
-        for it meanwhile), and `deferred` flushes then leave the anchor alone for a while."""
+        flock). A failed fsync means records may be lost: from then on every append is refused.
+        A failed anchor update is not a loss (the records are on disk and verify by MAC), so it
+        waits only briefly for a store whose lock another writer holds (every append waits for it
+        meanwhile), and `deferred` flushes then leave the anchor alone for a while. Until it has
+        moved, the anchor is owed (`_owed`, kept apart from `_unsynced`): the sink worker tries
+        again (after that backoff; soon if another process held the log), with no new append."""
         with self._flushing:  # a flush() waits for one already running: it promises "done now"
             with self._lock:
                 unsynced, self._unsynced = self._unsynced, None
                 tail = self._tail
-            if unsynced is None:
-                return
-            try:
-                unsynced.sync_and_close()
-            except OSError as exc:
-                raise self._sync_failed(exc) from None
-            if unsynced.anchor is None or tail is None or tail.inode != unsynced.inode:
-                return
-            if deferred and time.monotonic() < self._anchor_busy_until:
-                return
-            with self._lock:
-                if not self._flock(deadline=None):
-                    return
+            if unsynced is not None:
                 try:
-                    anchored = unsynced.anchor.audit_anchor()
-                    if (anchored is None or anchored.seq < tail.seq) and self._in_chain(tail.inode):
-                        unsynced.anchor.set_audit_anchor(
-                            Anchor(seq=tail.seq, hash=tail.hash), lock_wait=FLUSH_ANCHOR_LOCK_WAIT_SECONDS
-                        )
-                except StoreBusyError:
-                    self._anchor_busy_until = time.monotonic() + FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
-                except SecretsManagerError:
-                    pass  # the anchor lags until the next flush or durable append
-                finally:
-                    self._unflock()
+                    unsynced.sync_and_close()
+                except OSError as exc:
+                    raise self._sync_failed(exc) from None
+                if unsynced.anchor is not None and tail is not None and tail.inode == unsynced.inode:
+                    with self._lock:
+                        self._owe_locked(_Owed(tail, unsynced.anchor))
+            self._anchor_owed(deferred=deferred)
+
+    def _owe_locked(self, owed: _Owed) -> None:
+        """Holding `_lock`: owe the anchor `owed` unless a newer record of this process is owed."""
+        current = self._owed
+        if current is None or current.tail.written < owed.tail.written:
+            self._owed = owed
+
+    def _anchor_owed(self, *, deferred: bool) -> None:
+        """Move the store's anchor to the owed record, if one is owed; schedule a retry if it
+        cannot move yet. `deferred` (the sink worker): within the backoff after the store was busy
+        it only schedules the retry, and it never waits for another process's flock. Otherwise
+        (flush(), at shutdown) it waits for both up to `timeout`, and AuditError if the anchor
+        still could not move."""
+        owed = self._owed
+        if owed is None:
+            return
+        if deferred:
+            backoff = self._anchor_busy_until - time.monotonic()
+            if backoff > 0:
+                self._worker.retry_within(backoff)
+                return
+        deadline = time.monotonic() + self.timeout
+        with self._lock:
+            if deferred:
+                if not self._flock(deadline=None):
+                    self._worker.retry_within(ANCHOR_FLOCK_RETRY_SECONDS)
+                    return
+                lock_wait: float | None = FLUSH_ANCHOR_LOCK_WAIT_SECONDS
+            else:
+                try:
+                    self._flock(deadline=deadline)
+                except AuditError as exc:
+                    self._worker.retry_within(ANCHOR_FLOCK_RETRY_SECONDS)
+                    raise self._anchor_lags(owed, exc) from None
+                lock_wait = max(0.0, deadline - time.monotonic())
+            try:
+                anchored = owed.anchor.audit_anchor()
+                # Not needed any more once the store's anchor reached it (another process's append
+                # anchored past it), or once its file left the chain (an `audit reset` elsewhere).
+                if (anchored is None or anchored.seq < owed.tail.seq) and self._in_chain(owed.tail.inode):
+                    owed.anchor.set_audit_anchor(
+                        Anchor(seq=owed.tail.seq, hash=owed.tail.hash), lock_wait=lock_wait
+                    )
+            except SecretsManagerError as exc:
+                # Busy, or the store could not be reached: the anchor lags, and is tried again.
+                self._anchor_busy_until = time.monotonic() + FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
+                self._worker.retry_within(FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS)
+                if not deferred:
+                    raise self._anchor_lags(owed, exc) from None
+            else:
+                if self._owed is owed:
+                    self._owed = None
+            finally:
+                self._unflock()
+
+    def _anchor_lags(self, owed: _Owed, exc: SecretsManagerError) -> AuditError:
+        return AuditError(
+            f"audit log {self.path}: its records up to {owed.tail.seq} are on disk, but the store's "
+            f"anchor could not be moved to them ({exc}); it is tried again while this process runs"
+        )
 
     def _in_chain(self, inode: int) -> bool:
         """Holding the flock: whether the file `inode` is still part of the log (live, or rotated
@@ -1034,6 +1093,7 @@ class _Tail:
     size: int
     seq: int
     hash: str
+    written: int = 0  # which write of this process left it (later writes, higher numbers)
 
     @property
     def stamp(self) -> tuple[int, int]:
@@ -1057,6 +1117,15 @@ class _Unsynced:
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+@dataclass(frozen=True)
+class _Owed:
+    """A record of this process, fsynced, that the store's anchor should reach but does not yet
+    (a flush or durable append could not move it): `tail.inode` is the file it is in."""
+
+    tail: _Tail
+    anchor: AuditAnchor
 
 
 def _file_stamp(epoch: float) -> str:
@@ -1511,6 +1580,16 @@ class _SinkWorker:
                 return
             self._flush_due = time.monotonic() + seconds
         self._jobs.put(None)  # wake the worker so it waits for the new deadline
+
+    def retry_within(self, seconds: float) -> None:
+        """Make sure a flush runs at most `seconds` from now, also if one is due later (a retry of
+        the anchor; not on the request path, which only needs `flush_within`)."""
+        due = time.monotonic() + seconds
+        with self._due_lock:
+            if self._flush_due is not None and self._flush_due <= due:
+                return
+            self._flush_due = due
+        self._jobs.put(None)
 
     def _serve(self) -> None:
         while True:
