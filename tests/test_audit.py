@@ -699,8 +699,47 @@ def test_a_new_store_never_cuts_a_file_that_is_no_audit_log(tmp_path: Path, cont
     assert refused.returncode == 6 and b"is not an audit log" in refused.stderr, refused.stderr
     assert refused.stderr.count(b"\n") == 1
     assert notes.read_bytes() == content
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "vault"]
-    assert not cli.store.exists()  # the refused init left no store behind
+    # the refused init left no store behind, nor its directory (it is refused before creating any)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_init_beside_the_log_of_a_deleted_store_refuses_and_creates_nothing(tmp_path: Path) -> None:
+    """A store deleted without its log (live or rotated files): a new init there chained its
+    first record onto that store's log and failed as 'does not verify (edited or forged)' (exit 6),
+    pointing to 'audit verify' and 'audit reset', which said 'no store' (exit 3). It is refused
+    before anything is created, with what to do (exit 7); another --audit-file works."""
+    cli = Cli(tmp_path)
+    small = {"SECRETS_MANAGER_AUDIT_MAX_BYTES": "400"}  # so the old log has rotated files
+    assert cli("init", "--kdf-profile", "test", env=small).returncode == 0
+    for value in (b"v1", b"v2", b"v3"):
+        assert cli("store", "a/b", input=value, env=small).returncode == 0
+    assert len(AuditLog(cli.audit).files()) > 2
+    cli.store.unlink()
+    expected = f"an audit log of another store is at {cli.audit}"
+    remedy = ": move it away (it is that store's record), or give --audit-file another path"
+    for args, env in (
+        ((), {}),
+        (("--audit-file", str(cli.audit)), {}),
+        ((), {"SECRETS_MANAGER_AUDIT_FILE": str(cli.audit)}),
+    ):
+        before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+        refused = cli(*args, "init", "--kdf-profile", "test", env=env)
+        message = refused.stderr.decode()
+        assert refused.returncode == 7 and message.count("\n") == 1, message
+        assert f"{expected} (with " in message and f"rotated files store.audit.jsonl.*){remedy}" in message
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+        assert not cli.store.exists()
+    cli.audit.unlink()  # the rotated files alone are that store's record too
+    refused = cli("init", "--kdf-profile", "test")
+    assert (
+        refused.returncode == 7
+        and f"{expected} (" in refused.stderr.decode()
+        and remedy in refused.stderr.decode()
+    )
+    assert b"; no live file)" in refused.stderr and not cli.store.exists()
+    other = tmp_path / "vault" / "new.audit.jsonl"
+    assert cli("--audit-file", str(other), "init", "--kdf-profile", "test").returncode == 0
+    assert cli("--audit-file", str(other), "audit", "verify").returncode == 0
 
 
 def test_an_audit_file_that_is_the_store_or_the_password_file_is_refused_untouched(

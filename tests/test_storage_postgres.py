@@ -1084,6 +1084,23 @@ def test_the_cli_works_on_a_postgres_store_as_on_a_file(
     assert wrong.code == 4
 
 
+def test_init_of_a_postgres_store_beside_the_log_of_its_emptied_predecessor_creates_nothing(
+    cli: Cli, place: Place, pg_password: str, tmp_path: Path
+) -> None:
+    """The default log of a PostgreSQL store is a file in the data directory named after it: a
+    store emptied there (an empty store is no store) leaves it, and a new init is refused before
+    it writes anything (exit 7), as for a store file."""
+    assert cli("init", "--kdf-profile", "test").code == 0
+    assert cli("store", "a/b", input=b"pg-value").code == 0
+    discard_new_store(place.url, open_store(place.url, MASTER_PASSWORD.encode(), environment=DEV, actor="t"))
+    (log,) = (tmp_path / ".local" / "share" / "secrets-manager").glob("postgresql-*.audit.jsonl")
+    before = log.read_bytes()
+    refused = cli("init", "--kdf-profile", "test")
+    assert refused.code == 7 and f"an audit log of another store is at {log}: move it away" in refused.stderr
+    assert log.read_bytes() == before
+    assert not store_exists(place.url, environment=DEV)
+
+
 def test_key_destroy_on_postgres_says_what_it_cannot_erase(cli: Cli) -> None:
     """The key leaves the keyset, but PostgreSQL keeps old row versions and WAL copies that no
     client can erase: the CLI must not claim they are gone, nor ask to run it again."""

@@ -31,7 +31,13 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 
 from secrets_manager.crypto.mac import record_mac, record_mac_ok, sha256_hex
 from secrets_manager.crypto.mac import value_fingerprint as _value_fingerprint
-from secrets_manager.errors import IntegrityError, InvalidInputError, SecretsManagerError, StoreBusyError
+from secrets_manager.errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    SecretsManagerError,
+    StoreBusyError,
+)
 from secrets_manager.store.base import Anchor
 
 GENESIS_HASH = "0" * 64
@@ -599,6 +605,37 @@ class AuditLog:
                 continue  # not a regular file (a FIFO, a directory): no one's data; set aside too
             if not _RECORD_START.startswith(start):
                 raise _not_an_audit_log(path)
+
+    def refuse_for_a_new_store(self) -> None:
+        """Before a new store is created (init) with this log: ConflictError (exit 7) if a log is
+        already here, live or rotated, which holds another store's records (a store deleted
+        without its log). The new store's first record would be chained onto it, and refused as
+        a forgery, since that store's audit key did not sign it. A file here that is no log is
+        refused as the append would refuse it (exit 6). An empty live file holds no one's records,
+        and what is not a regular file the append refuses itself. Nothing is created or changed."""
+        found: list[Path] = []
+        for path in self.files():
+            try:
+                with _open_for_reading(path) as handle:
+                    start = handle.read(len(_RECORD_START))
+            except (OSError, AuditTamperError):
+                continue
+            if not start:
+                continue
+            if not _RECORD_START.startswith(start[: len(_RECORD_START)]):
+                raise _not_an_audit_log(path)
+            found.append(path)
+        if not found:
+            return
+        rotated = [path for path in found if path != self.path]
+        where = str(self.path)
+        if rotated:
+            files = f"{len(rotated)} rotated file{'s' if len(rotated) != 1 else ''} {self.path.name}.*"
+            where += f" (with {files})" if self.path in found else f" ({files}; no live file)"
+        raise ConflictError(
+            f"an audit log of another store is at {where}: move it away (it is that store's record), "
+            "or give --audit-file another path"
+        )
 
     def _repair_locked(self, anchor: AuditAnchor, event: AuditEvent) -> Path | None:
         """Holding both locks: set a partial last record aside, as an append does (checked

@@ -651,8 +651,9 @@ def init(session: Session, kdf_profile: str, kms_key: str | None) -> None:
         )
     where = store_location(session.store_url)
     refuse_existing_store(session.store_url, environment=session.environment)
-    password = None if kms_key else session.password(confirm=True)
     audit = session.audit_log()
+    audit.refuse_for_a_new_store()  # a deleted store's log: its records are not this store's
+    password = None if kms_key else session.password(confirm=True)
     store = create_store(
         session.store_url,
         password,
