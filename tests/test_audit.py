@@ -165,6 +165,32 @@ def test_audit_hash_identifies_a_recorded_value(cli: Cli) -> None:
     assert other != line
 
 
+def test_audit_hash_is_recorded_without_the_candidate_or_its_fingerprint(cli: Cli) -> None:
+    """'audit hash' tests a guessed value against a record's fingerprint with the audit key, and it
+    left no record. It is recorded as any operation is (unlock, then 'audit.hash', no name), and
+    neither the candidate nor its fingerprint is in the log. 'audit verify' only reads (documented
+    as not recorded)."""
+    busy_session(cli)
+    before = len(cli.records())
+    guess = b"sk-live-GUESSED-VALUE-5b7a"
+    hashed = cli("audit", "hash", input=guess)
+    assert hashed.returncode == 0, hashed.stderr
+    fingerprint = hashed.stdout.decode().strip()
+    assert fingerprint.startswith("hmac-sha256:")
+    added = cli.records()[before:]
+    assert [(r["operation"], r["name"], r["version"], r["value_hmac"], r["outcome"]) for r in added] == [
+        ("unlock", None, None, None, "ok"),
+        ("audit.hash", None, None, None, "ok"),
+    ]
+    assert added[0]["request_id"] == added[1]["request_id"]
+    raw = cli.audit.read_bytes()
+    assert guess not in raw and guess.hex().encode() not in raw
+    assert fingerprint.split(":", 1)[1].encode() not in raw
+    unchanged = cli.audit.read_bytes()
+    assert verify(cli).returncode == 0
+    assert cli.audit.read_bytes() == unchanged
+
+
 def test_wrong_password_is_recorded_as_denied_unlock(cli: Cli) -> None:
     assert cli("get", "auth/X", env={"MASTER_PASSWORD": "wrong"}).returncode == 4
     last = cli.records()[-1]

@@ -1,7 +1,10 @@
 """`secrets-manager audit show|verify|hash|reset`: read, check and query the audit log.
 
-show, verify and hash read the log; they are not themselves recorded in it. reset starts a new
-chain (its first record is `audit.reset`) when the old one lost records.
+show and verify read the log and are not themselves recorded in it (show opens no store; verify
+only reads, and a record of it would change the log it verifies; a failed unlock is recorded as
+denied, as everywhere). hash is recorded (`audit.hash`, no name, never the candidate or its
+fingerprint): it answers whether a guessed value is a record's, with the audit key. reset starts a
+new chain (its first record is `audit.reset`) when the old one lost records.
 """
 
 from __future__ import annotations
@@ -187,14 +190,13 @@ def reset(session: Session, accept_loss: bool, share_files: tuple[str, ...]) -> 
 @click.option("--raw", is_flag=True, help="Keep stdin byte for byte (else one trailing newline is dropped).")
 @pass_session
 def hash_command(session: Session, raw: bool) -> None:
-    """HMAC a candidate value from stdin as the audit log does, to see if a record refers to it."""
+    """HMAC a candidate value from stdin as the audit log does, to see if a record refers to it.
+    Recorded as 'audit.hash' (never the candidate or its fingerprint): it tests a guess."""
     session.require_local("audit hash")
     candidate = read_value(None, None, raw=raw, allow_empty=True)
-    store = session.unlock()
-    try:
-        click.echo(value_fingerprint(store, candidate.reveal()))
-    finally:
-        store.close()
+    with session.store_operation("audit.hash") as (store, _):
+        fingerprint = value_fingerprint(store, candidate.reveal())
+    click.echo(fingerprint)  # shown only once its record is written, as a read's result is
 
 
 def record_time(record: dict[str, Any]) -> datetime:
