@@ -152,7 +152,9 @@ def test_a_field_of_a_secret_with_several_keys_is_selected(vault_cli: Cli, hvac_
         "password": "pw-1",
         "port": 5432,
     }
-    assert_one_line_error(vault_cli("get", "db/creds#missing"), 3, "no field 'missing'")
+    missing = vault_cli("get", "db/creds#missing")
+    assert_one_line_error(missing, 3, "no field 'missing' (it has 3 fields; 'secrets-manager get db/creds'")
+    assert "username" not in missing.stderr and "password" not in missing.stderr  # part of the value
     assert vault_cli("store", "db/plain", input=b"not json").code == 0
     assert_one_line_error(vault_cli("get", "db/plain#x"), 2, "not a JSON object")
 

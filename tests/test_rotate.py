@@ -747,7 +747,10 @@ def test_a_field_rotation_keeps_an_escaped_unpaired_surrogate_in_another_field(c
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (("db/json#nope",), "has no text field 'nope'; it has engine, host, password, username"),
+        (
+            ("db/json#nope",),
+            "has no text field 'nope' (it has 4 fields; 'secrets-manager get db/json' shows them)",
+        ),
         (("db/json#",), "give the field after '#'"),
         (("db/app#password",), "the value of db/app is not a JSON object"),
         (("db/json#password", "--resume"), "NAME#FIELD goes with a new value"),

@@ -335,8 +335,10 @@ def new_value_for(
             )
         raise InvalidInputError(f"the value of {name} is not a JSON object, so it has no field {field!r}")
     if not isinstance(document.get(field), str):
+        count = len(document)  # the field names are part of the value: counted, not listed
         raise InvalidInputError(
-            f"the value of {name} has no text field {field!r}; it has {', '.join(sorted(document))}"
+            f"the value of {name} has no text field {field!r} (it has {count} field"
+            f"{'' if count == 1 else 's'}; 'secrets-manager get {name}' shows them)"
         )
     try:
         document[field] = value.reveal().decode("utf-8")

@@ -1293,6 +1293,10 @@ def read_value(
     return SecretValue(data)
 
 
+def _fields(count: int) -> str:
+    return "1 field" if count == 1 else f"{count} fields"
+
+
 def select_field(data: bytes, name: str, field: str) -> bytes:
     """One top-level field of a JSON object value: a string as is, anything else as JSON."""
     try:
@@ -1302,8 +1306,9 @@ def select_field(data: bytes, name: str, field: str) -> bytes:
     if not isinstance(document, dict):
         raise InvalidInputError(f"the value of {name} is not a JSON object, so it has no field {field!r}")
     if field not in document:
-        raise NotFoundError(
-            f"the value of {name} has no field {field!r}; it has {', '.join(sorted(document))}"
+        raise NotFoundError(  # the field names are part of the value: counted, not listed
+            f"the value of {name} has no field {field!r} (it has {_fields(len(document))}; "
+            f"'secrets-manager get {name}' shows them)"
         )
     chosen = document[field]
     text = (
