@@ -1661,3 +1661,23 @@ def test_an_import_whose_audit_log_fails_part_way_still_says_how_far_it_got(
     )
     assert "; 2 of 3 secret(s) were imported" in err[0]
     assert ready("list", "svc/").out == "svc/ONE\nsvc/TWO\n"
+
+
+@pytest.mark.parametrize(("setting", "traceback"), [("0", False), ("false", False), ("", False), ("1", True)])
+def test_secrets_manager_debug_0_keeps_tracebacks_off(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch, setting: str, traceback: bool
+) -> None:
+    """SECRETS_MANAGER_DEBUG=0 turned tracebacks on (any non-empty value did)."""
+    from secrets_manager.cli import app as app_module
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app_module, "select_field", broken)
+    monkeypatch.setenv("SECRETS_MANAGER_DEBUG", setting)
+    assert ready("store", "j/x", input=b'{"a": "b"}').code == 0
+    if traceback:
+        with pytest.raises(RuntimeError, match="a bug"):
+            run_in_process(ready, monkeypatch, "get", "j/x#a")
+    else:
+        assert run_in_process(ready, monkeypatch, "get", "j/x#a") == 1

@@ -41,6 +41,11 @@ from secrets_manager.errors import SecretsManagerError
 DEBUG_VARIABLE = "SECRETS_MANAGER_DEBUG"
 
 
+def _debugging() -> bool:
+    """SECRETS_MANAGER_DEBUG set to something other than off (empty, 0, false, no, off)."""
+    return os.environ.get(DEBUG_VARIABLE, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns (and exits with) the documented exit code."""
     _own_standard_output()
@@ -149,7 +154,7 @@ def _run(argv: list[str] | None) -> int:
         error_line("interrupted")
         return 130
     except Exception as exc:  # a bug: say so in one line; the message is withheld (it could hold data)
-        if os.environ.get(DEBUG_VARIABLE):
+        if _debugging():
             raise
         error_line(
             f"internal error ({type(exc).__name__}); rerun with {DEBUG_VARIABLE}=1 for details and report it"
