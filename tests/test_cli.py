@@ -380,8 +380,11 @@ def test_sqlite_url_form_names_the_same_store(ready: Cli) -> None:
 
 def test_the_rest_of_an_unquoted_value_is_not_echoed(ready: Cli) -> None:
     result = ready("store", "svc/X", "first-word", "SEEKRIT", "WORDS")
-    assert_one_line_error(result, 2, "too many arguments")
+    assert_one_line_error(result, 2, "too many arguments (a value with spaces? pipe it on stdin")
     assert "SEEKRIT" not in result.stderr
+    result = ready("get", "svc/X", "extra")  # get takes no value: no hint about one
+    assert_one_line_error(result, 2, "too many arguments")
+    assert "value with spaces" not in result.stderr
 
 
 def test_usage_errors_are_one_line_with_exit_2(ready: Cli) -> None:

@@ -141,7 +141,10 @@ def _run(argv: list[str] | None) -> int:
         message = exc.format_message().replace("\n", " ")
         if message.startswith("Got unexpected extra argument"):
             # click quotes them, and they are often the rest of a value typed unquoted
-            message = "too many arguments (a value with spaces? pipe it on stdin instead)"
+            takes_value = exc.ctx is not None and exc.ctx.command.name == "store"
+            message = "too many arguments" + (
+                " (a value with spaces? pipe it on stdin instead)" if takes_value else ""
+            )
         error_line(message + hint)
         return 2
     except click.ClickException as exc:
