@@ -1684,3 +1684,12 @@ def test_secrets_manager_debug_0_keeps_tracebacks_off(
             run_in_process(ready, monkeypatch, "get", "j/x#a")
     else:
         assert run_in_process(ready, monkeypatch, "get", "j/x#a") == 1
+
+
+@pytest.mark.parametrize("group", ["keys", "audit", "schedule"])
+def test_a_command_group_without_a_command_shows_its_help(cli: Cli, group: str) -> None:
+    """`secrets-manager keys` printed the whole help flattened into one error line."""
+    result = cli(group)
+    assert result.code == 2
+    assert result.out.startswith(f"Usage: secrets-manager {group} [OPTIONS] COMMAND")
+    assert "Commands:" in result.out and result.stderr == ""

@@ -137,6 +137,11 @@ def _run(argv: list[str] | None) -> int:
         error_line("aborted")
         return 130
     except click.UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:
+            # a command group given no command (`secrets-manager keys`): its help, as --help shows
+            # it, not the help flattened into one error line; still the usage exit code
+            click.echo(exc.ctx.get_help())
+            return 2
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
         message = exc.format_message().replace("\n", " ")
         if message.startswith("Got unexpected extra argument"):
