@@ -234,6 +234,10 @@ def test_an_empty_value_is_refused_unless_asked_for(ready: Cli, tmp_path: Path) 
         (["svc/LIVE", "--file", str(empty_file)], b""),
     ):
         assert_one_line_error(ready("store", *args, input=given), 2, "--allow-empty")
+    from_file = ready("store", "svc/LIVE", "--file", str(empty_file))
+    assert_one_line_error(from_file, 2, f"{empty_file} is empty; nothing was stored")
+    assert "stdin" not in from_file.stderr  # it was not read
+    assert_one_line_error(ready("store", "svc/LIVE", "--file", ""), 2, "--file needs a path")
     assert_one_line_error(ready("rotate", "svc/LIVE", "--stdin", input=b""), 2, "the value is empty")
     assert ready.store_bytes() == before
     assert ready("get", "svc/LIVE").out == "live-value\n"

@@ -1262,6 +1262,8 @@ def read_value(
         )
         data = os.fsencode(value)  # the argument's own bytes, UTF-8 or not
     elif value_file is not None:
+        if not value_file:
+            raise InvalidInputError("--file needs a path: give the file that holds the value")
         try:
             data = read_bounded(Path(value_file), MAX_VALUE_SIZE, what="the value")
         except OSError as exc:
@@ -1286,10 +1288,10 @@ def read_value(
     if len(data) > MAX_VALUE_SIZE:
         raise InvalidInputError(f"the value is over {MAX_VALUE_SIZE} bytes (64 KiB); nothing was stored")
     if not data and not allow_empty:
-        raise InvalidInputError(
-            "the value is empty (did the command feeding stdin fail?); nothing was stored. "
-            "To store an empty value, give --allow-empty"
-        )
+        source = f"{value_file} is empty" if value_file is not None else "the value is empty"
+        if value_file is None and value is None:
+            source += " (did the command feeding stdin fail?)"
+        raise InvalidInputError(f"{source}; nothing was stored. To store an empty value, give --allow-empty")
     return SecretValue(data)
 
 
