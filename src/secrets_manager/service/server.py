@@ -22,6 +22,7 @@ from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -549,7 +550,6 @@ def _start(
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_WITHOUT_DATA_MS),
         ],
-        interceptors=[WithheldErrors()],
     )
     servicer = SecretsServicer(
         store,
@@ -560,7 +560,7 @@ def _start(
         max_watch_streams=config.watch_stream_limit,
         scheduler=scheduler,
     )
-    pb_grpc.add_SecretsServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    pb_grpc.add_SecretsServicer_to_server(_withholding_errors(servicer), server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = pb.DESCRIPTOR.services_by_name["Secrets"].full_name
@@ -690,45 +690,43 @@ def run_server(
     return 0
 
 
-class WithheldErrors(grpc.ServerInterceptor):  # type: ignore[misc]
-    """An exception that escapes a handler without a status (a bug, or a response that cannot be
-    built, such as text that is not UTF-8) ends the call INTERNAL "internal error", its type logged:
-    gRPC itself would send "Exception calling application: <its text>", which could hold data."""
+def _withholding_errors(servicer: SecretsServicer) -> Any:
+    """The servicer's RPC methods, each wrapped once (at registration, so nothing is added per call
+    beyond a frame): an exception that escapes a handler without a status (a bug, or a response
+    that cannot be built, such as text that is not UTF-8) ends the call INTERNAL "internal error",
+    its type logged. gRPC itself would send "Exception calling application: <its text>", which
+    could hold data. (A server interceptor did this before, at the cost of new handler objects on
+    every call.)"""
+    wrapped = SimpleNamespace()
+    for method in pb.DESCRIPTOR.services_by_name["Secrets"].methods:
+        handler = getattr(servicer, method.name)
+        if method.server_streaming:
+            setattr(wrapped, method.name, _withheld_stream(handler, method.name))
+        else:
+            setattr(wrapped, method.name, _withheld_unary(handler, method.name))
+    return wrapped
 
-    def intercept_service(self, continuation: Callable[[Any], Any], details: Any) -> Any:
-        handler = continuation(details)
-        if handler is None or handler.request_streaming:
-            return handler
-        method = str(details.method).rsplit("/", 1)[-1]
-        if handler.unary_unary is not None:
-            unary = handler.unary_unary
 
-            def unary_call(request: Any, context: grpc.ServicerContext) -> Any:
-                try:
-                    return unary(request, context)
-                except Exception as exc:
-                    _withhold(exc, context, method)
+def _withheld_unary(handler: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
+    def unary_call(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return handler(request, context)
+        except Exception as exc:
+            _withhold(exc, context, method)
 
-            return grpc.unary_unary_rpc_method_handler(
-                unary_call,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            stream = handler.unary_stream
+    return unary_call
 
-            def stream_call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                try:
-                    yield from stream(request, context)
-                except Exception as exc:
-                    _withhold(exc, context, method)
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream_call,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+def _withheld_stream(
+    handler: Callable[[Any, grpc.ServicerContext], Iterator[Any]], method: str
+) -> Callable[..., Iterator[Any]]:
+    def stream_call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from handler(request, context)
+        except Exception as exc:
+            _withhold(exc, context, method)
+
+    return stream_call
 
 
 def _withhold(exc: Exception, context: grpc.ServicerContext, method: str) -> None:
