@@ -1107,6 +1107,9 @@ def test_ctrl_c_while_the_cli_is_still_importing_is_one_line_and_exit_130(ready:
         stderr=subprocess.PIPE,
         env={**ready.env, "PYTHONPATH": str(hook)},
         start_new_session=True,
+        # As at a terminal: a shell without job control starts background jobs (a CI runner's
+        # `… &`) with SIGINT ignored, which exec passes on, and Python then leaves it ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert process.stderr is not None
     assert process.stderr.readline() == b"importing grpc\n"
