@@ -28,6 +28,7 @@ from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
     NotFoundError,
+    OutcomeUnknownError,
     StorageError,
 )
 from secrets_manager.storage.sqlite import SqliteStorage
@@ -351,6 +352,89 @@ def test_two_servers_on_one_store_clients_keep_working_when_one_is_killed(
             assert not client.stale
     finally:
         first.kill()
+        second.stop()
+
+
+class AnswerDroppingProxy:
+    """A TCP proxy to `target` that, once armed, closes the client's connection instead of passing
+    on the server's first bytes after `committed()` holds: a replica that commits a request and
+    dies before its answer arrives, as the client sees it (its connection ends mid-call)."""
+
+    def __init__(self, target: str, committed: Callable[[], bool]) -> None:
+        import socket
+
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+        self._committed = committed
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.armed = threading.Event()
+        self.dropped = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                downstream, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self._target)
+            except OSError:  # the server is gone (the test ends): so is this connection
+                downstream.close()
+                continue
+            threading.Thread(target=self._pump, args=(downstream, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, downstream, True), daemon=True).start()
+
+    def _pump(self, source: Any, sink: Any, from_server: bool) -> None:
+        try:
+            while data := source.recv(65536):
+                if from_server and self.armed.is_set() and self._committed():
+                    self.dropped.set()
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def close(self) -> None:
+        self._listener.close()
+
+
+def test_a_put_whose_answer_was_lost_is_not_made_again_at_the_next_replica(
+    service_dir: Path, make_client: ClientFactory
+) -> None:
+    """The first replica commits the put and its answer never arrives (the connection ends
+    mid-call): sent again to the next replica it would be made twice, two versions of one value,
+    and `previous` would no longer hold the credential it replaced. The client says the outcome is
+    unknown instead; a replica that could not be reached at all is still failed over (the
+    test above), and so is a put with expect_version (a second try is refused, not doubled)."""
+    first = start_server(service_dir, "server-a")
+    second = start_server(service_dir, "server-b")
+    head = SqliteStorage(service_dir / "store.db").change_head()
+    proxy = AnswerDroppingProxy(
+        first.address, lambda: SqliteStorage(service_dir / "store.db").change_head() > head
+    )
+    try:
+        writer = make_client("writer", [proxy.address, second.address])
+        assert writer.describe("auth/JWT_KEY").current_version == 1  # connected through the proxy
+        proxy.armed.set()
+        with pytest.raises(OutcomeUnknownError) as caught:
+            writer.put("auth/JWT_KEY", b"put-once-SEEKRIT")
+        assert proxy.dropped.is_set()
+        message = str(caught.value)
+        assert proxy.address in message and "may have been made" in message
+        assert "SEEKRIT" not in message
+        reader = make_client("writer", [second.address])
+        assert reader.describe("auth/JWT_KEY").current_version == 2  # made once, by the first replica
+        assert reader.get("auth/JWT_KEY", label="previous").value.reveal() == SEED["auth/JWT_KEY"]
+    finally:
+        proxy.close()
+        first.stop()
         second.stop()
 
 

@@ -160,6 +160,18 @@ class HandshakeFailedError(StorageError):
     CA). The SDK then checks at once whether its certificate files were renewed."""
 
 
+class ConnectionClosedError(HandshakeFailedError):
+    """The connection ended under a call ("Socket closed" once connected): the server refused our
+    certificate (TLS 1.3 completes the handshake on the client's side first, so the refusal
+    arrives as a closed connection), or the server went away mid-call. From the client the two
+    look alike, so a change sent may or may not have been made."""
+
+
+class OutcomeUnknownError(StorageError):
+    """A change was sent and its answer was lost (the connection ended or the deadline passed):
+    it may or may not have been made, so it was not sent again anywhere."""
+
+
 EXIT_CODES: dict[type[SecretsManagerError], int] = {
     cls: cls.exit_code
     for cls in (

@@ -84,16 +84,25 @@ from secrets_manager.client._config import (
 from secrets_manager.client._credentials import Credentials
 from secrets_manager.client._logging import LIVE_VALUES
 from secrets_manager.client._renewal import CertificateFiles
-from secrets_manager.client.remote import ChangeStream, RemoteStore, TlsFiles, channel_credentials
+from secrets_manager.client.remote import (
+    NEVER_CONNECTED,
+    ChangeStream,
+    RemoteStore,
+    TlsFiles,
+    channel_credentials,
+)
 from secrets_manager.errors import (
     AccessDeniedError,
     ChangeUnrecordedError,
+    ConnectionClosedError,
     HandshakeFailedError,
     InvalidInputError,
     NotFoundError,
+    OutcomeUnknownError,
     ResourceExhaustedError,
     SecretsManagerError,
     StorageError,
+    StoreBusyError,
 )
 from secrets_manager.store import EncryptedStore, Secret, SecretMetadata
 from secrets_manager.store.changes import ChangeKind, SecretChange
@@ -316,7 +325,11 @@ class _ServiceReplicas:
         indexed = list(enumerate(channels.replicas))
         return indexed[start:] + indexed[:start]
 
-    def _call(self, operation: Callable[[RemoteStore], T], *, renewed: bool = False) -> T:
+    def _call(
+        self, operation: Callable[[RemoteStore], T], *, renewed: bool = False, at_most_once: bool = False
+    ) -> T:
+        """`operation` at the first replica that answers. `at_most_once`: a change that must not be
+        made twice goes on to the next replica only if the one before surely did not make it."""
         failures: list[str] = []
         refused = False
         channels = self._take()
@@ -327,6 +340,13 @@ class _ServiceReplicas:
                 except SecretsManagerError as exc:
                     if not _worth_another_address(exc):
                         raise
+                    if at_most_once and not _surely_not_made(exc):
+                        raise OutcomeUnknownError(
+                            f"{replica.address}: {exc}; the change may have been made there before "
+                            "its answer was lost, so it was not sent to another replica: read the "
+                            "secret's history before writing again (a put with expect_version can "
+                            "be retried safely)"
+                        ) from None
                     refused = refused or isinstance(exc, HandshakeFailedError)
                     failures.append(f"{replica.address}: {exc}")
                     continue
@@ -335,7 +355,7 @@ class _ServiceReplicas:
         finally:
             self._give_back(channels)
         if refused and not renewed and self._renew(refused_on=channels):
-            return self._call(operation, renewed=True)
+            return self._call(operation, renewed=True, at_most_once=at_most_once)
         raise StorageError("; ".join(failures))
 
     def fetch_all(self) -> list[Secret]:
@@ -355,11 +375,14 @@ class _ServiceReplicas:
         description: str | None,
         tags: Mapping[str, str] | None,
     ) -> int:
-        """PutSecret."""
+        """PutSecret. Without `expect_version`, sent to one replica after another only while
+        none can have made it (made twice it would be two versions, and `previous` would lose the
+        value it held); with it, a second try cannot double it (it is refused, ABORTED)."""
         return self._call(
             lambda replica: replica.put_version(
                 name, value, expect_version=expect_version, description=description, tags=tags
-            )
+            ),
+            at_most_once=expect_version is None,
         )
 
     def describe(self, name: str) -> SecretMetadata:
@@ -462,6 +485,17 @@ def _worth_another_address(error: SecretsManagerError) -> bool:
     if isinstance(error, ChangeUnrecordedError):
         return False
     return isinstance(error, StorageError) or type(error) is SecretsManagerError
+
+
+def _surely_not_made(error: SecretsManagerError) -> bool:
+    """Whether the request that failed with `error` surely changed nothing: it never reached a
+    server (no connection, or the TLS handshake failed), or the server refused it before writing
+    (its store's lock was busy, a limit was reached)."""
+    if isinstance(error, ConnectionClosedError):  # maybe refused in the handshake, maybe mid-call
+        return False
+    if isinstance(error, (HandshakeFailedError, StoreBusyError, ResourceExhaustedError)):
+        return True
+    return str(error).startswith(NEVER_CONNECTED)
 
 
 class _LocalStore:
@@ -724,8 +758,11 @@ class Client:
     ) -> int:
         """Write a new version (PutSecret) when the caller's role may; returns its number.
 
-        A put that fails over may, if an answer was lost after the first address committed,
-        write the value twice (two versions). Pass `expect_version` for exactly once."""
+        It goes to another replica only if the first surely did not make it (it could not be
+        reached, or refused before writing); if its answer was lost mid-call, StorageError says
+        the outcome is unknown, rather than risk making it twice (two versions of one value, and
+        `previous` no longer the value it replaced). With `expect_version` it fails over like a
+        read: a second try cannot double it (ConflictError if the first had made it)."""
         raw = value.reveal() if isinstance(value, SecretValue) else value
         data = raw.encode("utf-8") if isinstance(raw, str) else raw
         version = self._uncached(
@@ -976,6 +1013,8 @@ class Client:
         """A call that no cached value can stand in for."""
         try:
             return self._call(operation)
+        except OutcomeUnknownError:  # a service answered, or may have: its own words say what to do
+            raise
         except StorageError as exc:
             raise StorageError(
                 f"no secrets-manager service answered ({self._config.description}): {exc}"

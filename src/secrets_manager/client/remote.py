@@ -19,6 +19,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from secrets_manager.errors import (
+    ConnectionClosedError,
     HandshakeFailedError,
     InvalidInputError,
     StorageError,
@@ -88,6 +89,11 @@ def channel_credentials(files: ClientTlsFiles) -> grpc.ChannelCredentials:
     )
 
 
+# How gRPC begins the details of a call that failed because no connection could be made (the
+# address refused it, or the TLS handshake failed): the request was never sent.
+NEVER_CONNECTED = "failed to connect to all addresses"
+
+
 class RemoteStore:
     """A `SecretStore` whose every call is one RPC to a secrets-manager service."""
 
@@ -120,8 +126,12 @@ class RemoteStore:
                     f"server's certificate signed by the CA in {self._tls.ca} and issued for this address?)"
                 ) from None
             if code is grpc.StatusCode.UNAVAILABLE and "socket closed" in details.lower():
-                # How a server that refuses the client certificate in the handshake looks from here.
-                raise HandshakeFailedError(
+                # How a server that refuses the client certificate in the handshake looks from here;
+                # once connected, also how a call looks whose server went away mid-call.
+                closed = (
+                    HandshakeFailedError if details.startswith(NEVER_CONNECTED) else ConnectionClosedError
+                )
+                raise closed(
                     f"{details} (if the service is up, it may have refused the client certificate "
                     f"{self._tls.cert}: one from another CA than the server trusts, or expired?)"
                 ) from None
