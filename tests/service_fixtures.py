@@ -26,7 +26,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from secrets_manager.audit import AuditLog
 from secrets_manager.audit.log import DEFAULT_TIMEOUT_SECONDS
@@ -105,11 +105,18 @@ def make_pki(directory: Path, clients: tuple[str, ...] = CLIENT_NAMES) -> None:
 
 
 def make_odd_client(
-    directory: Path, name: str, *, cn: str | None, uris: tuple[str, ...] = (), ca: bool = False
+    directory: Path,
+    name: str,
+    *,
+    cn: str | None,
+    uris: tuple[str, ...] = (),
+    ca: bool = False,
+    raw_san: bytes | None = None,
 ) -> x509.Certificate:
-    """A client certificate `pki issue` would never make (any CN, these URI SANs, perhaps CA=true),
-    signed by the CA in `directory` as a CA that lets requesters choose their CN would: written as
-    NAME.pem and NAME-key.pem, so `Server.stub(name)` presents it."""
+    """A client certificate `pki issue` would never make (any CN, these URI SANs, perhaps CA=true,
+    or a SAN extension of these DER bytes), signed by the CA in `directory` as a CA that lets
+    requesters choose their CN would: written as NAME.pem and NAME-key.pem, so
+    `Server.stub(name)` presents it."""
     ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((directory / "ca-key.pem").read_bytes(), None)
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
@@ -133,6 +140,10 @@ def make_odd_client(
     if uris:
         builder = builder.add_extension(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(u) for u in uris]), critical=False
+        )
+    if raw_san is not None:
+        builder = builder.add_extension(
+            x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, raw_san), critical=False
         )
     cert = builder.sign(ca_key, hashes.SHA256())
     key_pem = key.private_bytes(

@@ -128,6 +128,61 @@ def test_a_common_name_written_like_ops_spiffe_id_is_unauthenticated_not_ops(ser
     assert not any(r["actor"] in (f"spiffe://{TD}/ops", "\u0430uth") for r in server.audit_records())
 
 
+def test_a_certificate_whose_san_cryptography_cannot_represent_is_unauthenticated_and_audited(
+    server: Server,
+) -> None:
+    """An x400Address SAN (DER `30 02 a3 00`): OpenSSL accepts the certificate, cryptography
+    raises UnsupportedGeneralNameType (no ValueError) when asked for the SANs. The call ended
+    INTERNAL with no audit record; now it is refused like any certificate that names no identity,
+    and the record names the certificate's serial, so the operator can find and revoke it."""
+    odd = make_odd_client(server.dir, "x400", cn="auth", raw_san=bytes.fromhex("3002a300"))
+    stub = server.stub("x400")
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+    assert caught.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    assert "unsupported extension" in caught.value.details()  # type: ignore[attr-defined]
+    last = server.audit_records()[-1]
+    assert (last["actor"], last["decision"], last["outcome"]) == ("<unidentified>", "deny", "unauthenticated")
+    assert int(str(last["certificate_serial"]), 16) == odd.serial_number
+
+
+def test_a_refused_certificate_that_names_no_identity_is_named_by_its_serial(server: Server) -> None:
+    """Refusals of certificates without a usable identity (`CN=bad/cn`) recorded only
+    `<unidentified>`: nothing told which certificate probed the service."""
+    odd = make_odd_client(server.dir, "bad-cn", cn="bad/cn")
+    assert (
+        code_of(lambda: server.stub("bad-cn").ListSecrets(pb.ListSecretsRequest(), timeout=10))
+        is grpc.StatusCode.UNAUTHENTICATED
+    )
+    last = server.audit_records()[-1]
+    assert last["actor"] == "<unidentified>"
+    assert int(str(last["certificate_serial"]), 16) == odd.serial_number
+
+
+def test_a_huge_name_from_a_caller_without_a_role_writes_a_short_record(server: Server) -> None:
+    """A request's name is recorded before it is checked (a refusal names what was refused): a
+    3.9 MB name from a caller without a role, or an unidentified one, wrote a 3.9 MB record, ten
+    of them in under a second. Now the record holds the first 256 characters and the length."""
+    log = server.dir / "store.audit.jsonl"
+    before = log.stat().st_size
+    make_odd_client(server.dir, "bad-cn", cn="bad/cn")
+    huge = "n" * 3_900_000
+    for client in ("nobody", "bad-cn"):
+        stub = server.stub(client)
+        assert code_of(lambda stub=stub: stub.GetSecret(pb.GetSecretRequest(name=huge), timeout=10)) in (
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.UNAUTHENTICATED,
+        )
+        last = server.audit_records()[-1]
+        assert last["name"] == "n" * 256 + "...[3900000 characters]" and last["decision"] == "deny"
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub("ops").ListSecrets(pb.ListSecretsRequest(prefix="auth/" + "\u00e9" * 5000), timeout=10)
+    # INVALID_ARGUMENT, not RESOURCE_EXHAUSTED: the message no longer echoes 10 kB of prefix
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert "longer than 256" in caught.value.details()  # type: ignore[attr-defined]
+    assert log.stat().st_size - before < 10_000
+
+
 def test_the_ca_certificate_presented_as_a_client_is_unauthenticated(server: Server) -> None:
     """ca.pem and ca-key.pem as the client pair were the caller spiffe://TD, the trust domain."""
     (server.dir / "the-ca.pem").write_bytes((server.dir / "ca.pem").read_bytes())
@@ -652,6 +707,22 @@ def test_sighup_reloads_the_policy_and_a_broken_policy_is_rejected(server: Serve
     server.process.send_signal(signal.SIGHUP)
     assert eventually(lambda: any("policy reload rejected" in line for line in server.log_lines))
     assert stub.GetSecret(request, timeout=10).secret.value == b"auth-db-pass"  # the old policy stays
+
+
+def test_a_reloaded_policy_naming_an_identity_no_certificate_can_present_is_warned_of(
+    server: Server,
+) -> None:
+    """`spiffe://SHRIVENQUANT.local/ops` (a trust domain in capitals) parses, and grants nothing: no
+    certificate can carry it. `policy check` warned of it; serve applied it saying only "policy
+    reloaded", and ops was locked out with no clue in the log."""
+    policy = server.dir / "policy.toml"
+    policy.write_text(POLICY.replace(f'"spiffe://{TD}/ops"', f'"spiffe://{TD.upper()}/ops"'))
+    server.process.send_signal(signal.SIGHUP)
+    assert eventually(lambda: any("no client certificate can present" in line for line in server.log_lines))
+    warning = next(
+        json.loads(line) for line in server.log_lines if "no client certificate can present" in line
+    )
+    assert warning["level"] == "warning" and warning["identity"] == f"spiffe://{TD.upper()}/ops"
 
 
 def test_a_revoked_certificate_is_cut_off_on_sighup_and_its_renewal_works(server: Server) -> None:

@@ -48,8 +48,14 @@ from secrets_manager.service.schedule import RotationScheduler
 from secrets_manager.service.watch import ChangeHub
 from secrets_manager.store import EncryptedStore
 from secrets_manager.store.changes import ChangeKind
-from secrets_manager.store.names import validate_name, validate_prefix
-from secrets_manager.tls.identity import Caller, IdentityError, caller_from_auth_context
+from secrets_manager.store.names import as_recorded, validate_name, validate_prefix
+from secrets_manager.tls.identity import (
+    Caller,
+    IdentityError,
+    caller_from_auth_context,
+    serial_text,
+    unpresentable_identity,
+)
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 from secrets_manager.wire import (
@@ -80,6 +86,7 @@ class PolicyHolder:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.current: Policy = load_policy(path)
+        self._warn_of_unpresentable_identities()
 
     def reload(self) -> bool:
         """Load the file again; on any error keep the old policy and log why."""
@@ -89,7 +96,19 @@ class PolicyHolder:
             log.error("policy reload rejected; the previous policy stays in force", extra={"error": str(exc)})
             return False
         log.info("policy reloaded", extra={"policy": str(self.path)})
+        self._warn_of_unpresentable_identities()
         return True
+
+    def _warn_of_unpresentable_identities(self) -> None:
+        """An identity no certificate can present (`spiffe://UPPER.case/x`, a CN with a space) grants
+        nothing: a typo that locks its callers out, which `policy check` warns of too."""
+        for identity in self.current.identities:
+            problem = unpresentable_identity(identity)
+            if problem is not None:
+                log.warning(
+                    "policy names an identity no client certificate can present; it grants nothing",
+                    extra={"policy": str(self.path), "identity": identity, "problem": problem},
+                )
 
 
 @dataclass
@@ -103,6 +122,14 @@ class _Request:
     caller: Caller  # its certificate's serial and fingerprint: a Watch re-checks `[revoked]`
     # Set once the policy granted the request; a failure before that is audited as a denial.
     allowed: bool = False
+
+
+def _serial_of(caller: Caller | None, refusal: IdentityError) -> str | None:
+    """The serial number of a refused certificate: a revoked one's (`caller`), or one that names
+    no usable identity (the refusal's)."""
+    if caller is not None:
+        return caller.serial_text
+    return None if refusal.serial is None else serial_text(refusal.serial)
 
 
 def _unrecorded_change(event: AuditEvent, audit_exc: SecretsManagerError) -> ChangeUnrecordedError:
@@ -166,6 +193,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         peer = context.peer()
+        recorded = as_recorded(name)  # not validated yet: a refusal names what was refused
         durable = mutating or self._fsync_reads
         identity, caller = "<unidentified>", None
         try:
@@ -181,16 +209,16 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                     identity,
                     "grpc",
                     peer,
-                    name,
+                    recorded,
                     decision="deny",
                     outcome="unauthenticated",
-                    certificate_serial=None if caller is None else caller.serial_text,
+                    certificate_serial=_serial_of(caller, exc),
                 ),
                 durable,
             )
             self._metrics.observe(method, grpc.StatusCode.UNAUTHENTICATED, started)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        event = AuditEvent(operation, identity, "grpc", peer, name)
+        event = AuditEvent(operation, identity, "grpc", peer, recorded)
         assert caller is not None  # else IdentityError aborted above
         request = _Request(identity, peer, event, [], caller)
         try:
@@ -227,7 +255,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                     "method": method,
                     "identity": identity,
                     "peer": peer,
-                    "secret": name,
+                    "secret": recorded,
                     "code": code.name,
                 },
             )
@@ -276,10 +304,10 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         with self._call(context, "BatchGetSecrets", "batch_get", audited, None, prefix=not names) as call:
             policy = self._policy.current
             if names:
-                call.event.name = request.prefix or None
+                call.event.name = as_recorded(request.prefix) or None
                 validate_prefix(request.prefix)  # unused beside names, but still checked
                 for name in names:
-                    call.event.name = name
+                    call.event.name = as_recorded(name)
                     validate_name(name)
                 denied = [n for n in names if not policy.allows(call.identity, "read", n)]
                 if denied:

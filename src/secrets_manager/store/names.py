@@ -34,12 +34,23 @@ def validate_name(name: str) -> str:
     return name
 
 
+def as_recorded(name: str | None) -> str | None:
+    """`name` as an audit record or a log line may hold it: a request's name is recorded before it
+    is validated (a refusal names what was refused), and a caller must not be able to write
+    megabytes into the log with one request. Valid names are never cut."""
+    if name is None or len(name) <= MAX_NAME_LENGTH:
+        return name
+    return f"{name[:MAX_NAME_LENGTH]}...[{len(name)} characters]"
+
+
 def validate_prefix(prefix: str) -> str:
     """A list prefix: any leading part of a valid name (may end in '/' or mid-segment)."""
     if not prefix:
         return prefix
+    if len(prefix) > MAX_NAME_LENGTH:  # not echoed: it could be megabytes
+        raise InvalidInputError(f"name prefix is longer than {MAX_NAME_LENGTH} characters, as no name is")
     body = prefix[:-1] if prefix.endswith("/") else prefix
-    if len(prefix) > MAX_NAME_LENGTH or not _NAME.fullmatch(body):
+    if not _NAME.fullmatch(body):
         raise InvalidInputError(f"invalid name prefix {prefix!r}: give the leading part of a name")
     return prefix
 

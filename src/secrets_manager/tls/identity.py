@@ -35,9 +35,15 @@ _CN_RULE = "a CN identity is 1 to 64 ASCII letters, digits, '_', '.', '-', as 'p
 
 
 class IdentityError(AccessDeniedError):
-    """The peer presented no certificate, or one that names no usable identity."""
+    """The peer presented no certificate, or one that names no usable identity. `serial`: the
+    refused certificate's serial number, where it has one (the audit record names it, so an
+    operator can tell which certificate was refused, and revoke it)."""
 
     kind = "unauthenticated"
+
+    def __init__(self, message: str, *, serial: int | None = None) -> None:
+        super().__init__(message)
+        self.serial = serial
 
 
 @dataclass(frozen=True)
@@ -79,10 +85,18 @@ def identity_from_certificate(certificate: bytes | str | x509.Certificate) -> st
 def caller_from_certificate(certificate: bytes | str | x509.Certificate) -> Caller:
     """`identity_from_certificate` with the certificate's serial number and fingerprint."""
     cert = _load(certificate)
+    serial = cert.serial_number
     try:
-        return Caller(_identity_of(cert), cert.serial_number, cert.fingerprint(hashes.SHA256()))
-    except ValueError:
-        raise IdentityError("the client certificate has a malformed extension or subject") from None
+        return Caller(_identity_of(cert), serial, cert.fingerprint(hashes.SHA256()))
+    except IdentityError as exc:
+        exc.serial = serial
+        raise
+    # cryptography parses extensions lazily, and raises for some that it cannot represent (an
+    # x400Address or EDIPartyName SAN, an extension given twice) exceptions that are no ValueError.
+    except (ValueError, x509.UnsupportedGeneralNameType, x509.DuplicateExtension):
+        raise IdentityError(
+            "the client certificate has a malformed or unsupported extension or subject", serial=serial
+        ) from None
 
 
 def _identity_of(cert: x509.Certificate) -> str:
