@@ -36,6 +36,8 @@ from secrets_manager.cli.output import (
     error_line,
     warning_line,
 )
+from secrets_manager.core_dumps import keep_secrets_out_of_core_dumps
+from secrets_manager.environment import Environment, current_environment
 from secrets_manager.errors import SecretsManagerError
 
 DEBUG_VARIABLE = "SECRETS_MANAGER_DEBUG"
@@ -49,8 +51,18 @@ def _debugging() -> bool:
 def main(argv: list[str] | None = None) -> int:
     """Console-script entry point; returns (and exits with) the documented exit code."""
     _own_standard_output()
+    keep_secrets_out_of_core_dumps(development=_development())
     code = run(argv)
     sys.exit(code)
+
+
+def _development() -> bool:
+    """Whether SHRIVENQUANT_ENV says development; an invalid value (the command will refuse it) is
+    not, so the stricter setting holds until then."""
+    try:
+        return current_environment() is Environment.DEVELOPMENT
+    except SecretsManagerError:
+        return False
 
 
 def _own_standard_output() -> None:
