@@ -720,6 +720,49 @@ def test_passwd_rewraps_and_old_password_stops_working(ready: Cli, tmp_path: Pat
     assert ready("get", "other/B", env={"MASTER_PASSWORD": "a brand new password"}).out == "beta\n"
 
 
+KILLED_AFTER_THE_CHANGE = """
+import os, sys
+from secrets_manager.audit.log import AuditLog
+from secrets_manager.cli import run
+
+append = AuditLog.append
+
+def append_or_die(self, events, *args, **kwargs):
+    if any(e.operation == "passwd" and e.outcome != "pending" for e in events):
+        os._exit(137)  # as SIGKILL here would: the change is committed, its outcome unrecorded
+    return append(self, events, *args, **kwargs)
+
+AuditLog.append = append_or_die
+sys.exit(run(sys.argv[1:]))
+"""
+
+
+def test_a_wrong_password_after_a_killed_passwd_says_the_new_one_may_hold(ready: Cli, tmp_path: Path) -> None:
+    """`passwd` killed after its commit, before its outcome was recorded: the new password holds,
+    and the old one was answered only "wrong master password" (exit 4), by every command and
+    `status`; the user could not tell which password the store now has. The audit log's newest
+    change, a `passwd` with no outcome, says it: a second line names it."""
+    ready("store", "svc/A", input=b"alpha")
+    new = tmp_path / "new"
+    new.write_text("a brand new password\n")
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_AFTER_THE_CHANGE, "passwd", "--new-password-file", str(new)],
+        env=ready.env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert killed.returncode == 137, killed.stderr
+    for attempt in range(2):  # the first refusal's own record does not hide it from the second
+        result = ready("get", "svc/A")
+        assert result.code == 4, result.stderr
+        first, second = result.stderr.strip().splitlines()
+        assert first == "secrets-manager: error: wrong master password", attempt
+        assert "'secrets-manager passwd' began at" in second and "the new password" in second
+    assert ready("get", "svc/A", env={"MASTER_PASSWORD": "a brand new password"}).out == "alpha\n"
+    after = ready("get", "svc/A")  # a command recorded since, the new password works: no hint
+    assert_one_line_error(after, 4, "wrong master password")
+
+
 def test_passwd_without_a_terminal_says_the_new_password_is_missing(ready: Cli) -> None:
     """With MASTER_PASSWORD set, the message was "no master password: pass --password-file…",
     exit 4: what is missing is the new one."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import math
 import os
@@ -1013,6 +1014,22 @@ class AuditLog:
             record = _last_record(path)
             if record is not None:
                 return record
+        return None
+
+    def unfinished_change(self, *, look_back: int = 1000) -> dict[str, Any] | None:
+        """The newest change the log holds, if it has no outcome: its `pending` record (written
+        before the change began) is followed by no record but refused unlocks. A command killed
+        part-way leaves this; after a killed `passwd` it tells a user refused with the old
+        password that the new one may hold. Reads the live file's last `look_back` records at
+        most; None when there is no live file, or it cannot be read: it is a hint, never a check."""
+        try:
+            for line in itertools.islice(_lines_backwards(self.path, None), look_back):
+                record = _parse_line(line, self.path, -1)
+                if record.get("operation") == "unlock" and record.get("decision") == "deny":
+                    continue
+                return record if record.get("outcome") == "pending" else None
+        except (OSError, SecretsManagerError):
+            return None
         return None
 
     def verify(self, key: bytes, anchor: Anchor | None) -> int:

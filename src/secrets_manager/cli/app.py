@@ -156,6 +156,14 @@ def kdf_profile_option(help_text: str) -> Callable[[Callable[..., Any]], Callabl
     )
 
 
+# Audited operations that give the store a new master password, and the command that runs each.
+PASSWORD_CHANGES = {
+    "passwd": "secrets-manager passwd",
+    "unlock-with": "secrets-manager unlock-with password",
+    "recovery.unlock-with": "secrets-manager recovery unlock-with password",
+}
+
+
 @dataclass
 class Session:
     """Options every command shares, resolved once per invocation."""
@@ -301,10 +309,30 @@ class Session:
             self._audit_denied_unlock(exc)
             raise
 
+    def _note_unfinished_password_change(self, exc: UnlockError) -> None:
+        """After a refused password: if the newest change in the audit log is a password change with
+        no outcome (its command was killed), the new password may be the one that holds now. A hint
+        on a second line; the log is only read, and any problem with it is left to the audit."""
+        if not isinstance(exc, UnlockError) or "wrong master password" not in str(exc):
+            return
+        try:
+            unfinished = self.audit_log().unfinished_change()
+        except SecretsManagerError:
+            return
+        if unfinished is None or unfinished.get("operation") not in PASSWORD_CHANGES:
+            return
+        command = PASSWORD_CHANGES[str(unfinished["operation"])]
+        exc.add_note(
+            f"'{command}' began at {unfinished.get('time')} and recorded no outcome (it was interrupted): "
+            "if it got as far as its commit, the new password is the one that opens the store now; "
+            "try it ('status' says which one works)"
+        )
+
     def _audit_denied_unlock(self, exc: UnlockError) -> None:
         """Record a refused unlock. Whatever keeps that record from being written is said on a
         line after the refusal's own (a note on `exc`), and never replaces it: a wrong password is
         reported as one (exit 4) whatever state the log is in."""
+        self._note_unfinished_password_change(exc)
         try:
             denied = self.event("unlock", decision="deny", outcome=exc.kind)
             self.audit_log().append([denied], anchor=None)
