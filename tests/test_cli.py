@@ -6,10 +6,12 @@ import errno
 import json
 import os
 import pty
+import pwd
 import select
 import shlex
 import signal
 import sqlite3
+import stat
 import string
 import subprocess
 import sys
@@ -1743,3 +1745,89 @@ def test_a_command_group_without_a_command_shows_its_help(cli: Cli, group: str) 
     assert result.code == 2
     assert result.out.startswith(f"Usage: secrets-manager {group} [OPTIONS] COMMAND")
     assert "Commands:" in result.out and result.stderr == ""
+
+
+# ---- production guard rails: owners, MASTER_PASSWORD, '-', the audit log, pki -------------------
+
+NOBODY = pwd.getpwnam("nobody").pw_uid
+
+
+def _production(pw: Path) -> dict[str, str | None]:
+    pw.write_text(PASSWORD)
+    pw.chmod(0o600)
+    return {"SHRIVENQUANT_ENV": "production", "MASTER_PASSWORD": None, "MASTER_PASSWORD_FILE": str(pw)}
+
+
+def test_production_refuses_a_password_file_or_store_another_user_owns(ready: Cli, tmp_path: Path) -> None:
+    """Mode 0600 is not enough: the owner of the file (or of the store's directory) can read or
+    replace it. Root's files are fine. Each refusal names the owner and the fix."""
+    prod = _production(tmp_path / "pw")
+    assert_one_line_error(ready("list", env=prod), 2, "production minimum")  # the test KDF: all checks passed
+    os.chown(tmp_path / "pw", NOBODY, -1)
+    assert_one_line_error(
+        ready("list", env=prod), 2, f"password file {tmp_path / 'pw'} belongs to nobody", "chown"
+    )
+    os.chown(tmp_path / "pw", 0, -1)
+    os.chown(ready.store, NOBODY, -1)
+    assert_one_line_error(ready("list", env=prod), 2, f"store file {ready.store} belongs to nobody")
+    os.chown(ready.store, 0, -1)
+    os.chown(ready.store.parent, NOBODY, -1)
+    assert_one_line_error(
+        ready("list", env=prod), 2, f"the store's directory {ready.store.parent} belongs to nobody"
+    )
+    os.chown(ready.store.parent, 0, -1)
+    assert ready("list").code == 0  # development is as before
+
+
+def test_production_refuses_master_password_even_beside_a_password_file(ready: Cli, tmp_path: Path) -> None:
+    prod = {**_production(tmp_path / "pw"), "MASTER_PASSWORD": PASSWORD}
+    for args in (("--password-file", str(tmp_path / "pw"), "list"), ("list",)):
+        assert_one_line_error(ready(*args, env=prod), 2, "MASTER_PASSWORD is refused in production")
+
+
+def test_a_password_file_of_dash_says_standard_input_is_not_supported(ready: Cli) -> None:
+    for env in ({}, {"MASTER_PASSWORD": None, "MASTER_PASSWORD_FILE": "-"}):
+        args = ("--password-file", "-", "list") if not env else ("list",)
+        assert_one_line_error(ready(*args, env=env), 2, "standard input is not supported", "0600 file")
+
+
+def test_production_refuses_an_audit_log_others_can_write_and_new_directories_are_private(
+    cli: Cli, tmp_path: Path
+) -> None:
+    ready = cli
+    assert ready("init").code == 0  # the default KDF: production opens it
+    log = ready.store.with_name("store.audit.jsonl")
+    assert ready("store", "a/B", input=b"v1").code == 0
+    log.chmod(0o666)
+    dev = ready("list")
+    assert dev.code == 0 and f"warning: audit log file {log} has mode 0666" in dev.stderr
+    prod = _production(tmp_path / "pw")
+    assert_one_line_error(ready("list", env=prod), 2, f"chmod 600 {log}")
+    log.chmod(0o600)
+    Path(f"{log}.lock").chmod(0o646)
+    assert_one_line_error(ready("list", env=prod), 2, f"chmod 600 {log}.lock")
+    Path(f"{log}.lock").chmod(0o600)
+    # Under umask 000, every directory made for a new log is 0700, not only the innermost.
+    deep = tmp_path / "aud" / "deep" / "er" / "a.jsonl"
+    script = 'umask 000; exec "$0" "$@"'
+    proc = subprocess.run(
+        [
+            "sh",
+            "-c",
+            script,
+            str(SCRIPT),
+            "--audit-file",
+            str(deep),
+            "--store",
+            str(tmp_path / "o.db"),
+            "init",
+            "--kdf-profile",
+            "test",
+        ],
+        env={**ready.env},
+        capture_output=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for folder in (tmp_path / "aud", tmp_path / "aud" / "deep", tmp_path / "aud" / "deep" / "er"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import enum
+import errno
+import logging
 import os
-from collections.abc import Mapping
+import pwd
+import stat
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 from secrets_manager.errors import InvalidInputError, UnsafeConfigurationError
 
@@ -14,6 +19,7 @@ PASSWORD_VARIABLE = "MASTER_PASSWORD"  # noqa: S105 (a variable name)
 # Withheld from every command we start: they must not learn how to unlock the store.
 PASSWORD_VARIABLES = (PASSWORD_VARIABLE, PASSWORD_FILE_VARIABLE)
 PRODUCTION_MIN_PASSWORD_LENGTH = 12  # characters: NIST SP 800-63B's 8 for a user, more for a key to all
+log = logging.getLogger("secrets_manager.environment")
 
 
 class Environment(enum.StrEnum):
@@ -35,6 +41,127 @@ class Environment(enum.StrEnum):
                 f"{PRODUCTION_MIN_PASSWORD_LENGTH} (a passphrase of several words is easiest)"
             )
         return password
+
+    def guard(self, problem: str | None, warn: Callable[[str], None] | None = None) -> None:
+        """A file that decides trust is not safe to trust (`problem`, from `loose_file_problem`):
+        production refuses it (UnsafeConfigurationError, exit 2); elsewhere it is a warning,
+        logged (or given to `warn`, e.g. to log it once)."""
+        if problem is None:
+            return
+        if self.is_production:
+            raise UnsafeConfigurationError(f"{problem} (production refuses it)")
+        (warn or log.warning)(problem)
+
+
+def refuse_open_directory(
+    directory: Path, option: str, environment: Environment, *, readable: bool = True
+) -> None:
+    """Production refuses to write private files (recovery shares, a CA's key) into `directory`
+    (given as `option`, e.g. "--out-dir") if group or others may write it (they could replace a
+    file) or, with `readable`, read or enter it. OSError from stat() is the caller's to report."""
+    if not environment.is_production or not directory.is_dir():
+        return
+    if stat.S_IMODE(directory.stat().st_mode) & (0o077 if readable else 0o022):
+        access = "read or written" if readable else "written"
+        fix = "chmod 700" if readable else "chmod go-w"
+        raise UnsafeConfigurationError(
+            f"{option} {directory} can be {access} by group or others; run '{fix} "
+            f"{directory}' or pick a private directory (production refuses it)"
+        )
+
+
+def user_name(uid: int) -> str:
+    """The name of user `uid` for messages, else the number."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def owner_problem(path: Path | str, found: os.stat_result, what: str) -> str | None:
+    """Why `found` (the fstat of the opened file or directory `path`) is not this process's to
+    trust: owned by a user other than the one running us, or root. None if it is."""
+    me = os.geteuid()
+    if found.st_uid in (0, me):
+        return None
+    return (
+        f"{what} {path} belongs to {user_name(found.st_uid)}, not to {user_name(me)} who runs this "
+        f"(or root), so that user can change it; run 'chown {user_name(me)} {path}' if it is yours, "
+        "or use your own"
+    )
+
+
+def loose_file_problem(
+    path: Path | str,
+    found: os.stat_result,
+    what: str,
+    *,
+    private: bool = False,
+    folder: os.stat_result | None = None,
+) -> str | None:
+    """Why a file that decides trust (a policy, a CA, a schedule of commands, a key) is not safe,
+    as one line with the command that fixes it; None if it is safe. `found` is the fstat of the
+    file as opened (not a stat of its path, which may name another file by the time it is read);
+    `folder` that of the directory it was opened in. Unsafe: owned by a user other than this one
+    or root; writable by group or others (with `private`, readable by them at all); in a
+    directory group or others may write without the sticky bit, or that another user owns (either
+    could replace the file)."""
+    problem = owner_problem(path, found, what)
+    if problem is not None:
+        return problem
+    mode = stat.S_IMODE(found.st_mode)
+    if private and mode & 0o077:
+        return f"{what} {path} has mode {mode:04o}, which group or others can read; run 'chmod 600 {path}'"
+    if mode & 0o022:
+        return (
+            f"{what} {path} has mode {mode:04o}, which group or others can write; run "
+            f"'chmod go-w {path}' (or 'chmod 600 {path}')"
+        )
+    if folder is not None:
+        directory = Path(os.path.realpath(path)).parent
+        me = os.geteuid()
+        if folder.st_uid not in (0, me):
+            return (
+                f"{what} {path} is in {directory}, which belongs to {user_name(folder.st_uid)}, not to "
+                f"{user_name(me)} who runs this (or root), so that user can replace it; move the file "
+                "to a directory of yours"
+            )
+        folder_mode = stat.S_IMODE(folder.st_mode)
+        if folder_mode & 0o022 and not folder_mode & stat.S_ISVTX:
+            return (
+                f"{what} {path} is in {directory}, mode {folder_mode:04o}, where group or others can "
+                f"replace it; run 'chmod go-w {directory}' or move the file to a directory of yours"
+            )
+    return None
+
+
+def open_in_directory(path: Path | str, flags: int = os.O_RDONLY) -> tuple[int, os.stat_result]:
+    """`path` opened, its symbolic links resolved first and the file then opened by name in its
+    directory (O_NOFOLLOW), with the fstat of that directory: both checks see what is read, not
+    what a path names a moment later. Raises OSError as os.open does."""
+    real = Path(os.path.realpath(path))
+    folder = os.open(real.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fd = os.open(real.name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+        return fd, os.fstat(folder)
+    finally:
+        os.close(folder)
+
+
+def read_in_directory(path: Path | str, limit: int) -> tuple[bytes, os.stat_result, os.stat_result]:
+    """The bytes of the regular file `path` (at most `limit` + 1 of them), opened by
+    `open_in_directory`, with its fstat and its directory's, for `loose_file_problem`. OSError
+    as os.open raises it; IsADirectoryError for a directory, EINVAL for anything else that is not
+    a regular file (a FIFO is not waited on)."""
+    fd, folder = open_in_directory(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as handle:
+        found = os.fstat(fd)
+        if stat.S_ISDIR(found.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(found.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        os.set_blocking(fd, True)
+        return handle.read(limit + 1), found, folder
 
 
 def current_environment(environ: Mapping[str, str] | None = None) -> Environment:

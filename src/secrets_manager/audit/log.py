@@ -32,6 +32,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 
 from secrets_manager.crypto.mac import record_mac, record_mac_ok, sha256_hex
 from secrets_manager.crypto.mac import value_fingerprint as _value_fingerprint
+from secrets_manager.environment import Environment
 from secrets_manager.errors import (
     ConflictError,
     IntegrityError,
@@ -160,8 +161,13 @@ class AuditLog:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         flush_interval: float = DEFAULT_FLUSH_INTERVAL_SECONDS,
         clock: Callable[[], float] = time.time,
+        environment: Environment = Environment.DEVELOPMENT,
     ) -> None:
         self.path = Path(path)
+        # A log or lock file group or others can write (they could edit or truncate records, or
+        # hold the lock) is refused in production and warned of elsewhere, once per file.
+        self._environment = environment
+        self._warned_loose: set[str] = set()
         self.lock_path = Path(f"{self.path}.lock")
         self.max_bytes = max_bytes
         self.timeout = timeout
@@ -338,7 +344,7 @@ class AuditLog:
             try:
                 fd = _open_private(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
             except FileExistsError:
-                return _open_private(self.lock_path, os.O_RDWR | os.O_CREAT)
+                return self._guarded(_open_private(self.lock_path, os.O_RDWR | os.O_CREAT), self.lock_path)
             except FileNotFoundError:  # a refused writer removed the directory it had made
                 if not retries:
                     raise
@@ -346,6 +352,24 @@ class AuditLog:
                 continue
             self._created = [self.lock_path, *reversed(made)]
             return fd
+
+    def _guarded(self, fd: int, path: Path) -> int:
+        """`fd`, the log's file or lock file `path` as opened, unless group or others can write
+        it: production refuses that (the descriptor closed), elsewhere it is a warning."""
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if not mode & 0o022 or (str(path) in self._warned_loose and not self._environment.is_production):
+            return fd
+        problem = (
+            f"audit log file {path} has mode {mode:04o}, which group or others can write (they could "
+            f"edit or remove records); run 'chmod 600 {path}'"
+        )
+        try:
+            self._environment.guard(problem)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._warned_loose.add(str(path))
+        return fd
 
     def _remove_what_was_created(self) -> None:
         """Holding the flock, for a log not created after all (refused, or its anchor unreadable):
@@ -406,7 +430,7 @@ class AuditLog:
                 if self._file is not None:
                     old, self._file = self._file[0], None
                     os.close(old)
-                fd = _open_private(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND)
+                fd = self._guarded(_open_private(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND), self.path)
                 self._file = (fd, os.fstat(fd).st_ino)
             # The live file is locked too: a lock file deleted while a writer held it (by hand)
             # let a second writer lock a new one and append at once (a duplicate seq, a forked
@@ -1576,7 +1600,8 @@ def _open_for_reading(path: Path) -> BinaryIO:
 
 
 def _make_directory(directory: Path) -> list[Path]:
-    """`directory` made (0700) if missing, with its missing parents (as mkdir -p); the ones this
+    """`directory` made (0700) if missing, with its missing parents (as mkdir -p, but 0700 each,
+    not 0777 less the umask: under umask 000 others could rename the log away); the ones this
     made, outermost first."""
     missing = []
     for path in (directory, *directory.parents):
@@ -1586,7 +1611,7 @@ def _make_directory(directory: Path) -> list[Path]:
     made = []
     for path in reversed(missing):
         try:
-            path.mkdir(mode=0o700 if path == directory else 0o777)
+            path.mkdir(mode=0o700)
         except FileExistsError:
             continue
         made.append(path)

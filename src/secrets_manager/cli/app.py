@@ -220,7 +220,7 @@ class Session:
             if not 0 < options["timeout"] <= 600:
                 raise InvalidInputError(f"{AUDIT_TIMEOUT_VARIABLE} must be seconds between 0 and 600")
         refuse_files_of_others(path, self.files_not_for_audit())
-        return AuditLog(path, **options)
+        return AuditLog(path, environment=self.environment, **options)
 
     def files_not_for_audit(self) -> list[tuple[Path, str]]:
         """Files an audit log path must not name: the store's own (and its SQLite companions) and

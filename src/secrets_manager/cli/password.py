@@ -6,7 +6,8 @@
     4. a prompt on the terminal   (asked twice when a new password is set)
 
 Files are read whole with one trailing newline removed. Production also refuses a password file
-that group or others can read.
+that group or others can read or that another user owns (root's is fine), checked on the file as
+opened, and MASTER_PASSWORD whenever it is set, even beside a password file.
 """
 
 from __future__ import annotations
@@ -14,11 +15,16 @@ from __future__ import annotations
 import getpass
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from secrets_manager.cli.output import warning_line
-from secrets_manager.environment import PASSWORD_FILE_VARIABLE, PASSWORD_VARIABLE, Environment
+from secrets_manager.environment import (
+    PASSWORD_FILE_VARIABLE,
+    PASSWORD_VARIABLE,
+    Environment,
+    owner_problem,
+)
 from secrets_manager.errors import (
     InvalidInputError,
     SecretsManagerError,
@@ -37,16 +43,11 @@ def read_password(
     confirm: bool = False,
 ) -> bytes:
     """The master password from the first source that has one; UnlockError if none does."""
+    refuse_password_variable(environment, environ)
     path = password_file or environ.get(PASSWORD_FILE_VARIABLE)
     if path:
         return read_password_file(Path(path), environment=environment)
     if PASSWORD_VARIABLE in environ:
-        if environment.is_production:
-            raise UnsafeConfigurationError(
-                f"{PASSWORD_VARIABLE} is refused in production (environment variables leak into child "
-                f"processes and crash dumps); put the password in a 0600 file and pass --password-file "
-                f"or set {PASSWORD_FILE_VARIABLE}"
-            )
         if environment is Environment.STAGING:
             warning_line(f"{PASSWORD_VARIABLE} is unsafe outside development; use {PASSWORD_FILE_VARIABLE}")
         password = environ[PASSWORD_VARIABLE].encode("utf-8")
@@ -56,12 +57,43 @@ def read_password(
     return prompt_password("Master password", confirm=confirm)
 
 
-def read_password_file(path: Path, *, environment: Environment) -> bytes:
-    data = read_small_file(path, MAX_PASSWORD_FILE_SIZE, f"password file {path}", UnlockError)
-    if environment.is_production and stat.S_IMODE(path.stat().st_mode) & 0o077:
+def refuse_password_variable(environment: Environment, environ: Mapping[str, str]) -> None:
+    """Production refuses MASTER_PASSWORD whenever it is set, even beside a password file that
+    would win over it: the password sits in this process's environment all the same."""
+    if environment.is_production and PASSWORD_VARIABLE in environ:
         raise UnsafeConfigurationError(
-            f"password file {path} can be read by group or others; run 'chmod 600 {path}'"
+            f"{PASSWORD_VARIABLE} is refused in production (environment variables leak into child "
+            f"processes and crash dumps); put the password in a 0600 file and pass --password-file "
+            f"or set {PASSWORD_FILE_VARIABLE}, and unset {PASSWORD_VARIABLE}"
         )
+
+
+def check_password_file(path: Path, found: os.stat_result, environment: Environment) -> None:
+    """Production refuses a password file (`found`: the fstat of it as opened) that group or
+    others can read, or that another user owns (root's is fine): they could read or replace it."""
+    if not environment.is_production:
+        return
+    problem = owner_problem(path, found, "password file")
+    if problem is None and stat.S_IMODE(found.st_mode) & 0o077:
+        problem = f"password file {path} can be read by group or others; run 'chmod 600 {path}'"
+    if problem is not None:
+        raise UnsafeConfigurationError(problem)
+
+
+def read_password_file(path: Path, *, environment: Environment) -> bytes:
+    if str(path) == "-":
+        raise InvalidInputError(
+            "the password file cannot be '-': reading the master password from standard input is "
+            "not supported (it carries values); give the path of a 0600 file that holds it, or "
+            "leave the option out to be asked on a terminal (a file named '-': write ./-)"
+        )
+    data = read_small_file(
+        path,
+        MAX_PASSWORD_FILE_SIZE,
+        f"password file {path}",
+        UnlockError,
+        check=lambda found: check_password_file(path, found, environment),
+    )
     password = _strip_one_newline(data)
     if not password:
         raise UnlockError(f"password file {path} is empty")
@@ -78,12 +110,18 @@ def read_new_password_file(path: Path, *, environment: Environment) -> bytes:
 
 
 def read_small_file(
-    path: Path, limit: int, what: str, error: type[SecretsManagerError] = InvalidInputError
+    path: Path,
+    limit: int,
+    what: str,
+    error: type[SecretsManagerError] = InvalidInputError,
+    *,
+    check: Callable[[os.stat_result], None] | None = None,
 ) -> bytes:
     """At most `limit` bytes of `path`, which `what` names in messages ("password file X"): a
-    missing file, a directory or no permission is one line of `error`."""
+    missing file, a directory or no permission is one line of `error`. `check` is given the
+    fstat of the file as opened, before it is read (see read_bounded)."""
     try:
-        return read_bounded(path, limit, what=what)
+        return read_bounded(path, limit, what=what, check=check)
     except FileNotFoundError:
         raise error(f"{what} does not exist") from None
     except IsADirectoryError:
@@ -92,12 +130,19 @@ def read_small_file(
         raise error(f"cannot read {what}: permission denied") from None
 
 
-def read_bounded(path: Path, limit: int, *, what: str) -> bytes:
+def read_bounded(
+    path: Path, limit: int, *, what: str, check: Callable[[os.stat_result], None] | None = None
+) -> bytes:
     """At most `limit` bytes of `path`: InvalidInputError if it holds more (a wrong file, or one
     like /dev/zero that never ends), so a mistake cannot fill memory. OSErrors other than a
-    missing file, a directory or no permission become a one-line InvalidInputError too."""
+    missing file, a directory or no permission become a one-line InvalidInputError too.
+
+    `check(fstat)` runs on the file as opened, before it is read: a mode or owner is checked on
+    what is read, never on what the path names a moment before or after."""
     try:
         with path.open("rb") as handle:
+            if check is not None:
+                check(os.fstat(handle.fileno()))
             data = handle.read(limit + 1)
     except (FileNotFoundError, IsADirectoryError, PermissionError):
         raise

@@ -11,7 +11,7 @@ import click
 
 from secrets_manager.audit import AuditLog, refuse_files_of_others
 from secrets_manager.cli.app import Session, cli, pass_session
-from secrets_manager.cli.password import read_password_file
+from secrets_manager.cli.password import read_password_file, refuse_password_variable
 from secrets_manager.errors import NotFoundError, SecretsManagerError, StoreNotFoundError
 from secrets_manager.service import load_config, run_server
 from secrets_manager.service.server import configure_logging
@@ -36,6 +36,7 @@ def serve(session: Session, config_path: str) -> None:
     # while we start (a deploy tool's reload, a closed terminal) is ignored; the policy is read after.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     session.require_local("serve")
+    refuse_password_variable(session.environment, session.environ)  # even beside password_file
     config = load_config(Path(config_path))
     store_url = config.store or session.store_url
     password_file = config.password_file
@@ -53,6 +54,7 @@ def serve(session: Session, config_path: str) -> None:
     audit = AuditLog(
         audit_path,
         flush_interval=config.audit_sync_interval_ms / 1000,
+        environment=session.environment,
     )
     try:
         store = open_store(

@@ -34,7 +34,7 @@ from platformdirs import user_data_path
 
 from secrets_manager.crypto.kdf import DEFAULT as PRODUCTION_KDF_MINIMUM
 from secrets_manager.crypto.kdf import PROFILES as KDF_PROFILES
-from secrets_manager.environment import Environment
+from secrets_manager.environment import Environment, owner_problem
 from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
@@ -487,22 +487,56 @@ def open_storage(url: str | None, *, create: bool, environment: Environment) -> 
         except StoreNotFoundError as exc:  # the command to create it keeps the URL's options
             raise StoreNotFoundError(exc.location, url_without_password(url or "")) from None
     path = sqlite_path(url)
-    if environment.is_production and not create and path.exists():
-        mode = stat.S_IMODE(path.stat().st_mode)
+    if environment.is_production and path.parent.is_dir():
+        _refuse_unprotected_store(path, create=create)
+    return SqliteStorage(path, create=create)
+
+
+def _refuse_unprotected_store(path: Path, *, create: bool) -> None:
+    """Production's guard rails for a store file: it and its directory must be this user's (or
+    root's), the file unreadable and the directory unwritable by group or others. Checked with
+    fstat of the directory as opened and of the file opened in it, not by stat of their paths
+    (which may name other files a moment later); while the directory is safe, nobody else can
+    put another file under the store's name before SQLite opens it."""
+    try:
+        folder_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return  # SqliteStorage reports what is wrong with it
+    try:
+        folder = os.fstat(folder_fd)
+        found: os.stat_result | None = None
+        if not create:
+            try:
+                fd = os.open(path.name, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=folder_fd)
+            except OSError:
+                pass  # missing, a directory, ...: SqliteStorage says so
+            else:
+                try:
+                    found = os.fstat(fd)
+                finally:
+                    os.close(fd)
+    finally:
+        os.close(folder_fd)
+    if found is not None:
+        problem = owner_problem(path, found, "store file")
+        if problem is not None:
+            raise UnsafeConfigurationError(f"{problem} (production refuses it)")
+        mode = stat.S_IMODE(found.st_mode)
         if mode & 0o077:
             raise UnsafeConfigurationError(
                 f"store file {path} has mode {mode:04o}, which group or others can access; "
                 f"run 'chmod 600 {path}' (production refuses unprotected store files)"
             )
-    if environment.is_production and path.parent.is_dir():
-        # Who may write the directory may replace the store file (or its -wal) with one of theirs.
-        folder = stat.S_IMODE(path.parent.stat().st_mode)
-        if folder & 0o022:
-            raise UnsafeConfigurationError(
-                f"the store's directory {path.parent} has mode {folder:04o}, which lets group or "
-                f"others replace the store file; run 'chmod 700 {path.parent}' (production refuses it)"
-            )
-    return SqliteStorage(path, create=create)
+    # Who may write the directory may replace the store file (or its -wal) with one of theirs.
+    problem = owner_problem(path.parent, folder, "the store's directory")
+    if problem is not None:
+        raise UnsafeConfigurationError(f"{problem} (production refuses it)")
+    if stat.S_IMODE(folder.st_mode) & 0o022:
+        raise UnsafeConfigurationError(
+            f"the store's directory {path.parent} has mode {stat.S_IMODE(folder.st_mode):04o}, which "
+            f"lets group or others replace the store file; run 'chmod 700 {path.parent}' (production "
+            "refuses it)"
+        )
 
 
 def _open_postgres(location: PostgresLocation, *, create: bool, environment: Environment) -> Storage:
