@@ -155,7 +155,9 @@ def make_odd_client(
 
 def _write_pair(path: Path, pair: tuple[bytes, bytes]) -> None:
     path.write_bytes(pair[0])
-    path.with_name(path.stem + "-key.pem").write_bytes(pair[1])
+    key = path.with_name(path.stem + "-key.pem")
+    key.write_bytes(pair[1])
+    key.chmod(0o600)  # as `pki issue` writes it (serve warns of a key others can read)
 
 
 def make_store(directory: Path, seed: Mapping[str, bytes] = SEED, policy: str = POLICY) -> Path:

@@ -1831,3 +1831,17 @@ def test_production_refuses_an_audit_log_others_can_write_and_new_directories_ar
     assert proc.returncode == 0, proc.stderr
     for folder in (tmp_path / "aud", tmp_path / "aud" / "deep", tmp_path / "aud" / "deep" / "er"):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+def test_production_refuses_pki_in_a_directory_others_can_write(cli: Cli, tmp_path: Path) -> None:
+    shared = tmp_path / "shared-pki"
+    shared.mkdir()
+    shared.chmod(0o777)
+    prod = {"SHRIVENQUANT_ENV": "production"}
+    assert_one_line_error(cli("pki", "init", "--dir", str(shared), env=prod), 2, f"chmod go-w {shared}")
+    assert not (shared / "ca-key.pem").exists()
+    assert cli("pki", "init", "--dir", str(shared)).code == 0  # development: as before
+    assert_one_line_error(cli("pki", "issue", "svc", "--dir", str(shared), env=prod), 2, "--dir")
+    assert not (shared / "svc-key.pem").exists()
+    shared.chmod(0o755)  # others may read (the files are 0600) but not write: fine
+    assert cli("pki", "issue", "svc", "--dir", str(shared), env=prod).code == 0

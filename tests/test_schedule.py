@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import secrets
 import shlex
@@ -27,7 +28,8 @@ from secrets_manager.cli import run as run_cli
 from secrets_manager.cli import schedule_commands
 from secrets_manager.client import Client, RemoteStore
 from secrets_manager.crypto import kdf
-from secrets_manager.errors import InvalidInputError, NotFoundError
+from secrets_manager.environment import Environment
+from secrets_manager.errors import InvalidInputError, NotFoundError, UnsafeConfigurationError
 from secrets_manager.rotation import Due, load_schedule, parse_every, plan
 from secrets_manager.service.schedule import RotationScheduler, _Ledger
 from secrets_manager.storage.sqlite import SqliteStorage
@@ -36,6 +38,7 @@ from service_fixtures import PASSWORD as SERVICE_PASSWORD
 from service_fixtures import SEED, TD, Server, client_environ, make_pki, make_store, start_server, tls_files
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
+DEV = Environment.DEVELOPMENT
 PASSWORD = "schedule test password"
 # Writes the new value (stdin) to ./target; the test command checks ./target holds it.
 SET_TARGET = "sh -c 'cat > target'"
@@ -80,7 +83,7 @@ def test_a_schedule_file_is_read_with_its_settings_and_defaults(tmp_path: Path) 
         },
         {"name": "exchange/KEY", "every": "90s"},
     )
-    first, second = load_schedule(path)
+    first, second = load_schedule(path, environment=DEV)
     assert (first.name, first.every, first.length, first.alphabet, first.timeout) == (
         "db/app",
         timedelta(days=30),
@@ -147,7 +150,7 @@ def test_a_bad_schedule_file_is_refused_with_what_is_wrong_where(
     path = tmp_path / "rotation.toml"
     path.write_text(content)
     with pytest.raises(InvalidInputError) as caught:
-        load_schedule(path)
+        load_schedule(path, environment=DEV)
     message = str(caught.value)
     assert message.startswith(f"rotation schedule {path}") and problem in message
     assert "\n" not in message
@@ -155,14 +158,15 @@ def test_a_bad_schedule_file_is_refused_with_what_is_wrong_where(
 
 def test_a_missing_schedule_file_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="does not exist"):
-        load_schedule(tmp_path / "nowhere.toml")
+        load_schedule(tmp_path / "nowhere.toml", environment=DEV)
 
 
 def test_what_is_due_follows_the_current_version_and_the_pending_label(
     encrypted_store: EncryptedStore, tmp_path: Path
 ) -> None:
     (rule,) = load_schedule(
-        write_schedule(tmp_path / "r.toml", {"name": "db/app", "every": "1h", "timeout": 10})
+        write_schedule(tmp_path / "r.toml", {"name": "db/app", "every": "1h", "timeout": 10}),
+        environment=DEV,
     )
     encrypted_store.put("db/app", b"one")
     meta = encrypted_store.describe("db/app")
@@ -869,6 +873,7 @@ def test_runners_resuming_one_stale_version_together_do_not_report_a_failure(cli
             AuditLog(cli.dir / "store.audit.jsonl"),
             check_seconds=60,
             environ={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cli.dir)},
+            environment=DEV,
             clock=lambda: datetime.now(UTC) + timedelta(hours=1),  # the pending version is stale
         )
         assert scheduler.run_due()["db/app"] == "resumed elsewhere"
@@ -900,6 +905,7 @@ def test_a_rotation_whose_set_ran_but_whose_promote_failed_is_retried_from_the_t
             AuditLog(audit_path),
             check_seconds=60,
             environ={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cli.dir)},
+            environment=DEV,
         )
         assert scheduler.run_due()["db/app"] == "failed"
         assert store.describe("db/app").labels == {CURRENT: 1, "pending": 2}
@@ -1008,3 +1014,89 @@ def test_only_a_marker_closed_at_a_clean_stop_is_resumed_at_once(tmp_path: Path)
         ledger.close()
     left = json.loads(mine[0].read_text())
     assert left == {"owed": {"db/clean": 3, "db/next": 7}, "clean": True}
+
+
+# ---- a schedule file others could change: its commands run as us -------------------------------
+
+
+def test_production_refuses_a_schedule_file_others_could_change(cli: Cli) -> None:
+    """Whoever can write the schedule runs commands as its runner: a file group or others can
+    write, another user's file, or one in a directory others can write (no sticky bit) is refused
+    in production with what to run; elsewhere it is a warning and still runs."""
+    folder = cli.dir / "sched"
+    folder.mkdir()
+    schedule = write_schedule(
+        folder / "rotation.toml", {"name": "db/app", "every": "1s", "set_command": "sh -c 'cat > ran'"}
+    )
+    time.sleep(1.1)
+    prod = {"SHRIVENQUANT_ENV": "production"}
+    schedule.chmod(0o666)
+    for command in ("run", "check"):
+        refused = cli("schedule", command, str(schedule), env=prod)
+        assert refused.code == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert f"chmod go-w {schedule}" in refused.stderr
+    schedule.chmod(0o644)
+    os.chown(schedule, pwd.getpwnam("nobody").pw_uid, -1)
+    refused = cli("schedule", "run", str(schedule), env=prod)
+    assert refused.code == 2 and "belongs to nobody" in refused.stderr
+    os.chown(schedule, 0, -1)
+    folder.chmod(0o777)
+    refused = cli("schedule", "run", str(schedule), env=prod)
+    assert refused.code == 2 and f"chmod go-w {folder}" in refused.stderr
+    assert not (cli.dir / "ran").exists()
+    folder.chmod(0o1777)  # sticky, like /tmp: others cannot replace our file
+    assert "chmod" not in cli("schedule", "check", str(schedule), env=prod).stderr
+    folder.chmod(0o777)
+    ran = cli("schedule", "run", str(schedule))  # development: a warning, and it runs
+    assert (
+        ran.code == 0 and "warning: rotation schedule" in ran.stderr and f"chmod go-w {folder}" in ran.stderr
+    )
+    assert (cli.dir / "sched" / "ran").exists() or (cli.dir / "ran").exists()
+
+
+def test_the_service_keeps_its_schedule_and_runs_nothing_from_a_file_made_writable(
+    cli: Cli, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In production a schedule re-read after it became writable by others is rejected: the one
+    in force stays, the error names the file, and no command of the loose file runs."""
+    schedule = write_schedule(cli.dir / "rotation.toml", {"name": "db/app", "every": "3650d"})
+    store = EncryptedStore.open(SqliteStorage(cli.dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        scheduler = RotationScheduler(
+            schedule,
+            store,
+            AuditLog(cli.dir / "store.audit.jsonl"),
+            check_seconds=60,
+            environ={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cli.dir)},
+            environment=Environment.PRODUCTION,
+        )
+        marker = cli.dir / "pwned"
+        write_schedule(schedule, {"name": "db/app", "every": "1s", "set_command": f"sh -c 'cat > {marker}'"})
+        schedule.chmod(0o666)
+        time.sleep(1.1)
+        with caplog.at_level("ERROR", logger="secrets_manager.service.schedule"):
+            assert scheduler.run_due()["db/app"] == "not due"  # the old entry, every 3650d
+        assert not marker.exists()
+        assert scheduler.rules[0].every == timedelta(days=3650)
+        (record,) = [r for r in caplog.records if "rotation schedule rejected" in r.getMessage()]
+        assert str(schedule) in record.error and "chmod go-w" in record.error  # type: ignore[attr-defined]
+        schedule.chmod(0o600)
+        scheduler.run_due()
+        assert marker.exists()  # once safe again, it is taken
+    finally:
+        store.close()
+    # At start, the same file stops the service from starting (run_server builds this first).
+    schedule.chmod(0o666)
+    store = EncryptedStore.open(SqliteStorage(cli.dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        with pytest.raises(UnsafeConfigurationError, match="production refuses it"):
+            RotationScheduler(
+                schedule,
+                store,
+                AuditLog(cli.dir / "store.audit.jsonl"),
+                check_seconds=60,
+                environ={},
+                environment=Environment.PRODUCTION,
+            )
+    finally:
+        store.close()

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import re
 import signal
 import socket
+import stat
 import subprocess
 import threading
 import time
@@ -23,6 +26,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from secrets_manager.client import RemoteStore
 from secrets_manager.crypto import kdf
+from secrets_manager.environment import Environment
+from secrets_manager.errors import InvalidInputError
+from secrets_manager.service.certificates import ServerCertificates
+from secrets_manager.service.config import load_config
+from secrets_manager.service.server import PolicyHolder
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.store.encrypted import RENEW_RETRY_SECONDS
@@ -523,6 +531,8 @@ def test_a_server_that_cannot_start_says_why_in_one_line(
     make_pki(tmp_path)
     make_store(tmp_path, {"auth/DB_PASSWORD": b"auth-db-pass"}, POLICY)
     (tmp_path / "empty.pem").write_bytes(b"")
+    for given_as_key in ("empty.pem", "policy.toml"):  # a key others can read is warned of first
+        (tmp_path / given_as_key).chmod(0o600)
     with socket.socket() as busy_socket:
         busy_socket.bind(("127.0.0.1", 0))
         busy_socket.listen()
@@ -567,13 +577,18 @@ def test_a_server_config_that_is_a_directory_is_refused_in_one_line(tmp_path: Pa
     assert f"server config {tmp_path}: cannot read it (Is a directory)" in stderr
 
 
-def _serve(directory: Path, config: Path) -> subprocess.CompletedProcess[bytes]:
-    """`serve` expected to stop at once: a server that starts after all is killed at the timeout."""
-    env = {
+def _serve(
+    directory: Path, config: Path, extra: dict[str, str | None] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """`serve` expected to stop at once: a server that starts after all is killed at the timeout.
+    `extra` is added to its environment (None: unset)."""
+    merged = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(directory),
         "MASTER_PASSWORD": PASSWORD,
+        **(extra or {}),
     }
+    env = {key: value for key, value in merged.items() if value is not None}
     result = subprocess.run(
         [str(SCRIPT), "serve", "--config", str(config)],
         capture_output=True,
@@ -1291,3 +1306,136 @@ def test_a_change_whose_record_cannot_be_written_is_reported_as_made_and_not_tri
     assert (ERROR_CLASS_KEY, "ChangeUnrecordedError") in tuple(failure.value.trailing_metadata())
     assert isinstance(error, ChangeUnrecordedError) and error.exit_code == 1
     assert not _worth_another_address(error)
+
+
+# ---- production guard rails at start and reload; what [tls] and numbers accept -----------------
+
+
+def _production_layout(directory: Path) -> Path:
+    """What a production serve needs: a store it opens (the default KDF), a 0600 password file,
+    keys 0600, and a config naming a schedule; returns the config."""
+    make_pki(directory, ("ops",))
+    for key in directory.glob("*-key.pem"):
+        key.chmod(0o600)
+    (directory / "policy.toml").write_text(POLICY)
+    storage = SqliteStorage(directory / "store.db", create=True)
+    EncryptedStore.create(storage, PasswordUnlock(PASSWORD, kdf.DEFAULT)).close()
+    (directory / "master-password").write_text(PASSWORD)
+    (directory / "master-password").chmod(0o600)
+    (directory / "rotation.toml").write_text('[[rotation]]\nname = "db/app"\nevery = "30d"\n')
+    tls_table = "".join(f'{key} = "{value}"\n' for key, value in _TLS.items())
+    config = directory / "server.toml"
+    config.write_text(
+        'listen = "127.0.0.1:0"\nstore = "store.db"\npolicy = "policy.toml"\n'
+        'password_file = "master-password"\nrotation_schedule = "rotation.toml"\n'
+        f"[tls]\n{tls_table}"
+    )
+    return config
+
+
+def test_production_serve_refuses_files_others_could_change_at_start(tmp_path: Path) -> None:
+    """Whoever can write the policy or the client CA makes themselves admin; the schedule's
+    commands and the config's choices run as the service; the key must stay secret. Each is
+    refused at start in one line with the command that fixes it; MASTER_PASSWORD is refused
+    even beside password_file."""
+    config = _production_layout(tmp_path)
+    nobody = pwd.getpwnam("nobody").pw_uid
+    cases = [
+        ("rotation.toml", 0o666, None, "rotation schedule"),
+        ("rotation.toml", 0o600, nobody, "rotation schedule"),
+        ("policy.toml", 0o666, None, "policy file"),
+        ("policy.toml", 0o600, nobody, "policy file"),
+        ("ca.pem", 0o666, None, "tls.client_ca"),
+        ("server.toml", 0o666, None, "server config"),
+        ("server-key.pem", 0o644, None, "tls.key"),
+    ]
+    for name, mode, owner, what in cases:
+        path = tmp_path / name
+        before = path.stat()
+        path.chmod(mode)
+        if owner is not None:
+            os.chown(path, owner, -1)
+        result = _serve(tmp_path, config, {"SHRIVENQUANT_ENV": "production", "MASTER_PASSWORD": None})
+        os.chown(path, before.st_uid, -1)
+        path.chmod(stat.S_IMODE(before.st_mode))
+        stderr = result.stderr.decode()
+        assert result.returncode == 2 and stderr.count("\n") == 1, (name, stderr)
+        assert what in stderr and str(path) in stderr and "production refuses it" in stderr, stderr
+        assert ("belongs to nobody" if owner else "chmod") in stderr, stderr
+    result = _serve(tmp_path, config, {"SHRIVENQUANT_ENV": "production"})  # MASTER_PASSWORD set too
+    assert result.returncode == 2 and b"MASTER_PASSWORD is refused in production" in result.stderr
+
+
+def test_policy_and_client_ca_made_writable_are_rejected_on_reload_in_production(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    _production_layout(tmp_path)
+    policy = PolicyHolder(tmp_path / "policy.toml", Environment.PRODUCTION)
+    certificates = ServerCertificates(
+        tmp_path / "server.pem",
+        tmp_path / "server-key.pem",
+        tmp_path / "ca.pem",
+        environment=Environment.PRODUCTION,
+    )
+    in_force = policy.current, certificates.current
+    (tmp_path / "policy.toml").write_text(
+        POLICY.replace('"admin"]', '"admin"]\n"spiffe://x/evil" = ["admin"]', 1)
+    )
+    (tmp_path / "policy.toml").chmod(0o666)
+    (tmp_path / "ca.pem").chmod(0o666)
+    with caplog.at_level("ERROR"):
+        assert not policy.reload() and not certificates.reload()
+    assert (policy.current, certificates.current) == in_force
+    errors = " ".join(getattr(r, "error", "") for r in caplog.records)
+    assert (
+        f"chmod go-w {tmp_path / 'policy.toml'}" in errors and f"chmod go-w {tmp_path / 'ca.pem'}" in errors
+    )
+    # Outside production the same files are a warning, and load.
+    with caplog.at_level("WARNING"):
+        assert PolicyHolder(tmp_path / "policy.toml").current is not None
+    assert any("policy file" in r.getMessage() and "chmod go-w" in r.getMessage() for r in caplog.records)
+
+
+def test_serve_refuses_a_server_certificate_without_server_auth(tmp_path: Path) -> None:
+    """`pki issue server` without --server makes a client certificate; every client would then
+    fail 'unsupported certificate purpose'. Refused at start, and a reload to one keeps the old."""
+    make_pki(tmp_path)
+    make_store(tmp_path, SEED, POLICY)
+    tls_table = "".join(f'{key} = "{value}"\n' for key, value in _TLS.items()).replace("server", "ops")
+    config = tmp_path / "client-cert.toml"
+    config.write_text(
+        f'listen = "127.0.0.1:0"\nstore = "store.db"\npolicy = "policy.toml"\n[tls]\n{tls_table}'
+    )
+    result = _serve(tmp_path, config)
+    stderr = result.stderr.decode()
+    assert result.returncode == 2 and stderr.count("\n") == 1, stderr
+    assert "serverAuth" in stderr and "pki issue ops --server" in stderr
+    certificates = ServerCertificates(
+        tmp_path / "server.pem", tmp_path / "server-key.pem", tmp_path / "ca.pem"
+    )
+    in_force = certificates.current
+    for suffix in (".pem", "-key.pem"):
+        (tmp_path / f"server{suffix}").write_bytes((tmp_path / f"ops{suffix}").read_bytes())
+    assert not certificates.reload() and certificates.current == in_force
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("[tls]\nverify_client = false", "unknown setting 'tls.verify_client'"),
+        ("max_workers = true", "max_workers must be 1..1024"),
+        ("shutdown_grace_seconds = true", "shutdown_grace_seconds must be 0..600"),
+        ("rotation_check_seconds = true", "rotation_check_seconds must be"),
+    ],
+)
+def test_a_config_refuses_unknown_tls_settings_and_booleans_for_numbers(
+    tmp_path: Path, line: str, problem: str
+) -> None:
+    tls_table = "".join(f'{key} = "{value}"\n' for key, value in _TLS.items())
+    config = tmp_path / "server.toml"
+    if line.startswith("[tls]"):
+        config.write_text(f'policy = "policy.toml"\n[tls]\n{tls_table}{line.split(chr(10))[1]}\n')
+    else:
+        config.write_text(f'policy = "policy.toml"\n{line}\n[tls]\n{tls_table}')
+    with pytest.raises(InvalidInputError, match=re.escape(problem)):
+        load_config(config)

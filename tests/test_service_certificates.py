@@ -223,7 +223,7 @@ def test_a_reload_that_raises_is_logged_and_the_next_one_still_runs(
     )
     policy = PolicyHolder(tmp_path / "policy.toml")
 
-    def broken(*_: object) -> None:
+    def broken(*_: object, **__: object) -> None:
         raise RuntimeError("a bug that quotes -----BEGIN PRIVATE KEY-----")
 
     monkeypatch.setattr("secrets_manager.service.certificates.read_server_tls", broken)

@@ -41,14 +41,19 @@ import subprocess
 import sys
 import threading
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
 
-from secrets_manager.environment import PASSWORD_VARIABLES
+from secrets_manager.environment import (
+    PASSWORD_VARIABLES,
+    Environment,
+    loose_file_problem,
+    read_in_directory,
+)
 from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
@@ -74,6 +79,7 @@ MAX_TIMEOUT = 3600.0
 # A pending version older than this many command timeouts was left by a rotation that ended
 # without finishing (killed, or its set or test failed): the schedule resumes it.
 STALE_AFTER_TIMEOUTS = 3
+MAX_SCHEDULE_BYTES = 1 << 20  # a schedule file larger than this is a wrong file
 
 
 def generated_value(length: int = DEFAULT_LENGTH, alphabet: str = "alnum") -> SecretValue:
@@ -471,15 +477,30 @@ def parse_every(text: object) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def load_schedule(path: str | Path) -> tuple[ScheduledRotation, ...]:
-    """Parse and check a schedule file; InvalidInputError names the file, the entry and the problem."""
+def load_schedule(
+    path: str | Path, *, environment: Environment, warn: Callable[[str], None] | None = None
+) -> tuple[ScheduledRotation, ...]:
+    """Parse and check a schedule file; InvalidInputError names the file, the entry and the problem.
+
+    Its commands run as this user, so whoever can change the file runs commands as us: one that
+    another user owns, or group or others can write (or replace: its directory), is refused in
+    production (UnsafeConfigurationError) and a warning elsewhere (`warn`, default: logged)."""
     path = Path(path)
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        data, found, folder = read_in_directory(path, MAX_SCHEDULE_BYTES)
     except FileNotFoundError:
         raise NotFoundError(f"rotation schedule {path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InvalidInputError(f"rotation schedule {path}: cannot read it ({exc})") from None
+    except OSError as exc:
+        raise InvalidInputError(
+            f"rotation schedule {path}: cannot read it ({exc.strerror or type(exc).__name__})"
+        ) from None
+    environment.guard(loose_file_problem(path, found, "rotation schedule", folder=folder), warn)
+    if len(data) > MAX_SCHEDULE_BYTES:
+        raise InvalidInputError(f"rotation schedule {path} is larger than {MAX_SCHEDULE_BYTES} bytes")
+    try:
+        doc = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InvalidInputError(f"rotation schedule {path}: cannot read it (not UTF-8 text)") from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInputError(f"rotation schedule {path}: {exc}") from None
     if set(doc) - {"rotation"}:

@@ -43,6 +43,7 @@ from types import MappingProxyType
 from typing import Any
 
 from secrets_manager.access.patterns import GlobError, compile_glob
+from secrets_manager.environment import Environment, loose_file_problem, open_in_directory
 from secrets_manager.errors import InvalidInputError, NotFoundError
 from secrets_manager.store.names import validate_name
 
@@ -224,19 +225,26 @@ class Policy:
         return not decision.allowed and decision.rule is not None
 
 
-def load_policy(path: str | Path) -> Policy:
+def load_policy(path: str | Path, *, environment: Environment | None = None) -> Policy:
     """Read and parse a policy file (UTF-8 TOML): a regular file of at most 1 MiB, so a wrong
-    path (a FIFO, /dev/zero) is refused, not waited on or read without end."""
+    path (a FIFO, /dev/zero) is refused, not waited on or read without end.
+
+    With `environment` (the service's), a file whose writer could make itself admin (another
+    user's, writable by group or others, in a directory they may write) is refused in production
+    and a warning elsewhere (`Environment.guard`)."""
     source = str(path)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd, folder = open_in_directory(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise NotFoundError(f"policy file {source} does not exist") from None
     except OSError as exc:
         raise InvalidInputError(f"cannot read policy file {source}: {exc.strerror}") from None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        found = os.fstat(fd)
+        if not stat.S_ISREG(found.st_mode):
             raise InvalidInputError(f"policy file {source} is not a regular file")
+        if environment is not None:
+            environment.guard(loose_file_problem(source, found, "policy file", folder=folder))
         data = os.read(fd, MAX_POLICY_BYTES + 1)
     except OSError as exc:
         raise InvalidInputError(f"cannot read policy file {source}: {exc.strerror}") from None

@@ -12,6 +12,8 @@ import click
 
 from secrets_manager.cli.app import cli
 from secrets_manager.cli.output import info_line
+from secrets_manager.environment import current_environment, refuse_open_directory
+from secrets_manager.errors import InvalidInputError
 from secrets_manager.tls import DEFAULT_TRUST_DOMAIN, WrittenCertificate, init_ca, issue_certificate
 
 _DIRECTORY = click.Path(file_okay=False, path_type=Path)
@@ -40,6 +42,7 @@ def pki() -> None:
 @click.option("--force", is_flag=True, help="Replace an existing CA (its certificates stop working).")
 def init_command(directory: Path, trust_domain: str, days: int, force: bool) -> None:
     """Create a certificate authority: DIR/ca.pem and DIR/ca-key.pem."""
+    _refuse_open_directory(directory)
     written = init_ca(directory, trust_domain=trust_domain, days=days, force=force)
     info_line(f"wrote {written.certificate} and {written.key}: CA for {written.identity}, {_until(written)}")
 
@@ -68,6 +71,7 @@ def issue_command(
     Prints the serial number and SHA-256 fingerprint: listed under [revoked] in the service's
     policy, they cut the certificate off (renewing with --force does not: the old one still works).
     """
+    _refuse_open_directory(directory)
     written = issue_certificate(directory, name, server=server, dns=dns, ips=ips, days=days, force=force)
     kind = "server" if server else "client"
     info_line(
@@ -76,6 +80,17 @@ def issue_command(
     )
     # What cuts this certificate off later, should its key leak: [revoked] in the policy.
     info_line(f"serial {written.serial}, SHA-256 fingerprint {written.fingerprint}")
+
+
+def _refuse_open_directory(directory: Path) -> None:
+    """Production refuses a --dir group or others may write: they could replace the CA (and so
+    admit any client) or a key, as `recovery init` refuses such an --out-dir."""
+    try:
+        refuse_open_directory(directory, "--dir", current_environment(), readable=False)
+    except OSError as exc:  # a directory on the way this user may not search (EACCES)
+        raise InvalidInputError(
+            f"cannot use --dir {directory}: {exc.strerror or type(exc).__name__}"
+        ) from None
 
 
 def _until(written: WrittenCertificate) -> str:

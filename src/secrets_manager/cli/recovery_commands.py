@@ -33,7 +33,7 @@ from secrets_manager.cli.app import (
 )
 from secrets_manager.cli.output import info_line, print_json, print_table, timestamp, warning_line
 from secrets_manager.cli.password import read_small_file, terminal_available
-from secrets_manager.environment import Environment
+from secrets_manager.environment import Environment, refuse_open_directory
 from secrets_manager.errors import (
     ConflictError,
     IntegrityError,
@@ -101,15 +101,7 @@ def init(session: Session, shares: int, threshold: int, out_dir: Path, replace: 
         raise InvalidInputError("--threshold 1 would make every share the whole key; use 2 or more")
     paths = [out_dir / SHARE_FILE.format(index=i, shares=shares) for i in range(1, shares + 1)]
     try:
-        if (
-            session.environment.is_production
-            and out_dir.is_dir()
-            and stat.S_IMODE(out_dir.stat().st_mode) & 0o077
-        ):
-            raise UnsafeConfigurationError(
-                f"--out-dir {out_dir} can be read or written by group or others; run 'chmod 700 "
-                f"{out_dir}' or pick a private directory (production refuses it)"
-            )
+        refuse_open_directory(out_dir, "--out-dir", session.environment)
         taken = [p.name for p in paths if p.exists()]
     except OSError as exc:  # a directory on the way this user may not search (EACCES)
         raise InvalidInputError(

@@ -69,7 +69,7 @@ def check(session: Session, file: str, as_json: bool) -> int:
     and what 'schedule run' would do now (due, not due, in progress, resume, deleted, missing).
 
     Exit 2 if the file is invalid, 3 if a secret it names does not exist."""
-    entries = _entries(session, load_schedule(file))
+    entries = _entries(session, load_schedule(file, environment=session.environment))
     if as_json:
         print_json([entry.doc() for entry in entries])
     else:
@@ -105,7 +105,7 @@ def run(session: Session, file: str, as_json: bool) -> int:
     \b
     Exit 0 if every due rotation succeeded (or none was due), 1 if any failed (each failure is
     one line; the other entries still run), 3 if a secret it names does not exist."""
-    rules = load_schedule(file)
+    rules = load_schedule(file, environment=session.environment)
     session = one_password_session(session)
     results: list[dict[str, Any]] = []
     exit_code = 0

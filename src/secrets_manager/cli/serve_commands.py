@@ -37,7 +37,7 @@ def serve(session: Session, config_path: str) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     session.require_local("serve")
     refuse_password_variable(session.environment, session.environ)  # even beside password_file
-    config = load_config(Path(config_path))
+    config = load_config(Path(config_path), environment=session.environment)
     store_url = config.store or session.store_url
     password_file = config.password_file
 
@@ -85,7 +85,7 @@ def serve(session: Session, config_path: str) -> None:
             audit.append([event], store)
 
         try:
-            run_server(config, store, audit, ready=listening)
+            run_server(config, store, audit, ready=listening, environment=session.environment)
         except SecretsManagerError as exc:
             if exc.kind != "audit_error":
                 audit.append([replace(event, outcome=exc.kind)], store)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import grpc
 
+from secrets_manager.environment import Environment
 from secrets_manager.errors import CertificateNotYetValidError, SecretsManagerError
 from secrets_manager.tls import ServerTlsFiles, read_server_tls
 
@@ -36,10 +37,14 @@ EXPIRY_WARNING = timedelta(days=7)
 class ServerCertificates:
     """The [tls] files in force, and the gRPC server credentials that follow their reloads."""
 
-    def __init__(self, cert: Path, key: Path, client_ca: Path) -> None:
+    def __init__(
+        self, cert: Path, key: Path, client_ca: Path, *, environment: Environment = Environment.DEVELOPMENT
+    ) -> None:
         self._paths = (cert, key, client_ca)
+        self._environment = environment  # production refuses a key others can read, a CA they can write
         self._lock = threading.Lock()
-        self.current: ServerTlsFiles = read_server_tls(*self._paths)  # a bad file stops the start
+        # a bad file stops the start
+        self.current: ServerTlsFiles = read_server_tls(*self._paths, environment=environment)
         self._unsent: ServerTlsFiles | None = None  # reloaded, not yet handed to gRPC
         # A reload refused only because the new certificate is not valid yet (an issuer that does
         # not backdate, this clock behind) is tried again from then on, without another SIGHUP.
@@ -57,7 +62,7 @@ class ServerCertificates:
         cert = self._paths[0]
         self.retry_at = None
         try:
-            files = read_server_tls(*self._paths)
+            files = read_server_tls(*self._paths, environment=self._environment)
         except CertificateNotYetValidError as exc:
             self.retry_at = exc.not_before
             log.error(

@@ -44,8 +44,9 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
+from secrets_manager.environment import Environment, loose_file_problem, read_in_directory
 from secrets_manager.errors import InvalidInputError, NotFoundError
 
 _KNOWN = {
@@ -64,6 +65,8 @@ _KNOWN = {
     "rotation_schedule",
     "rotation_check_seconds",
 }
+_TLS_KNOWN = {"cert", "key", "client_ca"}
+MAX_CONFIG_BYTES = 1 << 20  # a server config larger than this is a wrong file
 AUDIT_SYNC_MODES = ("interval", "always")
 DEFAULT_MAX_WORKERS = 256
 WORKERS_KEPT_FROM_WATCH = 16  # default max_watch_streams: max_workers minus this, at least 1
@@ -98,11 +101,20 @@ class ServerConfig:
         return max(1, self.max_workers - WORKERS_KEPT_FROM_WATCH)
 
 
-def load_config(path: str | Path) -> ServerConfig:
-    """Parse and check a server config file; InvalidInputError names the file and the problem."""
+def load_config(path: str | Path, *, environment: Environment | None = None) -> ServerConfig:
+    """Parse and check a server config file; InvalidInputError names the file and the problem.
+
+    With `environment` (serve's), a file whose writer could point the service at a policy, CA or
+    schedule of their own (another user's, writable by group or others, in a directory they may
+    write) is refused in production and a warning elsewhere (`Environment.guard`)."""
     path = Path(path)
     try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        data, found, folder = read_in_directory(path, MAX_CONFIG_BYTES)
+        if environment is not None:
+            environment.guard(loose_file_problem(path, found, "server config", folder=folder))
+        if len(data) > MAX_CONFIG_BYTES:
+            raise InvalidInputError(f"server config {path} is larger than {MAX_CONFIG_BYTES} bytes")
+        doc = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise NotFoundError(f"server config {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:  # a directory, unreadable, not UTF-8
@@ -122,9 +134,15 @@ def load_config(path: str | Path) -> ServerConfig:
         return resolved if resolved.is_absolute() else base / resolved
 
     tls = doc.get("tls")
-    if not isinstance(tls, dict) or not {"cert", "key", "client_ca"} <= set(tls):
+    if not isinstance(tls, dict) or not _TLS_KNOWN.issubset(tls):
         raise InvalidInputError(
             f"server config {path}: [tls] with cert, key and client_ca is required (mutual TLS only)"
+        )
+    unknown = set(tls) - _TLS_KNOWN
+    if unknown:  # a typo (verify_client = false) must not pass for a setting in force
+        raise InvalidInputError(
+            f"server config {path}: unknown setting {'tls.' + sorted(unknown)[0]!r}; [tls] has only "
+            "cert, key and client_ca (client certificates are always required)"
         )
     store = doc.get("store")
     if store is not None and not isinstance(store, str):
@@ -138,29 +156,25 @@ def load_config(path: str | Path) -> ServerConfig:
         )
     workers = doc.get("max_workers", DEFAULT_MAX_WORKERS)
     grace = doc.get("shutdown_grace_seconds", 10)
-    if not isinstance(workers, int) or not 1 <= workers <= 1024:
+    if not _is_int(workers) or not 1 <= workers <= 1024:
         raise InvalidInputError(f"server config {path}: max_workers must be 1..1024")
     watch_streams = doc.get("max_watch_streams")
     watch_upper = max(1, workers - 1)
-    if watch_streams is not None and (
-        not isinstance(watch_streams, int)
-        or isinstance(watch_streams, bool)
-        or not 1 <= watch_streams <= watch_upper
-    ):
+    if watch_streams is not None and (not _is_int(watch_streams) or not 1 <= watch_streams <= watch_upper):
         raise InvalidInputError(
             f"server config {path}: max_watch_streams must be 1..{watch_upper} "
             "(below max_workers, so other calls always find a free worker)"
         )
-    if not isinstance(grace, int | float) or not 0 <= grace <= 600:
+    if not _is_number(grace) or not 0 <= grace <= 600:
         raise InvalidInputError(f"server config {path}: shutdown_grace_seconds must be 0..600")
     audit_sync = doc.get("audit_sync", "interval")
     if audit_sync not in AUDIT_SYNC_MODES:
         raise InvalidInputError(f'server config {path}: audit_sync must be "interval" or "always"')
     interval = doc.get("audit_sync_interval_ms", 10)
-    if not isinstance(interval, int) or isinstance(interval, bool) or not 1 <= interval <= 1000:
+    if not _is_int(interval) or not 1 <= interval <= 1000:
         raise InvalidInputError(f"server config {path}: audit_sync_interval_ms must be 1..1000")
     check = doc.get("rotation_check_seconds", 60)
-    if not isinstance(check, int | float) or isinstance(check, bool) or not 0.1 <= check <= 86400:
+    if not _is_number(check) or not 0.1 <= check <= 86400:
         raise InvalidInputError(f"server config {path}: rotation_check_seconds must be 0.1..86400")
     metrics = doc.get("metrics_listen")
     if metrics is not None and not _is_host_port(metrics, lowest_port=1):
@@ -187,6 +201,16 @@ def load_config(path: str | Path) -> ServerConfig:
         ),
         rotation_check_seconds=float(check),
     )
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    """An integer setting: a TOML integer, not a boolean (bool is an int in Python: true passed as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> TypeGuard[int | float]:
+    """A number of seconds: an integer or a float, not a boolean."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _is_host_port(value: object, *, lowest_port: int) -> bool:

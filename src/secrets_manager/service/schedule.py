@@ -41,6 +41,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from secrets_manager.audit import AuditEvent, AuditLog, value_fingerprint
+from secrets_manager.environment import Environment
 from secrets_manager.errors import (
     NotFoundError,
     RotationInProgressError,
@@ -320,10 +321,15 @@ class RotationScheduler:
         *,
         check_seconds: float,
         environ: Mapping[str, str],
+        environment: Environment,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.path = path
-        self.rules = load_schedule(path)  # a bad file at start stops the service from starting
+        self._environment = environment
+        self._warned: set[tuple[str, str]] = set()  # (name, problem) already logged
+        # A bad file at start stops the service from starting; so does, in production, one that
+        # others could change (its commands run as the service): see load_schedule.
+        self.rules = load_schedule(path, environment=environment, warn=self._warn_file_once)
         self._ledger = _Ledger(audit.path)
         self._steps = _ServiceSteps(store, audit, ledger=self._ledger)
         self._unseen = {rule.name for rule in self.rules}  # not yet described since the start
@@ -334,7 +340,6 @@ class RotationScheduler:
         self._environ = dict(environ)
         self._clock = clock
         self._stopping = threading.Event()
-        self._warned: set[tuple[str, str]] = set()  # (name, problem) already logged
         self._thread = threading.Thread(target=self._serve, name="rotation-schedule", daemon=True)
         self._on_outcome: Callable[[str], None] = lambda _outcome: None
 
@@ -393,14 +398,18 @@ class RotationScheduler:
         """Read the file again; on any error keep the schedule in force and log why, once."""
         with self._reloading:
             try:
-                self.rules = load_schedule(self.path)
-                self._warned = {w for w in self._warned if w[0]}  # a later breakage is logged again
+                problems: list[str] = []  # outside production: a loose file, warned of once
+                self.rules = load_schedule(self.path, environment=self._environment, warn=problems.append)
+                # a later breakage is logged again
+                self._warned = {w for w in self._warned if w[0] or w[1] in problems}
+                for problem in problems:
+                    self._warn_file_once(problem)
             except SecretsManagerError as exc:
                 if ("", str(exc)) not in self._warned:
                     self._warned.add(("", str(exc)))
                     log.error(
                         "rotation schedule rejected; the previous one stays in force",
-                        extra={"error": str(exc)},
+                        extra={"schedule": str(self.path), "error": str(exc)},
                     )
 
     def rotate_now(self, name: str, *, actor: str, peer: str | None, request_id: str) -> Rotated:
@@ -508,6 +517,12 @@ class RotationScheduler:
                 "resumed once stale unless it finishes first",
                 extra={"secret": rule.name, "version": pending, "resume_after": resume_at},
             )
+
+    def _warn_file_once(self, problem: str) -> None:
+        """Outside production, a schedule file others could change is logged once, not per pass."""
+        if ("", problem) not in self._warned:
+            self._warned.add(("", problem))
+            log.warning("rotation schedule is not safe", extra={"schedule": str(self.path), "error": problem})
 
     def _warn_once(self, name: str, problem: str) -> None:
         if (name, problem) not in self._warned:

@@ -31,6 +31,7 @@ from grpc_reflection.v1alpha import reflection
 
 from secrets_manager.access import Policy, load_policy
 from secrets_manager.audit import AuditEvent, AuditLog, value_fingerprint
+from secrets_manager.environment import Environment
 from secrets_manager.errors import (
     AccessDeniedError,
     ChangeUnrecordedError,
@@ -83,15 +84,16 @@ _KIND = {
 class PolicyHolder:
     """The policy in force; swapped whole on reload, so a request sees one policy or the other."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, environment: Environment = Environment.DEVELOPMENT) -> None:
         self.path = path
-        self.current: Policy = load_policy(path)
+        self._environment = environment  # production refuses a file others could change
+        self.current: Policy = load_policy(path, environment=environment)
         self._warn_of_unpresentable_identities()
 
     def reload(self) -> bool:
         """Load the file again; on any error keep the old policy and log why."""
         try:
-            self.current = load_policy(self.path)
+            self.current = load_policy(self.path, environment=self._environment)
         except SecretsManagerError as exc:
             log.error("policy reload rejected; the previous policy stays in force", extra={"error": str(exc)})
             return False
@@ -641,6 +643,7 @@ def run_server(
     audit: AuditLog,
     *,
     ready: Callable[[int], None] = lambda port: None,
+    environment: Environment = Environment.DEVELOPMENT,
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful stop, exit 0); SIGHUP reloads the policy and the TLS
     files, each on its own (a rejected one keeps what is in force, the other still reloads)."""
@@ -650,8 +653,10 @@ def run_server(
     # the files are first read: a SIGHUP meanwhile reloads them once more when serving starts.
     requested = _Requested()
     signal.signal(signal.SIGHUP, lambda *_: setattr(requested, "reload", True))
-    policy = PolicyHolder(config.policy)
-    certificates = ServerCertificates(config.tls_cert, config.tls_key, config.tls_client_ca)
+    policy = PolicyHolder(config.policy, environment)
+    certificates = ServerCertificates(
+        config.tls_cert, config.tls_key, config.tls_client_ca, environment=environment
+    )
     reloadable: list[PolicyHolder | ServerCertificates] = [policy, certificates]
     scheduler = None
     if config.rotation_schedule is not None:  # read now: a bad file stops the start, as a bad policy does
@@ -661,6 +666,7 @@ def run_server(
             audit,
             check_seconds=config.rotation_check_seconds,
             environ=os.environ,
+            environment=environment,
         )
     running = build_server(config, store, audit, policy, scheduler, certificates)
     signal.signal(signal.SIGTERM, lambda *_: setattr(requested, "stop", True))

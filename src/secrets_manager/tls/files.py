@@ -20,8 +20,9 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from secrets_manager.environment import Environment, loose_file_problem, read_in_directory
 from secrets_manager.errors import (
     CertificateNotYetValidError,
     ConflictError,
@@ -41,6 +42,7 @@ from secrets_manager.tls.pki import (
 )
 
 CA_CERT_FILE = "ca.pem"
+MAX_TLS_FILE_BYTES = 4 << 20  # a certificate, key or CA bundle larger than this is a wrong file
 CA_KEY_FILE = "ca-key.pem"
 
 
@@ -134,17 +136,24 @@ class ServerTlsFiles:
     serial_number: int  # names which certificate is in force in logs (never key material)
 
 
-def read_server_tls(cert: Path, key: Path, client_ca: Path) -> ServerTlsFiles:
+def read_server_tls(
+    cert: Path, key: Path, client_ca: Path, *, environment: Environment | None = None
+) -> ServerTlsFiles:
     """Read and check the server's certificate, its key and the client CA. NotFoundError for a
     missing file; InvalidInputError for one that cannot be read, is not PEM of its kind, a key
-    that does not belong to the certificate, or a certificate out of its validity dates (every
-    client would refuse it in the handshake, which they can only report as a failed connection).
-    Messages name the file and the [tls] setting."""
+    that does not belong to the certificate, a certificate out of its validity dates or one not
+    for servers (every client would refuse it in the handshake, which they can only report as a
+    failed connection). Messages name the file and the [tls] setting.
+
+    With `environment` (the service's): a key that group or others can read, or a client CA
+    whose writer could let in any certificate it likes (another user's file, writable by group
+    or others, in a directory they may write), is refused in production, a warning elsewhere."""
     cert_pem = read_tls_file(cert, "tls.cert")
-    key_pem = read_tls_file(key, "tls.key")
-    ca_pem = read_tls_file(client_ca, "tls.client_ca")
+    key_pem = read_tls_file(key, "tls.key", environment=environment, private=True)
+    ca_pem = read_tls_file(client_ca, "tls.client_ca", environment=environment)
     leaf = _checked_pair(cert_pem, key_pem, (cert, "tls.cert"), (key, "tls.key"))
     _certificates(ca_pem, client_ca, "tls.client_ca")
+    _check_server_purpose(leaf, cert)
     _check_dates(
         leaf,
         (cert, "tls.cert"),
@@ -203,6 +212,27 @@ def _check_dates(leaf: x509.Certificate, cert: tuple[Path, str], role: str, rene
         )
 
 
+def _check_server_purpose(leaf: x509.Certificate, cert: Path) -> None:
+    """InvalidInputError if the certificate's extended key usage leaves out serverAuth (a client
+    certificate, `pki issue NAME` without --server): every client would refuse it in the
+    handshake ("unsupported certificate purpose"). No such extension: any purpose, as TLS reads it."""
+    try:
+        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if ExtendedKeyUsageOID.SERVER_AUTH in usages or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages:
+        return
+    names = [
+        a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)
+    ]
+    raise InvalidInputError(
+        f"the server certificate {cert} (tls.cert) is not for servers (its extended key usage has no "
+        "serverAuth), so every client would refuse it ('unsupported certificate purpose'): issue it "
+        f"with 'secrets-manager pki issue {names[0] if names else 'NAME'} --server --dir CA-DIR', "
+        "with its --dns/--ip options"
+    )
+
+
 def _checked_pair(
     cert_pem: bytes, key_pem: bytes, cert: tuple[Path, str], key: tuple[Path, str]
 ) -> x509.Certificate:
@@ -222,13 +252,27 @@ def _checked_pair(
     return leaf
 
 
-def read_tls_file(path: Path, setting: str, hint: str = "") -> bytes:
+def read_tls_file(
+    path: Path, setting: str, hint: str = "", *, environment: Environment | None = None, private: bool = False
+) -> bytes:
     """A TLS file's bytes; one line naming it and the `setting` or variable that gave it if it
     cannot be read (missing: NotFoundError; a directory, no permission: InvalidInputError) or is
     empty (InvalidInputError: gRPC's C core aborts the whole process on an empty certificate or key
-    rather than raising, "Check failed: cert_chain != nullptr")."""
+    rather than raising, "Check failed: cert_chain != nullptr").
+
+    With `environment`, the file as opened is checked (`loose_file_problem`; `private`: group
+    and others may not read it either) and refused in production, a warning elsewhere."""
     try:
-        data = path.read_bytes()
+        if environment is None:
+            data = path.read_bytes()
+        else:
+            data, found, folder = read_in_directory(path, MAX_TLS_FILE_BYTES)
+            what = f"the {setting} file"
+            environment.guard(loose_file_problem(path, found, what, private=private, folder=folder))
+            if len(data) > MAX_TLS_FILE_BYTES:
+                raise InvalidInputError(
+                    f"TLS file {path} ({setting}) is larger than {MAX_TLS_FILE_BYTES} bytes"
+                )
     except FileNotFoundError:
         raise NotFoundError(f"TLS file {path} ({setting}) does not exist") from None
     except OSError as exc:
