@@ -1765,7 +1765,7 @@ def test_production_refuses_a_password_file_or_store_another_user_owns(ready: Cl
     assert_one_line_error(ready("list", env=prod), 2, "production minimum")  # the test KDF: all checks passed
     os.chown(tmp_path / "pw", NOBODY, -1)
     assert_one_line_error(
-        ready("list", env=prod), 2, f"password file {tmp_path / 'pw'} belongs to nobody", "chown"
+        ready("list", env=prod), 2, f"password file {tmp_path / 'pw'} belongs to nobody", "sudo -u nobody"
     )
     os.chown(tmp_path / "pw", 0, -1)
     os.chown(ready.store, NOBODY, -1)

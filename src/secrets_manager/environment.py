@@ -84,8 +84,15 @@ def owner_problem(path: Path | str, found: os.stat_result, what: str) -> str | N
     me = os.geteuid()
     if found.st_uid in (0, me):
         return None
+    owner = user_name(found.st_uid)
+    if me == 0:  # root at a service user's files: chown to root would lock the service out
+        return (
+            f"{what} {path} belongs to {owner}, so {owner} can change it: run the command as {owner} "
+            f"(e.g. 'sudo -u {owner} secrets-manager …'), which also keeps the files it creates "
+            f"{owner}'s, or 'chown root {path}' if root should own it"
+        )
     return (
-        f"{what} {path} belongs to {user_name(found.st_uid)}, not to {user_name(me)} who runs this "
+        f"{what} {path} belongs to {owner}, not to {user_name(me)} who runs this "
         f"(or root), so that user can change it; run 'chown {user_name(me)} {path}' if it is yours, "
         "or use your own"
     )
