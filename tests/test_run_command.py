@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import boto3
 import pytest
 
 from secrets_manager.cli.run_command import service_variable_problems
 from service_fixtures import SEED, make_pki, make_store, start_server
+from vault_server import FakeVault
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 PASSWORD = "run-command-test-password"
@@ -79,15 +83,128 @@ def test_a_service_namespace_becomes_variables_named_after_the_rest_of_each_name
     assert environment["PATH"] == cli.env["PATH"]  # the rest of the environment is passed on
 
 
-def test_the_program_does_not_inherit_the_master_password_variables(cli: Cli, tmp_path: Path) -> None:
-    """It gets the secrets it was given, not the key that opens every namespace."""
-    assert "MASTER_PASSWORD" not in cli.environment_of("--service", "auth")
+# What reaches a store, set in `run`'s environment (none of it used by an SQLite store).
+STORE_KEYS = {
+    "VAULT_TOKEN": "vault-root-token-SEEKRIT",
+    "VAULT_ROLE_ID": "role-SEEKRIT",
+    "VAULT_SECRET_ID": "secret-id-SEEKRIT",
+    "PGPASSWORD": "pg-password-SEEKRIT",
+    "PGPASSFILE": "/nonexistent/pgpass",
+}
+
+
+def test_the_program_does_not_inherit_what_unlocks_or_reaches_a_store(cli: Cli, tmp_path: Path) -> None:
+    """It gets the secrets it was given, not the key that opens every namespace: not the master
+    password variables, the store's URL, Vault's or PostgreSQL's credentials."""
+    environment = cli.environment_of("--service", "auth", env=STORE_KEYS)
+    assert "MASTER_PASSWORD" not in environment and "SECRETS_MANAGER_STORE" not in environment
+    assert not set(STORE_KEYS) & set(environment)
     password_file = tmp_path / "password.txt"
     password_file.write_text(PASSWORD)
-    from_file = {"MASTER_PASSWORD": "", "MASTER_PASSWORD_FILE": str(password_file)}
+    from_file = {"MASTER_PASSWORD": "", "MASTER_PASSWORD_FILE": str(password_file), **STORE_KEYS}
     environment = cli.environment_of("--service", "auth", env=from_file)
     assert "MASTER_PASSWORD_FILE" not in environment and "MASTER_PASSWORD" not in environment
+    assert not set(STORE_KEYS) & set(environment)
     assert environment["DB_PASSWORD"] == DB_PASSWORD
+    # AWS credentials are withheld only where they reach the store; here they may be the program's
+    aws = {"AWS_ACCESS_KEY_ID": "program-own", "AWS_PROFILE": "program-own"}
+    environment = cli.environment_of("--service", "auth", env=aws)
+    assert {k: environment[k] for k in aws} == aws
+
+
+def test_the_withheld_variables_cover_every_credential_the_vault_store_reads() -> None:
+    from secrets_manager.cli.run_command import WITHHELD_VARIABLES
+    from secrets_manager.store import vault
+
+    read = {vault.TOKEN_VARIABLE, vault.ROLE_ID_VARIABLE, vault.SECRET_ID_VARIABLE}
+    assert read <= set(WITHHELD_VARIABLES)
+
+
+def test_on_a_vault_store_the_program_gets_no_vault_token(tmp_path: Path) -> None:
+    vault = FakeVault().start()
+    try:
+        cli = Cli(tmp_path)
+        del cli.env["MASTER_PASSWORD"]
+        cli.env["SECRETS_MANAGER_STORE"] = vault.address.replace("http://", "vault+http://") + "/secret"
+        cli.env["VAULT_TOKEN"] = vault.root_token
+        assert cli("store", "auth/DB_PASSWORD", input=DB_PASSWORD.encode()).returncode == 0
+        result = cli("run", "--service", "auth", "--", "sh", "-c", 'echo "$DB_PASSWORD/${VAULT_TOKEN-unset}"')
+    finally:
+        vault.stop()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{DB_PASSWORD}/unset\n"
+    assert vault.root_token not in result.stdout
+
+
+def test_on_a_postgresql_store_the_program_gets_no_database_password(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    cli = Cli(tmp_path)
+    cli.env["SECRETS_MANAGER_STORE"] = f"{postgres_cluster.url()}?schema={postgres_cluster.new_schema()}"
+    cli.env.update(postgres_cluster.env())
+    assert cli("init", "--kdf-profile", "test").returncode == 0
+    assert cli("store", "auth/DB_PASSWORD", input=DB_PASSWORD.encode()).returncode == 0
+    environment = cli.environment_of("--service", "auth")
+    assert environment["DB_PASSWORD"] == DB_PASSWORD
+    assert "PGPASSWORD" not in environment and "SECRETS_MANAGER_STORE" not in environment
+    assert postgres_cluster.env()["PGPASSWORD"] not in json.dumps(environment)
+
+
+def aws_variables(endpoint: str, home: Path) -> dict[str, str]:
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing-SEEKRIT",
+        "AWS_SESSION_TOKEN": "session-SEEKRIT",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(home / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(home / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+AWS_CREDENTIALS = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+)
+
+
+def test_on_an_aws_store_the_program_gets_no_aws_credentials(tmp_path: Path, moto_endpoint: str) -> None:
+    cli = Cli(tmp_path)
+    del cli.env["MASTER_PASSWORD"]
+    cli.env["SECRETS_MANAGER_STORE"] = f"aws-secretsmanager://us-east-1/run-{secrets.token_hex(4)}"
+    cli.env.update(aws_variables(moto_endpoint, tmp_path))
+    assert cli("store", "auth/DB_PASSWORD", input=DB_PASSWORD.encode()).returncode == 0
+    environment = cli.environment_of("--service", "auth")
+    assert environment["DB_PASSWORD"] == DB_PASSWORD
+    assert not set(AWS_CREDENTIALS) & set(environment), environment
+    assert not [k for k, v in environment.items() if "SEEKRIT" in v and k != "DB_PASSWORD"]
+    assert environment["AWS_DEFAULT_REGION"] == "us-east-1"  # not a credential: passed on
+
+
+def test_on_a_store_an_aws_kms_key_unlocks_the_program_gets_no_aws_credentials(
+    tmp_path: Path, moto_endpoint: str
+) -> None:
+    kms = boto3.client(
+        "kms",
+        region_name="us-east-1",
+        endpoint_url=moto_endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    key_arn = kms.create_key(Description="run test")["KeyMetadata"]["Arn"]
+    cli = Cli(tmp_path)
+    del cli.env["MASTER_PASSWORD"]
+    cli.env.update(aws_variables(moto_endpoint, tmp_path))
+    created = cli("init", "--kms-key", key_arn)
+    assert created.returncode == 0, created.stderr
+    assert cli("store", "auth/DB_PASSWORD", input=DB_PASSWORD.encode()).returncode == 0
+    environment = cli.environment_of("--service", "auth")
+    assert environment["DB_PASSWORD"] == DB_PASSWORD
+    assert not set(AWS_CREDENTIALS) & set(environment), environment
 
 
 def test_a_namespace_secret_may_not_set_a_variable_that_runs_code(cli: Cli, tmp_path: Path) -> None:
@@ -234,6 +351,7 @@ def test_through_a_service_the_policy_decides_what_the_program_gets(tmp_path: Pa
             name.split("/", 1)[1]: value.decode() for name, value in SEED.items() if name.startswith("auth/")
         }
         assert expected and {k: environment[k] for k in expected} == expected
+        assert "SECRETS_MANAGER_KEY" not in environment  # the key that read them
         other = run("--service", "market-connector", "--", "true")
         assert (
             other.returncode == 3 and "no secret under 'market-connector/' that you may read" in other.stderr

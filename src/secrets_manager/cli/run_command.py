@@ -5,13 +5,16 @@ For programs that read their credentials from the environment and know nothing o
 environment (never its arguments), and this process becomes that program (exec), so its exit
 status and signals are the program's own.
 
-The program does not inherit the master password variables (it gets only the secrets it was
-given, not the key to every namespace), COMMAND is looked up in the PATH `run` was started with
-(a secret cannot choose which program runs), and `--service` refuses to set variables that make
-programs load or run other code or choose whom they trust (LD_PRELOAD, PATH, PYTHONPATH,
-https_proxy, SECRETS_MANAGER_CA, …): whoever may write one secret of a namespace must not gain
-code execution in the service that reads it, nor send its traffic elsewhere. `--secret NAME=VAR`
-names such a variable explicitly, for who really means it.
+The program does not inherit what unlocks or reaches the store (it gets only the secrets it was
+given, not the key to every namespace): the master password variables, the store's URL, Vault's
+token and AppRole login, PostgreSQL's password, and the credentials `run` itself reached the store
+with when they are an identity a program may also hold as its own: AWS's for an AWS store or one
+that an AWS KMS key unlocks, the client key for a service (`--server`). COMMAND is looked up in
+the PATH `run` was started with (a secret cannot choose which program runs), and `--service`
+refuses to set variables that make programs load or run other code or choose whom they trust
+(LD_PRELOAD, PATH, PYTHONPATH, https_proxy, SECRETS_MANAGER_CA, …): whoever may write one secret
+of a namespace must not gain code execution in the service that reads it, nor send its traffic
+elsewhere. `--secret NAME=VAR` names such a variable explicitly, for who really means it.
 """
 
 from __future__ import annotations
@@ -23,13 +26,15 @@ import sys
 
 import click
 
-from secrets_manager.cli.app import Session, cli, pass_session
+from secrets_manager.cli.app import STORE_VARIABLE, TLS_VARIABLES, Session, cli, pass_session
 from secrets_manager.cli.output import warning_line
 from secrets_manager.client import RemoteStore
 from secrets_manager.environment import PASSWORD_VARIABLES
 from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError
-from secrets_manager.store import Secret, SecretStore
+from secrets_manager.store import EncryptedStore, Secret, SecretStore
+from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import DEFAULT_NAMESPACE, validate_name, validate_namespace
+from secrets_manager.store.url import AwsLocation, external_location
 
 EXIT_CANNOT_EXECUTE = 126  # the shell's codes, as env(1) and nohup(1) use them
 EXIT_NOT_FOUND = 127
@@ -44,6 +49,42 @@ _NOT_IN_VARIABLE = re.compile(r"[^A-Za-z0-9_]")
 # compiler and make variables builds run. Named ones only: NODE_ENV or GIT_TOKEN
 # stay usable. Proxies and npm's settings are read in either case (curl and wget read only
 # `http_proxy`), so those match in any case; the rest are read as written.
+# Withheld from COMMAND whatever the store: what unlocks a store or reaches one. The Vault ones are
+# every credential store/vault.py's connect_vault reads (its ~/.vault-token, like ~/.pgpass and
+# ~/.aws, is a file of the same user: no variable hides it); PostgreSQL's are libpq's password,
+# password file and service file (which may hold a password) and its client key.
+WITHHELD_VARIABLES = (
+    *PASSWORD_VARIABLES,
+    STORE_VARIABLE,
+    "VAULT_TOKEN",
+    "VAULT_ROLE_ID",
+    "VAULT_SECRET_ID",
+    "PGPASSWORD",
+    "PGPASSFILE",
+    "PGSERVICEFILE",
+    "PGSSLKEY",
+)
+# Withheld only when `run` reached the store with them: an AWS Secrets Manager store, or our store
+# unlocked by an AWS KMS key. Elsewhere they are most often the program's own identity on this
+# host (an instance or task role), and withholding them would push people to keep long-lived keys.
+AWS_CREDENTIAL_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_ROLE_ARN",
+    "AWS_ROLE_SESSION_NAME",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+    "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE",
+)
+_CLIENT_KEY_VARIABLE = TLS_VARIABLES[1]  # SECRETS_MANAGER_KEY: withheld after `run --server`
 _LOADS_CODE = re.compile(
     r"(?i:.*_PROXY|NPM_CONFIG_.*)"
     r"|(LD_|DYLD_|PYTHON|PERL|RUBY|LUA_|DOTNET_|GCONV_|GIT_CONFIG|XDG_CONFIG_|PIP_|SECRETS_MANAGER_).*"
@@ -110,6 +151,7 @@ def run(
         validate_namespace(namespace)
     variables: dict[str, Secret] = {}
     with session.secret_operation("run") as (store, note):
+        withheld = (*WITHHELD_VARIABLES, *_credentials_that_reached(session, store))
         found: list[tuple[str, Secret]] = []
         for namespace in namespaces:
             secrets = _read_namespace(store, namespace)
@@ -147,7 +189,18 @@ def run(
             variables[variable] = secret
         for secret in {s.name: s for s in variables.values()}.values():
             note.read(secret)
-    _exec(command, variables)
+    _exec(command, variables, withheld)
+
+
+def _credentials_that_reached(session: Session, store: SecretStore) -> tuple[str, ...]:
+    """The variables of an identity `run` reached `store` with (beyond WITHHELD_VARIABLES)."""
+    if isinstance(store, RemoteStore):
+        return (_CLIENT_KEY_VARIABLE,)
+    if isinstance(external_location(session.store_url), AwsLocation) or (
+        isinstance(store, EncryptedStore) and store.unlock_kind == AwsKmsUnlock.kind
+    ):
+        return AWS_CREDENTIAL_VARIABLES
+    return ()
 
 
 def service_variable_problems(entries: list[tuple[str, bytes]]) -> list[str]:
@@ -203,14 +256,14 @@ def _read_namespace(store: SecretStore, namespace: str) -> list[Secret]:
     return secrets
 
 
-def _exec(command: tuple[str, ...], variables: dict[str, Secret]) -> None:
-    """Become COMMAND, with the secrets added to this environment less the master password
-    variables (a secret wins over a variable already set, with a warning that names it). COMMAND
+def _exec(command: tuple[str, ...], variables: dict[str, Secret], withheld: tuple[str, ...]) -> None:
+    """Become COMMAND, with the secrets added to this environment less the `withheld` variables
+    (a secret wins over a variable already set, with a warning that names it). COMMAND
     is found in this process's PATH before any secret is added."""
     program = command[0] if "/" in command[0] else shutil.which(command[0])
     if program is None:
         raise CommandNotStarted(f"{command[0]}: command not found", EXIT_NOT_FOUND)
-    dropped = {name.encode() for name in PASSWORD_VARIABLES}
+    dropped = {name.encode() for name in withheld}
     environment = {k: v for k, v in os.environb.items() if k not in dropped}
     for variable, secret in variables.items():
         key = variable.encode()
