@@ -430,6 +430,43 @@ def test_a_killed_restore_leaves_files_that_the_next_restore_removes(cli: Cli, c
     assert values_of(cli, directory / "a.db") == values_of(cli, cli.store)
 
 
+def test_a_production_restore_into_a_directory_others_may_write_leaves_nothing_there(tmp_path: Path) -> None:
+    """Refused before anything is written: it used to exit 2 and leave the complete new store
+    (every secret, no audit log) behind, as the refusal came only when the store was reopened to
+    audit the restore."""
+    cli = Cli(tmp_path)
+    store = EncryptedStore.create(
+        SqliteStorage(cli.store, create=True), PasswordUnlock(PASSWORD, kdf.DEFAULT)
+    )
+    try:
+        store.audit_key()
+        store.put("svc/DB", b"db-password-7f0c3d")
+    finally:
+        store.close()
+    backup = tmp_path / "copy.smbackup"
+    cli.ok("backup", str(backup))
+    password_file = tmp_path / "master-password"
+    password_file.write_text(PASSWORD)
+    password_file.chmod(0o600)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    production = {
+        "SHRIVENQUANT_ENV": "production",
+        "MASTER_PASSWORD": "",
+        "MASTER_PASSWORD_FILE": str(password_file),
+    }
+    refused = cli("restore", str(backup), "--store", str(shared / "new.db"), env=production)
+    assert_one_line_error(refused, 2, f"the store's directory {shared} has mode 0777")
+    assert list(shared.iterdir()) == []  # no store, no .new.db.restore-* file
+    # a directory the restore makes is its own (0700): it goes ahead there
+    deeper = cli("restore", str(backup), "--store", str(shared / "deeper" / "new.db"), env=production)
+    assert deeper.code == 0, deeper.stderr
+    shared.chmod(0o700)
+    restored = cli("restore", str(backup), "--store", str(shared / "new.db"), env=production)
+    assert restored.code == 0, restored.stderr
+
+
 # ---- the file, the audit log, the terminal ----------------------------------------------------------
 
 

@@ -372,12 +372,14 @@ def _audit_new_store(
 ) -> None:
     """Record the restore in the new store's audit log, as `init` does (one record per secret, then
     the restore's own); if that fails, the new store was never announced and is removed again."""
-    store = open_store(session.store_url, password, environment=session.environment, actor=session.actor)
+    store = None
     try:
+        store = open_store(session.store_url, password, environment=session.environment, actor=session.actor)
         event = session.event("restore")
         session.audit_log().append([*_secret_records(event, store, restored, result), event], store)
     except BaseException:
-        store.close()
+        if store is not None:
+            store.close()
         remove_store_files(sqlite_path(session.store_url))
         raise
     store.close()

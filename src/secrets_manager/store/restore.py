@@ -49,10 +49,16 @@ from pathlib import Path
 
 from secrets_manager.crypto import Purpose, seal_record
 from secrets_manager.environment import Environment
-from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError, StorageError
+from secrets_manager.errors import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    StorageError,
+    StoreNotFoundError,
+)
 from secrets_manager.storage import ABSENT, Delete, Put
 from secrets_manager.storage.base import Expect, Operation
-from secrets_manager.storage.sqlite import SqliteStorage, create_private_directories
+from secrets_manager.storage.sqlite import create_private_directories
 from secrets_manager.store.backup import KIND_STORE, Backup, BackupSecret, BackupVersion
 from secrets_manager.store.base import (
     CURRENT,
@@ -79,7 +85,7 @@ from secrets_manager.store.encrypted import (
     _Meta,
 )
 from secrets_manager.store.names import namespace_of
-from secrets_manager.store.url import create_store, remove_store_files, sqlite_path
+from secrets_manager.store.url import create_store, open_storage, remove_store_files, sqlite_path
 
 # progress(what, done, total)
 Progress = Callable[[str, int, int], None]
@@ -143,10 +149,22 @@ def restore_new_store(
     blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:  # say so about the target, not the temporary file beside it
         raise InvalidInputError(f"cannot restore to {path}: {blocker} is not a directory; pick a new path")
+    _refuse_what_open_storage_refuses(url, environment)
     create_private_directories(path)
     with _restore_directory(path.parent) as stale:
         result = _build_new_store(backup, path, password, kdf_profile, environment, actor, progress)
     return dataclasses.replace(result, stale_removed=stale)
+
+
+def _refuse_what_open_storage_refuses(url: str | None, environment: Environment) -> None:
+    """Apply open_storage's guard rails to the store `url` names before anything is written (in
+    production: a directory group or others may write, where they could replace the new store),
+    by asking open_storage itself to open it: with no store there yet, that stops at
+    StoreNotFoundError once its checks have passed."""
+    try:
+        open_storage(url, create=False, environment=environment).close()
+    except StoreNotFoundError:
+        return
 
 
 # A restore into a new store builds it as `.NAME.restore-<12 hex>` (plus SQLite's -wal, -shm,
@@ -193,7 +211,7 @@ def _build_new_store(
     try:
         if backup.summary.kind == KIND_STORE:
             assert backup.store_header is not None
-            storage = SqliteStorage(temporary, create=True)
+            storage = open_storage(str(temporary), create=True, environment=environment)
             try:
                 operations: list[Operation] = [Put(HEADER_KEY, _dump(backup.store_header), ABSENT)]
                 operations += [Put(key, value) for key, value in backup.entries]  # a new, private file
