@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pickle
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -112,6 +114,43 @@ def test_development_fallback_keeps_the_password_out_of_repr(tmp_path: Path) -> 
     password_file.write_text("from-a-file\n")
     file_target = resolve_config(environ={"MASTER_PASSWORD_FILE": str(password_file)}).target
     assert isinstance(file_target, LocalTarget) and file_target.read_password() == b"from-a-file"
+
+
+def test_a_password_file_is_read_up_to_64_kib_as_the_cli_reads_it(tmp_path: Path) -> None:
+    """MASTER_PASSWORD_FILE=/dev/zero filled memory: the file was read whole."""
+    largest = tmp_path / "largest"
+    largest.write_bytes(b"p" * 65536)
+    target = resolve_config(environ={"MASTER_PASSWORD_FILE": str(largest)}).target
+    assert isinstance(target, LocalTarget) and target.read_password() == b"p" * 65536
+    too_large = tmp_path / "too-large"
+    too_large.write_bytes(b"p" * 65537)
+    target = resolve_config(environ={"MASTER_PASSWORD_FILE": str(too_large)}).target
+    assert isinstance(target, LocalTarget)
+    with pytest.raises(InvalidInputError, match=f"password file {too_large} is larger than 65536 bytes"):
+        target.read_password()
+
+
+def test_a_password_file_that_never_ends_is_refused_without_filling_memory() -> None:
+    """In a child limited to 1 GiB of address space, so the old code fails with MemoryError
+    instead of taking the machine's memory."""
+    script = (
+        "import resource\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))\n"
+        "from secrets_manager.client._config import resolve_config\n"
+        "from secrets_manager.errors import InvalidInputError\n"
+        "target = resolve_config(environ={'MASTER_PASSWORD_FILE': '/dev/zero'}).target\n"
+        "try:\n"
+        "    target.read_password()\n"
+        "except InvalidInputError as exc:\n"
+        "    print(exc)\n"
+    )
+    child = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert (
+        child.stdout == "password file /dev/zero is larger than 65536 bytes; is /dev/zero the right file?\n"
+    )
 
 
 def test_cache_settings_come_from_arguments_then_the_environment() -> None:

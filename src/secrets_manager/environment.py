@@ -16,6 +16,9 @@ from secrets_manager.errors import InvalidInputError, UnsafeConfigurationError
 ENV_VARIABLE = "SHRIVENQUANT_ENV"
 PASSWORD_FILE_VARIABLE = "MASTER_PASSWORD_FILE"  # noqa: S105 (a variable name)
 PASSWORD_VARIABLE = "MASTER_PASSWORD"  # noqa: S105 (a variable name)
+# The most a password file may hold (the CLI's cli/password.py and the SDK's local mode): a larger
+# one, or /dev/zero, is a wrong file, refused before it fills memory.
+PASSWORD_FILE_MAX_BYTES = 64 * 1024
 # Withheld from every command we start: they must not learn how to unlock the store.
 PASSWORD_VARIABLES = (PASSWORD_VARIABLE, PASSWORD_FILE_VARIABLE)
 PRODUCTION_MIN_PASSWORD_LENGTH = 12  # characters: NIST SP 800-63B's 8 for a user, more for a key to all

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from secrets_manager.client.remote import TlsFiles
-from secrets_manager.environment import Environment, current_environment
+from secrets_manager.environment import PASSWORD_FILE_MAX_BYTES, Environment, current_environment
 from secrets_manager.errors import (
     InvalidInputError,
     SecretsManagerError,
@@ -178,12 +178,19 @@ def _local_target(env: Mapping[str, str], environment: Environment) -> LocalTarg
 
 
 def _read_password_file(path: Path) -> bytes:
+    """At most PASSWORD_FILE_MAX_BYTES of `path`, as the CLI reads one: a larger file (or
+    /dev/zero, which never ends) is refused before it can fill memory."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as handle:
+            data = handle.read(PASSWORD_FILE_MAX_BYTES + 1)
     except FileNotFoundError:
         raise UnlockError(f"password file {path} does not exist") from None
-    except (IsADirectoryError, PermissionError) as exc:
-        raise UnlockError(f"cannot read password file {path}: {exc.strerror}") from None
+    except OSError as exc:
+        raise UnlockError(f"cannot read password file {path}: {exc.strerror or type(exc).__name__}") from None
+    if len(data) > PASSWORD_FILE_MAX_BYTES:
+        raise InvalidInputError(
+            f"password file {path} is larger than {PASSWORD_FILE_MAX_BYTES} bytes; is {path} the right file?"
+        )
     password = data[:-2] if data.endswith(b"\r\n") else data[:-1] if data.endswith(b"\n") else data
     if not password:
         raise UnlockError(f"password file {path} is empty")
