@@ -467,6 +467,41 @@ def test_a_production_restore_into_a_directory_others_may_write_leaves_nothing_t
     assert restored.code == 0, restored.stderr
 
 
+def test_production_refuses_a_backup_with_test_costs_saying_what_to_do_with_the_backup(
+    cli: Cli, copy_file: Path
+) -> None:
+    """The refusal spoke of the store's parameters and offered `passwd` or `recovery unlock-with`,
+    neither of which changes a backup."""
+    from secrets_manager.store.backup import write_backup
+
+    locked = cli.tmp / "locked.smbackup"
+    store = EncryptedStore.open(SqliteStorage(cli.store), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        write_backup(store, locked, password=BACKUP_PASSWORD.encode(), kdf=kdf.TEST)
+    finally:
+        store.close()
+    password_file = cli.tmp / "master-password"
+    password_file.write_text(PASSWORD)
+    password_file.chmod(0o600)
+    cli.backup_password.chmod(0o600)
+    production = {
+        "SHRIVENQUANT_ENV": "production",
+        "MASTER_PASSWORD": "",
+        "MASTER_PASSWORD_FILE": str(password_file),
+    }
+    target = cli.tmp / "new" / "store.db"
+    for file, what in (
+        (copy_file, f"backup {copy_file} holds a store whose Argon2id parameters are below"),
+        (locked, f"backup {locked} is locked by a backup password whose Argon2id parameters are below"),
+    ):
+        options = [] if file == copy_file else ["--backup-password-file", str(cli.backup_password)]
+        for command in (["backup", "verify"], ["restore", "--store", str(target)]):
+            result = cli(*command, str(file), *options, env=production)
+            assert_one_line_error(result, 2, what, "make a new backup", "restore this one outside production")
+            assert "recovery unlock-with" not in result.stderr
+        assert not target.parent.exists()
+
+
 # ---- the file, the audit log, the terminal ----------------------------------------------------------
 
 

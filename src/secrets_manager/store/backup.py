@@ -71,6 +71,7 @@ from secrets_manager.errors import (
     SecretsManagerError,
     StorageError,
     UnlockError,
+    UnsafeConfigurationError,
 )
 from secrets_manager.storage import Snapshotting
 from secrets_manager.store.base import LABELS, MAX_VALUE_SIZE, SecretStore
@@ -672,6 +673,14 @@ def _unlock_store_header(
         if store_header["unlock"].get("kind") != PasswordUnlock.kind:
             raise IntegrityError()
         return _unwrap_root(PasswordUnlock(password, minimum=minimum), store_header)
+    except UnsafeConfigurationError:  # PasswordUnlock's message is about a store and its remedies
+        assert minimum is not None
+        raise UnsafeConfigurationError(
+            f"backup {path} holds a store whose Argon2id parameters are below the production minimum "
+            f"({_costs(minimum)}), which production refuses; make a new backup from a store with "
+            "production parameters, or restore this one outside production and run 'secrets-manager "
+            "passwd --kdf-profile default' on the restored store"
+        ) from None
     except UnlockError:
         raise UnlockError(
             f"wrong password for backup {path}: it opens with the master password its store had when the "
@@ -679,6 +688,10 @@ def _unlock_store_header(
         ) from None
     except IntegrityError:
         raise BackupDamagedError(path, "the store header in it is malformed") from None
+
+
+def _costs(params: kdf_module.KdfParams) -> str:
+    return f"t={params.time_cost}, m={params.memory_cost_kib} KiB, p={params.parallelism}"
 
 
 def _open_file_key(encoded: str, root: DataKey, path: Path) -> bytes:
@@ -699,6 +712,14 @@ def _unlock_file_key(
         raise BackupDamagedError(path, "its password section is malformed")
     try:
         return PasswordUnlock(password, minimum=minimum).unwrap(section, created=created).material
+    except UnsafeConfigurationError:
+        assert minimum is not None
+        raise UnsafeConfigurationError(
+            f"backup {path} is locked by a backup password whose Argon2id parameters are below the "
+            f"production minimum ({_costs(minimum)}), which production refuses; make a new backup "
+            "with 'secrets-manager backup FILE --backup-password-file PATH' (it uses production "
+            "parameters), or restore this one outside production"
+        ) from None
     except UnlockError:
         raise UnlockError(f"wrong backup password for {path}") from None
     except IntegrityError:
