@@ -930,6 +930,47 @@ def test_unknown_environment_is_refused(ready: Cli) -> None:
     assert_one_line_error(ready("list", env={"SHRIVENQUANT_ENV": "prod"}), 2, "SHRIVENQUANT_ENV")
 
 
+def command_paths() -> list[list[str]]:
+    """Every command and group of the CLI, as the words that name it."""
+    import click
+
+    from secrets_manager.cli import cli as root
+
+    paths: list[list[str]] = []
+
+    def walk(group: click.Group, prefix: list[str]) -> None:
+        for name, command in group.commands.items():
+            paths.append([*prefix, name])
+            if isinstance(command, click.Group):
+                walk(command, [*prefix, name])
+
+    walk(root, [])
+    return paths
+
+
+@pytest.mark.parametrize("setting", ["prod", "production"])
+def test_every_commands_help_works_whatever_shrivenquant_env_says(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], setting: str
+) -> None:
+    """`SHRIVENQUANT_ENV=prod secrets-manager status --help` was the environment error (exit 2)."""
+    from secrets_manager.cli import run
+
+    monkeypatch.setenv("SHRIVENQUANT_ENV", setting)
+    paths = command_paths()
+    assert ["status"] in paths and ["keys", "rotate"] in paths and ["backup", "verify"] in paths
+    for path in [[], *paths]:
+        assert run([*path, "--help"]) == 0, path
+        out, err = capsys.readouterr()
+        assert out.startswith(f"Usage: secrets-manager {' '.join(path)}".rstrip()), (path, out)
+        assert err == "", (path, err)
+
+
+def test_the_top_level_help_names_shrivenquant_env(cli: Cli) -> None:
+    result = cli("--help")
+    assert result.code == 0
+    assert "SHRIVENQUANT_ENV: development (default), staging or production" in " ".join(result.out.split())
+
+
 # ---- integrity and leaks ---------------------------------------------------------------------
 
 

@@ -171,9 +171,14 @@ class Session:
     store_url: str | None
     password_file: str | None
     audit_file: str | None
-    environment: Environment
     environ: Mapping[str, str]
     server: str | None = None
+
+    @functools.cached_property
+    def environment(self) -> Environment:
+        """SHRIVENQUANT_ENV's environment: read when a command starts (`pass_session`), not by the
+        group, so `--help` works whatever it says."""
+        return current_environment(self.environ)
 
     @functools.cached_property
     def actor(self) -> str:
@@ -598,10 +603,27 @@ class Note:
             self._reads.append(record)
 
 
-pass_session = click.make_pass_decorator(Session)
+_pass_session = click.make_pass_decorator(Session)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def pass_session(command: F) -> F:
+    """Give a command the Session as its first argument, once SHRIVENQUANT_ENV is known to be
+    valid: here, when the command runs, and so after click has answered a `--help`."""
+
+    @functools.wraps(command)
+    def checked(session: Session, *args: Any, **kwargs: Any) -> Any:
+        session.environment  # noqa: B018  (an invalid SHRIVENQUANT_ENV is an error here)
+        return command(session, *args, **kwargs)
+
+    return _pass_session(checked)  # type: ignore[return-value]
+
+
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+    epilog="SHRIVENQUANT_ENV: development (default), staging or production; production enforces "
+    "guard rails against unsafe settings (README.md, 'Environment variables').",
+)
 @click.option(
     "--store",
     "store_url",
@@ -650,7 +672,6 @@ def cli(
         store_url=store_url or None,
         password_file=password_file,
         audit_file=audit_file or None,
-        environment=current_environment(),
         environ=os.environ,
         server=server or None,
     )
