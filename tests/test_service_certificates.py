@@ -19,6 +19,7 @@ import grpc
 import pytest
 from cryptography import x509
 
+from secrets_manager.errors import InvalidInputError
 from secrets_manager.service import server as server_module
 from secrets_manager.service.certificates import ServerCertificates
 from secrets_manager.service.server import PolicyHolder
@@ -247,3 +248,18 @@ def test_a_burst_of_sighups_reloads_without_a_logging_error(server: Server) -> N
     assert server.process.poll() is None
     assert not [line for line in server.log_lines if "Logging error" in line or "Traceback" in line]
     assert server.stub("auth").GetSecret(READ, timeout=10).secret.name == READ.name
+
+
+def test_a_client_tls_file_that_never_ends_is_refused_not_read_into_memory(tmp_path: Path) -> None:
+    """`SECRETS_MANAGER_KEY=/dev/zero` (a slip of the finger, or a file that never ends) was read
+    whole into memory by the CLI and the SDK; now it is a one-line error at 4 MiB. A pipe
+    (`<(command)`) still works: the client's files need not be regular ones."""
+    from secrets_manager.tls.files import MAX_TLS_FILE_BYTES, read_tls_file
+
+    with pytest.raises(InvalidInputError, match=f"larger than {MAX_TLS_FILE_BYTES} bytes"):
+        read_tls_file(Path("/dev/zero"), "SECRETS_MANAGER_KEY")
+    read, write = os.pipe()
+    os.write(write, b"-----BEGIN CERTIFICATE-----\n")
+    os.close(write)
+    assert read_tls_file(Path(f"/dev/fd/{read}"), "SECRETS_MANAGER_CA").startswith(b"-----BEGIN")
+    os.close(read)

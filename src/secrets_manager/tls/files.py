@@ -263,16 +263,15 @@ def read_tls_file(
     With `environment`, the file as opened is checked (`loose_file_problem`; `private`: group
     and others may not read it either) and refused in production, a warning elsewhere."""
     try:
-        if environment is None:
-            data = path.read_bytes()
+        if environment is None:  # a client's files: a pipe (`<(…)`) is fine
+            with path.open("rb") as handle:
+                data = handle.read(MAX_TLS_FILE_BYTES + 1)
         else:
             data, found, folder = read_in_directory(path, MAX_TLS_FILE_BYTES)
             what = f"the {setting} file"
             environment.guard(loose_file_problem(path, found, what, private=private, folder=folder))
-            if len(data) > MAX_TLS_FILE_BYTES:
-                raise InvalidInputError(
-                    f"TLS file {path} ({setting}) is larger than {MAX_TLS_FILE_BYTES} bytes"
-                )
+        if len(data) > MAX_TLS_FILE_BYTES:  # a wrong file, or one like /dev/zero that never ends
+            raise InvalidInputError(f"TLS file {path} ({setting}) is larger than {MAX_TLS_FILE_BYTES} bytes")
     except FileNotFoundError:
         raise NotFoundError(f"TLS file {path} ({setting}) does not exist") from None
     except OSError as exc:
