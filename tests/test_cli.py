@@ -1820,6 +1820,24 @@ def test_production_refuses_a_password_file_or_store_another_user_owns(ready: Cl
     assert ready("list").code == 0  # development is as before
 
 
+def test_production_names_a_relative_stores_directory_by_its_full_path(ready: Cli, tmp_path: Path) -> None:
+    """`--store store.db` in a 0777 directory said "the store's directory . has mode 0777"."""
+    prod = _production(tmp_path / "pw")
+    ready.store.parent.chmod(0o777)
+    env = {key: value for key, value in {**ready.env, **prod}.items() if value is not None}
+    done = subprocess.run(
+        [str(SCRIPT), "--store", ready.store.name, "list"],
+        cwd=ready.store.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert f"the store's directory {ready.store.parent} has mode 0777" in done.stderr
+    assert f"'chmod 700 {ready.store.parent}'" in done.stderr
+
+
 def test_production_refuses_master_password_even_beside_a_password_file(ready: Cli, tmp_path: Path) -> None:
     prod = {**_production(tmp_path / "pw"), "MASTER_PASSWORD": PASSWORD}
     for args in (("--password-file", str(tmp_path / "pw"), "list"), ("list",)):

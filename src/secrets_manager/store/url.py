@@ -528,13 +528,14 @@ def _refuse_unprotected_store(path: Path, *, create: bool) -> None:
                 f"run 'chmod 600 {path}' (production refuses unprotected store files)"
             )
     # Who may write the directory may replace the store file (or its -wal) with one of theirs.
-    problem = owner_problem(path.parent, folder, "the store's directory")
+    directory = path.absolute().parent  # a relative store's is '.', which says nothing in a message
+    problem = owner_problem(directory, folder, "the store's directory")
     if problem is not None:
         raise UnsafeConfigurationError(f"{problem} (production refuses it)")
     if stat.S_IMODE(folder.st_mode) & 0o022:
         raise UnsafeConfigurationError(
-            f"the store's directory {path.parent} has mode {stat.S_IMODE(folder.st_mode):04o}, which "
-            f"lets group or others replace the store file; run 'chmod 700 {path.parent}' (production "
+            f"the store's directory {directory} has mode {stat.S_IMODE(folder.st_mode):04o}, which "
+            f"lets group or others replace the store file; run 'chmod 700 {directory}' (production "
             "refuses it)"
         )
 
