@@ -55,12 +55,14 @@ class Cli:
         self.backup_password = tmp_path / "backup-password"
         self.backup_password.write_text(BACKUP_PASSWORD + "\n")
 
-    def __call__(self, *args: str, env: Mapping[str, str] | None = None) -> Result:
+    def __call__(self, *args: str, env: Mapping[str, str | None] | None = None) -> Result:
+        """The console script with this store's environment, changed by `env` (None: unset)."""
+        merged = {**self.env, **(env or {})}
         proc = subprocess.run(
             [str(SCRIPT), *args],
             input=b"",
             capture_output=True,
-            env={**self.env, **(env or {})},
+            env={key: value for key, value in merged.items() if value is not None},
             start_new_session=True,
             timeout=TIMEOUT,
         )
@@ -453,7 +455,7 @@ def test_a_production_restore_into_a_directory_others_may_write_leaves_nothing_t
     shared.chmod(0o777)
     production = {
         "SHRIVENQUANT_ENV": "production",
-        "MASTER_PASSWORD": "",
+        "MASTER_PASSWORD": None,  # production refuses the variable, even empty
         "MASTER_PASSWORD_FILE": str(password_file),
     }
     refused = cli("restore", str(backup), "--store", str(shared / "new.db"), env=production)
@@ -486,7 +488,7 @@ def test_production_refuses_a_backup_with_test_costs_saying_what_to_do_with_the_
     cli.backup_password.chmod(0o600)
     production = {
         "SHRIVENQUANT_ENV": "production",
-        "MASTER_PASSWORD": "",
+        "MASTER_PASSWORD": None,  # production refuses the variable, even empty
         "MASTER_PASSWORD_FILE": str(password_file),
     }
     target = cli.tmp / "new" / "store.db"
