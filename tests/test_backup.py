@@ -599,8 +599,8 @@ class ProtocolOnly:
     def destroy_secret(self, name: str) -> None:
         self._inner.destroy_secret(name)
 
-    def stage(self, name: str, value: bytes) -> VersionInfo:
-        return self._inner.stage(name, value)
+    def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:
+        return self._inner.stage(name, value, expect_current=expect_current)
 
     def close(self) -> None:
         self._inner.close()
@@ -611,7 +611,7 @@ class NoPendingLabel(ProtocolOnly):
 
     unsupported_capabilities = frozenset({"pending-label"})
 
-    def stage(self, name: str, value: bytes) -> VersionInfo:
+    def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:
         raise UnsupportedOperationError("the 'pending' label is not supported by this store")
 
 

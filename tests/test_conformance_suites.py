@@ -517,6 +517,16 @@ def test_check_secret_store_notices_a_promote_that_demotes_a_newer_current(
         check_secret_store(make_store)
 
 
+def test_check_secret_store_notices_a_stage_that_ignores_expect_current(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(encrypted_module, "refuse_if_changed", lambda name, expect_current, current: None)
+    with pytest.raises(
+        AssertionError, match="'pending-rotation' failed: a stage whose expect_current is no longer current"
+    ):
+        check_secret_store(make_store)
+
+
 def test_check_secret_store_notices_a_promote_that_misreports_the_old_current(
     make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:

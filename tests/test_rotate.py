@@ -7,6 +7,7 @@ import codecs
 import json
 import os
 import shlex
+import shutil
 import string
 import subprocess
 import sys
@@ -765,3 +766,58 @@ def test_a_field_rotation_that_cannot_be_is_refused_before_anything_is_staged(
     assert OLD_VALUE not in result.stderr
     for name in ("db/app", "db/json"):
         assert "pending" not in json.loads(cli("history", name, "--json").stdout)["labels"]
+
+
+def _wait_for_audit(cli: Cli, operation: str, name: str, *, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cli.audit.exists():
+            for line in cli.audit.read_text().splitlines():
+                record = json.loads(line)
+                if record.get("operation") == operation and record.get("name", record.get("secret")) == name:
+                    return
+        time.sleep(0.05)
+    raise AssertionError(f"no {operation} record for {name} in {timeout} s")
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace holds the rotation between its steps")
+@pytest.mark.parametrize("what", ["field", "generated"])
+def test_a_store_between_the_rotations_read_and_its_stage_is_not_undone(
+    cli: Cli, tmp_path: Path, what: str
+) -> None:
+    """field_race.sh: `rotate db/json#password` read version 1, a `store` wrote version 2 (a new
+    host), then the rotation staged and promoted version 3 built from version 1: both exited 0 and
+    current had the old host again. The stage is now conditional on the version read (exit 7,
+    nothing staged, no command run). A generated whole value is read first too (is it a JSON
+    object?), and a JSON object stored meanwhile must not be replaced whole either."""
+    first = json.dumps(CREDENTIALS) if what == "field" else "plain-old-value"
+    assert cli("store", "db/json", input=first.encode()).code == 0
+    setter, _ = recorder(tmp_path, "setter")
+    target = "db/json#password" if what == "field" else "db/json"
+    # strace holds the rotation's second open of the store file (its stage step) for 4 s.
+    rotation = subprocess.Popen(
+        ["strace", "-f", "-qq", "-o", "/dev/null", "-P", str(cli.store), "-e", "trace=openat",
+         "-e", "inject=openat:delay_enter=4000000:when=2", str(SCRIPT), "rotate", target,
+         "--set-command", setter],
+        env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_for_audit(cli, "rotate.read", "db/json")
+        changed = json.dumps({**CREDENTIALS, "host": "db-NEW.example"})
+        assert cli("store", "db/json", input=changed.encode()).code == 0
+        _, err = rotation.communicate(timeout=60)
+    finally:
+        if rotation.poll() is None:
+            rotation.kill()
+            rotation.wait()
+    stderr = err.decode()
+    assert rotation.returncode == 7, stderr
+    assert "'db/json' changed while the rotation read it (version 1; now version 2)" in stderr
+    assert "nothing was staged" in stderr and "run the rotation again" in stderr
+    assert json.loads(cli("get", "db/json").stdout) == json.loads(changed)
+    history = cli("history", "db/json", "--json")
+    assert json.loads(history.stdout)["labels"] == {"current": 2, "previous": 1}
+    assert not (tmp_path / "setter.json").exists()  # the set command never ran
+    # Run again, it rotates the value as it is now.
+    assert cli("rotate", "db/json#password", "--set-command", setter).code == 0
+    assert json.loads(cli("get", "db/json").stdout)["host"] == "db-NEW.example"

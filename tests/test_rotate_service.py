@@ -174,6 +174,35 @@ def test_a_stage_while_a_rotation_is_in_progress_is_aborted_and_changes_nothing(
     assert [r["outcome"] for r in stages][-2:] == ["pending", "conflict"]
 
 
+def test_a_stage_built_from_a_version_no_longer_current_is_aborted_and_stages_nothing(
+    server: Server,
+) -> None:
+    """`--server rotate NAME#FIELD` reads the current value (GetSecret), rewrites one field and
+    stages it: a PutSecret landing in between was undone by the promote (v3 built from v1). The
+    request now names the version it was built from (expect_current): ABORTED, nothing staged,
+    and the client raises ConflictError (exit 7). Without it, a stage goes over any current."""
+    put = pb.PutSecretRequest(name="db/app", value=b"written-meanwhile")
+    assert server.stub("writer").PutSecret(put, timeout=10).version == 2
+    request = pb.StageSecretVersionRequest(name="db/app", value=STAGED_VALUE, expect_current=1)
+    with pytest.raises(grpc.RpcError) as caught:
+        server.stub("rotator").StageSecretVersion(request, timeout=10)
+    assert caught.value.code() is grpc.StatusCode.ABORTED
+    details = str(caught.value.details())
+    assert "'db/app' changed while the rotation read it (version 1; now version 2)" in details
+    assert "nothing was staged" in details and STAGED_VALUE.decode() not in details
+    assert labels(server) == {"current": 2, "previous": 1} and versions(server) == [1, 2]
+    stages = [r for r in server.audit_records() if r["operation"] == "rotate.stage"]
+    assert [r["outcome"] for r in stages][-2:] == ["pending", "conflict"]
+    remote = RemoteStore(server.address, tls_files(server.dir, "rotator"))
+    try:
+        with pytest.raises(ConflictError, match="changed while the rotation read it"):
+            remote.stage("db/app", STAGED_VALUE, expect_current=1)
+        assert remote.stage("db/app", STAGED_VALUE, expect_current=2).version == 3
+    finally:
+        remote.close()
+    assert labels(server) == {"current": 2, "previous": 1, "pending": 3}
+
+
 def test_promoting_a_version_no_longer_pending_is_aborted_and_changes_nothing(server: Server) -> None:
     first = stage(server, "rotator").version
     stub = server.stub("rotator")

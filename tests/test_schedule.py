@@ -1100,3 +1100,47 @@ def test_the_service_keeps_its_schedule_and_runs_nothing_from_a_file_made_writab
             )
     finally:
         store.close()
+
+
+def test_the_service_schedule_never_undoes_a_store_made_between_its_read_and_its_stage(cli: Cli) -> None:
+    """A schedule entry with `field =` read version 1 of a JSON object, a client stored version 2
+    (a new host), and the rotation staged and promoted version 3 built from version 1: the new
+    host was lost. The stage is now conditional on the version read: the pass fails, nothing is
+    staged, no command runs, and the stored value stays current."""
+    credentials = {"host": "db-old.internal", "password": "FIRST-PASSWORD", "username": "app"}
+    assert cli("store", "db/json", input=json.dumps(credentials).encode()).code == 0
+    schedule = write_schedule(
+        cli.dir / "rotation.toml",
+        {"name": "db/json", "every": "1s", "field": "password", "set_command": "sh -c 'cat > set.out'"},
+    )
+    time.sleep(1.1)
+    store = EncryptedStore.open(SqliteStorage(cli.dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    other = EncryptedStore.open(SqliteStorage(cli.dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    changed = json.dumps({**credentials, "host": "db-NEW.internal"}).encode()
+    real_get = store.get
+
+    def get_then_another_writer_stores(name: str, **selector: Any) -> Any:
+        store.get = real_get  # type: ignore[method-assign]
+        secret = real_get(name, **selector)  # the rotation's read of the current value
+        other.put(name, changed)
+        return secret
+
+    store.get = get_then_another_writer_stores  # type: ignore[method-assign]
+    try:
+        scheduler = RotationScheduler(
+            schedule,
+            store,
+            AuditLog(cli.dir / "store.audit.jsonl"),
+            check_seconds=60,
+            environ={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cli.dir)},
+        )
+        assert scheduler.run_due()["db/json"] == "failed"
+        assert store.describe("db/json").labels == {CURRENT: 2, "previous": 1}
+        assert store.get("db/json").value.reveal() == changed
+        scheduler.join(1)
+    finally:
+        store.close()
+        other.close()
+    assert not (cli.dir / "set.out").exists()
+    stage = [r for r in map(json.loads, (cli.dir / "store.audit.jsonl").read_text().splitlines())]
+    assert [r["outcome"] for r in stage if r["operation"] == "rotate.stage"] == ["pending", "conflict"]

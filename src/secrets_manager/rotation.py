@@ -220,8 +220,9 @@ def end_running_commands() -> int:
 class RotationSteps(Protocol):
     """The store steps of a rotation, and the audit around its commands, as the caller does them."""
 
-    def stage(self, name: str, value: SecretValue) -> int:
-        """Stage `value` as pending; its version."""
+    def stage(self, name: str, value: SecretValue, *, expect_current: int | None = None) -> int:
+        """Stage `value` as pending; its version. `expect_current`: the version `read_current`
+        returned, which must still be current (ConflictError, nothing staged, otherwise)."""
 
     def pending(self, name: str) -> tuple[int, SecretValue]:
         """The version labelled pending and its value (to resume a rotation)."""
@@ -232,9 +233,9 @@ class RotationSteps(Protocol):
     def current(self, name: str) -> int | None:
         """The version labelled current now (None if unknown): read after a refused promote."""
 
-    def current_value(self, name: str) -> SecretValue | None:
-        """The current value, to rotate one field of a JSON object or to see that it is one;
-        None where the caller does not read it (a client staging through a service)."""
+    def read_current(self, name: str) -> tuple[int, SecretValue] | None:
+        """The current version and value, to rotate one field of a JSON object or to see that it
+        is one; None where the caller does not read it (a client staging through a service)."""
 
     def command_step(self, step: str, name: str, version: int) -> AbstractContextManager[object]:
         """Around the set or test command (audited with its outcome where there is a log)."""
@@ -273,16 +274,29 @@ def rotate(
 
     `field`: `value` replaces that text field of the current value, a JSON object (as AWS keeps
     database credentials: {"username": …, "password": …}); the other fields stay. A `generated`
-    value never replaces a JSON object whole (every field but one would be lost). `scheduled`: the
+    value never replaces a JSON object whole (every field but one would be lost). Where the
+    current value was read (a field rotation; a generated value, where the caller reads it), the
+    stage is conditional on that version still being current: a write made between the read and
+    the stage would otherwise be undone by the promote (a field rotation would bring back the
+    other fields as they were read; a generated value could replace a JSON object written
+    meanwhile whole). A value given whole (`--stdin`) was built from nothing read. `scheduled`: the
     rotation is a schedule entry's, so a refusal says what to change in the schedule file, and a
     failed command that the schedule resumes it.
     `set_ran`: resuming a version whose set command this runner saw exit 0 (its promote failed,
     say): the value is at the target, so only the test runs again (it is cheap and read-only, and
     checks the target still takes the value after whatever interrupted us), then promote."""
     resumed = value is None
+    expect_current = None
     if value is not None and (field is not None or generated):
+        read = steps.read_current(name)
+        expect_current = None if read is None else read[0]
         value = new_value_for(
-            name, steps.current_value(name), value, field=field, generated=generated, scheduled=scheduled
+            name,
+            None if read is None else read[1],
+            value,
+            field=field,
+            generated=generated,
+            scheduled=scheduled,
         )
     if value is None:
         version, value = steps.pending(name)
@@ -290,7 +304,7 @@ def rotate(
         if current is not None and current > version:  # before the target is touched
             refuse_to_demote(name, version, current)
     else:
-        version = steps.stage(name, value)
+        version = steps.stage(name, value, expect_current=expect_current)
     for step, argv in (("set", commands.set_argv), ("test", commands.test_argv)):
         if argv is not None and not (step == "set" and resumed and set_ran):
             with steps.command_step(step, name, version):

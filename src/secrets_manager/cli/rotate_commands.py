@@ -290,10 +290,10 @@ class SessionSteps:
     session: Session
     reading_fields: bool = False  # a field rotation: the current value must be read
 
-    def stage(self, name: str, value: SecretValue) -> int:
+    def stage(self, name: str, value: SecretValue, *, expect_current: int | None = None) -> int:
         with self.session.secret_operation("rotate.stage", name, mutating=True) as (store, note):
             note.value(value.reveal())
-            info = store.stage(name, value.reveal())
+            info = store.stage(name, value.reveal(), expect_current=expect_current)
             note.version(info.version)
         return info.version
 
@@ -316,7 +316,7 @@ class SessionSteps:
                 note.version(current)
             return current
 
-    def current_value(self, name: str) -> SecretValue | None:
+    def read_current(self, name: str) -> tuple[int, SecretValue] | None:
         """Read (audited as rotate.read) for a field rotation always; to see whether the value is
         a JSON object, only on a local store: through a service that would need `read`, which a
         rotation by an identity with only `rotate` does not have (the service checks its own)."""
@@ -326,7 +326,7 @@ class SessionSteps:
             secret = store.get(name)
             note.version(secret.version)
             note.value(secret.value.reveal())
-        return secret.value
+        return secret.version, secret.value
 
     def command_step(self, step: str, name: str, version: int) -> AbstractContextManager[object]:
         if self.session.server:

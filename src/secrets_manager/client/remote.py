@@ -296,9 +296,11 @@ class RemoteStore:
     def destroy_secret(self, name: str) -> None:
         raise InvalidInputError("destroy is not offered by the service; run it on the server's store")
 
-    def stage(self, name: str, value: bytes) -> VersionInfo:
-        """StageSecretVersion (needs the rotate capability): a new version labelled `pending`."""
-        response = self._call("StageSecretVersion", pb.StageSecretVersionRequest(name=name, value=value))
+    def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:
+        """StageSecretVersion (needs the rotate capability): a new version labelled `pending`;
+        with `expect_current`, only if that version is still current (ConflictError otherwise)."""
+        request = pb.StageSecretVersionRequest(name=name, value=value, expect_current=expect_current)
+        response = self._call("StageSecretVersion", request)
         return VersionInfo(
             version=int(response.version),
             created=datetime.fromisoformat(response.created),

@@ -266,10 +266,10 @@ class _ServiceSteps:
             raise
         self._audit.append([event], self._store)
 
-    def stage(self, name: str, value: SecretValue) -> int:
+    def stage(self, name: str, value: SecretValue, *, expect_current: int | None = None) -> int:
         with self._audited("rotate.stage", name, mutating=True) as event:
             event.value_hmac = value_fingerprint(self._store, value.reveal())
-            event.version = self._store.stage(name, value.reveal()).version
+            event.version = self._store.stage(name, value.reveal(), expect_current=expect_current).version
         return event.version
 
     def pending(self, name: str) -> tuple[int, SecretValue]:
@@ -287,12 +287,12 @@ class _ServiceSteps:
     def current(self, name: str) -> int | None:
         return self._store.describe(name).labels.get(CURRENT)
 
-    def current_value(self, name: str) -> SecretValue:
+    def read_current(self, name: str) -> tuple[int, SecretValue]:
         with self._audited("rotate.read", name, mutating=False) as event:
             secret = self._store.get(name)
             event.version = secret.version
             event.value_hmac = value_fingerprint(self._store, secret.value.reveal())
-        return secret.value
+        return secret.version, secret.value
 
     def command_step(self, step: str, name: str, version: int) -> AbstractContextManager[object]:
         return self._command_step(step, name, version)

@@ -416,12 +416,14 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         return pb.UndeleteSecretResponse()
 
     def StageSecretVersion(self, request: Any, context: grpc.ServicerContext) -> Any:
-        """Rotation step 1 (store.stage): a new version labelled pending; audited with its fingerprint."""
+        """Rotation step 1 (store.stage): a new version labelled pending; audited with its fingerprint.
+        ABORTED (a ConflictError) if `expect_current` is given and no longer current."""
         with self._call(
             context, "StageSecretVersion", "rotate.stage", request.name, "rotate", mutating=True
         ) as call:
             call.event.value_hmac = value_fingerprint(self._store, request.value)
-            info = self._store.stage(request.name, request.value)
+            expect = request.expect_current if request.HasField("expect_current") else None
+            info = self._store.stage(request.name, request.value, expect_current=expect)
             call.event.version = info.version
         return pb.StageSecretVersionResponse(
             name=request.name,

@@ -85,6 +85,7 @@ from secrets_manager.store.base import (
     checked_max_versions,
     checked_metadata_update,
     checked_value,
+    refuse_if_changed,
     refuse_if_rotating,
     refuse_to_demote,
     updated_metadata,
@@ -594,22 +595,21 @@ class AwsStore:
 
     # ---- rotation: AWS's own staging labels ----------------------------------------------------
 
-    def stage(self, name: str, value: bytes) -> VersionInfo:
+    def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:
         """DescribeSecret, ListSecretVersionIds, then PutSecretValue with VersionStages=[AWSPENDING]
         (AWSCURRENT stays where it is). Refused while AWSPENDING is on a version that is not
         AWSCURRENT, as RotateSecret is. Two stagers that read the same versions ask for the same
-        ClientRequestToken, so the second is refused by AWS and sees the first's AWSPENDING."""
+        ClientRequestToken, so the second is refused by AWS and sees the first's AWSPENDING; so does
+        a stage after a write that took its version number, which then sees `expect_current` gone."""
         validate_name(name)
         payload = _payload(checked_value(value, empty_supported=False))
         backoff = Backoff(first=0.05, cap=1.0, deadline_seconds=RETRY_DEADLINE_SECONDS, what=repr(name))
         while True:
             self._require_live(name)
             versions = self._versions(name)
-            refuse_if_rotating(
-                name,
-                next((v.number for v in versions if PENDING in v.labels), None),
-                next((v.number for v in reversed(versions) if CURRENT in v.labels), None),
-            )
+            current = next((v.number for v in reversed(versions) if CURRENT in v.labels), None)
+            refuse_if_rotating(name, next((v.number for v in versions if PENDING in v.labels), None), current)
+            refuse_if_changed(name, expect_current, current)
             number = (versions[-1].number if versions else 0) + 1
             with self._aws(f"stage a new version of {name}", name):
                 try:

@@ -195,11 +195,15 @@ class SecretStore(Protocol):
     def destroy_secret(self, name: str) -> None:
         """Erase the secret entirely: every version and its metadata."""
 
-    def stage(self, name: str, value: bytes) -> VersionInfo:
+    def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:
         """Write a new version labelled `pending` (rotation, step 1); `current` and `previous` do not
         move. RotationInProgressError (a ConflictError) while another rotation is in progress (a
         version other than current carries `pending`), as AWS's RotateSecret refuses: two rotations
-        at once would each set their own value at the target. Otherwise the same errors as `put`."""
+        at once would each set their own value at the target. `expect_current`: the current version
+        the new value was built from (a field rotation rewrites one field of it): ConflictError,
+        nothing staged, if another version is current now (`refuse_if_changed`), so a write made
+        after the rotation read the value is not undone by its promote. Otherwise the same errors
+        as `put`."""
 
     def promote(self, name: str, version: int) -> int | None:
         """Make `version`, which must carry `pending` (ConflictError otherwise), `current` in one
@@ -246,6 +250,17 @@ def refuse_if_rotating(name: str, pending: int | None, current: int | None) -> N
             f"'secrets-manager rotate {name} --resume' with the --set-command/--test-command of the "
             "rotation that started it (a schedule resumes its own), or drop it with "
             f"'secrets-manager rotate {name} --discard'"
+        )
+
+
+def refuse_if_changed(name: str, expect_current: int | None, current: int | None) -> None:
+    """ConflictError if `name`'s current version is no longer `expect_current`, the one a
+    rotation read to build its new value: staging it would undo the write made meanwhile."""
+    if expect_current is not None and current != expect_current:
+        now = "it has no current version now" if current is None else f"now version {current}"
+        raise ConflictError(
+            f"{name!r} changed while the rotation read it (version {expect_current}; {now}); nothing "
+            "was staged and no command ran; run the rotation again"
         )
 
 

@@ -84,6 +84,7 @@ from secrets_manager.store.base import (
     checked_metadata,
     checked_metadata_update,
     checked_value,
+    refuse_if_changed,
     refuse_if_rotating,
     refuse_to_demote,
     unsupported_capabilities,
@@ -469,8 +470,9 @@ class EncryptedStore:
 
     # ---- rotation: the pending label -----------------------------------------------------------
 
-    def stage(self, name: str, value: bytes) -> VersionInfo:
-        """A new version labelled `pending`; `current` and `previous` stay where they are."""
+    def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:
+        """A new version labelled `pending`; `current` and `previous` stay where they are. With
+        `expect_current`, only if that version is current (checked in the same commit)."""
         self._require_pending_label()
         validate_name(name)
         value = checked_value(value)
@@ -486,6 +488,7 @@ class EncryptedStore:
                 )
             # Checked on the metadata this attempt commits against: of two stagers, one wins.
             refuse_if_rotating(name, meta.labels.get(PENDING), meta.labels.get(CURRENT))
+            refuse_if_changed(name, expect_current, meta.labels.get(CURRENT))
             return self._write_version(name, value, meta_entry, meta, now, label=PENDING)
 
         return self._retry(attempt)

@@ -498,6 +498,21 @@ def _check_pending_rotation(make_store: MakeStore, ns: str) -> None:
         _require(labels.get(CURRENT) == written.version, "a refused promote demoted the newer current")
         _require(store.get(name, label=PENDING).version == staged.version, "a refused promote lost pending")
         _require(store.discard_pending(name) == staged.version, "discard after a refused promote")
+        # A field rotation stages a value built from the current version it read: a write made
+        # since then must refuse the stage, or the promote would undo that write.
+        _raises(
+            ConflictError,
+            lambda: store.stage(name, b"value 8", expect_current=written.version - 1),
+            "a stage whose expect_current is no longer current",
+        )
+        _require(
+            _version_numbers(store.describe(name))[-1] == written.version,
+            "a stage refused for its expect_current wrote a version",
+        )
+        _raises(NotFoundError, lambda: store.get(name, label=PENDING), "a refused stage took pending")
+        again = store.stage(name, b"value 8", expect_current=written.version)
+        _require(again.labels == (PENDING,), "a stage whose expect_current is current was refused")
+        _require(store.discard_pending(name) == again.version, "discard after a stage with expect_current")
 
 
 INVALID_NAMES = (

@@ -721,7 +721,7 @@ class VaultStore:
 
     # ---- rotation: refused (KV v2 has no labels, so no `pending`) ------------------------------
 
-    def stage(self, name: str, value: bytes) -> VersionInfo:
+    def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:
         raise _no_pending("stage")
 
     def promote(self, name: str, version: int) -> int | None:

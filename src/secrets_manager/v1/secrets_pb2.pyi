@@ -219,12 +219,14 @@ class UndeleteSecretResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StageSecretVersionRequest(_message.Message):
-    __slots__ = ("name", "value")
+    __slots__ = ("name", "value", "expect_current")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_CURRENT_FIELD_NUMBER: _ClassVar[int]
     name: str
     value: bytes
-    def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
+    expect_current: int
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ..., expect_current: _Optional[int] = ...) -> None: ...
 
 class StageSecretVersionResponse(_message.Message):
     __slots__ = ("name", "version", "created", "created_by")
