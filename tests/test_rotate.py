@@ -8,6 +8,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import string
 import subprocess
 import sys
@@ -821,3 +822,146 @@ def test_a_store_between_the_rotations_read_and_its_stage_is_not_undone(
     # Run again, it rotates the value as it is now.
     assert cli("rotate", "db/json#password", "--set-command", setter).code == 0
     assert json.loads(cli("get", "db/json").stdout)["host"] == "db-NEW.example"
+
+
+def test_a_step_failing_after_the_set_command_ran_says_the_version_is_pending_and_how_to_finish(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """rotate_vs_passwd.sh: `passwd` ran while the set command did. Each step opens the store with
+    the password read at the start, so the test step failed with exit 4 'wrong master password'
+    and nothing said that the target now held version 2, that it was pending, or how to finish.
+    The error keeps its exit code and now says all three."""
+    target = tmp_path / "target"
+    target.write_text(OLD_VALUE)
+    old_file, new_file = tmp_path / "old-password", tmp_path / "new-password"
+    old_file.write_text(PASSWORD)
+    new_file.write_text("the NEW master password")
+    passwd = shlex.join(
+        [str(SCRIPT), "--password-file", str(old_file), "passwd", "--new-password-file", str(new_file)]
+    )
+    set_command, test_command = _target_commands(target)
+    setter = f"sh -c {shlex.quote(f'cat > {shlex.quote(str(target))} && {passwd} >/dev/null 2>&1')}"
+    result = cli("rotate", "db/app", "--set-command", setter, "--test-command", test_command)
+    assert result.code == 4, result.stderr  # the unlock error's own code
+    message = result.stderr
+    assert message.count("\n") == 1
+    assert "rotating db/app: the set command ran (the target now has version 2's value)" in message
+    assert "version 2 stays pending and current is unchanged" in message
+    assert "finish it with the current master password by running the same command again with --resume:" in (
+        message
+    )
+    assert "secrets-manager rotate db/app --resume --set-command" in message
+    assert "secrets-manager rotate db/app --discard" in message
+    new = {"MASTER_PASSWORD": "the NEW master password"}
+    assert cli("history", "db/app", "--json", env=new).code == 0
+    finished = cli("rotate", "db/app", "--resume", "--set-command", set_command, "--test-command",
+                   test_command, env=new)  # fmt: skip
+    assert finished.code == 0, finished.stderr
+    assert cli("get", "db/app", env=new).stdout.rstrip("\n") == target.read_text() != OLD_VALUE
+
+
+def test_a_test_command_failing_after_the_set_ran_says_the_set_ran(cli: Cli, tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    set_command, _ = _target_commands(target)
+    result = cli("rotate", "db/app", "--set-command", set_command, "--test-command", "false")
+    assert result.code == 1, result.stderr
+    assert "rotating db/app: the set command ran, then the test command failed (exit code 1); version 2 " in (
+        result.stderr
+    )
+    assert "--resume" in result.stderr and "--discard" in result.stderr
+
+
+def test_a_rotation_whose_version_was_discarded_after_its_set_ran_says_the_target_is_not_current(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """discard_race.sh: rotation A's slow set command runs, someone discards A's version and
+    rotation B finishes, then A's set lands at the target. A's exit 7 said only 'version 2 ... is
+    not pending; nothing was promoted': not that its set had run, so the target holds version 2's
+    value while current is B's version 3, nor what fixes it. It says both now, and the command it
+    suggests sets a current value at the target."""
+    target = tmp_path / "target"
+    target.write_text(OLD_VALUE)
+    set_command, _ = _target_commands(target)
+    b = _nested_rotate(f"db/app --set-command {shlex.quote(set_command)}")
+    discard = _nested_rotate("db/app --discard")
+    lands_late = (
+        f"cat > {tmp_path / 'A'}; {discard} 2>/dev/null && {b} 2>/dev/null && cp {tmp_path / 'A'} {target}"
+    )
+    a_set = f"sh -c {shlex.quote(lands_late)}"
+    result = cli("rotate", "db/app", "--set-command", a_set)
+    assert result.code == 7, result.stderr
+    message = result.stderr
+    assert "version 2 of 'db/app' is not pending (no version is); nothing was promoted" in message
+    assert (
+        "but this rotation's set command had already run: the target now holds version 2's value, not "
+        "current's (version 3). If no other rotation of db/app is running, rotate it again: "
+    ) in message
+    assert cli.labels() == {"current": 3, "previous": 1}
+    assert target.read_text() != cli.value()
+    suggested, _, piped = message.split("rotate it again: ", 1)[1].partition(", or give the set command ")
+    assert shlex.split(suggested) == ["secrets-manager", "rotate", "db/app", "--set-command", a_set]
+    assert piped.startswith(f"the current value: secrets-manager get db/app | {a_set}")
+    # Its own set command plays the discarding rotation here: the plain one rotates again.
+    again = cli("rotate", "db/app", "--set-command", set_command)
+    assert again.code == 0, again.stderr
+    assert target.read_text() == cli.value()
+
+
+def test_the_loser_of_two_rotations_started_together_is_not_told_to_discard_a_running_one(
+    encrypted_store: EncryptedStore,
+) -> None:
+    """rotate_pair.sh: the rotation whose stage loses is told how to finish or drop 'the rotation in
+    progress', which is the winner, still running: a --discard then would break it. It says so."""
+    encrypted_store.put("db/app", b"one")
+    encrypted_store.stage("db/app", b"winner")
+    with pytest.raises(ConflictError) as refused:
+        encrypted_store.stage("db/app", b"loser")
+    assert "may still be running; if no other rotation of 'db/app' is running, finish it" in str(
+        refused.value
+    )
+    encrypted_store.put("db/app", b"written meanwhile")
+    with pytest.raises(ConflictError) as demoting:
+        encrypted_store.promote("db/app", 2)
+    assert "If no other rotation of 'db/app' is running, drop it with" in str(demoting.value)
+
+
+@pytest.mark.parametrize(
+    ("signum", "name", "code"),
+    [(signal.SIGTERM, "SIGTERM", 143), (signal.SIGHUP, "SIGHUP", 129), (signal.SIGINT, "Ctrl-C", 130)],
+)
+def test_a_signal_during_the_set_command_ends_it_and_says_what_stays_pending(
+    cli: Cli, tmp_path: Path, signum: int, name: str, code: int
+) -> None:
+    """sigterm_orphan.sh: `timeout -s TERM 3 secrets-manager rotate ...` (or systemd stop, a closed
+    terminal) ended rotate alone; its set command, in a session of its own, ran on and changed the
+    target after rotate had exited. SIGTERM and SIGHUP now end the command's process group as
+    Ctrl-C does, and every one of them says what stays pending and how to finish."""
+    target, started = tmp_path / "target", tmp_path / "started"
+    target.write_text(OLD_VALUE)
+    slow_set = f"cat > {tmp_path / 'new'}; touch {started}; sleep 3; cp {tmp_path / 'new'} {target}"
+    rotation = subprocess.Popen(
+        [str(SCRIPT), "rotate", "db/app", "--set-command", f"sh -c {shlex.quote(slow_set)}"],
+        env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert started.exists()
+        rotation.send_signal(signum)
+        _, err = rotation.communicate(timeout=30)
+    finally:
+        if rotation.poll() is None:
+            rotation.kill()
+            rotation.wait()
+    stderr = err.decode()
+    assert "Traceback" not in stderr, stderr
+    assert rotation.returncode == code, stderr
+    assert f"rotating db/app: interrupted ({name}) while its set command ran" in stderr
+    assert "version 2 stays pending and current is unchanged" in stderr
+    assert "secrets-manager rotate db/app --resume --set-command" in stderr
+    time.sleep(4)  # the set command would have written the target by now
+    assert target.read_text() == OLD_VALUE
+    steps = [(r["operation"], r["outcome"]) for r in map(json.loads, cli.audit.read_text().splitlines())]
+    assert steps[-1] == ("rotate.set", "error" if signum == signal.SIGINT else "interrupted")
+    assert cli.labels() == {"current": 1, "pending": 2}

@@ -10,6 +10,7 @@ import pwd
 import re
 import secrets
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -1144,3 +1145,45 @@ def test_the_service_schedule_never_undoes_a_store_made_between_its_read_and_its
     assert not (cli.dir / "set.out").exists()
     stage = [r for r in map(json.loads, (cli.dir / "store.audit.jsonl").read_text().splitlines())]
     assert [r["outcome"] for r in stage if r["operation"] == "rotate.stage"] == ["pending", "conflict"]
+
+
+def test_schedule_run_stopped_by_sigterm_ends_the_running_command_and_the_run(cli: Cli) -> None:
+    """`schedule run` from cron or a systemd timer is stopped with SIGTERM while a set command
+    runs: that command (in a session of its own) used to go on and change the target after
+    `schedule run` had exited. It is ended as on Ctrl-C, the run stops (the next entry does not
+    start) and exits 143, saying the version stays pending and that the schedule resumes it."""
+    slow_set = "cat > new; touch started; sleep 3; cp new target"
+    schedule = write_schedule(
+        cli.dir / "rotation.toml",
+        {"name": "db/app", "every": "1s", "timeout": 30, "set_command": f"sh -c {shlex.quote(slow_set)}"},
+        {"name": "db/other", "every": "1s", "set_command": "sh -c 'cat > other-target'"},
+    )
+    time.sleep(1.1)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(cli.dir),
+        "MASTER_PASSWORD": PASSWORD,
+        "SECRETS_MANAGER_STORE": str(cli.dir / "store.db"),
+    }
+    run = subprocess.Popen(
+        [str(SCRIPT), "schedule", "run", str(schedule)],
+        env=env, cwd=cli.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: (cli.dir / "started").exists())
+        run.send_signal(signal.SIGTERM)
+        _, err = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    stderr = err.decode()
+    assert "Traceback" not in stderr, stderr
+    assert run.returncode == 143, stderr
+    assert "rotating db/app: interrupted (SIGTERM) while its set command ran" in stderr
+    assert "version 2 stays pending" in stderr and "the schedule resumes it" in stderr
+    time.sleep(4)
+    assert not (cli.dir / "target").exists()  # the set command was ended with rotate
+    assert not (cli.dir / "other-target").exists()  # the next entry never started
+    assert cli.history("db/app")["labels"] == {"current": 1, "pending": 2}
+    assert cli.history("db/other")["labels"] == {"current": 1}

@@ -19,6 +19,9 @@
     │   └── HandshakeFailedError        exit 1   the TLS handshake failed or the server closed it
     ├── RotationStepFailed              exit 1   a rotation's set or test command failed
     └── OperationInterrupted            exit 130 Ctrl-C part-way through a multi-write command
+                                        (143 / 129: SIGTERM / SIGHUP during rotate, schedule run)
+
+    Terminated (a KeyboardInterrupt)   exit 143 / 129   SIGTERM / SIGHUP turned into an interrupt
 
 Each class also has a `kind`, the outcome name the audit log records (e.g. "not_found").
 
@@ -29,6 +32,7 @@ secrets (names are not secret) and say what to do next.
 from __future__ import annotations
 
 import shlex
+import signal
 from datetime import datetime
 
 
@@ -200,3 +204,17 @@ class OperationInterrupted(SecretsManagerError):
 
     exit_code = 130
     kind = "interrupted"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised by the handler of a command that must end its work as on Ctrl-C
+    (rotate and schedule run end their running command's process group): a KeyboardInterrupt, so
+    whatever ends work on Ctrl-C ends it on these too. Exit 128 + the signal's number (143 for
+    SIGTERM, 129 for SIGHUP), as a shell reports a process those signals ended."""
+
+    kind = "interrupted"
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum

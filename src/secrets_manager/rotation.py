@@ -55,11 +55,15 @@ from secrets_manager.environment import (
     read_in_directory,
 )
 from secrets_manager.errors import (
+    ChangeUnrecordedError,
     ConflictError,
     InvalidInputError,
     NotFoundError,
+    OperationInterrupted,
     RotationStepFailed,
     SecretsManagerError,
+    Terminated,
+    UnlockError,
 )
 from secrets_manager.store import CURRENT, PENDING, SecretMetadata, validate_name
 from secrets_manager.store.base import refuse_to_demote
@@ -113,11 +117,12 @@ class Commands:
     invocation: tuple[str, ...] = ("secrets-manager",)
 
 
-def resume_command(name: str, commands: Commands) -> str:
+def resume_command(name: str, commands: Commands, *, resume: bool = True) -> str:
     """The command line that finishes a rotation of `name` run with `commands`: the same set and
     test commands again. A resume without them would promote a value nothing has set at the
-    target. Only command lines and a name, never a value (the value goes to the commands' stdin)."""
-    words = [*commands.invocation, "rotate", name, "--resume"]
+    target. Only command lines and a name, never a value (the value goes to the commands' stdin).
+    `resume=False`: the command that starts a new rotation with the same commands."""
+    words = [*commands.invocation, "rotate", name, *(["--resume"] if resume else [])]
     if commands.set_argv is not None:
         words += ["--set-command", shlex.join(commands.set_argv)]
     if commands.test_argv is not None:
@@ -155,20 +160,32 @@ def run_command(
         if returncode == 0:
             return
         failure = f"exit code {returncode}"
-    if scheduled:  # the entry's commands stay in the schedule file, out of logs and replies
-        stale = commands.timeout * STALE_AFTER_TIMEOUTS
-        finish = (
-            f"fix the cause: the schedule resumes it with its entry's set and test commands once it is "
-            f"{stale:g} s old (three command timeouts)"
-        )
-    else:
-        finish = (
-            f"fix the cause and run the same command again with --resume: {resume_command(name, commands)}"
-        )
-    discard = shlex.join([*commands.invocation, "rotate", name, "--discard"])
     raise RotationStepFailed(
         f"rotating {name}: the {step} command failed ({failure}); version {version} stays pending and "
-        f"current is unchanged; {finish} (or discard it: {discard})"
+        f"current is unchanged; {_how_to_finish(name, commands, scheduled=scheduled, cause=True)}"
+    )
+
+
+def _how_to_finish(
+    name: str, commands: Commands, *, scheduled: bool, cause: bool = False, password: bool = False
+) -> str:
+    """How to finish a rotation of `name` whose version stays pending, or drop it: the same
+    commands with --resume, or for a schedule entry (its commands stay in the schedule file, out
+    of logs and replies) that the schedule resumes it."""
+    discard = shlex.join([*commands.invocation, "rotate", name, "--discard"])
+    if scheduled:
+        stale = commands.timeout * STALE_AFTER_TIMEOUTS
+        first = "fix the cause: the schedule" if cause else "the schedule"
+        return (
+            f"{first} resumes it with its entry's set and test commands once it is {stale:g} s old (three "
+            f"command timeouts) (or discard it: {discard})"
+        )
+    first = "fix the cause and run" if cause else "finish it by running"
+    if password:  # the password was changed (passwd) while the rotation ran
+        first = "finish it with the current master password by running"
+    return (
+        f"{first} the same command again with --resume: {resume_command(name, commands)} (or discard "
+        f"it: {discard})"
     )
 
 
@@ -305,17 +322,119 @@ def rotate(
             refuse_to_demote(name, version, current)
     else:
         version = steps.stage(name, value, expect_current=expect_current)
-    for step, argv in (("set", commands.set_argv), ("test", commands.test_argv)):
-        if argv is not None and not (step == "set" and resumed and set_ran):
-            with steps.command_step(step, name, version):
-                run_command(step, argv, name, version, value, commands, scheduled=scheduled)
+    at_target = resumed and set_ran  # the target holds the value: its set command exited 0
+    promoting = False
     try:
+        for step, argv in (("set", commands.set_argv), ("test", commands.test_argv)):
+            if argv is not None and not (step == "set" and resumed and set_ran):
+                with steps.command_step(step, name, version):
+                    run_command(step, argv, name, version, value, commands, scheduled=scheduled)
+                    at_target = at_target or step == "set"
+        promoting = True
         previous = steps.promote(name, version)
-    except ConflictError:
-        if not _is_current(steps, name, version):
-            raise
-        return Rotated(name, version, None, resumed=resumed, promoted_elsewhere=True)
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM / SIGHUP where the CLI turns them into it
+        raise _interrupted(exc, name, version, commands, scheduled, at_target, promoting) from None
+    except SecretsManagerError as exc:
+        if promoting and isinstance(exc, ConflictError):
+            if _is_current(steps, name, version):
+                return Rotated(name, version, None, resumed=resumed, promoted_elsewhere=True)
+            if at_target:
+                _say_overtaken(exc, steps, name, version, commands, scheduled)
+        elif at_target and not isinstance(exc, ChangeUnrecordedError):  # that one: the promote stands
+            _say_set_ran(exc, name, version, commands, scheduled, promoting=promoting)
+        raise
     return Rotated(name, version, previous, resumed=resumed)
+
+
+def _say_set_ran(
+    exc: SecretsManagerError, name: str, version: int, commands: Commands, scheduled: bool, *, promoting: bool
+) -> None:
+    """A step after the set command failed (the test command; the store, its password changed
+    meanwhile; the service): the message says the target now has the pending value, and how to
+    finish or drop the rotation. The error keeps its class, so its exit code."""
+    if isinstance(exc, RotationStepFailed):  # its message says how to finish already
+        exc.args = (
+            str(exc).replace(f"rotating {name}: ", f"rotating {name}: the set command ran, then ", 1),
+        )
+        return
+    finish = _how_to_finish(name, commands, scheduled=scheduled, password=isinstance(exc, UnlockError))
+    if promoting:  # the promote may have been made before its error (an audit record that failed)
+        history = shlex.join([*commands.invocation, "history", name])
+        state = f"version {version} may still be pending ('{history}' shows it); if it is, {finish}"
+    else:
+        state = (
+            f"version {version} stays pending and current is unchanged (the target may no longer take "
+            f"it): {finish}"
+        )
+    exc.args = (
+        f"rotating {name}: the set command ran (the target now has version {version}'s value), then the "
+        f"{'promote' if promoting else 'next step'} failed: {exc}; {state}",
+    )
+
+
+def _say_overtaken(
+    exc: SecretsManagerError,
+    steps: RotationSteps,
+    name: str,
+    version: int,
+    commands: Commands,
+    scheduled: bool,
+) -> None:
+    """The promote was refused after the set command ran: the version was discarded (and perhaps
+    another rotation finished) or a newer one written meanwhile. The target holds this rotation's
+    value, which is not current: the message says so and what sets a current value there."""
+    current = _current_or_none(steps, name)
+    now = "" if current is None else f" (version {current})"
+    if scheduled:
+        again = "rotate it again now (the schedule does only when it is next due)"
+    else:
+        get = shlex.join([*commands.invocation, "get", name])
+        run_set = (
+            ""
+            if commands.set_argv is None
+            else f", or give the set command the current value: {get} | {shlex.join(commands.set_argv)}"
+        )
+        again = f"rotate it again: {resume_command(name, commands, resume=False)}{run_set}"
+    exc.args = (
+        f"{exc}; but this rotation's set command had already run: the target now holds version "
+        f"{version}'s value, not current's{now}. If no other rotation of {name} is running, {again}",
+    )
+
+
+def _interrupted(
+    exc: KeyboardInterrupt,
+    name: str,
+    version: int,
+    commands: Commands,
+    scheduled: bool,
+    at_target: bool,
+    promoting: bool,
+) -> OperationInterrupted:
+    """Ctrl-C (or SIGTERM / SIGHUP, see errors.Terminated) during a rotation's steps: the running
+    command's process group was ended (`_run_in_own_group`); what that leaves, and how to go on.
+    Exit 130 for Ctrl-C, 128 + the signal's number for the others."""
+    how = str(exc) if isinstance(exc, Terminated) else "Ctrl-C"
+    if promoting:
+        message = (
+            f"rotating {name}: interrupted ({how}) while promoting version {version}: it may be current "
+            f"or still pending ('{shlex.join([*commands.invocation, 'history', name])}' shows which); "
+            f"if it is pending, {_how_to_finish(name, commands, scheduled=scheduled)}"
+        )
+    else:
+        where = (
+            "after its set command ran (the target has the new value)"
+            if at_target
+            else "while its set command ran (it was ended; the target may or may not have the new value)"
+            if commands.set_argv is not None
+            else "while its commands ran (they were ended)"
+        )
+        message = (
+            f"rotating {name}: interrupted ({how}) {where}; version {version} stays pending and current "
+            f"is unchanged; {_how_to_finish(name, commands, scheduled=scheduled)}"
+        )
+    error = OperationInterrupted(message)
+    error.exit_code = getattr(exc, "exit_code", OperationInterrupted.exit_code)
+    return error
 
 
 def new_value_for(

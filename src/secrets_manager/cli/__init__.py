@@ -145,9 +145,10 @@ def _run(argv: list[str] | None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:  # click's for a KeyboardInterrupt (Terminated: 143, 129)
         error_line("aborted")
-        return 130
+        code: int = getattr(exc.__cause__, "exit_code", 130)
+        return code
     except click.UsageError as exc:
         if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:
             # a command group given no command (`secrets-manager keys`): its help, as --help shows
@@ -170,9 +171,10 @@ def _run(argv: list[str] | None) -> int:
     except BrokenPipeError:  # the same, where sys.stdout is not StandardOutput (in-process callers)
         _discard_output()
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:  # 130; a Terminated (SIGTERM, SIGHUP) 128 + its number
         error_line("interrupted")
-        return 130
+        exit_code: int = getattr(exc, "exit_code", 130)
+        return exit_code
     except Exception as exc:  # a bug: say so in one line; the message is withheld (it could hold data)
         if _debugging():
             raise

@@ -19,9 +19,12 @@ untouched and the new version stays pending for --resume (or --discard).
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
+from types import FrameType
 
 import click
 
@@ -36,7 +39,7 @@ from secrets_manager.cli.app import (
     refuse_generator_options,
 )
 from secrets_manager.cli.output import Seconds, info_line, print_json
-from secrets_manager.errors import InvalidInputError
+from secrets_manager.errors import InvalidInputError, Terminated
 from secrets_manager.rotation import (
     DEFAULT_TIMEOUT,
     MAX_TIMEOUT,
@@ -187,14 +190,15 @@ def rotate(
     value = None
     if not resume:
         value = read_value(None, None, raw=raw) if from_stdin else generated_value(length, alphabet)
-    rotated = run_rotation(
-        SessionSteps(session, reading_fields=field is not None),
-        name,
-        Commands(set_argv, test_argv, timeout, session.environ, invocation=_invocation()),
-        value=value,
-        field=field,
-        generated=not from_stdin,
-    )
+    with terminate_as_interrupt():
+        rotated = run_rotation(
+            SessionSteps(session, reading_fields=field is not None),
+            name,
+            Commands(set_argv, test_argv, timeout, session.environ, invocation=_invocation()),
+            value=value,
+            field=field,
+            generated=not from_stdin,
+        )
     _report(rotated, as_json=as_json)
 
 
@@ -274,6 +278,37 @@ def _rotate_on_server(session: Session, name: str, *, as_json: bool) -> None:
         _report(remote.rotate_on_service(name), as_json=as_json)
     finally:
         remote.close()
+
+
+TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM and SIGHUP (timeout, systemd stop, cron's kill, a closed terminal) end a rotation
+    as Ctrl-C does: their handler raises Terminated, a KeyboardInterrupt, so the running set or
+    test command's process group is ended (it runs in a session of its own, which these signals
+    never reach) and the error says what stays pending. Left to their default action they ended
+    us alone, and the set command went on to change the target after we had exited. A signal
+    ignored when we started (nohup) stays ignored; only the first signal of the two is acted on."""
+    if threading.current_thread() is not threading.main_thread():  # handlers belong to the main thread
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in TERMINATING_SIGNALS}
+
+    def interrupt(signum: int, frame: FrameType | None) -> None:
+        for other in previous:  # the interrupt is under way: a second signal must not cut it short
+            signal.signal(other, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    for signum, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(signum, interrupt)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 def one_password_session(session: Session) -> _OnePasswordSession:

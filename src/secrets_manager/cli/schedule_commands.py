@@ -17,8 +17,18 @@ import click
 
 from secrets_manager.cli.app import Session, cli, pass_session
 from secrets_manager.cli.output import error_line, info_line, print_json, print_table, timestamp
-from secrets_manager.cli.rotate_commands import SessionSteps, one_password_session, report_rotated
-from secrets_manager.errors import NotFoundError, RotationInProgressError, SecretsManagerError
+from secrets_manager.cli.rotate_commands import (
+    SessionSteps,
+    one_password_session,
+    report_rotated,
+    terminate_as_interrupt,
+)
+from secrets_manager.errors import (
+    NotFoundError,
+    OperationInterrupted,
+    RotationInProgressError,
+    SecretsManagerError,
+)
 from secrets_manager.rotation import Due, Plan, ScheduledRotation, load_schedule, plan
 
 MISSING = "missing"
@@ -126,7 +136,10 @@ def run(session: Session, file: str, as_json: bool) -> int:
         rule = entry.rule
         try:
             steps = SessionSteps(session, reading_fields=rule.field is not None)
-            rotated = rule.run(steps, session.environ, entry.plan.state)
+            with terminate_as_interrupt():  # SIGTERM / SIGHUP end the command, as Ctrl-C does
+                rotated = rule.run(steps, session.environ, entry.plan.state)
+        except OperationInterrupted:  # stop here: the entries after it are not started
+            raise
         except RotationInProgressError:  # another runner staged first (the store refused ours)
             info_line(f"{rule.name}: another rotation started first; skipped")
             result["outcome"] = "skipped"

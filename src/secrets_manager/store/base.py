@@ -246,7 +246,8 @@ def refuse_if_rotating(name: str, pending: int | None, current: int | None) -> N
     has set at the target."""
     if pending is not None and pending != current:
         raise RotationInProgressError(
-            f"a rotation of {name!r} is in progress (version {pending} is pending); finish it by running "
+            f"a rotation of {name!r} is in progress (version {pending} is pending) and may still be "
+            f"running; if no other rotation of {name!r} is running, finish it by running "
             f"'secrets-manager rotate {name} --resume' with the --set-command/--test-command of the "
             "rotation that started it (a schedule resumes its own), or drop it with "
             f"'secrets-manager rotate {name} --discard'"
@@ -270,8 +271,8 @@ def refuse_to_demote(name: str, version: int, current: int | None) -> None:
     if current is not None and current > version:
         raise ConflictError(
             f"version {current} of {name!r} was written after the rotation staged version {version}; "
-            f"promoting it would undo that write, so nothing was promoted. Drop it with "
-            f"'secrets-manager rotate {name} --discard' and rotate again"
+            f"promoting it would undo that write, so nothing was promoted. If no other rotation of "
+            f"{name!r} is running, drop it with 'secrets-manager rotate {name} --discard' and rotate again"
         )
 
 
