@@ -70,6 +70,22 @@ def write_schedule(path: Path, *entries: dict[str, object]) -> Path:
 # ---- the schedule file ----------------------------------------------------------------------------
 
 
+def scheduler_for(
+    cli: Cli, schedule: Path, store: EncryptedStore, *, environment: Environment = DEV, **options: Any
+) -> RotationScheduler:
+    """The service's scheduler on `store` and the store's audit log (in `cli.dir`), checking once
+    a minute (tests call `run_due` themselves), its commands run with a minimal environment."""
+    return RotationScheduler(
+        schedule,
+        store,
+        AuditLog(cli.dir / "store.audit.jsonl"),
+        check_seconds=60,
+        environ={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cli.dir)},
+        environment=environment,
+        **options,
+    )
+
+
 def test_a_schedule_file_is_read_with_its_settings_and_defaults(tmp_path: Path) -> None:
     path = write_schedule(
         tmp_path / "rotation.toml",
@@ -868,15 +884,9 @@ def test_runners_resuming_one_stale_version_together_do_not_report_a_failure(cli
                 "set_command": f"sh -c {shlex.quote('cat >/dev/null; ' + other_runner)}",
             },
         )
-        scheduler = RotationScheduler(
-            schedule,
-            store,
-            AuditLog(cli.dir / "store.audit.jsonl"),
-            check_seconds=60,
-            environ={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cli.dir)},
-            environment=DEV,
-            clock=lambda: datetime.now(UTC) + timedelta(hours=1),  # the pending version is stale
-        )
+        scheduler = scheduler_for(
+            cli, schedule, store, clock=lambda: datetime.now(UTC) + timedelta(hours=1)
+        )  # the pending version is stale
         assert scheduler.run_due()["db/app"] == "resumed elsewhere"
         assert store.describe("db/app").labels == {CURRENT: staged.version, "previous": 1}
         assert store.get("db/app").value.reveal() == b"staged-by-a-failed-rotation"
@@ -900,14 +910,7 @@ def test_a_rotation_whose_set_ran_but_whose_promote_failed_is_retried_from_the_t
     time.sleep(1.1)
     store = EncryptedStore.open(SqliteStorage(cli.dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
     try:
-        scheduler = RotationScheduler(
-            schedule,
-            store,
-            AuditLog(audit_path),
-            check_seconds=60,
-            environ={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cli.dir)},
-            environment=DEV,
-        )
+        scheduler = scheduler_for(cli, schedule, store)
         assert scheduler.run_due()["db/app"] == "failed"
         assert store.describe("db/app").labels == {CURRENT: 1, "pending": 2}
         assert scheduler.run_due()["db/app"] == "in progress"  # backing off
@@ -1063,14 +1066,7 @@ def test_the_service_keeps_its_schedule_and_runs_nothing_from_a_file_made_writab
     schedule = write_schedule(cli.dir / "rotation.toml", {"name": "db/app", "every": "3650d"})
     store = EncryptedStore.open(SqliteStorage(cli.dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
     try:
-        scheduler = RotationScheduler(
-            schedule,
-            store,
-            AuditLog(cli.dir / "store.audit.jsonl"),
-            check_seconds=60,
-            environ={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cli.dir)},
-            environment=Environment.PRODUCTION,
-        )
+        scheduler = scheduler_for(cli, schedule, store, environment=Environment.PRODUCTION)
         marker = cli.dir / "pwned"
         write_schedule(schedule, {"name": "db/app", "every": "1s", "set_command": f"sh -c 'cat > {marker}'"})
         schedule.chmod(0o666)
@@ -1128,13 +1124,7 @@ def test_the_service_schedule_never_undoes_a_store_made_between_its_read_and_its
 
     store.get = get_then_another_writer_stores  # type: ignore[method-assign]
     try:
-        scheduler = RotationScheduler(
-            schedule,
-            store,
-            AuditLog(cli.dir / "store.audit.jsonl"),
-            check_seconds=60,
-            environ={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(cli.dir)},
-        )
+        scheduler = scheduler_for(cli, schedule, store)
         assert scheduler.run_due()["db/json"] == "failed"
         assert store.describe("db/json").labels == {CURRENT: 2, "previous": 1}
         assert store.get("db/json").value.reveal() == changed
