@@ -942,6 +942,9 @@ def test_a_signal_during_the_set_command_ends_it_and_says_what_stays_pending(
     rotation = subprocess.Popen(
         [str(SCRIPT), "rotate", "db/app", "--set-command", f"sh -c {shlex.quote(slow_set)}"],
         env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        # Ctrl-C's SIGINT as at a terminal: a runner that started the suite as a background job
+        # (`… &`) has it ignored, exec passes that on, and Python would leave it ignored.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 30
