@@ -164,6 +164,11 @@ class HandshakeFailedError(StorageError):
     CA). The SDK then checks at once whether its certificate files were renewed."""
 
 
+class NotConnectedError(StorageError):
+    """No connection to the service could be made (refused, unreachable, a failed TLS handshake):
+    the request was never sent, so sending it elsewhere cannot make a change twice."""
+
+
 class ConnectionClosedError(HandshakeFailedError):
     """The connection ended under a call ("Socket closed" once connected): the server refused our
     certificate (TLS 1.3 completes the handshake on the client's side first, so the refusal

@@ -84,19 +84,14 @@ from secrets_manager.client._config import (
 from secrets_manager.client._credentials import Credentials
 from secrets_manager.client._logging import LIVE_VALUES
 from secrets_manager.client._renewal import CertificateFiles
-from secrets_manager.client.remote import (
-    NEVER_CONNECTED,
-    ChangeStream,
-    RemoteStore,
-    TlsFiles,
-    channel_credentials,
-)
+from secrets_manager.client.remote import ChangeStream, RemoteStore, TlsFiles, channel_credentials
 from secrets_manager.errors import (
     AccessDeniedError,
     ChangeUnrecordedError,
     ConnectionClosedError,
     HandshakeFailedError,
     InvalidInputError,
+    NotConnectedError,
     NotFoundError,
     OutcomeUnknownError,
     ResourceExhaustedError,
@@ -493,9 +488,9 @@ def _surely_not_made(error: SecretsManagerError) -> bool:
     (its store's lock was busy, a limit was reached)."""
     if isinstance(error, ConnectionClosedError):  # maybe refused in the handshake, maybe mid-call
         return False
-    if isinstance(error, (HandshakeFailedError, StoreBusyError, ResourceExhaustedError)):
-        return True
-    return str(error).startswith(NEVER_CONNECTED)
+    return isinstance(
+        error, (NotConnectedError, HandshakeFailedError, StoreBusyError, ResourceExhaustedError)
+    )
 
 
 class _LocalStore:

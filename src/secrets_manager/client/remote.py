@@ -22,6 +22,7 @@ from secrets_manager.errors import (
     ConnectionClosedError,
     HandshakeFailedError,
     InvalidInputError,
+    NotConnectedError,
     StorageError,
     UnsupportedOperationError,
 )
@@ -91,7 +92,7 @@ def channel_credentials(files: ClientTlsFiles) -> grpc.ChannelCredentials:
 
 # How gRPC begins the details of a call that failed because no connection could be made (the
 # address refused it, or the TLS handshake failed): the request was never sent.
-NEVER_CONNECTED = "failed to connect to all addresses"
+_NEVER_CONNECTED = "failed to connect to all addresses"
 
 
 class RemoteStore:
@@ -129,12 +130,14 @@ class RemoteStore:
                 # How a server that refuses the client certificate in the handshake looks from here;
                 # once connected, also how a call looks whose server went away mid-call.
                 closed = (
-                    HandshakeFailedError if details.startswith(NEVER_CONNECTED) else ConnectionClosedError
+                    HandshakeFailedError if details.startswith(_NEVER_CONNECTED) else ConnectionClosedError
                 )
                 raise closed(
                     f"{details} (if the service is up, it may have refused the client certificate "
                     f"{self._tls.cert}: one from another CA than the server trusts, or expired?)"
                 ) from None
+            if code is grpc.StatusCode.UNAVAILABLE and details.startswith(_NEVER_CONNECTED):
+                raise NotConnectedError(details) from None
             if code is grpc.StatusCode.UNIMPLEMENTED:  # an older service, without this RPC
                 raise UnsupportedOperationError(
                     f"{method} is not supported by the service at {self.address} "
