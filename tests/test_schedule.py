@@ -229,14 +229,18 @@ class Result:
 class Cli:
     dir: Path
 
-    def __call__(self, *args: str, input: bytes = b"", env: Mapping[str, str] | None = None) -> Result:
-        env = {
+    @property
+    def environ(self) -> dict[str, str]:
+        """The environment the console script runs with: this directory's store and password."""
+        return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.dir),
             "MASTER_PASSWORD": PASSWORD,
             "SECRETS_MANAGER_STORE": str(self.dir / "store.db"),
-            **(env or {}),
         }
+
+    def __call__(self, *args: str, input: bytes = b"", env: Mapping[str, str] | None = None) -> Result:
+        env = {**self.environ, **(env or {})}
         proc = subprocess.run(
             [str(SCRIPT), *args], input=input, capture_output=True, env=env, cwd=self.dir, timeout=120
         )
@@ -1149,15 +1153,9 @@ def test_schedule_run_stopped_by_sigterm_ends_the_running_command_and_the_run(cl
         {"name": "db/other", "every": "1s", "set_command": "sh -c 'cat > other-target'"},
     )
     time.sleep(1.1)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(cli.dir),
-        "MASTER_PASSWORD": PASSWORD,
-        "SECRETS_MANAGER_STORE": str(cli.dir / "store.db"),
-    }
     run = subprocess.Popen(
         [str(SCRIPT), "schedule", "run", str(schedule)],
-        env=env, cwd=cli.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        env=cli.environ, cwd=cli.dir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
     try:
         _wait_for(lambda: (cli.dir / "started").exists())
