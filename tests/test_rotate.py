@@ -582,7 +582,8 @@ def test_a_rotation_started_while_another_is_in_progress_exits_7_and_runs_nothin
     # Not a bare --resume, which would promote a value nothing has set at the target.
     assert (
         "finish it by running 'secrets-manager rotate db/app --resume' with the "
-        "--set-command/--test-command of the rotation that started it (a schedule resumes its own), "
+        "--set-command/--test-command of the rotation that started it (or its --postgres-role and "
+        "--postgres; a schedule resumes its own), "
         "or drop it with 'secrets-manager rotate db/app --discard'"
     ) in inner_stderr
     assert not marker.exists()

@@ -1,7 +1,8 @@
 """Credential rotation in AWS's four steps, and the schedule that says when (DESIGN.md section 8).
 
     stage    a new version labelled `pending` (the store refuses it while another is in progress)
-    set      the set command applies the new value at the target (e.g. ALTER ROLE on PostgreSQL)
+    set      the set command applies the new value at the target (e.g. ALTER ROLE on PostgreSQL;
+             built in: rotators/postgres.py)
     test     the test command checks that the new value works there
     promote  the pending version becomes current, the old current previous
 
@@ -17,6 +18,8 @@ A schedule file lists which secrets to rotate, how often, and with which command
     every = "30d"                                     # s, m, h or d; 1 s .. 3650 d
     set_command = "python3 set-app-password.py"       # optional; run in the file's directory
     test_command = "python3 check-app-login.py"       # optional
+    # postgres_role = "app"                           # instead of the commands: ALTER ROLE, log in
+    # postgres = "host=db.internal user=admin"        # its administrator (libpq; no password here)
     length = 32                                       # generated value: characters (8..4096)
     alphabet = "alnum"                                # alnum, hex or urlsafe
     timeout = 60                                      # seconds per command (0 < t <= 3600)
@@ -65,6 +68,7 @@ from secrets_manager.errors import (
     Terminated,
     UnlockError,
 )
+from secrets_manager.rotators.postgres import PASSWORD_FIELD, PostgresRole, PostgresStepError
 from secrets_manager.store import CURRENT, PENDING, SecretMetadata, validate_name
 from secrets_manager.store.base import refuse_to_demote
 from secrets_manager.values import SecretValue
@@ -115,6 +119,51 @@ class Commands:
     # How the rotation was invoked before `rotate`: the program and the global options given on
     # its command line (--store, --server, ...), so a suggested command acts on the same store.
     invocation: tuple[str, ...] = ("secrets-manager",)
+    # A PostgreSQL role whose password the set and test steps change and log in with, in place of
+    # set and test commands (a built-in rotator: rotators/postgres.py).
+    postgres: PostgresRole | None = None
+
+    def runs(self, step: str) -> bool:
+        """Whether the rotation has a `step` ("set" or "test") to run."""
+        argv = self.set_argv if step == "set" else self.test_argv
+        return argv is not None or self.postgres is not None
+
+    @property
+    def set_step(self) -> str:
+        """What sets the value at the target, as messages name it."""
+        return "set command" if self.postgres is None else f"set step (ALTER ROLE {self.postgres.role})"
+
+    def check(self, value: SecretValue, *, field: str | None = None) -> None:
+        """Refuse a value the target cannot take before it is staged (InvalidInputError). A field
+        rotation's PostgreSQL password is the JSON object's "password" field, and no other."""
+        if self.postgres is None:
+            return
+        if field is not None and field != PASSWORD_FIELD:
+            raise InvalidInputError(
+                f"a PostgreSQL role's password is the {PASSWORD_FIELD!r} field of a JSON object value "
+                f"(as AWS keeps database credentials), not {field!r}"
+            )
+        self.postgres.password_of(value)
+
+    def check_target(self, name: str) -> None:
+        """Before a new value is staged: a target that cannot take it now (the PostgreSQL role
+        does not exist, its administrator cannot connect) refuses the rotation with nothing
+        pending, instead of failing its set step after the stage."""
+        if self.postgres is None:
+            return
+        target = self.postgres
+        try:
+            exists = target.role_exists(timeout=self.timeout)
+        except PostgresStepError as exc:
+            raise RotationStepFailed(
+                f"rotating {name}: cannot connect to PostgreSQL as its administrator ({exc}); nothing was "
+                "staged"
+            ) from None
+        if not exists:
+            raise NotFoundError(
+                f"rotating {name}: PostgreSQL role {target.role!r} does not exist on that server; nothing "
+                "was staged"
+            )
 
 
 def resume_command(name: str, commands: Commands, *, resume: bool = True) -> str:
@@ -123,6 +172,8 @@ def resume_command(name: str, commands: Commands, *, resume: bool = True) -> str
     target. Only command lines and a name, never a value (the value goes to the commands' stdin).
     `resume=False`: the command that starts a new rotation with the same commands."""
     words = [*commands.invocation, "rotate", name, *(["--resume"] if resume else [])]
+    if commands.postgres is not None:
+        words += commands.postgres.options
     if commands.set_argv is not None:
         words += ["--set-command", shlex.join(commands.set_argv)]
     if commands.test_argv is not None:
@@ -164,6 +215,32 @@ def run_command(
         f"rotating {name}: the {step} command failed ({failure}); version {version} stays pending and "
         f"current is unchanged; {_how_to_finish(name, commands, scheduled=scheduled, cause=True)}"
     )
+
+
+def run_step(
+    step: str, name: str, version: int, value: SecretValue, commands: Commands, *, scheduled: bool = False
+) -> None:
+    """The rotation's `step` ("set" or "test"): its command, or the built-in PostgreSQL rotator;
+    RotationStepFailed, saying how to finish, if it fails."""
+    if commands.postgres is None:
+        argv = commands.set_argv if step == "set" else commands.test_argv
+        assert argv is not None  # the caller runs only the steps Commands.runs
+        run_command(step, argv, name, version, value, commands, scheduled=scheduled)
+        return
+    target = commands.postgres
+    what = (
+        f"ALTER ROLE {target.role} PASSWORD" if step == "set" else f"log in as PostgreSQL role {target.role}"
+    )
+    try:
+        if step == "set":
+            target.set_password(value, timeout=commands.timeout)
+        else:
+            target.check_login(value, timeout=commands.timeout)
+    except (PostgresStepError, InvalidInputError) as exc:  # the latter: a pending value it cannot take
+        raise RotationStepFailed(
+            f"rotating {name}: the {step} step ({what}) failed ({exc}); version {version} stays pending "
+            f"and current is unchanged; {_how_to_finish(name, commands, scheduled=scheduled, cause=True)}"
+        ) from None
 
 
 def _how_to_finish(
@@ -304,6 +381,8 @@ def rotate(
     checks the target still takes the value after whatever interrupted us), then promote."""
     resumed = value is None
     expect_current = None
+    if value is not None:
+        commands.check(value, field=field)  # e.g. a password PostgreSQL cannot take: before the stage
     if value is not None and (field is not None or generated):
         read = steps.read_current(name)
         expect_current = None if read is None else read[0]
@@ -321,14 +400,16 @@ def rotate(
         if current is not None and current > version:  # before the target is touched
             refuse_to_demote(name, version, current)
     else:
+        commands.check(value, field=field)  # the whole object, now that a field rotation built it
+        commands.check_target(name)
         version = steps.stage(name, value, expect_current=expect_current)
     at_target = resumed and set_ran  # the target holds the value: its set command exited 0
     promoting = False
     try:
-        for step, argv in (("set", commands.set_argv), ("test", commands.test_argv)):
-            if argv is not None and not (step == "set" and resumed and set_ran):
+        for step in ("set", "test"):
+            if commands.runs(step) and not (step == "set" and resumed and set_ran):
                 with steps.command_step(step, name, version):
-                    run_command(step, argv, name, version, value, commands, scheduled=scheduled)
+                    run_step(step, name, version, value, commands, scheduled=scheduled)
                     at_target = at_target or step == "set"
         promoting = True
         previous = steps.promote(name, version)
@@ -354,7 +435,7 @@ def _say_set_ran(
     finish or drop the rotation. The error keeps its class, so its exit code."""
     if isinstance(exc, RotationStepFailed):  # its message says how to finish already
         exc.args = (
-            str(exc).replace(f"rotating {name}: ", f"rotating {name}: the set command ran, then ", 1),
+            str(exc).replace(f"rotating {name}: ", f"rotating {name}: the {commands.set_step} ran, then ", 1),
         )
         return
     finish = _how_to_finish(name, commands, scheduled=scheduled, password=isinstance(exc, UnlockError))
@@ -367,8 +448,8 @@ def _say_set_ran(
             f"it): {finish}"
         )
     exc.args = (
-        f"rotating {name}: the set command ran (the target now has version {version}'s value), then the "
-        f"{'promote' if promoting else 'next step'} failed: {exc}; {state}",
+        f"rotating {name}: the {commands.set_step} ran (the target now has version {version}'s value), "
+        f"then the {'promote' if promoting else 'next step'} failed: {exc}; {state}",
     )
 
 
@@ -396,7 +477,7 @@ def _say_overtaken(
         )
         again = f"rotate it again: {resume_command(name, commands, resume=False)}{run_set}"
     exc.args = (
-        f"{exc}; but this rotation's set command had already run: the target now holds version "
+        f"{exc}; but this rotation's {commands.set_step} had already run: the target now holds version "
         f"{version}'s value, not current's{now}. If no other rotation of {name} is running, {again}",
     )
 
@@ -422,10 +503,13 @@ def _interrupted(
         )
     else:
         where = (
-            "after its set command ran (the target has the new value)"
+            f"after its {commands.set_step} ran (the target has the new value)"
             if at_target
-            else "while its set command ran (it was ended; the target may or may not have the new value)"
-            if commands.set_argv is not None
+            else (
+                f"while its {commands.set_step} ran (it was ended; the target may or may not have the "
+                "new value)"
+            )
+            if commands.runs("set")
             else "while its commands ran (they were ended)"
         )
         message = (
@@ -546,7 +630,18 @@ def _current_or_none(steps: RotationSteps, name: str) -> int | None:
 
 # ---- the schedule ----------------------------------------------------------------------------------
 
-_KNOWN = {"name", "every", "set_command", "test_command", "length", "alphabet", "timeout", "field"}
+_KNOWN = {
+    "name",
+    "every",
+    "set_command",
+    "test_command",
+    "postgres_role",
+    "postgres",
+    "length",
+    "alphabet",
+    "timeout",
+    "field",
+}
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"([0-9]+)([smhd])")  # ASCII only: \d also matches other scripts' digits
 MAX_EVERY = timedelta(days=3650)
@@ -565,13 +660,16 @@ class ScheduledRotation:
     timeout: float
     directory: Path  # the schedule file's: the commands run there
     field: str | None = None  # rotate this text field of a JSON object value (the rest stays)
+    postgres: PostgresRole | None = None  # the built-in PostgreSQL rotator, in place of commands
 
     @property
     def stale_after(self) -> timedelta:
         return timedelta(seconds=self.timeout * STALE_AFTER_TIMEOUTS)
 
     def commands(self, environ: Mapping[str, str]) -> Commands:
-        return Commands(self.set_argv, self.test_argv, self.timeout, environ, cwd=self.directory)
+        return Commands(
+            self.set_argv, self.test_argv, self.timeout, environ, cwd=self.directory, postgres=self.postgres
+        )
 
     def value_for(self, state: Due) -> SecretValue | None:
         """What `rotate` gets for a rotation run in `state`: None to resume the pending version
@@ -687,6 +785,13 @@ def _entry(entry: Any, directory: Path) -> ScheduledRotation:
     field = entry.get("field")
     if field is not None and not (isinstance(field, str) and field and field.isprintable()):
         raise InvalidInputError("field must be the name of a text field of the JSON object value")
+    postgres = _postgres_entry(
+        entry, commands=argv["set_command"] is not None or argv["test_command"] is not None
+    )
+    if postgres is not None and field not in (None, PASSWORD_FIELD):
+        raise InvalidInputError(
+            f"postgres_role sets the {PASSWORD_FIELD!r} field of a JSON object value, not {field!r}"
+        )
     return ScheduledRotation(
         name=name,
         every=parse_every(entry["every"]),
@@ -697,7 +802,26 @@ def _entry(entry: Any, directory: Path) -> ScheduledRotation:
         timeout=float(timeout),
         directory=directory,
         field=field,
+        postgres=postgres,
     )
+
+
+def _postgres_entry(entry: dict[str, Any], *, commands: bool) -> PostgresRole | None:
+    """An entry's built-in PostgreSQL rotator: postgres_role, and postgres (the administrator's
+    connection string, without a password: libpq's ~/.pgpass, PGPASSFILE or PGPASSWORD of the
+    process that runs the schedule give it)."""
+    role, conninfo = entry.get("postgres_role"), entry.get("postgres")
+    if role is None:
+        if conninfo is not None:
+            raise InvalidInputError("postgres goes with postgres_role: the role whose password to rotate")
+        return None
+    if not isinstance(role, str) or not (conninfo is None or isinstance(conninfo, str)):
+        raise InvalidInputError("postgres_role and postgres must be strings")
+    if commands:
+        raise InvalidInputError(
+            "postgres_role sets and tests the password itself: drop set_command and test_command"
+        )
+    return PostgresRole.parse(role, conninfo or "", where="postgres")
 
 
 class Due(enum.StrEnum):
@@ -762,4 +886,5 @@ __all__ = [
     "resume_command",
     "rotate",
     "run_command",
+    "run_step",
 ]

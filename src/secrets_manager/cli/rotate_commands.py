@@ -51,6 +51,7 @@ from secrets_manager.rotation import (
 from secrets_manager.rotation import (
     rotate as run_rotation,
 )
+from secrets_manager.rotators.postgres import PostgresRole
 from secrets_manager.store import CURRENT, PENDING, validate_name
 from secrets_manager.store.url import url_without_password
 from secrets_manager.values import SecretValue
@@ -89,12 +90,24 @@ class _OnePasswordSession(Session):
 @click.option("--set-command", metavar="CMD", help="Apply the new value at the target (value on stdin).")
 @click.option("--test-command", metavar="CMD", help="Check that the new value works (value on stdin).")
 @click.option(
+    "--postgres-role",
+    metavar="ROLE",
+    help="Set and test: ALTER ROLE ROLE PASSWORD (only its SCRAM verifier is sent), then log in as ROLE.",
+)
+@click.option(
+    "--postgres",
+    "postgres_conninfo",
+    metavar="CONNINFO",
+    help="With --postgres-role: the administrator's libpq connection string or URL, no password in it "
+    "(~/.pgpass, PGPASSFILE, PGPASSWORD give it) [default: libpq's PGHOST, PGUSER, ...].",
+)
+@click.option(
     "--timeout",
     type=Seconds(MAX_TIMEOUT),
     default=DEFAULT_TIMEOUT,
     show_default=True,
     metavar="SECONDS",
-    help="Time limit for each command.",
+    help="Time limit for each command (or --postgres-role step).",
 )
 @click.option(
     "--on-server",
@@ -116,6 +129,8 @@ def rotate(
     discard: bool,
     set_command: str | None,
     test_command: str | None,
+    postgres_role: str | None,
+    postgres_conninfo: str | None,
     timeout: float,
     on_server: bool,
     as_json: bool,
@@ -152,6 +167,14 @@ def rotate(
     Example (scripts that read the new password on stdin; README "Credential rotation"):
       secrets-manager rotate db/app --set-command "python3 set-app-password.py" \\
           --test-command "python3 check-app-login.py"
+
+    \b
+    A PostgreSQL role's password, with no script: --postgres-role ROLE sets it as an administrator
+    (--postgres CONNINFO, else libpq's PGHOST, PGUSER, ...; its password from ~/.pgpass, PGPASSFILE or
+    PGPASSWORD, never the command line), sending only the SCRAM-SHA-256 verifier, then logs in as
+    ROLE with it. The value is the password, or a JSON object's "password" field (NAME#password):
+      secrets-manager rotate db/app --postgres-role app \\
+          --postgres "host=db.internal dbname=trading user=admin"
     """
     name, separator, field_text = name.partition(FIELD_SEPARATOR)
     validate_name(name)
@@ -164,22 +187,25 @@ def rotate(
         )
     set_argv = None if set_command is None else command_argv(set_command, "--set-command")
     test_argv = None if test_command is None else command_argv(test_command, "--test-command")
+    postgres = _postgres_target(postgres_role, postgres_conninfo, commands=bool(set_argv or test_argv))
     if generate and from_stdin:
         raise InvalidInputError("give --generate or --stdin, not both")
     if from_stdin or resume or discard or on_server:
         refuse_generator_options("drop {them} with --stdin, --resume, --discard or --on-server")
     if raw and not from_stdin:
         raise InvalidInputError("--raw applies to --stdin only")
-    if discard and (resume or generate or from_stdin or set_argv or test_argv):
+    if discard and (resume or generate or from_stdin or set_argv or test_argv or postgres):
         raise InvalidInputError("--discard takes no other rotation option")
     if resume and (generate or from_stdin):
         raise InvalidInputError("--resume reuses the pending value; drop --generate / --stdin")
-    _check_resume_commands(resume=resume, promote_only=promote_only, commands=bool(set_argv or test_argv))
+    _check_resume_commands(
+        resume=resume, promote_only=promote_only, commands=bool(set_argv or test_argv or postgres)
+    )
     if on_server:
-        if resume or discard or generate or from_stdin or raw or set_argv or test_argv:
+        if resume or discard or generate or from_stdin or raw or set_argv or test_argv or postgres:
             raise InvalidInputError(
                 "--on-server runs the rotation the service's schedule configures; drop --generate, "
-                "--stdin, --resume, --discard, --set-command and --test-command"
+                "--stdin, --resume, --discard, --set-command, --test-command and --postgres-role"
             )
         _rotate_on_server(session, name, as_json=as_json)
         return
@@ -194,12 +220,30 @@ def rotate(
         rotated = run_rotation(
             SessionSteps(session, reading_fields=field is not None),
             name,
-            Commands(set_argv, test_argv, timeout, session.environ, invocation=_invocation()),
+            Commands(
+                set_argv, test_argv, timeout, session.environ, invocation=_invocation(), postgres=postgres
+            ),
             value=value,
             field=field,
             generated=not from_stdin,
         )
     _report(rotated, as_json=as_json)
+
+
+def _postgres_target(role: str | None, conninfo: str | None, *, commands: bool) -> PostgresRole | None:
+    """The built-in PostgreSQL rotator of --postgres-role (and --postgres), checked before any store
+    is opened; it replaces the set and test commands."""
+    if role is None:
+        if conninfo is not None:
+            raise InvalidInputError(
+                "--postgres goes with --postgres-role ROLE: the role whose password to rotate"
+            )
+        return None
+    if commands:
+        raise InvalidInputError(
+            "--postgres-role sets and tests the password itself: drop --set-command and --test-command"
+        )
+    return PostgresRole.parse(role, conninfo or "")
 
 
 def _invocation() -> tuple[str, ...]:

@@ -65,6 +65,8 @@ def schedule() -> None:
       every = "30d"                                 # s, m, h or d
       set_command = "python3 set-app-password.py"   # optional, value on stdin
       test_command = "python3 check-app-login.py"   # optional
+      # postgres_role = "app"                       # instead of the commands: ALTER ROLE,
+      # postgres = "host=db.internal user=admin"    # as that administrator (no password here)
       # length = 32, alphabet = "alnum", timeout = 60: the defaults
     A secret is due when its current version is `every` old. The service runs the same file
     on its own when server.toml names it (rotation_schedule)."""

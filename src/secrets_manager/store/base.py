@@ -249,7 +249,8 @@ def refuse_if_rotating(name: str, pending: int | None, current: int | None) -> N
             f"a rotation of {name!r} is in progress (version {pending} is pending) and may still be "
             f"running; if no other rotation of {name!r} is running, finish it by running "
             f"'secrets-manager rotate {name} --resume' with the --set-command/--test-command of the "
-            "rotation that started it (a schedule resumes its own), or drop it with "
+            "rotation that started it (or its --postgres-role and --postgres; a schedule resumes its own), "
+            "or drop it with "
             f"'secrets-manager rotate {name} --discard'"
         )
 

@@ -1,0 +1,353 @@
+"""The built-in PostgreSQL rotator (`rotate NAME --postgres-role ROLE`, a schedule's
+`postgres_role`) against the private PostgreSQL cluster: the role's password really changes, only
+its SCRAM verifier reaches the server, and every failure leaves the version pending with a command
+that finishes it."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import shlex
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from service_fixtures import make_pki, make_store, start_server
+from test_rotate import OLD_VALUE, SCRIPT, Cli
+
+
+@dataclass
+class Roles:
+    """An administrator (CREATEROLE) and the application role it rotates, fresh for one test."""
+
+    cluster: Any
+    admin: str
+    admin_password: str
+    app: str
+
+    @property
+    def conninfo(self) -> str:
+        return f"host=127.0.0.1 port={self.cluster.port} dbname=postgres user={self.admin}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The administrator's password where libpq reads it (never in the connection string)."""
+        return {"PGPASSWORD": self.admin_password, "PGCONNECT_TIMEOUT": "10"}
+
+    def logs_in(self, password: str) -> bool:
+        try:
+            psycopg.connect(
+                host="127.0.0.1", port=self.cluster.port, dbname="postgres", user=self.app,
+                password=password, connect_timeout=10,
+            ).close()  # fmt: skip
+        except psycopg.OperationalError as exc:
+            assert "password authentication failed" in str(exc), exc
+            return False
+        return True
+
+    def stored_verifier(self) -> str:
+        with self.cluster.connect(superuser=True) as conn:
+            row = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = %s", (self.app,)).fetchone()
+        assert row is not None
+        return str(row[0])
+
+
+@pytest.fixture
+def roles(postgres_cluster: Any) -> Iterator[Roles]:
+    suffix = secrets.token_hex(4)
+    made = Roles(postgres_cluster, f"rot_admin_{suffix}", secrets.token_urlsafe(16), f"app_{suffix}")
+    with postgres_cluster.connect(superuser=True) as conn:
+        for statement, role, password in (
+            ("CREATE ROLE {} LOGIN CREATEROLE PASSWORD {}", made.admin, made.admin_password),
+            ("CREATE ROLE {} LOGIN PASSWORD {}", made.app, OLD_VALUE),
+        ):
+            conn.execute(sql.SQL(statement).format(sql.Identifier(role), sql.Literal(password)))
+        # Every statement the administrator sends lands in the server's log: the password must not.
+        conn.execute(sql.SQL("ALTER ROLE {} SET log_statement = 'all'").format(sql.Identifier(made.admin)))
+    yield made
+    with postgres_cluster.connect(superuser=True) as conn:
+        for role in (made.app, made.admin):
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+@pytest.fixture
+def cli(tmp_path: Path, roles: Roles) -> Cli:
+    cli = Cli(tmp_path)
+    cli.env.update(roles.env)
+    assert cli("init", "--kdf-profile", "test").code == 0
+    assert cli("store", "db/app", input=OLD_VALUE.encode()).code == 0
+    return cli
+
+
+def _rotate(cli: Cli, roles: Roles, *extra: str, name: str = "db/app", **kwargs: Any) -> Any:
+    return cli("rotate", name, "--postgres-role", roles.app, "--postgres", roles.conninfo, *extra, **kwargs)
+
+
+def test_rotate_sets_the_roles_password_and_logs_in_with_it(cli: Cli, roles: Roles) -> None:
+    assert roles.logs_in(OLD_VALUE)
+    result = _rotate(cli, roles)
+    assert result.code == 0, result.stderr
+    assert "rotated db/app: version 2 is current (previous: 1)" in result.stderr
+    new = cli.value()
+    assert new != OLD_VALUE and len(new) == 32
+    assert roles.logs_in(new) and not roles.logs_in(OLD_VALUE)
+    # Only the SCRAM verifier reached the server: not in its log (log_statement = all), not stored.
+    assert roles.stored_verifier().startswith("SCRAM-SHA-256$")
+    log = roles.cluster.server_log(tail=None)
+    assert f'ALTER ROLE "{roles.app}" PASSWORD' in log
+    assert new not in log
+    assert new not in result.stderr + result.stdout
+    records = [json.loads(line) for line in cli.audit.read_text().splitlines()]
+    steps = [
+        (r["operation"], r["outcome"]) for r in records if r["operation"] in ("rotate.set", "rotate.test")
+    ]
+    assert steps == [("rotate.set", "pending"), ("rotate.set", "ok"), ("rotate.test", "ok")]
+    assert new not in cli.audit.read_text()
+
+
+def test_a_json_value_has_its_password_field_rotated_and_the_rest_kept(cli: Cli, roles: Roles) -> None:
+    """AWS keeps database credentials as a JSON object; NAME#password rotates that field."""
+    document = {"engine": "postgres", "host": "127.0.0.1", "username": roles.app, "password": OLD_VALUE}
+    assert cli("store", "db/app", input=json.dumps(document).encode()).code == 0
+    result = _rotate(cli, roles, name="db/app#password")
+    assert result.code == 0, result.stderr
+    rotated = json.loads(cli.value())
+    assert {k: v for k, v in rotated.items() if k != "password"} == {
+        k: v for k, v in document.items() if k != "password"
+    }
+    assert rotated["password"] != OLD_VALUE
+    assert roles.logs_in(rotated["password"]) and not roles.logs_in(OLD_VALUE)
+
+
+def test_a_role_or_administrator_that_cannot_be_reached_refuses_the_rotation_before_the_stage(
+    cli: Cli, roles: Roles
+) -> None:
+    history = cli("history", "db/app", "--json").stdout
+    refused = _rotate(cli, roles, env={"PGPASSWORD": "not-the-admins-password"})
+    assert refused.code == 1
+    assert "cannot connect to PostgreSQL as its administrator (" in refused.stderr
+    assert f'password authentication failed for user "{roles.admin}"' in refused.stderr
+    assert "nothing was staged" in refused.stderr
+    missing = cli("rotate", "db/app", "--postgres-role", "no_such_role", "--postgres", roles.conninfo)
+    assert missing.code == 3
+    assert (
+        "PostgreSQL role 'no_such_role' does not exist on that server; nothing was staged" in missing.stderr
+    )
+    assert cli("history", "db/app", "--json").stdout == history
+
+
+def test_a_failed_set_step_leaves_the_version_pending_and_its_resume_command_finishes_it(
+    cli: Cli, roles: Roles
+) -> None:
+    with roles.cluster.connect(superuser=True) as conn:  # the administrator may no longer alter roles
+        conn.execute(sql.SQL("ALTER ROLE {} NOCREATEROLE").format(sql.Identifier(roles.admin)))
+    result = _rotate(cli, roles)
+    assert result.code == 1
+    assert f"the set step (ALTER ROLE {roles.app} PASSWORD) failed (permission denied" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert cli.labels() == {"current": 1, "pending": 2}
+    assert roles.logs_in(OLD_VALUE)  # the role is untouched
+    with roles.cluster.connect(superuser=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} CREATEROLE").format(sql.Identifier(roles.admin)))
+    suggested = result.stderr.split("--resume: ", 1)[1].split(" (or discard it", 1)[0]
+    words = shlex.split(suggested)
+    assert words[:3] == ["secrets-manager", "rotate", "db/app"]
+    assert "--resume" in words and words[words.index("--postgres-role") + 1] == roles.app
+    assert words[words.index("--postgres") + 1] == roles.conninfo
+    resumed = cli(*words[1:])
+    assert resumed.code == 0, resumed.stderr
+    assert "resumed and rotated db/app: version 2 is current" in resumed.stderr
+    assert roles.logs_in(cli.value())
+
+
+def test_a_failed_test_step_says_the_password_was_set_and_promotes_nothing(cli: Cli, roles: Roles) -> None:
+    with roles.cluster.connect(superuser=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(roles.app)))
+    result = _rotate(cli, roles)
+    assert result.code == 1
+    assert f"the set step (ALTER ROLE {roles.app}) ran, then the test step" in result.stderr
+    assert "is not permitted to log in" in result.stderr
+    assert cli.labels() == {"current": 1, "pending": 2}
+    pending = cli.value("--label", "pending")
+    assert pending not in result.stderr
+    with roles.cluster.connect(superuser=True) as conn:
+        conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(roles.app)))
+    assert roles.logs_in(pending)  # the set step did set it
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            ["--postgres-role", "app", "--postgres", "host=127.0.0.1 password=hunter2"],
+            "must not hold a password",
+        ),
+        (
+            ["--postgres-role", "app", "--postgres", "postgresql://admin:hunter2@127.0.0.1/db"],
+            "must not hold",
+        ),
+        (["--postgres", "host=127.0.0.1"], "--postgres goes with --postgres-role"),
+        (["--postgres-role", "app", "--set-command", "true"], "drop --set-command and --test-command"),
+        (["--postgres-role", "r" * 64], "longer than 63 bytes"),
+        (
+            ["--postgres-role", "app", "--postgres", "host='unterminated"],
+            "not a PostgreSQL connection string",
+        ),
+        (["--postgres-role", "app", "--discard"], "--discard takes no other rotation option"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_changes(
+    cli: Cli, roles: Roles, arguments: list[str], message: str
+) -> None:
+    history = cli("history", "db/app", "--json").stdout
+    result = cli("rotate", "db/app", *arguments)
+    assert result.code == 2, result.stderr
+    assert message in result.stderr
+    assert "hunter2" not in result.stderr
+    assert cli("history", "db/app", "--json").stdout == history
+
+
+def test_a_value_postgres_cannot_take_or_another_field_is_refused_before_it_is_staged(
+    cli: Cli, roles: Roles
+) -> None:
+    history = cli("history", "db/app", "--json").stdout
+    refused = _rotate(cli, roles, "--stdin", "--raw", input=b"with\x00nul")
+    assert refused.code == 2 and "without NUL characters" in refused.stderr
+    refused = _rotate(cli, roles, "--stdin", input=b"\xff\xfe not text")
+    assert refused.code == 2 and "must be UTF-8 text" in refused.stderr
+    document = json.dumps({"username": roles.app, "password": OLD_VALUE, "pw": "x"})
+    assert cli("store", "db/app", input=document.encode()).code == 0
+    history = cli("history", "db/app", "--json").stdout
+    refused = _rotate(cli, roles, name="db/app#pw")
+    assert refused.code == 2 and "'password' field of a JSON object value" in refused.stderr
+    assert cli("history", "db/app", "--json").stdout == history
+    assert roles.logs_in(OLD_VALUE)
+
+
+def test_a_schedule_entry_rotates_the_role(cli: Cli, roles: Roles, tmp_path: Path) -> None:
+    schedule = tmp_path / "rotation.toml"
+    schedule.write_text(
+        f'[[rotation]]\nname = "db/app"\nevery = "1s"\npostgres_role = "{roles.app}"\n'
+        f'postgres = "{roles.conninfo}"\ntimeout = 20\n'
+    )
+    schedule.chmod(0o600)
+    time.sleep(1.1)  # the value stored by the fixture is now older than `every`: due
+    result = cli("schedule", "run", str(schedule))
+    assert result.code == 0, result.stderr
+    assert "rotated db/app: version 2 is current (previous: 1)" in result.stderr
+    assert roles.logs_in(cli.value()) and not roles.logs_in(OLD_VALUE)
+
+
+def test_a_schedule_entry_with_both_commands_and_a_role_is_refused(cli: Cli, tmp_path: Path) -> None:
+    schedule = tmp_path / "rotation.toml"
+    schedule.write_text(
+        '[[rotation]]\nname = "db/app"\nevery = "1d"\npostgres_role = "app"\nset_command = "true"\n'
+    )
+    schedule.chmod(0o600)
+    result = cli("schedule", "check", str(schedule))
+    assert result.code == 2
+    assert "rotation 1: postgres_role sets and tests the password itself: drop set_command" in result.stderr
+
+
+def test_the_service_runs_a_postgres_role_entry_on_request_and_audits_it(
+    tmp_path: Path, roles: Roles
+) -> None:
+    """`rotate NAME --on-server`: the service's own schedule entry, run on its host with the
+    administrator's password from the service's environment (libpq's PGPASSWORD)."""
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path, {"auth/DB_PASSWORD": OLD_VALUE.encode()})
+    schedule = tmp_path / "rotation.toml"
+    schedule.write_text(
+        f'[[rotation]]\nname = "auth/DB_PASSWORD"\nevery = "3650d"\npostgres_role = "{roles.app}"\n'
+        f'postgres = "{roles.conninfo}"\ntimeout = 20\n'
+    )
+    server = start_server(
+        tmp_path,
+        "server",
+        settings=f'rotation_schedule = "{schedule.name}"\n',
+        environment=roles.env,
+    )
+    try:
+        done = server.cli("ops", "rotate", "auth/DB_PASSWORD", "--on-server")
+        assert done.returncode == 0, done.stderr
+        new = server.cli("ops", "get", "auth/DB_PASSWORD").stdout.decode().rstrip("\n")
+    finally:
+        server.stop()
+    assert new != OLD_VALUE
+    assert roles.logs_in(new) and not roles.logs_in(OLD_VALUE)
+    records = server.audit_records()
+    steps = [(r["operation"], r["outcome"]) for r in records if r["operation"].startswith("rotate.")]
+    assert ("rotate.set", "ok") in steps and ("rotate.test", "ok") in steps
+    assert new not in (tmp_path / "store.audit.jsonl").read_text() + "".join(server.log_lines)
+
+
+@contextlib.contextmanager
+def _role_locked(roles: Roles) -> Iterator[None]:
+    """Another transaction changes the role and does not commit: ALTER ROLE waits for it."""
+    with roles.cluster.connect(superuser=True) as other:
+        other.execute("BEGIN")
+        other.execute(sql.SQL("ALTER ROLE {} VALID UNTIL 'infinity'").format(sql.Identifier(roles.app)))
+        try:
+            yield
+        finally:
+            other.execute("ROLLBACK")
+
+
+def _waiting_alters(roles: Roles) -> int:
+    with roles.cluster.connect(superuser=True) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'secrets-manager-rotate' "
+            "AND wait_event_type = 'Lock' AND query LIKE 'ALTER ROLE%%'"
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def test_a_set_step_that_waits_for_a_lock_gives_up_at_the_timeout(cli: Cli, roles: Roles) -> None:
+    with _role_locked(roles):
+        started = time.monotonic()
+        result = _rotate(cli, roles, "--timeout", "2")
+        took = time.monotonic() - started
+    assert result.code == 1, result.stderr
+    assert "canceling statement due to statement timeout" in result.stderr
+    assert took < 30
+    assert cli.labels() == {"current": 1, "pending": 2}
+    assert roles.logs_in(OLD_VALUE)
+
+
+def test_sigterm_during_the_set_step_cancels_it_and_says_what_stays_pending(cli: Cli, roles: Roles) -> None:
+    with _role_locked(roles):
+        rotation = subprocess.Popen(
+            [str(SCRIPT), "rotate", "db/app", "--postgres-role", roles.app, "--postgres", roles.conninfo],
+            env=cli.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while _waiting_alters(roles) == 0:
+                assert rotation.poll() is None and time.monotonic() < deadline, "ALTER ROLE never waited"
+                time.sleep(0.05)
+            rotation.send_signal(signal.SIGTERM)
+            _, stderr = rotation.communicate(timeout=30)
+        finally:
+            if rotation.poll() is None:
+                rotation.kill()
+                rotation.wait()
+        assert _waiting_alters(roles) == 0  # cancelled, not left waiting to change the role later
+    assert rotation.returncode == 143, stderr
+    message = stderr.decode()
+    assert f"interrupted (SIGTERM) while its set step (ALTER ROLE {roles.app}) ran" in message
+    assert "version 2 stays pending" in message and "--postgres-role" in message
+    assert cli.labels() == {"current": 1, "pending": 2}
+    assert roles.logs_in(OLD_VALUE)
