@@ -460,8 +460,8 @@ def test_a_resume_without_its_commands_is_refused_and_promotes_nothing(
     assert refused.stderr.count("\n") == 1
     assert (
         "--resume without --set-command would promote a value nothing has set at the target; give the "
-        "rotation's --set-command/--test-command, or --promote-only if the target already holds the "
-        "pending value (set by hand)"
+        "rotation's --set-command/--test-command (or --postgres-role), or --promote-only if the target "
+        "already holds the pending value (set by hand)"
     ) in refused.stderr
     assert cli.audit.read_text() == records_before  # refused before the store was opened
     assert cli.value() == OLD_VALUE and cli.labels() == {"current": 1, "pending": 2}

@@ -5,12 +5,15 @@ that finishes it."""
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import json
 import secrets
 import shlex
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -148,21 +151,19 @@ def test_a_role_or_administrator_that_cannot_be_reached_refuses_the_rotation_bef
 def test_a_failed_set_step_leaves_the_version_pending_and_its_resume_command_finishes_it(
     cli: Cli, roles: Roles
 ) -> None:
-    with roles.cluster.connect(superuser=True) as conn:  # the administrator may no longer alter roles
-        conn.execute(sql.SQL("ALTER ROLE {} NOCREATEROLE").format(sql.Identifier(roles.admin)))
-    result = _rotate(cli, roles)
+    with _role_locked(roles):  # ALTER ROLE waits past --timeout: the set step fails
+        result = _rotate(cli, roles, "--timeout", "2")
     assert result.code == 1
-    assert f"the set step (ALTER ROLE {roles.app} PASSWORD) failed (permission denied" in result.stderr
+    assert f"the set step (ALTER ROLE {roles.app} PASSWORD) failed (canceling statement" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert cli.labels() == {"current": 1, "pending": 2}
     assert roles.logs_in(OLD_VALUE)  # the role is untouched
-    with roles.cluster.connect(superuser=True) as conn:
-        conn.execute(sql.SQL("ALTER ROLE {} CREATEROLE").format(sql.Identifier(roles.admin)))
     suggested = result.stderr.split("--resume: ", 1)[1].split(" (or discard it", 1)[0]
     words = shlex.split(suggested)
     assert words[:3] == ["secrets-manager", "rotate", "db/app"]
     assert "--resume" in words and words[words.index("--postgres-role") + 1] == roles.app
     assert words[words.index("--postgres") + 1] == roles.conninfo
+    assert words[words.index("--timeout") + 1] == "2"
     resumed = cli(*words[1:])
     assert resumed.code == 0, resumed.stderr
     assert "resumed and rotated db/app: version 2 is current" in resumed.stderr
@@ -170,17 +171,17 @@ def test_a_failed_set_step_leaves_the_version_pending_and_its_resume_command_fin
 
 
 def test_a_failed_test_step_says_the_password_was_set_and_promotes_nothing(cli: Cli, roles: Roles) -> None:
-    with roles.cluster.connect(superuser=True) as conn:
-        conn.execute(sql.SQL("ALTER ROLE {} NOLOGIN").format(sql.Identifier(roles.app)))
+    with roles.cluster.connect(superuser=True) as conn:  # no session of it may start: the test fails
+        conn.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT 0").format(sql.Identifier(roles.app)))
     result = _rotate(cli, roles)
     assert result.code == 1
     assert f"the set step (ALTER ROLE {roles.app}) ran, then the test step" in result.stderr
-    assert "is not permitted to log in" in result.stderr
+    assert "too many connections for role" in result.stderr
     assert cli.labels() == {"current": 1, "pending": 2}
     pending = cli.value("--label", "pending")
     assert pending not in result.stderr
     with roles.cluster.connect(superuser=True) as conn:
-        conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(roles.app)))
+        conn.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT -1").format(sql.Identifier(roles.app)))
     assert roles.logs_in(pending)  # the set step did set it
 
 
@@ -200,7 +201,7 @@ def test_a_failed_test_step_says_the_password_was_set_and_promotes_nothing(cli: 
         (["--postgres-role", "r" * 64], "longer than 63 bytes"),
         (
             ["--postgres-role", "app", "--postgres", "host='unterminated"],
-            "not a PostgreSQL connection string",
+            "not a connection string libpq can read",
         ),
         (["--postgres-role", "app", "--discard"], "--discard takes no other rotation option"),
     ],
@@ -351,3 +352,164 @@ def test_sigterm_during_the_set_step_cancels_it_and_says_what_stays_pending(cli:
     assert "version 2 stays pending" in message and "--postgres-role" in message
     assert cli.labels() == {"current": 1, "pending": 2}
     assert roles.logs_in(OLD_VALUE)
+
+
+class StallingProxy:
+    """A TCP proxy to the cluster that stops passing anything on, for good, once the client sends
+    `marker` (its connections stay open): a server or network that stopped answering mid-step."""
+
+    def __init__(self, port: int, marker: bytes) -> None:
+        self._target = ("127.0.0.1", port)
+        self._marker = marker
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.stalled = threading.Event()
+        self._held: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(self._target)
+            self._held += [downstream, upstream]
+            threading.Thread(target=self._pump, args=(downstream, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, downstream, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                if from_client and self._marker in data:
+                    self.stalled.set()
+                if not self.stalled.is_set():
+                    sink.sendall(data)
+
+    def close(self) -> None:
+        for sock in [self._listener, *self._held]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+def test_a_server_that_stops_answering_mid_step_is_given_up_at_the_timeout(cli: Cli, roles: Roles) -> None:
+    """statement_timeout cannot end a step whose statement never reached the server: our own
+    deadline shuts the connection down."""
+    proxy = StallingProxy(roles.cluster.port, b"SCRAM-SHA-256$")  # the set step's ALTER ROLE only
+    try:
+        conninfo = f"host=127.0.0.1 port={proxy.port} dbname=postgres user={roles.admin}"
+        started = time.monotonic()
+        result = cli(
+            "rotate", "db/app", "--postgres-role", roles.app, "--postgres", conninfo, "--timeout", "2"
+        )
+        took = time.monotonic() - started
+    finally:
+        proxy.close()
+    assert proxy.stalled.is_set()
+    assert result.code == 1, result.stderr
+    assert (
+        f"the set step (ALTER ROLE {roles.app} PASSWORD) failed (no answer from the server within 4 s)"
+        in (result.stderr)
+    )
+    assert took < 20
+    assert cli.labels() == {"current": 1, "pending": 2}
+
+
+@pytest.mark.parametrize(
+    "make_role_unusable",
+    [
+        ("ALTER ROLE {app} NOLOGIN", "cannot log in (NOLOGIN)"),
+        ("ALTER ROLE {app} SUPERUSER", "may not change the password of PostgreSQL role"),
+        (
+            "GRANT CONNECT ON DATABASE postgres TO {admin}; REVOKE CONNECT ON DATABASE postgres FROM PUBLIC",
+            "may not connect to database 'postgres'",
+        ),
+        ("ALTER ROLE {admin} SET default_transaction_read_only = on", "read-only transaction"),
+    ],
+    ids=["nologin", "superuser", "no-connect", "read-only"],
+)
+def test_what_would_fail_after_the_stage_is_found_before_it(
+    cli: Cli, roles: Roles, make_role_unusable: tuple[str, str]
+) -> None:
+    """The role cannot log in, or may not connect where the test step logs in (the worst: its
+    password would change and the test fail, locking the application out), or the administrator
+    may not change it: refused with nothing staged, and the role's password untouched."""
+    statement, message = make_role_unusable
+    history = cli("history", "db/app", "--json").stdout
+    with roles.cluster.connect(superuser=True) as conn:
+        conn.execute(statement.format(app=f'"{roles.app}"', admin=f'"{roles.admin}"'))
+    try:
+        result = _rotate(cli, roles)
+    finally:
+        with roles.cluster.connect(superuser=True) as conn:
+            conn.execute("GRANT CONNECT ON DATABASE postgres TO PUBLIC")
+            conn.execute(
+                sql.SQL("REVOKE CONNECT ON DATABASE postgres FROM {}").format(sql.Identifier(roles.admin))
+            )
+            conn.execute(sql.SQL("ALTER ROLE {} NOSUPERUSER LOGIN").format(sql.Identifier(roles.app)))
+            conn.execute(sql.SQL("ALTER ROLE {} RESET ALL").format(sql.Identifier(roles.admin)))
+    assert result.code == 1, result.stderr
+    assert message in result.stderr and "nothing was staged" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert cli("history", "db/app", "--json").stdout == history
+    assert roles.logs_in(OLD_VALUE)
+
+
+def test_a_json_value_with_a_byte_order_mark_has_its_password_field_set(cli: Cli, roles: Roles) -> None:
+    """The object was taken for a plain password (its whole text set as the role's password) when
+    it began with a byte-order mark; an object too deep to read is refused."""
+    document = {"username": roles.app, "password": OLD_VALUE, "port": "5432"}
+    assert cli("store", "db/app", input=codecs.BOM_UTF8 + json.dumps(document).encode()).code == 0
+    result = _rotate(cli, roles, name="db/app#password")
+    assert result.code == 0, result.stderr
+    stored = cli("get", "db/app", "--raw").stdout.encode()
+    assert stored.startswith(codecs.BOM_UTF8)
+    new = json.loads(stored)["password"]
+    assert roles.logs_in(new) and not roles.logs_in(OLD_VALUE)
+    history = cli("history", "db/app", "--json").stdout
+    deep = b'{"password": "deep-one-1234", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"
+    refused = _rotate(cli, roles, "--stdin", input=deep)
+    assert refused.code == 2 and "a JSON object that cannot be read" in refused.stderr
+    assert cli("history", "db/app", "--json").stdout == history
+
+
+def test_a_connection_string_libpq_cannot_read_is_not_echoed(cli: Cli, roles: Roles) -> None:
+    """libpq quotes what it could not parse: a URL after a tab went by as one word, password and all."""
+    for conninfo in ("\tpostgresql://admin:Hunter2Secret@127.0.0.1/postgres", "host='Hunter2Secret"):
+        result = cli("rotate", "db/app", "--postgres-role", roles.app, "--postgres", conninfo)
+        assert result.code == 2, result.stderr
+        assert "not a connection string libpq can read" in result.stderr
+        assert "Hunter2" not in result.stderr
+    # A word that merely contains "password" is no password.
+    conninfo = f"{roles.conninfo} application_name=password_rotator"
+    named = cli("rotate", "db/app", "--postgres-role", roles.app, "--postgres", conninfo)
+    assert named.code == 0, named.stderr
+
+
+def test_sigterm_while_the_server_is_asked_before_the_stage_says_nothing_was_staged(cli: Cli) -> None:
+    silent = socket.create_server(("127.0.0.1", 0))  # a server that never answers
+    try:
+        conninfo = f"host=127.0.0.1 port={silent.getsockname()[1]} dbname=postgres user=admin"
+        rotation = subprocess.Popen(
+            [str(SCRIPT), "rotate", "db/app", "--postgres-role", "app", "--postgres", conninfo],
+            env=cli.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        try:
+            silent.settimeout(30)
+            connection, _ = silent.accept()  # the rotation is asking the server, before any stage
+            with connection:  # held open, unanswered
+                rotation.send_signal(signal.SIGTERM)
+                _, stderr = rotation.communicate(timeout=30)
+        finally:
+            if rotation.poll() is None:
+                rotation.kill()
+                rotation.wait()
+    finally:
+        silent.close()
+    assert rotation.returncode == 143, stderr
+    assert "rotating db/app: interrupted (SIGTERM); nothing was staged" in stderr.decode()
+    assert cli.labels() == {"current": 1}

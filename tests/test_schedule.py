@@ -1175,3 +1175,42 @@ def test_schedule_run_stopped_by_sigterm_ends_the_running_command_and_the_run(cl
     assert not (cli.dir / "other-target").exists()  # the next entry never started
     assert cli.history("db/app")["labels"] == {"current": 1, "pending": 2}
     assert cli.history("db/other")["labels"] == {"current": 1}
+
+
+def test_an_entry_that_fails_before_staging_is_tried_again_with_a_growing_backoff(
+    cli: Cli, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nothing pending tells the service to wait, so a rotation that fails before its stage (here a
+    JSON object with no field named; in production a PostgreSQL administrator's wrong password) was
+    tried at every pass: the same error logged, and a failed database login, every minute all day.
+    It is tried again after one check interval, then twice as long each time; fixed, it rotates."""
+    assert cli("store", "db/app", input=json.dumps({"password": "FIRST-PASSWORD"}).encode()).code == 0
+    schedule = write_schedule(cli.dir / "rotation.toml", {"name": "db/app", "every": "1s"})
+    time.sleep(1.1)
+    store = EncryptedStore.open(SqliteStorage(cli.dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        scheduler = RotationScheduler(
+            schedule,
+            store,
+            AuditLog(cli.dir / "store.audit.jsonl"),
+            check_seconds=0.5,
+            environ={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            environment=DEV,
+        )
+        with caplog.at_level("ERROR", logger="secrets_manager.service.schedule"):
+            assert scheduler.run_due()["db/app"] == "failed"
+            assert scheduler.run_due()["db/app"] == "backing off"
+            time.sleep(0.6)  # past the first backoff (one check interval)
+            assert scheduler.run_due()["db/app"] == "failed"
+            time.sleep(0.6)  # not past the second (two intervals)
+            assert scheduler.run_due()["db/app"] == "backing off"
+        failures = [r for r in caplog.records if r.getMessage() == "scheduled rotation failed"]
+        assert [getattr(r, "next_try_seconds", None) for r in failures] == [0.5, 1.0]
+        assert cli("store", "db/app", input=b"a plain value again").code == 0  # the entry can work now
+        time.sleep(1.1)
+        assert scheduler.run_due()["db/app"] == "rotated"
+        time.sleep(1.1)
+        assert scheduler.run_due()["db/app"] == "rotated"  # no backoff left once it worked
+        scheduler.join(1)
+    finally:
+        store.close()

@@ -147,23 +147,20 @@ class Commands:
 
     def check_target(self, name: str) -> None:
         """Before a new value is staged: a target that cannot take it now (the PostgreSQL role
-        does not exist, its administrator cannot connect) refuses the rotation with nothing
-        pending, instead of failing its set step after the stage."""
+        does not exist or cannot log in, its administrator cannot connect or may not change it)
+        refuses the rotation with nothing pending, instead of failing a step after the stage."""
         if self.postgres is None:
             return
-        target = self.postgres
         try:
-            exists = target.role_exists(timeout=self.timeout)
+            self.postgres.check_before_stage(timeout=self.timeout)
         except PostgresStepError as exc:
-            raise RotationStepFailed(
-                f"rotating {name}: cannot connect to PostgreSQL as its administrator ({exc}); nothing was "
-                "staged"
-            ) from None
-        if not exists:
-            raise NotFoundError(
-                f"rotating {name}: PostgreSQL role {target.role!r} does not exist on that server; nothing "
-                "was staged"
-            )
+            refusal = NotFoundError if exc.missing else RotationStepFailed
+            raise refusal(f"rotating {name}: {exc}; nothing was staged") from None
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP while the server was asked
+            how = str(exc) if isinstance(exc, Terminated) else "Ctrl-C"
+            error = OperationInterrupted(f"rotating {name}: interrupted ({how}); nothing was staged")
+            error.exit_code = getattr(exc, "exit_code", OperationInterrupted.exit_code)
+            raise error from None
 
 
 def resume_command(name: str, commands: Commands, *, resume: bool = True) -> str:

@@ -272,13 +272,14 @@ def _check_resume_commands(*, resume: bool, promote_only: bool, commands: bool) 
         raise InvalidInputError("--promote-only goes with --resume: 'rotate NAME --resume --promote-only'")
     if promote_only and commands:
         raise InvalidInputError(
-            "--promote-only runs no command; drop --set-command/--test-command, or drop --promote-only"
+            "--promote-only runs no command; drop --set-command/--test-command (and --postgres-role), or "
+            "drop --promote-only"
         )
     if resume and not commands and not promote_only:
         raise InvalidInputError(
             "--resume without --set-command would promote a value nothing has set at the target; give "
-            "the rotation's --set-command/--test-command, or --promote-only if the target already holds "
-            "the pending value (set by hand)"
+            "the rotation's --set-command/--test-command (or --postgres-role), or --promote-only if the "
+            "target already holds the pending value (set by hand)"
         )
 
 

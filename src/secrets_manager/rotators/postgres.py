@@ -19,8 +19,12 @@ psycopg is imported only when a rotation uses this target: the CLI starts withou
 
 from __future__ import annotations
 
+import codecs
 import json
 import math
+import os
+import socket
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,14 +33,27 @@ from typing import Any
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.values import SecretValue
 
-PASSWORD_FIELD = "password"  # noqa: S105 (a field's name) the field of a JSON object value that holds the password (AWS's name)
+PASSWORD_FIELD = "password"  # noqa: S105 (a field's name, AWS's) the JSON object field with the password
 MAX_ROLE_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL cuts longer names, and would alter another role
 MIN_CONNECT_TIMEOUT = 2  # libpq treats 1 as 2 and 0 as "wait for ever"
+# A session is shut down this long after the step's timeout if the server has not answered: time
+# for its own statement_timeout error, which says more, to arrive first.
+ANSWER_GRACE_SECONDS = 2.0
+# The check before the stage does not wait long for a role another transaction is changing.
+PROBE_LOCK_WAIT_MS = 200
+LOCK_NOT_AVAILABLE, QUERY_CANCELED = "55P03", "57014"  # SQLSTATEs
+APPLICATION_NAME = "secrets-manager-rotate"  # how our sessions show in pg_stat_activity
+_JSON_LEAD = codecs.BOM_UTF8 + b" \t\r\n"
 
 
 class PostgresStepError(Exception):
-    """A set or test step failed at the server (cannot connect, log in, or alter the role). Its
-    message is libpq's or the server's, on one line, with the password removed if it was there."""
+    """A step failed at the server (cannot connect, log in, or alter the role), or the check before
+    the stage found the rotation cannot work. Its message is one line, libpq's or the server's words
+    included, never the password. `missing`: the role does not exist."""
+
+    def __init__(self, message: str, *, missing: bool = False) -> None:
+        super().__init__(message)
+        self.missing = missing
 
 
 @dataclass(frozen=True)
@@ -53,7 +70,9 @@ class PostgresRole:
     @classmethod
     def parse(cls, role: str, conninfo: str = "", *, where: str = "--postgres") -> PostgresRole:
         """Check the role's name and the connection string before any store is touched: a password
-        in the string is refused (it would sit in a process's arguments or a schedule file)."""
+        in the string is refused (it would sit in a process's arguments or a schedule file), and
+        libpq's complaint about a string it cannot read is not repeated (it quotes the text, which
+        may hold one)."""
         if not role or "\x00" in role:
             raise InvalidInputError("the PostgreSQL role must be a role's name")
         if len(role.encode("utf-8")) > MAX_ROLE_BYTES:
@@ -61,22 +80,20 @@ class PostgresRole:
                 f"the PostgreSQL role name is longer than {MAX_ROLE_BYTES} bytes: PostgreSQL would cut it "
                 "and change another role's password"
             )
-        refusal = (
-            f"{where} must not hold a password (it would be in the process list or a file others "
-            "read): give the administrator's in ~/.pgpass, PGPASSFILE or PGPASSWORD"
-        )
-        if _may_hold_a_password(conninfo):  # before libpq parses it: its errors quote the text
-            raise InvalidInputError(refusal)
         from psycopg import conninfo as libpq_conninfo  # only where a rotation uses PostgreSQL
 
         try:
             params = libpq_conninfo.conninfo_to_dict(conninfo)
-        except Exception as exc:  # psycopg.ProgrammingError: libpq could not parse it
+        except Exception:  # psycopg.ProgrammingError: libpq could not parse it
             raise InvalidInputError(
-                f"{where}: not a PostgreSQL connection string ({_one_line(exc)})"
+                f"{where} is not a connection string libpq can read: give key=value pairs (host=db.internal "
+                "dbname=trading user=admin) or a postgresql://user@host/dbname URL"
             ) from None
         if "password" in params:
-            raise InvalidInputError(refusal)
+            raise InvalidInputError(
+                f"{where} must not hold a password (it would be in the process list or a file others "
+                "read): give the administrator's in ~/.pgpass, PGPASSFILE or PGPASSWORD"
+            )
         return cls(role, conninfo)
 
     @property
@@ -85,15 +102,18 @@ class PostgresRole:
         return ("--postgres-role", self.role, *(("--postgres", self.conninfo) if self.conninfo else ()))
 
     def password_of(self, value: SecretValue) -> str:
-        """The password in `value`: the value, or a JSON object's "password" text field.
-        InvalidInputError if it cannot be a PostgreSQL password (not UTF-8 text, a NUL, empty)."""
+        """The password in `value`: the value, or a JSON object's "password" text field (read as
+        rotation.py reads JSON: a byte-order mark, UTF-16 or UTF-32 included). InvalidInputError
+        if it cannot be a PostgreSQL password (not UTF-8 text, a NUL, empty), or is a JSON object
+        that cannot be read (its whole text must not become the password)."""
         data = value.reveal()
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidInputError("a PostgreSQL password must be UTF-8 text") from None
-        document = _json_object(text)
-        if document is not None:
+        document, is_object = _json_object(data)
+        if is_object:
+            if document is None:
+                raise InvalidInputError(
+                    "the value is a JSON object that cannot be read (nested too deep): give one whose "
+                    f'"{PASSWORD_FIELD}" field holds the password'
+                )
             field = document.get(PASSWORD_FIELD)
             if not isinstance(field, str):
                 raise InvalidInputError(
@@ -101,24 +121,70 @@ class PostgresRole:
                     f"PostgreSQL role sets that field ({PASSWORD_FIELD!r}, as AWS keeps database credentials)"
                 )
             text = field
+        else:
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInputError("a PostgreSQL password must be UTF-8 text") from None
         if not text or "\x00" in text:
             raise InvalidInputError("a PostgreSQL password must be non-empty text without NUL characters")
         return text
 
-    def role_exists(self, *, timeout: float) -> bool:
-        """Whether the administrator can connect (PostgresStepError if not) and the role exists:
-        asked before a value is staged, so a mistyped role or administrator password leaves
-        nothing pending."""
-        with _step_errors(None), _connect(self.conninfo, timeout) as admin:
-            row = admin.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (self.role,)).fetchone()
-        return row is not None
+    def check_before_stage(self, *, timeout: float) -> None:
+        """What would make the rotation fail after its value is staged, asked first, so it leaves
+        nothing pending: the administrator cannot connect; the role does not exist (`missing`),
+        cannot log in, or may not connect to the database the test step uses; the administrator may
+        not change its password (a superuser or reserved role, no CREATEROLE, a read-only server):
+        an ALTER ROLE in a transaction that is always rolled back asks the server itself."""
+        import psycopg
+        from psycopg import sql
+
+        with _session(
+            self.conninfo, timeout, None, doing="connect to PostgreSQL as its administrator"
+        ) as admin:
+            row = admin.execute(
+                "SELECT r.rolcanlogin, has_database_privilege(r.oid, current_database(), 'CONNECT'), "
+                "current_database(), current_user FROM pg_roles r WHERE r.rolname = %s",
+                (self.role,),
+            ).fetchone()
+            if row is None:
+                raise PostgresStepError(
+                    f"PostgreSQL role {self.role!r} does not exist on that server", missing=True
+                )
+            can_log_in, may_connect, database, administrator = row
+            if not can_log_in:
+                raise PostgresStepError(
+                    f"PostgreSQL role {self.role!r} cannot log in (NOLOGIN), so the test step would fail: "
+                    f"ALTER ROLE it LOGIN first"
+                )
+            if not may_connect:
+                raise PostgresStepError(
+                    f"PostgreSQL role {self.role!r} may not connect to database {database!r}, where the test "
+                    "step logs in: name one it may connect to (dbname=) in the connection string"
+                )
+            probe = (
+                "/* secrets-manager: may it change the password? rolled back */ ALTER ROLE {} PASSWORD NULL"
+            )
+            try:
+                with admin.transaction(force_rollback=True):
+                    admin.execute(f"SET LOCAL lock_timeout = '{PROBE_LOCK_WAIT_MS}ms'")
+                    admin.execute(sql.SQL(probe).format(sql.Identifier(self.role)))
+            except psycopg.Error as exc:
+                if exc.sqlstate is None:  # not the server's answer (the connection failed): as any
+                    raise
+                if exc.sqlstate in (LOCK_NOT_AVAILABLE, QUERY_CANCELED):
+                    return  # another transaction is changing the role: the set step waits its turn
+                raise PostgresStepError(
+                    f"{administrator!r} may not change the password of PostgreSQL role {self.role!r} "
+                    f"({_one_line(exc)})"
+                ) from None
 
     def set_password(self, value: SecretValue, *, timeout: float) -> None:
         """ALTER ROLE as the administrator, sending only the SCRAM-SHA-256 verifier."""
         from psycopg import sql
 
         password = self.password_of(value)
-        with _step_errors(password), _connect(self.conninfo, timeout) as admin:
+        with _session(self.conninfo, timeout, password) as admin:
             verifier = admin.pgconn.encrypt_password(
                 password.encode("utf-8"), self.role.encode("utf-8"), b"scram-sha-256"
             )
@@ -131,72 +197,87 @@ class PostgresRole:
     def check_login(self, value: SecretValue, *, timeout: float) -> None:
         """Log in as the role with the new password, and see that the server says it is the role."""
         password = self.password_of(value)
-        with (
-            _step_errors(password),
-            _connect(self.conninfo, timeout, user=self.role, password=password) as conn,
-        ):
+        with _session(self.conninfo, timeout, password, user=self.role, password=password) as conn:
             row = conn.execute("SELECT current_user").fetchone()
         if row is None or row[0] != self.role:
             raise PostgresStepError(f"logged in, but as {row[0] if row else 'nobody'!r}, not {self.role!r}")
 
 
-def _connect(conninfo: str, timeout: float, **overrides: Any) -> Any:
-    """A connection of libpq's settings plus `overrides` (an explicit password beats PGPASSWORD and
-    ~/.pgpass), in autocommit, with connect and statement time limits from the step's timeout."""
-    import psycopg
-
-    seconds = max(MIN_CONNECT_TIMEOUT, math.ceil(timeout))
-    conn = psycopg.connect(
-        conninfo,
-        autocommit=True,
-        connect_timeout=seconds,
-        application_name="secrets-manager-rotate",
-        **overrides,
-    )
-    try:
-        # ALTER ROLE waits for a lock another transaction holds on the role: not past the timeout.
-        conn.execute("SELECT set_config('statement_timeout', %s, false)", (f"{int(timeout * 1000)}ms",))
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
 @contextmanager
-def _step_errors(password: str | None) -> Iterator[None]:
-    """psycopg's errors as PostgresStepError, on one line and without the password."""
+def _session(
+    conninfo: str, timeout: float, secret: str | None, *, doing: str | None = None, **overrides: Any
+) -> Iterator[Any]:
+    """A connection of libpq's settings plus `overrides` (an explicit password beats PGPASSWORD and
+    ~/.pgpass), in autocommit, bounded by the step's timeout: libpq's connect_timeout (per host it
+    tries), the server's statement_timeout (a lock wait), and our own deadline for a server or
+    network that stops answering (the socket is shut down, which ends libpq's wait). psycopg's
+    errors become PostgresStepError, on one line, without `secret`; `doing` prefixes them."""
     import psycopg
 
+    def failure(exc: BaseException, expired: threading.Event | None) -> PostgresStepError:
+        if expired is not None and expired.is_set():
+            message = f"no answer from the server within {timeout + ANSWER_GRACE_SECONDS:g} s"
+        else:
+            message = _one_line(exc)
+            if secret is not None:
+                message = message.replace(secret, "<password>")
+        return PostgresStepError(message if doing is None else f"cannot {doing} ({message})")
+
     try:
-        yield
+        conn = psycopg.connect(
+            conninfo,
+            autocommit=True,
+            connect_timeout=max(MIN_CONNECT_TIMEOUT, math.ceil(timeout)),
+            application_name=APPLICATION_NAME,
+            **overrides,
+        )
     except psycopg.Error as exc:
-        message = _one_line(exc)
-        raise PostgresStepError(
-            message if password is None else message.replace(password, "<password>")
-        ) from None
+        raise failure(exc, None) from None
+    expired = threading.Event()
+    seconds = timeout + ANSWER_GRACE_SECONDS  # statement_timeout's answer, clearer, comes first
+    deadline = threading.Timer(seconds, _shut_down, (conn, expired))
+    deadline.daemon = True
+    try:
+        with conn:
+            deadline.start()
+            # ALTER ROLE waits for a lock another transaction holds on the role: not past the
+            # timeout (at least 1 ms: 0 would mean no limit).
+            limit = f"{max(1, math.ceil(timeout * 1000))}ms"
+            conn.execute("SELECT set_config('statement_timeout', %s, false)", (limit,))
+            yield conn
+    except psycopg.Error as exc:
+        raise failure(exc, expired) from None
+    finally:
+        deadline.cancel()
 
 
-def _may_hold_a_password(conninfo: str) -> bool:
-    """Whether a connection string may carry a password: the keyword anywhere, or a URL whose user
-    part has a colon (user:password@). Checked on the raw text, so nothing of it is echoed."""
-    if "password" in conninfo.lower():
-        return True
-    scheme, separator, rest = conninfo.partition("://")
-    if not separator or scheme.lower() not in ("postgresql", "postgres"):
-        return False
-    authority = rest.split("/", 1)[0].split("?", 1)[0]
-    return "@" in authority and ":" in authority.rsplit("@", 1)[0]
+def _shut_down(conn: Any, expired: threading.Event) -> None:
+    """The step's deadline passed: end the connection under libpq's feet (its socket, shut down
+    through a duplicate descriptor), so its wait returns an error instead of blocking for good."""
+    expired.set()
+    try:
+        duplicate = socket.socket(fileno=os.dup(conn.pgconn.socket))
+    except Exception:  # closed meanwhile: the step has ended
+        return
+    try:
+        duplicate.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        duplicate.close()
 
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 
 
-def _json_object(text: str) -> dict[str, Any] | None:
-    if not text.lstrip().startswith("{"):
-        return None
+def _json_object(data: bytes) -> tuple[dict[str, Any] | None, bool]:
+    """`data` as a JSON object (numbers kept as text, so none is too long), and whether it is one;
+    (None, True) for an object nested too deep to read."""
     try:
-        document = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    return document if isinstance(document, dict) else None
+        document = json.loads(data, parse_int=str, parse_float=str, parse_constant=str)
+    except RecursionError:
+        return None, data.lstrip(_JSON_LEAD).startswith(b"{")
+    except ValueError:  # UnicodeDecodeError included: not JSON text at all
+        return None, False
+    return (document, True) if isinstance(document, dict) else (None, False)

@@ -67,6 +67,12 @@ SOURCE = "schedule"
 # A rotation owed a retry here is tried again after 1, 2, 4 ... s, at most this long apart.
 RETRY_FIRST_SECONDS = 1.0
 RETRY_CAP_SECONDS = 60.0
+# An entry whose rotation failed with nothing of ours left pending (the secret is not one it can
+# rotate as configured; a PostgreSQL administrator's password is wrong) is tried again after one
+# check interval, then twice as long each time, up to this: not every pass, which would log the
+# same error and, for a database, a failed login every minute all day.
+FAILED_ENTRY_BACKOFF_CAP_SECONDS = 3600.0
+BACKING_OFF = "backing off"  # a pass's outcome for such an entry before its next try
 
 
 @dataclass
@@ -333,6 +339,7 @@ class RotationScheduler:
         self._ledger = _Ledger(audit.path)
         self._steps = _ServiceSteps(store, audit, ledger=self._ledger)
         self._unseen = {rule.name for rule in self.rules}  # not yet described since the start
+        self._failing: dict[str, tuple[int, float]] = {}  # name: failures in a row, next try (monotonic)
         self._store = store
         self._audit = audit
         self._reloading = threading.Lock()  # the thread and RotateSecret calls both reload
@@ -471,6 +478,9 @@ class RotationScheduler:
             if state is Due.DELETED:
                 self._warn_once(rule.name, "scheduled secret is deleted; it is not rotated until undeleted")
             return state.value
+        failing = self._failing.get(rule.name)
+        if owed is None and failing is not None and time.monotonic() < failing[1]:
+            return BACKING_OFF
         started = time.monotonic()
         try:
             rotated = rule.run(self._steps, self._environ, state, set_ran=set_ran)
@@ -478,8 +488,15 @@ class RotationScheduler:
             return Due.IN_PROGRESS.value
         except SecretsManagerError as exc:  # never a value in these messages
             self._ledger.failed(rule.name)
-            log.error("scheduled rotation failed", extra={"secret": rule.name, "error": str(exc)})
+            failures = 1 if failing is None else failing[0] + 1
+            delay = min(self._check_seconds * 2 ** (failures - 1), FAILED_ENTRY_BACKOFF_CAP_SECONDS)
+            self._failing[rule.name] = (failures, time.monotonic() + delay)
+            log.error(
+                "scheduled rotation failed",
+                extra={"secret": rule.name, "error": str(exc), "next_try_seconds": round(delay, 3)},
+            )
             return "failed"
+        self._failing.pop(rule.name, None)
         self._ledger.done(rule.name)
         self._warned = {w for w in self._warned if w[0] != rule.name}
         if rotated.promoted_elsewhere:  # replicas resume a stale version together: one promote wins
