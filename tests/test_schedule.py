@@ -1214,3 +1214,31 @@ def test_an_entry_that_fails_before_staging_is_tried_again_with_a_growing_backof
         scheduler.join(1)
     finally:
         store.close()
+
+
+def test_a_pass_of_the_schedule_leaves_a_rotation_that_rotate_on_server_is_running_alone(
+    tmp_path: Path,
+) -> None:
+    """RotateSecret's rotation is in the ledger from its set command on; a schedule pass meanwhile
+    (every 0.2 s here) took that entry for one to resume and ran the test command (and promote) a
+    second time beside it. Found as a flaky test: the second runner promoted first."""
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path)
+    schedule = write_schedule(
+        tmp_path / "rotation.toml",
+        {
+            "name": "auth/DB_PASSWORD",
+            "every": "3650d",
+            "set_command": f"sh -c {shlex.quote('cat > target; echo set >> set.log')}",
+            "test_command": f"sh -c {shlex.quote('cmp -s - target; echo test >> test.log; sleep 1.5')}",
+        },
+    )
+    server = _serve_with_schedule(tmp_path, "server", schedule)
+    try:
+        done = server.cli("ops", "rotate", "auth/DB_PASSWORD", "--on-server", "--json")
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["promoted_elsewhere"] is False
+    assert (tmp_path / "set.log").read_text().split() == ["set"]
+    assert (tmp_path / "test.log").read_text().split() == ["test"]

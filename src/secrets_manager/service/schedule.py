@@ -340,6 +340,11 @@ class RotationScheduler:
         self._steps = _ServiceSteps(store, audit, ledger=self._ledger)
         self._unseen = {rule.name for rule in self.rules}  # not yet described since the start
         self._failing: dict[str, tuple[int, float]] = {}  # name: failures in a row, next try (monotonic)
+        # Entries whose rotation runs in this process now (the schedule's thread, or a RotateSecret
+        # request's): a pass leaves them alone. Their ledger entry alone would send a pass to
+        # resume one beside the running rotation, its commands run twice at once.
+        self._running: set[str] = set()
+        self._running_lock = threading.Lock()
         self._store = store
         self._audit = audit
         self._reloading = threading.Lock()  # the thread and RotateSecret calls both reload
@@ -440,13 +445,29 @@ class RotationScheduler:
             request_id=request_id,
             ledger=self._ledger,
         )
-        try:
-            rotated = rule.run(steps, self._environ, state)
-        except SecretsManagerError:
-            self._ledger.failed(name)  # the schedule retries it if its set ran here
-            raise
+        with self._rotating(name):  # refused first if one runs here: its ledger entry is not ours
+            try:
+                rotated = rule.run(steps, self._environ, state)
+            except SecretsManagerError:
+                self._ledger.failed(name)  # the schedule retries it if its set ran here
+                raise
+        self._failing.pop(name, None)  # it works again: the schedule need not wait to try it
         self._ledger.done(name)
         return rotated
+
+    @contextmanager
+    def _rotating(self, name: str) -> Iterator[None]:
+        """Mark `name`'s rotation as running here while it runs; RotationInProgressError if it
+        already is (a pass meeting a RotateSecret's, or the reverse): never two at once."""
+        with self._running_lock:
+            if name in self._running:
+                raise RotationInProgressError(f"a rotation of {name!r} is running on this service now")
+            self._running.add(name)
+        try:
+            yield
+        finally:
+            with self._running_lock:
+                self._running.discard(name)
 
     def _run_one(self, rule: ScheduledRotation) -> str:
         try:
@@ -483,7 +504,8 @@ class RotationScheduler:
             return BACKING_OFF
         started = time.monotonic()
         try:
-            rotated = rule.run(self._steps, self._environ, state, set_ran=set_ran)
+            with self._rotating(rule.name):
+                rotated = rule.run(self._steps, self._environ, state, set_ran=set_ran)
         except RotationInProgressError:  # another replica (or a person) staged first: theirs runs
             return Due.IN_PROGRESS.value
         except SecretsManagerError as exc:  # never a value in these messages
