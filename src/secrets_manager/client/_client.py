@@ -48,6 +48,9 @@ How a value reaches a caller:
   So in the child every client drops (without closing: that would act on the parent's state)
   its backend and starts over at the next read: new channels, new threads, and the values it
   inherited expired, so that read fetches them again (or serves them stale during an outage).
+  Before the fork the parent stops its threads, so none is inside a gRPC call, but keeps its
+  channels open and idle: closing them then would set gRPC's own threads tearing them down, and
+  a child forked meanwhile inherits the locks they hold. The parent closes them after the fork.
 
 `AsyncClient` wraps a `Client`. A cached read is answered in the event loop (it never waits);
 anything that may wait on the network or the disk runs in a worker thread (`asyncio.to_thread`),
@@ -702,6 +705,7 @@ class Client:
         self._flights_lock = threading.Lock()
         self._start_lock = threading.Lock()
         self._backend: _Backend | None = None
+        self._paused_backend: _Backend | None = None  # from before a fork until just after it
         self._queue = _RefreshQueue(clock)
         self._closed = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -797,10 +801,13 @@ class Client:
             backend.close()
 
     def _pause_for_fork(self) -> bool:
-        """Before fork(): stop the watcher and refresher and close the channels (cancelling the
-        calls on them), so no thread of this client is inside gRPC when the process forks. gRPC's
-        fork support (GRPC_ENABLE_FORK_SUPPORT) skips its fork handlers when other threads are
-        calling into it, and a child forked so could hang for good in its post-fork handler.
+        """Before fork(): stop the watcher and refresher, so no thread of this client is inside
+        gRPC when the process forks. gRPC's fork support (GRPC_ENABLE_FORK_SUPPORT) skips its
+        fork handlers when other threads are calling into it, and a child forked so could hang
+        for good in its post-fork handler. The channels stay open until after the fork: closing
+        them sets gRPC's own threads tearing them down (and, for the last channels, shutting
+        gRPC down), and a child forked during that inherits the locks those threads hold, so its
+        first channel waits for good (see `_resume_after_fork_in_parent`).
         `_start_lock` stays held until after the fork, so no read starts new channels meanwhile.
         Whether there was anything to stop (the parent then starts it again)."""
         with self._start_lock:
@@ -813,21 +820,25 @@ class Client:
             if self._stream is not None:
                 self._stream.cancel()
         self._queue.wake()
-        backend.close()  # a call in flight ends now, cancelled
-        for thread in threads:  # not under _start_lock: a refresh may be waiting for it
-            thread.join(timeout=self._config.timeout + 5)
+        for thread in threads:  # a call in flight ends within the timeout; not under _start_lock
+            thread.join(timeout=self._config.timeout + 5)  # (a refresh may be waiting for it)
         self._start_lock.acquire()  # released by _resume_after_fork_in_parent
+        self._paused_backend = backend  # closed in the parent once the fork is done
         self._backend, self._threads, self._stream, self._live_since = None, [], None, None
         self._closed, self._queue = threading.Event(), _RefreshQueue(self._clock)
         return True
 
     def _resume_after_fork_in_parent(self, paused: bool) -> None:
-        """After fork() in the parent: new channels and threads, as after a first read. The new
-        stream re-reads everything cached (nothing may be missed while paused), and what was owed
-        is tried again."""
+        """After fork() in the parent: the channels of before the fork close (the child has its
+        own copy of them, which it never uses), and new channels and threads start, as after a
+        first read. The new stream re-reads everything cached (nothing may be missed while
+        paused), and what was owed is tried again."""
+        backend, self._paused_backend = self._paused_backend, None
         self._start_lock.release()
         if not paused:
             return
+        if backend is not None:
+            backend.close()
         try:
             self._started_backend()
         except SecretsManagerError as exc:  # the next read starts it again
@@ -849,8 +860,10 @@ class Client:
         self._secrets.reset_after_fork()
         self._listing.reset_after_fork()
         self._reach.reset_after_fork()
-        if self._backend is not None:
-            _LEFT_BY_FORK.append(self._backend)
+        for backend in (self._backend, self._paused_backend):
+            if backend is not None:
+                _LEFT_BY_FORK.append(backend)
+        self._paused_backend = None
         self._backend, self._threads, self._stream, self._live_since = None, [], None, None
 
     def __enter__(self) -> Client:
@@ -1446,8 +1459,9 @@ _fork_pause_registered = False
 
 def _register_fork_pause() -> None:
     """Register the before/after-in-parent hooks once gRPC has registered its own (at its first
-    channel): `before` hooks run in reverse order of registration, so ours closes the channels
-    before gRPC's marks a fork in progress (after which closing a channel would wait for the fork)."""
+    channel): `before` hooks run in reverse order of registration, so ours cancels the watch stream
+    and stops the client's threads before gRPC's marks a fork in progress (after which gRPC would
+    hold them back until the fork is done)."""
     global _fork_pause_registered
     with _fork_pause_lock:
         if not _fork_pause_registered:
