@@ -888,7 +888,7 @@ def test_twenty_renewals_leave_no_channel_or_thread_behind(
 # ---- fork() --------------------------------------------------------------------------------------
 
 _FORKING_SERVICE = """
-import os, select, sys, time
+import os, select, signal, sys, time
 from pathlib import Path
 from secrets_manager import get_credentials_sync
 from secrets_manager.client import RemoteStore, TlsFiles, default_client
@@ -927,16 +927,30 @@ if pid == 0:
     except BaseException as exc:
         print("child failed:", repr(exc), flush=True)
         os._exit(2)
-assert select.select([ready_read], [], [], 20)[0], "the child did not get ready"
-env = os.environ
-ops = RemoteStore(env["SECRETS_MANAGER_ADDR"], TlsFiles(
-    cert=Path(env["OPS_CERT"]), key=Path(env["OPS_KEY"]), ca=Path(env["SECRETS_MANAGER_CA"])))
-ops.put("auth/JWT_KEY", b"rotated-after-the-fork")
-ops.close()
-rotated = wait_for(lambda: value() == b"rotated-after-the-fork", 3)
-print("parent", "saw the rotation" if rotated else "never saw the rotation", flush=True)
-_, status = os.waitpid(pid, 0)
-sys.exit(os.waitstatus_to_exitcode(status))
+ended = []
+
+def child_ended():
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        ended.append(os.waitstatus_to_exitcode(status))
+    return bool(ended)
+
+try:  # never leave the child behind: it holds the test's output pipes open, hiding the failure
+    assert select.select([ready_read], [], [], 20)[0], "the child did not get ready"
+    env = os.environ
+    ops = RemoteStore(env["SECRETS_MANAGER_ADDR"], TlsFiles(
+        cert=Path(env["OPS_CERT"]), key=Path(env["OPS_KEY"]), ca=Path(env["SECRETS_MANAGER_CA"])))
+    ops.put("auth/JWT_KEY", b"rotated-after-the-fork")
+    ops.close()
+    rotated = wait_for(lambda: value() == b"rotated-after-the-fork", 3)
+    print("parent", "saw the rotation" if rotated else "never saw the rotation", flush=True)
+    assert wait_for(child_ended, 20), "the child did not end"
+finally:
+    if not ended:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        print("child killed", flush=True)
+sys.exit(ended[0])
 """
 
 
