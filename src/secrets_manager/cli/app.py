@@ -13,9 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime
 from functools import partial
-from importlib.metadata import version as package_version
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 import click
 
@@ -47,8 +46,6 @@ from secrets_manager.cli.password import (
     read_password,
     terminal_available,
 )
-from secrets_manager.client import RemoteStore, TlsFiles
-from secrets_manager.client._config import parse_addresses
 from secrets_manager.environment import PASSWORD_FILE_VARIABLE, Environment, current_environment
 from secrets_manager.errors import (
     AccessDeniedError,
@@ -99,6 +96,17 @@ from secrets_manager.store.url import (
     store_location,
 )
 from secrets_manager.values import SecretValue
+
+if TYPE_CHECKING:  # the client (gRPC, asyncio) is imported only by a command that uses --server
+    from secrets_manager.client import RemoteStore, TlsFiles
+
+
+def is_remote_store(store: object) -> TypeGuard[RemoteStore]:
+    """Whether `store` is a service's (a RemoteStore), without importing the client (gRPC) for a
+    local store: a RemoteStore exists only once its module was imported."""
+    remote = sys.modules.get("secrets_manager.client.remote")
+    return remote is not None and isinstance(store, remote.RemoteStore)
+
 
 STORE_VARIABLE = "SECRETS_MANAGER_STORE"
 SERVER_VARIABLE = "SECRETS_MANAGER_ADDR"
@@ -354,6 +362,8 @@ class Session:
             )
 
     def tls_files(self) -> TlsFiles:
+        from secrets_manager.client import TlsFiles
+
         missing = [v for v in TLS_VARIABLES if not self.environ.get(v)]
         if missing:
             raise InvalidInputError(f"--server needs a client certificate: set {', '.join(missing)}")
@@ -364,6 +374,9 @@ class Session:
         """The service at --server / SECRETS_MANAGER_ADDR. Several comma-separated addresses (as
         the SDK takes them from the same variable): the first whose health check answers serves
         the whole command, so a write is never sent twice to two replicas."""
+        from secrets_manager.client import RemoteStore
+        from secrets_manager.client._config import parse_addresses
+
         addresses = parse_addresses(self.server or "")
         if not addresses:  # e.g. "," : not a service that failed to answer, but none named
             raise InvalidInputError(
@@ -651,7 +664,7 @@ def pass_session(command: F) -> F:
     "comma-separated: the first that answers its health check; mutual TLS from SECRETS_MANAGER_CERT, "
     "SECRETS_MANAGER_KEY, SECRETS_MANAGER_CA.",
 )
-@click.version_option(package_version("secrets-manager"), prog_name="secrets-manager")
+@click.version_option(package_name="secrets-manager", prog_name="secrets-manager")  # read when asked
 @click.pass_context
 def cli(
     ctx: click.Context,
@@ -1010,7 +1023,7 @@ def metadata_command(
     checked_max_versions(name, max_versions)
     absent: list[str] | None = None  # the --untag keys the secret did not have; None: not known
     with session.secret_operation("metadata", name, mutating=True) as (store, _):
-        if untags and not isinstance(store, RemoteStore):  # a service's describe needs `list`
+        if untags and not is_remote_store(store):  # a service's describe needs `list`
             tags_before = store.describe(name).tags
             absent = sorted({key for key in untags if key not in tags_before})
         nothing_to_do = (
@@ -1050,7 +1063,7 @@ def _pruning(store: SecretStore, max_versions: int | None) -> str:
     if max_versions_hide_at_once(store):
         return "; versions past it are hidden at once (AWS keeps them: a higher limit shows them again)"
     at_next_write = "; the next write prunes the oldest unlabelled versions past it"
-    if isinstance(store, RemoteStore):  # the service's store is not known here
+    if is_remote_store(store):  # the service's store is not known here
         return f"{at_next_write} (a service on AWS hides them at once)"
     return at_next_write
 

@@ -26,9 +26,8 @@ import sys
 
 import click
 
-from secrets_manager.cli.app import STORE_VARIABLE, TLS_VARIABLES, Session, cli, pass_session
+from secrets_manager.cli.app import STORE_VARIABLE, TLS_VARIABLES, Session, cli, is_remote_store, pass_session
 from secrets_manager.cli.output import warning_line
-from secrets_manager.client import RemoteStore
 from secrets_manager.environment import PASSWORD_VARIABLES
 from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError
 from secrets_manager.store import EncryptedStore, Secret, SecretStore
@@ -194,7 +193,7 @@ def run(
 
 def _credentials_that_reached(session: Session, store: SecretStore) -> tuple[str, ...]:
     """The variables of an identity `run` reached `store` with (beyond WITHHELD_VARIABLES)."""
-    if isinstance(store, RemoteStore):
+    if is_remote_store(store):  # its client key reached it
         return (_CLIENT_KEY_VARIABLE,)
     if isinstance(external_location(session.store_url), AwsLocation) or (
         isinstance(store, EncryptedStore) and store.unlock_kind == AwsKmsUnlock.kind
@@ -245,7 +244,7 @@ def _read_namespace(store: SecretStore, namespace: str) -> list[Secret]:
     """Every current secret under `namespace/` the caller may read: from a service one
     BatchGetSecrets, which its policy filters by `read` (a caller may read what it may not list);
     locally list then get (a secret deleted in between is skipped)."""
-    if isinstance(store, RemoteStore):
+    if is_remote_store(store):
         return store.get_many(prefix=f"{namespace}/")
     secrets = []
     for meta in store.list(f"{namespace}/"):

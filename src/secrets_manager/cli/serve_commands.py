@@ -13,8 +13,6 @@ from secrets_manager.audit import AuditLog, refuse_files_of_others
 from secrets_manager.cli.app import Session, cli, pass_session
 from secrets_manager.cli.password import read_password_file, refuse_password_variable
 from secrets_manager.errors import NotFoundError, SecretsManagerError, StoreNotFoundError
-from secrets_manager.service import load_config, run_server
-from secrets_manager.service.server import configure_logging
 from secrets_manager.store.url import default_audit_path, local_store_files, open_store
 
 
@@ -32,6 +30,9 @@ def serve(session: Session, config_path: str) -> None:
     it is ignored); SIGTERM stops accepting calls and
     lets running ones finish. With rotation_schedule in the config it also runs due credential
     rotations (see 'schedule --help')."""
+    from secrets_manager.service import load_config, run_server  # gRPC: only for this command
+    from secrets_manager.service.server import configure_logging
+
     # SIGHUP's default ends the process: until run_server makes it reload the policy, a SIGHUP sent
     # while we start (a deploy tool's reload, a closed terminal) is ignored; the policy is read after.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
