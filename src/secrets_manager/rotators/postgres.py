@@ -7,9 +7,9 @@
 
 Only the verifier reaches the server (libpq's PQencryptPasswordConn, as psql's `\\password`), so
 the password is in none of its logs, even with `log_statement = 'all'`. Setting the same password
-again is harmless, so a resumed rotation simply sets it again. This is AWS's "alternating users"
-strategy with one user: an administrator changes the role's password; the role's open sessions
-keep working, new ones need the new password.
+again is harmless, so a resumed rotation simply sets it again. This is AWS's "single user"
+strategy (one role, its password changed in place), made by an administrator rather than by the
+role with its current password: the role's open sessions keep working, new ones need the new one.
 
 The value is the password itself, or, for a JSON object (as AWS keeps database credentials:
 {"username": ..., "password": ..., "host": ...}), its "password" field.
