@@ -1,8 +1,9 @@
 """The `secrets-manager` console script's entry point, outside the `secrets_manager` package.
 
 Importing the CLI takes a fifth of a second or more (cryptography, click; grpc too for --server and
-serve) before its own error handling is in place: Ctrl-C in that time ends here, with one line and exit 130, rather than
-with a Python traceback. This module imports nothing else first, so there is no such window left.
+serve) before its own error handling is in place: Ctrl-C in that time ends here, with one line and
+exit 130, rather than with a Python traceback. This module imports nothing else first, so there
+is no such window left.
 """
 
 import sys
