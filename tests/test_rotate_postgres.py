@@ -303,6 +303,26 @@ def _role_locked(roles: Roles) -> Iterator[None]:
             other.execute("ROLLBACK")
 
 
+@contextlib.contextmanager
+def _rotation_running(cli: Cli, role: str, conninfo: str) -> Iterator[subprocess.Popen[bytes]]:
+    """`rotate db/app --postgres-role ROLE --postgres CONNINFO` started and running; killed at the
+    end of the block if it has not ended."""
+    rotation = subprocess.Popen(
+        [str(SCRIPT), "rotate", "db/app", "--postgres-role", role, "--postgres", conninfo],
+        env=cli.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        yield rotation
+    finally:
+        if rotation.poll() is None:
+            rotation.kill()
+            rotation.wait()
+
+
 def _waiting_alters(roles: Roles) -> int:
     with roles.cluster.connect(superuser=True) as conn:
         row = conn.execute(
@@ -325,26 +345,13 @@ def test_a_set_step_that_waits_for_a_lock_gives_up_at_the_timeout(cli: Cli, role
 
 
 def test_sigterm_during_the_set_step_cancels_it_and_says_what_stays_pending(cli: Cli, roles: Roles) -> None:
-    with _role_locked(roles):
-        rotation = subprocess.Popen(
-            [str(SCRIPT), "rotate", "db/app", "--postgres-role", roles.app, "--postgres", roles.conninfo],
-            env=cli.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        try:
-            deadline = time.monotonic() + 30
-            while _waiting_alters(roles) == 0:
-                assert rotation.poll() is None and time.monotonic() < deadline, "ALTER ROLE never waited"
-                time.sleep(0.05)
-            rotation.send_signal(signal.SIGTERM)
-            _, stderr = rotation.communicate(timeout=30)
-        finally:
-            if rotation.poll() is None:
-                rotation.kill()
-                rotation.wait()
+    with _role_locked(roles), _rotation_running(cli, roles.app, roles.conninfo) as rotation:
+        deadline = time.monotonic() + 30
+        while _waiting_alters(roles) == 0:
+            assert rotation.poll() is None and time.monotonic() < deadline, "ALTER ROLE never waited"
+            time.sleep(0.05)
+        rotation.send_signal(signal.SIGTERM)
+        _, stderr = rotation.communicate(timeout=30)
         assert _waiting_alters(roles) == 0  # cancelled, not left waiting to change the role later
     assert rotation.returncode == 143, stderr
     message = stderr.decode()
@@ -488,28 +495,13 @@ def test_a_connection_string_libpq_cannot_read_is_not_echoed(cli: Cli, roles: Ro
 
 def test_sigterm_while_the_server_is_asked_before_the_stage_says_nothing_was_staged(cli: Cli) -> None:
     silent = socket.create_server(("127.0.0.1", 0))  # a server that never answers
-    try:
-        conninfo = f"host=127.0.0.1 port={silent.getsockname()[1]} dbname=postgres user=admin"
-        rotation = subprocess.Popen(
-            [str(SCRIPT), "rotate", "db/app", "--postgres-role", "app", "--postgres", conninfo],
-            env=cli.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        try:
-            silent.settimeout(30)
-            connection, _ = silent.accept()  # the rotation is asking the server, before any stage
-            with connection:  # held open, unanswered
-                rotation.send_signal(signal.SIGTERM)
-                _, stderr = rotation.communicate(timeout=30)
-        finally:
-            if rotation.poll() is None:
-                rotation.kill()
-                rotation.wait()
-    finally:
-        silent.close()
+    conninfo = f"host=127.0.0.1 port={silent.getsockname()[1]} dbname=postgres user=admin"
+    with silent, _rotation_running(cli, "app", conninfo) as rotation:
+        silent.settimeout(30)
+        connection, _ = silent.accept()  # the rotation is asking the server, before any stage
+        with connection:  # held open, unanswered
+            rotation.send_signal(signal.SIGTERM)
+            _, stderr = rotation.communicate(timeout=30)
     assert rotation.returncode == 143, stderr
     assert "rotating db/app: interrupted (SIGTERM); nothing was staged" in stderr.decode()
     assert cli.labels() == {"current": 1}
