@@ -67,10 +67,11 @@ SOURCE = "schedule"
 # A rotation owed a retry here is tried again after 1, 2, 4 ... s, at most this long apart.
 RETRY_FIRST_SECONDS = 1.0
 RETRY_CAP_SECONDS = 60.0
-# An entry whose rotation failed with nothing of ours left pending (the secret is not one it can
-# rotate as configured; a PostgreSQL administrator's password is wrong) is tried again after one
-# check interval, then twice as long each time, up to this: not every pass, which would log the
-# same error and, for a database, a failed login every minute all day.
+# An entry whose rotation failed and that this process owes no retry (its set command did not run
+# here: the secret is not one it can rotate as configured, a PostgreSQL administrator's password is
+# wrong, the set command fails) is tried again after one check interval, then twice as long each
+# time, up to this: not every pass, which would log the same error and, for a database, a failed
+# login every minute all day.
 FAILED_ENTRY_BACKOFF_CAP_SECONDS = 3600.0
 BACKING_OFF = "backing off"  # a pass's outcome for such an entry before its next try
 
