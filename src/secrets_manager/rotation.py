@@ -157,10 +157,9 @@ class Commands:
             refusal = NotFoundError if exc.missing else RotationStepFailed
             raise refusal(f"rotating {name}: {exc}; nothing was staged") from None
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM or SIGHUP while the server was asked
-            how = str(exc) if isinstance(exc, Terminated) else "Ctrl-C"
-            error = OperationInterrupted(f"rotating {name}: interrupted ({how}); nothing was staged")
-            error.exit_code = getattr(exc, "exit_code", OperationInterrupted.exit_code)
-            raise error from None
+            raise _interruption(
+                exc, f"rotating {name}: interrupted ({_how(exc)}); nothing was staged"
+            ) from None
 
 
 def resume_command(name: str, commands: Commands, *, resume: bool = True) -> str:
@@ -491,7 +490,7 @@ def _interrupted(
     """Ctrl-C (or SIGTERM / SIGHUP, see errors.Terminated) during a rotation's steps: the running
     command's process group was ended (`_run_in_own_group`); what that leaves, and how to go on.
     Exit 130 for Ctrl-C, 128 + the signal's number for the others."""
-    how = str(exc) if isinstance(exc, Terminated) else "Ctrl-C"
+    how = _how(exc)
     if promoting:
         message = (
             f"rotating {name}: interrupted ({how}) while promoting version {version}: it may be current "
@@ -513,6 +512,16 @@ def _interrupted(
             f"rotating {name}: interrupted ({how}) {where}; version {version} stays pending and current "
             f"is unchanged; {_how_to_finish(name, commands, scheduled=scheduled)}"
         )
+    return _interruption(exc, message)
+
+
+def _how(exc: KeyboardInterrupt) -> str:
+    """How a rotation was interrupted, as its message says: the signal's name, or Ctrl-C."""
+    return str(exc) if isinstance(exc, Terminated) else "Ctrl-C"
+
+
+def _interruption(exc: KeyboardInterrupt, message: str) -> OperationInterrupted:
+    """The error for an interrupted rotation, with the exit code of what interrupted it."""
     error = OperationInterrupted(message)
     error.exit_code = getattr(exc, "exit_code", OperationInterrupted.exit_code)
     return error
