@@ -505,3 +505,27 @@ def test_sigterm_while_the_server_is_asked_before_the_stage_says_nothing_was_sta
     assert rotation.returncode == 143, stderr
     assert "rotating db/app: interrupted (SIGTERM); nothing was staged" in stderr.decode()
     assert cli.labels() == {"current": 1}
+
+
+def test_rotate_through_the_service_sets_the_role_from_this_machine(tmp_path: Path, roles: Roles) -> None:
+    """With --server the store steps are the service's RPCs and the PostgreSQL steps run here, with
+    this machine's libpq credentials (~/.pgpass); the service never sees the administrator's."""
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path, {"db/app": OLD_VALUE.encode()})
+    pgpass = tmp_path / ".pgpass"  # Server.cli's HOME
+    pgpass.write_text(f"127.0.0.1:{roles.cluster.port}:*:{roles.admin}:{roles.admin_password}\n")
+    pgpass.chmod(0o600)
+    server = start_server(tmp_path, "server")
+    try:
+        done = server.cli(
+            "ops", "rotate", "db/app", "--postgres-role", roles.app, "--postgres", roles.conninfo
+        )
+        assert done.returncode == 0, done.stderr
+        assert b"rotated db/app: version 2 is current (previous: 1)" in done.stderr
+        new = server.cli("ops", "get", "db/app").stdout.decode().rstrip("\n")
+    finally:
+        server.stop()
+    assert roles.logs_in(new) and not roles.logs_in(OLD_VALUE)
+    stages = [r for r in server.audit_records() if r["operation"] == "rotate.stage"]
+    assert [r["outcome"] for r in stages] == ["pending", "ok"] and stages[-1]["version"] == 2
+    assert new not in (tmp_path / "store.audit.jsonl").read_text() + "".join(server.log_lines)
