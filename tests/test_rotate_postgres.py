@@ -25,6 +25,7 @@ import pytest
 from psycopg import sql
 
 from service_fixtures import make_pki, make_store, start_server
+from tcp_proxy import TcpProxy, Verdict
 from test_rotate import OLD_VALUE, SCRIPT, Cli
 
 
@@ -361,42 +362,19 @@ def test_sigterm_during_the_set_step_cancels_it_and_says_what_stays_pending(cli:
     assert roles.logs_in(OLD_VALUE)
 
 
-class StallingProxy:
+class StallingProxy(TcpProxy):
     """A TCP proxy to the cluster that stops passing anything on, for good, once the client sends
     `marker` (its connections stay open): a server or network that stopped answering mid-step."""
 
     def __init__(self, port: int, marker: bytes) -> None:
-        self._target = ("127.0.0.1", port)
+        super().__init__("127.0.0.1", port)
         self._marker = marker
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self._listener.getsockname()[1]
         self.stalled = threading.Event()
-        self._held: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                downstream, _ = self._listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(self._target)
-            self._held += [downstream, upstream]
-            threading.Thread(target=self._pump, args=(downstream, upstream, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, downstream, False), daemon=True).start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
-        with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                if from_client and self._marker in data:
-                    self.stalled.set()
-                if not self.stalled.is_set():
-                    sink.sendall(data)
-
-    def close(self) -> None:
-        for sock in [self._listener, *self._held]:
-            with contextlib.suppress(OSError):
-                sock.close()
+    def verdict(self, data: bytes, *, from_client: bool) -> Verdict:
+        if from_client and self._marker in data:
+            self.stalled.set()
+        return Verdict.SWALLOW if self.stalled.is_set() else Verdict.PASS
 
 
 def test_a_server_that_stops_answering_mid_step_is_given_up_at_the_timeout(cli: Cli, roles: Roles) -> None:

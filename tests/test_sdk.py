@@ -51,6 +51,7 @@ from service_fixtures import (
     start_server,
     tls_files,
 )
+from tcp_proxy import TcpProxy, Verdict
 
 AUTH = {name: value for name, value in SEED.items() if name.startswith("auth/")}
 MARKET = {name: value for name, value in SEED.items() if name.startswith("market-connector/")}
@@ -355,54 +356,23 @@ def test_two_servers_on_one_store_clients_keep_working_when_one_is_killed(
         second.stop()
 
 
-class AnswerDroppingProxy:
+class AnswerDroppingProxy(TcpProxy):
     """A TCP proxy to `target` that, once armed, closes the client's connection instead of passing
     on the server's first bytes after `committed()` holds: a replica that commits a request and
     dies before its answer arrives, as the client sees it (its connection ends mid-call)."""
 
     def __init__(self, target: str, committed: Callable[[], bool]) -> None:
-        import socket
-
         host, _, port = target.rpartition(":")
-        self._target = (host, int(port))
+        super().__init__(host, int(port))
         self._committed = committed
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self.armed = threading.Event()
         self.dropped = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
 
-    def _accept(self) -> None:
-        import socket
-
-        while True:
-            try:
-                downstream, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self._target)
-            except OSError:  # the server is gone (the test ends): so is this connection
-                downstream.close()
-                continue
-            threading.Thread(target=self._pump, args=(downstream, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, downstream, True), daemon=True).start()
-
-    def _pump(self, source: Any, sink: Any, from_server: bool) -> None:
-        try:
-            while data := source.recv(65536):
-                if from_server and self.armed.is_set() and self._committed():
-                    self.dropped.set()
-                    break
-                sink.sendall(data)
-        except OSError:
-            pass
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.close()
-
-    def close(self) -> None:
-        self._listener.close()
+    def verdict(self, data: bytes, *, from_client: bool) -> Verdict:
+        if not from_client and self.armed.is_set() and self._committed():
+            self.dropped.set()
+            return Verdict.CUT
+        return Verdict.PASS
 
 
 def test_a_put_whose_answer_was_lost_is_not_made_again_at_the_next_replica(

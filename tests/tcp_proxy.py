@@ -1,0 +1,64 @@
+"""A TCP proxy on 127.0.0.1 in front of a real server, for tests of what a client does when the
+network misbehaves: a subclass decides, chunk by chunk, whether data passes, is swallowed (the
+connection stays open, unanswered) or ends the connection (both sides closed)."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import socket
+import threading
+
+
+class Verdict(enum.Enum):
+    PASS = "pass"
+    SWALLOW = "swallow"  # nothing goes on; the connection stays open
+    CUT = "cut"  # both sides are closed
+
+
+class TcpProxy:
+    """Listens on 127.0.0.1 (`address`, `port`) and connects each client to `host:port`."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def verdict(self, data: bytes, *, from_client: bool) -> Verdict:
+        """What happens to `data` on its way (overridden: everything passes here)."""
+        return Verdict.PASS
+
+    def close(self) -> None:
+        for sock in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                downstream, _ = self._listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            try:
+                upstream = socket.create_connection(self._target)
+            except OSError:  # the server is gone (the test ends): so is this connection
+                downstream.close()
+                continue
+            self._sockets += [downstream, upstream]
+            threading.Thread(target=self._pump, args=(downstream, upstream, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, downstream, False), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                verdict = self.verdict(data, from_client=from_client)
+                if verdict is Verdict.CUT:
+                    break
+                if verdict is Verdict.PASS:
+                    sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.close()
