@@ -924,6 +924,21 @@ sys.exit(ended[0])
 """
 
 
+def _forking_client_env(
+    server: Server, service_dir: Path, *, grpc_fork_support: bool = True
+) -> dict[str, str]:
+    """The environment of a script that reads as `auth` and forks: with `grpc_fork_support`, what
+    gRPC's fork_support.md asks of a process that forks after using it."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(service_dir),
+        **client_environ(service_dir, "auth", [server.address]),
+    }
+    if grpc_fork_support:
+        env.update(GRPC_ENABLE_FORK_SUPPORT="true", GRPC_POLL_STRATEGY="poll")
+    return env
+
+
 @pytest.mark.parametrize("grpc_fork_support", [False, True], ids=["default", "grpc-fork-support"])
 def test_a_forked_child_gets_its_own_watcher_and_channels(
     server: Server, service_dir: Path, grpc_fork_support: bool
@@ -931,15 +946,8 @@ def test_a_forked_child_gets_its_own_watcher_and_channels(
     """gunicorn --preload and Celery prefork fork after the SDK has read: the child must still be
     pushed a rotation (the TTL is 300 s), through channels of its own. In a child process, which
     itself forks (forking the test runner would fork its gRPC state too)."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(service_dir),
-        **client_environ(service_dir, "auth", [server.address]),
-        "OPS_CERT": str(service_dir / "ops.pem"),
-        "OPS_KEY": str(service_dir / "ops-key.pem"),
-    }
-    if grpc_fork_support:  # what gRPC's fork_support.md asks of a process that forks after using it
-        env.update(GRPC_ENABLE_FORK_SUPPORT="true", GRPC_POLL_STRATEGY="poll")
+    env = _forking_client_env(server, service_dir, grpc_fork_support=grpc_fork_support)
+    env.update(OPS_CERT=str(service_dir / "ops.pem"), OPS_KEY=str(service_dir / "ops-key.pem"))
     result = subprocess.run(
         [sys.executable, "-c", _FORKING_SERVICE], capture_output=True, env=env, timeout=90, check=False
     )
@@ -991,13 +999,7 @@ def test_children_forked_right_after_a_read_under_grpc_fork_support_do_not_hang(
     """With GRPC_ENABLE_FORK_SUPPORT=true and GRPC_POLL_STRATEGY=poll (what the README asks of a
     process that forks after using gRPC), a fork while the SDK's threads were inside gRPC calls
     left children stuck for good in gRPC's post-fork handler. Forks in a child process, bounded."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(service_dir),
-        **client_environ(service_dir, "auth", [server.address]),
-        "GRPC_ENABLE_FORK_SUPPORT": "true",
-        "GRPC_POLL_STRATEGY": "poll",
-    }
+    env = _forking_client_env(server, service_dir)
     result = subprocess.run(
         [sys.executable, "-c", _FORKING_AT_ONCE], capture_output=True, env=env, timeout=120, check=False
     )
@@ -1053,13 +1055,7 @@ def test_the_channels_are_closed_after_the_fork_not_before_it(server: Server, se
     locks they hold: its first channel then waited for good (about 1 fork in 25 under CPU load,
     GRPC_ENABLE_FORK_SUPPORT=true). So before a fork the client stops its threads but leaves its
     channels open and idle, and closes them in the parent right after. In a child process."""
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(service_dir),
-        **client_environ(service_dir, "auth", [server.address]),
-        "GRPC_ENABLE_FORK_SUPPORT": "true",
-        "GRPC_POLL_STRATEGY": "poll",
-    }
+    env = _forking_client_env(server, service_dir)
     result = subprocess.run(
         [sys.executable, "-c", _FORKING_AFTER_CLOSE_HOOK],
         capture_output=True,
