@@ -71,7 +71,7 @@ from secrets_manager.errors import (
 from secrets_manager.rotators.postgres import PASSWORD_FIELD, PostgresRole, PostgresStepError
 from secrets_manager.store import CURRENT, PENDING, SecretMetadata, validate_name
 from secrets_manager.store.base import refuse_to_demote
-from secrets_manager.values import SecretValue
+from secrets_manager.values import SecretValue, read_json_object
 
 ALPHABETS = {
     "alnum": string.ascii_letters + string.digits,
@@ -539,7 +539,7 @@ def new_value_for(
     """The value to stage: `value` itself, or the current JSON object with `field` set to it.
     `scheduled`: for a schedule entry, whose fix is a setting in the schedule file, not an option."""
     document = None if current is None else _json_object(current.reveal())
-    is_object = document is not None or (current is not None and _looks_like_json_object(current.reveal()))
+    is_object = document is not None or (current is not None and read_json_object(current.reveal())[1])
     if field is None:
         if generated and is_object:
             fields = f" (fields {', '.join(sorted(document))})" if document else ""
@@ -610,17 +610,6 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
     except (ValueError, RecursionError):  # ValueError includes UnicodeDecodeError: not text at all
         return None
     return document if isinstance(document, dict) else None
-
-
-def _looks_like_json_object(data: bytes) -> bool:
-    """Whether `data` is a JSON object even if `_json_object` cannot rebuild it: numbers too long
-    for int(), or nesting deeper than the parser goes (then an opening brace decides)."""
-    try:
-        return isinstance(json.loads(data, parse_int=str, parse_float=str), dict)
-    except RecursionError:
-        return data.lstrip().startswith(b"{")
-    except ValueError:
-        return False
 
 
 def _is_current(steps: RotationSteps, name: str, version: int) -> bool:

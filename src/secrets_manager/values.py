@@ -7,8 +7,10 @@ through `reveal()` / `reveal_text()`, so a value ends up in a log line only if s
 
 from __future__ import annotations
 
+import codecs
 import hmac
-from typing import NoReturn
+import json
+from typing import Any, NoReturn
 
 REDACTED = "**********"
 
@@ -57,3 +59,20 @@ class SecretValue:
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("SecretValue cannot be pickled")
+
+
+_JSON_LEAD = codecs.BOM_UTF8 + b" \t\r\n"
+
+
+def read_json_object(data: bytes) -> tuple[dict[str, Any] | None, bool]:
+    """A value read as a JSON object (as json.loads reads bytes: UTF-8/16/32, a byte-order mark),
+    with its numbers kept as text so none is too long to read, and whether it is one at all:
+    (None, True) for an object nested deeper than the parser goes (an opening brace decides).
+    Rotation needs to know an object from a plain value before it replaces either."""
+    try:
+        document = json.loads(data, parse_int=str, parse_float=str, parse_constant=str)
+    except RecursionError:
+        return None, data.lstrip(_JSON_LEAD).startswith(b"{")
+    except ValueError:  # UnicodeDecodeError included: not JSON text at all
+        return None, False
+    return (document, True) if isinstance(document, dict) else (None, False)

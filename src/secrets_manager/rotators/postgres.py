@@ -19,8 +19,6 @@ psycopg is imported only when a rotation uses this target: the CLI starts withou
 
 from __future__ import annotations
 
-import codecs
-import json
 import math
 import os
 import socket
@@ -31,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from secrets_manager.errors import InvalidInputError
-from secrets_manager.values import SecretValue
+from secrets_manager.values import SecretValue, read_json_object
 
 PASSWORD_FIELD = "password"  # noqa: S105 (a field's name, AWS's) the JSON object field with the password
 MAX_ROLE_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL cuts longer names, and would alter another role
@@ -43,7 +41,6 @@ ANSWER_GRACE_SECONDS = 2.0
 PROBE_LOCK_WAIT_MS = 200
 LOCK_NOT_AVAILABLE, QUERY_CANCELED = "55P03", "57014"  # SQLSTATEs
 APPLICATION_NAME = "secrets-manager-rotate"  # how our sessions show in pg_stat_activity
-_JSON_LEAD = codecs.BOM_UTF8 + b" \t\r\n"
 
 
 class PostgresStepError(Exception):
@@ -107,7 +104,7 @@ class PostgresRole:
         if it cannot be a PostgreSQL password (not UTF-8 text, a NUL, empty), or is a JSON object
         that cannot be read (its whole text must not become the password)."""
         data = value.reveal()
-        document, is_object = _json_object(data)
+        document, is_object = read_json_object(data)
         if is_object:
             if document is None:
                 raise InvalidInputError(
@@ -269,15 +266,3 @@ def _shut_down(conn: Any, expired: threading.Event) -> None:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
-
-
-def _json_object(data: bytes) -> tuple[dict[str, Any] | None, bool]:
-    """`data` as a JSON object (numbers kept as text, so none is too long), and whether it is one;
-    (None, True) for an object nested too deep to read."""
-    try:
-        document = json.loads(data, parse_int=str, parse_float=str, parse_constant=str)
-    except RecursionError:
-        return None, data.lstrip(_JSON_LEAD).startswith(b"{")
-    except ValueError:  # UnicodeDecodeError included: not JSON text at all
-        return None, False
-    return (document, True) if isinstance(document, dict) else (None, False)
