@@ -132,6 +132,51 @@ def test_a_json_value_has_its_password_field_rotated_and_the_rest_kept(cli: Cli,
     assert roles.logs_in(rotated["password"]) and not roles.logs_in(OLD_VALUE)
 
 
+def test_a_json_value_of_another_role_is_refused_before_it_is_staged(cli: Cli, roles: Roles) -> None:
+    """Its "username" (AWS's format) says whose password it is: another role's is not set."""
+    document = {"username": "someone_else_1f3a", "password": OLD_VALUE}
+    assert cli("store", "db/app", input=json.dumps(document).encode()).code == 0
+    history = cli("history", "db/app", "--json").stdout
+    refused = _rotate(cli, roles, name="db/app#password")
+    assert refused.code == 2, refused.stderr
+    assert f'the value\'s "username" field names another role than {roles.app!r}' in refused.stderr
+    assert "someone_else_1f3a" not in refused.stderr  # part of the value: not quoted
+    assert cli("history", "db/app", "--json").stdout == history
+    assert roles.logs_in(OLD_VALUE)
+
+
+def test_a_resume_naming_another_role_does_not_set_its_password(cli: Cli, roles: Roles) -> None:
+    """The pending value's "username" names the role it was staged for: a --resume that names
+    another role fails its set step and leaves that role's password alone."""
+    document = {"username": roles.app, "password": OLD_VALUE}
+    assert cli("store", "db/app", input=json.dumps(document).encode()).code == 0
+    with _role_locked(roles):  # the set step fails: version 3 stays pending
+        assert _rotate(cli, roles, "--timeout", "2", name="db/app#password").code == 1
+    assert cli.labels() == {"previous": 1, "current": 2, "pending": 3}
+    other, other_password = f"{roles.app}_other", "other-role-password"
+    with roles.cluster.connect(superuser=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                sql.Identifier(other), sql.Literal(other_password)
+            )
+        )
+    try:
+        wrong = cli("rotate", "db/app", "--resume", "--postgres-role", other, "--postgres", roles.conninfo)
+        assert wrong.code == 1, wrong.stderr
+        assert f'the value\'s "username" field names another role than {other!r}' in wrong.stderr
+        assert cli.labels() == {"previous": 1, "current": 2, "pending": 3}
+        psycopg.connect(
+            host="127.0.0.1", port=roles.cluster.port, dbname="postgres", user=other,
+            password=other_password, connect_timeout=10,
+        ).close()  # fmt: skip
+        resumed = _rotate(cli, roles, "--resume")
+        assert resumed.code == 0, resumed.stderr
+        assert roles.logs_in(json.loads(cli.value())["password"])
+    finally:
+        with roles.cluster.connect(superuser=True) as conn:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(other)))
+
+
 def test_a_role_or_administrator_that_cannot_be_reached_refuses_the_rotation_before_the_stage(
     cli: Cli, roles: Roles
 ) -> None:

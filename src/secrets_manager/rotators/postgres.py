@@ -32,6 +32,7 @@ from secrets_manager.errors import InvalidInputError
 from secrets_manager.values import SecretValue, read_json_object
 
 PASSWORD_FIELD = "password"  # noqa: S105 (a field's name, AWS's) the JSON object field with the password
+USERNAME_FIELD = "username"  # AWS's: the role a JSON object value's password belongs to
 MAX_ROLE_BYTES = 63  # NAMEDATALEN - 1: PostgreSQL cuts longer names, and would alter another role
 MIN_CONNECT_TIMEOUT = 2  # libpq treats 1 as 2 and 0 as "wait for ever"
 # A session is shut down this long after the step's timeout if the server has not answered: time
@@ -101,8 +102,9 @@ class PostgresRole:
     def password_of(self, value: SecretValue) -> str:
         """The password in `value`: the value, or a JSON object's "password" text field (read as
         rotation.py reads JSON: a byte-order mark, UTF-16 or UTF-32 included). InvalidInputError
-        if it cannot be a PostgreSQL password (not UTF-8 text, a NUL, empty), or is a JSON object
-        that cannot be read (its whole text must not become the password)."""
+        if it cannot be a PostgreSQL password (not UTF-8 text, a NUL, empty), is a JSON object
+        that cannot be read (its whole text must not become the password), or is one whose
+        "username" (AWS's format) is not this role: the value belongs to another role."""
         data = value.reveal()
         document, is_object = read_json_object(data)
         if is_object:
@@ -110,6 +112,14 @@ class PostgresRole:
                 raise InvalidInputError(
                     "the value is a JSON object that cannot be read (nested too deep): give one whose "
                     f'"{PASSWORD_FIELD}" field holds the password'
+                )
+            username = document.get(USERNAME_FIELD)
+            if username is not None and username != self.role:
+                # Its text is part of the value: not quoted. A --resume naming another role than
+                # the rotation that staged the value would otherwise set that role's password.
+                raise InvalidInputError(
+                    f'the value\'s "{USERNAME_FIELD}" field names another role than {self.role!r}: rotate '
+                    "it with --postgres-role set to the role the value belongs to"
                 )
             field = document.get(PASSWORD_FIELD)
             if not isinstance(field, str):
