@@ -3,15 +3,18 @@ certificates, a real policy, a real SQLite store (shared by two servers in the f
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -20,12 +23,14 @@ from typing import Any
 import pytest
 
 from secrets_manager import get_credentials_sync
-from secrets_manager.client import Client, RemoteStore, _client, close_default_client
+from secrets_manager.client import AsyncClient, Client, RemoteStore, _client, close_default_client
+from secrets_manager.client import remote as remote_module
 from secrets_manager.client._renewal import CertificateFiles
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import (
     AccessDeniedError,
     ConflictError,
+    IntegrityError,
     InvalidInputError,
     NotFoundError,
     OutcomeUnknownError,
@@ -37,6 +42,7 @@ from secrets_manager.store import encrypted as encrypted_module
 from secrets_manager.store.keys import rotate_root_key
 from secrets_manager.tls import pki
 from secrets_manager.tls.files import write_private_file
+from secrets_manager.values import SecretValue
 from service_fixtures import (
     PASSWORD,
     SEED,
@@ -1164,6 +1170,71 @@ def test_production_without_an_address_is_an_error(
         InvalidInputError, match="SECRETS_MANAGER_ADDR is not set and SHRIVENQUANT_ENV=production"
     ):
         get_credentials_sync()
+
+
+# ---- what an error carries out of the SDK ---------------------------------------------------------
+
+
+def _values_in_sdk_frames(error: BaseException) -> list[str]:
+    """Each local of an SDK frame in the tracebacks of `error` and of every exception chained to
+    it (suppressed context included) whose repr holds a value: what an error tracker that shows
+    locals (Sentry's default) would send."""
+    found, seen, pending = [], set(), [error]
+    while pending:
+        link = pending.pop()
+        if link is None or id(link) in seen:
+            continue
+        seen.add(id(link))
+        for frame, _ in traceback.walk_tb(link.__traceback__):
+            if "/secrets_manager/" in frame.f_code.co_filename:
+                found += [
+                    f"{frame.f_code.co_name}: {key}"
+                    for key, local in frame.f_locals.items()
+                    if "SEEKRIT" in repr(local)
+                ]
+        pending += [link.__cause__, link.__context__]
+    return found
+
+
+def test_an_error_on_a_later_page_carries_no_frame_holding_the_pages_before(
+    service_dir: Path, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """BatchGetSecrets pages: the first page's values were in the paging loop's locals when the
+    second page failed (a damaged record: DATA_LOSS)."""
+    storage = sqlite3.connect(service_dir / "store.db")
+    (sealed,) = storage.execute("SELECT value FROM entries WHERE key = 'data/auth/JWT_KEY#1'").fetchone()
+    storage.execute(
+        "UPDATE entries SET value = ? WHERE key = 'data/auth/JWT_KEY#1'",
+        (sealed[:-1] + bytes([sealed[-1] ^ 1]),),
+    )
+    storage.commit()
+    storage.close()
+    monkeypatch.setattr(remote_module, "PAGE_SIZE", 1)  # two secrets, two pages
+    running = start_server(service_dir)
+    try:
+        client = make_client("auth", [running.address])
+        with pytest.raises(IntegrityError) as caught:
+            client.credentials()
+    finally:
+        running.stop()
+    assert _values_in_sdk_frames(caught.value) == []
+    shown = "".join(traceback.TracebackException.from_exception(caught.value, capture_locals=True).format())
+    assert "SEEKRIT" not in shown and "integrity" in shown
+
+
+def test_a_failed_put_carries_no_frame_holding_its_value(server: Server, make_client: ClientFactory) -> None:
+    client = make_client("auth", [server.address])  # auth may read auth/*, not write it
+    for value in (SecretValue(b"put-value-SEEKRIT"), b"put-value-SEEKRIT"):
+        with pytest.raises(AccessDeniedError) as caught:
+            client.put("auth/DB_PASSWORD", value)
+        assert _values_in_sdk_frames(caught.value) == []
+        with pytest.raises(AccessDeniedError) as caught:
+            asyncio.run(AsyncClient(client=client).put("auth/DB_PASSWORD", value))
+        assert _values_in_sdk_frames(caught.value) == []
+    with pytest.raises(InvalidInputError, match="a lone surrogate") as refused:
+        client.put("auth/DB_PASSWORD", "put-value-SEEKRIT\ud800")
+    assert "SEEKRIT" not in repr(refused.value) and refused.value.__context__ is None
+    assert client.get("auth/DB_PASSWORD").value.reveal() == SEED["auth/DB_PASSWORD"]
 
 
 # ---- threads ---------------------------------------------------------------------------------------

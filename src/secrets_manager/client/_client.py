@@ -71,10 +71,11 @@ import random
 import threading
 import time
 import weakref
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import wraps
 from types import TracebackType
-from typing import Any, Protocol, TypeVar
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 from secrets_manager.client._cache import Reachability, TtlCache
 from secrets_manager.client._config import (
@@ -113,6 +114,7 @@ from secrets_manager.wire import MIN_PING_INTERVAL_WITHOUT_DATA_MS
 log = logging.getLogger("secrets_manager.client")
 
 T = TypeVar("T")
+P = ParamSpec("P")
 SETTLE_SECONDS = 0.5  # > the service's 0.2 s watch poll plus the time its stream takes to start
 LOCAL_POLL_SECONDS = 0.2  # the local store's change feed, polled as the service polls it
 BACKOFF_INITIAL_SECONDS = 0.1
@@ -149,6 +151,59 @@ CHANNEL_OPTIONS = (
 _EVERYTHING = "*"  # refresher job: re-read all that is cached ('*' is never a secret name)
 _ALL = ""  # the listing's cache key: every name the caller may read
 _RENEWAL = "?tls"  # refresher job: have the certificate files been renewed? (never a secret name)
+
+
+# ---- what an error carries out of the SDK -----------------------------------------------------
+
+
+def _frames_withheld(method: Callable[P, T]) -> Callable[P, T]:
+    """A public method whose errors leave without the SDK's frames in their tracebacks.
+
+    Those frames' locals hold values: a page of secrets read before a later page failed, the
+    value a put was writing. Error trackers and rich tracebacks show every frame's locals (Sentry
+    by default), so the error is raised again from here with no traceback below this call, and
+    the exceptions chained to it lose theirs; their messages, which never hold values, stay."""
+
+    @wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return method(*args, **kwargs)
+        except Exception as exc:
+            error = exc
+        del args, kwargs  # the caller's own arguments: not shown again in this frame
+        _drop_tracebacks(error)
+        raise error  # outside the except block: nothing new is chained to it
+
+    return call
+
+
+def _frames_withheld_async(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
+    """`_frames_withheld` for a coroutine method (AsyncClient's)."""
+
+    @wraps(method)
+    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await method(*args, **kwargs)
+        except Exception as exc:
+            error = exc
+        del args, kwargs
+        _drop_tracebacks(error)
+        raise error
+
+    return call
+
+
+def _drop_tracebacks(error: BaseException) -> None:
+    """Remove the traceback of `error` and of every exception chained to it."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        link = pending.pop()
+        if link is None or id(link) in seen:
+            continue
+        seen.add(id(link))
+        link.__traceback__ = None
+        pending += [link.__cause__, link.__context__]
 
 
 # ---- where values come from ------------------------------------------------------------------
@@ -719,6 +774,7 @@ class Client:
 
     # ---- reading ---------------------------------------------------------------------------------
 
+    @_frames_withheld
     def credentials(self, namespace: str | None = None) -> Credentials:
         """Every secret the caller may read (BatchGetSecrets), by full name; with `namespace`,
         only that namespace's secrets, by their names inside it ('BINANCE_API_KEY')."""
@@ -727,6 +783,7 @@ class Client:
         hit = self._cached_credentials(namespace)
         return hit if hit is not None else self._load_credentials(namespace)
 
+    @_frames_withheld
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """One secret (GetSecret): the current version from the cache; a given version or label
         ('previous', 'pending') is always asked of the service."""
@@ -738,14 +795,17 @@ class Client:
             return hit if hit is not None else self._load_secret(name)
         return self._uncached(lambda backend: backend.fetch(name, version=version, label=label))
 
+    @_frames_withheld
     def describe(self, name: str) -> SecretMetadata:
         """Metadata and version history (DescribeSecret); never cached, never a value."""
         return self._uncached(lambda backend: backend.describe(name))
 
+    @_frames_withheld
     def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
         """Metadata of the secrets under `prefix` the caller may list (ListSecrets); never cached."""
         return self._uncached(lambda backend: backend.list(prefix, include_deleted=include_deleted))
 
+    @_frames_withheld
     def put(
         self,
         name: str,
@@ -762,8 +822,7 @@ class Client:
         the outcome is unknown, rather than risk making it twice (two versions of one value, and
         `previous` no longer the value it replaced). With `expect_version` it fails over like a
         read: a second try cannot double it (ConflictError if the first had made it)."""
-        raw = value.reveal() if isinstance(value, SecretValue) else value
-        data = raw.encode("utf-8") if isinstance(raw, str) else raw
+        data = _value_bytes(value)
         version = self._uncached(
             lambda backend: backend.put(
                 name, data, expect_version=expect_version, description=description, tags=tags
@@ -1304,6 +1363,19 @@ class Client:
         self._store_secret(secret, started)
 
 
+def _value_bytes(value: bytes | str | SecretValue) -> bytes:
+    """The bytes to write. Not UnicodeEncodeError for text that is not Unicode (a lone
+    surrogate): it would carry the whole text (`.object`) and show it in its repr."""
+    raw = value.reveal() if isinstance(value, SecretValue) else value
+    if isinstance(raw, bytes):
+        return raw
+    try:
+        return raw.encode("utf-8")
+    except UnicodeEncodeError:
+        pass  # raised below, outside this block: not even as its suppressed context
+    raise InvalidInputError("the value is text that UTF-8 cannot encode (a lone surrogate): pass bytes")
+
+
 def _in_namespace(values: Mapping[str, SecretValue], namespace: str | None) -> dict[str, SecretValue]:
     if namespace is None:
         return dict(values)
@@ -1343,6 +1415,7 @@ class AsyncClient:
         """See `Client.stale`."""
         return self._client.stale
 
+    @_frames_withheld_async
     async def credentials(self, namespace: str | None = None) -> Credentials:
         """See `Client.credentials` (BatchGetSecrets)."""
         if namespace is not None:
@@ -1355,6 +1428,7 @@ class AsyncClient:
         )
         return result
 
+    @_frames_withheld_async
     async def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """See `Client.get` (GetSecret)."""
         if version is None and label is None:
@@ -1365,14 +1439,17 @@ class AsyncClient:
             return result
         return await asyncio.to_thread(self._client.get, name, version=version, label=label)
 
+    @_frames_withheld_async
     async def describe(self, name: str) -> SecretMetadata:
         """See `Client.describe` (DescribeSecret)."""
         return await asyncio.to_thread(self._client.describe, name)
 
+    @_frames_withheld_async
     async def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
         """See `Client.list` (ListSecrets)."""
         return await asyncio.to_thread(self._client.list, prefix, include_deleted=include_deleted)
 
+    @_frames_withheld_async
     async def put(
         self,
         name: str,
