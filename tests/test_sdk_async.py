@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from secrets_manager import AsyncClient, Credentials, get_credentials
-from secrets_manager.client import close_default_client
-from secrets_manager.errors import AccessDeniedError
+from secrets_manager.client import _client, close_default_client
+from secrets_manager.errors import AccessDeniedError, StorageError
 from service_fixtures import SEED, Server, SilentListener, client_environ, make_pki, make_store, start_server
 
 AUTH = {name: value for name, value in SEED.items() if name.startswith("auth/")}
@@ -94,12 +94,34 @@ def test_the_event_loop_keeps_ticking_while_a_slow_call_is_in_flight(
     assert max(gaps) < 0.1, f"the loop stalled for {max(gaps) * 1000:.0f} ms"
 
 
+def test_concurrent_calls_to_a_hung_service_each_end_at_its_timeout(service_dir: Path) -> None:
+    """They run on the SDK's own threads: in the event loop's default executor (min(32, CPUs + 4)
+    workers) they queued behind each other, 20 calls on 2 CPUs ending after 4 timeouts."""
+    silent = SilentListener()
+    client = AsyncClient(environ=client_environ(service_dir, "auth", [silent.address]), timeout=1.0)
+
+    async def main() -> tuple[float, list[Any]]:
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(client.describe(f"auth/NAME_{i}") for i in range(20)), return_exceptions=True
+        )
+        return time.monotonic() - started, results
+
+    try:
+        elapsed, results = asyncio.run(main())
+    finally:
+        asyncio.run(client.close())
+        silent.close()
+    assert all(isinstance(result, StorageError) for result in results), results
+    assert elapsed < 2.5, f"20 calls with a 1 s timeout took {elapsed:.1f} s"
+
+
 def test_cached_reads_are_answered_in_the_loop_without_a_thread(
     server: Server, service_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     client = AsyncClient(environ=client_environ(service_dir, "auth", [server.address]))
     threads_started = 0
-    to_thread = asyncio.to_thread
+    to_thread = _client._in_thread
 
     async def counting_to_thread(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         nonlocal threads_started
@@ -109,7 +131,7 @@ def test_cached_reads_are_answered_in_the_loop_without_a_thread(
     async def main() -> None:
         await client.credentials()
         await client.get("auth/JWT_KEY")
-        monkeypatch.setattr(asyncio, "to_thread", counting_to_thread)
+        monkeypatch.setattr(_client, "_in_thread", counting_to_thread)
         for _ in range(1000):
             await client.credentials()
             await client.get("auth/JWT_KEY")

@@ -53,7 +53,7 @@ How a value reaches a caller:
   a child forked meanwhile inherits the locks they hold. The parent closes them after the fork.
 
 `AsyncClient` wraps a `Client`. A cached read is answered in the event loop (it never waits);
-anything that may wait on the network or the disk runs in a worker thread (`asyncio.to_thread`),
+anything that may wait on the network or the disk runs in a worker thread (the SDK's own pool),
 with concurrent misses for one key sharing one thread. One cache and one watcher then serve sync
 and async callers alike, and the client is not bound to one event loop (grpc.aio channels are),
 so the process-wide client behind `get_credentials()` survives `asyncio.run()` being called twice.
@@ -62,6 +62,7 @@ so the process-wide client behind `get_credentials()` survives `asyncio.run()` b
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import getpass
 import heapq
 import itertools
@@ -72,8 +73,9 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from functools import wraps
+from functools import partial, wraps
 from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar
 
@@ -1376,6 +1378,26 @@ def _value_bytes(value: bytes | str | SecretValue) -> bytes:
     raise InvalidInputError("the value is text that UTF-8 cannot encode (a lone surrogate): pass bytes")
 
 
+# Threads for AsyncClient's blocking calls, each bounded by the client's timeout. Not the event
+# loop's default executor: its min(32, CPUs + 4) workers are the application's too (getaddrinfo,
+# its own to_thread calls), and misses against a hung service queued there behind each other, past
+# the timeout. Threads start only as calls need them.
+SDK_THREADS = 64
+_executor: ThreadPoolExecutor | None = None
+_executor_lock = threading.Lock()
+
+
+async def _in_thread(function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """`asyncio.to_thread` on the SDK's own threads."""
+    global _executor
+    if _executor is None:
+        with _executor_lock:
+            if _executor is None:
+                _executor = ThreadPoolExecutor(SDK_THREADS, thread_name_prefix="secrets-manager-async")
+    call = partial(contextvars.copy_context().run, function, *args, **kwargs)
+    return await asyncio.get_running_loop().run_in_executor(_executor, call)
+
+
 def _in_namespace(values: Mapping[str, SecretValue], namespace: str | None) -> dict[str, SecretValue]:
     if namespace is None:
         return dict(values)
@@ -1437,17 +1459,17 @@ class AsyncClient:
                 return hit
             result: Secret = await self._shared(("get", name), self._client.get, name)
             return result
-        return await asyncio.to_thread(self._client.get, name, version=version, label=label)
+        return await _in_thread(self._client.get, name, version=version, label=label)
 
     @_frames_withheld_async
     async def describe(self, name: str) -> SecretMetadata:
         """See `Client.describe` (DescribeSecret)."""
-        return await asyncio.to_thread(self._client.describe, name)
+        return await _in_thread(self._client.describe, name)
 
     @_frames_withheld_async
     async def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
         """See `Client.list` (ListSecrets)."""
-        return await asyncio.to_thread(self._client.list, prefix, include_deleted=include_deleted)
+        return await _in_thread(self._client.list, prefix, include_deleted=include_deleted)
 
     @_frames_withheld_async
     async def put(
@@ -1460,12 +1482,12 @@ class AsyncClient:
         tags: Mapping[str, str] | None = None,
     ) -> int:
         """See `Client.put` (PutSecret)."""
-        return await asyncio.to_thread(
+        return await _in_thread(
             self._client.put, name, value, expect_version=expect_version, description=description, tags=tags
         )
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._client.close)
+        await _in_thread(self._client.close)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -1484,7 +1506,7 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         flight = self._in_flight.get((loop, key))
         if flight is None:
-            flight = asyncio.ensure_future(asyncio.to_thread(function, *args))
+            flight = asyncio.ensure_future(_in_thread(function, *args))
             self._in_flight[(loop, key)] = flight
             flight.add_done_callback(lambda done: self._landed(loop, key, done))
         return await asyncio.shield(flight)
@@ -1521,8 +1543,9 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _default_lock
+    global _default_lock, _executor, _executor_lock
     _default_lock = threading.Lock()
+    _executor, _executor_lock = None, threading.Lock()  # its threads are the parent's
     _PAUSED_FOR_FORK.clear()
     for client in list(_CLIENTS):
         if not client._closed.is_set():
