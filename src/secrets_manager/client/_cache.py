@@ -4,8 +4,9 @@ Two invariants:
 
 - Reads take no lock. The entries live in a dict that writers never mutate: a writer copies it,
   changes the copy and swaps it in under one lock (copy-on-write, like Vault's keyring). A reader
-  that takes `entries()` once sees one consistent generation: never half of a batch refresh, so a
-  key and its secret rotated together are never served one old and one new.
+  that takes `entries()` once sees one consistent generation: never half of a batch refresh.
+  (Secrets are written one at a time, so two changed in turn can still be seen one old and one
+  new: values that must change together belong in one secret.)
 - A slower, older fetch never overwrites a newer one. Each write carries the monotonic time its
   fetch *started*; the cache keeps the newer of the two, and `outdate()` (a change event arrived)
   refuses every fetch that started before it.

@@ -1,8 +1,11 @@
 """`Credentials`: what `get_credentials()` returns, a read-only snapshot of secret values by name.
 
-A snapshot, not a live view: the values in one `Credentials` come from one cache generation, so
-an API key and its secret rotated together are never seen one old and one new. Ask the client
-again (a cache hit costs well under a microsecond) to see newer values.
+A snapshot, not a live view: the values in one `Credentials` come from one cache generation and do
+not change under the caller. Each secret is written and refreshed on its own, so two secrets
+changed one after the other (an API key, then its secret) can be seen one old and one new; keep
+values that must change together in one secret (a JSON object: `rotate NAME#field` rotates one
+field of it), as AWS keeps a database's user and password. Ask the client again (a cache hit
+costs well under a microsecond) to see newer values.
 
 Its `repr` and `str` show names only; the values are `SecretValue`s, redacted until revealed.
 """
