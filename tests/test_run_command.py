@@ -323,6 +323,20 @@ def test_a_command_that_cannot_start_gets_the_shells_exit_codes(cli: Cli, tmp_pa
     (tmp_path / "not-executable").write_text("#!/bin/sh\n")
     denied = cli("run", "--service", "auth", "--", str(tmp_path / "not-executable"))
     assert denied.returncode == 126 and "Permission denied" in denied.stderr
+    binary = tmp_path / "not-a-program"  # neither a #! line nor a format exec knows: sh cannot run it
+    binary.write_bytes(b"\x7fELF\x00garbage")
+    binary.chmod(0o755)
+    refused = cli("run", "--service", "auth", "--", str(binary))
+    assert refused.returncode == 126 and "cannot run" in refused.stderr
+
+
+def test_a_script_without_a_shebang_line_is_run_by_sh_as_a_shell_runs_it(cli: Cli, tmp_path: Path) -> None:
+    script = tmp_path / "no-shebang"
+    script.write_text('printf "%s %s" "$1" "${DB_PASSWORD:+set}"\n')
+    script.chmod(0o755)
+    result = cli("run", "--service", "auth", "--", str(script), "argument")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "argument set"
 
 
 def test_through_a_service_the_policy_decides_what_the_program_gets(tmp_path: Path) -> None:
@@ -397,6 +411,8 @@ def test_proxies_in_either_case_and_the_sdks_own_trust_variables_are_refused(
         *("VAULT_ADDR", "VAULT_SKIP_VERIFY", "AWS_ENDPOINT_URL", "DOCKER_HOST", "GOPROXY", "GODEBUG"),
         *("GTK_MODULES", "QT_PLUGIN_PATH", "GST_PLUGIN_PATH", "GIO_EXTRA_MODULES", "R_PROFILE_USER"),
         *("ERL_AFLAGS", "ELIXIR_ERL_OPTIONS", "JULIA_LOAD_PATH", "TCLLIBPATH", "CC", "MAKEFLAGS"),
+        *("CORECLR_PROFILER_PATH", "CORECLR_ENABLE_PROFILING", "COR_PROFILER_PATH", "MONO_ENV_OPTIONS"),
+        *("KRB5_CONFIG", "KRB5CCNAME", "SASL_PATH", "GSS_MECH_CONFIG", "LDAPCONF"),
     ],
 )
 def test_variables_that_choose_code_or_trust_are_named_by_the_check(variable: str) -> None:

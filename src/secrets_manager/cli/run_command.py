@@ -19,6 +19,7 @@ elsewhere. `--secret NAME=VAR` names such a variable explicitly, for who really 
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -37,6 +38,7 @@ from secrets_manager.store.url import AwsLocation, external_location
 
 EXIT_CANNOT_EXECUTE = 126  # the shell's codes, as env(1) and nohup(1) use them
 EXIT_NOT_FOUND = 127
+SHELL = "/bin/sh"  # runs a script that has no #! line
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NOT_IN_VARIABLE = re.compile(r"[^A-Za-z0-9_]")
 # Variables through which a value chooses code to run, or whom to trust: the dynamic loader's,
@@ -44,10 +46,12 @@ _NOT_IN_VARIABLE = re.compile(r"[^A-Za-z0-9_]")
 # variables, the helpers git, less and others start, the proxies and CA bundles TLS and HTTP
 # clients trust, and this tool's own: where the SDK connects and what it trusts, which store with
 # which password, and the guard rails of SHRIVENQUANT_ENV; GUI toolkits' and media frameworks'
-# module paths, R's, Erlang's, Julia's and Deno's start-up and library variables, and the
-# compiler and make variables builds run. Named ones only: NODE_ENV or GIT_TOKEN
-# stay usable. Proxies and npm's settings are read in either case (curl and wget read only
-# `http_proxy`), so those match in any case; the rest are read as written.
+# module paths, R's, Erlang's, Julia's and Deno's start-up and library variables, .NET's and
+# Mono's profiler and option variables, the Kerberos, SASL, GSSAPI and LDAP configuration that
+# libpq and other clients load plug-ins from, and the compiler and make variables builds run.
+# Named ones only: NODE_ENV or GIT_TOKEN stay usable. Proxies and npm's settings are read in
+# either case (curl and wget read only `http_proxy`), so those match in any case; the rest are
+# read as written.
 # Withheld from COMMAND whatever the store: what unlocks a store or reaches one. The Vault ones are
 # every credential store/vault.py's connect_vault reads (its ~/.vault-token, like ~/.pgpass and
 # ~/.aws, is a file of the same user: no variable hides it); PostgreSQL's are libpq's password,
@@ -108,6 +112,8 @@ _LOADS_CODE = re.compile(
     r"|TCLLIBPATH|R_PROFILE|R_PROFILE_USER|R_ENVIRON|R_ENVIRON_USER|R_LIBS|R_LIBS_USER|R_LIBS_SITE"
     r"|ERL_LIBS|ERL_AFLAGS|ERL_ZFLAGS|ERL_FLAGS|ELIXIR_ERL_OPTIONS|JULIA_LOAD_PATH|JULIA_DEPOT_PATH"
     r"|JULIA_PROJECT|DENO_DIR|DENO_CERT|BUN_INSTALL|CC|CXX|CPP|LD|MAKEFLAGS|MAKEFILES"
+    r"|(CORECLR_|COR_|COMPlus_|MONO_).*|KRB5_CONFIG|KRB5_KDC_PROFILE|KRB5_CLIENT_KTNAME|KRB5CCNAME"
+    r"|SASL_PATH|SASL_CONF_PATH|GSS_MECH_CONFIG|LDAPCONF|LDAPRC|NSS_CONFIG_DIR|SSL_DIR"
     r"|" + "|".join(PASSWORD_VARIABLES)
 )
 
@@ -276,9 +282,24 @@ def _exec(command: tuple[str, ...], variables: dict[str, Secret], withheld: tupl
     except FileNotFoundError:
         raise CommandNotStarted(f"{command[0]}: command not found", EXIT_NOT_FOUND) from None
     except OSError as exc:
-        raise CommandNotStarted(
-            f"cannot run {command[0]}: {exc.strerror or exc}", EXIT_CANNOT_EXECUTE
-        ) from None
+        failure = exc
+    if failure.errno == errno.ENOEXEC and _is_text(program):
+        # A script without a #! line: sh runs it, as shells and execvp(3) do.
+        try:
+            os.execve(SHELL, [SHELL, program, *command[1:]], environment)  # noqa: S606
+        except OSError as exc:
+            failure = exc
+    raise CommandNotStarted(f"cannot run {command[0]}: {failure.strerror or failure}", EXIT_CANNOT_EXECUTE)
+
+
+def _is_text(program: str) -> bool:
+    """Whether a file exec refused may be a script: no NUL in its first line (bash's test)."""
+    try:
+        with open(program, "rb") as file:
+            start = file.read(256)
+    except OSError:
+        return False
+    return b"\x00" not in start.split(b"\n", 1)[0]
 
 
 class CommandNotStarted(SecretsManagerError):
