@@ -468,6 +468,27 @@ def test_an_address_that_hangs_is_abandoned_after_the_timeout(
         silent.close()
 
 
+def test_an_address_that_hangs_is_named_and_a_change_sent_to_it_is_said_to_be_unknown(
+    make_client: ClientFactory,
+) -> None:
+    """gRPC says only "Deadline Exceeded"."""
+    silent = SilentListener()
+    try:
+        client = make_client("writer", [silent.address], timeout=0.5)
+        with pytest.raises(StorageError) as read:
+            client.get("auth/DB_PASSWORD")
+        assert f"{silent.address} did not answer GetSecret within 0.5 s: is the service up" in str(read.value)
+        with pytest.raises(OutcomeUnknownError) as write:
+            client.put("auth/DB_PASSWORD", b"new-value-SEEKRIT")
+        assert (
+            f"{silent.address} did not answer PutSecret within 0.5 s; the change may have been made"
+            in str(write.value)
+        )
+        assert "SEEKRIT" not in str(write.value)
+    finally:
+        silent.close()
+
+
 # ---- stale-if-error -------------------------------------------------------------------------------
 
 

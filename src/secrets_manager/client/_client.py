@@ -396,6 +396,8 @@ class _ServiceReplicas:
                     if not _worth_another_address(exc):
                         raise
                     if at_most_once and not _surely_not_made(exc):
+                        if isinstance(exc, OutcomeUnknownError):  # it says so, and where, already
+                            raise
                         raise OutcomeUnknownError(
                             f"{replica.address}: {exc}; the change may have been made there before "
                             "its answer was lost, so it was not sent to another replica: read the "
@@ -403,7 +405,10 @@ class _ServiceReplicas:
                             "be retried safely)"
                         ) from None
                     refused = refused or isinstance(exc, HandshakeFailedError)
-                    failures.append(f"{replica.address}: {exc}")
+                    said = str(exc)
+                    failures.append(
+                        said if said.startswith(replica.address) else f"{replica.address}: {said}"
+                    )
                     continue
                 self._preferred = index
                 return result

@@ -23,6 +23,7 @@ from secrets_manager.errors import (
     HandshakeFailedError,
     InvalidInputError,
     NotConnectedError,
+    OutcomeUnknownError,
     StorageError,
     UnsupportedOperationError,
 )
@@ -95,6 +96,9 @@ def channel_credentials(files: ClientTlsFiles) -> grpc.ChannelCredentials:
 _NEVER_CONNECTED = "failed to connect to all addresses"
 
 
+_READS = frozenset({"GetSecret", "BatchGetSecrets", "ListSecrets", "DescribeSecret"})  # change nothing
+
+
 class RemoteStore:
     """A `SecretStore` whose every call is one RPC to a secrets-manager service."""
 
@@ -138,6 +142,14 @@ class RemoteStore:
                 ) from None
             if code is grpc.StatusCode.UNAVAILABLE and details.startswith(_NEVER_CONNECTED):
                 raise NotConnectedError(details) from None
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED:  # gRPC says only "Deadline Exceeded"
+                waited = f"{self.address} did not answer {method} within {timeout or self._timeout:g} s"
+                if method not in _READS:
+                    raise OutcomeUnknownError(
+                        f"{waited}; the change may have been made: check (history, describe) before "
+                        "trying again"
+                    ) from None
+                raise StorageError(f"{waited}: is the service up, reachable and not overloaded?") from None
             if code is grpc.StatusCode.UNIMPLEMENTED:  # an older service, without this RPC
                 raise UnsupportedOperationError(
                     f"{method} is not supported by the service at {self.address} "
