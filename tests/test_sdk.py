@@ -42,6 +42,7 @@ from secrets_manager.store import encrypted as encrypted_module
 from secrets_manager.store.keys import rotate_root_key
 from secrets_manager.tls import pki
 from secrets_manager.tls.files import write_private_file
+from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.values import SecretValue
 from service_fixtures import (
     PASSWORD,
@@ -1256,6 +1257,37 @@ def test_a_failed_put_carries_no_frame_holding_its_value(server: Server, make_cl
         client.put("auth/DB_PASSWORD", "put-value-SEEKRIT\ud800")
     assert "SEEKRIT" not in repr(refused.value) and refused.value.__context__ is None
     assert client.get("auth/DB_PASSWORD").value.reveal() == SEED["auth/DB_PASSWORD"]
+
+
+def test_an_identity_the_policy_does_not_know_asks_for_a_watch_stream_once_a_minute(
+    server: Server, make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its watcher retried every few seconds: a denied audit record and a warning each time."""
+    caplog.set_level(logging.DEBUG, logger="secrets_manager.client")
+    client = make_client("nobody", [server.address])
+    with pytest.raises(AccessDeniedError):
+        client.credentials()
+    time.sleep(4)
+    denied = [r for r in server.audit_records() if r["operation"] == "watch"]
+    assert len(denied) == 1 and denied[0]["decision"] == "deny"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1 and "may not watch for changes" in warnings[0], warnings
+
+
+def test_closing_a_client_with_refreshes_queued_warns_of_nothing(
+    server: Server, make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each queued refresh failed as 'this client is closed' and was warned of as served stale."""
+    client = make_client("auth", [server.address])
+    client.credentials()
+    ops = server.stub("ops")
+    for started in [
+        ops.PutSecret.future(pb.PutSecretRequest(name=f"auth/BULK_{i}", value=b"v")) for i in range(200)
+    ]:
+        started.result(timeout=60)
+    caplog.set_level(logging.WARNING, logger="secrets_manager.client")
+    client.close()
+    assert [r.getMessage() for r in caplog.records if "closed" in r.getMessage()] == []
 
 
 # ---- threads ---------------------------------------------------------------------------------------

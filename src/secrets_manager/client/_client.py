@@ -122,6 +122,7 @@ LOCAL_POLL_SECONDS = 0.2  # the local store's change feed, polled as the service
 BACKOFF_INITIAL_SECONDS = 0.1
 BACKOFF_MAX_SECONDS = 5.0
 HEALTHY_STREAM_SECONDS = 5.0  # a stream that lived this long resets the reconnect backoff
+WATCH_DENIED_RETRY_SECONDS = 60.0  # a watch stream the policy refused is asked for again this often
 # How often the certificate files are stat'ed for a renewal. Three stat calls in the refresher
 # thread, nothing on the read path, so cost does not bound it; what does is how soon a renewed
 # certificate is in use. Renewers act long before expiry (SPIFFE helpers at half an SVID's hour,
@@ -1158,7 +1159,10 @@ class Client:
         or TTL may come to do it (a resumed stream replays nothing already delivered). The same
         whether the service did not answer (StorageError: an outage, warned about as such) or
         answered that it cannot now (a store changed under it: ABORTED, DATA_LOSS; warned here).
-        `by_read`: from the read path, which starts a retry only if none is under way."""
+        `by_read`: from the read path, which starts a retry only if none is under way.
+        Nothing is owed once the client is closed: its refreshes fail for that reason alone."""
+        if self._closed.is_set():
+            return
         with self._write_lock:
             debt = self._owed.get(key)
             since, failures = debt if debt is not None else (started, 0)
@@ -1233,12 +1237,17 @@ class Client:
         backoff = _Backoff(self._rng)
         resume: int | None = None  # every change up to this revision has reached `_on_change`
         refusals = 0  # streams refused in a row (the service at its watch-stream limit)
+        denials = 0  # streams denied in a row (this identity holds no role in the service's policy)
         while not self._closed.is_set():
             try:
                 stream = backend.open_watch(resume)
             except StorageError as exc:
                 self._unreachable(exc)
                 self._closed.wait(backoff.next_delay())
+                continue
+            except AccessDeniedError as exc:
+                denials += 1
+                self._watch_denied(exc, denials)
                 continue
             except SecretsManagerError as exc:
                 log.warning("cannot watch for changes (%s): %s", self._config.description, exc)
@@ -1275,6 +1284,10 @@ class Client:
                 )
             except StorageError as exc:
                 log.info("watch stream lost, reconnecting: %s", exc)
+            except AccessDeniedError as exc:
+                denials += 1
+                self._watch_denied(exc, denials)
+                continue
             except SecretsManagerError as exc:
                 log.warning("watch stream failed, reconnecting: %s", exc)
             finally:
@@ -1284,13 +1297,26 @@ class Client:
                 stream.close()  # its channels may close now, if a renewal replaced them
                 if stream.revision is not None:  # the stream went live
                     resume = stream.revision
-                    refusals = 0
+                    refusals = denials = 0
             if stream.moved:
                 continue  # not a failure: no backoff
             if self._clock() - opened >= HEALTHY_STREAM_SECONDS:
                 backoff.reset()
             else:
                 self._closed.wait(backoff.next_delay())
+
+    def _watch_denied(self, error: AccessDeniedError, denials: int) -> None:
+        """The service refused this identity a watch stream (it holds no role in the policy): ask
+        again only every WATCH_DENIED_RETRY_SECONDS, so a policy that grants one is picked up but
+        the service's audit log and ours do not get a refusal every few seconds. Said once."""
+        (log.warning if denials == 1 else log.debug)(
+            "secrets-manager (%s) may not watch for changes (values refresh by TTL only; asking again "
+            "every %g s): %s",
+            self._config.description,
+            WATCH_DENIED_RETRY_SECONDS,
+            error,
+        )
+        self._closed.wait(WATCH_DENIED_RETRY_SECONDS)
 
     def _reload_after_connect(self, opened: float) -> None:
         """Events may have been missed while not connected: re-read everything cached, now and
