@@ -331,6 +331,28 @@ def test_a_first_read_in_flight_when_its_secret_changes_is_not_cached_as_fresh(
         assert client.get("auth/JWT_KEY").value.reveal() == b"rotated-while-read"
 
 
+def test_a_policy_reload_reaches_a_running_client_at_once(
+    server: Server, service_dir: Path, make_client: ClientFactory
+) -> None:
+    """No change event says what a reload granted or took: the service sends RESYNC, and the
+    client reads again (it kept serving the old set as fresh until the TTL, 300 s)."""
+    client = make_client("auth", [server.address])
+    assert sorted(client.credentials()) == ["auth/DB_PASSWORD", "auth/JWT_KEY"]
+    time.sleep(1.5)  # past the re-read the client makes once its watch stream has settled
+    policy = service_dir / "policy.toml"
+    policy.write_text(
+        policy.read_text().replace(
+            '[roles.auth-reader]\nrules = [{ path = "auth/*", capabilities = ["read", "list"] }]',
+            '[roles.auth-reader]\nrules = [{ path = "auth/DB_PASSWORD", capabilities = ["read", "list"] }, '
+            '{ path = "market-connector/*", capabilities = ["read", "list"] }]',
+        )
+    )
+    server.process.send_signal(signal.SIGHUP)
+    expected = ["auth/DB_PASSWORD", "market-connector/BINANCE_API_KEY", "market-connector/BINANCE_SECRET"]
+    wait_until(lambda: sorted(client.credentials()) == expected, timeout=5)
+    assert not client.stale
+
+
 # ---- failover -------------------------------------------------------------------------------------
 
 

@@ -491,6 +491,8 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             # Tell the client the stream is live: every change after this revision will reach it.
             context.send_initial_metadata(((WATCH_REVISION_KEY, str(subscription.revision)),))
             identity = call.identity
+            in_force = self._policy.current  # the policy this stream's events were filtered by
+            delivered = subscription.revision  # every change up to here was offered to this stream
             while context.is_active() and not self.stopping.is_set():
                 changes = subscription.next_batch(WATCH_IDLE_SECONDS)
                 if changes is None:  # closed (shutdown, client gone) or failed
@@ -504,7 +506,14 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                         grpc.StatusCode.PERMISSION_DENIED,
                         f"{identity} no longer holds a role in the service's policy: Watch ended",
                     )
+                if policy is not in_force:
+                    # A reload may have granted or taken names it reads: no change event says so,
+                    # so the client is told to read again what it caches (SDK: at once, not at the
+                    # TTL), from where this stream has reached.
+                    in_force = policy
+                    yield pb.ChangeEvent(kind=pb.ChangeEvent.RESYNC, revision=delivered)
                 for change in changes:
+                    delivered = max(delivered, change.revision)
                     visible = change.kind is ChangeKind.RESYNC or (
                         change.name.startswith(prefix) and policy.enumerable_by_read(identity, change.name)
                     )
