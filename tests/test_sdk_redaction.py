@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -249,3 +250,51 @@ def test_a_value_of_four_bytes_or_more_is_redacted_however_few_characters_it_has
     for form in _encoded_forms(text):
         assert form not in output, (form, output)
     assert "three bytes é1" in output
+
+
+# ---- exc_info, broken format strings ----------------------------------------------------------------
+
+
+class _ExcInfoFormatter(logging.Formatter):
+    """Formats `record.exc_info` itself, as python-json-logger's JsonFormatter does (and Sentry's
+    and OpenTelemetry's logging handlers read it), falling back to `exc_text` without it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        exc = self.formatException(record.exc_info) if record.exc_info else record.exc_text
+        return json.dumps({"msg": record.getMessage(), "exc_info": exc})
+
+
+@pytest.mark.parametrize("how", ["install", "handler-filter"])
+def test_an_exception_holding_a_value_is_redacted_for_formatters_that_read_exc_info(how: str) -> None:
+    """A formatter that formats `exc_info` itself gets no exception holding a value: the record
+    carries only the redacted `exc_text`. An exception holding none keeps its `exc_info`."""
+    text = f"exc-info-SEEKRIT-{uuid.uuid4()}"
+    LIVE_VALUES.remember(SecretValue(text.encode()))
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(_ExcInfoFormatter())
+    records: list[logging.LogRecord] = []
+    handler.addFilter(lambda record: records.append(record) or True)
+    log = logging.getLogger(f"exc-info.{how}")
+    log.addHandler(handler)
+    log.propagate = False
+    if how == "install":
+        install_log_redaction()
+    else:
+        handler.filters.insert(0, SecretRedactionFilter())
+    try:
+        for message in (f"could not connect with {text}", "could not connect"):
+            try:
+                raise ValueError(message)
+            except ValueError:
+                log.exception("login failed")
+    finally:
+        uninstall_log_redaction()
+        log.removeHandler(handler)
+        log.propagate = True
+    output = stream.getvalue()
+    assert text not in output
+    assert f"ValueError: could not connect with {REDACTED}" in output
+    assert "ValueError: could not connect" in output.splitlines()[1]
+    assert records[0].exc_info is None
+    assert records[1].exc_info is not None

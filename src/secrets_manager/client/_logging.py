@@ -114,6 +114,15 @@ class SecretRedactionFilter(logging.Filter):
 
 
 def redact_record(record: logging.LogRecord, values: LiveSecretValues = LIVE_VALUES) -> None:
+    """Redact the record's message, exception text and stack text.
+
+    An exception is formatted once into `exc_text` and redacted there. If that text held a value,
+    `exc_info` is set to None as well: formatters and handlers that format `exc_info` themselves
+    (python-json-logger's JsonFormatter, Sentry's and OpenTelemetry's logging handlers) would
+    otherwise print the exception, and the value in it, in clear. Without `exc_info` the stdlib
+    Formatter and JsonFormatter print `exc_text` as it is; the exception object itself is lost to
+    such a record, which is the price of keeping its value out. An exception without a served value
+    keeps its `exc_info`."""
     if values.pattern() is None:
         return
     try:
@@ -126,7 +135,9 @@ def redact_record(record: logging.LogRecord, values: LiveSecretValues = LIVE_VAL
     if record.exc_info and not record.exc_text:
         record.exc_text = logging.Formatter().formatException(record.exc_info)
     if record.exc_text:
-        record.exc_text = values.redact(record.exc_text)
+        exc_text = values.redact(record.exc_text)
+        if exc_text != record.exc_text:
+            record.exc_text, record.exc_info = exc_text, None
     if record.stack_info:
         record.stack_info = values.redact(record.stack_info)
 
