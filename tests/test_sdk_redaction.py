@@ -3,6 +3,7 @@ or without the log redaction filter; with it, even a revealed value is redacted 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -298,3 +299,48 @@ def test_an_exception_holding_a_value_is_redacted_for_formatters_that_read_exc_i
     assert "ValueError: could not connect" in output.splitlines()[1]
     assert records[0].exc_info is None
     assert records[1].exc_info is not None
+
+
+def test_a_record_whose_format_string_does_not_fit_its_arguments_is_reported_without_a_value(
+    redaction: None,
+) -> None:
+    """A forgotten %s (or one argument short) makes logging's handleError print the record's
+    format string and arguments to stderr: each holds the marker instead of a value, and the
+    record's exception text is still redacted."""
+    text = f"broken-format-SEEKRIT-{uuid.uuid4()}"
+    LIVE_VALUES.remember(SecretValue(text.encode()))
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    records: list[logging.LogRecord] = []
+    handler.addFilter(lambda record: records.append(record) or True)
+    log = logging.getLogger("broken.format")
+    log.addHandler(handler)
+    log.propagate = False
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            log.warning("connecting with password", text)  # forgot %s
+            log.warning("connecting as %s with %s", text)  # one argument short
+            log.warning("as %(user)s with %(password)s", {"password": text})  # a missing key
+            log.warning("as %s with %d", "alice", {"nested": [text.encode()]})
+            log.warning(f"the password {text} and %s %s", "one")  # an f-string, one short
+        # logging's report of this one also prints the exception the call was made under, as the
+        # context of its TypeError: a traceback no record holds, out of the filter's reach
+        with contextlib.redirect_stderr(io.StringIO()):
+            try:
+                raise ValueError(f"refused {text}")
+            except ValueError:
+                log.exception("failed with", text)
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    assert records[-1].exc_text is not None and records[-1].exc_info is None
+    assert f"ValueError: refused {REDACTED}" in records[-1].exc_text
+    assert records[-1].args == (REDACTED,)
+    report = stderr.getvalue() + stream.getvalue()
+    assert report.count("--- Logging error ---") == 5
+    assert text not in report
+    assert "Arguments: ('**********',)" in report
+    assert "Arguments: ('alice', '**********')" in report
+    assert "Arguments: {'password': '**********'}" in report
+    assert f"Message: 'the password {REDACTED} and %s %s'" in report

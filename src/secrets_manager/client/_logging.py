@@ -127,11 +127,12 @@ def redact_record(record: logging.LogRecord, values: LiveSecretValues = LIVE_VAL
         return
     try:
         message = record.getMessage()
-    except Exception:
-        return  # a broken format string is logging's to report, when a handler formats it
-    redacted = values.redact(message)
-    if redacted != message:
-        record.msg, record.args = redacted, None
+    except Exception:  # a format string its arguments do not fit: logging reports it when a
+        _redact_unformattable(record, values)  # handler formats it, printing msg and args
+    else:
+        redacted = values.redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
     if record.exc_info and not record.exc_text:
         record.exc_text = logging.Formatter().formatException(record.exc_info)
     if record.exc_text:
@@ -140,6 +141,32 @@ def redact_record(record: logging.LogRecord, values: LiveSecretValues = LIVE_VAL
             record.exc_text, record.exc_info = exc_text, None
     if record.stack_info:
         record.stack_info = values.redact(record.stack_info)
+
+
+def _redact_unformattable(record: logging.LogRecord, values: LiveSecretValues) -> None:
+    """A record whose `msg % args` fails is left unformatted (logging's `handleError` reports the
+    mistake with `Message: %r` and `Arguments: %s`), but without a value: the format string is
+    redacted, and each argument whose `str` or `repr` holds one is replaced by the marker."""
+    record.msg = _redacted_shown(record.msg, values)
+    args = record.args
+    if isinstance(args, tuple):
+        record.args = tuple(_redacted_shown(arg, values, whole=True) for arg in args)
+    elif isinstance(args, dict):
+        record.args = {key: _redacted_shown(arg, values, whole=True) for key, arg in args.items()}
+
+
+def _redacted_shown(thing: Any, values: LiveSecretValues, *, whole: bool = False) -> Any:
+    """`thing` if neither its `str` nor its `repr` holds a value; else its redacted text, or with
+    `whole` the marker alone."""
+    try:
+        shown = [str(thing), repr(thing)]
+    except Exception:
+        return thing  # nor can logging's report show it
+    for text in shown:
+        redacted = values.redact(text)
+        if redacted != text:
+            return REDACTED if whole else redacted
+    return thing
 
 
 def redact_fields(
