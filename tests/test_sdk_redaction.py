@@ -3,6 +3,7 @@ or without the log redaction filter; with it, even a revealed value is redacted 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
@@ -344,3 +345,34 @@ def test_a_record_whose_format_string_does_not_fit_its_arguments_is_reported_wit
     assert "Arguments: ('alice', '**********')" in report
     assert "Arguments: {'password': '**********'}" in report
     assert f"Message: 'the password {REDACTED} and %s %s'" in report
+
+
+def test_a_value_read_by_version_or_label_is_redacted(server: Server, redaction: None) -> None:
+    """`get(name, version=N)` and `get(name, label=...)` are asked of the service, never cached:
+    what they serve is remembered for redaction all the same, by Client and AsyncClient."""
+    texts = [f"versioned-SEEKRIT-{n}-{uuid.uuid4()}" for n in range(3)]
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log = logging.getLogger("versioned.reads")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        with Client(environ=client_environ(server.dir, "ops", [server.address])) as client:
+            versions = [client.put("auth/DB_PASSWORD", text) for text in texts]
+            previous = client.get("auth/DB_PASSWORD", label="previous")
+            by_number = client.get("auth/DB_PASSWORD", version=versions[0])
+            by_async = asyncio.run(AsyncClient(client=client).get("auth/DB_PASSWORD", version=versions[2]))
+            for secret in (previous, by_number, by_async):
+                log.warning("value %s, raw %r", secret.value.reveal_text(), secret.value.reveal())
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    output = stream.getvalue()
+    assert [previous.value.reveal_text(), by_number.value.reveal_text(), by_async.value.reveal_text()] == [
+        texts[1],
+        texts[0],
+        texts[2],
+    ]
+    for text in texts:
+        assert text not in output
+    assert output.count(REDACTED) == 6

@@ -801,7 +801,9 @@ class Client:
                 return entry.value
             hit = self._cached_secret(name)
             return hit if hit is not None else self._load_secret(name)
-        return self._uncached(lambda backend: backend.fetch(name, version=version, label=label))
+        secret = self._uncached(lambda backend: backend.fetch(name, version=version, label=label))
+        LIVE_VALUES.remember(secret.value)  # served, never cached: remembered for log redaction
+        return secret
 
     @_frames_withheld
     def describe(self, name: str) -> SecretMetadata:
