@@ -1132,8 +1132,7 @@ class Client:
     def _store_all(self, secrets: Sequence[Secret], started: float) -> None:
         """A fresh listing: every readable secret, replacing the old listing in one swap."""
         by_name = {secret.name: secret for secret in secrets}
-        for secret in secrets:
-            LIVE_VALUES.remember(secret.value)
+        LIVE_VALUES.remember(*(secret.value for secret in secrets))
         with self._write_lock:
             old = self._listing.get(_ALL)
             dropped = old.value - by_name.keys() if old is not None else frozenset()
