@@ -14,9 +14,13 @@
    or another replica makes one), which the service finds at its next watch poll (every 0.2 s;
    changes start at random points of it). Beside them, the staleness bound of the baseline: its
    default refresh interval (a cached value is served until then, whatever changed).
+3. Log record, ns per call: `log.info(message, arg, arg)` into an in-memory StreamHandler, with
+   `install_log_redaction()` at 20 and at 10,000 (the cap) remembered values, and the same call
+   without redaction as the baseline, in alternating rounds; ratio = baseline ns / ours ns.
 
     python bench/sdk.py              # 7 rounds of 200k reads each; 20 propagation rounds
-    python bench/sdk.py --quick      # 3 rounds of 50k reads; 5 propagation rounds (about 15 s)
+    python bench/sdk.py --quick      # 3 rounds of 50k reads (1k log calls); 5 propagation rounds
+                                     # (about 15 s)
     python bench/sdk.py --postgres   # also propagation with the service on a private PostgreSQL
                                      # cluster, where another handle's commit arrives by NOTIFY
 
@@ -27,9 +31,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import itertools
+import logging
 import os
 import random
+import secrets
 import statistics
 import sys
 import tempfile
@@ -42,12 +49,15 @@ import boto3
 from aws_secretsmanager_caching import SecretCache, SecretCacheConfig
 from moto import mock_aws
 
+from secrets_manager import install_log_redaction
 from secrets_manager.client import Client, RemoteStore
+from secrets_manager.client._logging import LIVE_VALUES, MAX_REMEMBERED_VALUES, uninstall_log_redaction
 from secrets_manager.crypto import kdf
 from secrets_manager.service.watch import WATCH_POLL_SECONDS
 from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.values import SecretValue
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 fixtures: Any = importlib.import_module("service_fixtures")
@@ -93,6 +103,42 @@ def hot_reads(server_dir: Path, address: str, rounds: int, calls: int) -> dict[s
             for label, function in order:
                 samples[label].append(ns_per_call(function, calls))
             print(f"hot reads: round {round_ + 1}/{rounds}", file=sys.stderr, flush=True)
+    return {label: statistics.median(values) for label, values in samples.items()}
+
+
+LOG_MESSAGE = "GET /api/v1/orders?symbol=BTCUSDT&limit=100 200 OK user=%s latency_ms=%d " + "x" * 120
+REMEMBERED = (20, MAX_REMEMBERED_VALUES)
+
+
+def log_records(rounds: int, calls: int) -> dict[str, float]:
+    """Median ns per log call without redaction ("none") and with it at each of REMEMBERED values
+    remembered (random 32-character values, as many as a service that rotates them serves)."""
+    log = logging.getLogger("bench.sdk.redaction")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    log.addHandler(logging.StreamHandler(io.StringIO()))
+
+    def record() -> None:
+        log.info(LOG_MESSAGE, "alice", 12)
+
+    samples: dict[str, list[float]] = {"none": [], **{str(count): [] for count in REMEMBERED}}
+    try:
+        for count in REMEMBERED:
+            while len(LIVE_VALUES) < count:
+                LIVE_VALUES.remember(SecretValue(secrets.token_urlsafe(24).encode()))
+            for round_ in range(rounds):
+                for redacting in (False, True) if round_ % 2 else (True, False):
+                    if redacting:
+                        install_log_redaction()
+                    else:
+                        uninstall_log_redaction()
+                    ns_per_call(record, calls // 10)  # warm up
+                    samples[str(count) if redacting else "none"].append(ns_per_call(record, calls))
+                print(
+                    f"log records: {count} values, round {round_ + 1}/{rounds}", file=sys.stderr, flush=True
+                )
+    finally:
+        uninstall_log_redaction()
     return {label: statistics.median(values) for label, values in samples.items()}
 
 
@@ -233,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             reads = hot_reads(directory, server.address, rounds, calls)
+            records = log_records(rounds, calls // 50)
             latencies = {
                 f"sqlite {how}": propagation(
                     directory, server.address, propagation_rounds, how, sqlite_handle
@@ -261,6 +308,21 @@ def main(argv: list[str] | None = None) -> int:
     print()
     table(
         [
+            ("log record (one %s argument, 200 characters)", "ns/call", "ratio"),
+            ("without log redaction", f"{records['none']:,.0f}", "1.00"),
+            *(
+                (
+                    f"ours, install_log_redaction(), {count:,} values remembered",
+                    f"{records[str(count)]:,.0f}",
+                    f"{records['none'] / records[str(count)]:.2f}",
+                )
+                for count in REMEMBERED
+            ),
+        ]
+    )
+    print()
+    table(
+        [
             (f"propagation to {CLIENTS} subscribed clients", "p50", "p99", "max"),
             *(
                 (
@@ -277,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"Hot reads: medians of {rounds} alternating rounds of {calls:,} calls; ratio = baseline ns / "
-        f"ours ns (higher is better). Propagation: {propagation_rounds} changes of each kind, the time "
+        f"ours ns (higher is better). Log records: the same, {calls // 50:,} calls a round. "
+        f"Propagation: {propagation_rounds} changes of each kind, the time "
         "from just before the change until each client's cache serves the new value; a rotation is "
         "timed from its promote (staged 0.3-0.5 s before). Changes through the service reach its "
         "watchers at once; on SQLite one by another store handle waits for the service's next watch "
