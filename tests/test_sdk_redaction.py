@@ -28,6 +28,7 @@ from secrets_manager.client._logging import (
     uninstall_log_redaction,
 )
 from secrets_manager.errors import SecretsManagerError
+from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.values import REDACTED, SecretValue
 from service_fixtures import SEED, Server, client_environ, make_pki, make_store, start_server
 
@@ -366,8 +367,12 @@ def test_a_value_read_by_version_or_label_is_redacted(server: Server, redaction:
     log.addHandler(handler)
     log.propagate = False
     try:
+        writer = server.stub("ops")  # not through the SDK, whose put remembers what it writes
+        versions = [
+            writer.PutSecret(pb.PutSecretRequest(name="auth/DB_PASSWORD", value=text.encode())).version
+            for text in texts
+        ]
         with Client(environ=client_environ(server.dir, "ops", [server.address])) as client:
-            versions = [client.put("auth/DB_PASSWORD", text) for text in texts]
             previous = client.get("auth/DB_PASSWORD", label="previous")
             by_number = client.get("auth/DB_PASSWORD", version=versions[0])
             by_async = asyncio.run(AsyncClient(client=client).get("auth/DB_PASSWORD", version=versions[2]))
@@ -385,6 +390,29 @@ def test_a_value_read_by_version_or_label_is_redacted(server: Server, redaction:
     for text in texts:
         assert text not in output
     assert output.count(REDACTED) == 6
+
+
+def test_a_value_the_sdk_writes_is_redacted_even_if_the_write_fails(server: Server, redaction: None) -> None:
+    texts = [f"written-SEEKRIT-{n}-{uuid.uuid4()}" for n in range(2)]
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log = logging.getLogger("written.values")
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        with Client(environ=client_environ(server.dir, "ops", [server.address])) as client:
+            client.put("auth/DB_PASSWORD", texts[0])
+        with (
+            Client(environ=client_environ(server.dir, "auth", [server.address])) as client,
+            pytest.raises(SecretsManagerError),  # auth may not write
+        ):
+            client.put("auth/DB_PASSWORD", SecretValue(texts[1].encode()))
+        for text in texts:
+            log.warning("wrote %s", text)
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+    assert stream.getvalue() == f"wrote {REDACTED}\n" * 2
 
 
 # ---- many values ------------------------------------------------------------------------------------

@@ -833,6 +833,7 @@ class Client:
         `previous` no longer the value it replaced). With `expect_version` it fails over like a
         read: a second try cannot double it (ConflictError if the first had made it)."""
         data = _value_bytes(value)
+        LIVE_VALUES.remember(SecretValue(data))  # this process has it: a log record may quote it
         version = self._uncached(
             lambda backend: backend.put(
                 name, data, expect_version=expect_version, description=description, tags=tags
