@@ -9,7 +9,12 @@ is read back: undone only if the name holds exactly the one version we sent.
 
 from __future__ import annotations
 
+import json
+import os
 import secrets
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +29,7 @@ from secrets_manager.store.backup import Backup
 from secrets_manager.store.restore import OnExisting, restore_into
 from secrets_manager.store.vault import VaultStore
 from test_backup import BACKUP_PASSWORD, new_store, take
-from test_store_aws import aws_client
+from test_store_aws import REGION, aws_client
 from vault_server import FakeVault
 
 FOREIGN = b"PRODUCTION-VALUE-written-by-terraform"
@@ -207,6 +212,121 @@ def test_a_restore_into_vault_never_destroys_a_name_another_writer_created_meanw
             with pytest.raises(ConflictError, match="svc/K appeared"):
                 restore_into(store, backup.secrets, on_existing=on_existing)
             assert "svc/A" not in racing_vault.mounts["secret"]
+        assert store.get("svc/K").value.reveal() == FOREIGN
+    finally:
+        store.close()
+
+
+# ---- SIGTERM, SIGHUP and Ctrl-C part-way through `secrets-manager restore` ------------------------------
+
+# `restore` whose store's put (VaultStore or AwsStore) stops after its second write until its stdin
+# closes: the point where a signal finds one secret restored and another replaced.
+HELD_RESTORE = """
+import sys
+from secrets_manager.cli import main
+from secrets_manager.store.aws import AwsStore
+from secrets_manager.store.vault import VaultStore
+
+writes = 0
+
+def holding(original):
+    def put(self, *args, **kwargs):
+        global writes
+        info = original(self, *args, **kwargs)
+        writes += 1
+        if writes == 2:
+            print("wrote", flush=True)
+            sys.stdin.read()
+        return info
+    return put
+
+VaultStore.put = holding(VaultStore.put)
+AwsStore.put = holding(AwsStore.put)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def interrupted_restore(url: str, env: dict[str, str], tmp_path: Path, signum: int) -> tuple[int, str]:
+    """`restore b.smbackup --store URL --on-existing overwrite`, sent `signum` once it has restored
+    svc/A and replaced svc/K: its exit code and stderr."""
+    (tmp_path / "backup-password").write_bytes(BACKUP_PASSWORD)
+    restore = subprocess.Popen(
+        [sys.executable, "-c", HELD_RESTORE, "restore", str(tmp_path / "b.smbackup"), "--store", url,
+         "--backup-password-file", str(tmp_path / "backup-password"), "--on-existing", "overwrite"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **env},
+        # the signals at their defaults, as at a terminal (a suite run in the background ignores SIGINT)
+        preexec_fn=lambda: [signal.signal(s, signal.SIG_DFL) for s in SIGNALS],
+    )  # fmt: skip
+    try:
+        assert restore.stdout is not None and restore.stdout.readline() == b"wrote\n"
+        restore.send_signal(signum)
+        _, err = restore.communicate(timeout=60)
+    finally:
+        if restore.poll() is None:
+            restore.kill()
+            restore.wait()
+    return restore.returncode, err.decode()
+
+
+SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+HOW = {signal.SIGTERM: ("SIGTERM", 143), signal.SIGHUP: ("SIGHUP", 129), signal.SIGINT: ("Ctrl-C", 130)}
+
+
+def assert_undone_and_said(code: int, stderr: str, signum: int, home: Path) -> None:
+    name, exit_code = HOW[signum]
+    assert code == exit_code, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0] == (
+        f"secrets-manager: error: restore interrupted ({name}); nothing was restored: the target "
+        "store is as it was"
+    )
+    (log,) = home.glob(".local/share/secrets-manager/*.audit.jsonl")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["operation"], r["outcome"]) for r in records[-2:]] == [
+        ("restore", "pending"),
+        ("restore", "interrupted"),
+    ]
+
+
+@pytest.mark.parametrize("signum", SIGNALS)
+def test_a_signal_during_a_restore_into_vault_undoes_it(backup: Backup, tmp_path: Path, signum: int) -> None:
+    """SIGTERM and SIGHUP (timeout, systemd stop, a closed terminal) ended the restore at once: no
+    undo, no message, exit -15 / -1, the target keeping what was written. They now end it as
+    Ctrl-C does: undone, one line, 143 / 129 (130), the audit record's outcome 'interrupted'."""
+    vault = FakeVault().start()
+    try:
+        store = VaultStore(hvac.Client(url=vault.address, token=vault.root_token), "secret", actor="t")
+        try:
+            store.put("svc/K", FOREIGN)
+            url = vault.address.replace("http://", "vault+http://") + "/secret"
+            code, stderr = interrupted_restore(url, {"VAULT_TOKEN": vault.root_token}, tmp_path, signum)
+            assert_undone_and_said(code, stderr, signum, tmp_path)
+            assert [meta.name for meta in store.list("", include_deleted=True)] == ["svc/K"]
+            assert store.get("svc/K").value.reveal() == FOREIGN  # written back from its copy
+        finally:
+            store.close()
+    finally:
+        vault.stop()
+
+
+def test_sigterm_during_a_restore_into_aws_undoes_it(
+    backup: Backup, tmp_path: Path, moto_endpoint: str
+) -> None:
+    prefix = f"restore-{secrets.token_hex(4)}"
+    store = AwsStore(aws_client(moto_endpoint), prefix, actor="t")
+    try:
+        store.put("svc/K", FOREIGN)
+        env = {
+            "AWS_ENDPOINT_URL": moto_endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+        }
+        url = f"aws-secretsmanager://{REGION}/{prefix}"
+        code, stderr = interrupted_restore(url, env, tmp_path, signal.SIGTERM)
+        assert_undone_and_said(code, stderr, signal.SIGTERM, tmp_path)
+        assert [meta.name for meta in store.list("", include_deleted=True)] == ["svc/K"]
         assert store.get("svc/K").value.reveal() == FOREIGN
     finally:
         store.close()

@@ -29,7 +29,14 @@ from secrets_manager.audit import AuditEvent, value_fingerprint
 from secrets_manager.cli.app import Session, cli, kdf_profile_option, pass_session
 from secrets_manager.cli.output import info_line, print_json, progress_bars, timestamp, warning_line
 from secrets_manager.cli.password import prompt_password, read_password_file, terminal_available
-from secrets_manager.errors import ConflictError, InvalidInputError, UnlockError
+from secrets_manager.cli.rotate_commands import terminate_as_interrupt
+from secrets_manager.errors import (
+    ConflictError,
+    InvalidInputError,
+    OperationInterrupted,
+    Terminated,
+    UnlockError,
+)
 from secrets_manager.store.backup import (
     KIND_STORE,
     BackupSecret,
@@ -191,7 +198,22 @@ def restore(
     password), or, from a password-protected backup, a new store under the master password.
     Into an existing store: the secrets are written under that store's keys; it must be empty
     unless --on-existing says what happens to names it already holds. A PostgreSQL store must
-    exist first ('secrets-manager init'): restore then writes into it."""
+    exist first ('secrets-manager init'): restore then writes into it.
+
+    SIGTERM and SIGHUP (timeout, systemd stop, a closed terminal) end it as Ctrl-C does: what it
+    had written is undone, and it exits 143 / 129 (130 for Ctrl-C)."""
+    with terminate_as_interrupt():
+        _restore(session, file, target, backup_password_file, on_existing, kdf_profile)
+
+
+def _restore(
+    session: Session,
+    file: str,
+    target: str | None,
+    backup_password_file: str | None,
+    on_existing: str | None,
+    kdf_profile: str,
+) -> None:
     session.require_local("restore")
     if target:
         session = dataclasses.replace(session, store_url=target)
@@ -208,17 +230,27 @@ def restore(
                 f"the audit log {session.audit_path} of another store is where the new store's log "
                 "would go; move it away or pass --audit-file"
             )
-        with progress_bars("restore") as report:
-            result = restore_new_store(
-                checked,
-                session.store_url,
-                password=new_password,
-                kdf_profile=kdf_profile,
-                environment=session.environment,
-                actor=session.actor,
-                progress=report,
+        try:
+            with progress_bars("restore") as report:
+                result = restore_new_store(
+                    checked,
+                    session.store_url,
+                    password=new_password,
+                    kdf_profile=kdf_profile,
+                    environment=session.environment,
+                    actor=session.actor,
+                    progress=report,
+                )
+            _audit_new_store(session, new_password, checked.secrets, result)
+        except KeyboardInterrupt as exc:  # the new store's files were removed: no store appeared
+            store_file = sqlite_path(session.store_url)
+            left = (
+                f"the new store {store_file} was linked into place but its restore is not audited: remove "
+                "it and restore again"
+                if store_file.exists()  # interrupted between the link and the audit record
+                else "no store was created"
             )
-        _audit_new_store(session, new_password, checked.secrets, result)
+            raise _interrupted(exc, left) from None
         where = f"a new store at {sqlite_path(session.store_url)}"
         if result.stale_removed:
             info_line(
@@ -231,7 +263,12 @@ def restore(
             session.store_operation("restore", mutating=True, reads=records) as (store, event),
             progress_bars("restore") as report,
         ):
-            result = restore_into(store, checked.secrets, on_existing=mode, progress=report)
+            try:
+                result = restore_into(store, checked.secrets, on_existing=mode, progress=report)
+            except KeyboardInterrupt as exc:  # audited as such: its outcome is "interrupted"
+                # restore_into undid what it had written (an encrypted store: its one commit was
+                # not made); an undo that failed is a StorageError naming what to check instead
+                raise _interrupted(exc, "nothing was restored: the target store is as it was") from None
             records += [*_secret_records(event, store, checked.secrets, result), event]
         where = "the store" if session.needs_password else f"the store {display_url(session.store_url)}"
     # NAME<TAB>overwritten / NAME<TAB>skipped: in a pipe the bare token, for `cut -f2`; a
@@ -416,6 +453,15 @@ def _secret_records(
             )
         )
     return records
+
+
+def _interrupted(exc: KeyboardInterrupt, what: str) -> OperationInterrupted:
+    """Ctrl-C, or SIGTERM / SIGHUP (errors.Terminated, raised by terminate_as_interrupt): one
+    line saying what it left, and the exit code of what interrupted it (130, 143, 129)."""
+    how = str(exc) if isinstance(exc, Terminated) else "Ctrl-C"
+    error = OperationInterrupted(f"restore interrupted ({how}); {what}")
+    error.exit_code = getattr(exc, "exit_code", OperationInterrupted.exit_code)
+    return error
 
 
 def _counts(summary: BackupSummary) -> str:
