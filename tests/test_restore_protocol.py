@@ -23,7 +23,7 @@ from typing import Any
 import hvac
 import pytest
 
-from secrets_manager.errors import ConflictError, StorageError
+from secrets_manager.errors import ConflictError, StorageError, Terminated
 from secrets_manager.store.aws import AwsStore
 from secrets_manager.store.backup import Backup
 from secrets_manager.store.restore import OnExisting, restore_into
@@ -169,6 +169,51 @@ def test_a_lost_answer_in_doubt_is_left_in_place_and_named(
 
     store = AnotherWriterCameFirst(aws_client(moto_endpoint), prefix, actor="restorer")
     with pytest.raises(StorageError, match=r"svc/K may have been created by it .* left as it is"):
+        restore_into(store, backup.secrets)
+    assert foreign_value(native, f"{prefix}/svc/K") == FOREIGN
+    assert foreign_value(native, f"{prefix}/svc/A") is None
+
+
+@pytest.mark.parametrize("interruption", [KeyboardInterrupt(), Terminated(signal.SIGTERM)])
+def test_an_interruption_during_a_first_write_that_landed_is_undone(
+    aws: tuple[AwsStore, Any, str], backup: Backup, moto_endpoint: str, interruption: KeyboardInterrupt
+) -> None:
+    """Ctrl-C (or SIGTERM, turned into one by the CLI) while the create-only write of svc/K was in
+    flight, after AWS had stored it: the name was never journalled (only `except Exception` read
+    it back), so the undo left svc/K holding its oldest value while the restore said it was
+    aborted. It is read back and undone as a lost answer is."""
+    _, native, prefix = aws
+
+    class LandsThenInterrupted(AwsStore):
+        def put(self, name: str, value: bytes, **options: Any) -> Any:
+            answer = super().put(name, value, **options)
+            if name == "svc/K":
+                raise interruption
+            return answer
+
+    store = LandsThenInterrupted(aws_client(moto_endpoint), prefix, actor="restorer")
+    with pytest.raises(KeyboardInterrupt):
+        restore_into(store, backup.secrets)
+    names = [s["Name"] for s in native.list_secrets(IncludePlannedDeletion=True)["SecretList"]]
+    assert not [n for n in names if n.startswith(f"{prefix}/svc/")]
+
+
+def test_an_interruption_in_doubt_says_so(
+    aws: tuple[AwsStore, Any, str], backup: Backup, moto_endpoint: str
+) -> None:
+    _, native, prefix = aws
+
+    class AnotherWriterCameFirst(AwsStore):
+        def put(self, name: str, value: bytes, **options: Any) -> Any:
+            if name == "svc/K":
+                native.create_secret(Name=f"{prefix}/svc/K", SecretString=FOREIGN.decode())
+                raise Terminated(signal.SIGTERM)
+            return super().put(name, value, **options)
+
+    store = AnotherWriterCameFirst(aws_client(moto_endpoint), prefix, actor="restorer")
+    with pytest.raises(
+        StorageError, match=r"^the restore was interrupted \(SIGTERM\) and was undone, except"
+    ):
         restore_into(store, backup.secrets)
     assert foreign_value(native, f"{prefix}/svc/K") == FOREIGN
     assert foreign_value(native, f"{prefix}/svc/A") is None

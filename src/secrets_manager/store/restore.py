@@ -55,6 +55,7 @@ from secrets_manager.errors import (
     NotFoundError,
     StorageError,
     StoreNotFoundError,
+    Terminated,
 )
 from secrets_manager.storage import ABSENT, Delete, Put
 from secrets_manager.storage.base import Expect, Operation
@@ -600,8 +601,9 @@ def _write_secret(
     max_versions another tool set out of our range gets the default.)
 
     The first write finding the name taken raises `_AppearedMeanwhile`. `created` is called once
-    the first write created the name; if that write's answer is lost, `_created_by_us` decides,
-    and a name in doubt is added to `doubtful` (never undone)."""
+    the first write created the name; if that write's answer is lost, or an interruption (Ctrl-C,
+    SIGTERM) comes while it is in flight, `_created_by_us` decides, and a name in doubt is added
+    to `doubtful` (never undone)."""
     order, pending = _write_order(secret)
     stage = pending is not None and Capability.PENDING_LABEL not in unsupported_capabilities(store)
     wanted = secret.max_versions
@@ -612,6 +614,7 @@ def _write_secret(
     served: tuple[int, int] | None = None
     for version in order:
         assert version.value is not None
+        journalled = False
         try:
             info = store.put(
                 secret.name,
@@ -621,20 +624,21 @@ def _write_secret(
                 tags=dict(secret.tags) or None,
                 max_versions=room if expect == 0 else None,
             )
+            if expect == 0 and created is not None:
+                created()  # inside the try: an interruption right after the put still journals it
+                journalled = True
         except ConflictError:
             if expect == 0:
                 raise _AppearedMeanwhile() from None
             raise
-        except Exception:
-            if expect == 0 and created is not None:
+        except BaseException:  # a lost answer; or Ctrl-C / SIGTERM while the write was in flight
+            if expect == 0 and created is not None and not journalled:
                 landed = _created_by_us(store, secret.name, version.value)
                 if landed:
-                    created()
+                    created()  # twice at worst (interrupted between the two lines above): harmless
                 elif landed is None and doubtful is not None:
                     doubtful.append(secret.name)
             raise
-        if expect == 0 and created is not None:
-            created()
         expect = info.version
         served = (version.version, info.version)
     if stage and pending is not None and pending.value is not None:
@@ -665,17 +669,25 @@ def _compensate(
                 _write_secret(store, original)
         except Exception:  # keep undoing the others, then report every name left
             left.append(name)
+    failed = _failed(cause)
     if left:
         raise StorageError(
-            f"the restore failed ({type(cause).__name__}: {cause}) and could not be undone for "
-            f"{len(left)} name(s) (first: {sorted(left)[0]}); check them by hand"
+            f"{failed} and could not be undone for {len(left)} name(s) (first: {sorted(left)[0]}); "
+            "check them by hand"
         ) from cause
     if doubtful:
         raise StorageError(
-            f"the restore failed ({type(cause).__name__}: {cause}) and was undone, except that "
+            f"{failed} and was undone, except that "
             f"{doubtful[0]} may have been created by it (the answer to its first write was lost) "
             "and was left as it is; check it by hand"
         ) from cause
+
+
+def _failed(cause: BaseException) -> str:
+    """What stopped the restore, for the error that says what the undo left."""
+    if isinstance(cause, KeyboardInterrupt):
+        return f"the restore was interrupted ({cause if isinstance(cause, Terminated) else 'Ctrl-C'})"
+    return f"the restore failed ({type(cause).__name__}: {cause})"
 
 
 __all__ = ["OnExisting", "RestoreResult", "restore_into", "restore_new_store"]
