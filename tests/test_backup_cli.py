@@ -652,3 +652,31 @@ def test_backup_refuses_to_write_over_the_audit_log_and_its_rotated_files(cli: C
         assert_one_line_error(cli("backup", str(target), "--force"), 2, "audit log", "another file")
         assert files_of(cli.store) == before
     cli.ok("audit", "verify")
+
+
+@pytest.mark.parametrize("suffix", ["-wal", "-shm", "-journal"])
+def test_a_restore_beside_a_removed_stores_leftover_files_is_refused_before_writing(
+    cli: Cli, copy_file: Path, suffix: str
+) -> None:
+    """A store file removed but not its -wal (a writer killed before its checkpoint): SQLite
+    replayed that old log into the restored store, which then failed its checks (exit 6, advice to
+    run the same restore), left its audit records behind and locked out every later restore there
+    ("audit log edited or forged"). Refused first, naming the files, and nothing is written."""
+    target = cli.tmp / "lost" / "store.db"
+    target.parent.mkdir(mode=0o700)
+    db = sqlite3.connect(target)
+    try:
+        db.execute("PRAGMA journal_mode=wal")
+        db.execute("CREATE TABLE entries (key TEXT PRIMARY KEY, value BLOB)")
+        db.execute("INSERT INTO entries VALUES ('core/header', x'00')")
+        db.commit()
+        stale_wal = Path(f"{target}-wal").read_bytes()  # as a kill -9 leaves it: not checkpointed
+    finally:
+        db.close()
+    target.unlink()
+    leftover = Path(f"{target}{suffix}")
+    leftover.write_bytes(stale_wal if suffix == "-wal" else b"\0" * 4096)
+    before = files_of(target)
+    result = cli("restore", str(copy_file), "--store", str(target))
+    assert_one_line_error(result, 7, f"({target.name}{suffix})", "remove them")
+    assert files_of(target) == before

@@ -137,7 +137,9 @@ def restore_new_store(
     actor: str,
     progress: Progress = _no_progress,
 ) -> RestoreResult:
-    """Create the SQLite store `url` names from `backup`; ConflictError if something is there already.
+    """Create the SQLite store `url` names from `backup`; ConflictError if something is there already
+    (a store, or the -wal, -shm or -journal a removed store left: SQLite would read them as the new
+    store's own).
 
     Kind `store`: the entries as they are (the backup's master password opens the store; `password`
     is not used). Kind `password`: a new store locked by `password` (the new master password) with
@@ -147,6 +149,12 @@ def restore_new_store(
         raise ConflictError(
             f"a store already exists at {path}; restore into it with --on-existing, or pick a new path"
         )
+    leftovers = [f"{path.name}{suffix}" for suffix in _COMPANIONS if Path(f"{path}{suffix}").exists()]
+    if leftovers:  # SQLite would take them for the new store's own and replay an old -wal into it
+        raise ConflictError(
+            f"{path} has no store, but files of a store removed from there are beside it "
+            f"({', '.join(leftovers)}); remove them (or pick a new path), then restore again"
+        )
     blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:  # say so about the target, not the temporary file beside it
         raise InvalidInputError(f"cannot restore to {path}: {blocker} is not a directory; pick a new path")
@@ -155,6 +163,10 @@ def restore_new_store(
     with _restore_directory(path.parent) as stale:
         result = _build_new_store(backup, path, password, kdf_profile, environment, actor, progress)
     return dataclasses.replace(result, stale_removed=stale)
+
+
+# SQLite's files beside a database: its write-ahead log, the log's index, a rollback journal.
+_COMPANIONS = ("-wal", "-shm", "-journal")
 
 
 def _refuse_what_open_storage_refuses(url: str | None, environment: Environment) -> None:
