@@ -680,3 +680,38 @@ def test_a_restore_beside_a_removed_stores_leftover_files_is_refused_before_writ
     result = cli("restore", str(copy_file), "--store", str(target))
     assert_one_line_error(result, 7, f"({target.name}{suffix})", "remove them")
     assert files_of(target) == before
+
+
+@pytest.mark.parametrize("kind", ["store copy", "backup password"])
+def test_a_restore_where_another_stores_audit_log_lies_is_refused_before_writing(
+    cli: Cli, copy_file: Path, password_file: Path, kind: str
+) -> None:
+    """The log at the new store's log path is another store's (its store file moved away): a copy
+    of a store was built whole, refused at its first audit record (exit 6) and removed, with
+    advice to 'audit reset --accept-loss' that would set a good log aside. Refused first, as a
+    password backup already was (exit 7), and that log is left as it is."""
+    target = cli.tmp / "reused" / "store.db"
+    cli.ok("--store", str(target), "init", "--kdf-profile", "test")
+    cli.ok("--store", str(target), "list")
+    target.rename(target.with_name("moved-away.db"))
+    before = files_of(target)
+    args = [str(copy_file)] if kind == "store copy" else [str(password_file), "--backup-password-file"]
+    if kind == "backup password":
+        args.append(str(cli.backup_password))
+    result = cli("restore", *args, "--store", str(target))
+    assert_one_line_error(
+        result, 7, f"the audit log {target.with_name('store.audit.jsonl')} of another store", "--audit-file"
+    )
+    assert files_of(target) == before
+
+
+def test_a_copy_of_a_lost_store_continues_its_surviving_audit_log(cli: Cli, copy_file: Path) -> None:
+    """The case the check above must let through: the store file lost, its log kept (written
+    after the backup too): the restored copy has the store's audit key and continues that log."""
+    cli.ok("get", "svc/DB")
+    cli.store.unlink()
+    cli.ok("restore", str(copy_file), "--store", str(cli.store))
+    operations = audit_operations(cli.store.with_name("store.audit.jsonl"))
+    assert ("get", "ok") in operations and operations[-1] == ("restore", "ok")
+    assert cli.ok("get", "svc/DB").out == "db-password-7f0c3d\n"
+    assert cli.ok("audit", "verify").out.startswith("audit log verified")

@@ -25,7 +25,7 @@ from typing import Any
 
 import click
 
-from secrets_manager.audit import AuditEvent, value_fingerprint
+from secrets_manager.audit import AuditEvent, AuditPartialRecordError, AuditTamperError, value_fingerprint
 from secrets_manager.cli.app import Session, cli, kdf_profile_option, pass_session
 from secrets_manager.cli.output import info_line, print_json, progress_bars, timestamp, warning_line
 from secrets_manager.cli.password import prompt_password, read_password_file, terminal_available
@@ -39,6 +39,7 @@ from secrets_manager.errors import (
 )
 from secrets_manager.store.backup import (
     KIND_STORE,
+    Backup,
     BackupSecret,
     BackupSummary,
     read_backup,
@@ -224,12 +225,8 @@ def _restore(
     with progress_bars("check") as report:
         checked = read_backup(path, password, environment=session.environment, progress=report)
     if _no_store_at(session.store_url):
+        _refuse_another_stores_log(session, checked)
         new_password = password if header.kind == KIND_STORE else session.password(confirm=True)
-        if header.kind != KIND_STORE and session.audit_path.exists():
-            raise ConflictError(
-                f"the audit log {session.audit_path} of another store is where the new store's log "
-                "would go; move it away or pass --audit-file"
-            )
         try:
             with progress_bars("restore") as report:
                 result = restore_new_store(
@@ -402,6 +399,29 @@ def _no_store_at(url: str | None) -> bool:
         return not sqlite_path(url).exists()
     except InvalidInputError:  # not a SQLite URL: a store that exists elsewhere (or a bad URL)
         return False
+
+
+def _refuse_another_stores_log(session: Session, backup: Backup) -> None:
+    """Before a new store is built: an audit log where its log would go must be the backed-up
+    store's own (a copy of the store keeps its audit key, so that log goes on verifying: the case
+    of a lost store file whose log survived). Another store's log, or any log for a store made
+    from a password backup (a new audit key), would be refused as forged by the restore's first
+    record, once the whole store had been built; ConflictError (exit 7) instead, up front."""
+    if not session.audit_path.exists():
+        return
+    if backup.audit_key is not None:
+        try:
+            session.audit_log().verify(backup.audit_key, None)
+        except AuditTamperError:
+            pass  # not signed with this store's audit key: another store's log
+        except AuditPartialRecordError:
+            return  # every whole record is the store's; the append sets the cut one aside
+        else:
+            return
+    raise ConflictError(
+        f"the audit log {session.audit_path} of another store is where the new store's log "
+        "would go; move it away or pass --audit-file"
+    )
 
 
 def _audit_new_store(

@@ -232,6 +232,9 @@ class Backup:
     secrets: tuple[BackupSecret, ...] = field(repr=False)
     store_header: Mapping[str, Any] | None = field(default=None, repr=False)
     entries: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
+    # kind `store`: the store's audit key (None if it had none yet), which a restored copy keeps,
+    # so that store's audit log goes on verifying (the log of a lost store file can be continued)
+    audit_key: bytes | None = field(default=None, repr=False)
 
 
 class BackupDamagedError(IntegrityError):
@@ -602,7 +605,21 @@ def read_backup(
         deleted=sum(1 for s in decoded if s.deleted is not None),
         entries=len(entries) if header.kind == KIND_STORE else None,
     )
-    return Backup(summary=summary, secrets=tuple(decoded), store_header=store_header, entries=tuple(entries))
+    audit_key = next(
+        (
+            open_record(_only(root), Purpose.AUDIT_KEY, AUDIT_KEY_KEY, 0, value)
+            for key, value in entries
+            if root is not None and key == AUDIT_KEY_KEY
+        ),
+        None,
+    )
+    return Backup(
+        summary=summary,
+        secrets=tuple(decoded),
+        store_header=store_header,
+        entries=tuple(entries),
+        audit_key=audit_key,
+    )
 
 
 @contextmanager
