@@ -715,3 +715,33 @@ def test_a_copy_of_a_lost_store_continues_its_surviving_audit_log(cli: Cli, copy
     assert ("get", "ok") in operations and operations[-1] == ("restore", "ok")
     assert cli.ok("get", "svc/DB").out == "db-password-7f0c3d\n"
     assert cli.ok("audit", "verify").out.startswith("audit log verified")
+
+
+@pytest.mark.parametrize("kind", ["store copy", "backup password"])
+@pytest.mark.parametrize("command", ["verify", "restore"])
+def test_a_backup_through_a_pipe_is_refused_not_called_damaged(
+    cli: Cli, copy_file: Path, password_file: Path, kind: str, command: str
+) -> None:
+    """`cat FILE | restore /dev/stdin`, `backup verify <(cat FILE)`: the second read (after the
+    header) found the stream consumed, and an intact backup was reported damaged ('use another
+    copy', exit 6). Refused as `restore -` is (exit 2), saying to save the stream to a file."""
+    backup = copy_file if kind == "store copy" else password_file
+    args = ["backup", "verify", "/dev/stdin"] if command == "verify" else ["restore", "/dev/stdin"]
+    if kind == "backup password":
+        args += ["--backup-password-file", str(cli.backup_password)]
+    target = cli.tmp / "piped" / "store.db"
+    proc = subprocess.run(
+        [str(SCRIPT), "--store", str(target), *args],
+        input=backup.read_bytes(),
+        capture_output=True,
+        env=cli.env,
+        start_new_session=True,
+        timeout=TIMEOUT,
+    )
+    result = Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+    assert_one_line_error(result, 2, "/dev/stdin is not a regular file", "save the stream to a file first")
+    assert files_of(target) == {}
+
+
+def test_a_directory_given_as_the_backup_is_refused(cli: Cli) -> None:
+    assert_one_line_error(cli("backup", "verify", str(cli.tmp)), 2, f"{cli.tmp} is a directory")

@@ -16,6 +16,7 @@ docs/backup-format.md; the work is in store/backup.py and store/restore.py. FILE
 from __future__ import annotations
 
 import dataclasses
+import stat
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
@@ -324,7 +325,8 @@ def summary_doc(summary: BackupSummary) -> dict[str, Any]:
 def _file_argument(file: str, command: str) -> Path:
     """FILE as a path; '-' is refused rather than taken as a file of that name (`import -` is stdin,
     so `backup -` writing ./- surprised). A backup is a file: written under a temporary name and
-    renamed when complete, read twice by restore (header, then the whole check), never a pipe."""
+    renamed when complete, read twice by verify and restore (header, then the whole check), never
+    a pipe: one to read (`<(cat FILE)`, /dev/stdin fed by a pipe) is refused, not found damaged."""
     if file == "-":
         stream, where = (
             ("output", "write it to a file")
@@ -334,7 +336,19 @@ def _file_argument(file: str, command: str) -> Path:
         raise InvalidInputError(
             f"'{command} -': a backup is a file, not standard {stream}; {where} (a file named '-' is ./-)"
         )
-    return Path(file)
+    path = Path(file)
+    if command != "backup":  # read: a pipe (`<(cat FILE)`, /dev/stdin) would be empty the second time
+        try:
+            mode = path.stat().st_mode
+        except OSError:
+            return path  # missing (exit 3) or unreadable: reading it says so
+        if not stat.S_ISREG(mode):
+            what = "a directory" if stat.S_ISDIR(mode) else "not a regular file (a pipe or a device)"
+            raise InvalidInputError(
+                f"'{command} {file}': {file} is {what}; a backup is a file, read twice (its header, "
+                "then the whole check): save the stream to a file first"
+            )
+    return path
 
 
 def _check_destination(session: Session, path: Path, *, force: bool) -> None:
