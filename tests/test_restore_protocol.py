@@ -262,6 +262,30 @@ def test_a_restore_into_vault_never_destroys_a_name_another_writer_created_meanw
         store.close()
 
 
+def test_overwriting_a_deleted_name_in_vault_is_refused_saying_nothing_was_restored(
+    backup: Backup,
+) -> None:
+    """docs/backup-format.md section 10: a soft-deleted name cannot be copied aside, so the restore
+    is refused before its first write. It said what to do but not that nothing was restored; a
+    conflict (exit 7), as any write to a deleted secret is."""
+    vault = FakeVault().start()
+    store = VaultStore(hvac.Client(url=vault.address, token=vault.root_token), "secret", actor="t")
+    try:
+        store.put("svc/K", FOREIGN)
+        store.delete("svc/K")
+        with pytest.raises(
+            ConflictError, match=r"svc/K is deleted .*; nothing was restored: run 'undelete"
+        ) as refused:
+            restore_into(store, backup.secrets, on_existing=OnExisting.OVERWRITE)
+        assert refused.value.exit_code == 7
+        assert [(m.name, m.deleted is not None) for m in store.list("", include_deleted=True)] == [
+            ("svc/K", True)
+        ]
+    finally:
+        store.close()
+        vault.stop()
+
+
 # ---- SIGTERM, SIGHUP and Ctrl-C part-way through `secrets-manager restore` ------------------------------
 
 # `restore` whose store's put (VaultStore or AwsStore) stops after its second write until its stdin

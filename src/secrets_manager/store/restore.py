@@ -496,7 +496,7 @@ def _copy_aside(store: SecretStore, name: str, meta: SecretMetadata | None = Non
     if meta.deleted is not None:
         raise ConflictError(
             f"{name} is deleted in the target store, so it cannot be copied aside before it is "
-            f"overwritten; run 'undelete {name}' or 'destroy {name} --all' first"
+            f"overwritten; nothing was restored: run 'undelete {name}' or 'destroy {name} --all' first"
         )
     return _read_secret(store, name)
 
