@@ -291,6 +291,7 @@ def test_overwriting_a_deleted_name_in_vault_is_refused_saying_nothing_was_resto
 # `restore` whose store's put (VaultStore or AwsStore) stops after its second write until its stdin
 # closes: the point where a signal finds one secret restored and another replaced.
 HELD_RESTORE = """
+import os
 import sys
 from secrets_manager.cli import main
 from secrets_manager.store.aws import AwsStore
@@ -311,6 +312,16 @@ def holding(original):
 
 VaultStore.put = holding(VaultStore.put)
 AwsStore.put = holding(AwsStore.put)
+if os.environ.get("HOLD") == "check":  # stop while the file is checked, before anything is written
+    from secrets_manager.cli import backup_commands
+    checking = backup_commands.read_backup
+
+    def read_backup(*args, **kwargs):
+        print("wrote", flush=True)
+        sys.stdin.read()
+        return checking(*args, **kwargs)
+
+    backup_commands.read_backup = read_backup
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -342,7 +353,7 @@ SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 HOW = {signal.SIGTERM: ("SIGTERM", 143), signal.SIGHUP: ("SIGHUP", 129), signal.SIGINT: ("Ctrl-C", 130)}
 
 
-def assert_undone_and_said(code: int, stderr: str, signum: int, home: Path) -> None:
+def assert_undone_and_said(code: int, stderr: str, signum: int, home: Path, *, audited: bool = True) -> None:
     name, exit_code = HOW[signum]
     assert code == exit_code, stderr
     lines = stderr.strip().splitlines()
@@ -351,6 +362,8 @@ def assert_undone_and_said(code: int, stderr: str, signum: int, home: Path) -> N
         f"secrets-manager: error: restore interrupted ({name}); nothing was restored: the target "
         "store is as it was"
     )
+    if not audited:
+        return
     (log,) = home.glob(".local/share/secrets-manager/*.audit.jsonl")
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [(r["operation"], r["outcome"]) for r in records[-2:]] == [
@@ -376,6 +389,20 @@ def test_a_signal_during_a_restore_into_vault_undoes_it(backup: Backup, tmp_path
             assert store.get("svc/K").value.reveal() == FOREIGN  # written back from its copy
         finally:
             store.close()
+    finally:
+        vault.stop()
+
+
+def test_a_signal_while_the_file_is_checked_says_nothing_was_restored(backup: Backup, tmp_path: Path) -> None:
+    """Before any write (the file checked, the store opened) SIGTERM ended it with no word
+    (exit -15), and Ctrl-C said only 'aborted'."""
+    vault = FakeVault().start()
+    try:
+        url = vault.address.replace("http://", "vault+http://") + "/secret"
+        env = {"VAULT_TOKEN": vault.root_token, "HOLD": "check"}
+        code, stderr = interrupted_restore(url, env, tmp_path, signal.SIGTERM)
+        assert_undone_and_said(code, stderr, signal.SIGTERM, tmp_path, audited=False)
+        assert vault.mounts["secret"] == {}
     finally:
         vault.stop()
 

@@ -221,13 +221,18 @@ def _restore(
         session = dataclasses.replace(session, store_url=target)
     mode = OnExisting(on_existing) if on_existing else None
     path = _file_argument(file, "restore")
-    header = read_backup_header(path)
-    password = _backup_password(session, path, header.kind, backup_password_file)
-    with progress_bars("check") as report:
-        checked = read_backup(path, password, environment=session.environment, progress=report)
-    if _no_store_at(session.store_url):
-        _refuse_another_stores_log(session, checked)
-        new_password = password if header.kind == KIND_STORE else session.password(confirm=True)
+    try:  # before any write: checking the file, asking for passwords
+        header = read_backup_header(path)
+        password = _backup_password(session, path, header.kind, backup_password_file)
+        with progress_bars("check") as report:
+            checked = read_backup(path, password, environment=session.environment, progress=report)
+        new_store = _no_store_at(session.store_url)
+        if new_store:
+            _refuse_another_stores_log(session, checked)
+            new_password = password if header.kind == KIND_STORE else session.password(confirm=True)
+    except KeyboardInterrupt as exc:
+        raise _interrupted(exc, NOTHING_RESTORED) from None
+    if new_store:
         try:
             with progress_bars("restore") as report:
                 result = restore_new_store(
@@ -257,17 +262,24 @@ def _restore(
             )
     else:
         records: list[AuditEvent] = []
-        with (
-            session.store_operation("restore", mutating=True, reads=records) as (store, event),
-            progress_bars("restore") as report,
-        ):
-            try:
-                result = restore_into(store, checked.secrets, on_existing=mode, progress=report)
-            except KeyboardInterrupt as exc:  # audited as such: its outcome is "interrupted"
-                # restore_into undid what it had written (an encrypted store: its one commit was
-                # not made); an undo that failed is a StorageError naming what to check instead
-                raise _interrupted(exc, "nothing was restored: the target store is as it was") from None
-            records += [*_secret_records(event, store, checked.secrets, result), event]
+        restored: RestoreResult | None = None
+        try:
+            with (
+                session.store_operation("restore", mutating=True, reads=records) as (store, event),
+                progress_bars("restore") as report,
+            ):
+                try:
+                    restored = restore_into(store, checked.secrets, on_existing=mode, progress=report)
+                except KeyboardInterrupt as exc:  # audited as such: its outcome is "interrupted"
+                    # restore_into undid what it had written (an encrypted store: its one commit
+                    # was not made); an undo that failed is a StorageError naming what to check
+                    raise _interrupted(exc, NOTHING_RESTORED) from None
+                records += [*_secret_records(event, store, checked.secrets, restored), event]
+        except KeyboardInterrupt as exc:
+            if restored is not None:  # restored, then interrupted while it was audited
+                raise
+            raise _interrupted(exc, NOTHING_RESTORED) from None  # while the store was opened
+        result = restored
         where = "the store" if session.needs_password else f"the store {display_url(session.store_url)}"
     # NAME<TAB>overwritten / NAME<TAB>skipped: in a pipe the bare token, for `cut -f2`; a
     # terminal also gets what it means.
@@ -487,6 +499,9 @@ def _secret_records(
             )
         )
     return records
+
+
+NOTHING_RESTORED = "nothing was restored: the target store is as it was"
 
 
 def _interrupted(exc: KeyboardInterrupt, what: str) -> OperationInterrupted:
