@@ -690,7 +690,8 @@ def _compensate(
     if doubtful:
         raise StorageError(
             f"{failed} and was undone, except that "
-            f"{doubtful[0]} may have been created by it (the answer to its first write was lost) "
+            f"{doubtful[0]} may have been created by it (its first write's answer was lost, or the "
+            "write was interrupted) "
             "and was left as it is; check it by hand"
         ) from cause
 
