@@ -250,6 +250,26 @@ def test_delete_soft_deletes_every_version_and_undelete_restores_them(
     assert not any(v.deletion_time for v in kv(fake_vault, "svc/D").versions.values())
 
 
+def test_a_delete_racing_a_write_leaves_no_version_readable(make_vault: MakeVault) -> None:
+    """A version written between delete's read of the metadata and its POST (KV v2 deletes have no
+    check-and-set) was left live: both acknowledged, the secret still readable."""
+    store, rival = make_vault(), make_vault()
+    store.put("svc/DR", b"1")
+    send = store._send
+
+    def rival_writes_first(method: str, path: str, **kwargs: Any) -> Any:
+        if method == "POST" and path == "delete/svc/DR":
+            store._send = send  # type: ignore[method-assign]
+            rival.put("svc/DR", b"2")
+        return send(method, path, **kwargs)
+
+    store._send = rival_writes_first  # type: ignore[method-assign]
+    store.delete("svc/DR")
+    assert store.describe("svc/DR").deleted is not None
+    with pytest.raises(NotFoundError):
+        store.get("svc/DR")
+
+
 def test_the_pending_label_is_not_supported(make_vault: MakeVault) -> None:
     store = make_vault()
     store.put("svc/P", b"v")

@@ -106,6 +106,7 @@ NAMESPACE_VARIABLE = "VAULT_NAMESPACE"
 TEXT_FIELD = "value"
 BINARY_FIELD = "value_base64"
 RETRY_DEADLINE_SECONDS = 30.0
+DELETE_ROUNDS = 5  # deletes of versions other writers keep adding meanwhile, before giving up
 _REFUSED_STATUSES = frozenset({429, 503})  # Vault did not act on the request: safe to repeat any method
 _TRANSIENT_STATUSES = frozenset({500, 502, 504})  # may have acted: repeat reads only
 _READ_METHODS = frozenset({"GET", "HEAD", "LIST", "OPTIONS"})
@@ -367,6 +368,11 @@ class _KvMeta:
             raise StorageError(
                 "Vault sent secret metadata in a shape we do not know (is it KV v2?)"
             ) from None
+
+
+def _live_versions(meta: _KvMeta) -> list[int]:
+    """The versions of `meta` neither destroyed nor soft-deleted."""
+    return sorted(v.number for v in meta.versions.values() if not v.destroyed and v.deleted is None)
 
 
 class VaultStore:
@@ -681,15 +687,25 @@ class VaultStore:
         self._write_metadata(name, meta, new_description, tags, max_versions)
 
     def delete(self, name: str) -> None:
-        """POST MOUNT/delete/NAME {"versions": every live version} (after reading the metadata)."""
+        """POST MOUNT/delete/NAME {"versions": every live version} (after reading the metadata),
+        then read the metadata again: a version another writer added between the read and the
+        delete (KV v2 has no check-and-set for deletes) is deleted too, so an acknowledged delete
+        never leaves the secret readable, as if that write had come first."""
         validate_name(name)
         meta = self._require_meta(name)
         if meta.deleted is not None:
             raise NotFoundError(f"secret {name!r} is already deleted")
-        live = sorted(v.number for v in meta.versions.values() if not v.destroyed and v.deleted is None)
+        live = _live_versions(meta)
         if not live:
             raise ConflictError(f"secret {name!r} has no version left to delete (all are destroyed)")
-        self._send("POST", f"delete/{name}", action=f"delete {name}", json={"versions": live})
+        for _ in range(DELETE_ROUNDS):
+            self._send("POST", f"delete/{name}", action=f"delete {name}", json={"versions": live})
+            live = _live_versions(self._require_meta(name))
+            if not live:
+                return
+        raise ConflictError(
+            f"secret {name!r} kept getting new versions while it was being deleted; try again"
+        )
 
     def undelete(self, name: str) -> None:
         """POST MOUNT/undelete/NAME {"versions": every soft-deleted version}. A version whose expiry
