@@ -539,6 +539,29 @@ def test_the_printed_init_command_keeps_the_urls_options_and_creates_that_store(
     assert postgres_cluster.role_password not in with_password.stderr and "passfile=" in with_password.stderr
 
 
+def test_a_percent_encoded_password_option_is_never_shown(
+    place: Place, postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    """`?pass%77ord=PW` is `password=PW` to libpq and to our parser, which connected with it, but
+    only the literal `password=` was masked: PW showed in the missing store's hint, in status's
+    `store:` line and in errors."""
+    password = postgres_cluster.role_password
+    url = f"{place.url}&pass%77ord={password}"
+    env = {k: v for k, v in postgres_cluster.env().items() if k != "PGPASSWORD"}
+    cli = Cli(url, tmp_path, {**env, "MASTER_PASSWORD": MASTER_PASSWORD})
+    missing = cli("list")
+    assert missing.code == 3 and "init" in missing.stderr, missing.stderr
+    assert cli("init", "--kdf-profile", "test").code == 0
+    status = cli("status")
+    assert status.code == 0 and "pass%77ord=***" in status.out, status.out
+    bad = Cli(f"{url}&colour=blue", tmp_path, cli.env)("list")
+    assert bad.code == 2
+    for result in (missing, status, bad):
+        assert password not in result.out + result.stderr
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert files and all(password not in p.read_text(errors="replace") for p in files)
+
+
 def test_stores_in_different_schemas_of_one_database_are_separate(
     place: Place, postgres_cluster: PostgresCluster
 ) -> None:

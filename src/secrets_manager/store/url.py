@@ -28,7 +28,7 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, unquote_plus, urlencode, urlsplit, urlunsplit
 
 from platformdirs import user_data_path
 
@@ -162,12 +162,12 @@ def postgres_location(url: str | None) -> PostgresLocation | None:
         raise InvalidInputError(f"store URL {_redacted(url)!r}: {usage}") from None
     userinfo, _, hosts = parts.netloc.rpartition("@")
     user, has_colon, password = userinfo.partition(":")
-    options = parse_qsl(parts.query, keep_blank_values=True)
+    options = _query_options(parts.query)
     schema = POSTGRES_DEFAULT_SCHEMA
     max_connections = None
     passed: list[tuple[str, str]] = []
     password_in_url = bool(has_colon and password)
-    for key, value in options:
+    for key, value, has_value in options:
         if key == "schema":
             if not _PG_SCHEMA.fullmatch(value):
                 raise InvalidInputError(
@@ -188,7 +188,8 @@ def postgres_location(url: str | None) -> PostgresLocation | None:
             passed.append((key, value))
         else:
             raise InvalidInputError(
-                f"store URL {_redacted(url)!r}: unknown option {key!r}; options are schema=NAME, "
+                f"store URL {_redacted(url)!r}: unknown option {option_label(key, has_value=has_value)}; "
+                "options are schema=NAME, "
                 "max_connections=N and libpq's (sslmode, sslrootcert, connect_timeout, "
                 "target_session_attrs, …)"
             )
@@ -206,37 +207,112 @@ def postgres_location(url: str | None) -> PostgresLocation | None:
     return PostgresLocation(conninfo, display, hosts, port, dbname, schema, password_in_url, max_connections)
 
 
-def _redacted(url: str) -> str:
-    """`url` with any password (in the user part or a password= option) replaced by ***; for
-    any scheme but PostgreSQL's, the whole user part (a Vault token or AWS key may sit there).
+# Query parameters whose value may be a credential, whatever the scheme: compared after
+# percent-decoding and case-folded (libpq decodes `pass%77ord` to `password`, and clients take
+# `X-Vault-Token` or `TOKEN` as readily as `token`). Any name containing one of _CREDENTIAL_WORDS
+# counts too (sslpassword, aws_session_token, client_secret, x-amz-credential, ...).
+_CREDENTIAL_OPTIONS = frozenset(
+    {
+        "password", "passwd", "pwd", "pass", "sslpassword", "token", "x-vault-token", "vault_token",
+        "secret_id", "role_id", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+        "key", "apikey", "api_key", "auth", "authorization", "signature", "sig",
+    }
+)  # fmt: skip
+_CREDENTIAL_WORDS = ("password", "passphrase", "secret", "token", "credential", "access_key", "signature")
+MASK = "***"
+
+
+def _known_options(scheme: str) -> Callable[[str], bool] | None:
+    """Which options a URL of `scheme` may carry (those its parser accepts), or None for a URL
+    that is not one of ours with options (a SQLite path: everything after sqlite:// is the path)."""
+    scheme = scheme.lower()
+    if scheme in POSTGRES_SCHEMES:
+        return lambda key: key in _PG_OPTIONS or key in ("schema", "max_connections")
+    if scheme in VAULT_SCHEMES:
+        return lambda key: key == "namespace"
+    if scheme == AWS_SCHEME:
+        return lambda key: key in ("kms", "recovery_window_days") or key.startswith("kms.")
+    return None
+
+
+def _is_credential(key: str) -> bool:
+    folded = unquote_plus(key).casefold()
+    return folded in _CREDENTIAL_OPTIONS or any(word in folded for word in _CREDENTIAL_WORDS)
+
+
+def _without_secrets(url: str, *, drop: bool) -> str:
+    """`url` with every part that may hold a secret masked as *** (or, with `drop`, left out):
+    the password of its user part (for any scheme but PostgreSQL's, the whole user part: a Vault
+    token or AWS key may sit there), the value of every option that names a credential, and, for
+    our own schemes, every option the store does not know (an unknown option is where a secret
+    goes by mistake) and the fragment.
 
     Everything up to the last '@' counts as the user part, so an unencoded '/', '?' or '@' in a
     password cannot make part of it show."""
     scheme, separator, rest = url.partition("://")
     if not separator:
         return url  # a file path
+    known = _known_options(scheme)
     userinfo, at, tail = rest.rpartition("@")
-    if at and scheme.lower() not in POSTGRES_SCHEMES:
-        rest = f"***@{tail}"
-    elif at and ":" in userinfo:
-        rest = f"{userinfo.split(':', 1)[0]}:***@{tail}"
-    return re.sub(r"([?&]password=)[^&]*", r"\1***", f"{scheme}://{rest}")
+    if at:
+        user = userinfo.split(":", 1)[0]
+        if scheme.lower() not in POSTGRES_SCHEMES or any(c in userinfo for c in "/?#"):
+            rest = tail if drop else f"{MASK}@{tail}"
+        elif ":" in userinfo:
+            rest = f"{user}@{tail}" if drop else f"{user}:{MASK}@{tail}"
+    if known is None:
+        before, fragment = rest, ""
+        hostpath, question, query = before.partition("?")
+    else:
+        before, hash_, fragment = rest.partition("#")
+        fragment = "" if not hash_ or drop else f"#{MASK}"
+        hostpath, question, query = before.partition("?")
+    kept: list[str] = []
+    for item in query.split("&") if question else []:
+        key, equals, _value = item.partition("=")
+        if not item:
+            continue
+        secret = _is_credential(key) or (known is not None and not known(unquote_plus(key)))
+        if not secret:
+            kept.append(item)
+        elif not drop:
+            kept.append(f"{key}={MASK}" if equals and _plain(key) else MASK)
+    return f"{scheme}://{hostpath}{'?' if kept else ''}{'&'.join(kept)}{fragment}"
+
+
+def _plain(key: str) -> bool:
+    """Whether an option's name may be shown: a short name, not something a secret was pasted as."""
+    return re.fullmatch(r"[A-Za-z][A-Za-z0-9_.%\-]{0,39}", key) is not None
+
+
+def option_label(key: str, *, has_value: bool = True) -> str:
+    """An option's (decoded) name for a message: quoted, or *** if it may be a secret itself
+    (given without '=', long or odd)."""
+    return repr(key) if has_value and _plain(key) else repr(MASK)
+
+
+def _query_options(query: str) -> list[tuple[str, str, bool]]:
+    """The options of a URL's query as (name, value, whether '=' was there), decoded as
+    urllib's parse_qsl decodes them (and libpq: `pass%77ord` is `password`)."""
+    options = []
+    for item in query.split("&"):
+        if item:
+            key, equals, value = item.partition("=")
+            options.append((unquote_plus(key), unquote_plus(value), bool(equals)))
+    return options
+
+
+def _redacted(url: str) -> str:
+    """`url` for a message: see `_without_secrets`."""
+    return _without_secrets(url, drop=False)
 
 
 def url_without_password(url: str) -> str:
-    """`url` as the user gave it minus any password (the user part's, or a password= option), for a
-    command line we print: the rest (sslmode, passfile, schema, ...) stays, so it connects as the
-    user's did, with the password from where it should come (PGPASSFILE, PGPASSWORD)."""
-    scheme, separator, rest = url.partition("://")
-    if not separator:
-        return url  # a file path
-    userinfo, at, tail = rest.rpartition("@")
-    if at and ":" in userinfo:
-        rest = f"{userinfo.split(':', 1)[0]}@{tail}"
-    elif at and scheme.lower() not in POSTGRES_SCHEMES:
-        rest = tail  # a Vault token or AWS key in the user part
-    without = re.sub(r"([?&])password=[^&]*&?", r"\1", f"{scheme}://{rest}")
-    return without.rstrip("?&")
+    """`url` as the user gave it minus any password, token or key (the user part's, and every
+    option that names a credential), for a command line we print: the rest (sslmode, passfile,
+    schema, ...) stays, so it connects as the user's did, with the password from where it should
+    come (PGPASSFILE, PGPASSWORD)."""
+    return _without_secrets(url, drop=True)
 
 
 def display_url(url: str | None) -> str:
@@ -256,13 +332,15 @@ def _vault_location(url: str, http_scheme: str) -> VaultLocation:
         raise InvalidInputError(
             f"store URL {display_url(url)!r}: a token does not belong in the URL; set VAULT_TOKEN"
         )
-    if not host or not _MOUNT.fullmatch(mount):
+    if not host or not _MOUNT.fullmatch(mount) or parts.fragment:
         raise InvalidInputError(f"store URL {display_url(url)!r}: {usage}")
-    options = dict(parse_qsl(parts.query, keep_blank_values=True))
-    namespace = options.pop("namespace", None)
+    options = {key: (value, has_value) for key, value, has_value in _query_options(parts.query)}
+    namespace = options.pop("namespace", ("", True))[0]
     if options:
+        key, (_, has_value) = next(iter(options.items()))
         raise InvalidInputError(
-            f"store URL {display_url(url)!r}: unknown option {next(iter(options))!r}; only namespace=NS"
+            f"store URL {display_url(url)!r}: unknown option {option_label(key, has_value=has_value)}; "
+            "only namespace=NS"
         )
     netloc = f"[{host}]" if ":" in host else host
     return VaultLocation(address=f"{http_scheme}://{netloc}:{port}", mount=mount, namespace=namespace or None)
@@ -277,6 +355,8 @@ def _aws_location(url: str) -> AwsLocation:
             "from the environment, ~/.aws or an instance role"
         )
     region = parts.netloc.lower()
+    if parts.fragment:
+        raise InvalidInputError(f"store URL {display_url(url)!r}: {usage}")
     if not _REGION.fullmatch(region):
         raise InvalidInputError(f"store URL {display_url(url)!r}: {region!r} is not an AWS region; {usage}")
     prefix = parts.path.strip("/")
@@ -290,7 +370,7 @@ def _aws_location(url: str) -> AwsLocation:
     kms_keys: dict[str, str] = {}
     default_kms_key = None
     recovery = DEFAULT_RECOVERY_WINDOW_DAYS
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+    for key, value, has_value in _query_options(parts.query):
         if key == "kms" and value:
             default_kms_key = value
         elif key.startswith("kms.") and value:
@@ -299,7 +379,8 @@ def _aws_location(url: str) -> AwsLocation:
             recovery = int(value)
         else:
             raise InvalidInputError(
-                f"store URL {display_url(url)!r}: bad option {key!r}; options are kms=KEY, "
+                f"store URL {display_url(url)!r}: bad option {option_label(key, has_value=has_value)}; "
+                "options are kms=KEY, "
                 "kms.NAMESPACE=KEY, recovery_window_days=7..30"
             )
     return AwsLocation(region, prefix, kms_keys, default_kms_key, recovery)

@@ -1,0 +1,114 @@
+"""Store URLs as they are shown: no credential from the user part or the query string, whatever
+the scheme, however the option's name is spelled (case, percent-encoding), in any error, in
+`display_url` (status, messages) or in a printed command (`url_without_password`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from secrets_manager.errors import InvalidInputError
+from secrets_manager.store.url import (
+    display_url,
+    external_location,
+    postgres_location,
+    sqlite_path,
+    url_without_password,
+)
+
+SECRET = "SUPERSECRET-7f3a"
+
+# URLs that name a store but carry a credential in their query string: each is refused (an
+# option the store does not take) and must not show it.
+REFUSED = [
+    f"vault://vault.example:8200/secret?token=hvs.{SECRET}",
+    f"vault://vault.example:8200/secret?namespace=ns&X-Vault-Token=hvs.{SECRET}",
+    f"vault+http://vault.example:8200/secret?TOKEN={SECRET}",
+    f"vault://vault.example:8200/secret?secret_id={SECRET}&namespace=ns",
+    f"vault://vault.example:8200/secret?colour={SECRET}",  # any unknown option's value
+    f"vault://vault.example:8200/secret?{SECRET}",  # a bare secret, no name=
+    f"vault://vault.example:8200/secret#{SECRET}",
+    f"aws-secretsmanager://eu-west-1/trading#{SECRET}",
+    f"aws-secretsmanager://eu-west-1/trading?aws_secret_access_key={SECRET}",
+    f"aws-secretsmanager://eu-west-1/trading?kms=alias/k&AWS_SESSION_TOKEN={SECRET}",
+    f"aws-secretsmanager://eu-west-1/trading?aws%5Fsecret%5Faccess%5Fkey={SECRET}",
+    f"aws-secretsmanager://eu-west-1/trading?recovery_window_days=3&aws_secret_access_key={SECRET}",
+    f"postgresql://app@db.example:5432/trading?pass%77ord={SECRET}&schema=Bad",
+    f"postgresql://app@db.example:5432/trading?pass%77ord={SECRET}&bogus=1",
+    f"postgresql://app@db.example:5432/trading?password={SECRET}&max_connections=0",
+    f"postgresql://app:{SECRET}@db.example:5432/trading?schema=Bad",
+    f"postgresql://app@db.example:5432/trading?sslmode=verify-full&sslpassword={SECRET}",
+    f"postgresql://app@db.example:5432/trading?sslmode=verify-full&SSLPassword={SECRET}",
+    f"postgres://app@db.example:5432/trading?colour={SECRET}",
+    f"postgres://app@db.example:5432/trading?{SECRET}",
+]
+
+
+def _parse(url: str) -> None:
+    postgres_location(url)
+    external_location(url)
+
+
+@pytest.mark.parametrize("url", REFUSED)
+def test_a_refused_store_url_is_shown_without_its_credentials(url: str) -> None:
+    with pytest.raises(InvalidInputError) as caught:
+        _parse(url)
+    message = str(caught.value)
+    assert SECRET not in message and "***" in message, message
+    assert "\n" not in message
+    assert SECRET not in display_url(url) and SECRET not in url_without_password(url)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "command"),
+    [
+        (
+            f"postgresql://app@db:5432/trading?pass%77ord={SECRET}&schema=desk_a&sslmode=require",
+            "postgresql://app@db:5432/trading?pass%77ord=***&schema=desk_a&sslmode=require",
+            "postgresql://app@db:5432/trading?schema=desk_a&sslmode=require",
+        ),
+        (
+            f"postgresql://app:{SECRET}@db:5432/trading?Password={SECRET}&passfile=/home/app/.pgpass",
+            "postgresql://app:***@db:5432/trading?Password=***&passfile=/home/app/.pgpass",
+            "postgresql://app@db:5432/trading?passfile=/home/app/.pgpass",
+        ),
+        (
+            "vault://vault.example:8200/secret?namespace=desk",
+            "vault://vault.example:8200/secret?namespace=desk",
+            "vault://vault.example:8200/secret?namespace=desk",
+        ),
+        (
+            f"vault://hvs.{SECRET}@vault.example:8200/secret",
+            "vault://***@vault.example:8200/secret",
+            "vault://vault.example:8200/secret",
+        ),
+        (
+            "aws-secretsmanager://eu-west-1/trading?kms=alias/k&kms.auth=alias/a&recovery_window_days=7",
+            "aws-secretsmanager://eu-west-1/trading?kms=alias/k&kms.auth=alias/a&recovery_window_days=7",
+            "aws-secretsmanager://eu-west-1/trading?kms=alias/k&kms.auth=alias/a&recovery_window_days=7",
+        ),
+        (
+            f"aws-secretsmanager://eu-west-1/trading?kms=alias/k&aws_session_token={SECRET}",
+            "aws-secretsmanager://eu-west-1/trading?kms=alias/k&aws_session_token=***",
+            "aws-secretsmanager://eu-west-1/trading?kms=alias/k",
+        ),
+        ("sqlite:///tmp/store.db", "sqlite:///tmp/store.db", "sqlite:///tmp/store.db"),
+        (
+            f"sqlite:///tmp/store.db?token={SECRET}",
+            "sqlite:///tmp/store.db?token=***",
+            "sqlite:///tmp/store.db",
+        ),
+    ],
+)
+def test_display_and_printed_commands_keep_all_but_credentials(url: str, shown: str, command: str) -> None:
+    assert display_url(url) == shown
+    assert url_without_password(url) == command
+
+
+def test_a_postgres_store_found_by_a_percent_encoded_password_option_never_shows_it() -> None:
+    url = f"postgresql://app@db:5432/trading?pass%77ord={SECRET}&schema=desk_a"
+    location = postgres_location(url)
+    assert location is not None and location.password_in_url  # what libpq would connect with
+    assert SECRET not in location.display and SECRET not in repr(location)
+    with pytest.raises(InvalidInputError) as caught:
+        sqlite_path(url)
+    assert SECRET not in str(caught.value)
