@@ -254,3 +254,21 @@ def test_a_configuration_problem_is_not_called_unreachable(monkeypatch: pytest.M
         aws_module.aws_account("eu-central-1")
     assert "cannot reach" not in str(raised.value)
     assert "NoRegionError" in str(raised.value) and "--audit-file" in str(raised.value)
+
+
+def test_a_long_prefix_gets_a_default_log_name_the_file_system_takes(aws_cli: Cli, tmp_path: Path) -> None:
+    """A valid 256-character prefix made the default log's name pass NAME_MAX (255 bytes): every
+    command failed, with "internal error (OSError)" or "File name too long". Now the name is cut
+    and ends in a hash of the whole name, so two long prefixes still keep two logs."""
+    names = []
+    for last in "ab":
+        prefix = "p" * 255 + last
+        long = Cli({**aws_cli.env, "SECRETS_MANAGER_STORE": f"aws-secretsmanager://{REGION}/{prefix}"})
+        stored = long("store", "svc/K", input=last.encode())
+        assert stored.code == 0, stored.stderr
+        assert long("get", "svc/K").out == f"{last}\n"
+        assert long("audit", "verify").out.startswith("audit log verified: 3 records")
+        (name,) = set(logs(tmp_path)) - set(names)
+        names.append(name)
+    assert all(len(name) <= 223 and name.startswith("aws-123456789012-us-east-1-") for name in names)
+    assert names[0] != names[1]

@@ -4,10 +4,13 @@ the scheme, however the option's name is spelled (case, percent-encoding), in an
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.store.url import (
+    default_audit_path,
     display_url,
     external_location,
     postgres_location,
@@ -112,3 +115,25 @@ def test_a_postgres_store_found_by_a_percent_encoded_password_option_never_shows
     with pytest.raises(InvalidInputError) as caught:
         sqlite_path(url)
     assert SECRET not in str(caught.value)
+
+
+def test_default_audit_log_names_are_bounded_and_short_ones_unchanged(tmp_path: Path) -> None:
+    assert default_audit_path(str(tmp_path / "store.db")) == tmp_path / "store.audit.jsonl"
+    assert (
+        default_audit_path("vault://v.example:8200/secret").name == "vault-v.example-8200-secret.audit.jsonl"
+    )
+    pg = "postgresql://app@db:5432/trading?schema=desk_a"
+    assert default_audit_path(pg).name == "postgresql-db-5432-trading-desk_a.audit.jsonl"
+    # A store file whose name fits (with its -journal) but whose log's would not.
+    names = set()
+    for last in "ab":
+        log = default_audit_path(str(tmp_path / f"{'s' * 240}{last}.db"))
+        assert log.parent == tmp_path and len(log.name) <= 223 and log.name.endswith(".audit.jsonl")
+        log.write_text("")  # the file system takes it
+        names.add(log.name)
+    mount = "/".join(["m" * 60] * 5)
+    vault = default_audit_path(f"vault://v.example:8200/{mount}").name
+    assert len(vault) <= 223 and vault.startswith("vault-v.example-8200-mmm")
+    hosts = ",".join(f"db{i}.example" for i in range(40))
+    assert len(default_audit_path(f"postgresql://app@{hosts}/trading").name) <= 223
+    assert len(names) == 2

@@ -237,3 +237,22 @@ def test_only_the_rest_of_the_same_chain_is_moved_to_join_files_under_the_new_na
         "other.audit.jsonl",
         "other.audit.jsonl.lock",
     ]
+
+
+def test_a_long_mount_gets_a_default_log_name_the_file_system_takes(
+    vault: NamespacedVault, tmp_path: Path
+) -> None:
+    """A long mount (or namespace) made the default log's name pass NAME_MAX: every command failed
+    to write its audit log. Names that fit stay as they were."""
+    mount = "/".join(["m" * 60] * 5)
+    vault.mounts[mount], vault.configs[mount] = {}, type(vault.configs["secret"])()
+    url = vault.address.replace("http://", "vault+http://") + f"/{mount}"
+    long = Cli({"HOME": str(tmp_path), "VAULT_TOKEN": vault.root_token, "SECRETS_MANAGER_STORE": url})
+    stored = long("store", "auth/K", input=b"v")
+    assert stored.code == 0, stored.stderr
+    assert long("audit", "verify").out.startswith("audit log verified: 2 records")
+    (name,) = logs(tmp_path)
+    assert len(name) <= 223 and name.startswith("vault-127.0.0.1-")
+    port = vault.address.rsplit(":", 1)[1]
+    assert cli(vault, tmp_path)("store", "auth/K", input=b"w").code == 0
+    assert f"vault-127.0.0.1-{port}-secret.audit.jsonl" in logs(tmp_path)

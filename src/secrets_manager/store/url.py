@@ -454,7 +454,8 @@ def default_audit_path(url: str | None, *, environ: Mapping[str, str] | None = N
     namespace (`?namespace=`, else VAULT_NAMESPACE) and mount; for AWS, the account (asked of STS
     once per process: `store.aws.aws_account`), region, endpoint (if not AWS's own) and prefix.
     A namespace or endpoint, free text, is followed by a short hash of the whole identity, so two
-    stores never share a name."""
+    stores never share a name. A name longer than MAX_AUDIT_FILE_NAME (a long prefix, mount or
+    store file name) keeps its start and ends in a hash of the whole name instead."""
     location: VaultLocation | AwsLocation | PostgresLocation | None = postgres_location(url)
     location = location or external_location(url)
     environ = os.environ if environ is None else environ
@@ -485,7 +486,7 @@ def default_audit_path(url: str | None, *, environ: Mapping[str, str] | None = N
         path = sqlite_path(url)
         if path.is_symlink():  # the log belongs to the real file, whatever name reaches it
             path = path.resolve()
-        return path.with_name(f"{path.stem}.audit.jsonl")
+        return path.with_name(_bounded_log_name(path.stem, path.name))
     return _data_file(slug)
 
 
@@ -501,9 +502,29 @@ def legacy_audit_path(url: str | None) -> Path | None:
     return None
 
 
+# The longest name a default audit log gets: NAME_MAX (255 bytes on Linux, macOS and the BSDs)
+# less room for the longest name the log gives a file beside it (`NAME.partial-STAMP-N`, 28+).
+MAX_AUDIT_FILE_NAME = 255 - 32
+AUDIT_SUFFIX = ".audit.jsonl"
+
+
+def _bounded_log_name(stem: str, identity: str) -> str:
+    """`STEM.audit.jsonl`, or, if that is longer than MAX_AUDIT_FILE_NAME bytes, the start of
+    STEM, 16 hex digits of a hash of `identity` (whatever tells this log from others: the store's
+    whole name) and the suffix. Names that fit stay as they always were, so no store's log moves
+    (but for a name of 224 to 255 bytes, which worked until the log set a file aside)."""
+    name = f"{stem}{AUDIT_SUFFIX}"
+    if len(os.fsencode(name)) <= MAX_AUDIT_FILE_NAME:
+        return name
+    digest = hashlib.sha256(os.fsencode(identity)).hexdigest()[:16]
+    room = MAX_AUDIT_FILE_NAME - len(AUDIT_SUFFIX) - len(digest) - 1
+    readable = os.fsencode(stem)[:room].decode("utf-8", "ignore").rstrip("-.")
+    return f"{readable}-{digest}{AUDIT_SUFFIX}"
+
+
 def _data_file(slug: str) -> Path:
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", slug).strip("-")
-    return default_store_path().parent / f"{slug}.audit.jsonl"
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "-", slug).strip("-")
+    return default_store_path().parent / _bounded_log_name(stem, slug)
 
 
 def _identity_hash(*parts: str) -> str:
