@@ -5,12 +5,14 @@ master password, auditing kept, and interop with plain hvac / boto3 calls both w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -560,3 +562,39 @@ def test_an_aws_command_that_fails_before_doing_anything_leaves_no_audit_file(
         assert files_under(tmp_path) == before, (env, files_under(tmp_path))
     assert_one_line_error(aws_cli("get", "svc/MISSING"), 3, "not found")  # reached AWS: audited
     assert audit_records(tmp_path) == [("get", "allow", "not_found")]
+
+
+def test_a_vault_that_never_answers_is_one_line_naming_it(tmp_path: Path) -> None:
+    """A stopped Vault (it accepts connections, never answers): 'get' took 159 s and printed two
+    lines, the first blaming the audit log; 'store' blamed the audit log alone. Now each command
+    waits one timeout (VAULT_CLIENT_TIMEOUT) and says which Vault did not answer, exit 1."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    address = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "SECRETS_MANAGER_STORE": address.replace("http://", "vault+http://") + "/secret",
+        "VAULT_TOKEN": "t",
+        "VAULT_CLIENT_TIMEOUT": "1",
+    }
+    try:
+        for command in (["get", "app/K"], ["store", "app/K"]):
+            started = time.monotonic()
+            proc = subprocess.run(
+                [str(SCRIPT), *command], input=b"v", capture_output=True, env=env, timeout=30
+            )
+            result = Result(proc.returncode, proc.stdout, proc.stderr.decode())
+            assert time.monotonic() - started < 8, command
+            assert_one_line_error(result, 1, f"Vault at {address} did not answer within 1 s")
+            assert "audit log" not in result.stderr
+    finally:
+        for sock in [listener, *accepted]:
+            sock.close()

@@ -14,7 +14,9 @@ them first).
 
 from __future__ import annotations
 
+import contextlib
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -30,15 +32,17 @@ from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
     NotFoundError,
+    OutcomeUnknownError,
     StorageError,
     UnsupportedOperationError,
 )
 from secrets_manager.store import SecretStore
-from secrets_manager.store.aws import AwsStore
+from secrets_manager.store.aws import AwsStore, connect_aws
 from secrets_manager.store.base import PENDING, PREVIOUS, Anchor, AuditedStore
-from secrets_manager.store.external import CREATED_BY_KEY, MAX_VERSIONS_KEY
+from secrets_manager.store.external import CREATED_BY_KEY, MAX_VERSIONS_KEY, NoAnswerError
 from secrets_manager.store.testing import SECRET_STORE_CHECKS, check_secret_store, run_check
 from secrets_manager.store.url import AwsLocation, external_location, open_external_store
+from tcp_proxy import TcpProxy, Verdict
 
 REGION = "us-east-1"
 MakeAws = Callable[..., AwsStore]
@@ -528,3 +532,79 @@ def test_our_versions_keep_their_numbers_within_one_second_whatever_their_labels
         {"VersionId": _version_id(1), "CreatedDate": second - timedelta(seconds=5), "VersionStages": []},
     ]
     assert [(v.number, v.version_id) for v in _numbered(raw)] == [(n, _version_id(n)) for n in (1, 2, 3, 4)]
+
+
+# ---- an endpoint that accepts connections and never answers ----------------------------------------
+
+
+@pytest.fixture
+def aws_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Callable[[str], None]:
+    def point_at(endpoint: str) -> None:
+        for key, value in {
+            "AWS_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_CONFIG_FILE": str(tmp_path / "none"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }.items():
+            monkeypatch.setenv(key, value)
+
+    return point_at
+
+
+def test_an_endpoint_that_never_answers_is_reported_after_a_bounded_wait(
+    aws_environment: Callable[[str], None], prefix: str
+) -> None:
+    """boto3's 30 s read timeout on each of 5 attempts made 'get' on a stopped endpoint take 91 s
+    (186 s with the failure's audit record). Now a call waits two attempts of 5 s at most, the
+    message names the endpoint, and the next call (the failure's audit record) fails at once."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                accepted.append(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
+    endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    aws_environment(endpoint)
+    try:
+        config = connect_aws(REGION).meta.config
+        assert (config.read_timeout, config.retries["total_max_attempts"]) == (5, 2)
+        store = AwsStore(connect_aws(REGION, read_timeout=0.5), prefix)
+        started = time.monotonic()
+        with pytest.raises(NoAnswerError) as caught:
+            store.get("app/K")
+        assert time.monotonic() - started < 4
+        assert str(caught.value).startswith(f"AWS Secrets Manager at {endpoint} did not answer within 0.5 s")
+        assert len(accepted) == 2
+        started = time.monotonic()
+        with pytest.raises(NoAnswerError):
+            store.audit_key()
+        assert time.monotonic() - started < 0.2 and len(accepted) == 2
+    finally:
+        for sock in [listener, *accepted]:
+            sock.close()
+
+
+class CreateSwallowingProxy(TcpProxy):
+    def verdict(self, data: bytes, *, from_client: bool) -> Verdict:
+        if from_client and b"secretsmanager.CreateSecret" in data:
+            return Verdict.SWALLOW
+        return Verdict.PASS
+
+
+def test_a_change_whose_answer_never_came_has_an_unknown_outcome(
+    aws_environment: Callable[[str], None], moto_endpoint: str, prefix: str
+) -> None:
+    host, port = moto_endpoint.split("://")[1].rsplit(":", 1)
+    proxy = CreateSwallowingProxy(host, int(port))
+    try:
+        aws_environment(f"http://{proxy.address}")
+        store = AwsStore(connect_aws(REGION, read_timeout=0.5), prefix)
+        with pytest.raises(OutcomeUnknownError, match=r"did not answer within 0.5 s.*may or may not"):
+            store.put("app/K", b"v1")
+    finally:
+        proxy.close()

@@ -5,8 +5,11 @@ and VAULT_TOKEN are set), the native layout other Vault tools see, and Vault's e
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +24,7 @@ from secrets_manager.errors import (
     IntegrityError,
     InvalidInputError,
     NotFoundError,
+    OutcomeUnknownError,
     StorageError,
     UnlockError,
     UnsafeConfigurationError,
@@ -28,7 +32,7 @@ from secrets_manager.errors import (
 )
 from secrets_manager.store import SecretStore
 from secrets_manager.store.base import PENDING, PREVIOUS, Anchor, AuditedStore
-from secrets_manager.store.external import AUDIT_KEY_NAME, CREATED_BY_KEY, DESCRIPTION_KEY
+from secrets_manager.store.external import AUDIT_KEY_NAME, CREATED_BY_KEY, DESCRIPTION_KEY, NoAnswerError
 from secrets_manager.store.testing import SECRET_STORE_CHECKS, check_secret_store, run_check
 from secrets_manager.store.url import (
     VaultLocation,
@@ -37,6 +41,7 @@ from secrets_manager.store.url import (
     open_external_store,
 )
 from secrets_manager.store.vault import VaultStore, connect_vault, retrying_session
+from tcp_proxy import TcpProxy, Verdict
 from vault_server import FakeVault, vault_time, vault_time_ns
 
 MakeVault = Callable[..., VaultStore]
@@ -769,3 +774,108 @@ def test_an_expired_approle_token_is_replaced_by_a_new_login(fake_vault: FakeVau
     fake_vault.tokens.discard(store._client.token)
     with pytest.raises(AccessDeniedError, match="permission denied"):
         store.get("svc/K")
+
+
+# ---- a Vault that accepts connections and never answers --------------------------------------------
+
+
+class Silent:
+    """A listening socket that accepts connections, reads and never answers (a stopped Vault)."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.accepted.append(self._listener.accept()[0])
+
+    def close(self) -> None:
+        for sock in [self._listener, *self.accepted]:
+            sock.close()
+
+
+@pytest.fixture
+def silent() -> Iterator[Silent]:
+    server = Silent()
+    yield server
+    server.close()
+
+
+def _within(seconds: float, call: Callable[[], object]) -> BaseException | None:
+    """What `call()` raises, asserting it returns within `seconds` (the thread is left behind if not)."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert outcome, f"still waiting after {seconds} s"
+    return outcome[0]
+
+
+def test_a_vault_that_never_answers_is_reported_after_one_timeout(silent: Silent) -> None:
+    """hvac's 30 s timeout was repeated by the read retries (5 attempts): 'get' on a stopped Vault
+    took 159 s. Now a request that times out is not sent again, VAULT_CLIENT_TIMEOUT (the Vault
+    CLI's variable) sets the wait, and the message names the Vault that did not answer."""
+    client = connect_vault(silent.address, environ={"VAULT_TOKEN": "t", "VAULT_CLIENT_TIMEOUT": "0.5"})
+    store = VaultStore(client, "secret")
+    started = time.monotonic()
+    error = _within(5, lambda: store.get("app/K"))
+    assert isinstance(error, NoAnswerError), repr(error)
+    assert str(error).startswith(f"Vault at {silent.address} did not answer within 0.5 s"), str(error)
+    assert time.monotonic() - started < 2.5
+    assert len(silent.accepted) == 1  # not sent again
+    # Until the timeout has passed again, the next request (the failure's audit record) fails at once.
+    started = time.monotonic()
+    assert isinstance(_within(5, lambda: store.audit_key()), NoAnswerError)
+    assert time.monotonic() - started < 0.2 and len(silent.accepted) == 1
+    store.close()
+
+
+def test_the_default_wait_is_bounded() -> None:
+    client = connect_vault("http://127.0.0.1:1", environ={"VAULT_TOKEN": "t"})
+    assert client.adapter._kwargs["timeout"] == (5.0, 10.0)
+    assert connect_vault("http://127.0.0.1:1", environ={"VAULT_TOKEN": "t", "VAULT_CLIENT_TIMEOUT": "1m"})
+    with pytest.raises(InvalidInputError, match="VAULT_CLIENT_TIMEOUT"):
+        connect_vault("http://127.0.0.1:1", environ={"VAULT_TOKEN": "t", "VAULT_CLIENT_TIMEOUT": "soon"})
+
+
+class WriteSwallowingProxy(TcpProxy):
+    """Passes everything but a write of data/app/K, which never reaches Vault nor is answered."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.swallowed = 0
+
+    def verdict(self, data: bytes, *, from_client: bool) -> Verdict:
+        if from_client and data.startswith(b"POST /v1/secret/data/app/K"):
+            self.swallowed += 1
+            return Verdict.SWALLOW
+        return Verdict.PASS
+
+
+def test_a_write_whose_answer_never_came_is_not_sent_again(fake_vault: FakeVault) -> None:
+    """A KV v2 write without check-and-set, sent again after its answer was lost, could make two
+    versions: it is sent once, and its outcome is said to be unknown."""
+    host, port = fake_vault.address.split("://")[1].rsplit(":", 1)
+    proxy = WriteSwallowingProxy(host, int(port))
+    try:
+        environ = {"VAULT_TOKEN": fake_vault.root_token, "VAULT_CLIENT_TIMEOUT": "0.5"}
+        store = VaultStore(connect_vault(f"http://{proxy.address}", environ=environ), "secret")
+        error = _within(5, lambda: store.put("app/K", b"v1"))
+        assert isinstance(error, OutcomeUnknownError), repr(error)
+        assert "did not answer within 0.5 s" in str(error) and "may or may not" in str(error)
+        assert proxy.swallowed == 1
+        store.close()
+    finally:
+        proxy.close()

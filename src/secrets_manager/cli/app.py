@@ -52,6 +52,7 @@ from secrets_manager.errors import (
     InvalidInputError,
     MissingCredentialsError,
     NotFoundError,
+    OutcomeUnknownError,
     SecretsManagerError,
     StorageError,
     UnlockError,
@@ -76,6 +77,7 @@ from secrets_manager.store.base import (
     checked_metadata_update,
     max_versions_hide_at_once,
 )
+from secrets_manager.store.external import NoAnswerError
 from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import validate_prefix
 from secrets_manager.store.unlock import PasswordUnlock, UnlockSource
@@ -263,6 +265,17 @@ class Session:
             audit_path=audit_path or self.audit_path,
             environ=self.environ,
         )
+        try:
+            # The first request, here rather than in the audit log's writer: a backend that does
+            # not answer is then reported as such, within its own timeout, not as an audit log
+            # that did not answer within SECRETS_MANAGER_AUDIT_TIMEOUT. Any other problem with
+            # the key is left to the command, which meets it where it knows what to say.
+            store.audit_key()
+        except (NoAnswerError, OutcomeUnknownError):
+            store.close()
+            raise
+        except SecretsManagerError:
+            pass
         if audit_path is None and not self.audit_file:
             try:
                 self._adopt_legacy_log(store)

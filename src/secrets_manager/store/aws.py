@@ -39,6 +39,7 @@ import os
 import re
 import secrets
 import threading
+import time
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -52,10 +53,12 @@ from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
+    ConnectTimeoutError,
     HTTPClientError,
     NoCredentialsError,
     ParamValidationError,
     PartialCredentialsError,
+    ReadTimeoutError,
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
@@ -66,6 +69,7 @@ from secrets_manager.errors import (
     InvalidInputError,
     MissingCredentialsError,
     NotFoundError,
+    OutcomeUnknownError,
     SecretsManagerError,
     StorageError,
     UnsupportedOperationError,
@@ -98,6 +102,7 @@ from secrets_manager.store.external import (
     DEFAULT_RECOVERY_WINDOW_DAYS,
     MAX_VERSIONS_KEY,
     RESERVED_KEY_PREFIX,
+    NoAnswerError,
     audit_anchor_name,
     checked_write,
     user_tags,
@@ -166,13 +171,33 @@ _NO_CREDENTIALS = (
 )
 
 
-def connect_aws(region: str, *, attempts: int = 5) -> Any:
+# One call's bound: boto3's standard retry mode sends a call again after a timeout as after
+# throttling, so an endpoint that accepts connections but does not answer costs every attempt's
+# whole timeout (30 s x 5 attempts was 91 s per command). Two attempts of 5 s: about 11 s at most.
+CONNECT_TIMEOUT_SECONDS = 5
+READ_TIMEOUT_SECONDS = 5
+ATTEMPTS = 2
+# Calls that change nothing: one that timed out is a read whose answer never came, not a change
+# whose outcome is unknown.
+_READ_OPERATIONS = frozenset(
+    {"GetSecretValue", "DescribeSecret", "ListSecrets", "ListSecretVersionIds", "BatchGetSecretValue"}
+)
+
+
+def _bounded_config(attempts: int = ATTEMPTS, read_timeout: float = READ_TIMEOUT_SECONDS) -> Config:
+    return Config(
+        retries={"mode": "standard", "total_max_attempts": attempts},  # max_attempts counts retries
+        connect_timeout=min(CONNECT_TIMEOUT_SECONDS, read_timeout),
+        read_timeout=read_timeout,
+    )
+
+
+def connect_aws(region: str, *, attempts: int = ATTEMPTS, read_timeout: float = READ_TIMEOUT_SECONDS) -> Any:
     """A Secrets Manager client for `region`: credentials, profile and endpoint come from boto3's
     standard configuration (environment, ~/.aws, AWS_PROFILE, AWS_ENDPOINT_URL…); the standard
-    retry mode retries throttling and transient errors with backoff."""
-    config = Config(
-        retries={"mode": "standard", "max_attempts": attempts}, connect_timeout=10, read_timeout=30
-    )
+    retry mode retries throttling and transient errors with backoff, `attempts` times in all,
+    each waiting at most `read_timeout` seconds for an answer."""
+    config = _bounded_config(attempts, read_timeout)
     try:
         return _client(region, "secretsmanager", config)
     except BotoCoreError as exc:
@@ -234,8 +259,7 @@ def aws_account(region: str) -> AwsAccount:
             raise NoCredentialsError()
         cache_key = (region, endpoint, str(credentials.access_key))
         if cache_key not in _accounts:
-            config = Config(retries={"mode": "standard"}, connect_timeout=10, read_timeout=30)
-            reply = _client(region, "sts", config).get_caller_identity()
+            reply = _client(region, "sts", _bounded_config()).get_caller_identity()
             _accounts[cache_key] = AwsAccount(str(reply["Account"]), ours)
         return _accounts[cache_key]
     except ClientError as exc:
@@ -306,6 +330,13 @@ class AwsStore:
         self._anchor_name = audit_anchor_name(audit_scope)
         self._max_versions = max_versions
         self._audit_key: bytes | None = None
+        # After a call AWS did not answer: until when later calls fail at once, and why.
+        self._unanswered: tuple[float, str] | None = None
+        self._calls = threading.local()  # the operation in flight on this thread
+        client.meta.events.register("before-call.secrets-manager", self._note_operation)
+
+    def _note_operation(self, model: Any = None, **_: Any) -> None:
+        self._calls.operation = getattr(model, "name", None)
 
     def __repr__(self) -> str:
         return f"AwsStore(region={self._client.meta.region_name!r}, prefix={self._prefix!r})"
@@ -886,6 +917,12 @@ class AwsStore:
         `state_error` is what InvalidRequestException means for this call: AWS uses it for a secret
         scheduled for deletion (a read of it is NotFound, a write a Conflict)."""
         what = f"secret {name!r}" if name else "the secret"
+        if self._unanswered is not None:
+            until, cause = self._unanswered
+            if time.monotonic() < until:
+                raise NoAnswerError(f"{cause}; check the endpoint and the network")
+            self._unanswered = None
+        self._calls.operation = None
         try:
             yield
         except ClientError as exc:
@@ -906,10 +943,33 @@ class AwsStore:
             raise MissingCredentialsError(_NO_CREDENTIALS) from None
         except ParamValidationError:
             raise InvalidInputError(f"AWS refused {action}: a parameter is invalid") from None
+        except (ReadTimeoutError, ConnectTimeoutError):
+            raise self._no_answer(action) from None
         except BotoCoreError as exc:
             raise StorageError(
                 f"cannot reach AWS Secrets Manager for {action} ({type(exc).__name__})"
             ) from None
+
+    def _no_answer(self, action: str) -> StorageError:
+        """The error for a call AWS did not answer within the client's timeout, on every attempt.
+        A change may have been made. For the next timeout's length later calls fail at once with
+        the same cause (the audit record of this failure), so a command waits for it once."""
+        config = self._client.meta.config
+        timeout = float(config.read_timeout)
+        attempts = (config.retries or {}).get("total_max_attempts") or 1
+        tries = f", {attempts} attempts" if attempts > 1 else ""
+        cause = (
+            f"AWS Secrets Manager at {self._client.meta.endpoint_url} did not answer within "
+            f"{timeout:g} s{tries}"
+        )
+        self._unanswered = (time.monotonic() + timeout, cause)
+        operation = getattr(self._calls, "operation", None)
+        if operation is not None and operation not in _READ_OPERATIONS:
+            return OutcomeUnknownError(
+                f"{cause} to {action} ({operation}): it may or may not have been done; check before "
+                "trying again"
+            )
+        return NoAnswerError(f"{cause} ({action}); check the endpoint and the network")
 
 
 class _LostRace(Exception):

@@ -22,9 +22,15 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
-from secrets_manager.errors import InvalidInputError
+from secrets_manager.errors import InvalidInputError, StorageError
 from secrets_manager.store.base import RESERVED_TAG_PREFIX, checked_metadata
 from secrets_manager.store.names import validate_name
+
+
+class NoAnswerError(StorageError):
+    """The backend (Vault, AWS) accepted the request, or never let us connect, and did not answer
+    within the client's timeout: not sent again, as each attempt would wait as long."""
+
 
 RESERVED_FOLDER = ".secrets-manager"
 AUDIT_KEY_NAME = f"{RESERVED_FOLDER}/audit-key"

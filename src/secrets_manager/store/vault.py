@@ -28,8 +28,11 @@ endpoint is refused, the first data write is preceded by a probe that writes not
 
 Transport: one `requests.Session` whose urllib3 `Retry` repeats what Vault refused without doing it
 (429 rate limit, 503 sealed or standby) for every method, and other 5xx answers for reads only (a
-write might have been applied). Errors map to our exceptions through `_ERRORS`; each method's
-docstring names the endpoints it calls.
+write might have been applied). A request waits READ_TIMEOUT_SECONDS (VAULT_CLIENT_TIMEOUT) for
+its answer and is not sent again after a timeout: a write then has an unknown outcome
+(OutcomeUnknownError), and requests in the following timeout's length fail at once
+(NoAnswerError), so a command waits for a Vault that does not answer once. Errors map to our
+exceptions through `_ERRORS`; each method's docstring names the endpoints it calls.
 """
 
 from __future__ import annotations
@@ -40,18 +43,23 @@ import builtins
 import json
 import re
 import secrets
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn
+from types import TracebackType
+from typing import Any, ClassVar, NoReturn, Self
 
 import hvac
 import requests
 from hvac import exceptions as vault_errors
 from requests.adapters import HTTPAdapter
+from urllib3 import BaseHTTPResponse
+from urllib3.connectionpool import ConnectionPool
+from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
 from secrets_manager.errors import (
@@ -61,6 +69,7 @@ from secrets_manager.errors import (
     InvalidInputError,
     MissingCredentialsError,
     NotFoundError,
+    OutcomeUnknownError,
     SecretsManagerError,
     StorageError,
     UnlockError,
@@ -90,6 +99,7 @@ from secrets_manager.store.external import (
     DEFAULT_AUDIT_SCOPE,
     DESCRIPTION_KEY,
     RESERVED_KEY_PREFIX,
+    NoAnswerError,
     audit_anchor_name,
     checked_write,
     user_tags,
@@ -103,6 +113,9 @@ SECRET_ID_VARIABLE = "VAULT_SECRET_ID"  # noqa: S105 (a variable name)
 APPROLE_MOUNT_VARIABLE = "VAULT_APPROLE_MOUNT"
 CACERT_VARIABLE = "VAULT_CACERT"
 NAMESPACE_VARIABLE = "VAULT_NAMESPACE"
+TIMEOUT_VARIABLE = "VAULT_CLIENT_TIMEOUT"  # the Vault CLI's: seconds to wait for an answer
+CONNECT_TIMEOUT_SECONDS = 5.0
+READ_TIMEOUT_SECONDS = 10.0  # per request; a request that times out is not sent again
 TEXT_FIELD = "value"
 BINARY_FIELD = "value_base64"
 RETRY_DEADLINE_SECONDS = 30.0
@@ -157,12 +170,30 @@ def _refuse_unless_custom_metadata_holds(
 
 
 class VaultRetry(Retry):
-    """urllib3's Retry, but a status retry of a write only when Vault refused it without acting."""
+    """urllib3's Retry, but a status retry of a write only when Vault refused it without acting,
+    and no retry after a timeout: a Vault that accepts connections but does not answer (stopped,
+    overloaded) would make every attempt wait the whole timeout again. A refused or reset
+    connection is still retried (Vault restarting)."""
 
     def is_retry(self, method: str, status_code: int, has_retry_after: bool = False) -> bool:
         if status_code in _REFUSED_STATUSES:
             return True
         return method.upper() in _READ_METHODS and status_code in _TRANSIENT_STATUSES
+
+    def increment(
+        self,
+        method: str | None = None,
+        url: str | None = None,
+        response: BaseHTTPResponse | None = None,
+        error: Exception | None = None,
+        _pool: ConnectionPool | None = None,
+        _stacktrace: TracebackType | None = None,
+    ) -> Self:
+        if isinstance(error, ReadTimeoutError):
+            raise error  # requests reports it as ReadTimeout
+        if isinstance(error, ConnectTimeoutError) and not isinstance(error, NewConnectionError):
+            raise MaxRetryError(_pool, url or "", error)  # type: ignore[arg-type]  # requests: ConnectTimeout
+        return super().increment(method, url, response, error, _pool, _stacktrace)
 
 
 def retrying_session(
@@ -201,10 +232,12 @@ def connect_vault(
     ~/.vault-token. MissingCredentialsError when there is none (UnlockError: a refused AppRole
     login). VAULT_CACERT names a CA bundle for TLS and VAULT_NAMESPACE a Vault Enterprise namespace."""
     verify: bool | str = environ.get(CACERT_VARIABLE) or True
+    read_timeout = _timeout(environ)
     client = hvac.Client(
         url=address,
         token="",  # never hvac's own look-up in os.environ: `environ` is the one source
         verify=verify,
+        timeout=(min(CONNECT_TIMEOUT_SECONDS, read_timeout), read_timeout),
         session=session or retrying_session(verify=verify),
         namespace=namespace or environ.get(NAMESPACE_VARIABLE) or None,
     )
@@ -226,6 +259,11 @@ def connect_vault(
                 ) from None
             except vault_errors.VaultError as exc:
                 _raise_mapped(exc, "the AppRole login")
+            except requests.exceptions.Timeout:
+                raise NoAnswerError(
+                    f"Vault at {address} did not answer the AppRole login within {read_timeout:g} s; "
+                    f"check that it is running and reachable ({TIMEOUT_VARIABLE} sets the wait)"
+                ) from None
             except requests.exceptions.RequestException as exc:
                 raise StorageError(f"cannot reach Vault at {address} ({type(exc).__name__})") from None
 
@@ -244,6 +282,19 @@ def connect_vault(
         f"no Vault token: set {TOKEN_VARIABLE}, or {ROLE_ID_VARIABLE} and {SECRET_ID_VARIABLE} for an "
         "AppRole login, or run 'vault login'"
     )
+
+
+def _timeout(environ: Mapping[str, str]) -> float:
+    """Seconds to wait for Vault's answer to one request: VAULT_CLIENT_TIMEOUT (as the Vault CLI
+    reads it: seconds, or a Go duration such as 30s or 1m), else READ_TIMEOUT_SECONDS."""
+    raw = (environ.get(TIMEOUT_VARIABLE) or "").strip()
+    if not raw:
+        return READ_TIMEOUT_SECONDS
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m)?", raw)
+    seconds = float(match.group(1)) * {"ms": 0.001, "s": 1, "m": 60, None: 1}[match.group(2)] if match else 0
+    if not 0 < seconds <= 3600:
+        raise InvalidInputError(f"{TIMEOUT_VARIABLE}={raw!r} is not a timeout; give seconds, e.g. 10 or 10s")
+    return seconds
 
 
 class _NotThere(Exception):
@@ -399,6 +450,8 @@ class VaultStore:
         self._max_versions = max_versions
         self._audit_key: bytes | None = None
         self._engine: str | None = None  # "kv2" once known; "unknown" if the mounts endpoint refused
+        # After a request Vault did not answer: until when later requests fail at once, and why.
+        self._unanswered: tuple[float, str] | None = None
 
     def __repr__(self) -> str:
         return f"VaultStore({self._client.url!r}, mount={self._mount!r})"
@@ -407,7 +460,7 @@ class VaultStore:
         """Revoke the token if we logged in ourselves (AppRole): left alone it would stay valid,
         with its lease, for its whole TTL (768h by default). Never a token the user gave us. A
         revoke that fails changes nothing for the caller: the token then lapses at its TTL."""
-        if _OWN_LOGINS.pop(self._client, None) is not None:
+        if _OWN_LOGINS.pop(self._client, None) is not None and self._unanswered is None:
             with suppress(vault_errors.VaultError, requests.exceptions.RequestException):
                 self._client.auth.token.revoke_self()
         self._client.adapter.close()
@@ -862,6 +915,7 @@ class VaultStore:
         A refusal (403: a policy without it, or no such mount) leaves the engine "unknown"."""
         if self._engine is not None:
             return
+        self._raise_if_unanswered()
         try:
             response = self._client.adapter.get(f"/v1/sys/internal/ui/mounts/{self._mount}")
         except (vault_errors.Forbidden, vault_errors.InvalidPath, vault_errors.InvalidRequest):
@@ -869,6 +923,8 @@ class VaultStore:
             return
         except vault_errors.VaultError as exc:
             _raise_mapped(exc, f"check the secrets engine at {self._mount!r}")
+        except requests.exceptions.Timeout:
+            raise self._no_answer("GET", f"check the secrets engine at {self._mount!r}") from None
         except requests.exceptions.RequestException as exc:
             raise StorageError(
                 f"cannot reach Vault at {self._client.url} ({type(exc).__name__}); "
@@ -928,6 +984,7 @@ class VaultStore:
         check-and-set, and our exceptions for everything else (`_ERRORS`)."""
         if self._engine is None:
             self._check_engine()
+        self._raise_if_unanswered()
         kwargs: dict[str, Any] = {}
         if json is not None:
             kwargs["json"] = json
@@ -956,12 +1013,41 @@ class VaultStore:
             _raise_mapped(exc, action)
         except vault_errors.VaultError as exc:
             _raise_mapped(exc, action)
+        except requests.exceptions.Timeout:
+            raise self._no_answer(method, action) from None
         except requests.exceptions.RequestException as exc:
             raise StorageError(
                 f"cannot reach Vault at {self._client.url} for {action} ({type(exc).__name__}); "
                 "check the address and that Vault is running"
             ) from None
         return response if isinstance(response, dict) else None
+
+    def _no_answer(self, method: str, action: str) -> StorageError:
+        """The error for a request Vault did not answer in time (not sent again: each attempt would
+        wait as long). A write may have been applied: its outcome is unknown. For the next
+        `timeout` seconds later requests fail at once with the same cause (the audit record of this
+        failure, a revoke at close), so a command waits for a Vault that does not answer once."""
+        timeout = self._client.adapter._kwargs.get("timeout")
+        seconds = float(timeout[1] if isinstance(timeout, tuple) else timeout or READ_TIMEOUT_SECONDS)
+        cause = f"Vault at {self._client.url} did not answer within {seconds:g} s"
+        self._unanswered = (time.monotonic() + seconds, cause)
+        if method.upper() not in _READ_METHODS:
+            return OutcomeUnknownError(
+                f"{cause} to {action}: it may or may not have been done, so it was not sent again; "
+                "check before trying again"
+            )
+        return NoAnswerError(
+            f"{cause} ({action}); check that it is running and reachable ({TIMEOUT_VARIABLE} sets the wait)"
+        )
+
+    def _raise_if_unanswered(self) -> None:
+        if self._unanswered is None:
+            return
+        until, cause = self._unanswered
+        if time.monotonic() >= until:
+            self._unanswered = None
+            return
+        raise NoAnswerError(f"{cause}; check that it is running and reachable")
 
 
 def _raise_mapped(exc: vault_errors.VaultError, action: str) -> NoReturn:
