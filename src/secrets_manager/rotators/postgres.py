@@ -20,15 +20,13 @@ psycopg is imported only when a rotation uses this target: the CLI starts withou
 from __future__ import annotations
 
 import math
-import os
-import socket
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from secrets_manager.errors import InvalidInputError
+from secrets_manager.storage.deadline import WATCHDOG, Armed
 from secrets_manager.values import SecretValue, read_json_object
 
 PASSWORD_FIELD = "password"  # noqa: S105 (a field's name, AWS's) the JSON object field with the password
@@ -217,12 +215,13 @@ def _session(
     """A connection of libpq's settings plus `overrides` (an explicit password beats PGPASSWORD and
     ~/.pgpass), in autocommit, bounded by the step's timeout: libpq's connect_timeout (per host it
     tries), the server's statement_timeout (a lock wait), and our own deadline for a server or
-    network that stops answering (the socket is shut down, which ends libpq's wait). psycopg's
-    errors become PostgresStepError, on one line, without `secret`; `doing` prefixes them."""
+    network that stops answering (storage/deadline.py: the socket is shut down, which ends libpq's
+    wait). psycopg's errors become PostgresStepError, on one line, without `secret`; `doing`
+    prefixes them."""
     import psycopg
 
-    def failure(exc: BaseException, expired: threading.Event | None) -> PostgresStepError:
-        if expired is not None and expired.is_set():
+    def failure(exc: BaseException, armed: Armed | None) -> PostgresStepError:
+        if armed is not None and armed.expired:
             message = f"no answer from the server within {timeout + ANSWER_GRACE_SECONDS:g} s"
         else:
             message = _one_line(exc)
@@ -240,38 +239,21 @@ def _session(
         )
     except psycopg.Error as exc:
         raise failure(exc, None) from None
-    expired = threading.Event()
     seconds = timeout + ANSWER_GRACE_SECONDS  # statement_timeout's answer, clearer, comes first
-    deadline = threading.Timer(seconds, _shut_down, (conn, expired))
-    deadline.daemon = True
+    armed: Armed | None = None
     try:
         with conn:
-            deadline.start()
+            armed = WATCHDOG.arm(conn, seconds)
             # ALTER ROLE waits for a lock another transaction holds on the role: not past the
             # timeout (at least 1 ms: 0 would mean no limit).
             limit = f"{max(1, math.ceil(timeout * 1000))}ms"
             conn.execute("SELECT set_config('statement_timeout', %s, false)", (limit,))
             yield conn
     except psycopg.Error as exc:
-        raise failure(exc, expired) from None
+        raise failure(exc, armed) from None
     finally:
-        deadline.cancel()
-
-
-def _shut_down(conn: Any, expired: threading.Event) -> None:
-    """The step's deadline passed: end the connection under libpq's feet (its socket, shut down
-    through a duplicate descriptor), so its wait returns an error instead of blocking for good."""
-    expired.set()
-    try:
-        duplicate = socket.socket(fileno=os.dup(conn.pgconn.socket))
-    except Exception:  # closed meanwhile: the step has ended
-        return
-    try:
-        duplicate.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        duplicate.close()
+        if armed is not None:
+            armed.disarm()
 
 
 def _one_line(exc: BaseException) -> str:
