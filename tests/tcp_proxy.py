@@ -62,3 +62,36 @@ class TcpProxy:
         for sock in (source, sink):
             with contextlib.suppress(OSError):
                 sock.close()
+
+
+class AnswerCut(TcpProxy):
+    """Passes the client's request that holds `trigger` on, then resets the connection when the
+    server's answer to it comes back, once (both sockets shut down: the client sees the end at
+    once): the request was carried out, its answer lost."""
+
+    def __init__(self, host: str, port: int, trigger: bytes) -> None:
+        super().__init__(host, port)
+        self._trigger = trigger
+        self.armed = self.cut = False
+
+    def verdict(self, data: bytes, *, from_client: bool) -> Verdict:
+        if from_client and not self.cut and self._trigger in data:
+            self.armed = True
+        elif not from_client and self.armed and not self.cut:
+            self.cut = True
+            return Verdict.CUT
+        return Verdict.PASS
+
+    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                verdict = self.verdict(data, from_client=from_client)
+                if verdict is Verdict.CUT:
+                    break
+                if verdict is Verdict.PASS:
+                    sink.sendall(data)
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):
+                sock.close()

@@ -37,6 +37,7 @@ from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
     NotFoundError,
+    OutcomeUnknownError,
     StorageError,
     StoreBusyError,
     UnsafeConfigurationError,
@@ -61,6 +62,7 @@ from secrets_manager.store.url import (
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
 from service_fixtures import POLICY as SERVICE_POLICY
 from service_fixtures import Server, make_pki
+from tcp_proxy import AnswerCut, TcpProxy, Verdict
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 MASTER_PASSWORD = "correct horse battery staple"
@@ -1271,3 +1273,170 @@ def test_two_serve_replicas_share_one_postgres_store(
     for name in ("replica-a", "replica-b"):  # each log verifies against its own anchor in the store
         verified = cli("--audit-file", str(tmp_path / f"{name}.audit.jsonl"), "audit", "verify")
         assert verified.code == 0, verified.stderr
+
+
+# ---- a server that stops answering, an answer lost ---------------------------------------------
+
+
+class AnswersStop(TcpProxy):
+    """A proxy to the cluster that passes everything until the client has sent `after` and then
+    `trigger` (which still reaches the server); from then on the server's answers are swallowed,
+    on every connection, open or new, which stay open: a stopped server, a proxy or firewall that
+    drops its replies, a path gone mid-call."""
+
+    def __init__(self, port: int, trigger: bytes, *, after: bytes = b"") -> None:
+        super().__init__("127.0.0.1", port)
+        self._trigger, self._after, self._seen_after = trigger, after, not after
+        self.stalled = threading.Event()
+
+    def verdict(self, data: bytes, *, from_client: bool) -> Verdict:
+        if from_client and not self._seen_after and self._after in data:
+            self._seen_after = True
+        if from_client and self._seen_after and self._trigger in data:
+            self.stalled.set()
+        return Verdict.SWALLOW if self.stalled.is_set() and not from_client else Verdict.PASS
+
+
+def _through(proxy: TcpProxy, cluster: PostgresCluster) -> str:
+    return f"host=127.0.0.1 port={proxy.port} dbname=sm_test user=sm_test password={cluster.role_password}"
+
+
+def test_a_read_whose_answer_never_comes_ends_at_the_answer_timeout_without_a_retry(place: Place) -> None:
+    """The server stops answering on a connection already open (connect_timeout cannot help):
+    the call ends at the answer timeout with an error that names the store, and is not tried
+    again on a new connection (which would wait as long again)."""
+    place.open(create=True).close()
+    proxy = AnswersStop(place.cluster.port, b"SELECT value, revision")
+    try:
+        storage = PostgresStorage(_through(proxy, place.cluster), schema=place.schema, answer_timeout=1)
+        try:
+            started = time.monotonic()
+            with pytest.raises(StorageError) as caught:
+                storage.get("k")
+            took = time.monotonic() - started
+        finally:
+            storage.close()
+    finally:
+        proxy.close()
+    assert proxy.stalled.is_set()
+    assert type(caught.value) is StorageError
+    assert str(caught.value) == (
+        f"store postgresql://sm_test@127.0.0.1:{proxy.port}/sm_test?schema={place.schema}: no answer from "
+        "the server within 1 s; is it up and reachable?"
+    )
+    assert 1 <= took < 3
+    assert place.cluster.role_password not in str(caught.value)
+
+
+def test_a_commit_whose_answer_never_comes_is_an_unknown_outcome(place: Place) -> None:
+    """COMMIT reached the server, which committed; its answer never came. Not a plain failure:
+    the change may have been made (here it was), so the caller must check before writing again."""
+    direct = place.open(create=True)
+    proxy = AnswersStop(place.cluster.port, b"COMMIT")
+    try:
+        storage = PostgresStorage(_through(proxy, place.cluster), schema=place.schema, answer_timeout=1)
+        try:
+            started = time.monotonic()
+            with pytest.raises(OutcomeUnknownError, match=r"no answer to COMMIT within 1 s; the change may"):
+                storage.put("k", b"written")
+            assert time.monotonic() - started < 3
+        finally:
+            storage.close()
+        entry = direct.get("k")
+        assert entry is not None and entry.value == b"written"
+    finally:
+        proxy.close()
+        direct.close()
+
+
+def test_a_connection_reset_after_commit_reached_the_server_is_an_unknown_outcome(place: Place) -> None:
+    direct = place.open(create=True)
+    proxy = AnswerCut("127.0.0.1", place.cluster.port, b"COMMIT")
+    try:
+        storage = PostgresStorage(_through(proxy, place.cluster), schema=place.schema)
+        try:
+            with pytest.raises(OutcomeUnknownError) as caught:
+                storage.put("k", b"written")
+        finally:
+            storage.close()
+        assert proxy.cut
+        assert str(caught.value) == (
+            f"store postgresql://sm_test@127.0.0.1:{proxy.port}/sm_test?schema={place.schema}: the "
+            "connection ended before the answer to COMMIT came; the change may have been made: check "
+            "(history) before writing again"
+        )
+        entry = direct.get("k")
+        assert entry is not None and entry.value == b"written"
+    finally:
+        proxy.close()
+        direct.close()
+
+
+def test_waiting_for_another_writer_is_not_cut_short_by_the_answer_timeout(place: Place) -> None:
+    """The answer timeout bounds the wait for an answer beyond the commit's lock wait: a commit
+    that waits 2 s for another writer's lock, with a 0.5 s answer timeout, lands."""
+    storage = place.open(create=True, answer_timeout=0.5)
+    try:
+        storage.put("k", b"before")
+        locked = threading.Event()
+
+        def hold_the_lock() -> None:
+            with place.cluster.commit_lock_held(place.schema):
+                locked.set()
+                time.sleep(2)
+
+        holder = threading.Thread(target=hold_the_lock)
+        holder.start()
+        assert locked.wait(10)
+        started = time.monotonic()
+        revision = storage.put("k", b"after")
+        assert time.monotonic() - started >= 1.5
+        holder.join()
+        assert storage.get("k") == Entry(b"after", revision)
+    finally:
+        storage.close()
+
+
+def test_the_cli_ends_with_one_line_when_postgres_stops_answering(cli: Cli, place: Place) -> None:
+    """`get`, then `store`, on a server that stops answering once the command is connected: each
+    ends after the answer timeout (SECRETS_MANAGER_PG_ANSWER_TIMEOUT) with one line and exit 1;
+    the store, whose COMMIT landed, says the change may have been made, and its audit record's
+    outcome is `outcome_unknown`, not a failure."""
+    assert cli("init", "--kdf-profile", "test").code == 0
+    assert cli("store", "app/K", input=b"one").code == 0
+    quick = {"SECRETS_MANAGER_PG_ANSWER_TIMEOUT": "1", "PGCONNECT_TIMEOUT": "2"}
+    for command, trigger, after, value in (
+        (("get", "app/K"), b"data/app/K", b"", b""),
+        (("store", "app/K"), b"COMMIT", b"data/app/K#2", b"two"),
+    ):
+        proxy = AnswersStop(place.cluster.port, trigger, after=after)
+        via = Cli(
+            f"postgresql://sm_test@127.0.0.1:{proxy.port}/sm_test?schema={place.schema}",
+            Path(cli.env["HOME"]),
+            cli.env,
+        )
+        try:
+            started = time.monotonic()
+            result = via(*command, input=value, env=quick)
+            took = time.monotonic() - started
+        finally:
+            proxy.close()
+        assert proxy.stalled.is_set()
+        assert result.code == 1, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            f"secrets-manager: error: store postgresql://sm_test@127.0.0.1:{proxy.port}/sm_test"
+        ), result.stderr
+        assert took < 15, took
+        if command[0] == "get":
+            assert "no answer from the server within 1 s" in lines[0] and result.stdout == b""
+        else:
+            assert "no answer to COMMIT within 1 s; the change may have been made" in lines[0]
+    assert cli("get", "app/K").out == "two\n"
+    data = Path(cli.env["HOME"]) / ".local" / "share" / "secrets-manager"
+    (log,) = data.glob(f"postgresql-127.0.0.1-{proxy.port}-*.audit.jsonl")  # the store's, through the proxy
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["operation"], r["outcome"]) for r in records if r["operation"] == "store"] == [
+        ("store", "pending"),
+        ("store", "outcome_unknown"),
+    ]

@@ -178,7 +178,10 @@ class ConnectionClosedError(HandshakeFailedError):
 
 class OutcomeUnknownError(StorageError):
     """A change was sent and its answer was lost (the connection ended or the deadline passed):
-    it may or may not have been made, so it was not sent again anywhere."""
+    it may or may not have been made, so it was not sent again anywhere. Audited as
+    `outcome_unknown`, not as a failure: read the secret's history before writing again."""
+
+    kind = "outcome_unknown"
 
 
 EXIT_CODES: dict[type[SecretsManagerError], int] = {

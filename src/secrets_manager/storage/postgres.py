@@ -55,7 +55,14 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
-from secrets_manager.errors import ConflictError, StorageError, StoreBusyError, StoreNotFoundError
+from secrets_manager.errors import (
+    ConflictError,
+    InvalidInputError,
+    OutcomeUnknownError,
+    StorageError,
+    StoreBusyError,
+    StoreNotFoundError,
+)
 from secrets_manager.storage.base import (
     ABSENT,
     Change,
@@ -66,6 +73,7 @@ from secrets_manager.storage.base import (
     Operation,
     Put,
 )
+from secrets_manager.storage.deadline import WATCHDOG
 
 SCHEMA_VERSION = 1
 log = logging.getLogger(__name__)
@@ -75,6 +83,13 @@ DEFAULT_SCHEMA = "secrets_manager"
 CHANGE_LOG_RETAINED = 100_000  # revisions of change history kept for watchers (as SqliteStorage)
 LOCK_TIMEOUT_MS = 30_000  # how long a commit waits for another writer (SqliteStorage's busy timeout)
 CONNECT_TIMEOUT_S = 10  # unless the connection string or PGCONNECT_TIMEOUT says otherwise
+# How long we wait for the server's answer to one round trip (a statement, BEGIN, COMMIT, a page
+# of a scan) before the connection is shut down and the call fails: a server that was stopped, a
+# proxy that swallows its answers or a network path gone mid-call otherwise leave libpq waiting
+# for ever. A statement that may wait for the commit lock (or another lock: DDL, the advisory lock
+# of `create`) is given its lock wait on top. ANSWER_TIMEOUT_VARIABLE overrides the default.
+ANSWER_TIMEOUT_S = 30.0
+ANSWER_TIMEOUT_VARIABLE = "SECRETS_MANAGER_PG_ANSWER_TIMEOUT"
 # Every commit that enters the change feed notifies this channel with its schema as the payload
 # (sent at COMMIT), so watchers in other processes hear of it at once (`on_commits`).
 NOTIFY_CHANNEL = "secrets_manager_changes"
@@ -87,7 +102,36 @@ T = TypeVar("T")
 IDLE = TransactionStatus.IDLE
 
 
-def _close_quietly(conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+class _Connection(psycopg.Connection[tuple[Any, ...]]):
+    """A psycopg connection whose every wait for the server (each round trip: a statement, BEGIN,
+    COMMIT, a fetch) is bounded by a client-side deadline (storage/deadline.py): past
+    `answer_timeout` seconds, plus `lock_wait` while a statement may wait for a lock, its socket
+    is shut down and the wait fails. `expired_after` then says how long it waited."""
+
+    answer_timeout: float = ANSWER_TIMEOUT_S
+    lock_wait: float = 0.0
+    expired_after: float | None = None
+
+    def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
+        armed = WATCHDOG.arm(self, self.answer_timeout + self.lock_wait)
+        try:
+            return super().wait(gen, *args, **kwargs)
+        finally:
+            armed.disarm()
+            if armed.expired:
+                self.expired_after = armed.seconds
+
+    @contextmanager
+    def waiting_for_locks(self, seconds: float) -> Iterator[None]:
+        """The statements run in this block may wait `seconds` for a lock, beside their answer."""
+        self.lock_wait = seconds
+        try:
+            yield
+        finally:
+            self.lock_wait = 0.0
+
+
+def _close_quietly(conn: _Connection) -> None:
     with contextlib.suppress(psycopg.Error):  # a broken connection: nothing left to release
         conn.close()
 
@@ -119,7 +163,12 @@ class PostgresStorage:
         create: bool = False,
         change_log_retained: int = CHANGE_LOG_RETAINED,
         max_connections: int = MAX_CONNECTIONS,
+        answer_timeout: float | None = None,
     ) -> None:
+        if answer_timeout is None:
+            answer_timeout = _answer_timeout_from_environment()
+        if not answer_timeout > 0:
+            raise StorageError("answer_timeout must be a positive number of seconds")
         if not valid_schema_name(schema):
             raise StorageError(
                 f"PostgreSQL schema name {schema!r} is not valid: use lower-case letters, digits and _"
@@ -146,18 +195,19 @@ class PostgresStorage:
         if "connect_timeout" not in params and not os.environ.get("PGCONNECT_TIMEOUT"):
             self._connect_options["connect_timeout"] = CONNECT_TIMEOUT_S
         self.max_connections = max_connections
+        self.answer_timeout = answer_timeout
         self._slots = threading.BoundedSemaphore(max_connections)  # connections lent out at once
         self._idle_lock = threading.Lock()
-        self._idle: list[psycopg.Connection[tuple[Any, ...]]] = []  # open, not lent out
+        self._idle: list[_Connection] = []  # open, not lent out
         self._closed = False
         try:
             with self._borrowed() as conn:
-                if create:
-                    self._create_schema(conn)
-                self._check_schema(conn)
-        except psycopg.Error as exc:
-            self.close()
-            raise self._error(exc) from None
+                try:
+                    if create:
+                        self._create_schema(conn)
+                    self._check_schema(conn)
+                except psycopg.Error as exc:
+                    raise self._error(exc, conn) from None
         except BaseException:
             self.close()  # a database we refuse must not keep a connection open
             raise
@@ -165,7 +215,7 @@ class PostgresStorage:
     # ---- connections -----------------------------------------------------------------------
 
     @contextmanager
-    def _borrowed(self) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+    def _borrowed(self) -> Iterator[_Connection]:
         """One connection for this call alone: an idle one, or a new one while fewer than
         `max_connections` are lent out (else wait for one). Given back afterwards unless broken,
         mid-transaction or the handle closed meanwhile."""
@@ -176,7 +226,7 @@ class PostgresStorage:
             finally:
                 self._give_back(conn)
 
-    def _idle_or_new(self) -> psycopg.Connection[tuple[Any, ...]]:
+    def _idle_or_new(self) -> _Connection:
         with self._idle_lock:
             if self._closed:
                 raise StorageError(f"store {self.location} is closed")
@@ -190,8 +240,8 @@ class PostgresStorage:
         except psycopg.Error as exc:
             raise self._error(exc) from None
 
-    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
-        conn = psycopg.connect(self._conninfo, autocommit=True, **self._connect_options)
+    def _connect(self) -> _Connection:
+        conn = self._open_connection()
         try:
             encoding = conn.execute("SHOW server_encoding").fetchone()
             if encoding is None or str(encoding[0]).upper() not in ("UTF8", "UTF-8"):
@@ -200,12 +250,20 @@ class PostgresStorage:
                     "not UTF8; create the database with ENCODING 'UTF8'"
                 )
             conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{LOCK_TIMEOUT_MS}ms")))
+        except psycopg.Error as exc:
+            _close_quietly(conn)
+            raise self._error(exc, conn) from None
         except BaseException:
-            conn.close()
+            _close_quietly(conn)
             raise
         return conn
 
-    def _give_back(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+    def _open_connection(self) -> _Connection:
+        conn = _Connection.connect(self._conninfo, autocommit=True, **self._connect_options)
+        conn.answer_timeout = self.answer_timeout
+        return conn
+
+    def _give_back(self, conn: _Connection) -> None:
         reusable = not conn.closed and not conn.broken and conn.info.transaction_status == IDLE
         with self._idle_lock:
             if reusable and not self._closed:
@@ -221,8 +279,36 @@ class PostgresStorage:
         for conn in idle:
             _close_quietly(conn)
 
-    def _error(self, exc: psycopg.Error, *, lock_wait_ms: int = LOCK_TIMEOUT_MS) -> StorageError:
-        """One line naming the store and what failed, with no password in it."""
+    def _error(
+        self,
+        exc: psycopg.Error,
+        conn: _Connection | None = None,
+        *,
+        lock_wait_ms: int = LOCK_TIMEOUT_MS,
+        reached_commit: bool = False,
+    ) -> StorageError:
+        """One line naming the store and what failed, with no password in it. `reached_commit`:
+        the error came at or after COMMIT was sent; if it is not the server's answer (the
+        connection ended, or its answer never came), the change may have been made."""
+        waited = conn.expired_after if conn is not None else None
+        not_the_servers_answer = (
+            waited is not None or exc.sqlstate is None or (conn is not None and conn.broken)
+        )
+        if reached_commit and isinstance(exc, psycopg.OperationalError) and not_the_servers_answer:
+            lost = (
+                f"no answer to COMMIT within {waited:g} s"
+                if waited is not None
+                else "the connection ended before the answer to COMMIT came"
+            )
+            return OutcomeUnknownError(
+                f"store {self.location}: {lost}; the change may have been made: check (history) "
+                "before writing again"
+            )
+        if waited is not None:
+            return StorageError(
+                f"store {self.location}: no answer from the server within {waited:g} s; is it up and "
+                "reachable?"
+            )
         if isinstance(exc, psycopg.errors.LockNotAvailable):
             return StoreBusyError(
                 f"store {self.location}: another writer held the store's lock for "
@@ -236,26 +322,27 @@ class PostgresStorage:
             message = message.replace(secret, "***")
         return StorageError(f"store {self.location}: {message}")
 
-    def _read(self, action: Callable[[psycopg.Connection[tuple[Any, ...]]], T]) -> T:
+    def _read(self, action: Callable[[_Connection], T]) -> T:
         """Run a read on a borrowed connection; retried once on a new one if it had dropped."""
         for attempt in (1, 2):
             with self._borrowed() as conn:
                 try:
                     return action(conn)
                 except psycopg.OperationalError as exc:
-                    if not (attempt == 1 and conn.broken):
-                        raise self._error(exc) from None
+                    # Not when its answer never came: the server is not answering, not gone.
+                    if not (attempt == 1 and conn.broken and conn.expired_after is None):
+                        raise self._error(exc, conn) from None
                 except psycopg.Error as exc:
-                    raise self._error(exc) from None
+                    raise self._error(exc, conn) from None
             self._drop_idle()
         raise AssertionError("unreachable")  # pragma: no cover
 
     # ---- schema ----------------------------------------------------------------------------
 
-    def _create_schema(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+    def _create_schema(self, conn: _Connection) -> None:
         """Create the schema and tables where missing, in one transaction under an advisory lock,
         so replicas starting together do not trip over each other's CREATE."""
-        with conn.transaction():
+        with conn.transaction(), conn.waiting_for_locks(LOCK_TIMEOUT_MS / 1000):
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{APPLICATION}:{self.schema}",))
             exists = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,)).fetchone()
             if exists is None:
@@ -264,7 +351,7 @@ class PostgresStorage:
                 for statement in self._q.create:
                     conn.execute(statement)
 
-    def _check_schema(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+    def _check_schema(self, conn: _Connection) -> None:
         """Refuse a database that holds no store, someone else's tables, or a newer schema.
         Opening writes nothing."""
         if conn.execute(self._q.table_exists, (self.schema,)).fetchone() is None:
@@ -331,31 +418,40 @@ class PostgresStorage:
                             conn.execute(
                                 sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{wait_ms}ms"))
                             )
-                        revision = self._apply(conn, operations, silent=silent, durable=durable)
+                        revision = self._apply(
+                            conn, operations, wait_ms=wait_ms, silent=silent, durable=durable
+                        )
                         reached_commit = True  # leaving the block sends COMMIT
                     return revision
                 except psycopg.OperationalError as exc:
                     # Broken before COMMIT was sent: the server rolled the transaction back, so
-                    # once more on a new connection is safe. At or after COMMIT, it may have landed.
-                    if not (attempt == 1 and conn.broken and not reached_commit):
-                        raise self._error(exc, lock_wait_ms=wait_ms) from None
+                    # once more on a new connection is safe (unless its answers stopped coming:
+                    # then the server is not answering). At or after COMMIT, it may have landed:
+                    # OutcomeUnknownError.
+                    retry = attempt == 1 and conn.broken and conn.expired_after is None
+                    if reached_commit or not retry:
+                        raise self._error(
+                            exc, conn, lock_wait_ms=wait_ms, reached_commit=reached_commit
+                        ) from None
                 except psycopg.Error as exc:
-                    raise self._error(exc, lock_wait_ms=wait_ms) from None
+                    raise self._error(exc, conn, lock_wait_ms=wait_ms) from None
             self._drop_idle()
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _apply(
         self,
-        conn: psycopg.Connection[tuple[Any, ...]],
+        conn: _Connection,
         operations: Sequence[Operation],
         *,
+        wait_ms: int,
         silent: bool,
         durable: bool,
     ) -> int:
         """Inside the commit's transaction: take the counter lock, check, write, log."""
         if not durable:
             conn.execute("SET LOCAL synchronous_commit = off")
-        bumped = conn.execute(self._q.bump).fetchone()
+        with conn.waiting_for_locks(wait_ms / 1000):  # for another writer's commit
+            bumped = conn.execute(self._q.bump).fetchone()
         if bumped is None:
             raise StorageError(f"store {self.location}: its revision counter is missing")
         revision = int(bumped[0])
@@ -427,13 +523,13 @@ class PostgresStorage:
                         if row is None:
                             raise StorageError(f"store {self.location}: its revision counter is missing")
                         started = True
-                        yield PostgresSnapshot(conn, self._q, int(row[0]), self._error)
+                        yield PostgresSnapshot(conn, self._q, int(row[0]), lambda exc: self._error(exc, conn))
                     return
                 except psycopg.OperationalError as exc:
-                    if started or not (attempt == 1 and conn.broken):
-                        raise self._error(exc) from None
+                    if started or not (attempt == 1 and conn.broken and conn.expired_after is None):
+                        raise self._error(exc, conn) from None
                 except psycopg.Error as exc:
-                    raise self._error(exc) from None
+                    raise self._error(exc, conn) from None
             self._drop_idle()
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -459,7 +555,7 @@ class PostgresStorage:
         delay, longest = LISTEN_RETRY_SECONDS
         while not stop.is_set():
             try:
-                with psycopg.connect(self._conninfo, autocommit=True, **self._connect_options) as conn:
+                with self._open_connection() as conn:
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
                     delay = LISTEN_RETRY_SECONDS[0]
                     callback()
@@ -489,7 +585,7 @@ class PostgresSnapshot:
 
     def __init__(
         self,
-        conn: psycopg.Connection[tuple[Any, ...]],
+        conn: _Connection,
         queries: _Queries,
         revision: int,
         error: Callable[[psycopg.Error], StorageError],
@@ -600,7 +696,7 @@ class _Queries:
         )
 
 
-def _list(conn: psycopg.Connection[tuple[Any, ...]], queries: _Queries, prefix: str) -> list[tuple[Any, ...]]:
+def _list(conn: _Connection, queries: _Queries, prefix: str) -> list[tuple[Any, ...]]:
     end = _prefix_end(prefix)
     return conn.execute(queries.list_range, (prefix, end, end)).fetchall()
 
@@ -644,6 +740,21 @@ def describe(params: dict[str, Any], schema: str = DEFAULT_SCHEMA) -> str:
     userinfo = f"{user}@" if user else ""
     query = "" if schema == DEFAULT_SCHEMA else f"?schema={schema}"
     return f"postgresql://{userinfo}{netloc}/{params.get('dbname') or ''}{query}"
+
+
+def _answer_timeout_from_environment() -> float:
+    text = os.environ.get(ANSWER_TIMEOUT_VARIABLE, "").strip()
+    if not text:
+        return ANSWER_TIMEOUT_S
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise InvalidInputError(
+            f"{ANSWER_TIMEOUT_VARIABLE} must be a positive number of seconds (e.g. 30), not {text[:40]!r}"
+        )
+    return seconds
 
 
 def _one_line(message: str) -> str:
