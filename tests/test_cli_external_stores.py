@@ -29,6 +29,7 @@ from secrets_manager.crypto import kdf
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.store.backup import write_backup
+from tcp_proxy import AnswerCut
 from vault_server import FakeVault
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
@@ -361,6 +362,42 @@ def test_a_vault_command_that_fails_before_doing_anything_leaves_no_audit_file(
         ("unlock", "deny", "unlock_failed"),
         ("get", "allow", "not_found"),
         ("store", "allow", "pending"),
+    ]
+
+
+def test_a_vault_store_whose_answer_was_lost_says_it_may_have_been_made_and_audits_it_so(
+    vault_cli: Cli, fake_vault: FakeVault, tmp_path: Path
+) -> None:
+    """Vault carried the write out and the connection was reset as its answer came back: one line,
+    exit 1, saying the change may have been made (it was) and to check first, and an audit outcome
+    of `outcome_unknown`, not `storage_error`."""
+    assert vault_cli("store", "app/K", input=b"one").code == 0
+    host, port = fake_vault.address.removeprefix("http://").split(":")
+    proxy = AnswerCut(host, int(port), b"POST /v1/secret/data/app/K")
+    log = tmp_path / "through-the-proxy.audit.jsonl"
+    try:
+        env = {
+            "SECRETS_MANAGER_STORE": f"vault+http://{proxy.address}/secret",
+            "SECRETS_MANAGER_AUDIT_FILE": str(log),
+        }
+        result = vault_cli("store", "app/K", input=b"two", env=env)
+    finally:
+        proxy.close()
+    assert proxy.cut
+    assert_one_line_error(
+        result,
+        1,
+        f"Vault at http://{proxy.address} did not answer store app/K",
+        "the change may have been made",
+    )
+    assert "cannot reach" not in result.stderr
+    got = vault_cli("history", "app/K", "--json")
+    assert got.code == 0 and [v["version"] for v in json.loads(got.stdout)["versions"]][-1] == 2
+    assert vault_cli("get", "app/K").out == "two\n"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["operation"], r["outcome"]) for r in records] == [
+        ("store", "pending"),
+        ("store", "outcome_unknown"),
     ]
 
 

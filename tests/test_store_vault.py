@@ -16,6 +16,7 @@ from typing import Any
 import hvac
 import hvac.exceptions
 import pytest
+import requests
 
 from secrets_manager.environment import Environment
 from secrets_manager.errors import (
@@ -40,8 +41,8 @@ from secrets_manager.store.url import (
     external_location,
     open_external_store,
 )
-from secrets_manager.store.vault import VaultStore, connect_vault, retrying_session
-from tcp_proxy import TcpProxy, Verdict
+from secrets_manager.store.vault import VaultStore, _surely_not_sent, connect_vault, retrying_session
+from tcp_proxy import AnswerCut, TcpProxy, Verdict
 from vault_server import FakeVault, vault_time, vault_time_ns
 
 MakeVault = Callable[..., VaultStore]
@@ -434,6 +435,47 @@ def test_an_unreachable_vault_is_a_storage_error() -> None:
     )
     with pytest.raises(StorageError, match="cannot reach Vault"):
         VaultStore(client, "secret").list()
+
+
+def test_a_write_whose_answer_was_lost_is_an_unknown_outcome_not_a_failure(fake_vault: FakeVault) -> None:
+    """Vault carried the POST out and the connection was reset as its answer came back: not
+    "cannot reach Vault" (it was reached), but OutcomeUnknownError saying the change may have been
+    made and to check before writing again; the write is not sent twice."""
+    store = VaultStore(
+        connect_vault(fake_vault.address, environ={"VAULT_TOKEN": fake_vault.root_token}), "secret"
+    )
+    store.put("app/K", b"one")
+    host, port = fake_vault.address.removeprefix("http://").split(":")
+    proxy = AnswerCut(host, int(port), b"POST /v1/secret/data/app/K")
+    try:
+        session = retrying_session(attempts=3, backoff=0.001)
+        client = connect_vault(
+            f"http://{proxy.address}", environ={"VAULT_TOKEN": fake_vault.root_token}, session=session
+        )
+        fake_vault.requests.clear()
+        with pytest.raises(OutcomeUnknownError) as caught:
+            VaultStore(client, "secret").put("app/K", b"two")
+    finally:
+        proxy.close()
+    assert proxy.cut
+    assert str(caught.value) == (
+        f"Vault at http://{proxy.address} did not answer store app/K (ConnectionError): the change may "
+        "have been made; check (history) before writing again"
+    )
+    assert [r for r in fake_vault.requests if r[0] == "POST"] == [("POST", "/v1/secret/data/app/K")]
+    assert store.get("app/K").version == 2 and store.get("app/K").value.reveal() == b"two"
+
+
+def test_a_write_that_could_not_connect_surely_was_not_made() -> None:
+    """A refused connection is a failure before anything was sent: a plain StorageError."""
+    session = retrying_session(attempts=1, backoff=0)
+    with pytest.raises(requests.exceptions.ConnectionError) as refused:
+        session.post("http://127.0.0.1:9/v1/secret/data/app/K", json={})
+    assert _surely_not_sent(refused.value)
+    client = connect_vault("http://127.0.0.1:9", environ={"VAULT_TOKEN": "t"}, session=session)
+    with pytest.raises(StorageError, match="cannot reach Vault") as caught:
+        VaultStore(client, "secret").put("app/K", b"v")
+    assert not isinstance(caught.value, OutcomeUnknownError)
 
 
 def test_approle_login_is_the_second_way_in(fake_vault: FakeVault) -> None:

@@ -43,6 +43,7 @@ import builtins
 import json
 import re
 import secrets
+import ssl
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -55,6 +56,7 @@ from typing import Any, ClassVar, NoReturn, Self
 
 import hvac
 import requests
+import urllib3.exceptions
 from hvac import exceptions as vault_errors
 from requests.adapters import HTTPAdapter
 from urllib3 import BaseHTTPResponse
@@ -924,7 +926,7 @@ class VaultStore:
         except vault_errors.VaultError as exc:
             _raise_mapped(exc, f"check the secrets engine at {self._mount!r}")
         except requests.exceptions.Timeout:
-            raise self._no_answer("GET", f"check the secrets engine at {self._mount!r}") from None
+            raise self._no_answer("GET", f"check the secrets engine at {self._mount!r}", sent=True) from None
         except requests.exceptions.RequestException as exc:
             raise StorageError(
                 f"cannot reach Vault at {self._client.url} ({type(exc).__name__}); "
@@ -1013,16 +1015,23 @@ class VaultStore:
             _raise_mapped(exc, action)
         except vault_errors.VaultError as exc:
             _raise_mapped(exc, action)
-        except requests.exceptions.Timeout:
-            raise self._no_answer(method, action) from None
+        except requests.exceptions.Timeout as exc:
+            raise self._no_answer(method, action, sent=not _surely_not_sent(exc)) from None
         except requests.exceptions.RequestException as exc:
+            if method.upper() not in _READ_METHODS and not _surely_not_sent(exc):
+                # The request went out (the connection was made) and its answer was lost: Vault
+                # may have carried it out. Said so, and not sent again.
+                raise OutcomeUnknownError(
+                    f"Vault at {self._client.url} did not answer {action} ({type(exc).__name__}): the "
+                    "change may have been made; check (history) before writing again"
+                ) from None
             raise StorageError(
                 f"cannot reach Vault at {self._client.url} for {action} ({type(exc).__name__}); "
                 "check the address and that Vault is running"
             ) from None
         return response if isinstance(response, dict) else None
 
-    def _no_answer(self, method: str, action: str) -> StorageError:
+    def _no_answer(self, method: str, action: str, *, sent: bool) -> StorageError:
         """The error for a request Vault did not answer in time (not sent again: each attempt would
         wait as long). A write may have been applied: its outcome is unknown. For the next
         `timeout` seconds later requests fail at once with the same cause (the audit record of this
@@ -1031,7 +1040,7 @@ class VaultStore:
         seconds = float(timeout[1] if isinstance(timeout, tuple) else timeout or READ_TIMEOUT_SECONDS)
         cause = f"Vault at {self._client.url} did not answer within {seconds:g} s"
         self._unanswered = (time.monotonic() + seconds, cause)
-        if method.upper() not in _READ_METHODS:
+        if method.upper() not in _READ_METHODS and sent:  # not if only the connect timed out
             return OutcomeUnknownError(
                 f"{cause} to {action}: it may or may not have been done, so it was not sent again; "
                 "check before trying again"
@@ -1048,6 +1057,33 @@ class VaultStore:
             self._unanswered = None
             return
         raise NoAnswerError(f"{cause}; check that it is running and reachable")
+
+
+def _surely_not_sent(exc: BaseException) -> bool:
+    """Whether a failed request surely never reached Vault: no connection could be made (refused,
+    unreachable, a name not resolved, the connect timed out, a certificate we refuse) or the URL
+    was unusable. Anything else (reset, closed or timed out once sent) may have been carried out."""
+    pending: list[Any] = [exc]
+    seen: set[int] = set()
+    while pending:
+        error = pending.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, _NOT_SENT):
+            return True
+        pending += [*error.args[:1], getattr(error, "reason", None), error.__cause__]
+    return False
+
+
+_NOT_SENT = (
+    requests.exceptions.ConnectTimeout,
+    requests.exceptions.InvalidURL,
+    requests.exceptions.MissingSchema,
+    requests.exceptions.InvalidSchema,
+    urllib3.exceptions.ConnectTimeoutError,  # NewConnectionError (refused, no route, no name) too
+    ssl.SSLCertVerificationError,
+)
 
 
 def _raise_mapped(exc: vault_errors.VaultError, action: str) -> NoReturn:
