@@ -61,7 +61,11 @@ class TcpProxy:
                     sink.sendall(data)
         for sock in (source, sink):
             with contextlib.suppress(OSError):
-                sock.close()
+                self._end(sock)
+
+    def _end(self, sock: socket.socket) -> None:
+        """How a connection's socket ends once either side has ended or been cut."""
+        sock.close()
 
 
 class AnswerCut(TcpProxy):
@@ -82,16 +86,35 @@ class AnswerCut(TcpProxy):
             return Verdict.CUT
         return Verdict.PASS
 
-    def _pump(self, source: socket.socket, sink: socket.socket, from_client: bool) -> None:
+    def _end(self, sock: socket.socket) -> None:
         with contextlib.suppress(OSError):
-            while data := source.recv(65536):
-                verdict = self.verdict(data, from_client=from_client)
-                if verdict is Verdict.CUT:
-                    break
-                if verdict is Verdict.PASS:
-                    sink.sendall(data)
-        for sock in (source, sink):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            with contextlib.suppress(OSError):
-                sock.close()
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+
+
+class SilentServer:
+    """A listening socket on 127.0.0.1 that accepts connections, reads nothing and never answers:
+    a server that is stopped (SIGSTOP) or hung with its connections open. `accepted` counts them."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.address}"
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                self.accepted.append(self._listener.accept()[0])
+
+    def close(self) -> None:
+        for sock in [self._listener, *self.accepted]:
+            sock.close()
+
+    def __enter__(self) -> SilentServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -5,14 +5,12 @@ master password, auditing kept, and interop with plain hvac / boto3 calls both w
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -29,7 +27,7 @@ from secrets_manager.crypto import kdf
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.store.backup import write_backup
-from tcp_proxy import AnswerCut
+from tcp_proxy import AnswerCut, SilentServer
 from vault_server import FakeVault
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
@@ -605,16 +603,8 @@ def test_a_vault_that_never_answers_is_one_line_naming_it(tmp_path: Path) -> Non
     """A stopped Vault (it accepts connections, never answers): 'get' took 159 s and printed two
     lines, the first blaming the audit log; 'store' blamed the audit log alone. Now each command
     waits one timeout (VAULT_CLIENT_TIMEOUT) and says which Vault did not answer, exit 1."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                accepted.append(listener.accept()[0])
-
-    threading.Thread(target=accept, daemon=True).start()
-    address = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    silent = SilentServer()
+    address = silent.url
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(tmp_path),
@@ -633,5 +623,4 @@ def test_a_vault_that_never_answers_is_one_line_naming_it(tmp_path: Path) -> Non
             assert_one_line_error(result, 1, f"Vault at {address} did not answer within 1 s")
             assert "audit log" not in result.stderr
     finally:
-        for sock in [listener, *accepted]:
-            sock.close()
+        silent.close()

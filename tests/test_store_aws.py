@@ -14,9 +14,7 @@ them first).
 
 from __future__ import annotations
 
-import contextlib
 import secrets
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +40,7 @@ from secrets_manager.store.base import PENDING, PREVIOUS, Anchor, AuditedStore
 from secrets_manager.store.external import CREATED_BY_KEY, MAX_VERSIONS_KEY, NoAnswerError
 from secrets_manager.store.testing import SECRET_STORE_CHECKS, check_secret_store, run_check
 from secrets_manager.store.url import AwsLocation, external_location, open_external_store
-from tcp_proxy import TcpProxy, Verdict
+from tcp_proxy import SilentServer, TcpProxy, Verdict
 
 REGION = "us-east-1"
 MakeAws = Callable[..., AwsStore]
@@ -559,16 +557,8 @@ def test_an_endpoint_that_never_answers_is_reported_after_a_bounded_wait(
     """boto3's 30 s read timeout on each of 5 attempts made 'get' on a stopped endpoint take 91 s
     (186 s with the failure's audit record). Now a call waits two attempts of 5 s at most, the
     message names the endpoint, and the next call (the failure's audit record) fails at once."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                accepted.append(listener.accept()[0])
-
-    threading.Thread(target=accept, daemon=True).start()
-    endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    silent = SilentServer()
+    accepted, endpoint = silent.accepted, silent.url
     aws_environment(endpoint)
     try:
         config = connect_aws(REGION).meta.config
@@ -585,8 +575,7 @@ def test_an_endpoint_that_never_answers_is_reported_after_a_bounded_wait(
             store.audit_key()
         assert time.monotonic() - started < 0.2 and len(accepted) == 2
     finally:
-        for sock in [listener, *accepted]:
-            sock.close()
+        silent.close()
 
 
 class CreateSwallowingProxy(TcpProxy):

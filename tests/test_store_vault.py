@@ -5,9 +5,7 @@ and VAULT_TOKEN are set), the native layout other Vault tools see, and Vault's e
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -42,7 +40,7 @@ from secrets_manager.store.url import (
     open_external_store,
 )
 from secrets_manager.store.vault import VaultStore, _surely_not_sent, connect_vault, retrying_session
-from tcp_proxy import AnswerCut, TcpProxy, Verdict
+from tcp_proxy import AnswerCut, SilentServer, TcpProxy, Verdict
 from vault_server import FakeVault, vault_time, vault_time_ns
 
 MakeVault = Callable[..., VaultStore]
@@ -821,28 +819,9 @@ def test_an_expired_approle_token_is_replaced_by_a_new_login(fake_vault: FakeVau
 # ---- a Vault that accepts connections and never answers --------------------------------------------
 
 
-class Silent:
-    """A listening socket that accepts connections, reads and never answers (a stopped Vault)."""
-
-    def __init__(self) -> None:
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.address = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-        self.accepted: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                self.accepted.append(self._listener.accept()[0])
-
-    def close(self) -> None:
-        for sock in [self._listener, *self.accepted]:
-            sock.close()
-
-
 @pytest.fixture
-def silent() -> Iterator[Silent]:
-    server = Silent()
+def silent() -> Iterator[SilentServer]:
+    server = SilentServer()
     yield server
     server.close()
 
@@ -865,16 +844,16 @@ def _within(seconds: float, call: Callable[[], object]) -> BaseException | None:
     return outcome[0]
 
 
-def test_a_vault_that_never_answers_is_reported_after_one_timeout(silent: Silent) -> None:
+def test_a_vault_that_never_answers_is_reported_after_one_timeout(silent: SilentServer) -> None:
     """hvac's 30 s timeout was repeated by the read retries (5 attempts): 'get' on a stopped Vault
     took 159 s. Now a request that times out is not sent again, VAULT_CLIENT_TIMEOUT (the Vault
     CLI's variable) sets the wait, and the message names the Vault that did not answer."""
-    client = connect_vault(silent.address, environ={"VAULT_TOKEN": "t", "VAULT_CLIENT_TIMEOUT": "0.5"})
+    client = connect_vault(silent.url, environ={"VAULT_TOKEN": "t", "VAULT_CLIENT_TIMEOUT": "0.5"})
     store = VaultStore(client, "secret")
     started = time.monotonic()
     error = _within(5, lambda: store.get("app/K"))
     assert isinstance(error, NoAnswerError), repr(error)
-    assert str(error).startswith(f"Vault at {silent.address} did not answer within 0.5 s"), str(error)
+    assert str(error).startswith(f"Vault at {silent.url} did not answer within 0.5 s"), str(error)
     assert time.monotonic() - started < 2.5
     assert len(silent.accepted) == 1  # not sent again
     # Until the timeout has passed again, the next request (the failure's audit record) fails at once.
