@@ -357,16 +357,26 @@ def test_a_record_whose_format_string_does_not_fit_its_arguments_is_reported_wit
     assert f"Message: 'the password {REDACTED} and %s %s'" in report
 
 
+@contextlib.contextmanager
+def _own_logger(name: str) -> Iterator[tuple[logging.Logger, io.StringIO]]:
+    """A logger `name` that writes only to the stream yielded beside it (not to the root's)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    log = logging.getLogger(name)
+    log.addHandler(handler)
+    log.propagate = False
+    try:
+        yield log, stream
+    finally:
+        log.removeHandler(handler)
+        log.propagate = True
+
+
 def test_a_value_read_by_version_or_label_is_redacted(server: Server, redaction: None) -> None:
     """`get(name, version=N)` and `get(name, label=...)` are asked of the service, never cached:
     what they serve is remembered for redaction all the same, by Client and AsyncClient."""
     texts = [f"versioned-SEEKRIT-{n}-{uuid.uuid4()}" for n in range(3)]
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    log = logging.getLogger("versioned.reads")
-    log.addHandler(handler)
-    log.propagate = False
-    try:
+    with _own_logger("versioned.reads") as (log, stream):
         writer = server.stub("ops")  # not through the SDK, whose put remembers what it writes
         versions = [
             writer.PutSecret(pb.PutSecretRequest(name="auth/DB_PASSWORD", value=text.encode())).version
@@ -378,9 +388,6 @@ def test_a_value_read_by_version_or_label_is_redacted(server: Server, redaction:
             by_async = asyncio.run(AsyncClient(client=client).get("auth/DB_PASSWORD", version=versions[2]))
             for secret in (previous, by_number, by_async):
                 log.warning("value %s, raw %r", secret.value.reveal_text(), secret.value.reveal())
-    finally:
-        log.removeHandler(handler)
-        log.propagate = True
     output = stream.getvalue()
     assert [previous.value.reveal_text(), by_number.value.reveal_text(), by_async.value.reveal_text()] == [
         texts[1],
@@ -394,12 +401,7 @@ def test_a_value_read_by_version_or_label_is_redacted(server: Server, redaction:
 
 def test_a_value_the_sdk_writes_is_redacted_even_if_the_write_fails(server: Server, redaction: None) -> None:
     texts = [f"written-SEEKRIT-{n}-{uuid.uuid4()}" for n in range(2)]
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    log = logging.getLogger("written.values")
-    log.addHandler(handler)
-    log.propagate = False
-    try:
+    with _own_logger("written.values") as (log, stream):
         with Client(environ=client_environ(server.dir, "ops", [server.address])) as client:
             client.put("auth/DB_PASSWORD", texts[0])
         with (
@@ -409,9 +411,6 @@ def test_a_value_the_sdk_writes_is_redacted_even_if_the_write_fails(server: Serv
             client.put("auth/DB_PASSWORD", SecretValue(texts[1].encode()))
         for text in texts:
             log.warning("wrote %s", text)
-    finally:
-        log.removeHandler(handler)
-        log.propagate = True
     assert stream.getvalue() == f"wrote {REDACTED}\n" * 2
 
 
