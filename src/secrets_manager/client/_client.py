@@ -160,7 +160,8 @@ _RENEWAL = "?tls"  # refresher job: have the certificate files been renewed? (ne
 
 
 def _frames_withheld(method: Callable[P, T]) -> Callable[P, T]:
-    """A public method whose errors leave without the SDK's frames in their tracebacks.
+    """A method whose errors leave without the frames below it in their tracebacks (the public
+    ones that are not on the cache-hit path, and the network paths under those that are).
 
     Those frames' locals hold values: a page of secrets read before a later page failed, the
     value a put was writing. Error trackers and rich tracebacks show every frame's locals (Sentry
@@ -782,7 +783,6 @@ class Client:
 
     # ---- reading ---------------------------------------------------------------------------------
 
-    @_frames_withheld
     def credentials(self, namespace: str | None = None) -> Credentials:
         """Every secret the caller may read (BatchGetSecrets), by full name; with `namespace`,
         only that namespace's secrets, by their names inside it ('BINANCE_API_KEY')."""
@@ -791,7 +791,6 @@ class Client:
         hit = self._cached_credentials(namespace)
         return hit if hit is not None else self._load_credentials(namespace)
 
-    @_frames_withheld
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """One secret (GetSecret): the current version from the cache; a given version or label
         ('previous', 'pending') is always asked of the service."""
@@ -989,6 +988,7 @@ class Client:
         during an outage, for at most the stale-if-error bound."""
         return now < since + self._config.stale_if_error
 
+    @_frames_withheld
     def _load_credentials(self, namespace: str | None) -> Credentials:
         with self._flight(_ALL):
             hit = self._cached_credentials(namespace)  # another thread may just have fetched
@@ -1012,6 +1012,7 @@ class Client:
             self._store_all(secrets, started)
             return self._snapshot(namespace, stale=False, fetched=secrets)
 
+    @_frames_withheld
     def _load_secret(self, name: str) -> Secret:
         with self._flight(name):
             hit = self._cached_secret(name)
@@ -1087,6 +1088,7 @@ class Client:
         self._reachable()
         return result
 
+    @_frames_withheld
     def _uncached(self, operation: Callable[[_Backend], T]) -> T:
         """A call that no cached value can stand in for."""
         try:
