@@ -1259,9 +1259,12 @@ def test_an_error_on_a_later_page_carries_no_frame_holding_the_pages_before(
         client = make_client("auth", [running.address])
         with pytest.raises(IntegrityError) as caught:
             client.credentials()
+        with pytest.raises(IntegrityError) as caught_async:
+            asyncio.run(AsyncClient(client=make_client("auth", [running.address])).credentials())
     finally:
         running.stop()
     assert _values_in_sdk_frames(caught.value) == []
+    assert _values_in_sdk_frames(caught_async.value) == []
     shown = "".join(traceback.TracebackException.from_exception(caught.value, capture_locals=True).format())
     assert "SEEKRIT" not in shown and "integrity" in shown
 
