@@ -339,6 +339,10 @@ def test_a_policy_reload_reaches_a_running_client_at_once(
     client = make_client("auth", [server.address])
     assert sorted(client.credentials()) == ["auth/DB_PASSWORD", "auth/JWT_KEY"]
     time.sleep(1.5)  # past the re-read the client makes once its watch stream has settled
+    reads = [r for r in server.audit_records() if r["operation"] in ("get", "batch_get")]
+    server.process.send_signal(signal.SIGHUP)  # the same policy (a renewed certificate, say): no re-read
+    time.sleep(1.5)
+    assert [r for r in server.audit_records() if r["operation"] in ("get", "batch_get")] == reads
     policy = service_dir / "policy.toml"
     policy.write_text(
         policy.read_text().replace(

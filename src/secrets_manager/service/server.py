@@ -509,9 +509,11 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 if policy is not in_force:
                     # A reload may have granted or taken names it reads: no change event says so,
                     # so the client is told to read again what it caches (SDK: at once, not at the
-                    # TTL), from where this stream has reached.
-                    in_force = policy
-                    yield pb.ChangeEvent(kind=pb.ChangeEvent.RESYNC, revision=delivered)
+                    # TTL), from where this stream has reached. Not if the file did not change (a
+                    # SIGHUP for a renewed certificate): every client would read everything again.
+                    changed, in_force = policy != in_force, policy
+                    if changed:
+                        yield pb.ChangeEvent(kind=pb.ChangeEvent.RESYNC, revision=delivered)
                 for change in changes:
                     delivered = max(delivered, change.revision)
                     visible = change.kind is ChangeKind.RESYNC or (
