@@ -155,20 +155,33 @@ def test_a_lost_answer_whose_write_landed_is_undone(
     assert not [n for n in names if n.startswith(f"{prefix}/svc/")]
 
 
-def test_a_lost_answer_in_doubt_is_left_in_place_and_named(
-    aws: tuple[AwsStore, Any, str], backup: Backup, moto_endpoint: str
+@pytest.mark.parametrize(
+    ("failure", "said"),
+    [
+        (
+            StorageError("cannot reach AWS Secrets Manager for store svc/K (ReadTimeoutError)"),
+            r"svc/K may have been created by it .* left as it is",
+        ),
+        (Terminated(signal.SIGTERM), r"^the restore was interrupted \(SIGTERM\) and was undone, except"),
+    ],
+    ids=["lost answer", "interrupted"],
+)
+def test_a_first_write_in_doubt_is_left_in_place_and_named(
+    aws: tuple[AwsStore, Any, str], backup: Backup, moto_endpoint: str, failure: BaseException, said: str
 ) -> None:
+    """The first write of svc/K timed out (or was interrupted) while another tool created the
+    name: it may not be ours, so the undo leaves it and the error names it."""
     _, native, prefix = aws
 
     class AnotherWriterCameFirst(AwsStore):
         def put(self, name: str, value: bytes, **options: Any) -> Any:
-            if name == "svc/K":  # our request timed out; meanwhile another tool created the name
+            if name == "svc/K":
                 native.create_secret(Name=f"{prefix}/svc/K", SecretString=FOREIGN.decode())
-                raise StorageError("cannot reach AWS Secrets Manager for store svc/K (ReadTimeoutError)")
+                raise failure
             return super().put(name, value, **options)
 
     store = AnotherWriterCameFirst(aws_client(moto_endpoint), prefix, actor="restorer")
-    with pytest.raises(StorageError, match=r"svc/K may have been created by it .* left as it is"):
+    with pytest.raises(StorageError, match=said):
         restore_into(store, backup.secrets)
     assert foreign_value(native, f"{prefix}/svc/K") == FOREIGN
     assert foreign_value(native, f"{prefix}/svc/A") is None
@@ -196,27 +209,6 @@ def test_an_interruption_during_a_first_write_that_landed_is_undone(
         restore_into(store, backup.secrets)
     names = [s["Name"] for s in native.list_secrets(IncludePlannedDeletion=True)["SecretList"]]
     assert not [n for n in names if n.startswith(f"{prefix}/svc/")]
-
-
-def test_an_interruption_in_doubt_says_so(
-    aws: tuple[AwsStore, Any, str], backup: Backup, moto_endpoint: str
-) -> None:
-    _, native, prefix = aws
-
-    class AnotherWriterCameFirst(AwsStore):
-        def put(self, name: str, value: bytes, **options: Any) -> Any:
-            if name == "svc/K":
-                native.create_secret(Name=f"{prefix}/svc/K", SecretString=FOREIGN.decode())
-                raise Terminated(signal.SIGTERM)
-            return super().put(name, value, **options)
-
-    store = AnotherWriterCameFirst(aws_client(moto_endpoint), prefix, actor="restorer")
-    with pytest.raises(
-        StorageError, match=r"^the restore was interrupted \(SIGTERM\) and was undone, except"
-    ):
-        restore_into(store, backup.secrets)
-    assert foreign_value(native, f"{prefix}/svc/K") == FOREIGN
-    assert foreign_value(native, f"{prefix}/svc/A") is None
 
 
 # ---- Vault: another writer between the restore's LIST and its first write -------------------------------
