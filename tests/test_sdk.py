@@ -1419,9 +1419,12 @@ def test_a_refresh_that_failed_is_retried_after_a_resumed_stream_ends_the_outage
         assert backend is not None
         fetch = backend.fetch
         killed = threading.Event()
+        put_answered = threading.Event()
 
         def fetch_after_the_kill(name: str, **options: Any) -> Any:
             if name == "auth/JWT_KEY" and not killed.is_set():
+                # The event can overtake the put's own answer: kill only once the put is answered.
+                assert put_answered.wait(5.0)
                 server.kill()  # between the event and its re-fetch
                 killed.set()
                 wait_until(lambda: client._live_since is None, timeout=5.0)  # the stream broke
@@ -1431,6 +1434,7 @@ def test_a_refresh_that_failed_is_retried_after_a_resumed_stream_ends_the_outage
         writer = RemoteStore(server.address, tls_files(service_dir, "writer"))
         try:
             writer.put("auth/JWT_KEY", b"put-just-before-the-kill")
+            put_answered.set()
         finally:
             writer.close()
         assert killed.wait(5.0)
