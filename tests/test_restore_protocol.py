@@ -156,21 +156,28 @@ def test_a_lost_answer_whose_write_landed_is_undone(
 
 
 @pytest.mark.parametrize(
-    ("failure", "said"),
+    ("failure", "said", "exit_code"),
     [
         (
             StorageError("cannot reach AWS Secrets Manager for store svc/K (ReadTimeoutError)"),
             r"svc/K may have been created by it .* left as it is",
+            1,
         ),
-        (Terminated(signal.SIGTERM), r"^the restore was interrupted \(SIGTERM\) and was undone, except"),
+        (Terminated(signal.SIGTERM), r"^the restore was interrupted \(SIGTERM\) and was undone, except", 143),
     ],
     ids=["lost answer", "interrupted"],
 )
 def test_a_first_write_in_doubt_is_left_in_place_and_named(
-    aws: tuple[AwsStore, Any, str], backup: Backup, moto_endpoint: str, failure: BaseException, said: str
+    aws: tuple[AwsStore, Any, str],
+    backup: Backup,
+    moto_endpoint: str,
+    failure: BaseException,
+    said: str,
+    exit_code: int,
 ) -> None:
     """The first write of svc/K timed out (or was interrupted) while another tool created the
-    name: it may not be ours, so the undo leaves it and the error names it."""
+    name: it may not be ours, so the undo leaves it and the error names it. After an
+    interruption the error keeps the interruption's exit code (it was 1)."""
     _, native, prefix = aws
 
     class AnotherWriterCameFirst(AwsStore):
@@ -181,8 +188,9 @@ def test_a_first_write_in_doubt_is_left_in_place_and_named(
             return super().put(name, value, **options)
 
     store = AnotherWriterCameFirst(aws_client(moto_endpoint), prefix, actor="restorer")
-    with pytest.raises(StorageError, match=said):
+    with pytest.raises(StorageError, match=said) as raised:
         restore_into(store, backup.secrets)
+    assert raised.value.exit_code == exit_code
     assert foreign_value(native, f"{prefix}/svc/K") == FOREIGN
     assert foreign_value(native, f"{prefix}/svc/A") is None
 
@@ -290,6 +298,7 @@ from secrets_manager.store.aws import AwsStore
 from secrets_manager.store.vault import VaultStore
 
 writes = 0
+held = False  # the hold is over: what follows is the undo
 
 def holding(original):
     def put(self, *args, **kwargs):
@@ -297,8 +306,12 @@ def holding(original):
         info = original(self, *args, **kwargs)
         writes += 1
         if writes == 2:
-            print("wrote", flush=True)
-            sys.stdin.read()
+            try:  # a signal can come while "wrote" is flushed (and flush it again at exit)
+                print("wrote", flush=True)
+                sys.stdin.read()
+            finally:
+                global held
+                held = True
         return info
     return put
 
@@ -314,13 +327,29 @@ if os.environ.get("HOLD") == "check":  # stop while the file is checked, before 
         return checking(*args, **kwargs)
 
     backup_commands.read_backup = read_backup
+if os.environ.get("HOLD") == "undo":  # the undo's first step says so and takes a second
+    import time
+
+    def slow(original):
+        def destroy_secret(self, *args, **kwargs):
+            if held:
+                print("undoing", flush=True)
+                time.sleep(1.0)
+            return original(self, *args, **kwargs)
+        return destroy_secret
+
+    VaultStore.destroy_secret = slow(VaultStore.destroy_secret)
+    AwsStore.destroy_secret = slow(AwsStore.destroy_secret)
 sys.exit(main(sys.argv[1:]))
 """
 
 
-def interrupted_restore(url: str, env: dict[str, str], tmp_path: Path, signum: int) -> tuple[int, str]:
+def interrupted_restore(
+    url: str, env: dict[str, str], tmp_path: Path, signum: int, *, then: signal.Signals | None = None
+) -> tuple[int, str]:
     """`restore b.smbackup --store URL --on-existing overwrite`, sent `signum` once it has restored
-    svc/A and replaced svc/K: its exit code and stderr."""
+    svc/A and replaced svc/K (and `then` once its undo has begun, with HOLD=undo): its exit code
+    and stderr."""
     (tmp_path / "backup-password").write_bytes(BACKUP_PASSWORD)
     restore = subprocess.Popen(
         [sys.executable, "-c", HELD_RESTORE, "restore", str(tmp_path / "b.smbackup"), "--store", url,
@@ -333,6 +362,9 @@ def interrupted_restore(url: str, env: dict[str, str], tmp_path: Path, signum: i
     try:
         assert restore.stdout is not None and restore.stdout.readline() == b"wrote\n"
         restore.send_signal(signum)
+        if then is not None:
+            assert b"undoing\n" in iter(restore.stdout.readline, b"")  # after a "wrote" flushed twice
+            restore.send_signal(then)
         _, err = restore.communicate(timeout=60)
     finally:
         if restore.poll() is None:
@@ -379,6 +411,27 @@ def test_a_signal_during_a_restore_into_vault_undoes_it(backup: Backup, tmp_path
             assert_undone_and_said(code, stderr, signum, tmp_path)
             assert [meta.name for meta in store.list("", include_deleted=True)] == ["svc/K"]
             assert store.get("svc/K").value.reveal() == FOREIGN  # written back from its copy
+        finally:
+            store.close()
+    finally:
+        vault.stop()
+
+
+def test_a_second_signal_during_the_undo_is_ignored(backup: Backup, tmp_path: Path) -> None:
+    """Ctrl-C after SIGTERM (an impatient user, a supervisor) stopped the undo part-way: svc/K
+    was destroyed and not written back while the command said the target was as it was. The
+    undo now finishes; the first signal decides the exit code."""
+    vault = FakeVault().start()
+    try:
+        store = VaultStore(hvac.Client(url=vault.address, token=vault.root_token), "secret", actor="t")
+        try:
+            store.put("svc/K", FOREIGN)
+            url = vault.address.replace("http://", "vault+http://") + "/secret"
+            env = {"VAULT_TOKEN": vault.root_token, "HOLD": "undo"}
+            code, stderr = interrupted_restore(url, env, tmp_path, signal.SIGTERM, then=signal.SIGINT)
+            assert_undone_and_said(code, stderr, signal.SIGTERM, tmp_path)
+            assert [meta.name for meta in store.list("", include_deleted=True)] == ["svc/K"]
+            assert store.get("svc/K").value.reveal() == FOREIGN
         finally:
             store.close()
     finally:

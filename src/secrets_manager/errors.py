@@ -31,8 +31,11 @@ secrets (names are not secret) and say what to do next.
 
 from __future__ import annotations
 
+import contextlib
 import shlex
 import signal
+import threading
+from collections.abc import Iterator
 from datetime import datetime
 
 
@@ -226,3 +229,26 @@ class Terminated(KeyboardInterrupt):
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
         self.exit_code = 128 + signum
+
+
+# The signals that end work as Ctrl-C does (SIGINT itself; SIGTERM and SIGHUP where a command
+# turns them into Terminated).
+INTERRUPTING_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def interruptions_ignored() -> Iterator[None]:
+    """Ctrl-C, SIGTERM and SIGHUP are ignored for the duration: for the undo of work an
+    interruption has already stopped, which a second Ctrl-C (an impatient user, a supervisor's
+    SIGTERM after SIGINT) would otherwise cut short, leaving part of it undone while the command
+    says it was. SIGKILL still ends the process. Only the main thread can change handlers: on
+    any other thread this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, signal.SIG_IGN) for signum in INTERRUPTING_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)

@@ -53,9 +53,11 @@ from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
     NotFoundError,
+    OperationInterrupted,
     StorageError,
     StoreNotFoundError,
     Terminated,
+    interruptions_ignored,
 )
 from secrets_manager.storage import ABSENT, Delete, Put
 from secrets_manager.storage.base import Expect, Operation
@@ -472,7 +474,7 @@ def _import_through_protocol(
             if written.pending_left_out:
                 pending_left_out.append(secret.name)
     except BaseException as exc:
-        _compensate(store, journal, exc, doubtful)
+        _compensate(store, journal, exc, doubtful, progress)
         raise
     return RestoreResult(
         secrets=total - len(skipped) - len(without_value),
@@ -669,31 +671,52 @@ def _compensate(
     journal: list[tuple[str, BackupSecret | None]],
     cause: BaseException,
     doubtful: Sequence[str] = (),
+    progress: Progress = _no_progress,
 ) -> None:
     """Undo a partial protocol restore, newest first; if that fails too, or a name may or may
-    not have been created by it (`doubtful`, left in place), say which names to check."""
+    not have been created by it (`doubtful`, left in place), say which names to check. A second
+    Ctrl-C or SIGTERM during the undo is ignored: it stopped the undo part-way while the command
+    said the target was as it had been."""
     left: list[str] = []
-    for name, original in reversed(journal):
-        try:
-            with contextlib.suppress(NotFoundError):  # the failed write created nothing
-                store.destroy_secret(name)
-            if original is not None and original.kept:
-                _write_secret(store, original)
-        except Exception:  # keep undoing the others, then report every name left
-            left.append(name)
+    with interruptions_ignored():
+        for done, (name, original) in enumerate(reversed(journal), 1):
+            progress("undoing", done, len(journal))
+            try:
+                with contextlib.suppress(NotFoundError):  # the failed write created nothing
+                    store.destroy_secret(name)
+                if original is not None and original.kept:
+                    _write_secret(store, original)
+            except Exception:  # keep undoing the others, then report every name left
+                left.append(name)
     failed = _failed(cause)
     if left:
-        raise StorageError(
-            f"{failed} and could not be undone for {len(left)} name(s) (first: {sorted(left)[0]}); "
-            "check them by hand"
+        raise _as_interrupted_if(
+            cause,
+            StorageError(
+                f"{failed} and could not be undone for {len(left)} name(s) (first: {sorted(left)[0]}); "
+                "check them by hand"
+            ),
         ) from cause
     if doubtful:
-        raise StorageError(
-            f"{failed} and was undone, except that "
-            f"{doubtful[0]} may have been created by it (its first write's answer was lost, or the "
-            "write was interrupted) "
-            "and was left as it is; check it by hand"
+        raise _as_interrupted_if(
+            cause,
+            StorageError(
+                f"{failed} and was undone, except that "
+                f"{doubtful[0]} may have been created by it (its first write's answer was lost, or the "
+                "write was interrupted) "
+                "and was left as it is; check it by hand"
+            ),
         ) from cause
+
+
+def _as_interrupted_if(cause: BaseException, error: StorageError) -> StorageError:
+    """`error`, which says what an undo left, with the exit code (130, or 143 / 129) and audit
+    outcome of the interruption that caused the undo, if one did: a script waiting for a
+    restore it stopped still sees it was interrupted."""
+    if isinstance(cause, KeyboardInterrupt):
+        error.exit_code = getattr(cause, "exit_code", OperationInterrupted.exit_code)
+        error.kind = OperationInterrupted.kind
+    return error
 
 
 def _failed(cause: BaseException) -> str:
