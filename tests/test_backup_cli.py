@@ -10,6 +10,7 @@ import json
 import os
 import pty
 import sqlite3
+import stat
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -741,6 +742,16 @@ def test_a_backup_through_a_pipe_is_refused_not_called_damaged(
     result = Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
     assert_one_line_error(result, 2, "/dev/stdin is not a regular file", "save the stream to a file first")
     assert files_of(target) == {}
+
+
+@pytest.mark.parametrize("force", [(), ("--force",)], ids=["plain", "force"])
+def test_a_pipe_as_the_backup_destination_is_refused(cli: Cli, force: tuple[str, ...]) -> None:
+    """A FIFO was renamed over with --force (the reader never saw a byte) and called 'already
+    exists' without it."""
+    fifo = cli.tmp / "to-gzip"
+    os.mkfifo(fifo)
+    assert_one_line_error(cli("backup", str(fifo), *force), 2, "is not a regular file", "give a file path")
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
 
 
 def test_a_directory_given_as_the_backup_is_refused(cli: Cli) -> None:

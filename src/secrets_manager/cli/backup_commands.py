@@ -379,6 +379,11 @@ def _check_destination_path(session: Session, path: Path, *, force: bool) -> Non
         raise InvalidInputError(f"{path} is a directory; give a file name for the backup")
     if not path.parent.is_dir():
         raise InvalidInputError(f"directory {path.parent} does not exist")
+    if path.exists() and not path.is_file():  # a FIFO, a device, /dev/fd/N of `>(…)`: renamed over
+        raise InvalidInputError(
+            f"{path} is not a regular file (a pipe or a device); a backup is written under a temporary "
+            "name and renamed into place: give a file path, then copy the file where it should go"
+        )
     if path.exists() and not force:
         raise ConflictError(f"{path} already exists; choose another name or pass --force to replace it")
     if _is_audit_file(path, session.audit_path):
