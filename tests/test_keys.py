@@ -685,6 +685,43 @@ def test_a_handle_reads_its_password_again_after_passwd_then_a_root_rotation(
     assert open_store(password="a new password").get("svc/a").value.reveal() == b"written after the renewal"
 
 
+def test_a_handle_refuses_an_earlier_header_put_back_after_a_root_rotation(
+    audited: EncryptedStore, open_store: OpenStore, raw: SqliteStorage
+) -> None:
+    """The header is not authenticated: storage can put back the one from before `keys rotate
+    --root`, which the same password opens. The handle adopted that root key again and sealed its
+    next namespace's keyset under it (a root key the rotation meant to retire); now the old root
+    does not open the audit key the rotation re-sealed, and is refused."""
+    earlier = entry_value(raw, "core/header")
+    old_id = audited._root.id
+    serving = open_store()
+    keys.rotate_root_key(audited)
+    assert serving.get("svc/a").value.reveal() == b"a2"  # the rotation itself is adopted
+    current = raw.get("core/header")
+    assert current is not None
+    raw.put("core/header", earlier, expect=current.revision)
+    with pytest.raises(IntegrityError, match="header names a root key that does not open this store's own"):
+        serving.put("brand-new/x", b"would be sealed under the old root")
+    assert raw.get("core/keyset/brand-new") is None
+    assert serving._root.id != old_id
+    assert serving.get("svc/b").value.reveal() == b"b2"
+
+
+def test_a_handle_that_read_nothing_under_its_root_key_does_not_adopt_another(
+    encrypted_store: EncryptedStore, open_store: OpenStore
+) -> None:
+    """An empty store without an audit key: a handle opened on it holds nothing to check a new
+    root key against, so after a rotation it says to open the store again rather than trust the
+    header; a handle opened afterwards works."""
+    idle = open_store()
+    keys.rotate_root_key(encrypted_store)
+    with pytest.raises(ConflictError, match=r"nothing it read under the old one .* open the store again"):
+        idle.put("svc/x", b"x")
+    reopened = open_store()
+    reopened.put("svc/x", b"x")
+    assert encrypted_store.get("svc/x").value.reveal() == b"x"
+
+
 def test_root_rotation_refuses_to_undo_a_password_change_made_meanwhile(
     audited: EncryptedStore, open_store: OpenStore
 ) -> None:

@@ -25,6 +25,7 @@ from secrets_manager.client import Client
 from secrets_manager.crypto import DataKey, kdf
 from secrets_manager.crypto.aead import new_key
 from secrets_manager.crypto.keyset import KeyStatus
+from secrets_manager.crypto.record import record_key_id
 from secrets_manager.errors import (
     AccessDeniedError,
     ConflictError,
@@ -557,3 +558,64 @@ def _serve_beside_a_switch_to_kms(path: Path, key_arn: str) -> tuple[EncryptedSt
     rotate_root_key(admin)
     admin.put("app/y", b"w")
     return serve, admin
+
+
+def _swap_in_a_root_key_of_ones_own(path: Path, key_arn: str) -> DataKey:
+    """What someone who may write the store file but knows no password can do: rewrite the header
+    alone to an `aws-kms` section wrapping a root key of their own (their KMS key, which the
+    victim's credentials may use). Returns that root key."""
+    theirs = DataKey(id=0x0BADF00D, status=KeyStatus.ENABLED, created=0, material=new_key())
+    raw = SqliteStorage(path)
+    try:
+        entry = raw.get("core/header")
+        assert entry is not None
+        header = json.loads(entry.value)
+        header.update(root_key_id=theirs.id, unlock=AwsKmsUnlock(key_arn).wrap(theirs))
+        raw.put("core/header", json.dumps(header).encode(), expect=entry.revision)
+    finally:
+        raw.close()
+    return theirs
+
+
+def _sealed_under(path: Path, root_id: int) -> list[str]:
+    """The entries of the store file that are records sealed under the root key `root_id`."""
+    with sqlite3.connect(path) as db:
+        rows = db.execute("SELECT key, value FROM entries WHERE key != 'core/header'").fetchall()
+    return [key for key, value in rows if record_key_id(value) == root_id]
+
+
+@pytest.mark.parametrize("holds", ["audit key", "keyset"])
+def test_a_running_handle_refuses_a_root_key_put_in_the_header_by_someone_without_the_old_one(
+    tmp_path: Path, key_arn: str, aws_env: dict[str, str], monkeypatch: pytest.MonkeyPatch, holds: str
+) -> None:
+    """A password-opened handle (serve's, the SDK's) used to adopt the root key the header names
+    through the KMS key named there, and seal its next namespace's keyset under it: the attacker
+    then read the new secret offline. The root key does not open the store's own audit key (or
+    keysets), so it is refused; the handle keeps its own root key for what it can still do."""
+    path = tmp_path / "store.db"
+    created = EncryptedStore.create(SqliteStorage(path, create=True), PasswordUnlock("pw-1", kdf.TEST))
+    created.put("auth/OLD", b"old")
+    if holds == "audit key":
+        created.audit_key()
+    created.close()
+    serving = EncryptedStore.open(SqliteStorage(path), PasswordUnlock("pw-1"))
+    serving.renew_unlock_with(lambda: PasswordUnlock("pw-1"))
+    try:
+        theirs = _swap_in_a_root_key_of_ones_own(path, key_arn)
+        unwraps: list[object] = []
+        original = AwsKmsUnlock.unwrap
+        monkeypatch.setattr(AwsKmsUnlock, "unwrap", lambda *a, **k: unwraps.append(a) or original(*a, **k))
+        for _ in range(2):
+            with pytest.raises(IntegrityError) as caught:
+                serving.put("payments/STRIPE_KEY", b"sk_live_victim_secret")
+            message = str(caught.value)
+            assert "header names a root key that does not open this store's own keys" in message
+            assert "replaced or damaged" in message and "sk_live" not in message
+        assert len(unwraps) == 1  # the refused header is not unwrapped (a KMS call) again each time
+        assert _sealed_under(path, theirs.id) == []
+        assert serving.get("auth/OLD").value.reveal() == b"old"  # still served, under its own root
+        serving.put("auth/NEW", b"new")
+        assert _sealed_under(path, theirs.id) == []
+        assert serving._root.id != theirs.id and serving.unlock_kind == "password"
+    finally:
+        serving.close()

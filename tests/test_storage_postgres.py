@@ -189,6 +189,8 @@ def test_a_list_whose_snapshot_predates_a_root_rotation_another_thread_adopted_i
     rotating = EncryptedStore.open(place.open(), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
     serving = EncryptedStore.open(place.open(), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
     try:
+        # A service holds the audit key (it audits): what it checks the new root key against.
+        serving.audit_key()
         rotating.put("svc/a", b"a1")
         serving._keysets.clear()  # so the list decodes the keyset inside its snapshot
         original = EncryptedStore._keyset_from

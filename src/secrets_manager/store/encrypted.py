@@ -16,7 +16,10 @@ The key lifecycle (rotate, rewrap, disable, destroy, root rotation) is in `store
 
 Another process may rotate the root key while this one has the store open: a root-sealed entry
 naming a root key id other than ours makes us unwrap the new root from the header again (with the
-unlock source we were opened with), so long-lived handles keep working.
+unlock source we were opened with), so long-lived handles keep working. The header is not
+authenticated, so the new root is adopted only once an entry sealed under it opens to what this
+handle read under the old one (the audit key, or a data key of a keyset): proof that whoever made
+it held the old root (`_prove_successor`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import builtins
 import contextlib
 import contextvars
+import hmac
 import json
 import re
 import threading
@@ -169,6 +173,9 @@ class EncryptedStore:
         self._renew_unlock: Callable[[], UnlockSource] | None = None
         self._renew_lock = threading.Lock()
         self._renew_failed_at: float | None = None
+        # The last header whose root key was refused (_prove_successor), and why: not unwrapped
+        # again (an Argon2id run or a KMS call) on every call while it stays in place.
+        self._refused: tuple[bytes, type[SecretsManagerError], str] | None = None
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -196,7 +203,26 @@ class EncryptedStore:
         store = cls(storage, root, **options)
         store._unlock = unlock
         store._unlock_section = header["unlock"]
+        store._learn_what_the_root_seals()
         return store
+
+    def _learn_what_the_root_seals(self) -> None:
+        """Read, under the root key just unwrapped, something sealed under it that every root
+        rotation re-seals unchanged: the audit key, or else one namespace's keyset. A later root
+        key is adopted only if it opens the same (`_prove_successor`). Two reads at most; nothing
+        is written, and an entry that does not open is left for the command that uses it."""
+        entry = self._storage.get(AUDIT_KEY_KEY)
+        if entry is not None:
+            with contextlib.suppress(IntegrityError):
+                self._audit_key = open_record(
+                    _only(self._root), Purpose.AUDIT_KEY, AUDIT_KEY_KEY, 0, entry.value
+                )
+                return
+        for key in self._storage.list(KEYSET_PREFIX)[:1]:
+            keyset_entry = self._storage.get(key)
+            if keyset_entry is not None:
+                with contextlib.suppress(IntegrityError):
+                    self._decode_keyset(key[len(KEYSET_PREFIX) :], keyset_entry, _only(self._root))
 
     def change_unlock(self, unlock: UnlockSource) -> bool:
         """Rewrap the root key under a new unlock source (e.g. a new password). O(1) in secrets.
@@ -711,7 +737,8 @@ class EncryptedStore:
             self._refresh_root(root_id)
 
     def _refresh_root(self, key_id: object) -> None:
-        """Adopt the root key the header names now, if it is `key_id` (another process rotated it).
+        """Adopt the root key the header names now, if it is `key_id` (another process rotated it)
+        and it opens what this handle read under its own (`_prove_successor`).
 
         Any other case is the opaque IntegrityError a record under an unknown root key gets."""
         if self._unlock is None or not isinstance(key_id, int) or key_id == self._root.id:
@@ -719,27 +746,98 @@ class EncryptedStore:
         header = _read_header(self._storage)
         if header["root_key_id"] != key_id:
             raise IntegrityError()
+        refused = self._refused
+        if refused is not None and refused[0] == _dump(header):
+            raise refused[1](refused[2])
+        source: UnlockSource | None = self._unlock
         try:
             root = _unwrap_root(self._unlock, header)
         except UnlockError:
             if header["unlock"].get("kind") == AwsKmsUnlock.kind and not isinstance(
                 self._unlock, AwsKmsUnlock
             ):
-                root = self._unwrap_through_kms(header)
+                root, source = self._unwrap_through_kms(header)
             else:
-                root = self._unwrap_with_renewed_source(header)
+                root, source = self._unwrap_with_renewed_source(header)
+        if root is self._root:  # another thread adopted it meanwhile
+            return
+        proven = self._prove_successor(root, header)
         self._root = root
+        self._unlock = source
         self._unlock_section = header["unlock"]
         self._keysets.clear()
+        self._keysets.update(proven)
         self._policy = None
 
-    def _unwrap_through_kms(self, header: dict[str, Any]) -> DataKey:
+    def _prove_successor(self, root: DataKey, header: dict[str, Any]) -> dict[str, tuple[int, Keyset]]:
+        """Check that `root`, which the header names, was made by someone who held ours, before it
+        is adopted: the header is not authenticated, and someone who may write the storage but
+        knows no password could otherwise put a root key of their own there (wrapped by their
+        KMS key, which this host's credentials may be allowed to use) and read whatever this
+        handle seals next. A root rotation re-seals every root-sealed entry in the same commit
+        as the header (format 6.3), so the audit key this handle holds must open under `root` to
+        the same bytes; without it, a keyset it read must hold one of the same data keys. Those
+        keysets are returned, to be cached under the new root (and prove the next one).
+
+        IntegrityError if what opens differs or nothing opens; ConflictError if this handle
+        holds nothing to check against (it read nothing sealed under its root key)."""
+        audit_key = self._audit_key
+        if audit_key is not None:
+            plaintext = self._open_under(root, AUDIT_KEY_KEY, Purpose.AUDIT_KEY, AUDIT_KEY_KEY)[1]
+            if plaintext is None or not hmac.compare_digest(plaintext, audit_key):
+                raise self._refuse(header, IntegrityError, _NOT_OURS)
+            return {}
+        for namespace, (_, known) in builtins.list(self._keysets.items()):
+            revision, plaintext = self._open_under(root, KEYSET_PREFIX + namespace, Purpose.KEYSET, namespace)
+            if plaintext is None:
+                raise self._refuse(header, IntegrityError, _NOT_OURS)
+            try:
+                keyset = Keyset.from_bytes(plaintext)
+            except IntegrityError:
+                raise self._refuse(header, IntegrityError, _NOT_OURS) from None
+            if _shares_a_key(known, keyset):
+                return {namespace: (revision, keyset)}
+        raise self._refuse(
+            header,
+            ConflictError,
+            "the store's root key was rotated, and this process holds nothing it read under the old "
+            "one to check the new one against; open the store again (restart serve)",
+        )
+
+    def _open_under(self, root: DataKey, key: str, purpose: Purpose, name: str) -> tuple[int, bytes | None]:
+        """The entry `key` (its revision), opened with `root` only; None if it is missing or does
+        not open. ConflictError if it is sealed under yet another root key the header names now
+        (a second rotation meanwhile)."""
+        entry = self._storage.get(key)
+        if entry is None:
+            return 0, None
+        sealed_under = self._sealed_under(entry)
+        if sealed_under != root.id:
+            if sealed_under is not None and _read_header(self._storage)["root_key_id"] != root.id:
+                raise ConflictError(
+                    "the store's root key was rotated again while this process adopted it; try again"
+                )
+            return entry.revision, None
+        try:
+            return entry.revision, open_record(_only(root), purpose, name, 0, entry.value)
+        except IntegrityError:
+            return entry.revision, None
+
+    def _refuse(
+        self, header: dict[str, Any], kind: type[SecretsManagerError], message: str
+    ) -> SecretsManagerError:
+        """The refusal of the root key `header` names, remembered while that header stays."""
+        self._refused = (_dump(header), kind, message)
+        return kind(message)
+
+    def _unwrap_through_kms(self, header: dict[str, Any]) -> tuple[DataKey, UnlockSource | None]:
         """Another process switched the store to AWS KMS (`unlock-with kms`) and rotated the root
         key: the header names the KMS key, so this host's AWS credentials may open it without any
-        configuration; ConflictError saying so if they cannot."""
+        configuration; ConflictError saying so if they cannot. The root key and the source that
+        opened it: adopted only once `_prove_successor` accepts the key."""
         with self._renew_lock:
             if self._root.id == header["root_key_id"]:  # another thread adopted it meanwhile
-                return self._root
+                return self._root, self._unlock
             source = AwsKmsUnlock()
             try:
                 root = _unwrap_root(source, header)
@@ -749,13 +847,12 @@ class EncryptedStore:
                     f"process could not use ({exc.kind}); open the store again (restart serve) with AWS "
                     "credentials that may call kms:Decrypt on its key"
                 ) from None
-            self._unlock = source
-            return root
+            return root, source
 
-    def _unwrap_with_renewed_source(self, header: dict[str, Any]) -> DataKey:
-        """The root key `header` names, from the unlock source read again (renew_unlock_with);
-        ConflictError if there is none, it does not open the header either, or it failed less
-        than RENEW_RETRY_SECONDS ago."""
+    def _unwrap_with_renewed_source(self, header: dict[str, Any]) -> tuple[DataKey, UnlockSource | None]:
+        """The root key `header` names and the unlock source read again (renew_unlock_with) that
+        opened it, adopted only once `_prove_successor` accepts the key; ConflictError if there is
+        none, it does not open the header either, or it failed less than RENEW_RETRY_SECONDS ago."""
         if isinstance(self._unlock, AwsKmsUnlock):  # switched from KMS to a password meanwhile
             refused = ConflictError(
                 "the store's root key was rotated and it is now unlocked by a master password, not "
@@ -771,7 +868,7 @@ class EncryptedStore:
             raise refused
         with self._renew_lock:
             if self._root.id == header["root_key_id"]:  # another thread renewed it meanwhile
-                return self._root
+                return self._root, self._unlock
             failed_at = self._renew_failed_at
             if failed_at is not None and time.monotonic() - failed_at < RENEW_RETRY_SECONDS:
                 raise refused
@@ -781,8 +878,8 @@ class EncryptedStore:
             except SecretsManagerError:
                 self._renew_failed_at = time.monotonic()
                 raise refused from None
-            self._unlock, self._renew_failed_at = source, None
-            return root
+            self._renew_failed_at = None
+            return root, source
 
     def _root_guard(self) -> Put:
         """Rewrite the header unchanged, on condition that it is still the one that names our root.
@@ -1084,6 +1181,13 @@ class _Meta:
             raise IntegrityError() from None
 
 
+_NOT_OURS = (
+    "the store header names a root key that does not open this store's own keys (the header was "
+    "replaced or damaged; integrity check failed): this process keeps the root key it holds and "
+    "sealed nothing under that one; check who can write the store and restore it from a backup"
+)
+
+
 def _unlock_changed() -> ConflictError:
     return ConflictError(
         "another process changed what unlocks the store (passwd, unlock-with, keys rotate --root) "
@@ -1184,6 +1288,16 @@ def _noting(lookup: Callable[[int], DataKey], used: list[DataKey]) -> Callable[[
         return key
 
     return noted
+
+
+def _shares_a_key(known: Keyset, other: Keyset) -> bool:
+    """Whether `other` holds a live data key of `known` (same id, same material): only someone who
+    could open `known` can have sealed such a keyset."""
+    theirs = {key.id: key.material for key in other.keys if key.material}
+    return any(
+        key.material and key.id in theirs and hmac.compare_digest(theirs[key.id], key.material)
+        for key in known.keys
+    )
 
 
 def _only(key: DataKey) -> Callable[[int], DataKey]:
