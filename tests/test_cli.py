@@ -192,6 +192,14 @@ def test_the_missing_store_message_gives_the_init_command_for_that_store(
 # ---- store / get ------------------------------------------------------------------------------
 
 
+def test_a_value_given_first_by_mistake_is_not_echoed(ready: Cli) -> None:
+    """`store VALUE NAME`, the seed form's arguments swapped: 'invalid secret name' quoted the value."""
+    result = ready("store", "S3cr3t!Passw0rd", "DB_PASSWORD")
+    assert_one_line_error(result, 2, "first argument is not a valid secret name", "store NAME VALUE")
+    assert "S3cr3t" not in result.out + result.stderr
+    assert ready("list").out == ""
+
+
 def test_seed_forms_work_and_a_command_line_value_warns(ready: Cli) -> None:
     stored = ready("store", "BINANCE_API_KEY", "your-api-key")
     assert stored.code == 0

@@ -795,7 +795,17 @@ def store_command(
 ) -> None:
     """Store a new version of NAME. The value comes from stdin, a prompt, --file, VALUE (warns), or
     --generate (a random one, like 'pass generate': not printed; 'get' shows it)."""
-    validate_name(name)
+    try:
+        validate_name(name)
+    except InvalidInputError:
+        if value is None:
+            raise
+        # `store 'S3cr3t!' DB_PASSWORD` (NAME and VALUE swapped): the message echoed the value.
+        raise InvalidInputError(
+            "the first argument is not a valid secret name (not shown: it may be the value); write "
+            "'store NAME VALUE' with a NAME like 'auth/DB_PASSWORD', or better 'store NAME' and type "
+            "the value at the prompt"
+        ) from None
     parsed_tags = parse_tags(tags) if tags else None
     checked_max_versions(name, max_versions)
     if generate and (value is not None or value_file is not None):
