@@ -334,6 +334,22 @@ def test_rollback_writes_an_earlier_value_as_a_new_version(ready: Cli) -> None:
     assert "v1" not in "\n".join(audit)
 
 
+def test_rollback_after_the_current_version_was_destroyed(ready: Cli) -> None:
+    """`destroy --version <current>` then `rollback` (Vault's kv rollback allows it) exited 3:
+    rollback read the current value to learn its number."""
+    for value in (b"one", b"two", b"three"):
+        assert ready("store", "svc/BURNT", input=value).code == 0
+    assert ready("destroy", "svc/BURNT", "--version", "3").code == 0
+    rolled = ready("rollback", "svc/BURNT", "--json")
+    assert rolled.code == 0, rolled.stderr
+    assert json.loads(rolled.out) == {"name": "svc/BURNT", "version": 4, "from_version": 2}
+    assert ready("get", "svc/BURNT").out == "two\n"
+    assert ready("delete", "svc/BURNT").code == 0  # deleted: refused as before, nothing written
+    assert_one_line_error(ready("rollback", "svc/BURNT", "--version", "1"), 3, "deleted")
+    assert ready("undelete", "svc/BURNT").code == 0
+    assert ready("get", "svc/BURNT").out == "two\n"
+
+
 def test_rollback_refuses_what_it_cannot_do_and_writes_nothing(ready: Cli) -> None:
     assert ready("store", "svc/ONCE", input=b"only").code == 0
     assert_one_line_error(ready("rollback", "svc/ONCE"), 3, "no previous version", "--version N")

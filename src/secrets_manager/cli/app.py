@@ -1171,7 +1171,7 @@ def rollback(session: Session, name: str, version: int | None, as_json: bool) ->
     change made meanwhile is never overwritten (exit 7)."""
     validate_name(name)
     with session.secret_operation("rollback", name, mutating=True) as (store, note):
-        current = store.get(name).version  # GetSecret, not DescribeSecret: `read` suffices
+        current = _current_version(store, name)
         if version is None:
             try:
                 old = store.get(name, label=PREVIOUS)
@@ -1191,6 +1191,24 @@ def rollback(session: Session, name: str, version: int | None, as_json: bool) ->
     info_line(
         f"rolled back {name}: version {info.version} is current, with the value of version {old.version}"
     )
+
+
+def _current_version(store: SecretStore, name: str) -> int:
+    """The current version of `name`, read with GetSecret (`read` suffices over --server); if its
+    value was destroyed (`destroy --version N`), its number from DescribeSecret: rolling back is
+    then the way to a readable current value again, as Vault's 'kv rollback' allows."""
+    try:
+        return store.get(name).version
+    except NotFoundError:
+        try:
+            meta = store.describe(name)
+        except SecretsManagerError:
+            meta = None
+        destroyed = {info.version for info in meta.versions if info.destroyed} if meta else set()
+        if meta is None or meta.deleted is not None or meta.current_version not in destroyed:
+            raise  # the get's own error: no such secret, deleted, …
+        assert meta.current_version is not None
+        return meta.current_version
 
 
 @cli.command()
