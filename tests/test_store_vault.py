@@ -748,6 +748,22 @@ def test_without_the_mounts_endpoint_a_kv_version_1_mount_is_refused_before_a_va
     assert list(vault_with_kv1.mounts["secret"]) == ["market/API_KEY"]
 
 
+@pytest.mark.parametrize("path", ["secret/data", "secret/team-a"])
+def test_a_path_inside_a_mount_is_refused_before_anything_is_written(
+    vault_with_kv1: FakeVault, path: str
+) -> None:
+    """`vault+http://HOST/secret/data` (the API's path, a Vault habit) was taken as a mount: the
+    audit key and anchor were written under secret/data/.secrets-manager/…, then `store` failed
+    with Vault's 'no data provided'."""
+    with pytest.raises(InvalidInputError) as refused:
+        open_on(vault_with_kv1, path).put("market/API_KEY", b"hunter2-new-value")
+    assert str(refused.value) == (
+        f"'{path}' is a path inside the KV version 2 mount 'secret', not a mount; give the mount alone "
+        "(…/secret): secrets-manager adds data/ and metadata/ itself"
+    )
+    assert vault_with_kv1.mounts["secret"] == {}
+
+
 def test_a_mount_of_another_engine_is_refused(vault_with_kv1: FakeVault) -> None:
     original = vault_with_kv1._ui_mount
 

@@ -945,6 +945,12 @@ class VaultStore:
             )
         if version != "2":
             self._refuse_kv1()
+        mount_path = str(data.get("path") or "").strip("/")
+        if mount_path and mount_path != self._mount:  # `…/secret/data` or `…/secret/team`: inside a mount
+            raise InvalidInputError(
+                f"{self._mount!r} is a path inside the KV version 2 mount {mount_path!r}, not a mount; "
+                f"give the mount alone (…/{mount_path}): secrets-manager adds data/ and metadata/ itself"
+            )
         self._engine = "kv2"
 
     def _probe_engine(self) -> None:
