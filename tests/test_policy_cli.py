@@ -114,6 +114,16 @@ def test_explain_says_where_a_name_shows_up_and_that_a_list_deny_hides_it(
     assert doc["shown"] == {"list": False, "batch_get_and_watch": False}
 
 
+def test_explain_of_an_invalid_name_exits_2_saying_the_order(
+    policy_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """IDENTITY and NAME swapped printed 'not a valid secret name' on every line and exited 0."""
+    swapped = ["policy", "explain", str(policy_file), "auth/DB_PASSWORD", "spiffe://shrivenquant.local/auth"]
+    assert run(swapped) == 2
+    err = capsys.readouterr().err
+    assert "invalid secret name" in err and "the arguments are IDENTITY NAME" in err
+
+
 def test_explain_one_capability_exits_5_when_denied(
     policy_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -15,6 +15,7 @@ from secrets_manager.cli.app import cli
 from secrets_manager.cli.output import info_line, print_json, printable, warning_line
 from secrets_manager.cli.password import read_small_file
 from secrets_manager.errors import AccessDeniedError, InvalidInputError
+from secrets_manager.store.names import validate_name
 from secrets_manager.tls import Caller, IdentityError, caller_from_certificate, unpresentable_identity
 
 MAX_CERTIFICATE_BYTES = 64 * 1024
@@ -89,6 +90,13 @@ def explain(
     `list`; BatchGetSecrets by prefix (get_credentials, run --service) and Watch show those it may
     `read`, so `read` alone reveals a name there. A deny of `list` hides it from all of them."""
     caller, name = _caller_and_name(identity_and_name, cert_file)
+    try:
+        validate_name(name)
+    except InvalidInputError as exc:  # IDENTITY and NAME swapped, most often
+        order = "--cert PEM NAME" if cert_file is not None else "IDENTITY NAME"
+        raise InvalidInputError(
+            f"{exc}; the service denies every request for it (the arguments are {order})"
+        ) from None
     identity = caller.identity
     parsed = load_policy(policy_file)
     problem = unpresentable_identity(identity)
