@@ -21,6 +21,17 @@ from secrets_manager.store import EncryptedStore, PasswordUnlock
 
 TEST_PASSWORD = "correct horse battery staple"
 
+
+@pytest.fixture(autouse=True)
+def private_umask() -> Iterator[None]:
+    """Files a test writes (password files, certificates, configs) are 0600, as the README asks
+    of them: a looser one draws a warning outside production, which would add a line to every
+    one-line error a test expects. Tests of other modes chmod their files or set a umask."""
+    previous = os.umask(0o077)
+    yield
+    os.umask(previous)
+
+
 OpenStore = Callable[..., EncryptedStore]
 
 

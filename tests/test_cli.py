@@ -886,6 +886,20 @@ def test_production_refuses_weak_kdf_and_unprotected_files(cli: Cli, tmp_path: P
     cli.store.parent.chmod(0o700)
 
 
+def test_outside_production_a_loose_password_file_is_a_warning(ready: Cli, tmp_path: Path) -> None:
+    """The README: what production refuses is a warning elsewhere. A 0644 password file gave none."""
+    pw = tmp_path / "loose-pw"
+    pw.write_text(PASSWORD)
+    pw.chmod(0o644)
+    for environment in ("development", "staging"):
+        listed = ready("--password-file", str(pw), "list", env={"SHRIVENQUANT_ENV": environment})
+        assert listed.code == 0, listed.stderr
+        assert listed.stderr.count("\n") == 1 and "warning" in listed.stderr, listed.stderr
+        assert f"chmod 600 {pw}" in listed.stderr
+    pw.chmod(0o600)
+    assert ready("--password-file", str(pw), "list").stderr == ""
+
+
 def test_a_test_profile_store_is_raised_in_place_by_passwd_kdf_profile_and_status_shows_the_cost(
     ready: Cli, tmp_path: Path
 ) -> None:

@@ -70,14 +70,16 @@ def refuse_password_variable(environment: Environment, environ: Mapping[str, str
 
 def check_password_file(path: Path, found: os.stat_result, environment: Environment) -> None:
     """Production refuses a password file (`found`: the fstat of it as opened) that group or
-    others can read, or that another user owns (root's is fine): they could read or replace it."""
-    if not environment.is_production:
-        return
+    others can read, or that another user owns (root's is fine): they could read or replace it.
+    Elsewhere it is a warning, as the README promises for every such file."""
     problem = owner_problem(path, found, "password file")
     if problem is None and stat.S_IMODE(found.st_mode) & 0o077:
         problem = f"password file {path} can be read by group or others; run 'chmod 600 {path}'"
-    if problem is not None:
+    if problem is None:
+        return
+    if environment.is_production:
         raise UnsafeConfigurationError(problem)
+    warning_line(problem)
 
 
 def read_password_file(path: Path, *, environment: Environment) -> bytes:
