@@ -413,6 +413,33 @@ def test_a_store_with_a_damaged_record_is_not_backed_up(
     assert leftovers(tmp_path) == []
 
 
+def test_a_store_with_rolled_back_metadata_is_not_backed_up_and_the_refusal_names_a_working_command(
+    encrypted_store: EncryptedStore, tmp_path: Path, tmp_store_path: Path, store_password: str
+) -> None:
+    """An older `meta/<name>` put back leaves a stored version its metadata does not list: the
+    refusal names that version and the command that erases it ('destroy NAME --version N', which
+    refused a number the metadata does not list); after it the backup is written."""
+    encrypted_store.put("auth/DB_PASS", b"v1")
+    raw = SqliteStorage(tmp_store_path)
+    try:
+        at_v1 = raw.get(f"{META_PREFIX}auth/DB_PASS").value  # type: ignore[union-attr]
+        encrypted_store.put("auth/DB_PASS", b"v2")
+        raw.put(f"{META_PREFIX}auth/DB_PASS", at_v1)
+    finally:
+        raw.close()
+    with pytest.raises(IntegrityError) as caught:
+        write_backup(encrypted_store, tmp_path / "b.smbackup")
+    message = str(caught.value)
+    assert "'auth/DB_PASS'" in message and "version 2 stored but not listed" in message
+    assert "'secrets-manager destroy NAME --version N'" in message
+    assert not (tmp_path / "b.smbackup").exists()
+    encrypted_store.destroy("auth/DB_PASS", [2])
+    write_backup(encrypted_store, tmp_path / "b.smbackup")
+    assert [
+        v.version for v in read_backup(tmp_path / "b.smbackup", store_password.encode()).secrets[0].kept
+    ] == [1]
+
+
 # ---- existing names ---------------------------------------------------------------------------------
 
 

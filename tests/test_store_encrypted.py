@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -453,3 +454,76 @@ def test_acting_for_records_the_actor_of_writes_in_its_block_and_thread(
         "acting/after": default,
     }
     assert encrypted_store.describe("acting/caller").created_by == "spiffe://example.org/caller"
+
+
+def test_a_write_onto_rolled_back_metadata_is_an_integrity_error_at_once(
+    encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    """An older `meta/<name>` put back (after v3 and a delete) leaves data/<name>#3 orphaned: the
+    next write of version 3 collides with it. That is no race (the metadata did not move), so it
+    fails at once, naming the secret and a command that works, and writes nothing; it used to be
+    retried for 30 s and reported as too many concurrent writes."""
+    encrypted_store.put("auth/DB_PASS", b"v1")
+    encrypted_store.put("auth/DB_PASS", b"v2")
+    at_v2 = entry_value(raw, "meta/auth/DB_PASS")
+    encrypted_store.put("auth/DB_PASS", OTHER_VALUE)
+    encrypted_store.delete("auth/DB_PASS")
+    raw.put("meta/auth/DB_PASS", at_v2)
+    before = revisions(raw)
+    started = time.monotonic()
+    with pytest.raises(IntegrityError) as caught:
+        encrypted_store.put("auth/DB_PASS", b"v4")
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert "'auth/DB_PASS'" in message and "rolled back" in message
+    assert "secrets-manager destroy auth/DB_PASS --version 3" in message
+    assert revisions(raw) == before
+    # The command the message names works: the orphan goes, the metadata stays, writes go on.
+    encrypted_store.destroy("auth/DB_PASS", [3])
+    assert raw.get("data/auth/DB_PASS#3") is None
+    assert [v.version for v in encrypted_store.history("auth/DB_PASS")] == [1, 2]
+    assert encrypted_store.put("auth/DB_PASS", b"v4").version == 3
+    assert encrypted_store.get("auth/DB_PASS").value.reveal() == b"v4"
+    with pytest.raises(NotFoundError):  # a number neither listed nor stored is still not found
+        encrypted_store.destroy("auth/DB_PASS", [9])
+
+
+def test_a_write_onto_deleted_metadata_is_an_integrity_error_and_destroy_all_clears_it(
+    encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    """`meta/<name>` deleted with its values left: the next write of version 1 collides with
+    data/<name>#1. IntegrityError at once; 'destroy --all', which it names, erases the orphans."""
+    encrypted_store.put("auth/GONE", VALUE)
+    encrypted_store.put("auth/GONE", OTHER_VALUE)
+    raw.delete("meta/auth/GONE")
+    started = time.monotonic()
+    with pytest.raises(IntegrityError, match=r"destroy auth/GONE --all") as caught:
+        encrypted_store.put("auth/GONE", b"new")
+    assert time.monotonic() - started < 5
+    assert "version 1, 2" in str(caught.value) and "no metadata" in str(caught.value)
+    encrypted_store.destroy_secret("auth/GONE")
+    assert raw.list("data/auth/GONE#") == []
+    assert encrypted_store.put("auth/GONE", b"new").version == 1
+    with pytest.raises(NotFoundError):
+        encrypted_store.destroy_secret("auth/NEVER")
+
+
+def test_a_version_another_writer_committed_first_is_still_a_race_retried(
+    encrypted_store: EncryptedStore, make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The data row of our version present after a lost commit is a rollback only if the metadata
+    did not move: another writer's version (data row and metadata together) is retried."""
+    encrypted_store.put("race/X", VALUE)
+    other = make_store()
+    real_commit = encrypted_store._storage.commit
+    raced = []
+
+    def commit_after_another_writer(*args: object, **kwargs: object) -> int:
+        if not raced:
+            raced.append(other.put("race/X", OTHER_VALUE).version)  # takes version 2 first
+        return real_commit(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(encrypted_store._storage, "commit", commit_after_another_writer)
+    assert encrypted_store.put("race/X", b"mine").version == 3
+    assert raced == [2]
+    other.close()

@@ -366,8 +366,9 @@ def _checked(
         return decode_store(store_header, root, entries, progress=progress)
     except IntegrityError as exc:
         raise IntegrityError(
-            f"the store is damaged ({_reason(exc)}), so no backup was written; destroy the damaged "
-            "version or restore the secret from an earlier backup"
+            f"the store is damaged ({_reason(exc)}), so no backup was written; erase the damaged or "
+            "unlisted version with 'secrets-manager destroy NAME --version N' (values with no "
+            "metadata: 'destroy NAME --all'), or restore the secret from an earlier backup"
         ) from None
 
 
@@ -943,7 +944,9 @@ def decode_store(
         sealed_values = values.pop(name, {})
         kept = {n for n, info in meta.versions.items() if not info["destroyed"]}
         if set(sealed_values) != kept or any(v not in meta.versions for v in meta.labels.values()):
-            raise IntegrityError(f"the versions of {name!r} do not match its metadata")
+            raise IntegrityError(
+                f"the versions of {name!r} do not match its metadata{_mismatch(meta, sealed_values)}"
+            )
         plaintexts = {}
         for number, sealed in sealed_values.items():
             with _naming(f"{DATA_PREFIX}{name}#{number}"):
@@ -956,6 +959,18 @@ def decode_store(
     if values:
         raise IntegrityError(f"values of {sorted(values)[0]!r} have no metadata")
     return decoded
+
+
+def _mismatch(meta: _Meta, stored: Mapping[int, bytes]) -> str:
+    """Which versions are stored and not listed, or listed and not stored (names, not values)."""
+    unlisted = sorted(n for n in stored if n not in meta.versions or meta.versions[n]["destroyed"])
+    missing = sorted(n for n, info in meta.versions.items() if not info["destroyed"] and n not in stored)
+    facts = []
+    if unlisted:
+        facts.append(f"version {', '.join(map(str, unlisted))} stored but not listed as kept")
+    if missing:
+        facts.append(f"version {', '.join(map(str, missing))} listed but not stored")
+    return f" ({'; '.join(facts)})" if facts else ""
 
 
 @contextmanager

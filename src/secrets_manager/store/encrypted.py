@@ -491,8 +491,54 @@ class EncryptedStore:
             )
         )
         ops.append(Put(META_PREFIX + name, self._seal_meta(key, name, meta), _expect(meta_entry)))
-        self._commit_with_keyset(ns, ks_expect, keyset.with_uses(2), ops)
+        try:
+            self._commit_with_keyset(ns, ks_expect, keyset.with_uses(2), ops)
+        except _LostRace:
+            self._refuse_if_rolled_back(name, number, meta_entry)
+            raise
         return next(v for v in meta.public(name).versions if v.version == number)
+
+    def _refuse_if_rolled_back(self, name: str, number: int, meta_entry: Entry | None) -> None:
+        """After a lost commit of version `number`: IntegrityError if its value row was already
+        there while the metadata stayed as read. Every write commits a value with the metadata
+        that lists it, so that is no race another writer won (it would have moved the metadata):
+        the metadata was rolled back to an older copy (or deleted) and the row is orphaned.
+        Retrying could only fail again until the deadline."""
+        if self._storage.get(_data_key(name, number)) is None:
+            return
+        again = self._storage.get(META_PREFIX + name)
+        if (again is None) != (meta_entry is None) or (
+            again is not None and meta_entry is not None and again.revision != meta_entry.revision
+        ):
+            return  # another writer changed the metadata meanwhile: a race, retried
+        orphans = self._orphaned_versions(name, number)
+        numbers = ", ".join(map(str, orphans))
+        restore = (
+            "'secrets-manager restore FILE --on-existing overwrite' brings the secret back from a backup"
+        )
+        if meta_entry is None:
+            raise IntegrityError(
+                f"secret {name!r} has stored values (version {numbers}) but no metadata: its metadata "
+                "was deleted from the store; nothing was written. To go on, erase those values with "
+                f"'secrets-manager destroy {name} --all' (then {restore}), and store it again"
+            )
+        listed = " ".join(f"--version {n}" for n in orphans)
+        raise IntegrityError(
+            f"secret {name!r} has stored values its metadata does not list (version {numbers}): its "
+            "metadata was rolled back to an older copy, so 'get' may serve an older value as current; "
+            "nothing was written. Check it against a backup; to go on, erase those values with "
+            f"'secrets-manager destroy {name} {listed}' (then {restore}), and store again"
+        )
+
+    def _orphaned_versions(self, name: str, first: int) -> builtins.list[int]:
+        """The version numbers from `first` on that have a value row (a scan of keys only)."""
+        prefix = f"{DATA_PREFIX}{name}#"
+        found = []
+        for key in self._storage.list(prefix):
+            number = key[len(prefix) :]
+            if number.isdigit() and int(number) >= first:
+                found.append(int(number))
+        return sorted(found)
 
     # ---- rotation: the pending label -----------------------------------------------------------
 
@@ -625,11 +671,16 @@ class EncryptedStore:
             raise InvalidInputError("name the versions to destroy (--version N), or use --all")
 
         def change(meta: _Meta, now: float) -> Operations:
-            missing = [v for v in wanted if v not in meta.versions]
+            # A value stored past the metadata's next version is orphaned (the metadata was rolled
+            # back): it may be erased by number, and the metadata is left as it is.
+            unlisted = [v for v in wanted if v not in meta.versions]
+            orphans = set(self._orphaned_versions(name, meta.next_version)) if unlisted else set()
+            missing = [v for v in unlisted if v not in orphans]
             if missing:
                 raise NotFoundError(f"secret {name!r} has no version {missing[0]}")
             for number in wanted:
-                meta.versions[number]["destroyed"] = True
+                if number in meta.versions:
+                    meta.versions[number]["destroyed"] = True
             return [Delete(_data_key(name, number)) for number in wanted]
 
         self._update_meta(name, change)
@@ -639,9 +690,17 @@ class EncryptedStore:
 
         def attempt() -> None:
             meta_entry, meta = self._read_meta(name)
+            # Value rows the metadata does not list (it was rolled back, or deleted) go too.
+            orphans = self._orphaned_versions(name, 1 if meta is None else meta.next_version)
             if meta_entry is None or meta is None:
-                raise NotFoundError(f"secret {name!r} not found")
-            ops: Operations = [Delete(_data_key(name, n)) for n in meta.versions]
+                if not orphans:
+                    raise NotFoundError(f"secret {name!r} not found")
+                # On condition that the metadata is still absent (no writer created the secret).
+                self._commit(
+                    [*(Delete(_data_key(name, n)) for n in orphans), Delete(META_PREFIX + name, ABSENT)]
+                )
+                return
+            ops: Operations = [Delete(_data_key(name, n)) for n in sorted({*meta.versions, *orphans})]
             ops.append(Delete(META_PREFIX + name, expect=meta_entry.revision))
             self._commit(ops)
 
