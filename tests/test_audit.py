@@ -537,6 +537,77 @@ def test_a_damaged_anchor_is_named_and_audit_reset_replaces_it(cli: Cli, tmp_pat
     assert cli("audit", "reset", "--accept-loss").returncode == 2  # sound again: nothing to reset
 
 
+def _anchor_row(cli: Cli) -> bytes | None:
+    db = sqlite3.connect(cli.store)
+    try:
+        row = db.execute("SELECT value FROM entries WHERE key = 'core/audit-anchor'").fetchone()
+    finally:
+        db.close()
+    return None if row is None else bytes(row[0])
+
+
+def test_a_deleted_anchor_does_not_hide_a_cut_log_and_is_not_recreated(cli: Cli, tmp_path: Path) -> None:
+    """The log's last records cut and the core/audit-anchor row deleted too: 'audit verify' passed,
+    and the next command wrote a new anchor over the evidence. A log with signed records and no
+    anchor is now tampering (exit 6) for verify, status and every command that would anchor it,
+    and 'audit reset --accept-loss', which the message names, is the way on."""
+    busy_session(cli)
+    lines = cli.audit.read_bytes().splitlines(keepends=True)
+    cli.audit.write_bytes(b"".join(lines[:-4]))
+    db = sqlite3.connect(cli.store)
+    try:
+        db.execute("DELETE FROM entries WHERE key = 'core/audit-anchor'")
+        db.commit()
+    finally:
+        db.close()
+    cut = cli.audit.read_bytes()
+    for command in (("audit", "verify"), ("status",), ("get", "auth/DB_PASSWORD"), ("list",)):
+        stopped = cli(*command)
+        assert stopped.returncode == 6 and stopped.stdout == b"", command
+        message = stopped.stderr.decode()
+        assert message.count("\n") == 1 and KNOWN_VALUE not in message
+        assert "has no audit anchor" in message and "signed with the store's audit key" in message, message
+        assert "'secrets-manager audit reset --accept-loss'" in message
+        assert _anchor_row(cli) is None, command  # not recreated over the evidence
+    assert cli.audit.read_bytes() == cut
+    reset = cli("audit", "reset", "--accept-loss")
+    assert reset.returncode == 0, reset.stderr
+    assert b"has no audit anchor" in reset.stderr
+    assert cli("get", "auth/DB_PASSWORD").stdout == b"db-pass\n"
+    assert verify(cli).returncode == 0 and _anchor_row(cli) is not None
+
+
+def test_a_missing_anchor_is_seen_past_denied_unlocks_and_a_new_log_is_anchored_before_its_first_record(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """The writer's tail check reads back past the unsigned records of denied unlocks to a signed
+    one. A log's first append anchors the empty chain (seq 0) before it writes, so an anchor that
+    could not move after that first record never looks deleted; verify without a store's anchor
+    to hold it to (a key alone, as restore checks a surviving log) still passes."""
+    path = tmp_path / "audit.jsonl"
+    anchors: list[int] = []
+    real = encrypted_store.set_audit_anchor
+
+    def spy(anchor: Anchor, *, lock_wait: float | None = None, reset: bool = False) -> None:
+        anchors.append(anchor.seq)
+        real(anchor, lock_wait=lock_wait, reset=reset)
+
+    encrypted_store.set_audit_anchor = spy  # type: ignore[method-assign]
+    log = AuditLog(path)
+    log.append([AuditEvent(operation="get", actor="cli", name="a/1")], encrypted_store)
+    assert anchors == [0, 1]
+    AuditLog(path).append([AuditEvent(operation="unlock", actor="cli", decision="deny")], None)
+    AuditLog(path).append([AuditEvent(operation="unlock", actor="cli", decision="deny")], None)
+    encrypted_store._storage.delete("core/audit-anchor")
+    with pytest.raises(AuditTamperError, match="has no audit anchor"):
+        AuditLog(path).append([AuditEvent(operation="get", actor="cli", name="a/1")], encrypted_store)
+    key = encrypted_store.audit_key()
+    with pytest.raises(AuditTamperError, match="has no audit anchor"):
+        AuditLog(path).verify(key, None, anchor_required=True)
+    assert AuditLog(path).verify(key, None) == 3
+    assert encrypted_store.audit_anchor() is None and len(path.read_bytes().splitlines()) == 3
+
+
 def test_audit_reset_starts_a_new_chain_after_a_loss_and_keeps_the_old_files(cli: Cli) -> None:
     """A store copied without its log stops every command (fail closed) until an operator accepts
     the loss; the old files are kept, and the new chain says it was reset."""

@@ -473,6 +473,12 @@ class AuditLog:
         seq, previous = self._tail_of(before, anchor)
         first_seq = seq
         key = None if anchor is None else anchor.audit_key()
+        if anchor is not None and seq == 0 and anchor.audit_anchor() is None:
+            # The first records of this log: the store vouches for the empty chain first (seq 0),
+            # so a log holding authenticated records always has an anchor, and one missing is
+            # tampering (the row deleted), not an anchor this append could not move (the store
+            # busy, a crash after the fsync). Refused, with nothing written, if it cannot be.
+            anchor.set_audit_anchor(Anchor(seq=0, hash=GENESIS_HASH), lock_wait=self._lock_wait_of(jobs))
         now = self._timestamp(self._clock())
         lines = []
         for owner, event in [*repair, *((job, event) for job in jobs for event in job.events)]:
@@ -506,12 +512,8 @@ class AuditLog:
             unsynced, self._unsynced = self._unsynced, None
             unsynced.close()  # this fsync covered those records too
         if anchor is not None:
-            waits = [job.deadline for job in jobs if job.deadline is not None]
-            lock_wait = None
-            if waits:
-                lock_wait = max(0.0, min(waits) - time.monotonic() - ANCHOR_ANSWER_MARGIN_SECONDS)
             try:
-                anchor.set_audit_anchor(Anchor(seq=seq, hash=previous), lock_wait=lock_wait)
+                anchor.set_audit_anchor(Anchor(seq=seq, hash=previous), lock_wait=self._lock_wait_of(jobs))
             except StoreBusyError as exc:
                 # A change's "pending" record is refused: the change is not made. Any other record
                 # reports an operation already done; refusing it would misstate it (a caller would
@@ -528,6 +530,15 @@ class AuditLog:
                 self._worker.retry_within(FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS)
             else:
                 self._owed = None  # this process's newest record is anchored: older ones are too
+
+    @staticmethod
+    def _lock_wait_of(jobs: list[_AppendJob]) -> float | None:
+        """How long an anchor update may wait for the store's lock: until just before the first
+        job's caller gives up (None: no deadline)."""
+        waits = [job.deadline for job in jobs if job.deadline is not None]
+        if not waits:
+            return None
+        return max(0.0, min(waits) - time.monotonic() - ANCHOR_ANSWER_MARGIN_SECONDS)
 
     def _set_aside_partial_record(self, fd: int, size: int, anchor: AuditAnchor) -> Path | None:
         """If the live file ends in a partial line, move that line to `<file>.partial-<time>`
@@ -735,6 +746,8 @@ class AuditLog:
         `live_end`: the live file's whole records end there (a partial line follows)."""
         anchored = anchor.audit_anchor()
         _check_tail_against_anchor(last, anchored, self.path, anchor.audit_key())
+        if anchored is None and last is not None and self._holds_authenticated_record(live_end=live_end):
+            raise _missing_anchor(self.path)
         if last is None or anchored is None or anchored.seq < 1 or int(last["seq"]) <= anchored.seq:
             return
         found = self._record_at(anchored.seq, live_end=live_end)
@@ -745,6 +758,19 @@ class AuditLog:
                 f"log put in its place?): run 'secrets-manager audit verify' and restore the log, or "
                 f"accept the loss with {_RESET_HINT}"
             )
+
+    def _holds_authenticated_record(self, *, live_end: int | None) -> bool:
+        """Whether any record of the log carries a MAC (was written holding the audit key), read
+        back from the end: mostly its last record; only denied unlocks (no MAC) are read past."""
+        for path in reversed(self.files()):
+            for line in _lines_backwards(path, live_end if path == self.path else None):
+                try:
+                    record = _parse_line(line, path, -1)
+                except AuditTamperError:
+                    continue  # not a record: what verify reports; the question is about records
+                if record.get("mac") is not None:
+                    return True
+        return False
 
     def _record_at(self, seq: int, *, live_end: int | None) -> dict[str, Any] | None:
         """The record `seq`, read backwards from the end of the log (newest file first); None if
@@ -1056,18 +1082,28 @@ class AuditLog:
             return None
         return None
 
-    def verify(self, key: bytes, anchor: Anchor | None) -> int:
+    def verify(self, key: bytes, anchor: Anchor | None, *, anchor_required: bool = False) -> int:
         """Walk the whole chain; return the number of records, or raise AuditTamperError naming
-        the first record that does not hold (and the file and line it is on)."""
-        return self._verify(key, anchor, locked=False)
+        the first record that does not hold (and the file and line it is on).
 
-    def _verify(self, key: bytes, anchor: Anchor | None, *, locked: bool) -> int:
+        `anchor_required`: `anchor` is what the store holds (None: it holds none). A log with
+        authenticated records then needs one: its first append anchors the empty chain before
+        writing, so none means the anchor row was deleted (hiding records cut from the end).
+        Without it, None only means there is no anchor to check against (a key alone is)."""
+        return self._verify(key, anchor, locked=False, anchor_required=anchor_required)
+
+    def _verify(
+        self, key: bytes, anchor: Anchor | None, *, locked: bool, anchor_required: bool = True
+    ) -> int:
         previous_hash, expected_seq, count = GENESIS_HASH, 1, 0
-        anchor_seen = anchor is None
+        anchor_seen = anchor is None or anchor.seq == 0  # seq 0: the empty chain, before any record
+        authenticated = False  # a record with a MAC seen
 
         def partial(path: Path, number: int) -> None:
             """A crash cuts short only a write never acknowledged, so never one the store anchored:
             a partial last line before the anchored record is records cut off, not a crash."""
+            if anchor is None and anchor_required and authenticated:
+                raise _missing_anchor(self.path)
             if not anchor_seen:
                 assert anchor is not None
                 raise AuditTamperError(
@@ -1104,11 +1140,15 @@ class AuditLog:
                 raise AuditTamperError(
                     f"audit record {seq} was forged or edited (its MAC does not match), in {at}"
                 )
+            else:
+                authenticated = True
             if anchor is not None and seq == anchor.seq:
                 if hashed != anchor.hash:
                     raise AuditTamperError(f"audit record {seq} is not the one the store anchored, in {at}")
                 anchor_seen = True
             previous_hash, expected_seq, count = hashed, expected_seq + 1, count + 1
+        if anchor is None and anchor_required and authenticated:
+            raise _missing_anchor(self.path)
         if not anchor_seen:
             assert anchor is not None
             raise AuditTamperError(
@@ -1223,6 +1263,15 @@ _RESET_HINT = "'secrets-manager audit reset --accept-loss' (--share-file too if 
 _RESTORE_HINT = f"restore the log from a copy, or accept the loss with {_RESET_HINT}"
 
 
+def _missing_anchor(path: Path) -> AuditTamperError:
+    return AuditTamperError(
+        f"the store has no audit anchor, but audit log {path} holds records signed with the "
+        "store's audit key: the anchor was deleted from the store (which hides records cut from "
+        "the end of the log). If the store file was damaged or replaced, restore it from a backup; "
+        f"else check the log ('secrets-manager audit show') and start a new chain with {_RESET_HINT}"
+    )
+
+
 def _check_tail_against_anchor(
     last: dict[str, Any] | None, anchored: Anchor | None, path: Path, key: bytes | None = None
 ) -> None:
@@ -1303,6 +1352,16 @@ def _with_hash_and_mac(body: bytes, hash_: str, mac: str | None) -> bytes:
     at = body.index(_SPLICE_AT)
     fields = f',"hash":"{hash_}","mac":' + ("null" if mac is None else f'"{mac}"')
     return body[:at] + fields.encode() + body[at:] + b"\n"
+
+
+def anchor_a_restored_store(anchor: AuditAnchor) -> None:
+    """A store just made from a backup copy has its audit key but no anchor (backups copy none),
+    while the log its source wrote may have survived it: the store vouches for the empty chain
+    (seq 0), so that log goes on verifying (its records by their MACs) and its next append anchors
+    its tail. Without this, a log with signed records and no anchor is taken for an anchor deleted.
+    Nothing is done if the store has an anchor."""
+    if anchor.audit_anchor() is None:
+        anchor.set_audit_anchor(Anchor(seq=0, hash=GENESIS_HASH))
 
 
 def adopt_log(

@@ -124,7 +124,7 @@ def verify(session: Session) -> None:
     log = session.audit_log()
     store = session.unlock()
     try:
-        count = log.verify(store.audit_key(), store.audit_anchor())
+        count = log.verify(store.audit_key(), store.audit_anchor(), anchor_required=True)
     finally:
         store.close()
     files = len(log.files())

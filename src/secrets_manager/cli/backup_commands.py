@@ -26,7 +26,13 @@ from typing import Any
 
 import click
 
-from secrets_manager.audit import AuditEvent, AuditPartialRecordError, AuditTamperError, value_fingerprint
+from secrets_manager.audit import (
+    AuditEvent,
+    AuditPartialRecordError,
+    AuditTamperError,
+    anchor_a_restored_store,
+    value_fingerprint,
+)
 from secrets_manager.cli.app import Session, cli, kdf_profile_option, pass_session
 from secrets_manager.cli.output import info_line, print_json, progress_bars, timestamp, warning_line
 from secrets_manager.cli.password import prompt_password, read_password_file, terminal_available
@@ -464,6 +470,7 @@ def _audit_new_store(
     try:
         store = open_store(session.store_url, password, environment=session.environment, actor=session.actor)
         event = session.event("restore")
+        anchor_a_restored_store(store)  # a copy's log, where it survived the store, goes on verifying
         session.audit_log().append([*_secret_records(event, store, restored, result), event], store)
     except BaseException:
         if store is not None:

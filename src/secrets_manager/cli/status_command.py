@@ -71,7 +71,9 @@ def status(session: Session, as_json: bool) -> None:
             else None
         )
         try:
-            doc["audit_records"] = session.audit_log().verify(store.audit_key(), store.audit_anchor())
+            doc["audit_records"] = session.audit_log().verify(
+                store.audit_key(), store.audit_anchor(), anchor_required=True
+            )
         except IntegrityError as exc:
             audit_problem = str(exc)
             doc["audit_records"] = None

@@ -1110,11 +1110,13 @@ class EncryptedStore:
             ops: Operations = [self._root_guard()] if guarded else []
             sealed = seal_record(self._root, Purpose.AUDIT_ANCHOR, self._anchor_key, 0, doc)
             # Not fsynced: a power cut can only make the anchor lag, and records past it verify by MAC.
-            # Silent: it is not a secret, so watchers need not hear of it.
+            # Except the first (the log's empty chain, before its first record): a log with records
+            # and no anchor is taken for an anchor deleted. Silent: it is not a secret, so watchers
+            # need not hear of it.
             self._commit(
                 [*ops, Put(self._anchor_key, sealed, _expect(entry))],
                 silent=True,
-                durable=False,
+                durable=entry is None,
                 lock_wait=lock_wait,
             )
 
