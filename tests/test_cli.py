@@ -664,6 +664,39 @@ def test_status_shows_the_store_at_a_glance_and_exits_6_when_the_audit_log_does_
     assert_one_line_error(ready("status", env={"SECRETS_MANAGER_ADDR": "127.0.0.1:1"}), 2, "status")
 
 
+def test_status_and_store_report_a_value_rolled_back_metadata_does_not_list(ready: Cli) -> None:
+    """meta/<name> put back from v2 after v3 and a delete: 'get' serves v2, status said all was
+    well and the next 'store' hung 30 s, then blamed concurrent writers. status now names the
+    unlisted version (a scan of keys, exit 6), 'store' fails at once (exit 6), and the command
+    both name ('destroy NAME --version N') works."""
+    for value in (b"v1", b"v2"):
+        assert ready("store", "auth/DB_PASS", input=value).code == 0
+    db = sqlite3.connect(ready.store)
+    try:
+        (at_v2,) = db.execute("SELECT value FROM entries WHERE key = 'meta/auth/DB_PASS'").fetchone()
+        assert ready("store", "auth/DB_PASS", input=b"v3-NEW").code == 0
+        assert ready("delete", "auth/DB_PASS").code == 0
+        db.execute("UPDATE entries SET value = ? WHERE key = 'meta/auth/DB_PASS'", (at_v2,))
+        db.commit()
+    finally:
+        db.close()
+    assert ready("status").code == 6
+    shown = ready("status")
+    assert_one_line_error(shown, 6, "'auth/DB_PASS' has stored values its metadata does not list (version 3)")
+    assert "secrets-manager destroy auth/DB_PASS --version 3" in shown.stderr
+    assert "auth/DB_PASS version 3 not listed by its metadata" in shown.out
+    assert json.loads(ready("status", "--json").out)["unlisted_values"] == {"auth/DB_PASS": [3]}
+    started = time.monotonic()
+    refused = ready("store", "auth/DB_PASS", input=b"v4")
+    assert time.monotonic() - started < 10
+    assert_one_line_error(refused, 6, "rolled back", "secrets-manager destroy auth/DB_PASS --version 3")
+    assert ready("destroy", "auth/DB_PASS", "--version", "3").code == 0
+    shown = ready("status")
+    assert shown.code == 0, shown.stderr
+    assert "all listed by their metadata" in shown.out
+    assert ready("store", "auth/DB_PASS", input=b"v4").out.strip() == "stored auth/DB_PASS version 3"
+
+
 def test_status_says_where_the_store_is_for_the_default_and_a_relative_store(
     cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

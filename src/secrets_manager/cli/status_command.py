@@ -2,7 +2,8 @@
 
 One audited read: where the store is and what kind, what unlocks it, how many secrets in which
 namespaces, the oldest current value (the credential longest without a rotation), whether the
-audit log verifies, and the recovery shares. Exit 6 when the audit log does not verify.
+audit log verifies, and the recovery shares. Exit 6 when the audit log does not verify, or a value
+is stored that its secret's metadata does not list (a `meta/` row rolled back or deleted).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from secrets_manager.store.url import (
 @pass_session
 def status(session: Session, as_json: bool) -> None:
     """Show the store at a glance: kind, unlock, secrets, oldest value, audit log, recovery shares.
-    Exit 6 if the audit log does not verify."""
+    Exit 6 if the audit log does not verify, or a stored value is not listed by its metadata."""
     session.require_local("status")
     doc: dict[str, Any] = {
         "store": _where(session.store_url),
@@ -60,6 +61,8 @@ def status(session: Session, as_json: bool) -> None:
         doc["secrets"] = len(live)
         doc["deleted_secrets"] = len(secrets) - len(live)
         doc["namespaces"] = sorted({namespace_of(meta.name) for meta in live})
+        # Values the metadata does not list (a meta/ row rolled back or deleted): keys only.
+        doc["unlisted_values"] = store.unlisted_values(secrets) if isinstance(store, EncryptedStore) else None
         stored = sorted((t, meta.name) for meta in live if (t := current_value_time(meta)) is not None)
         doc["oldest_value"] = (
             {
@@ -85,6 +88,17 @@ def status(session: Session, as_json: bool) -> None:
         _print(doc, audit_problem)
     if audit_problem is not None:
         raise IntegrityError(f"the audit log does not verify: {audit_problem}")
+    if doc["unlisted_values"]:
+        name, versions = next(iter(doc["unlisted_values"].items()))
+        numbers = ", ".join(map(str, versions))
+        more = len(doc["unlisted_values"]) - 1
+        raise IntegrityError(
+            f"secret {name!r} has stored values its metadata does not list (version {numbers})"
+            + (f", and {more} other secret(s) too" if more else "")
+            + ": its metadata was rolled back to an older copy or deleted, so 'get' may serve an "
+            "older value; check it against a backup, and to go on erase those values with "
+            f"'secrets-manager destroy {name} " + " ".join(f"--version {n}" for n in versions) + "'"
+        )
 
 
 def _where(url: str | None) -> str:
@@ -144,6 +158,17 @@ def _print(doc: dict[str, Any], audit_problem: str | None) -> None:
             "-"
             if oldest is None
             else f"{oldest['name']}, stored {oldest['stored']} ({oldest['days']} days ago)",
+        ),
+        (
+            "stored values",
+            "n/a (the backend keeps its own)"
+            if doc["unlisted_values"] is None
+            else "all listed by their metadata"
+            if not doc["unlisted_values"]
+            else "; ".join(
+                f"{name} version {', '.join(map(str, versions))} not listed by its metadata"
+                for name, versions in doc["unlisted_values"].items()
+            ),
         ),
         (
             "audit log",

@@ -530,6 +530,28 @@ class EncryptedStore:
             f"'secrets-manager destroy {name} {listed}' (then {restore}), and store again"
         )
 
+    def unlisted_values(self, listed: Iterable[SecretMetadata]) -> dict[str, builtins.list[int]]:
+        """Values stored that their secret's metadata does not list as kept, by name: what a
+        `meta/` row rolled back to an older copy, or deleted, leaves behind (the next write of
+        the name refuses to go on). `listed`: every secret's metadata (`list(include_deleted=
+        True)`), so this costs one scan of the `data/` keys and no decryption, except a fresh
+        read of the metadata of a name that looks wrong (a write may have landed between the two
+        reads)."""
+        kept = {meta.name: {v.version for v in meta.versions if not v.destroyed} for meta in listed}
+        suspects = set()
+        for key in self._storage.list(DATA_PREFIX):
+            name, _, number = key[len(DATA_PREFIX) :].rpartition("#")
+            if not number.isdigit() or int(number) not in kept.get(name, set()):
+                suspects.add(name)
+        found: dict[str, builtins.list[int]] = {}
+        for name in sorted(suspects):
+            _, meta = self._read_meta(name)
+            fresh = set() if meta is None else {n for n, i in meta.versions.items() if not i["destroyed"]}
+            unlisted = [n for n in self._orphaned_versions(name, 1) if n not in fresh]
+            if unlisted:
+                found[name] = unlisted
+        return found
+
     def _orphaned_versions(self, name: str, first: int) -> builtins.list[int]:
         """The version numbers from `first` on that have a value row (a scan of keys only)."""
         prefix = f"{DATA_PREFIX}{name}#"
