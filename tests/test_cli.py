@@ -726,6 +726,21 @@ def test_delete_is_soft_and_undelete_restores(ready: Cli) -> None:
     assert ready("get", "svc/SOFT").out == "keep-me\n"
 
 
+def test_suggested_commands_keep_the_global_options_given(ready: Cli) -> None:
+    """A hint printed after `--store X delete NAME` said 'secrets-manager undelete NAME': pasted,
+    it acted on the default store (rotate's hints kept the options; now every one does)."""
+    on = ("--store", str(ready.store))
+    without = {"SECRETS_MANAGER_STORE": None}
+    ready("store", "svc/HINT", input=b"v")
+    deleted = ready(*on, "delete", "svc/HINT", env=without)
+    assert f"'secrets-manager --store {ready.store} undelete svc/HINT'" in deleted.stderr, deleted.stderr
+    rotated = ready(*on, "keys", "rotate", "svc", env=without)
+    assert f"'secrets-manager --store {ready.store} keys rewrap svc'" in rotated.stderr, rotated.stderr
+    assert ready(*on, "undelete", "svc/HINT", env=without).code == 0
+    plain = ready("delete", "svc/HINT")  # the store from the environment, which a pasted line inherits
+    assert "(recoverable with 'secrets-manager undelete svc/HINT')" in plain.stderr, plain.stderr
+
+
 def test_destroy_version_erases_it_for_good(ready: Cli) -> None:
     ready("store", "svc/GONE", input=b"old")
     ready("store", "svc/GONE", input=b"new")

@@ -36,6 +36,7 @@ from secrets_manager.cli.output import (
     print_json,
     print_table,
     printable,
+    suggested,
     timestamp,
     warning_line,
 )
@@ -1140,7 +1141,7 @@ def delete(session: Session, name: str) -> None:
     validate_name(name)
     with session.secret_operation("delete", name, mutating=True) as (store, _):
         store.delete(name)
-    info_line(f"deleted {name} (recoverable with 'secrets-manager undelete {name}')")
+    info_line(f"deleted {name} (recoverable with '{suggested('undelete', name)}')")
 
 
 @cli.command()
@@ -1413,7 +1414,7 @@ def select_field(data: bytes, name: str, field: str) -> bytes:
     if field not in document:
         raise NotFoundError(  # the field names are part of the value: counted, not listed
             f"the value of {name} has no field {field!r} (it has {_fields(len(document))}; "
-            f"'secrets-manager get {name}' shows them)"
+            f"'{suggested('get', name)}' shows them)"
         )
     chosen = document[field]
     text = (

@@ -24,6 +24,7 @@ from secrets_manager.cli.output import (
     print_json,
     print_table,
     progress_bars,
+    suggested,
     timestamp,
     warning_line,
 )
@@ -145,7 +146,7 @@ def rotate(session: Session, namespace: str | None, every: bool, root: bool) -> 
             event.version = key_id
         info_line(
             f"namespace {namespace}: new primary key {key_id}; re-encrypt older records with "
-            f"'secrets-manager keys rewrap {namespace}'"
+            f"'{suggested('keys', 'rewrap', namespace)}'"
         )
         return
     with session.operation("keys.rotate", mutating=True) as (store, _):
@@ -153,7 +154,7 @@ def rotate(session: Session, namespace: str | None, every: bool, root: bool) -> 
     for ns, key_id in rotated:
         info_line(f"namespace {ns}: new primary key {key_id}")
     if rotated:
-        info_line("re-encrypt older records with 'secrets-manager keys rewrap --all'")
+        info_line(f"re-encrypt older records with '{suggested('keys', 'rewrap', '--all')}'")
     else:
         info_line("no namespace has keys yet; nothing to rotate")
 
@@ -206,7 +207,7 @@ def disable(session: Session, key_id: int, namespace: str | None) -> None:
         event.name = disable_key(store, key_id, namespace)
     info_line(
         f"disabled key {key_id} of namespace {event.name}; erase it with "
-        f"'secrets-manager keys destroy {key_id}' (or undo with 'keys enable {key_id}')"
+        f"'{suggested('keys', 'destroy', str(key_id))}' (or undo with 'keys enable {key_id}')"
     )
 
 

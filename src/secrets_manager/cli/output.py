@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import unicodedata
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -28,6 +29,7 @@ from typing import Any
 import click
 
 from secrets_manager.errors import InvalidInputError
+from secrets_manager.store.url import url_without_password
 
 PROG = "secrets-manager"
 
@@ -274,3 +276,30 @@ def timestamp(value: datetime | None) -> str:
 
 def _one_line(message: str) -> str:
     return printable(" ".join(message.split()))
+
+
+def invocation() -> tuple[str, ...]:
+    """`secrets-manager` and the global options given on this command line (not from the
+    environment, which a pasted command inherits), for the commands a message suggests: without
+    --store or --server they would act on another store. A store URL's password is left out."""
+    context = click.get_current_context(silent=True)
+    words = ["secrets-manager"]
+    if context is None:
+        return tuple(words)
+    root = context.find_root()
+    for param, flag in (
+        ("store_url", "--store"),
+        ("server", "--server"),
+        ("password_file", "--password-file"),
+        ("audit_file", "--audit-file"),
+    ):
+        value = root.params.get(param)
+        if value and root.get_parameter_source(param) is click.core.ParameterSource.COMMANDLINE:
+            words += [flag, url_without_password(value) if param == "store_url" else value]
+    return tuple(words)
+
+
+def suggested(*words: str) -> str:
+    """The command `secrets-manager WORDS…` as a shell line to paste, with this command line's
+    global options (`invocation`)."""
+    return shlex.join([*invocation(), *words])

@@ -79,7 +79,8 @@ def check_password_file(path: Path, found: os.stat_result, environment: Environm
         return
     if environment.is_production:
         raise UnsafeConfigurationError(problem)
-    warning_line(problem)
+    if stat.S_ISREG(found.st_mode):  # a file at rest; not a pipe (`<(pass show …)`) or a device
+        warning_line(problem)
 
 
 def read_password_file(path: Path, *, environment: Environment) -> bytes:

@@ -38,7 +38,7 @@ from secrets_manager.cli.app import (
     read_value,
     refuse_generator_options,
 )
-from secrets_manager.cli.output import Seconds, info_line, print_json
+from secrets_manager.cli.output import Seconds, info_line, invocation, print_json
 from secrets_manager.errors import InvalidInputError, Terminated
 from secrets_manager.rotation import (
     DEFAULT_TIMEOUT,
@@ -53,7 +53,6 @@ from secrets_manager.rotation import (
 )
 from secrets_manager.rotators.postgres import PostgresRole
 from secrets_manager.store import CURRENT, PENDING, validate_name
-from secrets_manager.store.url import url_without_password
 from secrets_manager.values import SecretValue
 
 
@@ -221,7 +220,7 @@ def rotate(
             SessionSteps(session, reading_fields=field is not None),
             name,
             Commands(
-                set_argv, test_argv, timeout, session.environ, invocation=_invocation(), postgres=postgres
+                set_argv, test_argv, timeout, session.environ, invocation=invocation(), postgres=postgres
             ),
             value=value,
             field=field,
@@ -244,24 +243,6 @@ def _postgres_target(role: str | None, conninfo: str | None, *, commands: bool) 
             "--postgres-role sets and tests the password itself: drop --set-command and --test-command"
         )
     return PostgresRole.parse(role, conninfo or "")
-
-
-def _invocation() -> tuple[str, ...]:
-    """`secrets-manager` and the global options given on this command line (not from the
-    environment, which a pasted command inherits), for the commands a failure suggests: without
-    --store or --server they would act on another store. A store URL's password is left out."""
-    root = click.get_current_context().find_root()
-    words = ["secrets-manager"]
-    for param, flag in (
-        ("store_url", "--store"),
-        ("server", "--server"),
-        ("password_file", "--password-file"),
-        ("audit_file", "--audit-file"),
-    ):
-        value = root.params.get(param)
-        if value and root.get_parameter_source(param) is click.core.ParameterSource.COMMANDLINE:
-            words += [flag, url_without_password(value) if param == "store_url" else value]
-    return tuple(words)
 
 
 def _check_resume_commands(*, resume: bool, promote_only: bool, commands: bool) -> None:

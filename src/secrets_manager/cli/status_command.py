@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from secrets_manager.cli.app import Session, cli, current_value_time, pass_session
-from secrets_manager.cli.output import print_json, printable, timestamp
+from secrets_manager.cli.output import print_json, printable, suggested, timestamp
 from secrets_manager.errors import IntegrityError, SecretsManagerError
 from secrets_manager.store import EncryptedStore
 from secrets_manager.store.names import namespace_of
@@ -97,7 +97,7 @@ def status(session: Session, as_json: bool) -> None:
             + (f", and {more} other secret(s) too" if more else "")
             + ": its metadata was rolled back to an older copy or deleted, so 'get' may serve an "
             "older value; check it against a backup, and to go on erase those values with "
-            f"'secrets-manager destroy {name} " + " ".join(f"--version {n}" for n in versions) + "'"
+            f"'{suggested('destroy', name, *(w for n in versions for w in ('--version', str(n))))}'"
         )
 
 
