@@ -249,6 +249,16 @@ def test_credentials_are_a_read_only_mapping_that_shows_names_only() -> None:
         pickle.dumps(creds)
 
 
+def test_a_name_missing_from_empty_credentials_says_they_are_empty() -> None:
+    """get_credentials("typo-ns") returns no secret and no error; the KeyError said only the name."""
+    with pytest.raises(KeyError, match="these credentials are empty"):
+        Credentials({})["BINANCE_API_KEY"]
+    assert Credentials({}).get("BINANCE_API_KEY") is None
+    with pytest.raises(KeyError) as caught:
+        Credentials({"auth/DB_PASSWORD": SecretValue(b"x")})["BINANCE_API_KEY"]
+    assert caught.value.args == ("BINANCE_API_KEY",)
+
+
 def test_a_short_name_finds_the_one_secret_it_ends_and_never_guesses_between_two() -> None:
     creds = Credentials(
         {

@@ -81,6 +81,11 @@ class Credentials(Mapping[str, SecretValue]):
             raise AmbiguousNameError(
                 f"{name!r} is ambiguous here: {', '.join(sorted(matches))}; use the full name"
             )
+        if not self._values:  # a typo in the prefix, or a policy that grants nothing under it
+            raise KeyError(
+                f"{name}: these credentials are empty (no secret under the prefix asked for that this "
+                "identity may read; 'secrets-manager policy explain' shows what the policy grants)"
+            )
         raise KeyError(name)
 
     def get(self, name: str, default: SecretValue | None = None) -> SecretValue | None:  # type: ignore[override]
