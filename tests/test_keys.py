@@ -227,6 +227,24 @@ def test_rewrap_leaves_a_damaged_record_alone_and_reports_it(
     assert filled.get("svc/b").value.reveal() == b"b2"
 
 
+@pytest.mark.parametrize("stray", ["data/svc/a#x", "data/svc/a", "data/svc/a#01", "meta/svc/bad name"])
+def test_a_stray_entry_is_an_integrity_error_naming_it_and_nothing_is_rewrapped(
+    stray: str, filled: EncryptedStore, raw: SqliteStorage
+) -> None:
+    keys.rotate_key(filled, "svc")
+    raw.put(stray, entry_value(raw, "data/svc/a#1"))
+    before = revisions(raw)
+    for operation in (keys.key_status, keys.rewrap):
+        with pytest.raises(IntegrityError) as caught:
+            operation(filled, "svc")
+        assert f"the entry {stray!r} is not part of the store layout" in str(caught.value)
+        assert "restore it from a backup" in str(caught.value)
+    with pytest.raises(IntegrityError, match="not part of the store layout"):
+        keys.key_status(filled)
+    assert revisions(raw) == before
+    assert state_of(filled, "other")  # another namespace's rows are listed apart
+
+
 def test_rewrap_beside_a_concurrent_writer_loses_nothing(
     filled: EncryptedStore, open_store: OpenStore
 ) -> None:

@@ -295,6 +295,17 @@ def test_unknown_namespaces_and_key_ids_exit_3(used: Cli, args: tuple[str, ...])
     assert used.entries() == before
 
 
+def test_a_stray_entry_makes_status_and_rewrap_exit_6_naming_it(used: Cli) -> None:
+    db = sqlite3.connect(used.store)
+    db.execute("INSERT INTO entries VALUES ('data/svc/a#x', ?, 999999)", (b"\x01" + bytes(40),))
+    db.commit()
+    db.close()
+    before = used.entries()
+    for args in (("keys", "status", "svc"), ("keys", "rewrap", "svc")):
+        assert_one_line_error(used(*args), 6, "'data/svc/a#x' is not part of the store layout")
+    assert used.entries() == before
+
+
 @pytest.mark.parametrize(
     "args",
     [

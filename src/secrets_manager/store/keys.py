@@ -21,6 +21,7 @@ module is the other half of `EncryptedStore`, split out for size; it uses that c
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -58,7 +59,12 @@ from secrets_manager.store.encrypted import (
     _expect,
     _load_json,
 )
-from secrets_manager.store.names import DEFAULT_NAMESPACE, namespace_of, validate_namespace
+from secrets_manager.store.names import (
+    DEFAULT_NAMESPACE,
+    namespace_of,
+    validate_name,
+    validate_namespace,
+)
 from secrets_manager.store.recovery import SECTION as RECOVERY_SECTION
 from secrets_manager.store.recovery import RecoverySetup, sealed_root_section
 
@@ -73,6 +79,9 @@ _ROOT_SEALED = (
 
 # progress(namespace, records done, records to do in all)
 RewrapProgress = Callable[[str, int, int], None]
+
+# The part of a `data/` key after the prefix (docs/format.md 8): a name, '#', a decimal version.
+_DATA_KEY = re.compile(r"(?P<name>[^#]+)#(?P<version>[1-9][0-9]{0,18})")
 
 
 @dataclass(frozen=True)
@@ -489,11 +498,27 @@ def _record_keys(store: EncryptedStore, namespace: str | None) -> Iterator[str]:
 
 
 def _record_place(key: str) -> tuple[Purpose, str, int]:
-    """(purpose, name, version) a record under this storage key is sealed for."""
+    """(purpose, name, version) a record under this storage key is sealed for; IntegrityError
+    naming the entry if its key is not one of the storage layout (docs/format.md 8)."""
     if key.startswith(DATA_PREFIX):
-        name, _, version = key[len(DATA_PREFIX) :].rpartition("#")
-        return Purpose.SECRET_VALUE, name, int(version)
-    return Purpose.SECRET_METADATA, key[len(META_PREFIX) :], 0
+        match = _DATA_KEY.fullmatch(key[len(DATA_PREFIX) :])
+        if match is None:
+            raise _stray_entry(key)
+        purpose, name, version = Purpose.SECRET_VALUE, match["name"], int(match["version"])
+    else:
+        purpose, name, version = Purpose.SECRET_METADATA, key[len(META_PREFIX) :], 0
+    try:
+        validate_name(name)
+    except InvalidInputError:
+        raise _stray_entry(key) from None
+    return purpose, name, version
+
+
+def _stray_entry(key: str) -> IntegrityError:
+    return IntegrityError(
+        f"the entry {key!r} is not part of the store layout (integrity check failed): the store was "
+        "damaged or edited by hand; restore it from a backup"
+    )
 
 
 def _key_id_at(store: EncryptedStore, key: str) -> int | None:
