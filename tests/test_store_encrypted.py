@@ -24,6 +24,7 @@ from secrets_manager.errors import (
     NotFoundError,
     UnlockError,
 )
+from secrets_manager.storage import Entry
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretStore
 from secrets_manager.store.testing import SECRET_STORE_CHECKS, check_secret_store, run_check
@@ -273,6 +274,58 @@ def test_missing_keyset_fails_integrity_check(encrypted_store: EncryptedStore, r
     raw.delete("core/keyset/svc")
     with pytest.raises(IntegrityError):
         encrypted_store.get("svc/a")
+
+
+@pytest.mark.parametrize(("old", "new"), [("svc/a", "svc/new"), ("PLAIN", "default/new")])
+def test_a_lost_keyset_is_not_replaced_by_the_next_write(
+    old: str, new: str, encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    encrypted_store.put(old, VALUE)
+    namespace = "svc" if old.startswith("svc/") else "default"
+    saved = entry_value(raw, f"core/keyset/{namespace}")
+    raw.delete(f"core/keyset/{namespace}")
+    before = revisions(raw)
+    for write in (
+        lambda: encrypted_store.put(new, OTHER_VALUE),
+        lambda: encrypted_store.put(old, OTHER_VALUE),
+        lambda: encrypted_store.delete(old),
+    ):
+        with pytest.raises(IntegrityError) as caught:
+            write()
+        message = str(caught.value)
+        assert f"keyset of namespace {namespace!r}" in message and "is missing" in message
+        assert "restore the store from a backup" in message
+    assert revisions(raw) == before  # nothing written: no fresh keyset hides the loss
+    raw.put(f"core/keyset/{namespace}", saved)  # put back (from a backup): all is as it was
+    assert encrypted_store.get(old).value.reveal() == VALUE
+    encrypted_store.put(new, OTHER_VALUE)
+    assert encrypted_store.get(new).value.reveal() == OTHER_VALUE
+
+
+def test_another_handle_making_the_namespace_meanwhile_is_no_lost_keyset(
+    encrypted_store: EncryptedStore, tmp_store_path: Path, store_password: str
+) -> None:
+    """A writer finds no keyset for a new namespace, and before it looks for the namespace's
+    records another handle commits the namespace's first secret (and keyset): it retries on that
+    keyset instead of taking the other's secret for a namespace whose keyset was lost."""
+
+    class Raced(SqliteStorage):
+        def get(self, key: str) -> Entry | None:
+            entry = super().get(key)
+            if key == "core/keyset/race" and entry is None and not raced:
+                raced.append(True)
+                encrypted_store.put("race/theirs", OTHER_VALUE)
+            return entry
+
+    raced: list[bool] = []
+    mine = EncryptedStore.open(Raced(tmp_store_path), PasswordUnlock(store_password, kdf.TEST))
+    try:
+        mine.put("race/mine", VALUE)
+        assert raced
+        assert mine.get("race/theirs").value.reveal() == OTHER_VALUE
+        assert encrypted_store.get("race/mine").value.reveal() == VALUE
+    finally:
+        mine.close()
 
 
 def test_integrity_errors_are_opaque_and_show_no_value(

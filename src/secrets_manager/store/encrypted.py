@@ -96,7 +96,7 @@ from secrets_manager.store.base import (
 )
 from secrets_manager.store.changes import SecretChanges, secret_changes
 from secrets_manager.store.kms import AwsKmsUnlock
-from secrets_manager.store.names import namespace_of, validate_name, validate_prefix
+from secrets_manager.store.names import DEFAULT_NAMESPACE, namespace_of, validate_name, validate_prefix
 from secrets_manager.store.read_cache import ReadCache
 from secrets_manager.store.unlock import PasswordUnlock, UnlockSource
 from secrets_manager.values import SecretValue
@@ -772,21 +772,43 @@ class EncryptedStore:
         """The keyset a read found under `core/keyset/<namespace>`; its absence is an integrity
         failure (a namespace with secrets always has one)."""
         if entry is None:
-            raise IntegrityError(f"keyset of namespace {namespace!r} is missing (integrity check failed)")
+            raise _keyset_missing(namespace)
         return self._decode_keyset(namespace, entry, root_lookup)
 
     def _keyset_for_write(
         self, namespace: str, policy: RotationPolicy | None = None
     ) -> tuple[Expect, Keyset]:
         """The keyset to seal with, and the precondition to commit it under. Its primary is replaced
-        first if `policy` (default: the store's key policy) says it is due."""
+        first if `policy` (default: the store's key policy) says it is due.
+
+        A new keyset only for a namespace without records: one whose keyset is gone (damage, a
+        partial copy) is refused, not given a fresh one that would hide the loss and leave its
+        secrets unreadable even once the old keyset is put back."""
         entry = self._storage.get(KEYSET_PREFIX + namespace)
         if entry is None:
+            if self._has_records(namespace):
+                if self._storage.get(KEYSET_PREFIX + namespace) is not None:
+                    raise _LostRace()  # another writer made the namespace's first secret meanwhile
+                raise _keyset_missing(namespace)
             return ABSENT, Keyset.generate(created=int(self._clock()))
         keyset = self._decode_keyset(namespace, entry)
         if policy is None:
             policy = self.key_policy()
         return entry.revision, keyset.with_rotation_if_due(created=int(self._clock()), policy=policy)
+
+    def _has_records(self, namespace: str) -> bool:
+        """Whether any `meta/` or `data/` entry belongs to `namespace` (`default` holds the names
+        without '/' too, so it lists them all)."""
+        if namespace == DEFAULT_NAMESPACE:
+            prefixes = [META_PREFIX, DATA_PREFIX]
+        else:
+            prefixes = [f"{META_PREFIX}{namespace}/", f"{DATA_PREFIX}{namespace}/"]
+        for prefix in prefixes:
+            base = len(META_PREFIX if prefix.startswith(META_PREFIX) else DATA_PREFIX)
+            for key in self._storage.list(prefix):
+                if namespace_of(key[base:].partition("#")[0]) == namespace:
+                    return True
+        return False
 
     def _decode_keyset(
         self, namespace: str, entry: Entry, root_lookup: Callable[[int], DataKey] | None = None
@@ -1269,6 +1291,14 @@ _NOT_OURS = (
     "replaced or damaged; integrity check failed): this process keeps the root key it holds and "
     "sealed nothing under that one; check who can write the store and restore it from a backup"
 )
+
+
+def _keyset_missing(namespace: str) -> IntegrityError:
+    return IntegrityError(
+        f"the keyset of namespace {namespace!r} (core/keyset/{namespace}) is missing while the namespace "
+        "has secrets (integrity check failed): none of them can be read or written; restore the store "
+        "from a backup"
+    )
 
 
 def _unlock_changed() -> ConflictError:

@@ -57,6 +57,7 @@ from secrets_manager.store.encrypted import (
     Operations,
     _dump,
     _expect,
+    _keyset_missing,
     _load_json,
 )
 from secrets_manager.store.names import (
@@ -409,7 +410,7 @@ def _missing_keyset(namespace: str) -> NotFoundError:
 def _keyset_entry(store: EncryptedStore, namespace: str) -> tuple[Entry, Keyset]:
     entry = store._storage.get(KEYSET_PREFIX + namespace)
     if entry is None:
-        raise IntegrityError(f"keyset of namespace {namespace!r} is missing (integrity check failed)")
+        raise _keyset_missing(namespace)
     return entry, store._decode_keyset(namespace, entry)
 
 
@@ -459,7 +460,7 @@ def _rewrap_batch(
     """One commit: re-seal the records of `batch` not under the primary; (count, unreadable)."""
     expect, keyset = store._keyset_for_write(namespace, DEFAULT_POLICY)
     if expect is ABSENT:
-        raise IntegrityError(f"keyset of namespace {namespace!r} is missing (integrity check failed)")
+        raise _keyset_missing(namespace)
     ops: Operations = []
     unreadable: dict[str, UnreadableRecord] = {}
     for key in batch:
