@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Mapping
@@ -308,6 +309,19 @@ def test_a_bad_selection_runs_nothing(
     assert result.returncode == code, result.stderr
     assert message in result.stderr and len(result.stderr.splitlines()) == 1
     assert not marker.exists()
+
+
+def test_a_secret_whose_value_row_is_gone_fails_the_run_and_runs_nothing(cli: Cli, tmp_path: Path) -> None:
+    db = sqlite3.connect(cli.home / "store.db")
+    db.execute("DELETE FROM entries WHERE key = 'data/auth/DB_PASSWORD#1'")
+    db.commit()
+    db.close()
+    marker = tmp_path / "ran"
+    result = cli("run", "--service", "auth", "--", "touch", str(marker))
+    assert result.returncode == 6, result.stderr
+    assert "version 1 of 'auth/DB_PASSWORD' is missing" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert not marker.exists()  # not started without DB_PASSWORD
 
 
 def test_a_value_with_a_nul_byte_cannot_be_a_variable(cli: Cli, tmp_path: Path) -> None:

@@ -1170,6 +1170,17 @@ def test_development_fallback_with_a_password_file(local_store: Path, tmp_path: 
         )
 
 
+def test_development_fallback_fails_on_a_secret_whose_value_row_is_gone(local_store: Path) -> None:
+    """Not the credentials less the damaged one: a service would start without its password."""
+    db = sqlite3.connect(local_store)
+    db.execute("DELETE FROM entries WHERE key = 'data/auth/DB_PASSWORD#1'")
+    db.commit()
+    db.close()
+    env = {"SECRETS_MANAGER_STORE": str(local_store), "MASTER_PASSWORD": PASSWORD}
+    with Client(environ=env) as client, pytest.raises(IntegrityError, match="'auth/DB_PASSWORD' is missing"):
+        client.credentials()
+
+
 def test_development_fallback_recovers_from_passwd_and_a_root_rotation_once_its_password_file_has_it(
     local_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,6 +9,7 @@ import pwd
 import re
 import signal
 import socket
+import sqlite3
 import stat
 import subprocess
 import threading
@@ -316,6 +317,21 @@ def test_batch_get_of_everything_returns_what_the_caller_may_read(server: Server
     explicit = pb.BatchGetSecretsRequest(names=["auth/DB_PASSWORD", "market-connector/BINANCE_SECRET"])
     stub = server.stub("auth")
     assert code_of(lambda: stub.BatchGetSecrets(explicit, timeout=10)) is grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_batch_get_fails_with_data_loss_on_a_secret_whose_value_row_is_gone(
+    server: Server, tmp_path: Path
+) -> None:
+    """Not the secrets less the damaged one, as for one deleted between list and get."""
+    db = sqlite3.connect(tmp_path / "store.db")
+    db.execute("DELETE FROM entries WHERE key = 'data/auth/DB_PASSWORD#1'")
+    db.commit()
+    db.close()
+    stub = server.stub("auth")
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.BatchGetSecrets(pb.BatchGetSecretsRequest(prefix="auth/"), timeout=10)
+    assert caught.value.code() is grpc.StatusCode.DATA_LOSS
+    assert "'auth/DB_PASSWORD' is missing" in (caught.value.details() or "")
 
 
 HIDDEN_POLICY = f"""

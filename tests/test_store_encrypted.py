@@ -328,6 +328,56 @@ def test_another_handle_making_the_namespace_meanwhile_is_no_lost_keyset(
         mine.close()
 
 
+def test_a_missing_value_of_a_kept_version_is_an_integrity_error_naming_it(
+    encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    encrypted_store.put("svc/a", VALUE)
+    encrypted_store.put("svc/a", OTHER_VALUE)
+    raw.delete("data/svc/a#2")
+    for read in (lambda: encrypted_store.get("svc/a"), lambda: encrypted_store.get("svc/a", version=2)):
+        with pytest.raises(IntegrityError) as caught:
+            read()
+        message = str(caught.value)
+        assert "version 2 of 'svc/a' is missing" in message
+        assert "secrets-manager destroy svc/a --version 2" in message
+        assert OTHER_VALUE.decode() not in message
+    assert encrypted_store.get("svc/a", version=1).value.reveal() == VALUE
+    encrypted_store.destroy("svc/a", [2])  # the way out the message names
+    with pytest.raises(NotFoundError, match="was destroyed"):
+        encrypted_store.get("svc/a")
+
+
+@pytest.mark.parametrize("change", ["destroy", "destroy_secret", "prune"])
+def test_a_value_destroyed_or_pruned_between_the_two_reads_is_not_found_not_damage(
+    change: str, encrypted_store: EncryptedStore, tmp_store_path: Path, store_password: str
+) -> None:
+    """The metadata says version 1 is kept; before its value is read another handle destroys or
+    prunes it: that is the genuine NotFoundError of a version gone, not an integrity error."""
+    encrypted_store.put("svc/a", VALUE, max_versions=2)
+    encrypted_store.put("svc/a", OTHER_VALUE)
+    changes: dict[str, Callable[[], object]] = {
+        "destroy": lambda: encrypted_store.destroy("svc/a", [1]),
+        "destroy_secret": lambda: encrypted_store.destroy_secret("svc/a"),
+        "prune": lambda: encrypted_store.put("svc/a", b"v3"),  # max 2 versions: version 1 goes
+    }
+
+    class Raced(SqliteStorage):
+        def get(self, key: str) -> Entry | None:
+            if key == "data/svc/a#1" and not raced:
+                raced.append(True)
+                changes[change]()
+            return super().get(key)
+
+    raced: list[bool] = []
+    reader = EncryptedStore.open(Raced(tmp_store_path), PasswordUnlock(store_password, kdf.TEST))
+    try:
+        with pytest.raises(NotFoundError):
+            reader.get("svc/a", version=1)
+        assert raced
+    finally:
+        reader.close()
+
+
 def test_integrity_errors_are_opaque_and_show_no_value(
     encrypted_store: EncryptedStore, raw: SqliteStorage
 ) -> None:

@@ -335,14 +335,20 @@ class EncryptedStore:
                         sealed.fingerprint = value_fingerprint(self.audit_key(), plaintext)
                     return _secret(name, number, cached.meta, plaintext), sealed.fingerprint
         for _attempt in range(3):  # a concurrent prune between the two reads: read again
-            _, meta = self._read_meta(name)
-            if meta is None:
+            meta_entry, meta = self._read_meta(name)
+            if meta_entry is None or meta is None:
                 raise NotFoundError(f"secret {name!r} not found")
             if meta.deleted is not None:  # as AwsStore says it: a deleted secret can come back
                 raise NotFoundError(f"secret {name!r} is deleted; 'undelete {name}' restores it")
             number = self._resolve(meta, name, version, label)
             entry = self._storage.get(_data_key(name, number))
             if entry is None:
+                # Every commit that deletes a kept version's value (destroy, prune, destroy --all)
+                # rewrites or deletes the metadata too, and revisions only grow: metadata still at
+                # the revision read means the two reads saw one state, in which the value is gone.
+                again = self._storage.get(META_PREFIX + name)
+                if again is not None and again.revision == meta_entry.revision:
+                    raise _value_missing(name, number)
                 continue
             used: list[DataKey] = []
             plaintext = open_record(
@@ -1291,6 +1297,14 @@ _NOT_OURS = (
     "replaced or damaged; integrity check failed): this process keeps the root key it holds and "
     "sealed nothing under that one; check who can write the store and restore it from a backup"
 )
+
+
+def _value_missing(name: str, number: int) -> IntegrityError:
+    return IntegrityError(
+        f"the value of version {number} of {name!r} is missing from the store while its metadata "
+        f"keeps it (integrity check failed): restore the secret from a backup, or destroy the "
+        f"damaged version: secrets-manager destroy {name} --version {number}"
+    )
 
 
 def _keyset_missing(namespace: str) -> IntegrityError:
