@@ -1073,6 +1073,27 @@ def test_tampered_record_fails_alone_with_exit_6(ready: Cli) -> None:
     assert ready("get", "svc/BYSTANDER").out == "bystander\n"
 
 
+def test_damage_is_named_by_get_list_status_and_run(ready: Cli) -> None:
+    ready("store", "svc/VICTIM", input=b"victim")
+    ready("store", "svc/OTHER", input=b"other")
+    db = sqlite3.connect(ready.store)
+    for key in ("data/svc/VICTIM#1", "meta/svc/OTHER"):
+        (record,) = db.execute("SELECT value FROM entries WHERE key = ?", (key,)).fetchone()
+        db.execute(
+            "UPDATE entries SET value = ? WHERE key = ?", (bytes(record[:-1]) + bytes([record[-1] ^ 1]), key)
+        )
+    db.commit()
+    db.close()
+    assert_one_line_error(
+        ready("get", "svc/VICTIM"),
+        6,
+        "version 1 of 'svc/VICTIM' is damaged",
+        "destroy svc/VICTIM --version 1",
+    )
+    for args in (("list",), ("status",), ("run", "--service", "svc", "--", "true")):
+        assert_one_line_error(ready(*args), 6, "the metadata of 'svc/OTHER' is damaged")
+
+
 def test_known_value_never_reaches_stderr_or_the_file(ready: Cli, tmp_path: Path) -> None:
     secret = KNOWN_VALUE.encode()
     outputs = [

@@ -480,6 +480,31 @@ def test_a_tampered_policy_fails_integrity_check(encrypted_store: EncryptedStore
         encrypted_store.key_policy()
 
 
+def test_a_damaged_keyset_or_policy_is_named_by_root_rotation_and_policy_change(
+    encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    encrypted_store.put("svc/a", b"v")
+    keys.update_key_policy(encrypted_store, lambda p: replace(p, max_uses=1000))
+    for key, named in (
+        ("core/keyset/svc", "the keyset of namespace 'svc' (core/keyset/svc) is damaged"),
+        ("core/key-policy", "the store's key policy (core/key-policy) is damaged"),
+    ):
+        saved = entry_value(raw, key)
+        damaged = bytearray(saved)
+        damaged[-1] ^= 1
+        raw.put(key, bytes(damaged))
+        before = revisions(raw)
+        operations = [lambda: keys.rotate_root_key(encrypted_store)]
+        if key == "core/key-policy":
+            operations.append(lambda: keys.update_key_policy(encrypted_store, lambda p: p))
+        for operation in operations:
+            with pytest.raises(IntegrityError) as caught:
+                operation()
+            assert named in str(caught.value) and "restore the store from a backup" in str(caught.value)
+        assert revisions(raw) == before
+        raw.put(key, saved)
+
+
 # ---- the root key --------------------------------------------------------------------------------------
 
 

@@ -26,7 +26,7 @@ from secrets_manager.errors import (
 )
 from secrets_manager.storage import Entry
 from secrets_manager.storage.sqlite import SqliteStorage
-from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretStore
+from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretStore, keys
 from secrets_manager.store.testing import SECRET_STORE_CHECKS, check_secret_store, run_check
 
 VALUE = b"sk-live-KNOWN-TEST-VALUE-9b1e77c4"
@@ -374,6 +374,91 @@ def test_a_value_destroyed_or_pruned_between_the_two_reads_is_not_found_not_dama
         with pytest.raises(NotFoundError):
             reader.get("svc/a", version=1)
         assert raced
+    finally:
+        reader.close()
+
+
+def message_of(operation: Callable[[], object]) -> str:
+    with pytest.raises(IntegrityError) as caught:
+        operation()
+    message = str(caught.value)
+    assert "integrity check failed" in message
+    assert VALUE.decode() not in message and OTHER_VALUE.decode() not in message
+    assert caught.value.__cause__ is None
+    assert caught.value.__context__ is None or caught.value.__suppress_context__
+    return message
+
+
+def test_a_damaged_value_is_named_with_its_version_and_the_way_out(
+    encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    encrypted_store.put("svc/a", VALUE)
+    encrypted_store.get("svc/a")  # the next read finds it in the read cache: the record is read again
+    flip_bit(raw, "data/svc/a#1", -1)
+    message = message_of(lambda: encrypted_store.get("svc/a"))
+    assert message.startswith("version 1 of 'svc/a' is damaged")
+    assert "restore the secret from a backup" in message
+    assert "secrets-manager destroy svc/a --version 1" in message
+
+
+def test_damaged_metadata_is_named_by_every_read_that_meets_it(
+    encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    encrypted_store.put("svc/a", VALUE)
+    encrypted_store.put("svc/b", OTHER_VALUE)
+    flip_bit(raw, "meta/svc/b", -1)
+    for read in (
+        lambda: encrypted_store.get("svc/b"),
+        lambda: encrypted_store.describe("svc/b"),
+        lambda: encrypted_store.list("svc/"),
+        lambda: encrypted_store.put("svc/b", VALUE),
+    ):
+        message = message_of(read)
+        assert message.startswith("the metadata of 'svc/b' is damaged")
+        assert "restore the secret from a backup" in message
+    assert encrypted_store.get("svc/a").value.reveal() == VALUE
+
+
+@pytest.mark.parametrize(("part", "offset"), [("key id", 2), ("tag", -1)])
+def test_a_damaged_keyset_is_named_by_its_namespace(
+    part: str, offset: int, encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    encrypted_store.put("svc/a", VALUE)
+    encrypted_store.put("other/b", OTHER_VALUE)
+    flip_bit(raw, "core/keyset/svc", offset)
+    reader = EncryptedStore(SqliteStorage(raw.path), encrypted_store._root)  # no keyset cached
+    try:
+        for read in (
+            lambda: reader.get("svc/a"),
+            lambda: reader.list(),
+            lambda: reader.put("svc/new", VALUE),
+        ):
+            message = message_of(read)
+            assert message.startswith("the keyset of namespace 'svc' (core/keyset/svc) is damaged")
+            assert "restore the store from a backup" in message
+        assert reader.get("other/b").value.reveal() == OTHER_VALUE
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize(
+    ("key", "read"),
+    [
+        ("core/audit-key", lambda store: store.audit_key()),
+        ("core/key-policy", lambda store: store.key_policy()),
+    ],
+)
+def test_a_damaged_core_record_is_named(
+    key: str, read: Callable[[EncryptedStore], object], encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    encrypted_store.audit_key()
+    keys.update_key_policy(encrypted_store, lambda policy: policy)
+    flip_bit(raw, key, -1)
+    reader = EncryptedStore(SqliteStorage(raw.path), encrypted_store._root)
+    try:
+        message = message_of(lambda: read(reader))
+        assert message.startswith("the store's ") and f"({key}) is damaged" in message
+        assert "restore the store from a backup" in message
     finally:
         reader.close()
 

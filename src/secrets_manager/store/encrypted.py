@@ -131,6 +131,8 @@ class _RootChangedUnderSnapshot(Exception):
     which a pool full of waiting snapshots never frees. So the snapshot ends, and the read is
     tried again."""
 
+    namespace: str | None = None  # whose keyset it was, if one: named if no root key opens it
+
 
 # Who the versions written in this thread (or task) are by, when not the store's own actor: the
 # service's caller (EncryptedStore.acting_for).
@@ -328,9 +330,12 @@ class EncryptedStore:
                 number = self._resolve(cached.meta, name, version, label)
                 sealed = cached.records.get(number)
                 if sealed is not None:
-                    plaintext = open_record(
-                        _only(sealed.key), Purpose.SECRET_VALUE, name, number, sealed.record
-                    )
+                    try:
+                        plaintext = open_record(
+                            _only(sealed.key), Purpose.SECRET_VALUE, name, number, sealed.record
+                        )
+                    except IntegrityError as exc:
+                        raise _named(exc, _value_damaged(name, number)) from None
                     if fingerprint and sealed.fingerprint is None:
                         sealed.fingerprint = value_fingerprint(self.audit_key(), plaintext)
                     return _secret(name, number, cached.meta, plaintext), sealed.fingerprint
@@ -351,13 +356,16 @@ class EncryptedStore:
                     raise _value_missing(name, number)
                 continue
             used: list[DataKey] = []
-            plaintext = open_record(
-                _noting(self._fresh_key_lookup(namespace_of(name)), used),
-                Purpose.SECRET_VALUE,
-                name,
-                number,
-                entry.value,
-            )
+            try:
+                plaintext = open_record(
+                    _noting(self._fresh_key_lookup(namespace_of(name)), used),
+                    Purpose.SECRET_VALUE,
+                    name,
+                    number,
+                    entry.value,
+                )
+            except IntegrityError as exc:  # a damaged keyset names itself, and stays so
+                raise _named(exc, _value_damaged(name, number)) from None
             value_hmac = value_fingerprint(self.audit_key(), plaintext) if fingerprint else None
             # Kept only if nothing changed while it was read (the head is where it was before).
             if head is not None and self._change_head is not None and self._change_head.change_head() == head:
@@ -381,12 +389,15 @@ class EncryptedStore:
     def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
         validate_prefix(prefix)
         if isinstance(self._storage, Snapshotting):  # one scan instead of two reads per secret
+            namespace = None
             for _ in range(SNAPSHOT_ATTEMPTS):
                 try:
                     return self._list_from_snapshot(self._storage, prefix, include_deleted=include_deleted)
-                except _RootChangedUnderSnapshot:
+                except _RootChangedUnderSnapshot as exc:
+                    namespace = exc.namespace
                     self._adopt_the_headers_root()
-            raise IntegrityError()  # a keyset under a root key no header ever named
+            # A keyset under a root key no header ever named.
+            raise IntegrityError(_keyset_damaged(namespace)) if namespace else IntegrityError()
         result = []
         for key in self._storage.list(META_PREFIX + prefix):
             name = key[len(META_PREFIX) :]
@@ -407,13 +418,14 @@ class EncryptedStore:
                 name = key[len(META_PREFIX) :]
                 namespace = namespace_of(name)
                 if namespace not in keysets:
-                    keysets[namespace] = self._keyset_from(
-                        namespace, snap.get(KEYSET_PREFIX + namespace), self._root_in_snapshot
-                    )
-                plaintext = open_record(
-                    keysets[namespace].key_for_decryption, Purpose.SECRET_METADATA, name, 0, entry.value
-                )
-                meta = _Meta.from_json(plaintext)
+                    try:
+                        keysets[namespace] = self._keyset_from(
+                            namespace, snap.get(KEYSET_PREFIX + namespace), self._root_in_snapshot
+                        )
+                    except _RootChangedUnderSnapshot as exc:
+                        exc.namespace = namespace
+                        raise
+                meta = _open_meta(keysets[namespace], name, entry.value)
                 if include_deleted or meta.deleted is None:
                     result.append(meta.public(name))
         return result
@@ -822,8 +834,13 @@ class EncryptedStore:
         cached = self._keysets.get(namespace)
         if cached is not None and cached[0] == entry.revision:
             return cached[1]
-        plaintext = open_record(root_lookup or self._root_lookup, Purpose.KEYSET, namespace, 0, entry.value)
-        keyset = Keyset.from_bytes(plaintext)
+        try:
+            plaintext = open_record(
+                root_lookup or self._root_lookup, Purpose.KEYSET, namespace, 0, entry.value
+            )
+            keyset = Keyset.from_bytes(plaintext)
+        except IntegrityError as exc:
+            raise _named(exc, _keyset_damaged(namespace)) from None
         self._keysets[namespace] = (entry.revision, keyset)
         return keyset
 
@@ -1013,10 +1030,16 @@ class EncryptedStore:
             return DEFAULT_POLICY
         if self._policy is not None and self._policy[0] == entry.revision:
             return self._policy[1]
-        plaintext = open_record(self._root_lookup, Purpose.KEY_POLICY, KEY_POLICY_KEY, 0, entry.value)
-        policy = RotationPolicy.from_bytes(plaintext)
+        policy = self._open_policy(entry)
         self._policy = (entry.revision, policy)
         return policy
+
+    def _open_policy(self, entry: Entry) -> RotationPolicy:
+        try:
+            plaintext = open_record(self._root_lookup, Purpose.KEY_POLICY, KEY_POLICY_KEY, 0, entry.value)
+            return RotationPolicy.from_bytes(plaintext)
+        except IntegrityError as exc:
+            raise _named(exc, _core_damaged(f"key policy ({KEY_POLICY_KEY})")) from None
 
     @property
     def can_scrub(self) -> bool:
@@ -1060,8 +1083,7 @@ class EncryptedStore:
             if entry is None:
                 return None, None
             keyset = self._keyset_for_read(namespace)
-        plaintext = open_record(keyset.key_for_decryption, Purpose.SECRET_METADATA, name, 0, entry.value)
-        return entry, _Meta.from_json(plaintext)
+        return entry, _open_meta(keyset, name, entry.value)
 
     def _seal_meta(self, key: DataKey, name: str, meta: _Meta) -> bytes:
         return seal_record(key, Purpose.SECRET_METADATA, name, 0, meta.to_json())
@@ -1102,7 +1124,12 @@ class EncryptedStore:
                 return entry
 
             entry = self._retry(attempt)
-            self._audit_key = open_record(self._root_lookup, Purpose.AUDIT_KEY, AUDIT_KEY_KEY, 0, entry.value)
+            try:
+                self._audit_key = open_record(
+                    self._root_lookup, Purpose.AUDIT_KEY, AUDIT_KEY_KEY, 0, entry.value
+                )
+            except IntegrityError as exc:
+                raise _named(exc, _core_damaged(f"audit key ({AUDIT_KEY_KEY})")) from None
         return self._audit_key
 
     def audit_anchor(self) -> Anchor | None:
@@ -1297,6 +1324,46 @@ _NOT_OURS = (
     "replaced or damaged; integrity check failed): this process keeps the root key it holds and "
     "sealed nothing under that one; check who can write the store and restore it from a backup"
 )
+
+
+def _named(exc: IntegrityError, message: str) -> IntegrityError:
+    """The opaque error of a record that failed to open, as `message` (which names the record and
+    says what to do); an error that names its own cause (a damaged keyset, the header) as it is."""
+    return IntegrityError(message) if str(exc) == str(IntegrityError()) else exc
+
+
+def _open_meta(keyset: Keyset, name: str, record: bytes) -> _Meta:
+    try:
+        return _Meta.from_json(
+            open_record(keyset.key_for_decryption, Purpose.SECRET_METADATA, name, 0, record)
+        )
+    except IntegrityError as exc:
+        raise _named(exc, _meta_damaged(name)) from None
+
+
+def _value_damaged(name: str, number: int) -> str:
+    return (
+        f"version {number} of {name!r} is damaged (integrity check failed): restore the secret from a "
+        f"backup, or destroy the damaged version: secrets-manager destroy {name} --version {number}"
+    )
+
+
+def _meta_damaged(name: str) -> str:
+    return (
+        f"the metadata of {name!r} is damaged (integrity check failed), so none of its versions can be "
+        "read: restore the secret from a backup"
+    )
+
+
+def _keyset_damaged(namespace: str) -> str:
+    return (
+        f"the keyset of namespace {namespace!r} (core/keyset/{namespace}) is damaged (integrity check "
+        "failed), so none of its secrets can be read or written: restore the store from a backup"
+    )
+
+
+def _core_damaged(what: str) -> str:
+    return f"the store's {what} is damaged (integrity check failed): restore the store from a backup"
 
 
 def _value_missing(name: str, number: int) -> IntegrityError:

@@ -55,10 +55,13 @@ from secrets_manager.store.encrypted import (
     SCOPED_ANCHOR_PREFIX,
     EncryptedStore,
     Operations,
+    _core_damaged,
     _dump,
     _expect,
+    _keyset_damaged,
     _keyset_missing,
     _load_json,
+    _named,
 )
 from secrets_manager.store.names import (
     DEFAULT_NAMESPACE,
@@ -310,11 +313,7 @@ def update_key_policy(
 
     def attempt() -> RotationPolicy:
         entry = store._storage.get(KEY_POLICY_KEY)
-        if entry is None:
-            current = DEFAULT_POLICY
-        else:
-            plaintext = open_record(store._root_lookup, Purpose.KEY_POLICY, KEY_POLICY_KEY, 0, entry.value)
-            current = RotationPolicy.from_bytes(plaintext)
+        current = DEFAULT_POLICY if entry is None else store._open_policy(entry)
         try:
             new = change(current)
         except ValueError as exc:
@@ -362,7 +361,10 @@ def rotate_root_key(store: EncryptedStore) -> RootRotation:
             if entry is None:
                 continue
             ns = key[len(KEYSET_PREFIX) :]
-            plaintext = open_record(store._root_lookup, Purpose.KEYSET, ns, 0, entry.value)
+            try:
+                plaintext = open_record(store._root_lookup, Purpose.KEYSET, ns, 0, entry.value)
+            except IntegrityError as exc:
+                raise _named(exc, _keyset_damaged(ns)) from None
             ops.append(
                 Put(key, seal_record(new_root, Purpose.KEYSET, ns, 0, plaintext), expect=entry.revision)
             )
@@ -371,7 +373,10 @@ def rotate_root_key(store: EncryptedStore) -> RootRotation:
             entry = store._storage.get(key)
             if entry is None:  # creating one carries the header guard, so it cannot slip past us
                 continue
-            plaintext = open_record(store._root_lookup, purpose, key, 0, entry.value)
+            try:
+                plaintext = open_record(store._root_lookup, purpose, key, 0, entry.value)
+            except IntegrityError as exc:
+                raise _named(exc, _root_sealed_damaged(key)) from None
             ops.append(Put(key, seal_record(new_root, purpose, key, 0, plaintext), expect=entry.revision))
             if key == RECOVERY_KEY:  # the shares stay valid: seal the new root to their public key
                 recovery = sealed_root_section(new_root, RecoverySetup.from_bytes(plaintext))
@@ -392,6 +397,17 @@ def rotate_root_key(store: EncryptedStore) -> RootRotation:
 
 
 # ---- helpers -------------------------------------------------------------------------------------
+
+
+def _root_sealed_damaged(key: str) -> str:
+    if key == AUDIT_ANCHOR_KEY or key.startswith(SCOPED_ANCHOR_PREFIX):
+        return (
+            f"the store's audit anchor ({key}) is damaged (integrity check failed): if the store file "
+            "itself was damaged, restore it from a backup; else replace the anchor with "
+            "'secrets-manager audit reset --accept-loss'"
+        )
+    what = {AUDIT_KEY_KEY: "audit key", KEY_POLICY_KEY: "key policy", RECOVERY_KEY: "recovery record"}
+    return _core_damaged(f"{what.get(key, 'entry')} ({key})")
 
 
 def _require_keyset(store: EncryptedStore, namespace: str) -> None:
