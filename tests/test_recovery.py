@@ -37,6 +37,7 @@ from secrets_manager.errors import (
     NotFoundError,
     UnlockError,
 )
+from secrets_manager.storage import Entry
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.store import recovery as rec
@@ -303,6 +304,88 @@ def test_a_header_naming_another_root_key_or_a_missing_record_is_damage(
         db.execute("DELETE FROM entries WHERE key = 'core/recovery'")
     with pytest.raises(IntegrityError):
         _recover(tmp_store_path, list(new.mnemonics[:3]))
+
+
+def _delete_entry(path: Path, key: str) -> None:
+    with sqlite3.connect(path) as db:
+        db.execute("DELETE FROM entries WHERE key = ?", (key,))
+
+
+def _flip_last_bit(path: Path, key: str) -> None:
+    with sqlite3.connect(path) as db:
+        (value,) = db.execute("SELECT value FROM entries WHERE key = ?", (key,)).fetchone()
+        db.execute(
+            "UPDATE entries SET value = ? WHERE key = ?", (bytes(value[:-1]) + bytes([value[-1] ^ 1]), key)
+        )
+
+
+@pytest.mark.parametrize("damage", ["deleted", "flipped"])
+def test_a_header_section_whose_record_is_gone_or_damaged_is_damage_not_no_shares(
+    damage: str, encrypted_store: EncryptedStore, tmp_store_path: Path
+) -> None:
+    """Not "no shares": a root rotation would drop the section for good. `recovery remove` is the
+    way out (with a new set after it), besides restoring a backup."""
+    encrypted_store.put("auth/DB_PASSWORD", VALUE)
+    new = _shares(encrypted_store)
+    if damage == "deleted":
+        _delete_entry(tmp_store_path, "core/recovery")
+        named = "the recovery record (core/recovery) is missing"
+    else:
+        _flip_last_bit(tmp_store_path, "core/recovery")
+        named = "the store's recovery record (core/recovery) is damaged"
+    header = _header(tmp_store_path)
+    for operation in (lambda: rec.recovery_setup(encrypted_store), lambda: rotate_root_key(encrypted_store)):
+        with pytest.raises(IntegrityError) as caught:
+            operation()
+        assert named in str(caught.value) and "recovery remove" in str(caught.value)
+    assert _header(tmp_store_path) == header  # the rotation was refused: the section is kept
+    with pytest.raises(IntegrityError, match="integrity check failed"):
+        _recover(tmp_store_path, list(new.mnemonics[:3]))
+    assert rec.remove_recovery(encrypted_store) is None
+    assert "recovery" not in _header(tmp_store_path)
+    assert rec.recovery_setup(encrypted_store) is None
+    rotate_root_key(encrypted_store)
+    again = _shares(encrypted_store)
+    recovered = _recover(tmp_store_path, list(again.mnemonics[:3]))
+    assert recovered.get("auth/DB_PASSWORD").value.reveal() == VALUE
+    recovered.close()
+
+
+def test_a_set_removed_while_it_is_read_is_no_damage(
+    encrypted_store: EncryptedStore, tmp_store_path: Path
+) -> None:
+    """`recovery remove` commits between the header's read and the record's: no shares, not damage."""
+    _shares(encrypted_store)
+
+    class Raced(SqliteStorage):
+        def get(self, key: str) -> Entry | None:
+            if key == "core/recovery" and not raced:
+                raced.append(True)
+                rec.remove_recovery(encrypted_store)
+            return super().get(key)
+
+    raced: list[bool] = []
+    reader = EncryptedStore(Raced(tmp_store_path), encrypted_store._root)
+    try:
+        assert rec.recovery_setup(reader) is None
+        assert raced
+    finally:
+        reader.close()
+
+
+def test_cli_reports_a_lost_recovery_record_refuses_a_root_rotation_and_remove_mends_it(cli: Cli) -> None:
+    cli.make_shares(2, 2)
+    _delete_entry(cli.store, "core/recovery")
+    header = cli.header()
+    for args in (("recovery", "status"), ("status",), ("keys", "rotate", "--root")):
+        proc = cli.with_password(*args)
+        assert proc.returncode == 6, (args, proc.stderr)
+        assert b"(core/recovery) is missing" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    assert cli.header() == header
+    removed = cli.with_password("recovery", "remove")
+    assert removed.returncode == 0 and b"damaged recovery share set" in removed.stderr
+    status = cli.with_password("recovery", "status")
+    assert status.returncode == 0 and b"no recovery shares" in status.stderr
 
 
 def test_the_recovery_key_is_never_stored(

@@ -180,7 +180,13 @@ def remove(session: Session) -> None:
     session.require_local("recovery remove")
     with session.operation("recovery.remove", mutating=True) as (store, _):
         setup = remove_recovery(store)
-    info_line(f"removed recovery share set {setup.identifier:05d}: its shares no longer open the store")
+    if setup is None:  # damaged: its record was missing or did not open
+        info_line(
+            "removed the store's damaged recovery share set: no shares open the store; make a new set "
+            "with 'secrets-manager recovery init'"
+        )
+    else:
+        info_line(f"removed recovery share set {setup.identifier:05d}: its shares no longer open the store")
 
 
 @recovery.command("unlock-with")

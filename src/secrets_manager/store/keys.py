@@ -69,8 +69,13 @@ from secrets_manager.store.names import (
     validate_name,
     validate_namespace,
 )
+from secrets_manager.store.recovery import RECORD_DAMAGED as RECOVERY_RECORD_DAMAGED
 from secrets_manager.store.recovery import SECTION as RECOVERY_SECTION
-from secrets_manager.store.recovery import RecoverySetup, sealed_root_section
+from secrets_manager.store.recovery import (
+    RecoverySetup,
+    refuse_a_section_without_its_record,
+    sealed_root_section,
+)
 
 DEFAULT_REWRAP_BATCH = 100  # records per commit: small enough to stay out of live writers' way
 MAX_REWRAP_PASSES = 5  # a `keys rotate` during a pass leaves fresh work behind: passes at most
@@ -380,6 +385,9 @@ def rotate_root_key(store: EncryptedStore) -> RootRotation:
             ops.append(Put(key, seal_record(new_root, purpose, key, 0, plaintext), expect=entry.revision))
             if key == RECOVERY_KEY:  # the shares stay valid: seal the new root to their public key
                 recovery = sealed_root_section(new_root, RecoverySetup.from_bytes(plaintext))
+        if recovery is None and header.get(RECOVERY_SECTION) is not None:
+            # The section without its record: sealing nothing would drop it for good (damage).
+            refuse_a_section_without_its_record(store, header_entry)
         header.update(root_key_id=new_root.id, unlock=section)
         header.pop(RECOVERY_SECTION, None)
         if recovery is not None:
@@ -406,7 +414,9 @@ def _root_sealed_damaged(key: str) -> str:
             "itself was damaged, restore it from a backup; else replace the anchor with "
             "'secrets-manager audit reset --accept-loss'"
         )
-    what = {AUDIT_KEY_KEY: "audit key", KEY_POLICY_KEY: "key policy", RECOVERY_KEY: "recovery record"}
+    if key == RECOVERY_KEY:
+        return RECOVERY_RECORD_DAMAGED
+    what = {AUDIT_KEY_KEY: "audit key", KEY_POLICY_KEY: "key policy"}
     return _core_damaged(f"{what.get(key, 'entry')} ({key})")
 
 

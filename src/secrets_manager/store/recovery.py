@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hashlib
 import struct
 import time
@@ -43,13 +44,16 @@ from secrets_manager.errors import (
     NotFoundError,
     UnlockError,
 )
-from secrets_manager.storage import ABSENT, Delete, Put, Storage
+from secrets_manager.storage import ABSENT, Delete, Entry, Put, Storage
+from secrets_manager.storage.base import Operation
 from secrets_manager.store.encrypted import (
     HEADER_KEY,
     RECOVERY_KEY,
     EncryptedStore,
     _dump,
     _load_json,
+    _LostRace,
+    _named,
     _read_header,
 )
 
@@ -58,6 +62,17 @@ _UNCHECKED = object()
 SECTION_KIND = "x25519-hpke"
 _INFO_PREFIX = b"secrets-manager recovery\x00"
 _DAMAGED = "the store header is damaged (integrity check failed)"
+_WAY_OUT = (
+    "so the recovery shares cannot open the store: restore the store from a backup, or drop the set "
+    "with 'secrets-manager recovery remove' and make a new one with 'secrets-manager recovery init'"
+)
+RECORD_DAMAGED = (
+    f"the store's recovery record ({RECOVERY_KEY}) is damaged (integrity check failed), {_WAY_OUT}"
+)
+RECORD_MISSING = (
+    f"the store header has a recovery section but the recovery record ({RECOVERY_KEY}) is missing "
+    f"(integrity check failed), {_WAY_OUT}"
+)
 
 
 @dataclass(frozen=True)
@@ -132,11 +147,31 @@ def share_set_of(mnemonic: str) -> ShareSet:
 
 
 def recovery_setup(store: EncryptedStore) -> RecoverySetup | None:
-    """The store's recovery share set, or None if it has none."""
-    entry = store._storage.get(RECOVERY_KEY)
-    if entry is None:
+    """The store's recovery share set, or None if it has none. IntegrityError if the header has a
+    recovery section without its `core/recovery` record: the two are written and removed in one
+    commit (docs/format.md 4.6), so one without the other is damage, not "no shares"."""
+
+    def attempt() -> RecoverySetup | None:
+        header_entry = store._storage.get(HEADER_KEY)
+        entry = store._storage.get(RECOVERY_KEY)
+        if entry is not None:
+            return _open_setup(store._root_lookup, entry.value)
+        if header_entry is None or _load_json(header_entry.value, "store header").get(SECTION) is None:
+            return None
+        refuse_a_section_without_its_record(store, header_entry)
         return None
-    return _open_setup(store._root_lookup, entry.value)
+
+    return store._retry(attempt)
+
+
+def refuse_a_section_without_its_record(store: EncryptedStore, header_entry: Entry) -> None:
+    """`header_entry` (read before `core/recovery` was found missing) has a recovery section:
+    IntegrityError if the header is still at that revision (both reads saw one state); if not, a
+    concurrent `recovery remove` or `init` changed both: `_LostRace`, so the caller reads again."""
+    again = store._storage.get(HEADER_KEY)
+    if again is not None and again.revision == header_entry.revision:
+        raise IntegrityError(RECORD_MISSING)
+    raise _LostRace()
 
 
 def install_recovery(
@@ -203,26 +238,32 @@ def recovery_header_problem(store: EncryptedStore, setup: RecoverySetup) -> str 
     return None
 
 
-def remove_recovery(store: EncryptedStore) -> RecoverySetup:
-    """Drop the store's share set (its shares stop working); NotFoundError if it has none."""
+def remove_recovery(store: EncryptedStore) -> RecoverySetup | None:
+    """Drop the store's share set (its shares stop working); NotFoundError if it has none. A set
+    that is damaged (its `core/recovery` record does not open, or only the header's section is
+    left) is dropped too, returning None: its shares could not open the store anyway."""
 
-    def attempt() -> RecoverySetup:
+    def attempt() -> RecoverySetup | None:
         header_entry = store._storage.get(HEADER_KEY)
         entry = store._storage.get(RECOVERY_KEY)
-        if header_entry is None or entry is None:
+        if header_entry is None:
             raise NotFoundError("this store has no recovery shares")
-        setup = _open_setup(store._root_lookup, entry.value)
         header = _load_json(header_entry.value, "store header")
+        if entry is None and header.get(SECTION) is None:
+            raise NotFoundError("this store has no recovery shares")
+        setup = None
+        if entry is not None:
+            with contextlib.suppress(IntegrityError):  # damaged: dropped all the same
+                setup = _open_setup(store._root_lookup, entry.value)
         header.pop(SECTION, None)
-        store._commit(
-            [
-                Delete(RECOVERY_KEY, expect=entry.revision),
-                Put(HEADER_KEY, _dump(header), expect=header_entry.revision),
-            ]
-        )
+        # Conditioned on the header's revision, which every install or removal of a set rewrites.
+        ops: list[Operation] = [Put(HEADER_KEY, _dump(header), expect=header_entry.revision)]
+        if entry is not None:
+            ops.append(Delete(RECOVERY_KEY, expect=entry.revision))
+        store._commit(ops)
         return setup
 
-    setup: RecoverySetup = store._retry(attempt)
+    setup: RecoverySetup | None = store._retry(attempt)
     store._scrub()  # the sealed root key of the dropped set leaves the files, not only the header
     return setup
 
@@ -269,7 +310,7 @@ def recover_root(storage: Storage, mnemonics: list[str], **options: Any) -> Encr
     # Only the true root key opens core/recovery, and it must name the key the shares rebuilt.
     entry = storage.get(RECOVERY_KEY)
     if entry is None:
-        raise IntegrityError("the recovery record is missing (integrity check failed)")
+        raise IntegrityError(RECORD_MISSING)
     setup = _open_setup(lambda _key_id: root, entry.value)
     if setup.public_key != public_key:
         raise IntegrityError("the recovery record does not match the header (integrity check failed)")
@@ -280,7 +321,14 @@ def recover_root(storage: Storage, mnemonics: list[str], **options: Any) -> Encr
 
 
 def _open_setup(lookup: Callable[[int], DataKey], record: bytes) -> RecoverySetup:
-    return RecoverySetup.from_bytes(open_record(lookup, Purpose.RECOVERY_KEY, RECOVERY_KEY, 0, record))
+    try:
+        plaintext = open_record(lookup, Purpose.RECOVERY_KEY, RECOVERY_KEY, 0, record)
+    except IntegrityError as exc:  # not a damaged header, which names itself
+        raise _named(exc, RECORD_DAMAGED) from None
+    try:
+        return RecoverySetup.from_bytes(plaintext)
+    except IntegrityError:
+        raise IntegrityError(RECORD_DAMAGED) from None
 
 
 def _parse_section(section: object, header_root_id: int) -> tuple[int, int | None, bytes]:
@@ -317,6 +365,8 @@ def _int(value: object) -> int:
 
 __all__ = [
     "MAX_SHARES",
+    "RECORD_DAMAGED",
+    "RECORD_MISSING",
     "SECTION",
     "NewShares",
     "RecoverySetup",
