@@ -202,9 +202,13 @@ def test_a_restore_into_an_initialised_empty_store_keeps_its_master_password(
     assert got.out == "sk-live-ONE-5b21c9\n"
 
 
-def test_a_missing_backup_password_file_exits_4(cli: Cli, copy_file: Path) -> None:
+def test_a_missing_backup_password_file_exits_4_or_2_for_a_new_backup(cli: Cli, copy_file: Path) -> None:
+    """Opening a backup with it is an unlock (4); making one with it, input (2: it was 4)."""
     result = cli("backup", "verify", str(copy_file), "--backup-password-file", str(cli.tmp / "nowhere"))
     assert_one_line_error(result, 4, "backup password file", "does not exist")
+    made = cli("backup", str(cli.tmp / "new.smbackup"), "--backup-password-file", str(cli.tmp / "nowhere"))
+    assert_one_line_error(made, 2, "backup password file", "does not exist")
+    assert not (cli.tmp / "new.smbackup").exists()
 
 
 def test_backup_help_shows_how_to_back_up(tmp_path: Path) -> None:

@@ -130,7 +130,7 @@ def create(
         raise InvalidInputError("give the backup file once: 'backup FILE' or 'backup --out FILE'")
     path = _file_argument(file or out or "", "backup")
     _check_destination(session, path, force=force)
-    password = _read_file(session, backup_password_file) if backup_password_file else None
+    password = _read_file(session, backup_password_file, new=True) if backup_password_file else None
     if password is not None:
         session.environment.check_new_password(password, "the backup password")
     # A copy of the store needs our encrypted store; a password backup can be of any store (Vault, AWS).
@@ -423,11 +423,14 @@ def _backup_password(session: Session, path: Path, kind: str, password_file: str
     raise UnlockError(f"{path} is protected by a backup password: pass --backup-password-file PATH")
 
 
-def _read_file(session: Session, password_file: str) -> bytes:
+def _read_file(session: Session, password_file: str, *, new: bool = False) -> bytes:
+    """The backup password in `password_file`: one that opens a backup (a missing file: exit 4,
+    as any unlock), or with `new` the one a new backup is made with (exit 2: it is input)."""
     try:
         return read_password_file(Path(password_file), environment=session.environment)
     except UnlockError as exc:
-        raise UnlockError(str(exc).replace("password file", "backup password file", 1)) from None
+        error = InvalidInputError if new else UnlockError
+        raise error(str(exc).replace("password file", "backup password file", 1)) from None
 
 
 def _no_store_at(url: str | None) -> bool:
