@@ -98,6 +98,16 @@ def test_a_malformed_address_is_refused(address: str) -> None:
         resolve_config(address, environ={})
 
 
+@pytest.mark.parametrize("address", ["https://secrets.internal:7443", "HTTP://secrets.internal:7443/"])
+def test_a_url_as_the_address_is_refused_saying_what_to_give(address: str) -> None:
+    """VAULT_ADDR's habit: 'https://HOST:PORT' passed the host:port check (host 'https://HOST') and
+    failed in gRPC's resolver with 'Misformatted domain name'."""
+    with pytest.raises(
+        InvalidInputError, match=r"is a URL; give host:port without .* \(e\.g\. secrets\.internal:7443\)"
+    ):
+        resolve_config(address, environ={})
+
+
 def test_development_without_an_address_or_a_password_says_both_ways_out() -> None:
     with pytest.raises(UnlockError, match=r"set SECRETS_MANAGER_ADDR .* MASTER_PASSWORD_FILE"):
         resolve_config(environ={"SHRIVENQUANT_ENV": "development"})

@@ -86,6 +86,34 @@ def sighup_and_wait_for(server: Server, message: str) -> None:
     assert eventually(lambda: sum(message in line for line in server.log_lines) > seen), server.log_lines
 
 
+def test_a_server_certificate_for_another_name_is_said_so_with_the_fix(server: Server) -> None:
+    """gRPC's 'Hostname Verification Check failed' reached the user as it was, with no hint."""
+    cert, key = pki.issue(
+        (server.dir / "ca.pem").read_bytes(),
+        (server.dir / "ca-key.pem").read_bytes(),
+        "server",
+        server=True,
+        dns=["secrets.elsewhere.test"],
+    )
+    replace_file(server.dir / "server.pem", cert)
+    replace_file(server.dir / "server-key.pem", key)
+    sighup_and_wait_for(server, "TLS certificate reloaded")
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(server.dir),
+        "SECRETS_MANAGER_CERT": str(server.dir / "auth.pem"),
+        "SECRETS_MANAGER_KEY": str(server.dir / "auth-key.pem"),
+        "SECRETS_MANAGER_CA": str(server.dir / "ca.pem"),
+    }
+    listed = run_script(env, "--server", server.address, "list")
+    assert listed.returncode == 1
+    assert listed.stderr.decode().splitlines() == [
+        f"secrets-manager: error: the server at {server.address} presented a certificate not issued for "
+        "127.0.0.1: connect with a name or address the certificate holds, or issue the server's "
+        "certificate again with it ('pki issue NAME --server --ip 127.0.0.1')"
+    ]
+
+
 def test_sighup_serves_a_renewed_certificate_and_keeps_open_connections(server: Server) -> None:
     old_serial = serial_of(server.dir / "server.pem")
     assert presented_serial(server) == old_serial

@@ -388,6 +388,10 @@ class Session:
         """The service at --server / SECRETS_MANAGER_ADDR. Several comma-separated addresses (as
         the SDK takes them from the same variable): the first whose health check answers serves
         the whole command, so a write is never sent twice to two replicas."""
+        # gRPC's documented default, set before its core starts: unset, the core logs a failed
+        # handshake at INFO ("I1130 … ssl_transport_security.cc …") above our one-line error.
+        # An explicit value stays; `serve` keeps gRPC's own (its handshake failures are logged).
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         from secrets_manager.client import RemoteStore
         from secrets_manager.client._config import parse_addresses
 

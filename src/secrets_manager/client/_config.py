@@ -143,6 +143,12 @@ def parse_addresses(raw: str | Sequence[str]) -> tuple[str, ...]:
     items = raw.split(",") if isinstance(raw, str) else list(raw)
     addresses = tuple(item.strip() for item in items if item.strip())
     for address in addresses:
+        scheme = next((s for s in ("https://", "http://") if address.lower().startswith(s)), None)
+        if scheme is not None:  # a Vault habit (VAULT_ADDR is a URL); gRPC took it as a host name
+            raise InvalidInputError(
+                f"{ADDRESS_VARIABLE}: {address!r} is a URL; give host:port without {scheme!r} "
+                f"(e.g. {address[len(scheme) :].rstrip('/')}): the service speaks mutual TLS on that port"
+            )
         host, _, port = address.rpartition(":")
         # ASCII digits only: str.isdigit() also takes "²" (int() then fails) and "٧٤٤٣".
         if not host or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:

@@ -8,6 +8,7 @@ The SDK (client/_client.py) also uses its `watch` stream and `is_serving` probe.
 from __future__ import annotations
 
 import builtins
+import ipaddress
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -125,6 +126,14 @@ class RemoteStore:
         except grpc.RpcError as exc:
             code = exc.code()
             details = exc.details() or code.name
+            if "hostname verification check failed" in details.lower():  # gRPC's words for it
+                host = self.address.rpartition(":")[0].strip("[]")
+                option = "--ip" if _is_ip_address(host) else "--dns"
+                raise HandshakeFailedError(
+                    f"the server at {self.address} presented a certificate not issued for {host}: "
+                    "connect with a name or address the certificate holds, or issue the server's "
+                    f"certificate again with it ('pki issue NAME --server {option} {host}')"
+                ) from None
             if code is grpc.StatusCode.UNAVAILABLE and "handshake" in details.lower():
                 raise HandshakeFailedError(
                     f"TLS handshake with {self.address} failed: check the certificate files (is the "
@@ -451,3 +460,11 @@ class ChangeStream:
     def cancel(self) -> None:
         self._cancelled = True
         self._call.cancel()
+
+
+def _is_ip_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
