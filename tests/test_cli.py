@@ -1270,6 +1270,13 @@ def test_a_byte_typed_at_a_prompt_that_is_not_utf8_is_a_one_line_error(
     assert ready("list").out == ""
 
 
+def test_ctrl_d_at_the_password_prompt_is_a_missing_password_not_an_interruption(ready: Cli) -> None:
+    """End of input at the prompt said 'aborted', exit 130 (Ctrl-C's code)."""
+    code, out = _typed_at_the_prompt(ready, b"\x04", "get", "svc/X", env={"MASTER_PASSWORD": None})
+    assert code == 4, out
+    assert "secrets-manager: error: no master password typed (end of input)" in out, out
+
+
 SLOW_IMPORT = """
 import sys, time
 

@@ -176,6 +176,11 @@ def prompt_password(label: str, *, confirm: bool, file_option: str | None = None
             f"the {label.lower()} typed is not UTF-8 text (is the terminal set to UTF-8?); "
             "type it again in UTF-8, or give it in a file (see the command's --help)"
         ) from None
+    except EOFError:  # Ctrl-D: click called it "aborted", exit 130 (Ctrl-C's)
+        missing = f"no {label.lower()} typed (end of input)"
+        if file_option:
+            raise InvalidInputError(f"{missing}; nothing was changed") from None
+        raise UnlockError(f"{missing}: type it, or pass --password-file / set MASTER_PASSWORD_FILE") from None
     if again != password:
         raise InvalidInputError("the two passwords differ; nothing was changed")
     if not password:
