@@ -13,6 +13,7 @@ import base64
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from secrets_manager.errors import (
     StorageError,
     UnsupportedOperationError,
 )
+from secrets_manager.storage import Delete, Put
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretMetadata, SecretStore, VersionInfo
 from secrets_manager.store import backup as backup_module
@@ -238,6 +240,7 @@ def test_a_restored_store_takes_new_writes_after_the_restored_versions(
 WRITER = r"""
 import os, sys
 from secrets_manager.crypto import kdf
+from secrets_manager.storage import Delete, Put
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 
@@ -521,6 +524,39 @@ def test_an_overwrite_never_gives_a_version_number_to_a_second_value(
     assert target.describe("auth/DB_PASSWORD").versions == source.describe("auth/DB_PASSWORD").versions
     assert target.get("auth/DB_PASSWORD").version == backed_up
     assert target.put("auth/DB_PASSWORD", b"after-the-restore").version == given_out + 1
+
+
+@pytest.mark.parametrize("damage", ["metadata rolled back", "metadata deleted"])
+def test_a_restore_replaces_values_their_metadata_does_not_list(
+    backup: Backup, target: EncryptedStore, source: EncryptedStore, damage: str, tmp_path: Path
+) -> None:
+    """A restore is the repair damage messages name, but into a store whose `meta/NAME` was put back
+    from an older copy (or deleted), the backup's create-only puts collided with the orphaned
+    value rows for 30 s, then 'too many concurrent writes'."""
+    for n in range(4):
+        target.put("auth/DB_PASSWORD", b"target-%d" % n)
+    storage = target._storage
+    if damage == "metadata deleted":
+        storage.commit([Delete(META_PREFIX + "auth/DB_PASSWORD")])
+    else:
+        target.put("other/ROLLED", b"v1")
+        at_v1 = storage.get(META_PREFIX + "other/ROLLED")
+        assert at_v1 is not None
+        target.put("other/ROLLED", b"v2")
+        storage.commit([Put(META_PREFIX + "other/ROLLED", at_v1.value, None)])
+        source.put("other/ROLLED", b"from-the-backup")
+        backup = take(source, tmp_path / "again.smbackup", password=BACKUP_PASSWORD)
+    started = time.monotonic()
+    restore_into(target, backup.secrets, on_existing=OnExisting.OVERWRITE)
+    assert time.monotonic() - started < 10
+    assert target.describe("auth/DB_PASSWORD").versions == source.describe("auth/DB_PASSWORD").versions
+    kept = {
+        f"{DATA_PREFIX}auth/DB_PASSWORD#{v.version}" for v in source.describe("auth/DB_PASSWORD").versions
+    }
+    assert set(storage.list(f"{DATA_PREFIX}auth/DB_PASSWORD#")) == kept
+    if damage == "metadata rolled back":
+        assert target.get("other/ROLLED").value.reveal() == b"from-the-backup"
+        assert target.put("other/ROLLED", b"after").version > 1
 
 
 # ---- all or nothing ---------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ from secrets_manager.errors import (
     interruptions_ignored,
 )
 from secrets_manager.storage import ABSENT, Delete, Put
-from secrets_manager.storage.base import Expect, Operation
+from secrets_manager.storage.base import Expect, Operation, Storage
 from secrets_manager.storage.sqlite import create_private_directories
 from secrets_manager.store.backup import KIND_STORE, Backup, BackupSecret, BackupVersion
 from secrets_manager.store.base import (
@@ -79,6 +79,7 @@ from secrets_manager.store.base import (
     unsupported_capabilities,
 )
 from secrets_manager.store.encrypted import (
+    DATA_PREFIX,
     HEADER_KEY,
     KEYSET_PREFIX,
     META_PREFIX,
@@ -338,6 +339,7 @@ def _import_encrypted(
         done = versions = 0
         skipped: list[str] = []
         overwritten: list[str] = []
+        stored = _stored_values_by_name(storage)  # the rows themselves, orphans of damage included
         for namespace, group in sorted(by_namespace.items()):
             keyset_expect, keyset = store._keyset_for_write(namespace)
             key = keyset.primary
@@ -362,6 +364,10 @@ def _import_encrypted(
                             _data_key(secret.name, n) for n, i in old.versions.items() if not i["destroyed"]
                         }
                         overwritten.append(secret.name)
+                # Values stored under the name that its metadata does not list (the metadata rolled
+                # back or deleted): replaced like the listed ones, where a create-only put of theirs
+                # collided for ever ('too many concurrent writes'); a restore is the documented repair.
+                old_keys |= stored.get(secret.name, set())
                 new_keys = set()
                 for version in secret.kept:
                     data_key = _data_key(secret.name, version.version)
@@ -397,6 +403,16 @@ def _import_encrypted(
         )
 
     return store._retry(attempt)
+
+
+def _stored_values_by_name(storage: Storage) -> dict[str, set[str]]:
+    """Every value row's key, by the secret it belongs to (one scan of the keys, nothing read)."""
+    by_name: dict[str, set[str]] = {}
+    for key in storage.list(DATA_PREFIX):
+        name, hash_sign, _ = key[len(DATA_PREFIX) :].rpartition("#")
+        if hash_sign:
+            by_name.setdefault(name, set()).add(key)
+    return by_name
 
 
 # ---- any other store, through the protocol ------------------------------------------------------------
