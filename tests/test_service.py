@@ -847,12 +847,14 @@ def test_sigterm_under_load_finishes_in_flight_calls_and_exits_0(server: Server)
             calls.append((started, time.monotonic(), outcome))
 
     big: dict[str, object] = {}
+    sending = threading.Event()
+    big_stub = server.stub("writer")  # connected before: the call itself goes out at once
+    big_stub.GetSecret(pb.GetSecretRequest(name="load/bulk/K0001"), timeout=10)
 
     def long_call() -> None:
         started = time.monotonic()
-        reply = server.stub("writer").BatchGetSecrets(
-            pb.BatchGetSecretsRequest(prefix="load/bulk/"), timeout=60
-        )
+        sending.set()
+        reply = big_stub.BatchGetSecrets(pb.BatchGetSecretsRequest(prefix="load/bulk/"), timeout=60)
         big.update(started=started, ended=time.monotonic(), count=len(reply.secrets))
 
     threads = [threading.Thread(target=load) for _ in range(4)]
@@ -861,6 +863,7 @@ def test_sigterm_under_load_finishes_in_flight_calls_and_exits_0(server: Server)
     time.sleep(0.5)
     in_flight = threading.Thread(target=long_call)
     in_flight.start()
+    assert sending.wait(10)
     time.sleep(0.05)
     terminated = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
