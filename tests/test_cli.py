@@ -739,6 +739,23 @@ def test_suggested_commands_keep_the_global_options_given(ready: Cli) -> None:
     assert ready(*on, "undelete", "svc/HINT", env=without).code == 0
     plain = ready("delete", "svc/HINT")  # the store from the environment, which a pasted line inherits
     assert "(recoverable with 'secrets-manager undelete svc/HINT')" in plain.stderr, plain.stderr
+    assert ready("undelete", "svc/HINT").code == 0
+    # A relative --store is made absolute (pasted elsewhere it would name another file); a password
+    # file that is a pipe (`<(…)`, gone once the command ends) is left out.
+    script = (
+        f'cd "{ready.store.parent}" && exec "$0" --store "{ready.store.name}" '
+        '--password-file <(printf %s "$MASTER_PASSWORD") delete svc/HINT'
+    )
+    piped = subprocess.run(
+        ["bash", "-c", script, str(SCRIPT)],
+        env={**ready.env, "SECRETS_MANAGER_STORE": ""},
+        capture_output=True,
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert (
+        f"(recoverable with 'secrets-manager --store {ready.store} undelete svc/HINT')"
+        in piped.stderr.decode()
+    )
 
 
 def test_destroy_version_erases_it_for_good(ready: Cli) -> None:

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import shlex
+import stat
 import sys
 import unicodedata
 from collections.abc import Callable, Collection, Iterator, Sequence
@@ -294,9 +295,26 @@ def invocation() -> tuple[str, ...]:
         ("audit_file", "--audit-file"),
     ):
         value = root.params.get(param)
-        if value and root.get_parameter_source(param) is click.core.ParameterSource.COMMANDLINE:
-            words += [flag, url_without_password(value) if param == "store_url" else value]
+        if not value or root.get_parameter_source(param) is not click.core.ParameterSource.COMMANDLINE:
+            continue
+        if param == "store_url":
+            value = url_without_password(value) if "://" in value else os.path.abspath(value)
+        elif param == "audit_file":
+            value = os.path.abspath(value)
+        elif param == "password_file":
+            if not _a_file_at_rest(value):  # <(…), /dev/stdin: gone once this command ends
+                continue
+            value = os.path.abspath(value)
+        words += [flag, value]
     return tuple(words)
+
+
+def _a_file_at_rest(path: str) -> bool:
+    """Whether `path` is a regular file that outlives this command (not a pipe such as `<(…)`)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        return False
 
 
 def suggested(*words: str) -> str:
