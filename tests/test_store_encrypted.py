@@ -644,6 +644,29 @@ def test_acting_for_records_the_actor_of_writes_in_its_block_and_thread(
     assert encrypted_store.describe("acting/caller").created_by == "spiffe://example.org/caller"
 
 
+def test_unlisted_values_never_counts_a_write_that_lands_while_it_checks(
+    encrypted_store: EncryptedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """status read a suspect's metadata, then scanned its rows: a version committed in between was
+    reported as left by rolled-back metadata, with a hint to destroy it (a live version)."""
+    encrypted_store.put("ns/S1", b"v1")
+    listed = encrypted_store.list(include_deleted=True)
+    encrypted_store.put("ns/S1", b"v2")  # after the list: ns/S1 becomes a suspect
+    read_meta = encrypted_store._read_meta
+    written: list[int] = []
+
+    def then_a_write(name: str) -> tuple[object, object]:
+        answer = read_meta(name)
+        if not written:
+            written.append(0)  # the put reads the metadata too: write once
+            written[0] = encrypted_store.put("ns/S1", b"v3").version  # between the read and the scan
+        return answer
+
+    monkeypatch.setattr(encrypted_store, "_read_meta", then_a_write)
+    assert encrypted_store.unlisted_values(listed) == {}
+    assert written == [3]
+
+
 def test_a_write_onto_rolled_back_metadata_is_an_integrity_error_at_once(
     encrypted_store: EncryptedStore, raw: SqliteStorage
 ) -> None:

@@ -563,9 +563,14 @@ class EncryptedStore:
                 suspects.add(name)
         found: dict[str, builtins.list[int]] = {}
         for name in sorted(suspects):
+            # Rows, then the metadata, then the rows again: a row and the metadata that lists it are
+            # committed together, so a row seen before a metadata read that does not list it, and
+            # still there after, is unlisted; a write landing meanwhile adds rows only to the
+            # second scan, a destroy removes them from it (either way they are not counted).
+            before = set(self._orphaned_versions(name, 1))
             _, meta = self._read_meta(name)
             fresh = set() if meta is None else {n for n, i in meta.versions.items() if not i["destroyed"]}
-            unlisted = [n for n in self._orphaned_versions(name, 1) if n not in fresh]
+            unlisted = sorted((before - fresh) & set(self._orphaned_versions(name, 1)))
             if unlisted:
                 found[name] = unlisted
         return found
