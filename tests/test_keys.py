@@ -196,7 +196,7 @@ def test_a_rotation_during_a_rewrap_is_caught_up_by_another_pass(
     before = values(filled)
     keys.rotate_key(filled, "svc")
     other = open_store()
-    rotated: list[int] = []
+    rotated: list[object] = []
 
     def rotate_midway(namespace: str, done: int, total: int) -> None:
         if done and not rotated:
@@ -763,6 +763,33 @@ def test_a_handle_that_read_nothing_under_its_root_key_does_not_adopt_another(
     reopened = open_store()
     reopened.put("svc/x", b"x")
     assert encrypted_store.get("svc/x").value.reveal() == b"x"
+
+
+def test_a_handle_opened_while_the_root_key_rotates_adopts_the_new_one(
+    audited: EncryptedStore, open_store: OpenStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rotation commits while open() runs Argon2id on the old header: open() then read the
+    audit key already re-sealed under the new root, learned nothing, and every later call said
+    'holds nothing it read under the old one … restart' (12 CLI calls in 20 rotations; a serve
+    started during one exited). The audit key is now read with the header it goes with."""
+    from secrets_manager.store import encrypted
+
+    unwrap = encrypted._unwrap_root
+    rotated: list[object] = []
+
+    def rotating_meanwhile(unlock: object, header: object) -> object:
+        root = unwrap(unlock, header)  # type: ignore[arg-type]
+        if not rotated:
+            rotated.append(keys.rotate_root_key(audited))
+        return root
+
+    monkeypatch.setattr(encrypted, "_unwrap_root", rotating_meanwhile)
+    opened = open_store()
+    monkeypatch.setattr(encrypted, "_unwrap_root", unwrap)
+    assert rotated
+    opened.put("brand-new/x", b"x")  # a new namespace: sealed under the new root, adopted
+    assert opened._root.id == audited._root.id
+    assert open_store().get("brand-new/x").value.reveal() == b"x"
 
 
 def test_root_rotation_refuses_to_undo_a_password_change_made_meanwhile(

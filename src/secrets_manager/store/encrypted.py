@@ -107,6 +107,7 @@ KEYSET_PREFIX = "core/keyset/"
 META_PREFIX = "meta/"
 DATA_PREFIX = "data/"
 AUDIT_KEY_KEY = "core/audit-key"
+OPEN_READ_ATTEMPTS = 5  # header and a root-sealed entry read again while root rotations land between
 AUDIT_ANCHOR_KEY = "core/audit-anchor"
 SCOPED_ANCHOR_PREFIX = AUDIT_ANCHOR_KEY + "/"  # + scope: the anchor of one of several audit logs
 _AUDIT_SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -200,31 +201,27 @@ class EncryptedStore:
     @classmethod
     def open(cls, storage: Storage, unlock: UnlockSource, **options: Any) -> EncryptedStore:
         """Unlock an existing store. UnlockError on a wrong password; nothing is written."""
-        header = _read_header(storage)
+        header, sealed = _header_and_what_its_root_seals(storage)
         root = _unwrap_root(unlock, header)
         store = cls(storage, root, **options)
         store._unlock = unlock
         store._unlock_section = header["unlock"]
-        store._learn_what_the_root_seals()
+        store._learn_what_the_root_seals(sealed)
         return store
 
-    def _learn_what_the_root_seals(self) -> None:
-        """Read, under the root key just unwrapped, something sealed under it that every root
-        rotation re-seals unchanged: the audit key, or else one namespace's keyset. A later root
-        key is adopted only if it opens the same (`_prove_successor`). Two reads at most; nothing
-        is written, and an entry that does not open is left for the command that uses it."""
-        entry = self._storage.get(AUDIT_KEY_KEY)
-        if entry is not None:
-            with contextlib.suppress(IntegrityError):
-                self._audit_key = open_record(
-                    _only(self._root), Purpose.AUDIT_KEY, AUDIT_KEY_KEY, 0, entry.value
-                )
-                return
-        for key in self._storage.list(KEYSET_PREFIX)[:1]:
-            keyset_entry = self._storage.get(key)
-            if keyset_entry is not None:
-                with contextlib.suppress(IntegrityError):
-                    self._decode_keyset(key[len(KEYSET_PREFIX) :], keyset_entry, _only(self._root))
+    def _learn_what_the_root_seals(self, sealed: tuple[str, Entry] | None) -> None:
+        """Open `sealed` (read with the header, under the root key it names: the audit key, or else
+        one namespace's keyset), which every root rotation re-seals unchanged: a later root key
+        is adopted only if it opens the same (`_prove_successor`). Nothing is written, and an
+        entry that does not open is left for the command that uses it."""
+        if sealed is None:
+            return
+        key, entry = sealed
+        with contextlib.suppress(IntegrityError):
+            if key == AUDIT_KEY_KEY:
+                self._audit_key = open_record(_only(self._root), Purpose.AUDIT_KEY, key, 0, entry.value)
+            else:
+                self._decode_keyset(key[len(KEYSET_PREFIX) :], entry, _only(self._root))
 
     def change_unlock(self, unlock: UnlockSource) -> bool:
         """Rewrap the root key under a new unlock source (e.g. a new password). O(1) in secrets.
@@ -1430,6 +1427,34 @@ def _unwrap_root(unlock: UnlockSource, header: dict[str, Any]) -> DataKey:
     if root.id != header["root_key_id"]:
         raise IntegrityError("the store header is damaged (integrity check failed)")
     return root
+
+
+def _header_and_what_its_root_seals(storage: Storage) -> tuple[dict[str, Any], tuple[str, Entry] | None]:
+    """The header, and an entry sealed under the root key it names (the audit key, else one
+    keyset; None if there is none). The entry is read first: a root rotation committed between
+    the two reads leaves it under the old root while the header names the new one, so both are
+    read again (a few times at most; then None, and the handle learns nothing). Read after the
+    header, a rotation meanwhile left a handle nothing to prove the next root key with."""
+    for _ in range(OPEN_READ_ATTEMPTS):
+        sealed = _a_root_sealed_entry(storage)
+        header = _read_header(storage)
+        if sealed is None:
+            return header, None
+        with contextlib.suppress(IntegrityError):
+            if _root_id_of(sealed[1]) == header["root_key_id"]:
+                return header, sealed
+    return header, None
+
+
+def _a_root_sealed_entry(storage: Storage) -> tuple[str, Entry] | None:
+    entry = storage.get(AUDIT_KEY_KEY)
+    if entry is not None:
+        return AUDIT_KEY_KEY, entry
+    for key in storage.list(KEYSET_PREFIX)[:1]:
+        keyset_entry = storage.get(key)
+        if keyset_entry is not None:
+            return key, keyset_entry
+    return None
 
 
 def _root_id_of(entry: Entry) -> int:
