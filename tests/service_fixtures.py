@@ -222,8 +222,10 @@ class Server:
         path = self.dir / "store.audit.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()]
 
-    def cli(self, name: str, *args: str, input: bytes = b"") -> subprocess.CompletedProcess[bytes]:
-        """The real console script against this server, as client `name`."""
+    def cli(
+        self, name: str, *args: str, input: bytes = b"", env: Mapping[str, str] | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
+        """The real console script against this server, as client `name` (`env` over its own)."""
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(self.dir),
@@ -231,6 +233,7 @@ class Server:
             "SECRETS_MANAGER_CERT": str(self.dir / f"{name}.pem"),
             "SECRETS_MANAGER_KEY": str(self.dir / f"{name}-key.pem"),
             "SECRETS_MANAGER_CA": str(self.dir / "ca.pem"),
+            **(env or {}),
         }
         return subprocess.run(
             [str(SCRIPT), *args],

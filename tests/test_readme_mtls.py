@@ -71,20 +71,9 @@ def test_the_readme_mtls_set_up_works_as_pasted(tmp_path: Path) -> None:
             "SECRETS_MANAGER_KEY": str(tmp_path / "pki" / "auth-key.pem"),
             "SECRETS_MANAGER_CA": str(tmp_path / "pki" / "ca.pem"),
         }
-        listed = subprocess.run(
-            [str(SCRIPT), "list", "auth/"],
-            env=client,
-            capture_output=True,
-            timeout=TIMEOUT,
-        )
-        assert listed.returncode == 0, listed.stderr.decode()
-        denied = subprocess.run(
-            [str(SCRIPT), "get", "market-connector/API_KEY"],
-            env=client,
-            capture_output=True,
-            timeout=TIMEOUT,
-        )
-        assert denied.returncode == 5, denied.stderr.decode()
+        for args, exit_code in ((["list", "auth/"], 0), (["get", "market-connector/API_KEY"], 5)):
+            done = subprocess.run([str(SCRIPT), *args], env=client, capture_output=True, timeout=TIMEOUT)
+            assert done.returncode == exit_code, (args, done.stderr.decode())
     finally:
         serve.terminate()
         serve.wait(timeout=30)

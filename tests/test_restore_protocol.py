@@ -396,42 +396,31 @@ def assert_undone_and_said(code: int, stderr: str, signum: int, home: Path, *, a
     ]
 
 
-@pytest.mark.parametrize("signum", SIGNALS)
-def test_a_signal_during_a_restore_into_vault_undoes_it(backup: Backup, tmp_path: Path, signum: int) -> None:
+@pytest.mark.parametrize(
+    ("signum", "then"),
+    [*((signum, None) for signum in SIGNALS), (signal.SIGTERM, signal.SIGINT)],
+    ids=["SIGTERM", "SIGHUP", "SIGINT", "SIGINT during the undo"],
+)
+def test_a_signal_during_a_restore_into_vault_undoes_it(
+    backup: Backup, tmp_path: Path, signum: int, then: signal.Signals | None
+) -> None:
     """SIGTERM and SIGHUP (timeout, systemd stop, a closed terminal) ended the restore at once: no
     undo, no message, exit -15 / -1, the target keeping what was written. They now end it as
-    Ctrl-C does: undone, one line, 143 / 129 (130), the audit record's outcome 'interrupted'."""
+    Ctrl-C does: undone, one line, 143 / 129 (130), the audit record's outcome 'interrupted'.
+    A Ctrl-C after SIGTERM (an impatient user, a supervisor) stopped the undo part-way: svc/K was
+    destroyed and not written back while the command said the target was as it was. The undo now
+    finishes; the first signal decides the exit code."""
     vault = FakeVault().start()
     try:
         store = VaultStore(hvac.Client(url=vault.address, token=vault.root_token), "secret", actor="t")
         try:
             store.put("svc/K", FOREIGN)
             url = vault.address.replace("http://", "vault+http://") + "/secret"
-            code, stderr = interrupted_restore(url, {"VAULT_TOKEN": vault.root_token}, tmp_path, signum)
+            env = {"VAULT_TOKEN": vault.root_token, **({"HOLD": "undo"} if then else {})}
+            code, stderr = interrupted_restore(url, env, tmp_path, signum, then=then)
             assert_undone_and_said(code, stderr, signum, tmp_path)
             assert [meta.name for meta in store.list("", include_deleted=True)] == ["svc/K"]
             assert store.get("svc/K").value.reveal() == FOREIGN  # written back from its copy
-        finally:
-            store.close()
-    finally:
-        vault.stop()
-
-
-def test_a_second_signal_during_the_undo_is_ignored(backup: Backup, tmp_path: Path) -> None:
-    """Ctrl-C after SIGTERM (an impatient user, a supervisor) stopped the undo part-way: svc/K
-    was destroyed and not written back while the command said the target was as it was. The
-    undo now finishes; the first signal decides the exit code."""
-    vault = FakeVault().start()
-    try:
-        store = VaultStore(hvac.Client(url=vault.address, token=vault.root_token), "secret", actor="t")
-        try:
-            store.put("svc/K", FOREIGN)
-            url = vault.address.replace("http://", "vault+http://") + "/secret"
-            env = {"VAULT_TOKEN": vault.root_token, "HOLD": "undo"}
-            code, stderr = interrupted_restore(url, env, tmp_path, signal.SIGTERM, then=signal.SIGINT)
-            assert_undone_and_said(code, stderr, signal.SIGTERM, tmp_path)
-            assert [meta.name for meta in store.list("", include_deleted=True)] == ["svc/K"]
-            assert store.get("svc/K").value.reveal() == FOREIGN
         finally:
             store.close()
     finally:

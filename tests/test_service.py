@@ -956,31 +956,17 @@ def test_the_cli_takes_several_addresses_like_the_sdk_and_uses_the_first_that_an
 def test_a_client_trusting_another_ca_gets_one_line_and_no_grpc_log(server: Server, tmp_path: Path) -> None:
     """gRPC's C core logged the failed handshake ('I1130 … ssl_transport_security.cc …') on stderr
     above our one-line error; a URL as the address failed in gRPC's resolver."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)}
-    made = subprocess.run(
-        [str(SCRIPT), "pki", "init", "--dir", str(tmp_path / "other")], env=env, capture_output=True
-    )
+    other = tmp_path / "another-ca"  # tmp_path is the server's own directory
+    made = run_script({"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, "pki", "init", "--dir", str(other))
     assert made.returncode == 0, made.stderr
-    env |= {
-        "SECRETS_MANAGER_CERT": str(server.dir / "ops.pem"),
-        "SECRETS_MANAGER_KEY": str(server.dir / "ops-key.pem"),
-        "SECRETS_MANAGER_CA": str(tmp_path / "other" / "ca.pem"),
-    }
-    listed = subprocess.run(
-        [str(SCRIPT), "--server", server.address, "list"], env=env, capture_output=True, timeout=60
-    )
+    listed = server.cli("ops", "list", env={"SECRETS_MANAGER_CA": str(other / "ca.pem")})
     assert listed.returncode == 1
     assert listed.stderr.decode().splitlines() == [
-        f"secrets-manager: error: TLS handshake with {server.address} failed: check the certificate files "
-        f"(is the server's certificate signed by the CA in {tmp_path / 'other' / 'ca.pem'} and issued for "
+        f"secrets-manager: error: TLS handshake with {server.address} failed: check the certificate "
+        f"files (is the server's certificate signed by the CA in {other / 'ca.pem'} and issued for "
         "this address?)"
     ]
-    url = subprocess.run(
-        [str(SCRIPT), "--server", f"https://{server.address}", "list"],
-        env=env,
-        capture_output=True,
-        timeout=60,
-    )
+    url = server.cli("ops", "list", env={"SECRETS_MANAGER_ADDR": f"https://{server.address}"})
     assert url.returncode == 2 and b"is a URL; give host:port without 'https://'" in url.stderr
 
 

@@ -98,14 +98,7 @@ def test_a_server_certificate_for_another_name_is_said_so_with_the_fix(server: S
     replace_file(server.dir / "server.pem", cert)
     replace_file(server.dir / "server-key.pem", key)
     sighup_and_wait_for(server, "TLS certificate reloaded")
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(server.dir),
-        "SECRETS_MANAGER_CERT": str(server.dir / "auth.pem"),
-        "SECRETS_MANAGER_KEY": str(server.dir / "auth-key.pem"),
-        "SECRETS_MANAGER_CA": str(server.dir / "ca.pem"),
-    }
-    listed = run_script(env, "--server", server.address, "list")
+    listed = server.cli("auth", "list")
     assert listed.returncode == 1
     assert listed.stderr.decode().splitlines() == [
         f"secrets-manager: error: the server at {server.address} presented a certificate not issued for "
