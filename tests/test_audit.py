@@ -25,9 +25,11 @@ import pytest
 
 from secrets_manager.audit import AuditEvent, AuditLog, AuditTamperError, local_actor
 from secrets_manager.audit import log as audit_log
+from secrets_manager.crypto import kdf
 from secrets_manager.crypto.mac import sha256_hex
 from secrets_manager.environment import Environment
-from secrets_manager.store import EncryptedStore
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.store.base import Anchor
 from secrets_manager.store.url import open_store
 
@@ -606,6 +608,46 @@ def test_a_missing_anchor_is_seen_past_denied_unlocks_and_a_new_log_is_anchored_
         AuditLog(path).verify(key, None, anchor_required=True)
     assert AuditLog(path).verify(key, None) == 3
     assert encrypted_store.audit_anchor() is None and len(path.read_bytes().splitlines()) == 3
+
+
+def test_a_scoped_anchor_missing_is_a_new_scope_and_the_log_is_anchored_anew(
+    encrypted_store: EncryptedStore, tmp_store_path: Path, store_password: str, tmp_path: Path
+) -> None:
+    """A store several hosts share keeps one anchor per host and log path (a scope): a new
+    hostname or a moved log meets none, which is not the anchor deleted. The log goes on and the
+    new scope is anchored at its tail (no seq-0 anchor first), as verify then requires; only the
+    store's one unscoped anchor (core/audit-anchor) missing is tampering."""
+    assert not encrypted_store.audit_anchor_scoped
+    path = tmp_path / "audit.jsonl"
+
+    def scoped(scope: str) -> EncryptedStore:
+        storage = SqliteStorage(tmp_store_path)
+        return EncryptedStore.open(storage, PasswordUnlock(store_password, kdf.TEST), audit_scope=scope)
+
+    first, second = scoped("host-a"), scoped("host-b")
+    try:
+        assert first.audit_anchor_scoped and second.audit_anchor_scoped
+        AuditLog(path).append([AuditEvent(operation="get", actor="cli", name="a/1")], first)
+        anchored = first.audit_anchor()
+        assert anchored is not None and anchored.seq == 1
+        anchors: list[int] = []
+        real = second.set_audit_anchor
+
+        def spy(anchor: Anchor, *, lock_wait: float | None = None, reset: bool = False) -> None:
+            anchors.append(anchor.seq)
+            real(anchor, lock_wait=lock_wait, reset=reset)
+
+        second.set_audit_anchor = spy  # type: ignore[method-assign]
+        assert second.audit_anchor() is None
+        AuditLog(path).append([AuditEvent(operation="get", actor="cli", name="a/1")], second)
+        assert anchors == [2]
+        key = second.audit_key()
+        assert AuditLog(path).verify(key, second.audit_anchor(), anchor_required=True) == 2
+        assert AuditLog(path).verify(key, first.audit_anchor(), anchor_required=True) == 2
+        assert encrypted_store.audit_anchor() is None  # the unscoped anchor is none of theirs
+    finally:
+        first.close()
+        second.close()
 
 
 def test_audit_reset_starts_a_new_chain_after_a_loss_and_keeps_the_old_files(cli: Cli) -> None:

@@ -585,6 +585,60 @@ def test_the_cli_audits_aws_operations(aws_cli: Cli, boto: Any, aws_prefix: str)
     assert len(anchors["SecretList"]) == 1
 
 
+def test_a_new_hostname_or_a_moved_log_is_anchored_anew_on_aws(
+    aws_cli: Cli, boto: Any, aws_prefix: str, tmp_path: Path
+) -> None:
+    """Each host's log has its own anchor in AWS, under a scope of the hostname and the log's
+    path: a pod restarted under a new hostname with the same audit volume, or a log moved, meets
+    no anchor. That is a new scope, not an anchor deleted: every command stopped with exit 6
+    ('the store has no audit anchor'), and the 'audit reset' it named broke the old scope too.
+    The log goes on (its chain continues) and the new scope is anchored."""
+
+    def records(path: Path) -> int:
+        return len(path.read_bytes().splitlines())
+
+    log = tmp_path / "volume" / "audit.jsonl"
+    env = {"SECRETS_MANAGER_AUDIT_FILE": str(log)}
+    assert aws_cli("store", "svc/A", input=b"v", env=env).code == 0
+    assert aws_cli("get", "svc/A", env=env).out == "v\n"
+
+    def on_another_host(*args: str, input: bytes = b"") -> Result:
+        """The console script on a host named otherwise (what audit_scope_for reads)."""
+        code = "import socket, sys; socket.gethostname = lambda: 'another-host'; "
+        code += "from secrets_manager_entry import main; sys.exit(main())"
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *args],
+            input=input,
+            capture_output=True,
+            env={**aws_cli.env, **env},
+            timeout=120,
+        )
+        return Result(proc.returncode, proc.stdout, proc.stderr.decode("utf-8", errors="replace"))
+
+    got = on_another_host("get", "svc/A")
+    assert got.code == 0 and got.out == "v\n", got.stderr
+    assert on_another_host("store", "svc/B", input=b"w").code == 0
+    verified = on_another_host("audit", "verify")
+    assert verified.out.startswith(f"audit log verified: {records(log)} records"), verified.stderr
+    assert json.loads(on_another_host("status", "--json").out)["audit_verified"] is True
+    # The first host goes on with the same log, which has moved past its anchor: still one chain.
+    assert aws_cli("get", "svc/A", env=env).code == 0
+    assert aws_cli("audit", "verify", env=env).out.startswith(f"audit log verified: {records(log)} records")
+    # The log moved (another path: another scope) likewise.
+    (tmp_path / "volume").rename(tmp_path / "moved")
+    log = tmp_path / "moved" / "audit.jsonl"
+    moved = {"SECRETS_MANAGER_AUDIT_FILE": str(log)}
+    assert aws_cli("get", "svc/A", env=moved).code == 0
+    assert aws_cli("audit", "verify", env=moved).out.startswith(f"audit log verified: {records(log)} records")
+    assert [json.loads(line)["seq"] for line in log.read_bytes().splitlines()] == list(
+        range(1, records(log) + 1)
+    )
+    anchors = boto.list_secrets(
+        Filters=[{"Key": "name", "Values": [f"{aws_prefix}/.secrets-manager/audit-anchor/"]}]
+    )
+    assert len(anchors["SecretList"]) == 3
+
+
 def test_an_aws_command_that_fails_before_doing_anything_leaves_no_audit_file(
     aws_cli: Cli, tmp_path: Path
 ) -> None:

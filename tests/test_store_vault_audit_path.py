@@ -173,6 +173,7 @@ class _Anchors:
 
     def __init__(self, key: bytes) -> None:
         self.key, self.anchor = key, None
+        self.audit_anchor_scoped = False
 
     def audit_key(self) -> bytes:
         return self.key

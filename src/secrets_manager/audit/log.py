@@ -98,6 +98,14 @@ class AuditAnchor(Protocol):
         self, anchor: Anchor, *, lock_wait: float | None = None, reset: bool = False
     ) -> None: ...
 
+    @property
+    def audit_anchor_scoped(self) -> bool:
+        """Whether the anchor is one of many, kept under a scope derived from the host and the
+        log's path (a store several hosts share). A log then meets no anchor whenever that scope
+        is new (a new hostname, a moved log), and is anchored anew; an unscoped store has one
+        anchor, and none, for a log holding signed records, can only be the anchor deleted."""
+        ...
+
 
 class _RandomIds:
     """Random (version 4) UUIDs cut from a buffer of os.urandom bytes: one system call per 256
@@ -473,7 +481,12 @@ class AuditLog:
         seq, previous = self._tail_of(before, anchor)
         first_seq = seq
         key = None if anchor is None else anchor.audit_key()
-        if anchor is not None and seq == 0 and anchor.audit_anchor() is None:
+        if (
+            anchor is not None
+            and seq == 0
+            and not anchor.audit_anchor_scoped
+            and anchor.audit_anchor() is None
+        ):
             # The first records of this log: the store vouches for the empty chain first (seq 0),
             # so a log holding authenticated records always has an anchor, and one missing is
             # tampering (the row deleted), not an anchor this append could not move (the store
@@ -616,12 +629,22 @@ class AuditLog:
                     except IntegrityError as exc:  # damaged: the reset replaces it, never needing to read it
                         raise AuditError(str(exc)) from None
                     try:
-                        count = self._verify(anchor.audit_key(), anchored, locked=True)
+                        count = self._verify(
+                            anchor.audit_key(),
+                            anchored,
+                            locked=True,
+                            anchor_required=not anchor.audit_anchor_scoped,
+                        )
                     except AuditPartialRecordError:
                         # A crash's leftover after every anchored record: set aside on its own, as
                         # the next audited command would, not a reason to discard the chain.
                         aside = self._repair_locked(anchor, event)
-                        count = self._verify(anchor.audit_key(), anchor.audit_anchor(), locked=True)
+                        count = self._verify(
+                            anchor.audit_key(),
+                            anchor.audit_anchor(),
+                            locked=True,
+                            anchor_required=not anchor.audit_anchor_scoped,
+                        )
                 except (AuditTamperError, AuditError) as exc:
                     moved = self._restart_locked(anchor, event)
                     return Reset(problem=str(exc), records=0, moved=moved, set_aside=aside)
@@ -746,7 +769,12 @@ class AuditLog:
         `live_end`: the live file's whole records end there (a partial line follows)."""
         anchored = anchor.audit_anchor()
         _check_tail_against_anchor(last, anchored, self.path, anchor.audit_key())
-        if anchored is None and last is not None and self._holds_authenticated_record(live_end=live_end):
+        if (
+            anchored is None
+            and last is not None
+            and not anchor.audit_anchor_scoped
+            and self._holds_authenticated_record(live_end=live_end)
+        ):
             raise _missing_anchor(self.path)
         if last is None or anchored is None or anchored.seq < 1 or int(last["seq"]) <= anchored.seq:
             return
@@ -1089,12 +1117,12 @@ class AuditLog:
         `anchor_required`: `anchor` is what the store holds (None: it holds none). A log with
         authenticated records then needs one: its first append anchors the empty chain before
         writing, so none means the anchor row was deleted (hiding records cut from the end).
-        Without it, None only means there is no anchor to check against (a key alone is)."""
+        Only for a store with one anchor (not `audit_anchor_scoped`): a scoped anchor is missing
+        whenever the log's scope is new. Without it, None only means there is no anchor to check
+        against (a key alone is)."""
         return self._verify(key, anchor, locked=False, anchor_required=anchor_required)
 
-    def _verify(
-        self, key: bytes, anchor: Anchor | None, *, locked: bool, anchor_required: bool = True
-    ) -> int:
+    def _verify(self, key: bytes, anchor: Anchor | None, *, locked: bool, anchor_required: bool) -> int:
         previous_hash, expected_seq, count = GENESIS_HASH, 1, 0
         anchor_seen = anchor is None or anchor.seq == 0  # seq 0: the empty chain, before any record
         authenticated = False  # a record with a MAC seen

@@ -75,7 +75,7 @@ def status(session: Session, as_json: bool) -> None:
         )
         try:
             doc["audit_records"] = session.audit_log().verify(
-                store.audit_key(), store.audit_anchor(), anchor_required=True
+                store.audit_key(), store.audit_anchor(), anchor_required=not store.audit_anchor_scoped
             )
         except IntegrityError as exc:
             audit_problem = str(exc)

@@ -845,6 +845,12 @@ class AwsStore:
 
     # ---- audit support (the `AuditAnchor` protocol of audit/) -----------------------------------
 
+    @property
+    def audit_anchor_scoped(self) -> bool:
+        """Always: each log's anchor is kept under its own scope (store/external.py), so a new
+        hostname or log path meets none and is anchored anew."""
+        return True
+
     def audit_key(self) -> bytes:
         """The audit HMAC key, SecretBinary of PREFIX/.secrets-manager/audit-key: GetSecretValue,
         or CreateSecret on first use (if another process wins that race, theirs is used)."""

@@ -230,6 +230,12 @@ class AuditedStore(SecretStore, Protocol):
     def audit_anchor(self) -> Anchor | None:
         """The newest audit record this store vouched for, or None before the first one."""
 
+    @property
+    def audit_anchor_scoped(self) -> bool:
+        """Whether the anchor is kept under a scope of the host and log path (a store several
+        hosts share), so that a log meets none whenever its scope is new; else it is the store's
+        one anchor, and none, for a log holding signed records, means it was deleted."""
+
     def set_audit_anchor(
         self, anchor: Anchor, *, lock_wait: float | None = None, reset: bool = False
     ) -> None:

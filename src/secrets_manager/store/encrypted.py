@@ -1109,6 +1109,13 @@ class EncryptedStore:
 
     # ---- audit support (the `AuditAnchor` protocol of audit/) -----------------------------------
 
+    @property
+    def audit_anchor_scoped(self) -> bool:
+        """Whether the anchor is one of a shared store's (PostgreSQL: one per host and log path),
+        which a new hostname or log path meets missing. Unscoped, `core/audit-anchor` is the one
+        anchor, and missing, while the log holds signed records, it was deleted."""
+        return self._anchor_key != AUDIT_ANCHOR_KEY
+
     def audit_key(self) -> bytes:
         """The store's secret audit key, created on first use; sealed under the root key."""
         if self._audit_key is None:

@@ -809,6 +809,12 @@ class VaultStore:
 
     # ---- audit support (the `AuditAnchor` protocol of audit/) -----------------------------------
 
+    @property
+    def audit_anchor_scoped(self) -> bool:
+        """Always: each log's anchor is kept under its own scope (store/external.py), so a new
+        hostname or log path meets none and is anchored anew."""
+        return True
+
     def audit_key(self) -> bytes:
         """The audit HMAC key at MOUNT/data/.secrets-manager/audit-key, created (cas=0) on first use."""
         if self._audit_key is None:
