@@ -638,6 +638,27 @@ def test_an_expired_client_certificate_is_named_with_its_date_before_any_connect
     assert cli.returncode == 2 and "expired on" in cli.stderr.decode() and cli.stderr.count(b"\n") == 1
 
 
+def test_a_server_certificate_as_the_client_certificate_is_named_before_any_connection(
+    server: Server, service_dir: Path
+) -> None:
+    """The service refuses a certificate without clientAuth in the handshake: the client said
+    'Socket closed … another CA, or expired?', neither of which it was."""
+    env = {
+        **client_environ(service_dir, "auth", [server.address]),
+        "SECRETS_MANAGER_CERT": str(service_dir / "server.pem"),
+        "SECRETS_MANAGER_KEY": str(service_dir / "server-key.pem"),
+    }
+    cli = run_script(
+        {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(service_dir), **env}, "list"
+    )
+    assert cli.returncode == 2
+    assert cli.stderr.decode().splitlines() == [
+        f"secrets-manager: error: the client certificate {service_dir / 'server.pem'} (SECRETS_MANAGER_CERT) "
+        "is not for clients (its extended key usage has no clientAuth), so the service would refuse it: "
+        "issue a client certificate with 'secrets-manager pki issue server --dir CA-DIR' (without --server)"
+    ]
+
+
 @pytest.mark.parametrize(
     ("files", "message"),
     [

@@ -186,6 +186,7 @@ def read_client_tls(cert: tuple[Path, str], key: tuple[Path, str], ca: tuple[Pat
     )
     leaf = _checked_pair(cert_pem, key_pem, cert, key)
     _certificates(ca_pem, *ca)
+    _check_client_purpose(leaf, cert)
     _check_dates(leaf, cert, "client", "secrets-manager pki issue {} --force --dir CA-DIR")
     return ClientTlsFiles(cert_pem, key_pem, ca_pem, leaf.not_valid_before_utc, leaf.not_valid_after_utc)
 
@@ -195,10 +196,7 @@ def _check_dates(leaf: x509.Certificate, cert: tuple[Path, str], role: str, rene
     date and `renewal` (the command that renews it, {} its CN); one not valid yet points at the
     clock (CertificateNotYetValidError, with the date it becomes valid)."""
     now = datetime.now(UTC)
-    names = [
-        a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)
-    ]
-    renew = renewal.format(names[0] if names else "NAME")
+    renew = renewal.format(_common_name(leaf))
     if leaf.not_valid_after_utc <= now:
         raise InvalidInputError(
             f"the {role} certificate {cert[0]} ({cert[1]}) expired on "
@@ -215,22 +213,45 @@ def _check_dates(leaf: x509.Certificate, cert: tuple[Path, str], role: str, rene
 def _check_server_purpose(leaf: x509.Certificate, cert: Path) -> None:
     """InvalidInputError if the certificate's extended key usage leaves out serverAuth (a client
     certificate, `pki issue NAME` without --server): every client would refuse it in the
-    handshake ("unsupported certificate purpose"). No such extension: any purpose, as TLS reads it."""
-    try:
-        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    except x509.ExtensionNotFound:
+    handshake ("unsupported certificate purpose")."""
+    if not _lacks_purpose(leaf, ExtendedKeyUsageOID.SERVER_AUTH):
         return
-    if ExtendedKeyUsageOID.SERVER_AUTH in usages or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages:
-        return
-    names = [
-        a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)
-    ]
     raise InvalidInputError(
         f"the server certificate {cert} (tls.cert) is not for servers (its extended key usage has no "
         "serverAuth), so every client would refuse it ('unsupported certificate purpose'): issue it "
-        f"with 'secrets-manager pki issue {names[0] if names else 'NAME'} --server --dir CA-DIR', "
+        f"with 'secrets-manager pki issue {_common_name(leaf)} --server --dir CA-DIR', "
         "with its --dns/--ip options"
     )
+
+
+def _check_client_purpose(leaf: x509.Certificate, cert: tuple[Path, str]) -> None:
+    """InvalidInputError if the certificate's extended key usage leaves out clientAuth (a server
+    certificate, `pki issue NAME --server`): the service refuses it in the handshake, which the
+    client sees only as a closed connection."""
+    if not _lacks_purpose(leaf, ExtendedKeyUsageOID.CLIENT_AUTH):
+        return
+    raise InvalidInputError(
+        f"the client certificate {cert[0]} ({cert[1]}) is not for clients (its extended key usage has "
+        "no clientAuth), so the service would refuse it: issue a client certificate with "
+        f"'secrets-manager pki issue {_common_name(leaf)} --dir CA-DIR' (without --server)"
+    )
+
+
+def _lacks_purpose(leaf: x509.Certificate, purpose: x509.ObjectIdentifier) -> bool:
+    """Whether the certificate's extended key usage leaves out `purpose` (no such extension:
+    any purpose, as TLS reads it)."""
+    try:
+        usages = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return False
+    return purpose not in usages and ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE not in usages
+
+
+def _common_name(leaf: x509.Certificate) -> str:
+    names = [
+        a.value for a in leaf.subject.get_attributes_for_oid(NameOID.COMMON_NAME) if isinstance(a.value, str)
+    ]
+    return names[0] if names else "NAME"
 
 
 def _checked_pair(
