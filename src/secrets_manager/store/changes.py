@@ -16,6 +16,13 @@ DATA_PREFIX = "data/"
 META_PREFIX = "meta/"
 
 
+def value_row_parts(key: str) -> tuple[str, str]:
+    """The secret's name and the version's text in a value row's key `data/NAME#N` (name "" if
+    the key has no '#': a stray row, not of the layout)."""
+    name, _, number = key[len(DATA_PREFIX) :].rpartition("#")
+    return name, number
+
+
 class ChangeKind(enum.StrEnum):
     VERSION_ADDED = "version_added"
     METADATA_CHANGED = "metadata_changed"
@@ -42,7 +49,7 @@ def secret_changes(batch: ChangeBatch) -> SecretChanges:
     versions_added: set[tuple[int, str]] = set()
     for change in batch.changes:
         if change.key.startswith(DATA_PREFIX) and not change.deleted:
-            name, _, number = change.key[len(DATA_PREFIX) :].rpartition("#")
+            name, number = value_row_parts(change.key)
             if name and number.isdigit():
                 versions_added.add((change.revision, name))
                 events.append(SecretChange(ChangeKind.VERSION_ADDED, name, int(number), change.revision))

@@ -94,7 +94,7 @@ from secrets_manager.store.base import (
     unsupported_capabilities,
     updated_metadata,
 )
-from secrets_manager.store.changes import SecretChanges, secret_changes
+from secrets_manager.store.changes import SecretChanges, secret_changes, value_row_parts
 from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import DEFAULT_NAMESPACE, namespace_of, validate_name, validate_prefix
 from secrets_manager.store.read_cache import ReadCache
@@ -555,7 +555,7 @@ class EncryptedStore:
         kept = {meta.name: {v.version for v in meta.versions if not v.destroyed} for meta in listed}
         suspects = set()
         for key in self._storage.list(DATA_PREFIX):
-            name, _, number = key[len(DATA_PREFIX) :].rpartition("#")
+            name, number = value_row_parts(key)
             if not number.isdigit() or int(number) not in kept.get(name, set()):
                 suspects.add(name)
         found: dict[str, builtins.list[int]] = {}

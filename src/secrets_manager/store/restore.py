@@ -78,6 +78,7 @@ from secrets_manager.store.base import (
     checked_metadata,
     unsupported_capabilities,
 )
+from secrets_manager.store.changes import value_row_parts
 from secrets_manager.store.encrypted import (
     DATA_PREFIX,
     HEADER_KEY,
@@ -409,8 +410,8 @@ def _stored_values_by_name(storage: Storage) -> dict[str, set[str]]:
     """Every value row's key, by the secret it belongs to (one scan of the keys, nothing read)."""
     by_name: dict[str, set[str]] = {}
     for key in storage.list(DATA_PREFIX):
-        name, hash_sign, _ = key[len(DATA_PREFIX) :].rpartition("#")
-        if hash_sign:
+        name, _ = value_row_parts(key)
+        if name:
             by_name.setdefault(name, set()).add(key)
     return by_name
 
