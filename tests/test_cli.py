@@ -1584,6 +1584,57 @@ def test_a_json_field_holding_a_lone_surrogate_is_refused_without_the_value(read
     assert ready("get", "js/S", "--raw").stdout == value
 
 
+def test_store_of_one_field_replaces_it_keeps_the_others_and_checks_the_version_read(ready: Cli) -> None:
+    """`store NAME#FIELD` (as 'vault kv patch'): the field's new value from stdin or --generate,
+    the rest of the JSON object (and its whitespace) as it was; the read audited as store.read."""
+    ready("store", "db/app", "--raw", input=b'{"username": "app", "password": "KNOWN-old", "port": 5432}\n')
+    written = ready("store", "db/app#password", input=b"KNOWN-new\n")
+    assert written.code == 0 and "stored db/app version 2" in written.stderr + written.out
+    assert ready("get", "db/app", "--raw").stdout == (
+        b'{"username": "app", "password": "KNOWN-new", "port": 5432}\n'
+    )
+    assert ready("store", "db/app#password", "--generate").code == 0
+    generated = json.loads(ready("get", "db/app").out)
+    assert generated["username"] == "app" and generated["port"] == 5432
+    assert len(generated["password"]) == 32 and generated["password"] != "KNOWN-new"
+    records = json.loads(ready("audit", "show", "--json").out)
+    reads = [r for r in records if r["operation"] == "store.read"]
+    assert [r["version"] for r in reads] == [1, 2]
+    # The version the field was read from is the one written over: a stale --expect-version is a conflict.
+    stale = ready("store", "db/app#password", "--expect-version", "2", input=b"KNOWN-other")
+    assert_one_line_error(stale, 7, "db/app is at version 3, not 2", "nothing was stored")
+    assert ready("history", "db/app").out.count("\n") == 3
+    log = b"".join(p.read_bytes() for p in ready.store.parent.glob("*.jsonl*"))
+    assert b"KNOWN" not in log
+
+
+def test_store_of_one_field_refuses_what_it_cannot_write_and_writes_nothing(ready: Cli) -> None:
+    ready("store", "db/app", input=b'{"username": "app", "password": "KNOWN-old", "port": 5432}')
+    ready("store", "db/plain", input=b"KNOWN-plain")
+    cases = [
+        (("store", "db/app#"), 2, "'db/app#' names no field; write NAME#FIELD"),
+        (("store", "db/app#pasword"), 2, "has no text field 'pasword' (it has 3 fields"),
+        (("store", "db/app#port"), 2, "has no text field 'port'"),  # a number stays a number
+        (("store", "db/plain#password"), 2, "the value of db/plain is not a JSON object"),
+        (("store", "db/missing#password"), 3, "'db/missing' not found"),
+        (
+            ("store", "db/app#password", "KNOWN-argv"),
+            2,
+            "with NAME#FIELD, give the field's new value on stdin",
+        ),
+        # NAME and VALUE swapped, a value holding '#': no read of a secret named after half of it
+        (("store", "KNOWN#word", "DB_PASSWORD"), 2, "with NAME#FIELD, give the field's new value on stdin"),
+    ]
+    for args, code, message in cases:
+        result = ready(*args, input=b"KNOWN-new")
+        assert_one_line_error(result, code, message)
+        assert "KNOWN" not in result.stderr + result.out, args
+    assert json.loads(ready("get", "db/app").out)["password"] == "KNOWN-old"
+    assert ready("history", "db/app").out.count("\n") == 1
+    names = {r["name"] for r in json.loads(ready("audit", "show", "--json").out)}
+    assert not any(name and "KNOWN" in name for name in names)
+
+
 # ---- import ----------------------------------------------------------------------------------
 
 DOTENV = b"""# the auth service's old .env

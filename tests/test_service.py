@@ -921,6 +921,27 @@ def test_rollback_works_remotely_with_read_and_write(server: Server) -> None:
     assert history["labels"] == {"current": 3, "previous": 2}
 
 
+def test_store_of_one_field_works_remotely_with_read_and_write(server: Server) -> None:
+    """`store NAME#FIELD --server`: a read and a write that expects the version read; write
+    without read (drop/*), or read without write (auth's auth/*), is denied and changes nothing."""
+    value = b'{"username": "app", "password": "old-SEEKRIT"}'
+    for name in ("rw/DB_CREDS", "drop/DB_CREDS", "auth/DB_CREDS"):
+        assert server.cli("ops", "store", name, input=value).returncode == 0
+    for identity, name in (("writer", "drop/DB_CREDS"), ("auth", "auth/DB_CREDS")):
+        denied = server.cli(identity, "store", f"{name}#password", input=b"new-SEEKRIT")
+        assert denied.returncode == 5 and denied.stderr.decode().count("\n") == 1, denied.stderr
+        assert server.cli("ops", "get", name).stdout == value + b"\n"
+    written = server.cli("writer", "store", "rw/DB_CREDS#password", input=b"new-SEEKRIT")
+    assert written.returncode == 0, written.stderr
+    assert written.stdout == b"stored rw/DB_CREDS version 2\n"
+    assert json.loads(server.cli("ops", "get", "rw/DB_CREDS").stdout) == {
+        "username": "app",
+        "password": "new-SEEKRIT",
+    }
+    stale = server.cli("writer", "store", "rw/DB_CREDS#password", "--expect-version", "1", input=b"x")
+    assert stale.returncode == 7 and b"SEEKRIT" not in stale.stderr
+
+
 def test_the_cli_takes_several_addresses_like_the_sdk_and_uses_the_first_that_answers(
     server: Server,
 ) -> None:

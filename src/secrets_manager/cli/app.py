@@ -50,6 +50,7 @@ from secrets_manager.cli.password import (
 from secrets_manager.environment import PASSWORD_FILE_VARIABLE, Environment, current_environment
 from secrets_manager.errors import (
     AccessDeniedError,
+    ConflictError,
     InvalidInputError,
     MissingCredentialsError,
     NotFoundError,
@@ -59,7 +60,14 @@ from secrets_manager.errors import (
     UnlockError,
     UnsupportedOperationError,
 )
-from secrets_manager.rotation import ALPHABETS, DEFAULT_LENGTH, MAX_LENGTH, MIN_LENGTH, generated_value
+from secrets_manager.rotation import (
+    ALPHABETS,
+    DEFAULT_LENGTH,
+    MAX_LENGTH,
+    MIN_LENGTH,
+    generated_value,
+    new_value_for,
+)
 from secrets_manager.store import (
     MAX_VALUE_SIZE,
     PREVIOUS,
@@ -799,7 +807,11 @@ def store_command(
     as_json: bool,
 ) -> None:
     """Store a new version of NAME. The value comes from stdin, a prompt, --file, VALUE (warns), or
-    --generate (a random one, like 'pass generate': not printed; 'get' shows it)."""
+    --generate (a random one, like 'pass generate': not printed; 'get' shows it).
+
+    NAME#FIELD replaces one text field of a JSON object value (as 'vault kv patch' does) and keeps
+    the others, written only if the version read is still current."""
+    name, separator, field = name.partition(FIELD_SEPARATOR)
     try:
         validate_name(name)
     except InvalidInputError:
@@ -811,17 +823,28 @@ def store_command(
             "'store NAME VALUE' with a NAME like 'auth/DB_PASSWORD', or better 'store NAME' and type "
             "the value at the prompt"
         ) from None
+    if separator and value is not None:
+        # `store 'Pa55#word' DB_PASSWORD` (swapped) would read a secret named after half the value
+        # and write the other half's field: a field's new value never comes from an argument.
+        raise InvalidInputError(
+            "with NAME#FIELD, give the field's new value on stdin, at the prompt, with --file or with "
+            "--generate, not as an argument"
+        )
     parsed_tags = parse_tags(tags) if tags else None
     checked_max_versions(name, max_versions)
     if generate and (value is not None or value_file is not None):
         raise InvalidInputError("--generate makes the value; give no VALUE or --file with it")
     if not generate:
         refuse_generator_options("give --generate too, or drop {them}")
+    if separator and not field:
+        raise InvalidInputError(f"'{name}{FIELD_SEPARATOR}' names no field; write NAME#FIELD")
     secret = (
         generated_value(length, alphabet)
         if generate
         else read_value(value, value_file, raw=raw, allow_empty=allow_empty)
     )
+    if separator:
+        secret, expect_version = _with_field_replaced(session, name, field, secret, expect_version)
     with session.secret_operation("store", name, mutating=True) as (store, note):
         note.value(secret.reveal())
         info = store.put(
@@ -838,6 +861,30 @@ def store_command(
             print_json({"name": name, "version": info.version})
         else:
             click.echo(f"stored {name} version {info.version}")
+
+
+def _with_field_replaced(
+    session: Session, name: str, field: str, new: SecretValue, expect_version: int | None
+) -> tuple[SecretValue, int]:
+    """NAME's current JSON object with `field` set to `new`, and the version it was read from
+    (audited as store.read), which the write then expects: a store landing between the read and
+    the write would otherwise be undone by the other fields as they were read."""
+    with session.secret_operation("store.read", name) as (store, note):
+        secret = store.get(name)
+        note.version(secret.version)
+        note.value(secret.value.reveal())
+    if not secret.version:
+        raise UnsupportedOperationError(
+            f"the version of {name} read is not known (on AWS that needs "
+            "secretsmanager:ListSecretVersionIds), so writing one field could undo a concurrent store: "
+            "store the whole value instead"
+        )
+    if expect_version is not None and expect_version != secret.version:
+        raise ConflictError(
+            f"{name} is at version {secret.version}, not {expect_version} (--expect-version); "
+            "nothing was stored"
+        )
+    return new_value_for(name, secret.value, new, field=field, generated=False), secret.version
 
 
 @cli.command()
