@@ -158,6 +158,22 @@ def test_a_field_of_a_secret_with_several_keys_is_selected(vault_cli: Cli, hvac_
     assert "username" not in missing.stderr and "password" not in missing.stderr  # part of the value
     assert vault_cli("store", "db/plain", input=b"not json").code == 0
     assert_one_line_error(vault_cli("get", "db/plain#x"), 2, "not a JSON object")
+    # `store NAME#FIELD` writes the one key back as a Vault secret of several keys, the others kept.
+    assert vault_cli("store", "db/creds#password", input=b"pw-2").code == 0
+    data = hvac_client.secrets.kv.v2.read_secret_version(path="db/creds", mount_point="secret")["data"]
+    assert data["data"] == {"username": "app", "password": "pw-2", "port": 5432}
+    assert data["metadata"]["version"] == 2
+    # A whole object over it too; one that would not read back the same ({"value": …}) stays text.
+    assert vault_cli("store", "db/creds", input=b'{"username": "app2", "password": "pw-3"}').code == 0
+    data = hvac_client.secrets.kv.v2.read_secret_version(path="db/creds", mount_point="secret")["data"]
+    assert data["data"] == {"username": "app2", "password": "pw-3"}
+    assert vault_cli("store", "db/creds", input=b'{"value": "x"}').code == 0
+    assert vault_cli("get", "db/creds").out == '{"value": "x"}\n'
+    # Over a secret of ours (one "value" key), a JSON object stays text, byte for byte.
+    text = b'{ "b": 1,\n  "a": "pw-4" }'
+    assert vault_cli("store", "db/ours", "--raw", input=text).code == 0
+    assert vault_cli("store", "db/ours", "--raw", input=text + b" ").code == 0
+    assert vault_cli("get", "db/ours", "--raw").stdout == text + b" "
 
 
 def test_every_verb_works_on_vault_with_the_usual_exit_codes(vault_cli: Cli) -> None:
@@ -479,6 +495,9 @@ def test_a_secret_written_through_the_cli_is_read_with_boto3(
 def test_a_field_of_a_json_aws_secret_is_selected(aws_cli: Cli, boto: Any, aws_prefix: str) -> None:
     boto.create_secret(Name=f"{aws_prefix}/db/rds", SecretString='{"username": "app", "password": "pw-2"}')
     assert aws_cli("get", "db/rds#password").out == "pw-2\n"
+    assert aws_cli("store", "db/rds#password", input=b"pw-3").code == 0
+    stored = boto.get_secret_value(SecretId=f"{aws_prefix}/db/rds")["SecretString"]
+    assert json.loads(stored) == {"username": "app", "password": "pw-3"}
 
 
 def test_every_verb_works_on_aws_with_the_usual_exit_codes(aws_cli: Cli) -> None:

@@ -5,7 +5,8 @@ The mapping (docs/stores.md has it in full):
     secret NAME              MOUNT/data/NAME; its metadata at MOUNT/metadata/NAME
     a UTF-8 text value       data {"value": "<text>"}         (what `vault kv put MOUNT/NAME value=…` writes)
     any other value          data {"value_base64": "<base64>"}
-    data written otherwise   read as the canonical JSON of the data object (several keys, numbers, …)
+    data written otherwise   read as the canonical JSON of the data object (several keys, numbers, …);
+                             a JSON object written over it is written as its keys
     version N                KV version N; every write is check-and-set (`cas`) on the version it read
     current / previous       KV's current_version / the version before it; `pending` is not supported
     description, tags        custom_metadata `secrets-manager:description`, other keys are tags
@@ -612,11 +613,16 @@ class VaultStore:
         max_versions goes after the data write: that endpoint has no compare-and-set, so sent
         before, a write refused (lost cas race, Vault error) would still have changed the limit and
         the next write, anyone's, would prune under it. So this write prunes under the old limit,
-        the next one under the new."""
+        the next one under the new.
+
+        A secret whose current version is data of several keys (another tool's) keeps that shape:
+        a JSON object written over it is written as its keys (one more GET MOUNT/data/NAME), so
+        `vault kv get -field=password` still reads it after a `store NAME#password`."""
         checked_write(name, expect_version, description, tags)
         checked_max_versions(name, max_versions)
         _refuse_unless_custom_metadata_holds(name, description, tags)
         data = _encode_data(checked_value(value))
+        as_keys = _keys_of(value)
         backoff = Backoff(first=0.01, cap=0.5, deadline_seconds=RETRY_DEADLINE_SECONDS, what=repr(name))
         while True:
             meta = self._read_meta(name)
@@ -629,8 +635,12 @@ class VaultStore:
                 raise ConflictError(
                     f"secret {name!r} is at version {current}, not {expect_version}; read it again and retry"
                 )
+            if as_keys is not None and current:
+                written_as = as_keys if self._holds_keys(name, current) else data
+            else:
+                written_as = data
             try:
-                written = self._write_data(name, data, cas=current, action=f"store {name}")
+                written = self._write_data(name, written_as, cas=current, action=f"store {name}")
                 break
             except _CasMismatch:
                 if expect_version is not None:
@@ -646,6 +656,16 @@ class VaultStore:
             created_by="",
             labels=(CURRENT,),
         )
+
+    def _holds_keys(self, name: str, version: int) -> bool:
+        """Whether version `version` of `name` is data of several keys (another tool's: `vault kv
+        put NAME username=… password=…`), not our one "value" or "value_base64" key. A version that
+        cannot be read (soft-deleted, destroyed) holds none."""
+        try:
+            data: dict[str, Any] = self._read_data(name, version, action=f"store {name}")["data"]
+        except NotFoundError:
+            return False
+        return _keys_of(_decode_data(data)) == data
 
     def _write_data(self, name: str, data: Mapping[str, Any], *, cas: int, action: str) -> dict[str, Any]:
         """POST MOUNT/data/NAME {"options": {"cas": N}, "data": …}: the new version's metadata."""
@@ -1128,6 +1148,20 @@ def _encode_data(value: bytes) -> dict[str, str]:
         return {TEXT_FIELD: value.decode("utf-8")}
     except UnicodeDecodeError:
         return {BINARY_FIELD: base64.b64encode(value).decode("ascii")}
+
+
+def _keys_of(value: bytes) -> dict[str, Any] | None:
+    """A value that is a JSON object, as the KV data it reads back from unchanged (see
+    _decode_data); None for any other value, or an object that would not (one "value" key)."""
+    if not value.lstrip(b" \t\r\n").startswith(b"{"):
+        return None  # most values: not parsed at all
+    try:
+        document = json.loads(value)
+        if isinstance(document, dict) and json.loads(_decode_data(document)) == document:
+            return document
+    except (ValueError, RecursionError):  # not JSON, or {"value": "text"}: read back as the text
+        pass
+    return None
 
 
 def _decode_data(data: Any) -> bytes:
