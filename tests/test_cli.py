@@ -1635,6 +1635,100 @@ def test_store_of_one_field_refuses_what_it_cannot_write_and_writes_nothing(read
     assert not any(name and "KNOWN" in name for name in names)
 
 
+# ---- mv and cp ---------------------------------------------------------------------------------
+
+
+def test_mv_renames_with_description_and_tags_and_leaves_old_deleted_and_recoverable(ready: Cli) -> None:
+    for value in (b"KNOWN-1", b"KNOWN-2"):
+        ready(
+            "store",
+            "auth/OLD",
+            "--description",
+            "the key",
+            "--tag",
+            "team=x",
+            "--max-versions",
+            "5",
+            input=value,
+        )
+    moved = ready("mv", "auth/OLD", "market-connector/NEW", "--json")
+    assert moved.code == 0, moved.stderr
+    assert json.loads(moved.out) == {
+        "from": "auth/OLD",
+        "from_version": 2,
+        "name": "market-connector/NEW",
+        "version": 1,
+    }
+    assert "moved auth/OLD (version 2) to market-connector/NEW version 1" in moved.stderr
+    assert ready("get", "market-connector/NEW").out == "KNOWN-2\n"
+    meta = ready("metadata", "market-connector/NEW").out
+    assert "the key" in meta and "team=x" in meta and "max versions:    5" in meta
+    assert_one_line_error(ready("get", "auth/OLD"), 3, "deleted")
+    assert ready("list").out == "market-connector/NEW\n"
+    assert ready("undelete", "auth/OLD").code == 0  # its whole history stays
+    assert ready("get", "auth/OLD", "--version", "1").out == "KNOWN-1\n"
+    records = [r for r in json.loads(ready("audit", "show", "--json").out) if r["operation"] == "mv"]
+    fingerprint = ready("audit", "hash", input=b"KNOWN-2").out.strip()
+    assert [(r["name"], r["version"], r["outcome"]) for r in records] == [
+        ("auth/OLD", None, "pending"),
+        ("market-connector/NEW", 1, "ok"),
+        ("auth/OLD", 2, "ok"),
+    ]
+    assert {r["value_hmac"] for r in records[1:]} == {fingerprint}
+    log = b"".join(p.read_bytes() for p in ready.store.parent.glob("*.jsonl*"))
+    assert b"KNOWN" not in log
+
+
+def test_cp_keeps_old_and_neither_overwrites_without_force(ready: Cli) -> None:
+    ready("store", "a/OLD", input=b"KNOWN-old")
+    ready("store", "a/TAKEN", input=b"KNOWN-taken")
+    copied = ready("cp", "a/OLD", "a/COPY")
+    assert copied.code == 0 and "copied a/OLD (version 1) to a/COPY version 1" in copied.stderr
+    assert ready("get", "a/OLD").out == ready("get", "a/COPY").out == "KNOWN-old\n"
+    for verb in ("cp", "mv"):
+        refused = ready(verb, "a/OLD", "a/TAKEN")
+        assert_one_line_error(refused, 7, "a/TAKEN exists already", "nothing was written", "--force")
+    assert ready("get", "a/TAKEN").out == "KNOWN-taken\n"
+    assert ready("get", "a/OLD").out == "KNOWN-old\n"
+    forced = ready("mv", "a/OLD", "a/TAKEN", "--force")
+    assert forced.code == 0 and "to a/TAKEN version 2" in forced.stderr
+    assert ready("get", "a/TAKEN", "--version", "1").out == "KNOWN-taken\n"  # history stays
+    assert ready("get", "a/TAKEN").out == "KNOWN-old\n"
+    assert_one_line_error(ready("mv", "a/COPY", "a/COPY"), 2, "OLD and NEW are both a/COPY")
+    assert_one_line_error(ready("mv", "a/MISSING", "a/X"), 3, "a/MISSING")
+    assert_one_line_error(ready("mv", "a/COPY", "bad name"), 2, "invalid secret name")
+    assert ready("list").out == "a/COPY\na/TAKEN\n"
+
+
+def test_mv_refuses_a_secret_with_a_pending_rotation(ready: Cli) -> None:
+    ready("store", "a/ROT", input=b"KNOWN-1")
+    assert ready("rotate", "a/ROT", "--generate", "--set-command", "false").code == 1  # left pending
+    refused = ready("mv", "a/ROT", "a/NEW")
+    assert_one_line_error(refused, 7, "a/ROT has a pending version 2", "--discard", "nothing was written")
+    assert ready("list").out == "a/ROT\n"
+    assert ready("cp", "a/ROT", "a/NEW").code == 0  # a copy leaves the rotation where it is
+
+
+def test_mv_leaves_old_when_a_store_lands_while_it_moves(ready: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OLD written between the copy and the delete: the newer value is never hidden."""
+    from secrets_manager.store import EncryptedStore
+
+    ready("store", "a/OLD", input=b"KNOWN-1")
+    describe = EncryptedStore.describe
+    calls = []
+
+    def describe_after_a_store(self: EncryptedStore, name: str) -> object:
+        calls.append(name)
+        if len(calls) == 2:  # the check before the delete: another writer got there first
+            self.put(name, b"KNOWN-2")
+        return describe(self, name)
+
+    monkeypatch.setattr(EncryptedStore, "describe", describe_after_a_store)
+    assert run_in_process(ready, monkeypatch, "mv", "a/OLD", "a/NEW") == 7
+    assert ready("get", "a/OLD").out == "KNOWN-2\n"  # not deleted
+    assert ready("get", "a/NEW").out == "KNOWN-1\n"
+
+
 # ---- import ----------------------------------------------------------------------------------
 
 DOTENV = b"""# the auth service's old .env

@@ -942,6 +942,18 @@ def test_store_of_one_field_works_remotely_with_read_and_write(server: Server) -
     assert stale.returncode == 7 and b"SEEKRIT" not in stale.stderr
 
 
+def test_mv_works_remotely_and_needs_list_to_read_the_description(server: Server) -> None:
+    assert server.cli("ops", "store", "rw/OLD", "--description", "d", input=b"SEEKRIT-1").returncode == 0
+    denied = server.cli("writer", "mv", "rw/OLD", "rw/NEW")  # read and write on rw/*, no list
+    assert denied.returncode == 5 and denied.stderr.decode().count("\n") == 1, denied.stderr
+    assert server.cli("ops", "get", "rw/NEW").returncode == 3  # nothing written
+    moved = server.cli("ops", "mv", "rw/OLD", "auth/NEW")
+    assert moved.returncode == 0, moved.stderr
+    assert server.cli("auth", "get", "auth/NEW").stdout == b"SEEKRIT-1\n"
+    assert server.cli("ops", "get", "rw/OLD").returncode == 3
+    assert b"SEEKRIT" not in moved.stderr + moved.stdout
+
+
 def test_the_cli_takes_several_addresses_like_the_sdk_and_uses_the_first_that_answers(
     server: Server,
 ) -> None:

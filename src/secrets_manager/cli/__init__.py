@@ -18,6 +18,7 @@ from secrets_manager.cli import (
     backup_commands,  # noqa: F401  (registers `backup` and `restore`)
     import_command,  # noqa: F401  (registers `import`)
     keys_commands,  # noqa: F401  (registers `keys`)
+    move_commands,  # noqa: F401  (registers `mv` and `cp`)
     pki_commands,  # noqa: F401  (registers `pki`)
     policy_commands,  # noqa: F401  (registers `policy`)
     recovery_commands,  # noqa: F401  (registers `recovery`)

@@ -1,0 +1,114 @@
+"""`mv OLD NEW` and `cp OLD NEW`: give a secret another name, as `pass mv` and `pass cp` do.
+
+OLD's current value, description, tags and version limit are written to NEW: a new secret (its
+version 1), or with --force a new version of an existing NEW. The value is encrypted under NEW's
+service key. `mv` then soft-deletes OLD (its history stays; `undelete OLD` brings it back), and
+only if OLD is still at the version copied: a store that landed meanwhile is never hidden.
+Locally this is one audited operation (one unlock): a record for NEW's write, appended durably
+as it is made, and the operation's own record for OLD.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import click
+
+from secrets_manager.cli.app import Note, Session, cli, pass_session
+from secrets_manager.cli.output import info_line, print_json, suggested
+from secrets_manager.errors import ConflictError, InvalidInputError
+from secrets_manager.store import PENDING, SecretStore, validate_name
+from secrets_manager.store.base import DEFAULT_MAX_VERSIONS
+
+_FORCE_HELP = "Write over an existing NEW (as a new version of it; its history stays)."
+
+
+@cli.command("mv")
+@click.argument("old")
+@click.argument("new")
+@click.option("--force", "-f", is_flag=True, help=_FORCE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print both names and versions as JSON.")
+@pass_session
+def move(session: Session, old: str, new: str, force: bool, as_json: bool) -> None:
+    """Rename OLD to NEW: its current value, description and tags go to NEW, then OLD is
+    soft-deleted ('undelete OLD' brings it back). NEW must not exist unless --force."""
+    _copy(session, "mv", old, new, force=force, as_json=as_json, remove=True)
+
+
+@cli.command("cp")
+@click.argument("old")
+@click.argument("new")
+@click.option("--force", "-f", is_flag=True, help=_FORCE_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print both names and versions as JSON.")
+@pass_session
+def copy(session: Session, old: str, new: str, force: bool, as_json: bool) -> None:
+    """Copy OLD's current value, description and tags to NEW. NEW must not exist unless --force."""
+    _copy(session, "cp", old, new, force=force, as_json=as_json, remove=False)
+
+
+def _copy(
+    session: Session, operation: str, old: str, new: str, *, force: bool, as_json: bool, remove: bool
+) -> None:
+    validate_name(old)
+    validate_name(new)
+    if old == new:
+        raise InvalidInputError(f"OLD and NEW are both {old}: give another name")
+    with session.secret_operation(operation, old, mutating=True) as (store, note):
+        copied = copy_secret(store, note, old, new, force=force, remove=remove)
+    if as_json:
+        print_json({"from": old, "from_version": copied.from_version, "name": new, "version": copied.version})
+    if remove:
+        info_line(
+            f"moved {old} (version {copied.from_version}) to {new} version {copied.version}; {old} is "
+            f"deleted (recoverable with '{suggested('undelete', old)}')"
+        )
+    else:
+        info_line(f"copied {old} (version {copied.from_version}) to {new} version {copied.version}")
+
+
+@dataclass(frozen=True)
+class Copied:
+    from_version: int  # OLD's version whose value was copied
+    version: int  # the version of NEW written
+
+
+def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bool, remove: bool) -> Copied:
+    """Write OLD's current value, description, tags and version limit to NEW; with `remove`,
+    soft-delete OLD if it is still at the version copied (ConflictError, OLD left, if not)."""
+    secret = store.get(old)
+    note.version(secret.version)
+    note.value(secret.value.reveal())
+    meta = store.describe(old)
+    if remove and PENDING in meta.labels:
+        raise ConflictError(
+            f"{old} has a pending version {meta.labels[PENDING]} (a rotation not finished), which "
+            f"would stay behind: finish it ('{suggested('rotate', old, '--resume')} …') or discard "
+            f"it ('{suggested('rotate', old, '--discard')}') first; nothing was written"
+        )
+    try:
+        info = store.put(
+            new,
+            secret.value.reveal(),
+            expect_version=None if force else 0,
+            description=meta.description or None,
+            tags=dict(meta.tags) or None,
+            max_versions=None if meta.max_versions == DEFAULT_MAX_VERSIONS else meta.max_versions,
+        )
+    except ConflictError:
+        if force:
+            raise
+        raise ConflictError(
+            f"{new} exists already (or is deleted); nothing was written: give --force to write "
+            f"{old}'s value over it as a new version, or first undelete or destroy --all a deleted {new}"
+        ) from None
+    note.wrote(new, info.version, secret.value.reveal())
+    if remove:
+        now = store.describe(old).current_version
+        if now != secret.version:
+            raise ConflictError(
+                f"{old} changed while it was moved (version {secret.version}; now {now}): {new} "
+                f"version {info.version} holds the value of version {secret.version}, and {old} was "
+                f"not deleted; run '{suggested('mv', old, new, '--force')}' to move the newer one"
+            )
+        store.delete(old)
+    return Copied(from_version=secret.version, version=info.version)
