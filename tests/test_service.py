@@ -712,6 +712,26 @@ def test_watch_sees_changes_made_by_another_process(server: Server) -> None:
     stream.cancel()
 
 
+def test_a_store_file_removed_under_the_service_is_not_serving_and_refuses_writes(server: Server) -> None:
+    """SQLite goes on with the file it opened: a PutSecret after `rm store.db` was answered OK and
+    lost with the unlinked file, and health stayed SERVING."""
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{server.dir / 'store.db'}{suffix}").unlink(missing_ok=True)
+    stub = server.stub("ops")
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.PutSecret(pb.PutSecretRequest(name="auth/LOST", value=b"SEEKRIT-lost"), timeout=10)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "was removed while this process had it open" in str(refused.value.details())
+    assert "restart the process" in str(refused.value.details())
+    health = health_pb2_grpc.HealthStub(server.channel("auth"))
+    deadline = time.monotonic() + 15  # the store probe runs every 2 s
+    while health.Check(health_pb2.HealthCheckRequest(), timeout=10).status != (
+        health_pb2.HealthCheckResponse.NOT_SERVING
+    ):
+        assert time.monotonic() < deadline, "health stayed SERVING"
+        time.sleep(0.1)
+
+
 def test_a_reload_that_takes_a_watchers_last_role_ends_its_stream(server: Server) -> None:
     stream = server.stub("auth").Watch(pb.WatchRequest(prefix="auth/"), timeout=30)
     assert dict(stream.initial_metadata())

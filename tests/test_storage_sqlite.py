@@ -450,3 +450,33 @@ def test_a_store_on_a_read_only_mount_says_it_cannot_be_opened_for_writing_and_w
     assert f"cannot open the store {path} for writing: its directory {directory} is not writable" in (
         result.stdout
     )
+
+
+@pytest.mark.parametrize("how", ["removed", "replaced by another file"])
+def test_a_store_file_removed_or_replaced_under_an_open_handle_refuses_writes(
+    tmp_store_path: Path, how: str
+) -> None:
+    """SQLite goes on with the file it opened: a write after `rm store.db` (or `mv other.db
+    store.db`) was acknowledged and lost with the unlinked file, and the health probe saw nothing."""
+    storage = SqliteStorage(tmp_store_path, create=True)
+    try:
+        storage.put("k", b"before")
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{tmp_store_path}{suffix}").unlink(missing_ok=True)
+        if how != "removed":
+            SqliteStorage(tmp_store_path, create=True).close()  # another store file at the path
+        for attempt in (
+            lambda: storage.put("k", b"after"),
+            storage.change_head,
+            lambda: storage.changes_since(0),
+        ):
+            with pytest.raises(StorageError, match=f"store {tmp_store_path} was {how} while this process"):
+                attempt()
+    finally:
+        storage.close()
+    if how != "removed":
+        reopened = SqliteStorage(tmp_store_path)
+        try:
+            assert reopened.get("k") is None  # nothing went to the file that is there now
+        finally:
+            reopened.close()

@@ -71,6 +71,7 @@ class SqliteStorage:
 
     def __init__(self, path: str | os.PathLike[str], *, create: bool = False) -> None:
         self.path = Path(path)
+        self._where = self.path.absolute()  # the same file if the process changes directory
         if create:
             _create_private_file(self.path)
         elif not self.path.exists():
@@ -96,6 +97,7 @@ class SqliteStorage:
             )
         except sqlite3.DatabaseError as exc:
             raise _sqlite_error(self.path, exc) from None
+        self._file = _file_identity(self._where)
         try:
             self._configure(create)
         except BaseException as exc:
@@ -148,6 +150,7 @@ class SqliteStorage:
                 try:
                     self._begin_immediate(wait_ms)
                     try:
+                        self._check_same_file()  # holding the write lock: before anything is written
                         yield self._db
                     except BaseException:
                         # SQLite may have rolled back already (SQLITE_FULL, some I/O errors): a
@@ -161,6 +164,19 @@ class SqliteStorage:
                         self._db.execute("PRAGMA synchronous = FULL")
             except sqlite3.Error as exc:
                 raise _sqlite_error(self.path, exc) from None
+
+    def _check_same_file(self) -> None:
+        """StorageError if the store's path no longer names the file this handle opened: removed,
+        or another file renamed over it. SQLite goes on using the open file, so a write would be
+        acknowledged and then lost with it, and reads (and health) would see a store nobody else does."""
+        now = _file_identity(self._where)
+        if now != self._file:
+            what = "removed" if now is None else "replaced by another file"
+            raise StorageError(
+                f"store {self.path} was {what} while this process had it open; nothing was written: "
+                "restart the process (serve, or the program using the SDK) so that it opens the store "
+                "file there now"
+            )
 
     def _begin_immediate(self, wait_ms: int) -> None:
         """Take the write lock, waiting at most `wait_ms` for another writer (StoreBusyError)."""
@@ -189,6 +205,7 @@ class SqliteStorage:
 
     def change_head(self) -> int:
         """`ChangeHead`: the newest change's revision (the last key of the feed's primary key)."""
+        self._check_same_file()
         try:
             with self._lock:
                 row = self._db.execute("SELECT max(revision) FROM changes").fetchone()
@@ -257,7 +274,9 @@ class SqliteStorage:
             return revision
 
     def changes_since(self, revision: int, *, limit: int = 10_000) -> ChangeBatch:
-        """Keys changed after `revision`, oldest first, and whether older changes were dropped."""
+        """Keys changed after `revision`, oldest first, and whether older changes were dropped.
+        Also the service's health probe: a store file removed or replaced under it is an error."""
+        self._check_same_file()
         try:
             with self._lock:
                 current = int(self._db.execute("SELECT revision FROM counter WHERE id = 1").fetchone()[0])
@@ -321,6 +340,15 @@ class SqliteStorage:
 
     def __repr__(self) -> str:
         return f"SqliteStorage({str(self.path)!r})"
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, or None if there is none (or it cannot be seen)."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_dev, status.st_ino
 
 
 class SqliteSnapshot:
