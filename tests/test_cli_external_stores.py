@@ -201,6 +201,11 @@ def test_every_verb_works_on_vault_with_the_usual_exit_codes(vault_cli: Cli) -> 
     assert_one_line_error(vault_cli("get", "svc/K", "--version", "1"), 3, "destroyed")
     assert vault_cli("destroy", "svc/K", "--all").code == 0
     assert_one_line_error(vault_cli("history", "svc/K"), 3)
+    assert vault_cli("store", "svc/OLD", "--description", "d", "--tag", "t=1", input=b"moved").code == 0
+    assert vault_cli("mv", "svc/OLD", "other/NEW").code == 0
+    assert vault_cli("get", "other/NEW").out == "moved\n"
+    assert "t=1" in vault_cli("metadata", "other/NEW").out
+    assert_one_line_error(vault_cli("get", "svc/OLD"), 3, "deleted")
 
 
 def check_import_metadata_and_status(cli: Cli, tmp_path: Path, kind: str) -> None:
@@ -512,6 +517,10 @@ def test_every_verb_works_on_aws_with_the_usual_exit_codes(aws_cli: Cli) -> None
         aws_cli("store", "svc/EMPTY", "--allow-empty", input=b""), 2, "not supported by this store"
     )
     assert_one_line_error(aws_cli("destroy", "svc/K", "--version", "1"), 2, "not supported by this store")
+    assert aws_cli("store", "svc/OLD", "--description", "d", "--tag", "t=1", input=b"moved").code == 0
+    assert aws_cli("cp", "svc/OLD", "other/NEW").code == 0
+    assert aws_cli("get", "other/NEW").out == aws_cli("get", "svc/OLD").out == "moved\n"
+    assert "t=1" in aws_cli("metadata", "other/NEW").out
     assert aws_cli("get", "svc/K", "--version", "1").out == "v1\n"
     assert aws_cli("delete", "svc/K").code == 0
     assert_one_line_error(aws_cli("get", "svc/K"), 3, "deleted")
