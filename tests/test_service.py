@@ -693,6 +693,68 @@ def test_health_reflection_and_metrics(server: Server) -> None:
     assert "secrets_manager_watch_streams 0.0" in scrape()
 
 
+def test_reflection_streams_are_capped_and_leave_threads_for_every_other_call(tmp_path: Path) -> None:
+    """A reflection stream the client never half-closes holds a worker thread: any certificate the
+    CA signed (one with no role too) opened `max_workers` of them, and every other call, an admin's
+    GetSecret and the health check included, waited until its deadline. Past a few open streams one
+    more is refused at once with RESOURCE_EXHAUSTED; a stream closed frees its place."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    make_pki(tmp_path)
+    make_store(tmp_path, SEED, POLICY)
+    workers = 8
+    server = start_server(tmp_path, max_workers=workers)
+    done = threading.Event()
+
+    def never_half_closed() -> Iterator[object]:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+        done.wait(30)
+
+    reflect = reflection_pb2_grpc.ServerReflectionStub(server.channel("nobody"))
+    opened, refused = [], []
+    try:
+        for _ in range(workers):
+            stream = reflect.ServerReflectionInfo(never_half_closed(), timeout=30)
+            try:
+                next(stream)
+                opened.append(stream)
+            except grpc.RpcError as exc:
+                refused.append(exc)
+        assert 1 <= len(opened) <= 4 and len(opened) + len(refused) == workers
+        assert {exc.code() for exc in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}  # type: ignore[attr-defined]
+        assert "reflection streams" in refused[0].details()  # type: ignore[attr-defined]
+        request = pb.GetSecretRequest(name="auth/DB_PASSWORD")
+        assert server.stub("ops").GetSecret(request, timeout=5).secret.value == b"auth-db-pass"
+        health = health_pb2_grpc.HealthStub(server.channel("ops"))
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == (
+            health_pb2.HealthCheckResponse.SERVING
+        )
+        opened.pop().cancel()
+        replies = eventually_answered(reflect)
+        assert "secrets_manager.v1.Secrets" in replies
+    finally:
+        done.set()
+        for stream in opened:
+            stream.cancel()
+        server.stop()
+
+
+def eventually_answered(reflect: object) -> set[str]:
+    """The services a one-request reflection stream (as grpcurl's) lists, once a place is free."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    deadline = time.monotonic() + 10
+    while True:
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        try:
+            replies = reflect.ServerReflectionInfo(iter([request]), timeout=5)  # type: ignore[attr-defined]
+            return {s.name for reply in replies for s in reply.list_services_response.service}
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:  # type: ignore[attr-defined]
+                raise
+            time.sleep(0.05)
+
+
 def test_watch_sees_changes_made_by_another_process(server: Server) -> None:
     stub = server.stub("auth")
     stream = stub.Watch(pb.WatchRequest(prefix="auth/"), timeout=30)

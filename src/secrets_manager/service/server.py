@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from secrets_manager.access import Policy, load_policy
 from secrets_manager.audit import AuditEvent, AuditLog, value_fingerprint
@@ -71,6 +71,8 @@ from secrets_manager.wire import (
 
 log = logging.getLogger("secrets_manager.service")
 
+REFLECTION_STREAMS = 4  # server reflection streams open at once, at most (fewer on a small pool)
+REFLECTION_WARNING_SECONDS = 60.0  # at most one "reflection stream refused" warning per interval
 SIGNAL_POLL_SECONDS = 0.1  # how soon serve's main loop acts on SIGHUP, SIGTERM and SIGINT
 WATCH_IDLE_SECONDS = 1.0  # a quiet watch stream still checks this often that it should go on
 _KIND = {
@@ -536,6 +538,49 @@ class SecretsServicer(pb_grpc.SecretsServicer):
 # ---- the process ------------------------------------------------------------------------------
 
 
+def reflection_stream_limit(max_workers: int, watch_stream_limit: int) -> int:
+    """How many server reflection streams may be open at once: `REFLECTION_STREAMS`, or half of the
+    worker threads Watch streams leave to other calls if that is fewer (at least 1)."""
+    return max(1, min(REFLECTION_STREAMS, (max_workers - watch_stream_limit) // 2))
+
+
+class BoundedReflection:
+    """grpcio-reflection's servicer, at most `limit` streams at once. A reflection stream is a
+    bidirectional stream that holds a worker thread until the client closes it (grpcurl does when
+    its command ends), and any certificate the CA signed may open one: without a bound, one that
+    never closed them took every thread, and every other call waited until its deadline. One
+    more is refused at once with RESOURCE_EXHAUSTED."""
+
+    def __init__(self, service_names: tuple[str, ...], limit: int) -> None:
+        self._servicer = reflection.ReflectionServicer(service_names)
+        self._limit = limit
+        self._places = threading.BoundedSemaphore(limit)
+        self._last_warning = -REFLECTION_WARNING_SECONDS
+
+    def ServerReflectionInfo(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        if not self._places.acquire(blocking=False):
+            self._warn(context)
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many server reflection streams open (at most {self._limit} at once, each holds "
+                "a worker thread): close a reflection stream once answered, "
+                "and retry",
+            )
+        try:
+            yield from self._servicer.ServerReflectionInfo(requests, context)
+        finally:
+            self._places.release()
+
+    def _warn(self, context: grpc.ServicerContext) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= REFLECTION_WARNING_SECONDS:  # a race here costs one more line
+            self._last_warning = now
+            log.warning(
+                "server reflection stream refused: the limit of open reflection streams is reached",
+                extra={"reflection_streams": self._limit, "peer": context.peer()},
+            )
+
+
 @dataclass
 class RunningServer:
     server: grpc.Server
@@ -609,8 +654,13 @@ def _start(
     service_name = pb.DESCRIPTOR.services_by_name["Secrets"].full_name
     for name in (service_name, ""):
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (service_name, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+    reflected = (
+        service_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+        BoundedReflection(reflected, reflection_stream_limit(config.max_workers, config.watch_stream_limit)),
         server,
     )
     port = _bind(server, config.listen, certificates.credentials())
