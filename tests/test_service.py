@@ -805,6 +805,45 @@ def test_a_reload_that_takes_a_watchers_last_role_ends_its_stream(server: Server
     assert time.monotonic() - started < 5  # not at the stream's deadline: its slot is free again
 
 
+def test_a_watch_is_counted_by_the_status_it_ended_with_and_its_whole_life(server: Server) -> None:
+    """A Watch was counted code="OK" when its stream was set up, whatever it ended with later, and
+    its latency was the set-up's (a stream that lived over a second showed a few milliseconds).
+    Now it is counted once, at its end, by its status (PERMISSION_DENIED after a reload, CANCELLED
+    by its client), its life goes to secrets_manager_watch_stream_seconds and it is not in the
+    request latency histogram."""
+
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        return str(urllib.request.urlopen(url, timeout=10).read().decode())
+
+    def sample(body: str, line_start: str) -> float | None:
+        found = [line for line in body.splitlines() if line.startswith(line_start + " ")]
+        return float(found[0].rpartition(" ")[2]) if found else None
+
+    cancelled = server.stub("ops").Watch(pb.WatchRequest(), timeout=30)
+    assert dict(cancelled.initial_metadata())
+    cancelled.cancel()
+    assert eventually(
+        lambda: sample(scrape(), 'secrets_manager_requests_total{code="CANCELLED",method="Watch"}') == 1
+    )
+    stream = server.stub("auth").Watch(pb.WatchRequest(prefix="auth/"), timeout=30)
+    assert dict(stream.initial_metadata())
+    opened = time.monotonic()
+    time.sleep(1.0)  # it lives over a second
+    (server.dir / "policy.toml").write_text(POLICY.replace(f'"spiffe://{TD}/auth" = ["auth-reader"]', ""))
+    server.process.send_signal(signal.SIGHUP)
+    assert code_of(lambda: next(iter(stream))) is grpc.StatusCode.PERMISSION_DENIED
+    lived = time.monotonic() - opened
+    denied = 'secrets_manager_requests_total{code="PERMISSION_DENIED",method="Watch"}'
+    assert eventually(lambda: sample(scrape(), denied) == 1)
+    body = scrape()
+    assert sample(body, 'secrets_manager_requests_total{code="OK",method="Watch"}') is None
+    assert sample(body, "secrets_manager_watch_stream_seconds_count") == 2
+    total = sample(body, "secrets_manager_watch_stream_seconds_sum")
+    assert total is not None and 1.0 <= total <= lived + 1.0
+    assert 'secrets_manager_request_seconds_count{method="Watch"}' not in body
+
+
 def test_sighup_reloads_the_policy_and_a_broken_policy_is_rejected(server: Server) -> None:
     stub = server.stub("nobody")
     request = pb.GetSecretRequest(name="auth/DB_PASSWORD")

@@ -1,4 +1,5 @@
-"""Prometheus metrics: requests by method and status code, and a latency histogram per method."""
+"""Prometheus metrics: requests by method and status code, a latency histogram per unary method,
+and the lives of Watch streams in a histogram of their own."""
 
 from __future__ import annotations
 
@@ -27,10 +28,18 @@ class Metrics:
         )
         self.latency = Histogram(
             "secrets_manager_request_seconds",
-            "gRPC request latency in seconds, by method.",
+            "gRPC request latency in seconds, by method (unary calls; Watch streams are not in it).",
             ["method"],
             registry=self.registry,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        # A stream's life is not a latency: hours of a healthy Watch would swamp the quantiles of
+        # the method, so Watch streams have their own buckets, where short lives show churn.
+        self.stream_lives = Histogram(
+            "secrets_manager_watch_stream_seconds",
+            "How long Watch streams lived, from the call to its end (refused ones too), in seconds.",
+            registry=self.registry,
+            buckets=(0.1, 1, 10, 60, 300, 1800, 3600, 4 * 3600, 24 * 3600),
         )
         self.watch_streams = Gauge(
             "secrets_manager_watch_streams",
@@ -63,15 +72,25 @@ class Metrics:
                 ) from None
 
     def observe(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        """A unary call that ended with `code`, `started` at this `time.perf_counter()`."""
         elapsed = time.perf_counter() - started
-        counter = self._counters.get((method, code))
-        if counter is None:
-            counter = self._counters[(method, code)] = self.requests.labels(method, code.name)
         histogram = self._histograms.get(method)
         if histogram is None:
             histogram = self._histograms[method] = self.latency.labels(method)
-        counter.inc()
+        self._count(method, code)
         histogram.observe(elapsed)
+
+    def observe_stream(self, method: str, code: grpc.StatusCode, started: float) -> None:
+        """A Watch stream that ended (refused, failed, cancelled or closed) with `code`."""
+        elapsed = time.perf_counter() - started
+        self._count(method, code)
+        self.stream_lives.observe(elapsed)
+
+    def _count(self, method: str, code: grpc.StatusCode) -> None:
+        counter = self._counters.get((method, code))
+        if counter is None:
+            counter = self._counters[(method, code)] = self.requests.labels(method, code.name)
+        counter.inc()
 
     def start_rotation_counts(self) -> None:
         """Show every outcome's count at 0 while a schedule is in force: a series that appears

@@ -128,6 +128,17 @@ class _Request:
     allowed: bool = False
 
 
+def _ended_by_client(context: grpc.ServicerContext, exc: BaseException | None) -> grpc.StatusCode | None:
+    """How a stream's client ended it, if it did: its deadline passed, or it cancelled (or went).
+    GeneratorExit: gRPC dropped the stream's generator unfinished, which it does once the call ended."""
+    if context.is_active() and not isinstance(exc, GeneratorExit):
+        return None
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.StatusCode.CANCELLED
+
+
 def _serial_of(caller: Caller | None, refusal: IdentityError) -> str | None:
     """The serial number of a refused certificate: a revoked one's (`caller`), or one that names
     no usable identity (the refusal's)."""
@@ -187,14 +198,18 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         *,
         mutating: bool = False,
         prefix: bool = False,
+        stream: bool = False,
     ) -> Iterator[_Request]:
         """Authenticate, validate, authorise, audit and map errors around one RPC body.
 
         `capability=None` means the body filters by policy itself (list, batch get, watch) and sets
         `allowed` once it has decided; the caller must still hold a role, so one the policy does
         not know cannot scan the store or hold watch streams. A failure before the request was
-        allowed (an invalid name included) is audited `decision: deny` (docs/audit.md)."""
+        allowed (an invalid name included) is audited `decision: deny` (docs/audit.md).
+        A `stream` refused here is counted in the metrics as a stream; one set up is counted by
+        `_counted_stream` when it ends."""
         started = time.perf_counter()
+        count = self._metrics.observe_stream if stream else self._metrics.observe
         code = grpc.StatusCode.OK
         peer = context.peer()
         recorded = as_recorded(name)  # not validated yet: a refusal names what was refused
@@ -220,7 +235,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 ),
                 durable,
             )
-            self._metrics.observe(method, grpc.StatusCode.UNAUTHENTICATED, started)
+            count(method, grpc.StatusCode.UNAUTHENTICATED, started)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         event = AuditEvent(operation, identity, "grpc", peer, recorded)
         assert caller is not None  # else IdentityError aborted above
@@ -275,7 +290,23 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             log.error("internal error", extra={"method": method, "error_type": type(exc).__name__})
             context.abort(code, "internal error")
         finally:
-            self._metrics.observe(method, code, started)
+            if not stream or code is not grpc.StatusCode.OK:
+                count(method, code, started)
+
+    @contextmanager
+    def _counted_stream(self, context: grpc.ServicerContext, method: str, started: float) -> Iterator[None]:
+        """Count a stream set up by `_call` once it ends, by the status it ended with: an abort's,
+        CANCELLED or DEADLINE_EXCEEDED if its client went, INTERNAL for a bug, else OK."""
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except BaseException as exc:
+            code = context.code() or _ended_by_client(context, exc) or grpc.StatusCode.INTERNAL
+            raise
+        else:
+            code = context.code() or _ended_by_client(context, None) or grpc.StatusCode.OK
+        finally:
+            self._metrics.observe_stream(method, code, started)
 
     def _record(self, event: AuditEvent, durable: bool) -> None:
         """Audit a failure; if even that fails, the request is failing already: log it."""
@@ -482,12 +513,14 @@ class SecretsServicer(pb_grpc.SecretsServicer):
     def Watch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
         """Stream change events from the one change-feed poller (service/watch.py). The stream holds
         this worker thread while open; past `max_watch_streams` open streams: RESOURCE_EXHAUSTED."""
+        started = time.perf_counter()
         prefix = request.prefix
         since = request.since_revision if request.HasField("since_revision") else None
-        with self._call(context, "Watch", "watch", prefix or None, None, prefix=True) as call:
+        with self._call(context, "Watch", "watch", prefix or None, None, prefix=True, stream=True) as call:
             call.allowed = True  # it holds a role; the changes it is shown are filtered below
             subscription = self.watch_hub.subscribe(since)
-        with subscription:  # ended (its place under the limit freed) however the stream ends
+        # Its place under the limit is freed however the stream ends; it is counted then.
+        with subscription, self._counted_stream(context, "Watch", started):
             if not context.add_callback(subscription.close):  # the client has gone already
                 return
             # Tell the client the stream is live: every change after this revision will reach it.
