@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from secrets_manager.errors import InvalidInputError
-from secrets_manager.service.paging import PAGE_BUDGET_BYTES, Page
+from secrets_manager.service.paging import PAGE_BUDGET_BYTES, UNPAGED_LIMIT_BYTES, Page, _framed
+from secrets_manager.v1 import secrets_pb2 as pb
 
 
 def take(page: Page, names: list[str], size: int = 10) -> list[str]:
@@ -70,3 +71,30 @@ def test_a_forged_token_is_invalid_input(token: str) -> None:
     for by_position in (False, True):
         with pytest.raises(InvalidInputError, match="page_token"):
             list(Page(10, token, by_position=by_position).start(["a/1"]))
+
+
+# ---- an unpaged answer stays under gRPC's default receive limit ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "length", [0, 1, *range(123, 129), *range(16_378, 16_384), *range(2_097_144, 2_097_150)]
+)
+def test_framed_size_is_what_the_response_takes(length: int) -> None:
+    """Message sizes on both sides of each varint length (127, 16 383, 2 097 151 bytes)."""
+    message = pb.SecretVersion(value=b"v" * length)
+    assert _framed(message.ByteSize()) == pb.BatchGetSecretsResponse(secrets=[message]).ByteSize()
+
+
+def test_an_unpaged_answer_over_the_limit_is_refused_saying_to_page() -> None:
+    """page_size 0 still gets one answer, up to gRPC's default 4 MiB receive limit; past it the
+    request is refused (before the caller audits anything as read), saying to set page_size."""
+    count = 64
+    size = 65_536
+    assert count * _framed(size) == UNPAGED_LIMIT_BYTES + count * 4  # just over
+    names = [f"a/{i:03d}" for i in range(count)]
+    with pytest.raises(InvalidInputError, match="set page_size"):
+        every_page(names, 0, size=size)
+    fitting = UNPAGED_LIMIT_BYTES // count - 4  # framed: 1 tag byte, 3 length bytes
+    assert count * _framed(fitting) == UNPAGED_LIMIT_BYTES
+    assert every_page(names, 0, size=fitting) == [names]  # exactly at the limit: one answer
+    assert every_page(names, 100, size=size) == [names[:32], names[32:]]  # paged: 2 MiB pages

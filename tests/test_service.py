@@ -1216,14 +1216,29 @@ def test_oversized_or_control_character_metadata_is_invalid_argument_and_list_st
 
 def test_batch_get_answers_in_pages_under_grpcs_message_limit(server: Server) -> None:
     """One answer used to hold every secret, and gRPC refuses messages over 4 MiB: a caller with
-    many large secrets (here 80 of 60 kB) got nothing at all, not even through the SDK."""
+    many large secrets (here 80 of 60 kB) got nothing at all, not even through the SDK.
+
+    Unpaged (page_size 0, as a client from before paging asks), such an answer reached the client
+    as RESOURCE_EXHAUSTED "Received message larger than max" with no hint, and the audit log said
+    it had read every value it never received; now it is INVALID_ARGUMENT saying to set page_size,
+    audited as one refused batch_get and no get."""
     ops = server.stub("ops")
     big = {f"bulk/K{i:03d}": bytes([i]) * 60_000 for i in range(80)}
     for name, value in big.items():
         ops.PutSecret(pb.PutSecretRequest(name=name, value=value), timeout=10)
-    with pytest.raises(grpc.RpcError) as caught:  # unpaged, as a client from before paging asks
-        ops.BatchGetSecrets(pb.BatchGetSecretsRequest(prefix="bulk/"), timeout=30)
-    assert caught.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    for unpaged in (pb.BatchGetSecretsRequest(prefix="bulk/"), pb.BatchGetSecretsRequest(names=sorted(big))):
+        before = len(server.audit_records())
+        with pytest.raises(grpc.RpcError) as caught:
+            ops.BatchGetSecrets(unpaged, timeout=30)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "set page_size" in (caught.value.details() or "")
+        records = server.audit_records()[before:]
+        assert [(r["operation"], r["outcome"], r["decision"]) for r in records] == [
+            ("batch_get", "invalid_input", "allow")
+        ]
+        assert not records[0].get("value_hmac")
+    fitting = ops.BatchGetSecrets(pb.BatchGetSecretsRequest(names=sorted(big)[:60]), timeout=30)
+    assert len(fitting.secrets) == 60 and not fitting.next_page_token  # under 4 MiB: one answer
     request = pb.BatchGetSecretsRequest(prefix="bulk/", page_size=100)
     pages: list[list[str]] = []
     while True:
@@ -1242,7 +1257,51 @@ def test_batch_get_answers_in_pages_under_grpcs_message_limit(server: Server) ->
     finally:
         remote.close()
     reads = [r["name"] for r in server.audit_records() if r["operation"] == "get"]
-    assert all(reads.count(name) == 4 for name in big)  # each page audits what it returned, once
+    # each page audits what it returned, once: three paged reads, and the unpaged answer that
+    # fitted; the refused unpaged ones none (they used to add one each to every name)
+    assert all(reads.count(name) == 3 + (name in sorted(big)[:60]) for name in big)
+
+
+def test_an_unpaged_list_over_grpcs_message_limit_says_to_page(tmp_path: Path) -> None:
+    """ListSecrets answers metadata only, so it takes many more secrets to pass 4 MiB: here 200
+    with the most tags and the longest description (about 22 kB each), written into the store
+    before the service starts. Unpaged, the client used to get RESOURCE_EXHAUSTED with no hint."""
+    make_pki(tmp_path)
+    path = make_store(tmp_path, SEED, POLICY)
+    tags = {f"k{j:02d}" + "K" * 125: "v" * 256 for j in range(50)}
+    store = EncryptedStore.open(SqliteStorage(path), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        for i in range(200):
+            store.put(f"meta/M{i:03d}", b"v", description="d" * 2048, tags=tags)
+    finally:
+        store.close()
+    server = start_server(tmp_path)
+    try:
+        ops = server.stub("ops")
+        with pytest.raises(grpc.RpcError) as caught:
+            ops.ListSecrets(pb.ListSecretsRequest(prefix="meta/"), timeout=30)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "set page_size" in (caught.value.details() or "")
+        assert server.audit_records()[-1]["outcome"] == "invalid_input"
+        few = ops.ListSecrets(pb.ListSecretsRequest(prefix="meta/M00"), timeout=30)
+        assert len(few.secrets) == 10 and not few.next_page_token  # unpaged, under 4 MiB: one answer
+        request = pb.ListSecretsRequest(prefix="meta/", page_size=1000)
+        names: list[str] = []
+        while True:
+            response = ops.ListSecrets(request, timeout=30)
+            assert response.ByteSize() < 4 * 1024 * 1024
+            names += [m.name for m in response.secrets]
+            if not response.next_page_token:
+                break
+            request.page_token = response.next_page_token
+        assert names == [f"meta/M{i:03d}" for i in range(200)]
+        remote = RemoteStore(server.address, tls_files(server.dir, "ops"))
+        try:
+            assert len(remote.list("meta/")) == 200
+        finally:
+            remote.close()
+    finally:
+        server.stop()
 
 
 def test_list_answers_in_pages_filtered_by_policy_and_refuses_a_forged_token(server: Server) -> None:

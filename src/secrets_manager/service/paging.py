@@ -2,7 +2,12 @@
 
 Without it one response held every secret, and gRPC refuses messages over 4 MiB: a caller with
 many (or large) secrets got nothing at all. A page holds at most `page_size` secrets, and fewer
-once they would make the response larger than `PAGE_BUDGET_BYTES`. The token names where the next
+once they would make the response larger than `PAGE_BUDGET_BYTES`. An unpaged request (page_size
+0, a client from before paging) still gets one answer, unless that answer would be larger than
+`UNPAGED_LIMIT_BYTES`: then it is refused (InvalidInputError, saying to set page_size) before any
+secret in it is audited as read, as the client would have refused the message anyway.
+
+The token names where the next
 page starts: after a name (names in sorted order, so secrets added or removed between pages do not
 shift the rest), or at a position of the caller's own list of names.
 """
@@ -15,6 +20,9 @@ from secrets_manager.errors import InvalidInputError
 from secrets_manager.store.names import validate_name
 
 PAGE_BUDGET_BYTES = 2 * 1024 * 1024  # half of gRPC's default 4 MiB message limit
+# gRPC's default limit on a message a client receives (grpc.max_receive_message_length): an
+# unpaged answer larger than this would reach the client as RESOURCE_EXHAUSTED, with no hint.
+UNPAGED_LIMIT_BYTES = 4 * 1024 * 1024
 MAX_PAGE_SIZE = 1000
 _AFTER = "after:"
 _AT = "at:"
@@ -54,12 +62,23 @@ class Page:
 
     def fits(self, name: str, size: int) -> bool:
         """Take `name` (its message is `size` bytes) unless it would burst the byte budget; the
-        first secret of a page always fits. False means another page follows."""
-        if self._size and self._count and self._bytes + size > PAGE_BUDGET_BYTES:
+        first secret of a page always fits. False means another page follows. In an unpaged
+        answer, a secret that would make it larger than `UNPAGED_LIMIT_BYTES` is InvalidInputError
+        (nothing of it was sent: the caller must page)."""
+        if not self._size:
+            self._bytes += _framed(size)
+            if self._bytes > UNPAGED_LIMIT_BYTES:
+                raise InvalidInputError(
+                    "the answer would be larger than gRPC's 4 MiB message limit, which clients "
+                    "refuse to receive: set page_size (e.g. 100) and send each next_page_token "
+                    "back until it is empty (the bundled CLI and SDK do)"
+                )
+        elif self._count and self._bytes + size > PAGE_BUDGET_BYTES:
             self._more = True
             return False
+        else:
+            self._bytes += size
         self._count += 1
-        self._bytes += size
         self._last = name
         self._next_position += 1
         return True
@@ -93,6 +112,12 @@ class Page:
             return validate_name(self._token.removeprefix(_AFTER))
         except InvalidInputError:
             raise _bad_token() from None
+
+
+def _framed(size: int) -> int:
+    """Bytes a message of `size` bytes takes as an element of a response's field 1 (`secrets`):
+    its tag, its length as a varint, and itself."""
+    return 1 + max(1, (size.bit_length() + 6) // 7) + size
 
 
 def _bad_token() -> InvalidInputError:
