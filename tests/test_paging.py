@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from secrets_manager.errors import InvalidInputError
-from secrets_manager.service.paging import PAGE_BUDGET_BYTES, UNPAGED_LIMIT_BYTES, Page, _framed
+from secrets_manager.service.paging import (
+    PAGE_BUDGET_BYTES,
+    UNPAGED_LIMIT_BYTES,
+    Page,
+    TokenBinding,
+    _framed,
+)
 from secrets_manager.v1 import secrets_pb2 as pb
+
+
+def mac(data: bytes) -> str:
+    """A stand-in for the server's keyed MAC (the store's audit-key fingerprint)."""
+    return "hmac-sha256:" + hashlib.sha256(b"test key\x00" + data).hexdigest()
+
+
+def binding(identity: str = "ops", method: str = "ListSecrets", **request: object) -> TokenBinding:
+    return TokenBinding(mac, method, identity, **{"prefix": "", **request})
 
 
 def take(page: Page, names: list[str], size: int = 10) -> list[str]:
@@ -23,7 +40,7 @@ def every_page(
 ) -> list[list[str]]:
     pages, token = [], ""
     while True:
-        page = Page(page_size, token, by_position=by_position)
+        page = Page(page_size, token, by_position=by_position, binding=binding())
         pages.append(take(page, names, size))
         token = page.next_token()
         if not token:
@@ -44,9 +61,9 @@ def test_pages_stop_at_the_byte_budget_but_always_hold_one() -> None:
 
 
 def test_a_name_added_between_pages_does_not_shift_the_rest() -> None:
-    page = Page(2, "", by_position=False)
+    page = Page(2, "", by_position=False, binding=binding())
     assert take(page, ["a/1", "a/2", "a/3"]) == ["a/1", "a/2"]
-    later = Page(2, page.next_token(), by_position=False)
+    later = Page(2, page.next_token(), by_position=False, binding=binding())
     assert take(later, ["a/0", "a/1", "a/2", "a/3"]) == ["a/3"]
 
 
@@ -56,12 +73,12 @@ def test_named_requests_page_by_position_in_the_order_asked() -> None:
 
 
 def test_a_skipped_name_moves_the_next_page_past_it() -> None:
-    page = Page(1, "", by_position=False)
+    page = Page(1, "", by_position=False, binding=binding())
     names = iter(page.start(["a/1", "a/2", "a/3"]))
     page.skipped(next(names))  # deleted between list and read
     assert page.has_room() and page.fits(next(names), 10)
     assert not page.has_room()
-    assert page.next_token() == "after:a/2"
+    assert binding().place(page.next_token()) == "after:a/2"
 
 
 @pytest.mark.parametrize(
@@ -70,7 +87,10 @@ def test_a_skipped_name_moves_the_next_page_past_it() -> None:
 def test_a_forged_token_is_invalid_input(token: str) -> None:
     for by_position in (False, True):
         with pytest.raises(InvalidInputError, match="page_token"):
-            list(Page(10, token, by_position=by_position).start(["a/1"]))
+            list(Page(10, token, by_position=by_position, binding=binding()).start(["a/1"]))
+        signed = binding().token(token)  # a place no server issues, even with a valid MAC
+        with pytest.raises(InvalidInputError, match="page_token"):
+            list(Page(10, signed, by_position=by_position, binding=binding()).start(["a/1"]))
 
 
 # ---- an unpaged answer stays under gRPC's default receive limit ---------------------------------
@@ -98,3 +118,38 @@ def test_an_unpaged_answer_over_the_limit_is_refused_saying_to_page() -> None:
     assert count * _framed(fitting) == UNPAGED_LIMIT_BYTES
     assert every_page(names, 0, size=fitting) == [names]  # exactly at the limit: one answer
     assert every_page(names, 100, size=size) == [names[:32], names[32:]]  # paged: 2 MiB pages
+
+
+# ---- a token is bound to the request it pages ----------------------------------------------------
+
+
+def test_a_token_is_refused_with_another_request_caller_or_method() -> None:
+    names = [f"a/{i}" for i in range(5)]
+    page = Page(2, "", by_position=False, binding=binding(prefix="a/"))
+    assert take(page, names) == ["a/0", "a/1"]
+    token = page.next_token()
+    assert take(Page(2, token, by_position=False, binding=binding(prefix="a/")), names) == ["a/2", "a/3"]
+    for other in (
+        binding(prefix="b/"),
+        binding("auth", prefix="a/"),
+        binding(prefix="a/", include_deleted=True),
+        binding(method="BatchGetSecrets", prefix="a/"),
+    ):
+        with pytest.raises(InvalidInputError, match="without page_token"):
+            Page(2, token, by_position=False, binding=other)
+    for old in ("after:a/1", "at:2"):  # a token from before tokens were bound
+        with pytest.raises(InvalidInputError, match="without page_token"):
+            Page(2, old, by_position=old.startswith("at:"), binding=binding(prefix="a/"))
+
+
+def test_a_position_token_is_bound_to_the_names_list() -> None:
+    asked = ["z/1", "a/1", "m/1"]
+    bound = binding(method="BatchGetSecrets", names=asked)
+    page = Page(1, "", by_position=True, binding=bound)
+    assert take(page, asked) == ["z/1"]
+    token = page.next_token()
+    assert "z/1" not in token and "a/1" not in token  # the names asked are in no token
+    again = binding(method="BatchGetSecrets", names=asked)
+    assert take(Page(1, token, by_position=True, binding=again), asked) == ["a/1"]
+    with pytest.raises(InvalidInputError, match="without page_token"):
+        Page(1, token, by_position=True, binding=binding(method="BatchGetSecrets", names=["m/1"]))

@@ -1328,6 +1328,42 @@ def test_list_answers_in_pages_filtered_by_policy_and_refuses_a_forged_token(ser
         assert "page_token" in (caught.value.details() or "")
 
 
+def test_a_page_token_works_only_with_the_request_and_caller_it_was_issued_to(server: Server) -> None:
+    """A token used to name only a place (after a name, or a position), so one sent with another
+    names list, prefix or caller gave an empty or shifted page with status OK."""
+    ops, auth = server.stub("ops"), server.stub("auth")
+    for i in range(6):
+        ops.PutSecret(pb.PutSecretRequest(name=f"auth/P{i}", value=b"v"), timeout=10)
+    asked = ["auth/P4", "auth/P5", "auth/P0"]
+    by_names = ops.BatchGetSecrets(pb.BatchGetSecretsRequest(names=asked, page_size=1), timeout=10)
+    by_prefix = ops.ListSecrets(pb.ListSecretsRequest(prefix="auth/P", page_size=2), timeout=10)
+    auths = auth.ListSecrets(pb.ListSecretsRequest(page_size=1), timeout=10)
+    assert by_names.next_page_token and by_prefix.next_page_token and auths.next_page_token
+    assert "auth/P5" not in by_names.next_page_token  # it holds no name the caller did not get
+    same = ops.BatchGetSecrets(
+        pb.BatchGetSecretsRequest(names=asked, page_size=1, page_token=by_names.next_page_token), timeout=10
+    )
+    assert [s.name for s in same.secrets] == ["auth/P5"]  # the same request goes on
+    mismatched = [
+        (ops.BatchGetSecrets, pb.BatchGetSecretsRequest(names=["auth/P1"], page_size=1), by_names),
+        (ops.BatchGetSecrets, pb.BatchGetSecretsRequest(prefix="auth/", page_size=1), by_prefix),
+        (ops.ListSecrets, pb.ListSecretsRequest(prefix="auth/", page_size=2), by_prefix),
+        (
+            ops.ListSecrets,
+            pb.ListSecretsRequest(prefix="auth/P", page_size=2, include_deleted=True),
+            by_prefix,
+        ),
+        (ops.ListSecrets, pb.ListSecretsRequest(page_size=1), auths),  # auth's token, sent by ops
+    ]
+    for method, request, issued in mismatched:
+        request.page_token = issued.next_page_token
+        with pytest.raises(grpc.RpcError) as caught:
+            method(request, timeout=10)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "without page_token" in (caught.value.details() or "")
+        assert server.audit_records()[-1]["outcome"] == "invalid_input"
+
+
 def test_metadata_changes_remotely_with_write_alone_and_is_watched_and_audited(server: Server) -> None:
     """`metadata NAME --tag/--untag/--description --server` is UpdateSecretMetadata: it needs
     `write` (a write-only grant is enough), writes no version, is audited under the caller, and

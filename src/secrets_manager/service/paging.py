@@ -7,14 +7,20 @@ once they would make the response larger than `PAGE_BUDGET_BYTES`. An unpaged re
 `UNPAGED_LIMIT_BYTES`: then it is refused (InvalidInputError, saying to set page_size) before any
 secret in it is audited as read, as the client would have refused the message anyway.
 
-The token names where the next
-page starts: after a name (names in sorted order, so secrets added or removed between pages do not
-shift the rest), or at a position of the caller's own list of names.
+The token names where the next page starts: after a name (names in sorted order, so secrets added
+or removed between pages do not shift the rest), or at a position of the caller's own list of
+names. It is bound to what it pages: a keyed MAC (under the store's audit key, so every replica of
+one store accepts it) over the method, the caller's identity, the request's other fields and the
+place. A token sent with another request, by another caller, forged, or from before tokens were
+bound is refused, saying to start again without page_token. The only name a token holds is the
+last one its page covered, which that caller was shown (or, deleted meanwhile, could have been).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import json
+import secrets
+from collections.abc import Callable, Iterator, Sequence
 
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.store.names import validate_name
@@ -26,31 +32,64 @@ UNPAGED_LIMIT_BYTES = 4 * 1024 * 1024
 MAX_PAGE_SIZE = 1000
 _AFTER = "after:"
 _AT = "at:"
+_LABEL = b"secrets-manager/page-token\x00"  # this MAC's input never starts like another's
+_MAC_CHARS = 24  # hex characters of the MAC kept in a token (96 bits)
+
+
+class TokenBinding:
+    """What a page token may be sent back with: `method`, the caller and the request's fields.
+
+    `mac` is a keyed MAC shared by every replica (the server's: the store's audit-key
+    fingerprint); tokens carry a prefix of its hex digest."""
+
+    def __init__(self, mac: Callable[[bytes], str], method: str, identity: str, **request: object) -> None:
+        self._mac = mac
+        fields = sorted(request.items())
+        self._request = json.dumps([method, identity, fields], separators=(",", ":"), ensure_ascii=True)
+
+    def sign(self, place: str) -> str:
+        digest = self._mac(_LABEL + f"{self._request}\x00{place}".encode())
+        return digest.rpartition(":")[2][:_MAC_CHARS]
+
+    def token(self, place: str) -> str:
+        # The MAC first: a server from before tokens were bound refuses this token as invalid
+        # (were the place first, it could read `after:NAME.MAC` as a name and skip a few names).
+        return f"{self.sign(place)}.{place}"
+
+    def place(self, token: str) -> str:
+        """The place `token` names, if this binding issued it; else InvalidInputError."""
+        mac, dot, place = token.partition(".")
+        if not dot or not secrets.compare_digest(mac.encode(), self.sign(place).encode()):
+            raise _bad_token()
+        return place
 
 
 class Page:
     """One page of an answer: which names it starts at, and whether another page follows."""
 
-    def __init__(self, page_size: int, token: str, *, by_position: bool) -> None:
+    def __init__(self, page_size: int, token: str, *, by_position: bool, binding: TokenBinding) -> None:
         self._size = min(page_size, MAX_PAGE_SIZE)  # 0: an unpaged request (every secret at once)
-        self._token = token
+        self._binding = binding
         self._by_position = by_position
         self._count = 0
         self._bytes = 0
         self._last: str | None = None
         self._next_position = 0
         self._more = False
+        # Checked now, so a token of another request costs no read of the store.
+        place = binding.place(token) if token else ""
+        self._begin = self._position(place) if by_position else 0
+        self._after = None if by_position else self._name_after(place)
 
     def start(self, names: Sequence[str]) -> Iterator[str]:
         """The names this page may hold, in order, from the token's place on."""
         if self._by_position:
-            begin = self._position()
-            if begin > len(names):
+            if self._begin > len(names):
                 raise _bad_token()
-            self._next_position = begin
-            yield from names[begin:]
+            self._next_position = self._begin
+            yield from names[self._begin :]
             return
-        after = self._after()
+        after = self._after
         yield from (name for name in sorted(names) if after is None or name > after)
 
     def has_room(self) -> bool:
@@ -92,24 +131,28 @@ class Page:
         if not (self._size and self._more):
             return ""
         if self._by_position:
-            return f"{_AT}{self._next_position}"
-        return f"{_AFTER}{self._last}" if self._last is not None else self._token
+            return self._binding.token(f"{_AT}{self._next_position}")
+        if self._last is not None:
+            return self._binding.token(f"{_AFTER}{self._last}")
+        return self._binding.token(f"{_AFTER}{self._after}") if self._after is not None else ""
 
-    def _position(self) -> int:
-        if not self._token:
+    @staticmethod
+    def _position(place: str) -> int:
+        if not place:
             return 0
-        digits = self._token.removeprefix(_AT)
-        if not self._token.startswith(_AT) or not digits.isascii() or not digits.isdigit() or len(digits) > 9:
+        digits = place.removeprefix(_AT)
+        if not place.startswith(_AT) or not digits.isascii() or not digits.isdigit() or len(digits) > 9:
             raise _bad_token()
         return int(digits)
 
-    def _after(self) -> str | None:
-        if not self._token:
+    @staticmethod
+    def _name_after(place: str) -> str | None:
+        if not place:
             return None
-        if not self._token.startswith(_AFTER):
+        if not place.startswith(_AFTER):
             raise _bad_token()
         try:
-            return validate_name(self._token.removeprefix(_AFTER))
+            return validate_name(place.removeprefix(_AFTER))
         except InvalidInputError:
             raise _bad_token() from None
 
@@ -122,5 +165,7 @@ def _framed(size: int) -> int:
 
 def _bad_token() -> InvalidInputError:
     return InvalidInputError(
-        "invalid page_token: send back the next_page_token of the previous page, with the same request"
+        "invalid page_token: it was not issued for this request (another prefix, names list or "
+        "caller, or a server before an upgrade): send the request again without page_token to "
+        "start from the first page, then send each next_page_token back with the same request"
     )

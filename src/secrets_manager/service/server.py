@@ -44,7 +44,7 @@ from secrets_manager.service.certificates import ServerCertificates
 from secrets_manager.service.config import DEFAULT_MAX_WORKERS, WORKERS_KEPT_FROM_WATCH, ServerConfig
 from secrets_manager.service.health_probe import StoreHealth
 from secrets_manager.service.metrics import Metrics
-from secrets_manager.service.paging import Page
+from secrets_manager.service.paging import Page, TokenBinding
 from secrets_manager.service.schedule import RotationScheduler
 from secrets_manager.service.watch import ChangeHub
 from secrets_manager.store import EncryptedStore
@@ -354,7 +354,12 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 call.allowed = True
                 listed = [meta.name for meta in self._store.list(request.prefix)]
                 names = policy.filter_enumerable_by_read(call.identity, listed)
-            page = Page(request.page_size, request.page_token, by_position=bool(request.names))
+            binding = self._page_binding(
+                "BatchGetSecrets", call.identity, prefix=request.prefix, names=list(request.names)
+            )
+            page = Page(
+                request.page_size, request.page_token, by_position=bool(request.names), binding=binding
+            )
             messages = []
             for name in page.start(names):
                 if not page.has_room():
@@ -408,9 +413,12 @@ class SecretsServicer(pb_grpc.SecretsServicer):
     def ListSecrets(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._call(context, "ListSecrets", "list", request.prefix or None, None, prefix=True) as call:
             call.allowed = True  # it holds a role; the names it is shown are filtered below
+            binding = self._page_binding(
+                "ListSecrets", call.identity, prefix=request.prefix, include_deleted=request.include_deleted
+            )
+            page = Page(request.page_size, request.page_token, by_position=False, binding=binding)
             found = self._store.list(request.prefix, include_deleted=request.include_deleted)
             allowed = set(self._policy.current.filter_names(call.identity, "list", [m.name for m in found]))
-            page = Page(request.page_size, request.page_token, by_position=False)
             by_name = {m.name: m for m in found if m.name in allowed}
             messages = []
             for name in page.start(sorted(by_name)):
@@ -421,6 +429,11 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                     break
                 messages.append(message)
         return pb.ListSecretsResponse(secrets=messages, next_page_token=page.next_token())
+
+    def _page_binding(self, method: str, identity: str, **request: object) -> TokenBinding:
+        """What a page token of `method` is bound to; keyed by the store's audit key, which every
+        replica of the store shares (service/paging.py)."""
+        return TokenBinding(lambda data: value_fingerprint(self._store, data), method, identity, **request)
 
     def DescribeSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._call(context, "DescribeSecret", "history", request.name, "list"):
