@@ -153,3 +153,20 @@ def test_a_position_token_is_bound_to_the_names_list() -> None:
     assert take(Page(1, token, by_position=True, binding=again), asked) == ["a/1"]
     with pytest.raises(InvalidInputError, match="without page_token"):
         Page(1, token, by_position=True, binding=binding(method="BatchGetSecrets", names=["m/1"]))
+
+
+def test_what_paging_by_prefix_guarantees_across_changes_between_pages() -> None:
+    """The proto's and README's words: pages are not a snapshot. A secret there throughout is
+    returned once; one created between pages only if it sorts after the previous page's last name;
+    one deleted before its page is not returned (and nothing shifts or repeats)."""
+    store = ["p/s0", "p/s1", "p/s2", "p/s3", "p/s4", "p/s5", "p/s6"]
+    page = Page(3, "", by_position=False, binding=binding(prefix="p/"))
+    seen = take(page, store)
+    assert seen == ["p/s0", "p/s1", "p/s2"]
+    store = [n for n in store if n not in ("p/s0", "p/s3")] + ["p/s1a", "p/s5a"]  # between pages
+    token = page.next_token()
+    while token:
+        page = Page(3, token, by_position=False, binding=binding(prefix="p/"))
+        seen += take(page, store)
+        token = page.next_token()
+    assert seen == ["p/s0", "p/s1", "p/s2", "p/s4", "p/s5", "p/s5a", "p/s6"]  # no p/s1a, no p/s3
