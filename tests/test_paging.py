@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 
+from secrets_manager.crypto.mac import page_token_mac, value_fingerprint
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.service.paging import (
     PAGE_BUDGET_BYTES,
@@ -18,8 +17,14 @@ from secrets_manager.v1 import secrets_pb2 as pb
 
 
 def mac(data: bytes) -> str:
-    """A stand-in for the server's keyed MAC (the store's audit-key fingerprint)."""
-    return "hmac-sha256:" + hashlib.sha256(b"test key\x00" + data).hexdigest()
+    """The server's MAC, under a test key in place of the store's audit key."""
+    return page_token_mac(b"k" * 32, data)
+
+
+def test_a_page_token_mac_is_no_value_fingerprint() -> None:
+    """Its own label: a token never tells anyone the audit log's fingerprint of some value."""
+    data = b'["ListSecrets","ops",[]]\x00after:a/B'
+    assert value_fingerprint(b"k" * 32, data).rpartition(":")[2] != page_token_mac(b"k" * 32, data)
 
 
 def binding(identity: str = "ops", method: str = "ListSecrets", **request: object) -> TokenBinding:

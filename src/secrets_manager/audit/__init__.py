@@ -16,6 +16,7 @@ from secrets_manager.audit.log import (
     adopt_log,
     anchor_a_restored_store,
     discard_adopted_lock,
+    page_token_mac,
     refuse_files_of_others,
     value_fingerprint,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "anchor_a_restored_store",
     "discard_adopted_lock",
     "local_actor",
+    "page_token_mac",
     "refuse_files_of_others",
     "value_fingerprint",
 ]

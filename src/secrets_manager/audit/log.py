@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
 
+from secrets_manager.crypto.mac import page_token_mac as _page_token_mac
 from secrets_manager.crypto.mac import record_mac, record_mac_ok, sha256_hex
 from secrets_manager.crypto.mac import value_fingerprint as _value_fingerprint
 from secrets_manager.environment import Environment
@@ -1360,6 +1361,12 @@ def _identity(found: os.stat_result) -> tuple[int, int]:
 def value_fingerprint(anchor: AuditAnchor, value: bytes) -> str:
     """`hmac-sha256:<hex>` of a value under the store's audit key (Vault's `sys/audit-hash`)."""
     return _value_fingerprint(anchor.audit_key(), value)
+
+
+def page_token_mac(anchor: AuditAnchor, data: bytes) -> str:
+    """The service's page-token MAC under the store's audit key, which every replica of the store
+    shares (crypto.mac.page_token_mac)."""
+    return _page_token_mac(anchor.audit_key(), data)
 
 
 def record_hash(record: dict[str, Any]) -> str:

@@ -13,6 +13,7 @@ from secrets_manager.crypto.aead import KEY_SIZE
 
 _RECORD_LABEL = b"secrets-manager/audit-record\x00"
 _VALUE_LABEL = b"secrets-manager/audit-value\x00"
+_PAGE_TOKEN_LABEL = b"secrets-manager/page-token\x00"
 
 
 # The standard library's one-shot OpenSSL calls: the same SHA-256 and HMAC as `cryptography`'s, at
@@ -41,3 +42,9 @@ def record_mac_ok(key: bytes, record_hash: str, mac: str) -> bool:
 def value_fingerprint(key: bytes, value: bytes) -> str:
     """`hmac-sha256:<hex>` of a value: identifies it later without revealing it (Vault's audit-hash)."""
     return "hmac-sha256:" + _hmac_hex(key, _VALUE_LABEL, value)
+
+
+def page_token_mac(key: bytes, data: bytes) -> str:
+    """Hex HMAC binding a page token to the request it pages: its own label, so no token is a
+    value's fingerprint (or the reverse)."""
+    return _hmac_hex(key, _PAGE_TOKEN_LABEL, data)

@@ -32,15 +32,14 @@ UNPAGED_LIMIT_BYTES = 4 * 1024 * 1024
 MAX_PAGE_SIZE = 1000
 _AFTER = "after:"
 _AT = "at:"
-_LABEL = b"secrets-manager/page-token\x00"  # this MAC's input never starts like another's
 _MAC_CHARS = 24  # hex characters of the MAC kept in a token (96 bits)
 
 
 class TokenBinding:
     """What a page token may be sent back with: `method`, the caller and the request's fields.
 
-    `mac` is a keyed MAC shared by every replica (the server's: the store's audit-key
-    fingerprint); tokens carry a prefix of its hex digest."""
+    `mac` is a keyed MAC shared by every replica (the server's: audit.page_token_mac, under the
+    store's audit key with a label of its own); tokens carry a prefix of its hex digest."""
 
     def __init__(self, mac: Callable[[bytes], str], method: str, identity: str, **request: object) -> None:
         self._mac = mac
@@ -48,8 +47,7 @@ class TokenBinding:
         self._request = json.dumps([method, identity, fields], separators=(",", ":"), ensure_ascii=True)
 
     def sign(self, place: str) -> str:
-        digest = self._mac(_LABEL + f"{self._request}\x00{place}".encode())
-        return digest.rpartition(":")[2][:_MAC_CHARS]
+        return self._mac(f"{self._request}\x00{place}".encode())[:_MAC_CHARS]
 
     def token(self, place: str) -> str:
         # The MAC first: a server from before tokens were bound refuses this token as invalid

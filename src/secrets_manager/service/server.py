@@ -30,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from secrets_manager.access import Policy, load_policy
-from secrets_manager.audit import AuditEvent, AuditLog, value_fingerprint
+from secrets_manager.audit import AuditEvent, AuditLog, page_token_mac, value_fingerprint
 from secrets_manager.environment import Environment
 from secrets_manager.errors import (
     AccessDeniedError,
@@ -433,7 +433,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
     def _page_binding(self, method: str, identity: str, **request: object) -> TokenBinding:
         """What a page token of `method` is bound to; keyed by the store's audit key, which every
         replica of the store shares (service/paging.py)."""
-        return TokenBinding(lambda data: value_fingerprint(self._store, data), method, identity, **request)
+        return TokenBinding(lambda data: page_token_mac(self._store, data), method, identity, **request)
 
     def DescribeSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._call(context, "DescribeSecret", "history", request.name, "list"):
