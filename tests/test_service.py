@@ -1593,6 +1593,55 @@ def test_a_change_whose_record_cannot_be_written_is_reported_as_made_and_not_tri
     assert not _worth_another_address(error)
 
 
+def test_a_change_whose_record_cannot_be_written_is_internal_not_a_retryable_unavailable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UNAVAILABLE says "the store or the audit log cannot be used right now" and gRPC retry
+    policies retry it: a client doing so wrote the same value again as a new version. The change
+    stands, so the status is INTERNAL, which nothing retries, with the class in the metadata; the
+    bundled client still raises ChangeUnrecordedError (exit 1), and a bare INTERNAL (a bug) is not
+    one. Fails on the previous commit (UNAVAILABLE)."""
+    from secrets_manager.audit import AuditError
+    from secrets_manager.errors import ChangeUnrecordedError, SecretsManagerError
+    from secrets_manager.wire import ERROR_CLASS_KEY, error_for
+
+    make_pki(tmp_path)
+    make_store(tmp_path, SEED, POLICY)
+    store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        with in_process_server(tmp_path, store, watch_tick=30) as (running, stub):
+            log = running.servicer._audit
+            real_append = log.append
+
+            def disk_full_after_the_request_record(events, anchor, *, durable=True):  # type: ignore[no-untyped-def]
+                if any(e.operation == "store" and e.outcome != "pending" for e in events):
+                    raise AuditError("cannot write audit log x: no space left on its device")
+                return real_append(events, anchor, durable=durable)
+
+            monkeypatch.setattr(log, "append", disk_full_after_the_request_record)
+            with pytest.raises(grpc.RpcError) as failure:
+                stub("ops").PutSecret(pb.PutSecretRequest(name="auth/NEW", value=b"new value"), timeout=10)
+            remote = RemoteStore(f"127.0.0.1:{running.port}", tls_files(tmp_path, "ops"))
+            try:
+                with pytest.raises(ChangeUnrecordedError) as raised:
+                    remote.put("auth/OTHER", b"other value")
+            finally:
+                remote.close()
+            monkeypatch.setattr(log, "append", real_append)
+            assert store.get("auth/NEW").version == 1 and store.get("auth/OTHER").version == 1
+    finally:
+        store.close()
+    assert failure.value.code() is grpc.StatusCode.INTERNAL
+    assert (ERROR_CLASS_KEY, "ChangeUnrecordedError") in tuple(failure.value.trailing_metadata())
+    assert "do not make the change again" in failure.value.details()
+    assert raised.value.exit_code == 1 and "do not make the change again" in str(raised.value)
+    bug = error_for(grpc.StatusCode.INTERNAL, "internal error", ())
+    assert type(bug) is SecretsManagerError  # not "the change was made"
+    # A service from before answered UNAVAILABLE with the metadata: still not made again.
+    older = error_for(grpc.StatusCode.UNAVAILABLE, "x", ((ERROR_CLASS_KEY, "ChangeUnrecordedError"),))
+    assert isinstance(older, ChangeUnrecordedError)
+
+
 # ---- production guard rails at start and reload; what [tls] and numbers accept -----------------
 
 

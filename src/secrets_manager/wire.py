@@ -48,6 +48,11 @@ STATUS_OF_ERROR: tuple[tuple[type[SecretsManagerError], grpc.StatusCode], ...] =
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
     (ConflictError, grpc.StatusCode.ABORTED),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # before its base, StorageError
+    # Also before StorageError: the change was made and stands, only its audit record is missing.
+    # UNAVAILABLE would say "refused, try again" (retry policies, another replica): made twice.
+    # INTERNAL is what no client retries (an invariant of the service, every change audited,
+    # broke); the trailing metadata names the class (the message says not to make it again).
+    (ChangeUnrecordedError, grpc.StatusCode.INTERNAL),
     (StorageError, grpc.StatusCode.UNAVAILABLE),
     (RotationStepFailed, grpc.StatusCode.FAILED_PRECONDITION),  # the target refused the new value
 )
@@ -55,6 +60,9 @@ STATUS_OF_ERROR: tuple[tuple[type[SecretsManagerError], grpc.StatusCode], ...] =
 # Trailing metadata of a failed call: the error's class, where its status alone does not name it
 # (a refused rotation and a lost compare-and-set are both ABORTED, yet a scheduler treats them apart).
 ERROR_CLASS_KEY = "secrets-manager-error"
+# Classes a client raises for their status only when the metadata names them: INTERNAL without it
+# is a bug of the service ("internal error"), not a change made.
+_ONLY_WHEN_NAMED: frozenset[type[SecretsManagerError]] = frozenset({ChangeUnrecordedError})
 _REFINED_ERRORS: dict[str, type[SecretsManagerError]] = {
     cls.__name__: cls
     for cls in (
@@ -84,16 +92,19 @@ def error_for(
     code: grpc.StatusCode, message: str, metadata: Sequence[tuple[str, str | bytes]] | None = ()
 ) -> SecretsManagerError:
     """The exception a client raises for a status (and the call's trailing metadata): the inverse
-    of `status_for`. A class named in the metadata is used only if it refines the status's own
-    class, so a service cannot change what a status means to the client (its exit code)."""
-    for error_type, mapped in STATUS_OF_ERROR:
-        if mapped is code:
-            if error_type is UnlockError:
-                return AccessDeniedError(message)
-            named = next((value for key, value in metadata or () if key == ERROR_CLASS_KEY), None)
-            refined = _REFINED_ERRORS.get(named) if isinstance(named, str) else None
-            if refined is not None and issubclass(refined, error_type):
-                return refined(message)
+    of `status_for`. A class named in the metadata is used only if it is, or refines, a class the
+    service sends that status for, so a service cannot change what a status means to the client
+    (its exit code) beyond what this table allows. (ChangeUnrecordedError on UNAVAILABLE, as
+    services before INTERNAL sent it, still refines StorageError.)"""
+    sent_for = [error_type for error_type, mapped in STATUS_OF_ERROR if mapped is code]
+    if UnlockError in sent_for:
+        return AccessDeniedError(message)
+    named = next((value for key, value in metadata or () if key == ERROR_CLASS_KEY), None)
+    refined = _REFINED_ERRORS.get(named) if isinstance(named, str) else None
+    if refined is not None and any(issubclass(refined, error_type) for error_type in sent_for):
+        return refined(message)
+    for error_type in sent_for:
+        if error_type not in _ONLY_WHEN_NAMED:
             return error_type(message)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return StorageError(message)
