@@ -1191,9 +1191,11 @@ def test_oversized_or_control_character_metadata_is_invalid_argument_and_list_st
     huge = "evil-" + "x" * 1_000_000
     requests = [pb.PutSecretRequest(name=f"drop/BIG{i}", value=b"v", description=huge) for i in range(5)]
     requests += [
-        pb.PutSecretRequest(name="drop/TAGS", value=b"v", tags={f"t{i}": "v" for i in range(10_000)}),
+        pb.PutSecretRequest(
+            name="drop/TAGS", value=b"v", tags={f"t{i}": "v" for i in range(10_000)}, replace_tags=True
+        ),
         pb.PutSecretRequest(name="drop/ESC", value=b"v", description="evil\x1b]0;TITLE\x07\nforged"),
-        pb.PutSecretRequest(name="drop/ESC", value=b"v", tags={"k": "evil\x1b[2J"}),
+        pb.PutSecretRequest(name="drop/ESC", value=b"v", tags={"k": "evil\x1b[2J"}, replace_tags=True),
     ]
     for request in requests:
         with pytest.raises(grpc.RpcError) as caught:
@@ -1362,6 +1364,35 @@ def test_a_page_token_works_only_with_the_request_and_caller_it_was_issued_to(se
         assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert "without page_token" in (caught.value.details() or "")
         assert server.audit_records()[-1]["outcome"] == "invalid_input"
+
+
+def test_put_with_tags_but_without_replace_tags_is_refused_and_keeps_every_tag(server: Server) -> None:
+    """The proto says "tags are kept unless replace_tags is set", yet PutSecret with tags and
+    replace_tags unset replaced them all. Merging instead (read, then write the union) could drop
+    a tag set in between; so it is refused, nothing written. Fails on the previous commit."""
+    ops, name = server.stub("ops"), "auth/TAGGED"
+    tags = {"owner": "team-a", "env": "prod"}
+    ops.PutSecret(pb.PutSecretRequest(name=name, value=b"1", tags=tags, replace_tags=True), timeout=10)
+    with pytest.raises(grpc.RpcError) as caught:
+        ops.PutSecret(pb.PutSecretRequest(name=name, value=b"2", tags={"cost": "42"}), timeout=10)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "replace_tags" in (caught.value.details() or "")
+    meta = ops.DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10).metadata
+    assert (dict(meta.tags), meta.current_version) == (tags, 1)  # nothing written
+    ops.PutSecret(pb.PutSecretRequest(name=name, value=b"2"), timeout=10)  # no tags: kept
+    meta = ops.DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10).metadata
+    assert (dict(meta.tags), meta.current_version) == (tags, 2)
+    ops.PutSecret(pb.PutSecretRequest(name=name, value=b"3", tags={"x": "1"}, replace_tags=True), timeout=10)
+    assert dict(ops.DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10).metadata.tags) == {
+        "x": "1"
+    }
+    ops.PutSecret(pb.PutSecretRequest(name=name, value=b"4", replace_tags=True), timeout=10)  # none: cleared
+    assert dict(ops.DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10).metadata.tags) == {}
+    # The CLI (RemoteStore) sends replace_tags with its --tag: `store --tag` replaces them, as locally.
+    assert server.cli("ops", "store", name, "--tag", "k=v", input=b"5").returncode == 0
+    assert dict(ops.DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10).metadata.tags) == {
+        "k": "v"
+    }
 
 
 def test_metadata_changes_remotely_with_write_alone_and_is_watched_and_audited(server: Server) -> None:

@@ -35,6 +35,7 @@ from secrets_manager.environment import Environment
 from secrets_manager.errors import (
     AccessDeniedError,
     ChangeUnrecordedError,
+    InvalidInputError,
     NotFoundError,
     SecretsManagerError,
     StorageError,
@@ -393,13 +394,20 @@ class SecretsServicer(pb_grpc.SecretsServicer):
 
     def PutSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._call(context, "PutSecret", "store", request.name, "write", mutating=True) as call:
+            if request.tags and not request.replace_tags:
+                # The store takes tags only as the whole set: merging them here (read, then write)
+                # would drop a tag another client set in between. So they are refused, not merged.
+                raise InvalidInputError(
+                    f"tags given for {request.name!r} replace every tag it has: set replace_tags to "
+                    "say so, or add and remove single tags with UpdateSecretMetadata"
+                )
             call.event.value_hmac = value_fingerprint(self._store, request.value)
             info = self._store.put(
                 request.name,
                 request.value,
                 expect_version=request.expect_version if request.HasField("expect_version") else None,
                 description=request.description if request.HasField("description") else None,
-                tags=dict(request.tags) if (request.tags or request.replace_tags) else None,
+                tags=dict(request.tags) if request.replace_tags else None,
                 max_versions=request.max_versions if request.HasField("max_versions") else None,
             )
             call.event.version = info.version
