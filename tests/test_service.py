@@ -1366,6 +1366,56 @@ def test_a_page_token_works_only_with_the_request_and_caller_it_was_issued_to(se
         assert server.audit_records()[-1]["outcome"] == "invalid_input"
 
 
+def test_a_deleted_secret_is_failed_precondition_not_a_compare_and_set_conflict(server: Server) -> None:
+    """A put to a deleted secret and an undelete of a live one were ABORTED, which the proto keeps
+    for compare-and-set conflicts: a client retrying its read-modify-write on ABORTED looped for
+    ever. They are FAILED_PRECONDITION naming SecretStateError (exit 7 through the CLI, as before);
+    a delete of a deleted secret stays NOT_FOUND (exit 3), as reads find it. Fails on the previous
+    commit (ABORTED)."""
+    from secrets_manager.errors import RotationStepFailed, SecretStateError
+    from secrets_manager.wire import ERROR_CLASS_KEY, error_for
+
+    ops, name = server.stub("ops"), "auth/GONE"
+    ops.PutSecret(pb.PutSecretRequest(name=name, value=b"1", description="kept"), timeout=10)
+    ops.DeleteSecret(pb.DeleteSecretRequest(name=name), timeout=10)
+    refused = [
+        lambda: ops.PutSecret(pb.PutSecretRequest(name=name, value=b"2"), timeout=10),
+        lambda: ops.PutSecret(pb.PutSecretRequest(name=name, value=b"2", expect_version=0), timeout=10),
+        lambda: ops.PutSecret(pb.PutSecretRequest(name=name, value=b"2", expect_version=1), timeout=10),
+        lambda: ops.UpdateSecretMetadata(
+            pb.UpdateSecretMetadataRequest(name=name, description="x"), timeout=10
+        ),
+        lambda: ops.StageSecretVersion(pb.StageSecretVersionRequest(name=name, value=b"p"), timeout=10),
+    ]
+    for call in refused:
+        with pytest.raises(grpc.RpcError) as caught:
+            call()
+        assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION, caught.value.details()
+        assert (ERROR_CLASS_KEY, "SecretStateError") in tuple(caught.value.trailing_metadata())
+        assert "undelete" in (caught.value.details() or "")
+        error = error_for(caught.value.code(), caught.value.details(), caught.value.trailing_metadata())
+        assert isinstance(error, SecretStateError) and error.exit_code == 7
+    assert code_of(lambda: ops.DeleteSecret(pb.DeleteSecretRequest(name=name), timeout=10)) is (
+        grpc.StatusCode.NOT_FOUND
+    )
+    meta = ops.DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10).metadata
+    assert (meta.current_version, meta.description, bool(meta.deleted)) == (1, "kept", True)  # untouched
+    assert server.cli("ops", "store", name, input=b"3").returncode == 7
+    assert server.cli("ops", "delete", name).returncode == 3
+    ops.UndeleteSecret(pb.UndeleteSecretRequest(name=name), timeout=10)
+    with pytest.raises(grpc.RpcError) as caught:
+        ops.UndeleteSecret(pb.UndeleteSecretRequest(name=name), timeout=10)
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert (ERROR_CLASS_KEY, "SecretStateError") in tuple(caught.value.trailing_metadata())
+    again = server.cli("ops", "undelete", name)
+    assert again.returncode == 7 and b"is not deleted" in again.stderr
+    # A lost compare-and-set is still ABORTED; FAILED_PRECONDITION without the class is a rotation's
+    # failed command (RotateSecret), as before.
+    stale = pb.PutSecretRequest(name=name, value=b"4", expect_version=7)
+    assert code_of(lambda: ops.PutSecret(stale, timeout=10)) is grpc.StatusCode.ABORTED
+    assert type(error_for(grpc.StatusCode.FAILED_PRECONDITION, "set failed", ())) is RotationStepFailed
+
+
 def test_put_with_tags_but_without_replace_tags_is_refused_and_keeps_every_tag(server: Server) -> None:
     """The proto says "tags are kept unless replace_tags is set", yet PutSecret with tags and
     replace_tags unset replaced them all. Merging instead (read, then write the union) could drop

@@ -12,7 +12,8 @@
     ├── AccessDeniedError               exit 5   the caller may not do this
     ├── IntegrityError                  exit 6   a record, keyset or header failed authentication
     ├── ConflictError                   exit 7   compare-and-set lost, or the target already exists
-    │   └── RotationInProgressError     exit 7   a stage while another rotation's version is pending
+    │   ├── RotationInProgressError     exit 7   a stage while another rotation's version is pending
+    │   └── SecretStateError            exit 7   the secret is deleted (or not, for undelete)
     ├── StorageError                    exit 1   the backend itself failed (I/O, locked, unreachable)
     │   ├── StoreBusyError              exit 1   another writer held the store's lock too long
     │   ├── ResourceExhaustedError      exit 1   the service is at a capacity limit (max_watch_streams)
@@ -132,6 +133,13 @@ class ConflictError(SecretsManagerError):
 class RotationInProgressError(ConflictError):
     """A new rotation was refused: a version of the secret is pending (another rotation runs, or
     one that failed waits for --resume or --discard)."""
+
+
+class SecretStateError(ConflictError):
+    """The secret is not in the state the operation needs: a write, stage, promote or metadata
+    change of a deleted secret, an undelete of one that is not deleted. Not a lost compare-and-set:
+    reading again and retrying cannot succeed until its state is changed (undelete). Over gRPC it
+    is FAILED_PRECONDITION, which clients do not retry, not ABORTED; exit 7 as any conflict."""
 
 
 class StorageError(SecretsManagerError):

@@ -20,6 +20,7 @@ from secrets_manager.errors import (
     RotationInProgressError,
     RotationStepFailed,
     SecretsManagerError,
+    SecretStateError,
     StorageError,
     UnlockError,
     UnsafeConfigurationError,
@@ -46,6 +47,9 @@ STATUS_OF_ERROR: tuple[tuple[type[SecretsManagerError], grpc.StatusCode], ...] =
     (UnlockError, grpc.StatusCode.UNAUTHENTICATED),
     (AccessDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (IntegrityError, grpc.StatusCode.DATA_LOSS),
+    # Before its base: not a lost compare-and-set, which a client retries (read, modify, write
+    # again) on ABORTED, but a state that a retry cannot change (deleted; for undelete, not).
+    (SecretStateError, grpc.StatusCode.FAILED_PRECONDITION),
     (ConflictError, grpc.StatusCode.ABORTED),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # before its base, StorageError
     # Also before StorageError: the change was made and stands, only its audit record is missing.
@@ -61,13 +65,15 @@ STATUS_OF_ERROR: tuple[tuple[type[SecretsManagerError], grpc.StatusCode], ...] =
 # (a refused rotation and a lost compare-and-set are both ABORTED, yet a scheduler treats them apart).
 ERROR_CLASS_KEY = "secrets-manager-error"
 # Classes a client raises for their status only when the metadata names them: INTERNAL without it
-# is a bug of the service ("internal error"), not a change made.
-_ONLY_WHEN_NAMED: frozenset[type[SecretsManagerError]] = frozenset({ChangeUnrecordedError})
+# is a bug of the service ("internal error"), not a change made; FAILED_PRECONDITION without it is
+# a rotation's failed command (RotateSecret), as from services before SecretStateError.
+_ONLY_WHEN_NAMED: frozenset[type[SecretsManagerError]] = frozenset({ChangeUnrecordedError, SecretStateError})
 _REFINED_ERRORS: dict[str, type[SecretsManagerError]] = {
     cls.__name__: cls
     for cls in (
         ChangeUnrecordedError,
         RotationInProgressError,
+        SecretStateError,
         UnsafeConfigurationError,
         UnsupportedOperationError,
     )

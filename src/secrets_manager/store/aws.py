@@ -71,6 +71,7 @@ from secrets_manager.errors import (
     NotFoundError,
     OutcomeUnknownError,
     SecretsManagerError,
+    SecretStateError,
     StorageError,
     UnsupportedOperationError,
 )
@@ -598,7 +599,7 @@ class AwsStore:
         self, name: str, existing: Mapping[str, Any], payload: Mapping[str, Any], expect_version: int | None
     ) -> int:
         if existing.get("DeletedDate"):
-            raise ConflictError(
+            raise SecretStateError(
                 f"secret {name!r} is deleted; run 'undelete {name}' first, or 'destroy {name} --all'"
             )
         versions = self._versions(name)
@@ -712,13 +713,13 @@ class AwsStore:
         return pending.number
 
     def _require_live(self, name: str) -> None:
-        """DescribeSecret: NotFoundError if the secret is missing, ConflictError if it is deleted."""
+        """DescribeSecret: NotFoundError if the secret is missing, SecretStateError if it is deleted."""
         with self._aws(f"read {name}", name):
             existing = self._describe_or_none(self.aws_name(name))
         if existing is None:
             raise NotFoundError(f"secret {name!r} not found")
         if existing.get("DeletedDate"):
-            raise ConflictError(
+            raise SecretStateError(
                 f"secret {name!r} is deleted; run 'undelete {name}' first, or 'destroy {name} --all'"
             )
 
@@ -734,7 +735,7 @@ class AwsStore:
         setting = dict(tags or {})
         if max_versions is not None:
             setting[MAX_VERSIONS_KEY] = str(max_versions)
-        with self._aws(f"store the metadata of {name}", name, state_error=ConflictError):
+        with self._aws(f"store the metadata of {name}", name, state_error=SecretStateError):
             if description is not None and description != (existing.get("Description") or ""):
                 self._client.update_secret(SecretId=secret_id, Description=description)
             if tags is not None:
@@ -768,7 +769,7 @@ class AwsStore:
         if existing is None:
             raise NotFoundError(f"secret {name!r} not found")
         if existing.get("DeletedDate"):
-            raise ConflictError(f"secret {name!r} is deleted; run 'undelete {name}' first")
+            raise SecretStateError(f"secret {name!r} is deleted; run 'undelete {name}' first")
         old_tags = user_tags({str(t["Key"]): str(t["Value"]) for t in existing.get("Tags") or []})
         _, tags = updated_metadata(
             name,
@@ -782,7 +783,7 @@ class AwsStore:
         gone = sorted(removing & old_tags.keys())
         if max_versions is not None:
             setting[MAX_VERSIONS_KEY] = str(max_versions)
-        with self._aws(f"store the metadata of {name}", name, state_error=ConflictError):
+        with self._aws(f"store the metadata of {name}", name, state_error=SecretStateError):
             if description is not None:
                 self._client.update_secret(SecretId=secret_id, Description=description)
             if gone:
@@ -806,10 +807,10 @@ class AwsStore:
     def undelete(self, name: str) -> None:
         """DescribeSecret, then RestoreSecret."""
         validate_name(name)
-        with self._aws(f"undelete {name}", name, state_error=ConflictError):
+        with self._aws(f"undelete {name}", name, state_error=SecretStateError):
             existing = self._client.describe_secret(SecretId=self.aws_name(name))
             if not existing.get("DeletedDate"):
-                raise ConflictError(f"secret {name!r} is not deleted")
+                raise SecretStateError(f"secret {name!r} is not deleted")
             self._client.restore_secret(SecretId=self.aws_name(name))
 
     def destroy(self, name: str, versions: Iterable[int]) -> None:
@@ -825,7 +826,7 @@ class AwsStore:
         scheduled for deletion is restored first, which AWS requires before a forced delete)."""
         validate_name(name)
         secret_id = self.aws_name(name)
-        with self._aws(f"destroy {name}", name, state_error=ConflictError):
+        with self._aws(f"destroy {name}", name, state_error=SecretStateError):
             self._client.describe_secret(SecretId=secret_id)
             try:
                 self._client.delete_secret(SecretId=secret_id, ForceDeleteWithoutRecovery=True)
@@ -916,7 +917,7 @@ class AwsStore:
 
     @contextmanager
     def _aws(
-        self, action: str, name: str | None, *, state_error: type[Exception] = ConflictError
+        self, action: str, name: str | None, *, state_error: type[Exception] = SecretStateError
     ) -> Iterator[None]:
         """Map what boto3 raises inside the block to our exceptions (`_ERRORS`).
 

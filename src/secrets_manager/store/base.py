@@ -155,7 +155,8 @@ class SecretStore(Protocol):
         `description`, `tags` and `max_versions`, when given, are set on the secret (new or not)
         with this write, and not at all if the write is refused. A lower `max_versions` prunes
         (`update_metadata`) from this write on, or on a store that can set it only after the write
-        (Vault: no compare-and-set on its metadata) from the next write on."""
+        (Vault: no compare-and-set on its metadata) from the next write on. SecretStateError (a
+        ConflictError, not a lost compare-and-set) if the secret is deleted."""
 
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """One version: by number, by label, or `current` when neither is given."""
@@ -180,14 +181,15 @@ class SecretStore(Protocol):
         do: `set_tags` are added or replaced, `remove_tags` removed (an absent key is no error),
         other tags stay. A lower `max_versions` prunes nothing now: as in Vault, the next write
         removes the oldest unlabelled versions past it (AwsStore, which prunes nothing itself, hides
-        them at once). NotFoundError if the secret is missing, ConflictError if it is deleted; the
+        them at once). NotFoundError if the secret is missing, SecretStateError if it is deleted; the
         checks of `put` on the result."""
 
     def delete(self, name: str) -> None:
-        """Soft delete: hidden from get and list until `undelete`."""
+        """Soft delete: hidden from get and list until `undelete`. NotFoundError if the secret is
+        missing or already deleted (deleted, it is not found by reads either)."""
 
     def undelete(self, name: str) -> None:
-        """Undo a soft delete."""
+        """Undo a soft delete. SecretStateError (a ConflictError) if the secret is not deleted."""
 
     def destroy(self, name: str, versions: Iterable[int]) -> None:
         """Erase the given versions' values for good; metadata remembers they existed."""

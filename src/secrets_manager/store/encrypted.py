@@ -56,6 +56,7 @@ from secrets_manager.errors import (
     InvalidInputError,
     NotFoundError,
     SecretsManagerError,
+    SecretStateError,
     StorageError,
     UnlockError,
     UnsupportedOperationError,
@@ -466,7 +467,7 @@ class EncryptedStore:
             meta_entry, meta = self._read_meta(name)
             current = None if meta is None else meta.labels.get(CURRENT)
             if meta is not None and meta.deleted is not None:
-                raise ConflictError(
+                raise SecretStateError(
                     f"secret {name!r} is deleted; run 'undelete {name}' first, or 'destroy {name} --all'"
                 )
             if expect_version is not None and (current or 0) != expect_version:
@@ -597,7 +598,7 @@ class EncryptedStore:
             if meta_entry is None or meta is None:
                 raise NotFoundError(f"secret {name!r} not found")
             if meta.deleted is not None:
-                raise ConflictError(
+                raise SecretStateError(
                     f"secret {name!r} is deleted; run 'undelete {name}' first, or 'destroy {name} --all'"
                 )
             # Checked on the metadata this attempt commits against: of two stagers, one wins.
@@ -616,7 +617,7 @@ class EncryptedStore:
         def change(meta: _Meta, now: float) -> Operations:
             nonlocal previous
             if meta.deleted is not None:
-                raise ConflictError(f"secret {name!r} is deleted; run 'undelete {name}' first")
+                raise SecretStateError(f"secret {name!r} is deleted; run 'undelete {name}' first")
             pending = meta.labels.get(PENDING)
             if pending != version:
                 now_pending = "no version is" if pending is None else f"version {pending} is"
@@ -674,7 +675,7 @@ class EncryptedStore:
 
         def change(meta: _Meta, now: float) -> Operations:
             if meta.deleted is not None:
-                raise ConflictError(f"secret {name!r} is deleted; run 'undelete {name}' first")
+                raise SecretStateError(f"secret {name!r} is deleted; run 'undelete {name}' first")
             meta.description, meta.tags = updated_metadata(
                 name,
                 meta.description,
@@ -701,7 +702,7 @@ class EncryptedStore:
     def undelete(self, name: str) -> None:
         def change(meta: _Meta, now: float) -> Operations:
             if meta.deleted is None:
-                raise ConflictError(f"secret {name!r} is not deleted")
+                raise SecretStateError(f"secret {name!r} is not deleted")
             meta.deleted = None
             return []
 

@@ -38,7 +38,7 @@ from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
     NotFoundError,
-    SecretsManagerError,
+    SecretStateError,
     UnsupportedOperationError,
 )
 from secrets_manager.store.base import (
@@ -361,15 +361,22 @@ def _check_delete_and_undelete(make_store: MakeStore, ns: str) -> None:
         deleted = [m for m in store.list(f"{ns}/", include_deleted=True) if m.name == name]
         _require(len(deleted) == 1 and deleted[0].deleted is not None, "list(include_deleted=True) misses it")
         _require(store.describe(name).deleted is not None, "describe of a deleted secret does not say so")
-        _raises(ConflictError, lambda: store.put(name, b"v3"), "put to a deleted secret")
+        # Deleted is a state, not a lost compare-and-set (which a caller would retry): every store
+        # raises the same class for it, which the service sends as FAILED_PRECONDITION, not ABORTED.
+        _raises(SecretStateError, lambda: store.put(name, b"v3"), "put to a deleted secret")
+        _raises(
+            SecretStateError,
+            lambda: store.put(name, b"v3", expect_version=0),
+            "create-only put to a deleted secret",
+        )
         _require(_version_numbers(store.describe(name)) == [1, 2], "a refused put to a deleted secret wrote")
-        _raises(SecretsManagerError, lambda: store.delete(name), "delete of an already deleted secret")
+        _raises(NotFoundError, lambda: store.delete(name), "delete of an already deleted secret")
         store.undelete(name)
         _require(_revealed(store.get(name)) == b"v2", "undelete did not restore the current value")
         _require(_revealed(store.get(name, version=1)) == b"v1", "undelete did not restore older versions")
         _require(name in _names(store.list(f"{ns}/")), "an undeleted secret is not listed")
         _require(store.describe(name).deleted is None, "describe still says deleted after undelete")
-        _raises(SecretsManagerError, lambda: store.undelete(name), "undelete of a live secret")
+        _raises(SecretStateError, lambda: store.undelete(name), "undelete of a live secret")
         _raises(NotFoundError, lambda: store.delete(f"{ns}/missing"), "delete of a missing secret")
         _raises(NotFoundError, lambda: store.undelete(f"{ns}/missing"), "undelete of a missing secret")
         _require(store.put(name, b"v3").version == 3, "put after undelete does not continue the versions")
@@ -487,7 +494,7 @@ def _check_pending_rotation(make_store: MakeStore, ns: str) -> None:
         _raises(NotFoundError, lambda: store.discard_pending(name), "discard_pending with nothing pending")
         _raises(ConflictError, lambda: store.promote(name, 5), "promote of a discarded version")
         store.delete(name)
-        _raises(ConflictError, lambda: store.stage(name, b"value 6"), "stage on a deleted secret")
+        _raises(SecretStateError, lambda: store.stage(name, b"value 6"), "stage on a deleted secret")
         store.undelete(name)
         _require(store.get(name).version == 4, "a refused stage on a deleted secret changed it")
         # A write while a rotation is pending: promoting the older pending version would undo it.
@@ -691,7 +698,9 @@ def _check_max_versions_setting(make_store: MakeStore, ns: str) -> None:
         )
         store.delete(short)
         _raises(
-            ConflictError, lambda: store.update_metadata(short, max_versions=3), "max_versions while deleted"
+            SecretStateError,
+            lambda: store.update_metadata(short, max_versions=3),
+            "max_versions while deleted",
         )
         store.undelete(short)
         _require(store.describe(short).max_versions == 2, "a refused update of a deleted secret changed it")
@@ -899,7 +908,7 @@ def _check_update_metadata(make_store: MakeStore, ns: str) -> None:
         _raises(NotFoundError, lambda: store.describe(f"{ns}/missing"), "update_metadata created a secret")
         store.delete(name)
         _raises(
-            ConflictError,
+            SecretStateError,
             lambda: store.update_metadata(name, description="while deleted"),
             "update_metadata of a deleted secret",
         )

@@ -74,6 +74,7 @@ from secrets_manager.errors import (
     NotFoundError,
     OutcomeUnknownError,
     SecretsManagerError,
+    SecretStateError,
     StorageError,
     UnlockError,
     UnsupportedOperationError,
@@ -627,7 +628,7 @@ class VaultStore:
         while True:
             meta = self._read_meta(name)
             if meta is not None and meta.deleted is not None:
-                raise ConflictError(
+                raise SecretStateError(
                     f"secret {name!r} is deleted; run 'undelete {name}' first, or 'destroy {name} --all'"
                 )
             current = 0 if meta is None else meta.current
@@ -746,7 +747,7 @@ class VaultStore:
         setting, removing = checked_metadata_update(name, description, set_tags, remove_tags, max_versions)
         meta = self._require_meta(name)
         if meta.deleted is not None:
-            raise ConflictError(f"secret {name!r} is deleted; run 'undelete {name}' first")
+            raise SecretStateError(f"secret {name!r} is deleted; run 'undelete {name}' first")
         if description is None and not setting and not removing:
             self._write_metadata(name, meta, None, None, max_versions)
             return
@@ -772,7 +773,7 @@ class VaultStore:
             raise NotFoundError(f"secret {name!r} is already deleted")
         live = _live_versions(meta)
         if not live:
-            raise ConflictError(f"secret {name!r} has no version left to delete (all are destroyed)")
+            raise SecretStateError(f"secret {name!r} has no version left to delete (all are destroyed)")
         for _ in range(DELETE_ROUNDS):
             self._send("POST", f"delete/{name}", action=f"delete {name}", json={"versions": live})
             live = _live_versions(self._require_meta(name))
@@ -789,7 +790,7 @@ class VaultStore:
         meta = self._require_meta(name)
         deleted = sorted(v.number for v in meta.versions.values() if not v.destroyed and v.deleted)
         if not deleted:
-            raise ConflictError(f"secret {name!r} is not deleted")
+            raise SecretStateError(f"secret {name!r} is not deleted")
         self._send("POST", f"undelete/{name}", action=f"undelete {name}", json={"versions": deleted})
 
     def destroy(self, name: str, versions: Iterable[int]) -> None:

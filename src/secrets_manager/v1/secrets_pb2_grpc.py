@@ -119,7 +119,9 @@ class SecretsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PutSecret(self, request, context):
-        """A new version of a secret, optionally only if the current version is expect_version.
+        """A new version of a secret, optionally only if the current version is expect_version (ABORTED
+        if it is not). FAILED_PRECONDITION if the secret is deleted (undelete it first), with or
+        without expect_version.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -144,7 +146,7 @@ class SecretsServicer:
         UpdateSecret without a value, TagResource and UntagResource; Vault's kv metadata put): tags in
         set_tags are added or replaced, keys in remove_tags removed, other tags kept; a lower
         max_versions prunes at the secret's next write. Needs "write". NOT_FOUND if the secret is
-        missing, ABORTED if it is deleted, INVALID_ARGUMENT if nothing is to change or the result
+        missing, FAILED_PRECONDITION if it is deleted, INVALID_ARGUMENT if nothing is to change or the result
         breaks the metadata limits of PutSecret (max_versions 2 to 100).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -152,7 +154,9 @@ class SecretsServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteSecret(self, request, context):
-        """Soft delete, and its undo.
+        """Soft delete, and its undo. Delete: NOT_FOUND if the secret is missing or already deleted (as
+        reads find a deleted secret: the caller's goal, a secret nobody reads, holds). Undelete:
+        NOT_FOUND if missing, FAILED_PRECONDITION if it is not deleted.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
