@@ -540,6 +540,13 @@ def test_removing_only_absent_tags_changes_nothing_not_even_updated(ready: Cli) 
     assert result.code == 0, result.stderr
     assert "no tag 'absent', 'nope' to remove" in result.stderr
     assert ready("metadata", "svc/META", "--json").out == before
+    # What it has already (the store refuses the update as a no-op): exit 0 as before, said so,
+    # `updated` not moved (it was before this commit).
+    limit = str(json.loads(before)["max_versions"])
+    for args in (["--max-versions", limit], ["--tag", "k=v"], ["--description", "", "--untag", "nope"]):
+        same = ready("metadata", "svc/META", *args)
+        assert same.code == 0 and "(already so)" in same.stderr, same.stderr
+    assert ready("metadata", "svc/META", "--json").out == before
 
 
 def test_max_versions_is_set_by_store_and_metadata_shown_and_pruned_at_the_next_write(ready: Cli) -> None:

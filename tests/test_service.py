@@ -1485,6 +1485,50 @@ def test_metadata_changes_remotely_with_write_alone_and_is_watched_and_audited(s
     assert (writer, "not_found", "allow") in outcomes
 
 
+def test_a_metadata_update_that_changes_nothing_is_invalid_argument_and_changes_nothing(
+    server: Server,
+) -> None:
+    """UpdateSecretMetadata removing only a tag the secret does not have (or setting max_versions
+    to its own) answered OK, moved `updated`, sent METADATA_CHANGED and audited a change, though
+    the proto says INVALID_ARGUMENT. It is refused, naming NothingToChangeError, with nothing
+    written; the CLI over --server still exits 0 and says what it says locally. Fails on the
+    previous commit."""
+    from secrets_manager.errors import NothingToChangeError
+    from secrets_manager.wire import ERROR_CLASS_KEY, error_for
+
+    ops, name = server.stub("ops"), "auth/DB_PASSWORD"
+    ops.UpdateSecretMetadata(pb.UpdateSecretMetadataRequest(name=name, set_tags={"k": "v"}), timeout=10)
+    before = ops.DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10).metadata
+    stream = ops.Watch(pb.WatchRequest(prefix="auth/"), timeout=30)
+    stream.initial_metadata()  # live: every later change reaches it
+    no_ops = [
+        pb.UpdateSecretMetadataRequest(name=name, remove_tags=["no-such-tag"]),
+        pb.UpdateSecretMetadataRequest(name=name, max_versions=before.max_versions),
+        pb.UpdateSecretMetadataRequest(name=name, description=before.description, set_tags={"k": "v"}),
+    ]
+    for request in no_ops:
+        with pytest.raises(grpc.RpcError) as caught:
+            ops.UpdateSecretMetadata(request, timeout=10)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert (ERROR_CLASS_KEY, "NothingToChangeError") in tuple(caught.value.trailing_metadata())
+        error = error_for(caught.value.code(), caught.value.details(), caught.value.trailing_metadata())
+        assert isinstance(error, NothingToChangeError) and "nothing to change" in str(error)
+    assert ops.DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10).metadata == before
+    ops.PutSecret(pb.PutSecretRequest(name="auth/MARK", value=b"m"), timeout=10)
+    first = next(iter(stream))  # the refused updates sent no event before this write's
+    stream.cancel()
+    assert (first.name, first.kind) == ("auth/MARK", pb.ChangeEvent.VERSION_ADDED)
+    outcomes = [r["outcome"] for r in server.audit_records() if r["operation"] == "metadata"]
+    assert outcomes[-6:] == ["pending", "invalid_input"] * 3
+    # The CLI through the service: exit 0, as locally, saying what it did not do.
+    untag = server.cli("ops", "metadata", name, "--untag", "no-such-tag")
+    assert untag.returncode == 0, untag.stderr
+    assert b"no tag 'no-such-tag' to remove (it was not there)" in untag.stderr
+    same = server.cli("ops", "metadata", name, "--max-versions", str(before.max_versions))
+    assert same.returncode == 0 and b"(already so)" in same.stderr, same.stderr
+    assert ops.DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10).metadata == before
+
+
 def test_max_versions_is_set_remotely_with_write_alone_and_shown_and_audited(server: Server) -> None:
     """`store --max-versions` is PutSecret.max_versions and `metadata --max-versions` is
     UpdateSecretMetadata.max_versions: write is enough, DescribeSecret shows it, the next write

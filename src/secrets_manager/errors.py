@@ -4,6 +4,7 @@
     ├── InvalidInputError               exit 2   bad name, over-size value, bad flag combination
     │   ├── UnsafeConfigurationError    exit 2   a guard rail of SHRIVENQUANT_ENV refused a setting
     │   ├── CertificateNotYetValidError exit 2   a TLS certificate whose validity starts later
+    │   ├── NothingToChangeError        exit 2   a metadata update that changes nothing (CLI: exit 0)
     │   └── UnsupportedOperationError   exit 2   the store cannot do this (e.g. AWS: destroy one version)
     ├── NotFoundError                   exit 3   no such store, secret, version or label
     │   └── StoreNotFoundError          exit 3   no store at the path or database the URL names
@@ -65,6 +66,12 @@ class CertificateNotYetValidError(InvalidInputError):
     def __init__(self, message: str, not_before: datetime) -> None:
         super().__init__(message)
         self.not_before = not_before
+
+
+class NothingToChangeError(InvalidInputError):
+    """A metadata update that would leave the secret as it is (nothing given; or the description,
+    tags and max versions already as given, a tag to remove not there): refused, nothing written,
+    `updated` not moved, no change event. The CLI says so and exits 0."""
 
 
 class UnsupportedOperationError(InvalidInputError):

@@ -16,6 +16,7 @@ from secrets_manager.errors import (
     IntegrityError,
     InvalidInputError,
     NotFoundError,
+    NothingToChangeError,
     ResourceExhaustedError,
     RotationInProgressError,
     RotationStepFailed,
@@ -72,6 +73,7 @@ _REFINED_ERRORS: dict[str, type[SecretsManagerError]] = {
     cls.__name__: cls
     for cls in (
         ChangeUnrecordedError,
+        NothingToChangeError,
         RotationInProgressError,
         SecretStateError,
         UnsafeConfigurationError,

@@ -54,6 +54,7 @@ from secrets_manager.errors import (
     InvalidInputError,
     MissingCredentialsError,
     NotFoundError,
+    NothingToChangeError,
     OutcomeUnknownError,
     SecretsManagerError,
     StorageError,
@@ -1097,6 +1098,7 @@ def metadata_command(
     set_tags = parse_tags(tags)
     checked_max_versions(name, max_versions)
     absent: list[str] | None = None  # the --untag keys the secret did not have; None: not known
+    unchanged = False  # the store refused the update as one that changes nothing
     with session.secret_operation("metadata", name, mutating=True) as (store, _):
         if untags and not is_remote_store(store):  # a service's describe needs `list`
             tags_before = store.describe(name).tags
@@ -1111,23 +1113,32 @@ def metadata_command(
         if nothing_to_do:  # removing only tags it does not have changes nothing, `updated` included
             checked_metadata_update(name, description, set_tags, untags, max_versions)  # as the store would
         else:
-            store.update_metadata(
-                name,
-                description=description,
-                set_tags=set_tags,
-                remove_tags=untags,
-                max_versions=max_versions,
-            )
+            try:
+                store.update_metadata(
+                    name,
+                    description=description,
+                    set_tags=set_tags,
+                    remove_tags=untags,
+                    max_versions=max_versions,
+                )
+            except NothingToChangeError:  # already as asked (the store or service checked): said below
+                absent = sorted(set(untags))  # a tag it had would have been a change
+                unchanged = True
     removed = len(set(untags)) - len(absent or [])
+    already = " (already so)" if unchanged else ""
     changed = [
-        *([] if description is None else ["description cleared" if not description else "description set"]),
-        *([f"{len(set_tags)} tag(s) set"] if set_tags else []),
+        *(
+            []
+            if description is None
+            else [("description cleared" if not description else "description set") + already]
+        ),
+        *([f"{len(set_tags)} tag(s) set{already}"] if set_tags else []),
         *([f"{removed} tag(s) removed"] if removed else []),
         *([f"no tag {', '.join(map(repr, absent))} to remove (it was not there)"] if absent else []),
         *(["a tag not set is ignored"] if untags and absent is None else []),
-        *([] if max_versions is None else [f"max versions set to {max_versions}"]),
+        *([] if max_versions is None else [f"max versions set to {max_versions}{already}"]),
     ]
-    pruning = _pruning(store, max_versions)
+    pruning = "" if unchanged else _pruning(store, max_versions)
     info_line(f"updated the metadata of {name}: {', '.join(changed)} (no new version{pruning})")
 
 

@@ -92,6 +92,7 @@ from secrets_manager.store.base import (
     checked_value,
     refuse_if_changed,
     refuse_if_rotating,
+    refuse_if_unchanged,
     refuse_to_demote,
     updated_metadata,
 )
@@ -456,12 +457,8 @@ class AwsStore:
     def _max_versions_of(self, entry: Mapping[str, Any]) -> int:
         """The secret's own max_versions (our tag on its DescribeSecret or ListSecrets entry),
         else the store's default; a tag that another tool spoilt counts as absent."""
-        for tag in entry.get("Tags") or []:
-            if tag.get("Key") == MAX_VERSIONS_KEY:
-                text = str(tag.get("Value", ""))
-                if text.isascii() and text.isdigit() and int(text) > 0:
-                    return int(text)
-        return self._max_versions
+        own = _own_max_versions(entry)
+        return self._max_versions if own is None else own
 
     def _secret(self, name: str, number: int, reply: Mapping[str, Any]) -> Secret:
         if reply.get("SecretString") is not None:
@@ -771,14 +768,19 @@ class AwsStore:
         if existing.get("DeletedDate"):
             raise SecretStateError(f"secret {name!r} is deleted; run 'undelete {name}' first")
         old_tags = user_tags({str(t["Key"]): str(t["Value"]) for t in existing.get("Tags") or []})
-        _, tags = updated_metadata(
+        old_description = str(existing.get("Description") or "")
+        new_description, tags = updated_metadata(
             name,
-            str(existing.get("Description") or ""),
+            old_description,
             old_tags,
             new_description=description,
             set_tags=setting,
             remove_tags=removing,
         )
+        # Its own max_versions only if our tag holds it: without, the store's default counts, and
+        # another AwsStore's may differ, so setting it is a change.
+        own_max = _own_max_versions(existing)
+        refuse_if_unchanged(name, (old_description, old_tags, own_max), (new_description, tags), max_versions)
         _refuse_unless_tags_fit(name, existing, tags, max_versions)
         gone = sorted(removing & old_tags.keys())
         if max_versions is not None:
@@ -1111,3 +1113,14 @@ def _refuse_tags_aws_refuses(name: str, tags: Mapping[str, str] | None) -> None:
 def _tag_value(text: str) -> str:
     """`text` within AWS's tag value character set and length (others become '_')."""
     return "".join(c if _aws_tag_character(c) else "_" for c in text)[:256]
+
+
+def _own_max_versions(entry: Mapping[str, Any]) -> int | None:
+    """The max_versions our tag on a DescribeSecret or ListSecrets entry holds; None without one
+    (or one another tool spoilt)."""
+    for tag in entry.get("Tags") or []:
+        if tag.get("Key") == MAX_VERSIONS_KEY:
+            text = str(tag.get("Value", ""))
+            if text.isascii() and text.isdigit() and int(text) > 0:
+                return int(text)
+    return None

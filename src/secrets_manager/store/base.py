@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
+    NothingToChangeError,
     RotationInProgressError,
     UnsupportedOperationError,
 )
@@ -381,10 +382,32 @@ def checked_metadata_update(
     if both:
         raise InvalidInputError(f"tag {both[0]!r} of {name!r} is both set and removed; give one or the other")
     if description is None and not setting and not removing and max_versions is None:
-        raise InvalidInputError(
+        raise NothingToChangeError(
             f"nothing to change for {name!r}: give a description, tags to set or to remove, or max versions"
         )
     return setting, removing
+
+
+def refuse_if_unchanged(
+    name: str,
+    before: tuple[str, Mapping[str, str], int | None],
+    after: tuple[str, Mapping[str, str]],
+    max_versions: int | None,
+) -> None:
+    """NothingToChangeError if an `update_metadata` leaves `name` as it is: its (description,
+    tags) `after` as `before`, and `max_versions` not given or what it is (`before[2]`; None when
+    the store cannot tell, as a Vault secret on its mount's default). Checked on what the update
+    read, so nothing is written, `updated` does not move and no change event is sent."""
+    description, tags, max_now = before
+    if (
+        after[0] == description
+        and dict(after[1]) == dict(tags)
+        and (max_versions is None or max_versions == max_now)
+    ):
+        raise NothingToChangeError(
+            f"nothing to change for {name!r}: its description, tags and max versions are already as "
+            "given (a tag to remove that it does not have is none to remove)"
+        )
 
 
 def updated_metadata(

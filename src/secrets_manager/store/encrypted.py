@@ -91,6 +91,7 @@ from secrets_manager.store.base import (
     checked_value,
     refuse_if_changed,
     refuse_if_rotating,
+    refuse_if_unchanged,
     refuse_to_demote,
     unsupported_capabilities,
     updated_metadata,
@@ -676,6 +677,7 @@ class EncryptedStore:
         def change(meta: _Meta, now: float) -> Operations:
             if meta.deleted is not None:
                 raise SecretStateError(f"secret {name!r} is deleted; run 'undelete {name}' first")
+            before = (meta.description, dict(meta.tags), meta.max_versions)
             meta.description, meta.tags = updated_metadata(
                 name,
                 meta.description,
@@ -684,6 +686,7 @@ class EncryptedStore:
                 set_tags=setting,
                 remove_tags=removing,
             )
+            refuse_if_unchanged(name, before, (meta.description, meta.tags), max_versions)
             if max_versions is not None:
                 meta.max_versions = max_versions
             return []

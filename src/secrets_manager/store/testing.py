@@ -38,6 +38,7 @@ from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
     NotFoundError,
+    NothingToChangeError,
     SecretStateError,
     UnsupportedOperationError,
 )
@@ -900,6 +901,28 @@ def _check_update_metadata(make_store: MakeStore, ns: str) -> None:
             exc = _raises(InvalidInputError, partial(store.update_metadata, name, **change), what)
             _require(OFFENDING not in str(exc), f"{what}: the error echoes the offending text")
         _require(_metadata_state(store, name) == before, "a refused update_metadata changed the secret")
+        store.update_metadata(name, max_versions=7)  # its own limit, on every store
+        unchanged = store.describe(name)
+        shown = (unchanged.updated, unchanged.description, dict(unchanged.tags), unchanged.max_versions)
+        no_ops: list[tuple[str, dict[str, Any]]] = [
+            ("removing a tag it does not have", {"remove_tags": ["absent"]}),
+            ("its own description", {"description": unchanged.description}),
+            ("a tag set to the value it has", {"set_tags": {"t00": unchanged.tags["t00"]}}),
+            ("its own max_versions", {"max_versions": 7}),
+            (
+                "all of them at once",
+                {"description": "", "set_tags": {"t01": "v"}, "remove_tags": ["absent"], "max_versions": 7},
+            ),
+        ]
+        for what, change in no_ops:
+            _raises(NothingToChangeError, partial(store.update_metadata, name, **change), f"update of {what}")
+            meta = store.describe(name)
+            _require(
+                (meta.updated, meta.description, dict(meta.tags), meta.max_versions) == shown,
+                f"an update of {what} changed the secret ('updated' included)",
+            )
+        store.update_metadata(name, max_versions=8, remove_tags=["absent"])  # one change is enough
+        _require(store.describe(name).max_versions == 8, "an update that changes one thing was not made")
         _raises(
             NotFoundError,
             lambda: store.update_metadata(f"{ns}/missing", description="x"),

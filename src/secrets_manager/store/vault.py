@@ -94,6 +94,7 @@ from secrets_manager.store.base import (
     checked_max_versions,
     checked_metadata_update,
     checked_value,
+    refuse_if_unchanged,
     updated_metadata,
 )
 from secrets_manager.store.external import (
@@ -348,6 +349,8 @@ class _KvMeta:
     max_versions: int
     custom: dict[str, str]
     versions: dict[int, _KvVersion]
+    # KV's own max_versions if the secret sets one; None: 0, the mount's default, whatever that is
+    own_max_versions: int | None = None
 
     @property
     def deleted(self) -> datetime | None:
@@ -418,6 +421,7 @@ class _KvMeta:
                 max_versions=int(data.get("max_versions") or 0) or DEFAULT_MAX_VERSIONS,
                 custom={str(k): str(v) for k, v in custom.items()},
                 versions=versions,
+                own_max_versions=int(data.get("max_versions") or 0) or None,
             )
         except (KeyError, TypeError, ValueError, AttributeError):
             raise StorageError(
@@ -748,17 +752,20 @@ class VaultStore:
         meta = self._require_meta(name)
         if meta.deleted is not None:
             raise SecretStateError(f"secret {name!r} is deleted; run 'undelete {name}' first")
+        before = (meta.custom.get(DESCRIPTION_KEY, ""), user_tags(meta.custom), meta.own_max_versions)
         if description is None and not setting and not removing:
+            refuse_if_unchanged(name, before, before[:2], max_versions)
             self._write_metadata(name, meta, None, None, max_versions)
             return
         new_description, tags = updated_metadata(
             name,
-            meta.custom.get(DESCRIPTION_KEY, ""),
-            user_tags(meta.custom),
+            before[0],
+            before[1],
             new_description=description,
             set_tags=setting,
             remove_tags=removing,
         )
+        refuse_if_unchanged(name, before, (new_description, tags), max_versions)
         _refuse_unless_custom_metadata_holds(name, new_description, tags)
         self._write_metadata(name, meta, new_description, tags, max_versions)
 

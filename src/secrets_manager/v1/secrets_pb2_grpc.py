@@ -146,8 +146,11 @@ class SecretsServicer:
         UpdateSecret without a value, TagResource and UntagResource; Vault's kv metadata put): tags in
         set_tags are added or replaced, keys in remove_tags removed, other tags kept; a lower
         max_versions prunes at the secret's next write. Needs "write". NOT_FOUND if the secret is
-        missing, FAILED_PRECONDITION if it is deleted, INVALID_ARGUMENT if nothing is to change or the result
-        breaks the metadata limits of PutSecret (max_versions 2 to 100).
+        missing, FAILED_PRECONDITION if it is deleted, INVALID_ARGUMENT if the result breaks the
+        metadata limits of PutSecret (max_versions 2 to 100) or nothing is to change: nothing given, or
+        the secret has already what is given (a tag to remove it does not have, its own description,
+        tag values or max_versions), named `NothingToChangeError`; then nothing is written, `updated`
+        does not move and no change event is sent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
