@@ -16,7 +16,7 @@ import string
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1640,6 +1640,29 @@ def test_store_of_one_field_refuses_what_it_cannot_write_and_writes_nothing(read
     assert ready("history", "db/app").out.count("\n") == 1
     names = {r["name"] for r in json.loads(ready("audit", "show", "--json").out)}
     assert not any(name and "KNOWN" in name for name in names)
+
+
+def test_audit_show_last_keeps_only_the_last_records_in_memory(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`audit show --last 3` over a long log held every selected record: 1.2 GB for 500k."""
+    import tracemalloc
+
+    from secrets_manager.audit import AuditLog
+
+    def many(self: AuditLog, **_: object) -> Iterator[dict[str, object]]:
+        for seq in range(1, 200_001):
+            yield {"seq": seq, "time": "2026-01-01T00:00:00+00:00", "actor": "a" * 40, "operation": "get"}
+
+    monkeypatch.setattr(AuditLog, "records", many)
+    tracemalloc.start()
+    try:
+        assert run_in_process(ready, monkeypatch, "audit", "show", "--last", "3", "--json") == 0
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [r["seq"] for r in json.loads(capsys.readouterr().out)] == [199_998, 199_999, 200_000]
+    assert peak < 20_000_000, peak  # the whole list: 50 MB (imports and the CLI: about 5 MB)
 
 
 # ---- mv and cp ---------------------------------------------------------------------------------
