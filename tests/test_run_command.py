@@ -440,3 +440,16 @@ def test_variables_that_choose_code_or_trust_are_named_by_the_check(variable: st
 @pytest.mark.parametrize("variable", ["NODE_ENV", "GIT_TOKEN", "DB_PASSWORD", "proxy_user", "VAULT_TOKEN"])
 def test_ordinary_variables_pass_the_check(variable: str) -> None:
     assert service_variable_problems([(variable, b"x")]) == []
+
+
+def test_secrets_too_large_for_an_environment_are_named_as_such(cli: Cli, tmp_path: Path) -> None:
+    """40 values of 64 KiB are over the kernel's limit on arguments and environment (2 MiB on
+    Linux): exec's E2BIG read "cannot run true: Argument list too long"."""
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({f"K{i:02d}": "x" * 65_536 for i in range(40)}))
+    assert cli("import", str(big), "--service", "big").returncode == 0
+    result = cli("run", "--service", "big", "--", "true")
+    assert result.returncode == 126, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "cannot run true: 40 secret(s) of 2,560 KiB in all make its environment larger" in result.stderr
+    assert "pass fewer with --secret" in result.stderr and "Argument list too long" not in result.stderr

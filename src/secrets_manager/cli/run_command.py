@@ -289,7 +289,24 @@ def _exec(command: tuple[str, ...], variables: dict[str, Secret], withheld: tupl
             os.execve(SHELL, [SHELL, program, *command[1:]], environment)  # noqa: S606
         except OSError as exc:
             failure = exc
+    if failure.errno == errno.E2BIG:
+        raise CommandNotStarted(_too_big(command[0], variables), EXIT_CANNOT_EXECUTE)
     raise CommandNotStarted(f"cannot run {command[0]}: {failure.strerror or failure}", EXIT_CANNOT_EXECUTE)
+
+
+def _too_big(program: str, variables: dict[str, Secret]) -> str:
+    """E2BIG, said as what it is here: the secrets made the environment larger than the kernel takes
+    (arguments and environment together, ARG_MAX; one variable at most 128 KiB on Linux)."""
+    size = sum(len(secret.value) for secret in variables.values())
+    try:
+        limit = f"{os.sysconf('SC_ARG_MAX') // 1024:,} KiB"
+    except (OSError, ValueError):
+        limit = "the system's limit"
+    return (
+        f"cannot run {program}: {len(variables)} secret(s) of {size / 1024:,.0f} KiB in all make its "
+        f"environment larger than the kernel takes (arguments and environment together: {limit}); "
+        "pass fewer with --secret, or let the program read them itself with the SDK (get_credentials())"
+    )
 
 
 def _is_text(program: str) -> bool:
