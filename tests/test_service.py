@@ -777,6 +777,10 @@ def test_watch_sees_changes_made_by_another_process(server: Server) -> None:
 def test_a_store_file_removed_under_the_service_is_not_serving_and_refuses_writes(server: Server) -> None:
     """SQLite goes on with the file it opened: a PutSecret after `rm store.db` was answered OK and
     lost with the unlinked file, and health stayed SERVING."""
+    # Once serve's start is audited (a serve that cannot record its start does not serve).
+    assert eventually(
+        lambda: any(r["operation"] == "serve" and r["outcome"] == "ok" for r in server.audit_records())
+    )
     for suffix in ("", "-wal", "-shm"):
         Path(f"{server.dir / 'store.db'}{suffix}").unlink(missing_ok=True)
     stub = server.stub("ops")
@@ -792,6 +796,7 @@ def test_a_store_file_removed_under_the_service_is_not_serving_and_refuses_write
     ):
         assert time.monotonic() < deadline, "health stayed SERVING"
         time.sleep(0.1)
+    assert server.process.poll() is None  # still running, and saying why it does not serve
 
 
 def test_a_reload_that_takes_a_watchers_last_role_ends_its_stream(server: Server) -> None:
