@@ -738,3 +738,97 @@ def test_a_version_another_writer_committed_first_is_still_a_race_retried(
     assert encrypted_store.put("race/X", b"mine").version == 3
     assert raced == [2]
     other.close()
+
+
+# ---- listings: kept while nothing changes, decrypted outside the storage's lock ----------------
+
+
+def test_a_kept_listing_never_shows_metadata_older_than_another_handles_write(
+    encrypted_store: EncryptedStore, make_store: Callable[[], SecretStore]
+) -> None:
+    """The listing is kept while the change head stays put: a change by another handle (another
+    connection, as another process's) moves it, so the next list shows that change at once."""
+    for index in range(5):
+        encrypted_store.put(f"app/K{index}", VALUE, description="first")
+    assert [m.description for m in encrypted_store.list("app/")] == ["first"] * 5
+    other = make_store()
+    try:
+        other.update_metadata("app/K2", description="second")
+        other.delete("app/K3")
+        other.put("app/K9", VALUE)
+        listed = {m.name: m for m in encrypted_store.list("app/")}
+        assert listed["app/K2"].description == "second"
+        assert "app/K3" not in listed and "app/K9" in listed
+        assert encrypted_store.list("app/", include_deleted=True)[3].deleted is not None
+        other.undelete("app/K3")
+        assert "app/K3" in {m.name for m in encrypted_store.list("app/")}
+    finally:
+        other.close()
+    assert [m.name for m in encrypted_store.list("app/")] == sorted(
+        m.name for m in encrypted_store.list("app/")
+    )
+
+
+def test_a_listing_after_a_change_decrypts_only_the_changed_rows(
+    encrypted_store: EncryptedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Metadata decrypted for a listing is kept by its row's revision: every page of the service
+    decrypted every secret under the prefix again (O(N) per page, O(N^2) per listing). Fails on
+    the previous commit (6 and 6 decryptions, not 0 and 1)."""
+    from secrets_manager.store import encrypted
+
+    for index in range(6):
+        encrypted_store.put(f"app/K{index}", VALUE)
+    encrypted_store.list("app/")
+    opened: list[str] = []
+    real_open_meta = encrypted._open_meta
+    monkeypatch.setattr(
+        encrypted,
+        "_open_meta",
+        lambda keyset, name, record: opened.append(name) or real_open_meta(keyset, name, record),
+    )
+    assert len(encrypted_store.list("app/")) == 6
+    assert opened == []  # nothing changed: the listing kept
+    encrypted_store.update_metadata("app/K4", description="changed")
+    opened.clear()  # the update's own read
+    assert [m.description for m in encrypted_store.list("app/")][4] == "changed"
+    assert opened == ["app/K4"]
+
+
+def test_a_listing_decrypts_outside_the_storage_handles_lock(
+    encrypted_store: EncryptedStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SQLite snapshot holds its handle's lock: while a listing decrypted every row inside it,
+    every other read of the handle (the service's GetSecret, its health probe, the audit anchor)
+    waited. The rows are read in the snapshot and decrypted after it. Fails on the previous commit
+    (the get waits until the listing ends)."""
+    from secrets_manager.store import encrypted
+
+    for index in range(3):
+        encrypted_store.put(f"app/K{index}", VALUE)
+    encrypted_store.put("other/X", OTHER_VALUE)
+    encrypted_store.update_metadata("app/K0", description="moved the head: nothing kept")
+    decrypting, release = threading.Event(), threading.Event()
+    real_open_meta = encrypted._open_meta
+
+    def slow_open_meta(keyset, name, record):  # type: ignore[no-untyped-def]
+        if name.startswith("app/"):  # the listing's rows, not the read's
+            decrypting.set()
+            release.wait(10)
+        return real_open_meta(keyset, name, record)
+
+    monkeypatch.setattr(encrypted, "_open_meta", slow_open_meta)
+    listed: list[int] = []
+    lister = threading.Thread(target=lambda: listed.append(len(encrypted_store.list("app/"))))
+    lister.start()
+    try:
+        assert decrypting.wait(10)
+        read: list[bytes] = []
+        reader = threading.Thread(target=lambda: read.append(encrypted_store.get("other/X").value.reveal()))
+        reader.start()
+        reader.join(5)
+        assert read == [OTHER_VALUE], "a read waited for another thread's listing to decrypt"
+    finally:
+        release.set()
+        lister.join(10)
+    assert listed == [3]

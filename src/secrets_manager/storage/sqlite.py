@@ -307,7 +307,8 @@ class SqliteStorage:
         `BEGIN` pins the snapshot; writers in other connections and processes commit meanwhile,
         unseen. This handle's lock is held throughout, so its other methods wait until the
         snapshot ends in other threads; the snapshot's own thread reads inside it, seeing its
-        instant. Other handles do not wait."""
+        instant. Other handles do not wait. So only read inside it, and work on what was read
+        after it ends (the encrypted store's listing decrypts its rows after the snapshot)."""
         with self._lock:
             try:
                 self._db.execute("BEGIN")

@@ -118,6 +118,8 @@ RENEW_RETRY_SECONDS = 5.0  # between attempts to read an unlock source again tha
 KEY_POLICY_KEY = "core/key-policy"
 RECOVERY_KEY = "core/recovery"  # the recovery public key, sealed under the root key
 RETRY_DEADLINE_SECONDS = 30.0
+LISTINGS_KEPT = 8  # listings (prefix, include_deleted) kept while the change head stays put
+DECODED_META_KEPT = 200_000  # decrypted metadata kept by row for listings; past it, all dropped
 
 T = TypeVar("T")
 Operations = list[Operation]
@@ -162,6 +164,11 @@ class EncryptedStore:
         # Reads decoded since the storage's last change (store/read_cache.py); needs its change head.
         self._change_head = storage if isinstance(storage, ChangeHead) else None
         self._read_cache: ReadCache[_CachedSecret] = ReadCache()
+        # The last few listings (store.list), by prefix, while the change head stays put; and the
+        # metadata they decrypted, by row key: (row revision, id of the key that sealed it, metadata).
+        self._listings: ReadCache[tuple[SecretMetadata, ...]] = ReadCache(LISTINGS_KEPT)
+        self._listing_lock = threading.Lock()
+        self._decoded_meta: dict[str, tuple[int, int, SecretMetadata]] = {}
         self._root = root_key
         self._actor = actor
         self._clock = clock
@@ -294,6 +301,8 @@ class EncryptedStore:
 
     def close(self) -> None:
         self._read_cache.clear()
+        self._listings.clear()
+        self._decoded_meta.clear()
         self._storage.close()
 
     def __repr__(self) -> str:
@@ -386,47 +395,104 @@ class EncryptedStore:
         return list(self.describe(name).versions)
 
     def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
+        """Every secret's metadata under `prefix`, sorted by name.
+
+        On a storage with a change head (SQLite, PostgreSQL) the last few listings are kept while
+        the head stays put (as the read cache keeps reads: any change by any process moves it), so
+        the service's next page costs one read of the head; and metadata decrypted once is kept by
+        its row's revision, so a listing after a change decrypts only the rows that changed."""
         validate_prefix(prefix)
         if isinstance(self._storage, Snapshotting):  # one scan instead of two reads per secret
-            namespace = None
-            for _ in range(SNAPSHOT_ATTEMPTS):
-                try:
-                    return self._list_from_snapshot(self._storage, prefix, include_deleted=include_deleted)
-                except _RootChangedUnderSnapshot as exc:
-                    namespace = exc.namespace
-                    self._adopt_the_headers_root()
-            # A keyset under a root key no header ever named.
-            raise IntegrityError(_keyset_damaged(namespace)) if namespace else IntegrityError()
+            which = f"{int(include_deleted)}{prefix}"
+            kept = self._kept_listing(which)
+            if kept is not None:
+                return builtins.list(kept)
+            # One scan at a time: callers asking for the same listing meanwhile take its result.
+            with self._listing_lock:
+                kept = self._kept_listing(which)
+                if kept is not None:
+                    return builtins.list(kept)
+                head = None if self._change_head is None else self._change_head.change_head()
+                result = self._list_decoding_outside(self._storage, prefix, include_deleted)
+                # Kept only if nothing changed while it was read (the head is where it was before).
+                if (
+                    head is not None
+                    and self._change_head is not None
+                    and self._change_head.change_head() == head
+                ):
+                    self._listings.put(head, which, tuple(result))
+                return result
         result = []
         for key in self._storage.list(META_PREFIX + prefix):
             name = key[len(META_PREFIX) :]
             _, meta = self._read_meta(name)
             if meta is not None and (include_deleted or meta.deleted is None):
                 result.append(meta.public(name))
-        return result
+        return sorted(result, key=_by_name)
+
+    def _kept_listing(self, which: str) -> tuple[SecretMetadata, ...] | None:
+        """The listing `which` kept at the storage's change head as it is now, if there is one."""
+        if self._change_head is None:
+            return None
+        return self._listings.get(self._change_head.change_head(), which)
+
+    def _list_decoding_outside(
+        self, storage: Snapshotting, prefix: str, include_deleted: bool
+    ) -> builtins.list[SecretMetadata]:
+        namespace = None
+        for _ in range(SNAPSHOT_ATTEMPTS):
+            try:
+                return self._list_from_snapshot(storage, prefix, include_deleted=include_deleted)
+            except _RootChangedUnderSnapshot as exc:
+                namespace = exc.namespace
+                self._adopt_the_headers_root()
+        # A keyset under a root key no header ever named.
+        raise IntegrityError(_keyset_damaged(namespace)) if namespace else IntegrityError()
 
     def _list_from_snapshot(
         self, storage: Snapshotting, prefix: str, *, include_deleted: bool
     ) -> builtins.list[SecretMetadata]:
         """Every secret's metadata under `prefix` from one consistent scan (and one keyset read per
-        namespace): on PostgreSQL a round trip per page rather than two per secret."""
+        namespace): on PostgreSQL a round trip per page rather than two per secret.
+
+        The snapshot only reads the rows; they are decrypted after it ends, for a snapshot holds
+        its storage handle (SQLite: the handle's lock) and every other read of the service would
+        wait behind the decryption. A row whose revision is as when it was last decrypted (the same
+        record), under a key its keyset still holds enabled, is not decrypted again."""
+        with storage.snapshot() as snap:
+            rows = builtins.list(snap.scan(META_PREFIX + prefix))
+            namespaces = {namespace_of(key[len(META_PREFIX) :]) for key, _ in rows}
+            keyset_entries = {ns: snap.get(KEYSET_PREFIX + ns) for ns in namespaces}
         result = []
         keysets: dict[str, Keyset] = {}
-        with storage.snapshot() as snap:
-            for key, entry in snap.scan(META_PREFIX + prefix):
-                name = key[len(META_PREFIX) :]
-                namespace = namespace_of(name)
-                if namespace not in keysets:
-                    try:
-                        keysets[namespace] = self._keyset_from(
-                            namespace, snap.get(KEYSET_PREFIX + namespace), self._root_in_snapshot
-                        )
-                    except _RootChangedUnderSnapshot as exc:
-                        exc.namespace = namespace
-                        raise
-                meta = _open_meta(keysets[namespace], name, entry.value)
-                if include_deleted or meta.deleted is None:
-                    result.append(meta.public(name))
+        decoded = self._decoded_meta
+        if len(decoded) > DECODED_META_KEPT:
+            decoded.clear()
+        for key, entry in rows:
+            name = key[len(META_PREFIX) :]
+            namespace = namespace_of(name)
+            if namespace not in keysets:
+                try:
+                    keysets[namespace] = self._keyset_from(
+                        namespace, keyset_entries[namespace], self._root_in_snapshot
+                    )
+                except _RootChangedUnderSnapshot as exc:
+                    exc.namespace = namespace
+                    raise
+            keyset = keysets[namespace]
+            known = decoded.get(key)
+            meta = None
+            if known is not None and known[0] == entry.revision:
+                # The same record as decrypted before, if the key that sealed it still opens it.
+                with contextlib.suppress(IntegrityError):
+                    keyset.key_for_decryption(known[1])
+                    meta = known[2]
+            if meta is None:
+                meta = _open_meta(keyset, name, entry.value).public(name)
+                decoded[key] = (entry.revision, record_key_id(entry.value), meta)
+            if include_deleted or meta.deleted is None:
+                result.append(meta)
+        result.sort(key=_by_name)  # storage order is key order, but a database may collate otherwise
         return result
 
     def _resolve(self, meta: _Meta, name: str, version: int | None, label: str | None) -> int:
@@ -1554,6 +1620,10 @@ def _secret(name: str, number: int, meta: _Meta, plaintext: bytes) -> Secret:
         created=_time(meta.versions[number]["created"]),
         labels=meta.labels_of(number),
     )
+
+
+def _by_name(meta: SecretMetadata) -> str:
+    return meta.name
 
 
 def _time(epoch: float) -> datetime:
