@@ -175,3 +175,24 @@ def test_what_paging_by_prefix_guarantees_across_changes_between_pages() -> None
         seen += take(page, store)
         token = page.next_token()
     assert seen == ["p/s0", "p/s1", "p/s2", "p/s4", "p/s5", "p/s5a", "p/s6"]  # no p/s1a, no p/s3
+
+
+def test_start_sorted_pages_a_sorted_list_as_start_pages_its_names() -> None:
+    """The service pages the store's sorted listing by bisection (no sort, no scan of the names
+    before the token's place): the same pages as `start` over the names."""
+    names = [f"a/{i:03d}" for i in range(250)]
+    by_bisection, token = [], ""
+    while True:
+        page = Page(40, token, by_position=False, binding=binding())
+        taken = []
+        for item in page.start_sorted([(name, len(name)) for name in names], lambda item: item[0]):
+            if not page.has_room() or not page.fits(item[0], item[1]):
+                break
+            taken.append(item[0])
+        by_bisection.append(taken)
+        token = page.next_token()
+        if not token:
+            break
+    assert by_bisection == every_page(names, 40)
+    with pytest.raises(TypeError):
+        next(Page(40, "", by_position=True, binding=binding()).start_sorted(names, str))

@@ -1903,3 +1903,49 @@ def test_a_config_refuses_unknown_tls_settings_and_booleans_for_numbers(
         config.write_text(f'policy = "policy.toml"\n{line}\n[tls]\n{tls_table}')
     with pytest.raises(InvalidInputError, match=re.escape(problem)):
         load_config(config)
+
+
+@pytest.mark.parametrize("by", ["prefix", "names"])
+def test_a_batch_get_whose_caller_gave_up_stops_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, by: str
+) -> None:
+    """The handler went on reading every secret of the page for a caller whose deadline had passed
+    (and audited them as read, though nothing was sent): a few clients timing out on a large store
+    kept every worker busy, and SIGTERM waited for them. It stops at the next secret, and the call
+    is audited `cancelled` without `get` records. Fails on the previous commit (reads go on)."""
+    make_pki(tmp_path)
+    make_store(tmp_path, SEED, POLICY)
+    store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    names = [f"auth/BULK_{index:02d}" for index in range(30)]
+    for name in names:
+        store.put(name, b"bulk value")
+    read: list[str] = []
+    real_get = store.get_with_fingerprint
+
+    def slow_get(name: str, **selector: object):  # type: ignore[no-untyped-def]
+        read.append(name)
+        time.sleep(0.1)
+        return real_get(name, **selector)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "get_with_fingerprint", slow_get)
+    request = (
+        pb.BatchGetSecretsRequest(prefix="auth/BULK_", page_size=100)
+        if by == "prefix"
+        else pb.BatchGetSecretsRequest(names=names, page_size=100)
+    )
+    try:
+        with in_process_server(tmp_path, store, watch_tick=30) as (_running, stub):
+            ended = code_of(lambda: stub("auth").BatchGetSecrets(request, timeout=0.5))
+            assert ended is grpc.StatusCode.DEADLINE_EXCEEDED
+            time.sleep(0.4)  # the read under way when the deadline passed ends
+            stopped_at = len(read)
+            time.sleep(1.0)
+            assert len(read) == stopped_at < len(names), "reads went on for a caller that gave up"
+            audit = tmp_path / "in-process.audit.jsonl"
+            assert eventually(lambda: '"outcome": "cancelled"' in audit.read_text().replace('":"', '": "'))
+            records = [json.loads(line) for line in audit.read_text().splitlines()]
+    finally:
+        store.close()
+    batch = [r for r in records if r.get("operation") == "batch_get"]
+    assert [r["outcome"] for r in batch] == ["cancelled"] and batch[0]["decision"] == "allow"
+    assert not [r for r in records if r.get("operation") == "get"]  # nothing was sent

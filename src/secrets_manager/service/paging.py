@@ -18,9 +18,11 @@ last one its page covered, which that caller was shown (or, deleted meanwhile, c
 
 from __future__ import annotations
 
+import bisect
 import json
 import secrets
 from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.store.names import validate_name
@@ -33,6 +35,8 @@ MAX_PAGE_SIZE = 1000
 _AFTER = "after:"
 _AT = "at:"
 _MAC_CHARS = 24  # hex characters of the MAC kept in a token (96 bits)
+
+T = TypeVar("T")
 
 
 class TokenBinding:
@@ -89,6 +93,15 @@ class Page:
             return
         after = self._after
         yield from (name for name in sorted(names) if after is None or name > after)
+
+    def start_sorted(self, items: Sequence[T], name: Callable[[T], str]) -> Iterator[T]:
+        """The items (sorted by `name`, as the store lists them) this page may hold, in order, from
+        the token's place on: found by bisection, so a page costs its own items, not the list's."""
+        if self._by_position:
+            raise TypeError("start_sorted pages by name; use start for a list of names")
+        begin = 0 if self._after is None else bisect.bisect_right(items, self._after, key=name)
+        for index in range(begin, len(items)):
+            yield items[index]
 
     def has_room(self) -> bool:
         """Whether another secret may go in by count; False means another page follows."""

@@ -29,7 +29,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from secrets_manager.access import Policy, load_policy
+from secrets_manager.access import Capability, Policy, load_policy
 from secrets_manager.audit import AuditEvent, AuditLog, page_token_mac, value_fingerprint
 from secrets_manager.environment import Environment
 from secrets_manager.errors import (
@@ -49,6 +49,7 @@ from secrets_manager.service.paging import Page, TokenBinding
 from secrets_manager.service.schedule import RotationScheduler
 from secrets_manager.service.watch import ChangeHub
 from secrets_manager.store import EncryptedStore
+from secrets_manager.store.base import SecretMetadata
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.store.names import as_recorded, validate_name, validate_prefix
 from secrets_manager.tls.identity import (
@@ -138,6 +139,21 @@ def _ended_by_client(context: grpc.ServicerContext, exc: BaseException | None) -
     if remaining is not None and remaining <= 0:
         return grpc.StatusCode.DEADLINE_EXCEEDED
     return grpc.StatusCode.CANCELLED
+
+
+class _CallEnded(Exception):
+    """The call ended (its client cancelled, went, or its deadline passed) while its handler was
+    still working: the handler stops, rather than scan the store for a caller that gave up."""
+
+
+def _still_wanted(context: grpc.ServicerContext) -> None:
+    """Raise `_CallEnded` once the call is no longer active (checked between secrets)."""
+    if not context.is_active():
+        raise _CallEnded()
+
+
+def _name_of(meta: SecretMetadata) -> str:
+    return meta.name
 
 
 def _serial_of(caller: Caller | None, refusal: IdentityError) -> str | None:
@@ -283,6 +299,12 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             if refinement:  # the client raises this class, not only its status's
                 context.set_trailing_metadata(refinement)
             context.abort(code, str(exc))
+        except _CallEnded:  # nothing was sent: the reads it made are not audited as reads
+            code = _ended_by_client(context, None) or grpc.StatusCode.CANCELLED
+            event.outcome = "cancelled"
+            event.decision = "allow" if request.allowed else "deny"
+            self._record(event, durable)
+            context.abort(code, "the call ended (cancelled by its client, or past its deadline)")
         except Exception as exc:  # a bug: audited and counted, its message withheld (it could hold data)
             code = grpc.StatusCode.INTERNAL
             event.outcome = "error"
@@ -353,16 +375,28 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 call.allowed = True
             else:
                 call.allowed = True
-                listed = [meta.name for meta in self._store.list(request.prefix)]
-                names = policy.filter_enumerable_by_read(call.identity, listed)
             binding = self._page_binding(
                 "BatchGetSecrets", call.identity, prefix=request.prefix, names=list(request.names)
             )
             page = Page(
                 request.page_size, request.page_token, by_position=bool(request.names), binding=binding
             )
+            if names:
+                candidates = page.start(names)
+            else:
+                # The store keeps its last listing while nothing changes, sorted: a page starts by
+                # bisection and filters only the names it goes through, so it costs about its own.
+                _still_wanted(context)
+                listed = self._store.list(request.prefix)
+                shown = bool(policy.roles_of(call.identity))
+                candidates = (
+                    meta.name
+                    for meta in page.start_sorted(listed, _name_of)
+                    if shown and policy.enumerable_by_read(call.identity, meta.name)
+                )
             messages = []
-            for name in page.start(names):
+            for name in candidates:
+                _still_wanted(context)
                 if not page.has_room():
                     break
                 try:
@@ -425,15 +459,21 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 "ListSecrets", call.identity, prefix=request.prefix, include_deleted=request.include_deleted
             )
             page = Page(request.page_size, request.page_token, by_position=False, binding=binding)
+            _still_wanted(context)
             found = self._store.list(request.prefix, include_deleted=request.include_deleted)
-            allowed = set(self._policy.current.filter_names(call.identity, "list", [m.name for m in found]))
-            by_name = {m.name: m for m in found if m.name in allowed}
+            policy = self._policy.current
+            shown = bool(policy.roles_of(call.identity))
             messages = []
-            for name in page.start(sorted(by_name)):
+            # `found` is sorted and kept by the store while nothing changes: a page starts by
+            # bisection and asks the policy only about the names it goes through.
+            for meta in page.start_sorted(found, _name_of):
+                _still_wanted(context)
+                if not (shown and policy.allows(call.identity, Capability.LIST, meta.name)):
+                    continue
                 if not page.has_room():
                     break
-                message = metadata_message(by_name[name])
-                if not page.fits(name, message.ByteSize()):
+                message = metadata_message(meta)
+                if not page.fits(meta.name, message.ByteSize()):
                     break
                 messages.append(message)
         return pb.ListSecretsResponse(secrets=messages, next_page_token=page.next_token())
