@@ -777,13 +777,15 @@ def test_watch_sees_changes_made_by_another_process(server: Server) -> None:
 def test_a_store_file_removed_under_the_service_is_not_serving_and_refuses_writes(server: Server) -> None:
     """SQLite goes on with the file it opened: a PutSecret after `rm store.db` was answered OK and
     lost with the unlinked file, and health stayed SERVING."""
-    # Once serve's start is audited (a serve that cannot record its start does not serve).
+    # Once serve's start is audited, its anchor moved too (a serve that cannot record its start does
+    # not serve): a change answered after the start's record was appended after it, in order.
     assert eventually(
         lambda: any(r["operation"] == "serve" and r["outcome"] == "ok" for r in server.audit_records())
     )
+    stub = server.stub("ops")
+    stub.PutSecret(pb.PutSecretRequest(name="auth/BEFORE", value=b"kept"), timeout=10)
     for suffix in ("", "-wal", "-shm"):
         Path(f"{server.dir / 'store.db'}{suffix}").unlink(missing_ok=True)
-    stub = server.stub("ops")
     with pytest.raises(grpc.RpcError) as refused:
         stub.PutSecret(pb.PutSecretRequest(name="auth/LOST", value=b"SEEKRIT-lost"), timeout=10)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
