@@ -145,6 +145,28 @@ def test_a_namespace_view_is_keyed_by_the_names_inside_it(server: Server, make_c
         client.credentials("not/a-namespace")
 
 
+def test_a_namespace_is_fetched_by_its_prefix_and_no_other_secret_is_read(
+    server: Server, make_client: ClientFactory
+) -> None:
+    """credentials('auth') of a client that may read everything asks the service for 'auth/'
+    alone: no secret of another namespace is read (nor audited as read), however many it holds.
+    Before, every secret the client may read was fetched and all but auth's thrown away."""
+    client = make_client("ops", [server.address])
+    assert revealed(client.credentials("auth")) == {
+        name.removeprefix("auth/"): value for name, value in AUTH.items()
+    }
+    reads = {
+        r["name"]
+        for r in server_audit(server)
+        if r["actor"] == f"spiffe://{TD}/ops" and r["operation"] == "get"
+    }
+    assert reads == set(AUTH)
+    assert revealed(client.credentials()) == SEED  # everything: a listing of its own
+    assert revealed(client.credentials("market-connector")) == {
+        name.removeprefix("market-connector/"): value for name, value in MARKET.items()
+    }
+
+
 def test_one_secret_a_version_and_its_history(server: Server, make_client: ClientFactory) -> None:
     writer = make_client("writer", [server.address])
     assert writer.put("auth/DB_PASSWORD", "rotated-db-pass-SEEKRIT") == 2
@@ -1178,6 +1200,36 @@ def test_development_without_an_address_reads_the_local_store_and_sees_its_chang
         )
         with pytest.raises(InvalidInputError, match="only reads the local store"):
             client.put("auth/JWT_KEY", b"no")
+
+
+def test_development_fallback_reads_only_the_namespace_asked_for(
+    local_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """credentials('auth') on a local store decrypts auth's secrets only, not the store's others
+    (here 300 of another namespace); before, it read all of them and filtered."""
+    store = EncryptedStore.open(SqliteStorage(local_store), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        for index in range(300):
+            store.put(f"bulk/KEY_{index:03d}", b"bulk-value-%03d" % index)
+    finally:
+        store.close()
+    read: list[str] = []
+    get = EncryptedStore.get
+
+    def counted(self: EncryptedStore, name: str, **options: Any) -> Any:
+        read.append(name)
+        return get(self, name, **options)
+
+    monkeypatch.setattr(EncryptedStore, "get", counted)
+    env = {
+        "SHRIVENQUANT_ENV": "development",
+        "SECRETS_MANAGER_STORE": str(local_store),
+        "MASTER_PASSWORD": PASSWORD,
+    }
+    with Client(environ=env) as client:
+        creds = client.credentials("auth")
+        assert revealed(creds) == {name.removeprefix("auth/"): value for name, value in AUTH.items()}
+        assert set(read) == set(AUTH)
 
 
 def test_development_fallback_with_a_password_file(local_store: Path, tmp_path: Path) -> None:

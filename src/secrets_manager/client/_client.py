@@ -152,7 +152,10 @@ CHANNEL_OPTIONS = (
     ("grpc.http2.max_pings_without_data", 0),
 )
 _EVERYTHING = "*"  # refresher job: re-read all that is cached ('*' is never a secret name)
-_ALL = ""  # the listing's cache key: every name the caller may read
+# Listings (the names a credentials() call returns) are cached by the prefix they were fetched
+# with: _ALL for every name the caller may read, "ns/" for one namespace's. As refresher jobs and
+# debts these keys never clash with a secret's name (never empty, never ending in '/').
+_ALL = ""
 _RENEWAL = "?tls"  # refresher job: have the certificate files been renewed? (never a secret name)
 
 
@@ -234,7 +237,7 @@ class _ChangeSource(Protocol):
 
 
 class _Backend(Protocol):
-    def fetch_all(self) -> list[Secret]: ...
+    def fetch_all(self, prefix: str = "") -> list[Secret]: ...
 
     def fetch(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret: ...
 
@@ -421,9 +424,10 @@ class _ServiceReplicas:
             return self._call(operation, renewed=True, at_most_once=at_most_once)
         raise StorageError("; ".join(failures))
 
-    def fetch_all(self) -> list[Secret]:
-        """BatchGetSecrets with no names: every secret the caller's certificate may read."""
-        return self._call(lambda replica: replica.get_many())
+    def fetch_all(self, prefix: str = "") -> list[Secret]:
+        """BatchGetSecrets with no names: every secret under `prefix` the caller's certificate may
+        read (the service reads only that part of its store)."""
+        return self._call(lambda replica: replica.get_many(prefix=prefix))
 
     def fetch(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """GetSecret."""
@@ -578,9 +582,10 @@ class _LocalStore:
             password_rereadable=target.password_file is not None,
         )
 
-    def fetch_all(self) -> list[Secret]:
+    def fetch_all(self, prefix: str = "") -> list[Secret]:
+        """Every secret under `prefix`: the store lists (and decrypts) only that part of it."""
         secrets = []
-        for meta in self._store.list():
+        for meta in self._store.list(prefix):
             try:
                 secrets.append(self._store.get(meta.name))
             except NotFoundError:
@@ -764,7 +769,7 @@ class Client:
             self._config.ttl, jitter=TTL_JITTER, clock=clock, rng=self._rng
         )
         self._reach = Reachability(self._config.stale_if_error, clock=clock)
-        self._snapshots: dict[str | None, tuple[tuple[int, int, bool], Credentials]] = {}
+        self._snapshots: dict[tuple[str | None, str], tuple[tuple[int, int, bool], Credentials]] = {}
         self._write_lock = threading.RLock()  # every cache write; reads take no lock
         self._flights: dict[str, _Flight] = {}  # only keys with a request in flight
         self._flights_lock = threading.Lock()
@@ -777,7 +782,7 @@ class Client:
         self._stream: _ChangeSource | None = None
         self._stream_lock = threading.Lock()
         self._live_since: float | None = None
-        # Refreshes that failed and are owed: key (a name, or _ALL for the listing) -> (start of
+        # Refreshes that failed and are owed: key (a name, or a listing's prefix) -> (start of
         # the first failed attempt, attempts failed). Copy-on-write under _write_lock, read without.
         self._owed: dict[str, tuple[float, int]] = {}
         _CLIENTS.add(self)
@@ -786,7 +791,9 @@ class Client:
 
     def credentials(self, namespace: str | None = None) -> Credentials:
         """Every secret the caller may read (BatchGetSecrets), by full name; with `namespace`,
-        only that namespace's secrets, by their names inside it ('BINANCE_API_KEY')."""
+        only that namespace's secrets, by their names inside it ('BINANCE_API_KEY'), fetched by
+        the prefix 'namespace/' (the service reads nothing else; 'default', whose names have no
+        '/', is picked out of everything)."""
         if namespace is not None:
             validate_namespace(namespace)
         hit = self._cached_credentials(namespace)
@@ -842,7 +849,9 @@ class Client:
         with self._write_lock:  # read your own write: the next read asks the service
             self._secrets.outdate(name)
             self._secrets.expire(name)
-            self._listing.expire(_ALL)
+            for key in list(self._listing.entries()):
+                if name.startswith(key):
+                    self._listing.expire(key)
         return version
 
     @property
@@ -915,7 +924,7 @@ class Client:
             log.warning("restarting the secrets-manager client after fork() failed: %s", exc)
             return
         for key in list(self._owed):
-            self._queue.schedule(_EVERYTHING if key == _ALL else key)
+            self._queue.schedule(key)
 
     def _after_fork_in_child(self) -> None:
         """Only the thread that forked survives: locks other threads held stay held, and the
@@ -952,7 +961,10 @@ class Client:
 
     def _cached_credentials(self, namespace: str | None) -> Credentials | None:
         """What `credentials()` returns if that needs no I/O; else None. Never blocks."""
-        listing = self._listing.get(_ALL)
+        used = self._listing_for(namespace)
+        if used is None:
+            return None
+        listing = self._listing.get(used)
         if listing is None:
             return None
         now = self._clock()
@@ -962,13 +974,24 @@ class Client:
             owed = self._owed
             if owed:  # a listed value changed and its re-fetch failed: stale, and being retried
                 since = min(
-                    (owed[key][0] for key in owed if key == _ALL or key in listing.value), default=None
+                    (owed[key][0] for key in owed if key == used or key in listing.value), default=None
                 )
                 if since is not None:
-                    return self._snapshot(namespace, stale=True) if self._owed_servable(since, now) else None
-            return self._snapshot(namespace, stale=False)
+                    if self._owed_servable(since, now):
+                        return self._snapshot(namespace, used, stale=True)
+                    return None
+            return self._snapshot(namespace, used, stale=False)
         if self._reach.may_serve_stale(now):
-            return self._snapshot(namespace, stale=True)
+            return self._snapshot(namespace, used, stale=True)
+        return None
+
+    def _listing_for(self, namespace: str | None) -> str | None:
+        """The cached listing that holds `namespace`'s names: its own, else every name's."""
+        own = _listing_key(namespace)
+        if self._listing.get(own) is not None:
+            return own
+        if own != _ALL and self._listing.get(_ALL) is not None:
+            return _ALL
         return None
 
     def _cached_secret(self, name: str) -> Secret | None:
@@ -991,27 +1014,29 @@ class Client:
 
     @_frames_withheld
     def _load_credentials(self, namespace: str | None) -> Credentials:
-        with self._flight(_ALL):
+        key = _listing_key(namespace)
+        with self._flight(key):
             hit = self._cached_credentials(namespace)  # another thread may just have fetched
             if hit is not None:
                 return hit
             started = self._clock()
             try:
-                secrets = self._call(lambda backend: backend.fetch_all())
+                secrets = self._call(lambda backend: backend.fetch_all(key))
             except StorageError as exc:
-                cached = self._listing.get(_ALL) is not None
-                if cached and self._reach.may_serve_stale(self._clock()):
-                    return self._snapshot(namespace, stale=True)
-                raise self._unavailable(exc, cached=cached) from None
+                used = self._listing_for(namespace)
+                if used is not None and self._reach.may_serve_stale(self._clock()):
+                    return self._snapshot(namespace, used, stale=True)
+                raise self._unavailable(exc, cached=used is not None) from None
             except SecretsManagerError as exc:
-                if not _no_answer_now(exc) or self._listing.get(_ALL) is None:
+                used = self._listing_for(namespace)
+                if not _no_answer_now(exc) or used is None:
                     raise
-                self._owe(_ALL, started, exc, by_read=True)
-                if self._owed_servable(self._owed.get(_ALL, (started, 0))[0], self._clock()):
-                    return self._snapshot(namespace, stale=True)
+                self._owe(key, started, exc, by_read=True)
+                if self._owed_servable(self._owed.get(key, (started, 0))[0], self._clock()):
+                    return self._snapshot(namespace, used, stale=True)
                 raise
-            self._store_all(secrets, started)
-            return self._snapshot(namespace, stale=False, fetched=secrets)
+            self._store_all(secrets, started, key)
+            return self._snapshot(namespace, key, stale=False, fetched=secrets)
 
     @_frames_withheld
     def _load_secret(self, name: str) -> Secret:
@@ -1042,21 +1067,22 @@ class Client:
             return secret
 
     def _snapshot(
-        self, namespace: str | None, *, stale: bool, fetched: Sequence[Secret] | None = None
+        self, namespace: str | None, key: str, *, stale: bool, fetched: Sequence[Secret] | None = None
     ) -> Credentials:
-        """Credentials from one generation of the cache, built once per generation."""
+        """Credentials from one generation of the cache (the listing `key`), built once per
+        generation."""
         generation = (self._secrets.generation, self._listing.generation, stale)
-        cached = self._snapshots.get(namespace)
+        cached = self._snapshots.get((namespace, key))
         if cached is not None and cached[0] == generation:
             return cached[1]
         entries = self._secrets.entries()
-        listing = self._listing.get(_ALL)
+        listing = self._listing.get(key)
         if listing is not None:
             values = {name: entries[name].value.value for name in sorted(listing.value) if name in entries}
         else:  # only when the fetch just made was older than one stored meanwhile (rare)
             values = {secret.name: secret.value for secret in fetched or ()}
         credentials = Credentials(_in_namespace(values, namespace), stale=stale)
-        self._snapshots[namespace] = (generation, credentials)
+        self._snapshots[(namespace, key)] = (generation, credentials)
         return credentials
 
     @contextmanager
@@ -1133,32 +1159,42 @@ class Client:
 
     # ---- cache writes ----------------------------------------------------------------------------
 
-    def _store_all(self, secrets: Sequence[Secret], started: float) -> None:
-        """A fresh listing: every readable secret, replacing the old listing in one swap."""
+    def _store_all(self, secrets: Sequence[Secret], started: float, key: str) -> None:
+        """A fresh listing `key`: every readable secret under its prefix, replacing the old listing
+        in one swap. Other listings learn of the names it found and lost under their prefixes."""
         by_name = {secret.name: secret for secret in secrets}
         LIVE_VALUES.remember(*(secret.value for secret in secrets))
         with self._write_lock:
-            old = self._listing.get(_ALL)
+            old = self._listing.get(key)
             dropped = old.value - by_name.keys() if old is not None else frozenset()
-            self._secrets.put_many(by_name, started=started, drop=dropped)
+            stored = self._secrets.put_many(by_name, started=started, drop=dropped)
             entries = self._secrets.entries()
             vouched_later = {name for name in dropped if name in entries and entries[name].started > started}
-            self._listing.put(_ALL, frozenset(by_name) | vouched_later, started=started)
-            self._paid({_ALL, *by_name, *dropped}, started)
-        self._settle(_EVERYTHING, started)
+            self._listing.put(key, frozenset(by_name) | vouched_later, started=started)
+            gone = dropped - vouched_later
+            for other, listing in list(self._listing.entries().items()):
+                if other == key:
+                    continue
+                names = listing.value
+                added = {name for name in stored if name.startswith(other) and name not in names}
+                removed = names & gone
+                if added or removed:
+                    self._listing.replace_value(other, (names | added) - removed)
+            self._paid({key, *by_name, *dropped}, started)
+        self._settle(key, started)
 
     def _store_secret(self, secret: Secret, started: float) -> None:
         LIVE_VALUES.remember(secret.value)
         with self._write_lock:
             if self._secrets.put(secret.name, secret, started=started):
-                listing = self._listing.get(_ALL)
-                if listing is not None and secret.name not in listing.value:
-                    self._listing.replace_value(_ALL, listing.value | {secret.name})
+                for key, listing in list(self._listing.entries().items()):
+                    if secret.name.startswith(key) and secret.name not in listing.value:
+                        self._listing.replace_value(key, listing.value | {secret.name})
             self._paid({secret.name}, started)
         self._settle(secret.name, started)
 
     def _owe(self, key: str, started: float, error: SecretsManagerError, *, by_read: bool = False) -> None:
-        """A re-fetch of `key` (a name, or _ALL: the listing) that started at `started` failed.
+        """A re-fetch of `key` (a name, or a listing's prefix) that started at `started` failed.
         Until one started later succeeds, reads serve the cached value marked stale (within the
         stale-if-error bound), and the refresher tries again with backoff: no later event, stream
         or TTL may come to do it (a resumed stream replays nothing already delivered). The same
@@ -1177,14 +1213,14 @@ class Client:
                 "secrets-manager (%s) could not give %s; serving the cached value, marked "
                 "stale, and asking again: %s",
                 self._config.description,
-                "the secrets" if key == _ALL else key,
+                _what(key),
                 error,
             )
         if by_read and debt is not None:
             return  # the refresher's retries are under way
         delay = min(BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2**failures)
         delay = delay / 2 + self._rng.random() * delay / 2
-        self._queue.schedule(_EVERYTHING if key == _ALL else key, self._clock() + delay)
+        self._queue.schedule(key, self._clock() + delay)
 
     def _paid(self, keys: Iterable[str], started: float) -> None:
         """A fetch of `keys` that started at `started` succeeded: what it covers is owed no more.
@@ -1200,9 +1236,9 @@ class Client:
             if name in self._owed:
                 self._owed = {key: debt for key, debt in self._owed.items() if key != name}
             self._secrets.discard(name)
-            listing = self._listing.get(_ALL)
-            if listing is not None and name in listing.value:
-                self._listing.replace_value(_ALL, listing.value - {name})
+            for key, listing in list(self._listing.entries().items()):
+                if name in listing.value:
+                    self._listing.replace_value(key, listing.value - {name})
 
     def _settle(self, key: str, started: float) -> None:
         """A fetch that began before the stream had surely started, stored after the settle
@@ -1339,7 +1375,9 @@ class Client:
         self._secrets.outdate(change.name)
         if change.kind is ChangeKind.SECRET_DESTROYED:
             self._forget(change.name)
-        elif change.name in self._secrets.entries() or self._listing.get(_ALL) is not None:
+        elif change.name in self._secrets.entries() or any(
+            change.name.startswith(key) for key in self._listing.entries()
+        ):
             self._queue.schedule(change.name)
 
     def _refresh_forever(self) -> None:
@@ -1352,8 +1390,11 @@ class Client:
             if _EVERYTHING in due:
                 self._refresh_everything()
             else:
-                for name in due:
-                    self._refresh(name)
+                for key in due:
+                    if _is_listing(key):
+                        self._refresh_listing(key)
+                    else:
+                        self._refresh(key)
             if self._reach.outage_since is None:
                 probes.reset()
             elif due and self._live_since is not None:
@@ -1372,19 +1413,27 @@ class Client:
         self._queue.schedule(_RENEWAL, self._clock() + TLS_CHECK_SECONDS)
 
     def _refresh_everything(self) -> None:
-        listing = self._listing.get(_ALL)
-        if listing is not None:
-            started = self._clock()
-            try:
-                secrets = self._call(lambda backend: backend.fetch_all())
-            except SecretsManagerError as exc:
-                log.debug("refresh of all cached secrets failed: %s", exc)
-                self._owe(_ALL, started, exc)
+        """Every cached listing (by its prefix), then every cached name no listing holds."""
+        keys = list(self._listing.entries())
+        for key in keys:
+            if not self._refresh_listing(key):
                 return
-            self._store_all(secrets, started)
+        listed = {name for listing in self._listing.entries().values() for name in listing.value}
         for name in list(self._secrets.entries()):
-            if listing is None or name not in listing.value:
+            if name not in listed:
                 self._refresh(name)
+
+    def _refresh_listing(self, key: str) -> bool:
+        """Fetch the listing `key` again; whether that succeeded (if not, it is owed)."""
+        started = self._clock()
+        try:
+            secrets = self._call(lambda backend: backend.fetch_all(key))
+        except SecretsManagerError as exc:
+            log.debug("refresh of %s failed: %s", _what(key), exc)
+            self._owe(key, started, exc)
+            return False
+        self._store_all(secrets, started, key)
+        return True
 
     def _refresh(self, name: str) -> None:
         started = self._clock()
@@ -1432,6 +1481,27 @@ async def _in_thread(function: Callable[..., T], /, *args: Any, **kwargs: Any) -
                 _executor = ThreadPoolExecutor(SDK_THREADS, thread_name_prefix="secrets-manager-async")
     call = partial(contextvars.copy_context().run, function, *args, **kwargs)
     return await asyncio.get_running_loop().run_in_executor(_executor, call)
+
+
+def _listing_key(namespace: str | None) -> str:
+    """The listing (and the prefix it is fetched with) that holds `namespace`'s secrets: its own,
+    'namespace/'; every secret for None, and for the default namespace, whose names have no '/'
+    (no prefix selects just those)."""
+    if namespace is None or namespace == DEFAULT_NAMESPACE:
+        return _ALL
+    return f"{namespace}/"
+
+
+def _is_listing(key: str) -> bool:
+    """Whether a refresher job or debt `key` is a listing (else it is a secret's name)."""
+    return key == _ALL or key.endswith("/")
+
+
+def _what(key: str) -> str:
+    """A refresher job or debt, as a log line names it."""
+    if key == _ALL:
+        return "the secrets"
+    return f"the secrets under {key}" if key.endswith("/") else key
 
 
 def _in_namespace(values: Mapping[str, SecretValue], namespace: str | None) -> dict[str, SecretValue]:
