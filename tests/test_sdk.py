@@ -1431,7 +1431,86 @@ def test_many_threads_share_one_client_and_one_fetch(server: Server, make_client
         for r in server_audit(server)
         if r["actor"] == f"spiffe://{TD}/ops" and r["operation"] == "get"
     }
-    assert len(batch_reads) <= 3  # one read-path fetch, at most the watcher's two re-reads
+    assert len(batch_reads) == 1  # one read-path fetch (it waited for the stream: no re-read)
+
+
+@pytest.mark.parametrize("first", ["credentials", "get"])
+def test_a_client_start_reads_and_audits_each_secret_once(
+    server: Server, make_client: ClientFactory, first: str
+) -> None:
+    """A first read waits for the watch stream to go live, so it needs no re-read: each secret is
+    read (and audited by the service) once per start. Before, once the stream was live the client
+    read everything it had cached again (and again SETTLE_SECONDS later), so every start of a
+    client that may read 10,000 secrets cost the service 20,000 per-secret audit records."""
+    client = make_client("ops", [server.address])
+    if first == "credentials":
+        assert revealed(client.credentials()) == SEED
+    else:
+        assert client.get("auth/JWT_KEY").value.reveal() == SEED["auth/JWT_KEY"]
+    wait_until(lambda: client._live_since is not None, timeout=5.0)
+    time.sleep(_client.SETTLE_SECONDS + 1.0)  # when the re-reads came
+    reads = [
+        r["name"]
+        for r in server_audit(server)
+        if r["actor"] == f"spiffe://{TD}/ops" and r["operation"] == "get"
+    ]
+    assert sorted(reads) == (sorted(SEED) if first == "credentials" else ["auth/JWT_KEY"])
+    # And the stream it waited for pushes changes: nothing was missed by not reading again.
+    writer = RemoteStore(server.address, tls_files(server.dir, "ops"))
+    try:
+        writer.put("auth/JWT_KEY", b"rotated-after-start")
+    finally:
+        writer.close()
+    wait_until(lambda: client.get("auth/JWT_KEY").value.reveal() == b"rotated-after-start", timeout=5.0)
+
+
+def test_a_listing_fetched_while_one_of_its_secrets_changes_serves_the_new_value(
+    server: Server, service_dir: Path, make_client: ClientFactory
+) -> None:
+    """A namespace's first fetch is in flight when one of its secrets changes: the change event
+    outdates that name's answer, which is not cached; the listing must not then lack the secret
+    (it did, until the TTL, once no re-read of everything followed the first stream)."""
+    client = make_client("ops", [server.address])
+    assert client.get("auth/JWT_KEY").value.reveal() == SEED["auth/JWT_KEY"]  # the stream is started
+    wait_until(lambda: client._live_since is not None, timeout=5.0)
+    time.sleep(_client.SETTLE_SECONDS + 0.5)  # long settled: only what the change does counts
+    handled = _handled_changes(client)
+    backend = client._backend
+    assert backend is not None
+    fetch_all, fetched, release = backend.fetch_all, threading.Event(), threading.Event()
+
+    def held_fetch_all(prefix: str = "") -> Any:
+        secrets = fetch_all(prefix)
+        fetched.set()
+        release.wait(10)
+        return secrets
+
+    backend.fetch_all = held_fetch_all  # type: ignore[method-assign]
+    results: list[Any] = []
+    first_read = threading.Thread(target=lambda: results.append(client.credentials("market-connector")))
+    first_read.start()
+    try:
+        assert fetched.wait(5)
+        ops = RemoteStore(server.address, tls_files(service_dir, "ops"))
+        try:
+            ops.put("market-connector/BINANCE_SECRET", b"rotated-while-listed")
+        finally:
+            ops.close()
+        wait_until(lambda: ("version_added", "market-connector/BINANCE_SECRET") in handled, timeout=5.0)
+    finally:
+        release.set()
+        first_read.join(10)
+    assert results
+    wait_until(
+        lambda: (
+            revealed(client.credentials("market-connector"))
+            == {
+                "BINANCE_API_KEY": SEED["market-connector/BINANCE_API_KEY"],
+                "BINANCE_SECRET": b"rotated-while-listed",
+            }
+        ),
+        timeout=5.0,
+    )
 
 
 def test_names_asked_for_leave_no_single_flight_state_behind(local_store: Path) -> None:

@@ -9,13 +9,15 @@ How a value reaches a caller:
 - Push refresh. A watcher thread holds one Watch stream (to the first address that connects) and
   hands each change event to a refresher thread, which re-fetches that name at once: a rotated
   value is served within about a second. The jittered TTL is only a backstop for missed events.
-  The watcher remembers the last revision its stream reached and a reconnect resumes from it
-  (`since_revision`): the service replays what changed meanwhile, so nothing is missed. Otherwise
-  (the first connect, or a service that cannot resume) the refresher re-reads everything cached
-  once the service says the stream is live, since events may have been missed; and once more
-  `SETTLE_SECONDS` later, in case a fetch in flight predates the stream's starting revision. A
-  RESYNC event (the service's change feed was trimmed, or this client fell behind) also re-reads
-  everything.
+  The first fetch waits (up to the timeout) for the first stream to go live: it then starts
+  after the stream's starting revision, every change after which reaches the stream, so what it
+  read needs no second read. The watcher remembers the last revision its stream reached and a
+  reconnect resumes from it (`since_revision`): the service replays what changed meanwhile, so
+  nothing is missed. Otherwise (a service that cannot resume, a first stream slower than the
+  timeout) the refresher re-reads what was fetched before the stream went live, and a fetch in
+  flight then is fetched again once it lands (a service that does not say its stream's revision:
+  everything cached, now and `SETTLE_SECONDS` later). A RESYNC event (the service's change feed
+  was trimmed, or this client fell behind) re-reads everything.
   A service at its watch-stream limit refuses the stream (RESOURCE_EXHAUSTED): values are then
   refreshed by TTL only while the watcher retries with backoff.
 - Stale-if-error. When no address answers (a call failed on all of them, or the watcher cannot
@@ -782,6 +784,12 @@ class Client:
         self._stream: _ChangeSource | None = None
         self._stream_lock = threading.Lock()
         self._live_since: float | None = None
+        # While a stream is live: a fetch that started before this (monotonic) time may predate a
+        # change the stream never reports, so one stored after it is fetched again.
+        self._covered_since: float | None = None
+        # Set once the watcher's first stream went live (or its attempt failed): a first fetch
+        # waits for it, so it starts after the stream's revision and needs no re-read.
+        self._first_stream = threading.Event()
         # Refreshes that failed and are owed: key (a name, or a listing's prefix) -> (start of
         # the first failed attempt, attempts failed). Copy-on-write under _write_lock, read without.
         self._owed: dict[str, tuple[float, int]] = {}
@@ -869,6 +877,7 @@ class Client:
             if self._closed.is_set():
                 return
             self._closed.set()
+            self._first_stream.set()  # no read waits for a watcher that is stopping
             threads, backend = list(self._threads), self._backend
         with self._stream_lock:
             if self._stream is not None:
@@ -904,6 +913,7 @@ class Client:
         self._start_lock.acquire()  # released by _resume_after_fork_in_parent
         self._paused_backend = backend  # closed in the parent once the fork is done
         self._backend, self._threads, self._stream, self._live_since = None, [], None, None
+        self._covered_since = None
         self._closed, self._queue = threading.Event(), _RefreshQueue(self._clock)
         return True
 
@@ -934,6 +944,7 @@ class Client:
         self._flights, self._flights_lock = {}, threading.Lock()
         self._start_lock, self._stream_lock = threading.Lock(), threading.Lock()
         self._queue, self._closed = _RefreshQueue(self._clock), threading.Event()  # not set: checked
+        self._first_stream = threading.Event()  # its first read waits for its own first stream
         self._rng.seed()  # else every worker would jitter its TTLs and backoffs exactly alike
         self._owed = {}  # every value is expired: the next read fetches it
         self._secrets.reset_after_fork()
@@ -944,6 +955,7 @@ class Client:
                 _LEFT_BY_FORK.append(backend)
         self._paused_backend = None
         self._backend, self._threads, self._stream, self._live_since = None, [], None, None
+        self._covered_since = None
 
     def __enter__(self) -> Client:
         return self
@@ -1015,6 +1027,7 @@ class Client:
     @_frames_withheld
     def _load_credentials(self, namespace: str | None) -> Credentials:
         key = _listing_key(namespace)
+        self._await_first_stream()
         with self._flight(key):
             hit = self._cached_credentials(namespace)  # another thread may just have fetched
             if hit is not None:
@@ -1040,6 +1053,7 @@ class Client:
 
     @_frames_withheld
     def _load_secret(self, name: str) -> Secret:
+        self._await_first_stream()
         with self._flight(name):
             hit = self._cached_secret(name)
             if hit is not None:
@@ -1084,6 +1098,22 @@ class Client:
         credentials = Credentials(_in_namespace(values, namespace), stale=stale)
         self._snapshots[(namespace, key)] = (generation, credentials)
         return credentials
+
+    def _await_first_stream(self) -> None:
+        """Before the first fetch: start the backend and give the watcher's first stream up to the
+        timeout to go live (a health check and the stream's first answer, milliseconds on a
+        service that answers). Every change after the stream's starting revision reaches it and
+        a fetch begun after that sees every change up to it, so nothing fetched needs reading
+        again (before, the whole cache was re-read once the stream was live: every secret read,
+        and audited, twice per start). If the stream is not live in time the fetch goes ahead
+        and what it read is read again once the stream is (`_reload_after_connect`)."""
+        if self._first_stream.is_set():
+            return
+        try:
+            self._started_backend()
+        except SecretsManagerError:
+            return  # the fetch raises it, where its callers expect it
+        self._first_stream.wait(self._config.timeout)
 
     @contextmanager
     def _flight(self, key: str) -> Iterator[None]:
@@ -1181,6 +1211,11 @@ class Client:
                 if added or removed:
                     self._listing.replace_value(other, (names | added) - removed)
             self._paid({key, *by_name, *dropped}, started)
+            # Names changed while this fetch was in flight (a change event outdated them) and not
+            # cached: listed, yet with no value to serve. Fetched again at once.
+            refetch = [name for name in by_name if name not in self._secrets.entries()]
+        for name in refetch:
+            self._queue.schedule(name)
         self._settle(key, started)
 
     def _store_secret(self, secret: Secret, started: float) -> None:
@@ -1241,10 +1276,11 @@ class Client:
                     self._listing.replace_value(key, listing.value - {name})
 
     def _settle(self, key: str, started: float) -> None:
-        """A fetch that began before the stream had surely started, stored after the settle
-        refresh already ran, may predate a change the stream never reports: fetch it again."""
-        live_since = self._live_since
-        if live_since is not None and started < live_since + SETTLE_SECONDS <= self._clock():
+        """A fetch that began before the stream had surely started, stored after that (and after
+        the re-read of what was cached then), may predate a change the stream never reports:
+        fetch it again."""
+        covered_since = self._covered_since
+        if covered_since is not None and started < covered_since <= self._clock():
             self._queue.schedule(key)
 
     # ---- background threads ----------------------------------------------------------------------
@@ -1283,14 +1319,17 @@ class Client:
             try:
                 stream = backend.open_watch(resume)
             except StorageError as exc:
+                self._first_stream.set()  # a first fetch waits for this attempt only
                 self._unreachable(exc)
                 self._closed.wait(backoff.next_delay())
                 continue
             except AccessDeniedError as exc:
+                self._first_stream.set()
                 denials += 1
                 self._watch_denied(exc, denials)
                 continue
             except SecretsManagerError as exc:
+                self._first_stream.set()
                 log.warning("cannot watch for changes (%s): %s", self._config.description, exc)
                 self._closed.wait(backoff.next_delay())
                 continue
@@ -1309,7 +1348,8 @@ class Client:
                     continue
                 self._reachable()  # it answered: an outage ends even if no event follows
                 if not stream.resumed:
-                    self._reload_after_connect(opened)
+                    self._reload_after_connect(opened, self._clock(), known=stream.revision is not None)
+                self._first_stream.set()
                 for change in stream:
                     self._reachable()
                     self._on_change(change)
@@ -1332,9 +1372,10 @@ class Client:
             except SecretsManagerError as exc:
                 log.warning("watch stream failed, reconnecting: %s", exc)
             finally:
+                self._first_stream.set()  # a first fetch waits for this attempt only
                 with self._stream_lock:
                     self._stream = None
-                self._live_since = None
+                self._live_since = self._covered_since = None
                 stream.close()  # its channels may close now, if a renewal replaced them
                 if stream.revision is not None:  # the stream went live
                     resume = stream.revision
@@ -1359,11 +1400,28 @@ class Client:
         )
         self._closed.wait(WATCH_DENIED_RETRY_SECONDS)
 
-    def _reload_after_connect(self, opened: float) -> None:
-        """Events may have been missed while not connected: re-read everything cached, now and
-        once the stream has surely started."""
-        self._queue.schedule(_EVERYTHING)
-        self._queue.schedule(_EVERYTHING, opened + SETTLE_SECONDS)
+    def _reload_after_connect(self, opened: float, live: float, *, known: bool) -> None:
+        """A stream that did not resume went live at `live`: changes before its starting revision
+        were not sent. What was fetched before then may predate one of them, so it is read again:
+        each listing, and each secret outside them, still served fresh and fetched before `live`
+        (a first start fetches after the stream is live: nothing; after a lost stream the service
+        could not resume: everything cached). A fetch in flight now is fetched again once it lands
+        (`_settle`). A service that does not say the stream's revision (one from before it): all
+        cached, now and once the stream has surely started (SETTLE_SECONDS)."""
+        if not known:
+            self._covered_since = opened + SETTLE_SECONDS
+            self._queue.schedule(_EVERYTHING)
+            self._queue.schedule(_EVERYTHING, opened + SETTLE_SECONDS)
+            return
+        self._covered_since = live  # first: a fetch landing during the scan below is caught there
+        listed: set[str] = set()
+        for key, listing in list(self._listing.entries().items()):
+            if listing.started < live < listing.fresh_until:
+                self._queue.schedule(key)
+                listed |= listing.value
+        for name, entry in list(self._secrets.entries().items()):
+            if name not in listed and entry.started < live < entry.fresh_until:
+                self._queue.schedule(name)
 
     def _on_change(self, change: SecretChange) -> None:
         if change.kind is ChangeKind.RESYNC:
