@@ -771,7 +771,7 @@ class Client:
             self._config.ttl, jitter=TTL_JITTER, clock=clock, rng=self._rng
         )
         self._reach = Reachability(self._config.stale_if_error, clock=clock)
-        self._snapshots: dict[tuple[str | None, str], tuple[tuple[int, int, bool], Credentials]] = {}
+        self._snapshots: dict[str | None, tuple[tuple[int, int, bool], str, Credentials]] = {}
         self._write_lock = threading.RLock()  # every cache write; reads take no lock
         self._flights: dict[str, _Flight] = {}  # only keys with a request in flight
         self._flights_lock = threading.Lock()
@@ -973,10 +973,10 @@ class Client:
 
     def _cached_credentials(self, namespace: str | None) -> Credentials | None:
         """What `credentials()` returns if that needs no I/O; else None. Never blocks."""
-        used = self._listing_for(namespace)
-        if used is None:
-            return None
+        used = _ALL if namespace is None else _listing_key(namespace)  # the hot path: no call for None
         listing = self._listing.get(used)
+        if listing is None and used != _ALL:  # a namespace served from the listing of everything
+            used, listing = _ALL, self._listing.get(_ALL)
         if listing is None:
             return None
         now = self._clock()
@@ -1086,9 +1086,9 @@ class Client:
         """Credentials from one generation of the cache (the listing `key`), built once per
         generation."""
         generation = (self._secrets.generation, self._listing.generation, stale)
-        cached = self._snapshots.get((namespace, key))
-        if cached is not None and cached[0] == generation:
-            return cached[1]
+        cached = self._snapshots.get(namespace)
+        if cached is not None and cached[0] == generation and cached[1] == key:
+            return cached[2]
         entries = self._secrets.entries()
         listing = self._listing.get(key)
         if listing is not None:
@@ -1096,7 +1096,7 @@ class Client:
         else:  # only when the fetch just made was older than one stored meanwhile (rare)
             values = {secret.name: secret.value for secret in fetched or ()}
         credentials = Credentials(_in_namespace(values, namespace), stale=stale)
-        self._snapshots[(namespace, key)] = (generation, credentials)
+        self._snapshots[namespace] = (generation, key, credentials)
         return credentials
 
     def _await_first_stream(self) -> None:
