@@ -167,6 +167,29 @@ def test_a_namespace_is_fetched_by_its_prefix_and_no_other_secret_is_read(
     }
 
 
+def test_a_re_read_of_everything_fetches_the_full_listing_alone_not_each_namespace_again(
+    server: Server, make_client: ClientFactory
+) -> None:
+    """With every secret's listing cached beside a namespace's, a re-read of everything (RESYNC,
+    a stream that could not resume) fetches the full listing once; the namespace's names and
+    values come with it."""
+    client = make_client("ops", [server.address])
+    assert sorted(client.credentials("auth")) == ["DB_PASSWORD", "JWT_KEY"]  # its own listing
+    assert revealed(client.credentials()) == SEED
+    backend = client._backend
+    assert backend is not None
+    fetch_all, prefixes = backend.fetch_all, []
+
+    def counted(prefix: str = "") -> Any:
+        prefixes.append(prefix)
+        return fetch_all(prefix)
+
+    backend.fetch_all = counted  # type: ignore[method-assign]
+    client._refresh_everything()
+    assert prefixes == [""]
+    assert sorted(client.credentials("auth")) == ["DB_PASSWORD", "JWT_KEY"]
+
+
 def test_one_secret_a_version_and_its_history(server: Server, make_client: ClientFactory) -> None:
     writer = make_client("writer", [server.address])
     assert writer.put("auth/DB_PASSWORD", "rotated-db-pass-SEEKRIT") == 2

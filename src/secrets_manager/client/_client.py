@@ -1471,9 +1471,10 @@ class Client:
         self._queue.schedule(_RENEWAL, self._clock() + TLS_CHECK_SECONDS)
 
     def _refresh_everything(self) -> None:
-        """Every cached listing (by its prefix), then every cached name no listing holds."""
+        """Every cached listing (by its prefix), then every cached name no listing holds. With the
+        listing of everything cached, only that one: it holds (and updates) the others' names."""
         keys = list(self._listing.entries())
-        for key in keys:
+        for key in [_ALL] if _ALL in keys else keys:
             if not self._refresh_listing(key):
                 return
         listed = {name for listing in self._listing.entries().values() for name in listing.value}
