@@ -1683,48 +1683,6 @@ def test_a_response_that_cannot_be_built_is_internal_error_without_the_exception
     assert failure.value.details() == "internal error"
 
 
-def test_a_change_whose_record_cannot_be_written_is_reported_as_made_and_not_tried_elsewhere(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The change's request record was written, the change made, then the log refused its response
-    record (a full disk): the caller used to hear 'the operation was refused' (UNAVAILABLE, which
-    the SDK retries at the next replica), so it made the change again. It hears that the change
-    stands, and the SDK does not try another address."""
-    from secrets_manager.audit import AuditError
-    from secrets_manager.client._client import _worth_another_address
-    from secrets_manager.errors import ChangeUnrecordedError
-    from secrets_manager.wire import ERROR_CLASS_KEY, error_for
-
-    make_pki(tmp_path)
-    make_store(tmp_path, SEED, POLICY)
-    store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
-    try:
-        with in_process_server(tmp_path, store, watch_tick=30) as (running, stub):
-            log = running.servicer._audit
-            real_append = log.append
-
-            def disk_full_after_the_request_record(events, anchor, *, durable=True):  # type: ignore[no-untyped-def]
-                if any(e.operation == "store" and e.outcome != "pending" for e in events):
-                    raise AuditError("cannot write audit log x: no space left on its device")
-                return real_append(events, anchor, durable=durable)
-
-            monkeypatch.setattr(log, "append", disk_full_after_the_request_record)
-            with pytest.raises(grpc.RpcError) as failure:
-                stub("ops").PutSecret(pb.PutSecretRequest(name="auth/NEW", value=b"new value"), timeout=10)
-            monkeypatch.setattr(log, "append", real_append)
-            assert store.get("auth/NEW").version == 1  # the change stands
-    finally:
-        store.close()
-    details = failure.value.details()
-    assert details.startswith("the change was made (store auth/NEW, version 1), but the service could not ")
-    assert "do not make the change again" in details and "refused" not in details
-    assert "new value" not in details
-    error = error_for(failure.value.code(), details, failure.value.trailing_metadata())
-    assert (ERROR_CLASS_KEY, "ChangeUnrecordedError") in tuple(failure.value.trailing_metadata())
-    assert isinstance(error, ChangeUnrecordedError) and error.exit_code == 1
-    assert not _worth_another_address(error)
-
-
 def test_a_change_whose_record_cannot_be_written_is_internal_not_a_retryable_unavailable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1734,6 +1692,7 @@ def test_a_change_whose_record_cannot_be_written_is_internal_not_a_retryable_una
     bundled client still raises ChangeUnrecordedError (exit 1), and a bare INTERNAL (a bug) is not
     one. Fails on the previous commit (UNAVAILABLE)."""
     from secrets_manager.audit import AuditError
+    from secrets_manager.client._client import _worth_another_address
     from secrets_manager.errors import ChangeUnrecordedError, SecretsManagerError
     from secrets_manager.wire import ERROR_CLASS_KEY, error_for
 
@@ -1765,8 +1724,12 @@ def test_a_change_whose_record_cannot_be_written_is_internal_not_a_retryable_una
         store.close()
     assert failure.value.code() is grpc.StatusCode.INTERNAL
     assert (ERROR_CLASS_KEY, "ChangeUnrecordedError") in tuple(failure.value.trailing_metadata())
-    assert "do not make the change again" in failure.value.details()
+    details = failure.value.details()
+    assert details.startswith("the change was made (store auth/NEW, version 1), but the service could not ")
+    assert "do not make the change again" in details and "refused" not in details
+    assert "new value" not in details
     assert raised.value.exit_code == 1 and "do not make the change again" in str(raised.value)
+    assert not _worth_another_address(raised.value)  # the SDK does not make it again elsewhere
     bug = error_for(grpc.StatusCode.INTERNAL, "internal error", ())
     assert type(bug) is SecretsManagerError  # not "the change was made"
     # A service from before answered UNAVAILABLE with the metadata: still not made again.

@@ -10,7 +10,9 @@ as it is made, and the operation's own record for OLD.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import click
 
@@ -20,15 +22,29 @@ from secrets_manager.errors import ConflictError, InvalidInputError
 from secrets_manager.store import PENDING, SecretStore, validate_name
 from secrets_manager.store.base import DEFAULT_MAX_VERSIONS
 
-_FORCE_HELP = "Write over an existing NEW (as a new version of it; its history stays)."
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _old_new_force_json(command: F) -> F:
+    """The arguments and options mv and cp share."""
+    for decorator in (
+        pass_session,
+        click.option("--json", "as_json", is_flag=True, help="Print both names and versions as JSON."),
+        click.option(
+            "--force",
+            "-f",
+            is_flag=True,
+            help="Write over an existing NEW (as a new version of it; its history stays).",
+        ),
+        click.argument("new"),
+        click.argument("old"),
+    ):
+        command = decorator(command)
+    return command
 
 
 @cli.command("mv")
-@click.argument("old")
-@click.argument("new")
-@click.option("--force", "-f", is_flag=True, help=_FORCE_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print both names and versions as JSON.")
-@pass_session
+@_old_new_force_json
 def move(session: Session, old: str, new: str, force: bool, as_json: bool) -> None:
     """Rename OLD to NEW: its current value, description and tags go to NEW, then OLD is
     soft-deleted ('undelete OLD' brings it back). NEW must not exist unless --force."""
@@ -36,11 +52,7 @@ def move(session: Session, old: str, new: str, force: bool, as_json: bool) -> No
 
 
 @cli.command("cp")
-@click.argument("old")
-@click.argument("new")
-@click.option("--force", "-f", is_flag=True, help=_FORCE_HELP)
-@click.option("--json", "as_json", is_flag=True, help="Print both names and versions as JSON.")
-@pass_session
+@_old_new_force_json
 def copy(session: Session, old: str, new: str, force: bool, as_json: bool) -> None:
     """Copy OLD's current value, description and tags to NEW. NEW must not exist unless --force."""
     _copy(session, "cp", old, new, force=force, as_json=as_json, remove=False)
