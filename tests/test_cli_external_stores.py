@@ -160,12 +160,16 @@ def test_a_field_of_a_secret_with_several_keys_is_selected(vault_cli: Cli, hvac_
     assert_one_line_error(vault_cli("get", "db/plain#x"), 2, "not a JSON object")
     # `store NAME#FIELD` writes the one key back as a Vault secret of several keys, the others kept.
     assert vault_cli("store", "db/creds#password", input=b"pw-2").code == 0
-    data = hvac_client.secrets.kv.v2.read_secret_version(path="db/creds", mount_point="secret")["data"]
+    data = hvac_client.secrets.kv.v2.read_secret_version(
+        path="db/creds", mount_point="secret", raise_on_deleted_version=True
+    )["data"]
     assert data["data"] == {"username": "app", "password": "pw-2", "port": 5432}
     assert data["metadata"]["version"] == 2
     # A whole object over it too; one that would not read back the same ({"value": …}) stays text.
     assert vault_cli("store", "db/creds", input=b'{"username": "app2", "password": "pw-3"}').code == 0
-    data = hvac_client.secrets.kv.v2.read_secret_version(path="db/creds", mount_point="secret")["data"]
+    data = hvac_client.secrets.kv.v2.read_secret_version(
+        path="db/creds", mount_point="secret", raise_on_deleted_version=True
+    )["data"]
     assert data["data"] == {"username": "app2", "password": "pw-3"}
     assert vault_cli("store", "db/creds", input=b'{"value": "x"}').code == 0
     assert vault_cli("get", "db/creds").out == '{"value": "x"}\n'
