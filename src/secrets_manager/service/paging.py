@@ -91,8 +91,7 @@ class Page:
             self._next_position = self._begin
             yield from names[self._begin :]
             return
-        after = self._after
-        yield from (name for name in sorted(names) if after is None or name > after)
+        yield from self.start_sorted(sorted(names), str)
 
     def start_sorted(self, items: Sequence[T], name: Callable[[T], str]) -> Iterator[T]:
         """The items (sorted by `name`, as the store lists them) this page may hold, in order, from

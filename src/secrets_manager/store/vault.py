@@ -346,11 +346,15 @@ class _KvMeta:
     created: datetime
     updated: datetime
     current: int  # KV's current_version: the latest version, whatever its state (0: none)
-    max_versions: int
     custom: dict[str, str]
     versions: dict[int, _KvVersion]
     # KV's own max_versions if the secret sets one; None: 0, the mount's default, whatever that is
     own_max_versions: int | None = None
+
+    @property
+    def max_versions(self) -> int:
+        """The secret's own max_versions, else (the mount's default) read as DEFAULT_MAX_VERSIONS."""
+        return self.own_max_versions or DEFAULT_MAX_VERSIONS
 
     @property
     def deleted(self) -> datetime | None:
@@ -418,7 +422,6 @@ class _KvMeta:
                 created=_vault_time(data["created_time"]),
                 updated=_vault_time(data["updated_time"]),
                 current=int(data.get("current_version") or 0),
-                max_versions=int(data.get("max_versions") or 0) or DEFAULT_MAX_VERSIONS,
                 custom={str(k): str(v) for k, v in custom.items()},
                 versions=versions,
                 own_max_versions=int(data.get("max_versions") or 0) or None,
