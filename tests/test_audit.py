@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import math
@@ -1036,6 +1037,180 @@ def test_rotated_files_verify_as_one_continuous_chain(cli: Cli) -> None:
     assert f"{total} records in {len(files)} files" in result.stdout.decode()
     files[1].unlink()  # a whole rotated file goes missing
     assert verify(cli).returncode == 6
+
+
+# ---- retention: audit prune -----------------------------------------------------------------
+
+
+def _rotated_log(cli: Cli, stores: int = 10) -> list[Path]:
+    small = {"SECRETS_MANAGER_AUDIT_MAX_BYTES": "1500"}
+    for i in range(stores):
+        assert cli("store", f"svc/K{i}", input=b"v", env=small).returncode == 0
+    files = AuditLog(cli.audit).files()
+    assert len(files) >= 5
+    return files
+
+
+def test_audit_prune_removes_the_oldest_rotated_files_and_the_log_still_verifies(cli: Cli) -> None:
+    """Before, the only way to bound the log was deleting rotated files, and then `audit verify`
+    and `status` failed (exit 6) for ever: retention was impossible."""
+    files = _rotated_log(cli)
+    rotated = files[:-1]
+    dry = cli("audit", "prune", "--keep-files", "2", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert AuditLog(cli.audit).files() == files  # a dry run changes nothing
+    assert b"would remove" in dry.stdout
+    pruned = cli("audit", "prune", "--keep-files", "2", "--json")
+    assert pruned.returncode == 0, pruned.stderr
+    result = json.loads(pruned.stdout)
+    gone = [Path(entry["file"]) for entry in result["files"]]
+    assert gone == rotated[:-2] and not any(path.exists() for path in gone)
+    assert all(path.exists() for path in rotated[-2:])
+    first_kept = json.loads(rotated[-2].read_text().splitlines()[0])
+    assert result["chain_begins_at"] == first_kept["seq"] > 1
+    # The prune is recorded, authenticated, with where the chain now begins.
+    record = [r for r in AuditLog(cli.audit).records() if r["operation"] == "audit.prune"][-1]
+    assert record["pruned_before"] == {"seq": first_kept["seq"], "prev": first_kept["prev"]}
+    assert record["mac"] is not None and record["actor"] == pwd.getpwuid(os.geteuid()).pw_name
+    checked = verify(cli)
+    assert checked.returncode == 0, checked.stderr
+    assert f"records {first_kept['seq']} on; those before were pruned".encode() in checked.stdout
+    assert cli("status").returncode == 0
+    # The log goes on: new records chain onto it, and it verifies again.
+    assert cli("store", "svc/AFTER", input=b"v").returncode == 0
+    assert verify(cli).returncode == 0
+
+
+def test_a_rotated_file_deleted_by_hand_after_a_prune_is_still_caught(cli: Cli) -> None:
+    """Only what an authenticated audit.prune record names may be missing from the start."""
+    files = _rotated_log(cli)
+    assert cli("audit", "prune", "--keep-files", "3").returncode == 0
+    kept = AuditLog(cli.audit).files()
+    kept[0].unlink()  # the oldest file the prune kept: records it did not vouch for
+    checked = verify(cli)
+    assert checked.returncode == 6
+    first = json.loads(kept[1].read_text().splitlines()[0])["seq"]
+    assert f"begins at record {first}".encode() in checked.stderr
+    assert b"no audit.prune record says they were pruned" in checked.stderr
+    assert cli("status").returncode == 6
+    assert files[0] not in kept
+
+
+def test_deleting_the_oldest_rotated_file_by_hand_is_reported_with_the_way_to_prune(cli: Cli) -> None:
+    files = _rotated_log(cli)
+    files[0].unlink()
+    checked = verify(cli)
+    assert checked.returncode == 6
+    assert b"records 1 to" in checked.stderr and b"secrets-manager audit prune" in checked.stderr
+
+
+def test_audit_prune_by_age_keeps_files_with_newer_records(cli: Cli) -> None:
+    files = _rotated_log(cli)
+    nothing = cli("audit", "prune", "--older-than", "1h")
+    assert nothing.returncode == 0 and b"nothing to prune" in nothing.stdout
+    assert AuditLog(cli.audit).files() == files
+    newest_of_second = json.loads(files[1].read_text().splitlines()[-1])["time"]
+    cutoff = datetime.fromisoformat(newest_of_second).timestamp() + 0.000001
+    # Every file whose newest record is before the cutoff: the first two, and no later one.
+    pruned = cli("audit", "prune", "--older-than", datetime.fromtimestamp(cutoff, UTC).isoformat())
+    assert pruned.returncode == 0, pruned.stderr
+    assert [p.exists() for p in files[:3]] == [False, False, True]
+    assert verify(cli).returncode == 0
+
+
+def test_audit_prune_archives_into_a_directory_and_never_overwrites(cli: Cli, tmp_path: Path) -> None:
+    files = _rotated_log(cli)
+    contents = {path.name: path.read_bytes() for path in files[:2]}
+    archive = tmp_path / "archive"
+    missing = cli("audit", "prune", "--keep-files", "0", "--archive", str(archive))
+    assert missing.returncode == 2 and b"does not exist" in missing.stderr
+    archive.mkdir()
+    (archive / files[1].name).write_bytes(b"an earlier archive")
+    before = [r["seq"] for r in AuditLog(cli.audit).records()]
+    taken = cli("audit", "prune", "--keep-files", "0", "--archive", str(archive))
+    assert taken.returncode == 7 and b"never overwritten" in taken.stderr
+    # Refused before anything was written or removed.
+    assert AuditLog(cli.audit).files() == files
+    assert [r["seq"] for r in AuditLog(cli.audit).records()] == before
+    (archive / files[1].name).unlink()
+    moved = cli("audit", "prune", "--keep-files", "0", "--archive", str(archive))
+    assert moved.returncode == 0, moved.stderr
+    assert {p.name: p.read_bytes() for p in archive.iterdir() if p.name in contents} == contents
+    assert all(p.stat().st_mode & 0o777 == 0o600 for p in archive.iterdir())
+    assert not any(path.exists() for path in files[:-1])
+    assert sorted(p.name for p in archive.iterdir()) == sorted(p.name for p in files[:-1])
+    assert verify(cli).returncode == 0
+
+
+def test_audit_prune_refuses_a_log_that_does_not_verify_and_removes_nothing(cli: Cli) -> None:
+    files = _rotated_log(cli)
+    lines = files[1].read_text().splitlines(keepends=True)
+    files[1].write_text("".join(_edit_field(lines)))
+    before = cli.audit.read_bytes()
+    refused = cli("audit", "prune", "--keep-files", "0")
+    assert refused.returncode == 6
+    assert AuditLog(cli.audit).files() == files and cli.audit.read_bytes() == before
+
+
+def test_audit_prune_needs_a_rule(cli: Cli) -> None:
+    before = cli.audit.read_bytes()
+    refused = cli("audit", "prune")
+    assert refused.returncode == 2 and b"--older-than" in refused.stderr
+    assert cli.audit.read_bytes() == before
+
+
+def test_a_prune_interrupted_while_removing_files_leaves_a_log_that_verifies(
+    encrypted_store: EncryptedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit.prune record is written (and anchored) before any file goes: a prune that fails
+    or is killed part-way leaves a log that begins at or before the record it names."""
+    log = AuditLog(tmp_path / "lib.audit.jsonl", max_bytes=800)
+    for i in range(30):
+        log.append([AuditEvent(operation="get", actor="svc", name=f"a/{i}")], encrypted_store)
+    files = log.files()
+    assert len(files) >= 5
+    real_unlink = Path.unlink
+    removed: list[Path] = []
+
+    def unlink_once(self: Path, missing_ok: bool = False) -> None:
+        if self in files and removed:
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        real_unlink(self, missing_ok=missing_ok)
+        removed.append(self)
+
+    monkeypatch.setattr(Path, "unlink", unlink_once)
+    event = AuditEvent(operation="audit.prune", actor="ops")
+    with pytest.raises(audit_log.AuditError, match="removed 1 of 3 files"):
+        log.prune(encrypted_store, event, keep_files=len(files) - 4)
+    monkeypatch.undo()
+    assert removed == [files[0]]
+    key, anchor = encrypted_store.audit_key(), encrypted_store.audit_anchor()
+    assert log.verify(key, anchor) > 0
+    done = log.prune(encrypted_store, event, keep_files=len(log.files()) - 3)  # the two left of three
+    assert [found.path for found in done.files] == files[1:3]
+    assert log.files()[0] == files[3]
+    assert log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) > 0
+
+
+def test_audit_prune_leaves_files_whose_records_are_not_anchored(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    log = AuditLog(tmp_path / "lib.audit.jsonl", max_bytes=800)
+    for i in range(12):
+        log.append([AuditEvent(operation="get", actor="svc", name=f"a/{i}")], encrypted_store)
+    anchor = encrypted_store.audit_anchor()
+    assert anchor is not None
+    files = log.files()
+    unanchored = [path for path in files[:-1] if json.loads(path.read_text().splitlines()[-1])["seq"] > 3]
+    # The store vouches only for records up to 3 (as if a process wrote the rest and died before
+    # its flush anchored them): a file with later records stays.
+    encrypted_store.set_audit_anchor(Anchor(seq=0, hash=audit_log.GENESIS_HASH), reset=True)
+    third = next(record for record in log.records() if record["seq"] == 3)
+    encrypted_store.set_audit_anchor(Anchor(seq=3, hash=third["hash"]))
+    event = AuditEvent(operation="audit.prune", actor="ops")
+    pruned = log.prune(encrypted_store, event, keep_files=0, dry_run=True)
+    assert pruned.files and all(found.path not in unanchored for found in pruned.files)
+    assert all(found.last_seq <= 3 for found in pruned.files)
 
 
 # ---- failure behaviour ---------------------------------------------------------------------

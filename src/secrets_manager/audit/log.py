@@ -150,12 +150,15 @@ class AuditEvent:
     request_id: str = field(default_factory=new_request_id)
     # The service's refusal of a revoked client certificate names it; other records have no such key.
     certificate_serial: str | None = None
+    # `audit prune` names where the chain now begins: {"seq": first record kept, "prev": its prev}.
+    pruned_before: dict[str, Any] | None = None
 
     def as_record(self) -> dict[str, Any]:
-        """The record's fields from this event."""
+        """The record's fields from this event (the optional ones only where set)."""
         found = dict(vars(self))
-        if found["certificate_serial"] is None:
-            del found["certificate_serial"]
+        for optional in ("certificate_serial", "pruned_before"):
+            if found[optional] is None:
+                del found[optional]
         return found
 
 
@@ -653,6 +656,77 @@ class AuditLog:
             finally:
                 self._unflock()
 
+    def prune(
+        self,
+        anchor: AuditAnchor,
+        event: AuditEvent,
+        *,
+        older_than: datetime | None = None,
+        keep_files: int | None = None,
+        archive: Path | None = None,
+        dry_run: bool = False,
+    ) -> Pruned:
+        """Remove the oldest rotated files (the live file never), so the log stops growing without
+        its verification failing (`audit prune`). A file goes only if every record in it is
+        anchored and, where given, its newest record is older than `older_than` and it is not one
+        of the newest `keep_files` rotated files; the files that go are a run from the oldest.
+
+        Decided and done holding the writers' lock, on a log that verifies (pruning must not
+        remove the evidence of tampering). First an authenticated `audit.prune` record, fsynced
+        and anchored, says where the chain now begins; only then are the files deleted (or moved
+        into `archive`). Killed in between, the log still verifies: it begins at or before the
+        record named, which is all verification asks."""
+        with self._lock:
+            self._flock(deadline=time.monotonic() + self.timeout)
+            try:
+                anchored = anchor.audit_anchor()
+                records = self._verify(
+                    anchor.audit_key(), anchored, locked=True, anchor_required=not anchor.audit_anchor_scoped
+                )
+                chosen = self._prunable(anchored, older_than, keep_files)
+                if not chosen or dry_run:
+                    return Pruned(files=chosen, records=records, archived=[])
+                targets = _archive_targets(chosen, archive) if archive is not None else []
+                last = chosen[-1]
+                begins = {"seq": last.last_seq + 1, "prev": last.last_hash}
+                self._write_locked(
+                    [_AppendJob([replace(event, pruned_before=begins)], anchor)], anchor, durable=True
+                )
+                done = 0
+                try:
+                    for found, target in itertools.zip_longest(chosen, targets):
+                        if target is not None:
+                            _archive_file(found.path, target)
+                        found.path.unlink()
+                        done += 1
+                    _fsync_directory(self.path.parent)
+                except OSError as exc:
+                    raise AuditError(
+                        f"audit prune removed {done} of {len(chosen)} files, then {exc.strerror or exc} "
+                        f"({getattr(exc, 'filename', None) or self.path.parent}); the log still verifies: "
+                        "fix that and run the prune again"
+                    ) from None
+                return Pruned(files=chosen, records=records, archived=targets)
+            finally:
+                self._unflock()
+
+    def _prunable(
+        self, anchored: Anchor | None, older_than: datetime | None, keep_files: int | None
+    ) -> list[PrunedFile]:
+        """Holding the lock: the oldest rotated files that may go, oldest first (see prune)."""
+        rotated = [path for path in self.files() if path != self.path]
+        if keep_files is not None:
+            rotated = rotated[: max(0, len(rotated) - keep_files)]
+        chosen = []
+        for path in rotated:
+            first, last = _first_record(path), _last_record(path)
+            if first is None or last is None or anchored is None or last["seq"] > anchored.seq:
+                break
+            if older_than is not None and _record_moment(last) >= older_than:
+                break
+            chosen.append(PrunedFile(path, first["seq"], last["seq"], str(last["time"]), last["hash"]))
+        return chosen
+
     def _refuse_unless_a_log(self) -> None:
         """Holding the lock, before a reset renames the log's files: each regular one must begin
         as every record does (or be empty), however damaged what follows is. A path that names
@@ -1084,6 +1158,15 @@ class AuditLog:
             finally:
                 os.close(fd)  # and its flock
 
+    def first_seq(self) -> int | None:
+        """The seq of the log's oldest record (above 1 once `audit prune` removed files); None
+        if the log holds none."""
+        for path in self.files():
+            record = _first_record(path)
+            if record is not None:
+                return int(record["seq"])
+        return None
+
     def last_record(self) -> dict[str, Any] | None:
         if self.path.exists():  # the common case: no need to look for rotated files
             record = _last_record(self.path)
@@ -1127,6 +1210,12 @@ class AuditLog:
         previous_hash, expected_seq, count = GENESIS_HASH, 1, 0
         anchor_seen = anchor is None or anchor.seq == 0  # seq 0: the empty chain, before any record
         authenticated = False  # a record with a MAC seen
+        # A log `audit prune` shortened begins after record 1. Its first record is taken on trust
+        # until the walk is done; then an authenticated audit.prune record must name a file start
+        # at or after it as where the chain begins (`pruned_before`), or records are missing.
+        pruned_start: tuple[Path, int] | None = None
+        file_starts: dict[int, object] = {}  # each file's first seq -> that record's prev
+        vouched: list[tuple[int, str]] = []  # (seq, prev) of every audit.prune record's floor
 
         def partial(path: Path, number: int) -> None:
             """A crash cuts short only a write never acknowledged, so never one the store anchored:
@@ -1146,6 +1235,11 @@ class AuditLog:
             seq = record.get("seq")
             where = f"record {seq}" if type(seq) is int else f"record #{count + 1}"
             at = f"{path.name} line {number}: {_RESTORE_HINT}"
+            if count == 0 and type(seq) is int and seq > 1 and number == 1:
+                pruned_start = (path, seq)
+                expected_seq, previous_hash = seq, str(record.get("prev"))
+            if number == 1 and type(seq) is int:
+                file_starts[seq] = record.get("prev")
             if seq != expected_seq:
                 raise AuditTamperError(
                     f"audit chain broken at {where}: expected record {expected_seq} "
@@ -1171,11 +1265,25 @@ class AuditLog:
                 )
             else:
                 authenticated = True
+                floor = _pruned_floor(record)
+                if floor is not None:
+                    vouched.append(floor)
             if anchor is not None and seq == anchor.seq:
                 if hashed != anchor.hash:
                     raise AuditTamperError(f"audit record {seq} is not the one the store anchored, in {at}")
                 anchor_seen = True
             previous_hash, expected_seq, count = hashed, expected_seq + 1, count + 1
+        if pruned_start is not None and not any(
+            seq >= pruned_start[1] and file_starts.get(seq) == prev for seq, prev in vouched
+        ):
+            path, seq = pruned_start
+            since = max((floor for floor, _ in vouched if floor < seq), default=1)
+            raise AuditTamperError(
+                f"audit log begins at record {seq} ({path.name}): records {since} to {seq - 1} are missing, "
+                "and no audit.prune record says they were pruned (a rotated file deleted or moved by "
+                f"hand; 'secrets-manager audit prune' removes old files so that the log verifies): "
+                f"{_RESTORE_HINT}"
+            )
         if anchor is None and anchor_required and authenticated:
             raise _missing_anchor(self.path)
         if not anchor_seen:
@@ -1185,6 +1293,26 @@ class AuditLog:
                 f"records are missing at the end: {_RESTORE_HINT}"
             )
         return count
+
+
+@dataclass(frozen=True)
+class PrunedFile:
+    """A rotated file `audit prune` removes: its records and its newest record's time."""
+
+    path: Path
+    first_seq: int
+    last_seq: int
+    last_time: str
+    last_hash: str
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """What `AuditLog.prune` removed (or, in a dry run, would remove), oldest first."""
+
+    files: list[PrunedFile]
+    records: int  # the records of the log, which verified, before anything was removed
+    archived: list[Path]  # where each file went, with an archive directory
 
 
 @dataclass(frozen=True)
@@ -1528,6 +1656,76 @@ def _record_verifies(record: dict[str, Any], key: bytes) -> bool:
     if mac is None:
         return _may_be_unauthenticated(record)
     return isinstance(mac, str) and record_mac_ok(key, str(record["hash"]), mac)
+
+
+def _record_moment(record: dict[str, Any]) -> datetime:
+    """A record's time; one that does not parse as an aware time counts as the latest possible,
+    so a damaged time never makes a file look old enough to prune."""
+    try:
+        moment = datetime.fromisoformat(str(record.get("time")))
+    except ValueError:
+        return datetime.max.replace(tzinfo=UTC)
+    return moment if moment.tzinfo is not None else datetime.max.replace(tzinfo=UTC)
+
+
+def _archive_targets(files: Sequence[PrunedFile], directory: Path) -> list[Path]:
+    """Where each file goes in `directory`: refused before anything is written if the directory
+    is missing or already holds a file of that name (an archive is never overwritten)."""
+    if not directory.is_dir():
+        raise InvalidInputError(
+            f"archive directory {directory} does not exist: create it, or leave --archive out"
+        )
+    targets = [directory / found.path.name for found in files]
+    taken = [target for target in targets if os.path.lexists(target)]
+    if taken:
+        raise ConflictError(
+            f"{taken[0]} already exists: an archive is never overwritten; move it away or archive elsewhere"
+        )
+    return targets
+
+
+def _archive_file(source: Path, target: Path) -> None:
+    """Copy a log file to `target` (0600), durably, never over an existing file: written under a
+    temporary name, fsynced, then linked in place, so a crash leaves no half-copied archive."""
+    temporary = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with _open_for_reading(source) as reader, os.fdopen(fd, "wb", closefd=False) as writer:
+            while chunk := reader.read(1 << 20):
+                writer.write(chunk)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        temporary.unlink()
+        raise
+    os.close(fd)
+    try:
+        os.link(temporary, target)
+    finally:
+        temporary.unlink()
+    _fsync_directory(target.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames and removals in a directory durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pruned_floor(record: dict[str, Any]) -> tuple[int, str] | None:
+    """Where an audit.prune record says the chain now begins: (seq, prev), or None."""
+    if record.get("operation") != "audit.prune" or record.get("outcome") != "ok":
+        return None
+    floor = record.get("pruned_before")
+    if not isinstance(floor, dict):
+        return None
+    seq, prev = floor.get("seq"), floor.get("prev")
+    return (seq, prev) if type(seq) is int and isinstance(prev, str) else None
 
 
 def _may_be_unauthenticated(record: dict[str, Any]) -> bool:

@@ -1,4 +1,4 @@
-"""`secrets-manager audit show|verify|hash|reset`: read, check and query the audit log.
+"""`secrets-manager audit show|verify|prune|hash|reset`: read, check, prune and query the audit log.
 
 show and verify read the log and are not themselves recorded in it (show opens no store; verify
 only reads, and a record of it would change the log it verifies; a failed unlock is recorded as
@@ -132,7 +132,9 @@ def verify(session: Session) -> None:
     finally:
         store.close()
     files = len(log.files())
-    click.echo(f"audit log verified: {count} records in {files} file{'s' if files != 1 else ''}")
+    first = log.first_seq()
+    pruned = f" (records {first} on; those before were pruned)" if first is not None and first > 1 else ""
+    click.echo(f"audit log verified: {count} records in {files} file{'s' if files != 1 else ''}{pruned}")
 
 
 @audit.command("reset")
@@ -188,6 +190,85 @@ def reset(session: Session, accept_loss: bool, share_files: tuple[str, ...]) -> 
     moved = outcome.moved
     kept = f"; the old files are kept as {', '.join(p.name for p in moved)}" if moved else ""
     info_line(f"a new audit chain begins at {log.path}{kept}")
+
+
+@audit.command("prune")
+@click.option(
+    "--older-than",
+    metavar="TIME",
+    help="Only files whose newest record is older than TIME (ISO 8601, or an age: 90d, 12h).",
+)
+@click.option(
+    "--keep-files",
+    type=click.IntRange(min=0),
+    metavar="N",
+    help="Keep the newest N rotated files whatever their age.",
+)
+@click.option(
+    "--archive",
+    type=click.Path(path_type=Path, file_okay=False),
+    metavar="DIR",
+    help="Move the files into DIR (an existing directory; never overwriting) instead of deleting them.",
+)
+@click.option("--dry-run", is_flag=True, help="Say which files would go; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_session
+def prune(
+    session: Session,
+    older_than: str | None,
+    keep_files: int | None,
+    archive: Path | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Remove the oldest rotated audit files (never the live one) so the log stops growing and
+    still verifies: an 'audit.prune' record says where the chain now begins. Only a log that
+    verifies is pruned, and only files whose records the store has anchored. Deleting rotated
+    files by hand (logrotate) makes 'audit verify' and 'status' fail; use this instead."""
+    session.require_local("audit prune")
+    if older_than is None and keep_files is None:
+        raise InvalidInputError(
+            "say which files may go: --older-than TIME (e.g. 90d), --keep-files N, or both"
+        )
+    cutoff = parse_cutoff(older_than, "--older-than", "or give --keep-files alone") if older_than else None
+    log = session.audit_log()
+    store = session.unlock()
+    try:
+        outcome = log.prune(
+            store,
+            session.event("audit.prune"),
+            older_than=cutoff,
+            keep_files=keep_files,
+            archive=None if archive is None else archive.absolute(),
+            dry_run=dry_run,
+        )
+    finally:
+        store.close()
+    files = [
+        {
+            "file": str(found.path),
+            "first_seq": found.first_seq,
+            "last_seq": found.last_seq,
+            "newest_record": found.last_time,
+            **({"archived_to": str(outcome.archived[i])} if outcome.archived else {}),
+        }
+        for i, found in enumerate(outcome.files)
+    ]
+    begins = outcome.files[-1].last_seq + 1 if outcome.files else None
+    if as_json:
+        print_json({"dry_run": dry_run, "files": files, "chain_begins_at": begins})
+        return
+    if not outcome.files:
+        click.echo("nothing to prune: no rotated file matches (the live file is never pruned)")
+        return
+    verb = "would remove" if dry_run else ("archived" if archive is not None else "removed")
+    for entry in files:
+        where = f" -> {entry['archived_to']}" if "archived_to" in entry else ""
+        click.echo(
+            f"{verb} {entry['file']}{where} (records {entry['first_seq']}-{entry['last_seq']}, "
+            f"newest {entry['newest_record']})"
+        )
+    click.echo(f"the audit chain {'would begin' if dry_run else 'now begins'} at record {begins}")
 
 
 @audit.command("hash")
