@@ -1192,6 +1192,34 @@ def test_a_prune_interrupted_while_removing_files_leaves_a_log_that_verifies(
     assert log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) > 0
 
 
+def test_audit_prune_verifies_without_holding_the_writers_lock(
+    encrypted_store: EncryptedStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The walk over a long log takes seconds; held under the writers' lock, it made a running
+    service's appends wait past their timeout (its requests refused). Another writer appends
+    during the walk; a file changed after the walk read it is not pruned."""
+    path = tmp_path / "lib.audit.jsonl"
+    log = AuditLog(path, max_bytes=800)
+    for i in range(12):
+        log.append([AuditEvent(operation="get", actor="svc", name=f"a/{i}")], encrypted_store)
+    files = log.files()
+    real_verify = AuditLog._verify
+
+    def verify_while_another_writer_appends(self: AuditLog, *args: object, **kwargs: object) -> int:
+        count = real_verify(self, *args, **kwargs)  # type: ignore[arg-type]
+        other = AuditLog(path, max_bytes=800, timeout=0.5)
+        other.append([AuditEvent(operation="get", actor="service", name="during")], encrypted_store)
+        with files[1].open("ab") as handle:  # the second file changes after the walk read it
+            handle.write(b"")
+        os.utime(files[1], ns=(0, 0))
+        return count
+
+    monkeypatch.setattr(AuditLog, "_verify", verify_while_another_writer_appends)
+    pruned = log.prune(encrypted_store, AuditEvent(operation="audit.prune", actor="ops"), keep_files=0)
+    assert [found.path for found in pruned.files] == files[:1]
+    assert any(record.get("name") == "during" for record in AuditLog(path).records())
+
+
 def test_audit_prune_leaves_files_whose_records_are_not_anchored(
     encrypted_store: EncryptedStore, tmp_path: Path
 ) -> None:

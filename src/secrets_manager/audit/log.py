@@ -671,19 +671,25 @@ class AuditLog:
         anchored and, where given, its newest record is older than `older_than` and it is not one
         of the newest `keep_files` rotated files; the files that go are a run from the oldest.
 
-        Decided and done holding the writers' lock, on a log that verifies (pruning must not
-        remove the evidence of tampering). First an authenticated `audit.prune` record, fsynced
-        and anchored, says where the chain now begins; only then are the files deleted (or moved
-        into `archive`). Killed in between, the log still verifies: it begins at or before the
-        record named, which is all verification asks."""
+        Only a log that verifies is pruned (pruning must not remove the evidence of tampering).
+        The walk runs without the writers' lock, as `audit verify` does: a long log takes seconds,
+        and a service's appends wait at most `timeout` for the lock. A file is pruned only if it is
+        still, under the lock, the file the walk read (same inode, size and mtime). Then, holding
+        the lock, an authenticated `audit.prune` record, fsynced and anchored, says where the
+        chain now begins; only then are the files deleted (or moved into `archive`). Killed in
+        between, the log still verifies: it begins at or before the record named, which is all
+        verification asks."""
+        verified = {path: _file_identity(path) for path in self.files() if path != self.path}
+        records = self._verify(
+            anchor.audit_key(),
+            anchor.audit_anchor(),
+            locked=False,
+            anchor_required=not anchor.audit_anchor_scoped,
+        )
         with self._lock:
             self._flock(deadline=time.monotonic() + self.timeout)
             try:
-                anchored = anchor.audit_anchor()
-                records = self._verify(
-                    anchor.audit_key(), anchored, locked=True, anchor_required=not anchor.audit_anchor_scoped
-                )
-                chosen = self._prunable(anchored, older_than, keep_files)
+                chosen = self._prunable(anchor.audit_anchor(), older_than, keep_files, verified)
                 if not chosen or dry_run:
                     return Pruned(files=chosen, records=records, archived=[])
                 targets = _archive_targets(chosen, archive) if archive is not None else []
@@ -711,14 +717,22 @@ class AuditLog:
                 self._unflock()
 
     def _prunable(
-        self, anchored: Anchor | None, older_than: datetime | None, keep_files: int | None
+        self,
+        anchored: Anchor | None,
+        older_than: datetime | None,
+        keep_files: int | None,
+        verified: dict[Path, tuple[int, int, int] | None],
     ) -> list[PrunedFile]:
-        """Holding the lock: the oldest rotated files that may go, oldest first (see prune)."""
+        """Holding the lock: the oldest rotated files that may go, oldest first (see prune); the
+        run stops at a file that is not as the verification read it."""
         rotated = [path for path in self.files() if path != self.path]
         if keep_files is not None:
             rotated = rotated[: max(0, len(rotated) - keep_files)]
         chosen = []
         for path in rotated:
+            identity = _file_identity(path)
+            if identity is None or verified.get(path) != identity:
+                break
             first, last = _first_record(path), _last_record(path)
             if first is None or last is None or anchored is None or last["seq"] > anchored.seq:
                 break
@@ -1656,6 +1670,16 @@ def _record_verifies(record: dict[str, Any], key: bytes) -> bool:
     if mac is None:
         return _may_be_unauthenticated(record)
     return isinstance(mac, str) and record_mac_ok(key, str(record["hash"]), mac)
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """Which file is at `path`, and whether it changed: inode, size, modification time (None:
+    no file there any more)."""
+    try:
+        found = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return found.st_ino, found.st_size, found.st_mtime_ns
 
 
 def _record_moment(record: dict[str, Any]) -> datetime:
