@@ -775,6 +775,49 @@ def test_destroy_version_erases_it_for_good(ready: Cli) -> None:
     assert_one_line_error(ready("history", "svc/GONE"), 3)
 
 
+def test_purge_destroys_only_secrets_deleted_before_the_time(ready: Cli) -> None:
+    """A deleted secret kept its encrypted values for ever (no recovery window ever ended): purge
+    erases those deleted before TIME, as AWS Secrets Manager does at the end of a window."""
+    for name in ("svc/OLD", "svc/RECENT", "svc/LIVE", "other/OLD"):
+        assert ready("store", name, input=b"v").code == 0
+    assert ready("delete", "svc/OLD").code == 0
+    assert ready("delete", "other/OLD").code == 0
+    time.sleep(1.1)
+    assert ready("delete", "svc/RECENT").code == 0
+    deleted = {
+        m["name"]: m["deleted"] for m in json.loads(ready("list", "--deleted", "--json").out) if m["deleted"]
+    }
+    cutoff = deleted["svc/RECENT"]  # whole seconds: after svc/OLD's deletion, not after svc/RECENT's
+    before = ready("list", "--deleted", "--json").out
+    dry = ready("purge", "svc/", "--older-than", cutoff, "--dry-run", "--json")
+    assert dry.code == 0, dry.stderr
+    assert [m["name"] for m in json.loads(dry.out)["purged"]] == ["svc/OLD"]
+    assert ready("list", "--deleted", "--json").out == before  # a dry run destroys nothing
+    purged = ready("purge", "svc/", "--older-than", cutoff, "--json")
+    assert purged.code == 0, purged.stderr
+    assert [m["name"] for m in json.loads(purged.out)["purged"]] == ["svc/OLD"]
+    assert_one_line_error(ready("undelete", "svc/OLD"), 3, "not found")
+    assert ready("undelete", "svc/RECENT").code == 0  # deleted after the time: still recoverable
+    assert ready("get", "svc/LIVE").out == "v\n"
+    assert ready("undelete", "other/OLD").code == 0  # outside the prefix
+    audit = ready.store.with_name("store.audit.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in audit]
+    erased = [r for r in records if r["operation"] == "purge" and r["name"] == "svc/OLD"]
+    assert len(erased) == 1 and erased[0]["value_hmac"] is None and erased[0]["outcome"] == "ok"
+
+
+def test_purge_refuses_bad_input_and_never_touches_a_live_secret(ready: Cli) -> None:
+    assert ready("store", "svc/LIVE", input=b"v").code == 0
+    before = ready.store_bytes()  # refused before the store is opened: not even an anchor moves
+    assert_one_line_error(ready("purge"), 2, "--older-than")
+    assert_one_line_error(ready("purge", "--older-than", "soon"), 2, "ISO 8601")
+    assert_one_line_error(ready("purge", "../x", "--older-than", "0s"), 2)
+    assert ready.store_bytes() == before
+    done = ready("purge", "--older-than", "0s")
+    assert done.code == 0 and "destroyed 0 secrets" in done.stderr
+    assert ready("get", "svc/LIVE").out == "v\n"
+
+
 # ---- passwords and unlock --------------------------------------------------------------------
 
 

@@ -210,6 +210,13 @@ def test_every_verb_works_on_vault_with_the_usual_exit_codes(vault_cli: Cli) -> 
     assert vault_cli("get", "other/NEW").out == "moved\n"
     assert "t=1" in vault_cli("metadata", "other/NEW").out
     assert_one_line_error(vault_cli("get", "svc/OLD"), 3, "deleted")
+    assert vault_cli("purge", "--older-than", "1h").code == 0
+    assert "svc/OLD" in vault_cli("list", "--deleted").out  # deleted just now: kept
+    purged = vault_cli("purge", "svc/", "--older-than", "0s", "--json")
+    assert purged.code == 0, purged.stderr
+    assert [m["name"] for m in json.loads(purged.out)["purged"]] == ["svc/OLD"]
+    assert "svc/OLD" not in vault_cli("list", "--deleted").out
+    assert vault_cli("get", "other/NEW").out == "moved\n"
 
 
 def check_import_metadata_and_status(cli: Cli, tmp_path: Path, kind: str) -> None:
@@ -531,6 +538,10 @@ def test_every_verb_works_on_aws_with_the_usual_exit_codes(aws_cli: Cli) -> None
     assert_one_line_error(aws_cli("store", "svc/K", input=b"x"), 7, "undelete")
     assert aws_cli("undelete", "svc/K").code == 0
     assert aws_cli("get", "svc/K").out == "v3\n"
+    assert aws_cli("delete", "svc/K").code == 0
+    # AWS purges a deleted secret itself at the end of its recovery window.
+    assert_one_line_error(aws_cli("purge", "--older-than", "0s"), 2, "recovery window")
+    assert "svc/K" in aws_cli("list", "--deleted").out
     assert aws_cli("destroy", "svc/K", "--all").code == 0
     assert_one_line_error(aws_cli("history", "svc/K"), 3)
 

@@ -21,6 +21,7 @@ from secrets_manager.cli import (
     move_commands,  # noqa: F401  (registers `mv` and `cp`)
     pki_commands,  # noqa: F401  (registers `pki`)
     policy_commands,  # noqa: F401  (registers `policy`)
+    purge_command,  # noqa: F401  (registers `purge`)
     recovery_commands,  # noqa: F401  (registers `recovery`)
     rotate_commands,  # noqa: F401  (registers `rotate`)
     run_command,  # noqa: F401  (registers `run`)

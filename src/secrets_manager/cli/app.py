@@ -631,9 +631,24 @@ class Note:
         appended durably at once; a read's with the operation's end."""
         if self._event is None or self._store is None or self._reads is None:
             return
-        record = replace(
-            self._event, name=name, version=version or None, value_hmac=value_fingerprint(self._store, data)
+        self._keep(
+            replace(
+                self._event,
+                name=name,
+                version=version or None,
+                value_hmac=value_fingerprint(self._store, data),
+            )
         )
+
+    def erased(self, name: str) -> None:
+        """Record one secret an operation of several erased for good (no value, no version)."""
+        if self._event is not None:
+            self._keep(replace(self._event, name=name, version=None, value_hmac=None))
+
+    def _keep(self, record: AuditEvent) -> None:
+        """A change's record appended durably at once; a read's kept for the operation's end."""
+        if self._reads is None:
+            return
         if self._recorder is not None and self._recorder.append is not None:
             try:
                 self._recorder.append([record])

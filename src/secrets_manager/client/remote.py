@@ -317,7 +317,7 @@ class RemoteStore:
     def destroy(self, name: str, versions: Iterable[int]) -> None:
         raise InvalidInputError("destroy is not offered by the service; run it on the server's store")
 
-    def destroy_secret(self, name: str) -> None:
+    def destroy_secret(self, name: str, *, deleted_before: datetime | None = None) -> None:
         raise InvalidInputError("destroy is not offered by the service; run it on the server's store")
 
     def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:

@@ -301,7 +301,12 @@ class AwsStore:
     """A `SecretStore` on AWS Secrets Manager; values stay readable by `aws secretsmanager`."""
 
     unsupported_capabilities: ClassVar[frozenset[Capability]] = frozenset(
-        {Capability.DESTROY_VERSION, Capability.EMPTY_VALUE, Capability.METADATA_AT_LIMITS}
+        {
+            Capability.DESTROY_VERSION,
+            Capability.EMPTY_VALUE,
+            Capability.METADATA_AT_LIMITS,
+            Capability.PURGE_DELETED,
+        }
     )
     # AWS keeps old versions itself; max_versions only filters what we show (see the module docstring).
     max_versions_hide_at_once: ClassVar[bool] = True
@@ -823,10 +828,18 @@ class AwsStore:
             f"erase one version; 'destroy {name} --all' erases the whole secret"
         )
 
-    def destroy_secret(self, name: str) -> None:
+    def destroy_secret(self, name: str, *, deleted_before: datetime | None = None) -> None:
         """DescribeSecret, then DeleteSecret with ForceDeleteWithoutRecovery (a secret already
-        scheduled for deletion is restored first, which AWS requires before a forced delete)."""
+        scheduled for deletion is restored first, which AWS requires before a forced delete).
+        `deleted_before` (`purge`) is not supported: AWS purges a deleted secret itself at the end
+        of its recovery window (RecoveryWindowInDays), and DescribeSecret's DeletedDate is that
+        end, not when the secret was deleted."""
         validate_name(name)
+        if deleted_before is not None:
+            raise UnsupportedOperationError(
+                "purge is not supported by this store: AWS Secrets Manager purges a deleted secret "
+                "itself at the end of its recovery window; 'destroy NAME --all' ends it early"
+            )
         secret_id = self.aws_name(name)
         with self._aws(f"destroy {name}", name, state_error=SecretStateError):
             self._client.describe_secret(SecretId=secret_id)

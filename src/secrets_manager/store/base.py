@@ -18,6 +18,7 @@ from secrets_manager.errors import (
     InvalidInputError,
     NothingToChangeError,
     RotationInProgressError,
+    SecretStateError,
     UnsupportedOperationError,
 )
 from secrets_manager.values import SecretValue
@@ -57,6 +58,9 @@ class Capability(enum.StrEnum):
     # a store whose backend holds less (Vault's custom_metadata, AWS's 50 tags counting ours) refuses
     # what does not fit before it writes anything
     METADATA_AT_LIMITS = "metadata-at-limits"
+    # destroy a deleted secret only if it was deleted before a time (`purge`); AWS purges deleted
+    # secrets itself at the end of their recovery window, and its DeletedDate is that end
+    PURGE_DELETED = "purge-deleted"
 
 
 def max_versions_hide_at_once(store: object) -> bool:
@@ -195,8 +199,10 @@ class SecretStore(Protocol):
     def destroy(self, name: str, versions: Iterable[int]) -> None:
         """Erase the given versions' values for good; metadata remembers they existed."""
 
-    def destroy_secret(self, name: str) -> None:
-        """Erase the secret entirely: every version and its metadata."""
+    def destroy_secret(self, name: str, *, deleted_before: datetime | None = None) -> None:
+        """Erase the secret entirely: every version and its metadata. `deleted_before` (`purge`):
+        only a secret that is deleted, since before that time; SecretStateError otherwise, and
+        nothing is erased (one undeleted meanwhile stays)."""
 
     def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:
         """Write a new version labelled `pending` (rotation, step 1); `current` and `previous` do not
@@ -261,6 +267,18 @@ def refuse_if_rotating(name: str, pending: int | None, current: int | None) -> N
             "rotation that started it (or its --postgres-role and --postgres; a schedule resumes its own), "
             "or drop it with "
             f"'secrets-manager rotate {name} --discard'"
+        )
+
+
+def refuse_unless_deleted_before(name: str, deleted: datetime | None, cutoff: datetime) -> None:
+    """`destroy_secret(deleted_before=…)`: SecretStateError unless the secret was deleted before
+    `cutoff` (one undeleted, or deleted again since, is not purged)."""
+    if deleted is None:
+        raise SecretStateError(f"secret {name!r} is not deleted (undeleted meanwhile?): not purged")
+    if deleted >= cutoff:
+        raise SecretStateError(
+            f"secret {name!r} was deleted at {deleted.isoformat(timespec='seconds')}, not before "
+            f"{cutoff.isoformat(timespec='seconds')}: not purged"
         )
 
 

@@ -93,6 +93,7 @@ from secrets_manager.store.base import (
     refuse_if_rotating,
     refuse_if_unchanged,
     refuse_to_demote,
+    refuse_unless_deleted_before,
     unsupported_capabilities,
     updated_metadata,
 )
@@ -797,15 +798,21 @@ class EncryptedStore:
 
         self._update_meta(name, change)
 
-    def destroy_secret(self, name: str) -> None:
+    def destroy_secret(self, name: str, *, deleted_before: datetime | None = None) -> None:
         validate_name(name)
 
         def attempt() -> None:
             meta_entry, meta = self._read_meta(name)
             # Value rows the metadata does not list (it was rolled back, or deleted) go too.
             orphans = self._orphaned_versions(name, 1 if meta is None else meta.next_version)
+            if deleted_before is not None and meta is not None:
+                # Decided on the metadata the commit is conditional on: an undelete that lands
+                # first makes the commit fail and this run again, and refuse.
+                refuse_unless_deleted_before(
+                    name, None if meta.deleted is None else _time(meta.deleted), deleted_before
+                )
             if meta_entry is None or meta is None:
-                if not orphans:
+                if not orphans or deleted_before is not None:
                     raise NotFoundError(f"secret {name!r} not found")
                 # On condition that the metadata is still absent (no writer created the secret).
                 self._commit(

@@ -30,7 +30,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, cast
 
@@ -433,6 +433,45 @@ def _check_destroy_secret(make_store: MakeStore, ns: str) -> None:
         store.delete(name)
         store.destroy_secret(name)  # a soft-deleted secret can be destroyed for good
         _raises(NotFoundError, lambda: store.describe(name), "describe after destroying a deleted secret")
+
+
+def _check_purge_deleted(make_store: MakeStore, ns: str) -> None:
+    """destroy_secret(deleted_before=…), `purge`: only a secret deleted before the time goes."""
+    name, alive = f"{ns}/purged", f"{ns}/alive"
+    later = datetime.now(UTC) + timedelta(minutes=5)  # past any clock skew between us and a backend
+    with _opened(make_store) as store:
+        store.put(name, b"v1")
+        store.put(alive, b"kept")
+        if _lacks(store, Capability.PURGE_DELETED):
+            store.delete(name)
+            _require_unsupported(lambda: store.destroy_secret(name, deleted_before=later), "purge")
+            _require(store.describe(name).deleted is not None, "a refused purge erased the secret")
+            return
+        _raises(
+            SecretStateError,
+            lambda: store.destroy_secret(alive, deleted_before=later),
+            "purge of a live secret",
+        )
+        _require(_revealed(store.get(alive)) == b"kept", "a refused purge erased a live secret")
+        store.delete(name)
+        deleted = store.describe(name).deleted
+        _require(deleted is not None, "describe of a deleted secret does not say when")
+        assert deleted is not None
+        too_soon = deleted - timedelta(seconds=1)
+        _raises(
+            SecretStateError,
+            lambda: store.destroy_secret(name, deleted_before=too_soon),
+            "purge of a secret deleted after the cutoff",
+        )
+        _require(store.describe(name).deleted == deleted, "a refused purge changed the deleted secret")
+        store.destroy_secret(name, deleted_before=later)
+        _raises(NotFoundError, lambda: store.describe(name), "describe after a purge")
+        _raises(
+            NotFoundError,
+            lambda: store.destroy_secret(f"{ns}/never", deleted_before=later),
+            "purge of a missing secret",
+        )
+        _require(_revealed(store.get(alive)) == b"kept", "purge touched another secret")
 
 
 def _check_pending_rotation(make_store: MakeStore, ns: str) -> None:
@@ -950,6 +989,7 @@ SECRET_STORE_CHECKS: dict[str, Check] = {
     "delete-undelete": _check_delete_and_undelete,
     "destroy-versions": _check_destroy_versions,
     "destroy-secret": _check_destroy_secret,
+    "purge-deleted": _check_purge_deleted,
     "invalid-names": _check_invalid_names_refused,
     "max-versions": _check_max_versions_pruning,
     "pending-rotation": _check_pending_rotation,

@@ -95,6 +95,7 @@ from secrets_manager.store.base import (
     checked_metadata_update,
     checked_value,
     refuse_if_unchanged,
+    refuse_unless_deleted_before,
     updated_metadata,
 )
 from secrets_manager.store.external import (
@@ -815,10 +816,14 @@ class VaultStore:
             raise NotFoundError(f"secret {name!r} has no version {missing[0]}")
         self._send("POST", f"destroy/{name}", action=f"destroy {name}", json={"versions": wanted})
 
-    def destroy_secret(self, name: str) -> None:
-        """DELETE MOUNT/metadata/NAME: every version and the metadata, for good."""
+    def destroy_secret(self, name: str, *, deleted_before: datetime | None = None) -> None:
+        """DELETE MOUNT/metadata/NAME: every version and the metadata, for good. KV v2 has no
+        check-and-set on that DELETE, so `deleted_before` is checked on the metadata read just
+        before it: an undelete landing between the two is lost (a window of one round trip)."""
         validate_name(name)
-        self._require_meta(name)
+        meta = self._require_meta(name)
+        if deleted_before is not None:
+            refuse_unless_deleted_before(name, meta.deleted, deleted_before)
         self._send("DELETE", f"metadata/{name}", action=f"destroy {name}")
 
     # ---- rotation: refused (KV v2 has no labels, so no `pending`) ------------------------------

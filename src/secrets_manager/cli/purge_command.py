@@ -1,0 +1,78 @@
+"""`purge --older-than TIME [PREFIX]`: destroy for good the secrets deleted before TIME.
+
+`delete` is soft: a deleted secret keeps its values (encrypted) until someone destroys it, which
+for a leaked or retired credential may be never. AWS Secrets Manager ends a deletion's recovery
+window by erasing the secret; this is that step, run from cron or by hand. Each secret goes only
+if it is still deleted, since before TIME, when it is erased (one undeleted meanwhile stays), and
+each erasure has its own audit record, appended as it is made.
+"""
+
+from __future__ import annotations
+
+import click
+
+from secrets_manager.cli.app import Session, cli, pass_session
+from secrets_manager.cli.output import info_line, parse_cutoff, print_json, print_table, timestamp
+from secrets_manager.errors import NotFoundError, SecretStateError, UnsupportedOperationError
+from secrets_manager.store.base import Capability, unsupported_capabilities
+from secrets_manager.store.names import validate_prefix
+
+
+@cli.command()
+@click.argument("prefix", required=False, default="")
+@click.option(
+    "--older-than",
+    required=True,
+    metavar="TIME",
+    help="Only secrets deleted before TIME: an age (30d, 12h) or an ISO 8601 time.",
+)
+@click.option("--dry-run", is_flag=True, help="List what would be destroyed; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@pass_session
+def purge(session: Session, prefix: str, older_than: str, dry_run: bool, as_json: bool) -> None:
+    """Destroy for good every deleted secret (under PREFIX) deleted before TIME, as AWS ends a
+    recovery window. Live secrets are never touched; cannot be undone."""
+    session.require_local("purge")
+    validate_prefix(prefix)
+    cutoff = parse_cutoff(older_than, "--older-than", "give the age a deleted secret may reach, e.g. 30d")
+    with session.secret_operation("purge", prefix or None, mutating=not dry_run) as (store, note):
+        if Capability.PURGE_DELETED in unsupported_capabilities(store):
+            raise UnsupportedOperationError(
+                "purge is not supported by this store: AWS Secrets Manager purges a deleted secret "
+                "itself at the end of its recovery window; 'destroy NAME --all' ends it early"
+            )
+        due = [
+            meta
+            for meta in store.list(prefix, include_deleted=True)
+            if meta.deleted is not None and meta.deleted < cutoff
+        ]
+        purged, kept = [], []
+        for meta in due if not dry_run else ():
+            try:
+                store.destroy_secret(meta.name, deleted_before=cutoff)
+            except (SecretStateError, NotFoundError):  # undeleted, or erased, meanwhile
+                kept.append(meta.name)
+                continue
+            note.erased(meta.name)
+            purged.append(meta)
+    shown = due if dry_run else purged
+    if as_json:
+        print_json(
+            {
+                "dry_run": dry_run,
+                "purged": [{"name": m.name, "deleted": timestamp(m.deleted)} for m in shown],
+                "left": kept,
+            }
+        )
+        return
+    if shown:
+        print_table(["NAME", "DELETED"], [[m.name, timestamp(m.deleted)] for m in shown])
+    verb = "would destroy" if dry_run else "destroyed"
+    info_line(
+        f"{verb} {len(shown)} secret{'s' if len(shown) != 1 else ''} deleted before {timestamp(cutoff)}"
+    )
+    if kept:
+        info_line(f"left {', '.join(kept)}: undeleted or changed meanwhile")
+
+
+__all__ = ["purge"]
