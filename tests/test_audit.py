@@ -1129,6 +1129,8 @@ def test_audit_prune_archives_into_a_directory_and_never_overwrites(cli: Cli, tm
     before = [r["seq"] for r in AuditLog(cli.audit).records()]
     taken = cli("audit", "prune", "--keep-files", "0", "--archive", str(archive))
     assert taken.returncode == 7 and b"never overwritten" in taken.stderr
+    dry = cli("audit", "prune", "--keep-files", "0", "--archive", str(archive), "--dry-run")
+    assert dry.returncode == 7  # a dry run says so too
     # Refused before anything was written or removed.
     assert AuditLog(cli.audit).files() == files
     assert [r["seq"] for r in AuditLog(cli.audit).records()] == before

@@ -690,9 +690,9 @@ class AuditLog:
             self._flock(deadline=time.monotonic() + self.timeout)
             try:
                 chosen = self._prunable(anchor.audit_anchor(), older_than, keep_files, verified)
+                targets = _archive_targets(chosen, archive) if chosen and archive is not None else []
                 if not chosen or dry_run:
-                    return Pruned(files=chosen, records=records, archived=[])
-                targets = _archive_targets(chosen, archive) if archive is not None else []
+                    return Pruned(files=chosen, records=records, archived=targets)
                 last = chosen[-1]
                 begins = {"seq": last.last_seq + 1, "prev": last.last_hash}
                 self._write_locked(

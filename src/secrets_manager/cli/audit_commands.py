@@ -27,7 +27,7 @@ from secrets_manager.store.base import AuditedStore
 
 @cli.group()
 def audit() -> None:
-    """Read and verify the tamper-evident audit log."""
+    """Read, verify and prune the tamper-evident audit log."""
 
 
 @audit.command()
