@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sqlite3
@@ -26,6 +27,7 @@ from secrets_manager.storage import Entry, Put, Storage
 from secrets_manager.storage import sqlite as sqlite_module
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.storage.testing import STORAGE_CHECKS, check_storage
+from secrets_manager.store import EncryptedStore
 
 
 @pytest.fixture
@@ -267,6 +269,58 @@ def test_opening_a_store_from_a_newer_release_is_refused_untouched(
     with pytest.raises(StorageError, match="upgrade secrets-manager"):
         SqliteStorage(tmp_store_path)
     assert file_bytes(tmp_store_path) == before
+
+
+def drop_the_change_log(path: Path) -> None:
+    """Make a store file what the first builds wrote (commits 781de22 to 4fd4c3a^, 2026-11-28, e.g.
+    5daace8's `init`): the same schema 1, tables `entries` and `counter` as now, no `changes` table
+    (checked against a store 5daace8 made: sqlite_master held exactly those two tables)."""
+    db = sqlite3.connect(path)
+    db.execute("DROP TABLE changes")
+    db.commit()
+    db.close()
+
+
+def test_a_store_from_before_the_change_feed_is_upgraded_when_opened_and_reads_and_writes(
+    encrypted_store: EncryptedStore,
+    open_store: Callable[..., EncryptedStore],
+    tmp_store_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Before, every command on such a store failed 'no such table: changes' (exit 1)."""
+    encrypted_store.put("svc/A", b"one")
+    encrypted_store.put("svc/A", b"two")
+    encrypted_store.close()
+    drop_the_change_log(tmp_store_path)
+    with caplog.at_level(logging.WARNING, logger="secrets_manager.storage.sqlite"):
+        store = open_store()
+    assert [r.getMessage() for r in caplog.records if "early secrets-manager" in r.getMessage()]
+    assert store.get("svc/A").value.reveal() == b"two"
+    assert store.get("svc/A", version=1).value.reveal() == b"one"
+    store.put("svc/A", b"three")
+    assert open_store().get("svc/A").value.reveal() == b"three"  # another handle sees the write
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="secrets_manager.storage.sqlite"):
+        open_store()
+    assert not caplog.records  # upgraded once
+
+
+def test_the_upgrade_feeds_changes_and_touches_no_entry(storage: SqliteStorage, tmp_store_path: Path) -> None:
+    storage.put("k", b"v")
+    storage.close()
+    drop_the_change_log(tmp_store_path)
+    reader = sqlite3.connect(tmp_store_path)
+    entries = reader.execute("SELECT key, value, revision FROM entries").fetchall()
+    reader.close()
+    upgraded = SqliteStorage(tmp_store_path)
+    assert upgraded.change_head() == 0
+    revision = upgraded.put("k2", b"v2")
+    assert upgraded.change_head() == revision
+    assert [c.key for c in upgraded.changes_since(0).changes] == ["k2"]
+    upgraded.close()
+    reader = sqlite3.connect(tmp_store_path)
+    assert reader.execute("SELECT key, value, revision FROM entries WHERE key = 'k'").fetchall() == entries
+    reader.close()
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count descriptors")

@@ -10,6 +10,7 @@ erased key material has left every file of the store.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import sqlite3
 import threading
@@ -37,6 +38,8 @@ from secrets_manager.storage.base import (
     Put,
 )
 
+log = logging.getLogger(__name__)
+
 SCHEMA_VERSION = 1
 BUSY_TIMEOUT_MS = 30_000
 CHANGE_LOG_RETAINED = 100_000  # revisions of change history kept for watchers
@@ -53,12 +56,16 @@ CREATE TABLE IF NOT EXISTS counter (
     revision INTEGER NOT NULL
 );
 INSERT OR IGNORE INTO counter (id, revision) VALUES (1, 0);
+"""
+# The change feed's log. Schema 1 is older than it: stores made by the first builds of 2026-11-28
+# (before the change feed, commit 4fd4c3a) have every other table and get this one when opened.
+_CHANGES_TABLE = """
 CREATE TABLE IF NOT EXISTS changes (
     revision INTEGER NOT NULL,
     key TEXT NOT NULL,
     deleted INTEGER NOT NULL,
     PRIMARY KEY (revision, key)
-) WITHOUT ROWID;
+) WITHOUT ROWID
 """
 # A value is read as bytes whatever its SQLite type, with the type beside it: a value that is not a
 # BLOB (the file was edited: `UPDATE entries SET value = CAST(value AS TEXT)`) is refused by
@@ -123,6 +130,7 @@ class SqliteStorage:
             with self._transaction():
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     db.execute(statement)
+                db.execute(_CHANGES_TABLE)
                 db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             return
         # Opening must not write: a read-only command leaves the file's bytes as they were.
@@ -133,6 +141,23 @@ class SqliteStorage:
             raise StorageError(f"{self.path} has storage schema {schema}; upgrade secrets-manager to open it")
         if schema != SCHEMA_VERSION:
             raise StorageError(f"{self.path} is not a secrets-manager store (schema {schema})")
+        if not db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'changes'").fetchone():
+            self._add_change_log()
+
+    def _add_change_log(self) -> None:
+        """Upgrade a store made before the change feed (its `changes` table) in place: the one
+        write an open may make, as Vault upgrades its storage on unseal. Nothing else differs, no
+        entry is touched, and the builds that made such a store ignore the table. Every reader
+        needs it (the change head is read before a cached read is trusted), so it is added here
+        rather than by the first write; two processes opening the store at once both may try,
+        and the second finds it made."""
+        with self._transaction():
+            self._db.execute(_CHANGES_TABLE)
+        log.warning(
+            "store %s was made by an early secrets-manager (before 2026-11-28's change feed): added the "
+            "change log it lacked; its secrets are untouched and it needs nothing more",
+            self.path,
+        )
 
     @contextmanager
     def _transaction(
