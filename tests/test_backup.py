@@ -416,6 +416,58 @@ def test_a_store_with_a_damaged_record_is_not_backed_up(
     assert leftovers(tmp_path) == []
 
 
+def add_an_entry_of_a_newer_version(path: Path) -> None:
+    """What a newer secrets-manager may leave in a store: a `core/` entry this one does not know, as
+    format 4.6 added `core/recovery` (which a version of 2026-11-28, e.g. 97d87ba, then called damage:
+    'the store is damaged (the entry 'core/recovery' is not part of the store layout)')."""
+    raw = SqliteStorage(path)
+    try:
+        raw.put("core/from-a-newer-version", b"\x01" + bytes(40))
+    finally:
+        raw.close()
+
+
+def test_a_store_a_newer_version_wrote_to_is_not_called_damaged_by_backup(
+    source: EncryptedStore, tmp_path: Path, tmp_store_path: Path
+) -> None:
+    """Before: IntegrityError 'the store is damaged … destroy NAME --version N' (exit 6)."""
+    add_an_entry_of_a_newer_version(tmp_store_path)
+    for password in (None, BACKUP_PASSWORD):
+        with pytest.raises(InvalidInputError, match="newer secrets-manager wrote it") as raised:
+            write_backup(source, tmp_path / "b.smbackup", password=password, kdf=kdf.TEST)
+        assert "core/from-a-newer-version" in str(raised.value)
+        assert "damaged" not in str(raised.value)
+        assert not isinstance(raised.value, IntegrityError)
+    assert not (tmp_path / "b.smbackup").exists()
+
+
+def test_a_store_copy_backup_with_an_entry_of_a_newer_version_says_upgrade(
+    source: EncryptedStore,
+    tmp_path: Path,
+    tmp_store_path: Path,
+    store_password: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A newer version writes its entry into the copy; this one's verify and restore must say
+    'upgrade', not 'damaged … use another copy' (exit 6), which sends the user to older copies."""
+    add_an_entry_of_a_newer_version(tmp_store_path)
+    checked = backup_module._checked
+    monkeypatch.setattr(  # the newer writer: it knows its entry
+        backup_module,
+        "_checked",
+        lambda header, root, entries, progress: checked(
+            header, root, [e for e in entries if e[0] != "core/from-a-newer-version"], progress
+        ),
+    )
+    path = tmp_path / "newer.smbackup"
+    write_backup(source, path, kdf=kdf.TEST)
+    monkeypatch.undo()
+    with pytest.raises(
+        backup_module.BackupVersionError, match="upgrade secrets-manager to verify or restore"
+    ):
+        read_backup(path, store_password.encode())
+
+
 def test_a_store_with_rolled_back_metadata_is_not_backed_up_and_the_refusal_names_a_working_command(
     encrypted_store: EncryptedStore, tmp_path: Path, tmp_store_path: Path, store_password: str
 ) -> None:

@@ -106,6 +106,7 @@ FILE_KEY_NAME = "backup/file-key"
 # What kind `store` leaves out: the header travels in the file header; the audit anchor pins the
 # source's audit log, which the restored store does not have (it starts anchoring its own).
 NOT_COPIED = (HEADER_KEY, AUDIT_ANCHOR_KEY)
+_CORE_PREFIX = "core/"  # the store's own entries (format.md 8); a newer version may add some
 _DATA_KEY = re.compile(r"(?P<name>[^#]+)#(?P<version>[1-9][0-9]{0,18})")
 _NEWER_VERSION = re.compile(rb"secrets-manager-backup/v(?P<version>[1-9][0-9]{0,8})\n")
 
@@ -248,6 +249,20 @@ class BackupVersionError(InvalidInputError):
     """The file is a backup in a newer format than this program reads (exit 2)."""
 
 
+class NewerEntryError(InvalidInputError):
+    """A `core/` entry this version does not know (exit 2): the store format keeps its number when
+    a version adds one (format 4.6 added `core/recovery`), so a newer secrets-manager wrote it.
+    Reported as that, not as damage: a version of 2026-11-28 called such a store damaged."""
+
+    def __init__(self, key: str, message: str | None = None) -> None:
+        self.key = key
+        super().__init__(
+            message
+            or f"the store holds the entry {key!r}, which this secrets-manager does not know: a newer "
+            "secrets-manager wrote it; upgrade secrets-manager to read it whole"
+        )
+
+
 # ---- writing -----------------------------------------------------------------------------------------
 
 
@@ -364,6 +379,12 @@ def _checked(
     is not written."""
     try:
         return decode_store(store_header, root, entries, progress=progress)
+    except NewerEntryError as exc:
+        raise NewerEntryError(
+            exc.key,
+            f"the store holds the entry {exc.key!r}, which this secrets-manager does not know: a newer "
+            "secrets-manager wrote it; nothing was written: back the store up with that newer version",
+        ) from None
     except IntegrityError as exc:
         raise IntegrityError(
             f"the store is damaged ({_reason(exc)}), so no backup was written; erase the damaged or "
@@ -590,6 +611,11 @@ def read_backup(
             entries = _parse_entries(lines, path)
             try:
                 decoded = decode_store(store_header, root, entries, progress=progress)
+            except NewerEntryError as exc:
+                raise BackupVersionError(
+                    f"{path} holds a store with the entry {exc.key!r}, which this secrets-manager does not "
+                    "know: a newer secrets-manager wrote it; upgrade secrets-manager to verify or restore it"
+                ) from None
             except IntegrityError as exc:
                 raise BackupDamagedError(path, f"the store in it is inconsistent: {_reason(exc)}") from None
         else:
@@ -905,7 +931,7 @@ def decode_store(
 
     IntegrityError, naming the entry (names are not secret), if a record fails to open, a key is
     not part of the storage layout (docs/format.md section 8), a kept version has no value, or a
-    value has no version."""
+    value has no version; NewerEntryError for a `core/` key this version does not know."""
     if store_header.get("root_key_id") != root.id:
         raise IntegrityError("the root key does not match the store header")
     lookup = _only(root)
@@ -930,6 +956,8 @@ def decode_store(
                 metas[_layout(validate_name, key[len(META_PREFIX) :])] = value
             elif key.startswith(DATA_PREFIX) and (match := _DATA_KEY.fullmatch(key[len(DATA_PREFIX) :])):
                 values.setdefault(_layout(validate_name, match["name"]), {})[int(match["version"])] = value
+            elif key.startswith(_CORE_PREFIX):
+                raise NewerEntryError(key)
             else:
                 raise IntegrityError(f"the entry {key!r} is not part of the store layout")
     decoded = []
@@ -1077,6 +1105,7 @@ __all__ = [
     "BackupSummary",
     "BackupVersion",
     "BackupVersionError",
+    "NewerEntryError",
     "decode_store",
     "read_backup",
     "read_backup_header",

@@ -555,17 +555,9 @@ def build() -> dict[str, dict[str, Any]]:
             MASTER_PASSWORD,
         ),
         "bad_unknown_storage_key": vector(
-            "an entry outside the store layout (core/unknown)",
+            "an entry outside the store layout (other/unknown)",
             bad,
-            store_kind_file(
-                edit_entries=lambda lines: [
-                    *sorted(
-                        [*lines[:-1], {"key": "core/unknown", "type": "entry", "value": ""}],
-                        key=lambda line: line["key"],
-                    ),
-                    {"entries": len(lines), "type": "end"},
-                ]
-            )[0],
+            store_kind_file(edit_entries=with_entry("other/unknown"))[0],
             MASTER_PASSWORD,
         ),
         "bad_store_record_fails_tag": vector(
@@ -639,7 +631,21 @@ def build() -> dict[str, dict[str, Any]]:
             reheader(store_hdr, store_file, canonical(newer_store)),
             MASTER_PASSWORD,
         ),
+        "newer_core_entry": vector(
+            "kind store holding a core/ entry this version does not know (a newer one wrote it)",
+            "unsupported_version",
+            store_kind_file(edit_entries=with_entry("core/unknown"))[0],
+            MASTER_PASSWORD,
+        ),
     }
+
+
+def with_entry(key: str) -> Any:
+    """An entry-lines edit adding an empty entry `key` in its place, the end count one more."""
+    return lambda lines: [
+        *sorted([*lines[:-1], {"key": key, "type": "entry", "value": ""}], key=lambda line: line["key"]),
+        {"entries": len(lines), "type": "end"},
+    ]
 
 
 def main() -> None:
