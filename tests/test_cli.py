@@ -7,6 +7,7 @@ import json
 import os
 import pty
 import pwd
+import re
 import select
 import shlex
 import signal
@@ -655,12 +656,18 @@ def test_status_shows_the_store_at_a_glance_and_exits_6_when_the_audit_log_does_
     assert lines["unlocked by"].strip() == "password"
     assert lines["secrets"].strip() == "2 in 2 namespace(s) (auth, mc), 1 deleted"
     assert lines["oldest value"].strip().startswith("auth/DB, stored ")
-    assert lines["audit log"].strip().endswith("records, verified")
+    assert re.search(r": \d+ records in 1 file\(s\), [\d.]+ (bytes|KiB), verified$", lines["audit log"])
+    assert lines["oldest deletion"].strip().startswith("mc/GONE, deleted ")
+    assert "'purge --older-than' erases them" in lines["oldest deletion"]
     assert lines["recovery shares"].strip() == "none"
     doc = json.loads(ready("status", "--json").out)
     assert (doc["secrets"], doc["deleted_secrets"], doc["namespaces"]) == (2, 1, ["auth", "mc"])
     assert doc["audit_verified"] is True and doc["audit_records"] > 10 and doc["kind"] == "sqlite"
     assert doc["oldest_value"]["name"] == "auth/DB" and doc["oldest_value"]["days"] == 0
+    assert doc["oldest_deleted"]["name"] == "mc/GONE" and doc["oldest_deleted"]["days"] == 0
+    audit_size = ready.store.with_name("store.audit.jsonl").stat().st_size
+    # Measured before status's own record was appended.
+    assert (doc["audit_files"], doc["audit_first_record"]) == (1, 1) and 0 < doc["audit_bytes"] < audit_size
     audit = ready.store.with_name("store.audit.jsonl")
     records = audit.read_bytes().splitlines(keepends=True)
     records[3] = records[3].replace(b'"actor":"', b'"actor":"mallory-')  # an edited record mid-log

@@ -60,6 +60,16 @@ def status(session: Session, as_json: bool) -> None:
         live = [meta for meta in secrets if meta.deleted is None]
         doc["secrets"] = len(live)
         doc["deleted_secrets"] = len(secrets) - len(live)
+        deleted = sorted((meta.deleted, meta.name) for meta in secrets if meta.deleted is not None)
+        doc["oldest_deleted"] = (
+            {
+                "name": deleted[0][1],
+                "deleted": timestamp(deleted[0][0]),
+                "days": (datetime.now(UTC) - deleted[0][0]).days,
+            }
+            if deleted
+            else None
+        )
         doc["namespaces"] = sorted({namespace_of(meta.name) for meta in live})
         # Values the metadata does not list (a meta/ row rolled back or deleted): keys only.
         doc["unlisted_values"] = store.unlisted_values(secrets) if isinstance(store, EncryptedStore) else None
@@ -73,13 +83,18 @@ def status(session: Session, as_json: bool) -> None:
             if stored
             else None
         )
+        log = session.audit_log()
         try:
-            doc["audit_records"] = session.audit_log().verify(
+            doc["audit_records"] = log.verify(
                 store.audit_key(), store.audit_anchor(), anchor_required=not store.audit_anchor_scoped
             )
         except IntegrityError as exc:
             audit_problem = str(exc)
             doc["audit_records"] = None
+        files = log.files()
+        doc["audit_files"] = len(files)
+        doc["audit_bytes"] = sum(path.stat().st_size for path in files if path.exists())
+        doc["audit_first_record"] = log.first_seq() if audit_problem is None else None
         doc["audit_verified"] = audit_problem is None
         doc["recovery_shares"] = _recovery(store) if isinstance(store, EncryptedStore) else None
     if as_json:
@@ -99,6 +114,18 @@ def status(session: Session, as_json: bool) -> None:
             "older value; check it against a backup, and to go on erase those values with "
             f"'{suggested('destroy', name, *(w for n in versions for w in ('--version', str(n))))}'"
         )
+
+
+def _size(count: int) -> str:
+    """A byte count as people read it (binary units, as `ls -lh`)."""
+    if count < 1024:
+        return f"{count} bytes"
+    size = float(count)
+    for unit in ("KiB", "MiB", "GiB"):
+        size /= 1024
+        if size < 1024 or unit == "GiB":
+            break
+    return f"{size:.1f} {unit}"
 
 
 def _where(url: str | None) -> str:
@@ -153,6 +180,17 @@ def _print(doc: dict[str, Any], audit_problem: str | None) -> None:
             + (f" ({', '.join(doc['namespaces'])})" if doc["namespaces"] else "")
             + (f", {doc['deleted_secrets']} deleted" if doc["deleted_secrets"] else ""),
         ),
+        *(
+            []
+            if doc["oldest_deleted"] is None
+            else [
+                (
+                    "oldest deletion",
+                    f"{doc['oldest_deleted']['name']}, deleted {doc['oldest_deleted']['deleted']} "
+                    f"({doc['oldest_deleted']['days']} days ago; 'purge --older-than' erases them)",
+                )
+            ]
+        ),
         (
             "oldest value",
             "-"
@@ -173,7 +211,17 @@ def _print(doc: dict[str, Any], audit_problem: str | None) -> None:
         (
             "audit log",
             f"{doc['audit_file']}: "
-            + (f"{doc['audit_records']} records, verified" if audit_problem is None else "DOES NOT VERIFY"),
+            + (
+                f"{doc['audit_records']} records in {doc['audit_files']} file(s), "
+                f"{_size(doc['audit_bytes'])}, verified"
+                + (
+                    f" (from record {doc['audit_first_record']}; earlier ones pruned)"
+                    if (doc["audit_first_record"] or 1) > 1
+                    else ""
+                )
+                if audit_problem is None
+                else "DOES NOT VERIFY"
+            ),
         ),
         (
             "recovery shares",
