@@ -29,6 +29,7 @@ from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.wire import WATCH_REVISION_KEY
 from service_fixtures import PASSWORD, POLICY, SCRIPT, SEED, Server, in_process_server, make_pki, start_server
+from tcp_proxy import TcpProxy, Verdict
 
 
 def create_store(conninfo: str, schema: str, seed: dict[str, bytes]) -> None:
@@ -418,3 +419,48 @@ def test_reads_go_on_while_another_transaction_holds_the_stores_commit_lock(
             assert put.version == 1
     finally:
         store.close()
+
+
+class AnswersStop(TcpProxy):
+    """Passes everything until `stalled` is set, then swallows the database's answers, the
+    connections staying open: a replica's path to PostgreSQL gone dark, or a frozen server."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.stalled = threading.Event()
+
+    def verdict(self, data: bytes, *, from_client: bool) -> Verdict:
+        return Verdict.SWALLOW if self.stalled.is_set() and not from_client else Verdict.PASS
+
+
+def test_watch_streams_end_when_the_replicas_database_stops_answering(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """A replica whose database stops answering says NOT_SERVING within seconds, and ends its Watch
+    streams then (UNAVAILABLE), so an SDK moves its stream to a replica that still reads the store.
+    Before, the stream stayed open and silent until the store's 30 s answer timeout, while its
+    client served every value it had cached as fresh, missing the writes made through the others."""
+    make_pki(tmp_path)
+    (tmp_path / "policy.toml").write_text(POLICY)
+    schema = postgres_cluster.new_schema()
+    create_store(postgres_cluster.url(with_password=True), schema, SEED)
+    proxy = AnswersStop("127.0.0.1", postgres_cluster.port)
+    url = f"{postgres_cluster.url()}?schema={schema}".replace(f":{postgres_cluster.port}/", f":{proxy.port}/")
+    server = start_server(
+        tmp_path, store=url, environment=postgres_cluster.env(), settings='audit_file = "stall.audit.jsonl"\n'
+    )
+    try:
+        stream = server.stub("auth").Watch(pb.WatchRequest(prefix="auth/"), timeout=20)
+        assert dict(stream.initial_metadata() or ()).get(WATCH_REVISION_KEY)  # live from here
+        proxy.stalled.set()
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as ended:
+            next(stream)
+        waited = time.monotonic() - started
+        assert ended.value.code() is grpc.StatusCode.UNAVAILABLE, ended.value.details()
+        assert "cannot read its store" in (ended.value.details() or "")
+        assert waited < 12, f"the stream stayed open {waited:.1f} s on a replica that cannot read its store"
+        wait_for_health(server, health_pb2.HealthCheckResponse.NOT_SERVING)
+    finally:
+        server.kill()  # a graceful stop would wait for its reads of the silent database
+        proxy.close()

@@ -6,6 +6,11 @@ call fails or waits out its deadline. A cheap store read runs every `interval` s
 thread of its own; while one has failed, or has not answered within `timeout` seconds (a hung
 database, a lock that never comes), the service reports NOT_SERVING; SERVING again once a read
 answers. A graceful shutdown's NOT_SERVING is never undone (HealthServicer ignores `set` then).
+
+`on_not_serving(reason)` runs each time the status turns NOT_SERVING: the service ends its Watch
+streams then, so a client whose stream is here moves it to a replica that can read the store (a
+stream on a replica whose database hangs would otherwise stay open, silent, until the store's own
+answer timeout, 30 s, while its client serves what it cached as fresh).
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ class StoreHealth:
         interval: float = HEALTH_PROBE_INTERVAL_SECONDS,
         timeout: float = HEALTH_PROBE_TIMEOUT_SECONDS,
         clock: Callable[[], float] = time.monotonic,
+        on_not_serving: Callable[[str], None] | None = None,
     ) -> None:
         self._servicer = servicer
+        self._on_not_serving = on_not_serving
         self._names = list(names)
         self._probe = probe
         self._interval = interval
@@ -100,3 +107,8 @@ class StoreHealth:
         else:
             reason = f"no answer within {self._timeout:g} s" if hung else "failed"
             log.warning("the store does not answer: health is NOT_SERVING", extra={"probe": reason})
+            if self._on_not_serving is not None:
+                try:
+                    self._on_not_serving(reason)
+                except Exception as exc:  # a bug there must not stop the judging; its message is withheld
+                    log.error("ending watch streams failed", extra={"error_type": type(exc).__name__})

@@ -760,7 +760,15 @@ def _start(
     port = _bind(server, config.listen, certificates.credentials())
     server.start()
     # NOT_SERVING while the store does not answer, so clients pass over this replica.
-    store_health = StoreHealth(health_servicer, (service_name, ""), lambda: store.changes_since(None))
+    # Its Watch streams end then too: their clients move them to a replica that reads the store.
+    store_health = StoreHealth(
+        health_servicer,
+        (service_name, ""),
+        lambda: store.changes_since(None),
+        on_not_serving=lambda reason: servicer.watch_hub.interrupt(
+            StorageError(f"this replica cannot read its store ({reason}): watch through another replica")
+        ),
+    )
     store_health.start()
     return RunningServer(server, servicer, port, health_servicer, metrics, store_health)
 

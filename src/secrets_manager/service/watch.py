@@ -17,7 +17,9 @@ for the next tick.
 - A subscriber that falls behind (its queue holds `queue_events` undelivered events) has its queue
   cleared and gets one RESYNC event instead: memory stays bounded and the poller never blocks.
 - A store error in the poller ends every subscription with that error (the stream ends with the
-  error's status); the poller carries on and polls again for the next subscribers.
+  error's status); the poller carries on and polls again for the next subscribers. So does
+  `interrupt(error)`, which the service calls when its health probe finds the store not answering:
+  the poller's own read of a hung database would wait out the store's answer timeout.
 - `max_subscribers` bounds the open subscriptions: each Watch stream holds a gRPC worker thread, so
   the bound keeps workers free for every other call. One more gets `ResourceExhaustedError`.
 
@@ -224,6 +226,15 @@ class ChangeHub:
             self._stop_listening()
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
+
+    def interrupt(self, error: BaseException) -> None:
+        """End every subscription now with `error`, as a failed read of the feed would: the store
+        does not answer (the health probe says so) and the poller's read may be stuck in it. A read
+        that returns later is dropped (the hub's position moved on)."""
+        with self._lock:
+            revision = self._revision
+            if revision is not None:
+                self._fail(revision, error)
 
     # ---- internals -------------------------------------------------------------------------------
 
