@@ -104,6 +104,12 @@ class PostgresCluster:
         shutil.rmtree(self._dir, ignore_errors=True)
         self._dir = None
 
+    def restart(self) -> None:
+        """`pg_ctl restart -m fast`: every connection ends, and the server comes back on its port
+        with a new postmaster (as a failover to another server looks to a client)."""
+        assert self._dir is not None
+        self._pg_ctl("restart", "-m", "fast", "-w", "-t", "60", "-l", str(self._dir / "server.log"))
+
     def _initdb(self) -> None:
         assert self._dir is not None
         password_file = self._dir / "superuser-password"

@@ -656,6 +656,54 @@ def test_a_snapshot_after_the_connections_dropped_is_retried_on_a_new_one(
     assert len(storage._idle) == 1  # the dead ones were closed, not tried one by one
 
 
+def test_a_database_that_came_back_with_less_history_is_not_served_from_the_cache(
+    place: Place, postgres_cluster: PostgresCluster
+) -> None:
+    """A failover to an asynchronous standby that lacked the last commit (or a restore of the
+    database) takes the store back in history; the next commits reuse the lost revisions with other
+    content. A long-lived handle (a service replica) had cached a read and a listing at the lost
+    revision: after the failover, it must answer what the database holds, not what it cached then.
+    Before, with the head back at that revision, it served the lost value and the old listing."""
+    store = EncryptedStore.create(place.open(create=True), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
+    store.put("auth/X", b"kept-value")
+    tables = ("meta", "entries", "changes")
+    with postgres_cluster.connect() as db:  # what the standby had
+        for table in tables:
+            db.execute(
+                sql.SQL("CREATE TABLE {s}.{saved} AS SELECT * FROM {s}.{t}").format(
+                    s=sql.Identifier(place.schema),
+                    saved=sql.Identifier(f"saved_{table}"),
+                    t=sql.Identifier(table),
+                )
+            )
+    replica = EncryptedStore.open(place.open(), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
+    try:
+        store.put("auth/X", b"LOST-in-the-failover")  # the commit the standby never got
+        assert replica.get("auth/X").value.reveal() == b"LOST-in-the-failover"  # cached
+        assert [m.current_version for m in replica.list("auth/")] == [2]
+        with postgres_cluster.connect() as db:
+            for table in tables:
+                db.execute(
+                    sql.SQL("DELETE FROM {s}.{t}; INSERT INTO {s}.{t} SELECT * FROM {s}.{saved}").format(
+                        s=sql.Identifier(place.schema),
+                        saved=sql.Identifier(f"saved_{table}"),
+                        t=sql.Identifier(table),
+                    )
+                )
+        postgres_cluster.restart()  # the clients find another server
+        store.close()
+        other = EncryptedStore.open(place.open(), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
+        # The same secret's version 2 again, at the lost revision, with another value and metadata.
+        other.put("auth/X", b"written-after-the-failover", description="new timeline")
+        other.close()
+        assert replica.get("auth/X").value.reveal() == b"written-after-the-failover"
+        assert replica.get("auth/X", version=1).value.reveal() == b"kept-value"
+        listed = [(m.name, m.current_version, m.description) for m in replica.list("auth/")]
+        assert listed == [("auth/X", 2, "new timeline")]
+    finally:
+        replica.close()
+
+
 def test_a_closed_handle_says_so(storage: PostgresStorage) -> None:
     storage.close()
     with pytest.raises(StorageError, match="is closed"):

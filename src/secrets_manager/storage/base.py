@@ -125,7 +125,11 @@ class ChangeHead(Protocol):
     reader can keep what it decoded for as long as it stays put: the encrypted store's read cache
     (store/encrypted.py). A silent commit changes no logical content by definition (re-encryption,
     the audit anchor), so it need not, and must not be relied on to, move it. The newest entry is
-    never pruned from the feed, so the head never moves back to a value it had before."""
+    never pruned from the feed, so the head never moves back to a value it had before, except when
+    the database itself goes back in history (a failover to a standby that lacked the last commits,
+    a restore of the database): a storage where that can happen under an open handle has an int
+    `incarnation` that moves when it finds itself connected to another server, and readers tag
+    what they keep with it too."""
 
     def change_head(self) -> int:
         """The newest change's revision; 0 if no commit was ever logged."""

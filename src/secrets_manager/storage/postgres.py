@@ -200,6 +200,13 @@ class PostgresStorage:
         self._idle_lock = threading.Lock()
         self._idle: list[_Connection] = []  # open, not lent out
         self._closed = False
+        # Moves when a new connection finds another server than the last one did (its postmaster
+        # started at another time: a restart, or a failover to a standby). Such a server may hold
+        # less history than was read before (an asynchronous standby that lacked the last commits,
+        # a restored backup) and reach the same revisions again with other content, so what a
+        # reader keeps by revision (the encrypted store's read cache) is tagged with it too.
+        self.incarnation = 0
+        self._server_started: object = None
         try:
             with self._borrowed() as conn:
                 try:
@@ -243,13 +250,21 @@ class PostgresStorage:
     def _connect(self) -> _Connection:
         conn = self._open_connection()
         try:
-            encoding = conn.execute("SHOW server_encoding").fetchone()
+            row = conn.execute(
+                "SELECT current_setting('server_encoding'), pg_postmaster_start_time()"
+            ).fetchone()
+            encoding = None if row is None else row[:1]
             if encoding is None or str(encoding[0]).upper() not in ("UTF8", "UTF-8"):
                 raise StorageError(
                     f"store {self.location}: the database's encoding is {encoding and encoding[0]}, "
                     "not UTF8; create the database with ENCODING 'UTF8'"
                 )
             conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{LOCK_TIMEOUT_MS}ms")))
+            assert row is not None
+            with self._idle_lock:
+                if self._server_started is not None and row[1] != self._server_started:
+                    self.incarnation += 1
+                self._server_started = row[1]
         except psycopg.Error as exc:
             _close_quietly(conn)
             raise self._error(exc, conn) from None

@@ -166,10 +166,12 @@ class EncryptedStore:
         self._change_head = storage if isinstance(storage, ChangeHead) else None
         self._read_cache: ReadCache[_CachedSecret] = ReadCache()
         # The last few listings (store.list), by prefix, while the change head stays put; and the
-        # metadata they decrypted, by row key: (row revision, id of the key that sealed it, metadata).
+        # metadata they decrypted, by row key: (the sealed record, id of the key that sealed it,
+        # metadata). The record itself, not its row's revision: a database that came back with
+        # less history (a failover, a restore) gives the same revision to another record.
         self._listings: ReadCache[tuple[SecretMetadata, ...]] = ReadCache(LISTINGS_KEPT)
         self._listing_lock = threading.Lock()
-        self._decoded_meta: dict[str, tuple[int, int, SecretMetadata]] = {}
+        self._decoded_meta: dict[str, tuple[bytes, int, SecretMetadata]] = {}
         self._root = root_key
         self._actor = actor
         self._clock = clock
@@ -332,7 +334,7 @@ class EncryptedStore:
         if label is not None and label not in LABELS:
             raise InvalidInputError(f"unknown label {label!r}; labels are {', '.join(LABELS)}")
         label = label or (CURRENT if version is None else None)
-        head = None if self._change_head is None else self._change_head.change_head()
+        head = self._cache_head()
         if head is not None:
             cached = self._read_cache.get(head, name)
             if cached is not None:
@@ -377,7 +379,7 @@ class EncryptedStore:
                 raise _named(exc, _value_damaged(name, number)) from None
             value_hmac = value_fingerprint(self.audit_key(), plaintext) if fingerprint else None
             # Kept only if nothing changed while it was read (the head is where it was before).
-            if head is not None and self._change_head is not None and self._change_head.change_head() == head:
+            if head is not None and self._cache_head() == head:
                 cached = self._read_cache.get(head, name) or _CachedSecret(meta, {})
                 if cached.meta == meta:
                     cached.records[number] = _SealedValue(entry.value, used[0], value_hmac)
@@ -413,14 +415,10 @@ class EncryptedStore:
                 kept = self._kept_listing(which)
                 if kept is not None:
                     return builtins.list(kept)
-                head = None if self._change_head is None else self._change_head.change_head()
+                head = self._cache_head()
                 result = self._list_decoding_outside(self._storage, prefix, include_deleted)
                 # Kept only if nothing changed while it was read (the head is where it was before).
-                if (
-                    head is not None
-                    and self._change_head is not None
-                    and self._change_head.change_head() == head
-                ):
+                if head is not None and self._cache_head() == head:
                     self._listings.put(head, which, tuple(result))
                 return result
         result = []
@@ -433,9 +431,25 @@ class EncryptedStore:
 
     def _kept_listing(self, which: str) -> tuple[SecretMetadata, ...] | None:
         """The listing `which` kept at the storage's change head as it is now, if there is one."""
+        head = self._cache_head()
+        return None if head is None else self._listings.get(head, which)
+
+    def _cache_head(self) -> int | None:
+        """What the read cache and the kept listings are tagged with: the storage's change head, or
+        None (nothing cached for this read). On a storage whose server can be replaced under it
+        (PostgreSQL's `incarnation`: a connection found the server restarted or failed over) the
+        incarnation is its high part. A database that came back with less history (a failover to a
+        standby that lacked the last commits, a restore of the database) reaches the revisions it
+        lost again with other content: what was cached at one of them must not be served then. A
+        head read while the incarnation moved is not used (it may be either server's)."""
         if self._change_head is None:
             return None
-        return self._listings.get(self._change_head.change_head(), which)
+        before = getattr(self._storage, "incarnation", 0)
+        revision = self._change_head.change_head()
+        incarnation = getattr(self._storage, "incarnation", 0)
+        if incarnation != before:
+            return None
+        return (incarnation << 64) | revision  # revisions are PostgreSQL bigints: below 2**63
 
     def _list_decoding_outside(
         self, storage: Snapshotting, prefix: str, include_deleted: bool
@@ -483,14 +497,14 @@ class EncryptedStore:
             keyset = keysets[namespace]
             known = decoded.get(key)
             meta = None
-            if known is not None and known[0] == entry.revision:
+            if known is not None and known[0] == entry.value:
                 # The same record as decrypted before, if the key that sealed it still opens it.
                 with contextlib.suppress(IntegrityError):
                     keyset.key_for_decryption(known[1])
                     meta = known[2]
             if meta is None:
                 meta = _open_meta(keyset, name, entry.value).public(name)
-                decoded[key] = (entry.revision, record_key_id(entry.value), meta)
+                decoded[key] = (entry.value, record_key_id(entry.value), meta)
             if include_deleted or meta.deleted is None:
                 result.append(meta)
         result.sort(key=_by_name)  # storage order is key order, but a database may collate otherwise
