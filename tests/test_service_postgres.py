@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
 import threading
 import time
@@ -28,7 +29,17 @@ from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.wire import WATCH_REVISION_KEY
-from service_fixtures import PASSWORD, POLICY, SCRIPT, SEED, Server, in_process_server, make_pki, start_server
+from service_fixtures import (
+    PASSWORD,
+    POLICY,
+    SCRIPT,
+    SEED,
+    Server,
+    eventually,
+    in_process_server,
+    make_pki,
+    start_server,
+)
 from tcp_proxy import TcpProxy, Verdict
 
 
@@ -464,3 +475,42 @@ def test_watch_streams_end_when_the_replicas_database_stops_answering(
     finally:
         server.kill()  # a graceful stop would wait for its reads of the silent database
         proxy.close()
+
+
+def test_sigterm_ends_the_service_in_bounded_time_while_its_database_stops_answering(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """SIGTERM on a replica whose database stopped answering: the audit log's flush at shutdown
+    waits at most its timeout (5 s) for the store, so the process exits within the grace period
+    and that, saying the anchor lags. Before, it waited out the store's 30 s answer timeout (and a
+    connect timeout) and exited after 32 s: past a Kubernetes pod's default grace, so killed."""
+    make_pki(tmp_path)
+    (tmp_path / "policy.toml").write_text(POLICY)
+    schema = postgres_cluster.new_schema()
+    create_store(postgres_cluster.url(with_password=True), schema, SEED)
+    proxy = AnswersStop("127.0.0.1", postgres_cluster.port)
+    url = f"{postgres_cluster.url()}?schema={schema}".replace(f":{postgres_cluster.port}/", f":{proxy.port}/")
+    server = start_server(
+        tmp_path, store=url, environment=postgres_cluster.env(), settings='audit_file = "stall.audit.jsonl"\n'
+    )
+    try:
+        server.stub("auth").GetSecret(pb.GetSecretRequest(name="auth/JWT_KEY"), timeout=30)
+        proxy.stalled.set()
+        time.sleep(0.5)  # the read's deferred anchor update is under way, into the silent database
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail("serve did not exit within 20 s of SIGTERM")
+        took = time.monotonic() - started
+        assert took < 5 + 6 + 2, f"serve took {took:.1f} s to exit"  # grace, flush, slack
+        assert server.process.returncode == 0
+        said = "could not be flushed at shutdown"
+        assert eventually(lambda: any(said in line for line in server.log_lines)), server.log_lines[-5:]
+        assert "anchor lags" in next(line for line in server.log_lines if said in line)
+    finally:
+        server.kill()
+        proxy.close()
+    records = [json.loads(line) for line in (tmp_path / "stall.audit.jsonl").open()]
+    assert [(r["operation"], r["outcome"]) for r in records][-1] == ("get", "ok")  # written
