@@ -444,13 +444,8 @@ class AnswersStop(TcpProxy):
         return Verdict.SWALLOW if self.stalled.is_set() and not from_client else Verdict.PASS
 
 
-def test_watch_streams_end_when_the_replicas_database_stops_answering(
-    tmp_path: Path, postgres_cluster: Any
-) -> None:
-    """A replica whose database stops answering says NOT_SERVING within seconds, and ends its Watch
-    streams then (UNAVAILABLE), so an SDK moves its stream to a replica that still reads the store.
-    Before, the stream stayed open and silent until the store's 30 s answer timeout, while its
-    client served every value it had cached as fresh, missing the writes made through the others."""
+def _serve_through_a_proxy_that_can_stall(tmp_path: Path, postgres_cluster: Any) -> tuple[Any, AnswersStop]:
+    """A serve replica on a new store whose database connection goes through `AnswersStop`."""
     make_pki(tmp_path)
     (tmp_path / "policy.toml").write_text(POLICY)
     schema = postgres_cluster.new_schema()
@@ -460,6 +455,17 @@ def test_watch_streams_end_when_the_replicas_database_stops_answering(
     server = start_server(
         tmp_path, store=url, environment=postgres_cluster.env(), settings='audit_file = "stall.audit.jsonl"\n'
     )
+    return server, proxy
+
+
+def test_watch_streams_end_when_the_replicas_database_stops_answering(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """A replica whose database stops answering says NOT_SERVING within seconds, and ends its Watch
+    streams then (UNAVAILABLE), so an SDK moves its stream to a replica that still reads the store.
+    Before, the stream stayed open and silent until the store's 30 s answer timeout, while its
+    client served every value it had cached as fresh, missing the writes made through the others."""
+    server, proxy = _serve_through_a_proxy_that_can_stall(tmp_path, postgres_cluster)
     try:
         stream = server.stub("auth").Watch(pb.WatchRequest(prefix="auth/"), timeout=20)
         assert dict(stream.initial_metadata() or ()).get(WATCH_REVISION_KEY)  # live from here
@@ -484,15 +490,7 @@ def test_sigterm_ends_the_service_in_bounded_time_while_its_database_stops_answe
     waits at most its timeout (5 s) for the store, so the process exits within the grace period
     and that, saying the anchor lags. Before, it waited out the store's 30 s answer timeout (and a
     connect timeout) and exited after 32 s: past a Kubernetes pod's default grace, so killed."""
-    make_pki(tmp_path)
-    (tmp_path / "policy.toml").write_text(POLICY)
-    schema = postgres_cluster.new_schema()
-    create_store(postgres_cluster.url(with_password=True), schema, SEED)
-    proxy = AnswersStop("127.0.0.1", postgres_cluster.port)
-    url = f"{postgres_cluster.url()}?schema={schema}".replace(f":{postgres_cluster.port}/", f":{proxy.port}/")
-    server = start_server(
-        tmp_path, store=url, environment=postgres_cluster.env(), settings='audit_file = "stall.audit.jsonl"\n'
-    )
+    server, proxy = _serve_through_a_proxy_that_can_stall(tmp_path, postgres_cluster)
     try:
         server.stub("auth").GetSecret(pb.GetSecretRequest(name="auth/JWT_KEY"), timeout=30)
         proxy.stalled.set()
