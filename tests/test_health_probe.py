@@ -1,17 +1,27 @@
-"""Health that follows the store (service/health_probe.py): a real grpc HealthServicer, and a
-probe that the test makes fail, hang and answer again, as a database that is down, frozen, or back
-would. The PostgreSQL variant with a frozen cluster is in test_service_postgres.py."""
+"""Health that follows the store and the audit log (service/health_probe.py): a real grpc
+HealthServicer, and a probe that the test makes fail, hang and answer again, as a database that is
+down, frozen, or back would; and a real service whose audit log's lock another process holds.
+The PostgreSQL variant with a frozen cluster is in test_service_postgres.py."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from secrets_manager.crypto import kdf
 from secrets_manager.service.health_probe import StoreHealth
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.v1 import secrets_pb2 as pb
+from service_fixtures import PASSWORD, in_process_server, make_pki, make_store, tls_files
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -99,3 +109,98 @@ def test_a_graceful_shutdown_is_not_undone_by_a_store_that_answers(store: Store)
         assert status(servicer, "") == NOT_SERVING
     finally:
         probe.stop()
+
+
+def test_an_audit_log_that_fails_is_not_serving_until_it_can_be_written_again(store: Store) -> None:
+    """The audit check: every call writes an audit record and is refused if it cannot, so a log
+    that cannot be written is a service that cannot serve. Fails on the old code (no audit check)."""
+    servicer = health.HealthServicer()
+    audit = Store()
+    seen: list[tuple[str, bool]] = []
+    for name in NAMES:
+        servicer.set(name, SERVING)
+    probe = StoreHealth(
+        servicer,
+        NAMES,
+        store.read,
+        audit_probe=audit.read,
+        on_check=lambda check, ok: seen.append((check, ok)),
+        interval=0.05,
+        timeout=0.3,
+    )
+    probe.start()
+    try:
+        assert seen == [("store", True), ("audit", True)]
+        audit.failing = True
+        wait_for(lambda: all(status(servicer, name) == NOT_SERVING for name in NAMES))
+        assert seen[-1] == ("audit", False)
+        audit.failing = False
+        wait_for(lambda: all(status(servicer, name) == SERVING for name in NAMES))
+        assert seen[-1] == ("audit", True)
+    finally:
+        probe.stop()
+
+
+def test_a_request_refused_by_the_audit_log_fails_the_check_for_the_hold_time(store: Store) -> None:
+    """A full disk: the empty append of the probe succeeds, a request's record does not. The
+    refusal fails the audit check at once, and for `refusal_hold` after the last one."""
+    servicer = health.HealthServicer()
+    servicer.set("", SERVING)
+    probe = StoreHealth(servicer, [""], store.read, audit_probe=lambda: None, interval=0.05, refusal_hold=0.5)
+    probe.start()
+    try:
+        time.sleep(0.1)
+        refused_at = time.monotonic()
+        probe.audit_refused()
+        assert status(servicer, "") == NOT_SERVING  # at once, not at the next probe
+        wait_for(lambda: status(servicer, "") == SERVING)
+        assert time.monotonic() - refused_at >= 0.5
+    finally:
+        probe.stop()
+
+
+def test_serve_is_not_serving_while_its_audit_log_cannot_be_written(tmp_path: Path) -> None:
+    """The real service: another process holds the audit log's lock (a stuck writer), so every
+    request would wait out the log's timeout and be refused. Health goes NOT_SERVING and
+    `secrets_manager_health_check_ok{check="audit"}` 0, a refused request counts in
+    `secrets_manager_audit_failures_total`; once the lock is let go, SERVING again without a
+    restart. Fails on the old code (SERVING throughout, no such metrics)."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        with in_process_server(tmp_path, store, watch_tick=30, audit_timeout=0.5) as (running, stub):
+            registry = running.metrics.registry
+
+            def check(name: str) -> float | None:
+                value: float | None = registry.get_sample_value(
+                    "secrets_manager_health_check_ok", {"check": name}
+                )
+                return value
+
+            health_stub = health_pb2_grpc.HealthStub(
+                grpc.secure_channel(f"127.0.0.1:{running.port}", tls_files(tmp_path, "ops").credentials())
+            )
+
+            def remote_status() -> int:
+                reply = health_stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+                return int(reply.status)
+
+            stub("ops").GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+            assert remote_status() == SERVING and check("audit") == 1 and check("store") == 1
+            lock = os.open(tmp_path / "in-process.audit.jsonl.lock", os.O_RDWR)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                with pytest.raises(grpc.RpcError) as refused:
+                    stub("ops").PutSecret(pb.PutSecretRequest(name="auth/NEW", value=b"v"), timeout=10)
+                assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+                assert registry.get_sample_value("secrets_manager_audit_failures_total") >= 1
+                wait_for(lambda: remote_status() == NOT_SERVING)
+                assert check("audit") == 0 and check("store") == 1
+            finally:
+                os.close(lock)  # lets the lock go
+            wait_for(lambda: remote_status() == SERVING, seconds=20)
+            assert check("audit") == 1
+            stub("ops").PutSecret(pb.PutSecretRequest(name="auth/NEW", value=b"v"), timeout=10)
+    finally:
+        store.close()

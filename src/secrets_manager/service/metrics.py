@@ -1,5 +1,7 @@
 """Prometheus metrics: requests by method and status code, a latency histogram per unary method,
-and the lives of Watch streams in a histogram of their own."""
+the lives of Watch streams in a histogram of their own, and what an operator alerts on (health
+checks, audit failures, certificate expiry, scheduled rotations). No label ever holds a secret's
+name, a value or a client's address."""
 
 from __future__ import annotations
 
@@ -57,6 +59,19 @@ class Metrics:
             "When the server's TLS certificate in force expires (Unix time); alert on it minus time().",
             registry=self.registry,
         )
+        self.health_checks = Gauge(
+            "secrets_manager_health_check_ok",
+            "Whether a health check passes (1) or fails (0), by check: store (a store read answers "
+            "in time), audit (the audit log can be written). Any 0: health is NOT_SERVING.",
+            ["check"],
+            registry=self.registry,
+        )
+        self.audit_failures = Counter(
+            "secrets_manager_audit_failures",
+            "Requests' audit records the audit log refused (could not write in time): each such "
+            "request was refused, or (a change) made but reported unrecorded.",
+            registry=self.registry,
+        )
         # Label children by key, so a request does not look them up under the metric's lock.
         self._counters: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._histograms: dict[str, Any] = {}
@@ -111,6 +126,13 @@ class Metrics:
     def track_certificate_expiry(self, not_valid_after: Callable[[], float]) -> None:
         """Read the server certificate's end from `not_valid_after` at every scrape (it follows reloads)."""
         self.certificate_expiry.set_function(not_valid_after)
+
+    def set_check(self, check: str, ok: bool) -> None:
+        """A health check now passes (`ok`) or fails."""
+        self.health_checks.labels(check).set(1 if ok else 0)
+
+    def count_audit_failure(self) -> None:
+        self.audit_failures.inc()
 
     def close(self) -> None:
         if self._http is not None:

@@ -30,7 +30,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from secrets_manager.access import Capability, Policy, load_policy
-from secrets_manager.audit import AuditEvent, AuditLog, page_token_mac, value_fingerprint
+from secrets_manager.audit import AuditError, AuditEvent, AuditLog, page_token_mac, value_fingerprint
 from secrets_manager.environment import Environment
 from secrets_manager.errors import (
     AccessDeniedError,
@@ -198,6 +198,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         # Changes are always audited durably; reads only if asked (config `audit_sync`).
         self._fsync_reads = fsync_reads
         self.stopping = threading.Event()
+        self.audit_refused: Callable[[], None] = lambda: None  # the health check hears of a refusal
         # One poller of the change feed for every Watch stream, and the cap on open streams.
         self.watch_hub = ChangeHub(store, max_subscribers=max_watch_streams)
         metrics.count_watch_streams(lambda: self.watch_hub.subscribers)
@@ -267,13 +268,13 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 raise AccessDeniedError(f"{identity} may not {capability} {name!r}")
             request.allowed = capability is not None
             if mutating:
-                self._audit.append([replace(event, outcome="pending")], self._store)
+                self._append([replace(event, outcome="pending")], durable=True)
                 with self._store.acting_for(identity):  # versions it writes are by the caller
                     yield request
             else:
                 yield request
             try:
-                self._audit.append(request.extra_events or [event], self._store, durable=durable)
+                self._append(request.extra_events or [event], durable=durable)
             except SecretsManagerError as exc:
                 if not mutating:  # a read: its result is not sent, so it was refused indeed
                     raise
@@ -334,9 +335,18 @@ class SecretsServicer(pb_grpc.SecretsServicer):
     def _record(self, event: AuditEvent, durable: bool) -> None:
         """Audit a failure; if even that fails, the request is failing already: log it."""
         try:
-            self._audit.append([event], self._store, durable=durable)
+            self._append([event], durable=durable)
         except SecretsManagerError as exc:
             log.error("audit record could not be written", extra={"error": str(exc)})
+
+    def _append(self, events: list[AuditEvent], *, durable: bool) -> None:
+        """Append to the audit log; a record it refuses is counted, and fails the audit health check."""
+        try:
+            self._audit.append(events, self._store, durable=durable)
+        except AuditError:
+            self._metrics.count_audit_failure()
+            self.audit_refused()
+            raise
 
     # ---- RPCs -------------------------------------------------------------------------------------
 
@@ -759,16 +769,20 @@ def _start(
     )
     port = _bind(server, config.listen, certificates.credentials())
     server.start()
-    # NOT_SERVING while the store does not answer, so clients pass over this replica.
-    # Its Watch streams end then too: their clients move them to a replica that reads the store.
+    # NOT_SERVING while the store does not answer or the audit log cannot be written (every call
+    # would fail), so clients pass over this replica. Its Watch streams end when the store fails:
+    # their clients move them to a replica that reads the store.
     store_health = StoreHealth(
         health_servicer,
         (service_name, ""),
         lambda: store.changes_since(None),
-        on_not_serving=lambda reason: servicer.watch_hub.interrupt(
+        audit_probe=lambda: audit.append([], store),
+        on_check=metrics.set_check,
+        on_store_failing=lambda reason: servicer.watch_hub.interrupt(
             StorageError(f"this replica cannot read its store ({reason}): watch through another replica")
         ),
     )
+    servicer.audit_refused = store_health.audit_refused
     store_health.start()
     return RunningServer(server, servicer, port, health_servicer, metrics, store_health)
 
