@@ -72,6 +72,20 @@ class Metrics:
             "request was refused, or (a change) made but reported unrecorded.",
             registry=self.registry,
         )
+        self.reload_failures = Counter(
+            "secrets_manager_config_reload_failures",
+            "Reloads of a file that were rejected (the one in force stays), by file: policy, tls "
+            "(SIGHUP), rotation_schedule (re-read at each pass; a file counted once per new error).",
+            ["file"],
+            registry=self.registry,
+        )
+        self.reload_ok = Gauge(
+            "secrets_manager_config_last_reload_successful",
+            "Whether the last reload of a file was taken (1) or rejected (0: the one in force is "
+            "older than the file), by file: policy, tls, rotation_schedule.",
+            ["file"],
+            registry=self.registry,
+        )
         # Label children by key, so a request does not look them up under the metric's lock.
         self._counters: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._histograms: dict[str, Any] = {}
@@ -126,6 +140,18 @@ class Metrics:
     def track_certificate_expiry(self, not_valid_after: Callable[[], float]) -> None:
         """Read the server certificate's end from `not_valid_after` at every scrape (it follows reloads)."""
         self.certificate_expiry.set_function(not_valid_after)
+
+    def track_reloads(self, files: list[str]) -> None:
+        """Show each file's reload as successful (its load at the start) and its failures at 0."""
+        for file in files:
+            self.reload_ok.labels(file).set(1)
+            self.reload_failures.labels(file)
+
+    def count_reload(self, file: str, ok: bool) -> None:
+        """A reload of `file` was taken (`ok`) or rejected."""
+        self.reload_ok.labels(file).set(1 if ok else 0)
+        if not ok:
+            self.reload_failures.labels(file).inc()
 
     def set_check(self, check: str, ok: bool) -> None:
         """A health check now passes (`ok`) or fails."""

@@ -355,10 +355,17 @@ class RotationScheduler:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="rotation-schedule", daemon=True)
         self._on_outcome: Callable[[str], None] = lambda _outcome: None
+        self._on_reload: Callable[[bool], None] = lambda _ok: None
 
-    def start(self, on_outcome: Callable[[str], None] = lambda _outcome: None) -> None:
-        """Run passes in the background; `on_outcome` hears each entry's outcome (for metrics)."""
+    def start(
+        self,
+        on_outcome: Callable[[str], None] = lambda _outcome: None,
+        on_reload: Callable[[bool], None] = lambda _ok: None,
+    ) -> None:
+        """Run passes in the background; `on_outcome` hears each entry's outcome, `on_reload`
+        whether a re-read of the file was taken or (once per new error) rejected (for metrics)."""
         self._on_outcome = on_outcome
+        self._on_reload = on_reload
         self._thread.start()
 
     def request_stop(self) -> None:
@@ -422,8 +429,15 @@ class RotationScheduler:
                     self._warned.add(("", str(exc)))
                     log.error(
                         "rotation schedule rejected; the previous one stays in force",
-                        extra={"schedule": str(self.path), "error": str(exc)},
+                        extra={
+                            "event": "schedule.reload_rejected",
+                            "schedule": str(self.path),
+                            "error": str(exc),
+                        },
                     )
+                    self._on_reload(False)
+            else:
+                self._on_reload(True)
 
     def rotate_now(self, name: str, *, actor: str, peer: str | None, request_id: str) -> Rotated:
         """RotateSecret: run `name`'s configured rotation at once, due or not, audited as `actor`.

@@ -99,11 +99,24 @@ class PolicyHolder:
         try:
             self.current = load_policy(self.path, environment=self._environment)
         except SecretsManagerError as exc:
-            log.error("policy reload rejected; the previous policy stays in force", extra={"error": str(exc)})
+            log.error(
+                "policy reload rejected; the previous policy stays in force",
+                extra={"event": "policy.reload_rejected", "policy": str(self.path), "error": str(exc)},
+            )
             return False
-        log.info("policy reloaded", extra={"policy": str(self.path)})
+        log.info("policy reloaded", extra={"event": "policy.reloaded", **self.summary()})
         self._warn_of_unpresentable_identities()
         return True
+
+    def summary(self) -> dict[str, object]:
+        """What a log line says of the policy in force: its file and sizes (never a rule's text)."""
+        policy = self.current
+        return {
+            "policy": str(self.path),
+            "identities": len(policy.identities),
+            "roles": len(policy.roles),
+            "revoked": len(policy.revoked_serials) + len(policy.revoked_fingerprints),
+        }
 
     def _warn_of_unpresentable_identities(self) -> None:
         """An identity no certificate can present (`spiffe://UPPER.case/x`, a CN with a space) grants
@@ -848,6 +861,7 @@ def run_server(
             environment=environment,
         )
     running = build_server(config, store, audit, policy, scheduler, certificates)
+    running.metrics.track_reloads(["policy", "tls"] + (["rotation_schedule"] if scheduler else []))
     signal.signal(signal.SIGTERM, lambda *_: setattr(requested, "stop", True))
     signal.signal(signal.SIGINT, lambda *_: setattr(requested, "stop", True))
     log.info("serving", extra={"listen": config.listen, "port": running.port})
@@ -859,7 +873,7 @@ def run_server(
                 running.servicer.watch_hub.poke()
 
         running.metrics.start_rotation_counts()
-        scheduler.start(after_scheduled)
+        scheduler.start(after_scheduled, lambda ok: running.metrics.count_reload("rotation_schedule", ok))
         log.info(
             "rotation schedule in force",
             extra={"schedule": str(scheduler.path), "entries": len(scheduler.rules)},
@@ -876,9 +890,9 @@ def run_server(
     while not requested.stop:
         if requested.reload:
             requested.reload = False
-            _reload(reloadable)
+            _reload(reloadable, running.metrics)
         elif certificates.retry_due():  # a renewal that was not valid yet at its SIGHUP
-            _reload([certificates])
+            _reload([certificates], running.metrics)
         time.sleep(SIGNAL_POLL_SECONDS)
     log.info("shutting down", extra={"grace_seconds": config.shutdown_grace_seconds})
     deadline = time.monotonic() + config.shutdown_grace_seconds
@@ -982,15 +996,23 @@ class _Requested:
     stop = False
 
 
-def _reload(reloadable: list[PolicyHolder | ServerCertificates]) -> None:
-    """After SIGHUP: reload each on its own. A reload rejects bad files itself; anything it raises
-    besides is a bug, logged without its message (it could quote a file), never fatal: this runs
-    in serve's main loop, and an exception there would end the service."""
+def _reload(reloadable: list[PolicyHolder | ServerCertificates], metrics: Metrics | None = None) -> None:
+    """After SIGHUP: reload each on its own, counted in `metrics`. A reload rejects bad files
+    itself; anything it raises besides is a bug, logged without its message (it could quote a
+    file), never fatal: this runs in serve's main loop, and an exception there would end the
+    service."""
     for each in reloadable:
+        file = "policy" if isinstance(each, PolicyHolder) else "tls"
         try:
-            each.reload()
+            taken = each.reload()
         except Exception as exc:
-            log.error("reload failed; what was in force stays", extra={"error_type": type(exc).__name__})
+            taken = False
+            log.error(
+                "reload failed; what was in force stays",
+                extra={"event": "reload.failed", "file": file, "error_type": type(exc).__name__},
+            )
+        if metrics is not None:
+            metrics.count_reload(file, taken)
 
 
 class JsonLogFormatter(logging.Formatter):

@@ -1,0 +1,102 @@
+"""What an operator alerts on, read from a real `secrets-manager serve`'s /metrics while the test
+breaks things: reloads rejected on SIGHUP or at a schedule pass, and (below) certificate expiry,
+the build and the process. Each test starts a real server (service_fixtures) and stops it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import urllib.request
+from pathlib import Path
+
+from service_fixtures import Server, eventually, make_pki, make_store, start_server
+
+
+def scrape(server: Server) -> str:
+    url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as answer:
+        return str(answer.read().decode())
+
+
+def sample(server: Server, name: str, **labels: str) -> float | None:
+    """The value of one sample (labels given exactly as the exposition sorts them), or None."""
+    inner = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
+    pattern = re.escape(name + (f"{{{inner}}}" if labels else "")) + r" (\S+)\n"
+    found = re.search(pattern, scrape(server))
+    return None if found is None else float(found[1])
+
+
+def test_a_rejected_policy_or_tls_reload_shows_in_the_metrics_until_one_is_taken(tmp_path: Path) -> None:
+    """A SIGHUP whose policy does not parse kept the old policy and said so only in a log line:
+    nothing to alert on. Now secrets_manager_config_last_reload_successful{file} is 0 and
+    secrets_manager_config_reload_failures_total{file} counts it, for the policy and the TLS
+    files each; a good reload sets the gauge back to 1. Fails on the old code (no such metrics)."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path, metrics=True)
+    try:
+        for file in ("policy", "tls"):
+            assert sample(server, "secrets_manager_config_last_reload_successful", file=file) == 1
+            assert sample(server, "secrets_manager_config_reload_failures_total", file=file) == 0
+        policy = (tmp_path / "policy.toml").read_text()
+        (tmp_path / "policy.toml").write_text("[identities\n")
+        os.kill(server.process.pid, signal.SIGHUP)
+        assert eventually(
+            lambda: sample(server, "secrets_manager_config_last_reload_successful", file="policy") == 0
+        )
+        assert sample(server, "secrets_manager_config_reload_failures_total", file="policy") == 1
+        assert sample(server, "secrets_manager_config_last_reload_successful", file="tls") == 1
+        rejected = [line for line in server.log_lines if '"event": "policy.reload_rejected"' in line]
+        assert len(rejected) == 1 and "not valid TOML" in rejected[0]
+
+        (tmp_path / "policy.toml").write_text(policy)
+        cert = (tmp_path / "server.pem").read_text()
+        (tmp_path / "server.pem").write_text("not a certificate\n")
+        os.kill(server.process.pid, signal.SIGHUP)
+        assert eventually(
+            lambda: sample(server, "secrets_manager_config_last_reload_successful", file="tls") == 0
+        )
+        assert sample(server, "secrets_manager_config_last_reload_successful", file="policy") == 1
+        assert sample(server, "secrets_manager_config_reload_failures_total", file="tls") == 1
+        reloaded = [line for line in server.log_lines if '"event": "policy.reloaded"' in line]
+        assert reloaded and '"identities": 4' in reloaded[-1] and '"roles": 4' in reloaded[-1]
+
+        (tmp_path / "server.pem").write_text(cert)
+        os.kill(server.process.pid, signal.SIGHUP)
+        assert eventually(
+            lambda: sample(server, "secrets_manager_config_last_reload_successful", file="tls") == 1
+        )
+        assert sample(server, "secrets_manager_config_reload_failures_total", file="tls") == 1
+    finally:
+        server.stop()
+
+
+def test_a_rejected_schedule_file_shows_in_the_metrics_until_it_parses_again(tmp_path: Path) -> None:
+    """The schedule file is re-read at every pass; one that stops parsing keeps the old schedule
+    with one log line. Now the gauge for rotation_schedule is 0 meanwhile and the failure is counted
+    once per new error. Fails on the old code (no such metrics)."""
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path, {"db/app": b"first-app-value-SEEKRIT"})
+    schedule = tmp_path / "rotation.toml"
+    good = '[[rotation]]\nname = "db/app"\nevery = "3650d"\nset_command = "true"\n'
+    schedule.write_text(good)
+    server = start_server(
+        tmp_path,
+        metrics=True,
+        settings='rotation_schedule = "rotation.toml"\nrotation_check_seconds = 0.2\n',
+    )
+    gauge = "secrets_manager_config_last_reload_successful"
+    try:
+        assert sample(server, gauge, file="rotation_schedule") == 1
+        schedule.write_text('[[rotation]]\nname = "db/app"\nevery = "whenever"\n')
+        assert eventually(lambda: sample(server, gauge, file="rotation_schedule") == 0)
+        assert eventually(lambda: any("schedule.reload_rejected" in line for line in server.log_lines))
+        failures = "secrets_manager_config_reload_failures_total"
+        assert sample(server, failures, file="rotation_schedule") == 1
+        schedule.write_text(good)
+        assert eventually(lambda: sample(server, gauge, file="rotation_schedule") == 1)
+        assert sample(server, failures, file="rotation_schedule") == 1
+    finally:
+        server.stop()
+    assert server.process.returncode == 0
