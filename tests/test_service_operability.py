@@ -10,7 +10,10 @@ import signal
 import urllib.request
 from pathlib import Path
 
-from service_fixtures import Server, eventually, make_pki, make_store, start_server
+from cryptography import x509
+
+from secrets_manager.tls import pki
+from service_fixtures import TD, Server, eventually, make_pki, make_store, start_server
 
 
 def scrape(server: Server) -> str:
@@ -22,8 +25,8 @@ def scrape(server: Server) -> str:
 def sample(server: Server, name: str, **labels: str) -> float | None:
     """The value of one sample (labels given exactly as the exposition sorts them), or None."""
     inner = ",".join(f'{key}="{value}"' for key, value in sorted(labels.items()))
-    pattern = re.escape(name + (f"{{{inner}}}" if labels else "")) + r" (\S+)\n"
-    found = re.search(pattern, scrape(server))
+    pattern = "^" + re.escape(name + (f"{{{inner}}}" if labels else "")) + r" (\S+)$"
+    found = re.search(pattern, scrape(server), re.MULTILINE)
     return None if found is None else float(found[1])
 
 
@@ -100,3 +103,31 @@ def test_a_rejected_schedule_file_shows_in_the_metrics_until_it_parses_again(tmp
     finally:
         server.stop()
     assert server.process.returncode == 0
+
+
+def test_the_client_ca_expiry_is_a_metric_and_a_warning_and_follows_a_reload(tmp_path: Path) -> None:
+    """Past the client CA's end every client certificate it signed is refused: an outage that
+    only the server certificate's expiry metric did not show. Now
+    secrets_manager_tls_client_ca_expiry_timestamp_seconds is the end of the first CA in
+    client_ca to expire (here one added with 3 days left, beside the long one), start and reload
+    log tls.client_ca_expiring within 7 days, and a SIGHUP after the old CA is removed moves the
+    metric to the remaining one's end. Fails on the old code (no such metric, no warning)."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    long_ca = (tmp_path / "ca.pem").read_bytes()
+    short_ca, _ = pki.new_ca(common_name="old CA", days=3, trust_domain=TD)
+    (tmp_path / "ca.pem").write_bytes(long_ca + short_ca)
+    server = start_server(tmp_path, metrics=True)
+    name = "secrets_manager_tls_client_ca_expiry_timestamp_seconds"
+    try:
+        short_end = x509.load_pem_x509_certificate(short_ca).not_valid_after_utc.timestamp()
+        long_end = x509.load_pem_x509_certificate(long_ca).not_valid_after_utc.timestamp()
+        assert sample(server, name) == short_end
+        warned = [line for line in server.log_lines if '"event": "tls.client_ca_expiring"' in line]
+        assert len(warned) == 1 and '"hours_left": 7' in warned[0]  # 3 days: 71.9 or 72.0 hours
+        (tmp_path / "ca.pem").write_bytes(long_ca)
+        os.kill(server.process.pid, signal.SIGHUP)
+        assert eventually(lambda: sample(server, name) == long_end)
+        assert sum('"event": "tls.client_ca_expiring"' in line for line in server.log_lines) == 1
+    finally:
+        server.stop()

@@ -49,7 +49,7 @@ class ServerCertificates:
         # A reload refused only because the new certificate is not valid yet (an issuer that does
         # not backdate, this clock behind) is tried again from then on, without another SIGHUP.
         self.retry_at: datetime | None = None
-        _warn_if_ending_soon(self.current, cert)
+        _warn_if_ending_soon(self.current, cert, client_ca)
 
     def credentials(self) -> grpc.ServerCredentials:
         """Mutual-TLS credentials that take the files of the latest good reload at each handshake."""
@@ -59,7 +59,7 @@ class ServerCertificates:
 
     def reload(self) -> bool:
         """Read the files again; on any error keep the ones in force and log why."""
-        cert = self._paths[0]
+        cert, _, client_ca = self._paths
         self.retry_at = None
         try:
             files = read_server_tls(*self._paths, environment=self._environment)
@@ -90,7 +90,7 @@ class ServerCertificates:
                 "not_valid_after": files.not_valid_after.isoformat(),
             },
         )
-        _warn_if_ending_soon(files, cert)
+        _warn_if_ending_soon(files, cert, client_ca)
         return True
 
     def retry_due(self) -> bool:
@@ -100,6 +100,10 @@ class ServerCertificates:
     def not_valid_after(self) -> float:
         """The end of the certificate in force, as a Unix time (the expiry metric)."""
         return self.current.not_valid_after.timestamp()
+
+    def client_ca_not_valid_after(self) -> float:
+        """The end of the first CA in the client_ca in force to expire, as a Unix time (a metric)."""
+        return self.current.client_ca_not_valid_after.timestamp()
 
     def _next_configuration(self) -> grpc.ServerCertificateConfiguration | None:
         """Called by gRPC before each handshake: a new configuration once per reload, else None
@@ -119,14 +123,29 @@ def _serial(files: ServerTlsFiles) -> str:
     return format(files.serial_number, "x")
 
 
-def _warn_if_ending_soon(files: ServerTlsFiles, cert: Path) -> None:
-    left = files.not_valid_after - datetime.now(UTC)
+def _warn_if_ending_soon(files: ServerTlsFiles, cert: Path, client_ca: Path) -> None:
+    now = datetime.now(UTC)
+    left = files.not_valid_after - now
     if left < EXPIRY_WARNING:
         log.warning(
             "the server certificate expires soon: renew it and send SIGHUP",
             extra={
+                "event": "tls.certificate_expiring",
                 "cert": str(cert),
                 "not_valid_after": files.not_valid_after.isoformat(),
+                "hours_left": round(left.total_seconds() / 3600, 1),
+            },
+        )
+    left = files.client_ca_not_valid_after - now
+    if left < EXPIRY_WARNING:
+        log.warning(
+            "a CA in client_ca has expired or expires soon: client certificates it signed are refused "
+            "from then on; add its successor to client_ca (secrets-manager pki init in a new directory, "
+            "clients renewed from it), remove the old one once unused, and send SIGHUP",
+            extra={
+                "event": "tls.client_ca_expiring",
+                "client_ca": str(client_ca),
+                "not_valid_after": files.client_ca_not_valid_after.isoformat(),
                 "hours_left": round(left.total_seconds() / 3600, 1),
             },
         )

@@ -86,6 +86,12 @@ class Metrics:
             ["file"],
             registry=self.registry,
         )
+        self.client_ca_expiry = Gauge(
+            "secrets_manager_tls_client_ca_expiry_timestamp_seconds",
+            "When the first CA certificate in the client_ca in force expires (Unix time): client "
+            "certificates it signed are refused from then on. Alert on it minus time().",
+            registry=self.registry,
+        )
         # Label children by key, so a request does not look them up under the metric's lock.
         self._counters: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._histograms: dict[str, Any] = {}
@@ -137,9 +143,13 @@ class Metrics:
         """Read the open Watch streams from `open_streams` at every scrape."""
         self.watch_streams.set_function(open_streams)
 
-    def track_certificate_expiry(self, not_valid_after: Callable[[], float]) -> None:
-        """Read the server certificate's end from `not_valid_after` at every scrape (it follows reloads)."""
+    def track_certificate_expiry(
+        self, not_valid_after: Callable[[], float], client_ca_not_valid_after: Callable[[], float]
+    ) -> None:
+        """Read the server certificate's end and the client CA's from these at every scrape (they
+        follow reloads)."""
         self.certificate_expiry.set_function(not_valid_after)
+        self.client_ca_expiry.set_function(client_ca_not_valid_after)
 
     def track_reloads(self, files: list[str]) -> None:
         """Show each file's reload as successful (its load at the start) and its failures at 0."""

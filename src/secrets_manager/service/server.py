@@ -730,7 +730,7 @@ def build_server(
     if certificates is None:
         certificates = ServerCertificates(config.tls_cert, config.tls_key, config.tls_client_ca)
     metrics = Metrics(config.metrics_listen)
-    metrics.track_certificate_expiry(certificates.not_valid_after)
+    metrics.track_certificate_expiry(certificates.not_valid_after, certificates.client_ca_not_valid_after)
     try:
         return _start(config, certificates, metrics, store, audit, policy, scheduler)
     except BaseException:

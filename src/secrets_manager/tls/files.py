@@ -134,6 +134,9 @@ class ServerTlsFiles:
     client_ca: bytes
     not_valid_after: datetime  # the server certificate's end, for the expiry metric and warnings
     serial_number: int  # names which certificate is in force in logs (never key material)
+    # The end of the first CA certificate in client_ca to expire: past it, no certificate it
+    # signed is accepted (nor any client certificate, if it is the only one). The expiry metric.
+    client_ca_not_valid_after: datetime
 
 
 def read_server_tls(
@@ -152,7 +155,7 @@ def read_server_tls(
     key_pem = read_tls_file(key, "tls.key", environment=environment, private=True)
     ca_pem = read_tls_file(client_ca, "tls.client_ca", environment=environment)
     leaf = _checked_pair(cert_pem, key_pem, (cert, "tls.cert"), (key, "tls.key"))
-    _certificates(ca_pem, client_ca, "tls.client_ca")
+    authorities = _certificates(ca_pem, client_ca, "tls.client_ca")
     _check_server_purpose(leaf, cert)
     _check_dates(
         leaf,
@@ -160,7 +163,14 @@ def read_server_tls(
         "server",
         "secrets-manager pki issue {} --server --force --dir CA-DIR, with its --dns/--ip options",
     )
-    return ServerTlsFiles(cert_pem, key_pem, ca_pem, leaf.not_valid_after_utc, leaf.serial_number)
+    return ServerTlsFiles(
+        cert_pem,
+        key_pem,
+        ca_pem,
+        leaf.not_valid_after_utc,
+        leaf.serial_number,
+        min(ca.not_valid_after_utc for ca in authorities),
+    )
 
 
 @dataclass(frozen=True)
