@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cryptography import x509
 
+from secrets_manager import __version__
 from secrets_manager.tls import pki
 from service_fixtures import TD, Server, eventually, make_pki, make_store, start_server
 
@@ -129,5 +130,24 @@ def test_the_client_ca_expiry_is_a_metric_and_a_warning_and_follows_a_reload(tmp
         os.kill(server.process.pid, signal.SIGHUP)
         assert eventually(lambda: sample(server, name) == long_end)
         assert sum('"event": "tls.client_ca_expiring"' in line for line in server.log_lines) == 1
+    finally:
+        server.stop()
+
+
+def test_the_build_the_process_and_the_watch_stream_limit_are_in_the_metrics(tmp_path: Path) -> None:
+    """The server's own registry left out what the default one has: no process_open_fds or
+    process_max_fds (a process near its fd limit refuses connections unannounced), no version to
+    tell which replica runs what, and the Watch stream gauge without the limit it is refused at.
+    Fails on the old code (none of these series)."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path, metrics=True, max_workers=40)
+    try:
+        assert sample(server, "secrets_manager_build_info", version=__version__) == 1
+        assert sample(server, "secrets_manager_watch_streams_limit") == 40 - 16
+        assert (sample(server, "process_open_fds") or 0) > 0
+        assert (sample(server, "process_max_fds") or 0) > 0
+        assert sample(server, "process_start_time_seconds") is not None
+        assert "python_info{" in scrape(server)
     finally:
         server.stop()

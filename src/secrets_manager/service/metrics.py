@@ -7,14 +7,32 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from importlib import metadata
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+)
 
 from secrets_manager.errors import StorageError
 
 ROTATION_OUTCOMES = ("rotated", "resumed", "failed")
+
+
+def _version() -> str:
+    """The installed distribution's version (secrets_manager.__version__ imports the SDK)."""
+    try:
+        return metadata.version("secrets-manager")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
 
 
 class Metrics:
@@ -22,6 +40,16 @@ class Metrics:
 
     def __init__(self, listen: str | None) -> None:
         self.registry = CollectorRegistry()
+        # What the default registry has: process_* (open and max file descriptors, memory, CPU,
+        # start time), python_info and python_gc_*. The collectors hold no state of their own.
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
+        Gauge(
+            "secrets_manager_build_info",
+            "Always 1; the labels say which version of secrets-manager is running.",
+            ["version"],
+            registry=self.registry,
+        ).labels(_version()).set(1)
         self.requests = Counter(
             "secrets_manager_requests",
             "gRPC requests handled, by method and status code.",
@@ -46,6 +74,12 @@ class Metrics:
         self.watch_streams = Gauge(
             "secrets_manager_watch_streams",
             "Watch streams open now (each holds a worker thread; refused past max_watch_streams).",
+            registry=self.registry,
+        )
+        self.watch_stream_limit = Gauge(
+            "secrets_manager_watch_streams_limit",
+            "max_watch_streams: Watch streams past it are refused (RESOURCE_EXHAUSTED). Alert on "
+            "secrets_manager_watch_streams / this.",
             registry=self.registry,
         )
         self.scheduled_rotations = Counter(
@@ -139,9 +173,10 @@ class Metrics:
         if outcome in ROTATION_OUTCOMES:
             self.scheduled_rotations.labels(outcome).inc()
 
-    def count_watch_streams(self, open_streams: Callable[[], int]) -> None:
-        """Read the open Watch streams from `open_streams` at every scrape."""
+    def count_watch_streams(self, open_streams: Callable[[], int], limit: int) -> None:
+        """Read the open Watch streams from `open_streams` at every scrape; show their `limit`."""
         self.watch_streams.set_function(open_streams)
+        self.watch_stream_limit.set(limit)
 
     def track_certificate_expiry(
         self, not_valid_after: Callable[[], float], client_ca_not_valid_after: Callable[[], float]

@@ -214,7 +214,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         self.audit_refused: Callable[[], None] = lambda: None  # the health check hears of a refusal
         # One poller of the change feed for every Watch stream, and the cap on open streams.
         self.watch_hub = ChangeHub(store, max_subscribers=max_watch_streams)
-        metrics.count_watch_streams(lambda: self.watch_hub.subscribers)
+        metrics.count_watch_streams(lambda: self.watch_hub.subscribers, max_watch_streams)
 
     # ---- the request pipeline ------------------------------------------------------------------
 
