@@ -7,14 +7,18 @@ from __future__ import annotations
 import os
 import re
 import signal
+import time
 import urllib.request
 from pathlib import Path
 
 from cryptography import x509
 
 from secrets_manager import __version__
+from secrets_manager.crypto import kdf
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.tls import pki
-from service_fixtures import TD, Server, eventually, make_pki, make_store, start_server
+from service_fixtures import PASSWORD, TD, Server, eventually, make_pki, make_store, start_server
 
 
 def scrape(server: Server) -> str:
@@ -151,3 +155,41 @@ def test_the_build_the_process_and_the_watch_stream_limit_are_in_the_metrics(tmp
         assert "python_info{" in scrape(server)
     finally:
         server.stop()
+
+
+def test_a_failing_scheduled_rotation_is_a_gauge_until_it_succeeds(tmp_path: Path) -> None:
+    """A failed set command leaves its version pending, and nothing is tried again until it is
+    stale (three command timeouts): the failed-outcome counter then stays still while the
+    rotation is still broken, and rate() of it goes quiet. Now
+    secrets_manager_scheduled_rotations_failing says how many entries are failing after each
+    pass (0 again once one succeeds), and secrets_manager_schedule_last_pass_timestamp_seconds
+    when the last pass ended. Fails on the old code (no such metrics)."""
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path, {"db/app": b"first-app-value-SEEKRIT", "db/other": b"other-value-SEEKRIT"})
+    schedule = tmp_path / "rotation.toml"
+    entry = '[[rotation]]\nname = "{}"\nevery = "{}"\nset_command = "{}"\n'
+    other = entry.format("db/other", "3650d", "true")
+    schedule.write_text(entry.format("db/app", "1s", "false") + other)
+    server = start_server(
+        tmp_path,
+        metrics=True,
+        settings='rotation_schedule = "rotation.toml"\nrotation_check_seconds = 0.2\n',
+    )
+    failing = "secrets_manager_scheduled_rotations_failing"
+    last_pass = "secrets_manager_schedule_last_pass_timestamp_seconds"
+    try:
+        assert eventually(lambda: sample(server, failing) == 1)
+        time.sleep(1)  # passes go on, the entry waits for its pending version to be stale
+        assert sample(server, failing) == 1
+        assert time.time() - (sample(server, last_pass) or 0) < 5
+        schedule.write_text(entry.format("db/app", "1s", "true") + other)
+        store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+        try:
+            store.discard_pending("db/app")  # what the failure's message says to do
+        finally:
+            store.close()
+        assert eventually(lambda: sample(server, failing) == 0)
+        assert (sample(server, "secrets_manager_scheduled_rotations_total", outcome="rotated") or 0) >= 1
+    finally:
+        server.stop()
+    assert server.process.returncode == 0

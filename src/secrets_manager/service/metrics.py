@@ -88,6 +88,18 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.rotations_failing = Gauge(
+            "secrets_manager_scheduled_rotations_failing",
+            "Schedule entries whose rotation is failing (failed at its last try, retried with "
+            "backoff) at the end of the last schedule pass; 0 once each succeeds.",
+            registry=self.registry,
+        )
+        self.schedule_pass = Gauge(
+            "secrets_manager_schedule_last_pass_timestamp_seconds",
+            "When the last schedule pass ended (Unix time): a pass stuck, or a schedule thread "
+            "gone, leaves due rotations undone.",
+            registry=self.registry,
+        )
         self.certificate_expiry = Gauge(
             "secrets_manager_tls_certificate_expiry_timestamp_seconds",
             "When the server's TLS certificate in force expires (Unix time); alert on it minus time().",
@@ -167,6 +179,11 @@ class Metrics:
         miss that first one."""
         for outcome in ROTATION_OUTCOMES:
             self.scheduled_rotations.labels(outcome)
+
+    def schedule_passed(self, failing: int) -> None:
+        """A schedule pass ended with `failing` entries failing."""
+        self.rotations_failing.set(failing)
+        self.schedule_pass.set_to_current_time()
 
     def count_rotation(self, outcome: str) -> None:
         """Count a scheduled rotation that ran (a skipped or not-due entry is not counted)."""

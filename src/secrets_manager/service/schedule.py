@@ -356,16 +356,20 @@ class RotationScheduler:
         self._thread = threading.Thread(target=self._serve, name="rotation-schedule", daemon=True)
         self._on_outcome: Callable[[str], None] = lambda _outcome: None
         self._on_reload: Callable[[bool], None] = lambda _ok: None
+        self._on_pass: Callable[[int], None] = lambda _failing: None
 
     def start(
         self,
         on_outcome: Callable[[str], None] = lambda _outcome: None,
         on_reload: Callable[[bool], None] = lambda _ok: None,
+        on_pass: Callable[[int], None] = lambda _failing: None,
     ) -> None:
         """Run passes in the background; `on_outcome` hears each entry's outcome, `on_reload`
-        whether a re-read of the file was taken or (once per new error) rejected (for metrics)."""
+        whether a re-read of the file was taken or (once per new error) rejected, `on_pass` at
+        the end of each pass how many entries are failing (for metrics)."""
         self._on_outcome = on_outcome
         self._on_reload = on_reload
+        self._on_pass = on_pass
         self._thread.start()
 
     def request_stop(self) -> None:
@@ -412,6 +416,11 @@ class RotationScheduler:
                 break
             outcomes[rule.name] = self._run_one(rule)
             self._on_outcome(outcomes[rule.name])
+        # Failing: failed now, or failed before and waiting for its next try (backing off, or a
+        # staged version of ours owed a retry), until a run of it succeeds.
+        failing = {name for name, outcome in outcomes.items() if outcome == "failed"}
+        failing |= {rule.name for rule in self.rules if rule.name in self._failing}
+        self._on_pass(len(failing))
         return outcomes
 
     def _reload(self) -> None:

@@ -873,7 +873,11 @@ def run_server(
                 running.servicer.watch_hub.poke()
 
         running.metrics.start_rotation_counts()
-        scheduler.start(after_scheduled, lambda ok: running.metrics.count_reload("rotation_schedule", ok))
+        scheduler.start(
+            after_scheduled,
+            lambda ok: running.metrics.count_reload("rotation_schedule", ok),
+            running.metrics.schedule_passed,
+        )
         log.info(
             "rotation schedule in force",
             extra={"schedule": str(scheduler.path), "entries": len(scheduler.rules)},
