@@ -4,6 +4,7 @@ the build and the process. Each test starts a real server (service_fixtures) and
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -193,3 +194,27 @@ def test_a_failing_scheduled_rotation_is_a_gauge_until_it_succeeds(tmp_path: Pat
     finally:
         server.stop()
     assert server.process.returncode == 0
+
+
+def test_start_and_stop_log_what_is_in_force(tmp_path: Path) -> None:
+    """The start's line said only the listen address and port: not which config, store, policy,
+    certificates or version a replica runs, which an operator needs first when two replicas
+    disagree. The stop did not say which signal. Fails on the old code (none of these fields)."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path, metrics=True)
+    server.stop()
+    lines = [json.loads(line) for line in server.log_lines if line.startswith("{")]
+    started = next(line for line in lines if line.get("event") == "service.started")
+    assert started["config"] == str(tmp_path / "server.toml")
+    assert started["store"] == str(tmp_path / "store.db") and started["store_kind"] == "sqlite"
+    assert started["policy"] == str(tmp_path / "policy.toml")
+    assert (started["identities"], started["roles"], started["revoked"]) == (4, 4, 0)
+    assert started["audit_file"] == str(tmp_path / "store.audit.jsonl")
+    assert started["version"] == __version__ and started["environment"] == "development"
+    assert started["tls_not_valid_after"] and started["client_ca_not_valid_after"]
+    assert started["max_watch_streams"] == 48 and started["metrics_listen"].startswith("127.0.0.1:")
+    stopping = next(line for line in lines if line.get("event") == "service.stopping")
+    assert stopping["signal"] == "SIGTERM"
+    assert lines[-1]["event"] == "service.stopped"
+    assert PASSWORD not in "".join(server.log_lines)

@@ -86,7 +86,15 @@ def serve(session: Session, config_path: str) -> None:
             audit.append([event], store)
 
         try:
-            run_server(config, store, audit, ready=listening, environment=session.environment)
+            run_server(
+                config,
+                store,
+                audit,
+                ready=listening,
+                environment=session.environment,
+                config_path=Path(config_path).resolve(),
+                store_url=store_url,
+            )
         except SecretsManagerError as exc:
             if exc.kind != "audit_error":
                 audit.append([replace(event, outcome=exc.kind)], store)

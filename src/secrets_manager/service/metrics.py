@@ -27,7 +27,7 @@ from secrets_manager.errors import StorageError
 ROTATION_OUTCOMES = ("rotated", "resumed", "failed")
 
 
-def _version() -> str:
+def version() -> str:
     """The installed distribution's version (secrets_manager.__version__ imports the SDK)."""
     try:
         return metadata.version("secrets-manager")
@@ -49,7 +49,7 @@ class Metrics:
             "Always 1; the labels say which version of secrets-manager is running.",
             ["version"],
             registry=self.registry,
-        ).labels(_version()).set(1)
+        ).labels(version()).set(1)
         self.requests = Counter(
             "secrets_manager_requests",
             "gRPC requests handled, by method and status code.",

@@ -44,7 +44,7 @@ from secrets_manager.rotation import end_running_commands
 from secrets_manager.service.certificates import ServerCertificates
 from secrets_manager.service.config import DEFAULT_MAX_WORKERS, WORKERS_KEPT_FROM_WATCH, ServerConfig
 from secrets_manager.service.health_probe import StoreHealth
-from secrets_manager.service.metrics import Metrics
+from secrets_manager.service.metrics import Metrics, version
 from secrets_manager.service.paging import Page, TokenBinding
 from secrets_manager.service.schedule import RotationScheduler
 from secrets_manager.service.watch import ChangeHub
@@ -52,6 +52,7 @@ from secrets_manager.store import EncryptedStore
 from secrets_manager.store.base import SecretMetadata
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.store.names import as_recorded, validate_name, validate_prefix
+from secrets_manager.store.url import display_url
 from secrets_manager.tls.identity import (
     Caller,
     IdentityError,
@@ -836,6 +837,8 @@ def run_server(
     *,
     ready: Callable[[int], None] = lambda port: None,
     environment: Environment = Environment.DEVELOPMENT,
+    config_path: Path | None = None,
+    store_url: str | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful stop, exit 0); SIGHUP reloads the policy and the TLS
     files, each on its own (a rejected one keeps what is in force, the other still reloads)."""
@@ -862,9 +865,17 @@ def run_server(
         )
     running = build_server(config, store, audit, policy, scheduler, certificates)
     running.metrics.track_reloads(["policy", "tls"] + (["rotation_schedule"] if scheduler else []))
-    signal.signal(signal.SIGTERM, lambda *_: setattr(requested, "stop", True))
-    signal.signal(signal.SIGINT, lambda *_: setattr(requested, "stop", True))
-    log.info("serving", extra={"listen": config.listen, "port": running.port})
+    signal.signal(signal.SIGTERM, lambda number, _frame: setattr(requested, "stop", number))
+    signal.signal(signal.SIGINT, lambda number, _frame: setattr(requested, "stop", number))
+    log.info(
+        "serving",
+        extra={
+            "event": "service.started",
+            "listen": config.listen,
+            "port": running.port,
+            **_start_summary(config, config_path, store_url, environment, policy, certificates, audit),
+        },
+    )
     if scheduler is not None:
 
         def after_scheduled(outcome: str) -> None:
@@ -898,7 +909,14 @@ def run_server(
         elif certificates.retry_due():  # a renewal that was not valid yet at its SIGHUP
             _reload([certificates], running.metrics)
         time.sleep(SIGNAL_POLL_SECONDS)
-    log.info("shutting down", extra={"grace_seconds": config.shutdown_grace_seconds})
+    log.info(
+        "shutting down",
+        extra={
+            "event": "service.stopping",
+            "signal": signal.Signals(requested.stop).name,
+            "grace_seconds": config.shutdown_grace_seconds,
+        },
+    )
     deadline = time.monotonic() + config.shutdown_grace_seconds
     if scheduler is not None:
         scheduler.request_stop()
@@ -914,7 +932,7 @@ def run_server(
             extra={"commands": ended},
         )
     _flush_at_shutdown(audit)
-    log.info("stopped")
+    log.info("stopped", extra={"event": "service.stopped"})
     return 0
 
 
@@ -938,12 +956,51 @@ def _flush_at_shutdown(audit: AuditLog) -> None:
         log.error(
             "audit log could not be flushed at shutdown",
             extra={
+                "event": "audit.flush_failed",
                 "error": f"the store did not answer within {audit.timeout + 1:g} s; the records are "
-                "written, and the store's anchor lags until a writer of this log moves it"
+                "written, and the store's anchor lags until a writer of this log moves it",
             },
         )
     elif errors:
-        log.error("audit log could not be flushed at shutdown", extra={"error": str(errors[0])})
+        log.error(
+            "audit log could not be flushed at shutdown",
+            extra={"event": "audit.flush_failed", "error": str(errors[0])},
+        )
+
+
+def _start_summary(
+    config: ServerConfig,
+    config_path: Path | None,
+    store_url: str | None,
+    environment: Environment,
+    policy: PolicyHolder,
+    certificates: ServerCertificates,
+    audit: AuditLog,
+) -> dict[str, object]:
+    """What the start's log line says of the service: where its settings came from and what is in
+    force (never a value, a password, or a credential in a store URL)."""
+    kind = None
+    if store_url is not None:
+        kind = store_url.split("://", 1)[0].lower() if "://" in store_url else "sqlite"
+    tls = certificates.current
+    return {
+        "version": version(),
+        "environment": environment.value,
+        "config": None if config_path is None else str(config_path),
+        "store": display_url(store_url) if store_url is not None else None,
+        "store_kind": kind,
+        "audit_file": str(audit.path),
+        "audit_sync": config.audit_sync,
+        **policy.summary(),
+        "tls_cert": str(config.tls_cert),
+        "tls_not_valid_after": tls.not_valid_after.isoformat(),
+        "client_ca": str(config.tls_client_ca),
+        "client_ca_not_valid_after": tls.client_ca_not_valid_after.isoformat(),
+        "metrics_listen": config.metrics_listen,
+        "max_workers": config.max_workers,
+        "max_watch_streams": config.watch_stream_limit,
+        "rotation_schedule": None if config.rotation_schedule is None else str(config.rotation_schedule),
+    }
 
 
 def _withholding_errors(servicer: SecretsServicer) -> Any:
@@ -997,7 +1054,7 @@ class _Requested:
     """What signals asked serve's main loop to do."""
 
     reload = False
-    stop = False
+    stop = 0  # the number of the signal that asked to stop
 
 
 def _reload(reloadable: list[PolicyHolder | ServerCertificates], metrics: Metrics | None = None) -> None:
