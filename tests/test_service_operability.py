@@ -5,6 +5,7 @@ the build and the process. Each test starts a real server (service_fixtures) and
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -12,6 +13,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+import grpc
+import pytest
 from cryptography import x509
 
 from secrets_manager import __version__
@@ -19,6 +22,7 @@ from secrets_manager.crypto import kdf
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.tls import pki
+from secrets_manager.v1 import secrets_pb2 as pb
 from service_fixtures import PASSWORD, TD, Server, eventually, make_pki, make_store, start_server
 
 
@@ -218,3 +222,53 @@ def test_start_and_stop_log_what_is_in_force(tmp_path: Path) -> None:
     assert stopping["signal"] == "SIGTERM"
     assert lines[-1]["event"] == "service.stopped"
     assert PASSWORD not in "".join(server.log_lines)
+
+
+def test_every_line_serve_writes_is_json_with_an_event_and_failures_do_not_flood(tmp_path: Path) -> None:
+    """A log pipeline keys on a stable field: the lines had none (only free text), and a warning
+    while serve read its config (here one in a directory others may write) was a plain
+    'secrets-manager: warning:' line, not JSON. And each failed request was a line of its own, so
+    a client looping on a name it may not read flooded the log. Now every line is JSON with time,
+    level and event; failures are logged at most once per method and code every 10 s (the metric
+    counts each). Fails on the old code (a plain line, no event, one line per failure)."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    tmp_path.chmod(0o777)  # others may replace the config (or any file here): a warning at the start
+    server = start_server(tmp_path, metrics=True)
+    try:
+        stub = server.stub("auth")
+        for _ in range(30):
+            with pytest.raises(grpc.RpcError):
+                stub.GetSecret(pb.GetSecretRequest(name="auth/MISSING"), timeout=10)
+        with pytest.raises(grpc.RpcError):
+            stub.GetSecret(pb.GetSecretRequest(name="market-connector/BINANCE_API_KEY"), timeout=10)
+        counted = sample(server, "secrets_manager_requests_total", code="NOT_FOUND", method="GetSecret")
+        assert counted == 30
+    finally:
+        server.stop()
+    lines = [json.loads(line) for line in server.log_lines]  # every line: JSON
+    assert all(line.get("event") and line.get("level") and line.get("time") for line in lines)
+    loose = [line for line in lines if line["event"] == "environment.warning"]
+    assert loose and "chmod go-w" in loose[0]["message"] and loose[0]["level"] == "warning"
+    failed = [line for line in lines if line["event"] == "request.failed"]
+    assert [(line["code"], line["level"]) for line in failed] == [
+        ("NOT_FOUND", "info"),
+        ("PERMISSION_DENIED", "info"),
+    ]
+    assert failed[0]["secret"] == "auth/MISSING" and failed[0]["suppressed"] == 0
+
+
+def test_a_failure_left_out_is_counted_on_the_next_line(caplog: pytest.LogCaptureFixture) -> None:
+    """The rate limit of 'request failed' lines: the next line after the interval says how many
+    like it were left out; a failure on the service's side (UNAVAILABLE) is a warning."""
+    from secrets_manager.service.server import _FailureLog
+
+    failures = _FailureLog(interval=0.2)
+    caplog.set_level(logging.INFO, logger="secrets_manager")
+    for _ in range(5):
+        failures.log("GetSecret", grpc.StatusCode.UNAVAILABLE, secret="a/b")
+    time.sleep(0.25)
+    failures.log("GetSecret", grpc.StatusCode.UNAVAILABLE, secret="a/b")
+    lines = [r for r in caplog.records if r.getMessage() == "request failed"]
+    assert [r.__dict__["suppressed"] for r in lines] == [0, 4]
+    assert all(r.levelno == logging.WARNING for r in lines)

@@ -36,6 +36,9 @@ def serve(session: Session, config_path: str) -> None:
     # SIGHUP's default ends the process: until run_server makes it reload the policy, a SIGHUP sent
     # while we start (a deploy tool's reload, a closed terminal) is ignored; the policy is read after.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # JSON lines from the start: a warning while the config, policy or store is read (a file
+    # others may write, a password in a store URL) was a plain line a log pipeline dropped.
+    configure_logging(sys.stderr)
     session.require_local("serve")
     refuse_password_variable(session.environment, session.environ)  # even beside password_file
     config = load_config(Path(config_path), environment=session.environment)
@@ -80,7 +83,6 @@ def serve(session: Session, config_path: str) -> None:
         # start), then the outcome: ok once the server listens, or why it could not start.
         event = session.event("serve", source="grpc", peer=config.listen)
         audit.append([replace(event, outcome="pending")], store)
-        configure_logging(sys.stderr)
 
         def listening(_port: int) -> None:
             audit.append([event], store)

@@ -68,6 +68,7 @@ class ServerCertificates:
             log.error(
                 "TLS reload rejected; the certificate in force stays until the new one is valid",
                 extra={
+                    "event": "tls.reload_rejected",
                     "error": str(exc),
                     "serial": _serial(self.current),
                     "retry_at": exc.not_before.isoformat(),
@@ -77,7 +78,7 @@ class ServerCertificates:
         except SecretsManagerError as exc:
             log.error(
                 "TLS reload rejected; the certificate in force stays",
-                extra={"error": str(exc), "serial": _serial(self.current)},
+                extra={"event": "tls.reload_rejected", "error": str(exc), "serial": _serial(self.current)},
             )
             return False
         with self._lock:
@@ -85,6 +86,7 @@ class ServerCertificates:
         log.info(
             "TLS certificate reloaded",
             extra={
+                "event": "tls.reloaded",
                 "cert": str(cert),
                 "serial": _serial(files),
                 "not_valid_after": files.not_valid_after.isoformat(),

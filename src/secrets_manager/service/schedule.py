@@ -123,7 +123,11 @@ class _Ledger:
             log.warning(
                 "cannot keep the rotation marker file; a rotation this replica leaves unfinished is "
                 "resumed only once it is stale",
-                extra={"path": str(self._path), "error": exc.strerror or type(exc).__name__},
+                extra={
+                    "event": "schedule.marker_unusable",
+                    "path": str(self._path),
+                    "error": exc.strerror or type(exc).__name__,
+                },
             )
 
     def _take_over(self, audit_path: Path) -> dict[str, int]:
@@ -158,7 +162,10 @@ class _Ledger:
             os.pwrite(self._fd, data, 0)
             os.fsync(self._fd)
         except OSError as exc:
-            log.warning("cannot write the rotation marker file", extra={"error": exc.strerror})
+            log.warning(
+                "cannot write the rotation marker file",
+                extra={"event": "schedule.marker_write_failed", "error": exc.strerror},
+            )
 
     def started(self, name: str, version: int) -> None:
         """A set command is about to run: noted durably, so the next start knows it may have run."""
@@ -384,7 +391,8 @@ class RotationScheduler:
         if self._thread.is_alive():
             log.warning(
                 "a scheduled rotation was still running at shutdown; its command is ended, its "
-                "version stays pending and this replica resumes it when it starts again"
+                "version stays pending and this replica resumes it when it starts again",
+                extra={"event": "schedule.rotation_ended_at_shutdown"},
             )
             self._ledger.stopping()  # the rotation its ended command fails stays owed
             end_running_commands()  # before the marker says the stop was clean
@@ -396,7 +404,10 @@ class RotationScheduler:
             try:
                 self.run_due()
             except Exception as exc:  # a bug: logged (type only), and the next pass tries again
-                log.error("rotation schedule pass failed", extra={"error_type": type(exc).__name__})
+                log.error(
+                    "rotation schedule pass failed",
+                    extra={"event": "schedule.pass_failed", "error_type": type(exc).__name__},
+                )
             self._stopping.wait(self._wait_seconds())
 
     def _wait_seconds(self) -> float:
@@ -501,7 +512,8 @@ class RotationScheduler:
             return "missing"
         except SecretsManagerError as exc:
             log.error(
-                "rotation schedule cannot read a secret", extra={"secret": rule.name, "error": str(exc)}
+                "rotation schedule cannot read a secret",
+                extra={"event": "rotation.read_failed", "secret": rule.name, "error": str(exc)},
             )
             return "failed"
         now = self._clock()
@@ -539,18 +551,27 @@ class RotationScheduler:
             self._failing[rule.name] = (failures, time.monotonic() + delay)
             log.error(
                 "scheduled rotation failed",
-                extra={"secret": rule.name, "error": str(exc), "next_try_seconds": round(delay, 3)},
+                extra={
+                    "event": "rotation.failed",
+                    "secret": rule.name,
+                    "error": str(exc),
+                    "next_try_seconds": round(delay, 3),
+                },
             )
             return "failed"
         self._failing.pop(rule.name, None)
         self._ledger.done(rule.name)
         self._warned = {w for w in self._warned if w[0] != rule.name}
         if rotated.promoted_elsewhere:  # replicas resume a stale version together: one promote wins
-            log.info("scheduled rotation finished by another runner", extra={"secret": rule.name})
+            log.info(
+                "scheduled rotation finished by another runner",
+                extra={"event": "rotation.finished_elsewhere", "secret": rule.name},
+            )
             return "resumed elsewhere"
         log.info(
             "scheduled rotation finished",
             extra={
+                "event": "rotation.finished",
                 "secret": rule.name,
                 "version": rotated.version,
                 "previous": rotated.previous,
@@ -572,25 +593,33 @@ class RotationScheduler:
         if ours:
             log.warning(
                 "found a rotation this replica left unfinished when it stopped; resuming it now",
-                extra={"secret": rule.name, "version": pending},
+                extra={"event": "rotation.resuming", "secret": rule.name, "version": pending},
             )
         else:
             log.warning(
                 "found a pending version (another runner's rotation, perhaps still running); it is "
                 "resumed once stale unless it finishes first",
-                extra={"secret": rule.name, "version": pending, "resume_after": resume_at},
+                extra={
+                    "event": "rotation.pending_found",
+                    "secret": rule.name,
+                    "version": pending,
+                    "resume_after": resume_at,
+                },
             )
 
     def _warn_file_once(self, problem: str) -> None:
         """Outside production, a schedule file others could change is logged once, not per pass."""
         if ("", problem) not in self._warned:
             self._warned.add(("", problem))
-            log.warning("rotation schedule is not safe", extra={"schedule": str(self.path), "error": problem})
+            log.warning(
+                "rotation schedule is not safe",
+                extra={"event": "schedule.unsafe", "schedule": str(self.path), "error": problem},
+            )
 
     def _warn_once(self, name: str, problem: str) -> None:
         if (name, problem) not in self._warned:
             self._warned.add((name, problem))
-            log.warning(problem, extra={"secret": name})
+            log.warning(problem, extra={"event": "schedule.entry_warning", "secret": name})
 
 
 __all__ = ["ACTOR", "SOURCE", "RotationScheduler"]

@@ -77,6 +77,7 @@ log = logging.getLogger("secrets_manager.service")
 REFLECTION_STREAMS = 4  # server reflection streams open at once, at most (fewer on a small pool)
 REFLECTION_WARNING_SECONDS = 60.0  # at most one "reflection stream refused" warning per interval
 SIGNAL_POLL_SECONDS = 0.1  # how soon serve's main loop acts on SIGHUP, SIGTERM and SIGINT
+REQUEST_FAILURE_LOG_SECONDS = 10.0  # at most one "request failed" line per method and code this often
 WATCH_IDLE_SECONDS = 1.0  # a quiet watch stream still checks this often that it should go on
 _KIND = {
     ChangeKind.VERSION_ADDED: pb.ChangeEvent.VERSION_ADDED,
@@ -127,7 +128,12 @@ class PolicyHolder:
             if problem is not None:
                 log.warning(
                     "policy names an identity no client certificate can present; it grants nothing",
-                    extra={"policy": str(self.path), "identity": identity, "problem": problem},
+                    extra={
+                        "event": "policy.identity_unpresentable",
+                        "policy": str(self.path),
+                        "identity": identity,
+                        "problem": problem,
+                    },
                 )
 
 
@@ -192,6 +198,51 @@ def _unrecorded_change(event: AuditEvent, audit_exc: SecretsManagerError) -> Cha
     )
 
 
+class _FailureLog:
+    """The "request failed" lines: at most one per method and status code every `interval`
+    seconds, the next one saying how many like it were left out (`suppressed`). One line per
+    failed request flooded the log when a client looped on a name it may not read, or every
+    request failed in an outage; the audit log has every request, and the metric
+    secrets_manager_requests_total counts each. A failure on the service's side (the store, the
+    audit log, a bug) is a warning; the caller's (not found, denied, invalid, conflict) info."""
+
+    def __init__(self, interval: float = REQUEST_FAILURE_LOG_SECONDS) -> None:
+        self._interval = interval
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, grpc.StatusCode], tuple[float, int]] = {}
+
+    def log(self, method: str, code: grpc.StatusCode, **fields: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last, suppressed = self._last.get((method, code), (None, 0))
+            if last is not None and now - last < self._interval:
+                self._last[(method, code)] = (last, suppressed + 1)
+                return
+            self._last[(method, code)] = (now, 0)
+        log.log(
+            logging.WARNING if code in _SERVICE_SIDE else logging.INFO,
+            "request failed",
+            extra={
+                "event": "request.failed",
+                "method": method,
+                "code": code.name,
+                **fields,
+                "suppressed": suppressed,
+            },
+        )
+
+
+_SERVICE_SIDE = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
+
+
 class SecretsServicer(pb_grpc.SecretsServicer):
     def __init__(
         self,
@@ -213,6 +264,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         self._fsync_reads = fsync_reads
         self.stopping = threading.Event()
         self.audit_refused: Callable[[], None] = lambda: None  # the health check hears of a refusal
+        self._failures = _FailureLog()
         # One poller of the change feed for every Watch stream, and the cap on open streams.
         self.watch_hub = ChangeHub(store, max_subscribers=max_watch_streams)
         metrics.count_watch_streams(lambda: self.watch_hub.subscribers, max_watch_streams)
@@ -300,16 +352,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             event.outcome = exc.kind
             event.decision = "allow" if request.allowed else "deny"
             self._record(event, durable)
-            log.info(
-                "request failed",
-                extra={
-                    "method": method,
-                    "identity": identity,
-                    "peer": peer,
-                    "secret": recorded,
-                    "code": code.name,
-                },
-            )
+            self._failures.log(method, code, identity=identity, peer=peer, secret=recorded, kind=exc.kind)
             refinement = error_metadata(exc)
             if refinement:  # the client raises this class, not only its status's
                 context.set_trailing_metadata(refinement)
@@ -325,7 +368,10 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             event.outcome = "error"
             event.decision = "allow" if request.allowed else "deny"
             self._record(event, durable)
-            log.error("internal error", extra={"method": method, "error_type": type(exc).__name__})
+            log.error(
+                "internal error",
+                extra={"event": "request.internal_error", "method": method, "error_type": type(exc).__name__},
+            )
             context.abort(code, "internal error")
         finally:
             if not stream or code is not grpc.StatusCode.OK:
@@ -351,7 +397,9 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         try:
             self._append([event], durable=durable)
         except SecretsManagerError as exc:
-            log.error("audit record could not be written", extra={"error": str(exc)})
+            log.error(
+                "audit record could not be written", extra={"event": "audit.write_failed", "error": str(exc)}
+            )
 
     def _append(self, events: list[AuditEvent], *, durable: bool) -> None:
         """Append to the audit log; a record it refuses is counted, and fails the audit health check."""
@@ -695,7 +743,11 @@ class BoundedReflection:
             self._last_warning = now
             log.warning(
                 "server reflection stream refused: the limit of open reflection streams is reached",
-                extra={"reflection_streams": self._limit, "peer": context.peer()},
+                extra={
+                    "event": "reflection.refused",
+                    "reflection_streams": self._limit,
+                    "peer": context.peer(),
+                },
             )
 
 
@@ -891,7 +943,11 @@ def run_server(
         )
         log.info(
             "rotation schedule in force",
-            extra={"schedule": str(scheduler.path), "entries": len(scheduler.rules)},
+            extra={
+                "event": "schedule.started",
+                "schedule": str(scheduler.path),
+                "entries": len(scheduler.rules),
+            },
         )
     try:
         ready(running.port)
@@ -929,7 +985,7 @@ def run_server(
     if ended:
         log.warning(
             "rotation commands still running at the end of the grace period were ended",
-            extra={"commands": ended},
+            extra={"event": "rotation.commands_ended", "commands": ended},
         )
     _flush_at_shutdown(audit)
     log.info("stopped", extra={"event": "service.stopped"})
@@ -1046,7 +1102,10 @@ def _withhold(exc: Exception, context: grpc.ServicerContext, method: str) -> Non
     """Re-raise an abort (its status is set already); end anything else as "internal error"."""
     if context.code() is not None:
         raise exc
-    log.error("internal error", extra={"method": method, "error_type": type(exc).__name__})
+    log.error(
+        "internal error",
+        extra={"event": "request.internal_error", "method": method, "error_type": type(exc).__name__},
+    )
     context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
@@ -1077,7 +1136,9 @@ def _reload(reloadable: list[PolicyHolder | ServerCertificates], metrics: Metric
 
 
 class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line. Only fields we put in `extra` appear: never a value."""
+    """One JSON object per line: time, level, message and a stable `event` (each line of the
+    service names its own; one from a lower layer is named after its logger and level, e.g.
+    `environment.warning`). Only fields we put in `extra` appear: never a value."""
 
     _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
@@ -1088,6 +1149,8 @@ class JsonLogFormatter(logging.Formatter):
             "message": record.getMessage(),
         }
         doc.update({k: v for k, v in record.__dict__.items() if k not in self._STANDARD})
+        if "event" not in doc:  # a line from below the service: named after its logger and level
+            doc["event"] = f"{record.name.removeprefix('secrets_manager.')}.{doc['level']}"
         return json.dumps(doc, default=str, sort_keys=True)
 
 

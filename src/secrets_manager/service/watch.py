@@ -276,7 +276,7 @@ class ChangeHub:
             self._last_limit_warning = now
             log.warning(
                 "watch stream refused: max_watch_streams reached",
-                extra={"max_watch_streams": self._max},
+                extra={"event": "watch.refused", "max_watch_streams": self._max},
             )
 
     def _poll_forever(self) -> None:
@@ -301,9 +301,15 @@ class ChangeHub:
             changes, following = self._store.changes_since(revision)
         except Exception as exc:  # the store's error (or a bug) ends the streams; polling goes on
             if isinstance(exc, SecretsManagerError):  # our messages never hold a value
-                log.warning("change feed could not be read; watch streams end", extra={"error": str(exc)})
+                log.warning(
+                    "change feed could not be read; watch streams end",
+                    extra={"event": "watch.feed_failed", "error": str(exc)},
+                )
             else:  # a bug: its message is withheld (it could hold data)
-                log.error("change feed poller failed", extra={"error_type": type(exc).__name__})
+                log.error(
+                    "change feed poller failed",
+                    extra={"event": "watch.poller_failed", "error_type": type(exc).__name__},
+                )
             self._fail(revision, exc)
             return
         with self._lock:

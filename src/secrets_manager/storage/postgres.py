@@ -580,7 +580,8 @@ class PostgresStorage:
                             callback()
             except psycopg.Error as exc:
                 log.info(
-                    "change listener lost its connection; retrying", extra={"error": str(self._error(exc))}
+                    "change listener lost its connection; retrying",
+                    extra={"event": "store.listener_reconnecting", "error": str(self._error(exc))},
                 )
             stop.wait(delay)
             delay = min(delay * 2, longest)

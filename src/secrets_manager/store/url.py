@@ -655,6 +655,7 @@ def _open_postgres(location: PostgresLocation, *, create: bool, environment: Env
                 "the store URL %s carries a database password, which process lists and shell "
                 "history show; put it in PGPASSFILE (~/.pgpass) or PGPASSWORD instead",
                 location.display,
+                extra={"event": "store.password_in_url"},
             )
     from secrets_manager.storage.postgres import PostgresStorage  # psycopg loads only when used
 
