@@ -4,6 +4,7 @@ the build and the process. Each test starts a real server (service_fixtures) and
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -23,7 +24,16 @@ from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.tls import pki
 from secrets_manager.v1 import secrets_pb2 as pb
-from service_fixtures import PASSWORD, TD, Server, eventually, make_pki, make_store, start_server
+from service_fixtures import (
+    PASSWORD,
+    TD,
+    Server,
+    eventually,
+    free_address,
+    make_pki,
+    make_store,
+    start_server,
+)
 
 
 def scrape(server: Server) -> str:
@@ -272,3 +282,37 @@ def test_a_failure_left_out_is_counted_on_the_next_line(caplog: pytest.LogCaptur
     lines = [r for r in caplog.records if r.getMessage() == "request failed"]
     assert [r.__dict__["suppressed"] for r in lines] == [0, 4]
     assert all(r.levelno == logging.WARNING for r in lines)
+
+
+def test_health_from_a_shell_says_serving_not_serving_or_unreachable_with_its_exit_code(
+    tmp_path: Path,
+) -> None:
+    """There was no documented way to probe health from a shell (no grpc_health_probe here, and
+    the CLI had no command for it). `secrets-manager health` checks every address with the CLI's
+    certificate variables: exit 0 when each is SERVING; 1, naming the others, when one is
+    NOT_SERVING (here its audit log's lock is held by another process) or unreachable. Fails on
+    the old code (no such command: exit 2)."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    try:
+        ok = server.cli("ops", "health", "--json")
+        assert ok.returncode == 0, ok.stderr
+        assert json.loads(ok.stdout) == [{"address": server.address, "status": "SERVING", "error": None}]
+        lock = os.open(tmp_path / "store.audit.jsonl.lock", os.O_RDWR)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a stuck writer: the service cannot audit, so cannot serve
+            assert eventually(lambda: server.cli("ops", "health").returncode == 1, timeout=20)
+            down = server.cli("ops", "health")
+            assert down.stdout.decode().split("\t")[:2] == [server.address, "NOT_SERVING"]
+            line = down.stderr.decode()
+            assert line.count("\n") == 1 and f"not serving: {server.address} NOT_SERVING" in line
+        finally:
+            os.close(lock)
+        assert eventually(lambda: server.cli("ops", "health").returncode == 0, timeout=20)
+        nowhere = free_address()
+        both = server.cli("ops", "health", env={"SECRETS_MANAGER_ADDR": f"{server.address},{nowhere}"})
+        assert both.returncode == 1 and f"{nowhere} UNREACHABLE" in both.stderr.decode()
+        assert f"{server.address}\tSERVING" in both.stdout.decode()
+    finally:
+        server.stop()

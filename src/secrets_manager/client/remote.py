@@ -385,6 +385,17 @@ class RemoteStore:
             return bool(exc.code() is grpc.StatusCode.UNIMPLEMENTED)  # answered, just no health service
         return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
+    def health_status(self, timeout: float) -> tuple[str, str | None]:
+        """Health/Check of the Secrets service within `timeout`: its status's name (SERVING,
+        NOT_SERVING, ...) and None, or UNREACHABLE and why (`secrets-manager health`)."""
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        try:
+            reply = self._health.Check(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            return "UNREACHABLE", f"{code.name}: {exc.details() or code.name}"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), None
+
     def close(self) -> None:
         self._channel.close()
 

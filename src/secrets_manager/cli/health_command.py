@@ -1,0 +1,66 @@
+"""`secrets-manager health`: the grpc.health.v1 status of each service address, for a shell, a
+cron job or a container's probe (as grpc_health_probe, with the CLI's own certificate variables).
+
+The service says NOT_SERVING while its store does not answer or its audit log cannot be written
+(service/health_probe.py), and while it shuts down. Exit 0 when every address is SERVING, else 1
+with one line naming those that are not.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from secrets_manager.cli.app import HEALTH_CHECK_SECONDS, SERVER_VARIABLE, Session, cli, pass_session
+from secrets_manager.cli.output import print_json, print_table
+from secrets_manager.errors import InvalidInputError, StorageError
+
+
+@cli.command()
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.1, 60),
+    default=HEALTH_CHECK_SECONDS,
+    show_default=True,
+    help="Seconds to wait for each address's answer.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the statuses as JSON.")
+@pass_session
+def health(session: Session, timeout: float, as_json: bool) -> None:
+    """Check the health of the service at --server / SECRETS_MANAGER_ADDR (each of several
+    comma-separated addresses). Exit 0 if every one is SERVING, 1 if not (the store down, the
+    audit log unwritable, shutting down, or unreachable)."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # as remote_store: no gRPC core lines
+    from secrets_manager.client import RemoteStore
+    from secrets_manager.client._config import parse_addresses
+
+    addresses = parse_addresses(session.server or "")
+    if not addresses:
+        raise InvalidInputError(
+            f"health needs a service: give --server HOST:PORT or set {SERVER_VARIABLE} "
+            "(several comma-separated)"
+        )
+    tls = session.tls_files()
+    results: list[dict[str, str | None]] = []
+    for address in addresses:
+        remote = RemoteStore(address, tls)
+        try:
+            status, error = remote.health_status(timeout)
+        finally:
+            remote.close()
+        results.append({"address": address, "status": status, "error": error})
+    if as_json:
+        print_json(results)
+    else:
+        print_table(
+            ["ADDRESS", "STATUS", "ERROR"],
+            [[r["address"] or "", r["status"] or "", r["error"] or ""] for r in results],
+            free_text={"ERROR"},
+        )
+    failing = [f"{r['address']} {r['status']}" for r in results if r["status"] != "SERVING"]
+    if failing:
+        raise StorageError(
+            f"not serving: {', '.join(failing)}; see the service's log (event health.check_failed) "
+            "and its secrets_manager_health_check_ok metric"
+        )
