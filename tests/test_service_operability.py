@@ -316,3 +316,32 @@ def test_health_from_a_shell_says_serving_not_serving_or_unreachable_with_its_ex
         assert f"{server.address}\tSERVING" in both.stdout.decode()
     finally:
         server.stop()
+
+
+def test_a_client_certificate_near_its_end_is_warned_of_once_on_the_service_side(tmp_path: Path) -> None:
+    """Only the SDK warned of its certificate's end, in the client's own log; past it the client
+    is refused with nothing in the service's log or metrics to show why. Now a call with a
+    certificate ending within 7 days logs tls.client_certificate_expiring (identity, serial,
+    date, hours left, peer) and counts it, once a day per certificate. Fails on the old code."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    cert, key = pki.issue(
+        (tmp_path / "ca.pem").read_bytes(), (tmp_path / "ca-key.pem").read_bytes(), "auth", days=2
+    )
+    (tmp_path / "soon.pem").write_bytes(cert)
+    (tmp_path / "soon-key.pem").write_bytes(key)
+    server = start_server(tmp_path, metrics=True)
+    counter = "secrets_manager_client_certificate_expiry_warnings_total"
+    try:
+        server.stub("auth").GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+        assert sample(server, counter) == 0  # a certificate of a year: nothing
+        for _ in range(3):
+            server.stub("soon").GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+        assert sample(server, counter) == 1
+    finally:
+        server.stop()
+    warned = [json.loads(line) for line in server.log_lines if "tls.client_certificate_expiring" in line]
+    assert len(warned) == 1
+    serial = format(x509.load_pem_x509_certificate(cert).serial_number, "X")
+    assert warned[0]["identity"] == f"spiffe://{TD}/auth" and warned[0]["serial"].lstrip("0") == serial
+    assert 47 <= warned[0]["hours_left"] <= 48 and warned[0]["peer"].startswith("ipv4:127.0.0.1:")

@@ -138,6 +138,12 @@ class Metrics:
             "certificates it signed are refused from then on. Alert on it minus time().",
             registry=self.registry,
         )
+        self.client_expiry_notices = Counter(
+            "secrets_manager_client_certificate_expiry_warnings",
+            "Client certificates seen ending within 7 days, each counted (and logged, event "
+            "tls.client_certificate_expiring) at most once a day.",
+            registry=self.registry,
+        )
         # Label children by key, so a request does not look them up under the metric's lock.
         self._counters: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._histograms: dict[str, Any] = {}
@@ -214,6 +220,9 @@ class Metrics:
         self.reload_ok.labels(file).set(1 if ok else 0)
         if not ok:
             self.reload_failures.labels(file).inc()
+
+    def count_client_expiry_notice(self) -> None:
+        self.client_expiry_notices.inc()
 
     def set_check(self, check: str, ok: bool) -> None:
         """A health check now passes (`ok`) or fails."""

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -77,6 +78,8 @@ log = logging.getLogger("secrets_manager.service")
 REFLECTION_STREAMS = 4  # server reflection streams open at once, at most (fewer on a small pool)
 REFLECTION_WARNING_SECONDS = 60.0  # at most one "reflection stream refused" warning per interval
 SIGNAL_POLL_SECONDS = 0.1  # how soon serve's main loop acts on SIGHUP, SIGTERM and SIGINT
+CLIENT_EXPIRY_WARNING_SECONDS = 7 * 86400  # a client certificate ending sooner is warned of
+CLIENT_EXPIRY_NOTICE_SECONDS = 86400  # once a day per certificate
 REQUEST_FAILURE_LOG_SECONDS = 10.0  # at most one "request failed" line per method and code this often
 WATCH_IDLE_SECONDS = 1.0  # a quiet watch stream still checks this often that it should go on
 _KIND = {
@@ -198,6 +201,49 @@ def _unrecorded_change(event: AuditEvent, audit_exc: SecretsManagerError) -> Cha
     )
 
 
+class _ClientExpiryNotices:
+    """A warning (and a count in the metrics) when a client calls with a certificate that ends
+    within CLIENT_EXPIRY_WARNING_SECONDS, once a day per certificate: the SDK warns in the
+    client's own log, which the service's operator may never read, and past its end the client is
+    refused with only a closed connection to show for it. One comparison per call otherwise."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._warned: dict[bytes | str, float] = {}  # certificate: when it was last warned of
+
+    def check(self, caller: Caller, peer: str) -> None:
+        ends = caller.not_valid_after
+        if ends is None:
+            return
+        now = time.time()
+        if ends - now >= CLIENT_EXPIRY_WARNING_SECONDS:
+            return
+        key = caller.fingerprint or caller.identity
+        with self._lock:
+            last = self._warned.get(key)
+            if last is not None and now - last < CLIENT_EXPIRY_NOTICE_SECONDS:
+                return
+            if len(self._warned) >= 4096:  # forget the oldest notices: a day's worth is plenty
+                self._warned = {
+                    k: t for k, t in self._warned.items() if now - t < CLIENT_EXPIRY_NOTICE_SECONDS
+                }
+            self._warned[key] = now
+        self._metrics.count_client_expiry_notice()
+        log.warning(
+            "a client certificate expires soon: renew it (secrets-manager pki issue NAME --force) "
+            "before its client is refused",
+            extra={
+                "event": "tls.client_certificate_expiring",
+                "identity": caller.identity,
+                "serial": caller.serial_text,
+                "not_valid_after": datetime.fromtimestamp(ends, UTC).isoformat(),
+                "hours_left": round((ends - now) / 3600, 1),
+                "peer": peer,
+            },
+        )
+
+
 class _FailureLog:
     """The "request failed" lines: at most one per method and status code every `interval`
     seconds, the next one saying how many like it were left out (`suppressed`). One line per
@@ -265,6 +311,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         self.stopping = threading.Event()
         self.audit_refused: Callable[[], None] = lambda: None  # the health check hears of a refusal
         self._failures = _FailureLog()
+        self._expiring = _ClientExpiryNotices(metrics)
         # One poller of the change feed for every Watch stream, and the cap on open streams.
         self.watch_hub = ChangeHub(store, max_subscribers=max_watch_streams)
         metrics.count_watch_streams(lambda: self.watch_hub.subscribers, max_watch_streams)
@@ -305,6 +352,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             revoked = self._policy.current.revocation(caller.serial, caller.fingerprint)  # set lookups
             if revoked is not None:
                 raise IdentityError(revoked)
+            self._expiring.check(caller, peer)
         except IdentityError as exc:
             self._record(
                 AuditEvent(

@@ -55,6 +55,7 @@ class Caller:
     identity: str
     serial: int | None = None
     fingerprint: bytes | None = None
+    not_valid_after: float | None = None  # the certificate's end, Unix time (expiry warnings)
 
     @property
     def serial_text(self) -> str | None:
@@ -87,7 +88,12 @@ def caller_from_certificate(certificate: bytes | str | x509.Certificate) -> Call
     cert = _load(certificate)
     serial = cert.serial_number
     try:
-        return Caller(_identity_of(cert), serial, cert.fingerprint(hashes.SHA256()))
+        return Caller(
+            _identity_of(cert),
+            serial,
+            cert.fingerprint(hashes.SHA256()),
+            cert.not_valid_after_utc.timestamp(),
+        )
     except IdentityError as exc:
         exc.serial = serial
         raise
