@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import signal
+import sqlite3
 import time
 import urllib.request
 from pathlib import Path
@@ -30,6 +31,7 @@ from service_fixtures import (
     Server,
     eventually,
     free_address,
+    in_process_server,
     make_pki,
     make_store,
     start_server,
@@ -345,3 +347,34 @@ def test_a_client_certificate_near_its_end_is_warned_of_once_on_the_service_side
     serial = format(x509.load_pem_x509_certificate(cert).serial_number, "X")
     assert warned[0]["identity"] == f"spiffe://{TD}/auth" and warned[0]["serial"].lstrip("0") == serial
     assert 47 <= warned[0]["hours_left"] <= 48 and warned[0]["peer"].startswith("ipv4:127.0.0.1:")
+
+
+def test_an_audit_anchor_that_cannot_move_shows_as_a_growing_lag(tmp_path: Path) -> None:
+    """The store's anchor pins the audit log's tail; while the store is busy (another writer
+    holds its lock) a deferred flush cannot move it and the sink worker retries, silently: a
+    crash then leaves records verify cannot vouch for. Now
+    secrets_manager_audit_anchor_lag_seconds grows while records wait, and is 0 once the anchor
+    moves. Fails on the old code (no such metric)."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        with in_process_server(tmp_path, store, watch_tick=30) as (running, stub):
+            registry = running.metrics.registry
+
+            def lag() -> float:
+                return float(registry.get_sample_value("secrets_manager_audit_anchor_lag_seconds") or 0)
+
+            stub("ops").GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+            assert eventually(lambda: lag() == 0)
+            other = sqlite3.connect(tmp_path / "store.db", timeout=0)
+            try:
+                other.execute("BEGIN IMMEDIATE")  # the store's write lock, held as a long restore would
+                stub("ops").GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+                assert eventually(lambda: lag() > 1.0)
+            finally:
+                other.rollback()
+                other.close()
+            assert eventually(lambda: lag() == 0)
+    finally:
+        store.close()

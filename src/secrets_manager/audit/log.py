@@ -201,6 +201,7 @@ class AuditLog:
         # This process's newest fsynced record not yet anchored (a flush or durable append could
         # not move the anchor): the sink worker retries until it moves or is no longer needed.
         self._owed: _Owed | None = None
+        self._owed_since: float | None = None  # monotonic: since when an anchor has been owed
         self._writes = 0  # records written by this process so far: orders the tails it left
         self._failure: str | None = None
         self._second: tuple[int, str] | None = None  # a second and its formatted date and time
@@ -546,7 +547,7 @@ class AuditLog:
                 self._anchor_busy_until = time.monotonic() + FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
                 self._worker.retry_within(FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS)
             else:
-                self._owed = None  # this process's newest record is anchored: older ones are too
+                self._owed = self._owed_since = None  # this record is anchored: older ones are too
 
     @staticmethod
     def _lock_wait_of(jobs: list[_AppendJob]) -> float | None:
@@ -810,7 +811,7 @@ class AuditLog:
         if self._unsynced is not None:
             unsynced, self._unsynced = self._unsynced, None
             unsynced.close()
-        self._owed = None  # records of the old chain are never anchored over the new one
+        self._owed = self._owed_since = None  # the old chain's records are never anchored over the new one
         self._tail = None
         anchor.set_audit_anchor(Anchor(seq=0, hash=GENESIS_HASH), reset=True)  # the one way back
         self._write_locked([_AppendJob([event], anchor)], anchor, durable=True)
@@ -959,6 +960,16 @@ class AuditLog:
         current = self._owed
         if current is None or current.tail.written < owed.tail.written:
             self._owed = owed
+        if self._owed_since is None:
+            self._owed_since = time.monotonic()
+
+    @property
+    def anchor_lag_seconds(self) -> float:
+        """How long records this process wrote and fsynced have waited for the store's anchor to
+        reach them (0: none waits). A flush moves it within milliseconds; while the store is busy
+        or unreachable the sink worker retries, and this grows (the service's metric)."""
+        since = self._owed_since
+        return 0.0 if since is None else max(0.0, time.monotonic() - since)
 
     def _anchor_owed(self, *, deferred: bool) -> None:
         """Move the store's anchor to the owed record, if one is owed; schedule a retry if it
@@ -1004,7 +1015,9 @@ class AuditLog:
                     raise self._anchor_lags(owed, exc) from None
             else:
                 if self._owed is owed:
-                    self._owed = None
+                    self._owed = self._owed_since = None
+                else:  # a newer record is owed now: it waits from here
+                    self._owed_since = time.monotonic()
             finally:
                 self._unflock()
 

@@ -144,6 +144,12 @@ class Metrics:
             "tls.client_certificate_expiring) at most once a day.",
             registry=self.registry,
         )
+        self.anchor_lag = Gauge(
+            "secrets_manager_audit_anchor_lag_seconds",
+            "How long audit records this service wrote and fsynced have waited for the store's "
+            "anchor to reach them (0: none waits; the store busy or unreachable makes it grow).",
+            registry=self.registry,
+        )
         # Label children by key, so a request does not look them up under the metric's lock.
         self._counters: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._histograms: dict[str, Any] = {}
@@ -220,6 +226,10 @@ class Metrics:
         self.reload_ok.labels(file).set(1 if ok else 0)
         if not ok:
             self.reload_failures.labels(file).inc()
+
+    def track_anchor_lag(self, lag_seconds: Callable[[], float]) -> None:
+        """Read the audit log's anchor lag at every scrape."""
+        self.anchor_lag.set_function(lag_seconds)
 
     def count_client_expiry_notice(self) -> None:
         self.client_expiry_notices.inc()

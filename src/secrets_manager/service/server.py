@@ -897,6 +897,7 @@ def _start(
         ),
     )
     servicer.audit_refused = store_health.audit_refused
+    metrics.track_anchor_lag(lambda: audit.anchor_lag_seconds)
     store_health.start()
     return RunningServer(server, servicer, port, health_servicer, metrics, store_health)
 
