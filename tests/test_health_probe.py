@@ -204,3 +204,39 @@ def test_serve_is_not_serving_while_its_audit_log_cannot_be_written(tmp_path: Pa
             stub("ops").PutSecret(pb.PutSecretRequest(name="auth/NEW", value=b"v"), timeout=10)
     finally:
         store.close()
+
+
+def test_each_probe_is_timed_so_a_slow_store_shows_before_it_fails(store: Store) -> None:
+    """A store that answers in 0.1 s instead of 1 ms is slow, not down: health stays SERVING and
+    only request latency showed it, and only under traffic. Each probe's duration now goes to
+    secrets_manager_health_check_seconds{check}. Fails on the old code (no on_probe, no metric)."""
+    from secrets_manager.service.metrics import Metrics
+
+    metrics = Metrics(None)
+    servicer = health.HealthServicer()
+    servicer.set("", SERVING)
+
+    def slow_read() -> None:
+        time.sleep(0.1)
+
+    probe = StoreHealth(
+        servicer, [""], slow_read, audit_probe=lambda: None, on_probe=metrics.observe_probe, interval=0.05
+    )
+    probe.start()
+    try:
+
+        def count(check: str) -> float:
+            value = metrics.registry.get_sample_value(
+                "secrets_manager_health_check_seconds_count", {"check": check}
+            )
+            return float(value or 0)
+
+        wait_for(lambda: count("store") >= 2 and count("audit") >= 2)
+        slow = metrics.registry.get_sample_value(
+            "secrets_manager_health_check_seconds_bucket", {"check": "store", "le": "0.05"}
+        )
+        assert slow == 0  # every store probe took longer than 50 ms
+        assert status(servicer, "") == SERVING
+    finally:
+        probe.stop()
+        metrics.close()

@@ -15,7 +15,8 @@ waits out its deadline. Two things every call needs are checked on a thread of t
 
 While any check fails the service reports NOT_SERVING; SERVING again once every check passes,
 without a restart. Each change is logged (the check, and why) and reported to `on_check` (the
-`secrets_manager_health_check_ok` metric). A graceful shutdown's NOT_SERVING is never undone
+`secrets_manager_health_check_ok` metric); each probe's duration goes to `on_probe` (a slow store
+shows there before it fails, even with no traffic). A graceful shutdown's NOT_SERVING is never undone
 (HealthServicer ignores `set` then).
 
 `on_store_failing(reason)` runs each time the store check starts failing: the service ends its
@@ -55,6 +56,7 @@ class StoreHealth:
         *,
         audit_probe: Callable[[], object] | None = None,
         on_check: Callable[[str, bool], None] = lambda _check, _ok: None,
+        on_probe: Callable[[str, float], None] = lambda _check, _seconds: None,
         interval: float = HEALTH_PROBE_INTERVAL_SECONDS,
         timeout: float = HEALTH_PROBE_TIMEOUT_SECONDS,
         refusal_hold: float = AUDIT_REFUSAL_HOLD_SECONDS,
@@ -68,6 +70,7 @@ class StoreHealth:
         if audit_probe is not None:
             self._checks.append((AUDIT, audit_probe))
         self._on_check = on_check
+        self._on_probe = on_probe
         self._interval = interval
         self._timeout = timeout
         self._refusal_hold = refusal_hold
@@ -111,6 +114,7 @@ class StoreHealth:
             for check, probe in self._checks:
                 with self._lock:
                     self._probing = (check, self._clock())
+                started = time.perf_counter()
                 try:
                     probe()
                     failure = None
@@ -118,6 +122,7 @@ class StoreHealth:
                     failure = str(exc)
                 except Exception as exc:  # anything else: its type only (its text could quote data)
                     failure = type(exc).__name__
+                self._on_probe(check, time.perf_counter() - started)
                 with self._lock:
                     self._probing = None
                     if failure is None:

@@ -892,6 +892,7 @@ def _start(
         lambda: store.changes_since(None),
         audit_probe=lambda: audit.append([], store),
         on_check=metrics.set_check,
+        on_probe=metrics.observe_probe,
         on_store_failing=lambda reason: servicer.watch_hub.interrupt(
             StorageError(f"this replica cannot read its store ({reason}): watch through another replica")
         ),
