@@ -320,6 +320,40 @@ def test_health_from_a_shell_says_serving_not_serving_or_unreachable_with_its_ex
         server.stop()
 
 
+def test_a_request_the_stuck_audit_log_refuses_is_answered_within_one_audit_timeout(tmp_path: Path) -> None:
+    """With the audit log's lock held by a stuck process, a request is refused (UNAVAILABLE) once
+    its record has waited the audit timeout. Before, the service then tried to record the refusal
+    too, waiting as long again: the caller had its answer after twice the timeout (past a 10 s
+    deadline with the default 5 s, so DEADLINE_EXCEEDED while the metric counted UNAVAILABLE)."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path, environment={"SECRETS_MANAGER_AUDIT_TIMEOUT": "1.5"})
+    try:
+        server.stub("auth").GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+        lock = os.open(tmp_path / "store.audit.jsonl.lock", os.O_RDWR)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            for call in (
+                lambda: server.stub("auth").GetSecret(
+                    pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=20
+                ),
+                lambda: server.stub("ops").PutSecret(
+                    pb.PutSecretRequest(name="auth/NEW", value=b"v"), timeout=20
+                ),
+            ):
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as refused:
+                    call()
+                waited = time.monotonic() - started
+                assert refused.value.code() is grpc.StatusCode.UNAVAILABLE, refused.value.details()
+                assert 1.4 < waited < 2.6, f"answered after {waited:.1f} s with a 1.5 s audit timeout"
+        finally:
+            os.close(lock)
+        assert any('"event": "audit.write_skipped"' in line for line in server.log_lines)
+    finally:
+        server.stop()
+
+
 def test_a_client_certificate_near_its_end_is_warned_of_once_on_the_service_side(tmp_path: Path) -> None:
     """Only the SDK warned of its certificate's end, in the client's own log; past it the client
     is refused with nothing in the service's log or metrics to show why. Now a call with a

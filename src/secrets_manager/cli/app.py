@@ -230,6 +230,12 @@ class Session:
 
     def audit_log(self) -> AuditLog:
         path = self.audit_path
+        options = self.audit_options()
+        refuse_files_of_others(path, self.files_not_for_audit())
+        return AuditLog(path, environment=self.environment, **options)
+
+    def audit_options(self) -> dict[str, Any]:
+        """The audit log's size limit and timeout from the environment (for the CLI and serve)."""
         options: dict[str, Any] = {}
         raw_max = self.environ.get(AUDIT_MAX_BYTES_VARIABLE)
         if raw_max is not None:
@@ -244,8 +250,7 @@ class Session:
                 options["timeout"] = -1.0
             if not 0 < options["timeout"] <= 600:
                 raise InvalidInputError(f"{AUDIT_TIMEOUT_VARIABLE} must be seconds between 0 and 600")
-        refuse_files_of_others(path, self.files_not_for_audit())
-        return AuditLog(path, environment=self.environment, **options)
+        return options
 
     def files_not_for_audit(self) -> list[tuple[Path, str]]:
         """Files an audit log path must not name: the store's own (and its SQLite companions) and

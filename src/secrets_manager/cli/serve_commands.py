@@ -59,6 +59,7 @@ def serve(session: Session, config_path: str) -> None:
         audit_path,
         flush_interval=config.audit_sync_interval_ms / 1000,
         environment=session.environment,
+        **session.audit_options(),  # SECRETS_MANAGER_AUDIT_TIMEOUT and _MAX_BYTES, as for every command
     )
     try:
         store = open_store(

@@ -399,7 +399,16 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             code = status_for(exc)
             event.outcome = exc.kind
             event.decision = "allow" if request.allowed else "deny"
-            self._record(event, durable)
+            if isinstance(exc, AuditError) and exc.timed_out:
+                # The log did not answer within its timeout a moment ago: a record of this refusal
+                # would wait as long again, and the caller twice the timeout for its answer (past
+                # its deadline). The refusal is logged, counted and answered now.
+                log.error(
+                    "audit record of a refusal not attempted: the audit log is not answering",
+                    extra={"event": "audit.write_skipped", "method": method, "error": str(exc)},
+                )
+            else:
+                self._record(event, durable)
             self._failures.log(method, code, identity=identity, peer=peer, secret=recorded, kind=exc.kind)
             refinement = error_metadata(exc)
             if refinement:  # the client raises this class, not only its status's
