@@ -29,7 +29,7 @@ import pytest
 from psycopg import sql
 
 from postgres_cluster import PostgresCluster
-from secrets_manager.audit import Anchor, AuditEvent, AuditLog
+from secrets_manager.audit import Anchor, AuditError, AuditEvent, AuditLog
 from secrets_manager.audit.log import FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
 from secrets_manager.crypto import Keyset, kdf
 from secrets_manager.environment import Environment
@@ -771,6 +771,33 @@ def test_the_audit_log_does_not_stall_on_a_store_whose_commit_lock_another_trans
             time.sleep(0.02)
         assert anchored.seq == last["seq"] == 19
         assert log.verify(store.audit_key(), anchored) == 19
+    finally:
+        store.close()
+
+
+def test_an_audit_append_the_stores_table_lock_holds_up_names_the_store_not_the_log(
+    place: Place, postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    """A session holding an ACCESS EXCLUSIVE lock on the store's table (a long migration, a stray
+    `LOCK TABLE`) blocks the anchor's read that a writer new to the log makes before appending.
+    The append is refused after its timeout; the error said "audit log … did not answer", sending
+    the operator to the log's disk, while the log was fine and the store was waiting."""
+    store = EncryptedStore.create(place.open(create=True), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
+    path = tmp_path / "audit.jsonl"
+    try:
+        AuditLog(path, timeout=1.0).append([AuditEvent("store", "alice", name="auth/k")], store)
+        with postgres_cluster.connect() as db, db.transaction():
+            for table in ("entries", "meta"):
+                db.execute(
+                    sql.SQL("LOCK TABLE {s}.{t} IN ACCESS EXCLUSIVE MODE").format(
+                        s=sql.Identifier(place.schema), t=sql.Identifier(table)
+                    )
+                )
+            other = AuditLog(path, timeout=1.0)  # another process: checks the tail against the anchor
+            with pytest.raises(
+                AuditError, match=r"^the store, which keeps audit log .* did not answer within 1 s"
+            ):
+                other.append([AuditEvent("get", "bob", name="auth/k")], store)
     finally:
         store.close()
 

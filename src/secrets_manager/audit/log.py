@@ -206,6 +206,7 @@ class AuditLog:
         self._failure: str | None = None
         self._second: tuple[int, str] | None = None  # a second and its formatted date and time
         self._anchor_busy_until = 0.0  # monotonic: deferred flushes do not anchor before this
+        self._store_asked_at: float | None = None  # a call into the store is under way, since then
         self._worker = _SinkWorker(self._write_batch, self._flush_from_worker)
 
     # ---- writing -----------------------------------------------------------------------------
@@ -485,18 +486,19 @@ class AuditLog:
             repair.append((None, repaired))
         seq, previous = self._tail_of(before, anchor)
         first_seq = seq
-        key = None if anchor is None else anchor.audit_key()
-        if (
-            anchor is not None
-            and seq == 0
-            and not anchor.audit_anchor_scoped
-            and anchor.audit_anchor() is None
-        ):
-            # The first records of this log: the store vouches for the empty chain first (seq 0),
-            # so a log holding authenticated records always has an anchor, and one missing is
-            # tampering (the row deleted), not an anchor this append could not move (the store
-            # busy, a crash after the fsync). Refused, with nothing written, if it cannot be.
-            anchor.set_audit_anchor(Anchor(seq=0, hash=GENESIS_HASH), lock_wait=self._lock_wait_of(jobs))
+        with self._asking_store():
+            key = None if anchor is None else anchor.audit_key()
+            if (
+                anchor is not None
+                and seq == 0
+                and not anchor.audit_anchor_scoped
+                and anchor.audit_anchor() is None
+            ):
+                # The first records of this log: the store vouches for the empty chain first (seq
+                # 0), so a log holding authenticated records always has an anchor, and one missing
+                # is tampering (the row deleted), not an anchor this append could not move (the
+                # store busy, a crash after the fsync). Refused, with nothing written, if it cannot be.
+                anchor.set_audit_anchor(Anchor(seq=0, hash=GENESIS_HASH), lock_wait=self._lock_wait_of(jobs))
         now = self._timestamp(self._clock())
         lines = []
         for owner, event in [*repair, *((job, event) for job in jobs for event in job.events)]:
@@ -531,7 +533,10 @@ class AuditLog:
             unsynced.close()  # this fsync covered those records too
         if anchor is not None:
             try:
-                anchor.set_audit_anchor(Anchor(seq=seq, hash=previous), lock_wait=self._lock_wait_of(jobs))
+                with self._asking_store():
+                    anchor.set_audit_anchor(
+                        Anchor(seq=seq, hash=previous), lock_wait=self._lock_wait_of(jobs)
+                    )
             except StoreBusyError as exc:
                 # A change's "pending" record is refused: the change is not made. Any other record
                 # reports an operation already done; refusing it would misstate it (a caller would
@@ -857,8 +862,10 @@ class AuditLog:
         longer, and its records verify under the same key). That record is found reading back
         from the end: as many lines as the anchor lags, once per file this process did not write.
         `live_end`: the live file's whole records end there (a partial line follows)."""
-        anchored = anchor.audit_anchor()
-        _check_tail_against_anchor(last, anchored, self.path, anchor.audit_key())
+        with self._asking_store():
+            anchored = anchor.audit_anchor()
+            key = anchor.audit_key()
+        _check_tail_against_anchor(last, anchored, self.path, key)
         if (
             anchored is None
             and last is not None
@@ -1000,13 +1007,15 @@ class AuditLog:
                     raise self._anchor_lags(owed, exc) from None
                 lock_wait = max(0.0, deadline - time.monotonic())
             try:
-                anchored = owed.anchor.audit_anchor()
+                with self._asking_store():
+                    anchored = owed.anchor.audit_anchor()
                 # Not needed any more once the store's anchor reached it (another process's append
                 # anchored past it), or once its file left the chain (an `audit reset` elsewhere).
                 if (anchored is None or anchored.seq < owed.tail.seq) and self._in_chain(owed.tail.inode):
-                    owed.anchor.set_audit_anchor(
-                        Anchor(seq=owed.tail.seq, hash=owed.tail.hash), lock_wait=lock_wait
-                    )
+                    with self._asking_store():
+                        owed.anchor.set_audit_anchor(
+                            Anchor(seq=owed.tail.seq, hash=owed.tail.hash), lock_wait=lock_wait
+                        )
             except SecretsManagerError as exc:
                 # Busy, or the store could not be reached: the anchor lags, and is tried again.
                 self._anchor_busy_until = time.monotonic() + FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
@@ -1048,8 +1057,24 @@ class AuditLog:
         if self._failure is not None:
             raise AuditError(self._failure)
 
+    @contextlib.contextmanager
+    def _asking_store(self) -> Iterator[None]:
+        """Around a call into the store that keeps the anchor: an append that times out meanwhile
+        waited for the store (its database locked or unreachable), not for the log's file."""
+        self._store_asked_at = time.monotonic()
+        try:
+            yield
+        finally:
+            self._store_asked_at = None
+
     def _timed_out(self) -> AuditError:
-        cause = f"audit log {self.path} did not answer within {self.timeout:g} s"
+        if self._store_asked_at is not None:  # a hint, read across threads: at worst the other cause
+            cause = (
+                f"the store, which keeps audit log {self.path}'s anchor, did not answer within "
+                f"{self.timeout:g} s (its database locked by another session, or unreachable?)"
+            )
+        else:
+            cause = f"audit log {self.path} did not answer within {self.timeout:g} s"
         return AuditError(f"{cause}; the operation was refused", timed_out=True, cause=cause)
 
     def _rotate(self) -> bool:
