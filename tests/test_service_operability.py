@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sqlite3
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -352,6 +353,48 @@ def test_a_request_the_stuck_audit_log_refuses_is_answered_within_one_audit_time
         assert any('"event": "audit.write_skipped"' in line for line in server.log_lines)
     finally:
         server.stop()
+
+
+def test_audit_prune_beside_a_running_service_keeps_one_chain_that_verifies(tmp_path: Path) -> None:
+    """The retention job runs from cron while `serve` answers calls and rotates the same log: the
+    prune takes the writers' lock only to record itself and remove files, the service's records go
+    on chaining onto it, and the log verifies afterwards, beginning where the prune record says."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path, environment={"SECRETS_MANAGER_AUDIT_MAX_BYTES": "4000"})
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def read_all_the_while() -> None:
+        stub = server.stub("auth")
+        while not stop.is_set():
+            try:
+                stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+            except grpc.RpcError as exc:
+                failures.append(f"{exc.code()}: {exc.details()}")
+
+    local = {
+        "SECRETS_MANAGER_STORE": str(tmp_path / "store.db"),
+        "MASTER_PASSWORD": PASSWORD,
+        "SECRETS_MANAGER_ADDR": "",  # the local store the service serves, not the service
+    }
+    reader = threading.Thread(target=read_all_the_while)
+    reader.start()
+    try:
+        assert eventually(lambda: len(list(tmp_path.glob("store.audit.jsonl.0*"))) >= 4, timeout=30)
+        pruned = server.cli("ops", "audit", "prune", "--keep-files", "1", "--json", env=local)
+        assert pruned.returncode == 0, pruned.stderr
+        begins = json.loads(pruned.stdout)["chain_begins_at"]
+        assert begins > 1
+        time.sleep(0.5)  # the service goes on appending after the prune record
+    finally:
+        stop.set()
+        reader.join(timeout=20)
+        server.stop()
+    assert not failures, failures[:3]
+    checked = server.cli("ops", "audit", "verify", env=local)
+    assert checked.returncode == 0, checked.stderr
+    assert f"records {begins} on; those before were pruned".encode() in checked.stdout
 
 
 def test_a_client_certificate_near_its_end_is_warned_of_once_on_the_service_side(tmp_path: Path) -> None:
