@@ -34,7 +34,14 @@ from secrets_manager.audit import (
     value_fingerprint,
 )
 from secrets_manager.cli.app import Session, cli, kdf_profile_option, pass_session
-from secrets_manager.cli.output import info_line, print_json, progress_bars, timestamp, warning_line
+from secrets_manager.cli.output import (
+    byte_size,
+    info_line,
+    print_json,
+    progress_bars,
+    timestamp,
+    warning_line,
+)
 from secrets_manager.cli.password import prompt_password, read_password_file, terminal_available
 from secrets_manager.cli.rotate_commands import terminate_as_interrupt
 from secrets_manager.errors import (
@@ -138,7 +145,7 @@ def create(
     with opened("backup", mutating=True) as (store, _), progress_bars("backup") as report:
         summary = write_backup(store, path, password=password, replace=force, progress=report)
     opens = "the backup password" if password else "the store's master password (as it is now)"
-    info_line(f"backed up {_counts(summary)} to {path} ({_size(summary.size)}); it opens with {opens}")
+    info_line(f"backed up {_counts(summary)} to {path} ({byte_size(summary.size)}); it opens with {opens}")
     if summary.not_included:
         warning_line(
             f"{len(summary.not_included)} deleted secret(s) were not backed up (first: "
@@ -542,14 +549,6 @@ def _kind(kind: str) -> str:
     if kind == KIND_STORE:
         return "a copy of the store (opens with its master password)"
     return "protected by a backup password"
-
-
-def _size(size: int) -> str:
-    if size < 1024:
-        return f"{size} bytes"
-    if size < 1024 * 1024:
-        return f"{size / 1024:.1f} KiB"
-    return f"{size / 1024 / 1024:.1f} MiB"
 
 
 def _s(count: int) -> str:

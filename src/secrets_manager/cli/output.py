@@ -271,6 +271,15 @@ def parse_cutoff(text: str, option: str, without: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def byte_size(size: int) -> str:
+    """A byte count as people read it: bytes, KiB or MiB (binary units, one decimal)."""
+    if size < 1024:
+        return f"{size} bytes"
+    if size < 1024 * 1024:
+        return f"{size / 1024:.1f} KiB"
+    return f"{size / 1024 / 1024:.1f} MiB"
+
+
 def timestamp(value: datetime | None) -> str:
     return "" if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
 

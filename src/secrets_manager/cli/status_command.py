@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from secrets_manager.cli.app import Session, cli, current_value_time, pass_session
-from secrets_manager.cli.output import print_json, printable, suggested, timestamp
+from secrets_manager.cli.output import byte_size, print_json, printable, suggested, timestamp
 from secrets_manager.errors import IntegrityError, SecretsManagerError
 from secrets_manager.store import EncryptedStore
 from secrets_manager.store.names import namespace_of
@@ -116,18 +116,6 @@ def status(session: Session, as_json: bool) -> None:
         )
 
 
-def _size(count: int) -> str:
-    """A byte count as people read it (binary units, as `ls -lh`)."""
-    if count < 1024:
-        return f"{count} bytes"
-    size = float(count)
-    for unit in ("KiB", "MiB", "GiB"):
-        size /= 1024
-        if size < 1024 or unit == "GiB":
-            break
-    return f"{size:.1f} {unit}"
-
-
 def _where(url: str | None) -> str:
     """Where the store is: a store file's absolute path (the default store's too), else its URL
     without secrets."""
@@ -213,7 +201,7 @@ def _print(doc: dict[str, Any], audit_problem: str | None) -> None:
             f"{doc['audit_file']}: "
             + (
                 f"{doc['audit_records']} records in {doc['audit_files']} file(s), "
-                f"{_size(doc['audit_bytes'])}, verified"
+                f"{byte_size(doc['audit_bytes'])}, verified"
                 + (
                     f" (from record {doc['audit_first_record']}; earlier ones pruned)"
                     if (doc["audit_first_record"] or 1) > 1
