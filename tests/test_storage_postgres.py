@@ -31,6 +31,8 @@ from psycopg import sql
 from postgres_cluster import PostgresCluster
 from secrets_manager.audit import Anchor, AuditError, AuditEvent, AuditLog
 from secrets_manager.audit.log import FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
+from secrets_manager.client import Client
+from secrets_manager.client import _client as client_module
 from secrets_manager.crypto import Keyset, kdf
 from secrets_manager.environment import Environment
 from secrets_manager.errors import (
@@ -42,10 +44,12 @@ from secrets_manager.errors import (
     StoreBusyError,
     UnsafeConfigurationError,
 )
+from secrets_manager.service.watch import ChangeHub, Subscription
 from secrets_manager.storage import ABSENT, Delete, Entry, Put, Snapshotting, Storage
 from secrets_manager.storage.postgres import SCAN_PAGE, PostgresStorage
 from secrets_manager.storage.testing import STORAGE_CHECKS, check_storage
 from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretStore, keys
+from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.store.testing import SECRET_STORE_CHECKS, check_secret_store, run_check
 from secrets_manager.store.url import (
     create_store,
@@ -656,6 +660,33 @@ def test_a_snapshot_after_the_connections_dropped_is_retried_on_a_new_one(
     assert len(storage._idle) == 1  # the dead ones were closed, not tried one by one
 
 
+class StandbyCopy:
+    """What an asynchronous standby holds of `place`'s tables, copied now; `fail_over()` then puts
+    the database back to it and restarts the server, as a failover to that standby looks to every
+    client (the commits made since are lost, and their revisions are reached again by new ones)."""
+
+    TABLES = ("meta", "entries", "changes")
+
+    def __init__(self, place: Place, cluster: PostgresCluster) -> None:
+        self._place, self._cluster = place, cluster
+        self._copy("CREATE TABLE {s}.{saved} AS SELECT * FROM {s}.{t}")
+
+    def fail_over(self) -> None:
+        self._copy("DELETE FROM {s}.{t}; INSERT INTO {s}.{t} SELECT * FROM {s}.{saved}")
+        self._cluster.restart()
+
+    def _copy(self, statement: str) -> None:
+        with self._cluster.connect() as db:
+            for table in self.TABLES:
+                db.execute(
+                    sql.SQL(statement).format(
+                        s=sql.Identifier(self._place.schema),
+                        saved=sql.Identifier(f"saved_{table}"),
+                        t=sql.Identifier(table),
+                    )
+                )
+
+
 def test_a_database_that_came_back_with_less_history_is_not_served_from_the_cache(
     place: Place, postgres_cluster: PostgresCluster
 ) -> None:
@@ -666,31 +697,13 @@ def test_a_database_that_came_back_with_less_history_is_not_served_from_the_cach
     Before, with the head back at that revision, it served the lost value and the old listing."""
     store = EncryptedStore.create(place.open(create=True), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
     store.put("auth/X", b"kept-value")
-    tables = ("meta", "entries", "changes")
-    with postgres_cluster.connect() as db:  # what the standby had
-        for table in tables:
-            db.execute(
-                sql.SQL("CREATE TABLE {s}.{saved} AS SELECT * FROM {s}.{t}").format(
-                    s=sql.Identifier(place.schema),
-                    saved=sql.Identifier(f"saved_{table}"),
-                    t=sql.Identifier(table),
-                )
-            )
+    standby = StandbyCopy(place, postgres_cluster)
     replica = EncryptedStore.open(place.open(), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
     try:
         store.put("auth/X", b"LOST-in-the-failover")  # the commit the standby never got
         assert replica.get("auth/X").value.reveal() == b"LOST-in-the-failover"  # cached
         assert [m.current_version for m in replica.list("auth/")] == [2]
-        with postgres_cluster.connect() as db:
-            for table in tables:
-                db.execute(
-                    sql.SQL("DELETE FROM {s}.{t}; INSERT INTO {s}.{t} SELECT * FROM {s}.{saved}").format(
-                        s=sql.Identifier(place.schema),
-                        saved=sql.Identifier(f"saved_{table}"),
-                        t=sql.Identifier(table),
-                    )
-                )
-        postgres_cluster.restart()  # the clients find another server
+        standby.fail_over()  # the clients find another server
         store.close()
         other = EncryptedStore.open(place.open(), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
         # The same secret's version 2 again, at the lost revision, with another value and metadata.
@@ -702,6 +715,98 @@ def test_a_database_that_came_back_with_less_history_is_not_served_from_the_cach
         assert listed == [("auth/X", 2, "new timeline")]
     finally:
         replica.close()
+
+
+def test_watchers_told_to_resync_when_the_database_fails_over_to_less_history(
+    place: Place, postgres_cluster: PostgresCluster
+) -> None:
+    """A service replica's watch streams follow the change feed by revision. After a failover to a
+    standby that lacked the last commits, the new commits reuse the lost revisions: the poller, at
+    the lost head, skipped every one of them (the SDK kept serving the old credential as fresh
+    until that secret changed again). Now every stream gets RESYNC at the new head, then the new
+    line's changes; and a stream that resumes from a revision of the old line gets RESYNC too."""
+    store = EncryptedStore.create(place.open(create=True), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
+    store.put("auth/X", b"kept-value")
+    standby = StandbyCopy(place, postgres_cluster)
+    replica = EncryptedStore.open(place.open(), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
+    hub = ChangeHub(replica, max_subscribers=4, poll_seconds=60)  # it reads when poked
+    try:
+        watcher = hub.subscribe()
+        old_history = watcher.history
+        for i in range(3):
+            store.put(f"auth/LOST{i}", b"lost")  # the commits the standby never got
+        hub.poke()
+        lost_head = _changes_until(watcher, lambda got: len(got) >= 3)[-1].revision
+        store.close()
+        standby.fail_over()  # between two reads of the poller: it reads the new server next
+        writer = EncryptedStore.open(place.open(), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
+        try:
+            for i in range(5):  # past the lost head: the same revisions, other changes
+                writer.put(f"auth/NEW{i}", b"new")
+            hub.poke()
+            got = _changes_until(watcher, bool)
+            assert [c.kind for c in got] == [ChangeKind.RESYNC]  # the five are in what it re-reads
+            assert got[0].revision > lost_head and watcher.history not in (None, old_history)
+            writer.put("auth/LATER", b"v")
+            hub.poke()
+            assert [c.name for c in _changes_until(watcher, bool)] == ["auth/LATER"]
+        finally:
+            writer.close()
+        # A client whose stream ended in the failover resumes from a revision of the old line.
+        resumed = hub.subscribe(since_revision=lost_head, since_history=old_history)
+        assert [c.kind for c in _changes_until(resumed, bool)] == [ChangeKind.RESYNC]
+    finally:
+        hub.close()
+        replica.close()
+
+
+def test_an_sdk_client_picks_up_a_value_written_after_a_failover_to_less_history(
+    place: Place, postgres_cluster: PostgresCluster, pg_password: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the reuse of lost revisions did to a program using the SDK on the store (local mode
+    here; through a replica it is the hub's job, above): the value written after the failover, at
+    the revision the lost one had, never reached it; it served the lost credential as fresh until
+    the TTL. Now its change feed tells it to re-read, within a poll.
+
+    Its feed is read every 4 s here, so that the failover and the new write land between two
+    reads (right after the one that brought the lost value), as a quick failover does."""
+    monkeypatch.setattr(client_module, "LOCAL_POLL_SECONDS", 4.0)
+    store = EncryptedStore.create(place.open(create=True), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
+    store.put("auth/X", b"kept-value")
+    standby = StandbyCopy(place, postgres_cluster)
+    env = {"SECRETS_MANAGER_STORE": place.url, "MASTER_PASSWORD": MASTER_PASSWORD, "PGPASSWORD": pg_password}
+    with Client(environ=env, ttl=3600) as client:
+        assert client.get("auth/X").value.reveal() == b"kept-value"
+        store.put("auth/X", b"LOST-in-the-failover")
+        store.close()
+        _wait_for(lambda: client.get("auth/X").value.reveal() == b"LOST-in-the-failover")
+        standby.fail_over()
+        writer = EncryptedStore.open(place.open(), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
+        try:
+            writer.put("auth/X", b"written-after-the-failover")  # version 2 again, same revision
+        finally:
+            writer.close()
+        _wait_for(lambda: client.get("auth/X").value.reveal() == b"written-after-the-failover", 15)
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout} s"
+        time.sleep(0.05)
+
+
+def _changes_until(
+    subscription: Subscription, done: Callable[[list[SecretChange]], bool]
+) -> list[SecretChange]:
+    got: list[SecretChange] = []
+    deadline = time.monotonic() + 30
+    while not done(got):
+        assert time.monotonic() < deadline, f"only {got}"
+        batch = subscription.next_batch(0.1)
+        assert batch is not None, f"the subscription ended: {subscription.error!r}"
+        got.extend(batch)
+    return got
 
 
 def test_a_closed_handle_says_so(storage: PostgresStorage) -> None:

@@ -269,6 +269,27 @@ def test_resume_from_beyond_the_feed_or_past_its_trimmed_start_begins_with_resyn
     assert changes[0].kind is ChangeKind.RESYNC
 
 
+def test_a_resume_from_another_line_of_the_stores_history_begins_with_resync(
+    hub: ChangeHub, encrypted_store: EncryptedStore
+) -> None:
+    """A revision kept before the store's database failed over or was restored names other changes
+    in the new line of history: it cannot be resumed from, whatever its number. Before, the resume
+    replayed the new line's changes after it and skipped those before it."""
+    history = encrypted_store.change_history()
+    assert history is not None and history.startswith("sqlite:")
+    encrypted_store.put("auth/BEFORE", b"v")
+    _, current = encrypted_store.changes_since(None)
+    encrypted_store.put("auth/AFTER", b"v")
+    same = hub.subscribe(since_revision=current, since_history=history)
+    assert names_added(collect(same, names_added)) == ["auth/AFTER"]  # the same line: resumed
+    same.close()
+    other = hub.subscribe(since_revision=current, since_history="sqlite:0:0")
+    changes = collect(other, bool)
+    assert [c.kind for c in changes] == [ChangeKind.RESYNC]
+    assert other.history == history and changes[0].revision == other.revision
+    other.close()
+
+
 # ---- config ---------------------------------------------------------------------------------------
 
 
@@ -423,6 +444,31 @@ def test_resume_with_since_revision_receives_a_change_made_while_disconnected(
     finally:
         for store in (reader, writer, ops):
             store.close()
+
+
+def test_a_stream_names_its_line_of_history_and_a_resume_from_another_gets_resync(
+    small_server: Server,
+) -> None:
+    """The service tells a stream which line of the store's history its revisions are on; a resume
+    that names another (kept before a failover or a restore of the database) starts with RESYNC,
+    which carries the history to resume with next time."""
+    reader = RemoteStore(small_server.address, tls_files(small_server.dir, "auth"))
+    try:
+        first = reader.watch("auth/")
+        start = first.start()
+        assert start is not None and first.history is not None and first.history.startswith("sqlite:")
+        first.cancel()
+        same = reader.watch("auth/", since_revision=start, since_history=first.history)
+        assert same.start() == start and same.resumed
+        same.cancel()
+        other = reader.watch("auth/", since_revision=start, since_history="postgresql:lost")
+        other.start()
+        event = next(iter(other))
+        assert event.kind is ChangeKind.RESYNC
+        assert other.history == first.history and other.revision == event.revision
+        other.cancel()
+    finally:
+        reader.close()
 
 
 def test_sigterm_ends_open_watch_streams_promptly(small_server: Server) -> None:

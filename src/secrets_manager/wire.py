@@ -35,6 +35,8 @@ from secrets_manager.values import SecretValue
 
 # Watch's initial metadata: the revision (decimal) the stream starts after (proto: rpc Watch).
 WATCH_REVISION_KEY = "secrets-manager-revision"
+# …and the line of the store's history that revision belongs to (WatchRequest.since_history).
+WATCH_HISTORY_KEY = "secrets-manager-history"
 
 # The shortest interval between a client's HTTP/2 keepalive pings that the service accepts on a
 # connection whose streams send no data (an idle watch stream): the server's

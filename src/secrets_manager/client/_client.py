@@ -224,6 +224,9 @@ class _ChangeSource(Protocol):
     def revision(self) -> int | None: ...  # every change up to here was delivered: resume from it
 
     @property
+    def history(self) -> str | None: ...  # the line of the store's history `revision` is on
+
+    @property
     def moved(self) -> bool: ...  # cancelled to move to new channels (reconnect at once)
 
     def start(self) -> int | None: ...
@@ -257,7 +260,9 @@ class _Backend(Protocol):
 
     def list(self, prefix: str, *, include_deleted: bool) -> list[SecretMetadata]: ...
 
-    def open_watch(self, since_revision: int | None = None) -> _ChangeSource: ...
+    def open_watch(
+        self, since_revision: int | None = None, since_history: str | None = None
+    ) -> _ChangeSource: ...
 
     def watch_refused(self) -> None: ...
 
@@ -300,6 +305,10 @@ class _HeldStream:
     @property
     def revision(self) -> int | None:
         return self._stream.revision
+
+    @property
+    def history(self) -> str | None:
+        return self._stream.history
 
     def start(self) -> int | None:
         return self._stream.start()
@@ -462,7 +471,9 @@ class _ServiceReplicas:
         """ListSecrets."""
         return self._call(lambda replica: replica.list(prefix, include_deleted=include_deleted))
 
-    def open_watch(self, since_revision: int | None = None) -> _ChangeSource:
+    def open_watch(
+        self, since_revision: int | None = None, since_history: str | None = None
+    ) -> _ChangeSource:
         """Watch, on the first address whose health check says SERVING within the timeout (the
         replicas share one store, so a stream resumes `since_revision` on any of them). A replica
         that refused the last stream (at its watch-stream limit) is tried last. The stream holds
@@ -475,7 +486,8 @@ class _ServiceReplicas:
             for index, replica in order:
                 if replica.is_serving(self._timeout):
                     self._preferred = self._watching = index
-                    stream = _HeldStream(replica.watch(since_revision=since_revision), channels, self._ended)
+                    watched = replica.watch(since_revision=since_revision, since_history=since_history)
+                    stream = _HeldStream(watched, channels, self._ended)
                     with self._lock:
                         channels.streams.add(stream)
                         replaced = channels.retired
@@ -617,8 +629,10 @@ class _LocalStore:
     def list(self, prefix: str, *, include_deleted: bool) -> list[SecretMetadata]:
         return self._store.list(prefix, include_deleted=include_deleted)
 
-    def open_watch(self, since_revision: int | None = None) -> _ChangeSource:
-        return _PolledChanges(self._store, since_revision)
+    def open_watch(
+        self, since_revision: int | None = None, since_history: str | None = None
+    ) -> _ChangeSource:
+        return _PolledChanges(self._store, since_revision, since_history)
 
     def watch_refused(self) -> None:
         """Never happens: the local store has no limit on watchers."""
@@ -633,13 +647,18 @@ class _LocalStore:
 class _PolledChanges:
     """The local store's change feed as a stream, read every LOCAL_POLL_SECONDS."""
 
-    def __init__(self, store: EncryptedStore, since_revision: int | None = None) -> None:
+    def __init__(
+        self, store: EncryptedStore, since_revision: int | None = None, since_history: str | None = None
+    ) -> None:
         self._store = store
+        self.history = store.change_history()
         _, current = store.changes_since(None)
         self._pending: list[SecretChange] = []
         if since_revision is None:
             self.revision: int | None = current
-        elif since_revision > current:  # the feed never got there (the store was replaced)
+        elif since_revision > current or (since_history not in (None, self.history)):
+            # The feed never got there (the store was replaced), or the revision is of another line
+            # of the store's history (its database failed over or was restored since).
             self._pending.append(SecretChange(ChangeKind.RESYNC, "", None, current))
             self.revision = current
         else:
@@ -656,8 +675,16 @@ class _PolledChanges:
         while not self._cancelled.is_set():
             revision = self.revision
             assert revision is not None
-            changes, self.revision = self._store.changes_since(revision)
-            yield from changes
+            before = self._store.change_history()
+            changes, following = self._store.changes_since(revision)
+            now = self._store.change_history()
+            if before != self.history or now != before:  # the database changed under the handle
+                _, current = self._store.changes_since(None)
+                self.history, self.revision = now, current
+                yield SecretChange(ChangeKind.RESYNC, "", None, current)
+            else:
+                self.revision = following
+                yield from changes
             self._cancelled.wait(LOCAL_POLL_SECONDS)
 
     def cancel(self) -> None:
@@ -1313,11 +1340,12 @@ class Client:
         assert backend is not None
         backoff = _Backoff(self._rng)
         resume: int | None = None  # every change up to this revision has reached `_on_change`
+        resume_history: str | None = None  # the line of the store's history `resume` is on
         refusals = 0  # streams refused in a row (the service at its watch-stream limit)
         denials = 0  # streams denied in a row (this identity holds no role in the service's policy)
         while not self._closed.is_set():
             try:
-                stream = backend.open_watch(resume)
+                stream = backend.open_watch(resume, resume_history)
             except StorageError as exc:
                 self._first_stream.set()  # a first fetch waits for this attempt only
                 self._unreachable(exc)
@@ -1378,7 +1406,7 @@ class Client:
                 self._live_since = self._covered_since = None
                 stream.close()  # its channels may close now, if a renewal replaced them
                 if stream.revision is not None:  # the stream went live
-                    resume = stream.revision
+                    resume, resume_history = stream.revision, stream.history
                     refusals = denials = 0
             if stream.moved:
                 continue  # not a failure: no backoff

@@ -35,7 +35,13 @@ from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.tls.files import ClientTlsFiles, read_client_tls
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
-from secrets_manager.wire import WATCH_REVISION_KEY, error_for, metadata_from_message, secret_from_message
+from secrets_manager.wire import (
+    WATCH_HISTORY_KEY,
+    WATCH_REVISION_KEY,
+    error_for,
+    metadata_from_message,
+    secret_from_message,
+)
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 PAGE_SIZE = 100  # secrets per BatchGetSecrets / ListSecrets page (AWS ListSecrets' maximum)
@@ -359,16 +365,21 @@ class RemoteStore:
             promoted_elsewhere=response.promoted_elsewhere,
         )
 
-    def watch(self, prefix: str = "", since_revision: int | None = None) -> ChangeStream:
+    def watch(
+        self, prefix: str = "", since_revision: int | None = None, since_history: str | None = None
+    ) -> ChangeStream:
         """Watch: change events (never values) for the secrets under `prefix` the caller may read.
 
         With `since_revision` (a `ChangeStream.revision` of an earlier stream) the stream resumes:
         the changes after that revision come first, or a RESYNC event if the service's change feed
-        no longer goes back that far. The stream has no deadline; it ends when the server shuts
-        down or `cancel()` is called."""
+        no longer goes back that far, or if `since_history` (that stream's `history`) is not the
+        store's now (its database failed over or was restored since). The stream has no deadline;
+        it ends when the server shuts down or `cancel()` is called."""
         request = pb.WatchRequest(prefix=prefix)
         if since_revision is not None:
             request.since_revision = since_revision
+            if since_history is not None:
+                request.since_history = since_history
         return ChangeStream(self._stub.Watch(request), self.address, since_revision)
 
     def is_serving(self, timeout: float) -> bool:
@@ -412,13 +423,16 @@ class ChangeStream:
 
     `revision` is where a later stream may resume (`RemoteStore.watch(since_revision=...)`): every
     change up to it has been delivered. It is the revision the server said the stream starts after,
-    then each event's; None until the server has said (an older server never does)."""
+    then each event's; None until the server has said (an older server never does). `history` is
+    the line of the store's history it belongs to (None: the server did not say): a RESYNC event
+    may move both, back too, when the store's database failed over or was restored."""
 
     def __init__(self, call: Any, address: str, since_revision: int | None = None) -> None:
         self._call = call
         self.address = address
         self.since_revision = since_revision
         self.revision: int | None = None
+        self.history: str | None = None
         self._start: int | None = None
         self._started = False
         self._cancelled = False
@@ -438,6 +452,8 @@ class ChangeStream:
                 if key == WATCH_REVISION_KEY and str(value).isdigit():
                     self._start = int(value)
                     self.revision = max(self.revision or 0, self._start)
+                elif key == WATCH_HISTORY_KEY:
+                    self.history = str(value)
             if self._start is None and self._call.done() and not self._cancelled:
                 code = self._call.code()
                 if code is not grpc.StatusCode.OK:
@@ -456,7 +472,10 @@ class ChangeStream:
                 # An unknown kind (a newer server) is treated as "re-read what you cache".
                 kind = _CHANGE_KIND.get(event.kind, ChangeKind.RESYNC)
                 change = SecretChange(kind, event.name, event.version or None, event.revision)
-                self.revision = max(self.revision or 0, change.revision)
+                if event.history and event.history != self.history:  # a new line of history
+                    self.history, self.revision = event.history, change.revision
+                else:
+                    self.revision = max(self.revision or 0, change.revision)
                 yield change
         except grpc.RpcError as exc:
             self._raise(exc)

@@ -65,6 +65,7 @@ from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 from secrets_manager.wire import (
     MIN_PING_INTERVAL_WITHOUT_DATA_MS,
+    WATCH_HISTORY_KEY,
     WATCH_REVISION_KEY,
     error_metadata,
     fill_secret_message,
@@ -706,15 +707,19 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         started = time.perf_counter()
         prefix = request.prefix
         since = request.since_revision if request.HasField("since_revision") else None
+        since_history = request.since_history if request.HasField("since_history") else None
         with self._call(context, "Watch", "watch", prefix or None, None, prefix=True, stream=True) as call:
             call.allowed = True  # it holds a role; the changes it is shown are filtered below
-            subscription = self.watch_hub.subscribe(since)
+            subscription = self.watch_hub.subscribe(since, since_history)
         # Its place under the limit is freed however the stream ends; it is counted then.
         with subscription, self._counted_stream(context, "Watch", started):
             if not context.add_callback(subscription.close):  # the client has gone already
                 return
             # Tell the client the stream is live: every change after this revision will reach it.
-            context.send_initial_metadata(((WATCH_REVISION_KEY, str(subscription.revision)),))
+            live = [(WATCH_REVISION_KEY, str(subscription.revision))]
+            if subscription.history is not None:
+                live.append((WATCH_HISTORY_KEY, subscription.history))
+            context.send_initial_metadata(tuple(live))
             identity = call.identity
             in_force = self._policy.current  # the policy this stream's events were filtered by
             delivered = subscription.revision  # every change up to here was offered to this stream
@@ -738,13 +743,14 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                     # SIGHUP for a renewed certificate): every client would read everything again.
                     changed, in_force = policy != in_force, policy
                     if changed:
-                        yield pb.ChangeEvent(kind=pb.ChangeEvent.RESYNC, revision=delivered)
+                        yield _resync_event(delivered, subscription.history)
                 for change in changes:
+                    if change.kind is ChangeKind.RESYNC:  # its revision may be of a new history
+                        delivered = change.revision
+                        yield _resync_event(change.revision, subscription.history)
+                        continue
                     delivered = max(delivered, change.revision)
-                    visible = change.kind is ChangeKind.RESYNC or (
-                        change.name.startswith(prefix) and policy.enumerable_by_read(identity, change.name)
-                    )
-                    if visible:
+                    if change.name.startswith(prefix) and policy.enumerable_by_read(identity, change.name):
                         yield pb.ChangeEvent(
                             name=change.name,
                             version=change.version or 0,
@@ -756,6 +762,10 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 context.abort(status_for(error), str(error))
             elif error is not None:  # a bug in the poller, logged there; its message is withheld
                 context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+def _resync_event(revision: int, history: str | None) -> Any:
+    return pb.ChangeEvent(kind=pb.ChangeEvent.RESYNC, revision=revision, history=history or "")
 
 
 # ---- the process ------------------------------------------------------------------------------

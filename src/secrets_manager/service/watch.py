@@ -14,6 +14,12 @@ for the next tick.
   `subscribe(since_revision)` resumes: the changes after `since_revision` up to the hub's position
   are read from the feed for this subscriber alone (a RESYNC event first if the feed no longer
   goes back that far, or never got there), then it follows the live changes.
+- The feed's revisions belong to one line of history of the database (the store's
+  `change_history()`: PostgreSQL's server, SQLite's file). A database that comes back with less
+  history (a failover to a standby that lacked the last commits, a restore) reuses revisions it
+  lost for other changes, so a revision alone would skip them. When the poller finds the history
+  changed, every subscriber is sent RESYNC (with the new history) at the new head and follows the
+  new line from there; a resume that names another history than the hub's starts with RESYNC.
 - A subscriber that falls behind (its queue holds `queue_events` undelivered events) has its queue
   cleared and gets one RESYNC event instead: memory stays bounded and the poller never blocks.
 - A store error in the poller ends every subscription with that error (the stream ends with the
@@ -57,9 +63,17 @@ class ChangeFeed(Protocol):
 
     def changes_since(self, revision: int | None) -> tuple[SecretChanges, int]: ...
 
+    def change_history(self) -> str | None: ...
+
 
 def _resync(revision: int) -> SecretChange:
     return SecretChange(ChangeKind.RESYNC, "", None, revision)
+
+
+def _same(earlier: str | None, later: str | None) -> bool:
+    """Whether two readings of the store's history name one line of it (None: the store cannot
+    tell, as a store before this check could not: taken as the same)."""
+    return earlier is None or later is None or earlier == later
 
 
 class Subscription:
@@ -74,6 +88,7 @@ class Subscription:
         self._floor = revision  # live changes at or below this were already delivered (resume)
         self._ended = False
         self.revision = revision  # every change committed after this revision reaches the subscriber
+        self.history: str | None = None  # the line of the store's history `revision` belongs to
         self.error: BaseException | None = None  # why the hub ended the subscription, if it did
         self.resyncs = 0  # how often the queue overflowed and was replaced by RESYNC
 
@@ -124,6 +139,19 @@ class Subscription:
             self._floor = floor
             self.revision = revision
 
+    def _restart(self, revision: int) -> None:
+        """The store's history changed under the subscriber: what is queued belongs to the old
+        line, so it gets RESYNC at `revision` and follows the new line from there (a resumed
+        subscriber's floor, a revision of the old line, no longer holds back what follows)."""
+        with self._condition:
+            if self._ended:
+                return
+            self._backlog = []
+            self._events.clear()
+            self._events.append(_resync(revision))
+            self._floor = revision
+            self._condition.notify_all()
+
     def _end(self, error: BaseException | None) -> None:
         with self._condition:
             if not self._ended:
@@ -152,6 +180,7 @@ class ChangeHub:
         self._lock = threading.Condition()
         self._subscribers: set[Subscription] = set()
         self._revision: int | None = None  # fanned out up to here; None while nobody subscribes
+        self._history: str | None = None  # the line of the store's history `_revision` is on
         self._thread: threading.Thread | None = None
         self._closed = False
         self._poked = False  # a change was committed (here, or elsewhere where the store tells)
@@ -168,8 +197,10 @@ class ChangeHub:
         """Whether the poller thread is alive."""
         return self._thread is not None and self._thread.is_alive()
 
-    def subscribe(self, since_revision: int | None = None) -> Subscription:
-        """A new subscription: from now (`since_revision=None`) or resuming after `since_revision`.
+    def subscribe(self, since_revision: int | None = None, since_history: str | None = None) -> Subscription:
+        """A new subscription: from now (`since_revision=None`) or resuming after `since_revision`,
+        a revision of the store's history `since_history` (None: not said; taken as the hub's). A
+        resume from another history than the hub's begins with RESYNC.
 
         Raises ResourceExhaustedError at the limit, StorageError once closed, and whatever the store
         raises while reading the starting revision (then nothing is subscribed)."""
@@ -185,9 +216,10 @@ class ChangeHub:
                     "and max_workers in the server config, or watch through another replica"
                 )
             if self._revision is None:
-                _, self._revision = self._store.changes_since(None)
-            live_from = self._revision
+                self._history, self._revision = self._position()
+            live_from, history = self._revision, self._history
             subscription = Subscription(self, self._queue_events, live_from)
+            subscription.history = history
             self._subscribers.add(subscription)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._poll_forever, name="watch-hub", daemon=True)
@@ -196,7 +228,11 @@ class ChangeHub:
                 on_commits = getattr(self._store, "on_commits", None)
                 self._stop_listening = None if on_commits is None else on_commits(self.poke)
             self._lock.notify_all()
-        if since_revision is not None and since_revision != live_from:
+        if since_revision is not None and not _same(since_history, history):
+            # Its revision is of another line of history (before a failover or a restore): the
+            # same numbers name other changes here, so nothing can be resumed from it.
+            subscription._set_backlog([_resync(live_from)], live_from, live_from)
+        elif since_revision is not None and since_revision != live_from:
             try:
                 self._resume(subscription, since_revision, live_from)
             except BaseException:
@@ -237,6 +273,16 @@ class ChangeHub:
                 self._fail(revision, error)
 
     # ---- internals -------------------------------------------------------------------------------
+
+    def _position(self) -> tuple[str | None, int]:
+        """The store's history and change head, read so that the head is of that history (a head
+        read while the database was replaced under the store is read again)."""
+        for _ in range(3):
+            history = self._store.change_history()
+            _, head = self._store.changes_since(None)
+            if self._store.change_history() == history:
+                break
+        return history, head
 
     def _resume(self, subscription: Subscription, since: int, live_from: int) -> None:
         """Give a resuming subscriber what it missed: the feed from `since` up to `live_from`."""
@@ -298,7 +344,11 @@ class ChangeHub:
         """One read of the feed, fanned out; an error ends every subscription and is logged."""
         self.polls += 1
         try:
+            before = self._store.change_history()
             changes, following = self._store.changes_since(revision)
+            if not (_same(self._history, before) and before == self._store.change_history()):
+                self._restart(revision)
+                return
         except Exception as exc:  # the store's error (or a bug) ends the streams; polling goes on
             if isinstance(exc, SecretsManagerError):  # our messages never hold a value
                 log.warning(
@@ -318,6 +368,24 @@ class ChangeHub:
             for subscription in self._subscribers:
                 subscription._offer(changes, following)
             self._revision = following
+
+    def _restart(self, revision: int) -> None:
+        """The store's history changed (the database failed over or was restored): what was read
+        may be of either line, so it is dropped; every subscriber gets RESYNC at the new head and
+        the hub follows the new line from there."""
+        history, head = self._position()
+        with self._lock:
+            if self._revision != revision:  # everyone left (and maybe others came) meanwhile
+                return
+            log.warning(
+                "the store's database changed under the service (a failover or a restore): watch "
+                "streams are told to re-read what they cache",
+                extra={"event": "watch.history_changed", "revision": head},
+            )
+            for subscription in self._subscribers:
+                subscription.history = history
+                subscription._restart(head)
+            self._revision, self._history = head, history
 
     def _fail(self, revision: int, error: BaseException) -> None:
         with self._lock:

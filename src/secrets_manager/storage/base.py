@@ -129,7 +129,13 @@ class ChangeHead(Protocol):
     the database itself goes back in history (a failover to a standby that lacked the last commits,
     a restore of the database): a storage where that can happen under an open handle has an int
     `incarnation` that moves when it finds itself connected to another server, and readers tag
-    what they keep with it too."""
+    what they keep with it too.
+
+    A storage may also have a str `history` that names the line of history its revisions belong
+    to, the same for every process reading the same database (PostgreSQL: the server's start time;
+    SQLite: the file): a revision a client kept from another process (a Watch resume) means the same
+    changes only under the same history. It may move without the history having diverged (a server
+    restart): a reader then only re-reads more than it had to."""
 
     def change_head(self) -> int:
         """The newest change's revision; 0 if no commit was ever logged."""

@@ -219,6 +219,13 @@ class PostgresStorage:
             self.close()  # a database we refuse must not keep a connection open
             raise
 
+    @property
+    def history(self) -> str:
+        """The line of history this store's revisions are on (ChangeHead): the server's start time
+        as the last new connection found it, which every process on the same server reads alike and
+        a failover, a restore or a restart moves."""
+        return f"postgresql:{self._server_started}"
+
     # ---- connections -----------------------------------------------------------------------
 
     @contextmanager

@@ -190,6 +190,14 @@ class SqliteStorage:
             except sqlite3.Error as exc:
                 raise _sqlite_error(self.path, exc) from None
 
+    @property
+    def history(self) -> str:
+        """The line of history this store's revisions are on (ChangeHead): the file's device and
+        inode, which every process on the same file reads alike and a restore (a new file renamed
+        into place) moves."""
+        device, inode = self._file or (0, 0)
+        return f"sqlite:{device}:{inode}"
+
     def _check_same_file(self) -> None:
         """StorageError if the store's path no longer names the file this handle opened: removed,
         or another file renamed over it. SQLite goes on using the open file, so a write would be

@@ -1198,6 +1198,13 @@ class EncryptedStore:
         batch = self._storage.changes_since(revision)
         return secret_changes(batch), batch.revision
 
+    def change_history(self) -> str | None:
+        """The line of the database's history the change feed's revisions are on (storage/base.py
+        ChangeHead), or None where the storage cannot tell. A revision kept from another process
+        means the same changes only under the same history."""
+        history = getattr(self._storage, "history", None)
+        return history if isinstance(history, str) else None
+
     # ---- audit support (the `AuditAnchor` protocol of audit/) -----------------------------------
 
     @property

@@ -293,15 +293,17 @@ class DiscardPendingVersionResponse(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("prefix", "since_revision")
+    __slots__ = ("prefix", "since_revision", "since_history")
     PREFIX_FIELD_NUMBER: _ClassVar[int]
     SINCE_REVISION_FIELD_NUMBER: _ClassVar[int]
+    SINCE_HISTORY_FIELD_NUMBER: _ClassVar[int]
     prefix: str
     since_revision: int
-    def __init__(self, prefix: _Optional[str] = ..., since_revision: _Optional[int] = ...) -> None: ...
+    since_history: str
+    def __init__(self, prefix: _Optional[str] = ..., since_revision: _Optional[int] = ..., since_history: _Optional[str] = ...) -> None: ...
 
 class ChangeEvent(_message.Message):
-    __slots__ = ("name", "version", "kind", "revision")
+    __slots__ = ("name", "version", "kind", "revision", "history")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[ChangeEvent.Kind]
@@ -318,8 +320,10 @@ class ChangeEvent(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     kind: ChangeEvent.Kind
     revision: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[ChangeEvent.Kind, str]] = ..., revision: _Optional[int] = ...) -> None: ...
+    history: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., kind: _Optional[_Union[ChangeEvent.Kind, str]] = ..., revision: _Optional[int] = ..., history: _Optional[str] = ...) -> None: ...
