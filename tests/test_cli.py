@@ -21,6 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -1778,6 +1779,114 @@ def test_cp_keeps_old_and_neither_overwrites_without_force(ready: Cli) -> None:
     assert_one_line_error(ready("mv", "a/MISSING", "a/X"), 3, "a/MISSING")
     assert_one_line_error(ready("mv", "a/COPY", "bad name"), 2, "invalid secret name")
     assert ready("list").out == "a/COPY\na/TAKEN\n"
+
+
+EDITOR_SCRIPT = """
+import json, os, stat, subprocess, sys
+path = sys.argv[-1]
+action = os.environ["EDIT_ACTION"]
+mode = stat.S_IMODE(os.stat(path).st_mode)
+directory_mode = stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode)
+before = open(path, encoding="utf-8").read()
+with open(os.environ["EDIT_REPORT"], "w") as report:
+    json.dump({"path": path, "mode": mode, "directory_mode": directory_mode, "text": before,
+               "argv": sys.argv[1:]}, report)
+open(path + ".swp", "w").write("what an editor leaves beside the file")
+if action == "fail":
+    sys.exit(3)
+if action == "race":  # another writer lands while the editor is open
+    subprocess.run([os.environ["SM"], "store", os.environ["EDIT_NAME"]], input=b"RACED-IN", check=True)
+if action != "keep":
+    open(path, "w", encoding="utf-8").write(os.environ.get("EDIT_TEXT", ""))
+"""
+
+
+class Editor:
+    """An EDITOR for `edit` that saves what a test says and reports what it was shown."""
+
+    def __init__(self, cli: Cli, tmp_path: Path) -> None:
+        self.cli = cli
+        self.script = tmp_path / "editor.py"
+        self.script.write_text(EDITOR_SCRIPT)
+        self.report = tmp_path / "editor-report.json"
+
+    def __call__(self, name: str, action: str = "write", text: str = "") -> Result:
+        self.report.unlink(missing_ok=True)
+        env = {
+            "EDITOR": f"{sys.executable} {self.script} --wait",
+            "EDIT_ACTION": action,
+            "EDIT_TEXT": text,
+            "EDIT_REPORT": str(self.report),
+            "EDIT_NAME": name,
+            "SM": str(SCRIPT),
+        }
+        return self.cli("edit", name, env=env)
+
+    @property
+    def shown(self) -> dict[str, Any]:
+        return dict(json.loads(self.report.read_text()))
+
+
+def test_edit_stores_what_the_editor_saved_as_a_new_version_from_a_private_file_in_memory(
+    ready: Cli, tmp_path: Path
+) -> None:
+    editor = Editor(ready, tmp_path)
+    ready("store", "auth/DB_PASSWORD", input=b"KNOWN-old-value")
+    edited = editor("auth/DB_PASSWORD", text="KNOWN-new-value\n")
+    assert edited.code == 0 and "stored auth/DB_PASSWORD version 2" in edited.stderr, edited.stderr
+    shown = editor.shown
+    assert shown["text"] == "KNOWN-old-value\n"  # one newline added for the editor, dropped after
+    assert shown["path"].startswith("/dev/shm/") and shown["mode"] == 0o600
+    assert shown["directory_mode"] == 0o700 and shown["argv"] == ["--wait", shown["path"]]
+    assert not Path(shown["path"]).parent.exists()  # removed, with the editor's swap file
+    assert ready("get", "auth/DB_PASSWORD").out == "KNOWN-new-value\n"
+    assert ready("get", "auth/DB_PASSWORD", "--version", "1").out == "KNOWN-old-value\n"
+    assert "KNOWN" not in edited.stderr + edited.out
+    records = json.loads(ready("audit", "show", "--json").out)
+    edits = [
+        (r["operation"], r["outcome"], r["version"]) for r in records if r["operation"].startswith("edit")
+    ]
+    assert edits == [("edit.read", "ok", 1), ("edit", "pending", None), ("edit", "ok", 2)]
+    assert "KNOWN" not in ready("audit", "show", "--json").out
+    # Saved as it was: nothing stored.
+    kept = editor("auth/DB_PASSWORD", action="keep")
+    assert kept.code == 0 and "auth/DB_PASSWORD unchanged (version 2); nothing was stored" in kept.stderr
+    assert "version 3" not in ready("history", "auth/DB_PASSWORD").out
+
+
+def test_edit_refuses_to_undo_a_store_that_landed_while_the_editor_was_open(
+    ready: Cli, tmp_path: Path
+) -> None:
+    editor = Editor(ready, tmp_path)
+    ready("store", "auth/API_KEY", input=b"KNOWN-v1")
+    raced = editor("auth/API_KEY", action="race", text="KNOWN-edited")
+    assert_one_line_error(raced, 7, "auth/API_KEY changed while you edited it", "nothing was stored")
+    assert ready("get", "auth/API_KEY").out == "RACED-IN\n"
+    # A new name is created, but not over one made meanwhile.
+    created = editor("auth/NEW", text="KNOWN-created\n")
+    assert created.code == 0 and "stored auth/NEW version 1" in created.stderr
+    assert editor.shown["text"] == "\n"
+    lost_race = editor("auth/NEWER", action="race", text="KNOWN-mine")
+    assert_one_line_error(lost_race, 7, "auth/NEWER changed while you edited it", "did not exist")
+    assert ready("get", "auth/NEWER").out == "RACED-IN\n"
+
+
+def test_edit_of_one_json_field_and_what_it_refuses(ready: Cli, tmp_path: Path) -> None:
+    editor = Editor(ready, tmp_path)
+    ready("store", "db/PG", input=b'{"username": "app", "password": "KNOWN-pw"}')
+    field = editor("db/PG#password", text="KNOWN-pw-2")
+    assert field.code == 0 and editor.shown["text"] == "KNOWN-pw\n"
+    assert json.loads(ready("get", "db/PG").out) == {"username": "app", "password": "KNOWN-pw-2"}
+    before = ready.store_bytes()
+    assert_one_line_error(editor("db/PG", action="fail"), 1, "exited with status 3", "nothing was stored")
+    assert_one_line_error(editor("db/PG", text=""), 2, "the edited value is empty", "nothing was stored")
+    ready("store", "db/BIN", "--file", "/dev/stdin", input=b"\xff\xfe")
+    assert_one_line_error(editor("db/BIN"), 2, "not UTF-8 text", "store db/BIN --file PATH")
+    gone = ready("edit", "db/PG", env={"EDITOR": "no-such-editor-here"})
+    assert_one_line_error(gone, 2, "'no-such-editor-here' was not found", "EDITOR")
+    assert_one_line_error(ready("edit", "db/PG#"), 2, "names no field")
+    assert ready("history", "db/PG").out.count("\n") == 2  # 2 versions: nothing more
+    assert before.keys() == ready.store_bytes().keys()
 
 
 def test_mv_refuses_a_secret_with_a_pending_rotation(ready: Cli) -> None:

@@ -1049,6 +1049,19 @@ def test_rollback_works_remotely_with_read_and_write(server: Server) -> None:
     assert history["labels"] == {"current": 3, "previous": 2}
 
 
+def test_edit_works_remotely_with_read_and_write(server: Server) -> None:
+    """`edit --server`: the read and the expecting write go through the service as the caller;
+    one allowed to read but not write is denied at the write and nothing changes."""
+    assert server.cli("ops", "store", "rw/EDITED", input=b"before").returncode == 0
+    sed = {"EDITOR": "sed -i s/before/after/"}
+    edited = server.cli("writer", "edit", "rw/EDITED", env=sed)
+    assert edited.returncode == 0 and b"stored rw/EDITED version 2" in edited.stderr, edited.stderr
+    assert server.cli("ops", "get", "rw/EDITED").stdout == b"after\n"
+    denied = server.cli("auth", "edit", "auth/DB_PASSWORD", env={"EDITOR": "sed -i s/a/b/"})
+    assert denied.returncode == 5 and denied.stderr.decode().count("\n") == 1, denied.stderr
+    assert server.cli("ops", "get", "auth/DB_PASSWORD").stdout == b"auth-db-pass\n"
+
+
 def test_store_of_one_field_works_remotely_with_read_and_write(server: Server) -> None:
     """`store NAME#FIELD --server`: a read and a write that expects the version read; write
     without read (drop/*), or read without write (auth's auth/*), is denied and changes nothing."""

@@ -16,6 +16,7 @@ import click
 from secrets_manager.cli import (
     audit_commands,  # noqa: F401  (registers `audit`)
     backup_commands,  # noqa: F401  (registers `backup` and `restore`)
+    edit_command,  # noqa: F401  (registers `edit`)
     health_command,  # noqa: F401  (registers `health`)
     import_command,  # noqa: F401  (registers `import`)
     keys_commands,  # noqa: F401  (registers `keys`)

@@ -1,0 +1,192 @@
+"""`edit NAME`: change a secret's value in your editor, as `pass edit` does.
+
+The current value is written to a file in a private directory in memory (/dev/shm: never on disk),
+$VISUAL or $EDITOR (else vi) opens it, and what it saves becomes a new version, but only if NAME is
+still at the version read: an edit takes minutes, and a `store` or a rotation landing meanwhile
+must not be undone by the older text. The directory (with any swap or backup file the editor left
+in it) is removed afterwards whatever happens. NAME#FIELD edits one text field of a JSON object
+value. A NAME that does not exist is created (only if it still does not when the editor is done).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+
+from secrets_manager.cli.app import FIELD_SEPARATOR, Session, cli, pass_session, select_field
+from secrets_manager.cli.output import info_line, warning_line
+from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError, SecretsManagerError
+from secrets_manager.rotation import new_value_for
+from secrets_manager.store import MAX_VALUE_SIZE, validate_name
+from secrets_manager.values import SecretValue
+
+# tmpfs on Linux: the value is never written to a disk. Not a shared path: mkdtemp makes a 0700
+# directory of our own in it.
+MEMORY_DIRECTORY = Path("/dev/shm")  # noqa: S108
+DEFAULT_EDITOR = "vi"
+
+
+@cli.command()
+@click.argument("name")
+@pass_session
+def edit(session: Session, name: str) -> None:
+    """Edit NAME's value in $VISUAL / $EDITOR (else vi), as 'pass edit' does; what you save is
+    stored as a new version, only if NAME did not change meanwhile (exit 7 if it did). A new NAME
+    is created. NAME#FIELD edits one field of a JSON object value.
+
+    The value is written to a private file in /dev/shm (memory) for the editor and removed after;
+    your editor's own history (vim's viminfo registers, undo files) is yours to turn off."""
+    name, separator, field = name.partition(FIELD_SEPARATOR)
+    validate_name(name)
+    if separator and not field:
+        raise InvalidInputError(f"'{name}{FIELD_SEPARATOR}' names no field; write NAME#FIELD")
+    editor = _editor()
+    with session.secret_operation("edit.read", name) as (store, note):
+        try:
+            secret = store.get(name)
+        except NotFoundError:
+            if field:
+                raise
+            current, version = None, 0
+        else:
+            current, version = secret.value, secret.version
+            note.version(version)
+            note.value(current.reveal())
+    if current is not None and not version:
+        raise InvalidInputError(
+            f"the version of {name} read is not known (on AWS that needs "
+            "secretsmanager:ListSecretVersionIds), so saving could undo a concurrent store: use "
+            f"'store {name}' instead"
+        )
+    shown = b"" if current is None else current.reveal()
+    if field:
+        shown = select_field(shown, name, field)
+    try:
+        text = shown.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInputError(
+            f"the value of {name} is not UTF-8 text, which an editor would change: write a new one "
+            f"with 'store {name} --file PATH'"
+        ) from None
+    edited = _edited_in(editor, text, session.environment.is_production)
+    if edited == text:
+        info_line(
+            f"{name} unchanged (version {version}); nothing was stored" if version else "nothing was stored"
+        )
+        return
+    new = SecretValue(edited.encode("utf-8"))
+    if not new.reveal():
+        raise InvalidInputError(
+            f"the edited value is empty; nothing was stored (to store an empty value: 'store {name} "
+            "--allow-empty' with nothing on stdin; to remove the secret: 'delete')"
+        )
+    if len(new.reveal()) > MAX_VALUE_SIZE:
+        raise InvalidInputError(
+            f"the edited value is over {MAX_VALUE_SIZE} bytes (64 KiB); nothing was stored"
+        )
+    if field:
+        new = new_value_for(name, current, new, field=field, generated=False)
+    with session.secret_operation("edit", name, mutating=True) as (store, note):
+        note.value(new.reveal())
+        try:
+            info = store.put(name, new.reveal(), expect_version=version)
+        except ConflictError:
+            raise ConflictError(
+                f"{name} changed while you edited it (you edited version {version}"
+                f"{'' if version else ': it did not exist'}); nothing was stored: run "
+                f"'edit {name}' again"
+            ) from None
+        note.version(info.version)
+    info_line(f"stored {name} version {info.version}")
+
+
+def _editor() -> str:
+    """$VISUAL, $EDITOR or vi: a command line whose program is found (else a one-line error now,
+    before anything is read, rather than the shell's own message after)."""
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or DEFAULT_EDITOR
+    try:
+        words = shlex.split(editor)
+    except ValueError:
+        words = []
+    if not words or shutil.which(words[0]) is None:
+        raise InvalidInputError(
+            f"the editor {editor!r} was not found; set VISUAL or EDITOR to one (nothing was stored)"
+        )
+    return editor
+
+
+def _edited_in(editor: str, text: str, production: bool) -> str:
+    """`text` after `editor` saved it: one trailing newline is added for the editor and one
+    dropped from what it saved (as `store` drops one from stdin), so a value round-trips."""
+    with _private_directory(production) as directory:
+        path = directory / "value.txt"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text + "\n")
+        try:
+            # As git runs it: through the shell, so EDITOR="code --wait" works; the path (never the
+            # value) is its argument. Files the editor makes (swap, backup) are private too.
+            finished = subprocess.run(
+                ["/bin/sh", "-c", f'{editor} "$@"', editor, str(path)], umask=0o077, check=False
+            )
+        except OSError as exc:
+            raise InvalidInputError(f"cannot run the editor {editor!r}: {exc.strerror}") from None
+        if finished.returncode == 127:
+            raise InvalidInputError(
+                f"the editor {editor!r} was not found; set VISUAL or EDITOR to one (nothing was stored)"
+            )
+        if finished.returncode != 0:
+            raise SecretsManagerError(
+                f"the editor {editor!r} exited with status {finished.returncode}; nothing was stored"
+            )
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            raise InvalidInputError("the editor removed the file; nothing was stored") from None
+    try:
+        saved = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidInputError(
+            "the editor saved text that is not UTF-8; nothing was stored (to store any bytes: "
+            "'store NAME --file PATH')"
+        ) from None
+    return saved[:-2] if saved.endswith("\r\n") else saved[:-1] if saved.endswith("\n") else saved
+
+
+@contextlib.contextmanager
+def _private_directory(production: bool) -> Iterator[Path]:
+    """A directory only we can enter, in memory where there is /dev/shm; removed with everything
+    in it afterwards. Elsewhere the temporary directory (on disk: refused in production)."""
+    if MEMORY_DIRECTORY.is_dir() and os.access(MEMORY_DIRECTORY, os.W_OK | os.X_OK):
+        parent: str | None = str(MEMORY_DIRECTORY)
+    elif production:
+        raise InvalidInputError(
+            f"there is no {MEMORY_DIRECTORY} here, and in production edit does not write a value to "
+            "disk: pipe the new value to 'store NAME' instead"
+        )
+    else:
+        parent = None
+        warning_line(
+            f"there is no {MEMORY_DIRECTORY}: the value is on disk in {tempfile.gettempdir()} while you edit"
+        )
+    directory = Path(tempfile.mkdtemp(prefix="secrets-manager-edit-", dir=parent))  # mode 0700
+    try:
+        yield directory
+    finally:
+        if parent is None:  # on disk: overwrite what can be found before it goes
+            for leftover in directory.iterdir():
+                with contextlib.suppress(OSError):
+                    size = leftover.stat().st_size
+                    with leftover.open("r+b") as handle:
+                        handle.write(b"\0" * size)
+                        handle.flush()
+                        os.fsync(handle.fileno())
+        shutil.rmtree(directory, ignore_errors=True)
