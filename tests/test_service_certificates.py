@@ -24,6 +24,7 @@ from secrets_manager.service import server as server_module
 from secrets_manager.service.certificates import ServerCertificates
 from secrets_manager.service.server import PolicyHolder
 from secrets_manager.tls import pki
+from secrets_manager.tls.identity import serial_text
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 from service_fixtures import PASSWORD, Server, eventually, make_pki, make_store, run_script, start_server
@@ -181,6 +182,37 @@ def test_sighup_trusts_a_client_ca_added_to_the_file(server: Server) -> None:
     assert answer.secret.name == READ.name  # ops administers everything
     assert server.audit_records()[-1]["actor"] == "spiffe://shrivenquant.local/ops"
     assert server.stub("auth").GetSecret(READ, timeout=10).secret.name == READ.name  # the old CA still
+
+
+def test_sighup_that_takes_a_client_ca_out_cuts_off_connections_made_before_it(server: Server) -> None:
+    """The answer to a leaked client CA key: a new CA in tls.client_ca, the old one out, SIGHUP.
+    gRPC checks a certificate against the client CA at the handshake only, so a connection made
+    before the reload, with a certificate the old CA signed, went on being served (reads, and an
+    open Watch stream) for as long as its client kept it. Now its next call is refused
+    UNAUTHENTICATED (audited, naming the CA) and the stream ends; the new CA's clients get in."""
+    (server.dir / "server-ca.pem").write_bytes((server.dir / "ca.pem").read_bytes())  # the server's own
+    before = server.channel("auth")
+    stub = pb_grpc.SecretsStub(before)
+    assert stub.GetSecret(READ, timeout=10).secret.name == READ.name
+    watch = stub.Watch(pb.WatchRequest(prefix="auth/"))
+    assert watch.initial_metadata() is not None  # the stream is live
+
+    replace_file(server.dir / "ca.pem", (server.dir / "other-ca.pem").read_bytes())
+    sighup_and_wait_for(server, "no longer trusted")
+    with pytest.raises(grpc.RpcError) as refused:
+        stub.GetSecret(READ, timeout=10)
+    assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "a client CA the service no longer trusts" in (refused.value.details() or "")
+    record = server.audit_records()[-1]
+    assert (record["outcome"], record["decision"]) == ("unauthenticated", "deny")
+    assert record["certificate_serial"] == serial_text(serial_of(server.dir / "auth.pem"))
+    with pytest.raises(grpc.RpcError) as ended:
+        next(iter(watch))
+    assert ended.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert "Watch ended" in (ended.value.details() or "")
+    before.close()
+    newcomer = pb_grpc.SecretsStub(server.channel("foreign", ca=server.dir / "server-ca.pem"))
+    assert newcomer.GetSecret(READ, timeout=10).secret.name == READ.name  # ops, from the new CA
 
 
 def test_serve_refuses_an_expired_server_certificate(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 Certificates are renewed (short-lived ones every few hours or days, `pki issue --force` by a
 job), and a CA is rotated by trusting the new one beside the old one for a while. As Vault does on
 SIGHUP, the service reads its [tls] files again: connections made from then on get the new
-certificate and are checked against the new client CA; connections already open keep theirs. gRPC
+certificate and are checked against the new client CA; connections already open keep theirs,
+except that a call with a certificate signed by a CA the reload took out is refused (the servicer
+asks `retired`, tls/retired.py: a leaked CA's certificates must not outlive its removal). gRPC
 asks for the configuration before each new handshake (`dynamic_ssl_server_credentials`), and gets
 a new one only once after a reload.
 
@@ -26,6 +28,7 @@ import grpc
 from secrets_manager.environment import Environment
 from secrets_manager.errors import CertificateNotYetValidError, SecretsManagerError
 from secrets_manager.tls import ServerTlsFiles, read_server_tls
+from secrets_manager.tls.retired import RetiredAuthorities
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,9 @@ class ServerCertificates:
         # A reload refused only because the new certificate is not valid yet (an issuer that does
         # not backdate, this clock behind) is tried again from then on, without another SIGHUP.
         self.retry_at: datetime | None = None
+        # Client CAs a reload took out of client_ca: calls on connections made before it, with a
+        # certificate one of them signed, are refused (the service asks per call).
+        self.retired = RetiredAuthorities()
         _warn_if_ending_soon(self.current, cert, client_ca)
 
     def credentials(self) -> grpc.ServerCredentials:
@@ -81,8 +87,11 @@ class ServerCertificates:
                 extra={"event": "tls.reload_rejected", "error": str(exc), "serial": _serial(self.current)},
             )
             return False
+        previous = self.retired
+        retired = previous.after_reload(self.current.client_ca, files.client_ca)
         with self._lock:
             self.current = self._unsent = files
+            self.retired = retired
         log.info(
             "TLS certificate reloaded",
             extra={
@@ -92,6 +101,12 @@ class ServerCertificates:
                 "not_valid_after": files.not_valid_after.isoformat(),
             },
         )
+        if len(retired) > len(previous):
+            log.warning(
+                "client CA certificates taken out of tls.client_ca are no longer trusted: calls with a "
+                "certificate they issued are refused, on connections made before this reload too",
+                extra={"event": "tls.client_ca_retired", "client_ca": str(client_ca)},
+            )
         _warn_if_ending_soon(files, cert, client_ca)
         return True
 

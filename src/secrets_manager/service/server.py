@@ -17,7 +17,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -61,6 +61,7 @@ from secrets_manager.tls.identity import (
     serial_text,
     unpresentable_identity,
 )
+from secrets_manager.tls.retired import RetiredAuthorities
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 from secrets_manager.wire import (
@@ -301,8 +302,12 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         fsync_reads: bool = False,
         max_watch_streams: int = DEFAULT_MAX_WORKERS - WORKERS_KEPT_FROM_WATCH,
         scheduler: RotationScheduler | None = None,
+        retired: Callable[[], RetiredAuthorities] = RetiredAuthorities,
     ) -> None:
         self._store = store
+        # The client CAs a [tls] reload took out of the trusted bundle (certificates.py): the
+        # certificates they signed are refused on connections made before the reload too.
+        self._retired = retired
         self._scheduler = scheduler  # RotateSecret runs its entries
         self._policy = policy
         self._audit = audit
@@ -318,6 +323,22 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         metrics.count_watch_streams(lambda: self.watch_hub.subscribers, max_watch_streams)
 
     # ---- the request pipeline ------------------------------------------------------------------
+
+    def _refuse_if_retired(self, auth: Mapping[str, Iterable[bytes | str]], caller: Caller) -> None:
+        """IdentityError if the caller's certificate was signed by a client CA a reload retired:
+        gRPC checked it against the CA in force at its connection's handshake, before the reload."""
+        retired = self._retired()
+        if not retired:
+            return
+        pem = next(iter(auth.get("x509_pem_cert") or ()), None)
+        issuer = None if pem is None else retired.issuer_of(pem)
+        if issuer is not None:
+            raise IdentityError(
+                f"the client certificate of {caller.identity} was issued by {issuer}, a client CA the "
+                "service no longer trusts (taken out of tls.client_ca at a reload): issue a new one "
+                "from the current CA",
+                serial=caller.serial,
+            )
 
     @contextmanager
     def _call(
@@ -348,11 +369,13 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         durable = mutating or self._fsync_reads
         identity, caller = "<unidentified>", None
         try:
-            caller = caller_from_auth_context(context.auth_context())  # parsed once per certificate
+            auth = context.auth_context()
+            caller = caller_from_auth_context(auth)  # parsed once per certificate
             identity = caller.identity
             revoked = self._policy.current.revocation(caller.serial, caller.fingerprint)  # set lookups
             if revoked is not None:
                 raise IdentityError(revoked)
+            self._refuse_if_retired(auth, caller)
             self._expiring.check(caller, peer)
         except IdentityError as exc:
             self._record(
@@ -729,7 +752,12 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                     break
                 policy = self._policy.current
                 revoked = policy.revocation(call.caller.serial, call.caller.fingerprint)
-                if revoked is not None:  # a reload revoked its certificate: no more events
+                if revoked is None:
+                    try:
+                        self._refuse_if_retired(context.auth_context(), call.caller)
+                    except IdentityError as exc:
+                        revoked = str(exc)
+                if revoked is not None:  # a reload revoked its certificate or CA: no more events
                     context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{revoked}: Watch ended")
                 if not policy.roles_of(identity):  # a reload took its last role: free the slot
                     context.abort(
@@ -884,6 +912,7 @@ def _start(
         fsync_reads=config.audit_sync == "always",
         max_watch_streams=config.watch_stream_limit,
         scheduler=scheduler,
+        retired=lambda: certificates.retired,
     )
     pb_grpc.add_SecretsServicer_to_server(_withholding_errors(servicer), server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
