@@ -4,6 +4,7 @@ the build and the process. Each test starts a real server (service_fixtures) and
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -11,9 +12,11 @@ import os
 import re
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -455,3 +458,67 @@ def test_an_audit_anchor_that_cannot_move_shows_as_a_growing_lag(tmp_path: Path)
             assert eventually(lambda: lag() == 0)
     finally:
         store.close()
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs of its own (mounting needs root, as CI runs): a disk that fills up."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m,mode=0700", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if made.returncode != 0:
+        reason = f"cannot mount a small tmpfs here ({made.stderr.decode().strip()}): needs root"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_a_full_audit_disk_is_a_metric_and_keeps_health_not_serving_until_freed(
+    tmp_path: Path, small_filesystem: Path
+) -> None:
+    """A full disk refuses every request (each writes an audit record), but the health check's
+    append of no record needs no room: health said SERVING again 5 s after each refusal, so a load
+    balancer kept sending traffic to a replica that refused all of it, and nothing showed the disk
+    filling. Now /metrics has the free space, and health stays NOT_SERVING while under 64 KiB is
+    free, SERVING again once there is room. Fails on the old code (no metric; health SERVING)."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    audit_file = small_filesystem / "audit.jsonl"
+    server = start_server(tmp_path, metrics=True, settings=f'audit_file = "{audit_file}"\n')
+    try:
+        free = sample(server, "secrets_manager_audit_disk_free_bytes")
+        assert free is not None and 1_000_000 < free <= 2 * 1024 * 1024
+        filler = small_filesystem / "filler"
+        descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:  # the disk fills up (another writer, a log gone wild)
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(descriptor, b"\0" * 4096)
+        finally:
+            os.close(descriptor)
+        assert (sample(server, "secrets_manager_audit_disk_free_bytes") or 0) < 64 * 1024
+        assert eventually(lambda: server.cli("ops", "health").returncode == 1, timeout=20)
+        # (The log's last page may hold a few more records: requests are refused once it is full.)
+        stub = server.stub("ops")
+        with pytest.raises(grpc.RpcError) as refused:
+            for _ in range(200):
+                stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "no space left on its device" in (refused.value.details() or "")
+        time.sleep(7)  # past the 5 s a refusal holds NOT_SERVING: still NOT_SERVING, not flapping
+        down = server.cli("ops", "health", "--json")
+        assert json.loads(down.stdout)[0]["status"] == "NOT_SERVING", down.stdout
+        assert sample(server, "secrets_manager_health_check_ok", check="audit") == 0
+        filler.unlink()
+        assert eventually(lambda: server.cli("ops", "health").returncode == 0, timeout=20)
+        assert server.cli("ops", "get", "auth/DB_PASSWORD").stdout == b"auth-db-pass-SEEKRIT-1\n"
+    finally:
+        server.stop()

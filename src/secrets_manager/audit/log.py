@@ -58,6 +58,10 @@ ANCHOR_FLOCK_RETRY_SECONDS = 0.05
 # A durable append's anchor update gives up this long before its caller would, so the caller
 # hears that the store's lock was busy, not that the log did not answer.
 ANCHOR_ANSWER_MARGIN_SECONDS = 0.25
+# Below this much free space on the log's filesystem a record may not fit (the longest are a few
+# KiB; a rotation writes a new file's first record too): `require_space` fails, so the service's
+# health says NOT_SERVING for as long as the disk is full, rather than SERVING between refusals.
+MIN_FREE_BYTES = 64 * 1024
 _TAIL_CHUNK = 4096
 _PARTIAL_LIMIT = 1 << 20  # a partial record longer than this is not one a write cut short
 _SNAPSHOT_TRIES = 5  # lock-free listings of a log's files a reader tries before it takes the lock
@@ -969,6 +973,27 @@ class AuditLog:
             self._owed = owed
         if self._owed_since is None:
             self._owed_since = time.monotonic()
+
+    def free_bytes(self) -> int | None:
+        """Bytes free for this process on the filesystem of the log's directory (statvfs: blocks
+        available to unprivileged users), or None if it cannot be read. The service's metric: a
+        full disk refuses every request, and this is how to see it coming."""
+        try:
+            status = os.statvfs(self.path.parent)
+        except OSError:
+            return None
+        return status.f_bavail * status.f_frsize
+
+    def require_space(self, minimum: int = MIN_FREE_BYTES) -> None:
+        """AuditError if the log's filesystem has less than `minimum` bytes free (the service's
+        health check, after an append of no record, which a full disk does not stop)."""
+        free = self.free_bytes()
+        if free is not None and free < minimum:
+            raise AuditError(
+                f"audit log {self.path}: its filesystem has {free} bytes free (below {minimum}); "
+                "records cannot be written: free space there, or prune the log ('secrets-manager "
+                "audit prune')"
+            )
 
     @property
     def anchor_lag_seconds(self) -> float:

@@ -158,6 +158,13 @@ class Metrics:
             "anchor to reach them (0: none waits; the store busy or unreachable makes it grow).",
             registry=self.registry,
         )
+        self.audit_disk_free = Gauge(
+            "secrets_manager_audit_disk_free_bytes",
+            "Bytes free on the filesystem of the audit log (-1: cannot be read). Every request writes a "
+            "record and is refused if it cannot: alert well before 0 (health turns NOT_SERVING below "
+            "64 KiB).",
+            registry=self.registry,
+        )
         # Label children by key, so a request does not look them up under the metric's lock.
         self._counters: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._histograms: dict[str, Any] = {}
@@ -238,6 +245,15 @@ class Metrics:
     def track_anchor_lag(self, lag_seconds: Callable[[], float]) -> None:
         """Read the audit log's anchor lag at every scrape."""
         self.anchor_lag.set_function(lag_seconds)
+
+    def track_audit_disk(self, free_bytes: Callable[[], int | None]) -> None:
+        """Read the free space of the audit log's filesystem at every scrape."""
+
+        def read() -> float:
+            free = free_bytes()
+            return -1.0 if free is None else float(free)
+
+        self.audit_disk_free.set_function(read)
 
     def count_client_expiry_notice(self) -> None:
         self.client_expiry_notices.inc()

@@ -22,6 +22,7 @@ from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -792,6 +793,14 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
+def _probe_audit(audit: AuditLog, store: EncryptedStore) -> None:
+    """The health check of the audit log: an append of no record (locks, live file, anchor), and
+    room on its disk for the next records (an empty append needs none, so a full disk would read
+    SERVING between the refusals of real requests)."""
+    audit.append([], store)
+    audit.require_space()
+
+
 def _resync_event(revision: int, history: str | None) -> Any:
     return pb.ChangeEvent(kind=pb.ChangeEvent.RESYNC, revision=revision, history=history or "")
 
@@ -938,7 +947,7 @@ def _start(
         health_servicer,
         (service_name, ""),
         lambda: store.changes_since(None),
-        audit_probe=lambda: audit.append([], store),
+        audit_probe=partial(_probe_audit, audit, store),
         on_check=metrics.set_check,
         on_probe=metrics.observe_probe,
         on_store_failing=lambda reason: servicer.watch_hub.interrupt(
@@ -947,6 +956,7 @@ def _start(
     )
     servicer.audit_refused = store_health.audit_refused
     metrics.track_anchor_lag(lambda: audit.anchor_lag_seconds)
+    metrics.track_audit_disk(audit.free_bytes)
     store_health.start()
     return RunningServer(server, servicer, port, health_servicer, metrics, store_health)
 
