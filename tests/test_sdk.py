@@ -402,6 +402,47 @@ def test_a_policy_reload_reaches_a_running_client_at_once(
     assert not client.stale
 
 
+def test_a_client_resuming_on_a_store_put_back_from_an_older_copy_reads_again(
+    service_dir: Path, make_client: ClientFactory
+) -> None:
+    """The service's store is put back from a copy older than what a client has seen (a restore
+    of an older backup), and changes made on it since have passed the client's revision again: the
+    client must end up with the new value, not its cached one (TTL 1 h here). Two things see to it:
+    the stream names its line of history, so the restarted service answers the resume with RESYNC
+    (the store file is another), and the SDK re-reads what it served stale during the outage. The
+    second alone passed this before the history existed; the service's part without an outage (a
+    PostgreSQL failover under a running replica) is test_storage_postgres.py's."""
+    store_path = service_dir / "store.db"
+    older = service_dir / "older-copy.db"
+    with sqlite3.connect(store_path) as source, sqlite3.connect(older) as copy:
+        source.backup(copy)  # the copy taken before the changes below
+    server = start_server(service_dir)
+    try:
+        client = make_client("ops", [server.address], ttl=3600)
+        assert client.get("auth/DB_PASSWORD").value.reveal() == b"auth-db-pass-SEEKRIT-1"
+        for index in range(3):  # the client hears of these: its revision moves past the copy's
+            server.cli("ops", "store", f"auth/SEEN_{index}", input=b"v")
+        wait_until(lambda: "SEEN_2" in client.credentials("auth"), timeout=10)
+        port = server.port
+    finally:
+        server.stop()
+    os.replace(older, store_path)  # the store put back from the older copy
+    writer = EncryptedStore.open(SqliteStorage(store_path), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:  # changes on the restored store, past the client's revision again
+        writer.put("auth/DB_PASSWORD", b"changed-after-the-restore")
+        for index in range(20):
+            writer.put(f"auth/AFTER_{index}", b"v")
+    finally:
+        writer.close()
+    again = start_server(service_dir, port=port)
+    try:
+        wait_until(
+            lambda: client.get("auth/DB_PASSWORD").value.reveal() == b"changed-after-the-restore", timeout=20
+        )
+    finally:
+        again.stop()
+
+
 # ---- failover -------------------------------------------------------------------------------------
 
 
