@@ -1790,12 +1790,15 @@ directory_mode = stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode)
 before = open(path, encoding="utf-8").read()
 with open(os.environ["EDIT_REPORT"], "w") as report:
     json.dump({"path": path, "mode": mode, "directory_mode": directory_mode, "text": before,
-               "argv": sys.argv[1:]}, report)
+               "argv": sys.argv[1:], "environment": sorted(os.environ)}, report)
 open(path + ".swp", "w").write("what an editor leaves beside the file")
 if action == "fail":
     sys.exit(3)
 if action == "race":  # another writer lands while the editor is open
-    subprocess.run([os.environ["SM"], "store", os.environ["EDIT_NAME"]], input=b"RACED-IN", check=True)
+    writer = dict(os.environ, SECRETS_MANAGER_STORE=os.environ["EDIT_STORE"])
+    writer["MASTER_PASSWORD"] = os.environ["EDIT_PW"]
+    command = [os.environ["SM"], "store", os.environ["EDIT_NAME"]]
+    subprocess.run(command, input=b"RACED-IN", check=True, env=writer)
 if action != "keep":
     open(path, "w", encoding="utf-8").write(os.environ.get("EDIT_TEXT", ""))
 """
@@ -1819,6 +1822,8 @@ class Editor:
             "EDIT_REPORT": str(self.report),
             "EDIT_NAME": name,
             "SM": str(SCRIPT),
+            "EDIT_STORE": self.cli.env["SECRETS_MANAGER_STORE"],  # the editor gets neither of these
+            "EDIT_PW": self.cli.env["MASTER_PASSWORD"],
         }
         return self.cli("edit", name, env=env)
 
@@ -1838,6 +1843,10 @@ def test_edit_stores_what_the_editor_saved_as_a_new_version_from_a_private_file_
     assert shown["text"] == "KNOWN-old-value\n"  # one newline added for the editor, dropped after
     assert shown["path"].startswith("/dev/shm/") and shown["mode"] == 0o600
     assert shown["directory_mode"] == 0o700 and shown["argv"] == ["--wait", shown["path"]]
+    assert (
+        "MASTER_PASSWORD" not in shown["environment"] and "SECRETS_MANAGER_STORE" not in shown["environment"]
+    )
+    assert "EDIT_ACTION" in shown["environment"]  # the rest of the environment is the editor's
     assert not Path(shown["path"]).parent.exists()  # removed, with the editor's swap file
     assert ready("get", "auth/DB_PASSWORD").out == "KNOWN-new-value\n"
     assert ready("get", "auth/DB_PASSWORD", "--version", "1").out == "KNOWN-old-value\n"

@@ -23,6 +23,7 @@ import click
 
 from secrets_manager.cli.app import FIELD_SEPARATOR, Session, cli, pass_session, select_field
 from secrets_manager.cli.output import info_line, warning_line
+from secrets_manager.cli.run_command import WITHHELD_VARIABLES
 from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError, SecretsManagerError
 from secrets_manager.rotation import new_value_for
 from secrets_manager.store import MAX_VALUE_SIZE, validate_name
@@ -43,7 +44,8 @@ def edit(session: Session, name: str) -> None:
     is created. NAME#FIELD edits one field of a JSON object value.
 
     The value is written to a private file in /dev/shm (memory) for the editor and removed after;
-    your editor's own history (vim's viminfo registers, undo files) is yours to turn off."""
+    the editor does not get the store's credentials (MASTER_PASSWORD, VAULT_TOKEN, PGPASSWORD…).
+    Your editor's own history (vim's viminfo registers, undo files) is yours to turn off."""
     name, separator, field = name.partition(FIELD_SEPARATOR)
     validate_name(name)
     if separator and not field:
@@ -135,7 +137,10 @@ def _edited_in(editor: str, text: str, production: bool) -> str:
             # As git runs it: through the shell, so EDITOR="code --wait" works; the path (never the
             # value) is its argument. Files the editor makes (swap, backup) are private too.
             finished = subprocess.run(
-                ["/bin/sh", "-c", f'{editor} "$@"', editor, str(path)], umask=0o077, check=False
+                ["/bin/sh", "-c", f'{editor} "$@"', editor, str(path)],
+                umask=0o077,
+                env=_editor_environment(),
+                check=False,
             )
         except OSError as exc:
             raise InvalidInputError(f"cannot run the editor {editor!r}: {exc.strerror}") from None
@@ -159,6 +164,12 @@ def _edited_in(editor: str, text: str, production: bool) -> str:
             "'store NAME --file PATH')"
         ) from None
     return saved[:-2] if saved.endswith("\r\n") else saved[:-1] if saved.endswith("\n") else saved
+
+
+def _editor_environment() -> dict[str, str]:
+    """This environment less what unlocks or reaches a store (the master password, a Vault token,
+    PGPASSWORD…), as `run` withholds them: an editor and its plugins have no use for them."""
+    return {name: value for name, value in os.environ.items() if name not in WITHHELD_VARIABLES}
 
 
 @contextlib.contextmanager
