@@ -348,6 +348,73 @@ def test_on_existing_skip_restores_only_missing_names(cli: Cli, copy_file: Path)
     assert cli.ok("get", "svc/API_KEY").out == "kept-NEWER\n"
 
 
+# ---- restore --name: one secret back from a backup, the rest of the store as it is --------------
+
+
+def test_restore_name_brings_back_one_purged_secret_and_leaves_the_rest(cli: Cli, copy_file: Path) -> None:
+    """What `git checkout BACKUP -- FILE` gives a `pass` user: a secret purged by mistake comes back
+    with its whole history from last night's backup; a secret changed since keeps its new value, and
+    a name purged on purpose since the backup stays purged (unlike `--on-existing skip`, which
+    brings back every name the store no longer holds)."""
+    cli.ok("store", "svc/API_KEY", "kept-NEWER")
+    cli.ok("destroy", "svc/DB", "--all")
+    cli.ok("destroy", "other/TOKEN", "--all")
+    result = cli.ok("restore", str(copy_file), "--name", "svc/DB")
+    assert "restored 1 secret (1 version)" in result.stderr
+    records = audit_records(cli.store.with_name("store.audit.jsonl"))
+    assert [(r["operation"], r["name"]) for r in records[-2:]] == [("restore", "svc/DB"), ("restore", None)]
+    assert cli.ok("get", "svc/DB").out == "db-password-7f0c3d\n"
+    assert json.loads(cli.ok("metadata", "svc/DB", "--json").out)["description"] == "about svc/DB"
+    assert cli.ok("get", "svc/API_KEY").out == "kept-NEWER\n"
+    assert cli("get", "other/TOKEN").code == 3
+
+
+def test_restore_name_refuses_a_name_the_store_holds_unless_overwrite(cli: Cli, copy_file: Path) -> None:
+    """An overwritten value: without --on-existing the name the store still holds is refused (exit
+    7, nothing written); `--on-existing overwrite` puts that one secret back as the backup had it,
+    and the other secrets keep what was written after the backup."""
+    cli.ok("store", "svc/API_KEY", "OVERWRITTEN-by-mistake")
+    cli.ok("store", "svc/DB", "rotated-after-the-backup")
+    before = entries(cli.store)
+    assert_one_line_error(
+        cli("restore", str(copy_file), "--name", "svc/API_KEY"), 7, "svc/API_KEY", "--on-existing"
+    )
+    assert entries(cli.store) == before
+    result = cli.ok("restore", str(copy_file), "--name", "svc/API_KEY", "--on-existing", "overwrite")
+    assert result.out == "svc/API_KEY\toverwritten\n"
+    assert cli.ok("get", "svc/API_KEY").out == "sk-live-TWO-a4e017\n"
+    assert cli.ok("get", "svc/API_KEY", "--label", "previous").out == "sk-live-ONE-5b21c9\n"
+    assert cli.ok("get", "svc/DB").out == "rotated-after-the-backup\n"
+    assert cli.ok("get", "other/TOKEN").out == "token-VALUE-e81b44\n"
+
+
+def test_restore_name_refuses_a_name_the_backup_lacks_and_a_missing_store(
+    cli: Cli, password_file: Path
+) -> None:
+    """Mistyped names are exit 3 before anything is written, naming the name; --name into a path
+    with no store is exit 2 (it restores into an existing store) and creates nothing."""
+    cli.ok("destroy", "svc/DB", "--all")
+    before = entries(cli.store)
+    pw = ("--backup-password-file", str(cli.backup_password))
+    assert_one_line_error(
+        cli("restore", str(password_file), *pw, "--name", "svc/DB", "--name", "svc/NOPE"),
+        3,
+        "no secret named 'svc/NOPE'",
+        "nothing was restored",
+    )
+    assert entries(cli.store) == before
+    elsewhere = cli.tmp / "new" / "store.db"
+    assert_one_line_error(
+        cli("restore", str(password_file), *pw, "--store", str(elsewhere), "--name", "svc/DB"),
+        2,
+        "existing store",
+    )
+    assert not elsewhere.exists()
+    cli.ok("restore", str(password_file), *pw, "--name", "svc/DB")  # a password backup too
+    assert cli.ok("get", "svc/DB").out == "db-password-7f0c3d\n"
+    assert entries(cli.store).keys() - before.keys() >= {"meta/svc/DB"}
+
+
 def test_backup_never_replaces_a_file_without_force(cli: Cli, copy_file: Path) -> None:
     before = copy_file.read_bytes()
     assert_one_line_error(cli("backup", str(copy_file)), 7, "already exists", "--force")

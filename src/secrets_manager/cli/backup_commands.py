@@ -47,6 +47,7 @@ from secrets_manager.cli.rotate_commands import terminate_as_interrupt
 from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
+    NotFoundError,
     OperationInterrupted,
     Terminated,
     UnlockError,
@@ -193,6 +194,15 @@ def verify(session: Session, file: str, backup_password_file: str | None, as_jso
     help="Allow a non-empty store, and say what happens to its secrets that the backup also has: "
     "fail (refuse if there are any), skip (keep the store's), overwrite (take the backup's).",
 )
+@click.option(
+    "--name",
+    "names",
+    multiple=True,
+    metavar="NAME",
+    help="Restore only this secret (repeatable), into an existing store, leaving every other "
+    "secret as it is: a secret purged or overwritten by mistake. Without --on-existing a NAME the "
+    "store still holds is refused (fail); overwrite replaces its history with the backup's.",
+)
 @kdf_profile_option(
     "Argon2id cost of a new store made from a password-protected backup ('test': test suites only)."
 )
@@ -203,6 +213,7 @@ def restore(
     target: str | None,
     backup_password_file: str | None,
     on_existing: str | None,
+    names: tuple[str, ...],
     kdf_profile: str,
 ) -> None:
     """Restore the backup FILE, all or nothing: the whole file is checked first, and a failure at any
@@ -213,12 +224,14 @@ def restore(
     password), or, from a password-protected backup, a new store under the master password.
     Into an existing store: the secrets are written under that store's keys; it must be empty
     unless --on-existing says what happens to names it already holds. A PostgreSQL store must
-    exist first ('secrets-manager init'): restore then writes into it.
+    exist first ('secrets-manager init'): restore then writes into it. With --name, only those
+    secrets (each with its whole history, labels, metadata and deleted state), into an existing
+    store, which may hold others.
 
     SIGTERM and SIGHUP (timeout, systemd stop, a closed terminal) end it as Ctrl-C does: what it
     had written is undone, and it exits 143 / 129 (130 for Ctrl-C)."""
     with terminate_as_interrupt():
-        _restore(session, file, target, backup_password_file, on_existing, kdf_profile)
+        _restore(session, file, target, backup_password_file, on_existing, names, kdf_profile)
 
 
 def _restore(
@@ -227,6 +240,7 @@ def _restore(
     target: str | None,
     backup_password_file: str | None,
     on_existing: str | None,
+    names: tuple[str, ...],
     kdf_profile: str,
 ) -> None:
     session.require_local("restore")
@@ -234,11 +248,21 @@ def _restore(
         session = dataclasses.replace(session, store_url=target)
     mode = OnExisting(on_existing) if on_existing else None
     path = _file_argument(file, "restore")
+    if names:
+        if _no_store_at(session.store_url):
+            raise InvalidInputError(
+                f"restore --name writes into an existing store, and there is none at "
+                f"{sqlite_path(session.store_url)}: pass --store with the store to restore into (to "
+                "look at a backup, restore it whole into a new path without --name)"
+            )
+        mode = mode or OnExisting.FAIL  # the store holds other secrets: that is the point
     try:  # before any write: checking the file, asking for passwords
         header = read_backup_header(path)
         password = _backup_password(session, path, header.kind, backup_password_file)
         with progress_bars("check") as report:
             checked = read_backup(path, password, environment=session.environment, progress=report)
+        if names:
+            checked = _only_named(checked, names, path)
         new_store = _no_store_at(session.store_url)
         if new_store:
             _refuse_another_stores_log(session, checked)
@@ -332,6 +356,21 @@ def _restore(
             "this store numbers versions itself: the kept values were written oldest first, the "
             "backup's previous and current last"
         )
+
+
+def _only_named(backup: Backup, names: Sequence[str], path: Path) -> Backup:
+    """The backup narrowed to the secrets `names` (restore --name); NotFoundError (exit 3), before
+    any write, for a name it does not hold."""
+    held = {secret.name for secret in backup.secrets}
+    missing = sorted(set(names) - held)
+    if missing:
+        raise NotFoundError(
+            f"backup {path} holds no secret named {missing[0]!r}"
+            + (f" (nor {len(missing) - 1} other name(s) given)" if len(missing) > 1 else "")
+            + "; nothing was restored"
+        )
+    wanted = set(names)
+    return dataclasses.replace(backup, secrets=tuple(s for s in backup.secrets if s.name in wanted))
 
 
 def summary_doc(summary: BackupSummary) -> dict[str, Any]:
