@@ -12,8 +12,19 @@ import click
 from secrets_manager.audit import AuditLog, refuse_files_of_others
 from secrets_manager.cli.app import Session, cli, pass_session
 from secrets_manager.cli.password import read_password_file, refuse_password_variable
-from secrets_manager.errors import NotFoundError, SecretsManagerError, StoreNotFoundError
-from secrets_manager.store.url import default_audit_path, local_store_files, open_store
+from secrets_manager.errors import (
+    NotFoundError,
+    SecretsManagerError,
+    StoreNotFoundError,
+    UnsupportedOperationError,
+)
+from secrets_manager.store.url import (
+    default_audit_path,
+    display_url,
+    local_store_files,
+    needs_password,
+    open_store,
+)
 
 
 @cli.command()
@@ -43,6 +54,15 @@ def serve(session: Session, config_path: str) -> None:
     refuse_password_variable(session.environment, session.environ)  # even beside password_file
     config = load_config(Path(config_path), environment=session.environment)
     store_url = config.store or session.store_url
+    if not needs_password(store_url):
+        # open_store would say "opening ... with a master password is not supported", which sent
+        # an operator who had just restored into Vault or AWS to look for a password to remove.
+        where = f"the store setting of {config_path}" if config.store else "--store"
+        raise UnsupportedOperationError(
+            f"serving {display_url(store_url)} ({where}) is not supported by this store: serve runs on "
+            "an encrypted store, a SQLite file or PostgreSQL, only for now; point store at one (restore "
+            "a backup into it), and read Vault or AWS with the CLI (docs/stores.md)"
+        )
     password_file = config.password_file
 
     def password() -> bytes:  # asked for only if a password unlocks the store (not AWS KMS)
