@@ -415,6 +415,65 @@ def test_restore_name_refuses_a_name_the_backup_lacks_and_a_missing_store(
     assert entries(cli.store).keys() - before.keys() >= {"meta/svc/DB"}
 
 
+# ---- restore --share-file: the master password forgotten and the store lost --------------------
+
+
+def shares_of(cli: Cli, out_dir: Path) -> list[Path]:
+    cli.ok("recovery", "init", "--shares", "3", "--threshold", "2", "--out-dir", str(out_dir))
+    return sorted(out_dir.glob("recovery-share-*.txt"))
+
+
+def test_a_copy_of_store_backup_restores_with_recovery_shares(cli: Cli) -> None:
+    """The shares exist for the day the password is forgotten; if the store is lost that day too,
+    a copy-of-store backup (which seals the same root key to the same recovery key) opened only
+    with its master password, and so was lost with it. Now K shares open it; the copy keeps the
+    shares, which then set a new password."""
+    shares = shares_of(cli, cli.tmp / "shares")
+    backup = cli.tmp / "night.smbackup"
+    cli.ok("backup", str(backup))
+    before = values_of(cli, cli.store)
+    target = cli.tmp / "new-machine" / "store.db"
+    forgotten = {"MASTER_PASSWORD": None}
+    share_args = ("--share-file", str(shares[0]), "--share-file", str(shares[2]))
+    result = cli("--store", str(target), "restore", str(backup), *share_args, env=forgotten)
+    assert result.code == 0, result.stderr
+    assert "recovery unlock-with password" in result.stderr
+    new_password = cli.tmp / "new-password"
+    new_password.write_text("a new password after the loss\n")
+    cli.ok(
+        "--store", str(target), "recovery", "unlock-with", "password", "--share-file", str(shares[1]),
+        "--share-file", str(shares[0]), "--new-password-file", str(new_password), "--kdf-profile", "test",
+    )  # fmt: skip
+    cli.env["MASTER_PASSWORD"] = "a new password after the loss"
+    assert values_of(cli, target) == before
+    log = target.with_name("store.audit.jsonl")
+    assert ("restore", "ok") in audit_operations(log)
+    assert cli.ok("--store", str(target), "audit", "verify").code == 0
+
+
+def test_restore_with_shares_refuses_a_password_backup_and_another_sets_shares(
+    cli: Cli, password_file: Path, tmp_path: Path
+) -> None:
+    """A password backup is not sealed to the shares (exit 2); shares of another store are a
+    wrong unlock (exit 4); neither creates anything."""
+    shares = shares_of(cli, cli.tmp / "shares")
+    target = cli.tmp / "new-machine" / "store.db"
+    forgotten = {"MASTER_PASSWORD": None}
+    share_args = ("--share-file", str(shares[0]), "--share-file", str(shares[1]))
+    result = cli("--store", str(target), "restore", str(password_file), *share_args, env=forgotten)
+    assert_one_line_error(result, 2, "recovery shares do not open", "--backup-password-file")
+    (tmp_path / "other").mkdir()
+    other = Cli(tmp_path / "other")
+    other.ok("init", "--kdf-profile", "test")
+    other_shares = shares_of(other, tmp_path / "other" / "shares")
+    backup = cli.tmp / "night.smbackup"
+    cli.ok("backup", str(backup))
+    other_args = ("--share-file", str(other_shares[0]), "--share-file", str(other_shares[1]))
+    result = cli("--store", str(target), "restore", str(backup), *other_args, env=forgotten)
+    assert_one_line_error(result, 4, "recovery shares are of set")
+    assert not target.parent.exists() or not any(target.parent.iterdir())
+
+
 def test_backup_never_replaces_a_file_without_force(cli: Cli, copy_file: Path) -> None:
     before = copy_file.read_bytes()
     assert_one_line_error(cli("backup", str(copy_file)), 7, "already exists", "--force")

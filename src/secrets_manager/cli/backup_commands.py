@@ -2,7 +2,8 @@
 
     backup FILE [--backup-password-file PATH] [--force]   a consistent snapshot, 0600, written atomically
     backup verify FILE [--backup-password-file PATH] [--json]
-    restore FILE [--store URL] [--backup-password-file PATH] [--on-existing fail|skip|overwrite]
+    restore FILE [--store URL] [--backup-password-file PATH | --share-file PATH …]
+            [--on-existing fail|skip|overwrite] [--name NAME …]
 
 Without `--backup-password-file` a backup copies the store's own ciphertexts and wrapped keys: it
 opens with the store's master password (as it was when the backup was taken). With it, the backup
@@ -16,6 +17,7 @@ docs/backup-format.md; the work is in store/backup.py and store/restore.py. FILE
 from __future__ import annotations
 
 import dataclasses
+import functools
 import stat
 import sys
 from collections.abc import Sequence
@@ -43,6 +45,7 @@ from secrets_manager.cli.output import (
     warning_line,
 )
 from secrets_manager.cli.password import prompt_password, read_password_file, terminal_available
+from secrets_manager.cli.recovery_commands import read_share_file
 from secrets_manager.cli.rotate_commands import terminate_as_interrupt
 from secrets_manager.errors import (
     ConflictError,
@@ -62,8 +65,15 @@ from secrets_manager.store.backup import (
     write_backup,
 )
 from secrets_manager.store.base import AuditedStore
+from secrets_manager.store.recovery import root_from_shares
 from secrets_manager.store.restore import OnExisting, RestoreResult, restore_into, restore_new_store
-from secrets_manager.store.url import display_url, open_store, remove_store_files, sqlite_path
+from secrets_manager.store.url import (
+    display_url,
+    open_store,
+    open_store_with_recovery,
+    remove_store_files,
+    sqlite_path,
+)
 
 new_password_option = click.option(
     "--backup-password-file",
@@ -203,6 +213,14 @@ def verify(session: Session, file: str, backup_password_file: str | None, as_jso
     "secret as it is: a secret purged or overwritten by mistake. Without --on-existing a NAME the "
     "store still holds is refused (fail); overwrite replaces its history with the backup's.",
 )
+@click.option(
+    "--share-file",
+    "share_files",
+    multiple=True,
+    metavar="PATH",
+    help="A recovery share file (repeat for each of K): open a copy-of-store backup with the store's "
+    "recovery shares instead of its master password (forgotten).",
+)
 @kdf_profile_option(
     "Argon2id cost of a new store made from a password-protected backup ('test': test suites only)."
 )
@@ -214,6 +232,7 @@ def restore(
     backup_password_file: str | None,
     on_existing: str | None,
     names: tuple[str, ...],
+    share_files: tuple[str, ...],
     kdf_profile: str,
 ) -> None:
     """Restore the backup FILE, all or nothing: the whole file is checked first, and a failure at any
@@ -231,7 +250,7 @@ def restore(
     SIGTERM and SIGHUP (timeout, systemd stop, a closed terminal) end it as Ctrl-C does: what it
     had written is undone, and it exits 143 / 129 (130 for Ctrl-C)."""
     with terminate_as_interrupt():
-        _restore(session, file, target, backup_password_file, on_existing, names, kdf_profile)
+        _restore(session, file, target, backup_password_file, on_existing, names, share_files, kdf_profile)
 
 
 def _restore(
@@ -241,9 +260,13 @@ def _restore(
     backup_password_file: str | None,
     on_existing: str | None,
     names: tuple[str, ...],
+    share_files: tuple[str, ...],
     kdf_profile: str,
 ) -> None:
     session.require_local("restore")
+    if share_files and backup_password_file:
+        raise InvalidInputError("give --share-file or --backup-password-file, not both")
+    mnemonics = [read_share_file(Path(p), session.environment) for p in share_files]
     if target:
         session = dataclasses.replace(session, store_url=target)
     mode = OnExisting(on_existing) if on_existing else None
@@ -258,15 +281,29 @@ def _restore(
         mode = mode or OnExisting.FAIL  # the store holds other secrets: that is the point
     try:  # before any write: checking the file, asking for passwords
         header = read_backup_header(path)
-        password = _backup_password(session, path, header.kind, backup_password_file)
+        if mnemonics:
+            if header.kind != KIND_STORE:
+                raise InvalidInputError(
+                    f"backup {path} is protected by a backup password, which recovery shares do not "
+                    "open: pass --backup-password-file PATH"
+                )
+            password = None
+            root_from = functools.partial(root_from_shares, mnemonics=mnemonics, what=f"backup {path}")
+        else:
+            password = _backup_password(session, path, header.kind, backup_password_file)
+            root_from = None
         with progress_bars("check") as report:
-            checked = read_backup(path, password, environment=session.environment, progress=report)
+            checked = read_backup(
+                path, password, environment=session.environment, progress=report, root_from=root_from
+            )
         if names:
             checked = _only_named(checked, names, path)
         new_store = _no_store_at(session.store_url)
         if new_store:
             _refuse_another_stores_log(session, checked)
             new_password = password if header.kind == KIND_STORE else session.password(confirm=True)
+            if mnemonics:  # a copy: it opens with its old master password, or the same shares
+                new_password = None
     except KeyboardInterrupt as exc:
         raise _interrupted(exc, NOTHING_RESTORED) from None
     if new_store:
@@ -281,7 +318,7 @@ def _restore(
                     actor=session.actor,
                     progress=report,
                 )
-            _audit_new_store(session, new_password, checked.secrets, result)
+            _audit_new_store(session, new_password, mnemonics, checked.secrets, result)
         except KeyboardInterrupt as exc:  # the new store's files were removed: no store appeared
             store_file = sqlite_path(session.store_url)
             left = (
@@ -326,6 +363,12 @@ def _restore(
     for name in result.skipped:
         click.echo(f"{name}\tskipped" + (" (it exists)" if explained else ""))
     info_line(f"restored {_restored(result)} into {where}")
+    if mnemonics and new_store:
+        info_line(
+            "it opens with the master password its store had when the backup was taken, and with "
+            "these recovery shares: set a new password with 'secrets-manager recovery unlock-with "
+            "password --share-file …'"
+        )
     if result.overwritten:
         info_line(
             f"overwrote {len(result.overwritten)} existing secret(s) with the backup's history "
@@ -511,13 +554,25 @@ def _refuse_another_stores_log(session: Session, backup: Backup) -> None:
 
 
 def _audit_new_store(
-    session: Session, password: bytes, restored: Sequence[BackupSecret], result: RestoreResult
+    session: Session,
+    password: bytes | None,
+    mnemonics: list[str],
+    restored: Sequence[BackupSecret],
+    result: RestoreResult,
 ) -> None:
     """Record the restore in the new store's audit log, as `init` does (one record per secret, then
-    the restore's own); if that fails, the new store was never announced and is removed again."""
+    the restore's own); if that fails, the new store was never announced and is removed again. A
+    copy restored with recovery shares (`mnemonics`) is opened with them."""
     store = None
     try:
-        store = open_store(session.store_url, password, environment=session.environment, actor=session.actor)
+        if password is None:
+            store = open_store_with_recovery(
+                session.store_url, mnemonics, environment=session.environment, actor=session.actor
+            )
+        else:
+            store = open_store(
+                session.store_url, password, environment=session.environment, actor=session.actor
+            )
         event = session.event("restore")
         anchor_a_restored_store(store)  # a copy's log, where it survived the store, goes on verifying
         session.audit_log().append([*_secret_records(event, store, restored, result), event], store)

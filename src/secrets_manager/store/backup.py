@@ -585,23 +585,37 @@ def read_backup_header(path: str | os.PathLike[str]) -> BackupHeader:
 
 def read_backup(
     path: str | os.PathLike[str],
-    password: bytes,
+    password: bytes | None,
     *,
     environment: Environment | None = None,
     progress: Progress = _no_progress,
+    root_from: Callable[[dict[str, Any]], DataKey] | None = None,
 ) -> Backup:
     """Open, authenticate and check a whole backup file; nothing is returned from a file that is not
     intact. `password` is the backup password (kind `password`) or the master password the store had
-    when the backup was taken (kind `store`). UnlockError for a wrong password (exit 4)."""
+    when the backup was taken (kind `store`). UnlockError for a wrong password (exit 4).
+
+    `root_from(store_header)` (kind `store` only, instead of `password`): the root key by other
+    means, the recovery shares (store/recovery.py `root_from_shares`); the file key it must open
+    is authenticated, so a wrong root key is a wrong password."""
     path = Path(path)
     minimum = kdf_module.DEFAULT if environment is not None and environment.is_production else None
     with _open_backup(path) as source:
         header = _read_header(source, path)
         if header.kind == KIND_STORE:
             store_header = header.document["store_header"]
-            root = _unlock_store_header(store_header, password, minimum, path)
+            if root_from is not None:
+                root = _root_by_other_means(store_header, root_from, path)
+            else:
+                assert password is not None
+                root = _unlock_store_header(store_header, password, minimum, path)
             file_key = _open_file_key(header.document["file_key"], root, path)
         else:
+            if password is None:
+                raise InvalidInputError(
+                    f"backup {path} is protected by a backup password, which recovery shares do not "
+                    "open: pass --backup-password-file PATH"
+                )
             root = None
             store_header = None
             file_key = _unlock_file_key(header.document["unlock"], password, minimum, header.created, path)
@@ -732,6 +746,24 @@ def _unlock_store_header(
         ) from None
     except IntegrityError:
         raise BackupDamagedError(path, "the store header in it is malformed") from None
+
+
+def _root_by_other_means(
+    store_header: dict[str, Any], root_from: Callable[[dict[str, Any]], DataKey], path: Path
+) -> DataKey:
+    fmt = store_header.get("format")
+    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > STORE_FORMAT:
+        raise BackupVersionError(
+            f"{path} holds a store of format {fmt}; upgrade secrets-manager to verify or restore it"
+        )
+    try:
+        _check_store_header(store_header)
+    except IntegrityError:
+        raise BackupDamagedError(path, "the store header in it is malformed") from None
+    try:
+        return root_from(store_header)
+    except IntegrityError:
+        raise BackupDamagedError(path, "the recovery section of its store header is malformed") from None
 
 
 def _costs(params: kdf_module.KdfParams) -> str:

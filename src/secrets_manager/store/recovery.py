@@ -287,10 +287,37 @@ def recover_root(storage: Storage, mnemonics: list[str], **options: Any) -> Encr
     KMS key). NotFoundError if the store has no share set; InvalidInputError for shares that do not
     parse or combine; UnlockError for shares of another set; IntegrityError for a doctored header."""
     header = _read_header(storage)
+    root, public_key = _root_from_shares(header, mnemonics, "this store")
+    # Only the true root key opens core/recovery, and it must name the key the shares rebuilt.
+    entry = storage.get(RECOVERY_KEY)
+    if entry is None:
+        raise IntegrityError(RECORD_MISSING)
+    setup = _open_setup(lambda _key_id: root, entry.value)
+    if setup.public_key != public_key:
+        raise IntegrityError("the recovery record does not match the header (integrity check failed)")
+    store = EncryptedStore(storage, root, **options)
+    # The unlock section the shares opened beside: a new one replaces it only if it is still there.
+    store._unlock_section = header["unlock"]
+    return store
+
+
+def root_from_shares(store_header: dict[str, Any], mnemonics: list[str], what: str) -> DataKey:
+    """The root key a store header's recovery section seals, opened with recovery shares: for a
+    copy-of-store backup (`what` names it), whose file key the root key wraps. The caller checks
+    the root key against what it opens (a backup's file key is authenticated under it). Errors as
+    `recover_root`'s."""
+    if not isinstance(store_header.get("root_key_id"), int) or not isinstance(
+        store_header.get("created"), int
+    ):
+        raise IntegrityError(_DAMAGED)
+    return _root_from_shares(store_header, mnemonics, what)[0]
+
+
+def _root_from_shares(header: dict[str, Any], mnemonics: list[str], what: str) -> tuple[DataKey, bytes]:
     section = header.get(SECTION)
     if section is None:
         raise NotFoundError(
-            "this store has no recovery shares: they are made with 'secrets-manager recovery init' "
+            f"{what} has no recovery shares: they are made with 'secrets-manager recovery init' "
             "while the store can still be unlocked"
         )
     root_id, stored_identifier, sealed = _parse_section(section, header["root_key_id"])
@@ -303,21 +330,11 @@ def recover_root(storage: Storage, mnemonics: list[str], **options: Any) -> Encr
         material = open_with_recovery_key(private_key, sealed, _info(root_id, public_key))
     except IntegrityError:
         raise UnlockError(
-            "these recovery shares do not open this store: they belong to another store, or to a "
+            f"these recovery shares do not open {what}: they belong to another store, or to a "
             "set that 'recovery init --replace' replaced"
         ) from None
     root = DataKey(id=root_id, status=KeyStatus.ENABLED, created=int(header["created"]), material=material)
-    # Only the true root key opens core/recovery, and it must name the key the shares rebuilt.
-    entry = storage.get(RECOVERY_KEY)
-    if entry is None:
-        raise IntegrityError(RECORD_MISSING)
-    setup = _open_setup(lambda _key_id: root, entry.value)
-    if setup.public_key != public_key:
-        raise IntegrityError("the recovery record does not match the header (integrity check failed)")
-    store = EncryptedStore(storage, root, **options)
-    # The unlock section the shares opened beside: a new one replaces it only if it is still there.
-    store._unlock_section = header["unlock"]
-    return store
+    return root, public_key
 
 
 def _open_setup(lookup: Callable[[int], DataKey], record: bytes) -> RecoverySetup:
