@@ -156,6 +156,16 @@ def test_a_schedule_file_is_read_with_its_settings_and_defaults(tmp_path: Path) 
             '[[rotation]]\nname = "db/app"\nevery = "1d"\n[[rotation]]\nname = "db/app"\nevery = "2d"\n',
             "'db/app' is listed twice",
         ),
+        # A "\u0000" in a command: accepted by 'schedule check', it failed 'schedule run' as an
+        # internal error (ValueError: embedded null byte) after a new version had been staged.
+        (
+            '[[rotation]]\nname = "db/app"\nevery = "1d"\nset_command = "true\\u0000x"\n',
+            "set_command contains a NUL character",
+        ),
+        (
+            '[[rotation]]\nname = "db/app"\nevery = "1d"\ntest_command = "\\u0000"\n',
+            "test_command contains a NUL character",
+        ),
         ('[rotations]\nname = "db/app"\n', "unknown table 'rotations'"),
         ('rotation = "db/app"\n', "entries are [[rotation]] tables"),
         ("[[rotation]\n", "rotation.toml:"),
@@ -393,6 +403,15 @@ def test_schedule_names_a_missing_secret_and_refuses_a_bad_file(cli: Cli) -> Non
         huge = cli("schedule", command, str(cli.dir / "huge.toml"))
         assert huge.code == 2 and huge.stderr.count("\n") == 1, huge.stderr
         assert "every must be between 1s and 3650d (10 years)" in huge.stderr
+    assert cli.history("db/app") == before
+    # A NUL in a command: 'run' staged a version, then failed as an internal error.
+    (cli.dir / "nul.toml").write_text(
+        '[[rotation]]\nname = "db/app"\nevery = "1s"\nset_command = "true\\u0000x"\n'
+    )
+    for command in ("check", "run"):
+        nul = cli("schedule", command, str(cli.dir / "nul.toml"))
+        assert nul.code == 2 and nul.stderr.count("\n") == 1, nul.stderr
+        assert "set_command contains a NUL character" in nul.stderr
     assert cli.history("db/app") == before
 
 

@@ -98,6 +98,9 @@ def generated_value(length: int = DEFAULT_LENGTH, alphabet: str = "alnum") -> Se
 
 def command_argv(command: str, what: str) -> tuple[str, ...]:
     """`command` split like a shell would (no shell runs it); InvalidInputError naming `what`."""
+    if "\x00" in command:  # no program can receive it (a schedule file's "\u0000"): refused here,
+        # where 'schedule check' sees it, not when the command starts after a version was staged
+        raise InvalidInputError(f"{what} contains a NUL character, which no command line can hold")
     try:
         argv = shlex.split(command)
     except ValueError as exc:
