@@ -200,6 +200,40 @@ def test_one_secret_a_version_and_its_history(server: Server, make_client: Clien
     assert [m.name for m in writer.list("auth/")] == ["auth/DB_PASSWORD", "auth/JWT_KEY"]
 
 
+def test_arguments_of_the_wrong_type_are_refused_before_anything_is_sent(
+    server: Server, make_client: ClientFactory
+) -> None:
+    """Found by fuzzing the SDK: a name given as bytes was written (protobuf takes bytes for a
+    string field) before put failed on it (TypeError); a version and a label together returned the
+    label's version, not the one asked for; other odd types failed with Python's own words
+    ('bad argument type for built-in operation', "'NoneType' object has no attribute 'encode'")."""
+    writer = make_client("writer", [server.address])
+    before = writer.describe("auth/DB_PASSWORD").versions
+    refused: list[tuple[Callable[[], object], str]] = [
+        (lambda: writer.put(b"auth/DB_PASSWORD", b"v"), "the secret name must be text (str), not bytes"),  # type: ignore[arg-type]
+        (lambda: writer.put(123, b"v"), "the secret name must be text (str), not int"),  # type: ignore[arg-type]
+        (lambda: writer.get(["auth/JWT_KEY"]), "the secret name must be text (str), not list"),  # type: ignore[arg-type]
+        (lambda: writer.describe(b"auth/JWT_KEY"), "not bytes"),  # type: ignore[arg-type]
+        (lambda: writer.list(b"auth/"), "the name prefix must be text (str), not bytes"),  # type: ignore[arg-type]
+        (
+            lambda: writer.get("auth/DB_PASSWORD", version=1, label="current"),
+            "a version or a label, not both",
+        ),
+        (lambda: writer.get("auth/DB_PASSWORD", version=-1), "a version is a whole number"),
+        (lambda: writer.get("auth/DB_PASSWORD", version=True), "a version is a whole number"),
+        (lambda: writer.get("auth/DB_PASSWORD", label=1), "the label must be text (str), not int"),  # type: ignore[arg-type]
+        (lambda: writer.put("auth/DB_PASSWORD", None), "must be bytes, str or SecretValue, not NoneType"),  # type: ignore[arg-type]
+        (lambda: writer.put("auth/DB_PASSWORD", b"v", expect_version=-1), "expect_version is a whole number"),
+    ]
+    for call, message in refused:
+        with pytest.raises(InvalidInputError) as caught:
+            call()
+        assert message in str(caught.value)
+    assert writer.describe("auth/DB_PASSWORD").versions == before  # nothing was written
+    assert writer.put("auth/DB_PASSWORD", bytearray(b"bytes-like-SEEKRIT")) == 2  # bytes-like: written
+    assert writer.get("auth/DB_PASSWORD").value.reveal() == b"bytes-like-SEEKRIT"
+
+
 def test_denied_and_missing_secrets_raise_the_documented_errors(
     server: Server, make_client: ClientFactory
 ) -> None:

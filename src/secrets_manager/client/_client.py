@@ -92,7 +92,13 @@ from secrets_manager.client._config import (
 from secrets_manager.client._credentials import Credentials
 from secrets_manager.client._logging import LIVE_VALUES
 from secrets_manager.client._renewal import CertificateFiles
-from secrets_manager.client.remote import ChangeStream, RemoteStore, TlsFiles, channel_credentials
+from secrets_manager.client.remote import (
+    ChangeStream,
+    RemoteStore,
+    TlsFiles,
+    channel_credentials,
+    checked_text,
+)
 from secrets_manager.errors import (
     AccessDeniedError,
     ChangeUnrecordedError,
@@ -837,6 +843,7 @@ class Client:
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """One secret (GetSecret): the current version from the cache; a given version or label
         ('previous', 'pending') is always asked of the service."""
+        checked_text(name, "secret name")  # before the cache: a list is unhashable, bytes miss
         if version is None and label is None:
             entry = self._secrets.get(name)
             if entry is not None and self._reach.outage_since is None and self._clock() < entry.fresh_until:
@@ -1543,6 +1550,10 @@ def _value_bytes(value: bytes | str | SecretValue) -> bytes:
     raw = value.reveal() if isinstance(value, SecretValue) else value
     if isinstance(raw, bytes):
         return raw
+    if isinstance(raw, bytearray | memoryview):
+        return bytes(raw)
+    if not isinstance(raw, str):  # its type only: the object's text could be the value
+        raise InvalidInputError(f"the value must be bytes, str or SecretValue, not {type(raw).__name__}")
     try:
         return raw.encode("utf-8")
     except UnicodeEncodeError:
@@ -1644,6 +1655,7 @@ class AsyncClient:
 
     async def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """See `Client.get` (GetSecret)."""
+        checked_text(name, "secret name")
         if version is None and label is None:
             hit = self._client._cached_secret(name)
             if hit is not None:

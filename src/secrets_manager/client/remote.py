@@ -173,11 +173,15 @@ class RemoteStore:
             raise error_for(code, f"{details}", exc.trailing_metadata()) from None
 
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
-        request = pb.GetSecretRequest(name=name)
+        request = pb.GetSecretRequest(name=checked_text(name, "secret name"))
+        if version is not None and label is not None:  # one oneof: the label set last would win
+            raise InvalidInputError("give a version or a label, not both")
         if version is not None:
+            if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version < 2**64:
+                raise InvalidInputError("a version is a whole number, 1 or more")
             request.version = version
         if label is not None:
-            request.label = label
+            request.label = checked_text(label, "label")
         return secret_from_message(self._call("GetSecret", request).secret)
 
     def get_many(self, names: Iterable[str] = (), *, prefix: str = "") -> list[Secret]:
@@ -251,8 +255,14 @@ class RemoteStore:
     ) -> Any:
         checked_max_versions(name, max_versions)  # the service checks too; uint32 holds no -1
         checked_metadata(name, description, tags)  # protobuf cannot encode text that is not UTF-8
-        request = pb.PutSecretRequest(name=name, value=value)
+        request = pb.PutSecretRequest(name=checked_text(name, "secret name"), value=value)
         if expect_version is not None:
+            if (
+                not isinstance(expect_version, int)
+                or isinstance(expect_version, bool)
+                or not 0 <= expect_version < 2**64
+            ):
+                raise InvalidInputError("expect_version is a whole number, 0 or more (0: only a new secret)")
             request.expect_version = expect_version
         if description is not None:
             request.description = description
@@ -264,6 +274,7 @@ class RemoteStore:
         return self._call("PutSecret", request)
 
     def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
+        prefix = "" if prefix is None else checked_text(prefix, "name prefix")
         request = pb.ListSecretsRequest(prefix=prefix, include_deleted=include_deleted, page_size=PAGE_SIZE)
         return [metadata_from_message(m) for m in self._pages("ListSecrets", request)]
 
@@ -285,7 +296,9 @@ class RemoteStore:
 
     def describe(self, name: str) -> SecretMetadata:
         return metadata_from_message(
-            self._call("DescribeSecret", pb.DescribeSecretRequest(name=name)).metadata
+            self._call(
+                "DescribeSecret", pb.DescribeSecretRequest(name=checked_text(name, "secret name"))
+            ).metadata
         )
 
     def history(self, name: str) -> builtins.list[VersionInfo]:
@@ -498,3 +511,11 @@ def _is_ip_address(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def checked_text(value: object, what: str) -> str:
+    """`value` if it is text: protobuf takes bytes for a string field too (and decodes them), so
+    a name given as bytes was sent, and written, before the caller's code failed on it."""
+    if not isinstance(value, str):
+        raise InvalidInputError(f"the {what} must be text (str), not {type(value).__name__}")
+    return value

@@ -22,7 +22,9 @@ _ONE_SEGMENT = re.compile(_SEGMENT)
 
 def validate_name(name: str) -> str:
     """Return `name` if valid, else raise InvalidInputError saying what is allowed."""
-    if not isinstance(name, str) or not name:
+    if not isinstance(name, str):
+        raise InvalidInputError(f"the secret name must be text (str), not {type(name).__name__}")
+    if not name:
         raise InvalidInputError("secret name is empty; names look like 'auth/DB_PASSWORD'")
     if len(name) > MAX_NAME_LENGTH:
         raise InvalidInputError(f"secret name is longer than {MAX_NAME_LENGTH} characters")
