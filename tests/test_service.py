@@ -1883,6 +1883,44 @@ def test_a_config_refuses_unknown_tls_settings_and_booleans_for_numbers(
         load_config(config)
 
 
+@pytest.mark.parametrize(
+    ("setting", "problem"),
+    [
+        ('policy = "policy\\u0000.toml"', "policy contains a NUL character"),
+        ('store = "store\\u0000.db"', "store contains a NUL character"),
+        ('store = "sqlite:///store\\u0000.db"', "store contains a NUL character"),
+        ('audit_file = "a\\u0000"', "audit_file contains a NUL character"),
+        ('rotation_schedule = "r\\u0000.toml"', "rotation_schedule contains a NUL character"),
+        ('listen = "127.0.0.1\\u0000x:0"', "listen must be HOST:PORT"),
+        ('listen = "127.0.0.1 x:0"', "listen must be HOST:PORT"),
+        ('metrics_listen = "127.0.0.1\\u0000:9000"', "metrics_listen must be HOST:PORT"),
+    ],
+)
+def test_a_config_refuses_a_nul_in_a_path_or_an_address(tmp_path: Path, setting: str, problem: str) -> None:
+    """Found by fuzzing server.toml: a "\\u0000" in a path stopped serve with 'internal error
+    (ValueError)' (embedded null byte), and one in listen was cut off by gRPC, which listened."""
+    tls_table = "".join(f'{key} = "{value}"\n' for key, value in _TLS.items())
+    config = tmp_path / "server.toml"
+    policy = "" if setting.startswith("policy") else 'policy = "policy.toml"\n'
+    config.write_text(f"{policy}{setting}\n[tls]\n{tls_table}")
+    with pytest.raises(InvalidInputError, match=re.escape(problem)):
+        load_config(config)
+
+
+def test_serve_refuses_a_nul_in_a_tls_path_in_one_line(tmp_path: Path) -> None:
+    make_pki(tmp_path)
+    make_store(tmp_path, SEED, POLICY)
+    config = tmp_path / "server.toml"
+    config.write_text(
+        'listen = "127.0.0.1:0"\nstore = "store.db"\npolicy = "policy.toml"\n'
+        '[tls]\ncert = "server.pem"\nkey = "server-key.pem\\u0000"\nclient_ca = "ca.pem"\n'
+    )
+    result = _serve(tmp_path, config)
+    stderr = result.stderr.decode()
+    assert result.returncode == 2 and stderr.count("\n") == 1, stderr
+    assert "tls.key contains a NUL character" in stderr
+
+
 @pytest.mark.parametrize("by", ["prefix", "names"])
 def test_a_batch_get_whose_caller_gave_up_stops_reading(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, by: str

@@ -130,6 +130,10 @@ def load_config(path: str | Path, *, environment: Environment | None = None) -> 
     def file(value: Any, what: str) -> Path:
         if not isinstance(value, str) or not value:
             raise InvalidInputError(f"server config {path}: {what} must be a file path")
+        if "\x00" in value:  # a "\u0000": no file has it (open() raised ValueError, an internal error)
+            raise InvalidInputError(
+                f"server config {path}: {what} contains a NUL character, which no path can hold"
+            )
         resolved = Path(value).expanduser()
         return resolved if resolved.is_absolute() else base / resolved
 
@@ -147,6 +151,10 @@ def load_config(path: str | Path, *, environment: Environment | None = None) -> 
     store = doc.get("store")
     if store is not None and not isinstance(store, str):
         raise InvalidInputError(f"server config {path}: store must be a path or URL")
+    if isinstance(store, str) and "\x00" in store:
+        raise InvalidInputError(
+            f"server config {path}: store contains a NUL character, which no path or URL can hold"
+        )
     if isinstance(store, str) and "://" not in store:
         store = str(file(store, "store"))
     listen = doc.get("listen", "127.0.0.1:7443")
@@ -219,4 +227,6 @@ def _is_host_port(value: object, *, lowest_port: int) -> bool:
     if not isinstance(value, str):
         return False
     host, _, port = value.rpartition(":")
+    if not host.isprintable() or any(char.isspace() for char in host):  # gRPC cut "127.0.0.1\x00x" short
+        return False
     return bool(host) and _PORT.fullmatch(port) is not None and lowest_port <= int(port) <= 65535
