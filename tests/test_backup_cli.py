@@ -886,3 +886,14 @@ def test_a_pipe_as_the_backup_destination_is_refused(cli: Cli, force: tuple[str,
 
 def test_a_directory_given_as_the_backup_is_refused(cli: Cli) -> None:
     assert_one_line_error(cli("backup", "verify", str(cli.tmp)), 2, f"{cli.tmp} is a directory")
+
+
+@pytest.mark.parametrize("command", ["verify", "restore"])
+def test_a_backup_file_whose_read_fails_is_named_not_an_internal_error(cli: Cli, command: str) -> None:
+    """Found by fuzzing file arguments: a file that opens but whose read fails (EIO, as a bad disk
+    gives; /proc/self/mem gives it at offset 0) was 'internal error (OSError)'."""
+    target = cli.tmp / "eio" / "store.db"
+    args = ["backup", "verify", "/proc/self/mem"] if command == "verify" else ["restore", "/proc/self/mem"]
+    result = cli("--store", str(target), *args)
+    assert_one_line_error(result, 1, "cannot read /proc/self/mem: Input/output error")
+    assert files_of(target) == {}

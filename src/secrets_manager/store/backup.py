@@ -674,7 +674,10 @@ def _open_backup(path: Path) -> Iterator[BinaryIO]:
     except OSError as exc:
         raise StorageError(f"cannot read {path}: {exc.strerror}") from None
     with source:
-        yield source
+        try:
+            yield source
+        except OSError as exc:  # a read that failed (EIO: a bad disk), not only the open
+            raise StorageError(f"cannot read {path}: {exc.strerror or type(exc).__name__}") from None
 
 
 def _read_header(source: BinaryIO, path: Path) -> BackupHeader:
