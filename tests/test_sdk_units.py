@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,6 +107,21 @@ def test_a_url_as_the_address_is_refused_saying_what_to_give(address: str) -> No
         InvalidInputError, match=r"is a URL; give host:port without .* \(e\.g\. secrets\.internal:7443\)"
     ):
         resolve_config(address, environ={})
+
+
+def test_certificate_paths_given_as_text_are_read_as_paths(tmp_path: Path) -> None:
+    """Found by fuzzing the SDK: TlsFiles(cert="client.pem", ...) with text paths failed the first
+    read with "'str' object has no attribute 'open'" (AttributeError), not the file's problem."""
+    tls = sdk.TlsFiles(cert=str(tmp_path / "client.pem"), key="client-key.pem", ca="ca.pem")  # type: ignore[arg-type]
+    assert tls.cert == tmp_path / "client.pem" and tls.key == Path("client-key.pem")
+    missing = "client.pem (SECRETS_MANAGER_CERT) does not exist"
+    with (
+        Client("127.0.0.1:1", tls=tls, timeout=1) as client,
+        pytest.raises(secrets_manager.errors.NotFoundError, match=re.escape(missing)),
+    ):
+        client.get("auth/DB_PASSWORD")
+    with pytest.raises(TypeError, match="not int"):
+        sdk.TlsFiles(cert=1, key="k", ca="c")  # type: ignore[arg-type]
 
 
 def test_development_without_an_address_or_a_password_says_both_ways_out() -> None:

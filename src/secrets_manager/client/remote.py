@@ -62,6 +62,12 @@ class TlsFiles:
     key: Path
     ca: Path
 
+    def __post_init__(self) -> None:
+        # Paths given as text ("client.pem") failed the first read with "'str' object has no
+        # attribute 'open'"; os.fspath refuses what is no path (TypeError naming its type).
+        for name in ("cert", "key", "ca"):
+            object.__setattr__(self, name, Path(os.fspath(getattr(self, name))))
+
     def read(self) -> ClientTlsFiles:
         """The files' contents, checked. One that cannot be read (missing, a directory, no
         permission), is not PEM of its kind, a key not of the certificate, or a certificate out of
