@@ -319,6 +319,27 @@ def test_batch_get_of_everything_returns_what_the_caller_may_read(server: Server
     assert code_of(lambda: stub.BatchGetSecrets(explicit, timeout=10)) is grpc.StatusCode.PERMISSION_DENIED
 
 
+def test_batch_get_returns_and_audits_a_name_given_twice_once(server: Server) -> None:
+    """Found by fuzzing the API: a name listed n times came back, and was audited as read, n times
+    (5000 times a 16-byte name: 5000 audit records from one request). Pages of such a list too."""
+    stub = server.stub("auth")
+    names = ["auth/JWT_KEY", *["auth/DB_PASSWORD"] * 50, "auth/JWT_KEY"]
+    before = len(server.audit_records())
+    reply = stub.BatchGetSecrets(pb.BatchGetSecretsRequest(names=names), timeout=10)
+    assert [s.name for s in reply.secrets] == ["auth/JWT_KEY", "auth/DB_PASSWORD"]
+    gets = [r["name"] for r in server.audit_records()[before:] if r["operation"] == "get"]
+    assert gets == ["auth/JWT_KEY", "auth/DB_PASSWORD"]
+    request = pb.BatchGetSecretsRequest(names=names, page_size=1)
+    paged: list[str] = []
+    while True:
+        response = stub.BatchGetSecrets(request, timeout=10)
+        paged += [s.name for s in response.secrets]
+        if not response.next_page_token:
+            break
+        request.page_token = response.next_page_token
+    assert paged == ["auth/JWT_KEY", "auth/DB_PASSWORD"]
+
+
 def test_batch_get_fails_with_data_loss_on_a_secret_whose_value_row_is_gone(
     server: Server, tmp_path: Path
 ) -> None:
