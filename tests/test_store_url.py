@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.store.url import (
@@ -137,3 +139,30 @@ def test_default_audit_log_names_are_bounded_and_short_ones_unchanged(tmp_path: 
     hosts = ",".join(f"db{i}.example" for i in range(40))
     assert len(default_audit_path(f"postgresql://app@{hosts}/trading").name) <= 223
     assert len(names) == 2
+
+
+@pytest.mark.parametrize(
+    "url", ["vault://[::1/secret", "vault+http://[vault.example/secret", "aws-secretsmanager://[eu-west-1/x"]
+)
+def test_an_unbalanced_ipv6_bracket_is_invalid_input(url: str) -> None:
+    """Found by fuzzing --store: urlsplit's ValueError ('Invalid IPv6 URL') for a Vault or AWS
+    URL was 'internal error (ValueError)' (the PostgreSQL parser already caught it)."""
+    with pytest.raises(InvalidInputError, match="write "):
+        external_location(url)
+
+
+_SCHEMES = ["vault://", "vault+http://", "aws-secretsmanager://", "postgresql://", "postgres://", "sqlite://"]
+_PIECES = ["[", "]", "::1", "@", ":", "/", "?", "#", "%", "%5B", "=", "&", "127.0.0.1", "8200", "eu-west-1"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.sampled_from(_SCHEMES),
+    st.one_of(st.text(max_size=30), st.lists(st.sampled_from(_PIECES), max_size=8).map("".join)),
+)
+def test_any_store_url_is_a_location_or_one_line_invalid_input(scheme: str, rest: str) -> None:
+    for parse in (postgres_location, external_location, sqlite_path, display_url, url_without_password):
+        try:
+            parse(scheme + rest)
+        except InvalidInputError as exc:
+            assert "\n" not in str(exc)

@@ -28,7 +28,7 @@ import stat
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, unquote, unquote_plus, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, quote, unquote, unquote_plus, urlencode, urlsplit, urlunsplit
 
 from platformdirs import user_data_path
 
@@ -320,9 +320,17 @@ def display_url(url: str | None) -> str:
     return "the default store" if url is None else _redacted(url)
 
 
+def _split(url: str, usage: str) -> SplitResult:
+    """urlsplit, whose ValueError (an unbalanced '[' of an IPv6 address) was an internal error."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        raise InvalidInputError(f"store URL {display_url(url)!r}: {usage}") from None
+
+
 def _vault_location(url: str, http_scheme: str) -> VaultLocation:
-    parts = urlsplit(url)
     usage = "write vault://HOST:PORT/MOUNT (or vault+http://… for a dev server without TLS)"
+    parts = _split(url, usage)
     try:
         host, port = parts.hostname, parts.port or DEFAULT_VAULT_PORT
     except ValueError:
@@ -347,8 +355,8 @@ def _vault_location(url: str, http_scheme: str) -> VaultLocation:
 
 
 def _aws_location(url: str) -> AwsLocation:
-    parts = urlsplit(url)
     usage = "write aws-secretsmanager://REGION/PREFIX, e.g. aws-secretsmanager://eu-west-1/trading"
+    parts = _split(url, usage)
     if "@" in parts.netloc:
         raise InvalidInputError(
             f"store URL {display_url(url)!r}: credentials do not belong in the URL; boto3 reads them "
