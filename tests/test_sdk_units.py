@@ -92,11 +92,41 @@ def test_an_address_without_the_client_certificate_names_what_is_missing() -> No
 @pytest.mark.parametrize(
     # "\u00b2" (superscript two) passed str.isdigit() and then failed int(): an internal error.
     "address",
-    ["nohost", "host:", "host:http", ":7443", "host:70000", "host:\u00b2", "host:\u0667\u0664\u0664\u0663"],
+    [
+        "nohost",
+        "host:",
+        "host:http",
+        ":7443",
+        "host:70000",
+        "host:\u00b2",
+        "host:\u0667\u0664\u0664\u0663",
+        "127.0.0.1\x00x:7443",  # gRPC would cut the host at the NUL
+        "secrets internal:7443",
+    ],
 )
 def test_a_malformed_address_is_refused(address: str) -> None:
     with pytest.raises(InvalidInputError, match="is not host:port"):
         resolve_config(address, environ={})
+
+
+@pytest.mark.parametrize(
+    ("options", "problem"),
+    [
+        ({"addresses": 7443}, "addresses are 'host:port' text or a list of them, not int"),
+        ({"addresses": ["a:1", None]}, "addresses are 'host:port' text or a list of them, not NoneType"),
+        ({"addresses": "a:1", "ttl": "5"}, "SECRETS_MANAGER_CACHE_TTL must be a number of seconds, not str"),
+        (
+            {"addresses": "a:1", "timeout": True},
+            "SECRETS_MANAGER_TIMEOUT must be a number of seconds, not bool",
+        ),
+    ],
+)
+def test_client_options_of_the_wrong_type_are_named(options: dict[str, object], problem: str) -> None:
+    """Found by fuzzing the SDK: Python's own words ("'int' object is not iterable", "'NoneType'
+    object has no attribute 'strip'", "'<=' not supported between 'float' and 'str'")."""
+    with pytest.raises(InvalidInputError, match=re.escape(problem)):
+        tls = sdk.TlsFiles(Path("c.pem"), Path("k.pem"), Path("ca.pem"))
+        resolve_config(**options, tls=tls, environ={})  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("address", ["https://secrets.internal:7443", "HTTP://secrets.internal:7443/"])

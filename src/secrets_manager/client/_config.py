@@ -140,7 +140,13 @@ def resolve_config(
 
 def parse_addresses(raw: str | Sequence[str]) -> tuple[str, ...]:
     """`"a:1, b:2"` or `["a:1", "b:2"]` → `("a:1", "b:2")`; each must be host:port."""
-    items = raw.split(",") if isinstance(raw, str) else list(raw)
+    items = raw.split(",") if isinstance(raw, str) else list(raw) if isinstance(raw, Sequence) else None
+    if items is None or not all(isinstance(item, str) for item in items):
+        odd = raw if items is None else next(item for item in items if not isinstance(item, str))
+        raise InvalidInputError(
+            f"addresses are 'host:port' text or a list of them, not {type(odd).__name__} "
+            "(e.g. 'secrets.internal:7443')"
+        )
     addresses = tuple(item.strip() for item in items if item.strip())
     for address in addresses:
         scheme = next((s for s in ("https://", "http://") if address.lower().startswith(s)), None)
@@ -151,7 +157,8 @@ def parse_addresses(raw: str | Sequence[str]) -> tuple[str, ...]:
             )
         host, _, port = address.rpartition(":")
         # ASCII digits only: str.isdigit() also takes "²" (int() then fails) and "٧٤٤٣".
-        if not host or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
+        spaced = not host.isprintable() or any(char.isspace() for char in host)  # gRPC cuts at a NUL
+        if not host or spaced or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
             raise InvalidInputError(
                 f"{ADDRESS_VARIABLE}: {address!r} is not host:port; "
                 "give one or more comma-separated addresses like secrets.internal:7443"
@@ -214,6 +221,8 @@ def _seconds(
             given = float(raw)
         except ValueError:
             raise InvalidInputError(f"{variable}={raw!r} is not a number of seconds") from None
+    if not isinstance(given, int | float) or isinstance(given, bool):  # "5" failed in a comparison
+        raise InvalidInputError(f"{variable} must be a number of seconds, not {type(given).__name__}")
     if not minimum <= given < float("inf"):
         raise InvalidInputError(f"{variable} must be a number of seconds, at least {minimum:g}")
     return float(given)
