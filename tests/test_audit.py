@@ -319,6 +319,9 @@ def test_audit_show_selects_by_operation_denial_failure_request_and_last(cli: Cl
         [r for r in everything if r["operation"] == "get"][-1]
     ]
     assert cli("audit", "show", "--last", "0").returncode == 2
+    # More than a C ssize_t holds (found by fuzzing): 'internal error (OverflowError)' before.
+    records = cli.records()
+    assert shown("--last", "9" * 25) == records  # all of them
 
 
 # ---- tamper evidence -----------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import fnmatch
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,10 @@ def show(
     )
     # --last keeps only N records in memory while the log streams by: the whole of a 500k-record
     # log as a list took 1.2 GB to show five of them.
-    selected = list(collections.deque(matching, maxlen=last) if last is not None else matching)
+    # (maxlen is a C ssize_t: a larger N, which no log holds, is all of them)
+    selected = list(
+        collections.deque(matching, maxlen=min(last, sys.maxsize)) if last is not None else matching
+    )
     if as_json:
         print_json(selected)
         return
