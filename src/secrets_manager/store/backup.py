@@ -41,7 +41,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from glob import escape as glob_escape
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, TypeVar
 
 from secrets_manager.crypto import (
     DataKey,
@@ -94,6 +94,8 @@ from secrets_manager.store.encrypted import (
 from secrets_manager.store.names import namespace_of, validate_name, validate_namespace
 from secrets_manager.store.recovery import RecoverySetup
 from secrets_manager.store.unlock import PasswordUnlock
+
+T = TypeVar("T")
 
 FORMAT_VERSION = 1
 VERSION_LINE_PREFIX = b"secrets-manager-backup/v"
@@ -622,7 +624,7 @@ def read_backup(
         lines = _payload_lines(source, path, file_key, payload_context(header.raw), progress)
         if header.kind == KIND_STORE:
             assert root is not None and store_header is not None
-            entries = _parse_entries(lines, path)
+            entries = _parsed(_parse_entries, lines, path)
             try:
                 decoded = decode_store(store_header, root, entries, progress=progress)
             except NewerEntryError as exc:
@@ -634,7 +636,7 @@ def read_backup(
                 raise BackupDamagedError(path, f"the store in it is inconsistent: {_reason(exc)}") from None
         else:
             entries = []
-            decoded = _parse_secrets(lines, path)
+            decoded = _parsed(_parse_secrets, lines, path)
         size = path.stat().st_size
     summary = BackupSummary(
         path=path,
@@ -807,11 +809,15 @@ def _unlock_file_key(
 
 def _payload_lines(
     source: BinaryIO, path: Path, file_key: bytes, context: bytes, progress: Progress
-) -> list[bytes]:
-    """Every chunk authenticated, in order, the last one as final (section 6); then the lines."""
+) -> Iterator[bytes]:
+    """The content's lines, each as soon as the chunk that completes it is authenticated: every
+    chunk in order, the last one as final (section 6), the content ending with a newline. Lines are
+    handed on as they come, so the file's content is never held whole (it was held three times:
+    the chunks, their join, its lines); an error in a later chunk still raises before the reader
+    has seen the end record, so nothing is taken from a file that is not intact."""
     total = max(1, os.fstat(source.fileno()).st_size - source.tell())
-    chunks = []
     index = 0
+    partial = b""  # the start of a line whose end is in a later chunk
     current = source.read(SEALED_CHUNK_SIZE)
     if not current:
         raise BackupDamagedError(path, "it has no content (cut short after the header)")
@@ -821,27 +827,32 @@ def _payload_lines(
         if len(current) < MIN_SEALED_CHUNK_SIZE:
             raise BackupDamagedError(path, "it is cut short (its last chunk is incomplete)")
         try:
-            chunks.append(open_chunk(file_key, context, index, final, current))
+            plain = open_chunk(file_key, context, index, final, current)
         except IntegrityError:
             raise BackupDamagedError(
                 path, f"integrity check failed in chunk {index + 1}: it was changed, cut short or extended"
             ) from None
         index += 1
         progress("verifying", min(total, index * SEALED_CHUNK_SIZE), total)
+        *complete, partial = (partial + plain).split(b"\n")
+        yield from complete
         if final:
             break
         current = following
-    payload = b"".join(chunks)
-    if not payload.endswith(b"\n"):
+    if partial:
         raise BackupDamagedError(path, "its content does not end with a complete line")
-    return payload[:-1].split(b"\n")
 
 
-def _parse_entries(lines: list[bytes], path: Path) -> list[tuple[str, bytes]]:
+def _parse_entries(lines: Iterator[bytes], path: Path) -> list[tuple[str, bytes]]:
     entries: list[tuple[str, bytes]] = []
     previous = ""
-    for number, line in enumerate(lines[:-1], 1):
+    for number, line in enumerate(lines, 1):
         doc = _payload_doc(line, path, number)
+        if doc.get("type") == "end":
+            if doc != {"type": "end", "entries": len(entries)}:
+                break
+            _require_nothing_after(lines, path)
+            return entries
         if set(doc) != {"type", "key", "value"} or doc["type"] != "entry":
             raise BackupDamagedError(path, f"content line {number} is not an entry")
         key, value = doc["key"], doc["value"]
@@ -852,17 +863,20 @@ def _parse_entries(lines: list[bytes], path: Path) -> list[tuple[str, bytes]]:
         except ValueError:
             raise BackupDamagedError(path, f"content line {number} is not valid base64") from None
         previous = key
-    end = _payload_doc(lines[-1], path, len(lines))
-    if end != {"type": "end", "entries": len(entries)}:
-        raise BackupDamagedError(path, "its content is incomplete (the end record is missing or wrong)")
-    return entries
+    raise BackupDamagedError(path, "its content is incomplete (the end record is missing or wrong)")
 
 
-def _parse_secrets(lines: list[bytes], path: Path) -> list[BackupSecret]:
+def _parse_secrets(lines: Iterator[bytes], path: Path) -> list[BackupSecret]:
     result: list[BackupSecret] = []
     previous = ""
-    for number, line in enumerate(lines[:-1], 1):
+    for number, line in enumerate(lines, 1):
         doc = _payload_doc(line, path, number)
+        if doc.get("type") == "end":
+            expected = {"type": "end", "secrets": len(result), "versions": sum(len(s.kept) for s in result)}
+            if doc != expected:
+                break
+            _require_nothing_after(lines, path)
+            return result
         try:
             secret = _secret_from_doc(doc)
         except (KeyError, TypeError, ValueError, InvalidInputError):
@@ -871,11 +885,26 @@ def _parse_secrets(lines: list[bytes], path: Path) -> list[BackupSecret]:
             raise BackupDamagedError(path, f"content line {number} is out of order")
         previous = secret.name
         result.append(secret)
-    end = _payload_doc(lines[-1], path, len(lines))
-    expected = {"type": "end", "secrets": len(result), "versions": sum(len(s.kept) for s in result)}
-    if end != expected:
+    raise BackupDamagedError(path, "its content is incomplete (the end record is missing or wrong)")
+
+
+def _parsed(parse: Callable[[Iterator[bytes], Path], T], lines: Iterator[bytes], path: Path) -> T:
+    """`parse(lines, path)`; if it finds a line wrong, the chunks after it are authenticated first:
+    a chunk that was changed, cut or extended is what is wrong with the file, as when every chunk
+    was checked before any line was read."""
+    try:
+        return parse(lines, path)
+    except BackupDamagedError:
+        for _ in lines:
+            pass
+        raise
+
+
+def _require_nothing_after(lines: Iterator[bytes], path: Path) -> None:
+    """The end record must be the last line; reading on also authenticates the chunks left (the
+    final one's flag included), which may still refuse the file."""
+    for _ in lines:
         raise BackupDamagedError(path, "its content is incomplete (the end record is missing or wrong)")
-    return result
 
 
 def _payload_doc(line: bytes, path: Path, number: int) -> dict[str, Any]:
