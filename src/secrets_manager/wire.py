@@ -132,6 +132,8 @@ def fill_secret_message(message: Any, secret: Secret) -> Any:
     message.value = secret.value.reveal()
     message.labels.extend(secret.labels)
     message.created = secret.created.isoformat()
+    if secret.expires is not None:
+        message.expires = secret.expires.isoformat()
     return message
 
 
@@ -142,6 +144,7 @@ def secret_from_message(message: Any) -> Secret:
         value=SecretValue(bytes(message.value)),
         created=datetime.fromisoformat(message.created),
         labels=tuple(message.labels),
+        expires=expiry_from_text(message.expires) if message.HasField("expires") else None,
     )
 
 
@@ -167,6 +170,7 @@ def metadata_message(meta: SecretMetadata) -> Any:
         ],
         deleted=meta.deleted.isoformat() if meta.deleted else "",
         max_versions=meta.max_versions,
+        expires=None if meta.expires is None else meta.expires.isoformat(),
     )
 
 
@@ -194,4 +198,15 @@ def metadata_from_message(message: Any) -> SecretMetadata:
         deleted=datetime.fromisoformat(message.deleted) if message.deleted else None,
         max_versions=message.max_versions or DEFAULT_MAX_VERSIONS,  # 0: a server from before it
         labels={label: v.version for v in versions for label in v.labels},
+        expires=expiry_from_text(message.expires) if message.HasField("expires") else None,
     )
+
+
+def expiry_from_text(text: str) -> datetime | None:
+    """An `expires` field of a message: None if empty (none) or not a time with a zone (a peer
+    sent nonsense: treated as none rather than failing the whole read)."""
+    try:
+        moment = datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+    return None if moment is None or moment.tzinfo is None else moment

@@ -77,6 +77,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from datetime import datetime
 from functools import partial, wraps
 from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar
@@ -260,6 +261,7 @@ class _Backend(Protocol):
         expect_version: int | None,
         description: str | None,
         tags: Mapping[str, str] | None,
+        expires: datetime | None = None,
     ) -> int: ...
 
     def describe(self, name: str) -> SecretMetadata: ...
@@ -458,13 +460,19 @@ class _ServiceReplicas:
         expect_version: int | None,
         description: str | None,
         tags: Mapping[str, str] | None,
+        expires: datetime | None = None,
     ) -> int:
         """PutSecret. Without `expect_version`, sent to one replica after another only while
         none can have made it (made twice it would be two versions, and `previous` would lose the
         value it held); with it, a second try cannot double it (it is refused, ABORTED)."""
         return self._call(
             lambda replica: replica.put_version(
-                name, value, expect_version=expect_version, description=description, tags=tags
+                name,
+                value,
+                expect_version=expect_version,
+                description=description,
+                tags=tags,
+                expires=expires,
             ),
             at_most_once=expect_version is None,
         )
@@ -623,6 +631,7 @@ class _LocalStore:
         expect_version: int | None,
         description: str | None,
         tags: Mapping[str, str] | None,
+        expires: datetime | None = None,
     ) -> int:
         raise InvalidInputError(
             "the SDK only reads the local store; write with 'secrets-manager store' (which audits "
@@ -873,8 +882,11 @@ class Client:
         expect_version: int | None = None,
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
+        expires: datetime | None = None,
     ) -> int:
         """Write a new version (PutSecret) when the caller's role may; returns its number.
+        `expires`: when this value stops working (a time with a zone), shown by `describe` and
+        `get` as `expires` while this version is current.
 
         It goes to another replica only if the first surely did not make it (it could not be
         reached, or refused before writing); if its answer was lost mid-call, StorageError says
@@ -885,7 +897,7 @@ class Client:
         LIVE_VALUES.remember(SecretValue(data))  # this process has it: a log record may quote it
         version = self._uncached(
             lambda backend: backend.put(
-                name, data, expect_version=expect_version, description=description, tags=tags
+                name, data, expect_version=expect_version, description=description, tags=tags, expires=expires
             )
         )
         with self._write_lock:  # read your own write: the next read asks the service
@@ -1683,10 +1695,17 @@ class AsyncClient:
         expect_version: int | None = None,
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
+        expires: datetime | None = None,
     ) -> int:
         """See `Client.put` (PutSecret)."""
         return await _in_thread(
-            self._client.put, name, value, expect_version=expect_version, description=description, tags=tags
+            self._client.put,
+            name,
+            value,
+            expect_version=expect_version,
+            description=description,
+            tags=tags,
+            expires=expires,
         )
 
     async def close(self) -> None:

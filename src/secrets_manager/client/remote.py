@@ -30,7 +30,12 @@ from secrets_manager.errors import (
 )
 from secrets_manager.rotation import MAX_TIMEOUT, Rotated
 from secrets_manager.store import CURRENT, PENDING, Secret, SecretMetadata, VersionInfo
-from secrets_manager.store.base import checked_max_versions, checked_metadata, checked_metadata_update
+from secrets_manager.store.base import (
+    checked_expiry,
+    checked_max_versions,
+    checked_metadata,
+    checked_metadata_update,
+)
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.tls.files import ClientTlsFiles, read_client_tls
 from secrets_manager.v1 import secrets_pb2 as pb
@@ -204,6 +209,7 @@ class RemoteStore:
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
         max_versions: int | None = None,
+        expires: datetime | None = None,
     ) -> VersionInfo:
         response = self._put(
             name,
@@ -212,6 +218,7 @@ class RemoteStore:
             description=description,
             tags=tags,
             max_versions=max_versions,
+            expires=expires,
         )
         version = int(response.version)
         if response.created:  # what the store returns, without a DescribeSecret (which needs list)
@@ -236,6 +243,7 @@ class RemoteStore:
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
         max_versions: int | None = None,
+        expires: datetime | None = None,
     ) -> int:
         """PutSecret: the new version number."""
         return int(
@@ -246,6 +254,7 @@ class RemoteStore:
                 description=description,
                 tags=tags,
                 max_versions=max_versions,
+                expires=expires,
             ).version
         )
 
@@ -258,8 +267,10 @@ class RemoteStore:
         description: str | None,
         tags: Mapping[str, str] | None,
         max_versions: int | None,
+        expires: datetime | None = None,
     ) -> Any:
         checked_max_versions(name, max_versions)  # the service checks too; uint32 holds no -1
+        expires = checked_expiry(name, expires)
         checked_metadata(name, description, tags)  # protobuf cannot encode text that is not UTF-8
         request = pb.PutSecretRequest(name=checked_text(name, "secret name"), value=value)
         if expect_version is not None:
@@ -277,7 +288,16 @@ class RemoteStore:
             request.replace_tags = True
         if max_versions is not None:
             request.max_versions = max_versions
-        return self._call("PutSecret", request)
+        if expires is not None:
+            request.expires = expires.isoformat()
+        response = self._call("PutSecret", request)
+        if expires is not None and not response.HasField("expires"):
+            raise UnsupportedOperationError(
+                f"stored {name} version {response.version}, but the service at {self.address} is from "
+                "before expiries and kept none: an expiry is not supported by this store (upgrade the "
+                "service, then set it with 'metadata NAME --expires TIME')"
+            )
+        return response
 
     def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
         prefix = "" if prefix is None else checked_text(prefix, "name prefix")
@@ -318,11 +338,19 @@ class RemoteStore:
         set_tags: Mapping[str, str] | None = None,
         remove_tags: Iterable[str] = (),
         max_versions: int | None = None,
+        expires: datetime | None = None,
+        clear_expiry: bool = False,
     ) -> None:
         """UpdateSecretMetadata (needs write)."""
         # The service checks too; but uint32 holds no -1, and protobuf cannot encode non-UTF-8 text.
-        checked_metadata_update(name, description, set_tags, remove_tags, max_versions)
-        self._call(
+        expires = checked_expiry(name, expires)
+        if expires is not None and clear_expiry:
+            raise InvalidInputError(f"give an expiry for {name!r} or clear it, not both")
+        expiry_given = expires is not None or clear_expiry
+        checked_metadata_update(
+            name, description, set_tags, remove_tags, max_versions, expiry_change=expiry_given
+        )
+        response = self._call(
             "UpdateSecretMetadata",
             pb.UpdateSecretMetadataRequest(
                 name=name,
@@ -330,8 +358,14 @@ class RemoteStore:
                 set_tags=set_tags or {},
                 remove_tags=list(remove_tags),
                 max_versions=max_versions,
+                expires=(expires.isoformat() if expires is not None else "") if expiry_given else None,
             ),
         )
+        if expiry_given and not response.HasField("expires"):
+            raise UnsupportedOperationError(
+                f"the service at {self.address} is from before expiries and did not change the expiry of "
+                f"{name}: an expiry is not supported by this store (upgrade the service)"
+            )
 
     def delete(self, name: str) -> None:
         self._call("DeleteSecret", pb.DeleteSecretRequest(name=name))

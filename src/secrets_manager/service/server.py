@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -51,7 +51,7 @@ from secrets_manager.service.paging import Page, TokenBinding
 from secrets_manager.service.schedule import RotationScheduler
 from secrets_manager.service.watch import ChangeHub
 from secrets_manager.store import EncryptedStore
-from secrets_manager.store.base import SecretMetadata
+from secrets_manager.store.base import SecretMetadata, checked_expiry
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.store.names import as_recorded, validate_name, validate_prefix
 from secrets_manager.store.url import display_url
@@ -91,6 +91,29 @@ _KIND = {
     ChangeKind.SECRET_DESTROYED: pb.ChangeEvent.SECRET_DESTROYED,
     ChangeKind.RESYNC: pb.ChangeEvent.RESYNC,
 }
+
+
+def _requested_expiry(request: Any) -> datetime | Literal[""] | None:
+    """A request's `expires`: None if absent, "" if empty (cleared), else the time it names
+    (InvalidInputError unless RFC 3339 with a zone)."""
+    if not request.HasField("expires"):
+        return None
+    if not request.expires:
+        return ""
+    try:
+        moment: datetime | None = datetime.fromisoformat(request.expires)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise InvalidInputError(f"expires of {request.name!r} is not an RFC 3339 time with a zone")
+    return moment
+
+
+def _kept(name: str, expires: datetime) -> str:
+    """The expiry as the store keeps it (UTC, whole seconds), for a response."""
+    kept = checked_expiry(name, expires)
+    assert kept is not None
+    return kept.isoformat()
 
 
 class PolicyHolder:
@@ -591,6 +614,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                     f"tags given for {request.name!r} replace every tag it has: set replace_tags to "
                     "say so, or add and remove single tags with UpdateSecretMetadata"
                 )
+            expires = _requested_expiry(request) or None
             call.event.value_hmac = value_fingerprint(self._store, request.value)
             info = self._store.put(
                 request.name,
@@ -599,14 +623,18 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 description=request.description if request.HasField("description") else None,
                 tags=dict(request.tags) if request.replace_tags else None,
                 max_versions=request.max_versions if request.HasField("max_versions") else None,
+                expires=expires,
             )
             call.event.version = info.version
-        return pb.PutSecretResponse(
+        response = pb.PutSecretResponse(
             name=request.name,
             version=info.version,
             created=info.created.isoformat(),
             created_by=info.created_by,
         )
+        if expires is not None:
+            response.expires = _kept(request.name, expires)
+        return response
 
     def ListSecrets(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._call(context, "ListSecrets", "list", request.prefix or None, None, prefix=True) as call:
@@ -646,14 +674,19 @@ class SecretsServicer(pb_grpc.SecretsServicer):
 
     def UpdateSecretMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._call(context, "UpdateSecretMetadata", "metadata", request.name, "write", mutating=True):
+            expires = _requested_expiry(request)
             self._store.update_metadata(
                 request.name,
                 description=request.description if request.HasField("description") else None,
                 set_tags=dict(request.set_tags),
                 remove_tags=list(request.remove_tags),
                 max_versions=request.max_versions if request.HasField("max_versions") else None,
+                expires=expires or None,
+                clear_expiry=expires == "",
             )
-        return pb.UpdateSecretMetadataResponse()
+        if expires is None:
+            return pb.UpdateSecretMetadataResponse()
+        return pb.UpdateSecretMetadataResponse(expires=_kept(request.name, expires) if expires else "")
 
     def DeleteSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._call(context, "DeleteSecret", "delete", request.name, "delete", mutating=True):

@@ -12,6 +12,8 @@ The mapping (docs/stores.md has it in full):
     description, tags        the secret's Description and Tags (tag `secrets-manager:created-by` is ours)
     max_versions             our tag `secrets-manager:max-versions` (AWS has no such setting); absent:
                              the store's default (10)
+    expiry                   our tag `secrets-manager:expires`: `N@YYYY-MM-DDTHH:MM:SSZ`, the expiry
+                             of version N (none for any other version)
     delete / undelete        DeleteSecret with a recovery window / RestoreSecret
     destroy_secret           DeleteSecret with ForceDeleteWithoutRecovery
     KMS key                  per namespace, given when a secret is created (`?kms.NAMESPACE=KEY`)
@@ -43,7 +45,7 @@ import time
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 from urllib.parse import urlsplit
@@ -87,9 +89,14 @@ from secrets_manager.store.base import (
     Secret,
     SecretMetadata,
     VersionInfo,
+    checked_expiry,
     checked_max_versions,
     checked_metadata_update,
     checked_value,
+    expiry_of,
+    format_expiry,
+    parse_expiry,
+    refuse_expiry_without_current,
     refuse_if_changed,
     refuse_if_rotating,
     refuse_if_unchanged,
@@ -102,6 +109,7 @@ from secrets_manager.store.external import (
     CREATED_BY_KEY,
     DEFAULT_AUDIT_SCOPE,
     DEFAULT_RECOVERY_WINDOW_DAYS,
+    EXPIRES_KEY,
     MAX_VERSIONS_KEY,
     RESERVED_KEY_PREFIX,
     NoAnswerError,
@@ -365,7 +373,21 @@ class AwsStore:
         """GetSecretValue by staging label; for a version number, DescribeSecret and
         ListSecretVersionIds first (to find the VersionId of our number). A label's version that
         another tool wrote is numbered with ListSecretVersionIds; if the caller may not call it,
-        the value is returned with version UNKNOWN_VERSION (0) rather than refused."""
+        the value is returned with version UNKNOWN_VERSION (0) rather than refused. The version's
+        expiry is our tag, which GetSecretValue does not return: a read by label makes a
+        DescribeSecret for it too, and a caller not allowed that gets the value without it."""
+        secret = self._get(name, version, label)
+        if secret.expires is not None or not secret.version or version is not None:
+            return secret
+        try:
+            with self._aws(f"read {name}", name, state_error=NotFoundError):
+                described = self._client.describe_secret(SecretId=self.aws_name(name))
+        except (AccessDeniedError, NotFoundError):
+            return secret
+        expires = expiry_of(_own_expiry(described), secret.version)
+        return secret if expires is None else replace(secret, expires=expires)
+
+    def _get(self, name: str, version: int | None, label: str | None) -> Secret:
         validate_name(name)
         if version is not None and label is not None:
             raise InvalidInputError("give a version or a label, not both")
@@ -407,7 +429,7 @@ class AwsStore:
             raise NotFoundError(f"secret {name!r} has no version {version}")
         with self._aws(f"read {name}", name, state_error=NotFoundError):
             reply = self._client.get_secret_value(SecretId=secret_id, VersionId=visible[version].version_id)
-        return self._secret(name, version, reply)
+        return replace(self._secret(name, version, reply), expires=expiry_of(_own_expiry(described), version))
 
     def describe(self, name: str) -> SecretMetadata:
         """DescribeSecret and ListSecretVersionIds."""
@@ -507,6 +529,7 @@ class AwsStore:
             deleted=None if deleted is None else utc(deleted),
             max_versions=max_versions,
             labels=labels,
+            expires=expiry_of(parse_expiry(tags.get(EXPIRES_KEY)), labels.get(CURRENT)),
         )
 
     # ---- writes ----------------------------------------------------------------------------
@@ -520,11 +543,14 @@ class AwsStore:
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
         max_versions: int | None = None,
+        expires: datetime | None = None,
     ) -> VersionInfo:
         """DescribeSecret, then CreateSecret (a new secret) or ListSecretVersionIds and
         PutSecretValue with ClientRequestToken = the next version's id; then UpdateSecret,
-        TagResource, UntagResource as the description, tags and max_versions require."""
+        TagResource, UntagResource as the description, tags, max_versions and expiry require (the
+        expiry tag names the version written: if TagResource fails, that version has none)."""
         checked_write(name, expect_version, description, tags)
+        expires = checked_expiry(name, expires)
         _refuse_tags_aws_refuses(name, tags)
         checked_max_versions(name, max_versions)
         payload = _payload(checked_value(value, empty_supported=False))
@@ -533,20 +559,21 @@ class AwsStore:
         while True:
             with self._aws(f"store {name}", name):
                 existing = self._describe_or_none(secret_id)
-            _refuse_unless_tags_fit(name, existing, tags, max_versions)
+            _refuse_unless_tags_fit(name, existing, tags, max_versions, expiry=expires is not None)
             try:
                 if existing is None:
                     if expect_version not in (None, 0):
                         raise ConflictError(
                             f"secret {name!r} is at version 0, not {expect_version}; read it again and retry"
                         )
-                    self._create(name, payload, description, tags, max_versions)
+                    self._create(name, payload, description, tags, max_versions, expires)
                     return VersionInfo(version=1, created=datetime.now(UTC), created_by="", labels=(CURRENT,))
                 number = self._put_version(name, existing, payload, expect_version)
                 break
             except _LostRace:
                 backoff.wait()
-        self._update_metadata(name, existing, description, tags, max_versions)
+        expiry = None if expires is None else format_expiry(number, expires)
+        self._update_metadata(name, existing, description, tags, max_versions, expiry)
         return VersionInfo(version=number, created=datetime.now(UTC), created_by="", labels=(CURRENT,))
 
     def check_metadata_fits(
@@ -569,10 +596,13 @@ class AwsStore:
         description: str | None,
         tags: Mapping[str, str] | None,
         max_versions: int | None,
+        expires: datetime | None = None,
     ) -> None:
         ours = {CREATED_BY_KEY: _tag_value(self._actor)}
         if max_versions is not None:
             ours[MAX_VERSIONS_KEY] = str(max_versions)
+        if expires is not None:
+            ours[EXPIRES_KEY] = format_expiry(1, expires)
         arguments: dict[str, Any] = {
             "Name": self.aws_name(name),
             "ClientRequestToken": _version_id(1),
@@ -732,11 +762,14 @@ class AwsStore:
         description: str | None,
         tags: Mapping[str, str] | None,
         max_versions: int | None,
+        expiry: str | None = None,
     ) -> None:
         secret_id = self.aws_name(name)
         setting = dict(tags or {})
         if max_versions is not None:
             setting[MAX_VERSIONS_KEY] = str(max_versions)
+        if expiry is not None:
+            setting[EXPIRES_KEY] = expiry
         with self._aws(f"store the metadata of {name}", name, state_error=SecretStateError):
             if description is not None and description != (existing.get("Description") or ""):
                 self._client.update_secret(SecretId=secret_id, Description=description)
@@ -758,12 +791,21 @@ class AwsStore:
         set_tags: Mapping[str, str] | None = None,
         remove_tags: Iterable[str] = (),
         max_versions: int | None = None,
+        expires: datetime | None = None,
+        clear_expiry: bool = False,
     ) -> None:
         """DescribeSecret, then UpdateSecret with only a Description (AWS writes no version for
-        it), UntagResource and TagResource with only the keys given (max_versions is our tag), so
-        a concurrent change of other tags is kept."""
+        it), UntagResource and TagResource with only the keys given (max_versions and the expiry
+        are our tags), so a concurrent change of other tags is kept. An expiry also needs
+        ListSecretVersionIds, for the current version."""
         validate_name(name)
-        setting, removing = checked_metadata_update(name, description, set_tags, remove_tags, max_versions)
+        expires = checked_expiry(name, expires)
+        if expires is not None and clear_expiry:
+            raise InvalidInputError(f"give an expiry for {name!r} or clear it, not both")
+        expiry_given = expires is not None or clear_expiry
+        setting, removing = checked_metadata_update(
+            name, description, set_tags, remove_tags, max_versions, expiry_change=expiry_given
+        )
         _refuse_tags_aws_refuses(name, setting)  # a key to remove that AWS could not hold is absent
         secret_id = self.aws_name(name)
         with self._aws(f"read {name}", name):
@@ -785,11 +827,30 @@ class AwsStore:
         # Its own max_versions only if our tag holds it: without, the store's default counts, and
         # another AwsStore's may differ, so setting it is a change.
         own_max = _own_max_versions(existing)
-        refuse_if_unchanged(name, (old_description, old_tags, own_max), (new_description, tags), max_versions)
-        _refuse_unless_tags_fit(name, existing, tags, max_versions)
+        old_expiry = _tag_of(existing, EXPIRES_KEY)
+        expiry: str | None = None
+        if expiry_given:
+            versions = self._versions(name)
+            current = next((v.number for v in reversed(versions) if CURRENT in v.labels), None)
+            refuse_expiry_without_current(name, current)
+            assert current is not None
+            expiry = None if expires is None else format_expiry(current, expires)
+        expiry_changes = expiry_given and expiry != old_expiry
+        refuse_if_unchanged(
+            name,
+            (old_description, old_tags, own_max),
+            (new_description, tags),
+            max_versions,
+            expiry_changes=expiry_changes,
+        )
+        _refuse_unless_tags_fit(name, existing, tags, max_versions, expiry=expiry is not None)
         gone = sorted(removing & old_tags.keys())
+        if expiry_changes and expiry is None:
+            gone.append(EXPIRES_KEY)
         if max_versions is not None:
             setting[MAX_VERSIONS_KEY] = str(max_versions)
+        if expiry_changes and expiry is not None:
+            setting[EXPIRES_KEY] = expiry
         with self._aws(f"store the metadata of {name}", name, state_error=SecretStateError):
             if description is not None:
                 self._client.update_secret(SecretId=secret_id, Description=description)
@@ -1080,20 +1141,26 @@ def _payload(value: bytes) -> dict[str, Any]:
 
 
 def _refuse_unless_tags_fit(
-    name: str, existing: Mapping[str, Any] | None, tags: Mapping[str, str] | None, max_versions: int | None
+    name: str,
+    existing: Mapping[str, Any] | None,
+    tags: Mapping[str, str] | None,
+    max_versions: int | None,
+    *,
+    expiry: bool = False,
 ) -> None:
     """UnsupportedOperationError if AWS's 50 tags per secret cannot hold these tags (None: the
     secret's own) beside ours (`secrets-manager:created-by`, set when we create a secret, and
-    `secrets-manager:max-versions` once one is set): AWS would refuse them only after the new
-    version is written."""
+    `secrets-manager:max-versions` once one is set, `secrets-manager:expires` once an expiry is
+    (`expiry`: one is being set)): AWS would refuse them only after the new version is written."""
     keys = {str(t["Key"]) for t in (existing or {}).get("Tags") or []}
+    adds_max = max_versions is not None and MAX_VERSIONS_KEY not in keys
+    adds_expiry = expiry and EXPIRES_KEY not in keys
     if tags is None:
-        if max_versions is None or MAX_VERSIONS_KEY in keys:
+        if not adds_max and not adds_expiry:
             return  # no tag is added
         tags = user_tags({key: "" for key in keys})
     ours = 1 if existing is None else sum(1 for key in keys if key.startswith(RESERVED_KEY_PREFIX))
-    if max_versions is not None and MAX_VERSIONS_KEY not in keys:
-        ours += 1
+    ours += int(adds_max) + int(adds_expiry)
     if len(tags) + ours > MAX_AWS_TAGS:
         raise UnsupportedOperationError(
             f"{name!r} would have {len(tags)} tags; AWS Secrets Manager holds {MAX_AWS_TAGS} per secret "
@@ -1126,6 +1193,16 @@ def _refuse_tags_aws_refuses(name: str, tags: Mapping[str, str] | None) -> None:
 def _tag_value(text: str) -> str:
     """`text` within AWS's tag value character set and length (others become '_')."""
     return "".join(c if _aws_tag_character(c) else "_" for c in text)[:256]
+
+
+def _tag_of(entry: Mapping[str, Any], key: str) -> str | None:
+    """The value of tag `key` on a DescribeSecret or ListSecrets entry (None without it)."""
+    return next((str(t.get("Value", "")) for t in entry.get("Tags") or [] if t.get("Key") == key), None)
+
+
+def _own_expiry(entry: Mapping[str, Any]) -> tuple[int, datetime] | None:
+    """The (version, time) expiry our tag on a DescribeSecret entry holds (None without one)."""
+    return parse_expiry(_tag_of(entry, EXPIRES_KEY))
 
 
 def _own_max_versions(entry: Mapping[str, Any]) -> int | None:

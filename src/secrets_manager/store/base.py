@@ -10,7 +10,7 @@ import enum
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
 
 from secrets_manager.errors import (
@@ -105,6 +105,9 @@ class Secret:
     value: SecretValue
     created: datetime
     labels: tuple[str, ...] = ()
+    # When this version's value stops working (an exchange key's 90 days, a role's VALID UNTIL), if
+    # one was recorded for it; None: none recorded, or the store could not tell on this read.
+    expires: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,9 @@ class SecretMetadata:
     deleted: datetime | None = None
     max_versions: int = DEFAULT_MAX_VERSIONS
     labels: Mapping[str, int] = field(default_factory=dict)
+    # The current version's expiry. A store keeps one (version, time) pair: it applies only while
+    # that version is current, so a later version (a store, a rotation's promote) has none.
+    expires: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -155,8 +161,10 @@ class SecretStore(Protocol):
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
         max_versions: int | None = None,
+        expires: datetime | None = None,
     ) -> VersionInfo:
         """Write a new version and move `current`/`previous`. `expect_version=0` means create-only.
+        `expires`: when the value written stops working (`checked_expiry`), for this version only.
         `description`, `tags` and `max_versions`, when given, are set on the secret (new or not)
         with this write, and not at all if the write is refused. A lower `max_versions` prunes
         (`update_metadata`) from this write on, or on a store that can set it only after the write
@@ -180,8 +188,12 @@ class SecretStore(Protocol):
         set_tags: Mapping[str, str] | None = None,
         remove_tags: Iterable[str] = (),
         max_versions: int | None = None,
+        expires: datetime | None = None,
+        clear_expiry: bool = False,
     ) -> None:
-        """Change the description, tags and max_versions without writing a version, as AWS's
+        """`expires` records when the current version stops working, `clear_expiry` forgets it
+        (InvalidInputError if the secret has no current version, `refuse_expiry_without_current`).
+        Change the description, tags and max_versions without writing a version, as AWS's
         UpdateSecret without a value, TagResource and UntagResource and Vault's `kv metadata put`
         do: `set_tags` are added or replaced, `remove_tags` removed (an absent key is no error),
         other tags stay. A lower `max_versions` prunes nothing now: as in Vault, the next write
@@ -251,6 +263,71 @@ class AuditedStore(SecretStore, Protocol):
         """Vouch for a newer audit record. A store that serialises writers on a lock waits at
         most `lock_wait` seconds for it (None: its usual limit), then raises StoreBusyError;
         one without such a lock (Vault, AWS) ignores it."""
+
+
+def checked_expiry(name: str, expires: datetime | None) -> datetime | None:
+    """`expires` as every store keeps it: UTC, whole seconds (AWS tags and Vault's custom_metadata
+    hold text); InvalidInputError for a time without a zone. Any time is taken, a past one too (an
+    expiry learnt late, a restore): refusing those is the caller's choice."""
+    if expires is None:
+        return None
+    if not isinstance(expires, datetime) or expires.tzinfo is None:
+        raise InvalidInputError(f"the expiry of {name!r} must be a time with a zone (UTC)")
+    try:
+        return expires.astimezone(UTC).replace(microsecond=0)
+    except OverflowError:
+        raise InvalidInputError(f"the expiry of {name!r} is out of range") from None
+
+
+def format_expiry(version: int, expires: datetime) -> str:
+    """The (version, time) pair as text, for a backend that keeps it in a tag or custom_metadata
+    entry: `N@YYYY-MM-DDTHH:MM:SSZ` (characters AWS tags and Vault's custom_metadata take)."""
+    return f"{version}@{expires.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}"
+
+
+def parse_expiry(text: str | None) -> tuple[int, datetime] | None:
+    """The (version, time) pair of `format_expiry`; None for none, or text another tool spoilt."""
+    if not text:
+        return None
+    number, sep, moment = text.partition("@")
+    if not sep or not number.isascii() or not number.isdigit():
+        return None
+    try:
+        when = datetime.strptime(moment, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return int(number), when
+
+
+def expiry_of(pair: tuple[int, datetime] | None, version: int | None) -> datetime | None:
+    """The expiry the recorded `pair` gives `version` (None unless it names that version)."""
+    if pair is None or version is None or pair[0] != version:
+        return None
+    return pair[1]
+
+
+def expiry_counts(listing: Iterable[SecretMetadata], now: datetime, within: timedelta) -> tuple[int, int]:
+    """Of the secrets in `listing` not deleted: how many have a current version that has expired
+    (at or before `now`), and how many one that expires after `now` but within `within`."""
+    expired = expiring = 0
+    for meta in listing:
+        if meta.deleted is not None or meta.expires is None:
+            continue
+        if meta.expires <= now:
+            expired += 1
+        elif meta.expires <= now + within:
+            expiring += 1
+    return expired, expiring
+
+
+def refuse_expiry_without_current(name: str, current: int | None) -> None:
+    """InvalidInputError for an expiry set or cleared on a secret with no current version: an
+    expiry belongs to a value."""
+    if current is None:
+        raise InvalidInputError(
+            f"{name!r} has no current version, so no value to give an expiry; store one with "
+            f"'store {name} --expires TIME'"
+        )
 
 
 def refuse_if_rotating(name: str, pending: int | None, current: int | None) -> None:
@@ -382,6 +459,8 @@ def checked_metadata_update(
     set_tags: Mapping[str, str] | None,
     remove_tags: Iterable[str],
     max_versions: int | None = None,
+    *,
+    expiry_change: bool = False,
 ) -> tuple[dict[str, str], frozenset[str]]:
     """The checks of an `update_metadata` before anything is read: something to change, each
     tag key set or removed (not both), and the limits of `checked_metadata` and
@@ -399,9 +478,10 @@ def checked_metadata_update(
     both = sorted(removing & setting.keys())
     if both:
         raise InvalidInputError(f"tag {both[0]!r} of {name!r} is both set and removed; give one or the other")
-    if description is None and not setting and not removing and max_versions is None:
+    if description is None and not setting and not removing and max_versions is None and not expiry_change:
         raise NothingToChangeError(
-            f"nothing to change for {name!r}: give a description, tags to set or to remove, or max versions"
+            f"nothing to change for {name!r}: give a description, tags to set or to remove, max "
+            "versions or an expiry"
         )
     return setting, removing
 
@@ -411,14 +491,18 @@ def refuse_if_unchanged(
     before: tuple[str, Mapping[str, str], int | None],
     after: tuple[str, Mapping[str, str]],
     max_versions: int | None,
+    *,
+    expiry_changes: bool = False,
 ) -> None:
-    """NothingToChangeError if an `update_metadata` leaves `name` as it is: its (description,
+    """NothingToChangeError if an `update_metadata` leaves `name` as it is (`expiry_changes`: the
+    expiry recorded moves, which is a change): its (description,
     tags) `after` as `before`, and `max_versions` not given or what it is (`before[2]`; None when
     the store cannot tell, as a Vault secret on its mount's default). Checked on what the update
     read, so nothing is written, `updated` does not move and no change event is sent."""
     description, tags, max_now = before
     if (
-        after[0] == description
+        not expiry_changes
+        and after[0] == description
         and dict(after[1]) == dict(tags)
         and (max_versions is None or max_versions == max_now)
     ):

@@ -85,10 +85,13 @@ from secrets_manager.store.base import (
     Secret,
     SecretMetadata,
     VersionInfo,
+    checked_expiry,
     checked_max_versions,
     checked_metadata,
     checked_metadata_update,
     checked_value,
+    expiry_of,
+    refuse_expiry_without_current,
     refuse_if_changed,
     refuse_if_rotating,
     refuse_if_unchanged,
@@ -536,9 +539,11 @@ class EncryptedStore:
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
         max_versions: int | None = None,
+        expires: datetime | None = None,
     ) -> VersionInfo:
         validate_name(name)
         value = checked_value(value)
+        expires = checked_expiry(name, expires)
         if expect_version is not None and expect_version < 0:
             raise InvalidInputError("--expect-version must be 0 (create only) or a version number")
         checked_metadata(name, description, tags)
@@ -565,17 +570,27 @@ class EncryptedStore:
                 meta.tags = dict(tags)
             if max_versions is not None:  # before _write_version prunes, so this write prunes under it
                 meta.max_versions = max_versions
-            return self._write_version(name, value, meta_entry, meta, now, label=CURRENT)
+            return self._write_version(name, value, meta_entry, meta, now, label=CURRENT, expires=expires)
 
         return self._retry(attempt)
 
     def _write_version(
-        self, name: str, value: bytes, meta_entry: Entry | None, meta: _Meta, now: float, *, label: str
+        self,
+        name: str,
+        value: bytes,
+        meta_entry: Entry | None,
+        meta: _Meta,
+        now: float,
+        *,
+        label: str,
+        expires: datetime | None = None,
     ) -> VersionInfo:
         """Inside a retried attempt: seal `value` as the next version, labelled `label`, prune,
         and commit it with the metadata (compare-and-set on the metadata read)."""
         number = meta.next_version
         meta.add_version(number, now, _ACTING_FOR.get() or self._actor, label=label)
+        if expires is not None:
+            meta.set_expiry(number, expires)
         pruned = meta.prune()
         ops: Operations = [Delete(_data_key(name, old)) for old in pruned]
         ns = namespace_of(name)
@@ -748,16 +763,31 @@ class EncryptedStore:
         set_tags: Mapping[str, str] | None = None,
         remove_tags: Iterable[str] = (),
         max_versions: int | None = None,
+        expires: datetime | None = None,
+        clear_expiry: bool = False,
     ) -> None:
-        """The description, tags and max_versions change in the metadata's own compare-and-set
+        """The description, tags, max_versions and expiry change in the metadata's own compare-and-set
         commit, so two updates of different tags both land; no version is written, and none is
         pruned: a lower max_versions is applied by the next write (`_Meta.prune`), as Vault does."""
         validate_name(name)
-        setting, removing = checked_metadata_update(name, description, set_tags, remove_tags, max_versions)
+        expires = checked_expiry(name, expires)
+        if expires is not None and clear_expiry:
+            raise InvalidInputError(f"give an expiry for {name!r} or clear it, not both")
+        expiry_given = expires is not None or clear_expiry
+        setting, removing = checked_metadata_update(
+            name, description, set_tags, remove_tags, max_versions, expiry_change=expiry_given
+        )
 
         def change(meta: _Meta, now: float) -> Operations:
             if meta.deleted is not None:
                 raise SecretStateError(f"secret {name!r} is deleted; run 'undelete {name}' first")
+            current = meta.labels.get(CURRENT)
+            if expiry_given:
+                refuse_expiry_without_current(name, current)
+            old_expiry = meta.expiry()
+            if expiry_given:
+                assert current is not None
+                meta.set_expiry(current, expires)
             before = (meta.description, dict(meta.tags), meta.max_versions)
             meta.description, meta.tags = updated_metadata(
                 name,
@@ -767,7 +797,13 @@ class EncryptedStore:
                 set_tags=setting,
                 remove_tags=removing,
             )
-            refuse_if_unchanged(name, before, (meta.description, meta.tags), max_versions)
+            refuse_if_unchanged(
+                name,
+                before,
+                (meta.description, meta.tags),
+                max_versions,
+                expiry_changes=meta.expiry() != old_expiry,
+            )
             if max_versions is not None:
                 meta.max_versions = max_versions
             return []
@@ -1366,6 +1402,27 @@ class _Meta:
     def labels_of(self, number: int) -> tuple[str, ...]:
         return tuple(label for label in LABELS if self.labels.get(label) == number)
 
+    def expiry(self) -> tuple[int, datetime] | None:
+        """The one (version, time) expiry recorded: the `expires` of the version that has one."""
+        for number, info in sorted(self.versions.items()):
+            if info.get("expires") is not None:
+                try:
+                    return number, _time(float(info["expires"]))
+                except (TypeError, ValueError, OverflowError, OSError):
+                    return None
+        return None
+
+    def expiry_of(self, number: int | None) -> datetime | None:
+        return expiry_of(self.expiry(), number)
+
+    def set_expiry(self, number: int, expires: datetime | None) -> None:
+        """Record `expires` for version `number` (None: forget it), the one pair kept: any other
+        version's goes."""
+        for info in self.versions.values():
+            info.pop("expires", None)
+        if expires is not None:
+            self.versions[number]["expires"] = expires.timestamp()
+
     def public(self, name: str) -> SecretMetadata:
         return SecretMetadata(
             name=name,
@@ -1389,6 +1446,7 @@ class _Meta:
             deleted=None if self.deleted is None else _time(self.deleted),
             max_versions=self.max_versions,
             labels=dict(self.labels),
+            expires=self.expiry_of(self.labels.get(CURRENT)),
         )
 
     def to_json(self) -> bytes:
@@ -1647,6 +1705,7 @@ def _secret(name: str, number: int, meta: _Meta, plaintext: bytes) -> Secret:
         value=SecretValue(plaintext),
         created=_time(meta.versions[number]["created"]),
         labels=meta.labels_of(number),
+        expires=meta.expiry_of(number),
     )
 
 

@@ -39,6 +39,8 @@ RESERVED_KEY_PREFIX = RESERVED_TAG_PREFIX
 CREATED_BY_KEY = f"{RESERVED_KEY_PREFIX}created-by"
 DESCRIPTION_KEY = f"{RESERVED_KEY_PREFIX}description"
 MAX_VERSIONS_KEY = f"{RESERVED_KEY_PREFIX}max-versions"  # AWS: a secret's own max_versions (a tag)
+# Vault custom_metadata / AWS tag: the (version, time) expiry, `store.base.format_expiry`
+EXPIRES_KEY = f"{RESERVED_KEY_PREFIX}expires"
 AUDIT_KEY_SIZE = 32
 DEFAULT_AUDIT_SCOPE = "default"
 DEFAULT_RECOVERY_WINDOW_DAYS = 30  # AWS's own default for DeleteSecret

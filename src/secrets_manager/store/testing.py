@@ -978,6 +978,62 @@ def _check_update_metadata(make_store: MakeStore, ns: str) -> None:
         _require(store.describe(name).description == "", "a refused update of a deleted secret changed it")
 
 
+def _check_expiry(make_store: MakeStore, ns: str) -> None:
+    """An expiry belongs to a version: `put(expires=…)` gives the version written one, which
+    describe, list and get show (UTC, whole seconds); the next version has none, nor does a promoted
+    rotation's; update_metadata sets or clears the current version's, and keeps it when tags change."""
+    name = f"{ns}/api-key"
+    first = datetime(2031, 3, 4, 5, 6, 7, 890000, tzinfo=UTC)
+    later = datetime(2031, 9, 1, 12, 0, 0, tzinfo=UTC)
+    with _opened(make_store) as store:
+        _raises(
+            InvalidInputError,
+            lambda: store.put(name, b"v1", expires=datetime(2031, 1, 1)),
+            "put with an expiry without a time zone",
+        )
+        _raises(NotFoundError, lambda: store.describe(name), "a refused put with an expiry wrote the secret")
+        store.put(name, b"v1", expires=first)
+        whole = first.replace(microsecond=0)
+        meta = store.describe(name)
+        _require(meta.expires == whole, f"describe after put(expires=…) says expires={meta.expires}")
+        listed = [m for m in store.list(f"{ns}/") if m.name == name]
+        _require(bool(listed) and listed[0].expires == whole, "list does not show the expiry")
+        _require(store.get(name).expires == whole, "get of the version with an expiry does not show it")
+        store.put(name, b"v2")
+        _require(store.describe(name).expires is None, "a new version inherited the previous one's expiry")
+        _require(store.get(name).expires is None, "get of a new version shows the old version's expiry")
+        _require(store.get(name, version=1).expires == whole, "version 1 lost its expiry")
+        store.update_metadata(name, expires=later)
+        _require(store.describe(name).expires == later, "update_metadata(expires=…) did not set it")
+        _require(store.get(name).expires == later, "get does not show the expiry update_metadata set")
+        _raises(
+            NothingToChangeError,
+            lambda: store.update_metadata(name, expires=later),
+            "update_metadata with the expiry it already has",
+        )
+        store.update_metadata(name, set_tags={"team": "desk"})
+        meta = store.describe(name)
+        _require(meta.expires == later, "a tag change dropped the expiry")
+        _require(dict(meta.tags) == {"team": "desk"}, f"the expiry shows among the tags: {dict(meta.tags)}")
+        store.put(name, b"v3", tags={"owner": "ops"}, expires=first)
+        meta = store.describe(name)
+        _require(
+            meta.expires == whole and dict(meta.tags) == {"owner": "ops"}, "put replacing tags and expiry"
+        )
+        store.update_metadata(name, clear_expiry=True)
+        _require(store.describe(name).expires is None, "update_metadata(clear_expiry=True) did not clear it")
+        _raises(
+            NotFoundError,
+            lambda: store.update_metadata(f"{ns}/missing", expires=later),
+            "an expiry for a missing secret",
+        )
+        if not _lacks(store, Capability.PENDING_LABEL):
+            store.put(name, b"v4", expires=first)
+            staged = store.stage(name, b"v5")
+            store.promote(name, staged.version)
+            _require(store.describe(name).expires is None, "a promoted rotation inherited the old expiry")
+
+
 SECRET_STORE_CHECKS: dict[str, Check] = {
     "round-trip": _check_values_round_trip,
     "oversize-refused": _check_oversize_value_refused,
@@ -997,5 +1053,6 @@ SECRET_STORE_CHECKS: dict[str, Check] = {
     "metadata-limits": _check_metadata_limits,
     "update-metadata": _check_update_metadata,
     "max-versions-setting": _check_max_versions_setting,
+    "expiry": _check_expiry,
 }
 """Every check by a short key (used in its namespace and in test ids); run in this order."""

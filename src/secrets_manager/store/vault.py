@@ -10,6 +10,8 @@ The mapping (docs/stores.md has it in full):
     version N                KV version N; every write is check-and-set (`cas`) on the version it read
     current / previous       KV's current_version / the version before it; `pending` is not supported
     description, tags        custom_metadata `secrets-manager:description`, other keys are tags
+    expiry                   custom_metadata `secrets-manager:expires`: `N@YYYY-MM-DDTHH:MM:SSZ`, the
+                             expiry of version N (none for any other version)
     max_versions             KV's own max_versions (0, the mount's default, reads as 10); Vault prunes
                              past it at the next write
     delete / undelete        KV soft delete / undelete of every live version
@@ -91,9 +93,14 @@ from secrets_manager.store.base import (
     Secret,
     SecretMetadata,
     VersionInfo,
+    checked_expiry,
     checked_max_versions,
     checked_metadata_update,
     checked_value,
+    expiry_of,
+    format_expiry,
+    parse_expiry,
+    refuse_expiry_without_current,
     refuse_if_unchanged,
     refuse_unless_deleted_before,
     updated_metadata,
@@ -104,6 +111,7 @@ from secrets_manager.store.external import (
     CREATED_BY_KEY,
     DEFAULT_AUDIT_SCOPE,
     DESCRIPTION_KEY,
+    EXPIRES_KEY,
     RESERVED_KEY_PREFIX,
     NoAnswerError,
     audit_anchor_name,
@@ -143,7 +151,7 @@ _VAULT_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d
 CUSTOM_METADATA_KEYS = 64
 CUSTOM_METADATA_KEY_BYTES = 128
 CUSTOM_METADATA_VALUE_BYTES = 512
-_OUR_CUSTOM_KEYS = 2  # secrets-manager:created-by, secrets-manager:description
+_OUR_CUSTOM_KEYS = 3  # secrets-manager:created-by, secrets-manager:description, secrets-manager:expires
 
 
 def _refuse_unless_custom_metadata_holds(
@@ -400,7 +408,11 @@ class _KvMeta:
             deleted=self.deleted,
             max_versions=self.max_versions,
             labels=self.labels,
+            expires=self.expiry_of(self.current if self.current in self.versions else None),
         )
+
+    def expiry_of(self, number: int | None) -> datetime | None:
+        return expiry_of(parse_expiry(self.custom.get(EXPIRES_KEY)), number)
 
     @classmethod
     def parse(cls, body: Any) -> _KvMeta:
@@ -431,6 +443,12 @@ class _KvMeta:
             raise StorageError(
                 "Vault sent secret metadata in a shape we do not know (is it KV v2?)"
             ) from None
+
+
+def _custom_of(version_metadata: Mapping[str, Any]) -> dict[str, str]:
+    """The custom_metadata a data read returned with a version ({} if none or not a map)."""
+    custom = version_metadata.get("custom_metadata")
+    return {str(k): str(v) for k, v in custom.items()} if isinstance(custom, Mapping) else {}
 
 
 def _live_versions(meta: _KvMeta) -> list[int]:
@@ -583,6 +601,8 @@ class VaultStore:
             value=SecretValue(_decode_data(body["data"])),
             created=_vault_time(body["metadata"]["created_time"]),
             labels=labels,
+            # KV v2 (1.9 on) returns the secret's custom_metadata with each version it serves
+            expires=expiry_of(parse_expiry(_custom_of(body["metadata"]).get(EXPIRES_KEY)), number),
         )
 
     def _read_data(self, name: str, version: int | None, *, action: str | None = None) -> dict[str, Any]:
@@ -615,9 +635,12 @@ class VaultStore:
         description: str | None = None,
         tags: Mapping[str, str] | None = None,
         max_versions: int | None = None,
+        expires: datetime | None = None,
     ) -> VersionInfo:
         """GET MOUNT/metadata/NAME, POST MOUNT/data/NAME with `cas` = the version read, then POST
-        MOUNT/metadata/NAME when the secret is new or its description, tags or max_versions change.
+        MOUNT/metadata/NAME when the secret is new or its description, tags, max_versions or
+        expiry change. The expiry names the version written, so it goes after the data write too:
+        if that POST fails, the new version has none (`metadata NAME --expires` sets it then).
 
         max_versions goes after the data write: that endpoint has no compare-and-set, so sent
         before, a write refused (lost cas race, Vault error) would still have changed the limit and
@@ -630,6 +653,7 @@ class VaultStore:
         checked_write(name, expect_version, description, tags)
         checked_max_versions(name, max_versions)
         _refuse_unless_custom_metadata_holds(name, description, tags)
+        expires = checked_expiry(name, expires)
         data = _encode_data(checked_value(value))
         as_keys = _keys_of(value)
         backoff = Backoff(first=0.01, cap=0.5, deadline_seconds=RETRY_DEADLINE_SECONDS, what=repr(name))
@@ -657,8 +681,10 @@ class VaultStore:
                         f"secret {name!r} changed since version {expect_version}; read it again and retry"
                     ) from None
                 backoff.wait()
-        if meta is None or description is not None or tags is not None or max_versions is not None:
-            self._write_metadata(name, meta, description, tags, max_versions)
+        number = int(written["version"])
+        expiry = None if expires is None else format_expiry(number, expires)
+        if meta is None or description is not None or tags is not None or max_versions is not None or expiry:
+            self._write_metadata(name, meta, description, tags, max_versions, expiry=expiry)
         return VersionInfo(
             version=int(written["version"]),
             created=_vault_time(written["created_time"]),
@@ -696,16 +722,24 @@ class VaultStore:
         description: str | None,
         tags: Mapping[str, str] | None,
         max_versions: int | None,
+        *,
+        expiry: str | None = None,
+        clear_expiry: bool = False,
     ) -> None:
-        """POST MOUNT/metadata/NAME with custom_metadata if the description or tags change (or the
-        secret is new), and max_versions if given (the store's default for a new secret). Vault
-        keeps the fields a POST leaves out.
+        """POST MOUNT/metadata/NAME with custom_metadata if the description, tags or expiry change
+        (or the secret is new), and max_versions if given (the store's default for a new secret).
+        Vault keeps the fields a POST leaves out.
 
         KV's metadata endpoint has no compare-and-set: two writers changing the description or tags
         of one secret at the same moment can lose one change (the versions themselves cannot)."""
         body: dict[str, Any] = {}
-        if meta is None or description is not None or tags is not None:
-            body["custom_metadata"] = self._custom_metadata(meta, description, tags)
+        if meta is None or description is not None or tags is not None or expiry or clear_expiry:
+            custom = self._custom_metadata(meta, description, tags)
+            if expiry:
+                custom[EXPIRES_KEY] = expiry
+            elif clear_expiry:
+                custom.pop(EXPIRES_KEY, None)
+            body["custom_metadata"] = custom
         if max_versions is not None or meta is None:
             body["max_versions"] = self._max_versions if max_versions is None else max_versions
         self._send("POST", f"metadata/{name}", action=f"store metadata of {name}", json=body)
@@ -746,20 +780,44 @@ class VaultStore:
         set_tags: Mapping[str, str] | None = None,
         remove_tags: Iterable[str] = (),
         max_versions: int | None = None,
+        expires: datetime | None = None,
+        clear_expiry: bool = False,
     ) -> None:
-        """GET MOUNT/metadata/NAME, then POST it with the new custom_metadata (if the description
-        or tags change) and max_versions (if given); no version is written, and Vault prunes past
+        """GET MOUNT/metadata/NAME, then POST it with the new custom_metadata (if the description,
+        tags or expiry change) and max_versions (if given); no version is written, and Vault prunes past
         a lower max_versions only at the next write. Without compare-and-set on that endpoint, as
         `_write_metadata` says (a change of max_versions alone sends nothing else, so loses none)."""
         validate_name(name)
-        setting, removing = checked_metadata_update(name, description, set_tags, remove_tags, max_versions)
+        expires = checked_expiry(name, expires)
+        if expires is not None and clear_expiry:
+            raise InvalidInputError(f"give an expiry for {name!r} or clear it, not both")
+        expiry_given = expires is not None or clear_expiry
+        setting, removing = checked_metadata_update(
+            name, description, set_tags, remove_tags, max_versions, expiry_change=expiry_given
+        )
         meta = self._require_meta(name)
         if meta.deleted is not None:
             raise SecretStateError(f"secret {name!r} is deleted; run 'undelete {name}' first")
+        current = meta.current if meta.current in meta.versions else None
+        expiry: str | None = None
+        if expiry_given:
+            refuse_expiry_without_current(name, current)
+            assert current is not None
+            expiry = None if expires is None else format_expiry(current, expires)
+        old_expiry = meta.custom.get(EXPIRES_KEY)
+        expiry_changes = expiry_given and expiry != old_expiry
         before = (meta.custom.get(DESCRIPTION_KEY, ""), user_tags(meta.custom), meta.own_max_versions)
         if description is None and not setting and not removing:
-            refuse_if_unchanged(name, before, before[:2], max_versions)
-            self._write_metadata(name, meta, None, None, max_versions)
+            refuse_if_unchanged(name, before, before[:2], max_versions, expiry_changes=expiry_changes)
+            self._write_metadata(
+                name,
+                meta,
+                None,
+                None,
+                max_versions,
+                expiry=expiry,
+                clear_expiry=expiry_changes and not expiry,
+            )
             return
         new_description, tags = updated_metadata(
             name,
@@ -769,9 +827,19 @@ class VaultStore:
             set_tags=setting,
             remove_tags=removing,
         )
-        refuse_if_unchanged(name, before, (new_description, tags), max_versions)
+        refuse_if_unchanged(
+            name, before, (new_description, tags), max_versions, expiry_changes=expiry_changes
+        )
         _refuse_unless_custom_metadata_holds(name, new_description, tags)
-        self._write_metadata(name, meta, new_description, tags, max_versions)
+        self._write_metadata(
+            name,
+            meta,
+            new_description,
+            tags,
+            max_versions,
+            expiry=expiry,
+            clear_expiry=expiry_changes and not expiry,
+        )
 
     def delete(self, name: str) -> None:
         """POST MOUNT/delete/NAME {"versions": every live version} (after reading the metadata),

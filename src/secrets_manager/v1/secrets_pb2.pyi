@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SecretVersion(_message.Message):
-    __slots__ = ("name", "version", "value", "labels", "created")
+    __slots__ = ("name", "version", "value", "labels", "created", "expires")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     value: bytes
     labels: _containers.RepeatedScalarFieldContainer[str]
     created: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., value: _Optional[bytes] = ..., labels: _Optional[_Iterable[str]] = ..., created: _Optional[str] = ...) -> None: ...
+    expires: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., value: _Optional[bytes] = ..., labels: _Optional[_Iterable[str]] = ..., created: _Optional[str] = ..., expires: _Optional[str] = ...) -> None: ...
 
 class VersionInfo(_message.Message):
     __slots__ = ("version", "created", "created_by", "labels", "destroyed")
@@ -36,7 +38,7 @@ class VersionInfo(_message.Message):
     def __init__(self, version: _Optional[int] = ..., created: _Optional[str] = ..., created_by: _Optional[str] = ..., labels: _Optional[_Iterable[str]] = ..., destroyed: _Optional[bool] = ...) -> None: ...
 
 class SecretMetadata(_message.Message):
-    __slots__ = ("name", "namespace", "created", "updated", "created_by", "description", "tags", "current_version", "versions", "deleted", "max_versions")
+    __slots__ = ("name", "namespace", "created", "updated", "created_by", "description", "tags", "current_version", "versions", "deleted", "max_versions", "expires")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +57,7 @@ class SecretMetadata(_message.Message):
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     DELETED_FIELD_NUMBER: _ClassVar[int]
     MAX_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
     name: str
     namespace: str
     created: str
@@ -66,7 +69,8 @@ class SecretMetadata(_message.Message):
     versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
     deleted: str
     max_versions: int
-    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., created: _Optional[str] = ..., updated: _Optional[str] = ..., created_by: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., current_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., deleted: _Optional[str] = ..., max_versions: _Optional[int] = ...) -> None: ...
+    expires: str
+    def __init__(self, name: _Optional[str] = ..., namespace: _Optional[str] = ..., created: _Optional[str] = ..., updated: _Optional[str] = ..., created_by: _Optional[str] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., current_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., deleted: _Optional[str] = ..., max_versions: _Optional[int] = ..., expires: _Optional[str] = ...) -> None: ...
 
 class GetSecretRequest(_message.Message):
     __slots__ = ("name", "version", "label")
@@ -105,7 +109,7 @@ class BatchGetSecretsResponse(_message.Message):
     def __init__(self, secrets: _Optional[_Iterable[_Union[SecretVersion, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class PutSecretRequest(_message.Message):
-    __slots__ = ("name", "value", "expect_version", "description", "tags", "replace_tags", "max_versions")
+    __slots__ = ("name", "value", "expect_version", "description", "tags", "replace_tags", "max_versions", "expires")
     class TagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -120,6 +124,7 @@ class PutSecretRequest(_message.Message):
     TAGS_FIELD_NUMBER: _ClassVar[int]
     REPLACE_TAGS_FIELD_NUMBER: _ClassVar[int]
     MAX_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
     name: str
     value: bytes
     expect_version: int
@@ -127,19 +132,22 @@ class PutSecretRequest(_message.Message):
     tags: _containers.ScalarMap[str, str]
     replace_tags: bool
     max_versions: int
-    def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ..., expect_version: _Optional[int] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., replace_tags: _Optional[bool] = ..., max_versions: _Optional[int] = ...) -> None: ...
+    expires: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ..., expect_version: _Optional[int] = ..., description: _Optional[str] = ..., tags: _Optional[_Mapping[str, str]] = ..., replace_tags: _Optional[bool] = ..., max_versions: _Optional[int] = ..., expires: _Optional[str] = ...) -> None: ...
 
 class PutSecretResponse(_message.Message):
-    __slots__ = ("name", "version", "created", "created_by")
+    __slots__ = ("name", "version", "created", "created_by", "expires")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     CREATED_BY_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     created: str
     created_by: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., created: _Optional[str] = ..., created_by: _Optional[str] = ...) -> None: ...
+    expires: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., created: _Optional[str] = ..., created_by: _Optional[str] = ..., expires: _Optional[str] = ...) -> None: ...
 
 class ListSecretsRequest(_message.Message):
     __slots__ = ("prefix", "include_deleted", "page_size", "page_token")
@@ -174,7 +182,7 @@ class DescribeSecretResponse(_message.Message):
     def __init__(self, metadata: _Optional[_Union[SecretMetadata, _Mapping]] = ...) -> None: ...
 
 class UpdateSecretMetadataRequest(_message.Message):
-    __slots__ = ("name", "description", "set_tags", "remove_tags", "max_versions")
+    __slots__ = ("name", "description", "set_tags", "remove_tags", "max_versions", "expires")
     class SetTagsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -187,16 +195,20 @@ class UpdateSecretMetadataRequest(_message.Message):
     SET_TAGS_FIELD_NUMBER: _ClassVar[int]
     REMOVE_TAGS_FIELD_NUMBER: _ClassVar[int]
     MAX_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     set_tags: _containers.ScalarMap[str, str]
     remove_tags: _containers.RepeatedScalarFieldContainer[str]
     max_versions: int
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., set_tags: _Optional[_Mapping[str, str]] = ..., remove_tags: _Optional[_Iterable[str]] = ..., max_versions: _Optional[int] = ...) -> None: ...
+    expires: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., set_tags: _Optional[_Mapping[str, str]] = ..., remove_tags: _Optional[_Iterable[str]] = ..., max_versions: _Optional[int] = ..., expires: _Optional[str] = ...) -> None: ...
 
 class UpdateSecretMetadataResponse(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("expires",)
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    expires: str
+    def __init__(self, expires: _Optional[str] = ...) -> None: ...
 
 class DeleteSecretRequest(_message.Message):
     __slots__ = ("name",)

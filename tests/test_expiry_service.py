@@ -1,0 +1,77 @@
+"""Credential expiry over the gRPC service: a real `secrets-manager serve` with mutual TLS, the
+proto's new fields and the SDK."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from secrets_manager.client import Client
+from secrets_manager.v1 import secrets_pb2 as pb
+from service_fixtures import Server, client_environ, make_pki, make_store, start_server
+
+SOON = "2031-05-06T07:08:09Z"
+NAME = "auth/DB_PASSWORD"  # seeded at version 1
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Server]:
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    running = start_server(tmp_path, metrics=True)
+    yield running
+    running.stop()
+
+
+def ok(result: subprocess.CompletedProcess[bytes]) -> subprocess.CompletedProcess[bytes]:
+    assert result.returncode == 0, result.stderr
+    return result
+
+
+def remote_meta(server: Server, name: str = NAME) -> dict[str, Any]:
+    return dict(json.loads(ok(server.cli("ops", "metadata", name, "--json")).stdout))
+
+
+def test_the_proto_fields_carry_the_expiry_and_a_bad_one_is_invalid(server: Server) -> None:
+    stub = server.stub("ops")
+    put = stub.PutSecret(
+        pb.PutSecretRequest(name=NAME, value=b"v", expires="2031-05-06T09:08:09.75+02:00"), timeout=10
+    )
+    assert put.HasField("expires") and put.expires == "2031-05-06T07:08:09+00:00"  # as kept: UTC, seconds
+    meta = stub.DescribeSecret(pb.DescribeSecretRequest(name=NAME), timeout=10).metadata
+    assert meta.HasField("expires") and datetime.fromisoformat(meta.expires) == datetime.fromisoformat(SOON)
+    secret = stub.GetSecret(pb.GetSecretRequest(name=NAME), timeout=10).secret
+    assert datetime.fromisoformat(secret.expires) == datetime.fromisoformat(SOON)
+    old = stub.GetSecret(pb.GetSecretRequest(name=NAME, version=1), timeout=10).secret
+    assert not old.HasField("expires")
+    cleared = stub.UpdateSecretMetadata(pb.UpdateSecretMetadataRequest(name=NAME, expires=""), timeout=10)
+    assert cleared.HasField("expires") and cleared.expires == ""
+    assert not stub.DescribeSecret(pb.DescribeSecretRequest(name=NAME), timeout=10).metadata.HasField(
+        "expires"
+    )
+    for bad in ("tomorrow", "2031-05-06T07:08:09"):  # no time, no zone
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.PutSecret(pb.PutSecretRequest(name=NAME, value=b"w", expires=bad), timeout=10)
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    versions = stub.DescribeSecret(pb.DescribeSecretRequest(name=NAME), timeout=10).metadata.current_version
+    assert versions == 2  # the refused writes wrote nothing
+
+
+def test_the_sdk_writes_and_shows_the_expiry(server: Server, tmp_path: Path) -> None:
+    expires = datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
+    client = Client(environ=client_environ(tmp_path, "ops", [server.address]))
+    try:
+        assert client.put(NAME, "rotated", expires=expires) == 2
+        assert client.describe(NAME).expires == expires
+        assert client.get(NAME).expires == expires
+        assert client.get(NAME, version=1).expires is None
+        assert [m.expires for m in client.list("auth/") if m.name == NAME] == [expires]
+    finally:
+        client.close()

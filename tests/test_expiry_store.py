@@ -1,0 +1,124 @@
+"""Credential expiry in the store layer: the (version, time) pair each store kind keeps, and what
+an older reader makes of it (backups: test_expiry_backup.py).
+
+(The conformance check `expiry` in store/testing.py runs on all four stores through their own test
+files; these are the parts it cannot see.)"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from secrets_manager.crypto import Purpose, open_record
+from secrets_manager.errors import InvalidInputError
+from secrets_manager.store import EncryptedStore
+from secrets_manager.store.aws import AwsStore
+from secrets_manager.store.base import format_expiry, parse_expiry
+from secrets_manager.store.encrypted import META_PREFIX, _Meta
+from secrets_manager.store.external import EXPIRES_KEY
+from secrets_manager.store.names import namespace_of
+from secrets_manager.store.vault import VaultStore, connect_vault, retrying_session
+from test_store_aws import aws_client
+from vault_server import FakeVault
+
+EXPIRES = datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
+NAME = "market-connector/BINANCE_API_KEY"
+
+
+@pytest.fixture
+def vault() -> Iterator[VaultStore]:
+    server = FakeVault().start()
+    client = connect_vault(
+        server.address,
+        environ={"VAULT_TOKEN": server.root_token},
+        session=retrying_session(attempts=3, backoff=0.001),
+    )
+    store = VaultStore(client, "secret", actor="tester")
+    store.fake = server  # type: ignore[attr-defined]
+    yield store
+    store.close()
+    server.stop()
+
+
+@pytest.fixture
+def aws(moto_endpoint: str) -> Iterator[AwsStore]:
+    store = AwsStore(aws_client(moto_endpoint), f"expiry-{secrets.token_hex(4)}")
+    yield store
+    store.close()
+
+
+def _sealed_meta(store: EncryptedStore, name: str) -> dict[str, Any]:
+    entry = store._storage.get(META_PREFIX + name)
+    assert entry is not None
+    keyset = store._keyset_for_read(namespace_of(name))
+    return dict(
+        json.loads(open_record(keyset.key_for_decryption, Purpose.SECRET_METADATA, name, 0, entry.value))
+    )
+
+
+def test_the_encrypted_store_keeps_the_expiry_in_the_version_and_one_version_at_a_time(
+    encrypted_store: EncryptedStore,
+) -> None:
+    """docs/format.md §7: `expires` (epoch seconds) in the entry of the version it belongs to."""
+    encrypted_store.put(NAME, b"v1", expires=EXPIRES)
+    encrypted_store.put(NAME, b"v2")
+    doc = _sealed_meta(encrypted_store, NAME)
+    assert doc["versions"]["1"]["expires"] == EXPIRES.timestamp()
+    assert "expires" not in doc["versions"]["2"]
+    encrypted_store.update_metadata(NAME, expires=EXPIRES)  # now version 2's: version 1's goes
+    doc = _sealed_meta(encrypted_store, NAME)
+    assert "expires" not in doc["versions"]["1"] and doc["versions"]["2"]["expires"] == EXPIRES.timestamp()
+
+
+def test_a_metadata_record_parsed_and_written_again_keeps_the_expiry(encrypted_store: EncryptedStore) -> None:
+    """What an older build does with the record: it parses the known members (versions' entries as
+    whole dicts) and writes them back, so the expiry survives its writes; it just does not show it."""
+    encrypted_store.put(NAME, b"v1", expires=EXPIRES)
+    raw = json.dumps(_sealed_meta(encrypted_store, NAME)).encode()
+    again = _Meta.from_json(_Meta.from_json(raw).to_json())
+    assert again.versions[1]["expires"] == EXPIRES.timestamp()
+    assert again.public(NAME).expires == EXPIRES
+
+
+def test_an_expiry_without_a_zone_is_refused_and_nothing_is_written(encrypted_store: EncryptedStore) -> None:
+    encrypted_store.put(NAME, b"v1")
+    with pytest.raises(InvalidInputError, match="with a zone"):
+        encrypted_store.update_metadata(NAME, expires=datetime(2031, 1, 1))
+    with pytest.raises(InvalidInputError, match="not both"):
+        encrypted_store.update_metadata(NAME, expires=EXPIRES, clear_expiry=True)
+    assert encrypted_store.describe(NAME).expires is None
+
+
+def test_vault_keeps_the_pair_in_custom_metadata_out_of_the_tags(vault: VaultStore) -> None:
+    vault.put(NAME, b"v1", tags={"owner": "desk"}, expires=EXPIRES)
+    custom = vault.fake.mounts["secret"][NAME].custom_metadata  # type: ignore[attr-defined]
+    assert custom[EXPIRES_KEY] == "1@2031-05-06T07:08:09Z"
+    assert dict(vault.describe(NAME).tags) == {"owner": "desk"}
+    vault.put(NAME, b"v2", tags={"owner": "ops"})  # tags replaced: our key stays (naming version 1)
+    assert vault.fake.mounts["secret"][NAME].custom_metadata[EXPIRES_KEY] == "1@2031-05-06T07:08:09Z"  # type: ignore[attr-defined]
+    assert vault.describe(NAME).expires is None
+
+
+def test_aws_keeps_the_pair_in_a_tag_of_ours_kept_when_the_user_replaces_tags(aws: AwsStore) -> None:
+    aws.put(NAME, b"v1", tags={"owner": "desk"})
+    aws.put(NAME, b"v2", expires=EXPIRES)
+    aws.put(NAME, b"v3", tags={"owner": "ops"})
+    aws.update_metadata(NAME, expires=EXPIRES)
+    aws.put(NAME, b"v4", tags={"team": "x"})  # replaces the user's tags
+    described = aws._client.describe_secret(SecretId=aws.aws_name(NAME))
+    tags = {t["Key"]: t["Value"] for t in described["Tags"]}
+    assert tags[EXPIRES_KEY] == "3@2031-05-06T07:08:09Z" and "owner" not in tags
+    meta = aws.describe(NAME)
+    assert meta.expires is None and dict(meta.tags) == {"team": "x"}
+    assert aws.get(NAME, version=3).expires == EXPIRES
+
+
+def test_a_spoilt_pair_reads_as_no_expiry() -> None:
+    assert parse_expiry(format_expiry(7, EXPIRES)) == (7, EXPIRES)
+    for spoilt in ("", "7", "x@2031-05-06T07:08:09Z", "7@tomorrow", "7@2031-05-06"):
+        assert parse_expiry(spoilt) is None
