@@ -1489,7 +1489,7 @@ def test_list_long_and_history_print_control_characters_escaped(
     assert listed.code == 0, listed.stderr
     history = ready("history", "esc/X")
     assert history.code == 0, history.stderr
-    for result, rows, fields in ((listed, 2, 5), (history, 1, 5)):
+    for result, rows, fields in ((listed, 2, 5), (history, 1, 6)):  # history: + EXPIRES
         assert not any(char in result.out for char in "\x1b\x07\x9b\r"), result.out
         lines = result.out.splitlines()
         assert len(lines) == rows, lines  # no forged row

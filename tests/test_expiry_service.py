@@ -1,5 +1,5 @@
-"""Credential expiry over the gRPC service: a real `secrets-manager serve` with mutual TLS, the
-proto's new fields and the SDK."""
+"""Credential expiry over the gRPC service: a real `secrets-manager serve` with mutual TLS, the CLI
+with --server, the proto's new fields and the SDK."""
 
 from __future__ import annotations
 
@@ -37,6 +37,25 @@ def ok(result: subprocess.CompletedProcess[bytes]) -> subprocess.CompletedProces
 
 def remote_meta(server: Server, name: str = NAME) -> dict[str, Any]:
     return dict(json.loads(ok(server.cli("ops", "metadata", name, "--json")).stdout))
+
+
+def test_the_cli_with_server_sets_shows_and_clears_the_expiry(server: Server) -> None:
+    stored = ok(server.cli("ops", "store", NAME, "--expires", SOON, "--json", input=b"new-pass"))
+    assert json.loads(stored.stdout) == {"name": NAME, "version": 2, "expires": SOON}
+    assert remote_meta(server)["expires"] == SOON
+    assert SOON in ok(server.cli("ops", "history", NAME)).stdout.decode()
+    listed = json.loads(ok(server.cli("ops", "list", "--expiring", "10000d", "--json")).stdout)
+    assert [(m["name"], m["expires"]) for m in listed] == [(NAME, SOON)]
+    ok(server.cli("ops", "metadata", NAME, "--no-expiry"))
+    assert remote_meta(server)["expires"] is None
+    late = ok(server.cli("ops", "metadata", NAME, "--expires", "2020-01-02T03:04:05Z"))
+    assert b"is past" in late.stderr
+    got = ok(server.cli("ops", "get", NAME))
+    assert got.stdout == b"new-pass\n"
+    assert b"expired at 2020-01-02T03:04:05Z" in got.stderr and b"new-pass" not in got.stderr
+    ok(server.cli("ops", "store", NAME, input=b"newer-pass"))  # a new value: its expiry unknown
+    assert remote_meta(server)["expires"] is None
+    assert ok(server.cli("ops", "get", NAME)).stderr == b""
 
 
 def test_the_proto_fields_carry_the_expiry_and_a_bad_one_is_invalid(server: Server) -> None:

@@ -1179,7 +1179,7 @@ def test_cli_store_needs_write_alone(server: Server) -> None:
     used to report a refusal (exit 5) for a write that had happened."""
     proc = server.cli("writer", "store", "drop/TOKEN", "--json", input=b"dropped-value")
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == {"name": "drop/TOKEN", "version": 1}
+    assert json.loads(proc.stdout) == {"name": "drop/TOKEN", "version": 1, "expires": None}
     assert server.cli("writer", "get", "drop/TOKEN").returncode == 5  # and no more than write
     reply = server.stub("ops").GetSecret(pb.GetSecretRequest(name="drop/TOKEN"), timeout=10)
     assert (reply.secret.value, reply.secret.version) == (b"dropped-value", 1)

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
@@ -30,9 +30,11 @@ from secrets_manager.audit import (
     value_fingerprint,
 )
 from secrets_manager.cli.output import (
+    expiry_text,
     info_line,
     output_of,
     parse_cutoff,
+    parse_deadline,
     print_json,
     print_table,
     printable,
@@ -809,6 +811,12 @@ def init(session: Session, kdf_profile: str, kms_key: str | None) -> None:
     "existing, from this write on (on Vault from the next: set once this write succeeded); labelled ones "
     "are never pruned). Default: 10, or as set before.",
 )
+@click.option(
+    "--expires",
+    metavar="TIME",
+    help="When this value stops working (an exchange key's 90 days, a role's VALID UNTIL): an ISO 8601 "
+    "time or an age from now such as 90d. For this version only: the next one has none unless given.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_session
 def store_command(
@@ -825,6 +833,7 @@ def store_command(
     description: str | None,
     tags: tuple[str, ...],
     max_versions: int | None,
+    expires: str | None,
     as_json: bool,
 ) -> None:
     """Store a new version of NAME. The value comes from stdin, a prompt, --file, VALUE (warns), or
@@ -853,6 +862,13 @@ def store_command(
         )
     parsed_tags = parse_tags(tags) if tags else None
     checked_max_versions(name, max_versions)
+    expiry = None if expires is None else parse_deadline(expires, "--expires")
+    if expiry is not None and expiry <= datetime.now(UTC):
+        raise InvalidInputError(
+            f"--expires {expires!r} is {timestamp(expiry)}, already past: a value stored now would be "
+            f"expired at once; give a later time, or record an expiry learnt late with "
+            f"'metadata {name} --expires TIME' after storing"
+        )
     if generate and (value is not None or value_file is not None):
         raise InvalidInputError("--generate makes the value; give no VALUE or --file with it")
     if not generate:
@@ -875,13 +891,15 @@ def store_command(
             description=description,
             tags=parsed_tags,
             max_versions=max_versions,
+            expires=expiry,
         )
         note.version(info.version)
-    with output_of(f"stored {name} version {info.version}"):
+    until = "" if expiry is None else f", expires {timestamp(expiry)}"
+    with output_of(f"stored {name} version {info.version}{until}"):
         if as_json:
-            print_json({"name": name, "version": info.version})
+            print_json({"name": name, "version": info.version, "expires": timestamp(expiry) or None})
         else:
-            click.echo(f"stored {name} version {info.version}")
+            click.echo(f"stored {name} version {info.version}{until}")
 
 
 def _with_field_replaced(
@@ -934,6 +952,12 @@ def get(
         secret = store.get(name, version=version, label=label)
         note.version(secret.version)
         note.value(secret.value.reveal())
+    if secret.expires is not None and secret.expires <= datetime.now(UTC):
+        warning_line(
+            f"version {secret.version} of {name} expired at {timestamp(secret.expires)}; store the new "
+            f"credential with '{suggested('store', name, '--expires', 'TIME')}' (or, if it still works, "
+            f"record its new date with '{suggested('metadata', name, '--expires', 'TIME')}')"
+        )
     data = secret.value.reveal()
     if field:
         data = select_field(data, name, field)
@@ -987,6 +1011,12 @@ def get(
     metavar="TEXT",
     help="Only secrets whose description contains TEXT, ignoring case.",
 )
+@click.option(
+    "--expiring",
+    metavar="WITHIN",
+    help="Only secrets whose current version expires within WITHIN (an age such as 14d, or an ISO 8601 "
+    "time) or has expired; with -l, their expiry.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print metadata as JSON (never values).")
 @pass_session
 def list_command(
@@ -997,6 +1027,7 @@ def list_command(
     older_than: str | None,
     tags: tuple[str, ...],
     description_text: str | None,
+    expiring: str | None,
     as_json: bool,
 ) -> None:
     """List secret names (never values), optionally only those starting with PREFIX.
@@ -1010,6 +1041,7 @@ def list_command(
         else None
     )
     wanted_tags = parse_tag_filters(tags)
+    horizon = None if expiring is None else parse_deadline(expiring, "--expiring")
     if description_text == "":
         raise InvalidInputError("--description '' would match every secret; give some text to look for")
     with session.secret_operation("list", prefix or None) as (store, _):
@@ -1024,11 +1056,17 @@ def list_command(
     if description_text is not None:
         needle = description_text.casefold()
         secrets = [meta for meta in secrets if needle in meta.description.casefold()]
+    if horizon is not None:
+        secrets = sorted(
+            (meta for meta in secrets if meta.expires is not None and meta.expires <= horizon),
+            key=lambda meta: (meta.expires, meta.name),
+        )
     if as_json:
         print_json([metadata_doc(meta) for meta in secrets])
     elif long_format:
+        now = datetime.now(UTC)
         print_table(
-            ["NAME", "VERSION", "UPDATED", "STATE", "DESCRIPTION"],
+            ["NAME", "VERSION", "UPDATED", "STATE", "DESCRIPTION", *(["EXPIRES"] if horizon else [])],
             [
                 [
                     meta.name,
@@ -1036,6 +1074,7 @@ def list_command(
                     timestamp(meta.updated),
                     "deleted" if meta.deleted else "active",
                     meta.description,
+                    *([expiry_text(meta.expires, now)] if horizon else []),
                 ]
                 for meta in secrets
             ],
@@ -1058,8 +1097,9 @@ def history(session: Session, name: str, as_json: bool) -> None:
     if as_json:
         print_json(metadata_doc(meta))
         return
+    now = datetime.now(UTC)
     print_table(
-        ["VERSION", "CREATED", "CREATED BY", "LABELS", "STATE"],
+        ["VERSION", "CREATED", "CREATED BY", "LABELS", "STATE", "EXPIRES"],
         [
             [
                 str(v.version),
@@ -1067,6 +1107,7 @@ def history(session: Session, name: str, as_json: bool) -> None:
                 v.created_by,
                 ",".join(v.labels),
                 "destroyed" if v.destroyed else "stored",
+                expiry_text(meta.expires, now) if v.version == meta.current_version else "",
             ]
             for v in meta.versions
         ],
@@ -1088,6 +1129,13 @@ def history(session: Session, name: str, as_json: bool) -> None:
     help=f"Keep at most N versions ({MIN_MAX_VERSIONS} to {MAX_MAX_VERSIONS}); if fewer than are kept now, "
     "the oldest unlabelled ones go at the next write (on AWS they are hidden at once).",
 )
+@click.option(
+    "--expires",
+    metavar="TIME",
+    help="When the current version stops working: an ISO 8601 time or an age from now such as 90d (a past "
+    "time records an expiry learnt late).",
+)
+@click.option("--no-expiry", is_flag=True, help="Forget the current version's expiry.")
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON (never values).")
 @pass_session
 def metadata_command(
@@ -1097,13 +1145,19 @@ def metadata_command(
     tags: tuple[str, ...],
     untags: tuple[str, ...],
     max_versions: int | None,
+    expires: str | None,
+    no_expiry: bool,
     as_json: bool,
 ) -> None:
-    """Show NAME's description, tags, max versions and state; or change them with --description,
-    --tag, --untag and --max-versions without writing a new version (like AWS's update-secret and
-    tag-resource, and Vault's 'kv metadata put')."""
+    """Show NAME's description, tags, max versions, expiry and state; or change them with
+    --description, --tag, --untag, --max-versions, --expires and --no-expiry without writing a new
+    version (like AWS's update-secret and tag-resource, and Vault's 'kv metadata put')."""
     validate_name(name)
-    if description is None and not tags and not untags and max_versions is None:
+    if expires is not None and no_expiry:
+        raise InvalidInputError("give --expires or --no-expiry, not both")
+    expiry = None if expires is None else parse_deadline(expires, "--expires")
+    expiry_given = expiry is not None or no_expiry
+    if description is None and not tags and not untags and max_versions is None and not expiry_given:
         with session.secret_operation("history", name) as (store, _):
             meta = store.describe(name)
         if as_json:
@@ -1113,7 +1167,8 @@ def metadata_command(
         return
     if as_json:
         raise InvalidInputError(
-            "--json shows the metadata; give it without --description, --tag, --untag or --max-versions"
+            "--json shows the metadata; give it without --description, --tag, --untag, --max-versions, "
+            "--expires or --no-expiry"
         )
     set_tags = parse_tags(tags)
     checked_max_versions(name, max_versions)
@@ -1129,6 +1184,7 @@ def metadata_command(
             and description is None
             and not set_tags
             and max_versions is None
+            and not expiry_given
         )
         if nothing_to_do:  # removing only tags it does not have changes nothing, `updated` included
             checked_metadata_update(name, description, set_tags, untags, max_versions)  # as the store would
@@ -1140,6 +1196,8 @@ def metadata_command(
                     set_tags=set_tags,
                     remove_tags=untags,
                     max_versions=max_versions,
+                    expires=expiry,
+                    clear_expiry=no_expiry,
                 )
             except NothingToChangeError:  # already as asked (the store or service checked): said below
                 absent = sorted(set(untags))  # a tag it had would have been a change
@@ -1157,9 +1215,16 @@ def metadata_command(
         *([f"no tag {', '.join(map(repr, absent))} to remove (it was not there)"] if absent else []),
         *(["a tag not set is ignored"] if untags and absent is None else []),
         *([] if max_versions is None else [f"max versions set to {max_versions}{already}"]),
+        *([] if expiry is None else [f"expiry set to {timestamp(expiry)}{already}"]),
+        *(["expiry cleared" + already] if no_expiry else []),
     ]
     pruning = "" if unchanged else _pruning(store, max_versions)
     info_line(f"updated the metadata of {name}: {', '.join(changed)} (no new version{pruning})")
+    if expiry is not None and expiry <= datetime.now(UTC):
+        warning_line(
+            f"{timestamp(expiry)} is past: the current version of {name} counts as expired; store "
+            f"the new credential with '{suggested('store', name, '--expires', 'TIME')}'"
+        )
 
 
 def _pruning(store: SecretStore, max_versions: int | None) -> str:
@@ -1207,6 +1272,7 @@ def print_metadata(meta: SecretMetadata) -> None:
         ("current version", str(meta.current_version or "-")),
         ("versions", str(len(meta.versions))),
         ("max versions", str(meta.max_versions)),
+        ("expires", expiry_text(meta.expires) or "-"),
         ("created", timestamp(meta.created) + created_by),
         ("updated", timestamp(meta.updated)),
         ("state", f"deleted {timestamp(meta.deleted)}" if meta.deleted else "active"),
@@ -1266,7 +1332,8 @@ def rollback(session: Session, name: str, version: int | None, as_json: bool) ->
             raise InvalidInputError(
                 f"version {old.version} of {name} is current already; nothing to roll back"
             )
-        info = store.put(name, old.value.reveal(), expect_version=current)
+        # the same credential as that version: its expiry, if one is recorded for it, goes with it
+        info = store.put(name, old.value.reveal(), expect_version=current, expires=old.expires)
         note.version(info.version)
         note.value(old.value.reveal())
     if as_json:
@@ -1536,6 +1603,7 @@ def metadata_doc(meta: SecretMetadata) -> dict[str, Any]:
         "deleted": timestamp(meta.deleted) or None,
         "labels": dict(meta.labels),
         "max_versions": meta.max_versions,
+        "expires": timestamp(meta.expires) or None,
         "versions": [
             {
                 "version": v.version,

@@ -85,7 +85,7 @@ class Copied:
 
 
 def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bool, remove: bool) -> Copied:
-    """Write OLD's current value, description, tags and version limit to NEW; with `remove`,
+    """Write OLD's current value, description, tags, version limit and expiry to NEW; with `remove`,
     soft-delete OLD if it is still at the version copied (ConflictError, OLD left, if not)."""
     secret = store.get(old)
     note.version(secret.version)
@@ -105,6 +105,7 @@ def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bo
             description=meta.description or None,
             tags=dict(meta.tags) or None,
             max_versions=None if meta.max_versions == DEFAULT_MAX_VERSIONS else meta.max_versions,
+            expires=secret.expires,  # the same credential: its expiry goes with it
         )
     except ConflictError:
         if force:

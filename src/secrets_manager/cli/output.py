@@ -271,6 +271,38 @@ def parse_cutoff(text: str, option: str, without: str) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
+def parse_deadline(text: str, option: str) -> datetime:
+    """The moment an option such as `--expires` names, `parse_cutoff`'s other way: ISO 8601 (UTC
+    unless it says otherwise) or an age from now (12h, 90d). Seconds are dropped (stores keep whole
+    seconds)."""
+    match = _AGE.fullmatch(text.strip())
+    try:
+        if match:
+            amount, unit = match.groups()
+            moment = datetime.now(UTC) + timedelta(**{_AGE_UNITS[unit]: int(amount)})
+        else:
+            moment = datetime.fromisoformat(text)
+            moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+        return moment.astimezone(UTC).replace(microsecond=0)
+    except (OverflowError, ValueError):  # past year 9999, or no time at all
+        raise InvalidInputError(
+            f"{option} {text!r}: give an ISO 8601 time (2027-03-01, 2027-03-01T12:00:00Z) or an age "
+            "from now like 12h, 90d"
+        ) from None
+
+
+def expiry_text(expires: datetime | None, now: datetime | None = None) -> str:
+    """An expiry as `list -l`, `metadata` and `history` show it: the time, and whether it passed."""
+    if expires is None:
+        return ""
+    left = expires - (now or datetime.now(UTC))
+    if left.total_seconds() <= 0:
+        return f"{timestamp(expires)} (expired)"
+    return (
+        f"{timestamp(expires)} (in {left.days} days)" if left.days else f"{timestamp(expires)} (within a day)"
+    )
+
+
 def byte_size(size: int) -> str:
     """A byte count as people read it: bytes, KiB or MiB (binary units, one decimal)."""
     if size < 1024:

@@ -8,7 +8,7 @@ is stored that its secret's metadata does not list (a `meta/` row rolled back or
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import click
@@ -17,6 +17,7 @@ from secrets_manager.cli.app import Session, cli, current_value_time, pass_sessi
 from secrets_manager.cli.output import byte_size, print_json, printable, suggested, timestamp
 from secrets_manager.errors import IntegrityError, SecretsManagerError
 from secrets_manager.store import EncryptedStore
+from secrets_manager.store.base import expiry_counts
 from secrets_manager.store.names import namespace_of
 from secrets_manager.store.recovery import recovery_header_problem, recovery_setup
 from secrets_manager.store.url import (
@@ -71,6 +72,7 @@ def status(session: Session, as_json: bool) -> None:
             else None
         )
         doc["namespaces"] = sorted({namespace_of(meta.name) for meta in live})
+        doc["expired"], doc["expiring_14d"] = expiry_counts(live, datetime.now(UTC), timedelta(days=14))
         # Values the metadata does not list (a meta/ row rolled back or deleted): keys only.
         doc["unlisted_values"] = store.unlisted_values(secrets) if isinstance(store, EncryptedStore) else None
         stored = sorted((t, meta.name) for meta in live if (t := current_value_time(meta)) is not None)
@@ -178,6 +180,11 @@ def _print(doc: dict[str, Any], audit_problem: str | None) -> None:
                     f"({doc['oldest_deleted']['days']} days ago; 'purge --older-than' erases them)",
                 )
             ]
+        ),
+        (
+            "expiry",
+            f"{doc['expired']} expired, {doc['expiring_14d']} expire within 14 days"
+            + (" ('list --expiring 14d -l' names them)" if doc["expired"] or doc["expiring_14d"] else ""),
         ),
         (
             "oldest value",

@@ -1,0 +1,155 @@
+"""Credential expiry through the real console script on a SQLite store: `store --expires`,
+`metadata --expires/--no-expiry`, what `metadata`, `history`, `list --expiring`, `status` and
+`get` show, and the semantics (a new version or a rotation's promote has no expiry)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from test_cli import Cli, Result
+
+SOON = "2031-05-06T07:08:09Z"
+NAME = "market-connector/BINANCE_API_KEY"
+
+
+@pytest.fixture
+def ready(tmp_path: Path) -> Cli:
+    cli = Cli(tmp_path / "vault" / "store.db", tmp_path)
+    assert cli("init", "--kdf-profile", "test").code == 0
+    return cli
+
+
+def ok(result: Result) -> Result:
+    assert result.code == 0, result.stderr
+    return result
+
+
+def meta(cli: Cli, name: str = NAME) -> dict[str, object]:
+    return dict(json.loads(ok(cli("metadata", name, "--json")).out))
+
+
+def test_store_with_an_expiry_shows_it_and_the_next_version_has_none(ready: Cli) -> None:
+    stored = ok(ready("store", NAME, "--expires", SOON, "--json", input=b"key-1"))
+    assert json.loads(stored.out) == {"name": NAME, "version": 1, "expires": SOON}
+    assert meta(ready)["expires"] == SOON
+    shown = ok(ready("metadata", NAME)).out
+    assert f"expires:         {SOON} (in " in shown, shown
+    assert json.loads(ok(ready("history", NAME, "--json")).out)["expires"] == SOON
+    assert SOON in ok(ready("history", NAME)).out
+    ok(ready("store", NAME, input=b"key-2"))
+    assert meta(ready)["expires"] is None
+    assert "expires:         -" in ok(ready("metadata", NAME)).out
+    assert SOON not in ok(ready("history", NAME)).out  # version 1's, no longer current: not shown
+
+
+def test_an_age_from_now_is_a_time_in_the_future(ready: Cli) -> None:
+    before = datetime.now(UTC)
+    ok(ready("store", NAME, "--expires", "90d", input=b"key"))
+    expires = datetime.fromisoformat(str(meta(ready)["expires"]))
+    assert timedelta(days=90) - timedelta(seconds=5) <= expires - before <= timedelta(days=90, seconds=5)
+
+
+def test_store_refuses_a_past_or_unreadable_expiry_and_writes_nothing(ready: Cli) -> None:
+    for bad, words in (("2020-01-01", "already past"), ("next tuesday", "ISO 8601")):
+        result = ready("store", NAME, "--expires", bad, input=b"key")
+        assert result.code == 2, result.stderr
+        assert words in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert ready("metadata", NAME).code == 3  # nothing was stored
+
+
+def test_metadata_sets_and_clears_the_current_versions_expiry(ready: Cli) -> None:
+    ok(ready("store", NAME, "--tag", "owner=desk", input=b"key"))
+    changed = ok(ready("metadata", NAME, "--expires", SOON))
+    assert f"expiry set to {SOON}" in changed.stderr and "no new version" in changed.stderr
+    assert meta(ready)["expires"] == SOON and meta(ready)["current_version"] == 1
+    again = ok(ready("metadata", NAME, "--expires", SOON))
+    assert "(already so)" in again.stderr
+    ok(ready("metadata", NAME, "--tag", "team=x"))  # other metadata changes keep it
+    assert meta(ready)["expires"] == SOON and meta(ready)["tags"] == {"owner": "desk", "team": "x"}
+    cleared = ok(ready("metadata", NAME, "--no-expiry"))
+    assert "expiry cleared" in cleared.stderr
+    assert meta(ready)["expires"] is None
+    both = ready("metadata", NAME, "--expires", SOON, "--no-expiry")
+    assert both.code == 2 and "not both" in both.stderr
+
+
+def test_metadata_takes_a_past_expiry_learnt_late_and_warns(ready: Cli) -> None:
+    ok(ready("store", NAME, input=b"key"))
+    late = ok(ready("metadata", NAME, "--expires", "2020-01-02T03:04:05Z"))
+    assert "warning: 2020-01-02T03:04:05Z is past" in late.stderr
+    assert f"'secrets-manager store {NAME} --expires TIME'" in late.stderr
+    assert meta(ready)["expires"] == "2020-01-02T03:04:05Z"
+    missing = ready("metadata", "auth/NOPE", "--expires", SOON)
+    assert missing.code == 3, missing.stderr
+
+
+def test_get_of_an_expired_version_prints_the_value_and_one_warning(ready: Cli) -> None:
+    ok(ready("store", NAME, input=b"sk-live-EXPIRED-key"))
+    ok(ready("metadata", NAME, "--expires", "2020-01-02T03:04:05Z"))
+    got = ok(ready("get", NAME))
+    assert got.out == "sk-live-EXPIRED-key\n"
+    lines = got.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert "version 1 of " + NAME + " expired at 2020-01-02T03:04:05Z" in lines[0]
+    assert f"secrets-manager store {NAME} --expires TIME" in lines[0]
+    assert "sk-live" not in got.stderr
+    ok(ready("metadata", NAME, "--expires", SOON))  # not expired: no warning
+    assert ok(ready("get", NAME)).stderr == ""
+
+
+def test_list_expiring_names_the_expired_and_the_soon_expiring_only(ready: Cli) -> None:
+    soon = (datetime.now(UTC) + timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ok(ready("store", "a/EXPIRED", input=b"x"))
+    ok(ready("metadata", "a/EXPIRED", "--expires", "2020-01-01T00:00:00Z"))
+    ok(ready("store", "a/SOON", "--expires", soon, input=b"x"))
+    ok(ready("store", "a/LATER", "--expires", "2099-01-01T00:00:00Z", input=b"x"))
+    ok(ready("store", "a/NEVER", input=b"x"))
+    ok(ready("store", "a/ROTATED", "--expires", soon, input=b"x"))
+    ok(ready("store", "a/ROTATED", input=b"y"))  # the new value's expiry is not known
+    assert ok(ready("list", "--expiring", "14d")).out.splitlines() == ["a/EXPIRED", "a/SOON"]
+    listed = json.loads(ok(ready("list", "--expiring", "14d", "--json")).out)
+    assert [(m["name"], m["expires"]) for m in listed] == [
+        ("a/EXPIRED", "2020-01-01T00:00:00Z"),
+        ("a/SOON", soon),
+    ]
+    long = ok(ready("list", "--expiring", "14d", "-l")).out.splitlines()
+    assert long[0].endswith("2020-01-01T00:00:00Z (expired)"), long
+    assert soon in long[1] and "(in 2 days)" in long[1], long
+    everything = json.loads(ok(ready("list", "--json")).out)
+    assert {m["name"]: m["expires"] for m in everything}["a/LATER"] == "2099-01-01T00:00:00Z"
+    bad = ready("list", "--expiring", "soon")
+    assert bad.code == 2 and "--expiring 'soon'" in bad.stderr
+
+
+def test_status_counts_the_expired_and_those_expiring_within_14_days(ready: Cli) -> None:
+    soon = (datetime.now(UTC) + timedelta(days=10)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ok(ready("store", "a/EXPIRED", input=b"x"))
+    ok(ready("metadata", "a/EXPIRED", "--expires", "2020-01-01T00:00:00Z"))
+    ok(ready("store", "a/SOON", "--expires", soon, input=b"x"))
+    ok(ready("store", "a/LATER", "--expires", "60d", input=b"x"))
+    doc = json.loads(ok(ready("status", "--json")).out)
+    assert (doc["expired"], doc["expiring_14d"]) == (1, 1)
+    assert "1 expired, 1 expire within 14 days" in ok(ready("status")).out
+
+
+def test_a_rotations_promote_does_not_inherit_the_expiry(ready: Cli) -> None:
+    ok(ready("store", NAME, "--expires", SOON, input=b"old-key"))
+    command = f"{sys.executable} -c 'import sys; sys.stdin.read()'"
+    rotated = ready("rotate", NAME, "--set-command", command, "--test-command", "true")
+    assert rotated.code == 0, rotated.stderr
+    assert meta(ready)["current_version"] == 2
+    assert meta(ready)["expires"] is None
+
+
+def test_rollback_and_copy_carry_the_expiry_of_the_value_they_write_again(ready: Cli) -> None:
+    ok(ready("store", NAME, "--expires", SOON, input=b"key-1"))
+    ok(ready("store", NAME, input=b"key-2"))
+    ok(ready("rollback", NAME))  # version 3 holds version 1's value: the same credential
+    assert meta(ready)["current_version"] == 3 and meta(ready)["expires"] == SOON
+    ok(ready("cp", NAME, "market-connector/COPY"))
+    assert meta(ready, "market-connector/COPY")["expires"] == SOON
