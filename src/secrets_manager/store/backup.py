@@ -97,9 +97,13 @@ from secrets_manager.store.unlock import PasswordUnlock
 
 T = TypeVar("T")
 
-FORMAT_VERSION = 1
+# The newest version read and written. Version 2 (docs/backup-format.md §14) only adds `expires`
+# to the versions of kind `password`: a file is written as version 1 unless it holds an expiry,
+# so a build before expiries restores every backup it can read in full.
+FORMAT_VERSION = 2
 VERSION_LINE_PREFIX = b"secrets-manager-backup/v"
-VERSION_LINE = VERSION_LINE_PREFIX + b"%d\n" % FORMAT_VERSION
+VERSION_LINE = VERSION_LINE_PREFIX + b"1\n"
+VERSION_LINES = {VERSION_LINE_PREFIX + b"%d\n" % n: n for n in range(1, FORMAT_VERSION + 1)}
 MAX_HEADER_SIZE = 64 * 1024  # bytes of the header line, without its newline
 KIND_STORE = "store"
 KIND_PASSWORD = "password"  # noqa: S105 (a kind name, not a password)
@@ -132,6 +136,7 @@ class BackupVersion:
     created_by: str
     destroyed: bool = False
     value: bytes | None = field(default=None, repr=False)
+    expires: float | None = None  # the expiry recorded for this version (format.md §7), if any
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,7 @@ class BackupSecret:
             labels=dict(self.labels),
             versions={
                 v.version: {"created": v.created, "created_by": v.created_by, "destroyed": v.destroyed}
+                | ({} if v.expires is None else {"expires": v.expires})
                 for v in self.versions
             },
         )
@@ -193,6 +199,7 @@ class BackupSecret:
                     created_by=str(info["created_by"]),
                     destroyed=bool(info["destroyed"]),
                     value=None if info["destroyed"] else values[number],
+                    expires=None if info.get("expires") is None else float(info["expires"]),
                 )
                 for number, info in sorted(meta.versions.items())
             ),
@@ -208,6 +215,7 @@ class BackupHeader:
     created: int
     document: Mapping[str, Any] = field(repr=False)
     raw: bytes = field(repr=False)  # the version line and the header line, as in the file
+    format_version: int = 1
 
 
 @dataclass(frozen=True)
@@ -330,7 +338,11 @@ def write_backup(
             "unlock": PasswordUnlock(password, kdf).wrap(wrapping),
         }
         lines = _secret_lines(decoded, progress)
-    size = _write_file(path, _dump(header), lines, file_key, replace=replace)
+    # an expiry in kind `password` needs version 2 (a build before it says "upgrade"); else version 1
+    expiring = header["kind"] == KIND_PASSWORD and any(
+        v.expires is not None for s in decoded for v in s.versions
+    )
+    size = _write_file(path, _dump(header), lines, file_key, replace=replace, version=2 if expiring else 1)
     return BackupSummary(
         path=path,
         kind=str(header["kind"]),
@@ -413,6 +425,10 @@ def _read_through_protocol(
                 created_by=info.created_by,
                 destroyed=info.destroyed,
                 value=None if info.destroyed else store.get(meta.name, version=info.version).value.reveal(),
+                # the protocol shows the current version's expiry (the one kept: store/base.py)
+                expires=meta.expires.timestamp()
+                if meta.expires is not None and info.version == meta.current_version
+                else None,
             )
             for info in meta.versions
         )
@@ -475,6 +491,7 @@ def _secret_doc(secret: BackupSecret) -> dict[str, Any]:
                 "destroyed": v.destroyed,
                 "value": None if v.value is None else _b64(v.value),
             }
+            | ({} if v.expires is None else {"expires": v.expires})
             for v in secret.versions
         ],
     }
@@ -488,9 +505,10 @@ def _write_file(
     *,
     replace: bool,
     nonces: Iterator[bytes] | None = None,
+    version: int = 1,
 ) -> int:
     """Seal `lines` into a backup file at `path`, atomically; return its size."""
-    prefix = VERSION_LINE + header + b"\n"
+    prefix = VERSION_LINE_PREFIX + b"%d\n" % version + header + b"\n"
     sealer = ChunkSealer(file_key, payload_context(prefix), nonces=nonces)
     _remove_abandoned_temporaries(path)
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMPORARY_SUFFIX}")
@@ -636,7 +654,8 @@ def read_backup(
                 raise BackupDamagedError(path, f"the store in it is inconsistent: {_reason(exc)}") from None
         else:
             entries = []
-            decoded = _parsed(_parse_secrets, lines, path)
+            version = header.format_version
+            decoded = _parsed(lambda lines, path: _parse_secrets(lines, path, version), lines, path)
         size = path.stat().st_size
     summary = BackupSummary(
         path=path,
@@ -684,7 +703,7 @@ def _open_backup(path: Path) -> Iterator[BinaryIO]:
 
 def _read_header(source: BinaryIO, path: Path) -> BackupHeader:
     first = source.readline(len(VERSION_LINE_PREFIX) + 11)
-    if first != VERSION_LINE:
+    if first not in VERSION_LINES:
         match = _NEWER_VERSION.fullmatch(first)
         if match is not None and int(match["version"]) > FORMAT_VERSION:
             raise BackupVersionError(
@@ -720,7 +739,14 @@ def _read_header(source: BinaryIO, path: Path) -> BackupHeader:
         raise BackupDamagedError(path, "its header does not have the fields of version 1")
     if kind == KIND_PASSWORD and not isinstance(doc["unlock"], dict):
         raise BackupDamagedError(path, "its header does not have the fields of version 1")
-    return BackupHeader(path=path, kind=kind, created=doc["created"], document=doc, raw=first + line)
+    return BackupHeader(
+        path=path,
+        kind=kind,
+        created=doc["created"],
+        document=doc,
+        raw=first + line,
+        format_version=VERSION_LINES[first],
+    )
 
 
 def _unlock_store_header(
@@ -866,7 +892,7 @@ def _parse_entries(lines: Iterator[bytes], path: Path) -> list[tuple[str, bytes]
     raise BackupDamagedError(path, "its content is incomplete (the end record is missing or wrong)")
 
 
-def _parse_secrets(lines: Iterator[bytes], path: Path) -> list[BackupSecret]:
+def _parse_secrets(lines: Iterator[bytes], path: Path, format_version: int = 1) -> list[BackupSecret]:
     result: list[BackupSecret] = []
     previous = ""
     for number, line in enumerate(lines, 1):
@@ -878,7 +904,7 @@ def _parse_secrets(lines: Iterator[bytes], path: Path) -> list[BackupSecret]:
             _require_nothing_after(lines, path)
             return result
         try:
-            secret = _secret_from_doc(doc)
+            secret = _secret_from_doc(doc, expiries=format_version >= 2)
         except (KeyError, TypeError, ValueError, InvalidInputError):
             raise BackupDamagedError(path, f"content line {number} is not a valid secret") from None
         if secret.name <= previous:
@@ -934,8 +960,9 @@ _SECRET_FIELDS = {
 _VERSION_FIELDS = {"version", "created", "created_by", "destroyed", "value"}
 
 
-def _secret_from_doc(doc: dict[str, Any]) -> BackupSecret:
-    """A secret line (section 7.2); ValueError (or KeyError, TypeError) for anything off."""
+def _secret_from_doc(doc: dict[str, Any], *, expiries: bool = False) -> BackupSecret:
+    """A secret line (section 7.3); ValueError (or KeyError, TypeError) for anything off.
+    `expiries` (version 2): a version may also have `expires`, at most one per secret."""
     if set(doc) != _SECRET_FIELDS or doc["type"] != "secret":
         raise ValueError("fields")
     name = _str(doc["name"])
@@ -943,8 +970,10 @@ def _secret_from_doc(doc: dict[str, Any]) -> BackupSecret:
     next_version = _count(doc["next_version"])
     versions: list[BackupVersion] = []
     for item in doc["versions"]:
-        if not isinstance(item, dict) or set(item) != _VERSION_FIELDS:
+        if not isinstance(item, dict) or set(item) - {"expires"} != _VERSION_FIELDS:
             raise ValueError("version fields")
+        if "expires" in item and (not expiries or item["expires"] is None):
+            raise ValueError("expires")
         number = _count(item["version"])
         if (versions and number <= versions[-1].version) or number >= next_version:
             raise ValueError("version order")
@@ -954,9 +983,12 @@ def _secret_from_doc(doc: dict[str, Any]) -> BackupSecret:
         value = None if destroyed else _unb64(_str(item["value"]))
         if value is not None and len(value) > MAX_VALUE_SIZE:
             raise ValueError("value size")
+        expires = _time(item["expires"]) if "expires" in item else None
         versions.append(
-            BackupVersion(number, _time(item["created"]), _str(item["created_by"]), destroyed, value)
+            BackupVersion(number, _time(item["created"]), _str(item["created_by"]), destroyed, value, expires)
         )
+    if sum(v.expires is not None for v in versions) > 1:
+        raise ValueError("expires")  # one (version, time) pair per secret (format.md §7)
     numbers = {v.version for v in versions}
     labels = doc["labels"]
     if not isinstance(labels, dict) or any(

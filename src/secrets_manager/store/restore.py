@@ -45,6 +45,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 from secrets_manager.crypto import Purpose, seal_record
@@ -654,6 +655,7 @@ def _write_secret(
                 description=secret.description or None,
                 tags=dict(secret.tags) or None,
                 max_versions=room if expect == 0 else None,
+                expires=None if version.expires is None else datetime.fromtimestamp(version.expires, UTC),
             )
             if expect == 0 and created is not None:
                 created()  # inside the try: an interruption right after the put still journals it

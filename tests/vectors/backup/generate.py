@@ -619,10 +619,10 @@ def build() -> dict[str, dict[str, Any]]:
             "kind password opened with another password", "unlock_error", pw_file, WRONG_PASSWORD
         ),
         # a newer format
-        "newer_version_v2": vector(
-            "version line v2: written by a newer secrets-manager",
+        "newer_version_v3": vector(
+            "version line v3: written by a newer secrets-manager (v2 adds expiries)",
             "unsupported_version",
-            b"secrets-manager-backup/v2\n" + store_file[len(VERSION_LINE) :],
+            b"secrets-manager-backup/v3\n" + store_file[len(VERSION_LINE) :],
             MASTER_PASSWORD,
         ),
         "newer_store_format": vector(
