@@ -1,12 +1,15 @@
 """Credential expiry over the gRPC service: a real `secrets-manager serve` with mutual TLS, the CLI
-with --server, the proto's new fields and the SDK."""
+with --server, the SDK, the proto's new fields, and the metric of expired and expiring secrets."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
+import urllib.request
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +97,60 @@ def test_the_sdk_writes_and_shows_the_expiry(server: Server, tmp_path: Path) -> 
         assert [m.expires for m in client.list("auth/") if m.name == NAME] == [expires]
     finally:
         client.close()
+
+
+def test_the_metric_counts_expired_and_within_7_days_without_names(server: Server) -> None:
+    soon = (datetime.now(UTC) + timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+    def scrape() -> str:
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        return str(urllib.request.urlopen(url, timeout=10).read().decode())
+
+    assert 'secrets_manager_secrets_expiring{state="expired"} 0.0' in scrape()
+    ok(server.cli("ops", "metadata", "auth/DB_PASSWORD", "--expires", "2020-01-01T00:00:00Z"))
+    ok(server.cli("ops", "metadata", "auth/JWT_KEY", "--expires", soon))
+    ok(server.cli("ops", "metadata", "market-connector/BINANCE_API_KEY", "--expires", "60d"))
+    body = scrape()
+    assert 'secrets_manager_secrets_expiring{state="expired"} 1.0' in body
+    assert 'secrets_manager_secrets_expiring{state="within_7d"} 1.0' in body
+    expiring = [line for line in body.splitlines() if line.startswith("secrets_manager_secrets_expiring")]
+    assert not any("auth/" in line or "market-connector" in line for line in expiring), expiring
+    ok(server.cli("ops", "store", "auth/DB_PASSWORD", input=b"fresh"))  # the new value: not expired
+    assert 'secrets_manager_secrets_expiring{state="expired"} 0.0' in scrape()
+
+
+def test_the_expiry_counts_are_nan_while_the_store_cannot_be_listed_and_a_listing_is_kept_a_while() -> None:
+    from secrets_manager.errors import StorageError
+    from secrets_manager.service.metrics import _ExpiryCounts
+    from secrets_manager.store import SecretMetadata
+
+    now = datetime.now(UTC)
+    expired = SecretMetadata(
+        name="a/B",
+        namespace="a",
+        created=now,
+        updated=now,
+        created_by="",
+        description="",
+        tags={},
+        current_version=1,
+        versions=(),
+        expires=now - timedelta(days=1),
+    )
+    calls: list[int] = []
+    failing = True
+
+    def listing() -> list[SecretMetadata]:
+        calls.append(1)
+        if failing:
+            raise StorageError("database down")
+        return [expired, replace(expired, name="a/C", expires=now + timedelta(days=2))]
+
+    clock = [0.0]
+    counts = _ExpiryCounts(listing, refresh=300, clock=lambda: clock[0])
+    assert all(math.isnan(n) for n in counts.now())
+    failing = False
+    clock[0] = 1.0
+    assert counts.now() == (1.0, 1.0)
+    clock[0] = 200.0
+    assert counts.now() == (1.0, 1.0) and len(calls) == 2  # kept: not listed again before `refresh`

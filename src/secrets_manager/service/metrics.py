@@ -5,8 +5,11 @@ name, a value or a client's address."""
 
 from __future__ import annotations
 
+import math
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime, timedelta
 from importlib import metadata
 from typing import Any
 
@@ -22,9 +25,12 @@ from prometheus_client import (
     start_http_server,
 )
 
-from secrets_manager.errors import StorageError
+from secrets_manager.errors import SecretsManagerError, StorageError
+from secrets_manager.store.base import SecretMetadata, expiry_counts
 
 ROTATION_OUTCOMES = ("rotated", "resumed", "failed")
+EXPIRY_STATES = ("expired", "within_7d")
+EXPIRY_SOON = timedelta(days=7)
 
 
 def version() -> str:
@@ -165,6 +171,14 @@ class Metrics:
             "64 KiB).",
             registry=self.registry,
         )
+        self.expiring = Gauge(
+            "secrets_manager_secrets_expiring",
+            "Secrets whose current version has an expiry (store --expires) that has passed "
+            "(state=expired) or comes within 7 days (state=within_7d); computed at each scrape, "
+            "NaN while the store cannot be listed. Alert on any expired.",
+            ["state"],
+            registry=self.registry,
+        )
         # Label children by key, so a request does not look them up under the metric's lock.
         self._counters: dict[tuple[str, grpc.StatusCode], Any] = {}
         self._histograms: dict[str, Any] = {}
@@ -255,6 +269,13 @@ class Metrics:
 
         self.audit_disk_free.set_function(read)
 
+    def track_expiries(self, listing: Callable[[], Iterable[SecretMetadata]], refresh_seconds: float) -> None:
+        """Count the secrets expired and expiring within 7 days at every scrape, from `listing`
+        (the store's, which no label names) fetched again once `refresh_seconds` have passed."""
+        counts = _ExpiryCounts(listing, refresh_seconds)
+        self.expiring.labels(EXPIRY_STATES[0]).set_function(lambda: counts.now()[0])
+        self.expiring.labels(EXPIRY_STATES[1]).set_function(lambda: counts.now()[1])
+
     def count_client_expiry_notice(self) -> None:
         self.client_expiry_notices.inc()
 
@@ -272,3 +293,38 @@ class Metrics:
         if self._http is not None:
             server, _thread = self._http
             server.shutdown()
+
+
+class _ExpiryCounts:
+    """(expired, within 7 days) now, from a listing kept `refresh` seconds (the service's
+    encrypted store keeps its own listing while nothing changes, one read of its change head, so
+    it passes 0; a store that lists with a request per secret would keep it a while). The counts
+    are taken against the clock at each scrape: a secret expires with nothing written."""
+
+    def __init__(
+        self,
+        listing: Callable[[], Iterable[SecretMetadata]],
+        refresh: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._listing = listing
+        self._refresh = refresh
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._kept: tuple[float, list[SecretMetadata]] | None = None
+        self._counted: tuple[float, tuple[float, float]] | None = None
+
+    def now(self) -> tuple[float, float]:
+        with self._lock:
+            at = self._clock()
+            if self._counted is not None and at - self._counted[0] < 0.5:
+                return self._counted[1]  # the two states of one scrape share one listing
+            if self._kept is None or at - self._kept[0] >= self._refresh:
+                try:
+                    self._kept = (at, list(self._listing()))
+                except SecretsManagerError:  # the store down: the health check says so; no number
+                    self._kept = None
+                    return (math.nan, math.nan)
+            expired, soon = expiry_counts(self._kept[1], datetime.now(UTC), EXPIRY_SOON)
+            self._counted = (at, (float(expired), float(soon)))
+            return self._counted[1]

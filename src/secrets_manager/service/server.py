@@ -992,6 +992,9 @@ def _start(
     servicer.audit_refused = store_health.audit_refused
     metrics.track_anchor_lag(lambda: audit.anchor_lag_seconds)
     metrics.track_audit_disk(audit.free_bytes)
+    # The encrypted store keeps its listing while nothing changes (one read of the change head),
+    # so it is asked at every scrape.
+    metrics.track_expiries(lambda: store.list(""), refresh_seconds=0)
     store_health.start()
     return RunningServer(server, servicer, port, health_servicer, metrics, store_health)
 
