@@ -154,3 +154,42 @@ def test_the_expiry_counts_are_nan_while_the_store_cannot_be_listed_and_a_listin
     assert counts.now() == (1.0, 1.0)
     clock[0] = 200.0
     assert counts.now() == (1.0, 1.0) and len(calls) == 2  # kept: not listed again before `refresh`
+
+
+def test_a_service_from_before_expiries_is_said_to_be_so_not_already_so(server: Server) -> None:
+    """Such a service drops the `expires` field: a PutSecret answers without it, and an
+    UpdateSecretMetadata that gives only an expiry finds nothing to change. The client must not
+    report the expiry as recorded ("already so") in either case."""
+    from secrets_manager.client import RemoteStore
+    from secrets_manager.errors import NothingToChangeError, UnsupportedOperationError
+    from service_fixtures import tls_files
+
+    store = RemoteStore(server.address, tls_files(server.dir, "ops"))
+
+    def without_expires(message: Any) -> None:
+        if "expires" in message.DESCRIPTOR.fields_by_name:
+            message.ClearField("expires")  # what an older server's parser does with the new field
+        if "metadata" in message.DESCRIPTOR.fields_by_name:
+            without_expires(message.metadata)
+
+    def old_service(method: str, request: Any, **_: Any) -> Any:
+        without_expires(request)
+        if method == "UpdateSecretMetadata" and not (request.HasField("description") or request.set_tags):
+            raise NothingToChangeError("nothing to change for it: give a description, tags or max versions")
+        response = real_call(method, request)
+        without_expires(response)
+        return response
+
+    real_call = store._call
+    try:
+        store._call = old_service  # type: ignore[method-assign]
+        with pytest.raises(UnsupportedOperationError, match="from before expiries"):
+            store.update_metadata(NAME, expires=datetime(2031, 5, 6, tzinfo=UTC))
+        with pytest.raises(UnsupportedOperationError, match="stored auth/DB_PASSWORD version 2"):
+            store.put(NAME, b"v2", expires=datetime(2031, 5, 6, tzinfo=UTC))
+        store._call = real_call  # type: ignore[method-assign]
+        store.update_metadata(NAME, expires=datetime(2031, 5, 6, tzinfo=UTC))
+        with pytest.raises(NothingToChangeError):  # a new service: already so, truly
+            store.update_metadata(NAME, expires=datetime(2031, 5, 6, tzinfo=UTC))
+    finally:
+        store.close()

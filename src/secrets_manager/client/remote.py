@@ -20,10 +20,12 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from secrets_manager.errors import (
+    AccessDeniedError,
     ConnectionClosedError,
     HandshakeFailedError,
     InvalidInputError,
     NotConnectedError,
+    NothingToChangeError,
     OutcomeUnknownError,
     StorageError,
     UnsupportedOperationError,
@@ -350,22 +352,37 @@ class RemoteStore:
         checked_metadata_update(
             name, description, set_tags, remove_tags, max_versions, expiry_change=expiry_given
         )
-        response = self._call(
-            "UpdateSecretMetadata",
-            pb.UpdateSecretMetadataRequest(
-                name=name,
-                description=description,
-                set_tags=set_tags or {},
-                remove_tags=list(remove_tags),
-                max_versions=max_versions,
-                expires=(expires.isoformat() if expires is not None else "") if expiry_given else None,
-            ),
+        unsupported = UnsupportedOperationError(
+            f"the service at {self.address} is from before expiries and did not change the expiry of "
+            f"{name}: an expiry is not supported by this store (upgrade the service)"
         )
-        if expiry_given and not response.HasField("expires"):
-            raise UnsupportedOperationError(
-                f"the service at {self.address} is from before expiries and did not change the expiry of "
-                f"{name}: an expiry is not supported by this store (upgrade the service)"
+        try:
+            response = self._call(
+                "UpdateSecretMetadata",
+                pb.UpdateSecretMetadataRequest(
+                    name=name,
+                    description=description,
+                    set_tags=set_tags or {},
+                    remove_tags=list(remove_tags),
+                    max_versions=max_versions,
+                    expires=(expires.isoformat() if expires is not None else "") if expiry_given else None,
+                ),
             )
+        except NothingToChangeError:
+            # A service from before expiries drops the field and finds nothing else to change: the
+            # expiry given is not there, unless it already was (then "nothing to change" is true).
+            if expires is None or self._expiry_now(name, expires) == expires:
+                raise
+            raise unsupported from None
+        if expiry_given and not response.HasField("expires"):
+            raise unsupported
+
+    def _expiry_now(self, name: str, asked: datetime) -> datetime | None:
+        """The expiry DescribeSecret shows (it needs `list`; refused: taken to be `asked`)."""
+        try:
+            return self.describe(name).expires
+        except AccessDeniedError:
+            return asked
 
     def delete(self, name: str) -> None:
         self._call("DeleteSecret", pb.DeleteSecretRequest(name=name))
