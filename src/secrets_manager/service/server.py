@@ -1063,6 +1063,8 @@ def run_server(
         )
     running = build_server(config, store, audit, policy, scheduler, certificates)
     running.metrics.track_reloads(["policy", "tls"] + (["rotation_schedule"] if scheduler else []))
+    if scheduler is not None:  # before the start line: a scrape after it sees every count at 0
+        running.metrics.start_rotation_counts()
     signal.signal(signal.SIGTERM, lambda number, _frame: setattr(requested, "stop", number))
     signal.signal(signal.SIGINT, lambda number, _frame: setattr(requested, "stop", number))
     log.info(
@@ -1081,7 +1083,6 @@ def run_server(
             if outcome in ("rotated", "resumed"):
                 running.servicer.watch_hub.poke()
 
-        running.metrics.start_rotation_counts()
         scheduler.start(
             after_scheduled,
             lambda ok: running.metrics.count_reload("rotation_schedule", ok),
