@@ -80,6 +80,14 @@ class UnsupportedOperationError(InvalidInputError):
     Messages say "... is not supported by this store" and what to do instead."""
 
 
+class WatchUnsupportedError(UnsupportedOperationError):
+    """The service's store has no change feed (Vault KV v2, AWS Secrets Manager), so it cannot
+    stream changes: Watch is refused at once (gRPC UNIMPLEMENTED). Clients refresh what they cache
+    by its TTL instead; asking again soon changes nothing."""
+
+    kind = "unsupported"
+
+
 class NotFoundError(SecretsManagerError):
     """The store, secret, version or label does not exist (or was destroyed)."""
 

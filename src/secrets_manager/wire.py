@@ -26,6 +26,7 @@ from secrets_manager.errors import (
     UnlockError,
     UnsafeConfigurationError,
     UnsupportedOperationError,
+    WatchUnsupportedError,
 )
 from secrets_manager.store import Secret, SecretMetadata, VersionInfo
 from secrets_manager.store.base import DEFAULT_MAX_VERSIONS
@@ -45,6 +46,8 @@ WATCH_HISTORY_KEY = "secrets-manager-history"
 MIN_PING_INTERVAL_WITHOUT_DATA_MS = 10_000
 
 STATUS_OF_ERROR: tuple[tuple[type[SecretsManagerError], grpc.StatusCode], ...] = (
+    # Before its base: a store without a change feed cannot stream; not the request's fault.
+    (WatchUnsupportedError, grpc.StatusCode.UNIMPLEMENTED),
     (InvalidInputError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (UnlockError, grpc.StatusCode.UNAUTHENTICATED),

@@ -55,7 +55,8 @@ from secrets_manager.rotation import (
     load_schedule,
     plan,
 )
-from secrets_manager.store import CURRENT, PENDING, EncryptedStore, SecretMetadata
+from secrets_manager.service.served import ServedStore
+from secrets_manager.store import CURRENT, PENDING, SecretMetadata
 from secrets_manager.values import SecretValue
 
 log = logging.getLogger("secrets_manager.service.schedule")
@@ -244,7 +245,7 @@ class _ServiceSteps:
 
     def __init__(
         self,
-        store: EncryptedStore,
+        store: ServedStore,
         audit: AuditLog,
         *,
         actor: str = ACTOR,
@@ -330,7 +331,7 @@ class RotationScheduler:
     def __init__(
         self,
         path: Path,
-        store: EncryptedStore,
+        store: ServedStore,
         audit: AuditLog,
         *,
         check_seconds: float,

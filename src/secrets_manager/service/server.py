@@ -41,6 +41,7 @@ from secrets_manager.errors import (
     NotFoundError,
     SecretsManagerError,
     StorageError,
+    WatchUnsupportedError,
 )
 from secrets_manager.rotation import end_running_commands
 from secrets_manager.service.certificates import ServerCertificates
@@ -49,8 +50,14 @@ from secrets_manager.service.health_probe import StoreHealth
 from secrets_manager.service.metrics import Metrics, version
 from secrets_manager.service.paging import Page, TokenBinding
 from secrets_manager.service.schedule import RotationScheduler
+from secrets_manager.service.served import (
+    WATCH_UNSUPPORTED,
+    NoChangeFeed,
+    ServedStore,
+    change_feed,
+    store_probe,
+)
 from secrets_manager.service.watch import ChangeHub
-from secrets_manager.store import EncryptedStore
 from secrets_manager.store.base import SecretMetadata, checked_expiry
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.store.names import as_recorded, validate_name, validate_prefix
@@ -318,7 +325,7 @@ _SERVICE_SIDE = frozenset(
 class SecretsServicer(pb_grpc.SecretsServicer):
     def __init__(
         self,
-        store: EncryptedStore,
+        store: ServedStore,
         policy: PolicyHolder,
         audit: AuditLog,
         metrics: Metrics,
@@ -342,8 +349,11 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         self.audit_refused: Callable[[], None] = lambda: None  # the health check hears of a refusal
         self._failures = _FailureLog()
         self._expiring = _ClientExpiryNotices(metrics)
-        # One poller of the change feed for every Watch stream, and the cap on open streams.
-        self.watch_hub = ChangeHub(store, max_subscribers=max_watch_streams)
+        # One poller of the change feed for every Watch stream, and the cap on open streams. A store
+        # without a feed (Vault, AWS): Watch is refused at once, and the hub never polls.
+        feed = change_feed(store)
+        self._watchable = feed is not None
+        self.watch_hub = ChangeHub(feed or NoChangeFeed(), max_subscribers=max_watch_streams)
         metrics.count_watch_streams(lambda: self.watch_hub.subscribers, max_watch_streams)
 
     # ---- the request pipeline ------------------------------------------------------------------
@@ -769,6 +779,8 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         since_history = request.since_history if request.HasField("since_history") else None
         with self._call(context, "Watch", "watch", prefix or None, None, prefix=True, stream=True) as call:
             call.allowed = True  # it holds a role; the changes it is shown are filtered below
+            if not self._watchable:  # UNIMPLEMENTED: the client refreshes by TTL, and says so once
+                raise WatchUnsupportedError(WATCH_UNSUPPORTED)
             subscription = self.watch_hub.subscribe(since, since_history)
         # Its place under the limit is freed however the stream ends; it is counted then.
         with subscription, self._counted_stream(context, "Watch", started):
@@ -828,7 +840,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
-def _probe_audit(audit: AuditLog, store: EncryptedStore) -> None:
+def _probe_audit(audit: AuditLog, store: ServedStore) -> None:
     """The health check of the audit log: an append of no record (locks, live file, anchor), and
     room on its disk for the next records (an empty append needs none, so a full disk would read
     SERVING between the refusals of real requests)."""
@@ -911,7 +923,7 @@ class RunningServer:
 
 def build_server(
     config: ServerConfig,
-    store: EncryptedStore,
+    store: ServedStore,
     audit: AuditLog,
     policy: PolicyHolder,
     scheduler: RotationScheduler | None = None,
@@ -934,7 +946,7 @@ def _start(
     config: ServerConfig,
     certificates: ServerCertificates,
     metrics: Metrics,
-    store: EncryptedStore,
+    store: ServedStore,
     audit: AuditLog,
     policy: PolicyHolder,
     scheduler: RotationScheduler | None,
@@ -981,7 +993,7 @@ def _start(
     store_health = StoreHealth(
         health_servicer,
         (service_name, ""),
-        lambda: store.changes_since(None),
+        store_probe(store),  # the change feed's head; a store without one (Vault, AWS): its probe()
         audit_probe=partial(_probe_audit, audit, store),
         on_check=metrics.set_check,
         on_probe=metrics.observe_probe,
@@ -1030,7 +1042,7 @@ def _bind(server: grpc.Server, listen: str, credentials: grpc.ServerCredentials)
 
 def run_server(
     config: ServerConfig,
-    store: EncryptedStore,
+    store: ServedStore,
     audit: AuditLog,
     *,
     ready: Callable[[int], None] = lambda port: None,

@@ -41,7 +41,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from secrets_manager.errors import (
     InvalidInputError,
@@ -58,8 +58,9 @@ QUEUE_EVENTS = 1024  # undelivered events a subscriber may have before it is sen
 LIMIT_WARNING_SECONDS = 60.0  # at most one "limit reached" warning in the log per this interval
 
 
+@runtime_checkable
 class ChangeFeed(Protocol):
-    """What the hub needs of a store (EncryptedStore has it)."""
+    """What the hub needs of a store (EncryptedStore has it; Vault and AWS stores do not)."""
 
     def changes_since(self, revision: int | None) -> tuple[SecretChanges, int]: ...
 

@@ -44,7 +44,7 @@ import threading
 import time
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -113,10 +113,13 @@ from secrets_manager.store.external import (
     MAX_VERSIONS_KEY,
     RESERVED_KEY_PREFIX,
     NoAnswerError,
+    acting_actor,
+    acting_for,
     audit_anchor_name,
     checked_write,
     user_tags,
     utc,
+    with_fingerprint,
 )
 from secrets_manager.store.names import namespace_of, validate_name, validate_prefix
 from secrets_manager.values import SecretValue
@@ -367,7 +370,24 @@ class AwsStore:
         """The KMS key new secrets of `name`'s namespace are encrypted with (None: AWS's default)."""
         return self._kms_keys.get(namespace_of(name), self._default_kms_key)
 
+    def acting_for(self, actor: str) -> AbstractContextManager[None]:
+        """Secrets created in this block, in this thread, record `actor` as their creator (the
+        `secrets-manager:created-by` tag the CLI sets; AWS records no writer per version)."""
+        return acting_for(actor)
+
+    def probe(self) -> None:
+        """One cheap read that proves AWS answers and accepts our credentials: DescribeSecret of
+        this log's audit anchor (absent is fine). The service's health check; nothing is kept."""
+        with self._aws("check that AWS answers", None, state_error=IntegrityError):
+            self._describe_or_none(self.aws_name(self._anchor_name))
+
     # ---- reads -----------------------------------------------------------------------------
+
+    def get_with_fingerprint(
+        self, name: str, *, version: int | None = None, label: str | None = None
+    ) -> tuple[Secret, str]:
+        """`get`, and the value's audit fingerprint (the service audits every read with it)."""
+        return with_fingerprint(self.get(name, version=version, label=label), self.audit_key())
 
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """GetSecretValue by staging label; for a version number, DescribeSecret and
@@ -598,7 +618,7 @@ class AwsStore:
         max_versions: int | None,
         expires: datetime | None = None,
     ) -> None:
-        ours = {CREATED_BY_KEY: _tag_value(self._actor)}
+        ours = {CREATED_BY_KEY: _tag_value(acting_actor(self._actor))}
         if max_versions is not None:
             ours[MAX_VERSIONS_KEY] = str(max_versions)
         if expires is not None:

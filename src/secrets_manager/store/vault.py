@@ -50,7 +50,7 @@ import ssl
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import suppress
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -114,9 +114,12 @@ from secrets_manager.store.external import (
     EXPIRES_KEY,
     RESERVED_KEY_PREFIX,
     NoAnswerError,
+    acting_actor,
+    acting_for,
     audit_anchor_name,
     checked_write,
     user_tags,
+    with_fingerprint,
 )
 from secrets_manager.store.names import namespace_of, validate_name, validate_namespace, validate_prefix
 from secrets_manager.values import SecretValue
@@ -515,7 +518,23 @@ class VaultStore:
             return False
         return True
 
+    def acting_for(self, actor: str) -> AbstractContextManager[None]:
+        """Secrets created in this block, in this thread, record `actor` as their creator (KV v2
+        records no writer per version; the secret's `created-by` metadata is what the CLI sets)."""
+        return acting_for(actor)
+
+    def probe(self) -> None:
+        """One cheap read that proves Vault answers and accepts our token: GET the metadata of this
+        log's audit anchor (absent is fine). The service's health check; nothing is kept."""
+        self._read_meta(self._anchor_name, action="check that Vault answers")
+
     # ---- reads -----------------------------------------------------------------------------
+
+    def get_with_fingerprint(
+        self, name: str, *, version: int | None = None, label: str | None = None
+    ) -> tuple[Secret, str]:
+        """`get`, and the value's audit fingerprint (the service audits every read with it)."""
+        return with_fingerprint(self.get(name, version=version, label=label), self.audit_key())
 
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """GET MOUNT/data/NAME (the latest version), or MOUNT/metadata/NAME then
@@ -750,7 +769,7 @@ class VaultStore:
         """The custom_metadata of a secret (`meta`, None if new) with this description and tags."""
         custom = {} if meta is None else dict(meta.custom)
         if meta is None:
-            custom[CREATED_BY_KEY] = self._actor
+            custom[CREATED_BY_KEY] = acting_actor(self._actor)
         if description is not None:
             custom[DESCRIPTION_KEY] = description
             if not description:

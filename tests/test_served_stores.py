@@ -1,0 +1,137 @@
+"""What the service asks of a Vault or AWS store (service/served.py `ServedStore`), on the KV v2
+test server and moto: a read with its audit fingerprint, writes attributed to the service's
+caller, and a health probe that needs no change feed."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import boto3
+import pytest
+from botocore.config import Config
+
+from secrets_manager.audit import value_fingerprint
+from secrets_manager.errors import AccessDeniedError, StorageError
+from secrets_manager.service.served import ServedStore, change_feed, store_probe
+from secrets_manager.store.aws import AwsStore
+from secrets_manager.store.vault import VaultStore, connect_vault, retrying_session
+from tcp_proxy import TcpProxy
+from vault_server import FakeVault
+
+REGION = "us-east-1"
+CALLER = "spiffe://shrivenquant.local/ops"
+
+
+def aws_client(endpoint: str) -> Any:
+    return boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name=REGION
+    ).client(
+        "secretsmanager",
+        endpoint_url=endpoint,
+        config=Config(retries={"mode": "standard", "max_attempts": 2}),
+    )
+
+
+def unused_endpoint() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.fixture
+def fake_vault() -> Iterator[FakeVault]:
+    vault = FakeVault().start()
+    yield vault
+    vault.stop()
+
+
+def vault_store(vault: FakeVault, token: str | None = None, address: str | None = None) -> VaultStore:
+    environ = {"VAULT_TOKEN": vault.root_token if token is None else token}
+    session = retrying_session(attempts=1, backoff=0.001)
+    client = connect_vault(address or vault.address, environ=environ, session=session)
+    return VaultStore(client, "secret", actor="local-user")
+
+
+@pytest.fixture(params=["vault", "aws"])
+def store(request: pytest.FixtureRequest) -> Iterator[ServedStore]:
+    opened: ServedStore
+    if request.param == "vault":
+        opened = vault_store(request.getfixturevalue("fake_vault"))
+    else:
+        endpoint = request.getfixturevalue("moto_endpoint")
+        opened = AwsStore(aws_client(endpoint), f"served-{secrets.token_hex(4)}", actor="local-user")
+    yield opened
+    opened.close()
+
+
+def test_a_read_carries_the_fingerprint_the_cli_records(store: ServedStore) -> None:
+    """The service audits a read with this fingerprint; the CLI's audited read of the same value
+    records audit.value_fingerprint, so `audit verify --value` matches both. (No such method
+    before: the service could not read these stores.)"""
+    store.put("svc/K", b"first")
+    store.put("svc/K", b"second")
+    secret, fingerprint = store.get_with_fingerprint("svc/K")
+    assert (secret.value.reveal(), secret.version) == (b"second", 2)
+    assert fingerprint == value_fingerprint(store, b"second")
+    older, older_fingerprint = store.get_with_fingerprint("svc/K", version=1)
+    assert older.value.reveal() == b"first" and older_fingerprint == value_fingerprint(store, b"first")
+    assert b"second" not in fingerprint.encode()
+
+
+def test_secrets_created_for_a_caller_name_it_and_only_in_its_thread(store: ServedStore) -> None:
+    """A secret the service creates for a caller records the caller (as the CLI records the local
+    user), while another thread's write at the same moment keeps the store's own actor."""
+    inside = threading.Event()
+    done = threading.Event()
+
+    def other_thread() -> None:
+        inside.wait(10)
+        store.put("svc/OTHER", b"x")
+        done.set()
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    with store.acting_for(CALLER):
+        inside.set()
+        store.put("svc/MINE", b"x")
+        assert done.wait(10)
+    thread.join(10)
+    store.put("svc/AFTER", b"x")
+    assert store.describe("svc/MINE").created_by == CALLER
+    assert store.describe("svc/OTHER").created_by == "local-user"
+    assert store.describe("svc/AFTER").created_by == "local-user"
+
+
+def test_the_health_probe_needs_no_change_feed(store: ServedStore) -> None:
+    """Vault and AWS have no change feed (the probe read one before): the store check is the
+    store's own cheap read, which writes nothing."""
+    assert change_feed(store) is None
+    probe: Callable[[], object] = store_probe(store)
+    probe()
+    assert store.list() == []
+
+
+def test_the_vault_probe_fails_when_vault_goes_or_refuses_the_token(fake_vault: FakeVault) -> None:
+    refused = vault_store(fake_vault, token="not-a-token")
+    with pytest.raises(AccessDeniedError):
+        store_probe(refused)()
+    refused.close()
+    proxy = TcpProxy("127.0.0.1", int(fake_vault.address.rsplit(":", 1)[1]))
+    store = vault_store(fake_vault, address=f"http://{proxy.address}")
+    store_probe(store)()
+    fake_vault.stop()  # Vault is gone: it takes no new connection,
+    proxy.close()  # and the ones its client kept alive are cut
+    with pytest.raises(StorageError):
+        store_probe(store)()
+    store.close()
+
+
+def test_the_aws_probe_fails_when_aws_does_not_answer() -> None:
+    store = AwsStore(aws_client(unused_endpoint()), "served", actor="local-user")
+    with pytest.raises(StorageError):
+        store_probe(store)()
+    store.close()
