@@ -261,41 +261,6 @@ def test_commands_of_our_own_encryption_are_not_supported_on_vault(vault_cli: Cl
     assert_one_line_error(vault_cli("keys", "status"), 2, "not supported by this store")
 
 
-def serve_refusal(cli: Cli, tmp_path: Path, *, in_config: bool) -> Result:
-    """`serve` on the CLI's Vault or AWS store: named by server.toml's store (an old server.toml
-    adapted after a restore into Vault or AWS), or by SECRETS_MANAGER_STORE with none there."""
-    config = tmp_path / "srv" / "server.toml"
-    config.parent.mkdir()
-    store = f'store = "{cli.env["SECRETS_MANAGER_STORE"]}"\n' if in_config else ""
-    config.write_text(
-        f'listen = "127.0.0.1:0"\n{store}policy = "policy.toml"\n'
-        '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
-    )
-    config.chmod(0o600)
-    before = files_under(tmp_path)
-    result = cli("serve", "--config", str(config))
-    assert files_under(tmp_path) == before  # no audit log begun, nothing written
-    return result
-
-
-@pytest.mark.parametrize("in_config", [True, False])
-def test_serve_on_vault_says_serve_runs_on_encrypted_stores_only(
-    vault_cli: Cli, tmp_path: Path, in_config: bool
-) -> None:
-    """The refusal named a master password ("opening ... with a master password is not supported"),
-    which a config without password_file does not give: it sent the operator looking for one."""
-    where = "the store setting of" if in_config else "(--store)"
-    result = serve_refusal(vault_cli, tmp_path, in_config=in_config)
-    assert_one_line_error(result, 2, "serving vault+http://", where, "SQLite file or PostgreSQL")
-    assert "master password" not in result.stderr
-
-
-def test_serve_on_aws_says_serve_runs_on_encrypted_stores_only(aws_cli: Cli, tmp_path: Path) -> None:
-    result = serve_refusal(aws_cli, tmp_path, in_config=True)
-    assert_one_line_error(result, 2, "serving aws-secretsmanager://", "SQLite file or PostgreSQL")
-    assert "master password" not in result.stderr
-
-
 def test_plain_http_vault_is_refused_in_production(vault_cli: Cli) -> None:
     assert_one_line_error(vault_cli("list", env={"SHRIVENQUANT_ENV": "production"}), 2, "plain http")
 

@@ -6,6 +6,7 @@ import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import click
 
@@ -18,13 +19,18 @@ from secrets_manager.errors import (
     StoreNotFoundError,
     UnsupportedOperationError,
 )
+from secrets_manager.store.base import Capability, unsupported_capabilities
 from secrets_manager.store.url import (
     default_audit_path,
     display_url,
     local_store_files,
     needs_password,
+    open_external_store,
     open_store,
 )
+
+if TYPE_CHECKING:
+    from secrets_manager.service.served import ServedStore
 
 
 @cli.command()
@@ -34,9 +40,13 @@ def serve(session: Session, config_path: str) -> None:
     """Serve the store over gRPC with mutual TLS, access control and audit, until SIGTERM.
 
     The master password comes from the config's password_file, else the usual sources; a store
-    that AWS KMS unlocks (init --kms-key, unlock-with kms) needs none. A password file is read
-    again if 'passwd' and then 'keys rotate --root' ran meanwhile: put the new password in it;
-    after 'unlock-with kms' and a root rotation it re-unlocks through KMS (AWS credentials). SIGHUP
+    that AWS KMS unlocks (init --kms-key, unlock-with kms) needs none, nor does a Vault or AWS
+    store (vault://…, aws-secretsmanager://…: credentials from VAULT_TOKEN or an AppRole, the AWS
+    credential chain; password_file is refused there). Watch needs a change feed, which Vault
+    and AWS lack: there it is refused, and clients refresh by their cache's TTL, so a change
+    reaches them within it. A password file is read again if 'passwd' and then 'keys rotate
+    --root' ran meanwhile: put the new password in it; after 'unlock-with kms' and a root
+    rotation it re-unlocks through KMS (AWS credentials). SIGHUP
     reloads the access policy and the [tls] files, e.g. a renewed certificate (while serve starts
     it is ignored); SIGTERM stops accepting calls and
     lets running ones finish. With rotation_schedule in the config it also runs due credential
@@ -54,15 +64,20 @@ def serve(session: Session, config_path: str) -> None:
     refuse_password_variable(session.environment, session.environ)  # even beside password_file
     config = load_config(Path(config_path), environment=session.environment)
     store_url = config.store or session.store_url
-    if not needs_password(store_url):
-        # open_store would say "opening ... with a master password is not supported", which sent
-        # an operator who had just restored into Vault or AWS to look for a password to remove.
-        where = f"the store setting of {config_path}" if config.store else "--store"
-        raise UnsupportedOperationError(
-            f"serving {display_url(store_url)} ({where}) is not supported by this store: serve runs on "
-            "an encrypted store, a SQLite file or PostgreSQL, only for now; point store at one (restore "
-            "a backup into it), and read Vault or AWS with the CLI (docs/stores.md)"
-        )
+    external = not needs_password(store_url)
+    where = f"the store setting of {config_path}" if config.store else "--store"
+    if external:
+        # Vault and AWS take their credentials from the environment (VAULT_TOKEN or AppRole, the
+        # AWS credential chain): a password setting would be ignored, so it is refused instead.
+        given = "password_file in " + config_path if config.password_file is not None else None
+        if given is None and session.password_file:
+            given = "--password-file"
+        if given is not None:
+            raise UnsupportedOperationError(
+                f"{given} is not supported by this store: {display_url(store_url)} ({where}) has no "
+                "master password (Vault takes VAULT_TOKEN or an AppRole, AWS its credential chain); "
+                "remove it"
+            )
     password_file = config.password_file
 
     def password() -> bytes:  # asked for only if a password unlocks the store (not AWS KMS)
@@ -70,7 +85,7 @@ def serve(session: Session, config_path: str) -> None:
             return read_password_file(password_file, environment=session.environment)
         return session.password()
 
-    audit_path = config.audit_file or default_audit_path(store_url)
+    audit_path = config.audit_file or default_audit_path(store_url, environ=session.environ)
     others = [(path, "the store's file") for path in local_store_files(store_url)]
     if password_file is not None:
         others.append((password_file, "the password file"))
@@ -81,16 +96,31 @@ def serve(session: Session, config_path: str) -> None:
         environment=session.environment,
         **session.audit_options(),  # SECRETS_MANAGER_AUDIT_TIMEOUT and _MAX_BYTES, as for every command
     )
+    store: ServedStore
     try:
-        store = open_store(
-            store_url,
-            password,
-            environment=session.environment,
-            actor=session.actor,
-            audit_path=audit.path,
-            # A file is read again after another process ran passwd and 'keys rotate --root'.
-            password_rereadable=password_file is not None or session.password_from_file,
-        )
+        if external:
+            # As the CLI opens it (production refuses plain-http Vault); its audit anchor is kept
+            # in the backend under this log's scope.
+            store = cast(  # a VaultStore or AwsStore, which serve all the service asks
+                "ServedStore",
+                open_external_store(
+                    str(store_url),
+                    environment=session.environment,
+                    actor=session.actor,
+                    audit_path=audit.path,
+                    environ=session.environ,
+                ),
+            )
+        else:
+            store = open_store(
+                store_url,
+                password,
+                environment=session.environment,
+                actor=session.actor,
+                audit_path=audit.path,
+                # A file is read again after another process ran passwd and 'keys rotate --root'.
+                password_rereadable=password_file is not None or session.password_from_file,
+            )
     except StoreNotFoundError as exc:
         if config.store is None:
             raise
@@ -100,6 +130,15 @@ def serve(session: Session, config_path: str) -> None:
             f"'{exc.init_command}', or set store in {config_path} to the store you meant"
         ) from None
     try:
+        if config.rotation_schedule is not None and Capability.PENDING_LABEL in unsupported_capabilities(
+            store
+        ):
+            # Every scheduled rotation would fail at its stage: refused now, not once per check.
+            raise UnsupportedOperationError(
+                f"rotation_schedule (in {config_path}) is not supported by this store: "
+                f"{display_url(store_url)} has no 'pending' label (Vault KV v2), so no rotation can be "
+                "staged; remove rotation_schedule, and rotate by writing new versions ('store')"
+            )
         # As for a change: a durable request record first (a log that cannot be written stops the
         # start), then the outcome: ok once the server listens, or why it could not start.
         event = session.event("serve", source="grpc", peer=config.listen)

@@ -19,7 +19,11 @@ How a value reaches a caller:
   everything cached, now and `SETTLE_SECONDS` later). A RESYNC event (the service's change feed
   was trimmed, or this client fell behind) re-reads everything.
   A service at its watch-stream limit refuses the stream (RESOURCE_EXHAUSTED): values are then
-  refreshed by TTL only while the watcher retries with backoff.
+  refreshed by TTL only while the watcher retries with backoff. A service on a store without a
+  change feed (Vault, AWS Secrets Manager) refuses it for good (UNIMPLEMENTED,
+  WatchUnsupportedError): values are refreshed by TTL only, so a changed value is served within the
+  TTL, not at once; one warning, and the stream is asked for again only every
+  WATCH_UNSUPPORTED_RETRY_SECONDS, not in a loop.
 - Stale-if-error. When no address answers (a call failed on all of them, or the watcher cannot
   connect anywhere) an outage starts. Cached values are served, marked stale (`Client.stale`,
   `Credentials.stale`, one warning in the log), for at most `stale_if_error` seconds from its start
@@ -113,6 +117,7 @@ from secrets_manager.errors import (
     SecretsManagerError,
     StorageError,
     StoreBusyError,
+    WatchUnsupportedError,
 )
 from secrets_manager.store import EncryptedStore, Secret, SecretMetadata
 from secrets_manager.store.changes import ChangeKind, SecretChange
@@ -132,6 +137,9 @@ BACKOFF_INITIAL_SECONDS = 0.1
 BACKOFF_MAX_SECONDS = 5.0
 HEALTHY_STREAM_SECONDS = 5.0  # a stream that lived this long resets the reconnect backoff
 WATCH_DENIED_RETRY_SECONDS = 60.0  # a watch stream the policy refused is asked for again this often
+# A service whose store has no change feed (Vault, AWS) refuses every watch stream: values refresh
+# by TTL, and the stream is asked for again only this often (a service moved to a store with one).
+WATCH_UNSUPPORTED_RETRY_SECONDS = 300.0
 # How often the certificate files are stat'ed for a renewal. Three stat calls in the refresher
 # thread, nothing on the read path, so cost does not bound it; what does is how soon a renewed
 # certificate is in use. Renewers act long before expiry (SPIFFE helpers at half an SVID's hour,
@@ -1362,6 +1370,7 @@ class Client:
         resume_history: str | None = None  # the line of the store's history `resume` is on
         refusals = 0  # streams refused in a row (the service at its watch-stream limit)
         denials = 0  # streams denied in a row (this identity holds no role in the service's policy)
+        unsupported = 0  # streams refused in a row by a service whose store has no change feed
         while not self._closed.is_set():
             try:
                 stream = backend.open_watch(resume, resume_history)
@@ -1374,6 +1383,11 @@ class Client:
                 self._first_stream.set()
                 denials += 1
                 self._watch_denied(exc, denials)
+                continue
+            except WatchUnsupportedError as exc:
+                self._first_stream.set()
+                unsupported += 1
+                self._watch_unsupported(exc, unsupported)
                 continue
             except SecretsManagerError as exc:
                 self._first_stream.set()
@@ -1416,6 +1430,10 @@ class Client:
                 denials += 1
                 self._watch_denied(exc, denials)
                 continue
+            except WatchUnsupportedError as exc:
+                unsupported += 1
+                self._watch_unsupported(exc, unsupported)
+                continue
             except SecretsManagerError as exc:
                 log.warning("watch stream failed, reconnecting: %s", exc)
             finally:
@@ -1426,7 +1444,7 @@ class Client:
                 stream.close()  # its channels may close now, if a renewal replaced them
                 if stream.revision is not None:  # the stream went live
                     resume, resume_history = stream.revision, stream.history
-                    refusals = denials = 0
+                    refusals = denials = unsupported = 0
             if stream.moved:
                 continue  # not a failure: no backoff
             if self._clock() - opened >= HEALTHY_STREAM_SECONDS:
@@ -1446,6 +1464,20 @@ class Client:
             error,
         )
         self._closed.wait(WATCH_DENIED_RETRY_SECONDS)
+
+    def _watch_unsupported(self, error: WatchUnsupportedError, refusals: int) -> None:
+        """The service's store has no change feed (Vault, AWS): no stream will come, so values are
+        refreshed by TTL only. Said once (a warning), and asked again only every
+        WATCH_UNSUPPORTED_RETRY_SECONDS, so neither the service's audit log nor ours gets a refusal
+        every few seconds."""
+        (log.warning if refusals == 1 else log.debug)(
+            "secrets-manager (%s) cannot push changes (values refresh by TTL only, so a changed value "
+            "is served within the TTL; asking again every %g s): %s",
+            self._config.description,
+            WATCH_UNSUPPORTED_RETRY_SECONDS,
+            error,
+        )
+        self._closed.wait(WATCH_UNSUPPORTED_RETRY_SECONDS)
 
     def _reload_after_connect(self, opened: float, live: float, *, known: bool) -> None:
         """A stream that did not resume went live at `live`: changes before its starting revision
