@@ -16,6 +16,7 @@ import re
 import secrets
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class Backend:
     env: dict[str, str]
     proxy: Switch
     opened: list[Any] = field(default_factory=list)
+    vault: FakeVault | None = None  # the Vault test server behind the proxy (its request log)
 
     def seed(self, values: dict[str, bytes]) -> None:
         store = self.open()
@@ -114,7 +116,7 @@ def make_backend(request: pytest.FixtureRequest) -> Iterator[Callable[[str], Bac
             proxy = Switch("127.0.0.1", int(vault.address.rsplit(":", 1)[1]))
             cleanup.append(proxy.close)
             url = f"vault+http://{proxy.address}/secret"
-            return Backend(kind, url, {"VAULT_TOKEN": vault.root_token}, proxy)
+            return Backend(kind, url, {"VAULT_TOKEN": vault.root_token}, proxy, vault=vault)
         endpoint = request.getfixturevalue("moto_endpoint")
         proxy = Switch("127.0.0.1", int(endpoint.rsplit(":", 1)[1]))
         cleanup.append(proxy.close)
@@ -445,3 +447,36 @@ def test_the_schedule_rotates_on_aws_when_asked_through_the_service(
         server.stop()
     steps = [(r["operation"], r["outcome"]) for r in audit_records(server) if r["actor"] == OPS]
     assert ("rotate.stage", "ok") in steps and ("rotate.promote", "ok") in steps and ("rotate", "ok") in steps
+
+
+def test_the_expiry_gauge_lists_a_vault_store_at_most_every_five_minutes(
+    make_backend: Callable[[str], Backend], service_dir: Path
+) -> None:
+    """Vault lists with a request per secret: the expiry gauge, asked at every Prometheus scrape,
+    listed the whole store each time (it was written for our store, which keeps its listing while
+    nothing changes). A Vault or AWS store is now listed again only every 5 minutes."""
+    backend = make_backend("vault")
+    backend.seed({f"auth/KEY_{index}": b"v" for index in range(5)})
+    assert backend.vault is not None
+    server = start_server(
+        service_dir, store=backend.url, settings=AUDIT, environment=backend.env, metrics=True
+    )
+    try:
+
+        def scrape() -> str:
+            url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as answer:
+                return str(answer.read().decode())
+
+        def metadata_reads() -> int:
+            requests = list(backend.vault.requests)  # type: ignore[union-attr]
+            return sum(1 for _, path in requests if "/metadata/auth" in path)  # the secrets, not the anchor
+
+        assert 'secrets_manager_secrets_expiring{state="expired"} 0.0' in scrape()
+        listed = metadata_reads()
+        for _ in range(3):
+            time.sleep(0.6)  # past the 0.5 s one scrape's two states share
+            assert 'secrets_manager_secrets_expiring{state="expired"} 0.0' in scrape()
+        assert metadata_reads() == listed
+    finally:
+        server.stop()

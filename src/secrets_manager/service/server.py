@@ -91,6 +91,7 @@ SIGNAL_POLL_SECONDS = 0.1  # how soon serve's main loop acts on SIGHUP, SIGTERM 
 CLIENT_EXPIRY_WARNING_SECONDS = 7 * 86400  # a client certificate ending sooner is warned of
 CLIENT_EXPIRY_NOTICE_SECONDS = 86400  # once a day per certificate
 REQUEST_FAILURE_LOG_SECONDS = 10.0  # at most one "request failed" line per method and code this often
+EXTERNAL_EXPIRY_REFRESH_SECONDS = 300.0  # the expiry gauge's listing of a Vault or AWS store
 WATCH_IDLE_SECONDS = 1.0  # a quiet watch stream still checks this often that it should go on
 _KIND = {
     ChangeKind.VERSION_ADDED: pb.ChangeEvent.VERSION_ADDED,
@@ -1004,9 +1005,11 @@ def _start(
     servicer.audit_refused = store_health.audit_refused
     metrics.track_anchor_lag(lambda: audit.anchor_lag_seconds)
     metrics.track_audit_disk(audit.free_bytes)
-    # The encrypted store keeps its listing while nothing changes (one read of the change head),
-    # so it is asked at every scrape.
-    metrics.track_expiries(lambda: store.list(""), refresh_seconds=0)
+    # Our encrypted store keeps its listing while nothing changes (one read of the change head),
+    # so it is asked at every scrape; Vault lists with a request per secret and AWS pages through
+    # ListSecrets, so those are listed again only every EXTERNAL_EXPIRY_REFRESH_SECONDS.
+    refresh = 0.0 if change_feed(store) is not None else EXTERNAL_EXPIRY_REFRESH_SECONDS
+    metrics.track_expiries(lambda: store.list(""), refresh_seconds=refresh)
     store_health.start()
     return RunningServer(server, servicer, port, health_servicer, metrics, store_health)
 
