@@ -90,6 +90,7 @@ from secrets_manager.store.base import (
     SecretMetadata,
     VersionInfo,
     checked_expiry,
+    checked_expiry_change,
     checked_max_versions,
     checked_metadata_update,
     checked_value,
@@ -819,10 +820,7 @@ class AwsStore:
         are our tags), so a concurrent change of other tags is kept. An expiry also needs
         ListSecretVersionIds, for the current version."""
         validate_name(name)
-        expires = checked_expiry(name, expires)
-        if expires is not None and clear_expiry:
-            raise InvalidInputError(f"give an expiry for {name!r} or clear it, not both")
-        expiry_given = expires is not None or clear_expiry
+        expires, expiry_given = checked_expiry_change(name, expires, clear_expiry)
         setting, removing = checked_metadata_update(
             name, description, set_tags, remove_tags, max_versions, expiry_change=expiry_given
         )

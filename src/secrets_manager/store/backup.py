@@ -752,11 +752,7 @@ def _read_header(source: BinaryIO, path: Path) -> BackupHeader:
 def _unlock_store_header(
     store_header: dict[str, Any], password: bytes, minimum: kdf_module.KdfParams | None, path: Path
 ) -> DataKey:
-    fmt = store_header.get("format")
-    if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > STORE_FORMAT:
-        raise BackupVersionError(
-            f"{path} holds a store of format {fmt}; upgrade secrets-manager to verify or restore it"
-        )
+    _refuse_a_newer_store_format(store_header, path)
     try:
         _check_store_header(store_header)
         if store_header["unlock"].get("kind") != PasswordUnlock.kind:
@@ -779,14 +775,18 @@ def _unlock_store_header(
         raise BackupDamagedError(path, "the store header in it is malformed") from None
 
 
-def _root_by_other_means(
-    store_header: dict[str, Any], root_from: Callable[[dict[str, Any]], DataKey], path: Path
-) -> DataKey:
+def _refuse_a_newer_store_format(store_header: dict[str, Any], path: Path) -> None:
     fmt = store_header.get("format")
     if isinstance(fmt, int) and not isinstance(fmt, bool) and fmt > STORE_FORMAT:
         raise BackupVersionError(
             f"{path} holds a store of format {fmt}; upgrade secrets-manager to verify or restore it"
         )
+
+
+def _root_by_other_means(
+    store_header: dict[str, Any], root_from: Callable[[dict[str, Any]], DataKey], path: Path
+) -> DataKey:
+    _refuse_a_newer_store_format(store_header, path)
     try:
         _check_store_header(store_header)
     except IntegrityError:

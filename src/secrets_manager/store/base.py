@@ -279,6 +279,17 @@ def checked_expiry(name: str, expires: datetime | None) -> datetime | None:
         raise InvalidInputError(f"the expiry of {name!r} is out of range") from None
 
 
+def checked_expiry_change(
+    name: str, expires: datetime | None, clear_expiry: bool
+) -> tuple[datetime | None, bool]:
+    """An update_metadata's expiry arguments checked (`checked_expiry`; not both a time and a
+    clear), and whether they change the expiry at all."""
+    expires = checked_expiry(name, expires)
+    if expires is not None and clear_expiry:
+        raise InvalidInputError(f"give an expiry for {name!r} or clear it, not both")
+    return expires, expires is not None or clear_expiry
+
+
 def format_expiry(version: int, expires: datetime) -> str:
     """The (version, time) pair as text, for a backend that keeps it in a tag or custom_metadata
     entry: `N@YYYY-MM-DDTHH:MM:SSZ` (characters AWS tags and Vault's custom_metadata take)."""

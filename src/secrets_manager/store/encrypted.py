@@ -86,6 +86,7 @@ from secrets_manager.store.base import (
     SecretMetadata,
     VersionInfo,
     checked_expiry,
+    checked_expiry_change,
     checked_max_versions,
     checked_metadata,
     checked_metadata_update,
@@ -770,10 +771,7 @@ class EncryptedStore:
         commit, so two updates of different tags both land; no version is written, and none is
         pruned: a lower max_versions is applied by the next write (`_Meta.prune`), as Vault does."""
         validate_name(name)
-        expires = checked_expiry(name, expires)
-        if expires is not None and clear_expiry:
-            raise InvalidInputError(f"give an expiry for {name!r} or clear it, not both")
-        expiry_given = expires is not None or clear_expiry
+        expires, expiry_given = checked_expiry_change(name, expires, clear_expiry)
         setting, removing = checked_metadata_update(
             name, description, set_tags, remove_tags, max_versions, expiry_change=expiry_given
         )

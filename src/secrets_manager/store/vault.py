@@ -94,6 +94,7 @@ from secrets_manager.store.base import (
     SecretMetadata,
     VersionInfo,
     checked_expiry,
+    checked_expiry_change,
     checked_max_versions,
     checked_metadata_update,
     checked_value,
@@ -807,10 +808,7 @@ class VaultStore:
         a lower max_versions only at the next write. Without compare-and-set on that endpoint, as
         `_write_metadata` says (a change of max_versions alone sends nothing else, so loses none)."""
         validate_name(name)
-        expires = checked_expiry(name, expires)
-        if expires is not None and clear_expiry:
-            raise InvalidInputError(f"give an expiry for {name!r} or clear it, not both")
-        expiry_given = expires is not None or clear_expiry
+        expires, expiry_given = checked_expiry_change(name, expires, clear_expiry)
         setting, removing = checked_metadata_update(
             name, description, set_tags, remove_tags, max_versions, expiry_change=expiry_given
         )
