@@ -1,10 +1,9 @@
-"""Credential expiry in backups: a store copy and a password backup keep it, on every store kind; a
+"""Credential expiry in backups: a store copy and a password backup keep it (a password backup from
+Vault into AWS: test_expiry_store.py, beside those stores' fixtures); a
 backup with one is format version 2, which a reader of version 1 refuses with "upgrade"."""
 
 from __future__ import annotations
 
-import secrets
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -14,37 +13,12 @@ from secrets_manager.crypto import kdf
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.store import backup as backup_module
-from secrets_manager.store.aws import AwsStore
 from secrets_manager.store.backup import BackupVersionError, read_backup, write_backup
 from secrets_manager.store.restore import restore_into
-from secrets_manager.store.vault import VaultStore, connect_vault, retrying_session
-from test_store_aws import aws_client
-from vault_server import FakeVault
 
 EXPIRES = datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
 NAME = "market-connector/BINANCE_API_KEY"
 BACKUP_PASSWORD = b"off-site backup password"
-
-
-@pytest.fixture
-def vault() -> Iterator[VaultStore]:
-    server = FakeVault().start()
-    client = connect_vault(
-        server.address,
-        environ={"VAULT_TOKEN": server.root_token},
-        session=retrying_session(attempts=3, backoff=0.001),
-    )
-    store = VaultStore(client, "secret", actor="tester")
-    yield store
-    store.close()
-    server.stop()
-
-
-@pytest.fixture
-def aws(moto_endpoint: str) -> Iterator[AwsStore]:
-    store = AwsStore(aws_client(moto_endpoint), f"expiry-{secrets.token_hex(4)}")
-    yield store
-    store.close()
 
 
 def test_a_store_copy_restores_the_expiry(
@@ -64,19 +38,6 @@ def test_a_store_copy_restores_the_expiry(
         assert target.describe("auth/DB_PASSWORD").expires is None
     finally:
         target.close()
-
-
-def test_a_password_backup_of_vault_restores_the_expiry_into_aws(
-    vault: VaultStore, aws: AwsStore, tmp_path: Path
-) -> None:
-    vault.put(NAME, b"v1")
-    vault.put(NAME, b"v2", expires=EXPIRES)
-    write_backup(vault, tmp_path / "b.smbackup", password=BACKUP_PASSWORD, kdf=kdf.TEST)
-    assert (tmp_path / "b.smbackup").read_bytes().startswith(b"secrets-manager-backup/v2\n")
-    restore_into(aws, read_backup(tmp_path / "b.smbackup", BACKUP_PASSWORD).secrets)
-    meta = aws.describe(NAME)
-    assert meta.current_version == 2 and meta.expires == EXPIRES
-    assert aws.get(NAME).expires == EXPIRES
 
 
 def test_a_password_backup_without_expiries_stays_version_1(

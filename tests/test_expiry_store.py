@@ -10,18 +10,21 @@ import json
 import secrets
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from secrets_manager.crypto import Purpose, open_record
+from secrets_manager.crypto import Purpose, kdf, open_record
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.store import EncryptedStore
 from secrets_manager.store.aws import AwsStore
+from secrets_manager.store.backup import read_backup, write_backup
 from secrets_manager.store.base import format_expiry, parse_expiry
 from secrets_manager.store.encrypted import META_PREFIX, _Meta
 from secrets_manager.store.external import EXPIRES_KEY
 from secrets_manager.store.names import namespace_of
+from secrets_manager.store.restore import restore_into
 from secrets_manager.store.vault import VaultStore, connect_vault, retrying_session
 from test_store_aws import aws_client
 from vault_server import FakeVault
@@ -122,3 +125,16 @@ def test_a_spoilt_pair_reads_as_no_expiry() -> None:
     assert parse_expiry(format_expiry(7, EXPIRES)) == (7, EXPIRES)
     for spoilt in ("", "7", "x@2031-05-06T07:08:09Z", "7@tomorrow", "7@2031-05-06"):
         assert parse_expiry(spoilt) is None
+
+
+def test_a_password_backup_of_vault_restores_the_expiry_into_aws(
+    vault: VaultStore, aws: AwsStore, tmp_path: Path
+) -> None:
+    vault.put(NAME, b"v1")
+    vault.put(NAME, b"v2", expires=EXPIRES)
+    write_backup(vault, tmp_path / "b.smbackup", password=b"off-site backup password", kdf=kdf.TEST)
+    assert (tmp_path / "b.smbackup").read_bytes().startswith(b"secrets-manager-backup/v2\n")
+    restore_into(aws, read_backup(tmp_path / "b.smbackup", b"off-site backup password").secrets)
+    meta = aws.describe(NAME)
+    assert meta.current_version == 2 and meta.expires == EXPIRES
+    assert aws.get(NAME).expires == EXPIRES
