@@ -6,9 +6,11 @@ is the conformance suite every implementation passes.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import unicodedata
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Protocol, runtime_checkable
@@ -263,6 +265,27 @@ class AuditedStore(SecretStore, Protocol):
         """Vouch for a newer audit record. A store that serialises writers on a lock waits at
         most `lock_wait` seconds for it (None: its usual limit), then raises StoreBusyError;
         one without such a lock (Vault, AWS) ignores it."""
+
+
+# Who a write in this thread or task is made for (`acting_for`): the service's caller.
+_ACTING_FOR: ContextVar[str | None] = ContextVar("secrets_manager_acting_for", default=None)
+
+
+@contextlib.contextmanager
+def acting_for(actor: str) -> Iterator[None]:
+    """Writes in this block, in this thread or task, record `actor` as their creator (a version's
+    `created_by` in our store; the `secrets-manager:created-by` metadata or tag on Vault and AWS):
+    the service's caller rather than the user the service runs as. One mechanism for every store."""
+    token = _ACTING_FOR.set(actor)
+    try:
+        yield
+    finally:
+        _ACTING_FOR.reset(token)
+
+
+def acting_actor(default: str) -> str:
+    """The creator a write records: the one `acting_for` set, else the store's own `default`."""
+    return _ACTING_FOR.get() or default
 
 
 def checked_expiry(name: str, expires: datetime | None) -> datetime | None:

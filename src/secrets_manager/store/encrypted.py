@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import builtins
 import contextlib
-import contextvars
 import hmac
 import json
 import re
@@ -85,6 +84,8 @@ from secrets_manager.store.base import (
     Secret,
     SecretMetadata,
     VersionInfo,
+    acting_actor,
+    acting_for,
     checked_expiry,
     checked_expiry_change,
     checked_max_versions,
@@ -146,7 +147,6 @@ class _RootChangedUnderSnapshot(Exception):
 
 # Who the versions written in this thread (or task) are by, when not the store's own actor: the
 # service's caller (EncryptedStore.acting_for).
-_ACTING_FOR: contextvars.ContextVar[str | None] = contextvars.ContextVar("acting_for", default=None)
 
 
 class EncryptedStore:
@@ -300,11 +300,8 @@ class EncryptedStore:
     def acting_for(self, actor: str) -> Iterator[None]:
         """Versions written in this block, in this thread or task, record `actor` as their creator
         (`created_by`): the service's caller rather than the user the service runs as."""
-        token = _ACTING_FOR.set(actor)
-        try:
+        with acting_for(actor):
             yield
-        finally:
-            _ACTING_FOR.reset(token)
 
     def close(self) -> None:
         self._read_cache.clear()
@@ -564,7 +561,7 @@ class EncryptedStore:
                     "read it again and retry"
                 )
             if meta is None:
-                meta = _Meta.new(now, _ACTING_FOR.get() or self._actor, self._max_versions)
+                meta = _Meta.new(now, acting_actor(self._actor), self._max_versions)
             if description is not None:
                 meta.description = description
             if tags is not None:
@@ -589,7 +586,7 @@ class EncryptedStore:
         """Inside a retried attempt: seal `value` as the next version, labelled `label`, prune,
         and commit it with the metadata (compare-and-set on the metadata read)."""
         number = meta.next_version
-        meta.add_version(number, now, _ACTING_FOR.get() or self._actor, label=label)
+        meta.add_version(number, now, acting_actor(self._actor), label=label)
         if expires is not None:
             meta.set_expiry(number, expires)
         pruned = meta.prune()

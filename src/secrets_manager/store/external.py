@@ -15,12 +15,10 @@ use that prefix.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import re
 import socket
-from collections.abc import Iterator, Mapping
-from contextvars import ContextVar
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -48,25 +46,6 @@ AUDIT_KEY_SIZE = 32
 DEFAULT_AUDIT_SCOPE = "default"
 DEFAULT_RECOVERY_WINDOW_DAYS = 30  # AWS's own default for DeleteSecret
 _SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
-# Who a write in this thread or task is made for (`acting_for`): the service's caller.
-_ACTING_FOR: ContextVar[str | None] = ContextVar("secrets_manager_external_acting_for", default=None)
-
-
-@contextlib.contextmanager
-def acting_for(actor: str) -> Iterator[None]:
-    """Secrets created in this block, in this thread or task, record `actor` as their creator (the
-    `secrets-manager:created-by` metadata or tag the CLI writes with the local user): the
-    service's caller rather than the user the service runs as (EncryptedStore.acting_for)."""
-    token = _ACTING_FOR.set(actor)
-    try:
-        yield
-    finally:
-        _ACTING_FOR.reset(token)
-
-
-def acting_actor(default: str) -> str:
-    """The creator a write records: the one `acting_for` set, else the store's own `default`."""
-    return _ACTING_FOR.get() or default
 
 
 def with_fingerprint(secret: Secret, audit_key: bytes) -> tuple[Secret, str]:
