@@ -153,3 +153,63 @@ def test_rollback_and_copy_carry_the_expiry_of_the_value_they_write_again(ready:
     assert meta(ready)["current_version"] == 3 and meta(ready)["expires"] == SOON
     ok(ready("cp", NAME, "market-connector/COPY"))
     assert meta(ready, "market-connector/COPY")["expires"] == SOON
+
+
+def test_edit_with_expires_records_it_for_the_saved_value_and_without_says_it_has_none(ready: Cli) -> None:
+    ok(ready("store", NAME, "--expires", SOON, input=b"old-key"))
+    sed = {"EDITOR": "sed -i s/old/new/"}
+    edited = ok(ready("edit", NAME, "--expires", "2032-01-02T03:04:05Z", env=sed))
+    assert "stored market-connector/BINANCE_API_KEY version 2, expires 2032-01-02T03:04:05Z" in edited.stderr
+    assert ready("get", NAME).out == "new-key\n"
+    assert meta(ready)["expires"] == "2032-01-02T03:04:05Z"
+    # Without --expires the saved value has none, and the edit says so (the old one's was known).
+    plain = ok(ready("edit", NAME, env={"EDITOR": "sed -i s/new/newer/"}))
+    assert meta(ready)["expires"] is None
+    assert "version 2 was to expire at 2032-01-02T03:04:05Z; version 3 has no expiry" in plain.stderr
+    # A past time is refused before the editor runs: nothing stored.
+    past = ready("edit", NAME, "--expires", "2020-01-01", env={"EDITOR": "sed -i s/newer/never/"})
+    assert past.code == 2 and "already past" in past.stderr, past.stderr
+    assert meta(ready)["current_version"] == 3 and ready("get", NAME).out == "newer-key\n"
+
+
+def test_import_with_expires_sets_it_on_every_value_it_writes(ready: Cli, tmp_path: Path) -> None:
+    env_file = tmp_path / "exchange.env"
+    env_file.write_text("BINANCE_API_KEY=k1\nBINANCE_API_SECRET=s1\n")
+    imported = ok(ready("import", str(env_file), "--service", "market-connector", "--expires", SOON))
+    assert f"imported 2 of 2 secret(s) into market-connector/, expiring {SOON}" in imported.stderr
+    assert meta(ready)["expires"] == SOON
+    assert meta(ready, "market-connector/BINANCE_API_SECRET")["expires"] == SOON
+    past = ready("import", str(env_file), "--service", "other", "--expires", "2020-01-01")
+    assert past.code == 2 and "already past" in past.stderr, past.stderr
+    assert json.loads(ok(ready("list", "other/", "--json")).out) == []
+
+
+def test_rotate_with_expires_records_it_for_the_version_it_made_current(ready: Cli) -> None:
+    ok(ready("store", NAME, "--expires", SOON, input=b"old-key"))
+    command = f"{sys.executable} -c 'import sys; sys.stdin.read()'"
+    rotated = ok(
+        ready(
+            "rotate", NAME, "--set-command", command, "--test-command", "true", "--expires", "90d", "--json"
+        )
+    )
+    report = json.loads(rotated.out)
+    expires = datetime.fromisoformat(report["expires"])
+    assert report["version"] == 2 and meta(ready)["current_version"] == 2
+    assert meta(ready)["expires"] == report["expires"]
+    assert timedelta(days=89) < expires - datetime.now(UTC) <= timedelta(days=90)
+    assert f"version 2 is current, expires {report['expires']}" in rotated.stderr
+    records = json.loads(ok(ready("audit", "show", "--json")).out)
+    steps = [
+        (r["operation"], r["outcome"], r["version"]) for r in records if r["operation"].startswith("rotate")
+    ]
+    assert steps[-3:] == [
+        ("rotate.promote", "ok", 2),
+        ("rotate.expiry", "pending", None),
+        ("rotate.expiry", "ok", 2),
+    ]
+    # Refused before anything is staged: a past time, and --discard (which makes no value).
+    past = ready("rotate", NAME, "--set-command", command, "--expires", "2020-01-01")
+    assert past.code == 2 and "already past" in past.stderr, past.stderr
+    discard = ready("rotate", NAME, "--discard", "--expires", "90d")
+    assert discard.code == 2 and "--expires goes with a new value" in discard.stderr, discard.stderr
+    assert meta(ready)["current_version"] == 2 and meta(ready)["labels"] == {"current": 2, "previous": 1}

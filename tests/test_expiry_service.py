@@ -194,3 +194,13 @@ def test_a_service_from_before_expiries_is_said_to_be_so_not_already_so(server: 
             store.update_metadata(NAME, expires=datetime(2031, 5, 6, tzinfo=UTC))
     finally:
         store.close()
+
+
+def test_rotate_with_expires_through_the_service_records_it_for_the_new_version(server: Server) -> None:
+    ok(server.cli("ops", "store", NAME, "--expires", SOON, input=b"old-pass"))
+    rotated = ok(server.cli("ops", "rotate", NAME, "--expires", "2032-01-02T03:04:05Z", "--json"))
+    assert json.loads(rotated.stdout)["expires"] == "2032-01-02T03:04:05Z"
+    meta = remote_meta(server)
+    assert meta["current_version"] == 3 and meta["expires"] == "2032-01-02T03:04:05Z"
+    on_server = server.cli("ops", "rotate", NAME, "--on-server", "--expires", "90d")
+    assert on_server.returncode == 2 and b"with --on-server, record it after" in on_server.stderr

@@ -331,6 +331,7 @@ def test_rotate_default_value_is_32_alphanumerics_and_json_output(cli: Cli) -> N
         "previous": 1,
         "resumed": False,
         "promoted_elsewhere": False,
+        "expires": None,
     }
     new = cli.value()
     assert len(new) == 32 and set(new) <= set(string.ascii_letters + string.digits)

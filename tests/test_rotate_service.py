@@ -353,6 +353,7 @@ def test_cli_rotate_json_output_and_default_value_through_the_service(server: Se
         "previous": 1,
         "resumed": False,
         "promoted_elsewhere": False,
+        "expires": None,
     }
     new = value(server).decode()
     assert len(new) == 32 and set(new) <= set(string.ascii_letters + string.digits)

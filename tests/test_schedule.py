@@ -747,6 +747,7 @@ def test_rotate_on_server_runs_the_configured_rotation_there_and_audits_each_ste
             "previous": 1,
             "resumed": False,
             "promoted_elsewhere": False,
+            "expires": None,
         }
         assert b"rotated auth/DB_PASSWORD: version 2 is current (previous: 1)" in done.stderr
         current = server.cli("ops", "get", "auth/DB_PASSWORD").stdout.decode().rstrip("\n")
@@ -817,6 +818,7 @@ def test_rotate_on_server_that_another_runner_finishes_first_answers_ok(tmp_path
             "previous": None,
             "resumed": False,
             "promoted_elsewhere": True,
+            "expires": None,
         }
         assert b"another runner that resumed it promoted it first" in done.stderr
         current = server.cli("ops", "get", "auth/DB_PASSWORD").stdout.decode().rstrip("\n")

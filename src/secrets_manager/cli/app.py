@@ -151,6 +151,26 @@ alphabet_option = click.option(
 )
 
 
+def expires_option(help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """`--expires TIME`: when the value written stops working (`store`, `edit`, `import`, `rotate`)."""
+    return click.option("--expires", metavar="TIME", help=help_text)
+
+
+def future_expiry(expires: str | None, name: str) -> datetime | None:
+    """The moment `--expires` names, refused if already past: a value written now would count as
+    expired at once (one learnt late is recorded with `metadata --expires`, which warns instead)."""
+    if expires is None:
+        return None
+    expiry = parse_deadline(expires, "--expires")
+    if expiry <= datetime.now(UTC):
+        raise InvalidInputError(
+            f"--expires {expires!r} is {timestamp(expiry)}, already past: a value stored now would be "
+            f"expired at once; give a later time, or record an expiry learnt late with "
+            f"'metadata {name} --expires TIME' after storing"
+        )
+    return expiry
+
+
 def refuse_generator_options(without: str) -> None:
     """InvalidInputError if --length or --alphabet was typed where no value is generated: it would
     be ignored silently, and the user would believe the value has that shape."""
@@ -811,11 +831,9 @@ def init(session: Session, kdf_profile: str, kms_key: str | None) -> None:
     "existing, from this write on (on Vault from the next: set once this write succeeded); labelled ones "
     "are never pruned). Default: 10, or as set before.",
 )
-@click.option(
-    "--expires",
-    metavar="TIME",
-    help="When this value stops working (an exchange key's 90 days, a role's VALID UNTIL): an ISO 8601 "
-    "time or an age from now such as 90d. For this version only: the next one has none unless given.",
+@expires_option(
+    "When this value stops working (an exchange key's 90 days, a role's VALID UNTIL): an ISO 8601 "
+    "time or an age from now such as 90d. For this version only: the next one has none unless given."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @pass_session
@@ -862,13 +880,7 @@ def store_command(
         )
     parsed_tags = parse_tags(tags) if tags else None
     checked_max_versions(name, max_versions)
-    expiry = None if expires is None else parse_deadline(expires, "--expires")
-    if expiry is not None and expiry <= datetime.now(UTC):
-        raise InvalidInputError(
-            f"--expires {expires!r} is {timestamp(expiry)}, already past: a value stored now would be "
-            f"expired at once; give a later time, or record an expiry learnt late with "
-            f"'metadata {name} --expires TIME' after storing"
-        )
+    expiry = future_expiry(expires, name)
     if generate and (value is not None or value_file is not None):
         raise InvalidInputError("--generate makes the value; give no VALUE or --file with it")
     if not generate:

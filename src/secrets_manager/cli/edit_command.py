@@ -21,8 +21,16 @@ from pathlib import Path
 
 import click
 
-from secrets_manager.cli.app import FIELD_SEPARATOR, Session, cli, pass_session, select_field
-from secrets_manager.cli.output import info_line, warning_line
+from secrets_manager.cli.app import (
+    FIELD_SEPARATOR,
+    Session,
+    cli,
+    expires_option,
+    future_expiry,
+    pass_session,
+    select_field,
+)
+from secrets_manager.cli.output import info_line, timestamp, warning_line
 from secrets_manager.cli.run_command import WITHHELD_VARIABLES
 from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError, SecretsManagerError
 from secrets_manager.rotation import new_value_for
@@ -37,8 +45,12 @@ DEFAULT_EDITOR = "vi"
 
 @cli.command()
 @click.argument("name")
+@expires_option(
+    "When the saved value stops working (ISO 8601 or an age such as 90d). An expiry belongs to one "
+    "value: without this, the new version has none."
+)
 @pass_session
-def edit(session: Session, name: str) -> None:
+def edit(session: Session, name: str, expires: str | None) -> None:
     """Edit NAME's value in $VISUAL / $EDITOR (else vi), as 'pass edit' does; what you save is
     stored as a new version, only if NAME did not change meanwhile (exit 7 if it did). A new NAME
     is created. NAME#FIELD edits one field of a JSON object value.
@@ -50,6 +62,7 @@ def edit(session: Session, name: str) -> None:
     validate_name(name)
     if separator and not field:
         raise InvalidInputError(f"'{name}{FIELD_SEPARATOR}' names no field; write NAME#FIELD")
+    expiry = future_expiry(expires, name)
     editor = _editor()
     with session.secret_operation("edit.read", name) as (store, note):
         try:
@@ -57,9 +70,9 @@ def edit(session: Session, name: str) -> None:
         except NotFoundError:
             if field:
                 raise
-            current, version = None, 0
+            current, version, old_expiry = None, 0, None
         else:
-            current, version = secret.value, secret.version
+            current, version, old_expiry = secret.value, secret.version, secret.expires
             note.version(version)
             note.value(current.reveal())
     if current is not None and not version:
@@ -99,7 +112,7 @@ def edit(session: Session, name: str) -> None:
     with session.secret_operation("edit", name, mutating=True) as (store, note):
         note.value(new.reveal())
         try:
-            info = store.put(name, new.reveal(), expect_version=version)
+            info = store.put(name, new.reveal(), expect_version=version, expires=expiry)
         except ConflictError:
             raise ConflictError(
                 f"{name} changed while you edited it (you edited version {version}"
@@ -107,7 +120,15 @@ def edit(session: Session, name: str) -> None:
                 f"'edit {name}' again"
             ) from None
         note.version(info.version)
+    if expiry is not None:
+        info_line(f"stored {name} version {info.version}, expires {timestamp(expiry)}")
+        return
     info_line(f"stored {name} version {info.version}")
+    if old_expiry is not None:  # an expiry is one value's: the edited one may be another credential
+        info_line(
+            f"version {version} was to expire at {timestamp(old_expiry)}; version {info.version} has no "
+            f"expiry: if it has one, record it with 'metadata {name} --expires TIME'"
+        )
 
 
 def _editor() -> str:

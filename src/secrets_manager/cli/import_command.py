@@ -12,13 +12,14 @@ import io
 import json
 import sys
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import click
 from dotenv.parser import parse_stream
 
-from secrets_manager.cli.app import Session, cli, pass_session
-from secrets_manager.cli.output import info_line, print_json, warning_line
+from secrets_manager.cli.app import Session, cli, expires_option, future_expiry, pass_session
+from secrets_manager.cli.output import info_line, print_json, timestamp, warning_line
 from secrets_manager.cli.password import read_small_file
 from secrets_manager.cli.run_command import service_variable_problems
 from secrets_manager.errors import (
@@ -66,6 +67,10 @@ class Entry:
     help="A name that exists already: fail (write nothing), skip it, or overwrite it (a new version).",
 )
 @click.option("--allow-empty", is_flag=True, help="Import empty values (refused otherwise).")
+@expires_option(
+    "When the imported values stop working (ISO 8601 or an age such as 90d): set on every version "
+    "this import writes."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print what was done as JSON (names, never values).")
 @pass_session
 def import_command(
@@ -75,11 +80,13 @@ def import_command(
     file_format: str,
     on_existing: str,
     allow_empty: bool,
+    expires: str | None,
     as_json: bool,
 ) -> None:
     """Import the credentials of a .env or JSON FILE ('-': stdin) as secrets SERVICE/KEY, all
     checked before the first write."""
     validate_namespace(service)
+    expiry = future_expiry(expires, f"{service}/KEY")
     path = Path(file)
     source = "standard input" if file == "-" else file
     data = (
@@ -112,7 +119,7 @@ def import_command(
             )
         try:
             for entry in entries:
-                item = _import_one(store, entry, existing, on_existing)
+                item = _import_one(store, entry, existing, on_existing, expiry)
                 done.append(item)  # before its record: a failing append still counts it written
                 version = item["version"]
                 if isinstance(version, int):
@@ -131,13 +138,18 @@ def import_command(
             detail = "skipped (it exists)" if item["version"] is None else f"version {item['version']}"
             click.echo(f"{item['name']}\t{detail}")
     written = sum(1 for item in done if item["version"] is not None)
-    info_line(f"imported {written} of {len(done)} secret(s) into {service}/")
+    until = f", expiring {timestamp(expiry)}" if expiry is not None and written else ""
+    info_line(f"imported {written} of {len(done)} secret(s) into {service}/{until}")
     if written and file != "-" and path.is_file():  # not stdin, nor a pipe such as <(…)
         warning_line(f"{file} still holds these values in plain text: delete it once nothing reads it")
 
 
 def _import_one(
-    store: SecretStore, entry: Entry, existing: dict[str, SecretMetadata], on_existing: str
+    store: SecretStore,
+    entry: Entry,
+    existing: dict[str, SecretMetadata],
+    on_existing: str,
+    expiry: datetime | None,
 ) -> dict[str, object]:
     """Write one entry (or skip it). A name that turns out to exist when it is written (created
     meanwhile, or not listed to a caller without `list`) counts as existing."""
@@ -146,7 +158,7 @@ def _import_one(
         return item
     overwrite = on_existing == "overwrite"
     try:
-        info = store.put(entry.name, entry.value, expect_version=None if overwrite else 0)
+        info = store.put(entry.name, entry.value, expect_version=None if overwrite else 0, expires=expiry)
     except ConflictError:
         if on_existing == "skip":
             return item

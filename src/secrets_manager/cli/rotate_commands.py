@@ -24,6 +24,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, fields
+from datetime import datetime
 from types import FrameType
 
 import click
@@ -33,13 +34,15 @@ from secrets_manager.cli.app import (
     Session,
     alphabet_option,
     cli,
+    expires_option,
+    future_expiry,
     length_option,
     pass_session,
     read_value,
     refuse_generator_options,
 )
-from secrets_manager.cli.output import Seconds, info_line, invocation, print_json
-from secrets_manager.errors import InvalidInputError, Terminated
+from secrets_manager.cli.output import Seconds, info_line, invocation, print_json, timestamp
+from secrets_manager.errors import ConflictError, InvalidInputError, SecretsManagerError, Terminated
 from secrets_manager.rotation import (
     DEFAULT_TIMEOUT,
     MAX_TIMEOUT,
@@ -113,6 +116,10 @@ class _OnePasswordSession(Session):
     is_flag=True,
     help="With --server: the service runs the rotation its schedule configures for NAME (commands there).",
 )
+@expires_option(
+    "When the new value stops working (an exchange key's 90 days, a role's VALID UNTIL): ISO 8601 or "
+    "an age such as 90d, recorded for the new version once it is current."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @pass_session
 def rotate(
@@ -132,6 +139,7 @@ def rotate(
     postgres_conninfo: str | None,
     timeout: float,
     on_server: bool,
+    expires: str | None,
     as_json: bool,
 ) -> None:
     """Rotate NAME: stage a new value as 'pending', set it at the target, test it, promote it.
@@ -200,6 +208,12 @@ def rotate(
     _check_resume_commands(
         resume=resume, promote_only=promote_only, commands=bool(set_argv or test_argv or postgres)
     )
+    expiry = future_expiry(expires, name)
+    if expiry is not None and (discard or on_server):
+        raise InvalidInputError(
+            "--expires goes with a new value: drop it with --discard; with --on-server, record it after "
+            f"with 'metadata {name} --expires TIME'"
+        )
     if on_server:
         if resume or discard or generate or from_stdin or raw or set_argv or test_argv or postgres:
             raise InvalidInputError(
@@ -226,7 +240,9 @@ def rotate(
             field=field,
             generated=not from_stdin,
         )
-    _report(rotated, as_json=as_json)
+    if expiry is not None:
+        _record_expiry(session, rotated, expiry)
+    _report(rotated, as_json=as_json, expiry=expiry)
 
 
 def _postgres_target(role: str | None, conninfo: str | None, *, commands: bool) -> PostgresRole | None:
@@ -264,7 +280,32 @@ def _check_resume_commands(*, resume: bool, promote_only: bool, commands: bool) 
         )
 
 
-def _report(rotated: Rotated, *, as_json: bool) -> None:
+def _record_expiry(session: Session, rotated: Rotated, expiry: datetime) -> None:
+    """`--expires` for the version the rotation made current. A store keeps the expiry of its
+    current version, so this follows the promote: if that step fails, the rotation still stands
+    and the error says how to record the expiry. On a local store it is recorded only if the
+    version is still current (a write landing meanwhile has an expiry of its own, or none)."""
+    name, version = rotated.name, rotated.version
+    try:
+        with session.secret_operation("rotate.expiry", name, mutating=True) as (store, note):
+            note.version(version)
+            if not session.server:  # a service's describe needs `list`, which a rotator may lack
+                current = store.describe(name).current_version
+                if current != version:
+                    raise ConflictError(
+                        f"version {current} of {name} became current after the rotation's version "
+                        f"{version}, so the expiry was not recorded for it"
+                    )
+            store.update_metadata(name, expires=expiry)
+    except SecretsManagerError as exc:
+        exc.args = (
+            f"rotated {name}: version {version} is current, but its expiry was not recorded: {exc}; "
+            f"record it with 'metadata {name} --expires {timestamp(expiry)}'",
+        )
+        raise
+
+
+def _report(rotated: Rotated, *, as_json: bool, expiry: datetime | None = None) -> None:
     if as_json:
         print_json(
             {
@@ -273,22 +314,24 @@ def _report(rotated: Rotated, *, as_json: bool) -> None:
                 "previous": rotated.previous,
                 "resumed": rotated.resumed,
                 "promoted_elsewhere": rotated.promoted_elsewhere,
+                "expires": timestamp(expiry) if expiry is not None else None,
             }
         )
-    report_rotated(rotated)
+    report_rotated(rotated, expiry)
 
 
-def report_rotated(rotated: Rotated) -> None:
+def report_rotated(rotated: Rotated, expiry: datetime | None = None) -> None:
     """The one line on stderr that says a rotation finished (`rotate`, `schedule run`)."""
     how = "resumed and rotated" if rotated.resumed else "rotated"
+    until = "" if expiry is None else f", expires {timestamp(expiry)}"
     if rotated.promoted_elsewhere:
         info_line(
-            f"{how} {rotated.name}: version {rotated.version} is current "
+            f"{how} {rotated.name}: version {rotated.version} is current{until} "
             "(another runner that resumed it promoted it first)"
         )
         return
     shown = "none" if rotated.previous is None else str(rotated.previous)
-    info_line(f"{how} {rotated.name}: version {rotated.version} is current (previous: {shown})")
+    info_line(f"{how} {rotated.name}: version {rotated.version} is current{until} (previous: {shown})")
 
 
 def _rotate_on_server(session: Session, name: str, *, as_json: bool) -> None:
