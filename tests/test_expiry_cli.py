@@ -213,3 +213,12 @@ def test_rotate_with_expires_records_it_for_the_version_it_made_current(ready: C
     discard = ready("rotate", NAME, "--discard", "--expires", "90d")
     assert discard.code == 2 and "--expires goes with a new value" in discard.stderr, discard.stderr
     assert meta(ready)["current_version"] == 2 and meta(ready)["labels"] == {"current": 2, "previous": 1}
+
+
+def test_rotate_resume_with_expires_records_it_once_the_resumed_version_is_current(ready: Cli) -> None:
+    ok(ready("store", NAME, input=b"old-key"))
+    failed = ready("rotate", NAME, "--set-command", "false", "--expires", SOON)
+    assert failed.code != 0 and meta(ready)["expires"] is None  # nothing current changed
+    resumed = ok(ready("rotate", NAME, "--resume", "--set-command", "true", "--expires", SOON))
+    assert f"resumed and rotated {NAME}: version 2 is current, expires {SOON}" in resumed.stderr
+    assert meta(ready)["current_version"] == 2 and meta(ready)["expires"] == SOON

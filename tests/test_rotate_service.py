@@ -480,3 +480,15 @@ def test_a_named_error_class_refines_the_status_and_never_overrides_it(
 )
 def test_the_client_raises_the_class_the_service_raised(error: SecretsManagerError) -> None:
     assert type(error_for(status_for(error), "x", error_metadata(error))) is type(error)
+
+
+def test_rotate_expires_denied_to_a_rotator_without_write_says_the_rotation_stands(server: Server) -> None:
+    result = rotate(server, "rotator", "--expires", "90d")
+    assert result.returncode == 5, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "rotated db/app: version 2 is current, but its expiry was not recorded" in lines[0]
+    assert "metadata db/app --expires 20" in lines[0]
+    described = server.stub("ops").DescribeSecret(pb.DescribeSecretRequest(name="db/app"), timeout=10)
+    assert described.metadata.current_version == 2  # the rotation stands
+    assert not described.metadata.HasField("expires")
