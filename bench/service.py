@@ -10,9 +10,13 @@ the load is not bound by one interpreter's GIL) it prints requests per second, p
 the server process's CPU time per request of each server, and the ratios to the bare server, from
 rotating rounds in the same run. A second bare server, the same code in another process
 ("bare-again"), shows how far two identical servers land apart in the same run: the noise floor
-of every ratio. With --postgres a private PostgreSQL 15 cluster (tests/postgres_cluster.py) is started
-and "ours-pg" serves the same secrets from it; its cpu/req counts the service process only, not
-the PostgreSQL backend's (which runs on the same cores).
+of every ratio. "bare+handler" is the bare server that also spends, per request, as much pure
+Python CPU time as ours' GetSecret handler takes in process with no transport (measured first in
+the same run: authenticate, authorise, read and decrypt, audit, metrics): what any per-request
+Python of that cost does to a CPython gRPC server, transport held equal. With --postgres a
+private PostgreSQL 15 cluster (tests/postgres_cluster.py) is started and "ours-pg" serves the same
+secrets from it; its cpu/req counts the service process only, not the PostgreSQL backend's (which
+runs on the same cores).
 
     python bench/service.py                   # 3 rounds of 3 s per server and caller count
     python bench/service.py --quick           # 1 round of 1.5 s
@@ -65,10 +69,15 @@ def names() -> list[str]:
 
 
 class BareSecrets(pb_grpc.SecretsServicer):  # type: ignore[misc]
-    def __init__(self) -> None:
+    def __init__(self, work_seconds: float = 0.0) -> None:
         self.values = {name: VALUE for name in names()}
+        self.work_seconds = work_seconds  # "bare+handler": CPU spent in Python per request
 
     def GetSecret(self, request: pb.GetSecretRequest, context: grpc.ServicerContext) -> pb.GetSecretResponse:
+        if self.work_seconds:
+            started = time.thread_time()
+            while time.thread_time() - started < self.work_seconds:  # holds the GIL, as handler code does
+                pass
         value = self.values.get(request.name)
         if value is None:
             context.abort(grpc.StatusCode.NOT_FOUND, "not found")
@@ -77,14 +86,14 @@ class BareSecrets(pb_grpc.SecretsServicer):  # type: ignore[misc]
         )
 
 
-def run_bare(directory: Path, max_workers: int) -> None:
+def run_bare(directory: Path, max_workers: int, work_seconds: float = 0.0) -> None:
     credentials = grpc.ssl_server_credentials(
         [((directory / "server-key.pem").read_bytes(), (directory / "server.pem").read_bytes())],
         root_certificates=(directory / "ca.pem").read_bytes(),
         require_client_auth=True,
     )
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers))
-    pb_grpc.add_SecretsServicer_to_server(BareSecrets(), server)
+    pb_grpc.add_SecretsServicer_to_server(BareSecrets(work_seconds), server)
     port = server.add_secure_port("127.0.0.1:0", credentials)
     server.start()
     print(f'"port": {port}', file=sys.stderr, flush=True)
@@ -196,6 +205,51 @@ def prepare(directory: Path, max_workers: int = DEFAULT_MAX_WORKERS) -> None:
         store.close()
 
 
+class _InProcessContext:
+    """What the servicer asks of a gRPC context, for a call made in process (handler_cost)."""
+
+    def __init__(self, certificate: bytes) -> None:
+        self._auth = {"transport_security_type": [b"ssl"], "x509_pem_cert": [certificate]}
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:40000"
+
+    def auth_context(self) -> dict[str, list[bytes]]:
+        return self._auth
+
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise RuntimeError(f"{code}: {details}")
+
+
+def handler_cost(directory: Path, calls: int = 4000) -> float:
+    """CPU seconds per call of ours' GetSecret handler called in process, no gRPC: the same
+    servicer, policy, SQLite store, audit log (audit_sync "interval") and metrics serve runs."""
+    from secrets_manager.audit import AuditLog
+    from secrets_manager.service.metrics import Metrics
+    from secrets_manager.service.server import PolicyHolder, SecretsServicer
+
+    store = EncryptedStore.create(
+        SqliteStorage(directory / "in-process.db", create=True), PasswordUnlock(PASSWORD, kdf.TEST)
+    )
+    for name in names():
+        store.put(name, VALUE)
+    audit = AuditLog(directory / "in-process.audit.jsonl")
+    servicer = SecretsServicer(store, PolicyHolder(directory / "policy.toml"), audit, Metrics(None))
+    context = _InProcessContext((directory / "bench.pem").read_bytes())
+    rng = random.Random(7)
+    requests = [pb.GetSecretRequest(name=rng.choice(names())) for _ in range(calls)]
+    for request in requests[:200]:  # warm: certificate parsed, keyset opened, read cache filled
+        servicer.GetSecret(request, context)
+    before = time.process_time()  # every thread: the audit log's deferred fsync and anchor too
+    for request in requests:
+        servicer.GetSecret(request, context)
+    used = time.process_time() - before
+    audit.flush()
+    servicer.watch_hub.close()
+    store.close()
+    return used / calls
+
+
 def prepare_postgres(directory: Path, cluster: Any, max_workers: int) -> None:
     """A store of the same secrets in a new schema of `cluster`, and `ours-pg.toml` serving it."""
     schema = cluster.new_schema()
@@ -237,9 +291,10 @@ def main(argv: list[str] | None = None) -> int:
         "--postgres", action="store_true", help="also serve from a private PostgreSQL cluster (ours-pg)"
     )
     parser.add_argument("--bare", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--work-us", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare:
-        run_bare(args.bare, args.max_workers)
+        run_bare(args.bare, args.max_workers, args.work_us / 1e6)
         return 0
     rounds, seconds = (1, 1.5) if args.quick else (3, 3.0)
     began = time.perf_counter()
@@ -263,7 +318,13 @@ def main(argv: list[str] | None = None) -> int:
             "--max-workers",
             str(args.max_workers),
         ]
-        servers = {"bare": start(bare_command, env), "bare-again": start(bare_command, env)}
+        handler = handler_cost(directory)
+        print(f"ours' GetSecret handler in process: {handler * 1e6:.0f} us CPU per call", file=sys.stderr)
+        servers = {
+            "bare": start(bare_command, env),
+            "bare-again": start(bare_command, env),
+            "bare+handler": start([*bare_command, "--work-us", f"{handler * 1e6:.1f}"], env),
+        }
         for label in ours:
             servers[label] = start([str(SCRIPT), "serve", "--config", str(directory / f"{label}.toml")], env)
         results: dict[int, dict[str, Sample]] = {}
@@ -326,7 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         "server / bare in the same run (throughput: higher is better, latency and CPU: lower is "
         "better); cpu/req = the server process's user + system CPU "
         "time per request. bare-again = the bare server's code in a second process (the noise floor: "
-        'identical servers differ this much). ours = audit_sync "interval" (the default), '
+        "identical servers differ this much). bare+handler = the bare server spending, per request, "
+        f"{handler * 1e6:.0f} us of Python CPU time: what ours' GetSecret handler takes called in "
+        'process, no transport (measured in this run). ours = audit_sync "interval" (the default), '
         'ours-always = audit_sync "always"'
         + (", ours-pg = ours on PostgreSQL (cpu/req: the service process only)" if args.postgres else "")
         + ". Audit records written: "
