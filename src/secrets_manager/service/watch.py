@@ -60,7 +60,9 @@ LIMIT_WARNING_SECONDS = 60.0  # at most one "limit reached" warning in the log p
 
 @runtime_checkable
 class ChangeFeed(Protocol):
-    """What the hub needs of a store (EncryptedStore has it; Vault and AWS stores do not)."""
+    """What the hub needs of a store: EncryptedStore's own feed, or a `PolledChangeFeed`
+    (store/polled.py) over a Vault or AWS store's snapshots. Either may also have `on_commits`
+    (PostgreSQL's NOTIFY) or `poke()` (told of each change made through this process)."""
 
     def changes_since(self, revision: int | None) -> tuple[SecretChanges, int]: ...
 
@@ -244,7 +246,11 @@ class ChangeHub:
     def poke(self) -> None:
         """A change was just committed through this process: read the feed now rather than at the
         next tick, so its watchers hear of it at once. Changes made elsewhere (the CLI, another
-        replica) are still found by the poll."""
+        replica) are still found by the poll. A feed that reads its backend only now and then
+        (store/polled.py) is told too, so that this read goes to the backend."""
+        poke = getattr(self._store, "poke", None)
+        if poke is not None:
+            poke()
         with self._lock:
             self._poked = True
             self._lock.notify_all()

@@ -1,0 +1,177 @@
+"""The polled change feed of a store without one (store/polled.py): snapshots diffed into change
+events, read at most every poll_seconds and at once after a poke, resumable from its bounded log,
+and in front of the service's ChangeHub. Pure and fast: snapshots are dicts, the clock is a list."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from secrets_manager.service.watch import ChangeHub
+from secrets_manager.store.changes import ChangeKind, SecretChange
+from secrets_manager.store.polled import PolledChangeFeed, SecretState, Snapshot, diff_snapshots
+
+K = ChangeKind
+
+
+def state(*versions: int, current: int | None = None, deleted: bool = False, stamp: str = "") -> SecretState:
+    labels = {} if not versions else {"current": str(current or max(versions))}
+    return SecretState({str(v): v for v in versions}, labels, deleted, stamp)
+
+
+def kinds(changes: list[SecretChange]) -> list[tuple[ChangeKind, str, int | None]]:
+    return [(c.kind, c.name, c.version) for c in changes]
+
+
+def test_each_kind_of_change_is_one_event_like_our_stores_feed() -> None:
+    before = {
+        "a/PUT": state(1),
+        "a/LABEL": state(1, 2, current=2),
+        "a/DELETE": state(1),
+        "a/UNDELETE": state(1, deleted=True),
+        "a/META": state(1, stamp="tags=x"),
+        "a/GONE": state(1),
+        "a/SAME": state(3),
+    }
+    after = {
+        "a/PUT": SecretState({"1": 1, "2": 2}, {"current": "2", "previous": "1"}, stamp="t2"),
+        "a/LABEL": state(1, 2, current=1),  # promoted back: no new version
+        "a/DELETE": state(1, deleted=True),
+        "a/UNDELETE": state(1),
+        "a/META": state(1, stamp="tags=y"),
+        "a/NEW": state(1),
+        "a/NEW_DELETED": state(1, deleted=True),
+        "a/SAME": state(3),
+    }
+    changes = diff_snapshots(before, after, 41)
+    assert kinds(changes) == [
+        (K.METADATA_CHANGED, "a/DELETE", None),
+        (K.SECRET_DESTROYED, "a/GONE", None),
+        (K.METADATA_CHANGED, "a/LABEL", None),
+        (K.METADATA_CHANGED, "a/META", None),
+        (K.VERSION_ADDED, "a/NEW", 1),
+        (K.METADATA_CHANGED, "a/NEW_DELETED", None),
+        (K.VERSION_ADDED, "a/PUT", 2),
+        (K.METADATA_CHANGED, "a/UNDELETE", None),
+    ]
+    assert [c.revision for c in changes] == list(range(42, 50))
+    assert diff_snapshots(after, after, 7) == []
+
+
+def test_a_version_the_backend_does_not_number_is_added_as_version_0() -> None:
+    """AWS versions another tool wrote carry a UUID: new all the same, number unknown (0)."""
+    before = {"a/K": SecretState({"ours-1": 1}, {"current": "ours-1"})}
+    after = {"a/K": SecretState({"ours-1": 1, "uuid": 0}, {"current": "uuid", "previous": "ours-1"})}
+    assert kinds(diff_snapshots(before, after, 0)) == [(K.VERSION_ADDED, "a/K", 0)]
+
+
+class Backend:
+    """A snapshot source: its state is a dict the test edits; counts its reads."""
+
+    def __init__(self, snapshot: dict[str, SecretState] | None = None) -> None:
+        self.snapshot: dict[str, SecretState] = dict(snapshot or {})
+        self.reads = 0
+
+    def __call__(self) -> Snapshot:
+        self.reads += 1
+        return dict(self.snapshot)
+
+
+def test_the_backend_is_read_at_most_every_poll_seconds_and_at_once_after_a_poke() -> None:
+    now = [100.0]
+    backend = Backend({"a/K": state(1)})
+    feed = PolledChangeFeed(backend, poll_seconds=10, clock=lambda: now[0], start_revision=0)
+    assert feed.changes_since(None) == ([], 0)  # the baseline: what was there is not news
+    assert backend.reads == 1
+    backend.snapshot["a/K"] = state(1, 2)
+    for _ in range(49):  # the hub asks every 0.2 s: 9.8 s of asking, no read
+        now[0] += 0.2
+        assert feed.changes_since(0) == ([], 0)
+    assert backend.reads == 1
+    now[0] += 0.2
+    assert kinds(feed.changes_since(0)[0]) == [(K.VERSION_ADDED, "a/K", 2)]
+    assert backend.reads == 2
+    backend.snapshot["a/K"] = state(1, 2, 3)
+    now[0] += 0.5
+    feed.poke()  # a change through the service: read now, not in 9.5 s
+    changes, head = feed.changes_since(1)
+    assert (kinds(changes), head, backend.reads) == ([(K.VERSION_ADDED, "a/K", 3)], 2, 3)
+    assert feed.changes_since(2) == ([], 2) and backend.reads == 3
+    assert kinds(feed.changes_since(0)[0]) == [(K.VERSION_ADDED, "a/K", 2), (K.VERSION_ADDED, "a/K", 3)]
+    # A burst of pokes (writes through the service): at most one read per 0.5 s.
+    now[0] += 0.3
+    feed.poke()
+    assert feed.changes_since(2) == ([], 2) and backend.reads == 3
+    now[0] += 0.2
+    feed.changes_since(2)
+    assert backend.reads == 4
+
+
+def test_a_resume_from_before_the_log_or_from_another_feed_gets_resync() -> None:
+    now = [0.0]
+    backend = Backend({"a/K": state(1)})
+    earlier = PolledChangeFeed(backend, poll_seconds=1, keep=2, clock=lambda: now[0])
+    earlier.changes_since(None)
+    for version in (2, 3, 4):
+        backend.snapshot["a/K"] = state(*range(1, version + 1))
+        now[0] += 1
+        earlier.changes_since(None)
+    _, head = earlier.changes_since(None)
+    # Two changes kept: a resume from before them cannot be answered.
+    assert [c.kind for c in earlier.changes_since(head - 3)[0]] == [K.RESYNC]
+    assert [c.version for c in earlier.changes_since(head - 2)[0]] == [3, 4]
+    later = PolledChangeFeed(backend, poll_seconds=10)  # a restarted service's
+    assert later.change_history() != earlier.change_history()
+    later_head = later.changes_since(None)[1]
+    assert later_head > head  # revisions start at the clock: the earlier one's are below its log
+    assert [c.kind for c in later.changes_since(head)[0]] == [K.RESYNC]
+
+
+def test_the_hub_reads_nothing_while_nobody_watches_and_a_poke_reaches_a_watcher_at_once() -> None:
+    backend = Backend({"a/K": state(1)})
+    feed = PolledChangeFeed(backend, poll_seconds=60)  # only a poke can explain a prompt event
+    hub = ChangeHub(feed, max_subscribers=4, poll_seconds=0.05)
+    try:
+        hub.poke()  # a change through the service with nobody watching
+        time.sleep(0.3)
+        assert backend.reads == 0
+        with hub.subscribe() as subscription:
+            assert backend.reads == 1  # the baseline, read when the first watcher came
+            time.sleep(0.3)  # the hub asks six times meanwhile: the feed reads none
+            assert backend.reads == 1
+            backend.snapshot["a/K"] = state(1, 2)
+            started = time.monotonic()
+            threading.Timer(0.05, hub.poke).start()
+            received: list[SecretChange] = []
+            while not received and time.monotonic() - started < 5:
+                received = subscription.next_batch(0.1) or []
+            assert kinds(received) == [(K.VERSION_ADDED, "a/K", 2)]
+            assert time.monotonic() - started < 1
+            assert subscription.history == feed.change_history()
+        reads = backend.reads
+        time.sleep(0.3)
+        assert backend.reads == reads  # the last watcher left: no more reads
+    finally:
+        hub.close()
+
+
+def test_a_failing_backend_is_asked_at_most_once_per_interval() -> None:
+    now = [0.0]
+    calls = [0]
+
+    def failing() -> Snapshot:
+        calls[0] += 1
+        if calls[0] > 1:
+            raise OSError("backend down")
+        return {}
+
+    feed = PolledChangeFeed(failing, poll_seconds=10, clock=lambda: now[0])
+    feed.changes_since(None)
+    now[0] = 10.0
+    with pytest.raises(OSError):
+        feed.changes_since(None)
+    now[0] = 15.0
+    feed.changes_since(None)  # not due again yet: answered from the log
+    assert calls[0] == 2
