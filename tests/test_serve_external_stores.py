@@ -1,8 +1,9 @@
 """`secrets-manager serve` on a Vault (KV v2 test server) or AWS Secrets Manager (moto) store: real
 serve processes with real mutual-TLS certificates, the real console script with --server and the
 SDK. The same verbs, output and exit codes as the CLI on the store itself; access control and
-audit (the anchor kept in the backend); Watch refused (no change feed) while the SDK refreshes
-by TTL; health that follows the backend; password_file refused.
+audit (the anchor kept in the backend); Watch refused where watch_poll_seconds = 0 turned the
+polled feed off, while the SDK refreshes by TTL (the polled feed itself: test_serve_external_watch.py);
+health that follows the backend; password_file refused.
 
 Each backend sits behind a TCP proxy that can cut every connection (`down`): from the service's
 side Vault or AWS then stops answering, without stopping the session's shared moto server."""
@@ -270,20 +271,21 @@ def test_access_is_decided_by_the_policy_and_audited_under_the_certificate(
 
 
 @pytest.mark.parametrize("kind", ["vault", "aws"])
-def test_watch_is_refused_and_the_sdk_serves_by_ttl_without_a_reconnect_storm(
+def test_watch_turned_off_is_refused_and_the_sdk_serves_by_ttl_without_a_reconnect_storm(
     kind: str,
     make_backend: Callable[[str], Backend],
     service_dir: Path,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """Watch on a store without a change feed: UNIMPLEMENTED at once, saying clients refresh by
+    """Watch on a store without a change feed (here: the polled one turned off, as a service from
+    before it answered, and the SDK must still handle): UNIMPLEMENTED at once, saying clients refresh by
     TTL, which the client raises as WatchUnsupportedError. The SDK (get_credentials) then serves
     from its cache and picks up a change at the TTL, with one Watch attempt and one warning. Before,
     it reconnected with backoff (0.1 s up to 5 s), a warning and an audited Watch each time."""
     backend = make_backend(kind)
     backend.seed(SEED)
-    server = serve(service_dir, backend)
+    server = serve(service_dir, backend, "watch_poll_seconds = 0\n")
     try:
         with pytest.raises(grpc.RpcError) as refused:
             next(iter(server.stub("auth").Watch(pb.WatchRequest(prefix="auth/"), timeout=10)))

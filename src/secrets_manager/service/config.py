@@ -13,6 +13,7 @@
     audit_sync_interval_ms = 10
     rotation_schedule = "rotation.toml"  # optional: due credential rotations (service/schedule.py)
     rotation_check_seconds = 60          # how often the schedule is read and checked
+    watch_poll_seconds = 10              # Vault/AWS stores: how often Watch reads the backend
 
     [tls]
     cert = "server.pem"
@@ -28,6 +29,13 @@ always find a free thread; a Watch beyond the cap is refused with RESOURCE_EXHAU
 serving from its cache and retries with backoff). It must be 1..max_workers-1 (1 if max_workers is
 1); the default leaves 16 threads for other calls. Waiting threads are cheap, so to serve more
 clients raise both settings.
+
+Watch on a Vault or AWS store. Neither keeps a log of its changes, so the service polls them for
+its Watch streams: one snapshot of the store (AWS: ListSecrets, one request per 100 secrets; Vault:
+a LIST per folder and a metadata read per secret) at most every `watch_poll_seconds` (default 10 s
+on AWS, 30 s on Vault: 6 and 204 requests a minute at 100 secrets), only while a stream is open,
+and at once after a change made through the service. 0 turns Watch off on such a store (clients
+then refresh by TTL). Our own stores have a change feed and ignore the setting.
 
 Audit durability. Every request's audit record is written to the audit file before the response
 is sent; a change (put, delete, undelete) also has its records fsynced before and after it
@@ -64,6 +72,7 @@ _KNOWN = {
     "audit_sync_interval_ms",
     "rotation_schedule",
     "rotation_check_seconds",
+    "watch_poll_seconds",
 }
 _TLS_KNOWN = {"cert", "key", "client_ca"}
 MAX_CONFIG_BYTES = 1 << 20  # a server config larger than this is a wrong file
@@ -91,6 +100,7 @@ class ServerConfig:
     audit_sync_interval_ms: int = 10
     rotation_schedule: Path | None = None
     rotation_check_seconds: float = 60.0
+    watch_poll_seconds: float | None = None  # None: the store's default (Vault 30 s, AWS 10 s)
 
     @property
     def watch_stream_limit(self) -> int:
@@ -184,6 +194,14 @@ def load_config(path: str | Path, *, environment: Environment | None = None) -> 
     check = doc.get("rotation_check_seconds", 60)
     if not _is_number(check) or not 0.1 <= check <= 86400:
         raise InvalidInputError(f"server config {path}: rotation_check_seconds must be 0.1..86400")
+    watch_poll = doc.get("watch_poll_seconds")
+    if watch_poll is not None and (
+        not _is_number(watch_poll) or not (watch_poll == 0 or 0.2 <= watch_poll <= 3600)
+    ):
+        raise InvalidInputError(
+            f"server config {path}: watch_poll_seconds must be 0 (no Watch on a Vault or AWS store) "
+            "or 0.2..3600"
+        )
     metrics = doc.get("metrics_listen")
     if metrics is not None and not _is_host_port(metrics, lowest_port=1):
         raise InvalidInputError(
@@ -208,6 +226,7 @@ def load_config(path: str | Path, *, environment: Environment | None = None) -> 
             file(doc["rotation_schedule"], "rotation_schedule") if "rotation_schedule" in doc else None
         ),
         rotation_check_seconds=float(check),
+        watch_poll_seconds=None if watch_poll is None else float(watch_poll),
     )
 
 

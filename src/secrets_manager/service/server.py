@@ -57,7 +57,7 @@ from secrets_manager.service.served import (
     change_feed,
     store_probe,
 )
-from secrets_manager.service.watch import ChangeHub
+from secrets_manager.service.watch import ChangeFeed, ChangeHub
 from secrets_manager.store.base import SecretMetadata, checked_expiry
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.store.names import as_recorded, validate_name, validate_prefix
@@ -333,6 +333,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         *,
         fsync_reads: bool = False,
         max_watch_streams: int = DEFAULT_MAX_WORKERS - WORKERS_KEPT_FROM_WATCH,
+        watch_poll_seconds: float | None = None,
         scheduler: RotationScheduler | None = None,
         retired: Callable[[], RetiredAuthorities] = RetiredAuthorities,
     ) -> None:
@@ -350,9 +351,11 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         self.audit_refused: Callable[[], None] = lambda: None  # the health check hears of a refusal
         self._failures = _FailureLog()
         self._expiring = _ClientExpiryNotices(metrics)
-        # One poller of the change feed for every Watch stream, and the cap on open streams. A store
-        # without a feed (Vault, AWS): Watch is refused at once, and the hub never polls.
-        feed = change_feed(store)
+        # One poller of the change feed for every Watch stream, and the cap on open streams. Vault
+        # and AWS: a feed polled from the store's snapshots, read from the backend at most every
+        # `watch_poll_seconds` and at once after a change through here (the hub's poke). A store
+        # without a feed (or that feed turned off): Watch is refused at once, and the hub never polls.
+        feed = change_feed(store, poll_seconds=watch_poll_seconds)
         self._watchable = feed is not None
         self.watch_hub = ChangeHub(feed or NoChangeFeed(), max_subscribers=max_watch_streams)
         metrics.count_watch_streams(lambda: self.watch_hub.subscribers, max_watch_streams)
@@ -968,6 +971,7 @@ def _start(
         metrics,
         fsync_reads=config.audit_sync == "always",
         max_watch_streams=config.watch_stream_limit,
+        watch_poll_seconds=config.watch_poll_seconds,
         scheduler=scheduler,
         retired=lambda: certificates.retired,
     )
@@ -1008,7 +1012,7 @@ def _start(
     # Our encrypted store keeps its listing while nothing changes (one read of the change head),
     # so it is asked at every scrape; Vault lists with a request per secret and AWS pages through
     # ListSecrets, so those are listed again only every EXTERNAL_EXPIRY_REFRESH_SECONDS.
-    refresh = 0.0 if change_feed(store) is not None else EXTERNAL_EXPIRY_REFRESH_SECONDS
+    refresh = 0.0 if isinstance(store, ChangeFeed) else EXTERNAL_EXPIRY_REFRESH_SECONDS
     metrics.track_expiries(lambda: store.list(""), refresh_seconds=refresh)
     store_health.start()
     return RunningServer(server, servicer, port, health_servicer, metrics, store_health)

@@ -123,11 +123,18 @@ from secrets_manager.store.external import (
     with_fingerprint,
 )
 from secrets_manager.store.names import namespace_of, validate_name, validate_prefix
+from secrets_manager.store.polled import SecretState
 from secrets_manager.values import SecretValue
 
 STAGE_OF_LABEL = {CURRENT: "AWSCURRENT", PREVIOUS: "AWSPREVIOUS", PENDING: "AWSPENDING"}
 LABEL_OF_STAGE = {stage: label for label, stage in STAGE_OF_LABEL.items()}
 VERSION_ID_PREFIX = "secrets-manager-version-"
+LIST_PAGE_SIZE = 100  # ListSecrets' most per page: a snapshot of 100 secrets is one request
+# Watch's polled feed (store/polled.py) reads a snapshot at most this often by default: one
+# ListSecrets per 100 secrets, so 6 requests a minute per replica for 100 secrets while anyone
+# watches (AWS bills $0.05 per 10,000 calls: about $1.30 a month; ListSecrets' quota is 100 a
+# second per account and Region, shared with every other tool, so 0.1 a second leaves it alone).
+WATCH_POLL_SECONDS = 10.0
 UNKNOWN_VERSION = 0  # the number of a version read without the right to list the versions
 RETRY_DEADLINE_SECONDS = 30.0
 _OUR_VERSION_ID = re.compile(re.escape(VERSION_ID_PREFIX) + r"(\d{10})")
@@ -322,6 +329,7 @@ class AwsStore:
     )
     # AWS keeps old versions itself; max_versions only filters what we show (see the module docstring).
     max_versions_hide_at_once: ClassVar[bool] = True
+    watch_poll_seconds: ClassVar[float] = WATCH_POLL_SECONDS
 
     def __init__(
         self,
@@ -463,12 +471,49 @@ class AwsStore:
         """ListSecrets (name filter on PREFIX/prefix), then ListSecretVersionIds for each secret.
         Secrets whose names are not valid secret names (ours under .secrets-manager/) are left out."""
         validate_prefix(prefix)
+        result = []
+        for name, entry in self._listed(prefix, include_deleted=include_deleted):
+            if entry.get("DeletedDate") and not include_deleted:
+                continue
+            try:
+                result.append(self._public(name, entry, self._versions(name)))
+            except NotFoundError:
+                continue  # destroyed since ListSecrets answered
+        return sorted(result, key=lambda meta: meta.name)
+
+    def version_snapshot(self) -> dict[str, SecretState]:
+        """Every secret's versions (those with a staging label), labels, deletion and metadata, from
+        ListSecrets alone: one request per 100 secrets, none per secret (the service's polled change
+        feed, store/polled.py). A version another tool wrote has number 0 here (its number needs
+        ListSecretVersionIds); ours carry theirs in their id."""
+        snapshot = {}
+        for name, entry in self._listed("", include_deleted=True, page_size=LIST_PAGE_SIZE):
+            stages = entry.get("SecretVersionsToStages") or {}
+            tags = sorted((str(t.get("Key")), str(t.get("Value"))) for t in entry.get("Tags") or [])
+            snapshot[name] = SecretState(
+                versions={str(vid): _our_number(str(vid)) or 0 for vid in stages},
+                labels={
+                    LABEL_OF_STAGE[stage]: str(vid)
+                    for vid, names in stages.items()
+                    for stage in names or ()
+                    if stage in LABEL_OF_STAGE
+                },
+                deleted=bool(entry.get("DeletedDate")),
+                stamp=repr((str(entry.get("LastChangedDate")), str(entry.get("Description") or ""), tags)),
+            )
+        return snapshot
+
+    def _listed(
+        self, prefix: str, *, include_deleted: bool, page_size: int | None = None
+    ) -> Iterator[tuple[str, dict[str, Any]]]:
+        """ListSecrets' entries under PREFIX/prefix, by our name (not valid names left out)."""
         wanted = self.aws_name(prefix) if prefix else (f"{self._prefix}/" if self._prefix else "")
         arguments: dict[str, Any] = {"IncludePlannedDeletion": include_deleted}
         if wanted:
             arguments["Filters"] = [{"Key": "name", "Values": [wanted]}]
+        if page_size is not None:
+            arguments["PaginationConfig"] = {"PageSize": page_size}
         strip = len(self._prefix) + 1 if self._prefix else 0
-        result = []
         with self._aws("list secrets", None):
             pages = list(self._client.get_paginator("list_secrets").paginate(**arguments))
         for page in pages:
@@ -481,13 +526,7 @@ class AwsStore:
                     validate_name(name)
                 except InvalidInputError:
                     continue
-                if entry.get("DeletedDate") and not include_deleted:
-                    continue
-                try:
-                    result.append(self._public(name, entry, self._versions(name)))
-                except NotFoundError:
-                    continue  # destroyed since ListSecrets answered
-        return sorted(result, key=lambda meta: meta.name)
+                yield name, entry
 
     def _versions(self, name: str) -> builtins.list[_AwsVersion]:
         """ListSecretVersionIds (with deprecated versions), numbered; oldest first."""

@@ -123,6 +123,7 @@ from secrets_manager.store.external import (
     with_fingerprint,
 )
 from secrets_manager.store.names import namespace_of, validate_name, validate_namespace, validate_prefix
+from secrets_manager.store.polled import SecretState
 from secrets_manager.values import SecretValue
 
 TOKEN_VARIABLE = "VAULT_TOKEN"  # noqa: S105 (a variable name)
@@ -137,6 +138,13 @@ READ_TIMEOUT_SECONDS = 10.0  # per request; a request that times out is not sent
 TEXT_FIELD = "value"
 BINARY_FIELD = "value_base64"
 RETRY_DEADLINE_SECONDS = 30.0
+# Watch's polled feed (store/polled.py) reads a snapshot at most this often by default. KV v2 lists
+# keys only, so a snapshot is a LIST per folder and a metadata read per secret: 102 requests for 100
+# secrets in one namespace (the mount's root, the folder, 100 GETs), 204 a minute per replica at
+# 30 s while anyone watches. Vault bills nothing per request, but its active node serves them beside
+# every other client's: 10 s would be 612 a minute, for a change made outside the service only (a
+# change through the service is read at once whatever the interval).
+WATCH_POLL_SECONDS = 30.0
 DELETE_ROUNDS = 5  # deletes of versions other writers keep adding meanwhile, before giving up
 _REFUSED_STATUSES = frozenset({429, 503})  # Vault did not act on the request: safe to repeat any method
 _TRANSIENT_STATUSES = frozenset({500, 502, 504})  # may have acted: repeat reads only
@@ -466,6 +474,7 @@ class VaultStore:
     unsupported_capabilities: ClassVar[frozenset[Capability]] = frozenset(
         {Capability.PENDING_LABEL, Capability.METADATA_AT_LIMITS}
     )
+    watch_poll_seconds: ClassVar[float] = WATCH_POLL_SECONDS
 
     def __init__(
         self,
@@ -584,17 +593,40 @@ class VaultStore:
         metadata. Entries whose names are not valid secret names (ours under .secrets-manager/,
         or another tool's) are left out."""
         validate_prefix(prefix)
-        folder, _, start = prefix.rpartition("/")
         result = []
+        for name, meta in self._metadata_under(prefix):
+            if include_deleted or meta.deleted is None:
+                result.append(meta.public(name))
+        return result
+
+    def version_snapshot(self) -> dict[str, SecretState]:
+        """Every secret's versions, labels, deletion and metadata: LIST MOUNT/metadata/ (one request
+        per folder) and GET each secret's metadata (one request per secret), as `list` does. For
+        the service's polled change feed (store/polled.py)."""
+        snapshot = {}
+        for name, meta in self._metadata_under(""):
+            states = sorted((v.number, v.destroyed, v.deleted is not None) for v in meta.versions.values())
+            snapshot[name] = SecretState(
+                versions={str(number): number for number in meta.versions},
+                labels={label: str(number) for label, number in meta.labels.items()},
+                deleted=meta.deleted is not None,
+                stamp=repr(
+                    (meta.updated.isoformat(), sorted(meta.custom.items()), states, meta.own_max_versions)
+                ),
+            )
+        return snapshot
+
+    def _metadata_under(self, prefix: str) -> Iterator[tuple[str, _KvMeta]]:
+        """Each secret under `prefix` (valid names only) and its metadata, in name order."""
+        folder, _, start = prefix.rpartition("/")
         for name in sorted(self._walk(f"{folder}/" if folder else "", start)):
             try:
                 validate_name(name)
             except InvalidInputError:
                 continue
             meta = self._read_meta(name)
-            if meta is not None and (include_deleted or meta.deleted is None):
-                result.append(meta.public(name))
-        return result
+            if meta is not None:
+                yield name, meta
 
     def _walk(self, folder: str, start: str) -> Iterator[str]:
         try:
