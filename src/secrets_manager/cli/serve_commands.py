@@ -42,9 +42,10 @@ def serve(session: Session, config_path: str) -> None:
     The master password comes from the config's password_file, else the usual sources; a store
     that AWS KMS unlocks (init --kms-key, unlock-with kms) needs none, nor does a Vault or AWS
     store (vault://…, aws-secretsmanager://…: credentials from VAULT_TOKEN or an AppRole, the AWS
-    credential chain; password_file is refused there). Watch needs a change feed, which Vault
-    and AWS lack: there it is refused, and clients refresh by their cache's TTL, so a change
-    reaches them within it. A password file is read again if 'passwd' and then 'keys rotate
+    credential chain; password_file is refused there). Vault and AWS keep no change feed: for
+    Watch the service polls them, at most every watch_poll_seconds (default 30 s on Vault, 10 s
+    on AWS; 0: Watch refused, clients refresh by their cache's TTL) while a stream is open, and at
+    once after a change made through it. A password file is read again if 'passwd' and then 'keys rotate
     --root' ran meanwhile: put the new password in it; after 'unlock-with kms' and a root
     rotation it re-unlocks through KMS (AWS credentials). SIGHUP
     reloads the access policy and the [tls] files, e.g. a renewed certificate (while serve starts

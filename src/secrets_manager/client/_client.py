@@ -19,11 +19,11 @@ How a value reaches a caller:
   everything cached, now and `SETTLE_SECONDS` later). A RESYNC event (the service's change feed
   was trimmed, or this client fell behind) re-reads everything.
   A service at its watch-stream limit refuses the stream (RESOURCE_EXHAUSTED): values are then
-  refreshed by TTL only while the watcher retries with backoff. A service on a store without a
-  change feed (Vault, AWS Secrets Manager) refuses it for good (UNIMPLEMENTED,
-  WatchUnsupportedError): values are refreshed by TTL only, so a changed value is served within the
-  TTL, not at once; one warning, and the stream is asked for again only every
-  WATCH_UNSUPPORTED_RETRY_SECONDS, not in a loop.
+  refreshed by TTL only while the watcher retries with backoff. A service whose store has no
+  change feed (Vault or AWS Secrets Manager with watch_poll_seconds = 0, or a service from before
+  it polled them) refuses it for good (UNIMPLEMENTED, WatchUnsupportedError): values are refreshed
+  by TTL only, so a changed value is served within the TTL, not at once; one warning, and the
+  stream is asked for again only every WATCH_UNSUPPORTED_RETRY_SECONDS, not in a loop.
 - Stale-if-error. When no address answers (a call failed on all of them, or the watcher cannot
   connect anywhere) an outage starts. Cached values are served, marked stale (`Client.stale`,
   `Credentials.stale`, one warning in the log), for at most `stale_if_error` seconds from its start
@@ -1466,8 +1466,9 @@ class Client:
         self._closed.wait(WATCH_DENIED_RETRY_SECONDS)
 
     def _watch_unsupported(self, error: WatchUnsupportedError, refusals: int) -> None:
-        """The service's store has no change feed (Vault, AWS): no stream will come, so values are
-        refreshed by TTL only. Said once (a warning), and asked again only every
+        """The service's store has no change feed (Vault or AWS with its polled feed turned off,
+        or a service from before it): no stream will come, so values are refreshed by TTL only.
+        Said once (a warning), and asked again only every
         WATCH_UNSUPPORTED_RETRY_SECONDS, so neither the service's audit log nor ours gets a refusal
         every few seconds."""
         (log.warning if refusals == 1 else log.debug)(
