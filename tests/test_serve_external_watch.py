@@ -8,6 +8,7 @@ refreshed by its TTL only."""
 
 from __future__ import annotations
 
+import json
 import queue
 import re
 import threading
@@ -222,6 +223,10 @@ def test_a_change_made_in_the_backend_itself_reaches_a_watcher_within_the_poll_i
     finally:
         direct.close()
         server.stop()
+    lines = [json.loads(line) for line in server.log_lines if line.startswith("{")]
+    assert (
+        next(line for line in lines if line.get("event") == "service.started")["watch"] == "polled every 1 s"
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)

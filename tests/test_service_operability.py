@@ -234,6 +234,7 @@ def test_start_and_stop_log_what_is_in_force(tmp_path: Path) -> None:
     assert started["version"] == __version__ and started["environment"] == "development"
     assert started["tls_not_valid_after"] and started["client_ca_not_valid_after"]
     assert started["max_watch_streams"] == 48 and started["metrics_listen"].startswith("127.0.0.1:")
+    assert started["watch"] == "change feed"
     stopping = next(line for line in lines if line.get("event") == "service.stopping")
     assert stopping["signal"] == "SIGTERM"
     assert lines[-1]["event"] == "service.stopped"
@@ -522,3 +523,18 @@ def test_a_full_audit_disk_is_a_metric_and_keeps_health_not_serving_until_freed(
         assert server.cli("ops", "get", "auth/DB_PASSWORD").stdout == b"auth-db-pass-SEEKRIT-1\n"
     finally:
         server.stop()
+
+
+def test_watch_poll_seconds_on_a_store_with_its_own_change_feed_is_said_to_be_ignored(tmp_path: Path) -> None:
+    """watch_poll_seconds is for Vault and AWS stores (a feed polled from their snapshots); on our
+    store, whose change feed Watch reads every 0.2 s, it was ignored without a word. Fails on the
+    old code (no warning)."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path, settings="watch_poll_seconds = 5\n")
+    server.stop()
+    lines = [json.loads(line) for line in server.log_lines if line.startswith("{")]
+    ignored = [line for line in lines if line.get("event") == "config.ignored"]
+    assert len(ignored) == 1 and ignored[0]["level"] == "warning", lines
+    assert ignored[0]["setting"] == "watch_poll_seconds" and "Vault and AWS" in ignored[0]["message"]
+    assert next(line for line in lines if line.get("event") == "service.started")["watch"] == "change feed"

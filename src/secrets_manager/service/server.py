@@ -61,6 +61,7 @@ from secrets_manager.service.watch import ChangeFeed, ChangeHub
 from secrets_manager.store.base import SecretMetadata, checked_expiry
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.store.names import as_recorded, validate_name, validate_prefix
+from secrets_manager.store.polled import PolledChangeFeed
 from secrets_manager.store.url import display_url
 from secrets_manager.tls.identity import (
     Caller,
@@ -357,6 +358,19 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         # without a feed (or that feed turned off): Watch is refused at once, and the hub never polls.
         feed = change_feed(store, poll_seconds=watch_poll_seconds)
         self._watchable = feed is not None
+        self.watch_mode = (  # for the start's log line
+            "refused"
+            if feed is None
+            else f"polled every {feed.poll_seconds:g} s"
+            if isinstance(feed, PolledChangeFeed)
+            else "change feed"
+        )
+        if watch_poll_seconds is not None and self.watch_mode == "change feed":
+            log.warning(
+                "watch_poll_seconds is ignored: this store has a change feed of its own, which Watch "
+                "reads every 0.2 s; the setting is for Vault and AWS stores (remove it)",
+                extra={"event": "config.ignored", "setting": "watch_poll_seconds"},
+            )
         self.watch_hub = ChangeHub(feed or NoChangeFeed(), max_subscribers=max_watch_streams)
         metrics.count_watch_streams(lambda: self.watch_hub.subscribers, max_watch_streams)
 
@@ -1092,7 +1106,16 @@ def run_server(
             "event": "service.started",
             "listen": config.listen,
             "port": running.port,
-            **_start_summary(config, config_path, store_url, environment, policy, certificates, audit),
+            **_start_summary(
+                config,
+                config_path,
+                store_url,
+                environment,
+                policy,
+                certificates,
+                audit,
+                running.servicer.watch_mode,
+            ),
         },
     )
     if scheduler is not None:
@@ -1198,6 +1221,7 @@ def _start_summary(
     policy: PolicyHolder,
     certificates: ServerCertificates,
     audit: AuditLog,
+    watch_mode: str,
 ) -> dict[str, object]:
     """What the start's log line says of the service: where its settings came from and what is in
     force (never a value, a password, or a credential in a store URL)."""
@@ -1221,6 +1245,7 @@ def _start_summary(
         "metrics_listen": config.metrics_listen,
         "max_workers": config.max_workers,
         "max_watch_streams": config.watch_stream_limit,
+        "watch": watch_mode,
         "rotation_schedule": None if config.rotation_schedule is None else str(config.rotation_schedule),
     }
 
