@@ -138,3 +138,37 @@ def test_a_password_backup_of_vault_restores_the_expiry_into_aws(
     meta = aws.describe(NAME)
     assert meta.current_version == 2 and meta.expires == EXPIRES
     assert aws.get(NAME).expires == EXPIRES
+
+
+def test_aws_reads_again_without_a_describe_for_the_expiry_and_see_writes(
+    aws: AwsStore, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each read by label made a DescribeSecret for the expiry tag, doubling the calls (and the
+    bill) of every read a long-lived process (serve, the SDK) makes. The tag seen stands in for
+    EXPIRY_SEEN_SECONDS; a write through this store forgets it at once, one by another process
+    shows once that time is past. Fails on the old code (a DescribeSecret per read)."""
+    import secrets_manager.store.aws as aws_module
+
+    calls: list[str] = []
+    aws._client.meta.events.register(
+        "before-call.secrets-manager", lambda model, **_: calls.append(model.name)
+    )
+    aws.put(NAME, b"v1", expires=EXPIRES)
+    calls.clear()
+    for _ in range(5):
+        assert aws.get(NAME).expires == EXPIRES
+    assert calls.count("GetSecretValue") == 5 and calls.count("DescribeSecret") == 1, calls
+    aws.update_metadata(NAME, clear_expiry=True)  # through this store: seen at once
+    assert aws.get(NAME).expires is None
+    # Another process (here another store on the same prefix) sets it: seen once the time is past.
+    other = AwsStore(aws_client(moto_endpoint), aws._prefix)
+    other.update_metadata(NAME, expires=EXPIRES)
+    other.close()
+    assert aws.get(NAME).expires is None  # within EXPIRY_SEEN_SECONDS
+    monkeypatch.setattr(aws_module, "EXPIRY_SEEN_SECONDS", 0.0)
+    assert aws.get(NAME).expires == EXPIRES
+    # A listing (the polled Watch feed's, or list) refreshes what was seen, with no describe.
+    monkeypatch.setattr(aws_module, "EXPIRY_SEEN_SECONDS", 60.0)
+    aws.version_snapshot()
+    calls.clear()
+    assert aws.get(NAME).expires == EXPIRES and "DescribeSecret" not in calls

@@ -205,6 +205,13 @@ _READ_OPERATIONS = frozenset(
 )
 
 
+# How long an expiry tag seen on a secret (DescribeSecret, ListSecrets) stands in for another
+# DescribeSecret when a long-lived process (serve, the SDK) reads the secret again. A write through
+# this store forgets it at once; one by another process shows within this long (a polled Watch
+# feed's ListSecrets refreshes it sooner).
+EXPIRY_SEEN_SECONDS = 60.0
+
+
 def _bounded_config(attempts: int = ATTEMPTS, read_timeout: float = READ_TIMEOUT_SECONDS) -> Config:
     return Config(
         retries={"mode": "standard", "total_max_attempts": attempts},  # max_attempts counts retries
@@ -360,10 +367,27 @@ class AwsStore:
         # After a call AWS did not answer: until when later calls fail at once, and why.
         self._unanswered: tuple[float, str] | None = None
         self._calls = threading.local()  # the operation in flight on this thread
+        # SecretId → (when, its expiry tag): see EXPIRY_SEEN_SECONDS. Dict operations are atomic
+        # under the GIL; the service reads from many threads.
+        self._expiries_seen: dict[str, tuple[float, tuple[int, datetime] | None]] = {}
         client.meta.events.register("before-call.secrets-manager", self._note_operation)
+        client.meta.events.register("before-parameter-build.secrets-manager", self._forget_written)
 
     def _note_operation(self, model: Any = None, **_: Any) -> None:
         self._calls.operation = getattr(model, "name", None)
+
+    def _forget_written(self, params: Any = None, model: Any = None, **_: Any) -> None:
+        """Before a call that may change a secret (its tags among them): forget its expiry seen."""
+        if getattr(model, "name", None) in _READ_OPERATIONS or not isinstance(params, Mapping):
+            return
+        for key in ("SecretId", "Name"):
+            self._expiries_seen.pop(str(params.get(key)), None)
+
+    def _saw(self, secret_id: str, entry: Mapping[str, Any]) -> tuple[int, datetime] | None:
+        """Note the expiry tag of a DescribeSecret or ListSecrets entry; return it."""
+        expiry = _own_expiry(entry)
+        self._expiries_seen[secret_id] = (time.monotonic(), expiry)
+        return expiry
 
     def __repr__(self) -> str:
         return f"AwsStore(region={self._client.meta.region_name!r}, prefix={self._prefix!r})"
@@ -404,16 +428,23 @@ class AwsStore:
         another tool wrote is numbered with ListSecretVersionIds; if the caller may not call it,
         the value is returned with version UNKNOWN_VERSION (0) rather than refused. The version's
         expiry is our tag, which GetSecretValue does not return: a read by label makes a
-        DescribeSecret for it too, and a caller not allowed that gets the value without it."""
+        DescribeSecret for it too, unless this store saw the tag within EXPIRY_SEEN_SECONDS (a
+        long-lived process reading again), and a caller not allowed that gets the value without it."""
         secret = self._get(name, version, label)
         if secret.expires is not None or not secret.version or version is not None:
             return secret
-        try:
-            with self._aws(f"read {name}", name, state_error=NotFoundError):
-                described = self._client.describe_secret(SecretId=self.aws_name(name))
-        except (AccessDeniedError, NotFoundError):
-            return secret
-        expires = expiry_of(_own_expiry(described), secret.version)
+        secret_id = self.aws_name(name)
+        seen = self._expiries_seen.get(secret_id)
+        if seen is not None and time.monotonic() - seen[0] < EXPIRY_SEEN_SECONDS:
+            expiry = seen[1]
+        else:
+            try:
+                with self._aws(f"read {name}", name, state_error=NotFoundError):
+                    described = self._client.describe_secret(SecretId=secret_id)
+            except (AccessDeniedError, NotFoundError):
+                return secret
+            expiry = self._saw(secret_id, described)
+        expires = expiry_of(expiry, secret.version)
         return secret if expires is None else replace(secret, expires=expires)
 
     def _get(self, name: str, version: int | None, label: str | None) -> Secret:
@@ -526,6 +557,7 @@ class AwsStore:
                     validate_name(name)
                 except InvalidInputError:
                     continue
+                self._saw(aws_name, entry)
                 yield name, entry
 
     def _versions(self, name: str) -> builtins.list[_AwsVersion]:
