@@ -144,7 +144,7 @@ def test_aws_reads_again_without_a_describe_for_the_expiry_and_see_writes(
     aws: AwsStore, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Each read by label made a DescribeSecret for the expiry tag, doubling the calls (and the
-    bill) of every read a long-lived process (serve, the SDK) makes. The tag seen stands in for
+    bill) of every read a long-lived process (serve) makes. The tag seen stands in for
     EXPIRY_SEEN_SECONDS; a write through this store forgets it at once, one by another process
     shows once that time is past. Fails on the old code (a DescribeSecret per read)."""
     import secrets_manager.store.aws as aws_module

@@ -206,7 +206,7 @@ _READ_OPERATIONS = frozenset(
 
 
 # How long an expiry tag seen on a secret (DescribeSecret, ListSecrets) stands in for another
-# DescribeSecret when a long-lived process (serve, the SDK) reads the secret again. A write through
+# DescribeSecret when a long-lived process (serve) reads the secret again. A write through
 # this store forgets it at once; one by another process shows within this long (a polled Watch
 # feed's ListSecrets refreshes it sooner).
 EXPIRY_SEEN_SECONDS = 60.0
