@@ -1880,6 +1880,20 @@ def test_edit_refuses_to_undo_a_store_that_landed_while_the_editor_was_open(
     assert ready("get", "auth/NEWER").out == "RACED-IN\n"
 
 
+def test_edit_of_a_deleted_secret_is_refused_before_the_editor_opens(ready: Cli, tmp_path: Path) -> None:
+    """As `store` refuses to write to a soft-deleted secret: the editor is not opened on an empty
+    file (as if the name were new) whose text the write then refuses as 'changed while you edited'."""
+    editor = Editor(ready, tmp_path)
+    ready("store", "auth/GONE", input=b"KNOWN-v1")
+    ready("delete", "auth/GONE")
+    history = ready("history", "auth/GONE").out
+    refused = editor("auth/GONE", text="KNOWN-typed")
+    assert_one_line_error(refused, 7, "auth/GONE' is deleted", "undelete auth/GONE")
+    assert "changed while you edited" not in refused.stderr
+    assert not editor.report.exists()  # the editor never ran
+    assert ready("history", "auth/GONE").out == history
+
+
 def test_edit_of_one_json_field_and_what_it_refuses(ready: Cli, tmp_path: Path) -> None:
     editor = Editor(ready, tmp_path)
     ready("store", "db/PG", input=b'{"username": "app", "password": "KNOWN-pw"}')

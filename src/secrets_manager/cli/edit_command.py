@@ -32,9 +32,16 @@ from secrets_manager.cli.app import (
 )
 from secrets_manager.cli.output import info_line, timestamp, warning_line
 from secrets_manager.cli.run_command import WITHHELD_VARIABLES
-from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError, SecretsManagerError
+from secrets_manager.errors import (
+    AccessDeniedError,
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    SecretsManagerError,
+    SecretStateError,
+)
 from secrets_manager.rotation import new_value_for
-from secrets_manager.store import MAX_VALUE_SIZE, validate_name
+from secrets_manager.store import MAX_VALUE_SIZE, SecretStore, validate_name
 from secrets_manager.values import SecretValue
 
 # tmpfs on Linux: the value is never written to a disk. Not a shared path: mkdtemp makes a 0700
@@ -70,6 +77,7 @@ def edit(session: Session, name: str, expires: str | None) -> None:
         except NotFoundError:
             if field:
                 raise
+            _refuse_if_deleted(store, name)  # before the editor: the write would be refused after it
             current, version, old_expiry = None, 0, None
         else:
             current, version, old_expiry = secret.value, secret.version, secret.expires
@@ -113,6 +121,8 @@ def edit(session: Session, name: str, expires: str | None) -> None:
         note.value(new.reveal())
         try:
             info = store.put(name, new.reveal(), expect_version=version, expires=expiry)
+        except SecretStateError:  # deleted while the editor was open: say so, not "changed"
+            raise
         except ConflictError:
             raise ConflictError(
                 f"{name} changed while you edited it (you edited version {version}"
@@ -128,6 +138,21 @@ def edit(session: Session, name: str, expires: str | None) -> None:
         info_line(
             f"version {version} was to expire at {timestamp(old_expiry)}; version {info.version} has no "
             f"expiry: if it has one, record it with 'metadata {name} --expires TIME'"
+        )
+
+
+def _refuse_if_deleted(store: SecretStore, name: str) -> None:
+    """SecretStateError (exit 7) if `name`, not found by a read, is a soft-deleted secret: `store`
+    refuses to write to one, so the editor must not open on an empty file whose text is then lost.
+    A caller not allowed to describe it (`list` through --server) finds out at the write."""
+    try:
+        deleted = store.describe(name).deleted
+    except (NotFoundError, AccessDeniedError):
+        return
+    if deleted is not None:
+        raise SecretStateError(
+            f"secret {name!r} is deleted; run 'undelete {name}' first (then 'edit {name}'), or "
+            f"'destroy {name} --all'; the editor was not opened"
         )
 
 
