@@ -1880,6 +1880,19 @@ def test_edit_refuses_to_undo_a_store_that_landed_while_the_editor_was_open(
     assert ready("get", "auth/NEWER").out == "RACED-IN\n"
 
 
+def test_edit_saved_unchanged_keeps_a_value_that_ends_in_a_carriage_return(
+    ready: Cli, tmp_path: Path
+) -> None:
+    """The file ends "\r\n" (the value's "\r", our newline): not an editor's CRLF line end."""
+    editor = Editor(ready, tmp_path)
+    ready("store", "auth/CR", "--raw", input=b"KNOWN-line\r")
+    kept = editor("auth/CR", action="keep")
+    assert kept.code == 0 and "auth/CR unchanged (version 1); nothing was stored" in kept.stderr, kept.stderr
+    assert ready("get", "auth/CR", "--raw").stdout == b"KNOWN-line\r"
+    edited = editor("auth/CR", text="KNOWN-other\r\n")  # an edit saved with a CRLF line end
+    assert edited.code == 0 and ready("get", "auth/CR", "--raw").stdout == b"KNOWN-other\r"
+
+
 def test_edit_of_a_deleted_secret_is_refused_before_the_editor_opens(ready: Cli, tmp_path: Path) -> None:
     """As `store` refuses to write to a soft-deleted secret: the editor is not opened on an empty
     file (as if the name were new) whose text the write then refuses as 'changed while you edited'."""

@@ -209,7 +209,10 @@ def _edited_in(editor: str, text: str, production: bool) -> str:
             "the editor saved text that is not UTF-8; nothing was stored (to store any bytes: "
             "'store NAME --file PATH')"
         ) from None
-    return saved[:-2] if saved.endswith("\r\n") else saved[:-1] if saved.endswith("\n") else saved
+    # An editor that saves CRLF lines ends the file with "\r\n", both ours; but a value that ends
+    # in "\r" ends its file with "\r\n" too, whose "\r" is the value's (saved unchanged: kept).
+    crlf = saved.endswith("\r\n") and not text.endswith("\r")
+    return saved[:-2] if crlf else saved[:-1] if saved.endswith("\n") else saved
 
 
 def _editor_environment() -> dict[str, str]:
