@@ -495,6 +495,26 @@ def test_a_secret_written_with_boto3_is_read_through_the_cli(
     assert aws_cli("list").out.splitlines() == ["auth/DB_PASSWORD", "svc/BIN"]
 
 
+def test_edit_on_aws_does_not_give_the_editor_the_aws_credentials(
+    aws_cli: Cli, tmp_path: Path, boto: Any, aws_prefix: str
+) -> None:
+    """As `run` withholds them from its command on an AWS store: they reached the store."""
+    report = tmp_path / "editor-environment.json"
+    script = tmp_path / "editor.py"
+    script.write_text(
+        "import json, os, sys\n"
+        f"json.dump(sorted(os.environ), open({str(report)!r}, 'w'))\n"
+        "open(sys.argv[-1], 'w').write('edited-on-aws')\n"
+    )
+    aws_cli("store", "auth/EDITED", input=b"before")
+    edited = aws_cli("edit", "auth/EDITED", env={"EDITOR": f"{sys.executable} {script}"})
+    assert edited.code == 0, edited.stderr
+    environment = json.loads(report.read_text())
+    assert "AWS_SECRET_ACCESS_KEY" not in environment and "AWS_ACCESS_KEY_ID" not in environment
+    assert "HOME" in environment  # the rest is the editor's
+    assert boto.get_secret_value(SecretId=f"{aws_prefix}/auth/EDITED")["SecretString"] == "edited-on-aws"
+
+
 def test_a_secret_written_through_the_cli_is_read_with_boto3(
     aws_cli: Cli, boto: Any, aws_prefix: str
 ) -> None:

@@ -31,7 +31,7 @@ from secrets_manager.cli.app import (
     select_field,
 )
 from secrets_manager.cli.output import info_line, timestamp, warning_line
-from secrets_manager.cli.run_command import WITHHELD_VARIABLES
+from secrets_manager.cli.run_command import WITHHELD_VARIABLES, credentials_that_reached
 from secrets_manager.errors import (
     AccessDeniedError,
     ConflictError,
@@ -72,6 +72,7 @@ def edit(session: Session, name: str, expires: str | None) -> None:
     expiry = future_expiry(expires, name)
     editor = _editor()
     with session.secret_operation("edit.read", name) as (store, note):
+        withheld = (*WITHHELD_VARIABLES, *credentials_that_reached(session, store))
         try:
             secret = store.get(name)
         except NotFoundError:
@@ -99,7 +100,7 @@ def edit(session: Session, name: str, expires: str | None) -> None:
             f"the value of {name} is not UTF-8 text, which an editor would change: write a new one "
             f"with 'store {name} --file PATH'"
         ) from None
-    edited = _edited_in(editor, text, session.environment.is_production)
+    edited = _edited_in(editor, text, session.environment.is_production, withheld)
     if edited == text:
         info_line(
             f"{name} unchanged (version {version}); nothing was stored" if version else "nothing was stored"
@@ -171,7 +172,7 @@ def _editor() -> str:
     return editor
 
 
-def _edited_in(editor: str, text: str, production: bool) -> str:
+def _edited_in(editor: str, text: str, production: bool, withheld: tuple[str, ...]) -> str:
     """`text` after `editor` saved it: one trailing newline is added for the editor and one
     dropped from what it saved (as `store` drops one from stdin), so a value round-trips."""
     with _private_directory(production) as directory:
@@ -185,7 +186,7 @@ def _edited_in(editor: str, text: str, production: bool) -> str:
             finished = subprocess.run(
                 ["/bin/sh", "-c", f'{editor} "$@"', editor, str(path)],
                 umask=0o077,
-                env=_editor_environment(),
+                env=_editor_environment(withheld),
                 check=False,
             )
         except OSError as exc:
@@ -215,10 +216,11 @@ def _edited_in(editor: str, text: str, production: bool) -> str:
     return saved[:-2] if crlf else saved[:-1] if saved.endswith("\n") else saved
 
 
-def _editor_environment() -> dict[str, str]:
+def _editor_environment(withheld: tuple[str, ...]) -> dict[str, str]:
     """This environment less what unlocks or reaches a store (the master password, a Vault token,
-    PGPASSWORD…), as `run` withholds them: an editor and its plugins have no use for them."""
-    return {name: value for name, value in os.environ.items() if name not in WITHHELD_VARIABLES}
+    PGPASSWORD…, and the AWS credentials or client key this edit reached it with), as `run`
+    withholds them: an editor and its plugins have no use for them."""
+    return {name: value for name, value in os.environ.items() if name not in withheld}
 
 
 @contextlib.contextmanager

@@ -156,7 +156,7 @@ def run(
         validate_namespace(namespace)
     variables: dict[str, Secret] = {}
     with session.secret_operation("run") as (store, note):
-        withheld = (*WITHHELD_VARIABLES, *_credentials_that_reached(session, store))
+        withheld = (*WITHHELD_VARIABLES, *credentials_that_reached(session, store))
         found: list[tuple[str, Secret]] = []
         for namespace in namespaces:
             secrets = _read_namespace(store, namespace)
@@ -197,7 +197,7 @@ def run(
     _exec(command, variables, withheld)
 
 
-def _credentials_that_reached(session: Session, store: SecretStore) -> tuple[str, ...]:
+def credentials_that_reached(session: Session, store: SecretStore) -> tuple[str, ...]:
     """The variables of an identity `run` reached `store` with (beyond WITHHELD_VARIABLES)."""
     if is_remote_store(store):  # its client key reached it
         return (_CLIENT_KEY_VARIABLE,)
