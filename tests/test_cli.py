@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -1891,6 +1892,52 @@ def test_edit_saved_unchanged_keeps_a_value_that_ends_in_a_carriage_return(
     assert ready("get", "auth/CR", "--raw").stdout == b"KNOWN-line\r"
     edited = editor("auth/CR", text="KNOWN-other\r\n")  # an edit saved with a CRLF line end
     assert edited.code == 0 and ready("get", "auth/CR", "--raw").stdout == b"KNOWN-other\r"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_edit_ended_by_a_signal_leaves_no_value_in_memory_files(
+    ready: Cli, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """A closed terminal (SIGHUP) or a kill (SIGTERM) while the editor is open: the private
+    directory holding the value is removed, the editor ended, nothing stored."""
+    ready("store", "auth/HUNG", input=b"KNOWN-hung")
+    report = tmp_path / "path.txt"
+    script = tmp_path / "slow-editor.py"
+    script.write_text(
+        "import os, sys, time\n"
+        f"open({str(report)!r} + '.tmp', 'w').write(sys.argv[-1])\n"
+        f"os.rename({str(report)!r} + '.tmp', {str(report)!r})\n"
+        "time.sleep(60)\n"
+    )
+    env = dict(ready.env, EDITOR=f"{sys.executable} {script}")
+    errors = tmp_path / "stderr.txt"
+    with errors.open("wb") as stderr_file:  # not a pipe: the editor's shell child may outlive edit
+        proc = subprocess.Popen(
+            [str(SCRIPT), "edit", "auth/HUNG"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr_file,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while not report.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, errors.read_text()
+            time.sleep(0.05)
+        value_file = Path(report.read_text())
+        assert value_file.read_text() == "KNOWN-hung\n"
+        proc.send_signal(signum)  # to edit alone, not its editor
+        proc.wait(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the editor, and edit itself if it hung
+        proc.wait()
+    stderr = errors.read_text()
+    assert proc.returncode == 128 + signum, stderr
+    assert "Traceback" not in stderr
+    assert not value_file.parent.exists()  # the value is gone from /dev/shm
+    assert ready("history", "auth/HUNG").out.count("\n") == 1
 
 
 def test_edit_of_a_deleted_secret_is_refused_before_the_editor_opens(ready: Cli, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from secrets_manager.cli.app import (
     select_field,
 )
 from secrets_manager.cli.output import info_line, timestamp, warning_line
+from secrets_manager.cli.rotate_commands import terminate_as_interrupt
 from secrets_manager.cli.run_command import WITHHELD_VARIABLES, credentials_that_reached
 from secrets_manager.errors import (
     AccessDeniedError,
@@ -100,7 +101,11 @@ def edit(session: Session, name: str, expires: str | None) -> None:
             f"the value of {name} is not UTF-8 text, which an editor would change: write a new one "
             f"with 'store {name} --file PATH'"
         ) from None
-    edited = _edited_in(editor, text, session.environment.is_production, withheld)
+    # SIGTERM or SIGHUP (a closed terminal, a dropped ssh session) while the editor is open ends
+    # it as Ctrl-C does, so the directory holding the value is removed: left to their default
+    # action they ended us alone, and the value stayed in /dev/shm until the next reboot.
+    with terminate_as_interrupt():
+        edited = _edited_in(editor, text, session.environment.is_production, withheld)
     if edited == text:
         info_line(
             f"{name} unchanged (version {version}); nothing was stored" if version else "nothing was stored"
