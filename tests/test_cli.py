@@ -1940,6 +1940,42 @@ def test_edit_ended_by_a_signal_leaves_no_value_in_memory_files(
     assert ready("history", "auth/HUNG").out.count("\n") == 1
 
 
+def test_edit_on_a_terminal_asks_for_the_master_password_once(ready: Cli, tmp_path: Path) -> None:
+    """The read before the editor and the write after it open the store each: the second asked
+    for the password again once the editor had closed."""
+    ready("store", "auth/TYPED", input=b"KNOWN-before")
+    script = tmp_path / "editor.py"
+    script.write_text("import sys\nopen(sys.argv[-1], 'w').write('KNOWN-after')\n")
+    env = {**ready.env, "EDITOR": f"{sys.executable} {script}"}
+    env.pop("MASTER_PASSWORD")
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: exec at once
+        os.execve(str(SCRIPT), [str(SCRIPT), "edit", "auth/TYPED"], env)  # noqa: S606
+    out, prompts, deadline = b"", 0, time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            if not select.select([fd], [], [], 0.1)[0]:
+                continue
+            try:
+                data = os.read(fd, 4096)
+            except OSError:  # EIO: the child has ended
+                break
+            if not data:
+                break
+            out += data
+            if out.count(b"Master password") > prompts:
+                prompts += 1
+                os.write(fd, PASSWORD.encode() + b"\r")
+    finally:
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    text = out.decode("utf-8", errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert prompts == 1, text
+    assert "stored auth/TYPED version 2" in text
+    assert ready("get", "auth/TYPED").out == "KNOWN-after\n"
+
+
 def test_edit_of_a_deleted_secret_is_refused_before_the_editor_opens(ready: Cli, tmp_path: Path) -> None:
     """As `store` refuses to write to a soft-deleted secret: the editor is not opened on an empty
     file (as if the name were new) whose text the write then refuses as 'changed while you edited'."""

@@ -32,6 +32,7 @@ from secrets_manager.cli.app import (
 )
 from secrets_manager.cli.output import info_line, timestamp, warning_line
 from secrets_manager.cli.rotate_commands import terminate_as_interrupt
+from secrets_manager.cli.rotate_commands import one_password_session, terminate_as_interrupt
 from secrets_manager.cli.run_command import WITHHELD_VARIABLES, credentials_that_reached
 from secrets_manager.errors import (
     AccessDeniedError,
@@ -72,6 +73,7 @@ def edit(session: Session, name: str, expires: str | None) -> None:
         raise InvalidInputError(f"'{name}{FIELD_SEPARATOR}' names no field; write NAME#FIELD")
     expiry = future_expiry(expires, name)
     editor = _editor()
+    session = one_password_session(session)  # the read and the write: one prompt, not two
     with session.secret_operation("edit.read", name) as (store, note):
         withheld = (*WITHHELD_VARIABLES, *credentials_that_reached(session, store))
         try:
