@@ -7,6 +7,8 @@ from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from secrets_manager.tls import pki
 from secrets_manager.tls.retired import RetiredAuthorities
@@ -57,3 +59,49 @@ def test_a_ca_taken_out_is_retired_with_what_it_signed_and_a_kept_or_reissued_on
     same_name = nothing.after_reload(old_ca, pki.new_ca(common_name="old CA")[0])  # another key
     assert same_name.issuer_of(old_leaf) == "CN=old CA"
     assert same_name.issuer_of(b"not a certificate") is None
+
+
+def signed_by(issuer_pem: bytes, issuer_key_pem: bytes, common_name: str, *, ca: bool) -> tuple[bytes, bytes]:
+    """A CA (`ca`) or client certificate the issuer signed (as an external PKI with an
+    intermediate issues them), and its key."""
+    issuer = x509.load_pem_x509_certificate(issuer_pem)
+    issuer_key = serialization.load_pem_private_key(issuer_key_pem, None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        .sign(issuer_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return certificate.public_bytes(serialization.Encoding.PEM), key_pem
+
+
+def test_an_intermediate_taken_out_beside_the_root_it_chains_to_is_not_retired() -> None:
+    """client_ca held the root and its intermediate; the intermediate goes, the root stays: the
+    handshake still accepts the intermediate's certificates (the client sends the chain), so
+    calls on connections made before must not be refused for it. With the root gone too, it is
+    retired; and an intermediate under an intermediate still in the bundle is trusted still."""
+    root, root_key = pki.new_ca(common_name="root CA")
+    issuing, issuing_key = signed_by(root, root_key, "issuing CA", ca=True)
+    leaf, _ = signed_by(issuing, issuing_key, "auth", ca=False)
+    tidied = RetiredAuthorities().after_reload(root + issuing, root)
+    assert len(tidied) == 0 and tidied.issuer_of(leaf) is None
+
+    other, _ = pki.new_ca(common_name="other CA")
+    replaced = RetiredAuthorities().after_reload(root + issuing, other)
+    assert replaced.issuer_of(leaf) == "CN=issuing CA"
+
+    lower, lower_key = signed_by(issuing, issuing_key, "lower CA", ca=True)
+    lower_leaf, _ = signed_by(lower, lower_key, "auth", ca=False)
+    chained = RetiredAuthorities().after_reload(root + issuing + lower, root)
+    assert len(chained) == 0 and chained.issuer_of(lower_leaf) is None
+    assert replaced.after_reload(other, other).issuer_of(leaf) == "CN=issuing CA"  # stays retired

@@ -34,10 +34,19 @@ class RetiredAuthorities:
 
     def after_reload(self, before: bytes, after: bytes) -> RetiredAuthorities:
         """The retired CAs once the client CA bundle `before` is replaced by `after` (PEM): those
-        it no longer holds join them; those it holds (again) leave them."""
+        it no longer holds join them, unless one it holds signed them (through any chain of
+        those); those it holds (again) leave them."""
         old, new = _bundle(before), _bundle(after)
         kept = {_der(ca) for ca in new}
         retired = {_der(ca): ca for ca in (*self._retired, *old) if _der(ca) not in kept}
+        # One taken out that a CA still in the bundle signed (an intermediate beside its root, the
+        # root kept) is trusted still: the handshake accepts its certificates from a client that
+        # sends the chain, so cutting them off per call would refuse what a new connection lets in.
+        trusted, grown = list(new), True
+        while grown:
+            chained = [der for der, ca in retired.items() if any(_signed(ca, t) for t in trusted)]
+            trusted.extend(retired.pop(der) for der in chained)
+            grown = bool(chained)
         return RetiredAuthorities(list(retired.values()), new)
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 (one instance per reload; few certificates)
