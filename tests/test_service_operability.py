@@ -10,9 +10,11 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sqlite3
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -538,3 +540,63 @@ def test_watch_poll_seconds_on_a_store_with_its_own_change_feed_is_said_to_be_ig
     assert len(ignored) == 1 and ignored[0]["level"] == "warning", lines
     assert ignored[0]["setting"] == "watch_poll_seconds" and "Vault and AWS" in ignored[0]["message"]
     assert next(line for line in lines if line.get("event") == "service.started")["watch"] == "change feed"
+
+
+@pytest.fixture
+def disk_with_reserved_blocks() -> Iterator[Path]:
+    """A 4 MiB ext4 filesystem of its own, half of it reserved for root (mkfs -m 50), mounted
+    from a loop file (root, as CI runs), with a directory anyone may fill."""
+    image_dir = Path(tempfile.mkdtemp(prefix="reserved-disk-"))
+    image_dir.chmod(0o755)
+    image, mount_point = image_dir / "ext4.img", image_dir / "mnt"
+    mount_point.mkdir()
+    with image.open("wb") as handle:
+        handle.truncate(4 * 1024 * 1024)
+    made = subprocess.run(["mkfs.ext4", "-q", "-m", "50", str(image)], capture_output=True, check=False)
+    if made.returncode == 0:
+        made = subprocess.run(
+            ["mount", "-o", "loop", str(image), str(mount_point)], capture_output=True, check=False
+        )
+    if made.returncode != 0:
+        shutil.rmtree(image_dir, ignore_errors=True)
+        reason = f"cannot make and mount an ext4 loop file here ({made.stderr.decode().strip()}): needs root"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        (mount_point / "shared").mkdir(mode=0o1777)
+        (mount_point / "shared").chmod(0o1777)
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+        shutil.rmtree(image_dir, ignore_errors=True)
+
+
+def test_a_root_serve_on_a_disk_others_filled_counts_the_blocks_kept_for_root(
+    tmp_path: Path, disk_with_reserved_blocks: Path
+) -> None:
+    """Users other than root filled the disk (ext4 keeps its last blocks for root): serve, running
+    as root, still writes its records there, so health stays SERVING and the gauge shows the room
+    it has. It counted only the blocks of unprivileged users: NOT_SERVING (and under 64 KiB on the
+    gauge) while every request was served. Fails on the old code."""
+    if os.geteuid() != 0:
+        pytest.skip("serve must run as root here")
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    audit_file = disk_with_reserved_blocks / "audit.jsonl"
+    server = start_server(tmp_path, metrics=True, settings=f'audit_file = "{audit_file}"\n')
+    try:
+        filler = disk_with_reserved_blocks / "shared" / "filler"
+        # As nobody, until the disk is full for users (dd then fails: ENOSPC).
+        subprocess.run(
+            ["dd", "if=/dev/zero", f"of={filler}", "bs=4096"], user=65534, capture_output=True, timeout=60
+        )
+        status = os.statvfs(disk_with_reserved_blocks)
+        assert status.f_bavail * status.f_frsize < 64 * 1024  # full for everyone but root
+        assert (sample(server, "secrets_manager_audit_disk_free_bytes") or 0) > 512 * 1024
+        time.sleep(6)  # a health probe ran since (every 5 s)
+        up = server.cli("ops", "health", "--json")
+        assert json.loads(up.stdout)[0]["status"] == "SERVING", up.stdout
+        assert server.cli("ops", "get", "auth/DB_PASSWORD").stdout == b"auth-db-pass-SEEKRIT-1\n"
+    finally:
+        server.stop()

@@ -976,13 +976,18 @@ class AuditLog:
 
     def free_bytes(self) -> int | None:
         """Bytes free for this process on the filesystem of the log's directory (statvfs: blocks
-        available to unprivileged users), or None if it cannot be read. The service's metric: a
+        available to unprivileged users, or to root, reserved ones included), or None if it cannot
+        be read. The service's metric: a
         full disk refuses every request, and this is how to see it coming."""
         try:
             status = os.statvfs(self.path.parent)
         except OSError:
             return None
-        return status.f_bavail * status.f_frsize
+        # Root (a container's process often is) also writes into the blocks a filesystem keeps for
+        # it (ext4: 5% by default), which f_bavail leaves out: a root serve on a disk others have
+        # filled still writes its records, and must not read NOT_SERVING for it.
+        blocks = status.f_bfree if os.geteuid() == 0 else status.f_bavail
+        return blocks * status.f_frsize
 
     def require_space(self, minimum: int = MIN_FREE_BYTES) -> None:
         """AuditError if the log's filesystem has less than `minimum` bytes free (the service's
