@@ -391,8 +391,9 @@ def test_restore_name_refuses_a_name_the_store_holds_unless_overwrite(cli: Cli, 
 def test_restore_name_refuses_a_name_the_backup_lacks_and_a_missing_store(
     cli: Cli, password_file: Path
 ) -> None:
-    """Mistyped names are exit 3 before anything is written, naming the name; --name into a path
-    with no store is exit 2 (it restores into an existing store) and creates nothing."""
+    """Mistyped names are exit 3 before anything is written, naming the name (a malformed one is
+    exit 2, as everywhere); --name into a path with no store is exit 2 (it restores into an
+    existing store) and creates nothing."""
     cli.ok("destroy", "svc/DB", "--all")
     before = entries(cli.store)
     pw = ("--backup-password-file", str(cli.backup_password))
@@ -402,6 +403,11 @@ def test_restore_name_refuses_a_name_the_backup_lacks_and_a_missing_store(
         "no secret named 'svc/NOPE'",
         "nothing was restored",
     )
+    assert entries(cli.store) == before
+    for malformed in ("svc//DB", "svc/DB/", "../svc/DB"):  # a typo to fix, not a name it lacks
+        assert_one_line_error(
+            cli("restore", str(password_file), *pw, "--name", malformed), 2, "invalid secret name"
+        )
     assert entries(cli.store) == before
     elsewhere = cli.tmp / "new" / "store.db"
     assert_one_line_error(

@@ -65,6 +65,7 @@ from secrets_manager.store.backup import (
     write_backup,
 )
 from secrets_manager.store.base import AuditedStore
+from secrets_manager.store.names import validate_name
 from secrets_manager.store.recovery import root_from_shares
 from secrets_manager.store.restore import OnExisting, RestoreResult, restore_into, restore_new_store
 from secrets_manager.store.url import (
@@ -272,6 +273,8 @@ def _restore(
     mode = OnExisting(on_existing) if on_existing else None
     path = _file_argument(file, "restore")
     if names:
+        for name in names:  # a malformed name is a typo to fix (exit 2), not one the backup lacks
+            validate_name(name)
         if _no_store_at(session.store_url):
             raise InvalidInputError(
                 f"restore --name writes into an existing store, and there is none at "
