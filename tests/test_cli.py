@@ -2004,6 +2004,13 @@ def test_edit_of_one_json_field_and_what_it_refuses(ready: Cli, tmp_path: Path) 
     gone = ready("edit", "db/PG", env={"EDITOR": "no-such-editor-here"})
     assert_one_line_error(gone, 2, "'no-such-editor-here' was not found", "EDITOR")
     assert_one_line_error(ready("edit", "db/PG#"), 2, "names no field")
+    # Fields the write would refuse are refused before the editor opens, as `store NAME#FIELD` does.
+    ready("store", "db/CFG", input=b'{"port": 5432, "tls": {"mode": "verify"}, "user": "app"}')
+    for field in ("port", "tls", "password"):
+        editor.report.unlink(missing_ok=True)
+        refused = editor(f"db/CFG#{field}", text="KNOWN-typed")
+        assert_one_line_error(refused, 2, f"no text field '{field}'")
+        assert not editor.report.exists()  # the editor never ran
     assert ready("history", "db/PG").out.count("\n") == 2  # 2 versions: nothing more
     assert before.keys() == ready.store_bytes().keys()
 

@@ -95,6 +95,10 @@ def edit(session: Session, name: str, expires: str | None) -> None:
         )
     shown = b"" if current is None else current.reveal()
     if field:
+        # What the write checks (a text field of a JSON object it can rewrite exactly), before the
+        # editor opens: a number, an object or a missing field would be refused after it, exit 2
+        # as `store NAME#FIELD` refuses them, with what was typed lost.
+        new_value_for(name, current, SecretValue(b""), field=field, generated=False)
         shown = select_field(shown, name, field)
     try:
         text = shown.decode("utf-8")
