@@ -2001,6 +2001,11 @@ def test_edit_of_one_json_field_and_what_it_refuses(ready: Cli, tmp_path: Path) 
     assert_one_line_error(editor("db/PG", text=""), 2, "the edited value is empty", "nothing was stored")
     ready("store", "db/BIN", "--file", "/dev/stdin", input=b"\xff\xfe")
     assert_one_line_error(editor("db/BIN"), 2, "not UTF-8 text", "store db/BIN --file PATH")
+    # No editor chosen and no terminal (cron, a pipe): vi would wait for keys forever.
+    started = time.monotonic()
+    no_terminal = ready("edit", "db/PG", env={"EDITOR": None, "VISUAL": None})
+    assert_one_line_error(no_terminal, 2, "opens vi, which needs a terminal", "store NAME")
+    assert time.monotonic() - started < 30
     gone = ready("edit", "db/PG", env={"EDITOR": "no-such-editor-here"})
     assert_one_line_error(gone, 2, "'no-such-editor-here' was not found", "EDITOR")
     assert_one_line_error(ready("edit", "db/PG#"), 2, "names no field")

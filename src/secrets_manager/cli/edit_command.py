@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -170,8 +171,17 @@ def _refuse_if_deleted(store: SecretStore, name: str) -> None:
 
 def _editor() -> str:
     """$VISUAL, $EDITOR or vi: a command line whose program is found (else a one-line error now,
-    before anything is read, rather than the shell's own message after)."""
+    before anything is read, rather than the shell's own message after); vi only on a terminal."""
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or DEFAULT_EDITOR
+    if editor == DEFAULT_EDITOR and not (sys.stdin is not None and sys.stdin.isatty()):
+        # vi without a terminal (cron, a pipeline, ssh without -t) waits forever for keys: the
+        # value would sit in memory files until someone killed it. Chosen editors are trusted
+        # to know (a GUI editor, a script).
+        raise InvalidInputError(
+            f"edit opens {DEFAULT_EDITOR}, which needs a terminal, and standard input is not one: run "
+            "it on a terminal, set VISUAL or EDITOR, or pipe the new value to 'store NAME' "
+            "(nothing was stored)"
+        )
     try:
         words = shlex.split(editor)
     except ValueError:
