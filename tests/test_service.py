@@ -1081,6 +1081,16 @@ def test_edit_works_remotely_with_read_and_write(server: Server) -> None:
     denied = server.cli("auth", "edit", "auth/DB_PASSWORD", env={"EDITOR": "sed -i s/a/b/"})
     assert denied.returncode == 5 and denied.stderr.decode().count("\n") == 1, denied.stderr
     assert server.cli("ops", "get", "auth/DB_PASSWORD").stdout == b"auth-db-pass\n"
+    # A new name, by a role without `list`: created, and no request of it is denied.
+    created = server.cli("writer", "edit", "rw/BRAND_NEW", env={"EDITOR": "sed -i s/^$/new/"})
+    assert created.returncode == 0, created.stderr
+    assert not [
+        r for r in server.audit_records() if r.get("name") == "rw/BRAND_NEW" and r["decision"] == "deny"
+    ]
+    # A deleted one is refused as deleted (the write says so), not as changed meanwhile.
+    assert server.cli("ops", "delete", "rw/BRAND_NEW").returncode == 0
+    deleted = server.cli("writer", "edit", "rw/BRAND_NEW", env={"EDITOR": "sed -i s/^$/again/"})
+    assert deleted.returncode == 7 and b"is deleted" in deleted.stderr, deleted.stderr
 
 
 def test_store_of_one_field_works_remotely_with_read_and_write(server: Server) -> None:

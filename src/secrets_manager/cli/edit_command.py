@@ -28,15 +28,14 @@ from secrets_manager.cli.app import (
     cli,
     expires_option,
     future_expiry,
+    is_remote_store,
     pass_session,
     select_field,
 )
 from secrets_manager.cli.output import info_line, timestamp, warning_line
-from secrets_manager.cli.rotate_commands import terminate_as_interrupt
 from secrets_manager.cli.rotate_commands import one_password_session, terminate_as_interrupt
 from secrets_manager.cli.run_command import WITHHELD_VARIABLES, credentials_that_reached
 from secrets_manager.errors import (
-    AccessDeniedError,
     ConflictError,
     InvalidInputError,
     NotFoundError,
@@ -82,7 +81,8 @@ def edit(session: Session, name: str, expires: str | None) -> None:
         except NotFoundError:
             if field:
                 raise
-            _refuse_if_deleted(store, name)  # before the editor: the write would be refused after it
+            if not is_remote_store(store):  # before the editor: the write would refuse it after
+                _refuse_if_deleted(store, name)
             current, version, old_expiry = None, 0, None
         else:
             current, version, old_expiry = secret.value, secret.version, secret.expires
@@ -157,10 +157,11 @@ def edit(session: Session, name: str, expires: str | None) -> None:
 def _refuse_if_deleted(store: SecretStore, name: str) -> None:
     """SecretStateError (exit 7) if `name`, not found by a read, is a soft-deleted secret: `store`
     refuses to write to one, so the editor must not open on an empty file whose text is then lost.
-    A caller not allowed to describe it (`list` through --server) finds out at the write."""
+    Not through --server, where the describe would need `list` (a role with read and write alone
+    would be audited as denied at each new name): there the write says so."""
     try:
         deleted = store.describe(name).deleted
-    except (NotFoundError, AccessDeniedError):
+    except NotFoundError:
         return
     if deleted is not None:
         raise SecretStateError(
