@@ -222,3 +222,10 @@ def test_rotate_resume_with_expires_records_it_once_the_resumed_version_is_curre
     resumed = ok(ready("rotate", NAME, "--resume", "--set-command", "true", "--expires", SOON))
     assert f"resumed and rotated {NAME}: version 2 is current, expires {SOON}" in resumed.stderr
     assert meta(ready)["current_version"] == 2 and meta(ready)["expires"] == SOON
+
+
+def test_times_print_with_a_four_digit_year(ready: Cli) -> None:
+    ok(ready("store", NAME, input=b"key"))
+    late = ok(ready("metadata", NAME, "--expires", "0227-03-01"))
+    assert "0227-03-01T00:00:00Z is past" in late.stderr, late.stderr
+    assert meta(ready)["expires"] == "0227-03-01T00:00:00Z"

@@ -172,3 +172,16 @@ def test_aws_reads_again_without_a_describe_for_the_expiry_and_see_writes(
     aws.version_snapshot()
     calls.clear()
     assert aws.get(NAME).expires == EXPIRES and "DescribeSecret" not in calls
+
+
+@pytest.mark.parametrize("kind", ["vault", "aws"])
+def test_an_expiry_before_year_1000_is_kept_as_given(kind: str, request: pytest.FixtureRequest) -> None:
+    """A typed 0227-03-01 (a typo, or a date learnt late) was written as '227-03-01T…Z', which no
+    ISO 8601 reader takes: read back from Vault's custom_metadata or AWS's tag as no expiry at all.
+    The year now always has four digits. Fails on the old code (expires None)."""
+    store = request.getfixturevalue(kind)
+    early = datetime(227, 3, 1, tzinfo=UTC)
+    store.put(NAME, b"v1")
+    store.update_metadata(NAME, expires=early)
+    assert store.describe(NAME).expires == early
+    assert parse_expiry(format_expiry(1, early)) == (1, early)

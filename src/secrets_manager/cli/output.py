@@ -30,6 +30,7 @@ from typing import Any
 import click
 
 from secrets_manager.errors import InvalidInputError
+from secrets_manager.store.base import utc_text
 from secrets_manager.store.url import url_without_password
 
 PROG = "secrets-manager"
@@ -313,7 +314,8 @@ def byte_size(size: int) -> str:
 
 
 def timestamp(value: datetime | None) -> str:
-    return "" if value is None else value.strftime("%Y-%m-%dT%H:%M:%SZ")
+    """A time as every command prints it (ISO 8601 UTC, four-digit year), or "" for none."""
+    return "" if value is None else utc_text(value)
 
 
 def _one_line(message: str) -> str:

@@ -316,7 +316,15 @@ def checked_expiry_change(
 def format_expiry(version: int, expires: datetime) -> str:
     """The (version, time) pair as text, for a backend that keeps it in a tag or custom_metadata
     entry: `N@YYYY-MM-DDTHH:MM:SSZ` (characters AWS tags and Vault's custom_metadata take)."""
-    return f"{version}@{expires.astimezone(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')}"
+    return f"{version}@{utc_text(expires)}"
+
+
+def utc_text(moment: datetime) -> str:
+    """`moment` as ISO 8601 UTC to the second, e.g. 2027-03-01T00:00:00Z; the year always has four
+    digits (strftime's %Y gives "227" for year 227, which no ISO 8601 reader, `parse_expiry`
+    included, takes: a typed 0227-03-01 was written, then read back as no expiry)."""
+    utc = moment.astimezone(UTC) if moment.tzinfo is not None else moment  # naive: taken as UTC
+    return f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}T{utc.hour:02d}:{utc.minute:02d}:{utc.second:02d}Z"
 
 
 def parse_expiry(text: str | None) -> tuple[int, datetime] | None:
