@@ -106,7 +106,7 @@ from secrets_manager.store.changes import SecretChanges, secret_changes, value_r
 from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import DEFAULT_NAMESPACE, namespace_of, validate_name, validate_prefix
 from secrets_manager.store.read_cache import ReadCache
-from secrets_manager.store.unlock import PasswordUnlock, UnlockSource
+from secrets_manager.store.unlock import PasswordUnlock, UnlockKey, UnlockKeyUnlock, UnlockSource
 from secrets_manager.values import SecretValue
 
 STORE_FORMAT = 1
@@ -280,7 +280,15 @@ class EncryptedStore:
     @property
     def kdf_params(self) -> KdfParams | None:
         """The Argon2id costs of the master password (None if no password unlocks the store)."""
-        return self._unlock.params if isinstance(self._unlock, PasswordUnlock) else None
+        if isinstance(self._unlock, PasswordUnlock | UnlockKeyUnlock):
+            return self._unlock.params
+        return None
+
+    @property
+    def unlock_key(self) -> UnlockKey | None:
+        """The unlock key the master password gave when it opened this store (None if no password
+        did): what the CLI gives its agent, so the next command opens the store without it."""
+        return self._unlock.unlock_key if isinstance(self._unlock, PasswordUnlock) else None
 
     def require_password_unlock(self) -> PasswordUnlock:
         """The password source that unlocks this store; InvalidInputError if it is not a password."""

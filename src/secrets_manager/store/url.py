@@ -52,7 +52,7 @@ from secrets_manager.store.external import DEFAULT_AUDIT_SCOPE, DEFAULT_RECOVERY
 from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import validate_name, validate_namespace
 from secrets_manager.store.recovery import recover_root
-from secrets_manager.store.unlock import PasswordUnlock, UnlockSource
+from secrets_manager.store.unlock import PasswordUnlock, UnlockKeyUnlock, UnlockSource
 
 SQLITE_SCHEME = "sqlite://"
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -805,12 +805,15 @@ def open_store(
     actor: str,
     audit_path: Path | None = None,
     password_rereadable: bool = False,
+    unlock_key: UnlockKeyUnlock | None = None,
 ) -> EncryptedStore:
     """Unlock the store `url` points at: with its master password, or through AWS KMS if its
     header says so. `password` may be a function, called only for a password store (so a store
     that KMS unlocks never prompts). `password_rereadable`: the function may be called again
     while the store is open (it reads a file, not a prompt), when another process has changed the
-    password and rotated the root key (EncryptedStore.renew_unlock_with).
+    password and rotated the root key (EncryptedStore.renew_unlock_with). `unlock_key`: a password
+    store is opened with the unlock key it finds instead of the password (UnlockKeyRefused if
+    it has none that opens it); a store that KMS unlocks is opened as ever.
 
     `audit_path` is the audit log this process writes (default: `default_audit_path(url)`). A
     PostgreSQL store is shared by hosts that each keep their own log, so there every log gets its
@@ -820,12 +823,18 @@ def open_store(
             f"opening {display_url(url)} with a master password is not supported by this store: "
             "Vault and AWS stores have none (this entry point works on encrypted store files only)"
         )
+    if unlock_key is not None and environment.is_production:  # the CLI never asks its agent there
+        raise UnsafeConfigurationError("a cached unlock key is refused in production: use the password")
     options = {**_store_options(url, audit_path), "actor": actor}
     store = _open_encrypted(
         url,
         environment,
         lambda storage, kind: EncryptedStore.open(
-            storage, _unlock_for(kind, password, environment), **options
+            storage,
+            unlock_key
+            if unlock_key is not None and kind == PasswordUnlock.kind
+            else _unlock_for(kind, password, environment),
+            **options,
         ),
     )
     if password_rereadable and callable(password):
