@@ -14,6 +14,7 @@ import sys
 import click
 
 from secrets_manager.cli import (
+    agent_commands,  # noqa: F401  (registers `agent`)
     audit_commands,  # noqa: F401  (registers `audit`)
     backup_commands,  # noqa: F401  (registers `backup` and `restore`)
     edit_command,  # noqa: F401  (registers `edit`)

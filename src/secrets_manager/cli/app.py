@@ -106,6 +106,7 @@ from secrets_manager.store.url import (
     open_external_store,
     open_store,
     open_store_with_recovery,
+    postgres_location,
     refuse_existing_store,
     store_location,
 )
@@ -244,6 +245,16 @@ class Session:
         if self.audit_file:
             return Path(self.audit_file)
         return default_audit_path(self.store_url, environ=self.environ)
+
+    def agent_store_name(self) -> str:
+        """The store as the agent knows it (its key is kept under this, and `agent status` shows
+        it): the store file's absolute path, else its URL without a password."""
+        if not self.needs_password:
+            raise InvalidInputError(
+                f"{display_url(self.store_url)} is a Vault or AWS store: no agent keeps a key for it"
+            )
+        location = store_location(self.store_url)
+        return location if postgres_location(self.store_url) else str(Path(location).absolute())
 
     @property
     def needs_password(self) -> bool:

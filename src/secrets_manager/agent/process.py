@@ -1,0 +1,310 @@
+"""The agent process (`python -m secrets_manager.agent`, started by `secrets-manager agent start`).
+
+It holds unlock keys in memory only, and guards them as gpg-agent and ssh-agent do:
+
+- not dumpable (PR_SET_DUMPABLE 0): no core dump through a core_pattern pipe, and no ptrace or
+  /proc/PID/mem read by other processes of the same user (root still can); RLIMIT_CORE 0;
+- the keys in one anonymous page of their own, locked in memory (mlock, so never swapped out;
+  if RLIMIT_MEMLOCK does not allow it the log says so and the agent runs on), excluded from
+  dumps (MADV_DONTFORK/DONTDUMP), zeroed when a key expires, is forgotten or the agent stops. The
+  copies Python makes while decoding a request and encoding an answer are freed, not zeroed;
+- its own directory "/", stdin, stdout and stderr on /dev/null, a session of its own, an empty
+  environment; a log of events (never a key) beside the socket, 0600.
+
+SIGTERM, SIGINT and `agent stop` wipe the keys and end it; SIGHUP forgets every key, as gpg-agent's
+does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import contextlib
+import ctypes
+import ctypes.util
+import mmap
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from secrets_manager.agent import TIMEOUT, peer_uid, receive_message, send_message
+from secrets_manager.core_dumps import dumpable, keep_secrets_out_of_core_dumps
+
+KEY_SIZE = 32
+SLOTS = mmap.PAGESIZE // KEY_SIZE  # keys held at once (128 with 4 KiB pages): the oldest goes first
+MAX_STORE_LENGTH = 4096
+
+
+def now() -> float:
+    """Seconds on a clock that also runs while the machine sleeps (a laptop closed for an hour
+    has let its keys expire)."""
+    clock = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+    return time.clock_gettime(clock)
+
+
+@dataclass
+class _Entry:
+    store: str
+    header: str
+    slot: int
+    given: float
+    used: float
+
+
+class KeyCache:
+    """Unlock keys by store (one header each), in one locked page; expiry by `ttl` since the
+    last use and `max_ttl` since the key was given."""
+
+    def __init__(self, ttl: float, max_ttl: float) -> None:
+        self.ttl, self.max_ttl = ttl, max_ttl
+        self._page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        for advice in ("MADV_DONTDUMP", "MADV_DONTFORK"):
+            with contextlib.suppress(AttributeError, OSError):
+                self._page.madvise(getattr(mmap, advice))
+        self.locked = _mlock(self._page)
+        self._entries: dict[str, _Entry] = {}
+
+    def expires(self, entry: _Entry) -> float:
+        return min(entry.used + self.ttl, entry.given + self.max_ttl)
+
+    def put(self, store: str, header: str, key: bytes) -> None:
+        self.forget(store)
+        if len(self._entries) >= SLOTS:
+            oldest = min(self._entries.values(), key=lambda e: e.given)
+            self.forget(oldest.store)
+        slot = min(set(range(SLOTS)) - {e.slot for e in self._entries.values()})
+        self._page[slot * KEY_SIZE : (slot + 1) * KEY_SIZE] = key
+        at = now()
+        self._entries[store] = _Entry(store, header, slot, at, at)
+
+    def get(self, store: str, header: str) -> bytes | None:
+        entry = self._entries.get(store)
+        if entry is None or entry.header != header:
+            return None
+        at = now()
+        if at >= self.expires(entry):
+            self.forget(store)
+            return None
+        entry.used = at
+        return bytes(self._page[entry.slot * KEY_SIZE : (entry.slot + 1) * KEY_SIZE])
+
+    def expired(self) -> list[str]:
+        """Forget every key past its time; the stores whose keys went."""
+        at = now()
+        gone = [e.store for e in self._entries.values() if at >= self.expires(e)]
+        for store in gone:
+            self.forget(store)
+        return gone
+
+    def forget(self, store: str | None = None) -> int:
+        """Zero and drop the key of `store` (every key if None); how many went."""
+        stores = list(self._entries) if store is None else [store] if store in self._entries else []
+        for name in stores:
+            entry = self._entries.pop(name)
+            self._page[entry.slot * KEY_SIZE : (entry.slot + 1) * KEY_SIZE] = bytes(KEY_SIZE)
+        return len(stores)
+
+    def listing(self) -> list[dict[str, Any]]:
+        at = now()
+        return [
+            {
+                "store": e.store,
+                "expires_in": round(max(0.0, self.expires(e) - at), 1),
+                "max_expires_in": round(max(0.0, e.given + self.max_ttl - at), 1),
+            }
+            for e in sorted(self._entries.values(), key=lambda e: e.store)
+        ]
+
+    def wipe(self) -> None:
+        self.forget()
+        self._page[:] = bytes(len(self._page))
+
+
+def _mlock(page: mmap.mmap) -> bool:
+    """Lock `page` in memory (never swapped out); False where RLIMIT_MEMLOCK or the platform
+    does not allow it."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        view = ctypes.c_char.from_buffer(page)
+        address = ctypes.addressof(view)
+        del view  # the page may be closed later
+        return int(libc.mlock(ctypes.c_void_p(address), ctypes.c_size_t(len(page)))) == 0
+    except (OSError, AttributeError, TypeError):
+        return False
+
+
+class Agent:
+    def __init__(self, listener: socket.socket, cache: KeyCache, log: TextIO | None) -> None:
+        self.listener, self.cache, self._log = listener, cache, log
+        self.stopping = False
+
+    def log(self, event: str, **fields: Any) -> None:
+        if self._log is None:
+            return
+        extra = "".join(f" {key}={value}" for key, value in fields.items())
+        with contextlib.suppress(OSError):
+            self._log.write(f"{datetime.now(UTC).isoformat(timespec='seconds')} {event}{extra}\n")
+            self._log.flush()
+
+    def run(self) -> None:
+        while not self.stopping:
+            for store in self.cache.expired():
+                self.log("expired", store=store)
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except InterruptedError:
+                continue
+            with connection:
+                self.serve(connection)
+
+    def serve(self, connection: socket.socket) -> None:
+        connection.settimeout(TIMEOUT)
+        pid, uid = peer_uid(connection)
+        if uid != os.getuid():
+            self.log("refused", uid=uid, pid=pid, why="another user")
+            return
+        try:
+            request = receive_message(connection)
+            answer = self.answer(request)
+        except (OSError, EOFError, ValueError, KeyError, TypeError, binascii.Error) as exc:
+            answer = {"ok": False, "error": f"bad request ({type(exc).__name__})"}
+        with contextlib.suppress(OSError, ValueError):
+            send_message(connection, answer)
+
+    def answer(self, request: dict[str, Any]) -> dict[str, Any]:
+        op = request.get("op")
+        if op == "ping":
+            return {"ok": True, "pid": os.getpid()}
+        if op == "get":
+            key = self.cache.get(_text(request["store"]), _text(request["header"]))
+            return {"ok": True, "key": None if key is None else base64.b64encode(key).decode()}
+        if op == "put":
+            key = base64.b64decode(_text(request["key"]), validate=True)
+            if len(key) != KEY_SIZE:
+                raise ValueError("an unlock key is 32 bytes")
+            store = _text(request["store"])
+            self.cache.put(store, _text(request["header"]), key)
+            self.log("cached", store=store)
+            return {"ok": True}
+        if op == "status":
+            return {
+                "ok": True,
+                "pid": os.getpid(),
+                "ttl": self.cache.ttl,
+                "max_ttl": self.cache.max_ttl,
+                "locked": self.cache.locked,
+                "dumpable": dumpable(),
+                "keys": self.cache.listing(),
+            }
+        if op == "forget":
+            only = request.get("store")
+            count = self.cache.forget(None if only is None else _text(only))
+            self.log("forgot", store=only or "(all)", keys=count)
+            return {"ok": True, "forgot": count}
+        if op == "stop":
+            self.stopping = True
+            return {"ok": True, "pid": os.getpid()}
+        return {"ok": False, "error": f"unknown request {str(op)[:40]!r}"}
+
+
+def _text(value: object) -> str:
+    if not isinstance(value, str) or len(value) > MAX_STORE_LENGTH:
+        raise TypeError("not a short string")
+    return value
+
+
+def _harden() -> None:
+    """Before any key arrives: no core dumps, no same-user ptrace, cwd /, a private umask."""
+    keep_secrets_out_of_core_dumps(development=False)
+    os.chdir("/")
+    os.umask(0o077)
+
+
+def _listen(path: Path) -> socket.socket:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    previous = os.umask(0o177)
+    try:
+        listener.bind(str(path))
+    finally:
+        os.umask(previous)
+    os.chmod(path, 0o600)
+    listener.listen(16)
+    listener.settimeout(0.5)  # expiry and signals are seen at least this often
+    return listener
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="secrets-manager-agent")
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--log")
+    parser.add_argument("--ttl", type=float, required=True)
+    parser.add_argument("--max-ttl", type=float, required=True)
+    parser.add_argument("--ready-fd", type=int)
+    args = parser.parse_args(argv)
+    ready = os.fdopen(args.ready_fd, "w") if args.ready_fd is not None else None
+    _harden()
+    path = Path(args.socket)
+    log = None
+    try:
+        if args.log:
+            log = open(args.log, "a", encoding="utf-8", opener=_private)  # noqa: SIM115
+        cache = KeyCache(args.ttl, args.max_ttl)
+        listener = _listen(path)
+    except OSError as exc:
+        if ready is not None:
+            ready.write(f"error: {exc.strerror or exc} ({exc.filename or path})\n")
+            ready.close()
+        return 1
+    agent = Agent(listener, cache, log)
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        agent.stopping = True
+
+    def forget_all(_signum: int, _frame: FrameType | None) -> None:
+        agent.log("forgot", store="(all)", keys=cache.forget(), why="SIGHUP")
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, forget_all)
+    inode = os.lstat(path).st_ino
+    agent.log(
+        "started",
+        pid=os.getpid(),
+        ttl=args.ttl,
+        max_ttl=args.max_ttl,
+        mlock="yes" if cache.locked else "no (RLIMIT_MEMLOCK)",
+        dumpable=dumpable(),
+    )
+    if ready is not None:
+        ready.write(f"ok {os.getpid()}\n")
+        ready.close()
+    try:
+        agent.run()
+    finally:
+        cache.wipe()
+        listener.close()
+        with contextlib.suppress(OSError):
+            if os.lstat(path).st_ino == inode:  # still ours, not a newer agent's
+                os.unlink(path)
+        agent.log("stopped", pid=os.getpid())
+        if log is not None:
+            log.close()
+    return 0
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+if __name__ == "__main__":  # pragma: no cover (run as `python -m secrets_manager.agent`)
+    sys.exit(main())

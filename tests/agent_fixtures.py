@@ -1,0 +1,182 @@
+"""The unlock agent in tests: real agent processes started with the console script, each in a
+test's own XDG_RUNTIME_DIR and stopped when the test ends; the CLI on a new terminal (a pty) where
+it would prompt."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(sys.executable).with_name("secrets-manager")
+PASSWORD = "agent test password"
+TIMEOUT = 60
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    stderr: str
+
+
+@dataclass
+class AgentCli:
+    """The console script against one store, with its own XDG_RUNTIME_DIR. `env` has no master
+    password source: a command that needs one finds it in the agent or fails (no terminal), unless
+    the call gives one."""
+
+    tmp: Path
+    env: dict[str, str] = field(default_factory=dict)
+    started: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        runtime = self.tmp / "run"
+        runtime.mkdir(mode=0o700, exist_ok=True)
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.tmp),
+            "SECRETS_MANAGER_STORE": str(self.store),
+            "XDG_RUNTIME_DIR": str(runtime),
+        }
+
+    @property
+    def store(self) -> Path:
+        return self.tmp / "vault" / "store.db"
+
+    @property
+    def directory(self) -> Path:
+        return Path(self.env["XDG_RUNTIME_DIR"]) / "secrets-manager"
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / "agent.sock"
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "agent.log"
+
+    def full_env(self, env: Mapping[str, str | None] | None = None) -> dict[str, str]:
+        merged = {**self.env, **(env or {})}
+        return {key: value for key, value in merged.items() if value is not None}
+
+    def __call__(self, *args: str, input: bytes = b"", env: Mapping[str, str | None] | None = None) -> Result:
+        proc = subprocess.run(
+            [str(SCRIPT), *args],
+            input=input,
+            capture_output=True,
+            env=self.full_env(env),
+            start_new_session=True,  # no controlling terminal: a prompt cannot be attempted
+            timeout=TIMEOUT,
+        )
+        stderr = proc.stderr.decode("utf-8", errors="replace")
+        assert "Traceback" not in stderr, stderr
+        return Result(proc.returncode, proc.stdout.decode("utf-8", errors="replace"), stderr)
+
+    def ok(self, *args: str, input: bytes = b"", env: Mapping[str, str | None] | None = None) -> Result:
+        result = self(*args, input=input, env=env)
+        assert result.code == 0, (args, result.code, result.stderr)
+        return result
+
+    def with_password(self, *args: str, input: bytes = b"") -> Result:
+        return self.ok(*args, input=input, env={"MASTER_PASSWORD": PASSWORD})
+
+    def start_agent(self, *options: str, env: Mapping[str, str | None] | None = None) -> int:
+        self.ok("agent", "start", *options, env=env)
+        pid = self.agent_pid(env)
+        self.started.append(pid)
+        return pid
+
+    def agent_pid(self, env: Mapping[str, str | None] | None = None) -> int:
+        return int(json.loads(self.ok("agent", "status", "--json", env=env).out)["pid"])
+
+    def status(self) -> dict[str, object]:
+        return dict(json.loads(self.ok("agent", "status", "--json").out))
+
+    def typed(self, keys: bytes, *args: str, env: Mapping[str, str | None] | None = None) -> tuple[int, str]:
+        """The command on a new terminal, `keys` typed at its first prompt (if it prompts): its
+        exit code and all it wrote to the terminal."""
+        full_env = self.full_env(env)
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: exec at once
+            os.execve(str(SCRIPT), [str(SCRIPT), *args], full_env)  # noqa: S606
+        out, typed, deadline = b"", False, time.monotonic() + TIMEOUT
+        try:
+            while time.monotonic() < deadline:
+                if not select.select([fd], [], [], 0.1)[0]:
+                    continue
+                try:
+                    data = os.read(fd, 4096)
+                except OSError:  # EIO: the child has ended
+                    break
+                if not data:
+                    break
+                out += data
+                if not typed and b"password: " in out:
+                    os.write(fd, keys)
+                    typed = True
+        finally:
+            os.close(fd)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status), out.decode("utf-8", errors="replace")
+
+    def stop_agents(self) -> None:
+        """`agent stop`, then SIGKILL for any agent this test started that is still there."""
+        with contextlib.suppress(Exception):
+            self("agent", "stop")
+        for pid in self.started:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+    def audit(self) -> list[dict[str, object]]:
+        log = self.store.with_name("store.audit.jsonl")
+        return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def agent_cli(tmp: Path) -> Iterator[AgentCli]:
+    cli = AgentCli(tmp)
+    try:
+        yield cli
+    finally:
+        cli.stop_agents()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    stat = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+def wait_until_gone(pid: int, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def require_root(why: str) -> None:
+    """Skip unless root (fail under CI, where the test must run)."""
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail(f"needs root under CI: {why}")
+        pytest.skip(f"needs root: {why}")
