@@ -76,13 +76,19 @@ def check_directory(directory: Path, *, create: bool = False) -> bool:
     if it is a symbolic link or not a directory, belongs to another user or is not mode 0700:
     another user could then put a socket of theirs where we would give it our keys."""
     try:
-        found = os.lstat(directory)
-    except FileNotFoundError:
-        if not create:
-            return False
-        with contextlib.suppress(FileExistsError):  # another `agent start` made it meanwhile
-            os.mkdir(directory, 0o700)
-        found = os.lstat(directory)
+        try:
+            found = os.lstat(directory)
+        except FileNotFoundError:
+            if not create:
+                return False
+            with contextlib.suppress(FileExistsError):  # another `agent start` made it meanwhile
+                os.mkdir(directory, 0o700)
+            found = os.lstat(directory)
+    except OSError as exc:  # XDG_RUNTIME_DIR missing or not ours to search
+        raise UnsafeConfigurationError(
+            f"cannot use the agent's directory {directory}: {exc.strerror or exc}; set XDG_RUNTIME_DIR "
+            "to a private directory of yours, or unset it"
+        ) from None
     problem = None
     if stat.S_ISLNK(found.st_mode):
         problem = "is a symbolic link"
@@ -106,6 +112,10 @@ def check_socket(path: Path) -> bool:
         found = os.lstat(path)
     except FileNotFoundError:
         return False
+    except OSError as exc:
+        raise UnsafeConfigurationError(
+            f"cannot use the agent's socket {path}: {exc.strerror or exc}"
+        ) from None
     if not stat.S_ISSOCK(found.st_mode) or found.st_uid != os.getuid():
         raise UnsafeConfigurationError(
             f"{path} is not the agent's socket (not a socket of yours); remove it and start the agent again"

@@ -165,7 +165,10 @@ class Agent:
             except InterruptedError:
                 continue
             with connection:
-                self.serve(connection)
+                try:
+                    self.serve(connection)
+                except Exception as exc:  # one bad connection must not end the agent (and its keys)
+                    self.log("error", what=type(exc).__name__)
 
     def serve(self, connection: socket.socket) -> None:
         connection.settimeout(TIMEOUT)

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 import click
 
+from secrets_manager.agent import AgentClient
 from secrets_manager.audit import (
     AuditError,
     AuditEvent,
@@ -49,7 +50,12 @@ from secrets_manager.cli.password import (
     read_password,
     terminal_available,
 )
-from secrets_manager.environment import PASSWORD_FILE_VARIABLE, Environment, current_environment
+from secrets_manager.environment import (
+    PASSWORD_FILE_VARIABLE,
+    PASSWORD_VARIABLE,
+    Environment,
+    current_environment,
+)
 from secrets_manager.errors import (
     AccessDeniedError,
     ConflictError,
@@ -61,6 +67,7 @@ from secrets_manager.errors import (
     SecretsManagerError,
     StorageError,
     UnlockError,
+    UnsafeConfigurationError,
     UnsupportedOperationError,
 )
 from secrets_manager.rotation import (
@@ -92,7 +99,7 @@ from secrets_manager.store.base import (
 from secrets_manager.store.external import NoAnswerError
 from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import validate_prefix
-from secrets_manager.store.unlock import PasswordUnlock, UnlockSource
+from secrets_manager.store.unlock import PasswordUnlock, UnlockKeyRefused, UnlockKeyUnlock, UnlockSource
 from secrets_manager.store.url import (
     KDF_PROFILE_NAMES,
     create_store,
@@ -302,7 +309,7 @@ class Session:
         credentials of its environment (no password asked). A failed unlock is audited as denied
         before it is reported."""
         if self.needs_password:
-            return self.unlock_encrypted("unlock")
+            return self.unlock_encrypted("unlock", agent=True)
         return self._denials_audited(self._open_external)
 
     def _open_external(self, audit_path: Path | None = None) -> AuditedStore:
@@ -353,24 +360,59 @@ class Session:
                 "AWS account and the Vault namespace)"
             )
 
-    def unlock_encrypted(self, operation: str) -> EncryptedStore:
+    def unlock_encrypted(self, operation: str, *, agent: bool = False) -> EncryptedStore:
         """Unlock our encrypted store: with the master password, asked only if its header says a
         password unlocks it (AWS KMS needs none). Commands that manage its keys or unlock need our
-        store; a Vault or AWS store has neither."""
+        store; a Vault or AWS store has neither.
+
+        `agent`: where the password would come from the prompt, ask the user's agent first for
+        the unlock key of this store's header (the commands that only use the store: not those
+        that must prove the password is known, which call this without it); after a prompted
+        unlock, give the agent the key the password derived."""
         if not self.needs_password:
             raise UnsupportedOperationError(
                 f"'{operation}' is not supported by this store: {display_url(self.store_url)} has no "
                 "master password or keys of ours (Vault and AWS encrypt with their own keys)"
             )
-        return self._denials_audited(
-            lambda: open_store(
-                self.store_url,
-                self.password,
-                environment=self.environment,
-                actor=self.actor,
-                audit_path=self.audit_path,
-            )
+        client = self._agent() if agent else None
+        if client is not None:
+            where = self.agent_store_name()
+            cached = UnlockKeyUnlock(lambda header: client.find(where, header))
+            try:
+                return self._denials_audited(lambda: self._open_encrypted(unlock_key=cached))
+            except UnlockKeyRefused:  # none kept, expired, or no longer opening it: the prompt
+                pass
+        store = self._denials_audited(self._open_encrypted)
+        if client is not None and store.unlock_key is not None:
+            client.give(self.agent_store_name(), store.unlock_key.header, store.unlock_key.material)
+        if client is not None and client.refused:
+            warning_line(f"{client.refused}; the agent was not used")
+        return store
+
+    def _open_encrypted(self, unlock_key: UnlockKeyUnlock | None = None) -> EncryptedStore:
+        return open_store(
+            self.store_url,
+            self.password,
+            environment=self.environment,
+            actor=self.actor,
+            audit_path=self.audit_path,
+            unlock_key=unlock_key,
         )
+
+    def _agent(self) -> AgentClient | None:
+        """The user's agent, where this command would otherwise prompt for the password: no
+        --password-file, MASTER_PASSWORD_FILE or MASTER_PASSWORD, and not in production (whose
+        stores services unlock with password files or KMS), and only if its socket is there (it
+        is connected to only when a password store is opened). A directory or socket that is not
+        safely ours is said and not used."""
+        if self.environment.is_production or self.password_from_file or PASSWORD_VARIABLE in self.environ:
+            return None
+        client = AgentClient.for_user(self.environ)
+        try:
+            return client if client.present() else None
+        except UnsafeConfigurationError as exc:
+            warning_line(f"{exc}; the agent was not asked")
+            return None
 
     def _denials_audited(self, opener: Callable[[], S]) -> S:
         """`opener()`; an unlock it refuses (a wrong password, foreign recovery shares, a KMS key
@@ -378,6 +420,8 @@ class Session:
         try:
             return opener()
         except MissingCredentialsError:  # no token or keys: nothing reached the store, nothing to audit
+            raise
+        except UnlockKeyRefused:  # the agent had no key that opens it: no password was refused
             raise
         except UnlockError as exc:
             self._audit_denied_unlock(exc)
@@ -757,7 +801,7 @@ def cli(
 
     \b
     Master password sources, first match wins: --password-file, MASTER_PASSWORD_FILE,
-    MASTER_PASSWORD, a prompt on the terminal.
+    MASTER_PASSWORD, a prompt on the terminal (which a running 'agent start' spares you).
     Exit codes: 0 ok, 1 error, 2 invalid input, 3 not found, 4 unlock failed,
     5 access denied, 6 integrity failure, 7 conflict.
     """

@@ -1,0 +1,225 @@
+"""The CLI asks the unlock agent before it would prompt for the master password (real processes:
+an agent started with the console script, commands on a pty where they would prompt)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent_fixtures import PASSWORD, AgentCli, agent_cli, wait_until_gone
+from secrets_manager.agent import AgentClient
+from secrets_manager.crypto.kdf import KdfParams, derive_unlock_key
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store.unlock import unlock_key_header
+
+TYPED = PASSWORD.encode() + b"\r"
+NEW_PASSWORD = "the new agent test password"
+PROMPT = "Master password:"
+NO_PASSWORD = "no master password"
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[AgentCli]:
+    for made in agent_cli(tmp_path):
+        made.with_password("init", "--kdf-profile", "test")
+        made.with_password("store", "svc/API_KEY", input=b"sk-live-ONE")
+        yield made
+
+
+def _header(cli: AgentCli) -> dict[str, object]:
+    """The store header's unlock section."""
+    storage = SqliteStorage(cli.store)
+    try:
+        entry = storage.get("core/header")
+    finally:
+        storage.close()
+    assert entry is not None
+    return dict(json.loads(entry.value)["unlock"])
+
+
+def _unlock_key(cli: AgentCli, password: str = PASSWORD) -> bytes:
+    kdf = _header(cli)["kdf"]
+    assert isinstance(kdf, dict)
+    params = KdfParams(
+        time_cost=kdf["time_cost"],
+        memory_cost_kib=kdf["memory_cost_kib"],
+        parallelism=kdf["parallelism"],
+        salt=base64.b64decode(kdf["salt"]),
+        version=kdf["version"],
+    )
+    return derive_unlock_key(password.encode(), params)
+
+
+def _denied(cli: AgentCli) -> list[dict[str, object]]:
+    return [r for r in cli.audit() if r["decision"] == "deny"]
+
+
+def _prompted_get(cli: AgentCli, name: str = "svc/API_KEY", typed: bytes = TYPED) -> str:
+    code, out = cli.typed(typed, "get", name)
+    assert code == 0, out
+    assert PROMPT in out, out
+    return out
+
+
+def test_one_prompt_then_commands_in_new_processes_need_no_password(cli: AgentCli) -> None:
+    assert NO_PASSWORD in cli("get", "svc/API_KEY").stderr  # no agent: nothing to unlock with
+    cli.start_agent()
+    before = len(cli.audit())
+    assert "sk-live-ONE" in _prompted_get(cli)
+    assert cli.ok("get", "svc/API_KEY").out == "sk-live-ONE\n"  # no terminal, no password source
+    assert cli.ok("list").out == "svc/API_KEY\n"
+    cli.ok("store", "svc/DB", input=b"db-pass-TWO")
+    assert cli.ok("get", "svc/DB").out == "db-pass-TWO\n"
+    code, out = cli.typed(TYPED, "get", "svc/DB")  # on a terminal: not asked either
+    assert code == 0 and PROMPT not in out and "db-pass-TWO" in out, out
+    stores = cli.status()["stores"]
+    assert isinstance(stores, list) and [s["store"] for s in stores] == [str(cli.store)]
+    unlocks = [r for r in cli.audit()[before:] if r["operation"] == "unlock"]
+    assert len(unlocks) == 6 and all(r["decision"] == "allow" for r in unlocks)  # audited as ever
+
+
+def test_a_password_source_given_is_used_and_the_agent_is_not(cli: AgentCli, tmp_path: Path) -> None:
+    cli.start_agent()
+    _prompted_get(cli)
+    wrong = {"MASTER_PASSWORD": "not the password"}
+    result = cli("get", "svc/API_KEY", env=wrong)
+    assert result.code == 4 and "wrong master password" in result.stderr
+    (tmp_path / "pw").write_text("not the password either")
+    result = cli("--password-file", str(tmp_path / "pw"), "get", "svc/API_KEY")
+    assert result.code == 4 and "wrong master password" in result.stderr
+
+
+def test_a_key_expires_ttl_after_its_last_use(cli: AgentCli) -> None:
+    cli.start_agent("--ttl", "1s")
+    _prompted_get(cli)
+    time.sleep(1.6)
+    assert NO_PASSWORD in cli("get", "svc/API_KEY").stderr
+    _prompted_get(cli)  # asked again, and kept again
+
+
+def test_a_key_expires_max_ttl_after_it_was_given_even_when_used(cli: AgentCli) -> None:
+    cli.start_agent("--ttl", "2s", "--max-ttl", "4s")
+    _prompted_get(cli)
+    given = time.monotonic()
+    uses = 0
+    while time.monotonic() - given < 3.0:  # used well within the ttl each time
+        assert cli.ok("get", "svc/API_KEY").out == "sk-live-ONE\n"
+        uses += 1
+        time.sleep(0.3)
+    time.sleep(max(0.0, 4.3 - (time.monotonic() - given)))
+    assert uses >= 2
+    assert NO_PASSWORD in cli("get", "svc/API_KEY").stderr
+
+
+def test_after_passwd_the_old_key_is_not_used_and_the_new_password_is_asked_for(
+    cli: AgentCli, tmp_path: Path
+) -> None:
+    cli.start_agent()
+    _prompted_get(cli)
+    (tmp_path / "new").write_text(NEW_PASSWORD)
+    cli.with_password("passwd", "--new-password-file", str(tmp_path / "new"))
+    denied = len(_denied(cli))
+    code, out = cli.typed(PASSWORD.encode() + b"\r", "get", "svc/API_KEY")  # the old one: refused
+    assert code == 4 and PROMPT in out and "wrong master password" in out, out
+    assert len(_denied(cli)) == denied + 1  # the typed password's refusal, audited as ever
+    assert "sk-live-ONE" in _prompted_get(cli, typed=NEW_PASSWORD.encode() + b"\r")
+    assert len(_denied(cli)) == denied + 1
+    assert cli.ok("get", "svc/API_KEY").out == "sk-live-ONE\n"  # the new key is kept
+
+
+def test_a_kept_key_that_no_longer_opens_the_store_falls_back_to_the_prompt_unaudited(
+    cli: AgentCli,
+) -> None:
+    cli.start_agent()
+    client = AgentClient(cli.socket)
+    assert client.give(str(cli.store), unlock_key_header(_header(cli)), bytes(32))  # for this header
+    before = cli.audit()
+    assert "sk-live-ONE" in _prompted_get(cli)
+    after = cli.audit()[len(before) :]
+    assert [r["operation"] for r in after] == ["unlock", "get"]
+    assert all(r["decision"] == "allow" for r in after)
+    assert cli.ok("get", "svc/API_KEY").out == "sk-live-ONE\n"  # replaced by the right key
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["passwd", "--new-password-file", "NEW"],
+        ["unlock-with", "password", "--new-password-file", "NEW"],
+        ["keys", "status"],
+        ["keys", "rotate", "--root"],
+        ["recovery", "status"],
+        ["backup", "BACKUP"],
+    ],
+)
+def test_commands_that_need_the_password_itself_still_ask_for_it(
+    cli: AgentCli, tmp_path: Path, args: list[str]
+) -> None:
+    (tmp_path / "new").write_text(NEW_PASSWORD)
+    args = [{"NEW": str(tmp_path / "new"), "BACKUP": str(tmp_path / "b.smbackup")}.get(a, a) for a in args]
+    cli.start_agent()
+    _prompted_get(cli)
+    result = cli(*args)
+    assert result.code == 4 and NO_PASSWORD in result.stderr, result.stderr
+    assert cli.ok("get", "svc/API_KEY").out == "sk-live-ONE\n"  # the agent has the key all the same
+
+
+def test_production_ignores_a_running_agent(cli: AgentCli) -> None:
+    cli.start_agent()
+    _prompted_get(cli)
+    code, out = cli.typed(b"\x04", "get", "svc/API_KEY", env={"SHRIVENQUANT_ENV": "production"})
+    assert code == 4 and PROMPT in out, out  # asked on the terminal although the agent has the key
+    assert cli.ok("get", "svc/API_KEY").out == "sk-live-ONE\n"
+
+
+def test_forget_and_stop_make_the_next_command_ask_again(cli: AgentCli) -> None:
+    pid = cli.start_agent()
+    _prompted_get(cli)
+    cli.ok("agent", "forget")
+    assert NO_PASSWORD in cli("get", "svc/API_KEY").stderr
+    _prompted_get(cli)
+    cli.ok("agent", "forget", "--store")
+    assert NO_PASSWORD in cli("get", "svc/API_KEY").stderr
+    _prompted_get(cli)
+    cli.ok("agent", "stop")
+    assert wait_until_gone(pid)
+    assert NO_PASSWORD in cli("get", "svc/API_KEY").stderr
+    _prompted_get(cli)  # no agent: the prompt, as without one
+
+
+def test_the_key_never_shows_in_argv_environment_logs_or_status(cli: AgentCli) -> None:
+    pid = cli.start_agent()
+    out = _prompted_get(cli)
+    outputs = [out, cli.ok("get", "svc/API_KEY").out, cli.ok("agent", "status").out]
+    outputs.append(cli.ok("agent", "status", "--json").out)
+    key = _unlock_key(cli)
+    assert AgentClient(cli.socket).find(str(cli.store), unlock_key_header(_header(cli))) == key
+    seen = [
+        *(text.encode() for text in outputs),
+        cli.log.read_bytes(),
+        cli.store.with_name("store.audit.jsonl").read_bytes(),
+        Path(f"/proc/{pid}/cmdline").read_bytes(),
+        Path(f"/proc/{pid}/environ").read_bytes(),
+        json.dumps(cli.env).encode(),
+    ]
+    for form in (key, key.hex().encode(), base64.b64encode(key), PASSWORD.encode()):
+        assert not any(form in text for text in seen)
+
+
+def test_an_agent_directory_that_is_not_safely_ours_is_said_and_not_used(cli: AgentCli) -> None:
+    cli.start_agent()
+    _prompted_get(cli)
+    cli.directory.chmod(0o755)
+    try:
+        code, out = cli.typed(TYPED, "get", "svc/API_KEY")
+    finally:
+        cli.directory.chmod(0o700)
+    assert code == 0 and PROMPT in out and "sk-live-ONE" in out, out
+    assert "has mode 0755, not 0700" in out and "the agent was not asked" in out, out
+    missing = cli("get", "svc/API_KEY", env={"XDG_RUNTIME_DIR": "/nonexistent/run"})
+    assert missing.code == 4 and NO_PASSWORD in missing.stderr  # no such directory: no agent
