@@ -93,9 +93,10 @@ class AgentCli:
         return self.ok(*args, input=input, env={"MASTER_PASSWORD": PASSWORD})
 
     def start_agent(self, *options: str, env: Mapping[str, str | None] | None = None) -> int:
-        self.ok("agent", "start", *options, env=env)
-        pid = self.agent_pid(env)
-        self.started.append(pid)
+        said = self.ok("agent", "start", *options, env=env).stderr
+        pid = int(said.split("(pid ", 1)[1].split(")", 1)[0])
+        self.started.append(pid)  # killed at the end of the test, whatever happens to it
+        assert self.agent_pid(env) == pid
         return pid
 
     def agent_pid(self, env: Mapping[str, str | None] | None = None) -> int:
