@@ -32,6 +32,23 @@ def private_umask() -> Iterator[None]:
     os.umask(previous)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def no_unlock_agent_of_the_user(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The CLI asks the user's unlock agent (agent/, at $XDG_RUNTIME_DIR) before prompting: the
+    tests' CLI processes get a runtime directory of their own, so an agent the developer runs is
+    neither asked (a prompt test would not prompt) nor handed the tests' keys. Agent tests start
+    their own agent in a directory they choose."""
+    runtime = tmp_path_factory.mktemp("xdg-runtime")
+    runtime.chmod(0o700)
+    previous = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = str(runtime)
+    yield
+    if previous is None:
+        os.environ.pop("XDG_RUNTIME_DIR", None)
+    else:
+        os.environ["XDG_RUNTIME_DIR"] = previous
+
+
 OpenStore = Callable[..., EncryptedStore]
 
 
