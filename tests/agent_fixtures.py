@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pty
-import select
 import signal
 import subprocess
 import sys
@@ -18,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from terminal import on_a_terminal, typing_once
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 PASSWORD = "agent test password"
@@ -108,29 +108,7 @@ class AgentCli:
     def typed(self, keys: bytes, *args: str, env: Mapping[str, str | None] | None = None) -> tuple[int, str]:
         """The command on a new terminal, `keys` typed at its first prompt (if it prompts): its
         exit code and all it wrote to the terminal."""
-        full_env = self.full_env(env)
-        pid, fd = pty.fork()
-        if pid == 0:  # the child: exec at once
-            os.execve(str(SCRIPT), [str(SCRIPT), *args], full_env)  # noqa: S606
-        out, typed, deadline = b"", False, time.monotonic() + TIMEOUT
-        try:
-            while time.monotonic() < deadline:
-                if not select.select([fd], [], [], 0.1)[0]:
-                    continue
-                try:
-                    data = os.read(fd, 4096)
-                except OSError:  # EIO: the child has ended
-                    break
-                if not data:
-                    break
-                out += data
-                if not typed and b"password: " in out:
-                    os.write(fd, keys)
-                    typed = True
-        finally:
-            os.close(fd)
-        _, status = os.waitpid(pid, 0)
-        return os.waitstatus_to_exitcode(status), out.decode("utf-8", errors="replace")
+        return on_a_terminal(args, self.full_env(env), typing_once(keys, after=b"password: "))
 
     def stop_agents(self) -> None:
         """`agent stop`, then SIGKILL for any agent this test started that is still there."""

@@ -6,10 +6,8 @@ import contextlib
 import errno
 import json
 import os
-import pty
 import pwd
 import re
-import select
 import shlex
 import signal
 import sqlite3
@@ -25,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from terminal import AnsweringEach, on_a_terminal, typing_once
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 PASSWORD = "correct horse battery staple"
@@ -1296,28 +1296,7 @@ def test_a_closed_standard_input_is_a_one_line_error_and_changes_nothing(ready: 
 def _typed_at_the_prompt(cli: Cli, keys: bytes, *args: str, env: Mapping[str, str | None]) -> tuple[int, str]:
     """The command on a new terminal, `keys` typed at its first prompt; its exit code and output."""
     full_env = {key: value for key, value in {**cli.env, **env}.items() if value is not None}
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: exec at once
-        os.execve(str(SCRIPT), [str(SCRIPT), *args], full_env)  # noqa: S606
-    out, typed, deadline = b"", False, time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            if not select.select([fd], [], [], 0.1)[0]:
-                continue
-            try:
-                data = os.read(fd, 4096)
-            except OSError:  # EIO: the child has ended
-                break
-            if not data:
-                break
-            out += data
-            if not typed and b": " in out:
-                os.write(fd, keys)
-                typed = True
-    finally:
-        os.close(fd)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status), out.decode("utf-8", errors="replace")
+    return on_a_terminal(args, full_env, typing_once(keys, after=b": "))
 
 
 def test_a_value_argument_is_stored_as_its_bytes_even_when_not_utf8(ready: Cli) -> None:
@@ -1948,30 +1927,10 @@ def test_edit_on_a_terminal_asks_for_the_master_password_once(ready: Cli, tmp_pa
     script.write_text("import sys\nopen(sys.argv[-1], 'w').write('KNOWN-after')\n")
     env = {**ready.env, "EDITOR": f"{sys.executable} {script}"}
     env.pop("MASTER_PASSWORD")
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: exec at once
-        os.execve(str(SCRIPT), [str(SCRIPT), "edit", "auth/TYPED"], env)  # noqa: S606
-    out, prompts, deadline = b"", 0, time.monotonic() + 60
-    try:
-        while time.monotonic() < deadline:
-            if not select.select([fd], [], [], 0.1)[0]:
-                continue
-            try:
-                data = os.read(fd, 4096)
-            except OSError:  # EIO: the child has ended
-                break
-            if not data:
-                break
-            out += data
-            if out.count(b"Master password") > prompts:
-                prompts += 1
-                os.write(fd, PASSWORD.encode() + b"\r")
-    finally:
-        os.close(fd)
-    _, status = os.waitpid(pid, 0)
-    text = out.decode("utf-8", errors="replace")
-    assert os.waitstatus_to_exitcode(status) == 0, text
-    assert prompts == 1, text
+    answering = AnsweringEach(PASSWORD.encode() + b"\r", prompt=b"Master password")
+    code, text = on_a_terminal(["edit", "auth/TYPED"], env, answering)
+    assert code == 0, text
+    assert answering.count == 1, text
     assert "stored auth/TYPED version 2" in text
     assert ready("get", "auth/TYPED").out == "KNOWN-after\n"
 
