@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,9 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from terminal import on_a_terminal, typing_once
+from terminal import SCRIPT, on_a_terminal, typing_once
 
-SCRIPT = Path(sys.executable).with_name("secrets-manager")
 PASSWORD = "agent test password"
 TIMEOUT = 60
 
