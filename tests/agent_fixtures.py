@@ -8,50 +8,31 @@ import contextlib
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from terminal import SCRIPT, on_a_terminal, typing_once
+from terminal import on_a_terminal, typing_once
+from test_cli import Cli, Result
 
 PASSWORD = "agent test password"
-TIMEOUT = 60
 
 
-@dataclass
-class Result:
-    code: int
-    out: str
-    stderr: str
+class AgentCli(Cli):
+    """The console script against one store (test_cli's `Cli`), with its own XDG_RUNTIME_DIR and
+    no master password source: a command that needs one finds it in the agent or fails (no
+    terminal), unless the call gives one."""
 
-
-@dataclass
-class AgentCli:
-    """The console script against one store, with its own XDG_RUNTIME_DIR. `env` has no master
-    password source: a command that needs one finds it in the agent or fails (no terminal), unless
-    the call gives one."""
-
-    tmp: Path
-    env: dict[str, str] = field(default_factory=dict)
-    started: list[int] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        runtime = self.tmp / "run"
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp / "vault" / "store.db", tmp)
+        self.tmp = tmp
+        self.started: list[int] = []  # agents this test started: killed at its end
+        runtime = tmp / "run"
         runtime.mkdir(mode=0o700, exist_ok=True)
-        self.env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(self.tmp),
-            "SECRETS_MANAGER_STORE": str(self.store),
-            "XDG_RUNTIME_DIR": str(runtime),
-        }
-
-    @property
-    def store(self) -> Path:
-        return self.tmp / "vault" / "store.db"
+        del self.env["MASTER_PASSWORD"]
+        self.env["XDG_RUNTIME_DIR"] = str(runtime)
 
     @property
     def directory(self) -> Path:
@@ -68,19 +49,6 @@ class AgentCli:
     def full_env(self, env: Mapping[str, str | None] | None = None) -> dict[str, str]:
         merged = {**self.env, **(env or {})}
         return {key: value for key, value in merged.items() if value is not None}
-
-    def __call__(self, *args: str, input: bytes = b"", env: Mapping[str, str | None] | None = None) -> Result:
-        proc = subprocess.run(
-            [str(SCRIPT), *args],
-            input=input,
-            capture_output=True,
-            env=self.full_env(env),
-            start_new_session=True,  # no controlling terminal: a prompt cannot be attempted
-            timeout=TIMEOUT,
-        )
-        stderr = proc.stderr.decode("utf-8", errors="replace")
-        assert "Traceback" not in stderr, stderr
-        return Result(proc.returncode, proc.stdout.decode("utf-8", errors="replace"), stderr)
 
     def ok(self, *args: str, input: bytes = b"", env: Mapping[str, str | None] | None = None) -> Result:
         result = self(*args, input=input, env=env)

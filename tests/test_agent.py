@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from agent_fixtures import SCRIPT, AgentCli, agent_cli, alive, require_root, wait_until_gone
+from agent_fixtures import AgentCli, agent_cli, alive, require_root, wait_until_gone
 from secrets_manager.agent import AgentClient, receive_message, send_message
 from secrets_manager.agent import process as agent_process
 from secrets_manager.errors import UnsafeConfigurationError
+from terminal import SCRIPT
 
 KEY = bytes(range(32))  # a stand-in unlock key, easy to look for
 STORE = "/home/someone/store.db"
