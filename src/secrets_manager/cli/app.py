@@ -9,7 +9,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
@@ -601,46 +601,105 @@ class Session:
         audit = self.audit_log()
         store = opener()
         try:
-            event = self.event(operation, name)
             # An encrypted store was unlocked with the password; a Vault or AWS one needs no unlock.
-            pending = [self.event("unlock", request_id=event.request_id)] if self.needs_password else []
-            if mutating:
-                audit.append([*pending, replace(event, outcome="pending")], store)
-                pending = []
-                if recorder is not None:
-                    recorder.append = partial(audit.append, anchor=store)
-            try:
+            with self._audited_on(
+                store,
+                audit,
+                operation,
+                name,
+                mutating=mutating,
+                reads=reads,
+                recorder=recorder,
+                unlocked=self.needs_password,
+            ) as event:
                 yield store, event
-            except BaseException as exc:
-                event.outcome = getattr(exc, "kind", "error")
-                event.decision = "deny" if isinstance(exc, AccessDeniedError) else "allow"
-                try:
-                    audit.append([*pending, event], store)
-                except (StorageError, AccessDeniedError, UnlockError):
-                    # The store itself failed while keeping the audit anchor: a Vault or AWS store
-                    # that is down, refuses us or has no credentials to give, which is why the
-                    # operation failed too. Nothing was changed or shown; the operation's own error
-                    # is the one to report.
-                    pass
-                except SecretsManagerError as audit_exc:  # the log cannot take it (an AuditError,
-                    # or a tamper error): said, and the operation's own error is the one raised.
-                    # The same error again (a Vault mount that is missing or KV version 1 refuses
-                    # the anchor as it refused the operation) is the cause already reported, as is
-                    # the log failing again as it failed for the record of a change made.
-                    said = exc.cause if isinstance(exc, UnrecordedChangeError) else None
-                    if (type(audit_exc), str(audit_exc)) != (type(exc), str(exc)) and said != getattr(
-                        audit_exc, "cause", str(audit_exc)
-                    ):
-                        warning_line(f"the failure could not be audited: {audit_exc}")
-                raise
-            try:
-                audit.append([*pending, *(reads or [event])], store)
-            except SecretsManagerError as exc:
-                if not mutating:  # a read: its result is not shown, so it was refused indeed
-                    raise
-                raise UnrecordedChangeError(change_made(event), exc) from None
         finally:
             store.close()
+
+    @contextmanager
+    def held_secret_store(
+        self, operation: str
+    ) -> Iterator[tuple[SecretStore, Callable[[], AbstractContextManager[Note]]]]:
+        """A store held open for a command that reads it more than once over a long time (`run
+        --restart-on-change`): each `with audited() as note:` is one audited read operation of its
+        own (its own request id; the unlock is recorded with the first). Remotely the service
+        audits; `note` is then a no-op."""
+        if self.server:
+            remote = self.remote_store()
+            try:
+                yield remote, lambda: nullcontext(Note())
+            finally:
+                remote.close()
+            return
+        audit = self.audit_log()
+        store = self.unlock()
+        unrecorded_unlock = [self.needs_password]
+
+        @contextmanager
+        def audited() -> Iterator[Note]:
+            reads: list[AuditEvent] = []
+            unlocked, unrecorded_unlock[0] = unrecorded_unlock[0], False
+            with self._audited_on(
+                store, audit, operation, None, mutating=False, reads=reads, unlocked=unlocked
+            ) as event:
+                yield Note(event, store, reads)
+
+        try:
+            yield store, audited
+        finally:
+            store.close()
+
+    @contextmanager
+    def _audited_on(
+        self,
+        store: AuditedStore,
+        audit: AuditLog,
+        operation: str,
+        name: str | None,
+        *,
+        mutating: bool,
+        unlocked: bool,
+        reads: list[AuditEvent] | None = None,
+        recorder: Recorder | None = None,
+    ) -> Iterator[AuditEvent]:
+        """One audited operation on an open store (`unlocked`: record its unlock with it)."""
+        event = self.event(operation, name)
+        pending = [self.event("unlock", request_id=event.request_id)] if unlocked else []
+        if mutating:
+            audit.append([*pending, replace(event, outcome="pending")], store)
+            pending = []
+            if recorder is not None:
+                recorder.append = partial(audit.append, anchor=store)
+        try:
+            yield event
+        except BaseException as exc:
+            event.outcome = getattr(exc, "kind", "error")
+            event.decision = "deny" if isinstance(exc, AccessDeniedError) else "allow"
+            try:
+                audit.append([*pending, event], store)
+            except (StorageError, AccessDeniedError, UnlockError):
+                # The store itself failed while keeping the audit anchor: a Vault or AWS store
+                # that is down, refuses us or has no credentials to give, which is why the
+                # operation failed too. Nothing was changed or shown; the operation's own error
+                # is the one to report.
+                pass
+            except SecretsManagerError as audit_exc:  # the log cannot take it (an AuditError,
+                # or a tamper error): said, and the operation's own error is the one raised.
+                # The same error again (a Vault mount that is missing or KV version 1 refuses
+                # the anchor as it refused the operation) is the cause already reported, as is
+                # the log failing again as it failed for the record of a change made.
+                said = exc.cause if isinstance(exc, UnrecordedChangeError) else None
+                if (type(audit_exc), str(audit_exc)) != (type(exc), str(exc)) and said != getattr(
+                    audit_exc, "cause", str(audit_exc)
+                ):
+                    warning_line(f"the failure could not be audited: {audit_exc}")
+            raise
+        try:
+            audit.append([*pending, *(reads or [event])], store)
+        except SecretsManagerError as exc:
+            if not mutating:  # a read: its result is not shown, so it was refused indeed
+                raise
+            raise UnrecordedChangeError(change_made(event), exc) from None
 
 
 class UnrecordedChangeError(AuditError):

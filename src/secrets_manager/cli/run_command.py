@@ -24,11 +24,25 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Callable
+from functools import partial
+from typing import NoReturn
 
 import click
 
+from secrets_manager.cli.agent_commands import parse_duration
 from secrets_manager.cli.app import STORE_VARIABLE, TLS_VARIABLES, Session, cli, is_remote_store, pass_session
 from secrets_manager.cli.output import warning_line
+from secrets_manager.cli.run_supervisor import (
+    ChangeSource,
+    FeedSource,
+    Launch,
+    Supervisor,
+    WatchSource,
+    is_text,
+    parse_stop_signal,
+    relevant_names,
+)
 from secrets_manager.environment import PASSWORD_VARIABLES
 from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError
 from secrets_manager.store import EncryptedStore, Secret, SecretStore
@@ -39,6 +53,7 @@ from secrets_manager.store.url import AwsLocation, external_location
 EXIT_CANNOT_EXECUTE = 126  # the shell's codes, as env(1) and nohup(1) use them
 EXIT_NOT_FOUND = 127
 SHELL = "/bin/sh"  # runs a script that has no #! line
+DEFAULT_STOP_TIMEOUT = "30s"  # as envconsul's kill_timeout: then SIGKILL
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NOT_IN_VARIABLE = re.compile(r"[^A-Za-z0-9_]")
 # Variables through which a value chooses code to run, or whom to trust: the dynamic loader's,
@@ -134,11 +149,34 @@ _LOADS_CODE = re.compile(
     metavar="NAME[=VAR]",
     help="One secret, as VAR (default: the last part of its name). Repeatable.",
 )
+@click.option(
+    "--restart-on-change",
+    is_flag=True,
+    help="Stay COMMAND's parent: when one of its secrets changes, stop COMMAND and start it again "
+    "with the new values (as Vault Agent's process supervisor mode and envconsul do).",
+)
+@click.option(
+    "--stop-signal",
+    metavar="SIGNAL",
+    help="With --restart-on-change: the signal that stops COMMAND for a restart [default: TERM].",
+)
+@click.option(
+    "--stop-timeout",
+    metavar="DURATION",
+    help=f"With --restart-on-change: SIGKILL if COMMAND has not ended this long after the stop signal "
+    f"[default: {DEFAULT_STOP_TIMEOUT}].",
+)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @pass_session
 def run(
-    session: Session, namespaces: tuple[str, ...], singles: tuple[str, ...], command: tuple[str, ...]
-) -> None:
+    session: Session,
+    namespaces: tuple[str, ...],
+    singles: tuple[str, ...],
+    restart_on_change: bool,
+    stop_signal: str | None,
+    stop_timeout: str | None,
+    command: tuple[str, ...],
+) -> int:
     """Run COMMAND with secrets as environment variables; its exit status is run's.
 
     \b
@@ -148,53 +186,100 @@ def run(
     Locally each secret read is audited ('run', with its version and fingerprint); with --server
     the service audits them and gives only what your certificate may read. Exit 3 if a --secret
     does not exist or a --service holds no secret you may read; 126/127 if COMMAND cannot be
-    executed / is not found; else COMMAND's own status."""
+    executed / is not found; else COMMAND's own status.
+
+    With --restart-on-change run stays COMMAND's parent, passes signals on to it, and when one of
+    its secrets changes starts it again with the new values (stop signal, then SIGKILL after the
+    stop timeout); only if its environment would differ."""
     if not namespaces and not singles:
         raise InvalidInputError("say which secrets: --service NAMESPACE and/or --secret NAME[=VAR]")
     wanted = [_single(text) for text in singles]
     for namespace in namespaces:
         validate_namespace(namespace)
-    variables: dict[str, Secret] = {}
-    with session.secret_operation("run") as (store, note):
+    if not restart_on_change:
+        if stop_signal is not None or stop_timeout is not None:
+            raise InvalidInputError("--stop-signal and --stop-timeout go with --restart-on-change")
+        with session.secret_operation("run") as (store, note):
+            withheld = (*WITHHELD_VARIABLES, *credentials_that_reached(session, store))
+            variables = _read_variables(store, namespaces, wanted)
+            for secret in {s.name: s for s in variables.values()}.values():
+                note.read(secret)
+        _exec(command, variables, withheld)
+    signum = parse_stop_signal(stop_signal or "TERM")
+    timeout = parse_duration(stop_timeout or DEFAULT_STOP_TIMEOUT, "--stop-timeout")
+    launch_of = _launch(command)  # COMMAND found in run's PATH before any secret is read
+    with session.held_secret_store("run") as (store, audited):
         withheld = (*WITHHELD_VARIABLES, *credentials_that_reached(session, store))
-        found: list[tuple[str, Secret]] = []
-        for namespace in namespaces:
-            secrets = _read_namespace(store, namespace)
-            if not secrets:
-                unslashed = (
-                    " (names without '/' are under no NAMESPACE/: take them with --secret NAME)"
-                    if namespace == DEFAULT_NAMESPACE
-                    else ""
-                )
-                raise NotFoundError(
-                    f"no secret under '{namespace}/' that you may read; nothing was run{unslashed}"
-                )
-            for secret in secrets:
-                variable = _variable_for(secret.name[len(namespace) + 1 :])
-                if _LOADS_CODE.fullmatch(variable):
-                    raise InvalidInputError(
-                        f"{secret.name} would set ${variable}, which can choose the code programs "
-                        f"run or whom they trust; nothing was run. If you mean it: "
-                        f"--secret {secret.name}={variable}"
-                    )
-                found.append((variable, secret))
-        for name, variable in wanted:
-            found.append((variable, store.get(name)))
-        for variable, secret in found:
-            earlier = variables.get(variable)
-            if earlier is not None and earlier.name != secret.name:
+        source = _change_source(store, namespaces, [name for name, _ in wanted])  # before the read
+
+        def read() -> dict[str, Secret]:
+            with audited() as note:
+                variables = _read_variables(store, namespaces, wanted)
+                for secret in {s.name: s for s in variables.values()}.values():
+                    note.read(secret)
+            return variables
+
+        variables = read()
+        supervisor = Supervisor(
+            launch_of(withheld),
+            variables,
+            read,
+            relevant_names(namespaces, [name for name, _ in wanted]),
+            stop_signal=signum,
+            stop_timeout=timeout,
+        )
+        return supervisor.run(source)
+
+
+def _read_variables(
+    store: SecretStore, namespaces: tuple[str, ...], wanted: list[tuple[str, str]]
+) -> dict[str, Secret]:
+    """The secrets `run` gives COMMAND, by variable; checked whole (nothing runs on an error)."""
+    variables: dict[str, Secret] = {}
+    found: list[tuple[str, Secret]] = []
+    for namespace in namespaces:
+        secrets = _read_namespace(store, namespace)
+        if not secrets:
+            unslashed = (
+                " (names without '/' are under no NAMESPACE/: take them with --secret NAME)"
+                if namespace == DEFAULT_NAMESPACE
+                else ""
+            )
+            raise NotFoundError(
+                f"no secret under '{namespace}/' that you may read; nothing was run{unslashed}"
+            )
+        for secret in secrets:
+            variable = _variable_for(secret.name[len(namespace) + 1 :])
+            if _LOADS_CODE.fullmatch(variable):
                 raise InvalidInputError(
-                    f"{earlier.name} and {secret.name} would both be ${variable}; name one with "
-                    f"--secret {secret.name}=OTHER_NAME"
+                    f"{secret.name} would set ${variable}, which can choose the code programs "
+                    f"run or whom they trust; nothing was run. If you mean it: "
+                    f"--secret {secret.name}={variable}"
                 )
-            if b"\0" in secret.value.reveal():
-                raise InvalidInputError(
-                    f"the value of {secret.name} holds a NUL byte: it cannot be an environment variable"
-                )
-            variables[variable] = secret
-        for secret in {s.name: s for s in variables.values()}.values():
-            note.read(secret)
-    _exec(command, variables, withheld)
+            found.append((variable, secret))
+    for name, variable in wanted:
+        found.append((variable, store.get(name)))
+    for variable, secret in found:
+        earlier = variables.get(variable)
+        if earlier is not None and earlier.name != secret.name:
+            raise InvalidInputError(
+                f"{earlier.name} and {secret.name} would both be ${variable}; name one with "
+                f"--secret {secret.name}=OTHER_NAME"
+            )
+        if b"\0" in secret.value.reveal():
+            raise InvalidInputError(
+                f"the value of {secret.name} holds a NUL byte: it cannot be an environment variable"
+            )
+        variables[variable] = secret
+    return variables
+
+
+def _change_source(store: SecretStore, namespaces: tuple[str, ...], names: list[str]) -> ChangeSource:
+    """Where `run --restart-on-change` hears of changes: the service's Watch stream (one
+    namespace: only its prefix), else the local store's changes."""
+    if is_remote_store(store):
+        return WatchSource(store, f"{namespaces[0]}/" if len(namespaces) == 1 and not names else "")
+    return FeedSource(store)
 
 
 def credentials_that_reached(session: Session, store: SecretStore) -> tuple[str, ...]:
@@ -261,37 +346,71 @@ def _read_namespace(store: SecretStore, namespace: str) -> list[Secret]:
     return secrets
 
 
-def _exec(command: tuple[str, ...], variables: dict[str, Secret], withheld: tuple[str, ...]) -> None:
-    """Become COMMAND, with the secrets added to this environment less the `withheld` variables
-    (a secret wins over a variable already set, with a warning that names it). COMMAND
-    is found in this process's PATH before any secret is added."""
+def _program(command: tuple[str, ...]) -> str:
+    """COMMAND's program, found in this process's PATH before any secret is added."""
     program = command[0] if "/" in command[0] else shutil.which(command[0])
     if program is None:
         raise CommandNotStarted(f"{command[0]}: command not found", EXIT_NOT_FOUND)
+    return program
+
+
+def _environment(
+    command: tuple[str, ...], variables: dict[str, Secret], withheld: tuple[str, ...], *, warn: bool = True
+) -> dict[bytes, bytes]:
+    """This environment less the `withheld` variables, plus the secrets (a secret wins over a
+    variable already set, with a warning that names it)."""
     dropped = {name.encode() for name in withheld}
     environment = {k: v for k, v in os.environb.items() if k not in dropped}
     for variable, secret in variables.items():
         key = variable.encode()
-        if key in environment:
+        if key in environment and warn:
             warning_line(f"${variable} was set; {secret.name} replaces it for {command[0]}")
         environment[key] = secret.value.reveal()
+    return environment
+
+
+def _not_started(
+    command: tuple[str, ...], failure: OSError, variables: dict[str, Secret]
+) -> CommandNotStarted:
+    if isinstance(failure, FileNotFoundError):
+        return CommandNotStarted(f"{command[0]}: command not found", EXIT_NOT_FOUND)
+    if failure.errno == errno.E2BIG:
+        return CommandNotStarted(_too_big(command[0], variables), EXIT_CANNOT_EXECUTE)
+    return CommandNotStarted(f"cannot run {command[0]}: {failure.strerror or failure}", EXIT_CANNOT_EXECUTE)
+
+
+def _launch(command: tuple[str, ...]) -> Callable[[tuple[str, ...]], Launch]:
+    """How the supervisor starts COMMAND (found now), given what to withhold from it."""
+    program = _program(command)
+    warned: list[bool] = []
+
+    def environment(withheld: tuple[str, ...], variables: dict[str, Secret]) -> dict[bytes, bytes]:
+        made = _environment(command, variables, withheld, warn=not warned)  # warned at the first start
+        warned.append(True)
+        return made
+
+    return lambda withheld: Launch(
+        command, program, partial(environment, withheld), partial(_not_started, command)
+    )
+
+
+def _exec(command: tuple[str, ...], variables: dict[str, Secret], withheld: tuple[str, ...]) -> NoReturn:
+    """Become COMMAND, with the secrets added to this environment less the `withheld` variables."""
+    program = _program(command)
+    environment = _environment(command, variables, withheld)
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         os.execve(program, list(command), environment)  # noqa: S606  (the caller's own command, no shell)
-    except FileNotFoundError:
-        raise CommandNotStarted(f"{command[0]}: command not found", EXIT_NOT_FOUND) from None
     except OSError as exc:
         failure = exc
-    if failure.errno == errno.ENOEXEC and _is_text(program):
+    if failure.errno == errno.ENOEXEC and is_text(program):
         # A script without a #! line: sh runs it, as shells and execvp(3) do.
         try:
             os.execve(SHELL, [SHELL, program, *command[1:]], environment)  # noqa: S606
         except OSError as exc:
             failure = exc
-    if failure.errno == errno.E2BIG:
-        raise CommandNotStarted(_too_big(command[0], variables), EXIT_CANNOT_EXECUTE)
-    raise CommandNotStarted(f"cannot run {command[0]}: {failure.strerror or failure}", EXIT_CANNOT_EXECUTE)
+    raise _not_started(command, failure, variables)
 
 
 def _too_big(program: str, variables: dict[str, Secret]) -> str:
@@ -307,16 +426,6 @@ def _too_big(program: str, variables: dict[str, Secret]) -> str:
         f"environment larger than the kernel takes (arguments and environment together: {limit}); "
         "pass fewer with --secret, or let the program read them itself with the SDK (get_credentials())"
     )
-
-
-def _is_text(program: str) -> bool:
-    """Whether a file exec refused may be a script: no NUL in its first line (bash's test)."""
-    try:
-        with open(program, "rb") as file:
-            start = file.read(256)
-    except OSError:
-        return False
-    return b"\x00" not in start.split(b"\n", 1)[0]
 
 
 class CommandNotStarted(SecretsManagerError):

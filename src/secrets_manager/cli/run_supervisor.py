@@ -1,0 +1,404 @@
+"""`run --restart-on-change`: keep COMMAND running on the current values of its secrets.
+
+As Vault Agent's process supervisor mode and envconsul do. `run` stays COMMAND's parent instead of
+becoming it, and follows the changes to the secrets it gave (our store's change feed, a Vault or
+AWS store's versions polled, a service's Watch stream: names and versions, never values). After a
+change to one of them it reads them again (audited as the first read was) and, only if the
+environment COMMAND would get is different, stops COMMAND (the stop signal to its process group,
+SIGKILL after the stop timeout) and starts it again with the new values. So a rotated credential
+reaches a program that reads it once, from its environment, within a second or so of the promote.
+
+COMMAND runs in a process group of its own, so the signals `run` is sent (by a terminal's Ctrl-C,
+`kill`, a service manager) reach it once, passed on by `run`: SIGHUP, SIGINT, SIGQUIT, SIGTERM,
+SIGUSR1, SIGUSR2, SIGWINCH. After SIGINT, SIGQUIT or SIGTERM no restart follows: `run` waits for
+COMMAND to end. When COMMAND ends on its own, `run` ends with its status (128 + N for a signal N).
+A read that fails after a change (the store down, a secret deleted) leaves COMMAND running on the
+values it has, with a warning, and is tried again every RETRY_SECONDS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import queue
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from types import FrameType
+from typing import TYPE_CHECKING, Protocol, cast
+
+from secrets_manager.cli.output import info_line, warning_line
+from secrets_manager.errors import InvalidInputError, SecretsManagerError, WatchUnsupportedError
+from secrets_manager.store import Secret, SecretStore
+from secrets_manager.store.changes import ChangeKind, SecretChange
+
+SETTLE_SECONDS = 0.5  # a rotation's stage and promote come together: read once, after both
+RETRY_SECONDS = 10.0  # a read that failed after a change is tried again this often
+FEED_POLL_SECONDS = 0.5  # our store's change feed is read this often (a Vault or AWS store's
+# versions are polled every `watch_poll_seconds` of theirs, as `serve` polls them)
+RECONNECT_MAX_SECONDS = 30.0  # a broken Watch stream is opened again after 1, 2, 4 ... s, at most this
+TICK_SECONDS = 0.2  # how often the supervisor looks at COMMAND and at the changes
+FORWARDED_SIGNALS = (
+    signal.SIGHUP,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGTERM,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+)
+ENDING_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGTERM})
+STOP_SIGNALS = {s.name.removeprefix("SIG"): s for s in (*FORWARDED_SIGNALS, signal.SIGKILL)}
+RESYNC = SecretChange(ChangeKind.RESYNC, "", None, 0)
+
+if TYPE_CHECKING:  # the service package starts gRPC: imported only by `run --restart-on-change`
+    from secrets_manager.service.served import ServedStore
+    from secrets_manager.service.watch import ChangeFeed
+
+
+def parse_stop_signal(text: str) -> signal.Signals:
+    """`--stop-signal TERM` (or SIGTERM, any case) as the signal."""
+    found = STOP_SIGNALS.get(text.upper().removeprefix("SIG"))
+    if found is None:
+        raise InvalidInputError(
+            f"--stop-signal {text!r} is not one of {', '.join(sorted(STOP_SIGNALS))} "
+            "(e.g. --stop-signal TERM)"
+        )
+    return found
+
+
+class ChangeSource(Protocol):
+    """Where changes come from: `follow` calls `changed` with each change, until `stop` is set."""
+
+    def follow(self, changed: Callable[[SecretChange], None], stop: threading.Event) -> None: ...
+
+    def cancel(self) -> None: ...
+
+
+class FeedSource:
+    """A local store's changes: our store's own feed, or a Vault or AWS store's polled versions.
+    Opened before the first read of the secrets, so no change after that read is missed."""
+
+    def __init__(self, store: SecretStore) -> None:
+        from secrets_manager.service.served import Snapshotted, change_feed
+
+        feed = change_feed(cast("ServedStore", store))  # reads only the feed, which any store may have
+        if feed is None:
+            raise InvalidInputError(
+                "--restart-on-change: this store cannot tell when its secrets change; run the "
+                "program without it"
+            )
+        self._feed: ChangeFeed = feed
+        self._history = feed.change_history()
+        self._poll = FEED_POLL_SECONDS
+        if isinstance(store, Snapshotted):
+            self._poll = min(self._poll, store.watch_poll_seconds)
+        _, self._revision = feed.changes_since(None)
+
+    def follow(self, changed: Callable[[SecretChange], None], stop: threading.Event) -> None:
+        failing = False
+        while not stop.wait(self._poll):
+            try:
+                changes, head = self._feed.changes_since(self._revision)
+                history = self._feed.change_history()
+            except SecretsManagerError as exc:
+                if not failing:
+                    warning_line(f"cannot read the store's changes ({exc}); trying again")
+                failing = True
+                stop.wait(RETRY_SECONDS)
+                continue
+            if failing:
+                info_line("reading the store's changes again")
+                failing = False
+            if history != self._history:  # its database failed over or was restored: read all again
+                self._history, changes = history, [RESYNC]
+            self._revision = head
+            for change in changes:
+                changed(change)
+
+    def cancel(self) -> None:
+        """Nothing to cancel: `follow` ends at its next poll once `stop` is set."""
+
+
+class WatchedStore(Protocol):
+    address: str
+
+    def watch(
+        self, prefix: str = "", since_revision: int | None = None, since_history: str | None = None
+    ) -> WatchStream: ...
+
+
+class WatchStream(Protocol):
+    revision: int | None
+    history: str | None
+
+    def start(self) -> int | None: ...
+
+    @property
+    def resumed(self) -> bool: ...
+
+    def __iter__(self) -> Iterator[SecretChange]: ...
+
+    def cancel(self) -> None: ...
+
+
+class WatchSource:
+    """A service's Watch stream for `prefix`, opened (and live) before the first read; opened
+    again where it stopped when it breaks (a RESYNC, so everything is read again, if the service
+    cannot resume it)."""
+
+    def __init__(self, remote: WatchedStore, prefix: str) -> None:
+        self._remote = remote
+        self._prefix = prefix
+        self._stream = remote.watch(prefix)
+        try:
+            self._stream.start()  # a service that refuses Watch says so here, before COMMAND starts
+        except WatchUnsupportedError:
+            raise WatchUnsupportedError(
+                f"--restart-on-change needs the service's Watch stream, and {remote.address} does not "
+                "offer it (its store has no change feed, or watch_poll_seconds = 0 turned it off); "
+                "nothing was run. Run the program without --restart-on-change, or ask for Watch to be on"
+            ) from None
+        self._lock = threading.Lock()
+        self._cancelled = False
+
+    def follow(self, changed: Callable[[SecretChange], None], stop: threading.Event) -> None:
+        delay = 1.0
+        while not stop.is_set():
+            try:
+                for change in self._stream:
+                    changed(change)
+                    delay = 1.0
+                problem = "the service ended the watch stream"
+            except SecretsManagerError as exc:
+                problem = str(exc)
+            if stop.is_set():
+                return
+            warning_line(f"{problem}; watching again in {delay:.0f} s")
+            if stop.wait(delay):
+                return
+            delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+            stream = self._stream
+            try:
+                reopened = self._remote.watch(self._prefix, stream.revision, stream.history)
+                reopened.start()
+            except SecretsManagerError:
+                continue  # said at the next turn, when the stream it gave fails too
+            with self._lock:
+                if self._cancelled:
+                    reopened.cancel()
+                    return
+                self._stream = reopened
+            info_line(f"watching {self._remote.address} again")
+            if not reopened.resumed:  # changes may have been missed: read everything again
+                changed(RESYNC)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            self._stream.cancel()
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How to start COMMAND: the program found in run's PATH, its arguments, and the environment
+    a set of secrets gives it."""
+
+    command: tuple[str, ...]
+    program: str
+    environment: Callable[[dict[str, Secret]], dict[bytes, bytes]]
+    not_started: Callable[[OSError, dict[str, Secret]], Exception]
+
+
+def start(launch: Launch, variables: dict[str, Secret]) -> subprocess.Popen[bytes]:
+    """COMMAND started in a process group of its own, with `variables` in its environment. A
+    script without a #! line is run by /bin/sh, as `run` without supervision does."""
+    environment = launch.environment(variables)
+    try:
+        return subprocess.Popen(
+            list(launch.command), executable=launch.program, env=environment, process_group=0
+        )
+    except OSError as exc:
+        failure = exc
+    if failure.errno == errno.ENOEXEC and is_text(launch.program):
+        try:
+            return subprocess.Popen(
+                ["/bin/sh", launch.program, *launch.command[1:]], env=environment, process_group=0
+            )
+        except OSError as exc:
+            failure = exc
+    raise launch.not_started(failure, variables)
+
+
+def is_text(program: str) -> bool:
+    """Whether a file exec refused may be a script: no NUL in its first line (bash's test)."""
+    try:
+        with open(program, "rb") as file:
+            start_of_file = file.read(256)
+    except OSError:
+        return False
+    return b"\x00" not in start_of_file.split(b"\n", 1)[0]
+
+
+def differences(before: dict[str, Secret], after: dict[str, Secret]) -> list[str]:
+    """What changed between two readings, per secret, in words (names and versions only)."""
+    old = {secret.name: secret for secret in before.values()}
+    new = {secret.name: secret for secret in after.values()}
+    said = []
+    for name in sorted(old.keys() | new.keys()):
+        if name not in new:
+            said.append(f"{name} is gone")
+        elif name not in old:
+            said.append(f"{name} was added (version {new[name].version})")
+        elif old[name].value.reveal() != new[name].value.reveal():
+            said.append(f"{name} changed (version {old[name].version} → {new[name].version})")
+    return said
+
+
+class Supervisor:
+    """COMMAND as a child, restarted on the new values after a change (module docstring)."""
+
+    def __init__(
+        self,
+        launch: Launch,
+        variables: dict[str, Secret],
+        read: Callable[[], dict[str, Secret]],
+        relevant: Callable[[str], bool],
+        *,
+        stop_signal: signal.Signals,
+        stop_timeout: float,
+    ) -> None:
+        self._launch = launch
+        self._variables = variables
+        self._read = read
+        self._relevant = relevant
+        self._stop_signal = stop_signal
+        self._stop_timeout = stop_timeout
+        self._changes: queue.SimpleQueue[SecretChange] = queue.SimpleQueue()
+        self._ending: signal.Signals | None = None  # the signal that ends supervision, once one came
+        self._ended_pid = 0  # the COMMAND it was passed on to
+        self._child: subprocess.Popen[bytes] | None = None
+
+    def run(self, source: ChangeSource) -> int:
+        """Start COMMAND, follow `source` and restart it after changes; COMMAND's exit status."""
+        stop = threading.Event()
+        with self._forwarding_signals():
+            self._child = start(self._launch, self._variables)
+            follower = threading.Thread(
+                target=source.follow, args=(self._changed, stop), name="run-changes", daemon=True
+            )
+            follower.start()
+            try:
+                return self._supervise()
+            finally:
+                stop.set()
+                source.cancel()
+
+    def _changed(self, change: SecretChange) -> None:
+        if change.kind is ChangeKind.RESYNC or self._relevant(change.name):
+            self._changes.put(change)
+
+    def _supervise(self) -> int:
+        child = self._child
+        assert child is not None
+        names: set[str] = set()
+        last_change = retry_at = 0.0
+        while True:
+            with contextlib.suppress(queue.Empty):
+                change = self._changes.get(timeout=TICK_SECONDS)
+                names.add(change.name or "the secrets (changes were missed)")
+                last_change = time.monotonic()
+            status = child.poll()
+            if status is not None:
+                return exit_status(status)
+            now = time.monotonic()
+            if self._ending is not None or not names or now - last_change < SETTLE_SECONDS or now < retry_at:
+                continue
+            try:
+                variables = self._read()
+            except SecretsManagerError as exc:
+                warning_line(
+                    f"{', '.join(sorted(names))} changed, but reading the secrets again failed ({exc}); "
+                    f"{self._launch.command[0]} keeps running on the values it has; trying again in "
+                    f"{RETRY_SECONDS:.0f} s"
+                )
+                retry_at = now + RETRY_SECONDS
+                continue
+            names.clear()
+            said = differences(self._variables, variables)
+            if not said:  # a new version of the same value, a tag: COMMAND has what it needs
+                self._variables = variables
+                continue
+            info_line(
+                f"{'; '.join(said)}: restarting {self._launch.command[0]} (pid {child.pid}, "
+                f"{self._stop_signal.name})"
+            )
+            status = self._stop(child)
+            if self._ending is not None:
+                return exit_status(status)
+            self._variables = variables
+            child = self._child = start(self._launch, variables)
+            if self._ending is not None and self._ended_pid != child.pid:
+                _signal_group(child, self._ending)  # it came while COMMAND was starting: not passed on
+
+    def _stop(self, child: subprocess.Popen[bytes]) -> int:
+        """Send the stop signal to COMMAND's group; SIGKILL after the stop timeout. Its status."""
+        _signal_group(child, self._stop_signal)
+        try:
+            return child.wait(timeout=self._stop_timeout)
+        except subprocess.TimeoutExpired:
+            warning_line(
+                f"{self._launch.command[0]} (pid {child.pid}) did not end within {self._stop_timeout:g} s "
+                f"of {self._stop_signal.name}: killed (SIGKILL)"
+            )
+            _signal_group(child, signal.SIGKILL)
+            return child.wait()
+
+    @contextlib.contextmanager
+    def _forwarding_signals(self) -> Iterator[None]:
+        def forward(signum: int, frame: FrameType | None) -> None:
+            child = self._child
+            if signum in ENDING_SIGNALS:
+                self._ending = signal.Signals(signum)  # no restart from here: wait for COMMAND to end
+                if child is not None and child.returncode is None:
+                    self._ended_pid = child.pid
+            if child is not None:
+                _signal_group(child, signal.Signals(signum))
+
+        previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def _signal_group(child: subprocess.Popen[bytes], signum: signal.Signals) -> None:
+    """`signum` to COMMAND's process group (its own children too); to COMMAND alone if the group
+    is gone, and to nothing if COMMAND has ended."""
+    if child.returncode is not None:
+        return
+    try:
+        os.killpg(child.pid, signum)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signum)
+    except PermissionError:  # the group holds a process of another user (a setuid helper)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child.pid, signum)
+
+
+def exit_status(status: int) -> int:
+    """Popen's return code as a shell reports it: 128 + N for a process signal N ended."""
+    return 128 - status if status < 0 else status
+
+
+def relevant_names(namespaces: Iterable[str], names: Iterable[str]) -> Callable[[str], bool]:
+    """Whether a change to `name` may change what `run` gives COMMAND."""
+    prefixes = tuple(f"{namespace}/" for namespace in namespaces)
+    exact = frozenset(names)
+    return lambda name: name in exact or name.startswith(prefixes)

@@ -1,0 +1,422 @@
+"""`secrets-manager run --restart-on-change`: the program is started again with the new values when
+one of its secrets changes, on a local store, through a service and on an AWS store. Real
+processes throughout: the CLI, the program (tests/run_child.py's CHILD), `serve`, moto's server."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service_fixtures import PASSWORD as SERVICE_PASSWORD
+from service_fixtures import SEED, make_pki, make_store, start_server
+from test_serve_external_stores import (  # noqa: F401 (fixtures)
+    Backend,
+    make_backend,
+    serve,
+    service_dir,
+)
+
+SCRIPT = Path(sys.executable).with_name("secrets-manager")
+PASSWORD = "run-restart-test-password"
+# The program: logs each start (pid and its KEY/DB_PASSWORD/NEW variables) and each signal to the
+# file in $CHILD_LOG, one JSON line each; exits 0 on SIGTERM (unless told to ignore it), 7 once the
+# file $CHILD_LOG.exit exists.
+CHILD = r"""
+import json, os, signal, sys, time
+log = os.environ["CHILD_LOG"]
+def note(**fields):
+    with open(log, "a") as f:
+        f.write(json.dumps({"pid": os.getpid(), **fields}) + "\n")
+def on_signal(signum, frame):
+    note(signal=signal.Signals(signum).name)
+    if signum == signal.SIGTERM and "--ignore-term" not in sys.argv:
+        sys.exit(0)
+for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGINT):
+    signal.signal(s, on_signal)
+note(started={k: os.environ.get(k) for k in ("KEY", "DB_PASSWORD", "JWT_KEY", "NEW")})
+while not os.path.exists(log + ".exit"):
+    time.sleep(0.05)
+sys.exit(7)
+"""
+
+
+class Run:
+    """One `run --restart-on-change … -- python CHILD` in the background, and what its program logged."""
+
+    def __init__(
+        self, home: Path, env: Mapping[str, str], *args: str, child_args: tuple[str, ...] = ()
+    ) -> None:
+        self.log = home / f"child-{secrets.token_hex(3)}.jsonl"
+        self.stderr_path = home / "run.stderr"
+        (home / "child.py").write_text(CHILD)
+        self._stderr = self.stderr_path.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                str(SCRIPT),
+                "run",
+                "--restart-on-change",
+                *args,
+                "--",
+                sys.executable,
+                str(home / "child.py"),
+                *child_args,
+            ],
+            env={**env, "CHILD_LOG": str(self.log)},
+            stdout=subprocess.DEVNULL,
+            stderr=self._stderr,
+            start_new_session=True,
+        )
+
+    def lines(self) -> list[dict[str, Any]]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def starts(self) -> list[dict[str, Any]]:
+        return [line for line in self.lines() if "started" in line]
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"run ended ({self.proc.returncode}) waiting for {what}: {self.stderr()}"
+                )
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {what} within {timeout} s: {self.lines()} {self.stderr()}")
+            time.sleep(0.05)
+
+    def wait_for_starts(self, count: int, timeout: float = 20.0) -> list[dict[str, Any]]:
+        self.wait_for(lambda: len(self.starts()) >= count, f"start number {count}", timeout)
+        return self.starts()
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def end(self, signum: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(timeout=15)
+        finally:
+            self._stderr.close()
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def kill(self) -> None:
+        """Clean-up after a failed test: run and every program it started."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for line in self.starts():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(line["pid"], signal.SIGKILL)
+        self._stderr.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z")
+
+
+class Cli:
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(home),
+            "SECRETS_MANAGER_STORE": str(home / "store.db"),
+            "MASTER_PASSWORD": PASSWORD,
+        }
+
+    def __call__(self, *args: str, input: bytes = b"") -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(SCRIPT), *args],
+            input=input.decode(),
+            capture_output=True,
+            text=True,
+            env=self.env,
+            timeout=60,
+        )
+        assert "Traceback" not in proc.stderr, proc.stderr
+        return proc
+
+    def store(self, name: str, value: str) -> None:
+        result = self("store", name, input=value.encode())
+        assert result.returncode == 0, result.stderr
+
+    def start(self, *args: str, child_args: tuple[str, ...] = ()) -> Run:
+        return Run(self.home, self.env, *args, child_args=child_args)
+
+    def run_records(self) -> list[dict[str, Any]]:
+        lines = (self.home / "store.audit.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["operation"] == "run"]
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    cli = Cli(tmp_path)
+    assert cli("init", "--kdf-profile", "test").returncode == 0
+    cli.store("app/KEY", "first-SEEKRIT")
+    cli.store("other/KEY", "unrelated-SEEKRIT")
+    return cli
+
+
+def test_a_changed_value_restarts_the_program_with_it_and_the_old_one_is_stopped(cli: Cli) -> None:
+    run = cli.start("--service", "app")
+    try:
+        first = run.wait_for_starts(1)[0]
+        assert first["started"]["KEY"] == "first-SEEKRIT"
+        cli.store("app/KEY", "second-SEEKRIT")
+        second = run.wait_for_starts(2)[1]
+        assert second["started"]["KEY"] == "second-SEEKRIT"
+        assert second["pid"] != first["pid"]
+        assert {"pid": first["pid"], "signal": "SIGTERM"} in run.lines()  # stopped, with the stop signal
+        assert not alive(first["pid"])
+        assert alive(second["pid"])
+        said = run.stderr()
+        assert "app/KEY changed (version 1 → 2): restarting" in said, said
+        assert "SEEKRIT" not in said
+        # Ending run ends the program (SIGTERM passed on), and run exits with its status.
+        assert run.end() == 0
+        assert {"pid": second["pid"], "signal": "SIGTERM"} in run.lines()
+    finally:
+        run.kill()
+    reads = [(r["name"], r["version"]) for r in cli.run_records()]
+    assert reads == [("app/KEY", 1), ("app/KEY", 2)]  # each reading of the values, audited
+    assert all("SEEKRIT" not in json.dumps(r) for r in cli.run_records())
+
+
+def test_changes_that_leave_the_programs_environment_as_it_is_do_not_restart_it(cli: Cli) -> None:
+    run = cli.start("--secret", "app/KEY")
+    try:
+        run.wait_for_starts(1)
+        cli.store("other/KEY", "changed-SEEKRIT")  # not one of its secrets
+        cli.store("app/KEY", "first-SEEKRIT")  # a new version, the same value
+        assert cli("metadata", "app/KEY", "--tag", "team=x").returncode == 0  # no new value at all
+        time.sleep(2)  # each had time to be seen (a change is read about 0.5-1 s after it lands)
+        cli.store("app/KEY", "third-SEEKRIT")
+        starts = run.wait_for_starts(2)
+        time.sleep(1)
+        assert [s["started"]["KEY"] for s in run.starts()] == ["first-SEEKRIT", "third-SEEKRIT"], starts
+        assert "app/KEY changed (version 2 → 3)" in run.stderr()
+    finally:
+        run.kill()
+
+
+def test_a_secret_added_to_the_namespace_restarts_the_program_with_it(cli: Cli) -> None:
+    run = cli.start("--service", "app")
+    try:
+        assert run.wait_for_starts(1)[0]["started"]["NEW"] is None
+        cli.store("app/NEW", "added-SEEKRIT")
+        second = run.wait_for_starts(2)[1]
+        assert second["started"] == {
+            "KEY": "first-SEEKRIT",
+            "DB_PASSWORD": None,
+            "JWT_KEY": None,
+            "NEW": "added-SEEKRIT",
+        }
+        assert "app/NEW was added (version 1)" in run.stderr()
+    finally:
+        run.kill()
+
+
+def test_signals_are_passed_on_and_the_program_ending_on_its_own_ends_run_with_its_status(cli: Cli) -> None:
+    run = cli.start("--service", "app")
+    try:
+        pid = run.wait_for_starts(1)[0]["pid"]
+        for signum in (signal.SIGHUP, signal.SIGUSR1):
+            run.proc.send_signal(signum)
+            run.wait_for(
+                lambda s=signum: {"pid": pid, "signal": s.name} in run.lines(), f"{signum.name} passed on"
+            )
+        assert run.proc.poll() is None and alive(pid)  # neither ends run or its program
+        Path(f"{run.log}.exit").touch()  # the program exits 7 on its own
+        assert run.proc.wait(timeout=15) == 7
+        assert len(run.starts()) == 1  # and is not started again
+    finally:
+        run.kill()
+
+
+def test_ctrl_c_reaches_the_program_once_and_no_restart_follows(cli: Cli) -> None:
+    run = cli.start("--service", "app")
+    try:
+        pid = run.wait_for_starts(1)[0]["pid"]
+        run.proc.send_signal(signal.SIGINT)
+        run.wait_for(lambda: {"pid": pid, "signal": "SIGINT"} in run.lines(), "SIGINT passed on")
+        cli.store("app/KEY", "after-SEEKRIT")  # a change while it ends: not started again
+        time.sleep(1.5)
+        Path(f"{run.log}.exit").touch()
+        assert run.proc.wait(timeout=15) == 7
+        assert [line for line in run.lines() if line.get("signal") == "SIGINT"] == [
+            {"pid": pid, "signal": "SIGINT"}
+        ]
+        assert len(run.starts()) == 1
+    finally:
+        run.kill()
+
+
+def test_a_program_that_ignores_the_stop_signal_is_killed_after_the_stop_timeout(cli: Cli) -> None:
+    run = cli.start("--service", "app", "--stop-timeout", "1s", child_args=("--ignore-term",))
+    try:
+        first = run.wait_for_starts(1)[0]
+        began = time.monotonic()
+        cli.store("app/KEY", "second-SEEKRIT")
+        second = run.wait_for_starts(2)[1]
+        assert time.monotonic() - began < 10
+        assert second["started"]["KEY"] == "second-SEEKRIT"
+        assert not alive(first["pid"])
+        assert "did not end within 1 s of SIGTERM: killed (SIGKILL)" in run.stderr()
+    finally:
+        run.kill()
+
+
+def test_the_stop_signal_can_be_chosen(cli: Cli) -> None:
+    run = cli.start("--service", "app", "--stop-signal", "usr1", "--stop-timeout", "2s")
+    try:
+        first = run.wait_for_starts(1)[0]
+        cli.store("app/KEY", "second-SEEKRIT")
+        run.wait_for_starts(2)
+        assert {"pid": first["pid"], "signal": "SIGUSR1"} in run.lines()  # then killed at the timeout
+        assert f"(pid {first['pid']}, SIGUSR1)" in run.stderr()
+    finally:
+        run.kill()
+
+
+def test_a_secret_that_cannot_be_read_again_leaves_the_program_running_on_what_it_has(cli: Cli) -> None:
+    run = cli.start("--secret", "app/KEY")
+    try:
+        pid = run.wait_for_starts(1)[0]["pid"]
+        assert cli("delete", "app/KEY").returncode == 0
+        run.wait_for(lambda: "reading the secrets again failed" in run.stderr(), "the warning")
+        assert "keeps running on the values it has" in run.stderr()
+        assert alive(pid) and len(run.starts()) == 1
+        assert cli("undelete", "app/KEY").returncode == 0
+        cli.store("app/KEY", "back-SEEKRIT")
+        assert run.wait_for_starts(2, timeout=30)[1]["started"]["KEY"] == "back-SEEKRIT"
+        assert "SEEKRIT" not in run.stderr()
+    finally:
+        run.kill()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--stop-signal", "BOGUS"), "--stop-signal 'BOGUS' is not one of"),
+        (("--stop-timeout", "0"), "--stop-timeout must be more than 0"),
+        (("--stop-timeout", "soon"), "--stop-timeout 'soon' is not a duration"),
+    ],
+)
+def test_bad_options_run_nothing(cli: Cli, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    marker = tmp_path / "ran"
+    result = cli("run", "--restart-on-change", "--service", "app", *args, "--", "touch", str(marker))
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
+
+
+def test_the_stop_options_need_restart_on_change(cli: Cli, tmp_path: Path) -> None:
+    result = cli("run", "--service", "app", "--stop-timeout", "5s", "--", "touch", str(tmp_path / "ran"))
+    assert result.returncode == 2 and "go with --restart-on-change" in result.stderr
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_command_that_is_not_found_is_127_before_anything_is_read(cli: Cli) -> None:
+    result = cli("run", "--restart-on-change", "--service", "app", "--", "no-such-program-here")
+    assert result.returncode == 127 and "no-such-program-here: command not found" in result.stderr
+    assert cli.run_records() == []
+
+
+def test_through_a_service_a_change_reaches_the_program_by_its_watch_stream(tmp_path: Path) -> None:
+    make_pki(tmp_path, ("auth",))
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "SECRETS_MANAGER_ADDR": server.address,
+        "SECRETS_MANAGER_CERT": str(tmp_path / "auth.pem"),
+        "SECRETS_MANAGER_KEY": str(tmp_path / "auth-key.pem"),
+        "SECRETS_MANAGER_CA": str(tmp_path / "ca.pem"),
+    }
+    run = Run(tmp_path, env, "--service", "auth")
+    try:
+        first = run.wait_for_starts(1)[0]
+        assert first["started"]["DB_PASSWORD"] == SEED["auth/DB_PASSWORD"].decode()
+        local = {"PATH": env["PATH"], "HOME": str(tmp_path), "MASTER_PASSWORD": SERVICE_PASSWORD}
+        stored = subprocess.run(
+            [str(SCRIPT), "--store", str(tmp_path / "store.db"), "store", "auth/DB_PASSWORD"],
+            input="rotated-SEEKRIT", capture_output=True, text=True, env=local, timeout=60,
+        )  # fmt: skip
+        assert stored.returncode == 0, stored.stderr
+        second = run.wait_for_starts(2)[1]
+        assert second["started"]["DB_PASSWORD"] == "rotated-SEEKRIT"
+        assert second["started"]["JWT_KEY"] == SEED["auth/JWT_KEY"].decode()
+        assert run.end() == 0
+    finally:
+        run.kill()
+        server.stop()
+    gets = [r["name"] for r in server.audit_records() if r["operation"] == "get" and r["outcome"] == "ok"]
+    assert gets.count("auth/DB_PASSWORD") == 2  # the service audited both readings
+
+
+def test_on_an_aws_store_a_change_is_seen_at_its_poll(tmp_path: Path, moto_endpoint: str) -> None:
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "SECRETS_MANAGER_STORE": f"aws-secretsmanager://us-east-1/restart-{secrets.token_hex(4)}",
+        "AWS_ENDPOINT_URL": moto_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
+        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    cli = Cli(tmp_path)
+    cli.env = env
+    cli.store("app/KEY", "first-SEEKRIT")
+    run = cli.start("--service", "app")
+    try:
+        assert run.wait_for_starts(1)[0]["started"]["KEY"] == "first-SEEKRIT"
+        cli.store("app/KEY", "second-SEEKRIT")
+        # AWS is polled every 10 s (its watch_poll_seconds default), as serve polls it.
+        assert run.wait_for_starts(2, timeout=30)[1]["started"]["KEY"] == "second-SEEKRIT"
+    finally:
+        run.kill()
+
+
+def test_a_service_that_refuses_watch_is_an_error_before_the_program_starts(
+    make_backend: Callable[[str], Backend],  # noqa: F811
+    service_dir: Path,  # noqa: F811
+) -> None:
+    backend = make_backend("aws")
+    backend.seed(SEED)
+    server = serve(service_dir, backend, "watch_poll_seconds = 0\n")  # Watch off
+    marker = service_dir / "ran"
+    try:
+        refused = server.cli(
+            "auth", "run", "--restart-on-change", "--service", "auth", "--", "touch", str(marker)
+        )
+        said = refused.stderr.decode()
+        assert refused.returncode == 2 and len(said.strip().splitlines()) == 1, said
+        assert "--restart-on-change needs the service's Watch stream" in said and "nothing was run" in said
+        assert not marker.exists()
+        plain = server.cli("auth", "run", "--service", "auth", "--", "touch", str(marker))
+    finally:
+        server.stop()
+    assert plain.returncode == 0 and marker.exists()  # without --restart-on-change it runs as before
