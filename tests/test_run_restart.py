@@ -305,7 +305,12 @@ def test_a_secret_that_cannot_be_read_again_leaves_the_program_running_on_what_i
         run.wait_for(lambda: "reading the secrets again failed" in run.stderr(), "the warning")
         assert "keeps running on the values it has" in run.stderr()
         assert alive(pid) and len(run.starts()) == 1
+        assert "read again at the next change" in run.stderr()
+        time.sleep(1.5)  # a failure other than an unanswering store is not read again by a timer
+        assert len([r for r in cli.run_records() if r["outcome"] != "ok"]) == 1
         assert cli("undelete", "app/KEY").returncode == 0
+        run.wait_for(lambda: "read the secrets again" in run.stderr(), "the reading after the undelete")
+        assert len(run.starts()) == 1  # the same value as it has: not restarted
         cli.store("app/KEY", "back-SEEKRIT")
         assert run.wait_for_starts(2, timeout=30)[1]["started"]["KEY"] == "back-SEEKRIT"
         assert "SEEKRIT" not in run.stderr()
@@ -372,6 +377,39 @@ def test_through_a_service_a_change_reaches_the_program_by_its_watch_stream(tmp_
         server.stop()
     gets = [r["name"] for r in server.audit_records() if r["operation"] == "get" and r["outcome"] == "ok"]
     assert gets.count("auth/DB_PASSWORD") == 2  # the service audited both readings
+
+
+def test_a_watch_stream_broken_by_a_service_restart_is_opened_again(tmp_path: Path) -> None:
+    make_pki(tmp_path, ("auth",))
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    port = int(server.address.rpartition(":")[2])
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "SECRETS_MANAGER_ADDR": server.address,
+        "SECRETS_MANAGER_CERT": str(tmp_path / "auth.pem"),
+        "SECRETS_MANAGER_KEY": str(tmp_path / "auth-key.pem"),
+        "SECRETS_MANAGER_CA": str(tmp_path / "ca.pem"),
+    }
+    run = Run(tmp_path, env, "--service", "auth")
+    try:
+        run.wait_for_starts(1)
+        server.stop()
+        run.wait_for(lambda: "watching again in" in run.stderr(), "the broken stream noticed")
+        server = start_server(tmp_path, port=port)
+        run.wait_for(lambda: f"watching {server.address} again" in run.stderr(), "the stream reopened", 40)
+        local = {"PATH": env["PATH"], "HOME": str(tmp_path), "MASTER_PASSWORD": SERVICE_PASSWORD}
+        stored = subprocess.run(
+            [str(SCRIPT), "--store", str(tmp_path / "store.db"), "store", "auth/JWT_KEY"],
+            input="after-restart-SEEKRIT", capture_output=True, text=True, env=local, timeout=60,
+        )  # fmt: skip
+        assert stored.returncode == 0, stored.stderr
+        assert run.wait_for_starts(2)[1]["started"]["JWT_KEY"] == "after-restart-SEEKRIT"
+        assert "SEEKRIT" not in run.stderr()
+    finally:
+        run.kill()
+        server.stop()
 
 
 def test_on_an_aws_store_a_change_is_seen_at_its_poll(tmp_path: Path, moto_endpoint: str) -> None:

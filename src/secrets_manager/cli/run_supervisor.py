@@ -12,14 +12,15 @@ COMMAND runs in a process group of its own, so the signals `run` is sent (by a t
 `kill`, a service manager) reach it once, passed on by `run`: SIGHUP, SIGINT, SIGQUIT, SIGTERM,
 SIGUSR1, SIGUSR2, SIGWINCH. After SIGINT, SIGQUIT or SIGTERM no restart follows: `run` waits for
 COMMAND to end. When COMMAND ends on its own, `run` ends with its status (128 + N for a signal N).
-A read that fails after a change (the store down, a secret deleted) leaves COMMAND running on the
-values it has, with a warning, and is tried again every RETRY_SECONDS.
+A read that fails after a change leaves COMMAND running on the values it has, with a warning; it
+is tried again every RETRY_SECONDS while the store does not answer, else at the next change.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import queue
 import signal
@@ -32,7 +33,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Protocol, cast
 
 from secrets_manager.cli.output import info_line, warning_line
-from secrets_manager.errors import InvalidInputError, SecretsManagerError, WatchUnsupportedError
+from secrets_manager.errors import InvalidInputError, SecretsManagerError, StorageError, WatchUnsupportedError
 from secrets_manager.store import Secret, SecretStore
 from secrets_manager.store.changes import ChangeKind, SecretChange
 
@@ -307,11 +308,13 @@ class Supervisor:
         assert child is not None
         names: set[str] = set()
         last_change = retry_at = 0.0
+        last_failure = ""
         while True:
             with contextlib.suppress(queue.Empty):
                 change = self._changes.get(timeout=TICK_SECONDS)
                 names.add(change.name or "the secrets (changes were missed)")
                 last_change = time.monotonic()
+                retry_at = 0.0  # a new change is read after it settles, whatever failed before
             status = child.poll()
             if status is not None:
                 return exit_status(status)
@@ -321,13 +324,24 @@ class Supervisor:
             try:
                 variables = self._read()
             except SecretsManagerError as exc:
-                warning_line(
-                    f"{', '.join(sorted(names))} changed, but reading the secrets again failed ({exc}); "
-                    f"{self._launch.command[0]} keeps running on the values it has; trying again in "
-                    f"{RETRY_SECONDS:.0f} s"
-                )
-                retry_at = now + RETRY_SECONDS
+                # A store that does not answer is asked again; anything else (a secret deleted, a
+                # refused variable) only after the next change, not audited as failing every 10 s.
+                retry_at = now + RETRY_SECONDS if isinstance(exc, StorageError) else math.inf
+                if str(exc) != last_failure:
+                    again = (
+                        f"trying again in {RETRY_SECONDS:.0f} s"
+                        if retry_at < math.inf
+                        else "read again at the next change"
+                    )
+                    warning_line(
+                        f"{', '.join(sorted(names))} changed, but reading the secrets again failed ({exc}); "
+                        f"{self._launch.command[0]} keeps running on the values it has; {again}"
+                    )
+                last_failure = str(exc)
                 continue
+            if last_failure:
+                info_line("read the secrets again")
+                last_failure = ""
             names.clear()
             said = differences(self._variables, variables)
             if not said:  # a new version of the same value, a tag: COMMAND has what it needs
