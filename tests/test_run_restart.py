@@ -208,7 +208,7 @@ def test_changes_that_leave_the_programs_environment_as_it_is_do_not_restart_it(
         cli.store("other/KEY", "changed-SEEKRIT")  # not one of its secrets
         cli.store("app/KEY", "first-SEEKRIT")  # a new version, the same value
         assert cli("metadata", "app/KEY", "--tag", "team=x").returncode == 0  # no new value at all
-        time.sleep(2)  # each had time to be seen (a change is read about 0.5-1 s after it lands)
+        time.sleep(2)  # each had time to be seen (a change is read about 0.3-0.5 s after it lands)
         cli.store("app/KEY", "third-SEEKRIT")
         starts = run.wait_for_starts(2)
         time.sleep(1)

@@ -37,9 +37,9 @@ from secrets_manager.errors import InvalidInputError, SecretsManagerError, Stora
 from secrets_manager.store import Secret, SecretStore
 from secrets_manager.store.changes import ChangeKind, SecretChange
 
-SETTLE_SECONDS = 0.5  # a rotation's stage and promote come together: read once, after both
+SETTLE_SECONDS = 0.3  # changes that land together (an import, `mv`) are read once, after the last
 RETRY_SECONDS = 10.0  # a read that failed after a change is tried again this often
-FEED_POLL_SECONDS = 0.5  # our store's change feed is read this often (a Vault or AWS store's
+FEED_POLL_SECONDS = 0.2  # our store's change feed is read this often (a Vault or AWS store's
 # versions are polled every `watch_poll_seconds` of theirs, as `serve` polls them)
 RECONNECT_MAX_SECONDS = 30.0  # a broken Watch stream is opened again after 1, 2, 4 ... s, at most this
 TICK_SECONDS = 0.2  # how often the supervisor looks at COMMAND and at the changes
