@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from secrets_manager.cli.run_supervisor import Launch, Supervisor
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
 from service_fixtures import SEED, make_pki, make_store, start_server
 from test_serve_external_stores import (  # noqa: F401 (fixtures)
@@ -458,3 +459,22 @@ def test_a_service_that_refuses_watch_is_an_error_before_the_program_starts(
     finally:
         server.stop()
     assert plain.returncode == 0 and marker.exists()  # without --restart-on-change it runs as before
+
+
+def test_a_follower_that_fails_unexpectedly_says_so_in_one_line_and_the_program_runs_on(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    class Broken:
+        def follow(self, changed: Callable[[Any], None], stop: Any) -> None:
+            raise RuntimeError("value-SEEKRIT")
+
+        def cancel(self) -> None:
+            pass
+
+    command = (sys.executable, "-c", "import time; time.sleep(1); raise SystemExit(4)")
+    launch = Launch(command, sys.executable, lambda variables: dict(os.environb), lambda exc, v: exc)
+    supervisor = Supervisor(launch, {}, dict, lambda name: True, stop_signal=signal.SIGTERM, stop_timeout=5)
+    assert supervisor.run(Broken()) == 4  # the program ran to its own end
+    said = capsys.readouterr().err
+    assert "stopped following the secrets' changes (internal error RuntimeError)" in said
+    assert "SEEKRIT" not in said and "Traceback" not in said

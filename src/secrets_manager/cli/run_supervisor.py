@@ -85,7 +85,7 @@ class FeedSource:
     Opened before the first read of the secrets, so no change after that read is missed."""
 
     def __init__(self, store: SecretStore) -> None:
-        from secrets_manager.service.served import Snapshotted, change_feed
+        from secrets_manager.service.served import change_feed
 
         feed = change_feed(cast("ServedStore", store))  # reads only the feed, which any store may have
         if feed is None:
@@ -95,14 +95,11 @@ class FeedSource:
             )
         self._feed: ChangeFeed = feed
         self._history = feed.change_history()
-        self._poll = FEED_POLL_SECONDS
-        if isinstance(store, Snapshotted):
-            self._poll = min(self._poll, store.watch_poll_seconds)
         _, self._revision = feed.changes_since(None)
 
     def follow(self, changed: Callable[[SecretChange], None], stop: threading.Event) -> None:
         failing = False
-        while not stop.wait(self._poll):
+        while not stop.wait(FEED_POLL_SECONDS):  # a polled feed asks its backend only when due
             try:
                 changes, head = self._feed.changes_since(self._revision)
                 history = self._feed.change_history()
@@ -290,7 +287,7 @@ class Supervisor:
         with self._forwarding_signals():
             self._child = start(self._launch, self._variables)
             follower = threading.Thread(
-                target=source.follow, args=(self._changed, stop), name="run-changes", daemon=True
+                target=self._follow, args=(source, stop), name="run-changes", daemon=True
             )
             follower.start()
             try:
@@ -298,6 +295,17 @@ class Supervisor:
             finally:
                 stop.set()
                 source.cancel()
+
+    def _follow(self, source: ChangeSource, stop: threading.Event) -> None:
+        """The follower thread: a failure no source expects ends it with one line, not a traceback
+        (COMMAND runs on, restarted no more)."""
+        try:
+            source.follow(self._changed, stop)
+        except Exception as exc:  # said in one line: its message could hold data
+            warning_line(
+                f"stopped following the secrets' changes (internal error {type(exc).__name__}); "
+                f"{self._launch.command[0]} runs on without restarts"
+            )
 
     def _changed(self, change: SecretChange) -> None:
         if change.kind is ChangeKind.RESYNC or self._relevant(change.name):
