@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from secrets_manager.errors import StorageError
 from secrets_manager.service.watch import ChangeHub
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.store.polled import PolledChangeFeed, SecretState, Snapshot, diff_snapshots
@@ -175,3 +176,51 @@ def test_a_failing_backend_is_asked_at_most_once_per_interval() -> None:
     now[0] = 15.0
     feed.changes_since(None)  # not due again yet: answered from the log
     assert calls[0] == 2
+
+
+def test_a_backend_failing_before_the_baseline_is_asked_once_per_interval_not_once_per_watcher() -> None:
+    """Vault or AWS down (or denying the listing) when the first watchers come: every SDK client
+    reconnecting with backoff asks for a stream; they all get the error, the backend one read an
+    interval (before: one snapshot per attempt, a ListSecrets storm on the account's quota)."""
+    now = [0.0]
+    calls = [0]
+
+    def failing() -> Snapshot:
+        calls[0] += 1
+        raise StorageError("AWS throttled list secrets (ThrottlingException)")
+
+    feed = PolledChangeFeed(failing, poll_seconds=10, clock=lambda: now[0])
+    hub = ChangeHub(feed, max_subscribers=100, poll_seconds=0.05)
+    try:
+        for _ in range(50):  # fifty watchers, or one reconnecting fifty times, within the interval
+            now[0] += 0.1
+            with pytest.raises(StorageError, match="ThrottlingException"):
+                hub.subscribe()
+        assert calls[0] == 1
+        assert hub.subscribers == 0 and not hub.running
+        now[0] += 10
+        with pytest.raises(StorageError):
+            hub.subscribe()
+        assert calls[0] == 2
+    finally:
+        hub.close()
+
+
+def test_a_backend_slower_than_the_interval_is_not_read_back_to_back() -> None:
+    """A snapshot that takes longer than poll_seconds (Vault: a request per secret, a slow node):
+    the next read waits the interval after it ended, not at once (a Vault read without pause)."""
+    now = [0.0]
+    backend = Backend({"a/K": state(1)})
+
+    def slow() -> Snapshot:
+        now[0] += 15  # the read takes 15 s of a 10 s interval
+        return backend()
+
+    feed = PolledChangeFeed(slow, poll_seconds=10, clock=lambda: now[0])
+    feed.changes_since(None)
+    now[0] += 0.2  # the hub's next ask
+    feed.changes_since(None)
+    assert backend.reads == 1
+    now[0] += 10
+    feed.changes_since(None)
+    assert backend.reads == 2

@@ -14,7 +14,10 @@ made through this process; a burst of them at most every 0.5 s), compares it wit
   (service/watch.py), and the client re-reads what it caches. They also start at the wall clock in
   microseconds, so a revision from an earlier process is below this one's log even if no history
   was given with it;
-- the first read only takes the baseline: what changed before it is not known, and not sent.
+- the first read only takes the baseline: what changed before it is not known, and not sent;
+- the interval runs from the end of a read, failed or not: a backend slower than the interval is
+  not read back to back; one failing before the baseline is read (down, throttling, denying the
+  listing) gives every caller of the interval that read's error, not a read each.
 
 Events, as our encrypted store's feed sends them for the same change: a version the backend did not
 list before → VERSION_ADDED (its number; 0 if the backend does not tell it without a request per
@@ -109,7 +112,10 @@ class PolledChangeFeed:
         self._log: deque[SecretChange] = deque()
         self._keep = keep
         self._state: Snapshot | None = None  # the last snapshot read; None: none yet
-        self._read_at = 0.0
+        self._read_at: float | None = None  # when the last read (or failed read) ended; None: never
+        # Why the last read failed while there is no baseline yet (nothing to answer with instead):
+        # raised again to every caller until the interval has passed, the backend not asked again.
+        self._failure: BaseException | None = None
         self._stale = False  # poked: read at the next call, whatever the interval
         self._lock = threading.Lock()
         self.reads = 0  # snapshots read (for tests and benchmarks)
@@ -139,16 +145,28 @@ class PolledChangeFeed:
             return [change for change in self._log if change.revision > revision], head
 
     def _read_if_due(self) -> None:
-        now = self._clock()
-        if self._state is not None:
-            since = now - self._read_at
+        if self._read_at is not None:
+            since = self._clock() - self._read_at
             poked = self._stale and since >= min(POKED_READ_GAP_SECONDS, self._poll_seconds)
             if not poked and since < self._poll_seconds:
+                if self._state is None and self._failure is not None:
+                    # No baseline, so no head to answer with: every subscriber that comes meanwhile
+                    # (each SDK client reconnecting) gets the last read's error, not a read of its own.
+                    raise self._failure.with_traceback(None)
                 return
         self._stale = False  # a poke from here on reads again: this read may have missed its change
-        self._read_at = now  # a failing backend, too, is asked at most once an interval
         self.reads += 1
-        state = dict(self._snapshot())
+        try:
+            state = dict(self._snapshot())
+        except Exception as exc:
+            self._failure = exc
+            raise
+        finally:
+            # The interval runs from the end of a read, failed or not: a backend slower to answer
+            # than the interval is not read back to back, and a failing one is asked at most once
+            # an interval.
+            self._read_at = self._clock()
+        self._failure = None
         if self._state is not None:
             changes = diff_snapshots(self._state, state, self._revision)
             self._log.extend(changes)
