@@ -224,3 +224,43 @@ def test_a_backend_slower_than_the_interval_is_not_read_back_to_back() -> None:
     now[0] += 10
     feed.changes_since(None)
     assert backend.reads == 2
+
+
+def test_a_slow_first_snapshot_holds_up_neither_writes_nor_shutdown() -> None:
+    """The first watcher's subscribe reads a whole snapshot (Vault: a request per secret; a slow or
+    hung node: up to its timeouts). Meanwhile every write through the service pokes the hub and
+    SIGTERM closes it: neither may wait for that read (before: both waited on the hub's lock)."""
+    release = threading.Event()
+    backend = Backend({"a/K": state(1)})
+
+    def slow() -> Snapshot:
+        release.wait(10)
+        return backend()
+
+    hub = ChangeHub(PolledChangeFeed(slow, poll_seconds=30), max_subscribers=4, poll_seconds=0.05)
+    outcome: list[object] = []
+
+    def subscribe() -> None:
+        try:
+            outcome.append(hub.subscribe())
+        except Exception as exc:
+            outcome.append(exc)
+
+    watcher = threading.Thread(target=subscribe, daemon=True)
+    watcher.start()
+    try:
+        time.sleep(0.2)  # the watcher is in its snapshot
+        for step in (hub.poke, hub.close):
+            done = threading.Thread(target=step, daemon=True)
+            started = time.monotonic()
+            done.start()
+            done.join(2)
+            assert not done.is_alive(), f"{step.__name__} waited for the snapshot"
+            assert time.monotonic() - started < 1
+    finally:
+        release.set()
+        watcher.join(5)
+        hub.close()
+    # The watcher that came during the shutdown is refused, not left subscribed to a closed hub.
+    assert len(outcome) == 1 and isinstance(outcome[0], StorageError)
+    assert hub.subscribers == 0 and not hub.running

@@ -209,28 +209,39 @@ class ChangeHub:
         raises while reading the starting revision (then nothing is subscribed)."""
         if since_revision is not None and since_revision < 0:
             raise InvalidInputError(f"since_revision must be 0 or more, not {since_revision}")
-        with self._lock:
-            if self._closed:
-                raise StorageError("the service is shutting down; watch through another replica")
-            if len(self._subscribers) >= self._max:
-                self._warn_limit()
-                raise ResourceExhaustedError(
-                    f"too many watch streams (max_watch_streams = {self._max}): raise max_watch_streams "
-                    "and max_workers in the server config, or watch through another replica"
-                )
-            if self._revision is None:
-                self._history, self._revision = self._position()
-            live_from, history = self._revision, self._history
-            subscription = Subscription(self, self._queue_events, live_from)
-            subscription.history = history
-            self._subscribers.add(subscription)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._poll_forever, name="watch-hub", daemon=True)
-                self._thread.start()
-                # Where the store can tell (PostgreSQL), a commit by any process pokes the poller.
-                on_commits = getattr(self._store, "on_commits", None)
-                self._stop_listening = None if on_commits is None else on_commits(self.poke)
-            self._lock.notify_all()
+        position: tuple[str | None, int] | None = None
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise StorageError("the service is shutting down; watch through another replica")
+                if len(self._subscribers) >= self._max:
+                    self._warn_limit()
+                    raise ResourceExhaustedError(
+                        f"too many watch streams (max_watch_streams = {self._max}): raise max_watch_streams "
+                        "and max_workers in the server config, or watch through another replica"
+                    )
+                if self._revision is None and position is not None:
+                    self._history, self._revision = position
+                if self._revision is not None:
+                    live_from, history = self._revision, self._history
+                    subscription = Subscription(self, self._queue_events, live_from)
+                    subscription.history = history
+                    self._subscribers.add(subscription)
+                    if self._thread is None:
+                        self._thread = threading.Thread(
+                            target=self._poll_forever, name="watch-hub", daemon=True
+                        )
+                        self._thread.start()
+                        # Where the store can tell (PostgreSQL), a commit by any process pokes the poller.
+                        on_commits = getattr(self._store, "on_commits", None)
+                        self._stop_listening = None if on_commits is None else on_commits(self.poke)
+                    self._lock.notify_all()
+                    break
+            # Read outside the lock: a polled feed's first read is a whole snapshot of Vault or
+            # AWS, and poke() (every write through the service) and close() (SIGTERM) take the
+            # lock. A position read before another subscriber set the hub's is only earlier: the
+            # changes after it reach the subscriber all the same.
+            position = self._position()
         if since_revision is not None and not _same(since_history, history):
             # Its revision is of another line of history (before a failover or a restore): the
             # same numbers name other changes here, so nothing can be resumed from it.
