@@ -185,3 +185,45 @@ def test_an_expiry_before_year_1000_is_kept_as_given(kind: str, request: pytest.
     store.update_metadata(NAME, expires=early)
     assert store.describe(NAME).expires == early
     assert parse_expiry(format_expiry(1, early)) == (1, early)
+
+
+def test_aws_a_describe_answered_before_a_write_through_the_store_is_not_kept(aws: AwsStore) -> None:
+    """serve reads in one thread while another writes through it: a DescribeSecret answered before
+    the write forgot the tag was kept after it, and the old expiry served for EXPIRY_SEEN_SECONDS
+    though the write went through this very store. Here the expiry is changed (once) right after
+    AWS answered the describe. Fails on the old code (the old expiry)."""
+    later = datetime(2032, 1, 2, 3, 4, 5, tzinfo=UTC)
+    aws.put(NAME, b"v1", expires=EXPIRES)
+    written: list[bool] = []
+
+    def write_meanwhile(**_: Any) -> None:
+        if not written:
+            written.append(True)  # once: the write's own describes come back here
+            aws.update_metadata(NAME, expires=later)
+
+    aws._client.meta.events.register("after-call.secrets-manager.DescribeSecret", write_meanwhile)
+    assert aws.get(NAME).expires == EXPIRES  # its describe was answered before the write
+    aws._client.meta.events.unregister("after-call.secrets-manager.DescribeSecret", write_meanwhile)
+    assert written
+    secret = aws.get(NAME)
+    assert (secret.version, secret.expires) == (1, later)
+
+
+def test_aws_a_new_version_written_by_another_process_is_read_with_its_expiry_at_once(
+    aws: AwsStore, moto_endpoint: str
+) -> None:
+    """Another serve replica (or the CLI) rotates the secret with its expiry: a read here within
+    EXPIRY_SEEN_SECONDS took the tag seen for the version before, which names that version, and
+    served the new one with no expiry at all. A version other than the one seen is described.
+    Fails on the old code (expires None)."""
+    later = datetime(2032, 1, 2, 3, 4, 5, tzinfo=UTC)
+    aws.put(NAME, b"v1", expires=EXPIRES)
+    assert aws.get(NAME).expires == EXPIRES  # seen here
+    other = AwsStore(aws_client(moto_endpoint), aws._prefix)
+    other.put(NAME, b"v2", expires=later)
+    other.close()
+    secret = aws.get(NAME)
+    assert (secret.version, secret.expires) == (2, later)
+    aws.version_snapshot()  # a listing notes the current version too: still no stale reuse
+    secret = aws.get(NAME)
+    assert (secret.version, secret.expires) == (2, later)

@@ -206,9 +206,11 @@ _READ_OPERATIONS = frozenset(
 
 
 # How long an expiry tag seen on a secret (DescribeSecret, ListSecrets) stands in for another
-# DescribeSecret when a long-lived process (serve) reads the secret again. A write through
-# this store forgets it at once; one by another process shows within this long (a polled Watch
-# feed's ListSecrets refreshes it sooner).
+# DescribeSecret when a long-lived process (serve) reads the same version again. A write through
+# this store forgets it at once (and an answer asked for before that write is not kept); a new
+# version written by another process is read with a DescribeSecret at once; an expiry set or
+# cleared by another process on the same version shows within this long (a polled Watch feed's
+# ListSecrets refreshes it sooner).
 EXPIRY_SEEN_SECONDS = 60.0
 
 
@@ -367,9 +369,12 @@ class AwsStore:
         # After a call AWS did not answer: until when later calls fail at once, and why.
         self._unanswered: tuple[float, str] | None = None
         self._calls = threading.local()  # the operation in flight on this thread
-        # SecretId → (when, its expiry tag): see EXPIRY_SEEN_SECONDS. Dict operations are atomic
-        # under the GIL; the service reads from many threads.
-        self._expiries_seen: dict[str, tuple[float, tuple[int, datetime] | None]] = {}
+        # SecretId → (when asked, the current version then (None: not ours), its expiry tag): see
+        # EXPIRY_SEEN_SECONDS. SecretId → when this store last began to write it: an answer asked
+        # for before then is not kept. Dict operations are atomic under the GIL; the service reads
+        # from many threads.
+        self._expiries_seen: dict[str, tuple[float, int | None, tuple[int, datetime] | None]] = {}
+        self._written_at: dict[str, float] = {}
         client.meta.events.register("before-call.secrets-manager", self._note_operation)
         client.meta.events.register("before-parameter-build.secrets-manager", self._forget_written)
 
@@ -381,12 +386,17 @@ class AwsStore:
         if getattr(model, "name", None) in _READ_OPERATIONS or not isinstance(params, Mapping):
             return
         for key in ("SecretId", "Name"):
-            self._expiries_seen.pop(str(params.get(key)), None)
+            if key in params:
+                secret_id = str(params[key])
+                self._written_at[secret_id] = time.monotonic()
+                self._expiries_seen.pop(secret_id, None)
 
-    def _saw(self, secret_id: str, entry: Mapping[str, Any]) -> tuple[int, datetime] | None:
-        """Note the expiry tag of a DescribeSecret or ListSecrets entry; return it."""
+    def _saw(self, secret_id: str, entry: Mapping[str, Any], asked_at: float) -> tuple[int, datetime] | None:
+        """Note the expiry tag of a DescribeSecret or ListSecrets entry asked for at `asked_at`
+        (unless this store began a write of the secret since: the answer may predate it); return it."""
         expiry = _own_expiry(entry)
-        self._expiries_seen[secret_id] = (time.monotonic(), expiry)
+        if self._written_at.get(secret_id, float("-inf")) < asked_at:
+            self._expiries_seen[secret_id] = (asked_at, _current_number(entry), expiry)
         return expiry
 
     def __repr__(self) -> str:
@@ -435,15 +445,22 @@ class AwsStore:
             return secret
         secret_id = self.aws_name(name)
         seen = self._expiries_seen.get(secret_id)
-        if seen is not None and time.monotonic() - seen[0] < EXPIRY_SEEN_SECONDS:
-            expiry = seen[1]
+        if (
+            seen is not None
+            and time.monotonic() - seen[0] < EXPIRY_SEEN_SECONDS
+            # A version of ours written since (by another process): its tag is asked for. Another
+            # tool's version has no number in the listing: the tag seen stands for it.
+            and seen[1] in (None, secret.version)
+        ):
+            expiry = seen[2]
         else:
+            asked_at = time.monotonic()
             try:
                 with self._aws(f"read {name}", name, state_error=NotFoundError):
                     described = self._client.describe_secret(SecretId=secret_id)
             except (AccessDeniedError, NotFoundError):
                 return secret
-            expiry = self._saw(secret_id, described)
+            expiry = self._saw(secret_id, described, asked_at)
         expires = expiry_of(expiry, secret.version)
         return secret if expires is None else replace(secret, expires=expires)
 
@@ -545,6 +562,7 @@ class AwsStore:
         if page_size is not None:
             arguments["PaginationConfig"] = {"PageSize": page_size}
         strip = len(self._prefix) + 1 if self._prefix else 0
+        asked_at = time.monotonic()
         with self._aws("list secrets", None):
             pages = list(self._client.get_paginator("list_secrets").paginate(**arguments))
         for page in pages:
@@ -557,7 +575,7 @@ class AwsStore:
                     validate_name(name)
                 except InvalidInputError:
                     continue
-                self._saw(aws_name, entry)
+                self._saw(aws_name, entry, asked_at)
                 yield name, entry
 
     def _versions(self, name: str) -> builtins.list[_AwsVersion]:
@@ -1287,6 +1305,16 @@ def _tag_value(text: str) -> str:
 def _tag_of(entry: Mapping[str, Any], key: str) -> str | None:
     """The value of tag `key` on a DescribeSecret or ListSecrets entry (None without it)."""
     return next((str(t.get("Value", "")) for t in entry.get("Tags") or [] if t.get("Key") == key), None)
+
+
+def _current_number(entry: Mapping[str, Any]) -> int | None:
+    """Our number of the version AWSCURRENT is on in a DescribeSecret (VersionIdsToStages) or
+    ListSecrets (SecretVersionsToStages) entry; None if it is another tool's or not said."""
+    stages = entry.get("VersionIdsToStages") or entry.get("SecretVersionsToStages") or {}
+    for version_id, names in stages.items():
+        if STAGE_OF_LABEL[CURRENT] in (names or ()):
+            return _our_number(str(version_id))
+    return None
 
 
 def _own_expiry(entry: Mapping[str, Any]) -> tuple[int, datetime] | None:
