@@ -289,6 +289,29 @@ def test_the_backend_is_read_only_while_someone_watches_and_once_per_interval(
         server.stop()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_sigterm_is_not_held_by_a_poll_of_a_backend_that_does_not_answer(
+    kind: str,
+    make_backend: Callable[[str], Backend],  # noqa: F811
+    service_dir: Path,  # noqa: F811
+) -> None:
+    """Vault or AWS accepts connections but answers nothing while the poller reads a snapshot:
+    SIGTERM waited 5 s for that read (the poller's join) on top of the grace, 5.4 s here with no
+    call in flight. The poller is left to its daemon thread: serve exits at once, exit 0."""
+    backend = make_backend(kind)
+    backend.seed(SEED)
+    server = serve(service_dir, backend, "watch_poll_seconds = 1\n")
+    with watching(server):
+        time.sleep(1.5)  # the baseline is read; the next poll comes within a second
+        backend.proxy.verdict = lambda data, *, from_client: Verdict.SWALLOW  # type: ignore[method-assign]
+        time.sleep(2.5)  # the poller is inside a read that gets no answer
+        started = time.monotonic()
+        server.stop()
+    took = time.monotonic() - started
+    assert server.process.returncode == 0
+    assert took < 3, took
+
+
 @pytest.mark.parametrize(
     ("line", "expected"),
     [("", None), ("watch_poll_seconds = 0", 0.0), ("watch_poll_seconds = 2.5", 2.5)],

@@ -56,6 +56,10 @@ log = logging.getLogger("secrets_manager.service")
 WATCH_POLL_SECONDS = 0.2  # how often the one poller reads the change feed
 QUEUE_EVENTS = 1024  # undelivered events a subscriber may have before it is sent RESYNC instead
 LIMIT_WARNING_SECONDS = 60.0  # at most one "limit reached" warning in the log per this interval
+# How long close() waits for the poller. An idle one ends at once; one inside a read of a store that
+# does not answer (a hung Vault or AWS endpoint, PostgreSQL) would hold SIGTERM for the store's
+# timeouts: it is a daemon thread with nothing left to hand out, so it is left to end with the process.
+CLOSE_WAIT_SECONDS = 1.0
 
 
 @runtime_checkable
@@ -266,8 +270,9 @@ class ChangeHub:
             self._poked = True
             self._lock.notify_all()
 
-    def close(self, timeout: float = 5.0) -> None:
-        """End every subscription (their streams end) and stop the poller. Idempotent."""
+    def close(self, timeout: float = CLOSE_WAIT_SECONDS) -> None:
+        """End every subscription (their streams end) and stop the poller, waiting for it at most
+        `timeout` seconds (a read of a hung store is not waited out). Idempotent."""
         with self._lock:
             self._closed = True
             subscribers = list(self._subscribers)
@@ -368,6 +373,8 @@ class ChangeHub:
                 self._restart(revision)
                 return
         except Exception as exc:  # the store's error (or a bug) ends the streams; polling goes on
+            if self._closed:  # a read cut short by the shutdown: nobody is left to tell
+                return
             if isinstance(exc, SecretsManagerError):  # our messages never hold a value
                 log.warning(
                     "change feed could not be read; watch streams end",
