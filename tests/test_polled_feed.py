@@ -264,3 +264,37 @@ def test_a_slow_first_snapshot_holds_up_neither_writes_nor_shutdown() -> None:
     # The watcher that came during the shutdown is refused, not left subscribed to a closed hub.
     assert len(outcome) == 1 and isinstance(outcome[0], StorageError)
     assert hub.subscribers == 0 and not hub.running
+
+
+def test_a_backend_that_stays_down_is_logged_once_a_minute_not_once_a_poll(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Vault or AWS down for longer than a poll: each read fails and ends the streams, which the
+    SDK reopens (resuming) at once; the log had a warning per poll (5 a second at 0.2 s), now
+    one, saying how many were left out when the next comes."""
+    down = [False]
+    backend = Backend({"a/K": state(1)})
+
+    def snapshot() -> Snapshot:
+        if down[0]:
+            raise StorageError("Vault is sealed or unavailable (503) for list /")
+        return backend()
+
+    hub = ChangeHub(PolledChangeFeed(snapshot, poll_seconds=0.2), max_subscribers=4, poll_seconds=0.05)
+    failures = 0
+    try:
+        subscription = hub.subscribe()
+        down[0] = True
+        with caplog.at_level("WARNING", logger="secrets_manager.service"):
+            started = time.monotonic()
+            while time.monotonic() - started < 2:  # a watcher that reconnects whenever it ends
+                if subscription.next_batch(0.1) is None:
+                    assert isinstance(subscription.error, StorageError)
+                    failures += 1
+                    subscription = hub.subscribe(subscription.revision)
+        subscription.close()
+    finally:
+        hub.close()
+    assert failures >= 4  # the streams still end at each failed read
+    warned = [r for r in caplog.records if getattr(r, "event", None) == "watch.feed_failed"]
+    assert len(warned) == 1, [r.getMessage() for r in warned]

@@ -23,7 +23,8 @@ for the next tick.
 - A subscriber that falls behind (its queue holds `queue_events` undelivered events) has its queue
   cleared and gets one RESYNC event instead: memory stays bounded and the poller never blocks.
 - A store error in the poller ends every subscription with that error (the stream ends with the
-  error's status); the poller carries on and polls again for the next subscribers. So does
+  error's status; logged at most once a minute); the poller carries on and polls again for the
+  next subscribers. So does
   `interrupt(error)`, which the service calls when its health probe finds the store not answering:
   the poller's own read of a hung database would wait out the store's answer timeout.
 - `max_subscribers` bounds the open subscriptions: each Watch stream holds a gRPC worker thread, so
@@ -193,6 +194,10 @@ class ChangeHub:
         self._poked = False  # a change was committed (here, or elsewhere where the store tells)
         self._stop_listening: Callable[[], None] | None = None
         self._last_limit_warning = -LIMIT_WARNING_SECONDS
+        # The feed's failures: when the last one was logged, and how many were not since then (a
+        # Vault/AWS outage fails the polled feed's read once an interval, 5 a second at 0.2 s).
+        self._last_failure_logged: float | None = None
+        self._failures_unlogged = 0
         self.polls = 0  # change-feed reads by the poller (for tests and benchmarks)
 
     @property
@@ -375,16 +380,7 @@ class ChangeHub:
         except Exception as exc:  # the store's error (or a bug) ends the streams; polling goes on
             if self._closed:  # a read cut short by the shutdown: nobody is left to tell
                 return
-            if isinstance(exc, SecretsManagerError):  # our messages never hold a value
-                log.warning(
-                    "change feed could not be read; watch streams end",
-                    extra={"event": "watch.feed_failed", "error": str(exc)},
-                )
-            else:  # a bug: its message is withheld (it could hold data)
-                log.error(
-                    "change feed poller failed",
-                    extra={"event": "watch.poller_failed", "error_type": type(exc).__name__},
-                )
+            self._log_failure(exc)
             self._fail(revision, exc)
             return
         with self._lock:
@@ -393,6 +389,30 @@ class ChangeHub:
             for subscription in self._subscribers:
                 subscription._offer(changes, following)
             self._revision = following
+
+    def _log_failure(self, exc: Exception) -> None:
+        """At most one line per LIMIT_WARNING_SECONDS for failed reads of the feed, saying how many
+        were left out since the last (as the service's "request failed" lines). Each failure still
+        ends the streams, which the audit log and the metrics count."""
+        now = time.monotonic()
+        if self._last_failure_logged is not None and now - self._last_failure_logged < LIMIT_WARNING_SECONDS:
+            self._failures_unlogged += 1
+            return
+        suppressed, self._last_failure_logged, self._failures_unlogged = self._failures_unlogged, now, 0
+        if isinstance(exc, SecretsManagerError):  # our messages never hold a value
+            log.warning(
+                "change feed could not be read; watch streams end",
+                extra={"event": "watch.feed_failed", "error": str(exc), "suppressed": suppressed},
+            )
+        else:  # a bug: its message is withheld (it could hold data)
+            log.error(
+                "change feed poller failed",
+                extra={
+                    "event": "watch.poller_failed",
+                    "error_type": type(exc).__name__,
+                    "suppressed": suppressed,
+                },
+            )
 
     def _restart(self, revision: int) -> None:
         """The store's history changed (the database failed over or was restored): what was read
