@@ -209,6 +209,30 @@ def test_aws_a_describe_answered_before_a_write_through_the_store_is_not_kept(aw
     assert (secret.version, secret.expires) == (1, later)
 
 
+def test_aws_a_describe_answered_while_a_write_through_the_store_is_in_flight_is_not_kept(
+    aws: AwsStore,
+) -> None:
+    """A read asked for after a write began but answered before it landed has the tag from before
+    it, and was kept once the write was done: the old expiry served for EXPIRY_SEEN_SECONDS after
+    this store's own write. Here the read comes (once) as the TagResource is about to be sent.
+    Fails on the old code (the old expiry)."""
+    later = datetime(2032, 1, 2, 3, 4, 5, tzinfo=UTC)
+    aws.put(NAME, b"v1", expires=EXPIRES)
+    read: list[datetime | None] = []
+
+    def read_meanwhile(**_: Any) -> None:
+        if not read:
+            read.append(None)  # once
+            read[0] = aws.get(NAME).expires
+
+    aws._client.meta.events.register("before-call.secrets-manager.TagResource", read_meanwhile)
+    aws.update_metadata(NAME, expires=later)
+    aws._client.meta.events.unregister("before-call.secrets-manager.TagResource", read_meanwhile)
+    assert read == [EXPIRES]  # answered before the write landed
+    secret = aws.get(NAME)
+    assert (secret.version, secret.expires) == (1, later)
+
+
 def test_aws_a_new_version_written_by_another_process_is_read_with_its_expiry_at_once(
     aws: AwsStore, moto_endpoint: str
 ) -> None:

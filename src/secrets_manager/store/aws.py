@@ -212,6 +212,7 @@ _READ_OPERATIONS = frozenset(
 # cleared by another process on the same version shows within this long (a polled Watch feed's
 # ListSecrets refreshes it sooner).
 EXPIRY_SEEN_SECONDS = 60.0
+_WRITTEN = "secrets_manager_written"  # in a botocore call's context: the secrets it may change
 
 
 def _bounded_config(attempts: int = ATTEMPTS, read_timeout: float = READ_TIMEOUT_SECONDS) -> Config:
@@ -377,19 +378,32 @@ class AwsStore:
         self._written_at: dict[str, float] = {}
         client.meta.events.register("before-call.secrets-manager", self._note_operation)
         client.meta.events.register("before-parameter-build.secrets-manager", self._forget_written)
+        client.meta.events.register("after-call.secrets-manager", self._forget_written_again)
+        client.meta.events.register("after-call-error.secrets-manager", self._forget_written_again)
 
     def _note_operation(self, model: Any = None, **_: Any) -> None:
         self._calls.operation = getattr(model, "name", None)
 
-    def _forget_written(self, params: Any = None, model: Any = None, **_: Any) -> None:
-        """Before a call that may change a secret (its tags among them): forget its expiry seen."""
+    def _forget_written(self, params: Any = None, model: Any = None, context: Any = None, **_: Any) -> None:
+        """Before a call that may change a secret (its tags among them): forget its expiry seen,
+        and note the secret in the call's context, for `_forget_written_again` once it is done."""
         if getattr(model, "name", None) in _READ_OPERATIONS or not isinstance(params, Mapping):
             return
-        for key in ("SecretId", "Name"):
-            if key in params:
-                secret_id = str(params[key])
-                self._written_at[secret_id] = time.monotonic()
-                self._expiries_seen.pop(secret_id, None)
+        written = [str(params[key]) for key in ("SecretId", "Name") if key in params]
+        if isinstance(context, dict):
+            context[_WRITTEN] = written
+        self._forget(written)
+
+    def _forget_written_again(self, context: Any = None, **_: Any) -> None:
+        """After that call, answered or not: a read answered while it was in flight may hold the
+        tag from before it, and was noted meanwhile; forgotten again, and not noted after."""
+        if isinstance(context, dict):
+            self._forget(context.get(_WRITTEN) or ())
+
+    def _forget(self, secret_ids: Iterable[str]) -> None:
+        for secret_id in secret_ids:
+            self._written_at[secret_id] = time.monotonic()
+            self._expiries_seen.pop(secret_id, None)
 
     def _saw(self, secret_id: str, entry: Mapping[str, Any], asked_at: float) -> tuple[int, datetime] | None:
         """Note the expiry tag of a DescribeSecret or ListSecrets entry asked for at `asked_at`
