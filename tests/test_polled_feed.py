@@ -298,3 +298,37 @@ def test_a_backend_that_stays_down_is_logged_once_a_minute_not_once_a_poll(
     assert failures >= 4  # the streams still end at each failed read
     warned = [r for r in caplog.records if getattr(r, "event", None) == "watch.feed_failed"]
     assert len(warned) == 1, [r.getMessage() for r in warned]
+
+
+def test_watchers_reconnecting_together_make_one_read_of_the_position() -> None:
+    """After a failure ended every stream, the SDK clients reconnect at once: the hub is idle and
+    each needs the store's position. One reads it, the others wait for it (the read is outside the
+    hub's lock, so writes and SIGTERM do not wait; it must still be one read, not one each: on
+    PostgreSQL a query per client, on Vault/AWS a snapshot's worth of waiting per client)."""
+
+    class CountingFeed:
+        def __init__(self) -> None:
+            self.heads = 0
+
+        def changes_since(self, revision: int | None) -> tuple[list[SecretChange], int]:
+            if revision is None:
+                self.heads += 1
+                time.sleep(0.2)
+            return [], 7
+
+        def change_history(self) -> str | None:
+            return "h"
+
+    feed = CountingFeed()
+    hub = ChangeHub(feed, max_subscribers=20, poll_seconds=60)
+    subscribed: list[object] = []
+    threads = [threading.Thread(target=lambda: subscribed.append(hub.subscribe())) for _ in range(10)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(10)
+        assert len(subscribed) == 10 and hub.subscribers == 10
+        assert feed.heads == 1
+    finally:
+        hub.close()

@@ -186,6 +186,7 @@ class ChangeHub:
         self._poll_seconds = poll_seconds
         self._queue_events = queue_events
         self._lock = threading.Condition()
+        self._positioning = threading.Lock()  # held (before `_lock`) while reading the position
         self._subscribers: set[Subscription] = set()
         self._revision: int | None = None  # fanned out up to here; None while nobody subscribes
         self._history: str | None = None  # the line of the store's history `_revision` is on
@@ -218,7 +219,6 @@ class ChangeHub:
         raises while reading the starting revision (then nothing is subscribed)."""
         if since_revision is not None and since_revision < 0:
             raise InvalidInputError(f"since_revision must be 0 or more, not {since_revision}")
-        position: tuple[str | None, int] | None = None
         while True:
             with self._lock:
                 if self._closed:
@@ -229,8 +229,6 @@ class ChangeHub:
                         f"too many watch streams (max_watch_streams = {self._max}): raise max_watch_streams "
                         "and max_workers in the server config, or watch through another replica"
                     )
-                if self._revision is None and position is not None:
-                    self._history, self._revision = position
                 if self._revision is not None:
                     live_from, history = self._revision, self._history
                     subscription = Subscription(self, self._queue_events, live_from)
@@ -246,11 +244,16 @@ class ChangeHub:
                         self._stop_listening = None if on_commits is None else on_commits(self.poke)
                     self._lock.notify_all()
                     break
-            # Read outside the lock: a polled feed's first read is a whole snapshot of Vault or
-            # AWS, and poke() (every write through the service) and close() (SIGTERM) take the
-            # lock. A position read before another subscriber set the hub's is only earlier: the
-            # changes after it reach the subscriber all the same.
-            position = self._position()
+            # Read outside the hub's lock: a polled feed's first read is a whole snapshot of Vault
+            # or AWS, and poke() (every write through the service) and close() (SIGTERM) take
+            # that lock. One reader at a time: the watchers reconnecting together after a failure
+            # make one read of the store, not one each.
+            with self._positioning:
+                if self._revision is None:
+                    position = self._position()
+                    with self._lock:
+                        if self._revision is None and not self._closed:
+                            self._history, self._revision = position
         if since_revision is not None and not _same(since_history, history):
             # Its revision is of another line of history (before a failover or a restore): the
             # same numbers name other changes here, so nothing can be resumed from it.
