@@ -205,12 +205,13 @@ _READ_OPERATIONS = frozenset(
 )
 
 
-# How long an expiry tag seen on a secret (DescribeSecret, ListSecrets) stands in for another
-# DescribeSecret when a long-lived process (serve) reads the same version again. A write through
-# this store forgets it at once (and an answer asked for before that write is not kept); a new
-# version written by another process is read with a DescribeSecret at once; an expiry set or
-# cleared by another process on the same version shows within this long (a polled Watch feed's
-# ListSecrets refreshes it sooner).
+# How long an expiry tag seen on a secret (DescribeSecret) stands in for another DescribeSecret
+# when a long-lived process (serve) reads the same version again. A write through this store
+# forgets it at once (and an answer asked for before that write is not kept); a new version
+# written by another process is read with a DescribeSecret at once; an expiry set or cleared by
+# another process on the same version shows within this long. Not from ListSecrets: AWS's listing
+# "might not reflect changes from the last five minutes", so it would bring back a tag from
+# before a write (the polled Watch feed lists every 10 s).
 EXPIRY_SEEN_SECONDS = 60.0
 _WRITTEN = "secrets_manager_written"  # in a botocore call's context: the secrets it may change
 
@@ -406,7 +407,7 @@ class AwsStore:
             self._expiries_seen.pop(secret_id, None)
 
     def _saw(self, secret_id: str, entry: Mapping[str, Any], asked_at: float) -> tuple[int, datetime] | None:
-        """Note the expiry tag of a DescribeSecret or ListSecrets entry asked for at `asked_at`
+        """Note the expiry tag of a DescribeSecret answer asked for at `asked_at`
         (unless this store began a write of the secret since: the answer may predate it); return it."""
         expiry = _own_expiry(entry)
         if self._written_at.get(secret_id, float("-inf")) < asked_at:
@@ -576,7 +577,6 @@ class AwsStore:
         if page_size is not None:
             arguments["PaginationConfig"] = {"PageSize": page_size}
         strip = len(self._prefix) + 1 if self._prefix else 0
-        asked_at = time.monotonic()
         with self._aws("list secrets", None):
             pages = list(self._client.get_paginator("list_secrets").paginate(**arguments))
         for page in pages:
@@ -589,7 +589,6 @@ class AwsStore:
                     validate_name(name)
                 except InvalidInputError:
                     continue
-                self._saw(aws_name, entry, asked_at)
                 yield name, entry
 
     def _versions(self, name: str) -> builtins.list[_AwsVersion]:
