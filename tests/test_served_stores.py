@@ -4,6 +4,7 @@ caller, and a health probe that needs no change feed."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import socket
 import threading
@@ -165,6 +166,8 @@ def test_a_snapshot_of_100_secrets_is_one_listsecrets_on_aws_and_a_read_per_secr
         for name in names:
             opened.put(name, b"v")
         opened.delete(names[0])
+        if kind == "aws":  # its writes are described until AWS's listing shows them: here at once
+            opened.version_snapshot()  # type: ignore[attr-defined]
         before = len(vault.requests) if kind == "vault" else len(actions)
         snapshot = opened.version_snapshot()  # type: ignore[attr-defined]
         if kind == "vault":
@@ -178,3 +181,51 @@ def test_a_snapshot_of_100_secrets_is_one_listsecrets_on_aws_and_a_read_per_secr
         assert snapshot[names[1]].number_of_current() == 1
     finally:
         opened.close()
+
+
+def test_an_aws_snapshot_shows_this_stores_writes_though_listsecrets_lags(moto_endpoint: str) -> None:
+    """AWS's ListSecrets "might not reflect changes from the last five minutes": a change through
+    serve pokes its feed, whose snapshot (ListSecrets alone) still showed the secret as before, so
+    its watchers heard of it when AWS's listing caught up, up to minutes later, not in a second.
+    The secrets this store wrote are described (DescribeSecret is up to date) until the listing
+    shows them. Here the listing after the writes is AWS's from before them (moto's never lags).
+    Fails on the old code (version 1 still current, the destroyed secret still there)."""
+    actions: list[str] = []
+    client = aws_client(moto_endpoint)
+    client.meta.events.register("before-call.secrets-manager", lambda model, **_: actions.append(model.name))
+    store = AwsStore(client, f"lag-{secrets.token_hex(4)}", actor="local-user")
+    behind: list[Any] = []
+    lagging = [True]
+
+    def listing(parsed: dict[str, Any], **_: Any) -> None:
+        if not behind:
+            behind.append(json.loads(json.dumps(parsed["SecretList"], default=str)))
+        elif lagging[0]:
+            parsed["SecretList"] = behind[0]
+
+    try:
+        store.put("svc/KEY", b"v1")
+        store.put("svc/GONE", b"g")
+        store.put("svc/SAME", b"s")
+        client.meta.events.register("after-call.secrets-manager.ListSecrets", listing)
+        now = [0.0]
+        feed = PolledChangeFeed(store.version_snapshot, poll_seconds=60, clock=lambda: now[0])
+        _, head = feed.changes_since(None)  # the baseline (the listing AWS will keep giving)
+        store.put("svc/KEY", b"v2")
+        store.destroy_secret("svc/GONE")
+        feed.poke()  # as the service does after each write
+        now[0] += 1
+        changes, _ = feed.changes_since(head)
+        assert sorted((c.kind.name, c.name, c.version) for c in changes) == [
+            ("SECRET_DESTROYED", "svc/GONE", None),
+            ("VERSION_ADDED", "svc/KEY", 2),
+        ]
+        # Once AWS's listing shows the writes, they are no longer described.
+        lagging[0] = False
+        store.version_snapshot()
+        actions.clear()
+        snapshot = store.version_snapshot()
+        assert actions == ["ListSecrets"]
+        assert snapshot["svc/KEY"].number_of_current() == 2 and "svc/GONE" not in snapshot
+    finally:
+        store.close()

@@ -135,6 +135,12 @@ LIST_PAGE_SIZE = 100  # ListSecrets' most per page: a snapshot of 100 secrets is
 # watches (AWS bills $0.05 per 10,000 calls: about $1.30 a month; ListSecrets' quota is 100 a
 # second per account and Region, shared with every other tool, so 0.1 a second leaves it alone).
 WATCH_POLL_SECONDS = 10.0
+# AWS's API reference: ListSecrets "might not reflect changes from the last five minutes" (use
+# DescribeSecret for a secret's latest). A snapshot describes the secrets this store wrote within
+# this long, until the listing shows what DescribeSecret does, so that a change through the
+# service reaches its watchers at once rather than when AWS's listing catches up.
+LIST_LAG_SECONDS = 300.0
+RECENT_WRITES_DESCRIBED = 100  # at most this many per snapshot (the latest); the rest: the listing
 UNKNOWN_VERSION = 0  # the number of a version read without the right to list the versions
 RETRY_DEADLINE_SECONDS = 30.0
 _OUR_VERSION_ID = re.compile(re.escape(VERSION_ID_PREFIX) + r"(\d{10})")
@@ -377,6 +383,10 @@ class AwsStore:
         # from many threads.
         self._expiries_seen: dict[str, tuple[float, int | None, tuple[int, datetime] | None]] = {}
         self._written_at: dict[str, float] = {}
+        # SecretId → [writes in flight, when the last began, when the last ended] for the secrets
+        # this store wrote in the last LIST_LAG_SECONDS (version_snapshot describes them).
+        self._recent_writes: dict[str, list[float]] = {}
+        self._recent_lock = threading.Lock()
         client.meta.events.register("before-call.secrets-manager", self._note_operation)
         client.meta.events.register("before-parameter-build.secrets-manager", self._forget_written)
         client.meta.events.register("after-call.secrets-manager", self._forget_written_again)
@@ -394,12 +404,27 @@ class AwsStore:
         if isinstance(context, dict):
             context[_WRITTEN] = written
         self._forget(written)
+        now = time.monotonic()
+        with self._recent_lock:
+            for secret_id in written:
+                record = self._recent_writes.setdefault(secret_id, [0, now, now])
+                record[0] += 1
+                record[1] = now
 
     def _forget_written_again(self, context: Any = None, **_: Any) -> None:
         """After that call, answered or not: a read answered while it was in flight may hold the
         tag from before it, and was noted meanwhile; forgotten again, and not noted after."""
-        if isinstance(context, dict):
-            self._forget(context.get(_WRITTEN) or ())
+        if not isinstance(context, dict):
+            return
+        written = context.pop(_WRITTEN, None) or ()
+        self._forget(written)
+        now = time.monotonic()
+        with self._recent_lock:
+            for secret_id in written:
+                record = self._recent_writes.get(secret_id)
+                if record is not None:
+                    record[0] = max(0, record[0] - 1)
+                    record[2] = now
 
     def _forget(self, secret_ids: Iterable[str]) -> None:
         for secret_id in secret_ids:
@@ -546,25 +571,51 @@ class AwsStore:
 
     def version_snapshot(self) -> dict[str, SecretState]:
         """Every secret's versions (those with a staging label), labels, deletion and metadata, from
-        ListSecrets alone: one request per 100 secrets, none per secret (the service's polled change
-        feed, store/polled.py). A version another tool wrote has number 0 here (its number needs
-        ListSecretVersionIds); ours carry theirs in their id."""
-        snapshot = {}
-        for name, entry in self._listed("", include_deleted=True, page_size=LIST_PAGE_SIZE):
-            stages = entry.get("SecretVersionsToStages") or {}
-            tags = sorted((str(t.get("Key")), str(t.get("Value"))) for t in entry.get("Tags") or [])
-            snapshot[name] = SecretState(
-                versions={str(vid): _our_number(str(vid)) or 0 for vid in stages},
-                labels={
-                    LABEL_OF_STAGE[stage]: str(vid)
-                    for vid, names in stages.items()
-                    for stage in names or ()
-                    if stage in LABEL_OF_STAGE
-                },
-                deleted=bool(entry.get("DeletedDate")),
-                stamp=repr((str(entry.get("LastChangedDate")), str(entry.get("Description") or ""), tags)),
-            )
+        ListSecrets: one request per 100 secrets (the service's polled change feed,
+        store/polled.py), and a DescribeSecret for each secret this store wrote until the listing
+        shows its write (LIST_LAG_SECONDS). A version another tool wrote has number 0 here (its
+        number needs ListSecretVersionIds); ours carry theirs in their id."""
+        snapshot = {
+            name: _state_of(entry)
+            for name, entry in self._listed("", include_deleted=True, page_size=LIST_PAGE_SIZE)
+        }
+        self._describe_recent_writes(snapshot)
         return snapshot
+
+    def _describe_recent_writes(self, snapshot: dict[str, SecretState]) -> None:
+        """Put in `snapshot` what DescribeSecret says of each secret this store wrote within
+        LIST_LAG_SECONDS (the latest RECENT_WRITES_DESCRIBED): the listing may not show those
+        writes yet. A secret is no longer described once the listing, read after its last write
+        ended, shows what DescribeSecret does."""
+        now = time.monotonic()
+        strip = f"{self._prefix}/" if self._prefix else ""
+        pending: list[tuple[float, str, str]] = []
+        with self._recent_lock:
+            for secret_id, (in_flight, began, ended) in list(self._recent_writes.items()):
+                name = secret_id[len(strip) :] if secret_id.startswith(strip) else ""
+                try:
+                    validate_name(name)
+                except InvalidInputError:  # the audit anchor, or not ours
+                    del self._recent_writes[secret_id]
+                    continue
+                if now - ended >= LIST_LAG_SECONDS and not (in_flight and now - began < LIST_LAG_SECONDS):
+                    del self._recent_writes[secret_id]
+                    continue
+                pending.append((max(began, ended), secret_id, name))
+        for _, secret_id, name in sorted(pending, reverse=True)[:RECENT_WRITES_DESCRIBED]:
+            asked_at = time.monotonic()
+            with self._aws(f"describe {name}", name):
+                described = self._describe_or_none(secret_id)
+            state = None if described is None else _state_of(described)
+            with self._recent_lock:
+                record = self._recent_writes.get(secret_id)
+                caught_up = snapshot.get(name) == state
+                if caught_up and record is not None and not record[0] and record[2] < asked_at:
+                    del self._recent_writes[secret_id]  # the listing shows it: no longer described
+            if state is None:
+                snapshot.pop(name, None)  # destroyed (ForceDeleteWithoutRecovery)
+            else:
+                snapshot[name] = state
 
     def _listed(
         self, prefix: str, *, include_deleted: bool, page_size: int | None = None
@@ -1318,6 +1369,24 @@ def _tag_value(text: str) -> str:
 def _tag_of(entry: Mapping[str, Any], key: str) -> str | None:
     """The value of tag `key` on a DescribeSecret or ListSecrets entry (None without it)."""
     return next((str(t.get("Value", "")) for t in entry.get("Tags") or [] if t.get("Key") == key), None)
+
+
+def _state_of(entry: Mapping[str, Any]) -> SecretState:
+    """A secret's SecretState from its ListSecrets entry or its DescribeSecret answer (the same
+    fields, but for the name of the map of versions to stages)."""
+    stages = entry.get("SecretVersionsToStages") or entry.get("VersionIdsToStages") or {}
+    tags = sorted((str(t.get("Key")), str(t.get("Value"))) for t in entry.get("Tags") or [])
+    return SecretState(
+        versions={str(vid): _our_number(str(vid)) or 0 for vid in stages},
+        labels={
+            LABEL_OF_STAGE[stage]: str(vid)
+            for vid, names in stages.items()
+            for stage in names or ()
+            if stage in LABEL_OF_STAGE
+        },
+        deleted=bool(entry.get("DeletedDate")),
+        stamp=repr((str(entry.get("LastChangedDate")), str(entry.get("Description") or ""), tags)),
+    )
 
 
 def _current_number(entry: Mapping[str, Any]) -> int | None:
