@@ -13,6 +13,7 @@ from typing import Any
 
 import boto3
 import pytest
+from botocore.awsrequest import AWSResponse
 from botocore.config import Config
 
 from secrets_manager.audit import value_fingerprint
@@ -227,5 +228,30 @@ def test_an_aws_snapshot_shows_this_stores_writes_though_listsecrets_lags(moto_e
         snapshot = store.version_snapshot()
         assert actions == ["ListSecrets"]
         assert snapshot["svc/KEY"].number_of_current() == 2 and "svc/GONE" not in snapshot
+    finally:
+        store.close()
+
+
+def test_an_aws_snapshot_takes_the_listing_for_a_written_secret_it_may_not_describe(
+    moto_endpoint: str,
+) -> None:
+    """A resource policy may let the service write a secret but not describe it: its snapshot (and
+    so every Watch stream) failed for LIST_LAG_SECONDS after each write. The listing's entry
+    stands for it then. Fails on the previous commit (AccessDeniedError)."""
+    client = aws_client(moto_endpoint)
+    store = AwsStore(client, f"deny-{secrets.token_hex(4)}", actor="local-user")
+
+    def deny(**_: Any) -> tuple[Any, dict[str, Any]]:
+        error = {"Code": "AccessDeniedException", "Message": "not authorized to DescribeSecret"}
+        return AWSResponse("https://secretsmanager", 400, {}, None), {
+            "Error": error,
+            "ResponseMetadata": {"HTTPStatusCode": 400},
+        }
+
+    try:
+        store.put("svc/KEY", b"v1")
+        client.meta.events.register("before-call.secrets-manager.DescribeSecret", deny)
+        snapshot = store.version_snapshot()
+        assert snapshot["svc/KEY"].number_of_current() == 1
     finally:
         store.close()

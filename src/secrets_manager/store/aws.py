@@ -604,8 +604,11 @@ class AwsStore:
                 pending.append((max(began, ended), secret_id, name))
         for _, secret_id, name in sorted(pending, reverse=True)[:RECENT_WRITES_DESCRIBED]:
             asked_at = time.monotonic()
-            with self._aws(f"describe {name}", name):
-                described = self._describe_or_none(secret_id)
+            try:
+                with self._aws(f"describe {name}", name):
+                    described = self._describe_or_none(secret_id)
+            except AccessDeniedError:  # a resource policy that lets us write but not describe
+                continue  # the listing's, as before
             state = None if described is None else _state_of(described)
             with self._recent_lock:
                 record = self._recent_writes.get(secret_id)
