@@ -185,6 +185,84 @@ def test_a_bad_duration_is_invalid_input(cli: AgentCli, option: str, value: str,
     assert not cli.socket.exists()
 
 
+# ---- clients that misbehave -------------------------------------------------------------------
+
+
+def _connected(path: Path) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(path))  # blocking: waits while the agent's backlog is full
+    sock.settimeout(5)
+    return sock
+
+
+def _closed_by_the_agent(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:  # closed with what we sent unread
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_clients_that_send_nothing_or_a_byte_at_a_time_keep_no_one_waiting(cli: AgentCli) -> None:
+    """The agent serves every connection at once: 80 idle clients (more than its listen backlog
+    and its connection cap) and one sending a byte every half second delay no other request, and
+    each is dropped at its deadline (2 s after it connected), not served on forever."""
+    pid = cli.start_agent()
+    idle = [_connected(cli.socket) for _ in range(80)]
+    slow = _connected(cli.socket)
+    slow.sendall(b"\0\0\0\x64")  # 100 bytes to come, one at a time
+    client = AgentClient(cli.socket, timeout=1.0)
+    began = time.monotonic()
+    try:
+        for _ in range(6):
+            assert client.give(STORE, HEADER, KEY)
+            assert client.find(STORE, HEADER) == KEY
+            time.sleep(0.5)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                slow.sendall(b" ")
+        assert time.monotonic() - began < 5
+        assert _closed_by_the_agent(slow)
+        assert all(_closed_by_the_agent(sock) for sock in idle[-10:])
+    finally:
+        for sock in (*idle, slow):
+            sock.close()
+    assert alive(pid) and client.find(STORE, HEADER) == KEY
+
+
+@pytest.mark.parametrize(
+    ("sent", "error"),
+    [
+        (b"\xff\xff\xff\xff", "too large"),
+        (b"\0\0\0\x05hello", "JSONDecodeError"),
+        (b"\0\0\0\x02[]", "bad request"),
+        (b"\0\0\0\x03\xff\xfe\xfd", "UnicodeDecodeError"),
+        (len(b"[" * 60000).to_bytes(4, "big") + b"[" * 60000, "RecursionError"),
+        (b'\0\0\0\x0c{"op":"get"}', "KeyError"),
+    ],
+)
+def test_garbage_gets_an_error_answer_and_the_agent_serves_on(cli: AgentCli, sent: bytes, error: str) -> None:
+    pid = cli.start_agent()
+    client = AgentClient(cli.socket)
+    assert client.give(STORE, HEADER, KEY)
+    with _connected(cli.socket) as sock:
+        sock.sendall(sent)
+        answer = receive_message(sock)
+    assert answer["ok"] is False and error in answer["error"], answer
+    with _connected(cli.socket) as sock:
+        sock.sendall(b"\0\0")  # half a length, then gone
+    assert alive(pid) and client.find(STORE, HEADER) == KEY
+
+
+def test_a_store_name_cannot_forge_a_line_of_the_log(cli: AgentCli) -> None:
+    cli.start_agent()
+    forged = "/x.db\n2026-01-01T00:00:00+00:00 stopped pid=1"
+    AgentClient(cli.socket).request({"op": "forget", "store": forged})
+    lines = cli.log.read_text().splitlines()
+    assert not any(line.startswith("2026-01-01") for line in lines), lines
+    assert any("forgot store=" in line and "\\n2026-01-01" in line for line in lines), lines
+
+
 # ---- expiry (the cache itself, on a clock of the test's) ---------------------------------------
 
 

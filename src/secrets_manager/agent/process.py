@@ -23,10 +23,13 @@ import binascii
 import contextlib
 import ctypes
 import ctypes.util
+import json
 import mmap
 import os
+import selectors
 import signal
 import socket
+import struct
 import sys
 import time
 from dataclasses import dataclass
@@ -35,12 +38,13 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-from secrets_manager.agent import TIMEOUT, peer_uid, receive_message, send_message
+from secrets_manager.agent import MAX_MESSAGE, TIMEOUT, peer_uid
 from secrets_manager.core_dumps import dumpable, keep_secrets_out_of_core_dumps
 
 KEY_SIZE = 32
 SLOTS = mmap.PAGESIZE // KEY_SIZE  # keys held at once (128 with 4 KiB pages): the oldest goes first
 MAX_STORE_LENGTH = 4096
+SWEEP = 0.5  # seconds: expiry and signals are seen at least this often
 
 
 def now() -> float:
@@ -141,48 +145,154 @@ def _mlock(page: mmap.mmap) -> bool:
         return False
 
 
+MAX_CONNECTIONS = 64  # served at once; past it the oldest is dropped for the newest
+
+
+@dataclass
+class _Connection:
+    """One client: what it sent so far, the answer to send, and when it must be done."""
+
+    sock: socket.socket
+    deadline: float
+    received: bytes = b""
+    answer: bytes = b""
+
+
 class Agent:
+    """Serves every connection at once (one thread, a selector): a client that sends nothing, a
+    byte at a time or too much is dropped at its deadline (TIMEOUT after it connected) or at once,
+    and never keeps the others waiting."""
+
     def __init__(self, listener: socket.socket, cache: KeyCache, log: TextIO | None) -> None:
         self.listener, self.cache, self._log = listener, cache, log
         self.stopping = False
+        self.forget_requested = False  # set by SIGHUP, acted on by the loop (not mid-request)
+        self._selector = selectors.DefaultSelector()
+        self._connections: dict[int, _Connection] = {}
+        self._wakeup: socket.socket | None = None
 
     def log(self, event: str, **fields: Any) -> None:
         if self._log is None:
             return
-        extra = "".join(f" {key}={value}" for key, value in fields.items())
+        extra = "".join(f" {key}={_log_value(value)}" for key, value in fields.items())
         with contextlib.suppress(OSError):
             self._log.write(f"{datetime.now(UTC).isoformat(timespec='seconds')} {event}{extra}\n")
             self._log.flush()
 
-    def run(self) -> None:
-        while not self.stopping:
-            for store in self.cache.expired():
-                self.log("expired", store=store)
-            try:
-                connection, _ = self.listener.accept()
-            except TimeoutError:
-                continue
-            except InterruptedError:
-                continue
-            with connection:
-                try:
-                    self.serve(connection)
-                except Exception as exc:  # one bad connection must not end the agent (and its keys)
-                    self.log("error", what=type(exc).__name__)
+    def wake_on_signals(self) -> None:
+        """A signal ends the wait at once (its handler only sets a flag)."""
+        reader, writer = socket.socketpair()
+        reader.setblocking(False)
+        writer.setblocking(False)
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+        self._wakeup, self._wakeup_writer = reader, writer
+        self._selector.register(reader, selectors.EVENT_READ, "wakeup")
 
-    def serve(self, connection: socket.socket) -> None:
-        connection.settimeout(TIMEOUT)
-        pid, uid = peer_uid(connection)
-        if uid != os.getuid():
-            self.log("refused", uid=uid, pid=pid, why="another user")
-            return
+    def run(self) -> None:
+        self.listener.setblocking(False)
+        self._selector.register(self.listener, selectors.EVENT_READ, "listener")
         try:
-            request = receive_message(connection)
-            answer = self.answer(request)
-        except (OSError, EOFError, ValueError, KeyError, TypeError, binascii.Error) as exc:
-            answer = {"ok": False, "error": f"bad request ({type(exc).__name__})"}
-        with contextlib.suppress(OSError, ValueError):
-            send_message(connection, answer)
+            while not self.stopping:
+                self._sweep()
+                wait = min([SWEEP, *(c.deadline - monotonic() for c in self._connections.values())])
+                for handle, events in self._selector.select(max(0.0, wait)):
+                    if handle.data == "listener":
+                        self._accept()
+                    elif handle.data == "wakeup":
+                        with contextlib.suppress(OSError):
+                            handle.fileobj.recv(64)  # type: ignore[union-attr]
+                    else:
+                        self._step(handle.data, events)
+        finally:
+            for connection in list(self._connections.values()):
+                self._close(connection)
+            self._selector.close()
+
+    def _sweep(self) -> None:
+        if self.forget_requested:
+            self.forget_requested = False
+            self.log("forgot", store="(all)", keys=self.cache.forget(), why="SIGHUP")
+        for store in self.cache.expired():
+            self.log("expired", store=store)
+        at = monotonic()
+        for connection in [c for c in self._connections.values() if at >= c.deadline]:
+            self._close(connection)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: the others are still served
+                self.log("error", what=type(exc).__name__)
+                return
+            try:
+                pid, uid = peer_uid(sock)
+            except OSError:
+                sock.close()
+                continue
+            if uid != os.getuid():
+                self.log("refused", uid=uid, pid=pid, why="another user")
+                sock.close()
+                continue
+            if len(self._connections) >= MAX_CONNECTIONS:
+                self._close(min(self._connections.values(), key=lambda c: c.deadline))
+            sock.setblocking(False)
+            connection = _Connection(sock, monotonic() + TIMEOUT)
+            self._connections[sock.fileno()] = connection
+            self._selector.register(sock, selectors.EVENT_READ, connection)
+
+    def _step(self, connection: _Connection, events: int) -> None:
+        try:
+            if events & selectors.EVENT_READ and not connection.answer:
+                self._read(connection)
+            if connection.answer:
+                sent = connection.sock.send(connection.answer)
+                connection.answer = connection.answer[sent:]
+                if not connection.answer:
+                    self._close(connection)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except Exception as exc:  # one bad connection must not end the agent (and its keys)
+            self.log("error", what=type(exc).__name__)
+            self._close(connection)
+
+    def _read(self, connection: _Connection) -> None:
+        chunk = connection.sock.recv(MAX_MESSAGE + 4 - len(connection.received))
+        if not chunk:  # closed before a whole request: nothing to answer
+            self._close(connection)
+            return
+        connection.received += chunk
+        if len(connection.received) < 4:
+            return
+        (size,) = struct.unpack(">I", connection.received[:4])
+        if size > MAX_MESSAGE:
+            self._reply(connection, {"ok": False, "error": "bad request (too large)"})
+        elif len(connection.received) >= 4 + size:
+            self._reply(connection, self.handle(connection.received[4 : 4 + size]))
+
+    def _reply(self, connection: _Connection, answer: dict[str, Any]) -> None:
+        data = json.dumps(answer, separators=(",", ":")).encode("utf-8")
+        connection.answer = struct.pack(">I", len(data)) + data
+        connection.received = b""
+        self._selector.modify(connection.sock, selectors.EVENT_WRITE, connection)
+
+    def _close(self, connection: _Connection) -> None:
+        if self._connections.pop(connection.sock.fileno(), None) is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(connection.sock)
+        connection.sock.close()
+
+    def handle(self, body: bytes) -> dict[str, Any]:
+        """The answer to one request's JSON body."""
+        try:
+            request = json.loads(body)
+            if not isinstance(request, dict):
+                raise TypeError("not an object")
+            return self.answer(request)
+        except (ValueError, KeyError, TypeError, RecursionError, binascii.Error) as exc:
+            return {"ok": False, "error": f"bad request ({type(exc).__name__})"}
 
     def answer(self, request: dict[str, Any]) -> dict[str, Any]:
         op = request.get("op")
@@ -220,6 +330,20 @@ class Agent:
         return {"ok": False, "error": f"unknown request {str(op)[:40]!r}"}
 
 
+def monotonic() -> float:
+    """Seconds for connection deadlines (not key expiry: `now`)."""
+    return time.monotonic()
+
+
+def _log_value(value: object) -> str:
+    """A log field's value on one line: a store name with a space, a newline or another control
+    character is quoted and escaped (JSON), so no request can forge a line of the log."""
+    text = str(value)
+    if text and all(c.isprintable() and not c.isspace() and c != '"' for c in text):
+        return text
+    return json.dumps(text)
+
+
 def _text(value: object) -> str:
     if not isinstance(value, str) or len(value) > MAX_STORE_LENGTH:
         raise TypeError("not a short string")
@@ -241,8 +365,7 @@ def _listen(path: Path) -> socket.socket:
     finally:
         os.umask(previous)
     os.chmod(path, 0o600)
-    listener.listen(16)
-    listener.settimeout(0.5)  # expiry and signals are seen at least this often
+    listener.listen(64)
     return listener
 
 
@@ -274,11 +397,12 @@ def main(argv: list[str] | None = None) -> int:
         agent.stopping = True
 
     def forget_all(_signum: int, _frame: FrameType | None) -> None:
-        agent.log("forgot", store="(all)", keys=cache.forget(), why="SIGHUP")
+        agent.forget_requested = True
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, forget_all)
+    agent.wake_on_signals()
     inode = os.lstat(path).st_ino
     agent.log(
         "started",
