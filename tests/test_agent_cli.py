@@ -13,6 +13,7 @@ import pytest
 
 from agent_fixtures import PASSWORD, AgentCli, agent_cli, wait_until_gone
 from secrets_manager.agent import AgentClient
+from secrets_manager.cli.app import Session
 from secrets_manager.crypto.kdf import KdfParams, derive_unlock_key
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store.unlock import unlock_key_header
@@ -223,3 +224,41 @@ def test_an_agent_directory_that_is_not_safely_ours_is_said_and_not_used(cli: Ag
     assert "has mode 0755, not 0700" in out and "the agent was not asked" in out, out
     missing = cli("get", "svc/API_KEY", env={"XDG_RUNTIME_DIR": "/nonexistent/run"})
     assert missing.code == 4 and NO_PASSWORD in missing.stderr  # no such directory: no agent
+
+
+def test_forget_store_finds_the_key_however_the_store_is_spelled(cli: AgentCli) -> None:
+    """A store named by a relative-looking path with `..`, through a symbolic link or as a
+    sqlite:/// URL is the one the key was kept for: one entry in `status`, and `forget --store`
+    drops it whichever spelling it is given."""
+    (cli.tmp / "link").symlink_to(cli.store.parent)
+    spellings = [
+        str(cli.store.parent / ".." / "vault" / "store.db"),
+        str(cli.tmp / "link" / "store.db"),
+        f"sqlite://{cli.store}",
+    ]
+    cli.start_agent()
+    for spelling in spellings:
+        env = {"SECRETS_MANAGER_STORE": spelling}
+        _prompted_get(cli)  # kept under the plain path
+        assert cli.ok("get", "svc/API_KEY", env=env).out == "sk-live-ONE\n"  # found under this one
+        stores = cli.status()["stores"]
+        assert isinstance(stores, list) and [s["store"] for s in stores] == [str(cli.store)]
+        assert "forgot 1 key" in cli.ok("agent", "forget", "--store", env=env).stderr, spelling
+        assert NO_PASSWORD in cli("get", "svc/API_KEY").stderr
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://app@DB.example:5432/secrets",
+        "postgres://app@db.example/secrets",
+        "postgresql://app:hunter2@db.example/secrets?max_connections=4",
+        "postgresql://app@db.example/secrets?schema=secrets_manager&sslmode=require",
+    ],
+)
+def test_a_postgresql_store_has_one_name_for_the_agent_whatever_its_url(url: str) -> None:
+    session = Session(url, None, None, {})
+    assert session.agent_store_name() == "postgresql://app@db.example/secrets"
+    assert Session("postgresql://app@db.example:5433/secrets", None, None, {}).agent_store_name() != (
+        session.agent_store_name()
+    )

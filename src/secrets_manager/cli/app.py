@@ -113,8 +113,8 @@ from secrets_manager.store.url import (
     open_external_store,
     open_store,
     open_store_with_recovery,
-    postgres_location,
     refuse_existing_store,
+    store_identity,
     store_location,
 )
 from secrets_manager.values import SecretValue
@@ -255,13 +255,13 @@ class Session:
 
     def agent_store_name(self) -> str:
         """The store as the agent knows it (its key is kept under this, and `agent status` shows
-        it): the store file's absolute path, else its URL without a password."""
+        it): the store file's real path, else its URL without a password, the same whatever the
+        spelling (`store_identity`), so `agent forget --store` finds the key however it is named."""
         if not self.needs_password:
             raise InvalidInputError(
                 f"{display_url(self.store_url)} is a Vault or AWS store: no agent keeps a key for it"
             )
-        location = store_location(self.store_url)
-        return location if postgres_location(self.store_url) else str(Path(location).absolute())
+        return store_identity(self.store_url)
 
     @property
     def needs_password(self) -> bool:

@@ -112,6 +112,20 @@ class PostgresLocation:
     schema: str = POSTGRES_DEFAULT_SCHEMA
     password_in_url: bool = False
     max_connections: int | None = None  # None: the storage's default
+    user: str = ""
+
+    @property
+    def identity(self) -> str:
+        """The store as one name whatever the URL's spelling (`postgres://` or `postgresql://`,
+        the host's case, the default port 5432 written or not, options): `display` otherwise."""
+        hosts, port = self.hosts, self.port
+        if not port and re.fullmatch(r"\[[^\]]+\]:\d+", hosts):  # one IPv6 address with a port
+            hosts, port = hosts.rsplit(":", 1)
+        hosts = hosts if hosts.startswith(("/", "%2F", "%2f")) else hosts.lower()
+        port = "" if port in ("", "5432") else f":{port}"
+        user = f"{self.user}@" if self.user else ""
+        schema = "" if self.schema == POSTGRES_DEFAULT_SCHEMA else f"?schema={self.schema}"
+        return f"postgresql://{user}{hosts}{port}/{self.dbname}{schema}"
 
 
 @dataclass(frozen=True)
@@ -204,7 +218,9 @@ def postgres_location(url: str | None) -> PostgresLocation | None:
     display = f"postgresql://{shown_user}{hosts}{':' + port if port else ''}/{dbname}"
     if schema != POSTGRES_DEFAULT_SCHEMA:
         display += f"?schema={schema}"
-    return PostgresLocation(conninfo, display, hosts, port, dbname, schema, password_in_url, max_connections)
+    return PostgresLocation(
+        conninfo, display, hosts, port, dbname, schema, password_in_url, max_connections, unquote(user)
+    )
 
 
 # Query parameters whose value may be a credential, whatever the scheme: compared after
@@ -583,6 +599,14 @@ def store_location(url: str | None) -> str:
     """Where the store a URL names is, for messages: the file, or the URL without any password."""
     location = postgres_location(url)
     return location.display if location is not None else str(sqlite_path(url))
+
+
+def store_identity(url: str | None) -> str:
+    """The store a URL names as one name whatever its spelling: a store file's real path (a
+    relative path, `..`, `~`, `sqlite:///` or a symbolic link to it give the same), a PostgreSQL
+    store's `PostgresLocation.identity`. Never holds a password."""
+    location = postgres_location(url)
+    return location.identity if location is not None else os.path.realpath(sqlite_path(url))
 
 
 def open_storage(url: str | None, *, create: bool, environment: Environment) -> Storage:
