@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -262,3 +264,47 @@ def test_a_postgresql_store_has_one_name_for_the_agent_whatever_its_url(url: str
     assert Session("postgresql://app@db.example:5433/secrets", None, None, {}).agent_store_name() != (
         session.agent_store_name()
     )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["passwd", "--new-password-file", "NEW"],
+        ["unlock-with", "password", "--new-password-file", "NEW"],
+        ["keys", "rotate", "--root"],
+    ],
+)
+def test_a_new_password_wrapping_makes_the_agent_forget_the_old_key_at_once(
+    cli: AgentCli, tmp_path: Path, args: list[str]
+) -> None:
+    """As with pass and gpg-agent: after `passwd` (or another command that rewraps the root key
+    under the password) the agent holds no key of the store, not the old one until its ttl (which
+    still opens old copies of the store); another store's key stays."""
+    (tmp_path / "new").write_text(NEW_PASSWORD)
+    args = [{"NEW": str(tmp_path / "new")}.get(a, a) for a in args]
+    cli.start_agent()
+    _prompted_get(cli)
+    old_key = _unlock_key(cli)
+    other = AgentClient(cli.socket)
+    assert other.give("/elsewhere/store.db", "header", bytes(32))
+    result = cli.with_password(*args)
+    assert "the agent forgot this store's old unlock key" in result.stderr, result.stderr
+    stores = cli.status()["stores"]
+    assert isinstance(stores, list) and [s["store"] for s in stores] == ["/elsewhere/store.db"]
+    assert f"forgot store={cli.store} keys=1" in cli.log.read_text()
+    assert old_key not in cli.log.read_bytes() and base64.b64encode(old_key).decode() not in result.stderr
+    new_password = NEW_PASSWORD if args[0] != "keys" else PASSWORD
+    assert "sk-live-ONE" in _prompted_get(cli, typed=new_password.encode() + b"\r")
+
+
+def test_passwd_without_an_agent_or_with_a_stale_socket_is_fine(cli: AgentCli, tmp_path: Path) -> None:
+    (tmp_path / "new").write_text(NEW_PASSWORD)
+    result = cli.with_password("passwd", "--new-password-file", str(tmp_path / "new"))
+    assert "agent" not in result.stderr, result.stderr
+    pid = cli.start_agent()
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until_gone(pid)
+    result = cli.ok(
+        "passwd", "--new-password-file", str(tmp_path / "new"), env={"MASTER_PASSWORD": NEW_PASSWORD}
+    )
+    assert "agent" not in result.stderr, result.stderr

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 import click
 
-from secrets_manager.agent import AgentClient
+from secrets_manager.agent import AgentClient, AgentNotRunning
 from secrets_manager.audit import (
     AuditError,
     AuditEvent,
@@ -413,6 +413,29 @@ class Session:
         except UnsafeConfigurationError as exc:
             warning_line(f"{exc}; the agent was not asked")
             return None
+
+    def forget_in_agent(self) -> None:
+        """After the store's password wrapping changed (`passwd`, `unlock-with`, `recovery
+        unlock-with`, `keys rotate --root`): the user's agent drops the store's old unlock key at
+        once, as pass users expect of gpg-agent, rather than keeping until its ttl a key that still
+        opens old copies of the store. No agent is fine; not in production (no agent is used)."""
+        if self.environment.is_production or not self.needs_password:
+            return
+        client = AgentClient.for_user(self.environ)
+        try:
+            answer = client.request({"op": "forget", "store": self.agent_store_name()})
+        except AgentNotRunning:
+            return
+        except UnsafeConfigurationError as exc:
+            warning_line(f"{exc}; the agent was not told to forget this store's old key")
+            return
+        except (SecretsManagerError, OSError):
+            warning_line(
+                "the agent did not answer; 'secrets-manager agent forget --store' drops this store's old key"
+            )
+            return
+        if answer.get("forgot"):
+            info_line("the agent forgot this store's old unlock key")
 
     def _denials_audited(self, opener: Callable[[], S]) -> S:
         """`opener()`; an unlock it refuses (a wrong password, foreign recovery shares, a KMS key
@@ -1544,6 +1567,7 @@ def passwd(session: Session, new_password_file: str | None, kdf_profile: str | N
                 new_password_unlock(new, kdf_profile, environment=session.environment)
             )
         can_scrub = store.can_scrub
+    session.forget_in_agent()
     info_line("master password changed")
     warn_if_not_scrubbed(scrubbed, can_scrub, "password")
 
@@ -1569,6 +1593,7 @@ def unlock_with(
         old = unlocked_by(store)
         scrubbed = store.change_unlock(new_unlock_source(session, kms_key, new_password, kdf_profile))
         can_scrub = store.can_scrub
+    session.forget_in_agent()
     info_line(f"the store is now unlocked by {f'AWS KMS key {kms_key}' if kms_key else 'the new password'}")
     warn_if_not_scrubbed(scrubbed, can_scrub, old)
 

@@ -132,6 +132,7 @@ def rotate(session: Session, namespace: str | None, every: bool, root: bool) -> 
             can_scrub = store.can_scrub
             by_password = store.unlock_kind == PasswordUnlock.kind
             unchanged = "the master password" if by_password else "the AWS KMS key"
+        session.forget_in_agent()
         info_line(
             f"new root key {result.new_id}: {result.namespaces} keyset{_s(result.namespaces)} rewrapped "
             f"under it; {unchanged} is unchanged"

@@ -224,6 +224,7 @@ def unlock_with(
         old = unlocked_by(store)
         scrubbed = store.change_unlock(new_unlock_source(session, kms_key, new_password, kdf_profile))
         can_scrub = store.can_scrub
+    session.forget_in_agent()
     info_line(
         f"the store is now unlocked by {f'AWS KMS key {kms_key}' if kms_key else 'the new password'}; "
         "the recovery shares still open it"
