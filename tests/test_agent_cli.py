@@ -4,9 +4,11 @@ an agent started with the console script, commands on a pty where they would pro
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -308,3 +310,25 @@ def test_passwd_without_an_agent_or_with_a_stale_socket_is_fine(cli: AgentCli, t
         "passwd", "--new-password-file", str(tmp_path / "new"), env={"MASTER_PASSWORD": NEW_PASSWORD}
     )
     assert "agent" not in result.stderr, result.stderr
+
+
+def test_an_agent_that_does_not_answer_means_the_prompt_after_one_wait(cli: AgentCli) -> None:
+    """A listener at the agent's socket that accepts and never answers (an agent stopped with
+    SIGSTOP, or hung): the command prompts after one request's timeout, and does not then wait
+    again to give it the key."""
+    cli.directory.mkdir(mode=0o700)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(cli.socket))
+    listener.listen(8)
+    try:
+        assert "sk-live-ONE" in _prompted_get(cli)
+        listener.setblocking(False)
+        accepted = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                accepted.append(listener.accept()[0])
+        assert len(accepted) == 1  # asked once (find), not given the key after the prompt
+        for sock in accepted:
+            sock.close()
+    finally:
+        listener.close()

@@ -165,6 +165,7 @@ class AgentClient:
         self.path = path
         self._timeout = timeout
         self.refused: str | None = None  # why `find` or `give` did not use the agent, if unsafe
+        self.unanswered = False  # `find` got no answer (a hung or dying agent): `give` does not wait again
 
     @classmethod
     def for_user(cls, environ: Mapping[str, str]) -> AgentClient:
@@ -213,6 +214,7 @@ class AgentClient:
             self.refused = str(exc)
             return None
         except (SecretsManagerError, OSError):  # whatever keeps it from answering: the prompt
+            self.unanswered = True
             return None
         key = answer.get("key")
         if not isinstance(key, str):
@@ -223,7 +225,10 @@ class AgentClient:
             return None
 
     def give(self, store: str, header: str, key: bytes) -> bool:
-        """Keep `key` for `store`'s `header`; False if no agent took it."""
+        """Keep `key` for `store`'s `header`; False if no agent took it (or `find` got no answer
+        from it: a command does not wait twice for an agent that is stopped or hung)."""
+        if self.unanswered:
+            return False
         try:
             self.request(
                 {"op": "put", "store": store, "header": header, "key": base64.b64encode(key).decode()}
