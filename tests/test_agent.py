@@ -170,6 +170,27 @@ def test_a_socket_left_by_an_agent_that_was_killed_is_replaced(cli: AgentCli) ->
     assert cli.start_agent() != pid
 
 
+@pytest.mark.parametrize("how", ["socket removed", "directory removed", "socket replaced"])
+def test_an_agent_whose_socket_is_gone_wipes_its_keys_and_ends(cli: AgentCli, how: str) -> None:
+    """No client can reach an agent whose socket was removed (its runtime directory went at logout,
+    or `rm`) or replaced: it ends, its keys wiped, instead of holding them for nobody."""
+    pid = cli.start_agent()
+    assert AgentClient(cli.socket).give(STORE, HEADER, KEY)
+    if how == "directory removed":
+        shutil.rmtree(cli.directory)
+    else:
+        cli.socket.unlink()
+        if how == "socket replaced":
+            replacement = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            replacement.bind(str(cli.socket))
+    assert wait_until_gone(pid, 5.0)
+    if how == "socket replaced":
+        assert stat.S_ISSOCK(os.lstat(cli.socket).st_mode)  # the newer one is left in place
+        replacement.close()
+    if how == "socket removed":
+        assert "socket gone" in cli.log.read_text()
+
+
 @pytest.mark.parametrize(
     ("option", "value", "needle"),
     [

@@ -11,8 +11,8 @@ It holds unlock keys in memory only, and guards them as gpg-agent and ssh-agent 
 - its own directory "/", stdin, stdout and stderr on /dev/null, a session of its own, an empty
   environment; a log of events (never a key) beside the socket, 0600.
 
-SIGTERM, SIGINT and `agent stop` wipe the keys and end it; SIGHUP forgets every key, as gpg-agent's
-does.
+SIGTERM, SIGINT, `agent stop` and the removal or replacement of its socket (as at logout) wipe the
+keys and end it; SIGHUP forgets every key, as gpg-agent's does.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import os
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -170,6 +171,7 @@ class Agent:
         self._selector = selectors.DefaultSelector()
         self._connections: dict[int, _Connection] = {}
         self._wakeup: socket.socket | None = None
+        self._socket: tuple[Path, int] | None = None  # our socket's path and inode, once watched
 
     def log(self, event: str, **fields: Any) -> None:
         if self._log is None:
@@ -208,7 +210,28 @@ class Agent:
                 self._close(connection)
             self._selector.close()
 
+    def watch_socket(self, path: Path, inode: int) -> None:
+        """Stop (wiping the keys) once `path` is no longer our socket: removed (the login session's
+        runtime directory went at logout, `rm`) or replaced by another agent's. No client can reach
+        this agent then, and its keys would stay in memory for nothing (gpg-agent does the same)."""
+        self._socket = (path, inode)
+
+    def _socket_gone(self) -> bool:
+        if self._socket is None:
+            return False
+        path, inode = self._socket
+        try:
+            found = os.lstat(path)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        return found.st_ino != inode or not stat.S_ISSOCK(found.st_mode)
+
     def _sweep(self) -> None:
+        if self._socket_gone():
+            self.log("socket gone", why="removed or replaced; stopping")
+            self.stopping = True
         if self.forget_requested:
             self.forget_requested = False
             self.log("forgot", store="(all)", keys=self.cache.forget(), why="SIGHUP")
@@ -404,6 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, forget_all)
     agent.wake_on_signals()
     inode = os.lstat(path).st_ino
+    agent.watch_socket(path, inode)
     agent.log(
         "started",
         pid=os.getpid(),
