@@ -275,6 +275,13 @@ def test_garbage_gets_an_error_answer_and_the_agent_serves_on(cli: AgentCli, sen
     assert alive(pid) and client.find(STORE, HEADER) == KEY
 
 
+def test_a_connection_in_the_agent_shows_no_key_in_its_repr() -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sent = base64.b64encode(KEY)
+        connection = agent_process._Connection(sock, 0.0, received=sent, answer=sent)
+        assert sent.decode() not in repr(connection) and str(sent) not in repr(connection)
+
+
 def test_a_store_name_cannot_forge_a_line_of_the_log(cli: AgentCli) -> None:
     cli.start_agent()
     forged = "/x.db\n2026-01-01T00:00:00+00:00 stopped pid=1"

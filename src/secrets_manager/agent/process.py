@@ -33,7 +33,7 @@ import stat
 import struct
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
@@ -155,8 +155,8 @@ class _Connection:
 
     sock: socket.socket
     deadline: float
-    received: bytes = b""
-    answer: bytes = b""
+    received: bytes = field(default=b"", repr=False)  # may hold a key being given
+    answer: bytes = field(default=b"", repr=False)  # may hold a key being handed out
 
 
 class Agent:
