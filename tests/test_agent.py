@@ -545,3 +545,18 @@ def test_each_agent_command_has_help(cli: AgentCli) -> None:
         ("stop", "wiped"),
     ):
         assert needle in cli.ok("agent", command, "--help").out
+
+
+def test_an_agent_that_does_not_answer_is_named_with_its_pid_and_how_to_end_it(cli: AgentCli) -> None:
+    """`agent status`, `start` and `stop` on an agent that accepts and never answers (stopped,
+    hung): one line saying so, with the pid to end it (the user has no other way to find it)."""
+    cli.directory.mkdir(mode=0o700)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(str(cli.socket))
+        listener.listen(8)
+        for command in ("status", "start", "stop"):
+            result = cli("agent", command)
+            assert result.code == 1, (command, result.stderr)
+            assert f"(pid {os.getpid()}) did not answer" in result.stderr, result.stderr
+            assert f"end it with 'kill {os.getpid()}'" in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1

@@ -192,7 +192,7 @@ class AgentClient:
                 ) from None
             except OSError as exc:
                 raise StorageError(f"cannot reach the agent at {self.path}: {exc.strerror or exc}") from None
-            _pid, uid = peer_uid(sock)
+            pid, uid = peer_uid(sock)
             if uid != os.getuid():
                 raise UnsafeConfigurationError(
                     f"the process at {self.path} runs as {user_name(uid)}, not as you; it was not used"
@@ -201,7 +201,10 @@ class AgentClient:
                 send_message(sock, doc)
                 answer = receive_message(sock)
             except (OSError, EOFError, ValueError) as exc:
-                raise StorageError(f"the agent at {self.path} did not answer ({exc})") from None
+                raise StorageError(
+                    f"the agent at {self.path} (pid {pid}) did not answer ({exc}); if it is stuck, end it "
+                    f"with 'kill {pid}' and start it again"
+                ) from None
         if not answer.get("ok"):
             raise StorageError(f"the agent refused the request: {answer.get('error', 'no reason given')}")
         return answer
