@@ -560,3 +560,25 @@ def test_an_agent_that_does_not_answer_is_named_with_its_pid_and_how_to_end_it(c
             assert f"(pid {os.getpid()}) did not answer" in result.stderr, result.stderr
             assert f"end it with 'kill {os.getpid()}'" in result.stderr
             assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_starts_at_once_over_a_stale_socket_make_one_agent(cli: AgentCli) -> None:
+    """Four `agent start` at once, over the socket a SIGKILLed agent left: one agent starts (the
+    lock in the directory), the others find it running; all say its pid."""
+    dead = cli.start_agent()
+    os.kill(dead, signal.SIGKILL)
+    assert wait_until_gone(dead)
+    starts = [
+        subprocess.Popen([str(SCRIPT), "agent", "start"], env=cli.full_env(), stderr=subprocess.PIPE)
+        for _ in range(4)
+    ]
+    said = []
+    for start in starts:
+        _, err = start.communicate(timeout=60)
+        assert start.returncode == 0, err
+        said.append(err.decode())
+    pid = cli.agent_pid()
+    cli.started.append(pid)
+    assert pid != dead
+    assert sum("agent started" in text for text in said) == 1, said
+    assert all(f"(pid {pid})" in text for text in said), said
