@@ -291,6 +291,16 @@ def test_a_store_name_cannot_forge_a_line_of_the_log(cli: AgentCli) -> None:
     assert any("forgot store=" in line and "\\n2026-01-01" in line for line in lines), lines
 
 
+def test_a_max_ttl_shorter_than_the_default_ttl_shortens_it(cli: AgentCli) -> None:
+    """`agent start --max-ttl 5m` (no --ttl): keys kept 5m at most, not refused for a --ttl that
+    was never given."""
+    cli.start_agent("--max-ttl", "5m")
+    assert cli.status()["ttl"] == 300.0 and cli.status()["max_ttl"] == 300.0
+    cli.ok("agent", "stop")
+    result = cli("agent", "start", "--ttl", "6m", "--max-ttl", "5m")  # given: still refused
+    assert result.code == 2 and "--ttl must not be longer than --max-ttl" in result.stderr
+
+
 # ---- expiry (the cache itself, on a clock of the test's) ---------------------------------------
 
 

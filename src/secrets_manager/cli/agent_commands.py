@@ -17,6 +17,7 @@ _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smh]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600}
 MAX_TTL_SECONDS = 7 * 24 * 3600
 STOP_WAIT_SECONDS = 5.0
+DEFAULT_TTL_SECONDS = 600.0
 
 
 def parse_duration(text: str, option: str) -> float:
@@ -52,17 +53,23 @@ def agent() -> None:
 
 
 @agent.command("start")
-@click.option("--ttl", default="10m", show_default=True, help="Forget a key this long after its last use.")
+@click.option(
+    "--ttl",
+    default=None,
+    help="Forget a key this long after its last use.  [default: 10m, or --max-ttl if shorter]",
+)
 @click.option("--max-ttl", default="2h", show_default=True, help="Forget a key this long after it was given.")
 @pass_session
-def start(session: Session, ttl: str, max_ttl: str) -> None:
+def start(session: Session, ttl: str | None, max_ttl: str) -> None:
     """Start your agent in the background (returns once it listens); one already running is fine."""
     if session.environment.is_production:
         raise UnsafeConfigurationError(
             "the agent is refused in production: services unlock with a password file or AWS KMS, "
             "and no command there asks an agent"
         )
-    ttl_seconds, max_seconds = parse_duration(ttl, "--ttl"), parse_duration(max_ttl, "--max-ttl")
+    max_seconds = parse_duration(max_ttl, "--max-ttl")
+    # a --max-ttl shorter than the default ttl is a shorter ttl too, as in gpg-agent
+    ttl_seconds = min(DEFAULT_TTL_SECONDS, max_seconds) if ttl is None else parse_duration(ttl, "--ttl")
     if ttl_seconds > max_seconds:
         raise InvalidInputError("--ttl must not be longer than --max-ttl")
     pid, started = start_agent(session.environ, ttl_seconds, max_seconds)
