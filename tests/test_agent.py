@@ -119,6 +119,15 @@ def test_status_names_the_stores_and_the_time_left_and_never_the_key(cli: AgentC
     assert next(line for line in limits.splitlines() if line.startswith("Max core")).split()[4] == "0"
 
 
+def test_status_shows_a_store_name_with_control_characters_escaped(cli: AgentCli) -> None:
+    """A store path with a newline or an escape sequence is one line of `status`, not raw
+    terminal control (README: control characters are shown escaped, never raw)."""
+    cli.start_agent()
+    assert AgentClient(cli.socket).give("/tmp/a\x1b[2J\nb.db", HEADER, KEY)
+    shown = cli.ok("agent", "status").out
+    assert "\x1b" not in shown and "/tmp/a\\x1b[2J\\nb.db: " in shown, shown
+
+
 def test_forget_drops_every_key_or_one_stores(cli: AgentCli) -> None:
     cli.start_agent()
     client = AgentClient(cli.socket)

@@ -10,7 +10,7 @@ import click
 
 from secrets_manager.agent import AgentClient, AgentNotRunning, start_agent
 from secrets_manager.cli.app import Session, cli, pass_session
-from secrets_manager.cli.output import info_line, print_json
+from secrets_manager.cli.output import info_line, print_json, printable
 from secrets_manager.errors import InvalidInputError, UnsafeConfigurationError
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smh]?)")
@@ -111,7 +111,7 @@ def status(session: Session, as_json: bool) -> None:
     if not answer["keys"]:
         click.echo("no store unlocked")
     for entry in answer["keys"]:
-        click.echo(f"{entry['store']}: {duration_text(entry['expires_in'])} left")
+        click.echo(f"{printable(str(entry['store']))}: {duration_text(entry['expires_in'])} left")
 
 
 @agent.command("forget")
