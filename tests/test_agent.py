@@ -6,6 +6,7 @@ import base64
 import contextlib
 import ctypes
 import ctypes.util
+import fcntl
 import os
 import pwd
 import shutil
@@ -14,16 +15,18 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import secrets_manager.agent as agent_module
 from agent_fixtures import AgentCli, agent_cli, alive, require_root, wait_until_gone
 from secrets_manager.agent import AgentClient, receive_message, send_message
 from secrets_manager.agent import process as agent_process
-from secrets_manager.errors import UnsafeConfigurationError
+from secrets_manager.errors import StorageError, UnsafeConfigurationError
 from terminal import SCRIPT
 
 KEY = bytes(range(32))  # a stand-in unlock key, easy to look for
@@ -601,3 +604,33 @@ def test_starts_at_once_over_a_stale_socket_make_one_agent(cli: AgentCli) -> Non
     assert pid != dead
     assert sum("agent started" in text for text in said) == 1, said
     assert all(f"(pid {pid})" in text for text in said), said
+
+
+def test_a_start_waits_for_a_stuck_start_a_limited_time(
+    cli: AgentCli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another `agent start` holding the start lock and never letting go (stopped with Ctrl-Z):
+    this one gives up with a one-line error after LOCK_WAIT instead of waiting for ever."""
+    monkeypatch.setattr(agent_module, "LOCK_WAIT", 0.5, raising=False)
+    cli.directory.mkdir(mode=0o700)
+    held = os.open(cli.directory / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    outcome: list[BaseException | tuple[int, bool]] = []
+
+    def start() -> None:
+        try:
+            outcome.append(agent_module.start_agent(cli.full_env(), 600.0, 7200.0))
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+    thread.join(5)
+    gave_up = not thread.is_alive()
+    os.close(held)  # (the old code then goes on to start an agent: stopped below)
+    thread.join(30)
+    for result in outcome:
+        if isinstance(result, tuple):
+            cli.started.append(result[0])
+    assert gave_up
+    assert isinstance(outcome[0], StorageError) and "(is it stopped?)" in str(outcome[0]), outcome

@@ -47,6 +47,7 @@ LOCK_NAME = "agent.lock"
 MAX_MESSAGE = 64 * 1024
 TIMEOUT = 2.0  # seconds for one request, either end
 START_TIMEOUT = 10.0  # seconds for a new agent to say it listens
+LOCK_WAIT = START_TIMEOUT + 10.0  # seconds to wait for another `agent start` to finish
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 
@@ -253,7 +254,7 @@ def start_agent(environ: Mapping[str, str], ttl: float, max_ttl: float) -> tuple
     client = AgentClient(path)
     lock = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _lock(lock, directory / LOCK_NAME)
         with contextlib.suppress(AgentNotRunning):
             return int(client.request({"op": "ping"})["pid"]), False
         if check_socket(path):  # left by an agent that ended without removing it
@@ -261,6 +262,23 @@ def start_agent(environ: Mapping[str, str], ttl: float, max_ttl: float) -> tuple
         return _spawn(path, directory / LOG_NAME, ttl, max_ttl), True
     finally:
         os.close(lock)
+
+
+def _lock(fd: int, path: Path) -> None:
+    """The start lock, waited for at most LOCK_WAIT: another `agent start` holds it while its agent
+    starts (START_TIMEOUT at most), unless that command was stopped (Ctrl-Z, SIGSTOP)."""
+    deadline = time.monotonic() + LOCK_WAIT
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise StorageError(
+                    f"another 'secrets-manager agent start' has held {path} for {LOCK_WAIT:g} s (is it "
+                    "stopped?); end it and start the agent again"
+                ) from None
+            time.sleep(0.05)
 
 
 def _spawn(path: Path, log: Path, ttl: float, max_ttl: float) -> int:
