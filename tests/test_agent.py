@@ -331,7 +331,12 @@ def test_a_key_expires_ttl_after_its_last_use_and_max_ttl_after_it_was_given(
     clock[0] += 0.2  # ...but not past max_ttl, used or not
     assert cache.get(STORE, HEADER) is None
     cache.put(STORE, HEADER, KEY)
-    clock[0] += 10  # not used for ttl
+    clock[0] += 9.9
+    assert [entry["store"] for entry in cache.listing()] == [STORE]
+    clock[0] += 0.1  # not used for ttl: gone from the listing (`status`) at once, swept or not
+    assert cache.listing() == []
+    cache.put(STORE, HEADER, KEY)
+    clock[0] += 10
     assert cache.expired() == [STORE]
     assert cache.get(STORE, HEADER) is None
     assert bytes(cache._page) == bytes(len(cache._page))  # zeroed, not just dropped

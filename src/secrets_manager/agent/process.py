@@ -118,6 +118,7 @@ class KeyCache:
         return len(stores)
 
     def listing(self) -> list[dict[str, Any]]:
+        """The stores whose keys are kept now: not one past its time that no sweep forgot yet."""
         at = now()
         return [
             {
@@ -126,6 +127,7 @@ class KeyCache:
                 "max_expires_in": round(max(0.0, e.given + self.max_ttl - at), 1),
             }
             for e in sorted(self._entries.values(), key=lambda e: e.store)
+            if at < self.expires(e)
         ]
 
     def wipe(self) -> None:
