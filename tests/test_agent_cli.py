@@ -332,3 +332,19 @@ def test_an_agent_that_does_not_answer_means_the_prompt_after_one_wait(cli: Agen
             sock.close()
     finally:
         listener.close()
+
+
+def test_an_agent_killed_meanwhile_means_the_prompt(cli: AgentCli) -> None:
+    """The agent SIGKILLed after it was given the key (its socket left behind): the next command
+    prompts, says nothing about the agent, and exits 0; `agent start` then replaces the socket."""
+    pid = cli.start_agent()
+    _prompted_get(cli)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_until_gone(pid)
+    assert cli.socket.exists()
+    out = _prompted_get(cli)
+    assert "agent" not in out and "Traceback" not in out, out
+    assert NO_PASSWORD in cli("get", "svc/API_KEY").stderr
+    cli.start_agent()
+    assert "sk-live-ONE" in _prompted_get(cli)
+    assert cli.ok("get", "svc/API_KEY").out == "sk-live-ONE\n"
