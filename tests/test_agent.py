@@ -14,6 +14,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -201,6 +202,45 @@ def test_an_agent_whose_socket_is_gone_wipes_its_keys_and_ends(cli: AgentCli, ho
         replacement.close()
     if how == "socket removed":
         assert "socket gone" in cli.log.read_text()
+
+
+def test_an_agent_whose_start_command_went_away_runs_on(cli: AgentCli) -> None:
+    """`agent start` interrupted (Ctrl-C) before the new agent said it listens: the agent, in a
+    session of its own, runs on instead of dying on the closed pipe and leaving a stale socket."""
+    cli.directory.mkdir(mode=0o700)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the start command is gone
+    agent = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "secrets_manager.agent",
+            "--socket",
+            str(cli.socket),
+            "--log",
+            str(cli.log),
+            "--ttl",
+            "60",
+            "--max-ttl",
+            "60",
+            "--ready-fd",
+            str(write_end),
+        ],
+        pass_fds=(write_end,),
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(write_end)
+    cli.started.append(agent.pid)
+    try:
+        deadline = time.monotonic() + 10
+        while not cli.socket.exists() and agent.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert agent.poll() is None, agent.returncode
+        assert AgentClient(cli.socket).give(STORE, HEADER, KEY)
+    finally:
+        agent.terminate()
+        agent.wait(10)
 
 
 @pytest.mark.parametrize(

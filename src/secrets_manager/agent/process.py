@@ -412,9 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = KeyCache(args.ttl, args.max_ttl)
         listener = _listen(path)
     except OSError as exc:
-        if ready is not None:
-            ready.write(f"error: {exc.strerror or exc} ({exc.filename or path})\n")
-            ready.close()
+        _say(ready, f"error: {exc.strerror or exc} ({exc.filename or path})")
         return 1
     agent = Agent(listener, cache, log)
 
@@ -438,9 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         mlock="yes" if cache.locked else "no (RLIMIT_MEMLOCK)",
         dumpable=dumpable(),
     )
-    if ready is not None:
-        ready.write(f"ok {os.getpid()}\n")
-        ready.close()
+    _say(ready, f"ok {os.getpid()}")
     try:
         agent.run()
     finally:
@@ -453,6 +449,17 @@ def main(argv: list[str] | None = None) -> int:
         if log is not None:
             log.close()
     return 0
+
+
+def _say(ready: TextIO | None, line: str) -> None:
+    """Tell `agent start` how the start went; it may have gone (Ctrl-C): the agent runs on."""
+    if ready is None:
+        return
+    with contextlib.suppress(OSError):
+        ready.write(f"{line}\n")
+        ready.flush()
+    with contextlib.suppress(OSError):
+        ready.close()
 
 
 def _private(path: str, flags: int) -> int:
