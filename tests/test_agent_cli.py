@@ -348,3 +348,27 @@ def test_an_agent_killed_meanwhile_means_the_prompt(cli: AgentCli) -> None:
     cli.start_agent()
     assert "sk-live-ONE" in _prompted_get(cli)
     assert cli.ok("get", "svc/API_KEY").out == "sk-live-ONE\n"
+
+
+def test_recovery_unlock_with_password_makes_the_agent_forget_the_old_key(
+    cli: AgentCli, tmp_path: Path
+) -> None:
+    (tmp_path / "new").write_text(NEW_PASSWORD)
+    cli.with_password(
+        "recovery", "init", "--shares", "1", "--threshold", "1", "--out-dir", str(tmp_path / "shares")
+    )
+    (share,) = (tmp_path / "shares").iterdir()
+    cli.start_agent()
+    _prompted_get(cli)
+    result = cli.ok(
+        "recovery",
+        "unlock-with",
+        "password",
+        "--share-file",
+        str(share),
+        "--new-password-file",
+        str(tmp_path / "new"),
+    )
+    assert "the agent forgot this store's old unlock key" in result.stderr, result.stderr
+    assert cli.status()["stores"] == []
+    assert "sk-live-ONE" in _prompted_get(cli, typed=NEW_PASSWORD.encode() + b"\r")
