@@ -35,7 +35,7 @@ from pathlib import Path
 import report
 from secrets_manager.agent import AgentClient
 from secrets_manager.environment import Environment
-from secrets_manager.store.url import open_store
+from secrets_manager.store.url import open_store, store_identity
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 COMMANDS = {"get": ["get", "bench/SECRET"], "list": ["list"], "help": ["--help"]}
@@ -127,7 +127,7 @@ def _default_kdf_runs(directory: Path, env: dict[str, str]) -> dict[str, tuple[l
     key = opened.unlock_key
     opened.close()
     assert key is not None
-    if not AgentClient.for_user(with_agent).give(str(store.absolute()), key.header, key.material):
+    if not AgentClient.for_user(with_agent).give(store_identity(str(store)), key.header, key.material):
         raise SystemExit("the agent did not take the unlock key")
     words = COMMANDS["get"]
     subprocess.run([str(SCRIPT), *words], env=with_agent, check=True, capture_output=True)  # it opens
