@@ -324,7 +324,11 @@ def test_garbage_gets_an_error_answer_and_the_agent_serves_on(cli: AgentCli, sen
     assert answer["ok"] is False and error in answer["error"], answer
     with _connected(cli.socket) as sock:
         sock.sendall(b"\0\0")  # half a length, then gone
+    for _ in range(5):
+        with _connected(cli.socket) as sock:
+            send_message(sock, {"op": "status"})  # then gone before the answer
     assert alive(pid) and client.find(STORE, HEADER) == KEY
+    assert " error " not in cli.log.read_text()  # a client that went is nothing to log
 
 
 def test_a_connection_in_the_agent_shows_no_key_in_its_repr() -> None:

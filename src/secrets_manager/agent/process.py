@@ -279,6 +279,8 @@ class Agent:
                     self._close(connection)
         except (BlockingIOError, InterruptedError):
             pass
+        except ConnectionError:  # the client went (killed, or gave up waiting): nothing to say
+            self._close(connection)
         except Exception as exc:  # one bad connection must not end the agent (and its keys)
             self.log("error", what=type(exc).__name__)
             self._close(connection)
