@@ -970,3 +970,15 @@ def test_a_signal_during_the_set_command_ends_it_and_says_what_stays_pending(
     steps = [(r["operation"], r["outcome"]) for r in map(json.loads, cli.audit.read_text().splitlines())]
     assert steps[-1] == ("rotate.set", "error" if signum == signal.SIGINT else "interrupted")
     assert cli.labels() == {"current": 1, "pending": 2}
+
+
+def test_an_empty_stdin_is_refused_without_naming_an_option_rotate_lacks(cli: Cli) -> None:
+    """`true | rotate NAME --stdin` said "nothing was stored. To store an empty value, give
+    --allow-empty", store's advice: rotate has no --allow-empty (click then refuses it, exit 2)."""
+    history = cli("history", "db/app", "--json").stdout
+    result = cli("rotate", "db/app", "--stdin", "--set-command", "true", input=b"")
+    assert result.code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("secrets-manager: error: the value is empty"), lines
+    assert "--allow-empty" not in lines[0] and "nothing was staged" in lines[0]
+    assert cli("history", "db/app", "--json").stdout == history

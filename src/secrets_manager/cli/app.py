@@ -1652,11 +1652,17 @@ def new_unlock_source(
 
 
 def read_value(
-    value: str | None, value_file: str | None, *, raw: bool, allow_empty: bool = False
+    value: str | None,
+    value_file: str | None,
+    *,
+    raw: bool,
+    allow_empty: bool = False,
+    refused: str = "nothing was stored. To store an empty value, give --allow-empty",
 ) -> SecretValue:
     """The value to store, from exactly one source; checked for size before any unlock. An empty
     value is refused unless `allow_empty`: it is most often a failed command feeding stdin, and
-    storing it would blank a live credential."""
+    storing it would blank a live credential. `refused` ends that refusal: what was not done and
+    how to do it anyway (a command without --allow-empty says so)."""
     if value is not None and value_file is not None:
         raise InvalidInputError("give the value as an argument or with --file, not both")
     if value is not None:
@@ -1695,7 +1701,7 @@ def read_value(
         source = f"{value_file} is empty" if value_file is not None else "the value is empty"
         if value_file is None and value is None:
             source += " (did the command feeding stdin fail?)"
-        raise InvalidInputError(f"{source}; nothing was stored. To store an empty value, give --allow-empty")
+        raise InvalidInputError(f"{source}; {refused}")
     return SecretValue(data)
 
 

@@ -58,6 +58,11 @@ from secrets_manager.rotators.postgres import PostgresRole
 from secrets_manager.store import CURRENT, PENDING, validate_name
 from secrets_manager.values import SecretValue
 
+# An empty --stdin: no rotation takes an empty credential (rotate has no --allow-empty).
+EMPTY_ROTATION_REFUSED = (
+    "nothing was staged and no command ran; pipe the new value on stdin (or drop --stdin)"
+)
+
 
 @dataclass
 class _OnePasswordSession(Session):
@@ -228,7 +233,11 @@ def rotate(
         return
     value = None
     if not resume:
-        value = read_value(None, None, raw=raw) if from_stdin else generated_value(length, alphabet)
+        value = (
+            read_value(None, None, raw=raw, refused=EMPTY_ROTATION_REFUSED)
+            if from_stdin
+            else generated_value(length, alphabet)
+        )
     with terminate_as_interrupt():
         rotated = run_rotation(
             SessionSteps(session, reading_fields=field is not None),
