@@ -229,3 +229,14 @@ def test_times_print_with_a_four_digit_year(ready: Cli) -> None:
     late = ok(ready("metadata", NAME, "--expires", "0227-03-01"))
     assert "0227-03-01T00:00:00Z is past" in late.stderr, late.stderr
     assert meta(ready)["expires"] == "0227-03-01T00:00:00Z"
+
+
+def test_get_json_has_the_expiry_of_the_version_it_prints(ready: Cli) -> None:
+    """README: `metadata`, `history` and every `--json` show the current version's expiry (or null);
+    `get --json` had none, so a script reading a credential could not see when it stops working."""
+    ok(ready("store", NAME, "--expires", SOON, input=b"key-1"))
+    doc = json.loads(ok(ready("get", NAME, "--json")).out)
+    assert (doc["value"], doc["version"], doc["expires"]) == ("key-1", 1, SOON)
+    ok(ready("store", NAME, input=b"key-2"))
+    doc = json.loads(ok(ready("get", NAME, "--json")).out)
+    assert (doc["value"], doc["version"], doc["expires"]) == ("key-2", 2, None)

@@ -1080,7 +1080,9 @@ def _with_field_replaced(
 @click.option("--version", "version", type=click.IntRange(min=1), metavar="N", help="A version number.")
 @click.option("--label", type=click.Choice(LABELS), help="A label instead of 'current'.")
 @click.option("--raw", is_flag=True, help="Write exactly the stored bytes, no newline.")
-@click.option("--json", "as_json", is_flag=True, help="Print name, version, labels and value as JSON.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print name, version, labels, expiry and value as JSON."
+)
 @pass_session
 def get(
     session: Session, name: str, version: int | None, label: str | None, raw: bool, as_json: bool
@@ -1120,6 +1122,7 @@ def get(
             "version": secret.version or None,  # 0: not known (AWS, without ListSecretVersionIds)
             "labels": list(secret.labels),
             "created": timestamp(secret.created),
+            "expires": timestamp(secret.expires) or None,
         }
         try:
             doc["value"] = data.decode("utf-8")
