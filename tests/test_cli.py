@@ -385,6 +385,15 @@ def test_missing_secret_exits_3(ready: Cli) -> None:
     assert_one_line_error(ready("get", "svc/NOPE"), 3, "svc/NOPE")
 
 
+def test_a_mistyped_name_is_told_where_to_look(ready: Cli) -> None:
+    """A name no store holds (a typo, most often) was only "secret 'svc/BINANCE_API_KE' not found":
+    every error says what to do (README, Exit codes), and this one is a new user's first."""
+    assert ready("store", "svc/BINANCE_API_KEY", input=b"key").code == 0
+    for args in (("get", "svc/BINANCE_API_KE"), ("history", "svc/NOPE"), ("delete", "svc/NOPE")):
+        result = ready(*args)
+        assert_one_line_error(result, 3, f"secret '{args[1]}' not found", "'secrets-manager list' shows them")
+
+
 def test_unsupported_store_url_scheme_exits_2(ready: Cli) -> None:
     assert_one_line_error(ready("--store", "ftp://127.0.0.1/kv", "list"), 2, "not supported")
 
