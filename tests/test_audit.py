@@ -290,6 +290,25 @@ def test_audit_show_filters_and_prints_json(cli: Cli) -> None:
     assert too_far.stderr.decode().count("\n") == 1 and b"before year 1" in too_far.stderr
 
 
+def test_audit_show_of_a_log_that_is_not_there_says_so(cli: Cli, tmp_path: Path) -> None:
+    """A mistyped --store or --audit-file made `audit show` print nothing and exit 0 (`--json`:
+    `[]`), as if the log were empty; every other command says there is no store there."""
+    busy_session(cli)
+    for args in (
+        ("--store", str(tmp_path / "vault" / "stor.db")),
+        ("--audit-file", str(tmp_path / "nope.jsonl")),
+    ):
+        for json_flag in ((), ("--json",)):
+            shown = cli(*args, "audit", "show", *json_flag)
+            assert shown.returncode == 3 and shown.stdout == b"", shown.stderr
+            (line,) = shown.stderr.decode().splitlines()
+            assert line.startswith("secrets-manager: error: no audit log at ") and "--audit-file" in line, (
+                line
+            )
+    assert not (tmp_path / "nope.jsonl").exists() and not (tmp_path / "vault" / "stor.db").exists()
+    assert len(json.loads(cli("audit", "show", "--json").stdout)) == len(cli.records())
+
+
 def test_audit_show_selects_by_operation_denial_failure_request_and_last(cli: Cli) -> None:
     busy_session(cli)
     assert cli("get", "auth/X", env={"MASTER_PASSWORD": "wrong"}).returncode == 4

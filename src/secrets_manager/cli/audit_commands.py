@@ -22,7 +22,7 @@ from secrets_manager.audit import value_fingerprint
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
 from secrets_manager.cli.output import info_line, parse_cutoff, print_json, print_table, warning_line
 from secrets_manager.cli.recovery_commands import read_share_file
-from secrets_manager.errors import InvalidInputError
+from secrets_manager.errors import InvalidInputError, NotFoundError
 from secrets_manager.store.base import AuditedStore
 
 
@@ -80,9 +80,15 @@ def show(
             "operation sets it aside"
         )
 
+    log = session.audit_log()
+    if not log.files():  # a mistyped --store or --audit-file: not an empty log, say so
+        raise NotFoundError(
+            f"no audit log at {log.path}: check --store (the log is beside the store) or give "
+            "--audit-file the log to show"
+        )
     matching = (
         record
-        for record in session.audit_log().records(on_partial=partial)
+        for record in log.records(on_partial=partial)
         if (name_prefix is None or str(record.get("name") or "").startswith(name_prefix))
         and (actor is None or record.get("actor") == actor)
         and (cutoff is None or record_time(record) >= cutoff)
