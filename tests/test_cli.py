@@ -392,6 +392,9 @@ def test_a_mistyped_name_is_told_where_to_look(ready: Cli) -> None:
     for args in (("get", "svc/BINANCE_API_KE"), ("history", "svc/NOPE"), ("delete", "svc/NOPE")):
         result = ready(*args)
         assert_one_line_error(result, 3, f"secret '{args[1]}' not found", "'secrets-manager list' shows them")
+    # A --store on the command line is in the command to paste: without it, list shows another store.
+    given = ready("--store", str(ready.store), "get", "svc/NOPE", env={"SECRETS_MANAGER_STORE": None})
+    assert_one_line_error(given, 3, f"'secrets-manager --store {ready.store} list' shows them")
 
 
 def test_unsupported_store_url_scheme_exits_2(ready: Cli) -> None:

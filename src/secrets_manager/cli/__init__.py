@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import re
 import sys
 
 import click
@@ -44,19 +43,9 @@ from secrets_manager.cli.output import (
 )
 from secrets_manager.core_dumps import keep_secrets_out_of_core_dumps
 from secrets_manager.environment import Environment, current_environment
-from secrets_manager.errors import NotFoundError, SecretsManagerError
+from secrets_manager.errors import SecretsManagerError
 
 DEBUG_VARIABLE = "SECRETS_MANAGER_DEBUG"
-# Every store's (and the service's) words for a name it does not hold: most often a typo.
-_SECRET_NOT_FOUND = re.compile(r"secret '.*' not found", re.DOTALL)
-
-
-def _with_what_to_do(exc: SecretsManagerError) -> str:
-    """The error's line, and for a secret name no store holds (a typo, most often) where to look."""
-    message = str(exc)
-    if isinstance(exc, NotFoundError) and _SECRET_NOT_FOUND.fullmatch(message):
-        message += "; check the name: 'secrets-manager list' shows them"
-    return message
 
 
 def _debugging() -> bool:
@@ -155,7 +144,7 @@ def _run(argv: list[str] | None) -> int:
         error_line(exc.message())
         return 1
     except SecretsManagerError as exc:
-        error_line(_with_what_to_do(exc))
+        error_line(str(exc))
         for note in getattr(exc, "__notes__", ()):  # e.g. a refused unlock that could not be audited
             warning_line(str(note))
         return exc.exit_code

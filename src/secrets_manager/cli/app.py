@@ -7,6 +7,7 @@ import base64
 import functools
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -826,6 +827,10 @@ _pass_session = click.make_pass_decorator(Session)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+# Every store's (and the service's) words for a secret name it does not hold.
+_SECRET_NOT_FOUND = re.compile(r"secret '.*' not found", re.DOTALL)
+
+
 def pass_session(command: F) -> F:
     """Give a command the Session as its first argument, once SHRIVENQUANT_ENV is known to be
     valid: here, when the command runs, and so after click has answered a `--help`."""
@@ -833,7 +838,14 @@ def pass_session(command: F) -> F:
     @functools.wraps(command)
     def checked(session: Session, *args: Any, **kwargs: Any) -> Any:
         session.environment  # noqa: B018  (an invalid SHRIVENQUANT_ENV is an error here)
-        return command(session, *args, **kwargs)
+        try:
+            return command(session, *args, **kwargs)
+        except NotFoundError as exc:
+            # A name no store holds, most often a typo: say where to look (with this command
+            # line's --store or --server, which only the running command still knows).
+            if type(exc) is NotFoundError and _SECRET_NOT_FOUND.fullmatch(str(exc)):
+                raise NotFoundError(f"{exc}; check the name: '{suggested('list')}' shows them") from None
+            raise
 
     return _pass_session(checked)  # type: ignore[return-value]
 
