@@ -545,7 +545,7 @@ def new_value_for(
     is_object = document is not None or (current is not None and read_json_object(current.reveal())[1])
     if field is None:
         if generated and is_object:
-            fields = f" (fields {', '.join(sorted(document))})" if document else ""
+            fields = f" (fields {', '.join(sorted(document.fields))})" if document else ""
             fix = (
                 'name the field to rotate in its [[rotation]] entry of the schedule file (field = "<name>")'
                 if scheduled
@@ -562,21 +562,21 @@ def new_value_for(
     if document is None:
         if is_object:
             raise InvalidInputError(
-                f"the value of {name} is a JSON object that cannot be rewritten exactly (a number too "
-                "long, or nesting too deep): give the whole new object with --stdin"
+                f"the value of {name} is a JSON object that cannot be rewritten exactly (nesting too "
+                "deep): give the whole new object with --stdin"
             )
         raise InvalidInputError(f"the value of {name} is not a JSON object, so it has no field {field!r}")
-    if not isinstance(document.get(field), str):
-        count = len(document)  # the field names are part of the value: counted, not listed
+    if type(document.fields.get(field)) is not str:  # a number read as its text is not a text field
+        count = len(document.fields)  # the field names are part of the value: counted, not listed
         raise InvalidInputError(
             f"the value of {name} has no text field {field!r} (it has {count} field"
             f"{'' if count == 1 else 's'}; 'secrets-manager get {name}' shows them)"
         )
     try:
-        document[field] = value.reveal().decode("utf-8")
+        document.fields[field] = value.reveal().decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidInputError(f"the new value of field {field!r} must be UTF-8 text") from None
-    return SecretValue(_rewritten(current.reveal(), json.dumps(document, ensure_ascii=False)))
+    return SecretValue(_rewritten(current.reveal(), document.dumps()))
 
 
 # Byte-order marks json.loads accepts before a JSON text, longest first (UTF-32-LE's starts with
@@ -606,13 +606,39 @@ def _rewritten(data: bytes, body: str) -> bytes:
     return bom + (before + body + after).encode(codec, errors="backslashreplace")
 
 
-def _json_object(data: bytes) -> dict[str, Any] | None:
+class _NumberText(str):
+    """Where a JSON number (or NaN, Infinity) stands in a `_JsonObject`: a placeholder, not text."""
+
+
+@dataclass
+class _JsonObject:
+    """A JSON object read to replace one field, its numbers kept as written: json.loads made
+    1.50 into 1.5, 1E2 into 100.0 and 1e400 into Infinity (no JSON at all) when written back."""
+
+    fields: dict[str, Any]
+    numbers: list[str]  # each number's text, by the index its placeholder carries
+    marker: str  # random: no string of the value is a placeholder
+
+    def dumps(self) -> str:
+        text = json.dumps(self.fields, ensure_ascii=False)
+        placeholder = re.compile('"' + re.escape(self.marker) + '([0-9]+)"')
+        return placeholder.sub(lambda match: self.numbers[int(match.group(1))], text)
+
+
+def _json_object(data: bytes) -> _JsonObject | None:
     """`data` as a JSON object that can be written back exactly, or None."""
+    marker = f"secrets-manager-number-{secrets.token_hex(16)}-"
+    numbers: list[str] = []
+
+    def number(text: str) -> _NumberText:
+        numbers.append(text)
+        return _NumberText(f"{marker}{len(numbers) - 1}")
+
     try:
-        document = json.loads(data)
+        document = json.loads(data, parse_int=number, parse_float=number, parse_constant=number)
     except (ValueError, RecursionError):  # ValueError includes UnicodeDecodeError: not text at all
         return None
-    return document if isinstance(document, dict) else None
+    return _JsonObject(document, numbers, marker) if isinstance(document, dict) else None
 
 
 def _is_current(steps: RotationSteps, name: str, version: int) -> bool:
