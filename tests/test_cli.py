@@ -2488,3 +2488,24 @@ def test_production_refuses_pki_in_a_directory_others_can_write(cli: Cli, tmp_pa
     assert not (shared / "svc-key.pem").exists()
     shared.chmod(0o755)  # others may read (the files are 0600) but not write: fine
     assert cli("pki", "issue", "svc", "--dir", str(shared), env=prod).code == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "command"),
+    [
+        (("list", "--store", "other.db"), "--store", "list"),
+        (("keys", "status", "--store", "other.db"), "--store", "keys status"),
+        (("get", "svc/K", "--password-file", "pw"), "--password-file", "get"),
+        (("list", "--server", "127.0.0.1:1"), "--server", "list"),
+    ],
+)
+def test_a_global_option_after_the_command_says_where_it_goes(
+    ready: Cli, args: tuple[str, ...], option: str, command: str
+) -> None:
+    """`list --store x.db` was "No such option '--store'. Did you mean '--json'?": the way out
+    (global options before the command) was not said, and the command's --help lacks the option."""
+    result = ready(*args)
+    assert_one_line_error(
+        result, 2, f"{option} is a global option", f"'secrets-manager {option} … {command} …'"
+    )
+    assert "--json" not in result.stderr

@@ -46,6 +46,8 @@ from secrets_manager.environment import Environment, current_environment
 from secrets_manager.errors import SecretsManagerError
 
 DEBUG_VARIABLE = "SECRETS_MANAGER_DEBUG"
+# The options `secrets-manager` takes before its command (README: "Global options").
+_GLOBAL_OPTIONS = ("--store", "--password-file", "--audit-file", "--server")
 
 
 def _debugging() -> bool:
@@ -162,6 +164,14 @@ def _run(argv: list[str] | None) -> int:
             return 2
         hint = f" (see '{exc.ctx.command_path} --help')" if exc.ctx else ""
         message = exc.format_message().replace("\n", " ")
+        if isinstance(exc, click.NoSuchOption) and exc.option_name in _GLOBAL_OPTIONS and exc.ctx is not None:
+            # `list --store x.db`: click offered the command's nearest option (--json)
+            command = exc.ctx.command_path.removeprefix("secrets-manager ")
+            message = (
+                f"{exc.option_name} is a global option: give it before the command, "
+                f"'secrets-manager {exc.option_name} … {command} …'"
+            )
+            hint = ""
         if message.startswith("Got unexpected extra argument"):
             # click quotes them, and they are often the rest of a value typed unquoted
             takes_value = exc.ctx is not None and exc.ctx.command.name == "store"
