@@ -1337,6 +1337,20 @@ def test_a_byte_typed_at_a_prompt_that_is_not_utf8_is_a_one_line_error(
     assert ready("list").out == ""
 
 
+def test_an_empty_password_typed_says_what_to_do_and_is_input_for_a_new_one(cli: Cli) -> None:
+    """Enter alone at `init`'s prompts was "empty master password", exit 4 (an unlock failure),
+    where two differing entries are invalid input (2); at an unlock it did not say what to do."""
+    env = {key: value for key, value in cli.env.items() if key != "MASTER_PASSWORD"}
+    code, out = on_a_terminal(["init", "--kdf-profile", "test"], env, AnsweringEach(b"\r", b"password"))
+    assert code == 2, out
+    assert "secrets-manager: error: the master password typed is empty; nothing was changed" in out, out
+    assert not cli.store.exists()
+    assert cli("init", "--kdf-profile", "test").code == 0
+    code, out = on_a_terminal(["list"], env, AnsweringEach(b"\r", b"password"))
+    assert code == 4, out
+    assert "the master password typed is empty: type the store's, or pass --password-file" in out, out
+
+
 def test_ctrl_d_at_the_password_prompt_is_a_missing_password_not_an_interruption(ready: Cli) -> None:
     """End of input at the prompt said 'aborted', exit 130 (Ctrl-C's code)."""
     code, out = _typed_at_the_prompt(ready, b"\x04", "get", "svc/X", env={"MASTER_PASSWORD": None})

@@ -184,7 +184,12 @@ def prompt_password(label: str, *, confirm: bool, file_option: str | None = None
     if again != password:
         raise InvalidInputError("the two passwords differ; nothing was changed")
     if not password:
-        raise UnlockError("empty master password")
+        if confirm:  # a new password: what was typed is input, as when the two differ
+            raise InvalidInputError(f"the {label.lower()} typed is empty; nothing was changed: type one")
+        raise UnlockError(
+            f"the {label.lower()} typed is empty: type the store's, or pass --password-file / set "
+            "MASTER_PASSWORD_FILE"
+        )
     return password.encode("utf-8")
 
 
