@@ -1648,6 +1648,26 @@ def test_a_json_field_holding_a_lone_surrogate_is_refused_without_the_value(read
     assert ready("get", "js/S", "--raw").stdout == value
 
 
+def test_get_of_one_field_prints_a_number_as_it_was_written(ready: Cli) -> None:
+    """`get NAME#FIELD` printed a number field through json.loads/dumps: 1.50 as 1.5, 1E2 as 100.0,
+    1e400 as Infinity (no JSON); and an object holding a number too long for int() was "not a JSON
+    object". README: a field that is not a string is printed as JSON, i.e. as the value holds it."""
+    huge = "9" * 5000
+    stored = (
+        '{"password": "p", "ratio": 1.50, "scale": 1E2, "big": 1e400, "list": [1.50, {"n": -0.0}], "huge": '
+    )
+    assert ready("store", "svc/NUMS", input=(stored + huge + "}").encode()).code == 0
+    for field, printed in (
+        ("ratio", "1.50"),
+        ("scale", "1E2"),
+        ("big", "1e400"),
+        ("list", '[1.50,{"n":-0.0}]'),
+    ):
+        assert ready("get", f"svc/NUMS#{field}").out == printed + "\n", field
+    assert ready("get", "svc/NUMS#huge").out == huge + "\n"
+    assert ready("get", "svc/NUMS#password").out == "p\n"
+
+
 def test_store_of_one_field_replaces_it_keeps_the_others_and_checks_the_version_read(ready: Cli) -> None:
     """`store NAME#FIELD` (as 'vault kv patch'): the field's new value from stdin or --generate,
     the rest of the JSON object (and its whitespace) as it was; the read audited as store.read."""
@@ -2157,7 +2177,7 @@ def test_import_of_json_keeps_the_exact_text_of_numbers_and_objects(ready: Cli, 
     assert ready("get", "svc/BIG").out == "1234567890123456789.5\n"
     assert ready("get", "svc/E").out == "1e3\n"
     assert ready("get", "svc/OBJ").out == '{"b": 1.10, "a": [true]}\n'
-    assert ready("get", "svc/OBJ#b").out == "1.1\n"
+    assert ready("get", "svc/OBJ#b").out == "1.10\n"  # a field's number as written, as the value holds it
     assert ready("get", "svc/S").out == "t\n"
     assert ready("get", "svc/H").out == huge.decode() + "\n"
 

@@ -71,7 +71,7 @@ from secrets_manager.errors import (
 from secrets_manager.rotators.postgres import PASSWORD_FIELD, PostgresRole, PostgresStepError
 from secrets_manager.store import CURRENT, PENDING, SecretMetadata, validate_name
 from secrets_manager.store.base import refuse_to_demote
-from secrets_manager.values import SecretValue, read_json_object
+from secrets_manager.values import SecretValue, read_exact_json_object, read_json_object
 
 ALPHABETS = {
     "alnum": string.ascii_letters + string.digits,
@@ -541,7 +541,7 @@ def new_value_for(
 ) -> SecretValue:
     """The value to stage: `value` itself, or the current JSON object with `field` set to it.
     `scheduled`: for a schedule entry, whose fix is a setting in the schedule file, not an option."""
-    document = None if current is None else _json_object(current.reveal())
+    document = None if current is None else read_exact_json_object(current.reveal())
     is_object = document is not None or (current is not None and read_json_object(current.reveal())[1])
     if field is None:
         if generated and is_object:
@@ -604,41 +604,6 @@ def _rewritten(data: bytes, body: str) -> bytes:
     # json.loads reads an escaped unpaired surrogate ("\\ud800") into the string, where no UTF codec
     # can write it as is: written back as the same escape, which backslashreplace produces.
     return bom + (before + body + after).encode(codec, errors="backslashreplace")
-
-
-class _NumberText(str):
-    """Where a JSON number (or NaN, Infinity) stands in a `_JsonObject`: a placeholder, not text."""
-
-
-@dataclass
-class _JsonObject:
-    """A JSON object read to replace one field, its numbers kept as written: json.loads made
-    1.50 into 1.5, 1E2 into 100.0 and 1e400 into Infinity (no JSON at all) when written back."""
-
-    fields: dict[str, Any]
-    numbers: list[str]  # each number's text, by the index its placeholder carries
-    marker: str  # random: no string of the value is a placeholder
-
-    def dumps(self) -> str:
-        text = json.dumps(self.fields, ensure_ascii=False)
-        placeholder = re.compile('"' + re.escape(self.marker) + '([0-9]+)"')
-        return placeholder.sub(lambda match: self.numbers[int(match.group(1))], text)
-
-
-def _json_object(data: bytes) -> _JsonObject | None:
-    """`data` as a JSON object that can be written back exactly, or None."""
-    marker = f"secrets-manager-number-{secrets.token_hex(16)}-"
-    numbers: list[str] = []
-
-    def number(text: str) -> _NumberText:
-        numbers.append(text)
-        return _NumberText(f"{marker}{len(numbers) - 1}")
-
-    try:
-        document = json.loads(data, parse_int=number, parse_float=number, parse_constant=number)
-    except (ValueError, RecursionError):  # ValueError includes UnicodeDecodeError: not text at all
-        return None
-    return _JsonObject(document, numbers, marker) if isinstance(document, dict) else None
 
 
 def _is_current(steps: RotationSteps, name: str, version: int) -> bool:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import codecs
 import hmac
 import json
+import re
+import secrets
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 REDACTED = "**********"
@@ -59,6 +62,49 @@ class SecretValue:
 
     def __reduce__(self) -> NoReturn:
         raise TypeError("SecretValue cannot be pickled")
+
+
+class _NumberText(str):
+    """Where a JSON number (or NaN, Infinity) stands in an `ExactJsonObject`: a placeholder, not text."""
+
+
+@dataclass
+class ExactJsonObject:
+    """A JSON object read to show or replace one field, its numbers kept as written: through
+    json.loads and json.dumps 1.50 became 1.5, 1E2 100.0 and 1e400 Infinity (no JSON at all)."""
+
+    fields: dict[str, Any]
+    numbers: list[str]  # each number's text, by the index its placeholder carries
+    marker: str  # random: no string of the value is a placeholder
+
+    def dumps(self, value: Any = None, *, compact: bool = False) -> str:
+        """The object (or `value`, one of its fields) as JSON text, every number as it was written."""
+        separators = (",", ":") if compact else None
+        text = json.dumps(self.fields if value is None else value, ensure_ascii=False, separators=separators)
+        placeholder = re.compile('"' + re.escape(self.marker) + '([0-9]+)"')
+        return placeholder.sub(lambda match: self.numbers[int(match.group(1))], text)
+
+    @staticmethod
+    def is_text(value: Any) -> bool:
+        """Whether a field's value is a JSON string (a number's placeholder is not)."""
+        return type(value) is str
+
+
+def read_exact_json_object(data: bytes) -> ExactJsonObject | None:
+    """`data` (as json.loads reads bytes) as a JSON object that can be written back exactly, or
+    None (not JSON, not an object, or nested deeper than the parser goes)."""
+    marker = f"secrets-manager-number-{secrets.token_hex(16)}-"
+    numbers: list[str] = []
+
+    def number(text: str) -> _NumberText:
+        numbers.append(text)
+        return _NumberText(f"{marker}{len(numbers) - 1}")
+
+    try:
+        document = json.loads(data, parse_int=number, parse_float=number, parse_constant=number)
+    except (ValueError, RecursionError):  # ValueError includes UnicodeDecodeError: not text at all
+        return None
+    return ExactJsonObject(document, numbers, marker) if isinstance(document, dict) else None
 
 
 _JSON_LEAD = codecs.BOM_UTF8 + b" \t\r\n"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import json
 import os
 import re
 import sys
@@ -118,7 +117,7 @@ from secrets_manager.store.url import (
     store_identity,
     store_location,
 )
-from secrets_manager.values import SecretValue
+from secrets_manager.values import SecretValue, read_exact_json_object
 
 if TYPE_CHECKING:  # the client (gRPC, asyncio) is imported only by a command that uses --server
     from secrets_manager.client import RemoteStore, TlsFiles
@@ -1726,21 +1725,16 @@ def _fields(count: int) -> str:
 
 def select_field(data: bytes, name: str, field: str) -> bytes:
     """One top-level field of a JSON object value: a string as is, anything else as JSON."""
-    try:
-        document = json.loads(data)
-    except (ValueError, RecursionError):
-        document = None
-    if not isinstance(document, dict):
+    document = read_exact_json_object(data)
+    if document is None:
         raise InvalidInputError(f"the value of {name} is not a JSON object, so it has no field {field!r}")
-    if field not in document:
+    if field not in document.fields:
         raise NotFoundError(  # the field names are part of the value: counted, not listed
-            f"the value of {name} has no field {field!r} (it has {_fields(len(document))}; "
+            f"the value of {name} has no field {field!r} (it has {_fields(len(document.fields))}; "
             f"'{suggested('get', name)}' shows them)"
         )
-    chosen = document[field]
-    text = (
-        chosen if isinstance(chosen, str) else json.dumps(chosen, separators=(",", ":"), ensure_ascii=False)
-    )
+    chosen = document.fields[field]
+    text = chosen if document.is_text(chosen) else document.dumps(chosen, compact=True)
     try:
         return text.encode("utf-8")
     except UnicodeEncodeError:  # JSON may escape a lone surrogate ("\ud800"), which UTF-8 cannot hold
