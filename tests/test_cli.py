@@ -1349,6 +1349,14 @@ def test_an_empty_password_typed_says_what_to_do_and_is_input_for_a_new_one(cli:
     code, out = on_a_terminal(["list"], env, AnsweringEach(b"\r", b"password"))
     assert code == 4, out
     assert "the master password typed is empty: type the store's, or pass --password-file" in out, out
+    backup_password = cli.store.parent / "backup-password"
+    backup_password.write_text("a backup password\n")
+    backup_password.chmod(0o600)
+    backup = str(cli.store.parent / "off-site.smbackup")
+    assert cli("backup", backup, "--backup-password-file", str(backup_password)).code == 0
+    code, out = on_a_terminal(["backup", "verify", backup], env, AnsweringEach(b"\r", b"password"))
+    assert code == 4, out
+    assert "the backup password typed is empty: type it, or give it in a file" in out, out
 
 
 def test_ctrl_d_at_the_password_prompt_is_a_missing_password_not_an_interruption(ready: Cli) -> None:

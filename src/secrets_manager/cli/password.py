@@ -186,9 +186,13 @@ def prompt_password(label: str, *, confirm: bool, file_option: str | None = None
     if not password:
         if confirm:  # a new password: what was typed is input, as when the two differ
             raise InvalidInputError(f"the {label.lower()} typed is empty; nothing was changed: type one")
-        raise UnlockError(
-            f"the {label.lower()} typed is empty: type the store's, or pass --password-file / set "
-            "MASTER_PASSWORD_FILE"
+        if label == "Master password":
+            raise UnlockError(
+                "the master password typed is empty: type the store's, or pass --password-file / set "
+                "MASTER_PASSWORD_FILE"
+            )
+        raise UnlockError(  # a backup's: its file option is the command's own
+            f"the {label.lower()} typed is empty: type it, or give it in a file (see the command's --help)"
         )
     return password.encode("utf-8")
 
