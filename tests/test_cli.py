@@ -2551,3 +2551,17 @@ def test_a_global_option_after_the_command_says_where_it_goes(
         result, 2, f"{option} is a global option", f"'secrets-manager {option} … {command} …'"
     )
     assert "--json" not in result.stderr
+
+
+def test_an_empty_password_source_says_what_to_do(ready: Cli, tmp_path: Path) -> None:
+    """`MASTER_PASSWORD=` and an empty password file said only that they were empty."""
+    assert_one_line_error(
+        ready("list", env={"MASTER_PASSWORD": ""}),
+        4,
+        "MASTER_PASSWORD is set but empty: set it to the master",
+    )
+    empty = tmp_path / "empty-password"
+    empty.write_bytes(b"\n")
+    empty.chmod(0o600)
+    result = ready("--password-file", str(empty), "list", env={"MASTER_PASSWORD": None})
+    assert_one_line_error(result, 4, f"password file {empty} is empty: put the password in it")

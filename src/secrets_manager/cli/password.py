@@ -52,7 +52,10 @@ def read_password(
             warning_line(f"{PASSWORD_VARIABLE} is unsafe outside development; use {PASSWORD_FILE_VARIABLE}")
         password = environ[PASSWORD_VARIABLE].encode("utf-8")
         if not password:
-            raise UnlockError(f"{PASSWORD_VARIABLE} is set but empty")
+            raise UnlockError(
+                f"{PASSWORD_VARIABLE} is set but empty: set it to the master password, or unset it to be "
+                "asked on the terminal"
+            )
         return password
     return prompt_password("Master password", confirm=confirm)
 
@@ -99,7 +102,7 @@ def read_password_file(path: Path, *, environment: Environment) -> bytes:
     )
     password = _strip_one_newline(data)
     if not password:
-        raise UnlockError(f"password file {path} is empty")
+        raise UnlockError(f"password file {path} is empty: put the password in it")
     return password
 
 
