@@ -166,6 +166,12 @@ def test_a_schedule_file_is_read_with_its_settings_and_defaults(tmp_path: Path) 
             '[[rotation]]\nname = "db/app"\nevery = "1d"\ntest_command = "\\u0000"\n',
             "test_command contains a NUL character",
         ),
+        (
+            '[[rotation]]\nname = "db/app"\nevery = "30d"\nexpires_after = "30d"\n',
+            "expires_after (30d) must be longer than every (30d): each value would expire before",
+        ),
+        ('[[rotation]]\nname = "db/app"\nevery = "30d"\nexpires_after = "soon"\n', "expires_after must be a"),
+        ('[[rotation]]\nname = "db/app"\nevery = "30d"\nexpires_after = 45\n', "expires_after must be a"),
         ('[rotations]\nname = "db/app"\n', "unknown table 'rotations'"),
         ('rotation = "db/app"\n', "entries are [[rotation]] tables"),
         ("[[rotation]\n", "rotation.toml:"),
@@ -372,6 +378,66 @@ def test_a_failed_rotation_is_retried_by_a_later_run_once_it_is_stale(cli: Cli) 
     assert resumed.code == 0, resumed.stderr
     assert "resumed and rotated db/app: version 2 is current (previous: 1)" in resumed.stderr
     assert cli.value("db/app") == staged_value == (cli.dir / "target").read_text()
+
+
+def test_an_entry_with_expires_after_gives_each_value_it_rotates_that_expiry(cli: Cli) -> None:
+    schedule = write_schedule(
+        cli.dir / "rotation.toml", {"name": "db/app", "every": "1s", "expires_after": "45d"}
+    )
+    time.sleep(1.1)
+    checked = cli("schedule", "check", str(schedule), "--json")
+    assert json.loads(checked.stdout)[0]["expires_after_seconds"] == 45 * 86400
+    before = datetime.now(UTC)
+    result = cli("schedule", "run", str(schedule), "--json")
+    after = datetime.now(UTC)
+    assert result.code == 0, result.stderr
+    outcome = json.loads(result.stdout)[0]
+    assert outcome["outcome"] == "rotated" and outcome["version"] == 2
+    expires = datetime.fromisoformat(outcome["expires"].replace("Z", "+00:00"))
+    assert before + timedelta(days=45) - timedelta(seconds=1) <= expires <= after + timedelta(days=45)
+    shown = cli("metadata", "db/app", "--json")
+    assert shown.code == 0, shown.stderr
+    assert datetime.fromisoformat(json.loads(shown.stdout)["expires"].replace("Z", "+00:00")) == expires
+    assert ", expires " in result.stderr  # the report line says it
+    records = [json.loads(line) for line in (cli.dir / "store.audit.jsonl").read_text().splitlines()]
+    assert [
+        (r["operation"], r["outcome"], r["version"]) for r in records if r["operation"] == "rotate.expiry"
+    ] == [
+        ("rotate.expiry", "pending", None),
+        ("rotate.expiry", "ok", 2),
+    ]
+
+
+def test_the_service_schedule_records_expires_after_for_each_value_it_rotates(tmp_path: Path) -> None:
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path, {"db/app": b"first-app-value-SEEKRIT"})
+    schedule = write_schedule(
+        tmp_path / "rotation.toml",
+        {"name": "db/app", "every": "1s", "expires_after": "2h", "set_command": "true"},
+    )
+    before = datetime.now(UTC)
+    server = _serve_with_schedule(tmp_path, "server", schedule)
+
+    def expiry_of_current() -> datetime | None:
+        store = _open_service_store(tmp_path)
+        try:
+            meta = store.describe("db/app")
+            return meta.expires if meta.labels.get(CURRENT, 1) > 1 else None
+        finally:
+            store.close()
+
+    try:
+        _wait_for(lambda: expiry_of_current() is not None)
+    finally:
+        server.stop()
+    expires = expiry_of_current()
+    assert expires is not None and before + timedelta(hours=2) <= expires <= datetime.now(UTC) + timedelta(
+        hours=2
+    )
+    steps = [
+        (r["operation"], r["outcome"]) for r in server.audit_records() if r["actor"] == "rotation-schedule"
+    ]
+    assert ("rotate.expiry", "ok") in steps
 
 
 def test_schedule_names_a_missing_secret_and_refuses_a_bad_file(cli: Cli) -> None:
@@ -788,6 +854,30 @@ def test_rotate_on_server_runs_the_configured_rotation_there_and_audits_each_ste
         "rotation_step_failed",
     ) in failed_steps
     assert current not in (tmp_path / "store.audit.jsonl").read_text() + "".join(server.log_lines)
+
+
+def test_rotate_on_server_records_and_answers_the_entrys_expiry(tmp_path: Path) -> None:
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path)
+    schedule = write_schedule(
+        tmp_path / "rotation.toml",
+        {"name": "auth/DB_PASSWORD", "every": "3000d", "expires_after": "3650d", "set_command": "true"},
+    )
+    server = _serve_with_schedule(tmp_path, "server", schedule)
+    try:
+        before = datetime.now(UTC)
+        done = server.cli("ops", "rotate", "auth/DB_PASSWORD", "--on-server", "--json")
+        assert done.returncode == 0, done.stderr
+        answered = json.loads(done.stdout)
+        expires = datetime.fromisoformat(answered["expires"].replace("Z", "+00:00"))
+        assert before + timedelta(days=3650) - timedelta(seconds=1) <= expires
+        assert expires <= datetime.now(UTC) + timedelta(days=3650)
+        shown = server.cli("ops", "metadata", "auth/DB_PASSWORD", "--json")
+        assert json.loads(shown.stdout)["expires"] == answered["expires"]
+    finally:
+        server.stop()
+    records = [r for r in server.audit_records() if r["operation"] == "rotate.expiry"]
+    assert [(r["outcome"], r["version"], r["actor"]) for r in records][-1] == ("ok", 2, f"spiffe://{TD}/ops")
 
 
 def test_rotate_on_server_that_another_runner_finishes_first_answers_ok(tmp_path: Path) -> None:

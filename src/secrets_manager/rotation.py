@@ -343,6 +343,7 @@ class Rotated:
     # Another runner that resumed this version made it current first (the value is the same):
     # the rotation took place, and `previous` is not known here.
     promoted_elsewhere: bool = False
+    expires: datetime | None = None  # recorded for it after the promote (a schedule's expires_after)
 
 
 def rotate(
@@ -630,6 +631,7 @@ _KNOWN = {
     "alphabet",
     "timeout",
     "field",
+    "expires_after",
 }
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _DURATION = re.compile(r"([0-9]+)([smhd])")  # ASCII only: \d also matches other scripts' digits
@@ -650,6 +652,11 @@ class ScheduledRotation:
     directory: Path  # the schedule file's: the commands run there
     field: str | None = None  # rotate this text field of a JSON object value (the rest stays)
     postgres: PostgresRole | None = None  # the built-in PostgreSQL rotator, in place of commands
+    expires_after: timedelta | None = None  # each new value's expiry, this long after its rotation
+
+    def expiry(self, now: datetime) -> datetime | None:
+        """The expiry to record for a value this entry's rotation made current at `now`."""
+        return None if self.expires_after is None else now + self.expires_after
 
     @property
     def stale_after(self) -> timedelta:
@@ -683,17 +690,17 @@ class ScheduledRotation:
         )
 
 
-def parse_every(text: object) -> timedelta:
+def parse_every(text: object, key: str = "every") -> timedelta:
     """ "30d", "12h", "15m", "90s" (one number and unit) as a timedelta of 1 s .. 3650 d.
     The bound is checked before any conversion: timedelta overflows on a huge number, and int()
     refuses one of thousands of digits."""
     match = _DURATION.fullmatch(text) if isinstance(text, str) else None
     if match is None:
-        raise InvalidInputError('every must be a number and a unit, e.g. "30d", "12h", "15m" or "90s"')
+        raise InvalidInputError(f'{key} must be a number and a unit, e.g. "30d", "12h", "15m" or "90s"')
     digits = match[1].lstrip("0") or "0"
     seconds = int(digits) * _UNITS[match[2]] if len(digits) <= 12 else None
     if seconds is None or not 1 <= seconds <= MAX_EVERY.total_seconds():
-        raise InvalidInputError("every must be between 1s and 3650d (10 years)")
+        raise InvalidInputError(f"{key} must be between 1s and 3650d (10 years)")
     return timedelta(seconds=seconds)
 
 
@@ -781,9 +788,19 @@ def _entry(entry: Any, directory: Path) -> ScheduledRotation:
         raise InvalidInputError(
             f"postgres_role sets the {PASSWORD_FIELD!r} field of a JSON object value, not {field!r}"
         )
+    every = parse_every(entry["every"])
+    expires_after = None
+    if "expires_after" in entry:
+        expires_after = parse_every(entry["expires_after"], "expires_after")
+        if expires_after <= every:
+            raise InvalidInputError(
+                f"expires_after ({entry['expires_after']}) must be longer than every ({entry['every']}): "
+                "each value would expire before the rotation that replaces it"
+            )
     return ScheduledRotation(
         name=name,
-        every=parse_every(entry["every"]),
+        every=every,
+        expires_after=expires_after,
         set_argv=argv["set_command"],
         test_argv=argv["test_command"],
         length=length,

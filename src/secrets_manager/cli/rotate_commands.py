@@ -250,7 +250,7 @@ def rotate(
             generated=not from_stdin,
         )
     if expiry is not None:
-        _record_expiry(session, rotated, expiry)
+        record_expiry(session, rotated, expiry)
     _report(rotated, as_json=as_json, expiry=expiry)
 
 
@@ -289,7 +289,7 @@ def _check_resume_commands(*, resume: bool, promote_only: bool, commands: bool) 
         )
 
 
-def _record_expiry(session: Session, rotated: Rotated, expiry: datetime) -> None:
+def record_expiry(session: Session, rotated: Rotated, expiry: datetime) -> None:
     """`--expires` for the version the rotation made current. A store keeps the expiry of its
     current version, so this follows the promote: if that step fails, the rotation still stands
     and the error says how to record the expiry. On a local store it is recorded only if the
@@ -353,7 +353,8 @@ def _rotate_on_server(session: Session, name: str, *, as_json: bool) -> None:
         )
     remote = session.remote_store()
     try:
-        _report(remote.rotate_on_service(name), as_json=as_json)
+        rotated = remote.rotate_on_service(name)
+        _report(rotated, as_json=as_json, expiry=rotated.expires)
     finally:
         remote.close()
 

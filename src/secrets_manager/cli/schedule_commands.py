@@ -20,6 +20,7 @@ from secrets_manager.cli.output import error_line, info_line, print_json, print_
 from secrets_manager.cli.rotate_commands import (
     SessionSteps,
     one_password_session,
+    record_expiry,
     report_rotated,
     terminate_as_interrupt,
 )
@@ -47,6 +48,9 @@ class _Entry:
         return {
             "name": self.rule.name,
             "every_seconds": int(self.rule.every.total_seconds()),
+            "expires_after_seconds": (
+                None if self.rule.expires_after is None else int(self.rule.expires_after.total_seconds())
+            ),
             "state": self.state,
             "last_rotated": None if self.plan is None else _iso(self.plan.last_rotated),
             "next_due": None if self.plan is None else _iso(self.plan.next_due),
@@ -152,7 +156,17 @@ def run(session: Session, file: str, as_json: bool) -> int:
             exit_code = 1
             continue
         result.update(outcome="rotated", version=rotated.version, previous=rotated.previous)
-        report_rotated(rotated)
+        expiry = None if rotated.promoted_elsewhere else rule.expiry(datetime.now(UTC))
+        if expiry is not None:  # the rotation stands whatever happens here
+            try:
+                record_expiry(session, rotated, expiry)
+            except SecretsManagerError as exc:
+                error_line(str(exc))
+                result["error"] = str(exc)
+                exit_code = 1
+                expiry = None
+        result["expires"] = None if expiry is None else timestamp(expiry)
+        report_rotated(rotated, expiry)
     if as_json:
         print_json(results)
     return exit_code

@@ -46,6 +46,7 @@ from secrets_manager.wire import (
     WATCH_HISTORY_KEY,
     WATCH_REVISION_KEY,
     error_for,
+    expiry_from_text,
     metadata_from_message,
     secret_from_message,
 )
@@ -433,6 +434,7 @@ class RemoteStore:
             previous=int(response.previous) if response.HasField("previous") else None,
             resumed=response.resumed,
             promoted_elsewhere=response.promoted_elsewhere,
+            expires=expiry_from_text(response.expires) if response.HasField("expires") else None,
         )
 
     def watch(

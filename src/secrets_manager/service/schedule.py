@@ -43,6 +43,7 @@ from pathlib import Path
 from secrets_manager.audit import AuditEvent, AuditLog, value_fingerprint
 from secrets_manager.environment import Environment
 from secrets_manager.errors import (
+    ConflictError,
     NotFoundError,
     RotationInProgressError,
     SecretsManagerError,
@@ -302,6 +303,18 @@ class _ServiceSteps:
     def current(self, name: str) -> int | None:
         return self._store.describe(name).labels.get(CURRENT)
 
+    def record_expiry(self, name: str, version: int, expires: datetime) -> None:
+        """The schedule entry's `expires_after` for the version its rotation made current, only if
+        that version is still current (a write landing meanwhile has an expiry of its own, or none)."""
+        with self._audited("rotate.expiry", name, mutating=True, version=version):
+            current = self.current(name)
+            if current != version:
+                raise ConflictError(
+                    f"version {current} of {name} became current after the rotation's version {version}, "
+                    "so the expiry was not recorded for it"
+                )
+            self._store.update_metadata(name, expires=expires)
+
     def read_current(self, name: str) -> tuple[int, SecretValue]:
         with self._audited("rotate.read", name, mutating=False) as event:
             secret = self._store.get(name)
@@ -489,7 +502,30 @@ class RotationScheduler:
                 raise
         self._failing.pop(name, None)  # it works again: the schedule need not wait to try it
         self._ledger.done(name)
-        return rotated
+        return replace(rotated, expires=self._record_expiry(rule, rotated, steps))
+
+    def _record_expiry(
+        self, rule: ScheduledRotation, rotated: Rotated, steps: _ServiceSteps
+    ) -> datetime | None:
+        """After a rotation that promoted here: the entry's expiry for the new value, if it has one.
+        The rotation stands either way; a failure is logged (rotation.expiry_failed)."""
+        expiry = None if rotated.promoted_elsewhere else rule.expiry(self._clock())
+        if expiry is None:
+            return None
+        try:
+            steps.record_expiry(rotated.name, rotated.version, expiry)
+        except SecretsManagerError as exc:
+            log.error(
+                "scheduled rotation's expiry not recorded",
+                extra={
+                    "event": "rotation.expiry_failed",
+                    "secret": rotated.name,
+                    "version": rotated.version,
+                    "error": str(exc),
+                },
+            )
+            return None
+        return expiry
 
     @contextmanager
     def _rotating(self, name: str) -> Iterator[None]:
@@ -563,6 +599,7 @@ class RotationScheduler:
         self._failing.pop(rule.name, None)
         self._ledger.done(rule.name)
         self._warned = {w for w in self._warned if w[0] != rule.name}
+        self._record_expiry(rule, rotated, self._steps)
         if rotated.promoted_elsewhere:  # replicas resume a stale version together: one promote wins
             log.info(
                 "scheduled rotation finished by another runner",

@@ -786,6 +786,8 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         )
         if rotated.previous is not None:
             response.previous = rotated.previous
+        if rotated.expires is not None:
+            response.expires = rotated.expires.isoformat()
         return response
 
     def Watch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:

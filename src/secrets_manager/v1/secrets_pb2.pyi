@@ -277,18 +277,20 @@ class RotateSecretRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class RotateSecretResponse(_message.Message):
-    __slots__ = ("name", "version", "previous", "resumed", "promoted_elsewhere")
+    __slots__ = ("name", "version", "previous", "resumed", "promoted_elsewhere", "expires")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     PROMOTED_ELSEWHERE_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     previous: int
     resumed: bool
     promoted_elsewhere: bool
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., previous: _Optional[int] = ..., resumed: _Optional[bool] = ..., promoted_elsewhere: _Optional[bool] = ...) -> None: ...
+    expires: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., previous: _Optional[int] = ..., resumed: _Optional[bool] = ..., promoted_elsewhere: _Optional[bool] = ..., expires: _Optional[str] = ...) -> None: ...
 
 class DiscardPendingVersionRequest(_message.Message):
     __slots__ = ("name",)
