@@ -372,3 +372,14 @@ def test_recovery_unlock_with_password_makes_the_agent_forget_the_old_key(
     assert "the agent forgot this store's old unlock key" in result.stderr, result.stderr
     assert cli.status()["stores"] == []
     assert "sk-live-ONE" in _prompted_get(cli, typed=NEW_PASSWORD.encode() + b"\r")
+
+
+def test_start_quiet_says_nothing_for_a_shell_profile_but_still_starts_one_agent(cli: AgentCli) -> None:
+    first = cli.ok("agent", "start", "--quiet")
+    assert first.stderr == "" and first.out == ""
+    pid = cli.agent_pid()
+    cli.started.append(pid)
+    again = cli.ok("agent", "start", "-q")  # the next shell: the same agent, still nothing said
+    assert again.stderr == "" and cli.agent_pid() == pid
+    refused = cli("agent", "start", "--quiet", env={"SHRIVENQUANT_ENV": "production"})
+    assert refused.code == 2 and "refused in production" in refused.stderr  # a failure is still said

@@ -48,7 +48,7 @@ def agent() -> None:
     The agent keeps the unlock key the password derived for each store you open at a terminal
     (never the password), for 10 minutes after its last use and at most 2 hours; commands that
     would prompt for the password ask it first. Start it from your shell profile:
-        secrets-manager agent start
+        secrets-manager agent start --quiet
     Refused in production (services unlock with a password file or AWS KMS)."""
 
 
@@ -59,8 +59,14 @@ def agent() -> None:
     help="Forget a key this long after its last use.  [default: 10m, or --max-ttl if shorter]",
 )
 @click.option("--max-ttl", default="2h", show_default=True, help="Forget a key this long after it was given.")
+@click.option(
+    "--quiet",
+    "-q",
+    is_flag=True,
+    help="Say nothing unless it fails (for a shell profile: every shell runs it).",
+)
 @pass_session
-def start(session: Session, ttl: str | None, max_ttl: str) -> None:
+def start(session: Session, ttl: str | None, max_ttl: str, quiet: bool) -> None:
     """Start your agent in the background (returns once it listens); one already running is fine."""
     if session.environment.is_production:
         raise UnsafeConfigurationError(
@@ -73,6 +79,8 @@ def start(session: Session, ttl: str | None, max_ttl: str) -> None:
     if ttl_seconds > max_seconds:
         raise InvalidInputError("--ttl must not be longer than --max-ttl")
     pid, started = start_agent(session.environ, ttl_seconds, max_seconds)
+    if quiet:
+        return
     if started:
         info_line(
             f"agent started (pid {pid}): keys kept {duration_text(ttl_seconds)} after their last use, "
