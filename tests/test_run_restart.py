@@ -13,12 +13,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from secrets_manager.cli.run_supervisor import Launch, Supervisor
+from secrets_manager.cli.run_supervisor import RESYNC, Launch, Supervisor
+from secrets_manager.store import Secret
+from secrets_manager.values import SecretValue
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
 from service_fixtures import SEED, make_pki, make_store, start_server
 from test_serve_external_stores import (  # noqa: F401 (fixtures)
@@ -478,3 +481,60 @@ def test_a_follower_that_fails_unexpectedly_says_so_in_one_line_and_the_program_
     said = capsys.readouterr().err
     assert "stopped following the secrets' changes (internal error RuntimeError)" in said
     assert "SEEKRIT" not in said and "Traceback" not in said
+
+
+class Silent:
+    """A change source that tells of nothing."""
+
+    def follow(self, changed: Callable[[Any], None], stop: Any) -> None:
+        stop.wait()
+
+    def cancel(self) -> None:
+        pass
+
+
+def test_a_sigterm_that_comes_while_the_program_is_first_starting_reaches_it() -> None:
+    def environment(variables: Any) -> dict[bytes, bytes]:
+        os.kill(os.getpid(), signal.SIGTERM)  # systemd's stop, right after run started
+        return dict(os.environb)
+
+    command = (sys.executable, "-c", "import time; time.sleep(20); raise SystemExit(4)")
+    launch = Launch(command, sys.executable, environment, lambda exc, v: exc)
+    supervisor = Supervisor(launch, {}, dict, lambda name: True, stop_signal=signal.SIGTERM, stop_timeout=5)
+    began = time.monotonic()
+    assert supervisor.run(Silent()) == 128 + signal.SIGTERM  # passed on: it ended the program
+    assert time.monotonic() - began < 10
+
+
+def test_a_ctrl_c_during_the_reading_after_a_change_is_not_followed_by_the_stop_signal(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "signals"
+    program = (
+        "import signal, sys, time\n"
+        f"def note(s, f):\n    open({str(log)!r}, 'a').write(signal.Signals(s).name + '\\n')\n"
+        "    if s == signal.SIGTERM: sys.exit(0)\n"
+        "signal.signal(signal.SIGINT, note); signal.signal(signal.SIGTERM, note)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(2); sys.exit(3)\n"
+    )
+
+    class OneChange:
+        def follow(self, changed: Callable[[Any], None], stop: Any) -> None:
+            time.sleep(0.5)
+            changed(RESYNC)
+            stop.wait()
+
+        def cancel(self) -> None:
+            pass
+
+    def read() -> dict[str, Any]:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the secrets are read again
+        return {"KEY": Secret("app/KEY", 2, SecretValue(b"new-SEEKRIT"), datetime.now(UTC))}
+
+    launch = Launch(
+        (sys.executable, "-c", program), sys.executable, lambda v: dict(os.environb), lambda exc, v: exc
+    )
+    supervisor = Supervisor(launch, {}, read, lambda name: True, stop_signal=signal.SIGTERM, stop_timeout=5)
+    assert supervisor.run(OneChange()) == 3  # it ended on its own, after the one SIGINT
+    assert log.read_text().splitlines() == ["SIGINT"]

@@ -285,7 +285,7 @@ class Supervisor:
         """Start COMMAND, follow `source` and restart it after changes; COMMAND's exit status."""
         stop = threading.Event()
         with self._forwarding_signals():
-            self._child = start(self._launch, self._variables)
+            self._started(start(self._launch, self._variables))
             follower = threading.Thread(
                 target=self._follow, args=(source, stop), name="run-changes", daemon=True
             )
@@ -347,6 +347,8 @@ class Supervisor:
                     )
                 last_failure = str(exc)
                 continue
+            if self._ending is not None:  # it came during the reading: COMMAND has it, and ends
+                continue
             if last_failure:
                 info_line("read the secrets again")
                 last_failure = ""
@@ -363,9 +365,16 @@ class Supervisor:
             if self._ending is not None:
                 return exit_status(status)
             self._variables = variables
-            child = self._child = start(self._launch, variables)
-            if self._ending is not None and self._ended_pid != child.pid:
-                _signal_group(child, self._ending)  # it came while COMMAND was starting: not passed on
+            child = self._started(start(self._launch, variables))
+
+    def _started(self, child: subprocess.Popen[bytes]) -> subprocess.Popen[bytes]:
+        """`child` as COMMAND; an ending signal that came while it was starting (when there was no
+        COMMAND to pass it on to, or only the one stopped for a restart) is passed on to it now."""
+        self._child = child
+        if self._ending is not None and self._ended_pid != child.pid:
+            self._ended_pid = child.pid
+            _signal_group(child, self._ending)
+        return child
 
     def _stop(self, child: subprocess.Popen[bytes]) -> int:
         """Send the stop signal to COMMAND's group; SIGKILL after the stop timeout. Its status."""
