@@ -538,3 +538,83 @@ def test_a_ctrl_c_during_the_reading_after_a_change_is_not_followed_by_the_stop_
     supervisor = Supervisor(launch, {}, read, lambda name: True, stop_signal=signal.SIGTERM, stop_timeout=5)
     assert supervisor.run(OneChange()) == 3  # it ended on its own, after the one SIGINT
     assert log.read_text().splitlines() == ["SIGINT"]
+
+
+# COMMAND that starts a helper in its own process group which ignores SIGTERM (the helper writes
+# its pid to $HELPER_PID), then ends on SIGTERM, or on its own (5) after $LASTS seconds.
+LEAVES_A_HELPER = (
+    "import os, signal, subprocess, sys, time\n"
+    "signal.signal(signal.SIGTERM, lambda s, f: sys.exit(0))\n"
+    "subprocess.Popen(['sh', '-c', 'trap \"\" TERM; echo $$ > $HELPER_PID; while :; do sleep 0.1; done'])\n"
+    "time.sleep(float(os.environ['LASTS'])); sys.exit(5)\n"
+)
+
+
+def helper_pid(path: Path) -> int:
+    deadline = time.monotonic() + 10
+    while not path.exists() or not path.read_text().strip():
+        assert time.monotonic() < deadline, "the helper did not start"
+        time.sleep(0.05)
+    return int(path.read_text())
+
+
+def leaves_a_helper(environment: Callable[[dict[str, Any]], dict[bytes, bytes]]) -> Launch:
+    command = (sys.executable, "-c", LEAVES_A_HELPER)
+    return Launch(command, sys.executable, environment, lambda exc, v: exc)
+
+
+def test_what_the_program_leaves_in_its_group_does_not_outlive_run(tmp_path: Path) -> None:
+    pid_file = tmp_path / "helper.pid"
+    launch = leaves_a_helper(lambda v: {**os.environb, b"HELPER_PID": bytes(pid_file), b"LASTS": b"1"})
+    supervisor = Supervisor(launch, {}, dict, lambda name: True, stop_signal=signal.SIGTERM, stop_timeout=1)
+    try:
+        assert supervisor.run(Silent()) == 5  # the program's own status
+        assert not alive(helper_pid(pid_file))  # its helper, which ignores SIGTERM, was killed
+    finally:
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+
+
+def test_a_restart_stops_the_whole_group_before_the_new_program_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pid_files = [tmp_path / "first.pid", tmp_path / "second.pid"]
+
+    class OneChange:
+        def follow(self, changed: Callable[[Any], None], stop: Any) -> None:
+            helper_pid(pid_files[0])
+            changed(RESYNC)
+            stop.wait()
+
+        def cancel(self) -> None:
+            pass
+
+    helper_at_restart: list[bool] = []
+
+    def environment(variables: dict[str, Any]) -> dict[bytes, bytes]:
+        if variables:  # the restart
+            helper_at_restart.append(alive(helper_pid(pid_files[0])))
+        return {
+            **os.environb,
+            b"HELPER_PID": bytes(pid_files[1 if variables else 0]),
+            b"LASTS": b"1" if variables else b"60",
+        }
+
+    new = {"KEY": Secret("app/KEY", 2, SecretValue(b"new-SEEKRIT"), datetime.now(UTC))}
+    supervisor = Supervisor(
+        leaves_a_helper(environment),
+        {},
+        lambda: new,
+        lambda name: True,
+        stop_signal=signal.SIGTERM,
+        stop_timeout=1,
+    )
+    try:
+        assert supervisor.run(OneChange()) == 5  # the second program ends on its own
+        assert helper_at_restart == [False]  # the first one's helper was gone before it started
+        assert not alive(helper_pid(pid_files[1]))
+        assert "left in its process group did not end within 1 s of SIGTERM" in capsys.readouterr().err
+    finally:
+        for path in pid_files:
+            with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+                os.kill(int(path.read_text()), signal.SIGKILL)

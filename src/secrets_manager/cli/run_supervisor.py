@@ -11,7 +11,8 @@ reaches a program that reads it once, from its environment, within a second or s
 COMMAND runs in a process group of its own, so the signals `run` is sent (by a terminal's Ctrl-C,
 `kill`, a service manager) reach it once, passed on by `run`: SIGHUP, SIGINT, SIGQUIT, SIGTERM,
 SIGUSR1, SIGUSR2, SIGWINCH. After SIGINT, SIGQUIT or SIGTERM no restart follows: `run` waits for
-COMMAND to end. When COMMAND ends on its own, `run` ends with its status (128 + N for a signal N).
+COMMAND to end. When COMMAND ends on its own, `run` ends with its status (128 + N for a signal N),
+after what COMMAND left in its group ended too (the stop signal, SIGKILL after the stop timeout).
 A read that fails after a change leaves COMMAND running on the values it has, with a warning; it
 is tried again every RETRY_SECONDS while the store does not answer, else at the next change.
 """
@@ -325,7 +326,7 @@ class Supervisor:
                 retry_at = 0.0  # a new change is read after it settles, whatever failed before
             status = child.poll()
             if status is not None:
-                return exit_status(status)
+                return self._ended(child, status)
             now = time.monotonic()
             if self._ending is not None or not names or now - last_change < SETTLE_SECONDS or now < retry_at:
                 continue
@@ -363,7 +364,7 @@ class Supervisor:
             )
             status = self._stop(child)
             if self._ending is not None:
-                return exit_status(status)
+                return exit_status(status)  # it and its group have ended
             self._variables = variables
             child = self._started(start(self._launch, variables))
 
@@ -379,15 +380,46 @@ class Supervisor:
     def _stop(self, child: subprocess.Popen[bytes]) -> int:
         """Send the stop signal to COMMAND's group; SIGKILL after the stop timeout. Its status."""
         _signal_group(child, self._stop_signal)
+        return self._wait_group(child)
+
+    def _ended(self, child: subprocess.Popen[bytes], status: int) -> int:
+        """COMMAND ended (`status`): what it left in its process group (a child it started in the
+        background) gets the stop signal (unless an ending signal reached it already) and SIGKILL
+        after the stop timeout, so nothing of it outlives `run`. `status` as a shell reports it."""
+        if _group_left(child.pid):
+            if self._ending is None:
+                _kill_group(child.pid, self._stop_signal)
+            self._wait_group(child)
+        return exit_status(status)
+
+    def _wait_group(self, child: subprocess.Popen[bytes]) -> int:
+        """COMMAND's status once it and the rest of its group ended, SIGKILL to all of them if that
+        takes longer than the stop timeout."""
+        deadline = time.monotonic() + self._stop_timeout
         try:
-            return child.wait(timeout=self._stop_timeout)
+            status = child.wait(timeout=self._stop_timeout)
+            while _group_left(child.pid):
+                if time.monotonic() >= deadline:
+                    raise subprocess.TimeoutExpired(self._launch.command, self._stop_timeout)
+                time.sleep(0.05)
+            return status
         except subprocess.TimeoutExpired:
-            warning_line(
-                f"{self._launch.command[0]} (pid {child.pid}) did not end within {self._stop_timeout:g} s "
-                f"of {self._stop_signal.name}: killed (SIGKILL)"
+            what = (
+                f"{self._launch.command[0]} (pid {child.pid})"
+                if child.returncode is None
+                else f"what {self._launch.command[0]} (pid {child.pid}) left in its process group"
             )
-            _signal_group(child, signal.SIGKILL)
-            return child.wait()
+            warning_line(
+                f"{what} did not end within {self._stop_timeout:g} s of {self._stop_signal.name}: "
+                "killed (SIGKILL)"
+            )
+            _kill_group(child.pid, signal.SIGKILL)
+            status = child.wait()
+            for _ in range(100):  # SIGKILL cannot be caught: gone as soon as the kernel ends them
+                if not _group_left(child.pid):
+                    break
+                time.sleep(0.05)
+            return status
 
     @contextlib.contextmanager
     def _forwarding_signals(self) -> Iterator[None]:
@@ -421,6 +453,26 @@ def _signal_group(child: subprocess.Popen[bytes], signum: signal.Signals) -> Non
     except PermissionError:  # the group holds a process of another user (a setuid helper)
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, signum)
+
+
+def _kill_group(pgid: int, signum: signal.Signals) -> None:
+    """`signum` to process group `pgid`, if it has a process left that this user may signal."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def _group_left(pgid: int) -> bool:
+    """Whether process group `pgid` (COMMAND's, whose leader has been waited for) still has a
+    process. Those of them `run` is the parent of once they are orphaned (`run` as a container's
+    PID 1, or a subreaper) are waited for here, so they leave no zombie."""
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-pgid, os.WNOHANG)[0] > 0:
+            pass
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def exit_status(status: int) -> int:
