@@ -11,15 +11,18 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 
-from secrets_manager.cli.run_supervisor import RESYNC, Launch, Supervisor
+from secrets_manager.cli.run_supervisor import RESYNC, Launch, Supervisor, WatchSource
+from secrets_manager.errors import StorageError
 from secrets_manager.store import Secret
 from secrets_manager.values import SecretValue
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
@@ -618,3 +621,85 @@ def test_a_restart_stops_the_whole_group_before_the_new_program_starts(
         for path in pid_files:
             with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
                 os.kill(int(path.read_text()), signal.SIGKILL)
+
+
+def test_a_service_back_with_a_new_ca_and_certificates_is_watched_with_the_renewed_files(
+    tmp_path: Path,
+) -> None:
+    make_pki(tmp_path, ("auth",))
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    port = int(server.address.rpartition(":")[2])
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "SECRETS_MANAGER_ADDR": server.address,
+        "SECRETS_MANAGER_CERT": str(tmp_path / "auth.pem"),
+        "SECRETS_MANAGER_KEY": str(tmp_path / "auth-key.pem"),
+        "SECRETS_MANAGER_CA": str(tmp_path / "ca.pem"),
+    }
+    run = Run(tmp_path, env, "--service", "auth")
+    try:
+        run.wait_for_starts(1)
+        server.stop()
+        renewed = tmp_path / "renewed"  # the CA rotated: new CA, server and client certificates
+        renewed.mkdir()
+        make_pki(renewed, ("auth",))
+        for name in ("ca.pem", "server.pem", "server-key.pem", "auth.pem", "auth-key.pem"):
+            os.replace(renewed / name, tmp_path / name)
+        server = start_server(tmp_path, port=port)
+        run.wait_for(lambda: f"watching {server.address} again" in run.stderr(), "the stream reopened", 40)
+        local = {"PATH": env["PATH"], "HOME": str(tmp_path), "MASTER_PASSWORD": SERVICE_PASSWORD}
+        stored = subprocess.run(
+            [str(SCRIPT), "--store", str(tmp_path / "store.db"), "store", "auth/JWT_KEY"],
+            input="after-rotation-SEEKRIT", capture_output=True, text=True, env=local, timeout=60,
+        )  # fmt: skip
+        assert stored.returncode == 0, stored.stderr
+        assert run.wait_for_starts(2)[1]["started"]["JWT_KEY"] == "after-rotation-SEEKRIT"
+        assert "with the renewed certificate files" in run.stderr()
+        assert "SEEKRIT" not in run.stderr()
+    finally:
+        run.kill()
+        server.stop()
+
+
+def test_a_watch_stream_that_cannot_be_opened_again_says_why(capsys: pytest.CaptureFixture[str]) -> None:
+    class Ended:
+        revision, history, resumed = 5, "h", False
+
+        def start(self) -> int:
+            return 5
+
+        def __iter__(self) -> Any:
+            return iter(())
+
+        def cancel(self) -> None:
+            pass
+
+    class Refusing:
+        address = "127.0.0.1:1"
+        opened = 0
+
+        def watch(self, prefix: str = "", since_revision: Any = None, since_history: Any = None) -> Any:
+            self.opened += 1
+            if self.opened > 1:
+                raise StorageError("TLS handshake with 127.0.0.1:1 failed: check the certificate files")
+            return Ended()
+
+        def renew_connection(self) -> bool:
+            return False
+
+    remote = Refusing()
+    source = WatchSource(remote, "app/")
+    stop = threading.Event()
+    follower = threading.Thread(target=source.follow, args=(lambda change: None, stop))
+    with mock.patch("secrets_manager.cli.run_supervisor.RECONNECT_MAX_SECONDS", 0.1):
+        follower.start()
+        deadline = time.monotonic() + 10
+        while remote.opened < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stop.set()
+        follower.join(10)
+    said = capsys.readouterr().err.splitlines()
+    assert said[0].endswith("the service ended the watch stream; watching again in 1 s")
+    assert "TLS handshake with 127.0.0.1:1 failed: check the certificate files; watching again in" in said[1]

@@ -130,6 +130,8 @@ class WatchedStore(Protocol):
         self, prefix: str = "", since_revision: int | None = None, since_history: str | None = None
     ) -> WatchStream: ...
 
+    def renew_connection(self) -> bool: ...
+
 
 class WatchStream(Protocol):
     revision: int | None
@@ -175,18 +177,23 @@ class WatchSource:
                 problem = "the service ended the watch stream"
             except SecretsManagerError as exc:
                 problem = str(exc)
-            if stop.is_set():
-                return
-            warning_line(f"{problem}; watching again in {delay:.0f} s")
-            if stop.wait(delay):
-                return
-            delay = min(delay * 2, RECONNECT_MAX_SECONDS)
             stream = self._stream
-            try:
-                reopened = self._remote.watch(self._prefix, stream.revision, stream.history)
-                reopened.start()
-            except SecretsManagerError:
-                continue  # said at the next turn, when the stream it gave fails too
+            while True:  # until a new stream is live, each failure said as it is
+                if stop.is_set():
+                    return
+                warning_line(f"{problem}; watching again in {delay:.0f} s")
+                if stop.wait(delay):
+                    return
+                delay = min(delay * 2, RECONNECT_MAX_SECONDS)
+                if self._remote.renew_connection():  # its TLS files were renewed meanwhile
+                    info_line(f"connecting to {self._remote.address} with the renewed certificate files")
+                try:
+                    reopened = self._remote.watch(self._prefix, stream.revision, stream.history)
+                    reopened.start()
+                except SecretsManagerError as exc:
+                    problem = str(exc)
+                    continue
+                break
             with self._lock:
                 if self._cancelled:
                     reopened.cancel()

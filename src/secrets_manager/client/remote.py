@@ -27,6 +27,7 @@ from secrets_manager.errors import (
     NotConnectedError,
     NothingToChangeError,
     OutcomeUnknownError,
+    SecretsManagerError,
     StorageError,
     UnsupportedOperationError,
 )
@@ -135,10 +136,34 @@ class RemoteStore:
         """`credentials`: the `tls` files already read (several channels from one reading)."""
         self.address = address
         self._tls = tls
-        self._channel = grpc.secure_channel(address, credentials or tls.credentials(), options=list(options))
+        self._options = list(options)
+        self._tls_signature = tls.signature()
+        self._connect(credentials or tls.credentials())
+        self._timeout = timeout
+
+    def _connect(self, credentials: grpc.ChannelCredentials) -> None:
+        self._channel = grpc.secure_channel(self.address, credentials, options=self._options)
         self._stub = pb_grpc.SecretsStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
-        self._timeout = timeout
+
+    def renew_connection(self) -> bool:
+        """For a store held open for long (`run --restart-on-change`), whose connection broke:
+        if the TLS files changed on disk since they were read (a renewed client certificate, a
+        rotated CA), a new channel with them replaces this one (closed: calls on it end). False
+        if they did not change, or are not usable yet (half-written: the old ones stay, and they
+        are looked at again next time)."""
+        signature = self._tls.signature()
+        if signature == self._tls_signature:
+            return False
+        try:
+            credentials = self._tls.credentials()
+        except SecretsManagerError:
+            return False
+        old = self._channel
+        self._tls_signature = signature
+        self._connect(credentials)
+        old.close()
+        return True
 
     def _call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
         try:
