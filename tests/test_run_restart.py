@@ -703,3 +703,21 @@ def test_a_watch_stream_that_cannot_be_opened_again_says_why(capsys: pytest.Capt
     said = capsys.readouterr().err.splitlines()
     assert said[0].endswith("the service ended the watch stream; watching again in 1 s")
     assert "TLS handshake with 127.0.0.1:1 failed: check the certificate files; watching again in" in said[1]
+
+
+def test_a_secret_added_that_would_set_a_refused_variable_warns_and_does_not_restart(cli: Cli) -> None:
+    run = cli.start("--service", "app")
+    try:
+        pid = run.wait_for_starts(1)[0]["pid"]
+        cli.store("app/LD_PRELOAD", "/tmp/evil-SEEKRIT.so")
+        run.wait_for(lambda: "reading the secrets again failed" in run.stderr(), "the warning")
+        said = run.stderr()
+        assert "app/LD_PRELOAD would set $LD_PRELOAD, which can choose the code programs run" in said
+        assert "keeps running on the values it has" in said
+        assert "nothing was run" not in said  # it runs, on the values it had
+        assert "SEEKRIT" not in said
+        time.sleep(1)
+        assert alive(pid) and len(run.starts()) == 1
+        assert [r["outcome"] for r in cli.run_records()] == ["ok", "invalid_input"]  # the refusal, audited
+    finally:
+        run.kill()

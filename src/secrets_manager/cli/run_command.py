@@ -212,14 +212,14 @@ def run(
         withheld = (*WITHHELD_VARIABLES, *credentials_that_reached(session, store))
         source = _change_source(store, namespaces, [name for name, _ in wanted])  # before the read
 
-        def read() -> dict[str, Secret]:
+        def read(first: bool = False) -> dict[str, Secret]:
             with audited() as note:
-                variables = _read_variables(store, namespaces, wanted)
+                variables = _read_variables(store, namespaces, wanted, first=first)
                 for secret in {s.name: s for s in variables.values()}.values():
                     note.read(secret)
             return variables
 
-        variables = read()
+        variables = read(first=True)
         supervisor = Supervisor(
             launch_of(withheld),
             variables,
@@ -232,9 +232,12 @@ def run(
 
 
 def _read_variables(
-    store: SecretStore, namespaces: tuple[str, ...], wanted: list[tuple[str, str]]
+    store: SecretStore, namespaces: tuple[str, ...], wanted: list[tuple[str, str]], *, first: bool = True
 ) -> dict[str, Secret]:
-    """The secrets `run` gives COMMAND, by variable; checked whole (nothing runs on an error)."""
+    """The secrets `run` gives COMMAND, by variable; checked whole (nothing runs on an error).
+    `first`: before COMMAND runs (an error says nothing was run); else a reading again for a
+    restart, whose error the supervisor says with what COMMAND does meanwhile."""
+    nothing_run = "; nothing was run" if first else ""
     variables: dict[str, Secret] = {}
     found: list[tuple[str, Secret]] = []
     for namespace in namespaces:
@@ -245,15 +248,13 @@ def _read_variables(
                 if namespace == DEFAULT_NAMESPACE
                 else ""
             )
-            raise NotFoundError(
-                f"no secret under '{namespace}/' that you may read; nothing was run{unslashed}"
-            )
+            raise NotFoundError(f"no secret under '{namespace}/' that you may read{nothing_run}{unslashed}")
         for secret in secrets:
             variable = _variable_for(secret.name[len(namespace) + 1 :])
             if _LOADS_CODE.fullmatch(variable):
                 raise InvalidInputError(
                     f"{secret.name} would set ${variable}, which can choose the code programs "
-                    f"run or whom they trust; nothing was run. If you mean it: "
+                    f"run or whom they trust{nothing_run}. If you mean it: "
                     f"--secret {secret.name}={variable}"
                 )
             found.append((variable, secret))
