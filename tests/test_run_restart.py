@@ -721,3 +721,40 @@ def test_a_secret_added_that_would_set_a_refused_variable_warns_and_does_not_res
         assert [r["outcome"] for r in cli.run_records()] == ["ok", "invalid_input"]  # the refusal, audited
     finally:
         run.kill()
+
+
+# Run as a container's PID 1 would be (a subreaper: orphans are re-parented to it): the supervisor
+# runs a program whose background process, in a session of its own, ends after the program's
+# shell left it; prints the zombies this process had 2 s in (that process, not waited for).
+AS_INIT = r"""
+import ctypes, ctypes.util, json, os, signal, sys, threading, time
+from secrets_manager.cli.run_supervisor import Launch, Supervisor
+libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+assert libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+class Silent:
+    def follow(self, changed, stop): stop.wait()
+    def cancel(self): pass
+zombies = []
+def look():
+    time.sleep(2)
+    for stat in os.listdir("/proc"):
+        if stat.isdigit():
+            try:
+                fields = open(f"/proc/{stat}/stat").read().rsplit(") ", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] == "Z" and int(fields[1]) == os.getpid():
+                zombies.append(int(stat))
+threading.Thread(target=look, daemon=True).start()
+command = ("/bin/sh", "-c", "(setsid sh -c 'sleep 0.3' &); sleep 3; exit 6")
+launch = Launch(command, "/bin/sh", lambda v: dict(os.environb), lambda e, v: e)
+supervisor = Supervisor(launch, {}, dict, lambda n: True, stop_signal=signal.SIGTERM, stop_timeout=5)
+status = supervisor.run(Silent())
+print(json.dumps({"status": status, "zombies": zombies}))
+"""
+
+
+def test_as_a_containers_init_run_waits_for_the_orphans_it_inherits() -> None:
+    done = subprocess.run([sys.executable, "-c", AS_INIT], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"status": 6, "zombies": []}

@@ -20,6 +20,7 @@ is tried again every RETRY_SECONDS while the store does not answer, else at the 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import math
 import os
@@ -288,6 +289,7 @@ class Supervisor:
         self._ending: signal.Signals | None = None  # the signal that ends supervision, once one came
         self._ended_pid = 0  # the COMMAND it was passed on to
         self._child: subprocess.Popen[bytes] | None = None
+        self._reaper = os.getpid() == 1 or _is_subreaper()  # orphans are re-parented to run
 
     def run(self, source: ChangeSource) -> int:
         """Start COMMAND, follow `source` and restart it after changes; COMMAND's exit status."""
@@ -331,6 +333,8 @@ class Supervisor:
                 names.add(change.name or "the secrets (changes were missed)")
                 last_change = time.monotonic()
                 retry_at = 0.0  # a new change is read after it settles, whatever failed before
+            if self._reaper:
+                _reap_orphans(child.pid)
             status = child.poll()
             if status is not None:
                 return self._ended(child, status)
@@ -460,6 +464,32 @@ def _signal_group(child: subprocess.Popen[bytes], signum: signal.Signals) -> Non
     except PermissionError:  # the group holds a process of another user (a setuid helper)
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, signum)
+
+
+def _is_subreaper() -> bool:
+    """Whether orphaned descendants are re-parented to this process (PR_GET_CHILD_SUBREAPER, set
+    by a service manager or container runtime that makes `run` their reaper); False elsewhere."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        flag = ctypes.c_int(0)
+        return bool(libc.prctl(37, ctypes.byref(flag), 0, 0, 0) == 0 and flag.value)
+    except (OSError, AttributeError):
+        return False
+
+
+def _reap_orphans(command_pid: int) -> None:
+    """As a container's PID 1 (or a subreaper), the processes COMMAND orphaned (a daemon it
+    double-forked, a shell's background job) become `run`'s children: those that ended are waited
+    for, as init would, so they leave no zombie. COMMAND itself is left to its Popen."""
+    while True:
+        try:
+            ended = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return
+        if ended is None or ended.si_pid == command_pid:
+            return
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(ended.si_pid, 0)
 
 
 def _kill_group(pgid: int, signum: signal.Signals) -> None:
