@@ -758,3 +758,36 @@ def test_as_a_containers_init_run_waits_for_the_orphans_it_inherits() -> None:
     done = subprocess.run([sys.executable, "-c", AS_INIT], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {"status": 6, "zombies": []}
+
+
+def test_a_watch_stream_on_a_service_that_hangs_is_noticed_and_opened_again(tmp_path: Path) -> None:
+    make_pki(tmp_path, ("auth",))
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "SECRETS_MANAGER_ADDR": server.address,
+        "SECRETS_MANAGER_CERT": str(tmp_path / "auth.pem"),
+        "SECRETS_MANAGER_KEY": str(tmp_path / "auth-key.pem"),
+        "SECRETS_MANAGER_CA": str(tmp_path / "ca.pem"),
+    }
+    run = Run(tmp_path, env, "--service", "auth")
+    try:
+        run.wait_for_starts(1)
+        server.process.send_signal(signal.SIGSTOP)  # hung: its connection open, nothing answers
+        try:  # the SDK's keepalive: a ping unanswered for 5 s, sent after 11 s without data
+            run.wait_for(lambda: "watching again in" in run.stderr(), "the hung stream noticed", 30)
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        run.wait_for(lambda: f"watching {server.address} again" in run.stderr(), "the stream reopened", 40)
+        local = {"PATH": env["PATH"], "HOME": str(tmp_path), "MASTER_PASSWORD": SERVICE_PASSWORD}
+        stored = subprocess.run(
+            [str(SCRIPT), "--store", str(tmp_path / "store.db"), "store", "auth/JWT_KEY"],
+            input="after-hang-SEEKRIT", capture_output=True, text=True, env=local, timeout=60,
+        )  # fmt: skip
+        assert stored.returncode == 0, stored.stderr
+        assert run.wait_for_starts(2)[1]["started"]["JWT_KEY"] == "after-hang-SEEKRIT"
+    finally:
+        run.kill()
+        server.stop()

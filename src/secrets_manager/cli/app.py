@@ -8,7 +8,7 @@ import functools
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -498,10 +498,11 @@ class Session:
         cert, key, ca = (Path(self.environ[v]) for v in TLS_VARIABLES)
         return TlsFiles(cert=cert, key=key, ca=ca)
 
-    def remote_store(self) -> RemoteStore:
+    def remote_store(self, options: Sequence[tuple[str, Any]] = ()) -> RemoteStore:
         """The service at --server / SECRETS_MANAGER_ADDR. Several comma-separated addresses (as
         the SDK takes them from the same variable): the first whose health check answers serves
-        the whole command, so a write is never sent twice to two replicas."""
+        the whole command, so a write is never sent twice to two replicas. `options`: gRPC
+        channel options."""
         # gRPC's documented default, set before its core starts: unset, the core logs a failed
         # handshake at INFO ("I1130 … ssl_transport_security.cc …") above our one-line error.
         # An explicit value stays; `serve` keeps gRPC's own (its handshake failures are logged).
@@ -517,9 +518,9 @@ class Session:
             )
         tls = self.tls_files()
         if len(addresses) == 1:
-            return RemoteStore(addresses[0], tls)
+            return RemoteStore(addresses[0], tls, options=options)
         for address in addresses:
-            remote = RemoteStore(address, tls)
+            remote = RemoteStore(address, tls, options=options)
             if remote.is_serving(timeout=HEALTH_CHECK_SECONDS):
                 return remote
             remote.close()
@@ -648,7 +649,12 @@ class Session:
         own (its own request id; the unlock is recorded with the first). Remotely the service
         audits; `note` is then a no-op."""
         if self.server:
-            remote = self.remote_store()
+            # The SDK's channel options: its keepalive notices a service that hangs (its watch
+            # stream would otherwise wait, silent, for good) and a lost connection is tried again
+            # within seconds.
+            from secrets_manager.client._client import CHANNEL_OPTIONS
+
+            remote = self.remote_store(CHANNEL_OPTIONS)
             try:
                 yield remote, lambda: nullcontext(Note())
             finally:
