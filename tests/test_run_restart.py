@@ -49,6 +49,8 @@ def on_signal(signum, frame):
     note(signal=signal.Signals(signum).name)
     if signum == signal.SIGTERM and "--ignore-term" not in sys.argv:
         sys.exit(0)
+with open(log + ".sighup", "w") as f:  # how it found SIGHUP: "ignored" after nohup
+    json.dump("ignored" if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN else "default", f)
 for s in (signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGINT):
     signal.signal(s, on_signal)
 note(started={k: os.environ.get(k) for k in ("KEY", "DB_PASSWORD", "JWT_KEY", "NEW")})
@@ -62,7 +64,12 @@ class Run:
     """One `run --restart-on-change … -- python CHILD` in the background, and what its program logged."""
 
     def __init__(
-        self, home: Path, env: Mapping[str, str], *args: str, child_args: tuple[str, ...] = ()
+        self,
+        home: Path,
+        env: Mapping[str, str],
+        *args: str,
+        child_args: tuple[str, ...] = (),
+        ignored: tuple[signal.Signals, ...] = (),
     ) -> None:
         self.log = home / f"child-{secrets.token_hex(3)}.jsonl"
         self.stderr_path = home / "run.stderr"
@@ -83,6 +90,7 @@ class Run:
             stdout=subprocess.DEVNULL,
             stderr=self._stderr,
             start_new_session=True,
+            preexec_fn=(lambda: [signal.signal(s, signal.SIG_IGN) for s in ignored]) if ignored else None,
         )
 
     def lines(self) -> list[dict[str, Any]]:
@@ -166,8 +174,10 @@ class Cli:
         result = self("store", name, input=value.encode())
         assert result.returncode == 0, result.stderr
 
-    def start(self, *args: str, child_args: tuple[str, ...] = ()) -> Run:
-        return Run(self.home, self.env, *args, child_args=child_args)
+    def start(
+        self, *args: str, child_args: tuple[str, ...] = (), ignored: tuple[signal.Signals, ...] = ()
+    ) -> Run:
+        return Run(self.home, self.env, *args, child_args=child_args, ignored=ignored)
 
     def run_records(self) -> list[dict[str, Any]]:
         lines = (self.home / "store.audit.jsonl").read_text().splitlines()
@@ -791,3 +801,17 @@ def test_a_watch_stream_on_a_service_that_hangs_is_noticed_and_opened_again(tmp_
     finally:
         run.kill()
         server.stop()
+
+
+def test_a_signal_ignored_by_whoever_started_run_stays_ignored_as_with_nohup(cli: Cli) -> None:
+    run = cli.start("--service", "app", ignored=(signal.SIGHUP,))
+    try:
+        pid = run.wait_for_starts(1)[0]["pid"]
+        run.proc.send_signal(signal.SIGHUP)  # the terminal hung up: nohup's program runs on
+        run.proc.send_signal(signal.SIGUSR1)
+        run.wait_for(lambda: {"pid": pid, "signal": "SIGUSR1"} in run.lines(), "SIGUSR1 passed on")
+        assert {"pid": pid, "signal": "SIGHUP"} not in run.lines()
+        assert run.proc.poll() is None and alive(pid)
+        assert json.loads((Path(f"{run.log}.sighup")).read_text()) == "ignored"  # as exec would leave it
+    finally:
+        run.kill()

@@ -10,9 +10,10 @@ reaches a program that reads it once, from its environment, within a second or s
 
 COMMAND runs in a process group of its own, so the signals `run` is sent (by a terminal's Ctrl-C,
 `kill`, a service manager) reach it once, passed on by `run`: SIGHUP, SIGINT, SIGQUIT, SIGTERM,
-SIGUSR1, SIGUSR2, SIGWINCH. After SIGINT, SIGQUIT or SIGTERM no restart follows: `run` waits for
-COMMAND to end. When COMMAND ends on its own, `run` ends with its status (128 + N for a signal N),
-after what COMMAND left in its group ended too (the stop signal, SIGKILL after the stop timeout).
+SIGUSR1, SIGUSR2, SIGWINCH; those `run` was started ignoring (nohup) stay ignored, by COMMAND
+too. After SIGINT, SIGQUIT or SIGTERM no restart follows: `run` waits for COMMAND to end. When
+COMMAND ends on its own, `run` ends with its status (128 + N for a signal N), after what COMMAND
+left in its group ended too (the stop signal, SIGKILL after the stop timeout).
 A read that fails after a change leaves COMMAND running on the values it has, with a warning; it
 is tried again every RETRY_SECONDS while the store does not answer, else at the next change.
 """
@@ -443,7 +444,13 @@ class Supervisor:
             if child is not None:
                 _signal_group(child, signal.Signals(signum))
 
-        previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
+        # A signal whoever started run ignores (nohup's SIGHUP, a background job's SIGINT and
+        # SIGQUIT) stays ignored, by COMMAND too, as after exec: not caught, so not passed on.
+        previous = {
+            signum: signal.signal(signum, forward)
+            for signum in FORWARDED_SIGNALS
+            if signal.getsignal(signum) is not signal.SIG_IGN
+        }
         try:
             yield
         finally:
