@@ -815,3 +815,38 @@ def test_a_signal_ignored_by_whoever_started_run_stays_ignored_as_with_nohup(cli
         assert json.loads((Path(f"{run.log}.sighup")).read_text()) == "ignored"  # as exec would leave it
     finally:
         run.kill()
+
+
+def test_a_stopped_program_is_continued_after_the_stop_signal_so_it_can_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    class OneChange:
+        def follow(self, changed: Callable[[Any], None], stop: Any) -> None:
+            time.sleep(1)  # the first program has stopped itself by now (SIGSTOP, as a debugger)
+            changed(RESYNC)
+            stop.wait()
+
+        def cancel(self) -> None:
+            pass
+
+    starts: list[float] = []
+
+    def environment(variables: dict[str, Any]) -> dict[bytes, bytes]:
+        starts.append(time.monotonic())
+        return dict(os.environb)
+
+    command = ("/bin/sh", "-c", '[ -n "$RESTARTED" ] && exit 4; kill -STOP $$; sleep 60')
+
+    def environment_of(variables: dict[str, Any]) -> dict[bytes, bytes]:
+        made = environment(variables)
+        made.update({k.encode(): s.value.reveal() for k, s in variables.items()})
+        return made
+
+    launch = Launch(command, "/bin/sh", environment_of, lambda exc, v: exc)
+    new = {"RESTARTED": Secret("app/KEY", 2, SecretValue(b"yes-SEEKRIT"), datetime.now(UTC))}
+    supervisor = Supervisor(
+        launch, {}, lambda: new, lambda name: True, stop_signal=signal.SIGTERM, stop_timeout=20
+    )
+    assert supervisor.run(OneChange()) == 4  # the second program's own status
+    assert starts[1] - starts[0] < 10  # the first ended at its SIGTERM, not killed 20 s later
+    assert "killed (SIGKILL)" not in capsys.readouterr().err

@@ -390,8 +390,11 @@ class Supervisor:
         return child
 
     def _stop(self, child: subprocess.Popen[bytes]) -> int:
-        """Send the stop signal to COMMAND's group; SIGKILL after the stop timeout. Its status."""
+        """Send the stop signal to COMMAND's group; SIGKILL after the stop timeout. Its status.
+        SIGCONT follows the stop signal (as systemd sends it): a process stopped (SIGSTOP, a
+        debugger) acts on it only once continued."""
         _signal_group(child, self._stop_signal)
+        _signal_group(child, signal.SIGCONT)
         return self._wait_group(child)
 
     def _ended(self, child: subprocess.Popen[bytes], status: int) -> int:
@@ -401,6 +404,7 @@ class Supervisor:
         if _group_left(child.pid):
             if self._ending is None:
                 _kill_group(child.pid, self._stop_signal)
+                _kill_group(child.pid, signal.SIGCONT)
             self._wait_group(child)
         return exit_status(status)
 
