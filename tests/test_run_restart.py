@@ -140,6 +140,33 @@ class Run:
         self._stderr.close()
 
 
+def through_service(directory: Path, address: str) -> dict[str, str]:
+    """The environment of a `run --server` as client `auth` (service_fixtures' certificates)."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(directory),
+        "SECRETS_MANAGER_ADDR": address,
+        "SECRETS_MANAGER_CERT": str(directory / "auth.pem"),
+        "SECRETS_MANAGER_KEY": str(directory / "auth-key.pem"),
+        "SECRETS_MANAGER_CA": str(directory / "ca.pem"),
+    }
+
+
+def store_in_served_store(directory: Path, name: str, value: str) -> None:
+    """A `store` by the CLI on the store file a test service serves (it reaches the service, and
+    its watchers, by the store's change feed)."""
+    local = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(directory),
+        "MASTER_PASSWORD": SERVICE_PASSWORD,
+    }
+    stored = subprocess.run(
+        [str(SCRIPT), "--store", str(directory / "store.db"), "store", name],
+        input=value, capture_output=True, text=True, env=local, timeout=60,
+    )  # fmt: skip
+    assert stored.returncode == 0, stored.stderr
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -367,24 +394,12 @@ def test_through_a_service_a_change_reaches_the_program_by_its_watch_stream(tmp_
     make_pki(tmp_path, ("auth",))
     make_store(tmp_path)
     server = start_server(tmp_path)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "SECRETS_MANAGER_ADDR": server.address,
-        "SECRETS_MANAGER_CERT": str(tmp_path / "auth.pem"),
-        "SECRETS_MANAGER_KEY": str(tmp_path / "auth-key.pem"),
-        "SECRETS_MANAGER_CA": str(tmp_path / "ca.pem"),
-    }
+    env = through_service(tmp_path, server.address)
     run = Run(tmp_path, env, "--service", "auth")
     try:
         first = run.wait_for_starts(1)[0]
         assert first["started"]["DB_PASSWORD"] == SEED["auth/DB_PASSWORD"].decode()
-        local = {"PATH": env["PATH"], "HOME": str(tmp_path), "MASTER_PASSWORD": SERVICE_PASSWORD}
-        stored = subprocess.run(
-            [str(SCRIPT), "--store", str(tmp_path / "store.db"), "store", "auth/DB_PASSWORD"],
-            input="rotated-SEEKRIT", capture_output=True, text=True, env=local, timeout=60,
-        )  # fmt: skip
-        assert stored.returncode == 0, stored.stderr
+        store_in_served_store(tmp_path, "auth/DB_PASSWORD", "rotated-SEEKRIT")
         second = run.wait_for_starts(2)[1]
         assert second["started"]["DB_PASSWORD"] == "rotated-SEEKRIT"
         assert second["started"]["JWT_KEY"] == SEED["auth/JWT_KEY"].decode()
@@ -401,14 +416,7 @@ def test_a_watch_stream_broken_by_a_service_restart_is_opened_again(tmp_path: Pa
     make_store(tmp_path)
     server = start_server(tmp_path)
     port = int(server.address.rpartition(":")[2])
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "SECRETS_MANAGER_ADDR": server.address,
-        "SECRETS_MANAGER_CERT": str(tmp_path / "auth.pem"),
-        "SECRETS_MANAGER_KEY": str(tmp_path / "auth-key.pem"),
-        "SECRETS_MANAGER_CA": str(tmp_path / "ca.pem"),
-    }
+    env = through_service(tmp_path, server.address)
     run = Run(tmp_path, env, "--service", "auth")
     try:
         run.wait_for_starts(1)
@@ -416,12 +424,7 @@ def test_a_watch_stream_broken_by_a_service_restart_is_opened_again(tmp_path: Pa
         run.wait_for(lambda: "watching again in" in run.stderr(), "the broken stream noticed")
         server = start_server(tmp_path, port=port)
         run.wait_for(lambda: f"watching {server.address} again" in run.stderr(), "the stream reopened", 40)
-        local = {"PATH": env["PATH"], "HOME": str(tmp_path), "MASTER_PASSWORD": SERVICE_PASSWORD}
-        stored = subprocess.run(
-            [str(SCRIPT), "--store", str(tmp_path / "store.db"), "store", "auth/JWT_KEY"],
-            input="after-restart-SEEKRIT", capture_output=True, text=True, env=local, timeout=60,
-        )  # fmt: skip
-        assert stored.returncode == 0, stored.stderr
+        store_in_served_store(tmp_path, "auth/JWT_KEY", "after-restart-SEEKRIT")
         assert run.wait_for_starts(2)[1]["started"]["JWT_KEY"] == "after-restart-SEEKRIT"
         assert "SEEKRIT" not in run.stderr()
     finally:
@@ -640,14 +643,7 @@ def test_a_service_back_with_a_new_ca_and_certificates_is_watched_with_the_renew
     make_store(tmp_path)
     server = start_server(tmp_path)
     port = int(server.address.rpartition(":")[2])
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "SECRETS_MANAGER_ADDR": server.address,
-        "SECRETS_MANAGER_CERT": str(tmp_path / "auth.pem"),
-        "SECRETS_MANAGER_KEY": str(tmp_path / "auth-key.pem"),
-        "SECRETS_MANAGER_CA": str(tmp_path / "ca.pem"),
-    }
+    env = through_service(tmp_path, server.address)
     run = Run(tmp_path, env, "--service", "auth")
     try:
         run.wait_for_starts(1)
@@ -659,12 +655,7 @@ def test_a_service_back_with_a_new_ca_and_certificates_is_watched_with_the_renew
             os.replace(renewed / name, tmp_path / name)
         server = start_server(tmp_path, port=port)
         run.wait_for(lambda: f"watching {server.address} again" in run.stderr(), "the stream reopened", 40)
-        local = {"PATH": env["PATH"], "HOME": str(tmp_path), "MASTER_PASSWORD": SERVICE_PASSWORD}
-        stored = subprocess.run(
-            [str(SCRIPT), "--store", str(tmp_path / "store.db"), "store", "auth/JWT_KEY"],
-            input="after-rotation-SEEKRIT", capture_output=True, text=True, env=local, timeout=60,
-        )  # fmt: skip
-        assert stored.returncode == 0, stored.stderr
+        store_in_served_store(tmp_path, "auth/JWT_KEY", "after-rotation-SEEKRIT")
         assert run.wait_for_starts(2)[1]["started"]["JWT_KEY"] == "after-rotation-SEEKRIT"
         assert "with the renewed certificate files" in run.stderr()
         assert "SEEKRIT" not in run.stderr()
@@ -774,14 +765,7 @@ def test_a_watch_stream_on_a_service_that_hangs_is_noticed_and_opened_again(tmp_
     make_pki(tmp_path, ("auth",))
     make_store(tmp_path)
     server = start_server(tmp_path)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "SECRETS_MANAGER_ADDR": server.address,
-        "SECRETS_MANAGER_CERT": str(tmp_path / "auth.pem"),
-        "SECRETS_MANAGER_KEY": str(tmp_path / "auth-key.pem"),
-        "SECRETS_MANAGER_CA": str(tmp_path / "ca.pem"),
-    }
+    env = through_service(tmp_path, server.address)
     run = Run(tmp_path, env, "--service", "auth")
     try:
         run.wait_for_starts(1)
@@ -791,12 +775,7 @@ def test_a_watch_stream_on_a_service_that_hangs_is_noticed_and_opened_again(tmp_
         finally:
             server.process.send_signal(signal.SIGCONT)
         run.wait_for(lambda: f"watching {server.address} again" in run.stderr(), "the stream reopened", 40)
-        local = {"PATH": env["PATH"], "HOME": str(tmp_path), "MASTER_PASSWORD": SERVICE_PASSWORD}
-        stored = subprocess.run(
-            [str(SCRIPT), "--store", str(tmp_path / "store.db"), "store", "auth/JWT_KEY"],
-            input="after-hang-SEEKRIT", capture_output=True, text=True, env=local, timeout=60,
-        )  # fmt: skip
-        assert stored.returncode == 0, stored.stderr
+        store_in_served_store(tmp_path, "auth/JWT_KEY", "after-hang-SEEKRIT")
         assert run.wait_for_starts(2)[1]["started"]["JWT_KEY"] == "after-hang-SEEKRIT"
     finally:
         run.kill()
