@@ -27,6 +27,7 @@ from secrets_manager.store import Secret
 from secrets_manager.values import SecretValue
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
 from service_fixtures import SEED, make_pki, make_store, start_server
+from test_run_command import aws_variables
 from test_serve_external_stores import (  # noqa: F401 (fixtures)
     Backend,
     make_backend,
@@ -437,13 +438,7 @@ def test_on_an_aws_store_a_change_is_seen_at_its_poll(tmp_path: Path, moto_endpo
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(tmp_path),
         "SECRETS_MANAGER_STORE": f"aws-secretsmanager://us-east-1/restart-{secrets.token_hex(4)}",
-        "AWS_ENDPOINT_URL": moto_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_CONFIG_FILE": str(tmp_path / "no-aws-config"),
-        "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "no-aws-credentials"),
-        "AWS_EC2_METADATA_DISABLED": "true",
+        **aws_variables(moto_endpoint, tmp_path),
     }
     cli = Cli(tmp_path)
     cli.env = env
