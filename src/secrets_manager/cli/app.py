@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 import click
 
-from secrets_manager.agent import AgentClient, AgentNotRunning
+from secrets_manager.agent import AgentClient, AgentNotRunning, agent_directory, check_directory
 from secrets_manager.audit import (
     AuditError,
     AuditEvent,
@@ -29,6 +29,16 @@ from secrets_manager.audit import (
     local_actor,
     refuse_files_of_others,
     value_fingerprint,
+)
+from secrets_manager.cli.clipboard import (
+    CLIP_TIME_VARIABLE,
+    DEFAULT_CLIP_SECONDS,
+    ClipboardFailed,
+    ClipboardTool,
+    ClipboardUnavailable,
+    clip_seconds,
+    copy_for_a_while,
+    find_clipboard,
 )
 from secrets_manager.cli.output import (
     expiry_text,
@@ -1100,9 +1110,22 @@ def _with_field_replaced(
 @click.option(
     "--json", "as_json", is_flag=True, help="Print name, version, labels, expiry and value as JSON."
 )
+@click.option(
+    "--clip",
+    "-c",
+    is_flag=True,
+    help=f"Copy the value to the clipboard instead of printing it, as 'pass -c' does; taken off "
+    f"after {CLIP_TIME_VARIABLE} seconds (default {DEFAULT_CLIP_SECONDS}).",
+)
 @pass_session
 def get(
-    session: Session, name: str, version: int | None, label: str | None, raw: bool, as_json: bool
+    session: Session,
+    name: str,
+    version: int | None,
+    label: str | None,
+    raw: bool,
+    as_json: bool,
+    clip: bool,
 ) -> None:
     """Print the value of NAME (its current version unless --version or --label).
 
@@ -1114,8 +1137,11 @@ def get(
         raise InvalidInputError(f"'{name}{FIELD_SEPARATOR}' names no field; write NAME#FIELD")
     if raw and as_json:
         raise InvalidInputError("--raw and --json exclude each other")
+    if clip and (raw or as_json):
+        raise InvalidInputError(f"--clip and --{'raw' if raw else 'json'} exclude each other")
     if version is not None and label is not None:
         raise InvalidInputError("give --version or --label, not both")
+    clipboard = _clipboard_for_get() if clip else None
     with session.secret_operation("get", name) as (store, note):
         secret = store.get(name, version=version, label=label)
         note.version(secret.version)
@@ -1153,7 +1179,34 @@ def get(
         raise InvalidInputError(
             f"the value of {name} is binary ({len(data)} bytes); use --raw or --json"
         ) from None
+    if clipboard is not None:
+        _copy_to_clipboard(clipboard, data, f"{name}{selector}{field}")
+        return
     click.echo(text)
+
+
+def _clipboard_for_get() -> tuple[ClipboardTool, int, Path]:
+    """The clipboard, how long the value stays on it and where its clearer keeps its files, found
+    before the secret is read: a read that could go nowhere is not audited as done."""
+    try:
+        seconds = clip_seconds(os.environ)
+        tool = find_clipboard(os.environ)
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from None
+    except ClipboardUnavailable as exc:
+        raise SecretsManagerError(f"{exc}; run 'get' without --clip to print the value instead") from None
+    directory = agent_directory(os.environ)
+    check_directory(directory, create=True)
+    return tool, seconds, directory
+
+
+def _copy_to_clipboard(clipboard: tuple[ClipboardTool, int, Path], data: bytes, shown_name: str) -> None:
+    tool, seconds, directory = clipboard
+    try:
+        copy_for_a_while(tool, data, seconds, directory)
+    except ClipboardFailed as exc:
+        raise SecretsManagerError(f"could not copy {shown_name} to the clipboard: {exc}") from None
+    click.echo(f"Copied {shown_name} to the clipboard ({tool.name}); it is cleared in {seconds} s.")
 
 
 @cli.command("list")

@@ -1,0 +1,224 @@
+"""`get --clip` (as `pass -c`): the value reaches a real X clipboard (Xvfb) through xclip or xsel,
+never a process's arguments or the command's output, and is taken off after
+SECRETS_MANAGER_CLIP_TIME seconds, putting back what the clipboard held before."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from test_cli import KNOWN_VALUE, Cli, Result, assert_one_line_error
+
+CLIPBOARD_PROGRAMS = ("Xvfb", "xclip", "xsel")
+
+
+def _require_clipboard_programs() -> None:
+    missing = [program for program in CLIPBOARD_PROGRAMS if shutil.which(program) is None]
+    if not missing:
+        return
+    why = f"{', '.join(missing)} not installed (Debian: apt-get install xvfb xclip xsel)"
+    if os.environ.get("CI"):
+        pytest.fail(f"{why}, but CI must run the clipboard tests (.ci/run installs them)")
+    pytest.skip(why)
+
+
+@pytest.fixture
+def display() -> Iterator[str]:
+    """A private X server (Xvfb) on a display number it picks itself."""
+    _require_clipboard_programs()
+    read_end, write_end = os.pipe()
+    server = subprocess.Popen(
+        ["Xvfb", "-displayfd", str(write_end), "-nolisten", "tcp"],
+        pass_fds=(write_end,),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    os.close(write_end)
+    try:
+        ready, _, _ = select.select([read_end], [], [], 20)
+        number = os.read(read_end, 64).decode().strip() if ready else ""
+        assert number.isdigit(), "Xvfb did not say its display number within 20 s"
+        yield f":{number}"
+    finally:
+        os.close(read_end)
+        server.terminate()
+        server.wait(timeout=10)
+
+
+@pytest.fixture
+def desktop(tmp_path: Path, display: str) -> Iterator[Cli]:
+    """A store with KNOWN_VALUE at app/KEY, used from a session on `display`. A clearer still
+    running at the end is killed: the next test's X server may get the same display number."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir(mode=0o700)
+    cli = Cli(tmp_path / "vault" / "store.db", tmp_path)
+    cli.env.update({"DISPLAY": display, "XDG_RUNTIME_DIR": str(runtime), "SECRETS_MANAGER_CLIP_TIME": "2"})
+    assert cli("init", "--kdf-profile", "test").code == 0
+    assert cli("store", "app/KEY", input=KNOWN_VALUE.encode()).code == 0
+    yield cli
+    with contextlib.suppress(FileNotFoundError, ValueError, ProcessLookupError):
+        os.kill(int(clearer_pid_file(cli).read_text()), signal.SIGKILL)
+
+
+def clipboard(cli: Cli) -> str:
+    done = subprocess.run(
+        ["xclip", "-selection", "clipboard", "-out"],
+        env={"DISPLAY": cli.env["DISPLAY"], "PATH": cli.env["PATH"]},
+        capture_output=True,
+        timeout=10,
+    )
+    return done.stdout.decode() if done.returncode == 0 else ""
+
+
+def copy(cli: Cli, text: str) -> None:
+    """Copy `text` as a desktop program would (xclip stays behind to serve it)."""
+    subprocess.run(
+        ["xclip", "-selection", "clipboard", "-in"],
+        input=text.encode(),
+        env={"DISPLAY": cli.env["DISPLAY"], "PATH": cli.env["PATH"]},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        timeout=10,
+        check=True,
+    )
+
+
+def clearer_pid_file(cli: Cli) -> Path:
+    display_number = cli.env["DISPLAY"].lstrip(":")
+    return Path(cli.env["XDG_RUNTIME_DIR"]) / "secrets-manager" / f"clip-x11-_{display_number}.pid"
+
+
+def wait_for_the_clearer(cli: Cli, within: float = 20.0) -> None:
+    """Until the clearer of `cli`'s display has done its work and ended."""
+    pid_file = clearer_pid_file(cli)
+    deadline = time.monotonic() + within
+    while pid_file.exists():
+        assert time.monotonic() < deadline, f"the clearer was still running after {within} s"
+        time.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, ended but not yet reaped by whoever adopted it, does not)."""
+    try:
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return status.rpartition(")")[2].split()[0] != "Z"
+
+
+def assert_copied(result: Result, shown: str) -> None:
+    assert result.code == 0, result.stderr
+    assert result.out.startswith(f"Copied {shown} to the clipboard ("), result.out
+    assert KNOWN_VALUE not in result.out + result.stderr
+
+
+def test_get_clip_copies_the_value_and_then_puts_back_what_was_there(desktop: Cli) -> None:
+    copy(desktop, "what the user had copied")
+    result = desktop("get", "app/KEY", "--clip")
+    assert_copied(result, "app/KEY")
+    assert "cleared in 2 s" in result.out
+    assert clipboard(desktop) == KNOWN_VALUE
+    wait_for_the_clearer(desktop)
+    assert clipboard(desktop) == "what the user had copied"
+
+
+def test_an_empty_clipboard_is_emptied_again(desktop: Cli) -> None:
+    assert_copied(desktop("get", "app/KEY", "-c"), "app/KEY")
+    assert clipboard(desktop) == KNOWN_VALUE
+    wait_for_the_clearer(desktop)
+    assert clipboard(desktop) == ""
+
+
+def test_something_copied_meanwhile_is_left_alone(desktop: Cli) -> None:
+    assert_copied(desktop("get", "app/KEY", "--clip"), "app/KEY")
+    copy(desktop, "copied after the secret")
+    wait_for_the_clearer(desktop)
+    assert clipboard(desktop) == "copied after the secret"
+
+
+def test_a_second_copy_never_brings_the_first_value_back(desktop: Cli) -> None:
+    desktop("store", "app/OTHER", input=b"the-other-secret-value")
+    copy(desktop, "before both")
+    assert_copied(desktop("get", "app/KEY", "--clip", env={"SECRETS_MANAGER_CLIP_TIME": "600"}), "app/KEY")
+    first_clearer = int(clearer_pid_file(desktop).read_text())
+    assert_copied(desktop("get", "app/OTHER", "--clip"), "app/OTHER")
+    assert clipboard(desktop) == "the-other-secret-value"
+    assert not running(first_clearer), "the first copy's clearer still runs"
+    wait_for_the_clearer(desktop)
+    assert clipboard(desktop) == "before both"
+
+
+def test_one_field_of_a_json_value(desktop: Cli) -> None:
+    desktop("store", "db/main", input=json.dumps({"username": "app", "password": KNOWN_VALUE}).encode())
+    assert_copied(desktop("get", "db/main#password", "--clip"), "db/main#password")
+    assert clipboard(desktop) == KNOWN_VALUE
+
+
+def test_xsel_serves_where_xclip_is_missing(desktop: Cli, tmp_path: Path) -> None:
+    only_xsel = tmp_path / "bin"
+    only_xsel.mkdir()
+    (only_xsel / "xsel").symlink_to(shutil.which("xsel") or "xsel")
+    copy(desktop, "before xsel")
+    result = desktop("get", "app/KEY", "--clip", env={"PATH": str(only_xsel)})
+    assert_copied(result, "app/KEY")
+    assert "(xsel)" in result.out
+    assert clipboard(desktop) == KNOWN_VALUE
+    wait_for_the_clearer(desktop)
+    assert clipboard(desktop) == "before xsel"
+
+
+def test_the_value_is_in_no_process_arguments_or_environment(desktop: Cli) -> None:
+    assert_copied(desktop("get", "app/KEY", "--clip", env={"SECRETS_MANAGER_CLIP_TIME": "600"}), "app/KEY")
+    clearer = int(clearer_pid_file(desktop).read_text())
+    seen = []
+    for process in Path("/proc").iterdir():
+        if not process.name.isdigit():
+            continue
+        for part in ("cmdline", "environ"):
+            try:
+                seen.append(process.joinpath(part).read_bytes())
+            except OSError:
+                continue  # ended meanwhile, or not ours to read
+    assert any(b"secrets-manager-clip-clearer" in arguments for arguments in seen), "no clearer seen"
+    assert not any(KNOWN_VALUE.encode() in arguments for arguments in seen)
+    os.kill(clearer, signal.SIGTERM)  # taken off now, as a second copy would
+    wait_for_the_clearer(desktop)
+    assert clipboard(desktop) == ""
+
+
+def test_without_a_clipboard_nothing_is_read_and_the_user_is_told(desktop: Cli) -> None:
+    audit = desktop.store.parent / "store.audit.jsonl"
+    records_before = audit.read_text().count("\n")
+    result = desktop("get", "app/KEY", "--clip", env={"DISPLAY": None})
+    assert_one_line_error(result, 1, "no clipboard", "without --clip")
+    assert audit.read_text().count("\n") == records_before, "a read that went nowhere was audited"
+    result = desktop("get", "app/KEY", "--clip", env={"PATH": "/nonexistent"})
+    assert_one_line_error(result, 1, "neither xclip nor xsel is installed")
+
+
+@pytest.mark.parametrize(
+    ("options", "env", "needle"),
+    [
+        (("--raw",), {}, "--clip and --raw exclude each other"),
+        (("--json",), {}, "--clip and --json exclude each other"),
+        ((), {"SECRETS_MANAGER_CLIP_TIME": "soon"}, "SECRETS_MANAGER_CLIP_TIME must be a whole number"),
+        ((), {"SECRETS_MANAGER_CLIP_TIME": "0"}, "from 1 to 86400"),
+    ],
+)
+def test_bad_requests_exit_2_and_leave_the_clipboard_alone(
+    desktop: Cli, options: tuple[str, ...], env: dict[str, str], needle: str
+) -> None:
+    copy(desktop, "untouched")
+    assert_one_line_error(desktop("get", "app/KEY", "--clip", *options, env=env), 2, needle)
+    assert clipboard(desktop) == "untouched"
