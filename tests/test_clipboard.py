@@ -222,3 +222,35 @@ def test_bad_requests_exit_2_and_leave_the_clipboard_alone(
     copy(desktop, "untouched")
     assert_one_line_error(desktop("get", "app/KEY", "--clip", *options, env=env), 2, needle)
     assert clipboard(desktop) == "untouched"
+
+
+def test_store_generate_clip_copies_the_new_value_it_never_prints(desktop: Cli) -> None:
+    copy(desktop, "before the new password")
+    result = desktop("store", "db/ADMIN", "--generate", "--length", "40", "--clip")
+    assert result.code == 0, result.stderr
+    assert result.out.splitlines()[0] == "stored db/ADMIN version 1"
+    assert result.out.splitlines()[1].startswith("Copied db/ADMIN to the clipboard (")
+    generated = desktop("get", "db/ADMIN").out.strip()
+    assert len(generated) == 40 and generated not in result.out + result.stderr
+    assert clipboard(desktop) == generated
+    wait_for_the_clearer(desktop)
+    assert clipboard(desktop) == "before the new password"
+
+
+def test_store_generate_clip_of_one_field_copies_that_field(desktop: Cli) -> None:
+    desktop("store", "db/main", input=json.dumps({"username": "app", "password": "old"}).encode())
+    result = desktop("store", "db/main#password", "--generate", "--clip")
+    assert result.code == 0, result.stderr
+    stored = json.loads(desktop("get", "db/main").out)
+    assert stored["username"] == "app" and stored["password"] != "old"
+    assert clipboard(desktop) == stored["password"]
+
+
+def test_store_clip_is_refused_before_anything_is_stored(desktop: Cli) -> None:
+    assert_one_line_error(
+        desktop("store", "db/NEW", "--clip", input=b"typed"), 2, "--clip copies a generated value"
+    )
+    assert_one_line_error(desktop("store", "db/NEW", "--generate", "--clip", "--json"), 2, "exclude")
+    result = desktop("store", "db/NEW", "--generate", "--clip", env={"DISPLAY": None})
+    assert_one_line_error(result, 1, "no clipboard", "without --clip")
+    assert desktop("get", "db/NEW").code == 3, "a value nobody could paste was stored"

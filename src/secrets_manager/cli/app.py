@@ -1000,6 +1000,13 @@ def init(session: Session, kdf_profile: str, kms_key: str | None) -> None:
     "time or an age from now such as 90d. For this version only: the next one has none unless given."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--clip",
+    "-c",
+    is_flag=True,
+    help="With --generate: copy the new value to the clipboard, as 'pass generate -c' does (taken off "
+    "as for 'get --clip').",
+)
 @pass_session
 def store_command(
     session: Session,
@@ -1017,6 +1024,7 @@ def store_command(
     max_versions: int | None,
     expires: str | None,
     as_json: bool,
+    clip: bool,
 ) -> None:
     """Store a new version of NAME. The value comes from stdin, a prompt, --file, VALUE (warns), or
     --generate (a random one, like 'pass generate': not printed; 'get' shows it).
@@ -1051,11 +1059,17 @@ def store_command(
         refuse_generator_options("give --generate too, or drop {them}")
     if separator and not field:
         raise InvalidInputError(f"'{name}{FIELD_SEPARATOR}' names no field; write NAME#FIELD")
+    if clip and not generate:
+        raise InvalidInputError("--clip copies a generated value: give --generate too (or use 'get --clip')")
+    if clip and as_json:
+        raise InvalidInputError("--clip and --json exclude each other")
+    clipboard = _clipboard_found_first() if clip else None
     secret = (
         generated_value(length, alphabet)
         if generate
         else read_value(value, value_file, raw=raw, allow_empty=allow_empty)
     )
+    generated = secret
     if separator:
         secret, expect_version = _with_field_replaced(session, name, field, secret, expect_version)
     with session.secret_operation("store", name, mutating=True) as (store, note):
@@ -1076,6 +1090,14 @@ def store_command(
             print_json({"name": name, "version": info.version, "expires": timestamp(expiry) or None})
         else:
             click.echo(f"stored {name} version {info.version}{until}")
+    if clipboard is not None:
+        shown_name = f"{name}{separator}{field}"
+        try:
+            _copy_to_clipboard(clipboard, generated.reveal(), shown_name)
+        except SecretsManagerError as exc:
+            raise SecretsManagerError(
+                f"{exc} (it was stored: '{suggested('get', shown_name, '--clip')}' copies it)"
+            ) from None
 
 
 def _with_field_replaced(
@@ -1141,7 +1163,7 @@ def get(
         raise InvalidInputError(f"--clip and --{'raw' if raw else 'json'} exclude each other")
     if version is not None and label is not None:
         raise InvalidInputError("give --version or --label, not both")
-    clipboard = _clipboard_for_get() if clip else None
+    clipboard = _clipboard_found_first() if clip else None
     with session.secret_operation("get", name) as (store, note):
         secret = store.get(name, version=version, label=label)
         note.version(secret.version)
@@ -1185,16 +1207,17 @@ def get(
     click.echo(text)
 
 
-def _clipboard_for_get() -> tuple[ClipboardTool, int, Path]:
+def _clipboard_found_first() -> tuple[ClipboardTool, int, Path]:
     """The clipboard, how long the value stays on it and where its clearer keeps its files, found
-    before the secret is read: a read that could go nowhere is not audited as done."""
+    before the secret is read or written: a read that could go nowhere is not audited as done, and
+    a generated value is not stored where nobody could paste it."""
     try:
         seconds = clip_seconds(os.environ)
         tool = find_clipboard(os.environ)
     except ValueError as exc:
         raise InvalidInputError(str(exc)) from None
     except ClipboardUnavailable as exc:
-        raise SecretsManagerError(f"{exc}; run 'get' without --clip to print the value instead") from None
+        raise SecretsManagerError(f"{exc}; run the command without --clip") from None
     directory = agent_directory(os.environ)
     check_directory(directory, create=True)
     return tool, seconds, directory
