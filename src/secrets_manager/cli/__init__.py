@@ -22,6 +22,7 @@ from secrets_manager.cli import (
     import_command,  # noqa: F401  (registers `import`)
     keys_commands,  # noqa: F401  (registers `keys`)
     move_commands,  # noqa: F401  (registers `mv` and `cp`)
+    otp_command,  # noqa: F401  (registers `otp`)
     pki_commands,  # noqa: F401  (registers `pki`)
     policy_commands,  # noqa: F401  (registers `policy`)
     purge_command,  # noqa: F401  (registers `purge`)

@@ -1063,7 +1063,7 @@ def store_command(
         raise InvalidInputError("--clip copies a generated value: give --generate too (or use 'get --clip')")
     if clip and as_json:
         raise InvalidInputError("--clip and --json exclude each other")
-    clipboard = _clipboard_found_first() if clip else None
+    clipboard = clipboard_found_first() if clip else None
     secret = (
         generated_value(length, alphabet)
         if generate
@@ -1093,7 +1093,7 @@ def store_command(
     if clipboard is not None:
         shown_name = f"{name}{separator}{field}"
         try:
-            _copy_to_clipboard(clipboard, generated.reveal(), shown_name)
+            copy_to_clipboard(clipboard, generated.reveal(), shown_name)
         except SecretsManagerError as exc:
             raise SecretsManagerError(
                 f"{exc} (it was stored: '{suggested('get', shown_name, '--clip')}' copies it)"
@@ -1163,7 +1163,7 @@ def get(
         raise InvalidInputError(f"--clip and --{'raw' if raw else 'json'} exclude each other")
     if version is not None and label is not None:
         raise InvalidInputError("give --version or --label, not both")
-    clipboard = _clipboard_found_first() if clip else None
+    clipboard = clipboard_found_first() if clip else None
     with session.secret_operation("get", name) as (store, note):
         secret = store.get(name, version=version, label=label)
         note.version(secret.version)
@@ -1202,12 +1202,12 @@ def get(
             f"the value of {name} is binary ({len(data)} bytes); use --raw or --json"
         ) from None
     if clipboard is not None:
-        _copy_to_clipboard(clipboard, data, f"{name}{selector}{field}")
+        copy_to_clipboard(clipboard, data, f"{name}{selector}{field}")
         return
     click.echo(text)
 
 
-def _clipboard_found_first() -> tuple[ClipboardTool, int, Path]:
+def clipboard_found_first() -> tuple[ClipboardTool, int, Path]:
     """The clipboard, how long the value stays on it and where its clearer keeps its files, found
     before the secret is read or written: a read that could go nowhere is not audited as done, and
     a generated value is not stored where nobody could paste it."""
@@ -1223,7 +1223,7 @@ def _clipboard_found_first() -> tuple[ClipboardTool, int, Path]:
     return tool, seconds, directory
 
 
-def _copy_to_clipboard(clipboard: tuple[ClipboardTool, int, Path], data: bytes, shown_name: str) -> None:
+def copy_to_clipboard(clipboard: tuple[ClipboardTool, int, Path], data: bytes, shown_name: str) -> None:
     tool, seconds, directory = clipboard
     try:
         copy_for_a_while(tool, data, seconds, directory)

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import NoReturn
 
+from secrets_manager.otp import OneTimeCode, one_time_code
 from secrets_manager.values import SecretValue
 
 
@@ -96,6 +97,12 @@ class Credentials(Mapping[str, SecretValue]):
             raise
         except KeyError:
             return default
+
+    def totp(self, name: str) -> OneTimeCode:
+        """The current TOTP code of the seed at `name` (an otpauth://totp/ URI or a base32 setup
+        key), for a broker's or exchange's automated login: `creds.totp("BROKER_TOTP").reveal()`;
+        `.valid_for` says how many seconds it has left. NotATotpSeedError if it holds none."""
+        return one_time_code(self[name], name=name)
 
     def __repr__(self) -> str:
         stale = ", stale=True" if self._stale else ""
