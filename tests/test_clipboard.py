@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import KNOWN_VALUE, Cli, Result, assert_one_line_error
+from test_cli import KNOWN_VALUE, PASSWORD, Cli, Result, assert_one_line_error
 
 CLIPBOARD_PROGRAMS = ("Xvfb", "xclip", "xsel")
 
@@ -92,6 +92,20 @@ def copy(cli: Cli, text: str) -> None:
         timeout=10,
         check=True,
     )
+
+
+def xclip_servers(cli: Cli) -> list[int]:
+    """The xclip processes left serving the clipboard of `cli`'s display."""
+    found = []
+    for process in Path("/proc").iterdir():
+        try:
+            arguments = (process / "cmdline").read_bytes().split(b"\0")
+            environment = (process / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if arguments[0].endswith(b"xclip") and f"DISPLAY={cli.env['DISPLAY']}".encode() in environment:
+            found.append(int(process.name))
+    return found
 
 
 def clearer_pid_file(cli: Cli) -> Path:
@@ -192,6 +206,13 @@ def test_the_value_is_in_no_process_arguments_or_environment(desktop: Cli) -> No
                 continue  # ended meanwhile, or not ours to read
     assert any(b"secrets-manager-clip-clearer" in arguments for arguments in seen), "no clearer seen"
     assert not any(KNOWN_VALUE.encode() in arguments for arguments in seen)
+    # The clearer and the xclip serving the value outlive the command: not with its master password.
+    lasting = [pid for pid in (clearer, *xclip_servers(desktop)) if Path(f"/proc/{pid}").exists()]
+    assert len(lasting) >= 2, lasting
+    for pid in lasting:
+        environment = Path(f"/proc/{pid}/environ").read_bytes()
+        assert b"MASTER_PASSWORD" not in environment and PASSWORD.encode() not in environment
+        assert f"DISPLAY={desktop.env['DISPLAY']}".encode() in environment.split(b"\0")
     os.kill(clearer, signal.SIGTERM)  # taken off now, as a second copy would
     wait_for_the_clearer(desktop)
     assert clipboard(desktop) == ""

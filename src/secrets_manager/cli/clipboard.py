@@ -43,6 +43,13 @@ TOOL_TIMEOUT = 5.0  # seconds: an unanswering clipboard owner must not hang `get
 READY_TIMEOUT = 10.0  # seconds for a new clearer to say it has taken over
 HANDOVER_TIMEOUT = 5.0  # seconds for the running clearer to put the old content back and end
 CLEARER_MARK = "secrets-manager-clip-clearer"  # in the clearer's argv, to recognise it by pid
+# All the clipboard programs and the clearer get of our environment: they outlive the command (the
+# X and Wayland ones serve the clipboard until something else is copied), and MASTER_PASSWORD,
+# VAULT_TOKEN or AWS keys have no business in them.
+TOOL_VARIABLES = (
+    "PATH", "HOME", "DISPLAY", "XAUTHORITY", "WAYLAND_DISPLAY", "XDG_RUNTIME_DIR",
+    "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class ClipboardTool:
     copy: tuple[str, ...]
     paste: tuple[str, ...]
     clear: tuple[str, ...] | None  # None: copy an empty input
+    environment: Mapping[str, str]  # TOOL_VARIABLES only
 
 
 class ClipboardUnavailable(Exception):
@@ -86,6 +94,7 @@ def find_clipboard(environ: Mapping[str, str]) -> ClipboardTool:
     path = environ.get("PATH", os.defpath)
     wayland = environ.get("WAYLAND_DISPLAY", "")
     x_display = environ.get("DISPLAY", "")
+    tool_environment = {name: environ[name] for name in TOOL_VARIABLES if name in environ}
     if wayland and shutil.which("wl-copy", path=path) and shutil.which("wl-paste", path=path):
         return ClipboardTool(
             "wl-copy",
@@ -93,6 +102,7 @@ def find_clipboard(environ: Mapping[str, str]) -> ClipboardTool:
             ("wl-copy",),
             ("wl-paste", "--no-newline"),
             ("wl-copy", "--clear"),
+            tool_environment,
         )
     if x_display and shutil.which("xclip", path=path):
         return ClipboardTool(
@@ -101,6 +111,7 @@ def find_clipboard(environ: Mapping[str, str]) -> ClipboardTool:
             ("xclip", "-selection", "clipboard", "-in"),
             ("xclip", "-selection", "clipboard", "-out"),
             None,
+            tool_environment,
         )
     if x_display and shutil.which("xsel", path=path):
         return ClipboardTool(
@@ -109,9 +120,10 @@ def find_clipboard(environ: Mapping[str, str]) -> ClipboardTool:
             ("xsel", "--clipboard", "--input"),
             ("xsel", "--clipboard", "--output"),
             ("xsel", "--clipboard", "--clear"),
+            tool_environment,
         )
     if sys.platform == "darwin" and shutil.which("pbcopy", path=path):
-        return ClipboardTool("pbcopy", "macos", ("pbcopy",), ("pbpaste",), None)
+        return ClipboardTool("pbcopy", "macos", ("pbcopy",), ("pbpaste",), None, tool_environment)
     if wayland:
         missing = "WAYLAND_DISPLAY is set but wl-copy/wl-paste are not installed (package wl-clipboard)"
     elif x_display:
@@ -185,7 +197,12 @@ def _read(tool: ClipboardTool) -> bytes:
     """What the clipboard holds; empty if it holds nothing, or nothing as text."""
     try:
         done = subprocess.run(
-            tool.paste, stdin=subprocess.DEVNULL, capture_output=True, timeout=TOOL_TIMEOUT, check=False
+            tool.paste,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=TOOL_TIMEOUT,
+            check=False,
+            env=dict(tool.environment),
         )
     except (OSError, subprocess.TimeoutExpired):
         return b""
@@ -206,6 +223,7 @@ def _write(tool: ClipboardTool, data: bytes) -> None:
                 stderr=errors,
                 timeout=TOOL_TIMEOUT,
                 check=False,
+                env=dict(tool.environment),
                 start_new_session=True,  # its clipboard server outlives us, away from our terminal
             )
         except subprocess.TimeoutExpired:
@@ -249,6 +267,7 @@ def _start_clearer(tool: ClipboardTool, data: bytes, before: bytes, seconds: int
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            env=dict(tool.environment),
             start_new_session=True,  # outlives this command and the terminal it ran in
         )
     except OSError as exc:
@@ -284,6 +303,7 @@ def _clear_later() -> None:
         tuple(spec["copy"]),
         tuple(spec["paste"]),
         None if spec["clear"] is None else tuple(spec["clear"]),
+        dict(os.environ),  # TOOL_VARIABLES: how copy_for_a_while started us
     )
     pid_file = Path(orders["pid_file"])
     ended = False
