@@ -20,6 +20,7 @@ from secrets_manager.cli import (
     edit_command,  # noqa: F401  (registers `edit`)
     health_command,  # noqa: F401  (registers `health`)
     import_command,  # noqa: F401  (registers `import`)
+    inject_command,  # noqa: F401  (registers `inject`)
     keys_commands,  # noqa: F401  (registers `keys`)
     move_commands,  # noqa: F401  (registers `mv` and `cp`)
     otp_command,  # noqa: F401  (registers `otp`)

@@ -350,7 +350,9 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool) -> None:
     try:
         try:
             os.fchmod(fd, 0o600)  # mkstemp already creates 0600; say so rather than rely on it
-            os.write(fd, data)  # PEM files are a few hundred bytes: one write
+            view = memoryview(data)
+            while view:  # one write for a PEM file; a rendered template may need more
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)

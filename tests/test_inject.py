@@ -1,0 +1,137 @@
+"""`inject -i TEMPLATE [-o FILE]` (as `op inject`): references filled in, every secret read and
+audited before anything is written, FILE 0600 and replaced only with --force."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from service_fixtures import SCRIPT, SEED, client_environ, make_pki, make_store, start_server
+from test_cli import KNOWN_VALUE, Cli, assert_one_line_error
+
+TEMPLATE = """\
+# market-connector.yaml: {{ not ours }} stays as it is (Helm, Jinja)
+binance:
+  api_key: "{{ sm://market-connector/BINANCE_API_KEY }}"
+  api_secret: "{{sm://market-connector/BINANCE_API_KEY}}"
+database:
+  user: {{ sm://db/main#username }}
+  password: {{ sm://db/main#password }}
+"""
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    cli = Cli(tmp_path / "vault" / "store.db", tmp_path)
+    assert cli("init", "--kdf-profile", "test").code == 0
+    assert cli("store", "market-connector/BINANCE_API_KEY", input=KNOWN_VALUE.encode()).code == 0
+    database = json.dumps({"username": "app", "password": "db-Pa55-SEEKRIT"}).encode()
+    assert cli("store", "db/main", input=database).code == 0
+    (tmp_path / "template.yaml").write_text(TEMPLATE)
+    return cli
+
+
+def audit_records(cli: Cli) -> list[dict[str, object]]:
+    log = cli.store.parent / "store.audit.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()]
+
+
+def test_references_are_filled_in_and_the_rest_is_copied(cli: Cli, tmp_path: Path) -> None:
+    result = cli("inject", "-i", str(tmp_path / "template.yaml"))
+    assert result.code == 0, result.stderr
+    assert result.out == TEMPLATE.replace("{{ sm://market-connector/BINANCE_API_KEY }}", KNOWN_VALUE).replace(
+        "{{sm://market-connector/BINANCE_API_KEY}}", KNOWN_VALUE
+    ).replace("{{ sm://db/main#username }}", "app").replace("{{ sm://db/main#password }}", "db-Pa55-SEEKRIT")
+    assert "{{ not ours }}" in result.out
+    reads = [(r["name"], r["outcome"]) for r in audit_records(cli) if r["operation"] == "inject"]
+    assert reads == [("market-connector/BINANCE_API_KEY", "ok"), ("db/main", "ok")]  # each read once
+
+
+def test_the_template_may_come_on_stdin(cli: Cli) -> None:
+    result = cli("inject", "-i", "-", input=b"KEY={{ sm://market-connector/BINANCE_API_KEY }}\n")
+    assert (result.code, result.out) == (0, f"KEY={KNOWN_VALUE}\n")
+
+
+def test_out_file_is_private_and_replaced_only_with_force(cli: Cli, tmp_path: Path) -> None:
+    target = tmp_path / "config" / "market-connector.yaml"
+    target.parent.mkdir()
+    result = cli("inject", "-i", str(tmp_path / "template.yaml"), "-o", str(target))
+    assert result.code == 0, result.stderr
+    assert result.out == "" and result.stderr == f"wrote {target} with 3 secret values\n"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
+    assert KNOWN_VALUE in target.read_text()
+    target.write_text("edited by hand\n")
+    refused = cli("inject", "-i", str(tmp_path / "template.yaml"), "-o", str(target))
+    assert_one_line_error(refused, 7, "already exists", "--force")
+    assert target.read_text() == "edited by hand\n"
+    forced = cli("inject", "-i", str(tmp_path / "template.yaml"), "-o", str(target), "--force")
+    assert forced.code == 0, forced.stderr
+    assert KNOWN_VALUE in target.read_text()
+    assert sorted(path.name for path in target.parent.iterdir()) == ["market-connector.yaml"]
+
+
+@pytest.mark.parametrize(
+    ("template", "code", "needle"),
+    [
+        ("a: {{ sm://db/missing }}\nb: {{ sm://db/main#password }}\n", 3, "db/missing"),
+        ("a: {{ sm://db/main#password }}\nb: {{ sm:/db/main }}\n", 2, "line 2 of the template"),
+        ("a: {{ sm://db/main#nofield }}\n", 3, "nofield"),
+        ("a: {{ sm://../etc/passwd }}\n", 2, "name"),
+        ("plain: text\n", 2, "refers to no secret"),
+        ("a: {{ sm://bin/ARY }}\n", 2, "binary"),
+    ],
+)
+def test_nothing_is_written_unless_every_reference_resolves(
+    cli: Cli, tmp_path: Path, template: str, code: int, needle: str
+) -> None:
+    cli("store", "bin/ARY", "--file", str(_binary_file(tmp_path)))
+    (tmp_path / "bad.yaml").write_text(template)
+    target = tmp_path / "out.yaml"
+    result = cli("inject", "-i", str(tmp_path / "bad.yaml"), "-o", str(target))
+    assert_one_line_error(result, code, needle)
+    assert not target.exists()
+    assert "db-Pa55-SEEKRIT" not in result.stderr and KNOWN_VALUE not in result.stderr
+
+
+def _binary_file(tmp_path: Path) -> Path:
+    path = tmp_path / "binary.bin"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    return path
+
+
+def test_a_template_that_is_not_there_or_too_big(cli: Cli, tmp_path: Path) -> None:
+    assert_one_line_error(cli("inject", "-i", str(tmp_path / "nowhere.yaml")), 3, "no template at")
+    (tmp_path / "huge.yaml").write_bytes(b"#" * (1024 * 1024 + 1))
+    assert_one_line_error(cli("inject", "-i", str(tmp_path / "huge.yaml")), 2, "larger than")
+    assert_one_line_error(cli("inject", "-i", "-", input=b"\xff{{ sm://db/main }}"), 2, "not UTF-8")
+
+
+def test_through_the_service_a_denied_secret_writes_nothing(tmp_path: Path) -> None:
+    make_pki(tmp_path, ("auth",))
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    (tmp_path / "auth.tpl").write_text("DB_PASSWORD={{ sm://auth/DB_PASSWORD }}\n")
+    (tmp_path / "mixed.tpl").write_text(
+        "A={{ sm://auth/DB_PASSWORD }}\nB={{ sm://market-connector/BINANCE_API_KEY }}\n"
+    )
+    environment = client_environ(tmp_path, "auth", [server.address])
+    try:
+        allowed = subprocess.run(
+            [str(SCRIPT), "inject", "-i", str(tmp_path / "auth.tpl"), "-o", str(tmp_path / "auth.env")],
+            env=environment, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        denied = subprocess.run(
+            [str(SCRIPT), "inject", "-i", str(tmp_path / "mixed.tpl"), "-o", str(tmp_path / "mixed.env")],
+            env=environment, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        server.stop()
+    assert allowed.returncode == 0, allowed.stderr
+    assert (tmp_path / "auth.env").read_text() == f"DB_PASSWORD={SEED['auth/DB_PASSWORD'].decode()}\n"
+    assert denied.returncode == 5, denied.stderr
+    assert not (tmp_path / "mixed.env").exists()
+    assert SEED["auth/DB_PASSWORD"].decode() not in denied.stderr
