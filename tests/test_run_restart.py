@@ -406,6 +406,21 @@ def test_a_command_that_is_not_found_is_127_before_anything_is_read(cli: Cli) ->
     assert cli.run_records() == []
 
 
+def test_a_script_without_a_shebang_line_is_run_by_sh_and_a_binary_sh_cannot_run_is_126(
+    cli: Cli, tmp_path: Path
+) -> None:
+    script = tmp_path / "no-shebang"  # as `run` without supervision runs it (test_run_command)
+    script.write_text('printf "%s %s" "$1" "${KEY:+set}"; exit 5\n')
+    script.chmod(0o755)
+    result = cli("run", "--restart-on-change", "--service", "app", "--", str(script), "argument")
+    assert (result.returncode, result.stdout) == (5, "argument set"), result.stderr
+    binary = tmp_path / "not-a-program"  # neither a #! line nor a format exec knows
+    binary.write_bytes(b"\x7fELF\x00garbage")
+    binary.chmod(0o755)
+    refused = cli("run", "--restart-on-change", "--service", "app", "--", str(binary))
+    assert refused.returncode == 126 and f"cannot run {binary}" in refused.stderr
+
+
 def test_through_a_service_a_change_reaches_the_program_by_its_watch_stream(tmp_path: Path) -> None:
     make_pki(tmp_path, ("auth",))
     make_store(tmp_path)

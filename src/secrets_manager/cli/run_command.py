@@ -39,9 +39,9 @@ from secrets_manager.cli.run_supervisor import (
     Launch,
     Supervisor,
     WatchSource,
-    is_text,
     parse_stop_signal,
     relevant_names,
+    with_shell_fallback,
 )
 from secrets_manager.environment import PASSWORD_VARIABLES
 from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError
@@ -52,7 +52,6 @@ from secrets_manager.store.url import AwsLocation, external_location
 
 EXIT_CANNOT_EXECUTE = 126  # the shell's codes, as env(1) and nohup(1) use them
 EXIT_NOT_FOUND = 127
-SHELL = "/bin/sh"  # runs a script that has no #! line
 DEFAULT_STOP_TIMEOUT = "30s"  # as envconsul's kill_timeout: then SIGKILL
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NOT_IN_VARIABLE = re.compile(r"[^A-Za-z0-9_]")
@@ -399,19 +398,16 @@ def _exec(command: tuple[str, ...], variables: dict[str, Secret], withheld: tupl
     """Become COMMAND, with the secrets added to this environment less the `withheld` variables."""
     program = _program(command)
     environment = _environment(command, variables, withheld)
+
+    def become(path: str, argv: list[str]) -> NoReturn:
+        os.execve(path, argv, environment)  # noqa: S606  (the caller's own command, no shell)
+
     sys.stdout.flush()
     sys.stderr.flush()
     try:
-        os.execve(program, list(command), environment)  # noqa: S606  (the caller's own command, no shell)
-    except OSError as exc:
-        failure = exc
-    if failure.errno == errno.ENOEXEC and is_text(program):
-        # A script without a #! line: sh runs it, as shells and execvp(3) do.
-        try:
-            os.execve(SHELL, [SHELL, program, *command[1:]], environment)  # noqa: S606
-        except OSError as exc:
-            failure = exc
-    raise _not_started(command, failure, variables)
+        with_shell_fallback(program, command, become)
+    except OSError as failure:
+        raise _not_started(command, failure, variables) from None
 
 
 def _too_big(program: str, variables: dict[str, Secret]) -> str:

@@ -30,10 +30,10 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import FrameType
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 from secrets_manager.cli.output import info_line, warning_line
 from secrets_manager.errors import InvalidInputError, SecretsManagerError, StorageError, WatchUnsupportedError
@@ -58,6 +58,8 @@ FORWARDED_SIGNALS = (
 ENDING_SIGNALS = frozenset({signal.SIGINT, signal.SIGQUIT, signal.SIGTERM})
 STOP_SIGNALS = {s.name.removeprefix("SIG"): s for s in (*FORWARDED_SIGNALS, signal.SIGKILL)}
 RESYNC = SecretChange(ChangeKind.RESYNC, "", None, 0)
+SHELL = "/bin/sh"  # runs a script that has no #! line
+T = TypeVar("T")
 
 if TYPE_CHECKING:  # the service package starts gRPC: imported only by `run --restart-on-change`
     from secrets_manager.service.served import ServedStore
@@ -224,22 +226,31 @@ class Launch:
 
 def start(launch: Launch, variables: dict[str, Secret]) -> subprocess.Popen[bytes]:
     """COMMAND started in a process group of its own, with `variables` in its environment. A
-    script without a #! line is run by /bin/sh, as `run` without supervision does."""
+    script without a #! line is run by the shell, as `run` without supervision does."""
     environment = launch.environment(variables)
     try:
-        return subprocess.Popen(
-            list(launch.command), executable=launch.program, env=environment, process_group=0
+        return with_shell_fallback(
+            launch.program,
+            launch.command,
+            lambda program, argv: subprocess.Popen(
+                argv, executable=program, env=environment, process_group=0
+            ),
         )
+    except OSError as failure:
+        raise launch.not_started(failure, variables) from None
+
+
+def with_shell_fallback(program: str, command: Sequence[str], execute: Callable[[str, list[str]], T]) -> T:
+    """`execute(program, argv)` (an execve, a Popen); if the kernel refuses `program` as no
+    executable format (ENOEXEC) and it may be a script (one without a #! line), `execute(SHELL,
+    [SHELL, program, *arguments])`: sh runs it, as shells and execvp(3) do. The OSError of the
+    last attempt propagates."""
+    try:
+        return execute(program, list(command))
     except OSError as exc:
-        failure = exc
-    if failure.errno == errno.ENOEXEC and is_text(launch.program):
-        try:
-            return subprocess.Popen(
-                ["/bin/sh", launch.program, *launch.command[1:]], env=environment, process_group=0
-            )
-        except OSError as exc:
-            failure = exc
-    raise launch.not_started(failure, variables)
+        if exc.errno != errno.ENOEXEC or not is_text(program):
+            raise
+    return execute(SHELL, [SHELL, program, *command[1:]])
 
 
 def is_text(program: str) -> bool:
