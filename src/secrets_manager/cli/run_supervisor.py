@@ -475,15 +475,13 @@ class Supervisor:
 
 def _signal_group(child: subprocess.Popen[bytes], signum: signal.Signals) -> None:
     """`signum` to COMMAND's process group (its own children too); to COMMAND alone if the group
-    is gone, and to nothing if COMMAND has ended."""
+    is gone or may not be signalled whole (it holds a process of another user: a setuid helper),
+    and to nothing if COMMAND has ended."""
     if child.returncode is not None:
         return
     try:
         os.killpg(child.pid, signum)
-    except ProcessLookupError:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(child.pid, signum)
-    except PermissionError:  # the group holds a process of another user (a setuid helper)
+    except (ProcessLookupError, PermissionError):
         with contextlib.suppress(ProcessLookupError):
             os.kill(child.pid, signum)
 
