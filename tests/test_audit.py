@@ -1046,6 +1046,17 @@ def test_a_lock_file_deleted_while_writers_hold_it_does_not_fork_the_chain(cli: 
     assert verify(cli).returncode == 0
 
 
+def test_a_log_of_one_record_is_said_in_the_singular(cli: Cli) -> None:
+    """A new store's log holds its 'init' record only: "1 record", not "1 records"."""
+    assert len(cli.records()) == 1
+    verified = verify(cli)
+    assert verified.returncode == 0 and verified.stdout.decode() == "audit log verified: 1 record in 1 file\n"
+    refused = cli("audit", "reset", "--accept-loss")
+    assert refused.returncode == 2 and b"the audit log verifies (1 record): there is nothing to reset" in (
+        refused.stderr
+    )
+
+
 def test_rotated_files_verify_as_one_continuous_chain(cli: Cli) -> None:
     small = {"SECRETS_MANAGER_AUDIT_MAX_BYTES": "1500"}
     for i in range(8):

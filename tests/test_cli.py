@@ -278,6 +278,25 @@ def test_binary_value_is_not_printed_as_text(ready: Cli) -> None:
     assert_one_line_error(ready("get", "svc/BIN"), 2, "--raw")
     doc = json.loads(ready("get", "svc/BIN", "--json").out)
     assert doc["value_base64"] == "//4="
+    assert "is binary (2 bytes)" in ready("get", "svc/BIN").stderr
+    assert ready("store", "--raw", "svc/BYTE", input=b"\xff").code == 0
+    assert_one_line_error(ready("get", "svc/BYTE"), 2, "the value of svc/BYTE is binary (1 byte);")
+
+
+def test_counts_of_one_are_said_in_the_singular(ready: Cli, tmp_path: Path) -> None:
+    """Not "1 names exist", "1 iterations", "1 records": each count the CLI says with its noun."""
+    from secrets_manager.cli.output import byte_size, counted
+
+    assert [counted(n, "record") for n in (0, 1, 2)] == ["0 records", "1 record", "2 records"]
+    assert counted(1.5, "day") == "1.5 days" and counted(1, "identity", "identities") == "1 identity"
+    assert (byte_size(1), byte_size(2)) == ("1 byte", "2 bytes")
+    source = tmp_path / "one.json"
+    source.write_text(json.dumps({"API_KEY": "new-key"}))
+    ready("store", "mc/API_KEY", input=b"old-key")
+    refused = ready("import", str(source), "--service", "mc")
+    assert_one_line_error(refused, 7, "1 of the 1 name exists already (mc/API_KEY first)")
+    lines = dict(line.split(":", 1) for line in ready("status").out.splitlines())
+    assert re.fullmatch(r" *\S+: \d+ records in 1 file, [\d.]+ (bytes|KiB), verified", lines["audit log"])
 
 
 def test_get_json_has_name_version_labels_and_value(ready: Cli) -> None:
@@ -670,7 +689,7 @@ def test_status_shows_the_store_at_a_glance_and_exits_6_when_the_audit_log_does_
     assert lines["unlocked by"].strip() == "password"
     assert lines["secrets"].strip() == "2 in 2 namespace(s) (auth, mc), 1 deleted"
     assert lines["oldest value"].strip().startswith("auth/DB, stored ")
-    assert re.search(r": \d+ records in 1 file\(s\), [\d.]+ (bytes|KiB), verified$", lines["audit log"])
+    assert re.search(r": \d+ records in 1 file, [\d.]+ (bytes|KiB), verified$", lines["audit log"])
     assert lines["oldest deletion"].strip().startswith("mc/GONE, deleted ")
     assert "'purge --older-than' erases them" in lines["oldest deletion"]
     assert lines["recovery shares"].strip() == "none"
@@ -1045,7 +1064,7 @@ def test_a_test_profile_store_is_raised_in_place_by_passwd_kdf_profile_and_statu
     assert ready("store", "svc/A", input=b"kept").code == 0
     status = json.loads(ready("status", "--json").stdout)
     assert status["kdf"] == {"algorithm": "argon2id", "memory_kib": 1024, "iterations": 1, "lanes": 1}
-    assert "Argon2id, 1024 KiB, 1 iterations, 1 lanes" in ready("status").out
+    assert "Argon2id, 1024 KiB, 1 iteration, 1 lane" in ready("status").out  # one, not "1 iterations"
     pw = tmp_path / "pw"
     pw.write_text(PASSWORD)
     pw.chmod(0o600)
@@ -2112,7 +2131,7 @@ def test_import_refuses_existing_names_unless_told_and_writes_nothing_then(
     ready("store", "mc/API_KEY", input=b"old-key")
     refused = ready("import", str(source), "--service", "mc")
     assert_one_line_error(
-        refused, 7, "1 of the 3 names exist already (mc/API_KEY first)", "--on-existing skip"
+        refused, 7, "1 of the 3 names exists already (mc/API_KEY first)", "--on-existing skip"
     )
     assert ready("list", "mc/").out == "mc/API_KEY\n"  # nothing written
     skipped = ready("import", str(source), "--service", "mc", "--on-existing", "skip", "--json")

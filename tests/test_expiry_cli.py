@@ -126,6 +126,15 @@ def test_list_expiring_names_the_expired_and_the_soon_expiring_only(ready: Cli) 
     assert bad.code == 2 and "--expiring 'soon'" in bad.stderr
 
 
+def test_an_expiry_a_day_and_a_half_away_is_in_1_day(ready: Cli) -> None:
+    tomorrow = (datetime.now(UTC) + timedelta(hours=36)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ok(ready("store", "a/TOMORROW", "--expires", tomorrow, input=b"x"))
+    (line,) = [
+        line for line in ok(ready("list", "--expiring", "14d", "-l")).out.splitlines() if "a/TOMORROW" in line
+    ]
+    assert f"{tomorrow} (in 1 day)" in line, line
+
+
 def test_status_counts_the_expired_and_those_expiring_within_14_days(ready: Cli) -> None:
     soon = (datetime.now(UTC) + timedelta(days=10)).strftime("%Y-%m-%dT%H:%M:%SZ")
     ok(ready("store", "a/EXPIRED", input=b"x"))
@@ -134,7 +143,7 @@ def test_status_counts_the_expired_and_those_expiring_within_14_days(ready: Cli)
     ok(ready("store", "a/LATER", "--expires", "60d", input=b"x"))
     doc = json.loads(ok(ready("status", "--json")).out)
     assert (doc["expired"], doc["expiring_14d"]) == (1, 1)
-    assert "1 expired, 1 expire within 14 days" in ok(ready("status")).out
+    assert "1 expired, 1 expires within 14 days" in ok(ready("status")).out
 
 
 def test_a_rotations_promote_does_not_inherit_the_expiry(ready: Cli) -> None:

@@ -239,6 +239,15 @@ def test_policy_is_shown_set_and_used_by_status(used: Cli) -> None:
     }
 
 
+def test_a_policy_of_one_is_said_in_the_singular(used: Cli) -> None:
+    assert used.ok("keys", "policy", "--max-uses", "1", "--max-age-days", "1").out == (
+        "key policy: a primary key rotates after 1 encryption, or once 1 day old\n"
+    )
+    assert used.ok("keys", "policy", "--max-uses", "2", "--max-age-days", "2").out == (
+        "key policy: a primary key rotates after 2 encryptions, or once 2 days old\n"
+    )
+
+
 def test_a_lowered_policy_rotates_a_namespace_key_at_the_next_writes(used: Cli) -> None:
     used.ok("keys", "policy", "--max-uses", "6")  # svc's primary has sealed 6 records already
     used.ok("store", "svc/a", input=b"a3")

@@ -54,6 +54,18 @@ def test_check_summarises_a_valid_policy_and_warns_of_roles_nobody_holds(
     ]
 
 
+def test_check_says_counts_of_one_in_the_singular(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "one.toml"
+    path.write_text(
+        '[identities]\n"auth" = ["r"]\n[roles.r]\nrules = [{ path = "auth/*", capabilities = ["read"] }]\n'
+        '[revoked]\nserials = ["6A390353A70857400976096098B060680B3AB1BA"]\n'
+    )
+    assert run(["policy", "check", str(path)]) == 0
+    assert capsys.readouterr().err == (
+        f"secrets-manager: {path}: valid: 1 identity, 1 role, 1 rule, 1 revoked certificate\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("text", "needle"),
     [

@@ -41,6 +41,7 @@ from secrets_manager.cli.clipboard import (
     find_clipboard,
 )
 from secrets_manager.cli.output import (
+    counted,
     expiry_text,
     info_line,
     output_of,
@@ -1199,7 +1200,7 @@ def get(
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidInputError(
-            f"the value of {name} is binary ({len(data)} bytes); use --raw or --json"
+            f"the value of {name} is binary ({counted(len(data), 'byte')}); use --raw or --json"
         ) from None
     if clipboard is not None:
         copy_to_clipboard(clipboard, data, f"{name}{selector}{field}")
@@ -1802,7 +1803,7 @@ def read_value(
 
 
 def _fields(count: int) -> str:
-    return "1 field" if count == 1 else f"{count} fields"
+    return counted(count, "field")
 
 
 def select_field(data: bytes, name: str, field: str) -> bytes:

@@ -20,7 +20,7 @@ import click
 
 from secrets_manager.audit import value_fingerprint
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
-from secrets_manager.cli.output import info_line, parse_cutoff, print_json, print_table, warning_line
+from secrets_manager.cli.output import counted, info_line, parse_cutoff, print_json, print_table, warning_line
 from secrets_manager.cli.recovery_commands import read_share_file
 from secrets_manager.errors import InvalidInputError, NotFoundError
 from secrets_manager.store.base import AuditedStore
@@ -144,7 +144,7 @@ def verify(session: Session) -> None:
     files = len(log.files())
     first = log.first_seq()
     pruned = f" (records {first} on; those before were pruned)" if first is not None and first > 1 else ""
-    click.echo(f"audit log verified: {count} records in {files} file{'s' if files != 1 else ''}{pruned}")
+    click.echo(f"audit log verified: {counted(count, 'record')} in {counted(files, 'file')}{pruned}")
 
 
 @audit.command("reset")
@@ -190,11 +190,11 @@ def reset(session: Session, accept_loss: bool, share_files: tuple[str, ...]) -> 
             f"as {outcome.set_aside.name}, as the next audited command would have done"
         )
     if outcome.problem is None and outcome.set_aside is not None:
-        info_line(f"the audit log verifies ({outcome.records} records): no new chain was begun")
+        info_line(f"the audit log verifies ({counted(outcome.records, 'record')}): no new chain was begun")
         return
     if outcome.problem is None:
         raise InvalidInputError(
-            f"the audit log verifies ({outcome.records} records): there is nothing to reset"
+            f"the audit log verifies ({counted(outcome.records, 'record')}): there is nothing to reset"
         )
     info_line(f"the audit log was: {outcome.problem}")
     moved = outcome.moved

@@ -19,7 +19,7 @@ import click
 from dotenv.parser import parse_stream
 
 from secrets_manager.cli.app import Session, cli, expires_option, future_expiry, pass_session
-from secrets_manager.cli.output import info_line, print_json, timestamp, warning_line
+from secrets_manager.cli.output import counted, info_line, print_json, timestamp, warning_line
 from secrets_manager.cli.password import read_small_file
 from secrets_manager.cli.run_command import service_variable_problems
 from secrets_manager.errors import (
@@ -114,7 +114,8 @@ def import_command(
             )
         if clashes and on_existing == "fail":
             raise ConflictError(
-                f"{len(clashes)} of the {len(entries)} names exist already ({clashes[0]} first); nothing "
+                f"{len(clashes)} of the {counted(len(entries), 'name')} "
+                f"{'exists' if len(clashes) == 1 else 'exist'} already ({clashes[0]} first); nothing "
                 "was imported: pass --on-existing skip or --on-existing overwrite"
             )
         try:

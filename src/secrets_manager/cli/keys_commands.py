@@ -20,6 +20,7 @@ import click
 
 from secrets_manager.cli.app import Session, cli, pass_session
 from secrets_manager.cli.output import (
+    counted,
     info_line,
     print_json,
     print_table,
@@ -301,12 +302,9 @@ def policy_doc(policy: RotationPolicy) -> dict[str, Any]:
 
 
 def policy_line(policy: RotationPolicy) -> str:
-    age = (
-        "no age limit"
-        if policy.max_age_seconds is None
-        else f"or once {_days(policy.max_age_seconds)} days old"
-    )
-    return f"key policy: a primary key rotates after {policy.max_uses} encryptions, {age}"
+    days = _days(policy.max_age_seconds)
+    age = "no age limit" if days is None else f"or once {counted(days, 'day')} old"
+    return f"key policy: a primary key rotates after {counted(policy.max_uses, 'encryption')}, {age}"
 
 
 def unreadable_message(failed: list[RewrapResult]) -> str:

@@ -300,14 +300,22 @@ def expiry_text(expires: datetime | None, now: datetime | None = None) -> str:
     if left.total_seconds() <= 0:
         return f"{timestamp(expires)} (expired)"
     return (
-        f"{timestamp(expires)} (in {left.days} days)" if left.days else f"{timestamp(expires)} (within a day)"
+        f"{timestamp(expires)} (in {counted(left.days, 'day')})"
+        if left.days
+        else f"{timestamp(expires)} (within a day)"
     )
+
+
+def counted(count: float, noun: str, plural: str = "") -> str:
+    """`count` with its noun, singular for one: "1 record", "2 records", "0 records", "1.5 days";
+    `plural` where adding "s" is wrong ("identities")."""
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
 
 
 def byte_size(size: int) -> str:
     """A byte count as people read it: bytes, KiB or MiB (binary units, one decimal)."""
     if size < 1024:
-        return f"{size} bytes"
+        return counted(size, "byte")
     if size < 1024 * 1024:
         return f"{size / 1024:.1f} KiB"
     return f"{size / 1024 / 1024:.1f} MiB"

@@ -12,7 +12,7 @@ import click
 
 from secrets_manager.access import Capability, Decision, Policy, load_policy
 from secrets_manager.cli.app import cli
-from secrets_manager.cli.output import info_line, print_json, printable, warning_line
+from secrets_manager.cli.output import counted, info_line, print_json, printable, warning_line
 from secrets_manager.cli.password import read_small_file
 from secrets_manager.errors import AccessDeniedError, InvalidInputError
 from secrets_manager.store.names import validate_name
@@ -55,8 +55,9 @@ def check(policy_file: Path) -> None:
     rules = sum(len(role.rules) for role in parsed.roles.values())
     revoked = len(parsed.revoked_serials) + len(parsed.revoked_fingerprints)
     info_line(
-        f"{policy_file}: valid: {len(parsed.identities)} identities, {len(parsed.roles)} roles, {rules} rules"
-        + (f", {revoked} revoked certificates" if revoked else "")
+        f"{policy_file}: valid: {counted(len(parsed.identities), 'identity', 'identities')}, "
+        f"{counted(len(parsed.roles), 'role')}, {counted(rules, 'rule')}"
+        + (f", {counted(revoked, 'revoked certificate')}" if revoked else "")
     )
 
 

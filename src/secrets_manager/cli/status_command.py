@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from secrets_manager.cli.app import Session, cli, current_value_time, pass_session
-from secrets_manager.cli.output import byte_size, print_json, printable, suggested, timestamp
+from secrets_manager.cli.output import byte_size, counted, print_json, printable, suggested, timestamp
 from secrets_manager.errors import IntegrityError, SecretsManagerError
 from secrets_manager.store import EncryptedStore
 from secrets_manager.store.base import expiry_counts
@@ -159,8 +159,14 @@ def _print(doc: dict[str, Any], audit_problem: str | None) -> None:
             else [
                 (
                     "password KDF",
-                    f"Argon2id, {doc['kdf']['memory_kib']} KiB, {doc['kdf']['iterations']} iterations, "
-                    f"{doc['kdf']['lanes']} lanes",
+                    ", ".join(
+                        (
+                            "Argon2id",
+                            f"{doc['kdf']['memory_kib']} KiB",
+                            counted(doc["kdf"]["iterations"], "iteration"),
+                            counted(doc["kdf"]["lanes"], "lane"),
+                        )
+                    ),
                 )
             ]
         ),
@@ -177,20 +183,22 @@ def _print(doc: dict[str, Any], audit_problem: str | None) -> None:
                 (
                     "oldest deletion",
                     f"{doc['oldest_deleted']['name']}, deleted {doc['oldest_deleted']['deleted']} "
-                    f"({doc['oldest_deleted']['days']} days ago; 'purge --older-than' erases them)",
+                    f"({counted(doc['oldest_deleted']['days'], 'day')} ago; "
+                    "'purge --older-than' erases them)",
                 )
             ]
         ),
         (
             "expiry",
-            f"{doc['expired']} expired, {doc['expiring_14d']} expire within 14 days"
+            f"{doc['expired']} expired, {doc['expiring_14d']} "
+            f"{'expires' if doc['expiring_14d'] == 1 else 'expire'} within 14 days"
             + (" ('list --expiring 14d -l' names them)" if doc["expired"] or doc["expiring_14d"] else ""),
         ),
         (
             "oldest value",
             "-"
             if oldest is None
-            else f"{oldest['name']}, stored {oldest['stored']} ({oldest['days']} days ago)",
+            else f"{oldest['name']}, stored {oldest['stored']} ({counted(oldest['days'], 'day')} ago)",
         ),
         (
             "stored values",
@@ -207,7 +215,7 @@ def _print(doc: dict[str, Any], audit_problem: str | None) -> None:
             "audit log",
             f"{doc['audit_file']}: "
             + (
-                f"{doc['audit_records']} records in {doc['audit_files']} file(s), "
+                f"{counted(doc['audit_records'], 'record')} in {counted(doc['audit_files'], 'file')}, "
                 f"{byte_size(doc['audit_bytes'])}, verified"
                 + (
                     f" (from record {doc['audit_first_record']}; earlier ones pruned)"
