@@ -728,6 +728,29 @@ def test_a_forged_last_line_that_is_json_but_no_record_is_reported_not_a_crash(
     assert cli("get", "auth/DB_PASSWORD").stdout == b"db-pass\n"
 
 
+def test_audit_show_prints_times_as_every_command_does_and_json_the_records_as_stored(cli: Cli) -> None:
+    """The TIME column was the stored `2026-11-30T18:55:12.345678+00:00`; every other command
+    prints UTC to the second with `Z`. The log (docs/audit.md) and `--json` keep what is stored."""
+    busy_session(cli)
+    stored = cli.audit.read_bytes()
+    with cli.audit.open("ab") as log:  # forged: a time without a zone, and one that is no time
+        log.write(b'{"seq": 98, "time": "2026-01-02T03:04:05"}\n{"seq": 99, "time": "yesterday"}\n')
+    records = cli.records()
+    table = cli("audit", "show")
+    assert table.returncode == 0, table.stderr
+    times = [line.split("\t")[1] for line in table.stdout.decode().splitlines()]
+    assert times[-2:] == ["2026-01-02T03:04:05", "yesterday"]  # shown as written
+    assert len(times) == len(records) and times[:-2] == [
+        datetime.fromisoformat(str(r["time"])).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for r in records[:-2]
+    ]
+    assert all(
+        str(r["time"]).endswith("+00:00") and "." in str(r["time"]) for r in records[:-2]
+    )  # stored as before
+    assert json.loads(cli("audit", "show", "--json").stdout) == records
+    assert cli.audit.read_bytes().startswith(stored)
+
+
 def test_audit_show_escapes_lone_surrogates_of_a_forged_line(cli: Cli) -> None:
     """UTF-8 cannot write them: printing one was an internal error (UnicodeEncodeError)."""
     busy_session(cli)

@@ -304,6 +304,23 @@ def test_a_schedule_entry_can_rotate_one_field_of_a_json_object(cli: Cli) -> Non
     assert rotated["password"] != "FIRST-PASSWORD" and len(rotated["password"]) == 32
 
 
+def test_schedule_check_json_prints_times_as_every_command_does(cli: Cli) -> None:
+    """`last_rotated` and `next_due` were `2026-11-30T18:55:12.345678+00:00`, where every other
+    command prints UTC to the second with `Z` (as `metadata --json` prints the same creation)."""
+    schedule = write_schedule(cli.dir / "rotation.toml", {"name": "db/app", "every": "30d"})
+    checked = cli("schedule", "check", str(schedule), "--json")
+    assert checked.code == 0, checked.stderr
+    (entry,) = json.loads(checked.stdout)
+    z_form = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+    assert z_form.fullmatch(entry["last_rotated"]) and z_form.fullmatch(entry["next_due"]), entry
+    created = json.loads(cli("metadata", "db/app", "--json").stdout)["versions"][-1]["created"]
+    assert entry["last_rotated"] == created
+    last, due = (
+        datetime.fromisoformat(entry[k].replace("Z", "+00:00")) for k in ("last_rotated", "next_due")
+    )
+    assert due - last == timedelta(days=30)
+
+
 def test_schedule_run_rotates_what_is_due_and_leaves_the_rest(cli: Cli) -> None:
     schedule = write_schedule(
         cli.dir / "rotation.toml",

@@ -20,7 +20,15 @@ import click
 
 from secrets_manager.audit import value_fingerprint
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
-from secrets_manager.cli.output import counted, info_line, parse_cutoff, print_json, print_table, warning_line
+from secrets_manager.cli.output import (
+    counted,
+    info_line,
+    parse_cutoff,
+    print_json,
+    print_table,
+    timestamp,
+    warning_line,
+)
 from secrets_manager.cli.recovery_commands import read_share_file
 from secrets_manager.errors import InvalidInputError, NotFoundError
 from secrets_manager.store.base import AuditedStore
@@ -113,7 +121,7 @@ def show(
         [
             [
                 str(r.get("seq")),
-                str(r.get("time")),
+                shown_time(r),
                 str(r.get("actor")),
                 str(r.get("source")) + (f" {r['peer']}" if r.get("peer") else ""),
                 str(r.get("operation")),
@@ -305,6 +313,18 @@ def record_time(record: dict[str, Any]) -> datetime:
     if moment is None or moment.tzinfo is None:
         return datetime.min.replace(tzinfo=UTC)
     return moment
+
+
+def shown_time(record: dict[str, Any]) -> str:
+    """The record's time as every command prints times (UTC to the second, `Z`); the log keeps
+    it with microseconds and `+00:00` (docs/audit.md), as `--json` prints it. A time that does
+    not parse or has no timezone (forged or damaged) is shown as it is written."""
+    written = str(record.get("time"))
+    try:
+        moment = datetime.fromisoformat(written)
+    except ValueError:
+        return written
+    return written if moment.tzinfo is None else timestamp(moment)
 
 
 __all__ = ["audit"]

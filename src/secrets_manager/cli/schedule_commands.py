@@ -52,8 +52,8 @@ class _Entry:
                 None if self.rule.expires_after is None else int(self.rule.expires_after.total_seconds())
             ),
             "state": self.state,
-            "last_rotated": None if self.plan is None else _iso(self.plan.last_rotated),
-            "next_due": None if self.plan is None else _iso(self.plan.next_due),
+            "last_rotated": None if self.plan is None else _time(self.plan.last_rotated),
+            "next_due": None if self.plan is None else _time(self.plan.next_due),
             "pending": None if self.plan is None else self.plan.pending,
         }
 
@@ -195,5 +195,6 @@ def _every(rule: ScheduledRotation) -> str:
     return f"{seconds}s"
 
 
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()
+def _time(value: datetime | None) -> str | None:
+    """A time in the JSON as every command prints times (`timestamp`: UTC to the second, `Z`)."""
+    return None if value is None else timestamp(value)
