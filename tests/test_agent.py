@@ -84,6 +84,45 @@ def test_directory_socket_and_log_modes(cli: AgentCli) -> None:
         assert found.st_uid == os.getuid()
 
 
+def test_the_log_is_kept_under_1_mib_with_one_previous_file_at_the_start_and_while_it_runs(
+    cli: AgentCli,
+) -> None:
+    """agent.log grew without limit in a runtime directory that is often a small tmpfs."""
+    limit = 1024 * 1024  # the README's 1 MiB (agent_process.MAX_LOG_BYTES)
+    cli.directory.mkdir(mode=0o700)
+    full = b"2026-01-01T00:00:00+00:00 cached store=/old.db\n" * (limit // 47 + 1)
+    assert len(full) > limit
+    cli.log.write_bytes(full)
+    cli.log.chmod(0o600)
+    previous = cli.log.with_name("agent.log.1")
+    previous.write_bytes(b"older still\n")
+    previous.chmod(0o600)
+
+    cli.start_agent()  # past the limit at the start: moved aside before the first line
+    assert previous.read_bytes() == full  # the one before it is gone
+    (started,) = cli.log.read_text().splitlines()
+    assert " started pid=" in started
+
+    cli.ok("agent", "stop")
+    almost = b"x" * (limit - cli.log.stat().st_size - 10) + b"\n"
+    with cli.log.open("ab") as log:
+        log.write(almost)
+    filled = cli.log.read_bytes()
+    cli.start_agent()  # not past it at the start; its first line takes it past: moved aside then
+    moved = previous.read_bytes()
+    assert moved.startswith(filled) and len(moved) > limit and b" started pid=" in moved[len(filled) :]
+    assert cli.log.read_bytes() == b""
+    cli.ok("agent", "forget")  # the running agent writes to the new file
+    (forgot,) = cli.log.read_text().splitlines()
+    assert " forgot store=(all) keys=0" in forgot
+    for path in (cli.log, previous):
+        assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600, path
+    assert sorted(p.name for p in cli.directory.iterdir() if p.name.startswith("agent.log")) == [
+        "agent.log",
+        "agent.log.1",
+    ]
+
+
 def test_the_temporary_directory_is_used_without_xdg_runtime_dir(cli: AgentCli, tmp_path: Path) -> None:
     temp = tmp_path / "tmp"
     temp.mkdir()

@@ -9,7 +9,9 @@ It holds unlock keys in memory only, and guards them as gpg-agent and ssh-agent 
   dumps (MADV_DONTFORK/DONTDUMP), zeroed when a key expires, is forgotten or the agent stops. The
   copies Python makes while decoding a request and encoding an answer are freed, not zeroed;
 - its own directory "/", stdin, stdout and stderr on /dev/null, a session of its own, an empty
-  environment; a log of events (never a key) beside the socket, 0600.
+  environment; a log of events (never a key) beside the socket, 0600, kept under MAX_LOG_BYTES:
+  past it, at the start or after a line, it becomes agent.log.1 (the one before goes) and a new
+  file begins, as logrotate's `rotate 1` would.
 
 SIGTERM, SIGINT, `agent stop` and the removal or replacement of its socket (as at logout) wipe the
 keys and end it; SIGHUP forgets every key, as gpg-agent's does.
@@ -46,6 +48,7 @@ KEY_SIZE = 32
 SLOTS = mmap.PAGESIZE // KEY_SIZE  # keys held at once (128 with 4 KiB pages): the oldest goes first
 MAX_STORE_LENGTH = 4096
 SWEEP = 0.5  # seconds: expiry and signals are seen at least this often
+MAX_LOG_BYTES = 1024 * 1024  # the log past this is moved to <log>.1 and begun anew (module docstring)
 
 
 def now() -> float:
@@ -166,7 +169,7 @@ class Agent:
     byte at a time or too much is dropped at its deadline (TIMEOUT after it connected) or at once,
     and never keeps the others waiting."""
 
-    def __init__(self, listener: socket.socket, cache: KeyCache, log: TextIO | None) -> None:
+    def __init__(self, listener: socket.socket, cache: KeyCache, log: EventLog | None) -> None:
         self.listener, self.cache, self._log = listener, cache, log
         self.stopping = False
         self.forget_requested = False  # set by SIGHUP, acted on by the loop (not mid-request)
@@ -181,7 +184,6 @@ class Agent:
         extra = "".join(f" {key}={_log_value(value)}" for key, value in fields.items())
         with contextlib.suppress(OSError):
             self._log.write(f"{datetime.now(UTC).isoformat(timespec='seconds')} {event}{extra}\n")
-            self._log.flush()
 
     def wake_on_signals(self) -> None:
         """A signal ends the wait at once (its handler only sets a flag)."""
@@ -362,6 +364,38 @@ def monotonic() -> float:
     return time.monotonic()
 
 
+class EventLog:
+    """The agent's log file, 0600, appended to a line at a time. A long-running agent must not
+    fill its runtime directory (often a small tmpfs): once the file is past `limit` bytes (at the
+    start, or after a line) it is renamed `<name>.1`, replacing the one before, and a new file is
+    begun. A rotation that fails leaves the agent writing where it was."""
+
+    def __init__(self, path: Path, limit: int = MAX_LOG_BYTES) -> None:
+        self.path, self.limit = path, limit
+        self._file = self._open()
+        self._rotate_if_full()
+
+    def _open(self) -> TextIO:
+        return open(self.path, "a", encoding="utf-8", opener=_private)
+
+    def write(self, line: str) -> None:
+        self._file.write(line)
+        self._file.flush()
+        self._rotate_if_full()
+
+    def _rotate_if_full(self) -> None:
+        with contextlib.suppress(OSError):
+            if os.fstat(self._file.fileno()).st_size <= self.limit:
+                return
+            os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))  # its mode goes with it
+            fresh = self._open()
+            self._file.close()
+            self._file = fresh
+
+    def close(self) -> None:
+        self._file.close()
+
+
 def _log_value(value: object) -> str:
     """A log field's value on one line: a store name with a space, a newline or another control
     character is quoted and escaped (JSON), so no request can forge a line of the log."""
@@ -410,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     log = None
     try:
         if args.log:
-            log = open(args.log, "a", encoding="utf-8", opener=_private)  # noqa: SIM115
+            log = EventLog(Path(args.log))
         cache = KeyCache(args.ttl, args.max_ttl)
         listener = _listen(path)
     except OSError as exc:
