@@ -521,6 +521,10 @@ def test_cli_init_and_issue_make_a_working_set_without_a_store_or_password(tmp_p
     )
     auth = x509.load_pem_x509_certificate((certs / "auth.pem").read_bytes())
     assert int(serial, 16) == auth.serial_number and len(serial) % 2 == 0
+    issued = pki(tmp_path, "issue", "ops", "--dir", str(certs))
+    ops = x509.load_pem_x509_certificate((certs / "ops.pem").read_bytes())
+    until = ops.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")  # as every command prints times
+    assert_issued(issued, f"valid until {until}")
     assert bytes.fromhex(fingerprint.replace(":", "")) == auth.fingerprint(hashes.SHA256())
     if shutil.which("openssl"):  # the spelling openssl prints, which [revoked] takes as it is
         shown = subprocess.run(
@@ -562,6 +566,8 @@ def test_cli_init_and_issue_make_a_working_set_without_a_store_or_password(tmp_p
         "auth.pem",
         "ca-key.pem",
         "ca.pem",
+        "ops-key.pem",
+        "ops.pem",
         "srv-key.pem",
         "srv.pem",
     ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -672,8 +673,10 @@ def test_an_anchor_expired_by_delete_version_after_is_still_an_integrity_failure
     age(fake_vault, ".secrets-manager/audit-anchor/idle", 1, seconds=3601)
     with pytest.raises(
         IntegrityError, match=r"delete_version_after.*vault kv undelete -mount=secret -versions=1"
-    ):
+    ) as refused:
         make_vault(audit_scope="idle").audit_anchor()
+    # the time as every command prints times (UTC to the second, Z), not "2026-11-30 18:55 UTC"
+    assert re.search(r"\(version 1, at \d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ\)", str(refused.value)), refused.value
 
 
 # ---- the engine at the mount: KV version 2 only -----------------------------------------------------

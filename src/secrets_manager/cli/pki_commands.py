@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from secrets_manager.cli.app import cli
-from secrets_manager.cli.output import info_line
+from secrets_manager.cli.output import info_line, timestamp
 from secrets_manager.environment import current_environment, refuse_open_directory
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.tls import DEFAULT_TRUST_DOMAIN, WrittenCertificate, init_ca, issue_certificate
@@ -94,7 +94,7 @@ def _refuse_open_directory(directory: Path) -> None:
 
 
 def _until(written: WrittenCertificate) -> str:
-    return f"valid until {written.not_after:%Y-%m-%d %H:%M} UTC"
+    return f"valid until {timestamp(written.not_after)}"
 
 
 __all__ = ["pki"]

@@ -396,8 +396,7 @@ def refuse_unless_deleted_before(name: str, deleted: datetime | None, cutoff: da
         raise SecretStateError(f"secret {name!r} is not deleted (undeleted meanwhile?): not purged")
     if deleted >= cutoff:
         raise SecretStateError(
-            f"secret {name!r} was deleted at {deleted.isoformat(timespec='seconds')}, not before "
-            f"{cutoff.isoformat(timespec='seconds')}: not purged"
+            f"secret {name!r} was deleted at {utc_text(deleted)}, not before {utc_text(cutoff)}: not purged"
         )
 
 

@@ -59,6 +59,7 @@ from secrets_manager.store.base import (
     VersionInfo,
     max_versions_hide_at_once,
     unsupported_capabilities,
+    utc_text,
 )
 from secrets_manager.values import SecretValue
 
@@ -458,10 +459,14 @@ def _check_purge_deleted(make_store: MakeStore, ns: str) -> None:
         _require(deleted is not None, "describe of a deleted secret does not say when")
         assert deleted is not None
         too_soon = deleted - timedelta(seconds=1)
-        _raises(
+        refused = _raises(
             SecretStateError,
             lambda: store.destroy_secret(name, deleted_before=too_soon),
             "purge of a secret deleted after the cutoff",
+        )
+        _require(
+            f"deleted at {utc_text(deleted)}, not before {utc_text(too_soon)}" in str(refused),
+            f"the refused purge does not say its times as every command does (UTC, Z): {refused}",
         )
         _require(store.describe(name).deleted == deleted, "a refused purge changed the deleted secret")
         store.destroy_secret(name, deleted_before=later)

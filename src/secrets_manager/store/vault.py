@@ -107,6 +107,7 @@ from secrets_manager.store.base import (
     refuse_if_unchanged,
     refuse_unless_deleted_before,
     updated_metadata,
+    utc_text,
 )
 from secrets_manager.store.external import (
     AUDIT_KEY_NAME,
@@ -1023,7 +1024,7 @@ class VaultStore:
             if version is not None and version.deleted is not None and not version.destroyed:
                 raise IntegrityError(
                     f"the audit anchor in Vault was deleted (version {meta.current}, at "
-                    f"{version.deleted:%Y-%m-%d %H:%M} UTC); if the mount's delete_version_after expired "
+                    f"{utc_text(version.deleted)}); if the mount's delete_version_after expired "
                     "it (no command ran for that long), 'vault kv undelete -mount="
                     f"{self._mount} -versions={meta.current} {self._anchor_name}' restores it"
                 ) from None
