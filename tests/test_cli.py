@@ -990,6 +990,11 @@ def test_production_refuses_a_short_new_password_everywhere_one_is_set(cli: Cli,
     prod = {"SHRIVENQUANT_ENV": "production", "MASTER_PASSWORD": None}
     refused = cli("--password-file", str(short), "init", env=prod)
     assert_one_line_error(refused, 2, "7 characters; production needs at least 12")
+    one = tmp_path / "one"
+    one.write_text("x")
+    one.chmod(0o600)
+    refused = cli("--password-file", str(one), "init", env=prod)
+    assert_one_line_error(refused, 2, "is 1 character; production needs at least 12")
     assert not cli.store.exists()
     assert cli("--password-file", str(long), "init", env=prod).code == 0
     assert_one_line_error(

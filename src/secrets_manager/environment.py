@@ -40,7 +40,7 @@ class Environment(enum.StrEnum):
         length = len(password.decode("utf-8", errors="replace"))
         if self.is_production and length < PRODUCTION_MIN_PASSWORD_LENGTH:
             raise UnsafeConfigurationError(
-                f"{what} is {length} characters; production needs at least "
+                f"{what} is {length} character{'' if length == 1 else 's'}; production needs at least "
                 f"{PRODUCTION_MIN_PASSWORD_LENGTH} (a passphrase of several words is easiest)"
             )
         return password
