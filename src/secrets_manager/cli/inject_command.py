@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from secrets_manager.cli.app import FIELD_SEPARATOR, Session, cli, pass_session, select_field
+from secrets_manager.cli.output import counted
 from secrets_manager.cli.password import read_bounded
 from secrets_manager.errors import InvalidInputError, NotFoundError
 from secrets_manager.store.names import validate_name
@@ -64,7 +65,7 @@ def inject(session: Session, template: str, output: str | None, force: bool) -> 
         sys.stdout.buffer.flush()
         return
     write_private_file(Path(output), rendered, overwrite=force)
-    click.echo(f"wrote {output} with {len(values)} secret value{'s' if len(values) != 1 else ''}", err=True)
+    click.echo(f"wrote {output} with {counted(len(values), 'secret value')}", err=True)
 
 
 def _template_text(template: str) -> str:
