@@ -21,7 +21,6 @@ from secrets_manager.cli.app import (
 )
 from secrets_manager.cli.output import print_json
 from secrets_manager.errors import InvalidInputError
-from secrets_manager.otp import one_time_code
 from secrets_manager.store.names import validate_name
 
 
@@ -33,6 +32,8 @@ from secrets_manager.store.names import validate_name
 def otp(session: Session, name: str, clip: bool, as_json: bool) -> None:
     """Print the current TOTP code (RFC 6238) of NAME, whose value is an otpauth://totp/ URI or a
     base32 setup key, as 'pass otp' does. NAME#FIELD: the seed is one field of a JSON object."""
+    from secrets_manager.otp import one_time_code  # pyotp: imported by this command only
+
     name, selector, field = name.partition(FIELD_SEPARATOR)
     validate_name(name)
     if selector and not field:

@@ -13,10 +13,12 @@ Its `repr` and `str` show names only; the values are `SecretValue`s, redacted un
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
-from secrets_manager.otp import OneTimeCode, one_time_code
 from secrets_manager.values import SecretValue
+
+if TYPE_CHECKING:
+    from secrets_manager.otp import OneTimeCode
 
 
 class AmbiguousNameError(KeyError):
@@ -102,6 +104,8 @@ class Credentials(Mapping[str, SecretValue]):
         """The current TOTP code of the seed at `name` (an otpauth://totp/ URI or a base32 setup
         key), for a broker's or exchange's automated login: `creds.totp("BROKER_TOTP").reveal()`;
         `.valid_for` says how many seconds it has left. NotATotpSeedError if it holds none."""
+        from secrets_manager.otp import one_time_code  # pyotp: only for services that use codes
+
         return one_time_code(self[name], name=name)
 
     def __repr__(self) -> str:
