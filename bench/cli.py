@@ -7,6 +7,8 @@ with the cheap `test` KDF profile in a temporary directory, so unlocking is not 
 * get: `secrets-manager get NAME` of a stored secret (unlock, read, audit record, print)
 * list: `secrets-manager list`
 * help: `secrets-manager --help` (no store opened: import and click alone)
+* otp: `secrets-manager otp NAME` of a stored TOTP setup key (a read, pyotp's code)
+* inject: `secrets-manager inject -i TEMPLATE` of a template with three references (two secrets)
 * get, default KDF: `get` on a second store made with the default profile (Argon2id t=3, 64 MiB,
   p=4), the master password from MASTER_PASSWORD: what every command costs a user at a terminal
   without the agent (each one derives the unlock key again)
@@ -69,7 +71,20 @@ def main() -> None:
         subprocess.run(
             [str(SCRIPT), "store", "bench/SECRET"], env=env, input=b"value", check=True, capture_output=True
         )
+        subprocess.run(
+            [str(SCRIPT), "store", "bench/TOTP"],
+            env=env,
+            input=b"JBSWY3DPEHPK3PXP",
+            check=True,
+            capture_output=True,
+        )
+        template = Path(directory) / "config.tpl"
+        template.write_text(
+            "a: {{ sm://bench/SECRET }}\nb: {{ sm://bench/TOTP }}\nc: {{ sm://bench/SECRET }}\n"
+        )
         runs = {op: (words, env) for op, words in COMMANDS.items()}
+        runs["otp"] = (["otp", "bench/TOTP"], env)
+        runs["inject"] = (["inject", "-i", str(template)], env)
         runs.update(_default_kdf_runs(Path(directory), env))
         baseline: list[float] = []
         ours: dict[str, list[float]] = {op: [] for op in runs}
