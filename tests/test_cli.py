@@ -1414,7 +1414,8 @@ def test_a_local_command_does_not_import_the_client_or_grpc(ready: Cli, tmp_path
     probe.write_text(
         "import atexit, sys\n"
         "atexit.register(lambda: sys.stderr.write("
-        "'loaded: ' + ' '.join(m for m in ('grpc', 'asyncio', 'secrets_manager.client', 'pyotp') if m in sys.modules)"
+        "'loaded: ' + ' '.join(m for m in ('grpc', 'asyncio', 'secrets_manager.client', 'pyotp')"
+        " if m in sys.modules)"
         " + '\\n'))\n"
     )
     assert ready("store", "svc/LOCAL", input=b"v").code == 0
