@@ -40,6 +40,7 @@ from secrets_manager.cli.clipboard import (
     copy_for_a_while,
     find_clipboard,
 )
+from secrets_manager.cli.completion import complete_secret_names
 from secrets_manager.cli.output import (
     counted,
     expiry_text,
@@ -234,6 +235,7 @@ class Session:
     audit_file: str | None
     environ: Mapping[str, str]
     server: str | None = None
+    prompts: bool = True  # False: a password that would be asked at the terminal is UnlockError
 
     @functools.cached_property
     def environment(self) -> Environment:
@@ -247,6 +249,8 @@ class Session:
         return local_actor()
 
     def password(self, *, confirm: bool = False) -> bytes:
+        if not self.prompts and not self.password_from_file and PASSWORD_VARIABLE not in self.environ:
+            raise UnlockError("no master password without asking for it")
         return read_password(
             self.password_file, environment=self.environment, environ=self.environ, confirm=confirm
         )
@@ -970,7 +974,7 @@ def init(session: Session, kdf_profile: str, kms_key: str | None) -> None:
 
 
 @cli.command("store")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_secret_names)
 @click.argument("value", required=False)
 @click.option("--file", "value_file", metavar="PATH", help="Read the value's exact bytes from a file.")
 @click.option("--raw", is_flag=True, help="Keep stdin byte for byte (else one trailing newline is dropped).")
@@ -1126,7 +1130,7 @@ def _with_field_replaced(
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_secret_names)
 @click.option("--version", "version", type=click.IntRange(min=1), metavar="N", help="A version number.")
 @click.option("--label", type=click.Choice(LABELS), help="A label instead of 'current'.")
 @click.option("--raw", is_flag=True, help="Write exactly the stored bytes, no newline.")
@@ -1332,7 +1336,7 @@ def list_command(
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_secret_names)
 @click.option("--json", "as_json", is_flag=True, help="Print metadata and versions as JSON.")
 @pass_session
 def history(session: Session, name: str, as_json: bool) -> None:
@@ -1362,7 +1366,7 @@ def history(session: Session, name: str, as_json: bool) -> None:
 
 
 @cli.command("metadata")
-@click.argument("name")
+@click.argument("name", shell_complete=complete_secret_names)
 @click.option("--description", metavar="TEXT", help="Set the description ('' clears it).")
 @click.option(
     "--tag", "tags", multiple=True, metavar="KEY=VALUE", help="Add or change a tag (repeatable); others stay."
@@ -1528,7 +1532,7 @@ def print_metadata(meta: SecretMetadata) -> None:
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_secret_names)
 @pass_session
 def delete(session: Session, name: str) -> None:
     """Soft-delete NAME: hidden from get and list until 'undelete'."""
@@ -1550,7 +1554,7 @@ def undelete(session: Session, name: str) -> None:
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_secret_names)
 @click.option(
     "--version",
     "version",
@@ -1608,7 +1612,7 @@ def _current_version(store: SecretStore, name: str) -> int:
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_secret_names)
 @click.option(
     "--version",
     "versions",

@@ -32,6 +32,7 @@ from secrets_manager.cli.app import (
     pass_session,
     select_field,
 )
+from secrets_manager.cli.completion import complete_secret_names
 from secrets_manager.cli.output import info_line, timestamp, warning_line
 from secrets_manager.cli.rotate_commands import one_password_session, terminate_as_interrupt
 from secrets_manager.cli.run_command import WITHHELD_VARIABLES, credentials_that_reached
@@ -53,7 +54,7 @@ DEFAULT_EDITOR = "vi"
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_secret_names)
 @expires_option(
     "When the saved value stops working (ISO 8601 or an age such as 90d). An expiry belongs to one "
     "value: without this, the new version has none."

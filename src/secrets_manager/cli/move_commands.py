@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 import click
 
 from secrets_manager.cli.app import Note, Session, cli, pass_session
+from secrets_manager.cli.completion import complete_secret_names
 from secrets_manager.cli.output import info_line, print_json, suggested
 from secrets_manager.errors import ConflictError, InvalidInputError
 from secrets_manager.store import PENDING, SecretStore, validate_name
@@ -37,7 +38,7 @@ def _old_new_force_json(command: F) -> F:
             help="Write over an existing NEW (as a new version of it; its history stays).",
         ),
         click.argument("new"),
-        click.argument("old"),
+        click.argument("old", shell_complete=complete_secret_names),
     ):
         command = decorator(command)
     return command

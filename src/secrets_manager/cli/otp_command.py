@@ -19,13 +19,14 @@ from secrets_manager.cli.app import (
     pass_session,
     select_field,
 )
+from secrets_manager.cli.completion import complete_secret_names
 from secrets_manager.cli.output import print_json
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.store.names import validate_name
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_secret_names)
 @click.option("--clip", "-c", is_flag=True, help="Copy the code to the clipboard instead of printing it.")
 @click.option("--json", "as_json", is_flag=True, help="Print name, code and seconds it stays valid as JSON.")
 @pass_session

@@ -41,6 +41,7 @@ from secrets_manager.cli.app import (
     read_value,
     refuse_generator_options,
 )
+from secrets_manager.cli.completion import complete_secret_names
 from secrets_manager.cli.output import Seconds, info_line, invocation, print_json, timestamp
 from secrets_manager.errors import ConflictError, InvalidInputError, SecretsManagerError, Terminated
 from secrets_manager.rotation import (
@@ -77,7 +78,7 @@ class _OnePasswordSession(Session):
 
 
 @cli.command()
-@click.argument("name")
+@click.argument("name", shell_complete=complete_secret_names)
 @click.option("--generate", is_flag=True, help="Generate a random new value (the default).")
 @length_option
 @alphabet_option

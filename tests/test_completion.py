@@ -1,0 +1,77 @@
+"""Secret names complete in the shell (`get auth/<TAB>`) where the store opens without asking:
+a password source, the agent holding its key, or a service; never a prompt, never a message, and
+no audited failed unlock on each TAB where it cannot."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent_fixtures import PASSWORD, AgentCli, agent_cli
+from test_cli import Result
+
+NAMES = ("auth/DB_PASSWORD", "auth/JWT_KEY", "market-connector/BINANCE_API_KEY")
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[AgentCli]:
+    for made in agent_cli(tmp_path):
+        made.with_password("init", "--kdf-profile", "test")
+        for name in NAMES:
+            made.with_password("store", name, input=b"value-SEEKRIT")
+        yield made
+
+
+def complete(cli: AgentCli, line: str, env: dict[str, str | None] | None = None) -> Result:
+    """What bash's completion gets for `line` (its last word being completed)."""
+    words = line.split(" ")
+    return cli(
+        env={
+            "_SECRETS_MANAGER_COMPLETE": "bash_complete",
+            "COMP_WORDS": line,
+            "COMP_CWORD": str(len(words) - 1),
+            **(env or {}),
+        },
+    )
+
+
+def offered(result: Result) -> list[str]:
+    assert result.code == 0 and result.stderr == "", result
+    return [line.split(",", 1)[1] for line in result.out.splitlines() if line.startswith("plain,")]
+
+
+def test_names_complete_with_a_password_source_and_each_completion_is_audited(cli: AgentCli) -> None:
+    password = {"MASTER_PASSWORD": PASSWORD}
+    assert offered(complete(cli, "secrets-manager get ", password)) == list(NAMES)
+    assert offered(complete(cli, "secrets-manager history auth/", password)) == list(NAMES[:2])
+    assert offered(complete(cli, "secrets-manager otp auth/J", password)) == ["auth/JWT_KEY"]
+    assert offered(complete(cli, "secrets-manager mv mar", password)) == [NAMES[2]]
+    completions = [(r["name"], r["decision"]) for r in cli.audit() if r["operation"] == "complete"]
+    assert completions == [(None, "allow"), ("auth/", "allow"), ("auth/", "allow"), (None, "allow")]
+
+
+def test_without_a_way_to_open_the_store_nothing_completes_and_nothing_is_audited(cli: AgentCli) -> None:
+    records = len(cli.audit())
+    assert offered(complete(cli, "secrets-manager get au")) == []
+    cli.start_agent()  # an agent without this store's key: still nothing, nothing asked
+    assert offered(complete(cli, "secrets-manager get au")) == []
+    assert len(cli.audit()) == records, "a completion that could not open the store was audited"
+
+
+def test_with_the_agent_holding_the_key_names_complete_without_a_password(cli: AgentCli) -> None:
+    cli.start_agent()
+    code, out = cli.typed(PASSWORD.encode() + b"\r", "get", "auth/JWT_KEY")  # the one prompt
+    assert code == 0, out
+    assert offered(complete(cli, "secrets-manager get auth/")) == list(NAMES[:2])
+
+
+def test_the_store_on_the_command_line_is_the_one_listed(cli: AgentCli, tmp_path: Path) -> None:
+    other = tmp_path / "other.db"
+    password = {"MASTER_PASSWORD": PASSWORD}
+    cli("--store", str(other), "init", "--kdf-profile", "test", env=password)
+    cli("--store", str(other), "store", "elsewhere/ONLY", input=b"v", env=password)
+    result = complete(cli, f"secrets-manager --store {other} get ", password)
+    assert offered(result) == ["elsewhere/ONLY"]
+    assert offered(complete(cli, "secrets-manager --store /nonexistent/x.db get ", password)) == []
