@@ -18,6 +18,7 @@ from secrets_manager.client._client import (
 )
 from secrets_manager.client._credentials import AmbiguousNameError, Credentials
 from secrets_manager.client._logging import SecretRedactionFilter, install_log_redaction
+from secrets_manager.client._notify import SecretChanged, Subscription
 from secrets_manager.client.remote import RemoteStore, TlsFiles
 
 __all__ = [
@@ -26,7 +27,9 @@ __all__ = [
     "Client",
     "Credentials",
     "RemoteStore",
+    "SecretChanged",
     "SecretRedactionFilter",
+    "Subscription",
     "TlsFiles",
     "close_default_client",
     "default_client",

@@ -86,7 +86,7 @@ from functools import partial, wraps
 from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar
 
-from secrets_manager.client._cache import Reachability, TtlCache
+from secrets_manager.client._cache import Entry, Reachability, TtlCache
 from secrets_manager.client._config import (
     TTL_JITTER,
     ClientConfig,
@@ -96,6 +96,7 @@ from secrets_manager.client._config import (
 )
 from secrets_manager.client._credentials import Credentials
 from secrets_manager.client._logging import LIVE_VALUES
+from secrets_manager.client._notify import Listener, Notifier, SecretChanged, Subscription
 from secrets_manager.client._renewal import CertificateFiles
 from secrets_manager.client.remote import (
     ChangeStream,
@@ -843,6 +844,7 @@ class Client:
         # Refreshes that failed and are owed: key (a name, or a listing's prefix) -> (start of
         # the first failed attempt, attempts failed). Copy-on-write under _write_lock, read without.
         self._owed: dict[str, tuple[float, int]] = {}
+        self._notifier = Notifier()
         _CLIENTS.add(self)
 
     # ---- reading ---------------------------------------------------------------------------------
@@ -916,6 +918,20 @@ class Client:
                     self._listing.expire(key)
         return version
 
+    def on_change(self, callback: Listener, prefix: str = "") -> Subscription:
+        """Call `callback(SecretChanged)` whenever a secret under `prefix` that this client reads
+        (by name, or by a namespace or everything it asked for) changes, is added under such a
+        namespace, or goes: after the new value is cached, so `get`/`credentials` in the callback
+        already see it. For an exchange key or a database password in use beyond one call: log
+        in again, open new connections. The callback gets names and versions, never a value; it
+        runs on a thread of the client's own, one change at a time. `cancel()` the returned
+        subscription to stop it."""
+        if not callable(callback):
+            raise InvalidInputError(f"callback must be callable, not {type(callback).__name__}")
+        if not isinstance(prefix, str):
+            raise InvalidInputError(f"prefix must be a str, not {type(prefix).__name__}")
+        return self._notifier.add(prefix, callback)
+
     @property
     def stale(self) -> bool:
         """True while no service answers, or a value known to have changed could not be fetched
@@ -941,6 +957,7 @@ class Client:
             thread.join(timeout=self._config.timeout + 5)
         if backend is not None:
             backend.close()
+        self._notifier.close()
 
     def _pause_for_fork(self) -> bool:
         """Before fork(): stop the watcher and refresher, so no thread of this client is inside
@@ -1001,6 +1018,7 @@ class Client:
         self._first_stream = threading.Event()  # its first read waits for its own first stream
         self._rng.seed()  # else every worker would jitter its TTLs and backoffs exactly alike
         self._owed = {}  # every value is expired: the next read fetches it
+        self._notifier.reset_after_fork()
         self._secrets.reset_after_fork()
         self._listing.reset_after_fork()
         self._reach.reset_after_fork()
@@ -1243,12 +1261,16 @@ class Client:
 
     # ---- cache writes ----------------------------------------------------------------------------
 
-    def _store_all(self, secrets: Sequence[Secret], started: float, key: str) -> None:
+    def _store_all(
+        self, secrets: Sequence[Secret], started: float, key: str, *, notify: bool = False
+    ) -> None:
         """A fresh listing `key`: every readable secret under its prefix, replacing the old listing
-        in one swap. Other listings learn of the names it found and lost under their prefixes."""
+        in one swap. Other listings learn of the names it found and lost under their prefixes.
+        `notify`: a refresh (not the first read): on_change callbacks hear what differs."""
         by_name = {secret.name: secret for secret in secrets}
         LIVE_VALUES.remember(*(secret.value for secret in secrets))
         with self._write_lock:
+            before = self._secrets.entries()
             old = self._listing.get(key)
             dropped = old.value - by_name.keys() if old is not None else frozenset()
             stored = self._secrets.put_many(by_name, started=started, drop=dropped)
@@ -1268,18 +1290,30 @@ class Client:
             # Names changed while this fetch was in flight (a change event outdated them) and not
             # cached: listed, yet with no value to serve. Fetched again at once.
             refetch = [name for name in by_name if name not in self._secrets.entries()]
+            after = self._secrets.entries()
+        if notify and self._notifier.listening:
+            changed = [_changed(name, before.get(name), by_name[name]) for name in stored]
+            changed += [
+                _changed(name, before[name], None) for name in gone if name in before and name not in after
+            ]
+            self._notifier.publish(change for change in changed if change is not None)
         for name in refetch:
             self._queue.schedule(name)
         self._settle(key, started)
 
-    def _store_secret(self, secret: Secret, started: float) -> None:
+    def _store_secret(self, secret: Secret, started: float, *, notify: bool = False) -> None:
         LIVE_VALUES.remember(secret.value)
+        change = None
         with self._write_lock:
+            before = self._secrets.get(secret.name)
             if self._secrets.put(secret.name, secret, started=started):
                 for key, listing in list(self._listing.entries().items()):
                     if secret.name.startswith(key) and secret.name not in listing.value:
                         self._listing.replace_value(key, listing.value | {secret.name})
+                change = _changed(secret.name, before, secret) if notify else None
             self._paid({secret.name}, started)
+        if change is not None:
+            self._notifier.publish([change])
         self._settle(secret.name, started)
 
     def _owe(self, key: str, started: float, error: SecretsManagerError, *, by_read: bool = False) -> None:
@@ -1321,13 +1355,18 @@ class Client:
                 self._owed = remaining
 
     def _forget(self, name: str) -> None:
+        """`name` is gone (destroyed, deleted, no longer readable): out of the cache, and its
+        on_change callbacks told, if it was cached."""
         with self._write_lock:
+            before = self._secrets.get(name)
             if name in self._owed:
                 self._owed = {key: debt for key, debt in self._owed.items() if key != name}
             self._secrets.discard(name)
             for key, listing in list(self._listing.entries().items()):
                 if name in listing.value:
                     self._listing.replace_value(key, listing.value - {name})
+        if before is not None:
+            self._notifier.publish([SecretChanged(name, None, before.value.version)])
 
     def _settle(self, key: str, started: float) -> None:
         """A fetch that began before the stream had surely started, stored after that (and after
@@ -1571,7 +1610,7 @@ class Client:
             log.debug("refresh of %s failed: %s", _what(key), exc)
             self._owe(key, started, exc)
             return False
-        self._store_all(secrets, started, key)
+        self._store_all(secrets, started, key, notify=True)
         return True
 
     def _refresh(self, name: str) -> None:
@@ -1586,7 +1625,29 @@ class Client:
             self._secrets.expire(name)
             self._owe(name, started, exc)  # served stale until a retry succeeds
             return
-        self._store_secret(secret, started)
+        self._store_secret(secret, started, notify=True)
+
+
+def _said_if_failed(callback: object, name: str, done: Any) -> None:
+    """A coroutine callback of AsyncClient.on_change that raised: logged, as the sync ones are."""
+    if not done.cancelled() and done.exception() is not None:
+        log.error(
+            "an on_change callback (%s) failed for %s",
+            getattr(callback, "__qualname__", type(callback).__name__),
+            name,
+            exc_info=done.exception(),
+        )
+
+
+def _changed(name: str, before: Entry[Secret] | None, after: Secret | None) -> SecretChanged | None:
+    """What on_change callbacks hear of `name` going from the cached `before` to `after` (None:
+    gone); None if nothing they would see changed (the same version and value, fetched again)."""
+    previous = before.value if before is not None else None
+    if after is None:
+        return SecretChanged(name, None, previous.version) if previous is not None else None
+    if previous is not None and previous.version == after.version and previous.value == after.value:
+        return None
+    return SecretChanged(name, after.version, previous.version if previous is not None else None)
 
 
 def _value_bytes(value: bytes | str | SecretValue) -> bytes:
@@ -1740,6 +1801,32 @@ class AsyncClient:
             tags=tags,
             expires=expires,
         )
+
+    def on_change(
+        self, callback: Callable[[SecretChanged], Awaitable[object] | object], prefix: str = ""
+    ) -> Subscription:
+        """See `Client.on_change`. Called from the event loop, whose thread runs the callback: a
+        coroutine function as a task of that loop, a plain function as a loop callback."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise InvalidInputError(
+                "AsyncClient.on_change is called from a coroutine (it delivers to the running event "
+                "loop); without one, use the Client's on_change (AsyncClient.sync)"
+            ) from None
+        if not callable(callback):
+            raise InvalidInputError(f"callback must be callable, not {type(callback).__name__}")
+
+        def in_the_loop(change: SecretChanged) -> None:
+            if loop.is_closed():
+                return
+            if asyncio.iscoroutinefunction(callback):
+                task = asyncio.run_coroutine_threadsafe(callback(change), loop)
+                task.add_done_callback(partial(_said_if_failed, callback, change.name))
+            else:
+                loop.call_soon_threadsafe(callback, change)
+
+        return self._client.on_change(in_the_loop, prefix)
 
     async def close(self) -> None:
         await _in_thread(self._client.close)
