@@ -12,8 +12,10 @@
    change: a put through the service, a rotation's promote through it (the value was staged
    0.3-0.5 s before), and a put by another handle on the store file (in this process, as the CLI
    or another replica makes one), which the service finds at its next watch poll (every 0.2 s;
-   changes start at random points of it). Beside them, the staleness bound of the baseline: its
-   default refresh interval (a cached value is served until then, whatever changed).
+   changes start at random points of it). Each client also has an `on_change` callback: the
+   time until it is called is a second row per kind. Beside them, the staleness bound of the
+   baseline: its default refresh interval (a cached value is served until then, whatever
+   changed), which has no notification at all.
 3. Log record, ns per call: `log.info(message, arg, arg)` into an in-memory StreamHandler, with
    `install_log_redaction()` at 20 and at 10,000 (the cap) remembered values, and the same call
    without redaction as the baseline, in alternating rounds; ratio = baseline ns / ours ns.
@@ -40,6 +42,7 @@ import secrets
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,7 +53,7 @@ from aws_secretsmanager_caching import SecretCache, SecretCacheConfig
 from moto import mock_aws
 
 from secrets_manager import install_log_redaction
-from secrets_manager.client import Client, RemoteStore
+from secrets_manager.client import Client, RemoteStore, SecretChanged
 from secrets_manager.client._logging import LIVE_VALUES, MAX_REMEMBERED_VALUES, uninstall_log_redaction
 from secrets_manager.crypto import kdf
 from secrets_manager.service.watch import WATCH_POLL_SECONDS
@@ -151,8 +154,9 @@ CHANGES = {  # how propagation() changes the secret → the row's label
 
 def propagation(
     server_dir: Path, address: str, rounds: int, how: str, open_elsewhere: Callable[[], EncryptedStore]
-) -> list[float]:
-    """Seconds from a change until each of CLIENTS subscribed clients serves the new value. The
+) -> tuple[list[float], list[float]]:
+    """Seconds from a change until each of CLIENTS subscribed clients serves the new value, and
+    until each one's `on_change` callback is called (the second list). The
     change (CHANGES) is a put through the service; a rotation's promote through it (the new value
     is staged first: the clients hear of a new version but must go on serving current); or a put
     by another handle on the store file, as the CLI or another replica makes one, which the
@@ -162,14 +166,29 @@ def propagation(
     rotator = RemoteStore(address, fixtures.tls_files(server_dir, "ops"))
     elsewhere = open_elsewhere()
     latencies: list[float] = []
+    told: list[float] = []
+    told_at: dict[int, float] = {}
+    told_lock = threading.Lock()
+
+    def callback_of(index: int) -> Callable[[SecretChanged], None]:
+        def heard(change: SecretChanged) -> None:
+            if change.name == NAME:
+                with told_lock:
+                    told_at.setdefault(index, time.monotonic())
+
+        return heard
+
     rotate = how == "rotate"
     what = f"propagation ({how})"
     try:
-        for client in clients:
+        for index, client in enumerate(clients):
             client.credentials()
+            client.on_change(callback_of(index))
         time.sleep(1.0)  # every watch stream is up
         for round_ in range(rounds):
             value = f"{what}-{round_}".encode()
+            with told_lock:
+                told_at.clear()
             if rotate:
                 staged = rotator.stage(NAME, value).version
                 # The clients refetch on the stage event (and keep serving current). A random part
@@ -192,6 +211,12 @@ def propagation(
                 time.sleep(0.001)
             if waiting:
                 raise SystemExit(f"{len(waiting)} clients never served the new value")
+            while len(told_at) < CLIENTS and time.monotonic() - changed_at < 10:
+                time.sleep(0.001)
+            with told_lock:
+                if len(told_at) < CLIENTS:
+                    raise SystemExit(f"{CLIENTS - len(told_at)} clients' on_change was never called")
+                told.extend(at - changed_at for at in told_at.values())
             print(f"{what}: round {round_ + 1}/{rounds}", file=sys.stderr, flush=True)
             # Waiting a fixed time would lock every change to the same point of the server's watch
             # poll (the last one was seen just after a poll): the random part spreads them over it.
@@ -201,10 +226,10 @@ def propagation(
         rotator.close()
         for client in [*clients, writer]:
             client.close()
-    return latencies
+    return latencies, told
 
 
-def postgres_propagation(directory: Path, rounds: int) -> dict[str, list[float]]:
+def postgres_propagation(directory: Path, rounds: int) -> dict[str, tuple[list[float], list[float]]]:
     """propagation() with the service on a store in a private PostgreSQL cluster, where a commit
     by another handle reaches the service by LISTEN/NOTIFY instead of at its next poll."""
     from postgres_cluster import PostgresCluster, missing_requirements
@@ -326,12 +351,13 @@ def main(argv: list[str] | None = None) -> int:
             (f"propagation to {CLIENTS} subscribed clients", "p50", "p99", "max"),
             *(
                 (
-                    f"ours, {how.split()[0]}: {CHANGES[how.split()[1]]} -> served ({len(samples)})",
+                    f"ours, {how.split()[0]}: {CHANGES[how.split()[1]]} -> {outcome} ({len(samples)})",
                     f"{percentile(samples, 0.5) * 1e3:.0f} ms",
                     f"{percentile(samples, 0.99) * 1e3:.0f} ms",
                     f"{max(samples) * 1e3:.0f} ms",
                 )
-                for how, samples in latencies.items()
+                for how, both in latencies.items()
+                for outcome, samples in zip(("served", "on_change called"), both, strict=True)
             ),
             ("aws-secretsmanager-caching default refresh interval", "-", "-", f"{refresh_interval:,} s"),
         ]
