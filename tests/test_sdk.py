@@ -318,8 +318,8 @@ class _HeldFetch:
                 self._release.wait(10)
             return secret
 
-        def store(secret: Any, started: float) -> None:
-            store_secret(secret, started)
+        def store(secret: Any, started: float, **options: Any) -> None:
+            store_secret(secret, started, **options)
             if secret.name == name:
                 self.landed.set()
 
