@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import queue
 import re
 import signal
 import sqlite3
@@ -23,7 +24,14 @@ from typing import Any
 import pytest
 
 from secrets_manager import get_credentials_sync
-from secrets_manager.client import AsyncClient, Client, RemoteStore, _client, close_default_client
+from secrets_manager.client import (
+    AsyncClient,
+    Client,
+    RemoteStore,
+    SecretChanged,
+    _client,
+    close_default_client,
+)
 from secrets_manager.client import remote as remote_module
 from secrets_manager.client._renewal import CertificateFiles
 from secrets_manager.crypto import kdf
@@ -1802,3 +1810,108 @@ def test_a_reconnect_resumes_the_stream_so_a_change_made_while_disconnected_is_p
     finally:
         first.kill()
         second.stop()
+
+
+# ---- on_change: the application hears of a changed secret ----------------------------------------
+
+
+Heard = queue.Queue[tuple[SecretChanged, bytes | None]]
+
+
+def listening(client: Client, prefix: str = "") -> Heard:
+    """Callbacks that note each change and the value the client serves when it is told."""
+    heard: Heard = queue.Queue()
+
+    def note(change: SecretChanged) -> None:
+        heard.put((change, client.get(change.name).value.reveal() if change.version else None))
+
+    client.on_change(note, prefix)
+    return heard
+
+
+def test_a_change_is_told_after_its_value_is_cached_and_first_reads_are_not(
+    make_client: ClientFactory, server: Server, service_dir: Path
+) -> None:
+    reader = make_client("auth", [server.address])
+    reader.credentials("auth")  # follows the namespace auth/: its changes, additions, removals
+    heard = listening(reader, "auth/")
+    time.sleep(1.0)  # the watch stream is up
+    writer = make_client("writer", [server.address])
+    version = writer.put("auth/JWT_KEY", b"jwt-key-ROTATED")
+    change, served = heard.get(timeout=10)
+    assert (change, served) == (SecretChanged("auth/JWT_KEY", version, 1), b"jwt-key-ROTATED")
+    assert "ROTATED" not in repr(change)
+    writer.put("auth/NEW_TOKEN", b"new-token-SEEKRIT")
+    assert heard.get(timeout=10) == (SecretChanged("auth/NEW_TOKEN", 1, None), b"new-token-SEEKRIT")
+    ops = RemoteStore(server.address, tls_files(service_dir, "ops"))
+    try:
+        ops.delete("auth/NEW_TOKEN")
+    finally:
+        ops.close()
+    assert heard.get(timeout=10) == (SecretChanged("auth/NEW_TOKEN", None, 1), None)
+    time.sleep(0.5)
+    assert heard.empty(), heard.get_nowait()  # nothing else: the first reads were not changes
+
+
+def test_a_failing_callback_is_logged_the_others_run_and_cancel_stops_one(
+    make_client: ClientFactory, server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    reader = make_client("auth", [server.address])
+    reader.get("auth/DB_PASSWORD")  # followed by name
+    calls: list[str] = []
+
+    def failing(change: SecretChanged) -> None:
+        raise RuntimeError("the application's own bug")
+
+    reader.on_change(failing)
+    stopped = reader.on_change(lambda change: calls.append(f"stopped {change.version}"))
+    heard = listening(reader)
+    time.sleep(1.0)
+    writer = make_client("writer", [server.address])
+    with caplog.at_level(logging.ERROR, logger="secrets_manager.client"):
+        writer.put("auth/DB_PASSWORD", b"db-password-ROTATED-1")
+        assert heard.get(timeout=10)[0].version == 2
+    assert calls == ["stopped 2"]
+    assert any("on_change callback" in r.getMessage() and "failing" in r.getMessage() for r in caplog.records)
+    stopped.cancel()
+    writer.put("auth/DB_PASSWORD", b"db-password-ROTATED-2")
+    assert heard.get(timeout=10)[0].version == 3
+    assert calls == ["stopped 2"]
+
+
+def test_async_callbacks_run_in_the_event_loop(
+    service_dir: Path, server: Server, make_client: ClientFactory
+) -> None:
+    async def scenario() -> tuple[SecretChanged, bool, bytes]:
+        client = AsyncClient(environ=client_environ(service_dir, "auth", [server.address]))
+        loop_thread = threading.get_ident()
+        told: asyncio.Queue[tuple[SecretChanged, bool, bytes]] = asyncio.Queue()
+
+        async def on_change(change: SecretChanged) -> None:
+            secret = await client.get(change.name)
+            await told.put((change, threading.get_ident() == loop_thread, secret.value.reveal()))
+
+        try:
+            await client.credentials("auth")
+            client.on_change(on_change, "auth/")
+            await asyncio.sleep(1.0)
+            writer = make_client("writer", [server.address])
+            await asyncio.to_thread(writer.put, "auth/JWT_KEY", b"jwt-ASYNC-ROTATED")
+            return await asyncio.wait_for(told.get(), timeout=10)
+        finally:
+            await client.close()
+
+    change, in_loop_thread, value = asyncio.run(scenario())
+    assert change.name == "auth/JWT_KEY" and change.previous_version == 1
+    assert in_loop_thread and value == b"jwt-ASYNC-ROTATED"
+
+
+def test_on_change_refuses_what_it_cannot_call(service_dir: Path) -> None:
+    client = Client(environ=client_environ(service_dir, "auth", ["127.0.0.1:1"]))
+    try:
+        with pytest.raises(InvalidInputError, match="callable"):
+            client.on_change("not a function")  # type: ignore[arg-type]
+        with pytest.raises(InvalidInputError, match="from a coroutine"):
+            AsyncClient(client=client).on_change(lambda change: None)
+    finally:
+        client.close()
