@@ -68,16 +68,10 @@ def main() -> None:
         subprocess.run(
             [str(SCRIPT), "init", "--kdf-profile", "test"], env=env, check=True, capture_output=True
         )
-        subprocess.run(
-            [str(SCRIPT), "store", "bench/SECRET"], env=env, input=b"value", check=True, capture_output=True
-        )
-        subprocess.run(
-            [str(SCRIPT), "store", "bench/TOTP"],
-            env=env,
-            input=b"JBSWY3DPEHPK3PXP",
-            check=True,
-            capture_output=True,
-        )
+        for name, value in (("bench/SECRET", b"value"), ("bench/TOTP", b"JBSWY3DPEHPK3PXP")):
+            subprocess.run(
+                [str(SCRIPT), "store", name], env=env, input=value, check=True, capture_output=True
+            )
         template = Path(directory) / "config.tpl"
         template.write_text(
             "a: {{ sm://bench/SECRET }}\nb: {{ sm://bench/TOTP }}\nc: {{ sm://bench/SECRET }}\n"
