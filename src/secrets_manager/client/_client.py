@@ -71,6 +71,7 @@ import asyncio
 import contextvars
 import getpass
 import heapq
+import inspect
 import itertools
 import logging
 import os
@@ -1820,7 +1821,7 @@ class AsyncClient:
         def in_the_loop(change: SecretChanged) -> None:
             if loop.is_closed():
                 return
-            if asyncio.iscoroutinefunction(callback):
+            if inspect.iscoroutinefunction(callback):
                 task = asyncio.run_coroutine_threadsafe(callback(change), loop)
                 task.add_done_callback(partial(_said_if_failed, callback, change.name))
             else:
