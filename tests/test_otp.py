@@ -77,6 +77,30 @@ def test_how_long_a_code_stays_valid() -> None:
     assert (code.period, code.valid_for) == (60, pytest.approx(59))
 
 
+def test_a_period_over_two_minutes_makes_the_services_code() -> None:
+    # pyotp refuses periods over 120 s; the seed was then called "not base32".
+    seed = base64.b32decode(SETUP_KEY)
+    for period in (300, 3600, 86400):
+        uri = f"otpauth://totp/x?secret={SETUP_KEY}&period={period}"
+        code = one_time_code(uri.encode(), name="n", at=1_700_000_123)
+        assert code.reveal() == rfc4226(seed, 1_700_000_123, period=period)
+        assert (code.period, code.valid_for) == (period, pytest.approx(period - 1_700_000_123 % period))
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        f"{SETUP_KEY}====",  # padded, though 16 characters need none
+        f"{SETUP_KEY}=",
+        f"otpauth://totp/x?secret={SETUP_KEY.lower()}%3D%3D%3D%3D",
+        "otpauth://totp/Acme%20Co:a%40b.c?secret=JBSW%20Y3DP%20EHPK%203PXP&issuer=Acme%20Co",
+    ],
+)
+def test_padding_and_spaces_are_taken_as_authenticator_apps_take_them(written: str) -> None:
+    expected = rfc4226(base64.b32decode(SETUP_KEY), 1_700_000_000)
+    assert one_time_code(written.encode(), name="n", at=1_700_000_000).reveal() == expected
+
+
 @pytest.mark.parametrize(
     ("value", "why"),
     [
@@ -89,6 +113,9 @@ def test_how_long_a_code_stays_valid() -> None:
         (f"otpauth://totp/x?secret={SETUP_KEY}&algorithm=MD5".encode(), "SHA1, SHA256 or SHA512"),
         (f"otpauth://totp/x?secret={SETUP_KEY}&digits=9".encode(), "6, 7 or 8"),
         (f"otpauth://totp/x?secret={SETUP_KEY}&period=0".encode(), "period"),
+        (f"otpauth://totp/x?secret={SETUP_KEY}&period=%C2%B2".encode(), "period"),  # '²': isdigit()
+        (f"otpauth://totp/x?secret={SETUP_KEY}&period=%EF%BC%93%EF%BC%90".encode(), "period"),
+        ("\uff2aBSWY3DPEHPK3PXP".encode(), "not base32"),  # a full-width J
         (f"otpauth://totp/x?secret={SETUP_KEY}&secret=GEZDGNBVGY3TQOJQ".encode(), "secret twice"),
         (b"otpauth://totp/x?issuer=Broker", "no secret"),
     ],

@@ -9,6 +9,7 @@ is not one without ever repeating it, and keeping the code out of logs (`OneTime
 
 from __future__ import annotations
 
+import base64
 import binascii
 import hashlib
 import time
@@ -83,21 +84,30 @@ def _totp(raw: bytes, name: str) -> _Totp:
     except UnicodeDecodeError:
         raise refused("its value is not text") from None
     options: dict[str, Any] = {}
+    period = 30
     if text[:10].lower() == "otpauth://":
-        seed, options = _uri_parts(text, refused)
+        seed, options, period = _uri_parts(text, refused)
     else:
-        seed = "".join(text.split())  # setup keys are shown in groups: "JBSW Y3DP EHPK 3PXP"
+        seed = text
+    # Setup keys are shown in groups ("JBSW Y3DP EHPK 3PXP"), and padded or not: pyotp pads itself.
+    seed = "".join(seed.split()).rstrip("=").upper()
     if not seed:
         raise refused("no secret in it")
     try:
-        return _Totp(seed.upper(), **options)
-    except (binascii.Error, ValueError) as exc:
-        short = f"shorter than {MIN_SEED_BITS} bits" if "bits" in str(exc) else "not base32"
-        raise refused(f"its secret is {short}") from None
+        decoded = base64.b32decode(seed + "=" * (-len(seed) % 8))
+    except (binascii.Error, ValueError):  # ValueError: not ASCII
+        raise refused("its secret is not base32") from None
+    if len(decoded) * 8 < MIN_SEED_BITS:
+        raise refused(f"its secret is shorter than {MIN_SEED_BITS} bits")
+    totp = _Totp(seed, **options)
+    # pyotp refuses periods over 120 s (NIST's advice for new deployments), but a code must match
+    # what the service's own period makes: set after construction, as at() reads it.
+    totp.interval = period
+    return totp
 
 
-def _uri_parts(uri: str, refused: Callable[[str], NotATotpSeedError]) -> tuple[str, dict[str, Any]]:
-    """The seed and TOTP options of an otpauth URI (Google's Key Uri Format)."""
+def _uri_parts(uri: str, refused: Callable[[str], NotATotpSeedError]) -> tuple[str, dict[str, Any], int]:
+    """The seed, TOTP options and period of an otpauth URI (Google's Key Uri Format)."""
     parts = urlsplit(uri)
     kind = parts.netloc.lower()
     if kind == "hotp":
@@ -120,7 +130,7 @@ def _uri_parts(uri: str, refused: Callable[[str], NotATotpSeedError]) -> tuple[s
         raise refused("its digits are not 6, 7 or 8")
     options["digits"] = int(digits)
     period = parameters.get("period", "30")
-    if not period.isdigit() or not 1 <= int(period) <= MAX_PERIOD:
+    # isdigit() alone takes '²' (int() refuses it) and other scripts' digits
+    if not (period.isascii() and period.isdigit()) or not 1 <= int(period) <= MAX_PERIOD:
         raise refused(f"its period is not a whole number of seconds from 1 to {MAX_PERIOD}")
-    options["interval"] = int(period)
-    return parameters.get("secret", ""), options
+    return parameters.get("secret", ""), options, int(period)
