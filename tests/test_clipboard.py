@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import KNOWN_VALUE, PASSWORD, Cli, Result, assert_one_line_error
+from test_cli import KNOWN_VALUE, PASSWORD, SCRIPT, Cli, Result, assert_one_line_error
 
 CLIPBOARD_PROGRAMS = ("Xvfb", "xclip", "xsel")
 
@@ -275,3 +275,49 @@ def test_store_clip_is_refused_before_anything_is_stored(desktop: Cli) -> None:
     result = desktop("store", "db/NEW", "--generate", "--clip", env={"DISPLAY": None})
     assert_one_line_error(result, 1, "no clipboard", "without --clip")
     assert desktop("get", "db/NEW").code == 3, "a value nobody could paste was stored"
+
+
+def slow_xclip(tmp_path: Path, marker: Path) -> Path:
+    """A directory with an `xclip` that, the first time it copies, copies (the real xclip stays
+    behind serving the value), says so in `marker`, then takes its time, as xsel or wl-copy may
+    before they return."""
+    directory = tmp_path / "slow-bin"
+    directory.mkdir()
+    script = directory / "xclip"
+    script.write_text(
+        "#!/bin/sh\n"
+        'case " $* " in *" -in "*)\n'
+        f'  {shutil.which("xclip")} "$@" || exit\n'
+        f"  if [ ! -e {marker} ]; then : > {marker}; sleep 30; fi; exit 0;;\n"
+        "esac\n"
+        f'exec {shutil.which("xclip")} "$@"\n'
+    )
+    script.chmod(0o755)
+    return directory
+
+
+def test_ctrl_c_while_the_value_is_being_copied_takes_it_off(desktop: Cli, tmp_path: Path) -> None:
+    """Ctrl-C after the clipboard program had taken the value, before a clearer was started,
+    left the value on the clipboard with nothing to take it off."""
+    copy(desktop, "what the user had copied")
+    marker = tmp_path / "copied"
+    path = f"{slow_xclip(tmp_path, marker)}:{desktop.env['PATH']}"
+    process = subprocess.Popen(
+        [str(SCRIPT), "get", "app/KEY", "--clip"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**desktop.env, "PATH": path, "SECRETS_MANAGER_CLIP_TIME": "600"},
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    deadline = time.monotonic() + 30
+    while not marker.exists():
+        assert process.poll() is None and time.monotonic() < deadline, "xclip was never run"
+        time.sleep(0.02)
+    assert clipboard(desktop) == KNOWN_VALUE
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert KNOWN_VALUE.encode() not in stdout + stderr
+    assert clipboard(desktop) == "what the user had copied"

@@ -140,8 +140,10 @@ def copy_for_a_while(tool: ClipboardTool, data: bytes, seconds: int, state_direc
         pid_file = state_directory / f"clip-{key}.pid"
         _end_running_clearer(pid_file)
         before = _read(tool)
-        _write(tool, data)
         try:
+            # The tool may own the clipboard before it returns (or before _write has seen the
+            # value there): a Ctrl-C or a failure from here on must take the value off too.
+            _write(tool, data)
             _start_clearer(tool, data, before, seconds, pid_file)
         except BaseException:  # no clearer (or Ctrl-C meanwhile): the value must not stay
             with contextlib.suppress(ClipboardFailed):
