@@ -321,3 +321,25 @@ def test_ctrl_c_while_the_value_is_being_copied_takes_it_off(desktop: Cli, tmp_p
     assert process.returncode == 130, stderr
     assert KNOWN_VALUE.encode() not in stdout + stderr
     assert clipboard(desktop) == "what the user had copied"
+
+
+def test_a_killed_clearers_value_is_not_put_back_by_the_next_copy(desktop: Cli) -> None:
+    """A clearer killed before its time (kill -9, the OOM killer) leaves its value on the
+    clipboard; the next copy saved it as 'what the clipboard held before' and put it back when
+    its own value was taken off."""
+    desktop("store", "app/OTHER", input=b"the-other-secret-value")
+    copy(desktop, "before both")
+    assert_copied(
+        desktop("get", "app/OTHER", "--clip", env={"SECRETS_MANAGER_CLIP_TIME": "600"}), "app/OTHER"
+    )
+    os.kill(int(clearer_pid_file(desktop).read_text()), signal.SIGKILL)
+    assert clipboard(desktop) == "the-other-secret-value"
+    assert_copied(desktop("get", "app/KEY", "--clip"), "app/KEY")
+    assert clipboard(desktop) == KNOWN_VALUE
+    wait_for_the_clearer(desktop)
+    assert clipboard(desktop) == ""
+    # And the clearer after it, which ended as it should, restores as before.
+    copy(desktop, "copied later")
+    assert_copied(desktop("get", "app/KEY", "--clip"), "app/KEY")
+    wait_for_the_clearer(desktop)
+    assert clipboard(desktop) == "copied later"

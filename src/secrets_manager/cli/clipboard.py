@@ -139,7 +139,10 @@ def copy_for_a_while(tool: ClipboardTool, data: bytes, seconds: int, state_direc
     with _locked(state_directory / f"clip-{key}.lock"):
         pid_file = state_directory / f"clip-{key}.pid"
         _end_running_clearer(pid_file)
-        before = _read(tool)
+        # A clearer that ended has removed its pid file. One still there is a clearer killed (or
+        # stuck) before it took its value off: the clipboard may hold that value still, which must
+        # not be put back when this one is taken off, so the clipboard is emptied then instead.
+        before = b"" if pid_file.exists() else _read(tool)
         try:
             # The tool may own the clipboard before it returns (or before _write has seen the
             # value there): a Ctrl-C or a failure from here on must take the value off too.
