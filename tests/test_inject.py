@@ -4,6 +4,7 @@ audited before anything is written, FILE 0600 and replaced only with --force."""
 from __future__ import annotations
 
 import json
+import os
 import stat
 import subprocess
 from pathlib import Path
@@ -135,3 +136,25 @@ def test_through_the_service_a_denied_secret_writes_nothing(tmp_path: Path) -> N
     assert denied.returncode == 5, denied.stderr
     assert not (tmp_path / "mixed.env").exists()
     assert SEED["auth/DB_PASSWORD"].decode() not in denied.stderr
+
+
+@pytest.mark.parametrize("force", [(), ("--force",)])
+def test_a_named_pipe_or_a_device_is_never_replaced_by_a_file(
+    cli: Cli, tmp_path: Path, force: tuple[str, ...]
+) -> None:
+    """--force replaced a named pipe (made so the secrets never touch a disk), or through its
+    link a device, by a regular file holding them."""
+    pipe = tmp_path / "connector.fifo"
+    os.mkfifo(pipe)
+    link = tmp_path / "to-null"
+    link.symlink_to(os.devnull)
+    template = str(tmp_path / "template.yaml")
+    for target in (pipe, link):
+        result = cli("inject", "-i", template, "-o", str(target), *force)
+        assert_one_line_error(result, 2, "not a regular file", "redirect the output")
+        assert KNOWN_VALUE not in result.out + result.stderr
+    assert stat.S_ISFIFO(pipe.lstat().st_mode)
+    assert link.is_symlink() and os.readlink(link) == os.devnull
+    assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
+    result = cli("inject", "-i", template, "-o", str(tmp_path), *force)
+    assert_one_line_error(result, 2, "is a directory")

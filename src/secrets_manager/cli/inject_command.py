@@ -10,7 +10,9 @@ denied secret, a malformed reference, a binary value: nothing is written. `-o FI
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -64,8 +66,26 @@ def inject(session: Session, template: str, output: str | None, force: bool) -> 
         sys.stdout.buffer.write(rendered)
         sys.stdout.buffer.flush()
         return
+    _refuse_what_is_not_a_file(output)
     write_private_file(Path(output), rendered, overwrite=force)
     click.echo(f"wrote {output} with {counted(len(values), 'secret value')}", err=True)
+
+
+def _refuse_what_is_not_a_file(output: str) -> None:
+    """A named pipe or a device at FILE (or where its symbolic link leads: /dev/stdout) would be
+    replaced by a regular file, on disk, holding the secrets (--force), where whoever made the
+    pipe meant them never to touch a disk; a directory is named as one."""
+    try:
+        found = os.stat(output)
+    except OSError:  # nothing there (or a dangling link): write_private_file says what is wrong
+        return
+    if stat.S_ISDIR(found.st_mode):
+        raise InvalidInputError(f"{output} is a directory; give -o the path of a file in it")
+    if not stat.S_ISREG(found.st_mode):
+        raise InvalidInputError(
+            f"{output} is not a regular file (a named pipe or a device), which -o would replace by "
+            "a file on disk; leave -o out and redirect the output to it instead; nothing was written"
+        )
 
 
 def _template_text(template: str) -> str:
