@@ -296,9 +296,15 @@ def slow_xclip(tmp_path: Path, marker: Path) -> Path:
     return directory
 
 
-def test_ctrl_c_while_the_value_is_being_copied_takes_it_off(desktop: Cli, tmp_path: Path) -> None:
-    """Ctrl-C after the clipboard program had taken the value, before a clearer was started,
-    left the value on the clipboard with nothing to take it off."""
+@pytest.mark.parametrize(
+    ("signum", "code"), [(signal.SIGINT, 130), (signal.SIGHUP, 129), (signal.SIGTERM, 143)]
+)
+def test_ctrl_c_while_the_value_is_being_copied_takes_it_off(
+    desktop: Cli, tmp_path: Path, signum: int, code: int
+) -> None:
+    """Ctrl-C (or a closed terminal's SIGHUP, or SIGTERM) after the clipboard program had taken
+    the value, before a clearer was started, left the value on the clipboard with nothing to take
+    it off."""
     copy(desktop, "what the user had copied")
     marker = tmp_path / "copied"
     path = f"{slow_xclip(tmp_path, marker)}:{desktop.env['PATH']}"
@@ -316,9 +322,9 @@ def test_ctrl_c_while_the_value_is_being_copied_takes_it_off(desktop: Cli, tmp_p
         assert process.poll() is None and time.monotonic() < deadline, "xclip was never run"
         time.sleep(0.02)
     assert clipboard(desktop) == KNOWN_VALUE
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
+    assert process.returncode == code, stderr
     assert KNOWN_VALUE.encode() not in stdout + stderr
     assert clipboard(desktop) == "what the user had copied"
 

@@ -1229,9 +1229,14 @@ def clipboard_found_first() -> tuple[ClipboardTool, int, Path]:
 
 
 def copy_to_clipboard(clipboard: tuple[ClipboardTool, int, Path], data: bytes, shown_name: str) -> None:
+    from secrets_manager.cli.rotate_commands import terminate_as_interrupt  # it imports this module
+
     tool, seconds, directory = clipboard
     try:
-        copy_for_a_while(tool, data, seconds, directory)
+        # A closed terminal (SIGHUP) or a kill (SIGTERM) during the copy ends it as Ctrl-C does,
+        # taking the value off: left to their default action they left it on with no clearer.
+        with terminate_as_interrupt():
+            copy_for_a_while(tool, data, seconds, directory)
     except ClipboardFailed as exc:
         raise SecretsManagerError(f"could not copy {shown_name} to the clipboard: {exc}") from None
     click.echo(f"Copied {shown_name} to the clipboard ({tool.name}); it is cleared in {seconds} s.")
