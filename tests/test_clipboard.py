@@ -349,3 +349,13 @@ def test_a_killed_clearers_value_is_not_put_back_by_the_next_copy(desktop: Cli) 
     assert_copied(desktop("get", "app/KEY", "--clip"), "app/KEY")
     wait_for_the_clearer(desktop)
     assert clipboard(desktop) == "copied later"
+
+
+def test_an_empty_value_is_not_copied(desktop: Cli) -> None:
+    """An empty value (stored with --allow-empty) 'copied' emptied the user's clipboard for
+    SECRETS_MANAGER_CLIP_TIME seconds and said 'Copied'; pass -c refuses it too."""
+    assert desktop("store", "app/EMPTY", "--allow-empty", input=b"").code == 0
+    copy(desktop, "what the user had copied")
+    assert_one_line_error(desktop("get", "app/EMPTY", "--clip"), 2, "app/EMPTY is empty")
+    assert clipboard(desktop) == "what the user had copied"
+    assert not clearer_pid_file(desktop).exists()

@@ -1232,6 +1232,8 @@ def copy_to_clipboard(clipboard: tuple[ClipboardTool, int, Path], data: bytes, s
     from secrets_manager.cli.rotate_commands import terminate_as_interrupt  # it imports this module
 
     tool, seconds, directory = clipboard
+    if not data:  # copying it would only empty the clipboard for a while, as pass -c refuses to
+        raise InvalidInputError(f"{shown_name} is empty: there is nothing to copy to the clipboard")
     try:
         # A closed terminal (SIGHUP) or a kill (SIGTERM) during the copy ends it as Ctrl-C does,
         # taking the value off: left to their default action they left it on with no clearer.
