@@ -235,6 +235,8 @@ def test_without_a_clipboard_nothing_is_read_and_the_user_is_told(desktop: Cli) 
         (("--json",), {}, "--clip and --json exclude each other"),
         ((), {"SECRETS_MANAGER_CLIP_TIME": "soon"}, "SECRETS_MANAGER_CLIP_TIME must be a whole number"),
         ((), {"SECRETS_MANAGER_CLIP_TIME": "0"}, "from 1 to 86400"),
+        ((), {"SECRETS_MANAGER_CLIP_TIME": "\u00b2"}, "from 1 to 86400"),  # '²': isdigit(), not int()
+        ((), {"SECRETS_MANAGER_CLIP_TIME": "\uff14\uff15"}, "from 1 to 86400"),  # full-width 45
     ],
 )
 def test_bad_requests_exit_2_and_leave_the_clipboard_alone(

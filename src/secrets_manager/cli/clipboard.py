@@ -79,7 +79,7 @@ def clip_seconds(environ: Mapping[str, str]) -> int:
     text = environ.get(CLIP_TIME_VARIABLE, "").strip()
     if not text:
         return DEFAULT_CLIP_SECONDS
-    if not text.isdigit() or not 1 <= int(text) <= MAX_CLIP_SECONDS:
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) <= MAX_CLIP_SECONDS:  # not '²'
         raise ValueError(
             f"{CLIP_TIME_VARIABLE} must be a whole number of seconds from 1 to {MAX_CLIP_SECONDS}, "
             f"not {text[:20]!r}"
