@@ -80,6 +80,8 @@ def test_out_file_is_private_and_replaced_only_with_force(cli: Cli, tmp_path: Pa
     [
         ("a: {{ sm://db/missing }}\nb: {{ sm://db/main#password }}\n", 3, "db/missing"),
         ("a: {{ sm://db/main#password }}\nb: {{ sm:/db/main }}\n", 2, "line 2 of the template"),
+        ('a: {{ sm://db/main#password }}\nb: {{ "sm://db/main" }}\n', 2, "line 2 of the template"),
+        ("a: {{ sm://db/main#password }}\nb: {{sm://db/main\n", 2, "line 2 of the template"),
         ("a: {{ sm://db/main#nofield }}\n", 3, "nofield"),
         ("a: {{ sm://../etc/passwd }}\n", 2, "name"),
         ("plain: text\n", 2, "refers to no secret"),
@@ -158,3 +160,16 @@ def test_a_named_pipe_or_a_device_is_never_replaced_by_a_file(
     assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
     result = cli("inject", "-i", template, "-o", str(tmp_path), *force)
     assert_one_line_error(result, 2, "is a directory")
+
+
+def test_sm_colon_elsewhere_on_a_line_is_not_taken_for_a_reference(cli: Cli) -> None:
+    """A line with another tool's {{ … }} and 'sm:' later (a word ending in -sm, a comment) was
+    refused as 'a malformed reference', though such text is to be copied unchanged."""
+    template = (
+        "password: {{ sm://db/main#password }}\n"
+        "kafka: {{ .Values.kafka }}  # SASL mechanism: PLAIN\n"
+        "{{ organism: x }}\n"
+    )
+    result = cli("inject", "-i", "-", input=template.encode())
+    assert result.code == 0, result.stderr
+    assert result.out == template.replace("{{ sm://db/main#password }}", "db-Pa55-SEEKRIT")

@@ -27,7 +27,9 @@ from secrets_manager.tls.files import write_private_file
 
 MAX_TEMPLATE_BYTES = 1024 * 1024
 REFERENCE = re.compile(r"\{\{[ \t]*sm://([^\s{}#]+)(?:#([^\s{}]+))?[ \t]*\}\}")  # on one line
-LOOKS_LIKE_A_REFERENCE = re.compile(r"\{\{[^\n]*?sm:")
+# "sm:" as a word inside one pair of braces: not "{{ .Values.x }}  # SASL mechanism: PLAIN" later on
+# the line, which is copied unchanged as the README promises.
+LOOKS_LIKE_A_REFERENCE = re.compile(r"\{\{[^{}\n]*\bsm:")
 
 
 @cli.command()
