@@ -101,6 +101,19 @@ def test_padding_and_spaces_are_taken_as_authenticator_apps_take_them(written: s
     assert one_time_code(written.encode(), name="n", at=1_700_000_000).reveal() == expected
 
 
+def test_a_value_of_several_lines_is_read_from_its_one_otpauth_line_or_refused() -> None:
+    """A second line was joined to the seed (urlsplit drops newlines, setup keys drop spaces): a
+    wrong code, silently, or a refusal of pass's layout, where `pass otp` reads the otpauth line."""
+    expected = rfc4226(base64.b32decode(SETUP_KEY), 1_700_000_000)
+    uri = f"otpauth://totp/Broker:AB1234?secret={SETUP_KEY}&issuer=Broker"
+    for value in (f"hunter2-Pa55word\n{uri}\nlogin: AB1234\n", f"{uri}\nQRST\n", f"\n{SETUP_KEY}\n\n"):
+        assert one_time_code(value.encode(), name="n", at=1_700_000_000).reveal() == expected, value
+    for value in (f"{SETUP_KEY}\nQRSTUVWX", f"{uri}\n{uri}", "hunter2-Pa55word\nJBSWY3DPEHPK3PXP"):
+        with pytest.raises(NotATotpSeedError, match="several lines") as refused:
+            one_time_code(value.encode(), name="n", at=1_700_000_000)
+        assert "hunter2" not in str(refused.value) and SETUP_KEY not in str(refused.value)
+
+
 @pytest.mark.parametrize(
     ("value", "why"),
     [

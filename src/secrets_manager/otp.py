@@ -83,6 +83,15 @@ def _totp(raw: bytes, name: str) -> _Totp:
         text = raw.decode("utf-8").strip()
     except UnicodeDecodeError:
         raise refused("its value is not text") from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        # pass's layout (the password first, an otpauth:// line among others) is read as pass otp
+        # reads it. Anything else of several lines is refused: joined (urlsplit drops newlines,
+        # setup keys drop spaces) a second line would silently make a wrong seed.
+        uris = [line for line in lines if line[:10].lower() == "otpauth://"]
+        if len(uris) != 1:
+            raise refused("its value has several lines; store the otpauth:// URI or the setup key alone")
+        text = uris[0]
     options: dict[str, Any] = {}
     period = 30
     if text[:10].lower() == "otpauth://":
