@@ -173,3 +173,10 @@ def test_sm_colon_elsewhere_on_a_line_is_not_taken_for_a_reference(cli: Cli) -> 
     result = cli("inject", "-i", "-", input=template.encode())
     assert result.code == 0, result.stderr
     assert result.out == template.replace("{{ sm://db/main#password }}", "db-Pa55-SEEKRIT")
+
+
+def test_an_out_file_in_a_directory_that_does_not_exist_says_to_create_it(cli: Cli, tmp_path: Path) -> None:
+    target = tmp_path / "run" / "connector" / "connector.yaml"
+    result = cli("inject", "-i", str(tmp_path / "template.yaml"), "-o", str(target))
+    assert_one_line_error(result, 2, f"the directory {target.parent} does not exist; create it first")
+    assert not (tmp_path / "run").exists()

@@ -68,18 +68,27 @@ def inject(session: Session, template: str, output: str | None, force: bool) -> 
         sys.stdout.buffer.write(rendered)
         sys.stdout.buffer.flush()
         return
-    _refuse_what_is_not_a_file(output)
+    _check_out_file(output)
     write_private_file(Path(output), rendered, overwrite=force)
     click.echo(f"wrote {output} with {counted(len(values), 'secret value')}", err=True)
 
 
-def _refuse_what_is_not_a_file(output: str) -> None:
-    """A named pipe or a device at FILE (or where its symbolic link leads: /dev/stdout) would be
-    replaced by a regular file, on disk, holding the secrets (--force), where whoever made the
-    pipe meant them never to touch a disk; a directory is named as one."""
+def _check_out_file(output: str) -> None:
+    """FILE's directory must exist (said so, with what to do). A named pipe or a device at FILE
+    (or where its symbolic link leads: /dev/stdout) would be replaced by a regular file, on disk,
+    holding the secrets (--force), where whoever made the pipe meant them never to touch a disk;
+    a directory is named as one."""
     try:
         found = os.stat(output)
-    except OSError:  # nothing there (or a dangling link): write_private_file says what is wrong
+    except FileNotFoundError:
+        parent = Path(output).parent
+        if not parent.is_dir():  # else: a dangling link or nothing there, which is written
+            raise InvalidInputError(
+                f"-o {output}: the directory {parent} does not exist; create it first (a private "
+                "one: mkdir -m 0700); nothing was written"
+            ) from None
+        return
+    except OSError:  # write_private_file says what is wrong
         return
     if stat.S_ISDIR(found.st_mode):
         raise InvalidInputError(f"{output} is a directory; give -o the path of a file in it")
