@@ -180,3 +180,33 @@ def test_an_out_file_in_a_directory_that_does_not_exist_says_to_create_it(cli: C
     result = cli("inject", "-i", str(tmp_path / "template.yaml"), "-o", str(target))
     assert_one_line_error(result, 2, f"the directory {target.parent} does not exist; create it first")
     assert not (tmp_path / "run").exists()
+
+
+TERMINATED_WHILE_WRITING = """\
+import os, signal
+_fsync = os.fsync
+def fsync(fd):
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp"):
+        os.kill(os.getpid(), signal.SIG%s)
+    return _fsync(fd)
+os.fsync = fsync
+"""
+
+
+@pytest.mark.parametrize(("signame", "code"), [("TERM", 143), ("HUP", 129)])
+def test_a_signal_while_the_out_file_is_written_leaves_no_file_behind(
+    cli: Cli, tmp_path: Path, signame: str, code: int
+) -> None:
+    """SIGTERM or SIGHUP while -o FILE was written (its temporary file holding every secret, not
+    yet renamed) ended the command there and then, leaving that file beside FILE."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(TERMINATED_WHILE_WRITING % signame)
+    out = tmp_path / "out"
+    out.mkdir()
+    result = cli(
+        "inject", "-i", str(tmp_path / "template.yaml"), "-o", str(out / "connector.yaml"),
+        env={"PYTHONPATH": str(hook)},
+    )  # fmt: skip
+    assert_one_line_error(result, code, "aborted")  # as for Ctrl-C in any command
+    assert list(out.iterdir()) == []

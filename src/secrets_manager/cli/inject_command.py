@@ -21,6 +21,7 @@ import click
 from secrets_manager.cli.app import FIELD_SEPARATOR, Session, cli, pass_session, select_field
 from secrets_manager.cli.output import counted
 from secrets_manager.cli.password import read_bounded
+from secrets_manager.cli.rotate_commands import terminate_as_interrupt
 from secrets_manager.errors import InvalidInputError, NotFoundError
 from secrets_manager.store.names import validate_name
 from secrets_manager.tls.files import write_private_file
@@ -69,7 +70,10 @@ def inject(session: Session, template: str, output: str | None, force: bool) -> 
         sys.stdout.buffer.flush()
         return
     _check_out_file(output)
-    write_private_file(Path(output), rendered, overwrite=force)
+    # SIGTERM or SIGHUP while it is written end the command as Ctrl-C does, so the temporary file
+    # holding the secrets is removed: their default action left it beside FILE.
+    with terminate_as_interrupt():
+        write_private_file(Path(output), rendered, overwrite=force)
     click.echo(f"wrote {output} with {counted(len(values), 'secret value')}", err=True)
 
 
