@@ -11,6 +11,7 @@ import select
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -361,3 +362,35 @@ def test_an_empty_value_is_not_copied(desktop: Cli) -> None:
     assert_one_line_error(desktop("get", "app/EMPTY", "--clip"), 2, "app/EMPTY is empty")
     assert clipboard(desktop) == "what the user had copied"
     assert not clearer_pid_file(desktop).exists()
+
+
+def test_without_proc_a_reused_pid_is_not_taken_for_a_clearer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without /proc (macOS), any living process at the pid file's pid was taken for the clearer
+    and sent SIGTERM: after a clearer was killed, whatever program got its pid."""
+    from secrets_manager.cli import clipboard as module
+
+    real_read_bytes, real_exists = Path.read_bytes, Path.exists
+
+    def read_bytes(self: Path) -> bytes:
+        if str(self).startswith("/proc/"):
+            raise FileNotFoundError(str(self))
+        return real_read_bytes(self)
+
+    def exists(self: Path, **options: bool) -> bool:
+        return False if str(self).startswith("/proc/") else real_exists(self, **options)
+
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(Path, "exists", exists)
+    with (
+        subprocess.Popen(["sleep", "60"]) as other,
+        subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(60)", module.CLEARER_MARK]
+        ) as clearer,
+    ):
+        try:
+            assert not module._is_clearer(other.pid)
+            assert module._is_clearer(clearer.pid)
+        finally:
+            other.kill()
+            clearer.kill()
+    assert not module._is_clearer(other.pid)

@@ -188,11 +188,19 @@ def _is_clearer(pid: int) -> bool:
     except FileNotFoundError:
         if Path("/proc/self").exists():
             return False  # Linux: no such process
-        try:  # no /proc (macOS): trust the pid file if the process lives
-            os.kill(pid, 0)
-        except OSError:
+        # No /proc (macOS): ps shows its arguments. A pid that merely lives may be any program
+        # of the user's that got the pid of a clearer killed meanwhile; it must not be signalled.
+        try:
+            done = subprocess.run(
+                ["ps", "-ww", "-p", str(pid), "-o", "command="],  # -ww: never cut to COLUMNS
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=TOOL_TIMEOUT,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
             return False
-        return True
+        return done.returncode == 0 and CLEARER_MARK.encode() in done.stdout.split()
     except OSError:
         return False
     return CLEARER_MARK.encode() in arguments.split(b"\0")
