@@ -394,3 +394,22 @@ def test_without_proc_a_reused_pid_is_not_taken_for_a_clearer(monkeypatch: pytes
             other.kill()
             clearer.kill()
     assert not module._is_clearer(other.pid)
+
+
+def test_one_display_spelt_otherwise_is_still_one_clipboard(desktop: Cli) -> None:
+    """':N', ':N.0' and 'unix:N' name one X server's clipboard, but each had a clearer of its own:
+    a second copy under another spelling saved the first value as what the clipboard held
+    before, and put it back when its own was taken off."""
+    desktop("store", "app/OTHER", input=b"the-other-secret-value")
+    copy(desktop, "before both")
+    display = desktop.env["DISPLAY"]
+    first = desktop("get", "app/OTHER", "--clip", env={"SECRETS_MANAGER_CLIP_TIME": "600"})
+    assert_copied(first, "app/OTHER")
+    for spelling in (f"{display}.0", f"unix{display}"):
+        assert_copied(desktop("get", "app/KEY", "--clip", env={"DISPLAY": spelling}), "app/KEY")
+        assert clipboard(desktop) == KNOWN_VALUE
+        deadline = time.monotonic() + 20
+        while clipboard(desktop) == KNOWN_VALUE and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert clipboard(desktop) == "before both", spelling
+        wait_for_the_clearer(desktop)

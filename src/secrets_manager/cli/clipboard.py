@@ -107,7 +107,7 @@ def find_clipboard(environ: Mapping[str, str]) -> ClipboardTool:
     if x_display and shutil.which("xclip", path=path):
         return ClipboardTool(
             "xclip",
-            f"x11-{x_display}",
+            _x11_clipboard(x_display),
             ("xclip", "-selection", "clipboard", "-in"),
             ("xclip", "-selection", "clipboard", "-out"),
             None,
@@ -116,7 +116,7 @@ def find_clipboard(environ: Mapping[str, str]) -> ClipboardTool:
     if x_display and shutil.which("xsel", path=path):
         return ClipboardTool(
             "xsel",
-            f"x11-{x_display}",
+            _x11_clipboard(x_display),
             ("xsel", "--clipboard", "--input"),
             ("xsel", "--clipboard", "--output"),
             ("xsel", "--clipboard", "--clear"),
@@ -131,6 +131,17 @@ def find_clipboard(environ: Mapping[str, str]) -> ClipboardTool:
     else:
         missing = "no graphical session (neither WAYLAND_DISPLAY nor DISPLAY is set)"
     raise ClipboardUnavailable(f"no clipboard to copy to: {missing}")
+
+
+def _x11_clipboard(display: str) -> str:
+    """The X clipboard that DISPLAY names: ':0', ':0.0' and 'unix:0' are one server's, whose
+    screens share the selections, so one clearer must serve them all (else a second copy spelt
+    otherwise saved the first value as what to put back). 'localhost:10' (TCP, an ssh -X
+    forwarding) is another server than ':10'."""
+    host, colon, rest = display.rpartition(":")
+    if not colon:
+        return f"x11-{display}"
+    return f"x11-{'' if host == 'unix' else host}:{rest.partition('.')[0]}"
 
 
 def copy_for_a_while(tool: ClipboardTool, data: bytes, seconds: int, state_directory: Path) -> None:
