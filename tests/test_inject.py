@@ -160,6 +160,9 @@ def test_a_named_pipe_or_a_device_is_never_replaced_by_a_file(
     assert not [path.name for path in tmp_path.iterdir() if path.name.endswith(".tmp")]
     result = cli("inject", "-i", template, "-o", str(tmp_path), *force)
     assert_one_line_error(result, 2, "is a directory")
+    assert not [record for record in audit_records(cli) if record["operation"] == "inject"], (
+        "secrets read (and audited) for a FILE that could never be written"
+    )
 
 
 def test_sm_colon_elsewhere_on_a_line_is_not_taken_for_a_reference(cli: Cli) -> None:

@@ -46,6 +46,8 @@ def inject(session: Session, template: str, output: str | None, force: bool) -> 
     than their environment. Nothing is written unless every reference resolves."""
     text = _template_text(template)
     references = _references(text)
+    if output is not None:
+        _check_out_file(output)  # before any secret is read (and audited) for a FILE never written
     values: dict[tuple[str, str], str] = {}
     with session.secret_operation("inject") as (store, note):
         secrets = {}
@@ -69,7 +71,6 @@ def inject(session: Session, template: str, output: str | None, force: bool) -> 
         sys.stdout.buffer.write(rendered)
         sys.stdout.buffer.flush()
         return
-    _check_out_file(output)
     # SIGTERM or SIGHUP while it is written end the command as Ctrl-C does, so the temporary file
     # holding the secrets is removed: their default action left it beside FILE.
     with terminate_as_interrupt():
@@ -95,7 +96,9 @@ def _check_out_file(output: str) -> None:
     except OSError:  # write_private_file says what is wrong
         return
     if stat.S_ISDIR(found.st_mode):
-        raise InvalidInputError(f"{output} is a directory; give -o the path of a file in it")
+        raise InvalidInputError(
+            f"{output} is a directory; give -o the path of a file in it; nothing was written"
+        )
     if not stat.S_ISREG(found.st_mode):
         raise InvalidInputError(
             f"{output} is not a regular file (a named pipe or a device), which -o would replace by "
