@@ -388,6 +388,10 @@ def test_without_proc_a_reused_pid_is_not_taken_for_a_clearer(monkeypatch: pytes
         ) as clearer,
     ):
         try:
+            deadline = time.monotonic() + 10
+            while module.CLEARER_MARK.encode() not in real_read_bytes(Path(f"/proc/{clearer.pid}/cmdline")):
+                assert time.monotonic() < deadline  # its arguments are there once Python runs
+                time.sleep(0.01)
             assert not module._is_clearer(other.pid)
             assert module._is_clearer(clearer.pid)
         finally:
@@ -413,3 +417,37 @@ def test_one_display_spelt_otherwise_is_still_one_clipboard(desktop: Cli) -> Non
             time.sleep(0.1)
         assert clipboard(desktop) == "before both", spelling
         wait_for_the_clearer(desktop)
+
+
+def test_a_pid_file_naming_another_users_process_is_no_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pid file left by a killed clearer whose pid another user's process (carrying the mark:
+    any user can run one) got since: SIGTERM's PermissionError was an internal error (exit 1) of
+    every later copy. The kill is refused here as it would be for that user's process."""
+    from secrets_manager.cli import clipboard as module
+
+    real_kill = os.kill
+
+    def kill(pid: int, signum: int) -> None:
+        if signum == signal.SIGTERM:
+            raise PermissionError(1, "Operation not permitted")
+        real_kill(pid, signum)
+
+    with subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", module.CLEARER_MARK]
+    ) as other:
+        try:
+            pid_file = tmp_path / "clip.pid"
+            pid_file.write_text(f"{other.pid}\n")
+            deadline = time.monotonic() + 10
+            while not module._is_clearer(other.pid):  # its arguments are there once Python runs
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            monkeypatch.setattr(module.os, "kill", kill)
+            started = time.monotonic()
+            module._end_running_clearer(pid_file)  # no PermissionError
+            assert time.monotonic() - started < module.HANDOVER_TIMEOUT
+            assert other.poll() is None
+        finally:
+            other.kill()

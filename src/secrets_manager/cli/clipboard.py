@@ -180,12 +180,16 @@ def _end_running_clearer(pid_file: Path) -> None:
     for it to end: what the clipboard holds afterwards is what it held before either copy."""
     try:
         pid = int(pid_file.read_text().strip())
-    except (FileNotFoundError, ValueError):
+    except (OSError, ValueError):
         return
-    if not _is_clearer(pid):
+    if pid <= 0 or not _is_clearer(pid):  # 0 and -1 would signal a process group, or everything
         return
-    with contextlib.suppress(ProcessLookupError):
+    try:
         os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    except PermissionError:  # another user's, at a pid reused since: not ours to wait for either
+        return
     deadline = time.monotonic() + HANDOVER_TIMEOUT
     while time.monotonic() < deadline and _is_clearer(pid):
         time.sleep(0.02)
