@@ -451,3 +451,19 @@ def test_a_pid_file_naming_another_users_process_is_no_error(
             assert other.poll() is None
         finally:
             other.kill()
+
+
+def test_a_clearer_that_ends_at_once_is_a_failed_copy_not_a_silent_success(
+    desktop: Cli, tmp_path: Path
+) -> None:
+    """A clearer that ended before reading its orders (here: a Python that is /bin/true) made
+    their write a BrokenPipeError, which the CLI takes for a reader of its output gone away:
+    exit 0, nothing said, nothing on the clipboard."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(f"import sys\nsys.executable = {shutil.which('true')!r}\n")
+    before = "x" * 300_000  # more than a pipe holds: the write must wait for a reader
+    copy(desktop, before)
+    result = desktop("get", "app/KEY", "--clip", env={"PYTHONPATH": str(hook)})
+    assert_one_line_error(result, 1, "could not copy app/KEY to the clipboard", "did not start")
+    assert clipboard(desktop) == before

@@ -303,9 +303,13 @@ def _start_clearer(tool: ClipboardTool, data: bytes, before: bytes, seconds: int
             f"cannot start the process that clears the clipboard: {exc.strerror or exc}"
         ) from None
     assert clearer.stdin is not None and clearer.stdout is not None
-    clearer.stdin.write(json.dumps(orders).encode())
-    clearer.stdin.close()
-    ready = _read_line_within(clearer.stdout, READY_TIMEOUT)
+    try:
+        clearer.stdin.write(json.dumps(orders).encode())
+        clearer.stdin.close()
+    except OSError:  # it ended first (BrokenPipeError, which the CLI takes for a closed stdout)
+        ready = b""
+    else:
+        ready = _read_line_within(clearer.stdout, READY_TIMEOUT)
     clearer.stdout.close()
     if ready != b"ready\n":
         clearer.kill()
