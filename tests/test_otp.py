@@ -94,6 +94,8 @@ def test_a_period_over_two_minutes_makes_the_services_code() -> None:
         f"{SETUP_KEY}=",
         f"otpauth://totp/x?secret={SETUP_KEY.lower()}%3D%3D%3D%3D",
         "otpauth://totp/Acme%20Co:a%40b.c?secret=JBSW%20Y3DP%20EHPK%203PXP&issuer=Acme%20Co",
+        f"otpauth://totp/Desk%20#2:alice?secret={SETUP_KEY}&issuer=Desk",  # '#' unencoded in the label
+        f"otpauth://totp/Desk:alice?secret={SETUP_KEY}#a-fragment",
     ],
 )
 def test_padding_and_spaces_are_taken_as_authenticator_apps_take_them(written: str) -> None:

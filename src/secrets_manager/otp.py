@@ -124,7 +124,10 @@ def _uri_parts(uri: str, refused: Callable[[str], NotATotpSeedError]) -> tuple[s
     if kind != "totp":
         raise refused("an otpauth URI that is not otpauth://totp/")
     parameters: dict[str, str] = {}
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+    # A '#' left unencoded in the label ("Desk #2:alice", as some QR makers write it) starts a
+    # fragment for urlsplit, which then finds no query: the parameters follow the first '?'.
+    query = uri.partition("?")[2].partition("#")[0]
+    for key, value in parse_qsl(query, keep_blank_values=True):
         key = key.lower()
         if key in parameters:
             raise refused(f"its URI gives {key} twice")
