@@ -213,3 +213,17 @@ def test_a_signal_while_the_out_file_is_written_leaves_no_file_behind(
     )  # fmt: skip
     assert_one_line_error(result, code, "aborted")  # as for Ctrl-C in any command
     assert list(out.iterdir()) == []
+
+
+def test_a_large_secret_many_times_is_refused_before_it_fills_memory(cli: Cli, tmp_path: Path) -> None:
+    """Nothing bounded the filled-in template: a 1 MiB template of one 64 KiB secret could ask for
+    6 GB. Past 16 MiB it is refused, exit 2, nothing written; the same secret many times below
+    that is filled in each time."""
+    large = "L" * 60_000
+    assert cli("store", "app/LARGE", input=large.encode()).code == 0
+    target = tmp_path / "large.conf"
+    result = cli("inject", "-i", "-", "-o", str(target), input=b"{{ sm://app/LARGE }}\n" * 300)
+    assert_one_line_error(result, 2, "larger than 16 MiB")
+    assert not target.exists()
+    result = cli("inject", "-i", "-", input=b"{{ sm://app/LARGE }}\n" * 200)
+    assert (result.code, result.out) == (0, f"{large}\n" * 200)

@@ -27,6 +27,7 @@ from secrets_manager.store.names import validate_name
 from secrets_manager.tls.files import write_private_file
 
 MAX_TEMPLATE_BYTES = 1024 * 1024
+MAX_OUTPUT_BYTES = 16 * 1024 * 1024
 REFERENCE = re.compile(r"\{\{[ \t]*sm://([^\s{}#]+)(?:#([^\s{}]+))?[ \t]*\}\}")  # on one line
 # "sm:" as a word inside one pair of braces: not "{{ .Values.x }}  # SASL mechanism: PLAIN" later on
 # the line, which is copied unchanged as the README promises.
@@ -66,6 +67,14 @@ def inject(session: Session, template: str, output: str | None, force: bool) -> 
             raise InvalidInputError(
                 f"the value of {shown} is binary, so it cannot go into a text file; nothing was written"
             ) from None
+    size = len(text.encode("utf-8")) + sum(
+        len(values[(match[1], match[2] or "")].encode("utf-8")) for match in REFERENCE.finditer(text)
+    )
+    if size > MAX_OUTPUT_BYTES:  # a 1 MiB template of one 64 KiB secret 100,000 times: 6 GB in memory
+        raise InvalidInputError(
+            f"the filled-in template would be larger than {MAX_OUTPUT_BYTES // (1024 * 1024)} MiB "
+            "(a large secret referred to many times?); nothing was written"
+        )
     rendered = REFERENCE.sub(lambda match: values[(match[1], match[2] or "")], text).encode("utf-8")
     if output is None:
         sys.stdout.buffer.write(rendered)
