@@ -467,3 +467,25 @@ def test_a_clearer_that_ends_at_once_is_a_failed_copy_not_a_silent_success(
     result = desktop("get", "app/KEY", "--clip", env={"PYTHONPATH": str(hook)})
     assert_one_line_error(result, 1, "could not copy app/KEY to the clipboard", "did not start")
     assert clipboard(desktop) == before
+
+
+def test_one_wayland_compositor_spelt_otherwise_is_one_clipboard(tmp_path: Path) -> None:
+    """WAYLAND_DISPLAY 'wayland-0' and '$XDG_RUNTIME_DIR/wayland-0' name one compositor, but got
+    a clearer each (as ':0' and ':0.0' did), so a second copy could bring the first value back.
+    (wl-copy and wl-paste are stand-ins here: only the choice of clipboard is looked at.)"""
+    from secrets_manager.cli.clipboard import find_clipboard
+
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name in ("wl-copy", "wl-paste"):
+        (tools / name).write_text("#!/bin/sh\n")
+        (tools / name).chmod(0o755)
+    runtime = str(tmp_path / "runtime")
+    spellings = ("wayland-0", f"{runtime}/wayland-0", f"{runtime}//wayland-0")
+    keys = {
+        find_clipboard({"PATH": str(tools), "XDG_RUNTIME_DIR": runtime, "WAYLAND_DISPLAY": spelling}).display
+        for spelling in spellings
+    }
+    assert len(keys) == 1, keys
+    other = find_clipboard({"PATH": str(tools), "XDG_RUNTIME_DIR": runtime, "WAYLAND_DISPLAY": "wayland-1"})
+    assert other.display not in keys

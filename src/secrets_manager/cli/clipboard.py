@@ -98,7 +98,7 @@ def find_clipboard(environ: Mapping[str, str]) -> ClipboardTool:
     if wayland and shutil.which("wl-copy", path=path) and shutil.which("wl-paste", path=path):
         return ClipboardTool(
             "wl-copy",
-            f"wayland-{wayland}",
+            _wayland_clipboard(wayland, environ.get("XDG_RUNTIME_DIR", "")),
             ("wl-copy",),
             ("wl-paste", "--no-newline"),
             ("wl-copy", "--clear"),
@@ -133,6 +133,14 @@ def find_clipboard(environ: Mapping[str, str]) -> ClipboardTool:
     raise ClipboardUnavailable(f"no clipboard to copy to: {missing}")
 
 
+def _wayland_clipboard(display: str, runtime_directory: str) -> str:
+    """The compositor that WAYLAND_DISPLAY names: 'wayland-0' is a socket in XDG_RUNTIME_DIR, so
+    '/run/user/1000/wayland-0' is the same one, with one clearer."""
+    if runtime_directory and not display.startswith("/"):
+        display = os.path.join(runtime_directory, display)
+    return f"wayland-{os.path.normpath(display)}"
+
+
 def _x11_clipboard(display: str) -> str:
     """The X clipboard that DISPLAY names: ':0', ':0.0' and 'unix:0' are one server's, whose
     screens share the selections, so one clearer must serve them all (else a second copy spelt
@@ -147,6 +155,8 @@ def _x11_clipboard(display: str) -> str:
 def copy_for_a_while(tool: ClipboardTool, data: bytes, seconds: int, state_directory: Path) -> None:
     """Put `data` on the clipboard and start the clearer that takes it off after `seconds`."""
     key = re.sub(r"[^A-Za-z0-9._-]", "_", tool.display)
+    if len(key) > 100:  # a Wayland socket's path: file names stay short
+        key = f"{key[:40]}-{hashlib.sha256(tool.display.encode()).hexdigest()[:16]}"
     with _locked(state_directory / f"clip-{key}.lock"):
         pid_file = state_directory / f"clip-{key}.pid"
         _end_running_clearer(pid_file)
