@@ -21,7 +21,7 @@ from secrets_manager.otp import NotATotpSeedError, one_time_code
 from secrets_manager.values import REDACTED, SecretValue
 from service_fixtures import SCRIPT, SEED, client_environ, make_pki, make_store, start_server
 from test_cli import Cli, assert_one_line_error
-from test_clipboard import clipboard, desktop, display, wait_for_the_clearer  # noqa: F401  (fixtures)
+from test_clipboard import clipboard, desktop, display, take_off_now  # noqa: F401  (fixtures)
 
 RFC_SEEDS = {
     "SHA1": b"12345678901234567890",
@@ -221,7 +221,7 @@ def test_otp_clip_copies_the_code(desktop: Cli) -> None:  # noqa: F811  (the fix
     assert result.out.startswith("Copied the code of broker/TOTP to the clipboard")
     assert clipboard(desktop) in codes_since(start)
     assert clipboard(desktop) not in result.out
-    wait_for_the_clearer(desktop)
+    take_off_now(desktop)
     assert clipboard(desktop) == ""
 
 
