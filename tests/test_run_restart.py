@@ -26,7 +26,7 @@ from secrets_manager.errors import StorageError
 from secrets_manager.store import Secret
 from secrets_manager.values import SecretValue
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
-from service_fixtures import SEED, make_pki, make_store, start_server
+from service_fixtures import SEED, make_pki, make_store, start_server, tls_files
 from test_run_command import aws_variables
 from test_serve_external_stores import (  # noqa: F401 (fixtures)
     Backend,
@@ -721,6 +721,9 @@ def test_a_watch_stream_that_cannot_be_opened_again_says_why(capsys: pytest.Capt
         def renew_connection(self) -> bool:
             return False
 
+        def fail_over(self, timeout: float) -> bool:
+            return False
+
     remote = Refusing()
     source = WatchSource(remote, "app/")
     stop = threading.Event()
@@ -860,3 +863,70 @@ def test_a_stopped_program_is_continued_after_the_stop_signal_so_it_can_end(
     assert supervisor.run(OneChange()) == 4  # the second program's own status
     assert starts[1] - starts[0] < 10  # the first ended at its SIGTERM, not killed 20 s later
     assert "killed (SIGKILL)" not in capsys.readouterr().err
+
+
+def test_with_several_addresses_a_change_after_the_watched_service_died_restarts_through_another(
+    tmp_path: Path,
+) -> None:
+    """`--server A,B`, two replicas on one store: A, whose Watch stream `run` holds, is killed
+    (SIGKILL) and a change is stored at once. The stream moves to B, resuming where it stopped
+    (the change, made while it moved, is not missed) and the secrets are read again through B:
+    the program is restarted with the new value within 10 s. Before, run watched A alone, for
+    good ("watching again in 1, 2, 4 … s"), and no change reached the program again."""
+    make_pki(tmp_path, ("auth",))
+    make_store(tmp_path)
+    first = start_server(tmp_path, "first")
+    second = start_server(tmp_path, "second")
+    env = through_service(tmp_path, f"{first.address},{second.address}")
+    run = Run(tmp_path, env, "--service", "auth")
+    try:
+        run.wait_for_starts(1)
+        first.kill()
+        store_in_served_store(tmp_path, "auth/JWT_KEY", "after-failover-SEEKRIT")
+        stored = time.monotonic()
+        assert run.wait_for_starts(2, timeout=10)[1]["started"]["JWT_KEY"] == "after-failover-SEEKRIT"
+        took = time.monotonic() - stored
+        said = run.stderr()
+        assert f"{first.address} does not answer: moving to {second.address}" in said
+        assert f"watching {second.address} again" in said
+        store_in_served_store(tmp_path, "auth/DB_PASSWORD", "second-change-SEEKRIT")
+        assert run.wait_for_starts(3, timeout=10)[2]["started"]["DB_PASSWORD"] == "second-change-SEEKRIT"
+        assert "SEEKRIT" not in run.stderr()
+        assert took < 10
+        assert run.end() == 0
+    finally:
+        run.kill()
+        first.kill()
+        second.stop()
+
+
+def test_with_several_addresses_a_reading_that_gets_no_answer_is_read_through_another(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The reading after a change, through a replica that died after the change reached the
+    stream (so the stream has not moved yet): read again at once through one that answers,
+    rather than failing and waiting RETRY_SECONDS (10 s) for the next try."""
+    from secrets_manager.cli.run_command import _read_failing_over
+    from secrets_manager.client import RemoteStore
+
+    make_pki(tmp_path, ("auth",))
+    make_store(tmp_path)
+    first = start_server(tmp_path, "first")
+    second = start_server(tmp_path, "second")
+    replicas = (first.address, second.address)
+    store = RemoteStore(first.address, tls_files(tmp_path, "auth"), replicas=replicas)
+    try:
+        assert _read_failing_over(store, ("auth",), [], first=False)["JWT_KEY"].name == "auth/JWT_KEY"
+        first.kill()
+        variables = _read_failing_over(store, ("auth",), [("auth/DB_PASSWORD", "DB")], first=False)
+        assert variables["JWT_KEY"].value.reveal() == SEED["auth/JWT_KEY"]
+        assert variables["DB"].value.reveal() == SEED["auth/DB_PASSWORD"]
+        assert store.address == second.address
+        assert f"{first.address} does not answer: reading through {second.address}" in capsys.readouterr().err
+        second.kill()  # none answers: the reading's own error, no second try
+        with pytest.raises(StorageError):
+            _read_failing_over(store, ("auth",), [], first=False)
+    finally:
+        store.close()
+        first.kill()
+        second.kill()

@@ -535,7 +535,7 @@ class Session:
         if len(addresses) == 1:
             return RemoteStore(addresses[0], tls, options=options)
         for address in addresses:
-            remote = RemoteStore(address, tls, options=options)
+            remote = RemoteStore(address, tls, options=options, replicas=addresses)
             if remote.is_serving(timeout=HEALTH_CHECK_SECONDS):
                 return remote
             remote.close()

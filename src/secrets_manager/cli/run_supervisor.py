@@ -45,6 +45,7 @@ RETRY_SECONDS = 10.0  # a read that failed after a change is tried again this of
 FEED_POLL_SECONDS = 0.2  # our store's change feed is read this often (a Vault or AWS store's
 # versions are polled every `watch_poll_seconds` of theirs, as `serve` polls them)
 RECONNECT_MAX_SECONDS = 30.0  # a broken Watch stream is opened again after 1, 2, 4 ... s, at most this
+HEALTH_CHECK_SECONDS = 3.0  # per address, before a broken Watch stream moves to another (--server A,B)
 TICK_SECONDS = 0.2  # how often the supervisor looks at COMMAND and at the changes
 FORWARDED_SIGNALS = (
     signal.SIGHUP,
@@ -136,6 +137,8 @@ class WatchedStore(Protocol):
 
     def renew_connection(self) -> bool: ...
 
+    def fail_over(self, timeout: float) -> bool: ...
+
 
 class WatchStream(Protocol):
     revision: int | None
@@ -154,7 +157,9 @@ class WatchStream(Protocol):
 class WatchSource:
     """A service's Watch stream for `prefix`, opened (and live) before the first read; opened
     again where it stopped when it breaks (a RESYNC, so everything is read again, if the service
-    cannot resume it)."""
+    cannot resume it). With several addresses (`--server A,B`) it is opened again on another
+    that answers its health check when the one in use does not (the reads after a change then go
+    there too): the replicas share one store, so it resumes there where it stopped."""
 
     def __init__(self, remote: WatchedStore, prefix: str) -> None:
         self._remote = remote
@@ -191,6 +196,9 @@ class WatchSource:
                 delay = min(delay * 2, RECONNECT_MAX_SECONDS)
                 if self._remote.renew_connection():  # its TLS files were renewed meanwhile
                     info_line(f"connecting to {self._remote.address} with the renewed certificate files")
+                was = self._remote.address
+                if self._remote.fail_over(HEALTH_CHECK_SECONDS):  # gone, or its store silent
+                    info_line(f"{was} does not answer: moving to {self._remote.address}")
                 try:
                     reopened = self._remote.watch(self._prefix, stream.revision, stream.history)
                     reopened.start()

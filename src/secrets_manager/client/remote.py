@@ -10,6 +10,7 @@ from __future__ import annotations
 import builtins
 import ipaddress
 import os
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -132,19 +133,49 @@ class RemoteStore:
         timeout: float = DEFAULT_TIMEOUT_SECONDS,
         options: Sequence[tuple[str, Any]] = (),
         credentials: grpc.ChannelCredentials | None = None,
+        replicas: Sequence[str] = (),
     ) -> None:
-        """`credentials`: the `tls` files already read (several channels from one reading)."""
+        """`credentials`: the `tls` files already read (several channels from one reading).
+        `replicas`: every address of the service, `address` among them, for `fail_over`."""
         self.address = address
+        self.replicas = tuple(replicas) or (address,)
         self._tls = tls
         self._options = list(options)
         self._tls_signature = tls.signature()
+        self._switch = threading.Lock()  # one renewal or failover at a time
         self._connect(credentials or tls.credentials())
         self._timeout = timeout
 
     def _connect(self, credentials: grpc.ChannelCredentials) -> None:
+        self._credentials = credentials
         self._channel = grpc.secure_channel(self.address, credentials, options=self._options)
         self._stub = pb_grpc.SecretsStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def fail_over(self, timeout: float) -> bool:
+        """For a store held open for long (`run --restart-on-change`) with several `replicas`,
+        whose connection broke: if the address in use does not say SERVING within `timeout`
+        (gone, hung, or its store does not answer), a channel to the next replica that does
+        (in the order given, after this one) replaces this one (closed: calls on it end). The
+        replicas share one store, so a watch stream resumes on another where it stopped. True if
+        it moved; False with one address, or if this one serves, or if none does."""
+        if len(self.replicas) < 2:
+            return False
+        with self._switch:
+            if self.is_serving(timeout):
+                return False
+            at = self.replicas.index(self.address) if self.address in self.replicas else -1
+            for address in (*self.replicas[at + 1 :], *self.replicas[: max(at, 0)]):
+                channel = grpc.secure_channel(address, self._credentials, options=self._options)
+                if _serving(health_pb2_grpc.HealthStub(channel), timeout):
+                    old, self.address = self._channel, address
+                    self._channel = channel
+                    self._stub = pb_grpc.SecretsStub(channel)  # type: ignore[no-untyped-call]
+                    self._health = health_pb2_grpc.HealthStub(channel)
+                    old.close()
+                    return True
+                channel.close()
+        return False
 
     def renew_connection(self) -> bool:
         """For a store held open for long (`run --restart-on-change`), whose connection broke:
@@ -152,18 +183,19 @@ class RemoteStore:
         rotated CA), a new channel with them replaces this one (closed: calls on it end). False
         if they did not change, or are not usable yet (half-written: the old ones stay, and they
         are looked at again next time)."""
-        signature = self._tls.signature()
-        if signature == self._tls_signature:
-            return False
-        try:
-            credentials = self._tls.credentials()
-        except SecretsManagerError:
-            return False
-        old = self._channel
-        self._tls_signature = signature
-        self._connect(credentials)
-        old.close()
-        return True
+        with self._switch:
+            signature = self._tls.signature()
+            if signature == self._tls_signature:
+                return False
+            try:
+                credentials = self._tls.credentials()
+            except SecretsManagerError:
+                return False
+            old = self._channel
+            self._tls_signature = signature
+            self._connect(credentials)
+            old.close()
+            return True
 
     def _call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
         try:
@@ -486,12 +518,7 @@ class RemoteStore:
         TCP and never answers; this also skips a server that is shutting down (NOT_SERVING). It is
         an RPC rather than a connectivity subscription: gRPC's subscription thread may raise
         "Channel closed!" when the channel is closed while it polls (grpc/grpc#18995)."""
-        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-        try:
-            reply = self._health.Check(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            return bool(exc.code() is grpc.StatusCode.UNIMPLEMENTED)  # answered, just no health service
-        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        return _serving(self._health, timeout)
 
     def health_status(self, timeout: float) -> tuple[str, str | None]:
         """Health/Check of the Secrets service within `timeout`: its status's name (SERVING,
@@ -587,6 +614,16 @@ class ChangeStream:
     def cancel(self) -> None:
         self._cancelled = True
         self._call.cancel()
+
+
+def _serving(health: health_pb2_grpc.HealthStub, timeout: float) -> bool:
+    """Whether Health/Check of the Secrets service says SERVING (or there is no health service)."""
+    request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+    try:
+        reply = health.Check(request, timeout=timeout)
+    except grpc.RpcError as exc:
+        return bool(exc.code() is grpc.StatusCode.UNIMPLEMENTED)  # answered, just no health service
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
 def _is_ip_address(host: str) -> bool:
