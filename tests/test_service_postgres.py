@@ -512,3 +512,38 @@ def test_sigterm_ends_the_service_in_bounded_time_while_its_database_stops_answe
         proxy.close()
     records = [json.loads(line) for line in (tmp_path / "stall.audit.jsonl").open()]
     assert [(r["operation"], r["outcome"]) for r in records][-1] == ("get", "ok")  # written
+
+
+def test_with_several_addresses_a_cli_read_on_a_replica_whose_database_went_silent_is_answered_by_another(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """`get --server A,B` just after A's database stopped answering: A's health still says SERVING
+    (its probe gives the store 5 s), so the command picks A, whose read gets no answer. The read
+    then goes to B, which answers. Before, the command failed (exit 1, "did not answer GetSecret
+    within 10 s") with B healthy beside it."""
+    first, proxy = _serve_through_a_proxy_that_can_stall(tmp_path, postgres_cluster)
+    url = next(
+        line for line in (tmp_path / "server.toml").read_text().splitlines() if line.startswith("store")
+    )
+    direct = url.split('"')[1].replace(f":{proxy.port}/", f":{postgres_cluster.port}/")
+    second = start_server(
+        tmp_path,
+        "second",
+        store=direct,
+        environment=postgres_cluster.env(),
+        settings='audit_file = "b.audit.jsonl"\n',
+    )
+    both = {"SECRETS_MANAGER_ADDR": f"{first.address},{second.address}"}
+    try:
+        assert first.cli("auth", "get", "auth/JWT_KEY", env=both).stdout == SEED["auth/JWT_KEY"] + b"\n"
+        proxy.stalled.set()
+        started = time.monotonic()
+        read = first.cli("auth", "get", "auth/JWT_KEY", env=both)
+        took = time.monotonic() - started
+        assert read.returncode == 0, read.stderr
+        assert read.stdout == SEED["auth/JWT_KEY"] + b"\n"
+        assert took < 10 + 3 + 3, f"took {took:.1f} s"  # A's deadline, B's health check, slack
+    finally:
+        first.kill()
+        second.stop()
+        proxy.close()

@@ -32,9 +32,8 @@ import click
 
 from secrets_manager.cli.agent_commands import parse_duration
 from secrets_manager.cli.app import STORE_VARIABLE, TLS_VARIABLES, Session, cli, is_remote_store, pass_session
-from secrets_manager.cli.output import info_line, warning_line
+from secrets_manager.cli.output import warning_line
 from secrets_manager.cli.run_supervisor import (
-    HEALTH_CHECK_SECONDS,
     ChangeSource,
     FeedSource,
     Launch,
@@ -45,7 +44,7 @@ from secrets_manager.cli.run_supervisor import (
     with_shell_fallback,
 )
 from secrets_manager.environment import PASSWORD_VARIABLES
-from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError, StorageError
+from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError
 from secrets_manager.store import EncryptedStore, Secret, SecretStore
 from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import DEFAULT_NAMESPACE, validate_name, validate_namespace
@@ -214,7 +213,7 @@ def run(
 
         def read(first: bool = False) -> dict[str, Secret]:
             with audited() as note:
-                variables = _read_failing_over(store, namespaces, wanted, first=first)
+                variables = _read_variables(store, namespaces, wanted, first=first)
                 for secret in {s.name: s for s in variables.values()}.values():
                     note.read(secret)
             return variables
@@ -229,22 +228,6 @@ def run(
             stop_timeout=timeout,
         )
         return supervisor.run(source)
-
-
-def _read_failing_over(
-    store: SecretStore, namespaces: tuple[str, ...], wanted: list[tuple[str, str]], *, first: bool
-) -> dict[str, Secret]:
-    """`_read_variables`; through a service with several addresses (`--server A,B`), a reading
-    that got no answer (the service gone, hung, or its store silent) is read once more through
-    another that answers its health check, if the one in use does not (reads change nothing)."""
-    was = getattr(store, "address", "")
-    try:
-        return _read_variables(store, namespaces, wanted, first=first)
-    except StorageError:
-        if not (is_remote_store(store) and store.fail_over(HEALTH_CHECK_SECONDS)):
-            raise
-    info_line(f"{was} does not answer: reading through {store.address}")
-    return _read_variables(store, namespaces, wanted, first=first)
 
 
 def _read_variables(

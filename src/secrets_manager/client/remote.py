@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from secrets_manager.errors import (
     AccessDeniedError,
+    ChangeUnrecordedError,
     ConnectionClosedError,
     HandshakeFailedError,
     InvalidInputError,
@@ -54,6 +55,7 @@ from secrets_manager.wire import (
 )
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
+FAILOVER_HEALTH_CHECK_SECONDS = 3.0  # per replica, before a read that got no answer is sent there
 PAGE_SIZE = 100  # secrets per BatchGetSecrets / ListSecrets page (AWS ListSecrets' maximum)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Secrets"].full_name
 _CHANGE_KIND = {
@@ -159,13 +161,18 @@ class RemoteStore:
         (in the order given, after this one) replaces this one (closed: calls on it end). The
         replicas share one store, so a watch stream resumes on another where it stopped. True if
         it moved; False with one address, or if this one serves, or if none does."""
-        if len(self.replicas) < 2:
+        if len(self.replicas) < 2 or self.is_serving(timeout):
             return False
+        return self._move(timeout, avoid={self.address})
+
+    def _move(self, timeout: float, *, avoid: builtins.set[str]) -> bool:
+        """To the next replica after the one in use, not in `avoid`, that says SERVING within
+        `timeout`: a channel to it replaces this one (closed). False if none does."""
         with self._switch:
-            if self.is_serving(timeout):
-                return False
             at = self.replicas.index(self.address) if self.address in self.replicas else -1
             for address in (*self.replicas[at + 1 :], *self.replicas[: max(at, 0)]):
+                if address in avoid:
+                    continue
                 channel = grpc.secure_channel(address, self._credentials, options=self._options)
                 if _serving(health_pb2_grpc.HealthStub(channel), timeout):
                     old, self.address = self._channel, address
@@ -198,6 +205,28 @@ class RemoteStore:
             return True
 
     def _call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
+        """One RPC. With several `replicas`, a read (it changes nothing) that got no answer (the
+        service gone, hung past the deadline, or unable to read its store) is sent to the next
+        that says SERVING, which serves the rest of the command; a change never is (it could be
+        made twice)."""
+        try:
+            return self._call_here(method, request, timeout=timeout)
+        except StorageError as exc:
+            if method not in _READS or len(self.replicas) < 2 or not _no_answer(exc):
+                raise
+            failure = exc
+        tried = {self.address}
+        while self._move(FAILOVER_HEALTH_CHECK_SECONDS, avoid=tried):
+            tried.add(self.address)
+            try:
+                return self._call_here(method, request, timeout=timeout)
+            except StorageError as exc:
+                if not _no_answer(exc):
+                    raise
+                failure = exc
+        raise failure
+
+    def _call_here(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
         try:
             return getattr(self._stub, method)(request, timeout=timeout or self._timeout)
         except grpc.RpcError as exc:
@@ -614,6 +643,14 @@ class ChangeStream:
     def cancel(self) -> None:
         self._cancelled = True
         self._call.cancel()
+
+
+def _no_answer(error: StorageError) -> bool:
+    """Whether a read that failed with `error` may get an answer from another replica: not one
+    whose certificate files the replicas refuse alike (a failed handshake), nor a change made."""
+    if isinstance(error, HandshakeFailedError) and not isinstance(error, ConnectionClosedError):
+        return False
+    return not isinstance(error, (OutcomeUnknownError, ChangeUnrecordedError))
 
 
 def _serving(health: health_pb2_grpc.HealthStub, timeout: float) -> bool:
