@@ -929,3 +929,31 @@ def test_with_several_addresses_a_reading_that_gets_no_answer_is_read_through_an
         store.close()
         first.kill()
         second.kill()
+
+
+def test_with_several_addresses_a_read_on_a_replica_that_hangs_moves_once_its_health_check_fails(
+    tmp_path: Path,
+) -> None:
+    """A read sent to a replica that then hangs (SIGSTOP: its connection open, nothing answers)
+    is sent to the other once the hung one's health check fails (1 s without an answer, then a
+    check that gets none within 3 s), not after the read's 10 s deadline."""
+    from secrets_manager.client import RemoteStore
+
+    make_pki(tmp_path, ("auth",))
+    make_store(tmp_path)
+    first = start_server(tmp_path, "first")
+    second = start_server(tmp_path, "second")
+    store = RemoteStore(first.address, tls_files(tmp_path, "auth"), replicas=(first.address, second.address))
+    try:
+        assert store.get("auth/JWT_KEY").value.reveal() == SEED["auth/JWT_KEY"]  # connected to A
+        first.process.send_signal(signal.SIGSTOP)
+        started = time.monotonic()
+        assert store.get("auth/DB_PASSWORD").value.reveal() == SEED["auth/DB_PASSWORD"]
+        took = time.monotonic() - started
+        assert store.address == second.address
+        assert took < 7, f"the read waited {took:.1f} s for a replica that hangs"
+    finally:
+        first.process.send_signal(signal.SIGCONT)
+        store.close()
+        first.kill()
+        second.kill()

@@ -56,6 +56,7 @@ from secrets_manager.wire import (
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 FAILOVER_HEALTH_CHECK_SECONDS = 3.0  # per replica, before a read that got no answer is sent there
+HEALTH_POLL_SECONDS = 1.0  # a read unanswered this long (several replicas) checks its replica's health
 PAGE_SIZE = 100  # secrets per BatchGetSecrets / ListSecrets page (AWS ListSecrets' maximum)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Secrets"].full_name
 _CHANGE_KIND = {
@@ -228,6 +229,8 @@ class RemoteStore:
 
     def _call_here(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
         try:
+            if method in _READS and len(self.replicas) > 1:
+                return self._read_while_serving(method, request, timeout or self._timeout)
             return getattr(self._stub, method)(request, timeout=timeout or self._timeout)
         except grpc.RpcError as exc:
             code = exc.code()
@@ -271,6 +274,25 @@ class RemoteStore:
                     "(an older secrets-manager?); upgrade it"
                 ) from None
             raise error_for(code, f"{details}", exc.trailing_metadata()) from None
+
+    def _read_while_serving(self, method: str, request: Any, deadline: float) -> Any:
+        """A read that has not been answered within HEALTH_POLL_SECONDS is given up (StorageError,
+        so `_call` sends it to another replica) as soon as this replica's health check no longer
+        says SERVING within FAILOVER_HEALTH_CHECK_SECONDS: its store stopped answering (it says
+        NOT_SERVING once its probe has waited 5 s), or the process hangs. Not before: a slow
+        answer from a replica that still serves is waited for, up to `deadline`."""
+        call = getattr(self._stub, method).future(request, timeout=deadline)
+        health = self._health
+        while True:
+            try:
+                return call.result(timeout=HEALTH_POLL_SECONDS)
+            except grpc.FutureTimeoutError:
+                pass
+            if not _serving(health, FAILOVER_HEALTH_CHECK_SECONDS) and call.cancel():
+                raise StorageError(
+                    f"{self.address} had not answered {method} and its health check no longer says "
+                    "SERVING: is its store answering?"
+                )
 
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         request = pb.GetSecretRequest(name=checked_text(name, "secret name"))
