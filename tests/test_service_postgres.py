@@ -547,3 +547,41 @@ def test_with_several_addresses_a_cli_read_on_a_replica_whose_database_went_sile
         first.kill()
         second.stop()
         proxy.close()
+
+
+def test_run_restart_on_change_with_several_addresses_moves_off_a_replica_whose_database_went_silent(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """`run --restart-on-change --server A,B` watching A when A's database stops answering: A says
+    NOT_SERVING and ends its Watch streams (5-8 s in), and run opens its stream again on B,
+    resuming where it stopped, so a change written through B meanwhile restarts the program with
+    the new value, read through B. Before, run reopened its stream on A for good."""
+    from test_run_restart import Run, through_service
+
+    first, proxy = _serve_through_a_proxy_that_can_stall(tmp_path, postgres_cluster)
+    url = next(
+        line for line in (tmp_path / "server.toml").read_text().splitlines() if line.startswith("store")
+    )
+    direct = url.split('"')[1].replace(f":{proxy.port}/", f":{postgres_cluster.port}/")
+    second = start_server(
+        tmp_path,
+        "second",
+        store=direct,
+        environment=postgres_cluster.env(),
+        settings='audit_file = "b.audit.jsonl"\n',
+    )
+    run = Run(tmp_path, through_service(tmp_path, f"{first.address},{second.address}"), "--service", "auth")
+    try:
+        run.wait_for_starts(1)
+        proxy.stalled.set()
+        stored = second.cli("writer", "store", "auth/JWT_KEY", input=b"while-a-is-silent-SEEKRIT")
+        assert stored.returncode == 0, stored.stderr
+        assert run.wait_for_starts(2, timeout=20)[1]["started"]["JWT_KEY"] == "while-a-is-silent-SEEKRIT"
+        said = run.stderr()
+        assert f"{first.address} does not answer: moving to {second.address}" in said
+        assert "SEEKRIT" not in said
+    finally:
+        run.kill()
+        first.kill()
+        second.stop()
+        proxy.close()

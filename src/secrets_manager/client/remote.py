@@ -2,7 +2,10 @@
 
 The CLI uses it for `--server`, so `store`, `get`, `list`, `history`, `delete`, `rotate` behave
 the same locally and remotely; status codes come back as the same exceptions (wire.STATUS_OF_ERROR).
-The SDK (client/_client.py) also uses its `watch` stream and `is_serving` probe.
+The SDK (client/_client.py) also uses its `watch` stream and `is_serving` probe, one RemoteStore
+per address (its own failover). Given several `replicas` (the CLI's `--server A,B`), a read that
+gets no answer moves to another replica that says SERVING, and `fail_over` moves a store held
+open for long (`run --restart-on-change`) whose watch stream broke; a change never moves.
 """
 
 from __future__ import annotations
