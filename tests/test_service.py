@@ -1158,6 +1158,46 @@ def test_the_cli_takes_several_addresses_like_the_sdk_and_uses_the_first_that_an
     assert malformed.returncode == 2 and b"is not host:port" in malformed.stderr
 
 
+def test_with_several_addresses_a_change_moves_to_another_replica_only_if_it_was_never_sent(
+    tmp_path: Path,
+) -> None:
+    """The CLI's store for `--server A,B` (import, purge, mv … write through it for long): once A
+    is gone, a change that found no connection there (never sent) is made through B; one whose
+    answer was lost after A committed it is not sent again (it would be made twice). Before, the
+    first failed the command with B healthy beside it."""
+    from secrets_manager.errors import ConnectionClosedError, OutcomeUnknownError
+    from test_sdk import AnswerDroppingProxy
+
+    make_pki(tmp_path, ("writer",))
+    make_store(tmp_path)
+    first = start_server(tmp_path, "first")
+    second = start_server(tmp_path, "second")
+    head = SqliteStorage(tmp_path / "store.db").change_head()
+    proxy = AnswerDroppingProxy(
+        first.address, lambda: SqliteStorage(tmp_path / "store.db").change_head() > head
+    )
+    files = tls_files(tmp_path, "writer")
+    dropping = RemoteStore(proxy.address, files, timeout=2, replicas=(proxy.address, second.address))
+    store = RemoteStore(first.address, files, replicas=(first.address, second.address))
+    try:
+        assert dropping.describe("auth/JWT_KEY").current_version == 1  # connected through the proxy
+        proxy.armed.set()
+        with pytest.raises((ConnectionClosedError, OutcomeUnknownError)):  # the answer lost, or late
+            dropping.put("auth/JWT_KEY", b"put-once-SEEKRIT")
+        assert proxy.dropped.is_set() and dropping.address == proxy.address  # not sent on
+        assert store.describe("auth/JWT_KEY").current_version == 2  # made once, by A
+        first.kill()
+        assert store.put("auth/JWT_KEY", b"through-b-SEEKRIT").version == 3
+        assert store.address == second.address
+        assert store.get("auth/JWT_KEY").value.reveal() == b"through-b-SEEKRIT"
+    finally:
+        dropping.close()
+        store.close()
+        proxy.close()
+        first.kill()
+        second.stop()
+
+
 def test_a_client_trusting_another_ca_gets_one_line_and_no_grpc_log(server: Server, tmp_path: Path) -> None:
     """gRPC's C core logged the failed handshake ('I1130 … ssl_transport_security.cc …') on stderr
     above our one-line error; a URL as the address failed in gRPC's resolver."""

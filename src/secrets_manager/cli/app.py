@@ -516,9 +516,9 @@ class Session:
     def remote_store(self, options: Sequence[tuple[str, Any]] = ()) -> RemoteStore:
         """The service at --server / SECRETS_MANAGER_ADDR. Several comma-separated addresses (as
         the SDK takes them from the same variable): the first whose health check answers serves
-        the command, so a write is never sent twice to two replicas; a read it does not answer
-        moves the command to the next that says SERVING (RemoteStore._call). `options`: gRPC
-        channel options."""
+        the command, so a write is never sent twice to two replicas; a read it does not answer,
+        or a write that found no connection, moves the command to the next that says SERVING
+        (RemoteStore._call). `options`: gRPC channel options."""
         # gRPC's documented default, set before its core starts: unset, the core logs a failed
         # handshake at INFO ("I1130 … ssl_transport_security.cc …") above our one-line error.
         # An explicit value stays; `serve` keeps gRPC's own (its handshake failures are logged).

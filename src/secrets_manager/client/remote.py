@@ -4,8 +4,9 @@ The CLI uses it for `--server`, so `store`, `get`, `list`, `history`, `delete`, 
 the same locally and remotely; status codes come back as the same exceptions (wire.STATUS_OF_ERROR).
 The SDK (client/_client.py) also uses its `watch` stream and `is_serving` probe, one RemoteStore
 per address (its own failover). Given several `replicas` (the CLI's `--server A,B`), a read that
-gets no answer moves to another replica that says SERVING, and `fail_over` moves a store held
-open for long (`run --restart-on-change`) whose watch stream broke; a change never moves.
+gets no answer moves to another replica that says SERVING, and so does a change that found no
+connection (never sent; one that may have been made never moves), and `fail_over` moves a store
+held open for long (`run --restart-on-change`) whose watch stream broke.
 """
 
 from __future__ import annotations
@@ -211,12 +212,14 @@ class RemoteStore:
     def _call(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
         """One RPC. With several `replicas`, a read (it changes nothing) that got no answer (the
         service gone, hung past the deadline, or unable to read its store) is sent to the next
-        that says SERVING, which serves the rest of the command; a change never is (it could be
-        made twice)."""
+        that says SERVING, which serves the rest of the command; so is a change that was surely
+        not made (no connection could be made: it was never sent), but never one that may have
+        been (made twice, it would be two versions)."""
+        worth_another = _no_answer if method in _READS else _never_sent
         try:
             return self._call_here(method, request, timeout=timeout)
         except StorageError as exc:
-            if method not in _READS or len(self.replicas) < 2 or not _no_answer(exc):
+            if len(self.replicas) < 2 or not worth_another(exc):
                 raise
             failure = exc
         tried = {self.address}
@@ -225,7 +228,7 @@ class RemoteStore:
             try:
                 return self._call_here(method, request, timeout=timeout)
             except StorageError as exc:
-                if not _no_answer(exc):
+                if not worth_another(exc):
                     raise
                 failure = exc
         raise failure
@@ -676,6 +679,11 @@ def _no_answer(error: StorageError) -> bool:
     if isinstance(error, HandshakeFailedError) and not isinstance(error, ConnectionClosedError):
         return False
     return not isinstance(error, (OutcomeUnknownError, ChangeUnrecordedError))
+
+
+def _never_sent(error: StorageError) -> bool:
+    """Whether a change that failed with `error` was surely not sent: no connection was made."""
+    return isinstance(error, NotConnectedError)
 
 
 def _serving(health: health_pb2_grpc.HealthStub, timeout: float) -> bool:
