@@ -27,6 +27,7 @@ from secrets_manager.store import Secret
 from secrets_manager.values import SecretValue
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
 from service_fixtures import SEED, make_pki, make_store, start_server, tls_files
+from tcp_proxy import TcpProxy, Verdict
 from test_run_command import aws_variables
 from test_serve_external_stores import (  # noqa: F401 (fixtures)
     Backend,
@@ -931,29 +932,43 @@ def test_with_several_addresses_a_reading_that_gets_no_answer_is_read_through_an
         second.kill()
 
 
+class AnswersStop(TcpProxy):
+    """Passes everything until `stalled` is set, then swallows the server's answers, the
+    connections staying open."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.stalled = threading.Event()
+
+    def verdict(self, data: bytes, *, from_client: bool) -> Verdict:
+        return Verdict.SWALLOW if self.stalled.is_set() and not from_client else Verdict.PASS
+
+
 def test_with_several_addresses_a_read_on_a_replica_that_hangs_moves_once_its_health_check_fails(
     tmp_path: Path,
 ) -> None:
-    """A read sent to a replica that then hangs (SIGSTOP: its connection open, nothing answers)
-    is sent to the other once the hung one's health check fails (1 s without an answer, then a
-    check that gets none within 3 s), not after the read's 10 s deadline."""
+    """A read sent to a replica that then hangs (its answers stop, the connection open: a frozen
+    host, a path gone dark) is sent to the other once the hung one's health check fails (1 s
+    without an answer, then a check that gets none within 3 s), not after the read's 10 s
+    deadline."""
     from secrets_manager.client import RemoteStore
 
     make_pki(tmp_path, ("auth",))
     make_store(tmp_path)
     first = start_server(tmp_path, "first")
     second = start_server(tmp_path, "second")
-    store = RemoteStore(first.address, tls_files(tmp_path, "auth"), replicas=(first.address, second.address))
+    dark = AnswersStop("127.0.0.1", first.port)
+    store = RemoteStore(dark.address, tls_files(tmp_path, "auth"), replicas=(dark.address, second.address))
     try:
         assert store.get("auth/JWT_KEY").value.reveal() == SEED["auth/JWT_KEY"]  # connected to A
-        first.process.send_signal(signal.SIGSTOP)
+        dark.stalled.set()
         started = time.monotonic()
         assert store.get("auth/DB_PASSWORD").value.reveal() == SEED["auth/DB_PASSWORD"]
         took = time.monotonic() - started
         assert store.address == second.address
         assert took < 7, f"the read waited {took:.1f} s for a replica that hangs"
     finally:
-        first.process.send_signal(signal.SIGCONT)
         store.close()
+        dark.close()
         first.kill()
         second.kill()
