@@ -972,3 +972,37 @@ def test_with_several_addresses_a_read_on_a_replica_that_hangs_moves_once_its_he
         dark.close()
         first.kill()
         second.kill()
+
+
+def test_a_read_whose_connection_is_renewed_under_it_is_sent_again_on_the_new_one(tmp_path: Path) -> None:
+    """run's follower renews the held store's connection (its TLS files changed) while the reading
+    after a change waits for its answer: gRPC cancels the read ("Channel closed!"). It was an
+    error run did not try again before the next change (so the program kept the old values);
+    now the read is sent again at once, on the new connection."""
+    from secrets_manager.client import RemoteStore
+
+    make_pki(tmp_path, ("auth",))
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    slow = AnswersStop("127.0.0.1", server.port)
+    store = RemoteStore(slow.address, tls_files(tmp_path, "auth"))
+    try:
+        assert store.get("auth/JWT_KEY").value.reveal() == SEED["auth/JWT_KEY"]
+        slow.stalled.set()  # the read below waits; the new connection's answers pass again
+        cert = tmp_path / "auth.pem"
+
+        def renew() -> None:
+            time.sleep(0.5)
+            slow.stalled.clear()
+            cert.write_bytes(cert.read_bytes())  # rewritten in place: a new mtime
+            os.utime(cert, ns=(time.time_ns(), time.time_ns() + 10**9))
+            assert store.renew_connection()
+
+        renewer = threading.Thread(target=renew)
+        renewer.start()
+        assert store.get("auth/DB_PASSWORD").value.reveal() == SEED["auth/DB_PASSWORD"]
+        renewer.join(10)
+    finally:
+        store.close()
+        slow.close()
+        server.kill()

@@ -124,6 +124,7 @@ def channel_credentials(files: ClientTlsFiles) -> grpc.ChannelCredentials:
 # How gRPC begins the details of a call that failed because no connection could be made (the
 # address refused it, or the TLS handshake failed): the request was never sent.
 _NEVER_CONNECTED = "failed to connect to all addresses"
+_CHANNEL_CLOSED = "Channel closed!"  # the details of a call whose channel was closed under it
 
 
 _READS = frozenset({"GetSecret", "BatchGetSecrets", "ListSecrets", "DescribeSecret"})  # change nothing
@@ -214,24 +215,25 @@ class RemoteStore:
         service gone, hung past the deadline, or unable to read its store) is sent to the next
         that says SERVING, which serves the rest of the command; so is a change that was surely
         not made (no connection could be made: it was never sent), but never one that may have
-        been (made twice, it would be two versions)."""
+        been (made twice, it would be two versions).
+        A read whose channel was replaced while it waited (`renew_connection` or `fail_over` in
+        another thread: gRPC cancels it, "Channel closed!") is sent again on the new one."""
         worth_another = _no_answer if method in _READS else _never_sent
-        try:
-            return self._call_here(method, request, timeout=timeout)
-        except StorageError as exc:
-            if len(self.replicas) < 2 or not worth_another(exc):
-                raise
-            failure = exc
-        tried = {self.address}
-        while self._move(FAILOVER_HEALTH_CHECK_SECONDS, avoid=tried):
-            tried.add(self.address)
+        tried: set[str] = set()
+        replaced = 0
+        while True:
+            channel, address = self._channel, self.address
             try:
                 return self._call_here(method, request, timeout=timeout)
             except StorageError as exc:
-                if not worth_another(exc):
+                if method in _READS and self._channel is not channel and replaced < len(self.replicas) + 1:
+                    replaced += 1
+                    continue
+                if len(self.replicas) < 2 or not worth_another(exc):
                     raise
-                failure = exc
-        raise failure
+                tried.add(address)
+                if not self._move(FAILOVER_HEALTH_CHECK_SECONDS, avoid=tried):
+                    raise
 
     def _call_here(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
         try:
@@ -266,6 +268,16 @@ class RemoteStore:
                 ) from None
             if code is grpc.StatusCode.UNAVAILABLE and details.startswith(_NEVER_CONNECTED):
                 raise NotConnectedError(details) from None
+            if code is grpc.StatusCode.CANCELLED and details == _CHANNEL_CLOSED:
+                # Its channel was closed under it: replaced by a renewal or a move (another thread).
+                if method in _READS:
+                    raise StorageError(
+                        f"the connection to {self.address} was replaced during {method}"
+                    ) from None
+                raise OutcomeUnknownError(
+                    f"the connection to {self.address} was replaced during {method}; the change may "
+                    "have been made: check (history, describe) before trying again"
+                ) from None
             if code is grpc.StatusCode.DEADLINE_EXCEEDED:  # gRPC says only "Deadline Exceeded"
                 waited = f"{self.address} did not answer {method} within {timeout or self._timeout:g} s"
                 if method not in _READS:
