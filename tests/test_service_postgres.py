@@ -585,3 +585,42 @@ def test_run_restart_on_change_with_several_addresses_moves_off_a_replica_whose_
         first.kill()
         second.stop()
         proxy.close()
+
+
+def test_run_restart_on_change_with_several_addresses_starts_while_a_replicas_database_is_silent(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """`run --restart-on-change --server A,B` started just after A's database stopped answering:
+    A's health still says SERVING, so run picks A, whose Watch stream then waits for the store
+    (30 s, its answer timeout). It is given up once A says NOT_SERVING and opened on B: the program
+    starts within 15 s and a change through B restarts it. Before, run failed after 30 s (exit 1,
+    nothing run) with B healthy."""
+    from test_run_restart import Run, through_service
+
+    first, proxy = _serve_through_a_proxy_that_can_stall(tmp_path, postgres_cluster)
+    url = next(
+        line for line in (tmp_path / "server.toml").read_text().splitlines() if line.startswith("store")
+    )
+    direct = url.split('"')[1].replace(f":{proxy.port}/", f":{postgres_cluster.port}/")
+    second = start_server(
+        tmp_path,
+        "second",
+        store=direct,
+        environment=postgres_cluster.env(),
+        settings='audit_file = "b.audit.jsonl"\n',
+    )
+    proxy.stalled.set()
+    run = Run(tmp_path, through_service(tmp_path, f"{first.address},{second.address}"), "--service", "auth")
+    try:
+        first_start = run.wait_for_starts(1, timeout=15)[0]
+        assert first_start["started"]["JWT_KEY"] == SEED["auth/JWT_KEY"].decode()
+        assert f"{first.address} does not answer: watching {second.address}" in run.stderr()
+        stored = second.cli("writer", "store", "auth/JWT_KEY", input=b"after-a-silent-start-SEEKRIT")
+        assert stored.returncode == 0, stored.stderr
+        assert run.wait_for_starts(2, timeout=10)[1]["started"]["JWT_KEY"] == "after-a-silent-start-SEEKRIT"
+        assert "SEEKRIT" not in run.stderr()
+    finally:
+        run.kill()
+        first.kill()
+        second.stop()
+        proxy.close()

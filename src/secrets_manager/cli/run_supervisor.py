@@ -164,15 +164,24 @@ class WatchSource:
     def __init__(self, remote: WatchedStore, prefix: str) -> None:
         self._remote = remote
         self._prefix = prefix
-        self._stream = remote.watch(prefix)
-        try:
-            self._stream.start()  # a service that refuses Watch says so here, before COMMAND starts
-        except WatchUnsupportedError:
-            raise WatchUnsupportedError(
-                f"--restart-on-change needs the service's Watch stream, and {remote.address} does not "
-                "offer it (its store has no change feed, or watch_poll_seconds = 0 turned it off); "
-                "nothing was run. Run the program without --restart-on-change, or ask for Watch to be on"
-            ) from None
+        tried: set[str] = set()
+        while True:
+            self._stream = remote.watch(prefix)
+            try:
+                self._stream.start()  # a service that refuses Watch says so here, before COMMAND starts
+                break
+            except WatchUnsupportedError:
+                raise WatchUnsupportedError(
+                    f"--restart-on-change needs the service's Watch stream, and {remote.address} does "
+                    "not offer it (its store has no change feed, or watch_poll_seconds = 0 turned it "
+                    "off); nothing was run. Run the program without --restart-on-change, or ask for "
+                    "Watch to be on"
+                ) from None
+            except StorageError:  # gone, or its store silent, since it was chosen: another, if one serves
+                tried.add(was := remote.address)
+                if not remote.fail_over(HEALTH_CHECK_SECONDS) or remote.address in tried:
+                    raise
+                info_line(f"{was} does not answer: watching {remote.address}")
         self._lock = threading.Lock()
         self._cancelled = False
 

@@ -12,12 +12,14 @@ held open for long (`run --restart-on-change`) whose watch stream broke.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import ipaddress
 import os
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -564,7 +566,12 @@ class RemoteStore:
         )
 
     def watch(
-        self, prefix: str = "", since_revision: int | None = None, since_history: str | None = None
+        self,
+        prefix: str = "",
+        since_revision: int | None = None,
+        since_history: str | None = None,
+        *,
+        check_health: float | None = None,
     ) -> ChangeStream:
         """Watch: change events (never values) for the secrets under `prefix` the caller may read.
 
@@ -572,13 +579,21 @@ class RemoteStore:
         the changes after that revision come first, or a RESYNC event if the service's change feed
         no longer goes back that far, or if `since_history` (that stream's `history`) is not the
         store's now (its database failed over or was restored since). The stream has no deadline;
-        it ends when the server shuts down or `cancel()` is called."""
+        it ends when the server shuts down or `cancel()` is called.
+
+        `check_health` (seconds; the default with several `replicas`: FAILOVER_HEALTH_CHECK_SECONDS):
+        a start that waits (a replica whose store has just gone silent holds it for the store's
+        30 s answer timeout) is given up, StorageError, once the replica no longer says SERVING
+        within that long, so the caller can watch through another."""
         request = pb.WatchRequest(prefix=prefix)
         if since_revision is not None:
             request.since_revision = since_revision
             if since_history is not None:
                 request.since_history = since_history
-        return ChangeStream(self._stub.Watch(request), self.address, since_revision)
+        if check_health is None and len(self.replicas) > 1:
+            check_health = FAILOVER_HEALTH_CHECK_SECONDS
+        serving = partial(_serving, self._health, check_health) if check_health is not None else None
+        return ChangeStream(self._stub.Watch(request), self.address, since_revision, serving=serving)
 
     def is_serving(self, timeout: float) -> bool:
         """Health/Check of the Secrets service (connecting first if needed), within `timeout`.
@@ -620,8 +635,17 @@ class ChangeStream:
     the line of the store's history it belongs to (None: the server did not say): a RESYNC event
     may move both, back too, when the store's database failed over or was restored."""
 
-    def __init__(self, call: Any, address: str, since_revision: int | None = None) -> None:
+    def __init__(
+        self,
+        call: Any,
+        address: str,
+        since_revision: int | None = None,
+        *,
+        serving: Callable[[], bool] | None = None,
+    ) -> None:
+        """`serving`: the replica's health check, asked while the stream's start waits (`start`)."""
         self._call = call
+        self._serving = serving
         self.address = address
         self.since_revision = since_revision
         self.revision: int | None = None
@@ -636,6 +660,8 @@ class ChangeStream:
         Raises the stream's error if the call ended before it went live."""
         if not self._started:
             self._started = True
+            if self._serving is not None:
+                self._wait_while_serving(self._serving)
             try:
                 metadata = self._call.initial_metadata() or ()
             except grpc.RpcError as exc:
@@ -652,6 +678,25 @@ class ChangeStream:
                 if code is not grpc.StatusCode.OK:
                     raise self._error(code, self._call.details())
         return self._start
+
+    def _wait_while_serving(self, serving: Callable[[], bool]) -> None:
+        """Until the stream is live or has ended; StorageError (the stream cancelled) if, after
+        HEALTH_POLL_SECONDS without that, the replica's health check no longer says SERVING."""
+        live = threading.Event()
+
+        def wait() -> None:
+            with contextlib.suppress(grpc.RpcError):
+                self._call.initial_metadata()
+            live.set()
+
+        threading.Thread(target=wait, name="watch-start", daemon=True).start()
+        while not live.wait(HEALTH_POLL_SECONDS):
+            if not serving() and not live.is_set():
+                self.cancel()
+                raise StorageError(
+                    f"watch stream from {self.address}: not live yet, and the service no longer says "
+                    "SERVING (is its store answering?)"
+                )
 
     @property
     def resumed(self) -> bool:
