@@ -624,3 +624,41 @@ def test_run_restart_on_change_with_several_addresses_starts_while_a_replicas_da
         first.kill()
         second.stop()
         proxy.close()
+
+
+def test_the_sdk_with_several_addresses_watches_through_another_when_the_first_ones_database_is_silent(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """An SDK client started just after replica A's database stopped answering: A still says
+    SERVING, so its watch stream opens there and waits for A's store. It is given up once A says
+    NOT_SERVING and opened on B, so a change written through B is pushed: seen within 12 s. Before,
+    the stream waited out A's 30 s store timeout, and the cached value was served as fresh."""
+    from secrets_manager.client import Client
+    from service_fixtures import tls_files
+
+    first, proxy = _serve_through_a_proxy_that_can_stall(tmp_path, postgres_cluster)
+    url = next(
+        line for line in (tmp_path / "server.toml").read_text().splitlines() if line.startswith("store")
+    )
+    direct = url.split('"')[1].replace(f":{proxy.port}/", f":{postgres_cluster.port}/")
+    second = start_server(
+        tmp_path,
+        "second",
+        store=direct,
+        environment=postgres_cluster.env(),
+        settings='audit_file = "b.audit.jsonl"\n',
+    )
+    proxy.stalled.set()
+    client = Client([first.address, second.address], tls=tls_files(tmp_path, "auth"))
+    try:
+        assert client.get("auth/JWT_KEY").value.reveal() == SEED["auth/JWT_KEY"]
+        stored = second.cli("writer", "store", "auth/JWT_KEY", input=b"pushed-through-b-SEEKRIT")
+        assert stored.returncode == 0, stored.stderr
+        assert eventually(
+            lambda: client.get("auth/JWT_KEY").value.reveal() == b"pushed-through-b-SEEKRIT", 12
+        )
+    finally:
+        client.close()
+        first.kill()
+        second.stop()
+        proxy.close()

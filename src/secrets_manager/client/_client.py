@@ -510,7 +510,13 @@ class _ServiceReplicas:
             for index, replica in order:
                 if replica.is_serving(self._timeout):
                     self._preferred = self._watching = index
-                    watched = replica.watch(since_revision=since_revision, since_history=since_history)
+                    watched = replica.watch(
+                        since_revision=since_revision,
+                        since_history=since_history,
+                        # Another replica may serve: a start held by this one's silent store is
+                        # given up once it says NOT_SERVING, not after the store's 30 s timeout.
+                        check_health=self._timeout if len(self._addresses) > 1 else None,
+                    )
                     stream = _HeldStream(watched, channels, self._ended)
                     with self._lock:
                         channels.streams.add(stream)
