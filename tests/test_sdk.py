@@ -731,7 +731,7 @@ def test_an_empty_certificate_file_is_a_one_line_error_not_an_abort(
         result = run_script(env, "list")
     else:
         result = subprocess.run(
-            [sys.executable, "-c", _CHILD_SDK], capture_output=True, env=env, timeout=60, check=False
+            [sys.executable, "-c", _CHILD_SDK], capture_output=True, env=env, timeout=30, check=False
         )
     stderr = result.stderr.decode()
     assert result.returncode == InvalidInputError.exit_code, stderr
@@ -1196,6 +1196,37 @@ sys.exit(1 if hung else 0)
 """
 
 
+_FORKING_WITH_A_CLOSED_CLIENT = """
+import os, sys
+from secrets_manager.client import Client
+
+used = Client()
+assert used.get("auth/JWT_KEY").value.reveal() == b"auth-jwt-key-SEEKRIT-2"
+used.close()  # closed, still referenced
+unused = Client()  # never used: no backend
+pid = os.fork()
+if pid == 0:
+    os._exit(0)
+os.waitpid(pid, 0)
+print("forked", flush=True)
+"""
+
+
+def test_a_process_holding_a_closed_or_unused_client_can_fork(server: Server, service_dir: Path) -> None:
+    """Before a fork the SDK pauses every client; a closed one, or one never used, took its own
+    start lock a second time while holding it: fork() (os.fork, subprocess with preexec_fn) hung
+    for good in any process that kept such a client once one had read through a service."""
+    env = _forking_client_env(server, service_dir, grpc_fork_support=False)
+    result = subprocess.run(
+        [sys.executable, "-c", _FORKING_WITH_A_CLOSED_CLIENT],
+        capture_output=True,
+        env=env,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0 and b"forked" in result.stdout, result.stdout + result.stderr
+
+
 def test_children_forked_right_after_a_read_under_grpc_fork_support_do_not_hang(
     server: Server, service_dir: Path
 ) -> None:
@@ -1263,7 +1294,7 @@ def test_the_channels_are_closed_after_the_fork_not_before_it(server: Server, se
         [sys.executable, "-c", _FORKING_AFTER_CLOSE_HOOK],
         capture_output=True,
         env=env,
-        timeout=60,
+        timeout=30,
         check=False,
     )
     output = result.stdout.decode()

@@ -976,12 +976,12 @@ class Client:
         first channel waits for good (see `_resume_after_fork_in_parent`).
         `_start_lock` stays held until after the fork, so no read starts new channels meanwhile.
         Whether there was anything to stop (the parent then starts it again)."""
-        with self._start_lock:
-            backend, threads = self._backend, list(self._threads)
-            if backend is None or self._closed.is_set():
-                self._start_lock.acquire()  # released by _resume_after_fork_in_parent
-                return False
-            self._closed.set()  # the threads' loops end
+        self._start_lock.acquire()
+        backend, threads = self._backend, list(self._threads)
+        if backend is None or self._closed.is_set():
+            return False  # the lock stays held: released by _resume_after_fork_in_parent
+        self._closed.set()  # the threads' loops end
+        self._start_lock.release()
         with self._stream_lock:
             if self._stream is not None:
                 self._stream.cancel()
