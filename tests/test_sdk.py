@@ -731,7 +731,7 @@ def test_an_empty_certificate_file_is_a_one_line_error_not_an_abort(
         result = run_script(env, "list")
     else:
         result = subprocess.run(
-            [sys.executable, "-c", _CHILD_SDK], capture_output=True, env=env, timeout=30, check=False
+            [sys.executable, "-c", _CHILD_SDK], capture_output=True, env=env, timeout=60, check=False
         )
     stderr = result.stderr.decode()
     assert result.returncode == InvalidInputError.exit_code, stderr
@@ -1294,7 +1294,7 @@ def test_the_channels_are_closed_after_the_fork_not_before_it(server: Server, se
         [sys.executable, "-c", _FORKING_AFTER_CLOSE_HOOK],
         capture_output=True,
         env=env,
-        timeout=30,
+        timeout=60,
         check=False,
     )
     output = result.stdout.decode()
