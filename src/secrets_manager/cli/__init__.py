@@ -33,6 +33,7 @@ from secrets_manager.cli import (
     schedule_commands,  # noqa: F401  (registers `schedule`)
     serve_commands,  # noqa: F401  (registers `serve`)
     status_command,  # noqa: F401  (registers `status`)
+    watch_command,  # noqa: F401  (registers `watch`)
 )
 from secrets_manager.cli.app import cli
 from secrets_manager.cli.output import (

@@ -180,8 +180,10 @@ def info_line(message: str) -> None:
     click.echo(f"{PROG}: {_one_line(message)}", err=True)
 
 
-def print_json(doc: Any) -> None:
-    text = json.dumps(doc, indent=2, sort_keys=True, ensure_ascii=False)
+def print_json(doc: Any, *, compact: bool = False) -> None:
+    """`doc` as indented JSON, or on one line (`compact`: a stream of events, one per line)."""
+    indent, separators = (None, (",", ":")) if compact else (2, None)
+    text = json.dumps(doc, indent=indent, separators=separators, sort_keys=True, ensure_ascii=False)
     click.echo(_JSON_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text))
 
 

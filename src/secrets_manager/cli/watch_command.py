@@ -1,0 +1,87 @@
+"""`watch [PREFIX]`: print each change to the secrets as it happens (names, versions, kinds; never
+values), as `consul watch` does, for a script that acts on a rotation: render a file again
+(`inject`), reload a program, page someone.
+
+The changes come from where `run --restart-on-change` hears them: the store's own change feed (a
+Vault or AWS store's polled versions), or through `--server` the service's Watch stream, which
+shows only what the caller may read and moves to another replica if its own goes away.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import click
+
+from secrets_manager.cli.app import Session, cli, is_remote_store, pass_session
+from secrets_manager.cli.output import print_json, timestamp
+from secrets_manager.cli.run_supervisor import ChangeSource, FeedSource, WatchSource
+from secrets_manager.store.changes import ChangeKind, SecretChange
+from secrets_manager.store.names import validate_prefix
+
+WHAT_HAPPENED = {
+    ChangeKind.VERSION_ADDED: "new version",
+    ChangeKind.METADATA_CHANGED: "changed",  # labels, tags, description, expiry, deleted or back
+    ChangeKind.SECRET_DESTROYED: "destroyed",
+    ChangeKind.RESYNC: "changes missed: read everything again",
+}
+
+
+@cli.command("watch")
+@click.argument("prefix", required=False, default="")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line: time, kind, name, version.")
+@pass_session
+def watch_command(session: Session, prefix: str, as_json: bool) -> None:
+    """Print each change to the secrets under PREFIX as it happens (name, version, kind; never a
+    value) until interrupted (Ctrl-C, SIGTERM: exit 0): for scripts that act on a rotation."""
+    validate_prefix(prefix)
+    with session.held_secret_store("watch") as (store, audited):
+        source: ChangeSource = WatchSource(store, prefix) if is_remote_store(store) else FeedSource(store)
+        with audited():
+            pass  # the watch itself, recorded (with the unlock) once it is live
+        click.echo(f"watching {prefix or 'every secret'}; Ctrl-C ends", err=True)
+
+        def show(change: SecretChange) -> None:
+            if change.kind is not ChangeKind.RESYNC and not change.name.startswith(prefix):
+                return  # a local feed tells of every secret; the service's only of PREFIX's
+            _print(change, as_json)
+
+        with _until_interrupted() as stop:
+            follower = threading.Thread(target=source.follow, args=(show, stop), daemon=True)
+            follower.start()
+            while not stop.wait(0.5) and follower.is_alive():
+                pass
+            source.cancel()
+            follower.join(timeout=5)
+
+
+def _print(change: SecretChange, as_json: bool) -> None:
+    now = timestamp(datetime.now(UTC))
+    if as_json:
+        print_json(
+            {"time": now, "kind": change.kind.value, "name": change.name or None, "version": change.version},
+            compact=True,
+        )
+    else:
+        version = f" version {change.version}" if change.version else ""
+        click.echo(f"{now}  {WHAT_HAPPENED[change.kind]}  {change.name}{version}".rstrip())
+    sys.stdout.flush()  # a pipe to a script: each line as it happens
+
+
+@contextlib.contextmanager
+def _until_interrupted() -> Iterator[threading.Event]:
+    """An event set by SIGINT or SIGTERM, which end the watch quietly (exit 0)."""
+    stop = threading.Event()
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    for signum in previous:
+        signal.signal(signum, lambda number, frame: stop.set())
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

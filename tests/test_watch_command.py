@@ -1,0 +1,115 @@
+"""`watch [PREFIX] [--json]`: each change printed as it happens (never a value), locally from the
+store's change feed and through `serve` from its Watch stream (only what the caller may read);
+SIGTERM and Ctrl-C end it with exit 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import threading
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+from secrets_manager.client import RemoteStore
+from service_fixtures import SCRIPT, make_pki, make_store, start_server, tls_files
+from test_cli import KNOWN_VALUE, Cli, assert_one_line_error
+from test_run_restart import store_in_served_store, through_service
+
+
+class Watching:
+    """A `watch` process: its stdout lines as they come."""
+
+    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+        self.process = subprocess.Popen(
+            [str(SCRIPT), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        assert self.process.stdout is not None and self.process.stderr is not None
+        threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
+        said = self.process.stderr.readline()  # "watching …" once the feed or stream is live
+        assert said.startswith("watching "), said
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.put(line)
+
+    def next(self, timeout: float = 15.0) -> dict[str, object]:
+        return dict(json.loads(self.lines.get(timeout=timeout)))
+
+    def end(self, signum: int) -> tuple[int, str]:
+        self.process.send_signal(signum)
+        code = self.process.wait(timeout=15)
+        assert self.process.stderr is not None
+        return code, self.process.stderr.read()
+
+
+@pytest.fixture
+def ready(tmp_path: Path) -> Cli:
+    cli = Cli(tmp_path / "vault" / "store.db", tmp_path)
+    assert cli("init", "--kdf-profile", "test").code == 0
+    assert cli("store", "app/KEY", input=b"first").code == 0
+    return cli
+
+
+def test_local_changes_under_the_prefix_are_printed_as_they_happen(ready: Cli) -> None:
+    watching = Watching(["watch", "app/", "--json"], {**os.environ, **ready.env})
+    try:
+        ready("store", "other/SECRET", input=b"not under the prefix")
+        ready("store", "app/KEY", input=KNOWN_VALUE.encode())
+        ready("metadata", "app/KEY", "--description", "rotated today")
+        ready("delete", "app/KEY")
+        seen = [watching.next() for _ in range(3)]
+    finally:
+        code, stderr = watching.end(signal.SIGTERM)
+    assert [(event["kind"], event["name"], event["version"]) for event in seen] == [
+        ("version_added", "app/KEY", 2),
+        ("metadata_changed", "app/KEY", None),
+        ("metadata_changed", "app/KEY", None),
+    ]
+    assert all(str(event["time"]).endswith("Z") for event in seen)
+    assert code == 0 and "Traceback" not in stderr and KNOWN_VALUE not in stderr
+    log = (ready.store.parent / "store.audit.jsonl").read_text()
+    watches = [json.loads(line) for line in log.splitlines() if '"operation":"watch"' in line]
+    assert len(watches) == 1 and watches[0]["outcome"] == "ok"
+
+
+def test_plain_lines_and_ctrl_c_ends_it_with_exit_0(ready: Cli) -> None:
+    watching = Watching(["watch"], {**os.environ, **ready.env})
+    try:
+        ready("store", "app/KEY", input=KNOWN_VALUE.encode())
+        line = watching.lines.get(timeout=15)
+    finally:
+        code, stderr = watching.end(signal.SIGINT)
+    assert line.split("  ")[1:] == ["new version", "app/KEY version 2\n"]
+    assert KNOWN_VALUE not in line
+    assert code == 0 and stderr == "", stderr
+
+
+def test_through_the_service_only_what_the_caller_may_read_is_shown(tmp_path: Path) -> None:
+    make_pki(tmp_path, ("auth", "ops"))
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    ops = RemoteStore(server.address, tls_files(tmp_path, "ops"))
+    try:
+        watching = Watching(["watch", "--json"], through_service(tmp_path, server.address))
+        try:
+            ops.put("market-connector/BINANCE_API_KEY", b"not for auth")
+            store_in_served_store(tmp_path, "auth/DB_PASSWORD", "rotated-SEEKRIT")
+            event = watching.next()
+        finally:
+            code, _ = watching.end(signal.SIGTERM)
+    finally:
+        ops.close()
+        server.stop()
+    assert (event["kind"], event["name"], event["version"]) == ("version_added", "auth/DB_PASSWORD", 2)
+    assert watching.lines.empty()
+    assert code == 0
+
+
+def test_a_bad_prefix_is_exit_2(ready: Cli) -> None:
+    assert_one_line_error(ready("watch", "../etc"), 2)
