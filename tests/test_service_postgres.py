@@ -587,16 +587,11 @@ def test_run_restart_on_change_with_several_addresses_moves_off_a_replica_whose_
         proxy.close()
 
 
-def test_run_restart_on_change_with_several_addresses_starts_while_a_replicas_database_is_silent(
+def _two_replicas_the_first_one_silent(
     tmp_path: Path, postgres_cluster: Any
-) -> None:
-    """`run --restart-on-change --server A,B` started just after A's database stopped answering:
-    A's health still says SERVING, so run picks A, whose Watch stream then waits for the store
-    (30 s, its answer timeout). It is given up once A says NOT_SERVING and opened on B: the program
-    starts within 15 s and a change through B restarts it. Before, run failed after 30 s (exit 1,
-    nothing run) with B healthy."""
-    from test_run_restart import Run, through_service
-
+) -> tuple[Any, Server, AnswersStop]:
+    """Two serve replicas on one PostgreSQL store, the first reaching it through a proxy that has
+    just stalled (its database silent, its health still SERVING for a few seconds)."""
     first, proxy = _serve_through_a_proxy_that_can_stall(tmp_path, postgres_cluster)
     url = next(
         line for line in (tmp_path / "server.toml").read_text().splitlines() if line.startswith("store")
@@ -610,6 +605,20 @@ def test_run_restart_on_change_with_several_addresses_starts_while_a_replicas_da
         settings='audit_file = "b.audit.jsonl"\n',
     )
     proxy.stalled.set()
+    return first, second, proxy
+
+
+def test_run_restart_on_change_with_several_addresses_starts_while_a_replicas_database_is_silent(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """`run --restart-on-change --server A,B` started just after A's database stopped answering:
+    A's health still says SERVING, so run picks A, whose Watch stream then waits for the store
+    (30 s, its answer timeout). It is given up once A says NOT_SERVING and opened on B: the program
+    starts within 15 s and a change through B restarts it. Before, run failed after 30 s (exit 1,
+    nothing run) with B healthy."""
+    from test_run_restart import Run, through_service
+
+    first, second, proxy = _two_replicas_the_first_one_silent(tmp_path, postgres_cluster)
     run = Run(tmp_path, through_service(tmp_path, f"{first.address},{second.address}"), "--service", "auth")
     try:
         first_start = run.wait_for_starts(1, timeout=15)[0]
@@ -636,19 +645,7 @@ def test_the_sdk_with_several_addresses_watches_through_another_when_the_first_o
     from secrets_manager.client import Client
     from service_fixtures import tls_files
 
-    first, proxy = _serve_through_a_proxy_that_can_stall(tmp_path, postgres_cluster)
-    url = next(
-        line for line in (tmp_path / "server.toml").read_text().splitlines() if line.startswith("store")
-    )
-    direct = url.split('"')[1].replace(f":{proxy.port}/", f":{postgres_cluster.port}/")
-    second = start_server(
-        tmp_path,
-        "second",
-        store=direct,
-        environment=postgres_cluster.env(),
-        settings='audit_file = "b.audit.jsonl"\n',
-    )
-    proxy.stalled.set()
+    first, second, proxy = _two_replicas_the_first_one_silent(tmp_path, postgres_cluster)
     client = Client([first.address, second.address], tls=tls_files(tmp_path, "auth"))
     try:
         assert client.get("auth/JWT_KEY").value.reveal() == SEED["auth/JWT_KEY"]
