@@ -1159,10 +1159,7 @@ def get(
 
     NAME#FIELD prints one field of a secret whose value is a JSON object (a Vault secret with
     several keys, an AWS secret like {"username": …, "password": …})."""
-    name, selector, field = name.partition(FIELD_SEPARATOR)
-    validate_name(name)
-    if selector and not field:
-        raise InvalidInputError(f"'{name}{FIELD_SEPARATOR}' names no field; write NAME#FIELD")
+    name, selector, field = split_field_name(name)
     if raw and as_json:
         raise InvalidInputError("--raw and --json exclude each other")
     if clip and (raw or as_json):
@@ -1816,6 +1813,16 @@ def read_value(
 
 def _fields(count: int) -> str:
     return counted(count, "field")
+
+
+def split_field_name(text: str) -> tuple[str, str, str]:
+    """NAME#FIELD as (NAME, "#", FIELD), or (NAME, "", "") without a field; the name checked, and
+    a '#' with no field after it refused."""
+    name, selector, field = text.partition(FIELD_SEPARATOR)
+    validate_name(name)
+    if selector and not field:
+        raise InvalidInputError(f"'{name}{FIELD_SEPARATOR}' names no field; write NAME#FIELD")
+    return name, selector, field
 
 
 def select_field(data: bytes, name: str, field: str) -> bytes:

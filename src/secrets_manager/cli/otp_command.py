@@ -11,18 +11,17 @@ import math
 import click
 
 from secrets_manager.cli.app import (
-    FIELD_SEPARATOR,
     Session,
     cli,
     clipboard_found_first,
     copy_to_clipboard,
     pass_session,
     select_field,
+    split_field_name,
 )
 from secrets_manager.cli.completion import complete_secret_names
 from secrets_manager.cli.output import print_json
 from secrets_manager.errors import InvalidInputError
-from secrets_manager.store.names import validate_name
 
 
 @cli.command()
@@ -35,10 +34,7 @@ def otp(session: Session, name: str, clip: bool, as_json: bool) -> None:
     base32 setup key, as 'pass otp' does. NAME#FIELD: the seed is one field of a JSON object."""
     from secrets_manager.otp import one_time_code  # pyotp: imported by this command only
 
-    name, selector, field = name.partition(FIELD_SEPARATOR)
-    validate_name(name)
-    if selector and not field:
-        raise InvalidInputError(f"'{name}{FIELD_SEPARATOR}' names no field; write NAME#FIELD")
+    name, selector, field = split_field_name(name)
     if clip and as_json:
         raise InvalidInputError("--clip and --json exclude each other")
     clipboard = clipboard_found_first() if clip else None
