@@ -102,6 +102,25 @@ def test_get_of_an_expired_version_prints_the_value_and_one_warning(ready: Cli) 
     assert ok(ready("get", NAME)).stderr == ""
 
 
+def test_otp_inject_and_run_warn_of_an_expired_value_as_get_does(ready: Cli, tmp_path: Path) -> None:
+    """They gave an expired credential without a word: a service started by `run` on a key the
+    exchange no longer takes fails later, far from the cause."""
+    ok(ready("store", "broker/TOTP", input=b"JBSWY3DPEHPK3PXP"))
+    ok(ready("store", NAME, input=b"sk-live-EXPIRED-key"))
+    for name in ("broker/TOTP", NAME):
+        ok(ready("metadata", name, "--expires", "2020-01-02T03:04:05Z"))
+    (tmp_path / "config.tpl").write_text(f"key: {{{{ sm://{NAME} }}}}\n")
+    said = {
+        "otp": ok(ready("otp", "broker/TOTP")).stderr,
+        "inject": ok(ready("inject", "-i", str(tmp_path / "config.tpl"))).stderr,
+        "run": ok(ready("run", "--secret", f"{NAME}=KEY", "--", sys.executable, "-c", "pass")).stderr,
+    }
+    for command, stderr in said.items():
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and "expired at 2020-01-02T03:04:05Z" in lines[0], (command, stderr)
+        assert "sk-live" not in stderr and "JBSWY3DP" not in stderr
+
+
 def test_list_expiring_names_the_expired_and_the_soon_expiring_only(ready: Cli) -> None:
     soon = (datetime.now(UTC) + timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%SZ")
     ok(ready("store", "a/EXPIRED", input=b"x"))

@@ -1171,12 +1171,7 @@ def get(
         secret = store.get(name, version=version, label=label)
         note.version(secret.version)
         note.value(secret.value.reveal())
-    if secret.expires is not None and secret.expires <= datetime.now(UTC):
-        warning_line(
-            f"version {secret.version} of {name} expired at {timestamp(secret.expires)}; store the new "
-            f"credential with '{suggested('store', name, '--expires', 'TIME')}' (or, if it still works, "
-            f"record its new date with '{suggested('metadata', name, '--expires', 'TIME')}')"
-        )
+    warn_if_expired(secret)
     data = secret.value.reveal()
     if field:
         data = select_field(data, name, field)
@@ -1813,6 +1808,19 @@ def read_value(
 
 def _fields(count: int) -> str:
     return counted(count, "field")
+
+
+def warn_if_expired(secret: Secret) -> None:
+    """A value read whose expiry has passed is still given (it may work yet), with one warning
+    line saying how to replace it or record its new date: get, otp, inject, run."""
+    if secret.expires is None or secret.expires > datetime.now(UTC):
+        return
+    name = secret.name
+    warning_line(
+        f"version {secret.version} of {name} expired at {timestamp(secret.expires)}; store the new "
+        f"credential with '{suggested('store', name, '--expires', 'TIME')}' (or, if it still works, "
+        f"record its new date with '{suggested('metadata', name, '--expires', 'TIME')}')"
+    )
 
 
 def split_field_name(text: str) -> tuple[str, str, str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from secrets_manager.cli.app import FIELD_SEPARATOR, Session, cli, pass_session, select_field
+from secrets_manager.cli.app import FIELD_SEPARATOR, Session, cli, pass_session, select_field, warn_if_expired
 from secrets_manager.cli.output import counted
 from secrets_manager.cli.password import read_bounded
 from secrets_manager.cli.rotate_commands import terminate_as_interrupt
@@ -55,6 +55,7 @@ def inject(session: Session, template: str, output: str | None, force: bool) -> 
         for name in dict.fromkeys(name for name, _ in references):
             secret = store.get(name)
             note.read(secret)
+            warn_if_expired(secret)
             secrets[name] = secret
     for name, field in references:
         data = secrets[name].value.reveal()

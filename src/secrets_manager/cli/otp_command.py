@@ -18,6 +18,7 @@ from secrets_manager.cli.app import (
     pass_session,
     select_field,
     split_field_name,
+    warn_if_expired,
 )
 from secrets_manager.cli.completion import complete_secret_names
 from secrets_manager.cli.output import print_json
@@ -42,6 +43,7 @@ def otp(session: Session, name: str, clip: bool, as_json: bool) -> None:
         secret = store.get(name)
         note.version(secret.version)
         note.value(secret.value.reveal())
+    warn_if_expired(secret)
     seed = select_field(secret.value.reveal(), name, field) if field else secret.value.reveal()
     shown_name = f"{name}{selector}{field}"
     code = one_time_code(seed, name=shown_name)

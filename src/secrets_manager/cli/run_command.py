@@ -31,7 +31,15 @@ from typing import NoReturn
 import click
 
 from secrets_manager.cli.agent_commands import parse_duration
-from secrets_manager.cli.app import STORE_VARIABLE, TLS_VARIABLES, Session, cli, is_remote_store, pass_session
+from secrets_manager.cli.app import (
+    STORE_VARIABLE,
+    TLS_VARIABLES,
+    Session,
+    cli,
+    is_remote_store,
+    pass_session,
+    warn_if_expired,
+)
 from secrets_manager.cli.output import warning_line
 from secrets_manager.cli.run_supervisor import (
     ChangeSource,
@@ -203,6 +211,7 @@ def run(
             variables = _read_variables(store, namespaces, wanted)
             for secret in {s.name: s for s in variables.values()}.values():
                 note.read(secret)
+                warn_if_expired(secret)
         _exec(command, variables, withheld)
     signum = parse_stop_signal(stop_signal or "TERM")
     timeout = parse_duration(stop_timeout or DEFAULT_STOP_TIMEOUT, "--stop-timeout")
@@ -216,6 +225,7 @@ def run(
                 variables = _read_variables(store, namespaces, wanted, first=first)
                 for secret in {s.name: s for s in variables.values()}.values():
                     note.read(secret)
+                    warn_if_expired(secret)
             return variables
 
         variables = read(first=True)
