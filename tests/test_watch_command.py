@@ -10,6 +10,7 @@ import queue
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import IO
 
@@ -113,3 +114,48 @@ def test_through_the_service_only_what_the_caller_may_read_is_shown(tmp_path: Pa
 
 def test_a_bad_prefix_is_exit_2(ready: Cli) -> None:
     assert_one_line_error(ready("watch", "../etc"), 2)
+
+
+def test_a_reader_that_goes_away_ends_it_quietly(ready: Cli) -> None:
+    """`watch | head -1`: the line after head has gone finds the pipe closed, and the watch ends
+    there, exit 0, with nothing more said (it was a traceback from the printing thread)."""
+    process = subprocess.Popen(
+        [str(SCRIPT), "watch"],
+        env={**os.environ, **ready.env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    try:
+        assert process.stderr.readline().startswith(b"watching ")
+        ready("store", "app/KEY", input=b"second")
+        assert b"new version  app/KEY version 2" in process.stdout.readline()
+        process.stdout.close()  # head -1 exits
+        ready("store", "app/KEY", input=b"third")
+        code = process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert (code, process.stderr.read()) == (0, b"")
+
+
+def test_sigterm_before_the_watch_is_live_ends_it_with_exit_0(ready: Cli, tmp_path: Path) -> None:
+    """A signal while the store is still being opened (here: its password file a FIFO nobody
+    writes, as a slow unlock or a store that does not answer) ends it as one after: exit 0,
+    nothing said. It was the signal's default action (exit 143), or Ctrl-C's 'interrupted' (130)."""
+    fifo = tmp_path / "password"
+    os.mkfifo(fifo)
+    env = {**os.environ, **ready.env, "MASTER_PASSWORD_FILE": str(fifo)}
+    env.pop("MASTER_PASSWORD")
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        process = subprocess.Popen(
+            [str(SCRIPT), "watch"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        try:
+            time.sleep(3)  # started, and waiting on the FIFO
+            assert process.poll() is None
+            process.send_signal(signum)
+            code = process.wait(timeout=15)
+        finally:
+            process.kill()
+        assert process.stderr is not None and process.stdout is not None
+        assert (signum, code, process.stderr.read(), process.stdout.read()) == (signum, 0, b"", b"")

@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from types import FrameType
 
 import click
 
@@ -40,6 +41,14 @@ def watch_command(session: Session, prefix: str, as_json: bool) -> None:
     """Print each change to the secrets under PREFIX as it happens (name, version, kind; never a
     value) until interrupted (Ctrl-C, SIGTERM: exit 0): for scripts that act on a rotation."""
     validate_prefix(prefix)
+    try:
+        with _until_interrupted():  # from the start: a store slow to open is no exception
+            _watch(session, prefix, as_json)
+    except _Stopped:
+        return  # SIGINT or SIGTERM, before or after the stream is live: exit 0, quietly
+
+
+def _watch(session: Session, prefix: str, as_json: bool) -> None:
     with session.held_secret_store("watch") as (store, audited):
         source: ChangeSource = WatchSource(store, prefix) if is_remote_store(store) else FeedSource(store)
         with audited():
@@ -51,13 +60,26 @@ def watch_command(session: Session, prefix: str, as_json: bool) -> None:
                 return  # a local feed tells of every secret; the service's only of PREFIX's
             _print(change, as_json)
 
-        with _until_interrupted() as stop:
-            follower = threading.Thread(target=source.follow, args=(show, stop), daemon=True)
-            follower.start()
-            while not stop.wait(0.5) and follower.is_alive():
-                pass
+        stop = threading.Event()
+        failed: list[BaseException] = []
+
+        def follow() -> None:
+            try:
+                source.follow(show, stop)
+            except BaseException as exc:  # the reader gone (`| head -1`), a failed write: said by main
+                failed.append(exc)
+
+        follower = threading.Thread(target=follow, daemon=True)
+        follower.start()
+        try:
+            while follower.is_alive():
+                follower.join(0.5)
+        finally:
+            stop.set()
             source.cancel()
             follower.join(timeout=5)
+        if failed:
+            raise failed[0]
 
 
 def _print(change: SecretChange, as_json: bool) -> None:
@@ -73,15 +95,28 @@ def _print(change: SecretChange, as_json: bool) -> None:
     sys.stdout.flush()  # a pipe to a script: each line as it happens
 
 
+class _Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM: the watch ends, exit 0."""
+
+
 @contextlib.contextmanager
-def _until_interrupted() -> Iterator[threading.Event]:
-    """An event set by SIGINT or SIGTERM, which end the watch quietly (exit 0)."""
-    stop = threading.Event()
+def _until_interrupted() -> Iterator[None]:
+    """SIGINT and SIGTERM raise _Stopped in the main thread, from before the store is opened (a
+    signal then ended the process by its default action, exit 143, or with Ctrl-C's exit 130)
+    until the watch is over (one ignored when we started stays so); a second signal while the
+    first is acted on is ignored."""
     previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    for signum in previous:
-        signal.signal(signum, lambda number, frame: stop.set())
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        for other in previous:
+            signal.signal(other, signal.SIG_IGN)
+        raise _Stopped
+
+    for signum, handler in previous.items():
+        if handler is not signal.SIG_IGN:  # ignored when we started (`nohup`, `&` in a script): still
+            signal.signal(signum, stop)
     try:
-        yield stop
+        yield
     finally:
         for signum, handler in previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
