@@ -4,13 +4,18 @@ no audited failed unlock on each TAB where it cannot."""
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from agent_fixtures import PASSWORD, AgentCli, agent_cli
+from service_fixtures import SCRIPT, make_pki, make_store, start_server
 from test_cli import Result
+from test_run_restart import through_service
 
 NAMES = ("auth/DB_PASSWORD", "auth/JWT_KEY", "market-connector/BINANCE_API_KEY")
 
@@ -75,3 +80,38 @@ def test_the_store_on_the_command_line_is_the_one_listed(cli: AgentCli, tmp_path
     result = complete(cli, f"secrets-manager --store {other} get ", password)
     assert offered(result) == ["elsewhere/ONLY"]
     assert offered(complete(cli, "secrets-manager --store /nonexistent/x.db get ", password)) == []
+
+
+def test_a_server_that_does_not_answer_holds_the_tab_for_at_most_a_few_seconds(tmp_path: Path) -> None:
+    """A --server address that accepts connections and never answers (a hung host): nothing
+    completes within COMPLETION_SECONDS (3 s) and the process ends, instead of the shell waiting
+    the client's 10 s deadline on each TAB; a service that answers still completes."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    hung = socket.socket()
+    try:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(5)
+        silent = f"127.0.0.1:{hung.getsockname()[1]}"
+        for address, names, limit in (
+            (server.address, ["auth/DB_PASSWORD", "auth/JWT_KEY"], 30.0),
+            (silent, [], 7.0),
+        ):
+            env = {
+                **through_service(tmp_path, address),
+                "_SECRETS_MANAGER_COMPLETE": "bash_complete",
+                "COMP_WORDS": "secrets-manager get ",
+                "COMP_CWORD": "2",
+            }
+            started = time.monotonic()
+            done = subprocess.run([str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+            took = time.monotonic() - started
+            offered = [
+                line.split(",", 1)[1] for line in done.stdout.splitlines() if line.startswith("plain,")
+            ]
+            assert (done.returncode, done.stderr, offered) == (0, "", names)
+            assert took < limit, f"{address}: {took:.1f} s"
+    finally:
+        hung.close()
+        server.stop()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import threading
 from typing import TYPE_CHECKING
 
 import click
@@ -18,6 +19,8 @@ from click.shell_completion import CompletionItem
 
 from secrets_manager.agent import AgentClient
 from secrets_manager.environment import PASSWORD_VARIABLE
+
+COMPLETION_SECONDS = 3.0  # a TAB that waits longer for the store completes nothing
 
 if TYPE_CHECKING:
     from secrets_manager.cli.app import Session
@@ -38,17 +41,29 @@ def complete_secret_names(
         prompts=False,
     )
     prefix = incomplete[: incomplete.rfind("/") + 1]  # the namespace typed so far: list only it
+    names: list[str] = []
+    # On a thread of its own, waited for at most COMPLETION_SECONDS: a store that does not answer
+    # (a hung --server address, PostgreSQL or agent) must not hold the shell until its own
+    # timeouts (10 s and more); past the deadline nothing completes and the process exits.
+    lister = threading.Thread(target=_list_names, args=(session, prefix, names), daemon=True)
+    lister.start()
+    lister.join(COMPLETION_SECONDS)
+    if lister.is_alive():
+        return []
+    return [CompletionItem(name) for name in sorted(names) if name.startswith(incomplete)]
+
+
+def _list_names(session: Session, prefix: str, names: list[str]) -> None:
     try:
         if not _opens_without_asking(session):
-            return []  # not even tried: a failed unlock would be audited on every TAB
+            return  # not even tried: a failed unlock would be audited on every TAB
         with (
             contextlib.redirect_stderr(io.StringIO()),  # a warning would land in the command line
             session.secret_operation("complete", prefix or None) as (store, _),
         ):
-            names = [secret.name for secret in store.list(prefix)]
+            names.extend(secret.name for secret in store.list(prefix))
     except Exception:  # a store that cannot be opened without asking, or any other failure
-        return []
-    return [CompletionItem(name) for name in sorted(names) if name.startswith(incomplete)]
+        names.clear()
 
 
 def _opens_without_asking(session: Session) -> bool:
