@@ -115,3 +115,23 @@ def test_a_server_that_does_not_answer_holds_the_tab_for_at_most_a_few_seconds(t
     finally:
         hung.close()
         server.stop()
+
+
+def test_an_agent_key_that_no_longer_opens_the_store_audits_no_refused_unlock(
+    cli: AgentCli, tmp_path: Path
+) -> None:
+    """The agent holds a key under this store's name that does not open it (the store file was
+    replaced; its key expired between the check and the unlock): the completion gave up on it
+    and went on to the password, which it may not ask for, and each TAB was audited as a refused
+    unlock. Now nothing completes and nothing is audited."""
+    cli.start_agent()
+    code, out = cli.typed(PASSWORD.encode() + b"\r", "get", "auth/JWT_KEY")
+    assert code == 0, out
+    other = tmp_path / "other.db"
+    password = {"MASTER_PASSWORD": PASSWORD}
+    assert cli("--store", str(other), "init", "--kdf-profile", "test", env=password).code == 0
+    other.replace(cli.store)  # another store, another header, under the name the agent knows
+    records = len(cli.audit())
+    assert offered(complete(cli, "secrets-manager get auth/")) == []
+    assert offered(complete(cli, "secrets-manager get auth/")) == []
+    assert cli.audit()[records:] == []

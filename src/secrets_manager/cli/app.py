@@ -226,6 +226,11 @@ PASSWORD_CHANGES = {
 }
 
 
+class PasswordNotAsked(UnlockError):
+    """The password would be asked at the terminal, and this session may not (a shell
+    completion): nobody typed a wrong one, so it is not audited as a refused unlock."""
+
+
 @dataclass
 class Session:
     """Options every command shares, resolved once per invocation."""
@@ -235,7 +240,7 @@ class Session:
     audit_file: str | None
     environ: Mapping[str, str]
     server: str | None = None
-    prompts: bool = True  # False: a password that would be asked at the terminal is UnlockError
+    prompts: bool = True  # False: a password that would be asked at the terminal is PasswordNotAsked
 
     @functools.cached_property
     def environment(self) -> Environment:
@@ -250,7 +255,7 @@ class Session:
 
     def password(self, *, confirm: bool = False) -> bytes:
         if not self.prompts and not self.password_from_file and PASSWORD_VARIABLE not in self.environ:
-            raise UnlockError("no master password without asking for it")
+            raise PasswordNotAsked("no master password without asking for it")
         return read_password(
             self.password_file, environment=self.environment, environ=self.environ, confirm=confirm
         )
@@ -460,6 +465,8 @@ class Session:
         except MissingCredentialsError:  # no token or keys: nothing reached the store, nothing to audit
             raise
         except UnlockKeyRefused:  # the agent had no key that opens it: no password was refused
+            raise
+        except PasswordNotAsked:  # a completion, which may not prompt: no password was refused
             raise
         except UnlockError as exc:
             self._audit_denied_unlock(exc)
