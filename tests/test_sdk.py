@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import queue
@@ -16,6 +17,8 @@ import sys
 import threading
 import time
 import traceback
+import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -1946,3 +1949,42 @@ def test_on_change_refuses_what_it_cannot_call(service_dir: Path) -> None:
             AsyncClient(client=client).on_change(lambda change: None)
     finally:
         client.close()
+
+
+def test_async_callbacks_of_a_closed_loop_are_dropped_and_async_callable_objects_are_awaited(
+    service_dir: Path, server: Server, make_client: ClientFactory
+) -> None:
+    """One Client, used by AsyncClients in several `asyncio.run`s: the subscription of a loop
+    that has closed kept that loop (and everything its callback holds) alive for the client's
+    life, one per run. An object whose `__call__` is a coroutine function was called as a plain
+    function: its coroutine was never awaited (a RuntimeWarning) and it never ran."""
+    client = make_client("auth", [server.address])
+    client.get("auth/JWT_KEY")
+    ran: list[str] = []
+
+    class Handler:
+        async def __call__(self, change: SecretChanged) -> None:
+            ran.append(change.name)
+            told.set()
+
+    told = threading.Event()
+    loops: list[weakref.ref[asyncio.AbstractEventLoop]] = []
+
+    async def subscribe() -> None:
+        loops.append(weakref.ref(asyncio.get_running_loop()))
+        AsyncClient(client=client).on_change(lambda change: None)
+
+    asyncio.run(subscribe())  # its loop closes at once
+
+    async def handled() -> None:
+        AsyncClient(client=client).on_change(Handler())
+        writer = make_client("writer", [server.address])
+        await asyncio.to_thread(writer.put, "auth/JWT_KEY", b"jwt-key-ROTATED")
+        await asyncio.to_thread(told.wait, 10)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        asyncio.run(handled())
+    assert ran == ["auth/JWT_KEY"]
+    gc.collect()
+    assert loops[0]() is None, "the closed loop is still referenced by its subscription"

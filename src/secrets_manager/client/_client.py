@@ -1635,6 +1635,27 @@ class Client:
         self._store_secret(secret, started, notify=True)
 
 
+def _call_in_loop(
+    callback: Callable[[SecretChanged], object], change: SecretChanged, running: set[Any]
+) -> None:
+    """In AsyncClient.on_change's loop: the callback; what it returns, if awaitable (a coroutine
+    function, or an object whose `__call__` is one), as a task of the loop."""
+    try:
+        result = callback(change)
+    except Exception:  # the application's own error: said, as for the Client's callbacks
+        log.exception(
+            "an on_change callback (%s) failed for %s",
+            getattr(callback, "__qualname__", type(callback).__name__),
+            change.name,
+        )
+        return
+    if inspect.isawaitable(result):
+        task = asyncio.ensure_future(result)
+        running.add(task)
+        task.add_done_callback(running.discard)
+        task.add_done_callback(partial(_said_if_failed, callback, change.name))
+
+
 def _said_if_failed(callback: object, name: str, done: Any) -> None:
     """A coroutine callback of AsyncClient.on_change that raised: logged, as the sync ones are."""
     if not done.cancelled() and done.exception() is not None:
@@ -1813,7 +1834,9 @@ class AsyncClient:
         self, callback: Callable[[SecretChanged], Awaitable[object] | object], prefix: str = ""
     ) -> Subscription:
         """See `Client.on_change`. Called from the event loop, whose thread runs the callback: a
-        coroutine function as a task of that loop, a plain function as a loop callback."""
+        callback called in that loop, what it returns, if awaitable (a coroutine function, or an
+        object whose `__call__` is one), as a task of the loop. Once the loop has closed the
+        subscription cancels itself (at the next change), so it does not keep the loop alive."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -1824,16 +1847,18 @@ class AsyncClient:
         if not callable(callback):
             raise InvalidInputError(f"callback must be callable, not {type(callback).__name__}")
 
-        def in_the_loop(change: SecretChanged) -> None:
-            if loop.is_closed():
-                return
-            if inspect.iscoroutinefunction(callback):
-                task = asyncio.run_coroutine_threadsafe(callback(change), loop)
-                task.add_done_callback(partial(_said_if_failed, callback, change.name))
-            else:
-                loop.call_soon_threadsafe(callback, change)
+        running: set[asyncio.Future[Any]] = set()  # its tasks, referenced until done
+        subscription: Subscription | None = None
 
-        return self._client.on_change(in_the_loop, prefix)
+        def in_the_loop(change: SecretChanged) -> None:
+            try:
+                loop.call_soon_threadsafe(_call_in_loop, callback, change, running)
+            except RuntimeError:  # the loop has closed: nothing runs there again, nor is it kept
+                if subscription is not None:
+                    subscription.cancel()
+
+        subscription = self._client.on_change(in_the_loop, prefix)
+        return subscription
 
     async def close(self) -> None:
         await _in_thread(self._client.close)
