@@ -76,7 +76,7 @@ def test_local_changes_under_the_prefix_are_printed_as_they_happen(ready: Cli) -
     assert code == 0 and "Traceback" not in stderr and KNOWN_VALUE not in stderr
     log = (ready.store.parent / "store.audit.jsonl").read_text()
     watches = [json.loads(line) for line in log.splitlines() if '"operation":"watch"' in line]
-    assert len(watches) == 1 and watches[0]["outcome"] == "ok"
+    assert len(watches) == 1 and (watches[0]["outcome"], watches[0]["name"]) == ("ok", "app/")
 
 
 def test_plain_lines_and_ctrl_c_ends_it_with_exit_0(ready: Cli) -> None:

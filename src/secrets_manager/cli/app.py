@@ -666,11 +666,11 @@ class Session:
     @contextmanager
     def held_secret_store(
         self, operation: str
-    ) -> Iterator[tuple[SecretStore, Callable[[], AbstractContextManager[Note]]]]:
+    ) -> Iterator[tuple[SecretStore, Callable[..., AbstractContextManager[Note]]]]:
         """A store held open for a command that reads it more than once over a long time (`run
         --restart-on-change`): each `with audited() as note:` is one audited read operation of its
-        own (its own request id; the unlock is recorded with the first). Remotely the service
-        audits; `note` is then a no-op."""
+        own (its own request id; the unlock is recorded with the first; `audited(name)` records the
+        name or prefix it is about). Remotely the service audits; `note` is then a no-op."""
         if self.server:
             # The SDK's channel options: its keepalive notices a service that hangs (its watch
             # stream would otherwise wait, silent, for good) and a lost connection is tried again
@@ -679,7 +679,7 @@ class Session:
 
             remote = self.remote_store(CHANNEL_OPTIONS)
             try:
-                yield remote, lambda: nullcontext(Note())
+                yield remote, lambda name=None: nullcontext(Note())
             finally:
                 remote.close()
             return
@@ -688,11 +688,11 @@ class Session:
         unrecorded_unlock = [self.needs_password]
 
         @contextmanager
-        def audited() -> Iterator[Note]:
+        def audited(name: str | None = None) -> Iterator[Note]:
             reads: list[AuditEvent] = []
             unlocked, unrecorded_unlock[0] = unrecorded_unlock[0], False
             with self._audited_on(
-                store, audit, operation, None, mutating=False, reads=reads, unlocked=unlocked
+                store, audit, operation, name, mutating=False, reads=reads, unlocked=unlocked
             ) as event:
                 yield Note(event, store, reads)
 

@@ -51,7 +51,7 @@ def watch_command(session: Session, prefix: str, as_json: bool) -> None:
 def _watch(session: Session, prefix: str, as_json: bool) -> None:
     with session.held_secret_store("watch") as (store, audited):
         source: ChangeSource = WatchSource(store, prefix) if is_remote_store(store) else FeedSource(store)
-        with audited():
+        with audited(prefix or None):  # as the service records a Watch: its prefix
             pass  # the watch itself, recorded (with the unlock) once it is live
         click.echo(f"watching {prefix or 'every secret'}; Ctrl-C ends", err=True)
 
