@@ -11,15 +11,22 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
 import pytest
 
 from secrets_manager.client import RemoteStore
-from service_fixtures import SCRIPT, make_pki, make_store, start_server, tls_files
+from service_fixtures import SCRIPT, SEED, make_pki, make_store, start_server, tls_files
 from test_cli import KNOWN_VALUE, Cli, assert_one_line_error
 from test_run_restart import store_in_served_store, through_service
+from test_serve_external_stores import (  # noqa: F401 (fixtures)
+    Backend,
+    make_backend,
+    serve,
+    service_dir,
+)
 
 
 class Watching:
@@ -159,3 +166,22 @@ def test_sigterm_before_the_watch_is_live_ends_it_with_exit_0(ready: Cli, tmp_pa
             process.kill()
         assert process.stderr is not None and process.stdout is not None
         assert (signum, code, process.stderr.read(), process.stdout.read()) == (signum, 0, b"", b"")
+
+
+def test_a_service_that_refuses_watch_is_said_in_watchs_own_words(
+    make_backend: Callable[[str], Backend],  # noqa: F811
+    service_dir: Path,  # noqa: F811
+) -> None:
+    """Watch turned off on the service (watch_poll_seconds = 0): one line, exit 2, about `watch`;
+    it was run's message ('--restart-on-change needs …; nothing was run. Run the program
+    without --restart-on-change')."""
+    backend = make_backend("aws")
+    backend.seed(SEED)
+    server = serve(service_dir, backend, "watch_poll_seconds = 0\n")
+    try:
+        refused = server.cli("auth", "watch", "auth/")
+    finally:
+        server.stop()
+    said = refused.stderr.decode()
+    assert refused.returncode == 2 and len(said.strip().splitlines()) == 1, said
+    assert "watch needs the service's Watch stream" in said and "restart-on-change" not in said, said

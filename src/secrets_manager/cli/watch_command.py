@@ -22,6 +22,8 @@ import click
 from secrets_manager.cli.app import Session, cli, is_remote_store, pass_session
 from secrets_manager.cli.output import print_json, timestamp
 from secrets_manager.cli.run_supervisor import ChangeSource, FeedSource, WatchSource
+from secrets_manager.errors import InvalidInputError, WatchUnsupportedError
+from secrets_manager.store import SecretStore
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.store.names import validate_prefix
 
@@ -50,7 +52,7 @@ def watch_command(session: Session, prefix: str, as_json: bool) -> None:
 
 def _watch(session: Session, prefix: str, as_json: bool) -> None:
     with session.held_secret_store("watch") as (store, audited):
-        source: ChangeSource = WatchSource(store, prefix) if is_remote_store(store) else FeedSource(store)
+        source = _source(store, prefix)
         with audited(prefix or None):  # as the service records a Watch: its prefix
             pass  # the watch itself, recorded (with the unlock) once it is live
         click.echo(f"watching {prefix or 'every secret'}; Ctrl-C ends", err=True)
@@ -80,6 +82,26 @@ def _watch(session: Session, prefix: str, as_json: bool) -> None:
             follower.join(timeout=5)
         if failed:
             raise failed[0]
+
+
+def _source(store: SecretStore, prefix: str) -> ChangeSource:
+    """Where the changes come from, with watch's own words where there are none (the sources are
+    run --restart-on-change's, whose errors speak of it)."""
+    if is_remote_store(store):
+        try:
+            return WatchSource(store, prefix)
+        except WatchUnsupportedError:
+            raise WatchUnsupportedError(
+                f"watch needs the service's Watch stream, and {store.address} does not offer it (its "
+                "store has no change feed, or watch_poll_seconds = 0 turned it off); ask for Watch to "
+                "be on, or read the secrets again when you need them"
+            ) from None
+    try:
+        return FeedSource(store)
+    except InvalidInputError:
+        raise InvalidInputError(
+            "watch: this store cannot tell when its secrets change; read them again when you need them"
+        ) from None
 
 
 def _print(change: SecretChange, as_json: bool) -> None:
