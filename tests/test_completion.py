@@ -135,3 +135,18 @@ def test_an_agent_key_that_no_longer_opens_the_store_audits_no_refused_unlock(
     assert offered(complete(cli, "secrets-manager get auth/")) == []
     assert offered(complete(cli, "secrets-manager get auth/")) == []
     assert cli.audit()[records:] == []
+
+
+def test_a_password_file_that_cannot_be_read_audits_no_refused_unlock_per_tab(
+    cli: AgentCli, tmp_path: Path
+) -> None:
+    """MASTER_PASSWORD_FILE naming a file that is not there, or is empty: no password was tried,
+    yet each TAB was audited as a refused unlock. Now nothing completes and nothing is audited
+    (the command itself still reports and audits it)."""
+    empty = tmp_path / "empty-password"
+    empty.write_text("")
+    empty.chmod(0o600)
+    records = len(cli.audit())
+    for path in (tmp_path / "no-such-file", empty):
+        assert offered(complete(cli, "secrets-manager get auth/", {"MASTER_PASSWORD_FILE": str(path)})) == []
+    assert cli.audit()[records:] == []

@@ -228,7 +228,8 @@ PASSWORD_CHANGES = {
 
 class PasswordNotAsked(UnlockError):
     """The password would be asked at the terminal, and this session may not (a shell
-    completion): nobody typed a wrong one, so it is not audited as a refused unlock."""
+    completion), or its password file cannot be read: no password was tried, so it is not
+    audited as a refused unlock."""
 
 
 @dataclass
@@ -256,9 +257,16 @@ class Session:
     def password(self, *, confirm: bool = False) -> bytes:
         if not self.prompts and not self.password_from_file and PASSWORD_VARIABLE not in self.environ:
             raise PasswordNotAsked("no master password without asking for it")
-        return read_password(
-            self.password_file, environment=self.environment, environ=self.environ, confirm=confirm
-        )
+        try:
+            return read_password(
+                self.password_file, environment=self.environment, environ=self.environ, confirm=confirm
+            )
+        except UnlockError as exc:
+            if self.prompts:
+                raise
+            # A completion whose password file is missing, empty or unreadable: no password was
+            # tried, and a refused unlock audited on every TAB says nothing the command would not
+            raise PasswordNotAsked(str(exc)) from None
 
     @property
     def password_from_file(self) -> bool:
