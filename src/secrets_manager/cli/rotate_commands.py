@@ -364,7 +364,7 @@ TERMINATING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 @contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
+def terminate_as_interrupt(signals: tuple[signal.Signals, ...] = TERMINATING_SIGNALS) -> Iterator[None]:
     """SIGTERM and SIGHUP (timeout, systemd stop, cron's kill, a closed terminal) end a rotation
     as Ctrl-C does: their handler raises Terminated, a KeyboardInterrupt, so the running set or
     test command's process group is ended (it runs in a session of its own, which these signals
@@ -374,7 +374,7 @@ def terminate_as_interrupt() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():  # handlers belong to the main thread
         yield
         return
-    previous = {signum: signal.getsignal(signum) for signum in TERMINATING_SIGNALS}
+    previous = {signum: signal.getsignal(signum) for signum in signals}
 
     def interrupt(signum: int, frame: FrameType | None) -> None:
         for other in previous:  # the interrupt is under way: a second signal must not cut it short

@@ -9,20 +9,18 @@ shows only what the caller may read and moves to another replica if its own goes
 
 from __future__ import annotations
 
-import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime
-from types import FrameType
 
 import click
 
 from secrets_manager.cli.app import Session, cli, is_remote_store, pass_session
 from secrets_manager.cli.output import print_json, timestamp
+from secrets_manager.cli.rotate_commands import terminate_as_interrupt
 from secrets_manager.cli.run_supervisor import ChangeSource, FeedSource, WatchSource
-from secrets_manager.errors import InvalidInputError, WatchUnsupportedError
+from secrets_manager.errors import InvalidInputError, Terminated, WatchUnsupportedError
 from secrets_manager.store import SecretStore
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.store.names import validate_prefix
@@ -44,9 +42,11 @@ def watch_command(session: Session, prefix: str, as_json: bool) -> None:
     value) until interrupted (Ctrl-C, SIGTERM: exit 0): for scripts that act on a rotation."""
     validate_prefix(prefix)
     try:
-        with _until_interrupted():  # from the start: a store slow to open is no exception
+        # From the start: a store slow to open is no exception. (Left to their default action,
+        # SIGTERM ended the process with 143 and Ctrl-C with 130.)
+        with terminate_as_interrupt((signal.SIGINT, signal.SIGTERM)):
             _watch(session, prefix, as_json)
-    except _Stopped:
+    except Terminated:
         return  # SIGINT or SIGTERM, before or after the stream is live: exit 0, quietly
 
 
@@ -115,30 +115,3 @@ def _print(change: SecretChange, as_json: bool) -> None:
         version = f" version {change.version}" if change.version else ""
         click.echo(f"{now}  {WHAT_HAPPENED[change.kind]}  {change.name}{version}".rstrip())
     sys.stdout.flush()  # a pipe to a script: each line as it happens
-
-
-class _Stopped(KeyboardInterrupt):
-    """SIGINT or SIGTERM: the watch ends, exit 0."""
-
-
-@contextlib.contextmanager
-def _until_interrupted() -> Iterator[None]:
-    """SIGINT and SIGTERM raise _Stopped in the main thread, from before the store is opened (a
-    signal then ended the process by its default action, exit 143, or with Ctrl-C's exit 130)
-    until the watch is over (one ignored when we started stays so); a second signal while the
-    first is acted on is ignored."""
-    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-
-    def stop(signum: int, frame: FrameType | None) -> None:
-        for other in previous:
-            signal.signal(other, signal.SIG_IGN)
-        raise _Stopped
-
-    for signum, handler in previous.items():
-        if handler is not signal.SIG_IGN:  # ignored when we started (`nohup`, `&` in a script): still
-            signal.signal(signum, stop)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
