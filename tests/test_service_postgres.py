@@ -514,13 +514,12 @@ def test_sigterm_ends_the_service_in_bounded_time_while_its_database_stops_answe
     assert [(r["operation"], r["outcome"]) for r in records][-1] == ("get", "ok")  # written
 
 
-def test_with_several_addresses_a_cli_read_on_a_replica_whose_database_went_silent_is_answered_by_another(
-    tmp_path: Path, postgres_cluster: Any
-) -> None:
-    """`get --server A,B` just after A's database stopped answering: A's health still says SERVING
-    (its probe gives the store 5 s), so the command picks A, whose read gets no answer. The read
-    then goes to B, which answers. Before, the command failed (exit 1, "did not answer GetSecret
-    within 10 s") with B healthy beside it."""
+def _two_replicas_the_first_one_silent(
+    tmp_path: Path, postgres_cluster: Any, *, now: bool = True
+) -> tuple[Any, Server, AnswersStop]:
+    """Two serve replicas on one PostgreSQL store, the first reaching it through a proxy that has
+    just stalled (its database silent, its health still SERVING for a few seconds); with
+    `now=False` the caller stalls it (`proxy.stalled.set()`) when it wants."""
     first, proxy = _serve_through_a_proxy_that_can_stall(tmp_path, postgres_cluster)
     url = next(
         line for line in (tmp_path / "server.toml").read_text().splitlines() if line.startswith("store")
@@ -533,6 +532,19 @@ def test_with_several_addresses_a_cli_read_on_a_replica_whose_database_went_sile
         environment=postgres_cluster.env(),
         settings='audit_file = "b.audit.jsonl"\n',
     )
+    if now:
+        proxy.stalled.set()
+    return first, second, proxy
+
+
+def test_with_several_addresses_a_cli_read_on_a_replica_whose_database_went_silent_is_answered_by_another(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """`get --server A,B` just after A's database stopped answering: A's health still says SERVING
+    (its probe gives the store 5 s), so the command picks A, whose read gets no answer. The read
+    then goes to B, which answers. Before, the command failed (exit 1, "did not answer GetSecret
+    within 10 s") with B healthy beside it."""
+    first, second, proxy = _two_replicas_the_first_one_silent(tmp_path, postgres_cluster, now=False)
     both = {"SECRETS_MANAGER_ADDR": f"{first.address},{second.address}"}
     try:
         assert first.cli("auth", "get", "auth/JWT_KEY", env=both).stdout == SEED["auth/JWT_KEY"] + b"\n"
@@ -558,18 +570,7 @@ def test_run_restart_on_change_with_several_addresses_moves_off_a_replica_whose_
     the new value, read through B. Before, run reopened its stream on A for good."""
     from test_run_restart import Run, through_service
 
-    first, proxy = _serve_through_a_proxy_that_can_stall(tmp_path, postgres_cluster)
-    url = next(
-        line for line in (tmp_path / "server.toml").read_text().splitlines() if line.startswith("store")
-    )
-    direct = url.split('"')[1].replace(f":{proxy.port}/", f":{postgres_cluster.port}/")
-    second = start_server(
-        tmp_path,
-        "second",
-        store=direct,
-        environment=postgres_cluster.env(),
-        settings='audit_file = "b.audit.jsonl"\n',
-    )
+    first, second, proxy = _two_replicas_the_first_one_silent(tmp_path, postgres_cluster, now=False)
     run = Run(tmp_path, through_service(tmp_path, f"{first.address},{second.address}"), "--service", "auth")
     try:
         run.wait_for_starts(1)
@@ -585,27 +586,6 @@ def test_run_restart_on_change_with_several_addresses_moves_off_a_replica_whose_
         first.kill()
         second.stop()
         proxy.close()
-
-
-def _two_replicas_the_first_one_silent(
-    tmp_path: Path, postgres_cluster: Any
-) -> tuple[Any, Server, AnswersStop]:
-    """Two serve replicas on one PostgreSQL store, the first reaching it through a proxy that has
-    just stalled (its database silent, its health still SERVING for a few seconds)."""
-    first, proxy = _serve_through_a_proxy_that_can_stall(tmp_path, postgres_cluster)
-    url = next(
-        line for line in (tmp_path / "server.toml").read_text().splitlines() if line.startswith("store")
-    )
-    direct = url.split('"')[1].replace(f":{proxy.port}/", f":{postgres_cluster.port}/")
-    second = start_server(
-        tmp_path,
-        "second",
-        store=direct,
-        environment=postgres_cluster.env(),
-        settings='audit_file = "b.audit.jsonl"\n',
-    )
-    proxy.stalled.set()
-    return first, second, proxy
 
 
 def test_run_restart_on_change_with_several_addresses_starts_while_a_replicas_database_is_silent(
