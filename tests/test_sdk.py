@@ -1887,6 +1887,23 @@ def test_a_change_is_told_after_its_value_is_cached_and_first_reads_are_not(
     assert heard.empty(), heard.get_nowait()  # nothing else: the first reads were not changes
 
 
+def test_a_change_a_read_finds_first_is_told_too_once(server: Server, make_client: ClientFactory) -> None:
+    """The client's own put, read back at once: the read cached the new version before the watch
+    event's refresh came, which then found nothing new, so no callback ever heard of it."""
+    client = make_client("writer", [server.address])
+    assert client.get("auth/JWT_KEY").version == 1
+    heard = listening(client)
+    time.sleep(1.0)  # the watch stream is up
+    version = client.put("auth/JWT_KEY", b"written-and-read-back-SEEKRIT")
+    assert client.get("auth/JWT_KEY").value.reveal() == b"written-and-read-back-SEEKRIT"
+    assert heard.get(timeout=10) == (
+        SecretChanged("auth/JWT_KEY", version, 1),
+        b"written-and-read-back-SEEKRIT",
+    )
+    time.sleep(1.0)
+    assert heard.empty(), heard.get_nowait()  # once, not again when the refresh comes
+
+
 def test_a_failing_callback_is_logged_the_others_run_and_cancel_stops_one(
     make_client: ClientFactory, server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:

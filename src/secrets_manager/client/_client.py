@@ -1269,11 +1269,13 @@ class Client:
     # ---- cache writes ----------------------------------------------------------------------------
 
     def _store_all(
-        self, secrets: Sequence[Secret], started: float, key: str, *, notify: bool = False
+        self, secrets: Sequence[Secret], started: float, key: str, *, refresh: bool = False
     ) -> None:
         """A fresh listing `key`: every readable secret under its prefix, replacing the old listing
         in one swap. Other listings learn of the names it found and lost under their prefixes.
-        `notify`: a refresh (not the first read): on_change callbacks hear what differs."""
+        on_change callbacks hear what differs from what was cached (a read after the client's own
+        put, or after a TTL, included); `refresh` (the refresher's, not a read's): also the names
+        new to the client, which a first read's are not."""
         by_name = {secret.name: secret for secret in secrets}
         LIVE_VALUES.remember(*(secret.value for secret in secrets))
         with self._write_lock:
@@ -1298,8 +1300,12 @@ class Client:
             # cached: listed, yet with no value to serve. Fetched again at once.
             refetch = [name for name in by_name if name not in self._secrets.entries()]
             after = self._secrets.entries()
-        if notify and self._notifier.listening:
-            changed = [_changed(name, before.get(name), by_name[name]) for name in stored]
+        if self._notifier.listening:
+            changed = [
+                _changed(name, before.get(name), by_name[name])
+                for name in stored
+                if refresh or name in before
+            ]
             changed += [
                 _changed(name, before[name], None) for name in gone if name in before and name not in after
             ]
@@ -1308,7 +1314,8 @@ class Client:
             self._queue.schedule(name)
         self._settle(key, started)
 
-    def _store_secret(self, secret: Secret, started: float, *, notify: bool = False) -> None:
+    def _store_secret(self, secret: Secret, started: float, *, refresh: bool = False) -> None:
+        """Cache a fetched `secret`; on_change as for `_store_all`."""
         LIVE_VALUES.remember(secret.value)
         change = None
         with self._write_lock:
@@ -1317,7 +1324,7 @@ class Client:
                 for key, listing in list(self._listing.entries().items()):
                     if secret.name.startswith(key) and secret.name not in listing.value:
                         self._listing.replace_value(key, listing.value | {secret.name})
-                change = _changed(secret.name, before, secret) if notify else None
+                change = _changed(secret.name, before, secret) if refresh or before is not None else None
             self._paid({secret.name}, started)
         if change is not None:
             self._notifier.publish([change])
@@ -1617,7 +1624,7 @@ class Client:
             log.debug("refresh of %s failed: %s", _what(key), exc)
             self._owe(key, started, exc)
             return False
-        self._store_all(secrets, started, key, notify=True)
+        self._store_all(secrets, started, key, refresh=True)
         return True
 
     def _refresh(self, name: str) -> None:
@@ -1632,7 +1639,7 @@ class Client:
             self._secrets.expire(name)
             self._owe(name, started, exc)  # served stale until a retry succeeds
             return
-        self._store_secret(secret, started, notify=True)
+        self._store_secret(secret, started, refresh=True)
 
 
 def _call_in_loop(
