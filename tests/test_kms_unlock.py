@@ -134,6 +134,16 @@ def test_a_kms_store_opens_with_aws_credentials_and_no_password(cli: Cli, key_ar
     assert cli("audit", "verify").returncode == 0
 
 
+def test_names_complete_on_a_kms_store_which_asks_no_password(cli: Cli) -> None:
+    completion = {
+        "_SECRETS_MANAGER_COMPLETE": "bash_complete",
+        "COMP_WORDS": "secrets-manager get bin",
+        "COMP_CWORD": "2",
+    }
+    offered = cli(env=completion)
+    assert (offered.returncode, offered.stdout, offered.stderr) == (0, b"plain,binance/API_KEY\n", b"")
+
+
 def test_init_takes_an_alias_and_records_the_keys_arn(tmp_path: Path, moto_endpoint: str, kms: Any) -> None:
     key = kms.create_key()["KeyMetadata"]
     kms.create_alias(AliasName="alias/secrets-manager-test", TargetKeyId=key["KeyId"])

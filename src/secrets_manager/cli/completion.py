@@ -17,9 +17,6 @@ from typing import TYPE_CHECKING
 import click
 from click.shell_completion import CompletionItem
 
-from secrets_manager.agent import AgentClient
-from secrets_manager.environment import PASSWORD_VARIABLE
-
 COMPLETION_SECONDS = 3.0  # a TAB that waits longer for the store completes nothing
 
 if TYPE_CHECKING:
@@ -55,26 +52,10 @@ def complete_secret_names(
 
 def _list_names(session: Session, prefix: str, names: list[str]) -> None:
     try:
-        if not _opens_without_asking(session):
-            return  # not even tried: a failed unlock would be audited on every TAB
         with (
             contextlib.redirect_stderr(io.StringIO()),  # a warning would land in the command line
             session.secret_operation("complete", prefix or None) as (store, _),
         ):
             names.extend(secret.name for secret in store.list(prefix))
-    except Exception:  # a store that cannot be opened without asking, or any other failure
-        names.clear()
-
-
-def _opens_without_asking(session: Session) -> bool:
-    """Whether the store opens with no prompt: a service, a Vault or AWS store, a password file or
-    variable, or (outside production, where commands do not use it) an agent holding its key."""
-    if session.server or not session.needs_password or session.password_from_file:
-        return True
-    if PASSWORD_VARIABLE in session.environ:
-        return True
-    if session.environment.is_production:
-        return False
-    held = AgentClient.for_user(session.environ).request({"op": "status"})["keys"]
-    store = session.agent_store_name()
-    return any(entry.get("store") == store and entry.get("expires_in", 0) > 0 for entry in held)
+    except Exception:  # a store that cannot be opened without asking (PasswordNotAsked: tried,
+        names.clear()  # but no password refused, so nothing audited), or any other failure
