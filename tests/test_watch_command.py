@@ -20,7 +20,7 @@ import pytest
 from secrets_manager.client import RemoteStore
 from service_fixtures import SCRIPT, SEED, make_pki, make_store, start_server, tls_files
 from test_cli import KNOWN_VALUE, Cli, assert_one_line_error
-from test_run_restart import store_in_served_store, through_service
+from test_run_restart import _dispositions, store_in_served_store, through_service
 from test_serve_external_stores import (  # noqa: F401 (fixtures)
     Backend,
     make_backend,
@@ -29,12 +29,24 @@ from test_serve_external_stores import (  # noqa: F401 (fixtures)
 )
 
 
+def signals_at_their_defaults() -> None:
+    """In the new watch process: SIGINT and SIGTERM at their defaults, as a shell at a terminal
+    starts a command. A suite started in the background (`cmd &`, as CI may be) inherits SIGINT
+    ignored, and watch keeps a signal ignored at its start ignored (as nohup means it)."""
+    _dispositions(())
+
+
 class Watching:
     """A `watch` process: its stdout lines as they come."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
         self.process = subprocess.Popen(
-            [str(SCRIPT), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            [str(SCRIPT), *args],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            preexec_fn=signals_at_their_defaults,
         )
         self.lines: queue.Queue[str] = queue.Queue()
         assert self.process.stdout is not None and self.process.stderr is not None
@@ -155,7 +167,11 @@ def test_sigterm_before_the_watch_is_live_ends_it_with_exit_0(ready: Cli, tmp_pa
     env.pop("MASTER_PASSWORD")
     for signum in (signal.SIGTERM, signal.SIGINT):
         process = subprocess.Popen(
-            [str(SCRIPT), "watch"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            [str(SCRIPT), "watch"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=signals_at_their_defaults,
         )
         try:
             time.sleep(3)  # started, and waiting on the FIFO
