@@ -62,6 +62,7 @@ from secrets_manager.wire import (
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 FAILOVER_HEALTH_CHECK_SECONDS = 3.0  # per replica, before a read that got no answer is sent there
+ENDED_WAIT_SECONDS = 1.0  # a Watch call whose initial metadata named no revision: has it ended?
 HEALTH_POLL_SECONDS = 1.0  # a read unanswered this long (several replicas) checks its replica's health
 PAGE_SIZE = 100  # secrets per BatchGetSecrets / ListSecrets page (AWS ListSecrets' maximum)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Secrets"].full_name
@@ -673,11 +674,20 @@ class ChangeStream:
                     self.revision = max(self.revision or 0, self._start)
                 elif key == WATCH_HISTORY_KEY:
                     self.history = str(value)
-            if self._start is None and self._call.done() and not self._cancelled:
+            if self._start is None and not self._cancelled and self._ended_within(ENDED_WAIT_SECONDS):
+                # No revision: a service that does not send one (older), or a call the service
+                # ended (Watch refused), whose end can become visible a moment after its empty
+                # initial metadata; without this wait, a refusal under load looked like a live
+                # stream and surfaced only when it was read.
                 code = self._call.code()
                 if code is not grpc.StatusCode.OK:
                     raise self._error(code, self._call.details())
         return self._start
+
+    def _ended_within(self, seconds: float) -> bool:
+        ended = threading.Event()
+        self._call.add_done_callback(lambda call: ended.set())  # at once if it has ended
+        return ended.wait(seconds)
 
     def _wait_while_serving(self, serving: Callable[[], bool]) -> None:
         """Until the stream is live or has ended; StorageError (the stream cancelled) if, after
