@@ -77,6 +77,21 @@ def _dispositions(ignored: tuple[signal.Signals, ...]) -> None:
         signal.signal(signum, signal.SIG_IGN if signum in ignored else signal.SIG_DFL)
 
 
+class OneChange:
+    """A change source for a Supervisor: once `before()` returns, one RESYNC, then nothing."""
+
+    def __init__(self, before: Callable[[], object]) -> None:
+        self._before = before
+
+    def follow(self, changed: Callable[[Any], None], stop: Any) -> None:
+        self._before()
+        changed(RESYNC)
+        stop.wait()
+
+    def cancel(self) -> None:
+        pass
+
+
 class Run:
     """One `run --restart-on-change … -- python CHILD` in the background, and what its program logged."""
 
@@ -561,14 +576,7 @@ def test_a_ctrl_c_during_the_reading_after_a_change_is_not_followed_by_the_stop_
         "time.sleep(2); sys.exit(3)\n"
     )
 
-    class OneChange:
-        def follow(self, changed: Callable[[Any], None], stop: Any) -> None:
-            time.sleep(0.5)
-            changed(RESYNC)
-            stop.wait()
-
-        def cancel(self) -> None:
-            pass
+    one_change = OneChange(lambda: time.sleep(0.5))
 
     def read() -> dict[str, Any]:
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the secrets are read again
@@ -582,7 +590,7 @@ def test_a_ctrl_c_during_the_reading_after_a_change_is_not_followed_by_the_stop_
     # the supervisor would rightly keep ignored: caught here, as at a terminal.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        assert supervisor.run(OneChange()) == 3  # it ended on its own, after the one SIGINT
+        assert supervisor.run(one_change) == 3  # it ended on its own, after the one SIGINT
     finally:
         signal.signal(signal.SIGINT, previous)
     assert log.read_text().splitlines() == ["SIGINT"]
@@ -628,15 +636,7 @@ def test_a_restart_stops_the_whole_group_before_the_new_program_starts(
 ) -> None:
     pid_files = [tmp_path / "first.pid", tmp_path / "second.pid"]
 
-    class OneChange:
-        def follow(self, changed: Callable[[Any], None], stop: Any) -> None:
-            helper_pid(pid_files[0])
-            changed(RESYNC)
-            stop.wait()
-
-        def cancel(self) -> None:
-            pass
-
+    one_change = OneChange(lambda: helper_pid(pid_files[0]))
     helper_at_restart: list[bool] = []
 
     def environment(variables: dict[str, Any]) -> dict[bytes, bytes]:
@@ -658,7 +658,7 @@ def test_a_restart_stops_the_whole_group_before_the_new_program_starts(
         stop_timeout=1,
     )
     try:
-        assert supervisor.run(OneChange()) == 5  # the second program ends on its own
+        assert supervisor.run(one_change) == 5  # the second program ends on its own
         assert helper_at_restart == [False]  # the first one's helper was gone before it started
         assert not alive(helper_pid(pid_files[1]))
         assert "left in its process group did not end within 1 s of SIGTERM" in capsys.readouterr().err
@@ -834,15 +834,7 @@ def test_a_signal_ignored_by_whoever_started_run_stays_ignored_as_with_nohup(cli
 def test_a_stopped_program_is_continued_after_the_stop_signal_so_it_can_end(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    class OneChange:
-        def follow(self, changed: Callable[[Any], None], stop: Any) -> None:
-            time.sleep(1)  # the first program has stopped itself by now (SIGSTOP, as a debugger)
-            changed(RESYNC)
-            stop.wait()
-
-        def cancel(self) -> None:
-            pass
-
+    one_change = OneChange(lambda: time.sleep(1))  # the first program stops itself meanwhile (SIGSTOP)
     starts: list[float] = []
 
     def environment(variables: dict[str, Any]) -> dict[bytes, bytes]:
@@ -861,7 +853,7 @@ def test_a_stopped_program_is_continued_after_the_stop_signal_so_it_can_end(
     supervisor = Supervisor(
         launch, {}, lambda: new, lambda name: True, stop_signal=signal.SIGTERM, stop_timeout=20
     )
-    assert supervisor.run(OneChange()) == 4  # the second program's own status
+    assert supervisor.run(one_change) == 4  # the second program's own status
     assert starts[1] - starts[0] < 10  # the first ended at its SIGTERM, not killed 20 s later
     assert "killed (SIGKILL)" not in capsys.readouterr().err
 
