@@ -46,6 +46,7 @@ from secrets_manager.errors import (
 )
 from secrets_manager.service.watch import ChangeHub, Subscription
 from secrets_manager.storage import ABSENT, Delete, Entry, Put, Snapshotting, Storage
+from secrets_manager.storage import postgres as postgres_module
 from secrets_manager.storage.postgres import SCAN_PAGE, PostgresStorage
 from secrets_manager.storage.testing import STORAGE_CHECKS, check_storage
 from secrets_manager.store import EncryptedStore, PasswordUnlock, SecretStore, keys
@@ -1575,6 +1576,128 @@ def test_waiting_for_another_writer_is_not_cut_short_by_the_answer_timeout(place
         assert time.monotonic() - started >= 1.5
         holder.join()
         assert storage.get("k") == Entry(b"after", revision)
+    finally:
+        storage.close()
+
+
+@pytest.mark.parametrize("silent_from", [b"SET revision = revision + 1", b"INSERT INTO"])
+def test_a_writer_whose_answers_stop_mid_transaction_does_not_hold_the_store_s_lock_for_others(
+    place: Place, silent_from: bytes
+) -> None:
+    """A replica's connection goes silent once its commit holds the store's lock (the statement
+    that takes it, or a later one, reached the server; nothing comes back): the server ends that
+    idle transaction after 2 s, so another handle's commit lands instead of failing with "another
+    writer held the store's lock". Before, the server kept the transaction until it noticed the
+    connection gone (hours by TCP keepalive); and the rows were written by executemany, whose
+    pipeline left the server waiting outside the idle limit's reach even with one set."""
+    direct = place.open(create=True)
+    proxy = AnswersStop(place.cluster.port, silent_from)
+    stalled = PostgresStorage(_through(proxy, place.cluster), schema=place.schema, answer_timeout=1)
+    failed: list[BaseException] = []
+
+    def write_through_the_proxy() -> None:
+        try:
+            stalled.commit([Put("k", b"never")], lock_wait=1)
+        except StorageError as exc:
+            failed.append(exc)
+
+    writer = threading.Thread(target=write_through_the_proxy)
+    try:
+        writer.start()
+        assert proxy.stalled.wait(10)
+        time.sleep(0.2)  # the bump has run: its row lock is held
+        started = time.monotonic()
+        revision = direct.commit([Put("k", b"landed")], lock_wait=10)
+        took = time.monotonic() - started
+        writer.join(10)
+        assert direct.get("k") == Entry(b"landed", revision)
+        assert took < 4, f"waited {took:.1f} s for the silent writer's lock"
+        assert len(failed) == 1 and "no answer from the server within" in str(failed[0])
+    finally:
+        writer.join(10)
+        stalled.close()
+        proxy.close()
+        direct.close()
+
+
+@pytest.mark.parametrize("pause_before", ["the bump", "COMMIT"])
+def test_a_commit_whose_own_process_paused_mid_transaction_is_made_once_on_a_new_connection(
+    place: Place, monkeypatch: pytest.MonkeyPatch, pause_before: str
+) -> None:
+    """This process itself pauses inside a write transaction (CPU starved, swapped out) past the
+    server's idle limit: the server rolls the transaction back and ends the session, whether the
+    pause came before a statement or before COMMIT. That is no unknown outcome: the commit is made
+    once more on a new connection, and lands once."""
+    monkeypatch.setattr(postgres_module, "STALLED_TRANSACTION_TIMEOUT_MS", 100)
+    storage = place.open(create=True)
+    storage.put("k", b"before")
+    paused: list[str] = []
+    execute = psycopg.Cursor.execute
+
+    def pausing_execute(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        text = query.as_string(cursor.connection) if isinstance(query, sql.Composable) else str(query)
+        if pause_before == "the bump" and "revision = revision + 1" in text and not paused:
+            paused.append(text)
+            time.sleep(0.5)
+        result = execute(cursor, query, *args, **kwargs)
+        if pause_before == "COMMIT" and "pg_notify" in text and not paused:  # the last before COMMIT
+            paused.append(text)
+            time.sleep(0.5)
+        return result
+
+    opened = []
+    open_connection = PostgresStorage._open_connection
+
+    def counted_open(storage: PostgresStorage) -> Any:
+        opened.append(1)
+        return open_connection(storage)
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", pausing_execute)
+    monkeypatch.setattr(PostgresStorage, "_open_connection", counted_open)
+    try:
+        before = storage.change_head()
+        revision = storage.put("k", b"after")
+        assert paused, "the pause was never made"
+        assert len(opened) == 1, "the server did not end the paused transaction's session"
+        assert storage.get("k") == Entry(b"after", revision)
+        changes = storage.changes_since(before).changes
+        assert [(c.key, c.revision) for c in changes] == [("k", revision)]
+    finally:
+        storage.close()
+
+
+def test_a_snapshot_may_pause_past_the_write_transactions_idle_limit(
+    place: Place, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reader holds no lock a writer waits for and may pause between pages (a backup piped to a
+    pager): its snapshot keeps the session's own idle limit, not the writers' short one."""
+    monkeypatch.setattr(postgres_module, "STALLED_TRANSACTION_TIMEOUT_MS", 100)
+    storage = place.open(create=True)
+    try:
+        revision = storage.put("k", b"value")
+        with storage.snapshot() as snapshot:
+            time.sleep(0.5)
+            assert snapshot.get("k") == Entry(b"value", revision)
+    finally:
+        storage.close()
+
+
+def test_a_shorter_idle_limit_set_for_the_session_is_kept(place: Place) -> None:
+    conninfo = f"{place.conninfo}?options=-c%20idle_in_transaction_session_timeout%3D500"
+    storage = PostgresStorage(conninfo, schema=place.schema, create=True)
+    try:
+        shown = storage._read(
+            lambda conn: conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()
+        )
+        assert shown == ("500ms",)
+    finally:
+        storage.close()
+    storage = place.open()
+    try:
+        shown = storage._read(
+            lambda conn: conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()
+        )
+        assert shown == ("2s",)
     finally:
         storage.close()
 

@@ -82,6 +82,14 @@ APPLICATION = "secrets-manager"
 DEFAULT_SCHEMA = "secrets_manager"
 CHANGE_LOG_RETAINED = 100_000  # revisions of change history kept for watchers (as SqliteStorage)
 LOCK_TIMEOUT_MS = 30_000  # how long a commit waits for another writer (SqliteStorage's busy timeout)
+# How long the server lets one of our write transactions sit between statements before it ends the
+# session (idle_in_transaction_session_timeout). Ours run their statements back to back (a few ms),
+# so a transaction idle this long has lost its client: a process stopped, a proxy or network path
+# that swallows the traffic. Without it the server keeps that transaction, and the store's lock it
+# holds, until it notices the connection is gone (TCP keepalive: hours by default), and every other
+# writer (another replica, the CLI) fails with "another writer held the store's lock". Shorter than
+# any writer's wait for that lock (an audit anchor's is ~5 s). A shorter one set for the role stays.
+STALLED_TRANSACTION_TIMEOUT_MS = 2_000
 CONNECT_TIMEOUT_S = 10  # unless the connection string or PGCONNECT_TIMEOUT says otherwise
 # How long we wait for the server's answer to one round trip (a statement, BEGIN, COMMIT, a page
 # of a scan) before the connection is shut down and the call fails: a server that was stopped, a
@@ -111,6 +119,7 @@ class _Connection(psycopg.Connection[tuple[Any, ...]]):
     answer_timeout: float = ANSWER_TIMEOUT_S
     lock_wait: float = 0.0
     expired_after: float | None = None
+    idle_timeout_ms = 0  # the session's idle_in_transaction_session_timeout before we lowered it
 
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
         armed = WATCHDOG.arm(self, self.answer_timeout + self.lock_wait)
@@ -258,7 +267,8 @@ class PostgresStorage:
         conn = self._open_connection()
         try:
             row = conn.execute(
-                "SELECT current_setting('server_encoding'), pg_postmaster_start_time()"
+                "SELECT current_setting('server_encoding'), pg_postmaster_start_time(), "
+                "(SELECT setting::int FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout')"
             ).fetchone()
             encoding = None if row is None else row[:1]
             if encoding is None or str(encoding[0]).upper() not in ("UTF8", "UTF-8"):
@@ -266,8 +276,16 @@ class PostgresStorage:
                     f"store {self.location}: the database's encoding is {encoding and encoding[0]}, "
                     "not UTF8; create the database with ENCODING 'UTF8'"
                 )
-            conn.execute(sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{LOCK_TIMEOUT_MS}ms")))
             assert row is not None
+            settings = [sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{LOCK_TIMEOUT_MS}ms"))]
+            conn.idle_timeout_ms = int(row[2])
+            if conn.idle_timeout_ms == 0 or conn.idle_timeout_ms > STALLED_TRANSACTION_TIMEOUT_MS:
+                settings.append(
+                    sql.SQL("SET idle_in_transaction_session_timeout = {}").format(
+                        sql.Literal(f"{STALLED_TRANSACTION_TIMEOUT_MS}ms")
+                    )
+                )
+            conn.execute(sql.SQL("; ").join(settings))  # one round trip (no parameters: one query)
             with self._idle_lock:
                 if self._server_started is not None and row[1] != self._server_started:
                     self.incarnation += 1
@@ -445,6 +463,12 @@ class PostgresStorage:
                         )
                         reached_commit = True  # leaving the block sends COMMIT
                     return revision
+                except psycopg.errors.IdleInTransactionSessionTimeout as exc:
+                    # This process stalled mid-transaction past STALLED_TRANSACTION_TIMEOUT_MS: the
+                    # server rolled it back and ended the session (even if COMMIT was sent after),
+                    # so once more on a new connection is safe.
+                    if attempt == 2:
+                        raise self._error(exc, conn, lock_wait_ms=wait_ms) from None
                 except psycopg.OperationalError as exc:
                     # Broken before COMMIT was sent: the server rolled the transaction back, so
                     # once more on a new connection is safe (unless its answers stopped coming:
@@ -487,18 +511,16 @@ class PostgresStorage:
         final: dict[str, Operation] = {}
         for op in operations:  # applied in order, so the last operation on a key decides
             final[op.key] = op
-        puts = [(key, op.value, revision) for key, op in final.items() if isinstance(op, Put)]
+        puts = {key: op.value for key, op in final.items() if isinstance(op, Put)}
         deletes = [key for key, op in final.items() if isinstance(op, Delete)]
         with conn.cursor() as cur:
             if puts:
-                cur.executemany(self._q.upsert, puts)
+                cur.execute(self._q.upsert, (revision, list(puts), list(puts.values())))
             if deletes:
                 cur.execute(self._q.delete_many, (deletes,))
             if not silent and final:
-                cur.executemany(
-                    self._q.log_change,
-                    [(revision, key, isinstance(op, Delete)) for key, op in final.items()],
-                )
+                logged = (list(final), [isinstance(op, Delete) for op in final.values()])
+                cur.execute(self._q.log_change, (revision, *logged))
                 cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, self.schema))
             if revision % self._prune_every == 0:  # bounded log; watchers that fall behind resync
                 horizon = revision - self._retained
@@ -540,7 +562,14 @@ class PostgresStorage:
                 started = False
                 try:
                     with conn.transaction():
-                        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                        # A reader may pause between pages (a backup piped to a pager) and holds
+                        # no lock a writer waits for: the session's own idle limit, not ours.
+                        conn.execute(
+                            sql.SQL(
+                                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; "
+                                "SET LOCAL idle_in_transaction_session_timeout = {}"
+                            ).format(sql.Literal(f"{conn.idle_timeout_ms}ms"))
+                        )
                         row = conn.execute(self._q.read_revision).fetchone()
                         if row is None:
                             raise StorageError(f"store {self.location}: its revision counter is missing")
@@ -685,12 +714,19 @@ class _Queries:
         self.bump = q("UPDATE {s}.meta SET revision = revision + 1 WHERE id = 1 RETURNING revision")
         self.get = q("SELECT value, revision FROM {s}.entries WHERE key = %s")
         self.revisions_of = q("SELECT key, revision FROM {s}.entries WHERE key = ANY(%s)")
+        # Every row of a commit in one statement (arrays, not executemany): one round trip, and
+        # no pipeline, whose server side waits for its Sync outside idle_in_transaction_session_
+        # timeout's reach (a client that went silent mid-pipeline would hold the lock for good).
         self.upsert = q(
-            "INSERT INTO {s}.entries (key, value, revision) VALUES (%s, %s, %s) ON CONFLICT (key) "
-            "DO UPDATE SET value = excluded.value, revision = excluded.revision"
+            "INSERT INTO {s}.entries (key, value, revision) SELECT key, value, %s"
+            " FROM unnest(%s::text[], %s::bytea[]) AS rows (key, value) ON CONFLICT (key)"
+            " DO UPDATE SET value = excluded.value, revision = excluded.revision"
         )
         self.delete_many = q("DELETE FROM {s}.entries WHERE key = ANY(%s)")
-        self.log_change = q("INSERT INTO {s}.changes (revision, key, deleted) VALUES (%s, %s, %s)")
+        self.log_change = q(
+            "INSERT INTO {s}.changes (revision, key, deleted) SELECT %s, key, deleted"
+            " FROM unnest(%s::text[], %s::boolean[]) AS rows (key, deleted)"
+        )
         self.change_head = q("SELECT max(revision) FROM {s}.changes")
         # Never the newest entry: that is the change head that readers' caches compare.
         self.prune = q(
