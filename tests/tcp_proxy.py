@@ -118,3 +118,22 @@ class SilentServer:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class AnswersStop(TcpProxy):
+    """Passes everything until `stalled` is set, then swallows the server's answers on every
+    connection, open or new, which stay open: a stopped server, a proxy or firewall that drops its
+    replies, a path gone mid-call. With `trigger`, `stalled` sets itself once the client has sent
+    `after` and then `trigger` (which still reaches the server)."""
+
+    def __init__(self, host: str, port: int, trigger: bytes | None = None, *, after: bytes = b"") -> None:
+        super().__init__(host, port)
+        self._trigger, self._after, self._seen_after = trigger, after, not after
+        self.stalled = threading.Event()
+
+    def verdict(self, data: bytes, *, from_client: bool) -> Verdict:
+        if from_client and not self._seen_after and self._after in data:
+            self._seen_after = True
+        if from_client and self._seen_after and self._trigger is not None and self._trigger in data:
+            self.stalled.set()
+        return Verdict.SWALLOW if self.stalled.is_set() and not from_client else Verdict.PASS

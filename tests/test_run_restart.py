@@ -27,7 +27,7 @@ from secrets_manager.store import Secret
 from secrets_manager.values import SecretValue
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
 from service_fixtures import SEED, make_pki, make_store, start_server, tls_files
-from tcp_proxy import TcpProxy, Verdict
+from tcp_proxy import AnswersStop
 from test_run_command import aws_variables
 from test_serve_external_stores import (  # noqa: F401 (fixtures)
     Backend,
@@ -922,18 +922,6 @@ def test_with_several_addresses_a_reading_that_gets_no_answer_is_read_through_an
         store.close()
         first.kill()
         second.kill()
-
-
-class AnswersStop(TcpProxy):
-    """Passes everything until `stalled` is set, then swallows the server's answers, the
-    connections staying open."""
-
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__(host, port)
-        self.stalled = threading.Event()
-
-    def verdict(self, data: bytes, *, from_client: bool) -> Verdict:
-        return Verdict.SWALLOW if self.stalled.is_set() and not from_client else Verdict.PASS
 
 
 def test_with_several_addresses_a_read_on_a_replica_that_hangs_moves_once_its_health_check_fails(

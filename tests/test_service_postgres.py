@@ -40,7 +40,7 @@ from service_fixtures import (
     make_pki,
     start_server,
 )
-from tcp_proxy import TcpProxy, Verdict
+from tcp_proxy import AnswersStop
 
 
 def create_store(conninfo: str, schema: str, seed: dict[str, bytes]) -> None:
@@ -430,18 +430,6 @@ def test_reads_go_on_while_another_transaction_holds_the_stores_commit_lock(
             assert put.version == 1
     finally:
         store.close()
-
-
-class AnswersStop(TcpProxy):
-    """Passes everything until `stalled` is set, then swallows the database's answers, the
-    connections staying open: a replica's path to PostgreSQL gone dark, or a frozen server."""
-
-    def __init__(self, host: str, port: int) -> None:
-        super().__init__(host, port)
-        self.stalled = threading.Event()
-
-    def verdict(self, data: bytes, *, from_client: bool) -> Verdict:
-        return Verdict.SWALLOW if self.stalled.is_set() and not from_client else Verdict.PASS
 
 
 def _serve_through_a_proxy_that_can_stall(tmp_path: Path, postgres_cluster: Any) -> tuple[Any, AnswersStop]:

@@ -67,7 +67,7 @@ from secrets_manager.store.url import (
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
 from service_fixtures import POLICY as SERVICE_POLICY
 from service_fixtures import Server, make_pki
-from tcp_proxy import AnswerCut, TcpProxy, Verdict
+from tcp_proxy import AnswerCut, AnswersStop, TcpProxy
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 MASTER_PASSWORD = "correct horse battery staple"
@@ -1461,25 +1461,6 @@ def test_two_serve_replicas_share_one_postgres_store(
 # ---- a server that stops answering, an answer lost ---------------------------------------------
 
 
-class AnswersStop(TcpProxy):
-    """A proxy to the cluster that passes everything until the client has sent `after` and then
-    `trigger` (which still reaches the server); from then on the server's answers are swallowed,
-    on every connection, open or new, which stay open: a stopped server, a proxy or firewall that
-    drops its replies, a path gone mid-call."""
-
-    def __init__(self, port: int, trigger: bytes, *, after: bytes = b"") -> None:
-        super().__init__("127.0.0.1", port)
-        self._trigger, self._after, self._seen_after = trigger, after, not after
-        self.stalled = threading.Event()
-
-    def verdict(self, data: bytes, *, from_client: bool) -> Verdict:
-        if from_client and not self._seen_after and self._after in data:
-            self._seen_after = True
-        if from_client and self._seen_after and self._trigger in data:
-            self.stalled.set()
-        return Verdict.SWALLOW if self.stalled.is_set() and not from_client else Verdict.PASS
-
-
 def _through(proxy: TcpProxy, cluster: PostgresCluster) -> str:
     return f"host=127.0.0.1 port={proxy.port} dbname=sm_test user=sm_test password={cluster.role_password}"
 
@@ -1489,7 +1470,7 @@ def test_a_read_whose_answer_never_comes_ends_at_the_answer_timeout_without_a_re
     the call ends at the answer timeout with an error that names the store, and is not tried
     again on a new connection (which would wait as long again)."""
     place.open(create=True).close()
-    proxy = AnswersStop(place.cluster.port, b"SELECT value, revision")
+    proxy = AnswersStop("127.0.0.1", place.cluster.port, b"SELECT value, revision")
     try:
         storage = PostgresStorage(_through(proxy, place.cluster), schema=place.schema, answer_timeout=1)
         try:
@@ -1515,7 +1496,7 @@ def test_a_commit_whose_answer_never_comes_is_an_unknown_outcome(place: Place) -
     """COMMIT reached the server, which committed; its answer never came. Not a plain failure:
     the change may have been made (here it was), so the caller must check before writing again."""
     direct = place.open(create=True)
-    proxy = AnswersStop(place.cluster.port, b"COMMIT")
+    proxy = AnswersStop("127.0.0.1", place.cluster.port, b"COMMIT")
     try:
         storage = PostgresStorage(_through(proxy, place.cluster), schema=place.schema, answer_timeout=1)
         try:
@@ -1591,7 +1572,7 @@ def test_a_writer_whose_answers_stop_mid_transaction_does_not_hold_the_store_s_l
     connection gone (hours by TCP keepalive); and the rows were written by executemany, whose
     pipeline left the server waiting outside the idle limit's reach even with one set."""
     direct = place.open(create=True)
-    proxy = AnswersStop(place.cluster.port, silent_from)
+    proxy = AnswersStop("127.0.0.1", place.cluster.port, silent_from)
     stalled = PostgresStorage(_through(proxy, place.cluster), schema=place.schema, answer_timeout=1)
     failed: list[BaseException] = []
 
@@ -1714,7 +1695,7 @@ def test_the_cli_ends_with_one_line_when_postgres_stops_answering(cli: Cli, plac
         (("get", "app/K"), b"data/app/K", b"", b""),
         (("store", "app/K"), b"COMMIT", b"data/app/K#2", b"two"),
     ):
-        proxy = AnswersStop(place.cluster.port, trigger, after=after)
+        proxy = AnswersStop("127.0.0.1", place.cluster.port, trigger, after=after)
         via = Cli(
             f"postgresql://sm_test@127.0.0.1:{proxy.port}/sm_test?schema={place.schema}",
             Path(cli.env["HOME"]),
