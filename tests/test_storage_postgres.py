@@ -1663,22 +1663,19 @@ def test_a_snapshot_may_pause_past_the_write_transactions_idle_limit(
         storage.close()
 
 
-def test_a_shorter_idle_limit_set_for_the_session_is_kept(place: Place) -> None:
-    conninfo = f"{place.conninfo}?options=-c%20idle_in_transaction_session_timeout%3D500"
-    storage = PostgresStorage(conninfo, schema=place.schema, create=True)
+@pytest.mark.parametrize(
+    ("options", "limit"),
+    [("?options=-c%20idle_in_transaction_session_timeout%3D500", "500ms"), ("", "2s")],
+)
+def test_the_sessions_idle_limit_is_ours_unless_a_shorter_one_is_set(
+    place: Place, options: str, limit: str
+) -> None:
+    storage = PostgresStorage(f"{place.conninfo}{options}", schema=place.schema, create=True)
     try:
         shown = storage._read(
             lambda conn: conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()
         )
-        assert shown == ("500ms",)
-    finally:
-        storage.close()
-    storage = place.open()
-    try:
-        shown = storage._read(
-            lambda conn: conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()
-        )
-        assert shown == ("2s",)
+        assert shown == (limit,)
     finally:
         storage.close()
 
