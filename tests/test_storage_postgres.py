@@ -1647,6 +1647,45 @@ def test_a_commit_whose_own_process_paused_mid_transaction_is_made_once_on_a_new
         storage.close()
 
 
+def test_a_commit_larger_than_one_statement_is_sent_as_several_in_its_one_transaction(
+    place: Place, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL takes at most 1 GB in one message, so a big commit (a restore) goes as
+    statements of at most STATEMENT_BYTES each, still one commit: one revision, every row, every
+    change logged."""
+    monkeypatch.setattr(postgres_module, "STATEMENT_BYTES", 40)
+    statements: list[str] = []
+    execute = psycopg.Cursor.execute
+
+    def recording_execute(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        statements.append(query.as_string(cursor.connection) if isinstance(query, sql.Composable) else query)
+        return execute(cursor, query, *args, **kwargs)
+
+    storage = place.open(create=True)
+    try:
+        storage.commit([Put(f"old/{n}", b"x") for n in range(10)])
+        before = storage.change_head()
+        monkeypatch.setattr(psycopg.Cursor, "execute", recording_execute)
+        puts = [Put(f"new/{n}", bytes([n]) * 20) for n in range(10)]  # 25 bytes each: one a statement
+        deletes = [Delete(f"old/{n}") for n in range(10)]
+        revision = storage.commit([*puts, *deletes])
+        monkeypatch.setattr(psycopg.Cursor, "execute", execute)
+        assert sum("INSERT INTO" in s and ".entries" in s for s in statements) == 10
+        assert sum("DELETE FROM" in s for s in statements) == 2  # 10 names of 5 characters: 8, 2
+        assert sum("INSERT INTO" in s and ".changes" in s for s in statements) == 4  # 20 of 6: 6, 6, 6, 2
+        assert storage.get_many([f"new/{n}" for n in range(10)]) == {
+            f"new/{n}": Entry(bytes([n]) * 20, revision) for n in range(10)
+        }
+        assert storage.list("old/") == []
+        changes = storage.changes_since(before).changes
+        assert sorted((c.key, c.revision, c.deleted) for c in changes) == sorted(
+            [(f"new/{n}", revision, False) for n in range(10)]
+            + [(f"old/{n}", revision, True) for n in range(10)]
+        )
+    finally:
+        storage.close()
+
+
 def test_a_snapshot_may_pause_past_the_write_transactions_idle_limit(
     place: Place, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -90,6 +90,10 @@ LOCK_TIMEOUT_MS = 30_000  # how long a commit waits for another writer (SqliteSt
 # writer (another replica, the CLI) fails with "another writer held the store's lock". Shorter than
 # any writer's wait for that lock (an audit anchor's is ~5 s). A shorter one set for the role stays.
 STALLED_TRANSACTION_TIMEOUT_MS = 2_000
+# The most bytes of names and values one statement of a commit carries; a commit of more (a
+# restore of a big store) goes as several, still one transaction. PostgreSQL takes at most 1 GB
+# in one message or one array value, and each statement's arrays are built whole in memory.
+STATEMENT_BYTES = 16 * 1024 * 1024
 CONNECT_TIMEOUT_S = 10  # unless the connection string or PGCONNECT_TIMEOUT says otherwise
 # How long we wait for the server's answer to one round trip (a statement, BEGIN, COMMIT, a page
 # of a scan) before the connection is shut down and the call fails: a server that was stopped, a
@@ -511,16 +515,17 @@ class PostgresStorage:
         final: dict[str, Operation] = {}
         for op in operations:  # applied in order, so the last operation on a key decides
             final[op.key] = op
-        puts = {key: op.value for key, op in final.items() if isinstance(op, Put)}
+        puts = [(key, op.value) for key, op in final.items() if isinstance(op, Put)]
         deletes = [key for key, op in final.items() if isinstance(op, Delete)]
         with conn.cursor() as cur:
-            if puts:
-                cur.execute(self._q.upsert, (revision, list(puts), list(puts.values())))
-            if deletes:
-                cur.execute(self._q.delete_many, (deletes,))
+            for batch in _batched(puts, lambda put: len(put[0]) + len(put[1])):
+                cur.execute(self._q.upsert, (revision, [k for k, _ in batch], [v for _, v in batch]))
+            for names in _batched(deletes, len):
+                cur.execute(self._q.delete_many, (names,))
             if not silent and final:
-                logged = (list(final), [isinstance(op, Delete) for op in final.values()])
-                cur.execute(self._q.log_change, (revision, *logged))
+                logged = [(key, isinstance(op, Delete)) for key, op in final.items()]
+                for rows in _batched(logged, lambda row: len(row[0]) + 1):
+                    cur.execute(self._q.log_change, (revision, [k for k, _ in rows], [d for _, d in rows]))
                 cur.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, self.schema))
             if revision % self._prune_every == 0:  # bounded log; watchers that fall behind resync
                 horizon = revision - self._retained
@@ -773,6 +778,20 @@ def _prefix_end(prefix: str) -> str | None:
             following = 0xE000 if 0xD800 <= last + 1 <= 0xDFFF else last + 1
             return "".join(chars) + chr(following)
     return None
+
+
+def _batched(items: Sequence[T], size: Callable[[T], int]) -> Iterator[list[T]]:
+    """`items` in order, in lists of at most STATEMENT_BYTES by `size` (one item at least)."""
+    batch: list[T] = []
+    total = 0
+    for item in items:
+        if batch and total + size(item) > STATEMENT_BYTES:
+            yield batch
+            batch, total = [], 0
+        batch.append(item)
+        total += size(item)
+    if batch:
+        yield batch
 
 
 def _check_precondition(key: str, expect: Expect, revision: int | None) -> None:
