@@ -133,6 +133,9 @@ def test_a_value_of_several_lines_is_read_from_its_one_otpauth_line_or_refused()
         ("\uff2aBSWY3DPEHPK3PXP".encode(), "not base32"),  # a full-width J
         (f"otpauth://totp/x?secret={SETUP_KEY}&secret=GEZDGNBVGY3TQOJQ".encode(), "secret twice"),
         (b"otpauth://totp/x?issuer=Broker", "no secret"),
+        # urlsplit's own ValueError quoted a bracketed host: part of the value
+        (f"otpauth://[hunter2]/x?secret={SETUP_KEY}".encode(), "not a URI"),
+        (f"otpauth://[hunter2/x?secret={SETUP_KEY}".encode(), "not a URI"),
     ],
 )
 def test_what_is_not_a_seed_is_refused_without_repeating_it(value: bytes, why: str) -> None:

@@ -117,7 +117,10 @@ def _totp(raw: bytes, name: str) -> _Totp:
 
 def _uri_parts(uri: str, refused: Callable[[str], NotATotpSeedError]) -> tuple[str, dict[str, Any], int]:
     """The seed, TOTP options and period of an otpauth URI (Google's Key Uri Format)."""
-    parts = urlsplit(uri)
+    try:
+        parts = urlsplit(uri)
+    except ValueError:  # a bracketed host ("[...]"): its message quotes that part of the value
+        raise refused("an otpauth value that is not a URI") from None
     kind = parts.netloc.lower()
     if kind == "hotp":
         raise refused("a counter-based HOTP URI: only time-based codes are made here")
