@@ -337,6 +337,34 @@ def test_rotate_default_value_is_32_alphanumerics_and_json_output(cli: Cli) -> N
     assert len(new) == 32 and set(new) <= set(string.ascii_letters + string.digits)
 
 
+def test_the_commands_get_no_credential_that_unlocks_a_store(cli: Cli, tmp_path: Path) -> None:
+    """A Vault store's token or AppRole login opens every namespace in it, as the master password
+    opens ours: a set or test command gets neither (as `run` and `edit` withhold them). What the
+    target's administrator may need (PGPASSWORD) and the store's address stay."""
+    set_command, set_seen = recorder(tmp_path, "set")
+    test_command, test_seen = recorder(tmp_path, "test")
+    credentials = {
+        "VAULT_TOKEN": "hvs.vault-token-MARKER",
+        "VAULT_ROLE_ID": "role-id-MARKER",
+        "VAULT_SECRET_ID": "secret-id-MARKER",
+    }
+    result = cli(
+        "rotate",
+        "db/app",
+        "--set-command",
+        set_command,
+        "--test-command",
+        test_command,
+        env={**credentials, "PGPASSWORD": "the-target-admins"},
+    )
+    assert result.code == 0, result.stderr
+    for seen in (set_seen(), test_seen()):
+        assert not any("MARKER" in value for value in seen["env"].values()), seen["env"]
+        assert not {"VAULT_TOKEN", "VAULT_ROLE_ID", "VAULT_SECRET_ID", "MASTER_PASSWORD"} & set(seen["env"])
+        assert seen["env"]["PGPASSWORD"] == "the-target-admins"
+        assert seen["env"]["SECRETS_MANAGER_STORE"] == str(cli.store)
+
+
 def test_rotate_from_stdin(cli: Cli) -> None:
     result = cli("rotate", "db/app", "--stdin", input=b"chosen-new-value\n")
     assert result.code == 0, result.stderr

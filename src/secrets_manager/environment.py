@@ -21,6 +21,9 @@ PASSWORD_VARIABLE = "MASTER_PASSWORD"  # noqa: S105 (a variable name)
 PASSWORD_FILE_MAX_BYTES = 64 * 1024
 # Withheld from every command we start: they must not learn how to unlock the store.
 PASSWORD_VARIABLES = (PASSWORD_VARIABLE, PASSWORD_FILE_VARIABLE)
+# What logs in to a Vault store (store/vault.py's token, or its AppRole): as the master password
+# opens ours, they open every namespace in it. Withheld from every command we start, too.
+VAULT_CREDENTIAL_VARIABLES = ("VAULT_TOKEN", "VAULT_ROLE_ID", "VAULT_SECRET_ID")
 PRODUCTION_MIN_PASSWORD_LENGTH = 12  # characters: NIST SP 800-63B's 8 for a user, more for a key to all
 log = logging.getLogger("secrets_manager.environment")
 

@@ -9,7 +9,7 @@
 `rotate` runs the steps; whoever calls it provides them (`RotationSteps`) and so decides how each is
 audited: the CLI on a local store, the CLI through a service, or the service's own schedule. The
 commands get the new value on stdin only, never in their arguments or environment, and never the
-master password variables.
+master password variables or a Vault store's token and AppRole login.
 
 A schedule file lists which secrets to rotate, how often, and with which commands:
 
@@ -53,6 +53,7 @@ from typing import Any, Protocol
 
 from secrets_manager.environment import (
     PASSWORD_VARIABLES,
+    VAULT_CREDENTIAL_VARIABLES,
     Environment,
     loose_file_problem,
     read_in_directory,
@@ -214,7 +215,10 @@ def run_command(
     """Run one command with the new value on stdin and its output on our stderr;
     RotationStepFailed if it does not exit 0 within the timeout, saying how to finish: the same
     command again with --resume, or for a schedule entry (`scheduled`) that the schedule will."""
-    env = {k: v for k, v in commands.environ.items() if k not in PASSWORD_VARIABLES}
+    # Not what unlocks a store (ours, or a Vault store's token: the service's own, when a schedule
+    # runs it), which would open every namespace to a command that sets one credential.
+    withheld = (*PASSWORD_VARIABLES, *VAULT_CREDENTIAL_VARIABLES)
+    env = {k: v for k, v in commands.environ.items() if k not in withheld}
     env[NAME_VARIABLE] = name
     env[VERSION_VARIABLE] = str(version)
     sys.stderr.flush()

@@ -152,20 +152,20 @@ def rotate(
 
     \b
     The new value is generated (--generate, the default: --length, --alphabet from Python's
-    `secrets`) or read from stdin (--stdin). --set-command and --test-command are split like a
-    shell would (no shell runs them) and get the new value on their stdin, never in their
-    arguments or environment; they also get SECRETS_MANAGER_ROTATE_NAME and
-    SECRETS_MANAGER_ROTATE_VERSION (the master password variables are removed). Their output goes
-    to stderr. If either fails (non-zero exit, timeout, cannot start), current is untouched and the
-    new version stays pending: fix the cause and run the same command again with --resume (its
-    --set-command and --test-command too, as the error shows: the pending value is set and tested
-    again), or 'rotate NAME --discard'. --resume without --set-command or --test-command is
-    refused (exit 2): it would promote a value nothing has set at the target, and every reader
-    of the credential would break; '--resume --promote-only' promotes without running a command,
-    when the target already holds the pending value (set by hand). On success the pending
-    version becomes current and the old current previous. One rotation at a time: while a
-    version is pending, a new rotation exits 7 before it stages or runs anything; exit 7 after
-    the commands means the pending version was discarded meanwhile.
+    `secrets`) or read from stdin (--stdin). --set-command and --test-command are split like a shell
+    would (no shell runs them) and get the new value on their stdin, never in their arguments or
+    environment; they also get SECRETS_MANAGER_ROTATE_NAME and SECRETS_MANAGER_ROTATE_VERSION (the
+    master password variables and VAULT_TOKEN, VAULT_ROLE_ID, VAULT_SECRET_ID are removed). Their
+    output goes to stderr. If either fails (non-zero exit, timeout, cannot start), current is
+    untouched and the new version stays pending: fix the cause and run the same command again with
+    --resume (its --set-command and --test-command too, as the error shows: the pending value is set
+    and tested again), or 'rotate NAME --discard'. --resume without --set-command or --test-command
+    is refused (exit 2): it would promote a value nothing has set at the target, and every reader of
+    the credential would break; '--resume --promote-only' promotes without running a command, when
+    the target already holds the pending value (set by hand). On success the pending version becomes
+    current and the old current previous. One rotation at a time: while a version is pending, a new
+    rotation exits 7 before it stages or runs anything; exit 7 after the commands means the pending
+    version was discarded meanwhile.
 
     \b
     Audit: on a local store every step is recorded in its audit log (rotate.stage, rotate.resume,

@@ -51,7 +51,7 @@ from secrets_manager.cli.run_supervisor import (
     relevant_names,
     with_shell_fallback,
 )
-from secrets_manager.environment import PASSWORD_VARIABLES
+from secrets_manager.environment import PASSWORD_VARIABLES, VAULT_CREDENTIAL_VARIABLES
 from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError
 from secrets_manager.store import EncryptedStore, Secret, SecretStore
 from secrets_manager.store.kms import AwsKmsUnlock
@@ -81,9 +81,7 @@ _NOT_IN_VARIABLE = re.compile(r"[^A-Za-z0-9_]")
 WITHHELD_VARIABLES = (
     *PASSWORD_VARIABLES,
     STORE_VARIABLE,
-    "VAULT_TOKEN",
-    "VAULT_ROLE_ID",
-    "VAULT_SECRET_ID",
+    *VAULT_CREDENTIAL_VARIABLES,
     "PGPASSWORD",
     "PGPASSFILE",
     "PGSERVICEFILE",
