@@ -271,6 +271,13 @@ def test_a_value_postgres_cannot_take_or_another_field_is_refused_before_it_is_s
     assert refused.code == 2 and "without NUL characters" in refused.stderr
     refused = _rotate(cli, roles, "--stdin", input=b"\xff\xfe not text")
     assert refused.code == 2 and "must be UTF-8 text" in refused.stderr
+    # JSON's "\ud800" is a lone surrogate, which no UTF-8 text holds: it was staged, then the set
+    # step failed to encode it, an internal error (a UnicodeEncodeError, which carries the password)
+    surrogate = json.dumps({"username": roles.app, "password": "\ud800hunter2"}, ensure_ascii=True)
+    refused = _rotate(cli, roles, "--stdin", input=surrogate.encode())
+    assert refused.code == 2 and "must be UTF-8 text" in refused.stderr, refused.stderr
+    assert "hunter2" not in refused.stderr
+    assert cli("history", "db/app", "--json").stdout == history
     document = json.dumps({"username": roles.app, "password": OLD_VALUE, "pw": "x"})
     assert cli("store", "db/app", input=document.encode()).code == 0
     history = cli("history", "db/app", "--json").stdout

@@ -133,7 +133,16 @@ class PostgresRole:
                 raise InvalidInputError("a PostgreSQL password must be UTF-8 text") from None
         if not text or "\x00" in text:
             raise InvalidInputError("a PostgreSQL password must be non-empty text without NUL characters")
-        return text
+        try:  # a JSON "\ud800" is a lone surrogate: str, but no UTF-8 text; libpq takes bytes
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # not raised on: it carries the whole password (`.object`)
+            pass
+        else:
+            return text
+        raise InvalidInputError(
+            f'a PostgreSQL password must be UTF-8 text: the "{PASSWORD_FIELD}" field holds a lone '
+            "surrogate (an unpaired \\uD800-\\uDFFF escape)"
+        )
 
     def check_before_stage(self, *, timeout: float) -> None:
         """What would make the rotation fail after its value is staged, asked first, so it leaves
