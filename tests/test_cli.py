@@ -9,6 +9,7 @@ import os
 import pwd
 import re
 import shlex
+import shutil
 import signal
 import sqlite3
 import stat
@@ -1997,6 +1998,58 @@ def test_edit_ended_by_a_signal_leaves_no_value_in_memory_files(
     assert "Traceback" not in stderr
     assert not value_file.parent.exists()  # the value is gone from /dev/shm
     assert ready("history", "auth/HUNG").out.count("\n") == 1
+
+
+def test_the_value_file_of_an_edit_killed_with_sigkill_is_removed_by_the_next_edit(
+    ready: Cli, tmp_path: Path
+) -> None:
+    """SIGKILL (the OOM killer, `kill -9`) gives edit no chance to remove its directory: the value
+    stayed in /dev/shm until the next reboot. The next edit removes it; not the directory of an
+    edit still running (a second editor open at the same time)."""
+    ready("store", "auth/KILLED", input=b"KNOWN-killed")
+    ready("store", "auth/OPEN", input=b"KNOWN-open")
+    script = tmp_path / "slow-editor.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "report = os.environ['EDIT_REPORT']\n"
+        "open(report + '.tmp', 'w').write(sys.argv[-1])\n"
+        "os.rename(report + '.tmp', report)\n"
+        "time.sleep(60)\n"
+    )
+
+    def start(name: str, report: Path) -> tuple[subprocess.Popen[bytes], Path]:
+        env = dict(ready.env, EDITOR=f"{sys.executable} {script}", EDIT_REPORT=str(report))
+        proc = subprocess.Popen(
+            [str(SCRIPT), "edit", name],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 30
+        while not report.exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        return proc, Path(report.read_text())
+
+    killed, killed_file = start("auth/KILLED", tmp_path / "killed.txt")
+    running, running_file = start("auth/OPEN", tmp_path / "open.txt")
+    try:
+        os.killpg(killed.pid, signal.SIGKILL)  # edit and its editor, as the OOM killer would
+        killed.wait(timeout=30)
+        assert killed_file.read_text() == "KNOWN-killed\n"  # left behind: nothing could remove it
+        edited = Editor(ready, tmp_path)("auth/OTHER", text="KNOWN-other\n")
+        assert edited.code == 0, edited.stderr
+        assert not killed_file.parent.exists()  # the next edit removed it
+        assert running_file.read_text() == "KNOWN-open\n"  # not that of an edit still running
+    finally:
+        for proc in (killed, running):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        shutil.rmtree(killed_file.parent, ignore_errors=True)
+        shutil.rmtree(running_file.parent, ignore_errors=True)
 
 
 def test_edit_on_a_terminal_asks_for_the_master_password_once(ready: Cli, tmp_path: Path) -> None:

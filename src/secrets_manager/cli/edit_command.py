@@ -4,13 +4,15 @@ The current value is written to a file in a private directory in memory (/dev/sh
 $VISUAL or $EDITOR (else vi) opens it, and what it saves becomes a new version, but only if NAME is
 still at the version read: an edit takes minutes, and a `store` or a rotation landing meanwhile
 must not be undone by the older text. The directory (with any swap or backup file the editor left
-in it) is removed afterwards whatever happens. NAME#FIELD edits one text field of a JSON object
+in it) is removed afterwards whatever happens; if `edit` is killed outright (SIGKILL), by the next
+`edit`, which finds it unlocked. NAME#FIELD edits one text field of a JSON object
 value. A NAME that does not exist is created (only if it still does not when the editor is done).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shlex
 import shutil
@@ -50,6 +52,7 @@ from secrets_manager.values import SecretValue
 # tmpfs on Linux: the value is never written to a disk. Not a shared path: mkdtemp makes a 0700
 # directory of our own in it.
 MEMORY_DIRECTORY = Path("/dev/shm")  # noqa: S108
+DIRECTORY_PREFIX = "secrets-manager-edit-"
 DEFAULT_EDITOR = "vi"
 
 
@@ -262,16 +265,54 @@ def _private_directory(production: bool) -> Iterator[Path]:
         warning_line(
             f"there is no {MEMORY_DIRECTORY}: the value is on disk in {tempfile.gettempdir()} while you edit"
         )
-    directory = Path(tempfile.mkdtemp(prefix="secrets-manager-edit-", dir=parent))  # mode 0700
+    _remove_abandoned(Path(parent or tempfile.gettempdir()), on_disk=parent is None)
+    directory = Path(tempfile.mkdtemp(prefix=DIRECTORY_PREFIX, dir=parent))  # mode 0700
+    # Locked while this edit lives (the lock goes with the process, SIGKILL too): an unlocked
+    # directory holding a file is one a killed edit left, which the next edit removes.
+    lock = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # waits out a moment's look by another edit's _remove_abandoned
         yield directory
     finally:
-        if parent is None:  # on disk: overwrite what can be found before it goes
-            for leftover in directory.iterdir():
-                with contextlib.suppress(OSError):
-                    size = leftover.stat().st_size
-                    with leftover.open("r+b") as handle:
-                        handle.write(b"\0" * size)
-                        handle.flush()
-                        os.fsync(handle.fileno())
-        shutil.rmtree(directory, ignore_errors=True)
+        _remove(directory, on_disk=parent is None)
+        os.close(lock)
+
+
+def _remove(directory: Path, *, on_disk: bool) -> None:
+    if on_disk:  # overwrite what can be found before it goes
+        for leftover in directory.iterdir():
+            with contextlib.suppress(OSError):
+                size = leftover.stat().st_size
+                with leftover.open("r+b") as handle:
+                    handle.write(b"\0" * size)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _remove_abandoned(parent: Path, *, on_disk: bool) -> None:
+    """Remove the directories of this user's edits that were killed (SIGKILL, the OOM killer, a
+    crash) with the value in them: no process holds their lock. One that is empty is left alone:
+    it may be another edit's, made a moment ago and not locked yet (it holds no value)."""
+    try:
+        candidates = list(parent.glob(f"{DIRECTORY_PREFIX}*"))
+    except OSError:
+        return
+    for candidate in candidates:
+        try:
+            descriptor = os.open(candidate, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone meanwhile, a symbolic link, not a directory, not ours to enter
+        try:
+            if os.fstat(descriptor).st_uid != os.getuid():
+                continue
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # an edit running now
+            if any(candidate.iterdir()):
+                _remove(candidate, on_disk=on_disk)
+        except OSError:
+            continue
+        finally:
+            os.close(descriptor)
