@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import pickle
 import struct
 import subprocess
 import time
@@ -154,6 +155,9 @@ def test_a_code_is_redacted_unless_revealed() -> None:
     for shown in (repr(code), str(code), f"{code}", f"{code!r}"):
         assert code.reveal() not in shown.replace(f"{code.valid_for:.1f}", "")
         assert REDACTED in shown
+    # As a SecretValue: pickled into a cache, a task queue or another process, it was in clear.
+    with pytest.raises(TypeError, match="cannot be pickled"):
+        pickle.dumps(code)
 
 
 def test_credentials_make_the_code_of_a_seed_they_hold() -> None:

@@ -14,7 +14,7 @@ import binascii
 import hashlib
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 from urllib.parse import parse_qsl, urlsplit
 
 import pyotp
@@ -63,6 +63,9 @@ class OneTimeCode:
 
     def __format__(self, format_spec: str) -> str:
         return REDACTED
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError("OneTimeCode cannot be pickled")
 
 
 def one_time_code(value: SecretValue | bytes, *, name: str, at: float | None = None) -> OneTimeCode:
