@@ -18,7 +18,7 @@ import pytest
 from secrets_manager.crypto import DataKey, Keyset, kdf
 from secrets_manager.errors import SecretsManagerError
 from secrets_manager.store import MAX_VALUE_SIZE, EncryptedStore, PasswordUnlock
-from secrets_manager.values import REDACTED, SecretValue
+from secrets_manager.values import REDACTED, SecretValue, read_exact_json_object
 
 KNOWN = "sk-live-KNOWN-TEST-VALUE-1c9e5f0a"
 KNOWN_BYTES = KNOWN.encode()
@@ -47,6 +47,16 @@ def test_secret_value_repr_str_and_format_are_redacted() -> None:
     assert not shows(value, KNOWN)
     assert str(value) == REDACTED and f"{value:>40}" == REDACTED
     assert value.reveal() == KNOWN_BYTES and value.reveal_text() == KNOWN
+
+
+def test_a_json_value_read_to_show_or_replace_one_field_never_shows_it() -> None:
+    """`get NAME#FIELD`, `store NAME#FIELD` and field rotations read the value as an
+    ExactJsonObject, whose dataclass repr showed every field (a traceback's locals, a debugger)."""
+    document = read_exact_json_object(b'{"username": "app", "password": "hunter2-KNOWN", "port": 5432}')
+    assert document is not None and document.fields["password"] == "hunter2-KNOWN"
+    for shown in (repr(document), str(document), f"{document}"):
+        assert "hunter2" not in shown and "5432" not in shown, shown
+        assert "username" in shown and "password" in shown  # the field names are not secret
 
 
 def test_reveal_text_of_bytes_that_are_not_utf8_raises_a_plain_value_error() -> None:

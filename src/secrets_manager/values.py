@@ -68,14 +68,18 @@ class _NumberText(str):
     """Where a JSON number (or NaN, Infinity) stands in an `ExactJsonObject`: a placeholder, not text."""
 
 
-@dataclass
+@dataclass(repr=False)
 class ExactJsonObject:
     """A JSON object read to show or replace one field, its numbers kept as written: through
-    json.loads and json.dumps 1.50 became 1.5, 1E2 100.0 and 1e400 Infinity (no JSON at all)."""
+    json.loads and json.dumps 1.50 became 1.5, 1E2 100.0 and 1e400 Infinity (no JSON at all).
+    It holds a secret's value: its `repr` shows the field names only."""
 
     fields: dict[str, Any]
     numbers: list[str]  # each number's text, by the index its placeholder carries
     marker: str  # random: no string of the value is a placeholder
+
+    def __repr__(self) -> str:
+        return f"ExactJsonObject(fields={sorted(self.fields)!r}, values='{REDACTED}')"
 
     def dumps(self, value: Any = None, *, compact: bool = False) -> str:
         """The object (or `value`, one of its fields) as JSON text, every number as it was written."""
