@@ -11,6 +11,7 @@ import logging
 import pickle
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -18,7 +19,9 @@ import pytest
 from secrets_manager.crypto import DataKey, Keyset, kdf
 from secrets_manager.errors import SecretsManagerError
 from secrets_manager.store import MAX_VALUE_SIZE, EncryptedStore, PasswordUnlock
+from secrets_manager.tls.files import read_client_tls, read_server_tls
 from secrets_manager.values import REDACTED, SecretValue, read_exact_json_object
+from service_fixtures import make_pki
 
 KNOWN = "sk-live-KNOWN-TEST-VALUE-1c9e5f0a"
 KNOWN_BYTES = KNOWN.encode()
@@ -103,6 +106,31 @@ def test_keys_never_show_their_material(populated: EncryptedStore) -> None:
     leaks = [(type(obj).__name__, s) for obj in objects for s in secrets_in_them if shows(obj, s)]
     assert leaks == []
     assert str(keyset.primary_id) in repr(keyset)  # the repr is still useful
+
+
+def test_tls_files_read_never_show_the_private_key(tmp_path: Path) -> None:
+    """The server's and the SDK's checked TLS files hold the private key's PEM: their dataclass
+    repr showed it whole."""
+    make_pki(tmp_path, clients=("auth",))
+    server = read_server_tls(tmp_path / "server.pem", tmp_path / "server-key.pem", tmp_path / "ca.pem")
+    client = read_client_tls(
+        (tmp_path / "auth.pem", "SECRETS_MANAGER_CERT"),
+        (tmp_path / "auth-key.pem", "SECRETS_MANAGER_KEY"),
+        (tmp_path / "ca.pem", "SECRETS_MANAGER_CA"),
+    )
+    for files, key_file in ((server, "server-key.pem"), (client, "auth-key.pem")):
+        body = b"".join((tmp_path / key_file).read_bytes().splitlines()[1:-1]).decode()
+        assert body and files.key
+        for shown in (repr(files), str(files)):
+            assert "PRIVATE KEY" not in shown and body[:32] not in shown, shown
+
+
+def test_an_import_entry_never_shows_its_value() -> None:
+    from secrets_manager.cli.import_command import Entry
+
+    entry = Entry("DB_PASSWORD", "auth/DB_PASSWORD", KNOWN_BYTES)
+    assert not shows(entry, KNOWN)
+    assert "auth/DB_PASSWORD" in repr(entry)
 
 
 def test_password_unlock_never_shows_the_password() -> None:

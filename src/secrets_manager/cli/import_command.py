@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -39,7 +39,7 @@ ON_EXISTING = ("fail", "skip", "overwrite")
 class Entry:
     key: str
     name: str
-    value: bytes
+    value: bytes = field(repr=False)
 
 
 @cli.command("import")

@@ -12,7 +12,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -130,7 +130,7 @@ class ServerTlsFiles:
     to bind", with lines of its own on stderr, so each is checked here first."""
 
     cert: bytes
-    key: bytes
+    key: bytes = field(repr=False)  # the private key's PEM
     client_ca: bytes
     not_valid_after: datetime  # the server certificate's end, for the expiry metric and warnings
     serial_number: int  # names which certificate is in force in logs (never key material)
@@ -179,7 +179,7 @@ class ClientTlsFiles:
     SDK warns before they end; the client layer does not parse certificates itself)."""
 
     cert: bytes
-    key: bytes
+    key: bytes = field(repr=False)  # the private key's PEM
     ca: bytes
     not_before: datetime
     not_after: datetime
