@@ -133,6 +133,24 @@ def test_an_import_entry_never_shows_its_value() -> None:
     assert "auth/DB_PASSWORD" in repr(entry)
 
 
+def test_a_cli_session_never_shows_the_environment_or_a_typed_password() -> None:
+    """Every command's Session (and a rotation's or edit's, which keeps the master password typed
+    once) showed, in its dataclass repr, the whole environment (MASTER_PASSWORD, VAULT_TOKEN, ...),
+    the password typed at the prompt and a store URL's password."""
+    from secrets_manager.cli.app import Session
+    from secrets_manager.cli.rotate_commands import _OnePasswordSession
+
+    environ = {"MASTER_PASSWORD": KNOWN, "VAULT_TOKEN": KNOWN + "-token"}
+    url = f"postgresql://app:{KNOWN}-url@db.internal/trading"
+    session = Session(store_url=url, password_file=None, audit_file=None, environ=environ)
+    typed = _OnePasswordSession(
+        store_url=url, password_file=None, audit_file=None, environ=environ, cached_password=KNOWN_BYTES
+    )
+    for each in (session, typed):
+        assert not shows(each, KNOWN), repr(each)
+        assert "db.internal" in repr(each)  # where the store is, without its password
+
+
 def test_password_unlock_never_shows_the_password() -> None:
     unlock = PasswordUnlock(KNOWN, kdf.TEST)
     assert not shows(unlock, KNOWN)

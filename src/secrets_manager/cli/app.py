@@ -232,7 +232,7 @@ class PasswordNotAsked(UnlockError):
     audited as a refused unlock."""
 
 
-@dataclass
+@dataclass(repr=False)
 class Session:
     """Options every command shares, resolved once per invocation."""
 
@@ -242,6 +242,14 @@ class Session:
     environ: Mapping[str, str]
     server: str | None = None
     prompts: bool = True  # False: a password that would be asked at the terminal is PasswordNotAsked
+
+    def __repr__(self) -> str:
+        """Without the environment (MASTER_PASSWORD, VAULT_TOKEN, ...) or a store URL's password
+        (subclasses keep a typed password: not shown either)."""
+        return (
+            f"{type(self).__name__}(store={display_url(self.store_url)!r}, server={self.server!r}, "
+            f"password_file={self.password_file!r}, audit_file={self.audit_file!r})"
+        )
 
     @functools.cached_property
     def environment(self) -> Environment:

@@ -65,7 +65,7 @@ EMPTY_ROTATION_REFUSED = (
 )
 
 
-@dataclass
+@dataclass(repr=False)  # Session's: never the cached password
 class _OnePasswordSession(Session):
     """A session that asks for the master password once for all the steps of one rotation."""
 
