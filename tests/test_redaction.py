@@ -151,6 +151,20 @@ def test_a_cli_session_never_shows_the_environment_or_a_typed_password() -> None
         assert "db.internal" in repr(each)  # where the store is, without its password
 
 
+def test_the_sdks_and_the_services_configuration_never_show_a_store_urls_password() -> None:
+    """A postgresql:// URL with a password (warned against, refused in production) was shown
+    whole by the dataclass repr of the SDK's local target and of serve's configuration."""
+    from secrets_manager.client._config import LocalTarget
+    from secrets_manager.environment import Environment
+    from secrets_manager.service.config import ServerConfig
+
+    url = f"postgresql://app:{KNOWN}@db.internal/trading"
+    local = LocalTarget(url, Environment.DEVELOPMENT)
+    served = ServerConfig("127.0.0.1:0", url, Path("p.toml"), Path("c.pem"), Path("k.pem"), Path("ca.pem"))
+    for each in (local, served):
+        assert not shows(each, KNOWN), repr(each)
+
+
 def test_password_unlock_never_shows_the_password() -> None:
     unlock = PasswordUnlock(KNOWN, kdf.TEST)
     assert not shows(unlock, KNOWN)

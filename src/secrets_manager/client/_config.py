@@ -21,7 +21,7 @@ import logging
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from secrets_manager.client.remote import TlsFiles
@@ -71,7 +71,7 @@ _NO_PASSWORD = (
 class LocalTarget:
     """Development without a service: the local store, opened read-only by the SDK."""
 
-    store_url: str | None
+    store_url: str | None = field(repr=False)  # a postgresql:// URL may hold a password
     environment: Environment
     password_file: Path | None = None
     password: SecretValue | None = None  # from MASTER_PASSWORD; redacted in repr

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -85,7 +85,7 @@ _PORT = re.compile(r"[0-9]{1,5}")
 @dataclass(frozen=True)
 class ServerConfig:
     listen: str
-    store: str | None
+    store: str | None = field(repr=False)  # a postgresql:// URL may hold a password
     policy: Path
     tls_cert: Path
     tls_key: Path
