@@ -165,6 +165,16 @@ def test_the_sdks_and_the_services_configuration_never_show_a_store_urls_passwor
         assert not shows(each, KNOWN), repr(each)
 
 
+def test_a_rotations_commands_never_show_the_environment_they_were_given() -> None:
+    """`Commands` keeps the environment its set and test commands start from (the caller's:
+    MASTER_PASSWORD, PGPASSWORD, ...), which its dataclass repr showed whole."""
+    from secrets_manager.rotation import Commands
+
+    commands = Commands(("set-it",), None, 30.0, {"MASTER_PASSWORD": KNOWN, "PGPASSWORD": KNOWN})
+    assert not shows(commands, KNOWN), repr(commands)
+    assert "set-it" in repr(commands)
+
+
 def test_password_unlock_never_shows_the_password() -> None:
     unlock = PasswordUnlock(KNOWN, kdf.TEST)
     assert not shows(unlock, KNOWN)

@@ -46,7 +46,7 @@ import threading
 import tomllib
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -136,7 +136,7 @@ class Commands:
     set_argv: tuple[str, ...] | None
     test_argv: tuple[str, ...] | None
     timeout: float
-    environ: Mapping[str, str]
+    environ: Mapping[str, str] = field(repr=False)  # MASTER_PASSWORD, PGPASSWORD, VAULT_TOKEN, ...
     cwd: Path | None = None
     # How the rotation was invoked before `rotate`: the program and the global options given on
     # its command line (--store, --server, ...), so a suggested command acts on the same store.
