@@ -189,7 +189,8 @@ TERMINATED_WHILE_WRITING = """\
 import os, signal
 _fsync = os.fsync
 def fsync(fd):
-    if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp"):
+    written = os.readlink(f"/proc/self/fd/{fd}")  # a temporary file, named or not (O_TMPFILE)
+    if written.endswith(".tmp") or written.endswith(" (deleted)"):
         os.kill(os.getpid(), signal.SIG%s)
     return _fsync(fd)
 os.fsync = fsync
@@ -213,6 +214,28 @@ def test_a_signal_while_the_out_file_is_written_leaves_no_file_behind(
     )  # fmt: skip
     assert_one_line_error(result, code, "aborted")  # as for Ctrl-C in any command
     assert list(out.iterdir()) == []
+
+
+def test_sigkill_while_the_out_file_is_written_leaves_no_file_with_the_secrets(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """SIGKILL (the OOM killer, `kill -9`, a timeout's KILL) cannot be caught: the temporary file
+    holding every secret stayed beside FILE for good. Now the secrets are written to a file with
+    no name, which gets one only once complete."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(TERMINATED_WHILE_WRITING % "KILL")
+    out = tmp_path / "out"
+    out.mkdir()
+    for extra in ([], ["--force"]):
+        proc = subprocess.run(
+            [str(SCRIPT), "inject", "-i", str(tmp_path / "template.yaml"), "-o", str(out / "c.yaml"), *extra],
+            env={**cli.env, "PYTHONPATH": str(hook)},
+            capture_output=True,
+            timeout=60,
+        )
+        assert proc.returncode == -9, proc.stderr
+        assert list(out.iterdir()) == []
 
 
 def test_a_large_secret_many_times_is_refused_before_it_fills_memory(cli: Cli, tmp_path: Path) -> None:

@@ -1,8 +1,9 @@
 """The PKI directory: `ca.pem`, `ca-key.pem`, and `NAME.pem` + `NAME-key.pem` per certificate.
 
 Invariants: the directory (and any ancestor we create) is made 0700; every file is written 0600,
-atomically (a temporary file in the same directory, fsync, then link or rename, then fsync of the
-directory), so a reader sees the old file or the new one, never half of one. Nothing is
+atomically (a temporary file in the same directory, without a name where Linux's O_TMPFILE allows,
+fsync, then link or rename, then fsync of the directory), so a reader sees the old file or the new
+one, never half of one, and a process killed mid-write leaves no key behind. Nothing is
 overwritten without `force`: replacing a CA invalidates every certificate it issued.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -342,11 +344,20 @@ def make_private_directory(directory: Path) -> None:
 
 
 def write_private_file(path: Path, data: bytes, *, overwrite: bool) -> None:
-    """Write `data` to `path` atomically, mode 0600; ConflictError if it exists and not `overwrite`."""
-    try:
-        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise InvalidInputError(f"cannot write in {path.parent}: {exc.strerror}") from None
+    """Write `data` to `path` atomically, mode 0600; ConflictError if it exists and not `overwrite`.
+
+    Where the file system can (Linux's O_TMPFILE), the data goes to a file without a name, named
+    only once it is complete and on disk: a process killed mid-write (SIGKILL, the OOM killer,
+    which no handler sees) leaves no file behind holding a private key or the secrets a template
+    was filled with. Elsewhere a hidden temporary file beside `path` holds it meanwhile."""
+    fd = _unnamed_file(path.parent)
+    temporary: Path | None = None
+    if fd is None:
+        try:
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        except OSError as exc:
+            raise InvalidInputError(f"cannot write in {path.parent}: {exc.strerror}") from None
+        temporary = Path(name)
     try:
         try:
             os.fchmod(fd, 0o600)  # mkstemp already creates 0600; say so rather than rely on it
@@ -354,20 +365,57 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool) -> None:
             while view:  # one write for a PEM file; a rendered template may need more
                 view = view[os.write(fd, view) :]
             os.fsync(fd)
+            if temporary is None:  # complete: named now (`path` itself, or a name to rename)
+                temporary = _name_unnamed(fd, path, overwrite=overwrite)
         finally:
             os.close(fd)
-        if overwrite:
-            os.replace(temporary, path)
-        else:
-            os.link(temporary, path)  # fails if `path` exists, where a rename would clobber it
+        if temporary is not None:
+            if overwrite:
+                os.replace(temporary, path)
+            else:
+                os.link(temporary, path)  # fails if `path` exists, where a rename would clobber it
     except FileExistsError:
         raise ConflictError(f"{path} already exists; add --force to replace it") from None
     except OSError as exc:
         raise InvalidInputError(f"cannot write {path}: {exc.strerror}") from None
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+        if temporary is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary)
     _fsync_directory(path.parent)
+
+
+def _unnamed_file(directory: Path) -> int | None:
+    """A file without a name in `directory`, open for writing (O_TMPFILE), or None where the
+    platform or the file system has none (or `directory` cannot be written: mkstemp says why)."""
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None or not os.path.isdir("/proc/self/fd"):  # naming it needs /proc (linkat)
+        return None
+    try:
+        return os.open(directory, flag | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+
+
+def _name_unnamed(fd: int, path: Path, *, overwrite: bool) -> Path | None:
+    """Give the unnamed file `fd` the name `path` (FileExistsError if it exists), or with
+    `overwrite` a hidden name beside it to rename over it, which is returned."""
+    # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N, as open(2) shows; os.link takes linkat (not
+    # link(2), which would link the /proc entry itself) only given a directory descriptor.
+    descriptors = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        if not overwrite:
+            os.link(str(fd), path, src_dir_fd=descriptors, follow_symlinks=True)
+            return None
+        while True:
+            temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+            try:
+                os.link(str(fd), temporary, src_dir_fd=descriptors, follow_symlinks=True)
+            except FileExistsError:
+                continue
+            return temporary
+    finally:
+        os.close(descriptors)
 
 
 def move_private_file(source: Path, target: Path) -> None:
