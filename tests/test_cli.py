@@ -2644,3 +2644,10 @@ def test_an_empty_password_source_says_what_to_do(ready: Cli, tmp_path: Path) ->
     empty.chmod(0o600)
     result = ready("--password-file", str(empty), "list", env={"MASTER_PASSWORD": None})
     assert_one_line_error(result, 4, f"password file {empty} is empty: put the password in it")
+
+
+def test_a_master_password_variable_that_is_not_utf8_is_a_one_line_error_without_it(ready: Cli) -> None:
+    """It was an internal error (UnicodeEncodeError, whose traceback and repr carry the password)."""
+    result = ready("list", env={"MASTER_PASSWORD": os.fsdecode(b"hunter2-\xff-password")})
+    assert_one_line_error(result, 2, "MASTER_PASSWORD is not UTF-8 text")
+    assert "hunter2" not in result.stderr

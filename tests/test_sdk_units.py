@@ -161,6 +161,17 @@ def test_development_without_an_address_or_a_password_says_both_ways_out() -> No
         resolve_config(environ={"SHRIVENQUANT_ENV": "development"})
 
 
+def test_a_master_password_variable_that_is_not_utf8_is_refused_without_repeating_it() -> None:
+    """Bytes that are not UTF-8 in MASTER_PASSWORD (Python decodes them with surrogateescape) made
+    resolve_config raise UnicodeEncodeError, which carries the whole password and shows it in its
+    repr."""
+    with pytest.raises(InvalidInputError, match="MASTER_PASSWORD is not UTF-8 text") as refused:
+        resolve_config(environ={"MASTER_PASSWORD": "hunter2-\udcff-password"})
+    for shown in (str(refused.value), repr(refused.value)):
+        assert "hunter2" not in shown
+    assert refused.value.__cause__ is None and refused.value.__context__ is None
+
+
 def test_development_fallback_keeps_the_password_out_of_repr(tmp_path: Path) -> None:
     config = resolve_config(
         environ={"MASTER_PASSWORD": "hunter2-password", "SECRETS_MANAGER_STORE": str(tmp_path / "s.db")}

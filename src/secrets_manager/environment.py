@@ -28,6 +28,20 @@ PRODUCTION_MIN_PASSWORD_LENGTH = 12  # characters: NIST SP 800-63B's 8 for a use
 log = logging.getLogger("secrets_manager.environment")
 
 
+def password_variable_bytes(value: str) -> bytes:
+    """MASTER_PASSWORD's value as the password's bytes (UTF-8); InvalidInputError if it holds bytes
+    that are not UTF-8 text (Python decodes them with surrogateescape). Never the
+    UnicodeEncodeError: it carries the whole password (`.object`) and shows it in its repr."""
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError:
+        pass  # raised below, outside this block: not even as its context
+    raise InvalidInputError(
+        f"{PASSWORD_VARIABLE} is not UTF-8 text: put the password in a 0600 file and set "
+        f"{PASSWORD_FILE_VARIABLE} (or --password-file), which takes any bytes"
+    )
+
+
 class Environment(enum.StrEnum):
     DEVELOPMENT = "development"
     STAGING = "staging"

@@ -24,6 +24,7 @@ from secrets_manager.environment import (
     PASSWORD_VARIABLE,
     Environment,
     owner_problem,
+    password_variable_bytes,
 )
 from secrets_manager.errors import (
     InvalidInputError,
@@ -50,7 +51,7 @@ def read_password(
     if PASSWORD_VARIABLE in environ:
         if environment is Environment.STAGING:
             warning_line(f"{PASSWORD_VARIABLE} is unsafe outside development; use {PASSWORD_FILE_VARIABLE}")
-        password = environ[PASSWORD_VARIABLE].encode("utf-8")
+        password = password_variable_bytes(environ[PASSWORD_VARIABLE])
         if not password:
             raise UnlockError(
                 f"{PASSWORD_VARIABLE} is set but empty: set it to the master password, or unset it to be "

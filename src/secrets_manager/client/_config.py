@@ -25,7 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from secrets_manager.client.remote import TlsFiles
-from secrets_manager.environment import PASSWORD_FILE_MAX_BYTES, Environment, current_environment
+from secrets_manager.environment import (
+    PASSWORD_FILE_MAX_BYTES,
+    Environment,
+    current_environment,
+    password_variable_bytes,
+)
 from secrets_manager.errors import (
     InvalidInputError,
     SecretsManagerError,
@@ -184,7 +189,9 @@ def _local_target(env: Mapping[str, str], environment: Environment) -> LocalTarg
     if env.get(PASSWORD_VARIABLE):
         if environment is not Environment.DEVELOPMENT:
             log.warning("%s is unsafe outside development; use %s", PASSWORD_VARIABLE, PASSWORD_FILE_VARIABLE)
-        return LocalTarget(store_url, environment, password=SecretValue(env[PASSWORD_VARIABLE].encode()))
+        return LocalTarget(
+            store_url, environment, password=SecretValue(password_variable_bytes(env[PASSWORD_VARIABLE]))
+        )
     if store_url is not None:  # its header may say AWS KMS unlocks it; if not, read_password says so
         return LocalTarget(store_url, environment)
     raise UnlockError(_NO_PASSWORD)
