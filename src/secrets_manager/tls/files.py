@@ -353,20 +353,21 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool) -> None:
     fd = _unnamed_file(path.parent)
     temporary: Path | None = None
     if fd is None:
-        try:
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        except OSError as exc:
-            raise InvalidInputError(f"cannot write in {path.parent}: {exc.strerror}") from None
-        temporary = Path(name)
+        fd, temporary = _named_temporary(path)
     try:
         try:
-            os.fchmod(fd, 0o600)  # mkstemp already creates 0600; say so rather than rely on it
-            view = memoryview(data)
-            while view:  # one write for a PEM file; a rendered template may need more
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            _write_all(fd, data)
             if temporary is None:  # complete: named now (`path` itself, or a name to rename)
-                temporary = _name_unnamed(fd, path, overwrite=overwrite)
+                try:
+                    temporary = _name_unnamed(fd, path, overwrite=overwrite)
+                except FileExistsError:
+                    raise
+                except OSError:  # /proc hidden, or linkat refused: the data again, as elsewhere
+                    named, temporary = _named_temporary(path)
+                    try:
+                        _write_all(named, data)
+                    finally:
+                        os.close(named)
         finally:
             os.close(fd)
         if temporary is not None:
@@ -383,6 +384,23 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temporary)
     _fsync_directory(path.parent)
+
+
+def _named_temporary(path: Path) -> tuple[int, Path]:
+    """A hidden temporary file beside `path`, open for writing."""
+    try:
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise InvalidInputError(f"cannot write in {path.parent}: {exc.strerror}") from None
+    return fd, Path(name)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    os.fchmod(fd, 0o600)  # mkstemp already creates 0600; say so rather than rely on it
+    view = memoryview(data)
+    while view:  # one write for a PEM file; a rendered template may need more
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
 
 
 def _unnamed_file(directory: Path) -> int | None:
