@@ -678,3 +678,25 @@ def test_mtls_handshake_refuses_bad_client_certificates(
     with pytest.raises(grpc.RpcError) as caught:
         call(mtls_server, credentials)
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+
+
+def test_a_private_file_is_written_the_named_way_where_proc_cannot_name_an_unnamed_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Linking an O_TMPFILE file needs /proc/self/fd; where that fails the hidden temporary file
+    beside FILE is used, as on other platforms: the file is written all the same, 0600, and an
+    existing one is replaced only with `overwrite`."""
+    from secrets_manager.errors import ConflictError
+    from secrets_manager.tls import files
+
+    def refused(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(files, "_name_unnamed", refused)
+    target = tmp_path / "key.pem"
+    files.write_private_file(target, b"first", overwrite=False)
+    files.write_private_file(target, b"second", overwrite=True)
+    with pytest.raises(ConflictError, match="already exists"):
+        files.write_private_file(target, b"third", overwrite=False)
+    assert target.read_bytes() == b"second" and target.stat().st_mode & 0o777 == 0o600
+    assert [entry.name for entry in tmp_path.iterdir()] == ["key.pem"]
