@@ -373,6 +373,20 @@ def test_no_token_is_an_unlock_error(fake_vault: FakeVault) -> None:
         connect_vault(fake_vault.address, environ={})
 
 
+@pytest.mark.parametrize("token", ["hvs.hunter2\n", " hvs.hunter2", "hvs.hunter2\u2603", "hvs.hunter2\udcff"])
+def test_a_token_no_http_header_can_carry_is_refused_without_repeating_it(
+    fake_vault: FakeVault, token: str
+) -> None:
+    """A line end or space around VAULT_TOKEN (a file read into it) was 'cannot reach Vault
+    (InvalidHeader)', whose requests error quotes the header; a character beyond Latin-1 a
+    UnicodeEncodeError from http.client (an internal error), which carries the whole token."""
+    with pytest.raises(InvalidInputError, match="VAULT_TOKEN") as refused:
+        connect_vault(fake_vault.address, environ={"VAULT_TOKEN": token})
+    for shown in (str(refused.value), repr(refused.value)):
+        assert "hunter2" not in shown
+    assert refused.value.__cause__ is None and refused.value.__context__ is None
+
+
 def test_a_token_vault_does_not_know_is_access_denied(make_vault: MakeVault) -> None:
     with pytest.raises(AccessDeniedError, match="permission denied"):
         make_vault(token="not-a-token").list()

@@ -270,6 +270,15 @@ def connect_vault(
     )
     token = environ.get(TOKEN_VARIABLE)
     if token:
+        # Sent as the X-Vault-Token header, which cannot carry a line end, spaces around it or
+        # what is not Latin-1: requests' InvalidHeader quotes the header, http.client's
+        # UnicodeEncodeError carries it (`.object`). Refused here without repeating it.
+        if not (token.isascii() and token.isprintable() and token == token.strip()):
+            client.adapter.close()
+            raise InvalidInputError(
+                f"{TOKEN_VARIABLE} is not a Vault token: it holds a line end, spaces around it or "
+                "characters no token has; set it to the token alone"
+            )
         client.token = token
         return client
     role_id, secret_id = environ.get(ROLE_ID_VARIABLE), environ.get(SECRET_ID_VARIABLE)
