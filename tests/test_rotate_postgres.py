@@ -24,6 +24,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from secrets_manager.values import SecretValue
 from service_fixtures import make_pki, make_store, start_server
 from tcp_proxy import TcpProxy, Verdict
 from test_rotate import OLD_VALUE, SCRIPT, Cli
@@ -559,3 +560,23 @@ def test_rotate_through_the_service_sets_the_role_from_this_machine(tmp_path: Pa
     stages = [r for r in server.audit_records() if r["operation"] == "rotate.stage"]
     assert [r["outcome"] for r in stages] == ["pending", "ok"] and stages[-1]["version"] == 2
     assert new not in (tmp_path / "store.audit.jsonl").read_text() + "".join(server.log_lines)
+
+
+def test_a_password_in_a_libpq_error_is_redacted_also_with_runs_of_spaces_or_line_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The error was put on one line (runs of whitespace made one space) before the password was
+    replaced: one with two spaces or a line end in it was then not found, and stayed."""
+    from secrets_manager.rotators import postgres
+
+    password = "hunter2  with\nline"
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise psycopg.OperationalError(f"connection failed: FATAL:  password {password!s} is wrong")
+
+    monkeypatch.setattr(psycopg, "connect", refuse)
+    with pytest.raises(postgres.PostgresStepError) as failed:
+        postgres.PostgresRole("app").check_login(SecretValue(password.encode()), timeout=5)
+    message = str(failed.value)
+    assert "hunter2" not in message and "<password>" in message, message
+    assert "\n" not in message

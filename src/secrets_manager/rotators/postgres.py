@@ -233,9 +233,10 @@ def _session(
         if armed is not None and armed.expired:
             message = f"no answer from the server within {timeout + ANSWER_GRACE_SECONDS:g} s"
         else:
-            message = _one_line(exc)
-            if secret is not None:
-                message = message.replace(secret, "<password>")
+            # replaced before it is put on one line, which makes runs of whitespace one space:
+            # a password with two spaces or a line end in it would no longer be found
+            text = str(exc) if secret is None else str(exc).replace(secret, "<password>")
+            message = " ".join(text.split()) or type(exc).__name__
         return PostgresStepError(message if doing is None else f"cannot {doing} ({message})")
 
     try:
