@@ -2068,6 +2068,45 @@ def test_edit_on_a_terminal_asks_for_the_master_password_once(ready: Cli, tmp_pa
     assert ready("get", "auth/TYPED").out == "KNOWN-after\n"
 
 
+@pytest.mark.skipif(shutil.which("vim") is None and not os.environ.get("CI"), reason="vim is not installed")
+def test_edit_in_vim_leaves_no_copy_of_the_value_in_its_swap_viminfo_backup_or_undo_files(
+    ready: Cli, tmp_path: Path
+) -> None:
+    """A vimrc as many dotfiles have it: swap, backup and undo files in directories of the home
+    (on disk), and viminfo keeping registers. Editing in vim (yank the line, change it, save) left
+    the old value in the undo and backup files and the yanked one in ~/.viminfo, and the swap file
+    (which holds the text) sat on disk while vim ran. Now vim is started with none of them."""
+    home = tmp_path / "home"
+    kept = {name: home / name for name in ("swap", "backup", "undo")}
+    for directory in kept.values():
+        directory.mkdir(parents=True)
+    (home / ".vimrc").write_text(
+        f"set directory={kept['swap']}// backupdir={kept['backup']}// undodir={kept['undo']}//\n"
+        "set backup undofile viminfo='50,<1000,s100\n"
+    )
+    ready("store", "auth/VIMMED", input=b"OLD-vim-MARKER-value")
+    swap_while_open: list[list[str]] = []
+
+    def respond(out: bytes) -> bytes | None:
+        if swap_while_open or b"OLD-vim-MARKER-value" not in out:
+            return None
+        time.sleep(0.5)  # vim has drawn the file: its swap file, if any, exists
+        swap_while_open.append(sorted(os.listdir(kept["swap"])))
+        return b"yyccNEW-vim-MARKER-value\x1b:wq\r"
+
+    env = {**ready.env, "HOME": str(home), "EDITOR": "vim", "TERM": "xterm"}
+    code, text = on_a_terminal(["edit", "auth/VIMMED"], env, respond)
+    assert code == 0, text
+    assert ready("get", "auth/VIMMED").out == "NEW-vim-MARKER-value\n"
+    assert swap_while_open == [[]], "vim kept a swap file of the value on disk"
+    left = {
+        str(path.relative_to(home)): path.read_bytes()
+        for path in home.rglob("*")
+        if path.is_file() and path.name != ".vimrc"
+    }
+    assert not [name for name, data in left.items() if b"vim-MARKER" in data], sorted(left)
+
+
 def test_edit_of_a_deleted_secret_is_refused_before_the_editor_opens(ready: Cli, tmp_path: Path) -> None:
     """As `store` refuses to write to a soft-deleted secret: the editor is not opened on an empty
     file (as if the name were new) whose text the write then refuses as 'changed while you edited'."""

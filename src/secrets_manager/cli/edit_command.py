@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -54,6 +55,15 @@ from secrets_manager.values import SecretValue
 MEMORY_DIRECTORY = Path("/dev/shm")  # noqa: S108
 DIRECTORY_PREFIX = "secrets-manager-edit-"
 DEFAULT_EDITOR = "vi"
+# vim and neovim, by the name of the file a command line runs once symlinks are followed (Debian's
+# vi is a link to vim.basic or vim.tiny); not nvi, busybox vi or a vim installed as a file named vi.
+VIM_FAMILY = re.compile(r"[gn]?vim(\.[a-z0-9]+)?|vimx")
+# What keeps them from copying the value out of the private directory: no swap file (one set to a
+# central `directory` lands on disk), no viminfo / shada file (its registers keep what was yanked
+# or deleted, on disk), no backup or undo file (a `backupdir` or `undodir` of the user's keeps the
+# old value). `-c` runs after the user's vimrc, so its settings win; `silent!` for a vim built
+# without undo files (vim.tiny), which would otherwise stop at an error message.
+VIM_PRIVATE_ARGUMENTS = ("-n", "-i", "NONE", "-c", "silent! set nobackup nowritebackup noundofile")
 
 
 @cli.command()
@@ -210,7 +220,7 @@ def _edited_in(editor: str, text: str, production: bool, withheld: tuple[str, ..
             # As git runs it: through the shell, so EDITOR="code --wait" works; the path (never the
             # value) is its argument. Files the editor makes (swap, backup) are private too.
             finished = subprocess.run(
-                ["/bin/sh", "-c", f'{editor} "$@"', editor, str(path)],
+                ["/bin/sh", "-c", f'{editor} "$@"', editor, *_private_arguments(editor), str(path)],
                 umask=0o077,
                 env=_editor_environment(withheld),
                 check=False,
@@ -240,6 +250,16 @@ def _edited_in(editor: str, text: str, production: bool, withheld: tuple[str, ..
     # in "\r" ends its file with "\r\n" too, whose "\r" is the value's (saved unchanged: kept).
     crlf = saved.endswith("\r\n") and not text.endswith("\r")
     return saved[:-2] if crlf else saved[:-1] if saved.endswith("\n") else saved
+
+
+def _private_arguments(editor: str) -> tuple[str, ...]:
+    """What `editor` is given before the file so it keeps no copy of the value elsewhere: for
+    vim and neovim (through a symlink such as Debian's vi), VIM_PRIVATE_ARGUMENTS; others
+    nothing (their history is the user's to turn off)."""
+    program = shutil.which(shlex.split(editor)[0])  # found: _editor checked it
+    if program is None:
+        return ()
+    return VIM_PRIVATE_ARGUMENTS if VIM_FAMILY.fullmatch(Path(os.path.realpath(program)).name) else ()
 
 
 def _editor_environment(withheld: tuple[str, ...]) -> dict[str, str]:
