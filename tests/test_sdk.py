@@ -572,6 +572,41 @@ def test_a_put_whose_answer_was_lost_is_not_made_again_at_the_next_replica(
         second.stop()
 
 
+def test_a_compare_and_set_whose_answer_was_lost_is_not_reported_as_a_conflict_by_the_next_replica(
+    service_dir: Path, make_client: ClientFactory
+) -> None:
+    """A put with expect_version that the first replica commits and whose answer is lost is sent
+    to the next replica, which refuses it (the version moved: by this very put). That refusal was
+    raised as ConflictError, "someone else won", though this client's write stands: a
+    read-modify-write loop would then apply its change a second time. The outcome is unknown to
+    the client, and it says so."""
+    first = start_server(service_dir, "server-a")
+    second = start_server(service_dir, "server-b")
+    head = SqliteStorage(service_dir / "store.db").change_head()
+    proxy = AnswerDroppingProxy(
+        first.address, lambda: SqliteStorage(service_dir / "store.db").change_head() > head
+    )
+    try:
+        writer = make_client("writer", [proxy.address, second.address])
+        assert writer.describe("auth/JWT_KEY").current_version == 1  # connected through the proxy
+        proxy.armed.set()
+        with pytest.raises(OutcomeUnknownError) as caught:
+            writer.put("auth/JWT_KEY", b"cas-once-SEEKRIT", expect_version=1)
+        assert proxy.dropped.is_set()
+        message = str(caught.value)
+        assert proxy.address in message and second.address in message and "may have been made" in message
+        assert "SEEKRIT" not in message
+        reader = make_client("writer", [second.address])
+        assert reader.describe("auth/JWT_KEY").current_version == 2  # made once, by the first replica
+        proxy.armed.clear()  # answers pass again: a conflict that is not this client's own is one
+        with pytest.raises(ConflictError):
+            writer.put("auth/JWT_KEY", b"stale-SEEKRIT", expect_version=1)
+    finally:
+        proxy.close()
+        first.stop()
+        second.stop()
+
+
 def test_a_replica_that_hangs_under_the_watch_stream_is_left_within_seconds(
     service_dir: Path, make_client: ClientFactory
 ) -> None:

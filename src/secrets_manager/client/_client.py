@@ -109,6 +109,7 @@ from secrets_manager.client.remote import (
 from secrets_manager.errors import (
     AccessDeniedError,
     ChangeUnrecordedError,
+    ConflictError,
     ConnectionClosedError,
     HandshakeFailedError,
     InvalidInputError,
@@ -422,12 +423,20 @@ class _ServiceReplicas:
         made twice goes on to the next replica only if the one before surely did not make it."""
         failures: list[str] = []
         refused = False
+        maybe_made: str | None = None  # where a change may have been made before its answer was lost
         channels = self._take()
         try:
             for index, replica in self._in_order(channels):
                 try:
                     result = operation(replica)
                 except SecretsManagerError as exc:
+                    if type(exc) is ConflictError and maybe_made is not None:
+                        # A compare-and-set sent again: refused, maybe because the first try made it.
+                        raise OutcomeUnknownError(
+                            f"{maybe_made}; sent again to {replica.address}, which refused it "
+                            f"({exc}): the change may have been made by the first try. Read the "
+                            "secret's history before writing again"
+                        ) from None
                     if not _worth_another_address(exc):
                         raise
                     if at_most_once and not _surely_not_made(exc):
@@ -444,6 +453,8 @@ class _ServiceReplicas:
                     failures.append(
                         said if said.startswith(replica.address) else f"{replica.address}: {said}"
                     )
+                    if maybe_made is None and not _surely_not_made(exc):
+                        maybe_made = failures[-1]
                     continue
                 self._preferred = index
                 return result
@@ -474,7 +485,8 @@ class _ServiceReplicas:
     ) -> int:
         """PutSecret. Without `expect_version`, sent to one replica after another only while
         none can have made it (made twice it would be two versions, and `previous` would lose the
-        value it held); with it, a second try cannot double it (it is refused, ABORTED)."""
+        value it held); with it, a second try cannot double it (it is refused, ABORTED: raised as
+        OutcomeUnknownError when the first try may have made it, never as a conflict)."""
         return self._call(
             lambda replica: replica.put_version(
                 name,
@@ -909,7 +921,8 @@ class Client:
         reached, or refused before writing); if its answer was lost mid-call, StorageError says
         the outcome is unknown, rather than risk making it twice (two versions of one value, and
         `previous` no longer the value it replaced). With `expect_version` it fails over like a
-        read: a second try cannot double it (ConflictError if the first had made it)."""
+        read: a second try cannot double it; refused after a first try whose answer was lost, it is
+        OutcomeUnknownError (the first may have made it), not ConflictError."""
         data = _value_bytes(value)
         LIVE_VALUES.remember(SecretValue(data))  # this process has it: a log record may quote it
         version = self._uncached(
