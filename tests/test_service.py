@@ -1153,7 +1153,8 @@ def test_the_cli_takes_several_addresses_like_the_sdk_and_uses_the_first_that_an
     history = json.loads(cli(both, "history", "auth/FAILOVER", "--json").stdout)
     assert [v["version"] for v in history["versions"]] == [1]  # written once, to the one that answered
     nobody = cli(f"{dead},{free_address()}", "get", "auth/FAILOVER")
-    assert nobody.returncode == 1 and b"no secrets-manager service answered at" in nobody.stderr
+    assert nobody.returncode == 1 and b"no secrets-manager service is serving at" in nobody.stderr
+    assert nobody.stderr.count(b"Connection refused") == 2, nobody.stderr  # why, for each
     malformed = cli(f"{server.address},nohost", "get", "auth/FAILOVER")
     assert malformed.returncode == 2 and b"is not host:port" in malformed.stderr
 
@@ -1213,6 +1214,47 @@ def test_a_client_trusting_another_ca_gets_one_line_and_no_grpc_log(server: Serv
     ]
     url = server.cli("ops", "list", env={"SECRETS_MANAGER_ADDR": f"https://{server.address}"})
     assert url.returncode == 2 and b"is a URL; give host:port without 'https://'" in url.stderr
+
+
+def test_with_several_addresses_a_certificate_every_replica_refuses_is_said_not_try_again(
+    server: Server, tmp_path: Path
+) -> None:
+    """`--server A,B` with a CA the servers' certificates are not from (or a client certificate
+    they do not trust): with one address the handshake is named and what to check; with two the
+    command said only "no secrets-manager service answered at A, B; try again", as if both were
+    down, and trying again could never help."""
+    second = start_server(server.dir, "second")
+    other = tmp_path / "another-ca"
+    try:
+        made = run_script(
+            {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, "pki", "init", "--dir", str(other)
+        )
+        assert made.returncode == 0, made.stderr
+        both = f"{server.address},{second.address}"
+        listed = server.cli(
+            "ops", "list", env={"SECRETS_MANAGER_ADDR": both, "SECRETS_MANAGER_CA": str(other / "ca.pem")}
+        )
+        assert listed.returncode == 1
+        assert listed.stderr.decode().splitlines() == [
+            f"secrets-manager: error: TLS handshake with {server.address} failed: check the certificate "
+            f"files (is the server's certificate signed by the CA in {other / 'ca.pem'} and issued for "
+            f"this address?) (likewise at {second.address})"
+        ]
+        dead = free_address()  # one refused, one down: each is named with why
+        mixed = server.cli(
+            "ops",
+            "list",
+            env={
+                "SECRETS_MANAGER_ADDR": f"{server.address},{dead}",
+                "SECRETS_MANAGER_CA": str(other / "ca.pem"),
+            },
+        )
+        assert mixed.returncode == 1 and mixed.stderr.decode().count("\n") == 1, mixed.stderr
+        said = mixed.stderr.decode()
+        assert f"no secrets-manager service is serving at {server.address}, {dead}" in said
+        assert f"TLS handshake with {server.address} failed" in said and f"{dead}: failed to connect" in said
+    finally:
+        second.stop()
 
 
 @pytest.mark.parametrize(

@@ -71,6 +71,7 @@ from secrets_manager.environment import (
 from secrets_manager.errors import (
     AccessDeniedError,
     ConflictError,
+    HandshakeFailedError,
     InvalidInputError,
     MissingCredentialsError,
     NotFoundError,
@@ -133,6 +134,13 @@ from secrets_manager.values import SecretValue, read_exact_json_object
 
 if TYPE_CHECKING:  # the client (gRPC, asyncio) is imported only by a command that uses --server
     from secrets_manager.client import RemoteStore, TlsFiles
+
+
+def _at_address(error: Exception, address: str) -> str:
+    """`error`'s message, led by `address` unless it begins by naming it already."""
+    said = str(error)
+    named = said.startswith((address, f"TLS handshake with {address} ", f"the server at {address} "))
+    return said if named else f"{address}: {said}"
 
 
 def is_remote_store(store: object) -> TypeGuard[RemoteStore]:
@@ -558,12 +566,22 @@ class Session:
         tls = self.tls_files()
         if len(addresses) == 1:
             return RemoteStore(addresses[0], tls, options=options)
+        refusals: list[StorageError] = []
         for address in addresses:
             remote = RemoteStore(address, tls, options=options, replicas=addresses)
-            if remote.is_serving(timeout=HEALTH_CHECK_SECONDS):
+            why = remote.why_not_serving(HEALTH_CHECK_SECONDS)
+            if why is None:
                 return remote
             remote.close()
-        raise StorageError(f"no secrets-manager service answered at {', '.join(addresses)}; try again")
+            refusals.append(why)
+        if all(type(why) is HandshakeFailedError for why in refusals):
+            # Not "try again": the certificate files (or the servers') must change first. Said as
+            # one address says it, the others named.
+            raise HandshakeFailedError(f"{refusals[0]} (likewise at {', '.join(addresses[1:])})")
+        whys = "; ".join(_at_address(why, at) for why, at in zip(refusals, addresses, strict=True))
+        raise StorageError(
+            f"no secrets-manager service is serving at {', '.join(addresses)} ({whys}); try again"
+        )
 
     def require_local(self, command: str) -> None:
         if self.server:

@@ -246,31 +246,9 @@ class RemoteStore:
         except grpc.RpcError as exc:
             code = exc.code()
             details = exc.details() or code.name
-            if "hostname verification check failed" in details.lower():  # gRPC's words for it
-                host = self.address.rpartition(":")[0].strip("[]")
-                option = "--ip" if _is_ip_address(host) else "--dns"
-                raise HandshakeFailedError(
-                    f"the server at {self.address} presented a certificate not issued for {host}: "
-                    "connect with a name or address the certificate holds, or issue the server's "
-                    f"certificate again with it ('pki issue NAME --server {option} {host}')"
-                ) from None
-            if code is grpc.StatusCode.UNAVAILABLE and "handshake" in details.lower():
-                raise HandshakeFailedError(
-                    f"TLS handshake with {self.address} failed: check the certificate files (is the "
-                    f"server's certificate signed by the CA in {self._tls.ca} and issued for this address?)"
-                ) from None
-            if code is grpc.StatusCode.UNAVAILABLE and "socket closed" in details.lower():
-                # How a server that refuses the client certificate in the handshake looks from here;
-                # once connected, also how a call looks whose server went away mid-call.
-                closed = (
-                    HandshakeFailedError if details.startswith(_NEVER_CONNECTED) else ConnectionClosedError
-                )
-                raise closed(
-                    f"{details} (if the service is up, it may have refused the client certificate "
-                    f"{self._tls.cert}: one from another CA than the server trusts, or expired?)"
-                ) from None
-            if code is grpc.StatusCode.UNAVAILABLE and details.startswith(_NEVER_CONNECTED):
-                raise NotConnectedError(details) from None
+            unconnected = self._not_connected(code, details)
+            if unconnected is not None:
+                raise unconnected from None
             if code is grpc.StatusCode.CANCELLED and details == _CHANNEL_CLOSED:
                 # Its channel was closed under it: replaced by a renewal or a move (another thread).
                 if method in _READS:
@@ -295,6 +273,55 @@ class RemoteStore:
                     "(an older secrets-manager?); upgrade it"
                 ) from None
             raise error_for(code, f"{details}", exc.trailing_metadata()) from None
+
+    def _not_connected(self, code: grpc.StatusCode, details: str) -> StorageError | None:
+        """The error of a call that failed as one does that found no connection, or whose TLS
+        handshake failed (named so, with what to check); None for any other failure."""
+        if "hostname verification check failed" in details.lower():  # gRPC's words for it
+            host = self.address.rpartition(":")[0].strip("[]")
+            option = "--ip" if _is_ip_address(host) else "--dns"
+            return HandshakeFailedError(
+                f"the server at {self.address} presented a certificate not issued for {host}: "
+                "connect with a name or address the certificate holds, or issue the server's "
+                f"certificate again with it ('pki issue NAME --server {option} {host}')"
+            )
+        if code is grpc.StatusCode.UNAVAILABLE and "handshake" in details.lower():
+            return HandshakeFailedError(
+                f"TLS handshake with {self.address} failed: check the certificate files (is the "
+                f"server's certificate signed by the CA in {self._tls.ca} and issued for this address?)"
+            )
+        if code is grpc.StatusCode.UNAVAILABLE and "socket closed" in details.lower():
+            # How a server that refuses the client certificate in the handshake looks from here;
+            # once connected, also how a call looks whose server went away mid-call.
+            closed = HandshakeFailedError if details.startswith(_NEVER_CONNECTED) else ConnectionClosedError
+            return closed(
+                f"{details} (if the service is up, it may have refused the client certificate "
+                f"{self._tls.cert}: one from another CA than the server trusts, or expired?)"
+            )
+        if code is grpc.StatusCode.UNAVAILABLE and details.startswith(_NEVER_CONNECTED):
+            return NotConnectedError(details)
+        return None
+
+    def why_not_serving(self, timeout: float) -> StorageError | None:
+        """None if Health/Check of the Secrets service says SERVING within `timeout` (or there is
+        no health service); else why not, as an error: a failed TLS handshake or a refused
+        certificate as a call would report it (HandshakeFailedError), no connection, no answer
+        in time, or the status it said (NOT_SERVING)."""
+        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        try:
+            reply = self._health.Check(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code is grpc.StatusCode.UNIMPLEMENTED:  # answered, just no health service
+                return None
+            details = exc.details() or code.name
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                return StorageError(f"{self.address} did not answer its health check within {timeout:g} s")
+            return self._not_connected(code, details) or StorageError(f"{self.address}: {details}")
+        if reply.status == health_pb2.HealthCheckResponse.SERVING:
+            return None
+        status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        return StorageError(f"{self.address} says {status}")
 
     def _read_while_serving(self, method: str, request: Any, deadline: float) -> Any:
         """A read that has not been answered within HEALTH_POLL_SECONDS is given up (StorageError,
