@@ -117,6 +117,31 @@ def test_a_server_that_does_not_answer_holds_the_tab_for_at_most_a_few_seconds(t
         server.stop()
 
 
+def test_with_several_addresses_a_hung_first_one_still_lets_names_complete(tmp_path: Path) -> None:
+    """`--server A,B` with A hung (it accepts connections, never answers): A's health check took
+    the whole 3 s a TAB may take (its own timeout is 3 s too), so nothing ever completed while B
+    served. The health checks of a completion are shorter, so B is reached and lists in time."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    hung = socket.socket()
+    try:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(5)
+        env = {
+            **through_service(tmp_path, f"127.0.0.1:{hung.getsockname()[1]},{server.address}"),
+            "_SECRETS_MANAGER_COMPLETE": "bash_complete",
+            "COMP_WORDS": "secrets-manager get auth/",
+            "COMP_CWORD": "2",
+        }
+        done = subprocess.run([str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+        offered = [line.split(",", 1)[1] for line in done.stdout.splitlines() if line.startswith("plain,")]
+        assert (done.returncode, done.stderr, offered) == (0, "", ["auth/DB_PASSWORD", "auth/JWT_KEY"])
+    finally:
+        hung.close()
+        server.stop()
+
+
 def test_an_agent_key_that_no_longer_opens_the_store_audits_no_refused_unlock(
     cli: AgentCli, tmp_path: Path
 ) -> None:

@@ -250,6 +250,8 @@ class Session:
     environ: Mapping[str, str]
     server: str | None = None
     prompts: bool = True  # False: a password that would be asked at the terminal is PasswordNotAsked
+    # How long each of several --server addresses has to say SERVING before the next is asked.
+    health_check_seconds: float = HEALTH_CHECK_SECONDS
 
     def __repr__(self) -> str:
         """Without the environment (MASTER_PASSWORD, VAULT_TOKEN, ...) or a store URL's password
@@ -569,7 +571,7 @@ class Session:
         refusals: list[StorageError] = []
         for address in addresses:
             remote = RemoteStore(address, tls, options=options, replicas=addresses)
-            why = remote.why_not_serving(HEALTH_CHECK_SECONDS)
+            why = remote.why_not_serving(self.health_check_seconds)
             if why is None:
                 return remote
             remote.close()

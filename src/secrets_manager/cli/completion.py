@@ -18,6 +18,9 @@ import click
 from click.shell_completion import CompletionItem
 
 COMPLETION_SECONDS = 3.0  # a TAB that waits longer for the store completes nothing
+# Each of several --server addresses' health check: a hung first one must leave the next time to
+# answer within COMPLETION_SECONDS (a replica that serves answers in milliseconds).
+COMPLETION_HEALTH_CHECK_SECONDS = 1.0
 
 if TYPE_CHECKING:
     from secrets_manager.cli.app import Session
@@ -36,6 +39,7 @@ def complete_secret_names(
         environ=os.environ,
         server=root.get("server") or None,
         prompts=False,
+        health_check_seconds=COMPLETION_HEALTH_CHECK_SECONDS,
     )
     prefix = incomplete[: incomplete.rfind("/") + 1]  # the namespace typed so far: list only it
     names: list[str] = []
