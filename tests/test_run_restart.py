@@ -725,6 +725,9 @@ def test_a_watch_stream_that_cannot_be_opened_again_says_why(capsys: pytest.Capt
         def fail_over(self, timeout: float) -> bool:
             return False
 
+        def move_on(self, timeout: float) -> bool:
+            return False
+
     remote = Refusing()
     source = WatchSource(remote, "app/")
     stop = threading.Event()

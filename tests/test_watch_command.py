@@ -39,7 +39,8 @@ def signals_at_their_defaults() -> None:
 class Watching:
     """A `watch` process: its stdout lines as they come."""
 
-    def __init__(self, args: list[str], env: dict[str, str]) -> None:
+    def __init__(self, args: list[str], env: dict[str, str], said: tuple[str, ...] = ("watching ",)) -> None:
+        """`said`: how the lines it says on stderr before it is live begin."""
         self.process = subprocess.Popen(
             [str(SCRIPT), *args],
             env=env,
@@ -51,8 +52,10 @@ class Watching:
         self.lines: queue.Queue[str] = queue.Queue()
         assert self.process.stdout is not None and self.process.stderr is not None
         threading.Thread(target=self._read, args=(self.process.stdout,), daemon=True).start()
-        said = self.process.stderr.readline()  # "watching …" once the feed or stream is live
-        assert said.startswith("watching "), said
+        for begins in said:  # "watching …" once the feed or stream is live
+            line = self.process.stderr.readline()
+            assert line.startswith(begins), line
+            self.said = line
 
     def _read(self, stream: IO[str]) -> None:
         for line in stream:
@@ -201,3 +204,37 @@ def test_a_service_that_refuses_watch_is_said_in_watchs_own_words(
     said = refused.stderr.decode()
     assert refused.returncode == 2 and len(said.strip().splitlines()) == 1, said
     assert "watch needs the service's Watch stream" in said and "restart-on-change" not in said, said
+
+
+def test_with_several_addresses_a_replica_at_its_watch_stream_limit_passes_the_stream_to_another(
+    tmp_path: Path,
+) -> None:
+    """`watch --server A,B` (and `run --restart-on-change`, which follows the same source) when A
+    serves but refuses one more stream (RESOURCE_EXHAUSTED, at its max_watch_streams): A says
+    SERVING, so the stream was not moved and the command failed (exit 1) with B beside it, which
+    has room. Now it watches through B, and a change is printed."""
+    make_pki(tmp_path, ("auth", "ops"))
+    make_store(tmp_path)
+    full = start_server(tmp_path, "full", settings="max_watch_streams = 1\n")
+    roomy = start_server(tmp_path, "roomy")
+    ops = RemoteStore(full.address, tls_files(tmp_path, "ops"))
+    held = ops.watch("auth/")
+    try:
+        held.start()  # A's one stream
+        env = through_service(tmp_path, f"{full.address},{roomy.address}")
+        moved = (
+            f"secrets-manager: {full.address} has no room for another watch stream: watching {roomy.address}"
+        )
+        watching = Watching(["watch", "--json", "auth/"], env, said=(moved, "watching "))
+        try:
+            store_in_served_store(tmp_path, "auth/DB_PASSWORD", "rotated-SEEKRIT")
+            event = watching.next()
+        finally:
+            code, stderr = watching.end(signal.SIGTERM)
+    finally:
+        held.cancel()
+        ops.close()
+        full.stop()
+        roomy.stop()
+    assert (event["kind"], event["name"], event["version"]) == ("version_added", "auth/DB_PASSWORD", 2)
+    assert code == 0 and "SEEKRIT" not in stderr

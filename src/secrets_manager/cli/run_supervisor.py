@@ -36,7 +36,13 @@ from types import FrameType
 from typing import TYPE_CHECKING, Protocol, TypeVar, cast
 
 from secrets_manager.cli.output import info_line, warning_line
-from secrets_manager.errors import InvalidInputError, SecretsManagerError, StorageError, WatchUnsupportedError
+from secrets_manager.errors import (
+    InvalidInputError,
+    ResourceExhaustedError,
+    SecretsManagerError,
+    StorageError,
+    WatchUnsupportedError,
+)
 from secrets_manager.store import Secret, SecretStore
 from secrets_manager.store.changes import ChangeKind, SecretChange
 
@@ -139,6 +145,8 @@ class WatchedStore(Protocol):
 
     def fail_over(self, timeout: float) -> bool: ...
 
+    def move_on(self, timeout: float) -> bool: ...
+
 
 class WatchStream(Protocol):
     revision: int | None
@@ -177,24 +185,25 @@ class WatchSource:
                     "off); nothing was run. Run the program without --restart-on-change, or ask for "
                     "Watch to be on"
                 ) from None
-            except StorageError:  # gone, or its store silent, since it was chosen: another, if one serves
+            except StorageError as exc:  # gone, its store silent, or full: another, if one serves
                 tried.add(was := remote.address)
-                if not remote.fail_over(HEALTH_CHECK_SECONDS) or remote.address in tried:
+                if not _moved(remote, exc) or remote.address in tried:
                     raise
-                info_line(f"{was} does not answer: watching {remote.address}")
+                info_line(f"{was} {_why_moved(exc)}: watching {remote.address}")
         self._lock = threading.Lock()
         self._cancelled = False
 
     def follow(self, changed: Callable[[SecretChange], None], stop: threading.Event) -> None:
         delay = 1.0
         while not stop.is_set():
+            failure: SecretsManagerError | None = None
             try:
                 for change in self._stream:
                     changed(change)
                     delay = 1.0
                 problem = "the service ended the watch stream"
             except SecretsManagerError as exc:
-                problem = str(exc)
+                problem, failure = str(exc), exc
             stream = self._stream
             while True:  # until a new stream is live, each failure said as it is
                 if stop.is_set():
@@ -206,13 +215,13 @@ class WatchSource:
                 if self._remote.renew_connection():  # its TLS files were renewed meanwhile
                     info_line(f"connecting to {self._remote.address} with the renewed certificate files")
                 was = self._remote.address
-                if self._remote.fail_over(HEALTH_CHECK_SECONDS):  # gone, or its store silent
-                    info_line(f"{was} does not answer: moving to {self._remote.address}")
+                if _moved(self._remote, failure):  # gone, its store silent, or no room for the stream
+                    info_line(f"{was} {_why_moved(failure)}: moving to {self._remote.address}")
                 try:
                     reopened = self._remote.watch(self._prefix, stream.revision, stream.history)
                     reopened.start()
                 except SecretsManagerError as exc:
-                    problem = str(exc)
+                    problem, failure = str(exc), exc
                     continue
                 break
             with self._lock:
@@ -228,6 +237,20 @@ class WatchSource:
         with self._lock:
             self._cancelled = True
             self._stream.cancel()
+
+
+def _moved(remote: WatchedStore, failure: BaseException | None) -> bool:
+    """Whether `remote` moved to another replica after a watch stream's `failure`: one that refused
+    it for want of room (its watch-stream limit) though it serves, or one that no longer serves."""
+    if isinstance(failure, ResourceExhaustedError):
+        return remote.move_on(HEALTH_CHECK_SECONDS)
+    return remote.fail_over(HEALTH_CHECK_SECONDS)
+
+
+def _why_moved(failure: BaseException | None) -> str:
+    if isinstance(failure, ResourceExhaustedError):
+        return "has no room for another watch stream"
+    return "does not answer"
 
 
 @dataclass(frozen=True)

@@ -174,6 +174,14 @@ class RemoteStore:
             return False
         return self._move(timeout, avoid={self.address})
 
+    def move_on(self, timeout: float) -> bool:
+        """As `fail_over`, for a replica that serves but refused a call for want of room (its
+        watch-stream limit): to the next replica that says SERVING within `timeout`, whatever
+        this one says. True if it moved; False with one address, or if no other serves."""
+        if len(self.replicas) < 2:
+            return False
+        return self._move(timeout, avoid={self.address})
+
     def _move(self, timeout: float, *, avoid: builtins.set[str]) -> bool:
         """To the next replica after the one in use, not in `avoid`, that says SERVING within
         `timeout`: a channel to it replaces this one (closed). False if none does."""
