@@ -3,6 +3,7 @@ mutual TLS certificates, a real SQLite store and its audit log."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -1196,6 +1197,43 @@ def test_with_several_addresses_a_change_moves_to_another_replica_only_if_it_was
         store.close()
         proxy.close()
         first.kill()
+        second.stop()
+
+
+def test_a_cli_change_whose_connection_ended_before_its_answer_says_it_may_have_been_made(
+    server: Server,
+) -> None:
+    """`store --server A,B` whose request A carried out before the connection ended (the client
+    sees "Socket closed"): the command said only that the service may have refused the client
+    certificate, so the operator stored again, and the secret had two versions of one value. It is
+    not sent to B (made twice), and the one line now says the change may have been made."""
+    from test_sdk import AnswerDroppingProxy
+
+    class EndsTheConnection(AnswerDroppingProxy):  # the client sees the end at once
+        def _end(self, sock: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    second = start_server(server.dir, "second")
+    head = SqliteStorage(server.dir / "store.db").change_head()
+    proxy = EndsTheConnection(
+        server.address, lambda: SqliteStorage(server.dir / "store.db").change_head() > head
+    )
+    try:
+        proxy.armed.set()
+        both = {"SECRETS_MANAGER_ADDR": f"{proxy.address},{second.address}"}
+        stored = server.cli("ops", "store", "auth/ONCE", input=b"once-SEEKRIT", env=both)
+        assert proxy.dropped.is_set()
+        said = stored.stderr.decode()
+        assert stored.returncode == 1 and said.count("\n") == 1, said
+        assert f"the connection to {proxy.address} ended during PutSecret" in said
+        assert "the change may have been made: check (history, describe) before trying again" in said
+        assert "SEEKRIT" not in said
+        history = json.loads(server.cli("ops", "history", "auth/ONCE", "--json").stdout)
+        assert [v["version"] for v in history["versions"]] == [1]  # made once, by A; not sent to B
+    finally:
+        proxy.close()
         second.stop()
 
 

@@ -255,6 +255,12 @@ class RemoteStore:
             code = exc.code()
             details = exc.details() or code.name
             unconnected = self._not_connected(code, details)
+            if method not in _READS and _ended_mid_call(code, details, unconnected):
+                # Sent, and the connection ended before the answer came: the change may stand.
+                raise OutcomeUnknownError(
+                    f"the connection to {self.address} ended during {method} ({details}); the change "
+                    "may have been made: check (history, describe) before trying again"
+                ) from None
             if unconnected is not None:
                 raise unconnected from None
             if code is grpc.StatusCode.CANCELLED and details == _CHANNEL_CLOSED:
@@ -773,6 +779,23 @@ class ChangeStream:
     def cancel(self) -> None:
         self._cancelled = True
         self._call.cancel()
+
+
+# How gRPC words a connection that ended under a call (reset, half-written), once connected.
+_ENDED_MID_CALL = ("connection reset", "broken pipe")
+
+
+def _ended_mid_call(code: grpc.StatusCode, details: str, unconnected: StorageError | None) -> bool:
+    """Whether a call that failed so was sent on a connection that then ended ("Socket closed"
+    once connected, a reset): its request may have been carried out."""
+    if isinstance(unconnected, ConnectionClosedError):
+        return True
+    lowered = details.lower()
+    return (
+        unconnected is None
+        and code is grpc.StatusCode.UNAVAILABLE
+        and any(marker in lowered for marker in _ENDED_MID_CALL)
+    )
 
 
 def _no_answer(error: StorageError) -> bool:
