@@ -57,6 +57,9 @@ def test_public_names_change_only_on_purpose() -> None:
 # ---- configuration -------------------------------------------------------------------------------
 
 
+_TLS = sdk.TlsFiles(Path("c.pem"), Path("k.pem"), Path("ca.pem"))
+
+
 def test_production_without_an_address_is_an_error_that_names_the_variable() -> None:
     with pytest.raises(UnsafeConfigurationError, match="SECRETS_MANAGER_ADDR is not set"):
         Client(environ={"SHRIVENQUANT_ENV": "production", "MASTER_PASSWORD": "would work in dev"})
@@ -109,6 +112,30 @@ def test_an_address_without_the_client_certificate_names_what_is_missing() -> No
 def test_a_malformed_address_is_refused(address: str) -> None:
     with pytest.raises(InvalidInputError, match="is not host:port"):
         resolve_config(address, environ={})
+
+
+@pytest.mark.parametrize("address", ["::1:7443", "fd00::5:7443", "[::1:7443", "[not-ipv6]:7443"])
+def test_an_ipv6_address_outside_brackets_is_refused_saying_how_to_write_it(address: str) -> None:
+    """'::1:7443' passed the host:port check and failed in gRPC's resolver ("Misformatted domain
+    name", exit 1), or, as one of several addresses, was passed over as a replica that is down."""
+    with pytest.raises(
+        InvalidInputError, match=re.escape("an IPv6 address goes in brackets, e.g. [::1]:7443")
+    ):
+        resolve_config(address, environ={})
+    given = "[::1]:7443, [fd00::5]:7443, dns:///secrets.internal:7443"  # a gRPC target too, as before
+    assert resolve_config(given, tls=_TLS, environ={}).target.addresses == (  # type: ignore[union-attr]
+        "[::1]:7443",
+        "[fd00::5]:7443",
+        "dns:///secrets.internal:7443",
+    )
+
+
+def test_an_address_given_twice_is_tried_once() -> None:
+    """'A,A,B' asked A twice before B: a hung A cost two health checks (two timeouts) per
+    command, and `health` listed it twice."""
+    target = resolve_config("a.internal:7443, b.internal:7443,a.internal:7443", tls=_TLS, environ={}).target
+    assert isinstance(target, RemoteTarget)
+    assert target.addresses == ("a.internal:7443", "b.internal:7443")
 
 
 @pytest.mark.parametrize(

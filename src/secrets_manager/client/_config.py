@@ -17,6 +17,7 @@ variable to set, never a failure at the first read.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -152,7 +153,8 @@ def parse_addresses(raw: str | Sequence[str]) -> tuple[str, ...]:
             f"addresses are 'host:port' text or a list of them, not {type(odd).__name__} "
             "(e.g. 'secrets.internal:7443')"
         )
-    addresses = tuple(item.strip() for item in items if item.strip())
+    # Each once, in the order given: an address named twice was asked twice before the next.
+    addresses = tuple(dict.fromkeys(item.strip() for item in items if item.strip()))
     for address in addresses:
         scheme = next((s for s in ("https://", "http://") if address.lower().startswith(s)), None)
         if scheme is not None:  # a Vault habit (VAULT_ADDR is a URL); gRPC took it as a host name
@@ -161,6 +163,12 @@ def parse_addresses(raw: str | Sequence[str]) -> tuple[str, ...]:
                 f"(e.g. {address[len(scheme) :].rstrip('/')}): the service speaks mutual TLS on that port"
             )
         host, _, port = address.rpartition(":")
+        if _unbracketed_ipv6(host) or (host.startswith("[") and not _bracketed_ipv6(host)):
+            # gRPC took '::1:7443' as a host name ("Misformatted domain name")
+            raise InvalidInputError(
+                f"{ADDRESS_VARIABLE}: {address!r} is not host:port; an IPv6 address goes in brackets, "
+                "e.g. [::1]:7443"
+            )
         # ASCII digits only: str.isdigit() also takes "²" (int() then fails) and "٧٤٤٣".
         spaced = not host.isprintable() or any(char.isspace() for char in host)  # gRPC cuts at a NUL
         if not host or spaced or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
@@ -169,6 +177,25 @@ def parse_addresses(raw: str | Sequence[str]) -> tuple[str, ...]:
                 "give one or more comma-separated addresses like secrets.internal:7443"
             )
     return addresses
+
+
+def _bracketed_ipv6(host: str) -> bool:
+    """Whether `host` is an IPv6 address in brackets, as a gRPC target writes one: '[::1]'."""
+    if not (host.startswith("[") and host.endswith("]")):
+        return False
+    try:
+        return ipaddress.ip_address(host[1:-1]).version == 6
+    except ValueError:
+        return False
+
+
+def _unbracketed_ipv6(host: str) -> bool:
+    """Whether `host` is an IPv6 address without its brackets: '::1' of '::1:7443'. (Not every
+    host with a colon: a gRPC target such as 'dns:///secrets.internal:7443' stays as it was.)"""
+    try:
+        return ipaddress.ip_address(host).version == 6
+    except ValueError:
+        return False
 
 
 def _tls_from(env: Mapping[str, str]) -> TlsFiles:
