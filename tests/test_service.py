@@ -1200,6 +1200,43 @@ def test_with_several_addresses_a_change_moves_to_another_replica_only_if_it_was
         second.stop()
 
 
+def test_with_several_addresses_a_move_to_another_replica_uses_certificate_files_renewed_meanwhile(
+    tmp_path: Path,
+) -> None:
+    """A store held open for long (`run --restart-on-change`) whose certificate files were renewed
+    on disk since it connected (a short-lived SVID, `pki issue --force`): a read that A no longer
+    answers moved to B with the files read at the start, which by then may have expired, so B
+    refused it while the renewed files sat on disk. The move now takes the renewed files. Here the
+    renewal changes the identity (writer, then ops), so which files reached B shows in what it
+    lets the client read."""
+    from secrets_manager.client import TlsFiles
+    from service_fixtures import SEED as SERVED
+
+    make_pki(tmp_path, ("writer", "ops"))
+    make_store(tmp_path)  # service_fixtures' secrets and policy: writer may read auth/**, ops all
+    first = start_server(tmp_path, "first")
+    second = start_server(tmp_path, "second")
+    client = tmp_path / "client"
+    client.mkdir()
+    for source, target in (("writer.pem", "cert.pem"), ("writer-key.pem", "key.pem"), ("ca.pem", "ca.pem")):
+        (client / target).write_bytes((tmp_path / source).read_bytes())
+    files = TlsFiles(cert=client / "cert.pem", key=client / "key.pem", ca=client / "ca.pem")
+    store = RemoteStore(first.address, files, replicas=(first.address, second.address))
+    try:
+        assert store.get("auth/JWT_KEY").version == 1  # as writer, through A
+        for source, target in (("ops.pem", "cert.pem"), ("ops-key.pem", "key.pem")):  # renewed whole
+            (client / f"{target}.new").write_bytes((tmp_path / source).read_bytes())
+            (client / f"{target}.new").rename(client / target)
+        first.kill()
+        secret = store.get("market-connector/BINANCE_API_KEY")  # ops may; writer may not
+        assert store.address == second.address
+        assert secret.value.reveal() == SERVED["market-connector/BINANCE_API_KEY"]
+    finally:
+        store.close()
+        first.kill()
+        second.stop()
+
+
 def test_a_cli_change_whose_connection_ended_before_its_answer_says_it_may_have_been_made(
     server: Server,
 ) -> None:

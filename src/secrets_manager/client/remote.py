@@ -186,12 +186,18 @@ class RemoteStore:
         """To the next replica after the one in use, not in `avoid`, that says SERVING within
         `timeout`: a channel to it replaces this one (closed). False if none does."""
         with self._switch:
+            # A new connection never uses files replaced on disk since they were read (renewed;
+            # the old ones may have expired): taken for good once a replica serves with them.
+            renewed = self._renewed_files()
+            credentials = self._credentials if renewed is None else renewed[1]
             at = self.replicas.index(self.address) if self.address in self.replicas else -1
             for address in (*self.replicas[at + 1 :], *self.replicas[: max(at, 0)]):
                 if address in avoid:
                     continue
-                channel = grpc.secure_channel(address, self._credentials, options=self._options)
+                channel = grpc.secure_channel(address, credentials, options=self._options)
                 if _serving(health_pb2_grpc.HealthStub(channel), timeout):
+                    if renewed is not None:
+                        self._tls_signature, self._credentials = renewed
                     old, self.address = self._channel, address
                     self._channel = channel
                     self._stub = pb_grpc.SecretsStub(channel)  # type: ignore[no-untyped-call]
@@ -201,6 +207,19 @@ class RemoteStore:
                 channel.close()
         return False
 
+    def _renewed_files(
+        self,
+    ) -> tuple[tuple[tuple[int, int, int] | None, ...], grpc.ChannelCredentials] | None:
+        """The TLS files' signature and credentials if they changed on disk since they were read
+        and are usable; None if not (half-written ones are looked at again next time)."""
+        signature = self._tls.signature()
+        if signature == self._tls_signature:
+            return None
+        try:
+            return signature, self._tls.credentials()
+        except SecretsManagerError:
+            return None
+
     def renew_connection(self) -> bool:
         """For a store held open for long (`run --restart-on-change`), whose connection broke:
         if the TLS files changed on disk since they were read (a renewed client certificate, a
@@ -208,16 +227,12 @@ class RemoteStore:
         if they did not change, or are not usable yet (half-written: the old ones stay, and they
         are looked at again next time)."""
         with self._switch:
-            signature = self._tls.signature()
-            if signature == self._tls_signature:
-                return False
-            try:
-                credentials = self._tls.credentials()
-            except SecretsManagerError:
+            renewed = self._renewed_files()
+            if renewed is None:
                 return False
             old = self._channel
-            self._tls_signature = signature
-            self._connect(credentials)
+            self._tls_signature = renewed[0]
+            self._connect(renewed[1])
             old.close()
             return True
 
