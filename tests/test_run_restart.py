@@ -957,6 +957,35 @@ def test_with_several_addresses_a_read_on_a_replica_that_hangs_moves_once_its_he
         second.kill()
 
 
+def test_a_fail_over_that_another_thread_has_done_meanwhile_is_not_done_again(tmp_path: Path) -> None:
+    """run's follower finds A not serving (its health check waits up to 3 s) while a reading in the
+    main thread has already moved the store to B: the follower then moved on from B, a replica
+    just found serving, to C (its watch stream and reads with it). Now it stays on B."""
+    from secrets_manager.client import RemoteStore
+
+    make_pki(tmp_path, ("auth",))
+    make_store(tmp_path)
+    servers = [start_server(tmp_path, name) for name in ("a", "b", "c")]
+    a, b, c = (server.address for server in servers)
+    store = RemoteStore(a, tls_files(tmp_path, "auth"), replicas=(a, b, c))
+    checked = store.is_serving
+
+    def checked_while_a_read_moves(timeout: float) -> bool:
+        serving = checked(timeout)
+        assert store.get("auth/JWT_KEY").value.reveal() == SEED["auth/JWT_KEY"]  # moves to B
+        return serving
+
+    try:
+        servers[0].kill()
+        store.is_serving = checked_while_a_read_moves  # type: ignore[method-assign]
+        assert store.fail_over(3.0)  # moved off A: by the read
+        assert store.address == b
+    finally:
+        store.close()
+        for server in servers:
+            server.kill()
+
+
 def test_a_read_whose_connection_is_renewed_under_it_is_sent_again_on_the_new_one(tmp_path: Path) -> None:
     """run's follower renews the held store's connection (its TLS files changed) while the reading
     after a change waits for its answer: gRPC cancels the read ("Channel closed!"). It was an

@@ -170,9 +170,10 @@ class RemoteStore:
         (in the order given, after this one) replaces this one (closed: calls on it end). The
         replicas share one store, so a watch stream resumes on another where it stopped. True if
         it moved; False with one address, or if this one serves, or if none does."""
+        address = self.address
         if len(self.replicas) < 2 or self.is_serving(timeout):
             return False
-        return self._move(timeout, avoid={self.address})
+        return self._move(timeout, avoid={address}, leaving=address)
 
     def move_on(self, timeout: float) -> bool:
         """As `fail_over`, for a replica that serves but refused a call for want of room (its
@@ -180,12 +181,17 @@ class RemoteStore:
         this one says. True if it moved; False with one address, or if no other serves."""
         if len(self.replicas) < 2:
             return False
-        return self._move(timeout, avoid={self.address})
+        address = self.address
+        return self._move(timeout, avoid={address}, leaving=address)
 
-    def _move(self, timeout: float, *, avoid: builtins.set[str]) -> bool:
-        """To the next replica after the one in use, not in `avoid`, that says SERVING within
-        `timeout`: a channel to it replaces this one (closed). False if none does."""
+    def _move(self, timeout: float, *, avoid: builtins.set[str], leaving: str) -> bool:
+        """From `leaving` to the next replica after it, not in `avoid`, that says SERVING within
+        `timeout`: a channel to it replaces this one (closed). False if none does. True at once
+        if another thread has moved off `leaving` meanwhile (a read in `run` while its follower
+        fails over): moving again would leave a replica just found serving."""
         with self._switch:
+            if self.address != leaving:
+                return True
             # A new connection never uses files replaced on disk since they were read (renewed;
             # the old ones may have expired): taken for good once a replica serves with them.
             renewed = self._renewed_files()
@@ -258,7 +264,7 @@ class RemoteStore:
                 if len(self.replicas) < 2 or not worth_another(exc):
                     raise
                 tried.add(address)
-                if not self._move(FAILOVER_HEALTH_CHECK_SECONDS, avoid=tried):
+                if not self._move(FAILOVER_HEALTH_CHECK_SECONDS, avoid=tried, leaving=address):
                     raise
 
     def _call_here(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
