@@ -607,6 +607,44 @@ def test_a_compare_and_set_whose_answer_was_lost_is_not_reported_as_a_conflict_b
         second.stop()
 
 
+def test_a_compare_and_set_tried_again_after_a_certificate_renewal_still_knows_its_first_try(
+    service_dir: Path, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As above, but the next replica refused the handshake, so the client found renewed
+    certificate files and sent the put again to every replica: the first, which had made it,
+    refused it as a conflict, and that was raised as ConflictError (the first try forgotten)."""
+    first = start_server(service_dir, "server-a")
+    other = service_dir / "other"
+    other.mkdir()
+    make_pki(other)
+    make_store(other)
+    foreign = start_server(other, "foreign")  # its certificate is from a CA this client does not trust
+    head = SqliteStorage(service_dir / "store.db").change_head()
+    proxy = AnswerDroppingProxy(
+        first.address, lambda: SqliteStorage(service_dir / "store.db").change_head() > head
+    )
+    try:
+        writer = make_client("writer", [proxy.address, foreign.address])
+        assert writer.describe("auth/JWT_KEY").current_version == 1  # connected through the proxy
+        backend = writer._backend
+        assert isinstance(backend, _client._ServiceReplicas)
+
+        def renewed(*, refused_on: object = None) -> bool:  # as if renewed files were found
+            proxy.armed.clear()  # answers pass again
+            return True
+
+        monkeypatch.setattr(backend, "_renew", renewed)
+        proxy.armed.set()
+        with pytest.raises(OutcomeUnknownError) as caught:
+            writer.put("auth/JWT_KEY", b"cas-once-SEEKRIT", expect_version=1)
+        assert proxy.dropped.is_set() and "may have been made" in str(caught.value)
+        assert "SEEKRIT" not in str(caught.value)
+    finally:
+        proxy.close()
+        first.stop()
+        foreign.stop()
+
+
 def test_a_replica_that_hangs_under_the_watch_stream_is_left_within_seconds(
     service_dir: Path, make_client: ClientFactory
 ) -> None:

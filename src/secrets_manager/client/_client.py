@@ -417,13 +417,18 @@ class _ServiceReplicas:
         return indexed[start:] + indexed[:start]
 
     def _call(
-        self, operation: Callable[[RemoteStore], T], *, renewed: bool = False, at_most_once: bool = False
+        self,
+        operation: Callable[[RemoteStore], T],
+        *,
+        renewed: bool = False,
+        at_most_once: bool = False,
+        maybe_made: str | None = None,
     ) -> T:
         """`operation` at the first replica that answers. `at_most_once`: a change that must not be
-        made twice goes on to the next replica only if the one before surely did not make it."""
+        made twice goes on to the next replica only if the one before surely did not make it.
+        `maybe_made`: where an earlier try (before a certificate renewal) may have made it."""
         failures: list[str] = []
         refused = False
-        maybe_made: str | None = None  # where a change may have been made before its answer was lost
         channels = self._take()
         try:
             for index, replica in self._in_order(channels):
@@ -461,7 +466,7 @@ class _ServiceReplicas:
         finally:
             self._give_back(channels)
         if refused and not renewed and self._renew(refused_on=channels):
-            return self._call(operation, renewed=True, at_most_once=at_most_once)
+            return self._call(operation, renewed=True, at_most_once=at_most_once, maybe_made=maybe_made)
         raise StorageError("; ".join(failures))
 
     def fetch_all(self, prefix: str = "") -> list[Secret]:
