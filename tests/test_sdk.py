@@ -606,6 +606,35 @@ def test_a_compare_and_set_whose_answer_was_lost_is_not_reported_as_a_conflict_b
         second.stop()
 
 
+def test_a_compare_and_set_whose_answer_was_lost_and_that_no_other_replica_took_is_an_unknown_outcome(
+    service_dir: Path, make_client: ClientFactory
+) -> None:
+    """A put with expect_version that the first replica made (its answer lost) and that found the
+    next replica down failed as a plain StorageError joining both failures: a caller that handles
+    OutcomeUnknownError (read the history before writing again) took it for a put never made."""
+    first = start_server(service_dir, "server-a")
+    head = SqliteStorage(service_dir / "store.db").change_head()
+    proxy = AnswerDroppingProxy(
+        first.address, lambda: SqliteStorage(service_dir / "store.db").change_head() > head
+    )
+    down = free_address()
+    try:
+        writer = make_client("writer", [proxy.address, down])
+        assert writer.describe("auth/JWT_KEY").current_version == 1  # connected through the proxy
+        proxy.armed.set()
+        with pytest.raises(OutcomeUnknownError) as caught:
+            writer.put("auth/JWT_KEY", b"cas-once-SEEKRIT", expect_version=1)
+        message = str(caught.value)
+        assert proxy.address in message and down in message and "may have been made" in message
+        assert "SEEKRIT" not in message
+        with pytest.raises(StorageError) as read:  # a read that no replica answers is no change
+            make_client("writer", [down]).get("auth/JWT_KEY", version=1)
+        assert not isinstance(read.value, OutcomeUnknownError)
+    finally:
+        proxy.close()
+        first.stop()
+
+
 def test_a_compare_and_set_tried_again_after_a_certificate_renewal_still_knows_its_first_try(
     service_dir: Path, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

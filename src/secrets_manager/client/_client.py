@@ -422,11 +422,14 @@ class _ServiceReplicas:
         *,
         renewed: bool = False,
         at_most_once: bool = False,
+        change: bool = False,
         maybe_made: str | None = None,
     ) -> T:
-        """`operation` at the first replica that answers. `at_most_once`: a change that must not be
-        made twice goes on to the next replica only if the one before surely did not make it.
-        `maybe_made`: where an earlier try (before a certificate renewal) may have made it."""
+        """`operation` at the first replica that answers. `change`: it changes the store;
+        `at_most_once`: a change that must not be made twice goes on to the next replica only if
+        the one before surely did not make it. `maybe_made`: where an earlier try (before a
+        certificate renewal) may have made it. A change that may have been made and was then
+        refused as a conflict, or answered nowhere, is OutcomeUnknownError."""
         failures: list[str] = []
         refused = False
         channels = self._take()
@@ -458,7 +461,7 @@ class _ServiceReplicas:
                     failures.append(
                         said if said.startswith(replica.address) else f"{replica.address}: {said}"
                     )
-                    if maybe_made is None and not _surely_not_made(exc):
+                    if change and maybe_made is None and not _surely_not_made(exc):
                         maybe_made = failures[-1]
                     continue
                 self._preferred = index
@@ -466,7 +469,14 @@ class _ServiceReplicas:
         finally:
             self._give_back(channels)
         if refused and not renewed and self._renew(refused_on=channels):
-            return self._call(operation, renewed=True, at_most_once=at_most_once, maybe_made=maybe_made)
+            return self._call(
+                operation, renewed=True, at_most_once=at_most_once, change=change, maybe_made=maybe_made
+            )
+        if maybe_made is not None:
+            raise OutcomeUnknownError(
+                f"{'; '.join(failures)}; the change may have been made where its answer was lost: read the "
+                "secret's history before writing again"
+            )
         raise StorageError("; ".join(failures))
 
     def fetch_all(self, prefix: str = "") -> list[Secret]:
@@ -502,6 +512,7 @@ class _ServiceReplicas:
                 expires=expires,
             ),
             at_most_once=expect_version is None,
+            change=True,
         )
 
     def describe(self, name: str) -> SecretMetadata:
