@@ -110,8 +110,11 @@ def test_an_address_without_the_client_certificate_names_what_is_missing() -> No
     ],
 )
 def test_a_malformed_address_is_refused(address: str) -> None:
-    with pytest.raises(InvalidInputError, match="is not host:port"):
+    """Named as where it came from: the argument, or the variable."""
+    with pytest.raises(InvalidInputError, match=r"^addresses: .* is not host:port"):
         resolve_config(address, environ={})
+    with pytest.raises(InvalidInputError, match=r"^SECRETS_MANAGER_ADDR: .* is not host:port"):
+        resolve_config(environ={"SECRETS_MANAGER_ADDR": address})
 
 
 @pytest.mark.parametrize("address", ["::1:7443", "fd00::5:7443", "[::1:7443", "[not-ipv6]:7443"])

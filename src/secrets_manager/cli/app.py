@@ -559,7 +559,7 @@ class Session:
         from secrets_manager.client import RemoteStore
         from secrets_manager.client._config import parse_addresses
 
-        addresses = parse_addresses(self.server or "")
+        addresses = parse_addresses(self.server or "", f"--server / {SERVER_VARIABLE}")
         if not addresses:  # e.g. "," : not a service that failed to answer, but none named
             raise InvalidInputError(
                 f"--server / {SERVER_VARIABLE} {self.server!r} names no address; "

@@ -35,7 +35,7 @@ def health(session: Session, timeout: float, as_json: bool) -> None:
     from secrets_manager.client import RemoteStore
     from secrets_manager.client._config import parse_addresses
 
-    addresses = parse_addresses(session.server or "")
+    addresses = parse_addresses(session.server or "", f"--server / {SERVER_VARIABLE}")
     if not addresses:
         raise InvalidInputError(
             f"health needs a service: give --server HOST:PORT or set {SERVER_VARIABLE} "

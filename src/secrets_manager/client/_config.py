@@ -123,7 +123,11 @@ def resolve_config(
     """Arguments first, then the environment; InvalidInputError names what is missing or wrong."""
     env = os.environ if environ is None else environ
     environment = current_environment(env)
-    parsed = parse_addresses(env.get(ADDRESS_VARIABLE, "") if addresses is None else addresses)
+    parsed = (
+        parse_addresses(env.get(ADDRESS_VARIABLE, ""))
+        if addresses is None
+        else parse_addresses(addresses, "addresses")
+    )
     target: RemoteTarget | LocalTarget
     if parsed:
         target = RemoteTarget(parsed, tls or _tls_from(env))
@@ -144,8 +148,9 @@ def resolve_config(
     )
 
 
-def parse_addresses(raw: str | Sequence[str]) -> tuple[str, ...]:
-    """`"a:1, b:2"` or `["a:1", "b:2"]` → `("a:1", "b:2")`; each must be host:port."""
+def parse_addresses(raw: str | Sequence[str], source: str = ADDRESS_VARIABLE) -> tuple[str, ...]:
+    """`"a:1, b:2"` or `["a:1", "b:2"]` → `("a:1", "b:2")`; each must be host:port. `source`:
+    where they came from, as a refusal names it."""
     items = raw.split(",") if isinstance(raw, str) else list(raw) if isinstance(raw, Sequence) else None
     if items is None or not all(isinstance(item, str) for item in items):
         odd = raw if items is None else next(item for item in items if not isinstance(item, str))
@@ -159,21 +164,20 @@ def parse_addresses(raw: str | Sequence[str]) -> tuple[str, ...]:
         scheme = next((s for s in ("https://", "http://") if address.lower().startswith(s)), None)
         if scheme is not None:  # a Vault habit (VAULT_ADDR is a URL); gRPC took it as a host name
             raise InvalidInputError(
-                f"{ADDRESS_VARIABLE}: {address!r} is a URL; give host:port without {scheme!r} "
+                f"{source}: {address!r} is a URL; give host:port without {scheme!r} "
                 f"(e.g. {address[len(scheme) :].rstrip('/')}): the service speaks mutual TLS on that port"
             )
         host, _, port = address.rpartition(":")
         if _unbracketed_ipv6(host) or (host.startswith("[") and not _bracketed_ipv6(host)):
             # gRPC took '::1:7443' as a host name ("Misformatted domain name")
             raise InvalidInputError(
-                f"{ADDRESS_VARIABLE}: {address!r} is not host:port; an IPv6 address goes in brackets, "
-                "e.g. [::1]:7443"
+                f"{source}: {address!r} is not host:port; an IPv6 address goes in brackets, e.g. [::1]:7443"
             )
         # ASCII digits only: str.isdigit() also takes "²" (int() then fails) and "٧٤٤٣".
         spaced = not host.isprintable() or any(char.isspace() for char in host)  # gRPC cuts at a NUL
         if not host or spaced or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
             raise InvalidInputError(
-                f"{ADDRESS_VARIABLE}: {address!r} is not host:port; "
+                f"{source}: {address!r} is not host:port; "
                 "give one or more comma-separated addresses like secrets.internal:7443"
             )
     return addresses
