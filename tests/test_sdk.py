@@ -573,7 +573,7 @@ def test_a_put_whose_answer_was_lost_is_not_made_again_at_the_next_replica(
 
 
 def test_a_compare_and_set_whose_answer_was_lost_is_not_reported_as_a_conflict_by_the_next_replica(
-    service_dir: Path, make_client: ClientFactory
+    service_dir: Path, make_client: ClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A put with expect_version that the first replica commits and whose answer is lost is sent
     to the next replica, which refuses it (the version moved: by this very put). That refusal was
@@ -596,6 +596,9 @@ def test_a_compare_and_set_whose_answer_was_lost_is_not_reported_as_a_conflict_b
         message = str(caught.value)
         assert proxy.address in message and second.address in message and "may have been made" in message
         assert "SEEKRIT" not in message
+        # The second replica answered: no outage, so nothing read is marked stale or warned of.
+        assert not writer.stale
+        assert "no secrets-manager service answered" not in caplog.text
         reader = make_client("writer", [second.address])
         assert reader.describe("auth/JWT_KEY").current_version == 2  # made once, by the first replica
         with pytest.raises(ConflictError):  # a conflict met at the first try is one

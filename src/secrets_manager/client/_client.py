@@ -1247,6 +1247,8 @@ class Client:
         backend = self._started_backend()
         try:
             result = operation(backend)
+        except OutcomeUnknownError:  # a change that may have been made: some service took it, or
+            raise  # another refused it (answered); no outage to mark the cache stale for
         except StorageError as exc:
             self._unreachable(exc)
             raise
