@@ -600,3 +600,61 @@ def test_a_root_serve_on_a_disk_others_filled_counts_the_blocks_kept_for_root(
         assert server.cli("ops", "get", "auth/DB_PASSWORD").stdout == b"auth-db-pass-SEEKRIT-1\n"
     finally:
         server.stop()
+
+
+class _StartStopped(Exception):
+    pass
+
+
+def test_no_call_is_served_before_the_start_is_recorded(tmp_path: Path) -> None:
+    """serve writes its start's audit record ("serve", ok) once its port is bound; a call taken
+    before that record was written would be recorded before the start (a test that called at once
+    found the "serve" record last: CI), or served by a process whose start could not be recorded
+    at all. Here the record's write is held until a health check has had its chance: it gets no
+    answer. Before, the server took calls first (SERVING)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from secrets_manager.audit import AuditLog
+    from secrets_manager.service.config import load_config
+    from secrets_manager.service.server import run_server
+    from service_fixtures import tls_files
+
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    (tmp_path / "in-process.toml").write_text(
+        'listen = "127.0.0.1:0"\npolicy = "policy.toml"\n'
+        '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
+    )
+    answers: list[object] = []
+
+    def recording_the_start(port: int) -> None:
+        def check() -> None:
+            channel = grpc.secure_channel(f"127.0.0.1:{port}", tls_files(tmp_path, "ops").credentials())
+            try:
+                stub = health_pb2_grpc.HealthStub(channel)  # type: ignore[no-untyped-call]
+                answers.append(stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status)
+            except grpc.RpcError as exc:
+                answers.append(exc.code())
+            finally:
+                channel.close()
+
+        checker = threading.Thread(target=check)
+        checker.start()
+        checker.join()
+        raise _StartStopped  # as if the record could not be written
+
+    store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(_StartStopped):
+            run_server(
+                load_config(tmp_path / "in-process.toml"),
+                store,
+                AuditLog(tmp_path / "in-process.audit.jsonl"),
+                ready=recording_the_start,
+            )
+    finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+        store.close()
+    assert answers in ([grpc.StatusCode.UNAVAILABLE], [grpc.StatusCode.DEADLINE_EXCEEDED]), answers

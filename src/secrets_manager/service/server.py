@@ -948,15 +948,18 @@ def build_server(
     policy: PolicyHolder,
     scheduler: RotationScheduler | None = None,
     certificates: ServerCertificates | None = None,
+    bound: Callable[[int], None] = lambda port: None,
 ) -> RunningServer:
     """A started gRPC server with mutual TLS, health, reflection and (optionally) metrics.
-    `certificates` (default: the config's [tls] files, read now) are what SIGHUP reloads."""
+    `certificates` (default: the config's [tls] files, read now) are what SIGHUP reloads.
+    `bound(port)` runs once the port is bound, before the first call is taken: if it raises
+    (the start's audit record could not be written), no call is served."""
     if certificates is None:
         certificates = ServerCertificates(config.tls_cert, config.tls_key, config.tls_client_ca)
     metrics = Metrics(config.metrics_listen)
     metrics.track_certificate_expiry(certificates.not_valid_after, certificates.client_ca_not_valid_after)
     try:
-        return _start(config, certificates, metrics, store, audit, policy, scheduler)
+        return _start(config, certificates, metrics, store, audit, policy, scheduler, bound)
     except BaseException:
         metrics.close()  # its port is free again for the next attempt
         raise
@@ -970,6 +973,7 @@ def _start(
     audit: AuditLog,
     policy: PolicyHolder,
     scheduler: RotationScheduler | None,
+    bound: Callable[[int], None],
 ) -> RunningServer:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
@@ -1007,6 +1011,11 @@ def _start(
         server,
     )
     port = _bind(server, config.listen, certificates.credentials())
+    try:
+        bound(port)
+    except BaseException:
+        server.stop(0)
+        raise
     server.start()
     # NOT_SERVING while the store does not answer or the audit log cannot be written (every call
     # would fail), so clients pass over this replica. Its Watch streams end when the store fails:
@@ -1096,7 +1105,9 @@ def run_server(
             environ=os.environ,
             environment=environment,
         )
-    running = build_server(config, store, audit, policy, scheduler, certificates)
+    # The start's audit record ("serve", ok) is written once the port is bound and before any
+    # call is served, so it comes before every request's; unwritten, nothing is served.
+    running = build_server(config, store, audit, policy, scheduler, certificates, bound=ready)
     running.metrics.track_reloads(["policy", "tls"] + (["rotation_schedule"] if scheduler else []))
     if scheduler is not None:  # before the start line: a scrape after it sees every count at 0
         running.metrics.start_rotation_counts()
@@ -1140,13 +1151,6 @@ def run_server(
                 "entries": len(scheduler.rules),
             },
         )
-    try:
-        ready(running.port)
-    except BaseException:  # e.g. its audit record could not be written: do not serve without it
-        if scheduler is not None:
-            scheduler.request_stop()
-        running.stop(0)
-        raise
     # The handlers' flags are read every SIGNAL_POLL_SECONDS (a signal also cuts a sleep short
     # only to run its handler; the sleep then goes on).
     while not requested.stop:
