@@ -2180,6 +2180,33 @@ def test_mv_leaves_old_when_a_store_lands_while_it_moves(ready: Cli, monkeypatch
     assert ready("get", "a/NEW").out == "KNOWN-1\n"
 
 
+def test_mv_whose_old_was_deleted_meanwhile_says_new_holds_the_copy(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OLD deleted between the copy and the delete (another mv of it, a delete): NEW is written,
+    so the error is a conflict that says so, not 'OLD is already deleted' (exit 3) as if nothing
+    had happened."""
+    from secrets_manager.store import EncryptedStore
+
+    ready("store", "a/OLD", input=b"KNOWN-1")
+    describe = EncryptedStore.describe
+    calls = []
+
+    def describe_after_a_delete(self: EncryptedStore, name: str) -> object:
+        calls.append(name)
+        if len(calls) == 2:  # the check before the delete: another mv got there first
+            self.delete(name)
+        return describe(self, name)
+
+    monkeypatch.setattr(EncryptedStore, "describe", describe_after_a_delete)
+    capsys.readouterr()
+    assert run_in_process(ready, monkeypatch, "mv", "a/OLD", "a/NEW") == 7
+    message = capsys.readouterr().err
+    assert "a/NEW version 1 holds the value of version 1 of a/OLD" in message, message
+    assert "already deleted" in message and "KNOWN" not in message, message
+    assert ready("get", "a/NEW").out == "KNOWN-1\n"
+
+
 # ---- import ----------------------------------------------------------------------------------
 
 DOTENV = b"""# the auth service's old .env

@@ -1127,6 +1127,20 @@ def test_mv_works_remotely_and_needs_list_to_read_the_description(server: Server
     assert b"SEEKRIT" not in moved.stderr + moved.stdout
 
 
+def test_mv_by_one_who_may_not_delete_old_says_new_was_written_and_old_stays(server: Server) -> None:
+    """mv writes NEW before it deletes OLD: a caller allowed read, write and list but not delete
+    is refused at the delete, with NEW written; the one-line error says so and how to finish."""
+    assert server.cli("ops", "store", "load/OLD", input=b"SEEKRIT-1").returncode == 0
+    moved = server.cli("writer", "mv", "load/OLD", "load/NEW")
+    assert moved.returncode == 5, moved.stderr
+    message = moved.stderr.decode()
+    assert message.count("\n") == 1 and message.startswith("secrets-manager: error: "), message
+    assert "load/NEW version 1 holds the value of version 1 of load/OLD" in message, message
+    assert "load/OLD was not deleted" in message and "may not delete 'load/OLD'" in message, message
+    assert "delete load/OLD' to finish the move" in message and "SEEKRIT" not in message, message
+    assert server.cli("ops", "get", "load/NEW").stdout == server.cli("ops", "get", "load/OLD").stdout
+
+
 def test_the_cli_takes_several_addresses_like_the_sdk_and_uses_the_first_that_answers(
     server: Server,
 ) -> None:

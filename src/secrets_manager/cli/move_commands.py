@@ -19,7 +19,13 @@ import click
 from secrets_manager.cli.app import Note, Session, cli, pass_session
 from secrets_manager.cli.completion import complete_secret_names
 from secrets_manager.cli.output import info_line, print_json, suggested
-from secrets_manager.errors import ConflictError, InvalidInputError
+from secrets_manager.errors import (
+    ConflictError,
+    InvalidInputError,
+    NotFoundError,
+    OutcomeUnknownError,
+    SecretsManagerError,
+)
 from secrets_manager.store import PENDING, SecretStore, validate_name
 from secrets_manager.store.base import DEFAULT_MAX_VERSIONS
 
@@ -117,12 +123,35 @@ def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bo
         ) from None
     note.wrote(new, info.version, secret.value.reveal())
     if remove:
-        now = store.describe(old).current_version
+        try:
+            now = store.describe(old).current_version
+            if now == secret.version:
+                store.delete(old)
+        except SecretsManagerError as error:  # NEW is written: the message must say so
+            raise _half_moved(error, old, new, info.version, secret.version) from None
         if now != secret.version:
             raise ConflictError(
                 f"{old} changed while it was moved (version {secret.version}; now {now}): {new} "
                 f"version {info.version} holds the value of version {secret.version}, and {old} was "
                 f"not deleted; run '{suggested('mv', old, new, '--force')}' to move the newer one"
             )
-        store.delete(old)
     return Copied(from_version=secret.version, version=info.version)
+
+
+def _half_moved(error: SecretsManagerError, old: str, new: str, version: int, from_version: int) -> Exception:
+    """The error of a move whose write of NEW was made and whose delete of OLD was not: the same
+    class (exit code) with a message that says what stands. OLD deleted or erased meanwhile (by
+    another mv, delete or destroy) is a conflict: NEW has the copy, and the change was not ours."""
+    done = f"{new} version {version} holds the value of version {from_version} of {old}, but"
+    if isinstance(error, NotFoundError):
+        return ConflictError(
+            f"{done} {old} changed while it was moved ({error}); check '{suggested('history', old)}'"
+        )
+    state = (
+        "may or may not have been deleted" if isinstance(error, OutcomeUnknownError) else "was not deleted"
+    )
+    message = f"{done} {old} {state}: {error}; delete it with '{suggested('delete', old)}' to finish the move"
+    try:
+        return type(error)(message)
+    except TypeError:  # an error class that is not made from a message alone
+        return error
