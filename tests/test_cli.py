@@ -2180,6 +2180,20 @@ def test_mv_leaves_old_when_a_store_lands_while_it_moves(ready: Cli, monkeypatch
     assert ready("get", "a/NEW").out == "KNOWN-1\n"
 
 
+def test_get_of_a_destroyed_current_version_says_how_to_have_a_value_again(ready: Cli) -> None:
+    for value in (b"KNOWN-1", b"KNOWN-2"):
+        ready("store", "a/GONE", input=value)
+    assert ready("destroy", "a/GONE", "--version", "2").code == 0
+    for args in ((), ("--label", "current")):
+        refused = ready("get", "a/GONE", *args)
+        assert_one_line_error(
+            refused, 3, "the current version (2) of 'a/GONE' was destroyed", "'rollback a/GONE --version N'"
+        )
+    assert_one_line_error(ready("get", "a/GONE", "--version", "2"), 3, "version 2 of 'a/GONE' was destroyed")
+    assert ready("rollback", "a/GONE", "--version", "1").code == 0  # the way the message gives
+    assert ready("get", "a/GONE").out == "KNOWN-1\n"
+
+
 def test_mv_whose_old_was_deleted_meanwhile_says_new_holds_the_copy(
     ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -203,6 +203,9 @@ def test_every_verb_works_on_vault_with_the_usual_exit_codes(vault_cli: Cli) -> 
     assert vault_cli("undelete", "svc/K").code == 0
     assert vault_cli("destroy", "svc/K", "--version", "1").code == 0
     assert_one_line_error(vault_cli("get", "svc/K", "--version", "1"), 3, "destroyed")
+    assert vault_cli("destroy", "svc/K", "--version", "3").code == 0  # the current one: as on our store
+    refused = vault_cli("get", "svc/K")
+    assert_one_line_error(refused, 3, "the current version (3) of 'svc/K' was destroyed", "'rollback svc/K")
     assert vault_cli("destroy", "svc/K", "--all").code == 0
     assert_one_line_error(vault_cli("history", "svc/K"), 3)
     assert vault_cli("store", "svc/OLD", "--description", "d", "--tag", "t=1", input=b"moved").code == 0

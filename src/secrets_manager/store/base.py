@@ -372,6 +372,15 @@ def refuse_expiry_without_current(name: str, current: int | None) -> None:
         )
 
 
+def destroyed_current_message(name: str, number: int) -> str:
+    """Why a read of NAME's current value finds none (`destroy --version` of it), and the way back
+    to a readable value, in the same words on every store."""
+    return (
+        f"the current version ({number}) of {name!r} was destroyed; 'rollback {name} --version N' "
+        f"makes an earlier version's value current, or 'store {name}' writes a new one"
+    )
+
+
 def refuse_if_rotating(name: str, pending: int | None, current: int | None) -> None:
     """RotationInProgressError if a rotation of `name` is in progress: `pending` on a version that is not
     current. (Pending on the current version is a finished promote on a store that moves labels

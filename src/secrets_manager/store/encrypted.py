@@ -92,6 +92,7 @@ from secrets_manager.store.base import (
     checked_metadata,
     checked_metadata_update,
     checked_value,
+    destroyed_current_message,
     expiry_of,
     refuse_expiry_without_current,
     refuse_if_changed,
@@ -531,6 +532,8 @@ class EncryptedStore:
         if info is None:
             raise NotFoundError(f"secret {name!r} has no version {number}")
         if info["destroyed"]:
+            if label == CURRENT and version is None:  # a plain read: say how to get a value again
+                raise NotFoundError(destroyed_current_message(name, number))
             raise NotFoundError(f"version {number} of {name!r} was destroyed")
         return number
 

@@ -100,6 +100,7 @@ from secrets_manager.store.base import (
     checked_max_versions,
     checked_metadata_update,
     checked_value,
+    destroyed_current_message,
     expiry_of,
     format_expiry,
     parse_expiry,
@@ -1278,6 +1279,8 @@ def _raise_unreadable(name: str, version: int | None, body: Any) -> NoReturn:
         number = metadata.get("version", version)
         which = f"version {number}" if version is not None else f"the current version ({number})"
         if metadata.get("destroyed"):
+            if version is None and isinstance(number, int):
+                raise NotFoundError(destroyed_current_message(name, number))
             raise NotFoundError(f"{which} of {name!r} was destroyed")
         if metadata.get("deletion_time"):
             raise NotFoundError(f"{which} of {name!r} is deleted; 'undelete {name}' restores it")
