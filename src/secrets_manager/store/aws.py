@@ -1003,13 +1003,16 @@ class AwsStore:
         own_max = _own_max_versions(existing)
         old_expiry = _tag_of(existing, EXPIRES_KEY)
         expiry: str | None = None
+        current: int | None = None
         if expiry_given:
             versions = self._versions(name)
             current = next((v.number for v in reversed(versions) if CURRENT in v.labels), None)
             refuse_expiry_without_current(name, current)
             assert current is not None
             expiry = None if expires is None else format_expiry(current, expires)
-        expiry_changes = expiry_given and expiry != old_expiry
+        # A clear is of the current version's: another version's (a rollback carries it) stays.
+        clears_nothing = expires is None and expiry_of(parse_expiry(old_expiry), current) is None
+        expiry_changes = expiry_given and expiry != old_expiry and not clears_nothing
         refuse_if_unchanged(
             name,
             (old_description, old_tags, own_max),

@@ -791,7 +791,8 @@ class EncryptedStore:
             if expiry_given:
                 refuse_expiry_without_current(name, current)
             old_expiry = meta.expiry()
-            if expiry_given:
+            # A clear is of the current version's: another version's (a rollback carries it) stays.
+            if expiry_given and (expires is not None or meta.expiry_of(current) is not None):
                 assert current is not None
                 meta.set_expiry(current, expires)
             before = (meta.description, dict(meta.tags), meta.max_versions)

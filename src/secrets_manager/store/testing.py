@@ -1008,6 +1008,15 @@ def _check_expiry(make_store: MakeStore, ns: str) -> None:
         _require(store.describe(name).expires is None, "a new version inherited the previous one's expiry")
         _require(store.get(name).expires is None, "get of a new version shows the old version's expiry")
         _require(store.get(name, version=1).expires == whole, "version 1 lost its expiry")
+        _raises(
+            NothingToChangeError,
+            lambda: store.update_metadata(name, clear_expiry=True),
+            "update_metadata(clear_expiry=True) of a current version without an expiry",
+        )
+        _require(
+            store.get(name, version=1).expires == whole,
+            "clearing the current version's expiry (it had none) dropped version 1's",
+        )
         store.update_metadata(name, expires=later)
         _require(store.describe(name).expires == later, "update_metadata(expires=…) did not set it")
         _require(store.get(name).expires == later, "get does not show the expiry update_metadata set")

@@ -865,7 +865,9 @@ class VaultStore:
             assert current is not None
             expiry = None if expires is None else format_expiry(current, expires)
         old_expiry = meta.custom.get(EXPIRES_KEY)
-        expiry_changes = expiry_given and expiry != old_expiry
+        # A clear is of the current version's: another version's (a rollback carries it) stays.
+        clears_nothing = expires is None and expiry_of(parse_expiry(old_expiry), current) is None
+        expiry_changes = expiry_given and expiry != old_expiry and not clears_nothing
         before = (meta.custom.get(DESCRIPTION_KEY, ""), user_tags(meta.custom), meta.own_max_versions)
         if description is None and not setting and not removing:
             refuse_if_unchanged(name, before, before[:2], max_versions, expiry_changes=expiry_changes)
