@@ -381,6 +381,17 @@ def test_rollback_refuses_what_it_cannot_do_and_writes_nothing(ready: Cli) -> No
     assert_one_line_error(ready("rollback", "svc/MISSING"), 3, "not found")
     history = json.loads(ready("history", "svc/ONCE", "--json").out)
     assert [v["version"] for v in history["versions"]] == [1]
+    # A previous version whose value was destroyed is there, and the message says why it is not used.
+    assert ready("store", "svc/ONCE", input=b"two").code == 0
+    assert ready("destroy", "svc/ONCE", "--version", "1").code == 0
+    assert_one_line_error(
+        ready("rollback", "svc/ONCE"),
+        3,
+        "version 1 of 'svc/ONCE' was destroyed",
+        "--version N",
+        "history svc/ONCE",
+    )
+    assert ready("get", "svc/ONCE").out == "two\n"
 
 
 def test_expect_version_conflict_exits_7_and_writes_nothing(ready: Cli) -> None:

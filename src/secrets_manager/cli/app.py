@@ -1617,8 +1617,11 @@ def rollback(session: Session, name: str, version: int | None, as_json: bool) ->
         if version is None:
             try:
                 old = store.get(name, label=PREVIOUS)
-            except NotFoundError:
-                raise NotFoundError(f"{name} has no previous version; give --version N") from None
+            except NotFoundError as error:  # none labelled so, or its value destroyed: say which
+                raise NotFoundError(
+                    f"{name} has no previous version to roll back to ({error}); give --version N "
+                    f"('{suggested('history', name)}' shows the versions)"
+                ) from None
         else:
             old = store.get(name, version=version)
         if old.version == current:
