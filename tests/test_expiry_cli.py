@@ -183,6 +183,25 @@ def test_rollback_and_copy_carry_the_expiry_of_the_value_they_write_again(ready:
     assert meta(ready, "market-connector/COPY")["expires"] == SOON
 
 
+def test_rollback_cp_and_mv_of_an_expired_value_write_it_and_warn_once(ready: Cli) -> None:
+    """They write the same credential again with its expiry; one already past is written (exit 0,
+    it may work yet) with one warning, as get gives, not silently."""
+    ok(ready("store", NAME, input=b"key-1"))
+    ok(ready("metadata", NAME, "--expires", "2020-01-01"))
+    ok(ready("store", NAME, input=b"key-2"))
+    rolled = ok(ready("rollback", NAME))
+    lines = rolled.stderr.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("secrets-manager: rolled back"), rolled.stderr
+    assert lines[1].startswith("secrets-manager: warning: version 3 of " + NAME), rolled.stderr
+    assert "expired at 2020-01-01T00:00:00Z" in lines[1] and "--expires TIME" in lines[1], rolled.stderr
+    for verb, new in (("cp", "svc/COPY"), ("mv", "svc/MOVED")):
+        written = ok(ready(verb, NAME, new))
+        assert f"warning: version 1 of {new} holds the value of version 3 of {NAME}" in written.stderr
+        assert written.stderr.count("\n") == 2 and "key-1" not in written.stderr, written.stderr
+    fresh = ok(ready("store", "svc/FRESH", "--expires", SOON, input=b"key-3"))
+    assert "warning" not in ok(ready("cp", "svc/FRESH", "svc/FRESH2")).stderr, fresh.stderr
+
+
 def test_edit_with_expires_records_it_for_the_saved_value_and_without_says_it_has_none(ready: Cli) -> None:
     ok(ready("store", NAME, "--expires", SOON, input=b"old-key"))
     sed = {"EDITOR": "sed -i s/old/new/"}

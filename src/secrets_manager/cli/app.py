@@ -1637,6 +1637,7 @@ def rollback(session: Session, name: str, version: int | None, as_json: bool) ->
     info_line(
         f"rolled back {name}: version {info.version} is current, with the value of version {old.version}"
     )
+    warn_if_written_expired(name, info.version, old.expires, f"the value of version {old.version}")
 
 
 def _current_version(store: SecretStore, name: str) -> int:
@@ -1866,6 +1867,18 @@ def warn_if_expired(secret: Secret) -> None:
         f"version {secret.version} of {name} expired at {timestamp(secret.expires)}; store the new "
         f"credential with '{suggested('store', name, '--expires', 'TIME')}' (or, if it still works, "
         f"record its new date with '{suggested('metadata', name, '--expires', 'TIME')}')"
+    )
+
+
+def warn_if_written_expired(name: str, version: int, expires: datetime | None, source: str) -> None:
+    """A rollback, cp or mv writes the same credential again with its expiry: one that has passed
+    is written all the same (it may work yet), with one warning line, as `get` would give."""
+    if expires is None or expires > datetime.now(UTC):
+        return
+    warning_line(
+        f"version {version} of {name} holds {source}, which expired at {timestamp(expires)}; store "
+        f"the new credential with '{suggested('store', name, '--expires', 'TIME')}' (or, if it still "
+        f"works, record its new date with '{suggested('metadata', name, '--expires', 'TIME')}')"
     )
 
 

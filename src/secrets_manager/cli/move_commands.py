@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 import click
 
-from secrets_manager.cli.app import Note, Session, cli, pass_session
+from secrets_manager.cli.app import Note, Session, cli, pass_session, warn_if_written_expired
 from secrets_manager.cli.completion import complete_secret_names
 from secrets_manager.cli.output import info_line, print_json, suggested
 from secrets_manager.errors import (
@@ -83,12 +84,16 @@ def _copy(
         )
     else:
         info_line(f"copied {old} (version {copied.from_version}) to {new} version {copied.version}")
+    warn_if_written_expired(
+        new, copied.version, copied.expires, f"the value of version {copied.from_version} of {old}"
+    )
 
 
 @dataclass(frozen=True)
 class Copied:
     from_version: int  # OLD's version whose value was copied
     version: int  # the version of NEW written
+    expires: datetime | None  # the expiry it was written with (OLD's version's)
 
 
 def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bool, remove: bool) -> Copied:
@@ -135,7 +140,7 @@ def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bo
                 f"version {info.version} holds the value of version {secret.version}, and {old} was "
                 f"not deleted; run '{suggested('mv', old, new, '--force')}' to move the newer one"
             )
-    return Copied(from_version=secret.version, version=info.version)
+    return Copied(from_version=secret.version, version=info.version, expires=secret.expires)
 
 
 def _half_moved(error: SecretsManagerError, old: str, new: str, version: int, from_version: int) -> Exception:
