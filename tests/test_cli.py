@@ -858,6 +858,34 @@ def test_purge_destroys_only_secrets_deleted_before_the_time(ready: Cli) -> None
     assert len(erased) == 1 and erased[0]["value_hmac"] is None and erased[0]["outcome"] == "ok"
 
 
+def test_a_purge_that_fails_midway_says_which_secrets_it_destroyed(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Each erasure is its own commit: one that fails after others were made must not read as if
+    nothing was done (they are gone for good)."""
+    from secrets_manager.errors import StorageError
+    from secrets_manager.store import EncryptedStore
+
+    for name in ("svc/A", "svc/B", "svc/C"):
+        ready("store", name, input=b"v")
+        ready("delete", name)
+    destroy_secret = EncryptedStore.destroy_secret
+
+    def fail_on_b(self: EncryptedStore, name: str, **kwargs: object) -> None:
+        if name == "svc/B":
+            raise StorageError("the disk holding the store is full")
+        destroy_secret(self, name, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(EncryptedStore, "destroy_secret", fail_on_b)
+    capsys.readouterr()
+    assert run_in_process(ready, monkeypatch, "purge", "--older-than", "0s") == 1
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0, message
+    assert "destroyed 1 secret (svc/A), then svc/B failed: the disk holding the store is full" in message
+    assert "run the same purge again" in message
+    assert [m["name"] for m in json.loads(ready("list", "--deleted", "--json").out)] == ["svc/B", "svc/C"]
+
+
 def test_purge_refuses_bad_input_and_never_touches_a_live_secret(ready: Cli) -> None:
     assert ready("store", "svc/LIVE", input=b"v").code == 0
     before = ready.store_bytes()  # refused before the store is opened: not even an anchor moves

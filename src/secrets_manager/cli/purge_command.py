@@ -13,8 +13,13 @@ import click
 
 from secrets_manager.cli.app import Session, cli, pass_session
 from secrets_manager.cli.output import info_line, parse_cutoff, print_json, print_table, timestamp
-from secrets_manager.errors import NotFoundError, SecretStateError, UnsupportedOperationError
-from secrets_manager.store.base import Capability, unsupported_capabilities
+from secrets_manager.errors import (
+    NotFoundError,
+    SecretsManagerError,
+    SecretStateError,
+    UnsupportedOperationError,
+)
+from secrets_manager.store.base import Capability, SecretMetadata, unsupported_capabilities
 from secrets_manager.store.names import validate_prefix
 
 
@@ -46,13 +51,18 @@ def purge(session: Session, prefix: str, older_than: str, dry_run: bool, as_json
             for meta in store.list(prefix, include_deleted=True)
             if meta.deleted is not None and meta.deleted < cutoff
         ]
-        purged, kept = [], []
+        purged: list[SecretMetadata] = []
+        kept: list[str] = []
         for meta in due if not dry_run else ():
             try:
                 store.destroy_secret(meta.name, deleted_before=cutoff)
             except (SecretStateError, NotFoundError):  # undeleted, or erased, meanwhile
                 kept.append(meta.name)
                 continue
+            except SecretsManagerError as error:
+                if not purged:
+                    raise
+                raise _partly_done(error, [m.name for m in purged], meta.name) from None
             note.erased(meta.name)
             purged.append(meta)
     shown = due if dry_run else purged
@@ -73,6 +83,20 @@ def purge(session: Session, prefix: str, older_than: str, dry_run: bool, as_json
     )
     if kept:
         info_line(f"left {', '.join(kept)}: undeleted or changed meanwhile")
+
+
+def _partly_done(error: SecretsManagerError, purged: list[str], failed: str) -> SecretsManagerError:
+    """The error of a purge that erased some secrets before one failed: the same class (exit
+    code), saying which are gone for good, so the message does not read as if nothing was."""
+    names = ", ".join(purged[:10]) + (f" and {len(purged) - 10} more" if len(purged) > 10 else "")
+    message = (
+        f"destroyed {len(purged)} secret{'s' if len(purged) != 1 else ''} ({names}), then "
+        f"{failed} failed: {error}; run the same purge again for the rest"
+    )
+    try:
+        return type(error)(message)
+    except TypeError:  # an error class that is not made from a message alone
+        return error
 
 
 __all__ = ["purge"]
