@@ -858,6 +858,18 @@ def test_purge_destroys_only_secrets_deleted_before_the_time(ready: Cli) -> None
     assert len(erased) == 1 and erased[0]["value_hmac"] is None and erased[0]["outcome"] == "ok"
 
 
+def test_an_error_restated_after_a_partial_change_keeps_its_class_and_attributes() -> None:
+    from secrets_manager.audit.log import AuditError
+    from secrets_manager.errors import AccessDeniedError, StoreNotFoundError, restated
+
+    denied = restated(AccessDeniedError("x may not delete 'a/OLD'"), "a/NEW was written, but: x may not ...")
+    assert type(denied) is AccessDeniedError and denied.exit_code == 5 and str(denied).startswith("a/NEW")
+    late = restated(AuditError("the log timed out", timed_out=True), "a/NEW was written, but: the log ...")
+    assert isinstance(late, AuditError) and late.timed_out and late.cause == "the log timed out"
+    odd = StoreNotFoundError("/nowhere", "/nowhere")  # not made from a message alone: kept as it is
+    assert restated(odd, "anything") is odd
+
+
 def test_a_purge_that_fails_midway_says_which_secrets_it_destroyed(
     ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -210,6 +210,19 @@ class OutcomeUnknownError(StorageError):
     kind = "outcome_unknown"
 
 
+def restated(error: SecretsManagerError, message: str) -> SecretsManagerError:
+    """`error` told with `message` (which should contain it): the same class, so the same exit
+    code and audit outcome, with its attributes; `error` itself if its class is not made from a
+    message alone. For a command that must say what it did before the error (one change of two
+    made)."""
+    try:
+        told = type(error)(message)
+    except (TypeError, ValueError):
+        return error
+    told.__dict__.update(error.__dict__)
+    return told
+
+
 EXIT_CODES: dict[type[SecretsManagerError], int] = {
     cls: cls.exit_code
     for cls in (

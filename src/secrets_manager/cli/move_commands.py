@@ -26,6 +26,7 @@ from secrets_manager.errors import (
     NotFoundError,
     OutcomeUnknownError,
     SecretsManagerError,
+    restated,
 )
 from secrets_manager.store import PENDING, SecretStore, validate_name
 from secrets_manager.store.base import DEFAULT_MAX_VERSIONS
@@ -143,7 +144,9 @@ def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bo
     return Copied(from_version=secret.version, version=info.version, expires=secret.expires)
 
 
-def _half_moved(error: SecretsManagerError, old: str, new: str, version: int, from_version: int) -> Exception:
+def _half_moved(
+    error: SecretsManagerError, old: str, new: str, version: int, from_version: int
+) -> SecretsManagerError:
     """The error of a move whose write of NEW was made and whose delete of OLD was not: the same
     class (exit code) with a message that says what stands. OLD deleted or erased meanwhile (by
     another mv, delete or destroy) is a conflict: NEW has the copy, and the change was not ours."""
@@ -156,7 +159,4 @@ def _half_moved(error: SecretsManagerError, old: str, new: str, version: int, fr
         "may or may not have been deleted" if isinstance(error, OutcomeUnknownError) else "was not deleted"
     )
     message = f"{done} {old} {state}: {error}; delete it with '{suggested('delete', old)}' to finish the move"
-    try:
-        return type(error)(message)
-    except TypeError:  # an error class that is not made from a message alone
-        return error
+    return restated(error, message)

@@ -18,6 +18,7 @@ from secrets_manager.errors import (
     SecretsManagerError,
     SecretStateError,
     UnsupportedOperationError,
+    restated,
 )
 from secrets_manager.store.base import Capability, SecretMetadata, unsupported_capabilities
 from secrets_manager.store.names import validate_prefix
@@ -93,10 +94,7 @@ def _partly_done(error: SecretsManagerError, purged: list[str], failed: str) -> 
         f"destroyed {len(purged)} secret{'s' if len(purged) != 1 else ''} ({names}), then "
         f"{failed} failed: {error}; run the same purge again for the rest"
     )
-    try:
-        return type(error)(message)
-    except TypeError:  # an error class that is not made from a message alone
-        return error
+    return restated(error, message)
 
 
 __all__ = ["purge"]
