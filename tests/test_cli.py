@@ -858,6 +858,36 @@ def test_purge_destroys_only_secrets_deleted_before_the_time(ready: Cli) -> None
     assert len(erased) == 1 and erased[0]["value_hmac"] is None and erased[0]["outcome"] == "ok"
 
 
+def test_a_secret_another_purge_erased_meanwhile_is_not_said_to_be_left(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two purges at once: each erases some and finds the rest gone. Those are not 'left:
+    undeleted or changed meanwhile' (which says they are still there)."""
+    from secrets_manager.store import EncryptedStore
+
+    for name in ("svc/A", "svc/B"):
+        ready("store", name, input=b"v")
+        ready("delete", name)
+    destroy_secret = EncryptedStore.destroy_secret
+
+    def another_purge_first(self: EncryptedStore, name: str, **kwargs: object) -> None:
+        if name == "svc/B":
+            destroy_secret(self, name)  # the other purge got there first
+        destroy_secret(self, name, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(EncryptedStore, "destroy_secret", another_purge_first)
+    capsys.readouterr()
+    assert run_in_process(ready, monkeypatch, "purge", "--older-than", "0s", "--json") == 0
+    out = capsys.readouterr().out
+    assert json.loads(out) == {
+        "dry_run": False,
+        "purged": [{"name": "svc/A", "deleted": json.loads(out)["purged"][0]["deleted"]}],
+        "left": [],
+        "erased_meanwhile": ["svc/B"],
+    }
+    assert ready("list", "--deleted").out == ""
+
+
 def test_an_error_restated_after_a_partial_change_keeps_its_class_and_attributes() -> None:
     from secrets_manager.audit.log import AuditError
     from secrets_manager.errors import AccessDeniedError, StoreNotFoundError, restated

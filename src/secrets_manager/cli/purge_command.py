@@ -53,12 +53,16 @@ def purge(session: Session, prefix: str, older_than: str, dry_run: bool, as_json
             if meta.deleted is not None and meta.deleted < cutoff
         ]
         purged: list[SecretMetadata] = []
-        kept: list[str] = []
+        kept: list[str] = []  # undeleted (or deleted again) meanwhile: still there
+        gone: list[str] = []  # erased meanwhile by another purge or destroy --all: not there
         for meta in due if not dry_run else ():
             try:
                 store.destroy_secret(meta.name, deleted_before=cutoff)
-            except (SecretStateError, NotFoundError):  # undeleted, or erased, meanwhile
+            except SecretStateError:
                 kept.append(meta.name)
+                continue
+            except NotFoundError:
+                gone.append(meta.name)
                 continue
             except SecretsManagerError as error:
                 if not purged:
@@ -73,6 +77,7 @@ def purge(session: Session, prefix: str, older_than: str, dry_run: bool, as_json
                 "dry_run": dry_run,
                 "purged": [{"name": m.name, "deleted": timestamp(m.deleted)} for m in shown],
                 "left": kept,
+                "erased_meanwhile": gone,
             }
         )
         return
@@ -84,6 +89,8 @@ def purge(session: Session, prefix: str, older_than: str, dry_run: bool, as_json
     )
     if kept:
         info_line(f"left {', '.join(kept)}: undeleted or changed meanwhile")
+    if gone:
+        info_line(f"{', '.join(gone)}: erased meanwhile by another purge or destroy --all")
 
 
 def _partly_done(error: SecretsManagerError, purged: list[str], failed: str) -> SecretsManagerError:
