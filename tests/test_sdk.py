@@ -539,6 +539,27 @@ class AnswerDroppingProxy(TcpProxy):
         return Verdict.PASS
 
 
+@contextlib.contextmanager
+def _answers_lost_at_the_first_replica(
+    service_dir: Path, make_client: ClientFactory, *others: str
+) -> Iterator[tuple[AnswerDroppingProxy, Client]]:
+    """A replica of `service_dir`'s store behind a proxy that drops the answer to the first call
+    that changes the store once `proxy.armed` is set, and a client "writer" of it, then `others`,
+    connected through the proxy."""
+    first = start_server(service_dir, "server-a")
+    head = SqliteStorage(service_dir / "store.db").change_head()
+    proxy = AnswerDroppingProxy(
+        first.address, lambda: SqliteStorage(service_dir / "store.db").change_head() > head
+    )
+    try:
+        writer = make_client("writer", [proxy.address, *others])
+        assert writer.describe("auth/JWT_KEY").current_version == 1  # connected through the proxy
+        yield proxy, writer
+    finally:
+        proxy.close()
+        first.stop()
+
+
 def test_a_put_whose_answer_was_lost_is_not_made_again_at_the_next_replica(
     service_dir: Path, make_client: ClientFactory
 ) -> None:
@@ -547,28 +568,20 @@ def test_a_put_whose_answer_was_lost_is_not_made_again_at_the_next_replica(
     and `previous` would no longer hold the credential it replaced. The client says the outcome is
     unknown instead; a replica that could not be reached at all is still failed over (the
     test above), and so is a put with expect_version (a second try is refused, not doubled)."""
-    first = start_server(service_dir, "server-a")
     second = start_server(service_dir, "server-b")
-    head = SqliteStorage(service_dir / "store.db").change_head()
-    proxy = AnswerDroppingProxy(
-        first.address, lambda: SqliteStorage(service_dir / "store.db").change_head() > head
-    )
     try:
-        writer = make_client("writer", [proxy.address, second.address])
-        assert writer.describe("auth/JWT_KEY").current_version == 1  # connected through the proxy
-        proxy.armed.set()
-        with pytest.raises(OutcomeUnknownError) as caught:
-            writer.put("auth/JWT_KEY", b"put-once-SEEKRIT")
-        assert proxy.dropped.is_set()
-        message = str(caught.value)
-        assert proxy.address in message and "may have been made" in message
-        assert "SEEKRIT" not in message
-        reader = make_client("writer", [second.address])
-        assert reader.describe("auth/JWT_KEY").current_version == 2  # made once, by the first replica
-        assert reader.get("auth/JWT_KEY", label="previous").value.reveal() == SEED["auth/JWT_KEY"]
+        with _answers_lost_at_the_first_replica(service_dir, make_client, second.address) as (proxy, writer):
+            proxy.armed.set()
+            with pytest.raises(OutcomeUnknownError) as caught:
+                writer.put("auth/JWT_KEY", b"put-once-SEEKRIT")
+            assert proxy.dropped.is_set()
+            message = str(caught.value)
+            assert proxy.address in message and "may have been made" in message
+            assert "SEEKRIT" not in message
+            reader = make_client("writer", [second.address])
+            assert reader.describe("auth/JWT_KEY").current_version == 2  # made once, by the first replica
+            assert reader.get("auth/JWT_KEY", label="previous").value.reveal() == SEED["auth/JWT_KEY"]
     finally:
-        proxy.close()
-        first.stop()
         second.stop()
 
 
@@ -580,32 +593,24 @@ def test_a_compare_and_set_whose_answer_was_lost_is_not_reported_as_a_conflict_b
     raised as ConflictError, "someone else won", though this client's write stands: a
     read-modify-write loop would then apply its change a second time. The outcome is unknown to
     the client, and it says so."""
-    first = start_server(service_dir, "server-a")
     second = start_server(service_dir, "server-b")
-    head = SqliteStorage(service_dir / "store.db").change_head()
-    proxy = AnswerDroppingProxy(
-        first.address, lambda: SqliteStorage(service_dir / "store.db").change_head() > head
-    )
     try:
-        writer = make_client("writer", [proxy.address, second.address])
-        assert writer.describe("auth/JWT_KEY").current_version == 1  # connected through the proxy
-        proxy.armed.set()
-        with pytest.raises(OutcomeUnknownError) as caught:
-            writer.put("auth/JWT_KEY", b"cas-once-SEEKRIT", expect_version=1)
-        assert proxy.dropped.is_set()
-        message = str(caught.value)
-        assert proxy.address in message and second.address in message and "may have been made" in message
-        assert "SEEKRIT" not in message
-        # The second replica answered: no outage, so nothing read is marked stale or warned of.
-        assert not writer.stale
-        assert "no secrets-manager service answered" not in caplog.text
-        reader = make_client("writer", [second.address])
-        assert reader.describe("auth/JWT_KEY").current_version == 2  # made once, by the first replica
-        with pytest.raises(ConflictError):  # a conflict met at the first try is one
-            reader.put("auth/JWT_KEY", b"stale-SEEKRIT", expect_version=1)
+        with _answers_lost_at_the_first_replica(service_dir, make_client, second.address) as (proxy, writer):
+            proxy.armed.set()
+            with pytest.raises(OutcomeUnknownError) as caught:
+                writer.put("auth/JWT_KEY", b"cas-once-SEEKRIT", expect_version=1)
+            assert proxy.dropped.is_set()
+            message = str(caught.value)
+            assert proxy.address in message and second.address in message and "may have been made" in message
+            assert "SEEKRIT" not in message
+            # The second replica answered: no outage, so nothing read is marked stale or warned of.
+            assert not writer.stale
+            assert "no secrets-manager service answered" not in caplog.text
+            reader = make_client("writer", [second.address])
+            assert reader.describe("auth/JWT_KEY").current_version == 2  # made once, by the first replica
+            with pytest.raises(ConflictError):  # a conflict met at the first try is one
+                reader.put("auth/JWT_KEY", b"stale-SEEKRIT", expect_version=1)
     finally:
-        proxy.close()
-        first.stop()
         second.stop()
 
 
@@ -615,15 +620,8 @@ def test_a_compare_and_set_whose_answer_was_lost_and_that_no_other_replica_took_
     """A put with expect_version that the first replica made (its answer lost) and that found the
     next replica down failed as a plain StorageError joining both failures: a caller that handles
     OutcomeUnknownError (read the history before writing again) took it for a put never made."""
-    first = start_server(service_dir, "server-a")
-    head = SqliteStorage(service_dir / "store.db").change_head()
-    proxy = AnswerDroppingProxy(
-        first.address, lambda: SqliteStorage(service_dir / "store.db").change_head() > head
-    )
     down = free_address()
-    try:
-        writer = make_client("writer", [proxy.address, down])
-        assert writer.describe("auth/JWT_KEY").current_version == 1  # connected through the proxy
+    with _answers_lost_at_the_first_replica(service_dir, make_client, down) as (proxy, writer):
         proxy.armed.set()
         with pytest.raises(OutcomeUnknownError) as caught:
             writer.put("auth/JWT_KEY", b"cas-once-SEEKRIT", expect_version=1)
@@ -633,9 +631,6 @@ def test_a_compare_and_set_whose_answer_was_lost_and_that_no_other_replica_took_
         with pytest.raises(StorageError) as read:  # a read that no replica answers is no change
             make_client("writer", [down]).get("auth/JWT_KEY", version=1)
         assert not isinstance(read.value, OutcomeUnknownError)
-    finally:
-        proxy.close()
-        first.stop()
 
 
 def test_a_compare_and_set_tried_again_after_a_certificate_renewal_still_knows_its_first_try(
@@ -644,35 +639,27 @@ def test_a_compare_and_set_tried_again_after_a_certificate_renewal_still_knows_i
     """As above, but the next replica refused the handshake, so the client found renewed
     certificate files and sent the put again to every replica: the first, which had made it,
     refused it as a conflict, and that was raised as ConflictError (the first try forgotten)."""
-    first = start_server(service_dir, "server-a")
     other = service_dir / "other"
     other.mkdir()
     make_pki(other)
     make_store(other)
     foreign = start_server(other, "foreign")  # its certificate is from a CA this client does not trust
-    head = SqliteStorage(service_dir / "store.db").change_head()
-    proxy = AnswerDroppingProxy(
-        first.address, lambda: SqliteStorage(service_dir / "store.db").change_head() > head
-    )
     try:
-        writer = make_client("writer", [proxy.address, foreign.address])
-        assert writer.describe("auth/JWT_KEY").current_version == 1  # connected through the proxy
-        backend = writer._backend
-        assert isinstance(backend, _client._ServiceReplicas)
+        with _answers_lost_at_the_first_replica(service_dir, make_client, foreign.address) as (proxy, writer):
+            backend = writer._backend
+            assert isinstance(backend, _client._ServiceReplicas)
 
-        def renewed(*, refused_on: object = None) -> bool:  # as if renewed files were found
-            proxy.armed.clear()  # answers pass again
-            return True
+            def renewed(*, refused_on: object = None) -> bool:  # as if renewed files were found
+                proxy.armed.clear()  # answers pass again
+                return True
 
-        monkeypatch.setattr(backend, "_renew", renewed)
-        proxy.armed.set()
-        with pytest.raises(OutcomeUnknownError) as caught:
-            writer.put("auth/JWT_KEY", b"cas-once-SEEKRIT", expect_version=1)
-        assert proxy.dropped.is_set() and "may have been made" in str(caught.value)
-        assert "SEEKRIT" not in str(caught.value)
+            monkeypatch.setattr(backend, "_renew", renewed)
+            proxy.armed.set()
+            with pytest.raises(OutcomeUnknownError) as caught:
+                writer.put("auth/JWT_KEY", b"cas-once-SEEKRIT", expect_version=1)
+            assert proxy.dropped.is_set() and "may have been made" in str(caught.value)
+            assert "SEEKRIT" not in str(caught.value)
     finally:
-        proxy.close()
-        first.stop()
         foreign.stop()
 
 
