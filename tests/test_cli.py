@@ -17,7 +17,7 @@ import string
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -2241,21 +2241,29 @@ def test_mv_refuses_a_secret_with_a_pending_rotation(ready: Cli) -> None:
     assert ready("cp", "a/ROT", "a/NEW").code == 0  # a copy leaves the rotation where it is
 
 
-def test_mv_leaves_old_when_a_store_lands_while_it_moves(ready: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    """OLD written between the copy and the delete: the newer value is never hidden."""
+def _before_mv_deletes_old(
+    monkeypatch: pytest.MonkeyPatch, another_writer: Callable[[Any, str], object]
+) -> None:
+    """`another_writer(store, OLD)` runs at mv's check before it deletes OLD (its second describe):
+    another process got there first."""
     from secrets_manager.store import EncryptedStore
 
-    ready("store", "a/OLD", input=b"KNOWN-1")
     describe = EncryptedStore.describe
     calls = []
 
-    def describe_after_a_store(self: EncryptedStore, name: str) -> object:
+    def describe_after_another_writer(self: EncryptedStore, name: str) -> object:
         calls.append(name)
-        if len(calls) == 2:  # the check before the delete: another writer got there first
-            self.put(name, b"KNOWN-2")
+        if len(calls) == 2:
+            another_writer(self, name)
         return describe(self, name)
 
-    monkeypatch.setattr(EncryptedStore, "describe", describe_after_a_store)
+    monkeypatch.setattr(EncryptedStore, "describe", describe_after_another_writer)
+
+
+def test_mv_leaves_old_when_a_store_lands_while_it_moves(ready: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    """OLD written between the copy and the delete: the newer value is never hidden."""
+    ready("store", "a/OLD", input=b"KNOWN-1")
+    _before_mv_deletes_old(monkeypatch, lambda store, name: store.put(name, b"KNOWN-2"))
     assert run_in_process(ready, monkeypatch, "mv", "a/OLD", "a/NEW") == 7
     assert ready("get", "a/OLD").out == "KNOWN-2\n"  # not deleted
     assert ready("get", "a/NEW").out == "KNOWN-1\n"
@@ -2281,19 +2289,8 @@ def test_mv_whose_old_was_deleted_meanwhile_says_new_holds_the_copy(
     """OLD deleted between the copy and the delete (another mv of it, a delete): NEW is written,
     so the error is a conflict that says so, not 'OLD is already deleted' (exit 3) as if nothing
     had happened."""
-    from secrets_manager.store import EncryptedStore
-
     ready("store", "a/OLD", input=b"KNOWN-1")
-    describe = EncryptedStore.describe
-    calls = []
-
-    def describe_after_a_delete(self: EncryptedStore, name: str) -> object:
-        calls.append(name)
-        if len(calls) == 2:  # the check before the delete: another mv got there first
-            self.delete(name)
-        return describe(self, name)
-
-    monkeypatch.setattr(EncryptedStore, "describe", describe_after_a_delete)
+    _before_mv_deletes_old(monkeypatch, lambda store, name: store.delete(name))
     capsys.readouterr()
     assert run_in_process(ready, monkeypatch, "mv", "a/OLD", "a/NEW") == 7
     message = capsys.readouterr().err

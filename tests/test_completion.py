@@ -4,6 +4,7 @@ no audited failed unlock on each TAB where it cannot."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
@@ -82,10 +83,9 @@ def test_the_store_on_the_command_line_is_the_one_listed(cli: AgentCli, tmp_path
     assert offered(complete(cli, "secrets-manager --store /nonexistent/x.db get ", password)) == []
 
 
-def test_a_server_that_does_not_answer_holds_the_tab_for_at_most_a_few_seconds(tmp_path: Path) -> None:
-    """A --server address that accepts connections and never answers (a hung host): nothing
-    completes within COMPLETION_SECONDS (3 s) and the process ends, instead of the shell waiting
-    the client's 10 s deadline on each TAB; a service that answers still completes."""
+@contextlib.contextmanager
+def _a_service_and_a_hung_address(tmp_path: Path) -> Iterator[tuple[str, str]]:
+    """A real `serve` and an address that accepts connections and never answers (a hung host)."""
     make_pki(tmp_path)
     make_store(tmp_path)
     server = start_server(tmp_path)
@@ -93,53 +93,49 @@ def test_a_server_that_does_not_answer_holds_the_tab_for_at_most_a_few_seconds(t
     try:
         hung.bind(("127.0.0.1", 0))
         hung.listen(5)
-        silent = f"127.0.0.1:{hung.getsockname()[1]}"
-        for address, names, limit in (
-            (server.address, ["auth/DB_PASSWORD", "auth/JWT_KEY"], 30.0),
-            (silent, [], 7.0),
-        ):
-            env = {
-                **through_service(tmp_path, address),
-                "_SECRETS_MANAGER_COMPLETE": "bash_complete",
-                "COMP_WORDS": "secrets-manager get ",
-                "COMP_CWORD": "2",
-            }
-            started = time.monotonic()
-            done = subprocess.run([str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
-            took = time.monotonic() - started
-            offered = [
-                line.split(",", 1)[1] for line in done.stdout.splitlines() if line.startswith("plain,")
-            ]
-            assert (done.returncode, done.stderr, offered) == (0, "", names)
-            assert took < limit, f"{address}: {took:.1f} s"
+        yield server.address, f"127.0.0.1:{hung.getsockname()[1]}"
     finally:
         hung.close()
         server.stop()
+
+
+def _completed_through(tmp_path: Path, addresses: str, words: str) -> tuple[list[str], float]:
+    """What bash completion of `words` offers through --server `addresses` (it must end with
+    exit 0 and nothing on stderr), and how long it took."""
+    env = {
+        **through_service(tmp_path, addresses),
+        "_SECRETS_MANAGER_COMPLETE": "bash_complete",
+        "COMP_WORDS": words,
+        "COMP_CWORD": "2",
+    }
+    started = time.monotonic()
+    done = subprocess.run([str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    took = time.monotonic() - started
+    assert (done.returncode, done.stderr) == (0, "")
+    return [line.split(",", 1)[1] for line in done.stdout.splitlines() if line.startswith("plain,")], took
+
+
+def test_a_server_that_does_not_answer_holds_the_tab_for_at_most_a_few_seconds(tmp_path: Path) -> None:
+    """A --server address that accepts connections and never answers (a hung host): nothing
+    completes within COMPLETION_SECONDS (3 s) and the process ends, instead of the shell waiting
+    the client's 10 s deadline on each TAB; a service that answers still completes."""
+    with _a_service_and_a_hung_address(tmp_path) as (served, silent):
+        for address, names, limit in (
+            (served, ["auth/DB_PASSWORD", "auth/JWT_KEY"], 30.0),
+            (silent, [], 7.0),
+        ):
+            offered, took = _completed_through(tmp_path, address, "secrets-manager get ")
+            assert offered == names
+            assert took < limit, f"{address}: {took:.1f} s"
 
 
 def test_with_several_addresses_a_hung_first_one_still_lets_names_complete(tmp_path: Path) -> None:
     """`--server A,B` with A hung (it accepts connections, never answers): A's health check took
     the whole 3 s a TAB may take (its own timeout is 3 s too), so nothing ever completed while B
     served. The health checks of a completion are shorter, so B is reached and lists in time."""
-    make_pki(tmp_path)
-    make_store(tmp_path)
-    server = start_server(tmp_path)
-    hung = socket.socket()
-    try:
-        hung.bind(("127.0.0.1", 0))
-        hung.listen(5)
-        env = {
-            **through_service(tmp_path, f"127.0.0.1:{hung.getsockname()[1]},{server.address}"),
-            "_SECRETS_MANAGER_COMPLETE": "bash_complete",
-            "COMP_WORDS": "secrets-manager get auth/",
-            "COMP_CWORD": "2",
-        }
-        done = subprocess.run([str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
-        offered = [line.split(",", 1)[1] for line in done.stdout.splitlines() if line.startswith("plain,")]
-        assert (done.returncode, done.stderr, offered) == (0, "", ["auth/DB_PASSWORD", "auth/JWT_KEY"])
-    finally:
-        hung.close()
-        server.stop()
+    with _a_service_and_a_hung_address(tmp_path) as (served, silent):
+        offered, _ = _completed_through(tmp_path, f"{silent},{served}", "secrets-manager get auth/")
+        assert offered == ["auth/DB_PASSWORD", "auth/JWT_KEY"]
 
 
 def test_an_agent_key_that_no_longer_opens_the_store_audits_no_refused_unlock(
