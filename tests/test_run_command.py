@@ -453,3 +453,160 @@ def test_secrets_too_large_for_an_environment_are_named_as_such(cli: Cli, tmp_pa
     assert result.stderr.count("\n") == 1, result.stderr
     assert "cannot run true: 40 secret(s) of 2,560 KiB in all make its environment larger" in result.stderr
     assert "pass fewer with --secret" in result.stderr and "Argument list too long" not in result.stderr
+
+
+# --env-file and sm:// references in run's environment, as `op run` reads op:// references.
+DB_JSON = {"username": "app", "password": "db-json-password-SEEKRIT", "port": 5432}
+
+
+@pytest.fixture
+def with_json(cli: Cli) -> Cli:
+    assert cli("store", "db/main", input=json.dumps(DB_JSON).encode()).returncode == 0
+    return cli
+
+
+def test_an_env_file_gives_plain_values_and_the_secrets_and_fields_it_refers_to(
+    with_json: Cli, tmp_path: Path
+) -> None:
+    env_file = tmp_path / "app.env"
+    env_file.write_text(
+        "# the connector's settings\n"
+        "export DB_USER=sm://db/main#username\n"
+        'DB_PASSWORD="sm://db/main#password"\n'
+        "DB_PORT=sm://db/main#port\n"
+        "JWT=sm://auth/jwt/signing-key\n"
+        "LOG_LEVEL='debug $HOME'\n"  # a plain value, passed as written (no expansion)
+        "REGION=eu-west-1\n"
+    )
+    environment = with_json.environment_of("--env-file", str(env_file), env={"REGION": "from-the-shell"})
+    assert {k: environment[k] for k in ("DB_USER", "DB_PASSWORD", "DB_PORT", "JWT")} == {
+        "DB_USER": "app",
+        "DB_PASSWORD": DB_JSON["password"],
+        "DB_PORT": "5432",  # a field that is not text: its JSON
+        "JWT": SIGNING_KEY,
+    }
+    assert environment["LOG_LEVEL"] == "debug $HOME"
+    assert environment["REGION"] == "eu-west-1"  # the file wins over run's environment, as op run's
+    # Each secret read once, audited with the whole value's fingerprint (not a field's)
+    runs = [r for r in with_json.records() if r["operation"] == "run"]
+    assert sorted((r["name"], r["version"]) for r in runs) == [("auth/jwt/signing-key", 1), ("db/main", 1)]
+    whole = with_json("audit", "hash", input=json.dumps(DB_JSON).encode()).stdout.strip()
+    assert next(r for r in runs if r["name"] == "db/main")["value_hmac"] == whole
+    assert DB_JSON["password"] not in with_json.audit.read_text()
+
+
+def test_a_later_env_file_wins_and_both_add_to_the_selected_secrets(cli: Cli, tmp_path: Path) -> None:
+    first, second = tmp_path / "base.env", tmp_path / "prod.env"
+    first.write_text("A=one\nB=sm://auth/DB_PASSWORD\nC=sm://auth/DB_PASSWORD\n")
+    second.write_text("A=sm://market-connector/BINANCE_API_KEY\nB=two\n")
+    environment = cli.environment_of(
+        "--env-file", str(first), "--env-file", str(second), "--secret", "auth/jwt/signing-key=JWT"
+    )
+    assert (environment["A"], environment["B"], environment["C"]) == ("binance-key", "two", DB_PASSWORD)
+    assert environment["JWT"] == SIGNING_KEY
+
+
+def test_a_reference_in_runs_environment_is_replaced_by_the_secret_without_a_warning(cli: Cli) -> None:
+    result = cli(
+        "run",
+        "--",
+        *SHOW,
+        env={"DB_PASSWORD": "sm://auth/DB_PASSWORD", "OTHER": "not sm://a reference", "URL": "sm:/x"},
+    )
+    assert result.returncode == 0, result.stderr
+    environment = json.loads(result.stdout)
+    assert environment["DB_PASSWORD"] == DB_PASSWORD
+    assert (environment["OTHER"], environment["URL"]) == ("not sm://a reference", "sm:/x")
+    assert result.stderr == ""  # no "$DB_PASSWORD was set": the reference is what it replaces
+    assert [r["name"] for r in cli.records() if r["operation"] == "run"] == ["auth/DB_PASSWORD"]
+
+
+def test_a_reference_in_a_variable_run_withholds_is_neither_read_nor_passed_on(cli: Cli) -> None:
+    """VAULT_TOKEN is withheld from every program: a reference there is not a way to read a secret
+    into it (nor to fail the run)."""
+    environment = cli.environment_of(
+        "--secret", "auth/DB_PASSWORD", env={"VAULT_TOKEN": "sm://auth/jwt/signing-key"}
+    )
+    assert "VAULT_TOKEN" not in environment
+    assert [r["name"] for r in cli.records() if r["operation"] == "run"] == ["auth/DB_PASSWORD"]
+
+
+@pytest.mark.parametrize(
+    ("content", "env", "code", "message"),
+    [
+        ("K=sm://auth/MISSING\n", {}, 3, "secret 'auth/MISSING' not found (app.env line 1); nothing was run"),
+        ("K=sm://db/main#nofield\n", {}, 3, "has no field 'nofield'"),
+        ("K=sm://auth/DB_PASSWORD#field\n", {}, 2, "is not a JSON object"),
+        ("K=sm://\n", {}, 2, "app.env line 1: a value starting with sm:// must be a reference"),
+        ("K=sm://../auth/DB_PASSWORD\n", {}, 2, "app.env line 1: "),
+        ("2K=sm://auth/DB_PASSWORD\n", {}, 2, "app.env line 1: '2K' is not an environment variable name"),
+        ("K\n", {}, 2, "app.env line 1 is not KEY=VALUE; nothing was run"),
+        ("DB_PASSWORD=sm://auth/jwt/signing-key\n", {}, 2, "$DB_PASSWORD is given twice"),
+        ("K=v\n", {"PASSWORDISH": "sm://has a space-SEEKRIT"}, 2, "$PASSWORDISH in the environment: a value"),
+        ("K=v\n", {"X": "sm://auth/NOPE"}, 3, "secret 'auth/NOPE' not found ($X in the environment)"),
+    ],
+)
+def test_a_bad_env_file_or_reference_runs_nothing_and_says_where_it_is(
+    with_json: Cli, tmp_path: Path, content: str, env: dict[str, str], code: int, message: str
+) -> None:
+    (tmp_path / "app.env").write_text(content)
+    marker = tmp_path / "ran"
+    result = subprocess.run(  # in tmp_path: the messages name the file as it was given
+        [str(SCRIPT), "run", "--service", "auth", "--env-file", "app.env", "--", "touch", str(marker)],
+        capture_output=True,
+        text=True,
+        env={**with_json.env, **env},
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr
+    assert "SEEKRIT" not in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def test_an_env_file_that_cannot_be_read_runs_nothing(cli: Cli, tmp_path: Path) -> None:
+    (tmp_path / "binary.env").write_bytes(b"K=\xff\xfe\n")
+    for path, message in (
+        (tmp_path / "missing.env", "does not exist"),
+        (tmp_path, "is a directory"),
+        (tmp_path / "binary.env", "is not UTF-8 text"),
+    ):
+        result = cli("run", "--env-file", str(path), "--", "true")
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_through_a_service_references_are_read_with_the_callers_certificate(tmp_path: Path) -> None:
+    make_pki(tmp_path, ("auth",))
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    own = next(n for n in SEED if n.startswith("auth/"))
+    other = next(n for n in SEED if n.startswith("market-connector/"))
+    try:
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(tmp_path),
+            "SECRETS_MANAGER_ADDR": server.address,
+            "SECRETS_MANAGER_CERT": str(tmp_path / "auth.pem"),
+            "SECRETS_MANAGER_KEY": str(tmp_path / "auth-key.pem"),
+            "SECRETS_MANAGER_CA": str(tmp_path / "ca.pem"),
+        }
+        allowed = subprocess.run(
+            [str(SCRIPT), "run", "--", *SHOW],
+            capture_output=True,
+            text=True,
+            env={**env, "MINE": f"sm://{own}"},
+            timeout=60,
+        )
+        assert allowed.returncode == 0, allowed.stderr
+        assert json.loads(allowed.stdout)["MINE"] == SEED[own].decode()
+        denied = subprocess.run(
+            [str(SCRIPT), "run", "--", "true"],
+            capture_output=True,
+            text=True,
+            env={**env, "THEIRS": f"sm://{other}"},
+            timeout=60,
+        )
+        assert denied.returncode == 5, denied.stderr
+    finally:
+        server.stop()

@@ -294,6 +294,33 @@ def test_changes_that_leave_the_programs_environment_as_it_is_do_not_restart_it(
         run.kill()
 
 
+def test_references_are_followed_and_only_a_change_to_the_field_given_restarts(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """--env-file's sm://NAME#FIELD and a reference in run's own environment are secrets of the
+    program like --secret's: a change to them restarts it, one to another field of the same
+    secret does not (the program's environment would not differ)."""
+    cli.store("app/DB", json.dumps({"password": "p1-SEEKRIT", "port": 5432}))
+    (tmp_path / "app.env").write_text("DB_PASSWORD=sm://app/DB#password\n")
+    cli.env["NEW"] = "sm://other/KEY"
+    run = cli.start("--env-file", str(tmp_path / "app.env"))
+    try:
+        first = run.wait_for_starts(1)[0]["started"]
+        assert (first["DB_PASSWORD"], first["NEW"]) == ("p1-SEEKRIT", "unrelated-SEEKRIT")
+        cli.store("app/DB", json.dumps({"password": "p1-SEEKRIT", "port": 6432}))  # another field
+        time.sleep(2)  # seen and read (a change is read about 0.3-0.5 s after it lands)
+        assert len(run.starts()) == 1
+        cli.store("app/DB", json.dumps({"password": "p2-SEEKRIT", "port": 6432}))
+        assert run.wait_for_starts(2)[1]["started"]["DB_PASSWORD"] == "p2-SEEKRIT"
+        assert "app/DB changed (version 2 → 3): restarting" in run.stderr()
+        cli.store("other/KEY", "changed-SEEKRIT")
+        assert run.wait_for_starts(3)[2]["started"]["NEW"] == "changed-SEEKRIT"
+        assert "SEEKRIT" not in run.stderr()
+    finally:
+        run.kill()
+    assert [(r["name"], r["version"]) for r in cli.run_records()].count(("app/DB", 2)) == 1
+
+
 def test_a_secret_added_to_the_namespace_restarts_the_program_with_it(cli: Cli) -> None:
     run = cli.start("--service", "app")
     try:

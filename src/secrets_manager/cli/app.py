@@ -158,6 +158,9 @@ AUDIT_FILE_VARIABLE = "SECRETS_MANAGER_AUDIT_FILE"
 AUDIT_MAX_BYTES_VARIABLE = "SECRETS_MANAGER_AUDIT_MAX_BYTES"
 AUDIT_TIMEOUT_VARIABLE = "SECRETS_MANAGER_AUDIT_TIMEOUT"
 FIELD_SEPARATOR = "#"
+# A reference to a secret, as `inject` templates and `run --env-file` values write one (1Password's
+# op:// references in our scheme): sm://NAME or sm://NAME#FIELD; groups NAME and FIELD.
+REFERENCE_PATTERN = r"sm://([^\s{}#]+)(?:#([^\s{}]+))?"
 S = TypeVar("S", bound=AuditedStore)
 
 

@@ -8,7 +8,6 @@ mistake in line 40 writes nothing. Each secret written gets its own audit record
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from dataclasses import dataclass, field
@@ -16,9 +15,9 @@ from datetime import datetime
 from pathlib import Path
 
 import click
-from dotenv.parser import parse_stream
 
 from secrets_manager.cli.app import Session, cli, expires_option, future_expiry, pass_session
+from secrets_manager.cli.env_files import parse_env
 from secrets_manager.cli.output import counted, info_line, print_json, timestamp, warning_line
 from secrets_manager.cli.password import read_small_file
 from secrets_manager.cli.run_command import service_variable_problems
@@ -98,7 +97,11 @@ def import_command(
         raise InvalidInputError(f"{source} is not UTF-8 text; nothing was imported") from None
     if file_format == "auto":
         file_format = "json" if path.suffix.lower() == ".json" or text.lstrip().startswith("{") else "env"
-    pairs = _parse_json(text, source) if file_format == "json" else _parse_env(text, source)
+    pairs = (
+        _parse_json(text, source)
+        if file_format == "json"
+        else parse_env(text, source, "nothing was imported")
+    )
     entries = _checked_entries(pairs, service, source, allow_empty=allow_empty)
     for problem in service_variable_problems([(entry.key, entry.value) for entry in entries])[:3]:
         warning_line(f"'run --service {service}' would refuse the namespace: {problem}")
@@ -204,23 +207,6 @@ def _read_stdin() -> bytes:
             f"standard input holds more than {MAX_IMPORT_FILE_BYTES} bytes; nothing was imported"
         )
     return data
-
-
-def _parse_env(text: str, source: str) -> list[tuple[str, str, str]]:
-    """KEY=VALUE bindings (python-dotenv's parser: quotes, `export`, comments, multi-line quoted
-    values; no ${VAR} expansion, so a '$' in a password stays). A line it cannot parse, or a key
-    without '=', is refused by its line number alone: its text may be part of a value (a pasted
-    private key, a stray carriage return)."""
-    pairs = []
-    for binding in parse_stream(io.StringIO(text)):
-        line = binding.original.line
-        if binding.error or (binding.key is not None and binding.value is None):
-            raise InvalidInputError(f"{source} line {line} is not KEY=VALUE; nothing was imported")
-        if binding.key is None:
-            continue  # a comment or a blank line
-        assert binding.value is not None
-        pairs.append((binding.key, binding.value, f"line {line}"))
-    return pairs
 
 
 def _parse_json(text: str, source: str) -> list[tuple[str, str, str]]:

@@ -18,7 +18,15 @@ from pathlib import Path
 
 import click
 
-from secrets_manager.cli.app import FIELD_SEPARATOR, Session, cli, pass_session, select_field, warn_if_expired
+from secrets_manager.cli.app import (
+    FIELD_SEPARATOR,
+    REFERENCE_PATTERN,
+    Session,
+    cli,
+    pass_session,
+    select_field,
+    warn_if_expired,
+)
 from secrets_manager.cli.output import counted
 from secrets_manager.cli.password import read_bounded
 from secrets_manager.cli.rotate_commands import terminate_as_interrupt
@@ -28,7 +36,7 @@ from secrets_manager.tls.files import write_private_file
 
 MAX_TEMPLATE_BYTES = 1024 * 1024
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024
-REFERENCE = re.compile(r"\{\{[ \t]*sm://([^\s{}#]+)(?:#([^\s{}]+))?[ \t]*\}\}")  # on one line
+REFERENCE = re.compile(r"\{\{[ \t]*" + REFERENCE_PATTERN + r"[ \t]*\}\}")  # on one line
 # "sm:" as a word inside one pair of braces: not "{{ .Values.x }}  # SASL mechanism: PLAIN" later on
 # the line, which is copied unchanged as the README promises.
 LOOKS_LIKE_A_REFERENCE = re.compile(r"\{\{[^{}\n]*\bsm:")

@@ -24,23 +24,29 @@ import os
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from functools import partial
+from pathlib import Path
 from typing import NoReturn
 
 import click
 
 from secrets_manager.cli.agent_commands import parse_duration
 from secrets_manager.cli.app import (
+    REFERENCE_PATTERN,
     STORE_VARIABLE,
     TLS_VARIABLES,
     Session,
     cli,
     is_remote_store,
     pass_session,
+    select_field,
     warn_if_expired,
 )
+from secrets_manager.cli.env_files import parse_env
 from secrets_manager.cli.output import warning_line
+from secrets_manager.cli.password import read_small_file
 from secrets_manager.cli.run_supervisor import (
     ChangeSource,
     FeedSource,
@@ -52,17 +58,21 @@ from secrets_manager.cli.run_supervisor import (
     with_shell_fallback,
 )
 from secrets_manager.environment import PASSWORD_VARIABLES, VAULT_CREDENTIAL_VARIABLES
-from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError
+from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError, restated
 from secrets_manager.store import EncryptedStore, Secret, SecretStore
 from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import DEFAULT_NAMESPACE, validate_name, validate_namespace
 from secrets_manager.store.url import AwsLocation, external_location
+from secrets_manager.values import SecretValue
 
 EXIT_CANNOT_EXECUTE = 126  # the shell's codes, as env(1) and nohup(1) use them
 EXIT_NOT_FOUND = 127
 DEFAULT_STOP_TIMEOUT = "30s"  # as envconsul's kill_timeout: then SIGKILL
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _NOT_IN_VARIABLE = re.compile(r"[^A-Za-z0-9_]")
+REFERENCE_SCHEME = "sm://"
+_REFERENCE = re.compile(REFERENCE_PATTERN)
+MAX_ENV_FILE_BYTES = 1024 * 1024
 # Variables through which a value chooses code to run, or whom to trust: the dynamic loader's,
 # the command search path, interpreters', shells' and build tools' start-up hooks and option
 # variables, the helpers git, less and others start, the proxies and CA bundles TLS and HTTP
@@ -138,6 +148,26 @@ _LOADS_CODE = re.compile(
 )
 
 
+@dataclass(frozen=True)
+class Reference:
+    """A variable whose value is to be a secret's, or one field of it: `VAR=sm://NAME[#FIELD]` in
+    an --env-file or in run's own environment, as `op run` reads op:// references."""
+
+    variable: str
+    name: str
+    field: str
+    origin: str  # where it is written, for messages: "app.env line 3", "$DB_PASSWORD in the environment"
+
+
+@dataclass(frozen=True)
+class Reading:
+    """What one reading gives COMMAND: its secret variables (a NAME#FIELD one holds the field), and
+    each secret read, whole, once (what is audited and warned of)."""
+
+    variables: dict[str, Secret]
+    secrets: list[Secret]
+
+
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option(
     "--service",
@@ -153,6 +183,16 @@ _LOADS_CODE = re.compile(
     multiple=True,
     metavar="NAME[=VAR]",
     help="One secret, as VAR (default: the last part of its name). Repeatable.",
+)
+@click.option(
+    "--env-file",
+    "env_files",
+    multiple=True,
+    metavar="FILE",
+    help="KEY=VALUE lines (as docker and python-dotenv read a .env file) to add to COMMAND's "
+    "environment; a VALUE sm://NAME or sm://NAME#FIELD is that secret's value (or field), any "
+    "other is passed as it is. Later files win over earlier ones; both over run's environment. "
+    "Repeatable.",
 )
 @click.option(
     "--restart-on-change",
@@ -177,6 +217,7 @@ def run(
     session: Session,
     namespaces: tuple[str, ...],
     singles: tuple[str, ...],
+    env_files: tuple[str, ...],
     restart_on_change: bool,
     stop_signal: str | None,
     stop_timeout: str | None,
@@ -187,51 +228,69 @@ def run(
     \b
     secrets-manager run --service auth -- python -m auth
     secrets-manager run --secret market-connector/BINANCE_API_KEY=API_KEY -- ./connector
+    secrets-manager run --env-file app.env -- ./connector   # DB_PASSWORD=sm://auth/DB_PASSWORD
+
+    A variable of run's own environment whose whole value is sm://NAME[#FIELD] is replaced by that
+    secret's value too, as 'op run' does.
 
     Locally each secret read is audited ('run', with its version and fingerprint); with --server
     the service audits them and gives only what your certificate may read. Exit 3 if a --secret
-    does not exist or a --service holds no secret you may read; 126/127 if COMMAND cannot be
-    executed / is not found; else COMMAND's own status.
+    or a reference does not exist or a --service holds no secret you may read; 126/127 if COMMAND
+    cannot be executed / is not found; else COMMAND's own status.
 
     With --restart-on-change run stays COMMAND's parent, passes signals on to it, and when one of
     its secrets changes starts it again with the new values (stop signal, then SIGKILL after the
     stop timeout); only if its environment would differ."""
-    if not namespaces and not singles:
-        raise InvalidInputError("say which secrets: --service NAMESPACE and/or --secret NAME[=VAR]")
     wanted = [_single(text) for text in singles]
     for namespace in namespaces:
         validate_namespace(namespace)
+    file_values, file_references = _read_env_files(env_files)
+    # run's own references, less those an env file sets (the file wins, as with `op run`)
+    inherited = [
+        reference
+        for reference in _environment_references()
+        if reference.variable not in file_values and reference.variable not in file_references
+    ]
+    if not namespaces and not singles and not inherited and not file_references:
+        raise InvalidInputError(
+            "say which secrets: --service NAMESPACE, --secret NAME[=VAR], or VAR=sm://NAME in an "
+            "--env-file or in the environment"
+        )
+    if not restart_on_change and (stop_signal is not None or stop_timeout is not None):
+        raise InvalidInputError("--stop-signal and --stop-timeout go with --restart-on-change")
     if not restart_on_change:
-        if stop_signal is not None or stop_timeout is not None:
-            raise InvalidInputError("--stop-signal and --stop-timeout go with --restart-on-change")
         with session.secret_operation("run") as (store, note):
             withheld = (*WITHHELD_VARIABLES, *credentials_that_reached(session, store))
-            variables = _read_variables(store, namespaces, wanted)
-            for secret in {s.name: s for s in variables.values()}.values():
+            references = _references(inherited, file_references, withheld)
+            reading = _read_variables(store, namespaces, wanted, references)
+            for secret in reading.secrets:
                 note.read(secret)
                 warn_if_expired(secret)
-        _exec(command, variables, withheld)
+        base = _base_environment(withheld, file_values, references)
+        _exec(command, base, reading.variables)
     signum = parse_stop_signal(stop_signal or "TERM")
     timeout = parse_duration(stop_timeout or DEFAULT_STOP_TIMEOUT, "--stop-timeout")
     launch_of = _launch(command)  # COMMAND found in run's PATH before any secret is read
     with session.held_secret_store("run") as (store, audited):
         withheld = (*WITHHELD_VARIABLES, *credentials_that_reached(session, store))
-        source = _change_source(store, namespaces, [name for name, _ in wanted])  # before the read
+        references = _references(inherited, file_references, withheld)
+        names = [*(name for name, _ in wanted), *(reference.name for reference in references)]
+        source = _change_source(store, namespaces, names)  # before the read
 
         def read(first: bool = False) -> dict[str, Secret]:
             with audited() as note:
-                variables = _read_variables(store, namespaces, wanted, first=first)
-                for secret in {s.name: s for s in variables.values()}.values():
+                reading = _read_variables(store, namespaces, wanted, references, first=first)
+                for secret in reading.secrets:
                     note.read(secret)
                     warn_if_expired(secret)
-            return variables
+            return reading.variables
 
         variables = read(first=True)
         supervisor = Supervisor(
-            launch_of(withheld),
+            launch_of(_base_environment(withheld, file_values, references)),
             variables,
             read,
-            relevant_names(namespaces, [name for name, _ in wanted]),
+            relevant_names(namespaces, names),
             stop_signal=signum,
             stop_timeout=timeout,
         )
@@ -239,13 +298,18 @@ def run(
 
 
 def _read_variables(
-    store: SecretStore, namespaces: tuple[str, ...], wanted: list[tuple[str, str]], *, first: bool = True
-) -> dict[str, Secret]:
-    """The secrets `run` gives COMMAND, by variable; checked whole (nothing runs on an error).
-    `first`: before COMMAND runs (an error says nothing was run); else a reading again for a
-    restart, whose error the supervisor says with what COMMAND does meanwhile."""
+    store: SecretStore,
+    namespaces: tuple[str, ...],
+    wanted: list[tuple[str, str]],
+    references: list[Reference],
+    *,
+    first: bool = True,
+) -> Reading:
+    """The secrets `run` gives COMMAND, by variable; checked whole (nothing runs on an error), each
+    secret read once. `first`: before COMMAND runs (an error says nothing was run); else a reading
+    again for a restart, whose error the supervisor says with what COMMAND does meanwhile."""
     nothing_run = "; nothing was run" if first else ""
-    variables: dict[str, Secret] = {}
+    read: dict[str, Secret] = {}
     found: list[tuple[str, Secret]] = []
     for namespace in namespaces:
         secrets = _read_namespace(store, namespace)
@@ -264,9 +328,10 @@ def _read_variables(
                     f"run or whom they trust{nothing_run}. If you mean it: "
                     f"--secret {secret.name}={variable}"
                 )
-            found.append((variable, secret))
+            found.append((variable, read.setdefault(secret.name, secret)))
     for name, variable in wanted:
-        found.append((variable, store.get(name)))
+        found.append((variable, _read_once(store, read, name)))
+    variables: dict[str, Secret] = {}
     for variable, secret in found:
         earlier = variables.get(variable)
         if earlier is not None and earlier.name != secret.name:
@@ -274,12 +339,131 @@ def _read_variables(
                 f"{earlier.name} and {secret.name} would both be ${variable}; name one with "
                 f"--secret {secret.name}=OTHER_NAME"
             )
+        variables[variable] = secret
+    for reference in references:
+        earlier = variables.get(reference.variable)
+        if earlier is not None:
+            if earlier.name == reference.name and not reference.field:
+                continue  # the same secret, both ways
+            raise InvalidInputError(
+                f"${reference.variable} is given twice: {earlier.name} (--service/--secret) and "
+                f"{reference.origin}; leave one out{nothing_run}"
+            )
+        try:
+            secret = _read_once(store, read, reference.name)
+            if reference.field:
+                field = select_field(secret.value.reveal(), secret.name, reference.field)
+                secret = replace(secret, value=SecretValue(field))
+        except (NotFoundError, InvalidInputError) as exc:  # said with where the reference is written
+            raise restated(exc, f"{exc} ({reference.origin}){nothing_run}") from None
+        variables[reference.variable] = secret
+    for variable, secret in variables.items():
         if b"\0" in secret.value.reveal():
             raise InvalidInputError(
-                f"the value of {secret.name} holds a NUL byte: it cannot be an environment variable"
+                f"the value of {secret.name} holds a NUL byte: it cannot be an environment variable "
+                f"(${variable}){nothing_run}"
             )
-        variables[variable] = secret
-    return variables
+    return Reading(variables, list(read.values()))
+
+
+def _read_once(store: SecretStore, read: dict[str, Secret], name: str) -> Secret:
+    """NAME's current version, read from `store` only if this reading has not read it yet: a
+    secret given twice (a reference and --secret, two fields) is one version."""
+    if name not in read:
+        read[name] = store.get(name)
+    return read[name]
+
+
+def _read_env_files(paths: Iterable[str]) -> tuple[dict[str, bytes], dict[str, Reference]]:
+    """The --env-file FILEs' variables: plain values, and references to secrets (a later file's
+    line wins over an earlier one's, as a later line of one file does). Read whole before the
+    store is opened: a mistake in any of them runs nothing."""
+    values: dict[str, bytes] = {}
+    references: dict[str, Reference] = {}
+    for path in paths:
+        data = read_small_file(Path(path), MAX_ENV_FILE_BYTES, f"--env-file {path}")
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise InvalidInputError(f"--env-file {path} is not UTF-8 text; nothing was run") from None
+        for key, value, where in parse_env(text, f"--env-file {path}", "nothing was run"):
+            origin = f"{path} {where}"
+            if not _VARIABLE.fullmatch(key):
+                raise InvalidInputError(
+                    f"{origin}: {key!r} is not an environment variable name (letters, digits, '_'); "
+                    "nothing was run"
+                )
+            values.pop(key, None)
+            references.pop(key, None)
+            reference = _reference(key, value, origin)
+            if reference is not None:
+                references[key] = reference
+                continue
+            try:
+                encoded = value.encode("utf-8")
+            except UnicodeEncodeError:  # an escape in double quotes made an unpaired surrogate
+                raise InvalidInputError(f"{origin}: the value is not UTF-8 text; nothing was run") from None
+            if b"\0" in encoded:
+                raise InvalidInputError(
+                    f"{origin}: the value holds a NUL byte, which no environment variable can hold; "
+                    "nothing was run"
+                )
+            values[key] = encoded
+    return values, references
+
+
+def _environment_references() -> list[Reference]:
+    """The variables of run's own environment whose whole value is a reference, as `op run`
+    resolves them (in a container's or unit's environment: DB_PASSWORD=sm://auth/DB_PASSWORD)."""
+    references = []
+    for key, value in os.environ.items():
+        if value.startswith(REFERENCE_SCHEME):
+            reference = _reference(key, value, f"${key} in the environment")
+            assert reference is not None
+            references.append(reference)
+    return references
+
+
+def _reference(variable: str, value: str, origin: str) -> Reference | None:
+    """`value` as a reference to a secret, None if it is no reference (does not start with sm://);
+    InvalidInputError for one that starts so but is malformed (never quoting it: it may be a
+    password that happens to start so)."""
+    if not value.startswith(REFERENCE_SCHEME):
+        return None
+    match = _REFERENCE.fullmatch(value)
+    if match is None:
+        raise InvalidInputError(
+            f"{origin}: a value starting with {REFERENCE_SCHEME} must be a reference, "
+            f"{REFERENCE_SCHEME}NAME or {REFERENCE_SCHEME}NAME#FIELD; nothing was run"
+        )
+    try:
+        validate_name(match[1])
+    except InvalidInputError as exc:
+        raise InvalidInputError(f"{origin}: {exc}; nothing was run") from None
+    return Reference(variable, match[1], match[2] or "", origin)
+
+
+def _references(
+    inherited: list[Reference], from_files: dict[str, Reference], withheld: tuple[str, ...]
+) -> list[Reference]:
+    """The references `run` resolves: its environment's, less the variables it withholds from
+    COMMAND anyway, and the env files'."""
+    return [reference for reference in inherited if reference.variable not in withheld] + list(
+        from_files.values()
+    )
+
+
+def _base_environment(
+    withheld: tuple[str, ...], file_values: dict[str, bytes], references: list[Reference]
+) -> dict[bytes, bytes]:
+    """COMMAND's environment before its secrets: run's own, less the `withheld` variables and the
+    references (their secrets replace them), with the env files' plain values over it."""
+    dropped = {name.encode() for name in withheld} | {
+        os.fsencode(reference.variable) for reference in references
+    }
+    environment = {key: value for key, value in os.environb.items() if key not in dropped}
+    environment.update((key.encode(), value) for key, value in file_values.items())
+    return environment
 
 
 def _change_source(store: SecretStore, namespaces: tuple[str, ...], names: list[str]) -> ChangeSource:
@@ -363,12 +547,11 @@ def _program(command: tuple[str, ...]) -> str:
 
 
 def _environment(
-    command: tuple[str, ...], variables: dict[str, Secret], withheld: tuple[str, ...], *, warn: bool = True
+    command: tuple[str, ...], base: dict[bytes, bytes], variables: dict[str, Secret], *, warn: bool = True
 ) -> dict[bytes, bytes]:
-    """This environment less the `withheld` variables, plus the secrets (a secret wins over a
-    variable already set, with a warning that names it)."""
-    dropped = {name.encode() for name in withheld}
-    environment = {k: v for k, v in os.environb.items() if k not in dropped}
+    """`base` (_base_environment) plus the secrets (a secret wins over a variable already set,
+    with a warning that names it)."""
+    environment = dict(base)
     for variable, secret in variables.items():
         key = variable.encode()
         if key in environment and warn:
@@ -387,25 +570,23 @@ def _not_started(
     return CommandNotStarted(f"cannot run {command[0]}: {failure.strerror or failure}", EXIT_CANNOT_EXECUTE)
 
 
-def _launch(command: tuple[str, ...]) -> Callable[[tuple[str, ...]], Launch]:
-    """How the supervisor starts COMMAND (found now), given what to withhold from it."""
+def _launch(command: tuple[str, ...]) -> Callable[[dict[bytes, bytes]], Launch]:
+    """How the supervisor starts COMMAND (found now), given its environment before the secrets."""
     program = _program(command)
     warned: list[bool] = []
 
-    def environment(withheld: tuple[str, ...], variables: dict[str, Secret]) -> dict[bytes, bytes]:
-        made = _environment(command, variables, withheld, warn=not warned)  # warned at the first start
+    def environment(base: dict[bytes, bytes], variables: dict[str, Secret]) -> dict[bytes, bytes]:
+        made = _environment(command, base, variables, warn=not warned)  # warned at the first start
         warned.append(True)
         return made
 
-    return lambda withheld: Launch(
-        command, program, partial(environment, withheld), partial(_not_started, command)
-    )
+    return lambda base: Launch(command, program, partial(environment, base), partial(_not_started, command))
 
 
-def _exec(command: tuple[str, ...], variables: dict[str, Secret], withheld: tuple[str, ...]) -> NoReturn:
-    """Become COMMAND, with the secrets added to this environment less the `withheld` variables."""
+def _exec(command: tuple[str, ...], base: dict[bytes, bytes], variables: dict[str, Secret]) -> NoReturn:
+    """Become COMMAND, with the secrets added to `base` (_base_environment)."""
     program = _program(command)
-    environment = _environment(command, variables, withheld)
+    environment = _environment(command, base, variables)
 
     def become(path: str, argv: list[str]) -> NoReturn:
         os.execve(path, argv, environment)  # noqa: S606  (the caller's own command, no shell)

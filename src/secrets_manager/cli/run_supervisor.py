@@ -304,18 +304,26 @@ def is_text(program: str) -> bool:
 
 
 def differences(before: dict[str, Secret], after: dict[str, Secret]) -> list[str]:
-    """What changed between two readings, per secret, in words (names and versions only)."""
-    old = {secret.name: secret for secret in before.values()}
-    new = {secret.name: secret for secret in after.values()}
+    """What changed between two readings, per secret, in words (names and versions only). A secret
+    changed if a variable it gives holds another value (a NAME#FIELD variable: its field only)."""
+    old, new = _by_secret(before), _by_secret(after)
     said = []
     for name in sorted(old.keys() | new.keys()):
         if name not in new:
             said.append(f"{name} is gone")
         elif name not in old:
-            said.append(f"{name} was added (version {new[name].version})")
-        elif old[name].value.reveal() != new[name].value.reveal():
-            said.append(f"{name} changed (version {old[name].version} → {new[name].version})")
+            said.append(f"{name} was added (version {new[name][0].version})")
+        elif old[name][1] != new[name][1]:
+            said.append(f"{name} changed (version {old[name][0].version} → {new[name][0].version})")
     return said
+
+
+def _by_secret(variables: dict[str, Secret]) -> dict[str, tuple[Secret, dict[str, bytes]]]:
+    """Each secret's name → (the secret, the variables it gives and their values)."""
+    grouped: dict[str, tuple[Secret, dict[str, bytes]]] = {}
+    for variable, secret in variables.items():
+        grouped.setdefault(secret.name, (secret, {}))[1][variable] = secret.value.reveal()
+    return grouped
 
 
 class Supervisor:
