@@ -44,7 +44,7 @@ import subprocess
 import sys
 import threading
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -223,7 +223,7 @@ def run_command(
     env[VERSION_VARIABLE] = str(version)
     sys.stderr.flush()
     try:
-        returncode = _run_in_own_group(argv, value.reveal(), commands, env)
+        returncode = run_in_own_group(argv, value.reveal(), env, timeout=commands.timeout, cwd=commands.cwd)
     except subprocess.TimeoutExpired:
         failure = f"timed out after {commands.timeout:g} s"
     except OSError as exc:
@@ -287,23 +287,26 @@ def _how_to_finish(
     )
 
 
-def _run_in_own_group(argv: tuple[str, ...], stdin: bytes, commands: Commands, env: dict[str, str]) -> int:
-    """Run a command in a process group of its own, and end the whole group if it times out or we
-    are interrupted: a `sh -c` whose child still runs must not go on setting a value at the
-    target after we have reported the step failed (subprocess.run would kill the shell only)."""
+def run_in_own_group(
+    argv: Sequence[str], stdin: bytes, env: Mapping[str, str], *, timeout: float, cwd: Path | None = None
+) -> int:
+    """Run a command in a process group of its own, its output on our stderr, and end the whole
+    group if it times out (subprocess.TimeoutExpired) or we are interrupted: a `sh -c` whose child
+    still runs must not go on setting a value at the target after we have reported the step failed
+    (subprocess.run would kill the shell only)."""
     process = subprocess.Popen(
         argv,
         stdin=subprocess.PIPE,
         stdout=sys.stderr.fileno(),
         stderr=sys.stderr.fileno(),
         env=env,
-        cwd=commands.cwd,
+        cwd=cwd,
         start_new_session=True,
     )
     with _running_lock:
         _running_groups.add(process.pid)
     try:
-        process.communicate(stdin, timeout=commands.timeout)
+        process.communicate(stdin, timeout=timeout)
     except BaseException:  # the timeout, or Ctrl-C / SIGTERM reaching us and not the group
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
@@ -514,7 +517,7 @@ def _interrupted(
     promoting: bool,
 ) -> OperationInterrupted:
     """Ctrl-C (or SIGTERM / SIGHUP, see errors.Terminated) during a rotation's steps: the running
-    command's process group was ended (`_run_in_own_group`); what that leaves, and how to go on.
+    command's process group was ended (`run_in_own_group`); what that leaves, and how to go on.
     Exit 130 for Ctrl-C, 128 + the signal's number for the others."""
     how = _how(exc)
     if promoting:

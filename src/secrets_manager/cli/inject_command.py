@@ -5,15 +5,25 @@ userlist.txt) rather than their environment (`run`).
 A reference is `{{ sm://NAME }}` or `{{ sm://NAME#FIELD }}`. Every reference is checked and every
 secret read (one audited operation, each read recorded) before anything is written: a missing or
 denied secret, a malformed reference, a binary value: nothing is written. `-o FILE` is written
-0600, atomically and durably; an existing FILE only with `--force`.
+0600, atomically and durably; an existing FILE only with `--force`. With `--watch` FILE is
+written again when a secret it refers to changes (as consul-template and Vault Agent's templates
+do), and `--on-change` runs after each write that changed it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
+import queue
 import re
+import signal
 import stat
+import subprocess
 import sys
+import threading
+import time
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import click
@@ -21,21 +31,42 @@ import click
 from secrets_manager.cli.app import (
     FIELD_SEPARATOR,
     REFERENCE_PATTERN,
+    Note,
     Session,
     cli,
     pass_session,
     select_field,
     warn_if_expired,
 )
-from secrets_manager.cli.output import counted
+from secrets_manager.cli.output import counted, info_line, warning_line
 from secrets_manager.cli.password import read_bounded
 from secrets_manager.cli.rotate_commands import terminate_as_interrupt
-from secrets_manager.errors import InvalidInputError, NotFoundError
+from secrets_manager.cli.run_command import WITHHELD_VARIABLES, credentials_that_reached
+from secrets_manager.cli.run_supervisor import (
+    RETRY_SECONDS,
+    SETTLE_SECONDS,
+    SHELL,
+    TICK_SECONDS,
+    differences,
+)
+from secrets_manager.cli.watch_command import change_source
+from secrets_manager.errors import (
+    InvalidInputError,
+    NotFoundError,
+    SecretsManagerError,
+    StorageError,
+    Terminated,
+)
+from secrets_manager.rotation import run_in_own_group
+from secrets_manager.store import Secret, SecretStore
+from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.store.names import validate_name
 from secrets_manager.tls.files import write_private_file
+from secrets_manager.values import SecretValue
 
 MAX_TEMPLATE_BYTES = 1024 * 1024
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+ON_CHANGE_TIMEOUT_SECONDS = 30.0  # as consul-template's command_timeout
 REFERENCE = re.compile(r"\{\{[ \t]*" + REFERENCE_PATTERN + r"[ \t]*\}\}")  # on one line
 # "sm:" as a word inside one pair of braces: not "{{ .Values.x }}  # SASL mechanism: PLAIN" later on
 # the line, which is copied unchanged as the README promises.
@@ -48,52 +79,227 @@ LOOKS_LIKE_A_REFERENCE = re.compile(r"\{\{[^{}\n]*\bsm:")
 )
 @click.option("--out-file", "-o", "output", metavar="FILE", help="Write here (0600) instead of stdout.")
 @click.option("--force", "-f", is_flag=True, help="Replace FILE if it exists.")
+@click.option(
+    "--watch",
+    is_flag=True,
+    help="Keep running, and write FILE again when a secret it refers to changes (as consul-template "
+    "and Vault Agent's templates do), until Ctrl-C or SIGTERM (exit 0). Needs -o.",
+)
+@click.option(
+    "--on-change",
+    metavar="COMMAND",
+    help=f"With --watch: run COMMAND with /bin/sh after each write that changed FILE (the first "
+    f"included), e.g. 'systemctl reload pgbouncer'; ended after {ON_CHANGE_TIMEOUT_SECONDS:.0f} s.",
+)
 @pass_session
-def inject(session: Session, template: str, output: str | None, force: bool) -> None:
+def inject(
+    session: Session, template: str, output: str | None, force: bool, watch: bool, on_change: str | None
+) -> None:
     """Copy TEMPLATE with each {{ sm://NAME }} or {{ sm://NAME#FIELD }} replaced by that
     secret's value, as 'op inject' does: for programs that read a configuration file rather
     than their environment. Nothing is written unless every reference resolves."""
+    if watch and output is None:
+        raise InvalidInputError("--watch writes FILE again on a change: give -o FILE")
+    if on_change is not None and not watch:
+        raise InvalidInputError("--on-change runs after a change: give --watch too")
     text = _template_text(template)
     references = _references(text)
     if output is not None:
         _check_out_file(output)  # before any secret is read (and audited) for a FILE never written
-    values: dict[tuple[str, str], str] = {}
+    if watch:
+        assert output is not None
+        # Ctrl-C or SIGTERM, at any point: exit 0
+        with contextlib.suppress(Terminated), terminate_as_interrupt((signal.SIGINT, signal.SIGTERM)):
+            _inject_and_watch(session, text, references, Path(output), force, on_change)
+        return
     with session.secret_operation("inject") as (store, note):
-        secrets = {}
-        for name in dict.fromkeys(name for name, _ in references):
-            secret = store.get(name)
-            note.read(secret)
-            warn_if_expired(secret)
-            secrets[name] = secret
-    for name, field in references:
+        filled = _fill(text, references, _read(store, note, references))
+    if output is None:
+        sys.stdout.buffer.write(filled.rendered)
+        sys.stdout.buffer.flush()
+        return
+    # SIGTERM or SIGHUP while it is written end the command as Ctrl-C does, so the temporary file
+    # holding the secrets is removed: their default action left it beside FILE.
+    with terminate_as_interrupt():
+        write_private_file(Path(output), filled.rendered, overwrite=force)
+    click.echo(f"wrote {output} with {counted(len(filled.values), 'secret value')}", err=True)
+
+
+@dataclass(frozen=True)
+class Filled:
+    """A template filled in: its text, and what each reference (NAME or NAME#FIELD) gave it."""
+
+    rendered: bytes = field(repr=False)
+    values: dict[str, Secret]  # a NAME#FIELD one holds the field
+
+
+def _read(store: SecretStore, note: Note, references: list[tuple[str, str]]) -> dict[str, Secret]:
+    """Each secret the template refers to, read once, recorded, and warned of if expired."""
+    secrets = {}
+    for name in dict.fromkeys(name for name, _ in references):
+        secret = store.get(name)
+        note.read(secret)
+        warn_if_expired(secret)
+        secrets[name] = secret
+    return secrets
+
+
+def _fill(text: str, references: list[tuple[str, str]], secrets: dict[str, Secret]) -> Filled:
+    """`text` with its references replaced; InvalidInputError for a binary value or a result too
+    large (nothing is written)."""
+    values: dict[str, Secret] = {}
+    for name, field_name in references:
+        shown = f"{name}{FIELD_SEPARATOR}{field_name}" if field_name else name
         data = secrets[name].value.reveal()
-        if field:
-            data = select_field(data, name, field)
+        if field_name:
+            data = select_field(data, name, field_name)
         try:
-            values[(name, field)] = data.decode("utf-8")
+            data.decode("utf-8")
         except UnicodeDecodeError:
-            shown = f"{name}{FIELD_SEPARATOR}{field}" if field else name
             raise InvalidInputError(
                 f"the value of {shown} is binary, so it cannot go into a text file; nothing was written"
             ) from None
+        values[shown] = replace(secrets[name], value=SecretValue(data))
+
+    def value_of(match: re.Match[str]) -> str:
+        shown = f"{match[1]}{FIELD_SEPARATOR}{match[2]}" if match[2] else match[1]
+        return values[shown].value.reveal().decode("utf-8")
+
     size = len(text.encode("utf-8")) + sum(
-        len(values[(match[1], match[2] or "")].encode("utf-8")) for match in REFERENCE.finditer(text)
+        len(value_of(match).encode("utf-8")) for match in REFERENCE.finditer(text)
     )
     if size > MAX_OUTPUT_BYTES:  # a 1 MiB template of one 64 KiB secret 100,000 times: 6 GB in memory
         raise InvalidInputError(
             f"the filled-in template would be larger than {MAX_OUTPUT_BYTES // (1024 * 1024)} MiB "
             "(a large secret referred to many times?); nothing was written"
         )
-    rendered = REFERENCE.sub(lambda match: values[(match[1], match[2] or "")], text).encode("utf-8")
-    if output is None:
-        sys.stdout.buffer.write(rendered)
-        sys.stdout.buffer.flush()
+    return Filled(REFERENCE.sub(value_of, text).encode("utf-8"), values)
+
+
+def _inject_and_watch(
+    session: Session,
+    text: str,
+    references: list[tuple[str, str]],
+    output: Path,
+    force: bool,
+    on_change: str | None,
+) -> None:
+    """`inject --watch`: FILE written now, then again (atomically) each time a secret it refers to
+    changes and what it would hold differs, with `on_change` run after each such write. A reading
+    or write that fails after a change leaves FILE as it was, with a warning; tried again every
+    RETRY_SECONDS while the store does not answer or FILE cannot be written, else at the next
+    change."""
+    names = frozenset(name for name, _ in references)
+    with session.held_secret_store("inject") as (store, audited):
+        source = change_source(store, "", "inject --watch", "run inject again when you need the file")
+        withheld = (*WITHHELD_VARIABLES, *credentials_that_reached(session, store))
+
+        def read() -> Filled:
+            with audited() as note:
+                return _fill(text, references, _read(store, note, references))
+
+        filled = read()
+        before = _content_of(output)
+        write_private_file(output, filled.rendered, overwrite=force)
+        info_line(f"wrote {output} with {counted(len(filled.values), 'secret value')}; watching for changes")
+        if on_change is not None and before != filled.rendered:
+            _run_on_change(on_change, withheld)
+        changes: queue.SimpleQueue[SecretChange] = queue.SimpleQueue()
+        stop = threading.Event()
+        failed: list[BaseException] = []
+
+        def follow() -> None:
+            try:
+                source.follow(
+                    lambda change: (
+                        changes.put(change)
+                        if change.kind is ChangeKind.RESYNC or change.name in names
+                        else None
+                    ),
+                    stop,
+                )
+            except BaseException as exc:  # said by the main thread, which ends on it
+                failed.append(exc)
+
+        follower = threading.Thread(target=follow, name="inject-changes", daemon=True)
+        follower.start()
+        changed: set[str] = set()
+        last_change = retry_at = 0.0
+        last_failure = ""
+        try:
+            while True:
+                with contextlib.suppress(queue.Empty):
+                    change = changes.get(timeout=TICK_SECONDS)
+                    changed.add(change.name or "the secrets (changes were missed)")
+                    last_change, retry_at = time.monotonic(), 0.0
+                if not follower.is_alive():
+                    raise failed[0] if failed else InvalidInputError("stopped following the changes")
+                now = time.monotonic()
+                if not changed or now - last_change < SETTLE_SECONDS or now < retry_at:
+                    continue
+                try:
+                    again = read()
+                    if again.rendered != filled.rendered:
+                        try:
+                            write_private_file(output, again.rendered, overwrite=True)
+                        except SecretsManagerError as exc:  # a full disk, a directory gone: retried
+                            raise StorageError(str(exc)) from None
+                except SecretsManagerError as exc:
+                    # A store that does not answer, or a FILE that cannot be written, is tried again;
+                    # anything else (a secret deleted, a binary value) only after the next change.
+                    retry_at = now + RETRY_SECONDS if isinstance(exc, StorageError) else math.inf
+                    if str(exc) != last_failure:
+                        when = (
+                            f"trying again in {RETRY_SECONDS:.0f} s"
+                            if retry_at < math.inf
+                            else "at the next change"
+                        )
+                        warning_line(
+                            f"{', '.join(sorted(changed))} changed, but {output} could not be written "
+                            f"again ({exc}); it keeps what it had; {when}"
+                        )
+                    last_failure = str(exc)
+                    continue
+                changed.clear()
+                last_failure = ""
+                if again.rendered == filled.rendered:  # a new version of the same value, a tag
+                    filled = again
+                    continue
+                said = differences(filled.values, again.values)
+                filled = again
+                info_line(f"{'; '.join(said) or 'the secrets changed'}: wrote {output} again")
+                if on_change is not None:
+                    _run_on_change(on_change, withheld)
+        finally:
+            stop.set()
+            source.cancel()
+
+
+def _content_of(path: Path) -> bytes | None:
+    """What FILE holds now (None: nothing, or not readable), to tell whether a write changed it."""
+    try:
+        return read_bounded(path, MAX_OUTPUT_BYTES, what=str(path))
+    except (OSError, SecretsManagerError):
+        return None
+
+
+def _run_on_change(command: str, withheld: tuple[str, ...]) -> None:
+    """--on-change's COMMAND, by /bin/sh, in a process group of its own (ended with it after
+    ON_CHANGE_TIMEOUT_SECONDS or on Ctrl-C), without the store's credentials; a failure is said,
+    and the watch goes on."""
+    environment = {key: value for key, value in os.environ.items() if key not in withheld}
+    try:
+        status = run_in_own_group([SHELL, "-c", command], b"", environment, timeout=ON_CHANGE_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        warning_line(f"--on-change did not end within {ON_CHANGE_TIMEOUT_SECONDS:.0f} s and was killed")
         return
-    # SIGTERM or SIGHUP while it is written end the command as Ctrl-C does, so the temporary file
-    # holding the secrets is removed: their default action left it beside FILE.
-    with terminate_as_interrupt():
-        write_private_file(Path(output), rendered, overwrite=force)
-    click.echo(f"wrote {output} with {counted(len(values), 'secret value')}", err=True)
+    except OSError as exc:
+        warning_line(f"--on-change could not start ({exc.strerror or type(exc).__name__})")
+        return
+    if status != 0:
+        warning_line(f"--on-change exited {status}")
+    else:
+        info_line("--on-change ran (exit 0)")
 
 
 def _check_out_file(output: str) -> None:

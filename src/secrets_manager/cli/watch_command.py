@@ -52,7 +52,7 @@ def watch_command(session: Session, prefix: str, as_json: bool) -> None:
 
 def _watch(session: Session, prefix: str, as_json: bool) -> None:
     with session.held_secret_store("watch") as (store, audited):
-        source = _source(store, prefix)
+        source = change_source(store, prefix, "watch", "read the secrets again when you need them")
         with audited(prefix or None):  # as the service records a Watch: its prefix
             pass  # the watch itself, recorded (with the unlock) once it is live
         click.echo(f"watching {prefix or 'every secret'}; Ctrl-C ends", err=True)
@@ -84,23 +84,23 @@ def _watch(session: Session, prefix: str, as_json: bool) -> None:
             raise failed[0]
 
 
-def _source(store: SecretStore, prefix: str) -> ChangeSource:
-    """Where the changes come from, with watch's own words where there are none (the sources are
-    run --restart-on-change's, whose errors speak of it)."""
+def change_source(store: SecretStore, prefix: str, command: str, otherwise: str) -> ChangeSource:
+    """Where the changes under `prefix` come from (run --restart-on-change's sources), with
+    `command`'s own words where there are none: what it needs, and `otherwise` what to do."""
     if is_remote_store(store):
         try:
             return WatchSource(store, prefix)
         except WatchUnsupportedError:
             raise WatchUnsupportedError(
-                f"watch needs the service's Watch stream, and {store.address} does not offer it (its "
-                "store has no change feed, or watch_poll_seconds = 0 turned it off); ask for Watch to "
-                "be on, or read the secrets again when you need them"
+                f"{command} needs the service's Watch stream, and {store.address} does not offer it "
+                f"(its store has no change feed, or watch_poll_seconds = 0 turned it off); ask for "
+                f"Watch to be on, or {otherwise}"
             ) from None
     try:
         return FeedSource(store)
     except InvalidInputError:
         raise InvalidInputError(
-            "watch: this store cannot tell when its secrets change; read them again when you need them"
+            f"{command}: this store cannot tell when its secrets change; {otherwise}"
         ) from None
 
 

@@ -1,0 +1,200 @@
+"""`inject -o FILE --watch [--on-change COMMAND]` (as consul-template and Vault Agent's templates):
+FILE written again when a secret it refers to changes and what it holds would differ, COMMAND run
+after each such write. Real processes: the CLI in the background, a real `serve`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import pytest
+
+from service_fixtures import SCRIPT, SEED, make_pki, make_store, start_server
+from test_cli import Cli
+from test_run_restart import store_in_served_store, through_service
+
+TEMPLATE = "user={{ sm://db/main#username }}\npassword={{ sm://db/main#password }}\nkey={{ sm://app/KEY }}\n"
+# COMMAND: counts its runs and keeps what FILE held when it ran, and the variables it was given
+ON_CHANGE = (
+    'n=$(($(cat runs 2>/dev/null || echo 0) + 1)); echo $n > runs; cp out.conf "seen-$n"; env > "env-$n"'
+)
+
+
+def database(password: str, **more: object) -> bytes:
+    return json.dumps({"username": "app", "password": password, **more}).encode()
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    cli = Cli(tmp_path / "store.db", tmp_path)
+    assert cli("init", "--kdf-profile", "test").code == 0
+    assert cli("store", "db/main", input=database("first-SEEKRIT")).code == 0
+    assert cli("store", "app/KEY", input=b"key-SEEKRIT").code == 0
+    assert cli("store", "other/KEY", input=b"other-SEEKRIT").code == 0
+    (tmp_path / "out.tpl").write_text(TEMPLATE)
+    return cli
+
+
+class Watcher:
+    """One `inject … --watch` in the background, in `directory`."""
+
+    def __init__(self, directory: Path, env: Mapping[str, str], *args: str) -> None:
+        self.directory = directory
+        self.stderr_path = directory / "inject.stderr"
+        with self.stderr_path.open("wb") as stderr:
+            self.proc = subprocess.Popen(
+                [str(SCRIPT), "inject", "-i", "out.tpl", "-o", "out.conf", "--watch", *args],
+                cwd=directory, env=dict(env), stdout=subprocess.DEVNULL, stderr=stderr,
+                start_new_session=True,
+            )  # fmt: skip
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def runs(self) -> int:
+        path = self.directory / "runs"
+        return int(path.read_text()) if path.exists() else 0
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert self.proc.poll() is None, f"inject ended ({self.proc.returncode}): {self.stderr()}"
+            assert time.monotonic() < deadline, f"no {what} within {timeout} s: {self.stderr()}"
+            time.sleep(0.05)
+
+    def end(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=20)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_a_change_to_a_value_in_the_file_rewrites_it_and_runs_the_command_and_no_other_does(
+    cli: Cli, tmp_path: Path
+) -> None:
+    out = tmp_path / "out.conf"
+    watcher = Watcher(tmp_path, cli.env, "--on-change", ON_CHANGE)
+    try:
+        watcher.wait_for(lambda: watcher.runs() == 1, "first write and command")
+        assert out.read_text() == "user=app\npassword=first-SEEKRIT\nkey=key-SEEKRIT\n"
+        assert (tmp_path / "seen-1").read_text() == out.read_text()  # run after FILE was complete
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600
+        # Not in the file: another secret, a field the template does not use, a tag, the same value
+        assert cli("store", "other/KEY", input=b"changed-SEEKRIT").code == 0
+        assert cli("store", "db/main", input=database("first-SEEKRIT", port=5432)).code == 0
+        assert cli("metadata", "app/KEY", "--tag", "team=x").code == 0
+        assert cli("store", "app/KEY", input=b"key-SEEKRIT").code == 0
+        written = out.stat().st_mtime_ns
+        time.sleep(2)  # each seen and read (a change is read about 0.3-0.5 s after it lands)
+        assert (watcher.runs(), out.stat().st_mtime_ns) == (1, written)
+        assert cli("store", "db/main", input=database("second-SEEKRIT", port=5432)).code == 0
+        watcher.wait_for(lambda: watcher.runs() == 2, "the command after the change")
+        assert out.read_text() == "user=app\npassword=second-SEEKRIT\nkey=key-SEEKRIT\n"
+        assert (tmp_path / "seen-2").read_text() == out.read_text()
+        assert watcher.end() == 0  # SIGTERM ends it quietly
+    finally:
+        watcher.kill()
+    said = watcher.stderr()
+    assert "db/main changed (version 2 → 3): wrote out.conf again" in said, said
+    assert "SEEKRIT" not in said and "Traceback" not in said
+    assert "MASTER_PASSWORD=" not in (tmp_path / "env-2").read_text()  # withheld from COMMAND
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out.conf")) == ["out.conf"]
+    log = (tmp_path / "store.audit.jsonl").read_text()
+    reads = [json.loads(line)["name"] for line in log.splitlines() if '"operation":"inject"' in line]
+    # Each reading (at the start, after each change to db/main or app/KEY that settled) audited
+    # whole; never one for a secret the template does not name.
+    assert reads.count("db/main") == reads.count("app/KEY") >= 2 and "other/KEY" not in reads
+    assert "SEEKRIT" not in log
+
+
+def test_a_file_that_already_holds_the_result_is_not_followed_by_the_command(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """Restarted (a reboot, a unit restart) over the file it wrote: --force is needed, as without
+    --watch, and COMMAND runs only if the file's content changed."""
+    once = cli("inject", "-i", str(tmp_path / "out.tpl"), "-o", str(tmp_path / "out.conf"))
+    assert once.code == 0, once.stderr
+    refused = subprocess.run(
+        [str(SCRIPT), "inject", "-i", "out.tpl", "-o", "out.conf", "--watch"],
+        cwd=tmp_path, env=cli.env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 7 and "already exists; add --force" in refused.stderr
+    watcher = Watcher(tmp_path, cli.env, "--force", "--on-change", ON_CHANGE)
+    try:
+        watcher.wait_for(lambda: "watching for changes" in watcher.stderr(), "the first write")
+        time.sleep(1)
+        assert watcher.runs() == 0
+        assert cli("store", "app/KEY", input=b"rotated-SEEKRIT").code == 0
+        watcher.wait_for(lambda: watcher.runs() == 1, "the command after the change")
+        assert "key=rotated-SEEKRIT\n" in (tmp_path / "out.conf").read_text()
+    finally:
+        watcher.kill()
+
+
+def test_a_failed_reading_or_command_leaves_the_file_and_the_watch_goes_on(cli: Cli, tmp_path: Path) -> None:
+    watcher = Watcher(tmp_path, cli.env, "--on-change", "test -e fail && exit 3; echo ok >> ran")
+    try:
+        watcher.wait_for(lambda: (tmp_path / "ran").exists(), "the first command")
+        before = (tmp_path / "out.conf").read_text()
+        assert cli("delete", "app/KEY").code == 0
+        watcher.wait_for(lambda: "could not be written again" in watcher.stderr(), "the warning")
+        assert (tmp_path / "out.conf").read_text() == before
+        assert cli("undelete", "app/KEY").code == 0
+        (tmp_path / "fail").touch()
+        assert cli("store", "app/KEY", input=b"back-SEEKRIT").code == 0
+        watcher.wait_for(lambda: "--on-change exited 3" in watcher.stderr(), "the command's failure")
+        assert "key=back-SEEKRIT\n" in (tmp_path / "out.conf").read_text()
+        (tmp_path / "fail").unlink()
+        assert cli("store", "app/KEY", input=b"again-SEEKRIT").code == 0
+        watcher.wait_for(lambda: (tmp_path / "ran").read_text().count("ok") == 2, "the command again")
+    finally:
+        watcher.kill()
+    said = watcher.stderr()
+    assert "app/KEY changed, but out.conf could not be written again (secret 'app/KEY' " in said, said
+    assert "it keeps what it had; at the next change" in said
+    assert "SEEKRIT" not in said
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--watch",), "--watch writes FILE again on a change: give -o FILE"),
+        (("-o", "x.conf", "--on-change", "true"), "--on-change runs after a change: give --watch too"),
+    ],
+)
+def test_watch_options_that_do_not_go_together(
+    cli: Cli, tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    result = cli("inject", "-i", str(tmp_path / "out.tpl"), *args)
+    assert result.code == 2 and message in result.stderr and len(result.stderr.splitlines()) == 1
+
+
+def test_through_a_service_a_change_reaches_the_file_by_its_watch_stream(tmp_path: Path) -> None:
+    make_pki(tmp_path, ("auth",))
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    (tmp_path / "out.tpl").write_text("DB_PASSWORD={{ sm://auth/DB_PASSWORD }}\n")
+    env = {**through_service(tmp_path, server.address), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    watcher = Watcher(tmp_path, env, "--on-change", "echo x >> ran")
+    out = tmp_path / "out.conf"
+    try:
+        watcher.wait_for(lambda: (tmp_path / "ran").exists(), "the first write")
+        assert out.read_text() == f"DB_PASSWORD={SEED['auth/DB_PASSWORD'].decode()}\n"
+        store_in_served_store(tmp_path, "auth/DB_PASSWORD", "rotated-SEEKRIT")
+        watcher.wait_for(lambda: out.read_text() == "DB_PASSWORD=rotated-SEEKRIT\n", "the rewrite")
+        watcher.wait_for(lambda: (tmp_path / "ran").read_text() == "x\nx\n", "the command")
+        assert watcher.end() == 0
+    finally:
+        watcher.kill()
+        server.stop()
+    gets = [r["name"] for r in server.audit_records() if r["operation"] == "get" and r["outcome"] == "ok"]
+    assert gets.count("auth/DB_PASSWORD") == 2  # the service audited both readings
