@@ -16,7 +16,7 @@ import pytest
 from agent_fixtures import PASSWORD, AgentCli, agent_cli
 from service_fixtures import SCRIPT, make_pki, make_store, start_server
 from test_cli import Result
-from test_run_restart import through_service
+from test_run_command import through_service
 
 NAMES = ("auth/DB_PASSWORD", "auth/JWT_KEY", "market-connector/BINANCE_API_KEY")
 

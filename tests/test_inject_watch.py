@@ -5,7 +5,6 @@ after each such write. Real processes: the CLI in the background, a real `serve`
 from __future__ import annotations
 
 import json
-import os
 import signal
 import stat
 import subprocess
@@ -17,7 +16,8 @@ import pytest
 
 from service_fixtures import SCRIPT, SEED, make_pki, make_store, start_server
 from test_cli import Cli
-from test_run_restart import store_in_served_store, through_service
+from test_run_command import through_service
+from test_run_restart import store_in_served_store
 
 TEMPLATE = "user={{ sm://db/main#username }}\npassword={{ sm://db/main#password }}\nkey={{ sm://app/KEY }}\n"
 # COMMAND: counts its runs and keeps what FILE held when it ran, and the variables it was given
@@ -160,7 +160,7 @@ def test_a_failed_reading_or_command_leaves_the_file_and_the_watch_goes_on(cli: 
         watcher.kill()
     said = watcher.stderr()
     assert "app/KEY changed, but out.conf could not be written again (secret 'app/KEY' " in said, said
-    assert "it keeps what it had; at the next change" in said
+    assert "it keeps what it had; read again at the next change" in said
     assert "SEEKRIT" not in said
 
 
@@ -183,7 +183,7 @@ def test_through_a_service_a_change_reaches_the_file_by_its_watch_stream(tmp_pat
     make_store(tmp_path)
     server = start_server(tmp_path)
     (tmp_path / "out.tpl").write_text("DB_PASSWORD={{ sm://auth/DB_PASSWORD }}\n")
-    env = {**through_service(tmp_path, server.address), "PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    env = through_service(tmp_path, server.address)
     watcher = Watcher(tmp_path, env, "--on-change", "echo x >> ran")
     out = tmp_path / "out.conf"
     try:

@@ -63,6 +63,18 @@ class Cli:
         return [json.loads(line) for line in self.audit.read_text().splitlines()]
 
 
+def through_service(directory: Path, address: str) -> dict[str, str]:
+    """The environment of a `run --server` as client `auth` (service_fixtures' certificates)."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(directory),
+        "SECRETS_MANAGER_ADDR": address,
+        "SECRETS_MANAGER_CERT": str(directory / "auth.pem"),
+        "SECRETS_MANAGER_KEY": str(directory / "auth-key.pem"),
+        "SECRETS_MANAGER_CA": str(directory / "ca.pem"),
+    }
+
+
 @pytest.fixture
 def cli(tmp_path: Path) -> Cli:
     cli = Cli(tmp_path)
@@ -358,14 +370,7 @@ def test_through_a_service_the_policy_decides_what_the_program_gets(tmp_path: Pa
     make_store(tmp_path)
     server = start_server(tmp_path)
     try:
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(tmp_path),
-            "SECRETS_MANAGER_ADDR": server.address,
-            "SECRETS_MANAGER_CERT": str(tmp_path / "auth.pem"),
-            "SECRETS_MANAGER_KEY": str(tmp_path / "auth-key.pem"),
-            "SECRETS_MANAGER_CA": str(tmp_path / "ca.pem"),
-        }
+        env = through_service(tmp_path, server.address)
 
         def run(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
@@ -583,14 +588,7 @@ def test_through_a_service_references_are_read_with_the_callers_certificate(tmp_
     own = next(n for n in SEED if n.startswith("auth/"))
     other = next(n for n in SEED if n.startswith("market-connector/"))
     try:
-        env = {
-            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-            "HOME": str(tmp_path),
-            "SECRETS_MANAGER_ADDR": server.address,
-            "SECRETS_MANAGER_CERT": str(tmp_path / "auth.pem"),
-            "SECRETS_MANAGER_KEY": str(tmp_path / "auth-key.pem"),
-            "SECRETS_MANAGER_CA": str(tmp_path / "ca.pem"),
-        }
+        env = through_service(tmp_path, server.address)
         allowed = subprocess.run(
             [str(SCRIPT), "run", "--", *SHOW],
             capture_output=True,

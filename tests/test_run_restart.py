@@ -28,7 +28,7 @@ from secrets_manager.values import SecretValue
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
 from service_fixtures import SEED, make_pki, make_store, start_server, tls_files
 from tcp_proxy import AnswersStop
-from test_run_command import aws_variables
+from test_run_command import aws_variables, through_service
 from test_serve_external_stores import (  # noqa: F401 (fixtures)
     Backend,
     make_backend,
@@ -170,18 +170,6 @@ class Run:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(line["pid"], signal.SIGKILL)
         self._stderr.close()
-
-
-def through_service(directory: Path, address: str) -> dict[str, str]:
-    """The environment of a `run --server` as client `auth` (service_fixtures' certificates)."""
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(directory),
-        "SECRETS_MANAGER_ADDR": address,
-        "SECRETS_MANAGER_CERT": str(directory / "auth.pem"),
-        "SECRETS_MANAGER_KEY": str(directory / "auth-key.pem"),
-        "SECRETS_MANAGER_CA": str(directory / "ca.pem"),
-    }
 
 
 def store_in_served_store(directory: Path, name: str, value: str) -> None:
@@ -939,15 +927,17 @@ def test_with_several_addresses_a_reading_that_gets_no_answer_is_read_through_an
     replicas = (first.address, second.address)
     store = RemoteStore(first.address, tls_files(tmp_path, "auth"), replicas=replicas)
     try:
-        assert _read_variables(store, ("auth",), [], first=False)["JWT_KEY"].name == "auth/JWT_KEY"
+        assert (
+            _read_variables(store, ("auth",), [], [], first=False).variables["JWT_KEY"].name == "auth/JWT_KEY"
+        )
         first.kill()
-        variables = _read_variables(store, ("auth",), [("auth/DB_PASSWORD", "DB")], first=False)
+        variables = _read_variables(store, ("auth",), [("auth/DB_PASSWORD", "DB")], [], first=False).variables
         assert variables["JWT_KEY"].value.reveal() == SEED["auth/JWT_KEY"]
         assert variables["DB"].value.reveal() == SEED["auth/DB_PASSWORD"]
         assert store.address == second.address
         second.kill()  # none answers: the reading's own error
         with pytest.raises(StorageError, match=second.address):
-            _read_variables(store, ("auth",), [], first=False)
+            _read_variables(store, ("auth",), [], [], first=False)
     finally:
         store.close()
         first.kill()

@@ -13,7 +13,6 @@ do), and `--on-change` runs after each write that changed it.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import queue
 import re
@@ -43,10 +42,10 @@ from secrets_manager.cli.password import read_bounded
 from secrets_manager.cli.rotate_commands import terminate_as_interrupt
 from secrets_manager.cli.run_command import WITHHELD_VARIABLES, credentials_that_reached
 from secrets_manager.cli.run_supervisor import (
-    RETRY_SECONDS,
     SETTLE_SECONDS,
     SHELL,
     TICK_SECONDS,
+    ReadAgain,
     differences,
 )
 from secrets_manager.cli.watch_command import change_source
@@ -224,49 +223,43 @@ def _inject_and_watch(
         follower = threading.Thread(target=follow, name="inject-changes", daemon=True)
         follower.start()
         changed: set[str] = set()
-        last_change = retry_at = 0.0
-        last_failure = ""
+        last_change = 0.0
+        again = ReadAgain()
         try:
             while True:
                 with contextlib.suppress(queue.Empty):
                     change = changes.get(timeout=TICK_SECONDS)
                     changed.add(change.name or "the secrets (changes were missed)")
-                    last_change, retry_at = time.monotonic(), 0.0
+                    last_change = time.monotonic()
+                    again.changed()
                 if not follower.is_alive():
                     raise failed[0] if failed else InvalidInputError("stopped following the changes")
                 now = time.monotonic()
-                if not changed or now - last_change < SETTLE_SECONDS or now < retry_at:
+                if not changed or now - last_change < SETTLE_SECONDS or now < again.at:
                     continue
                 try:
-                    again = read()
-                    if again.rendered != filled.rendered:
+                    reading = read()
+                    if reading.rendered != filled.rendered:
                         try:
-                            write_private_file(output, again.rendered, overwrite=True)
+                            write_private_file(output, reading.rendered, overwrite=True)
                         except SecretsManagerError as exc:  # a full disk, a directory gone: retried
                             raise StorageError(str(exc)) from None
                 except SecretsManagerError as exc:
-                    # A store that does not answer, or a FILE that cannot be written, is tried again;
-                    # anything else (a secret deleted, a binary value) only after the next change.
-                    retry_at = now + RETRY_SECONDS if isinstance(exc, StorageError) else math.inf
-                    if str(exc) != last_failure:
-                        when = (
-                            f"trying again in {RETRY_SECONDS:.0f} s"
-                            if retry_at < math.inf
-                            else "at the next change"
-                        )
-                        warning_line(
-                            f"{', '.join(sorted(changed))} changed, but {output} could not be written "
-                            f"again ({exc}); it keeps what it had; {when}"
-                        )
-                    last_failure = str(exc)
+                    again.failed(
+                        exc,
+                        now,
+                        f"{', '.join(sorted(changed))} changed, but {output} could not be written again "
+                        f"({exc}); it keeps what it had",
+                    )
                     continue
                 changed.clear()
-                last_failure = ""
-                if again.rendered == filled.rendered:  # a new version of the same value, a tag
-                    filled = again
+                if again.succeeded():
+                    info_line(f"read the secrets again for {output}")
+                if reading.rendered == filled.rendered:  # a new version of the same value, a tag
+                    filled = reading
                     continue
-                said = differences(filled.values, again.values)
-                filled = again
+                said = differences(filled.values, reading.values)
+                filled = reading
                 info_line(f"{'; '.join(said) or 'the secrets changed'}: wrote {output} again")
                 if on_change is not None:
                     _run_on_change(on_change, withheld)

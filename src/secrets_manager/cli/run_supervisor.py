@@ -326,6 +326,38 @@ def _by_secret(variables: dict[str, Secret]) -> dict[str, tuple[Secret, dict[str
     return grouped
 
 
+class ReadAgain:
+    """After a reading that failed: when to read again (every RETRY_SECONDS while the store does
+    not answer; anything else, a secret deleted or a refused variable, only after the next change,
+    not audited as failing every 10 s), each new failure said once."""
+
+    def __init__(self) -> None:
+        self.at = 0.0  # not before this (time.monotonic()); math.inf: at the next change
+        self._last_failure = ""
+
+    def changed(self) -> None:
+        """A new change is read after it settles, whatever failed before."""
+        self.at = 0.0
+
+    def failed(self, exc: SecretsManagerError, now: float, warning: str) -> None:
+        """`exc` failed a reading at `now`: `warning` is said, with when it is read again, unless
+        the last failure was the same."""
+        self.at = now + RETRY_SECONDS if isinstance(exc, StorageError) else math.inf
+        if str(exc) != self._last_failure:
+            when = (
+                f"trying again in {RETRY_SECONDS:.0f} s"
+                if self.at < math.inf
+                else "read again at the next change"
+            )
+            warning_line(f"{warning}; {when}")
+        self._last_failure = str(exc)
+
+    def succeeded(self) -> bool:
+        """A reading succeeded: whether one had failed before it (so the caller says it is back)."""
+        failed, self._last_failure = bool(self._last_failure), ""
+        return failed
+
+
 class Supervisor:
     """COMMAND as a child, restarted on the new values after a change (module docstring)."""
 
@@ -385,45 +417,36 @@ class Supervisor:
         child = self._child
         assert child is not None
         names: set[str] = set()
-        last_change = retry_at = 0.0
-        last_failure = ""
+        last_change = 0.0
+        again = ReadAgain()
         while True:
             with contextlib.suppress(queue.Empty):
                 change = self._changes.get(timeout=TICK_SECONDS)
                 names.add(change.name or "the secrets (changes were missed)")
                 last_change = time.monotonic()
-                retry_at = 0.0  # a new change is read after it settles, whatever failed before
+                again.changed()
             if self._reaper:
                 _reap_orphans(child.pid)
             status = child.poll()
             if status is not None:
                 return self._ended(child, status)
             now = time.monotonic()
-            if self._ending is not None or not names or now - last_change < SETTLE_SECONDS or now < retry_at:
+            if self._ending is not None or not names or now - last_change < SETTLE_SECONDS or now < again.at:
                 continue
             try:
                 variables = self._read()
             except SecretsManagerError as exc:
-                # A store that does not answer is asked again; anything else (a secret deleted, a
-                # refused variable) only after the next change, not audited as failing every 10 s.
-                retry_at = now + RETRY_SECONDS if isinstance(exc, StorageError) else math.inf
-                if str(exc) != last_failure:
-                    again = (
-                        f"trying again in {RETRY_SECONDS:.0f} s"
-                        if retry_at < math.inf
-                        else "read again at the next change"
-                    )
-                    warning_line(
-                        f"{', '.join(sorted(names))} changed, but reading the secrets again failed ({exc}); "
-                        f"{self._launch.command[0]} keeps running on the values it has; {again}"
-                    )
-                last_failure = str(exc)
+                again.failed(
+                    exc,
+                    now,
+                    f"{', '.join(sorted(names))} changed, but reading the secrets again failed ({exc}); "
+                    f"{self._launch.command[0]} keeps running on the values it has",
+                )
                 continue
             if self._ending is not None:  # it came during the reading: COMMAND has it, and ends
                 continue
-            if last_failure:
+            if again.succeeded():
                 info_line("read the secrets again")
-                last_failure = ""
             names.clear()
             said = differences(self._variables, variables)
             if not said:  # a new version of the same value, a tag: COMMAND has what it needs
