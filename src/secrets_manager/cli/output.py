@@ -255,8 +255,10 @@ def progress_bars(description: str) -> Iterator[Callable[[str, int, int], None]]
 
 
 def parse_cutoff(text: str, option: str, without: str) -> datetime:
-    """The moment an option such as `--since` names: ISO 8601 (UTC unless it says otherwise) or
-    an age ago (30m, 12h, 7d). An age reaching before year 1 is refused (datetime overflows);
+    """The moment an option such as `--since` names, in UTC: ISO 8601 (UTC unless it says
+    otherwise) or an age ago (30m, 12h, 7d). An age reaching before year 1 is refused (datetime
+    overflows), and so is a time whose offset takes it out of years 1 to 9999 in UTC
+    (0001-01-01T00:00:00+05:00): printed or compared, it overflowed (`purge`: an internal error);
     `without` says what leaving the option out does."""
     match = _AGE.fullmatch(text.strip())
     if match:
@@ -271,7 +273,12 @@ def parse_cutoff(text: str, option: str, without: str) -> datetime:
         raise InvalidInputError(
             f"{option} {text!r}: give an ISO 8601 time or an age like 30m, 12h, 7d"
         ) from None
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    except OverflowError:
+        raise InvalidInputError(
+            f"{option} {text!r} is outside years 1 to 9999 in UTC; give a time within them"
+        ) from None
 
 
 def parse_deadline(text: str, option: str) -> datetime:

@@ -1,0 +1,42 @@
+"""Time and clocks: what a command makes of the times and ages it is given (offsets, zones, the
+ends of the calendar), and that waits and rate limits do not follow a wall clock that is stepped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from test_cli import Cli, assert_one_line_error
+
+
+@pytest.fixture
+def ready(tmp_path: Path) -> Cli:
+    cli = Cli(tmp_path / "vault" / "store.db", tmp_path)
+    assert cli("init", "--kdf-profile", "test").code == 0
+    return cli
+
+
+@pytest.mark.parametrize("moment", ["0001-01-01T00:00:00+05:00", "9999-12-31T23:59:59-01:00"])
+def test_a_cutoff_whose_offset_leaves_the_calendar_is_a_one_line_error(ready: Cli, moment: str) -> None:
+    """purge printed the cutoff in UTC, which overflowed: 'internal error (OverflowError)', exit 1."""
+    assert ready("store", "svc/A", input=b"a").code == 0
+    assert ready("delete", "svc/A").code == 0
+    for args in (
+        ("purge", "--older-than", moment, "--dry-run"),
+        ("purge", "--older-than", moment),
+        ("list", "--older-than", moment),
+        ("audit", "show", "--since", moment),
+    ):
+        assert_one_line_error(ready(*args), 2, repr(moment), "years 1 to 9999 in UTC")
+    assert ready("undelete", "svc/A").code == 0  # purge erased nothing
+
+
+def test_a_cutoff_with_an_offset_or_none_is_taken_in_utc(ready: Cli) -> None:
+    assert ready("store", "svc/A", input=b"a").code == 0
+    # 2999-01-01T05:30+05:30 is 2999-01-01T00:00Z; a naive time is UTC whatever TZ says.
+    for moment in ("2999-01-01T05:30:00+05:30", "2999-01-01T00:00:00Z", "2999-01-01"):
+        for zone in ("Asia/Kolkata", "America/New_York"):
+            result = ready("purge", "--older-than", moment, "--dry-run", env={"TZ": zone})
+            assert result.code == 0, result.stderr
+            assert "deleted before 2999-01-01T00:00:00Z" in result.stderr, result.stderr
