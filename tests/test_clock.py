@@ -40,3 +40,56 @@ def test_a_cutoff_with_an_offset_or_none_is_taken_in_utc(ready: Cli) -> None:
             result = ready("purge", "--older-than", moment, "--dry-run", env={"TZ": zone})
             assert result.code == 0, result.stderr
             assert "deleted before 2999-01-01T00:00:00Z" in result.stderr, result.stderr
+
+
+class SteppedClock:
+    """`time` for a module under test: a wall clock an operator or NTP steps, and a monotonic
+    one that only runs forward."""
+
+    def __init__(self, wall: float) -> None:
+        self.wall, self.mono = wall, 1000.0
+
+    def run(self, seconds: float) -> None:
+        self.wall += seconds
+        self.mono += seconds
+
+    def time(self) -> float:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    perf_counter = monotonic
+
+
+def test_client_certificate_expiry_notices_are_a_day_apart_on_the_monotonic_clock(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The day between two notices of one certificate was counted on the wall clock: stepped
+    back two days, the next notice came three days later; stepped forward a day, it came again
+    at the next call."""
+    from secrets_manager.service import server
+    from secrets_manager.service.metrics import Metrics
+    from secrets_manager.tls.identity import Caller
+
+    clock = SteppedClock(2_000_000_000.0)
+    monkeypatch.setattr(server, "time", clock)
+    caller = Caller(
+        "spiffe://test/auth", serial=7, fingerprint=b"f" * 32, not_valid_after=clock.wall + 5 * 86400
+    )
+    notices = server._ClientExpiryNotices(Metrics(None))
+
+    def warned() -> int:
+        return sum(1 for r in caplog.records if getattr(r, "event", "") == "tls.client_certificate_expiring")
+
+    with caplog.at_level("WARNING", logger=server.log.name):
+        notices.check(caller, "ipv4:127.0.0.1:1")
+        assert warned() == 1
+        clock.wall += 86400  # stepped forward a day, a minute later: no second notice yet
+        clock.run(60)
+        notices.check(caller, "ipv4:127.0.0.1:1")
+        assert warned() == 1
+        clock.wall -= 3 * 86400  # then back three days; a day later the next notice is due
+        clock.run(86400)
+        notices.check(caller, "ipv4:127.0.0.1:1")
+        assert warned() == 2

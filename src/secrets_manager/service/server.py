@@ -240,12 +240,15 @@ class _ClientExpiryNotices:
     """A warning (and a count in the metrics) when a client calls with a certificate that ends
     within CLIENT_EXPIRY_WARNING_SECONDS, once a day per certificate: the SDK warns in the
     client's own log, which the service's operator may never read, and past its end the client is
-    refused with only a closed connection to show for it. One comparison per call otherwise."""
+    refused with only a closed connection to show for it. One comparison per call otherwise.
+    The certificate's end is compared with the wall clock; the day between notices is counted on
+    the monotonic one, so a clock stepped back does not silence them for the length of the step,
+    nor one stepped forward repeat them at once."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._lock = threading.Lock()
-        self._warned: dict[bytes | str, float] = {}  # certificate: when it was last warned of
+        self._warned: dict[bytes | str, float] = {}  # certificate: when it was last warned of (monotonic)
 
     def check(self, caller: Caller, peer: str) -> None:
         ends = caller.not_valid_after
@@ -255,15 +258,16 @@ class _ClientExpiryNotices:
         if ends - now >= CLIENT_EXPIRY_WARNING_SECONDS:
             return
         key = caller.fingerprint or caller.identity
+        at = time.monotonic()
         with self._lock:
             last = self._warned.get(key)
-            if last is not None and now - last < CLIENT_EXPIRY_NOTICE_SECONDS:
+            if last is not None and at - last < CLIENT_EXPIRY_NOTICE_SECONDS:
                 return
             if len(self._warned) >= 4096:  # forget the oldest notices: a day's worth is plenty
                 self._warned = {
-                    k: t for k, t in self._warned.items() if now - t < CLIENT_EXPIRY_NOTICE_SECONDS
+                    k: t for k, t in self._warned.items() if at - t < CLIENT_EXPIRY_NOTICE_SECONDS
                 }
-            self._warned[key] = now
+            self._warned[key] = at
         self._metrics.count_client_expiry_notice()
         log.warning(
             "a client certificate expires soon: renew it (secrets-manager pki issue NAME --force) "
