@@ -3,11 +3,13 @@ ends of the calendar), and that waits and rate limits do not follow a wall clock
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
-from test_cli import Cli, assert_one_line_error
+from test_cli import Cli, assert_one_line_error, run_in_process
 
 
 @pytest.fixture
@@ -93,3 +95,30 @@ def test_client_certificate_expiry_notices_are_a_day_apart_on_the_monotonic_cloc
         clock.run(86400)
         notices.check(caller, "ipv4:127.0.0.1:1")
         assert warned() == 2
+
+
+def test_status_never_says_a_value_was_stored_minus_one_days_ago(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A value stored, or a secret deleted, by a host whose clock is ahead (a replica on a shared
+    store, or this host before its clock was stepped back) was "(-1 days ago)" in status."""
+    from secrets_manager.cli import status_command
+
+    assert ready("store", "svc/A", input=b"a").code == 0
+    assert ready("store", "svc/B", input=b"b").code == 0
+    assert ready("delete", "svc/B").code == 0
+
+    class Behind(datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> Behind:  # type: ignore[override]
+            return cls.fromtimestamp(datetime.now(UTC).timestamp() - 3600, UTC)
+
+    capsys.readouterr()
+    monkeypatch.setattr(status_command, "datetime", Behind)
+    assert run_in_process(ready, monkeypatch, "status") == 0
+    shown = capsys.readouterr().out
+    assert shown.count("(0 days ago") == 2 and "-1 days" not in shown, shown
+    monkeypatch.setattr(status_command, "datetime", Behind)
+    assert run_in_process(ready, monkeypatch, "status", "--json") == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["oldest_value"]["days"] == 0 and doc["oldest_deleted"]["days"] == 0, doc

@@ -66,7 +66,7 @@ def status(session: Session, as_json: bool) -> None:
             {
                 "name": deleted[0][1],
                 "deleted": timestamp(deleted[0][0]),
-                "days": (datetime.now(UTC) - deleted[0][0]).days,
+                "days": _days_since(deleted[0][0]),
             }
             if deleted
             else None
@@ -80,7 +80,7 @@ def status(session: Session, as_json: bool) -> None:
             {
                 "name": stored[0][1],
                 "stored": timestamp(stored[0][0]),
-                "days": (datetime.now(UTC) - stored[0][0]).days,
+                "days": _days_since(stored[0][0]),
             }
             if stored
             else None
@@ -238,3 +238,9 @@ def _print(doc: dict[str, Any], audit_problem: str | None) -> None:
     ]
     for field_name, value in lines:
         click.echo(f"{field_name + ':':<17}{printable(str(value))}")
+
+
+def _days_since(moment: datetime) -> int:
+    """Whole days from `moment` to now; 0 for a moment ahead of this clock (written by a host whose
+    clock is ahead, or before this one was stepped back), which was "-1 days ago"."""
+    return max(0, (datetime.now(UTC) - moment).days)
