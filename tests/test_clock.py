@@ -3,7 +3,13 @@ ends of the calendar), and that waits and rate limits do not follow a wall clock
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
+import subprocess
+import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -122,3 +128,64 @@ def test_status_never_says_a_value_was_stored_minus_one_days_ago(
     assert run_in_process(ready, monkeypatch, "status", "--json") == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["oldest_value"]["days"] == 0 and doc["oldest_deleted"]["days"] == 0, doc
+
+
+# The clearer as `get --clip` starts it, but on a clock whose CLOCK_BOOTTIME has gained an hour
+# (the machine slept; its monotonic clock stood still meanwhile) once the file RESUMED exists.
+_SLEEPING_CLEARER = """
+import os, runpy, sys, time
+real = time.clock_gettime
+def clock_gettime(clock):
+    asleep = clock == getattr(time, "CLOCK_BOOTTIME", None) and os.path.exists(os.environ["RESUMED"])
+    return real(clock) + (3600 if asleep else 0)
+time.clock_gettime = clock_gettime
+sys.argv = [sys.argv[1], "secrets-manager-clip-clearer"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="Linux's CLOCK_BOOTTIME")
+def test_the_clipboard_is_cleared_on_waking_from_a_sleep_longer_than_the_clip_time(tmp_path: Path) -> None:
+    """The clearer waited on the monotonic clock, which stops while the machine sleeps: a value
+    copied just before an hour's suspend stayed on the clipboard for the rest of its 45 s (here
+    600 s) after the wake-up. A clipboard of files stands in for X's."""
+    from secrets_manager.cli import clipboard
+
+    board, resumed = tmp_path / "clipboard", tmp_path / "resumed"
+    board.write_bytes(b"the copied value")
+    write = f"import sys; open({str(board)!r}, 'wb').write(sys.stdin.buffer.read())"
+    orders = {
+        "tool": {
+            "name": "files",
+            "display": "test",
+            "copy": [sys.executable, "-c", write],
+            "paste": ["cat", str(board)],
+            "clear": None,
+        },
+        "digest": hashlib.sha256(b"the copied value").hexdigest(),
+        "before": base64.b64encode(b"what was there before").decode(),
+        "seconds": 600,
+        "pid_file": str(tmp_path / "clip.pid"),
+    }
+    clearer = subprocess.Popen(
+        [sys.executable, "-c", _SLEEPING_CLEARER, clipboard.__file__],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "RESUMED": str(resumed)},
+    )
+    try:
+        assert clearer.stdin is not None and clearer.stdout is not None
+        clearer.stdin.write(json.dumps(orders).encode())
+        clearer.stdin.close()
+        assert clearer.stdout.readline() == b"ready\n"
+        time.sleep(0.5)
+        assert board.read_bytes() == b"the copied value"  # awake: its 600 s run
+        resumed.touch()  # the machine wakes up an hour later
+        deadline = time.monotonic() + 10
+        while board.read_bytes() != b"what was there before" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert board.read_bytes() == b"what was there before"
+        assert clearer.wait(timeout=10) == 0
+    finally:
+        clearer.kill()
+        clearer.wait()

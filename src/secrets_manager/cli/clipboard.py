@@ -4,7 +4,8 @@ The value goes to the clipboard tool (wl-copy, xclip, xsel or pbcopy) on its sta
 in its arguments. A detached clearer process waits SECRETS_MANAGER_CLIP_TIME seconds (45, pass's
 default), then, if the clipboard still holds the value, puts back what it held before (or empties
 it); if the user copied something else meanwhile, it leaves that alone. The clearer keeps only a
-SHA-256 digest of the value, and gets everything on its standard input.
+SHA-256 digest of the value, and gets everything on its standard input. Its time runs while the
+machine sleeps: a laptop opened after an hour has the value taken off at once.
 
 One clearer per display: a second copy first ends the running clearer, which puts back what it
 had saved at once, so the second one saves the clipboard as it was before either value and the
@@ -334,6 +335,14 @@ def _read_line_within(stream: IO[bytes], timeout: float) -> bytes:
     return stream.readline()
 
 
+def _awake_or_asleep() -> float:
+    """Seconds on a clock that also runs while the machine sleeps (Linux's CLOCK_BOOTTIME, as the
+    agent's key expiry uses; the monotonic clock where there is none). On the monotonic clock,
+    which stops while a laptop is closed or a VM suspended, a value copied just before an hour's
+    sleep stayed on the clipboard for the rest of its time after the wake-up."""
+    return time.clock_gettime(getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC))
+
+
 def _clear_later() -> None:
     """The clearer: wait, then put back what the clipboard held unless the user copied since."""
     orders = json.loads(sys.stdin.buffer.read())
@@ -362,9 +371,9 @@ def _clear_later() -> None:
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     os.dup2(os.open(os.devnull, os.O_RDWR), 1)  # the command that started us reads no further
-    deadline = time.monotonic() + float(orders["seconds"])
-    while not ended and time.monotonic() < deadline:
-        time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+    deadline = _awake_or_asleep() + float(orders["seconds"])
+    while not ended and _awake_or_asleep() < deadline:
+        time.sleep(min(0.1, max(0.0, deadline - _awake_or_asleep())))
     if hashlib.sha256(_read(tool)).hexdigest() == orders["digest"]:
         with contextlib.suppress(ClipboardFailed):
             _write(tool, base64.b64decode(orders["before"]))
