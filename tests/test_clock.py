@@ -10,12 +10,16 @@ import os
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from secrets_manager.environment import Environment
+from secrets_manager.rotation import Due, load_schedule, plan
+from secrets_manager.store import EncryptedStore
 from test_cli import Cli, assert_one_line_error, run_in_process
+from test_schedule import write_schedule
 
 
 @pytest.fixture
@@ -189,3 +193,20 @@ def test_the_clipboard_is_cleared_on_waking_from_a_sleep_longer_than_the_clip_ti
     finally:
         clearer.kill()
         clearer.wait()
+
+
+def test_a_pending_version_dated_ahead_of_the_clock_by_more_than_its_stale_time_is_resumed(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """A rotation staged while the clock was a day ahead (then stepped back), whose runner died
+    after its set command, was 'in progress' to every runner for that day and its three command
+    timeouts: the new value at the target, the old one current, nothing resumed it. Dated ahead
+    by less than the stale time (replicas' clocks a little apart) it is still left alone."""
+    schedule = write_schedule(tmp_path / "r.toml", {"name": "db/app", "every": "1h", "timeout": 10})
+    (rule,) = load_schedule(schedule, environment=Environment.DEVELOPMENT)
+    encrypted_store.put("db/app", b"one")
+    staged = encrypted_store.stage("db/app", b"two")
+    meta = encrypted_store.describe("db/app")
+    assert plan(rule, meta, staged.created - timedelta(seconds=29)).state is Due.IN_PROGRESS
+    stepped_back = plan(rule, meta, staged.created - timedelta(days=1))
+    assert (stepped_back.state, stepped_back.pending) == (Due.RESUME, 2)

@@ -880,7 +880,10 @@ class Plan:
 
 def plan(rule: ScheduledRotation, meta: SecretMetadata, now: datetime) -> Plan:
     """Due when the current version is `every` old (any new current value restarts the clock,
-    whether a rotation or a `store` made it), or when there is none."""
+    whether a rotation or a `store` made it), or when there is none. A pending version is young
+    (in progress) while it was staged less than `stale_after` from `now`, before or after: one
+    dated further ahead was staged while a clock was ahead (stepped back since), and waited as
+    long as the step (a day, a year) with the new value perhaps at the target already."""
     created = {v.version: v.created for v in meta.versions}
     current = meta.labels.get(CURRENT)
     pending = meta.labels.get(PENDING)
@@ -890,7 +893,7 @@ def plan(rule: ScheduledRotation, meta: SecretMetadata, now: datetime) -> Plan:
         state = Due.DELETED
     elif pending is not None and pending != current:
         staged = created.get(pending)
-        young = staged is not None and now - staged < rule.stale_after
+        young = staged is not None and abs(now - staged) < rule.stale_after
         state = Due.IN_PROGRESS if young else Due.RESUME
     elif next_due is None or now >= next_due:
         state = Due.DUE
