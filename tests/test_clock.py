@@ -210,3 +210,14 @@ def test_a_pending_version_dated_ahead_of_the_clock_by_more_than_its_stale_time_
     assert plan(rule, meta, staged.created - timedelta(seconds=29)).state is Due.IN_PROGRESS
     stepped_back = plan(rule, meta, staged.created - timedelta(days=1))
     assert (stepped_back.state, stepped_back.pending) == (Due.RESUME, 2)
+
+
+@pytest.mark.parametrize("moment", ["9999-12-31T23:59:59-01:00", "99999999999d", "9" * 5000 + "d"])
+def test_an_expiry_past_year_9999_is_said_to_be_so(ready: Cli, moment: str) -> None:
+    """An ISO 8601 time, or an age, past year 9999 once in UTC was told to 'give an ISO 8601 time
+    … or an age from now like 12h, 90d', which it was."""
+    for args in (("store", "svc/A", "--expires", moment), ("list", "--expiring", moment)):
+        result = ready(*args, input=b"a")
+        assert_one_line_error(result, 2, "outside years 1 to 9999 in UTC")
+        assert "like 12h" not in result.stderr
+    assert ready("get", "svc/A").code == 3  # nothing stored

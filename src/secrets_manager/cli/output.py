@@ -286,18 +286,24 @@ def parse_deadline(text: str, option: str) -> datetime:
     unless it says otherwise) or an age from now (12h, 90d). Seconds are dropped (stores keep whole
     seconds)."""
     match = _AGE.fullmatch(text.strip())
+    if not match:
+        try:
+            written = datetime.fromisoformat(text)
+        except ValueError:  # no time at all
+            raise InvalidInputError(
+                f"{option} {text!r}: give an ISO 8601 time (2027-03-01, 2027-03-01T12:00:00Z) or an age "
+                "from now like 12h, 90d"
+            ) from None
     try:
         if match:
             amount, unit = match.groups()
             moment = datetime.now(UTC) + timedelta(**{_AGE_UNITS[unit]: int(amount)})
         else:
-            moment = datetime.fromisoformat(text)
-            moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+            moment = written if written.tzinfo else written.replace(tzinfo=UTC)
         return moment.astimezone(UTC).replace(microsecond=0)
-    except (OverflowError, ValueError):  # past year 9999, or no time at all
+    except (OverflowError, ValueError):  # ValueError: int() of thousands of digits
         raise InvalidInputError(
-            f"{option} {text!r}: give an ISO 8601 time (2027-03-01, 2027-03-01T12:00:00Z) or an age "
-            "from now like 12h, 90d"
+            f"{option} {text!r} is outside years 1 to 9999 in UTC; give a time within them"
         ) from None
 
 
