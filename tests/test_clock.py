@@ -221,3 +221,18 @@ def test_an_expiry_past_year_9999_is_said_to_be_so(ready: Cli, moment: str) -> N
         assert_one_line_error(result, 2, "outside years 1 to 9999 in UTC")
         assert "like 12h" not in result.stderr
     assert ready("get", "svc/A").code == 3  # nothing stored
+
+
+def test_an_audit_log_whose_times_go_backwards_still_verifies(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """The clock stepped back an hour, forward a day, back two days, and to 1970 and before: the
+    chain is its seq and hashes, never its times (docs/audit.md), so the log verifies."""
+    from secrets_manager.audit import AuditEvent, AuditLog
+
+    now = 1_800_000_000.0
+    ticks = iter([now, now - 3600, now + 86_400, now - 2 * 86_400, 0.0, -1.5])
+    log = AuditLog(tmp_path / "lib.audit.jsonl", clock=lambda: next(ticks))
+    written = [log.append([AuditEvent("get", "svc")], encrypted_store)[0] for _ in range(6)]
+    assert [r["time"][:19] for r in written][-2:] == ["1970-01-01T00:00:00", "1969-12-31T23:59:58"]
+    assert log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) == 6
