@@ -236,3 +236,23 @@ def test_an_audit_log_whose_times_go_backwards_still_verifies(
     written = [log.append([AuditEvent("get", "svc")], encrypted_store)[0] for _ in range(6)]
     assert [r["time"][:19] for r in written][-2:] == ["1970-01-01T00:00:00", "1969-12-31T23:59:58"]
     assert log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) == 6
+
+
+def test_the_service_log_time_is_utc_whatever_tz_says(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's JSON log lines had the host's local time ('2026-11-30T20:00:00-0500' in a
+    container with TZ=America/New_York), while the audit log and every time inside the lines are
+    UTC."""
+    import logging
+
+    from secrets_manager.service.server import JsonLogFormatter
+
+    record = logging.makeLogRecord({"msg": "started", "event": "service.started"})
+    record.created = 1_804_000_000.25  # 2027-03-02T15:06:40.250Z
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        line = json.loads(JsonLogFormatter().format(record))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert line["time"] == "2027-03-02T15:06:40.250+00:00"

@@ -1339,13 +1339,15 @@ def _reload(reloadable: list[PolicyHolder | ServerCertificates], metrics: Metric
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time, level, message and a stable `event` (each line of the
     service names its own; one from a lower layer is named after its logger and level, e.g.
-    `environment.warning`). Only fields we put in `extra` appear: never a value."""
+    `environment.warning`). Only fields we put in `extra` appear: never a value. `time` is UTC
+    (RFC 3339, milliseconds), as the audit log's and every time in the lines are: it was the
+    host's local time (`2026-11-30T20:00:00-0500` in a container with TZ=America/New_York)."""
 
     _STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "message": record.getMessage(),
         }
