@@ -2269,6 +2269,24 @@ def test_mv_leaves_old_when_a_store_lands_while_it_moves(ready: Cli, monkeypatch
     assert ready("get", "a/NEW").out == "KNOWN-1\n"
 
 
+def test_delete_expect_version_deletes_only_the_version_read(ready: Cli) -> None:
+    for value in (b"KNOWN-1", b"KNOWN-2"):
+        ready("store", "a/CAS", input=value)
+    refused = ready("delete", "a/CAS", "--expect-version", "1")
+    assert_one_line_error(refused, 7, "'a/CAS' is not at version 1 (now version 2); nothing was deleted")
+    assert ready("get", "a/CAS").out == "KNOWN-2\n"
+    assert_one_line_error(ready("delete", "a/CAS", "--expect-version", "0"), 2, "--expect-version")
+    assert ready("delete", "a/CAS", "--expect-version", "2").code == 0
+    assert_one_line_error(ready("get", "a/CAS"), 3, "deleted")
+    records = json.loads(ready("audit", "show", "--json").out)
+    assert [(r["name"], r["version"], r["outcome"]) for r in records if r["operation"] == "delete"] == [
+        ("a/CAS", None, "pending"),
+        ("a/CAS", 1, "conflict"),
+        ("a/CAS", None, "pending"),
+        ("a/CAS", 2, "ok"),
+    ]
+
+
 def test_get_of_a_destroyed_current_version_says_how_to_have_a_value_again(ready: Cli) -> None:
     for value in (b"KNOWN-1", b"KNOWN-2"):
         ready("store", "a/GONE", input=value)

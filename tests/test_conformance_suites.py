@@ -569,3 +569,19 @@ def test_check_secret_store_wraps_unexpected_errors_with_the_check_name() -> Non
 
 def test_storage_protocol_is_satisfied_by_the_reference() -> None:
     assert isinstance(MemoryStorage(Place()), Storage)
+
+
+def test_check_secret_store_notices_a_delete_that_ignores_its_expected_version(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = encrypted_module.EncryptedStore.delete
+
+    def delete_unconditionally(self: EncryptedStore, name: str, **kwargs: object) -> None:
+        original(self, name)
+
+    monkeypatch.setattr(encrypted_module.EncryptedStore, "delete", delete_unconditionally)
+    with pytest.raises(
+        AssertionError,
+        match="'delete-expect-version' failed: delete with expect_version=1 while version 2 is current",
+    ):
+        check_secret_store(make_store)

@@ -1141,6 +1141,22 @@ def test_mv_by_one_who_may_not_delete_old_says_new_was_written_and_old_stays(ser
     assert server.cli("ops", "get", "load/NEW").stdout == server.cli("ops", "get", "load/OLD").stdout
 
 
+def test_delete_secret_if_current_deletes_only_the_version_read(server: Server) -> None:
+    ops = server.stub("ops")
+    ops.PutSecret(pb.PutSecretRequest(name="load/CAS", value=b"SEEKRIT-2"), timeout=10)  # version 1
+    ops.PutSecret(pb.PutSecretRequest(name="load/CAS", value=b"SEEKRIT-3"), timeout=10)  # version 2
+    for expect, code in ((1, grpc.StatusCode.ABORTED), (0, grpc.StatusCode.INVALID_ARGUMENT)):
+        request = pb.DeleteSecretIfCurrentRequest(name="load/CAS", expect_version=expect)
+        assert code_of(lambda request=request: ops.DeleteSecretIfCurrent(request, timeout=10)) == code
+    writer = pb.DeleteSecretIfCurrentRequest(name="load/CAS", expect_version=2)
+    denied = code_of(lambda: server.stub("writer").DeleteSecretIfCurrent(writer, timeout=10))
+    assert denied == grpc.StatusCode.PERMISSION_DENIED  # it needs delete, as DeleteSecret
+    assert server.cli("ops", "get", "load/CAS").stdout == b"SEEKRIT-3\n"  # nothing deleted
+    assert server.cli("ops", "delete", "load/CAS", "--expect-version", "1").returncode == 7
+    assert server.cli("ops", "delete", "load/CAS", "--expect-version", "2").returncode == 0
+    assert server.cli("ops", "get", "load/CAS").returncode == 3
+
+
 def test_the_cli_takes_several_addresses_like_the_sdk_and_uses_the_first_that_answers(
     server: Server,
 ) -> None:

@@ -151,7 +151,14 @@ def test_encrypted_store_on_postgres_passes_the_whole_secret_store_suite(
 
 @pytest.mark.parametrize(
     "behaviour",
-    ["expect-version", "max-versions", "max-versions-setting", "repr-redacted", "metadata-limits"],
+    [
+        "expect-version",
+        "delete-expect-version",
+        "max-versions",
+        "max-versions-setting",
+        "repr-redacted",
+        "metadata-limits",
+    ],
 )
 def test_encrypted_store_on_postgres_conforms(behaviour: str, make_store: Callable[[], SecretStore]) -> None:
     assert behaviour in SECRET_STORE_CHECKS

@@ -1579,12 +1579,20 @@ def print_metadata(meta: SecretMetadata) -> None:
 
 @cli.command()
 @click.argument("name", shell_complete=complete_secret_names)
+@click.option(
+    "--expect-version",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Only if version N is still current (exit 7, nothing deleted, if another version is).",
+)
 @pass_session
-def delete(session: Session, name: str) -> None:
+def delete(session: Session, name: str, expect_version: int | None) -> None:
     """Soft-delete NAME: hidden from get and list until 'undelete'."""
     validate_name(name)
-    with session.secret_operation("delete", name, mutating=True) as (store, _):
-        store.delete(name)
+    with session.secret_operation("delete", name, mutating=True) as (store, note):
+        if expect_version is not None:
+            note.version(expect_version)
+        store.delete(name, expect_version=expect_version)
     info_line(f"deleted {name} (recoverable with '{suggested('undelete', name)}')")
 
 

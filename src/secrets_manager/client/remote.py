@@ -42,6 +42,7 @@ from secrets_manager.errors import (
 from secrets_manager.rotation import MAX_TIMEOUT, Rotated
 from secrets_manager.store import CURRENT, PENDING, Secret, SecretMetadata, VersionInfo
 from secrets_manager.store.base import (
+    checked_expect_version,
     checked_expiry,
     checked_max_versions,
     checked_metadata,
@@ -576,8 +577,17 @@ class RemoteStore:
         except AccessDeniedError:
             return asked
 
-    def delete(self, name: str) -> None:
-        self._call("DeleteSecret", pb.DeleteSecretRequest(name=name))
+    def delete(self, name: str, *, expect_version: int | None = None) -> None:
+        """DeleteSecret; with `expect_version`, DeleteSecretIfCurrent (ConflictError, nothing
+        deleted, if that version is no longer current). A service from before that RPC answers
+        UNIMPLEMENTED (UnsupportedOperationError): the delete is refused, never made unconditional."""
+        if expect_version is None:
+            self._call("DeleteSecret", pb.DeleteSecretRequest(name=name))
+            return
+        checked_expect_version(expect_version)  # uint64 holds no -1
+        self._call(
+            "DeleteSecretIfCurrent", pb.DeleteSecretIfCurrentRequest(name=name, expect_version=expect_version)
+        )
 
     def undelete(self, name: str) -> None:
         self._call("UndeleteSecret", pb.UndeleteSecretRequest(name=name))

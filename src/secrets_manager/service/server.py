@@ -725,6 +725,18 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             self._store.delete(request.name)
         return pb.DeleteSecretResponse()
 
+    def DeleteSecretIfCurrent(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """DeleteSecret on condition (store.delete's expect_version): ABORTED (a ConflictError),
+        nothing deleted, if `expect_version` is no longer current. Audited as `delete` with it."""
+        with self._call(
+            context, "DeleteSecretIfCurrent", "delete", request.name, "delete", mutating=True
+        ) as call:
+            call.event.version = request.expect_version or None
+            if not request.expect_version:
+                raise InvalidInputError("expect_version is the version read as current: 1 or more")
+            self._store.delete(request.name, expect_version=request.expect_version)
+        return pb.DeleteSecretResponse()
+
     def UndeleteSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._call(context, "UndeleteSecret", "undelete", request.name, "delete", mutating=True):
             self._store.undelete(request.name)

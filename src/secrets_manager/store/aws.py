@@ -76,6 +76,7 @@ from secrets_manager.errors import (
     SecretStateError,
     StorageError,
     UnsupportedOperationError,
+    restated,
 )
 from secrets_manager.store.backoff import Backoff
 from secrets_manager.store.base import (
@@ -91,6 +92,7 @@ from secrets_manager.store.base import (
     VersionInfo,
     acting_actor,
     acting_for,
+    checked_expect_version,
     checked_expiry,
     checked_expiry_change,
     checked_max_versions,
@@ -98,12 +100,14 @@ from secrets_manager.store.base import (
     checked_value,
     expiry_of,
     format_expiry,
+    not_current_error,
     parse_expiry,
     refuse_expiry_without_current,
     refuse_if_changed,
     refuse_if_rotating,
     refuse_if_unchanged,
     refuse_to_demote,
+    refuse_unless_current,
     updated_metadata,
 )
 from secrets_manager.store.external import (
@@ -1038,16 +1042,51 @@ class AwsStore:
                     SecretId=secret_id, Tags=[{"Key": k, "Value": v} for k, v in setting.items()]
                 )
 
-    def delete(self, name: str) -> None:
-        """DescribeSecret, then DeleteSecret with RecoveryWindowInDays."""
+    def delete(self, name: str, *, expect_version: int | None = None) -> None:
+        """DescribeSecret, then DeleteSecret with RecoveryWindowInDays.
+
+        DeleteSecret has no condition (only SecretId and the recovery window), so `expect_version`
+        is checked around it: ListSecretVersionIds before (that version must carry AWSCURRENT),
+        DescribeSecret after. A version made current between the two (a PutSecretValue landing
+        just before the DeleteSecret) is deleted with the secret until RestoreSecret undoes the
+        delete, which is then refused: the window docs/stores.md names."""
         validate_name(name)
+        checked_expect_version(expect_version)
+        checked_id = None
         with self._aws(f"delete {name}", name, state_error=NotFoundError):
             existing = self._client.describe_secret(SecretId=self.aws_name(name))
             if existing.get("DeletedDate"):
                 raise NotFoundError(f"secret {name!r} is already deleted")
+            if expect_version is not None:
+                current = next((v for v in reversed(self._versions(name)) if CURRENT in v.labels), None)
+                refuse_unless_current(name, expect_version, None if current is None else current.number)
+                checked_id = None if current is None else current.version_id
             self._client.delete_secret(
                 SecretId=self.aws_name(name), RecoveryWindowInDays=self._recovery_window_days
             )
+        if expect_version is not None:
+            self._undelete_unless_still_current(name, expect_version, checked_id)
+
+    def _undelete_unless_still_current(self, name: str, expect_version: int, checked_id: str | None) -> None:
+        """After a conditional delete: DescribeSecret; if AWSCURRENT moved off the version checked,
+        RestoreSecret and ConflictError (nothing is left deleted)."""
+        with self._aws(f"delete {name}", name, state_error=NotFoundError):
+            after = self._client.describe_secret(SecretId=self.aws_name(name))
+        stages = after.get("VersionIdsToStages") or {}
+        now_id = next((i for i, s in stages.items() if STAGE_OF_LABEL[CURRENT] in s), None)
+        if now_id == checked_id:
+            return
+        try:
+            with self._aws(f"undelete {name}", name, state_error=SecretStateError):
+                self._client.restore_secret(SecretId=self.aws_name(name))
+        except SecretsManagerError as error:
+            raise restated(
+                error,
+                f"secret {name!r} got a new version while it was being deleted, and the delete could "
+                f"not be undone: {error}; 'undelete {name}' restores it with that version",
+            ) from None
+        current = next((v.number for v in reversed(self._versions(name)) if CURRENT in v.labels), None)
+        raise not_current_error(name, expect_version, current)
 
     def undelete(self, name: str) -> None:
         """DescribeSecret, then RestoreSecret."""

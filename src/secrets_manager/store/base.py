@@ -203,9 +203,13 @@ class SecretStore(Protocol):
         them at once). NotFoundError if the secret is missing, SecretStateError if it is deleted; the
         checks of `put` on the result."""
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, *, expect_version: int | None = None) -> None:
         """Soft delete: hidden from get and list until `undelete`. NotFoundError if the secret is
-        missing or already deleted (deleted, it is not found by reads either)."""
+        missing or already deleted (deleted, it is not found by reads either). `expect_version`:
+        only if that version is still current (`refuse_unless_current`: ConflictError, nothing
+        deleted, if a write landed since the caller read it), decided in the delete's own commit
+        on our stores; Vault and AWS, which have no conditional delete, check around theirs
+        (docs/stores.md says what window remains)."""
 
     def undelete(self, name: str) -> None:
         """Undo a soft delete. SecretStateError (a ConflictError) if the secret is not deleted."""
@@ -418,6 +422,30 @@ def refuse_if_changed(name: str, expect_current: int | None, current: int | None
             f"{name!r} changed while the rotation read it (version {expect_current}; {now}); nothing "
             "was staged and no command ran; run the rotation again"
         )
+
+
+def checked_expect_version(expect_version: int | None) -> None:
+    """InvalidInputError unless `expect_version` (of a delete) is None or a version number."""
+    if expect_version is not None and (
+        not isinstance(expect_version, int) or isinstance(expect_version, bool) or expect_version < 1
+    ):
+        raise InvalidInputError("--expect-version of a delete is a version number, 1 or more")
+
+
+def refuse_unless_current(name: str, expect_version: int | None, current: int | None) -> None:
+    """ConflictError if a delete's `expect_version` is no longer `name`'s current version: a write
+    landed after the caller read it, and deleting would hide that value."""
+    if expect_version is not None and current != expect_version:
+        raise not_current_error(name, expect_version, current)
+
+
+def not_current_error(name: str, expect_version: int, current: int | None) -> ConflictError:
+    """The refusal of a delete whose `expect_version` is not current: `current` is."""
+    now = "it has no current version now" if current is None else f"now version {current}"
+    return ConflictError(
+        f"secret {name!r} is not at version {expect_version} ({now}); nothing was deleted: "
+        "read it again and retry"
+    )
 
 
 def refuse_to_demote(name: str, version: int, current: int | None) -> None:

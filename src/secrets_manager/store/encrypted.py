@@ -86,6 +86,7 @@ from secrets_manager.store.base import (
     VersionInfo,
     acting_actor,
     acting_for,
+    checked_expect_version,
     checked_expiry,
     checked_expiry_change,
     checked_max_versions,
@@ -99,6 +100,7 @@ from secrets_manager.store.base import (
     refuse_if_rotating,
     refuse_if_unchanged,
     refuse_to_demote,
+    refuse_unless_current,
     refuse_unless_deleted_before,
     unsupported_capabilities,
     updated_metadata,
@@ -817,10 +819,15 @@ class EncryptedStore:
 
         self._update_meta(name, change)
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, *, expect_version: int | None = None) -> None:
+        """`expect_version` is checked on the metadata the commit is conditional on: a write landing
+        between the read and the commit makes the commit fail and this run again, and refuse."""
+        checked_expect_version(expect_version)
+
         def change(meta: _Meta, now: float) -> Operations:
             if meta.deleted is not None:
                 raise NotFoundError(f"secret {name!r} is already deleted")
+            refuse_unless_current(name, expect_version, meta.labels.get(CURRENT))
             meta.deleted = now
             return []
 

@@ -295,6 +295,40 @@ def _check_expect_version(make_store: MakeStore, ns: str) -> None:
         _require(_revealed(store.get(name)) == b"v2", "a refused put changed the current value")
 
 
+def _check_delete_expect_version(make_store: MakeStore, ns: str) -> None:
+    """A delete on condition that a version is still current (what `mv` does after its copy):
+    refused as a conflict, nothing deleted, once another version is current."""
+    name = f"{ns}/cas"
+    with _opened(make_store) as store:
+        _raises(
+            NotFoundError, lambda: store.delete(name, expect_version=1), "a conditional delete of nothing"
+        )
+        store.put(name, b"v1")
+        store.put(name, b"v2")
+        for stale in (1, 3):
+            _raises(
+                ConflictError,
+                partial(store.delete, name, expect_version=stale),
+                f"delete with expect_version={stale} while version 2 is current",
+            )
+            meta = store.describe(name)
+            _require(meta.deleted is None, "a refused conditional delete deleted the secret")
+            _require(meta.labels.get(PREVIOUS) == 1, "a refused conditional delete left previous unreadable")
+            _require(_revealed(store.get(name, version=1)) == b"v1", "a refused delete hid version 1")
+            _require(_revealed(store.get(name)) == b"v2", "a refused conditional delete hid the value")
+        _raises(
+            InvalidInputError, lambda: store.delete(name, expect_version=0), "expect_version=0 of a delete"
+        )
+        store.delete(name, expect_version=2)
+        _require(store.describe(name).deleted is not None, "a delete at the current version was not made")
+        _raises(NotFoundError, lambda: store.get(name), "a conditionally deleted secret was still read")
+        _raises(
+            NotFoundError,
+            lambda: store.delete(name, expect_version=2),
+            "a conditional delete of a deleted one",
+        )
+
+
 def _check_list_by_prefix(make_store: MakeStore, ns: str) -> None:
     value = MARKER.encode()
     names = [f"{ns}/b/one", f"{ns}/a", f"{ns}/b/two", f"{ns}/ab", f"{ns}/B"]
@@ -1057,6 +1091,7 @@ SECRET_STORE_CHECKS: dict[str, Check] = {
     "list-prefix": _check_list_by_prefix,
     "describe-history": _check_describe_and_history,
     "delete-undelete": _check_delete_and_undelete,
+    "delete-expect-version": _check_delete_expect_version,
     "destroy-versions": _check_destroy_versions,
     "destroy-secret": _check_destroy_secret,
     "purge-deleted": _check_purge_deleted,

@@ -80,6 +80,7 @@ from secrets_manager.errors import (
     StorageError,
     UnlockError,
     UnsupportedOperationError,
+    restated,
 )
 from secrets_manager.store.backoff import Backoff
 from secrets_manager.store.base import (
@@ -95,6 +96,7 @@ from secrets_manager.store.base import (
     VersionInfo,
     acting_actor,
     acting_for,
+    checked_expect_version,
     checked_expiry,
     checked_expiry_change,
     checked_max_versions,
@@ -106,6 +108,7 @@ from secrets_manager.store.base import (
     parse_expiry,
     refuse_expiry_without_current,
     refuse_if_unchanged,
+    refuse_unless_current,
     refuse_unless_deleted_before,
     updated_metadata,
     utc_text,
@@ -903,18 +906,25 @@ class VaultStore:
             clear_expiry=expiry_changes and not expiry,
         )
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, *, expect_version: int | None = None) -> None:
         """POST MOUNT/delete/NAME {"versions": every live version} (after reading the metadata),
         then read the metadata again: a version another writer added between the read and the
         delete (KV v2 has no check-and-set for deletes) is deleted too, so an acknowledged delete
-        never leaves the secret readable, as if that write had come first."""
+        never leaves the secret readable, as if that write had come first.
+
+        With `expect_version` that version must be current on the metadata read, and a version
+        added before the POST is not deleted but refused: `_delete_if_still_current`."""
         validate_name(name)
+        checked_expect_version(expect_version)
         meta = self._require_meta(name)
         if meta.deleted is not None:
             raise NotFoundError(f"secret {name!r} is already deleted")
         live = _live_versions(meta)
         if not live:
             raise SecretStateError(f"secret {name!r} has no version left to delete (all are destroyed)")
+        if expect_version is not None:
+            self._delete_if_still_current(name, meta, live, expect_version)
+            return
         for _ in range(DELETE_ROUNDS):
             self._send("POST", f"delete/{name}", action=f"delete {name}", json={"versions": live})
             live = _live_versions(self._require_meta(name))
@@ -923,6 +933,31 @@ class VaultStore:
         raise ConflictError(
             f"secret {name!r} kept getting new versions while it was being deleted; try again"
         )
+
+    def _delete_if_still_current(
+        self, name: str, meta: _KvMeta, live: builtins.list[int], expect_version: int
+    ) -> None:
+        """KV v2 has no conditional delete (`cas` is for data writes only), but its delete names
+        the versions it deletes: POST MOUNT/delete/NAME {"versions": the live ones read, up to
+        `expect_version`}, then GET the metadata again. A version written between that read and
+        the POST is not among them, so it stays readable; the POST is then undone (POST
+        MOUNT/undelete/NAME of the same versions) and refused: nothing is left deleted. Until the
+        undo, the older versions (`previous`) read as deleted: the window docs/stores.md names."""
+        refuse_unless_current(name, expect_version, meta.labels.get(CURRENT))
+        self._send("POST", f"delete/{name}", action=f"delete {name}", json={"versions": live})
+        current = self._require_meta(name).labels.get(CURRENT)
+        if current == expect_version:
+            return
+        try:
+            self._send("POST", f"undelete/{name}", action=f"undelete {name}", json={"versions": live})
+        except SecretsManagerError as error:
+            versions = ", ".join(map(str, live))
+            raise restated(
+                error,
+                f"secret {name!r} got a new version while it was being deleted, which stays, but its "
+                f"versions {versions} stayed soft-deleted: {error}; 'undelete {name}' restores them",
+            ) from None
+        refuse_unless_current(name, expect_version, current)
 
     def undelete(self, name: str) -> None:
         """POST MOUNT/undelete/NAME {"versions": every soft-deleted version}. A version whose expiry

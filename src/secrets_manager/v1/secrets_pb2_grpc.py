@@ -74,6 +74,11 @@ class SecretsStub:
                 request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.UndeleteSecretRequest.SerializeToString,
                 response_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.UndeleteSecretResponse.FromString,
                 _registered_method=True)
+        self.DeleteSecretIfCurrent = channel.unary_unary(
+                '/secrets_manager.v1.Secrets/DeleteSecretIfCurrent',
+                request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretIfCurrentRequest.SerializeToString,
+                response_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretResponse.FromString,
+                _registered_method=True)
         self.StageSecretVersion = channel.unary_unary(
                 '/secrets_manager.v1.Secrets/StageSecretVersion',
                 request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionRequest.SerializeToString,
@@ -167,6 +172,18 @@ class SecretsServicer:
 
     def UndeleteSecret(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteSecretIfCurrent(self, request, context):
+        """Soft delete only while `expect_version` is the secret's current version: ABORTED, nothing
+        deleted, if another version is current (a write landed after the caller read the secret, whose
+        value the delete would hide); INVALID_ARGUMENT if expect_version is 0. Otherwise as
+        DeleteSecret, and needs "delete" too. A method of its own rather than a field of
+        DeleteSecretRequest: a service from before it answers UNIMPLEMENTED, where it would ignore an
+        unknown field and delete whatever version is current.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -267,6 +284,11 @@ def add_SecretsServicer_to_server(servicer, server):
                     servicer.UndeleteSecret,
                     request_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.UndeleteSecretRequest.FromString,
                     response_serializer=secrets__manager_dot_v1_dot_secrets__pb2.UndeleteSecretResponse.SerializeToString,
+            ),
+            'DeleteSecretIfCurrent': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSecretIfCurrent,
+                    request_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretIfCurrentRequest.FromString,
+                    response_serializer=secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretResponse.SerializeToString,
             ),
             'StageSecretVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.StageSecretVersion,
@@ -510,6 +532,33 @@ class Secrets:
             '/secrets_manager.v1.Secrets/UndeleteSecret',
             secrets__manager_dot_v1_dot_secrets__pb2.UndeleteSecretRequest.SerializeToString,
             secrets__manager_dot_v1_dot_secrets__pb2.UndeleteSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSecretIfCurrent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secrets_manager.v1.Secrets/DeleteSecretIfCurrent',
+            secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretIfCurrentRequest.SerializeToString,
+            secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretResponse.FromString,
             options,
             channel_credentials,
             insecure,
