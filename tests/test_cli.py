@@ -2244,29 +2244,53 @@ def test_mv_refuses_a_secret_with_a_pending_rotation(ready: Cli) -> None:
 def _before_mv_deletes_old(
     monkeypatch: pytest.MonkeyPatch, another_writer: Callable[[Any, str], object]
 ) -> None:
-    """`another_writer(store, OLD)` runs at mv's check before it deletes OLD (its second describe):
-    another process got there first."""
+    """`another_writer(store, OLD)` runs when mv deletes OLD, after its copy to NEW and whatever
+    it checked before, just before the delete itself: another process got there first."""
     from secrets_manager.store import EncryptedStore
 
-    describe = EncryptedStore.describe
+    delete = EncryptedStore.delete
     calls = []
 
-    def describe_after_another_writer(self: EncryptedStore, name: str) -> object:
+    def delete_after_another_writer(self: EncryptedStore, name: str, **kwargs: Any) -> None:
         calls.append(name)
-        if len(calls) == 2:
+        if len(calls) == 1:  # mv's delete (another writer's own delete is not hooked again)
             another_writer(self, name)
-        return describe(self, name)
+        delete(self, name, **kwargs)
 
-    monkeypatch.setattr(EncryptedStore, "describe", describe_after_another_writer)
+    monkeypatch.setattr(EncryptedStore, "delete", delete_after_another_writer)
 
 
-def test_mv_leaves_old_when_a_store_lands_while_it_moves(ready: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
-    """OLD written between the copy and the delete: the newer value is never hidden."""
+def test_mv_leaves_old_when_a_store_lands_while_it_moves(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """OLD written between the copy and the delete, after any check mv could make before it: the
+    delete is conditional on the version copied, so the newer value is never hidden, and the one
+    line says what stands and what to run."""
     ready("store", "a/OLD", input=b"KNOWN-1")
     _before_mv_deletes_old(monkeypatch, lambda store, name: store.put(name, b"KNOWN-2"))
+    capsys.readouterr()
     assert run_in_process(ready, monkeypatch, "mv", "a/OLD", "a/NEW") == 7
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("secrets-manager: error: "), lines
+    for needle in (
+        "a/NEW version 1 holds the value of version 1 of a/OLD",
+        "a/OLD changed while it was moved (now version 2) and was left in place",
+        "get a/OLD'",
+        "get a/NEW'",
+        "delete a/OLD'",
+        "mv a/OLD a/NEW --force'",
+    ):
+        assert needle in lines[0], lines[0]
+    assert "KNOWN" not in lines[0]
     assert ready("get", "a/OLD").out == "KNOWN-2\n"  # not deleted
     assert ready("get", "a/NEW").out == "KNOWN-1\n"
+    records = [r for r in json.loads(ready("audit", "show", "--json").out) if r["operation"] == "mv"]
+    assert [(r["name"], r["version"], r["outcome"]) for r in records] == [
+        ("a/OLD", None, "pending"),
+        ("a/NEW", 1, "ok"),
+        ("a/OLD", 1, "conflict"),
+    ]
+    assert ready("delete", "a/OLD").code == 0  # one way the message gives to finish
 
 
 def test_delete_expect_version_deletes_only_the_version_read(ready: Cli) -> None:

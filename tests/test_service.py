@@ -1141,6 +1141,50 @@ def test_mv_by_one_who_may_not_delete_old_says_new_was_written_and_old_stays(ser
     assert server.cli("ops", "get", "load/NEW").stdout == server.cli("ops", "get", "load/OLD").stdout
 
 
+def _cli_in_process(
+    monkeypatch: pytest.MonkeyPatch, directory: Path, address: str, identity: str, *args: str
+) -> int:
+    """The CLI in this process (so a test can patch its RemoteStore) against `address`, as
+    `identity`; the environment set for it is undone afterwards."""
+    from secrets_manager.cli import run
+
+    with monkeypatch.context() as patch:
+        patch.setenv("HOME", str(directory))
+        patch.setenv("SECRETS_MANAGER_ADDR", address)
+        patch.setenv("SECRETS_MANAGER_CERT", str(directory / f"{identity}.pem"))
+        patch.setenv("SECRETS_MANAGER_KEY", str(directory / f"{identity}-key.pem"))
+        patch.setenv("SECRETS_MANAGER_CA", str(directory / "ca.pem"))
+        return run(list(args))
+
+
+def test_mv_through_the_service_leaves_old_when_a_store_lands_just_before_its_delete(
+    server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another client's store of OLD lands between mv's copy (and any check it could make) and
+    its delete: DeleteSecretIfCurrent is refused (ABORTED) by the service's store, OLD keeps the
+    newer value, and mv's one line (exit 7) says what stands. The service audits the refusal."""
+    assert server.cli("ops", "store", "load/OLD", input=b"SEEKRIT-1").returncode == 0
+    delete = RemoteStore.delete
+
+    def delete_after_another_store(self: RemoteStore, name: str, **kwargs: object) -> None:
+        assert server.cli("ops", "store", name, input=b"SEEKRIT-2").returncode == 0
+        delete(self, name, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RemoteStore, "delete", delete_after_another_store)
+    capsys.readouterr()
+    assert _cli_in_process(monkeypatch, server.dir, server.address, "ops", "mv", "load/OLD", "load/NEW") == 7
+    monkeypatch.undo()
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and message.startswith("secrets-manager: error: "), message
+    assert "load/NEW version 1 holds the value of version 1 of load/OLD" in message, message
+    assert "load/OLD changed while it was moved (now version 2) and was left in place" in message, message
+    assert "SEEKRIT" not in message
+    assert server.cli("ops", "get", "load/OLD").stdout == b"SEEKRIT-2\n"
+    assert server.cli("ops", "get", "load/NEW").stdout == b"SEEKRIT-1\n"
+    refused = [r for r in server.audit_records() if r["operation"] == "delete" and r["outcome"] != "pending"]
+    assert [(r["name"], r["version"], r["outcome"]) for r in refused] == [("load/OLD", 1, "conflict")]
+
+
 def test_delete_secret_if_current_deletes_only_the_version_read(server: Server) -> None:
     ops = server.stub("ops")
     ops.PutSecret(pb.PutSecretRequest(name="load/CAS", value=b"SEEKRIT-2"), timeout=10)  # version 1
@@ -1155,6 +1199,46 @@ def test_delete_secret_if_current_deletes_only_the_version_read(server: Server) 
     assert server.cli("ops", "delete", "load/CAS", "--expect-version", "1").returncode == 7
     assert server.cli("ops", "delete", "load/CAS", "--expect-version", "2").returncode == 0
     assert server.cli("ops", "get", "load/CAS").returncode == 3
+
+
+def test_a_service_from_before_conditional_deletes_is_refused_the_delete_not_asked_an_unconditional_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An older `serve` would ignore an expect_version field in DeleteSecretRequest and delete
+    whatever is current; DeleteSecretIfCurrent is a method of its own, which it does not have
+    (UNIMPLEMENTED). mv then leaves OLD in place and says so; delete --expect-version deletes nothing."""
+    from secrets_manager.service.server import SecretsServicer
+    from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
+
+    make_pki(tmp_path)
+    make_store(tmp_path, SEED, POLICY)
+    store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    older = pb_grpc.SecretsServicer.DeleteSecretIfCurrent  # the generated UNIMPLEMENTED answer
+    monkeypatch.setattr(SecretsServicer, "DeleteSecretIfCurrent", older)
+    try:
+        with in_process_server(tmp_path, store, watch_tick=30) as (running, _stub):
+            address = f"127.0.0.1:{running.port}"
+            capsys.readouterr()
+            cli = ("auth/JWT_KEY", "auth/MOVED")
+            assert _cli_in_process(monkeypatch, tmp_path, address, "ops", "mv", *cli) == 2
+            message = capsys.readouterr().err
+            assert message.count("\n") == 1, message
+            assert "auth/MOVED version 1 holds the value of version 1 of auth/JWT_KEY" in message, message
+            assert "auth/JWT_KEY was not deleted" in message, message
+            assert "DeleteSecretIfCurrent is not supported by the service" in message, message
+            code = _cli_in_process(
+                monkeypatch, tmp_path, address, "ops", "delete", "auth/DB_PASSWORD", "--expect-version", "1"
+            )
+            assert code == 2
+    finally:
+        store.close()
+    store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        assert store.get("auth/JWT_KEY").value.reveal() == b"auth-jwt-key"  # not deleted
+        assert store.get("auth/DB_PASSWORD").value.reveal() == b"auth-db-pass"
+        assert store.get("auth/MOVED").value.reveal() == b"auth-jwt-key"
+    finally:
+        store.close()
 
 
 def test_the_cli_takes_several_addresses_like_the_sdk_and_uses_the_first_that_answers(

@@ -68,6 +68,7 @@ from service_fixtures import PASSWORD as SERVICE_PASSWORD
 from service_fixtures import POLICY as SERVICE_POLICY
 from service_fixtures import Server, make_pki
 from tcp_proxy import AnswerCut, AnswersStop, TcpProxy
+from test_store_encrypted import mv_overtaken_inside_its_delete
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 MASTER_PASSWORD = "correct horse battery staple"
@@ -163,6 +164,19 @@ def test_encrypted_store_on_postgres_passes_the_whole_secret_store_suite(
 def test_encrypted_store_on_postgres_conforms(behaviour: str, make_store: Callable[[], SecretStore]) -> None:
     assert behaviour in SECRET_STORE_CHECKS
     run_check(make_store, behaviour)
+
+
+def test_mv_overtaken_inside_its_delete_leaves_old_in_place_on_postgres(
+    make_store: Callable[[], SecretStore],
+) -> None:
+    """The conditional delete in one PostgreSQL transaction (test_store_encrypted.py has the story)."""
+    store, other = make_store(), make_store()
+    try:
+        assert isinstance(store, EncryptedStore)
+        mv_overtaken_inside_its_delete(store, other)
+    finally:
+        store.close()
+        other.close()
 
 
 def test_a_list_after_another_process_rotated_the_root_key_answers_with_one_connection(

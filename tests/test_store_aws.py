@@ -91,6 +91,70 @@ def test_aws_store_conforms(behaviour: str, make_aws: MakeAws) -> None:
     run_check(make_aws, behaviour)
 
 
+def test_mv_whose_old_is_written_just_before_its_delete_leaves_old_in_place(
+    make_aws: MakeAws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeleteSecret has no condition: another writer's PutSecretValue lands after the delete's
+    check, just before DeleteSecret. The check after it sees AWSCURRENT moved, restores the secret
+    and refuses; mv (its delete refused) leaves OLD in place with the newer value."""
+    from secrets_manager.cli.app import Note
+    from secrets_manager.cli.move_commands import copy_secret
+
+    store, other = make_aws(), make_aws()
+    store.put("svc/OLD", b"KNOWN-1")
+    client = store._client
+    delete_secret, written = client.delete_secret, []
+
+    def write_before_the_delete(**kwargs: Any) -> Any:
+        if not written:
+            written.append(other.put("svc/OLD", b"KNOWN-2"))
+        return delete_secret(**kwargs)
+
+    monkeypatch.setattr(client, "delete_secret", write_before_the_delete)
+    with pytest.raises(ConflictError, match=r"svc/OLD changed while it was moved \(now version 2\)"):
+        copy_secret(store, Note(), "svc/OLD", "svc/NEW", force=False, remove=True)
+    assert written
+    meta = other.describe("svc/OLD")
+    assert meta.deleted is None and meta.current_version == 2
+    assert other.get("svc/OLD").value.reveal() == b"KNOWN-2"
+    assert other.get("svc/NEW").value.reveal() == b"KNOWN-1"
+
+
+def test_mv_whose_overtaken_delete_cannot_be_undone_says_old_is_deleted_with_its_newer_version(
+    make_aws: MakeAws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same race, and RestoreSecret refused (a policy without it): OLD stays deleted with the
+    newer version. The one line says so (not 'OLD was not deleted') and how to bring it back."""
+    from botocore.exceptions import ClientError
+
+    from secrets_manager.cli.app import Note
+    from secrets_manager.cli.move_commands import copy_secret
+
+    store, other = make_aws(), make_aws()
+    store.put("svc/OLD", b"KNOWN-1")
+    client = store._client
+    delete_secret = client.delete_secret
+
+    def write_before_the_delete(**kwargs: Any) -> Any:
+        other.put("svc/OLD", b"KNOWN-2")
+        return delete_secret(**kwargs)
+
+    def refused(**kwargs: Any) -> Any:
+        raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}}, "RestoreSecret")
+
+    monkeypatch.setattr(client, "delete_secret", write_before_the_delete)
+    monkeypatch.setattr(client, "restore_secret", refused)
+    with pytest.raises(AccessDeniedError) as caught:
+        copy_secret(store, Note(), "svc/OLD", "svc/NEW", force=False, remove=True)
+    message = str(caught.value)
+    assert "svc/NEW version 1 holds the value of version 1 of svc/OLD" in message, message
+    assert "is deleted with its newer version" in message and "not deleted" not in message, message
+    assert "'undelete svc/OLD' restores it" in message, message
+    monkeypatch.undo()
+    other.undelete("svc/OLD")
+    assert other.get("svc/OLD").value.reveal() == b"KNOWN-2"
+
+
 def test_aws_store_conforms_with_no_prefix(make_aws: MakeAws) -> None:
     run_check(lambda: make_aws(prefix=""), "list-prefix")
 

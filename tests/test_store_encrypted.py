@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -51,6 +52,49 @@ def raw(encrypted_store: EncryptedStore, tmp_store_path: Path) -> Iterator[Sqlit
     handle = SqliteStorage(tmp_store_path)
     yield handle
     handle.close()
+
+
+def mv_overtaken_inside_its_delete(store: EncryptedStore, other: SecretStore) -> None:
+    """mv's copy of svc/OLD to svc/NEW, then its delete of OLD, into which `other`'s store of OLD
+    lands: after the delete read the metadata, before its commit. The commit is conditional on that
+    read, so it fails, is tried again, and refuses: OLD stays with the newer value, nothing deleted.
+    (With a check before an unconditional delete, the retry deleted OLD and hid that value.)"""
+    from secrets_manager.cli.app import Note
+    from secrets_manager.cli.move_commands import copy_secret
+
+    store.put("svc/OLD", b"KNOWN-1")
+    commit, delete = store._commit_with_keyset, store.delete
+    deleting: list[str] = []
+
+    def commit_after_another_write(*args: Any, **kwargs: Any) -> None:
+        if deleting:
+            deleting.clear()
+            other.put("svc/OLD", b"KNOWN-2")
+        commit(*args, **kwargs)
+
+    def delete_and_watch(name: str, **kwargs: Any) -> None:
+        deleting.append(name)
+        delete(name, **kwargs)
+
+    store._commit_with_keyset = commit_after_another_write  # type: ignore[method-assign]
+    store.delete = delete_and_watch  # type: ignore[method-assign]
+    with pytest.raises(ConflictError, match=r"svc/OLD changed while it was moved \(now version 2\)"):
+        copy_secret(store, Note(), "svc/OLD", "svc/NEW", force=False, remove=True)
+    assert other.describe("svc/OLD").deleted is None
+    assert other.get("svc/OLD").value.reveal() == b"KNOWN-2"
+    assert other.get("svc/NEW").value.reveal() == b"KNOWN-1"
+    with pytest.raises(ConflictError, match="is not at version 1 \\(now version 2\\); nothing was deleted"):
+        other.delete("svc/OLD", expect_version=1)
+
+
+def test_mv_overtaken_inside_its_delete_leaves_old_in_place(make_store: Callable[[], SecretStore]) -> None:
+    store, other = make_store(), make_store()
+    try:
+        assert isinstance(store, EncryptedStore)
+        mv_overtaken_inside_its_delete(store, other)
+    finally:
+        store.close()
+        other.close()
 
 
 def file_bytes(path: Path) -> dict[str, bytes]:

@@ -89,6 +89,35 @@ def test_vault_store_satisfies_the_audited_store_protocol(make_vault: MakeVault)
     store.close()
 
 
+def test_mv_whose_old_is_written_just_before_its_delete_leaves_old_in_place(
+    make_vault: MakeVault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """KV v2 has no conditional delete: another writer's version lands after the delete's check,
+    before its POST. The POST names the versions read, so the new one stays readable; the POST is
+    then undone, so nothing is left deleted, and mv (its delete refused) leaves OLD in place."""
+    from secrets_manager.cli.app import Note
+    from secrets_manager.cli.move_commands import copy_secret
+
+    store, other = make_vault(), make_vault()
+    store.put("svc/OLD", b"KNOWN-1")
+    send, written = store._send, []
+
+    def write_before_the_delete(method: str, path: str, **kwargs: Any) -> Any:
+        if (method, path) == ("POST", "delete/svc/OLD") and not written:
+            written.append(other.put("svc/OLD", b"KNOWN-2"))
+        return send(method, path, **kwargs)
+
+    monkeypatch.setattr(store, "_send", write_before_the_delete)
+    with pytest.raises(ConflictError, match=r"svc/OLD changed while it was moved \(now version 2\)"):
+        copy_secret(store, Note(), "svc/OLD", "svc/NEW", force=False, remove=True)
+    assert written
+    meta = other.describe("svc/OLD")
+    assert meta.deleted is None and meta.current_version == 2
+    assert other.get("svc/OLD").value.reveal() == b"KNOWN-2"
+    assert other.get("svc/OLD", version=1).value.reveal() == b"KNOWN-1"  # the POST was undone
+    assert other.get("svc/NEW").value.reveal() == b"KNOWN-1"
+
+
 @pytest.mark.skipif(
     not (os.environ.get("VAULT_ADDR") and os.environ.get("VAULT_TOKEN")),
     reason="set VAULT_ADDR and VAULT_TOKEN (and VAULT_KV_MOUNT, default 'secret') to run on a real Vault",

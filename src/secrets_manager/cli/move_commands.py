@@ -3,7 +3,8 @@
 OLD's current value, description, tags and version limit are written to NEW: a new secret (its
 version 1), or with --force a new version of an existing NEW. The value is encrypted under NEW's
 service key. `mv` then soft-deletes OLD (its history stays; `undelete OLD` brings it back), and
-only if OLD is still at the version copied: a store that landed meanwhile is never hidden.
+only if OLD is still at the version copied (a delete with expect_version, decided in the delete's
+own commit): a store that landed meanwhile is never hidden.
 Locally this is one audited operation (one unlock): a record for NEW's write, appended durably
 as it is made, and the operation's own record for OLD.
 """
@@ -129,19 +130,43 @@ def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bo
         ) from None
     note.wrote(new, info.version, secret.value.reveal())
     if remove:
-        try:
-            now = store.describe(old).current_version
-            if now == secret.version:
-                store.delete(old)
+        try:  # on condition, in the delete's own commit: a store landing at any point is not hidden
+            store.delete(old, expect_version=secret.version)
         except SecretsManagerError as error:  # NEW is written: the message must say so
+            if type(error) is ConflictError:  # not a state error: OLD has another current version
+                raise _old_changed(store, old, new, info.version, secret.version) from None
+            if not isinstance(error, NotFoundError | OutcomeUnknownError) and _deleted_now(store, old):
+                # Vault or AWS: a write overtook the delete, whose undo then failed (the error says so)
+                raise restated(
+                    error,
+                    f"{new} version {info.version} holds the value of version {secret.version} of {old}, "
+                    f"but {old} changed while it was moved and is deleted with its newer version: {error}",
+                ) from None
             raise _half_moved(error, old, new, info.version, secret.version) from None
-        if now != secret.version:
-            raise ConflictError(
-                f"{old} changed while it was moved (version {secret.version}; now {now}): {new} "
-                f"version {info.version} holds the value of version {secret.version}, and {old} was "
-                f"not deleted; run '{suggested('mv', old, new, '--force')}' to move the newer one"
-            )
     return Copied(from_version=secret.version, version=info.version, expires=secret.expires)
+
+
+def _old_changed(store: SecretStore, old: str, new: str, version: int, from_version: int) -> ConflictError:
+    """The error of a move whose conditional delete of OLD was refused: a write landed on OLD
+    after its value was read, so OLD stays (its newer value is not hidden) and NEW has the older."""
+    try:
+        now = f"now version {store.describe(old).current_version}"
+    except SecretsManagerError:  # gone or unreadable meanwhile: the refusal stands, the number is unknown
+        now = "now another version"
+    return ConflictError(
+        f"{new} version {version} holds the value of version {from_version} of {old}, but {old} changed "
+        f"while it was moved ({now}) and was left in place: compare them ('{suggested('get', old)}', "
+        f"'{suggested('get', new)}'), then run '{suggested('delete', old)}' to finish the move, or "
+        f"store the newer value again ('{suggested('mv', old, new, '--force')}')"
+    )
+
+
+def _deleted_now(store: SecretStore, name: str) -> bool:
+    """Whether `name` reads as deleted now (False if that cannot be read)."""
+    try:
+        return store.describe(name).deleted is not None
+    except SecretsManagerError:
+        return False
 
 
 def _half_moved(
