@@ -73,7 +73,10 @@ def one_time_code(value: SecretValue | bytes, *, name: str, at: float | None = N
     totp = _totp(value.reveal() if isinstance(value, SecretValue) else value, name)
     moment = time.time() if at is None else at
     period = int(totp.interval)
-    return OneTimeCode(totp.at(moment), valid_for=period - (moment % period), period=period)
+    # RFC 6238's counter from the Unix time itself: pyotp's at() before 2.10 made a local naive
+    # datetime of it and back (mktime), which in the hour a DST change repeats can be an hour off.
+    counter = int(moment) // period
+    return OneTimeCode(totp.generate_otp(counter), valid_for=period - (moment % period), period=period)
 
 
 def _totp(raw: bytes, name: str) -> _Totp:
