@@ -586,7 +586,7 @@ def test_non_string_names_and_identities_are_denied_and_never_cached() -> None:
             assert policy.allows(identity, "read", "app/X") is False  # type: ignore[arg-type]
     assert policy._allowed == {}
     assert policy.allows("ops", "read", "app/X") is True
-    assert list(policy._allowed) == [("ops", "read", "app/X")]
+    assert list(policy._allowed) == [(policy.roles_of("ops"), "read", "app/X")]  # keyed by the roles held
 
 
 def test_an_unknown_capability_raises_every_time_and_is_not_cached() -> None:
@@ -605,7 +605,7 @@ def test_the_decision_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
         for question in questions:
             assert policy.allows(*question) == policy.decide(*question).allowed
             assert 1 <= len(policy._allowed) <= 4
-            assert question in policy._allowed
+            assert (policy.roles_of(question[0]), *question[1:]) in policy._allowed
     assert policy.allows("svc-a", "read", "app/dev/X")
     assert not policy.allows("svc-a", "read", "app/dev/SECRET_X")
 
@@ -669,3 +669,84 @@ def test_revocation_is_independent_of_roles_and_refuses_an_uncheckable_certifica
 )
 def test_malformed_revocations_are_rejected_with_the_place(text: str, needle: str) -> None:
     assert needle in parse_error(text)
+
+
+# ---- roles bound to networks (bound_cidrs) ------------------------------------------------------
+
+BOUND_POLICY = """
+[identities]
+"auth" = ["auth-reader", "auth-hidden"]
+"ops" = ["admin"]
+
+[roles.auth-reader]
+bound_cidrs = ["10.0.1.0/24", "fd00:1::/64", "192.0.2.7"]
+rules = [ { path = "auth/*", capabilities = ["read", "list"] } ]
+
+[roles.auth-hidden]
+rules = [ { path = "auth/*", capabilities = ["list"] }, { path = "auth/ROOT", deny = true } ]
+
+[roles.admin]
+bound_cidrs = ["127.0.0.0/8"]
+rules = [ { path = "**", capabilities = ["admin"] } ]
+"""
+
+
+@pytest.fixture
+def bound() -> Policy:
+    return Policy.parse(BOUND_POLICY, source="bound.toml")
+
+
+def ip(text: str) -> access.policy.IPAddress:
+    import ipaddress
+
+    return ipaddress.ip_address(text)
+
+
+def test_a_bound_role_is_held_only_from_its_networks(bound: Policy) -> None:
+    inside, outside = ip("10.0.1.9"), ip("10.0.2.9")
+    assert bound.roles_of("auth", inside) == ("auth-reader", "auth-hidden")
+    assert bound.roles_of("auth", outside) == ("auth-hidden",)
+    assert bound.roles_of("auth", None) == ("auth-hidden",)  # an address the service cannot tell
+    assert bound.roles_of("auth") == ("auth-reader", "auth-hidden")  # offline: unchecked
+    # The same question from two addresses: two answers (decisions are cached by the roles held)
+    assert bound.allows("auth", "read", "auth/DB", inside)
+    assert not bound.allows("auth", "read", "auth/DB", outside)
+    assert bound.allows("auth", "read", "auth/DB", inside)
+    assert bound.allows("auth", "list", "auth/DB", outside)  # the unbound role holds everywhere
+    assert bound.allows("auth", "read", "auth/DB", ip("192.0.2.7"))  # one address: a /32
+    assert bound.allows("auth", "read", "auth/DB", ip("fd00:1::5"))
+    assert bound.allows("auth", "read", "auth/DB", ip("::ffff:10.0.1.9"))  # dual-stack IPv4 caller
+    assert not bound.allows("auth", "read", "auth/DB", ip("fd00:2::5"))
+
+
+def test_an_identity_whose_every_role_is_bound_elsewhere_is_denied_saying_why(bound: Policy) -> None:
+    decision = bound.decide("ops", "read", "auth/DB", ip("10.9.9.9"))
+    assert not decision.allowed
+    assert decision.reason == "its roles are bound to networks that do not hold 10.9.9.9"
+    assert bound.decide("ops", "read", "auth/DB", None).reason.endswith(
+        "do not hold an address it cannot tell"
+    )
+    assert bound.decide("ops", "admin", "auth/DB", ip("127.0.0.1")).allowed
+    assert bound.filter_names("ops", "list", ["auth/A", "b/B"], ip("10.9.9.9")) == []
+    assert bound.filter_enumerable_by_read("auth", ["auth/A"], ip("10.0.2.9")) == []  # list only
+    assert bound.filter_enumerable_by_read("auth", ["auth/A", "auth/ROOT"], ip("10.0.1.9")) == ["auth/A"]
+
+
+@pytest.mark.parametrize(
+    ("bound_cidrs", "needle"),
+    [
+        ('["10.0.1.5/24"]', "roles.r.bound_cidrs[0]: '10.0.1.5/24' is not a network"),
+        ('["10.0.1.0/24", "eu-west-1"]', "roles.r.bound_cidrs[1]: 'eu-west-1' is not a network"),
+        ("[]", "roles.r.bound_cidrs: an empty list would bind the role to no network"),
+        ('"10.0.0.0/8"', "roles.r.bound_cidrs: must be a list of strings"),
+    ],
+)
+def test_a_bad_bound_cidrs_is_refused_naming_its_place(bound_cidrs: str, needle: str) -> None:
+    message = parse_error(f"[roles.r]\nbound_cidrs = {bound_cidrs}\nrules = []\n")
+    assert needle in message
+
+
+def test_a_policy_whose_bound_networks_change_is_a_different_policy() -> None:
+    """The service tells open Watch streams to read again when a reload changes the policy."""
+    wider = Policy.parse(BOUND_POLICY.replace('"127.0.0.0/8"', '"0.0.0.0/0"'))
+    assert wider != Policy.parse(BOUND_POLICY) and wider.binds_addresses

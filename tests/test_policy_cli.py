@@ -300,3 +300,33 @@ def test_explain_reads_a_pem_with_text_before_it(
     path.write_bytes(b"Bag Attributes\n    localKeyID: 01\nsubject=/CN=auth\n" + cert)
     assert run(["policy", "explain", str(path.parent / "policy.toml"), "--cert", str(path), "auth/DB"]) == 0
     assert f"identity  {AUTH}" in capsys.readouterr().out
+
+
+def test_explain_from_an_address_shows_which_bound_roles_are_held_there(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "bound.toml"
+    path.write_text(
+        POLICY.replace("[roles.auth-reader]\n", '[roles.auth-reader]\nbound_cidrs = ["10.0.1.0/24"]\n')
+    )
+    assert run(["policy", "explain", str(path), AUTH, "auth/DB"]) == 0
+    assert "roles     auth-reader (only from 10.0.1.0/24)" in capsys.readouterr().out
+    assert (
+        run(["policy", "explain", str(path), AUTH, "auth/DB", "--from", "10.0.1.7", "--capability", "read"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "from      10.0.1.7" in out and "auth-reader (from 10.0.1.0/24, which holds 10.0.1.7)" in out
+    assert (
+        run(["policy", "explain", str(path), AUTH, "auth/DB", "--from", "10.0.2.7", "--capability", "read"])
+        == 5
+    )
+    captured = capsys.readouterr()
+    assert "auth-reader (not held: only from 10.0.1.0/24): none held from 10.0.2.7" in captured.out
+    assert "its roles are bound to networks that do not hold 10.0.2.7" in captured.err
+    assert run(["policy", "explain", str(path), AUTH, "auth/DB", "--from", "10.0.2.7", "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert (document["roles"], document["address"]) == ([], "10.0.2.7")
+    assert document["bound_cidrs"] == {"auth-reader": ["10.0.1.0/24"]}
+    assert run(["policy", "explain", str(path), AUTH, "auth/DB", "--from", "office"]) == 2
+    assert "--from 'office' is not an IP address" in capsys.readouterr().err

@@ -425,6 +425,68 @@ def test_an_identity_without_a_role_may_not_list_batch_get_or_watch(tmp_path: Pa
         running.stop()
 
 
+def test_a_role_bound_to_other_networks_is_not_held_and_a_reload_that_binds_it_here_grants_it(
+    tmp_path: Path,
+) -> None:
+    """bound_cidrs (as Vault's certificate roles): auth's certificate used from 127.0.0.1, where its
+    role is not bound, gets nothing: not a get, a list, a batch get or a watch; audited as denied
+    with its address. Bound to 127.0.0.0/8 by a SIGHUP reload, the same connection reads."""
+    elsewhere = POLICY.replace(
+        "[roles.auth-reader]\n", '[roles.auth-reader]\nbound_cidrs = ["10.0.0.0/8", "fd00::/8"]\n'
+    )
+    assert elsewhere != POLICY
+    make_pki(tmp_path)
+    make_store(tmp_path, SEED, elsewhere)
+    running = start_server(tmp_path)
+    try:
+        auth = running.stub("auth")
+        calls = {
+            "get": lambda: auth.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10),
+            "list": lambda: auth.ListSecrets(pb.ListSecretsRequest(), timeout=10),
+            "batch_get": lambda: auth.BatchGetSecrets(pb.BatchGetSecretsRequest(prefix="auth/"), timeout=10),
+            "watch": lambda: next(iter(auth.Watch(pb.WatchRequest(), timeout=5))),
+        }
+        for operation, call in calls.items():
+            assert code_of(call) is grpc.StatusCode.PERMISSION_DENIED, operation
+            last = running.audit_records()[-1]
+            assert (last["operation"], last["decision"], last["outcome"]) == (
+                operation,
+                "deny",
+                "access_denied",
+            )
+            assert str(last["peer"]).startswith("ipv4:127.0.0.1:")
+        ops = running.stub("ops")  # an unbound role is held from anywhere
+        assert ops.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10).secret.version == 1
+        (tmp_path / "policy.toml").write_text(elsewhere.replace('"10.0.0.0/8"', '"127.0.0.0/8"'))
+        running.process.send_signal(signal.SIGHUP)
+        assert eventually(lambda: any('"message": "policy reloaded"' in line for line in running.log_lines))
+        secret = auth.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10).secret
+        assert secret.value == SEED["auth/DB_PASSWORD"]
+        listed = auth.ListSecrets(pb.ListSecretsRequest(), timeout=10).secrets
+        assert [m.name for m in listed] == sorted(n for n in SEED if n.startswith("auth/"))
+    finally:
+        running.stop()
+
+
+@pytest.mark.parametrize(
+    ("peer", "address"),
+    [
+        ("ipv4:10.0.1.5:51234", "10.0.1.5"),
+        ("ipv6:[::1]:51234", "::1"),
+        ("ipv6:%5B::1%5D:51234", "::1"),  # as some gRPC versions write it
+        ("ipv6:[::ffff:10.0.1.5]:443", "::ffff:a00:105"),  # Python writes a mapped IPv4 so
+        ("unix:/run/secrets-manager.sock", None),
+        ("ipv4:not-an-address:1", None),
+        ("", None),
+    ],
+)
+def test_the_callers_address_is_read_from_grpcs_peer_string(peer: str, address: str | None) -> None:
+    from secrets_manager.service.server import peer_address
+
+    found = peer_address(peer)
+    assert (None if found is None else str(found)) == address
+
+
 def test_compare_and_set_conflict_is_aborted(server: Server) -> None:
     stub = server.stub("ops")
     stale = pb.PutSecretRequest(name="auth/DB_PASSWORD", value=b"x", expect_version=7)

@@ -12,6 +12,11 @@ The decision for (identity, capability, name), in this order:
 `deny = ["admin"]` (or `deny = true`) denies all six; and a request *for* admin on a name is denied
 by any deny that matches the name, since it no longer holds every capability there.
 
+A role may be held only from some networks (`bound_cidrs`, as Vault's certificate roles bind
+theirs): from any other address, or one not known, the identity does not hold it, so its rules,
+grants and denies alike, do not apply there (`Policy.roles_of(identity, address)`). A client
+certificate copied off its host is then no use elsewhere.
+
 A `[revoked]` table lists client certificates the service refuses whatever their identity's roles
 (`Policy.revocation`): `serials` (hex, as `openssl x509 -serial` or `pki issue` print them) and
 `fingerprints` (SHA-256, as `openssl x509 -fingerprint -sha256` prints them), colons and case as
@@ -30,17 +35,18 @@ rejected whole with an InvalidInputError naming the file and the place, never ha
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import stat
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum, StrEnum
 from pathlib import Path
 from re import Pattern
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Final
 
 from secrets_manager.access.patterns import GlobError, compile_glob
 from secrets_manager.environment import Environment, loose_file_problem, open_in_directory
@@ -58,6 +64,19 @@ class Capability(StrEnum):
 
 
 ALL_CAPABILITIES = frozenset(Capability)
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class _Unchecked(Enum):
+    UNCHECKED = "unchecked"
+
+
+# The address argument of an offline question (`policy explain` without --from, tests): every role
+# counts, whatever networks it is bound to. The service always gives its caller's address, or None
+# where it cannot tell it, which no bound role admits.
+UNCHECKED: Final = _Unchecked.UNCHECKED
+Address = IPAddress | None | _Unchecked
 MAX_POLICY_BYTES = 1024 * 1024
 _DECISIONS_KEPT = 100_000  # a bound on `Policy.allows`'s memory, not a policy
 _CAPABILITY_NAMES = ", ".join(c.value for c in Capability)
@@ -86,6 +105,17 @@ class Role:
     name: str
     rules: tuple[Rule, ...]
     description: str = ""
+    bound_cidrs: tuple[IPNetwork, ...] = ()  # empty: held from anywhere
+
+    def admits(self, address: Address) -> bool:
+        """Whether a caller at `address` holds this role: always if it is bound to no network."""
+        if not self.bound_cidrs or address is UNCHECKED:
+            return True
+        if address is None:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # a dual-stack listener's IPv4 caller (::ffff:10.0.0.5)
+        return any(address in network for network in self.bound_cidrs)
 
 
 @dataclass(frozen=True)
@@ -115,12 +145,16 @@ class Policy:
     revoked_fingerprints: frozenset[bytes] = frozenset()  # SHA-256 of the certificate's DER
     # Decisions already made: a policy never changes (a reload builds a new one), so neither do
     # they, and the service asks the same few questions on every request.
-    _allowed: dict[tuple[str, str, str], bool] = field(
+    _allowed: dict[tuple[tuple[str, ...], str, str], bool] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
-    _enumerable: dict[tuple[str, str], bool] = field(
+    _enumerable: dict[tuple[tuple[str, ...], str], bool] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    binds_addresses: bool = field(init=False, repr=False, compare=False)  # a role has bound_cidrs
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "binds_addresses", any(role.bound_cidrs for role in self.roles.values()))
 
     @classmethod
     def parse(cls, text: str, source: str = "<policy>") -> Policy:
@@ -131,11 +165,17 @@ class Policy:
             raise InvalidInputError(f"{source}: not valid TOML: {exc}") from None
         return _build(doc, source)
 
-    def roles_of(self, identity: str) -> tuple[str, ...]:
-        """The roles an identity holds; () for an identity the policy does not name."""
-        return self.identities.get(identity, ())
+    def roles_of(self, identity: str, address: Address = UNCHECKED) -> tuple[str, ...]:
+        """The roles an identity holds, from `address`: () for an identity the policy does not
+        name; a role bound to networks that do not hold `address` is not held from there."""
+        held = self.identities.get(identity, ())
+        if address is UNCHECKED or not self.binds_addresses:
+            return held
+        return tuple(role for role in held if self.roles[role].admits(address))
 
-    def decide(self, identity: str, capability: Capability | str, name: str) -> Decision:
+    def decide(
+        self, identity: str, capability: Capability | str, name: str, address: Address = UNCHECKED
+    ) -> Decision:
         """The decision with its reason. Raises only for an unknown capability (a caller bug)."""
         wanted = _capability(capability)
 
@@ -146,8 +186,11 @@ class Policy:
 
         if not _is_valid_name(name):
             return verdict(False, "not a valid secret name")
-        roles = self.roles_of(identity)
+        roles = self.roles_of(identity, address)
         if not roles:
+            if self.roles_of(identity):
+                where = "an address it cannot tell" if address is None else str(address)
+                return verdict(False, f"its roles are bound to networks that do not hold {where}")
             return verdict(False, "identity has no roles")
         grant: tuple[str, Rule] | None = None
         for role_name in roles:
@@ -163,14 +206,16 @@ class Policy:
         role_name, rule = grant
         return verdict(True, f"allowed by role {role_name} rule {rule.path!r}", role_name, rule)
 
-    def allows(self, identity: str, capability: Capability | str, name: str) -> bool:
+    def allows(
+        self, identity: str, capability: Capability | str, name: str, address: Address = UNCHECKED
+    ) -> bool:
         """True only if a rule grants `capability` on `name` and no rule denies it."""
         if not (isinstance(identity, str) and isinstance(capability, str) and isinstance(name, str)):
-            return self.decide(identity, capability, name).allowed  # denied, never cached
-        question = (identity, capability, name)
+            return self.decide(identity, capability, name, address).allowed  # denied, never cached
+        question = (self.roles_of(identity, address), capability, name)  # the roles decide, not who
         allowed = self._allowed.get(question)
         if allowed is None:
-            allowed = self.decide(identity, capability, name).allowed
+            allowed = self.decide(identity, capability, name, address).allowed
             if len(self._allowed) >= _DECISIONS_KEPT:
                 self._allowed.clear()
             self._allowed[question] = allowed
@@ -190,38 +235,48 @@ class Policy:
             return "certificate revoked (its serial number is in the policy's [revoked] list)"
         return None
 
-    def filter_names(self, identity: str, capability: Capability | str, names: Iterable[str]) -> list[str]:
+    def filter_names(
+        self,
+        identity: str,
+        capability: Capability | str,
+        names: Iterable[str],
+        address: Address = UNCHECKED,
+    ) -> list[str]:
         """The names (in their order) on which `identity` holds `capability`; invalid names dropped."""
         wanted = _capability(capability)
-        if not self.roles_of(identity):
+        if not self.roles_of(identity, address):
             return []
-        return [name for name in names if self.allows(identity, wanted, name)]
+        return [name for name in names if self.allows(identity, wanted, name, address)]
 
-    def enumerable_by_read(self, identity: str, name: str) -> bool:
+    def enumerable_by_read(self, identity: str, name: str, address: Address = UNCHECKED) -> bool:
         """Whether batch get by prefix and watch may show `name` to `identity`: it may read it and
         no rule explicitly denies it `list` there (a deny wins on every path that reveals names)."""
         if not (isinstance(identity, str) and isinstance(name, str)):
             return False
-        question = (identity, name)
+        question = (self.roles_of(identity, address), name)
         shown = self._enumerable.get(question)
         if shown is None:
-            shown = self.allows(identity, Capability.READ, name) and not self.denies_explicitly(
-                identity, Capability.LIST, name
+            shown = self.allows(identity, Capability.READ, name, address) and not self.denies_explicitly(
+                identity, Capability.LIST, name, address
             )
             if len(self._enumerable) >= _DECISIONS_KEPT:
                 self._enumerable.clear()
             self._enumerable[question] = shown
         return shown
 
-    def filter_enumerable_by_read(self, identity: str, names: Iterable[str]) -> list[str]:
+    def filter_enumerable_by_read(
+        self, identity: str, names: Iterable[str], address: Address = UNCHECKED
+    ) -> list[str]:
         """The names (in their order) that `enumerable_by_read` lets `identity` see."""
-        if not self.roles_of(identity):
+        if not self.roles_of(identity, address):
             return []
-        return [name for name in names if self.enumerable_by_read(identity, name)]
+        return [name for name in names if self.enumerable_by_read(identity, name, address)]
 
-    def denies_explicitly(self, identity: str, capability: Capability | str, name: str) -> bool:
+    def denies_explicitly(
+        self, identity: str, capability: Capability | str, name: str, address: Address = UNCHECKED
+    ) -> bool:
         """True if a rule denies `capability` on `name` (not merely that no rule grants it)."""
-        decision = self.decide(identity, capability, name)
+        decision = self.decide(identity, capability, name, address)
         return not decision.allowed and decision.rule is not None
 
 
@@ -368,10 +423,12 @@ def _build_role(role_name: str, raw_role: Any, source: str) -> Role:
     where = f"roles.{role_name}"
     if not isinstance(raw_role, dict):
         raise _problem(source, where, "must be a table with a 'rules' list")
-    unknown = sorted(set(raw_role) - {"rules", "description"})
+    unknown = sorted(set(raw_role) - {"rules", "description", "bound_cidrs"})
     if unknown:
         raise _problem(
-            source, f"{where}.{unknown[0]}", "unknown key; a role has 'rules' and an optional 'description'"
+            source,
+            f"{where}.{unknown[0]}",
+            "unknown key; a role has 'rules', and an optional 'description' and 'bound_cidrs'",
         )
     description = raw_role.get("description", "")
     if not isinstance(description, str):
@@ -386,7 +443,30 @@ def _build_role(role_name: str, raw_role: Any, source: str) -> Role:
     rules = tuple(
         _build_rule(raw_rule, f"{where}.rules[{i}]", source) for i, raw_rule in enumerate(raw_rules)
     )
-    return Role(role_name, rules, description)
+    bound = tuple(
+        _network(text, f"{where}.bound_cidrs[{i}]", source)
+        for i, text in enumerate(_strings(raw_role.get("bound_cidrs", []), f"{where}.bound_cidrs", source))
+    )
+    if "bound_cidrs" in raw_role and not bound:
+        raise _problem(
+            source,
+            f"{where}.bound_cidrs",
+            "an empty list would bind the role to no network: leave 'bound_cidrs' out to hold it "
+            "from anywhere",
+        )
+    return Role(role_name, rules, description, bound)
+
+
+def _network(text: str, where: str, source: str) -> IPNetwork:
+    """A CIDR block ("10.0.1.0/24", "fd00::/8") or one address (a /32 or /128)."""
+    try:
+        return ipaddress.ip_network(text.strip(), strict=True)
+    except ValueError as exc:
+        raise _problem(
+            source,
+            where,
+            f"{text!r} is not a network: write an address or a CIDR block such as 10.0.1.0/24 ({exc})",
+        ) from None
 
 
 def _build_rule(raw_rule: Any, where: str, source: str) -> Rule:

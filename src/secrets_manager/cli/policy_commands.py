@@ -6,11 +6,13 @@ policy file (and a certificate) only: no store, no password, no audit record.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
 import click
 
 from secrets_manager.access import Capability, Decision, Policy, load_policy
+from secrets_manager.access.policy import UNCHECKED, Address
 from secrets_manager.cli.app import cli
 from secrets_manager.cli.output import counted, info_line, print_json, printable, warning_line
 from secrets_manager.cli.password import read_small_file
@@ -77,12 +79,20 @@ def check(policy_file: Path) -> None:
     type=click.Choice([c.value for c in Capability]),
     help="Decide only this one: exit 0 if allowed, 5 if denied.",
 )
+@click.option(
+    "--from",
+    "from_address",
+    metavar="ADDRESS",
+    help="Decide for a call from this IP address, which a role's bound_cidrs must hold "
+    "[default: every role counts, whatever networks it is bound to].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the decisions as JSON.")
 def explain(
     policy_file: Path,
     identity_and_name: tuple[str, ...],
     cert_file: Path | None,
     capability: str | None,
+    from_address: str | None,
     as_json: bool,
 ) -> None:
     """What IDENTITY (or the holder of --cert) may do to the secret NAME, and which rule decides.
@@ -91,6 +101,7 @@ def explain(
     `list`; BatchGetSecrets by prefix (get_credentials, run --service) and Watch show those it may
     `read`, so `read` alone reveals a name there. A deny of `list` hides it from all of them."""
     caller, name = _caller_and_name(identity_and_name, cert_file)
+    address = _address(from_address)
     try:
         validate_name(name)
     except InvalidInputError as exc:  # IDENTITY and NAME swapped, most often
@@ -105,8 +116,8 @@ def explain(
         warning_line(f"'{printable(identity)}' is {problem}: the service never sees a caller with it")
     revoked = parsed.revocation(caller.serial, caller.fingerprint) if cert_file is not None else None
     wanted = [Capability(capability)] if capability else list(Capability)
-    decisions = [parsed.decide(identity, c, name) for c in wanted]
-    shown = _shown(parsed, identity, name)
+    decisions = [parsed.decide(identity, c, name, address) for c in wanted]
+    shown = _shown(parsed, identity, name, address)
     if revoked is not None:  # the service refuses the certificate before it asks the rules
         decisions = [Decision(False, identity, d.capability, name, revoked) for d in decisions]
         shown = (False, False)
@@ -114,7 +125,13 @@ def explain(
         print_json(
             {
                 "identity": identity,
-                "roles": list(parsed.roles_of(identity)),
+                "roles": list(parsed.roles_of(identity, address)),
+                "address": None if address is UNCHECKED else str(address),
+                "bound_cidrs": {
+                    role: [str(network) for network in parsed.roles[role].bound_cidrs]
+                    for role in parsed.roles_of(identity)
+                    if parsed.roles[role].bound_cidrs
+                },
                 "name": name,
                 "certificate": None
                 if cert_file is None
@@ -131,13 +148,48 @@ def explain(
             }
         )
     else:
-        _print_decisions(parsed, caller if cert_file is not None else None, name, decisions, revoked)
+        _print_decisions(parsed, caller if cert_file is not None else None, name, decisions, revoked, address)
         where = (
-            "nowhere: the certificate is revoked" if revoked else _shown_line(parsed, identity, name, shown)
+            "nowhere: the certificate is revoked"
+            if revoked
+            else _shown_line(parsed, identity, name, shown, address)
         )
         click.echo(f"shown     {printable(where)}")
     if capability and not decisions[0].allowed:
         raise AccessDeniedError(f"{identity} may not {capability} {name!r}: {decisions[0].reason}")
+
+
+def _address(text: str | None) -> Address:
+    """--from ADDRESS as an IP address; UNCHECKED without it."""
+    if text is None:
+        return UNCHECKED
+    try:
+        return ipaddress.ip_address(text.strip().removeprefix("[").removesuffix("]"))
+    except ValueError:
+        raise InvalidInputError(f"--from {text!r} is not an IP address (e.g. 10.0.1.5 or ::1)") from None
+
+
+def _roles_line(parsed: Policy, identity: str, address: Address) -> str:
+    """The roles IDENTITY holds, each bound one with its networks (and, for --from, whether they
+    hold that address)."""
+    roles = []
+    for role in parsed.roles_of(identity):
+        networks = parsed.roles[role].bound_cidrs
+        if not networks:
+            roles.append(role)
+            continue
+        bound = ", ".join(map(str, networks))
+        if address is UNCHECKED:
+            roles.append(f"{role} (only from {bound})")
+        elif parsed.roles[role].admits(address):
+            roles.append(f"{role} (from {bound}, which holds {address})")
+        else:
+            roles.append(f"{role} (not held: only from {bound})")
+    if not roles:
+        return "none: every request is denied"
+    if not parsed.roles_of(identity, address):
+        return ", ".join(roles) + f": none held from {address}, every request is denied"
+    return ", ".join(roles)
 
 
 def _caller_and_name(arguments: tuple[str, ...], cert_file: Path | None) -> tuple[Caller, str]:
@@ -155,12 +207,18 @@ def _caller_and_name(arguments: tuple[str, ...], cert_file: Path | None) -> tupl
 
 
 def _print_decisions(
-    parsed: Policy, caller: Caller | None, name: str, decisions: list[Decision], revoked: str | None
+    parsed: Policy,
+    caller: Caller | None,
+    name: str,
+    decisions: list[Decision],
+    revoked: str | None,
+    address: Address,
 ) -> None:
     identity = decisions[0].identity
-    roles = ", ".join(parsed.roles_of(identity)) or "none: every request is denied"
     click.echo(f"identity  {printable(identity)}")
-    click.echo(f"roles     {printable(roles)}")
+    if address is not UNCHECKED:
+        click.echo(f"from      {address}")
+    click.echo(f"roles     {printable(_roles_line(parsed, identity, address))}")
     if caller is not None:
         click.echo(f"serial    {caller.serial_text}")
         click.echo(f"sha256    {caller.fingerprint_text}")
@@ -171,16 +229,19 @@ def _print_decisions(
         click.echo(f"{decision.capability.value:<9} {verdict:<8} {printable(decision.reason)}")
 
 
-def _shown(parsed: Policy, identity: str, name: str) -> tuple[bool, bool]:
+def _shown(parsed: Policy, identity: str, name: str, address: Address) -> tuple[bool, bool]:
     """Whether NAME shows up in (ListSecrets, BatchGetSecrets by prefix and Watch)."""
-    return parsed.allows(identity, Capability.LIST, name), parsed.enumerable_by_read(identity, name)
+    return (
+        parsed.allows(identity, Capability.LIST, name, address),
+        parsed.enumerable_by_read(identity, name, address),
+    )
 
 
-def _shown_line(parsed: Policy, identity: str, name: str, shown: tuple[bool, bool]) -> str:
+def _shown_line(parsed: Policy, identity: str, name: str, shown: tuple[bool, bool], address: Address) -> str:
     listed, by_read = shown
     line = f"in ListSecrets: {'yes' if listed else 'no'}; in BatchGetSecrets by prefix and Watch: "
     if by_read:
         return line + "yes (read allows it)"
-    if not parsed.allows(identity, Capability.READ, name):
+    if not parsed.allows(identity, Capability.READ, name, address):
         return line + "no (read is not allowed)"
-    return line + f"no (list is {parsed.decide(identity, Capability.LIST, name).reason})"
+    return line + f"no (list is {parsed.decide(identity, Capability.LIST, name, address).reason})"

@@ -9,6 +9,7 @@ record → the response. Denials and failures are audited too. Values are only e
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent import futures
 from contextlib import contextmanager
@@ -32,6 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from secrets_manager.access import Capability, Policy, load_policy
+from secrets_manager.access.policy import IPAddress
 from secrets_manager.audit import AuditError, AuditEvent, AuditLog, page_token_mac, value_fingerprint
 from secrets_manager.environment import Environment
 from secrets_manager.errors import (
@@ -181,6 +184,7 @@ class _Request:
 
     identity: str
     peer: str
+    address: IPAddress | None  # the peer's IP address, which a role's bound_cidrs are checked on
     event: AuditEvent
     extra_events: list[AuditEvent]
     caller: Caller  # its certificate's serial and fingerprint: a Watch re-checks `[revoked]`
@@ -208,6 +212,19 @@ def _still_wanted(context: grpc.ServicerContext) -> None:
     """Raise `_CallEnded` once the call is no longer active (checked between secrets)."""
     if not context.is_active():
         raise _CallEnded()
+
+
+def peer_address(peer: str) -> IPAddress | None:
+    """The caller's IP address in gRPC's peer string ("ipv4:10.0.0.5:51234", "ipv6:[::1]:51234",
+    brackets %-encoded by some gRPC versions); None for another kind of peer (a Unix socket)."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return None
+    host = urllib.parse.unquote(rest).rpartition(":")[0]
+    try:
+        return ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+    except ValueError:
+        return None
 
 
 def _name_of(meta: SecretMetadata) -> str:
@@ -451,14 +468,16 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
         event = AuditEvent(operation, identity, "grpc", peer, recorded)
         assert caller is not None  # else IdentityError aborted above
-        request = _Request(identity, peer, event, [], caller)
+        request = _Request(identity, peer, peer_address(peer), event, [], caller)
         try:
             if name is not None:
                 (validate_prefix if prefix else validate_name)(name)
             policy = self._policy.current
-            if capability is None and not policy.roles_of(identity):
+            if capability is None and not policy.roles_of(identity, request.address):
                 raise AccessDeniedError(f"{identity} holds no role in the service's policy: {method} refused")
-            if capability is not None and not policy.allows(identity, capability, name or ""):
+            if capability is not None and not policy.allows(
+                identity, capability, name or "", request.address
+            ):
                 raise AccessDeniedError(f"{identity} may not {capability} {name!r}")
             request.allowed = capability is not None
             if mutating:
@@ -578,7 +597,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 for name in names:
                     call.event.name = as_recorded(name)
                     validate_name(name)
-                denied = [n for n in names if not policy.allows(call.identity, "read", n)]
+                denied = [n for n in names if not policy.allows(call.identity, "read", n, call.address)]
                 if denied:
                     call.event.name = denied[0]
                     raise AccessDeniedError(f"{call.identity} may not read {denied[0]!r}")
@@ -599,11 +618,11 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 # bisection and filters only the names it goes through, so it costs about its own.
                 _still_wanted(context)
                 listed = self._store.list(request.prefix)
-                shown = bool(policy.roles_of(call.identity))
+                shown = bool(policy.roles_of(call.identity, call.address))
                 candidates = (
                     meta.name
                     for meta in page.start_sorted(listed, _name_of)
-                    if shown and policy.enumerable_by_read(call.identity, meta.name)
+                    if shown and policy.enumerable_by_read(call.identity, meta.name, call.address)
                 )
             messages = []
             for name in candidates:
@@ -678,13 +697,13 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             _still_wanted(context)
             found = self._store.list(request.prefix, include_deleted=request.include_deleted)
             policy = self._policy.current
-            shown = bool(policy.roles_of(call.identity))
+            shown = bool(policy.roles_of(call.identity, call.address))
             messages = []
             # `found` is sorted and kept by the store while nothing changes: a page starts by
             # bisection and asks the policy only about the names it goes through.
             for meta in page.start_sorted(found, _name_of):
                 _still_wanted(context)
-                if not (shown and policy.allows(call.identity, Capability.LIST, meta.name)):
+                if not (shown and policy.allows(call.identity, Capability.LIST, meta.name, call.address)):
                     continue
                 if not page.has_room():
                     break
@@ -843,7 +862,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                         revoked = str(exc)
                 if revoked is not None:  # a reload revoked its certificate or CA: no more events
                     context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{revoked}: Watch ended")
-                if not policy.roles_of(identity):  # a reload took its last role: free the slot
+                if not policy.roles_of(identity, call.address):  # a reload took its last role: free the slot
                     context.abort(
                         grpc.StatusCode.PERMISSION_DENIED,
                         f"{identity} no longer holds a role in the service's policy: Watch ended",
@@ -862,7 +881,9 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                         yield _resync_event(change.revision, subscription.history)
                         continue
                     delivered = max(delivered, change.revision)
-                    if change.name.startswith(prefix) and policy.enumerable_by_read(identity, change.name):
+                    if change.name.startswith(prefix) and policy.enumerable_by_read(
+                        identity, change.name, call.address
+                    ):
                         yield pb.ChangeEvent(
                             name=change.name,
                             version=change.version or 0,
