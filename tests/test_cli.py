@@ -1392,6 +1392,55 @@ def test_output_that_cannot_be_written_is_a_one_line_error_saying_what_was_done(
     assert ready("get", "svc/CLOSED").out == "v\n"
 
 
+def _run_with_stderr(cli: Cli, stderr: str, *args: str) -> int:
+    """The command's exit code with its standard error closed (`2>&-`), on /dev/full, or a pipe
+    whose reader has gone ('gone'); stdout goes to /dev/null."""
+    if stderr != "gone":
+        redirect = "2>&-" if stderr == "-" else f"2>{shlex.quote(stderr)}"
+        return subprocess.run(
+            ["sh", "-c", f'exec "$@" >/dev/null {redirect}', "sh", str(SCRIPT), *args],
+            stdin=subprocess.DEVNULL,
+            env=cli.env,
+            start_new_session=True,
+            timeout=60,
+        ).returncode
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        return subprocess.run(
+            [str(SCRIPT), *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=writer,
+            env=cli.env,
+            start_new_session=True,
+            timeout=60,
+        ).returncode
+    finally:
+        os.close(writer)
+
+
+@pytest.mark.parametrize("stderr", ["-", "/dev/full", "gone"], ids=["closed", "full", "reader-gone"])
+def test_standard_error_that_cannot_be_written_changes_no_exit_code(ready: Cli, stderr: str) -> None:
+    """A cron job's stderr closed (`2>&-`), on a full disk or a logger gone: `rotate`, `run`,
+    `backup` and `restore` failed with exit 1 (internal error, or the lost 'rotated …' line),
+    the rotation done nonetheless, and `get` of a missing name was exit 1, not 3. What cannot be
+    said on stderr is dropped, as other Unix tools drop it; a closed fd 2 gets /dev/null, so the
+    store file is never opened there."""
+    assert ready("store", "svc/R", input=b"v1").code == 0
+    assert _run_with_stderr(ready, stderr, "rotate", "svc/R", "--generate", "--set-command", "true") == 0
+    assert json.loads(ready("metadata", "svc/R", "--json").out)["current_version"] == 2
+    assert _run_with_stderr(ready, stderr, "run", "--secret", "svc/R", "--", "true") == 0
+    backup = str(ready.store.parent / "b.smbackup")
+    assert _run_with_stderr(ready, stderr, "backup", backup) == 0
+    copy = str(ready.store.parent / "copy.db")
+    assert _run_with_stderr(ready, stderr, "--store", copy, "restore", backup) == 0
+    assert ready("--store", copy, "get", "svc/R").code == 0
+    assert _run_with_stderr(ready, stderr, "get", "svc/NOPE") == 3
+    assert _run_with_stderr(ready, stderr, "store", "svc/BAD NAME", "--generate") == 2
+    assert ready("audit", "verify").code == 0
+
+
 @pytest.mark.parametrize(
     "args",
     [

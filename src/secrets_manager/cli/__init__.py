@@ -40,6 +40,7 @@ from secrets_manager.cli.output import (
     ClosedInput,
     OutputClosed,
     OutputFailed,
+    StandardError,
     StandardOutput,
     error_line,
     warning_line,
@@ -78,7 +79,9 @@ def _development() -> bool:
 def _own_standard_output() -> None:
     """`sys.stdout` on fd 1 through StandardOutput, so a closed pipe or a full disk is told from
     any other OSError. A closed fd 0 or 1 (`<&-`, `>&-`) gets /dev/null, so no file opened later
-    lands there, and reading or writing it is a one-line error."""
+    lands there, and reading or writing it is a one-line error. `sys.stderr` on fd 2 through
+    StandardError, which drops what cannot be written there; a closed fd 2 (`2>&-`) gets
+    /dev/null too (a store file opened there would take every later error line)."""
     if _closed(0, os.O_RDONLY):
         sys.stdin = io.TextIOWrapper(io.BufferedReader(ClosedInput()), encoding="utf-8")
     closed = _closed(1, os.O_WRONLY)
@@ -88,6 +91,15 @@ def _own_standard_output() -> None:
         encoding=getattr(original, "encoding", None) or "utf-8",
         errors=getattr(original, "errors", None) or "strict",
         line_buffering=bool(getattr(original, "line_buffering", False)),
+    )
+    error_closed = _closed(2, os.O_WRONLY)
+    original = sys.stderr
+    sys.stderr = io.TextIOWrapper(
+        io.BufferedWriter(StandardError(closed_at_start=error_closed)),
+        encoding=getattr(original, "encoding", None) or "utf-8",
+        errors=getattr(original, "errors", None) or "backslashreplace",
+        line_buffering=True,
+        write_through=True,
     )
 
 

@@ -121,6 +121,35 @@ class StandardOutput(io.RawIOBase):
             raise OutputFailed(exc.strerror or type(exc).__name__) from None
 
 
+class StandardError(io.RawIOBase):
+    """File descriptor 2 for `sys.stderr`: what cannot be written there (a reader gone, a full
+    disk, fd 2 closed when the process started) is dropped, so a lost warning or error line
+    neither fails a command that did its work nor changes its exit code, as in other Unix tools.
+    `closed_at_start`: fd 2 was closed (`2>&-`; main put /dev/null there so no file opened later
+    lands on it, and a child such as a rotation's set command writes into /dev/null)."""
+
+    def __init__(self, *, closed_at_start: bool) -> None:
+        super().__init__()
+        self._lost = closed_at_start
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 2
+
+    def isatty(self) -> bool:
+        return not self._lost and os.isatty(2)
+
+    def write(self, data: Any) -> int:
+        if not self._lost:
+            try:
+                return os.write(2, data)
+            except OSError:  # EPIPE, ENOSPC, EIO: nowhere else to say it
+                self._lost = True
+        return len(data)
+
+
 class ClosedInput(io.RawIOBase):
     """`sys.stdin` when fd 0 was closed as the process started (`<&-`; main put /dev/null there so
     no file opened later lands on it): reading it is invalid input, not an internal error."""
