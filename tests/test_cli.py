@@ -928,6 +928,27 @@ def test_a_purge_that_fails_midway_says_which_secrets_it_destroyed(
     assert [m["name"] for m in json.loads(ready("list", "--deleted", "--json").out)] == ["svc/B", "svc/C"]
 
 
+def test_purge_names_what_a_prefix_without_its_slash_matches_beyond_it(ready: Cli) -> None:
+    """PREFIX is a plain string prefix: `purge svc` also erased svcx/OLD, and neither the dry run
+    nor the purge said that it went beyond svc/. A warning on stderr names those, before anything
+    is erased; stdout (the table, --json) is as it was."""
+    for name in ("svc/OLD", "svcx/OLD", "svc"):
+        assert ready("store", name, input=b"v").code == 0
+        assert ready("delete", name).code == 0
+    dry = ready("purge", "svc", "--older-than", "0s", "--dry-run", "--json")
+    assert dry.code == 0, dry.stderr
+    assert sorted(m["name"] for m in json.loads(dry.out)["purged"]) == ["svc", "svc/OLD", "svcx/OLD"]
+    warnings = [line for line in dry.stderr.splitlines() if line.startswith("secrets-manager: warning: ")]
+    assert len(warnings) == 1, dry.stderr
+    assert "would also destroy svcx/OLD," in warnings[0] and "give 'svc/'" in warnings[0]
+    assert "svc/OLD" not in warnings[0]
+    exact = ready("purge", "svc/", "--older-than", "0s", "--dry-run")
+    assert exact.code == 0 and "warning" not in exact.stderr
+    done = ready("purge", "svc", "--older-than", "0s")
+    assert done.code == 0 and "also destroys svcx/OLD," in done.stderr
+    assert ready("list", "--deleted").out == ""
+
+
 def test_purge_refuses_bad_input_and_never_touches_a_live_secret(ready: Cli) -> None:
     assert ready("store", "svc/LIVE", input=b"v").code == 0
     before = ready.store_bytes()  # refused before the store is opened: not even an anchor moves

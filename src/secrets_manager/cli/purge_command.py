@@ -12,7 +12,14 @@ from __future__ import annotations
 import click
 
 from secrets_manager.cli.app import Session, cli, pass_session
-from secrets_manager.cli.output import info_line, parse_cutoff, print_json, print_table, timestamp
+from secrets_manager.cli.output import (
+    info_line,
+    parse_cutoff,
+    print_json,
+    print_table,
+    timestamp,
+    warning_line,
+)
 from secrets_manager.errors import (
     NotFoundError,
     SecretsManagerError,
@@ -52,6 +59,7 @@ def purge(session: Session, prefix: str, older_than: str, dry_run: bool, as_json
             for meta in store.list(prefix, include_deleted=True)
             if meta.deleted is not None and meta.deleted < cutoff
         ]
+        _warn_of_names_beyond_the_prefix(prefix, [m.name for m in due], dry_run)
         purged: list[SecretMetadata] = []
         kept: list[str] = []  # undeleted (or deleted again) meanwhile: still there
         gone: list[str] = []  # erased meanwhile by another purge or destroy --all: not there
@@ -91,6 +99,23 @@ def purge(session: Session, prefix: str, older_than: str, dry_run: bool, as_json
         info_line(f"left {', '.join(kept)}: undeleted or changed meanwhile")
     if gone:
         info_line(f"{', '.join(gone)}: erased meanwhile by another purge or destroy --all")
+
+
+def _warn_of_names_beyond_the_prefix(prefix: str, names: list[str], dry_run: bool) -> None:
+    """PREFIX is a plain string prefix, as for `list`: `purge auth` matches `authz/OLD` too. Said
+    before anything is erased (and in a dry run), naming those matches, so a namespace meant
+    without its '/' does not erase another's secrets unnoticed."""
+    if not prefix or prefix.endswith("/"):
+        return
+    beyond = [name for name in names if name != prefix and name[len(prefix)] != "/"]
+    if not beyond:
+        return
+    shown = ", ".join(beyond[:10]) + (f" and {len(beyond) - 10} more" if len(beyond) > 10 else "")
+    verb = "would also destroy" if dry_run else "also destroys"
+    warning_line(
+        f"'{prefix}' is a plain string prefix: this purge {verb} {shown}, whose names go on past "
+        f"'{prefix}' without a '/'; to purge only the secrets under {prefix}/, give '{prefix}/'"
+    )
 
 
 def _partly_done(error: SecretsManagerError, purged: list[str], failed: str) -> SecretsManagerError:
