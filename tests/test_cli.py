@@ -1487,6 +1487,27 @@ def _typed_at_the_prompt(cli: Cli, keys: bytes, *args: str, env: Mapping[str, st
     return on_a_terminal(args, full_env, typing_once(keys, after=b": "))
 
 
+def test_a_latin1_locale_gets_the_stored_bytes_and_utf8_json(ready: Cli) -> None:
+    """Under a Latin-1 locale (PYTHONIOENCODING stands in for LANG=de_DE.ISO-8859-1 here), `get`
+    printed 'pä' as b'p\\xe4' (other bytes than stored: `$(secrets-manager get …)` gave a wrong
+    password), a value, description or --json with '€' was 'internal error
+    (UnicodeEncodeError)', and --json was not UTF-8. A value now comes out as its stored bytes,
+    JSON as UTF-8, and a character a table cannot show in the locale is escaped."""
+    latin1 = {"PYTHONIOENCODING": "latin-1"}
+    assert ready("store", "svc/LAT", input="pä".encode()).code == 0
+    assert ready("store", "svc/EUR", "--description", "Köln €", input="v€".encode()).code == 0
+    assert ready("get", "svc/LAT", env=latin1).stdout == "pä\n".encode()
+    assert ready("get", "svc/EUR", env=latin1).stdout == "v€\n".encode()
+    got = ready("get", "svc/EUR", "--json", env=latin1)
+    assert got.code == 0 and json.loads(got.stdout.decode("utf-8"))["value"] == "v€"
+    listed = ready("list", "--json", "svc/EUR", env=latin1)
+    assert listed.code == 0 and json.loads(listed.stdout.decode("utf-8"))[0]["description"] == "Köln €"
+    for args in (["list", "-l", "svc/EUR"], ["metadata", "svc/EUR"]):
+        shown = ready(*args, env=latin1)
+        assert shown.code == 0 and shown.stderr == "", shown.stderr
+        assert "K\xf6ln \\u20ac".encode("latin-1") in shown.stdout
+
+
 def test_a_value_argument_is_stored_as_its_bytes_even_when_not_utf8(ready: Cli) -> None:
     """`store NAME $'x\\xff'` failed with internal error (UnicodeEncodeError)."""
     result = ready("store", "svc/BYTES", os.fsdecode(b"x\xff"))

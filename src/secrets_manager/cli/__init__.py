@@ -86,10 +86,13 @@ def _own_standard_output() -> None:
         sys.stdin = io.TextIOWrapper(io.BufferedReader(ClosedInput()), encoding="utf-8")
     closed = _closed(1, os.O_WRONLY)
     original = sys.stdout
+    errors = getattr(original, "errors", None) or "strict"
     sys.stdout = io.TextIOWrapper(
         io.BufferedWriter(StandardOutput(closed_at_start=closed)),
         encoding=getattr(original, "encoding", None) or "utf-8",
-        errors=getattr(original, "errors", None) or "strict",
+        # a character the locale's encoding lacks (a Latin-1 locale, a description's '€') is
+        # shown escaped, as control characters are, not an internal error
+        errors="backslashreplace" if errors == "strict" else errors,
         line_buffering=bool(getattr(original, "line_buffering", False)),
     )
     error_closed = _closed(2, os.O_WRONLY)

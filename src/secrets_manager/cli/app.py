@@ -1248,7 +1248,8 @@ def get(
     if clipboard is not None:
         copy_to_clipboard(clipboard, data, f"{name}{selector}{field}")
         return
-    click.echo(text)
+    del text  # the stored bytes, not the text re-encoded in the locale's encoding (Latin-1: other bytes)
+    click.echo(data)
 
 
 def clipboard_found_first() -> tuple[ClipboardTool, int, Path]:

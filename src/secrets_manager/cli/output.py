@@ -213,7 +213,9 @@ def print_json(doc: Any, *, compact: bool = False) -> None:
     """`doc` as indented JSON, or on one line (`compact`: a stream of events, one per line)."""
     indent, separators = (None, (",", ":")) if compact else (2, None)
     text = json.dumps(doc, indent=indent, separators=separators, sort_keys=True, ensure_ascii=False)
-    click.echo(_JSON_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text))
+    # UTF-8 bytes, as JSON is exchanged (RFC 8259), whatever the locale's encoding (Latin-1 could
+    # not hold every character, and would give another program other bytes than it parses)
+    click.echo(_JSON_UNSAFE.sub(lambda match: f"\\u{ord(match.group()):04x}", text).encode("utf-8"))
 
 
 FREE_TEXT_MIN_WIDTH = 12  # a free-text column folds down to this before a table grows wider
