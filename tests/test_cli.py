@@ -1508,6 +1508,54 @@ def test_a_latin1_locale_gets_the_stored_bytes_and_utf8_json(ready: Cli) -> None
         assert "K\xf6ln \\u20ac".encode("latin-1") in shown.stdout
 
 
+def test_no_writable_temporary_directory_is_a_one_line_error_with_the_documented_code(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A container's read-only root file system (no writable /tmp, /var/tmp, working directory):
+    looking for an agent's key before the 'no master password' error, `agent status` and `edit`
+    were 'internal error (FileNotFoundError)', exit 1 (Python's tempfile.gettempdir found none)."""
+    import tempfile
+
+    from secrets_manager.cli import edit_command
+
+    assert ready("store", "svc/RO", input=b"v1").code == 0
+    ready.env.pop("MASTER_PASSWORD")
+    gone = str(tmp_path / "no-such-directory")
+
+    def read_only_everywhere() -> None:
+        monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+        monkeypatch.delenv("MASTER_PASSWORD", raising=False)
+        monkeypatch.setattr(tempfile, "tempdir", None)  # not the one found before
+        monkeypatch.setattr(tempfile, "_candidate_tempdir_list", lambda: [gone])
+        monkeypatch.setattr(edit_command, "MEMORY_DIRECTORY", Path(gone))
+
+    for args, code, needle in (
+        (["get", "svc/RO"], 4, "no master password"),
+        (["agent", "status"], 3, "no agent is running"),
+        (["--password-file", str(ready.store.parent / "pw"), "edit", "svc/RO"], 2, "set TMPDIR"),
+    ):
+        (ready.store.parent / "pw").write_text(PASSWORD)
+        read_only_everywhere()
+        monkeypatch.setenv("EDITOR", "true")
+        capsys.readouterr()
+        assert run_in_process(ready, monkeypatch, *args) == code, args
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith("secrets-manager: error: ") and needle in err, err
+    assert ready("get", "svc/RO", env={"MASTER_PASSWORD": PASSWORD}).out == "v1\n"
+
+
+def test_agent_start_where_its_lock_cannot_be_made_is_a_one_line_error(ready: Cli, tmp_path: Path) -> None:
+    """The agent's directory there but its lock file not creatable (a read-only file system; here
+    a directory in its place): 'internal error (OSError)', exit 1."""
+    runtime = tmp_path / "run"
+    (runtime / "secrets-manager" / "agent.lock").mkdir(parents=True)
+    runtime.chmod(0o700)
+    (runtime / "secrets-manager").chmod(0o700)
+    result = ready("agent", "start", env={"XDG_RUNTIME_DIR": str(runtime)})
+    assert_one_line_error(result, 2, "cannot use the agent's directory", "XDG_RUNTIME_DIR")
+    assert not (runtime / "secrets-manager" / "agent.sock").exists()
+
+
 def test_a_value_argument_is_stored_as_its_bytes_even_when_not_utf8(ready: Cli) -> None:
     """`store NAME $'x\\xff'` failed with internal error (UnicodeEncodeError)."""
     result = ready("store", "svc/BYTES", os.fsdecode(b"x\xff"))

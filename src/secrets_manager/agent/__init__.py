@@ -65,7 +65,13 @@ def agent_directory(environ: Mapping[str, str]) -> Path:
     runtime = environ.get("XDG_RUNTIME_DIR", "")
     if runtime and os.path.isabs(runtime):
         return Path(runtime) / "secrets-manager"
-    return Path(tempfile.gettempdir()) / f"secrets-manager-{os.getuid()}"
+    try:
+        temporary = tempfile.gettempdir()
+    except FileNotFoundError:  # none writable (a read-only root file system): where one would be,
+        # so a lookup finds no agent there and `agent start` says it cannot make its directory
+        given = environ.get("TMPDIR", "")
+        temporary = given if os.path.isabs(given) else "/tmp"  # noqa: S108 (checked: ours, 0700)
+    return Path(temporary) / f"secrets-manager-{os.getuid()}"
 
 
 def socket_path(environ: Mapping[str, str]) -> Path:
@@ -252,7 +258,13 @@ def start_agent(environ: Mapping[str, str], ttl: float, max_ttl: float) -> tuple
     check_directory(directory, create=True)
     path = directory / SOCKET_NAME
     client = AgentClient(path)
-    lock = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        lock = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:  # a read-only file system (a container's root), a full disk
+        raise UnsafeConfigurationError(
+            f"cannot use the agent's directory {directory}: {exc.strerror or exc}; set XDG_RUNTIME_DIR "
+            "to a private writable directory of yours"
+        ) from None
     try:
         _lock(lock, directory / LOCK_NAME)
         with contextlib.suppress(AgentNotRunning):

@@ -282,9 +282,15 @@ def _private_directory(production: bool) -> Iterator[Path]:
         )
     else:
         parent = None
-        warning_line(
-            f"there is no {MEMORY_DIRECTORY}: the value is on disk in {tempfile.gettempdir()} while you edit"
-        )
+        try:
+            temporary = tempfile.gettempdir()
+        except FileNotFoundError:  # none writable: a read-only root file system
+            raise InvalidInputError(
+                f"there is no writable {MEMORY_DIRECTORY} nor temporary directory here (a read-only "
+                "file system?) to hold the value while you edit: set TMPDIR to a private writable "
+                "directory, or pipe the new value to 'store NAME' instead (nothing was stored)"
+            ) from None
+        warning_line(f"there is no {MEMORY_DIRECTORY}: the value is on disk in {temporary} while you edit")
     _remove_abandoned(Path(parent or tempfile.gettempdir()), on_disk=parent is None)
     directory = Path(tempfile.mkdtemp(prefix=DIRECTORY_PREFIX, dir=parent))  # mode 0700
     # Locked while this edit lives (the lock goes with the process, SIGKILL too): an unlocked
