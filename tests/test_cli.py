@@ -2758,6 +2758,31 @@ def test_a_path_under_a_directory_the_user_may_not_search_is_one_line_naming_it(
     assert list(private.iterdir()) == []
 
 
+def test_an_audit_log_this_user_may_not_write_says_where_else_it_may_go(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another user's store or home (cron as `nobody`, a PostgreSQL store's log under a HOME it
+    may not write): 'cannot write audit log …: Permission denied; the operation was refused' said
+    what was wrong but not what to do. Root may write anything, so the refusal is simulated in
+    process: opening the log (or its lock) for writing raises EACCES, as the kernel does."""
+    assert ready("store", "svc/A", input=b"v1").code == 0
+    log = str(ready.store.with_name("store.audit.jsonl"))
+    real_open = os.open
+
+    def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path).startswith(log) and flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    capsys.readouterr()
+    assert run_in_process(ready, monkeypatch, "get", "svc/A") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("secrets-manager: error: "), err
+    assert "Permission denied" in err and "--audit-file or SECRETS_MANAGER_AUDIT_FILE" in err, err
+    assert ready("audit", "verify").code == 0
+
+
 def test_shell_completion_scripts_and_command_completion(cli: Cli) -> None:
     for shell in ("bash", "zsh", "fish"):
         script = cli(env={"_SECRETS_MANAGER_COMPLETE": f"{shell}_source"})

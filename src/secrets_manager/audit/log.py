@@ -251,7 +251,9 @@ class AuditLog:
                 raise job.error
             if isinstance(job.error, OSError):
                 cause = f"cannot write audit log {self.path}: {job.error.strerror or job.error}"
-                raise AuditError(f"{cause}; the operation was refused", cause=cause) from None
+                raise AuditError(
+                    f"{cause}; the operation was refused{_remedy(job.error)}", cause=cause
+                ) from None
             raise job.error
         return job.records
 
@@ -282,7 +284,7 @@ class AuditLog:
                 self._unflock()
         except OSError as exc:
             cause = f"cannot write audit log {self.path}: {exc.strerror or exc}"
-            raise AuditError(f"{cause}; the operation was refused", cause=cause) from None
+            raise AuditError(f"{cause}; the operation was refused{_remedy(exc)}", cause=cause) from None
         finally:
             self._lock.release()
         self._worker.flush_within(self.flush_interval)
@@ -2080,3 +2082,14 @@ class _SinkWorker:
                     due = None
             if due is not None:
                 self._flush()
+
+
+def _remedy(error: OSError) -> str:
+    """What to do about a log that cannot be written for want of permission (another user's
+    home, a read-only file system): where else it may go."""
+    if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ""
+    return (
+        ": make it writable for this user, or give the log a path this user can write "
+        "(--audit-file or SECRETS_MANAGER_AUDIT_FILE; serve: audit_file)"
+    )
