@@ -2783,6 +2783,38 @@ def test_an_audit_log_this_user_may_not_write_says_where_else_it_may_go(
     assert ready("audit", "verify").code == 0
 
 
+@pytest.mark.parametrize("where", ["directory", "file"])
+def test_init_where_this_user_may_not_write_says_to_pass_another_store(
+    cli: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], where: str
+) -> None:
+    """`init` as `nobody` (HOME /nonexistent) or in another user's directory: 'cannot create store
+    …: Permission denied', exit 1, with nothing said of what to do. Simulated in process (root
+    may write anything): creating the store's directory, or the file, raises EACCES."""
+    target = cli.store if where == "file" else cli.store.parent
+    real_open, real_mkdir = os.open, Path.mkdir
+
+    def open_(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path) == str(target) and flags & os.O_CREAT:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def mkdir(self: Path, *args: Any, **kwargs: Any) -> None:
+        if self == target:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    if where == "file":
+        cli.store.parent.mkdir(mode=0o700)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    capsys.readouterr()
+    assert run_in_process(cli, monkeypatch, "init", "--kdf-profile", "test") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("secrets-manager: error: cannot create store"), err
+    assert "Permission denied; pass --store (or set SECRETS_MANAGER_STORE) with a path" in err, err
+    assert not cli.store.exists()
+
+
 def test_shell_completion_scripts_and_command_completion(cli: Cli) -> None:
     for shell in ("bash", "zsh", "fish"):
         script = cli(env={"_SECRETS_MANAGER_COMPLETE": f"{shell}_source"})

@@ -10,6 +10,7 @@ erased key material has left every file of the store.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sqlite3
@@ -520,8 +521,16 @@ def _create_private_file(path: Path) -> None:
     except FileExistsError:
         raise occupied_path_error(path) from None
     except OSError as exc:
-        raise StorageError(f"cannot create store {path}: {exc.strerror}") from None
+        raise StorageError(f"cannot create store {path}: {exc.strerror}{_elsewhere(exc)}") from None
     os.close(fd)
+
+
+def _elsewhere(error: OSError) -> str:
+    """What to do when this user may not create the store there (another user's directory, a
+    HOME of /nonexistent as for `nobody`, a read-only file system)."""
+    if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ""
+    return "; pass --store (or set SECRETS_MANAGER_STORE) with a path this user can write"
 
 
 def occupied_path_error(path: Path) -> SecretsManagerError:
@@ -561,4 +570,6 @@ def create_private_directories(path: Path) -> None:
         for directory in reversed(missing):  # mkdir(parents=True) would give ancestors the umask's mode
             directory.mkdir(mode=0o700, exist_ok=True)
     except OSError as exc:
-        raise StorageError(f"cannot create store {path}: {exc.strerror or type(exc).__name__}") from None
+        raise StorageError(
+            f"cannot create store {path}: {exc.strerror or type(exc).__name__}{_elsewhere(exc)}"
+        ) from None
