@@ -96,6 +96,39 @@ def test_a_service_namespace_becomes_variables_named_after_the_rest_of_each_name
     assert environment["PATH"] == cli.env["PATH"]  # the rest of the environment is passed on
 
 
+@pytest.mark.parametrize("mode", [[], ["--restart-on-change"]], ids=["exec", "supervised"])
+def test_the_program_gets_sigpipe_as_from_a_shell(cli: Cli, mode: list[str]) -> None:
+    """Python ignores SIGPIPE (and SIGXFSZ), and `run` exec'd COMMAND with them still ignored: a
+    pipeline in it got EPIPE ('yes: standard output: Broken pipe'), a writer to a gone reader
+    did not end as it does from a shell. --restart-on-change (subprocess) already reset them."""
+    script = "grep '^SigIgn:' /proc/self/status; yes | head -1"
+    result = cli("run", *mode, "--secret", "auth/DB_PASSWORD", "--", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    ignored = int(result.stdout.split()[1], 16)
+    assert not ignored & (1 << (13 - 1) | 1 << (25 - 1)), result.stdout  # SIGPIPE 13, SIGXFSZ 25
+    assert result.stdout.splitlines()[1] == "y" and "Broken pipe" not in result.stderr
+
+
+def test_a_program_not_found_is_127_even_with_standard_error_a_closed_pipe(cli: Cli) -> None:
+    """The signals reset for the program come back when it cannot be run: the error line to a
+    pipe whose reader has gone must not kill `run` with SIGPIPE (exit -13 instead of 127)."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        proc = subprocess.run(
+            [str(SCRIPT), "run", "--secret", "auth/DB_PASSWORD", "--", "no-such-program-here"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=writer,
+            env=cli.env,
+            start_new_session=True,
+            timeout=60,
+        )
+    finally:
+        os.close(writer)
+    assert proc.returncode == 127
+
+
 # What reaches a store, set in `run`'s environment (none of it used by an SQLite store).
 STORE_KEYS = {
     "VAULT_TOKEN": "vault-root-token-SEEKRIT",

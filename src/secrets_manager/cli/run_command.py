@@ -23,6 +23,7 @@ import errno
 import os
 import re
 import shutil
+import signal
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
@@ -583,13 +584,26 @@ def _launch(command: tuple[str, ...]) -> Callable[[dict[bytes, bytes]], Launch]:
     return lambda base: Launch(command, program, partial(environment, base), partial(_not_started, command))
 
 
+# What the Python interpreter sets to SIG_IGN at start-up (restored for a child by subprocess).
+_PYTHON_IGNORES = tuple(getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ") if hasattr(signal, name))
+
+
 def _exec(command: tuple[str, ...], base: dict[bytes, bytes], variables: dict[str, Secret]) -> NoReturn:
     """Become COMMAND, with the secrets added to `base` (_base_environment)."""
     program = _program(command)
     environment = _environment(command, base, variables)
 
     def become(path: str, argv: list[str]) -> NoReturn:
-        os.execve(path, argv, environment)  # noqa: S606  (the caller's own command, no shell)
+        # Python ignores SIGPIPE and SIGXFSZ, and an ignored signal stays ignored across exec: the
+        # program would get EPIPE instead of SIGPIPE (`yes | head -1` in it: "Broken pipe"). As
+        # subprocess does (restore_signals), and so --restart-on-change, it gets the defaults;
+        # if it cannot be run, ours come back (an error line to a closed pipe must not kill us).
+        saved = {signum: signal.signal(signum, signal.SIG_DFL) for signum in _PYTHON_IGNORES}
+        try:
+            os.execve(path, argv, environment)  # noqa: S606  (the caller's own command, no shell)
+        finally:
+            for signum, handler in saved.items():
+                signal.signal(signum, handler)
 
     sys.stdout.flush()
     sys.stderr.flush()
