@@ -2783,6 +2783,30 @@ def test_an_audit_log_this_user_may_not_write_says_where_else_it_may_go(
     assert ready("audit", "verify").code == 0
 
 
+@pytest.mark.parametrize("args", [["audit", "verify"], ["audit", "show"], ["status"]])
+def test_an_audit_log_file_this_user_may_not_read_is_a_one_line_error(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    """A file of the log another user owns (root wrote to `nobody`'s store and rotated the log:
+    the new files are root's): 'internal error (PermissionError)'. Simulated in process (root
+    may read anything): opening the live log for reading raises EACCES."""
+    assert ready("store", "svc/A", input=b"v1").code == 0
+    log = str(ready.store.with_name("store.audit.jsonl"))
+    real_open = os.open
+
+    def open_(path: Any, flags: int, *rest: Any, **kwargs: Any) -> int:
+        if str(path) == log and not flags & (os.O_WRONLY | os.O_RDWR):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *rest, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_)
+    capsys.readouterr()
+    assert run_in_process(ready, monkeypatch, *args) == 1
+    errors = [line for line in capsys.readouterr().err.splitlines() if "warning" not in line]
+    assert len(errors) == 1 and errors[0].startswith("secrets-manager: error: "), errors
+    assert f"cannot read audit log file {log}: Permission denied" in errors[0]
+
+
 @pytest.mark.parametrize("where", ["directory", "file"])
 def test_init_where_this_user_may_not_write_says_to_pass_another_store(
     cli: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], where: str

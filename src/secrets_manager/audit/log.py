@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 from secrets_manager.crypto.mac import page_token_mac as _page_token_mac
 from secrets_manager.crypto.mac import record_mac, record_mac_ok, sha256_hex
 from secrets_manager.crypto.mac import value_fingerprint as _value_fingerprint
-from secrets_manager.environment import Environment
+from secrets_manager.environment import Environment, user_name
 from secrets_manager.errors import (
     ConflictError,
     IntegrityError,
@@ -1966,6 +1966,8 @@ def _open_for_reading(path: Path) -> BinaryIO:
     anywhere. O_NONBLOCK so a FIFO cannot block the open."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except PermissionError as exc:  # another user's file (one a root run rotated into place)
+        raise AuditError(f"cannot read audit log file {path}: {exc.strerror}{_owned_by(path)}") from None
     except OSError as exc:
         if exc.errno != errno.ELOOP:
             raise
@@ -1983,6 +1985,20 @@ def _open_for_reading(path: Path) -> BinaryIO:
         if fd is not None:
             os.close(fd)
         raise
+
+
+def _owned_by(path: Path) -> str:
+    """Whose `path` is, and what to do, for a file of the log this user may not open."""
+    try:
+        owner = os.stat(path).st_uid
+    except OSError:
+        return ""
+    if owner == os.getuid():
+        return ""
+    return (
+        f" (it belongs to {user_name(owner)}): run the command as the store's owner, or give the "
+        f"log's files back to it (chown)"
+    )
 
 
 def _make_directory(directory: Path) -> list[Path]:
