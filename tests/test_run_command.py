@@ -641,3 +641,41 @@ def test_through_a_service_references_are_read_with_the_callers_certificate(tmp_
         assert denied.returncode == 5, denied.stderr
     finally:
         server.stop()
+
+
+def test_a_withheld_variable_that_merely_starts_with_the_scheme_is_no_reference(tmp_path: Path) -> None:
+    """The master password (or a Vault token) may start with sm:// without being a reference: `run`
+    withholds it from COMMAND, so it is not read as one, nor refused as a malformed one."""
+    password = "sm://not a reference, a pass phrase SEEKRIT"
+    cli = Cli(tmp_path)
+    cli.env["MASTER_PASSWORD"] = password
+    assert cli("init", "--kdf-profile", "test").returncode == 0
+    assert cli("store", "auth/DB_PASSWORD", input=DB_PASSWORD.encode()).returncode == 0
+    result = cli("run", "--secret", "auth/DB_PASSWORD", "--", *SHOW, env={"VAULT_TOKEN": "sm://x y"})
+    assert result.returncode == 0, result.stderr
+    environment = json.loads(result.stdout)
+    assert environment["DB_PASSWORD"] == DB_PASSWORD
+    assert "MASTER_PASSWORD" not in environment and "VAULT_TOKEN" not in environment
+    assert "SEEKRIT" not in result.stderr
+
+
+def test_a_reference_in_a_variable_whose_name_is_not_utf8_is_given_under_that_name(cli: Cli) -> None:
+    """The environment's names are bytes: one that is not UTF-8 keeps its bytes (no internal error)."""
+    result = subprocess.run(
+        [
+            str(SCRIPT),
+            "run",
+            "--",
+            sys.executable,
+            "-c",
+            "import os, sys; sys.stdout.buffer.write(os.environb[b'K\\xff'])",
+        ],
+        capture_output=True,
+        env={
+            **{os.fsencode(k): os.fsencode(v) for k, v in cli.env.items()},
+            b"K\xff": b"sm://auth/DB_PASSWORD",
+        },
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == DB_PASSWORD.encode()

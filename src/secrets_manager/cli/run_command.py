@@ -415,10 +415,12 @@ def _read_env_files(paths: Iterable[str]) -> tuple[dict[str, bytes], dict[str, R
 
 def _environment_references() -> list[Reference]:
     """The variables of run's own environment whose whole value is a reference, as `op run`
-    resolves them (in a container's or unit's environment: DB_PASSWORD=sm://auth/DB_PASSWORD)."""
+    resolves them (in a container's or unit's environment: DB_PASSWORD=sm://auth/DB_PASSWORD).
+    Never those withheld from COMMAND whatever the store: a master password or token that merely
+    starts with sm:// is neither read as a reference nor refused as a malformed one."""
     references = []
     for key, value in os.environ.items():
-        if value.startswith(REFERENCE_SCHEME):
+        if value.startswith(REFERENCE_SCHEME) and key not in WITHHELD_VARIABLES:
             reference = _reference(key, value, f"${key} in the environment")
             assert reference is not None
             references.append(reference)
@@ -554,7 +556,7 @@ def _environment(
     with a warning that names it)."""
     environment = dict(base)
     for variable, secret in variables.items():
-        key = variable.encode()
+        key = os.fsencode(variable)  # an environment's name that is not UTF-8 keeps its bytes
         if key in environment and warn:
             warning_line(f"${variable} was set; {secret.name} replaces it for {command[0]}")
         environment[key] = secret.value.reveal()
