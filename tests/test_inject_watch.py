@@ -5,6 +5,7 @@ after each such write. Real processes: the CLI in the background, a real `serve`
 from __future__ import annotations
 
 import json
+import os
 import signal
 import stat
 import subprocess
@@ -198,3 +199,44 @@ def test_through_a_service_a_change_reaches_the_file_by_its_watch_stream(tmp_pat
         server.stop()
     gets = [r["name"] for r in server.audit_records() if r["operation"] == "get" and r["outcome"] == "ok"]
     assert gets.count("auth/DB_PASSWORD") == 2  # the service audited both readings
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_signal_while_the_command_runs_ends_the_watch_and_the_commands_group(
+    cli: Cli, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGHUP (a closed terminal, a session ending) as SIGTERM and Ctrl-C: exit 0, COMMAND's
+    process group ended with it (left to its default action, inject died alone and COMMAND ran
+    on), no file beside FILE."""
+    watcher = Watcher(tmp_path, cli.env, "--on-change", "echo $$ > group; sleep 300 & wait")
+    group = 0
+    try:
+        watcher.wait_for(
+            lambda: (
+                (tmp_path / "group").read_text().strip() != "" if (tmp_path / "group").exists() else False
+            ),
+            "COMMAND",
+        )
+        group = int((tmp_path / "group").read_text())
+        watcher.proc.send_signal(signum)
+        assert watcher.proc.wait(timeout=20) == 0, watcher.stderr()
+        deadline = time.monotonic() + 5
+        while _group_alive(group) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _group_alive(group), "COMMAND's process group outlived inject"
+    finally:
+        watcher.kill()
+        if group and _group_alive(group):
+            os.killpg(group, signal.SIGKILL)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("out.conf", ".out.conf"))) == [
+        "out.conf"
+    ]
+    assert "Traceback" not in watcher.stderr()

@@ -82,7 +82,7 @@ LOOKS_LIKE_A_REFERENCE = re.compile(r"\{\{[^{}\n]*\bsm:")
     "--watch",
     is_flag=True,
     help="Keep running, and write FILE again when a secret it refers to changes (as consul-template "
-    "and Vault Agent's templates do), until Ctrl-C or SIGTERM (exit 0). Needs -o.",
+    "and Vault Agent's templates do), until Ctrl-C, SIGTERM or SIGHUP (exit 0). Needs -o.",
 )
 @click.option(
     "--on-change",
@@ -107,8 +107,10 @@ def inject(
         _check_out_file(output)  # before any secret is read (and audited) for a FILE never written
     if watch:
         assert output is not None
-        # Ctrl-C or SIGTERM, at any point: exit 0
-        with contextlib.suppress(Terminated), terminate_as_interrupt((signal.SIGINT, signal.SIGTERM)):
+        # Ctrl-C, SIGTERM or SIGHUP (a closed terminal), at any point: exit 0, with --on-change's
+        # process group ended (SIGHUP's default action ended inject alone, COMMAND running on)
+        ending = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+        with contextlib.suppress(Terminated), terminate_as_interrupt(ending):
             _inject_and_watch(session, text, references, Path(output), force, on_change)
         return
     with session.secret_operation("inject") as (store, note):
