@@ -240,3 +240,30 @@ def test_a_signal_while_the_command_runs_ends_the_watch_and_the_commands_group(
         "out.conf"
     ]
     assert "Traceback" not in watcher.stderr()
+
+
+def test_a_file_removed_or_replaced_meanwhile_is_written_again_at_the_next_change(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """As consul-template compares with the file on disk: after FILE was removed (or overwritten)
+    by someone else, a change that leaves the secrets' values as they were still writes it again,
+    and COMMAND runs, rather than leave the program without its file."""
+    out = tmp_path / "out.conf"
+    watcher = Watcher(tmp_path, cli.env, "--on-change", ON_CHANGE)
+    try:
+        watcher.wait_for(lambda: watcher.runs() == 1, "first write and command")
+        expected = out.read_text()
+        out.unlink()
+        assert cli("store", "app/KEY", input=b"key-SEEKRIT").code == 0  # the same value again
+        watcher.wait_for(lambda: watcher.runs() == 2, "the file written again")
+        assert out.read_text() == expected
+        out.write_text("stale\n")
+        assert cli("store", "db/main", input=database("first-SEEKRIT")).code == 0
+        watcher.wait_for(lambda: watcher.runs() == 3, "the file written again")
+        assert out.read_text() == expected
+        assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    finally:
+        watcher.kill()
+    said = watcher.stderr()
+    assert "out.conf no longer held what was written (removed or changed meanwhile): wrote" in said, said
+    assert "SEEKRIT" not in said

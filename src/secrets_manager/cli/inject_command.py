@@ -241,7 +241,10 @@ def _inject_and_watch(
                     continue
                 try:
                     reading = read()
-                    if reading.rendered != filled.rendered:
+                    # compared with what FILE holds, as consul-template does: one removed or
+                    # replaced meanwhile (a clean-up of /run, a deploy) is written again
+                    held = _content_of(output)
+                    if reading.rendered != held:
                         try:
                             write_private_file(output, reading.rendered, overwrite=True)
                         except SecretsManagerError as exc:  # a full disk, a directory gone: retried
@@ -257,10 +260,12 @@ def _inject_and_watch(
                 changed.clear()
                 if again.succeeded():
                     info_line(f"read the secrets again for {output}")
-                if reading.rendered == filled.rendered:  # a new version of the same value, a tag
+                if reading.rendered == held:  # a new version of the same value, a tag
                     filled = reading
                     continue
                 said = differences(filled.values, reading.values)
+                if reading.rendered == filled.rendered:
+                    said = [f"{output} no longer held what was written (removed or changed meanwhile)"]
                 filled = reading
                 info_line(f"{'; '.join(said) or 'the secrets changed'}: wrote {output} again")
                 if on_change is not None:
