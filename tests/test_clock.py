@@ -256,3 +256,58 @@ def test_the_service_log_time_is_utc_whatever_tz_says(monkeypatch: pytest.Monkey
         monkeypatch.undo()
         time.tzset()
     assert line["time"] == "2027-03-02T15:06:40.250+00:00"
+
+
+_CLEARER_WITHOUT_BOOTTIME = """
+import errno, os, runpy, sys, time
+real = time.clock_gettime
+def clock_gettime(clock):
+    if clock == getattr(time, "CLOCK_BOOTTIME", None):  # a kernel or sandbox that refuses it
+        raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+    return real(clock)
+time.clock_gettime = clock_gettime
+sys.argv = [sys.argv[1], "secrets-manager-clip-clearer"]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="Linux's CLOCK_BOOTTIME")
+def test_the_clipboard_is_cleared_where_the_kernel_refuses_clock_boottime(tmp_path: Path) -> None:
+    """Python names CLOCK_BOOTTIME from the headers it was built with; a kernel or sandbox that
+    refuses it (EINVAL) made the detached clearer die at its first reading of the clock, and the
+    value stayed on the clipboard for good. There it counts on the monotonic clock."""
+    from secrets_manager.cli import clipboard
+
+    board = tmp_path / "clipboard"
+    board.write_bytes(b"the copied value")
+    write = f"import sys; open({str(board)!r}, 'wb').write(sys.stdin.buffer.read())"
+    orders = {
+        "tool": {
+            "name": "files",
+            "display": "test",
+            "copy": [sys.executable, "-c", write],
+            "paste": ["cat", str(board)],
+            "clear": None,
+        },
+        "digest": hashlib.sha256(b"the copied value").hexdigest(),
+        "before": base64.b64encode(b"what was there before").decode(),
+        "seconds": 1,
+        "pid_file": str(tmp_path / "clip.pid"),
+    }
+    clearer = subprocess.Popen(
+        [sys.executable, "-c", _CLEARER_WITHOUT_BOOTTIME, clipboard.__file__],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+    )
+    try:
+        assert clearer.stdin is not None and clearer.stdout is not None
+        clearer.stdin.write(json.dumps(orders).encode())
+        clearer.stdin.close()
+        assert clearer.stdout.readline() == b"ready\n"
+        assert clearer.wait(timeout=10) == 0
+        assert board.read_bytes() == b"what was there before"
+    finally:
+        clearer.kill()
+        clearer.wait()
