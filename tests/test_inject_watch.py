@@ -129,6 +129,9 @@ def test_a_file_that_already_holds_the_result_is_not_followed_by_the_command(
         cwd=tmp_path, env=cli.env, capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert refused.returncode == 7 and "already exists; add --force" in refused.stderr
+    # refused before any secret was read: no reading audited for a FILE never written
+    log = (tmp_path / "store.audit.jsonl").read_text().splitlines()
+    assert sum('"operation":"inject"' in line for line in log) == 2  # the first inject's two secrets
     watcher = Watcher(tmp_path, cli.env, "--force", "--on-change", ON_CHANGE)
     try:
         watcher.wait_for(lambda: "watching for changes" in watcher.stderr(), "the first write")

@@ -50,6 +50,7 @@ from secrets_manager.cli.run_supervisor import (
 )
 from secrets_manager.cli.watch_command import change_source
 from secrets_manager.errors import (
+    ConflictError,
     InvalidInputError,
     NotFoundError,
     SecretsManagerError,
@@ -104,7 +105,7 @@ def inject(
     text = _template_text(template)
     references = _references(text)
     if output is not None:
-        _check_out_file(output)  # before any secret is read (and audited) for a FILE never written
+        _check_out_file(output, force)  # before any secret is read (and audited) for a FILE never written
     if watch:
         assert output is not None
         # Ctrl-C, SIGTERM or SIGHUP (a closed terminal), at any point: exit 0, with --on-change's
@@ -302,8 +303,9 @@ def _run_on_change(command: str, withheld: tuple[str, ...]) -> None:
         info_line("--on-change ran (exit 0)")
 
 
-def _check_out_file(output: str) -> None:
-    """FILE's directory must exist (said so, with what to do). A named pipe or a device at FILE
+def _check_out_file(output: str, force: bool) -> None:
+    """FILE's directory must exist (said so, with what to do), and FILE must not, unless `force`
+    (write_private_file checks again as it writes). A named pipe or a device at FILE
     (or where its symbolic link leads: /dev/stdout) would be replaced by a regular file, on disk,
     holding the secrets (--force), where whoever made the pipe meant them never to touch a disk;
     a directory is named as one."""
@@ -328,6 +330,8 @@ def _check_out_file(output: str) -> None:
             f"{output} is not a regular file (a named pipe or a device), which -o would replace by "
             "a file on disk; leave -o out and redirect the output to it instead; nothing was written"
         )
+    if not force:
+        raise ConflictError(f"{output} already exists; add --force to replace it")
 
 
 def _template_text(template: str) -> str:
