@@ -679,3 +679,32 @@ def test_a_reference_in_a_variable_whose_name_is_not_utf8_is_given_under_that_na
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == DB_PASSWORD.encode()
+
+
+def test_an_environment_too_large_for_other_variables_than_the_secrets_says_so(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """exec's E2BIG blamed the secrets ('1 secret(s) of 0 KiB in all make its environment larger
+    …; pass fewer with --secret') when it was an --env-file value longer than one variable may be
+    (128 KiB on Linux), or the env files' values that made the environment too large."""
+    long_line = tmp_path / "long.env"
+    long_line.write_text("CERT_BUNDLE=" + "x" * 200_000 + "\nP=sm://auth/DB_PASSWORD\n")
+    result = cli("run", "--env-file", str(long_line), "--", "true")
+    assert result.returncode == 126, result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert (
+        "cannot run true: $CERT_BUNDLE (from run's environment or an --env-file) is 195 KiB" in result.stderr
+    )
+    assert "longer than the 128 KiB the kernel takes for one variable" in result.stderr
+    assert "--secret" not in result.stderr and "xxxx" not in result.stderr
+    (tmp_path / "p.env").write_text("P=sm://auth/DB_PASSWORD\n")
+    files = ["--env-file", str(tmp_path / "p.env")]
+    for n in range(3):  # 2.8 MiB of plain values in all, each under 128 KiB
+        path = tmp_path / f"part{n}.env"
+        path.write_text("".join(f"V{n}_{i}={'y' * 120_000}\n" for i in range(8)))
+        files += ["--env-file", str(path)]
+    many = cli("run", *files, "--", "true")
+    assert many.returncode == 126, many.stderr
+    assert "cannot run true: its environment of 2,8" in many.stderr
+    assert "(1 secret(s) of 0 KiB, the rest from run's environment and any --env-file)" in many.stderr
+    assert "pass fewer variables" in many.stderr and "--secret" not in many.stderr

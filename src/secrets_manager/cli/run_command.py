@@ -74,6 +74,7 @@ _NOT_IN_VARIABLE = re.compile(r"[^A-Za-z0-9_]")
 REFERENCE_SCHEME = "sm://"
 _REFERENCE = re.compile(REFERENCE_PATTERN)
 MAX_ENV_FILE_BYTES = 1024 * 1024
+MAX_ARG_STRLEN = 32 * 4096  # Linux: the longest one argument or NAME=VALUE of the environment may be
 # Variables through which a value chooses code to run, or whom to trust: the dynamic loader's,
 # the command search path, interpreters', shells' and build tools' start-up hooks and option
 # variables, the helpers git, less and others start, the proxies and CA bundles TLS and HTTP
@@ -564,12 +565,12 @@ def _environment(
 
 
 def _not_started(
-    command: tuple[str, ...], failure: OSError, variables: dict[str, Secret]
+    command: tuple[str, ...], environment: dict[bytes, bytes], failure: OSError, variables: dict[str, Secret]
 ) -> CommandNotStarted:
     if isinstance(failure, FileNotFoundError):
         return CommandNotStarted(f"{command[0]}: command not found", EXIT_NOT_FOUND)
     if failure.errno == errno.E2BIG:
-        return CommandNotStarted(_too_big(command[0], variables), EXIT_CANNOT_EXECUTE)
+        return CommandNotStarted(_too_big(command[0], variables, environment), EXIT_CANNOT_EXECUTE)
     return CommandNotStarted(f"cannot run {command[0]}: {failure.strerror or failure}", EXIT_CANNOT_EXECUTE)
 
 
@@ -583,7 +584,13 @@ def _launch(command: tuple[str, ...]) -> Callable[[dict[bytes, bytes]], Launch]:
         warned.append(True)
         return made
 
-    return lambda base: Launch(command, program, partial(environment, base), partial(_not_started, command))
+    def not_started(
+        base: dict[bytes, bytes], failure: OSError, variables: dict[str, Secret]
+    ) -> CommandNotStarted:
+        made = _environment(command, base, variables, warn=False)
+        return _not_started(command, made, failure, variables)
+
+    return lambda base: Launch(command, program, partial(environment, base), partial(not_started, base))
 
 
 # What the Python interpreter sets to SIG_IGN at start-up (restored for a child by subprocess).
@@ -612,22 +619,50 @@ def _exec(command: tuple[str, ...], base: dict[bytes, bytes], variables: dict[st
     try:
         with_shell_fallback(program, command, become)
     except OSError as failure:
-        raise _not_started(command, failure, variables) from None
+        raise _not_started(command, environment, failure, variables) from None
 
 
-def _too_big(program: str, variables: dict[str, Secret]) -> str:
-    """E2BIG, said as what it is here: the secrets made the environment larger than the kernel takes
-    (arguments and environment together, ARG_MAX; one variable at most 128 KiB on Linux)."""
+def _too_big(program: str, variables: dict[str, Secret], environment: dict[bytes, bytes]) -> str:
+    """E2BIG, said as what it is here: the environment larger than the kernel takes (arguments and
+    environment together, ARG_MAX), or one variable longer than it takes (MAX_ARG_STRLEN, 128 KiB on
+    Linux: a secret is at most 64 KiB, so one from run's environment or an --env-file). Named by
+    its variable, never its value."""
+    if sys.platform.startswith("linux"):
+        too_long = [key for key, value in environment.items() if len(key) + len(value) + 2 > MAX_ARG_STRLEN]
+        if too_long:
+            key = too_long[0]
+            secret = variables.get(os.fsdecode(key))
+            whence = (
+                f"the value of {secret.name}"
+                if secret is not None
+                else "from run's environment or an --env-file"
+            )
+            return (
+                f"cannot run {program}: ${os.fsdecode(key)} ({whence}) is "
+                f"{(len(key) + len(environment[key]) + 2) / 1024:,.0f} KiB, longer than the "
+                f"{MAX_ARG_STRLEN // 1024} KiB the kernel takes for one variable; shorten it or leave it out"
+            )
     size = sum(len(secret.value) for secret in variables.values())
-    try:
-        limit = f"{os.sysconf('SC_ARG_MAX') // 1024:,} KiB"
-    except (OSError, ValueError):
-        limit = "the system's limit"
+    total = sum(len(key) + len(value) + 2 for key, value in environment.items())
+    if size * 2 < total:  # mostly not the secrets: run's own environment, the env files' values
+        return (
+            f"cannot run {program}: its environment of {total / 1024:,.0f} KiB ({len(variables)} "
+            f"secret(s) of {size / 1024:,.0f} KiB, the rest from run's environment and any --env-file) "
+            "is larger than the kernel takes (arguments and environment together: "
+            f"{_arg_max()}); pass fewer variables"
+        )
     return (
         f"cannot run {program}: {len(variables)} secret(s) of {size / 1024:,.0f} KiB in all make its "
-        f"environment larger than the kernel takes (arguments and environment together: {limit}); "
+        f"environment larger than the kernel takes (arguments and environment together: {_arg_max()}); "
         "pass fewer with --secret, or let the program read them itself with the SDK (get_credentials())"
     )
+
+
+def _arg_max() -> str:
+    try:
+        return f"{os.sysconf('SC_ARG_MAX') // 1024:,} KiB"
+    except (OSError, ValueError):
+        return "the system's limit"
 
 
 class CommandNotStarted(SecretsManagerError):
