@@ -708,3 +708,23 @@ def test_an_environment_too_large_for_other_variables_than_the_secrets_says_so(
     assert "cannot run true: its environment of 2,8" in many.stderr
     assert "(1 secret(s) of 0 KiB, the rest from run's environment and any --env-file)" in many.stderr
     assert "pass fewer variables" in many.stderr and "--secret" not in many.stderr
+
+
+@pytest.mark.parametrize(
+    "value", ["sm://-pass-SEEKRIT", "sm://a//pass-SEEKRIT", "sm://.pass-SEEKRIT", "sm://" + "SEEKRIT" * 40]
+)
+def test_a_value_that_starts_with_the_scheme_but_names_no_secret_is_not_quoted(
+    cli: Cli, tmp_path: Path, value: str
+) -> None:
+    """A password that merely starts with sm:// and is no valid secret name: refused (exit 2) by
+    where it is written, never quoted (the name check's own message quoted it: "invalid secret
+    name '-pass-…'")."""
+    (tmp_path / "app.env").write_text(f"PASSWORD={value}\n")
+    for args, env, where in (
+        (("--env-file", str(tmp_path / "app.env")), {}, "app.env line 1: "),
+        (("--secret", "auth/DB_PASSWORD"), {"PASSWORD": value}, "$PASSWORD in the environment: "),
+    ):
+        result = cli("run", *args, "--", "true", env=env)
+        assert result.returncode == 2, result.stderr
+        assert where in result.stderr and "is no secret name" in result.stderr, result.stderr
+        assert "SEEKRIT" not in result.stderr and len(result.stderr.splitlines()) == 1, result.stderr

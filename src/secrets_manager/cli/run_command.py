@@ -62,7 +62,7 @@ from secrets_manager.environment import PASSWORD_VARIABLES, VAULT_CREDENTIAL_VAR
 from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError, restated
 from secrets_manager.store import EncryptedStore, Secret, SecretStore
 from secrets_manager.store.kms import AwsKmsUnlock
-from secrets_manager.store.names import DEFAULT_NAMESPACE, validate_name, validate_namespace
+from secrets_manager.store.names import DEFAULT_NAMESPACE, MAX_NAME_LENGTH, validate_name, validate_namespace
 from secrets_manager.store.url import AwsLocation, external_location
 from secrets_manager.values import SecretValue
 
@@ -442,8 +442,13 @@ def _reference(variable: str, value: str, origin: str) -> Reference | None:
         )
     try:
         validate_name(match[1])
-    except InvalidInputError as exc:
-        raise InvalidInputError(f"{origin}: {exc}; nothing was run") from None
+    except InvalidInputError:  # its message quotes the name, here the value
+        raise InvalidInputError(
+            f"{origin}: a value starting with {REFERENCE_SCHEME} must be a reference, and what "
+            f"follows is no secret name (segments of letters, digits, '_', '.', '-' joined by '/', "
+            f"each starting with a letter, digit or '_'; at most {MAX_NAME_LENGTH} characters); "
+            "nothing was run"
+        ) from None
     return Reference(variable, match[1], match[2] or "", origin)
 
 
