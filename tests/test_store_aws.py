@@ -661,3 +661,41 @@ def test_a_change_whose_answer_never_came_has_an_unknown_outcome(
             store.put("app/K", b"v1")
     finally:
         proxy.close()
+
+
+def test_a_conditional_delete_whose_check_after_is_lost_says_the_secret_is_deleted(
+    make_aws: MakeAws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeleteSecret went through, then the DescribeSecret that checks no newer version overtook it
+    failed (the network, a throttle): that was said as a failed delete ('AWS failed delete …'), and
+    a script retried into 'already deleted'. The secret is deleted; only the check is unknown."""
+    from botocore.exceptions import ClientError
+
+    from secrets_manager.errors import OutcomeUnknownError
+
+    store = make_aws()
+    store.put("svc/OLD", b"KNOWN-1")
+    client = store._client
+    describe_secret = client.delete_secret, client.describe_secret
+    deleted: list[bool] = []
+
+    def delete_secret(**kwargs: Any) -> Any:
+        deleted.append(True)
+        return describe_secret[0](**kwargs)
+
+    def describe(**kwargs: Any) -> Any:
+        if deleted:
+            raise ClientError(
+                {"Error": {"Code": "InternalServiceError", "Message": "oops"}}, "DescribeSecret"
+            )
+        return describe_secret[1](**kwargs)
+
+    monkeypatch.setattr(client, "delete_secret", delete_secret)
+    monkeypatch.setattr(client, "describe_secret", describe)
+    with pytest.raises(OutcomeUnknownError) as caught:
+        store.delete("svc/OLD", expect_version=1)
+    message = str(caught.value)
+    assert "svc/OLD' was deleted, but whether a newer version overtook the delete is unknown" in message
+    assert "'undelete svc/OLD'" in message, message
+    monkeypatch.undo()
+    assert store.describe("svc/OLD").deleted is not None

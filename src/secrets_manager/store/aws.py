@@ -1070,8 +1070,15 @@ class AwsStore:
     def _undelete_unless_still_current(self, name: str, expect_version: int, checked_id: str | None) -> None:
         """After a conditional delete: DescribeSecret; if AWSCURRENT moved off the version checked,
         RestoreSecret and ConflictError (nothing is left deleted)."""
-        with self._aws(f"delete {name}", name, state_error=NotFoundError):
-            after = self._client.describe_secret(SecretId=self.aws_name(name))
+        try:
+            with self._aws(f"delete {name}", name, state_error=NotFoundError):
+                after = self._client.describe_secret(SecretId=self.aws_name(name))
+        except SecretsManagerError as error:  # the delete is done: not said as one that failed
+            raise OutcomeUnknownError(
+                f"secret {name!r} was deleted, but whether a newer version overtook the delete is "
+                f"unknown: the check after it failed ({error}); read 'history {name}' and, if it must "
+                f"stay, 'undelete {name}'"
+            ) from None
         stages = after.get("VersionIdsToStages") or {}
         now_id = next((i for i, s in stages.items() if STAGE_OF_LABEL[CURRENT] in s), None)
         if now_id == checked_id:
