@@ -962,3 +962,37 @@ def test_a_write_whose_answer_never_came_is_not_sent_again(fake_vault: FakeVault
         store.close()
     finally:
         proxy.close()
+
+
+def test_a_conditional_delete_whose_check_after_is_lost_says_the_secret_is_deleted(
+    make_vault: MakeVault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The delete POST went through, then the metadata read that checks no newer version overtook
+    it failed (Vault sealed, the network): that was said as a failed delete, though the versions
+    read are soft-deleted. It is an unknown outcome that says the secret is deleted."""
+    from secrets_manager.errors import OutcomeUnknownError, StorageError
+
+    store = make_vault()
+    store.put("svc/OLD", b"KNOWN-1")
+    read_meta, posted = store._read_meta, []
+    send = store._send
+
+    def post(method: str, path: str, **kwargs: Any) -> Any:
+        if (method, path) == ("POST", "delete/svc/OLD"):
+            posted.append(True)
+        return send(method, path, **kwargs)
+
+    def meta(name: str) -> Any:
+        if posted:
+            raise StorageError("Vault is sealed or unavailable (503)")
+        return read_meta(name)
+
+    monkeypatch.setattr(store, "_send", post)
+    monkeypatch.setattr(store, "_read_meta", meta)
+    with pytest.raises(OutcomeUnknownError) as caught:
+        store.delete("svc/OLD", expect_version=1)
+    message = str(caught.value)
+    assert "svc/OLD' was deleted, but whether a newer version overtook the delete is unknown" in message
+    assert "'undelete svc/OLD'" in message, message
+    monkeypatch.undo()
+    assert store.describe("svc/OLD").deleted is not None

@@ -945,7 +945,16 @@ class VaultStore:
         undo, the older versions (`previous`) read as deleted: the window docs/stores.md names."""
         refuse_unless_current(name, expect_version, meta.labels.get(CURRENT))
         self._send("POST", f"delete/{name}", action=f"delete {name}", json={"versions": live})
-        current = self._require_meta(name).labels.get(CURRENT)
+        try:
+            current = self._require_meta(name).labels.get(CURRENT)
+        except NotFoundError:  # erased meanwhile (destroy --all): said as such
+            raise
+        except SecretsManagerError as error:  # the delete is done: not said as one that failed
+            raise OutcomeUnknownError(
+                f"secret {name!r} was deleted, but whether a newer version overtook the delete is "
+                f"unknown: the check after it failed ({error}); read 'history {name}' and, if it must "
+                f"stay, 'undelete {name}'"
+            ) from None
         if current == expect_version:
             return
         try:
