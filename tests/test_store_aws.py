@@ -699,3 +699,41 @@ def test_a_conditional_delete_whose_check_after_is_lost_says_the_secret_is_delet
     assert "'undelete svc/OLD'" in message, message
     monkeypatch.undo()
     assert store.describe("svc/OLD").deleted is not None
+
+
+def test_mv_whose_delete_check_is_lost_says_new_holds_the_value_and_old_is_deleted(
+    make_aws: MakeAws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mv said such a delete as 'svc/OLD may or may not have been deleted …; delete it with
+    'delete svc/OLD' to finish the move', though OLD read as deleted."""
+    from botocore.exceptions import ClientError
+
+    from secrets_manager.cli.app import Note
+    from secrets_manager.cli.move_commands import copy_secret
+    from secrets_manager.errors import OutcomeUnknownError
+
+    store = make_aws()
+    store.put("svc/OLD", b"KNOWN-1")
+    client = store._client
+    real = client.delete_secret, client.describe_secret
+    deleted: list[bool] = []
+
+    def delete_secret(**kwargs: Any) -> Any:
+        deleted.append(True)
+        return real[0](**kwargs)
+
+    def describe(**kwargs: Any) -> Any:
+        if len(deleted) == 1:  # the check right after the delete; later reads answer
+            deleted.append(True)
+            raise ClientError(
+                {"Error": {"Code": "InternalServiceError", "Message": "oops"}}, "DescribeSecret"
+            )
+        return real[1](**kwargs)
+
+    monkeypatch.setattr(client, "delete_secret", delete_secret)
+    monkeypatch.setattr(client, "describe_secret", describe)
+    with pytest.raises(OutcomeUnknownError) as caught:
+        copy_secret(store, Note(), "svc/OLD", "svc/NEW", force=False, remove=True)
+    message = str(caught.value)
+    assert message.startswith("svc/NEW version 1 holds the value of version 1 of svc/OLD; "), message
+    assert "svc/OLD' was deleted" in message and "may or may not" not in message, message

@@ -135,6 +135,13 @@ def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bo
         except SecretsManagerError as error:  # NEW is written: the message must say so
             if type(error) is ConflictError:  # not a state error: OLD has another current version
                 raise _old_changed(store, old, new, info.version, secret.version) from None
+            if isinstance(error, OutcomeUnknownError) and _deleted_now(store, old):
+                # the delete was made; what is unknown is said by the error (not 'may or may not')
+                raise restated(
+                    error,
+                    f"{new} version {info.version} holds the value of version {secret.version} of "
+                    f"{old}; {error}",
+                ) from None
             if not isinstance(error, NotFoundError | OutcomeUnknownError) and _deleted_now(store, old):
                 # Vault or AWS: a write overtook the delete, whose undo then failed (the error says so)
                 raise restated(
