@@ -15,6 +15,14 @@ from typing import Any
 
 import pytest
 
+# gRPC's fork support restarts its poller in the child of every subprocess.Popen the test process
+# makes after it used gRPC (a test's own client, a fixture's health check); between fork and exec,
+# with Python's close_fds having closed the epoll fd, that poller can log "epoll_wait error: Bad
+# file descriptor" to the child's stderr, which a test reading the CLI's first stderr line took
+# for the CLI's (grpc/grpc#43055). Every child here execs: the test process needs no fork support.
+# Set before gRPC is first imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 from secrets_manager.crypto import kdf
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
