@@ -148,17 +148,12 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="Linux's CLOCK_BOOTTIME")
-def test_the_clipboard_is_cleared_on_waking_from_a_sleep_longer_than_the_clip_time(tmp_path: Path) -> None:
-    """The clearer waited on the monotonic clock, which stops while the machine sleeps: a value
-    copied just before an hour's suspend stayed on the clipboard for the rest of its 45 s (here
-    600 s) after the wake-up. A clipboard of files stands in for X's."""
-    from secrets_manager.cli import clipboard
-
-    board, resumed = tmp_path / "clipboard", tmp_path / "resumed"
+def _clearer_orders(board: Path, *, seconds: int) -> dict[str, object]:
+    """What `get --clip` hands its detached clearer, for a clipboard of files (`board`, holding
+    the copied value) standing in for X's: clear it after `seconds`."""
     board.write_bytes(b"the copied value")
     write = f"import sys; open({str(board)!r}, 'wb').write(sys.stdin.buffer.read())"
-    orders = {
+    return {
         "tool": {
             "name": "files",
             "display": "test",
@@ -168,9 +163,20 @@ def test_the_clipboard_is_cleared_on_waking_from_a_sleep_longer_than_the_clip_ti
         },
         "digest": hashlib.sha256(b"the copied value").hexdigest(),
         "before": base64.b64encode(b"what was there before").decode(),
-        "seconds": 600,
-        "pid_file": str(tmp_path / "clip.pid"),
+        "seconds": seconds,
+        "pid_file": str(board.parent / "clip.pid"),
     }
+
+
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="Linux's CLOCK_BOOTTIME")
+def test_the_clipboard_is_cleared_on_waking_from_a_sleep_longer_than_the_clip_time(tmp_path: Path) -> None:
+    """The clearer waited on the monotonic clock, which stops while the machine sleeps: a value
+    copied just before an hour's suspend stayed on the clipboard for the rest of its 45 s (here
+    600 s) after the wake-up. A clipboard of files stands in for X's."""
+    from secrets_manager.cli import clipboard
+
+    board, resumed = tmp_path / "clipboard", tmp_path / "resumed"
+    orders = _clearer_orders(board, seconds=600)
     clearer = subprocess.Popen(
         [sys.executable, "-c", _SLEEPING_CLEARER, clipboard.__file__],
         stdin=subprocess.PIPE,
@@ -279,21 +285,7 @@ def test_the_clipboard_is_cleared_where_the_kernel_refuses_clock_boottime(tmp_pa
     from secrets_manager.cli import clipboard
 
     board = tmp_path / "clipboard"
-    board.write_bytes(b"the copied value")
-    write = f"import sys; open({str(board)!r}, 'wb').write(sys.stdin.buffer.read())"
-    orders = {
-        "tool": {
-            "name": "files",
-            "display": "test",
-            "copy": [sys.executable, "-c", write],
-            "paste": ["cat", str(board)],
-            "clear": None,
-        },
-        "digest": hashlib.sha256(b"the copied value").hexdigest(),
-        "before": base64.b64encode(b"what was there before").decode(),
-        "seconds": 1,
-        "pid_file": str(tmp_path / "clip.pid"),
-    }
+    orders = _clearer_orders(board, seconds=1)
     clearer = subprocess.Popen(
         [sys.executable, "-c", _CLEARER_WITHOUT_BOOTTIME, clipboard.__file__],
         stdin=subprocess.PIPE,

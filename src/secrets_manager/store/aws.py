@@ -108,6 +108,7 @@ from secrets_manager.store.base import (
     refuse_if_unchanged,
     refuse_to_demote,
     refuse_unless_current,
+    unchecked_delete_error,
     updated_metadata,
 )
 from secrets_manager.store.external import (
@@ -1074,11 +1075,7 @@ class AwsStore:
             with self._aws(f"delete {name}", name, state_error=NotFoundError):
                 after = self._client.describe_secret(SecretId=self.aws_name(name))
         except SecretsManagerError as error:  # the delete is done: not said as one that failed
-            raise OutcomeUnknownError(
-                f"secret {name!r} was deleted, but whether a newer version overtook the delete is "
-                f"unknown: the check after it failed ({error}); read 'history {name}' and, if it must "
-                f"stay, 'undelete {name}'"
-            ) from None
+            raise unchecked_delete_error(name, error) from None
         stages = after.get("VersionIdsToStages") or {}
         now_id = next((i for i, s in stages.items() if STAGE_OF_LABEL[CURRENT] in s), None)
         if now_id == checked_id:

@@ -19,6 +19,7 @@ from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
     NothingToChangeError,
+    OutcomeUnknownError,
     RotationInProgressError,
     SecretStateError,
     UnsupportedOperationError,
@@ -445,6 +446,16 @@ def not_current_error(name: str, expect_version: int, current: int | None) -> Co
     return ConflictError(
         f"secret {name!r} is not at version {expect_version} ({now}); nothing was deleted: "
         "read it again and retry"
+    )
+
+
+def unchecked_delete_error(name: str, error: Exception) -> OutcomeUnknownError:
+    """A conditional delete made on a store without one (Vault, AWS) whose check after the delete
+    failed: the secret is deleted, and whether a newer version overtook the delete is unknown."""
+    return OutcomeUnknownError(
+        f"secret {name!r} was deleted, but whether a newer version overtook the delete is "
+        f"unknown: the check after it failed ({error}); read 'history {name}' and, if it must "
+        f"stay, 'undelete {name}'"
     )
 
 

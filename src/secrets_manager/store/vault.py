@@ -110,6 +110,7 @@ from secrets_manager.store.base import (
     refuse_if_unchanged,
     refuse_unless_current,
     refuse_unless_deleted_before,
+    unchecked_delete_error,
     updated_metadata,
     utc_text,
 )
@@ -950,11 +951,7 @@ class VaultStore:
         except NotFoundError:  # erased meanwhile (destroy --all): said as such
             raise
         except SecretsManagerError as error:  # the delete is done: not said as one that failed
-            raise OutcomeUnknownError(
-                f"secret {name!r} was deleted, but whether a newer version overtook the delete is "
-                f"unknown: the check after it failed ({error}); read 'history {name}' and, if it must "
-                f"stay, 'undelete {name}'"
-            ) from None
+            raise unchecked_delete_error(name, error) from None
         if current == expect_version:
             return
         try:
