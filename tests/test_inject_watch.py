@@ -19,6 +19,7 @@ from service_fixtures import SCRIPT, SEED, make_pki, make_store, start_server
 from test_cli import Cli
 from test_run_command import through_service
 from test_run_restart import store_in_served_store
+from test_watch_command import signals_at_their_defaults
 
 TEMPLATE = "user={{ sm://db/main#username }}\npassword={{ sm://db/main#password }}\nkey={{ sm://app/KEY }}\n"
 # COMMAND: counts its runs and keeps what FILE held when it ran, and the variables it was given
@@ -53,6 +54,9 @@ class Watcher:
                 [str(SCRIPT), "inject", "-i", "out.tpl", "-o", "out.conf", "--watch", *args],
                 cwd=directory, env=dict(env), stdout=subprocess.DEVNULL, stderr=stderr,
                 start_new_session=True,
+                # SIGINT at its default, as from a terminal: a suite started in the background (CI)
+                # inherits it ignored, and inject keeps an ignored signal ignored, as nohup means
+                preexec_fn=signals_at_their_defaults,
             )  # fmt: skip
 
     def stderr(self) -> str:
