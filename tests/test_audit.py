@@ -1796,3 +1796,36 @@ def test_a_forked_child_never_hands_out_the_parents_request_ids() -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     assert len(childs) == count and all(_is_random_uuid(text) for text in childs)
     assert not set(parents) & set(childs)
+
+
+def test_a_read_waits_one_timeout_in_all_while_the_log_is_stuck_and_this_process_busy_with_it(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """A read's record waited the timeout for this process's lock (held by the worker, whose
+    flush waited on a stuck writer), then as long again for the worker: a service answered after
+    twice its audit timeout (CI: 3.0 s with 1.5 s). One deadline covers both now."""
+    path = tmp_path / "stuck.audit.jsonl"
+    log = AuditLog(path, timeout=1.0)
+    log.append([AuditEvent(operation="get", actor="svc", name="a/1")], encrypted_store)
+    lock = os.open(tmp_path / "stuck.audit.jsonl.lock", os.O_RDWR)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # another writer hangs while holding the log
+    held = threading.Event()
+
+    def busy() -> None:  # as the worker does for a flush: this process's lock, for 0.8 s
+        with log._lock:
+            held.set()
+            time.sleep(0.8)
+
+    worker = threading.Thread(target=busy)
+    worker.start()
+    try:
+        held.wait(5)
+        started = time.monotonic()
+        with pytest.raises(audit_log.AuditError) as refused:
+            log.append([AuditEvent(operation="get", actor="svc", name="a/2")], encrypted_store, durable=False)
+        waited = time.monotonic() - started
+        assert refused.value.timed_out
+        assert waited < 1.4, f"refused after {waited:.2f} s with a 1 s audit timeout"
+    finally:
+        worker.join()
+        os.close(lock)

@@ -235,15 +235,18 @@ class AuditLog:
         such records carry no MAC and do not move the anchor.
         """
         self._raise_if_failed()
+        # One timeout for the whole append: a wait for this process's lock (the worker holding it
+        # for a flush that waits on a stuck writer) and then for the worker share it, or the
+        # caller waited up to twice the timeout.
+        deadline = time.monotonic() + self.timeout
         if not durable:
-            records = self._append_here(list(events), anchor)
+            records = self._append_here(list(events), anchor, deadline)
             if records is not None:
                 return records
-        deadline = time.monotonic() + self.timeout
         job = _AppendJob(list(events), anchor, durable=durable, done=threading.Event(), deadline=deadline)
         self._worker.submit(job)
         assert job.done is not None
-        if not job.done.wait(self.timeout):
+        if not job.done.wait(max(0.0, deadline - time.monotonic())):
             job.abandoned = True
             raise self._timed_out()
         if job.error is not None:
@@ -263,13 +266,13 @@ class AuditLog:
         self._raise_if_failed()
 
     def _append_here(
-        self, events: list[AuditEvent], anchor: AuditAnchor | None
+        self, events: list[AuditEvent], anchor: AuditAnchor | None, deadline: float
     ) -> list[dict[str, Any]] | None:
         """A non-durable append on the caller's thread: no hand-off to the worker, no fsync.
 
         Returns None when another process holds the log's lock: the caller then queues the
-        records for the worker, which waits for the lock with the deadline."""
-        if not self._lock.acquire(timeout=self.timeout):
+        records for the worker, which waits for the lock until the same `deadline`."""
+        if not self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise self._timed_out()
         try:
             if not self._flock(deadline=None):
