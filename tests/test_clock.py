@@ -303,3 +303,34 @@ def test_the_clipboard_is_cleared_where_the_kernel_refuses_clock_boottime(tmp_pa
     finally:
         clearer.kill()
         clearer.wait()
+
+
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="Linux's CLOCK_BOOTTIME")
+def test_the_agent_keeps_and_expires_keys_where_the_kernel_refuses_clock_boottime(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The agent read CLOCK_BOOTTIME without trying it first: where a kernel or sandbox refuses it
+    (EINVAL) the first key given to it ended the agent with OSError. There it counts on the
+    monotonic clock, as the clipboard's clearer does."""
+    import errno
+
+    from secrets_manager import clocks
+    from secrets_manager.agent.process import KeyCache
+
+    real = time.clock_gettime
+
+    def clock_gettime(clock: int) -> float:
+        if clock == time.CLOCK_BOOTTIME:
+            raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+        return real(clock)
+
+    monkeypatch.setattr(time, "clock_gettime", clock_gettime)
+    clocks.awake_or_asleep_clock_id.cache_clear()
+    try:
+        cache = KeyCache(ttl=0.2, max_ttl=60)
+        cache.put("store", "header", bytes(range(32)))
+        assert cache.get("store", "header") == bytes(range(32))
+        time.sleep(0.3)
+        assert cache.get("store", "header") is None  # its time ran out on the monotonic clock
+    finally:
+        clocks.awake_or_asleep_clock_id.cache_clear()

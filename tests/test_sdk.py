@@ -1797,6 +1797,42 @@ def test_a_hung_server_is_served_stale_and_the_client_recovers_when_it_answers_a
     assert not client.credentials().stale
 
 
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="Linux's CLOCK_BOOTTIME")
+def test_a_value_cached_before_an_hour_asleep_is_fetched_again_on_waking(
+    server: Server, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TTL counted on the monotonic clock, which stops while a VM is suspended or a laptop
+    closed: a value cached just before an hour's sleep was served as fresh for the rest of its
+    five minutes after the wake-up. Here CLOCK_BOOTTIME gains an hour the monotonic clock never
+    sees, as it does across a suspend."""
+    slept = [0.0]
+    real = time.clock_gettime
+
+    def clock_gettime(clock: int) -> float:
+        return real(clock) + (slept[0] if clock == time.CLOCK_BOOTTIME else 0.0)
+
+    monkeypatch.setattr(time, "clock_gettime", clock_gettime)
+    client = make_client("auth", [server.address], ttl=300, timeout=1.0)
+    name = "auth/JWT_KEY"
+    assert client.get(name).value.reveal() == AUTH[name]
+    wait_until(lambda: client._live_since is not None, timeout=5.0)
+    time.sleep(_client.SETTLE_SECONDS + 0.5)  # the settle re-read done
+    backend = client._backend
+    assert backend is not None
+    fetch, fetched = backend.fetch, []
+
+    def counted_fetch(name: str, **options: Any) -> Any:
+        fetched.append(name)
+        return fetch(name, **options)
+
+    backend.fetch = counted_fetch  # type: ignore[method-assign]
+    assert client.get(name).value.reveal() == AUTH[name]
+    assert fetched == []  # awake: served from the cache
+    slept[0] = 3600.0
+    assert client.get(name).value.reveal() == AUTH[name]
+    assert name in fetched
+
+
 def test_a_refresh_that_failed_is_retried_after_a_resumed_stream_ends_the_outage(
     service_dir: Path, make_client: ClientFactory
 ) -> None:

@@ -42,6 +42,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 from secrets_manager.agent import MAX_MESSAGE, TIMEOUT, peer_uid
+from secrets_manager.clocks import awake_or_asleep_clock_id
 from secrets_manager.core_dumps import dumpable, keep_secrets_out_of_core_dumps
 
 KEY_SIZE = 32
@@ -54,8 +55,7 @@ MAX_LOG_BYTES = 1024 * 1024  # the log past this is moved to <log>.1 and begun a
 def now() -> float:
     """Seconds on a clock that also runs while the machine sleeps (a laptop closed for an hour
     has let its keys expire)."""
-    clock = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
-    return time.clock_gettime(clock)
+    return time.clock_gettime(awake_or_asleep_clock_id())
 
 
 @dataclass

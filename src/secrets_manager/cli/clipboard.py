@@ -335,23 +335,6 @@ def _read_line_within(stream: IO[bytes], timeout: float) -> bytes:
     return stream.readline()
 
 
-def _awake_or_asleep_clock() -> int:
-    """A clock that also runs while the machine sleeps (Linux's CLOCK_BOOTTIME, as the agent's key
-    expiry uses; the monotonic clock where there is none). On the monotonic clock, which stops
-    while a laptop is closed or a VM suspended, a value copied just before an hour's sleep stayed
-    on the clipboard for the rest of its time after the wake-up. Chosen once, by trying it:
-    Python names CLOCK_BOOTTIME from the headers it was built with, and a kernel or sandbox that
-    refuses it (EINVAL) would end the clearer with the value left on the clipboard."""
-    clock = getattr(time, "CLOCK_BOOTTIME", None)
-    if clock is not None:
-        try:
-            time.clock_gettime(clock)
-        except OSError:
-            return time.CLOCK_MONOTONIC
-        return int(clock)
-    return time.CLOCK_MONOTONIC
-
-
 def _clear_later() -> None:
     """The clearer: wait, then put back what the clipboard held unless the user copied since."""
     orders = json.loads(sys.stdin.buffer.read())
@@ -380,10 +363,12 @@ def _clear_later() -> None:
     sys.stdout.write("ready\n")
     sys.stdout.flush()
     os.dup2(os.open(os.devnull, os.O_RDWR), 1)  # the command that started us reads no further
-    clock = _awake_or_asleep_clock()
-    deadline = time.clock_gettime(clock) + float(orders["seconds"])
-    while not ended and time.clock_gettime(clock) < deadline:
-        time.sleep(min(0.1, max(0.0, deadline - time.clock_gettime(clock))))
+    from secrets_manager.clocks import awake_or_asleep_clock  # after "ready": a quick start
+
+    clock = awake_or_asleep_clock()  # the machine's sleep counts: a laptop opened clears at once
+    deadline = clock() + float(orders["seconds"])
+    while not ended and clock() < deadline:
+        time.sleep(min(0.1, max(0.0, deadline - clock())))
     if hashlib.sha256(_read(tool)).hexdigest() == orders["digest"]:
         with contextlib.suppress(ClipboardFailed):
             _write(tool, base64.b64decode(orders["before"]))

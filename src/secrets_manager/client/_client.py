@@ -34,6 +34,9 @@ How a value reaches a caller:
   backoff until one succeeds, since neither a resumed stream (it replays nothing already
   delivered) nor the TTL may come soon; meanwhile reads serve the cached value marked stale, as
   in an outage and within the same bound from the first failure, never as fresh.
+- Time. TTLs, the outage bound and retries count on a clock that runs while the machine sleeps
+  (secrets_manager.clocks): a VM resumed after an hour's suspend re-fetches what it cached then,
+  rather than serving it as fresh for the rest of its TTL.
 - Renewed certificate. gRPC presents the client certificate only in a new connection's
   handshake and keeps a channel's connection for the channel's life, so a renewal needs new
   channels. The refresher stats the three files every `TLS_CHECK_SECONDS`, and a call that fails
@@ -77,7 +80,6 @@ import logging
 import os
 import random
 import threading
-import time
 import weakref
 from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +108,7 @@ from secrets_manager.client.remote import (
     channel_credentials,
     checked_text,
 )
+from secrets_manager.clocks import awake_or_asleep_clock
 from secrets_manager.errors import (
     AccessDeniedError,
     ChangeUnrecordedError,
@@ -848,7 +851,7 @@ class Client:
         self._config: ClientConfig = resolve_config(
             addresses, tls=tls, ttl=ttl, stale_if_error=stale_if_error, timeout=timeout, environ=environ
         )
-        self._clock = clock = time.monotonic
+        self._clock = clock = awake_or_asleep_clock()  # TTLs count a suspend (module docstring)
         self._rng = random.Random()  # noqa: S311 (spreading refreshes and retries, not a secret)
         self._secrets: TtlCache[str, Secret] = TtlCache(
             self._config.ttl, jitter=TTL_JITTER, clock=clock, rng=self._rng
