@@ -154,7 +154,7 @@ def test_a_failed_reading_or_command_leaves_the_file_and_the_watch_goes_on(cli: 
         watcher.wait_for(lambda: (tmp_path / "ran").exists(), "the first command")
         before = (tmp_path / "out.conf").read_text()
         assert cli("delete", "app/KEY").code == 0
-        watcher.wait_for(lambda: "could not be written again" in watcher.stderr(), "the warning")
+        watcher.wait_for(lambda: "could not be read" in watcher.stderr(), "the warning")
         assert (tmp_path / "out.conf").read_text() == before
         assert cli("undelete", "app/KEY").code == 0
         (tmp_path / "fail").touch()
@@ -167,9 +167,40 @@ def test_a_failed_reading_or_command_leaves_the_file_and_the_watch_goes_on(cli: 
     finally:
         watcher.kill()
     said = watcher.stderr()
-    assert "app/KEY changed, but out.conf could not be written again (secret 'app/KEY' " in said, said
-    assert "it keeps what it had; read again at the next change" in said
+    assert "app/KEY changed, but could not be read (secret 'app/KEY' " in said, said
+    assert "out.conf keeps what it had; read again at the next change" in said
     assert "SEEKRIT" not in said
+
+
+def test_a_file_that_cannot_be_written_is_written_again_without_reading_the_secrets_again(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A FILE that could not be written (a full disk; here a directory in its place) was retried
+    every 10 s by reading every secret again: a day of full disk was thousands of reads in the
+    audit log. The write alone is tried again, with what was read."""
+    watcher = Watcher(tmp_path, cli.env, "--on-change", ON_CHANGE)
+    log = tmp_path / "store.audit.jsonl"
+
+    def reads() -> int:
+        return sum('"operation":"inject"' in line for line in log.read_text().splitlines())
+
+    try:
+        watcher.wait_for(lambda: watcher.runs() == 1, "the first write")
+        (tmp_path / "out.conf").unlink()
+        (tmp_path / "out.conf").mkdir()
+        assert cli("store", "app/KEY", input=b"rotated-SEEKRIT").code == 0
+        watcher.wait_for(lambda: "could not be written again" in watcher.stderr(), "the warning")
+        read_once = reads()
+        (tmp_path / "out.conf").rmdir()
+        watcher.wait_for(lambda: watcher.runs() == 2, "the write tried again", timeout=30)
+        assert "key=rotated-SEEKRIT\n" in (tmp_path / "out.conf").read_text()
+        assert reads() == read_once  # nothing read again for the write's retry
+    finally:
+        watcher.kill()
+    said = watcher.stderr()
+    assert "app/KEY changed, but out.conf could not be written again (" in said, said
+    assert "it keeps what it had; trying again in 10 s" in said
+    assert "out.conf is up to date again" in said and "SEEKRIT" not in said
 
 
 @pytest.mark.parametrize(

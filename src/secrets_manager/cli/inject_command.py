@@ -189,8 +189,8 @@ def _inject_and_watch(
     """`inject --watch`: FILE written now, then again (atomically) each time a secret it refers to
     changes and what it would hold differs, with `on_change` run after each such write. A reading
     or write that fails after a change leaves FILE as it was, with a warning; tried again every
-    RETRY_SECONDS while the store does not answer or FILE cannot be written, else at the next
-    change."""
+    RETRY_SECONDS while the store does not answer (the reading) or FILE cannot be written (the
+    write alone, with what was read), else at the next change."""
     names = frozenset(name for name, _ in references)
     with session.held_secret_store("inject") as (store, audited):
         source = change_source(store, "", "inject --watch", "run inject again when you need the file")
@@ -228,6 +228,7 @@ def _inject_and_watch(
         changed: set[str] = set()
         last_change = 0.0
         again = ReadAgain()
+        unwritten: tuple[Filled, set[str]] | None = None  # read, not in FILE yet; what changed
         try:
             while True:
                 with contextlib.suppress(queue.Empty):
@@ -238,29 +239,43 @@ def _inject_and_watch(
                 if not follower.is_alive():
                     raise failed[0] if failed else InvalidInputError("stopped following the changes")
                 now = time.monotonic()
-                if not changed or now - last_change < SETTLE_SECONDS or now < again.at:
+                if now < again.at or (changed and now - last_change < SETTLE_SECONDS):
                     continue
-                try:
-                    reading = read()
-                    # compared with what FILE holds, as consul-template does: one removed or
-                    # replaced meanwhile (a clean-up of /run, a deploy) is written again
-                    held = _content_of(output)
-                    if reading.rendered != held:
-                        try:
-                            write_private_file(output, reading.rendered, overwrite=True)
-                        except SecretsManagerError as exc:  # a full disk, a directory gone: retried
-                            raise StorageError(str(exc)) from None
-                except SecretsManagerError as exc:
-                    again.failed(
-                        exc,
-                        now,
-                        f"{', '.join(sorted(changed))} changed, but {output} could not be written again "
-                        f"({exc}); it keeps what it had",
-                    )
+                if changed:
+                    changed |= set() if unwritten is None else unwritten[1]
+                    try:
+                        unwritten = (read(), set(changed))
+                    except SecretsManagerError as exc:
+                        again.failed(
+                            exc,
+                            now,
+                            f"{', '.join(sorted(changed))} changed, but could not be read ({exc}); "
+                            f"{output} keeps what it had",
+                        )
+                        continue
+                    changed.clear()
+                if unwritten is None:
                     continue
-                changed.clear()
+                reading, what = unwritten[0], ", ".join(sorted(unwritten[1]))
+                # compared with what FILE holds, as consul-template does: one removed or replaced
+                # meanwhile (a clean-up of /run, a deploy) is written again
+                held = _content_of(output)
+                if reading.rendered != held:
+                    try:
+                        write_private_file(output, reading.rendered, overwrite=True)
+                    except SecretsManagerError as exc:
+                        # a full disk, a directory gone: the write alone is tried again, not the
+                        # reading (a day of full disk is not thousands of reads in the audit log)
+                        again.failed(
+                            StorageError(str(exc)),
+                            now,
+                            f"{what} changed, but {output} could not be written again ({exc}); "
+                            "it keeps what it had",
+                        )
+                        continue
+                unwritten = None
                 if again.succeeded():
-                    info_line(f"read the secrets again for {output}")
+                    info_line(f"{output} is up to date again")
                 if reading.rendered == held:  # a new version of the same value, a tag
                     filled = reading
                     continue
