@@ -3,14 +3,21 @@ audited before anything is written, FILE 0600 and replaced only with --force."""
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
+import shutil
 import stat
 import subprocess
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from secrets_manager.errors import InvalidInputError
+from secrets_manager.tls.files import write_private_file
 from service_fixtures import SCRIPT, SEED, client_environ, make_pki, make_store, start_server
 from test_cli import KNOWN_VALUE, Cli, assert_one_line_error
 
@@ -250,3 +257,96 @@ def test_a_large_secret_many_times_is_refused_before_it_fills_memory(cli: Cli, t
     assert not target.exists()
     result = cli("inject", "-i", "-", input=b"{{ sm://app/LARGE }}\n" * 200)
     assert (result.code, result.out) == (0, f"{large}\n" * 200)
+
+
+def test_file_mode_and_group_let_a_program_of_that_group_read_the_file(cli: Cli, tmp_path: Path) -> None:
+    """As Vault Agent's template perms and consul-template's user/group: pgbouncer, nginx or a
+    connector running as another user reads FILE through its group."""
+    daemon = grp.getgrnam("daemon").gr_gid
+    target = tmp_path / "out.yaml"
+    template = str(tmp_path / "template.yaml")
+    result = cli("inject", "-i", template, "-o", str(target), "--file-mode", "0640", "--file-group", "daemon")
+    assert result.code == 0, result.stderr
+    assert (stat.S_IMODE(target.stat().st_mode), target.stat().st_gid) == (0o640, daemon)
+    assert KNOWN_VALUE in target.read_text()
+    again = cli(
+        "inject", "-i", template, "-o", str(target), "--force", "--file-mode", "440", "--file-group", "0"
+    )
+    assert again.code == 0, again.stderr
+    assert (stat.S_IMODE(target.stat().st_mode), target.stat().st_gid) == (0o440, 0)
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        (("--file-mode", "0644"), "no other user may"),  # every user on the machine
+        (("--file-mode", "0604"), "no other user may"),
+        (("--file-mode", "0700"), "no other user may"),  # execute
+        (("--file-mode", "04640"), "no other user may"),  # setuid
+        (("--file-mode", "0040"), "its owner reads"),  # inject compares FILE with what it writes
+        (("--file-mode", "rw-r-----"), "give an octal mode"),
+        (("--file-mode", "0o6400"), "give an octal mode"),
+        (("--file-group", "no-such-group-here"), "no such group on this machine"),
+    ],
+)
+def test_a_file_mode_or_group_that_cannot_be_is_refused_before_anything_is_read(
+    cli: Cli, tmp_path: Path, options: tuple[str, str], needle: str
+) -> None:
+    target = tmp_path / "out.yaml"
+    result = cli("inject", "-i", str(tmp_path / "template.yaml"), "-o", str(target), *options)
+    assert_one_line_error(result, 2, needle)
+    assert not target.exists()
+    assert not any(record.get("operation") == "inject" for record in audit_records(cli))
+
+
+def test_file_mode_without_an_out_file_is_refused(cli: Cli, tmp_path: Path) -> None:
+    result = cli("inject", "-i", str(tmp_path / "template.yaml"), "--file-mode", "0640")
+    assert_one_line_error(result, 2, "--file-mode and --file-group are FILE's: give -o FILE")
+
+
+def test_a_group_the_user_does_not_belong_to_is_refused_before_anything_is_read(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from secrets_manager.cli import inject_command
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.setattr(os, "getegid", lambda: 1000)
+    monkeypatch.setattr(os, "getgroups", lambda: [1000, 27])
+    assert inject_command._file_group("27") == 27
+    with pytest.raises(InvalidInputError, match="you do not belong to it"):
+        inject_command._file_group("daemon")
+
+
+def test_a_group_the_kernel_refuses_is_said_and_no_file_is_left(open_directory: Path) -> None:
+    """fchown refused (EPERM) at the write itself: one line naming the group, no file named."""
+    target = open_directory / "out.conf"
+    nobody = pwd.getpwnam("nobody")
+    child = os.fork()
+    if child == 0:  # pragma: no cover (the child, as nobody)
+        code = 2
+        try:
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            write_private_file(target, b"value-SEEKRIT", overwrite=False, mode=0o640, group=0)
+        except InvalidInputError as exc:
+            said = str(exc)
+            code = (
+                0 if said.startswith(f"cannot give {target} to group root: ") and "SEEKRIT" not in said else 3
+            )
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert os.listdir(open_directory) == []
+
+
+@pytest.fixture
+def open_directory() -> Iterator[Path]:
+    """A directory `nobody` may write in (pytest's own are root's 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="inject-test-"))
+    path.chmod(0o777)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)

@@ -4,6 +4,7 @@ after each such write. Real processes: the CLI in the background, a real `serve`
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import signal
@@ -201,6 +202,20 @@ def test_a_file_that_cannot_be_written_is_written_again_without_reading_the_secr
     assert "app/KEY changed, but out.conf could not be written again (" in said, said
     assert "it keeps what it had; trying again in 10 s" in said
     assert "out.conf is up to date again" in said and "SEEKRIT" not in said
+
+
+def test_a_file_written_again_keeps_its_file_mode_and_group(cli: Cli, tmp_path: Path) -> None:
+    daemon = grp.getgrnam("daemon").gr_gid
+    watcher = Watcher(tmp_path, cli.env, "--file-mode", "0640", "--file-group", "daemon")
+    target = tmp_path / "out.conf"
+    try:
+        watcher.wait_for(lambda: "watching for changes" in watcher.stderr(), "the first write")
+        assert (stat.S_IMODE(target.stat().st_mode), target.stat().st_gid) == (0o640, daemon)
+        assert cli("store", "app/KEY", input=b"rotated-SEEKRIT").code == 0
+        watcher.wait_for(lambda: "key=rotated-SEEKRIT\n" in target.read_text(), "the new value")
+        assert (stat.S_IMODE(target.stat().st_mode), target.stat().st_gid) == (0o640, daemon)
+    finally:
+        watcher.kill()
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,8 @@ userlist.txt) rather than their environment (`run`).
 A reference is `{{ sm://NAME }}` or `{{ sm://NAME#FIELD }}`. Every reference is checked and every
 secret read (one audited operation, each read recorded) before anything is written: a missing or
 denied secret, a malformed reference, a binary value: nothing is written. `-o FILE` is written
-0600, atomically and durably; an existing FILE only with `--force`. With `--watch` FILE is
+0600 (or `--file-mode`'s, for a program of FILE's group), atomically and durably; an existing FILE
+only with `--force`. With `--watch` FILE is
 written again when a secret it refers to changes (as consul-template and Vault Agent's templates
 do), and `--on-change` runs after each write that changed it.
 """
@@ -13,6 +14,7 @@ do), and `--on-change` runs after each write that changed it.
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
 import queue
 import re
@@ -77,8 +79,25 @@ LOOKS_LIKE_A_REFERENCE = re.compile(r"\{\{[^{}\n]*\bsm:")
 @click.option(
     "--in-file", "-i", "template", required=True, metavar="TEMPLATE", help="The template ('-': stdin)."
 )
-@click.option("--out-file", "-o", "output", metavar="FILE", help="Write here (0600) instead of stdout.")
+@click.option(
+    "--out-file",
+    "-o",
+    "output",
+    metavar="FILE",
+    help="Write here (0600 unless --file-mode) instead of stdout.",
+)
 @click.option("--force", "-f", is_flag=True, help="Replace FILE if it exists.")
+@click.option(
+    "--file-mode",
+    metavar="MODE",
+    help="FILE's permissions in octal (default 0600), for a program that runs as another user of "
+    "FILE's group: 0640 or 0440. Never readable by other users.",
+)
+@click.option(
+    "--file-group",
+    metavar="GROUP",
+    help="FILE's group (a name or number; you must belong to it, or be root), as with --file-mode 0640.",
+)
 @click.option(
     "--watch",
     is_flag=True,
@@ -93,7 +112,14 @@ LOOKS_LIKE_A_REFERENCE = re.compile(r"\{\{[^{}\n]*\bsm:")
 )
 @pass_session
 def inject(
-    session: Session, template: str, output: str | None, force: bool, watch: bool, on_change: str | None
+    session: Session,
+    template: str,
+    output: str | None,
+    force: bool,
+    file_mode: str | None,
+    file_group: str | None,
+    watch: bool,
+    on_change: str | None,
 ) -> None:
     """Copy TEMPLATE with each {{ sm://NAME }} or {{ sm://NAME#FIELD }} replaced by that
     secret's value, as 'op inject' does: for programs that read a configuration file rather
@@ -102,6 +128,9 @@ def inject(
         raise InvalidInputError("--watch writes FILE again on a change: give -o FILE")
     if on_change is not None and not watch:
         raise InvalidInputError("--on-change runs after a change: give --watch too")
+    if output is None and (file_mode is not None or file_group is not None):
+        raise InvalidInputError("--file-mode and --file-group are FILE's: give -o FILE")
+    permissions = Permissions(_file_mode(file_mode), _file_group(file_group))
     text = _template_text(template)
     references = _references(text)
     if output is not None:
@@ -112,7 +141,7 @@ def inject(
         # process group ended (SIGHUP's default action ended inject alone, COMMAND running on)
         ending = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
         with contextlib.suppress(Terminated), terminate_as_interrupt(ending):
-            _inject_and_watch(session, text, references, Path(output), force, on_change)
+            _inject_and_watch(session, text, references, Path(output), force, permissions, on_change)
         return
     with session.secret_operation("inject") as (store, note):
         filled = _fill(text, references, _read(store, note, references))
@@ -123,8 +152,55 @@ def inject(
     # SIGTERM or SIGHUP while it is written end the command as Ctrl-C does, so the temporary file
     # holding the secrets is removed: their default action left it beside FILE.
     with terminate_as_interrupt():
-        write_private_file(Path(output), filled.rendered, overwrite=force)
+        permissions.write(Path(output), filled.rendered, overwrite=force)
     click.echo(f"wrote {output} with {counted(len(filled.values), 'secret value')}", err=True)
+
+
+@dataclass(frozen=True)
+class Permissions:
+    """FILE's mode and group (--file-mode, --file-group)."""
+
+    mode: int = 0o600
+    group: int | None = None
+
+    def write(self, path: Path, data: bytes, *, overwrite: bool) -> None:
+        write_private_file(path, data, overwrite=overwrite, mode=self.mode, group=self.group)
+
+
+def _file_mode(text: str | None) -> int:
+    """--file-mode's octal MODE: within 0660 (the owner's and the group's read and write), read by
+    its owner (inject compares FILE with what it would write), no execute or special bits."""
+    if text is None:
+        return 0o600
+    try:
+        mode = int(text.removeprefix("0o"), 8)
+    except ValueError:
+        mode = -1
+    if mode < 0 or mode & ~0o660 or not mode & 0o400:
+        raise InvalidInputError(
+            f"--file-mode {text[:20]!r}: give an octal mode its owner reads and no other user may, "
+            "e.g. 0600, 0640 or 0440"
+        )
+    return mode
+
+
+def _file_group(text: str | None) -> int | None:
+    """--file-group's GROUP, by name or number, as a group id."""
+    if text is None:
+        return None
+    try:
+        gid = grp.getgrnam(text).gr_gid
+    except KeyError:
+        if not text.isdigit():
+            raise InvalidInputError(
+                f"--file-group {text[:40]!r}: no such group on this machine (see getent group)"
+            ) from None
+        gid = int(text)
+    if os.geteuid() != 0 and gid not in {os.getegid(), *os.getgroups()}:  # said before any read
+        raise InvalidInputError(
+            f"--file-group {text[:40]!r}: you do not belong to it (belong to it, or run as root)"
+        )
+    return gid
 
 
 @dataclass(frozen=True)
@@ -184,6 +260,7 @@ def _inject_and_watch(
     references: list[tuple[str, str]],
     output: Path,
     force: bool,
+    permissions: Permissions,
     on_change: str | None,
 ) -> None:
     """`inject --watch`: FILE written now, then again (atomically) each time a secret it refers to
@@ -202,7 +279,7 @@ def _inject_and_watch(
 
         filled = read()
         before = _content_of(output)
-        write_private_file(output, filled.rendered, overwrite=force)
+        permissions.write(output, filled.rendered, overwrite=force)
         info_line(f"wrote {output} with {counted(len(filled.values), 'secret value')}; watching for changes")
         if on_change is not None and before != filled.rendered:
             _run_on_change(on_change, withheld)
@@ -262,7 +339,7 @@ def _inject_and_watch(
                 held = _content_of(output)
                 if reading.rendered != held:
                     try:
-                        write_private_file(output, reading.rendered, overwrite=True)
+                        permissions.write(output, reading.rendered, overwrite=True)
                     except SecretsManagerError as exc:
                         # a full disk, a directory gone: the write alone is tried again, not the
                         # reading (a day of full disk is not thousands of reads in the audit log)

@@ -10,6 +10,7 @@ overwritten without `force`: replacing a CA invalidates every certificate it iss
 from __future__ import annotations
 
 import contextlib
+import grp
 import os
 import secrets
 import tempfile
@@ -343,8 +344,11 @@ def make_private_directory(directory: Path) -> None:
         raise InvalidInputError(f"{directory} is not a directory")
 
 
-def write_private_file(path: Path, data: bytes, *, overwrite: bool) -> None:
-    """Write `data` to `path` atomically, mode 0600; ConflictError if it exists and not `overwrite`.
+def write_private_file(
+    path: Path, data: bytes, *, overwrite: bool, mode: int = 0o600, group: int | None = None
+) -> None:
+    """Write `data` to `path` atomically, `mode` (0600 unless a caller lets FILE's group read it),
+    owned by `group` if given; ConflictError if it exists and not `overwrite`.
 
     Where the file system can (Linux's O_TMPFILE), the data goes to a file without a name, named
     only once it is complete and on disk: a process killed mid-write (SIGKILL, the OOM killer,
@@ -356,7 +360,7 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool) -> None:
         fd, temporary = _named_temporary(path)
     try:
         try:
-            _write_all(fd, data)
+            _write_all(fd, data, mode, group)
             if temporary is None:  # complete: named now (`path` itself, or a name to rename)
                 try:
                     temporary = _name_unnamed(fd, path, overwrite=overwrite)
@@ -365,7 +369,7 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool) -> None:
                 except OSError:  # /proc hidden, or linkat refused: the data again, as elsewhere
                     named, temporary = _named_temporary(path)
                     try:
-                        _write_all(named, data)
+                        _write_all(named, data, mode, group)
                     finally:
                         os.close(named)
         finally:
@@ -377,6 +381,11 @@ def write_private_file(path: Path, data: bytes, *, overwrite: bool) -> None:
                 os.link(temporary, path)  # fails if `path` exists, where a rename would clobber it
     except FileExistsError:
         raise ConflictError(f"{path} already exists; add --force to replace it") from None
+    except _GroupRefused as refused:
+        raise InvalidInputError(
+            f"cannot give {path} to group {_group_name(group)}: {refused.strerror} "
+            "(belong to that group, or run as root)"
+        ) from None
     except OSError as exc:
         raise InvalidInputError(f"cannot write {path}: {exc.strerror}") from None
     finally:
@@ -395,8 +404,24 @@ def _named_temporary(path: Path) -> tuple[int, Path]:
     return fd, Path(name)
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    os.fchmod(fd, 0o600)  # mkstemp already creates 0600; say so rather than rely on it
+def _group_name(gid: int | None) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name if gid is not None else "?"
+    except KeyError:
+        return str(gid)
+
+
+class _GroupRefused(OSError):
+    """fchown to the group asked for was refused (not a member of it, not root)."""
+
+
+def _write_all(fd: int, data: bytes, mode: int = 0o600, group: int | None = None) -> None:
+    if group is not None:
+        try:
+            os.fchown(fd, -1, group)
+        except OSError as exc:
+            raise _GroupRefused(exc.errno, exc.strerror) from None
+    os.fchmod(fd, mode)  # after fchown, which may clear bits; mkstemp's 0600 said, not relied on
     view = memoryview(data)
     while view:  # one write for a PEM file; a rendered template may need more
         view = view[os.write(fd, view) :]
