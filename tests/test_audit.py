@@ -73,6 +73,10 @@ class Cli:
     def records(self) -> list[dict[str, object]]:
         return [json.loads(line) for line in self.audit.read_text().splitlines()]
 
+    def records_of_every_file(self) -> list[dict[str, object]]:
+        """The records of the rotated files and the live one, in order."""
+        return list(AuditLog(self.audit).records())
+
     def store_bytes(self) -> dict[str, bytes]:
         return {p.name: p.read_bytes() for p in self.store.parent.glob(self.store.name + "*")}
 
@@ -341,6 +345,67 @@ def test_audit_show_selects_by_operation_denial_failure_request_and_last(cli: Cl
     # More than a C ssize_t holds (found by fuzzing): 'internal error (OverflowError)' before.
     records = cli.records()
     assert shown("--last", "9" * 25) == records  # all of them
+
+
+def test_audit_show_follow_prints_each_new_record_once_across_rotations(cli: Cli) -> None:
+    """As `tail -F`: the records selected, then each matching one as it is written, none twice
+    and none lost while the writers rotate the live file under it; SIGTERM ends it with exit 0."""
+    busy_session(cli)
+    small = {"SECRETS_MANAGER_AUDIT_MAX_BYTES": "1500"}  # a rotation every two commands or so
+    follower = subprocess.Popen(
+        [str(SCRIPT), "audit", "show", "--follow", "--json", "--operation", "get", "--last", "1"],
+        env=cli.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        assert follower.stdout is not None
+        first = json.loads(follower.stdout.readline())  # the last get before it started
+        assert (first["operation"], first["name"]) == ("get", "auth/NOPE")
+        for i in range(8):
+            assert cli("get", "auth/DB_PASSWORD", env=small).returncode == 0
+            assert cli("list", env=small).returncode == 0  # not a get: not shown
+            shown = json.loads(follower.stdout.readline())
+            assert (shown["operation"], shown["name"], shown["outcome"]) == (
+                "get",
+                "auth/DB_PASSWORD",
+                "ok",
+            ), i
+        assert len(AuditLog(cli.audit).files()) >= 4  # it did follow rotations
+    finally:
+        follower.terminate()
+        out, err = follower.communicate(timeout=20)
+    assert follower.returncode == 0, err
+    assert out == b"" and err == b""  # nothing more: each record once
+    gets = [r["seq"] for r in cli.records_of_every_file() if r["operation"] == "get"]
+    assert first["seq"] == gets[-9]
+
+
+def test_follow_reads_a_record_only_once_it_is_whole(encrypted_store: EncryptedStore, tmp_path: Path) -> None:
+    """A last line without its newline is a write under way: the follower waits for the rest
+    rather than failing on half a record or skipping it."""
+    path = tmp_path / "store.audit.jsonl"
+    log = AuditLog(path)
+    log.append([AuditEvent(operation="get", actor="svc", name="a/1")], encrypted_store)
+    stop = threading.Event()
+    batches = log.follow(stop, poll=0.01)
+    found: list[dict[str, object]] = []
+    reader = threading.Thread(target=lambda: found.extend(next(batches, [])), daemon=True)
+    try:
+        assert [r["name"] for r in next(batches)] == ["a/1"]
+        record = json.dumps({"actor": "svc", "name": "a/2", "operation": "get", "seq": 2}).encode()
+        with path.open("ab") as handle:
+            handle.write(record[:20])
+            handle.flush()
+            reader.start()
+            reader.join(0.3)
+            assert reader.is_alive() and found == []  # half a record: not yet
+            handle.write(record[20:] + b"\n")
+        reader.join(5)
+        assert [r["name"] for r in found] == ["a/2"]
+    finally:
+        stop.set()
+        if reader.ident is not None:
+            reader.join(5)
+        batches.close()
 
 
 # ---- tamper evidence -----------------------------------------------------------------------

@@ -65,6 +65,7 @@ MIN_FREE_BYTES = 64 * 1024
 _TAIL_CHUNK = 4096
 _PARTIAL_LIMIT = 1 << 20  # a partial record longer than this is not one a write cut short
 _SNAPSHOT_TRIES = 5  # lock-free listings of a log's files a reader tries before it takes the lock
+FOLLOW_POLL_SECONDS = 0.2  # how often `audit show --follow` looks for records appended since
 T = TypeVar("T")
 
 
@@ -1171,6 +1172,34 @@ class AuditLog:
             for _, handle in files:
                 handle.close()
 
+    def follow(
+        self, stop: threading.Event, *, poll: float = FOLLOW_POLL_SECONDS
+    ) -> Iterator[list[dict[str, Any]]]:
+        """Every record, as one first list, then each list of records appended since, as they are
+        written, until `stop` is set (`audit show --follow`, as `tail -F`). A rotation is
+        followed: the renamed file is read to its end (it is never written again), then the new
+        live file from its start. A last line without its newline is a write under way (or a
+        crash's partial record, which the next writer cuts off and sets aside): read once whole."""
+        files = self._snapshot(locked=False)
+        tail = _FollowedFile(self.path, None)
+        try:
+            first: list[dict[str, Any]] = []
+            for path, handle in files:
+                if path == self.path:
+                    tail = _FollowedFile(self.path, handle)
+                    continue
+                first.extend(_parse_line(line, path, n) for n, line in enumerate(handle, start=1))
+            first.extend(tail.read())
+            yield first
+            while not stop.wait(poll):
+                appended = tail.read()
+                if appended:
+                    yield appended
+        finally:
+            for _, handle in files:
+                handle.close()
+            tail.close()
+
     def _snapshot(self, *, locked: bool) -> list[tuple[Path, BinaryIO]]:
         """Every file of the log opened, as they were at one instant. A writer that rotated the
         live file between a reader's listing and its opening made the reader miss the rotated
@@ -1410,6 +1439,59 @@ class Reset:
     records: int  # the records of a log that verifies
     moved: list[Path]  # the old files, set aside as <file>.lost-<time>
     set_aside: Path | None = None  # a crash's partial last record, moved here (<file>.partial-<time>)
+
+
+class _FollowedFile:
+    """The live file as `follow` reads it: whole lines from where it left off, and on to the next
+    live file once a writer has rotated this one (or `audit reset` replaced it)."""
+
+    def __init__(self, path: Path, handle: BinaryIO | None) -> None:
+        self.path = path
+        self.handle = handle  # None: no live file yet
+        self.offset = 0  # just past the last whole line read
+        self.number = 0  # lines read, for an error's line number
+
+    def read(self) -> list[dict[str, Any]]:
+        """The records appended since the last read, the rotated file's last ones first."""
+        records = self._whole_lines()
+        if self._replaced():
+            records += self._whole_lines()  # the rest of the renamed file: complete by now
+            self.close()
+            try:
+                self.handle = _open_for_reading(self.path)
+            except FileNotFoundError:  # renamed again already: the next read finds the new one
+                self.handle = None
+            self.offset = self.number = 0
+            records += self._whole_lines()
+        return records
+
+    def _whole_lines(self) -> list[dict[str, Any]]:
+        if self.handle is None:
+            return []
+        if os.fstat(self.handle.fileno()).st_size < self.offset:  # emptied in place: read anew
+            self.offset = self.number = 0
+        self.handle.seek(self.offset)
+        data = self.handle.read()
+        whole = data[: data.rfind(b"\n") + 1]
+        self.offset += len(whole)
+        records = []
+        for line in whole.splitlines(keepends=True):
+            self.number += 1
+            records.append(_parse_line(line, self.path, self.number))
+        return records
+
+    def _replaced(self) -> bool:
+        """Whether another file than the one read is at the path now."""
+        try:
+            at_path = os.lstat(self.path).st_ino
+        except FileNotFoundError:  # renamed, its successor not made yet
+            return False
+        return self.handle is None or os.fstat(self.handle.fileno()).st_ino != at_path
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
 
 def _lines(

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import collections
 import fnmatch
+import signal
 import sys
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,7 +33,8 @@ from secrets_manager.cli.output import (
     warning_line,
 )
 from secrets_manager.cli.recovery_commands import read_share_file
-from secrets_manager.errors import InvalidInputError, NotFoundError
+from secrets_manager.cli.rotate_commands import terminate_as_interrupt
+from secrets_manager.errors import InvalidInputError, NotFoundError, Terminated
 from secrets_manager.store.base import AuditedStore
 
 
@@ -63,6 +67,13 @@ def audit() -> None:
 @click.option(
     "--last", type=click.IntRange(min=1), metavar="N", help="Only the last N of the records selected."
 )
+@click.option(
+    "--follow",
+    "-f",
+    is_flag=True,
+    help="Then print each record that matches as it is written (as tail -f; rotations followed) "
+    "until Ctrl-C or SIGTERM (exit 0); with --json one object per line.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the records as a JSON array.")
 @pass_session
 def show(
@@ -75,6 +86,7 @@ def show(
     failed: bool,
     request_id: str | None,
     last: int | None,
+    follow: bool,
     as_json: bool,
 ) -> None:
     """Print audit records (values never appear in them), oldest first."""
@@ -94,28 +106,64 @@ def show(
             f"no audit log at {log.path}: check --store (the log is beside the store) or give "
             "--audit-file the log to show"
         )
-    matching = (
-        record
-        for record in log.records(on_partial=partial)
-        if (name_prefix is None or str(record.get("name") or "").startswith(name_prefix))
-        and (actor is None or record.get("actor") == actor)
-        and (cutoff is None or record_time(record) >= cutoff)
-        and (
-            not operations or any(fnmatch.fnmatchcase(str(record.get("operation")), op) for op in operations)
+
+    def matches(record: dict[str, Any]) -> bool:
+        return (
+            (name_prefix is None or str(record.get("name") or "").startswith(name_prefix))
+            and (actor is None or record.get("actor") == actor)
+            and (cutoff is None or record_time(record) >= cutoff)
+            and (
+                not operations
+                or any(fnmatch.fnmatchcase(str(record.get("operation")), op) for op in operations)
+            )
+            and (not denied or record.get("decision") == "deny")
+            and (not failed or record.get("outcome") not in ("ok", "pending"))
+            and (request_id is None or record.get("request_id") == request_id)
         )
-        and (not denied or record.get("decision") == "deny")
-        and (not failed or record.get("outcome") not in ("ok", "pending"))
-        and (request_id is None or record.get("request_id") == request_id)
-    )
-    # --last keeps only N records in memory while the log streams by: the whole of a 500k-record
-    # log as a list took 1.2 GB to show five of them.
-    # (maxlen is a C ssize_t: a larger N, which no log holds, is all of them)
-    selected = list(
-        collections.deque(matching, maxlen=min(last, sys.maxsize)) if last is not None else matching
-    )
+
+    def last_of(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        # --last keeps only N records in memory while the log streams by: the whole of a 500k-record
+        # log as a list took 1.2 GB to show five of them.
+        # (maxlen is a C ssize_t: a larger N, which no log holds, is all of them)
+        matching = (record for record in records if matches(record))
+        return list(
+            collections.deque(matching, maxlen=min(last, sys.maxsize)) if last is not None else matching
+        )
+
+    if follow:
+        _follow(log.follow, matches, last_of, as_json)
+        return
+    selected = last_of(log.records(on_partial=partial))
     if as_json:
         print_json(selected)
         return
+    _print_records(selected, header=True)
+
+
+def _follow(
+    follow: Callable[[threading.Event], Iterator[list[dict[str, Any]]]],
+    matches: Callable[[dict[str, Any]], bool],
+    last_of: Callable[[Iterable[dict[str, Any]]], list[dict[str, Any]]],
+    as_json: bool,
+) -> None:
+    """`audit show --follow`: the records selected, then each new one that matches, as written,
+    until Ctrl-C or SIGTERM (exit 0, quietly: the way to end it)."""
+    stop = threading.Event()
+    try:
+        with terminate_as_interrupt((signal.SIGINT, signal.SIGTERM)):
+            for count, batch in enumerate(follow(stop)):
+                selected = last_of(batch) if count == 0 else [r for r in batch if matches(r)]
+                if as_json:  # JSON lines: an array never ends
+                    for record in selected:
+                        print_json(record, compact=True)
+                elif selected or count == 0:
+                    _print_records(selected, header=count == 0)
+                sys.stdout.flush()
+    except Terminated:
+        return
+
+
+def _print_records(records: list[dict[str, Any]], *, header: bool) -> None:
     print_table(
         ["SEQ", "TIME", "ACTOR", "SOURCE", "OPERATION", "NAME", "VERSION", "DECISION", "OUTCOME"],
         [
@@ -130,9 +178,10 @@ def show(
                 str(r.get("decision")),
                 str(r.get("outcome")),
             ]
-            for r in selected
+            for r in records
         ],
         free_text=["ACTOR", "SOURCE"],
+        header=header,
     )
 
 

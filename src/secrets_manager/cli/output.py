@@ -222,14 +222,19 @@ FREE_TEXT_MIN_WIDTH = 12  # a free-text column folds down to this before a table
 
 
 def print_table(
-    columns: Sequence[str], rows: Sequence[Sequence[str]], *, free_text: Collection[str] = ()
+    columns: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    *,
+    free_text: Collection[str] = (),
+    header: bool = True,
 ) -> None:
     """Rows as plain tab-separated lines in a pipe; on a terminal a rich table that cuts no cell.
 
     On a terminal, a column with no text in any row is left out; the `free_text` columns (a
     description, an author) fold onto more lines to fit, down to FREE_TEXT_MIN_WIDTH; every other
     column (names, times, versions) keeps its full width. A table that still does not fit is
-    printed wider than the terminal, which wraps its lines: better than a name cut to `market-co…`."""
+    printed wider than the terminal, which wraps its lines: better than a name cut to `market-co…`.
+    Without `header`: the rows alone (more rows of a table printed before, as they come)."""
     if not sys.stdout.isatty():
         for row in rows:
             click.echo("\t".join(printable(cell) for cell in row))
@@ -255,7 +260,7 @@ def print_table(
     for count, i in enumerate(sorted(folding, key=natural.__getitem__)):  # narrowest first
         widths[i] = min(natural[i], max(room // (len(folding) - count), FREE_TEXT_MIN_WIDTH))
         room -= widths[i]
-    table = Table(box=None, header_style="bold", pad_edge=False)
+    table = Table(box=None, header_style="bold", pad_edge=False, show_header=header)
     for i in shown:
         table.add_column(columns[i], width=widths[i], no_wrap=i not in folding, overflow="fold")
     for row in cells:
