@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import errno
 import json
@@ -1240,13 +1241,49 @@ def command_paths() -> list[list[str]]:
     paths: list[list[str]] = []
 
     def walk(group: click.Group, prefix: list[str]) -> None:
-        for name, command in group.commands.items():
+        context = click.Context(group)
+        for name in group.list_commands(context):
+            command = group.get_command(context, name)  # the top level imports its module now
+            assert command is not None, name
             paths.append([*prefix, name])
             if isinstance(command, click.Group):
                 walk(command, [*prefix, name])
 
     walk(root, [])
     return paths
+
+
+def test_a_command_imports_only_its_own_module_and_every_command_is_listed(tmp_path: Path) -> None:
+    """A `get` imported serve's, rotate's, backup's and run's modules too (the CLI imported every
+    command's module to register it): most of its start-up. Each module is now imported when its
+    command is named; --help still lists them all."""
+    script = (
+        "import sys\n"
+        "from secrets_manager.cli import run\n"
+        "code = run(['get', 'NO/SUCH'])\n"
+        "print(sorted(m for m in sys.modules if m.startswith('secrets_manager.cli.')))\n"
+        "others = ('grpc', 'secrets_manager.agent', 'secrets_manager.store.recovery')\n"
+        "print(sorted(m for m in others if m in sys.modules))\n"
+    )
+    env = {**os.environ, "SECRETS_MANAGER_STORE": str(tmp_path / "none.db"), "MASTER_PASSWORD": "x"}
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60
+    )
+    commands, others = (ast.literal_eval(line) for line in result.stdout.splitlines()[-2:])
+    assert "secrets_manager.cli.app" in commands
+    not_needed = {
+        f"secrets_manager.cli.{name}" for name in ("serve_commands", "rotate_commands", "run_command")
+    }
+    assert not (not_needed | {"secrets_manager.cli.backup_commands"}) & set(commands), commands
+    assert others == [], others
+    import click
+
+    from secrets_manager.cli.app import COMMAND_MODULES
+    from secrets_manager.cli.app import cli as root
+
+    listed = {path[0] for path in command_paths()}  # imports every command's module
+    assert listed == set(root.commands) >= set(COMMAND_MODULES) | {"get", "store", "list", "init"}
+    assert root.list_commands(click.Context(root)) == sorted(root.commands)  # none left out of the map
 
 
 @pytest.mark.parametrize("setting", ["prod", "production"])

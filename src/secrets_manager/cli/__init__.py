@@ -13,28 +13,6 @@ import sys
 
 import click
 
-from secrets_manager.cli import (
-    agent_commands,  # noqa: F401  (registers `agent`)
-    audit_commands,  # noqa: F401  (registers `audit`)
-    backup_commands,  # noqa: F401  (registers `backup` and `restore`)
-    edit_command,  # noqa: F401  (registers `edit`)
-    health_command,  # noqa: F401  (registers `health`)
-    import_command,  # noqa: F401  (registers `import`)
-    inject_command,  # noqa: F401  (registers `inject`)
-    keys_commands,  # noqa: F401  (registers `keys`)
-    move_commands,  # noqa: F401  (registers `mv` and `cp`)
-    otp_command,  # noqa: F401  (registers `otp`)
-    pki_commands,  # noqa: F401  (registers `pki`)
-    policy_commands,  # noqa: F401  (registers `policy`)
-    purge_command,  # noqa: F401  (registers `purge`)
-    recovery_commands,  # noqa: F401  (registers `recovery`)
-    rotate_commands,  # noqa: F401  (registers `rotate`)
-    run_command,  # noqa: F401  (registers `run`)
-    schedule_commands,  # noqa: F401  (registers `schedule`)
-    serve_commands,  # noqa: F401  (registers `serve`)
-    status_command,  # noqa: F401  (registers `status`)
-    watch_command,  # noqa: F401  (registers `watch`)
-)
 from secrets_manager.cli.app import cli
 from secrets_manager.cli.output import (
     ClosedInput,

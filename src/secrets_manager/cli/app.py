@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import functools
+import importlib
 import os
 import re
 import sys
@@ -18,7 +19,6 @@ from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 import click
 
-from secrets_manager.agent import AgentClient, AgentNotRunning, agent_directory, check_directory
 from secrets_manager.audit import (
     AuditError,
     AuditEvent,
@@ -133,6 +133,7 @@ from secrets_manager.store.url import (
 from secrets_manager.values import SecretValue, read_exact_json_object
 
 if TYPE_CHECKING:  # the client (gRPC, asyncio) is imported only by a command that uses --server
+    from secrets_manager.agent import AgentClient  # and the agent's client where it may be asked
     from secrets_manager.client import RemoteStore, TlsFiles
 
 
@@ -456,6 +457,8 @@ class Session:
         safely ours is said and not used."""
         if self.environment.is_production or self.password_from_file or PASSWORD_VARIABLE in self.environ:
             return None
+        from secrets_manager.agent import AgentClient
+
         client = AgentClient.for_user(self.environ)
         try:
             return client if client.present() else None
@@ -470,6 +473,8 @@ class Session:
         opens old copies of the store. No agent is fine; not in production (no agent is used)."""
         if self.environment.is_production or not self.needs_password:
             return
+        from secrets_manager.agent import AgentClient, AgentNotRunning
+
         client = AgentClient.for_user(self.environ)
         try:
             answer = client.request({"op": "forget", "store": self.agent_store_name()})
@@ -917,7 +922,49 @@ def pass_session(command: F) -> F:
     return _pass_session(checked)  # type: ignore[return-value]
 
 
+# The commands defined in modules of their own, and the module of each. Such a module is imported
+# only when its command is named (or --help lists them all): a `get` does not pay for the imports of
+# serve, rotate, backup or run, which were most of its start-up time.
+COMMAND_MODULES = {
+    "agent": "agent_commands",
+    "audit": "audit_commands",
+    "backup": "backup_commands",
+    "restore": "backup_commands",
+    "edit": "edit_command",
+    "health": "health_command",
+    "import": "import_command",
+    "inject": "inject_command",
+    "keys": "keys_commands",
+    "mv": "move_commands",
+    "cp": "move_commands",
+    "otp": "otp_command",
+    "pki": "pki_commands",
+    "policy": "policy_commands",
+    "purge": "purge_command",
+    "recovery": "recovery_commands",
+    "rotate": "rotate_commands",
+    "run": "run_command",
+    "schedule": "schedule_commands",
+    "serve": "serve_commands",
+    "status": "status_command",
+    "watch": "watch_command",
+}
+
+
+class _CommandsOnDemand(click.Group):
+    """The top-level group: a command of COMMAND_MODULES is imported when it is looked up."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *COMMAND_MODULES})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in COMMAND_MODULES:
+            importlib.import_module(f"secrets_manager.cli.{COMMAND_MODULES[cmd_name]}")  # registers it
+        return super().get_command(ctx, cmd_name)
+
+
 @click.group(
+    cls=_CommandsOnDemand,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog="SHRIVENQUANT_ENV: development (default), staging or production; production enforces "
     "guard rails against unsafe settings (README.md, 'Environment variables').",
@@ -1263,6 +1310,8 @@ def clipboard_found_first() -> tuple[ClipboardTool, int, Path]:
         raise InvalidInputError(str(exc)) from None
     except ClipboardUnavailable as exc:
         raise SecretsManagerError(f"{exc}; run the command without --clip") from None
+    from secrets_manager.agent import agent_directory, check_directory
+
     directory = agent_directory(os.environ)
     check_directory(directory, create=True)
     return tool, seconds, directory

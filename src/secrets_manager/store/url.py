@@ -51,7 +51,6 @@ from secrets_manager.store.encrypted import HEADER_KEY, EncryptedStore, unlock_k
 from secrets_manager.store.external import DEFAULT_AUDIT_SCOPE, DEFAULT_RECOVERY_WINDOW_DAYS, audit_scope_for
 from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import validate_name, validate_namespace
-from secrets_manager.store.recovery import recover_root
 from secrets_manager.store.unlock import PasswordUnlock, UnlockKeyUnlock, UnlockSource
 
 SQLITE_SCHEME = "sqlite://"
@@ -882,6 +881,8 @@ def open_store_with_recovery(
             f"recovery shares are not supported by this store: {display_url(url)} keeps no keys of "
             "ours (Vault and AWS encrypt with their own)"
         )
+    from secrets_manager.store.recovery import recover_root  # HPKE, SLIP-0039: a rare command's
+
     options = {**_store_options(url, audit_path), "actor": actor}
     return _open_encrypted(
         url, environment, lambda storage, _kind: recover_root(storage, mnemonics, **options)
