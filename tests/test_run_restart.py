@@ -975,9 +975,9 @@ def test_with_several_addresses_a_read_on_a_replica_that_hangs_moves_once_its_he
 
 
 def test_a_fail_over_that_another_thread_has_done_meanwhile_is_not_done_again(tmp_path: Path) -> None:
-    """run's follower finds A not serving (its health check waits up to 3 s) while a reading in the
-    main thread has already moved the store to B: the follower then moved on from B, a replica
-    just found serving, to C (its watch stream and reads with it). Now it stays on B."""
+    """run's follower fails over from A (not serving) to B while a reading in the main thread,
+    refused by A, waits to move the store itself: it then moved on from B, a replica just found
+    serving, to C (its watch stream and reads with it). Now it stays on B, and reads there."""
     from secrets_manager.client import RemoteStore
 
     make_pki(tmp_path, ("auth",))
@@ -985,17 +985,22 @@ def test_a_fail_over_that_another_thread_has_done_meanwhile_is_not_done_again(tm
     servers = [start_server(tmp_path, name) for name in ("a", "b", "c")]
     a, b, c = (server.address for server in servers)
     store = RemoteStore(a, tls_files(tmp_path, "auth"), replicas=(a, b, c))
-    checked = store.is_serving
+    start_check = store.start_health_check
+    read: list[bytes] = []
+    reader = threading.Thread(target=lambda: read.append(store.get("auth/JWT_KEY").value.reveal()))
 
-    def checked_while_a_read_moves(timeout: float) -> bool:
-        serving = checked(timeout)
-        assert store.get("auth/JWT_KEY").value.reveal() == SEED["auth/JWT_KEY"]  # moves to B
-        return serving
+    def checked_while_a_read_fails(timeout: float) -> Any:
+        if not reader.is_alive() and not read:
+            reader.start()  # refused by A, it waits for the follower's move to end
+            time.sleep(0.5)
+        return start_check(timeout)
 
     try:
         servers[0].kill()
-        store.is_serving = checked_while_a_read_moves  # type: ignore[method-assign]
-        assert store.fail_over(3.0)  # moved off A: by the read
+        store.start_health_check = checked_while_a_read_fails  # type: ignore[method-assign]
+        assert store.fail_over(3.0)  # moved off A: to B
+        reader.join(10)
+        assert read == [SEED["auth/JWT_KEY"]]
         assert store.address == b
     finally:
         store.close()

@@ -704,15 +704,14 @@ def test_an_address_that_refuses_connections_is_skipped(server: Server, make_cli
     assert not client.stale
 
 
-def test_an_address_that_hangs_is_abandoned_after_the_timeout(
-    server: Server, make_client: ClientFactory
-) -> None:
+def test_an_address_that_hangs_is_passed_over(server: Server, make_client: ClientFactory) -> None:
+    """After its head start (client/remote.first_serving), not its whole timeout."""
     silent = SilentListener()
     try:
-        client = make_client("auth", [silent.address, server.address], timeout=0.5)
+        client = make_client("auth", [silent.address, server.address], timeout=3.0)
         started = time.monotonic()
         assert revealed(client.credentials()) == AUTH
-        assert 0.4 < time.monotonic() - started < 3.0
+        assert time.monotonic() - started < 2.0
     finally:
         silent.close()
 

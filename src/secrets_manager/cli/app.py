@@ -153,7 +153,7 @@ def is_remote_store(store: object) -> TypeGuard[RemoteStore]:
 
 STORE_VARIABLE = "SECRETS_MANAGER_STORE"
 SERVER_VARIABLE = "SECRETS_MANAGER_ADDR"
-HEALTH_CHECK_SECONDS = 3.0  # per address, when --server names several
+HEALTH_CHECK_SECONDS = 3.0  # each address's health check, when --server names several
 TLS_VARIABLES = ("SECRETS_MANAGER_CERT", "SECRETS_MANAGER_KEY", "SECRETS_MANAGER_CA")
 AUDIT_FILE_VARIABLE = "SECRETS_MANAGER_AUDIT_FILE"
 AUDIT_MAX_BYTES_VARIABLE = "SECRETS_MANAGER_AUDIT_MAX_BYTES"
@@ -254,7 +254,8 @@ class Session:
     environ: Mapping[str, str]
     server: str | None = None
     prompts: bool = True  # False: a password that would be asked at the terminal is PasswordNotAsked
-    # How long each of several --server addresses has to say SERVING before the next is asked.
+    # How long each of several --server addresses' health check may take (first_serving asks the
+    # next one beside it after a short head start).
     health_check_seconds: float = HEALTH_CHECK_SECONDS
 
     def __repr__(self) -> str:
@@ -556,10 +557,11 @@ class Session:
 
     def remote_store(self, options: Sequence[tuple[str, Any]] = ()) -> RemoteStore:
         """The service at --server / SECRETS_MANAGER_ADDR. Several comma-separated addresses (as
-        the SDK takes them from the same variable): the first whose health check answers serves
-        the command, so a write is never sent twice to two replicas; a read it does not answer,
-        or a write that found no connection, moves the command to the next that says SERVING
-        (RemoteStore._call). `options`: gRPC channel options."""
+        the SDK takes them from the same variable): the first whose health check says SERVING
+        serves the command (each asked after the one before has had a head start, not its whole
+        timeout: client/remote.first_serving), so a write is never sent twice to two replicas; a
+        read it does not answer, or a write that found no connection, moves the command to the
+        next that says SERVING (RemoteStore._call). `options`: gRPC channel options."""
         # gRPC's documented default, set before its core starts: unset, the core logs a failed
         # handshake at INFO ("I1130 … ssl_transport_security.cc …") above our one-line error.
         # An explicit value stays; `serve` keeps gRPC's own (its handshake failures are logged).
@@ -576,14 +578,21 @@ class Session:
         tls = self.tls_files()
         if len(addresses) == 1:
             return RemoteStore(addresses[0], tls, options=options)
-        refusals: list[StorageError] = []
-        for address in addresses:
-            remote = RemoteStore(address, tls, options=options, replicas=addresses)
-            why = remote.why_not_serving(self.health_check_seconds)
-            if why is None:
-                return remote
-            remote.close()
-            refusals.append(why)
+        from secrets_manager.client.remote import first_serving
+
+        credentials = tls.credentials()  # read once for every address
+        chosen = first_serving(
+            [
+                functools.partial(
+                    RemoteStore, address, tls, options=options, credentials=credentials, replicas=addresses
+                )
+                for address in addresses
+            ],
+            self.health_check_seconds,
+        )
+        if chosen.store is not None:
+            return chosen.store
+        refusals = list(chosen.reasons)
         if all(type(why) is HandshakeFailedError for why in refusals):
             # Not "try again": the certificate files (or the servers') must change first. Said as
             # one address says it, the others named.

@@ -107,6 +107,7 @@ from secrets_manager.client.remote import (
     TlsFiles,
     channel_credentials,
     checked_text,
+    first_serving,
 )
 from secrets_manager.clocks import awake_or_asleep_clock
 from secrets_manager.errors import (
@@ -529,38 +530,38 @@ class _ServiceReplicas:
     def open_watch(
         self, since_revision: int | None = None, since_history: str | None = None
     ) -> _ChangeSource:
-        """Watch, on the first address whose health check says SERVING within the timeout (the
-        replicas share one store, so a stream resumes `since_revision` on any of them). A replica
+        """Watch, on the first address whose health check says SERVING within the timeout, each
+        asked after the one before has had a head start (`first_serving`; the replicas share one
+        store, so a stream resumes `since_revision` on any of them). A replica
         that refused the last stream (at its watch-stream limit) is tried last. The stream holds
         its channels open until the watcher closes it."""
         channels = self._take()
         try:
             order = self._in_order(channels)
             order.sort(key=lambda pair: pair[0] == self._watch_refused_by)  # stable: the rest keep order
-            unready: list[str] = []
-            for index, replica in order:
-                if replica.is_serving(self._timeout):
-                    self._preferred = self._watching = index
-                    watched = replica.watch(
-                        since_revision=since_revision,
-                        since_history=since_history,
-                        # Another replica may serve: a start held by this one's silent store is
-                        # given up once it says NOT_SERVING, not after the store's 30 s timeout.
-                        check_health=self._timeout if len(self._addresses) > 1 else None,
-                    )
-                    stream = _HeldStream(watched, channels, self._ended)
-                    with self._lock:
-                        channels.streams.add(stream)
-                        replaced = channels.retired
-                    if replaced:  # renewed while this one connected: move at once
-                        stream.move()
-                    return stream
-                unready.append(replica.address)
+            chosen = first_serving([replica for _, replica in order], self._timeout)
+            if chosen.store is not None and chosen.index is not None:
+                index, replica = order[chosen.index]
+                self._preferred = self._watching = index
+                watched = replica.watch(
+                    since_revision=since_revision,
+                    since_history=since_history,
+                    # Another replica may serve: a start held by this one's silent store is
+                    # given up once it says NOT_SERVING, not after the store's 30 s timeout.
+                    check_health=self._timeout if len(self._addresses) > 1 else None,
+                )
+                stream = _HeldStream(watched, channels, self._ended)
+                with self._lock:
+                    channels.streams.add(stream)
+                    replaced = channels.retired
+                if replaced:  # renewed while this one connected: move at once
+                    stream.move()
+                return stream
         except BaseException:
             self._give_back(channels)
             raise
         self._give_back(channels)
-        raise StorageError(f"no service is serving at {', '.join(unready)}")
+        raise StorageError(f"no service is serving at {', '.join(replica.address for _, replica in order)}")
 
     def _ended(self, stream: _HeldStream) -> None:
         with self._lock:

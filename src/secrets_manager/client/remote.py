@@ -2,11 +2,14 @@
 
 The CLI uses it for `--server`, so `store`, `get`, `list`, `history`, `delete`, `rotate` behave
 the same locally and remotely; status codes come back as the same exceptions (wire.STATUS_OF_ERROR).
-The SDK (client/_client.py) also uses its `watch` stream and `is_serving` probe, one RemoteStore
-per address (its own failover). Given several `replicas` (the CLI's `--server A,B`), a read that
-gets no answer moves to another replica that says SERVING, and so does a change that found no
-connection (never sent; one that may have been made never moves), and `fail_over` moves a store
-held open for long (`run --restart-on-change`) whose watch stream broke.
+The SDK (client/_client.py) also uses its `watch` stream, one RemoteStore per address (its own
+failover). `first_serving` chooses among several addresses by their health checks, each started
+once the one before has failed or had a short head start (RFC 8305's "happy eyeballs"): the CLI,
+the SDK's watch stream and the moves below choose so. Given several `replicas` (the CLI's
+`--server A,B`), a read that gets no answer moves to another replica that says SERVING, and so
+does a change that found no connection (never sent; one that may have been made never moves),
+and `fail_over` moves a store held open for long (`run --restart-on-change`) whose watch stream
+broke.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import builtins
 import contextlib
 import ipaddress
 import os
+import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -63,6 +68,12 @@ from secrets_manager.wire import (
 
 DEFAULT_TIMEOUT_SECONDS = 10.0
 FAILOVER_HEALTH_CHECK_SECONDS = 3.0  # per replica, before a read that got no answer is sent there
+# How long a replica's health check has to say SERVING before the next address's check starts
+# beside it (`first_serving`; RFC 8305's connection attempt delay, 250 ms there too). A healthy
+# replica answers within it (a TLS handshake and one RPC take milliseconds here), so the first
+# address in the order given is used and the next is not even contacted; a blackholed one (its
+# packets dropped: no refusal, no answer) costs this, not its whole health-check timeout.
+HEAD_START_SECONDS = 0.25
 ENDED_WAIT_SECONDS = 1.0  # a Watch call whose initial metadata named no revision: has it ended?
 HEALTH_POLL_SECONDS = 1.0  # a read unanswered this long (several replicas) checks its replica's health
 PAGE_SIZE = 100  # secrets per BatchGetSecrets / ListSecrets page (AWS ListSecrets' maximum)
@@ -166,15 +177,17 @@ class RemoteStore:
 
     def fail_over(self, timeout: float) -> bool:
         """For a store held open for long (`run --restart-on-change`) with several `replicas`,
-        whose connection broke: if the address in use does not say SERVING within `timeout`
-        (gone, hung, or its store does not answer), a channel to the next replica that does
-        (in the order given, after this one) replaces this one (closed: calls on it end). The
-        replicas share one store, so a watch stream resumes on another where it stopped. True if
-        it moved; False with one address, or if this one serves, or if none does."""
+        whose connection broke: if the address in use does not say SERVING (gone, hung, or its
+        store does not answer), a channel to the next replica that does (in the order given,
+        after this one) replaces this one (closed: calls on it end). They are asked as
+        `first_serving` asks, this one first: each health check has `timeout`, and the next one
+        starts once the one before has failed or had its head start. The replicas share one
+        store, so a watch stream resumes on another where it stopped. True if it moved; False
+        with one address, or if this one serves (first), or if none does."""
         address = self.address
-        if len(self.replicas) < 2 or self.is_serving(timeout):
+        if len(self.replicas) < 2:
             return False
-        return self._move(timeout, avoid={address}, leaving=address)
+        return self._move(timeout, avoid={address}, leaving=address, staying=True)
 
     def move_on(self, timeout: float) -> bool:
         """As `fail_over`, for a replica that serves but refused a call for want of room (its
@@ -185,11 +198,13 @@ class RemoteStore:
         address = self.address
         return self._move(timeout, avoid={address}, leaving=address)
 
-    def _move(self, timeout: float, *, avoid: builtins.set[str], leaving: str) -> bool:
+    def _move(self, timeout: float, *, avoid: builtins.set[str], leaving: str, staying: bool = False) -> bool:
         """From `leaving` to the next replica after it, not in `avoid`, that says SERVING within
         `timeout`: a channel to it replaces this one (closed). False if none does. True at once
         if another thread has moved off `leaving` meanwhile (a read in `run` while its follower
-        fails over): moving again would leave a replica just found serving."""
+        fails over): moving again would leave a replica just found serving.
+        The replicas are asked as `first_serving` asks (each given a head start, not its whole
+        timeout); `staying`: this one is asked first, and if it serves, it stays (False)."""
         with self._switch:
             if self.address != leaving:
                 return True
@@ -198,21 +213,33 @@ class RemoteStore:
             renewed = self._renewed_files()
             credentials = self._credentials if renewed is None else renewed[1]
             at = self.replicas.index(self.address) if self.address in self.replicas else -1
-            for address in (*self.replicas[at + 1 :], *self.replicas[: max(at, 0)]):
-                if address in avoid:
-                    continue
-                channel = grpc.secure_channel(address, credentials, options=self._options)
-                if _serving(health_pb2_grpc.HealthStub(channel), timeout):
-                    if renewed is not None:
-                        self._tls_signature, self._credentials = renewed
-                    old, self.address = self._channel, address
-                    self._channel = channel
-                    self._stub = pb_grpc.SecretsStub(channel)  # type: ignore[no-untyped-call]
-                    self._health = health_pb2_grpc.HealthStub(channel)
-                    old.close()
-                    return True
-                channel.close()
-        return False
+            others = [
+                address
+                for address in (*self.replicas[at + 1 :], *self.replicas[: max(at, 0)])
+                if address not in avoid
+            ]
+            candidates: list[RemoteStore | Callable[[], RemoteStore]] = [self] if staying else []
+            candidates += [partial(self._sibling, address, credentials) for address in others]
+            chosen = first_serving(candidates, timeout).store
+            if chosen is None or chosen is self:
+                return False
+            if renewed is not None:
+                self._tls_signature, self._credentials = renewed
+            old, self.address = self._channel, chosen.address
+            self._channel, self._stub, self._health = chosen._channel, chosen._stub, chosen._health
+            old.close()
+            return True
+
+    def _sibling(self, address: str, credentials: grpc.ChannelCredentials) -> RemoteStore:
+        """A store for another replica, made as this one was (its channel taken over by `_move`)."""
+        return RemoteStore(
+            address,
+            self._tls,
+            timeout=self._timeout,
+            options=self._options,
+            credentials=credentials,
+            replicas=self.replicas,
+        )
 
     def _renewed_files(
         self,
@@ -343,9 +370,21 @@ class RemoteStore:
         no health service); else why not, as an error: a failed TLS handshake or a refused
         certificate as a call would report it (HandshakeFailedError), no connection, no answer
         in time, or the status it said (NOT_SERVING)."""
+        check = self.start_health_check(timeout)
+        check.exception()  # waits until it has ended: answered, failed or past `timeout`
+        return self.why_not_from(check, timeout)
+
+    def start_health_check(self, timeout: float) -> grpc.Future:
+        """Health/Check of the Secrets service, started (connecting first if needed), not waited
+        for: a future ending within `timeout`; `cancel()` gives it up."""
         request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+        return self._health.Check.future(request, timeout=timeout)
+
+    def why_not_from(self, check: grpc.Future, timeout: float) -> StorageError | None:
+        """`why_not_serving` of a health check started with `timeout` (`start_health_check`),
+        once it has ended."""
         try:
-            reply = self._health.Check(request, timeout=timeout)
+            reply = check.result()
         except grpc.RpcError as exc:
             code = exc.code()
             if code is grpc.StatusCode.UNIMPLEMENTED:  # answered, just no health service
@@ -354,6 +393,8 @@ class RemoteStore:
             if code is grpc.StatusCode.DEADLINE_EXCEEDED:
                 return StorageError(f"{self.address} did not answer its health check within {timeout:g} s")
             return self._not_connected(code, details) or StorageError(f"{self.address}: {details}")
+        except grpc.FutureCancelledError:
+            return StorageError(f"{self.address}: its health check was cancelled")
         if reply.status == health_pb2.HealthCheckResponse.SERVING:
             return None
         status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
@@ -680,13 +721,7 @@ class RemoteStore:
     def health_status(self, timeout: float) -> tuple[str, str | None]:
         """Health/Check of the Secrets service within `timeout`: its status's name (SERVING,
         NOT_SERVING, ...) and None, or UNREACHABLE and why (`secrets-manager health`)."""
-        request = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-        try:
-            reply = self._health.Check(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            code = exc.code()
-            return "UNREACHABLE", f"{code.name}: {exc.details() or code.name}"
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), None
+        return health_statuses([self], timeout)[0]
 
     def close(self) -> None:
         self._channel.close()
@@ -850,6 +885,100 @@ def _serving(health: health_pb2_grpc.HealthStub, timeout: float) -> bool:
     except grpc.RpcError as exc:
         return bool(exc.code() is grpc.StatusCode.UNIMPLEMENTED)  # answered, just no health service
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+@dataclass(frozen=True)
+class Chosen:
+    """What `first_serving` found: the store that said SERVING first and its place among the
+    candidates, or (none did) why each did not, in the candidates' order."""
+
+    store: RemoteStore | None
+    index: int | None
+    reasons: tuple[StorageError, ...] = ()
+
+
+def first_serving(
+    candidates: Sequence[RemoteStore | Callable[[], RemoteStore]],
+    timeout: float,
+    *,
+    head_start: float | None = None,
+) -> Chosen:
+    """The first of `candidates` (stores, or functions that make one when its turn comes) whose
+    health check says SERVING, in the spirit of RFC 8305 ("happy eyeballs"): the order given is
+    the preference, but an address that does not answer no longer costs its whole `timeout`.
+
+    The first candidate's check starts; if it has not said SERVING within `head_start`, the next
+    one's starts too while it goes on (and so on down the list; `head_start` default:
+    HEAD_START_SECONDS); one that fails at once (refused,
+    a failed TLS handshake, NOT_SERVING) lets the next start at once. The first SERVING answer
+    wins, so the first candidate does whenever it answers within its head start, and the others
+    are then never contacted. Each check has its own `timeout`, so when none serves the reasons
+    are those each would give alone (`why_not_serving`), and the wait is at most `timeout` plus
+    the head starts. Every check not chosen is cancelled, and the stores made here for them are
+    closed (stores given are the caller's: left open)."""
+    head_start = HEAD_START_SECONDS if head_start is None else head_start
+    ended: queue.SimpleQueue[int] = queue.SimpleQueue()
+    started: list[tuple[RemoteStore, grpc.Future | None, bool]] = []  # store, its check, made here
+    reasons: dict[int, StorageError] = {}
+    chosen: int | None = None
+    next_start = time.monotonic()
+    try:
+        while chosen is None and len(reasons) < len(candidates):
+            now = time.monotonic()
+            if len(started) < len(candidates) and now >= next_start:
+                candidate = candidates[len(started)]
+                made = not isinstance(candidate, RemoteStore)
+                store = candidate() if not isinstance(candidate, RemoteStore) else candidate
+                started.append((store, None, made))  # closed below even if the start fails
+                check = store.start_health_check(timeout)
+                started[-1] = (store, check, made)
+                check.add_done_callback(partial(_put, ended, len(started) - 1))
+                next_start = time.monotonic() + head_start  # from its start, however long that took
+                continue
+            waiting = len(started) < len(candidates)
+            try:
+                index = ended.get(timeout=max(next_start - now, 0) if waiting else timeout)
+            except queue.Empty:
+                continue  # the next one's turn (every check ends by its own deadline)
+            store, check, _ = started[index]
+            assert check is not None
+            why = store.why_not_from(check, timeout)
+            if why is None:
+                chosen = index
+            else:
+                reasons[index] = why
+                next_start = time.monotonic()  # failed: the next need not wait its turn
+    finally:
+        for index, (store, check, made) in enumerate(started):
+            if index == chosen:
+                continue
+            if check is not None:
+                check.cancel()
+            if made:
+                store.close()
+    if chosen is not None:
+        return Chosen(started[chosen][0], chosen)
+    return Chosen(None, None, tuple(reasons[index] for index in range(len(candidates))))
+
+
+def _put(ended: queue.SimpleQueue[int], index: int, _check: object) -> None:
+    ended.put(index)
+
+
+def health_statuses(stores: Sequence[RemoteStore], timeout: float) -> list[tuple[str, str | None]]:
+    """`RemoteStore.health_status` of each of `stores`, asked all at once (`secrets-manager health`
+    with several addresses takes one `timeout`, not one per address), in their order."""
+    checks = [store.start_health_check(timeout) for store in stores]
+    statuses: list[tuple[str, str | None]] = []
+    for check in checks:
+        try:
+            reply = check.result()
+        except grpc.RpcError as exc:
+            code = exc.code()
+            statuses.append(("UNREACHABLE", f"{code.name}: {exc.details() or code.name}"))
+        else:
+            statuses.append((health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), None))
+    return statuses
 
 
 def _is_ip_address(host: str) -> bool:

@@ -1,0 +1,311 @@
+"""Choosing a replica among several service addresses (`--server A,B`, SECRETS_MANAGER_ADDR, the
+SDK's address list) as RFC 8305 ("happy eyeballs") does: the order given is the preference, but a
+blackholed first address (it accepts TCP and never answers) costs a short head start, not its
+whole 3 s health-check timeout (client/remote.first_serving). Real `serve` processes, real TLS."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from secrets_manager.client import Client, RemoteStore, remote
+from service_fixtures import (
+    SCRIPT,
+    SEED,
+    Server,
+    client_environ,
+    eventually,
+    free_address,
+    make_pki,
+    make_store,
+    start_server,
+    tls_files,
+)
+
+CHECK_SECONDS = 3.0  # the CLI's health-check timeout for each of several addresses
+
+
+class HungListener:
+    """A port that accepts TCP connections and never answers (a blackholed or hung replica): it
+    counts the connections made to it, and sees each one's end (the client closed its channel)."""
+
+    def __init__(self) -> None:
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.accepted = 0
+        self.ended = 0
+        self._lock = threading.Lock()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, name="hung-listener", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.accepted += 1
+                self._sockets.append(sock)
+            threading.Thread(
+                target=self._until_closed, args=(sock,), name="hung-listener", daemon=True
+            ).start()
+
+    def _until_closed(self, sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while sock.recv(65536):
+                pass  # read (the TLS hello) and never answer
+        with self._lock:
+            self.ended += 1
+
+    def close(self) -> None:
+        for sock in [self._listener, *self._sockets]:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+
+@pytest.fixture
+def hung() -> Iterator[HungListener]:
+    listener = HungListener()
+    yield listener
+    listener.close()
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[Server]:
+    make_pki(tmp_path, ("ops", "auth"))
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    yield server
+    server.stop()
+
+
+def cli(server: Server, addresses: list[str], *args: str) -> tuple[subprocess.CompletedProcess[bytes], float]:
+    """The console script as ops against `addresses`, and how long it took."""
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(server.dir),
+        "SECRETS_MANAGER_ADDR": ",".join(addresses),
+        "SECRETS_MANAGER_CERT": str(server.dir / "ops.pem"),
+        "SECRETS_MANAGER_KEY": str(server.dir / "ops-key.pem"),
+        "SECRETS_MANAGER_CA": str(server.dir / "ca.pem"),
+    }
+    started = time.monotonic()
+    proc = subprocess.run(
+        [str(SCRIPT), *args], capture_output=True, env=env, timeout=60, start_new_session=True
+    )
+    assert b"Traceback" not in proc.stderr, proc.stderr
+    return proc, time.monotonic() - started
+
+
+def baseline(server: Server) -> float:
+    """How long a `get` takes through the one healthy address (the CLI's own start-up), the least
+    of three: the machine is shared, so the timings below are measured against it."""
+    times = []
+    for _ in range(3):
+        proc, took = cli(server, [server.address], "get", "auth/JWT_KEY")
+        assert proc.returncode == 0, proc.stderr
+        times.append(took)
+    return min(times)
+
+
+def test_a_get_through_a_blackholed_first_address_pays_a_head_start_not_the_timeout(
+    served: Server, hung: HungListener
+) -> None:
+    """`--server A,B` with A blackholed: every command waited A's whole 3 s health check before it
+    asked B. Now B is asked after A's head start: the command takes about the head start more than
+    one through B alone. Fails on the old code (3 s more)."""
+    alone = baseline(served)
+    proc, took = cli(served, [hung.address, served.address], "get", "auth/JWT_KEY")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == SEED["auth/JWT_KEY"] + b"\n"
+    assert took - alone < 1.0, f"{took:.2f} s, {alone:.2f} s through B alone"
+    assert took < 1.5 + alone
+    assert hung.accepted >= 1  # A was asked first
+
+
+def test_a_healthy_first_address_is_used_and_the_next_is_never_contacted(
+    served: Server, hung: HungListener
+) -> None:
+    """A answers within its head start: the command runs on A, and B sees no connection at all."""
+    before = len(served.audit_records())
+    proc, _ = cli(served, [served.address, hung.address], "get", "auth/JWT_KEY")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == SEED["auth/JWT_KEY"] + b"\n"
+    records = served.audit_records()[before:]
+    assert [r["operation"] for r in records if r.get("name") == "auth/JWT_KEY"] == ["get"], records
+    time.sleep(
+        getattr(remote, "HEAD_START_SECONDS", 0.25)
+    )  # a connection the command made would have been accepted by now
+    assert hung.accepted == 0
+
+
+def test_a_first_address_that_says_not_serving_moves_to_the_next_at_once(tmp_path: Path) -> None:
+    """A says NOT_SERVING (its audit log's lock held by a stuck process): B is asked at once,
+    without waiting for A's head start, and serves the command; B's audit log has it."""
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path)
+    other = tmp_path / "a"  # A: its own store (a copy) and so its own audit log
+    other.mkdir()
+    for name in ("ca.pem", "server.pem", "server-key.pem", "policy.toml", "store.db"):
+        shutil.copy2(tmp_path / name, other / name)
+    (other / "server-key.pem").chmod(0o600)
+    first = start_server(other, "a")
+    second = start_server(tmp_path, "b")
+    lock = os.open(other / "store.audit.jsonl.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        as_ops = {
+            "SECRETS_MANAGER_CERT": str(tmp_path / "ops.pem"),
+            "SECRETS_MANAGER_KEY": str(tmp_path / "ops-key.pem"),
+        }
+        assert eventually(lambda: first.cli("ops", "health", env=as_ops).returncode == 1, timeout=20)
+        files = tls_files(tmp_path, "ops")
+        started = time.monotonic()
+        chosen = remote.first_serving(
+            [lambda: RemoteStore(first.address, files), lambda: RemoteStore(second.address, files)],
+            CHECK_SECONDS,
+            head_start=2.0,  # longer than this test allows: B may not wait for it
+        )
+        took = time.monotonic() - started
+        assert chosen.index == 1 and chosen.store is not None
+        assert chosen.store.address == second.address
+        chosen.store.close()
+        assert took < 1.5, took
+        before = len(second.audit_records())
+        proc, _ = cli(second, [first.address, second.address], "get", "auth/JWT_KEY")
+        assert proc.returncode == 0, proc.stderr
+        assert any(r.get("name") == "auth/JWT_KEY" for r in second.audit_records()[before:])
+    finally:
+        os.close(lock)
+        first.stop()
+        second.stop()
+
+
+def test_when_no_address_serves_the_error_names_each_as_before_within_one_timeout(
+    served: Server, hung: HungListener
+) -> None:
+    """Two blackholed addresses and a refused one: the same one-line error and exit 1 as before,
+    naming each address and why; their checks overlap, so it comes after about one timeout (3 s)
+    rather than one per blackholed address (6 s on the old code)."""
+    other = HungListener()
+    refused = free_address()
+    try:
+        proc, took = cli(served, [hung.address, other.address, refused], "get", "auth/JWT_KEY")
+    finally:
+        other.close()
+    said = proc.stderr.decode()
+    assert proc.returncode == 1 and said.count("\n") == 1, said
+    assert f"no secrets-manager service is serving at {hung.address}, {other.address}, {refused} (" in said
+    for address in (hung.address, other.address):
+        assert f"{address} did not answer its health check within 3 s" in said
+    assert f"{refused}: failed to connect" in said
+    assert said.endswith("; try again\n")
+    assert took < 2 * CHECK_SECONDS - 0.5, took
+
+
+def test_checks_not_chosen_are_cancelled_and_their_channels_closed(
+    served: Server, hung: HungListener
+) -> None:
+    """first_serving leaves no channel or thread behind: the blackholed address's connection is
+    closed (the listener sees its end) once B is chosen, and the threads gRPC started for the
+    checks end."""
+    files = tls_files(served.dir, "ops")
+    warm = RemoteStore(served.address, files)  # gRPC's own lasting threads, started before counting
+    assert warm.is_serving(5)
+    warm.close()
+    ours = {thread for thread in threading.enumerate() if thread.name == "hung-listener"}
+    baseline_threads = {t for t in threading.enumerate() if t not in ours}
+    for _ in range(3):
+        chosen = remote.first_serving(
+            [lambda: RemoteStore(hung.address, files), lambda: RemoteStore(served.address, files)],
+            CHECK_SECONDS,
+        )
+        assert chosen.store is not None and chosen.index == 1
+        chosen.store.close()
+    assert hung.accepted == 3
+    assert eventually(lambda: hung.ended == 3, timeout=5), (hung.accepted, hung.ended)
+
+    def leftover() -> set[threading.Thread]:
+        return {t for t in threading.enumerate() if t.name != "hung-listener" and t not in baseline_threads}
+
+    assert eventually(lambda: not leftover(), timeout=5), leftover()
+
+
+def test_a_mid_command_move_pays_a_head_start_for_a_blackholed_replica(
+    tmp_path: Path, hung: HungListener
+) -> None:
+    """A read on A, which is gone, moves to the next replica that serves (`_move`): with B
+    blackholed it waited B's whole 3 s check before asking C. Now C is asked after B's head start.
+    Fails on the old code."""
+    make_pki(tmp_path, ("auth",))
+    make_store(tmp_path)
+    first = start_server(tmp_path, "a")
+    third = start_server(tmp_path, "c")
+    addresses = (first.address, hung.address, third.address)
+    store = RemoteStore(first.address, tls_files(tmp_path, "auth"), replicas=addresses)
+    try:
+        assert store.get("auth/JWT_KEY").version == 1
+        first.kill()
+        started = time.monotonic()
+        assert store.get("auth/JWT_KEY").value.reveal() == SEED["auth/JWT_KEY"]
+        took = time.monotonic() - started
+        assert store.address == third.address
+        assert took < 1.5, took
+    finally:
+        store.close()
+        first.kill()
+        third.stop()
+
+
+def test_fail_over_from_a_blackholed_replica_pays_a_head_start(tmp_path: Path, hung: HungListener) -> None:
+    """`run --restart-on-change` / `watch` held on A whose stream broke: fail_over asked A for its
+    health for the whole 3 s before it looked at B. Now B is asked after A's head start; and A,
+    when it serves, stays. Fails on the old code."""
+    make_pki(tmp_path, ("auth",))
+    make_store(tmp_path)
+    second = start_server(tmp_path, "b")
+    files = tls_files(tmp_path, "auth")
+    store = RemoteStore(hung.address, files, replicas=(hung.address, second.address))
+    staying = RemoteStore(second.address, files, replicas=(second.address, hung.address))
+    try:
+        started = time.monotonic()
+        assert store.fail_over(CHECK_SECONDS)
+        took = time.monotonic() - started
+        assert store.address == second.address
+        assert took < 1.5, took
+        assert store.get("auth/JWT_KEY").version == 1
+        assert not staying.fail_over(CHECK_SECONDS)  # it serves: no move
+        assert staying.address == second.address
+    finally:
+        store.close()
+        staying.close()
+        second.stop()
+
+
+def test_the_sdk_watches_and_reads_through_the_next_address_after_a_head_start(
+    served: Server, hung: HungListener
+) -> None:
+    """The SDK with a blackholed first address and a 3 s timeout: its first read waited for the
+    watch stream, opened after the first address's whole health check, then read there first
+    too. Now the stream opens on B after A's head start, and the read goes to B. Fails on the old
+    code (over 3 s)."""
+    client = Client(environ=client_environ(served.dir, "auth", [hung.address, served.address]), timeout=3.0)
+    try:
+        started = time.monotonic()
+        value = client.get("auth/JWT_KEY").value.reveal()
+        took = time.monotonic() - started
+    finally:
+        client.close()
+    assert value == SEED["auth/JWT_KEY"]
+    assert took < 1.5, took
