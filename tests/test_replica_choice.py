@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import socket
@@ -212,6 +213,30 @@ def test_when_no_address_serves_the_error_names_each_as_before_within_one_timeou
     assert f"{refused}: failed to connect" in said
     assert said.endswith("; try again\n")
     assert took < 2 * CHECK_SECONDS - 0.5, took
+
+
+def test_health_checks_several_addresses_at_once(served: Server, hung: HungListener) -> None:
+    """`health` with two blackholed addresses took one timeout per address; now about one, with
+    the same output order and exit code. Fails on the old code (two 2 s timeouts, 4 s more than a
+    `get` takes; the bound leaves 1 s for the rest)."""
+    other = HungListener()
+    try:
+        alone = baseline(served)
+        proc, took = cli(
+            served, [hung.address, served.address, other.address], "health", "--timeout", "2", "--json"
+        )
+    finally:
+        other.close()
+    assert proc.returncode == 1
+    statuses = json.loads(proc.stdout)
+    assert [(s["address"], s["status"]) for s in statuses] == [
+        (hung.address, "UNREACHABLE"),
+        (served.address, "SERVING"),
+        (other.address, "UNREACHABLE"),
+    ]
+    assert statuses[0]["error"].startswith("DEADLINE_EXCEEDED")
+    assert f"not serving: {hung.address} UNREACHABLE, {other.address} UNREACHABLE" in proc.stderr.decode()
+    assert took - alone < 2 + 1.0, f"{took:.2f} s, {alone:.2f} s for one get"
 
 
 def test_checks_not_chosen_are_cancelled_and_their_channels_closed(

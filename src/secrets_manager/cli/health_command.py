@@ -23,7 +23,7 @@ from secrets_manager.errors import InvalidInputError, StorageError
     type=click.FloatRange(0.1, 60),
     default=HEALTH_CHECK_SECONDS,
     show_default=True,
-    help="Seconds to wait for each address's answer.",
+    help="Seconds to wait for each address's answer (several are asked at once).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the statuses as JSON.")
 @pass_session
@@ -34,6 +34,7 @@ def health(session: Session, timeout: float, as_json: bool) -> None:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # as remote_store: no gRPC core lines
     from secrets_manager.client import RemoteStore
     from secrets_manager.client._config import parse_addresses
+    from secrets_manager.client.remote import health_statuses
 
     addresses = parse_addresses(session.server or "", f"--server / {SERVER_VARIABLE}")
     if not addresses:
@@ -42,14 +43,19 @@ def health(session: Session, timeout: float, as_json: bool) -> None:
             "(several comma-separated)"
         )
     tls = session.tls_files()
-    results: list[dict[str, str | None]] = []
-    for address in addresses:
-        remote = RemoteStore(address, tls)
-        try:
-            status, error = remote.health_status(timeout)
-        finally:
+    credentials = tls.credentials()  # read once for every address
+    remotes: list[RemoteStore] = []
+    try:
+        for address in addresses:
+            remotes.append(RemoteStore(address, tls, credentials=credentials))
+        statuses = health_statuses(remotes, timeout)  # all at once: one timeout, not one each
+    finally:
+        for remote in remotes:
             remote.close()
-        results.append({"address": address, "status": status, "error": error})
+    results: list[dict[str, str | None]] = [
+        {"address": address, "status": status, "error": error}
+        for address, (status, error) in zip(addresses, statuses, strict=True)
+    ]
     if as_json:
         print_json(results)
     else:
