@@ -51,7 +51,7 @@ RETRY_SECONDS = 10.0  # a read that failed after a change is tried again this of
 FEED_POLL_SECONDS = 0.2  # our store's change feed is read this often (a Vault or AWS store's
 # versions are polled every `watch_poll_seconds` of theirs, as `serve` polls them)
 RECONNECT_MAX_SECONDS = 30.0  # a broken Watch stream is opened again after 1, 2, 4 ... s, at most this
-HEALTH_CHECK_SECONDS = 3.0  # per address, before a broken Watch stream moves to another (--server A,B)
+HEALTH_CHECK_SECONDS = 3.0  # each address's health check when a broken Watch stream moves (--server A,B)
 TICK_SECONDS = 0.2  # how often the supervisor looks at COMMAND and at the changes
 FORWARDED_SIGNALS = (
     signal.SIGHUP,
