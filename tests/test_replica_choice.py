@@ -131,7 +131,6 @@ def test_a_get_through_a_blackholed_first_address_pays_a_head_start_not_the_time
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout == SEED["auth/JWT_KEY"] + b"\n"
     assert took - alone < 1.0, f"{took:.2f} s, {alone:.2f} s through B alone"
-    assert took < 1.5 + alone
     assert hung.accepted >= 1  # A was asked first
 
 
@@ -145,9 +144,8 @@ def test_a_healthy_first_address_is_used_and_the_next_is_never_contacted(
     assert proc.stdout == SEED["auth/JWT_KEY"] + b"\n"
     records = served.audit_records()[before:]
     assert [r["operation"] for r in records if r.get("name") == "auth/JWT_KEY"] == ["get"], records
-    time.sleep(
-        getattr(remote, "HEAD_START_SECONDS", 0.25)
-    )  # a connection the command made would have been accepted by now
+    head_start = getattr(remote, "HEAD_START_SECONDS", 0.25)
+    time.sleep(head_start)  # a connection the command made to B would have been accepted by now
     assert hung.accepted == 0
 
 
