@@ -24,8 +24,10 @@ from test_watch_command import signals_at_their_defaults
 
 TEMPLATE = "user={{ sm://db/main#username }}\npassword={{ sm://db/main#password }}\nkey={{ sm://app/KEY }}\n"
 # COMMAND: counts its runs and keeps what FILE held when it ran, and the variables it was given
+# (the count written last and whole, so a test that sees it finds seen-N and env-N complete)
 ON_CHANGE = (
-    'n=$(($(cat runs 2>/dev/null || echo 0) + 1)); echo $n > runs; cp out.conf "seen-$n"; env > "env-$n"'
+    'n=$(($(cat runs 2>/dev/null || echo 0) + 1)); cp out.conf "seen-$n"; env > "env-$n"; '
+    "echo $n > runs.new && mv runs.new runs"
 )
 
 
