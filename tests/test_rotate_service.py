@@ -492,3 +492,142 @@ def test_rotate_expires_denied_to_a_rotator_without_write_says_the_rotation_stan
     described = server.stub("ops").DescribeSecret(pb.DescribeSecretRequest(name="db/app"), timeout=10)
     assert described.metadata.current_version == 2  # the rotation stands
     assert not described.metadata.HasField("expires")
+
+
+# ---- the conditional stage: StageSecretVersionIfCurrent -------------------------------------------
+
+JSON_VALUE = b'{"username": "app", "password": "old-json-password-KNOWN-1"}'
+
+
+def _cli_in_process(
+    monkeypatch: pytest.MonkeyPatch, directory: Path, address: str, identity: str, *args: str, stdin: bytes
+) -> int:
+    """The CLI in this process (so a test can patch its RemoteStore) against `address`, as
+    `identity`, `stdin` its standard input; the environment set for it is undone afterwards."""
+    import io
+    import sys
+
+    from secrets_manager.cli import run
+
+    with monkeypatch.context() as patch:
+        patch.setenv("HOME", str(directory))
+        patch.setenv("SECRETS_MANAGER_ADDR", address)
+        patch.setenv("SECRETS_MANAGER_CERT", str(directory / f"{identity}.pem"))
+        patch.setenv("SECRETS_MANAGER_KEY", str(directory / f"{identity}-key.pem"))
+        patch.setenv("SECRETS_MANAGER_CA", str(directory / "ca.pem"))
+        patch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+        return run(list(args))
+
+
+def _pending_of(stub: pb_grpc.SecretsStub, name: str) -> dict[str, int]:
+    reply = stub.DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10)
+    return dict(metadata_from_message(reply.metadata).labels)
+
+
+def test_a_field_rotation_whose_secret_moved_before_its_stage_is_refused_by_the_conditional_stage(
+    server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--server rotate NAME#FIELD` reads version 1, and a store lands before its stage: the stage,
+    now StageSecretVersionIfCurrent, is ABORTED (exit 7, one line), nothing is staged, and the
+    service audits the refusal under that RPC's operation, rotate.stage."""
+    ops = server.stub("ops")
+    ops.PutSecret(pb.PutSecretRequest(name="db/json", value=JSON_VALUE), timeout=10)
+    stage_method = RemoteStore.stage
+    methods: list[str] = []
+    call = RemoteStore._call
+
+    def recording_call(self: RemoteStore, method: str, *args: Any, **kwargs: Any) -> Any:
+        methods.append(method)
+        return call(self, method, *args, **kwargs)
+
+    def stage_after_another_store(self: RemoteStore, name: str, value: bytes, **kwargs: Any) -> Any:
+        put = pb.PutSecretRequest(name=name, value=b'{"password": "written-meanwhile"}')
+        assert server.stub("writer").PutSecret(put, timeout=10).version == 2
+        return stage_method(self, name, value, **kwargs)
+
+    monkeypatch.setattr(RemoteStore, "stage", stage_after_another_store)
+    monkeypatch.setattr(RemoteStore, "_call", recording_call)
+    capsys.readouterr()
+    args = ("rotate", "db/json#password", "--stdin", "--set-command", "true")
+    code = _cli_in_process(
+        monkeypatch, server.dir, server.address, "rotator", *args, stdin=b"new-SEEKRIT-password\n"
+    )
+    monkeypatch.undo()
+    message = capsys.readouterr().err
+    assert code == 7, message
+    assert (
+        message.count("\n") == 1
+        and "changed while the rotation read it (version 1; now version 2)" in message
+    )
+    assert "SEEKRIT" not in message
+    assert "StageSecretVersionIfCurrent" in methods and "StageSecretVersion" not in methods
+    assert _pending_of(ops, "db/json") == {"current": 2, "previous": 1}  # nothing staged
+    refused = [
+        r for r in server.audit_records() if r["operation"] == "rotate.stage" and r["outcome"] != "pending"
+    ]
+    assert [(r["name"], r["outcome"]) for r in refused] == [("db/json", "conflict")]
+
+
+def test_stage_secret_version_if_current_stages_only_over_the_version_named(server: Server) -> None:
+    stub = server.stub("rotator")
+    moved = pb.StageSecretVersionIfCurrentRequest(name="db/app", value=STAGED_VALUE, expect_current=2)
+    assert code_of(lambda: stub.StageSecretVersionIfCurrent(moved, timeout=10)) is grpc.StatusCode.ABORTED
+    zero = pb.StageSecretVersionIfCurrentRequest(name="db/app", value=STAGED_VALUE)
+    assert (
+        code_of(lambda: stub.StageSecretVersionIfCurrent(zero, timeout=10))
+        is grpc.StatusCode.INVALID_ARGUMENT
+    )
+    reader = pb.StageSecretVersionIfCurrentRequest(name="db/app", value=STAGED_VALUE, expect_current=1)
+    denied = code_of(lambda: server.stub("reader").StageSecretVersionIfCurrent(reader, timeout=10))
+    assert denied is grpc.StatusCode.PERMISSION_DENIED  # it needs rotate, as StageSecretVersion
+    assert labels(server) == {"current": 1}
+    staged = stub.StageSecretVersionIfCurrent(reader, timeout=10)
+    assert (staged.name, staged.version) == ("db/app", 2)
+    assert labels(server) == {"current": 1, "pending": 2}
+
+
+def test_a_service_from_before_the_conditional_stage_is_refused_the_stage_not_asked_an_unconditional_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An older `serve` ignores StageSecretVersionRequest's expect_current (it came later) and
+    stages over whatever is current, and has no StageSecretVersionIfCurrent (UNIMPLEMENTED). A field
+    rotation through it (which must stage only over the version it read) and the SDK's conditional
+    stage are refused (exit 2; UnsupportedOperationError), with nothing staged."""
+    from secrets_manager.crypto import kdf
+    from secrets_manager.service.server import SecretsServicer
+    from secrets_manager.storage.sqlite import SqliteStorage
+    from secrets_manager.store import EncryptedStore, PasswordUnlock
+    from service_fixtures import PASSWORD, in_process_server
+
+    make_pki(tmp_path, CLIENTS)
+    make_store(tmp_path, {"db/json": JSON_VALUE}, POLICY)
+    newer = SecretsServicer.StageSecretVersion
+
+    def ignoring_expect_current(self: SecretsServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        older = pb.StageSecretVersionRequest(name=request.name, value=request.value)  # field unknown to it
+        return newer(self, older, context)
+
+    monkeypatch.setattr(SecretsServicer, "StageSecretVersion", ignoring_expect_current)
+    generated = pb_grpc.SecretsServicer.StageSecretVersionIfCurrent  # the generated UNIMPLEMENTED answer
+    monkeypatch.setattr(SecretsServicer, "StageSecretVersionIfCurrent", generated)
+    store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        with in_process_server(tmp_path, store, watch_tick=30) as (running, stub):
+            address = f"127.0.0.1:{running.port}"
+            capsys.readouterr()
+            args = ("rotate", "db/json#password", "--stdin", "--set-command", "true")
+            code = _cli_in_process(monkeypatch, tmp_path, address, "rotator", *args, stdin=b"new-SEEKRIT\n")
+            message = capsys.readouterr().err
+            assert code == 2, message
+            assert message.count("\n") == 1 and "nothing was staged for db/json" in message, message
+            assert "StageSecretVersionIfCurrent is not supported by the service" in message, message
+            assert "SEEKRIT" not in message
+            remote = RemoteStore(address, tls_files(tmp_path, "rotator"))
+            try:
+                with pytest.raises(UnsupportedOperationError, match="nothing was staged for db/json"):
+                    remote.stage("db/json", b"sdk-SEEKRIT", expect_current=1)
+            finally:
+                remote.close()
+            assert _pending_of(stub("ops"), "db/json") == {"current": 1}
+    finally:
+        store.close()

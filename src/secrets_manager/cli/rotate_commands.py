@@ -8,7 +8,8 @@
 On a local store each step is its own audited operation ("rotate.stage", "rotate.resume",
 "rotate.set", "rotate.test", "rotate.promote", "rotate.discard"); a failed set or test is recorded
 with the outcome "rotation_step_failed". With --server the store steps are RPCs
-(StageSecretVersion, GetSecret of the pending label for --resume, PromoteSecretVersion,
+(StageSecretVersion, or StageSecretVersionIfCurrent for a stage on condition that the version read
+is still current; GetSecret of the pending label for --resume, PromoteSecretVersion,
 DiscardPendingVersion) that the service authorises (capability "rotate") and audits in its own log;
 set and test still run here, where the client has no audit log, so they are not audited: a failed
 one shows in the service's log as a staged version that was never promoted. No store write is in

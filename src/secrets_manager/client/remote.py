@@ -641,9 +641,25 @@ class RemoteStore:
 
     def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:
         """StageSecretVersion (needs the rotate capability): a new version labelled `pending`;
-        with `expect_current`, only if that version is still current (ConflictError otherwise)."""
-        request = pb.StageSecretVersionRequest(name=name, value=value, expect_current=expect_current)
-        response = self._call("StageSecretVersion", request)
+        with `expect_current`, StageSecretVersionIfCurrent: only if that version is still current
+        (ConflictError, nothing staged, otherwise). A service from before that RPC answers
+        UNIMPLEMENTED (UnsupportedOperationError): the stage is refused, never made unconditional."""
+        if expect_current is None:
+            response = self._call("StageSecretVersion", pb.StageSecretVersionRequest(name=name, value=value))
+        else:
+            if isinstance(expect_current, bool) or not isinstance(expect_current, int) or expect_current < 1:
+                raise InvalidInputError("expect_current is the version the value was built from: 1 or more")
+            request = pb.StageSecretVersionIfCurrentRequest(
+                name=name, value=value, expect_current=expect_current
+            )
+            try:
+                response = self._call("StageSecretVersionIfCurrent", request)
+            except UnsupportedOperationError as exc:
+                raise UnsupportedOperationError(
+                    f"nothing was staged for {name}: {exc}; it cannot stage on condition that version "
+                    f"{expect_current} is still current, and staging without the condition could undo a "
+                    "write made meanwhile (rotating a whole value with --stdin needs no condition)"
+                ) from None
         return VersionInfo(
             version=int(response.version),
             created=datetime.fromisoformat(response.created),

@@ -763,16 +763,34 @@ class SecretsServicer(pb_grpc.SecretsServicer):
 
     def StageSecretVersion(self, request: Any, context: grpc.ServicerContext) -> Any:
         """Rotation step 1 (store.stage): a new version labelled pending; audited with its fingerprint.
-        ABORTED (a ConflictError) if `expect_current` is given and no longer current."""
-        with self._call(
-            context, "StageSecretVersion", "rotate.stage", request.name, "rotate", mutating=True
-        ) as call:
-            call.event.value_hmac = value_fingerprint(self._store, request.value)
-            expect = request.expect_current if request.HasField("expect_current") else None
-            info = self._store.stage(request.name, request.value, expect_current=expect)
+        ABORTED (a ConflictError) if `expect_current` is given and no longer current (the field
+        clients sent before StageSecretVersionIfCurrent, still honoured)."""
+        expect = request.expect_current if request.HasField("expect_current") else None
+        return self._stage(context, "StageSecretVersion", request.name, request.value, expect)
+
+    def StageSecretVersionIfCurrent(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """StageSecretVersion on condition (store.stage's expect_current): ABORTED (a ConflictError),
+        nothing staged, if `expect_current` is no longer current. A method of its own, so a client
+        asking for the condition gets UNIMPLEMENTED from an older service, not an unconditional stage."""
+        if not request.expect_current:
+            return self._stage(context, "StageSecretVersionIfCurrent", request.name, request.value, None)
+        return self._stage(
+            context, "StageSecretVersionIfCurrent", request.name, request.value, request.expect_current
+        )
+
+    def _stage(
+        self, context: grpc.ServicerContext, method: str, name: str, value: bytes, expect: int | None
+    ) -> Any:
+        """A stage audited as rotate.stage with the value's fingerprint. StageSecretVersionIfCurrent
+        without a version to hold to (`expect` None) is refused: INVALID_ARGUMENT, nothing staged."""
+        with self._call(context, method, "rotate.stage", name, "rotate", mutating=True) as call:
+            if method == "StageSecretVersionIfCurrent" and expect is None:
+                raise InvalidInputError("expect_current is the version the value was built from: 1 or more")
+            call.event.value_hmac = value_fingerprint(self._store, value)
+            info = self._store.stage(name, value, expect_current=expect)
             call.event.version = info.version
         return pb.StageSecretVersionResponse(
-            name=request.name,
+            name=name,
             version=info.version,
             created=info.created.isoformat(),
             created_by=info.created_by,

@@ -248,6 +248,16 @@ class StageSecretVersionRequest(_message.Message):
     expect_current: int
     def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ..., expect_current: _Optional[int] = ...) -> None: ...
 
+class StageSecretVersionIfCurrentRequest(_message.Message):
+    __slots__ = ("name", "value", "expect_current")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_CURRENT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: bytes
+    expect_current: int
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ..., expect_current: _Optional[int] = ...) -> None: ...
+
 class StageSecretVersionResponse(_message.Message):
     __slots__ = ("name", "version", "created", "created_by")
     NAME_FIELD_NUMBER: _ClassVar[int]

@@ -84,6 +84,11 @@ class SecretsStub:
                 request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionRequest.SerializeToString,
                 response_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionResponse.FromString,
                 _registered_method=True)
+        self.StageSecretVersionIfCurrent = channel.unary_unary(
+                '/secrets_manager.v1.Secrets/StageSecretVersionIfCurrent',
+                request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionIfCurrentRequest.SerializeToString,
+                response_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionResponse.FromString,
+                _registered_method=True)
         self.PromoteSecretVersion = channel.unary_unary(
                 '/secrets_manager.v1.Secrets/PromoteSecretVersion',
                 request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.PromoteSecretVersionRequest.SerializeToString,
@@ -200,6 +205,19 @@ class SecretsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StageSecretVersionIfCurrent(self, request, context):
+        """StageSecretVersion only while `expect_current` is the secret's current version: ABORTED,
+        nothing staged, if another version is current (a write landed after the caller read the value
+        it built the new one from, which the promote would undo); INVALID_ARGUMENT if expect_current is
+        0. Otherwise as StageSecretVersion (the "rotate" capability, audited as rotate.stage). A method
+        of its own rather than StageSecretVersionRequest's expect_current field: a service from before
+        that field answers UNIMPLEMENTED here, where it would ignore the field and stage over whatever
+        version is current.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def PromoteSecretVersion(self, request, context):
         """Rotation, last step: the pending version becomes current, the old current previous, in one
         change. ABORTED if `version` no longer carries "pending" (another version was staged, or the
@@ -293,6 +311,11 @@ def add_SecretsServicer_to_server(servicer, server):
             'StageSecretVersion': grpc.unary_unary_rpc_method_handler(
                     servicer.StageSecretVersion,
                     request_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionRequest.FromString,
+                    response_serializer=secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionResponse.SerializeToString,
+            ),
+            'StageSecretVersionIfCurrent': grpc.unary_unary_rpc_method_handler(
+                    servicer.StageSecretVersionIfCurrent,
+                    request_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionIfCurrentRequest.FromString,
                     response_serializer=secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionResponse.SerializeToString,
             ),
             'PromoteSecretVersion': grpc.unary_unary_rpc_method_handler(
@@ -585,6 +608,33 @@ class Secrets:
             target,
             '/secrets_manager.v1.Secrets/StageSecretVersion',
             secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionRequest.SerializeToString,
+            secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StageSecretVersionIfCurrent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secrets_manager.v1.Secrets/StageSecretVersionIfCurrent',
+            secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionIfCurrentRequest.SerializeToString,
             secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionResponse.FromString,
             options,
             channel_credentials,
