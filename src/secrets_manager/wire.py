@@ -137,6 +137,8 @@ def fill_secret_message(message: Any, secret: Secret) -> Any:
     message.created = secret.created.isoformat()
     if secret.expires is not None:
         message.expires = secret.expires.isoformat()
+    if secret.target is not None:
+        message.target = secret.target
     return message
 
 
@@ -148,6 +150,7 @@ def secret_from_message(message: Any) -> Secret:
         created=datetime.fromisoformat(message.created),
         labels=tuple(message.labels),
         expires=expiry_from_text(message.expires) if message.HasField("expires") else None,
+        target=(message.target or None) if message.HasField("target") else None,
     )
 
 

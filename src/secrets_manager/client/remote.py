@@ -52,6 +52,7 @@ from secrets_manager.store.base import (
     checked_max_versions,
     checked_metadata,
     checked_metadata_update,
+    checked_target,
 )
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.tls.files import ClientTlsFiles, read_client_tls
@@ -639,18 +640,23 @@ class RemoteStore:
     def destroy_secret(self, name: str, *, deleted_before: datetime | None = None) -> None:
         raise InvalidInputError("destroy is not offered by the service; run it on the server's store")
 
-    def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:
+    def stage(
+        self, name: str, value: bytes, *, expect_current: int | None = None, target: str | None = None
+    ) -> VersionInfo:
         """StageSecretVersion (needs the rotate capability): a new version labelled `pending`;
         with `expect_current`, StageSecretVersionIfCurrent: only if that version is still current
         (ConflictError, nothing staged, otherwise). A service from before that RPC answers
-        UNIMPLEMENTED (UnsupportedOperationError): the stage is refused, never made unconditional."""
+        UNIMPLEMENTED (UnsupportedOperationError): the stage is refused, never made unconditional.
+        `target` is sent along; a service from before it records none (a resume then warns)."""
+        target = checked_target(name, target)
         if expect_current is None:
-            response = self._call("StageSecretVersion", pb.StageSecretVersionRequest(name=name, value=value))
+            request = pb.StageSecretVersionRequest(name=name, value=value, target=target)
+            response = self._call("StageSecretVersion", request)
         else:
             if isinstance(expect_current, bool) or not isinstance(expect_current, int) or expect_current < 1:
                 raise InvalidInputError("expect_current is the version the value was built from: 1 or more")
             request = pb.StageSecretVersionIfCurrentRequest(
-                name=name, value=value, expect_current=expect_current
+                name=name, value=value, expect_current=expect_current, target=target
             )
             try:
                 response = self._call("StageSecretVersionIfCurrent", request)

@@ -766,28 +766,25 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         ABORTED (a ConflictError) if `expect_current` is given and no longer current (the field
         clients sent before StageSecretVersionIfCurrent, still honoured)."""
         expect = request.expect_current if request.HasField("expect_current") else None
-        return self._stage(context, "StageSecretVersion", request.name, request.value, expect)
+        return self._stage(context, "StageSecretVersion", request, expect)
 
     def StageSecretVersionIfCurrent(self, request: Any, context: grpc.ServicerContext) -> Any:
         """StageSecretVersion on condition (store.stage's expect_current): ABORTED (a ConflictError),
         nothing staged, if `expect_current` is no longer current. A method of its own, so a client
         asking for the condition gets UNIMPLEMENTED from an older service, not an unconditional stage."""
-        if not request.expect_current:
-            return self._stage(context, "StageSecretVersionIfCurrent", request.name, request.value, None)
-        return self._stage(
-            context, "StageSecretVersionIfCurrent", request.name, request.value, request.expect_current
-        )
+        return self._stage(context, "StageSecretVersionIfCurrent", request, request.expect_current or None)
 
-    def _stage(
-        self, context: grpc.ServicerContext, method: str, name: str, value: bytes, expect: int | None
-    ) -> Any:
-        """A stage audited as rotate.stage with the value's fingerprint. StageSecretVersionIfCurrent
-        without a version to hold to (`expect` None) is refused: INVALID_ARGUMENT, nothing staged."""
+    def _stage(self, context: grpc.ServicerContext, method: str, request: Any, expect: int | None) -> Any:
+        """A stage audited as rotate.stage with the value's fingerprint, recording the request's
+        target. StageSecretVersionIfCurrent without a version to hold to (`expect` None) is refused:
+        INVALID_ARGUMENT, nothing staged."""
+        name, value = request.name, request.value
+        target = request.target if request.HasField("target") else None
         with self._call(context, method, "rotate.stage", name, "rotate", mutating=True) as call:
             if method == "StageSecretVersionIfCurrent" and expect is None:
                 raise InvalidInputError("expect_current is the version the value was built from: 1 or more")
             call.event.value_hmac = value_fingerprint(self._store, value)
-            info = self._store.stage(name, value, expect_current=expect)
+            info = self._store.stage(name, value, expect_current=expect, target=target)
             call.event.version = info.version
         return pb.StageSecretVersionResponse(
             name=name,

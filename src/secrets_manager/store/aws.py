@@ -14,6 +14,8 @@ The mapping (docs/stores.md has it in full):
                              the store's default (10)
     expiry                   our tag `secrets-manager:expires`: `N@YYYY-MM-DDTHH:MM:SSZ`, the expiry
                              of version N (none for any other version)
+    rotation target          our tag `secrets-manager:pending-target`: `N@` and the target in base64,
+                             the target a stage recorded for version N (none for any other version)
     delete / undelete        DeleteSecret with a recovery window / RestoreSecret
     destroy_secret           DeleteSecret with ForceDeleteWithoutRecovery
     KMS key                  per namespace, given when a secret is created (`?kms.NAMESPACE=KEY`)
@@ -36,6 +38,7 @@ API calls it makes.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import json
 import os
 import re
@@ -97,11 +100,14 @@ from secrets_manager.store.base import (
     checked_expiry_change,
     checked_max_versions,
     checked_metadata_update,
+    checked_target,
     checked_value,
     expiry_of,
     format_expiry,
+    format_target,
     not_current_error,
     parse_expiry,
+    parse_target,
     refuse_expiry_without_current,
     refuse_if_changed,
     refuse_if_rotating,
@@ -120,6 +126,7 @@ from secrets_manager.store.external import (
     EXPIRES_KEY,
     MAX_VERSIONS_KEY,
     RESERVED_KEY_PREFIX,
+    TARGET_KEY,
     NoAnswerError,
     audit_anchor_name,
     checked_write,
@@ -478,6 +485,20 @@ class AwsStore:
         return with_fingerprint(self.get(name, version=version, label=label), self.audit_key())
 
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
+        """`_get_with_expiry`; a read of the pending version also makes a DescribeSecret for its
+        rotation target (our tag `secrets-manager:pending-target`; a caller not allowed that gets
+        the value without it)."""
+        secret = self._get_with_expiry(name, version=version, label=label)
+        if label != PENDING or not secret.version or secret.target is not None:
+            return secret
+        try:
+            with self._aws(f"read {name}", name, state_error=NotFoundError):
+                described = self._client.describe_secret(SecretId=self.aws_name(name))
+        except (AccessDeniedError, NotFoundError):
+            return secret
+        return replace(secret, target=_own_target(described, secret.version))
+
+    def _get_with_expiry(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """GetSecretValue by staging label; for a version number, DescribeSecret and
         ListSecretVersionIds first (to find the VersionId of our number). A label's version that
         another tool wrote is numbered with ListSecretVersionIds; if the caller may not call it,
@@ -551,7 +572,11 @@ class AwsStore:
             raise NotFoundError(f"secret {name!r} has no version {version}")
         with self._aws(f"read {name}", name, state_error=NotFoundError):
             reply = self._client.get_secret_value(SecretId=secret_id, VersionId=visible[version].version_id)
-        return replace(self._secret(name, version, reply), expires=expiry_of(_own_expiry(described), version))
+        return replace(
+            self._secret(name, version, reply),
+            expires=expiry_of(_own_expiry(described), version),
+            target=_own_target(described, version),
+        )
 
     def describe(self, name: str) -> SecretMetadata:
         """DescribeSecret and ListSecretVersionIds."""
@@ -841,17 +866,27 @@ class AwsStore:
 
     # ---- rotation: AWS's own staging labels ----------------------------------------------------
 
-    def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:
+    def stage(
+        self, name: str, value: bytes, *, expect_current: int | None = None, target: str | None = None
+    ) -> VersionInfo:
         """DescribeSecret, ListSecretVersionIds, then PutSecretValue with VersionStages=[AWSPENDING]
         (AWSCURRENT stays where it is). Refused while AWSPENDING is on a version that is not
         AWSCURRENT, as RotateSecret is. Two stagers that read the same versions ask for the same
         ClientRequestToken, so the second is refused by AWS and sees the first's AWSPENDING; so does
-        a stage after a write that took its version number, which then sees `expect_current` gone."""
+        a stage after a write that took its version number, which then sees `expect_current` gone.
+        `target`: then TagResource, our tag `secrets-manager:pending-target` (`N@` and the target in
+        base64, which AWS's tag characters hold) naming the version staged. AWS has no per-version
+        metadata, and the tag goes after the version it names exists: if TagResource fails, the
+        version is staged without a target (a resume treats it as one staged by an older build).
+        Refused before anything is written if the secret's tags leave no room for it."""
         validate_name(name)
         payload = _payload(checked_value(value, empty_supported=False))
+        target = checked_target(name, target)
         backoff = Backoff(first=0.05, cap=1.0, deadline_seconds=RETRY_DEADLINE_SECONDS, what=repr(name))
         while True:
-            self._require_live(name)
+            existing = self._require_live(name)
+            if target is not None:
+                _refuse_unless_target_fits(name, existing)
             versions = self._versions(name)
             current = next((v.number for v in reversed(versions) if CURRENT in v.labels), None)
             refuse_if_rotating(name, next((v.number for v in versions if PENDING in v.labels), None), current)
@@ -870,6 +905,15 @@ class AwsStore:
                     if _code(exc) != "ResourceExistsException":
                         raise
             backoff.wait()  # another writer took version `number`: read again
+        if target is not None:
+            tag = {"Key": TARGET_KEY, "Value": format_target(number, target)}
+            # Not raised: the version is staged and the rotation goes on; only a resume of it
+            # would lack the target, and says so.
+            with (
+                contextlib.suppress(SecretsManagerError),
+                self._aws(f"record the rotation target of {name}", name),
+            ):
+                self._client.tag_resource(SecretId=self.aws_name(name), Tags=[tag])
         return VersionInfo(version=number, created=datetime.now(UTC), created_by="", labels=(PENDING,))
 
     def promote(self, name: str, version: int) -> int | None:
@@ -926,8 +970,9 @@ class AwsStore:
             )
         return pending.number
 
-    def _require_live(self, name: str) -> None:
-        """DescribeSecret: NotFoundError if the secret is missing, SecretStateError if it is deleted."""
+    def _require_live(self, name: str) -> Mapping[str, Any]:
+        """DescribeSecret: NotFoundError if the secret is missing, SecretStateError if it is deleted;
+        else its answer."""
         with self._aws(f"read {name}", name):
             existing = self._describe_or_none(self.aws_name(name))
         if existing is None:
@@ -936,6 +981,7 @@ class AwsStore:
             raise SecretStateError(
                 f"secret {name!r} is deleted; run 'undelete {name}' first, or 'destroy {name} --all'"
             )
+        return existing
 
     def _update_metadata(
         self,
@@ -1451,6 +1497,25 @@ def _current_number(entry: Mapping[str, Any]) -> int | None:
 def _own_expiry(entry: Mapping[str, Any]) -> tuple[int, datetime] | None:
     """The (version, time) expiry our tag on a DescribeSecret entry holds (None without one)."""
     return parse_expiry(_tag_of(entry, EXPIRES_KEY))
+
+
+def _own_target(entry: Mapping[str, Any], version: int) -> str | None:
+    """The rotation target our tag on a DescribeSecret entry records for `version` (None if it
+    names another version, or there is none)."""
+    pair = parse_target(_tag_of(entry, TARGET_KEY))
+    return pair[1] if pair is not None and pair[0] == version else None
+
+
+def _refuse_unless_target_fits(name: str, existing: Mapping[str, Any]) -> None:
+    """UnsupportedOperationError, before a stage writes anything, if the secret's tags leave no
+    room for our rotation target tag."""
+    keys = {str(t["Key"]) for t in existing.get("Tags") or []}
+    if TARGET_KEY not in keys and len(keys) >= MAX_AWS_TAGS:
+        raise UnsupportedOperationError(
+            f"{name!r} has {len(keys)} tags, AWS Secrets Manager's limit, so a rotation's target "
+            f"({TARGET_KEY}) cannot be recorded beside them; nothing was staged: remove one of its tags "
+            f"('metadata {name} --remove-tag KEY') and rotate again"
+        )
 
 
 def _own_max_versions(entry: Mapping[str, Any]) -> int | None:

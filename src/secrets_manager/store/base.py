@@ -6,6 +6,7 @@ is the conformance suite every implementation passes.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import enum
 import unicodedata
@@ -47,6 +48,8 @@ MAX_TAG_VALUE_LENGTH = 256  # characters, may be empty
 # backup of any store restores into any other.
 RESERVED_TAG_PREFIX = "secrets-manager:"
 AWS_RESERVED_TAG_PREFIX = "aws:"
+# A rotation's target (`stage(target=…)`): a role's name and what kind of target it is fits.
+MAX_TARGET_BYTES = 128
 
 
 class Capability(enum.StrEnum):
@@ -111,6 +114,10 @@ class Secret:
     # When this version's value stops working (an exchange key's 90 days, a role's VALID UNTIL), if
     # one was recorded for it; None: none recorded, or the store could not tell on this read.
     expires: datetime | None = None
+    # What a rotation staged this version for (`stage(target=…)`: e.g. the PostgreSQL role whose
+    # password it is), so a resume sets it there and nowhere else; None: a version not staged with
+    # one (a write, or a stage by a build before targets), or the store could not tell on this read.
+    target: str | None = None
 
 
 @dataclass(frozen=True)
@@ -223,15 +230,19 @@ class SecretStore(Protocol):
         only a secret that is deleted, since before that time; SecretStateError otherwise, and
         nothing is erased (one undeleted meanwhile stays)."""
 
-    def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:
+    def stage(
+        self, name: str, value: bytes, *, expect_current: int | None = None, target: str | None = None
+    ) -> VersionInfo:
         """Write a new version labelled `pending` (rotation, step 1); `current` and `previous` do not
         move. RotationInProgressError (a ConflictError) while another rotation is in progress (a
         version other than current carries `pending`), as AWS's RotateSecret refuses: two rotations
         at once would each set their own value at the target. `expect_current`: the current version
         the new value was built from (a field rotation rewrites one field of it): ConflictError,
         nothing staged, if another version is current now (`refuse_if_changed`), so a write made
-        after the rotation read the value is not undone by its promote. Otherwise the same errors
-        as `put`."""
+        after the rotation read the value is not undone by its promote. `target`: what the value is
+        for (`checked_target`: e.g. `postgres-role:app`, never a password), recorded with the
+        version and given back as `Secret.target` by a read of it, so a resume can refuse to set the
+        value anywhere else. Otherwise the same errors as `put`."""
 
     def promote(self, name: str, version: int) -> int | None:
         """Make `version`, which must carry `pending` (ConflictError otherwise), `current` in one
@@ -322,6 +333,24 @@ def format_expiry(version: int, expires: datetime) -> str:
     """The (version, time) pair as text, for a backend that keeps it in a tag or custom_metadata
     entry: `N@YYYY-MM-DDTHH:MM:SSZ` (characters AWS tags and Vault's custom_metadata take)."""
     return f"{version}@{utc_text(expires)}"
+
+
+def format_target(version: int, target: str) -> str:
+    """The (version, rotation target) pair as text for a backend that keeps it in a tag: `N@` and
+    the target's UTF-8 in base64 (its characters are among those AWS tags take)."""
+    return f"{version}@{base64.b64encode(target.encode('utf-8')).decode('ascii')}"
+
+
+def parse_target(text: str | None) -> tuple[int, str] | None:
+    """The pair of `format_target`; None for none, or text another tool spoilt."""
+    number, sep, encoded = (text or "").partition("@")
+    if not sep or not number.isascii() or not number.isdigit():
+        return None
+    try:
+        target = base64.b64decode(encoded, validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return (int(number), target) if target else None
 
 
 def utc_text(moment: datetime) -> str:
@@ -423,6 +452,21 @@ def refuse_if_changed(name: str, expect_current: int | None, current: int | None
             f"{name!r} changed while the rotation read it (version {expect_current}; {now}); nothing "
             "was staged and no command ran; run the rotation again"
         )
+
+
+def checked_target(name: str, target: str | None) -> str | None:
+    """A stage's `target` as every store keeps it: text of 1 to MAX_TARGET_BYTES bytes of UTF-8
+    without NUL (AWS keeps it in a tag, base64 inside). InvalidInputError names the limit, not the
+    text."""
+    if target is None:
+        return None
+    if not isinstance(target, str) or not target or "\x00" in target or has_undecodable_bytes(target):
+        raise InvalidInputError(f"the rotation target of {name!r} must be UTF-8 text without NUL")
+    if len(target.encode("utf-8")) > MAX_TARGET_BYTES:
+        raise InvalidInputError(
+            f"the rotation target of {name!r} is longer than {MAX_TARGET_BYTES} bytes of UTF-8"
+        )
+    return target
 
 
 def checked_expect_version(expect_version: int | None) -> None:

@@ -92,6 +92,7 @@ from secrets_manager.store.base import (
     checked_max_versions,
     checked_metadata,
     checked_metadata_update,
+    checked_target,
     checked_value,
     destroyed_current_message,
     expiry_of,
@@ -595,6 +596,7 @@ class EncryptedStore:
         *,
         label: str,
         expires: datetime | None = None,
+        target: str | None = None,
     ) -> VersionInfo:
         """Inside a retried attempt: seal `value` as the next version, labelled `label`, prune,
         and commit it with the metadata (compare-and-set on the metadata read)."""
@@ -602,6 +604,8 @@ class EncryptedStore:
         meta.add_version(number, now, acting_actor(self._actor), label=label)
         if expires is not None:
             meta.set_expiry(number, expires)
+        if target is not None:
+            meta.versions[number]["target"] = target
         pruned = meta.prune()
         ops: Operations = [Delete(_data_key(name, old)) for old in pruned]
         ns = namespace_of(name)
@@ -693,12 +697,16 @@ class EncryptedStore:
 
     # ---- rotation: the pending label -----------------------------------------------------------
 
-    def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:
+    def stage(
+        self, name: str, value: bytes, *, expect_current: int | None = None, target: str | None = None
+    ) -> VersionInfo:
         """A new version labelled `pending`; `current` and `previous` stay where they are. With
-        `expect_current`, only if that version is current (checked in the same commit)."""
+        `expect_current`, only if that version is current (checked in the same commit). `target`:
+        kept in the version's object of the metadata (docs/format.md), committed with it."""
         self._require_pending_label()
         validate_name(name)
         value = checked_value(value)
+        target = checked_target(name, target)
 
         def attempt() -> VersionInfo:
             now = self._clock()
@@ -712,7 +720,7 @@ class EncryptedStore:
             # Checked on the metadata this attempt commits against: of two stagers, one wins.
             refuse_if_rotating(name, meta.labels.get(PENDING), meta.labels.get(CURRENT))
             refuse_if_changed(name, expect_current, meta.labels.get(CURRENT))
-            return self._write_version(name, value, meta_entry, meta, now, label=PENDING)
+            return self._write_version(name, value, meta_entry, meta, now, label=PENDING, target=target)
 
         return self._retry(attempt)
 
@@ -1437,6 +1445,12 @@ class _Meta:
         if expires is not None:
             self.versions[number]["expires"] = expires.timestamp()
 
+    def target_of(self, number: int) -> str | None:
+        """The rotation target recorded with version `number` when it was staged (None without one,
+        or a member another writer spoilt)."""
+        target = self.versions[number].get("target")
+        return target if isinstance(target, str) and target else None
+
     def public(self, name: str) -> SecretMetadata:
         return SecretMetadata(
             name=name,
@@ -1720,6 +1734,7 @@ def _secret(name: str, number: int, meta: _Meta, plaintext: bytes) -> Secret:
         created=_time(meta.versions[number]["created"]),
         labels=meta.labels_of(number),
         expires=meta.expiry_of(number),
+        target=meta.target_of(number),
     )
 
 

@@ -42,6 +42,8 @@ DESCRIPTION_KEY = f"{RESERVED_KEY_PREFIX}description"
 MAX_VERSIONS_KEY = f"{RESERVED_KEY_PREFIX}max-versions"  # AWS: a secret's own max_versions (a tag)
 # Vault custom_metadata / AWS tag: the (version, time) expiry, `store.base.format_expiry`
 EXPIRES_KEY = f"{RESERVED_KEY_PREFIX}expires"
+# AWS tag: the rotation target of the version staged last, `store.base.format_target`
+TARGET_KEY = f"{RESERVED_KEY_PREFIX}pending-target"
 AUDIT_KEY_SIZE = 32
 DEFAULT_AUDIT_SCOPE = "default"
 DEFAULT_RECOVERY_WINDOW_DAYS = 30  # AWS's own default for DeleteSecret

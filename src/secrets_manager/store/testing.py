@@ -599,6 +599,32 @@ def _check_pending_rotation(make_store: MakeStore, ns: str) -> None:
         again = store.stage(name, b"value 8", expect_current=written.version)
         _require(again.labels == (PENDING,), "a stage whose expect_current is current was refused")
         _require(store.discard_pending(name) == again.version, "discard after a stage with expect_current")
+        # A rotation records what its value is for (a PostgreSQL role) with the version it stages,
+        # so a resume sets it there and nowhere else; a stage without one reads back none.
+        target = "postgres-role:app ünï/@=+"
+        aimed = store.stage(name, b"value 9", target=target)
+        read = store.get(name, label=PENDING)
+        _require(
+            read.version == aimed.version and read.target == target, f"target read back as {read.target!r}"
+        )
+        _require(
+            store.get(name, version=aimed.version).target == target, "the target of a version read by number"
+        )
+        _require(store.get(name).target is None, "the current version read the pending version's target")
+        store.discard_pending(name)
+        plain = store.stage(name, b"value 10")
+        _require(store.get(name, label=PENDING).target is None, "a stage without a target read one back")
+        store.discard_pending(name)
+        for bad in ("", "x" * 129, "nul\x00"):
+
+            def stage_bad(bad: str = bad) -> object:
+                return store.stage(name, b"value 11", target=bad)
+
+            _raises(InvalidInputError, stage_bad, "a stage with a bad target")
+        _require(
+            _version_numbers(store.describe(name))[-1] == plain.version,
+            "a stage refused for its target wrote",
+        )
 
 
 INVALID_NAMES = (

@@ -999,7 +999,9 @@ class VaultStore:
 
     # ---- rotation: refused (KV v2 has no labels, so no `pending`) ------------------------------
 
-    def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:
+    def stage(
+        self, name: str, value: bytes, *, expect_current: int | None = None, target: str | None = None
+    ) -> VersionInfo:
         raise _no_pending("stage")
 
     def promote(self, name: str, version: int) -> int | None:

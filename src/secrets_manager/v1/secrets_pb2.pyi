@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SecretVersion(_message.Message):
-    __slots__ = ("name", "version", "value", "labels", "created", "expires")
+    __slots__ = ("name", "version", "value", "labels", "created", "expires", "target")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     value: bytes
     labels: _containers.RepeatedScalarFieldContainer[str]
     created: str
     expires: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., value: _Optional[bytes] = ..., labels: _Optional[_Iterable[str]] = ..., created: _Optional[str] = ..., expires: _Optional[str] = ...) -> None: ...
+    target: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., value: _Optional[bytes] = ..., labels: _Optional[_Iterable[str]] = ..., created: _Optional[str] = ..., expires: _Optional[str] = ..., target: _Optional[str] = ...) -> None: ...
 
 class VersionInfo(_message.Message):
     __slots__ = ("version", "created", "created_by", "labels", "destroyed")
@@ -239,24 +241,28 @@ class UndeleteSecretResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class StageSecretVersionRequest(_message.Message):
-    __slots__ = ("name", "value", "expect_current")
+    __slots__ = ("name", "value", "expect_current", "target")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EXPECT_CURRENT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
     name: str
     value: bytes
     expect_current: int
-    def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ..., expect_current: _Optional[int] = ...) -> None: ...
+    target: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ..., expect_current: _Optional[int] = ..., target: _Optional[str] = ...) -> None: ...
 
 class StageSecretVersionIfCurrentRequest(_message.Message):
-    __slots__ = ("name", "value", "expect_current")
+    __slots__ = ("name", "value", "expect_current", "target")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
     EXPECT_CURRENT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
     name: str
     value: bytes
     expect_current: int
-    def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ..., expect_current: _Optional[int] = ...) -> None: ...
+    target: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[bytes] = ..., expect_current: _Optional[int] = ..., target: _Optional[str] = ...) -> None: ...
 
 class StageSecretVersionResponse(_message.Message):
     __slots__ = ("name", "version", "created", "created_by")
