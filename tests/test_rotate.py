@@ -472,7 +472,9 @@ def test_a_resume_without_its_commands_is_refused_and_promotes_nothing(
 ) -> None:
     """'rotate NAME --resume' alone used to promote the pending value without running any command:
     the store then served a value the target never got (a failed set), or one its test had just
-    refused, and every reader of the credential broke. It is refused before the store is read."""
+    refused, and every reader of the credential broke. It is refused once the pending version is
+    read (a resume naming no target rotates the PostgreSQL role a version records; one staged by
+    set and test commands records none): only that read is audited, nothing changes."""
     target = tmp_path / "target"
     target.write_text(OLD_VALUE)
     set_command, test_command = _target_commands(target)
@@ -492,7 +494,9 @@ def test_a_resume_without_its_commands_is_refused_and_promotes_nothing(
         "rotation's --set-command/--test-command (or --postgres-role), or --promote-only if the target "
         "already holds the pending value (set by hand)"
     ) in refused.stderr
-    assert cli.audit.read_text() == records_before  # refused before the store was opened
+    added = cli.audit.read_text()[len(records_before) :].splitlines()
+    assert records_before and cli.audit.read_text().startswith(records_before)
+    assert {json.loads(line)["operation"] for line in added} <= {"unlock", "rotate.resume"}  # a read
     assert cli.value() == OLD_VALUE and cli.labels() == {"current": 1, "pending": 2}
 
     set_command, test_command = _target_commands(target)

@@ -24,6 +24,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
+from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.values import SecretValue
 from service_fixtures import make_pki, make_store, start_server
 from tcp_proxy import TcpProxy, Verdict
@@ -163,8 +164,8 @@ def test_a_resume_naming_another_role_does_not_set_its_password(cli: Cli, roles:
         )
     try:
         wrong = cli("rotate", "db/app", "--resume", "--postgres-role", other, "--postgres", roles.conninfo)
-        assert wrong.code == 1, wrong.stderr
-        assert f'the value\'s "username" field names another role than {other!r}' in wrong.stderr
+        assert wrong.code == 2, wrong.stderr  # the role the version records is not this one
+        assert f"the password of PostgreSQL role {roles.app!r}, not of {other!r}" in wrong.stderr
         assert cli.labels() == {"previous": 1, "current": 2, "pending": 3}
         psycopg.connect(
             host="127.0.0.1", port=roles.cluster.port, dbname="postgres", user=other,
@@ -176,6 +177,88 @@ def test_a_resume_naming_another_role_does_not_set_its_password(cli: Cli, roles:
     finally:
         with roles.cluster.connect(superuser=True) as conn:
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(other)))
+
+
+@contextlib.contextmanager
+def _other_role(roles: Roles, password: str) -> Iterator[str]:
+    """Another login role on the cluster, with `password`; dropped at the end."""
+    other = f"{roles.app}_other"
+    with roles.cluster.connect(superuser=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(other), sql.Literal(password))
+        )
+    try:
+        yield other
+    finally:
+        with roles.cluster.connect(superuser=True) as conn:
+            conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(other)))
+
+
+def _logs_in_as(roles: Roles, role: str, password: str) -> bool:
+    try:
+        psycopg.connect(
+            host="127.0.0.1", port=roles.cluster.port, dbname="postgres", user=role,
+            password=password, connect_timeout=10,
+        ).close()  # fmt: skip
+    except psycopg.OperationalError as exc:
+        assert "password authentication failed" in str(exc), exc
+        return False
+    return True
+
+
+def test_a_resume_naming_another_role_is_refused_and_a_bare_resume_rotates_the_role_recorded(
+    cli: Cli, roles: Roles
+) -> None:
+    """The pending version records the role it was staged for. A --resume naming another role
+    used to set that role's password to the pending value (a plain value has no "username" to
+    tell): it is refused (exit 2, one line saying whose the value is and what to run), with neither
+    role nor the store changed. A --resume naming no role rotates the one recorded."""
+    with _role_locked(roles):  # the set step fails: version 2 stays pending
+        assert _rotate(cli, roles, "--timeout", "2").code == 1
+    assert cli.labels() == {"current": 1, "pending": 2}
+    history = cli("history", "db/app", "--json").stdout
+    with _other_role(roles, "other-role-password") as other:
+        wrong = cli("rotate", "db/app", "--resume", "--postgres-role", other, "--postgres", roles.conninfo)
+        assert wrong.code == 2, wrong.stderr
+        assert wrong.stderr.count("\n") == 1, wrong.stderr
+        assert (
+            f"the pending version 2 of db/app is the password of PostgreSQL role {roles.app!r}, not of "
+            f"{other!r}: nothing was changed"
+        ) in wrong.stderr
+        resume = ("rotate", "db/app", "--resume", "--postgres-role", roles.app, "--postgres", roles.conninfo)
+        run = shlex.join(["secrets-manager", *resume])
+        assert f"to finish it, run {run} (or discard it: " in wrong.stderr
+        assert _logs_in_as(roles, other, "other-role-password")  # its password is untouched
+        assert cli("history", "db/app", "--json").stdout == history
+        assert cli.value("--label", "pending") not in wrong.stderr
+        assert not [r for r in cli.audit.read_text().splitlines() if '"rotate.set"' in r and other in r]
+        resumed = cli("rotate", "db/app", "--resume", "--postgres", roles.conninfo)
+        assert resumed.code == 0, resumed.stderr
+        assert "resumed and rotated db/app: version 2 is current" in resumed.stderr
+        assert roles.logs_in(cli.value()) and not roles.logs_in(OLD_VALUE)
+        assert _logs_in_as(roles, other, "other-role-password")
+
+
+def test_a_pending_version_that_records_no_role_is_resumed_as_given_with_a_warning(
+    cli: Cli, roles: Roles
+) -> None:
+    """A version staged by an older build (or by set and test commands) records no role: a
+    resume naming one goes on as before, and says on one line that the role could not be
+    checked. A bare --resume of it is refused: nothing says where to set it."""
+    assert cli("rotate", "db/app", "--set-command", "false").code == 1  # staged with no role recorded
+    assert cli.labels() == {"current": 1, "pending": 2}
+    bare = cli("rotate", "db/app", "--resume", "--postgres", roles.conninfo)
+    assert bare.code == 2 and "version 2 of db/app records no PostgreSQL role" in bare.stderr, bare.stderr
+    assert cli.labels() == {"current": 1, "pending": 2} and roles.logs_in(OLD_VALUE)
+    resumed = _rotate(cli, roles, "--resume")
+    assert resumed.code == 0, resumed.stderr
+    warnings = [line for line in resumed.stderr.splitlines() if "warning:" in line]
+    assert warnings == [
+        f"secrets-manager: warning: version 2 of db/app records no PostgreSQL role (staged by an older "
+        f"secrets-manager, or by set and test commands), so which role it is for cannot be checked: "
+        f"resuming it as PostgreSQL role {roles.app!r}, as given"
+    ], resumed.stderr
+    assert roles.logs_in(cli.value())
 
 
 def test_a_role_or_administrator_that_cannot_be_reached_refuses_the_rotation_before_the_stage(
@@ -300,6 +383,34 @@ def test_a_schedule_entry_rotates_the_role(cli: Cli, roles: Roles, tmp_path: Pat
     assert result.code == 0, result.stderr
     assert "rotated db/app: version 2 is current (previous: 1)" in result.stderr
     assert roles.logs_in(cli.value()) and not roles.logs_in(OLD_VALUE)
+
+
+def test_a_schedule_entry_whose_role_changed_does_not_resume_the_other_roles_pending_value(
+    cli: Cli, roles: Roles, tmp_path: Path
+) -> None:
+    """A schedule resumes a stale pending version with its entry's postgres_role: an entry edited
+    to name another role since the version was staged is refused, that role's password untouched,
+    and the error says which role the value is for and what to change."""
+    with _role_locked(roles):
+        assert _rotate(cli, roles, "--timeout", "1").code == 1
+    assert cli.labels() == {"current": 1, "pending": 2}
+    with _other_role(roles, "other-role-password") as other:
+        schedule = tmp_path / "rotation.toml"
+        schedule.write_text(
+            f'[[rotation]]\nname = "db/app"\nevery = "1s"\npostgres_role = "{other}"\n'
+            f'postgres = "{roles.conninfo}"\ntimeout = 1\n'
+        )
+        schedule.chmod(0o600)
+        time.sleep(3.2)  # three timeouts: the pending version is stale, so the schedule resumes it
+        result = cli("schedule", "run", str(schedule))
+        assert result.code == 1, result.stderr
+        assert (
+            f"the pending version 2 of db/app is the password of PostgreSQL role {roles.app!r}"
+            in result.stderr
+        )
+        assert f"set postgres_role = {roles.app!r} in its [[rotation]] entry" in result.stderr
+        assert _logs_in_as(roles, other, "other-role-password")
+        assert cli.labels() == {"current": 1, "pending": 2} and roles.logs_in(OLD_VALUE)
 
 
 def test_a_schedule_entry_with_both_commands_and_a_role_is_refused(cli: Cli, tmp_path: Path) -> None:
@@ -560,6 +671,48 @@ def test_rotate_through_the_service_sets_the_role_from_this_machine(tmp_path: Pa
     stages = [r for r in server.audit_records() if r["operation"] == "rotate.stage"]
     assert [r["outcome"] for r in stages] == ["pending", "ok"] and stages[-1]["version"] == 2
     assert new not in (tmp_path / "store.audit.jsonl").read_text() + "".join(server.log_lines)
+
+
+def test_through_the_service_a_pending_version_records_its_role_and_a_resume_naming_another_is_refused(
+    tmp_path: Path, roles: Roles
+) -> None:
+    """StageSecretVersion carries the role to the service's store and GetSecret of the pending
+    version brings it back: a --resume naming another role is refused (exit 2) with nothing
+    changed, and a bare --resume rotates the recorded one."""
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path, {"db/app": OLD_VALUE.encode()})
+    pgpass = tmp_path / ".pgpass"  # Server.cli's HOME
+    pgpass.write_text(f"127.0.0.1:{roles.cluster.port}:*:*:{roles.admin_password}\n")
+    pgpass.chmod(0o600)
+    server = start_server(tmp_path, "server")
+    try:
+        with _role_locked(roles):
+            failed = server.cli(
+                "ops", "rotate", "db/app", "--postgres-role", roles.app, "--postgres", roles.conninfo,
+                "--timeout", "2",
+            )  # fmt: skip
+        assert failed.returncode == 1, failed.stderr
+        pending = server.stub("ops").GetSecret(
+            pb.GetSecretRequest(name="db/app", label="pending"), timeout=10
+        )
+        assert pending.secret.version == 2 and pending.secret.target == f"postgres-role:{roles.app}"
+        with _other_role(roles, "other-role-password") as other:
+            wrong = server.cli(
+                "ops", "rotate", "db/app", "--resume", "--postgres-role", other, "--postgres", roles.conninfo
+            )
+            assert wrong.returncode == 2, wrong.stderr
+            assert f"the password of PostgreSQL role {roles.app!r}, not of {other!r}".encode() in wrong.stderr
+            assert _logs_in_as(roles, other, "other-role-password")
+            again = server.stub("ops").GetSecret(
+                pb.GetSecretRequest(name="db/app", label="pending"), timeout=10
+            )
+            assert again.secret.version == 2
+            resumed = server.cli("ops", "rotate", "db/app", "--resume", "--postgres", roles.conninfo)
+            assert resumed.returncode == 0, resumed.stderr
+            new = server.cli("ops", "get", "db/app").stdout.decode().rstrip("\n")
+            assert roles.logs_in(new) and _logs_in_as(roles, other, "other-role-password")
+    finally:
+        server.stop()
 
 
 def test_a_password_in_a_libpq_error_is_redacted_also_with_runs_of_spaces_or_line_ends(

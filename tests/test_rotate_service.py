@@ -416,15 +416,20 @@ def test_cli_failing_test_command_leaves_current_and_resume_finishes(server: Ser
     assert [(r["version"], r["outcome"]) for r in resumed] == [(2, "ok")]
 
 
-def test_cli_resume_without_commands_is_refused_before_any_call(server: Server, tmp_path: Path) -> None:
-    """Through the service too, a bare --resume would promote a value nothing set at the target;
-    --promote-only says the target holds it."""
+def test_cli_resume_without_commands_of_a_version_recording_no_role_is_refused(
+    server: Server, tmp_path: Path
+) -> None:
+    """Through the service too, a bare --resume would promote a value nothing set at the target
+    (this one records no PostgreSQL role: set and test commands staged it); it is refused once the
+    pending version is read, nothing else called. --promote-only says the target holds it."""
     assert rotate(server, "rotator", "--set-command", "false").returncode == 1
     refused = rotate(server, "rotator", "--resume")
     assert refused.returncode == 2, refused.stderr
     assert "--resume without --set-command would promote a value nothing has set" in refused.stderr
+    assert "version 2 of db/app records no PostgreSQL role" in refused.stderr
     assert labels(server) == {"current": 1, "pending": 2} and value(server) == OLD_VALUE
-    assert not [r for r in server.audit_records() if r["actor"] == ROTATOR and r["operation"] == "get"]
+    calls = [r["operation"] for r in server.audit_records() if r["actor"] == ROTATOR]
+    assert "get" in calls and calls[calls.index("get") :] == ["get"]  # the read of the pending value only
 
     result = rotate(server, "rotator", "--resume", "--promote-only")
     assert result.returncode == 0, result.stderr

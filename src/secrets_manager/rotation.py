@@ -34,6 +34,7 @@ import codecs
 import contextlib
 import enum
 import json
+import logging
 import os
 import re
 import secrets
@@ -46,7 +47,7 @@ import threading
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Protocol
@@ -101,6 +102,8 @@ MAX_TIMEOUT = 3600.0
 STALE_AFTER_TIMEOUTS = 3
 MAX_SCHEDULE_BYTES = 1 << 20  # a schedule file larger than this is a wrong file
 
+_log = logging.getLogger(__name__)
+
 
 def generated_value(length: int = DEFAULT_LENGTH, alphabet: str = "alnum") -> SecretValue:
     """A random value from Python's `secrets`: `length` characters of ALPHABETS[alphabet], with
@@ -144,6 +147,16 @@ class Commands:
     # A PostgreSQL role whose password the set and test steps change and log in with, in place of
     # set and test commands (a built-in rotator: rotators/postgres.py).
     postgres: PostgresRole | None = None
+    # A --resume that names no target (no commands, no --postgres-role, no --promote-only): the
+    # PostgreSQL role the pending version recorded when it was staged is rotated, through this
+    # administrator connection string ("" for libpq's defaults). None: not such a resume.
+    recorded_postgres: str | None = None
+
+    @property
+    def target(self) -> str | None:
+        """What a value staged with these commands is for, recorded with the version (`stage`'s
+        `target`): the PostgreSQL role; None for set and test commands, which only they know."""
+        return None if self.postgres is None else self.postgres.target
 
     def runs(self, step: str) -> bool:
         """Whether the rotation has a `step` ("set" or "test") to run."""
@@ -338,12 +351,16 @@ def end_running_commands() -> int:
 class RotationSteps(Protocol):
     """The store steps of a rotation, and the audit around its commands, as the caller does them."""
 
-    def stage(self, name: str, value: SecretValue, *, expect_current: int | None = None) -> int:
+    def stage(
+        self, name: str, value: SecretValue, *, expect_current: int | None = None, target: str | None = None
+    ) -> int:
         """Stage `value` as pending; its version. `expect_current`: the version `read_current`
-        returned, which must still be current (ConflictError, nothing staged, otherwise)."""
+        returned, which must still be current (ConflictError, nothing staged, otherwise). `target`:
+        what the value is for (`Commands.target`), recorded with the version."""
 
-    def pending(self, name: str) -> tuple[int, SecretValue]:
-        """The version labelled pending and its value (to resume a rotation)."""
+    def pending(self, name: str) -> tuple[int, SecretValue, str | None]:
+        """The version labelled pending, its value and the target recorded with it (None: none
+        recorded), to resume a rotation."""
 
     def promote(self, name: str, version: int) -> int | None:
         """Make `version` current; the old current."""
@@ -381,6 +398,7 @@ def rotate(
     generated: bool = False,
     scheduled: bool = False,
     set_ran: bool = False,
+    warn: Callable[[str], None] | None = None,
 ) -> Rotated:
     """Stage `value` (or, if None, resume the pending version), set, test, promote. A failed
     command raises RotationStepFailed and leaves the version pending; nothing else moves.
@@ -403,7 +421,10 @@ def rotate(
     failed command that the schedule resumes it.
     `set_ran`: resuming a version whose set command this runner saw exit 0 (its promote failed,
     say): the value is at the target, so only the test runs again (it is cheap and read-only, and
-    checks the target still takes the value after whatever interrupted us), then promote."""
+    checks the target still takes the value after whatever interrupted us), then promote.
+    The version is staged with its target (`Commands.target`, the PostgreSQL role); a resume of a
+    version that recorded a role sets that role's password only (`resumed_commands`). `warn`: where
+    a warning goes (default: logged)."""
     resumed = value is None
     expect_current = None
     if value is not None:
@@ -420,14 +441,15 @@ def rotate(
             scheduled=scheduled,
         )
     if value is None:
-        version, value = steps.pending(name)
+        version, value, target = steps.pending(name)
+        commands = resumed_commands(name, version, target, commands, scheduled=scheduled, warn=warn)
         current = _current_or_none(steps, name)
         if current is not None and current > version:  # before the target is touched
             refuse_to_demote(name, version, current)
     else:
         commands.check(value, field=field)  # the whole object, now that a field rotation built it
         commands.check_target(name)
-        version = steps.stage(name, value, expect_current=expect_current)
+        version = steps.stage(name, value, expect_current=expect_current, target=commands.target)
     at_target = resumed and set_ran  # the target holds the value: its set command exited 0
     promoting = False
     try:
@@ -450,6 +472,71 @@ def rotate(
             _say_set_ran(exc, name, version, commands, scheduled, promoting=promoting)
         raise
     return Rotated(name, version, previous, resumed=resumed)
+
+
+def resumed_commands(
+    name: str,
+    version: int,
+    target: str | None,
+    commands: Commands,
+    *,
+    scheduled: bool = False,
+    warn: Callable[[str], None] | None = None,
+) -> Commands:
+    """The commands that resume version `version` of `name`, staged for `target` (None: none
+    recorded). A PostgreSQL role recorded is the one whose password the value is: a resume naming
+    no target rotates it (`Commands.recorded_postgres`); one naming another role is refused
+    (InvalidInputError, exit 2), before any step, nothing changed. A version staged by a build
+    before targets (none recorded) is resumed as the commands say, with a warning: its role cannot
+    be checked. Set and test commands are taken as given (what they change, only they know)."""
+    recorded = PostgresRole.role_of_target(target)
+    discard = shlex.join([*commands.invocation, "rotate", name, "--discard"])
+    if commands.recorded_postgres is not None:
+        if recorded is None:
+            raise InvalidInputError(
+                f"version {version} of {name} records no PostgreSQL role (it was staged by set and test "
+                "commands, or by an older secrets-manager), so --resume without --set-command would "
+                "promote a value nothing has set at the target; give the rotation's "
+                "--set-command/--test-command (or --postgres-role), or --promote-only if the target "
+                "already holds the pending value (set by hand); nothing was changed (or discard it: "
+                f"{discard})"
+            )
+        return replace(
+            commands,
+            postgres=PostgresRole.parse(recorded, commands.recorded_postgres),
+            recorded_postgres=None,
+        )
+    if commands.postgres is None:
+        return commands
+    if target is None:
+        (warn or _log.warning)(
+            f"version {version} of {name} records no PostgreSQL role (staged by an older secrets-manager, "
+            f"or by set and test commands), so which role it is for cannot be checked: resuming it as "
+            f"PostgreSQL role {commands.postgres.role!r}, as given"
+        )
+        return commands
+    if recorded != commands.postgres.role:
+        belongs = (
+            f"the password of PostgreSQL role {recorded!r}"
+            if recorded is not None
+            else "for a target other than a PostgreSQL role"
+        )
+        if scheduled:
+            fix = (
+                f"set postgres_role = {recorded!r} in its [[rotation]] entry of the schedule file"
+                if recorded is not None
+                else "give its entry the set and test commands of the rotation that staged it"
+            )
+        elif recorded is not None:
+            fixed = replace(commands, postgres=replace(commands.postgres, role=recorded))
+            fix = f"run {resume_command(name, fixed)}"
+        else:
+            fix = "resume it with the --set-command/--test-command of the rotation that staged it"
+        raise InvalidInputError(
+            f"the pending version {version} of {name} is {belongs}, not of {commands.postgres.role!r}: "
+            f"nothing was changed; to finish it, {fix} (or discard it: {discard})"
+        )
+    return commands
 
 
 def _say_set_ran(
@@ -699,7 +786,13 @@ class ScheduledRotation:
         return None if state is Due.RESUME else generated_value(self.length, self.alphabet)
 
     def run(
-        self, steps: RotationSteps, environ: Mapping[str, str], state: Due, *, set_ran: bool = False
+        self,
+        steps: RotationSteps,
+        environ: Mapping[str, str],
+        state: Due,
+        *,
+        set_ran: bool = False,
+        warn: Callable[[str], None] | None = None,
     ) -> Rotated:
         """This entry's rotation in `state` (resume, or a new generated value), as `rotate` does it."""
         value = self.value_for(state)
@@ -712,6 +805,7 @@ class ScheduledRotation:
             generated=True,
             scheduled=True,
             set_ran=set_ran,
+            warn=warn,
         )
 
 
@@ -918,6 +1012,7 @@ __all__ = [
     "parse_every",
     "plan",
     "resume_command",
+    "resumed_commands",
     "rotate",
     "run_command",
     "run_step",

@@ -43,7 +43,14 @@ from secrets_manager.cli.app import (
     refuse_generator_options,
 )
 from secrets_manager.cli.completion import complete_secret_names
-from secrets_manager.cli.output import Seconds, info_line, invocation, print_json, timestamp
+from secrets_manager.cli.output import (
+    Seconds,
+    info_line,
+    invocation,
+    print_json,
+    timestamp,
+    warning_line,
+)
 from secrets_manager.errors import ConflictError, InvalidInputError, SecretsManagerError, Terminated
 from secrets_manager.rotation import (
     DEFAULT_TIMEOUT,
@@ -107,8 +114,8 @@ class _OnePasswordSession(Session):
     "--postgres",
     "postgres_conninfo",
     metavar="CONNINFO",
-    help="With --postgres-role: the administrator's libpq connection string or URL, no password in it "
-    "(~/.pgpass, PGPASSFILE, PGPASSWORD give it) [default: libpq's PGHOST, PGUSER, ...].",
+    help="With --postgres-role (or --resume): the administrator's libpq connection string or URL, no "
+    "password in it (~/.pgpass, PGPASSFILE, PGPASSWORD give it) [default: libpq's PGHOST, PGUSER, ...].",
 )
 @click.option(
     "--timeout",
@@ -160,8 +167,9 @@ def rotate(
     output goes to stderr. If either fails (non-zero exit, timeout, cannot start), current is
     untouched and the new version stays pending: fix the cause and run the same command again with
     --resume (its --set-command and --test-command too, as the error shows: the pending value is set
-    and tested again), or 'rotate NAME --discard'. --resume without --set-command or --test-command
-    is refused (exit 2): it would promote a value nothing has set at the target, and every reader of
+    and tested again), or 'rotate NAME --discard'. --resume without --set-command, --test-command or
+    --postgres-role resumes the PostgreSQL role the pending version records, and is refused (exit 2)
+    if it records none: it would promote a value nothing has set at the target, and every reader of
     the credential would break; '--resume --promote-only' promotes without running a command, when
     the target already holds the pending value (set by hand). On success the pending version becomes
     current and the old current previous. One rotation at a time: while a version is pending, a new
@@ -186,7 +194,9 @@ def rotate(
     A PostgreSQL role's password, with no script: --postgres-role ROLE sets it as an administrator
     (--postgres CONNINFO, else libpq's PGHOST, PGUSER, ...; its password from ~/.pgpass, PGPASSFILE or
     PGPASSWORD, never the command line), sending only the SCRAM-SHA-256 verifier, then logs in as
-    ROLE with it. The value is the password, or a JSON object's "password" field (NAME#password):
+    ROLE with it. The pending version records ROLE: a --resume naming another role is refused (exit
+    2), one naming none resumes it. The value is the password, or a JSON object's "password" field
+    (NAME#password):
       secrets-manager rotate db/app --postgres-role app \\
           --postgres "host=db.internal dbname=trading user=admin"
     """
@@ -201,7 +211,9 @@ def rotate(
         )
     set_argv = None if set_command is None else command_argv(set_command, "--set-command")
     test_argv = None if test_command is None else command_argv(test_command, "--test-command")
-    postgres = _postgres_target(postgres_role, postgres_conninfo, commands=bool(set_argv or test_argv))
+    postgres = _postgres_target(
+        postgres_role, postgres_conninfo, commands=bool(set_argv or test_argv), resume=resume
+    )
     if generate and from_stdin:
         raise InvalidInputError("give --generate or --stdin, not both")
     if from_stdin or resume or discard or on_server:
@@ -213,7 +225,16 @@ def rotate(
     if resume and (generate or from_stdin):
         raise InvalidInputError("--resume reuses the pending value; drop --generate / --stdin")
     _check_resume_commands(
-        resume=resume, promote_only=promote_only, commands=bool(set_argv or test_argv or postgres)
+        resume=resume,
+        promote_only=promote_only,
+        commands=bool(set_argv or test_argv or postgres or postgres_conninfo),
+    )
+    # A --resume that names no target: the PostgreSQL role the pending version recorded, if any
+    # (rotation.resumed_commands refuses one that recorded none), through --postgres if given.
+    recorded_postgres = (
+        (postgres_conninfo or "")
+        if resume and not (set_argv or test_argv or postgres or promote_only)
+        else None
     )
     expiry = future_expiry(expires, name)
     if expiry is not None and (discard or on_server):
@@ -245,25 +266,42 @@ def rotate(
             SessionSteps(session, reading_fields=field is not None),
             name,
             Commands(
-                set_argv, test_argv, timeout, session.environ, invocation=invocation(), postgres=postgres
+                set_argv,
+                test_argv,
+                timeout,
+                session.environ,
+                invocation=invocation(),
+                postgres=postgres,
+                recorded_postgres=recorded_postgres,
             ),
             value=value,
             field=field,
             generated=not from_stdin,
+            warn=warning_line,
         )
     if expiry is not None:
         record_expiry(session, rotated, expiry)
     _report(rotated, as_json=as_json, expiry=expiry)
 
 
-def _postgres_target(role: str | None, conninfo: str | None, *, commands: bool) -> PostgresRole | None:
+def _postgres_target(
+    role: str | None, conninfo: str | None, *, commands: bool, resume: bool
+) -> PostgresRole | None:
     """The built-in PostgreSQL rotator of --postgres-role (and --postgres), checked before any store
-    is opened; it replaces the set and test commands."""
+    is opened; it replaces the set and test commands. `--resume --postgres CONNINFO` alone: the
+    role comes from the pending version (checked here as a connection string only)."""
     if role is None:
-        if conninfo is not None:
+        if conninfo is not None and not resume:
             raise InvalidInputError(
                 "--postgres goes with --postgres-role ROLE: the role whose password to rotate"
             )
+        if conninfo is not None:
+            if commands:
+                raise InvalidInputError(
+                    "--postgres goes with the built-in PostgreSQL rotator: drop --set-command and "
+                    "--test-command"
+                )
+            PostgresRole.parse("role", conninfo)  # a password in it, or one libpq cannot read
         return None
     if commands:
         raise InvalidInputError(
@@ -275,19 +313,14 @@ def _postgres_target(role: str | None, conninfo: str | None, *, commands: bool) 
 def _check_resume_commands(*, resume: bool, promote_only: bool, commands: bool) -> None:
     """A resume runs the rotation's commands again, or is told the target holds the value already:
     promoting a pending value nothing has set at the target breaks every reader of the credential
-    (the database still has the old one)."""
+    (the database still has the old one). A resume with neither rotates the PostgreSQL role the
+    pending version recorded, and is refused once read if it recorded none (`resumed_commands`)."""
     if promote_only and not resume:
         raise InvalidInputError("--promote-only goes with --resume: 'rotate NAME --resume --promote-only'")
     if promote_only and commands:
         raise InvalidInputError(
             "--promote-only runs no command; drop --set-command/--test-command (and --postgres-role), or "
             "drop --promote-only"
-        )
-    if resume and not commands and not promote_only:
-        raise InvalidInputError(
-            "--resume without --set-command would promote a value nothing has set at the target; give "
-            "the rotation's --set-command/--test-command (or --postgres-role), or --promote-only if the "
-            "target already holds the pending value (set by hand)"
         )
 
 
@@ -406,19 +439,21 @@ class SessionSteps:
     session: Session
     reading_fields: bool = False  # a field rotation: the current value must be read
 
-    def stage(self, name: str, value: SecretValue, *, expect_current: int | None = None) -> int:
+    def stage(
+        self, name: str, value: SecretValue, *, expect_current: int | None = None, target: str | None = None
+    ) -> int:
         with self.session.secret_operation("rotate.stage", name, mutating=True) as (store, note):
             note.value(value.reveal())
-            info = store.stage(name, value.reveal(), expect_current=expect_current)
+            info = store.stage(name, value.reveal(), expect_current=expect_current, target=target)
             note.version(info.version)
         return info.version
 
-    def pending(self, name: str) -> tuple[int, SecretValue]:
+    def pending(self, name: str) -> tuple[int, SecretValue, str | None]:
         with self.session.secret_operation("rotate.resume", name) as (store, note):
             secret = store.get(name, label=PENDING)
             note.version(secret.version)
             note.value(secret.value.reveal())
-        return secret.version, secret.value
+        return secret.version, secret.value, secret.target
 
     def promote(self, name: str, version: int) -> int | None:
         with self.session.secret_operation("rotate.promote", name, mutating=True) as (store, note):

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from secrets_manager.cli.app import Session, cli, pass_session
-from secrets_manager.cli.output import error_line, info_line, print_json, print_table, timestamp
+from secrets_manager.cli.output import error_line, info_line, print_json, print_table, timestamp, warning_line
 from secrets_manager.cli.rotate_commands import (
     SessionSteps,
     one_password_session,
@@ -143,7 +143,7 @@ def run(session: Session, file: str, as_json: bool) -> int:
         try:
             steps = SessionSteps(session, reading_fields=rule.field is not None)
             with terminate_as_interrupt():  # SIGTERM / SIGHUP end the command, as Ctrl-C does
-                rotated = rule.run(steps, session.environ, entry.plan.state)
+                rotated = rule.run(steps, session.environ, entry.plan.state, warn=warning_line)
         except OperationInterrupted:  # stop here: the entries after it are not started
             raise
         except RotationInProgressError:  # another runner staged first (the store refused ours)

@@ -40,6 +40,7 @@ ANSWER_GRACE_SECONDS = 2.0
 PROBE_LOCK_WAIT_MS = 200
 LOCK_NOT_AVAILABLE, QUERY_CANCELED = "55P03", "57014"  # SQLSTATEs
 APPLICATION_NAME = "secrets-manager-rotate"  # how our sessions show in pg_stat_activity
+TARGET_PREFIX = "postgres-role:"  # a version staged for a role records "postgres-role:ROLE"
 
 
 class PostgresStepError(Exception):
@@ -91,6 +92,20 @@ class PostgresRole:
                 "read): give the administrator's in ~/.pgpass, PGPASSFILE or PGPASSWORD"
             )
         return cls(role, conninfo)
+
+    @property
+    def target(self) -> str:
+        """What a value staged for this role is for, as the store records it with the version
+        (`stage`'s target): the role's name, never the connection string (which names the server
+        in any of libpq's forms, or not at all, so a resume through another is the same target)."""
+        return TARGET_PREFIX + self.role
+
+    @staticmethod
+    def role_of_target(target: str | None) -> str | None:
+        """The role a recorded `target` names; None if it names none (or no target was recorded)."""
+        if target is None or not target.startswith(TARGET_PREFIX) or target == TARGET_PREFIX:
+            return None
+        return target[len(TARGET_PREFIX) :]
 
     @property
     def options(self) -> tuple[str, ...]:

@@ -282,18 +282,21 @@ class _ServiceSteps:
             raise
         self._audit.append([event], self._store)
 
-    def stage(self, name: str, value: SecretValue, *, expect_current: int | None = None) -> int:
+    def stage(
+        self, name: str, value: SecretValue, *, expect_current: int | None = None, target: str | None = None
+    ) -> int:
         with self._audited("rotate.stage", name, mutating=True) as event:
             event.value_hmac = value_fingerprint(self._store, value.reveal())
-            event.version = self._store.stage(name, value.reveal(), expect_current=expect_current).version
+            staged = self._store.stage(name, value.reveal(), expect_current=expect_current, target=target)
+            event.version = staged.version
         return event.version
 
-    def pending(self, name: str) -> tuple[int, SecretValue]:
+    def pending(self, name: str) -> tuple[int, SecretValue, str | None]:
         with self._audited("rotate.resume", name, mutating=False) as event:
             secret = self._store.get(name, label=PENDING)
             event.version = secret.version
             event.value_hmac = value_fingerprint(self._store, secret.value.reveal())
-        return secret.version, secret.value
+        return secret.version, secret.value, secret.target
 
     def promote(self, name: str, version: int) -> int | None:
         with self._audited("rotate.promote", name, mutating=True) as event:
