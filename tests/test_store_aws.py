@@ -737,3 +737,26 @@ def test_mv_whose_delete_check_is_lost_says_new_holds_the_value_and_old_is_delet
     message = str(caught.value)
     assert message.startswith("svc/NEW version 1 holds the value of version 1 of svc/OLD; "), message
     assert "svc/OLD' was deleted" in message and "may or may not" not in message, message
+
+
+def test_a_stage_with_a_target_is_tagged_and_refused_before_it_writes_when_the_tags_are_full(
+    make_aws: MakeAws, native: Any
+) -> None:
+    """A rotation's target is our tag `secrets-manager:pending-target` (N@ and base64), which
+    `aws secretsmanager` sees; a secret whose 50 tags leave no room for it refuses the stage before
+    PutSecretValue (nothing pending), rather than staging a version without the target."""
+    store = make_aws()
+    store.put("svc/ROT", b"v1")
+    store.stage("svc/ROT", b"v2", target="postgres-role:app")
+    aws_name = store.aws_name("svc/ROT")
+    tags = {t["Key"]: t["Value"] for t in native.describe_secret(SecretId=aws_name)["Tags"]}
+    assert tags["secrets-manager:pending-target"] == "2@cG9zdGdyZXMtcm9sZTphcHA="
+    assert store.get("svc/ROT", label="pending").target == "postgres-role:app"
+    store.discard_pending("svc/ROT")
+    store.put("svc/FULL", b"v1", tags={f"k{i}": "v" for i in range(49)})  # 49 and ours: 50
+    with pytest.raises(UnsupportedOperationError, match="nothing was staged"):
+        store.stage("svc/FULL", b"v2", target="postgres-role:app")
+    assert "pending" not in store.describe("svc/FULL").labels
+    assert [v.version for v in store.describe("svc/FULL").versions] == [1]
+    staged = store.stage("svc/FULL", b"v2")  # without a target, nothing to tag
+    assert store.get("svc/FULL", label="pending").version == staged.version
