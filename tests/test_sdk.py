@@ -2133,3 +2133,22 @@ def test_async_callbacks_of_a_closed_loop_are_dropped_and_async_callable_objects
     assert ran == ["auth/JWT_KEY"]
     gc.collect()
     assert loops[0]() is None, "the closed loop is still referenced by its subscription"
+
+
+def test_a_refresh_due_after_the_machine_slept_is_taken_soon_after_waking() -> None:
+    """The refresher waited on a thread condition, which counts on the monotonic clock: a retry
+    due in a minute on the clock that runs through a suspend, with the machine asleep for an
+    hour meanwhile, was taken only after the minute's wait ended, a minute after waking. Here
+    the clock jumps an hour, as CLOCK_BOOTTIME does across a suspend, and the monotonic wait
+    does not see it."""
+    slept = [0.0]
+    queue = _client._RefreshQueue(lambda: time.monotonic() + slept[0])
+    queue.schedule("auth/JWT_KEY", time.monotonic() + 60.0)
+    taken: list[set[str]] = []
+    taker = threading.Thread(target=lambda: taken.append(queue.take_due()), daemon=True)
+    taker.start()
+    time.sleep(0.3)
+    slept[0] = 3600.0
+    taker.join(timeout=3.0)
+    queue.wake()
+    assert taken == [{"auth/JWT_KEY"}]

@@ -153,6 +153,10 @@ WATCH_UNSUPPORTED_RETRY_SECONDS = 300.0
 # cert-manager with a third of the lifetime left), so seconds are far inside their margin, and
 # a call refused the way an expired certificate is refused checks at once anyway.
 TLS_CHECK_SECONDS = 5.0
+# The refresher's longest wait: a thread's wait counts on the monotonic clock, which stops while
+# the machine sleeps, so a retry or certificate check due on the clock that runs on (a suspend)
+# is looked at this soon after waking rather than a whole wait later.
+REFRESH_WAKE_SECONDS = 1.0
 KEEPALIVE_TIME_MS = MIN_PING_INTERVAL_WITHOUT_DATA_MS + 1_000  # a margin over the service's minimum
 KEEPALIVE_TIMEOUT_MS = 5_000
 CHANNEL_OPTIONS = (
@@ -817,7 +821,9 @@ class _RefreshQueue:
                     while self._heap and self._heap[0][0] <= now:
                         due.add(heapq.heappop(self._heap)[2])
                     return due
-                self._condition.wait(self._heap[0][0] - now if self._heap else None)
+                self._condition.wait(
+                    min(self._heap[0][0] - now, REFRESH_WAKE_SECONDS) if self._heap else None
+                )
             return set()
 
     def wake(self) -> None:
