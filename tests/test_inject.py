@@ -287,6 +287,18 @@ def test_file_mode_and_group_let_a_program_of_that_group_read_the_file(cli: Cli,
         (("--file-mode", "rw-r-----"), "give an octal mode"),
         (("--file-mode", "0o6400"), "give an octal mode"),
         (("--file-group", "no-such-group-here"), "no such group on this machine"),
+        # int() took these: not what chmod reads as a mode
+        (("--file-mode", "+640"), "give an octal mode"),
+        (("--file-mode", " 640"), "give an octal mode"),
+        (("--file-mode", "0640\n"), "give an octal mode"),
+        (("--file-mode", "6_4_0"), "give an octal mode"),
+        (("--file-mode", "0o0o640"), "give an octal mode"),
+        (("--file-mode", "\uff10\uff16\uff14\uff10"), "give an octal mode"),  # full-width digits
+        # a traceback (str.isdigit, then int), or a number no gid_t holds: fchown's after the read
+        (("--file-group", "\u00b2"), "no such group on this machine"),
+        (("--file-group", "9" * 5000), "no such group on this machine"),
+        (("--file-group", "99999999999"), "no such group on this machine"),
+        (("--file-group", "4294967295"), "no such group on this machine"),  # (gid_t)-1: unchanged
     ],
 )
 def test_a_file_mode_or_group_that_cannot_be_is_refused_before_anything_is_read(

@@ -68,6 +68,7 @@ from secrets_manager.values import SecretValue
 
 MAX_TEMPLATE_BYTES = 1024 * 1024
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024
+MAX_GID = 2**32 - 1  # (gid_t)-1, and all above it, is no group
 ON_CHANGE_TIMEOUT_SECONDS = 30.0  # as consul-template's command_timeout
 REFERENCE = re.compile(r"\{\{[ \t]*" + REFERENCE_PATTERN + r"[ \t]*\}\}")  # on one line
 # "sm:" as a word inside one pair of braces: not "{{ .Values.x }}  # SASL mechanism: PLAIN" later on
@@ -172,10 +173,10 @@ def _file_mode(text: str | None) -> int:
     its owner (inject compares FILE with what it would write), no execute or special bits."""
     if text is None:
         return 0o600
-    try:
-        mode = int(text.removeprefix("0o"), 8)
-    except ValueError:
-        mode = -1
+    # octal digits alone, as chmod takes them: int() also took "+640", " 640", "0640\n", "6_4_0",
+    # "0o0o640" and full-width digits, none of which chmod would
+    digits = re.fullmatch(r"(?:0o)?([0-7]{1,6})", text, re.ASCII)
+    mode = int(digits[1], 8) if digits else -1
     if mode < 0 or mode & ~0o660 or not mode & 0o400:
         raise InvalidInputError(
             f"--file-mode {text[:20]!r}: give an octal mode its owner reads and no other user may, "
@@ -191,7 +192,10 @@ def _file_group(text: str | None) -> int | None:
     try:
         gid = grp.getgrnam(text).gr_gid
     except KeyError:
-        if not text.isdigit():
+        # ASCII digits within a gid_t, (gid_t)-1 excepted (fchown's "leave the group as it is"):
+        # str.isdigit() let "²" through to int() (a traceback), and a number past 2**32 through
+        # to the fchown at the write, after the secrets were read (a traceback as root)
+        if re.fullmatch(r"[0-9]{1,10}", text, re.ASCII) is None or int(text) >= MAX_GID:
             raise InvalidInputError(
                 f"--file-group {text[:40]!r}: no such group on this machine (see getent group)"
             ) from None
