@@ -408,6 +408,29 @@ def test_follow_reads_a_record_only_once_it_is_whole(encrypted_store: EncryptedS
         batches.close()
 
 
+def test_follow_loses_no_file_when_the_log_rotates_twice_between_two_reads(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """A busy log (several CLIs and a service writing) can rotate the live file twice between two
+    of the follower's reads: it read the renamed file to its end, then opened the new live file,
+    and the file rotated between the two (never open in the follower) was skipped whole."""
+    path = tmp_path / "store.audit.jsonl"
+    log = AuditLog(path, max_bytes=800)  # a rotation every two records or so
+    log.append([AuditEvent(operation="get", actor="svc", name="a/0")], encrypted_store)
+    stop = threading.Event()
+    batches = log.follow(stop, poll=0.01)
+    try:
+        assert [r["name"] for r in next(batches)] == ["a/0"]
+        before = len(log.files())
+        for i in range(1, 9):
+            log.append([AuditEvent(operation="get", actor="svc", name=f"a/{i}")], encrypted_store)
+        assert len(log.files()) >= before + 3  # rotated at least three times since the read
+        assert [r["name"] for r in next(batches)] == [f"a/{i}" for i in range(1, 9)]
+    finally:
+        stop.set()
+        batches.close()
+
+
 # ---- tamper evidence -----------------------------------------------------------------------
 
 

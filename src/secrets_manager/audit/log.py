@@ -1181,14 +1181,14 @@ class AuditLog:
         live file from its start. A last line without its newline is a write under way (or a
         crash's partial record, which the next writer cuts off and sets aside): read once whole."""
         files = self._snapshot(locked=False)
-        tail = _FollowedFile(self.path, None)
+        tail = _FollowedFile(self.path, None, self.files)
         try:
             first: list[dict[str, Any]] = []
             for path, handle in files:
                 if path == self.path:
-                    tail = _FollowedFile(self.path, handle)
+                    tail.handle = handle
                     continue
-                first.extend(_parse_line(line, path, n) for n, line in enumerate(handle, start=1))
+                first.extend(tail.seen(_parse_line(line, path, n)) for n, line in enumerate(handle, start=1))
             first.extend(tail.read())
             yield first
             while not stop.wait(poll):
@@ -1445,11 +1445,19 @@ class _FollowedFile:
     """The live file as `follow` reads it: whole lines from where it left off, and on to the next
     live file once a writer has rotated this one (or `audit reset` replaced it)."""
 
-    def __init__(self, path: Path, handle: BinaryIO | None) -> None:
+    def __init__(self, path: Path, handle: BinaryIO | None, files: Callable[[], list[Path]]) -> None:
         self.path = path
         self.handle = handle  # None: no live file yet
         self.offset = 0  # just past the last whole line read
         self.number = 0  # lines read, for an error's line number
+        self.files = files  # the log's files, rotated ones oldest first
+        self.last_seq: int | None = None  # the last record's, read from any file
+
+    def seen(self, record: dict[str, Any]) -> dict[str, Any]:
+        seq = record.get("seq")
+        if type(seq) is int:
+            self.last_seq = seq
+        return record
 
     def read(self) -> list[dict[str, Any]]:
         """The records appended since the last read, the rotated file's last ones first."""
@@ -1462,7 +1470,34 @@ class _FollowedFile:
             except FileNotFoundError:  # renamed again already: the next read finds the new one
                 self.handle = None
             self.offset = self.number = 0
+            records += self._rotated_between()
             records += self._whole_lines()
+        return records
+
+    def _rotated_between(self) -> list[dict[str, Any]]:
+        """The files rotated after the one read to its end and before the one now open: on a busy
+        log the live file can be rotated twice between two reads, and the file between (never
+        open here) was skipped whole. Those whose first record (their name's number) is past the
+        last one read, in order, up to the file now open if it was rotated meanwhile too (read
+        after that one, once it is found replaced)."""
+        if self.last_seq is None:
+            return []
+        current = os.fstat(self.handle.fileno()).st_ino if self.handle is not None else None
+        records: list[dict[str, Any]] = []
+        for path in self.files():
+            number = path.name[len(self.path.name) + 1 :]
+            if path == self.path or not number.isdigit() or int(number) <= self.last_seq:
+                continue
+            try:
+                handle = _open_for_reading(path)
+            except FileNotFoundError:  # pruned meanwhile
+                continue
+            with handle:
+                if os.fstat(handle.fileno()).st_ino == current:
+                    break
+                for n, line in enumerate(handle, start=1):
+                    if line.endswith(b"\n"):  # a rotated file never ends in a partial record
+                        records.append(self.seen(_parse_line(line, path, n)))
         return records
 
     def _whole_lines(self) -> list[dict[str, Any]]:
@@ -1477,7 +1512,7 @@ class _FollowedFile:
         records = []
         for line in whole.splitlines(keepends=True):
             self.number += 1
-            records.append(_parse_line(line, self.path, self.number))
+            records.append(self.seen(_parse_line(line, self.path, self.number)))
         return records
 
     def _replaced(self) -> bool:
