@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import errno
 import fcntl
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
@@ -429,6 +431,29 @@ def test_follow_loses_no_file_when_the_log_rotates_twice_between_two_reads(
     finally:
         stop.set()
         batches.close()
+
+
+def test_follow_streams_the_records_before_it_rather_than_holding_them(tmp_path: Path) -> None:
+    """`audit show --follow --last 5` on a long log: the first batch was one list of every
+    record, the whole log in memory to show five (what --last's deque avoids without --follow)."""
+    path = tmp_path / "store.audit.jsonl"
+    line = {"actor": "svc", "operation": "get", "outcome": "ok", "decision": "allow", "hash": "0" * 64}
+    with path.with_name(f"{path.name}.{1:012d}").open("w") as rotated:
+        for seq in range(1, 20_001):
+            rotated.write(json.dumps({**line, "name": f"a/{seq}", "seq": seq}) + "\n")
+    path.write_text(json.dumps({**line, "name": "a/20001", "seq": 20_001}) + "\n")
+    stop = threading.Event()
+    batches = AuditLog(path).follow(stop, poll=0.01)
+    tracemalloc.start()
+    try:
+        last = collections.deque(next(batches), maxlen=5)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+        stop.set()
+        batches.close()
+    assert [r["seq"] for r in last] == list(range(19_997, 20_002))
+    assert peak < 2_000_000, peak  # 20,000 records held: about 20 MB
 
 
 # ---- tamper evidence -----------------------------------------------------------------------

@@ -24,7 +24,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1174,23 +1174,28 @@ class AuditLog:
 
     def follow(
         self, stop: threading.Event, *, poll: float = FOLLOW_POLL_SECONDS
-    ) -> Iterator[list[dict[str, Any]]]:
-        """Every record, as one first list, then each list of records appended since, as they are
-        written, until `stop` is set (`audit show --follow`, as `tail -F`). A rotation is
+    ) -> Iterator[Iterable[dict[str, Any]]]:
+        """Every record, as one first batch, then each list of records appended since, as they
+        are written, until `stop` is set (`audit show --follow`, as `tail -F`). The first batch
+        streams by, to be consumed before the next is asked for: as a list, the whole of a long
+        log was held in memory to show its last few records (`--follow --last 5`). A rotation is
         followed: the renamed file is read to its end (it is never written again), then the new
         live file from its start. A last line without its newline is a write under way (or a
         crash's partial record, which the next writer cuts off and sets aside): read once whole."""
         files = self._snapshot(locked=False)
         tail = _FollowedFile(self.path, None, self.files)
-        try:
-            first: list[dict[str, Any]] = []
+
+        def first() -> Iterator[dict[str, Any]]:
             for path, handle in files:
                 if path == self.path:
                     tail.handle = handle
                     continue
-                first.extend(tail.seen(_parse_line(line, path, n)) for n, line in enumerate(handle, start=1))
-            first.extend(tail.read())
-            yield first
+                for n, line in enumerate(handle, start=1):
+                    yield tail.seen(_parse_line(line, path, n))
+            yield from tail.read()
+
+        try:
+            yield first()
             while not stop.wait(poll):
                 appended = tail.read()
                 if appended:

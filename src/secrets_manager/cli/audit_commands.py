@@ -141,7 +141,7 @@ def show(
 
 
 def _follow(
-    follow: Callable[[threading.Event], Iterator[list[dict[str, Any]]]],
+    follow: Callable[[threading.Event], Iterator[Iterable[dict[str, Any]]]],
     matches: Callable[[dict[str, Any]], bool],
     last_of: Callable[[Iterable[dict[str, Any]]], list[dict[str, Any]]],
     as_json: bool,
