@@ -1173,7 +1173,11 @@ class AuditLog:
                 handle.close()
 
     def follow(
-        self, stop: threading.Event, *, poll: float = FOLLOW_POLL_SECONDS
+        self,
+        stop: threading.Event,
+        *,
+        poll: float = FOLLOW_POLL_SECONDS,
+        on_partial: Callable[[Path, int], None] | None = None,
     ) -> Iterator[Iterable[dict[str, Any]]]:
         """Every record, as one first batch, then each list of records appended since, as they
         are written, until `stop` is set (`audit show --follow`, as `tail -F`). The first batch
@@ -1181,7 +1185,9 @@ class AuditLog:
         log was held in memory to show its last few records (`--follow --last 5`). A rotation is
         followed: the renamed file is read to its end (it is never written again), then the new
         live file from its start. A last line without its newline is a write under way (or a
-        crash's partial record, which the next writer cuts off and sets aside): read once whole."""
+        crash's partial record, which the next writer cuts off and sets aside): read once whole.
+        One there as it starts, still there holding the writers' lock (no write under way), is a
+        crash's, given to `on_partial` (its file and line number) as `records` does."""
         files = self._snapshot(locked=False)
         tail = _FollowedFile(self.path, None, self.files)
 
@@ -1193,6 +1199,12 @@ class AuditLog:
                 for n, line in enumerate(handle, start=1):
                     yield tail.seen(_parse_line(line, path, n))
             yield from tail.read()
+            if on_partial is not None and tail.partial():
+                with self._reader_lock():
+                    completed = tail.read()
+                yield from completed
+                if tail.partial():
+                    on_partial(self.path, tail.number + 1)
 
         try:
             yield first()
@@ -1519,6 +1531,10 @@ class _FollowedFile:
             self.number += 1
             records.append(self.seen(_parse_line(line, self.path, self.number)))
         return records
+
+    def partial(self) -> bool:
+        """Whether the file read ends in a line without its newline."""
+        return self.handle is not None and os.fstat(self.handle.fileno()).st_size > self.offset
 
     def _replaced(self) -> bool:
         """Whether another file than the one read is at the path now."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import fnmatch
+import os
 import signal
 import sys
 import threading
@@ -131,7 +132,7 @@ def show(
         )
 
     if follow:
-        _follow(log.follow, matches, last_of, as_json)
+        _follow(lambda stop: log.follow(stop, on_partial=partial), matches, last_of, as_json)
         return
     selected = last_of(log.records(on_partial=partial))
     if as_json:
@@ -160,6 +161,13 @@ def _follow(
                     _print_records(selected, header=count == 0)
                 sys.stdout.flush()
     except Terminated:
+        # The signal's handler can raise in a write that has put its bytes out but not yet
+        # emptied the buffer holding them, which Python writes again as it exits: the record
+        # last shown was shown twice. What is left to write goes nowhere now.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.dup2(devnull, sys.stderr.fileno())
+        os.close(devnull)
         return
 
 
