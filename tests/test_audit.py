@@ -423,6 +423,26 @@ def test_audit_show_follow_ended_as_it_prints_shows_nothing_twice(cli: Cli) -> N
         assert b"auth/NOPE" in first and (out, err) == (b"", b""), attempt
 
 
+def test_follow_refuses_a_last_line_no_write_could_leave(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """Over a mebibyte without a newline is no record a write cut short (as an append judges
+    it): the follower took it for one under way and read it all again every 0.2 s, for ever."""
+    path = tmp_path / "store.audit.jsonl"
+    log = AuditLog(path)
+    log.append([AuditEvent(operation="get", actor="svc", name="a/1")], encrypted_store)
+    with path.open("ab") as handle:
+        handle.write(b'{"actor":"' + b"x" * (2 << 20))
+    stop = threading.Event()
+    batches = log.follow(stop, poll=0.01)
+    try:
+        with pytest.raises(AuditTamperError, match="line 2 is not an audit record"):
+            list(next(batches))
+    finally:
+        stop.set()
+        batches.close()
+
+
 def test_follow_reads_a_record_only_once_it_is_whole(encrypted_store: EncryptedStore, tmp_path: Path) -> None:
     """A last line without its newline is a write under way: the follower waits for the rest
     rather than failing on half a record or skipping it."""

@@ -1525,6 +1525,13 @@ class _FollowedFile:
         self.handle.seek(self.offset)
         data = self.handle.read()
         whole = data[: data.rfind(b"\n") + 1]
+        if len(data) - len(whole) > _PARTIAL_LIMIT:  # else read again, whole, every poll for ever
+            at = self.number + whole.count(b"\n") + 1
+            raise AuditTamperError(
+                f"audit log {self.path.name} line {at} is not an "
+                f"audit record (over {_PARTIAL_LIMIT} bytes without a newline; damaged or forged): "
+                f"{_RESTORE_HINT}"
+            )
         self.offset += len(whole)
         records = []
         for line in whole.splitlines(keepends=True):
