@@ -10,6 +10,7 @@ new chain (its first record is `audit.reset`) when the old one lost records.
 from __future__ import annotations
 
 import collections
+import contextlib
 import fnmatch
 import os
 import signal
@@ -165,9 +166,12 @@ def _follow(
         # emptied the buffer holding them, which Python writes again as it exits: the record
         # last shown was shown twice. What is left to write goes nowhere now.
         devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        os.dup2(devnull, sys.stderr.fileno())
-        os.close(devnull)
+        try:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(OSError, ValueError):  # no descriptor: not the process's
+                    os.dup2(devnull, stream.fileno())
+        finally:
+            os.close(devnull)
         return
 
 
