@@ -423,6 +423,30 @@ def test_audit_show_follow_ended_as_it_prints_shows_nothing_twice(cli: Cli) -> N
         assert b"auth/NOPE" in first and (out, err) == (b"", b""), attempt
 
 
+def test_follow_keeps_no_rotated_file_open_once_read(encrypted_store: EncryptedStore, tmp_path: Path) -> None:
+    """The rotated files read at the start stayed open for as long as the follow ran: days of
+    `audit show -f` kept the disk space of every file `audit prune` removed meanwhile."""
+    path = tmp_path / "store.audit.jsonl"
+    log = AuditLog(path, max_bytes=800)
+    for i in range(6):
+        log.append([AuditEvent(operation="get", actor="svc", name=f"a/{i}")], encrypted_store)
+    rotated = {str(p) for p in log.files() if p != path}
+    assert len(rotated) >= 2
+    stop = threading.Event()
+    batches = log.follow(stop, poll=0.01)
+    try:
+        assert len(list(next(batches))) == 6
+        fds = Path("/proc/self/fd")
+        held = set()
+        for fd in fds.iterdir():
+            with contextlib.suppress(OSError):
+                held.add(os.readlink(fd))
+        assert not rotated & held
+    finally:
+        stop.set()
+        batches.close()
+
+
 def test_follow_refuses_a_last_line_no_write_could_leave(
     encrypted_store: EncryptedStore, tmp_path: Path
 ) -> None:

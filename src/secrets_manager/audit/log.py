@@ -1196,8 +1196,9 @@ class AuditLog:
                 if path == self.path:
                     tail.handle = handle
                     continue
-                for n, line in enumerate(handle, start=1):
-                    yield tail.seen(_parse_line(line, path, n))
+                with handle:  # read: not held open for the whole follow (pinning a pruned file)
+                    for n, line in enumerate(handle, start=1):
+                        yield tail.seen(_parse_line(line, path, n))
             yield from tail.read()
             if on_partial is not None and tail.partial():
                 with self._reader_lock():
