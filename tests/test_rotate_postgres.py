@@ -26,7 +26,7 @@ from psycopg import sql
 
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.values import SecretValue
-from service_fixtures import make_pki, make_store, start_server
+from service_fixtures import Server, make_pki, make_store, start_server
 from tcp_proxy import TcpProxy, Verdict
 from test_rotate import OLD_VALUE, SCRIPT, Cli
 
@@ -649,15 +649,21 @@ def test_sigterm_while_the_server_is_asked_before_the_stage_says_nothing_was_sta
     assert cli.labels() == {"current": 1}
 
 
+def _served_with_pgpass(tmp_path: Path, roles: Roles, *, user: str) -> Server:
+    """A serve of db/app (OLD_VALUE) for `ops`, and a ~/.pgpass (Server.cli's HOME) giving `user`
+    (or "*": every role) the administrator's password, for the CLI's PostgreSQL steps."""
+    make_pki(tmp_path, ("ops",))
+    make_store(tmp_path, {"db/app": OLD_VALUE.encode()})
+    pgpass = tmp_path / ".pgpass"
+    pgpass.write_text(f"127.0.0.1:{roles.cluster.port}:*:{user}:{roles.admin_password}\n")
+    pgpass.chmod(0o600)
+    return start_server(tmp_path, "server")
+
+
 def test_rotate_through_the_service_sets_the_role_from_this_machine(tmp_path: Path, roles: Roles) -> None:
     """With --server the store steps are the service's RPCs and the PostgreSQL steps run here, with
     this machine's libpq credentials (~/.pgpass); the service never sees the administrator's."""
-    make_pki(tmp_path, ("ops",))
-    make_store(tmp_path, {"db/app": OLD_VALUE.encode()})
-    pgpass = tmp_path / ".pgpass"  # Server.cli's HOME
-    pgpass.write_text(f"127.0.0.1:{roles.cluster.port}:*:{roles.admin}:{roles.admin_password}\n")
-    pgpass.chmod(0o600)
-    server = start_server(tmp_path, "server")
+    server = _served_with_pgpass(tmp_path, roles, user=roles.admin)
     try:
         done = server.cli(
             "ops", "rotate", "db/app", "--postgres-role", roles.app, "--postgres", roles.conninfo
@@ -679,12 +685,7 @@ def test_through_the_service_a_pending_version_records_its_role_and_a_resume_nam
     """StageSecretVersion carries the role to the service's store and GetSecret of the pending
     version brings it back: a --resume naming another role is refused (exit 2) with nothing
     changed, and a bare --resume rotates the recorded one."""
-    make_pki(tmp_path, ("ops",))
-    make_store(tmp_path, {"db/app": OLD_VALUE.encode()})
-    pgpass = tmp_path / ".pgpass"  # Server.cli's HOME
-    pgpass.write_text(f"127.0.0.1:{roles.cluster.port}:*:*:{roles.admin_password}\n")
-    pgpass.chmod(0o600)
-    server = start_server(tmp_path, "server")
+    server = _served_with_pgpass(tmp_path, roles, user="*")
     try:
         with _role_locked(roles):
             failed = server.cli(

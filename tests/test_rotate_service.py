@@ -29,6 +29,7 @@ from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 from secrets_manager.wire import ERROR_CLASS_KEY, error_for, error_metadata, metadata_from_message, status_for
 from service_fixtures import SCRIPT, TD, Server, make_pki, make_store, start_server, tls_files
+from test_service import cli_in_process
 
 OLD_VALUE = b"old-db-password-KNOWN-1234"
 STAGED_VALUE = b"staged-db-password-SEEKRIT-5678"
@@ -504,26 +505,6 @@ def test_rotate_expires_denied_to_a_rotator_without_write_says_the_rotation_stan
 JSON_VALUE = b'{"username": "app", "password": "old-json-password-KNOWN-1"}'
 
 
-def _cli_in_process(
-    monkeypatch: pytest.MonkeyPatch, directory: Path, address: str, identity: str, *args: str, stdin: bytes
-) -> int:
-    """The CLI in this process (so a test can patch its RemoteStore) against `address`, as
-    `identity`, `stdin` its standard input; the environment set for it is undone afterwards."""
-    import io
-    import sys
-
-    from secrets_manager.cli import run
-
-    with monkeypatch.context() as patch:
-        patch.setenv("HOME", str(directory))
-        patch.setenv("SECRETS_MANAGER_ADDR", address)
-        patch.setenv("SECRETS_MANAGER_CERT", str(directory / f"{identity}.pem"))
-        patch.setenv("SECRETS_MANAGER_KEY", str(directory / f"{identity}-key.pem"))
-        patch.setenv("SECRETS_MANAGER_CA", str(directory / "ca.pem"))
-        patch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
-        return run(list(args))
-
-
 def _pending_of(stub: pb_grpc.SecretsStub, name: str) -> dict[str, int]:
     reply = stub.DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10)
     return dict(metadata_from_message(reply.metadata).labels)
@@ -554,7 +535,7 @@ def test_a_field_rotation_whose_secret_moved_before_its_stage_is_refused_by_the_
     monkeypatch.setattr(RemoteStore, "_call", recording_call)
     capsys.readouterr()
     args = ("rotate", "db/json#password", "--stdin", "--set-command", "true")
-    code = _cli_in_process(
+    code = cli_in_process(
         monkeypatch, server.dir, server.address, "rotator", *args, stdin=b"new-SEEKRIT-password\n"
     )
     monkeypatch.undo()
@@ -621,7 +602,7 @@ def test_a_service_from_before_the_conditional_stage_is_refused_the_stage_not_as
             address = f"127.0.0.1:{running.port}"
             capsys.readouterr()
             args = ("rotate", "db/json#password", "--stdin", "--set-command", "true")
-            code = _cli_in_process(monkeypatch, tmp_path, address, "rotator", *args, stdin=b"new-SEEKRIT\n")
+            code = cli_in_process(monkeypatch, tmp_path, address, "rotator", *args, stdin=b"new-SEEKRIT\n")
             message = capsys.readouterr().err
             assert code == 2, message
             assert message.count("\n") == 1 and "nothing was staged for db/json" in message, message

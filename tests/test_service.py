@@ -1203,11 +1203,20 @@ def test_mv_by_one_who_may_not_delete_old_says_new_was_written_and_old_stays(ser
     assert server.cli("ops", "get", "load/NEW").stdout == server.cli("ops", "get", "load/OLD").stdout
 
 
-def _cli_in_process(
-    monkeypatch: pytest.MonkeyPatch, directory: Path, address: str, identity: str, *args: str
+def cli_in_process(
+    monkeypatch: pytest.MonkeyPatch,
+    directory: Path,
+    address: str,
+    identity: str,
+    *args: str,
+    stdin: bytes | None = None,
 ) -> int:
     """The CLI in this process (so a test can patch its RemoteStore) against `address`, as
-    `identity`; the environment set for it is undone afterwards."""
+    `identity` (`stdin`, if given, its standard input); the environment set for it is undone
+    afterwards."""
+    import io
+    import sys
+
     from secrets_manager.cli import run
 
     with monkeypatch.context() as patch:
@@ -1216,6 +1225,8 @@ def _cli_in_process(
         patch.setenv("SECRETS_MANAGER_CERT", str(directory / f"{identity}.pem"))
         patch.setenv("SECRETS_MANAGER_KEY", str(directory / f"{identity}-key.pem"))
         patch.setenv("SECRETS_MANAGER_CA", str(directory / "ca.pem"))
+        if stdin is not None:
+            patch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
         return run(list(args))
 
 
@@ -1234,7 +1245,7 @@ def test_mv_through_the_service_leaves_old_when_a_store_lands_just_before_its_de
 
     monkeypatch.setattr(RemoteStore, "delete", delete_after_another_store)
     capsys.readouterr()
-    assert _cli_in_process(monkeypatch, server.dir, server.address, "ops", "mv", "load/OLD", "load/NEW") == 7
+    assert cli_in_process(monkeypatch, server.dir, server.address, "ops", "mv", "load/OLD", "load/NEW") == 7
     monkeypatch.undo()
     message = capsys.readouterr().err
     assert message.count("\n") == 1 and message.startswith("secrets-manager: error: "), message
@@ -1282,13 +1293,13 @@ def test_a_service_from_before_conditional_deletes_is_refused_the_delete_not_ask
             address = f"127.0.0.1:{running.port}"
             capsys.readouterr()
             cli = ("auth/JWT_KEY", "auth/MOVED")
-            assert _cli_in_process(monkeypatch, tmp_path, address, "ops", "mv", *cli) == 2
+            assert cli_in_process(monkeypatch, tmp_path, address, "ops", "mv", *cli) == 2
             message = capsys.readouterr().err
             assert message.count("\n") == 1, message
             assert "auth/MOVED version 1 holds the value of version 1 of auth/JWT_KEY" in message, message
             assert "auth/JWT_KEY was not deleted" in message, message
             assert "DeleteSecretIfCurrent is not supported by the service" in message, message
-            code = _cli_in_process(
+            code = cli_in_process(
                 monkeypatch, tmp_path, address, "ops", "delete", "auth/DB_PASSWORD", "--expect-version", "1"
             )
             assert code == 2
