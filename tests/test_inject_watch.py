@@ -202,8 +202,26 @@ def test_a_file_that_cannot_be_written_is_written_again_without_reading_the_secr
         watcher.kill()
     said = watcher.stderr()
     assert "app/KEY changed, but out.conf could not be written again (" in said, said
-    assert "it keeps what it had; trying again in 10 s" in said
+    assert "out.conf holds no values meanwhile; trying again in 10 s" in said  # a directory there
     assert "out.conf is up to date again" in said and "SEEKRIT" not in said
+
+
+def test_ended_while_a_change_is_not_in_the_file_yet_it_says_so(cli: Cli, tmp_path: Path) -> None:
+    """SIGTERM while the write after a change was still owed (FILE could not be written) ended
+    inject with exit 0 and nothing said: FILE left behind the store without a word."""
+    watcher = Watcher(tmp_path, cli.env)
+    try:
+        watcher.wait_for(lambda: "watching for changes" in watcher.stderr(), "the first write")
+        (tmp_path / "out.conf").unlink()
+        (tmp_path / "out.conf").mkdir()
+        assert cli("store", "app/KEY", input=b"rotated-SEEKRIT").code == 0
+        watcher.wait_for(lambda: "could not be written again" in watcher.stderr(), "the warning")
+        assert watcher.end() == 0
+    finally:
+        watcher.kill()
+    said = watcher.stderr()
+    assert said.rstrip("\n").endswith("ended before out.conf was written again after app/KEY changed"), said
+    assert "SEEKRIT" not in said
 
 
 def test_a_file_written_again_keeps_its_file_mode_and_group(cli: Cli, tmp_path: Path) -> None:

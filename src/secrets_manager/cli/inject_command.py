@@ -331,7 +331,7 @@ def _inject_and_watch(
                             exc,
                             now,
                             f"{', '.join(sorted(changed))} changed, but could not be read ({exc}); "
-                            f"{output} keeps what it had",
+                            f"{_as_it_was(output)}",
                         )
                         continue
                     changed.clear()
@@ -351,7 +351,7 @@ def _inject_and_watch(
                             StorageError(str(exc)),
                             now,
                             f"{what} changed, but {output} could not be written again ({exc}); "
-                            "it keeps what it had",
+                            f"{_as_it_was(output)}",
                         )
                         continue
                 unwritten = None
@@ -370,6 +370,18 @@ def _inject_and_watch(
         finally:
             stop.set()
             source.cancel()
+            owed = changed | (set() if unwritten is None else unwritten[1])
+            if owed:  # ended (a signal, a failure) with a change not in FILE: say it is behind
+                behind = "; it holds the values from before the change" if output.is_file() else ""
+                warning_line(
+                    f"ended before {output} was written again after {', '.join(sorted(owed))} changed{behind}"
+                )
+
+
+def _as_it_was(output: Path) -> str:
+    """What a failed reading or write leaves: FILE as it was, or (removed meanwhile, something
+    else in its place) no values at all until a write succeeds."""
+    return f"{output} keeps what it had" if output.is_file() else f"{output} holds no values meanwhile"
 
 
 def _content_of(path: Path) -> bytes | None:
