@@ -287,6 +287,8 @@ def test_file_mode_and_group_let_a_program_of_that_group_read_the_file(cli: Cli,
         (("--file-mode", "rw-r-----"), "give an octal mode"),
         (("--file-mode", "0o6400"), "give an octal mode"),
         (("--file-group", "no-such-group-here"), "no such group on this machine"),
+        (("--file-group", "daemon"), "the group may not read FILE; add --file-mode 0640"),  # 0600
+        (("--file-group", "daemon", "--file-mode", "0600"), "with mode 0600 the group may not read"),
         # int() took these: not what chmod reads as a mode
         (("--file-mode", "+640"), "give an octal mode"),
         (("--file-mode", " 640"), "give an octal mode"),

@@ -132,6 +132,11 @@ def inject(
     if output is None and (file_mode is not None or file_group is not None):
         raise InvalidInputError("--file-mode and --file-group are FILE's: give -o FILE")
     permissions = Permissions(_file_mode(file_mode), _file_group(file_group))
+    if permissions.group is not None and not permissions.mode & 0o040:
+        raise InvalidInputError(
+            f"--file-group {file_group}: with mode {permissions.mode:04o} the group may not read FILE; "
+            "add --file-mode 0640 (or 0440)"
+        )
     text = _template_text(template)
     references = _references(text)
     if output is not None:
