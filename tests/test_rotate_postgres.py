@@ -239,6 +239,28 @@ def test_a_resume_naming_another_role_is_refused_and_a_bare_resume_rotates_the_r
         assert _logs_in_as(roles, other, "other-role-password")
 
 
+def test_a_bare_resume_says_which_role_it_takes_from_the_version_before_setting_it(
+    cli: Cli, roles: Roles
+) -> None:
+    """A --resume naming no role sets the password of the role the pending version records,
+    which whoever staged it chose (anyone with the rotate capability may stage). It said only
+    'resumed and rotated db/app', never whose password it had changed; it now says the role on
+    one line before the set step, never the value. Fails on the old code."""
+    with _role_locked(roles):  # the set step fails: version 2 stays pending
+        assert _rotate(cli, roles, "--timeout", "2").code == 1
+    resumed = cli("rotate", "db/app", "--resume", "--postgres", roles.conninfo)
+    assert resumed.code == 0, resumed.stderr
+    lines = resumed.stderr.splitlines()
+    said = (
+        f"secrets-manager: version 2 of db/app records PostgreSQL role {roles.app!r}: "
+        "setting that role's password to it"
+    )
+    assert said in lines, resumed.stderr
+    assert lines.index(said) < next(i for i, line in enumerate(lines) if "resumed and rotated" in line)
+    assert cli.value() not in resumed.stderr
+    assert roles.logs_in(cli.value())
+
+
 def test_a_pending_version_that_records_no_role_is_resumed_as_given_with_a_warning(
     cli: Cli, roles: Roles
 ) -> None:

@@ -399,6 +399,7 @@ def rotate(
     scheduled: bool = False,
     set_ran: bool = False,
     warn: Callable[[str], None] | None = None,
+    inform: Callable[[str], None] | None = None,
 ) -> Rotated:
     """Stage `value` (or, if None, resume the pending version), set, test, promote. A failed
     command raises RotationStepFailed and leaves the version pending; nothing else moves.
@@ -424,7 +425,8 @@ def rotate(
     checks the target still takes the value after whatever interrupted us), then promote.
     The version is staged with its target (`Commands.target`, the PostgreSQL role); a resume of a
     version that recorded a role sets that role's password only (`resumed_commands`). `warn`: where
-    a warning goes (default: logged)."""
+    a warning goes, `inform`: where the role a resume takes from the version is said (default:
+    logged)."""
     resumed = value is None
     expect_current = None
     if value is not None:
@@ -442,7 +444,9 @@ def rotate(
         )
     if value is None:
         version, value, target = steps.pending(name)
-        commands = resumed_commands(name, version, target, commands, scheduled=scheduled, warn=warn)
+        commands = resumed_commands(
+            name, version, target, commands, scheduled=scheduled, warn=warn, inform=inform
+        )
         current = _current_or_none(steps, name)
         if current is not None and current > version:  # before the target is touched
             refuse_to_demote(name, version, current)
@@ -482,13 +486,17 @@ def resumed_commands(
     *,
     scheduled: bool = False,
     warn: Callable[[str], None] | None = None,
+    inform: Callable[[str], None] | None = None,
 ) -> Commands:
     """The commands that resume version `version` of `name`, staged for `target` (None: none
     recorded). A PostgreSQL role recorded is the one whose password the value is: a resume naming
     no target rotates it (`Commands.recorded_postgres`); one naming another role is refused
     (InvalidInputError, exit 2), before any step, nothing changed. A version staged by a build
     before targets (none recorded) is resumed as the commands say, with a warning: its role cannot
-    be checked. Set and test commands are taken as given (what they change, only they know)."""
+    be checked. Set and test commands are taken as given (what they change, only they know).
+    The role a resume takes from the version is said first (`inform`): the store names it, and
+    whoever may stage (the rotate capability) chose it, so the person resuming sees whose password
+    is about to change."""
     recorded = PostgresRole.role_of_target(target)
     discard = shlex.join([*commands.invocation, "rotate", name, "--discard"])
     if commands.recorded_postgres is not None:
@@ -501,11 +509,12 @@ def resumed_commands(
                 "already holds the pending value (set by hand); nothing was changed (or discard it: "
                 f"{discard})"
             )
-        return replace(
-            commands,
-            postgres=PostgresRole.parse(recorded, commands.recorded_postgres),
-            recorded_postgres=None,
+        postgres = PostgresRole.parse(recorded, commands.recorded_postgres)
+        (inform or _log.info)(
+            f"version {version} of {name} records PostgreSQL role {recorded!r}: setting that role's "
+            "password to it"
         )
+        return replace(commands, postgres=postgres, recorded_postgres=None)
     if commands.postgres is None:
         return commands
     if target is None:

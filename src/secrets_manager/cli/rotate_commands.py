@@ -278,6 +278,7 @@ def rotate(
             field=field,
             generated=not from_stdin,
             warn=warning_line,
+            inform=info_line,
         )
     if expiry is not None:
         record_expiry(session, rotated, expiry)
