@@ -320,8 +320,8 @@ def _check_resume_commands(*, resume: bool, promote_only: bool, commands: bool) 
         raise InvalidInputError("--promote-only goes with --resume: 'rotate NAME --resume --promote-only'")
     if promote_only and commands:
         raise InvalidInputError(
-            "--promote-only runs no command; drop --set-command/--test-command (and --postgres-role), or "
-            "drop --promote-only"
+            "--promote-only runs no command; drop --set-command/--test-command (and --postgres-role, "
+            "--postgres), or drop --promote-only"
         )
 
 
