@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from secrets_manager.client import Client, RemoteStore, remote
+from secrets_manager.client import Client, RemoteStore, TlsFiles, _client, remote
+from secrets_manager.client._config import RemoteTarget
 from service_fixtures import (
     SCRIPT,
     SEED,
@@ -32,6 +33,7 @@ from service_fixtures import (
     start_server,
     tls_files,
 )
+from tcp_proxy import TcpProxy, Verdict
 
 CHECK_SECONDS = 3.0  # the CLI's health-check timeout for each of several addresses
 
@@ -332,3 +334,37 @@ def test_the_sdk_watches_and_reads_through_the_next_address_after_a_head_start(
         client.close()
     assert value == SEED["auth/JWT_KEY"]
     assert took < 1.5, took
+
+
+class SlowProxy(TcpProxy):
+    """A healthy replica slower to answer than the head start (far away, or loaded): what the
+    server sends is held 0.2 s a chunk, so a handshake and a health check take about a second."""
+
+    def verdict(self, data: bytes, *, from_client: bool) -> Verdict:
+        if not from_client:
+            time.sleep(0.2)
+        return Verdict.PASS
+
+
+def test_the_sdk_watches_on_a_slower_replica_rather_than_race_the_one_that_refused_its_stream(
+    served: Server,
+) -> None:
+    """The SDK's watch stream, refused by a replica at its watch-stream limit, is to go to
+    another replica next. Raced beside the others after the head start, the refusing replica's
+    quick SERVING beat a healthy replica slower than the head start, so the stream went back to
+    it (and was refused again, with backoff, for as long as that lasted): the others are now
+    asked first, the refusing one only if none serves. Fails on the old code (watched on the
+    refusing replica)."""
+    slow = SlowProxy("127.0.0.1", int(served.address.rpartition(":")[2]))
+    tls = TlsFiles(served.dir / "auth.pem", served.dir / "auth-key.pem", served.dir / "ca.pem")
+    replicas = _client._ServiceReplicas(RemoteTarget((served.address, slow.address), tls), 3.0)
+    try:
+        replicas._watch_refused_by = 0  # as the SDK's watcher marks it on RESOURCE_EXHAUSTED
+        stream = replicas.open_watch()
+        try:
+            assert replicas._watching == 1  # the slow replica, not the one that refused
+        finally:
+            stream.close()
+    finally:
+        replicas.close()
+        slow.close()

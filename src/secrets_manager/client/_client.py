@@ -537,15 +537,22 @@ class _ServiceReplicas:
         """Watch, on the first address whose health check says SERVING within the timeout, each
         asked after the one before has had a head start (`first_serving`; the replicas share one
         store, so a stream resumes `since_revision` on any of them). A replica
-        that refused the last stream (at its watch-stream limit) is tried last. The stream holds
-        its channels open until the watcher closes it."""
+        that refused the last stream (at its watch-stream limit) is asked only once no other
+        serves: raced beside them, its quick SERVING would beat a healthy replica slower than the
+        head start, and refuse the stream again. The stream holds its channels open until the
+        watcher closes it."""
         channels = self._take()
         try:
             order = self._in_order(channels)
-            order.sort(key=lambda pair: pair[0] == self._watch_refused_by)  # stable: the rest keep order
-            chosen = first_serving([replica for _, replica in order], self._timeout)
-            if chosen.store is not None and chosen.index is not None:
-                index, replica = order[chosen.index]
+            refused = [pair for pair in order if pair[0] == self._watch_refused_by]
+            found: tuple[int, RemoteStore] | None = None
+            for group in ([pair for pair in order if pair[0] != self._watch_refused_by], refused):
+                chosen = first_serving([replica for _, replica in group], self._timeout) if group else None
+                if chosen is not None and chosen.index is not None:
+                    found = group[chosen.index]
+                    break
+            if found is not None:
+                index, replica = found
                 self._preferred = self._watching = index
                 watched = replica.watch(
                     since_revision=since_revision,
