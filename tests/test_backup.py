@@ -714,8 +714,10 @@ class ProtocolOnly:
     def destroy_secret(self, name: str) -> None:
         self._inner.destroy_secret(name)
 
-    def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:
-        return self._inner.stage(name, value, expect_current=expect_current)
+    def stage(
+        self, name: str, value: bytes, *, expect_current: int | None = None, target: str | None = None
+    ) -> VersionInfo:
+        return self._inner.stage(name, value, expect_current=expect_current, target=target)
 
     def close(self) -> None:
         self._inner.close()
@@ -726,7 +728,9 @@ class NoPendingLabel(ProtocolOnly):
 
     unsupported_capabilities = frozenset({"pending-label"})
 
-    def stage(self, name: str, value: bytes, *, expect_current: int | None = None) -> VersionInfo:
+    def stage(
+        self, name: str, value: bytes, *, expect_current: int | None = None, target: str | None = None
+    ) -> VersionInfo:
         raise UnsupportedOperationError("the 'pending' label is not supported by this store")
 
 
@@ -946,3 +950,30 @@ def test_removing_store_files_where_none_can_be_is_quiet(tmp_path: Path) -> None
     remove_store_files(tmp_path / "file.txt" / "store.db")
     remove_store_files(tmp_path / ("a" * 300 + ".db"))
     assert (tmp_path / "file.txt").read_text() == "x"
+
+
+def test_a_store_copy_keeps_the_rotation_target_of_a_pending_version_restored_into_a_store(
+    tmp_path: Path,
+) -> None:
+    """A pending version records what its rotation staged it for (the PostgreSQL role a resume
+    sets it at): a store copy (kind `store`) holds it in the version's metadata, and a fresh
+    restore kept it byte for byte, but one into an existing store (ours, or another store through
+    the protocol) staged the pending value with none, so a bare `rotate --resume` was refused
+    and one naming another role only warned. It is staged with its target now. (A password
+    backup's lines have no member for it.) Fails on the old code (target None)."""
+    source = new_store(tmp_path / "source.db")
+    try:
+        source.put("svc/DB", b"db-ONE")
+        source.stage("svc/DB", b"db-STAGED", target="postgres-role:app")
+        write_backup(source, tmp_path / "copy.smbackup")
+    finally:
+        source.close()
+    backup = read_backup(tmp_path / "copy.smbackup", b"target password")
+    for target in (new_store(tmp_path / "into.db"), ProtocolOnly(new_store(tmp_path / "other.db"))):
+        try:
+            restore_into(target, backup.secrets)
+            pending = target.get("svc/DB", label=PENDING)
+            assert (pending.value.reveal(), pending.target) == (b"db-STAGED", "postgres-role:app")
+            assert target.get("svc/DB").target is None
+        finally:
+            target.close()

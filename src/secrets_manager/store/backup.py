@@ -137,6 +137,10 @@ class BackupVersion:
     destroyed: bool = False
     value: bytes | None = field(default=None, repr=False)
     expires: float | None = None  # the expiry recorded for this version (format.md §7), if any
+    # The rotation target recorded with this version (format.md §7), if any: kept by a store copy
+    # (kind `store`, whose records hold it) restored into any store; a password backup's lines
+    # have no member for it, so it is not in a file of that kind.
+    target: str | None = None
 
 
 @dataclass(frozen=True)
@@ -175,6 +179,7 @@ class BackupSecret:
             versions={
                 v.version: {"created": v.created, "created_by": v.created_by, "destroyed": v.destroyed}
                 | ({} if v.expires is None else {"expires": v.expires})
+                | ({} if v.target is None else {"target": v.target})
                 for v in self.versions
             },
         )
@@ -200,6 +205,7 @@ class BackupSecret:
                     destroyed=bool(info["destroyed"]),
                     value=None if info["destroyed"] else values[number],
                     expires=None if info.get("expires") is None else float(info["expires"]),
+                    target=meta.target_of(number),
                 )
                 for number, info in sorted(meta.versions.items())
             ),

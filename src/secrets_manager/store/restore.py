@@ -58,6 +58,7 @@ from secrets_manager.errors import (
     StorageError,
     StoreNotFoundError,
     Terminated,
+    UnsupportedOperationError,
     interruptions_ignored,
 )
 from secrets_manager.storage import ABSENT, Delete, Put
@@ -675,7 +676,13 @@ def _write_secret(
         expect = info.version
         served = (version.version, info.version)
     if stage and pending is not None and pending.value is not None:
-        store.stage(secret.name, pending.value)
+        # With what the rotation staged it for (a PostgreSQL role), as the backup's store recorded.
+        try:
+            store.stage(secret.name, pending.value, target=pending.target)
+        except UnsupportedOperationError:
+            if pending.target is None:
+                raise
+            store.stage(secret.name, pending.value)  # AWS: no tag left for it; staged as before targets
     if room != wanted:
         store.update_metadata(secret.name, max_versions=wanted)
     if secret.deleted is not None:
