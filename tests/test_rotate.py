@@ -572,7 +572,8 @@ def test_resume_promote_only_promotes_a_value_set_by_hand_without_running_anythi
         (("--promote-only",), "--promote-only goes with --resume"),
         (("--resume", "--promote-only", "--set-command", "true"), "--promote-only runs no command"),
         (("--resume", "--promote-only", "--test-command", "true"), "--promote-only runs no command"),
-        # --postgres alone goes with a bare --resume now (the role the version records): with
+        # --postgres alone goes with a bare --resume (refused once read, naming the role the version
+        # records): with
         # --promote-only the refusal named only options not given (fails on the old code)
         (("--resume", "--promote-only", "--postgres", "host=db"), "--postgres-role, --postgres)"),
     ):

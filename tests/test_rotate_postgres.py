@@ -206,13 +206,13 @@ def _logs_in_as(roles: Roles, role: str, password: str) -> bool:
     return True
 
 
-def test_a_resume_naming_another_role_is_refused_and_a_bare_resume_rotates_the_role_recorded(
+def test_a_resume_naming_another_role_is_refused_and_the_recorded_role_named_finishes_it(
     cli: Cli, roles: Roles
 ) -> None:
     """The pending version records the role it was staged for. A --resume naming another role
     used to set that role's password to the pending value (a plain value has no "username" to
     tell): it is refused (exit 2, one line saying whose the value is and what to run), with neither
-    role nor the store changed. A --resume naming no role rotates the one recorded."""
+    role nor the store changed. Naming the recorded role finishes it."""
     with _role_locked(roles):  # the set step fails: version 2 stays pending
         assert _rotate(cli, roles, "--timeout", "2").code == 1
     assert cli.labels() == {"current": 1, "pending": 2}
@@ -232,32 +232,38 @@ def test_a_resume_naming_another_role_is_refused_and_a_bare_resume_rotates_the_r
         assert cli("history", "db/app", "--json").stdout == history
         assert cli.value("--label", "pending") not in wrong.stderr
         assert not [r for r in cli.audit.read_text().splitlines() if '"rotate.set"' in r and other in r]
-        resumed = cli("rotate", "db/app", "--resume", "--postgres", roles.conninfo)
+        resumed = cli(*resume)
         assert resumed.code == 0, resumed.stderr
         assert "resumed and rotated db/app: version 2 is current" in resumed.stderr
         assert roles.logs_in(cli.value()) and not roles.logs_in(OLD_VALUE)
         assert _logs_in_as(roles, other, "other-role-password")
 
 
-def test_a_bare_resume_says_which_role_it_takes_from_the_version_before_setting_it(
+def test_a_bare_resume_sets_no_password_and_names_the_role_the_version_records(
     cli: Cli, roles: Roles
 ) -> None:
-    """A --resume naming no role sets the password of the role the pending version records,
-    which whoever staged it chose (anyone with the rotate capability may stage). It said only
-    'resumed and rotated db/app', never whose password it had changed; it now says the role on
-    one line before the set step, never the value. Fails on the old code."""
+    """A --resume naming no role set the password of the role the pending version records, which
+    whoever staged it chose (anyone with the rotate capability may stage one, with any role, e.g.
+    through the SDK's stage(target=...)): an operator's bare --resume could set another role's
+    password to a value the stager knows. It is refused (exit 2, nothing changed) with the command
+    that names the recorded role, for the operator to run if that is the role. Fails on the old
+    code (it rotated)."""
     with _role_locked(roles):  # the set step fails: version 2 stays pending
         assert _rotate(cli, roles, "--timeout", "2").code == 1
-    resumed = cli("rotate", "db/app", "--resume", "--postgres", roles.conninfo)
+    history = cli("history", "db/app", "--json").stdout
+    bare = cli("rotate", "db/app", "--resume", "--postgres", roles.conninfo)
+    assert bare.code == 2 and bare.stderr.count("\n") == 1, bare.stderr
+    named = ("rotate", "db/app", "--resume", "--postgres-role", roles.app, "--postgres", roles.conninfo)
+    assert (
+        f"version 2 of db/app records PostgreSQL role {roles.app!r} (as whoever staged it chose): name "
+        f"the role whose password to set; if it is that one, run {shlex.join(['secrets-manager', *named])}; "
+        "nothing was changed"
+    ) in bare.stderr, bare.stderr
+    assert cli("history", "db/app", "--json").stdout == history
+    assert roles.logs_in(OLD_VALUE) and cli.value("--label", "pending") not in bare.stderr
+    assert not [r for r in cli.audit.read_text().splitlines() if '"rotate.set"' in r and '"ok"' in r]
+    resumed = cli(*named)
     assert resumed.code == 0, resumed.stderr
-    lines = resumed.stderr.splitlines()
-    said = (
-        f"secrets-manager: version 2 of db/app records PostgreSQL role {roles.app!r}: "
-        "setting that role's password to it"
-    )
-    assert said in lines, resumed.stderr
-    assert lines.index(said) < next(i for i, line in enumerate(lines) if "resumed and rotated" in line)
-    assert cli.value() not in resumed.stderr
     assert roles.logs_in(cli.value())
 
 
@@ -706,7 +712,7 @@ def test_through_the_service_a_pending_version_records_its_role_and_a_resume_nam
 ) -> None:
     """StageSecretVersion carries the role to the service's store and GetSecret of the pending
     version brings it back: a --resume naming another role is refused (exit 2) with nothing
-    changed, and a bare --resume rotates the recorded one."""
+    changed, and so is a bare --resume (it names the recorded role); naming it finishes it."""
     server = _served_with_pgpass(tmp_path, roles, user="*")
     try:
         with _role_locked(roles):
@@ -730,7 +736,18 @@ def test_through_the_service_a_pending_version_records_its_role_and_a_resume_nam
                 pb.GetSecretRequest(name="db/app", label="pending"), timeout=10
             )
             assert again.secret.version == 2
-            resumed = server.cli("ops", "rotate", "db/app", "--resume", "--postgres", roles.conninfo)
+            bare = server.cli("ops", "rotate", "db/app", "--resume", "--postgres", roles.conninfo)
+            assert bare.returncode == 2 and f"records PostgreSQL role {roles.app!r}".encode() in bare.stderr
+            resumed = server.cli(
+                "ops",
+                "rotate",
+                "db/app",
+                "--resume",
+                "--postgres-role",
+                roles.app,
+                "--postgres",
+                roles.conninfo,
+            )
             assert resumed.returncode == 0, resumed.stderr
             new = server.cli("ops", "get", "db/app").stdout.decode().rstrip("\n")
             assert roles.logs_in(new) and _logs_in_as(roles, other, "other-role-password")

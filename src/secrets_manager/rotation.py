@@ -399,7 +399,6 @@ def rotate(
     scheduled: bool = False,
     set_ran: bool = False,
     warn: Callable[[str], None] | None = None,
-    inform: Callable[[str], None] | None = None,
 ) -> Rotated:
     """Stage `value` (or, if None, resume the pending version), set, test, promote. A failed
     command raises RotationStepFailed and leaves the version pending; nothing else moves.
@@ -424,9 +423,8 @@ def rotate(
     say): the value is at the target, so only the test runs again (it is cheap and read-only, and
     checks the target still takes the value after whatever interrupted us), then promote.
     The version is staged with its target (`Commands.target`, the PostgreSQL role); a resume of a
-    version that recorded a role sets that role's password only (`resumed_commands`). `warn`: where
-    a warning goes, `inform`: where the role a resume takes from the version is said (default:
-    logged)."""
+    version that recorded a role sets that role's password only, and only named (`resumed_commands`).
+    `warn`: where a warning goes (default: logged)."""
     resumed = value is None
     expect_current = None
     if value is not None:
@@ -444,9 +442,7 @@ def rotate(
         )
     if value is None:
         version, value, target = steps.pending(name)
-        commands = resumed_commands(
-            name, version, target, commands, scheduled=scheduled, warn=warn, inform=inform
-        )
+        commands = resumed_commands(name, version, target, commands, scheduled=scheduled, warn=warn)
         current = _current_or_none(steps, name)
         if current is not None and current > version:  # before the target is touched
             refuse_to_demote(name, version, current)
@@ -486,17 +482,16 @@ def resumed_commands(
     *,
     scheduled: bool = False,
     warn: Callable[[str], None] | None = None,
-    inform: Callable[[str], None] | None = None,
 ) -> Commands:
     """The commands that resume version `version` of `name`, staged for `target` (None: none
     recorded). A PostgreSQL role recorded is the one whose password the value is: a resume naming
-    no target rotates it (`Commands.recorded_postgres`); one naming another role is refused
-    (InvalidInputError, exit 2), before any step, nothing changed. A version staged by a build
-    before targets (none recorded) is resumed as the commands say, with a warning: its role cannot
-    be checked. Set and test commands are taken as given (what they change, only they know).
-    The role a resume takes from the version is said first (`inform`): the store names it, and
-    whoever may stage (the rotate capability) chose it, so the person resuming sees whose password
-    is about to change."""
+    another role is refused (InvalidInputError, exit 2), before any step, nothing changed. A resume
+    naming no target (`Commands.recorded_postgres`) is refused too, with the command that names the
+    recorded role: the role comes from whoever staged the version (anyone with the rotate
+    capability may stage one, and record any role), so a password is set only for a role the
+    person resuming names. A version staged by a build before targets (none recorded) is resumed
+    as the commands say, with a warning: its role cannot be checked. Set and test commands are
+    taken as given (what they change, only they know)."""
     recorded = PostgresRole.role_of_target(target)
     discard = shlex.join([*commands.invocation, "rotate", name, "--discard"])
     if commands.recorded_postgres is not None:
@@ -509,12 +504,16 @@ def resumed_commands(
                 "already holds the pending value (set by hand); nothing was changed (or discard it: "
                 f"{discard})"
             )
-        postgres = PostgresRole.parse(recorded, commands.recorded_postgres)
-        (inform or _log.info)(
-            f"version {version} of {name} records PostgreSQL role {recorded!r}: setting that role's "
-            "password to it"
+        named = replace(
+            commands,
+            postgres=PostgresRole.parse(recorded, commands.recorded_postgres),
+            recorded_postgres=None,
         )
-        return replace(commands, postgres=postgres, recorded_postgres=None)
+        raise InvalidInputError(
+            f"version {version} of {name} records PostgreSQL role {recorded!r} (as whoever staged it "
+            f"chose): name the role whose password to set; if it is that one, run "
+            f"{resume_command(name, named)}; nothing was changed (or discard it: {discard})"
+        )
     if commands.postgres is None:
         return commands
     if target is None:

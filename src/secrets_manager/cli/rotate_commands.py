@@ -229,8 +229,8 @@ def rotate(
         promote_only=promote_only,
         commands=bool(set_argv or test_argv or postgres or postgres_conninfo),
     )
-    # A --resume that names no target: the PostgreSQL role the pending version recorded, if any
-    # (rotation.resumed_commands refuses one that recorded none), through --postgres if given.
+    # A --resume that names no target: refused once the pending version is read, with the command
+    # that names the role it recorded (rotation.resumed_commands), through --postgres if given.
     recorded_postgres = (
         (postgres_conninfo or "")
         if resume and not (set_argv or test_argv or postgres or promote_only)
@@ -278,7 +278,6 @@ def rotate(
             field=field,
             generated=not from_stdin,
             warn=warning_line,
-            inform=info_line,
         )
     if expiry is not None:
         record_expiry(session, rotated, expiry)
@@ -314,8 +313,8 @@ def _postgres_target(
 def _check_resume_commands(*, resume: bool, promote_only: bool, commands: bool) -> None:
     """A resume runs the rotation's commands again, or is told the target holds the value already:
     promoting a pending value nothing has set at the target breaks every reader of the credential
-    (the database still has the old one). A resume with neither rotates the PostgreSQL role the
-    pending version recorded, and is refused once read if it recorded none (`resumed_commands`)."""
+    (the database still has the old one). A resume with neither is refused once the pending
+    version is read, saying the role it recorded if any (`resumed_commands`)."""
     if promote_only and not resume:
         raise InvalidInputError("--promote-only goes with --resume: 'rotate NAME --resume --promote-only'")
     if promote_only and commands:
