@@ -49,10 +49,11 @@ class Roles:
         """The administrator's password where libpq reads it (never in the connection string)."""
         return {"PGPASSWORD": self.admin_password, "PGCONNECT_TIMEOUT": "10"}
 
-    def logs_in(self, password: str) -> bool:
+    def logs_in(self, password: str, *, role: str | None = None) -> bool:
+        """Whether `role` (the rotated one unless given) logs in with `password`."""
         try:
             psycopg.connect(
-                host="127.0.0.1", port=self.cluster.port, dbname="postgres", user=self.app,
+                host="127.0.0.1", port=self.cluster.port, dbname="postgres", user=role or self.app,
                 password=password, connect_timeout=10,
             ).close()  # fmt: skip
         except psycopg.OperationalError as exc:
@@ -194,18 +195,6 @@ def _other_role(roles: Roles, password: str) -> Iterator[str]:
             conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(other)))
 
 
-def _logs_in_as(roles: Roles, role: str, password: str) -> bool:
-    try:
-        psycopg.connect(
-            host="127.0.0.1", port=roles.cluster.port, dbname="postgres", user=role,
-            password=password, connect_timeout=10,
-        ).close()  # fmt: skip
-    except psycopg.OperationalError as exc:
-        assert "password authentication failed" in str(exc), exc
-        return False
-    return True
-
-
 def test_a_resume_naming_another_role_is_refused_and_the_recorded_role_named_finishes_it(
     cli: Cli, roles: Roles
 ) -> None:
@@ -228,7 +217,7 @@ def test_a_resume_naming_another_role_is_refused_and_the_recorded_role_named_fin
         resume = ("rotate", "db/app", "--resume", "--postgres-role", roles.app, "--postgres", roles.conninfo)
         run = shlex.join(["secrets-manager", *resume])
         assert f"to finish it, run {run} (or discard it: " in wrong.stderr
-        assert _logs_in_as(roles, other, "other-role-password")  # its password is untouched
+        assert roles.logs_in("other-role-password", role=other)  # its password is untouched
         assert cli("history", "db/app", "--json").stdout == history
         assert cli.value("--label", "pending") not in wrong.stderr
         assert not [r for r in cli.audit.read_text().splitlines() if '"rotate.set"' in r and other in r]
@@ -236,7 +225,7 @@ def test_a_resume_naming_another_role_is_refused_and_the_recorded_role_named_fin
         assert resumed.code == 0, resumed.stderr
         assert "resumed and rotated db/app: version 2 is current" in resumed.stderr
         assert roles.logs_in(cli.value()) and not roles.logs_in(OLD_VALUE)
-        assert _logs_in_as(roles, other, "other-role-password")
+        assert roles.logs_in("other-role-password", role=other)
 
 
 def test_a_bare_resume_sets_no_password_and_names_the_role_the_version_records(
@@ -437,7 +426,7 @@ def test_a_schedule_entry_whose_role_changed_does_not_resume_the_other_roles_pen
             in result.stderr
         )
         assert f"set postgres_role = {roles.app!r} in its [[rotation]] entry" in result.stderr
-        assert _logs_in_as(roles, other, "other-role-password")
+        assert roles.logs_in("other-role-password", role=other)
         assert cli.labels() == {"current": 1, "pending": 2} and roles.logs_in(OLD_VALUE)
 
 
@@ -731,7 +720,7 @@ def test_through_the_service_a_pending_version_records_its_role_and_a_resume_nam
             )
             assert wrong.returncode == 2, wrong.stderr
             assert f"the password of PostgreSQL role {roles.app!r}, not of {other!r}".encode() in wrong.stderr
-            assert _logs_in_as(roles, other, "other-role-password")
+            assert roles.logs_in("other-role-password", role=other)
             again = server.stub("ops").GetSecret(
                 pb.GetSecretRequest(name="db/app", label="pending"), timeout=10
             )
@@ -750,7 +739,7 @@ def test_through_the_service_a_pending_version_records_its_role_and_a_resume_nam
             )
             assert resumed.returncode == 0, resumed.stderr
             new = server.cli("ops", "get", "db/app").stdout.decode().rstrip("\n")
-            assert roles.logs_in(new) and _logs_in_as(roles, other, "other-role-password")
+            assert roles.logs_in(new) and roles.logs_in("other-role-password", role=other)
     finally:
         server.stop()
 
