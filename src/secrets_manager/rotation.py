@@ -147,9 +147,9 @@ class Commands:
     # A PostgreSQL role whose password the set and test steps change and log in with, in place of
     # set and test commands (a built-in rotator: rotators/postgres.py).
     postgres: PostgresRole | None = None
-    # A --resume that names no target (no commands, no --postgres-role, no --promote-only): the
-    # PostgreSQL role the pending version recorded when it was staged is rotated, through this
-    # administrator connection string ("" for libpq's defaults). None: not such a resume.
+    # A --resume that names no target (no commands, no --postgres-role, no --promote-only), with
+    # its administrator connection string ("" for libpq's defaults): refused once the pending
+    # version is read, with the command that names the role it recorded. None: not such a resume.
     recorded_postgres: str | None = None
 
     @property

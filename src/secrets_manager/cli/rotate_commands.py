@@ -168,9 +168,10 @@ def rotate(
     untouched and the new version stays pending: fix the cause and run the same command again with
     --resume (its --set-command and --test-command too, as the error shows: the pending value is set
     and tested again), or 'rotate NAME --discard'. --resume without --set-command, --test-command or
-    --postgres-role resumes the PostgreSQL role the pending version records, and is refused (exit 2)
-    if it records none: it would promote a value nothing has set at the target, and every reader of
-    the credential would break; '--resume --promote-only' promotes without running a command, when
+    --postgres-role is refused (exit 2): if the pending version records a PostgreSQL role, with the
+    command that names it (a password is set only for a role you name); if it records none, as it
+    would promote a value nothing has set at the target, and every reader of the credential would
+    break; '--resume --promote-only' promotes without running a command, when
     the target already holds the pending value (set by hand). On success the pending version becomes
     current and the old current previous. One rotation at a time: while a version is pending, a new
     rotation exits 7 before it stages or runs anything; exit 7 after the commands means the pending
@@ -194,8 +195,9 @@ def rotate(
     A PostgreSQL role's password, with no script: --postgres-role ROLE sets it as an administrator
     (--postgres CONNINFO, else libpq's PGHOST, PGUSER, ...; its password from ~/.pgpass, PGPASSFILE or
     PGPASSWORD, never the command line), sending only the SCRAM-SHA-256 verifier, then logs in as
-    ROLE with it. The pending version records ROLE: a --resume naming another role is refused (exit
-    2), one naming none resumes it. The value is the password, or a JSON object's "password" field
+    ROLE with it. The pending version records ROLE: a --resume naming another role, or none, is
+    refused (exit 2), saying the command that names ROLE. The value is the password, or a JSON
+    object's "password" field
     (NAME#password):
       secrets-manager rotate db/app --postgres-role app \\
           --postgres "host=db.internal dbname=trading user=admin"
