@@ -1619,6 +1619,35 @@ def test_an_identity_the_policy_does_not_know_asks_for_a_watch_stream_once_a_min
     assert len(warnings) == 1 and "may not watch for changes" in warnings[0], warnings
 
 
+@pytest.mark.skipif(not hasattr(time, "CLOCK_BOOTTIME"), reason="Linux's CLOCK_BOOTTIME")
+def test_a_watch_stream_refused_before_an_hour_asleep_is_asked_for_again_on_waking(
+    server: Server, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The watcher's waits between attempts (a minute after a refusal, its backoff) counted on the
+    monotonic clock, which stops during a suspend: a minute begun before an hour's sleep was still
+    nearly a minute away on waking. Here CLOCK_BOOTTIME gains an hour the monotonic clock never
+    sees, as it does across a suspend; the next attempt comes within seconds of it."""
+    slept = [0.0]
+    real = time.clock_gettime
+
+    def clock_gettime(clock: int) -> float:
+        return real(clock) + (slept[0] if clock == time.CLOCK_BOOTTIME else 0.0)
+
+    monkeypatch.setattr(time, "clock_gettime", clock_gettime)
+    client = make_client("nobody", [server.address])
+    with pytest.raises(AccessDeniedError):
+        client.credentials()
+
+    def watch_attempts() -> int:
+        return sum(1 for record in server.audit_records() if record["operation"] == "watch")
+
+    wait_until(lambda: watch_attempts() == 1, timeout=5.0)
+    time.sleep(1.5)
+    assert watch_attempts() == 1  # awake: the next attempt is a minute away
+    slept[0] = 3600.0
+    wait_until(lambda: watch_attempts() == 2, timeout=5.0)
+
+
 def test_closing_a_client_with_refreshes_queued_warns_of_nothing(
     server: Server, make_client: ClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1478,7 +1478,7 @@ class Client:
             except StorageError as exc:
                 self._first_stream.set()  # a first fetch waits for this attempt only
                 self._unreachable(exc)
-                self._closed.wait(backoff.next_delay())
+                self._pause(backoff.next_delay())
                 continue
             except AccessDeniedError as exc:
                 self._first_stream.set()
@@ -1493,7 +1493,7 @@ class Client:
             except SecretsManagerError as exc:
                 self._first_stream.set()
                 log.warning("cannot watch for changes (%s): %s", self._config.description, exc)
-                self._closed.wait(backoff.next_delay())
+                self._pause(backoff.next_delay())
                 continue
             with self._stream_lock:
                 if self._closed.is_set():
@@ -1551,7 +1551,17 @@ class Client:
             if self._clock() - opened >= HEALTHY_STREAM_SECONDS:
                 backoff.reset()
             else:
-                self._closed.wait(backoff.next_delay())
+                self._pause(backoff.next_delay())
+
+    def _pause(self, seconds: float) -> None:
+        """Wait `seconds` on the clock that counts a suspend, or until closed. A thread's wait
+        counts on the monotonic clock, which stops while the machine sleeps: a 60 s retry begun
+        before an hour's suspend would still be 60 s away on waking. Waiting in slices of
+        REFRESH_WAKE_SECONDS and reading the clock after each ends it soon after the wake-up."""
+        until = self._clock() + seconds
+        while (left := until - self._clock()) > 0:
+            if self._closed.wait(min(left, REFRESH_WAKE_SECONDS)):
+                return
 
     def _watch_denied(self, error: AccessDeniedError, denials: int) -> None:
         """The service refused this identity a watch stream (it holds no role in the policy): ask
@@ -1564,7 +1574,7 @@ class Client:
             WATCH_DENIED_RETRY_SECONDS,
             error,
         )
-        self._closed.wait(WATCH_DENIED_RETRY_SECONDS)
+        self._pause(WATCH_DENIED_RETRY_SECONDS)
 
     def _watch_unsupported(self, error: WatchUnsupportedError, refusals: int) -> None:
         """The service's store has no change feed (Vault or AWS with its polled feed turned off,
@@ -1579,7 +1589,7 @@ class Client:
             WATCH_UNSUPPORTED_RETRY_SECONDS,
             error,
         )
-        self._closed.wait(WATCH_UNSUPPORTED_RETRY_SECONDS)
+        self._pause(WATCH_UNSUPPORTED_RETRY_SECONDS)
 
     def _reload_after_connect(self, opened: float, live: float, *, known: bool) -> None:
         """A stream that did not resume went live at `live`: changes before its starting revision
