@@ -224,6 +224,32 @@ def test_ended_while_a_change_is_not_in_the_file_yet_it_says_so(cli: Cli, tmp_pa
     assert "SEEKRIT" not in said
 
 
+def test_a_write_that_fails_again_after_another_change_names_the_secret_that_changed(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A failure was said once per error text, so the same failed write after a change to another
+    secret said nothing: the warning on stderr still named only the first secret."""
+    watcher = Watcher(tmp_path, cli.env)
+    try:
+        watcher.wait_for(lambda: "watching for changes" in watcher.stderr(), "the first write")
+        (tmp_path / "out.conf").unlink()
+        (tmp_path / "out.conf").mkdir()
+        assert cli("store", "app/KEY", input=b"rotated-SEEKRIT").code == 0
+        watcher.wait_for(lambda: "could not be written again" in watcher.stderr(), "the warning")
+        assert cli("store", "db/main", input=database("second-SEEKRIT")).code == 0
+        watcher.wait_for(
+            lambda: "app/KEY, db/main changed, but out.conf could not be written again" in watcher.stderr(),
+            "the warning naming both",
+        )
+        time.sleep(11)  # a retry of the same write, for the same changes: not said again
+        assert watcher.end() == 0
+    finally:
+        watcher.kill()
+    said = watcher.stderr()
+    assert said.count("could not be written again") == 2, said
+    assert "SEEKRIT" not in said
+
+
 def test_a_file_written_again_keeps_its_file_mode_and_group(cli: Cli, tmp_path: Path) -> None:
     daemon = grp.getgrnam("daemon").gr_gid
     watcher = Watcher(tmp_path, cli.env, "--file-mode", "0640", "--file-group", "daemon")

@@ -341,16 +341,16 @@ class ReadAgain:
 
     def failed(self, exc: SecretsManagerError, now: float, warning: str) -> None:
         """`exc` failed a reading at `now`: `warning` is said, with when it is read again, unless
-        the last failure was the same."""
+        the last failure said the same (the same error, for the same changes)."""
         self.at = now + RETRY_SECONDS if isinstance(exc, StorageError) else math.inf
-        if str(exc) != self._last_failure:
+        if warning != self._last_failure:
             when = (
                 f"trying again in {RETRY_SECONDS:.0f} s"
                 if self.at < math.inf
                 else "read again at the next change"
             )
             warning_line(f"{warning}; {when}")
-        self._last_failure = str(exc)
+        self._last_failure = warning
 
     def succeeded(self) -> bool:
         """A reading succeeded: whether one had failed before it (so the caller says it is back)."""
