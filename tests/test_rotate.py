@@ -293,6 +293,25 @@ def cli(tmp_path: Path) -> Cli:
     return cli
 
 
+def test_get_json_shows_what_a_pending_version_was_staged_for(cli: Cli) -> None:
+    """A pending version records its rotation's target (the PostgreSQL role a resume sets it at),
+    and nothing showed it: `get --json` has it as `target`, null where none was recorded."""
+    from secrets_manager.crypto import kdf
+    from secrets_manager.storage.sqlite import SqliteStorage
+    from secrets_manager.store import PasswordUnlock
+
+    store = EncryptedStore.open(SqliteStorage(cli.store), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        store.stage("db/app", b"staged-SEEKRIT", target="postgres-role:app")
+    finally:
+        store.close()
+    pending = cli("get", "db/app", "--label", "pending", "--json")
+    assert pending.code == 0, pending.stderr
+    assert json.loads(pending.stdout)["target"] == "postgres-role:app"
+    current = cli("get", "db/app", "--json")
+    assert current.code == 0 and json.loads(current.stdout)["target"] is None
+
+
 def test_rotate_generates_and_promotes(cli: Cli) -> None:
     result = cli("rotate", "db/app", "--length", "20", "--alphabet", "hex")
     assert result.code == 0, result.stderr

@@ -1238,7 +1238,10 @@ def _with_field_replaced(
 @click.option("--label", type=click.Choice(LABELS), help="A label instead of 'current'.")
 @click.option("--raw", is_flag=True, help="Write exactly the stored bytes, no newline.")
 @click.option(
-    "--json", "as_json", is_flag=True, help="Print name, version, labels, expiry and value as JSON."
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="Print name, version, labels, expiry, rotation target and value as JSON.",
 )
 @click.option(
     "--clip",
@@ -1288,6 +1291,8 @@ def get(
             "labels": list(secret.labels),
             "created": timestamp(secret.created),
             "expires": timestamp(secret.expires) or None,
+            # what a rotation staged this version for (postgres-role:ROLE): where a resume sets it
+            "target": secret.target,
         }
         try:
             doc["value"] = data.decode("utf-8")
