@@ -969,7 +969,44 @@ def test_a_store_copy_keeps_the_rotation_target_of_a_pending_version_restored_in
     finally:
         source.close()
     backup = read_backup(tmp_path / "copy.smbackup", b"target password")
-    for target in (new_store(tmp_path / "into.db"), ProtocolOnly(new_store(tmp_path / "other.db"))):
+    _restores_the_target(backup, tmp_path)
+
+
+def test_a_password_backup_keeps_the_rotation_target_of_a_pending_version(tmp_path: Path) -> None:
+    """A password backup's lines had no member for a version's rotation target: restored, the
+    pending version recorded none, so a bare `rotate --resume` could not name the role and one
+    naming another role only warned. Format version 3 carries it (docs/backup-format.md §7.3, §14);
+    a backup without one is still written as version 1, for older readers. Fails on the old code."""
+    source = new_store(tmp_path / "source.db")
+    try:
+        source.put("svc/DB", b"db-ONE")
+        write_backup(source, tmp_path / "plain.smbackup", password=b"backup pw", kdf=kdf.TEST)
+        source.stage("svc/DB", b"db-STAGED", target="postgres-role:app")
+        write_backup(source, tmp_path / "pw.smbackup", password=b"backup pw", kdf=kdf.TEST)
+        protocol = ProtocolOnly(source)  # read through the SecretStore protocol, as Vault or AWS are
+        write_backup(protocol, tmp_path / "protocol.smbackup", password=b"backup pw", kdf=kdf.TEST)
+    finally:
+        source.close()
+    assert (tmp_path / "plain.smbackup").read_bytes().startswith(b"secrets-manager-backup/v1\n")
+    for name in ("pw.smbackup", "protocol.smbackup"):
+        assert (tmp_path / name).read_bytes().startswith(b"secrets-manager-backup/v3\n")
+        backup = read_backup(tmp_path / name, b"backup pw")
+        restore_fresh(backup, tmp_path / f"fresh-{name}.db")
+        fresh = EncryptedStore.open(
+            SqliteStorage(tmp_path / f"fresh-{name}.db"), PasswordUnlock("new master", kdf.TEST)
+        )
+        try:
+            assert fresh.get("svc/DB", label=PENDING).target == "postgres-role:app"
+        finally:
+            fresh.close()
+        _restores_the_target(backup, tmp_path / name.split(".")[0])
+
+
+def _restores_the_target(backup: Backup, directory: Path) -> None:
+    """`backup`'s svc/DB, restored into existing stores (ours, and another through the protocol),
+    is pending db-STAGED for postgres-role:app, its current version with no target."""
+    directory.mkdir(exist_ok=True)
+    for target in (new_store(directory / "into.db"), ProtocolOnly(new_store(directory / "other.db"))):
         try:
             restore_into(target, backup.secrets)
             pending = target.get("svc/DB", label=PENDING)

@@ -252,7 +252,7 @@ def damage(path: Path, how: str) -> None:
     elif how == "truncated":
         path.write_bytes(data[: len(data) * 2 // 3])
     elif how == "newer version":
-        path.write_bytes(data.replace(b"secrets-manager-backup/v1\n", b"secrets-manager-backup/v3\n", 1))
+        path.write_bytes(data.replace(b"secrets-manager-backup/v1\n", b"secrets-manager-backup/v4\n", 1))
 
 
 REFUSALS = [

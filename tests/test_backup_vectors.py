@@ -39,6 +39,8 @@ def secrets_doc(backup_secrets: Any) -> list[dict[str, Any]]:
                     "destroyed": v.destroyed,
                     "value": None if v.value is None else base64.b64encode(v.value).decode(),
                 }
+                | ({} if v.expires is None else {"expires": v.expires})
+                | ({} if v.target is None else {"target": v.target})
                 for v in s.versions
             ],
         }

@@ -74,7 +74,7 @@ from secrets_manager.errors import (
     UnsafeConfigurationError,
 )
 from secrets_manager.storage import Snapshotting
-from secrets_manager.store.base import LABELS, MAX_VALUE_SIZE, SecretStore
+from secrets_manager.store.base import LABELS, MAX_VALUE_SIZE, SecretStore, checked_target
 from secrets_manager.store.encrypted import (
     AUDIT_ANCHOR_KEY,
     AUDIT_KEY_KEY,
@@ -98,9 +98,9 @@ from secrets_manager.store.unlock import PasswordUnlock
 T = TypeVar("T")
 
 # The newest version read and written. Version 2 (docs/backup-format.md §14) only adds `expires`
-# to the versions of kind `password`: a file is written as version 1 unless it holds an expiry,
-# so a build before expiries restores every backup it can read in full.
-FORMAT_VERSION = 2
+# to the versions of kind `password`, version 3 `target`: a file is written with the lowest
+# version that holds what it carries, so an older build restores every backup it can read in full.
+FORMAT_VERSION = 3
 VERSION_LINE_PREFIX = b"secrets-manager-backup/v"
 VERSION_LINE = VERSION_LINE_PREFIX + b"1\n"
 VERSION_LINES = {VERSION_LINE_PREFIX + b"%d\n" % n: n for n in range(1, FORMAT_VERSION + 1)}
@@ -137,9 +137,8 @@ class BackupVersion:
     destroyed: bool = False
     value: bytes | None = field(default=None, repr=False)
     expires: float | None = None  # the expiry recorded for this version (format.md §7), if any
-    # The rotation target recorded with this version (format.md §7), if any: kept by a store copy
-    # (kind `store`, whose records hold it) restored into any store; a password backup's lines
-    # have no member for it, so it is not in a file of that kind.
+    # The rotation target recorded with this version (format.md §7), if any: a store copy keeps
+    # it in the records it copies, a password backup (version 3) in the version's `target`.
     target: str | None = None
 
 
@@ -344,11 +343,9 @@ def write_backup(
             "unlock": PasswordUnlock(password, kdf).wrap(wrapping),
         }
         lines = _secret_lines(decoded, progress)
-    # an expiry in kind `password` needs version 2 (a build before it says "upgrade"); else version 1
-    expiring = header["kind"] == KIND_PASSWORD and any(
-        v.expires is not None for s in decoded for v in s.versions
+    size = _write_file(
+        path, _dump(header), lines, file_key, replace=replace, version=_version_needed(header, decoded)
     )
-    size = _write_file(path, _dump(header), lines, file_key, replace=replace, version=2 if expiring else 1)
     return BackupSummary(
         path=path,
         kind=str(header["kind"]),
@@ -430,13 +427,15 @@ def _read_through_protocol(
                 created=info.created.timestamp(),
                 created_by=info.created_by,
                 destroyed=info.destroyed,
-                value=None if info.destroyed else store.get(meta.name, version=info.version).value.reveal(),
+                value=None if read is None else read.value.reveal(),
                 # the protocol shows the current version's expiry (the one kept: store/base.py)
                 expires=meta.expires.timestamp()
                 if meta.expires is not None and info.version == meta.current_version
                 else None,
+                target=None if read is None else read.target,
             )
             for info in meta.versions
+            for read in [None if info.destroyed else store.get(meta.name, version=info.version)]
         )
         numbers = [v.version for v in versions]
         result.append(
@@ -456,6 +455,18 @@ def _read_through_protocol(
         )
         progress("secrets", done, len(listed))
     return result, tuple(skipped)
+
+
+def _version_needed(header: Mapping[str, Any], decoded: Sequence[BackupSecret]) -> int:
+    """The lowest format version that holds a file's content (a build before it says "upgrade"
+    rather than restore it without): in kind `password`, a rotation target needs version 3, an
+    expiry version 2. A store copy carries both inside its sealed records: version 1."""
+    if header["kind"] != KIND_PASSWORD:
+        return 1
+    versions = [v for s in decoded for v in s.versions]
+    if any(v.target is not None for v in versions):
+        return 3
+    return 2 if any(v.expires is not None for v in versions) else 1
 
 
 def _entry_lines(entries: Sequence[tuple[str, bytes]], progress: Progress) -> Iterator[bytes]:
@@ -498,6 +509,7 @@ def _secret_doc(secret: BackupSecret) -> dict[str, Any]:
                 "value": None if v.value is None else _b64(v.value),
             }
             | ({} if v.expires is None else {"expires": v.expires})
+            | ({} if v.target is None else {"target": v.target})
             for v in secret.versions
         ],
     }
@@ -910,7 +922,7 @@ def _parse_secrets(lines: Iterator[bytes], path: Path, format_version: int = 1) 
             _require_nothing_after(lines, path)
             return result
         try:
-            secret = _secret_from_doc(doc, expiries=format_version >= 2)
+            secret = _secret_from_doc(doc, expiries=format_version >= 2, targets=format_version >= 3)
         except (KeyError, TypeError, ValueError, InvalidInputError):
             raise BackupDamagedError(path, f"content line {number} is not a valid secret") from None
         if secret.name <= previous:
@@ -966,9 +978,10 @@ _SECRET_FIELDS = {
 _VERSION_FIELDS = {"version", "created", "created_by", "destroyed", "value"}
 
 
-def _secret_from_doc(doc: dict[str, Any], *, expiries: bool = False) -> BackupSecret:
+def _secret_from_doc(doc: dict[str, Any], *, expiries: bool = False, targets: bool = False) -> BackupSecret:
     """A secret line (section 7.3); ValueError (or KeyError, TypeError) for anything off.
-    `expiries` (version 2): a version may also have `expires`, at most one per secret."""
+    `expiries` (version 2): a version may also have `expires`, at most one per secret; `targets`
+    (version 3): a version may also have `target`, text as a stage takes it."""
     if set(doc) != _SECRET_FIELDS or doc["type"] != "secret":
         raise ValueError("fields")
     name = _str(doc["name"])
@@ -976,10 +989,12 @@ def _secret_from_doc(doc: dict[str, Any], *, expiries: bool = False) -> BackupSe
     next_version = _count(doc["next_version"])
     versions: list[BackupVersion] = []
     for item in doc["versions"]:
-        if not isinstance(item, dict) or set(item) - {"expires"} != _VERSION_FIELDS:
+        if not isinstance(item, dict) or set(item) - {"expires", "target"} != _VERSION_FIELDS:
             raise ValueError("version fields")
         if "expires" in item and (not expiries or item["expires"] is None):
             raise ValueError("expires")
+        if "target" in item and (not targets or not isinstance(item["target"], str)):
+            raise ValueError("target")
         number = _count(item["version"])
         if (versions and number <= versions[-1].version) or number >= next_version:
             raise ValueError("version order")
@@ -990,8 +1005,14 @@ def _secret_from_doc(doc: dict[str, Any], *, expiries: bool = False) -> BackupSe
         if value is not None and len(value) > MAX_VALUE_SIZE:
             raise ValueError("value size")
         expires = _time(item["expires"]) if "expires" in item else None
+        try:
+            target = checked_target(name, item.get("target"))
+        except InvalidInputError:
+            raise ValueError("target") from None
         versions.append(
-            BackupVersion(number, _time(item["created"]), _str(item["created_by"]), destroyed, value, expires)
+            BackupVersion(
+                number, _time(item["created"]), _str(item["created_by"]), destroyed, value, expires, target
+            )
         )
     if sum(v.expires is not None for v in versions) > 1:
         raise ValueError("expires")  # one (version, time) pair per secret (format.md §7)

@@ -100,17 +100,25 @@ def seal_payload(prefix: bytes, payload: bytes, nonces: Iterator[bytes]) -> byte
     return b"".join(sealed)
 
 
-def spec_file(header: dict[str, Any], lines: list[dict[str, Any]], nonce_start: int) -> bytes:
-    prefix = VERSION_LINE + canonical(header) + b"\n"
+def spec_file(
+    header: dict[str, Any], lines: list[dict[str, Any]], nonce_start: int, version: int = 1
+) -> bytes:
+    prefix = b"secrets-manager-backup/v%d\n" % version + canonical(header) + b"\n"
     payload = b"".join(canonical(line) + b"\n" for line in lines)
     return prefix + seal_payload(prefix, payload, Nonces(nonce_start))
 
 
-def library_file(header: dict[str, Any], lines: Iterator[bytes], nonce_start: int) -> bytes:
+def library_file(header: dict[str, Any], lines: Iterator[bytes], nonce_start: int, version: int = 1) -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "backup"
         library._write_file(
-            path, library._dump(header), lines, FILE_KEY, replace=False, nonces=Nonces(nonce_start)
+            path,
+            library._dump(header),
+            lines,
+            FILE_KEY,
+            replace=False,
+            nonces=Nonces(nonce_start),
+            version=version,
         )
         return path.read_bytes()
 
@@ -240,9 +248,34 @@ def store_header(nonces: Nonces) -> dict[str, Any]:
     return {"created": CREATED, "format": 1, "root_key_id": ROOT_ID, "unlock": section}
 
 
+# A rotation under way: the current version has an expiry (version 2's member), the pending one
+# the PostgreSQL role it was staged for (version 3's).
+ROTATING: dict[str, Any] = {
+    "name": "db/app",
+    "created": 1700001000.0,
+    "updated": 1700001100.5,
+    "created_by": "alice",
+    "description": "",
+    "tags": {},
+    "max_versions": 10,
+    "next_version": 3,
+    "deleted": None,
+    "labels": {"current": 1, "pending": 2},
+    "versions": [
+        (1, 1700001000.0, "alice", b"db-password-CURRENT-41c0", {"expires": 1800000000.0}),
+        (2, 1700001100.5, "rotation-schedule", b"db-password-PENDING-9b7e", {"target": "postgres-role:app"}),
+    ],
+}
+EXPIRING: dict[str, Any] = {**ROTATING, "labels": {"current": 1}, "versions": ROTATING["versions"][:1]}
+
+
 def entry_lines(entries: list[tuple[str, bytes]]) -> list[dict[str, Any]]:
     lines: list[dict[str, Any]] = [{"key": k, "type": "entry", "value": b64(v)} for k, v in entries]
     return [*lines, {"entries": len(entries), "type": "end"}]
+
+
+# A version is (number, created, created_by, value) or, with the members of versions 2 and 3,
+# (number, created, created_by, value, {"expires": …, "target": …}).
 
 
 def secret_line(secret: dict[str, Any]) -> dict[str, Any]:
@@ -256,8 +289,9 @@ def secret_line(secret: dict[str, Any]) -> dict[str, Any]:
                 "created_by": who,
                 "destroyed": value is None,
                 "value": None if value is None else b64(value),
+                **(extra[0] if extra else {}),
             }
-            for n, t, who, value in secret["versions"]
+            for n, t, who, value, *extra in secret["versions"]
         ],
     }
 
@@ -281,7 +315,16 @@ def library_secrets(secrets: list[dict[str, Any]]) -> list[library.BackupSecret]
             deleted=s["deleted"],
             labels=s["labels"],
             versions=tuple(
-                library.BackupVersion(n, t, who, value is None, value) for n, t, who, value in s["versions"]
+                library.BackupVersion(
+                    n,
+                    t,
+                    who,
+                    value is None,
+                    value,
+                    (extra[0] if extra else {}).get("expires"),
+                    (extra[0] if extra else {}).get("target"),
+                )
+                for n, t, who, value, *extra in s["versions"]
             ),
         )
         for s in secrets
@@ -316,16 +359,18 @@ def store_kind_file(
 
 
 def password_kind_file(
-    secrets: list[dict[str, Any]], edit_lines: Any = None, nonce_start: int = 2000
+    secrets: list[dict[str, Any]], edit_lines: Any = None, nonce_start: int = 2000, version: int = 1
 ) -> tuple[bytes, dict[str, Any]]:
     section = password_section(BACKUP_PASSWORD, BACKUP_SALT, FILE_KEY_ID, FILE_KEY, next(Nonces(nonce_start)))
     header = {"created": TAKEN, "kind": "password", "unlock": section}
     lines = secret_lines(secrets)
     if edit_lines is not None:
-        return spec_file(header, edit_lines(lines), nonce_start + 1), header
-    data = spec_file(header, lines, nonce_start + 1)
+        return spec_file(header, edit_lines(lines), nonce_start + 1, version), header
+    data = spec_file(header, lines, nonce_start + 1, version)
+    if library._version_needed(header, library_secrets(secrets)) != version:
+        sys.exit(f"the library would write these secrets as another version than {version}")
     encoded = library._secret_lines(library_secrets(secrets), _no_progress)
-    if library_file(header, encoded, nonce_start + 1) != data:
+    if library_file(header, encoded, nonce_start + 1, version) != data:
         sys.exit("the library's writer disagrees with docs/backup-format.md (kind password)")
     return data, header
 
@@ -345,8 +390,13 @@ def expected(secrets: list[dict[str, Any]], kind: str, entries: int | None) -> d
                 "deleted": s["deleted"] is not None,
                 "labels": s["labels"],
                 "versions": [
-                    {"version": n, "destroyed": value is None, "value": None if value is None else b64(value)}
-                    for n, _, _, value in s["versions"]
+                    {
+                        "version": n,
+                        "destroyed": value is None,
+                        "value": None if value is None else b64(value),
+                        **(extra[0] if extra else {}),
+                    }
+                    for n, _, _, value, *extra in s["versions"]
                 ],
             }
             for s in secrets
@@ -392,6 +442,8 @@ def build() -> dict[str, dict[str, Any]]:
     two_file, _ = password_kind_file(two, nonce_start=4000)
     full = exactly_one_chunk()
     full_file, _ = password_kind_file(full, nonce_start=5000)
+    expiring_file, _ = password_kind_file([EXPIRING], nonce_start=6000, version=2)
+    rotating_file, _ = password_kind_file([ROTATING], nonce_start=7000, version=3)
     assert len(two_file) > prefix_length(two_file) + SEALED_CHUNK, "the two-chunk vector has one chunk"
     assert len(full_file) == prefix_length(full_file) + SEALED_CHUNK, (
         "the full-chunk vector is not one full chunk"
@@ -421,6 +473,10 @@ def build() -> dict[str, dict[str, Any]]:
     destroyed_with_value["versions"] = [dict(v) for v in destroyed_with_value["versions"]]
     destroyed_with_value["versions"][0]["value"] = b64(b"resurrected")
     oversize = {**SECRETS[1], "name": "svc/huge", "versions": [(1, 1700000400.0, "alice", b"\x00" * 65537)]}
+    empty_target = {
+        **ROTATING,
+        "versions": [ROTATING["versions"][0], (*ROTATING["versions"][1][:4], {"target": ""})],
+    }
     newer_store = dict(store_hdr, store_header=dict(store_hdr["store_header"], format=2))
 
     ok = "ok"
@@ -441,6 +497,21 @@ def build() -> dict[str, dict[str, Any]]:
             pw_file,
             BACKUP_PASSWORD,
             **expected(SECRETS, "password", None),
+        ),
+        "good_password_v2_expiry": vector(
+            "kind password, version 2: a version with its expiry",
+            ok,
+            expiring_file,
+            BACKUP_PASSWORD,
+            **expected([EXPIRING], "password", None),
+        ),
+        "good_password_v3_target": vector(
+            "kind password, version 3: a pending version with the rotation target it was staged for, "
+            "beside a current one with its expiry",
+            ok,
+            rotating_file,
+            BACKUP_PASSWORD,
+            **expected([ROTATING], "password", None),
         ),
         "good_password_empty_store": vector(
             "kind password of a store with no secret: only the end line",
@@ -605,6 +676,23 @@ def build() -> dict[str, dict[str, Any]]:
             )[0],
             BACKUP_PASSWORD,
         ),
+        "bad_target_in_version_2": vector(
+            "a version with a rotation target in a version-2 file (targets came in version 3)",
+            bad,
+            password_kind_file([ROTATING], lambda lines: lines, nonce_start=8000, version=2)[0],
+            BACKUP_PASSWORD,
+        ),
+        "bad_target_empty": vector(
+            "a version whose rotation target is empty text",
+            bad,
+            password_kind_file(
+                [ROTATING],
+                lambda lines: [secret_line(empty_target), *lines[1:]],
+                nonce_start=9000,
+                version=3,
+            )[0],
+            BACKUP_PASSWORD,
+        ),
         "bad_invalid_name": vector(
             "a name with a space",
             bad,
@@ -619,10 +707,10 @@ def build() -> dict[str, dict[str, Any]]:
             "kind password opened with another password", "unlock_error", pw_file, WRONG_PASSWORD
         ),
         # a newer format
-        "newer_version_v3": vector(
-            "version line v3: written by a newer secrets-manager (v2 adds expiries)",
+        "newer_version_v4": vector(
+            "version line v4: written by a newer secrets-manager (v2 adds expiries, v3 rotation targets)",
             "unsupported_version",
-            b"secrets-manager-backup/v3\n" + store_file[len(VERSION_LINE) :],
+            b"secrets-manager-backup/v4\n" + store_file[len(VERSION_LINE) :],
             MASTER_PASSWORD,
         ),
         "newer_store_format": vector(
