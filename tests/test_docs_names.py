@@ -1,7 +1,12 @@
-"""docs/audit.md's `operation` row names every operation the code records: a reader filtering
+"""Names an operator keys on, read from the source and looked for in the docs.
+
+docs/audit.md's `operation` row names every operation the code records: a reader filtering
 `audit show --operation` (or a SIEM rule) learns the names there. The operations are read from the
 source, where a literal name is handed to what records it (`Session.secret_operation("otp", ...)`,
-`AuditEvent("audit.repair", ...)`, the service's `_call(context, "GetSecret", "get", ...)`)."""
+`AuditEvent("audit.repair", ...)`, the service's `_call(context, "GetSecret", "get", ...)`).
+
+The README's list of `serve`'s log `event`s (families such as `health.*`, or single names) covers
+every `"event": "..."` a log line of the code carries: alerts and dashboards are keyed on them."""
 
 from __future__ import annotations
 
@@ -67,3 +72,25 @@ def test_every_recorded_operation_is_named_in_docs_audit_md() -> None:
     assert undocumented == {}, (
         f"operations recorded but not in docs/audit.md's `operation` row: {undocumented}"
     )
+
+
+def logged_events() -> dict[str, set[str]]:
+    found: dict[str, set[str]] = {}
+    for path in SOURCE.rglob("*.py"):
+        for event in re.findall(r'"event": "([a-z_]+\.[a-z_]+)"', path.read_text()):
+            found.setdefault(event, set()).add(str(path.relative_to(ROOT)))
+    return found
+
+
+def test_every_logged_event_is_named_in_the_readme() -> None:
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("stable `event` to key alerts and dashboards on")
+    listed = readme[start : readme.index(";", readme.index("`request.internal_error`", start))]
+    names = set(re.findall(r"`([a-z_]+\.[a-z_*]+)`", listed))
+    assert {"health.*", "request.failed"} <= names  # the list was found
+    unnamed = {
+        event: sorted(paths)
+        for event, paths in logged_events().items()
+        if event not in names and f"{event.split('.')[0]}.*" not in names
+    }
+    assert unnamed == {}, f"log events the README's list of serve's events leaves out: {unnamed}"
