@@ -1,6 +1,7 @@
 """Names an operator keys on, read from the source and looked for in the docs.
 
-docs/audit.md's `operation` row names every operation the code records: a reader filtering
+docs/audit.md's `operation` row names every operation the code records, and its `outcome` row
+every error kind a record's outcome can be (an operation's error's `kind`): a reader filtering
 `audit show --operation` (or a SIEM rule) learns the names there. The operations are read from the
 source, where a literal name is handed to what records it (`Session.secret_operation("otp", ...)`,
 `AuditEvent("audit.repair", ...)`, the service's `_call(context, "GetSecret", "get", ...)`).
@@ -11,8 +12,13 @@ every `"event": "..."` a log line of the code carries: alerts and dashboards are
 from __future__ import annotations
 
 import ast
+import importlib
+import pkgutil
 import re
 from pathlib import Path
+
+import secrets_manager
+from secrets_manager.errors import SecretsManagerError
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "src" / "secrets_manager"
@@ -49,10 +55,27 @@ def recorded_operations() -> dict[str, set[str]]:
     return found
 
 
-def documented_operations() -> set[str]:
+def documented(field: str) -> set[str]:
     text = (ROOT / "docs" / "audit.md").read_text()
-    (row,) = [line for line in text.splitlines() if line.startswith("| `operation` |")]
+    (row,) = [line for line in text.splitlines() if line.startswith(f"| `{field}` |")]
     return set(re.findall(r"`([a-z][a-z_.*-]*)`", row))
+
+
+def documented_operations() -> set[str]:
+    return documented("operation")
+
+
+def error_kinds() -> set[str]:
+    """Every `kind` of an error class: what an operation that fails with it records as its outcome."""
+    for module in pkgutil.walk_packages(secrets_manager.__path__, "secrets_manager."):
+        if not module.name.endswith("__main__"):
+            importlib.import_module(module.name)
+    kinds, classes = set(), [SecretsManagerError]
+    while classes:
+        cls = classes.pop()
+        kinds.add(cls.kind)
+        classes.extend(cls.__subclasses__())
+    return kinds
 
 
 def test_the_source_scan_finds_the_operations_it_should() -> None:
@@ -71,6 +94,15 @@ def test_every_recorded_operation_is_named_in_docs_audit_md() -> None:
     }
     assert undocumented == {}, (
         f"operations recorded but not in docs/audit.md's `operation` row: {undocumented}"
+    )
+
+
+def test_every_error_kind_is_an_outcome_docs_audit_md_names() -> None:
+    # `run`'s COMMAND that cannot start fails after its records are written: never an outcome.
+    kinds = error_kinds() - {"command_not_started"}
+    assert {"not_found", "unauthenticated"} <= kinds  # the scan found the classes
+    assert kinds - documented("outcome") == set(), (
+        "outcomes recorded but not in docs/audit.md's `outcome` row"
     )
 
 
