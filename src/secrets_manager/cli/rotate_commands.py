@@ -290,8 +290,9 @@ def _postgres_target(
     role: str | None, conninfo: str | None, *, commands: bool, resume: bool
 ) -> PostgresRole | None:
     """The built-in PostgreSQL rotator of --postgres-role (and --postgres), checked before any store
-    is opened; it replaces the set and test commands. `--resume --postgres CONNINFO` alone: the
-    role comes from the pending version (checked here as a connection string only)."""
+    is opened; it replaces the set and test commands. `--resume --postgres CONNINFO` alone sets
+    nothing: it is refused once the pending version is read, with the command that names the role
+    the version records, through CONNINFO (checked here as a connection string only)."""
     if role is None:
         if conninfo is not None and not resume:
             raise InvalidInputError(
