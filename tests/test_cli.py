@@ -1309,6 +1309,17 @@ def test_the_top_level_help_names_shrivenquant_env(cli: Cli) -> None:
     assert "SHRIVENQUANT_ENV: development (default), staging or production" in " ".join(result.out.split())
 
 
+def test_the_audit_file_default_the_help_gives_is_where_the_log_is(tmp_path: Path) -> None:
+    """--audit-file's help said `<store>.audit.jsonl`, i.e. secrets.db.audit.jsonl: the log of
+    secrets.db is secrets.audit.jsonl (README, Environment variables), the example it gives now."""
+    cli = Cli(tmp_path / "data" / "secrets.db", tmp_path)
+    assert cli("init", "--kdf-profile", "test").code == 0
+    logs = sorted(path.name for path in cli.store.parent.glob("*.jsonl"))
+    help_text = " ".join(cli("--help").out.split())
+    assert logs == ["secrets.audit.jsonl"]
+    assert "(secrets.db: secrets.audit.jsonl)" in help_text
+
+
 # ---- integrity and leaks ---------------------------------------------------------------------
 
 

@@ -995,7 +995,10 @@ class _CommandsOnDemand(click.Group):
     "--audit-file",
     envvar=AUDIT_FILE_VARIABLE,
     metavar="PATH",
-    help=f"Audit log file [env {AUDIT_FILE_VARIABLE}; default: <store>.audit.jsonl beside the store].",
+    help=(
+        f"Audit log file [env {AUDIT_FILE_VARIABLE}; default: beside a store file, its suffix made "
+        ".audit.jsonl (secrets.db: secrets.audit.jsonl); README, Environment variables]."
+    ),
 )
 @click.option(
     "--server",
