@@ -85,3 +85,23 @@ def test_each_server_counts_in_its_own_registry(metrics: Metrics) -> None:
         assert latency(metrics, GET) == 1 and latency(other, GET) == 2
     finally:
         other.close()
+
+
+def test_the_schedule_gauges_are_there_only_with_a_schedule(metrics: Metrics) -> None:
+    """README: "with a rotation schedule" the service exports the schedule's metrics. Its two
+    gauges were there on every service, the last pass at 0 (1970): an alert on `time()` minus it
+    fired for every service that runs no schedule."""
+    failing = "secrets_manager_scheduled_rotations_failing"
+    last_pass = "secrets_manager_schedule_last_pass_timestamp_seconds"
+    rotated = ("secrets_manager_scheduled_rotations_total", {"outcome": "rotated"})
+    assert metrics.registry.get_sample_value(failing) is None
+    assert metrics.registry.get_sample_value(last_pass) is None
+    assert metrics.registry.get_sample_value(*rotated) is None
+    metrics.start_rotation_counts()  # what serve does when its config names a schedule
+    assert metrics.registry.get_sample_value(failing) == 0
+    assert metrics.registry.get_sample_value(last_pass) == 0
+    assert metrics.registry.get_sample_value(*rotated) == 0
+    before = time.time()
+    metrics.schedule_passed(2)
+    assert metrics.registry.get_sample_value(failing) == 2
+    assert (metrics.registry.get_sample_value(last_pass) or 0) >= before - 1

@@ -94,18 +94,10 @@ class Metrics:
             ["outcome"],
             registry=self.registry,
         )
-        self.rotations_failing = Gauge(
-            "secrets_manager_scheduled_rotations_failing",
-            "Schedule entries whose rotation is failing (failed at its last try, retried with "
-            "backoff) at the end of the last schedule pass; 0 once each succeeds.",
-            registry=self.registry,
-        )
-        self.schedule_pass = Gauge(
-            "secrets_manager_schedule_last_pass_timestamp_seconds",
-            "When the last schedule pass ended (Unix time): a pass stuck, or a schedule thread "
-            "gone, leaves due rotations undone.",
-            registry=self.registry,
-        )
+        # The schedule's gauges exist only while a schedule is in force (start_rotation_counts): a
+        # last pass at 0 on a service without one would fire every "no pass for N s" alert.
+        self.rotations_failing: Gauge | None = None
+        self.schedule_pass: Gauge | None = None
         self.certificate_expiry = Gauge(
             "secrets_manager_tls_certificate_expiry_timestamp_seconds",
             "When the server's TLS certificate in force expires (Unix time); alert on it minus time().",
@@ -220,11 +212,29 @@ class Metrics:
         miss that first one."""
         for outcome in ROTATION_OUTCOMES:
             self.scheduled_rotations.labels(outcome)
+        self._schedule_gauges()
+
+    def _schedule_gauges(self) -> tuple[Gauge, Gauge]:
+        if self.rotations_failing is None or self.schedule_pass is None:
+            self.rotations_failing = Gauge(
+                "secrets_manager_scheduled_rotations_failing",
+                "Schedule entries whose rotation is failing (failed at its last try, retried with "
+                "backoff) at the end of the last schedule pass; 0 once each succeeds.",
+                registry=self.registry,
+            )
+            self.schedule_pass = Gauge(
+                "secrets_manager_schedule_last_pass_timestamp_seconds",
+                "When the last schedule pass ended (Unix time): a pass stuck, or a schedule thread "
+                "gone, leaves due rotations undone.",
+                registry=self.registry,
+            )
+        return self.rotations_failing, self.schedule_pass
 
     def schedule_passed(self, failing: int) -> None:
         """A schedule pass ended with `failing` entries failing."""
-        self.rotations_failing.set(failing)
-        self.schedule_pass.set_to_current_time()
+        rotations_failing, schedule_pass = self._schedule_gauges()
+        rotations_failing.set(failing)
+        schedule_pass.set_to_current_time()
 
     def count_rotation(self, outcome: str) -> None:
         """Count a scheduled rotation that ran (a skipped or not-due entry is not counted)."""
