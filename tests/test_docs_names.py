@@ -178,3 +178,17 @@ def test_the_readme_command_tables_show_every_option_of_every_command() -> None:
     }
     unknown = {f"{name} {option}" for name, options in shown.items() for option in options - taken[name]}
     assert unknown == set(), "options the README's command tables show that the command does not take"
+
+
+def test_the_readme_global_options_line_shows_every_option_before_the_command() -> None:
+    from secrets_manager.cli.app import cli
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("Global options come before the command:")
+    line = readme[start : readme.index("\n\n", start)]
+    unshown = {
+        option.opts[0]
+        for option in cli.params
+        if isinstance(option, click.Option) and option.name != "help" and option.opts[0] not in line
+    }
+    assert unshown == set(), "options before the command that the README's global options line leaves out"
