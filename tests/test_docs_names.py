@@ -192,3 +192,21 @@ def test_the_readme_global_options_line_shows_every_option_before_the_command() 
         if isinstance(option, click.Option) and option.name != "help" and option.opts[0] not in line
     }
     assert unshown == set(), "options before the command that the README's global options line leaves out"
+
+
+def test_the_readme_gives_the_sdks_defaults_as_the_sdk_has_them() -> None:
+    from secrets_manager.client import _config
+
+    (row,) = [
+        line
+        for line in (ROOT / "README.md").read_text().splitlines()
+        if line.startswith(
+            "| `SECRETS_MANAGER_CACHE_TTL`, `SECRETS_MANAGER_STALE_IF_ERROR`, `SECRETS_MANAGER_TIMEOUT` |"
+        )
+    ]
+    defaults = (
+        _config.DEFAULT_TTL_SECONDS,
+        _config.DEFAULT_STALE_IF_ERROR_SECONDS,
+        _config.DEFAULT_TIMEOUT_SECONDS,
+    )
+    assert "(defaults {:g}, {:g} and {:g})".format(*defaults) in row
