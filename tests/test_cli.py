@@ -2089,6 +2089,18 @@ def test_mv_renames_with_description_and_tags_and_leaves_old_deleted_and_recover
     assert b"KNOWN" not in log
 
 
+def test_cp_and_mv_carry_the_expiry_and_version_limit_their_help_names(ready: Cli) -> None:
+    """Their --help said "value, description and tags": the version limit and the expiry go too
+    (README), which someone copying an expiring credential needs to know."""
+    ready("store", "a/OLD", "--expires", "30d", "--max-versions", "5", "--tag", "k=v", input=b"KNOWN-old")
+    assert ready("cp", "a/OLD", "a/COPY").code == 0
+    copied = json.loads(ready("metadata", "a/COPY", "--json").out)
+    assert copied["max_versions"] == 5 and copied["expires"] is not None and copied["tags"] == {"k": "v"}
+    for verb in ("cp", "mv"):
+        shown = " ".join(ready(verb, "--help").out.split())
+        assert "tags, version limit and expiry" in shown, (verb, shown)
+
+
 def test_cp_keeps_old_and_neither_overwrites_without_force(ready: Cli) -> None:
     ready("store", "a/OLD", input=b"KNOWN-old")
     ready("store", "a/TAKEN", input=b"KNOWN-taken")

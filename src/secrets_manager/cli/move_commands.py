@@ -1,6 +1,6 @@
 """`mv OLD NEW` and `cp OLD NEW`: give a secret another name, as `pass mv` and `pass cp` do.
 
-OLD's current value, description, tags and version limit are written to NEW: a new secret (its
+OLD's current value, description, tags, version limit and expiry are written to NEW: a new secret (its
 version 1), or with --force a new version of an existing NEW. The value is encrypted under NEW's
 service key. `mv` then soft-deletes OLD (its history stays; `undelete OLD` brings it back), and
 only if OLD is still at the version copied (a delete with expect_version, decided in the delete's
@@ -56,15 +56,17 @@ def _old_new_force_json(command: F) -> F:
 @cli.command("mv")
 @_old_new_force_json
 def move(session: Session, old: str, new: str, force: bool, as_json: bool) -> None:
-    """Rename OLD to NEW: its current value, description and tags go to NEW, then OLD is
-    soft-deleted ('undelete OLD' brings it back). NEW must not exist unless --force."""
+    """Rename OLD to NEW: its current value, description, tags, version limit and expiry go to
+    NEW, then OLD is soft-deleted ('undelete OLD' brings it back). NEW must not exist unless
+    --force."""
     _copy(session, "mv", old, new, force=force, as_json=as_json, remove=True)
 
 
 @cli.command("cp")
 @_old_new_force_json
 def copy(session: Session, old: str, new: str, force: bool, as_json: bool) -> None:
-    """Copy OLD's current value, description and tags to NEW. NEW must not exist unless --force."""
+    """Copy OLD's current value, description, tags, version limit and expiry to NEW. NEW must not
+    exist unless --force."""
     _copy(session, "cp", old, new, force=force, as_json=as_json, remove=False)
 
 
