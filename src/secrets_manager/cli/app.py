@@ -1352,7 +1352,13 @@ def copy_to_clipboard(clipboard: tuple[ClipboardTool, int, Path], data: bytes, s
 
 @cli.command("list")
 @click.argument("prefix", required=False, default="")
-@click.option("--long", "-l", "long_format", is_flag=True, help="Show version, update time and description.")
+@click.option(
+    "--long",
+    "-l",
+    "long_format",
+    is_flag=True,
+    help="Show version, update time, state (active or deleted) and description.",
+)
 @click.option("--deleted", is_flag=True, help="Include soft-deleted secrets.")
 @click.option(
     "--older-than",
