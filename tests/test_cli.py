@@ -2332,6 +2332,14 @@ def test_the_value_file_of_an_edit_killed_with_sigkill_is_removed_by_the_next_ed
         shutil.rmtree(running_file.parent, ignore_errors=True)
 
 
+def test_edit_help_says_what_vim_is_started_without(cli: Cli) -> None:
+    """The help said vim's viminfo registers and undo files were the user's to turn off, which
+    `edit` does itself (VIM_PRIVATE_ARGUMENTS; README); it says so now, and leaves other editors'."""
+    shown = " ".join(cli("edit", "--help").out.split())
+    assert "vim and neovim are started with no swap, viminfo/shada, backup or undo file" in shown
+    assert "vim's viminfo registers, undo files) is yours" not in shown
+
+
 def test_edit_on_a_terminal_asks_for_the_master_password_once(ready: Cli, tmp_path: Path) -> None:
     """The read before the editor and the write after it open the store each: the second asked
     for the password again once the editor had closed."""

@@ -80,7 +80,8 @@ def edit(session: Session, name: str, expires: str | None) -> None:
 
     The value is written to a private file in /dev/shm (memory) for the editor and removed after;
     the editor does not get the store's credentials (MASTER_PASSWORD, VAULT_TOKEN, PGPASSWORD…).
-    Your editor's own history (vim's viminfo registers, undo files) is yours to turn off."""
+    vim and neovim are started with no swap, viminfo/shada, backup or undo file (-n -i NONE); other
+    editors' own history is yours to turn off."""
     name, separator, field = name.partition(FIELD_SEPARATOR)
     validate_name(name)
     if separator and not field:
