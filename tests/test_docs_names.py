@@ -210,3 +210,23 @@ def test_the_readme_gives_the_sdks_defaults_as_the_sdk_has_them() -> None:
         _config.DEFAULT_TIMEOUT_SECONDS,
     )
     assert "(defaults {:g}, {:g} and {:g})".format(*defaults) in row
+
+
+def test_the_readme_names_every_setting_of_server_toml_and_of_a_schedule_entry() -> None:
+    """serve refuses a setting it does not know, so one the README leaves out is one nobody finds;
+    the schedule's example block is where an operator copies an entry from."""
+    from secrets_manager import rotation
+    from secrets_manager.service import config
+
+    readme = (ROOT / "README.md").read_text()
+    settings = config._KNOWN | config._TLS_KNOWN
+    assert "watch_poll_seconds" in settings and "client_ca" in settings
+    unnamed = {setting for setting in settings if not re.search(rf"\b{setting}\b", readme)}
+    assert unnamed == set(), "server.toml settings the README never names"
+    (schedule,) = [
+        block for block in re.findall(r"```toml\n(.*?)```", readme, re.S) if "[[rotation]]" in block
+    ]
+    entry_keys = set(re.findall(r"^#? ?(\w+) =", schedule, re.M)) | set(re.findall(r"(\w+) = ", schedule))
+    assert rotation._KNOWN - entry_keys == set(), (
+        "schedule entry settings the README's rotation.toml leaves out"
+    )
