@@ -230,3 +230,58 @@ def test_the_readme_names_every_setting_of_server_toml_and_of_a_schedule_entry()
     assert rotation._KNOWN - entry_keys == set(), (
         "schedule entry settings the README's rotation.toml leaves out"
     )
+
+
+def rpc_capabilities() -> dict[str, str | None]:
+    """Each RPC's capability, as the servicer asks it of `_call(context, method, operation, name,
+    capability, ...)` (None: the call filters what it shows), following one `self._helper(...)`."""
+    tree = ast.parse((SOURCE / "service" / "server.py").read_text())
+    (servicer,) = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.ClassDef)
+        and any(f.name == "GetSecret" for f in node.body if isinstance(f, ast.FunctionDef))
+    ]
+    methods = {f.name: f for f in servicer.body if isinstance(f, ast.FunctionDef)}
+
+    def asked(function: ast.FunctionDef, depth: int = 0) -> list[str | None]:
+        found: list[str | None] = []
+        for node in ast.walk(function):
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+                continue
+            if node.func.attr == "_call" and len(node.args) > 4:
+                capability = node.args[4]
+                assert isinstance(capability, ast.Constant)
+                found.append(capability.value)
+            elif node.func.attr in methods and node.func.attr.startswith("_") and depth == 0:
+                found.extend(asked(methods[node.func.attr], depth + 1))
+        return found
+
+    rpcs = re.findall(
+        r"^\s*rpc (\w+)\(", (ROOT / "proto" / "secrets_manager" / "v1" / "secrets.proto").read_text(), re.M
+    )
+    capabilities = {}
+    for rpc in rpcs:
+        (capability,) = set(asked(methods[rpc]))
+        capabilities[rpc] = capability
+    return capabilities
+
+
+def test_the_readme_rpc_table_gives_the_capability_the_service_asks() -> None:
+    capabilities = rpc_capabilities()
+    assert capabilities["GetSecret"] == "read" and capabilities["ListSecrets"] is None  # the scan works
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index("| RPC | capability |")
+    rows = readme[start : readme.index("\n\n", start)].splitlines()[2:]
+    said = {}
+    for row in rows:
+        rpcs_cell, capability_cell = row.strip("|").split("|")[:2]
+        for rpc in re.findall(r"`(\w+)`", rpcs_cell):
+            said[rpc] = capability_cell.strip()
+    assert set(said) == set(capabilities), "RPCs the README's table leaves out, or that do not exist"
+    wrong = {
+        rpc: said[rpc]
+        for rpc, capability in capabilities.items()
+        if not ("filtered" in said[rpc] if capability is None else said[rpc].startswith(f"`{capability}`"))
+    }
+    assert wrong == {}, f"the service asks otherwise: {capabilities}"
