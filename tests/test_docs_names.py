@@ -285,3 +285,18 @@ def test_the_readme_rpc_table_gives_the_capability_the_service_asks() -> None:
         if not ("filtered" in said[rpc] if capability is None else said[rpc].startswith(f"`{capability}`"))
     }
     assert wrong == {}, f"the service asks otherwise: {capabilities}"
+
+
+def test_every_variable_of_ours_the_code_reads_is_documented() -> None:
+    """A SECRETS_MANAGER_*, MASTER_PASSWORD* or VAULT_* variable the code names is in the README
+    (Environment variables, or where its feature is) or docs/stores.md (Vault's)."""
+    variables: set[str] = set()
+    for path in SOURCE.rglob("*.py"):
+        variables |= set(
+            re.findall(
+                r'"((?:SECRETS_MANAGER|MASTER_PASSWORD|VAULT|SHRIVENQUANT)_?[A-Z_]*)"', path.read_text()
+            )
+        )
+    assert {"SECRETS_MANAGER_ADDR", "VAULT_TOKEN", "MASTER_PASSWORD_FILE"} <= variables
+    documents = (ROOT / "README.md").read_text() + (ROOT / "docs" / "stores.md").read_text()
+    assert {v for v in variables if not re.search(rf"\b{v}\b", documents)} == set()
