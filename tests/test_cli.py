@@ -178,6 +178,20 @@ def test_commands_on_a_missing_store_say_how_to_create_one(cli: Cli) -> None:
     assert_one_line_error(cli("list"), 3, "init")
 
 
+def test_the_missing_default_store_message_gives_a_bare_init(cli: Cli, tmp_path: Path) -> None:
+    """Where no store is named (the default one), the command that creates it is a bare
+    'secrets-manager init'; it gave '--store <the default's path> init'."""
+    home = tmp_path / "home"
+    env = {"SECRETS_MANAGER_STORE": None, "HOME": str(home), "XDG_DATA_HOME": None}
+    result = cli("list", env=env)
+    default = home / ".local" / "share" / "secrets-manager" / "secrets.db"
+    assert_one_line_error(
+        result, 3, f"no store at {default}; create one with 'secrets-manager init', or pass"
+    )
+    assert cli("init", "--kdf-profile", "test", env=env).code == 0
+    assert cli("list", env=env).code == 0
+
+
 def test_the_missing_store_message_gives_the_init_command_for_that_store(
     cli: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -100,9 +100,11 @@ class StoreNotFoundError(NotFoundError):
     the exact command that creates one there, so a caller that knows better advice (serve: the
     config's `store`) can say it without parsing the message."""
 
-    def __init__(self, location: str, store_argument: str) -> None:
+    def __init__(self, location: str, store_argument: str | None) -> None:
         self.location = location
-        self.init_command = f"secrets-manager --store {shlex.quote(store_argument)} init"
+        # None: the default store, which a bare `init` creates
+        where = "" if store_argument is None else f" --store {shlex.quote(store_argument)}"
+        self.init_command = f"secrets-manager{where} init"
         super().__init__(
             f"no store at {location}; create one with '{self.init_command}', "
             "or pass --store with the store you meant"

@@ -622,7 +622,12 @@ def open_storage(url: str | None, *, create: bool, environment: Environment) -> 
     path = sqlite_path(url)
     if environment.is_production and path.parent.is_dir():
         _refuse_unprotected_store(path, create=create)
-    return SqliteStorage(path, create=create)
+    try:
+        return SqliteStorage(path, create=create)
+    except StoreNotFoundError as exc:
+        if url is not None:
+            raise
+        raise StoreNotFoundError(exc.location, None) from None  # the default: a bare `init` makes it
 
 
 def _refuse_unprotected_store(path: Path, *, create: bool) -> None:
