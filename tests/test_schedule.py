@@ -35,6 +35,7 @@ from secrets_manager.rotation import Due, load_schedule, parse_every, plan
 from secrets_manager.service.schedule import RotationScheduler, _Ledger
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import CURRENT, EncryptedStore, PasswordUnlock
+from secrets_manager.v1 import secrets_pb2 as pb
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
 from service_fixtures import SEED, TD, Server, client_environ, make_pki, make_store, start_server, tls_files
 
@@ -856,7 +857,9 @@ def test_rotate_on_server_runs_the_configured_rotation_there_and_audits_each_ste
     finally:
         server.stop()
     _, _, authors = _store_values(tmp_path, "auth/DB_PASSWORD")
-    assert authors[-1] == f"spiffe://{TD}/ops"
+    # The value is the schedule's, so is the version (a stale one is resumed only if so); the
+    # audit log names the caller who asked for it (below).
+    assert authors[-1] == "rotation-schedule"
     records = server.audit_records()
     (outer,) = [r for r in records if r["operation"] == "rotate" and r["outcome"] == "ok"]
     assert (outer["actor"], outer["source"], outer["version"]) == (f"spiffe://{TD}/ops", "grpc", 2)
@@ -1002,7 +1005,8 @@ def test_runners_resuming_one_stale_version_together_do_not_report_a_failure(cli
     done, not a failure. Here the set command itself plays the other replica, resuming first."""
     store = EncryptedStore.open(SqliteStorage(cli.dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
     try:
-        staged = store.stage("db/app", b"staged-by-a-failed-rotation")
+        with store.acting_for("rotation-schedule"):  # a failed rotation of the schedule's
+            staged = store.stage("db/app", b"staged-by-a-failed-rotation")
         other_runner = (
             f"MASTER_PASSWORD={shlex.quote(PASSWORD)} {shlex.quote(str(SCRIPT))} "
             f"--store {shlex.quote(str(cli.dir / 'store.db'))} rotate db/app --resume --promote-only"
@@ -1370,3 +1374,100 @@ def test_a_pass_of_the_schedule_leaves_a_rotation_that_rotate_on_server_is_runni
     assert json.loads(done.stdout)["promoted_elsewhere"] is False
     assert (tmp_path / "set.log").read_text().split() == ["set"]
     assert (tmp_path / "test.log").read_text().split() == ["test"]
+
+
+STAGER_POLICY = f"""
+[identities]
+"spiffe://{TD}/ops" = ["admin"]
+"spiffe://{TD}/stager" = ["stager"]
+
+[roles.admin]
+rules = [{{ path = "**", capabilities = ["admin"] }}]
+
+[roles.stager]
+rules = [{{ path = "auth/DB_PASSWORD", capabilities = ["rotate"] }}]
+"""
+
+
+def test_a_value_a_caller_staged_is_never_set_at_the_target_by_the_schedule_or_rotate_on_server(
+    tmp_path: Path,
+) -> None:
+    """`rotate` (without `read`) lets a caller stage a pending version with a value of its choosing.
+    The schedule resumed any stale pending version, so three command timeouts later its pass (or
+    the caller's own `rotate --on-server`) ran the set command with that value (ALTER ROLE … for a
+    postgres_role entry) and promoted it: the caller then knew the credential at the target. Only
+    versions a rotation of the schedule staged are resumed; the caller's stays pending, untouched."""
+    make_pki(tmp_path, ("ops", "stager"))
+    make_store(tmp_path, policy=STAGER_POLICY)
+    schedule = write_schedule(
+        tmp_path / "rotation.toml",
+        {
+            "name": "auth/DB_PASSWORD",
+            "every": "3650d",
+            "set_command": SET_TARGET,
+            "test_command": TEST_TARGET,
+            "timeout": 1,
+        },
+    )
+    server = _serve_with_schedule(tmp_path, "server", schedule)
+    chosen = b"a-password-the-stager-KNOWS"
+    try:
+        staged = server.stub("stager").StageSecretVersion(
+            pb.StageSecretVersionRequest(name="auth/DB_PASSWORD", value=chosen), timeout=10
+        )
+        time.sleep(3.5)  # stale (three timeouts of 1 s); the schedule passes every 0.2 s
+        refused = server.cli("stager", "rotate", "auth/DB_PASSWORD", "--on-server")
+        time.sleep(0.5)  # more passes
+        described = server.cli("ops", "history", "auth/DB_PASSWORD", "--json")
+    finally:
+        server.stop()
+    assert not (tmp_path / "target").exists()  # the set command never ran
+    assert json.loads(described.stdout)["labels"] == {"current": 1, "pending": staged.version}
+    assert refused.returncode == 7, refused.stderr
+    assert f"staged by 'spiffe://{TD}/stager', not by a rotation of the schedule".encode() in refused.stderr
+    assert b"rotate auth/DB_PASSWORD --discard" in refused.stderr
+    warnings = [line for line in server.log_lines if "not by a rotation of the schedule" in line]
+    assert len(warnings) == 1  # logged once, not at every pass
+    assert chosen.decode() not in "".join(server.log_lines) + refused.stderr.decode()
+
+
+def test_schedule_run_never_sets_at_the_target_a_value_another_caller_staged(tmp_path: Path) -> None:
+    """The same through `schedule run` from cron: on the service's store file and through the
+    service (as ops), a stale pending version the stager staged was resumed, its value set at the
+    target. Each run now says whose it is and how to finish or drop it (exit 1), and leaves it."""
+    make_pki(tmp_path, ("ops", "stager"))
+    make_store(tmp_path, policy=STAGER_POLICY)
+    schedule = write_schedule(
+        tmp_path / "rotation.toml",
+        {"name": "auth/DB_PASSWORD", "every": "3650d", "set_command": SET_TARGET, "timeout": 1},
+    )
+    server = start_server(tmp_path)  # serving the store, without a schedule of its own
+    try:
+        server.stub("stager").StageSecretVersion(
+            pb.StageSecretVersionRequest(name="auth/DB_PASSWORD", value=b"a-password-the-stager-KNOWS"),
+            timeout=10,
+        )
+        time.sleep(3.1)  # stale: three timeouts of 1 s
+        remote = server.cli("ops", "schedule", "run", str(schedule), "--json")
+        local = subprocess.run(
+            [str(SCRIPT), "--store", str(tmp_path / "store.db"), "schedule", "run", str(schedule)],
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MASTER_PASSWORD": SERVICE_PASSWORD},
+            cwd=tmp_path,
+            capture_output=True,
+            timeout=60,
+        )
+        check = server.cli("ops", "schedule", "check", str(schedule), "--json")
+    finally:
+        server.stop()
+    assert not (tmp_path / "target").exists()
+    for run in (remote, local):
+        assert run.returncode == 1, run.stderr
+        assert f"version 2 of auth/DB_PASSWORD is pending, staged by 'spiffe://{TD}/stager'".encode() in (
+            run.stderr
+        )
+        assert b"Traceback" not in run.stderr and b"KNOWS" not in run.stderr
+    assert json.loads(remote.stdout)[0]["outcome"] == "skipped"
+    assert json.loads(check.stdout)[0]["state"] == "in progress"
+    _, values, _ = _store_values(tmp_path, "auth/DB_PASSWORD")
+    assert _store_values(tmp_path, "auth/DB_PASSWORD")[0] == SEED["auth/DB_PASSWORD"].decode()
+    assert len(values) == 2  # the stager's version, still pending; nothing promoted

@@ -45,7 +45,7 @@ import subprocess
 import sys
 import threading
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -100,6 +100,9 @@ MAX_TIMEOUT = 3600.0
 # A pending version older than this many command timeouts was left by a rotation that ended
 # without finishing (killed, or its set or test failed): the schedule resumes it.
 STALE_AFTER_TIMEOUTS = 3
+# Who the service's schedule acts as: its audit records' actor, and the author (created_by) of the
+# versions its rotations stage (those of `rotate --on-server` too).
+SCHEDULE_ACTOR = "rotation-schedule"
 MAX_SCHEDULE_BYTES = 1 << 20  # a schedule file larger than this is a wrong file
 
 _log = logging.getLogger(__name__)
@@ -978,15 +981,28 @@ class Plan:
     last_rotated: datetime | None  # when the current version was created
     next_due: datetime | None
     pending: int | None
+    # Who staged the pending version, when it is stale but not the schedule's to resume (`plan`'s
+    # `stagers`): left in progress. "" where the store does not record it (AWS).
+    staged_by_another: str | None = None
 
 
-def plan(rule: ScheduledRotation, meta: SecretMetadata, now: datetime) -> Plan:
+def plan(
+    rule: ScheduledRotation, meta: SecretMetadata, now: datetime, *, stagers: Collection[str] | None = None
+) -> Plan:
     """Due when the current version is `every` old (any new current value restarts the clock,
     whether a rotation or a `store` made it), or when there is none. A pending version is young
     (in progress) while it was staged less than `stale_after` from `now`, before or after: one
     dated further ahead was staged while a clock was ahead (stepped back since), and waited as
-    long as the step (a day, a year) with the new value perhaps at the target already."""
+    long as the step (a day, a year) with the new value perhaps at the target already.
+
+    `stagers`: the authors (`created_by`) whose stale pending versions the runner resumes, i.e.
+    sets at the target: rotations of this schedule. A version anyone else staged stays in
+    progress however old (`staged_by_another`): its value is one they chose (anyone with the
+    rotate capability may stage one, through the service), and a resume would set it at the
+    target (a database role's password they then know). None: every stale version (what
+    `schedule check` shows before a runner is known)."""
     created = {v.version: v.created for v in meta.versions}
+    authors = {v.version: v.created_by for v in meta.versions}
     current = meta.labels.get(CURRENT)
     pending = meta.labels.get(PENDING)
     last = created.get(current) if current is not None else None
@@ -997,6 +1013,9 @@ def plan(rule: ScheduledRotation, meta: SecretMetadata, now: datetime) -> Plan:
         staged = created.get(pending)
         young = staged is not None and abs(now - staged) < rule.stale_after
         state = Due.IN_PROGRESS if young else Due.RESUME
+        author = authors.get(pending, "")
+        if state is Due.RESUME and stagers is not None and author not in stagers:
+            return Plan(Due.IN_PROGRESS, last, next_due, pending, staged_by_another=author)
     elif next_due is None or now >= next_due:
         state = Due.DUE
     else:
@@ -1004,8 +1023,26 @@ def plan(rule: ScheduledRotation, meta: SecretMetadata, now: datetime) -> Plan:
     return Plan(state, last, next_due, pending if state in (Due.IN_PROGRESS, Due.RESUME) else None)
 
 
+def staged_by_another(name: str, planned: Plan) -> str:
+    """What a runner says of a stale pending version it leaves alone because the schedule did not
+    stage it (`Plan.staged_by_another`): who did, and how a person finishes or drops it."""
+    who = (
+        repr(planned.staged_by_another)
+        if planned.staged_by_another
+        else "a writer this store does not record per version (AWS keeps none)"
+    )
+    return (
+        f"version {planned.pending} of {name} is pending, staged by {who}, not by a rotation of the "
+        "schedule: its value is one that writer chose, so the schedule does not set it at the target "
+        "however old it is; if that rotation is meant, finish it with 'secrets-manager rotate "
+        f"{name} --resume' and its commands or role, or drop it with 'secrets-manager rotate {name} "
+        "--discard'"
+    )
+
+
 __all__ = [
     "ALPHABETS",
+    "SCHEDULE_ACTOR",
     "Commands",
     "Due",
     "Plan",
@@ -1024,4 +1061,5 @@ __all__ = [
     "rotate",
     "run_command",
     "run_step",
+    "staged_by_another",
 ]

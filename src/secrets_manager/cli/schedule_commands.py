@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from secrets_manager.cli.app import Session, cli, pass_session
+from secrets_manager.cli.app import Session, cli, is_remote_store, pass_session
 from secrets_manager.cli.output import error_line, info_line, print_json, print_table, timestamp, warning_line
 from secrets_manager.cli.rotate_commands import (
     SessionSteps,
@@ -30,7 +30,15 @@ from secrets_manager.errors import (
     RotationInProgressError,
     SecretsManagerError,
 )
-from secrets_manager.rotation import Due, Plan, ScheduledRotation, load_schedule, plan
+from secrets_manager.rotation import (
+    SCHEDULE_ACTOR,
+    Due,
+    Plan,
+    ScheduledRotation,
+    load_schedule,
+    plan,
+    staged_by_another,
+)
 
 MISSING = "missing"
 
@@ -132,6 +140,11 @@ def run(session: Session, file: str, as_json: bool) -> int:
             error_line(f"secret {entry.rule.name!r} not found; store a first value before it can be rotated")
             exit_code = exit_code or NotFoundError.exit_code
             continue
+        if entry.plan.staged_by_another is not None:  # however old: its value is not ours to set
+            error_line(staged_by_another(entry.rule.name, entry.plan))
+            result.update(outcome="skipped", error=staged_by_another(entry.rule.name, entry.plan))
+            exit_code = 1
+            continue
         if entry.plan.state is Due.IN_PROGRESS:
             info_line(f"{entry.rule.name}: a rotation is in progress (version {entry.plan.pending}); skipped")
         elif entry.plan.state is Due.DELETED:
@@ -173,18 +186,36 @@ def run(session: Session, file: str, as_json: bool) -> int:
 
 
 def _entries(session: Session, rules: tuple[ScheduledRotation, ...]) -> list[_Entry]:
-    """Each rule with its plan now, from one read of the secrets' metadata (never values)."""
+    """Each rule with its plan now, from one read of the secrets' metadata (never values). A stale
+    pending version is resumed only if this runner (this user; with --server, this certificate's
+    identity) or the service's schedule staged it: anyone with the rotate capability may stage a
+    value of their choosing, which a resume would set at the target."""
     entries = []
     now = datetime.now(UTC)
     with session.secret_operation("schedule.check") as (store, _):
+        runner = _runner(session, store)
+        stagers = (SCHEDULE_ACTOR,) if runner is None else (SCHEDULE_ACTOR, runner)
         for rule in rules:
             try:
                 meta = store.describe(rule.name)
             except NotFoundError:
                 entries.append(_Entry(rule, None))
                 continue
-            entries.append(_Entry(rule, plan(rule, meta, now)))
+            entries.append(_Entry(rule, plan(rule, meta, now, stagers=stagers)))
     return entries
+
+
+def _runner(session: Session, store: object) -> str | None:
+    """Who the versions this run stages are created by: the client certificate's identity through
+    a service, else the local user (None: not known, so none but the service's schedule's)."""
+    if not is_remote_store(store):
+        return session.actor
+    from secrets_manager.tls.identity import identity_from_certificate
+
+    try:
+        return identity_from_certificate(session.tls_files().cert.read_bytes())
+    except (OSError, ValueError, SecretsManagerError):  # read when the connection was made
+        return None
 
 
 def _every(rule: ScheduledRotation) -> str:

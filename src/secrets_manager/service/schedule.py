@@ -6,7 +6,8 @@ does: stage a generated value, run the set and test commands, promote. Every ste
 the service's log as actor "rotation-schedule", source "schedule", and the versions it writes are
 created by "rotation-schedule". The schedule is operator configuration and is not subject to the
 access policy. RotateSecret (`rotate NAME --on-server`) runs one entry at once for a caller with the
-`rotate` capability, every step audited under the caller's identity and request id.
+`rotate` capability, every step audited under the caller's identity and request id; the version
+it stages is created by "rotation-schedule" too, as its value is the schedule's.
 
 At shutdown no new rotation starts; one that is running gets what is left of the grace period. A
 command still running at the end of it is killed, as at a timeout (run_server does that); its
@@ -16,6 +17,9 @@ Replicas that share a store may all run the same schedule: the store refuses a s
 a version is pending, so only one replica rotates a secret and the others skip it. A pending
 version older than three command timeouts (a rotation that failed or was killed) is resumed: its
 value is set and tested again and promoted, so replicas that resume it together apply one value.
+Only one the schedule staged (created by "rotation-schedule", or owed here): anyone with the
+`rotate` capability may stage a value of their choosing (StageSecretVersion), which a resume
+would set at the target; such a version stays in progress, and is logged once.
 
 Interruptions (_Ledger): a rotation whose set command exited 0 but that then failed (the store
 was unreachable for its promote, say) is retried by this replica with backoff, from the test on,
@@ -49,12 +53,14 @@ from secrets_manager.errors import (
     SecretsManagerError,
 )
 from secrets_manager.rotation import (
+    SCHEDULE_ACTOR,
     Due,
     Rotated,
     ScheduledRotation,
     end_running_commands,
     load_schedule,
     plan,
+    staged_by_another,
 )
 from secrets_manager.service.served import ServedStore
 from secrets_manager.store import CURRENT, PENDING, SecretMetadata
@@ -62,7 +68,7 @@ from secrets_manager.values import SecretValue
 
 log = logging.getLogger("secrets_manager.service.schedule")
 
-ACTOR = "rotation-schedule"
+ACTOR = SCHEDULE_ACTOR
 SOURCE = "schedule"
 
 
@@ -242,7 +248,8 @@ class _Ledger:
 class _ServiceSteps:
     """RotationSteps on the service's own store, each step audited in the service's log (a change
     with a durable request record before it, like a client's request) as `actor`: the schedule's,
-    or a RotateSecret caller's (with its peer and request id)."""
+    or a RotateSecret caller's (with its peer and request id). The versions it stages are created
+    by ACTOR either way: the schedule generated their values."""
 
     def __init__(
         self,
@@ -274,7 +281,9 @@ class _ServiceSteps:
         if mutating:
             self._audit.append([replace(event, outcome="pending")], self._store)
         try:
-            with self._store.acting_for(self._actor):
+            # The versions a rotation of the schedule stages are the schedule's (their value is one
+            # it generated), whoever asked for it: a stale one is resumed only if so (`plan`).
+            with self._store.acting_for(ACTOR):
                 yield event
         except BaseException as exc:
             event.outcome = exc.kind if isinstance(exc, SecretsManagerError) else "error"
@@ -487,7 +496,10 @@ class RotationScheduler:
                 f"the service's rotation schedule {self.path.name} has no entry for {name!r}; add one "
                 "to rotate it on the service"
             )
-        state = plan(rule, self._store.describe(name), self._clock()).state
+        planned = plan(rule, self._store.describe(name), self._clock(), stagers=(ACTOR,))
+        if planned.staged_by_another is not None and self._ledger.owed(name, planned.pending) is None:
+            raise RotationInProgressError(staged_by_another(name, planned))
+        state = planned.state
         steps = _ServiceSteps(
             self._store,
             self._audit,
@@ -557,12 +569,14 @@ class RotationScheduler:
             )
             return "failed"
         now = self._clock()
-        planned = plan(rule, meta, now)
+        planned = plan(rule, meta, now, stagers=(ACTOR,))
         state = planned.state
         owed = self._ledger.owed(rule.name, planned.pending)
         if rule.name in self._unseen:
             self._unseen.discard(rule.name)
             self._log_found(rule, meta, planned.pending, ours=owed is not None)
+        if owed is None and planned.staged_by_another is not None:
+            self._warn_once(rule.name, staged_by_another(rule.name, planned))
         set_ran = False
         if owed is not None:  # a rotation of ours that has not ended: retried, not waited out
             if time.monotonic() < owed.next_try:
