@@ -123,7 +123,9 @@ def test_a_common_name_written_like_ops_spiffe_id_is_unauthenticated_not_ops(ser
     make_odd_client(server.dir, "cn-spoof", cn=f"spiffe://{TD}/ops")
     make_odd_client(server.dir, "cn-spoof-https", cn=f"spiffe://{TD}/ops", uris=("https://example.com/x",))
     make_odd_client(server.dir, "cn-cyrillic", cn="\u0430uth")
-    for client in ("cn-spoof", "cn-spoof-https", "cn-cyrillic"):
+    # The service's schedule's name: its records, and the versions only the schedule resumes.
+    make_odd_client(server.dir, "cn-schedule", cn="rotation-schedule")
+    for client in ("cn-spoof", "cn-spoof-https", "cn-cyrillic", "cn-schedule"):
         stub = server.stub(client)
         with pytest.raises(grpc.RpcError) as caught:
             stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
@@ -135,7 +137,9 @@ def test_a_common_name_written_like_ops_spiffe_id_is_unauthenticated_not_ops(ser
             "deny",
             "unauthenticated",
         )
-    assert not any(r["actor"] in (f"spiffe://{TD}/ops", "\u0430uth") for r in server.audit_records())
+    assert not any(
+        r["actor"] in (f"spiffe://{TD}/ops", "\u0430uth", "rotation-schedule") for r in server.audit_records()
+    )
 
 
 def test_a_certificate_whose_san_cryptography_cannot_represent_is_unauthenticated_and_audited(

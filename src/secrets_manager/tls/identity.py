@@ -215,6 +215,11 @@ def _spiffe_id_problem(spiffe_id: str) -> str | None:
     return None
 
 
+# rotation.SCHEDULE_ACTOR (a sibling layer): a certificate with this CN would write versions the
+# schedule takes for its own, and audit records that read as the schedule's.
+_SCHEDULE_ACTOR = "rotation-schedule"
+
+
 def _common_name_problem(name: str) -> str | None:
     """Why `name` is not usable as a CN identity, or None. The last test alone decides; the ones
     before it only say more precisely what is wrong."""
@@ -226,6 +231,11 @@ def _common_name_problem(name: str) -> str | None:
         return "is written like a URI (a SPIFFE ID counts only as a URI SAN, never as the CN)"
     if name.startswith("<") and name.endswith(">"):
         return "is written like the audit log's marker for a caller without an identity"
+    if name == _SCHEDULE_ACTOR:
+        return (
+            "is the name the service's rotation schedule acts as (its audit records, and the author "
+            "of the versions it stages, which it alone resumes)"
+        )
     if not is_name(name):
         return "has characters other than ASCII letters, digits, '_', '.', '-', or more than 64"
     return None
