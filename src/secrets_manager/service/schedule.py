@@ -653,7 +653,7 @@ class RotationScheduler:
         else:
             log.warning(
                 "found a pending version (another runner's rotation, perhaps still running); it is "
-                "resumed once stale unless it finishes first",
+                "resumed once stale unless it finishes first, if the schedule staged it",
                 extra={
                     "event": "rotation.pending_found",
                     "secret": rule.name,
