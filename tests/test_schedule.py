@@ -1409,7 +1409,7 @@ def test_a_value_a_caller_staged_is_never_set_at_the_target_by_the_schedule_or_r
             "timeout": 1,
         },
     )
-    server = _serve_with_schedule(tmp_path, "server", schedule)
+    server = _serve_with_schedule(tmp_path, "server", schedule, metrics=True)
     chosen = b"a-password-the-stager-KNOWS"
     try:
         staged = server.stub("stager").StageSecretVersion(
@@ -1419,6 +1419,9 @@ def test_a_value_a_caller_staged_is_never_set_at_the_target_by_the_schedule_or_r
         refused = server.cli("stager", "rotate", "auth/DB_PASSWORD", "--on-server")
         time.sleep(0.5)  # more passes
         described = server.cli("ops", "history", "auth/DB_PASSWORD", "--json")
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10)
+        # Rotated no more until a person acts: alerted on as a failing entry.
+        assert b"\nsecrets_manager_scheduled_rotations_failing 1.0\n" in metrics.read()
     finally:
         server.stop()
     assert not (tmp_path / "target").exists()  # the set command never ran

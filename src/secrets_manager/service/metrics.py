@@ -219,7 +219,8 @@ class Metrics:
             self.rotations_failing = Gauge(
                 "secrets_manager_scheduled_rotations_failing",
                 "Schedule entries whose rotation is failing (failed at its last try, retried with "
-                "backoff) at the end of the last schedule pass; 0 once each succeeds.",
+                "backoff; or blocked by a stale pending version another staged) at the end of the last "
+                "schedule pass; 0 once each succeeds.",
                 registry=self.registry,
             )
             self.schedule_pass = Gauge(

@@ -374,6 +374,9 @@ class RotationScheduler:
         self._steps = _ServiceSteps(store, audit, ledger=self._ledger)
         self._unseen = {rule.name for rule in self.rules}  # not yet described since the start
         self._failing: dict[str, tuple[int, float]] = {}  # name: failures in a row, next try (monotonic)
+        # Entries whose stale pending version another staged (plan's staged_by_another): never
+        # resumed, so they rotate no more until a person finishes or discards it; counted failing.
+        self._blocked: set[str] = set()
         # Entries whose rotation runs in this process now (the schedule's thread, or a RotateSecret
         # request's): a pass leaves them alone. Their ledger entry alone would send a pass to
         # resume one beside the running rotation, its commands run twice at once.
@@ -457,6 +460,7 @@ class RotationScheduler:
         # staged version of ours owed a retry), until a run of it succeeds.
         failing = {name for name, outcome in outcomes.items() if outcome == "failed"}
         failing |= {rule.name for rule in self.rules if rule.name in self._failing}
+        failing |= self._blocked & outcomes.keys()  # stale and another's: a person must act
         self._on_pass(len(failing))
         return outcomes
 
@@ -577,6 +581,9 @@ class RotationScheduler:
             self._log_found(rule, meta, planned.pending, ours=owed is not None)
         if owed is None and planned.staged_by_another is not None:
             self._warn_once(rule.name, staged_by_another(rule.name, planned))
+            self._blocked.add(rule.name)
+        else:
+            self._blocked.discard(rule.name)
         set_ran = False
         if owed is not None:  # a rotation of ours that has not ended: retried, not waited out
             if time.monotonic() < owed.next_try:
