@@ -124,11 +124,13 @@ def check(session: Session, file: str, as_json: bool) -> int:
 def run(session: Session, file: str, as_json: bool) -> int:
     """Run every rotation of FILE that is due now: stage a generated value, set, test, promote
     (as 'rotate NAME'); resume one whose pending version is older than 3 command timeouts (left
-    by a rotation that did not finish); skip one in progress elsewhere.
+    by a rotation that did not finish), if this user (with --server, this certificate) or the
+    service's schedule staged it; skip one in progress elsewhere.
 
     \b
-    Exit 0 if every due rotation succeeded (or none was due), 1 if any failed (each failure is
-    one line; the other entries still run), 3 if a secret it names does not exist."""
+    Exit 0 if every due rotation succeeded (or none was due), 1 if any failed or has a stale
+    pending version another staged (each one line, saying whose; the other entries still run), 3
+    if a secret it names does not exist."""
     rules = load_schedule(file, environment=session.environment)
     session = one_password_session(session)
     results: list[dict[str, Any]] = []
