@@ -16,9 +16,10 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -2345,3 +2346,50 @@ def test_a_batch_get_whose_caller_gave_up_stops_reading(
     batch = [r for r in records if r.get("operation") == "batch_get"]
     assert [r["outcome"] for r in batch] == ["cancelled"] and batch[0]["decision"] == "allow"
     assert not [r for r in records if r.get("operation") == "get"]  # nothing was sent
+
+
+def test_a_refusal_says_the_same_of_a_missing_name_as_of_a_present_one(server: Server) -> None:
+    """As Vault and AWS answer a denied read: every RPC on one name decides before the store is
+    read, so a caller refused there cannot tell whether the name exists (auth may read and list
+    auth/* only; market-connector/BINANCE_API_KEY exists, market-connector/NOPE does not)."""
+    stub = server.stub("auth")
+
+    def calls(name: str) -> list[Callable[[], object]]:
+        return [
+            lambda: stub.GetSecret(pb.GetSecretRequest(name=name, label="pending"), timeout=10),
+            lambda: stub.BatchGetSecrets(pb.BatchGetSecretsRequest(names=["auth/JWT_KEY", name]), timeout=10),
+            lambda: stub.DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10),
+            lambda: stub.PutSecret(pb.PutSecretRequest(name=name, value=b"x", expect_version=1), timeout=10),
+            lambda: stub.UpdateSecretMetadata(
+                pb.UpdateSecretMetadataRequest(name=name, description="d"), timeout=10
+            ),
+            lambda: stub.DeleteSecret(pb.DeleteSecretRequest(name=name), timeout=10),
+            lambda: stub.DeleteSecretIfCurrent(
+                pb.DeleteSecretIfCurrentRequest(name=name, expect_version=1), timeout=10
+            ),
+            lambda: stub.UndeleteSecret(pb.UndeleteSecretRequest(name=name), timeout=10),
+            lambda: stub.StageSecretVersion(pb.StageSecretVersionRequest(name=name, value=b"x"), timeout=10),
+            lambda: stub.StageSecretVersionIfCurrent(
+                pb.StageSecretVersionIfCurrentRequest(name=name, value=b"x", expect_current=1), timeout=10
+            ),
+            lambda: stub.PromoteSecretVersion(
+                pb.PromoteSecretVersionRequest(name=name, version=2), timeout=10
+            ),
+            lambda: stub.DiscardPendingVersion(pb.DiscardPendingVersionRequest(name=name), timeout=10),
+            lambda: stub.RotateSecret(pb.RotateSecretRequest(name=name), timeout=10),
+        ]
+
+    def answers(name: str) -> list[tuple[grpc.StatusCode, str]]:
+        found = []
+        for call in calls(name):
+            with pytest.raises(grpc.RpcError) as caught:
+                call()
+            error: Any = caught.value
+            found.append((error.code(), error.details().replace(name, "NAME")))
+        return found
+
+    present = answers("market-connector/BINANCE_API_KEY")
+    assert {code for code, _ in present} == {grpc.StatusCode.PERMISSION_DENIED}
+    assert answers("market-connector/NOPE") == present
+    denied = [r for r in server.audit_records() if r["actor"] == f"spiffe://{TD}/auth"]
+    assert len(denied) == 2 * len(present) and {r["decision"] for r in denied} == {"deny"}
