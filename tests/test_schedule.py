@@ -1471,6 +1471,7 @@ def test_schedule_run_never_sets_at_the_target_a_value_another_caller_staged(tmp
         assert b"Traceback" not in run.stderr and b"KNOWS" not in run.stderr
     assert json.loads(remote.stdout)[0]["outcome"] == "skipped"
     assert json.loads(check.stdout)[0]["state"] == "in progress"
+    assert check.returncode == 0 and b"staged by 'spiffe://" in check.stderr  # and left alone
     _, values, _ = _store_values(tmp_path, "auth/DB_PASSWORD")
     assert _store_values(tmp_path, "auth/DB_PASSWORD")[0] == SEED["auth/DB_PASSWORD"].decode()
     assert len(values) == 2  # the stager's version, still pending; nothing promoted

@@ -110,6 +110,9 @@ def check(session: Session, file: str, as_json: bool) -> int:
                 for e in entries
             ],
         )
+    for entry in entries:  # shown "in progress", but no runner will finish it
+        if entry.plan is not None and entry.plan.staged_by_another is not None:
+            warning_line(staged_by_another(entry.rule.name, entry.plan))
     missing = [e.rule.name for e in entries if e.plan is None]
     if missing:
         error_line(f"secret {missing[0]!r} not found; store a first value before it can be rotated")
