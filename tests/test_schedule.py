@@ -25,6 +25,7 @@ import psycopg
 import pytest
 
 from secrets_manager.audit import AuditLog
+from secrets_manager.audit.actor import local_actor
 from secrets_manager.cli import run as run_cli
 from secrets_manager.cli import schedule_commands
 from secrets_manager.client import Client, RemoteStore
@@ -35,9 +36,20 @@ from secrets_manager.rotation import Due, load_schedule, parse_every, plan
 from secrets_manager.service.schedule import RotationScheduler, _Ledger
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import CURRENT, EncryptedStore, PasswordUnlock
+from secrets_manager.tls.identity import unpresentable_identity
 from secrets_manager.v1 import secrets_pb2 as pb
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
-from service_fixtures import SEED, TD, Server, client_environ, make_pki, make_store, start_server, tls_files
+from service_fixtures import (
+    SEED,
+    TD,
+    Server,
+    client_environ,
+    make_odd_client,
+    make_pki,
+    make_store,
+    start_server,
+    tls_files,
+)
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 DEV = Environment.DEVELOPMENT
@@ -1475,3 +1487,46 @@ def test_schedule_run_never_sets_at_the_target_a_value_another_caller_staged(tmp
     _, values, _ = _store_values(tmp_path, "auth/DB_PASSWORD")
     assert _store_values(tmp_path, "auth/DB_PASSWORD")[0] == SEED["auth/DB_PASSWORD"].decode()
     assert len(values) == 2  # the stager's version, still pending; nothing promoted
+
+
+def test_schedule_run_on_a_local_store_trusts_no_caller_that_bears_its_users_name(tmp_path: Path) -> None:
+    """A local `schedule run` resumed the versions its own user had staged, by `created_by`; a
+    service's caller is recorded by its certificate's identity, which for a CN may be that same
+    name (a CI job's `deploy`, cron's `deploy`). So such a caller, with `rotate`, had its value set
+    at the target by the local run. Local runs now stage as `rotation-schedule` and resume only
+    that author's versions."""
+    user = local_actor()
+    if unpresentable_identity(user) is not None:
+        pytest.skip(f"this user's name {user!r} is no certificate's CN")
+    make_pki(tmp_path, ("ops",))
+    make_odd_client(tmp_path, "namesake", cn=user)
+    make_store(tmp_path, policy=STAGER_POLICY.replace(f'"spiffe://{TD}/stager"', json.dumps(user)))
+    schedule = write_schedule(
+        tmp_path / "rotation.toml",
+        {"name": "auth/DB_PASSWORD", "every": "1s", "set_command": SET_TARGET, "timeout": 1},
+        {"name": "auth/JWT_KEY", "every": "1s", "set_command": "false", "timeout": 1},
+    )
+    local_run = [str(SCRIPT), "--store", str(tmp_path / "store.db"), "schedule", "run", str(schedule)]
+    local_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "MASTER_PASSWORD": SERVICE_PASSWORD}
+    server = start_server(tmp_path)
+    try:
+        server.stub("namesake").StageSecretVersion(
+            pb.StageSecretVersionRequest(name="auth/DB_PASSWORD", value=b"a-password-the-namesake-KNOWS"),
+            timeout=10,
+        )
+        time.sleep(1.1)  # JWT_KEY's current version is older than `every`: due
+        first = subprocess.run(local_run, env=local_env, cwd=tmp_path, capture_output=True, timeout=60)
+        time.sleep(3.1)  # both pending versions stale: the namesake's, and the failed JWT_KEY's
+        (tmp_path / "rotation.toml").write_text(
+            schedule.read_text().replace('set_command = "false"', 'set_command = "true"')
+        )
+        local = subprocess.run(local_run, env=local_env, cwd=tmp_path, capture_output=True, timeout=60)
+    finally:
+        server.stop()
+    assert first.returncode == 1 and b"the set command failed" in first.stderr  # JWT_KEY's
+    assert not (tmp_path / "target").exists()
+    assert local.returncode == 1, local.stderr
+    assert f"staged by {user!r}, not by a rotation of the schedule".encode() in local.stderr
+    assert b"resumed and rotated auth/JWT_KEY" in local.stderr  # its own failed rotation is resumed
+    _, _, authors = _store_values(tmp_path, "auth/JWT_KEY")
+    assert authors[-1] == "rotation-schedule"

@@ -9,6 +9,7 @@ service does the same on its own when server.toml names the file (`rotation_sche
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +40,7 @@ from secrets_manager.rotation import (
     plan,
     staged_by_another,
 )
+from secrets_manager.store.base import acting_for
 
 MISSING = "missing"
 
@@ -127,8 +129,8 @@ def check(session: Session, file: str, as_json: bool) -> int:
 def run(session: Session, file: str, as_json: bool) -> int:
     """Run every rotation of FILE that is due now: stage a generated value, set, test, promote
     (as 'rotate NAME'); resume one whose pending version is older than 3 command timeouts (left
-    by a rotation that did not finish), if this user (with --server, this certificate) or the
-    service's schedule staged it; skip one in progress elsewhere.
+    by a rotation that did not finish), if a schedule staged it (this command or the service's;
+    with --server, this certificate); skip one in progress elsewhere.
 
     \b
     Exit 0 if every due rotation succeeded (or none was due), 1 if any failed or has a stale
@@ -160,7 +162,9 @@ def run(session: Session, file: str, as_json: bool) -> int:
         rule = entry.rule
         try:
             steps = SessionSteps(session, reading_fields=rule.field is not None)
-            with terminate_as_interrupt():  # SIGTERM / SIGHUP end the command, as Ctrl-C does
+            # SIGTERM / SIGHUP end the command, as Ctrl-C does. On a local store the versions it
+            # stages are the schedule's, as the service's are (with --server, the caller's).
+            with terminate_as_interrupt(), nullcontext() if session.server else acting_for(SCHEDULE_ACTOR):
                 rotated = rule.run(steps, session.environ, entry.plan.state, warn=warning_line)
         except OperationInterrupted:  # stop here: the entries after it are not started
             raise
@@ -192,9 +196,10 @@ def run(session: Session, file: str, as_json: bool) -> int:
 
 def _entries(session: Session, rules: tuple[ScheduledRotation, ...]) -> list[_Entry]:
     """Each rule with its plan now, from one read of the secrets' metadata (never values). A stale
-    pending version is resumed only if this runner (this user; with --server, this certificate's
-    identity) or the service's schedule staged it: anyone with the rotate capability may stage a
-    value of their choosing, which a resume would set at the target."""
+    pending version is resumed only if a schedule staged it (`rotation-schedule`: the service's,
+    or this command's on a local store; with --server, this certificate's identity): anyone with
+    the rotate capability may stage a value of their choosing, which a resume would set at the
+    target."""
     entries = []
     now = datetime.now(UTC)
     with session.secret_operation("schedule.check") as (store, _):
@@ -211,10 +216,11 @@ def _entries(session: Session, rules: tuple[ScheduledRotation, ...]) -> list[_En
 
 
 def _runner(session: Session, store: object) -> str | None:
-    """Who the versions this run stages are created by: the client certificate's identity through
-    a service, else the local user (None: not known, so none but the service's schedule's)."""
+    """Who the versions this run stages are created by besides `rotation-schedule`: the client
+    certificate's identity through a service (None: locally, where they are `rotation-schedule`'s,
+    not the user's, whose name a service's caller may bear as its certificate's CN; or not known)."""
     if not is_remote_store(store):
-        return session.actor
+        return None
     from secrets_manager.tls.identity import identity_from_certificate
 
     try:
