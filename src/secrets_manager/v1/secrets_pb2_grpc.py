@@ -240,7 +240,10 @@ class SecretsServicer:
         server.toml) configures for the name, as AWS's RotateSecret runs the secret's rotation
         function: a generated value is staged, the set and test commands run on the service's host,
         and it is promoted, every step audited in the service's log under the caller's identity.
-        A version left pending by a rotation that did not finish is resumed instead. NOT_FOUND if the
+        A version left pending by a rotation that did not finish is resumed instead, if the schedule
+        staged it (created_by "rotation-schedule", as for the versions RotateSecret stages); one that
+        a caller staged (StageSecretVersion) is never set at the target here: ABORTED, with
+        RotationInProgressError, however old. NOT_FOUND if the
         schedule has no entry for the name; ABORTED while another rotation of it is in progress;
         FAILED_PRECONDITION if the set or test command fails (the version stays pending). The call
         lasts as long as the commands (each at most the entry's timeout).
