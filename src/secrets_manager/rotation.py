@@ -101,7 +101,8 @@ MAX_TIMEOUT = 3600.0
 # without finishing (killed, or its set or test failed): the schedule resumes it.
 STALE_AFTER_TIMEOUTS = 3
 # Who the service's schedule acts as: its audit records' actor, and the author (created_by) of the
-# versions its rotations stage (those of `rotate --on-server` too).
+# versions its rotations stage (those of `rotate --on-server` and of `schedule run` on a local
+# store too), which alone a schedule resumes once stale (`plan`'s `stagers`).
 SCHEDULE_ACTOR = "rotation-schedule"
 MAX_SCHEDULE_BYTES = 1 << 20  # a schedule file larger than this is a wrong file
 
@@ -999,8 +1000,8 @@ def plan(
     sets at the target: rotations of this schedule. A version anyone else staged stays in
     progress however old (`staged_by_another`): its value is one they chose (anyone with the
     rotate capability may stage one, through the service), and a resume would set it at the
-    target (a database role's password they then know). None: every stale version (what
-    `schedule check` shows before a runner is known)."""
+    target (a database role's password they then know). None: every stale version is resumed
+    (the plan alone, as tests ask it)."""
     created = {v.version: v.created for v in meta.versions}
     authors = {v.version: v.created_by for v in meta.versions}
     current = meta.labels.get(CURRENT)
