@@ -1168,6 +1168,40 @@ def test_only_a_marker_closed_at_a_clean_stop_is_resumed_at_once(tmp_path: Path)
     assert left == {"owed": {"db/clean": 3, "db/next": 7}, "clean": True}
 
 
+def test_a_marker_another_user_could_have_written_is_not_taken_over(tmp_path: Path) -> None:
+    """A clean marker's versions are resumed at once, set command included, whoever staged them:
+    one planted beside the audit log (by a user who may write there, naming a version they
+    staged with a value of their choosing) had that value set at the target at the next start.
+    Only a regular file of this user's that group and others may not write is taken over."""
+    audit_path = tmp_path / "store.audit.jsonl"
+    doc = json.dumps({"owed": {"db/app": 3}, "clean": True})
+    writable = tmp_path / "store.audit.jsonl.rotating.101"
+    writable.write_text(doc)
+    writable.chmod(0o666)
+    (tmp_path / "elsewhere").write_text(doc)
+    (tmp_path / "store.audit.jsonl.rotating.102").symlink_to(tmp_path / "elsewhere")
+    others = tmp_path / "store.audit.jsonl.rotating.103"
+    others.write_text(doc)
+    if os.geteuid() == 0:  # as root, also a file of another user's
+        os.chown(others, 65534, 65534)
+    else:
+        others.chmod(0o646)
+    ledger = _Ledger(audit_path)
+    try:
+        assert ledger.owed("db/app", 3) is None  # nothing taken over
+    finally:
+        ledger.close()
+    assert writable.exists() and others.exists()  # left for a person to look at
+    ours = tmp_path / "store.audit.jsonl.rotating.104"
+    ours.write_text(doc)
+    ours.chmod(0o600)
+    ledger = _Ledger(audit_path)
+    try:
+        assert ledger.owed("db/app", 3) is not None  # as before
+    finally:
+        ledger.close()
+
+
 # ---- a schedule file others could change: its commands run as us -------------------------------
 
 

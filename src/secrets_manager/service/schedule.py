@@ -36,6 +36,7 @@ import fcntl
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -139,14 +140,29 @@ class _Ledger:
             )
 
     def _take_over(self, audit_path: Path) -> dict[str, int]:
-        """The versions in the marker files of processes that are gone; those files are removed."""
+        """The versions in the marker files of processes that are gone; those files are removed.
+        Only a marker this user wrote: one that names a version is resumed at once, whoever
+        staged it (`plan`'s `stagers` are not asked), so one another user could write (its file,
+        or one group or others may write, or a link) is left alone, with a warning."""
         left: dict[str, int] = {}
         for path in sorted(audit_path.parent.glob(f"{audit_path.name}.rotating.*")):
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+                fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
             except OSError:
                 continue
             try:
+                found = os.fstat(fd)
+                if (
+                    not stat.S_ISREG(found.st_mode)
+                    or found.st_uid != os.geteuid()
+                    or stat.S_IMODE(found.st_mode) & 0o022
+                ):
+                    log.warning(
+                        "a rotation marker file this user did not write (another's, or writable by "
+                        "group or others) is ignored: nothing it names is resumed; remove it",
+                        extra={"event": "schedule.marker_ignored", "path": str(path)},
+                    )
+                    continue
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held while its process lives
                 with contextlib.suppress(ValueError, OSError):
                     doc = json.loads(os.pread(fd, 1 << 20, 0) or b"{}")
