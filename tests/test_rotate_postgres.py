@@ -405,19 +405,26 @@ def test_a_schedule_entry_rotates_the_role(cli: Cli, roles: Roles, tmp_path: Pat
 def test_a_schedule_entry_whose_role_changed_does_not_resume_the_other_roles_pending_value(
     cli: Cli, roles: Roles, tmp_path: Path
 ) -> None:
-    """A schedule resumes a stale pending version with its entry's postgres_role: an entry edited
-    to name another role since the version was staged is refused, that role's password untouched,
-    and the error says which role the value is for and what to change."""
-    with _role_locked(roles):
-        assert _rotate(cli, roles, "--timeout", "1").code == 1
-    assert cli.labels() == {"current": 1, "pending": 2}
-    with _other_role(roles, "other-role-password") as other:
-        schedule = tmp_path / "rotation.toml"
-        schedule.write_text(
-            f'[[rotation]]\nname = "db/app"\nevery = "1s"\npostgres_role = "{other}"\n'
+    """A schedule resumes a stale pending version (one a schedule staged) with its entry's
+    postgres_role: an entry edited to name another role since the version was staged is refused,
+    that role's password untouched, and the error says which role the value is for and what to
+    change."""
+    schedule = tmp_path / "rotation.toml"
+
+    def entry(role: str) -> str:
+        return (
+            f'[[rotation]]\nname = "db/app"\nevery = "1s"\npostgres_role = "{role}"\n'
             f'postgres = "{roles.conninfo}"\ntimeout = 1\n'
         )
-        schedule.chmod(0o600)
+
+    schedule.write_text(entry(roles.app))
+    schedule.chmod(0o600)
+    time.sleep(1.1)  # the value stored by the fixture is now older than `every`: due
+    with _role_locked(roles):
+        assert cli("schedule", "run", str(schedule)).code == 1
+    assert cli.labels() == {"current": 1, "pending": 2}
+    with _other_role(roles, "other-role-password") as other:
+        schedule.write_text(entry(other))
         time.sleep(3.2)  # three timeouts: the pending version is stale, so the schedule resumes it
         result = cli("schedule", "run", str(schedule))
         assert result.code == 1, result.stderr
