@@ -451,6 +451,41 @@ def test_the_schedule_rotates_on_aws_when_asked_through_the_service(
     assert ("rotate.stage", "ok") in steps and ("rotate.promote", "ok") in steps and ("rotate", "ok") in steps
 
 
+def test_on_aws_the_schedule_resumes_its_own_failed_rotation_once_stale(
+    make_backend: Callable[[str], Backend], service_dir: Path
+) -> None:
+    """AWS records no author per version, so the schedule cannot tell its own stale pending
+    version from one a caller staged, and leaves both alone: its own failed rotation (a set
+    command that failed) stayed pending for good. The version this process staged is resumed
+    once stale, as on our stores."""
+    backend = make_backend("aws")
+    backend.seed(SEED)
+    set_unless_broken = "sh -c 'test ! -e broken && cat > target'"
+    (service_dir / "rotation.toml").write_text(
+        f'[[rotation]]\nname = "auth/JWT_KEY"\nevery = "30d"\nset_command = "{set_unless_broken}"\n'
+        "timeout = 1\n"
+    )
+    (service_dir / "broken").touch()
+    server = serve(
+        service_dir, backend, 'rotation_schedule = "rotation.toml"\nrotation_check_seconds = 0.2\n'
+    )
+    try:
+        failed = server.cli("ops", "rotate", "auth/JWT_KEY", "--on-server")
+        assert failed.returncode == 1 and b"the set command failed" in failed.stderr, failed.stderr
+        (service_dir / "broken").unlink()
+        # Three timeouts of 1 s later a pass resumes it: set, test, promote.
+        assert eventually(lambda: (service_dir / "target").exists(), 20), "".join(server.log_lines)
+        assert eventually(
+            lambda: (
+                server.cli("ops", "get", "auth/JWT_KEY").stdout
+                == (service_dir / "target").read_bytes() + b"\n"
+            ),
+            10,
+        )
+    finally:
+        server.stop()
+
+
 def test_the_expiry_gauge_lists_a_vault_store_at_most_every_five_minutes(
     make_backend: Callable[[str], Backend], service_dir: Path
 ) -> None:

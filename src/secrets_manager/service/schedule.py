@@ -56,6 +56,7 @@ from secrets_manager.errors import (
 from secrets_manager.rotation import (
     SCHEDULE_ACTOR,
     Due,
+    Plan,
     Rotated,
     ScheduledRotation,
     end_running_commands,
@@ -110,6 +111,9 @@ class _Ledger:
     def __init__(self, audit_path: Path) -> None:
         self._lock = threading.Lock()
         self._owed: dict[str, _Owed] = {}
+        # name: the version this process last staged for it (memory only): ours to resume once
+        # stale where the store records no author per version (AWS), which `plan` cannot tell.
+        self._staged: dict[str, int] = {}
         self._fd: int | None = None
         self._stopping = False
         self._path = audit_path.with_name(f"{audit_path.name}.rotating.{os.getpid()}")
@@ -220,6 +224,15 @@ class _Ledger:
             owed.failures += 1
             owed.next_try = time.monotonic() + delay
 
+    def staged(self, name: str, version: int) -> None:
+        with self._lock:
+            self._staged[name] = version
+
+    def staged_here(self, name: str, version: int | None) -> bool:
+        """Whether this process staged `version` of `name` (the last it staged for it)."""
+        with self._lock:
+            return version is not None and self._staged.get(name) == version
+
     def done(self, name: str) -> None:
         with self._lock:
             if self._owed.pop(name, None) is not None:
@@ -314,6 +327,8 @@ class _ServiceSteps:
             event.value_hmac = value_fingerprint(self._store, value.reveal())
             staged = self._store.stage(name, value.reveal(), expect_current=expect_current, target=target)
             event.version = staged.version
+            if self._ledger is not None:
+                self._ledger.staged(name, staged.version)
         return event.version
 
     def pending(self, name: str) -> tuple[int, SecretValue, str | None]:
@@ -516,7 +531,7 @@ class RotationScheduler:
                 f"the service's rotation schedule {self.path.name} has no entry for {name!r}; add one "
                 "to rotate it on the service"
             )
-        planned = plan(rule, self._store.describe(name), self._clock(), stagers=(ACTOR,))
+        planned = self._plan(rule, self._store.describe(name), self._clock())
         if planned.staged_by_another is not None and self._ledger.owed(name, planned.pending) is None:
             raise RotationInProgressError(staged_by_another(name, planned))
         state = planned.state
@@ -562,6 +577,14 @@ class RotationScheduler:
             return None
         return expiry
 
+    def _plan(self, rule: ScheduledRotation, meta: SecretMetadata, now: datetime) -> Plan:
+        """`plan`, resuming only the stale pending versions the schedule staged: created by ACTOR,
+        or staged by this process (a store that records no author per version: AWS)."""
+        planned = plan(rule, meta, now, stagers=(ACTOR,))
+        if planned.staged_by_another is not None and self._ledger.staged_here(rule.name, planned.pending):
+            return plan(rule, meta, now)
+        return planned
+
     @contextmanager
     def _rotating(self, name: str) -> Iterator[None]:
         """Mark `name`'s rotation as running here while it runs; RotationInProgressError if it
@@ -589,7 +612,7 @@ class RotationScheduler:
             )
             return "failed"
         now = self._clock()
-        planned = plan(rule, meta, now, stagers=(ACTOR,))
+        planned = self._plan(rule, meta, now)
         state = planned.state
         owed = self._ledger.owed(rule.name, planned.pending)
         if rule.name in self._unseen:
