@@ -69,7 +69,7 @@ def test_out_file_is_private_and_replaced_only_with_force(cli: Cli, tmp_path: Pa
     target.parent.mkdir()
     result = cli("inject", "-i", str(tmp_path / "template.yaml"), "-o", str(target))
     assert result.code == 0, result.stderr
-    assert result.out == "" and result.stderr == f"wrote {target} with 3 secret values\n"
+    assert result.out == "" and result.stderr == f"secrets-manager: wrote {target} with 3 secret values\n"
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
     assert KNOWN_VALUE in target.read_text()
     target.write_text("edited by hand\n")

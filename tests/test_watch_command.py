@@ -39,7 +39,9 @@ def signals_at_their_defaults() -> None:
 class Watching:
     """A `watch` process: its stdout lines as they come."""
 
-    def __init__(self, args: list[str], env: dict[str, str], said: tuple[str, ...] = ("watching ",)) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], said: tuple[str, ...] = ("secrets-manager: watching ",)
+    ) -> None:
         """`said`: how the lines it says on stderr before it is live begin."""
         self.process = subprocess.Popen(
             [str(SCRIPT), *args],
@@ -149,7 +151,7 @@ def test_a_reader_that_goes_away_ends_it_quietly(ready: Cli) -> None:
     )
     assert process.stdout is not None and process.stderr is not None
     try:
-        assert process.stderr.readline().startswith(b"watching ")
+        assert process.stderr.readline().startswith(b"secrets-manager: watching ")
         ready("store", "app/KEY", input=b"second")
         assert b"new version  app/KEY version 2" in process.stdout.readline()
         process.stdout.close()  # head -1 exits
@@ -225,7 +227,7 @@ def test_with_several_addresses_a_replica_at_its_watch_stream_limit_passes_the_s
         moved = (
             f"secrets-manager: {full.address} has no room for another watch stream: watching {roomy.address}"
         )
-        watching = Watching(["watch", "--json", "auth/"], env, said=(moved, "watching "))
+        watching = Watching(["watch", "--json", "auth/"], env, said=(moved, "secrets-manager: watching "))
         try:
             store_in_served_store(tmp_path, "auth/DB_PASSWORD", "rotated-SEEKRIT")
             event = watching.next()

@@ -159,7 +159,7 @@ def inject(
     # holding the secrets is removed: their default action left it beside FILE.
     with terminate_as_interrupt():
         permissions.write(Path(output), filled.rendered, overwrite=force)
-    click.echo(f"wrote {output} with {counted(len(filled.values), 'secret value')}", err=True)
+    info_line(f"wrote {output} with {counted(len(filled.values), 'secret value')}")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 import click
 
 from secrets_manager.cli.app import Session, cli, is_remote_store, pass_session
-from secrets_manager.cli.output import print_json, timestamp
+from secrets_manager.cli.output import info_line, print_json, timestamp
 from secrets_manager.cli.rotate_commands import terminate_as_interrupt
 from secrets_manager.cli.run_supervisor import ChangeSource, FeedSource, WatchSource
 from secrets_manager.errors import InvalidInputError, Terminated, WatchUnsupportedError
@@ -55,7 +55,7 @@ def _watch(session: Session, prefix: str, as_json: bool) -> None:
         source = change_source(store, prefix, "watch", "read the secrets again when you need them")
         with audited(prefix or None):  # as the service records a Watch: its prefix
             pass  # the watch itself, recorded (with the unlock) once it is live
-        click.echo(f"watching {prefix or 'every secret'}; Ctrl-C ends", err=True)
+        info_line(f"watching {prefix or 'every secret'}; Ctrl-C ends")
 
         def show(change: SecretChange) -> None:
             if change.kind is not ChangeKind.RESYNC and not change.name.startswith(prefix):
