@@ -59,9 +59,10 @@ class Cli:
         env: Mapping[str, str] | None = None,
         preexec_fn: Callable[[], None] | None = None,
         timeout: float = 60,
+        prefix: tuple[str, ...] = (),
     ) -> subprocess.CompletedProcess[bytes]:
         proc = subprocess.run(
-            [str(SCRIPT), *args],
+            [*prefix, str(SCRIPT), *args],
             input=input,
             capture_output=True,
             env={**self.env, **(env or {})},
@@ -1496,6 +1497,70 @@ def test_audit_prune_leaves_files_whose_records_are_not_anchored(
     pruned = log.prune(encrypted_store, event, keep_files=0, dry_run=True)
     assert pruned.files and all(found.path not in unanchored for found in pruned.files)
     assert all(found.last_seq <= 3 for found in pruned.files)
+
+
+def traced_directory_syncs(
+    cli: Cli,
+    trace: Path,
+    directory: Path,
+    *args: str,
+    input: bytes = b"",
+    env: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Run the CLI under strace; return, in order, its renames of files in `directory` ("rename
+    NAME"), its opens that may create one ("create NAME") and its fsyncs of `directory` itself."""
+    strace = ("strace", "-f", "-qq", "-o", str(trace), "-e", "trace=openat,rename,renameat,renameat2,fsync")
+    proc = cli(*args, input=input, env=env, prefix=strace)
+    assert proc.returncode == 0, proc.stderr
+    opened: dict[str, str] = {}  # descriptor -> the path it was opened with
+    events = []
+    for line in trace.read_text().splitlines():
+        call = line.partition(" ")[2].strip()
+        quoted = call.split('"')
+        if call.startswith("openat(") and len(quoted) > 2:
+            result = call.rsplit(" = ", 1)[-1].split()[0]
+            if result.isdigit():
+                opened[result] = quoted[1]
+                if quoted[1].startswith(f"{directory}/") and "O_CREAT" in call:
+                    events.append(f"create {Path(quoted[1]).name}")
+        elif call.startswith("rename") and call.endswith(" = 0") and quoted[1].startswith(f"{directory}/"):
+            events.append(f"rename {Path(quoted[1]).name}")
+        elif (
+            call.startswith("fsync(")
+            and call.endswith(" = 0")
+            and opened.get(call[6:].split(")")[0]) == str(directory)
+        ):
+            events.append("fsync dir")
+    return events
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace shows the renames, creates and fsyncs")
+def test_a_rotated_or_new_log_file_has_a_durable_name_before_its_records_are_acknowledged(
+    tmp_path: Path,
+) -> None:
+    """A record's fsync keeps its bytes, not the directory entries of the file holding it: a
+    rotation renames the live file and creates a new one, and until the directory is fsynced a
+    power cut can lose either name, and with it records already fsynced and anchored (verify then
+    fails on a log nothing tampered with). The log here has a directory of its own, which SQLite's
+    own directory syncs (of the store's directory) do not reach."""
+    cli = Cli(tmp_path)
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o700)
+    cli.audit = logs / "audit.jsonl"
+    cli.env["SECRETS_MANAGER_AUDIT_FILE"] = str(cli.audit)
+    trace = tmp_path / "trace"
+    # The log's first file: created by init, named durably before init says it is done.
+    events = traced_directory_syncs(cli, trace, logs, "init", "--kdf-profile", "test")
+    assert "create audit.jsonl" in events, events
+    assert "fsync dir" in events[events.index("create audit.jsonl") :], events
+    # A rotation: the full live file renamed, a new one created, both made durable.
+    small = {"SECRETS_MANAGER_AUDIT_MAX_BYTES": "400"}
+    events = traced_directory_syncs(cli, trace, logs, "store", "auth/K", input=b"v", env=small)
+    assert "rename audit.jsonl" in events, events
+    after = events[events.index("rename audit.jsonl") :]
+    assert "create audit.jsonl" in after and "fsync dir" in after[after.index("create audit.jsonl") :], events
+    assert len(AuditLog(cli.audit).files()) >= 2
+    assert verify(cli).returncode == 0
 
 
 # ---- failure behaviour ---------------------------------------------------------------------

@@ -203,6 +203,13 @@ class AuditLog:
         self._file: tuple[int, int] | None = None  # the live file: descriptor and inode
         self._file_locked = False  # whether this holds the live file's flock (with the lock file's)
         self._unsynced: _Unsynced | None = None
+        # The live file was opened since the log's directory was last fsynced: its name, and a
+        # rotation's rename before it (or another writer's, killed before it synced them), may not
+        # be on disk yet. Fsyncing a file keeps its bytes, not its directory entry, so until the
+        # directory is fsynced a power cut could take the file with records already fsynced and
+        # anchored (a chain that no longer verifies): it is, before the first record in the file
+        # is durable (a durable append's fsync, or the flush of non-durable ones).
+        self._name_unsynced = False
         # This process's newest fsynced record not yet anchored (a flush or durable append could
         # not move the anchor): the sink worker retries until it moves or is no longer needed.
         self._owed: _Owed | None = None
@@ -456,6 +463,7 @@ class AuditLog:
                     os.close(old)
                 fd = self._guarded(_open_private(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND), self.path)
                 self._file = (fd, os.fstat(fd).st_ino)
+                self._name_unsynced = True
             # The live file is locked too: a lock file deleted while a writer held it (by hand)
             # let a second writer lock a new one and append at once (a duplicate seq, a forked
             # chain). The live file cannot go without that being tampering the anchor shows;
@@ -529,6 +537,12 @@ class AuditLog:
                 raise OSError(errno.ENOSPC, "no space left on its device (a short write)")
             if durable:
                 os.fsync(fd)
+                unsynced = self._unsynced
+                if self._name_unsynced or (
+                    unsynced is not None and unsynced.inode == before.st_ino and unsynced.directory
+                ):
+                    _fsync_directory(self.path.parent)
+                    self._name_unsynced = False
         except OSError:
             os.ftruncate(fd, before.st_size)  # never leave half a record behind
             raise
@@ -935,9 +949,12 @@ class AuditLog:
                 raise self._sync_failed(exc) from None
             current = None
         if current is None:
-            self._unsynced = _Unsynced(os.dup(fd), inode, anchor)
+            current = self._unsynced = _Unsynced(os.dup(fd), inode, anchor)
         elif anchor is not None:
             current.anchor = anchor
+        if self._name_unsynced:  # the flush syncs the directory too, before it anchors
+            current.directory = self.path.parent
+            self._name_unsynced = False
 
     def _flush_from_worker(self) -> None:
         # A failure is kept as the sticky `_failure` that the next append raises.
@@ -1616,10 +1633,13 @@ class _Unsynced:
     fd: int
     inode: int
     anchor: AuditAnchor | None
+    directory: Path | None = None  # to fsync too: the file's name may not be on disk yet
 
     def sync_and_close(self) -> None:
         try:
             os.fsync(self.fd)
+            if self.directory is not None:
+                _fsync_directory(self.directory)
         finally:
             self.close()
 
