@@ -1499,7 +1499,7 @@ def test_audit_prune_leaves_files_whose_records_are_not_anchored(
     assert all(found.last_seq <= 3 for found in pruned.files)
 
 
-def traced_directory_syncs(
+def traced_file_events(
     cli: Cli,
     trace: Path,
     directory: Path,
@@ -1508,7 +1508,8 @@ def traced_directory_syncs(
     env: Mapping[str, str] | None = None,
 ) -> list[str]:
     """Run the CLI under strace; return, in order, its renames of files in `directory` ("rename
-    NAME"), its opens that may create one ("create NAME") and its fsyncs of `directory` itself."""
+    NAME"), its opens that may create one ("create NAME"), its fsyncs of them ("fsync NAME": of a
+    descriptor opened under that name) and of `directory` itself ("fsync dir")."""
     strace = ("strace", "-f", "-qq", "-o", str(trace), "-e", "trace=openat,rename,renameat,renameat2,fsync")
     proc = cli(*args, input=input, env=env, prefix=strace)
     assert proc.returncode == 0, proc.stderr
@@ -1525,12 +1526,12 @@ def traced_directory_syncs(
                     events.append(f"create {Path(quoted[1]).name}")
         elif call.startswith("rename") and call.endswith(" = 0") and quoted[1].startswith(f"{directory}/"):
             events.append(f"rename {Path(quoted[1]).name}")
-        elif (
-            call.startswith("fsync(")
-            and call.endswith(" = 0")
-            and opened.get(call[6:].split(")")[0]) == str(directory)
-        ):
-            events.append("fsync dir")
+        elif call.startswith("fsync(") and call.endswith(" = 0"):
+            path = opened.get(call[len("fsync(") :].split(")")[0], "")
+            if path == str(directory):
+                events.append("fsync dir")
+            elif path.startswith(f"{directory}/"):
+                events.append(f"fsync {Path(path).name}")
     return events
 
 
@@ -1550,16 +1551,59 @@ def test_a_rotated_or_new_log_file_has_a_durable_name_before_its_records_are_ack
     cli.env["SECRETS_MANAGER_AUDIT_FILE"] = str(cli.audit)
     trace = tmp_path / "trace"
     # The log's first file: created by init, named durably before init says it is done.
-    events = traced_directory_syncs(cli, trace, logs, "init", "--kdf-profile", "test")
+    events = traced_file_events(cli, trace, logs, "init", "--kdf-profile", "test")
     assert "create audit.jsonl" in events, events
     assert "fsync dir" in events[events.index("create audit.jsonl") :], events
     # A rotation: the full live file renamed, a new one created, both made durable.
     small = {"SECRETS_MANAGER_AUDIT_MAX_BYTES": "400"}
-    events = traced_directory_syncs(cli, trace, logs, "store", "auth/K", input=b"v", env=small)
+    events = traced_file_events(cli, trace, logs, "store", "auth/K", input=b"v", env=small)
     assert "rename audit.jsonl" in events, events
     after = events[events.index("rename audit.jsonl") :]
     assert "create audit.jsonl" in after and "fsync dir" in after[after.index("create audit.jsonl") :], events
     assert len(AuditLog(cli.audit).files()) >= 2
+    assert verify(cli).returncode == 0
+
+
+UNSYNCED_WRITER = """
+import os, sys
+from secrets_manager.audit import AuditEvent, AuditLog
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+store = EncryptedStore.open(SqliteStorage(sys.argv[1]), PasswordUnlock(sys.argv[3]))
+log = AuditLog(sys.argv[2], flush_interval=60)
+for n in range(20):
+    log.append([AuditEvent("get", "svc", "grpc", None, f"auth/K{n}")], store, durable=False)
+os.kill(os.getpid(), 9)  # before its flush: the records are written, and no one fsynced them
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace shows the fsyncs and renames")
+def test_a_rotation_fsyncs_the_records_another_writer_left_unsynced_in_the_file_it_renames(
+    tmp_path: Path,
+) -> None:
+    """The service writes its reads' records without fsync and syncs them within its flush interval;
+    a durable append of another process fsyncs them too when it writes to the same file. A rotation
+    by that process, though, renames the file and fsyncs only the new one, so the service's records
+    in the renamed file (never fsynced if the service was killed, or is in its interval) could be
+    lost by a power cut while the records after them survive and the anchor vouches for them: a
+    chain with a hole, which verify reports as records lost."""
+    cli = Cli(tmp_path)
+    logs = tmp_path / "logs"
+    logs.mkdir(mode=0o700)
+    cli.audit = logs / "audit.jsonl"
+    cli.env["SECRETS_MANAGER_AUDIT_FILE"] = str(cli.audit)
+    assert cli("init", "--kdf-profile", "test").returncode == 0
+    writer = subprocess.run(
+        [sys.executable, "-c", UNSYNCED_WRITER, str(cli.store), str(cli.audit), PASSWORD],
+        capture_output=True,
+        timeout=60,
+    )
+    assert writer.returncode == -9, writer.stderr
+    small = {"SECRETS_MANAGER_AUDIT_MAX_BYTES": "2000"}  # the log is over it: the next append rotates
+    events = traced_file_events(cli, tmp_path / "trace", logs, "store", "auth/K", input=b"v", env=small)
+    assert "rename audit.jsonl" in events, events
+    before = events[: events.index("rename audit.jsonl")]
+    assert "fsync audit.jsonl" in before, events
     assert verify(cli).returncode == 0
 
 

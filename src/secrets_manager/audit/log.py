@@ -1133,14 +1133,20 @@ class AuditLog:
     def _rotate(self) -> bool:
         """Rename the full live file to `<file>.<first seq>`; False if it holds no record, or if
         it ends in a partial record (the append sets that aside first; a rotated file never
-        holds one, where nothing would repair it)."""
+        holds one, where nothing would repair it).
+
+        The file is fsynced first: it may end in records another process wrote without fsync
+        (the service's reads, synced within its flush interval, or never if it was killed), and
+        once renamed no append of ours fsyncs it again, while the records we write next, in the
+        new file, chain onto them. Lost in a power cut, they would leave a hole in the chain."""
         with self.path.open("rb") as handle:
             end = handle.seek(0, os.SEEK_END)
             if end and (handle.seek(end - 1), handle.read(1))[1] != b"\n":
                 return False
-        first = _first_record(self.path)
-        if first is None:
-            return False
+            first = _first_record(self.path)
+            if first is None:
+                return False
+            os.fsync(handle.fileno())
         self.path.rename(self._rotated_path(int(first["seq"])))
         return True
 
