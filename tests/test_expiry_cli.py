@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from test_cli import Cli, Result
+from secrets_manager.store import EncryptedStore
+from test_cli import Cli, Result, run_in_process
 
 SOON = "2031-05-06T07:08:09Z"
 NAME = "market-connector/BINANCE_API_KEY"
@@ -260,6 +261,32 @@ def test_rotate_with_expires_records_it_for_the_version_it_made_current(ready: C
     discard = ready("rotate", NAME, "--discard", "--expires", "90d")
     assert discard.code == 2 and "--expires goes with a new value" in discard.stderr, discard.stderr
     assert meta(ready)["current_version"] == 2 and meta(ready)["labels"] == {"current": 2, "previous": 1}
+
+
+def test_rotate_expires_is_not_recorded_for_a_version_another_process_stored_after_its_promote(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rotate --expires` records the expiry only if the version it made current still is: a
+    `store` by another process landing between that check and the update (here exactly there: the
+    update waits for the other process to finish) must keep its own expiry, none, not get the
+    rotation's. The check was a describe before the update, so the store's version got it."""
+    ok(ready("store", NAME, input=b"old-key"))
+    update = EncryptedStore.update_metadata
+    landed: list[int] = []
+
+    def after_a_concurrent_store(self: EncryptedStore, name: str, **changes: object) -> None:
+        if not landed:
+            landed.append(ready("store", NAME, input=b"stored-meanwhile").code)
+        update(self, name, **changes)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(EncryptedStore, "update_metadata", after_a_concurrent_store)
+    command = f"{sys.executable} -c 'import sys; sys.stdin.read()'"
+    code = run_in_process(ready, monkeypatch, "rotate", NAME, "--set-command", command, "--expires", "90d")
+    assert landed == [0]
+    assert code == 7  # the rotation stands; its expiry was not recorded, and the error says so
+    history = json.loads(ok(ready("history", NAME, "--json")).out)
+    assert history["current_version"] == 3 and history["expires"] is None, history
+    assert ok(ready("get", NAME)).out == "stored-meanwhile\n"
 
 
 def test_rotate_resume_with_expires_records_it_once_the_resumed_version_is_current(ready: Cli) -> None:

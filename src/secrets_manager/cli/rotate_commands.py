@@ -331,20 +331,21 @@ def record_expiry(session: Session, rotated: Rotated, expiry: datetime) -> None:
     """`--expires` for the version the rotation made current. A store keeps the expiry of its
     current version, so this follows the promote: if that step fails, the rotation still stands
     and the error says how to record the expiry. On a local store it is recorded only if the
-    version is still current (a write landing meanwhile has an expiry of its own, or none)."""
+    version is still current (a write landing meanwhile has an expiry of its own, or none),
+    decided in the update's own commit on our stores."""
     name, version = rotated.name, rotated.version
     try:
         with session.secret_operation("rotate.expiry", name, mutating=True) as (store, note):
             note.version(version)
-            if not session.server:  # a service's describe needs `list`, which a rotator may lack
-                current = store.describe(name).current_version
-                if current != version:
-                    raise ConflictError(
-                        f"version {current} of {name} became current after the rotation's version "
-                        f"{version}, so the expiry was not recorded for it"
-                    )
-            store.update_metadata(name, expires=expiry)
+            # Not through a service: its check needs DescribeSecret (`list`), which a rotator may lack.
+            store.update_metadata(name, expires=expiry, expect_current=None if session.server else version)
     except SecretsManagerError as exc:
+        if type(exc) is ConflictError:  # another version is current (a deleted secret: SecretStateError)
+            exc.args = (
+                f"rotated {name} to version {version}, but another version was stored after it, so the "
+                f"rotation's expiry was not recorded (the newer version keeps its own): {exc}",
+            )
+            raise
         exc.args = (
             f"rotated {name}: version {version} is current, but its expiry was not recorded: {exc}; "
             f"record it with 'metadata {name} --expires {timestamp(expiry)}'",

@@ -53,6 +53,7 @@ from secrets_manager.store.base import (
     checked_metadata,
     checked_metadata_update,
     checked_target,
+    refuse_unless_still_current,
 )
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.tls.files import ClientTlsFiles, read_client_tls
@@ -577,8 +578,10 @@ class RemoteStore:
         max_versions: int | None = None,
         expires: datetime | None = None,
         clear_expiry: bool = False,
+        expect_current: int | None = None,
     ) -> None:
-        """UpdateSecretMetadata (needs write)."""
+        """UpdateSecretMetadata (needs write). `expect_current` is checked with DescribeSecret (needs
+        `list`) before the call, not in the service's commit: a window remains."""
         # The service checks too; but uint32 holds no -1, and protobuf cannot encode non-UTF-8 text.
         expires = checked_expiry(name, expires)
         if expires is not None and clear_expiry:
@@ -587,6 +590,8 @@ class RemoteStore:
         checked_metadata_update(
             name, description, set_tags, remove_tags, max_versions, expiry_change=expiry_given
         )
+        if expect_current is not None:
+            refuse_unless_still_current(name, expect_current, self.describe(name).current_version)
         unsupported = UnsupportedOperationError(
             f"the service at {self.address} is from before expiries and did not change the expiry of "
             f"{name}: an expiry is not supported by this store (upgrade the service)"

@@ -48,7 +48,6 @@ from pathlib import Path
 from secrets_manager.audit import AuditEvent, AuditLog, value_fingerprint
 from secrets_manager.environment import Environment
 from secrets_manager.errors import (
-    ConflictError,
     NotFoundError,
     RotationInProgressError,
     SecretsManagerError,
@@ -350,13 +349,8 @@ class _ServiceSteps:
         """The schedule entry's `expires_after` for the version its rotation made current, only if
         that version is still current (a write landing meanwhile has an expiry of its own, or none)."""
         with self._audited("rotate.expiry", name, mutating=True, version=version):
-            current = self.current(name)
-            if current != version:
-                raise ConflictError(
-                    f"version {current} of {name} became current after the rotation's version {version}, "
-                    "so the expiry was not recorded for it"
-                )
-            self._store.update_metadata(name, expires=expires)
+            # Decided in the update's own commit on our stores (on Vault and AWS, on their read).
+            self._store.update_metadata(name, expires=expires, expect_current=version)
 
     def read_current(self, name: str) -> tuple[int, SecretValue]:
         with self._audited("rotate.read", name, mutating=False) as event:

@@ -114,6 +114,7 @@ from secrets_manager.store.base import (
     refuse_if_unchanged,
     refuse_to_demote,
     refuse_unless_current,
+    refuse_unless_still_current,
     unchecked_delete_error,
     updated_metadata,
 )
@@ -1021,6 +1022,7 @@ class AwsStore:
         max_versions: int | None = None,
         expires: datetime | None = None,
         clear_expiry: bool = False,
+        expect_current: int | None = None,
     ) -> None:
         """DescribeSecret, then UpdateSecret with only a Description (AWS writes no version for
         it), UntagResource and TagResource with only the keys given (max_versions and the expiry
@@ -1055,9 +1057,11 @@ class AwsStore:
         old_expiry = _tag_of(existing, EXPIRES_KEY)
         expiry: str | None = None
         current: int | None = None
-        if expiry_given:
+        if expiry_given or expect_current is not None:
             versions = self._versions(name)
             current = next((v.number for v in reversed(versions) if CURRENT in v.labels), None)
+            refuse_unless_still_current(name, expect_current, current)  # on this read: no CAS
+        if expiry_given:
             refuse_expiry_without_current(name, current)
             assert current is not None
             expiry = None if expires is None else format_expiry(current, expires)

@@ -200,9 +200,14 @@ class SecretStore(Protocol):
         max_versions: int | None = None,
         expires: datetime | None = None,
         clear_expiry: bool = False,
+        expect_current: int | None = None,
     ) -> None:
         """`expires` records when the current version stops working, `clear_expiry` forgets it
         (InvalidInputError if the secret has no current version, `refuse_expiry_without_current`).
+        `expect_current`: only if that version is current (`refuse_unless_still_current`:
+        ConflictError, nothing changed), so an expiry meant for it never lands on a version written
+        meanwhile; decided in the update's own commit on our stores, on the metadata read on Vault
+        and AWS (their metadata has no compare-and-set: docs/stores.md).
         Change the description, tags and max_versions without writing a version, as AWS's
         UpdateSecret without a value, TagResource and UntagResource and Vault's `kv metadata put`
         do: `set_tags` are added or replaced, `remove_tags` removed (an absent key is no error),
@@ -482,6 +487,18 @@ def refuse_unless_current(name: str, expect_version: int | None, current: int | 
     landed after the caller read it, and deleting would hide that value."""
     if expect_version is not None and current != expect_version:
         raise not_current_error(name, expect_version, current)
+
+
+def refuse_unless_still_current(name: str, expect_current: int | None, current: int | None) -> None:
+    """ConflictError if an update_metadata's `expect_current` is no longer `name`'s current version:
+    a write landed since the caller read it, and the change (an expiry for that version) would
+    land on the new one."""
+    if expect_current is not None and current != expect_current:
+        now = "it has no current version now" if current is None else f"now version {current}"
+        raise ConflictError(
+            f"secret {name!r} is not at version {expect_current} ({now}); its metadata was not "
+            "changed: read it again and retry"
+        )
 
 
 def not_current_error(name: str, expect_version: int, current: int | None) -> ConflictError:

@@ -103,6 +103,7 @@ from secrets_manager.store.base import (
     refuse_to_demote,
     refuse_unless_current,
     refuse_unless_deleted_before,
+    refuse_unless_still_current,
     unsupported_capabilities,
     updated_metadata,
 )
@@ -784,6 +785,7 @@ class EncryptedStore:
         max_versions: int | None = None,
         expires: datetime | None = None,
         clear_expiry: bool = False,
+        expect_current: int | None = None,
     ) -> None:
         """The description, tags, max_versions and expiry change in the metadata's own compare-and-set
         commit, so two updates of different tags both land; no version is written, and none is
@@ -798,6 +800,7 @@ class EncryptedStore:
             if meta.deleted is not None:
                 raise SecretStateError(f"secret {name!r} is deleted; run 'undelete {name}' first")
             current = meta.labels.get(CURRENT)
+            refuse_unless_still_current(name, expect_current, current)  # on the metadata it commits on
             if expiry_given:
                 refuse_expiry_without_current(name, current)
             old_expiry = meta.expiry()

@@ -1096,6 +1096,21 @@ def _check_expiry(make_store: MakeStore, ns: str) -> None:
         )
         store.update_metadata(name, clear_expiry=True)
         _require(store.describe(name).expires is None, "update_metadata(clear_expiry=True) did not clear it")
+        # An expiry meant for a version that is no longer current (a write landed meanwhile).
+        current = store.describe(name).current_version
+        assert current is not None
+        exc = _raises(
+            ConflictError,
+            lambda: store.update_metadata(name, expires=later, expect_current=current - 1),
+            "update_metadata(expect_current=…) of a version no longer current",
+        )
+        _require(type(exc) is ConflictError, f"a version no longer current refused as {type(exc).__name__}")
+        _require(store.describe(name).expires is None, "a refused update_metadata(expect_current=…) set it")
+        store.update_metadata(name, expires=later, expect_current=current)
+        _require(
+            store.describe(name).expires == later, "update_metadata(expect_current=current) did not set it"
+        )
+        store.update_metadata(name, clear_expiry=True, expect_current=current)
         _raises(
             NotFoundError,
             lambda: store.update_metadata(f"{ns}/missing", expires=later),

@@ -110,6 +110,7 @@ from secrets_manager.store.base import (
     refuse_if_unchanged,
     refuse_unless_current,
     refuse_unless_deleted_before,
+    refuse_unless_still_current,
     unchecked_delete_error,
     updated_metadata,
     utc_text,
@@ -849,6 +850,7 @@ class VaultStore:
         max_versions: int | None = None,
         expires: datetime | None = None,
         clear_expiry: bool = False,
+        expect_current: int | None = None,
     ) -> None:
         """GET MOUNT/metadata/NAME, then POST it with the new custom_metadata (if the description,
         tags or expiry change) and max_versions (if given); no version is written, and Vault prunes past
@@ -862,6 +864,7 @@ class VaultStore:
         meta = self._require_meta(name)
         if meta.deleted is not None:
             raise SecretStateError(f"secret {name!r} is deleted; run 'undelete {name}' first")
+        refuse_unless_still_current(name, expect_current, meta.current)  # on this read: no CAS
         current = meta.current if meta.current in meta.versions else None
         expiry: str | None = None
         if expiry_given:
