@@ -126,6 +126,45 @@ def test_init_creates_private_file_in_private_directory(cli: Cli) -> None:
     assert cli.store.parent.stat().st_mode & 0o777 == 0o700
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace shows the mkdirs and fsyncs")
+def test_init_makes_the_directories_it_creates_durable(tmp_path: Path) -> None:
+    """A store, or its audit log, in directories init creates (the default data directory on a new
+    machine): each new directory's name must reach the disk in its parent, or a power cut can take
+    the store (or the log), and every write it acknowledged, away. SQLite fsyncs the store's own
+    directory, never its parents."""
+    cli = Cli(tmp_path / "home" / "data" / "store.db", tmp_path)
+    logs, audit = tmp_path / "logs", tmp_path / "logs" / "audit"
+    cli.env["SECRETS_MANAGER_AUDIT_FILE"] = str(audit / "store.audit.jsonl")
+    trace = tmp_path / "trace"
+    strace = ("strace", "-f", "-qq", "-o", str(trace), "-e", "trace=mkdir,mkdirat,openat,fsync,fdatasync")
+    proc = subprocess.run(
+        [*strace, str(SCRIPT), "init", "--kdf-profile", "test"], capture_output=True, env=cli.env, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    opened: dict[str, str] = {}  # descriptor -> the path it was opened with
+    events: list[str] = []  # "mkdir PATH" and "fsync PATH", in order
+    for line in trace.read_text().splitlines():
+        call = line.partition(" ")[2].strip()
+        quoted = call.split('"')
+        if call.startswith(("mkdir(", "mkdirat(")) and call.endswith(" = 0"):
+            events.append(f"mkdir {quoted[1]}")
+        elif call.startswith("openat(") and len(quoted) > 2:
+            result = call.rsplit(" = ", 1)[-1].split()[0]
+            if result.isdigit():
+                opened[result] = quoted[1]
+        elif call.startswith(("fsync(", "fdatasync(")) and call.endswith(" = 0"):
+            path = opened.get(call.partition("(")[2].split(")")[0])
+            if path is not None:
+                events.append(f"fsync {path}")
+    home, data = tmp_path / "home", tmp_path / "home" / "data"
+    made = sorted(e for e in events if e.startswith("mkdir"))
+    assert made == sorted(f"mkdir {d}" for d in (home, data, logs, audit)), events
+    pairs = ((tmp_path, home), (home, data), (tmp_path, logs), (logs, audit))
+    for parent, child in pairs:  # the parent fsynced once the child is made
+        assert f"fsync {parent}" in events[events.index(f"mkdir {child}") :], (parent, events)
+    assert cli("store", "a/b", input=b"v").code == 0
+
+
 def test_init_never_overwrites_an_existing_store(ready: Cli) -> None:
     assert ready("store", "a/b", input=b"v1").code == 0
     before = ready.store_bytes()

@@ -2192,6 +2192,7 @@ def _make_directory(directory: Path) -> list[Path]:
         except FileExistsError:
             continue
         made.append(path)
+        _fsync_directory(path.parent)  # its name durable (the log's own directory is synced later)
     return made
 
 

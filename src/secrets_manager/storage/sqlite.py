@@ -569,7 +569,21 @@ def create_private_directories(path: Path) -> None:
             missing.append(directory)
         for directory in reversed(missing):  # mkdir(parents=True) would give ancestors the umask's mode
             directory.mkdir(mode=0o700, exist_ok=True)
+        # Each new directory's name made durable in its parent (outermost first): SQLite fsyncs the
+        # store's own directory, never its parents, so a power cut could otherwise take the store
+        # away with every write it acknowledged.
+        for directory in reversed(missing):
+            fsync_directory(directory.parent)
     except OSError as exc:
         raise StorageError(
             f"cannot create store {path}: {exc.strerror or type(exc).__name__}{_elsewhere(exc)}"
         ) from None
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make the names created, renamed or removed in `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
