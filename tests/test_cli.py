@@ -165,6 +165,35 @@ def test_init_makes_the_directories_it_creates_durable(tmp_path: Path) -> None:
     assert cli("store", "a/b", input=b"v").code == 0
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace shows the allocation and the create")
+def test_init_derives_the_key_before_the_store_file_exists(tmp_path: Path) -> None:
+    """Argon2id (64 MiB, a fraction of a second or more) ran after init created the store file and
+    its tables and before it wrote the header: killed then (Ctrl-C is handled, SIGKILL or the OOM
+    killer taking those 64 MiB is not), it left a store nothing opens ('not initialised') and
+    init refuses to replace ('a store already exists'), and meanwhile every other command found
+    it so. The derivation's memory (RFC 9106's 64 MiB, one mapping) is now mapped and unmapped
+    before the store file is created."""
+    cli = Cli(tmp_path / "vault" / "store.db", tmp_path)
+    trace = tmp_path / "trace"
+    strace = ("strace", "-f", "-qq", "-o", str(trace), "-e", "trace=openat,mmap,munmap")
+    proc = subprocess.run([*strace, str(SCRIPT), "init"], capture_output=True, env=cli.env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    calls = [line.partition(" ")[2].strip() for line in trace.read_text().splitlines()]
+    created = next(i for i, c in enumerate(calls) if f'"{cli.store}"' in c and "O_EXCL" in c)
+    argon2 = [
+        i
+        for i, c in enumerate(calls)
+        if c.startswith("mmap(NULL, ")
+        and 64 << 20 <= int(c.split(", ")[1]) < 65 << 20  # not a thread's malloc arena (128 MiB)
+        and "PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS," in c
+    ]
+    assert argon2, "no 64 MiB mapping: is the default profile still RFC 9106's second recommendation?"
+    address = calls[argon2[0]].rsplit(" = ", 1)[1]
+    freed = next(i for i, c in enumerate(calls) if c.startswith(f"munmap({address},"))
+    assert argon2[0] < freed < created, (argon2, freed, created)
+    assert cli("status").code == 0
+
+
 def test_init_never_overwrites_an_existing_store(ready: Cli) -> None:
     assert ready("store", "a/b", input=b"v1").code == 0
     before = ready.store_bytes()

@@ -136,6 +136,18 @@ T = TypeVar("T")
 Operations = list[Operation]
 
 
+@dataclass(frozen=True, repr=False)
+class NewRoot:
+    """A new store's root key and its header's unlock section (`EncryptedStore.new_root`)."""
+
+    root: DataKey
+    section: dict[str, Any]
+    created: int
+
+    def __repr__(self) -> str:
+        return "NewRoot(<root key>)"
+
+
 class _LostRace(Exception):
     """A storage precondition failed because another writer committed first: re-read and retry."""
 
@@ -203,12 +215,23 @@ class EncryptedStore:
 
     # ---- lifecycle -------------------------------------------------------------------------
 
-    @classmethod
-    def create(cls, storage: Storage, unlock: UnlockSource, **options: Any) -> EncryptedStore:
-        """Initialise an empty storage: a new root key wrapped by `unlock`. Never overwrites."""
-        now = int(options.get("clock", time.time)())
+    @staticmethod
+    def new_root(unlock: UnlockSource, *, clock: Callable[[], float] = time.time) -> NewRoot:
+        """A new root key wrapped by `unlock` (Argon2id for a password, a call for AWS KMS), for
+        `create`: made before the storage is, so a store never waits through that without its header."""
+        now = int(clock())
         root = DataKey(id=new_key_id(set()), status=KeyStatus.ENABLED, created=now, material=new_key())
-        section = unlock.wrap(root)
+        return NewRoot(root=root, section=unlock.wrap(root), created=now)
+
+    @classmethod
+    def create(
+        cls, storage: Storage, unlock: UnlockSource, *, new_root: NewRoot | None = None, **options: Any
+    ) -> EncryptedStore:
+        """Initialise an empty storage: a new root key wrapped by `unlock` (`new_root`, if made
+        already by `EncryptedStore.new_root` with it). Never overwrites."""
+        if new_root is None:
+            new_root = cls.new_root(unlock, clock=options.get("clock", time.time))
+        root, section, now = new_root.root, new_root.section, new_root.created
         header = {"format": STORE_FORMAT, "created": now, "root_key_id": root.id, "unlock": section}
         try:
             storage.put(HEADER_KEY, _dump(header), expect=ABSENT)

@@ -763,10 +763,18 @@ def create_store(
     else:
         raise InvalidInputError("a new store needs a master password or an AWS KMS key")
     options: dict[str, str] = {"actor": actor, **_store_options(url, audit_path)}
-    if postgres_location(url) is not None:
+    postgres = postgres_location(url) is not None
+    path = None if postgres else sqlite_path(url)
+    if path is not None and path.exists():
+        raise occupied_path_error(path)
+    # Argon2id (or AWS KMS) before the store exists: a store without its header (for the second
+    # that takes, or for good if the process is killed then) opens for nobody, and init does not
+    # replace it. Its header now follows its creation at once.
+    new_root = EncryptedStore.new_root(unlock)
+    if postgres:
         storage = open_storage(url, create=True, environment=environment)
         try:  # EncryptedStore.create writes the header only if there is none: never overwrites
-            return EncryptedStore.create(storage, unlock, **options)
+            return EncryptedStore.create(storage, unlock, new_root=new_root, **options)
         except ConflictError:
             storage.close()
             raise ConflictError(
@@ -775,12 +783,10 @@ def create_store(
         except BaseException:
             storage.close()
             raise
-    path = sqlite_path(url)
-    if path.exists():
-        raise occupied_path_error(path)
+    assert path is not None
     storage = open_storage(url, create=True, environment=environment)
     try:
-        return EncryptedStore.create(storage, unlock, **options)
+        return EncryptedStore.create(storage, unlock, new_root=new_root, **options)
     except BaseException:
         storage.close()
         remove_store_files(path)
