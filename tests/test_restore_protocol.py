@@ -133,6 +133,75 @@ def test_an_overwriting_restore_into_aws_copies_a_late_name_aside_and_puts_it_ba
     assert store.get("svc/K").value.reveal() == FOREIGN  # put back from the copy read aside
 
 
+# ---- another writer during the restore: the undo never destroys its write ------------------------------
+
+
+def test_the_undo_of_a_failed_restore_into_vault_keeps_what_another_writer_wrote_meanwhile(
+    backup: Backup,
+) -> None:
+    """A restore through the protocol that fails part-way undoes itself by destroying what it
+    created (and writing back what it overwrote). A name it had written that another writer wrote
+    again before the failure was destroyed with that writer's value, acknowledged to it: the
+    rule that concurrent writers are never clobbered broke in the undo. Here another writer stores
+    svc/A after the restore wrote it, then the store fails at svc/Z."""
+    vault = FakeVault().start()
+    client = hvac.Client(url=vault.address, token=vault.root_token)
+    other = VaultStore(client, "secret", actor="other-writer")
+
+    class FailsOnZ(VaultStore):
+        def put(self, name: str, value: bytes, **options: Any) -> Any:
+            if name == "svc/Z":
+                other.put("svc/A", b"written-meanwhile")  # acknowledged to its writer
+                raise StorageError("the backend went away")
+            return super().put(name, value, **options)
+
+    store = FailsOnZ(client, "secret", actor="restorer")
+    try:
+        with pytest.raises(
+            StorageError, match=r"except for svc/A: it holds a version the restore did not write"
+        ):
+            restore_into(store, backup.secrets)
+        assert other.get("svc/A").value.reveal() == b"written-meanwhile"
+        assert [meta.name for meta in other.list("", include_deleted=True)] == ["svc/A"]  # svc/K undone
+    finally:
+        store.close()
+        vault.stop()
+
+
+def test_the_undo_keeps_the_write_that_made_a_restore_into_aws_fail(
+    aws: tuple[AwsStore, Any, str], tmp_path: Path, moto_endpoint: str
+) -> None:
+    """Each version after a name's first is written on condition that the one before is current, so
+    another writer landing in between makes the restore fail rather than interleave, and the undo
+    then destroyed the name: that writer's value with it."""
+    source = new_store(tmp_path / "two.db")
+    try:
+        source.put("svc/M", b"backup-v1")
+        source.put("svc/M", b"backup-v2")
+        two_versions = take(source, tmp_path / "two.smbackup", password=BACKUP_PASSWORD)
+    finally:
+        source.close()
+    _, _, prefix = aws
+    other = AwsStore(aws_client(moto_endpoint), prefix, actor="other-writer")
+
+    class RacedOnM(AwsStore):
+        def put(self, name: str, value: bytes, **options: Any) -> Any:
+            if name == "svc/M" and options.get("expect_version") == 1:
+                other.put("svc/M", b"written-meanwhile")  # lands between the restore's two writes
+            return super().put(name, value, **options)
+
+    store = RacedOnM(aws_client(moto_endpoint), prefix, actor="restorer")
+    try:
+        with pytest.raises(
+            StorageError, match=r"except for svc/M: it holds a version the restore did not write"
+        ):
+            restore_into(store, two_versions.secrets)
+        assert other.get("svc/M").value.reveal() == b"written-meanwhile"
+    finally:
+        store.close()
+        other.close()
+
+
 # ---- a first write whose answer was lost --------------------------------------------------------------
 
 

@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 from secrets_manager.crypto import Purpose, seal_record
 from secrets_manager.environment import Environment
@@ -452,7 +453,7 @@ def _import_through_protocol(
     if on_existing is OnExisting.OVERWRITE:
         for name in sorted(clashes):
             originals[name] = _copy_aside(store, name, existing[name])
-    journal: list[tuple[str, BackupSecret | None]] = []  # (name, what to put back) in write order
+    journal: list[_Journalled] = []  # what the undo must do, in write order
     doubtful: list[str] = []  # names whose first write's answer was lost and may or may not be ours
     skipped: list[str] = []
     without_value: list[str] = []
@@ -522,23 +523,42 @@ def _copy_aside(store: SecretStore, name: str, meta: SecretMetadata | None = Non
     return _read_secret(store, name)
 
 
+@dataclass
+class _Journalled:
+    """A name the undo must put back as it was: destroy what the restore wrote under it, then
+    write `original` back (None: the restore created the name)."""
+
+    name: str
+    original: BackupSecret | None
+    # The versions the restore wrote under the name, by the target's numbers; None while it is
+    # not known (an overwritten name not destroyed yet, or a created one whose answer was lost
+    # and whose one version `_created_by_us` found to be ours).
+    wrote: set[int] | None = None
+
+
 def _replace_or_create(
     store: SecretStore,
     secret: BackupSecret,
     original: BackupSecret | None,
-    journal: list[tuple[str, BackupSecret | None]],
+    journal: list[_Journalled],
     doubtful: list[str],
 ) -> _Written:
     """Write `secret`, journalling what the undo must do: a name being overwritten before it is
     destroyed (it is put back from `original`), a new name only once the restore created it."""
+    wrote: set[int] = set()
     if original is None:
-        return _write_secret(
-            store, secret, created=lambda: journal.append((secret.name, None)), doubtful=doubtful
-        )
-    journal.append((secret.name, original))
+
+        def created() -> None:
+            if not journal or journal[-1].name != secret.name:  # twice at worst: once
+                journal.append(_Journalled(secret.name, None, wrote))
+
+        return _write_secret(store, secret, created=created, doubtful=doubtful, wrote=wrote)
+    entry = _Journalled(secret.name, original)
+    journal.append(entry)
     store.destroy_secret(secret.name)
+    entry.wrote = wrote  # from here on every version under the name is ours or another writer's
     try:
-        return _write_secret(store, secret)
+        return _write_secret(store, secret, wrote=wrote)
     except _AppearedMeanwhile:  # written between our destroy and our write: a concurrent writer
         raise ConflictError(
             f"{secret.name} was written by another writer while the restore replaced it; nothing "
@@ -546,9 +566,9 @@ def _replace_or_create(
         ) from None
 
 
-def _created_by_us(store: SecretStore, name: str, value: bytes) -> bool | None:
-    """After a create-only write whose answer was lost: whether it landed. True if `name` holds
-    exactly one version and it is the value we sent, False if `name` is absent, None (doubt)
+def _created_by_us(store: SecretStore, name: str, value: bytes) -> int | Literal[False] | None:
+    """After a create-only write whose answer was lost: whether it landed. Its version number if
+    `name` holds exactly one version and it is the value we sent, False if `name` is absent, None (doubt)
     otherwise or if it cannot be read back. Another writer's identical single value cannot be
     told apart, which is why only an exact match counts."""
     try:
@@ -563,7 +583,7 @@ def _created_by_us(store: SecretStore, name: str, value: bytes) -> bool | None:
         held = store.get(name, version=meta.versions[0].version).value.reveal()
     except Exception:
         return None
-    return True if hmac.compare_digest(held, value) else None
+    return meta.versions[0].version if hmac.compare_digest(held, value) else None
 
 
 def _read_secret(store: SecretStore, name: str) -> BackupSecret:
@@ -622,6 +642,7 @@ def _write_secret(
     *,
     created: Callable[[], None] | None = None,
     doubtful: list[str] | None = None,
+    wrote: set[int] | None = None,
 ) -> _Written:
     """The kept values in `_write_order` (the backup's current last), then its pending value
     staged where the store has the `pending` label (else left out), then the deleted state.
@@ -636,7 +657,7 @@ def _write_secret(
     The first write finding the name taken raises `_AppearedMeanwhile`. `created` is called once
     the first write created the name; if that write's answer is lost, or an interruption (Ctrl-C,
     SIGTERM) comes while it is in flight, `_created_by_us` decides, and a name in doubt is added
-    to `doubtful` (never undone)."""
+    to `doubtful` (never undone). `wrote` gets the target's number of each version written."""
     order, pending = _write_order(secret)
     stage = pending is not None and Capability.PENDING_LABEL not in unsupported_capabilities(store)
     wanted = secret.max_versions
@@ -658,6 +679,8 @@ def _write_secret(
                 max_versions=room if expect == 0 else None,
                 expires=None if version.expires is None else datetime.fromtimestamp(version.expires, UTC),
             )
+            if wrote is not None:
+                wrote.add(info.version)
             if expect == 0 and created is not None:
                 created()  # inside the try: an interruption right after the put still journals it
                 journalled = True
@@ -669,20 +692,26 @@ def _write_secret(
             if expect == 0 and created is not None and not journalled:
                 landed = _created_by_us(store, secret.name, version.value)
                 if landed:
+                    if wrote is not None:
+                        wrote.add(landed)
                     created()  # twice at worst (interrupted between the two lines above): harmless
                 elif landed is None and doubtful is not None:
                     doubtful.append(secret.name)
+            elif wrote is not None and _holds(store, secret.name, expect + 1, version.value):
+                wrote.add(expect + 1)  # it landed (the put names the number it writes): ours
             raise
         expect = info.version
         served = (version.version, info.version)
     if stage and pending is not None and pending.value is not None:
         # With what the rotation staged it for (a PostgreSQL role), as the backup's store recorded.
         try:
-            store.stage(secret.name, pending.value, target=pending.target)
+            staged = store.stage(secret.name, pending.value, target=pending.target)
         except UnsupportedOperationError:
             if pending.target is None:
                 raise
-            store.stage(secret.name, pending.value)  # AWS: no tag left for it; staged as before targets
+            staged = store.stage(secret.name, pending.value)  # AWS: no tag left for it; as before targets
+        if wrote is not None:
+            wrote.add(staged.version)
     if room != wanted:
         store.update_metadata(secret.name, max_versions=wanted)
     if secret.deleted is not None:
@@ -694,20 +723,27 @@ def _write_secret(
 
 def _compensate(
     store: SecretStore,
-    journal: list[tuple[str, BackupSecret | None]],
+    journal: list[_Journalled],
     cause: BaseException,
     doubtful: Sequence[str] = (),
     progress: Progress = _no_progress,
 ) -> None:
     """Undo a partial protocol restore, newest first; if that fails too, or a name may or may
-    not have been created by it (`doubtful`, left in place), say which names to check. A second
-    Ctrl-C or SIGTERM during the undo is ignored: it stopped the undo part-way while the command
-    said the target was as it had been."""
+    not have been created by it (`doubtful`, left in place), say which names to check. A name
+    that holds a version the restore did not write (another writer's, after the restore's: it
+    may be what made the restore fail) is left as it is, and named: destroying it would lose that
+    write. A second Ctrl-C or SIGTERM during the undo is ignored: it stopped the undo part-way
+    while the command said the target was as it had been."""
     left: list[str] = []
+    written_over: list[str] = []
     with interruptions_ignored():
-        for done, (name, original) in enumerate(reversed(journal), 1):
+        for done, entry in enumerate(reversed(journal), 1):
             progress("undoing", done, len(journal))
+            name, original = entry.name, entry.original
             try:
+                if entry.wrote is not None and _written_by_another(store, name, entry.wrote):
+                    written_over.append(name)
+                    continue
                 with contextlib.suppress(NotFoundError):  # the failed write created nothing
                     store.destroy_secret(name)
                 if original is not None and original.kept:
@@ -715,6 +751,18 @@ def _compensate(
             except Exception:  # keep undoing the others, then report every name left
                 left.append(name)
     failed = _failed(cause)
+    if written_over:
+        others = f"; {len(left)} other name(s) could not be undone (first: {sorted(left)[0]})" if left else ""
+        raise _as_interrupted_if(
+            cause,
+            StorageError(
+                f"{failed} and was undone, except for {', '.join(sorted(written_over))}: "
+                f"{'it holds a version' if len(written_over) == 1 else 'they hold versions'} the "
+                "restore did not write (another writer's, which undoing would destroy), so "
+                f"{'it was' if len(written_over) == 1 else 'they were'} left as "
+                f"{'it is' if len(written_over) == 1 else 'they are'}{others}; check by hand"
+            ),
+        ) from cause
     if left:
         raise _as_interrupted_if(
             cause,
@@ -733,6 +781,24 @@ def _compensate(
                 "and was left as it is; check it by hand"
             ),
         ) from cause
+
+
+def _holds(store: SecretStore, name: str, number: int, value: bytes) -> bool:
+    """Whether version `number` of `name` holds `value` (False if it cannot be read)."""
+    try:
+        held = store.get(name, version=number).value.reveal()
+    except Exception:
+        return False
+    return hmac.compare_digest(held, value)
+
+
+def _written_by_another(store: SecretStore, name: str, wrote: set[int]) -> bool:
+    """Whether `name` holds a version that is not among those the restore `wrote` (by number)."""
+    try:
+        meta = store.describe(name)
+    except NotFoundError:
+        return False
+    return any(info.version not in wrote for info in meta.versions if not info.destroyed)
 
 
 def _as_interrupted_if(cause: BaseException, error: StorageError) -> StorageError:
