@@ -13,6 +13,7 @@ import pwd
 import random
 import resource
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -1398,6 +1399,43 @@ def test_audit_prune_archives_into_a_directory_and_never_overwrites(cli: Cli, tm
     assert not any(path.exists() for path in files[:-1])
     assert sorted(p.name for p in archive.iterdir()) == sorted(p.name for p in files[:-1])
     assert verify(cli).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace kills the prune at one system call")
+def test_a_prune_killed_after_archiving_a_file_is_finished_by_the_next_one(cli: Cli, tmp_path: Path) -> None:
+    """A prune killed (SIGKILL, here as it removes the first file it archived) between copying a
+    file into --archive and removing it from the log left the complete copy there, and every later
+    prune with the same --archive refused for ever ('already exists: an archive is never
+    overwritten'): a nightly cron job failed each night until someone moved the copy by hand. The
+    copy is the file's exact bytes: the next prune takes it as archived, and goes on."""
+    files = _rotated_log(cli)
+    contents = {path.name: path.read_bytes() for path in files[:-1]}
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    # strace kills it at its first unlink of the oldest file: once that file is archived.
+    kill = ("-P", str(files[0]), "-e", "trace=unlink,unlinkat", "-e", "inject=unlink,unlinkat:signal=KILL")
+    killed = cli(
+        "audit",
+        "prune",
+        "--keep-files",
+        "0",
+        "--archive",
+        str(archive),
+        prefix=("strace", "-f", "-qq", *kill),
+    )
+    assert killed.returncode == -signal.SIGKILL or killed.returncode == 128 + signal.SIGKILL, killed.stderr
+    assert files[0].exists() and (archive / files[0].name).read_bytes() == contents[files[0].name]
+    assert verify(cli).returncode == 0
+    again = cli("audit", "prune", "--keep-files", "0", "--archive", str(archive))
+    assert again.returncode == 0, again.stderr
+    assert {p.name: p.read_bytes() for p in archive.iterdir()} == contents
+    assert not any(path.exists() for path in files[:-1])
+    assert verify(cli).returncode == 0
+    # A different file of that name there is still never overwritten.
+    more = _rotated_log(cli, stores=6)[:-1]
+    (archive / more[0].name).write_bytes(more[0].read_bytes() + b"\n")
+    taken = cli("audit", "prune", "--keep-files", "0", "--archive", str(archive))
+    assert taken.returncode == 7 and b"never overwritten" in taken.stderr
 
 
 def test_audit_prune_refuses_a_log_that_does_not_verify_and_removes_nothing(cli: Cli) -> None:

@@ -731,7 +731,7 @@ class AuditLog:
                 done = 0
                 try:
                     for found, target in itertools.zip_longest(chosen, targets):
-                        if target is not None:
+                        if target is not None and not _archived_already(found.path, target):
                             _archive_file(found.path, target)
                         found.path.unlink()
                         done += 1
@@ -1945,12 +1945,32 @@ def _archive_targets(files: Sequence[PrunedFile], directory: Path) -> list[Path]
             f"archive directory {directory} does not exist: create it, or leave --archive out"
         )
     targets = [directory / found.path.name for found in files]
-    taken = [target for target in targets if os.path.lexists(target)]
+    taken = [
+        target
+        for found, target in zip(files, targets, strict=True)
+        if os.path.lexists(target) and not _archived_already(found.path, target)
+    ]
     if taken:
         raise ConflictError(
             f"{taken[0]} already exists: an archive is never overwritten; move it away or archive elsewhere"
         )
     return targets
+
+
+def _archived_already(source: Path, target: Path) -> bool:
+    """Whether `target` is a regular file holding exactly what `source` holds: the copy a prune
+    killed before it removed `source` made (it is linked into place complete, or not at all), which
+    the next prune need not, and must not refuse to, make again."""
+    try:
+        if not stat.S_ISREG(os.lstat(target).st_mode):
+            return False
+        with _open_for_reading(source) as original, target.open("rb") as copy:
+            while chunk := original.read(1 << 20):
+                if copy.read(len(chunk)) != chunk:
+                    return False
+            return not copy.read(1)
+    except OSError:
+        return False
 
 
 def _archive_file(source: Path, target: Path) -> None:
