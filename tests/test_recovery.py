@@ -579,6 +579,63 @@ def test_a_killed_cli_init_leaves_no_set_of_valid_looking_share_files_and_the_ne
     assert opened.returncode == 0, opened.stderr
 
 
+# `recovery init` killed (SIGKILL) while it gives its share files their final names, after the first.
+_KILLED_RENAMING = """
+import os, signal
+import secrets_manager.cli.recovery_commands as commands
+_move = commands.move_private_file
+_moved = []
+def _killed(*args, **kwargs):
+    if _moved:
+        os.kill(os.getpid(), signal.SIGKILL)
+    _moved.append(_move(*args, **kwargs))
+commands.move_private_file = _killed
+"""
+
+
+def test_a_cli_init_killed_while_naming_its_share_files_is_finished_by_the_next_run(cli: Cli) -> None:
+    """Killed after the store committed the set and the first file got its name, a run left the
+    other shares as *.incomplete files, which the docs call not shares yet. The next run, which
+    should give them their names (README), refused first because share 1 existed ('move the old
+    shares away'), so they stayed *.incomplete: deleted as such, the set could fall below its
+    threshold, and the store's recovery with it."""
+    hook = cli.dir / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_KILLED_RENAMING)
+    args = ("recovery", "init", "--shares", "3", "--threshold", "2", "--out-dir", str(cli.shares_dir))
+    killed = cli("--password-file", str(cli.password_file), *args, env={"PYTHONPATH": str(hook)})
+    assert killed.returncode == -9
+    left = sorted(p.name for p in cli.shares_dir.iterdir())
+    assert left == [
+        "recovery-share-1-of-3.txt",
+        "recovery-share-2-of-3.txt.incomplete",
+        "recovery-share-3-of-3.txt.incomplete",
+    ]
+    installed = json.loads(cli.with_password("recovery", "status", "--json").stdout)
+    assert installed is not None
+
+    again = cli.with_password(*args)
+    assert again.returncode == 2 and b"--replace" in again.stderr, again.stderr
+    assert f"installed set {installed['set']:05d}:".encode() in again.stderr
+    files = sorted(cli.shares_dir.iterdir())
+    assert [p.name for p in files] == [f"recovery-share-{i}-of-3.txt" for i in (1, 2, 3)]
+    assert all(f"set {installed['set']:05d}," in p.read_text() for p in files)
+    opened = cli(
+        "recovery",
+        "unlock-with",
+        "password",
+        "--share-file",
+        str(files[1]),
+        "--share-file",
+        str(files[2]),
+        "--new-password-file",
+        str(cli.new_password_file),
+        "--kdf-profile",
+        "test",
+    )
+    assert opened.returncode == 0, opened.stderr
+
+
 def test_cli_init_never_overwrites_share_files_and_asks_for_replace(cli: Cli) -> None:
     cli.shares_dir.mkdir(mode=0o700)
     (cli.shares_dir / "recovery-share-2-of-3.txt").write_text("someone's old share\n")

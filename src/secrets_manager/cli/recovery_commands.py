@@ -103,15 +103,16 @@ def init(session: Session, shares: int, threshold: int, out_dir: Path, replace: 
     try:
         refuse_open_directory(out_dir, "--out-dir", session.environment)
         taken = [p.name for p in paths if p.exists()]
+        # A run killed while it renamed its files left some named and the rest *.incomplete: those
+        # are finished (or removed) below, once the store says whose set they are.
+        interrupted = out_dir.is_dir() and any(out_dir.glob(f"recovery-share-*-of-*.txt{INCOMPLETE}"))
     except OSError as exc:  # a directory on the way this user may not search (EACCES)
         raise InvalidInputError(
             f"cannot use --out-dir {out_dir}: {exc.strerror or type(exc).__name__} (a directory on the "
             "way this user may not enter?); choose a directory you can write to"
         ) from None
-    if taken:
-        raise InvalidInputError(
-            f"{out_dir} already holds {', '.join(taken)}; move the old shares away or pick another --out-dir"
-        )
+    if taken and not interrupted:
+        raise _taken_error(out_dir, taken)
     with session.operation("recovery.init", mutating=True) as (store, _):
         current = recovery_setup(store)
         _finish_interrupted_init(out_dir, current, session.environment)
@@ -120,6 +121,9 @@ def init(session: Session, shares: int, threshold: int, out_dir: Path, replace: 
                 "this store has recovery shares already; give --replace to make a new set (the old "
                 "shares then stop working)"
             )
+        taken = [p.name for p in paths if p.exists()]
+        if taken:
+            raise _taken_error(out_dir, taken)
         new = make_recovery_shares(threshold=threshold, shares=shares)
         # Written under names that say they are not shares yet, renamed once the store has the set:
         # a run killed in between leaves no set of valid-looking files the store does not have.
@@ -230,6 +234,12 @@ def unlock_with(
         "the recovery shares still open it"
     )
     warn_if_not_scrubbed(scrubbed, can_scrub, old)
+
+
+def _taken_error(out_dir: Path, taken: list[str]) -> InvalidInputError:
+    return InvalidInputError(
+        f"{out_dir} already holds {', '.join(taken)}; move the old shares away or pick another --out-dir"
+    )
 
 
 def _finish_interrupted_init(out_dir: Path, current: RecoverySetup | None, environment: Environment) -> None:
