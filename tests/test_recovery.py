@@ -585,17 +585,19 @@ import os, signal
 import secrets_manager.cli.recovery_commands as commands
 _move = commands.move_private_file
 _moved = []
-def _killed(*args, **kwargs):
-    if _moved:
+def _killed(source, target):
+    if _moved:  # the second file: linked to its name, its *.incomplete name not removed yet
+        os.link(source, target)
         os.kill(os.getpid(), signal.SIGKILL)
-    _moved.append(_move(*args, **kwargs))
+    _moved.append(_move(source, target))
 commands.move_private_file = _killed
 """
 
 
 def test_a_cli_init_killed_while_naming_its_share_files_is_finished_by_the_next_run(cli: Cli) -> None:
-    """Killed after the store committed the set and the first file got its name, a run left the
-    other shares as *.incomplete files, which the docs call not shares yet. The next run, which
+    """Killed after the store committed the set and the first file got its name (here as the
+    second got it, its *.incomplete name not removed yet), a run left the other shares as
+    *.incomplete files, which the docs call not shares yet. The next run, which
     should give them their names (README), refused first because share 1 existed ('move the old
     shares away'), so they stayed *.incomplete: deleted as such, the set could fall below its
     threshold, and the store's recovery with it."""
@@ -608,6 +610,7 @@ def test_a_cli_init_killed_while_naming_its_share_files_is_finished_by_the_next_
     left = sorted(p.name for p in cli.shares_dir.iterdir())
     assert left == [
         "recovery-share-1-of-3.txt",
+        "recovery-share-2-of-3.txt",
         "recovery-share-2-of-3.txt.incomplete",
         "recovery-share-3-of-3.txt.incomplete",
     ]

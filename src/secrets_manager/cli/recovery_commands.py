@@ -261,6 +261,8 @@ def _finish_interrupted_init(out_dir: Path, current: RecoverySetup | None, envir
             target = path.with_name(path.name[: -len(INCOMPLETE)])
             if not target.exists():
                 move_private_file(path, target)
+            elif target.read_bytes() == path.read_bytes():  # killed between the link and the unlink
+                path.unlink()
         warning_line(
             f"an interrupted 'recovery init' had installed set {current.identifier:05d}: its share files in "
             f"{out_dir} now have their final names"
