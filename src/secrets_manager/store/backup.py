@@ -74,7 +74,14 @@ from secrets_manager.errors import (
     UnsafeConfigurationError,
 )
 from secrets_manager.storage import Snapshotting
-from secrets_manager.store.base import LABELS, MAX_VALUE_SIZE, SecretStore, checked_target
+from secrets_manager.store.base import (
+    LABELS,
+    MAX_VALUE_SIZE,
+    SecretMetadata,
+    SecretStore,
+    VersionInfo,
+    checked_target,
+)
 from secrets_manager.store.encrypted import (
     AUDIT_ANCHOR_KEY,
     AUDIT_KEY_KEY,
@@ -421,22 +428,7 @@ def _read_through_protocol(
         if meta.deleted is not None:
             skipped.append(meta.name)  # the protocol hands out no value of a deleted secret
             continue
-        versions = tuple(
-            BackupVersion(
-                version=info.version,
-                created=info.created.timestamp(),
-                created_by=info.created_by,
-                destroyed=info.destroyed,
-                value=None if read is None else read.value.reveal(),
-                # the protocol shows the current version's expiry (the one kept: store/base.py)
-                expires=meta.expires.timestamp()
-                if meta.expires is not None and info.version == meta.current_version
-                else None,
-                target=None if read is None else read.target,
-            )
-            for info in meta.versions
-            for read in [None if info.destroyed else store.get(meta.name, version=info.version)]
-        )
+        versions = tuple(_version_through_protocol(store, meta, info) for info in meta.versions)
         numbers = [v.version for v in versions]
         result.append(
             BackupSecret(
@@ -467,6 +459,23 @@ def _version_needed(header: Mapping[str, Any], decoded: Sequence[BackupSecret]) 
     if any(v.target is not None for v in versions):
         return 3
     return 2 if any(v.expires is not None for v in versions) else 1
+
+
+def _version_through_protocol(store: SecretStore, meta: SecretMetadata, info: VersionInfo) -> BackupVersion:
+    """One version as the protocol gives it: its value and rotation target from a read of it (a
+    destroyed one has neither), the expiry only for the current version (the one kept: base.py)."""
+    read = None if info.destroyed else store.get(meta.name, version=info.version)
+    return BackupVersion(
+        version=info.version,
+        created=info.created.timestamp(),
+        created_by=info.created_by,
+        destroyed=info.destroyed,
+        value=None if read is None else read.value.reveal(),
+        expires=meta.expires.timestamp()
+        if meta.expires is not None and info.version == meta.current_version
+        else None,
+        target=None if read is None else read.target,
+    )
 
 
 def _entry_lines(entries: Sequence[tuple[str, bytes]], progress: Progress) -> Iterator[bytes]:
