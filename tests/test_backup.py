@@ -1002,6 +1002,23 @@ def test_a_password_backup_keeps_the_rotation_target_of_a_pending_version(tmp_pa
         _restores_the_target(backup, tmp_path / name.split(".")[0])
 
 
+def test_a_finished_rotations_target_does_not_make_a_password_backup_version_3(tmp_path: Path) -> None:
+    """A version keeps its rotation target after the rotation promoted it, and a password backup
+    wrote it, so after any PostgreSQL role rotation every such backup was version 3, which builds
+    before it refuse. Only a pending version's target is used (a resume checks it), so only that
+    one is written."""
+    store = new_store(tmp_path / "store.db")
+    try:
+        store.put("svc/DB", b"db-ONE")
+        store.promote("svc/DB", store.stage("svc/DB", b"db-TWO", target="postgres-role:app").version)
+        write_backup(store, tmp_path / "pw.smbackup", password=b"backup pw", kdf=kdf.TEST)
+    finally:
+        store.close()
+    assert (tmp_path / "pw.smbackup").read_bytes().startswith(b"secrets-manager-backup/v1\n")
+    backup = read_backup(tmp_path / "pw.smbackup", b"backup pw")
+    assert [v.target for v in backup.secrets[0].versions] == [None, None]
+
+
 def _restores_the_target(backup: Backup, directory: Path) -> None:
     """`backup`'s svc/DB, restored into existing stores (ours, and another through the protocol),
     is pending db-STAGED for postgres-role:app, its current version with no target."""

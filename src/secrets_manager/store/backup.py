@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -77,6 +78,7 @@ from secrets_manager.storage import Snapshotting
 from secrets_manager.store.base import (
     LABELS,
     MAX_VALUE_SIZE,
+    PENDING,
     SecretMetadata,
     SecretStore,
     VersionInfo,
@@ -343,6 +345,7 @@ def write_backup(
             decoded = _checked(store_header, root, snapshot_entries, progress)
         else:
             decoded, skipped = _read_through_protocol(store, progress)
+        decoded = [_with_pending_target_only(secret) for secret in decoded]
         wrapping = DataKey(id=new_key_id(set()), status=KeyStatus.ENABLED, created=created, material=file_key)
         header = {
             "created": created,
@@ -447,6 +450,21 @@ def _read_through_protocol(
         )
         progress("secrets", done, len(listed))
     return result, tuple(skipped)
+
+
+def _with_pending_target_only(secret: BackupSecret) -> BackupSecret:
+    """`secret` with the rotation target of its pending version only. A version keeps its target
+    after the rotation promoted it, but only a pending one's is ever used (a resume checks it), so
+    a finished rotation's is left out: it would make the file version 3, which older readers refuse."""
+    pending = secret.labels.get(PENDING)
+    if all(v.target is None or v.version == pending for v in secret.versions):
+        return secret
+    return dataclasses.replace(
+        secret,
+        versions=tuple(
+            v if v.version == pending else dataclasses.replace(v, target=None) for v in secret.versions
+        ),
+    )
 
 
 def _version_needed(header: Mapping[str, Any], decoded: Sequence[BackupSecret]) -> int:
