@@ -332,7 +332,8 @@ def record_expiry(session: Session, rotated: Rotated, expiry: datetime) -> None:
     current version, so this follows the promote: if that step fails, the rotation still stands
     and the error says how to record the expiry. On a local store it is recorded only if the
     version is still current (a write landing meanwhile has an expiry of its own, or none),
-    decided in the update's own commit on our stores."""
+    decided in the update's own commit on our stores. Through a service it is not checked: a
+    write landing meanwhile gets this expiry (README, Expiry)."""
     name, version = rotated.name, rotated.version
     try:
         with session.secret_operation("rotate.expiry", name, mutating=True) as (store, note):
