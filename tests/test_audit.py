@@ -1438,6 +1438,26 @@ def test_a_prune_killed_after_archiving_a_file_is_finished_by_the_next_one(cli: 
     assert taken.returncode == 7 and b"never overwritten" in taken.stderr
 
 
+def test_a_prune_never_takes_the_log_file_itself_for_its_archived_copy(cli: Cli, tmp_path: Path) -> None:
+    """Since a file of the archive's name holding the file's bytes counts as archived (0e2cbb8),
+    `--archive` naming the log's own directory (or holding another name of the log's file, a hard
+    link) found each file "archived" in itself and deleted it: the records went with no copy
+    anywhere, where the prune refused before ('already exists'). Only a copy of this user's that
+    is not the file itself counts; the prune is refused and nothing is removed."""
+    files = _rotated_log(cli)
+    contents = {path.name: path.read_bytes() for path in files[:-1]}
+    itself = cli("audit", "prune", "--keep-files", "0", "--archive", str(cli.audit.parent))
+    assert itself.returncode == 7 and b"never overwritten" in itself.stderr, itself.stderr
+    assert {path.name: path.read_bytes() for path in files[:-1] if path.exists()} == contents
+    archive = tmp_path / "linked-archive"
+    archive.mkdir()
+    os.link(files[0], archive / files[0].name)  # the same file under a second name
+    linked = cli("audit", "prune", "--keep-files", "0", "--archive", str(archive))
+    assert linked.returncode == 7 and b"never overwritten" in linked.stderr, linked.stderr
+    assert {path.name: path.read_bytes() for path in files[:-1] if path.exists()} == contents
+    assert verify(cli).returncode == 0
+
+
 def test_audit_prune_refuses_a_log_that_does_not_verify_and_removes_nothing(cli: Cli) -> None:
     files = _rotated_log(cli)
     lines = files[1].read_text().splitlines(keepends=True)

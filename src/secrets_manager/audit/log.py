@@ -1960,9 +1960,18 @@ def _archive_targets(files: Sequence[PrunedFile], directory: Path) -> list[Path]
 def _archived_already(source: Path, target: Path) -> bool:
     """Whether `target` is a regular file holding exactly what `source` holds: the copy a prune
     killed before it removed `source` made (it is linked into place complete, or not at all), which
-    the next prune need not, and must not refuse to, make again."""
+    the next prune need not, and must not refuse to, make again. Only such a copy: this user's,
+    that group and others may not write (a prune makes it 0600), and never `source` itself under
+    another name (`--archive` naming the log's own directory, a hard link), which the prune would
+    then delete with no copy left."""
     try:
-        if not stat.S_ISREG(os.lstat(target).st_mode):
+        found = os.lstat(target)
+        if (
+            not stat.S_ISREG(found.st_mode)
+            or found.st_uid != os.geteuid()
+            or stat.S_IMODE(found.st_mode) & 0o022
+            or os.path.samestat(found, os.stat(source))
+        ):
             return False
         with _open_for_reading(source) as original, target.open("rb") as copy:
             while chunk := original.read(1 << 20):
