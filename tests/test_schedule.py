@@ -1435,6 +1435,31 @@ rules = [{{ path = "auth/DB_PASSWORD", capabilities = ["rotate"] }}]
 """
 
 
+def test_the_commands_a_run_gives_for_another_stagers_version_act_on_the_runs_store(cli: Cli) -> None:
+    """`schedule run` and `schedule check` name the `rotate NAME --resume` and `--discard` that
+    finish or drop a stale version another staged; they said a bare 'secrets-manager rotate …',
+    which for a run given --store acts on another store (here the environment's), where `rotate`
+    itself gives its own command line. Pasted as given, the discard must act on this store."""
+    store = str(cli.dir / "store.db")
+    assert cli("rotate", "db/app", "--set-command", "false").code != 0  # version 2 pending, the user's
+    schedule = write_schedule(
+        cli.dir / "rotation.toml", {"name": "db/app", "every": "3650d", "set_command": "true", "timeout": 1}
+    )
+    time.sleep(3.1)  # stale: three timeouts of 1 s
+    elsewhere = {"SECRETS_MANAGER_STORE": str(cli.dir / "elsewhere.db")}
+    run = cli("--store", store, "schedule", "run", str(schedule), env=elsewhere)
+    check = cli("--store", store, "schedule", "check", str(schedule), env=elsewhere)
+    assert run.code == 1 and check.code == 0, run.stderr + check.stderr
+    for said in (run.stderr, check.stderr):
+        assert f"finish it with 'secrets-manager --store {store} rotate db/app --resume'" in said, said
+    discard = run.stderr.split("drop it with '", 1)[1].split("'", 1)[0]
+    words = shlex.split(discard)
+    assert words[0] == "secrets-manager"
+    dropped = cli(*words[1:], env=elsewhere)
+    assert dropped.code == 0, dropped.stderr
+    assert cli.history("db/app")["labels"] == {"current": 1}
+
+
 def test_a_value_a_caller_staged_is_never_set_at_the_target_by_the_schedule_or_rotate_on_server(
     tmp_path: Path,
 ) -> None:

@@ -1024,20 +1024,23 @@ def plan(
     return Plan(state, last, next_due, pending if state in (Due.IN_PROGRESS, Due.RESUME) else None)
 
 
-def staged_by_another(name: str, planned: Plan) -> str:
+def staged_by_another(name: str, planned: Plan, invocation: Sequence[str] = ("secrets-manager",)) -> str:
     """What a runner says of a stale pending version it leaves alone because the schedule did not
-    stage it (`Plan.staged_by_another`): who did, and how a person finishes or drops it."""
+    stage it (`Plan.staged_by_another`): who did, and how a person finishes or drops it, with the
+    runner's `invocation` (`secrets-manager` and its global options, Commands.invocation), so the
+    commands it gives act on the same store."""
     who = (
         repr(planned.staged_by_another)
         if planned.staged_by_another
         else "a writer this store does not record per version (AWS keeps none)"
     )
+    resume = shlex.join([*invocation, "rotate", name, "--resume"])
+    discard = shlex.join([*invocation, "rotate", name, "--discard"])
     return (
         f"version {planned.pending} of {name} is pending, staged by {who}, not by a rotation of the "
         "schedule: its value is one that writer chose, so the schedule does not set it at the target "
-        "however old it is; if that rotation is meant, finish it with 'secrets-manager rotate "
-        f"{name} --resume' and its commands or role, or drop it with 'secrets-manager rotate {name} "
-        "--discard'"
+        f"however old it is; if that rotation is meant, finish it with '{resume}' and its commands or "
+        f"role, or drop it with '{discard}'"
     )
 
 

@@ -17,7 +17,15 @@ from typing import Any
 import click
 
 from secrets_manager.cli.app import Session, cli, is_remote_store, pass_session
-from secrets_manager.cli.output import error_line, info_line, print_json, print_table, timestamp, warning_line
+from secrets_manager.cli.output import (
+    error_line,
+    info_line,
+    invocation,
+    print_json,
+    print_table,
+    timestamp,
+    warning_line,
+)
 from secrets_manager.cli.rotate_commands import (
     SessionSteps,
     one_password_session,
@@ -114,7 +122,7 @@ def check(session: Session, file: str, as_json: bool) -> int:
         )
     for entry in entries:  # shown "in progress", but no runner will finish it
         if entry.plan is not None and entry.plan.staged_by_another is not None:
-            warning_line(staged_by_another(entry.rule.name, entry.plan))
+            warning_line(staged_by_another(entry.rule.name, entry.plan, invocation()))
     missing = [e.rule.name for e in entries if e.plan is None]
     if missing:
         error_line(f"secret {missing[0]!r} not found; store a first value before it can be rotated")
@@ -148,8 +156,9 @@ def run(session: Session, file: str, as_json: bool) -> int:
             exit_code = exit_code or NotFoundError.exit_code
             continue
         if entry.plan.staged_by_another is not None:  # however old: its value is not ours to set
-            error_line(staged_by_another(entry.rule.name, entry.plan))
-            result.update(outcome="skipped", error=staged_by_another(entry.rule.name, entry.plan))
+            refused = staged_by_another(entry.rule.name, entry.plan, invocation())
+            error_line(refused)
+            result.update(outcome="skipped", error=refused)
             exit_code = 1
             continue
         if entry.plan.state is Due.IN_PROGRESS:
