@@ -1460,6 +1460,32 @@ def test_the_commands_a_run_gives_for_another_stagers_version_act_on_the_runs_st
     assert cli.history("db/app")["labels"] == {"current": 1}
 
 
+def test_an_entry_blocked_by_another_stagers_version_stops_counting_failing_once_it_is_gone(
+    cli: Cli,
+) -> None:
+    """An entry whose stale pending version another staged counts as failing (df3f190) until a
+    person finishes or discards that version. Destroying the secret ends it too (the entry is
+    then `missing`, which is no failure), but the entry stayed counted: the failing gauge read 1
+    for as long as the service ran."""
+    assert cli("rotate", "db/app", "--set-command", "false").code != 0  # version 2 pending, the user's
+    schedule = write_schedule(
+        cli.dir / "rotation.toml", {"name": "db/app", "every": "3650d", "set_command": "true", "timeout": 1}
+    )
+    time.sleep(3.1)  # stale: three timeouts of 1 s
+    store = EncryptedStore.open(SqliteStorage(cli.dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    failing: list[int] = []
+    try:
+        scheduler = scheduler_for(cli, schedule, store)
+        scheduler._on_pass = failing.append
+        assert scheduler.run_due()["db/app"] == Due.IN_PROGRESS.value
+        store.destroy_secret("db/app")
+        assert scheduler.run_due()["db/app"] == "missing"
+        scheduler.join(1)
+    finally:
+        store.close()
+    assert failing == [1, 0]
+
+
 def test_a_value_a_caller_staged_is_never_set_at_the_target_by_the_schedule_or_rotate_on_server(
     tmp_path: Path,
 ) -> None:

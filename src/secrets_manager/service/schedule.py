@@ -597,6 +597,7 @@ class RotationScheduler:
         try:
             meta = self._store.describe(rule.name)
         except NotFoundError:
+            self._blocked.discard(rule.name)  # its pending version went with it: nothing to finish
             self._warn_once(rule.name, "scheduled secret not found; store a first value to rotate it")
             return "missing"
         except SecretsManagerError as exc:
