@@ -617,3 +617,146 @@ def test_a_service_from_before_the_conditional_stage_is_refused_the_stage_not_as
             assert _pending_of(stub("ops"), "db/json") == {"current": 1}
     finally:
         store.close()
+
+
+# ---- the conditional metadata change: UpdateSecretMetadataIfCurrent ------------------------------
+
+EXPIRY = "2032-01-02T03:04:05+00:00"
+
+
+def _expiry_of(stub: pb_grpc.SecretsStub, name: str = "db/app") -> tuple[int, str | None]:
+    reply = stub.DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10)
+    meta = reply.metadata
+    return meta.current_version, (meta.expires if meta.HasField("expires") else None)
+
+
+def test_rotate_expires_through_the_service_leaves_a_version_stored_after_its_promote_alone(
+    server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--server rotate --expires` promotes version 2, and another client's store (version 3) lands
+    before the expiry is recorded: the expiry, now UpdateSecretMetadataIfCurrent held to version 2,
+    is ABORTED in the service's store commit (exit 7, one line); version 3 keeps no expiry (the old
+    client sent the expiry unconditionally, and it landed on version 3)."""
+    ops = server.stub("ops")
+    update = RemoteStore.update_metadata
+
+    def update_after_another_store(self: RemoteStore, name: str, **kwargs: Any) -> Any:
+        put = pb.PutSecretRequest(name=name, value=b"written-meanwhile-SEEKRIT")
+        assert server.stub("writer").PutSecret(put, timeout=10).version == 3
+        return update(self, name, **kwargs)
+
+    monkeypatch.setattr(RemoteStore, "update_metadata", update_after_another_store)
+    capsys.readouterr()
+    args = ("rotate", "db/app", "--stdin", "--expires", "2032-01-02T03:04:05Z")
+    code = cli_in_process(monkeypatch, server.dir, server.address, "ops", *args, stdin=b"new-SEEKRIT\n")
+    monkeypatch.undo()
+    message = capsys.readouterr().err
+    assert code == 7, message
+    assert message.count("\n") == 1, message
+    assert "rotated db/app to version 2, but another version was stored after it" in message
+    assert "SEEKRIT" not in message
+    assert _expiry_of(ops) == (3, None)  # the newer version has none of the rotation's
+    refused = [
+        r for r in server.audit_records() if r["operation"] == "metadata" and r["outcome"] != "pending"
+    ]
+    assert [(r["name"], r.get("version"), r["outcome"]) for r in refused] == [("db/app", 2, "conflict")]
+
+
+def test_the_sdk_metadata_change_held_to_a_version_is_decided_in_the_services_commit(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RemoteStore.update_metadata(expect_current=1) with a store landing just before its RPC
+    reaches the service (after any check the client could make): ConflictError, nothing changed.
+    The old client checked with a DescribeSecret first, and its unconditional update then gave
+    version 2 the expiry meant for version 1."""
+    from datetime import datetime
+
+    call = RemoteStore._call
+    methods: list[str] = []
+
+    def store_lands_first(self: RemoteStore, method: str, *args: Any, **kwargs: Any) -> Any:
+        methods.append(method)
+        if method.startswith("UpdateSecretMetadata"):
+            put = pb.PutSecretRequest(name="db/app", value=b"written-meanwhile")
+            assert server.stub("writer").PutSecret(put, timeout=10).version == 2
+        return call(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(RemoteStore, "_call", store_lands_first)
+    remote = RemoteStore(server.address, tls_files(server.dir, "writer"))
+    try:
+        with pytest.raises(ConflictError, match="is not at version 1 \\(now version 2\\)"):
+            remote.update_metadata("db/app", expires=datetime.fromisoformat(EXPIRY), expect_current=1)
+    finally:
+        remote.close()
+        monkeypatch.undo()
+    assert methods == ["UpdateSecretMetadataIfCurrent"]  # no describe: `write` is enough
+    assert _expiry_of(server.stub("ops")) == (2, None)
+
+
+def test_update_secret_metadata_if_current_changes_only_the_version_named(server: Server) -> None:
+    stub = server.stub("writer")
+    moved = pb.UpdateSecretMetadataIfCurrentRequest(name="db/app", expires=EXPIRY, expect_current=2)
+    assert code_of(lambda: stub.UpdateSecretMetadataIfCurrent(moved, timeout=10)) is grpc.StatusCode.ABORTED
+    zero = pb.UpdateSecretMetadataIfCurrentRequest(name="db/app", expires=EXPIRY)
+    assert (
+        code_of(lambda: stub.UpdateSecretMetadataIfCurrent(zero, timeout=10))
+        is grpc.StatusCode.INVALID_ARGUMENT
+    )
+    held = pb.UpdateSecretMetadataIfCurrentRequest(name="db/app", expires=EXPIRY, expect_current=1)
+    denied = code_of(lambda: server.stub("rotator").UpdateSecretMetadataIfCurrent(held, timeout=10))
+    assert denied is grpc.StatusCode.PERMISSION_DENIED  # it needs write, as UpdateSecretMetadata
+    assert _expiry_of(server.stub("ops")) == (1, None)
+    assert stub.UpdateSecretMetadataIfCurrent(held, timeout=10).expires == "2032-01-02T03:04:05+00:00"
+    assert _expiry_of(server.stub("ops")) == (1, "2032-01-02T03:04:05+00:00")
+    records = [
+        r for r in server.audit_records() if r["operation"] == "metadata" and r["outcome"] != "pending"
+    ]
+    assert [(r.get("version"), r["outcome"]) for r in records] == [
+        (2, "conflict"),
+        (None, "invalid_input"),
+        (None, "access_denied"),  # refused before the request was read
+        (1, "ok"),
+    ]
+
+
+def test_a_service_from_before_the_conditional_metadata_change_is_refused_it_not_asked_an_unconditional_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An older `serve` has no UpdateSecretMetadataIfCurrent (UNIMPLEMENTED). `rotate --expires`
+    through it rotates (the rotation stands) but does not record the expiry on whatever version is
+    current: exit 2, one line; the SDK's conditional change raises UnsupportedOperationError."""
+    from datetime import datetime
+
+    from secrets_manager.crypto import kdf
+    from secrets_manager.service.server import SecretsServicer
+    from secrets_manager.storage.sqlite import SqliteStorage
+    from secrets_manager.store import EncryptedStore, PasswordUnlock
+    from service_fixtures import PASSWORD, in_process_server
+
+    make_pki(tmp_path, CLIENTS)
+    make_store(tmp_path, SEED, POLICY)
+    generated = pb_grpc.SecretsServicer.UpdateSecretMetadataIfCurrent  # the generated UNIMPLEMENTED answer
+    monkeypatch.setattr(SecretsServicer, "UpdateSecretMetadataIfCurrent", generated)
+    store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        with in_process_server(tmp_path, store, watch_tick=30) as (running, stub):
+            address = f"127.0.0.1:{running.port}"
+            capsys.readouterr()
+            args = ("rotate", "db/app", "--stdin", "--expires", "2032-01-02T03:04:05Z")
+            code = cli_in_process(monkeypatch, tmp_path, address, "ops", *args, stdin=b"new-SEEKRIT\n")
+            message = capsys.readouterr().err
+            assert code == 2, message
+            assert message.count("\n") == 1, message
+            assert "rotated db/app: version 2 is current, but its expiry was not recorded" in message
+            assert "UpdateSecretMetadataIfCurrent is not supported by the service" in message
+            assert "SEEKRIT" not in message
+            remote = RemoteStore(address, tls_files(tmp_path, "writer"))
+            try:
+                with pytest.raises(UnsupportedOperationError, match="the metadata of db/app was not changed"):
+                    remote.update_metadata("db/app", expires=datetime.fromisoformat(EXPIRY), expect_current=2)
+                remote.update_metadata("db/app", description="still unconditional")  # the old RPC
+            finally:
+                remote.close()
+            assert _expiry_of(stub("ops")) == (2, None)
+    finally:
+        store.close()

@@ -330,16 +330,15 @@ def _check_resume_commands(*, resume: bool, promote_only: bool, commands: bool) 
 def record_expiry(session: Session, rotated: Rotated, expiry: datetime) -> None:
     """`--expires` for the version the rotation made current. A store keeps the expiry of its
     current version, so this follows the promote: if that step fails, the rotation still stands
-    and the error says how to record the expiry. On a local store it is recorded only if the
+    and the error says how to record the expiry. It is recorded only if the
     version is still current (a write landing meanwhile has an expiry of its own, or none),
-    decided in the update's own commit on our stores. Through a service it is not checked: a
-    write landing meanwhile gets this expiry (README, Expiry)."""
+    decided in the update's own commit on our stores, locally or through a service."""
     name, version = rotated.name, rotated.version
     try:
         with session.secret_operation("rotate.expiry", name, mutating=True) as (store, note):
             note.version(version)
-            # Not through a service: its check needs DescribeSecret (`list`), which a rotator may lack.
-            store.update_metadata(name, expires=expiry, expect_current=None if session.server else version)
+            # Through a service: UpdateSecretMetadataIfCurrent, checked in the service's store commit.
+            store.update_metadata(name, expires=expiry, expect_current=version)
     except SecretsManagerError as exc:
         if type(exc) is ConflictError:  # another version is current (a deleted secret: SecretStateError)
             exc.args = (

@@ -53,7 +53,6 @@ from secrets_manager.store.base import (
     checked_metadata,
     checked_metadata_update,
     checked_target,
-    refuse_unless_still_current,
 )
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.tls.files import ClientTlsFiles, read_client_tls
@@ -580,8 +579,10 @@ class RemoteStore:
         clear_expiry: bool = False,
         expect_current: int | None = None,
     ) -> None:
-        """UpdateSecretMetadata (needs write). `expect_current` is checked with DescribeSecret (needs
-        `list`) before the call, not in the service's commit: a window remains."""
+        """UpdateSecretMetadata (needs write); with `expect_current`, UpdateSecretMetadataIfCurrent:
+        only if that version is still current, decided in the service's store commit
+        (ConflictError, nothing changed, otherwise). A service from before that RPC answers
+        UNIMPLEMENTED (UnsupportedOperationError): the change is refused, never made unconditional."""
         # The service checks too; but uint32 holds no -1, and protobuf cannot encode non-UTF-8 text.
         expires = checked_expiry(name, expires)
         if expires is not None and clear_expiry:
@@ -590,24 +591,36 @@ class RemoteStore:
         checked_metadata_update(
             name, description, set_tags, remove_tags, max_versions, expiry_change=expiry_given
         )
-        if expect_current is not None:
-            refuse_unless_still_current(name, expect_current, self.describe(name).current_version)
+        if expect_current is not None and (
+            isinstance(expect_current, bool) or not isinstance(expect_current, int) or expect_current < 1
+        ):  # uint64 holds no -1
+            raise InvalidInputError("expect_current is the version read as current: 1 or more")
         unsupported = UnsupportedOperationError(
             f"the service at {self.address} is from before expiries and did not change the expiry of "
             f"{name}: an expiry is not supported by this store (upgrade the service)"
         )
+        fields: dict[str, Any] = {
+            "name": name,
+            "description": description,
+            "set_tags": set_tags or {},
+            "remove_tags": list(remove_tags),
+            "max_versions": max_versions,
+            "expires": (expires.isoformat() if expires is not None else "") if expiry_given else None,
+        }
         try:
-            response = self._call(
-                "UpdateSecretMetadata",
-                pb.UpdateSecretMetadataRequest(
-                    name=name,
-                    description=description,
-                    set_tags=set_tags or {},
-                    remove_tags=list(remove_tags),
-                    max_versions=max_versions,
-                    expires=(expires.isoformat() if expires is not None else "") if expiry_given else None,
-                ),
-            )
+            if expect_current is None:
+                response = self._call("UpdateSecretMetadata", pb.UpdateSecretMetadataRequest(**fields))
+            else:
+                request = pb.UpdateSecretMetadataIfCurrentRequest(**fields, expect_current=expect_current)
+                try:
+                    response = self._call("UpdateSecretMetadataIfCurrent", request)
+                except UnsupportedOperationError as exc:
+                    raise UnsupportedOperationError(
+                        f"the metadata of {name} was not changed: {exc}; it cannot change it on "
+                        f"condition that version {expect_current} is still current, and changing it "
+                        "without the condition could give a version written meanwhile what was meant "
+                        "for that one"
+                    ) from None
         except NothingToChangeError:
             # A service from before expiries drops the field and finds nothing else to change: the
             # expiry given is not there, unless it already was (then "nothing to change" is true).

@@ -724,7 +724,28 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         return pb.DescribeSecretResponse(metadata=metadata_message(meta))
 
     def UpdateSecretMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
-        with self._call(context, "UpdateSecretMetadata", "metadata", request.name, "write", mutating=True):
+        return self._update_metadata(context, "UpdateSecretMetadata", request, None)
+
+    def UpdateSecretMetadataIfCurrent(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """UpdateSecretMetadata on condition (store.update_metadata's expect_current), decided in the
+        store's own commit: ABORTED (a ConflictError), nothing changed, if `expect_current` is no
+        longer current. A method of its own, so a client asking for the condition gets
+        UNIMPLEMENTED from an older service, not an unconditional change."""
+        return self._update_metadata(
+            context, "UpdateSecretMetadataIfCurrent", request, request.expect_current or None
+        )
+
+    def _update_metadata(
+        self, context: grpc.ServicerContext, method: str, request: Any, expect: int | None
+    ) -> Any:
+        """A metadata change audited as `metadata` (with the version it was held to, if any).
+        UpdateSecretMetadataIfCurrent without a version to hold to (`expect` None) is refused:
+        INVALID_ARGUMENT, nothing changed."""
+        with self._call(context, method, "metadata", request.name, "write", mutating=True) as call:
+            if method == "UpdateSecretMetadataIfCurrent":
+                call.event.version = expect
+                if expect is None:
+                    raise InvalidInputError("expect_current is the version read as current: 1 or more")
             expires = _requested_expiry(request)
             self._store.update_metadata(
                 request.name,
@@ -734,6 +755,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 max_versions=request.max_versions if request.HasField("max_versions") else None,
                 expires=expires or None,
                 clear_expiry=expires == "",
+                expect_current=expect,
             )
         if expires is None:
             return pb.UpdateSecretMetadataResponse()

@@ -206,10 +206,9 @@ class SecretStore(Protocol):
         (InvalidInputError if the secret has no current version, `refuse_expiry_without_current`).
         `expect_current`: only if that version is current (`refuse_unless_still_current`:
         ConflictError, nothing changed), so an expiry meant for it never lands on a version written
-        meanwhile; decided in the update's own commit on our stores, on the metadata read on Vault
-        and AWS (their metadata has no compare-and-set: docs/stores.md), and by RemoteStore with a
-        DescribeSecret (needs `list`) before an UpdateSecretMetadata that carries no version: a
-        write landing between the two still gets the change (rotate through --server passes none).
+        meanwhile; decided in the update's own commit on our stores (through a service too:
+        UpdateSecretMetadataIfCurrent), on the metadata read on Vault and AWS (their metadata has no
+        compare-and-set: docs/stores.md).
         Change the description, tags and max_versions without writing a version, as AWS's
         UpdateSecret without a value, TagResource and UntagResource and Vault's `kv metadata put`
         do: `set_tags` are added or replaced, `remove_tags` removed (an absent key is no error),

@@ -206,6 +206,31 @@ class UpdateSecretMetadataRequest(_message.Message):
     expires: str
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., set_tags: _Optional[_Mapping[str, str]] = ..., remove_tags: _Optional[_Iterable[str]] = ..., max_versions: _Optional[int] = ..., expires: _Optional[str] = ...) -> None: ...
 
+class UpdateSecretMetadataIfCurrentRequest(_message.Message):
+    __slots__ = ("name", "description", "set_tags", "remove_tags", "max_versions", "expires", "expect_current")
+    class SetTagsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    SET_TAGS_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_TAGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_CURRENT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    set_tags: _containers.ScalarMap[str, str]
+    remove_tags: _containers.RepeatedScalarFieldContainer[str]
+    max_versions: int
+    expires: str
+    expect_current: int
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., set_tags: _Optional[_Mapping[str, str]] = ..., remove_tags: _Optional[_Iterable[str]] = ..., max_versions: _Optional[int] = ..., expires: _Optional[str] = ..., expect_current: _Optional[int] = ...) -> None: ...
+
 class UpdateSecretMetadataResponse(_message.Message):
     __slots__ = ("expires",)
     EXPIRES_FIELD_NUMBER: _ClassVar[int]

@@ -64,6 +64,11 @@ class SecretsStub:
                 request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataRequest.SerializeToString,
                 response_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataResponse.FromString,
                 _registered_method=True)
+        self.UpdateSecretMetadataIfCurrent = channel.unary_unary(
+                '/secrets_manager.v1.Secrets/UpdateSecretMetadataIfCurrent',
+                request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataIfCurrentRequest.SerializeToString,
+                response_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataResponse.FromString,
+                _registered_method=True)
         self.DeleteSecret = channel.unary_unary(
                 '/secrets_manager.v1.Secrets/DeleteSecret',
                 request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretRequest.SerializeToString,
@@ -161,6 +166,19 @@ class SecretsServicer:
         the secret has already what is given (a tag to remove it does not have, its own description,
         tag values or max_versions), named `NothingToChangeError`; then nothing is written, `updated`
         does not move and no change event is sent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSecretMetadataIfCurrent(self, request, context):
+        """UpdateSecretMetadata only while `expect_current` is the secret's current version, decided in
+        the store's own commit: ABORTED, nothing changed, if another version is current (a write landed
+        after the caller read it, and an expiry meant for that version would land on the new one);
+        INVALID_ARGUMENT if expect_current is 0. Otherwise as UpdateSecretMetadata ("write", audited
+        as metadata). A method of its own rather than a field of UpdateSecretMetadataRequest: a service
+        from before it answers UNIMPLEMENTED, where it would ignore an unknown field and change the
+        metadata of whatever version is current.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -294,6 +312,11 @@ def add_SecretsServicer_to_server(servicer, server):
             'UpdateSecretMetadata': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateSecretMetadata,
                     request_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataRequest.FromString,
+                    response_serializer=secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataResponse.SerializeToString,
+            ),
+            'UpdateSecretMetadataIfCurrent': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSecretMetadataIfCurrent,
+                    request_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataIfCurrentRequest.FromString,
                     response_serializer=secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataResponse.SerializeToString,
             ),
             'DeleteSecret': grpc.unary_unary_rpc_method_handler(
@@ -503,6 +526,33 @@ class Secrets:
             target,
             '/secrets_manager.v1.Secrets/UpdateSecretMetadata',
             secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataRequest.SerializeToString,
+            secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSecretMetadataIfCurrent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secrets_manager.v1.Secrets/UpdateSecretMetadataIfCurrent',
+            secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataIfCurrentRequest.SerializeToString,
             secrets__manager_dot_v1_dot_secrets__pb2.UpdateSecretMetadataResponse.FromString,
             options,
             channel_credentials,
