@@ -996,3 +996,138 @@ def test_a_conditional_delete_whose_check_after_is_lost_says_the_secret_is_delet
     assert "'undelete svc/OLD'" in message, message
     monkeypatch.undo()
     assert store.describe("svc/OLD").deleted is not None
+
+
+# ---- metadata changes: a JSON merge patch, so a concurrent change of other keys stays ------------
+
+
+def _interleaved(fake_vault: FakeVault, name: str, meanwhile: Callable[[], None]) -> None:
+    """Run `meanwhile` once, just before the first metadata write (POST or PATCH) of `name` reaches
+    the test server: after the writer read the metadata, before its change lands."""
+    original = fake_vault.handle
+    path = f"/v1/secret/metadata/{name}"
+
+    def interleaving(method: str, raw_path: str, *args: Any, **kwargs: Any) -> Any:
+        if method in ("POST", "PATCH") and raw_path == path:
+            fake_vault.handle = original  # type: ignore[method-assign]
+            meanwhile()
+        return original(method, raw_path, *args, **kwargs)
+
+    fake_vault.handle = interleaving  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("change", ["set another tag", "remove another tag", "description", "expiry"])
+def test_a_tag_change_keeps_a_change_of_other_keys_made_between_its_read_and_its_write(
+    make_vault: MakeVault, fake_vault: FakeVault, change: str
+) -> None:
+    """`metadata NAME --tag a=1` reads the metadata, and another writer's change of other keys lands
+    before its write: with a merge patch of just its own key both stay (the old read-modify-write
+    POST of the whole custom_metadata put back what it had read, losing the other change)."""
+    from datetime import UTC, datetime
+
+    from secrets_manager.store.external import EXPIRES_KEY
+
+    name = "svc/TAGS"
+    store, other = make_vault(), make_vault()
+    store.put(name, b"v1", description="before", tags={"old": "x"})
+    later = datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
+    meanwhile = {
+        "set another tag": lambda: other.update_metadata(name, set_tags={"b": "2"}),
+        "remove another tag": lambda: other.update_metadata(name, remove_tags=["old"]),
+        "description": lambda: other.update_metadata(name, description="after"),
+        "expiry": lambda: other.update_metadata(name, expires=later),
+    }[change]
+    _interleaved(fake_vault, name, meanwhile)
+    store.update_metadata(name, set_tags={"a": "1"})
+    meta = store.describe(name)
+    expected_tags = {"old": "x", "a": "1"} | {
+        "set another tag": {"b": "2"},
+        "remove another tag": {},
+        "description": {},
+        "expiry": {},
+    }[change]
+    if change == "remove another tag":
+        del expected_tags["old"]
+    assert meta.tags == expected_tags
+    assert meta.description == ("after" if change == "description" else "before")
+    assert meta.expires == (later if change == "expiry" else None)
+    custom = kv(fake_vault, name).custom_metadata
+    assert custom[CREATED_BY_KEY]  # our own keys kept, and none shown as a tag
+    assert (EXPIRES_KEY in custom) == (change == "expiry")
+    assert ("PATCH", f"/v1/secret/metadata/{name}") in fake_vault.requests
+
+
+def test_an_expiry_change_keeps_a_tag_set_between_its_read_and_its_write(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    from datetime import UTC, datetime
+
+    name = "svc/EXPIRY"
+    store, other = make_vault(), make_vault()
+    store.put(name, b"v1", tags={"keep": "me"})
+    _interleaved(fake_vault, name, lambda: other.update_metadata(name, set_tags={"b": "2"}))
+    later = datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
+    store.update_metadata(name, expires=later, expect_current=1)
+    meta = store.describe(name)
+    assert meta.tags == {"keep": "me", "b": "2"} and meta.expires == later
+    _interleaved(fake_vault, name, lambda: other.update_metadata(name, remove_tags=["keep"]))
+    store.update_metadata(name, clear_expiry=True, description="d")
+    meta = store.describe(name)
+    assert (meta.tags, meta.expires, meta.description) == ({"b": "2"}, None, "d")
+
+
+def test_a_vault_without_metadata_patch_gets_the_whole_metadata_posted_as_before() -> None:
+    """A Vault from before PATCH of KV metadata answers it 405: the change is made with today's
+    POST of the whole custom_metadata (our own keys kept, and a reserved key never a tag)."""
+    from datetime import UTC, datetime
+
+    from secrets_manager.store.external import EXPIRES_KEY
+
+    old_vault = FakeVault(metadata_patch=False).start()
+    try:
+        session = retrying_session(attempts=3, backoff=0.001)
+        client = connect_vault(
+            old_vault.address, environ={"VAULT_TOKEN": old_vault.root_token}, session=session
+        )
+        store = VaultStore(client, mount="secret")
+        name = "svc/OLD"
+        later = datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
+        store.put(name, b"v1", tags={"old": "x", "gone": "y"}, expires=later)
+        store.update_metadata(name, set_tags={"a": "1"}, remove_tags=["gone"], description="d")
+        meta = store.describe(name)
+        assert (meta.tags, meta.description, meta.expires) == ({"old": "x", "a": "1"}, "d", later)
+        custom = old_vault.mounts["secret"][name].custom_metadata
+        assert custom[CREATED_BY_KEY] and EXPIRES_KEY in custom
+        metadata_writes = [
+            m for m, p in old_vault.requests if p == f"/v1/secret/metadata/{name}" and m != "GET"
+        ]
+        assert metadata_writes[-2:] == ["PATCH", "POST"]  # refused (405), then the old way
+    finally:
+        old_vault.stop()
+
+
+def test_the_test_server_patches_metadata_as_vault_documents(fake_vault: FakeVault) -> None:
+    """PATCH MOUNT/metadata/PATH: a JSON merge patch (Content-Type application/merge-patch+json,
+    else 415) of existing metadata (404 if none): custom_metadata keys set, a null one removed,
+    others kept; checked as a POST is (400, nothing changed)."""
+    client = hvac.Client(url=fake_vault.address, token=fake_vault.root_token)
+    client.secrets.kv.v2.create_or_update_secret(path="p/x", secret={"value": "v"}, mount_point="secret")
+    client.secrets.kv.v2.update_metadata(
+        path="p/x", custom_metadata={"a": "1", "b": "2"}, mount_point="secret"
+    )
+    url = f"{fake_vault.address}/v1/secret/metadata/p/x"
+    headers = {"X-Vault-Token": fake_vault.root_token, "Content-Type": "application/merge-patch+json"}
+
+    def patch(body: Any, **options: Any) -> int:
+        return requests.patch(url, json=body, headers=options.get("headers", headers), timeout=10).status_code
+
+    assert patch({"custom_metadata": {"a": None, "c": "3"}, "max_versions": 4}) == 204
+    assert kv(fake_vault, "p/x").custom_metadata == {"b": "2", "c": "3"}
+    assert kv(fake_vault, "p/x").max_versions == 4
+    plain = {"X-Vault-Token": fake_vault.root_token}
+    assert patch({"custom_metadata": {"d": "4"}}, headers=plain) == 415
+    too_many = {f"k{i}": "v" for i in range(64)}
+    assert patch({"custom_metadata": too_many}) == 400
+    assert kv(fake_vault, "p/x").custom_metadata == {"b": "2", "c": "3"}
+    missing = requests.patch(f"{url}-missing", json={"custom_metadata": {}}, headers=headers, timeout=10)
+    assert missing.status_code == 404

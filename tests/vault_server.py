@@ -19,6 +19,13 @@ error codes (https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2):
                                               up to 512 UTF-8 bytes (not characters), else 400;
                                               max_versions an integer (else 400), stored only: as in
                                               Vault, nothing is pruned until the next data write
+    PATCH  /v1/MOUNT/metadata/PATH            a JSON merge patch (RFC 7396) of the metadata, Content-Type
+                                              application/merge-patch+json (else 415): the fields given
+                                              replace Vault's, custom_metadata merged key by key (a key
+                                              set to null removed), then checked as POST checks them
+                                              (400) → 204; 404 if the secret has no metadata. A
+                                              FakeVault(metadata_patch=False) answers 405, as a Vault from
+                                              before it does (no handler for the method)
     DELETE /v1/MOUNT/metadata/PATH            every version and the metadata → 204
     LIST   /v1/MOUNT/metadata/FOLDER[/]       200 {"data": {"keys": [...]}} ("sub/" for folders), 404 if none
     POST   /v1/auth/approle/login             {"role_id", "secret_id"} → {"auth": {"client_token": …}}
@@ -67,6 +74,7 @@ from urllib.parse import parse_qs, urlsplit
 
 DEFAULT_MAX_VERSIONS = 10
 CAS_MISMATCH = "check-and-set parameter did not match the current version"
+MERGE_PATCH = "application/merge-patch+json"
 
 
 def vault_time(ns: int | None = None) -> str:
@@ -207,8 +215,10 @@ class FakeVault:
         mounts: tuple[str, ...] = ("secret",),
         kv1_mounts: tuple[str, ...] = (),
         root_token: str = "root-token",  # noqa: S107
+        metadata_patch: bool = True,
     ) -> None:
         self.root_token = root_token
+        self.metadata_patch = metadata_patch
         self.tokens = {root_token}
         self.readonly_tokens: set[str] = set()
         self.approles: dict[str, str] = {}  # role_id -> secret_id
@@ -267,7 +277,9 @@ class FakeVault:
 
     # ---- request handling --------------------------------------------------------------------------
 
-    def handle(self, method: str, raw_path: str, token: str | None, body: Any) -> tuple[int, Any]:
+    def handle(
+        self, method: str, raw_path: str, token: str | None, body: Any, content_type: str | None = None
+    ) -> tuple[int, Any]:
         parts = urlsplit(raw_path)
         path = parts.path
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
@@ -293,6 +305,10 @@ class FakeVault:
                     return 204, None
                 if token in self.readonly_tokens and method not in ("GET", "LIST"):
                     raise VaultError(403, ["1 error occurred:\n\t* permission denied\n\n"])
+                if method == "PATCH" and not self.metadata_patch:
+                    raise VaultError(405, [])  # a Vault from before it: no PATCH at all
+                if method == "PATCH" and (content_type or "").split(";")[0].strip() != MERGE_PATCH:
+                    raise VaultError(415, [f"PATCH requires Content-Type of {MERGE_PATCH}"])
                 return self._route(method, path, query, body)
             except VaultError as exc:
                 return exc.status, exc.body
@@ -392,6 +408,9 @@ class FakeVault:
             if method in ("POST", "PUT"):
                 self._update_metadata(secrets, key, body or {})
                 return 204, None
+            if method == "PATCH":
+                self._patch_metadata(secrets, key, body)
+                return 204, None
             if method == "DELETE":
                 secrets.pop(key, None)
                 return 204, None
@@ -490,6 +509,33 @@ class FakeVault:
             secret.custom_metadata = dict(custom)
         secret.updated_time = vault_time()
 
+    def _patch_metadata(self, secrets: dict[str, KvSecret], key: str, patch: Any) -> None:
+        """A JSON merge patch of an existing secret's metadata, in one step under the server's lock
+        (as Vault applies it in one storage write): custom_metadata merged key by key, a key set to
+        null removed (custom_metadata null: all of it), other fields replaced; then checked as a
+        POST of the result."""
+        secret = secrets.get(key)
+        if secret is None:
+            raise VaultError(404, [])
+        if not isinstance(patch, dict):
+            raise VaultError(400, ["the merge patch must be a JSON object"])
+        result: dict[str, Any] = {}
+        for field_name in ("max_versions", "cas_required", "delete_version_after"):
+            if field_name in patch and patch[field_name] is not None:
+                result[field_name] = patch[field_name]
+        if "custom_metadata" in patch:
+            changes = patch["custom_metadata"]
+            if changes is not None and not isinstance(changes, dict):
+                raise VaultError(400, ["custom_metadata validation failed: at most 64 keys of strings"])
+            custom = dict(secret.custom_metadata or {})
+            for k, v in (changes or {}).items():
+                if v is None:
+                    custom.pop(k, None)
+                else:
+                    custom[k] = v
+            result["custom_metadata"] = custom if changes is not None else {}
+        self._update_metadata(secrets, key, result)
+
     def _list(self, secrets: dict[str, Any], folder: str) -> dict[str, Any]:
         prefix = f"{folder}/" if folder else ""
         keys = set()
@@ -559,8 +605,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._answer(400, {"errors": ["failed to parse JSON input"]})
             return
+        # The Content-Type matters to a PATCH only (tests that wrap `handle` take four arguments).
+        extra = {"content_type": self.headers.get("Content-Type")} if self.command == "PATCH" else {}
         status, answer = self.server_state.handle(
-            self.command, self.path, self.headers.get("X-Vault-Token"), body
+            self.command, self.path, self.headers.get("X-Vault-Token"), body, **extra
         )
         self._answer(status, answer)
 
@@ -573,7 +621,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
 
-    do_GET = do_POST = do_PUT = do_DELETE = do_LIST = _serve
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_LIST = _serve
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet
         pass

@@ -53,6 +53,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from http import HTTPStatus
 from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, NoReturn, Self
@@ -349,6 +350,13 @@ class _NotThere(Exception):
 
 class _CasMismatch(Exception):
     """Vault refused a write because its `cas` was not the current version."""
+
+
+class _NoPatch(Exception):
+    """Vault answered a PATCH with 405: a Vault from before PATCH of KV v2 metadata."""
+
+
+MERGE_PATCH = "application/merge-patch+json"  # the Content-Type Vault requires of a PATCH
 
 
 # hvac raises one exception class per HTTP status; this table is the whole mapping to ours.
@@ -799,7 +807,8 @@ class VaultStore:
         Vault keeps the fields a POST leaves out.
 
         KV's metadata endpoint has no compare-and-set: two writers changing the description or tags
-        of one secret at the same moment can lose one change (the versions themselves cannot)."""
+        of one secret at the same moment can lose one change (the versions themselves cannot).
+        `update_metadata` sends a merge patch instead where Vault takes one (`_patch_metadata`)."""
         body: dict[str, Any] = {}
         if meta is None or description is not None or tags is not None or expiry or clear_expiry:
             custom = self._custom_metadata(meta, description, tags)
@@ -852,10 +861,13 @@ class VaultStore:
         clear_expiry: bool = False,
         expect_current: int | None = None,
     ) -> None:
-        """GET MOUNT/metadata/NAME, then POST it with the new custom_metadata (if the description,
-        tags or expiry change) and max_versions (if given); no version is written, and Vault prunes past
-        a lower max_versions only at the next write. Without compare-and-set on that endpoint, as
-        `_write_metadata` says (a change of max_versions alone sends nothing else, so loses none)."""
+        """GET MOUNT/metadata/NAME, then PATCH it (a JSON merge patch, `_patch_metadata`) with only
+        the custom_metadata keys that change (the description, each tag set or removed, the
+        expiry) and max_versions (if given), so a concurrent change of other keys is kept; no version
+        is written, and Vault prunes past a lower max_versions only at the next write. A Vault
+        without PATCH (405) or a token without the `patch` capability (403) gets today's POST of
+        the whole custom_metadata instead, without compare-and-set, as `_write_metadata` says (a
+        change of max_versions alone is that POST, and sends nothing else, so loses none)."""
         validate_name(name)
         expires, expiry_given = checked_expiry_change(name, expires, clear_expiry)
         setting, removing = checked_metadata_update(
@@ -876,8 +888,16 @@ class VaultStore:
         clears_nothing = expires is None and expiry_of(parse_expiry(old_expiry), current) is None
         expiry_changes = expiry_given and expiry != old_expiry and not clears_nothing
         before = (meta.custom.get(DESCRIPTION_KEY, ""), user_tags(meta.custom), meta.own_max_versions)
+        # Only what changes, key by key: a tag set or removed, the description, the expiry.
+        changes: dict[str, str | None] = dict(setting) | dict.fromkeys(removing)
+        if description is not None:
+            changes[DESCRIPTION_KEY] = description or None
+        if expiry_changes:
+            changes[EXPIRES_KEY] = expiry
         if description is None and not setting and not removing:
             refuse_if_unchanged(name, before, before[:2], max_versions, expiry_changes=expiry_changes)
+            if changes and self._patch_metadata(name, changes, max_versions):
+                return
             self._write_metadata(
                 name,
                 meta,
@@ -900,6 +920,8 @@ class VaultStore:
             name, before, (new_description, tags), max_versions, expiry_changes=expiry_changes
         )
         _refuse_unless_custom_metadata_holds(name, new_description, tags)
+        if self._patch_metadata(name, changes, max_versions):
+            return
         self._write_metadata(
             name,
             meta,
@@ -909,6 +931,23 @@ class VaultStore:
             expiry=expiry,
             clear_expiry=expiry_changes and not expiry,
         )
+
+    def _patch_metadata(self, name: str, changes: Mapping[str, str | None], max_versions: int | None) -> bool:
+        """PATCH MOUNT/metadata/NAME {"custom_metadata": changes[, "max_versions": N]}: a JSON merge
+        patch (RFC 7396), so Vault sets each key given (a key with None removed) and keeps every
+        other key as it is then, including one another writer set after our read. False if this
+        Vault has no PATCH of metadata (405) or the token may not (403: its policy lacks `patch`):
+        the caller then writes the whole metadata as before."""
+        body: dict[str, Any] = {"custom_metadata": dict(changes)}
+        if max_versions is not None:
+            body["max_versions"] = max_versions
+        try:
+            self._send("PATCH", f"metadata/{name}", action=f"change metadata of {name}", json=body)
+        except (_NoPatch, AccessDeniedError):
+            return False
+        except _NotThere:  # destroyed since our read
+            raise NotFoundError(f"secret {name!r} not found") from None
+        return True
 
     def delete(self, name: str, *, expect_version: int | None = None) -> None:
         """POST MOUNT/delete/NAME {"versions": every live version} (after reading the metadata),
@@ -1204,10 +1243,12 @@ class VaultStore:
         json: Mapping[str, Any] | None = None,
         params: Mapping[str, Any] | None = None,
     ) -> dict[str, Any] | None:
-        """One request to /v1/MOUNT/PATH. The JSON body, or None for an empty answer (204).
+        """One request to /v1/MOUNT/PATH. The JSON body, or None for an empty answer (204). A PATCH
+        is sent as a JSON merge patch (`MERGE_PATCH`).
 
         Raises _NotThere on 404 (callers decide what it means), _CasMismatch on a failed
-        check-and-set, and our exceptions for everything else (`_ERRORS`)."""
+        check-and-set, _NoPatch on a PATCH answered 405, and our exceptions for everything else
+        (`_ERRORS`)."""
         if self._engine is None:
             self._check_engine()
         self._raise_if_unanswered()
@@ -1216,15 +1257,19 @@ class VaultStore:
             kwargs["json"] = json
         if params:
             kwargs["params"] = params
+        request = self._client.adapter.request
+        if method == "PATCH":
+            kwargs["headers"] = {"Content-Type": MERGE_PATCH}
+            request = self._patch
         try:
             try:
-                response = self._client.adapter.request(method, f"/v1/{self._mount}/{path}", **kwargs)
+                response = request(method, f"/v1/{self._mount}/{path}", **kwargs)
             except vault_errors.Forbidden:
                 # An expired or revoked AppRole token of ours: Vault did not act, so once logged in
                 # again the request is repeated (once; a policy that denies it denies it again).
                 if not self._login_again():
                     raise
-                response = self._client.adapter.request(method, f"/v1/{self._mount}/{path}", **kwargs)
+                response = request(method, f"/v1/{self._mount}/{path}", **kwargs)
         except vault_errors.InvalidPath as exc:
             body = exc.json if isinstance(exc.json, dict) else {}
             if any("no handler for route" in str(e) for e in body.get("errors") or []):
@@ -1254,6 +1299,16 @@ class VaultStore:
                 "check the address and that Vault is running"
             ) from None
         return response if isinstance(response, dict) else None
+
+    def _patch(self, method: str, url: str, **kwargs: Any) -> Any:
+        """A PATCH through the adapter, as `_send` makes every request, but with its status seen:
+        405 (hvac raises one class for every status it does not know) is _NoPatch."""
+        response = self._client.adapter.request(method, url, raise_exception=False, **kwargs)
+        if isinstance(response, requests.Response) and not response.ok:
+            if response.status_code == HTTPStatus.METHOD_NOT_ALLOWED:
+                raise _NoPatch()
+            self._client.adapter._raise_for_error(method, url, response)
+        return response
 
     def _no_answer(self, method: str, action: str, *, sent: bool) -> StorageError:
         """The error for a request Vault did not answer in time (not sent again: each attempt would
