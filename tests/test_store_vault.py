@@ -1131,3 +1131,39 @@ def test_the_test_server_patches_metadata_as_vault_documents(fake_vault: FakeVau
     assert kv(fake_vault, "p/x").custom_metadata == {"b": "2", "c": "3"}
     missing = requests.patch(f"{url}-missing", json={"custom_metadata": {}}, headers=headers, timeout=10)
     assert missing.status_code == 404
+
+
+def test_a_store_with_an_expiry_or_description_keeps_a_tag_set_between_its_read_and_its_metadata_write(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    """`store NAME --expires T` (no `--tag`) of an existing secret reads its metadata, writes the
+    version, then records the expiry: a tag another writer set in between stays (the old whole
+    POST of the custom_metadata read before the data write dropped it)."""
+    from datetime import UTC, datetime
+
+    name = "svc/STORED"
+    store, other = make_vault(), make_vault()
+    store.put(name, b"v1", tags={"keep": "me"})
+    _interleaved(fake_vault, name, lambda: other.update_metadata(name, set_tags={"b": "2"}))
+    later = datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
+    assert store.put(name, b"v2", expires=later, description="d").version == 2
+    meta = store.describe(name)
+    assert (meta.tags, meta.description, meta.expires) == ({"keep": "me", "b": "2"}, "d", later)
+    store.put(name, b"v3", tags={"only": "this"})  # `--tag` replaces the tags whole, as documented
+    assert store.describe(name).tags == {"only": "this"}
+
+
+def test_a_token_without_the_patch_capability_gets_the_metadata_posted_as_before(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    """A policy granting create/update but not `patch` on MOUNT/metadata/* (403 on PATCH): the
+    change is made with the POST of the whole custom_metadata, as before PATCH was used."""
+    token = fake_vault.add_token("no-patch-token", patch=False)
+    store = make_vault(token=token)
+    name = "svc/NOPATCH"
+    store.put(name, b"v1", tags={"old": "x"})
+    store.update_metadata(name, set_tags={"a": "1"}, remove_tags=["old"], description="d")
+    meta = store.describe(name)
+    assert (meta.tags, meta.description) == ({"a": "1"}, "d")
+    writes = [m for m, p in fake_vault.requests if p == f"/v1/secret/metadata/{name}" and m != "GET"]
+    assert writes[-2:] == ["PATCH", "POST"]

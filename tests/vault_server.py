@@ -221,6 +221,7 @@ class FakeVault:
         self.metadata_patch = metadata_patch
         self.tokens = {root_token}
         self.readonly_tokens: set[str] = set()
+        self.no_patch_tokens: set[str] = set()
         self.approles: dict[str, str] = {}  # role_id -> secret_id
         self.mounts: dict[str, dict[str, KvSecret]] = {m: {} for m in mounts}
         self.configs: dict[str, KvConfig] = {m: KvConfig() for m in mounts}
@@ -269,10 +270,14 @@ class FakeVault:
         with self._lock:
             self._failures.extend([(status, errors or [f"injected failure {status}"])] * count)
 
-    def add_token(self, token: str, *, readonly: bool = False) -> str:
+    def add_token(self, token: str, *, readonly: bool = False, patch: bool = True) -> str:
+        """A token; `readonly`: 403 on every write; `patch=False`: a policy without the `patch`
+        capability (403 on PATCH, other writes allowed)."""
         self.tokens.add(token)
         if readonly:
             self.readonly_tokens.add(token)
+        if not patch:
+            self.no_patch_tokens.add(token)
         return token
 
     # ---- request handling --------------------------------------------------------------------------
@@ -304,6 +309,8 @@ class FakeVault:
                     self.readonly_tokens.discard(token)
                     return 204, None
                 if token in self.readonly_tokens and method not in ("GET", "LIST"):
+                    raise VaultError(403, ["1 error occurred:\n\t* permission denied\n\n"])
+                if method == "PATCH" and token in self.no_patch_tokens:
                     raise VaultError(403, ["1 error occurred:\n\t* permission denied\n\n"])
                 if method == "PATCH" and not self.metadata_patch:
                     raise VaultError(405, [])  # a Vault from before it: no PATCH at all

@@ -715,8 +715,10 @@ class VaultStore:
     ) -> VersionInfo:
         """GET MOUNT/metadata/NAME, POST MOUNT/data/NAME with `cas` = the version read, then POST
         MOUNT/metadata/NAME when the secret is new or its description, tags, max_versions or
-        expiry change. The expiry names the version written, so it goes after the data write too:
-        if that POST fails, the new version has none (`metadata NAME --expires` sets it then).
+        expiry change (of an existing secret, without `tags`: a PATCH of just the description and
+        expiry keys where Vault takes one, `_patch_metadata`). The expiry names the version
+        written, so it goes after the data write too: if that write fails, the new version has
+        none (`metadata NAME --expires` sets it then).
 
         max_versions goes after the data write: that endpoint has no compare-and-set, so sent
         before, a write refused (lost cas race, Vault error) would still have changed the limit and
@@ -759,7 +761,17 @@ class VaultStore:
                 backoff.wait()
         number = int(written["version"])
         expiry = None if expires is None else format_expiry(number, expires)
-        if meta is None or description is not None or tags is not None or max_versions is not None or expiry:
+        # An existing secret's description or expiry alone: a merge patch of just those keys, so a
+        # tag another writer changes meanwhile stays (`tags` replace them all: the whole POST).
+        changes: dict[str, str | None] = {} if description is None else {DESCRIPTION_KEY: description or None}
+        if expiry:
+            changes[EXPIRES_KEY] = expiry
+        patchable = meta is not None and tags is None and bool(changes)
+        if patchable and self._patch_metadata(name, changes, max_versions):
+            pass  # done: the keys given, and max_versions
+        elif (
+            meta is None or description is not None or tags is not None or max_versions is not None or expiry
+        ):
             self._write_metadata(name, meta, description, tags, max_versions, expiry=expiry)
         return VersionInfo(
             version=int(written["version"]),
