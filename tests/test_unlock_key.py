@@ -11,6 +11,7 @@ import pytest
 
 from secrets_manager.environment import Environment
 from secrets_manager.errors import (
+    ConflictError,
     IntegrityError,
     InvalidInputError,
     UnlockError,
@@ -120,6 +121,33 @@ def test_a_root_rotation_gives_a_new_salt_too(
     with pytest.raises(UnlockKeyRefused):
         _open_with(tmp_store_path, lambda header: old.material if header == old.header else None)
     assert _key_of(open_store).header != old.header
+
+
+def test_a_handle_opened_with_a_kept_key_says_how_to_go_on_after_a_root_rotation(
+    encrypted_store: EncryptedStore, open_store: OpenStore, tmp_store_path: Path
+) -> None:
+    """A long-running command the agent unlocked (run, watch, inject --watch) holds no password: it
+    cannot wrap-open the new header after `keys rotate --root` elsewhere (a new salt). The master
+    password did not change; the next prompted command gives the agent the new header's key, and
+    the handle goes on with it."""
+    encrypted_store.put("svc/API_KEY", b"sk-live-value")
+    kept = {}
+    old = _key_of(open_store)
+    kept[old.header] = old.material
+    handle = _open_with(tmp_store_path, kept.get)
+    try:
+        assert handle.get("svc/API_KEY").value.reveal() == b"sk-live-value"
+        keys.rotate_root_key(encrypted_store)  # another process; the password stays the same
+        with pytest.raises(ConflictError) as refused:
+            handle.get("svc/API_KEY")
+        message = str(refused.value)
+        assert "and its master password changed" not in message  # it did not
+        assert "agent" in message and "asks for the master password" in message
+        new = _key_of(open_store)  # a prompted command: the CLI gives the agent this key
+        kept[new.header] = new.material
+        assert handle.get("svc/API_KEY").value.reveal() == b"sk-live-value"
+    finally:
+        handle.close()
 
 
 def test_it_cannot_wrap_a_new_root_key(encrypted_store: EncryptedStore, open_store: OpenStore) -> None:

@@ -1161,6 +1161,16 @@ class EncryptedStore:
                 "the store's root key was rotated and it is now unlocked by a master password, not "
                 "AWS KMS; open the store again (restart serve) with its password"
             )
+        elif isinstance(self._unlock, UnlockKeyUnlock):
+            # Opened with the agent's key (run, watch, inject --watch): no password to derive the
+            # new header's key with. `_unwrap_root` asks the agent again on every call, so it goes
+            # on once a prompted command has given the agent that key.
+            refused = ConflictError(
+                "the store's root key was rotated (or its password changed) since this process "
+                "opened it with the unlock agent's key, and the agent has no key for it yet: run "
+                "any command that asks for the master password at a terminal (e.g. 'secrets-manager "
+                "list'; it gives the agent the new key) and this process goes on, or start it again"
+            )
         else:
             refused = ConflictError(
                 "the store's root key was rotated and its master password changed since it was "
