@@ -212,6 +212,31 @@ def test_a_rotation_during_a_rewrap_is_caught_up_by_another_pass(
     assert values(filled) == before
 
 
+def test_a_rewrap_outrun_by_rotations_says_what_it_left_under_older_keys(
+    filled: EncryptedStore, open_store: OpenStore
+) -> None:
+    """Another process (or the key policy, at other writers' writes) rotating the primary during
+    every pass: after its last pass, the records written meanwhile under the keys it rotated away
+    are not under the primary, and the result says how many, not that every record is."""
+    keys.rotate_key(filled, "svc")
+    other = open_store()
+    rotated_at: set[int] = set()
+
+    def rotate_and_write_each_pass(namespace: str, done: int, total: int) -> None:
+        if done == total and total not in rotated_at:  # the end of a pass
+            rotated_at.add(total)
+            other.put("svc/written-meanwhile", str(total).encode())
+            keys.rotate_key(other, namespace)
+
+    result = keys.rewrap(filled, "svc", batch_size=3, progress=rotate_and_write_each_pass)
+    under_older = sum(i.records for i in keys.key_status(filled, "svc") if i.state != "primary")
+    assert under_older > 0  # the rotations outran it
+    assert result.left == under_older
+    assert result.primary_id == filled._keyset_for_read("svc").primary_id
+    assert keys.rewrap(filled, "svc").left == 0  # run again (nothing rotating): done
+    assert sum(i.records for i in keys.key_status(filled, "svc") if i.state != "primary") == 0
+
+
 def test_rewrap_leaves_a_damaged_record_alone_and_reports_it(
     filled: EncryptedStore, raw: SqliteStorage
 ) -> None:

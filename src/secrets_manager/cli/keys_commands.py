@@ -29,7 +29,7 @@ from secrets_manager.cli.output import (
     timestamp,
     warning_line,
 )
-from secrets_manager.errors import IntegrityError, InvalidInputError
+from secrets_manager.errors import ConflictError, IntegrityError, InvalidInputError
 from secrets_manager.store.keys import (
     DEFAULT_REWRAP_BATCH,
     ROTATE_AFTER_USES,
@@ -188,6 +188,9 @@ def rewrap_command(session: Session, namespace: str | None, every: bool, batch_s
         failed = [result for result in results if result.unreadable]
         if failed:
             raise IntegrityError(unreadable_message(failed))
+        outrun = [result for result in results if result.left]
+        if outrun:
+            raise ConflictError(outrun_message(outrun[0]))
     for result in results:
         info_line(
             f"namespace {result.namespace}: rewrapped {result.rewrapped} record{_s(result.rewrapped)}; "
@@ -317,6 +320,15 @@ def unreadable_message(failed: list[RewrapResult]) -> str:
         f"{count} record{_s(count)} could not be opened and were left as they are (integrity check "
         f"failed), first {where}{key} in namespace {first_result.namespace}; if the key is disabled, "
         "run 'secrets-manager keys enable KEY_ID' and rewrap again, else destroy the damaged version"
+    )
+
+
+def outrun_message(result: RewrapResult) -> str:
+    return (
+        f"namespace {result.namespace}: {counted(result.left, 'record')} still under older keys: its "
+        "primary key was rotated during every pass of the rewrap (another process's 'keys rotate', or "
+        "the key policy at other writers' writes); run "
+        f"'{suggested('keys', 'rewrap', result.namespace)}' again once that stops"
     )
 
 

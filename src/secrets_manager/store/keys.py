@@ -120,6 +120,7 @@ class RewrapResult:
     primary_id: int
     rewrapped: int
     unreadable: tuple[UnreadableRecord, ...] = ()
+    left: int = 0  # records still under older keys: the primary was rotated during every pass
 
 
 @dataclass(frozen=True)
@@ -226,12 +227,26 @@ def rewrap(
             report(namespace, done, total)
         if store._keyset_for_read(namespace).primary_id == primary_id:
             break  # only the primary encrypts: with no rotation meanwhile, nothing new can be left
+    else:
+        # Every pass was outrun by a rotation (another process's, or the key policy's at other
+        # writers' writes): what they wrote under the keys rotated away is still there.
+        primary_id = store._keyset_for_read(namespace).primary_id
+        left = sum(
+            1
+            for key in _record_keys(store, namespace)
+            if key not in unreadable and _key_id_at(store, key) not in (None, primary_id)
+        )
+        return RewrapResult(namespace, primary_id, rewrapped, _sorted(unreadable), left)
     return RewrapResult(
         namespace=namespace,
         primary_id=store._keyset_for_read(namespace).primary_id,
         rewrapped=rewrapped,
-        unreadable=tuple(unreadable[key] for key in sorted(unreadable)),
+        unreadable=_sorted(unreadable),
     )
+
+
+def _sorted(unreadable: dict[str, UnreadableRecord]) -> tuple[UnreadableRecord, ...]:
+    return tuple(unreadable[key] for key in sorted(unreadable))
 
 
 def disable_key(store: EncryptedStore, key_id: int, namespace: str | None = None) -> str:
