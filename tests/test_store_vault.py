@@ -1126,11 +1126,39 @@ def test_the_test_server_patches_metadata_as_vault_documents(fake_vault: FakeVau
     assert kv(fake_vault, "p/x").max_versions == 4
     plain = {"X-Vault-Token": fake_vault.root_token}
     assert patch({"custom_metadata": {"d": "4"}}, headers=plain) == 415
-    too_many = {f"k{i}": "v" for i in range(64)}
+    too_many = {f"k{i}": "v" for i in range(65)}
     assert patch({"custom_metadata": too_many}) == 400
     assert kv(fake_vault, "p/x").custom_metadata == {"b": "2", "c": "3"}
     missing = requests.patch(f"{url}-missing", json={"custom_metadata": {}}, headers=headers, timeout=10)
     assert missing.status_code == 404
+
+
+def test_the_test_server_checks_the_keys_a_patch_sets_not_its_merged_result(fake_vault: FakeVault) -> None:
+    """Vault's pathMetadataPatch validates the custom_metadata of the patch (its nulls left out)
+    before it looks the secret up, and writes the merged result unchecked: a patch of 64 keys onto
+    a secret holding 2 is taken (66 keys then), one of 65 is not, and an invalid patch of a
+    missing secret is a 400, not a 404. The test server checked the merged result instead."""
+    client = hvac.Client(url=fake_vault.address, token=fake_vault.root_token)
+    client.secrets.kv.v2.create_or_update_secret(path="p/y", secret={"value": "v"}, mount_point="secret")
+    client.secrets.kv.v2.update_metadata(
+        path="p/y", custom_metadata={"a": "1", "b": "2"}, mount_point="secret"
+    )
+    url = f"{fake_vault.address}/v1/secret/metadata/p/y"
+    headers = {"X-Vault-Token": fake_vault.root_token, "Content-Type": "application/merge-patch+json"}
+
+    def patch(body: Any, at: str = url) -> int:
+        return requests.patch(at, json=body, headers=headers, timeout=10).status_code
+
+    sixty_four = {f"k{i:02d}": "v" for i in range(64)}
+    assert patch({"custom_metadata": {**sixty_four, "a": None}}) == 204  # the null is not counted
+    assert kv(fake_vault, "p/y").custom_metadata == {"b": "2", **sixty_four}  # 65 keys
+    assert patch({"custom_metadata": {"c": "3"}}) == 204
+    assert len(kv(fake_vault, "p/y").custom_metadata) == 66
+    assert patch({"custom_metadata": {**sixty_four, "k64": "v"}}) == 400
+    assert patch({"custom_metadata": {"x": "y" * 513}}) == 400
+    assert len(kv(fake_vault, "p/y").custom_metadata) == 66
+    assert patch({"custom_metadata": {**sixty_four, "k64": "v"}}, at=f"{url}-missing") == 400
+    assert patch({"custom_metadata": {"ok": "v"}}, at=f"{url}-missing") == 404
 
 
 def test_a_store_with_an_expiry_or_description_keeps_a_tag_set_between_its_read_and_its_metadata_write(

@@ -22,8 +22,11 @@ error codes (https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2):
     PATCH  /v1/MOUNT/metadata/PATH            a JSON merge patch (RFC 7396) of the metadata, Content-Type
                                               application/merge-patch+json (else 415): the fields given
                                               replace Vault's, custom_metadata merged key by key (a key
-                                              set to null removed), then checked as POST checks them
-                                              (400) → 204; 404 if the secret has no metadata. A
+                                              set to null removed) → 204. As Vault's pathMetadataPatch,
+                                              the keys the patch sets (its nulls left out) are checked as
+                                              a POST's custom_metadata is (400), before the secret is
+                                              looked up (404 if it has no metadata); the merged result
+                                              is not, so it may hold more than 64 keys. A
                                               FakeVault(metadata_patch=False) answers 405, as a Vault from
                                               before it does (no handler for the method)
     DELETE /v1/MOUNT/metadata/PATH            every version and the metadata → 204
@@ -204,6 +207,19 @@ class VaultError(Exception):
         super().__init__(status)
         self.status = status
         self.body = body if body is not None else {"errors": errors or []}
+
+
+def _check_custom_metadata(custom: Any) -> None:
+    """Vault's validateCustomMetadata of a write's custom_metadata: at most 64 keys, each key 1 to
+    128 and each value up to 512 UTF-8 bytes (Go's len(), not characters); 400 otherwise."""
+    if not isinstance(custom, dict) or len(custom) > 64:
+        raise VaultError(400, ["custom_metadata validation failed: at most 64 keys of strings"])
+    for k, v in custom.items():
+        if not isinstance(v, str) or not k or len(k.encode()) > 128 or len(v.encode()) > 512:
+            raise VaultError(
+                400,
+                [f"custom_metadata validation failed: key {k!r}: keys 1-128 bytes, values up to 512"],
+            )
 
 
 class FakeVault:
@@ -484,18 +500,12 @@ class FakeVault:
         secret.oldest_version = min(secret.versions)
         return _envelope(secret.versions[number].metadata(number, secret.custom_metadata))
 
-    def _update_metadata(self, secrets: dict[str, KvSecret], key: str, body: dict[str, Any]) -> None:
+    def _update_metadata(
+        self, secrets: dict[str, KvSecret], key: str, body: dict[str, Any], *, check_custom: bool = True
+    ) -> None:
         custom = body.get("custom_metadata")
-        if custom is not None:
-            if not isinstance(custom, dict) or len(custom) > 64:
-                raise VaultError(400, ["custom_metadata validation failed: at most 64 keys of strings"])
-            for k, v in custom.items():
-                # Vault's validateCustomMetadata measures with Go's len(): UTF-8 bytes, not characters.
-                if not isinstance(v, str) or not k or len(k.encode()) > 128 or len(v.encode()) > 512:
-                    raise VaultError(
-                        400,
-                        [f"custom_metadata validation failed: key {k!r}: keys 1-128 bytes, values up to 512"],
-                    )
+        if custom is not None and check_custom:
+            _check_custom_metadata(custom)
         max_versions = body.get("max_versions")
         # Vault's field is a TypeInt: an integer, or text that parses as one.
         if max_versions is not None and (
@@ -519,21 +529,25 @@ class FakeVault:
     def _patch_metadata(self, secrets: dict[str, KvSecret], key: str, patch: Any) -> None:
         """A JSON merge patch of an existing secret's metadata, in one step under the server's lock
         (as Vault applies it in one storage write): custom_metadata merged key by key, a key set to
-        null removed (custom_metadata null: all of it), other fields replaced; then checked as a
-        POST of the result."""
+        null removed (custom_metadata null: all of it), other fields replaced. As Vault's
+        pathMetadataPatch does, the custom_metadata the patch sets (its nulls left out) is checked as
+        a POST's is, before the secret is looked up; the merged result is not (it may hold more
+        than 64 keys: another writer's keys plus the patch's)."""
+        if not isinstance(patch, dict):
+            raise VaultError(400, ["the merge patch must be a JSON object"])
+        changes = patch.get("custom_metadata")
+        if changes is not None:
+            if not isinstance(changes, dict):
+                raise VaultError(400, ["custom_metadata validation failed: at most 64 keys of strings"])
+            _check_custom_metadata({k: v for k, v in changes.items() if v is not None})
         secret = secrets.get(key)
         if secret is None:
             raise VaultError(404, [])
-        if not isinstance(patch, dict):
-            raise VaultError(400, ["the merge patch must be a JSON object"])
         result: dict[str, Any] = {}
         for field_name in ("max_versions", "cas_required", "delete_version_after"):
             if field_name in patch and patch[field_name] is not None:
                 result[field_name] = patch[field_name]
         if "custom_metadata" in patch:
-            changes = patch["custom_metadata"]
-            if changes is not None and not isinstance(changes, dict):
-                raise VaultError(400, ["custom_metadata validation failed: at most 64 keys of strings"])
             custom = dict(secret.custom_metadata or {})
             for k, v in (changes or {}).items():
                 if v is None:
@@ -541,7 +555,7 @@ class FakeVault:
                 else:
                     custom[k] = v
             result["custom_metadata"] = custom if changes is not None else {}
-        self._update_metadata(secrets, key, result)
+        self._update_metadata(secrets, key, result, check_custom=False)
 
     def _list(self, secrets: dict[str, Any], folder: str) -> dict[str, Any]:
         prefix = f"{folder}/" if folder else ""
