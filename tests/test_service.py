@@ -2363,6 +2363,10 @@ def test_a_refusal_says_the_same_of_a_missing_name_as_of_a_present_one(server: S
             lambda: stub.UpdateSecretMetadata(
                 pb.UpdateSecretMetadataRequest(name=name, description="d"), timeout=10
             ),
+            lambda: stub.UpdateSecretMetadataIfCurrent(
+                pb.UpdateSecretMetadataIfCurrentRequest(name=name, description="d", expect_current=1),
+                timeout=10,
+            ),
             lambda: stub.DeleteSecret(pb.DeleteSecretRequest(name=name), timeout=10),
             lambda: stub.DeleteSecretIfCurrent(
                 pb.DeleteSecretIfCurrentRequest(name=name, expect_version=1), timeout=10
