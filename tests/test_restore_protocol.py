@@ -296,8 +296,10 @@ class RacingVault(FakeVault):
 
     raced = False
 
-    def handle(self, method: str, raw_path: str, token: str | None, body: Any) -> tuple[int, Any]:
-        status, answer = super().handle(method, raw_path, token, body)
+    def handle(
+        self, method: str, raw_path: str, token: str | None, body: Any, content_type: str | None = None
+    ) -> tuple[int, Any]:
+        status, answer = super().handle(method, raw_path, token, body, content_type)
         listing = method == "LIST" or "list=true" in raw_path
         if not self.raced and listing and "/metadata" in raw_path:
             self.raced = True

@@ -1195,3 +1195,26 @@ def test_a_token_without_the_patch_capability_gets_the_metadata_posted_as_before
     assert (meta.tags, meta.description) == ({"a": "1"}, "d")
     writes = [m for m, p in fake_vault.requests if p == f"/v1/secret/metadata/{name}" and m != "GET"]
     assert writes[-2:] == ["PATCH", "POST"]
+
+
+def test_the_first_store_of_a_secret_keeps_a_change_another_writer_made_after_its_version(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    """`store NAME` of a new secret writes version 1 (Vault makes its metadata then), then its own
+    keys (created-by, max_versions): another writer's `store NAME --description d --expires T`
+    landing in between (version 2, its keys patched in) keeps them; the whole POST of the first
+    store's custom_metadata dropped them, so version 2, the current one, had no expiry."""
+    from datetime import UTC, datetime
+
+    name = "svc/NEW"
+    store, other = make_vault(), make_vault()
+    later = datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
+    _interleaved(fake_vault, name, lambda: other.put(name, b"second-SEEKRIT", description="d", expires=later))
+    assert store.put(name, b"first-SEEKRIT", tags={"team": "a"}).version == 1
+    meta = store.describe(name)
+    assert (meta.current_version, meta.description, meta.expires) == (2, "d", later)
+    assert meta.tags == {"team": "a"} and meta.max_versions == kv(fake_vault, name).max_versions
+    assert kv(fake_vault, name).custom_metadata.get("secrets-manager:created-by")
+    plain = make_vault(token=fake_vault.add_token("no-patch-new", patch=False))
+    plain.put("svc/NEW2", b"v", description="first")  # without `patch`: the POST, as before
+    assert plain.describe("svc/NEW2").description == "first"

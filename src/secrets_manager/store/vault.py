@@ -715,8 +715,9 @@ class VaultStore:
     ) -> VersionInfo:
         """GET MOUNT/metadata/NAME, POST MOUNT/data/NAME with `cas` = the version read, then POST
         MOUNT/metadata/NAME when the secret is new or its description, tags, max_versions or
-        expiry change (of an existing secret, without `tags`: a PATCH of just the description and
-        expiry keys where Vault takes one, `_patch_metadata`). The expiry names the version
+        expiry change (a PATCH where Vault takes one, `_patch_metadata`: of a new secret, all of
+        its keys, since Vault made its metadata with the version; of an existing one without
+        `tags`, just the description and expiry keys). The expiry names the version
         written, so it goes after the data write too: if that write fails, the new version has
         none (`metadata NAME --expires` sets it then).
 
@@ -767,7 +768,17 @@ class VaultStore:
         if expiry:
             changes[EXPIRES_KEY] = expiry
         patchable = meta is not None and tags is None and bool(changes)
-        if patchable and self._patch_metadata(name, changes, max_versions):
+        if meta is None:
+            # A new secret: Vault made its metadata with the version, so any key there now is
+            # another writer's since (its own version's expiry, a description): a merge patch of
+            # ours keeps it, where the whole POST would drop it.
+            changes = {k: v for k, v in changes.items() if v is not None}
+            changes[CREATED_BY_KEY] = acting_actor(self._actor)
+            changes.update(tags or {})
+            first_max = self._max_versions if max_versions is None else max_versions
+            if not self._patch_metadata(name, changes, first_max):
+                self._write_metadata(name, meta, description, tags, max_versions, expiry=expiry)
+        elif patchable and self._patch_metadata(name, changes, max_versions):
             pass  # done: the keys given, and max_versions
         elif (
             meta is None or description is not None or tags is not None or max_versions is not None or expiry
