@@ -1218,3 +1218,23 @@ def test_the_first_store_of_a_secret_keeps_a_change_another_writer_made_after_it
     plain = make_vault(token=fake_vault.add_token("no-patch-new", patch=False))
     plain.put("svc/NEW2", b"v", description="first")  # without `patch`: the POST, as before
     assert plain.describe("svc/NEW2").description == "first"
+
+
+def test_the_test_server_refuses_empty_or_unprintable_custom_metadata_as_vault_does(
+    fake_vault: FakeVault,
+) -> None:
+    """Vault's validateCustomMetadata takes values of 1 to 512 bytes and printable keys and values
+    only (POST and PATCH alike); the test server took an empty value or a control character, which
+    Vault answers 400."""
+    client = hvac.Client(url=fake_vault.address, token=fake_vault.root_token)
+    client.secrets.kv.v2.create_or_update_secret(path="p/z", secret={"value": "v"}, mount_point="secret")
+    url = f"{fake_vault.address}/v1/secret/metadata/p/z"
+    token = {"X-Vault-Token": fake_vault.root_token}
+    patching = {**token, "Content-Type": "application/merge-patch+json"}
+    for custom in ({"empty": ""}, {"tab": "a\tb"}, {"bell\x07": "v"}):
+        posted = requests.post(url, json={"custom_metadata": custom}, headers=token, timeout=10)
+        patched = requests.patch(url, json={"custom_metadata": custom}, headers=patching, timeout=10)
+        assert (posted.status_code, patched.status_code) == (400, 400), custom
+    assert not kv(fake_vault, "p/z").custom_metadata
+    ok = requests.post(url, json={"custom_metadata": {"ü key": "a value"}}, headers=token, timeout=10)
+    assert ok.status_code == 204

@@ -16,7 +16,7 @@ error codes (https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2):
     GET    /v1/MOUNT/metadata/PATH            200 metadata (current_version, versions, custom_metadata…)
     POST   /v1/MOUNT/metadata/PATH            update only the fields given → 204; custom_metadata as
                                               Vault checks it: at most 64 keys, keys of 1-128 and values
-                                              up to 512 UTF-8 bytes (not characters), else 400;
+                                              of 1-512 UTF-8 bytes (not characters), printable, else 400;
                                               max_versions an integer (else 400), stored only: as in
                                               Vault, nothing is pruned until the next data write
     PATCH  /v1/MOUNT/metadata/PATH            a JSON merge patch (RFC 7396) of the metadata, Content-Type
@@ -211,14 +211,19 @@ class VaultError(Exception):
 
 def _check_custom_metadata(custom: Any) -> None:
     """Vault's validateCustomMetadata of a write's custom_metadata: at most 64 keys, each key 1 to
-    128 and each value up to 512 UTF-8 bytes (Go's len(), not characters); 400 otherwise."""
+    128 and each value 1 to 512 UTF-8 bytes (Go's len(), not characters), both printable
+    (strutil.Printable); 400 otherwise."""
     if not isinstance(custom, dict) or len(custom) > 64:
         raise VaultError(400, ["custom_metadata validation failed: at most 64 keys of strings"])
     for k, v in custom.items():
-        if not isinstance(v, str) or not k or len(k.encode()) > 128 or len(v.encode()) > 512:
+        if not isinstance(v, str) or not (0 < len(k.encode()) <= 128 and 0 < len(v.encode()) <= 512):
             raise VaultError(
                 400,
-                [f"custom_metadata validation failed: key {k!r}: keys 1-128 bytes, values up to 512"],
+                [f"custom_metadata validation failed: key {k!r}: keys 1-128 bytes, values 1-512"],
+            )
+        if not (k.isprintable() and v.isprintable()):
+            raise VaultError(
+                400, [f"custom_metadata validation failed: key {k!r} or its value is not printable"]
             )
 
 
