@@ -33,6 +33,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 from secrets_manager.crypto.mac import page_token_mac as _page_token_mac
 from secrets_manager.crypto.mac import record_mac, record_mac_ok, sha256_hex
 from secrets_manager.crypto.mac import value_fingerprint as _value_fingerprint
+from secrets_manager.durable import fsync_directory
 from secrets_manager.environment import Environment, user_name
 from secrets_manager.errors import (
     ConflictError,
@@ -541,7 +542,7 @@ class AuditLog:
                 if self._name_unsynced or (
                     unsynced is not None and unsynced.inode == before.st_ino and unsynced.directory
                 ):
-                    _fsync_directory(self.path.parent)
+                    fsync_directory(self.path.parent)
                     self._name_unsynced = False
         except OSError:
             os.ftruncate(fd, before.st_size)  # never leave half a record behind
@@ -735,7 +736,7 @@ class AuditLog:
                             _archive_file(found.path, target)
                         found.path.unlink()
                         done += 1
-                    _fsync_directory(self.path.parent)
+                    fsync_directory(self.path.parent)
                 except OSError as exc:
                     raise AuditError(
                         f"audit prune removed {done} of {len(chosen)} files, then {exc.strerror or exc} "
@@ -1645,7 +1646,7 @@ class _Unsynced:
         try:
             os.fsync(self.fd)
             if self.directory is not None:
-                _fsync_directory(self.directory)
+                fsync_directory(self.directory)
         finally:
             self.close()
 
@@ -2003,16 +2004,7 @@ def _archive_file(source: Path, target: Path) -> None:
         os.link(temporary, target)
     finally:
         temporary.unlink()
-    _fsync_directory(target.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the renames and removals in a directory durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(target.parent)
 
 
 def _pruned_floor(record: dict[str, Any]) -> tuple[int, str] | None:
@@ -2221,7 +2213,7 @@ def _make_directory(directory: Path) -> list[Path]:
         except FileExistsError:
             continue
         made.append(path)
-        _fsync_directory(path.parent)  # its name durable (the log's own directory is synced later)
+        fsync_directory(path.parent)  # its name durable (the log's own directory is synced later)
     return made
 
 

@@ -19,6 +19,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from secrets_manager.durable import fsync_directory
 from secrets_manager.errors import (
     ConflictError,
     IntegrityError,
@@ -578,12 +579,3 @@ def create_private_directories(path: Path) -> None:
         raise StorageError(
             f"cannot create store {path}: {exc.strerror or type(exc).__name__}{_elsewhere(exc)}"
         ) from None
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make the names created, renamed or removed in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

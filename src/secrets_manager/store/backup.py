@@ -63,6 +63,7 @@ from secrets_manager.crypto.stream import (
     open_chunk,
     payload_context,
 )
+from secrets_manager.durable import fsync_directory
 from secrets_manager.environment import Environment
 from secrets_manager.errors import (
     ConflictError,
@@ -626,15 +627,7 @@ def _publish(temporary: Path, path: Path, *, replace: bool) -> None:
                 raise ConflictError(f"{path} already exists; choose another name") from None
             os.rename(temporary, path)
         temporary.unlink(missing_ok=True)
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(path.parent)
 
 
 # ---- reading -----------------------------------------------------------------------------------------
