@@ -545,3 +545,18 @@ def test_rewrap_killed_midway_leaves_every_secret_readable_and_a_rerun_finishes(
     big.ok("keys", "destroy", str(old))
     assert check_consistent(big, old, new) == 0
     assert big.ok("audit", "verify").out.startswith("audit log verified")
+
+
+def test_rotate_all_failing_part_way_says_which_namespaces_were_rotated_and_which_not(used: Cli) -> None:
+    """Each namespace's rotation is its own commit: when one fails (here svc's keyset is
+    damaged), those rotated before it stay rotated, and the error must say so."""
+    other_primary = key_id(used.keys_of("other")["primary"])
+    db = sqlite3.connect(used.store)
+    db.execute("UPDATE entries SET value = ? WHERE key = 'core/keyset/svc'", (b"\x01" + bytes(80),))
+    db.commit()
+    db.close()
+    result = used("keys", "rotate", "--all")
+    assert_one_line_error(result, 6, "rotated other (new primary key ", "not rotated: svc")
+    new_primary = key_id(used.keys_of("other")["primary"])
+    assert new_primary != other_primary
+    assert f"rotated other (new primary key {new_primary})" in result.stderr

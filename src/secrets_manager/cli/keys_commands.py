@@ -29,7 +29,13 @@ from secrets_manager.cli.output import (
     timestamp,
     warning_line,
 )
-from secrets_manager.errors import ConflictError, IntegrityError, InvalidInputError
+from secrets_manager.errors import (
+    ConflictError,
+    IntegrityError,
+    InvalidInputError,
+    SecretsManagerError,
+    restated,
+)
 from secrets_manager.store.keys import (
     DEFAULT_REWRAP_BATCH,
     ROTATE_AFTER_USES,
@@ -151,8 +157,15 @@ def rotate(session: Session, namespace: str | None, every: bool, root: bool) -> 
             f"'{suggested('keys', 'rewrap', namespace)}'"
         )
         return
+    rotated: list[tuple[str, int]] = []
     with session.operation("keys.rotate", mutating=True) as (store, _):
-        rotated = [(ns, rotate_key(store, ns)) for ns in namespaces(store)]
+        every_namespace = namespaces(store)
+        for ns in every_namespace:
+            try:
+                rotated.append((ns, rotate_key(store, ns)))
+            except SecretsManagerError as exc:
+                # Each namespace's rotation is its own commit: those before this one stay made.
+                raise restated(exc, partial_rotation_message(exc, rotated, every_namespace)) from None
     for ns, key_id in rotated:
         info_line(f"namespace {ns}: new primary key {key_id}")
     if rotated:
@@ -308,6 +321,23 @@ def policy_line(policy: RotationPolicy) -> str:
     days = _days(policy.max_age_seconds)
     age = "no age limit" if days is None else f"or once {counted(days, 'day')} old"
     return f"key policy: a primary key rotates after {counted(policy.max_uses, 'encryption')}, {age}"
+
+
+def partial_rotation_message(
+    error: SecretsManagerError, rotated: list[tuple[str, int]], every_namespace: list[str]
+) -> str:
+    """`keys rotate --all` stopped by `error`: which namespaces got a new primary key and which not."""
+    done = [ns for ns, _ in rotated]
+    rotated_part = (
+        "rotated " + ", ".join(f"{ns} (new primary key {key_id})" for ns, key_id in rotated)
+        if rotated
+        else "no namespace was rotated"
+    )
+    left = [ns for ns in every_namespace if ns not in done]
+    return (
+        f"{error}; {rotated_part}; not rotated: {', '.join(left)} "
+        f"(once the cause is fixed, run '{suggested('keys', 'rotate', 'NAMESPACE')}' for each)"
+    )
 
 
 def unreadable_message(failed: list[RewrapResult]) -> str:
