@@ -1101,7 +1101,8 @@ def test_a_vault_without_metadata_patch_gets_the_whole_metadata_posted_as_before
         metadata_writes = [
             m for m, p in old_vault.requests if p == f"/v1/secret/metadata/{name}" and m != "GET"
         ]
-        assert metadata_writes[-2:] == ["PATCH", "POST"]  # refused (405), then the old way
+        # refused (405) at the first store, then the old way (the refusal remembered)
+        assert metadata_writes == ["PATCH", "POST", "POST"]
     finally:
         old_vault.stop()
 
@@ -1194,7 +1195,36 @@ def test_a_token_without_the_patch_capability_gets_the_metadata_posted_as_before
     meta = store.describe(name)
     assert (meta.tags, meta.description) == ({"a": "1"}, "d")
     writes = [m for m, p in fake_vault.requests if p == f"/v1/secret/metadata/{name}" and m != "GET"]
-    assert writes[-2:] == ["PATCH", "POST"]
+    assert writes == ["PATCH", "POST", "POST"]  # refused (403) once, then the POST each time
+
+
+def test_a_refused_metadata_patch_is_not_sent_again_by_the_same_store(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    """A Vault without metadata PATCH (405) or a token whose policy lacks `patch` (403): the first
+    metadata write learns it; later ones of the same store handle go straight to the POST (one
+    refused PATCH per change was one wasted request). A new handle tries PATCH again."""
+    old_vault = FakeVault(metadata_patch=False).start()
+    try:
+        client = connect_vault(
+            old_vault.address,
+            environ={"VAULT_TOKEN": old_vault.root_token},
+            session=retrying_session(attempts=3, backoff=0.001),
+        )
+        refused = [(VaultStore(client, mount="secret"), old_vault)]
+        refused.append((make_vault(token=fake_vault.add_token("no-patch-once", patch=False)), fake_vault))
+        for store, server in refused:
+            for i in range(3):
+                store.put(f"svc/ONCE{i}", b"v1", tags={"a": "1"})
+                store.update_metadata(f"svc/ONCE{i}", set_tags={"b": "2"}, description=f"d{i}")
+                assert store.describe(f"svc/ONCE{i}").description == f"d{i}"
+            patches = [p for m, p in server.requests if m == "PATCH"]
+            assert len(patches) == 1, patches
+        fresh = make_vault(token=fake_vault.add_token("no-patch-fresh", patch=False))
+        fresh.update_metadata("svc/ONCE0", description="again")
+        assert [m for m, _ in fake_vault.requests].count("PATCH") == 2
+    finally:
+        old_vault.stop()
 
 
 def test_the_first_store_of_a_secret_keeps_a_change_another_writer_made_after_its_version(
