@@ -1158,7 +1158,7 @@ def test_only_a_marker_closed_at_a_clean_stop_is_resumed_at_once(tmp_path: Path)
         assert ledger.owed("db/crashed", 5) is None  # resumed once stale, as any replica's
         assert not clean.exists() and not crashed.exists()  # taken over
         mine = list(tmp_path.glob("store.audit.jsonl.rotating*"))
-        assert [p.name for p in mine] == [f"store.audit.jsonl.rotating.{os.getpid()}"]
+        assert len(mine) == 1 and mine[0].name.startswith(f"store.audit.jsonl.rotating.{os.getpid()}-")
         ledger.started("db/next", 7)
         ledger.stopping()
         ledger.failed("db/next")  # its command was ended by the stop: still owed
@@ -1166,6 +1166,35 @@ def test_only_a_marker_closed_at_a_clean_stop_is_resumed_at_once(tmp_path: Path)
         ledger.close()
     left = json.loads(mine[0].read_text())
     assert left == {"owed": {"db/clean": 3, "db/next": 7}, "clean": True}
+
+
+def test_two_processes_with_one_pid_keep_their_own_markers(tmp_path: Path) -> None:
+    """Two `serve` processes in containers (both PID 1) sharing the audit log's directory: each
+    keeps its own marker. Named by pid alone, the second start renamed its marker over the first's
+    live one, so what the first owed was lost. Two ledgers of this process have one pid too."""
+    audit_path = tmp_path / "store.audit.jsonl"
+    first = _Ledger(audit_path)
+    second: _Ledger | None = None
+    try:
+        first.started("db/first", 3)
+        second = _Ledger(audit_path)
+        second.started("db/second", 5)
+        markers = sorted(tmp_path.glob("store.audit.jsonl.rotating.*"))
+        owed = [json.loads(path.read_text())["owed"] for path in markers]
+        assert sorted(owed, key=str) == [{"db/first": 3}, {"db/second": 5}]
+        first.stopping()
+        first.failed("db/first")  # cut short by the stop: still owed
+        second.done("db/second")
+    finally:
+        first.close()
+        if second is not None:
+            second.close()
+    assert len(list(tmp_path.glob("store.audit.jsonl.rotating.*"))) == 1  # the second's is gone
+    later = _Ledger(audit_path)
+    try:
+        assert later.owed("db/first", 3) is not None  # the clean marker, resumed at once
+    finally:
+        later.close()
 
 
 def test_a_marker_another_user_could_have_written_is_not_taken_over(tmp_path: Path) -> None:

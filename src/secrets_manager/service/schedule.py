@@ -36,6 +36,7 @@ import fcntl
 import json
 import logging
 import os
+import secrets
 import stat
 import threading
 import time
@@ -97,10 +98,13 @@ class _Owed:
 
 class _Ledger:
     """The rotations under way or owed a retry in this process, mirrored in a marker file beside
-    the audit log (`<audit log>.rotating.<pid>`, JSON {"owed": {name: version}, "clean": bool}, no
-    value). The file is written and fsynced before a set command runs and holds a lock for as
-    long as the process lives, so a later start takes over the markers whose lock it can get
-    (their process is gone) and leaves a running replica's alone. It only appears once locked (made
+    the audit log (`<audit log>.rotating.<pid>-<random token chosen at start>`, JSON {"owed":
+    {name: version}, "clean": bool}, no value; the token keeps two processes with one pid, e.g.
+    PID 1 in two containers sharing the directory, from renaming over each other's live marker;
+    a marker of an earlier version, `.rotating.<pid>`, is still taken over). The file is written
+    and fsynced before a set command runs and holds a lock for as long as the process lives, so
+    a later start takes over the markers whose lock it can get (their process is gone) and leaves
+    a running replica's alone. It only appears once locked (made
     under another name, then renamed), so a replica starting beside it cannot take it over. Only a
     marker closed at a clean stop, after its commands were ended, is resumed at once: after a crash
     (SIGKILL, OOM) the set command, in a session of its own, may still run, and a second one beside
@@ -115,10 +119,11 @@ class _Ledger:
         self._staged: dict[str, int] = {}
         self._fd: int | None = None
         self._stopping = False
-        self._path = audit_path.with_name(f"{audit_path.name}.rotating.{os.getpid()}")
+        unique = f"{os.getpid()}-{secrets.token_hex(8)}"  # a pid alone repeats across containers
+        self._path = audit_path.with_name(f"{audit_path.name}.rotating.{unique}")
         try:
             self._owed = {name: _Owed(version) for name, version in self._take_over(audit_path).items()}
-            making = self._path.with_name(f"{audit_path.name}.rotating-new.{os.getpid()}")  # not globbed
+            making = self._path.with_name(f"{audit_path.name}.rotating-new.{unique}")  # not globbed
             fd = os.open(making, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
