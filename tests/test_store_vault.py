@@ -1195,15 +1195,16 @@ def test_a_token_without_the_patch_capability_gets_the_metadata_posted_as_before
     meta = store.describe(name)
     assert (meta.tags, meta.description) == ({"a": "1"}, "d")
     writes = [m for m, p in fake_vault.requests if p == f"/v1/secret/metadata/{name}" and m != "GET"]
-    assert writes == ["PATCH", "POST", "POST"]  # refused (403) once, then the POST each time
+    assert writes == ["PATCH", "POST", "PATCH", "POST"]  # refused (403) each time, then the POST
 
 
 def test_a_refused_metadata_patch_is_not_sent_again_by_the_same_store(
     make_vault: MakeVault, fake_vault: FakeVault
 ) -> None:
-    """A Vault without metadata PATCH (405) or a token whose policy lacks `patch` (403): the first
-    metadata write learns it; later ones of the same store handle go straight to the POST (one
-    refused PATCH per change was one wasted request). A new handle tries PATCH again."""
+    """A Vault without metadata PATCH (405): the first metadata write learns it; later ones of the
+    same store handle go straight to the POST (one refused PATCH per change was one wasted
+    request). A 403 (a token whose policy lacks `patch`, or one that failed to renew) is not
+    remembered, so a long-running serve is not left on the POST's lost-update window by one."""
     old_vault = FakeVault(metadata_patch=False).start()
     try:
         client = connect_vault(
@@ -1211,18 +1212,26 @@ def test_a_refused_metadata_patch_is_not_sent_again_by_the_same_store(
             environ={"VAULT_TOKEN": old_vault.root_token},
             session=retrying_session(attempts=3, backoff=0.001),
         )
-        refused = [(VaultStore(client, mount="secret"), old_vault)]
-        refused.append((make_vault(token=fake_vault.add_token("no-patch-once", patch=False)), fake_vault))
-        for store, server in refused:
+        refused = [(VaultStore(client, mount="secret"), old_vault, 1)]
+        refused.append((make_vault(token=fake_vault.add_token("no-patch", patch=False)), fake_vault, 6))
+        for store, server, expected in refused:
             for i in range(3):
                 store.put(f"svc/ONCE{i}", b"v1", tags={"a": "1"})
                 store.update_metadata(f"svc/ONCE{i}", set_tags={"b": "2"}, description=f"d{i}")
                 assert store.describe(f"svc/ONCE{i}").description == f"d{i}"
             patches = [p for m, p in server.requests if m == "PATCH"]
-            assert len(patches) == 1, patches
-        fresh = make_vault(token=fake_vault.add_token("no-patch-fresh", patch=False))
-        fresh.update_metadata("svc/ONCE0", description="again")
-        assert [m for m, _ in fake_vault.requests].count("PATCH") == 2
+            assert len(patches) == expected, patches
+    finally:
+        old_vault.stop()
+    old_vault = FakeVault(metadata_patch=False).start()
+    try:
+        client = connect_vault(
+            old_vault.address,
+            environ={"VAULT_TOKEN": old_vault.root_token},
+            session=retrying_session(attempts=3, backoff=0.001),
+        )
+        VaultStore(client, mount="secret").put("svc/FRESH", b"v1", tags={"a": "1"})
+        assert [m for m, _ in old_vault.requests].count("PATCH") == 1  # a new handle tries again
     finally:
         old_vault.stop()
 

@@ -519,9 +519,10 @@ class VaultStore:
         self._engine: str | None = None  # "kv2" once known; "unknown" if the mounts endpoint refused
         # After a request Vault did not answer: until when later requests fail at once, and why.
         self._unanswered: tuple[float, str] | None = None
-        # False once Vault refused a metadata PATCH (405: no PATCH; 403: the policy lacks `patch`):
-        # every later metadata write of this handle goes straight to the read-and-POST. A policy
-        # change is picked up by a new process (or handle).
+        # False once Vault answered a metadata PATCH with 405 (a Vault without it): every later
+        # metadata write of this handle goes straight to the read-and-POST. A 403 (the policy lacks
+        # `patch`, or a token that just failed to renew) is not remembered: a serve would otherwise
+        # keep the POST's lost-update window for its life after one refusal.
         self._metadata_patch = True
 
     def __repr__(self) -> str:
@@ -964,9 +965,9 @@ class VaultStore:
         patch (RFC 7396), so Vault sets each key given (a key with None removed) and keeps every
         other key as it is then, including one another writer set after our read. False if this
         Vault has no PATCH of metadata (405) or the token may not (403: its policy lacks `patch`):
-        the caller then writes the whole metadata as before. That answer is remembered for the
-        handle's life: no PATCH is sent again (one request saved per change, and with an AppRole
-        token the token lookup a 403 costs)."""
+        the caller then writes the whole metadata as before. A 405 is remembered for the handle's
+        life (no PATCH is sent again: one request saved per change); a 403 is not (a token that failed
+        to renew, a policy granting `patch` later), so it costs one refused PATCH per change."""
         if not self._metadata_patch:
             return False
         body: dict[str, Any] = {"custom_metadata": dict(changes)}
@@ -974,8 +975,10 @@ class VaultStore:
             body["max_versions"] = max_versions
         try:
             self._send("PATCH", f"metadata/{name}", action=f"change metadata of {name}", json=body)
-        except (_NoPatch, AccessDeniedError):
+        except _NoPatch:
             self._metadata_patch = False
+            return False
+        except AccessDeniedError:
             return False
         except _NotThere:  # destroyed since our read
             raise NotFoundError(f"secret {name!r} not found") from None
