@@ -206,16 +206,22 @@ def test_a_file_that_cannot_be_written_is_written_again_without_reading_the_secr
     assert "out.conf is up to date again" in said and "SEEKRIT" not in said
 
 
+def _change_app_key_where_out_conf_cannot_be_written(cli: Cli, tmp_path: Path, watcher: Watcher) -> None:
+    """Once `watcher` wrote out.conf: a directory in its place, app/KEY changed, the failed write
+    warned of."""
+    watcher.wait_for(lambda: "watching for changes" in watcher.stderr(), "the first write")
+    (tmp_path / "out.conf").unlink()
+    (tmp_path / "out.conf").mkdir()
+    assert cli("store", "app/KEY", input=b"rotated-SEEKRIT").code == 0
+    watcher.wait_for(lambda: "could not be written again" in watcher.stderr(), "the warning")
+
+
 def test_ended_while_a_change_is_not_in_the_file_yet_it_says_so(cli: Cli, tmp_path: Path) -> None:
     """SIGTERM while the write after a change was still owed (FILE could not be written) ended
     inject with exit 0 and nothing said: FILE left behind the store without a word."""
     watcher = Watcher(tmp_path, cli.env)
     try:
-        watcher.wait_for(lambda: "watching for changes" in watcher.stderr(), "the first write")
-        (tmp_path / "out.conf").unlink()
-        (tmp_path / "out.conf").mkdir()
-        assert cli("store", "app/KEY", input=b"rotated-SEEKRIT").code == 0
-        watcher.wait_for(lambda: "could not be written again" in watcher.stderr(), "the warning")
+        _change_app_key_where_out_conf_cannot_be_written(cli, tmp_path, watcher)
         assert watcher.end() == 0
     finally:
         watcher.kill()
@@ -231,11 +237,7 @@ def test_a_write_that_fails_again_after_another_change_names_the_secret_that_cha
     secret said nothing: the warning on stderr still named only the first secret."""
     watcher = Watcher(tmp_path, cli.env)
     try:
-        watcher.wait_for(lambda: "watching for changes" in watcher.stderr(), "the first write")
-        (tmp_path / "out.conf").unlink()
-        (tmp_path / "out.conf").mkdir()
-        assert cli("store", "app/KEY", input=b"rotated-SEEKRIT").code == 0
-        watcher.wait_for(lambda: "could not be written again" in watcher.stderr(), "the warning")
+        _change_app_key_where_out_conf_cannot_be_written(cli, tmp_path, watcher)
         assert cli("store", "db/main", input=database("second-SEEKRIT")).code == 0
         watcher.wait_for(
             lambda: "app/KEY, db/main changed, but out.conf could not be written again" in watcher.stderr(),

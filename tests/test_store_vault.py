@@ -1085,11 +1085,7 @@ def test_a_vault_without_metadata_patch_gets_the_whole_metadata_posted_as_before
 
     old_vault = FakeVault(metadata_patch=False).start()
     try:
-        session = retrying_session(attempts=3, backoff=0.001)
-        client = connect_vault(
-            old_vault.address, environ={"VAULT_TOKEN": old_vault.root_token}, session=session
-        )
-        store = VaultStore(client, mount="secret")
+        store = _root_store_on(old_vault)
         name = "svc/OLD"
         later = datetime(2031, 5, 6, 7, 8, 9, tzinfo=UTC)
         store.put(name, b"v1", tags={"old": "x", "gone": "y"}, expires=later)
@@ -1207,12 +1203,7 @@ def test_a_refused_metadata_patch_is_not_sent_again_by_the_same_store(
     remembered, so a long-running serve is not left on the POST's lost-update window by one."""
     old_vault = FakeVault(metadata_patch=False).start()
     try:
-        client = connect_vault(
-            old_vault.address,
-            environ={"VAULT_TOKEN": old_vault.root_token},
-            session=retrying_session(attempts=3, backoff=0.001),
-        )
-        refused = [(VaultStore(client, mount="secret"), old_vault, 1)]
+        refused = [(_root_store_on(old_vault), old_vault, 1)]
         refused.append((make_vault(token=fake_vault.add_token("no-patch", patch=False)), fake_vault, 6))
         for store, server, expected in refused:
             for i in range(3):
@@ -1221,19 +1212,20 @@ def test_a_refused_metadata_patch_is_not_sent_again_by_the_same_store(
                 assert store.describe(f"svc/ONCE{i}").description == f"d{i}"
             patches = [p for m, p in server.requests if m == "PATCH"]
             assert len(patches) == expected, patches
+        _root_store_on(old_vault).put("svc/FRESH", b"v1", tags={"a": "1"})
+        assert [m for m, _ in old_vault.requests].count("PATCH") == 2  # a new handle tries again
     finally:
         old_vault.stop()
-    old_vault = FakeVault(metadata_patch=False).start()
-    try:
-        client = connect_vault(
-            old_vault.address,
-            environ={"VAULT_TOKEN": old_vault.root_token},
-            session=retrying_session(attempts=3, backoff=0.001),
-        )
-        VaultStore(client, mount="secret").put("svc/FRESH", b"v1", tags={"a": "1"})
-        assert [m for m, _ in old_vault.requests].count("PATCH") == 1  # a new handle tries again
-    finally:
-        old_vault.stop()
+
+
+def _root_store_on(server: FakeVault) -> VaultStore:
+    """A new store handle on `server` with its root token."""
+    client = connect_vault(
+        server.address,
+        environ={"VAULT_TOKEN": server.root_token},
+        session=retrying_session(attempts=3, backoff=0.001),
+    )
+    return VaultStore(client, mount="secret")
 
 
 def test_the_first_store_of_a_secret_keeps_a_change_another_writer_made_after_its_version(
