@@ -1103,17 +1103,23 @@ def test_a_vault_without_metadata_patch_gets_the_whole_metadata_posted_as_before
         old_vault.stop()
 
 
+def _tagged_a_and_b(fake_vault: FakeVault, path: str) -> tuple[str, dict[str, str]]:
+    """A secret at `path` whose custom_metadata is {a: 1, b: 2}; the URL of its metadata and the
+    headers of a merge-patch PATCH of it with the root token."""
+    client = hvac.Client(url=fake_vault.address, token=fake_vault.root_token)
+    client.secrets.kv.v2.create_or_update_secret(path=path, secret={"value": "v"}, mount_point="secret")
+    client.secrets.kv.v2.update_metadata(
+        path=path, custom_metadata={"a": "1", "b": "2"}, mount_point="secret"
+    )
+    headers = {"X-Vault-Token": fake_vault.root_token, "Content-Type": "application/merge-patch+json"}
+    return f"{fake_vault.address}/v1/secret/metadata/{path}", headers
+
+
 def test_the_test_server_patches_metadata_as_vault_documents(fake_vault: FakeVault) -> None:
     """PATCH MOUNT/metadata/PATH: a JSON merge patch (Content-Type application/merge-patch+json,
     else 415) of existing metadata (404 if none): custom_metadata keys set, a null one removed,
     others kept; checked as a POST is (400, nothing changed)."""
-    client = hvac.Client(url=fake_vault.address, token=fake_vault.root_token)
-    client.secrets.kv.v2.create_or_update_secret(path="p/x", secret={"value": "v"}, mount_point="secret")
-    client.secrets.kv.v2.update_metadata(
-        path="p/x", custom_metadata={"a": "1", "b": "2"}, mount_point="secret"
-    )
-    url = f"{fake_vault.address}/v1/secret/metadata/p/x"
-    headers = {"X-Vault-Token": fake_vault.root_token, "Content-Type": "application/merge-patch+json"}
+    url, headers = _tagged_a_and_b(fake_vault, "p/x")
 
     def patch(body: Any, **options: Any) -> int:
         return requests.patch(url, json=body, headers=options.get("headers", headers), timeout=10).status_code
@@ -1135,13 +1141,7 @@ def test_the_test_server_checks_the_keys_a_patch_sets_not_its_merged_result(fake
     before it looks the secret up, and writes the merged result unchecked: a patch of 64 keys onto
     a secret holding 2 is taken (66 keys then), one of 65 is not, and an invalid patch of a
     missing secret is a 400, not a 404. The test server checked the merged result instead."""
-    client = hvac.Client(url=fake_vault.address, token=fake_vault.root_token)
-    client.secrets.kv.v2.create_or_update_secret(path="p/y", secret={"value": "v"}, mount_point="secret")
-    client.secrets.kv.v2.update_metadata(
-        path="p/y", custom_metadata={"a": "1", "b": "2"}, mount_point="secret"
-    )
-    url = f"{fake_vault.address}/v1/secret/metadata/p/y"
-    headers = {"X-Vault-Token": fake_vault.root_token, "Content-Type": "application/merge-patch+json"}
+    url, headers = _tagged_a_and_b(fake_vault, "p/y")
 
     def patch(body: Any, at: str = url) -> int:
         return requests.patch(at, json=body, headers=headers, timeout=10).status_code
