@@ -20,6 +20,7 @@ import pytest
 from secrets_manager.audit import Anchor, AuditError, AuditEvent, AuditLog, AuditTamperError
 from secrets_manager.audit.log import FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
 from secrets_manager.crypto import kdf
+from secrets_manager.errors import StorageError
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 
@@ -513,3 +514,42 @@ def test_an_owed_anchor_is_dropped_once_an_audit_reset_set_its_file_aside(
     time.sleep(FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS + 0.5)  # the retry ran, and found nothing to do
     assert anchored_seq(store) == 1
     assert AuditLog(path).verify(store.audit_key(), store.audit_anchor()) == 1
+
+
+def test_an_anchor_owed_to_a_store_closed_meanwhile_is_given_up_and_the_log_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Reads flushed while the store was busy owe its anchor, and the store is closed before the
+    retry (a command ends, a test's store fixture). The retry hit SQLite's "Cannot operate on a
+    closed database" (not an error of ours) and the log's one worker thread died: every later
+    append through that log then waited out its timeout. Now the closed store is an error of ours
+    (as on PostgreSQL), the owed anchor is given up (nothing can move it through that handle), and
+    the log goes on with another store."""
+    first = EncryptedStore.create(
+        SqliteStorage(tmp_path / "store.db", create=True), PasswordUnlock(PASSWORD, kdf.TEST)
+    )
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    log.append([AuditEvent("store", "alice", name="auth/KEY_0")], first)  # anchors record 1
+    with store_write_lock_held(tmp_path / "store.db"):
+        for n in range(1, 4):
+            log.append([read(n)], first, durable=False)
+        time.sleep(0.3)  # flushed, the anchor not moved: owed
+        assert anchored_seq(first) == 1
+        assert log.anchor_lag_seconds > 0
+    first.close()
+    with pytest.raises(StorageError, match="is closed"):
+        first.audit_anchor()
+    time.sleep(FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS + 0.5)  # the retry ran against the closed store
+    assert log._worker._thread.is_alive()
+    assert log.anchor_lag_seconds == 0  # given up, not owed for ever
+    again = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        started = time.monotonic()
+        log.append([read(4)], again, durable=False)
+        log.flush()
+        assert time.monotonic() - started < 1.0
+        assert anchored_seq(again) == 5
+        assert log.verify(again.audit_key(), again.audit_anchor()) == 5
+    finally:
+        again.close()

@@ -166,6 +166,11 @@ class StorageError(SecretsManagerError):
     kind = "storage_error"
 
 
+class StoreClosedError(StorageError):
+    """This handle of the store was closed by its owner: nothing was read or written (a program's
+    mistake, never the store's; opening the store again works)."""
+
+
 class StoreBusyError(StorageError):
     """Another writer held the store's commit lock longer than this commit would wait (a long
     restore or import, a writer paused mid-commit); nothing was written, so trying again is safe."""

@@ -41,6 +41,7 @@ from secrets_manager.errors import (
     InvalidInputError,
     SecretsManagerError,
     StoreBusyError,
+    StoreClosedError,
 )
 from secrets_manager.store.base import Anchor
 
@@ -1070,6 +1071,14 @@ class AuditLog:
                         owed.anchor.set_audit_anchor(
                             Anchor(seq=owed.tail.seq, hash=owed.tail.hash), lock_wait=lock_wait
                         )
+            except StoreClosedError as exc:
+                # Its owner closed the store (a command ended): nothing can move the anchor through
+                # that handle. The records are on disk; the next append through an open store of
+                # this log anchors past them.
+                if self._owed is owed:
+                    self._owed = self._owed_since = None
+                if not deferred:
+                    raise self._anchor_lags(owed, exc) from None
             except SecretsManagerError as exc:
                 # Busy, or the store could not be reached: the anchor lags, and is tried again.
                 self._anchor_busy_until = time.monotonic() + FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS

@@ -61,6 +61,7 @@ from secrets_manager.errors import (
     OutcomeUnknownError,
     StorageError,
     StoreBusyError,
+    StoreClosedError,
     StoreNotFoundError,
 )
 from secrets_manager.storage.base import (
@@ -256,7 +257,7 @@ class PostgresStorage:
     def _idle_or_new(self) -> _Connection:
         with self._idle_lock:
             if self._closed:
-                raise StorageError(f"store {self.location} is closed")
+                raise StoreClosedError(f"store {self.location} is closed")
             while self._idle:
                 conn = self._idle.pop()  # the most recently used: the likeliest to be alive
                 if not conn.closed and not conn.broken:

@@ -27,6 +27,7 @@ from secrets_manager.errors import (
     SecretsManagerError,
     StorageError,
     StoreBusyError,
+    StoreClosedError,
     StoreNotFoundError,
 )
 from secrets_manager.storage.base import (
@@ -167,7 +168,11 @@ class SqliteStorage:
     ) -> Iterator[sqlite3.Connection]:
         wait_ms = BUSY_TIMEOUT_MS if lock_wait is None else max(0, round(lock_wait * 1000))
         with self._lock:
-            if self._db.in_transaction:  # this thread's own snapshot (the lock is reentrant)
+            try:
+                in_snapshot = self._db.in_transaction  # this thread's own (the lock is reentrant)
+            except sqlite3.Error as exc:  # closed
+                raise _sqlite_error(self.path, exc) from None
+            if in_snapshot:
                 # Refused before BEGIN IMMEDIATE, which would fail but still leave the snapshot's
                 # read transaction holding the write lock: every other writer would wait it out.
                 raise StorageError(f"store {self.path}: a write inside a read snapshot of the same handle")
@@ -441,6 +446,8 @@ def _sqlite_error(path: Path, exc: sqlite3.Error) -> SecretsManagerError:
     """An error of SQLite as one of ours that says what to do. Never SQLite's text alone: some of
     its messages quote stored bytes (a TEXT value that is not UTF-8), so only known codes are
     named, by SQLite's fixed wording for them."""
+    if isinstance(exc, sqlite3.ProgrammingError) and "closed database" in str(exc):
+        return StoreClosedError(f"store {path} is closed")  # this handle: not the file's fault
     code = getattr(exc, "sqlite_errorcode", None)
     primary = None if code is None else code & 0xFF
     directory = path.absolute().parent
