@@ -19,7 +19,9 @@ naming a root key id other than ours makes us unwrap the new root from the heade
 unlock source we were opened with), so long-lived handles keep working. The header is not
 authenticated, so the new root is adopted only once an entry sealed under it opens to what this
 handle read under the old one (the audit key, or a data key of a keyset): proof that whoever made
-it held the old root (`_prove_successor`).
+it held the old root (`_prove_successor`). Opening the store checks the header's root key the same
+way: it must open one of the store's root-sealed entries (`_what_the_root_opens_not`), or the
+header is not this store's and nothing is read or sealed with it.
 """
 
 from __future__ import annotations
@@ -131,6 +133,12 @@ RECOVERY_KEY = "core/recovery"  # the recovery public key, sealed under the root
 RETRY_DEADLINE_SECONDS = 30.0
 LISTINGS_KEPT = 8  # listings (prefix, include_deleted) kept while the change head stays put
 DECODED_META_KEPT = 200_000  # decrypted metadata kept by row for listings; past it, all dropped
+# The root-sealed entries (docs/format.md 8) under a key of their own, and what each is sealed for.
+_FIXED_ROOT_SEALED = {
+    AUDIT_KEY_KEY: Purpose.AUDIT_KEY,
+    KEY_POLICY_KEY: Purpose.KEY_POLICY,
+    RECOVERY_KEY: Purpose.RECOVERY_KEY,
+}
 
 T = TypeVar("T")
 Operations = list[Operation]
@@ -244,28 +252,78 @@ class EncryptedStore:
 
     @classmethod
     def open(cls, storage: Storage, unlock: UnlockSource, **options: Any) -> EncryptedStore:
-        """Unlock an existing store. UnlockError on a wrong password; nothing is written."""
-        header, sealed = _header_and_what_its_root_seals(storage)
-        root = _unwrap_root(unlock, header)
-        store = cls(storage, root, **options)
-        store._unlock = unlock
-        store._unlock_section = header["unlock"]
-        store._learn_what_the_root_seals(sealed)
-        return store
+        """Unlock an existing store. UnlockError on a wrong password; nothing is written.
 
-    def _learn_what_the_root_seals(self, sealed: tuple[str, Entry] | None) -> None:
+        The header is not authenticated, so the root key it yields must open something the store
+        sealed under its root key (the audit key, a namespace's keyset, an anchor, the key policy,
+        the recovery record): IntegrityError (`_HEADER_NOT_OURS`) if the store holds such entries
+        and it opens none of them, the header of another store (or one wrapping a root key of
+        whoever could write the file) put over this store's data. Nothing could be read with it,
+        and nothing may be sealed under it. A store with no root-sealed entry has nothing to check
+        it against (a new one), unless it holds secrets (`_KEYS_GONE`)."""
+        for _ in range(OPEN_READ_ATTEMPTS):
+            header, sealed = _header_and_what_its_root_seals(storage)
+            root = _unwrap_root(unlock, header)
+            store = cls(storage, root, **options)
+            store._unlock = unlock
+            store._unlock_section = header["unlock"]
+            if store._learn_what_the_root_seals(sealed):
+                return store
+            problem = store._what_the_root_opens_not()
+            if problem is None:
+                return store
+            if _read_header(storage) == header:
+                raise IntegrityError(problem)
+            # The header changed meanwhile (a root rotation, a passwd): open it again.
+        raise ConflictError(
+            "the store's root key or unlock source kept changing while this process opened it "
+            "(keys rotate --root, passwd, unlock-with elsewhere); run the command again"
+        )
+
+    def _learn_what_the_root_seals(self, sealed: tuple[str, Entry] | None) -> bool:
         """Open `sealed` (read with the header, under the root key it names: the audit key, or else
         one namespace's keyset), which every root rotation re-seals unchanged: a later root key
-        is adopted only if it opens the same (`_prove_successor`). Nothing is written, and an
-        entry that does not open is left for the command that uses it."""
+        is adopted only if it opens the same (`_prove_successor`). Nothing is written. Whether
+        it opened: an entry that does not is looked into by `_what_the_root_opens_not`."""
         if sealed is None:
-            return
+            return False
         key, entry = sealed
-        with contextlib.suppress(IntegrityError):
+        try:
             if key == AUDIT_KEY_KEY:
                 self._audit_key = open_record(_only(self._root), Purpose.AUDIT_KEY, key, 0, entry.value)
             else:
                 self._decode_keyset(key[len(KEYSET_PREFIX) :], entry, _only(self._root))
+        except IntegrityError:
+            return False
+        return True
+
+    def _what_the_root_opens_not(self) -> str | None:
+        """None if the root key this handle holds opens one of the store's root-sealed entries (a
+        damaged one among them is left for the command that uses it), or if there is none and the
+        store holds no secrets either (a new store: nothing to check the header against). Else
+        what is wrong, for an IntegrityError. Read only when the entry read with the header did not
+        open (or none was read), so an intact store pays nothing for it."""
+        found = False
+        for key, purpose, name in _root_sealed_keys(self._storage):
+            entry = self._storage.get(key)
+            if entry is None:
+                continue
+            found = True
+            try:
+                plaintext = open_record(_only(self._root), purpose, name, 0, entry.value)
+            except IntegrityError:
+                continue
+            if key == AUDIT_KEY_KEY:
+                self._audit_key = plaintext
+            elif key.startswith(KEYSET_PREFIX):
+                with contextlib.suppress(IntegrityError):
+                    self._keysets[name] = (entry.revision, Keyset.from_bytes(plaintext))
+            return None
+        if found:
+            return _HEADER_NOT_OURS
+        if self._storage.list(META_PREFIX) or self._storage.list(DATA_PREFIX):
+            return _KEYS_GONE
+        return None
 
     def change_unlock(self, unlock: UnlockSource) -> bool:
         """Rewrap the root key under a new unlock source (e.g. a new password). O(1) in secrets.
@@ -1548,6 +1606,19 @@ class _Meta:
             raise IntegrityError() from None
 
 
+_HEADER_NOT_OURS = (
+    "the store header does not belong to this store's data: the root key it unwraps opens none of "
+    "the store's own keys (its namespaces' keysets, its audit key), so the header was replaced, or "
+    "the header of another store was copied over it (integrity check failed). Treat this as "
+    "tampering: nothing was read or written; restore the store file (or its core/header entry) "
+    "from a backup, and check who can write it"
+)
+_KEYS_GONE = (
+    "the store holds secrets but none of its own keys (no namespace's keyset, no audit key): they "
+    "were deleted, so the store header cannot be checked against its data (integrity check "
+    "failed). Treat this as tampering: nothing was read or written; restore the store file from a "
+    "backup, and check who can write it"
+)
 _NOT_OURS = (
     "the store header names a root key that does not open this store's own keys (the header was "
     "replaced or damaged; integrity check failed): this process keeps the root key it holds and "
@@ -1682,6 +1753,20 @@ def _a_root_sealed_entry(storage: Storage) -> tuple[str, Entry] | None:
         if keyset_entry is not None:
             return key, keyset_entry
     return None
+
+
+def _root_sealed_keys(storage: Storage) -> builtins.list[tuple[str, Purpose, str]]:
+    """Every entry sealed under the root key (docs/format.md 8), the audit key first: its key, and
+    the purpose and name it is sealed for. A `core/` entry this version does not know is not one."""
+    found = []
+    for key in storage.list("core/"):
+        if key.startswith(KEYSET_PREFIX):
+            found.append((key, Purpose.KEYSET, key[len(KEYSET_PREFIX) :]))
+        elif key == AUDIT_ANCHOR_KEY or key.startswith(SCOPED_ANCHOR_PREFIX):
+            found.append((key, Purpose.AUDIT_ANCHOR, key))
+        elif key in _FIXED_ROOT_SEALED:
+            found.append((key, _FIXED_ROOT_SEALED[key], key))
+    return sorted(found, key=lambda sealed: sealed[0] != AUDIT_KEY_KEY)
 
 
 def _root_id_of(entry: Entry) -> int:
