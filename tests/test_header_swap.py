@@ -23,13 +23,15 @@ import pytest
 
 from secrets_manager.crypto import DataKey, kdf
 from secrets_manager.crypto.aead import new_key
-from secrets_manager.crypto.keyset import KeyStatus
+from secrets_manager.crypto.keyset import KeyStatus, RotationPolicy
 from secrets_manager.crypto.record import record_key_id
 from secrets_manager.errors import IntegrityError, UnlockError
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import AwsKmsUnlock, EncryptedStore, PasswordUnlock
 from secrets_manager.store import encrypted as encrypted_module
-from secrets_manager.store.keys import rotate_root_key
+from secrets_manager.store import recovery as rec
+from secrets_manager.store.base import Anchor
+from secrets_manager.store.keys import rotate_root_key, update_key_policy
 from service_fixtures import POLICY, make_pki, run_script, start_server
 
 VICTIM = "the victim's master password"
@@ -380,3 +382,47 @@ def test_the_refusal_is_not_an_unlock_error(victim: Cli, attackers_header: bytes
         assert not isinstance(caught.value, UnlockError)
     finally:
         storage.close()
+
+
+def _only_a(kind: str, store: EncryptedStore) -> None:
+    """Give `store` (new, nothing sealed yet) one root-sealed entry of `kind` and nothing else."""
+    if kind == "key policy":
+        update_key_policy(store, lambda policy: RotationPolicy(max_uses=1000))
+    elif kind == "audit anchor":
+        store.set_audit_anchor(Anchor(seq=0, hash="0" * 64))
+    elif kind == "scoped audit anchor":
+        scoped = EncryptedStore(store._storage, store._root, audit_scope="host-a")
+        scoped.set_audit_anchor(Anchor(seq=0, hash="0" * 64))
+    else:
+        rec.install_recovery(store, rec.make_recovery_shares(threshold=2, shares=3))
+
+
+@pytest.mark.parametrize("kind", ["key policy", "audit anchor", "scoped audit anchor", "recovery record"])
+def test_every_kind_of_root_sealed_entry_checks_the_header(tmp_path: Path, kind: str) -> None:
+    """A store whose only root-sealed entry is a key policy, an anchor (one of a shared store's
+    too) or a recovery record: its own header opens it, another store's is refused."""
+    path = tmp_path / "store.db"
+    store = EncryptedStore.create(SqliteStorage(path, create=True), PasswordUnlock(VICTIM, kdf.TEST))
+    try:
+        _only_a(kind, store)
+    finally:
+        store.close()
+    assert [key for key in _entries(path) if key != "core/header"] == [_KEY_OF[kind]]
+    EncryptedStore.open(SqliteStorage(path), PasswordUnlock(VICTIM, kdf.TEST)).close()
+    other = tmp_path / "other.db"
+    EncryptedStore.create(SqliteStorage(other, create=True), PasswordUnlock(ATTACKER, kdf.TEST)).close()
+    _write_entries(path, {"core/header": _header(other)})
+    storage = SqliteStorage(path)
+    try:
+        with pytest.raises(IntegrityError, match=NOT_OURS):
+            EncryptedStore.open(storage, PasswordUnlock(ATTACKER, kdf.TEST))
+    finally:
+        storage.close()
+
+
+_KEY_OF = {
+    "key policy": "core/key-policy",
+    "audit anchor": "core/audit-anchor",
+    "scoped audit anchor": "core/audit-anchor/host-a",
+    "recovery record": "core/recovery",
+}
