@@ -26,6 +26,7 @@ from secrets_manager.crypto.aead import new_key
 from secrets_manager.crypto.keyset import KeyStatus, RotationPolicy
 from secrets_manager.crypto.record import record_key_id
 from secrets_manager.errors import IntegrityError, UnlockError
+from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import AwsKmsUnlock, EncryptedStore, PasswordUnlock
 from secrets_manager.store import encrypted as encrypted_module
@@ -426,3 +427,44 @@ _KEY_OF = {
     "scoped audit anchor": "core/audit-anchor/host-a",
     "recovery record": "core/recovery",
 }
+
+
+def test_another_stores_header_on_a_postgresql_store_is_refused(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """The same on PostgreSQL, where every host's audit log has an anchor of its own."""
+    schemas = [postgres_cluster.new_schema() for _ in range(2)]
+    clis = []
+    for schema, password in zip(schemas, (VICTIM, ATTACKER), strict=True):
+        cli = Cli(tmp_path, tmp_path / "unused", password)
+        cli.env.update(postgres_cluster.env())
+        cli.env["SECRETS_MANAGER_STORE"] = f"{postgres_cluster.url()}?schema={schema}"
+        cli.env["SECRETS_MANAGER_AUDIT_FILE"] = str(tmp_path / f"{schema}.audit.jsonl")
+        assert cli("init", "--kdf-profile", "test")[0] == 0
+        clis.append(cli)
+    victim, attacker = clis
+    assert victim("store", "app/API_KEY", input=VALUE)[0] == 0
+    storages = [PostgresStorage(postgres_cluster.url(with_password=True), schema=s) for s in schemas]
+    try:
+        theirs, ours = storages[1].get("core/header"), storages[0].get("core/header")
+        assert theirs is not None and ours is not None
+        storages[0].put("core/header", theirs.value, expect=ours.revision)
+        before = _all_entries(storages[0])
+        assert "core/audit-anchor" not in before and any(k.startswith("core/audit-anchor/") for k in before)
+        attacker.env.update(SECRETS_MANAGER_STORE=victim.env["SECRETS_MANAGER_STORE"])
+        attacker.env.update(SECRETS_MANAGER_AUDIT_FILE=victim.env["SECRETS_MANAGER_AUDIT_FILE"])
+        for args in (("get", "app/API_KEY"), ("store", "newns/TOKEN"), ("audit", "reset", "--accept-loss")):
+            _assert_refused_as_not_ours(*attacker(*args, input=NEW_VALUE))
+        assert _all_entries(storages[0]) == before
+    finally:
+        for storage in storages:
+            storage.close()
+
+
+def _all_entries(storage: PostgresStorage) -> dict[str, bytes]:
+    found = {}
+    for key in storage.list(""):
+        entry = storage.get(key)
+        if entry is not None:
+            found[key] = entry.value
+    return found
