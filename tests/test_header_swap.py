@@ -165,6 +165,8 @@ def _every_command(cli: Cli) -> list[tuple[tuple[str, ...], bytes]]:
             b"",
         ),
         (("backup", str(cli.dir / "copy.smbackup"), *backup_password), b""),
+        (("restore", str(cli.dir / "before.smbackup"), *backup_password, "--on-existing", "overwrite"), b""),
+        (("rotate", "app/API_KEY", "--generate"), b""),
     ]
 
 
@@ -175,6 +177,14 @@ def test_another_stores_header_over_this_stores_data_is_refused_by_every_command
     """The old code reported a damaged keyset or audit anchor and offered 'audit reset
     --accept-loss'; with the audit key and anchor deleted too, that reset went through and a
     store into a new namespace was then sealed under the attacker's root key."""
+    (victim.dir / "backup-password").write_text("a backup password\n")
+    made = victim(
+        "backup",
+        str(victim.dir / "before.smbackup"),
+        "--backup-password-file",
+        str(victim.dir / "backup-password"),
+    )
+    assert made[0] == 0, made[1]
     _write_entries(victim.store, {"core/header": attackers_header}, delete=also_deleted)
     before = _entries(victim.store)
     log_before = _audit_files(victim)
@@ -182,6 +192,7 @@ def test_another_stores_header_over_this_stores_data_is_refused_by_every_command
     for args, stdin in _every_command(attacker):
         _assert_refused_as_not_ours(*attacker(*args, input=stdin))
     assert attacker("init", "--kdf-profile", "test")[0] != 0  # never over an existing store
+    assert not (victim.dir / "copy.smbackup").exists()
     assert _entries(victim.store) == before  # nothing written, nothing sealed
     assert _audit_files(victim) == log_before  # no reset, no record appended
     attackers_root = json.loads(attackers_header)["root_key_id"]
