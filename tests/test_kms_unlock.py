@@ -621,6 +621,8 @@ def test_a_running_handle_refuses_a_root_key_put_in_the_header_by_someone_withou
             message = str(caught.value)
             assert "header names a root key that does not open this store's own keys" in message
             assert "replaced or damaged" in message and "sk_live" not in message
+            assert "Treat this as tampering: restore the store file (or its core/header entry)" in message
+            assert "audit reset" not in message
         assert len(unwraps) == 1  # the refused header is not unwrapped (a KMS call) again each time
         assert _sealed_under(path, theirs.id) == []
         assert serving.get("auth/OLD").value.reveal() == b"old"  # still served, under its own root

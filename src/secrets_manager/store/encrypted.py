@@ -1622,7 +1622,8 @@ _KEYS_GONE = (
 _NOT_OURS = (
     "the store header names a root key that does not open this store's own keys (the header was "
     "replaced or damaged; integrity check failed): this process keeps the root key it holds and "
-    "sealed nothing under that one; check who can write the store and restore it from a backup"
+    "sealed nothing under that one. Treat this as tampering: restore the store file (or its "
+    "core/header entry) from a backup, and check who can write it"
 )
 
 
