@@ -7,6 +7,7 @@ import random
 import re
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from secrets_manager.client import AmbiguousNameError, Client, Credentials
 from secrets_manager.client._cache import Reachability, TtlCache
 from secrets_manager.client._config import LocalTarget, RemoteTarget, resolve_config
 from secrets_manager.errors import InvalidInputError, UnlockError, UnsafeConfigurationError
+from secrets_manager.otp import NotATotpSeedError
 from secrets_manager.values import REDACTED, SecretValue
 
 
@@ -379,6 +381,32 @@ def test_a_short_name_finds_the_one_secret_it_ends_and_never_guesses_between_two
     assert creds.get("MISSING") is None
     with pytest.raises(KeyError):
         creds["other/BINANCE_API_KEY"]  # a name with a namespace means exactly that name
+
+
+def test_a_totp_refused_carries_no_frame_holding_the_value() -> None:
+    """`creds.totp(NAME)` of a secret that holds no TOTP seed (an API key asked for by mistake, a
+    URI with a bad period): the error's traceback held the revealed value in the parser's locals
+    (`raw`, `text`, `seed`), which error trackers such as Sentry show, unlike the SDK's other errors."""
+    creds = Credentials(
+        {
+            "svc/API_KEY": SecretValue(b"not-a-seed-SEEKRIT"),
+            "svc/LOGIN": SecretValue(b"otpauth://totp/x?secret=SEEKRITSEEDXYZAB&period=x"),
+        }
+    )
+    for name in ("API_KEY", "svc/LOGIN"):
+        with pytest.raises(NotATotpSeedError) as caught:
+            creds.totp(name)
+        shown = "".join(
+            traceback.TracebackException.from_exception(caught.value, capture_locals=True).format()
+        )
+        assert "SEEKRIT" not in shown and "holds no TOTP seed" in shown
+        chained = [caught.value, caught.value.__cause__, caught.value.__context__]
+        assert all(link is None or link.__traceback__ is None for link in chained[1:])  # nor theirs
+        assert not any(
+            "SEEKRIT" in repr(frame.f_locals) for frame, _ in traceback.walk_tb(chained[0].__traceback__)
+        )
+    with pytest.raises(KeyError, match="MISSING"):
+        creds.totp("MISSING")
 
 
 def test_keepalive_pings_stay_within_what_the_service_permits() -> None:

@@ -97,7 +97,7 @@ from secrets_manager.client._config import (
     RemoteTarget,
     resolve_config,
 )
-from secrets_manager.client._credentials import Credentials
+from secrets_manager.client._credentials import Credentials, drop_tracebacks
 from secrets_manager.client._logging import LIVE_VALUES
 from secrets_manager.client._notify import Listener, Notifier, SecretChanged, Subscription
 from secrets_manager.client._renewal import CertificateFiles
@@ -206,7 +206,7 @@ def _frames_withheld(method: Callable[P, T]) -> Callable[P, T]:
         except Exception as exc:
             error = exc
         del args, kwargs  # the caller's own arguments: not shown again in this frame
-        _drop_tracebacks(error)
+        drop_tracebacks(error)
         raise error  # outside the except block: nothing new is chained to it
 
     return call
@@ -223,23 +223,10 @@ def _frames_withheld_async(method: Callable[P, Awaitable[T]]) -> Callable[P, Awa
         except Exception as exc:
             error = exc
         del args, kwargs
-        _drop_tracebacks(error)
+        drop_tracebacks(error)
         raise error
 
     return call
-
-
-def _drop_tracebacks(error: BaseException) -> None:
-    """Remove the traceback of `error` and of every exception chained to it."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [error]
-    while pending:
-        link = pending.pop()
-        if link is None or id(link) in seen:
-            continue
-        seen.add(id(link))
-        link.__traceback__ = None
-        pending += [link.__cause__, link.__context__]
 
 
 # ---- where values come from ------------------------------------------------------------------

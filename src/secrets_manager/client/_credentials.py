@@ -21,6 +21,20 @@ if TYPE_CHECKING:
     from secrets_manager.otp import OneTimeCode
 
 
+def drop_tracebacks(error: BaseException) -> None:
+    """Remove the traceback of `error` and of every exception chained to it: an error the SDK
+    raises leaves without its own frames, whose locals may hold values."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [error]
+    while pending:
+        link = pending.pop()
+        if link is None or id(link) in seen:
+            continue
+        seen.add(id(link))
+        link.__traceback__ = None
+        pending += [link.__cause__, link.__context__]
+
+
 class AmbiguousNameError(KeyError):
     """A short name that more than one full name ends in."""
 
@@ -106,7 +120,14 @@ class Credentials(Mapping[str, SecretValue]):
         `.valid_for` says how many seconds it has left. NotATotpSeedError if it holds none."""
         from secrets_manager.otp import one_time_code  # pyotp: only for services that use codes
 
-        return one_time_code(self[name], name=name)
+        try:
+            return one_time_code(self[name], name=name)
+        except Exception as exc:
+            error = exc
+        # Raised without the frames below: their locals hold the value (the parser's text of
+        # it), and error trackers such as Sentry show every frame's locals (as _client's errors).
+        drop_tracebacks(error)
+        raise error
 
     def __repr__(self) -> str:
         stale = ", stale=True" if self._stale else ""
