@@ -447,6 +447,63 @@ def test_a_policy_reload_reaches_a_running_client_at_once(
     assert not client.stale
 
 
+def test_a_re_read_after_resync_that_fails_part_way_still_re_reads_the_rest(
+    server: Server, service_dir: Path, make_client: ClientFactory
+) -> None:
+    """A policy reload (RESYNC) whose re-read of the first cached listing fails (the service
+    answers that it cannot read its store, once): the other listing and the secret read by name
+    must still be read again. They were skipped, and served as fresh until their TTL (300 s): a
+    namespace granted by the reload stayed invisible, a secret it revoked went on being served."""
+    policy = service_dir / "policy.toml"
+    reader = '[roles.auth-reader]\nrules = [{ path = "auth/*", capabilities = ["read", "list"] }]'
+    before = (
+        '[roles.auth-reader]\nrules = [{ path = "auth/*", capabilities = ["read", "list"] }, '
+        '{ path = "market-connector/BINANCE_API_KEY", capabilities = ["read", "list"] }, '
+        '{ path = "SHARED_TOKEN", capabilities = ["read"] }]'
+    )
+    after = (
+        '[roles.auth-reader]\nrules = [{ path = "auth/*", capabilities = ["read", "list"] }, '
+        '{ path = "market-connector/*", capabilities = ["read", "list"] }]'
+    )
+    policy.write_text(policy.read_text().replace(reader, before))
+    assert server.cli("ops", "store", "SHARED_TOKEN", input=b"shared-token-SEEKRIT-5").returncode == 0
+    server.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: server.cli("auth", "get", "SHARED_TOKEN").returncode == 0, timeout=10, interval=0.2)
+    client = make_client("auth", [server.address], ttl=300, timeout=2.0)
+    assert client.get("SHARED_TOKEN").value.reveal() == b"shared-token-SEEKRIT-5"
+    assert sorted(client.credentials("auth")) == ["DB_PASSWORD", "JWT_KEY"]
+    assert sorted(client.credentials("market-connector")) == ["BINANCE_API_KEY"]
+    wait_until(lambda: client._live_since is not None, timeout=5.0)
+    time.sleep(_client.SETTLE_SECONDS + 0.5)
+    backend = client._backend
+    assert backend is not None
+    fetch_all = backend.fetch_all
+    refused: list[str] = []
+
+    def refused_once(prefix: str = "") -> Any:
+        if not refused:  # the first re-read after the RESYNC, whichever listing it is
+            refused.append(prefix)
+            raise ConflictError("the store changed under the service: restart it")
+        return fetch_all(prefix)
+
+    backend.fetch_all = refused_once  # type: ignore[method-assign]
+    policy.write_text(policy.read_text().replace(before, after))
+    server.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: "BINANCE_SECRET" in client.credentials("market-connector"), timeout=10)
+
+    def revoked() -> bool:
+        try:
+            client.get("SHARED_TOKEN")
+        except AccessDeniedError:
+            return True
+        return False
+
+    wait_until(revoked, timeout=10)
+    assert refused == ["auth/"]
+    wait_until(lambda: not client.stale, timeout=10)
+    assert sorted(client.credentials("auth")) == ["DB_PASSWORD", "JWT_KEY"]
+
+
 def test_a_client_resuming_on_a_store_put_back_from_an_older_copy_reads_again(
     service_dir: Path, make_client: ClientFactory
 ) -> None:

@@ -1365,14 +1365,23 @@ class Client:
             self._notifier.publish([change])
         self._settle(secret.name, started)
 
-    def _owe(self, key: str, started: float, error: SecretsManagerError, *, by_read: bool = False) -> None:
+    def _owe(
+        self,
+        key: str,
+        started: float,
+        error: SecretsManagerError,
+        *,
+        by_read: bool = False,
+        said: bool = False,
+    ) -> None:
         """A re-fetch of `key` (a name, or a listing's prefix) that started at `started` failed.
         Until one started later succeeds, reads serve the cached value marked stale (within the
         stale-if-error bound), and the refresher tries again with backoff: no later event, stream
         or TTL may come to do it (a resumed stream replays nothing already delivered). The same
         whether the service did not answer (StorageError: an outage, warned about as such) or
         answered that it cannot now (a store changed under it: ABORTED, DATA_LOSS; warned here).
-        `by_read`: from the read path, which starts a retry only if none is under way.
+        `by_read`: from the read path, which starts a retry only if none is under way. `said`: the
+        error was warned about already (a re-read of everything that stopped at its first failure).
         Nothing is owed once the client is closed: its refreshes fail for that reason alone."""
         if self._closed.is_set():
             return
@@ -1380,7 +1389,7 @@ class Client:
             debt = self._owed.get(key)
             since, failures = debt if debt is not None else (started, 0)
             self._owed = {**self._owed, key: (since, failures + 1)}
-        if debt is None and not isinstance(error, StorageError):
+        if debt is None and not said and not isinstance(error, StorageError):
             log.warning(
                 "secrets-manager (%s) could not give %s; serving the cached value, marked "
                 "stale, and asking again: %s",
@@ -1650,27 +1659,41 @@ class Client:
 
     def _refresh_everything(self) -> None:
         """Every cached listing (by its prefix), then every cached name no listing holds. With the
-        listing of everything cached, only that one: it holds (and updates) the others' names."""
+        listing of everything cached, only that one: it holds (and updates) the others' names.
+        Once one fails, the rest is not asked for now (while no service answers each would cost
+        the timeout), but owed like it: served marked stale, never as fresh until its TTL, and
+        each retried with backoff until it is read (no later event or stream may come to do it)."""
         keys = list(self._listing.entries())
-        for key in [_ALL] if _ALL in keys else keys:
-            if not self._refresh_listing(key):
+        listings = [_ALL] if _ALL in keys else keys
+        for index, key in enumerate(listings):
+            started = self._clock()
+            error = self._refresh_listing(key)
+            if error is not None:
+                for other in listings[index + 1 :]:
+                    self._owe(other, started, error, said=True)
+                for name in self._unlisted():
+                    self._secrets.expire(name)
+                    self._owe(name, started, error, said=True)
                 return
-        listed = {name for listing in self._listing.entries().values() for name in listing.value}
-        for name in list(self._secrets.entries()):
-            if name not in listed:
-                self._refresh(name)
+        for name in self._unlisted():
+            self._refresh(name)
 
-    def _refresh_listing(self, key: str) -> bool:
-        """Fetch the listing `key` again; whether that succeeded (if not, it is owed)."""
+    def _unlisted(self) -> tuple[str, ...]:
+        """The cached names no cached listing holds (read by name alone)."""
+        listed = {name for listing in self._listing.entries().values() for name in listing.value}
+        return tuple(name for name in self._secrets.entries() if name not in listed)
+
+    def _refresh_listing(self, key: str) -> SecretsManagerError | None:
+        """Fetch the listing `key` again; None if that succeeded, else why not (it is owed)."""
         started = self._clock()
         try:
             secrets = self._call(lambda backend: backend.fetch_all(key))
         except SecretsManagerError as exc:
             log.debug("refresh of %s failed: %s", _what(key), exc)
             self._owe(key, started, exc)
-            return False
+            return exc
         self._store_all(secrets, started, key, refresh=True)
-        return True
+        return None
 
     def _refresh(self, name: str) -> None:
         started = self._clock()
