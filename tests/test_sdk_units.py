@@ -383,6 +383,20 @@ def test_a_short_name_finds_the_one_secret_it_ends_and_never_guesses_between_two
         creds["other/BINANCE_API_KEY"]  # a name with a namespace means exactly that name
 
 
+def test_a_key_that_is_not_text_is_missing_as_from_a_dict() -> None:
+    """`creds.get(os.environ.get("KEY_NAME"))` with the variable unset: a Mapping's get gives the
+    default for a key it does not hold (dict does), and `creds[None]` is a KeyError; both raised
+    TypeError ("argument of type 'NoneType' is not iterable") from the short-name lookup."""
+    creds = Credentials({"auth/DB_PASSWORD": SecretValue(b"x")})
+    for key in (None, 5, b"auth/DB_PASSWORD", 1.5):
+        assert creds.get(key) is None  # type: ignore[arg-type]
+        assert key not in creds
+        with pytest.raises(KeyError):
+            creds[key]  # type: ignore[index]
+    with pytest.raises(KeyError, match="these credentials are empty"):
+        Credentials({})[None]  # type: ignore[index]
+
+
 def test_a_totp_refused_carries_no_frame_holding_the_value() -> None:
     """`creds.totp(NAME)` of a secret that holds no TOTP seed (an API key asked for by mistake, a
     URI with a bad period): the error's traceback held the revealed value in the parser's locals

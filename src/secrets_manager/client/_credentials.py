@@ -87,7 +87,9 @@ class Credentials(Mapping[str, SecretValue]):
                 if namespace:
                     short.setdefault(rest, []).append(full)
             self._short = short  # whole, once built: a snapshot may be shared between threads
-        return short.get(name, []) if "/" not in name else []
+        if not isinstance(name, str) or "/" in name:  # a key that is no name is missing, as in a dict
+            return []
+        return short.get(name, [])
 
     def _full_name(self, name: str) -> str:
         """The one full name that ends in `name` (KeyError if none, or several)."""
