@@ -1831,6 +1831,71 @@ def test_a_listing_fetched_while_one_of_its_secrets_changes_serves_the_new_value
     )
 
 
+def test_a_first_read_whose_listing_changes_in_flight_holds_every_secret_of_it(
+    server: Server, service_dir: Path, make_client: ClientFactory
+) -> None:
+    """A service starts (its first credentials()) while one of its secrets is rotated: the change
+    event outdates that name's answer, which is not cached, and the Credentials returned (and
+    those of every caller that waited on the same fetch) lacked the secret: creds["BINANCE_SECRET"]
+    was a KeyError until the re-fetch landed, and for good in the object the caller kept."""
+    client = make_client("ops", [server.address])
+    assert client.get("auth/JWT_KEY").value.reveal() == SEED["auth/JWT_KEY"]  # the stream is started
+    wait_until(lambda: client._live_since is not None, timeout=5.0)
+    time.sleep(_client.SETTLE_SECONDS + 0.5)
+    handled = _handled_changes(client)
+    backend = client._backend
+    assert backend is not None
+    fetch_all, fetch = backend.fetch_all, backend.fetch
+    fetched, release, refetched = threading.Event(), threading.Event(), threading.Event()
+
+    def held_fetch_all(prefix: str = "") -> Any:
+        secrets = fetch_all(prefix)
+        fetched.set()
+        release.wait(10)
+        return secrets
+
+    def held_fetch(name: str, **options: Any) -> Any:
+        refetched.wait(10)  # the re-fetch of the changed name lands only once the readers have read
+        return fetch(name, **options)
+
+    backend.fetch_all = held_fetch_all  # type: ignore[method-assign]
+    backend.fetch = held_fetch  # type: ignore[method-assign]
+    results: list[Any] = []
+    readers = [
+        threading.Thread(target=lambda: results.append(client.credentials("market-connector")))
+        for _ in range(3)
+    ]
+    try:
+        for reader in readers:
+            reader.start()
+        assert fetched.wait(5)
+        ops = RemoteStore(server.address, tls_files(service_dir, "ops"))
+        try:
+            ops.put("market-connector/BINANCE_SECRET", b"rotated-while-listed")
+        finally:
+            ops.close()
+        wait_until(lambda: ("version_added", "market-connector/BINANCE_SECRET") in handled, timeout=5.0)
+        release.set()
+        for reader in readers:
+            reader.join(10)
+        results.append(client.credentials("market-connector"))  # a hit before the re-fetch lands
+    finally:
+        release.set()
+        refetched.set()
+    assert len(results) == 4
+    for creds in results:
+        assert sorted(creds) == ["BINANCE_API_KEY", "BINANCE_SECRET"]
+        assert creds["BINANCE_SECRET"].reveal() in (
+            SEED["market-connector/BINANCE_SECRET"],
+            b"rotated-while-listed",
+        )
+    wait_until(
+        lambda: client.credentials("market-connector")["BINANCE_SECRET"].reveal() == b"rotated-while-listed",
+        timeout=5.0,
+    )
+    assert client.get("market-connector/BINANCE_SECRET").value.reveal() == b"rotated-while-listed"
+
+
 def test_names_asked_for_leave_no_single_flight_state_behind(local_store: Path) -> None:
     """Every distinct name read (5,000 missing ones, say) once kept a lock in the client for good."""
     env = {

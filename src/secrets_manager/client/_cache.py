@@ -53,6 +53,7 @@ class TtlCache(Generic[K, V]):
         self._rng = rng or random.Random()  # noqa: S311 (spreading refreshes, not a secret)
         self._entries: dict[K, Entry[V]] = {}
         self._floors: dict[K, float] = {}  # fetches that started before this are outdated
+        self._removed: dict[K, float] = {}  # discarded (gone from the store) at this time
         self._lock = threading.Lock()
         self.generation = 0  # bumped by every change: a key for anything derived from entries()
 
@@ -85,12 +86,27 @@ class TtlCache(Generic[K, V]):
                 if started < self._newest(entries, key):
                     continue
                 entries[key] = Entry(value, fresh_until, started)
+                self._removed.pop(key, None)
                 stored.append(key)
             for key in drop:
                 if key not in values and started >= self._newest(entries, key):
                     entries.pop(key, None)
             self._swap(entries)
             return stored
+
+    def put_outdated(self, values: Mapping[K, V], *, started: float) -> None:
+        """Keep fetched values that a change event outdated while they were in flight, for keys
+        that hold nothing (their first fetch) and were not discarded since: expired, so they are
+        fetched again before being served as fresh, yet a listing that names them has a value
+        for each. Never over a newer value, nor bringing back a key removed meanwhile."""
+        with self._lock:
+            added = {
+                key: Entry(value, float("-inf"), started)
+                for key, value in values.items()
+                if key not in self._entries and self._removed.get(key, float("-inf")) < started
+            }
+            if added:
+                self._swap({**self._entries, **added})
 
     def replace_value(self, key: K, value: V) -> None:
         """Change a value in place, keeping its freshness (e.g. one name added to a listing)."""
@@ -114,6 +130,7 @@ class TtlCache(Generic[K, V]):
 
     def discard(self, key: K) -> None:
         with self._lock:
+            self._removed[key] = self._clock()
             if key in self._entries:
                 entries = dict(self._entries)
                 del entries[key]
@@ -123,6 +140,7 @@ class TtlCache(Generic[K, V]):
         with self._lock:
             self._swap({})
             self._floors.clear()
+            self._removed.clear()
 
     def reset_after_fork(self) -> None:
         """In a forked child: a new lock (the parent's may have been held by a thread that did not

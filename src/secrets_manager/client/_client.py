@@ -1332,8 +1332,12 @@ class Client:
                     self._listing.replace_value(other, (names | added) - removed)
             self._paid({key, *by_name, *dropped}, started)
             # Names changed while this fetch was in flight (a change event outdated them) and not
-            # cached: listed, yet with no value to serve. Fetched again at once.
+            # cached: listed, yet with no value to serve. Kept expired (what this fetch read: the
+            # listing, and every Credentials made of it, holds each of its names) and fetched
+            # again at once; not one removed meanwhile (destroyed, denied), whose re-fetch drops it.
             refetch = [name for name in by_name if name not in self._secrets.entries()]
+            if refetch:
+                self._secrets.put_outdated({name: by_name[name] for name in refetch}, started=started)
             after = self._secrets.entries()
         if self._notifier.listening:
             changed = [
