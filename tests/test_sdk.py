@@ -447,6 +447,20 @@ def test_a_policy_reload_reaches_a_running_client_at_once(
     assert not client.stale
 
 
+# The auth identity's role, as POLICY has it, and as two tests reload it: a second namespace's key
+# and a secret outside any namespace granted, then the whole namespace and not that secret.
+_AUTH_READER = '[roles.auth-reader]\nrules = [{ path = "auth/*", capabilities = ["read", "list"] }]'
+_AUTH_READER_BEFORE = (
+    '[roles.auth-reader]\nrules = [{ path = "auth/*", capabilities = ["read", "list"] }, '
+    '{ path = "market-connector/BINANCE_API_KEY", capabilities = ["read", "list"] }, '
+    '{ path = "SHARED_TOKEN", capabilities = ["read"] }]'
+)
+_AUTH_READER_AFTER = (
+    '[roles.auth-reader]\nrules = [{ path = "auth/*", capabilities = ["read", "list"] }, '
+    '{ path = "market-connector/*", capabilities = ["read", "list"] }]'
+)
+
+
 def test_a_re_read_after_resync_that_fails_part_way_still_re_reads_the_rest(
     server: Server, service_dir: Path, make_client: ClientFactory
 ) -> None:
@@ -455,17 +469,8 @@ def test_a_re_read_after_resync_that_fails_part_way_still_re_reads_the_rest(
     must still be read again. They were skipped, and served as fresh until their TTL (300 s): a
     namespace granted by the reload stayed invisible, a secret it revoked went on being served."""
     policy = service_dir / "policy.toml"
-    reader = '[roles.auth-reader]\nrules = [{ path = "auth/*", capabilities = ["read", "list"] }]'
-    before = (
-        '[roles.auth-reader]\nrules = [{ path = "auth/*", capabilities = ["read", "list"] }, '
-        '{ path = "market-connector/BINANCE_API_KEY", capabilities = ["read", "list"] }, '
-        '{ path = "SHARED_TOKEN", capabilities = ["read"] }]'
-    )
-    after = (
-        '[roles.auth-reader]\nrules = [{ path = "auth/*", capabilities = ["read", "list"] }, '
-        '{ path = "market-connector/*", capabilities = ["read", "list"] }]'
-    )
-    policy.write_text(policy.read_text().replace(reader, before))
+    before, after = _AUTH_READER_BEFORE, _AUTH_READER_AFTER
+    policy.write_text(policy.read_text().replace(_AUTH_READER, before))
     assert server.cli("ops", "store", "SHARED_TOKEN", input=b"shared-token-SEEKRIT-5").returncode == 0
     server.process.send_signal(signal.SIGHUP)
     wait_until(lambda: server.cli("auth", "get", "SHARED_TOKEN").returncode == 0, timeout=10, interval=0.2)
@@ -502,6 +507,48 @@ def test_a_re_read_after_resync_that_fails_part_way_still_re_reads_the_rest(
     assert refused == ["auth/"]
     wait_until(lambda: not client.stale, timeout=10)
     assert sorted(client.credentials("auth")) == ["DB_PASSWORD", "JWT_KEY"]
+
+
+def test_while_the_re_read_of_everything_fails_a_namespace_listed_apart_is_served_stale(
+    server: Server, service_dir: Path, make_client: ClientFactory
+) -> None:
+    """A client holding get_credentials() and get_credentials("market-connector"): after a RESYNC
+    (a policy reload) only the listing of everything is read again (it updates the namespace's
+    names too). While that re-read fails, credentials() were served stale, but the namespace's
+    were served as fresh (stale=False), though just as unknown (here: missing a granted key)."""
+    policy = service_dir / "policy.toml"
+    policy.write_text(policy.read_text().replace(_AUTH_READER, _AUTH_READER_BEFORE))
+    server.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: server.cli("auth", "get", "SHARED_TOKEN").returncode == 3, timeout=10, interval=0.2)
+    client = make_client("auth", [server.address], ttl=300, timeout=2.0, stale_if_error=120)
+    assert sorted(client.credentials("market-connector")) == ["BINANCE_API_KEY"]  # listed first, apart
+    assert sorted(client.credentials()) == [
+        "auth/DB_PASSWORD",
+        "auth/JWT_KEY",
+        "market-connector/BINANCE_API_KEY",
+    ]
+    wait_until(lambda: client._live_since is not None, timeout=5.0)
+    time.sleep(_client.SETTLE_SECONDS + 0.5)
+    backend = client._backend
+    assert backend is not None
+    fetch_all = backend.fetch_all
+    locked = threading.Event()
+    locked.set()
+
+    def refused_while_locked(prefix: str = "") -> Any:
+        if locked.is_set():
+            raise ConflictError("the store changed under the service: restart it")
+        return fetch_all(prefix)
+
+    backend.fetch_all = refused_while_locked  # type: ignore[method-assign]
+    policy.write_text(policy.read_text().replace(_AUTH_READER_BEFORE, _AUTH_READER_AFTER))
+    server.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: client.credentials().stale, timeout=10)
+    assert client.credentials("market-connector").stale
+    locked.clear()
+    wait_until(lambda: "BINANCE_SECRET" in client.credentials("market-connector"), timeout=10)
+    wait_until(lambda: not client.stale, timeout=10)
+    assert not client.credentials("market-connector").stale and not client.credentials().stale
 
 
 def test_a_client_resuming_on_a_store_put_back_from_an_older_copy_reads_again(

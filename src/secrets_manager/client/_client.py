@@ -1097,8 +1097,10 @@ class Client:
                 return None
             owed = self._owed
             if owed:  # a listed value changed and its re-fetch failed: stale, and being retried
+                # (the listing of everything is re-read for a namespace's too: its debt is theirs)
                 since = min(
-                    (owed[key][0] for key in owed if key == used or key in listing.value), default=None
+                    (owed[key][0] for key in owed if key in (used, _ALL) or key in listing.value),
+                    default=None,
                 )
                 if since is not None:
                     if self._owed_servable(since, now):
