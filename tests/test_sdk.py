@@ -551,6 +551,61 @@ def test_while_the_re_read_of_everything_fails_a_namespace_listed_apart_is_serve
     assert not client.credentials("market-connector").stale and not client.credentials().stale
 
 
+def test_a_namespace_whose_retry_came_with_a_re_read_of_everything_is_not_left_stale(
+    server: Server, service_dir: Path, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The retry of a namespace's failed read comes due together with a re-read of everything (a
+    RESYNC; during an outage the refresher's probes): the refresher ran only the re-read, which
+    refreshed the namespace's names yet left its debt unpaid and no retry of it scheduled, so the
+    client stayed stale (`Client.stale`) until that namespace was read again, or for good."""
+    monkeypatch.setattr(_client, "TLS_CHECK_SECONDS", 0.2)  # the refresher's own step, held below
+    policy = service_dir / "policy.toml"
+    policy.write_text(policy.read_text().replace(_AUTH_READER, _AUTH_READER_BEFORE))
+    server.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: server.cli("auth", "get", "SHARED_TOKEN").returncode == 3, timeout=10, interval=0.2)
+    client = make_client("auth", [server.address], ttl=1.0, timeout=2.0, stale_if_error=120)
+    assert sorted(client.credentials("market-connector")) == ["BINANCE_API_KEY"]  # listed apart
+    assert len(client.credentials()) == 3
+    wait_until(lambda: client._live_since is not None, timeout=5.0)
+    time.sleep(_client.SETTLE_SECONDS + 0.5)
+    handled = _handled_changes(client)
+    backend = client._backend
+    assert backend is not None
+    fetch_all, renew_tls = backend.fetch_all, backend.renew_tls
+    locked, holding, held = threading.Event(), threading.Event(), threading.Event()
+
+    def refused_while_locked(prefix: str = "") -> Any:
+        if locked.is_set():
+            raise ConflictError("the store changed under the service: restart it")
+        return fetch_all(prefix)
+
+    def held_renewal() -> None:
+        if holding.is_set():
+            held.set()
+            while holding.is_set():
+                time.sleep(0.01)
+        renew_tls()
+
+    backend.fetch_all = refused_while_locked  # type: ignore[method-assign]
+    backend.renew_tls = held_renewal  # type: ignore[method-assign]
+    locked.set()
+    holding.set()
+    try:
+        assert held.wait(5)  # the refresher is held: what comes due now is taken together
+        time.sleep(1.1)  # past the TTL
+        assert client.credentials("market-connector").stale  # its read failed: owed, retried soon
+        policy.write_text(policy.read_text().replace(_AUTH_READER_BEFORE, _AUTH_READER_AFTER))
+        server.process.send_signal(signal.SIGHUP)  # RESYNC: a re-read of everything
+        wait_until(lambda: ("resync", "") in handled, timeout=10)
+        time.sleep(0.3)  # the namespace's retry is due too
+        locked.clear()
+    finally:
+        holding.clear()
+    # (Not a read of the namespace: one past its TTL fetches it, and that paid the debt.)
+    wait_until(lambda: "market-connector/BINANCE_SECRET" in client.credentials(), timeout=10)
+    wait_until(lambda: not client.stale, timeout=10)
+
+
 def test_a_client_resuming_on_a_store_put_back_from_an_older_copy_reads_again(
     service_dir: Path, make_client: ClientFactory
 ) -> None:

@@ -1332,7 +1332,9 @@ class Client:
                 removed = names & gone
                 if added or removed:
                     self._listing.replace_value(other, (names | added) - removed)
-            self._paid({key, *by_name, *dropped}, started)
+            # The listing of everything also updated each namespace's listing (above): their
+            # debts are paid with it (a retry of one taken with a re-read of everything is not run).
+            self._paid({key, *by_name, *dropped, *(self._listing.entries() if key == _ALL else ())}, started)
             # Names changed while this fetch was in flight (a change event outdated them) and not
             # cached: listed, yet with no value to serve. Kept expired (what this fetch read: the
             # listing, and every Credentials made of it, holds each of its names) and fetched
