@@ -397,6 +397,20 @@ def test_a_key_that_is_not_text_is_missing_as_from_a_dict() -> None:
         Credentials({})[None]  # type: ignore[index]
 
 
+def test_a_value_that_is_not_text_is_refused_without_carrying_it() -> None:
+    """`creds[NAME].reveal_text()` and `creds.totp(NAME)` of bytes that are not UTF-8: the error
+    was raised `from None` inside the except block, which only hides the UnicodeDecodeError: it
+    stayed its __context__, whose `.object` (and repr) is the whole value, as `put` of a lone
+    surrogate once carried it."""
+    value = SecretValue(b"\xffnot-text-SEEKRIT")
+    with pytest.raises(ValueError, match="not UTF-8") as caught:
+        value.reveal_text()
+    assert caught.value.__context__ is None and caught.value.__cause__ is None
+    with pytest.raises(NotATotpSeedError, match="not text") as refused:
+        Credentials({"broker/TOTP": value}).totp("broker/TOTP")
+    assert refused.value.__context__ is None and refused.value.__cause__ is None
+
+
 def test_a_totp_refused_carries_no_frame_holding_the_value() -> None:
     """`creds.totp(NAME)` of a secret that holds no TOTP seed (an API key asked for by mistake, a
     URI with a bad period): the error's traceback held the revealed value in the parser's locals

@@ -38,7 +38,8 @@ class SecretValue:
         try:
             return self._value.decode("utf-8")
         except UnicodeDecodeError:
-            raise ValueError("the secret value is not UTF-8 text") from None
+            pass  # raised below, outside this block: not even as its suppressed context
+        raise ValueError("the secret value is not UTF-8 text")
 
     def __len__(self) -> int:
         return len(self._value)

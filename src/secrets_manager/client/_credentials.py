@@ -23,7 +23,9 @@ if TYPE_CHECKING:
 
 def drop_tracebacks(error: BaseException) -> None:
     """Remove the traceback of `error` and of every exception chained to it: an error the SDK
-    raises leaves without its own frames, whose locals may hold values."""
+    raises leaves without its own frames, whose locals may hold values. A context hidden by
+    `raise ... from None` goes too: it is never shown, yet it was kept, and one such as a
+    UnicodeDecodeError holds the whole value it failed on (`.object`, and its repr)."""
     seen: set[int] = set()
     pending: list[BaseException | None] = [error]
     while pending:
@@ -32,6 +34,8 @@ def drop_tracebacks(error: BaseException) -> None:
             continue
         seen.add(id(link))
         link.__traceback__ = None
+        if link.__suppress_context__:
+            link.__context__ = None
         pending += [link.__cause__, link.__context__]
 
 
