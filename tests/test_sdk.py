@@ -606,6 +606,43 @@ def test_a_namespace_whose_retry_came_with_a_re_read_of_everything_is_not_left_s
     wait_until(lambda: not client.stale, timeout=10)
 
 
+def test_a_reload_that_takes_the_last_role_stops_the_cached_values_being_served(
+    server: Server, service_dir: Path, make_client: ClientFactory
+) -> None:
+    """A policy reload takes the identity's last role: the service ends its watch stream (denied,
+    no RESYNC) and refuses every call. The client went on serving what it had cached as fresh
+    until the TTL (300 s), though get_credentials() is documented to raise AccessDeniedError for
+    an identity without a role. It now reads again what it caches, as after a RESYNC: the names
+    go (callbacks told), reads raise AccessDeniedError, and the refusals are not retried."""
+    client = make_client("auth", [server.address], ttl=300)
+    assert sorted(client.credentials("auth")) == ["DB_PASSWORD", "JWT_KEY"]  # listed apart
+    assert revealed(client.credentials()) == AUTH
+    heard = listening(client)
+    wait_until(lambda: client._live_since is not None, timeout=5.0)
+    time.sleep(_client.SETTLE_SECONDS + 0.5)
+    policy = service_dir / "policy.toml"
+    policy.write_text(policy.read_text().replace(f'"spiffe://{TD}/auth" = ["auth-reader"]\n', ""))
+    server.process.send_signal(signal.SIGHUP)
+
+    def refused() -> bool:
+        try:
+            client.credentials()
+        except AccessDeniedError:
+            return True
+        return False
+
+    wait_until(refused, timeout=10, interval=0.05)
+    for read in (lambda: client.credentials("auth"), lambda: client.get("auth/JWT_KEY")):
+        with pytest.raises(AccessDeniedError):
+            read()
+    told = {heard.get(timeout=5)[0] for _ in AUTH}
+    assert told == {SecretChanged(name, None, 1) for name in AUTH}
+    assert not client.stale
+    denied = len([r for r in server.audit_records() if r["decision"] == "deny"])
+    time.sleep(3)  # nothing asks again meanwhile (the watch stream: once a minute)
+    assert len([r for r in server.audit_records() if r["decision"] == "deny"]) == denied
+
+
 def test_a_client_resuming_on_a_store_put_back_from_an_older_copy_reads_again(
     service_dir: Path, make_client: ClientFactory
 ) -> None:

@@ -1434,6 +1434,19 @@ class Client:
         if before is not None:
             self._notifier.publish([SecretChanged(name, None, before.value.version)])
 
+    def _forget_listing(self, key: str) -> None:
+        """The listing `key` (that of everything: every listing) may no longer be read: it and the
+        names it held are forgotten (their on_change callbacks told), so a read fetches them
+        again and raises what it is told."""
+        with self._write_lock:
+            keys = [key] if key != _ALL else list(self._listing.entries())
+            names = {name for each in keys if (listing := self._listing.get(each)) for name in listing.value}
+            for each in keys:
+                self._listing.discard(each)
+            self._owed = {other: debt for other, debt in self._owed.items() if other not in keys}
+        for name in sorted(names):
+            self._forget(name)
+
     def _settle(self, key: str, started: float) -> None:
         """A fetch that began before the stream had surely started, stored after that (and after
         the re-read of what was cached then), may predate a change the stream never reports:
@@ -1568,9 +1581,15 @@ class Client:
                 return
 
     def _watch_denied(self, error: AccessDeniedError, denials: int) -> None:
-        """The service refused this identity a watch stream (it holds no role in the policy): ask
+        """The service refused this identity a watch stream (it holds no role in the policy, or its
+        certificate was revoked), or ended the one it had (a reload took its last role): ask
         again only every WATCH_DENIED_RETRY_SECONDS, so a policy that grants one is picked up but
-        the service's audit log and ours do not get a refusal every few seconds. Said once."""
+        the service's audit log and ours do not get a refusal every few seconds. Said once.
+        What is cached is read again at once, as after a RESYNC (no event says what went): the
+        service refuses this identity every call now, so those reads drop what it may no longer
+        read, and reads raise AccessDeniedError rather than serve it until the TTL."""
+        if denials == 1:
+            self._queue.schedule(_EVERYTHING)
         (log.warning if denials == 1 else log.debug)(
             "secrets-manager (%s) may not watch for changes (values refresh by TTL only; asking again "
             "every %g s): %s",
@@ -1692,10 +1711,18 @@ class Client:
         return tuple(name for name in self._secrets.entries() if name not in listed)
 
     def _refresh_listing(self, key: str) -> SecretsManagerError | None:
-        """Fetch the listing `key` again; None if that succeeded, else why not (it is owed)."""
+        """Fetch the listing `key` again; None if that succeeded (or was refused for good), else
+        why not (it is owed)."""
         started = self._clock()
         try:
             secrets = self._call(lambda backend: backend.fetch_all(key))
+        except (NotFoundError, AccessDeniedError):
+            # A listing by prefix is filtered, never refused, but for an identity the service
+            # refuses every call (no role left, a revoked certificate): nothing under it may be
+            # read any more, as a secret read by name that is refused is forgotten (`_refresh`).
+            # Not owed: retried every few seconds, each refusal audited, to no end.
+            self._forget_listing(key)
+            return None
         except SecretsManagerError as exc:
             log.debug("refresh of %s failed: %s", _what(key), exc)
             self._owe(key, started, exc)
