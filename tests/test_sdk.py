@@ -979,12 +979,26 @@ def test_with_stale_serving_off_the_outage_warning_does_not_promise_stale_values
         client.credentials()
 
 
-def test_nothing_cached_and_no_service_is_a_clear_error_at_once(make_client: ClientFactory) -> None:
+def test_nothing_cached_and_no_service_is_a_clear_error_at_once(
+    make_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """And the outage's warning does not say cached values are being served (it did, at a
+    service's start with the secrets service down, which sent whoever read the log astray)."""
+    caplog.set_level(logging.WARNING, logger="secrets_manager.client")
     client = make_client("auth", [free_address()])
     started = time.monotonic()
     with pytest.raises(StorageError, match="nothing is cached"):
         client.credentials()
     assert time.monotonic() - started < 3.0
+
+    def said() -> list[str]:  # by the watcher's thread, maybe a moment after the read failed
+        return [
+            message for message in warnings_of(caplog) if "no secrets-manager service answered" in message
+        ]
+
+    wait_until(lambda: bool(said()), timeout=5.0)
+    (warning,) = said()
+    assert "serving cached values" not in warning and "nothing is cached yet" in warning
 
 
 # ---- the certificate files ----------------------------------------------------------------------

@@ -1277,7 +1277,9 @@ class Client:
         if self._reach.failed():
             if self._live_since is not None:  # the stream is up, so no reconnect will end this
                 self._queue.schedule(_EVERYTHING, self._clock() + BACKOFF_INITIAL_SECONDS)
-            if self._config.stale_if_error == 0:
+            if not self._secrets.entries() and not self._listing.entries():  # a start with it down
+                serving = "nothing is cached yet: reads fail until one does"
+            elif self._config.stale_if_error == 0:
                 serving = "serving stale values is turned off (stale_if_error=0): reads fail until one does"
             else:
                 serving = f"serving cached values, marked stale, for up to {self._config.stale_if_error:g} s"
