@@ -2136,6 +2136,52 @@ def test_a_value_cached_before_an_hour_asleep_is_fetched_again_on_waking(
     assert name in fetched
 
 
+def _reads_failing(client: Client) -> tuple[threading.Event, list[float]]:
+    """Every read of `client`'s backend fails as a service whose store does not answer (its watch
+    stream stays up) while the returned event is set; the times of the failed reads."""
+    backend = client._backend
+    assert backend is not None
+    fetch_all, fetch = backend.fetch_all, backend.fetch
+    failing, failed = threading.Event(), []
+
+    def unavailable(read: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **options: Any) -> Any:
+            if failing.is_set():
+                failed.append(time.monotonic())
+                raise StorageError("the service's store is not answering")
+            return read(*args, **options)
+
+        return call
+
+    backend.fetch_all, backend.fetch = unavailable(fetch_all), unavailable(fetch)  # type: ignore[method-assign]
+    failing.set()
+    return failing, failed
+
+
+def test_a_debt_retried_for_hours_keeps_its_backoff_and_the_refresher_alive(
+    server: Server, service_dir: Path, make_client: ClientFactory
+) -> None:
+    """A re-fetch owed through a long outage (one retry every 5 s: 1024 of them in 85 minutes)
+    computed its backoff as 0.1 * 2 ** failures: OverflowError, and the refresher thread died
+    with it, so nothing was refreshed again and the client stayed stale for good."""
+    client = make_client("auth", [server.address], ttl=300, stale_if_error=3600)
+    assert revealed(client.credentials()) == AUTH
+    wait_until(lambda: client._live_since is not None, timeout=5.0)
+    time.sleep(_client.SETTLE_SECONDS + 0.5)
+    failing, failed = _reads_failing(client)
+    writer = make_client("writer", [server.address])
+    writer.put("auth/JWT_KEY", b"changed-in-a-long-outage")
+    wait_until(lambda: "auth/JWT_KEY" in client._owed, timeout=5.0)
+    since, _ = client._owed["auth/JWT_KEY"]
+    client._owed = {**client._owed, "auth/JWT_KEY": (since, 1100)}  # as after about 90 minutes
+    count = len(failed)
+    wait_until(lambda: len(failed) > count + 1, timeout=15.0)  # retried, and retried again
+    assert all(thread.is_alive() for thread in client._threads)
+    failing.clear()
+    wait_until(lambda: not client.stale, timeout=15.0)
+    assert client.get("auth/JWT_KEY").value.reveal() == b"changed-in-a-long-outage"
+
+
 def test_a_refresh_that_failed_is_retried_after_a_resumed_stream_ends_the_outage(
     service_dir: Path, make_client: ClientFactory
 ) -> None:

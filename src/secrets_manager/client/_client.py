@@ -1409,7 +1409,8 @@ class Client:
             )
         if by_read and debt is not None:
             return  # the refresher's retries are under way
-        delay = min(BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2**failures)
+        # (2 ** failures unbounded overflowed a float after 1024 failures: 85 minutes at the cap)
+        delay = min(BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2 ** min(failures, 16))
         delay = delay / 2 + self._rng.random() * delay / 2
         self._queue.schedule(key, self._clock() + delay)
 
