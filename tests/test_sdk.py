@@ -2158,6 +2158,36 @@ def _reads_failing(client: Client) -> tuple[threading.Event, list[float]]:
     return failing, failed
 
 
+def test_an_outage_with_the_stream_up_is_probed_by_one_chain_of_retries_not_a_growing_swarm(
+    server: Server, service_dir: Path, make_client: ClientFactory
+) -> None:
+    """Reads fail (the service's store does not answer) while its watch stream stays up, after
+    events for several secrets: each failed retry scheduled another re-read of everything beside
+    those already pending, and each re-read another retry of each debt, so the retries grew into
+    hundreds per second (measured: about 800 reads in 10 s, 500 re-reads pending), and within
+    seconds a debt's count of failures overflowed its backoff (2 ** 1024) and killed the
+    refresher thread: no refresh, retry or certificate check ever again."""
+    client = make_client("ops", [server.address], ttl=300, stale_if_error=600)
+    assert revealed(client.credentials()) == SEED
+    wait_until(lambda: client._live_since is not None, timeout=5.0)
+    time.sleep(_client.SETTLE_SECONDS + 0.5)
+    failing, failed = _reads_failing(client)
+    for name in AUTH:
+        assert server.cli("ops", "store", name, input=b"changed-in-the-outage").returncode == 0
+    wait_until(lambda: client.stale, timeout=5.0)
+    time.sleep(3.0)  # the outage settles into its retries
+    before = len(failed)
+    time.sleep(8.0)
+    retries = len(failed) - before
+    assert retries <= 3 * 8, retries  # each chain's retries back off to one per 2.5 to 5 s
+    assert all(thread.is_alive() for thread in client._threads)
+    failing.clear()
+    wait_until(lambda: not client.stale, timeout=15.0)
+    assert revealed(client.credentials("auth")) == dict.fromkeys(
+        ["DB_PASSWORD", "JWT_KEY"], b"changed-in-the-outage"
+    )
+
+
 def test_a_debt_retried_for_hours_keeps_its_backoff_and_the_refresher_alive(
     server: Server, service_dir: Path, make_client: ClientFactory
 ) -> None:

@@ -806,6 +806,15 @@ class _RefreshQueue:
             heapq.heappush(self._heap, (self._clock() if at is None else at, next(self._order), key))
             self._condition.notify()
 
+    def schedule_once(self, key: str, at: float) -> None:
+        """`schedule`, unless `key` is pending already: a retry, whose failure schedules the
+        next one, so each failure adding one beside those pending would multiply them."""
+        with self._condition:
+            if any(pending == key for _, _, pending in self._heap):
+                return
+            heapq.heappush(self._heap, (at, next(self._order), key))
+            self._condition.notify()
+
     def take_due(self) -> set[str]:
         with self._condition:
             while not self._woken:
@@ -1276,7 +1285,7 @@ class Client:
     def _unreachable(self, error: SecretsManagerError) -> None:
         if self._reach.failed():
             if self._live_since is not None:  # the stream is up, so no reconnect will end this
-                self._queue.schedule(_EVERYTHING, self._clock() + BACKOFF_INITIAL_SECONDS)
+                self._queue.schedule_once(_EVERYTHING, self._clock() + BACKOFF_INITIAL_SECONDS)
             if not self._secrets.entries() and not self._listing.entries():  # a start with it down
                 serving = "nothing is cached yet: reads fail until one does"
             elif self._config.stale_if_error == 0:
@@ -1412,7 +1421,7 @@ class Client:
         # (2 ** failures unbounded overflowed a float after 1024 failures: 85 minutes at the cap)
         delay = min(BACKOFF_MAX_SECONDS, BACKOFF_INITIAL_SECONDS * 2 ** min(failures, 16))
         delay = delay / 2 + self._rng.random() * delay / 2
-        self._queue.schedule(key, self._clock() + delay)
+        self._queue.schedule_once(key, self._clock() + delay)  # one retry of a key at a time
 
     def _paid(self, keys: Iterable[str], started: float) -> None:
         """A fetch of `keys` that started at `started` succeeded: what it covers is owed no more.
@@ -1675,7 +1684,8 @@ class Client:
             elif due and self._live_since is not None:
                 # A call failed while the stream stayed up (a blip, a hung replica): keep asking,
                 # with backoff, so the outage ends when the service answers, not at the bound.
-                self._queue.schedule(_EVERYTHING, self._clock() + probes.next_delay())
+                # One probe at a time: every step with work due came here, each adding another.
+                self._queue.schedule_once(_EVERYTHING, self._clock() + probes.next_delay())
 
     def _check_renewal(self) -> None:
         """Every TLS_CHECK_SECONDS: new channels if the certificate files were renewed."""
