@@ -1467,6 +1467,41 @@ def test_a_cli_change_whose_connection_ended_before_its_answer_says_it_may_have_
         second.stop()
 
 
+def test_a_read_whose_connection_ended_mid_call_names_the_replica(server: Server) -> None:
+    """A read on a connection that ended under it (the replica killed as the request went out)
+    failed with "Stream removed (Socket closed) (if the service is up, …)" and no address, unlike
+    every other connection error: with several replicas (`run`, the SDK, --server A,B) nobody could
+    tell which one it was. CI: test_run_restart's read through two killed replicas, where the kill
+    raced the call, expected the second's address."""
+    from secrets_manager.errors import ConnectionClosedError
+    from tcp_proxy import TcpProxy, Verdict
+
+    class EndsTheConnection(TcpProxy):  # once cutting, a request ends its connection, at once
+        cutting = False
+
+        def verdict(self, data: bytes, *, from_client: bool) -> Verdict:
+            return Verdict.CUT if self.cutting and from_client else Verdict.PASS
+
+        def _end(self, sock: socket.socket) -> None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    proxy = EndsTheConnection("127.0.0.1", server.port)
+    store = RemoteStore(proxy.address, tls_files(server.dir, "auth"))
+    try:
+        assert store.get("auth/JWT_KEY").value.reveal() == SEED["auth/JWT_KEY"]  # connected
+        proxy.cutting = True
+        with pytest.raises(ConnectionClosedError) as ended:
+            store.get("auth/JWT_KEY")
+    finally:
+        store.close()
+        proxy.close()
+    said = str(ended.value)
+    assert said.startswith(f"{proxy.address}: ") and "\n" not in said, said
+    assert "it may have refused the client certificate" in said
+
+
 def test_a_client_trusting_another_ca_gets_one_line_and_no_grpc_log(server: Server, tmp_path: Path) -> None:
     """gRPC's C core logged the failed handshake ('I1130 … ssl_transport_security.cc …') on stderr
     above our one-line error; a URL as the address failed in gRPC's resolver."""

@@ -357,10 +357,14 @@ class RemoteStore:
         if code is grpc.StatusCode.UNAVAILABLE and "socket closed" in details.lower():
             # How a server that refuses the client certificate in the handshake looks from here;
             # once connected, also how a call looks whose server went away mid-call.
-            closed = HandshakeFailedError if details.startswith(_NEVER_CONNECTED) else ConnectionClosedError
+            # gRPC's details name the address it never connected to, but not the one a connection
+            # was to ("Stream removed (Socket closed)"): with several replicas, which one was it?
+            never = details.startswith(_NEVER_CONNECTED)
+            closed = HandshakeFailedError if never else ConnectionClosedError
             return closed(
-                f"{details} (if the service is up, it may have refused the client certificate "
-                f"{self._tls.cert}: one from another CA than the server trusts, or expired?)"
+                f"{'' if never else f'{self.address}: '}{details} (if the service is up, it may have "
+                f"refused the client certificate {self._tls.cert}: one from another CA than the server "
+                "trusts, or expired?)"
             )
         if code is grpc.StatusCode.UNAVAILABLE and details.startswith(_NEVER_CONNECTED):
             return NotConnectedError(details)
