@@ -377,33 +377,34 @@ def test_schedule_run_rotates_what_is_due_and_leaves_the_rest(cli: Cli) -> None:
 def test_a_failed_rotation_is_retried_by_a_later_run_once_it_is_stale(cli: Cli) -> None:
     """The set command fails: exit 1, the version stays pending, the other entry still rotates.
     A run right after skips it (in progress, perhaps elsewhere); one after three command timeouts
-    resumes it with the same value."""
+    resumes it with the same value. (The timeout is 2 s, the pending version stale at 6 s: with
+    1 s, the 3 s between the stage and the run "right after" were once spent by a loaded machine's
+    CLI start-ups, and that run resumed it.)"""
     set_unless_broken = "sh -c 'test ! -e broken && cat > target'"
     schedule = write_schedule(
         cli.dir / "rotation.toml",
-        {"name": "db/app", "every": "1s", "set_command": set_unless_broken, "timeout": 1},
+        {"name": "db/app", "every": "1s", "set_command": set_unless_broken, "timeout": 2},
         {"name": "db/other", "every": "1s"},
     )
     (cli.dir / "broken").touch()
     time.sleep(1.1)
     failed = cli("schedule", "run", str(schedule))
+    staged_by = time.monotonic()  # the pending version is at least this old, and at most this run
+    (cli.dir / "broken").unlink()
+    young = cli("schedule", "run", str(schedule), "--json")
     assert failed.code == 1
     errors = [line for line in failed.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and "the set command failed (exit code 1)" in errors[0]
     # A bare 'rotate db/app --resume' would promote a value nothing set; the schedule sets it again.
-    assert "the schedule resumes it with its entry's set and test commands once it is 3 s old" in errors[0]
+    assert "the schedule resumes it with its entry's set and test commands once it is 6 s old" in errors[0]
     assert "--resume" not in errors[0] and "broken" not in errors[0]  # no command line from the file
     assert "rotated db/other: version 2" in failed.stderr
-    assert cli.history("db/app")["labels"] == {"current": 1, "pending": 2}
-    staged_value = cli.value("db/app", "--label", "pending")
-
-    (cli.dir / "broken").unlink()
-    young = cli("schedule", "run", str(schedule), "--json")
     assert young.code == 0, young.stderr
     assert "db/app: a rotation is in progress (version 2); skipped" in young.stderr
     assert cli.history("db/app")["labels"] == {"current": 1, "pending": 2}
+    staged_value = cli.value("db/app", "--label", "pending")
 
-    time.sleep(3.1)  # three timeouts of 1 s since the stage
+    time.sleep(max(0.0, staged_by + 6.1 - time.monotonic()))  # three timeouts of 2 s since the stage
     resumed = cli("schedule", "run", str(schedule), "--json")
     assert resumed.code == 0, resumed.stderr
     assert "resumed and rotated db/app: version 2 is current (previous: 1)" in resumed.stderr
