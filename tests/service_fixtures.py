@@ -197,6 +197,7 @@ class Server:
     port: int
     log_lines: list[str] = field(default_factory=list)
     metrics_port: int | None = None
+    reader: threading.Thread | None = None  # reads stderr into log_lines until the process ends
 
     @property
     def address(self) -> str:
@@ -245,7 +246,8 @@ class Server:
         )
 
     def stop(self) -> None:
-        """SIGTERM (graceful) and wait; a no-op if it has exited already."""
+        """SIGTERM (graceful) and wait, until `log_lines` holds all it said; a no-op if it has
+        exited already."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -253,12 +255,20 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=10)
+        self._read_to_the_end()
 
     def kill(self) -> None:
         """SIGKILL: no graceful shutdown, connections are cut."""
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(timeout=10)
+        self._read_to_the_end()
+
+    def _read_to_the_end(self) -> None:
+        """The process has exited, but the thread reading its stderr may not have read its last
+        lines yet (a loaded machine): wait for it (bounded: a child it started may hold the pipe)."""
+        if self.reader is not None:
+            self.reader.join(timeout=5)
 
 
 def start_server(
@@ -316,9 +326,9 @@ def start_server(
         process.kill()
         process.wait(timeout=10)
         raise AssertionError(f"server did not start: {''.join(lines)}")
-    server = Server(directory, process, port, lines, metrics_port)
-    threading.Thread(target=_drain, args=(process, lines), daemon=True).start()
-    return server
+    reader = threading.Thread(target=_drain, args=(process, lines), daemon=True)
+    reader.start()
+    return Server(directory, process, port, lines, metrics_port, reader)
 
 
 @contextmanager

@@ -1440,11 +1440,11 @@ def _serve(directory: Path, name: str, url: str, env: Mapping[str, str]) -> Serv
     while line := process.stderr.readline().decode():
         lines.append(line)
         if match := re.search(r'"port": (\d+)', line):
-            server = Server(directory, process, int(match.group(1)), lines)
-            threading.Thread(
+            reader = threading.Thread(
                 target=lambda: lines.extend(r.decode() for r in process.stderr or []), daemon=True
-            ).start()
-            return server
+            )
+            reader.start()
+            return Server(directory, process, int(match.group(1)), lines, reader=reader)
     process.kill()
     process.wait(timeout=10)
     raise AssertionError(f"server {name} did not start: {''.join(lines)}")
