@@ -91,9 +91,13 @@ def test_the_event_loop_keeps_ticking_while_a_slow_call_is_in_flight(
         silent.close()
     assert slow >= 0.9, "the call was meant to be slow (the hanging address's 1 s timeout)"
     assert all(revealed(creds) == AUTH for creds in results)
+    # A loop that waited on the network would stall for about the hanging address's 1 s. On a
+    # loaded machine the loop's thread also waits for the CPU and for the SDK's threads (the GIL):
+    # CI-like load gave a third of the ideal 100 ticks a second (half was asked for), so the
+    # bounds are a fifth of them, and no stall past a quarter of the network's wait.
     gaps = [later - earlier for earlier, later in itertools.pairwise(beats)]
-    assert len(beats) >= slow / 0.01 / 2  # at least half the ideal number of ticks
-    assert max(gaps) < 0.1, f"the loop stalled for {max(gaps) * 1000:.0f} ms"
+    assert len(beats) >= slow / 0.01 / 5, (len(beats), slow)
+    assert max(gaps) < 0.25, f"the loop stalled for {max(gaps) * 1000:.0f} ms"
 
 
 def test_concurrent_calls_to_a_hung_service_each_end_at_its_timeout(service_dir: Path) -> None:
