@@ -847,7 +847,7 @@ def eventually_answered(reflect: object) -> set[str]:
 def test_watch_sees_changes_made_by_another_process(server: Server) -> None:
     stub = server.stub("auth")
     stream = stub.Watch(pb.WatchRequest(prefix="auth/"), timeout=30)
-    time.sleep(0.5)  # the stream is established and has read the current revision
+    assert dict(stream.initial_metadata())  # live: it has read the current revision (not a sleep)
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(server.dir), "MASTER_PASSWORD": PASSWORD}
     for name in ("market-connector/BINANCE_SECRET", "auth/JWT_KEY"):
         written = subprocess.run(
@@ -1888,7 +1888,7 @@ def test_metadata_changes_remotely_with_write_alone_and_is_watched_and_audited(s
     name = "drop/TOKEN"
     assert server.cli("ops", "store", name, input=b"dropped").returncode == 0
     stream = server.stub("ops").Watch(pb.WatchRequest(prefix="drop/"), timeout=30)
-    time.sleep(0.5)  # the stream is live
+    assert dict(stream.initial_metadata())  # the stream is live (a sleep could end before it was)
     changed = server.cli("writer", "metadata", name, "--description", "a drop box", "--tag", "team=auth")
     assert changed.returncode == 0, changed.stderr
     assert b"no new version" in changed.stderr
