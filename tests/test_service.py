@@ -2432,3 +2432,35 @@ def test_a_refusal_says_the_same_of_a_missing_name_as_of_a_present_one(server: S
     assert answers("market-connector/NOPE") == present
     denied = [r for r in server.audit_records() if r["actor"] == f"spiffe://{TD}/auth"]
     assert len(denied) == 2 * len(present) and {r["decision"] for r in denied} == {"deny"}
+
+
+def test_a_service_address_with_nothing_behind_it_is_one_line_saying_what_to_check(tmp_path: Path) -> None:
+    """--server at a port where nothing listens said gRPC's own words ("failed to connect to all
+    addresses; last error: UNKNOWN: ipv4:…: Failed to connect to remote host: Connection refused")
+    and a host name that does not resolve "errors resolving …: [field:hostname lookup error:…]",
+    neither saying what to check. Now: the address, why, and what to check; still exit 1 and
+    nothing sent. Fails on the old code."""
+    make_pki(tmp_path)
+    environ = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "SECRETS_MANAGER_CERT": str(tmp_path / "ops.pem"),
+        "SECRETS_MANAGER_KEY": str(tmp_path / "ops-key.pem"),
+        "SECRETS_MANAGER_CA": str(tmp_path / "ca.pem"),
+    }
+    dead = free_address()
+    for args, given in ((["list"], b""), (["store", "auth/X"], b"never-shown-value")):
+        proc = run_script(environ, "--server", dead, *args, input=given)
+        said = proc.stderr.decode()
+        assert proc.returncode == 1 and said.count("\n") == 1, said
+        assert said == (
+            f"secrets-manager: error: {dead}: failed to connect (Connection refused): is the "
+            "service running there, and is this its address?\n"
+        )
+    unresolved = run_script(environ, "--server", "no-such-host.invalid:7443", "get", "auth/X")
+    said = unresolved.stderr.decode()
+    assert unresolved.returncode == 1 and said.count("\n") == 1, said
+    assert said == (
+        "secrets-manager: error: no-such-host.invalid:7443: the host name 'no-such-host.invalid' "
+        "could not be resolved: check the address (a typing error?) and this host's DNS\n"
+    )

@@ -658,3 +658,35 @@ def test_no_call_is_served_before_the_start_is_recorded(tmp_path: Path) -> None:
             signal.signal(number, handler)
         store.close()
     assert answers in ([grpc.StatusCode.UNAVAILABLE], [grpc.StatusCode.DEADLINE_EXCEEDED]), answers
+
+
+def test_health_says_why_an_address_is_unreachable_not_to_read_a_log_it_never_wrote(tmp_path: Path) -> None:
+    """`health` against an address where nothing listens, or with a CA that did not sign the
+    server's certificate, ended "UNREACHABLE; see the service's log (event health.check_failed)
+    and its secrets_manager_health_check_ok metric": a service never reached logs nothing about
+    it. The line now says why and what to check, as any command's error does; the --json error
+    column stays gRPC's. Fails on the old code."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    try:
+        nowhere = free_address()
+        down = server.cli("ops", "health", env={"SECRETS_MANAGER_ADDR": nowhere})
+        said = down.stderr.decode()
+        assert down.returncode == 1 and said.count("\n") == 1, said
+        assert said == (
+            f"secrets-manager: error: not serving: {nowhere} UNREACHABLE; {nowhere}: failed to "
+            "connect (Connection refused): is the service running there, and is this its address?\n"
+        )
+        foreign_ca = server.cli(
+            "ops", "health", "--json", env={"SECRETS_MANAGER_CA": str(tmp_path / "other-ca.pem")}
+        )
+        said = foreign_ca.stderr.decode()
+        assert foreign_ca.returncode == 1 and said.count("\n") == 1, said
+        assert (
+            f"not serving: {server.address} UNREACHABLE; TLS handshake with {server.address} failed" in said
+        )
+        assert "service's log" not in said
+        assert json.loads(foreign_ca.stdout)[0]["error"].startswith("UNAVAILABLE: failed to connect")
+    finally:
+        server.stop()

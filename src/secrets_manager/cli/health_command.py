@@ -54,7 +54,7 @@ def health(session: Session, timeout: float, as_json: bool) -> None:
             remote.close()
     results: list[dict[str, str | None]] = [
         {"address": address, "status": status, "error": error}
-        for address, (status, error) in zip(addresses, statuses, strict=True)
+        for address, (status, error, _) in zip(addresses, statuses, strict=True)
     ]
     if as_json:
         print_json(results)
@@ -66,7 +66,17 @@ def health(session: Session, timeout: float, as_json: bool) -> None:
         )
     failing = [f"{r['address']} {r['status']}" for r in results if r["status"] != "SERVING"]
     if failing:
-        raise StorageError(
-            f"not serving: {', '.join(failing)}; see the service's log (event health.check_failed) "
-            "and its secrets_manager_health_check_ok metric"
+        # Why each unreachable one failed, with what to check (a refused connection, a failed
+        # handshake): its log cannot say, it never heard of the call. The service's log and metric
+        # explain a status it answered (NOT_SERVING: its store or audit log).
+        whys = [
+            why if address in why else f"{address}: {why}"
+            for address, (status, _, why) in zip(addresses, statuses, strict=True)
+            if status == "UNREACHABLE" and why
+        ]
+        answered = any(r["status"] not in ("SERVING", "UNREACHABLE") for r in results)
+        log = (
+            "see the service's log (event health.check_failed) and its secrets_manager_health_check_ok metric"
         )
+        advice = [log] if answered else []
+        raise StorageError("; ".join([f"not serving: {', '.join(failing)}", *whys, *advice]))

@@ -19,6 +19,7 @@ import contextlib
 import ipaddress
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -140,6 +141,14 @@ def channel_credentials(files: ClientTlsFiles) -> grpc.ChannelCredentials:
 # How gRPC begins the details of a call that failed because no connection could be made (the
 # address refused it, or the TLS handshake failed): the request was never sent.
 _NEVER_CONNECTED = "failed to connect to all addresses"
+# ... and of one whose host name could not be resolved (c-ares, the native resolver): never sent.
+_UNRESOLVED = ("errors resolving ", "DNS resolution failed")
+# The address gRPC puts before its last error ("UNKNOWN: ipv4:127.0.0.1:7443: Failed to connect
+# to remote host: Connection refused"): our message names the address once, itself.
+_GRPC_ADDRESS = re.compile(
+    r"^(?:[A-Z_]+: )?(?:(?:ipv4|ipv6|unix|unix-abstract|vsock|dns):\S*?: )?"
+    r"(?:Failed to connect to remote host: )?"
+)
 _CHANNEL_CLOSED = "Channel closed!"  # the details of a call whose channel was closed under it
 
 
@@ -367,7 +376,17 @@ class RemoteStore:
                 "trusts, or expired?)"
             )
         if code is grpc.StatusCode.UNAVAILABLE and details.startswith(_NEVER_CONNECTED):
-            return NotConnectedError(details)
+            last = details.partition("last error: ")[2] or details
+            return NotConnectedError(
+                f"{self.address}: failed to connect ({_GRPC_ADDRESS.sub('', last)}): is the service "
+                "running there, and is this its address?"
+            )
+        if code is grpc.StatusCode.UNAVAILABLE and details.startswith(_UNRESOLVED):
+            host = self.address.rpartition(":")[0].strip("[]")
+            return NotConnectedError(
+                f"{self.address}: the host name {host!r} could not be resolved: check the address "
+                "(a typing error?) and this host's DNS"
+            )
         return None
 
     def why_not_serving(self, timeout: float) -> StorageError | None:
@@ -765,7 +784,8 @@ class RemoteStore:
     def health_status(self, timeout: float) -> tuple[str, str | None]:
         """Health/Check of the Secrets service within `timeout`: its status's name (SERVING,
         NOT_SERVING, ...) and None, or UNREACHABLE and why (`secrets-manager health`)."""
-        return health_statuses([self], timeout)[0]
+        status, error, _ = health_statuses([self], timeout)[0]
+        return status, error
 
     def close(self) -> None:
         self._channel.close()
@@ -1009,19 +1029,24 @@ def _put(ended: queue.SimpleQueue[int], index: int, _check: object) -> None:
     ended.put(index)
 
 
-def health_statuses(stores: Sequence[RemoteStore], timeout: float) -> list[tuple[str, str | None]]:
+def health_statuses(
+    stores: Sequence[RemoteStore], timeout: float
+) -> list[tuple[str, str | None, str | None]]:
     """`RemoteStore.health_status` of each of `stores`, asked all at once (`secrets-manager health`
-    with several addresses takes one `timeout`, not one per address), in their order."""
-    checks = [store.start_health_check(timeout) for store in stores]
-    statuses: list[tuple[str, str | None]] = []
-    for check in checks:
+    with several addresses takes one `timeout`, not one per address), in their order; third, for
+    one UNREACHABLE, why in words that say what to check (as a call's error would)."""
+    checks = [(store, store.start_health_check(timeout)) for store in stores]
+    statuses: list[tuple[str, str | None, str | None]] = []
+    for store, check in checks:
         try:
             reply = check.result()
         except grpc.RpcError as exc:
             code = exc.code()
-            statuses.append(("UNREACHABLE", f"{code.name}: {exc.details() or code.name}"))
+            why = store.why_not_from(check, timeout)
+            said = str(why) if why is not None else None
+            statuses.append(("UNREACHABLE", f"{code.name}: {exc.details() or code.name}", said))
         else:
-            statuses.append((health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), None))
+            statuses.append((health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status), None, None))
     return statuses
 
 
