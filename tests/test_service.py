@@ -619,6 +619,8 @@ _TLS = {"cert": "server.pem", "key": "server-key.pem", "client_ca": "ca.pem"}
         ("", {"key": "auth-key.pem"}, 2, "(tls.key) does not match the certificate"),
         ("", {"cert": "policy.toml"}, 2, "policy.toml (tls.cert) is not a PEM certificate"),
         ("", {"client_ca": "server-key.pem"}, 2, "(tls.client_ca) is not a PEM certificate"),
+        # A client's certificate as the client CA: it served, and refused every client.
+        ("", {"client_ca": "auth.pem"}, 2, "auth.pem (tls.client_ca) holds no CA certificate"),
         ("", {"key": "policy.toml"}, 2, "(tls.key) is not an unencrypted PEM private key"),
         # IsADirectoryError before.
         ("", {"cert": "."}, 2, "(tls.cert): Is a directory"),

@@ -159,6 +159,13 @@ def read_server_tls(
     ca_pem = read_tls_file(client_ca, "tls.client_ca", environment=environment)
     leaf = _checked_pair(cert_pem, key_pem, (cert, "tls.cert"), (key, "tls.key"))
     authorities = _certificates(ca_pem, client_ca, "tls.client_ca")
+    if not any(_may_sign(authority) for authority in authorities):
+        # gRPC serves with it, and then refuses every client certificate in the handshake.
+        raise InvalidInputError(
+            f"the TLS file {client_ca} (tls.client_ca) holds no CA certificate (a server's or "
+            "client's, CA:FALSE), so every client certificate would be refused: give the CA that "
+            "issues them (the ca.pem of 'secrets-manager pki init')"
+        )
     _check_server_purpose(leaf, cert)
     _check_dates(
         leaf,
@@ -248,6 +255,15 @@ def _check_client_purpose(leaf: x509.Certificate, cert: tuple[Path, str]) -> Non
         "no clientAuth), so the service would refuse it: issue a client certificate with "
         f"'secrets-manager pki issue {_common_name(leaf)} --dir CA-DIR' (without --server)"
     )
+
+
+def _may_sign(certificate: x509.Certificate) -> bool:
+    """Whether `certificate` may be a CA: basic constraints CA:TRUE, or none at all (as a v1
+    certificate, which TLS libraries may take as a trust anchor)."""
+    try:
+        return certificate.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return True
 
 
 def _lacks_purpose(leaf: x509.Certificate, purpose: x509.ObjectIdentifier) -> bool:
