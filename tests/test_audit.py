@@ -1468,6 +1468,22 @@ def test_audit_prune_refuses_a_log_that_does_not_verify_and_removes_nothing(cli:
     assert AuditLog(cli.audit).files() == files and cli.audit.read_bytes() == before
 
 
+def test_a_missing_archive_directory_is_refused_even_when_no_file_is_due(cli: Cli, tmp_path: Path) -> None:
+    """`audit prune --keep-files 5 --archive DIR` with DIR mistyped or not mounted said nothing
+    and exited 0 while no rotated file was due, so a nightly job's mistake showed only once files
+    were due (or never, with --dry-run). It is refused at once, as when files would go. Fails on
+    the old code (exit 0)."""
+    before = cli.audit.read_bytes()
+    for extra in ([], ["--dry-run"]):
+        refused = cli("audit", "prune", "--keep-files", "5", "--archive", str(tmp_path / "nowhere"), *extra)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.decode() == (
+            f"secrets-manager: error: archive directory {tmp_path / 'nowhere'} does not exist: "
+            "create it, or leave --archive out\n"
+        )
+    assert cli.audit.read_bytes() == before
+
+
 def test_audit_prune_needs_a_rule(cli: Cli) -> None:
     before = cli.audit.read_bytes()
     refused = cli("audit", "prune")

@@ -711,6 +711,8 @@ class AuditLog:
         chain now begins; only then are the files deleted (or moved into `archive`). Killed in
         between, the log still verifies: it begins at or before the record named, which is all
         verification asks."""
+        if archive is not None:
+            _archive_directory(archive)  # a typo in a nightly job's --archive, said on its first run
         verified = {path: _file_identity(path) for path in self.files() if path != self.path}
         records = self._verify(
             anchor.audit_key(),
@@ -1947,13 +1949,19 @@ def _record_moment(record: dict[str, Any]) -> datetime:
     return moment if moment.tzinfo is not None else datetime.max.replace(tzinfo=UTC)
 
 
-def _archive_targets(files: Sequence[PrunedFile], directory: Path) -> list[Path]:
-    """Where each file goes in `directory`: refused before anything is written if the directory
-    is missing or already holds a file of that name (an archive is never overwritten)."""
+def _archive_directory(directory: Path) -> None:
+    """InvalidInputError unless `directory` is one (`audit prune --archive`), whether or not any
+    file is due to go there this time."""
     if not directory.is_dir():
         raise InvalidInputError(
             f"archive directory {directory} does not exist: create it, or leave --archive out"
         )
+
+
+def _archive_targets(files: Sequence[PrunedFile], directory: Path) -> list[Path]:
+    """Where each file goes in `directory`: refused before anything is written if the directory
+    is missing or already holds a file of that name (an archive is never overwritten)."""
+    _archive_directory(directory)
     targets = [directory / found.path.name for found in files]
     taken = [
         target
