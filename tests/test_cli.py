@@ -2933,6 +2933,36 @@ def test_an_audit_log_this_user_may_not_write_says_where_else_it_may_go(
     assert ready("audit", "verify").code == 0
 
 
+@pytest.mark.parametrize(
+    ("where", "remedy"),
+    [
+        ("a-directory", "give the log the path of a file, not of a directory"),
+        ("a-file/audit.jsonl", "give the log a path in a directory this user can write"),
+    ],
+)
+def test_an_audit_log_path_no_file_can_be_written_at_says_what_to_give_instead(
+    ready: Cli, tmp_path: Path, where: str, remedy: str
+) -> None:
+    """--audit-file naming a directory, or a path through a file, was refused with 'cannot write
+    audit log …: Is a directory (Not a directory); the operation was refused': what was wrong,
+    not what to do. The remedy is now said, as for a log this user may not write; nothing is
+    stored. Fails on the old code."""
+    (tmp_path / "a-directory").mkdir()
+    (tmp_path / "a-file").write_bytes(b"")
+    before = ready.store_bytes()
+    log = str(tmp_path / where)
+    refused = ready("--audit-file", log, "store", "svc/A", input=b"never-shown")
+    assert refused.code == 1 and refused.stderr.count("\n") == 1, refused.stderr
+    assert refused.stderr.startswith(f"secrets-manager: error: cannot write audit log {log}: "), (
+        refused.stderr
+    )
+    assert refused.stderr.endswith(
+        f"; the operation was refused: {remedy} (--audit-file or SECRETS_MANAGER_AUDIT_FILE; "
+        "serve: audit_file)\n"
+    ), refused.stderr
+    assert ready.store_bytes() == before and ready("list").stdout == b""
+
+
 @pytest.mark.parametrize("args", [["audit", "verify"], ["audit", "show"], ["status"]])
 def test_an_audit_log_file_this_user_may_not_read_is_a_one_line_error(
     ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], args: list[str]

@@ -2316,10 +2316,13 @@ class _SinkWorker:
 
 def _remedy(error: OSError) -> str:
     """What to do about a log that cannot be written for want of permission (another user's
-    home, a read-only file system): where else it may go."""
+    home, a read-only file system), or because its path names a directory or leads nowhere a
+    file can be made (under /proc, through a file): where else it may go."""
+    where = "(--audit-file or SECRETS_MANAGER_AUDIT_FILE; serve: audit_file)"
+    if error.errno == errno.EISDIR:
+        return f": give the log the path of a file, not of a directory {where}"
+    if error.errno in (errno.ENOENT, errno.ENOTDIR):
+        return f": give the log a path in a directory this user can write {where}"
     if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
         return ""
-    return (
-        ": make it writable for this user, or give the log a path this user can write "
-        "(--audit-file or SECRETS_MANAGER_AUDIT_FILE; serve: audit_file)"
-    )
+    return f": make it writable for this user, or give the log a path this user can write {where}"
