@@ -346,6 +346,8 @@ def test_a_failed_test_step_says_the_password_was_set_and_promotes_nothing(cli: 
         (["--postgres", "host=127.0.0.1"], "--postgres goes with --postgres-role"),
         (["--postgres-role", "app", "--set-command", "true"], "drop --set-command and --test-command"),
         (["--postgres-role", "r" * 64], "longer than 63 bytes"),
+        # A non-UTF-8 byte in argv: 'internal error (UnicodeEncodeError)', exit 1.
+        (["--postgres-role", "app\udcff"], "the PostgreSQL role name is not UTF-8 text"),
         (
             ["--postgres-role", "app", "--postgres", "host='unterminated"],
             "not a connection string libpq can read",

@@ -72,7 +72,13 @@ class PostgresRole:
         may hold one)."""
         if not role or "\x00" in role:
             raise InvalidInputError("the PostgreSQL role must be a role's name")
-        if len(role.encode("utf-8")) > MAX_ROLE_BYTES:
+        try:
+            encoded = role.encode("utf-8")
+        except UnicodeEncodeError:  # a byte of argv that is not UTF-8 (a Latin-1 terminal)
+            raise InvalidInputError(
+                "the PostgreSQL role name is not UTF-8 text (typed on a Latin-1 terminal?); give it as UTF-8"
+            ) from None
+        if len(encoded) > MAX_ROLE_BYTES:
             raise InvalidInputError(
                 f"the PostgreSQL role name is longer than {MAX_ROLE_BYTES} bytes: PostgreSQL would cut it "
                 "and change another role's password"
