@@ -744,3 +744,28 @@ def test_a_vault_that_never_answers_is_one_line_naming_it(tmp_path: Path) -> Non
             assert "audit log" not in result.stderr
     finally:
         silent.close()
+
+
+@pytest.mark.parametrize("endpoint", ["not a url", "http://", "http://[::1"])
+def test_an_aws_endpoint_setting_that_is_not_a_url_is_one_line_exit_2(tmp_path: Path, endpoint: str) -> None:
+    """AWS_ENDPOINT_URL set to something botocore cannot read as a URL ended every command on an
+    AWS store, and `init --kms-key`, in 'internal error (ValueError)', exit 1: botocore raises
+    ValueError ('Invalid endpoint: …') as it makes the client. Now one line naming the settings
+    that give the endpoint, exit 2, nothing created. Fails on the old code."""
+    cli = Cli(
+        {
+            "HOME": str(tmp_path),
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_ENDPOINT_URL": endpoint,
+        }
+    )
+    store = f"aws-secretsmanager://{REGION}/trading"
+    said = "the AWS endpoint setting is not a URL (AWS_ENDPOINT_URL"
+    assert_one_line_error(cli("--store", store, "list"), 2, said)  # the audit log's account: STS
+    named = ("--store", store, "--audit-file", str(tmp_path / "a.jsonl"))
+    assert_one_line_error(cli(*named, "get", "x/Y"), 2, said)  # Secrets Manager's own client
+    kms_store = tmp_path / "kms" / "store.db"
+    assert_one_line_error(cli("--store", str(kms_store), "init", "--kms-key", "alias/x"), 2, said)
+    assert not kms_store.exists()

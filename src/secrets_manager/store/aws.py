@@ -135,6 +135,7 @@ from secrets_manager.store.external import (
     utc,
     with_fingerprint,
 )
+from secrets_manager.store.kms import BAD_AWS_ENDPOINT
 from secrets_manager.store.names import namespace_of, validate_name, validate_prefix
 from secrets_manager.store.polled import SecretState
 from secrets_manager.values import SecretValue
@@ -274,7 +275,10 @@ def _session(region: str) -> boto3.session.Session:
 
 def _client(region: str, service: str, config: Config) -> Any:
     with _sessions_lock:
-        return _session(region).client(service, region_name=region, config=config)
+        try:
+            return _session(region).client(service, region_name=region, config=config)
+        except ValueError:
+            raise InvalidInputError(BAD_AWS_ENDPOINT) from None
 
 
 @dataclass(frozen=True)

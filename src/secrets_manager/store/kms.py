@@ -52,6 +52,14 @@ _BAD_CREDENTIALS = frozenset(
 KmsClientFactory = Callable[[str | None], Any]
 
 
+# A client whose endpoint setting is not a URL: botocore's ValueError ("Invalid endpoint: …",
+# "Invalid IPv6 URL") as it makes the client, before any request.
+BAD_AWS_ENDPOINT = (
+    "the AWS endpoint setting is not a URL (AWS_ENDPOINT_URL, AWS_ENDPOINT_URL_<SERVICE> or "
+    "endpoint_url in the AWS config file): set it to one, such as https://localhost:4566, or unset it"
+)
+
+
 def connect_kms(region: str | None) -> Any:
     """A KMS client: credentials, profile and endpoint come from boto3's standard configuration
     (environment, ~/.aws, AWS_PROFILE, AWS_ENDPOINT_URL…), as for the AWS store."""
@@ -62,6 +70,8 @@ def connect_kms(region: str | None) -> Any:
     config = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10, read_timeout=30)
     try:
         return boto3.session.Session().client("kms", region_name=region, config=config)
+    except ValueError:
+        raise InvalidInputError(BAD_AWS_ENDPOINT) from None
     except BotoCoreError as exc:
         raise InvalidInputError(
             f"cannot configure AWS KMS ({type(exc).__name__}): give the key as an ARN or set "
