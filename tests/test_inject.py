@@ -313,6 +313,30 @@ def test_a_file_mode_or_group_that_cannot_be_is_refused_before_anything_is_read(
     assert not any(record.get("operation") == "inject" for record in audit_records(cli))
 
 
+@pytest.mark.parametrize(
+    ("own", "said"),
+    [
+        ("store.db", "is the store itself"),
+        ("store.db-wal", "is the store itself"),
+        ("store.audit.jsonl", "is the store's audit log (or one of its files)"),
+        ("store.audit.jsonl.lock", "is the store's audit log (or one of its files)"),
+    ],
+)
+def test_the_stores_own_files_are_never_written_over(cli: Cli, tmp_path: Path, own: str, said: str) -> None:
+    """`inject -o STORE --force` (a slip of the shell's completion) wrote the filled-in template
+    over the store file: every secret lost (and over the audit log: its chain), where `backup`
+    refuses those paths. Refused now, with or without --force (not 'add --force'), before any
+    secret is read; nothing changes. Fails on the old code (exit 0, the store replaced)."""
+    (cli.store.parent / "store.db-wal").touch()
+    target = cli.store.parent / own
+    before = {path.name: path.read_bytes() for path in cli.store.parent.iterdir()}
+    for force in (["--force"], []):
+        result = cli("inject", "-i", str(tmp_path / "template.yaml"), "-o", str(target), *force)
+        assert_one_line_error(result, 2, f"{target} {said}; give -o another file; nothing was written")
+    assert {path.name: path.read_bytes() for path in cli.store.parent.iterdir()} == before
+    assert cli("get", "db/main#username").out == "app\n"
+
+
 def test_file_mode_without_an_out_file_is_refused(cli: Cli, tmp_path: Path) -> None:
     result = cli("inject", "-i", str(tmp_path / "template.yaml"), "--file-mode", "0640")
     assert_one_line_error(result, 2, "--file-mode and --file-group are FILE's: give -o FILE")

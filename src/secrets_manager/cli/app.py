@@ -352,6 +352,22 @@ class Session:
             files.append((Path(password_file), "the password file"))
         return files
 
+    def refuse_own_file(self, path: Path, instead: str) -> None:
+        """InvalidInputError if a file a command writes for the user (inject -o, backup) is one of
+        the local store's (the file or its SQLite companions) or of its audit log's (the log, its
+        rotated files, lock, partial records set aside): written over, the secrets or their audit
+        trail would be lost. `instead` ends the message: what to give."""
+        target = path.resolve()
+        if any(target == own.resolve() for own in local_store_files(self.store_url)):
+            raise InvalidInputError(f"{path} is the store itself; {instead}")
+        if self.server and not self.audit_file:
+            return  # the service audits: no local log of this store (and none to ask AWS about)
+        log = self.audit_path.resolve()
+        if target.parent == log.parent and (
+            target.name == log.name or target.name.startswith(f"{log.name}.")
+        ):
+            raise InvalidInputError(f"{path} is the store's audit log (or one of its files); {instead}")
+
     def event(self, operation: str, name: str | None = None, **fields: Any) -> AuditEvent:
         return AuditEvent(operation=operation, actor=self.actor, name=name, **fields)
 

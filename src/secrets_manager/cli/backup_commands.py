@@ -482,25 +482,9 @@ def _check_destination_path(session: Session, path: Path, *, force: bool) -> Non
             f"{path} is not a regular file (a pipe or a device); a backup is written under a temporary "
             "name and renamed into place: give a file path, then copy the file where it should go"
         )
+    session.refuse_own_file(path, "write the backup to another file")  # before suggesting --force
     if path.exists() and not force:
         raise ConflictError(f"{path} already exists; choose another name or pass --force to replace it")
-    if _is_audit_file(path, session.audit_path):
-        raise InvalidInputError(
-            f"{path} is the store's audit log (or one of its files); write the backup to another file"
-        )
-    try:
-        store_file = sqlite_path(session.store_url)
-    except InvalidInputError:
-        return
-    if path.resolve() in {Path(f"{store_file}{suffix}").resolve() for suffix in ("", "-wal", "-shm")}:
-        raise InvalidInputError(f"{path} is the store itself; write the backup to another file")
-
-
-def _is_audit_file(path: Path, audit_path: Path) -> bool:
-    """Whether `path` is the audit log, one of its rotated files (`NAME.000000000042`), its lock
-    file or a partial record set aside (`NAME.partial-…`): any file the log owns."""
-    target, log = path.resolve(), audit_path.resolve()
-    return target.parent == log.parent and (target.name == log.name or target.name.startswith(f"{log.name}."))
 
 
 def _backup_password(session: Session, path: Path, kind: str, password_file: str | None) -> bytes:

@@ -140,7 +140,10 @@ def inject(
     text = _template_text(template)
     references = _references(text)
     if output is not None:
-        _check_out_file(output, force)  # before any secret is read (and audited) for a FILE never written
+        # Before any secret is read (and audited) for a FILE never written; the store's own files
+        # first, so that a refusal does not suggest --force.
+        session.refuse_own_file(Path(output), "give -o another file; nothing was written")
+        _check_out_file(output, force)
     if watch:
         assert output is not None
         # Ctrl-C, SIGTERM or SIGHUP (a closed terminal), at any point: exit 0, with --on-change's
