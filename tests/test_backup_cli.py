@@ -517,6 +517,20 @@ def test_backup_refuses_to_write_over_the_store_itself(cli: Cli) -> None:
     assert files_of(cli.store) == before
 
 
+def test_backup_refuses_to_write_over_the_master_passwords_file(cli: Cli) -> None:
+    """`backup master-password --force` read the password from the file, then replaced it with the
+    backup: the one password that opens both was gone. Fails on the old code (exit 0)."""
+    password_file = cli.tmp / "master-password"
+    password_file.write_text(PASSWORD)
+    password_file.chmod(0o600)
+    for given in (("--password-file", str(password_file)),):
+        result = cli(*given, "backup", str(password_file), "--force")
+        assert_one_line_error(result, 2, f"{password_file} is the master password's file; write the backup")
+    result = cli("backup", str(password_file), "--force", env={"MASTER_PASSWORD_FILE": str(password_file)})
+    assert_one_line_error(result, 2, "is the master password's file")
+    assert password_file.read_text() == PASSWORD
+
+
 # A restore into a new store that stops right after its commit (the new store's records in its
 # -wal, not yet published) until its stdin closes: the point where a kill -9 leaves the most behind.
 HELD_RESTORE = """

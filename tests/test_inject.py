@@ -19,7 +19,7 @@ import pytest
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.tls.files import write_private_file
 from service_fixtures import SCRIPT, SEED, client_environ, make_pki, make_store, start_server
-from test_cli import KNOWN_VALUE, Cli, assert_one_line_error
+from test_cli import KNOWN_VALUE, PASSWORD, Cli, assert_one_line_error
 
 TEMPLATE = """\
 # market-connector.yaml: {{ not ours }} stays as it is (Helm, Jinja)
@@ -320,6 +320,7 @@ def test_a_file_mode_or_group_that_cannot_be_is_refused_before_anything_is_read(
         ("store.db-wal", "is the store itself"),
         ("store.audit.jsonl", "is the store's audit log (or one of its files)"),
         ("store.audit.jsonl.lock", "is the store's audit log (or one of its files)"),
+        ("master-password", "is the master password's file"),
     ],
 )
 def test_the_stores_own_files_are_never_written_over(cli: Cli, tmp_path: Path, own: str, said: str) -> None:
@@ -328,6 +329,8 @@ def test_the_stores_own_files_are_never_written_over(cli: Cli, tmp_path: Path, o
     refuses those paths. Refused now, with or without --force (not 'add --force'), before any
     secret is read; nothing changes. Fails on the old code (exit 0, the store replaced)."""
     (cli.store.parent / "store.db-wal").touch()
+    (cli.store.parent / "master-password").write_text(PASSWORD)
+    cli.env["MASTER_PASSWORD_FILE"] = str(cli.store.parent / "master-password")
     target = cli.store.parent / own
     before = {path.name: path.read_bytes() for path in cli.store.parent.iterdir()}
     for force in (["--force"], []):

@@ -151,6 +151,7 @@ def is_remote_store(store: object) -> TypeGuard[RemoteStore]:
     return remote is not None and isinstance(store, remote.RemoteStore)
 
 
+STDIN_PATH = "-"  # a path option's spelling of standard input (refused for a password file)
 STORE_VARIABLE = "SECRETS_MANAGER_STORE"
 SERVER_VARIABLE = "SECRETS_MANAGER_ADDR"
 HEALTH_CHECK_SECONDS = 3.0  # each address's health check, when --server names several
@@ -354,12 +355,16 @@ class Session:
 
     def refuse_own_file(self, path: Path, instead: str) -> None:
         """InvalidInputError if a file a command writes for the user (inject -o, backup) is one of
-        the local store's (the file or its SQLite companions) or of its audit log's (the log, its
-        rotated files, lock, partial records set aside): written over, the secrets or their audit
-        trail would be lost. `instead` ends the message: what to give."""
+        the local store's (the file or its SQLite companions), the master password's file, or one
+        of its audit log's (the log, its rotated files, lock, partial records set aside): written
+        over, the secrets, the password or their audit trail would be lost. `instead` ends the
+        message: what to give."""
         target = path.resolve()
         if any(target == own.resolve() for own in local_store_files(self.store_url)):
             raise InvalidInputError(f"{path} is the store itself; {instead}")
+        password_file = self.password_file or self.environ.get(PASSWORD_FILE_VARIABLE)
+        if password_file not in (None, "", STDIN_PATH) and target == Path(str(password_file)).resolve():
+            raise InvalidInputError(f"{path} is the master password's file; {instead}")
         if self.server and not self.audit_file:
             return  # the service audits: no local log of this store (and none to ask AWS about)
         log = self.audit_path.resolve()
