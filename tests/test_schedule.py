@@ -158,6 +158,9 @@ def test_a_schedule_file_is_read_with_its_settings_and_defaults(tmp_path: Path) 
         ('[[rotation]]\nname = "db/app"\nevery = "\u0661d"\n', "every must be a number and a unit"),
         ('[[rotation]]\nname = "db/app"\nevery = 30\n', "every must be a number and a unit"),
         ('[[rotation]]\nname = "db/app"\nevery = "1d"\nalphabet = "emoji"\n', "alphabet must be one of"),
+        # A list or a table: 'internal error (TypeError)', unhashable, at check, run and serve.
+        ('[[rotation]]\nname = "db/app"\nevery = "1d"\nalphabet = ["hex"]\n', "alphabet must be one of"),
+        ('[[rotation]]\nname = "db/app"\nevery = "1d"\nalphabet = {}\n', "alphabet must be one of"),
         ('[[rotation]]\nname = "db/app"\nevery = "1d"\nlength = 7\n', "length must be 8..4096"),
         ('[[rotation]]\nname = "db/app"\nevery = "1d"\ntimeout = 0\n', "timeout must be more than 0"),
         ('[[rotation]]\nname = "db/app"\nevery = "1d"\nset_command = ""\n', "set_command is empty"),

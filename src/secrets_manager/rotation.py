@@ -904,7 +904,7 @@ def _entry(entry: Any, directory: Path) -> ScheduledRotation:
     if not isinstance(length, int) or isinstance(length, bool) or not MIN_LENGTH <= length <= MAX_LENGTH:
         raise InvalidInputError(f"length must be {MIN_LENGTH}..{MAX_LENGTH}")
     alphabet = entry.get("alphabet", "alnum")
-    if alphabet not in ALPHABETS:
+    if not isinstance(alphabet, str) or alphabet not in ALPHABETS:  # a list or table: unhashable
         raise InvalidInputError(f"alphabet must be one of {', '.join(sorted(ALPHABETS))}")
     timeout = entry.get("timeout", DEFAULT_TIMEOUT)
     if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 < timeout <= MAX_TIMEOUT:
