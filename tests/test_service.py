@@ -2459,6 +2459,19 @@ def test_a_service_address_with_nothing_behind_it_is_one_line_saying_what_to_che
             f"secrets-manager: error: {dead}: failed to connect (Connection refused): is the "
             "service running there, and is this its address?\n"
         )
+    with socket.socket() as plain:  # a port that answers, but not TLS (an HTTP server's)
+        plain.bind(("127.0.0.1", 0))
+        plain.listen()
+        address = f"127.0.0.1:{plain.getsockname()[1]}"
+        answer = threading.Thread(target=_answer_in_plain_text, args=(plain,), daemon=True)
+        answer.start()
+        proc = run_script(environ, "--server", address, "list")
+    said = proc.stderr.decode()
+    assert proc.returncode == 1 and said.count("\n") == 1, said
+    assert said == (
+        f"secrets-manager: error: TLS handshake with {address} failed: what answers there does not "
+        "speak TLS (a plain-text port, another service?): check the address\n"
+    )
     unresolved = run_script(environ, "--server", "no-such-host.invalid:7443", "get", "auth/X")
     said = unresolved.stderr.decode()
     assert unresolved.returncode == 1 and said.count("\n") == 1, said
@@ -2466,3 +2479,13 @@ def test_a_service_address_with_nothing_behind_it_is_one_line_saying_what_to_che
         "secrets-manager: error: no-such-host.invalid:7443: the host name 'no-such-host.invalid' "
         "could not be resolved: check the address (a typing error?) and this host's DNS\n"
     )
+
+
+def _answer_in_plain_text(listener: socket.socket) -> None:
+    """Answer every connection as an HTTP server would, until the listener is closed."""
+    with contextlib.suppress(OSError):
+        while True:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(4096)
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")

@@ -359,6 +359,11 @@ class RemoteStore:
                 f"certificate again with it ('pki issue NAME --server {option} {host}')"
             )
         if code is grpc.StatusCode.UNAVAILABLE and "handshake" in details.lower():
+            if "WRONG_VERSION_NUMBER" in details:  # BoringSSL's words for an answer that is not TLS
+                return HandshakeFailedError(
+                    f"TLS handshake with {self.address} failed: what answers there does not speak TLS "
+                    "(a plain-text port, another service?): check the address"
+                )
             return HandshakeFailedError(
                 f"TLS handshake with {self.address} failed: check the certificate files (is the "
                 f"server's certificate signed by the CA in {self._tls.ca} and issued for this address?)"
