@@ -144,6 +144,14 @@ def _at_address(error: Exception, address: str) -> str:
     return said if named else f"{address}: {said}"
 
 
+def quiet_grpc() -> None:
+    """gRPC's documented default log level, set before its core starts (the first import of the
+    client, which imports grpc): unset, the core logs a failed handshake at INFO ("I1130 …
+    ssl_transport_security.cc …") above our one-line error. An explicit value stays; `serve`
+    keeps gRPC's own (its handshake failures are logged)."""
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
+
 def is_remote_store(store: object) -> TypeGuard[RemoteStore]:
     """Whether `store` is a service's (a RemoteStore), without importing the client (gRPC) for a
     local store: a RemoteStore exists only once its module was imported."""
@@ -583,10 +591,7 @@ class Session:
         timeout: client/remote.first_serving), so a write is never sent twice to two replicas; a
         read it does not answer, or a write that found no connection, moves the command to the
         next that says SERVING (RemoteStore._call). `options`: gRPC channel options."""
-        # gRPC's documented default, set before its core starts: unset, the core logs a failed
-        # handshake at INFO ("I1130 … ssl_transport_security.cc …") above our one-line error.
-        # An explicit value stays; `serve` keeps gRPC's own (its handshake failures are logged).
-        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+        quiet_grpc()
         from secrets_manager.client import RemoteStore
         from secrets_manager.client._config import parse_addresses
 
@@ -748,7 +753,8 @@ class Session:
         if self.server:
             # The SDK's channel options: its keepalive notices a service that hangs (its watch
             # stream would otherwise wait, silent, for good) and a lost connection is tried again
-            # within seconds.
+            # within seconds. Importing them starts gRPC: its log level first (remote_store).
+            quiet_grpc()
             from secrets_manager.client._client import CHANNEL_OPTIONS
 
             remote = self.remote_store(CHANNEL_OPTIONS)

@@ -8,11 +8,16 @@ with one line naming those that are not.
 
 from __future__ import annotations
 
-import os
-
 import click
 
-from secrets_manager.cli.app import HEALTH_CHECK_SECONDS, SERVER_VARIABLE, Session, cli, pass_session
+from secrets_manager.cli.app import (
+    HEALTH_CHECK_SECONDS,
+    SERVER_VARIABLE,
+    Session,
+    cli,
+    pass_session,
+    quiet_grpc,
+)
 from secrets_manager.cli.output import print_json, print_table
 from secrets_manager.errors import InvalidInputError, StorageError
 
@@ -31,7 +36,7 @@ def health(session: Session, timeout: float, as_json: bool) -> None:
     """Check the health of the service at --server / SECRETS_MANAGER_ADDR (each of several
     comma-separated addresses). Exit 0 if every one is SERVING, 1 if not (the store down, the
     audit log unwritable, shutting down, or unreachable)."""
-    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")  # as remote_store: no gRPC core lines
+    quiet_grpc()  # as remote_store: no gRPC core lines
     from secrets_manager.client import RemoteStore
     from secrets_manager.client._config import parse_addresses
     from secrets_manager.client.remote import health_statuses

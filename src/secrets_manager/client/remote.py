@@ -775,7 +775,13 @@ class RemoteStore:
         if check_health is None and len(self.replicas) > 1:
             check_health = FAILOVER_HEALTH_CHECK_SECONDS
         serving = partial(_serving, self._health, check_health) if check_health is not None else None
-        return ChangeStream(self._stub.Watch(request), self.address, since_revision, serving=serving)
+        return ChangeStream(
+            self._stub.Watch(request),
+            self.address,
+            since_revision,
+            serving=serving,
+            unconnected=self._not_connected,
+        )
 
     def is_serving(self, timeout: float) -> bool:
         """Health/Check of the Secrets service (connecting first if needed), within `timeout`.
@@ -819,10 +825,13 @@ class ChangeStream:
         since_revision: int | None = None,
         *,
         serving: Callable[[], bool] | None = None,
+        unconnected: Callable[[grpc.StatusCode, str], StorageError | None] | None = None,
     ) -> None:
-        """`serving`: the replica's health check, asked while the stream's start waits (`start`)."""
+        """`serving`: the replica's health check, asked while the stream's start waits (`start`).
+        `unconnected`: the store's words for a stream that never connected (`_not_connected`)."""
         self._call = call
         self._serving = serving
+        self._unconnected = unconnected
         self.address = address
         self.since_revision = since_revision
         self.revision: int | None = None
@@ -909,6 +918,11 @@ class ChangeStream:
             raise self._error(exc.code(), exc.details()) from None
 
     def _error(self, code: grpc.StatusCode, details: str | None) -> Exception:
+        if self._unconnected is not None and details and details.startswith((_NEVER_CONNECTED, *_UNRESOLVED)):
+            # Never connected (refused, unresolved, a failed handshake): said as a call says it.
+            why = self._unconnected(code, details)
+            if why is not None:
+                return why
         return error_for(code, f"watch stream from {self.address}: {details or code.name}")
 
     def cancel(self) -> None:
