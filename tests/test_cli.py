@@ -3019,6 +3019,24 @@ def test_init_where_this_user_may_not_write_says_to_pass_another_store(
     assert not cli.store.exists()
 
 
+def test_init_where_no_directory_can_be_made_says_to_pass_another_store(cli: Cli) -> None:
+    """A default store under a HOME where no directory can be made (HOME=/proc, a service's odd
+    HOME): 'cannot create store …: No such file or directory', exit 1, with nothing said of what to
+    do. Now the same remedy as for a directory this user may not write. Fails on the old code."""
+    made = cli(
+        "init",
+        "--kdf-profile",
+        "test",
+        env={"SECRETS_MANAGER_STORE": None, "HOME": "/proc", "XDG_DATA_HOME": None},
+    )
+    assert made.code == 1 and made.stderr.count("\n") == 1, made.stderr
+    assert made.stderr == (
+        "secrets-manager: error: cannot create store /proc/.local/share/secrets-manager/secrets.db: "
+        "No such file or directory; pass --store (or set SECRETS_MANAGER_STORE) with a path this user "
+        "can write\n"
+    )
+
+
 def test_shell_completion_scripts_and_command_completion(cli: Cli) -> None:
     for shell in ("bash", "zsh", "fish"):
         script = cli(env={"_SECRETS_MANAGER_COMPLETE": f"{shell}_source"})

@@ -535,8 +535,9 @@ def _create_private_file(path: Path) -> None:
 
 def _elsewhere(error: OSError) -> str:
     """What to do when this user may not create the store there (another user's directory, a
-    HOME of /nonexistent as for `nobody`, a read-only file system)."""
-    if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+    HOME of /nonexistent as for `nobody`, a read-only file system, a HOME under /proc where no
+    directory can be made)."""
+    if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOENT):
         return ""
     return "; pass --store (or set SECRETS_MANAGER_STORE) with a path this user can write"
 
