@@ -157,6 +157,67 @@ def test_the_process_wide_client_survives_a_new_event_loop(auth_environment: Non
     assert revealed(second) == {"DB_PASSWORD": AUTH["auth/DB_PASSWORD"], "JWT_KEY": AUTH["auth/JWT_KEY"]}
 
 
+def test_aclose_default_client_leaves_the_event_loop_running(
+    service_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close_default_client() waits for the client's threads (a call in flight ends within the
+    timeout); called in a coroutine it stalled the loop for that long. Its awaitable form waits
+    in a worker thread."""
+    silent = SilentListener()  # the first read's watcher waits for its health check's timeout
+    for variable, value in client_environ(service_dir, "auth", [silent.address]).items():
+        monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("SECRETS_MANAGER_TIMEOUT", "1")
+
+    async def main() -> tuple[float, list[float]]:
+        reading = asyncio.create_task(get_credentials())
+        await asyncio.sleep(0.2)
+        stop = asyncio.Event()
+        ticker = asyncio.create_task(ticking(stop))
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        await _client.aclose_default_client()
+        closing = time.monotonic() - started
+        stop.set()
+        beats = await ticker
+        await asyncio.gather(reading, return_exceptions=True)  # it fails: its client was closed
+        return closing, beats
+
+    try:
+        closing, beats = asyncio.run(main())
+    finally:
+        close_default_client()
+        silent.close()
+    assert closing >= 0.3, "the close was meant to wait for the watcher's hung health check"
+    gaps = [later - earlier for earlier, later in itertools.pairwise(beats)]
+    assert max(gaps) < 0.25, f"the loop stalled for {max(gaps) * 1000:.0f} ms during the close"
+    assert _client._default_client is None and _client._default_async_client is None
+
+
+def test_a_close_racing_the_first_get_credentials_leaves_no_closed_client_behind(
+    service_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """close_default_client() landing between the making of the process-wide client and of its
+    asyncio face left that face wrapping the closed client: every later get_credentials() said
+    'this secrets-manager client is closed' until the default client was closed again."""
+    for variable, value in client_environ(service_dir, "auth", ["127.0.0.1:9"]).items():
+        monkeypatch.setenv(variable, value)  # nothing is contacted: no read is made
+    made = _client.default_client
+
+    def closed_right_after() -> _client.Client:
+        client = made()
+        close_default_client()
+        return client
+
+    monkeypatch.setattr(_client, "default_client", closed_right_after)
+    try:
+        async_client = _client._default_async()
+        assert not async_client.sync._closed.is_set()
+        assert _client._default_async() is async_client
+        assert made() is async_client.sync
+    finally:
+        close_default_client()
+
+
 def test_async_client_gets_versions_describes_and_reports_denials(server: Server, service_dir: Path) -> None:
     async def main() -> None:
         async with AsyncClient(environ=client_environ(service_dir, "writer", [server.address])) as client:

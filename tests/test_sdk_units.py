@@ -44,6 +44,7 @@ def test_public_names_change_only_on_purpose() -> None:
         "SecretRedactionFilter",
         "Subscription",
         "TlsFiles",
+        "aclose_default_client",
         "close_default_client",
         "default_client",
         "get_credentials",

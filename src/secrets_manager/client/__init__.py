@@ -11,6 +11,7 @@ Configuration comes from the environment (SECRETS_MANAGER_ADDR, SECRETS_MANAGER_
 from secrets_manager.client._client import (
     AsyncClient,
     Client,
+    aclose_default_client,
     close_default_client,
     default_client,
     get_credentials,
@@ -31,6 +32,7 @@ __all__ = [
     "SecretRedactionFilter",
     "Subscription",
     "TlsFiles",
+    "aclose_default_client",
     "close_default_client",
     "default_client",
     "get_credentials",

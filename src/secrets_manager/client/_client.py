@@ -2086,13 +2086,17 @@ def default_client() -> Client:
 
 
 def _default_async() -> AsyncClient:
-    global _default_async_client
+    """The process-wide client's asyncio face. Made under the same lock as the client it wraps
+    (and as `close_default_client` takes both away), so a close racing a first call cannot leave
+    it wrapping a client that was closed meanwhile: after a close, the next call makes both anew."""
+    global _default_client, _default_async_client
     client = _default_async_client
     if client is None:
-        shared = default_client()
         with _default_lock:
+            if _default_client is None:
+                _default_client = Client()
             if _default_async_client is None:
-                _default_async_client = AsyncClient(client=shared)
+                _default_async_client = AsyncClient(client=_default_client)
             client = _default_async_client
     return client
 
@@ -2109,11 +2113,27 @@ def get_credentials_sync(namespace: str | None = None) -> Credentials:
     return default_client().credentials(namespace)
 
 
-def close_default_client() -> None:
-    """Close the process-wide client; the next `get_credentials()` makes a new one from the
-    environment as it is then."""
+def _take_default_client() -> Client | None:
+    """The process-wide client (sync and async faces alike), no longer the default: the next call
+    makes a new one from the environment as it is then."""
     global _default_client, _default_async_client
     with _default_lock:
         client, _default_client, _default_async_client = _default_client, None, None
+    return client
+
+
+def close_default_client() -> None:
+    """Close the process-wide client; the next `get_credentials()` makes a new one from the
+    environment as it is then. It waits for the client's threads (a call in flight ends within
+    the timeout): in a coroutine, `await aclose_default_client()` instead."""
+    client = _take_default_client()
     if client is not None:
         client.close()
+
+
+async def aclose_default_client() -> None:
+    """`close_default_client` for a coroutine: the wait for the client's threads happens in a
+    worker thread, so the event loop keeps running meanwhile."""
+    client = _take_default_client()
+    if client is not None:
+        await _in_thread(client.close)
