@@ -6,6 +6,7 @@ output in a pipe.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pty
@@ -292,6 +293,34 @@ def test_a_refused_file_creates_no_store(
         str(cli.backup_password),
     )
     assert_one_line_error(result, code, message)
+    assert files_of(target) == {}
+
+
+def test_a_store_given_as_the_backup_is_named_a_store_not_a_damaged_backup(cli: Cli) -> None:
+    """The store itself (or another SQLite database) given to restore or backup verify was 'backup
+    ... is damaged ... (use another copy)', exit 6: no copy of a backup was given at all."""
+    other = cli.tmp / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as db:
+        db.execute("CREATE TABLE t (x)")
+        db.commit()
+    target = cli.tmp / "target" / "store.db"
+    before = files_of(cli.store)
+    store_says = (
+        f"{cli.store} is a secrets-manager store, not a backup: give a file made by `secrets-manager backup`"
+    )
+    for args in (["backup", "verify", str(cli.store)], ["restore", str(cli.store), "--store", str(target)]):
+        assert_one_line_error(cli(*args), 2, store_says)
+    assert_one_line_error(
+        cli("restore", str(cli.store), "--on-existing", "overwrite"),
+        2,
+        "is a secrets-manager store, not a backup",
+    )
+    assert_one_line_error(
+        cli("backup", "verify", str(other)),
+        2,
+        f"{other} is an SQLite database, not a backup: give a file made by",
+    )
+    assert files_of(cli.store) == before
     assert files_of(target) == {}
 
 

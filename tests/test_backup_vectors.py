@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from secrets_manager.errors import IntegrityError, UnlockError
-from secrets_manager.store.backup import BackupDamagedError, BackupVersionError, read_backup
+from secrets_manager.store.backup import BackupDamagedError, BackupVersionError, NotABackupError, read_backup
 
 VECTORS = Path(__file__).parent / "vectors" / "backup"
 CORPUS = sorted(VECTORS.glob("*.json"))
@@ -24,6 +24,7 @@ ERRORS: dict[str, tuple[type[Exception], int]] = {
     "integrity_error": (BackupDamagedError, 6),
     "unlock_error": (UnlockError, 4),
     "unsupported_version": (BackupVersionError, 2),
+    "not_a_backup": (NotABackupError, 2),
 }
 
 

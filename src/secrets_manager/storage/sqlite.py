@@ -18,6 +18,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Literal
 
 from secrets_manager.durable import fsync_directory
 from secrets_manager.errors import (
@@ -558,11 +559,21 @@ def occupied_path_error(path: Path) -> SecretsManagerError:
         return ConflictError(f"{path} exists and cannot be read ({exc.strerror}): {elsewhere}")
     if not header:
         return ConflictError(f"{path} is an empty file, not a store: {elsewhere}")
-    if header[:16] != b"SQLite format 3\x00" or len(header) < 72:
+    kind = sqlite_file_kind(header)
+    if kind is None:
         return ConflictError(f"{path} is not a secrets-manager store (not an SQLite database): {elsewhere}")
-    if int.from_bytes(header[68:72], "big") != _APPLICATION_ID:
+    if kind == "sqlite":
         return ConflictError(f"{path} is not a secrets-manager store (another SQLite database): {elsewhere}")
     return ConflictError(f"a store already exists at {path}; init never overwrites one")
+
+
+def sqlite_file_kind(header: bytes) -> Literal["store", "sqlite"] | None:
+    """What a file whose first bytes (at least 72 of them, if it has them) are `header` is: a
+    secrets-manager store ('store', by the application id in its SQLite header), another SQLite
+    database ('sqlite'), or neither (None)."""
+    if header[:16] != b"SQLite format 3\x00" or len(header) < 72:
+        return None
+    return "store" if int.from_bytes(header[68:72], "big") == _APPLICATION_ID else "sqlite"
 
 
 def create_private_directories(path: Path) -> None:

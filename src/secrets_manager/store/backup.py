@@ -76,6 +76,7 @@ from secrets_manager.errors import (
     UnsafeConfigurationError,
 )
 from secrets_manager.storage import Snapshotting
+from secrets_manager.storage.sqlite import sqlite_file_kind
 from secrets_manager.store.base import (
     LABELS,
     MAX_VALUE_SIZE,
@@ -268,6 +269,11 @@ class BackupDamagedError(IntegrityError):
 
     def __init__(self, path: Path | str, reason: str) -> None:
         super().__init__(f"backup {path} is damaged: {reason}; it cannot be restored (use another copy)")
+
+
+class NotABackupError(InvalidInputError):
+    """The file is an SQLite database, a store given by mistake for its backup (exit 2): not a
+    damaged backup, and no other copy of a backup would help (backup-format.md 3)."""
 
 
 class BackupVersionError(InvalidInputError):
@@ -747,6 +753,14 @@ def _read_header(source: BinaryIO, path: Path) -> BackupHeader:
             raise BackupVersionError(
                 f"{path} is a version {int(match['version'])} backup, newer than this secrets-manager "
                 f"reads (version {FORMAT_VERSION}); upgrade secrets-manager to verify or restore it"
+            )
+        kind = (
+            sqlite_file_kind(first + source.read(100 - len(first))) if first.startswith(b"SQLite") else None
+        )
+        if kind is not None:  # given the store (or another database) for its backup: no damage
+            what = "a secrets-manager store" if kind == "store" else "an SQLite database"
+            raise NotABackupError(
+                f"{path} is {what}, not a backup: give a file made by `secrets-manager backup`"
             )
         raise BackupDamagedError(path, "it does not start with a secrets-manager backup version line")
     line = source.readline(MAX_HEADER_SIZE + 1)

@@ -571,7 +571,10 @@ def build() -> dict[str, dict[str, Any]]:
             BACKUP_PASSWORD,
         ),
         "bad_not_a_backup": vector(
-            "a SQLite database file", bad, b"SQLite format 3\x00" + bytes(84), MASTER_PASSWORD
+            "an SQLite database file (a store given for its backup)",
+            "not_a_backup",
+            b"SQLite format 3\x00" + bytes(84),
+            MASTER_PASSWORD,
         ),
         "bad_version_line_v0": vector(
             "version line v0",
