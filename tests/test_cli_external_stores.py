@@ -769,3 +769,29 @@ def test_an_aws_endpoint_setting_that_is_not_a_url_is_one_line_exit_2(tmp_path: 
     kms_store = tmp_path / "kms" / "store.db"
     assert_one_line_error(cli("--store", str(kms_store), "init", "--kms-key", "alias/x"), 2, said)
     assert not kms_store.exists()
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        (
+            "aws-secretsmanager://eu-west-1/trading?kms.Bad%20NS=alias/k",
+            "a kms.NAMESPACE option names no namespace",
+        ),
+        ("aws-secretsmanager://eu-west-1/trading?kms.=alias/k", "option 'kms.' names no namespace"),
+        ("vault://127.0.0.1:9/secret?namespace=team%0Aa", "option 'namespace' is not a Vault namespace path"),
+        (
+            "vault+http://127.0.0.1:9/secret?namespace=%C3%A9quipe",
+            "option 'namespace' is not a Vault namespace",
+        ),
+    ],
+    ids=["kms-namespace-with-space", "kms-empty-namespace", "vault-newline", "vault-non-ascii"],
+)
+def test_a_bad_store_url_option_is_named_in_one_line(tmp_path: Path, url: str, says: str) -> None:
+    """kms.NAMESPACE with no valid namespace said only 'invalid namespace ...: a namespace is the
+    first segment of a name', naming neither the URL nor its option; a Vault namespace= that an HTTP
+    header cannot carry was 'cannot reach Vault (InvalidHeader)' or an internal error."""
+    cli = Cli(
+        {"HOME": str(tmp_path), "VAULT_TOKEN": "t", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
+    )
+    assert_one_line_error(cli("--store", url, "list"), 2, "store URL ", says, "write ")

@@ -65,6 +65,7 @@ VAULT_NAMESPACE_VARIABLE = (
 DEFAULT_FILE_NAME = "secrets.db"
 _REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+-\d+")
 _MOUNT = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
+_VAULT_NAMESPACE = re.compile(r"[!-~]+")  # printable ASCII: what an HTTP header carries as is
 _PG_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 MAX_PG_CONNECTIONS = 64  # `max_connections=N`: connections one store handle may hold at once
 # What a postgresql:// URL may carry besides our `schema`: libpq's own connection options.
@@ -359,6 +360,11 @@ def _vault_location(url: str, http_scheme: str) -> VaultLocation:
         raise InvalidInputError(f"store URL {display_url(url)!r}: {usage}")
     options = {key: (value, has_value) for key, value, has_value in _query_options(parts.query)}
     namespace = options.pop("namespace", ("", True))[0]
+    if namespace and not _VAULT_NAMESPACE.fullmatch(namespace):  # sent as a header: one that cannot
+        raise InvalidInputError(  # be was 'cannot reach Vault (InvalidHeader)' or an internal error
+            f"store URL {display_url(url)!r}: option 'namespace' is not a Vault namespace path; write "
+            "namespace=NS with NS printable ASCII without spaces, e.g. namespace=team-a/prod"
+        )
     if options:
         key, (_, has_value) = next(iter(options.items()))
         raise InvalidInputError(
@@ -397,7 +403,16 @@ def _aws_location(url: str) -> AwsLocation:
         if key == "kms" and value:
             default_kms_key = value
         elif key.startswith("kms.") and value:
-            kms_keys[validate_namespace(key[len("kms.") :])] = value
+            try:
+                kms_keys[validate_namespace(key[len("kms.") :])] = value
+            except InvalidInputError:
+                label = option_label(key)
+                which = f"option {label}" if label != repr(MASK) else "a kms.NAMESPACE option"
+                raise InvalidInputError(
+                    f"store URL {display_url(url)!r}: {which} names no namespace; "
+                    "write kms.NAMESPACE=KEY with NAMESPACE the first segment of the names the key "
+                    "encrypts, e.g. kms.auth=alias/auth for auth/DB_PASSWORD"
+                ) from None
         elif key == "recovery_window_days" and value.isdigit() and 7 <= int(value) <= 30:
             recovery = int(value)
         else:
