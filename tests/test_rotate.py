@@ -582,6 +582,46 @@ def test_the_suggested_commands_keep_the_global_options_given_on_the_command_lin
     assert "pending" not in cli(*options, "history", "db/app").stdout
 
 
+def test_the_suggested_resume_reproduces_arguments_that_are_not_utf_8(cli: Cli, tmp_path: Path) -> None:
+    """A store path and a set command with bytes that are not UTF-8 (a directory named in Latin-1)
+    were shown as Python's surrogates ('caf\\udce9'): the command pasted named another file and
+    ran another command. They are now in bash's $'...' form, which gives back the same bytes."""
+    place = tmp_path / "caf\udce9"  # the byte 0xE9, as a Latin-1 name holds it
+    place.mkdir()
+    store, target, broken = place / "store.db", place / "target", place / "broken"
+    options = ("--store", str(store), "--audit-file", str(place / "audit.jsonl"))
+    assert cli(*options, "init", "--kdf-profile", "test").code == 0
+    assert cli(*options, "store", "db/app", input=b"old").code == 0
+    script = place / "set\udcff"
+    line = f"#!/bin/sh\ntest ! -e {shlex.quote(str(broken))} && cat > {shlex.quote(str(target))}\n"
+    script.write_bytes(os.fsencode(line))
+    script.chmod(0o755)
+    broken.touch()
+    result = cli(*options, "rotate", "db/app", "--set-command", shlex.join([str(script)]))
+    assert result.code == 1, result.stderr
+    error = result.stderr.strip().splitlines()[-1]
+    assert "\\udc" not in error and "\ufffd" not in error, error
+    shown, _, discard = error.partition("run the same command again with --resume: ")[2].partition(
+        " (or discard it: "
+    )
+    assert "$'" in shown and "\\xe9" in shown, error
+    broken.unlink()
+    pasted = subprocess.run(
+        ["bash", "-c", shown],
+        capture_output=True,
+        env={
+            **cli.env,
+            "PATH": f"{SCRIPT.parent}:{cli.env['PATH']}",
+            "SECRETS_MANAGER_STORE": str(tmp_path / "none.db"),
+        },
+        timeout=60,
+    )
+    assert pasted.returncode == 0, pasted.stderr
+    got = cli(*options, "get", "db/app")
+    assert got.code == 0 and got.stdout.rstrip("\n") == target.read_text() != "old"
+    assert discard.removesuffix(")").startswith("secrets-manager --store $'"), error
+
+
 def test_resume_promote_only_promotes_a_value_set_by_hand_without_running_anything(
     cli: Cli, tmp_path: Path
 ) -> None:

@@ -34,10 +34,11 @@ secrets (names are not secret) and say what to do next.
 from __future__ import annotations
 
 import contextlib
+import os
 import shlex
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 
 
@@ -103,7 +104,7 @@ class StoreNotFoundError(NotFoundError):
     def __init__(self, location: str, store_argument: str | None) -> None:
         self.location = location
         # None: the default store, which a bare `init` creates
-        where = "" if store_argument is None else f" --store {shlex.quote(store_argument)}"
+        where = "" if store_argument is None else f" --store {shell_quote(store_argument)}"
         self.init_command = f"secrets-manager{where} init"
         super().__init__(
             f"no store at {location}; create one with '{self.init_command}', "
@@ -215,6 +216,35 @@ class OutcomeUnknownError(StorageError):
     `outcome_unknown`, not as a failure: read the secret's history before writing again."""
 
     kind = "outcome_unknown"
+
+
+def shell_quote(word: str) -> str:
+    """`word` as a shell gives it back to a program, for a command a message says to run:
+    `shlex.quote`, except for a word with bytes that are not UTF-8 (an argument or path given as
+    such, which Python holds as surrogates, shown as '\\udce9') or control characters (a newline
+    would break the message's one line): bash's $'...' form, each such byte as \\xHH, so the
+    command pasted passes the very bytes given."""
+    if not any(ord(char) < 0x20 or ord(char) == 0x7F or 0xDC80 <= ord(char) <= 0xDCFF for char in word):
+        return shlex.quote(word)
+    quoted = []
+    try:
+        given = os.fsencode(word)  # the bytes as given (surrogateescape undone)
+    except UnicodeEncodeError:  # a surrogate no argument decodes to: shown, not reproduced
+        given = word.encode("utf-8", "backslashreplace")
+    for byte in given:
+        char = chr(byte)
+        if char in "'\\":
+            quoted.append("\\" + char)
+        elif 0x20 <= byte < 0x7F:
+            quoted.append(char)
+        else:
+            quoted.append(f"\\x{byte:02x}")
+    return "$'" + "".join(quoted) + "'"
+
+
+def shell_join(words: Iterable[str]) -> str:
+    """`shlex.join` with `shell_quote`: a command line to paste into bash (or zsh, ksh)."""
+    return " ".join(shell_quote(word) for word in words)
 
 
 def restated(error: SecretsManagerError, message: str) -> SecretsManagerError:

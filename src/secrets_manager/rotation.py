@@ -69,6 +69,7 @@ from secrets_manager.errors import (
     SecretsManagerError,
     Terminated,
     UnlockError,
+    shell_join,
 )
 from secrets_manager.rotators.postgres import PASSWORD_FIELD, PostgresRole, PostgresStepError
 from secrets_manager.store import CURRENT, PENDING, SecretMetadata, validate_name
@@ -210,13 +211,13 @@ def resume_command(name: str, commands: Commands, *, resume: bool = True) -> str
     if commands.postgres is not None:
         words += commands.postgres.options
     if commands.set_argv is not None:
-        words += ["--set-command", shlex.join(commands.set_argv)]
+        words += ["--set-command", shlex.join(commands.set_argv)]  # split again by shlex.split
     if commands.test_argv is not None:
         words += ["--test-command", shlex.join(commands.test_argv)]
     if commands.timeout != DEFAULT_TIMEOUT:
         given = f"{commands.timeout:g}"  # 30 as 30, but never rounded (":g" made 1234.5678 1234.57)
         words += ["--timeout", given if float(given) == commands.timeout else repr(commands.timeout)]
-    return shlex.join(words)
+    return shell_join(words)
 
 
 def run_command(
@@ -287,7 +288,7 @@ def _how_to_finish(
     """How to finish a rotation of `name` whose version stays pending, or drop it: the same
     commands with --resume, or for a schedule entry (its commands stay in the schedule file, out
     of logs and replies) that the schedule resumes it."""
-    discard = shlex.join([*commands.invocation, "rotate", name, "--discard"])
+    discard = shell_join([*commands.invocation, "rotate", name, "--discard"])
     if scheduled:
         stale = commands.timeout * STALE_AFTER_TIMEOUTS
         first = "fix the cause: the schedule" if cause else "the schedule"
@@ -497,7 +498,7 @@ def resumed_commands(
     as the commands say, with a warning: its role cannot be checked. Set and test commands are
     taken as given (what they change, only they know)."""
     recorded = PostgresRole.role_of_target(target)
-    discard = shlex.join([*commands.invocation, "rotate", name, "--discard"])
+    discard = shell_join([*commands.invocation, "rotate", name, "--discard"])
     if commands.recorded_postgres is not None:
         if recorded is None:
             raise InvalidInputError(
@@ -564,7 +565,7 @@ def _say_set_ran(
         return
     finish = _how_to_finish(name, commands, scheduled=scheduled, password=isinstance(exc, UnlockError))
     if promoting:  # the promote may have been made before its error (an audit record that failed)
-        history = shlex.join([*commands.invocation, "history", name])
+        history = shell_join([*commands.invocation, "history", name])
         state = f"version {version} may still be pending ('{history}' shows it); if it is, {finish}"
     else:
         state = (
@@ -593,11 +594,11 @@ def _say_overtaken(
     if scheduled:
         again = "rotate it again now (the schedule does only when it is next due)"
     else:
-        get = shlex.join([*commands.invocation, "get", name])
+        get = shell_join([*commands.invocation, "get", name])
         run_set = (
             ""
             if commands.set_argv is None
-            else f", or give the set command the current value: {get} | {shlex.join(commands.set_argv)}"
+            else f", or give the set command the current value: {get} | {shell_join(commands.set_argv)}"
         )
         again = f"rotate it again: {resume_command(name, commands, resume=False)}{run_set}"
     exc.args = (
@@ -622,7 +623,7 @@ def _interrupted(
     if promoting:
         message = (
             f"rotating {name}: interrupted ({how}) while promoting version {version}: it may be current "
-            f"or still pending ('{shlex.join([*commands.invocation, 'history', name])}' shows which); "
+            f"or still pending ('{shell_join([*commands.invocation, 'history', name])}' shows which); "
             f"if it is pending, {_how_to_finish(name, commands, scheduled=scheduled)}"
         )
     else:
@@ -1034,8 +1035,8 @@ def staged_by_another(name: str, planned: Plan, invocation: Sequence[str] = ("se
         if planned.staged_by_another
         else "a writer this store does not record per version (AWS keeps none)"
     )
-    resume = shlex.join([*invocation, "rotate", name, "--resume"])
-    discard = shlex.join([*invocation, "rotate", name, "--discard"])
+    resume = shell_join([*invocation, "rotate", name, "--resume"])
+    discard = shell_join([*invocation, "rotate", name, "--discard"])
     return (
         f"version {planned.pending} of {name} is pending, staged by {who}, not by a rotation of the "
         "schedule: its value is one that writer chose, so the schedule does not set it at the target "

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import re
-import shlex
 import stat
 import sys
 import unicodedata
@@ -29,7 +28,7 @@ from typing import Any
 
 import click
 
-from secrets_manager.errors import InvalidInputError
+from secrets_manager.errors import InvalidInputError, shell_join
 from secrets_manager.store.base import utc_text
 from secrets_manager.store.url import url_without_password
 
@@ -422,4 +421,4 @@ def _a_file_at_rest(path: str) -> bool:
 def suggested(*words: str) -> str:
     """The command `secrets-manager WORDS…` as a shell line to paste, with this command line's
     global options (`invocation`)."""
-    return shlex.join([*invocation(), *words])
+    return shell_join([*invocation(), *words])
