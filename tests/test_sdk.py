@@ -912,6 +912,22 @@ def test_an_address_that_hangs_is_passed_over(server: Server, make_client: Clien
         silent.close()
 
 
+def test_reads_against_hung_addresses_end_within_the_documented_bound(make_client: ClientFactory) -> None:
+    """README (The Python SDK): with N addresses that all hang, a read fails within N timeouts and
+    a client's first within N + 1 (the wait for its watch stream comes first)."""
+    silent = [SilentListener(), SilentListener()]
+    try:
+        client = make_client("auth", [listener.address for listener in silent], timeout=1.0)
+        for bound in (3, 2):  # the first read, then a later one
+            started = time.monotonic()
+            with pytest.raises(StorageError):
+                client.credentials()
+            assert time.monotonic() - started < bound + 0.5
+    finally:
+        for listener in silent:
+            listener.close()
+
+
 def test_an_address_that_hangs_is_named_and_a_change_sent_to_it_is_said_to_be_unknown(
     make_client: ClientFactory,
 ) -> None:
