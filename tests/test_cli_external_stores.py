@@ -795,3 +795,14 @@ def test_a_bad_store_url_option_is_named_in_one_line(tmp_path: Path, url: str, s
         {"HOME": str(tmp_path), "VAULT_TOKEN": "t", "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"}
     )
     assert_one_line_error(cli("--store", url, "list"), 2, "store URL ", says, "write ")
+
+
+@pytest.mark.parametrize(
+    "namespace", ["team\na", "\u00e9quipe", " team"], ids=["newline", "non-ascii", "leading-space"]
+)
+def test_a_bad_vault_namespace_variable_is_named_in_one_line(tmp_path: Path, namespace: str) -> None:
+    """VAULT_NAMESPACE goes out as a header as the URL's namespace= does: one with a line end or a
+    character that is not ASCII was 'cannot reach Vault (InvalidHeader)' or an internal error."""
+    cli = Cli({"HOME": str(tmp_path), "VAULT_TOKEN": "t", "VAULT_NAMESPACE": namespace})
+    result = cli("--store", "vault+http://127.0.0.1:9/secret", "list")
+    assert_one_line_error(result, 2, "VAULT_NAMESPACE is not a Vault namespace path", "set it to one")

@@ -65,7 +65,6 @@ VAULT_NAMESPACE_VARIABLE = (
 DEFAULT_FILE_NAME = "secrets.db"
 _REGION = re.compile(r"[a-z]{2}(-[a-z0-9]+)+-\d+")
 _MOUNT = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
-_VAULT_NAMESPACE = re.compile(r"[!-~]+")  # printable ASCII: what an HTTP header carries as is
 _PG_SCHEMA = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 MAX_PG_CONNECTIONS = 64  # `max_connections=N`: connections one store handle may hold at once
 # What a postgresql:// URL may carry besides our `schema`: libpq's own connection options.
@@ -360,10 +359,12 @@ def _vault_location(url: str, http_scheme: str) -> VaultLocation:
         raise InvalidInputError(f"store URL {display_url(url)!r}: {usage}")
     options = {key: (value, has_value) for key, value, has_value in _query_options(parts.query)}
     namespace = options.pop("namespace", ("", True))[0]
-    if namespace and not _VAULT_NAMESPACE.fullmatch(namespace):  # sent as a header: one that cannot
-        raise InvalidInputError(  # be was 'cannot reach Vault (InvalidHeader)' or an internal error
+    # Sent as the X-Vault-Namespace header: one that cannot be (a line end, spaces around it, what
+    # is not ASCII) was 'cannot reach Vault (InvalidHeader)' or an internal error.
+    if namespace and not (namespace.isascii() and namespace.isprintable() and namespace == namespace.strip()):
+        raise InvalidInputError(
             f"store URL {display_url(url)!r}: option 'namespace' is not a Vault namespace path; write "
-            "namespace=NS with NS printable ASCII without spaces, e.g. namespace=team-a/prod"
+            "namespace=NS with NS printable ASCII without spaces around it, e.g. namespace=team-a/prod"
         )
     if options:
         key, (_, has_value) = next(iter(options.items()))

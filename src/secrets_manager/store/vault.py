@@ -265,6 +265,18 @@ def connect_vault(
     VAULT_SECRET_ID (at auth/VAULT_APPROLE_MOUNT, default `approle`); the Vault CLI's
     ~/.vault-token. MissingCredentialsError when there is none (UnlockError: a refused AppRole
     login). VAULT_CACERT names a CA bundle for TLS and VAULT_NAMESPACE a Vault Enterprise namespace."""
+    if not namespace:
+        namespace = environ.get(NAMESPACE_VARIABLE) or None
+        # Sent as the X-Vault-Namespace header, as the URL's namespace= is (store/url.py checks that
+        # one): a line end or what is not ASCII was 'cannot reach Vault (InvalidHeader)' or an
+        # internal error (UnicodeEncodeError).
+        if namespace is not None and not (
+            namespace.isascii() and namespace.isprintable() and namespace == namespace.strip()
+        ):
+            raise InvalidInputError(
+                f"{NAMESPACE_VARIABLE} is not a Vault namespace path: set it to one in printable "
+                "ASCII without spaces around it, e.g. team-a/prod (or unset it)"
+            )
     verify: bool | str = environ.get(CACERT_VARIABLE) or True
     read_timeout = _timeout(environ)
     client = hvac.Client(
@@ -273,7 +285,7 @@ def connect_vault(
         verify=verify,
         timeout=(min(CONNECT_TIMEOUT_SECONDS, read_timeout), read_timeout),
         session=session or retrying_session(verify=verify),
-        namespace=namespace or environ.get(NAMESPACE_VARIABLE) or None,
+        namespace=namespace,
     )
     token = environ.get(TOKEN_VARIABLE)
     if token:
