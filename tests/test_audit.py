@@ -709,6 +709,35 @@ def test_a_partial_record_in_a_full_log_is_set_aside_not_rotated_with_it(cli: Cl
     assert verify(cli).returncode == 0
 
 
+def _edit_last_record(cli: Cli) -> None:
+    lines = cli.audit.read_bytes().splitlines(keepends=True)
+    record = json.loads(lines[-1])
+    record["actor"] = "someone-else"
+    lines[-1] = json.dumps(record, sort_keys=True, separators=(",", ":")).encode() + b"\n"
+    cli.audit.write_bytes(b"".join(lines))
+
+
+def _cut_anchored_records(cli: Cli) -> None:
+    cli.audit.write_bytes(b"".join(cli.audit.read_bytes().splitlines(keepends=True)[:-2]))
+
+
+@pytest.mark.parametrize("damage", [_edit_last_record, _cut_anchored_records], ids=["edited", "cut"])
+def test_a_full_log_whose_tail_does_not_hold_is_refused_as_it_is_not_rotated_first(
+    cli: Cli, damage: Callable[[Cli], None]
+) -> None:
+    """A writer renamed a full live file (and made a new, empty one) before it checked the tail,
+    then refused: the refusal changed the log it refused, which §1 forbids."""
+    busy_session(cli)
+    damage(cli)
+    before = {path.name: path.read_bytes() for path in cli.audit.parent.iterdir() if path.is_file()}
+    small = {"SECRETS_MANAGER_AUDIT_MAX_BYTES": "1000"}  # the log is over it: the append would rotate
+    refused = cli("get", "auth/DB_PASSWORD", env=small)
+    assert refused.returncode == 6 and refused.stdout == b"", refused.stderr
+    assert refused.stderr.count(b"\n") == 1
+    after = {path.name: path.read_bytes() for path in cli.audit.parent.iterdir() if path.is_file()}
+    assert after == before
+
+
 def test_a_reset_is_not_undone_by_another_process_anchoring_the_old_chain(
     encrypted_store: EncryptedStore, tmp_path: Path
 ) -> None:

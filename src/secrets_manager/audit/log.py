@@ -478,7 +478,7 @@ class AuditLog:
             except FileNotFoundError:
                 now = None
             if now is not None and now.st_ino == self._file[1]:
-                if now.st_size < self.max_bytes or not self._rotate():
+                if now.st_size < self.max_bytes or not self._rotate(anchor):
                     return fd, os.fstat(fd)
                 now = None  # rotated: a new live file
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -1142,10 +1142,12 @@ class AuditLog:
             cause = f"audit log {self.path} did not answer within {self.timeout:g} s"
         return AuditError(f"{cause}; the operation was refused", timed_out=True, cause=cause)
 
-    def _rotate(self) -> bool:
+    def _rotate(self, anchor: AuditAnchor | None) -> bool:
         """Rename the full live file to `<file>.<first seq>`; False if it holds no record, or if
         it ends in a partial record (the append sets that aside first; a rotated file never
-        holds one, where nothing would repair it).
+        holds one, where nothing would repair it). With the store (`anchor`), its tail is checked
+        first, as before any change (§1): a log whose last record was edited, or that lost
+        anchored records, is refused as it is, not renamed (and a new live file made) first.
 
         The file is fsynced first: it may end in records another process wrote without fsync
         (the service's reads, synced within its flush interval, or never if it was killed), and
@@ -1158,6 +1160,8 @@ class AuditLog:
             first = _first_record(self.path)
             if first is None:
                 return False
+            if anchor is not None:
+                self._tail_of(os.fstat(handle.fileno()), anchor)
             os.fsync(handle.fileno())
         self.path.rename(self._rotated_path(int(first["seq"])))
         return True
