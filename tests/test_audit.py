@@ -738,6 +738,49 @@ def test_a_full_log_whose_tail_does_not_hold_is_refused_as_it_is_not_rotated_fir
     assert after == before
 
 
+def test_a_line_longer_than_any_record_is_named_without_being_read_whole(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """A forged line of gigabytes was read whole by verify, show, status and every writer: their
+    memory grew with it, and ran out as 'internal error (MemoryError)', exit 1, not exit 6."""
+    path = tmp_path / "lib.audit.jsonl"
+    log = AuditLog(path, max_bytes=1 << 40)
+    for i in range(3):
+        log.append([AuditEvent(operation="get", actor="svc", name=f"a/{i}")], encrypted_store)
+    huge = b'{"actor":"' + b"a" * (32 << 20) + b'"}'
+    for where, ending in (
+        ("middle", b"\n" + path.read_bytes().splitlines(keepends=True)[-1]),
+        ("end", b"\n"),
+    ):
+        good = path.read_bytes()
+        lines = good.splitlines(keepends=True)
+        path.write_bytes(b"".join(lines[:-1]) + huge + ending if where == "middle" else good + huge + ending)
+        tracemalloc.start()
+        try:
+            with pytest.raises(
+                AuditTamperError, match=r"line \d+ is not an audit record \(over 1048576 bytes"
+            ):
+                log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor())
+            with pytest.raises(AuditTamperError, match="over 1048576 bytes"):
+                list(AuditLog(path).records())
+            stop = threading.Event()
+            batches = AuditLog(path).follow(stop, poll=0.01)
+            try:
+                with pytest.raises(AuditTamperError, match="over 1048576 bytes"):
+                    list(next(batches))
+            finally:
+                stop.set()
+                batches.close()
+            if where == "end":
+                with pytest.raises(AuditTamperError, match="over 1048576 bytes"):
+                    AuditLog(path).append([AuditEvent(operation="get", actor="svc")], encrypted_store)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert peak < 8 << 20, (where, peak)
+        path.write_bytes(good)
+
+
 def test_a_reset_is_not_undone_by_another_process_anchoring_the_old_chain(
     encrypted_store: EncryptedStore, tmp_path: Path
 ) -> None:

@@ -1199,7 +1199,7 @@ class AuditLog:
         try:
             for path, handle in files:
                 live = path == self.path
-                lines = _lines(handle, None if locked or not live else self._reader_lock)
+                lines = _lines(handle, None if locked or not live else self._reader_lock, path)
                 for number, line in enumerate(lines, start=1):
                     if not line.endswith(b"\n") and live:
                         if on_partial is None:
@@ -1236,7 +1236,7 @@ class AuditLog:
                     tail.handle = handle
                     continue
                 with handle:  # read: not held open for the whole follow (pinning a pruned file)
-                    for n, line in enumerate(handle, start=1):
+                    for n, line in enumerate(_lines(handle, None, path), start=1):
                         yield tail.seen(_parse_line(line, path, n))
             yield from tail.read()
             if on_partial is not None and tail.partial():
@@ -1552,7 +1552,7 @@ class _FollowedFile:
             with handle:
                 if os.fstat(handle.fileno()).st_ino == current:
                     break
-                for n, line in enumerate(handle, start=1):
+                for n, line in enumerate(_lines(handle, None, path), start=1):
                     if line.endswith(b"\n"):  # a rotated file never ends in a partial record
                         records.append(self.seen(_parse_line(line, path, n)))
         return records
@@ -1563,18 +1563,15 @@ class _FollowedFile:
         if os.fstat(self.handle.fileno()).st_size < self.offset:  # emptied in place: read anew
             self.offset = self.number = 0
         self.handle.seek(self.offset)
-        data = self.handle.read()
-        whole = data[: data.rfind(b"\n") + 1]
-        if len(data) - len(whole) > _PARTIAL_LIMIT:  # else read again, whole, every poll for ever
-            at = self.number + whole.count(b"\n") + 1
-            raise AuditTamperError(
-                f"audit log {self.path.name} line {at} is not an "
-                f"audit record (over {_PARTIAL_LIMIT} bytes without a newline; damaged or forged): "
-                f"{_RESTORE_HINT}"
-            )
-        self.offset += len(whole)
         records = []
-        for line in whole.splitlines(keepends=True):
+        # Line by line, none longer than a record can be: a line of gigabytes (damaged or forged)
+        # is named, not read whole; one without its newline is read again, whole, next time.
+        while line := self.handle.readline(_PARTIAL_LIMIT + 1):
+            if len(line) > _PARTIAL_LIMIT:
+                raise _overlong_line(self.path, self.number + 1)
+            if not line.endswith(b"\n"):
+                break
+            self.offset += len(line)
             self.number += 1
             records.append(self.seen(_parse_line(line, self.path, self.number)))
         return records
@@ -1598,24 +1595,42 @@ class _FollowedFile:
 
 
 def _lines(
-    handle: BinaryIO, reader_lock: Callable[[], contextlib.AbstractContextManager[None]] | None
+    handle: BinaryIO,
+    reader_lock: Callable[[], contextlib.AbstractContextManager[None]] | None,
+    path: Path,
 ) -> Iterator[bytes]:
     """The lines of an open log file. A reader can see the first bytes of a write before its
     last: with `reader_lock`, a last line without its newline is read again from its start
     holding the writers' lock (no write under way then), so it is a partial record only if it
     still is (a crash's leftover). What follows it by then (more records; or, if a writer set a
-    crash's partial record aside meanwhile, what replaced it) is read too."""
-    start = 0
-    for line in handle:
+    crash's partial record aside meanwhile, what replaced it) is read too. A line longer than
+    any record (`_PARTIAL_LIMIT`) is never read whole: AuditTamperError naming it (read whole,
+    a line of gigabytes took the reader's memory, and `verify` ended in an internal error)."""
+    start = number = 0
+    while line := handle.readline(_PARTIAL_LIMIT + 1):
+        number += 1
+        if len(line) > _PARTIAL_LIMIT:
+            raise _overlong_line(path, number)
         if reader_lock is None or line.endswith(b"\n"):
             start += len(line)
             yield line
             continue
+        rest: list[bytes] = []
         with reader_lock():
             handle.seek(start)
-            rest = handle.read()
-        yield from rest.splitlines(keepends=True)
+            while piece := handle.readline(_PARTIAL_LIMIT + 1):
+                if len(piece) > _PARTIAL_LIMIT:
+                    raise _overlong_line(path, number + len(rest))
+                rest.append(piece)
+        yield from rest
         return
+
+
+def _overlong_line(path: Path, number: int) -> AuditTamperError:
+    return AuditTamperError(
+        f"audit log {path.name} line {number} is not an audit record (over {_PARTIAL_LIMIT} bytes; "
+        f"damaged or forged): {_RESTORE_HINT}"
+    )
 
 
 @dataclass(eq=False)
@@ -1908,7 +1923,7 @@ def _last_signed_record(log: AuditLog) -> dict[str, Any] | None:
     for path in reversed(log.files()):
         last = None
         with _open_for_reading(path) as handle:
-            for line in handle:
+            for line in _lines(handle, None, path):
                 try:
                     record = json.loads(line)
                 except (ValueError, RecursionError):
@@ -2080,7 +2095,7 @@ def _partial_record(path: Path) -> AuditPartialRecordError:
 
 def _first_record(path: Path) -> dict[str, Any] | None:
     with _open_for_reading(path) as handle:
-        line = handle.readline()
+        line = handle.readline(_PARTIAL_LIMIT + 1)  # a longer one is no record: not read whole
     return _chained(_parse_line(line, path, 1), path, 1) if line.strip() else None
 
 
@@ -2100,7 +2115,15 @@ def _last_record(path: Path, *, end: int | None = None) -> dict[str, Any] | None
             body = chunk.rstrip(b"\n")
             if b"\n" in body or start == 0:
                 break
-            chunk_size *= 4
+            if len(body) > _PARTIAL_LIMIT:  # no record is this long: not read whole (gigabytes)
+                if not _starts_with_a_record(path):
+                    raise _not_an_audit_log(path)
+                raise AuditTamperError(
+                    f"audit log {path} ends in a line of over {_PARTIAL_LIMIT} bytes, which is no "
+                    f"record (damaged or forged): run 'secrets-manager audit verify' and restore the "
+                    f"log, or accept the loss with {_RESET_HINT}"
+                )
+            chunk_size = min(chunk_size * 4, _PARTIAL_LIMIT + 2)  # a whole longest line and its newlines
     if not chunk.endswith(b"\n"):
         raise AuditError(f"audit log {path} ends in a partial record; run 'secrets-manager audit verify'")
     try:
