@@ -570,7 +570,16 @@ def _edit_field_and_rehash(lines: list[str]) -> list[str]:
     return [*lines[:3], json.dumps(record, sort_keys=True, separators=(",", ":")), *lines[4:]]
 
 
+def _give_a_key_twice(lines: list[str]) -> list[str]:
+    """The record as Python's json reads it (the last of two values) is unchanged, so its hash and
+    MAC hold; a reader that takes the first (Fluent Bit's record accessor, say) sees another actor."""
+    assert lines[3].startswith('{"actor":"')
+    return [*lines[:3], '{"actor":"someone-else",' + lines[3][1:], *lines[4:]]
+
+
 TAMPERINGS: dict[str, Callable[[list[str]], list[str]]] = {
+    "give a key twice": _give_a_key_twice,
+    "add spacing": lambda lines: [*lines[:3], lines[3].replace(",", ", "), *lines[4:]],
     "edit a field": _edit_field,
     "edit a field and recompute its hash": _edit_field_and_rehash,
     "delete a middle record": lambda lines: lines[:4] + lines[5:],

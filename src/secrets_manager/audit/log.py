@@ -1185,16 +1185,16 @@ class AuditLog:
         log that is not a regular file). A partial last line (a write cut short; records() does
         not know whether records the store anchored are missing too: verify() does) is given to
         `on_partial` (its file and line number); without one, AuditPartialRecordError."""
-        for _path, _number, record in self._numbered_records(on_partial=on_partial):
+        for _path, _number, _line, record in self._numbered_records(on_partial=on_partial):
             yield record
 
     def _numbered_records(
         self, *, locked: bool = False, on_partial: Callable[[Path, int], None] | None = None
-    ) -> Iterator[tuple[Path, int, dict[str, Any]]]:
-        """Every record in order, with the file and line it is on. `locked`: the caller holds the
-        writers' lock (nothing changes while this reads). A partial last line of the live file is
-        given to `on_partial` (its file and line number), which may raise; by default it raises
-        AuditPartialRecordError."""
+    ) -> Iterator[tuple[Path, int, bytes, dict[str, Any]]]:
+        """Every record in order, with the file and line number it is on, and that line.
+        `locked`: the caller holds the writers' lock (nothing changes while this reads). A partial
+        last line of the live file is given to `on_partial` (its file and line number), which may
+        raise; by default it raises AuditPartialRecordError."""
         files = self._snapshot(locked=locked)
         try:
             for path, handle in files:
@@ -1206,7 +1206,7 @@ class AuditLog:
                             raise _partial_record(path)
                         on_partial(path, number)
                         return
-                    yield path, number, _parse_line(line, path, number)
+                    yield path, number, line, _parse_line(line, path, number)
         finally:
             for _, handle in files:
                 handle.close()
@@ -1404,7 +1404,7 @@ class AuditLog:
                 )
             raise _partial_record(path)
 
-        for path, number, record in self._numbered_records(locked=locked, on_partial=partial):
+        for path, number, line, record in self._numbered_records(locked=locked, on_partial=partial):
             seq = record.get("seq")
             where = f"record {seq}" if type(seq) is int else f"record #{count + 1}"
             at = f"{path.name} line {number}: {_RESTORE_HINT}"
@@ -1441,6 +1441,14 @@ class AuditLog:
                 floor = _pruned_floor(record)
                 if floor is not None:
                     vouched.append(floor)
+            if line != _canonical(record) + b"\n":
+                # The hash covers the record as parsed, not the line: a key given twice (parsers
+                # differ on which value counts: this one takes the last, others the first), or
+                # spacing added, left a record verifying whose line reads otherwise elsewhere.
+                raise AuditTamperError(
+                    f"audit record {seq} was edited (its line is not the canonical JSON the log "
+                    f"writes: a key given twice, spacing added?), in {at}"
+                )
             if anchor is not None and seq == anchor.seq:
                 if hashed != anchor.hash:
                     raise AuditTamperError(f"audit record {seq} is not the one the store anchored, in {at}")
