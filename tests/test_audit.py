@@ -521,6 +521,31 @@ def test_follow_loses_no_file_when_the_log_rotates_twice_between_two_reads(
         batches.close()
 
 
+@pytest.mark.parametrize("suffix", ["\u00b2", "\u0663"], ids=["superscript two", "arabic-indic three"])
+def test_a_file_named_with_other_digits_is_no_rotated_file(
+    encrypted_store: EncryptedStore, tmp_path: Path, suffix: str
+) -> None:
+    """str.isdigit() took 'store.audit.jsonl.²' for a rotated file: a follower that saw a rotation
+    then ended in int('²') (ValueError, an internal error), and verify counted it as a file."""
+    path = tmp_path / "store.audit.jsonl"
+    log = AuditLog(path, max_bytes=800)
+    log.append([AuditEvent(operation="get", actor="svc", name="a/0")], encrypted_store)
+    path.with_name(f"{path.name}.{suffix}").write_bytes(b"")
+    assert log.files() == [path]
+    stop = threading.Event()
+    batches = log.follow(stop, poll=0.01)
+    try:
+        assert [r["name"] for r in next(batches)] == ["a/0"]
+        for i in range(1, 6):
+            log.append([AuditEvent(operation="get", actor="svc", name=f"a/{i}")], encrypted_store)
+        assert len(log.files()) >= 3
+        assert [r["name"] for r in next(batches)] == [f"a/{i}" for i in range(1, 6)]
+    finally:
+        stop.set()
+        batches.close()
+    assert log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) == 6
+
+
 def test_follow_streams_the_records_before_it_rather_than_holding_them(tmp_path: Path) -> None:
     """`audit show --follow --last 5` on a long log: the first batch was one list of every
     record, the whole log in memory to show five (what --last's deque avoids without --follow)."""

@@ -1176,7 +1176,7 @@ class AuditLog:
         rotated = sorted(
             p
             for p in self.path.parent.glob(f"{self.path.name}.*")
-            if p.name[len(self.path.name) + 1 :].isdigit()
+            if _is_seq_number(p.name[len(self.path.name) + 1 :])
         )
         return [*rotated, *([self.path] if os.path.lexists(self.path) else [])]
 
@@ -1551,7 +1551,7 @@ class _FollowedFile:
         records: list[dict[str, Any]] = []
         for path in self.files():
             number = path.name[len(self.path.name) + 1 :]
-            if path == self.path or not number.isdigit() or int(number) <= self.last_seq:
+            if path == self.path or not _is_seq_number(number) or int(number) <= self.last_seq:
                 continue
             try:
                 handle = _open_for_reading(path)
@@ -1699,6 +1699,12 @@ class _Owed:
 
     tail: _Tail
     anchor: AuditAnchor
+
+
+def _is_seq_number(text: str) -> bool:
+    """Whether a file name's suffix is a rotated file's first seq: ASCII digits only (str.isdigit
+    alone takes '²', which int() refuses, and other scripts' digits, which no rotation writes)."""
+    return text.isascii() and text.isdigit()
 
 
 def _file_stamp(epoch: float) -> str:
