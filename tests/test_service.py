@@ -1447,14 +1447,28 @@ def test_a_cli_change_whose_connection_ended_before_its_answer_says_it_may_have_
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
 
+    from tcp_proxy import TcpProxy, Verdict
+
+    class HeldUntilTheFirstHasEnded(TcpProxy):
+        """B answers nothing until A's connection has ended: the CLI chooses among A, B by
+        health checks (first_serving), and A's, through a proxy in this process, can take longer
+        than its 0.25 s head start on a loaded machine, so B's check started and B was chosen
+        (the put then went to B alone, never through A). Held, B cannot win; a put sent to B
+        after A's end (made twice) would still reach it."""
+
+        def verdict(self, data: bytes, *, from_client: bool) -> Verdict:
+            proxy.dropped.wait(60)
+            return Verdict.PASS
+
     second = start_server(server.dir, "second")
     head = SqliteStorage(server.dir / "store.db").change_head()
     proxy = EndsTheConnection(
         server.address, lambda: SqliteStorage(server.dir / "store.db").change_head() > head
     )
+    held = HeldUntilTheFirstHasEnded("127.0.0.1", second.port)
     try:
         proxy.armed.set()
-        both = {"SECRETS_MANAGER_ADDR": f"{proxy.address},{second.address}"}
+        both = {"SECRETS_MANAGER_ADDR": f"{proxy.address},{held.address}"}
         stored = server.cli("ops", "store", "auth/ONCE", input=b"once-SEEKRIT", env=both)
         assert proxy.dropped.is_set()
         said = stored.stderr.decode()
@@ -1466,6 +1480,7 @@ def test_a_cli_change_whose_connection_ended_before_its_answer_says_it_may_have_
         assert [v["version"] for v in history["versions"]] == [1]  # made once, by A; not sent to B
     finally:
         proxy.close()
+        held.close()
         second.stop()
 
 
