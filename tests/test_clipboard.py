@@ -35,11 +35,16 @@ def _require_clipboard_programs() -> None:
 
 @pytest.fixture
 def display() -> Iterator[str]:
-    """A private X server (Xvfb) on a display number it picks itself."""
+    """A private X server (Xvfb) on a display number it picks itself. -noreset: by default an X
+    server resets when its last client leaves, and a client connecting meanwhile is refused
+    ("Can't open display"): the tests' xclip calls come and go, so one could land in a reset
+    (seen with several pytest runs at once; 29 of 400 short xclip calls from 4 threads were
+    refused so here, none with -noreset). A desktop's server has its session's clients and
+    does not reset between them."""
     _require_clipboard_programs()
     read_end, write_end = os.pipe()
     server = subprocess.Popen(
-        ["Xvfb", "-displayfd", str(write_end), "-nolisten", "tcp"],
+        ["Xvfb", "-displayfd", str(write_end), "-nolisten", "tcp", "-noreset"],
         pass_fds=(write_end,),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
