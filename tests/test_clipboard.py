@@ -87,7 +87,10 @@ def clipboard(cli: Cli) -> str:
 
 
 def copy(cli: Cli, text: str) -> None:
-    """Copy `text` as a desktop program would (xclip stays behind to serve it)."""
+    """Copy `text` as a desktop program would (xclip stays behind to serve it), and wait until the
+    clipboard has it: xclip returns once it has forked the process that serves it, which takes the
+    clipboard later (right after, 60 of 150 reads here still gave the earlier content), so a copy
+    the test makes next would otherwise find the earlier content there."""
     subprocess.run(
         ["xclip", "-selection", "clipboard", "-in"],
         input=text.encode(),
@@ -98,6 +101,15 @@ def copy(cli: Cli, text: str) -> None:
         timeout=10,
         check=True,
     )
+    clipboard_becomes(cli, text)
+
+
+def clipboard_becomes(cli: Cli, text: str, within: float = 10.0) -> None:
+    """Until the clipboard holds `text` (what a clipboard program serves once it owns it)."""
+    deadline = time.monotonic() + within
+    while (held := clipboard(cli)) != text:
+        assert time.monotonic() < deadline, f"the clipboard held {held!r} after {within} s"
+        time.sleep(0.02)
 
 
 def xclip_servers(cli: Cli) -> list[int]:
@@ -346,7 +358,9 @@ def test_ctrl_c_while_the_value_is_being_copied_takes_it_off(
     while not marker.exists():
         assert process.poll() is None and time.monotonic() < deadline, "xclip was never run"
         time.sleep(0.02)
-    assert clipboard(desktop) == KNOWN_VALUE
+    # The marker comes once xclip has returned, which may be before its forked server owns the
+    # clipboard (the command itself waits for that, but it is asleep in the wrapper meanwhile).
+    clipboard_becomes(desktop, KNOWN_VALUE)
     process.send_signal(signum)
     stdout, stderr = process.communicate(timeout=60)
     assert process.returncode == code, stderr
