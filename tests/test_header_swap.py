@@ -18,9 +18,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
+from moto_fixtures import moto_environ, moto_kms
 from secrets_manager.crypto import DataKey, kdf
 from secrets_manager.crypto.aead import new_key
 from secrets_manager.crypto.keyset import KeyStatus, RotationPolicy
@@ -231,36 +231,16 @@ def test_a_store_whose_own_keys_were_all_deleted_is_refused_rather_than_given_ne
     assert _entries(victim.store) == before
 
 
-def _kms(moto_endpoint: str) -> Any:
-    return boto3.client(
-        "kms",
-        region_name=REGION,
-        endpoint_url=moto_endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-
-
-def _aws_environ(endpoint: str) -> dict[str, str]:
-    return {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-
-
 def test_a_header_rewrapped_under_someone_elses_kms_key_is_refused_by_cli_and_serve(
     victim: Cli, moto_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A KMS key this host's credentials may use, wrapping a root key of the attacker's own (with
     the store's root key id, so nothing but the data can tell): no password is asked, and the
     old code went on to serve and to seal under it whatever came next."""
-    aws = _aws_environ(moto_endpoint)
+    aws = moto_environ(moto_endpoint, REGION)
     for name, value in aws.items():
         monkeypatch.setenv(name, value)
-    arn = str(_kms(moto_endpoint).create_key()["KeyMetadata"]["Arn"])
+    arn = str(moto_kms(moto_endpoint, REGION).create_key()["KeyMetadata"]["Arn"])
     header = json.loads(_header(victim.store))
     theirs = DataKey(id=header["root_key_id"], status=KeyStatus.ENABLED, created=0, material=new_key())
     header["unlock"] = AwsKmsUnlock(arn).wrap(theirs)

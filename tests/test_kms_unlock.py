@@ -21,6 +21,7 @@ import boto3
 import pytest
 from botocore.stub import Stubber
 
+from moto_fixtures import moto_environ, moto_kms
 from secrets_manager.client import Client
 from secrets_manager.crypto import DataKey, kdf
 from secrets_manager.crypto.aead import new_key
@@ -48,24 +49,12 @@ NEW_PASSWORD = "a-new-master-password"
 
 
 def aws_environ(endpoint: str) -> dict[str, str]:
-    return {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": REGION,
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
+    return moto_environ(endpoint, REGION)
 
 
 @pytest.fixture
 def kms(moto_endpoint: str) -> Any:
-    return boto3.client(
-        "kms",
-        region_name=REGION,
-        endpoint_url=moto_endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    return moto_kms(moto_endpoint, REGION)
 
 
 @pytest.fixture
