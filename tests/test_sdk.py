@@ -349,6 +349,16 @@ class _HeldFetch:
         self._release.set()
 
 
+def _settled_backend(client: Client) -> Any:
+    """The client's backend once its watch stream is live and its settle re-read is done: from
+    here only what a test does brings news."""
+    wait_until(lambda: client._live_since is not None, timeout=5.0)
+    time.sleep(_client.SETTLE_SECONDS + 0.5)
+    backend = client._backend
+    assert backend is not None
+    return backend
+
+
 def _handled_changes(client: Client) -> list[tuple[str, str]]:
     """(kind, name) of every change event the client has handled from now on."""
     handled: list[tuple[str, str]] = []
@@ -486,10 +496,7 @@ def test_a_re_read_after_resync_that_fails_part_way_still_re_reads_the_rest(
     assert client.get("SHARED_TOKEN").value.reveal() == b"shared-token-SEEKRIT-5"
     assert sorted(client.credentials("auth")) == ["DB_PASSWORD", "JWT_KEY"]
     assert sorted(client.credentials("market-connector")) == ["BINANCE_API_KEY"]
-    wait_until(lambda: client._live_since is not None, timeout=5.0)
-    time.sleep(_client.SETTLE_SECONDS + 0.5)
-    backend = client._backend
-    assert backend is not None
+    backend = _settled_backend(client)
     fetch_all = backend.fetch_all
     refused: list[str] = []
 
@@ -535,10 +542,7 @@ def test_while_the_re_read_of_everything_fails_a_namespace_listed_apart_is_serve
         "auth/JWT_KEY",
         "market-connector/BINANCE_API_KEY",
     ]
-    wait_until(lambda: client._live_since is not None, timeout=5.0)
-    time.sleep(_client.SETTLE_SECONDS + 0.5)
-    backend = client._backend
-    assert backend is not None
+    backend = _settled_backend(client)
     fetch_all = backend.fetch_all
     locked = threading.Event()
     locked.set()
@@ -574,11 +578,8 @@ def test_a_namespace_whose_retry_came_with_a_re_read_of_everything_is_not_left_s
     client = make_client("auth", [server.address], ttl=1.0, timeout=2.0, stale_if_error=120)
     assert sorted(client.credentials("market-connector")) == ["BINANCE_API_KEY"]  # listed apart
     assert len(client.credentials()) == 3
-    wait_until(lambda: client._live_since is not None, timeout=5.0)
-    time.sleep(_client.SETTLE_SECONDS + 0.5)
+    backend = _settled_backend(client)
     handled = _handled_changes(client)
-    backend = client._backend
-    assert backend is not None
     fetch_all, renew_tls = backend.fetch_all, backend.renew_tls
     locked, holding, held = threading.Event(), threading.Event(), threading.Event()
 
@@ -1971,11 +1972,8 @@ def test_a_listing_fetched_while_one_of_its_secrets_changes_serves_the_new_value
     (it did, until the TTL, once no re-read of everything followed the first stream)."""
     client = make_client("ops", [server.address])
     assert client.get("auth/JWT_KEY").value.reveal() == SEED["auth/JWT_KEY"]  # the stream is started
-    wait_until(lambda: client._live_since is not None, timeout=5.0)
-    time.sleep(_client.SETTLE_SECONDS + 0.5)  # long settled: only what the change does counts
+    backend = _settled_backend(client)  # long settled: only what the change does counts
     handled = _handled_changes(client)
-    backend = client._backend
-    assert backend is not None
     fetch_all, fetched, release = backend.fetch_all, threading.Event(), threading.Event()
 
     def held_fetch_all(prefix: str = "") -> Any:
@@ -2021,11 +2019,8 @@ def test_a_first_read_whose_listing_changes_in_flight_holds_every_secret_of_it(
     was a KeyError until the re-fetch landed, and for good in the object the caller kept."""
     client = make_client("ops", [server.address])
     assert client.get("auth/JWT_KEY").value.reveal() == SEED["auth/JWT_KEY"]  # the stream is started
-    wait_until(lambda: client._live_since is not None, timeout=5.0)
-    time.sleep(_client.SETTLE_SECONDS + 0.5)
+    backend = _settled_backend(client)
     handled = _handled_changes(client)
-    backend = client._backend
-    assert backend is not None
     fetch_all, fetch = backend.fetch_all, backend.fetch
     fetched, release, refetched = threading.Event(), threading.Event(), threading.Event()
 
@@ -2146,10 +2141,7 @@ def test_a_value_cached_before_an_hour_asleep_is_fetched_again_on_waking(
     client = make_client("auth", [server.address], ttl=300, timeout=1.0)
     name = "auth/JWT_KEY"
     assert client.get(name).value.reveal() == AUTH[name]
-    wait_until(lambda: client._live_since is not None, timeout=5.0)
-    time.sleep(_client.SETTLE_SECONDS + 0.5)  # the settle re-read done
-    backend = client._backend
-    assert backend is not None
+    backend = _settled_backend(client)  # the settle re-read done
     fetch, fetched = backend.fetch, []
 
     def counted_fetch(name: str, **options: Any) -> Any:
@@ -2252,10 +2244,7 @@ def test_a_refresh_that_failed_is_retried_after_a_resumed_stream_ends_the_outage
     try:
         client = make_client("auth", [server.address], ttl=300, timeout=1.0, stale_if_error=60)
         assert revealed(client.credentials()) == AUTH
-        wait_until(lambda: client._live_since is not None, timeout=5.0)
-        time.sleep(_client.SETTLE_SECONDS + 0.5)  # the settle re-read done
-        backend = client._backend
-        assert backend is not None
+        backend = _settled_backend(client)  # the settle re-read done
         fetch = backend.fetch
         killed = threading.Event()
         put_answered = threading.Event()
@@ -2305,10 +2294,7 @@ def test_a_service_that_cannot_read_its_store_gets_cached_values_served_stale_by
     client = make_client("auth", [server.address], ttl=1.0, timeout=1.0, stale_if_error=60)
     assert revealed(client.credentials()) == AUTH
     assert client.get("auth/DB_PASSWORD").value.reveal() == AUTH["auth/DB_PASSWORD"]
-    wait_until(lambda: client._live_since is not None, timeout=5.0)
-    time.sleep(_client.SETTLE_SECONDS + 0.5)
-    backend = client._backend
-    assert backend is not None
+    backend = _settled_backend(client)
     fetch, fetch_all = backend.fetch, backend.fetch_all
     locked = threading.Event()
     locked.set()
