@@ -359,6 +359,16 @@ def _settled_backend(client: Client) -> Any:
     return backend
 
 
+def _rotate_while_listed(server: Server, service_dir: Path, handled: list[tuple[str, str]]) -> None:
+    """Another client stores a new BINANCE_SECRET; returns once the client has handled its event."""
+    ops = RemoteStore(server.address, tls_files(service_dir, "ops"))
+    try:
+        ops.put("market-connector/BINANCE_SECRET", b"rotated-while-listed")
+    finally:
+        ops.close()
+    wait_until(lambda: ("version_added", "market-connector/BINANCE_SECRET") in handled, timeout=5.0)
+
+
 def _handled_changes(client: Client) -> list[tuple[str, str]]:
     """(kind, name) of every change event the client has handled from now on."""
     handled: list[tuple[str, str]] = []
@@ -1988,12 +1998,7 @@ def test_a_listing_fetched_while_one_of_its_secrets_changes_serves_the_new_value
     first_read.start()
     try:
         assert fetched.wait(5)
-        ops = RemoteStore(server.address, tls_files(service_dir, "ops"))
-        try:
-            ops.put("market-connector/BINANCE_SECRET", b"rotated-while-listed")
-        finally:
-            ops.close()
-        wait_until(lambda: ("version_added", "market-connector/BINANCE_SECRET") in handled, timeout=5.0)
+        _rotate_while_listed(server, service_dir, handled)
     finally:
         release.set()
         first_read.join(10)
@@ -2045,12 +2050,7 @@ def test_a_first_read_whose_listing_changes_in_flight_holds_every_secret_of_it(
         for reader in readers:
             reader.start()
         assert fetched.wait(5)
-        ops = RemoteStore(server.address, tls_files(service_dir, "ops"))
-        try:
-            ops.put("market-connector/BINANCE_SECRET", b"rotated-while-listed")
-        finally:
-            ops.close()
-        wait_until(lambda: ("version_added", "market-connector/BINANCE_SECRET") in handled, timeout=5.0)
+        _rotate_while_listed(server, service_dir, handled)
         release.set()
         for reader in readers:
             reader.join(10)
