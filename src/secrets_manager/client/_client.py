@@ -2075,28 +2075,31 @@ _default_async_client: AsyncClient | None = None
 
 def default_client() -> Client:
     """The process-wide client, configured from the environment on first use."""
-    global _default_client
     client = _default_client
     if client is None:
         with _default_lock:
-            if _default_client is None:
-                _default_client = Client()
-            client = _default_client
+            client = _default_client_locked()
     return client
+
+
+def _default_client_locked() -> Client:
+    """Holding `_default_lock`: the process-wide client, made if there is none."""
+    global _default_client
+    if _default_client is None:
+        _default_client = Client()
+    return _default_client
 
 
 def _default_async() -> AsyncClient:
     """The process-wide client's asyncio face. Made under the same lock as the client it wraps
     (and as `close_default_client` takes both away), so a close racing a first call cannot leave
     it wrapping a client that was closed meanwhile: after a close, the next call makes both anew."""
-    global _default_client, _default_async_client
+    global _default_async_client
     client = _default_async_client
     if client is None:
         with _default_lock:
-            if _default_client is None:
-                _default_client = Client()
             if _default_async_client is None:
-                _default_async_client = AsyncClient(client=_default_client)
+                _default_async_client = AsyncClient(client=_default_client_locked())
             client = _default_async_client
     return client
 
