@@ -97,6 +97,13 @@ def as_text(value: bytes) -> str | None:
         return None
 
 
+def vault_namespace_sendable(namespace: str) -> bool:
+    """Whether a Vault namespace can go out as the X-Vault-Namespace header (printable ASCII, no
+    spaces around it): one that cannot was 'cannot reach Vault (InvalidHeader)' or an internal
+    error (UnicodeEncodeError), from the URL's namespace= and VAULT_NAMESPACE alike."""
+    return namespace.isascii() and namespace.isprintable() and namespace == namespace.strip()
+
+
 def utc(moment: datetime) -> datetime:
     """`moment` in UTC (a naive one is taken to be UTC already)."""
     return moment.astimezone(UTC) if moment.tzinfo is not None else moment.replace(tzinfo=UTC)

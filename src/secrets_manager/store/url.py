@@ -48,7 +48,12 @@ from secrets_manager.storage import Delete, Storage
 from secrets_manager.storage.sqlite import SqliteStorage, occupied_path_error
 from secrets_manager.store.base import AuditedStore
 from secrets_manager.store.encrypted import HEADER_KEY, EncryptedStore, unlock_kind
-from secrets_manager.store.external import DEFAULT_AUDIT_SCOPE, DEFAULT_RECOVERY_WINDOW_DAYS, audit_scope_for
+from secrets_manager.store.external import (
+    DEFAULT_AUDIT_SCOPE,
+    DEFAULT_RECOVERY_WINDOW_DAYS,
+    audit_scope_for,
+    vault_namespace_sendable,
+)
 from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import validate_name, validate_namespace
 from secrets_manager.store.unlock import PasswordUnlock, UnlockKeyUnlock, UnlockSource
@@ -359,9 +364,7 @@ def _vault_location(url: str, http_scheme: str) -> VaultLocation:
         raise InvalidInputError(f"store URL {display_url(url)!r}: {usage}")
     options = {key: (value, has_value) for key, value, has_value in _query_options(parts.query)}
     namespace = options.pop("namespace", ("", True))[0]
-    # Sent as the X-Vault-Namespace header: one that cannot be (a line end, spaces around it, what
-    # is not ASCII) was 'cannot reach Vault (InvalidHeader)' or an internal error.
-    if namespace and not (namespace.isascii() and namespace.isprintable() and namespace == namespace.strip()):
+    if namespace and not vault_namespace_sendable(namespace):
         raise InvalidInputError(
             f"store URL {display_url(url)!r}: option 'namespace' is not a Vault namespace path; write "
             "namespace=NS with NS printable ASCII without spaces around it, e.g. namespace=team-a/prod"

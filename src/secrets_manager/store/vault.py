@@ -128,6 +128,7 @@ from secrets_manager.store.external import (
     audit_anchor_name,
     checked_write,
     user_tags,
+    vault_namespace_sendable,
     with_fingerprint,
 )
 from secrets_manager.store.names import namespace_of, validate_name, validate_namespace, validate_prefix
@@ -267,12 +268,7 @@ def connect_vault(
     login). VAULT_CACERT names a CA bundle for TLS and VAULT_NAMESPACE a Vault Enterprise namespace."""
     if not namespace:
         namespace = environ.get(NAMESPACE_VARIABLE) or None
-        # Sent as the X-Vault-Namespace header, as the URL's namespace= is (store/url.py checks that
-        # one): a line end or what is not ASCII was 'cannot reach Vault (InvalidHeader)' or an
-        # internal error (UnicodeEncodeError).
-        if namespace is not None and not (
-            namespace.isascii() and namespace.isprintable() and namespace == namespace.strip()
-        ):
+        if namespace is not None and not vault_namespace_sendable(namespace):  # as the URL's (store/url.py)
             raise InvalidInputError(
                 f"{NAMESPACE_VARIABLE} is not a Vault namespace path: set it to one in printable "
                 "ASCII without spaces around it, e.g. team-a/prod (or unset it)"
