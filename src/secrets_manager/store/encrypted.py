@@ -304,7 +304,7 @@ class EncryptedStore:
         what is wrong, for an IntegrityError. Read only when the entry read with the header did not
         open (or none was read), so an intact store pays nothing for it."""
         found = False
-        for key, purpose, name in _root_sealed_keys(self._storage):
+        for key, purpose, name in root_sealed_keys(self._storage):
             entry = self._storage.get(key)
             if entry is None:
                 continue
@@ -1756,9 +1756,10 @@ def _a_root_sealed_entry(storage: Storage) -> tuple[str, Entry] | None:
     return None
 
 
-def _root_sealed_keys(storage: Storage) -> builtins.list[tuple[str, Purpose, str]]:
+def root_sealed_keys(storage: Storage) -> builtins.list[tuple[str, Purpose, str]]:
     """Every entry sealed under the root key (docs/format.md 8), the audit key first: its key, and
-    the purpose and name it is sealed for. A `core/` entry this version does not know is not one."""
+    the purpose and name it is sealed for. What opening checks the header against, and what a root
+    rotation (store/keys.py) seals anew. A `core/` entry this version does not know is not one."""
     found = []
     for key in storage.list("core/"):
         if key.startswith(KEYSET_PREFIX):

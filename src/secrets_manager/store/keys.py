@@ -62,6 +62,7 @@ from secrets_manager.store.encrypted import (
     _keyset_missing,
     _load_json,
     _named,
+    root_sealed_keys,
 )
 from secrets_manager.store.names import (
     DEFAULT_NAMESPACE,
@@ -79,12 +80,6 @@ from secrets_manager.store.recovery import (
 
 DEFAULT_REWRAP_BATCH = 100  # records per commit: small enough to stay out of live writers' way
 MAX_REWRAP_PASSES = 5  # a `keys rotate` during a pass leaves fresh work behind: passes at most
-_ROOT_SEALED = (
-    (AUDIT_KEY_KEY, Purpose.AUDIT_KEY),
-    (AUDIT_ANCHOR_KEY, Purpose.AUDIT_ANCHOR),
-    (KEY_POLICY_KEY, Purpose.KEY_POLICY),
-    (RECOVERY_KEY, Purpose.RECOVERY_KEY),
-)
 
 # progress(namespace, records done, records to do in all)
 RewrapProgress = Callable[[str, int, int], None]
@@ -388,8 +383,9 @@ def rotate_root_key(store: EncryptedStore) -> RootRotation:
             ops.append(
                 Put(key, seal_record(new_root, Purpose.KEYSET, ns, 0, plaintext), expect=entry.revision)
             )
-        scoped_anchors = [(key, Purpose.AUDIT_ANCHOR) for key in store._storage.list(SCOPED_ANCHOR_PREFIX)]
-        for key, purpose in (*_ROOT_SEALED, *scoped_anchors):
+        for key, purpose, _ in root_sealed_keys(store._storage):
+            if key.startswith(KEYSET_PREFIX):
+                continue  # above, each with its namespace's name
             entry = store._storage.get(key)
             if entry is None:  # creating one carries the header guard, so it cannot slip past us
                 continue
