@@ -295,6 +295,33 @@ def test_a_role_or_administrator_that_cannot_be_reached_refuses_the_rotation_bef
     assert cli("history", "db/app", "--json").stdout == history
 
 
+def test_pgpassword_of_another_role_is_named_when_the_administrator_is_refused(
+    cli: Cli, roles: Roles, tmp_path: Path
+) -> None:
+    """A service or host on a PostgreSQL store has the store role's password in PGPASSWORD (the
+    README's store example), and the administrator's in a passfile: libpq sends PGPASSWORD first,
+    so the administrator was refused with nothing that said why. The error now names PGPASSWORD
+    and the way out (both passwords in a passfile), which then rotates."""
+    history = cli("history", "db/app", "--json").stdout
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"127.0.0.1:{roles.cluster.port}:*:{roles.admin}:{roles.admin_password}\n")
+    passfile.chmod(0o600)
+    store_role = {"PGPASSWORD": roles.cluster.role_password, "PGPASSFILE": str(passfile)}
+    refused = _rotate(cli, roles, env=store_role)
+    assert refused.code == 1
+    assert f'password authentication failed for user "{roles.admin}"' in refused.stderr
+    assert "PGPASSWORD is set in this environment" in refused.stderr
+    assert "put both passwords in a passfile (PGPASSFILE" in refused.stderr
+    assert "nothing was staged" in refused.stderr
+    assert roles.cluster.role_password not in refused.stderr
+    assert cli("history", "db/app", "--json").stdout == history
+    # What it says to do works: PGPASSWORD unset, the passfile gives the administrator's.
+    cli.env.pop("PGPASSWORD", None)
+    done = _rotate(cli, roles, env={"PGPASSFILE": str(passfile)})
+    assert done.code == 0, done.stderr
+    assert roles.logs_in(cli.value())
+
+
 def test_a_failed_set_step_leaves_the_version_pending_and_its_resume_command_finishes_it(
     cli: Cli, roles: Roles
 ) -> None:

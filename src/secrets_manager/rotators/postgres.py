@@ -20,6 +20,7 @@ psycopg is imported only when a rotation uses this target: the CLI starts withou
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -269,7 +270,10 @@ def _session(
             **overrides,
         )
     except psycopg.Error as exc:
-        raise failure(exc, None) from None
+        refused = failure(exc, None)
+        if "password" not in overrides and _pgpassword_refused(str(refused)):
+            raise PostgresStepError(f"{refused}; {PGPASSWORD_HINT}") from None
+        raise refused from None
     seconds = timeout + ANSWER_GRACE_SECONDS  # statement_timeout's answer, clearer, comes first
     armed: Armed | None = None
     try:
@@ -285,6 +289,22 @@ def _session(
     finally:
         if armed is not None:
             armed.disarm()
+
+
+# libpq sends PGPASSWORD before it looks at a passfile: on a service or host whose PostgreSQL store
+# takes its password from PGPASSWORD (as the README's store example does), the administrator's
+# connection was sent the store role's password and refused, with nothing that pointed at why.
+PGPASSWORD_HINT = (
+    "PGPASSWORD is set in this environment, and libpq sends it before it reads ~/.pgpass or "
+    "PGPASSFILE: if it holds another role's password (a PostgreSQL store's), unset it and put both "
+    "passwords in a passfile (PGPASSFILE, one line per role)"
+)
+
+
+def _pgpassword_refused(message: str) -> bool:
+    """Whether a connection without a password of ours was refused its password while PGPASSWORD,
+    which libpq then sent, is set."""
+    return bool(os.environ.get("PGPASSWORD")) and "password authentication failed" in message
 
 
 def _one_line(exc: BaseException) -> str:
