@@ -103,6 +103,48 @@ def test_a_rejected_policy_or_tls_reload_shows_in_the_metrics_until_one_is_taken
         server.stop()
 
 
+def test_an_edited_server_config_at_sighup_is_said_to_need_a_restart(tmp_path: Path) -> None:
+    """SIGHUP reloads the policy and the [tls] files at the paths in force, not server.toml's
+    settings. An SRE who pointed client_ca at a new CA bundle in server.toml and sent SIGHUP got
+    "TLS certificate reloaded" for the old file and nothing else: the new CA's clients were then
+    refused. Now the reload logs config.restart_required naming the settings that changed (never
+    their values), and secrets_manager_config_last_reload_successful{file="config"} is 0 until
+    the file says what is in force again (or a restart takes it). Fails on the old code."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    shutil.copy(tmp_path / "ca.pem", tmp_path / "ca-bundle.pem")
+    server = start_server(tmp_path, metrics=True)
+    gauge = "secrets_manager_config_last_reload_successful"
+    config = tmp_path / "server.toml"
+    try:
+        assert sample(server, gauge, file="config") == 1
+        original = config.read_text()
+        edited = original.replace('client_ca = "ca.pem"', 'client_ca = "ca-bundle.pem"')
+        edited = edited.replace("shutdown_grace_seconds = 5", "shutdown_grace_seconds = 7")
+        assert edited != original
+        config.write_text(edited)
+        os.kill(server.process.pid, signal.SIGHUP)
+        assert eventually(lambda: sample(server, gauge, file="config") == 0)
+        lines = [json.loads(line) for line in server.log_lines if "config.restart_required" in line]
+        assert len(lines) == 1
+        assert sorted(lines[0]["changed"]) == ["shutdown_grace_seconds", "tls.client_ca"]
+        assert lines[0]["level"] == "warning" and "restart serve" in lines[0]["message"]
+        assert lines[0]["config"] == str(config.resolve())
+        assert sample(server, "secrets_manager_config_reload_failures_total", file="config") == 1
+
+        config.write_text("listen = [\n")  # a restart would not start: said as such
+        os.kill(server.process.pid, signal.SIGHUP)
+        assert eventually(lambda: any("config.invalid" in line for line in server.log_lines))
+        assert sample(server, gauge, file="config") == 0
+
+        config.write_text(original)  # back to what is in force
+        os.kill(server.process.pid, signal.SIGHUP)
+        assert eventually(lambda: sample(server, gauge, file="config") == 1)
+        assert sum("config.restart_required" in line for line in server.log_lines) == 1
+    finally:
+        server.stop()
+
+
 def test_a_rejected_schedule_file_shows_in_the_metrics_until_it_parses_again(tmp_path: Path) -> None:
     """The schedule file is re-read at every pass; one that stops parsing keeps the old schedule
     with one log line. Now the gauge for rotation_schedule is 0 meanwhile and the failure is counted

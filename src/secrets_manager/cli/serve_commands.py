@@ -48,10 +48,10 @@ def serve(session: Session, config_path: str) -> None:
     once after a change made through it. A password file is read again if 'passwd' and then 'keys rotate
     --root' ran meanwhile: put the new password in it; after 'unlock-with kms' and a root
     rotation it re-unlocks through KMS (AWS credentials). SIGHUP
-    reloads the access policy and the [tls] files, e.g. a renewed certificate (while serve starts
-    it is ignored); SIGTERM stops accepting calls and
-    lets running ones finish. With rotation_schedule in the config it also runs due credential
-    rotations (see 'schedule --help')."""
+    reloads the access policy and the [tls] files, e.g. a renewed certificate, at the paths it
+    started with (server.toml's own settings need a restart; while serve starts it is ignored);
+    SIGTERM stops accepting calls and lets running ones finish. With rotation_schedule in the
+    config it also runs due credential rotations (see 'schedule --help')."""
     from secrets_manager.service import load_config, run_server  # gRPC: only for this command
     from secrets_manager.service.server import configure_logging
 

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -228,6 +228,19 @@ def load_config(path: str | Path, *, environment: Environment | None = None) -> 
         rotation_check_seconds=float(check),
         watch_poll_seconds=None if watch_poll is None else float(watch_poll),
     )
+
+
+_TOML_NAMES = {"tls_cert": "tls.cert", "tls_key": "tls.key", "tls_client_ca": "tls.client_ca"}
+
+
+def changed_settings(before: ServerConfig, after: ServerConfig) -> list[str]:
+    """The settings (as server.toml names them: `listen`, `tls.client_ca`) whose value differs
+    between two loads of one config file; never the values (a store URL may hold a password)."""
+    return [
+        _TOML_NAMES.get(each.name, each.name)
+        for each in fields(ServerConfig)
+        if getattr(before, each.name) != getattr(after, each.name)
+    ]
 
 
 def _is_int(value: object) -> TypeGuard[int]:

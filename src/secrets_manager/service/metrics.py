@@ -127,14 +127,16 @@ class Metrics:
         self.reload_failures = Counter(
             "secrets_manager_config_reload_failures",
             "Reloads of a file that were rejected (the one in force stays), by file: policy, tls "
-            "(SIGHUP), rotation_schedule (re-read at each pass; a file counted once per new error).",
+            "(SIGHUP), rotation_schedule (re-read at each pass; a file counted once per new error), config "
+            "(server.toml changed at a SIGHUP: its settings need a restart).",
             ["file"],
             registry=self.registry,
         )
         self.reload_ok = Gauge(
             "secrets_manager_config_last_reload_successful",
             "Whether the last reload of a file was taken (1) or rejected (0: the one in force is "
-            "older than the file), by file: policy, tls, rotation_schedule.",
+            "older than the file), by file: policy, tls, rotation_schedule, config (0: server.toml says "
+            "other than the settings in force, which only a restart takes).",
             ["file"],
             registry=self.registry,
         )

@@ -48,7 +48,13 @@ from secrets_manager.errors import (
 )
 from secrets_manager.rotation import end_running_commands
 from secrets_manager.service.certificates import ServerCertificates
-from secrets_manager.service.config import DEFAULT_MAX_WORKERS, WORKERS_KEPT_FROM_WATCH, ServerConfig
+from secrets_manager.service.config import (
+    DEFAULT_MAX_WORKERS,
+    WORKERS_KEPT_FROM_WATCH,
+    ServerConfig,
+    changed_settings,
+    load_config,
+)
 from secrets_manager.service.health_probe import StoreHealth
 from secrets_manager.service.metrics import Metrics, version
 from secrets_manager.service.paging import Page, TokenBinding
@@ -1182,7 +1188,14 @@ def run_server(
     # The start's audit record ("serve", ok) is written once the port is bound and before any
     # call is served, so it comes before every request's; unwritten, nothing is served.
     running = build_server(config, store, audit, policy, scheduler, certificates, bound=ready)
-    running.metrics.track_reloads(["policy", "tls"] + (["rotation_schedule"] if scheduler else []))
+    running.metrics.track_reloads(
+        ["policy", "tls"]
+        + (["rotation_schedule"] if scheduler else [])
+        + (["config"] if config_path is not None else [])
+    )
+    # The settings in force, as a reload would read them (paths from the same resolved file), to
+    # tell at SIGHUP an edited server.toml, whose settings a reload does not take.
+    in_force = _load_quietly(config_path)
     if scheduler is not None:  # before the start line: a scrape after it sees every count at 0
         running.metrics.start_rotation_counts()
     signal.signal(signal.SIGTERM, lambda number, _frame: setattr(requested, "stop", number))
@@ -1231,6 +1244,8 @@ def run_server(
         if requested.reload:
             requested.reload = False
             _reload(reloadable, running.metrics)
+            if config_path is not None and in_force is not None:
+                running.metrics.count_reload("config", _config_unchanged(config_path, in_force))
         elif certificates.retry_due():  # a renewal that was not valid yet at its SIGHUP
             _reload([certificates], running.metrics)
         time.sleep(SIGNAL_POLL_SECONDS)
@@ -1404,6 +1419,42 @@ def _reload(reloadable: list[PolicyHolder | ServerCertificates], metrics: Metric
             )
         if metrics is not None:
             metrics.count_reload(file, taken)
+
+
+def _load_quietly(config_path: Path | None) -> ServerConfig | None:
+    """The config file as it is now; None if there is none or it cannot be read (no comparison)."""
+    if config_path is None:
+        return None
+    try:
+        return load_config(config_path)
+    except SecretsManagerError:
+        return None
+
+
+def _config_unchanged(config_path: Path, in_force: ServerConfig) -> bool:
+    """At SIGHUP: whether server.toml still says what is in force. SIGHUP reloads the files it
+    names (the policy, the [tls] files), not its settings: an edited path, listen address or
+    store was ignored while the reload said "reloaded", so an operator who edited the file (a new
+    client_ca path for a CA rotation, say) thought it taken. Now a changed file is logged with the
+    settings that changed (never their values), and one that no longer loads with why a restart
+    would fail; `secrets_manager_config_last_reload_successful{file="config"}` is then 0."""
+    try:
+        now = load_config(config_path)
+    except SecretsManagerError as exc:
+        log.error(
+            "the server config no longer loads: serve keeps what is in force, and a restart would "
+            "fail to start; fix it",
+            extra={"event": "config.invalid", "config": str(config_path), "error": str(exc)},
+        )
+        return False
+    changed = changed_settings(in_force, now)
+    if changed:
+        log.warning(
+            "the server config changed since serve started: SIGHUP reloads the policy and the [tls] "
+            "files at the paths in force, not the config's settings; restart serve to apply them",
+            extra={"event": "config.restart_required", "config": str(config_path), "changed": changed},
+        )
+    return not changed
 
 
 class JsonLogFormatter(logging.Formatter):
