@@ -21,6 +21,7 @@ import pytest
 
 from secrets_manager.client import Client, RemoteStore, TlsFiles, _client, remote
 from secrets_manager.client._config import RemoteTarget
+from secrets_manager.errors import StorageError
 from service_fixtures import (
     SCRIPT,
     SEED,
@@ -389,3 +390,30 @@ def test_the_sdk_watches_on_a_slower_replica_rather_than_race_the_one_that_refus
     finally:
         replicas.close()
         slow.close()
+
+
+def test_the_sdk_says_why_no_replica_could_carry_its_watch_stream(
+    served: Server, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Half-way through a CA rotation a replica's new server certificate is not trusted by a client
+    that still has only the old CA: the SDK logged "no service is serving at A, B" for its watch
+    stream, though A was serving, with nothing that pointed at the certificates. Now the warning
+    gives each address's reason, as the CLI does (the failed handshake and the CA file to check).
+    Fails on the old code."""
+    other = tmp_path / "other-ca"
+    other.mkdir()
+    make_pki(other, ("auth",))
+    refused = free_address()
+    environ = client_environ(served.dir, "auth", [served.address, refused])
+    environ["SECRETS_MANAGER_CA"] = str(other / "ca.pem")  # trusts another CA than the servers'
+    client = Client(environ=environ, timeout=3.0)
+    try:
+        with caplog.at_level("WARNING", logger="secrets_manager"), pytest.raises(StorageError):
+            client.get("auth/JWT_KEY")
+    finally:
+        client.close()
+    warned = [r.getMessage() for r in caplog.records if "no service is serving at" in r.getMessage()]
+    assert warned, [r.getMessage() for r in caplog.records]
+    assert f"TLS handshake with {served.address} failed" in warned[0]
+    assert str(other / "ca.pem") in warned[0]
+    assert f"{refused}: " in warned[0]

@@ -137,13 +137,6 @@ if TYPE_CHECKING:  # the client (gRPC, asyncio) is imported only by a command th
     from secrets_manager.client import RemoteStore, TlsFiles
 
 
-def _at_address(error: Exception, address: str) -> str:
-    """`error`'s message, led by `address` unless it begins by naming it already."""
-    said = str(error)
-    named = said.startswith((address, f"TLS handshake with {address} ", f"the server at {address} "))
-    return said if named else f"{address}: {said}"
-
-
 def quiet_grpc() -> None:
     """gRPC's documented default log level, set before its core starts (the first import of the
     client, which imports grpc): unset, the core logs a failed handshake at INFO ("I1130 …
@@ -604,7 +597,7 @@ class Session:
         tls = self.tls_files()
         if len(addresses) == 1:
             return RemoteStore(addresses[0], tls, options=options)
-        from secrets_manager.client.remote import first_serving
+        from secrets_manager.client.remote import at_address, first_serving
 
         credentials = tls.credentials()  # read once for every address
         chosen = first_serving(
@@ -623,7 +616,7 @@ class Session:
             # Not "try again": the certificate files (or the servers') must change first. Said as
             # one address says it, the others named.
             raise HandshakeFailedError(f"{refusals[0]} (likewise at {', '.join(addresses[1:])})")
-        whys = "; ".join(_at_address(why, at) for why, at in zip(refusals, addresses, strict=True))
+        whys = "; ".join(at_address(why, at) for why, at in zip(refusals, addresses, strict=True))
         raise StorageError(
             f"no secrets-manager service is serving at {', '.join(addresses)} ({whys}); try again"
         )

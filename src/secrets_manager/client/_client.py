@@ -105,6 +105,7 @@ from secrets_manager.client.remote import (
     ChangeStream,
     RemoteStore,
     TlsFiles,
+    at_address,
     channel_credentials,
     checked_text,
     first_serving,
@@ -533,11 +534,16 @@ class _ServiceReplicas:
             order = self._in_order(channels)
             refused = [pair for pair in order if pair[0] == self._watch_refused_by]
             found: tuple[int, RemoteStore] | None = None
+            whys: list[str] = []  # why each address did not serve, if none does
             for group in ([pair for pair in order if pair[0] != self._watch_refused_by], refused):
                 chosen = first_serving([replica for _, replica in group], self._timeout) if group else None
                 if chosen is not None and chosen.index is not None:
                     found = group[chosen.index]
                     break
+                if chosen is not None:
+                    whys += [
+                        at_address(why, r.address) for why, (_, r) in zip(chosen.reasons, group, strict=False)
+                    ]
             if found is not None:
                 index, replica = found
                 self._preferred = self._watching = index
@@ -559,7 +565,12 @@ class _ServiceReplicas:
             self._give_back(channels)
             raise
         self._give_back(channels)
-        raise StorageError(f"no service is serving at {', '.join(replica.address for _, replica in order)}")
+        # Each address's reason, as the CLI gives them: a replica whose certificate this client's CA
+        # does not trust (half-way through a CA rotation) was "not serving" with nothing that said so.
+        reasons = f" ({'; '.join(whys)})" if whys else ""
+        raise StorageError(
+            f"no service is serving at {', '.join(replica.address for _, replica in order)}{reasons}"
+        )
 
     def _ended(self, stream: _HeldStream) -> None:
         with self._lock:

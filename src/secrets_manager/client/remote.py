@@ -980,6 +980,14 @@ class Chosen:
     reasons: tuple[StorageError, ...] = ()
 
 
+def at_address(error: Exception, address: str) -> str:
+    """`error`'s message, led by `address` unless it begins by naming it already (as the reasons
+    `first_serving` gives are put on one line, by the CLI and the SDK)."""
+    said = str(error)
+    named = said.startswith((address, f"TLS handshake with {address} ", f"the server at {address} "))
+    return said if named else f"{address}: {said}"
+
+
 def first_serving(
     candidates: Sequence[RemoteStore | Callable[[], RemoteStore]],
     timeout: float,
