@@ -33,6 +33,7 @@ from secrets_manager.tls import pki
 from secrets_manager.v1 import secrets_pb2 as pb
 from service_fixtures import (
     PASSWORD,
+    SCRIPT,
     TD,
     Server,
     eventually,
@@ -283,6 +284,50 @@ def test_start_and_stop_log_what_is_in_force(tmp_path: Path) -> None:
     assert stopping["signal"] == "SIGTERM"
     assert lines[-1]["event"] == "service.stopped"
     assert PASSWORD not in "".join(server.log_lines)
+
+
+def test_the_start_line_names_absolute_paths_for_a_relative_config(tmp_path: Path) -> None:
+    """`serve --config server.toml`, run in the config's directory (as the README's set-up does):
+    the start line said "audit_file": "log/audit.jsonl", "policy": "policy.toml", relative to a
+    directory it does not name, so no log shipper could be pointed at the audit log from it. Now
+    every file it names is absolute. Fails on the old code (relative paths)."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    (tmp_path / "log").mkdir(mode=0o700)
+    (tmp_path / "server.toml").write_text(
+        'listen = "127.0.0.1:0"\nstore = "store.db"\npolicy = "policy.toml"\naudit_file = "log/audit.jsonl"\n'
+        '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
+    )
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "MASTER_PASSWORD": PASSWORD,
+    }
+    process = subprocess.Popen(
+        [str(SCRIPT), "serve", "--config", "server.toml"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert process.stderr is not None
+    try:
+        started: dict[str, object] = {}
+        for line in iter(process.stderr.readline, b""):
+            doc = json.loads(line)
+            if doc.get("event") == "service.started":
+                started = doc
+                break
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    assert started, "serve did not start"
+    assert started["audit_file"] == str(tmp_path / "log" / "audit.jsonl")
+    assert started["policy"] == str(tmp_path / "policy.toml")
+    assert started["store"] == str(tmp_path / "store.db")
+    assert started["tls_cert"] == str(tmp_path / "server.pem")
+    assert started["client_ca"] == str(tmp_path / "ca.pem")
 
 
 def test_every_line_serve_writes_is_json_with_an_event_and_failures_do_not_flood(tmp_path: Path) -> None:

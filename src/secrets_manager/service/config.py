@@ -135,7 +135,10 @@ def load_config(path: str | Path, *, environment: Environment | None = None) -> 
     unknown = set(doc) - _KNOWN
     if unknown:
         raise InvalidInputError(f"server config {path}: unknown setting {sorted(unknown)[0]!r}")
-    base = path.parent
+    # Absolute, so what the start line and errors name is the file whatever serve's directory is
+    # (`--config server.toml` logged "audit_file": "log/audit.jsonl", relative to a directory it
+    # did not name: no path a log shipper could follow).
+    base = path.absolute().parent
 
     def file(value: Any, what: str) -> Path:
         if not isinstance(value, str) or not value:
