@@ -1313,6 +1313,21 @@ def test_the_cli_works_on_a_postgres_store_as_on_a_file(
     assert wrong.code == 4
 
 
+def test_a_database_password_missing_or_wrong_says_where_it_comes_from(cli: Cli) -> None:
+    """A replica started without its database password stopped with libpq's "fe_sendauth: no
+    password supplied", which says nothing of where the password goes. Now the one line says
+    PGPASSWORD or a passfile, and never holds the password. Fails on the old code."""
+    assert cli("init", "--kdf-profile", "test").code == 0
+    missing = cli("status", env={"PGPASSWORD": None})
+    assert missing.code == 1
+    assert "no password supplied" in missing.stderr
+    assert "give the database password in PGPASSWORD or a passfile (PGPASSFILE" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    wrong = cli("status", env={"PGPASSWORD": "not-the-role-password"})
+    assert wrong.code == 1 and "password authentication failed" in wrong.stderr
+    assert "PGPASSWORD or a passfile" in wrong.stderr and "not-the-role-password" not in wrong.stderr
+
+
 def test_init_of_a_postgres_store_beside_the_log_of_its_emptied_predecessor_creates_nothing(
     cli: Cli, place: Place, pg_password: str, tmp_path: Path
 ) -> None:

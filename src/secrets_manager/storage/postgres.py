@@ -82,6 +82,9 @@ log = logging.getLogger(__name__)
 APPLICATION = "secrets-manager"
 DEFAULT_SCHEMA = "secrets_manager"
 CHANGE_LOG_RETAINED = 100_000  # revisions of change history kept for watchers (as SqliteStorage)
+# libpq's words for a connection refused for want of the right password (no password given, or
+# the wrong one): the error then says where libpq takes it from.
+PASSWORD_REFUSALS = ("no password supplied", "password authentication failed")
 LOCK_TIMEOUT_MS = 30_000  # how long a commit waits for another writer (SqliteStorage's busy timeout)
 # How long the server lets one of our write transactions sit between statements before it ends the
 # session (idle_in_transaction_session_timeout). Ours run their statements back to back (a few ms),
@@ -363,6 +366,13 @@ class PostgresStorage:
             message = f"permission denied ({_one_line(str(exc))}); grant the store's role access to it"
         else:
             message = _one_line(str(exc)) or type(exc).__name__
+            if any(refusal in message for refusal in PASSWORD_REFUSALS):
+                # libpq's words alone ("fe_sendauth: no password supplied") said nothing of where
+                # the password comes from (a URL holding it is refused in production).
+                message += (
+                    "; give the database password in PGPASSWORD or a passfile (PGPASSFILE, default "
+                    "~/.pgpass), not in the URL"
+                )
         for secret in self._secrets:
             message = message.replace(secret, "***")
         return StorageError(f"store {self.location}: {message}")
