@@ -221,6 +221,29 @@ def test_unlock_with_switches_to_a_password_and_back_without_re_encrypting(cli: 
     assert cli("audit", "verify").returncode == 0
 
 
+def test_status_names_the_kms_key_that_unlocks_the_store(cli: Cli, key_arn: str) -> None:
+    """`status` said "unlocked by: aws-kms" and nothing of which key, which an SRE needs to grant
+    a new replica's host kms:Decrypt or to know what a recovery replaces; the header holds its
+    ARN. Now the table and --json name it (kms_key; null for a password). Fails on the old code."""
+    shown = cli("status")
+    assert shown.returncode == 0, shown.stderr
+    assert f"aws-kms ({key_arn})" in shown.stdout.decode()
+    doc = json.loads(cli("status", "--json").stdout)
+    assert (doc["unlocked_by"], doc["kms_key"]) == ("aws-kms", key_arn)
+    (cli.dir / "new-password").write_text(NEW_PASSWORD + "\n")
+    switched = cli(
+        "unlock-with",
+        "password",
+        "--new-password-file",
+        str(cli.dir / "new-password"),
+        "--kdf-profile",
+        "test",
+    )
+    assert switched.returncode == 0, switched.stderr
+    doc = json.loads(cli("status", "--json", env={"MASTER_PASSWORD": NEW_PASSWORD}).stdout)
+    assert (doc["unlocked_by"], doc["kms_key"]) == ("password", None)
+
+
 def test_unlock_with_refuses_bad_arguments_before_opening(cli: Cli) -> None:
     assert cli("unlock-with", "kms").returncode == 2
     both = cli("unlock-with", "password", "arn:aws:kms:eu-west-1:111122223333:key/x")

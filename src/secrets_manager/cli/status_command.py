@@ -46,6 +46,9 @@ def status(session: Session, as_json: bool) -> None:
     audit_problem: str | None = None
     with session.store_operation("status") as (store, _):
         doc["unlocked_by"] = store.unlock_kind if isinstance(store, EncryptedStore) else "backend credentials"
+        # Which KMS key: "aws-kms" alone left an operator granting a new replica's host
+        # kms:Decrypt, or finding the key a recovery replaces, to read the header by hand.
+        doc["kms_key"] = store.kms_key if isinstance(store, EncryptedStore) else None
         params = store.kdf_params if isinstance(store, EncryptedStore) else None
         doc["kdf"] = (
             None
@@ -152,7 +155,7 @@ def _print(doc: dict[str, Any], audit_problem: str | None) -> None:
     lines = [
         ("store", f"{doc['store']} ({doc['kind']})"),
         ("environment", doc["environment"]),
-        ("unlocked by", doc["unlocked_by"]),
+        ("unlocked by", doc["unlocked_by"] + (f" ({doc['kms_key']})" if doc["kms_key"] else "")),
         *(
             []
             if doc["kdf"] is None

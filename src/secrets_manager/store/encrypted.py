@@ -364,6 +364,15 @@ class EncryptedStore:
         return str((self._unlock_section or {}).get("kind", PasswordUnlock.kind))
 
     @property
+    def kms_key(self) -> str | None:
+        """The ARN of the AWS KMS key that unlocks this store (its header's unlock section), or
+        None if a password does: what a new host's credentials need kms:Decrypt on."""
+        section = self._unlock_section or {}
+        if section.get("kind") != "aws-kms" or not isinstance(section.get("key_arn"), str):
+            return None
+        return str(section["key_arn"])
+
+    @property
     def kdf_params(self) -> KdfParams | None:
         """The Argon2id costs of the master password (None if no password unlocks the store)."""
         if isinstance(self._unlock, PasswordUnlock | UnlockKeyUnlock):
