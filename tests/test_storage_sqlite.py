@@ -458,10 +458,11 @@ def test_a_full_disk_says_the_disk_holding_the_store_is_full(storage: SqliteStor
             storage.put(f"ns/key{number}", os.urandom(2000))
 
 
-def test_a_store_on_a_read_only_mount_says_it_cannot_be_opened_for_writing_and_where(tmp_path: Path) -> None:
-    """SQLite's "unable to open database file" (it cannot create the -wal and -shm files beside a
-    store on a read-only mount) names the directory. The mount is a read-only bind mount in a
-    private mount namespace (`unshare -m`), which refuses writes even to root."""
+def test_a_store_on_a_read_only_mount_is_read_and_a_write_says_why_it_is_refused(tmp_path: Path) -> None:
+    """A store on a read-only mount is opened read-only (SQLite could not create its -wal and
+    -shm files there, and every read failed): reads work, and a write says the store is on a
+    read-only file system. The mount is a read-only bind mount in a private mount namespace
+    (`unshare -m`), which refuses writes even to root."""
     directory = tmp_path / "store"
     path = directory / "s.db"
     storage = SqliteStorage(path, create=True)
@@ -471,10 +472,12 @@ def test_a_store_on_a_read_only_mount_says_it_cannot_be_opened_for_writing_and_w
         "import sys\n"
         "from secrets_manager.errors import StorageError\n"
         "from secrets_manager.storage.sqlite import SqliteStorage\n"
+        "storage = SqliteStorage(sys.argv[1])\n"
+        "print(storage.list('ns/'), storage.get('ns/a').value)\n"
         "try:\n"
-        "    SqliteStorage(sys.argv[1]).list('ns/')\n"
+        "    storage.put('ns/b', b'y')\n"
         "except StorageError as exc:\n"
-        "    print(exc)\n"
+        "    print(type(exc).__name__, exc)\n"
     )
     mount = f"mount --bind '{directory}' '{directory}' && mount -o remount,ro,bind '{directory}'"
     if (
@@ -501,8 +504,11 @@ def test_a_store_on_a_read_only_mount_says_it_cannot_be_opened_for_writing_and_w
         timeout=60,
     )
     assert result.stderr == ""
-    assert f"cannot open the store {path} for writing: its directory {directory} is not writable" in (
-        result.stdout
+    read, refused = result.stdout.splitlines()
+    assert read == "['ns/a'] b'x'"
+    assert refused == (
+        f"StoreReadOnlyError store {path} is read-only (it is on a read-only file system ({directory})): "
+        "nothing was changed; to change it, make it writable, or copy it to a writable place and pass --store"
     )
 
 
@@ -534,3 +540,106 @@ def test_a_store_file_removed_or_replaced_under_an_open_handle_refuses_writes(
             assert reopened.get("k") is None  # nothing went to the file that is there now
         finally:
             reopened.close()
+
+
+# Root without the capabilities that let it read and write past file modes (root ignores them).
+BOUND = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search,-fowner", "--"]
+
+
+def _require_setpriv() -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run this as root with setpriv (util-linux)")
+        pytest.skip("needs root and setpriv (util-linux) to run a reader bound by file modes")
+
+
+READER = """
+import sys
+from secrets_manager.storage.sqlite import SqliteStorage
+storage = SqliteStorage(sys.argv[1])
+print(storage.read_only is not None, flush=True)
+for line in sys.stdin:
+    entry = storage.get("ns/k")
+    print(storage.change_head(), entry.value.decode() if entry else None, flush=True)
+"""
+
+
+def test_a_long_running_reader_of_a_read_only_store_sees_another_writers_changes(tmp_path: Path) -> None:
+    """A store read without SQLite's locks (immutable: no -wal to read through) was read as it
+    was when opened, for good: a program using the SDK, or serve, on a store its owner updates
+    never saw the update. It is opened again when the file or its -wal changes."""
+    _require_setpriv()
+    path = tmp_path / "s.db"
+    writer = SqliteStorage(path, create=True)
+    writer.put("ns/k", b"v1")
+    writer.close()  # its -wal checkpointed and removed: a reader opens the file immutable
+    path.chmod(0o400)
+    reader = subprocess.Popen(
+        [*BOUND, sys.executable, "-c", READER, str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert reader.stdin is not None and reader.stdout is not None
+    try:
+        assert reader.stdout.readline() == "True\n"  # opened read-only
+        reader.stdin.write("\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline() == "1 v1\n"
+        for value, head in ((b"v2", 2), (b"v3", 3)):
+            writer = SqliteStorage(path)  # root: it writes the 0400 file
+            writer.put("ns/k", value)
+            reader.stdin.write("\n")
+            reader.stdin.flush()
+            assert reader.stdout.readline() == f"{head} {value.decode()}\n"  # through its -wal
+            writer.close()
+        reader.stdin.write("\n")
+        reader.stdin.flush()
+        assert reader.stdout.readline() == "3 v3\n"
+    finally:
+        reader.kill()
+        reader.wait()
+
+
+def test_a_store_file_this_user_may_not_write_is_read_and_left_as_it_was(tmp_path: Path) -> None:
+    """A 0400 store: every read failed once a write was tried ("attempt to write a readonly
+    database"), and SQLite left -wal and -shm files of mode 0400 beside it, which kept the store
+    read-only after `chmod 600`. It is read without them, and a write says why it is refused."""
+    _require_setpriv()
+    path = tmp_path / "s.db"
+    writer = SqliteStorage(path, create=True)
+    writer.put("ns/a", b"x")
+    writer.close()
+    path.chmod(0o400)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    script = (
+        "import sys\n"
+        "from secrets_manager.errors import StoreReadOnlyError\n"
+        "from secrets_manager.storage.sqlite import SqliteStorage\n"
+        "storage = SqliteStorage(sys.argv[1])\n"
+        "print(storage.list('ns/'), storage.get('ns/a').value, storage.change_head())\n"
+        "try:\n"
+        "    storage.put('ns/b', b'y')\n"
+        "except StoreReadOnlyError as exc:\n"
+        "    print(exc)\n"
+        "print(storage.get('ns/b'))\n"
+    )
+    result = subprocess.run(
+        [*BOUND, sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.stderr == ""
+    assert result.stdout.splitlines() == [
+        "['ns/a'] b'x' 1",
+        f"store {path} is read-only (its mode 0400 does not let this user (root) write it, owner root): "
+        "nothing was changed; to change it, make it writable, or copy it to a writable place and "
+        "pass --store",
+        "None",
+    ]
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no -wal, no -shm
+    path.chmod(0o600)
+    again = subprocess.run(
+        [*BOUND, sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert again.stderr == ""
+    assert again.stdout.splitlines()[1:] == ["Entry(revision=2)"]  # writable again: the write was made

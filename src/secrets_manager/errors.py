@@ -17,6 +17,7 @@
     │   └── SecretStateError            exit 7   the secret is deleted (or not, for undelete)
     ├── StorageError                    exit 1   the backend itself failed (I/O, locked, unreachable)
     │   ├── StoreBusyError              exit 1   another writer held the store's lock too long
+    │   ├── StoreReadOnlyError          exit 1   a write to a store this process can only read
     │   ├── ResourceExhaustedError      exit 1   the service is at a capacity limit (max_watch_streams)
     │   └── HandshakeFailedError        exit 1   the TLS handshake failed or the server closed it
     ├── RotationStepFailed              exit 1   a rotation's set or test command failed
@@ -175,6 +176,12 @@ class StoreClosedError(StorageError):
 class StoreBusyError(StorageError):
     """Another writer held the store's commit lock longer than this commit would wait (a long
     restore or import, a writer paused mid-commit); nothing was written, so trying again is safe."""
+
+
+class StoreReadOnlyError(StorageError):
+    """A write to a store this process can only read (its file's mode, a read-only directory or
+    file system): nothing was written. Reads of such a store work; the message says why it is
+    read-only and what to do."""
 
 
 class ChangeUnrecordedError(StorageError):

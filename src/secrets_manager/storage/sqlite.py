@@ -13,8 +13,11 @@ import contextlib
 import errno
 import logging
 import os
+import pwd
 import sqlite3
+import stat
 import threading
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +33,7 @@ from secrets_manager.errors import (
     StoreBusyError,
     StoreClosedError,
     StoreNotFoundError,
+    StoreReadOnlyError,
 )
 from secrets_manager.storage.base import (
     ABSENT,
@@ -102,10 +106,11 @@ class SqliteStorage:
     def _connect(self, create: bool) -> None:
         if self.path.is_dir():
             raise InvalidInputError(f"store {self.path} is a directory; give the store file's path")
+        # A store this process cannot write (its mode, its directory, a read-only file system) is
+        # opened read-only: reads work, and every write is refused saying why (StoreReadOnlyError).
+        self.read_only = None if create else read_only_reason(self._where)
         try:
-            self._db = sqlite3.connect(
-                self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
-            )
+            self._db = self._open_connection()
         except sqlite3.DatabaseError as exc:
             raise _sqlite_error(self.path, exc) from None
         self._file = _file_identity(self._where)
@@ -122,11 +127,59 @@ class SqliteStorage:
                 raise _sqlite_error(self.path, exc) from None
             raise
 
+    def _open_connection(self) -> sqlite3.Connection:
+        """A connection to the file: read-write, or read-only when `read_only` says why.
+
+        Read-only without a -wal beside the file, which then holds every committed write:
+        `immutable`, which reads it without creating -wal and -shm files (SQLite would otherwise
+        make them beside it with the file's own mode, 0400 say, which kept the store read-only
+        once it was made writable again, and this user as their owner; a read-only directory
+        cannot take them at all). Immutable means no locks and no change detection, so
+        `_reopen_if_changed` opens it again when the file or its -wal changes (another writer).
+        With a -wal (a writer has the store open elsewhere), `mode=ro` reads through it."""
+        self._immutable_as: tuple[tuple[int, int, int] | None, tuple[int, int, int] | None] | None = None
+        if self.read_only is None:
+            return sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+            )
+        stamp = self._stamp()
+        target = f"file:{urllib.parse.quote(str(self._where))}?mode=ro"
+        if stamp[1] is None:
+            target += "&immutable=1"
+            self._immutable_as = stamp
+        db = sqlite3.connect(
+            target, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000, uri=True
+        )
+        db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        return db
+
+    def _stamp(self) -> tuple[tuple[int, int, int] | None, tuple[int, int, int] | None]:
+        """What changes when another process writes the store: its file's and its -wal's
+        inode, size and modification time (None for a -wal that is not there)."""
+        return _file_stamp(self._where), _file_stamp(Path(f"{self._where}-wal"))
+
+    def _reopen_if_changed(self) -> None:
+        """Holding the lock, before a read: an immutable connection whose file (or -wal) another
+        process changed since it was opened is opened again, so a long-running reader (serve,
+        the SDK, `run --restart-on-change`) sees changes. (A read that overlaps such a change can
+        still fail, without locks; the next one opens the file again.) Not inside this handle's
+        own read transaction (a snapshot), and not onto another file renamed over the path (a
+        restore): as a writable handle does, this one goes on with its file, and `history` and
+        the change feed say it was replaced."""
+        if self._immutable_as is None or self._db.in_transaction:
+            return
+        now = self._stamp()
+        if now == self._immutable_as or now[0] is None or now[0][0] != (self._file or (0, 0))[1]:
+            return
+        self._db.close()
+        self._db = self._open_connection()
+
     def _configure(self, create: bool) -> None:
         db = self._db
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        db.execute("PRAGMA secure_delete = ON")
-        db.execute("PRAGMA synchronous = FULL")
+        if not self.read_only:
+            db.execute("PRAGMA secure_delete = ON")
+            db.execute("PRAGMA synchronous = FULL")
         if create:
             db.execute(f"PRAGMA application_id = {_APPLICATION_ID}")
             if db.execute("PRAGMA journal_mode = WAL").fetchone()[0].lower() != "wal":
@@ -173,6 +226,9 @@ class SqliteStorage:
                 in_snapshot = self._db.in_transaction  # this thread's own (the lock is reentrant)
             except sqlite3.Error as exc:  # closed
                 raise _sqlite_error(self.path, exc) from None
+            refused = self.read_only_error()
+            if refused is not None:
+                raise refused
             if in_snapshot:
                 # Refused before BEGIN IMMEDIATE, which would fail but still leave the snapshot's
                 # read transaction holding the write lock: every other writer would wait it out.
@@ -197,6 +253,15 @@ class SqliteStorage:
                         self._db.execute("PRAGMA synchronous = FULL")
             except sqlite3.Error as exc:
                 raise _sqlite_error(self.path, exc) from None
+
+    def read_only_error(self) -> StoreReadOnlyError | None:
+        """What a write to this store, opened read-only, is refused with (None: it is not)."""
+        if self.read_only is None:
+            return None
+        return StoreReadOnlyError(
+            f"store {self.path} is read-only ({self.read_only}): nothing was changed; to change it, "
+            "make it writable, or copy it to a writable place and pass --store"
+        )
 
     @property
     def history(self) -> str:
@@ -239,6 +304,7 @@ class SqliteStorage:
     def get(self, key: str) -> Entry | None:
         try:
             with self._lock:
+                self._reopen_if_changed()
                 row = self._db.execute(_GET, (key,)).fetchone()
         except sqlite3.Error as exc:
             raise _sqlite_error(self.path, exc) from None
@@ -249,6 +315,7 @@ class SqliteStorage:
         self._check_same_file()
         try:
             with self._lock:
+                self._reopen_if_changed()
                 row = self._db.execute("SELECT max(revision) FROM changes").fetchone()
         except sqlite3.Error as exc:
             raise _sqlite_error(self.path, exc) from None
@@ -265,6 +332,7 @@ class SqliteStorage:
         end = _prefix_end(prefix)
         try:
             with self._lock:
+                self._reopen_if_changed()
                 if end is not None:
                     rows = self._db.execute(
                         "SELECT key FROM entries WHERE key >= ? AND key < ? ORDER BY key",
@@ -320,6 +388,7 @@ class SqliteStorage:
         self._check_same_file()
         try:
             with self._lock:
+                self._reopen_if_changed()
                 current = int(self._db.execute("SELECT revision FROM counter WHERE id = 1").fetchone()[0])
                 oldest = self._db.execute("SELECT min(revision) FROM changes").fetchone()[0]
                 rows = self._db.execute(
@@ -352,6 +421,7 @@ class SqliteStorage:
         after it ends (the encrypted store's listing decrypts its rows after the snapshot)."""
         with self._lock:
             try:
+                self._reopen_if_changed()
                 self._db.execute("BEGIN")
                 try:
                     revision = int(
@@ -382,6 +452,51 @@ class SqliteStorage:
 
     def __repr__(self) -> str:
         return f"SqliteStorage({str(self.path)!r})"
+
+
+def read_only_reason(path: Path) -> str | None:
+    """Why this process cannot write the store file `path` (None: it can): a read-only file
+    system, the file's mode, or a directory that cannot take SQLite's -wal and -shm files.
+    Asked of the kernel for this process's effective ids and capabilities (root writes a 0400
+    file; a root without CAP_DAC_OVERRIDE does not)."""
+    directory = path.parent
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return f"it is on a read-only file system ({directory})"
+    except OSError:
+        return None  # SQLite says what is wrong with it
+    if path.exists() and not os.access(path, os.W_OK, effective_ids=True):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        return f"its mode {mode:04o} does not let this user ({_user()}) write it, owner {_owner(path)}"
+    if not os.access(directory, os.W_OK | os.X_OK, effective_ids=True):
+        return (
+            f"its directory {directory} is not writable by this user ({_user()}), and SQLite keeps the "
+            "store's -wal and -shm files there"
+        )
+    return None
+
+
+def _user() -> str:
+    uid = os.geteuid()
+    with contextlib.suppress(KeyError):
+        return pwd.getpwuid(uid).pw_name
+    return f"uid {uid}"
+
+
+def _owner(path: Path) -> str:
+    uid = path.stat().st_uid
+    with contextlib.suppress(KeyError):
+        return pwd.getpwuid(uid).pw_name
+    return f"uid {uid}"
+
+
+def _file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is written: its inode, size and modification time."""
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_ino, status.st_size, status.st_mtime_ns
 
 
 def _file_identity(path: Path) -> tuple[int, int] | None:
