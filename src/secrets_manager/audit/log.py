@@ -42,6 +42,7 @@ from secrets_manager.errors import (
     SecretsManagerError,
     StoreBusyError,
     StoreClosedError,
+    StoreReadOnlyError,
 )
 from secrets_manager.store.base import Anchor
 
@@ -577,6 +578,13 @@ class AuditLog:
                 self._owe_locked(_Owed(written, anchor))
                 self._anchor_busy_until = time.monotonic() + FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
                 self._worker.retry_within(FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS)
+            except StoreReadOnlyError:
+                # A store this process can only read: its records are written and fsynced,
+                # chained and signed, and the anchor stays owed; this handle can never move it,
+                # so nothing retries. A later append through a writable handle (the store made
+                # writable again) anchors past them. No change can be made through this handle
+                # either (its own commit is refused), so a "pending" record is not refused.
+                self._owe_locked(_Owed(written, anchor))
             else:
                 self._owed = self._owed_since = None  # this record is anchored: older ones are too
 
@@ -1081,6 +1089,11 @@ class AuditLog:
                     self._owed = self._owed_since = None
                 if not deferred:
                     raise self._anchor_lags(owed, exc) from None
+            except StoreReadOnlyError as exc:
+                # Read-only to this process: it stays owed (anchor_lag_seconds grows), and no
+                # retry is scheduled, as none through this handle can succeed.
+                if not deferred:
+                    raise self._anchor_lags(owed, exc) from None
             except SecretsManagerError as exc:
                 # Busy, or the store could not be reached: the anchor lags, and is tried again.
                 self._anchor_busy_until = time.monotonic() + FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
@@ -1096,6 +1109,12 @@ class AuditLog:
                 self._unflock()
 
     def _anchor_lags(self, owed: _Owed, exc: SecretsManagerError) -> AuditError:
+        if isinstance(exc, StoreReadOnlyError):
+            return AuditError(
+                f"audit log {self.path}: its records up to {owed.tail.seq} are on disk, but the store "
+                f"cannot vouch for them ({exc}): they are anchored by the first command that can "
+                "write the store"
+            )
         return AuditError(
             f"audit log {self.path}: its records up to {owed.tail.seq} are on disk, but the store's "
             f"anchor could not be moved to them ({exc}); it is tried again while this process runs"
@@ -2366,4 +2385,8 @@ def _remedy(error: OSError) -> str:
         return f": give the log a path in a directory this user can write {where}"
     if error.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
         return ""
-    return f": make it writable for this user, or give the log a path this user can write {where}"
+    # A new, empty log is refused once the store has anchored records: the chain goes on in a copy.
+    return (
+        ": make it and its directory writable for this user, or copy the log (with its rotated "
+        f"files) to a directory this user can write and give the copy's path {where}"
+    )

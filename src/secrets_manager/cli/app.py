@@ -790,6 +790,18 @@ class Session:
         """One audited operation on an open store (`unlocked`: record its unlock with it)."""
         event = self.event(operation, name)
         pending = [self.event("unlock", request_id=event.request_id)] if unlocked else []
+        changes_store = mutating and operation not in _CHANGES_OUTSIDE_THE_STORE
+        refuse = getattr(store, "read_only_error", None) if changes_store else None
+        refused = refuse() if callable(refuse) else None
+        if refused is not None:
+            # A store this process can only read: refused before its request record (whose anchor
+            # could not move), with one record that says so: the refusal is the error reported
+            # even if that record cannot be written (the log read-only too), as for any failure.
+            try:
+                audit.append([*pending, replace(event, outcome=refused.kind)], store)
+            except SecretsManagerError as audit_exc:
+                warning_line(f"the refusal could not be audited: {audit_exc}")
+            raise refused
         if mutating:
             audit.append([*pending, replace(event, outcome="pending")], store)
             pending = []
@@ -825,6 +837,11 @@ class Session:
             if not mutating:  # a read: its result is not shown, so it was refused indeed
                 raise
             raise UnrecordedChangeError(change_made(event), exc) from None
+
+
+# Operations recorded as changes (a durable "pending" record first) that do not write the store:
+# a backup writes a file, a rotation's set step the target. A read-only store does not refuse them.
+_CHANGES_OUTSIDE_THE_STORE = frozenset({"backup", "rotate.set"})
 
 
 class UnrecordedChangeError(AuditError):

@@ -49,6 +49,8 @@ def status(session: Session, as_json: bool) -> None:
         # Which KMS key: "aws-kms" alone left an operator granting a new replica's host
         # kms:Decrypt, or finding the key a recovery replaces, to read the header by hand.
         doc["kms_key"] = store.kms_key if isinstance(store, EncryptedStore) else None
+        refused = store.read_only_error() if isinstance(store, EncryptedStore) else None
+        doc["read_only"] = refused is not None
         params = store.kdf_params if isinstance(store, EncryptedStore) else None
         doc["kdf"] = (
             None
@@ -153,7 +155,7 @@ def _print(doc: dict[str, Any], audit_problem: str | None) -> None:
     oldest = doc["oldest_value"]
     recovery = doc["recovery_shares"]
     lines = [
-        ("store", f"{doc['store']} ({doc['kind']})"),
+        ("store", f"{doc['store']} ({doc['kind']}{', read-only' if doc['read_only'] else ''})"),
         ("environment", doc["environment"]),
         ("unlocked by", doc["unlocked_by"] + (f" ({doc['kms_key']})" if doc["kms_key"] else "")),
         *(

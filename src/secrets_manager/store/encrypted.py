@@ -59,6 +59,7 @@ from secrets_manager.errors import (
     SecretsManagerError,
     SecretStateError,
     StorageError,
+    StoreReadOnlyError,
     UnlockError,
     UnsupportedOperationError,
 )
@@ -357,6 +358,13 @@ class EncryptedStore:
         rotated the root key. Without it a long-running service fails every call until restarted;
         with it, putting the new password in its password file is enough."""
         self._renew_unlock = source
+
+    def read_only_error(self) -> StoreReadOnlyError | None:
+        """What every write is refused with, the audit anchor's too, when this process can only
+        read the store (the file's mode, a read-only directory or file system); None if it can
+        write it."""
+        refuse = getattr(self._storage, "read_only_error", None)
+        return refuse() if callable(refuse) else None
 
     @property
     def unlock_kind(self) -> str:
