@@ -318,3 +318,36 @@ def test_serve_reads_a_store_on_a_read_only_mount(tmp_path: Path) -> None:
     assert subprocess.run([str(SCRIPT), "list"], env=environment, capture_output=True).returncode == 0
     verified = subprocess.run([str(SCRIPT), "audit", "verify"], env=environment, capture_output=True)
     assert verified.returncode == 0, verified.stderr
+
+
+def _log_files(cli: Cli) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in cli.audit.parent.glob(cli.audit.name + "*")}
+
+
+def test_audit_prune_and_reset_leave_the_log_of_a_read_only_store_as_it_was(cli: Cli) -> None:
+    """`audit prune` deleted files after a prune record the store could not anchor, and `audit
+    reset` set every file of the log aside before failing to reset the anchor (the log then held
+    no records while the store anchored some: every command refused). Both are refused first."""
+    small = {"SECRETS_MANAGER_AUDIT_MAX_BYTES": "1500"}
+    for _ in range(4):
+        assert cli("get", "app/API_KEY", env=small, bound=False).returncode == 0
+    assert len(list(cli.audit.parent.glob("store.audit.jsonl.0*"))) >= 2  # rotated files to prune
+    cli.store.chmod(0o400)
+    before = _log_files(cli)
+    pruned = cli("audit", "prune", "--keep-files", "0", env=small)
+    assert pruned.returncode == 1
+    assert "is read-only (its mode 0400" in pruned.stderr.decode(), pruned.stderr
+    assert _log_files(cli) == before
+    first = sorted(cli.audit.parent.glob("store.audit.jsonl.0*"))[0]
+    lines = first.read_bytes().splitlines(keepends=True)
+    lines[0] = lines[0].replace(b'"actor":"root"', b'"actor":"toor"')  # an edited record: reset may run
+    first.write_bytes(b"".join(lines))
+    assert cli("audit", "verify").returncode == 6
+    damaged = _log_files(cli)
+    reset = cli("audit", "reset", "--accept-loss")
+    assert reset.returncode == 1
+    assert "is read-only (its mode 0400" in reset.stderr.decode(), reset.stderr
+    assert _log_files(cli) == damaged  # nothing renamed, nothing appended
+    cli.store.chmod(0o600)
+    assert cli("audit", "reset", "--accept-loss").returncode == 0  # writable: it runs
+    assert cli("audit", "verify").returncode == 0

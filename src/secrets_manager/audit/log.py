@@ -647,6 +647,7 @@ class AuditLog:
         damaged (a store restored without its log, a deleted or edited file): every file of the
         old log is renamed `<file>.lost-<time>` and kept, the store's anchor is reset, and the new
         chain starts with `event`. Returns the renamed files."""
+        _refuse_if_read_only(anchor)
         with self._lock:
             self._flock(deadline=time.monotonic() + self.timeout)
             try:
@@ -657,7 +658,10 @@ class AuditLog:
     def reset(self, anchor: AuditAnchor, event: AuditEvent) -> Reset:
         """`restart`, only if the log does not verify (`audit reset`). Decided holding the lock,
         verifying against the anchor read then: a writer rotating the log meanwhile can neither
-        make a good log look broken (and have it set aside) nor slip records in unchecked."""
+        make a good log look broken (and have it set aside) nor slip records in unchecked. A
+        store that cannot be written is refused first: its anchor could not be reset once the old
+        files were set aside."""
+        _refuse_if_read_only(anchor)
         with self._lock:
             self._flock(deadline=time.monotonic() + self.timeout)
             try:
@@ -735,6 +739,8 @@ class AuditLog:
                 targets = _archive_targets(chosen, archive) if chosen and archive is not None else []
                 if not chosen or dry_run:
                     return Pruned(files=chosen, records=records, archived=targets)
+                # Its record must be anchored before any file goes, which such a store cannot do.
+                _refuse_if_read_only(anchor)
                 last = chosen[-1]
                 begins = {"seq": last.last_seq + 1, "prev": last.last_hash}
                 self._write_locked(
@@ -1741,6 +1747,16 @@ def _unused_path(path: Path) -> Path:
 
 _RESET_HINT = "'secrets-manager audit reset --accept-loss' (--share-file too if the password is lost)"
 _RESTORE_HINT = f"restore the log from a copy, or accept the loss with {_RESET_HINT}"
+
+
+def _refuse_if_read_only(anchor: AuditAnchor) -> None:
+    """StoreReadOnlyError if `anchor` is a store this process can only read (an EncryptedStore
+    on a file it cannot write; other stores have no such state): for what must move or reset
+    the anchor before it changes the log's files (`audit prune`, `audit reset`)."""
+    refusal = getattr(anchor, "read_only_error", None)
+    refused = refusal() if callable(refusal) else None
+    if isinstance(refused, StoreReadOnlyError):
+        raise refused
 
 
 def _missing_anchor(path: Path) -> AuditTamperError:
