@@ -643,3 +643,45 @@ def test_a_store_file_this_user_may_not_write_is_read_and_left_as_it_was(tmp_pat
     )
     assert again.stderr == ""
     assert again.stdout.splitlines()[1:] == ["Entry(revision=2)"]  # writable again: the write was made
+
+
+def test_a_read_only_store_with_a_wal_and_no_shm_says_why_it_cannot_be_read(tmp_path: Path) -> None:
+    """A store copied with its -wal (writes not yet in the file) but not its -shm, into a place
+    that cannot take one: SQLite cannot read it, and the error said the store could not be opened
+    "for writing", as if a write had been asked. It says why a read cannot be made, and what to do."""
+    _require_setpriv()
+    live = tmp_path / "live" / "s.db"
+    writer = SqliteStorage(live, create=True)
+    try:
+        writer.put("ns/a", b"x")  # in the -wal while this connection keeps it open
+        copy = tmp_path / "copy"
+        copy.mkdir()
+        shutil.copy(live, copy / "s.db")
+        shutil.copy(f"{live}-wal", copy / "s.db-wal")
+    finally:
+        writer.close()
+    copy.chmod(0o500)
+    script = (
+        "import sys\n"
+        "from secrets_manager.errors import StorageError\n"
+        "from secrets_manager.storage.sqlite import SqliteStorage\n"
+        "try:\n"
+        "    SqliteStorage(sys.argv[1]).get('ns/a')\n"
+        "except StorageError as exc:\n"
+        "    print(exc)\n"
+    )
+    try:
+        result = subprocess.run(
+            [*BOUND, sys.executable, "-c", script, str(copy / "s.db")],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        copy.chmod(0o700)
+    assert result.stderr == ""
+    assert result.stdout.startswith(
+        f"cannot read the store {copy / 's.db'}: it is read-only (its directory {copy} is not writable"
+    ), result.stdout
+    assert "its -wal file holds writes not yet in the store file" in result.stdout
+    assert sorted(p.name for p in copy.iterdir()) == ["s.db", "s.db-wal"]

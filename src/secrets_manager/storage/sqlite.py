@@ -112,7 +112,7 @@ class SqliteStorage:
         try:
             self._db = self._open_connection()
         except sqlite3.DatabaseError as exc:
-            raise _sqlite_error(self.path, exc) from None
+            raise self._read_only_open_error(exc) or _sqlite_error(self.path, exc) from None
         self._file = _file_identity(self._where)
         try:
             self._configure(create)
@@ -124,8 +124,23 @@ class SqliteStorage:
                     "or SECRETS_MANAGER_STORE"
                 ) from None
             if isinstance(exc, sqlite3.Error):
-                raise _sqlite_error(self.path, exc) from None
+                raise self._read_only_open_error(exc) or _sqlite_error(self.path, exc) from None
             raise
+
+    def _read_only_open_error(self, exc: sqlite3.Error) -> StorageError | None:
+        """Why a store opened read-only cannot be read, where SQLite's error would say it cannot
+        be opened for writing: a -wal file beside it (writes not yet copied into the store file)
+        and no -shm file, which SQLite must create to read through the -wal and the read-only
+        place cannot take. Reading the file alone would miss those writes."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if self.read_only is None or code is None or code & 0xFF not in _CANNOT_WRITE:
+            return None
+        return StorageError(
+            f"cannot read the store {self.path}: it is read-only ({self.read_only}), and its -wal file "
+            "holds writes not yet in the store file, which SQLite reads only with a -shm file beside "
+            "it that cannot be made there: copy the store file with its -wal to a writable place and "
+            "pass --store (or open it once where it can be written, which folds the -wal in)"
+        )
 
     def _open_connection(self) -> sqlite3.Connection:
         """A connection to the file: read-write, or read-only when `read_only` says why.
@@ -600,6 +615,9 @@ def _sqlite_error(path: Path, exc: sqlite3.Error) -> SecretsManagerError:
     if code is not None:  # a known SQLite error: its message is SQLite's fixed text for the code
         return StorageError(f"store {path}: {exc}")
     return StorageError(f"store {path}: {type(exc).__name__} from SQLite; the store file may be damaged")
+
+
+_CANNOT_WRITE = (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM)
 
 
 def _disk_full(directory: Path) -> bool:
