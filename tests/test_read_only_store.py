@@ -303,6 +303,7 @@ def test_serve_reads_a_store_on_a_read_only_mount(tmp_path: Path) -> None:
         finally:
             server.stop()
         said = "".join(server.log_lines)
+        assert '"event": "service.store_read_only"' in said, said
         assert "they are anchored by the first command that can write the store" in said, said
         outcomes = [(r["operation"], r["outcome"]) for r in server.audit_records()]
         assert outcomes[-5:] == [

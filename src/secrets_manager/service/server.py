@@ -1218,6 +1218,14 @@ def run_server(
             ),
         },
     )
+    refusal = getattr(store, "read_only_error", None)
+    read_only = refusal() if callable(refusal) else None
+    if read_only is not None:
+        log.warning(
+            "the store is read-only: reads are served and audited, every change is refused, and "
+            "the audit log's records wait for a process that can write the store to anchor them",
+            extra={"event": "service.store_read_only", "error": str(read_only)},
+        )
     if scheduler is not None:
 
         def after_scheduled(outcome: str) -> None:
