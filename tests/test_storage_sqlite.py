@@ -685,3 +685,25 @@ def test_a_read_only_store_with_a_wal_and_no_shm_says_why_it_cannot_be_read(tmp_
     ), result.stdout
     assert "its -wal file holds writes not yet in the store file" in result.stdout
     assert sorted(p.name for p in copy.iterdir()) == ["s.db", "s.db-wal"]
+
+
+def test_a_read_only_store_changed_under_a_lockless_read_says_to_try_again(
+    tmp_store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store read without locks (immutable: opened read-only with no -wal) whose file another
+    process rewrites during the read (the owner's checkpoint) reads as malformed pages: that was
+    reported as a damaged store to restore from a backup (exit 6). It is a read to try again."""
+    writer = SqliteStorage(tmp_store_path, create=True)
+    writer.commit([Put(f"ns/k{i:04d}", os.urandom(500)) for i in range(200)])
+    writer.close()
+    monkeypatch.setattr(sqlite_module, "read_only_reason", lambda path: "its mode 0400 (a test)")
+    reader = SqliteStorage(tmp_store_path)  # as a user who cannot write it: immutable
+    try:
+        refused = pytest.raises(StoreBusyError, match=r"changed while this process read it .*: try again")
+        with refused, reader.snapshot() as snap:
+            with tmp_store_path.open("r+b") as file:  # pages rewritten under the read
+                file.seek(8192)
+                file.write(b"\xff" * 40_000)
+            list(snap.scan(""))
+    finally:
+        reader.close()

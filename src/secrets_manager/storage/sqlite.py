@@ -18,7 +18,7 @@ import sqlite3
 import stat
 import threading
 import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
@@ -189,6 +189,23 @@ class SqliteStorage:
         self._db.close()
         self._db = self._open_connection()
 
+    def _read_error(self, exc: sqlite3.Error) -> SecretsManagerError:
+        """A read's SQLite error as ours. On an immutable connection (no locks) whose file
+        another process changed during the read (a checkpoint rewrote pages under it), SQLite
+        sees a malformed database: that is a read to try again, not a damaged store."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        if (
+            self._immutable_as is not None
+            and code is not None
+            and code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+            and self._stamp() != self._immutable_as
+        ):
+            return StoreBusyError(
+                f"store {self.path} changed while this process read it (it reads the store without "
+                f"locks, as it cannot write it: {self.read_only}): try again"
+            )
+        return _sqlite_error(self.path, exc)
+
     def _configure(self, create: bool) -> None:
         db = self._db
         db.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -322,7 +339,7 @@ class SqliteStorage:
                 self._reopen_if_changed()
                 row = self._db.execute(_GET, (key,)).fetchone()
         except sqlite3.Error as exc:
-            raise _sqlite_error(self.path, exc) from None
+            raise self._read_error(exc) from None
         return None if row is None else _entry(self.path, key, *row)
 
     def change_head(self) -> int:
@@ -333,7 +350,7 @@ class SqliteStorage:
                 self._reopen_if_changed()
                 row = self._db.execute("SELECT max(revision) FROM changes").fetchone()
         except sqlite3.Error as exc:
-            raise _sqlite_error(self.path, exc) from None
+            raise self._read_error(exc) from None
         return int(row[0] or 0)
 
     def put(self, key: str, value: bytes, *, expect: Expect = None) -> int:
@@ -358,7 +375,7 @@ class SqliteStorage:
                         "SELECT key FROM entries WHERE key >= ? ORDER BY key", (prefix,)
                     ).fetchall()
         except sqlite3.Error as exc:
-            raise _sqlite_error(self.path, exc) from None
+            raise self._read_error(exc) from None
         return [row[0] for row in rows if row[0].startswith(prefix)]
 
     def commit(
@@ -412,7 +429,7 @@ class SqliteStorage:
                     (revision, limit),
                 ).fetchall()
         except sqlite3.Error as exc:
-            raise _sqlite_error(self.path, exc) from None
+            raise self._read_error(exc) from None
         truncated = revision < current and oldest is not None and oldest > revision + 1
         changes = [Change(revision=r, key=k, deleted=bool(d)) for r, k, d in rows]
         if len(changes) < limit:
@@ -442,11 +459,11 @@ class SqliteStorage:
                     revision = int(
                         self._db.execute("SELECT revision FROM counter WHERE id = 1").fetchone()[0]
                     )
-                    yield SqliteSnapshot(self._db, self.path, revision)
+                    yield SqliteSnapshot(self._db, self.path, revision, self._read_error)
                 finally:
                     self._db.execute("COMMIT")  # read only: ends the transaction, writes nothing
             except sqlite3.Error as exc:
-                raise _sqlite_error(self.path, exc) from None
+                raise self._read_error(exc) from None
 
     def scrub(self) -> bool:
         """Copy every WAL frame into the database file and truncate the WAL to zero bytes.
@@ -526,16 +543,23 @@ def _file_identity(path: Path) -> tuple[int, int] | None:
 class SqliteSnapshot:
     """The `StorageSnapshot` of `SqliteStorage.snapshot`: reads inside its read transaction."""
 
-    def __init__(self, db: sqlite3.Connection, path: Path, revision: int) -> None:
+    def __init__(
+        self,
+        db: sqlite3.Connection,
+        path: Path,
+        revision: int,
+        error: Callable[[sqlite3.Error], SecretsManagerError],
+    ) -> None:
         self._db = db
         self._path = path
         self.revision = revision
+        self._error = error  # its storage's, which knows whether the file changed under the read
 
     def get(self, key: str) -> Entry | None:
         try:
             row = self._db.execute(_GET, (key,)).fetchone()
         except sqlite3.Error as exc:
-            raise _sqlite_error(self._path, exc) from None
+            raise self._error(exc) from None
         return None if row is None else _entry(self._path, key, *row)
 
     def list(self, prefix: str) -> list[str]:
@@ -561,7 +585,7 @@ class SqliteSnapshot:
                 if key.startswith(prefix):
                     yield key, _entry(self._path, key, value, revision, kind)
         except sqlite3.Error as exc:
-            raise _sqlite_error(self._path, exc) from None
+            raise self._error(exc) from None
 
 
 def _entry(path: Path, key: str, value: bytes, revision: int, kind: str) -> Entry:
