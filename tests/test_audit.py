@@ -2317,3 +2317,31 @@ def test_a_read_waits_one_timeout_in_all_while_the_log_is_stuck_and_this_process
     finally:
         worker.join()
         os.close(lock)
+
+
+def test_audit_prune_removes_nothing_while_the_store_cannot_anchor_its_record(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """The prune record is to be anchored before any file goes (docs/audit.md §5a). With another
+    writer holding the store's lock, the anchor update gave up and the record was owed, but the
+    prune went on deleting files: a record cut from the end then left a chain beginning after
+    them with nothing to say why. It is refused instead, every file left in place."""
+    log = AuditLog(tmp_path / "lib.audit.jsonl", max_bytes=800, timeout=1)
+    for i in range(12):
+        log.append([AuditEvent(operation="get", actor="svc", name=f"a/{i}")], encrypted_store)
+    before = {path: path.read_bytes() for path in log.files() if path != log.path}
+    assert len(before) >= 2
+    holder = sqlite3.connect(encrypted_store._storage.path, isolation_level=None)  # type: ignore[attr-defined]
+    holder.execute("BEGIN IMMEDIATE")  # another writer holds the store's lock
+    try:
+        with pytest.raises(
+            audit_log.AuditError, match="audit prune removed nothing: its record could not be"
+        ):
+            log.prune(encrypted_store, AuditEvent(operation="audit.prune", actor="ops"), keep_files=0)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert {path: path.read_bytes() for path in before} == before  # every rotated file still there
+    pruned = log.prune(encrypted_store, AuditEvent(operation="audit.prune", actor="ops"), keep_files=0)
+    assert pruned.files  # the store free again: the prune goes ahead
+    assert log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) > 0

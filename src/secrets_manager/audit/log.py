@@ -743,9 +743,22 @@ class AuditLog:
                 _refuse_if_read_only(anchor)
                 last = chosen[-1]
                 begins = {"seq": last.last_seq + 1, "prev": last.last_hash}
-                self._write_locked(
-                    [_AppendJob([replace(event, pruned_before=begins)], anchor)], anchor, durable=True
+                # Its anchor update waits for the store's lock as an append's does (the writers
+                # wait for this one's flock meanwhile), not for the store's own 30 s.
+                job = _AppendJob(
+                    [replace(event, pruned_before=begins)], anchor, deadline=time.monotonic() + self.timeout
                 )
+                self._write_locked([job], anchor, durable=True)
+                owed = self._owed
+                if job.records and owed is not None and owed.tail.seq >= job.records[-1]["seq"]:
+                    # Written and fsynced, but the store could not vouch for it (another writer held
+                    # its lock): cut from the end, it would leave the chain beginning after the
+                    # files with nothing to say why. Nothing is removed; the record itself is harmless.
+                    raise AuditError(
+                        "audit prune removed nothing: its record could not be anchored in the store "
+                        "(another writer held the store's lock), and the files go only once it is; "
+                        "try again"
+                    )
                 done = 0
                 try:
                     for found, target in itertools.zip_longest(chosen, targets):
