@@ -707,3 +707,29 @@ def test_a_read_only_store_changed_under_a_lockless_read_says_to_try_again(
             list(snap.scan(""))
     finally:
         reader.close()
+
+
+def test_a_store_file_this_user_may_not_read_says_so(tmp_path: Path) -> None:
+    """A store file of mode 0000 (or another user's 0600) is opened read-only, as it cannot be
+    written, and then cannot be read either: the error spoke of a -wal file it does not have."""
+    _require_setpriv()
+    path = tmp_path / "s.db"
+    SqliteStorage(path, create=True).close()
+    path.chmod(0o000)
+    script = (
+        "import sys\n"
+        "from secrets_manager.errors import StorageError\n"
+        "from secrets_manager.storage.sqlite import SqliteStorage\n"
+        "try:\n"
+        "    SqliteStorage(sys.argv[1])\n"
+        "except StorageError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = subprocess.run(
+        [*BOUND, sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.stderr == ""
+    assert result.stdout == (
+        f"cannot read the store {path}: its mode 0000 does not let this user (root) read it, owner root: "
+        "run the command as a user who may, or have the owner give this user read access\n"
+    )

@@ -135,6 +135,15 @@ class SqliteStorage:
         code = getattr(exc, "sqlite_errorcode", None)
         if self.read_only is None or code is None or code & 0xFF not in _CANNOT_WRITE:
             return None
+        if not os.access(self._where, os.R_OK, effective_ids=True):
+            mode = stat.S_IMODE(self._where.stat().st_mode)
+            return StorageError(
+                f"cannot read the store {self.path}: its mode {mode:04o} does not let this user "
+                f"({_user()}) read it, owner {_owner(self._where)}: run the command as a user who may, "
+                "or have the owner give this user read access"
+            )
+        if not Path(f"{self._where}-wal").exists():
+            return None
         return StorageError(
             f"cannot read the store {self.path}: it is read-only ({self.read_only}), and its -wal file "
             "holds writes not yet in the store file, which SQLite reads only with a -shm file beside "
