@@ -859,8 +859,8 @@ def test_a_commit_with_a_lock_wait_gives_up_when_another_transaction_holds_the_l
         assert storage.get("k") == Entry(b"before", before)  # reads do not wait for the lock
     later = storage.commit([Put("k", b"after")], lock_wait=0.2)  # the limit was its own
     assert later == before + 1 and storage.get("k") == Entry(b"after", later)
-    with storage._borrowed() as conn:
-        assert conn.execute("SHOW lock_timeout").fetchone() == ("30s",)
+    with storage._borrowed() as conn:  # the session's own (set per transaction, never for it)
+        assert conn.execute("SHOW lock_timeout").fetchone() == ("0",)
 
 
 def test_the_audit_log_does_not_stall_on_a_store_whose_commit_lock_another_transaction_holds(
@@ -1739,18 +1739,34 @@ def test_a_snapshot_may_pause_past_the_write_transactions_idle_limit(
 
 
 @pytest.mark.parametrize(
-    ("options", "limit"),
-    [("?options=-c%20idle_in_transaction_session_timeout%3D500", "500ms"), ("", "2s")],
+    ("options", "session", "limit"),
+    [("?options=-c%20idle_in_transaction_session_timeout%3D500", "500ms", "500ms"), ("", "0", "2s")],
 )
-def test_the_sessions_idle_limit_is_ours_unless_a_shorter_one_is_set(
-    place: Place, options: str, limit: str
+def test_a_write_transactions_idle_limit_is_ours_unless_a_shorter_one_is_set(
+    place: Place, monkeypatch: pytest.MonkeyPatch, options: str, session: str, limit: str
 ) -> None:
+    """Inside a commit the limits are ours (or the shorter one the role or URL set); the session
+    itself keeps its own (behind a pooler in transaction mode it is someone else's next)."""
     storage = PostgresStorage(f"{place.conninfo}{options}", schema=place.schema, create=True)
+    shown: list[tuple[str, ...]] = []
+    apply = PostgresStorage._apply
+
+    def showing_apply(self: PostgresStorage, conn: Any, *args: Any, **kwargs: Any) -> int:
+        shown.append(conn.execute("SHOW idle_in_transaction_session_timeout").fetchone())
+        shown.append(conn.execute("SHOW lock_timeout").fetchone())
+        return apply(self, conn, *args, **kwargs)
+
+    monkeypatch.setattr(PostgresStorage, "_apply", showing_apply)
     try:
-        shown = storage._read(
-            lambda conn: conn.execute("SHOW idle_in_transaction_session_timeout").fetchone()
+        storage.put("k", b"v")
+        assert shown == [(limit,), ("30s",)]
+        outside = storage._read(
+            lambda conn: [
+                conn.execute(f"SHOW {name}").fetchone()
+                for name in ("idle_in_transaction_session_timeout", "lock_timeout")
+            ]
         )
-        assert shown == (limit,)
+        assert outside == [(session,), ("0",)]
     finally:
         storage.close()
 

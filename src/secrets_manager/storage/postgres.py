@@ -127,7 +127,6 @@ class _Connection(psycopg.Connection[tuple[Any, ...]]):
     answer_timeout: float = ANSWER_TIMEOUT_S
     lock_wait: float = 0.0
     expired_after: float | None = None
-    idle_timeout_ms = 0  # the session's idle_in_transaction_session_timeout before we lowered it
 
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
         armed = WATCHDOG.arm(self, self.answer_timeout + self.lock_wait)
@@ -275,8 +274,7 @@ class PostgresStorage:
         conn = self._open_connection()
         try:
             row = conn.execute(
-                "SELECT current_setting('server_encoding'), pg_postmaster_start_time(), "
-                "(SELECT setting::int FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout')"
+                "SELECT current_setting('server_encoding'), pg_postmaster_start_time()"
             ).fetchone()
             encoding = None if row is None else row[:1]
             if encoding is None or str(encoding[0]).upper() not in ("UTF8", "UTF-8"):
@@ -285,15 +283,6 @@ class PostgresStorage:
                     "not UTF8; create the database with ENCODING 'UTF8'"
                 )
             assert row is not None
-            settings = [sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{LOCK_TIMEOUT_MS}ms"))]
-            conn.idle_timeout_ms = int(row[2])
-            if conn.idle_timeout_ms == 0 or conn.idle_timeout_ms > STALLED_TRANSACTION_TIMEOUT_MS:
-                settings.append(
-                    sql.SQL("SET idle_in_transaction_session_timeout = {}").format(
-                        sql.Literal(f"{STALLED_TRANSACTION_TIMEOUT_MS}ms")
-                    )
-                )
-            conn.execute(sql.SQL("; ").join(settings))  # one round trip (no parameters: one query)
             with self._idle_lock:
                 if self._server_started is not None and row[1] != self._server_started:
                     self.incarnation += 1
@@ -307,7 +296,13 @@ class PostgresStorage:
         return conn
 
     def _open_connection(self) -> _Connection:
-        conn = _Connection.connect(self._conninfo, autocommit=True, **self._connect_options)
+        # prepare_threshold=None: no server-side prepared statements. psycopg would prepare a query
+        # after its 5th run on a connection, and behind a pooler in transaction mode (pgbouncer
+        # before 1.21) the next transaction may be on another server connection, where it does
+        # not exist, or where another client prepared the same name for another query.
+        conn = _Connection.connect(
+            self._conninfo, autocommit=True, prepare_threshold=None, **self._connect_options
+        )
         conn.answer_timeout = self.answer_timeout
         return conn
 
@@ -398,6 +393,7 @@ class PostgresStorage:
         """Create the schema and tables where missing, in one transaction under an advisory lock,
         so replicas starting together do not trip over each other's CREATE."""
         with conn.transaction(), conn.waiting_for_locks(LOCK_TIMEOUT_MS / 1000):
+            _limit_transaction(conn, LOCK_TIMEOUT_MS)
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{APPLICATION}:{self.schema}",))
             exists = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (self.schema,)).fetchone()
             if exists is None:
@@ -469,10 +465,7 @@ class PostgresStorage:
                 reached_commit = False
                 try:
                     with conn.transaction():
-                        if wait_ms != LOCK_TIMEOUT_MS:  # for this transaction only
-                            conn.execute(
-                                sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{wait_ms}ms"))
-                            )
+                        _limit_transaction(conn, wait_ms)
                         revision = self._apply(
                             conn, operations, wait_ms=wait_ms, silent=silent, durable=durable
                         )
@@ -579,13 +572,9 @@ class PostgresStorage:
                 try:
                     with conn.transaction():
                         # A reader may pause between pages (a backup piped to a pager) and holds
-                        # no lock a writer waits for: the session's own idle limit, not ours.
-                        conn.execute(
-                            sql.SQL(
-                                "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; "
-                                "SET LOCAL idle_in_transaction_session_timeout = {}"
-                            ).format(sql.Literal(f"{conn.idle_timeout_ms}ms"))
-                        )
+                        # no lock a writer waits for: the session's own idle limit, not the
+                        # writers' short one (_limit_transaction).
+                        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                         row = conn.execute(self._q.read_revision).fetchone()
                         if row is None:
                             raise StorageError(f"store {self.location}: its revision counter is missing")
@@ -769,6 +758,27 @@ class _Queries:
             " LEFT JOIN LATERAL (SELECT revision, key, deleted FROM {s}.changes WHERE revision > %s"
             " ORDER BY revision, key LIMIT %s) c ON true WHERE m.id = 1 ORDER BY c.revision, c.key"
         )
+
+
+def _limit_transaction(conn: _Connection, lock_wait_ms: int) -> None:
+    """The first statement of a write transaction: its lock wait, and the idle limit that ends it
+    if its client goes silent (STALLED_TRANSACTION_TIMEOUT_MS, unless the role, the database or the
+    URL set a shorter one), for this transaction only (`set_config(…, true)`, as SET LOCAL).
+    Never for the session: behind a pooler in transaction mode (pgbouncer) the next transaction may
+    run on another server connection, and a session setting would stay on this one for whoever
+    gets it next."""
+    conn.execute(
+        sql.SQL(
+            "SELECT set_config('lock_timeout', {lock}, true), "
+            "set_config('idle_in_transaction_session_timeout', CASE WHEN setting::int BETWEEN 1 AND {idle}"
+            " THEN setting ELSE {idle_text} END, true) "
+            "FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout'"
+        ).format(
+            lock=sql.Literal(f"{lock_wait_ms}ms"),
+            idle=sql.Literal(STALLED_TRANSACTION_TIMEOUT_MS),
+            idle_text=sql.Literal(str(STALLED_TRANSACTION_TIMEOUT_MS)),
+        )
+    )
 
 
 def _list(conn: _Connection, queries: _Queries, prefix: str) -> list[tuple[Any, ...]]:
