@@ -20,6 +20,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -177,6 +178,30 @@ class PostgresCluster:
             admin.execute(
                 sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(DATABASE), sql.Identifier(ROLE))
             )
+
+    def enable_tls(self, cert_pem: bytes, key_pem: bytes) -> None:
+        """`ssl = on` with this certificate (a chain) and key, by a reload: a connection made after
+        this returns may use TLS (and one with sslmode=verify-full must)."""
+        assert self._dir is not None
+        cert, key = self._dir / "server.crt", self._dir / "server.key"
+        cert.write_bytes(cert_pem)
+        key.write_bytes(key_pem)
+        key.chmod(0o600)  # the server refuses a key others may read
+        self._give_to_system_user(cert, key)
+        with self.connect(superuser=True) as admin:
+            for name, value in (("ssl_cert_file", str(cert)), ("ssl_key_file", str(key)), ("ssl", "on")):
+                admin.execute(
+                    sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value))
+                )
+            admin.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 30
+        while True:  # the reload is asynchronous: wait until a new connection sees it
+            with self.connect(superuser=True) as admin:
+                if admin.execute("SHOW ssl").fetchone() == ("on",):
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"PostgreSQL did not turn TLS on: {self.server_log()}")
+            time.sleep(0.05)
 
     def server_log(self, tail: int | None = 4000) -> str:
         """The server's log: its last `tail` characters (None: all of it)."""

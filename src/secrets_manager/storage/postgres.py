@@ -202,6 +202,8 @@ class PostgresStorage:
             ) from None
         self._conninfo = conninfo
         self._secrets = [str(s) for s in (params.get("password"), os.environ.get("PGPASSWORD")) if s]
+        self._role = str(params.get("user") or os.environ.get("PGUSER") or "") or None
+        self._database = str(params.get("dbname") or os.environ.get("PGDATABASE") or "") or None
         self.location = describe(params, schema)
         self.schema = schema
         self._retained = change_log_retained
@@ -358,7 +360,12 @@ class PostgresStorage:
                 f"{lock_wait_ms / 1000:.2g} s; try again"
             )
         if isinstance(exc, psycopg.errors.InsufficientPrivilege):
-            message = f"permission denied ({_one_line(str(exc))}); grant the store's role access to it"
+            message = f"{_one_line(str(exc))}; {self._privileges_needed(str(exc))}"
+        elif "certificate verify failed" in str(exc):
+            message = (
+                f"{_one_line(str(exc))}; check that sslrootcert names the CA that signed the database "
+                "server's certificate"
+            )
         else:
             message = _one_line(str(exc)) or type(exc).__name__
             if any(refusal in message for refusal in PASSWORD_REFUSALS):
@@ -371,6 +378,28 @@ class PostgresStorage:
         for secret in self._secrets:
             message = message.replace(secret, "***")
         return StorageError(f"store {self.location}: {message}")
+
+    def _privileges_needed(self, refusal: str) -> str:
+        """What the store's role lacks, by what the server refused (its message names the object,
+        not the privilege), with the GRANT that gives it."""
+        role = _quoted(self._role or "ROLE")
+        schema = self.schema
+        if "for database" in refusal:
+            return (
+                f"init needs CREATE on the database to make schema {schema}: GRANT CREATE ON DATABASE "
+                f"{_quoted(self._database or 'DB')} TO {role}, or have its owner run CREATE SCHEMA "
+                f"{schema} AUTHORIZATION {role}"
+            )
+        if "for schema" in refusal:
+            return (
+                f"the store's role needs USAGE on schema {schema} (and CREATE on it for init): "
+                f"GRANT USAGE, CREATE ON SCHEMA {schema} TO {role}"
+            )
+        return (
+            "the store's role needs SELECT, INSERT, UPDATE and DELETE on the store's tables for every "
+            "command (reads too: each writes its audit record's anchor to the store): GRANT SELECT, "
+            f"INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {role}"
+        )
 
     def _read(self, action: Callable[[_Connection], T]) -> T:
         """Run a read on a borrowed connection; retried once on a new one if it had dropped."""
@@ -854,6 +883,13 @@ def _answer_timeout_from_environment() -> float:
             f"{ANSWER_TIMEOUT_VARIABLE} must be a positive number of seconds (e.g. 30), not {text[:40]!r}"
         )
     return seconds
+
+
+def _quoted(identifier: str) -> str:
+    """`identifier` as it is typed in SQL: bare when it may be, else double-quoted."""
+    if re.fullmatch(r"[a-z_][a-z0-9_$]*", identifier):
+        return identifier
+    return '"' + identifier.replace('"', '""') + '"'
 
 
 def _one_line(message: str) -> str:

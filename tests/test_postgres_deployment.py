@@ -1,0 +1,272 @@
+"""The PostgreSQL store as a DBA sets it up: roles with only the privileges docs/stores.md names,
+TLS to the database with a certificate the test makes, and the limits a DBA sets on the role.
+
+Each CLI run is the real console script; the database password travels in PGPASSWORD only."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from postgres_cluster import DATABASE, PostgresCluster
+from secrets_manager.tls import pki
+
+SCRIPT = Path(sys.executable).with_name("secrets-manager")
+MASTER_PASSWORD = "correct horse battery staple"
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+
+def _cli(url: str, password: str, home: Path) -> Cli:
+    def run(*args: str, input: str = "") -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [str(SCRIPT), "--store", url, *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            env={
+                "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+                "HOME": str(home),
+                "PGPASSWORD": password,
+                "PGCONNECT_TIMEOUT": "10",
+                "MASTER_PASSWORD": MASTER_PASSWORD,
+            },
+            timeout=60,
+        )
+        assert "Traceback" not in proc.stderr, proc.stderr
+        assert password not in proc.stderr + proc.stdout
+        return proc
+
+    return run
+
+
+@pytest.fixture
+def new_role(postgres_cluster: PostgresCluster) -> Iterator[Callable[[], tuple[str, str]]]:
+    """Login roles made for one test (name, password), dropped with what they own afterwards."""
+    made: list[str] = []
+
+    def make() -> tuple[str, str]:
+        name, password = f"r_{secrets.token_hex(5)}", secrets.token_urlsafe(16)
+        with postgres_cluster.connect(superuser=True) as admin:
+            admin.execute(
+                sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    sql.Identifier(name), sql.Literal(password)
+                )
+            )
+        made.append(name)
+        return name, password
+
+    yield make
+    for name in made:  # what it owns and was granted in the test database, then the role
+        _as_superuser_in_database(
+            postgres_cluster, sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(name))
+        )
+        with postgres_cluster.connect(superuser=True) as admin:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(name)))
+
+
+class PostgresClusterDatabase:
+    """A superuser connection to one database of the cluster (DROP OWNED works per database)."""
+
+    def __init__(self, cluster: PostgresCluster, database: str) -> None:
+        self._conn = psycopg.connect(
+            host="127.0.0.1", port=cluster.port, user="postgres", dbname=database,
+            password=cluster._superuser_password, autocommit=True, connect_timeout=10,
+        )  # fmt: skip
+
+    def __enter__(self) -> PostgresClusterDatabase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._conn.close()
+
+    def execute(self, statement: sql.Composable) -> None:
+        self._conn.execute(statement)
+
+
+def _as_superuser_in_database(cluster: PostgresCluster, *statements: sql.Composable) -> None:
+    with PostgresClusterDatabase(cluster, DATABASE) as db:
+        for statement in statements:
+            db.execute(statement)
+
+
+def _url(cluster: PostgresCluster, user: str, schema: str) -> str:
+    return f"postgresql://{user}@127.0.0.1:{cluster.port}/{DATABASE}?schema={schema}"
+
+
+def test_a_role_granted_only_dml_by_the_owner_runs_every_command_init_was_done_by_another(
+    postgres_cluster: PostgresCluster, new_role: Callable[[], tuple[str, str]], tmp_path: Path
+) -> None:
+    """The owner (who had CREATE) runs init; a role given USAGE on the schema and SELECT, INSERT,
+    UPDATE, DELETE on its tables, as docs/stores.md says, then stores, reads, lists, rotates keys
+    and backs up."""
+    schema = postgres_cluster.new_schema()
+    owner = _cli(_url(postgres_cluster, "sm_test", schema), postgres_cluster.role_password, tmp_path)
+    assert owner("init", "--kdf-profile", "test").returncode == 0
+    name, password = new_role()
+    with postgres_cluster.connect() as conn:  # the owner grants, as docs/stores.md shows
+        conn.execute(
+            sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), sql.Identifier(name))
+        )
+        conn.execute(
+            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {} TO {}").format(
+                sql.Identifier(schema), sql.Identifier(name)
+            )
+        )
+    app = _cli(_url(postgres_cluster, name, schema), password, tmp_path)
+    for args, input in [
+        (("store", "auth/DB_PASSWORD"), "dml-only-value"),
+        (("get", "auth/DB_PASSWORD"), ""),
+        (("list",), ""),
+        (("keys", "rotate", "auth"), ""),
+        (("backup", str(tmp_path / "b.smbackup")), ""),
+        (("audit", "verify"), ""),
+    ]:
+        done = app(*args, input=input)
+        assert done.returncode == 0, (args, done.stderr)
+    assert app("get", "auth/DB_PASSWORD").stdout == "dml-only-value\n"
+
+
+def test_a_missing_privilege_is_one_line_naming_it_and_the_grant(
+    postgres_cluster: PostgresCluster, new_role: Callable[[], tuple[str, str]], tmp_path: Path
+) -> None:
+    """No CREATE on the database: init says so; USAGE but SELECT alone: every command (reads too,
+    which write their audit anchor) names INSERT, UPDATE, DELETE; nothing on the schema: USAGE."""
+    schema = postgres_cluster.new_schema()
+    owner = _cli(_url(postgres_cluster, "sm_test", schema), postgres_cluster.role_password, tmp_path)
+    assert owner("init", "--kdf-profile", "test").returncode == 0
+    assert owner("store", "auth/K", input="v").returncode == 0
+    name, password = new_role()
+
+    def run(schema_of: str, *args: str) -> str:
+        done = _cli(_url(postgres_cluster, name, schema_of), password, tmp_path / name)(*args)
+        assert done.returncode == 1, done.stderr
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    (tmp_path / name).mkdir()
+    refused = run(postgres_cluster.new_schema(), "init", "--kdf-profile", "test")
+    assert f"GRANT CREATE ON DATABASE {DATABASE} TO {name}" in refused
+    refused = run(schema, "get", "auth/K")
+    assert (
+        f"needs USAGE on schema {schema}" in refused and f"GRANT USAGE, CREATE ON SCHEMA {schema}" in refused
+    )
+    with postgres_cluster.connect() as conn:
+        conn.execute(
+            sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), sql.Identifier(name))
+        )
+        conn.execute(
+            sql.SQL("GRANT SELECT ON ALL TABLES IN SCHEMA {} TO {}").format(
+                sql.Identifier(schema), sql.Identifier(name)
+            )
+        )
+    refused = run(schema, "get", "auth/K")
+    assert "needs SELECT, INSERT, UPDATE and DELETE" in refused
+    assert f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {schema} TO {name}" in refused
+    assert owner("get", "auth/K").stdout == "v\n"  # untouched
+
+
+def test_init_into_a_schema_the_dba_made_with_create_granted(
+    postgres_cluster: PostgresCluster, new_role: Callable[[], tuple[str, str]], tmp_path: Path
+) -> None:
+    """A DBA creates the schema and grants the role USAGE and CREATE on it (no CREATE on the
+    database): init makes the tables there, and the store works."""
+    schema = postgres_cluster.new_schema()
+    name, password = new_role()
+    _as_superuser_in_database(
+        postgres_cluster,
+        sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)),
+        sql.SQL("GRANT USAGE, CREATE ON SCHEMA {} TO {}").format(
+            sql.Identifier(schema), sql.Identifier(name)
+        ),
+    )
+    app = _cli(_url(postgres_cluster, name, schema), password, tmp_path)
+    init = app("init", "--kdf-profile", "test")
+    assert init.returncode == 0, init.stderr
+    assert app("store", "auth/K", input="v").returncode == 0
+    assert app("get", "auth/K").stdout == "v\n"
+    _as_superuser_in_database(
+        postgres_cluster, sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema))
+    )
+
+
+# ---- TLS to the database ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(
+    postgres_cluster: PostgresCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[PostgresCluster, Path]]:
+    """A cluster of its own with `ssl = on` and a server certificate for `localhost` alone (no IP
+    address), signed by a CA the test makes (`ca.pem` in the directory returned); `other-ca.pem`
+    signed nothing of it. (Needs the session cluster's binaries: skipped where they are.)"""
+    directory = tmp_path_factory.mktemp("pg-tls")
+    ca_cert, ca_key = pki.new_ca()
+    (directory / "ca.pem").write_bytes(ca_cert)
+    (directory / "other-ca.pem").write_bytes(pki.new_ca()[0])
+    cert, key = pki.issue(ca_cert, ca_key, "db", server=True, dns=["localhost"])
+    cluster = PostgresCluster().start()
+    try:
+        cluster.enable_tls(cert, key)
+        yield cluster, directory
+    finally:
+        cluster.stop()
+
+
+def _tls_url(cluster: PostgresCluster, host: str, schema: str, rootcert: Path) -> str:
+    return (
+        f"postgresql://sm_test@{host}:{cluster.port}/{DATABASE}?schema={schema}"
+        f"&sslmode=verify-full&sslrootcert={rootcert}"
+    )
+
+
+def test_verify_full_with_the_servers_ca_works(
+    tls_cluster: tuple[PostgresCluster, Path], tmp_path: Path
+) -> None:
+    cluster, directory = tls_cluster
+    cli = _cli(
+        _tls_url(cluster, "localhost", cluster.new_schema(), directory / "ca.pem"),
+        cluster.role_password,
+        tmp_path,
+    )
+    init = cli("init", "--kdf-profile", "test")
+    assert init.returncode == 0, init.stderr
+    assert cli("store", "auth/K", input="over-tls").returncode == 0
+    assert cli("get", "auth/K").stdout == "over-tls\n"
+
+
+@pytest.mark.parametrize(
+    ("host", "rootcert", "says"),
+    [
+        (
+            "localhost",
+            "other-ca.pem",
+            "certificate verify failed; check that sslrootcert names the CA that signed",
+        ),
+        ("127.0.0.1", "ca.pem", 'does not match host name "127.0.0.1"'),
+        ("localhost", "missing.pem", "root certificate file"),
+    ],
+)
+def test_a_certificate_that_does_not_verify_is_one_line_saying_what_to_check(
+    tls_cluster: tuple[PostgresCluster, Path], tmp_path: Path, host: str, rootcert: str, says: str
+) -> None:
+    """A root certificate that did not sign the server's, a host name the certificate does not
+    hold, a root certificate file that is not there: exit 1 (a storage failure), one line, what to
+    check, never the password."""
+    cluster, directory = tls_cluster
+    cli = _cli(
+        _tls_url(cluster, host, cluster.new_schema(), directory / rootcert), cluster.role_password, tmp_path
+    )
+    for args in (("init", "--kdf-profile", "test"), ("get", "auth/K")):
+        done = cli(*args)
+        assert done.returncode == 1, done.stderr
+        lines = done.stderr.splitlines()
+        assert len(lines) == 1 and says in lines[0], lines
