@@ -105,6 +105,52 @@ class PostgresCluster:
         shutil.rmtree(self._dir, ignore_errors=True)
         self._dir = None
 
+    def start_standby(self) -> PostgresCluster:
+        """A hot standby of this cluster (pg_basebackup -R, streaming), started on a free port of
+        its own: read-only, it answers a write with "cannot execute … in a read-only transaction".
+        Stop it with its own `stop()`."""
+        assert self._dir is not None
+        hba = self._dir / "data" / "pg_hba.conf"
+        if "replication" not in hba.read_text():
+            with hba.open("a") as lines:
+                lines.write("host replication all 127.0.0.1/32 scram-sha-256\n")
+            with self.connect(superuser=True) as admin:
+                admin.execute("SELECT pg_reload_conf()")
+        standby = PostgresCluster()
+        standby.role_password, standby._superuser_password = self.role_password, self._superuser_password
+        standby._dir = Path(tempfile.mkdtemp(prefix="secrets-manager-pg-standby-"))
+        try:
+            self._give_to_system_user(standby._dir)
+            deadline = time.monotonic() + 30
+            while True:  # until the reload above lets the replication connection in
+                try:
+                    standby._run(
+                        str(BIN_DIR / "pg_basebackup"), "--host", "127.0.0.1", "--port", str(self.port),
+                        "--username", SYSTEM_USER, "--pgdata", str(standby._dir / "data"),
+                        "--write-recovery-conf", "--wal-method", "stream", "--no-sync",
+                        "--checkpoint", "fast",
+                        env={"PGPASSWORD": self._superuser_password},
+                    )  # fmt: skip
+                    break
+                except subprocess.CalledProcessError:
+                    if time.monotonic() > deadline:
+                        raise
+                    shutil.rmtree(standby._dir / "data", ignore_errors=True)
+                    time.sleep(0.1)
+            for attempt in range(1, START_ATTEMPTS + 1):
+                standby.port = _free_port()
+                try:
+                    standby._pg_ctl("start", "-w", "-t", "60", "-l", str(standby._dir / "server.log"), "-o",
+                                    f"-p {standby.port}")  # fmt: skip
+                    break
+                except subprocess.CalledProcessError:
+                    if attempt == START_ATTEMPTS:
+                        raise RuntimeError(f"the standby did not start: {standby.server_log()}") from None
+        except BaseException:
+            standby.stop()
+            raise
+        return standby
+
     def restart(self) -> None:
         """`pg_ctl restart -m fast`: every connection ends, and the server comes back on its port
         with a new postmaster (as a failover to another server looks to a client)."""
@@ -157,14 +203,14 @@ class PostgresCluster:
         assert self._dir is not None
         self._run(str(BIN_DIR / "pg_ctl"), "--pgdata", str(self._dir / "data"), *args)
 
-    def _run(self, *command: str) -> None:
+    def _run(self, *command: str, env: Mapping[str, str] | None = None) -> None:
         prefix = ["runuser", "-u", SYSTEM_USER, "--"] if self._as_system_user else []
         subprocess.run(
             [*prefix, *command],
             check=True,
             capture_output=True,
             cwd=self._dir,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C"},
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", **(env or {})},
             timeout=120,
         )
 

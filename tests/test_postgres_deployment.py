@@ -270,3 +270,42 @@ def test_a_certificate_that_does_not_verify_is_one_line_saying_what_to_check(
         assert done.returncode == 1, done.stderr
         lines = done.stderr.splitlines()
         assert len(lines) == 1 and says in lines[0], lines
+
+
+# ---- several hosts, one a hot standby ----------------------------------------------------------
+
+
+def test_with_a_standby_listed_first_target_session_attrs_read_write_finds_the_primary(
+    postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    """`postgresql://user@STANDBY,PRIMARY/db?target_session_attrs=read-write` (libpq's multi-host):
+    a CLI write and read land on the primary. The standby alone refuses every command, reads too
+    (each writes its audit anchor), in one line that says to give the primary or read-write."""
+    schema = postgres_cluster.new_schema()
+    primary = f"127.0.0.1:{postgres_cluster.port}"
+    owner = _cli(
+        f"postgresql://sm_test@{primary}/{DATABASE}?schema={schema}", postgres_cluster.role_password, tmp_path
+    )
+    assert owner("init", "--kdf-profile", "test").returncode == 0
+    assert owner("store", "auth/K", input="before").returncode == 0
+    standby = postgres_cluster.start_standby()
+    try:
+        both = f"postgresql://sm_test@127.0.0.1:{standby.port},{primary}/{DATABASE}?schema={schema}"
+        cli = _cli(f"{both}&target_session_attrs=read-write", postgres_cluster.role_password, tmp_path)
+        stored = cli("store", "auth/K", input="written-to-the-primary")
+        assert stored.returncode == 0, stored.stderr
+        assert cli("get", "auth/K").stdout == "written-to-the-primary\n"
+        assert owner("get", "auth/K").stdout == "written-to-the-primary\n"
+        alone = _cli(
+            f"postgresql://sm_test@127.0.0.1:{standby.port}/{DATABASE}?schema={schema}",
+            postgres_cluster.role_password,
+            tmp_path,
+        )
+        for args, input in ((("store", "auth/K"), "to-the-standby"), (("get", "auth/K"), "")):
+            refused = alone(*args, input=input)
+            assert refused.returncode == 1, refused.stderr
+            lines = refused.stderr.splitlines()
+            assert len(lines) == 1 and "target_session_attrs=read-write" in lines[0], lines
+        assert owner("get", "auth/K").stdout == "written-to-the-primary\n"
+    finally:
+        standby.stop()

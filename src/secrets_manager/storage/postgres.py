@@ -361,6 +361,12 @@ class PostgresStorage:
             )
         if isinstance(exc, psycopg.errors.InsufficientPrivilege):
             message = f"{_one_line(str(exc))}; {self._privileges_needed(str(exc))}"
+        elif isinstance(exc, psycopg.errors.ReadOnlySqlTransaction):
+            message = (
+                f"{_one_line(str(exc))}; the server is read-only (a hot standby, or "
+                "default_transaction_read_only): give the primary's address, or every host with "
+                "?target_session_attrs=read-write (every command writes, reads their audit anchor)"
+            )
         elif "certificate verify failed" in str(exc):
             message = (
                 f"{_one_line(str(exc))}; check that sslrootcert names the CA that signed the database "
