@@ -22,14 +22,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from pgbouncer import PgBouncer, missing_requirements
 from postgres_cluster import PostgresCluster
 from secrets_manager.crypto import kdf
+from secrets_manager.errors import OutcomeUnknownError
 from secrets_manager.storage import Entry
+from secrets_manager.storage import postgres as postgres_module
 from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.v1 import secrets_pb2 as pb
@@ -214,3 +218,48 @@ def test_serve_replicas_under_load_and_their_watchers_through_transaction_poolin
     finally:
         for server in servers:
             server.stop()
+
+
+@pytest.mark.parametrize("pause_before", ["the bump", "COMMIT"])
+def test_a_commit_whose_process_paused_past_the_idle_limit_behind_pgbouncer_is_retried_or_unknown(
+    bouncers: dict[str, PgBouncer], postgres_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch,
+    pause_before: str,
+) -> None:  # fmt: skip
+    """This process pauses inside a write transaction past the server's idle limit, behind
+    pgbouncer in transaction mode: the server ends the session and rolls back. Paused before the
+    bump, the commit is made once more and lands once. Paused before COMMIT, pgbouncer's answer to
+    COMMIT (psycopg: "received 2 results from command 'COMMIT'") cannot say whether it landed: the
+    outcome is unknown, never a failure that claims nothing changed."""
+    monkeypatch.setattr(postgres_module, "STALLED_TRANSACTION_TIMEOUT_MS", 100)
+    storage = PostgresStorage(
+        bouncers["transaction"].conninfo(), schema=postgres_cluster.new_schema(), create=True
+    )
+    try:
+        before = storage.put("k", b"before")
+        paused: list[str] = []
+        execute = psycopg.Cursor.execute
+
+        def pausing_execute(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+            text = query.as_string(cursor.connection) if isinstance(query, sql.Composable) else str(query)
+            if pause_before == "the bump" and "revision = revision + 1" in text and not paused:
+                paused.append(text)
+                time.sleep(0.5)
+            result = execute(cursor, query, *args, **kwargs)
+            if pause_before == "COMMIT" and "pg_notify" in text and not paused:  # the last before COMMIT
+                paused.append(text)
+                time.sleep(0.5)
+            return result
+
+        monkeypatch.setattr(psycopg.Cursor, "execute", pausing_execute)
+        if pause_before == "the bump":
+            revision = storage.put("k", b"after")
+            assert storage.get("k") == Entry(b"after", revision)
+            assert [c.revision for c in storage.changes_since(before).changes] == [revision]
+        else:
+            with pytest.raises(OutcomeUnknownError, match="the change may have been made"):
+                storage.put("k", b"after")
+            entry = storage.get("k")
+            assert entry is not None and entry.value in (b"before", b"after")
+        assert paused, "the pause was never made"
+    finally:
+        storage.close()

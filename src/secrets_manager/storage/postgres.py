@@ -339,7 +339,11 @@ class PostgresStorage:
         not_the_servers_answer = (
             waited is not None or exc.sqlstate is None or (conn is not None and conn.broken)
         )
-        if reached_commit and isinstance(exc, psycopg.OperationalError) and not_the_servers_answer:
+        # Behind pgbouncer a session the server ended while COMMIT was on its way surfaces as
+        # psycopg's "received 2 results from command 'COMMIT'" (not an OperationalError) on a
+        # connection now broken: no answer to COMMIT either.
+        lost_connection = isinstance(exc, psycopg.OperationalError) or (conn is not None and conn.broken)
+        if reached_commit and lost_connection and not_the_servers_answer:
             lost = (
                 f"no answer to COMMIT within {waited:g} s"
                 if waited is not None
@@ -523,7 +527,9 @@ class PostgresStorage:
                             exc, conn, lock_wait_ms=wait_ms, reached_commit=reached_commit
                         ) from None
                 except psycopg.Error as exc:
-                    raise self._error(exc, conn, lock_wait_ms=wait_ms) from None
+                    raise self._error(
+                        exc, conn, lock_wait_ms=wait_ms, reached_commit=reached_commit
+                    ) from None
             self._drop_idle()
         raise AssertionError("unreachable")  # pragma: no cover
 
