@@ -309,3 +309,72 @@ def test_with_a_standby_listed_first_target_session_attrs_read_write_finds_the_p
         assert owner("get", "auth/K").stdout == "written-to-the-primary\n"
     finally:
         standby.stop()
+
+
+# ---- limits a DBA sets on the role ------------------------------------------------------------
+
+
+def _dml_role(
+    cluster: PostgresCluster, new_role: Callable[[], tuple[str, str]], schema: str
+) -> tuple[str, str]:
+    name, password = new_role()
+    with cluster.connect() as conn:
+        conn.execute(
+            sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), sql.Identifier(name))
+        )
+        conn.execute(
+            sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {} TO {}").format(
+                sql.Identifier(schema), sql.Identifier(name)
+            )
+        )
+    return name, password
+
+
+def test_a_roles_statement_timeout_below_a_lock_wait_is_one_line_naming_it(
+    postgres_cluster: PostgresCluster, new_role: Callable[[], tuple[str, str]], tmp_path: Path
+) -> None:
+    """The DBA set statement_timeout = 300ms on the role; a store waiting for another writer's lock
+    is cut by it: one line that names statement_timeout, nothing stored; once the lock is free the
+    same command works."""
+    schema = postgres_cluster.new_schema()
+    owner = _cli(_url(postgres_cluster, "sm_test", schema), postgres_cluster.role_password, tmp_path)
+    assert owner("init", "--kdf-profile", "test").returncode == 0
+    assert owner("store", "auth/K", input="before").returncode == 0
+    name, password = _dml_role(postgres_cluster, new_role, schema)
+    with postgres_cluster.connect(superuser=True) as admin:
+        admin.execute(sql.SQL("ALTER ROLE {} SET statement_timeout = '300ms'").format(sql.Identifier(name)))
+    app = _cli(_url(postgres_cluster, name, schema), password, tmp_path)
+    with postgres_cluster.commit_lock_held(schema):
+        refused = app("store", "auth/K", input="after")
+    assert refused.returncode == 1, refused.stderr
+    lines = refused.stderr.splitlines()
+    assert len(lines) == 1 and "statement_timeout set for the store's role or database" in lines[0], lines
+    assert owner("get", "auth/K").stdout == "before\n"
+    assert app("store", "auth/K", input="after").returncode == 0
+    assert owner("get", "auth/K").stdout == "after\n"
+
+
+def test_a_role_at_its_connection_limit_is_one_line_saying_what_to_lower_or_raise(
+    postgres_cluster: PostgresCluster, new_role: Callable[[], tuple[str, str]], tmp_path: Path
+) -> None:
+    """The server has no connection left for the role (here its CONNECTION LIMIT 1, held by
+    another client; the server's max_connections reads alike): one line, exit 1."""
+    schema = postgres_cluster.new_schema()
+    owner = _cli(_url(postgres_cluster, "sm_test", schema), postgres_cluster.role_password, tmp_path)
+    assert owner("init", "--kdf-profile", "test").returncode == 0
+    name, password = _dml_role(postgres_cluster, new_role, schema)
+    with postgres_cluster.connect(superuser=True) as admin:
+        admin.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT 1").format(sql.Identifier(name)))
+    app = _cli(_url(postgres_cluster, name, schema), password, tmp_path)
+    held = psycopg.connect(
+        host="127.0.0.1", port=postgres_cluster.port, user=name, dbname=DATABASE, password=password,
+        autocommit=True, connect_timeout=10,
+    )  # fmt: skip
+    try:
+        refused = app("list")
+    finally:
+        held.close()
+    assert refused.returncode == 1, refused.stderr
+    lines = refused.stderr.splitlines()
+    assert len(lines) == 1 and "lower ?max_connections= in the store URL" in lines[0], lines
+    assert app("list").returncode == 0

@@ -114,6 +114,14 @@ SCAN_PAGE = 512  # rows per round trip when a snapshot scans
 MAX_CONNECTIONS = 4  # per handle: calls of more threads than this at once wait for a connection
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
+# The server's refusals of a new connection when it has no slot left for it (SQLSTATE 53300; a
+# refused connection carries the text alone).
+_NO_CONNECTION_SLOTS = (
+    "too many clients already",
+    "remaining connection slots are reserved",
+    "too many connections for role",
+    "too many connections for database",
+)
 T = TypeVar("T")
 IDLE = TransactionStatus.IDLE
 
@@ -370,6 +378,19 @@ class PostgresStorage:
                 f"{_one_line(str(exc))}; the server is read-only (a hot standby, or "
                 "default_transaction_read_only): give the primary's address, or every host with "
                 "?target_session_attrs=read-write (every command writes, reads their audit anchor)"
+            )
+        elif isinstance(exc, psycopg.errors.QueryCanceled) and "statement timeout" in str(exc):
+            message = (
+                f"{_one_line(str(exc))}; the statement_timeout set for the store's role or database "
+                f"ended it: raise it above the store's own waits ({LOCK_TIMEOUT_MS // 1000} s for "
+                "another writer's lock), e.g. ALTER ROLE … SET statement_timeout = '60s'"
+            )
+        elif any(text in str(exc) for text in _NO_CONNECTION_SLOTS):
+            message = (
+                f"{_one_line(str(exc))}; the server has no connection left for the store (its "
+                "max_connections, or the role's or database's CONNECTION LIMIT): lower "
+                "?max_connections= in the store URL of each replica (default 4 a process), put "
+                "pgbouncer in front, or raise the limit"
             )
         elif "certificate verify failed" in str(exc):
             message = (
