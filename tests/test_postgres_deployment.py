@@ -205,14 +205,14 @@ def test_init_into_a_schema_the_dba_made_with_create_granted(
 def tls_cluster(
     postgres_cluster: PostgresCluster, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[PostgresCluster, Path]]:
-    """A cluster of its own with `ssl = on` and a server certificate for `localhost` alone (no IP
-    address), signed by a CA the test makes (`ca.pem` in the directory returned); `other-ca.pem`
-    signed nothing of it. (Needs the session cluster's binaries: skipped where they are.)"""
+    """A cluster of its own with `ssl = on` and a server certificate for `localhost` and
+    `db.internal` (no IP address), signed by a CA the test makes (`ca.pem` in the directory
+    returned); `other-ca.pem` signed nothing of it. (Skipped where the session cluster is.)"""
     directory = tmp_path_factory.mktemp("pg-tls")
     ca_cert, ca_key = pki.new_ca()
     (directory / "ca.pem").write_bytes(ca_cert)
     (directory / "other-ca.pem").write_bytes(pki.new_ca()[0])
-    cert, key = pki.issue(ca_cert, ca_key, "db", server=True, dns=["localhost"])
+    cert, key = pki.issue(ca_cert, ca_key, "db", server=True, dns=["localhost", "db.internal"])
     cluster = PostgresCluster().start()
     try:
         cluster.enable_tls(cert, key)
@@ -241,6 +241,36 @@ def test_verify_full_with_the_servers_ca_works(
     assert init.returncode == 0, init.stderr
     assert cli("store", "auth/K", input="over-tls").returncode == 0
     assert cli("get", "auth/K").stdout == "over-tls\n"
+
+
+def test_verify_full_against_a_dns_name_while_connecting_to_a_fixed_address(
+    tls_cluster: tuple[PostgresCluster, Path], tmp_path: Path
+) -> None:
+    """libpq's `hostaddr` (connect to this address, verify the certificate against the URL's host
+    name) and `ssl_min_protocol_version`, as production URLs carry them: accepted, and the name
+    checked is the URL's (a certificate for another name is refused)."""
+    cluster, directory = tls_cluster
+    schema = cluster.new_schema()
+    options = "&hostaddr=127.0.0.1&ssl_min_protocol_version=TLSv1.3"
+    cli = _cli(
+        _tls_url(cluster, "db.internal", schema, directory / "ca.pem") + options,
+        cluster.role_password,
+        tmp_path,
+    )
+    init = cli("init", "--kdf-profile", "test")
+    assert init.returncode == 0, init.stderr
+    assert f"postgresql://sm_test@db.internal:{cluster.port}/{DATABASE}" in init.stderr
+    assert cli("store", "auth/K", input="by-address").returncode == 0
+    assert cli("get", "auth/K").stdout == "by-address\n"
+    other = _cli(
+        _tls_url(cluster, "db.example", schema, directory / "ca.pem") + options,
+        cluster.role_password,
+        tmp_path,
+    )
+    refused = other("get", "auth/K")
+    assert refused.returncode == 1 and 'does not match host name "db.example"' in refused.stderr, (
+        refused.stderr
+    )
 
 
 @pytest.mark.parametrize(

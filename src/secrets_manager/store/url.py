@@ -75,11 +75,38 @@ MAX_PG_CONNECTIONS = 64  # `max_connections=N`: connections one store handle may
 # What a postgresql:// URL may carry besides our `schema`: libpq's own connection options.
 _PG_OPTIONS = frozenset(
     {
-        "application_name", "channel_binding", "connect_timeout", "gssencmode", "keepalives",
-        "keepalives_count", "keepalives_idle", "keepalives_interval", "load_balance_hosts", "options",
-        "passfile", "sslcert", "sslcrl", "sslkey", "sslmode", "sslrootcert", "target_session_attrs",
+        "application_name",
+        "channel_binding",
+        "connect_timeout",
+        "gssencmode",
+        "gsslib",
+        "hostaddr",
+        "keepalives",
+        "keepalives_count",
+        "keepalives_idle",
+        "keepalives_interval",
+        "krbsrvname",
+        "load_balance_hosts",
+        "options",
+        "passfile",
+        "require_auth",
+        "requirepeer",
+        "ssl_max_protocol_version",
+        "ssl_min_protocol_version",
+        "sslcert",
+        "sslcertmode",
+        "sslcrl",
+        "sslcrldir",
+        "sslkey",
+        "sslmode",
+        "sslnegotiation",
+        "sslrootcert",
+        "sslsni",
+        "target_session_attrs",
+        "tcp_user_timeout",
     }
-)  # fmt: skip
+)  # fmt: skip (not sslpassword: a credential, refused as a password in the URL would be; nor service,
+# whose pg_service.conf entry may name another host than the store is shown as)
 SUPPORTED_URLS = (
     "a file path, sqlite:///path, postgresql://USER@HOST:PORT/DB, vault://HOST:PORT/MOUNT or "
     "aws-secretsmanager://REGION/PREFIX"
