@@ -71,6 +71,9 @@ class PgBouncer:
                 f"auth_type = scram-sha-256\nauth_file = {userlist}\n"
                 f"pool_mode = {self.pool_mode}\ndefault_pool_size = {self.pool_size}\n"
                 "max_client_conn = 200\n"
+                # After a failed login to the server (a restart under way), try again within 1 s,
+                # not pgbouncer's 15 s, so a test's next call after the restart finds it back.
+                "server_login_retry = 1\n"
                 f"logfile = {self._dir / 'pgbouncer.log'}\n"
             )
             prefix: list[str] = []

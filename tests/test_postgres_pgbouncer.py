@@ -32,15 +32,17 @@ from pgbouncer import PgBouncer, missing_requirements
 from postgres_cluster import PostgresCluster
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import OutcomeUnknownError
+from secrets_manager.service.watch import ChangeHub
 from secrets_manager.storage import Entry
 from secrets_manager.storage import postgres as postgres_module
 from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.store.changes import ChangeKind
 from secrets_manager.v1 import secrets_pb2 as pb
 from service_fixtures import PASSWORD, POLICY, Server, make_pki, start_server
+from test_storage_postgres import MASTER_PASSWORD, Place, StandbyCopy, _changes_until
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
-MASTER_PASSWORD = "correct horse battery staple"
 
 
 @pytest.fixture(scope="module")
@@ -263,3 +265,42 @@ def test_a_commit_whose_process_paused_past_the_idle_limit_behind_pgbouncer_is_r
         assert paused, "the pause was never made"
     finally:
         storage.close()
+
+
+def test_a_failover_behind_transaction_pooling_is_not_served_from_the_cache(
+    bouncers: dict[str, PgBouncer], postgres_cluster: PostgresCluster
+) -> None:
+    """Behind pgbouncer in transaction mode a client's connection outlives the server: pgbouncer
+    opens new server connections after a restart or a failover, and the client never reconnects.
+    A replica that had cached a value at a revision the failover lost must still not serve it once
+    the new server reaches that revision with other content (as without a pooler: the storage
+    notices the server changed at its next change-head read, not only on a new connection), and
+    its watchers are told to resync."""
+    place = Place(postgres_cluster, postgres_cluster.new_schema())
+    store = EncryptedStore.create(place.open(create=True), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
+    store.put("auth/X", b"kept-value")
+    standby = StandbyCopy(place, postgres_cluster)
+    through_pooler = PostgresStorage(
+        bouncers["transaction"].conninfo(), schema=place.schema, max_connections=1
+    )
+    replica = EncryptedStore.open(through_pooler, PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
+    hub = ChangeHub(replica, max_subscribers=4, poll_seconds=60)  # it reads when poked
+    try:
+        watcher = hub.subscribe()
+        store.put("auth/X", b"LOST-in-the-failover")  # the commit the standby never got
+        assert replica.get("auth/X").value.reveal() == b"LOST-in-the-failover"  # cached
+        hub.poke()
+        _changes_until(watcher, bool)
+        store.close()
+        standby.fail_over()  # the server restarts; pgbouncer keeps our client connection
+        writer = EncryptedStore.open(place.open(), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
+        try:
+            writer.put("auth/X", b"written-after-the-failover")  # version 2 again, same revision
+        finally:
+            writer.close()
+        assert replica.get("auth/X").value.reveal() == b"written-after-the-failover"
+        hub.poke()
+        assert [c.kind for c in _changes_until(watcher, bool)] == [ChangeKind.RESYNC]
+    finally:
+        hub.close()
+        replica.close()

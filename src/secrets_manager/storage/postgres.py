@@ -293,10 +293,7 @@ class PostgresStorage:
                     "not UTF8; create the database with ENCODING 'UTF8'"
                 )
             assert row is not None
-            with self._idle_lock:
-                if self._server_started is not None and row[1] != self._server_started:
-                    self.incarnation += 1
-                self._server_started = row[1]
+            self._found_server(row[1])
         except psycopg.Error as exc:
             _close_quietly(conn)
             raise self._error(exc, conn) from None
@@ -304,6 +301,17 @@ class PostgresStorage:
             _close_quietly(conn)
             raise
         return conn
+
+    def _found_server(self, started: object) -> None:
+        """A connection reports the server's start time: another than before moves `incarnation`.
+        Asked by every new connection, and by the change-head and change-feed reads that readers'
+        caches and watchers rely on: behind a pooler in transaction mode (pgbouncer) a connection
+        outlives the server (the pooler opens new server connections after a restart or a
+        failover), so a new connection alone would not tell."""
+        with self._idle_lock:
+            if self._server_started is not None and started != self._server_started:
+                self.incarnation += 1
+            self._server_started = started
 
     def _open_connection(self) -> _Connection:
         # prepare_threshold=None: no server-side prepared statements. psycopg would prepare a query
@@ -490,7 +498,9 @@ class PostgresStorage:
     def change_head(self) -> int:
         """`ChangeHead`: the newest change's revision (one index-only step back on the feed)."""
         row = self._read(lambda conn: conn.execute(self._q.change_head).fetchone())
-        return 0 if row is None or row[0] is None else int(row[0])
+        assert row is not None  # an aggregate: always one row
+        self._found_server(row[1])
+        return 0 if row[0] is None else int(row[0])
 
     def get_many(self, keys: Sequence[str]) -> dict[str, Entry]:
         """`MultiGet`: one statement, so one round trip and one instant, for all of `keys`."""
@@ -605,8 +615,11 @@ class PostgresStorage:
 
         One statement, so one snapshot: the counter and the rows agree."""
         rows = self._read(lambda conn: conn.execute(self._q.changes, (revision, limit)).fetchall())
+        self._found_server(rows[0][5])
         current, log_start = int(rows[0][0]), int(rows[0][1])
-        changes = [Change(revision=int(r), key=k, deleted=bool(d)) for _, _, r, k, d in rows if r is not None]
+        changes = [
+            Change(revision=int(r), key=k, deleted=bool(d)) for _, _, r, k, d, _ in rows if r is not None
+        ]
         truncated = revision < log_start
         if len(changes) < limit:
             return ChangeBatch(changes=changes, revision=current, truncated=truncated)
@@ -794,7 +807,7 @@ class _Queries:
             "INSERT INTO {s}.changes (revision, key, deleted) SELECT %s, key, deleted"
             " FROM unnest(%s::text[], %s::boolean[]) AS rows (key, deleted)"
         )
-        self.change_head = q("SELECT max(revision) FROM {s}.changes")
+        self.change_head = q("SELECT max(revision), pg_postmaster_start_time() FROM {s}.changes")
         # Never the newest entry: that is the change head that readers' caches compare.
         self.prune = q(
             "DELETE FROM {s}.changes WHERE revision <= %s "
@@ -816,7 +829,8 @@ class _Queries:
             " ORDER BY key LIMIT %s"
         )
         self.changes = q(
-            "SELECT m.revision, m.log_start, c.revision, c.key, c.deleted FROM {s}.meta m"
+            "SELECT m.revision, m.log_start, c.revision, c.key, c.deleted, pg_postmaster_start_time()"
+            " FROM {s}.meta m"
             " LEFT JOIN LATERAL (SELECT revision, key, deleted FROM {s}.changes WHERE revision > %s"
             " ORDER BY revision, key LIMIT %s) c ON true WHERE m.id = 1 ORDER BY c.revision, c.key"
         )
