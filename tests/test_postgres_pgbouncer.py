@@ -304,3 +304,67 @@ def test_a_failover_behind_transaction_pooling_is_not_served_from_the_cache(
     finally:
         hub.close()
         replica.close()
+
+
+def test_no_listen_through_a_pooler_and_pgbouncer_is_not_sent_notifications_for_nobody(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    """A LISTEN through transaction pooling stays on a pooled server connection: the notification
+    of every commit then reaches pgbouncer while that connection serves no client ("got packet 'A'
+    from server when not linked", a warning each; once seen to leave the pool answering nobody),
+    and never the listener. Behind a pooler the store does not LISTEN; its watchers poll."""
+    reason = missing_requirements()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the pgbouncer tests, but {reason}")
+        pytest.skip(reason)
+    bouncer = PgBouncer(postgres_cluster, pool_mode="transaction", pool_size=2).start()
+    schema = postgres_cluster.new_schema()
+    storage = PostgresStorage(bouncer.conninfo(), schema=schema, create=True)
+    writer = PostgresStorage(postgres_cluster.url(with_password=True), schema=schema)
+    try:
+        stop = storage.on_commits(lambda: None)
+        try:
+            deadline = time.monotonic() + 3  # a listener would have listened by then
+            while time.monotonic() < deadline and not _listening_backends(postgres_cluster):
+                time.sleep(0.05)
+            for n in range(5):
+                writer.put("k", b"%d" % n)
+            assert _listening_backends(postgres_cluster) == 0
+        finally:
+            stop()
+        assert storage.pooled and not writer.pooled
+        assert storage.get("k") == writer.get("k")
+        assert "not linked" not in bouncer.log()
+    finally:
+        storage.close()
+        writer.close()
+        bouncer.stop()
+
+
+def test_statements_are_prepared_on_a_direct_connection_only(
+    bouncers: dict[str, PgBouncer], postgres_cluster: PostgresCluster
+) -> None:
+    """psycopg's server-side prepared statements save a parse and plan per statement: kept on a
+    direct connection, off behind a pooler (in either mode: which one cannot be told)."""
+    schema = postgres_cluster.new_schema()
+    for conninfo, prepared in (
+        (postgres_cluster.url(with_password=True), True),
+        (bouncers["session"].conninfo(), False),
+    ):
+        storage = PostgresStorage(conninfo, schema=schema, create=True, max_connections=1)
+        try:
+            for _ in range(8):
+                storage.get("k")
+            count = storage._read(
+                lambda conn: conn.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()
+            )
+            assert (count is not None and count[0] > 0) == prepared
+        finally:
+            storage.close()
+
+
+def _listening_backends(cluster: PostgresCluster) -> int:
+    with cluster.connect(superuser=True) as admin:
+        row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%%'").fetchone()
+    return 0 if row is None else int(row[0])

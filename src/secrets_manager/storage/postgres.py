@@ -25,6 +25,10 @@ A commit that enters the change feed also sends `NOTIFY secrets_manager_changes`
 as payload, delivered at COMMIT: `on_commits` LISTENs on a connection of its own, so a watcher in
 any process hears of a change at once instead of at its next read of the feed.
 
+Behind a pooler (pgbouncer; `_pooled`) nothing relies on a server session outliving a
+transaction: no prepared statements, no LISTEN, no session SET (each write transaction sets its
+own limits), and the server's start time is read with the change head and feed as well.
+
 The cost is one writer at a time per store, fine for secrets (writes are rare and short).
 `durable=False` commits with `SET LOCAL synchronous_commit = off`: atomic and crash-safe, but
 acknowledged before the WAL reaches disk.
@@ -232,6 +236,8 @@ class PostgresStorage:
         # a restored backup) and reach the same revisions again with other content, so what a
         # reader keeps by revision (the encrypted store's read cache) is tagged with it too.
         self.incarnation = 0
+        # Whether a connection found a pooler between us and the server (pgbouncer: _pooled).
+        self.pooled = False
         self._server_started: object = None
         try:
             with self._borrowed() as conn:
@@ -284,7 +290,7 @@ class PostgresStorage:
         conn = self._open_connection()
         try:
             row = conn.execute(
-                "SELECT current_setting('server_encoding'), pg_postmaster_start_time()"
+                "SELECT current_setting('server_encoding'), pg_postmaster_start_time(), pg_backend_pid()"
             ).fetchone()
             encoding = None if row is None else row[:1]
             if encoding is None or str(encoding[0]).upper() not in ("UTF8", "UTF-8"):
@@ -293,6 +299,14 @@ class PostgresStorage:
                     "not UTF8; create the database with ENCODING 'UTF8'"
                 )
             assert row is not None
+            if _pooled(conn, row[2]):
+                # No server-side prepared statements: psycopg prepares a query after its 5th run
+                # on a connection, and behind a pooler in transaction mode (pgbouncer before 1.21)
+                # the next transaction may run on another server connection, where it does not
+                # exist ("prepared statement "_pg3_0" does not exist"), or where another client
+                # prepared the same name for another statement.
+                conn.prepare_threshold = None
+                self.pooled = True
             self._found_server(row[1])
         except psycopg.Error as exc:
             _close_quietly(conn)
@@ -314,13 +328,7 @@ class PostgresStorage:
             self._server_started = started
 
     def _open_connection(self) -> _Connection:
-        # prepare_threshold=None: no server-side prepared statements. psycopg would prepare a query
-        # after its 5th run on a connection, and behind a pooler in transaction mode (pgbouncer
-        # before 1.21) the next transaction may be on another server connection, where it does
-        # not exist, or where another client prepared the same name for another query.
-        conn = _Connection.connect(
-            self._conninfo, autocommit=True, prepare_threshold=None, **self._connect_options
-        )
+        conn = _Connection.connect(self._conninfo, autocommit=True, **self._connect_options)
         conn.answer_timeout = self.answer_timeout
         return conn
 
@@ -687,6 +695,18 @@ class PostgresStorage:
         while not stop.is_set():
             try:
                 with self._open_connection() as conn:
+                    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+                    if row is not None and _pooled(conn, row[0]):
+                        # Through a pooler's transaction mode a notification cannot reach us
+                        # (we hold no server connection), and the LISTEN would stay on a pooled
+                        # server connection whose notifications pgbouncer then gets while it is
+                        # not linked to a client (a warning per commit; seen to wedge its pool).
+                        log.info(
+                            "change listener not started: the database is reached through a "
+                            "connection pooler; changes made elsewhere are read at the next poll",
+                            extra={"event": "store.listener_off", "store": self.location},
+                        )
+                        return
                     conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(NOTIFY_CHANNEL)))
                     delay = LISTEN_RETRY_SECONDS[0]
                     callback()
@@ -834,6 +854,16 @@ class _Queries:
             " LEFT JOIN LATERAL (SELECT revision, key, deleted FROM {s}.changes WHERE revision > %s"
             " ORDER BY revision, key LIMIT %s) c ON true WHERE m.id = 1 ORDER BY c.revision, c.key"
         )
+
+
+def _pooled(conn: _Connection, server_pid: object) -> bool:
+    """Whether a pooler (pgbouncer, …) stands between this connection and the server: the backend
+    process id the connection was given at its start (BackendKeyData) is not the server's
+    `pg_backend_pid()`. A pooler makes up its own, for it answers cancel requests itself; a direct
+    connection, or one through a plain TCP proxy, is given the server's. Behind a pooler nothing
+    may rely on a server session lasting from one transaction to the next (transaction pooling),
+    as the mode cannot be told from here."""
+    return server_pid != conn.info.backend_pid
 
 
 def _limit_transaction(conn: _Connection, lock_wait_ms: int) -> None:
