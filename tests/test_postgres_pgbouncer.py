@@ -112,7 +112,7 @@ def test_the_cli_works_through_pgbouncer(
     cli = _cli(url, {**postgres_cluster.env(), "MASTER_PASSWORD": MASTER_PASSWORD}, tmp_path)
     init = cli("init", "--kdf-profile", "test")
     assert init.returncode == 0, init.stderr.decode()
-    for n in range(7):
+    for n in range(6):
         stored = cli("store", f"auth/K{n}", input=b"value-%d" % n)
         assert stored.returncode == 0, stored.stderr.decode()
     got = cli("get", "auth/K3")
@@ -120,8 +120,34 @@ def test_the_cli_works_through_pgbouncer(
     listed = cli("list")
     assert listed.returncode == 0, listed.stderr.decode()
     assert [line.split(b"\t")[0] for line in listed.stdout.splitlines()] == [
-        b"auth/K%d" % n for n in range(7)
+        b"auth/K%d" % n for n in range(6)
     ]
+    for args in (
+        ("keys", "rotate", "auth"),
+        ("keys", "rewrap", "auth"),
+        ("backup", str(tmp_path / "b.smbackup")),
+    ):
+        done = cli(*args)
+        assert done.returncode == 0, (args, done.stderr.decode())
+    restored_url = f"{bouncers[mode].url()}?schema={postgres_cluster.new_schema()}"
+    other = _cli(restored_url, {**postgres_cluster.env(), "MASTER_PASSWORD": MASTER_PASSWORD}, tmp_path)
+    assert other("init", "--kdf-profile", "test").returncode == 0
+    restored = other("restore", str(tmp_path / "b.smbackup"))
+    assert restored.returncode == 0, restored.stderr.decode()
+    assert other("get", "auth/K5").stdout == b"value-5\n"
+
+
+def test_a_url_option_pgbouncer_refuses_is_one_line_saying_what_to_do(
+    bouncers: dict[str, PgBouncer], postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    """`?options=-c …` is a startup parameter pgbouncer refuses unless told to ignore it."""
+    options = "options=-c%20statement_timeout%3D5000"
+    url = f"{bouncers['session'].url()}?schema={postgres_cluster.new_schema()}&{options}"
+    cli = _cli(url, {**postgres_cluster.env(), "MASTER_PASSWORD": MASTER_PASSWORD}, tmp_path)
+    refused = cli("init", "--kdf-profile", "test")
+    lines = refused.stderr.decode().splitlines()
+    assert refused.returncode == 1 and len(lines) == 1, lines
+    assert "unsupported startup parameter" in lines[0] and "ignore_startup_parameters" in lines[0]
 
 
 def test_the_stores_settings_stay_in_its_own_transactions_through_transaction_pooling(

@@ -408,6 +408,11 @@ class PostgresStorage:
                 "?max_connections= in the store URL of each replica (default 4 a process), put "
                 "pgbouncer in front, or raise the limit"
             )
+        elif "unsupported startup parameter" in str(exc):
+            message = (
+                f"{_one_line(str(exc))}; a connection pooler (pgbouncer) refused an option of the "
+                "store URL: drop it from the URL, or list it in the pooler's ignore_startup_parameters"
+            )
         elif "certificate verify failed" in str(exc):
             message = (
                 f"{_one_line(str(exc))}; check that sslrootcert names the CA that signed the database "
