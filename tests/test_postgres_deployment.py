@@ -9,6 +9,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +18,9 @@ import pytest
 from psycopg import sql
 
 from postgres_cluster import DATABASE, PostgresCluster
+from secrets_manager.crypto import kdf
+from secrets_manager.storage.postgres import PostgresStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.tls import pki
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
@@ -408,3 +412,53 @@ def test_a_role_at_its_connection_limit_is_one_line_saying_what_to_lower_or_rais
     lines = refused.stderr.splitlines()
     assert len(lines) == 1 and "lower ?max_connections= in the store URL" in lines[0], lines
     assert app("list").returncode == 0
+
+
+def test_a_long_lived_handle_outlives_idle_session_timeout_and_pg_terminate_backend(
+    postgres_cluster: PostgresCluster, new_role: Callable[[], tuple[str, str]]
+) -> None:
+    """A serve replica or an SDK process keeps its store open for days. The DBA's
+    idle_session_timeout (here 300 ms on the role) ends its idle connections, and
+    pg_terminate_backend ends them between calls: every next read and write is answered (retried
+    on a new connection), and each acknowledged write is there."""
+    schema = postgres_cluster.new_schema()
+    EncryptedStore.create(
+        PostgresStorage(postgres_cluster.url(with_password=True), schema=schema, create=True),
+        PasswordUnlock(MASTER_PASSWORD, kdf.TEST),
+    ).close()
+    name, password = _dml_role(postgres_cluster, new_role, schema)
+    with postgres_cluster.connect(superuser=True) as admin:
+        admin.execute(
+            sql.SQL("ALTER ROLE {} SET idle_session_timeout = '300ms'").format(sql.Identifier(name))
+        )
+    conninfo = (
+        f"host=127.0.0.1 port={postgres_cluster.port} dbname={DATABASE} user={name} password={password}"
+    )
+    store = EncryptedStore.open(
+        PostgresStorage(conninfo, schema=schema), PasswordUnlock(MASTER_PASSWORD, kdf.TEST)
+    )
+
+    def sessions() -> int:
+        with postgres_cluster.connect(superuser=True) as admin:
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = %s", (name,)
+            ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    try:
+        for round in range(3):
+            assert store.put("auth/K", b"value-%d" % round).version == round + 1
+            assert sessions() > 0
+            if round == 1:  # the DBA ends them (a failover script, a cleanup)
+                with postgres_cluster.connect(superuser=True) as admin:
+                    admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (name,)
+                    )
+            deadline = time.monotonic() + 15
+            while sessions():  # ended by the server: the handle's connections are all dead now
+                assert time.monotonic() < deadline, "the server kept the idle sessions"
+                time.sleep(0.05)
+            assert store.get("auth/K").value.reveal() == b"value-%d" % round
+            assert [m.name for m in store.list("auth/")] == ["auth/K"]
+    finally:
+        store.close()
