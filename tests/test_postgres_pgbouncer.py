@@ -48,11 +48,7 @@ SCRIPT = Path(sys.executable).with_name("secrets-manager")
 @pytest.fixture(scope="module")
 def bouncers(postgres_cluster: PostgresCluster) -> Iterator[dict[str, PgBouncer]]:
     """One pgbouncer per pool mode, each with a pool of 2 server connections."""
-    reason = missing_requirements()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the pgbouncer tests, but {reason}")
-        pytest.skip(reason)
+    _require_pgbouncer()
     started: dict[str, PgBouncer] = {}
     try:
         for mode in ("transaction", "session"):
@@ -61,6 +57,15 @@ def bouncers(postgres_cluster: PostgresCluster) -> Iterator[dict[str, PgBouncer]
     finally:
         for bouncer in started.values():
             bouncer.stop()
+
+
+def _require_pgbouncer() -> None:
+    """Skip where pgbouncer cannot run, saying why; fail instead under CI (`CI` set)."""
+    reason = missing_requirements()
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the pgbouncer tests, but {reason}")
+        pytest.skip(reason)
 
 
 def _cli(url: str, env: Mapping[str, str], home: Path) -> Callable[..., subprocess.CompletedProcess[bytes]]:
@@ -157,11 +162,7 @@ def test_the_stores_settings_stay_in_its_own_transactions_through_transaction_po
     next (another client would have its idle transactions ended after 2 s), and is missing from the
     connection our next transaction gets. With a pool of one server connection, the next client
     sees what we left there."""
-    reason = missing_requirements()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the pgbouncer tests, but {reason}")
-        pytest.skip(reason)
+    _require_pgbouncer()
     bouncer = PgBouncer(postgres_cluster, pool_mode="transaction", pool_size=1).start()
     try:
         storage = PostgresStorage(bouncer.conninfo(), schema=postgres_cluster.new_schema(), create=True)
@@ -339,11 +340,7 @@ def test_no_listen_through_a_pooler_and_pgbouncer_is_not_sent_notifications_for_
     of every commit then reaches pgbouncer while that connection serves no client ("got packet 'A'
     from server when not linked", a warning each; once seen to leave the pool answering nobody),
     and never the listener. Behind a pooler the store does not LISTEN; its watchers poll."""
-    reason = missing_requirements()
-    if reason is not None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the pgbouncer tests, but {reason}")
-        pytest.skip(reason)
+    _require_pgbouncer()
     bouncer = PgBouncer(postgres_cluster, pool_mode="transaction", pool_size=2).start()
     schema = postgres_cluster.new_schema()
     storage = PostgresStorage(bouncer.conninfo(), schema=schema, create=True)
