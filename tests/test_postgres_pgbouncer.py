@@ -15,6 +15,7 @@ Where pgbouncer is not installed the tests are skipped, except when `CI` is set,
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -334,7 +335,7 @@ def test_a_failover_behind_transaction_pooling_is_not_served_from_the_cache(
 
 
 def test_no_listen_through_a_pooler_and_pgbouncer_is_not_sent_notifications_for_nobody(
-    postgres_cluster: PostgresCluster,
+    postgres_cluster: PostgresCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A LISTEN through transaction pooling stays on a pooled server connection: the notification
     of every commit then reaches pgbouncer while that connection serves no client ("got packet 'A'
@@ -346,10 +347,14 @@ def test_no_listen_through_a_pooler_and_pgbouncer_is_not_sent_notifications_for_
     storage = PostgresStorage(bouncer.conninfo(), schema=schema, create=True)
     writer = PostgresStorage(postgres_cluster.url(with_password=True), schema=schema)
     try:
+        caplog.set_level(logging.INFO, logger=postgres_module.__name__)
         stop = storage.on_commits(lambda: None)
         try:
-            deadline = time.monotonic() + 3  # a listener would have listened by then
-            while time.monotonic() < deadline and not _listening_backends(postgres_cluster):
+            deadline = time.monotonic() + 15  # until the listener decided: it listens, or says not
+            while not _listening_backends(postgres_cluster) and not any(
+                getattr(r, "event", None) == "store.listener_off" for r in caplog.records
+            ):
+                assert time.monotonic() < deadline, "the listener neither listened nor said why not"
                 time.sleep(0.05)
             for n in range(5):
                 writer.put("k", b"%d" % n)
