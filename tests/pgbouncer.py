@@ -48,8 +48,17 @@ def missing_requirements() -> str | None:
 class PgBouncer:
     """One pgbouncer for the cluster's test database: `start()`, `url()`, `stop()`."""
 
-    def __init__(self, cluster: PostgresCluster, *, pool_mode: str, pool_size: int = 4) -> None:
+    def __init__(
+        self,
+        cluster: PostgresCluster,
+        *,
+        pool_mode: str,
+        pool_size: int = 4,
+        users: dict[str, str] | None = None,
+    ) -> None:
+        """`users`: login roles (name → password) it lets in besides the cluster's test role."""
         self.cluster = cluster
+        self.users = {ROLE: cluster.role_password, **(users or {})}
         self.pool_mode = pool_mode
         self.pool_size = pool_size
         self.port = 0
@@ -60,7 +69,7 @@ class PgBouncer:
         self._dir = Path(tempfile.mkdtemp(prefix="secrets-manager-pgbouncer-"))
         try:
             userlist = self._dir / "userlist.txt"
-            userlist.write_text(f'"{ROLE}" "{self.cluster.role_password}"\n')
+            userlist.write_text("".join(f'"{name}" "{password}"\n' for name, password in self.users.items()))
             userlist.chmod(0o600)
             self.port = _free_port()
             (self._dir / "pgbouncer.ini").write_text(

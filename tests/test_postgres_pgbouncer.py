@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import subprocess
 import sys
 import threading
@@ -30,9 +31,10 @@ import pytest
 from psycopg import sql
 
 from pgbouncer import PgBouncer, missing_requirements
-from postgres_cluster import PostgresCluster
+from postgres_cluster import DATABASE, PostgresCluster
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import OutcomeUnknownError
+from secrets_manager.rotators.postgres import PostgresRole
 from secrets_manager.service.watch import ChangeHub
 from secrets_manager.storage import Entry
 from secrets_manager.storage import postgres as postgres_module
@@ -40,6 +42,7 @@ from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.v1 import secrets_pb2 as pb
+from secrets_manager.values import SecretValue
 from service_fixtures import PASSWORD, POLICY, Server, make_pki, start_server
 from test_storage_postgres import MASTER_PASSWORD, Place, StandbyCopy, _changes_until
 
@@ -396,3 +399,43 @@ def _listening_backends(cluster: PostgresCluster) -> int:
     with cluster.connect(superuser=True) as admin:
         row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN%%'").fetchone()
     return 0 if row is None else int(row[0])
+
+
+def test_the_postgres_rotator_leaves_no_statement_timeout_on_a_pooled_server_connection(
+    postgres_cluster: PostgresCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`rotate --postgres-role` with the administrator's connection through pgbouncer in
+    transaction mode: its statement_timeout for ALTER ROLE was a session setting, left on the
+    server connection for the administrator's next client (a DBA's psql then had its statements
+    cut at the rotation's timeout). With a pool of one, that next client sees what it left."""
+    _require_pgbouncer()
+    admin_name, admin_password = f"adm_{secrets.token_hex(4)}", secrets.token_urlsafe(16)
+    app_name = f"app_{secrets.token_hex(4)}"
+    with postgres_cluster.connect(superuser=True) as superuser:
+        superuser.execute(
+            sql.SQL("CREATE ROLE {} LOGIN CREATEROLE PASSWORD {}").format(
+                sql.Identifier(admin_name), sql.Literal(admin_password)
+            )
+        )
+        superuser.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(app_name)))
+    bouncer = PgBouncer(
+        postgres_cluster, pool_mode="transaction", pool_size=1, users={admin_name: admin_password}
+    ).start()
+    try:
+        admin = f"host=127.0.0.1 port={bouncer.port} dbname={DATABASE} user={admin_name}"
+        monkeypatch.setenv("PGPASSWORD", admin_password)  # the rotator takes it from libpq's places
+        role = PostgresRole.parse(app_name, admin)
+        role.check_before_stage(timeout=7)
+        role.set_password(SecretValue(b"new-app-password-1"), timeout=7)
+        with psycopg.connect(admin, autocommit=True) as next_client:
+            assert next_client.execute("SHOW statement_timeout").fetchone() == ("0",)
+        with postgres_cluster.connect(superuser=True) as superuser:  # and the password was set
+            row = superuser.execute(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = %s", (app_name,)
+            ).fetchone()
+        assert row is not None and str(row[0]).startswith("SCRAM-SHA-256$")
+    finally:
+        bouncer.stop()
+        with postgres_cluster.connect(superuser=True) as superuser:
+            for name in (app_name, admin_name):
+                superuser.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))

@@ -224,11 +224,13 @@ class PostgresRole:
             verifier = admin.pgconn.encrypt_password(
                 password.encode("utf-8"), self.role.encode("utf-8"), b"scram-sha-256"
             )
-            admin.execute(
-                sql.SQL("ALTER ROLE {} PASSWORD {}").format(
-                    sql.Identifier(self.role), sql.Literal(verifier.decode("ascii"))
+            with admin.transaction():  # the statement_timeout for this ALTER ROLE alone
+                admin.execute(_STATEMENT_TIMEOUT, (_milliseconds(timeout),))
+                admin.execute(
+                    sql.SQL("ALTER ROLE {} PASSWORD {}").format(
+                        sql.Identifier(self.role), sql.Literal(verifier.decode("ascii"))
+                    )
                 )
-            )
 
     def check_login(self, value: SecretValue, *, timeout: float) -> None:
         """Log in as the role with the new password, and see that the server says it is the role."""
@@ -245,7 +247,8 @@ def _session(
 ) -> Iterator[Any]:
     """A connection of libpq's settings plus `overrides` (an explicit password beats PGPASSWORD and
     ~/.pgpass), in autocommit, bounded by the step's timeout: libpq's connect_timeout (per host it
-    tries), the server's statement_timeout (a lock wait), and our own deadline for a server or
+    tries), the server's statement_timeout (a lock wait: set by `set_password` for its ALTER ROLE's
+    transaction alone), and our own deadline for a server or
     network that stops answering (storage/deadline.py: the socket is shut down, which ends libpq's
     wait). psycopg's errors become PostgresStepError, on one line, without `secret`; `doing`
     prefixes them."""
@@ -279,10 +282,6 @@ def _session(
     try:
         with conn:
             armed = WATCHDOG.arm(conn, seconds)
-            # ALTER ROLE waits for a lock another transaction holds on the role: not past the
-            # timeout (at least 1 ms: 0 would mean no limit).
-            limit = f"{max(1, math.ceil(timeout * 1000))}ms"
-            conn.execute("SELECT set_config('statement_timeout', %s, false)", (limit,))
             yield conn
     except psycopg.Error as exc:
         raise failure(exc, armed) from None
@@ -305,6 +304,18 @@ def _pgpassword_refused(message: str) -> bool:
     """Whether a connection without a password of ours was refused its password while PGPASSWORD,
     which libpq then sent, is set."""
     return bool(os.environ.get("PGPASSWORD")) and "password authentication failed" in message
+
+
+# ALTER ROLE waits for a lock another transaction holds on the role: not past the step's timeout.
+# Set for that statement's transaction only (SET LOCAL): a session setting would stay, behind a
+# pooler in transaction mode (pgbouncer), on a server connection the administrator's next client
+# gets, and might miss the one the ALTER ROLE runs on.
+_STATEMENT_TIMEOUT = "SELECT set_config('statement_timeout', %s, true)"
+
+
+def _milliseconds(timeout: float) -> str:
+    """`timeout` as a statement_timeout: at least 1 ms (0 would mean no limit)."""
+    return f"{max(1, math.ceil(timeout * 1000))}ms"
 
 
 def _one_line(exc: BaseException) -> str:
