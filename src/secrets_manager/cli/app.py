@@ -140,8 +140,8 @@ if TYPE_CHECKING:  # the client (gRPC, asyncio) is imported only by a command th
 def quiet_grpc() -> None:
     """gRPC's documented default log level, set before its core starts (the first import of the
     client, which imports grpc): unset, the core logs a failed handshake at INFO ("I1130 …
-    ssl_transport_security.cc …") above our one-line error. An explicit value stays; `serve`
-    keeps gRPC's own (its handshake failures are logged)."""
+    ssl_transport_security.cc …") above our one-line error. An explicit value stays. `serve` sets
+    it too: the core logged every failed handshake there, a line per connection anyone opened."""
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 

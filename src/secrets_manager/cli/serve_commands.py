@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, cast
 import click
 
 from secrets_manager.audit import AuditLog, refuse_files_of_others
-from secrets_manager.cli.app import Session, cli, pass_session
+from secrets_manager.cli.app import Session, cli, pass_session, quiet_grpc
 from secrets_manager.cli.password import read_password_file, refuse_password_variable
 from secrets_manager.errors import (
     NotFoundError,
@@ -52,6 +52,10 @@ def serve(session: Session, config_path: str) -> None:
     started with (server.toml's own settings need a restart; while serve starts it is ignored);
     SIGTERM stops accepting calls and lets running ones finish. With rotation_schedule in the
     config it also runs due credential rotations (see 'schedule --help')."""
+    # gRPC's core wrote a line of its own (not JSON, no peer) for every failed handshake: anyone
+    # who can reach the port made the log grow by as many lines as connections they opened (900 a
+    # second from one client). Set before the import below starts the core; an explicit value stays.
+    quiet_grpc()
     from secrets_manager.service import load_config, run_server  # gRPC: only for this command
     from secrets_manager.service.server import configure_logging
 
