@@ -17,7 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from service_fixtures import Server, make_pki, make_store, start_server
+from secrets_manager.crypto import kdf
+from secrets_manager.service import server as server_module
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.v1 import secrets_pb2 as pb
+from service_fixtures import POLICY, Server, in_process_server, make_pki, make_store, start_server
 
 
 @pytest.fixture
@@ -55,3 +60,93 @@ def test_failed_handshakes_do_not_write_a_log_line_each(server: Server) -> None:
     server.stop()
     core_lines = [line for line in server.log_lines if not line.startswith("{")]
     assert core_lines == [], core_lines[:3]
+
+
+def _server_settings(server: Server, client: str = "auth") -> dict[int, int]:
+    """The SETTINGS the service sends a new HTTP/2 connection (RFC 9113 6.5), read off the wire."""
+    context = ssl.create_default_context(cafile=str(server.dir / "ca.pem"))
+    context.load_cert_chain(server.dir / f"{client}.pem", server.dir / f"{client}-key.pem")
+    context.set_alpn_protocols(["h2"])
+    raw = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    with context.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0]))
+        received = b""
+        while True:
+            while len(received) < 9:
+                chunk = tls.recv(65536)
+                assert chunk, "the service closed the connection before its SETTINGS"
+                received += chunk
+            length = int.from_bytes(received[:3], "big")
+            kind, flags = received[3], received[4]
+            while len(received) < 9 + length:
+                received += tls.recv(65536)
+            payload, received = received[9 : 9 + length], received[9 + length :]
+            if kind == 4 and not flags & 1:  # SETTINGS, not an ACK
+                return {
+                    int.from_bytes(payload[i : i + 2], "big"): int.from_bytes(payload[i + 2 : i + 6], "big")
+                    for i in range(0, len(payload), 6)
+                }
+
+
+def test_a_connection_may_open_a_bounded_number_of_streams(server: Server) -> None:
+    """gRPC's default is no limit on a connection's concurrent streams, which is what HTTP/2's
+    "rapid reset" (CVE-2023-44487: streams opened and reset in a loop) feeds on: 4 connections
+    doing so (171,000 streams in 15 s) raised another client's p99 from 3 ms to 875 ms, failed some
+    of its calls CANCELLED, and took the service from 68 to 155 MB. The service now announces
+    SETTINGS_MAX_CONCURRENT_STREAMS (p99 243 ms, no failure, 90 MB). Fails on the old code."""
+    settings = _server_settings(server)
+    max_concurrent_streams = 0x3
+    # absent: no limit (RFC 9113 6.5.2)
+    assert settings.get(max_concurrent_streams) == server_module.MAX_STREAMS_PER_CONNECTION == 100, settings
+
+
+def _closed_within(sock: socket.socket, seconds: float) -> bool:
+    """Whether the peer closes `sock` within `seconds` (anything it sends first is read and dropped)."""
+    sock.settimeout(seconds)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(4096):
+                return True
+    except TimeoutError:
+        return False
+    except OSError:  # reset
+        return True
+    return False
+
+
+def test_a_connection_that_never_finishes_its_handshake_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TCP connection that never starts TLS, or stops halfway through its ClientHello, was kept
+    for gRPC's default of 120 s: a client without a certificate holding 1,000 of them took every
+    file descriptor of a service under the usual limit of 1024, and every call failed (283 of a
+    reader's 286 calls in 15 s) while it held them. Now the handshake has HANDSHAKE_TIMEOUT_SECONDS
+    (here made 1 s, in this process). Fails on the old code."""
+    monkeypatch.setattr(server_module, "HANDSHAKE_TIMEOUT_SECONDS", 1.0, raising=False)  # 10 s in serve
+    make_pki(tmp_path)
+    store = EncryptedStore.create(
+        SqliteStorage(tmp_path / "store.db", create=True), PasswordUnlock("abuse test", kdf.TEST)
+    )
+    (tmp_path / "policy.toml").write_text(POLICY)
+    with in_process_server(tmp_path, store, watch_tick=0.2) as (running, stub):
+        silent = socket.create_connection(("127.0.0.1", running.port))
+        half = socket.create_connection(("127.0.0.1", running.port))
+        half.sendall(_client_hello()[:40])
+        try:
+            assert _closed_within(silent, 8)
+            assert _closed_within(half, 2)
+            # a client that does finish its handshake is served as before
+            assert stub("ops").ListSecrets(pb.ListSecretsRequest(), timeout=10).secrets == []
+        finally:
+            silent.close()
+            half.close()
+
+
+def _client_hello() -> bytes:
+    """The first bytes a TLS client sends (its ClientHello record)."""
+    outgoing = ssl.MemoryBIO()
+    tls = _no_certificate_context().wrap_bio(ssl.MemoryBIO(), outgoing)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
