@@ -13,6 +13,7 @@ import ipaddress
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import tempfile
@@ -114,6 +115,7 @@ MAX_STREAMS_PER_CONNECTION = 100
 # long: a client without a certificate opening 1,000 such took every descriptor of a service
 # under the usual limit of 1024, and every call failed until it let go.
 HANDSHAKE_TIMEOUT_SECONDS = 10.0
+MAX_OPEN_FILES = 1 << 20  # the soft limit on open files serve raises to when the hard one is unlimited
 _KIND = {
     ChangeKind.VERSION_ADDED: pb.ChangeEvent.VERSION_ADDED,
     ChangeKind.METADATA_CHANGED: pb.ChangeEvent.METADATA_CHANGED,
@@ -1165,6 +1167,25 @@ def _bind(server: grpc.Server, listen: str, credentials: grpc.ServerCredentials)
     return port
 
 
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit, and return it. Each
+    connection takes a descriptor, and so does every file the store and the audit log open: under
+    the soft limit most systems start a process with (1024), a client without a certificate holding
+    1,000 connections failed every call (the audit log could not open its file) until it let go.
+    The hard limit is what the administrator allows (systemd's LimitNOFILE); Go's runtime and
+    nginx's worker_rlimit_nofile raise the soft limit so, too. A limit that cannot be raised
+    stays as it is."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else MAX_OPEN_FILES
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError):  # macOS refuses more than its kern.maxfilesperproc
+        return soft
+    return wanted
+
+
 def run_server(
     config: ServerConfig,
     store: ServedStore,
@@ -1183,6 +1204,7 @@ def run_server(
     # the files are first read: a SIGHUP meanwhile reloads them once more when serving starts.
     requested = _Requested()
     signal.signal(signal.SIGHUP, lambda *_: setattr(requested, "reload", True))
+    open_files = raise_open_files_limit()
     policy = PolicyHolder(config.policy, environment)
     certificates = ServerCertificates(
         config.tls_cert, config.tls_key, config.tls_client_ca, environment=environment
@@ -1219,6 +1241,7 @@ def run_server(
             "event": "service.started",
             "listen": config.listen,
             "port": running.port,
+            "open_files_limit": open_files,
             **_start_summary(
                 config,
                 config_path,
