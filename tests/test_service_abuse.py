@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from secrets_manager.crypto import kdf
@@ -179,3 +180,29 @@ def test_serve_raises_its_open_files_limit_to_the_hard_limit(tmp_path: Path) -> 
         assert started["open_files_limit"] == in_force
     finally:
         server.stop()
+
+
+def test_requests_refused_while_the_audit_log_fails_do_not_write_a_log_line_each(tmp_path: Path) -> None:
+    """With the audit log unwritable (its file removed; 1,000 idle connections taking every
+    descriptor did it too), each refused request also logged `audit.write_failed`: 50 requests, 50
+    lines, as fast as any client sent them (190 in 10 s from one reader). Now at most one line per
+    operation every 10 s, the next saying how many were left out. Fails on the old code."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    try:
+        stub = server.stub("nobody")  # no role: refused, which is audited too
+        with pytest.raises(grpc.RpcError):
+            stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+        (tmp_path / "store.audit.jsonl").unlink()
+        for _ in range(50):
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+            assert refused.value.code() is grpc.StatusCode.PERMISSION_DENIED  # refused all the same
+    finally:
+        server.stop()
+    events = [json.loads(line) for line in server.log_lines if line.startswith("{")]
+    failed = [event for event in events if event["event"] == "audit.write_failed"]
+    assert 1 <= len(failed) <= 2, len(failed)  # a second one if the loop took longer than 10 s
+    assert failed[0]["operation"] == "get" and failed[0]["suppressed"] == 0
+    assert len(events) < 10, [event["event"] for event in events]

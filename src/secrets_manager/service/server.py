@@ -319,27 +319,61 @@ class _ClientExpiryNotices:
         )
 
 
-class _FailureLog:
-    """The "request failed" lines: at most one per method and status code every `interval`
-    seconds, the next one saying how many like it were left out (`suppressed`). One line per
-    failed request flooded the log when a client looped on a name it may not read, or every
-    request failed in an outage; the audit log has every request, and the metric
-    secrets_manager_requests_total counts each. A failure on the service's side (the store, the
-    audit log, a bug) is a warning; the caller's (not found, denied, invalid, conflict) info."""
+class _Throttle:
+    """At most one log line per key every `interval` seconds; the next one due says how many like
+    it were left out (`suppressed`). A line per request let any client grow the log as fast as it
+    could send requests (a refusal looped on, every request failing in an outage, the audit log
+    unwritable: one `audit.write_failed` line per request); the audit log has every request, and
+    the metrics count each."""
 
     def __init__(self, interval: float = REQUEST_FAILURE_LOG_SECONDS) -> None:
         self._interval = interval
         self._lock = threading.Lock()
-        self._last: dict[tuple[str, grpc.StatusCode], tuple[float, int]] = {}
+        self._last: dict[tuple[object, ...], tuple[float, int]] = {}
 
-    def log(self, method: str, code: grpc.StatusCode, **fields: object) -> None:
+    def due(self, *key: object) -> int | None:
+        """None if a line for `key` was logged within the interval (this one is counted as left
+        out); else how many were left out since that line, and this one is to be logged."""
         now = time.monotonic()
         with self._lock:
-            last, suppressed = self._last.get((method, code), (None, 0))
+            last, suppressed = self._last.get(key, (None, 0))
             if last is not None and now - last < self._interval:
-                self._last[(method, code)] = (last, suppressed + 1)
-                return
-            self._last[(method, code)] = (now, 0)
+                self._last[key] = (last, suppressed + 1)
+                return None
+            self._last[key] = (now, 0)
+        return suppressed
+
+
+# The "internal error" lines, per method: a request that a bug fails can be sent in a loop.
+_INTERNAL_ERRORS = _Throttle()
+
+
+def _log_internal_error(method: str, exc: BaseException) -> None:
+    suppressed = _INTERNAL_ERRORS.due(method)
+    if suppressed is not None:
+        log.error(
+            "internal error",
+            extra={
+                "event": "request.internal_error",
+                "method": method,
+                "error_type": type(exc).__name__,
+                "suppressed": suppressed,
+            },
+        )
+
+
+class _FailureLog:
+    """The "request failed" lines: at most one per method and status code every `interval`
+    seconds (`_Throttle`). A failure on the service's side (the store, the audit log, a bug) is a
+    warning; the caller's (not found, denied, invalid, conflict) info."""
+
+    def __init__(self, interval: float = REQUEST_FAILURE_LOG_SECONDS) -> None:
+        self._throttle = _Throttle(interval)
+
+    def log(self, method: str, code: grpc.StatusCode, **fields: object) -> None:
+        suppressed = self._throttle.due(method, code)
+        if suppressed is None:
+            return
         log.log(
             logging.WARNING if code in _SERVICE_SIDE else logging.INFO,
             "request failed",
@@ -391,6 +425,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         self.stopping = threading.Event()
         self.audit_refused: Callable[[], None] = lambda: None  # the health check hears of a refusal
         self._failures = _FailureLog()
+        self._audit_failures = _Throttle()  # the lines saying a refusal's record was not written
         self._expiring = _ClientExpiryNotices(metrics)
         # One poller of the change feed for every Watch stream, and the cap on open streams. Vault
         # and AWS: a feed polled from the store's snapshots, read from the backend at most every
@@ -521,10 +556,17 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 # The log did not answer within its timeout a moment ago: a record of this refusal
                 # would wait as long again, and the caller twice the timeout for its answer (past
                 # its deadline). The refusal is logged, counted and answered now.
-                log.error(
-                    "audit record of a refusal not attempted: the audit log is not answering",
-                    extra={"event": "audit.write_skipped", "method": method, "error": str(exc)},
-                )
+                suppressed = self._audit_failures.due("audit.write_skipped", method)
+                if suppressed is not None:
+                    log.error(
+                        "audit record of a refusal not attempted: the audit log is not answering",
+                        extra={
+                            "event": "audit.write_skipped",
+                            "method": method,
+                            "error": str(exc),
+                            "suppressed": suppressed,
+                        },
+                    )
             else:
                 self._record(event, durable)
             self._failures.log(method, code, identity=identity, peer=peer, secret=recorded, kind=exc.kind)
@@ -543,10 +585,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             event.outcome = "error"
             event.decision = "allow" if request.allowed else "deny"
             self._record(event, durable)
-            log.error(
-                "internal error",
-                extra={"event": "request.internal_error", "method": method, "error_type": type(exc).__name__},
-            )
+            _log_internal_error(method, exc)
             context.abort(code, "internal error")
         finally:
             if not stream or code is not grpc.StatusCode.OK:
@@ -572,9 +611,17 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         try:
             self._append([event], durable=durable)
         except SecretsManagerError as exc:
-            log.error(
-                "audit record could not be written", extra={"event": "audit.write_failed", "error": str(exc)}
-            )
+            suppressed = self._audit_failures.due("audit.write_failed", event.operation)
+            if suppressed is not None:
+                log.error(
+                    "audit record could not be written",
+                    extra={
+                        "event": "audit.write_failed",
+                        "operation": event.operation,
+                        "error": str(exc),
+                        "suppressed": suppressed,
+                    },
+                )
 
     def _append(self, events: list[AuditEvent], *, durable: bool) -> None:
         """Append to the audit log; a record it refuses is counted, and fails the audit health check."""
@@ -1432,10 +1479,7 @@ def _withhold(exc: Exception, context: grpc.ServicerContext, method: str) -> Non
     """Re-raise an abort (its status is set already); end anything else as "internal error"."""
     if context.code() is not None:
         raise exc
-    log.error(
-        "internal error",
-        extra={"event": "request.internal_error", "method": method, "error_type": type(exc).__name__},
-    )
+    _log_internal_error(method, exc)
     context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
