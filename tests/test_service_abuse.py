@@ -206,3 +206,35 @@ def test_requests_refused_while_the_audit_log_fails_do_not_write_a_log_line_each
     assert 1 <= len(failed) <= 2, len(failed)  # a second one if the loop took longer than 10 s
     assert failed[0]["operation"] == "get" and failed[0]["suppressed"] == 0
     assert len(events) < 10, [event["event"] for event in events]
+
+
+def test_a_value_over_the_limit_is_refused_before_anything_is_written(server: Server) -> None:
+    """A PutSecret or StageSecretVersion with a value over 64 KiB (up to gRPC's 4 MiB message
+    limit) was refused by the store only after the service had written and fsynced the change's
+    pending audit record and fingerprinted the value: each refusal cost two records, one fsync and
+    an HMAC of megabytes, and its record carried the fingerprint of a value never stored. Now the
+    size is checked with the name: one record, no fingerprint, INVALID_ARGUMENT saying the limit.
+    Fails on the old code."""
+    stub = server.stub("ops")
+    before = len(server.audit_records())
+    big = b"v" * (3 << 20)
+    for call in (
+        lambda: stub.PutSecret(pb.PutSecretRequest(name="auth/BIG", value=big), timeout=20),
+        lambda: stub.StageSecretVersion(
+            pb.StageSecretVersionRequest(name="auth/DB_PASSWORD", value=big), timeout=20
+        ),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details() == f"value is {len(big)} bytes; the limit is 65536 (64 KiB)"
+    records = server.audit_records()[before:]
+    assert [(r["operation"], r["outcome"]) for r in records] == [
+        ("store", "invalid_input"),
+        ("rotate.stage", "invalid_input"),
+    ]
+    assert all(r.get("value_hmac") is None for r in records), records
+    with pytest.raises(grpc.RpcError):  # nothing was stored
+        stub.GetSecret(pb.GetSecretRequest(name="auth/BIG"), timeout=10)
+    # at the limit, it is stored
+    stub.PutSecret(pb.PutSecretRequest(name="auth/BIG", value=b"v" * 65536), timeout=20)

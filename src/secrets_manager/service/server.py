@@ -68,7 +68,7 @@ from secrets_manager.service.served import (
     store_probe,
 )
 from secrets_manager.service.watch import ChangeFeed, ChangeHub
-from secrets_manager.store.base import SecretMetadata, checked_expiry
+from secrets_manager.store.base import SecretMetadata, checked_expiry, checked_value
 from secrets_manager.store.changes import ChangeKind
 from secrets_manager.store.names import as_recorded, validate_name, validate_prefix
 from secrets_manager.store.polled import PolledChangeFeed
@@ -479,6 +479,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         mutating: bool = False,
         prefix: bool = False,
         stream: bool = False,
+        value: bytes | None = None,
     ) -> Iterator[_Request]:
         """Authenticate, validate, authorise, audit and map errors around one RPC body.
 
@@ -487,7 +488,8 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         not know cannot scan the store or hold watch streams. A failure before the request was
         allowed (an invalid name included) is audited `decision: deny` (docs/audit.md).
         A `stream` refused here is counted in the metrics as a stream; one set up is counted by
-        `_counted_stream` when it ends."""
+        `_counted_stream` when it ends. A `value` to write is checked with the name (its 64 KiB
+        limit), before a change's pending record is written or the value's fingerprint taken."""
         started = time.perf_counter()
         count = self._metrics.observe_stream if stream else self._metrics.observe
         code = grpc.StatusCode.OK
@@ -526,6 +528,8 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         try:
             if name is not None:
                 (validate_prefix if prefix else validate_name)(name)
+            if value is not None:
+                checked_value(value)
             policy = self._policy.current
             if capability is None and not policy.roles_of(identity, request.address):
                 raise AccessDeniedError(f"{identity} holds no role in the service's policy: {method} refused")
@@ -723,7 +727,9 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         return pb.BatchGetSecretsResponse(secrets=messages, next_page_token=page.next_token())
 
     def PutSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
-        with self._call(context, "PutSecret", "store", request.name, "write", mutating=True) as call:
+        with self._call(
+            context, "PutSecret", "store", request.name, "write", mutating=True, value=request.value
+        ) as call:
             if request.tags and not request.replace_tags:
                 # The store takes tags only as the whole set: merging them here (read, then write)
                 # would drop a tag another client set in between. So they are refused, not merged.
@@ -868,7 +874,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         INVALID_ARGUMENT, nothing staged."""
         name, value = request.name, request.value
         target = request.target if request.HasField("target") else None
-        with self._call(context, method, "rotate.stage", name, "rotate", mutating=True) as call:
+        with self._call(context, method, "rotate.stage", name, "rotate", mutating=True, value=value) as call:
             if method == "StageSecretVersionIfCurrent" and expect is None:
                 raise InvalidInputError("expect_current is the version the value was built from: 1 or more")
             call.event.value_hmac = value_fingerprint(self._store, value)
