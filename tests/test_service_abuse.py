@@ -65,6 +65,24 @@ def test_failed_handshakes_do_not_write_a_log_line_each(server: Server) -> None:
     assert core_lines == [], core_lines[:3]
 
 
+def test_requests_with_too_many_headers_do_not_write_a_log_line_each(server: Server) -> None:
+    """A request whose metadata is over gRPC's 16 KiB in many small headers is refused by gRPC
+    (RESOURCE_EXHAUSTED), and its core logged an ERROR line for each ("E1201 … hpack_encoder.cc …
+    Ignoring key value pair due to size limit": the refusal's message, listing every header, is
+    too long to send): 30 requests, 30 lines, from a client with any certificate of the CA, a role
+    or none. Fails on the old code."""
+    stub = server.stub("nobody")
+    headers = [(f"x-{i}", "a" * 10) for i in range(2000)]
+    for _ in range(8):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), metadata=headers, timeout=10)
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    time.sleep(0.5)
+    server.stop()
+    core_lines = [line for line in server.log_lines if not line.startswith("{")]
+    assert core_lines == [], core_lines[:3]
+
+
 def _server_settings(server: Server, client: str = "auth") -> dict[int, int]:
     """The SETTINGS the service sends a new HTTP/2 connection (RFC 9113 6.5), read off the wire."""
     context = ssl.create_default_context(cafile=str(server.dir / "ca.pem"))

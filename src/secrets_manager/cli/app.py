@@ -141,7 +141,7 @@ def quiet_grpc() -> None:
     """gRPC's documented default log level, set before its core starts (the first import of the
     client, which imports grpc): unset, the core logs a failed handshake at INFO ("I1130 …
     ssl_transport_security.cc …") above our one-line error. An explicit value stays. `serve` sets
-    it too: the core logged every failed handshake there, a line per connection anyone opened."""
+    NONE (serve_commands): there a client could make the core write a line per connection."""
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from dataclasses import replace
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, cast
 import click
 
 from secrets_manager.audit import AuditLog, refuse_files_of_others
-from secrets_manager.cli.app import Session, cli, pass_session, quiet_grpc
+from secrets_manager.cli.app import Session, cli, pass_session
 from secrets_manager.cli.password import read_password_file, refuse_password_variable
 from secrets_manager.errors import (
     NotFoundError,
@@ -52,10 +53,12 @@ def serve(session: Session, config_path: str) -> None:
     started with (server.toml's own settings need a restart; while serve starts it is ignored);
     SIGTERM stops accepting calls and lets running ones finish. With rotation_schedule in the
     config it also runs due credential rotations (see 'schedule --help')."""
-    # gRPC's core wrote a line of its own (not JSON, no peer) for every failed handshake: anyone
-    # who can reach the port made the log grow by as many lines as connections they opened (900 a
-    # second from one client). Set before the import below starts the core; an explicit value stays.
-    quiet_grpc()
+    # gRPC's core writes plain lines of its own (not JSON, naming no peer), and clients could make
+    # one per connection or request: a failed TLS handshake at INFO (900 lines a second from one
+    # client without a certificate), a request with many headers at ERROR (hpack_encoder.cc
+    # "Ignoring key value pair"). None by default; set before the import below starts the core,
+    # and an explicit GRPC_VERBOSITY stays (INFO shows why a client's handshake fails).
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from secrets_manager.service import load_config, run_server  # gRPC: only for this command
     from secrets_manager.service.server import configure_logging
 
