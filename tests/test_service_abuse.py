@@ -13,7 +13,9 @@ import json
 import resource
 import socket
 import ssl
+import struct
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,11 +23,12 @@ import grpc
 import pytest
 
 from secrets_manager.crypto import kdf
+from secrets_manager.service import metrics as metrics_module
 from secrets_manager.service import server as server_module
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.v1 import secrets_pb2 as pb
-from service_fixtures import POLICY, Server, in_process_server, make_pki, make_store, start_server
+from service_fixtures import POLICY, Server, eventually, in_process_server, make_pki, make_store, start_server
 
 
 @pytest.fixture
@@ -256,3 +259,59 @@ def test_a_value_over_the_limit_is_refused_before_anything_is_written(server: Se
         stub.GetSecret(pb.GetSecretRequest(name="auth/BIG"), timeout=10)
     # at the limit, it is stored
     stub.PutSecret(pb.PutSecretRequest(name="auth/BIG", value=b"v" * 65536), timeout=20)
+
+
+def _threads_of(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("Threads:")).split()[1])
+
+
+def test_connections_to_the_metrics_port_hold_a_bounded_number_of_threads(tmp_path: Path) -> None:
+    """The metrics endpoint (plain HTTP, open to whoever reaches metrics_listen) started a thread
+    per connection and kept it while the connection sent nothing: 1,500 connections sending half a
+    request held 800 threads after 90 s, and counting (each thread the process may start is one
+    fewer for gRPC's calls: systemd's default TasksMax is a few thousand). Now at most
+    METRICS_CONNECTIONS at once; one more is closed, and scrapes work again once they go.
+    Fails on the old code."""
+    limit = getattr(metrics_module, "METRICS_CONNECTIONS", 8)  # (the old code has no such limit)
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path, metrics=True)
+    held: list[socket.socket] = []
+    try:
+        assert _scrapes(server.metrics_port)
+        before = _threads_of(server.process.pid)
+        for _ in range(40):
+            connection = socket.create_connection(("127.0.0.1", server.metrics_port), timeout=10)
+            connection.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the rest
+            held.append(connection)
+        assert eventually(lambda: _threads_of(server.process.pid) >= before + limit)
+        time.sleep(1)  # every connection was taken, or refused
+        assert _threads_of(server.process.pid) <= before + limit + 1
+        # the service itself is not held up meanwhile
+        got = server.stub("auth").GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+        assert got.secret.version == 1
+        for connection in held:
+            connection.close()
+        held.clear()
+        assert eventually(lambda: _scrapes(server.metrics_port), timeout=15)
+        # a connection reset mid-request printed a traceback (socketserver's handle_error)
+        for _ in range(3):
+            reset = socket.create_connection(("127.0.0.1", server.metrics_port), timeout=10)
+            reset.sendall(b"GET /metrics HTTP/1.1\r\n")
+            reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            reset.close()
+        assert eventually(lambda: _scrapes(server.metrics_port), timeout=15)
+    finally:
+        for connection in held:
+            connection.close()
+        server.stop()
+    assert [line for line in server.log_lines if not line.startswith("{")] == []
+
+
+def _scrapes(port: int | None) -> bool:
+    try:
+        scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+        return b"secrets_manager_build_info" in scraped
+    except OSError:
+        return False

@@ -6,12 +6,15 @@ name, a value or a client's address."""
 from __future__ import annotations
 
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
+from socketserver import ThreadingMixIn
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
 from prometheus_client import (
@@ -22,7 +25,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
-    start_http_server,
+    make_wsgi_app,
 )
 
 from secrets_manager.errors import SecretsManagerError, StorageError
@@ -180,7 +183,7 @@ class Metrics:
         if listen:
             host, _, port = listen.rpartition(":")
             try:
-                self._http = start_http_server(int(port), addr=host, registry=self.registry)
+                self._http = _serve_metrics(host, int(port), self.registry)
             except OSError as exc:  # in use, or not an address of this host: not a bug of ours
                 raise StorageError(
                     f"cannot listen on {listen} for metrics (metrics_listen): "
@@ -304,8 +307,65 @@ class Metrics:
 
     def close(self) -> None:
         if self._http is not None:
-            server, _thread = self._http
-            server.shutdown()
+            self._http.shutdown()
+            self._http.server_close()
+
+
+# The metrics endpoint is plain HTTP that anyone who reaches its port may call. prometheus_client's
+# own server started a thread for every connection and kept it while the connection sent nothing:
+# 800 connections that never finished their request held 800 threads (every thread the process
+# may start is one fewer for gRPC's calls). Now at most METRICS_CONNECTIONS at once (one more is
+# closed at once: a scraper tries again at its next interval), each given METRICS_TIMEOUT_SECONDS
+# for every read.
+METRICS_CONNECTIONS = 8
+METRICS_TIMEOUT_SECONDS = 10.0
+
+
+class _MetricsHandler(WSGIRequestHandler):
+    timeout = METRICS_TIMEOUT_SECONDS  # set on the connection's socket before it is read
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """No line per scrape."""
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._places = threading.BoundedSemaphore(METRICS_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._places.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread was started to give the place back
+            self._places.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._places.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A connection that timed out or broke: the client's affair. (The base class printed a
+        traceback on stderr for each, a line per connection anyone could open.)"""
+
+
+def _serve_metrics(host: str, port: int, registry: CollectorRegistry) -> _MetricsServer:
+    """The metrics endpoint on host:port, served from a daemon thread."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+
+    class Server(_MetricsServer):
+        address_family = family  # an IPv6 address needs its own family (as prometheus_client does)
+
+    server = make_server(host, port, make_wsgi_app(registry), Server, handler_class=_MetricsHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
 
 
 class _ExpiryCounts:
