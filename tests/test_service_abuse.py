@@ -315,3 +315,18 @@ def _scrapes(port: int | None) -> bool:
         return b"secrets_manager_build_info" in scraped
     except OSError:
         return False
+
+
+def test_an_unknown_label_of_any_length_is_refused_invalid_argument(server: Server) -> None:
+    """GetSecret with an unknown label quoted it whole in the error: a 100,000-character label came
+    back in the status message, over the 16 KiB the client accepts in trailers, so the caller got
+    RESOURCE_EXHAUSTED ("received metadata size exceeds hard limit") instead of the refusal.
+    Fails on the old code."""
+    stub = server.stub("ops")
+    for label in ("latest", "x" * 100_000):
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD", label=label), timeout=10)
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT, refused.value.details()
+        said = refused.value.details()
+        assert said.startswith("unknown label ") and said.endswith("labels are current, previous, pending")
+        assert len(said) < 200

@@ -116,6 +116,7 @@ from secrets_manager.store.base import (
     refuse_unless_current,
     refuse_unless_still_current,
     unchecked_delete_error,
+    unknown_label,
     updated_metadata,
 )
 from secrets_manager.store.external import (
@@ -540,7 +541,7 @@ class AwsStore:
         if version is not None and label is not None:
             raise InvalidInputError("give a version or a label, not both")
         if label is not None and label not in LABELS:
-            raise InvalidInputError(f"unknown label {label!r}; labels are {', '.join(LABELS)}")
+            raise unknown_label(label)
         secret_id = self.aws_name(name)
         if version is None:
             wanted = label or CURRENT

@@ -532,6 +532,14 @@ def refuse_to_demote(name: str, version: int, current: int | None) -> None:
         )
 
 
+def unknown_label(label: str) -> InvalidInputError:
+    """The refusal of a label that is none of LABELS, quoting at most 64 characters of it: a
+    label is the caller's, and a megabyte one was sent back whole in the error, more than the
+    client accepts (it got RESOURCE_EXHAUSTED instead of this)."""
+    shown = repr(label) if len(label) <= 64 else f"{label[:64]!r}... ({len(label)} characters)"
+    return InvalidInputError(f"unknown label {shown}; labels are {', '.join(LABELS)}")
+
+
 def checked_value(value: bytes, *, empty_supported: bool = True) -> bytes:
     """The bytes to write, after the checks every store makes (type, 64 KiB limit)."""
     if isinstance(value, SecretValue):

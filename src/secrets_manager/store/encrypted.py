@@ -107,6 +107,7 @@ from secrets_manager.store.base import (
     refuse_unless_current,
     refuse_unless_deleted_before,
     refuse_unless_still_current,
+    unknown_label,
     unsupported_capabilities,
     updated_metadata,
 )
@@ -444,7 +445,7 @@ class EncryptedStore:
         if version is not None and label is not None:
             raise InvalidInputError("give a version or a label, not both")
         if label is not None and label not in LABELS:
-            raise InvalidInputError(f"unknown label {label!r}; labels are {', '.join(LABELS)}")
+            raise unknown_label(label)
         label = label or (CURRENT if version is None else None)
         head = self._cache_head()
         if head is not None:

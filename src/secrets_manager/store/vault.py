@@ -113,6 +113,7 @@ from secrets_manager.store.base import (
     refuse_unless_deleted_before,
     refuse_unless_still_current,
     unchecked_delete_error,
+    unknown_label,
     updated_metadata,
     utc_text,
 )
@@ -590,7 +591,7 @@ class VaultStore:
         if version is not None and label is not None:
             raise InvalidInputError("give a version or a label, not both")
         if label is not None and label not in LABELS:
-            raise InvalidInputError(f"unknown label {label!r}; labels are {', '.join(LABELS)}")
+            raise unknown_label(label)
         if label == PENDING:
             raise UnsupportedOperationError(
                 "the 'pending' label is not supported by this store: Vault KV v2 has no labels, "
