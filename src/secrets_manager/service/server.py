@@ -104,12 +104,13 @@ CLIENT_EXPIRY_NOTICE_SECONDS = 86400  # once a day per certificate
 REQUEST_FAILURE_LOG_SECONDS = 10.0  # at most one "request failed" line per method and code this often
 EXTERNAL_EXPIRY_REFRESH_SECONDS = 300.0  # the expiry gauge's listing of a Vault or AWS store
 WATCH_IDLE_SECONDS = 1.0  # a quiet watch stream still checks this often that it should go on
-# HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS; gRPC's
-# default is no limit). A client past it waits for one of its own streams to end. Streams opened
-# and reset in a loop (CVE-2023-44487, "rapid reset") are held to it too: 4 such connections
-# raised another client's p99 from 3 ms to 875 ms, failed some of its calls CANCELLED and took
-# the service from 68 to 155 MB; with the limit, p99 165 ms, no failure, 90 MB.
-MAX_STREAMS_PER_CONNECTION = 100
+# No limit on a connection's concurrent HTTP/2 streams (SETTINGS_MAX_CONCURRENT_STREAMS): gRPC's
+# core refuses a stream past the limit (RST_STREAM REFUSED_STREAM, UNAVAILABLE to the caller)
+# instead of the client holding it back, so with 100 a client's burst of 300 calls on one channel
+# lost half of them. Against streams opened and reset in a loop (CVE-2023-44487, "rapid reset")
+# that limit helped (4 such connections: another client's p99 243 ms instead of 875 ms, no call
+# CANCELLED, 90 MB instead of 155 MB), but an attacker opens more connections, and the service
+# recovers as soon as they stop; gRPC's own mitigations apply either way.
 # How long a new connection has for its TCP, TLS and HTTP/2 handshakes (gRPC's default: 120 s).
 # A connection that never finishes them (no TLS at all, half a ClientHello) held a descriptor that
 # long: a client without a certificate opening 1,000 such took every descriptor of a service
@@ -1128,7 +1129,6 @@ def _start(
             # Let clients keep idle watch streams alive, so a silently dropped connection is noticed.
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_WITHOUT_DATA_MS),
-            ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
             ("grpc.server_handshake_timeout_ms", round(HANDSHAKE_TIMEOUT_SECONDS * 1000)),
         ],
     )
