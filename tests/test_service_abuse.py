@@ -2,8 +2,9 @@
 
 Each test is an attack measured on a real `serve` (or the service built in this process where a
 constant must be made small): connections that never finish a TLS handshake, handshakes without a
-certificate, HTTP/2 streams opened and reset in a loop, oversized requests. The numbers measured
-before the fixes are in the docstrings.
+certificate, oversized requests and headers, requests while the audit log fails, idle connections
+to the metrics port; and that a defence does not refuse a well-behaved client's burst of calls.
+The numbers measured before the fixes are in the docstrings.
 """
 
 from __future__ import annotations
