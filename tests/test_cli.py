@@ -2630,6 +2630,61 @@ def test_mv_whose_old_was_deleted_meanwhile_says_new_holds_the_copy(
     assert ready("get", "a/NEW").out == "KNOWN-1\n"
 
 
+KILLED_BEFORE_MV_DELETES_OLD = """
+import os, signal, sys
+from secrets_manager.store import EncryptedStore
+from secrets_manager.cli import run
+
+def delete(self, name, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)  # NEW is committed, OLD's delete not begun
+
+EncryptedStore.delete = delete
+sys.exit(run(sys.argv[1:]))
+"""
+
+
+def test_a_mv_killed_between_its_copy_and_its_delete_is_finished_by_running_it_again(ready: Cli) -> None:
+    """The copy to NEW and the delete of OLD are two commits. Killed between them (SIGKILL, the
+    OOM killer), mv left NEW with OLD's value and OLD in place; running it again was refused, exit 7
+    "NEW exists already … nothing was written: give --force", and --force wrote NEW a second
+    version of the same value. Run again, it finishes the move: nothing written to NEW, OLD deleted."""
+    ready("store", "a/OLD", input=b"KNOWN-1")
+    ready("metadata", "a/OLD", "--description", "the key", "--tag", "k=v")
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_BEFORE_MV_DELETES_OLD, "mv", "a/OLD", "a/NEW"],
+        env=ready.env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert ready("list").out.split() == ["a/NEW", "a/OLD"]  # half done: both live
+
+    again = ready("mv", "a/OLD", "a/NEW", "--json")
+    assert again.code == 0, again.stderr
+    assert json.loads(again.out) == {"from": "a/OLD", "from_version": 1, "name": "a/NEW", "version": 1}
+    assert "a/NEW version 1 held the value of version 1 of a/OLD already" in again.stderr
+    assert "KNOWN" not in again.stderr
+    assert ready("list").out.split() == ["a/NEW"]
+    assert ready("get", "a/NEW").out == "KNOWN-1\n"
+    shown = json.loads(ready("metadata", "a/NEW", "--json").out)
+    assert [v["version"] for v in shown["versions"]] == [1]  # no second copy of the value
+    assert shown["description"] == "the key" and shown["tags"] == {"k": "v"}
+    assert ready("audit", "verify").code == 0
+    records = [r for r in json.loads(ready("audit", "show", "--json").out) if r["operation"] == "mv"]
+    assert [(r["name"], r["version"], r["outcome"]) for r in records] == [
+        ("a/OLD", None, "pending"),
+        ("a/NEW", 1, "ok"),  # the killed run's copy
+        ("a/OLD", None, "pending"),
+        ("a/OLD", 1, "ok"),  # the second run: only OLD's delete
+    ]
+    # NEW holding another value is still another secret: refused, nothing written, OLD stays
+    ready("store", "a/OTHER", input=b"KNOWN-2")
+    ready("store", "a/THIRD", input=b"KNOWN-3")
+    refused = ready("mv", "a/OTHER", "a/THIRD")
+    assert_one_line_error(refused, 7, "a/THIRD exists already", "nothing was written")
+    assert ready("get", "a/OTHER").out == "KNOWN-2\n"
+
+
 # ---- import ----------------------------------------------------------------------------------
 
 DOTENV = b"""# the auth service's old .env

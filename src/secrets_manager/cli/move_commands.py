@@ -6,11 +6,14 @@ service key. `mv` then soft-deletes OLD (its history stays; `undelete OLD` bring
 only if OLD is still at the version copied (a delete with expect_version, decided in the delete's
 own commit): a store that landed meanwhile is never hidden.
 Locally this is one audited operation (one unlock): a record for NEW's write, appended durably
-as it is made, and the operation's own record for OLD.
+as it is made, and the operation's own record for OLD. The copy and the delete are two commits: a
+`mv` killed between them left NEW holding OLD's value and OLD in place, and running it again
+finishes it (NEW already holding OLD's current value: nothing written to NEW, OLD deleted).
 """
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,7 +33,7 @@ from secrets_manager.errors import (
     restated,
 )
 from secrets_manager.store import PENDING, SecretStore, validate_name
-from secrets_manager.store.base import DEFAULT_MAX_VERSIONS
+from secrets_manager.store.base import DEFAULT_MAX_VERSIONS, Secret, VersionInfo
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -81,7 +84,13 @@ def _copy(
         copied = copy_secret(store, note, old, new, force=force, remove=remove)
     if as_json:
         print_json({"from": old, "from_version": copied.from_version, "name": new, "version": copied.version})
-    if remove:
+    if remove and copied.finishing:
+        info_line(
+            f"{new} version {copied.version} held the value of version {copied.from_version} of {old} "
+            f"already (a move interrupted after its copy): nothing was written to it; {old} is now "
+            f"deleted, which finishes the move (recoverable with '{suggested('undelete', old)}')"
+        )
+    elif remove:
         info_line(
             f"moved {old} (version {copied.from_version}) to {new} version {copied.version}; {old} is "
             f"deleted (recoverable with '{suggested('undelete', old)}')"
@@ -98,6 +107,7 @@ class Copied:
     from_version: int  # OLD's version whose value was copied
     version: int  # the version of NEW written
     expires: datetime | None  # the expiry it was written with (OLD's version's)
+    finishing: bool = False  # NEW held the value already (a move killed after its copy): not written
 
 
 def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bool, remove: bool) -> Copied:
@@ -126,11 +136,18 @@ def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bo
     except ConflictError:
         if force:
             raise
-        raise ConflictError(
-            f"{new} exists already (or is deleted); nothing was written: give --force to write "
-            f"{old}'s value over it as a new version, or first undelete or destroy --all a deleted {new}"
-        ) from None
-    note.wrote(new, info.version, secret.value.reveal())
+        copied = _copied_already(store, new, secret) if remove else None
+        if copied is None:
+            raise ConflictError(
+                f"{new} exists already (or is deleted); nothing was written: give --force to write "
+                f"{old}'s value over it as a new version, or first undelete or destroy --all a deleted {new}"
+            ) from None
+        # A move killed between its copy and its delete (two commits) left NEW holding OLD's value
+        # and OLD in place: running it again finishes it, writing nothing to NEW.
+        info, finishing = copied, True
+    else:
+        finishing = False
+        note.wrote(new, info.version, secret.value.reveal())
     if remove:
         try:  # on condition, in the delete's own commit: a store landing at any point is not hidden
             store.delete(old, expect_version=secret.version)
@@ -152,7 +169,22 @@ def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bo
                     f"but {old} changed while it was moved and is deleted with its newer version: {error}",
                 ) from None
             raise _half_moved(error, old, new, info.version, secret.version) from None
-    return Copied(from_version=secret.version, version=info.version, expires=secret.expires)
+    return Copied(
+        from_version=secret.version, version=info.version, expires=secret.expires, finishing=finishing
+    )
+
+
+def _copied_already(store: SecretStore, new: str, secret: Secret) -> VersionInfo | None:
+    """NEW's current version, if it holds `secret`'s value (OLD's, as read): what a move that was
+    killed after its copy of OLD and before its delete of OLD left. None otherwise, or if NEW
+    cannot be read (deleted, or its current version destroyed): then NEW is another secret."""
+    try:
+        current = store.get(new)
+    except SecretsManagerError:
+        return None
+    if not hmac.compare_digest(current.value.reveal(), secret.value.reveal()):
+        return None
+    return VersionInfo(version=current.version, created=current.created, created_by="", labels=current.labels)
 
 
 def _old_changed(store: SecretStore, old: str, new: str, version: int, from_version: int) -> ConflictError:
