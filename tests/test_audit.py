@@ -1544,6 +1544,39 @@ def test_a_prune_killed_after_archiving_a_file_is_finished_by_the_next_one(cli: 
     assert taken.returncode == 7 and b"never overwritten" in taken.stderr
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace kills the prune at one system call")
+def test_a_prune_killed_while_archiving_leaves_no_hidden_copy_for_good(cli: Cli, tmp_path: Path) -> None:
+    """A file is copied into --archive under a hidden temporary name, `.NAME.partial-<pid>`, then
+    linked to its name. A prune killed before the link (SIGKILL, here at it) left that copy, and the
+    next prune, another pid, made its own and never removed it: the archive directory kept a hidden
+    copy of the log's records for good, which a script rotating archives off the host never saw.
+    The next prune removes it (none of a prune still running: it holds its copy's lock)."""
+    files = _rotated_log(cli)
+    contents = {path.name: path.read_bytes() for path in files[:-1]}
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    target = archive / files[0].name
+    kill = ("-P", str(target), "-e", "trace=link,linkat", "-e", "inject=link,linkat:signal=KILL")
+    killed = cli(
+        "audit",
+        "prune",
+        "--keep-files",
+        "0",
+        "--archive",
+        str(archive),
+        prefix=("strace", "-f", "-qq", *kill),
+    )
+    assert killed.returncode == -signal.SIGKILL or killed.returncode == 128 + signal.SIGKILL, killed.stderr
+    left = [p.name for p in archive.iterdir()]
+    assert len(left) == 1 and left[0].startswith(f".{files[0].name}.partial-"), left
+    assert verify(cli).returncode == 0
+    again = cli("audit", "prune", "--keep-files", "0", "--archive", str(archive))
+    assert again.returncode == 0, again.stderr
+    assert {p.name: p.read_bytes() for p in archive.iterdir()} == contents  # nothing hidden beside them
+    assert not any(path.exists() for path in files[:-1])
+    assert verify(cli).returncode == 0
+
+
 def test_a_prune_never_takes_the_log_file_itself_for_its_archived_copy(cli: Cli, tmp_path: Path) -> None:
     """Since a file of the archive's name holding the file's bytes counts as archived (0e2cbb8),
     `--archive` naming the log's own directory (or holding another name of the log's file, a hard

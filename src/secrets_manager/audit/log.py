@@ -2083,12 +2083,16 @@ def _archived_already(source: Path, target: Path) -> bool:
 
 def _archive_file(source: Path, target: Path) -> None:
     """Copy a log file to `target` (0600), durably, never over an existing file: written under a
-    temporary name, fsynced, then linked in place, so a crash leaves no half-copied archive."""
-    temporary = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    temporary name, fsynced, then linked in place, so a crash leaves no half-copied archive. The
+    temporary copy is locked while it is written: one a killed prune left (unlocked, under another
+    pid) is removed first, so none stays in the archive for good."""
+    _remove_abandoned_copies(target)
+    temporary = target.with_name(f"{_ARCHIVE_COPY_PREFIX.format(target.name)}{os.getpid()}")
     with contextlib.suppress(FileNotFoundError):
         temporary.unlink()
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: marks the copy as being written
         with _open_for_reading(source) as reader, os.fdopen(fd, "wb", closefd=False) as writer:
             while chunk := reader.read(1 << 20):
                 writer.write(chunk)
@@ -2103,6 +2107,38 @@ def _archive_file(source: Path, target: Path) -> None:
     finally:
         temporary.unlink()
     fsync_directory(target.parent)
+
+
+_ARCHIVE_COPY_PREFIX = ".{}.partial-"  # then the pid of the prune writing it
+
+
+def _remove_abandoned_copies(target: Path) -> None:
+    """Remove the temporary copies of `target` that prunes killed while archiving it left beside
+    it (regular files of ours, `.NAME.partial-<pid>`, that no live prune holds locked)."""
+    prefix = _ARCHIVE_COPY_PREFIX.format(target.name)
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return
+    for name in names:
+        if not name.startswith(prefix) or not name[len(prefix) :].isdigit() or not name.isascii():
+            continue
+        try:
+            fd = os.open(target.parent / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue  # gone meanwhile, a symbolic link, or not ours to open: left alone
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a prune is writing it now
+            with contextlib.suppress(FileNotFoundError):
+                (target.parent / name).unlink()
+        finally:
+            os.close(fd)
 
 
 def _pruned_floor(record: dict[str, Any]) -> tuple[int, str] | None:
