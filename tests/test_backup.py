@@ -388,6 +388,28 @@ def test_a_backup_killed_mid_write_leaves_nothing_behind_the_next_one(
         running.wait()
 
 
+def test_a_backup_killed_mid_write_to_another_name_leaves_nothing_behind_the_next_one(
+    source: EncryptedStore, tmp_path: Path
+) -> None:
+    """Only a backup to the same name removed a killed one's hidden temporary file, so one of a
+    nightly backup named by its date (never written to again) stayed for good, a part of the
+    store's ciphertext in a hidden file. Any backup into the directory now removes it; another
+    program's file of a like name, not a backup's, and a live writer's stay."""
+    killed = _writer_holding(tmp_path / ".store-2026-11-30.smbackup.0123456789ab.tmp")
+    killed.kill()  # SIGKILL: no cleanup runs, the kernel drops the lock
+    killed.wait()
+    (tmp_path / ".store-2026-11-29.smbackup.00112233aabb.tmp").write_bytes(b"")  # killed at its start
+    running = _writer_holding(tmp_path / ".store-2026-12-01.smbackup.ba9876543210.tmp")
+    try:
+        other = tmp_path / ".notes.txt.0123456789ab.tmp"
+        other.write_bytes(b"not a backup's")
+        write_backup(source, tmp_path / "store-2026-12-02.smbackup")
+        assert leftovers(tmp_path) == sorted([".store-2026-12-01.smbackup.ba9876543210.tmp", other.name])
+    finally:
+        running.kill()
+        running.wait()
+
+
 def test_a_backup_never_replaces_a_file_unless_asked(source: EncryptedStore, tmp_path: Path) -> None:
     target = tmp_path / "b.smbackup"
     target.write_bytes(b"an older backup")

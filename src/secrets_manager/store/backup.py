@@ -40,7 +40,6 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar
 
@@ -592,19 +591,26 @@ TEMPORARY_SUFFIX = ".tmp"
 
 
 def _remove_abandoned_temporaries(path: Path) -> None:
-    """Remove what a backup to `path` killed mid-write (SIGKILL, power cut) left behind: its
-    hidden temporary file, unlocked once its writer is gone. One a live writer holds stays."""
-    for leftover in path.parent.glob(f".{glob_escape(path.name)}.*{TEMPORARY_SUFFIX}"):
-        if not re.fullmatch(
-            rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}{re.escape(TEMPORARY_SUFFIX)}", leftover.name
-        ):
+    """Remove what backups killed mid-write (SIGKILL, power cut) left behind in `path`'s
+    directory: their hidden temporary files, unlocked once their writers are gone. One a live
+    writer holds stays. A backup to `path` itself is known by its name alone; one to another name
+    (a nightly backup named by its date is never written to that name again) only if the file
+    is ours and holds the start of a backup (or nothing yet): another program's file stays."""
+    own = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}{re.escape(TEMPORARY_SUFFIX)}")
+    anyone = re.compile(rf"\..+\.[0-9a-f]{{12}}{re.escape(TEMPORARY_SUFFIX)}", re.DOTALL)
+    for leftover in path.parent.glob(f".*{TEMPORARY_SUFFIX}"):
+        ours = own.fullmatch(leftover.name) is not None
+        if not ours and anyone.fullmatch(leftover.name) is None:
             continue
         try:
             fd = os.open(leftover, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             continue  # gone meanwhile, a symlink, or not ours to open: left alone
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            if not ours and (info.st_uid != os.geteuid() or not _starts_as_a_backup(fd)):
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -614,6 +620,15 @@ def _remove_abandoned_temporaries(path: Path) -> None:
                 leftover.unlink()
         finally:
             os.close(fd)
+
+
+def _starts_as_a_backup(fd: int) -> bool:
+    """Whether the open file holds nothing yet or begins as a backup file does (its version line)."""
+    try:
+        start = os.pread(fd, len(VERSION_LINE_PREFIX), 0)
+    except OSError:
+        return False
+    return not start or start == VERSION_LINE_PREFIX
 
 
 def _publish(temporary: Path, path: Path, *, replace: bool) -> None:
