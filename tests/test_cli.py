@@ -194,6 +194,47 @@ def test_init_derives_the_key_before_the_store_file_exists(tmp_path: Path) -> No
     assert cli("status").code == 0
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace shows the allocation and the link")
+def test_restore_into_a_new_store_derives_the_key_before_the_store_has_its_name(tmp_path: Path) -> None:
+    """A restore into a new store links it into place, then opens it to record the restore in its
+    new audit log; that open ran Argon2id (64 MiB, a second or more) after the link. Killed then
+    (SIGKILL, a timeout's KILL: 6 of 10 kills late in such a restore), it left a store with no
+    record of its restore, which `status` and `audit verify` passed, and which a second restore
+    refused ('the target store is not empty'). The derivation now runs on the store under its
+    temporary name, before the link; the store is opened with the key it gave and audited at once."""
+    cli = Cli(tmp_path / "vault" / "store.db", tmp_path)
+    assert cli("init").code == 0
+    assert cli("store", "a/K", input=b"KNOWN-1").code == 0
+    backup = tmp_path / "b.smbackup"
+    assert cli("backup", str(backup)).code == 0
+    new = tmp_path / "new" / "store.db"
+    trace = tmp_path / "trace"
+    strace = ("strace", "-f", "-qq", "-o", str(trace), "-e", "trace=mmap,munmap,link,linkat")
+    proc = subprocess.run(
+        [*strace, str(SCRIPT), "restore", str(backup), "--store", str(new)],
+        capture_output=True,
+        env=cli.env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    calls = [line.partition(" ")[2].strip() for line in trace.read_text().splitlines()]
+    linked = next(i for i, c in enumerate(calls) if c.startswith("link") and f'"{new}"' in c)
+    argon2 = [
+        i
+        for i, c in enumerate(calls)
+        if c.startswith("mmap(NULL, ")
+        and 64 << 20 <= int(c.split(", ")[1]) < 65 << 20  # not a thread's malloc arena (128 MiB)
+        and "PROT_READ|PROT_WRITE, MAP_PRIVATE|MAP_ANONYMOUS," in c
+    ]
+    assert argon2, "no 64 MiB mapping: is the default profile still RFC 9106's second recommendation?"
+    assert max(argon2) < linked, (argon2, linked)
+    restored = Cli(new, tmp_path)
+    assert restored("get", "a/K").out == "KNOWN-1\n"
+    assert restored("audit", "verify").code == 0
+    records = json.loads(restored("audit", "show", "--json").out)
+    assert [(r["operation"], r["name"]) for r in records][:2] == [("restore", "a/K"), ("restore", None)]
+
+
 def test_init_never_overwrites_an_existing_store(ready: Cli) -> None:
     assert ready("store", "a/b", input=b"v1").code == 0
     before = ready.store_bytes()

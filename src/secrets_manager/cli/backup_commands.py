@@ -68,6 +68,7 @@ from secrets_manager.store.base import AuditedStore
 from secrets_manager.store.names import validate_name
 from secrets_manager.store.recovery import root_from_shares
 from secrets_manager.store.restore import OnExisting, RestoreResult, restore_into, restore_new_store
+from secrets_manager.store.unlock import UnlockKey, UnlockKeyRefused, UnlockKeyUnlock
 from secrets_manager.store.url import (
     display_url,
     open_store,
@@ -310,6 +311,7 @@ def _restore(
     except KeyboardInterrupt as exc:
         raise _interrupted(exc, NOTHING_RESTORED) from None
     if new_store:
+        derived: list[UnlockKey] = []
         try:
             with progress_bars("restore") as report:
                 result = restore_new_store(
@@ -320,8 +322,9 @@ def _restore(
                     environment=session.environment,
                     actor=session.actor,
                     progress=report,
+                    before_publish=functools.partial(_derive_unlock_key, session, new_password, derived),
                 )
-            _audit_new_store(session, new_password, mnemonics, checked.secrets, result)
+            _audit_new_store(session, new_password, mnemonics, checked.secrets, result, derived)
         except KeyboardInterrupt as exc:  # the new store's files were removed: no store appeared
             store_file = sqlite_path(session.store_url)
             left = (
@@ -540,12 +543,28 @@ def _refuse_another_stores_log(session: Session, backup: Backup) -> None:
     )
 
 
+def _derive_unlock_key(session: Session, password: bytes | None, derived: list[UnlockKey], url: str) -> None:
+    """Run Argon2id on the new store under its temporary name (`url`), keeping the unlock key in
+    `derived`: once linked into place, the store is opened with it and audited at once. Argon2id
+    after the link (a second or more at the default cost) was a window where a kill (SIGKILL, a
+    timeout) left a store with no record of its restore, which a second restore then refused."""
+    if password is None:  # opened with recovery shares: no Argon2id
+        return
+    store = open_store(url, password, environment=session.environment, actor=session.actor)
+    try:
+        if store.unlock_key is not None:
+            derived.append(store.unlock_key)
+    finally:
+        store.close()
+
+
 def _audit_new_store(
     session: Session,
     password: bytes | None,
     mnemonics: list[str],
     restored: Sequence[BackupSecret],
     result: RestoreResult,
+    derived: Sequence[UnlockKey] = (),
 ) -> None:
     """Record the restore in the new store's audit log, as `init` does (one record per secret, then
     the restore's own); if that fails, the new store was never announced and is removed again. A
@@ -557,9 +576,20 @@ def _audit_new_store(
                 session.store_url, mnemonics, environment=session.environment, actor=session.actor
             )
         else:
-            store = open_store(
-                session.store_url, password, environment=session.environment, actor=session.actor
-            )
+            keys = {key.header: key.material for key in derived}
+            try:
+                store = open_store(
+                    session.store_url,
+                    password,
+                    environment=session.environment,
+                    actor=session.actor,
+                    unlock_key=UnlockKeyUnlock(keys.get) if keys else None,
+                    unlock_key_derived_here=True,
+                )
+            except UnlockKeyRefused:  # not the header it was derived for: the password, as ever
+                store = open_store(
+                    session.store_url, password, environment=session.environment, actor=session.actor
+                )
         event = session.event("restore")
         anchor_a_restored_store(store)  # a copy's log, where it survived the store, goes on verifying
         session.audit_log().append([*_secret_records(event, store, restored, result), event], store)

@@ -143,6 +143,7 @@ def restore_new_store(
     environment: Environment,
     actor: str,
     progress: Progress = _no_progress,
+    before_publish: Callable[[str], None] | None = None,
 ) -> RestoreResult:
     """Create the SQLite store `url` names from `backup`; ConflictError if something is there already
     (a store, or the -wal, -shm or -journal a removed store left: SQLite would read them as the new
@@ -150,7 +151,11 @@ def restore_new_store(
 
     Kind `store`: the entries as they are (the backup's master password opens the store; `password`
     is not used). Kind `password`: a new store locked by `password` (the new master password) with
-    `kdf_profile`, then the logical form imported into it."""
+    `kdf_profile`, then the logical form imported into it.
+
+    `before_publish(url)` is called with the URL of the complete, closed store under its
+    temporary name, just before it is linked into place (the CLI runs Argon2id there, so that the
+    store is audited at once once it has its name)."""
     path = sqlite_path(url)
     if path.exists():
         raise ConflictError(
@@ -168,7 +173,9 @@ def restore_new_store(
     _refuse_what_open_storage_refuses(url, environment)
     create_private_directories(path)
     with _restore_directory(path.parent) as stale:
-        result = _build_new_store(backup, path, password, kdf_profile, environment, actor, progress)
+        result = _build_new_store(
+            backup, path, password, kdf_profile, environment, actor, progress, before_publish
+        )
     return dataclasses.replace(result, stale_removed=stale)
 
 
@@ -226,6 +233,7 @@ def _build_new_store(
     environment: Environment,
     actor: str,
     progress: Progress,
+    before_publish: Callable[[str], None] | None = None,
 ) -> RestoreResult:
     temporary = path.with_name(f".{path.name}.restore-{secrets.token_hex(6)}")
     try:
@@ -251,6 +259,8 @@ def _build_new_store(
                 result = _import_encrypted(store, backup.secrets, None, progress, silent=True)
             finally:
                 store.close()
+        if before_publish is not None:
+            before_publish(str(temporary))
         _publish_store(temporary, path)
     except BaseException:
         remove_store_files(temporary)

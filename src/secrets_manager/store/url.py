@@ -886,6 +886,7 @@ def open_store(
     audit_path: Path | None = None,
     password_rereadable: bool = False,
     unlock_key: UnlockKeyUnlock | None = None,
+    unlock_key_derived_here: bool = False,
 ) -> EncryptedStore:
     """Unlock the store `url` points at: with its master password, or through AWS KMS if its
     header says so. `password` may be a function, called only for a password store (so a store
@@ -893,7 +894,9 @@ def open_store(
     while the store is open (it reads a file, not a prompt), when another process has changed the
     password and rotated the root key (EncryptedStore.renew_unlock_with). `unlock_key`: a password
     store is opened with the unlock key it finds instead of the password (UnlockKeyRefused if
-    it has none that opens it); a store that KMS unlocks is opened as ever.
+    it has none that opens it); a store that KMS unlocks is opened as ever. A key kept by the
+    agent is refused in production; `unlock_key_derived_here`: this process derived it from
+    `password` moments ago (a new store opened under its temporary name), not a cached one.
 
     `audit_path` is the audit log this process writes (default: `default_audit_path(url)`). A
     PostgreSQL store is shared by hosts that each keep their own log, so there every log gets its
@@ -903,7 +906,8 @@ def open_store(
             f"opening {display_url(url)} with a master password is not supported by this store: "
             "Vault and AWS stores have none (this entry point works on encrypted store files only)"
         )
-    if unlock_key is not None and environment.is_production:  # the CLI never asks its agent there
+    if unlock_key is not None and environment.is_production and not unlock_key_derived_here:
+        # the CLI never asks its agent there
         raise UnsafeConfigurationError("a cached unlock key is refused in production: use the password")
     options = {**_store_options(url, audit_path), "actor": actor}
     store = _open_encrypted(
