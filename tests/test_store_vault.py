@@ -878,6 +878,71 @@ def test_an_expired_approle_token_is_replaced_by_a_new_login(fake_vault: FakeVau
         store.get("svc/K")
 
 
+# ---- a token with a TTL: renewed by a long-lived handle ---------------------------------------------
+
+
+def _use_for(store: VaultStore, seconds: float) -> None:
+    """Use the store as a serve does (its health check), every 0.2 s for `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        store.probe()
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("kind", ["renewable", "periodic"])
+def test_a_renewable_token_is_renewed_before_its_ttl_runs_out(
+    make_vault: MakeVault, fake_vault: FakeVault, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """Vault revokes a token at its TTL unless it is renewed (`vault token renew`, renew-self), and a
+    periodic token (the usual one for a service) must be renewed within its period. A serve given one
+    in VAULT_TOKEN renewed nothing: after 2 s here (a day, a month in production) everything was
+    403. Now the handle looks the token up, then renews it each time half its TTL has passed."""
+    monkeypatch.setattr("secrets_manager.store.vault.TOKEN_CHECK_AFTER_SECONDS", 0.5)
+    options: dict[str, Any] = {"ttl": 2} if kind == "renewable" else {"ttl": 2, "period": 2}
+    store = make_vault(token=fake_vault.add_token("hvs.service", **options))
+    store.put("svc/K", b"v1")
+    _use_for(store, 5)  # 2.5 TTLs
+    assert store.get("svc/K").value.reveal() == b"v1"
+    assert fake_vault.requests.count(("GET", "/v1/auth/token/lookup-self")) == 1
+    renewals = fake_vault.requests.count(("POST", "/v1/auth/token/renew-self"))
+    assert 3 <= renewals <= 12, renewals  # about every second, not at every request
+
+
+def test_a_token_that_cannot_be_renewed_further_fails_in_one_line_once_it_lapses(
+    make_vault: MakeVault, fake_vault: FakeVault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token that is not renewable, or that reached its max TTL, lapses: the 403 then says so and
+    what to do, not 'check the token and its policy'."""
+    monkeypatch.setattr("secrets_manager.store.vault.TOKEN_CHECK_AFTER_SECONDS", 0.2)
+    store = make_vault(token=fake_vault.add_token("hvs.capped", ttl=2, max_ttl=3))
+    store.put("svc/K", b"v1")
+    with pytest.raises(AccessDeniedError) as caught:
+        _use_for(store, 6)
+    message = str(caught.value)
+    assert "token has expired" in message and "VAULT_TOKEN" in message and "VAULT_ROLE_ID" in message
+    assert "\n" not in message and "hvs.capped" not in message
+    fixed = make_vault(token=fake_vault.add_token("hvs.fixed", ttl=3, renewable=False))
+    time.sleep(0.3)
+    fixed.probe()  # looked up: not renewable, so nothing is renewed
+    time.sleep(3)
+    with pytest.raises(AccessDeniedError, match="token has expired"):
+        fixed.probe()
+    assert fake_vault.requests.count(("POST", "/v1/auth/token/renew-self")) <= 4  # hvs.capped's only
+
+
+def test_a_token_without_a_ttl_is_looked_up_once_and_a_short_command_not_at_all(
+    make_vault: MakeVault, fake_vault: FakeVault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = make_vault()  # the root token: ttl 0
+    store.put("svc/K", b"v1")
+    assert not any("auth/token" in path for _, path in fake_vault.requests)  # a short command
+    monkeypatch.setattr("secrets_manager.store.vault.TOKEN_CHECK_AFTER_SECONDS", 0.0)
+    store = make_vault()
+    _use_for(store, 1)
+    assert fake_vault.requests.count(("GET", "/v1/auth/token/lookup-self")) == 1
+    assert ("POST", "/v1/auth/token/renew-self") not in fake_vault.requests
+
+
 # ---- a Vault that accepts connections and never answers --------------------------------------------
 
 

@@ -34,6 +34,17 @@ error codes (https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2):
     POST   /v1/auth/approle/login             {"role_id", "secret_id"} → {"auth": {"client_token": …}}
     GET    /v1/auth/token/lookup-self         the calling token's data (the default policy allows it)
     POST   /v1/auth/token/revoke-self         the calling token is no longer honoured → 204
+    POST   /v1/auth/token/renew-self          {"increment"?} → {"auth": {"lease_duration": …}}: a
+                                              periodic token's TTL is its period again (the increment
+                                              ignored), another's the increment or its creation TTL,
+                                              never past its explicit max TTL; a token that is not
+                                              renewable → 400 "lease is not renewable"
+
+Tokens (api-docs/auth/token): one from `add_token(ttl=…)` or an AppRole login is leased. Its
+lookup-self shows the seconds left (`ttl`), `renewable`, `period`, `creation_ttl` and
+`explicit_max_ttl`; once its TTL has run out Vault revokes it, and every request with it is 403
+"permission denied". A token without a TTL (the root token, `add_token()`) shows ttl 0 and never
+expires, as a root token does.
     GET    /v1/sys/internal/ui/mounts/PATH    the mount holding PATH: {"data": {"type": "kv", "path":
                                               "MOUNT/", "options": {"version": "2"}, …}} (what `vault kv`
                                               asks first); 403 for a path in no mount, as Vault answers
@@ -209,6 +220,31 @@ class VaultError(Exception):
         self.body = body if body is not None else {"errors": errors or []}
 
 
+@dataclass
+class TokenLease:
+    """A token's TTL as Vault keeps it (times from time.monotonic())."""
+
+    expires: float
+    creation_ttl: int
+    renewable: bool = True
+    period: int = 0
+    max_expires: float | None = None  # explicit_max_ttl (or the mount's max TTL) from creation
+    created: float = field(default_factory=time.monotonic)
+
+    def left(self, now: float) -> int:
+        return max(int(self.expires - now), 0)
+
+    def renew(self, now: float, increment: int) -> int:
+        if not self.renewable:
+            raise VaultError(400, ["lease is not renewable"])
+        ttl = self.period or increment or self.creation_ttl
+        expires = now + ttl
+        if self.max_expires is not None:
+            expires = min(expires, self.max_expires)
+        self.expires = max(expires, self.expires)  # never shortened by a renewal
+        return self.left(now)
+
+
 def _check_custom_metadata(custom: Any) -> None:
     """Vault's validateCustomMetadata of a write's custom_metadata: at most 64 keys, each key 1 to
     128 and each value 1 to 512 UTF-8 bytes (Go's len(), not characters), both printable
@@ -243,6 +279,7 @@ class FakeVault:
         self.tokens = {root_token}
         self.readonly_tokens: set[str] = set()
         self.no_patch_tokens: set[str] = set()
+        self.leases: dict[str, TokenLease] = {}  # tokens with a TTL
         self.approles: dict[str, str] = {}  # role_id -> secret_id
         self.mounts: dict[str, dict[str, KvSecret]] = {m: {} for m in mounts}
         self.configs: dict[str, KvConfig] = {m: KvConfig() for m in mounts}
@@ -291,10 +328,30 @@ class FakeVault:
         with self._lock:
             self._failures.extend([(status, errors or [f"injected failure {status}"])] * count)
 
-    def add_token(self, token: str, *, readonly: bool = False, patch: bool = True) -> str:
+    def add_token(
+        self,
+        token: str,
+        *,
+        readonly: bool = False,
+        patch: bool = True,
+        ttl: float | None = None,
+        renewable: bool = True,
+        period: int = 0,
+        max_ttl: float | None = None,
+    ) -> str:
         """A token; `readonly`: 403 on every write; `patch=False`: a policy without the `patch`
-        capability (403 on PATCH, other writes allowed)."""
+        capability (403 on PATCH, other writes allowed). With `ttl` (seconds) it lapses then unless
+        renewed (`renewable`; `period`: a periodic token; `max_ttl`: its explicit max TTL)."""
         self.tokens.add(token)
+        if ttl is not None:
+            now = time.monotonic()
+            self.leases[token] = TokenLease(
+                expires=now + ttl,
+                creation_ttl=int(ttl),
+                renewable=renewable,
+                period=period,
+                max_expires=None if max_ttl is None else now + max_ttl,
+            )
         if readonly:
             self.readonly_tokens.add(token)
         if not patch:
@@ -321,13 +378,26 @@ class FakeVault:
             try:
                 if path == "/v1/auth/approle/login" and method in ("POST", "PUT"):
                     return 200, self._approle_login(body)
+                now = time.monotonic()
+                lease = self.leases.get(token or "")
+                if lease is not None and now >= lease.expires:  # Vault revokes a token at its TTL
+                    self.tokens.discard(token or "")
+                    del self.leases[token or ""]
                 if token not in self.tokens:
                     raise VaultError(403, ["permission denied"])
                 if path == "/v1/auth/token/lookup-self" and method == "GET":
-                    return 200, _envelope({"id": token, "policies": ["default"], "ttl": 3600})
+                    return 200, _envelope(self._token_data(token, lease, now))
+                if path == "/v1/auth/token/renew-self" and method in ("POST", "PUT"):
+                    if lease is None:  # a token without a TTL (root) has nothing to renew
+                        raise VaultError(400, ["lease is not renewable"])
+                    increment = duration_seconds((body or {}).get("increment") or 0)
+                    left = lease.renew(now, increment)
+                    auth = {"client_token": token, "policies": ["default"], "lease_duration": left}
+                    return 200, _envelope(None, auth={**auth, "renewable": lease.renewable})
                 if path == "/v1/auth/token/revoke-self" and method in ("POST", "PUT"):
                     self.tokens.discard(token)
                     self.readonly_tokens.discard(token)
+                    self.leases.pop(token, None)
                     return 204, None
                 if token in self.readonly_tokens and method not in ("GET", "LIST"):
                     raise VaultError(403, ["1 error occurred:\n\t* permission denied\n\n"])
@@ -341,12 +411,27 @@ class FakeVault:
             except VaultError as exc:
                 return exc.status, exc.body
 
+    @staticmethod
+    def _token_data(token: str, lease: TokenLease | None, now: float) -> dict[str, Any]:
+        """lookup-self's data: a root-like token has ttl 0 and is not renewable."""
+        data: dict[str, Any] = {"id": token, "policies": ["default"], "ttl": 0, "renewable": False}
+        if lease is not None:
+            data.update(
+                ttl=lease.left(now),
+                renewable=lease.renewable,
+                period=lease.period,
+                creation_ttl=lease.creation_ttl,
+                explicit_max_ttl=0 if lease.max_expires is None else int(lease.max_expires - lease.created),
+            )
+        return data
+
     def _approle_login(self, body: Any) -> dict[str, Any]:
         role_id, secret_id = (body or {}).get("role_id"), (body or {}).get("secret_id")
         if not role_id or self.approles.get(role_id) != secret_id:
             raise VaultError(400, ["invalid role or secret ID"])
         token = f"hvs.{uuid.uuid4().hex}"
         self.tokens.add(token)
+        self.leases[token] = TokenLease(expires=time.monotonic() + 3600, creation_ttl=3600)
         return _envelope(None, auth={"client_token": token, "policies": ["default"], "lease_duration": 3600})
 
     def _mount_of(self, rest: str) -> str | None:

@@ -47,6 +47,7 @@ import json
 import re
 import secrets
 import ssl
+import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -155,6 +156,11 @@ RETRY_DEADLINE_SECONDS = 30.0
 # every other client's: 10 s would be 612 a minute, for a change made outside the service only (a
 # change through the service is read at once whatever the interval).
 WATCH_POLL_SECONDS = 30.0
+# A token with a TTL (Vault's default for every token but root's) is renewed by a long-lived handle
+# (serve, run, inject --watch), as `vault token renew` does: looked up once the handle is this old
+# (a command that ends sooner costs no request), then renewed each time half its TTL has passed.
+TOKEN_CHECK_AFTER_SECONDS = 60.0
+TOKEN_RETRY_SECONDS = 10.0  # after a lookup or renewal that failed (Vault down, sealed)
 DELETE_ROUNDS = 5  # deletes of versions other writers keep adding meanwhile, before giving up
 _REFUSED_STATUSES = frozenset({429, 503})  # Vault did not act on the request: safe to repeat any method
 _TRANSIENT_STATUSES = frozenset({500, 502, 504})  # may have acted: repeat reads only
@@ -533,6 +539,13 @@ class VaultStore:
         # `patch`, or a token that just failed to renew) is not remembered: a serve would otherwise
         # keep the POST's lost-update window for its life after one refusal.
         self._metadata_patch = True
+        # The token's lease (`_keep_token_alive`): when to look at it next (None: never again, a
+        # token without a TTL or one that cannot be renewed further), whether it is renewable (None:
+        # not looked up yet) and when it lapses (monotonic, once known).
+        self._token_lock = threading.Lock()
+        self._token_check_at: float | None = time.monotonic() + TOKEN_CHECK_AFTER_SECONDS
+        self._token_renewable: bool | None = None
+        self._token_lapses_at: float | None = None
 
     def __repr__(self) -> str:
         return f"VaultStore({self._client.url!r}, mount={self._mount!r})"
@@ -564,7 +577,64 @@ class VaultStore:
             login()
         except SecretsManagerError:
             return False
+        with self._token_lock:  # a new token: its lease is looked at afresh
+            self._token_check_at = time.monotonic() + TOKEN_CHECK_AFTER_SECONDS
+            self._token_renewable = self._token_lapses_at = None
         return True
+
+    def _keep_token_alive(self) -> None:
+        """Renew a renewable token before its TTL runs out (POST auth/token/renew-self once half of
+        it has passed; GET auth/token/lookup-self first, once the handle is TOKEN_CHECK_AFTER_SECONDS
+        old). Vault revokes a token at its TTL, so a `serve` given a periodic or other renewable
+        token would otherwise be denied everything once its TTL (or period) had passed. The default
+        policy grants both paths to every token. A failure here fails nothing: it is tried again."""
+        check_at = self._token_check_at
+        if check_at is None or time.monotonic() < check_at:
+            return
+        if not self._token_lock.acquire(blocking=False):
+            return  # another thread is at it; this request goes on with the token as it is
+        try:
+            self._token_check_at = self._look_after_token()
+        finally:
+            self._token_lock.release()
+
+    def _look_after_token(self) -> float | None:
+        """One step of `_keep_token_alive`: when the next is due (None: never)."""
+        now = time.monotonic()
+        try:
+            if self._token_renewable is None:
+                data = self._client.auth.token.lookup_self()["data"]
+                ttl, self._token_renewable = int(data.get("ttl") or 0), bool(data.get("renewable"))
+            elif self._token_renewable:
+                answer = self._client.auth.token.renew_self()
+                ttl = int(((answer or {}).get("auth") or {}).get("lease_duration") or 0)
+                if self._token_lapses_at is not None and now + ttl <= self._token_lapses_at + 1:
+                    self._token_renewable = False  # not extended: it reached its max TTL
+            else:  # pragma: no cover (no step is due for a token that cannot be renewed)
+                return None
+        except (
+            vault_errors.VaultError,
+            requests.exceptions.RequestException,
+            KeyError,
+            TypeError,
+            ValueError,
+        ):
+            return now + TOKEN_RETRY_SECONDS
+        if ttl <= 0:
+            return None  # no TTL (a root token): it never lapses
+        self._token_lapses_at = now + ttl
+        return now + ttl / 2 if self._token_renewable else None
+
+    def _token_lapsed(self) -> AccessDeniedError | None:
+        """The error for a 403 after the token's known TTL ran out (it could not be renewed)."""
+        lapses_at = self._token_lapses_at
+        if lapses_at is None or time.monotonic() < lapses_at:
+            return None
+        return AccessDeniedError(
+            "Vault's token has expired (its TTL ran out and it cannot be renewed further): give a new "
+            f"one ({TOKEN_VARIABLE}) and restart, or use an AppRole ({ROLE_ID_VARIABLE} and "
+            f"{SECRET_ID_VARIABLE}), with which a long-running command logs in again"
+        )
 
     def acting_for(self, actor: str) -> AbstractContextManager[None]:
         """Secrets created in this block, in this thread, record `actor` as their creator (KV v2
@@ -1296,6 +1366,7 @@ class VaultStore:
         if self._engine is None:
             self._check_engine()
         self._raise_if_unanswered()
+        self._keep_token_alive()
         kwargs: dict[str, Any] = {}
         if json is not None:
             kwargs["json"] = json
@@ -1312,6 +1383,8 @@ class VaultStore:
                 # An expired or revoked AppRole token of ours: Vault did not act, so once logged in
                 # again the request is repeated (once; a policy that denies it denies it again).
                 if not self._login_again():
+                    if (lapsed := self._token_lapsed()) is not None:
+                        raise lapsed from None
                     raise
                 response = request(method, f"/v1/{self._mount}/{path}", **kwargs)
         except vault_errors.InvalidPath as exc:
