@@ -797,6 +797,39 @@ def test_a_bad_store_url_option_is_named_in_one_line(tmp_path: Path, url: str, s
     assert_one_line_error(cli("--store", url, "list"), 2, "store URL ", says, "write ")
 
 
+@pytest.fixture
+def tls_vault(tmp_path: Path) -> Iterator[tuple[FakeVault, Path]]:
+    """The test Vault over https, with a certificate from a CA of its own (tmp_path/ca.pem)."""
+    from secrets_manager.tls import pki
+
+    ca_cert, ca_key = pki.new_ca(trust_domain="vault.test")
+    (tmp_path / "ca.pem").write_bytes(ca_cert)
+    cert, key = pki.issue(ca_cert, ca_key, "vault", server=True)
+    (tmp_path / "vault.pem").write_bytes(cert)
+    (tmp_path / "vault-key.pem").write_bytes(key)
+    vault = FakeVault().start(tls=(str(tmp_path / "vault.pem"), str(tmp_path / "vault-key.pem")))
+    yield vault, tmp_path
+    vault.stop()
+
+
+def test_a_vault_certificate_that_is_not_trusted_says_to_set_vault_cacert(
+    tls_vault: tuple[FakeVault, Path],
+) -> None:
+    """Vault behind TLS with a private CA: without VAULT_CACERT every command said 'cannot reach
+    Vault (SSLError); check the address and that Vault is running', about a Vault that answered; a
+    VAULT_CACERT naming a missing file was 'internal error (OSError)'. Now one line each says what
+    to do (the other cases: test_store_vault.py)."""
+    vault, home = tls_vault
+    store = "vault://" + vault.address.removeprefix("https://") + "/secret"
+    base = {"HOME": str(home), "VAULT_TOKEN": vault.root_token}
+    untrusted = Cli(base)("--store", store, "list")
+    assert_one_line_error(
+        untrusted, 1, "presented a certificate that is not trusted", "set VAULT_CACERT to the"
+    )
+    missing = Cli({**base, "VAULT_CACERT": str(home / "nope.pem")})("--store", store, "list")
+    assert_one_line_error(missing, 2, "VAULT_CACERT names", "cannot be read")
+
+
 @pytest.mark.parametrize(
     "namespace", ["team\na", "\u00e9quipe", " team"], ids=["newline", "non-ascii", "leading-space"]
 )

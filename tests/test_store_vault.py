@@ -10,6 +10,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import hvac
@@ -941,6 +942,80 @@ def test_a_token_without_a_ttl_is_looked_up_once_and_a_short_command_not_at_all(
     _use_for(store, 1)
     assert fake_vault.requests.count(("GET", "/v1/auth/token/lookup-self")) == 1
     assert ("POST", "/v1/auth/token/renew-self") not in fake_vault.requests
+
+
+# ---- TLS: VAULT_CACERT, and the Vault CLI's VAULT_CAPATH and VAULT_SKIP_VERIFY ------------------------
+
+
+@pytest.fixture
+def tls_vault(tmp_path: Path) -> Iterator[FakeVault]:
+    """The test Vault over https, with a certificate from a CA of its own (tmp_path/ca.pem)."""
+    from secrets_manager.tls import pki
+
+    ca_cert, ca_key = pki.new_ca(trust_domain="vault.test")
+    (tmp_path / "ca.pem").write_bytes(ca_cert)
+    cert, key = pki.issue(ca_cert, ca_key, "vault", server=True)
+    (tmp_path / "vault.pem").write_bytes(cert)
+    (tmp_path / "vault-key.pem").write_bytes(key)
+    vault = FakeVault().start(tls=(str(tmp_path / "vault.pem"), str(tmp_path / "vault-key.pem")))
+    yield vault
+    vault.stop()
+
+
+@pytest.mark.parametrize(
+    ("variables", "advice"),
+    [
+        ({}, "set VAULT_CACERT to the PEM file of the CA that signed it"),
+        ({"VAULT_CAPATH": "{home}"}, "VAULT_CAPATH is not read: put the CA certificates"),
+        (
+            {"VAULT_SKIP_VERIFY": "true"},
+            "VAULT_SKIP_VERIFY is not honoured: Vault's certificate is always verified",
+        ),
+        (
+            {"VAULT_CACERT": "{home}/vault.pem"},
+            "VAULT_CACERT ({home}/vault.pem) does not hold the CA that signed it",
+        ),
+    ],
+    ids=["none", "capath", "skip-verify", "another-ca"],
+)
+def test_a_vault_certificate_that_is_not_trusted_is_said_so_with_what_to_do(
+    tls_vault: FakeVault, tmp_path: Path, variables: dict[str, str], advice: str
+) -> None:
+    """The Vault CLI reads a directory of CAs from VAULT_CAPATH and skips verification with
+    VAULT_SKIP_VERIFY; we do neither (the guard rail stays: certificates are always verified). A
+    certificate not trusted was 'cannot reach Vault (SSLError); check the address and that Vault
+    is running', about a Vault that answered, whatever was set."""
+    environ = {
+        "VAULT_TOKEN": tls_vault.root_token,
+        **{k: v.format(home=tmp_path) for k, v in variables.items()},
+    }
+    store = VaultStore(connect_vault(tls_vault.address, environ=environ), "secret")
+    with pytest.raises(StorageError) as caught:
+        store.list()
+    message = str(caught.value)
+    assert message.startswith(
+        f"Vault at {tls_vault.address} presented a certificate that is not trusted ("
+    ), message
+    assert advice.format(home=tmp_path) in message and "\n" not in message
+    assert tls_vault.requests == []  # the handshake failed: nothing reached Vault
+    trusted = VaultStore(
+        connect_vault(tls_vault.address, environ={**environ, "VAULT_CACERT": f"{tmp_path}/ca.pem"}), "secret"
+    )
+    assert trusted.list() == []
+
+
+@pytest.mark.parametrize(
+    ("file", "why"), [("nope.pem", "cannot be read"), ("vault-key.pem", "holds no PEM certificate")]
+)
+def test_a_vault_cacert_that_is_no_ca_file_is_bad_input(
+    tls_vault: FakeVault, tmp_path: Path, file: str, why: str
+) -> None:
+    """A VAULT_CACERT naming a missing file was 'internal error (OSError)' at the first request."""
+    environ = {"VAULT_TOKEN": tls_vault.root_token, "VAULT_CACERT": str(tmp_path / file)}
+    with pytest.raises(
+        InvalidInputError, match=f"VAULT_CACERT names .*{file}., which {why}.*; set it to the PEM file"
+    ):
+        connect_vault(tls_vault.address, environ=environ)
 
 
 # ---- a Vault that accepts connections and never answers --------------------------------------------

@@ -77,6 +77,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
@@ -286,6 +287,7 @@ class FakeVault:
         self.kv1: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in kv1_mounts}
         self.refuse_mounts_endpoint = False
         self.sealed = False
+        self.scheme = "http"
         self.requests: list[tuple[str, str]] = []
         self._failures: list[tuple[int, list[str]]] = []
         self._lock = threading.Lock()
@@ -298,15 +300,21 @@ class FakeVault:
     def address(self) -> str:
         assert self._server is not None
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
+        return f"{self.scheme}://{host}:{port}"
 
-    def start(self) -> FakeVault:
+    def start(self, *, tls: tuple[str, str] | None = None) -> FakeVault:
+        """Serve on 127.0.0.1; `tls`: (certificate, key) PEM files to serve https with."""
         vault = self
 
         class Handler(_Handler):
             server_state = vault
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(*tls)
+            self._server.socket = context.wrap_socket(self._server.socket, server_side=True)
+            self.scheme = "https"
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, name="fake-vault", daemon=True

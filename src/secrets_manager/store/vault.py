@@ -142,6 +142,8 @@ ROLE_ID_VARIABLE = "VAULT_ROLE_ID"
 SECRET_ID_VARIABLE = "VAULT_SECRET_ID"  # noqa: S105 (a variable name)
 APPROLE_MOUNT_VARIABLE = "VAULT_APPROLE_MOUNT"
 CACERT_VARIABLE = "VAULT_CACERT"
+CAPATH_VARIABLE = "VAULT_CAPATH"  # the Vault CLI's directory of CA files: not read here (docs/stores.md)
+SKIP_VERIFY_VARIABLE = "VAULT_SKIP_VERIFY"  # the Vault CLI's: never honoured, certificates are verified
 NAMESPACE_VARIABLE = "VAULT_NAMESPACE"
 TIMEOUT_VARIABLE = "VAULT_CLIENT_TIMEOUT"  # the Vault CLI's: seconds to wait for an answer
 CONNECT_TIMEOUT_SECONDS = 5.0
@@ -168,6 +170,8 @@ _READ_METHODS = frozenset({"GET", "HEAD", "LIST", "OPTIONS"})
 # Clients whose token connect_vault got from an AppRole login, with how to log in again: that token
 # is ours to revoke at close and to replace when Vault stops honouring it; a token the user gave is not.
 _OWN_LOGINS: weakref.WeakKeyDictionary[hvac.Client, Callable[[], None]] = weakref.WeakKeyDictionary()
+# What to do when a client's Vault presents a certificate it does not trust (from its environment).
+_TLS_ADVICE: weakref.WeakKeyDictionary[hvac.Client, str] = weakref.WeakKeyDictionary()
 _PROBE_NAME = ".secrets-manager/kv-version-probe"
 _PROBE_CAS = 2**62  # no secret reaches this version: KV v2 refuses the write, writing nothing
 _VAULT_TIME = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)")
@@ -280,7 +284,7 @@ def connect_vault(
                 f"{NAMESPACE_VARIABLE} is not a Vault namespace path: set it to one in printable "
                 "ASCII without spaces around it, e.g. team-a/prod (or unset it)"
             )
-    verify: bool | str = environ.get(CACERT_VARIABLE) or True
+    verify: bool | str = _ca_bundle(environ) or True
     read_timeout = _timeout(environ)
     client = hvac.Client(
         url=address,
@@ -290,6 +294,7 @@ def connect_vault(
         session=session or retrying_session(verify=verify),
         namespace=namespace,
     )
+    _TLS_ADVICE[client] = _tls_advice(environ)
     token = environ.get(TOKEN_VARIABLE)
     if token:
         # Sent as the X-Vault-Token header, which cannot carry a line end, spaces around it or
@@ -323,6 +328,8 @@ def connect_vault(
                     f"check that it is running and reachable ({TIMEOUT_VARIABLE} sets the wait)"
                 ) from None
             except requests.exceptions.RequestException as exc:
+                if (refused := _certificate_refused(client, "the AppRole login", exc)) is not None:
+                    raise refused from None
                 raise StorageError(f"cannot reach Vault at {address} ({type(exc).__name__})") from None
 
         login()
@@ -340,6 +347,68 @@ def connect_vault(
         f"no Vault token: set {TOKEN_VARIABLE}, or {ROLE_ID_VARIABLE} and {SECRET_ID_VARIABLE} for an "
         "AppRole login, or run 'vault login'"
     )
+
+
+def _ca_bundle(environ: Mapping[str, str]) -> str | None:
+    """VAULT_CACERT, checked: a file that cannot be read, or holds no PEM certificate, is bad input
+    (requests would fail every request with an OSError, or refuse Vault's certificate)."""
+    path = environ.get(CACERT_VARIABLE)
+    if not path:
+        return None
+    try:
+        pem = Path(path).read_bytes()
+    except OSError as exc:
+        raise InvalidInputError(
+            f"{CACERT_VARIABLE} names {path!r}, which cannot be read ({exc.strerror or type(exc).__name__}); "
+            "set it to the PEM file of the CA that signed Vault's certificate"
+        ) from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise InvalidInputError(
+            f"{CACERT_VARIABLE} names {path!r}, which holds no PEM certificate; "
+            "set it to the PEM file of the CA that signed Vault's certificate"
+        )
+    return path
+
+
+def _tls_advice(environ: Mapping[str, str]) -> str:
+    """What to do about a Vault certificate we do not trust, given the TLS variables set."""
+    cacert = environ.get(CACERT_VARIABLE)
+    if cacert:
+        advice = (
+            f"{CACERT_VARIABLE} ({cacert}) does not hold the CA that signed it; set it to the one that does"
+        )
+    else:
+        advice = f"set {CACERT_VARIABLE} to the PEM file of the CA that signed it"
+        if environ.get(CAPATH_VARIABLE):
+            advice += (
+                f" ({CAPATH_VARIABLE} is not read: put the CA certificates of that directory in one file)"
+            )
+    if (environ.get(SKIP_VERIFY_VARIABLE) or "").strip().lower() not in ("", "0", "false", "f"):
+        advice += f"; {SKIP_VERIFY_VARIABLE} is not honoured: Vault's certificate is always verified"
+    return advice
+
+
+def _certificate_refused(client: hvac.Client, action: str, exc: BaseException) -> StorageError | None:
+    """The one-line error for a request that failed because Vault's certificate is not trusted
+    (unknown CA, wrong host name, expired), saying what to do; None for any other failure."""
+    pending: list[Any] = [exc]
+    seen: set[int] = set()
+    while pending:
+        error = pending.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, ssl.SSLCertVerificationError):
+            reason = error.verify_message or error.reason or "verification failed"
+            advice = (
+                _TLS_ADVICE.get(client) or f"set {CACERT_VARIABLE} to the PEM file of the CA that signed it"
+            )
+            return StorageError(
+                f"Vault at {client.url} presented a certificate that is not trusted ({reason}), so "
+                f"nothing was sent to {action}: {advice}"
+            )
+        pending += [*error.args[:1], getattr(error, "reason", None), error.__cause__, error.__context__]
+    return None
 
 
 def _timeout(environ: Mapping[str, str]) -> float:
@@ -1299,6 +1368,9 @@ class VaultStore:
         except requests.exceptions.Timeout:
             raise self._no_answer("GET", f"check the secrets engine at {self._mount!r}", sent=True) from None
         except requests.exceptions.RequestException as exc:
+            action = f"check the secrets engine at {self._mount!r}"
+            if (refused := _certificate_refused(self._client, action, exc)) is not None:
+                raise refused from None
             raise StorageError(
                 f"cannot reach Vault at {self._client.url} ({type(exc).__name__}); "
                 "check the address and that Vault is running"
@@ -1404,6 +1476,8 @@ class VaultStore:
         except requests.exceptions.Timeout as exc:
             raise self._no_answer(method, action, sent=not _surely_not_sent(exc)) from None
         except requests.exceptions.RequestException as exc:
+            if (refused := _certificate_refused(self._client, action, exc)) is not None:
+                raise refused from None
             if method.upper() not in _READ_METHODS and not _surely_not_sent(exc):
                 # The request went out (the connection was made) and its answer was lost: Vault
                 # may have carried it out. Said so, and not sent again.
