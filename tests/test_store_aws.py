@@ -463,6 +463,52 @@ def test_a_reader_without_list_versions_reads_another_tools_value_with_its_numbe
             read()
 
 
+class _Throttled:
+    """A botocore before-send handler that answers the next `count` calls of `operation` as AWS
+    does when the account's rate quota is used up (HTTP 400, JSON protocol's ThrottlingException),
+    without sending them; the others go to moto. `sent` counts the calls answered so."""
+
+    def __init__(self, client: Any, operation: str, count: int) -> None:
+        self.left, self.sent = count, 0
+        client.meta.events.register(f"before-send.secrets-manager.{operation}", self)
+
+    def __call__(self, request: Any, **_: Any) -> Any:
+        from botocore.awsrequest import AWSResponse
+
+        if self.left <= 0:
+            return None
+        self.left -= 1
+        self.sent += 1
+        body = b'{"__type":"ThrottlingException","message":"Rate exceeded"}'
+
+        class Raw:
+            def stream(self) -> Any:
+                yield body
+
+        headers = {"Content-Type": "application/x-amz-json-1.1", "x-amzn-RequestId": "throttled"}
+        return AWSResponse(request.url, 400, headers, Raw())
+
+
+def test_a_throttled_call_is_retried_more_than_one_that_got_no_answer(make_aws: MakeAws) -> None:
+    """A call AWS throttles (ListSecrets' 100 a second, PutSecretValue's 50, shared by the whole
+    account: a Watch poll of 10k secrets, replicas starting together) was sent twice in all, the
+    bound meant for an endpoint that does not answer, so a burst of three throttles failed the
+    command or the served call. Throttling now gets five attempts, with backoff."""
+    store = make_aws()
+    store.put("svc/A", b"a")
+    throttled = _Throttled(store._client, "ListSecrets", 3)
+    started = time.monotonic()
+    assert [m.name for m in store.list()] == ["svc/A"]
+    assert throttled.sent == 3 and time.monotonic() - started < 8
+    throttled = _Throttled(store._client, "PutSecretValue", 100)
+    started = time.monotonic()
+    with pytest.raises(StorageError) as caught:
+        store.put("svc/A", b"b")
+    assert throttled.sent == 5 and time.monotonic() - started < 10
+    assert str(caught.value).startswith("AWS kept throttling") and "\n" not in str(caught.value)
+    assert store.get("svc/A").value.reveal() == b"a"
+
+
 def test_throttling_after_retries_is_a_storage_error(make_aws: MakeAws) -> None:
     from botocore.exceptions import ClientError
 

@@ -31,8 +31,8 @@ unlabelled versions itself (it removes them past its own limit); we show and rea
 older versions at once, and a higher one shows them again while AWS still keeps them.
 
 Transport: boto3 with the standard retry mode (throttling and transient errors are retried with
-backoff); error codes map to our exceptions through `_ERRORS`. Each method's docstring names the
-API calls it makes.
+backoff, ATTEMPTS in all; a throttled call up to THROTTLED_ATTEMPTS); error codes map to our
+exceptions through `_ERRORS`. Each method's docstring names the API calls it makes.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import builtins
 import contextlib
 import json
 import os
+import random
 import re
 import secrets
 import threading
@@ -219,6 +220,24 @@ _NO_CREDENTIALS = (
 CONNECT_TIMEOUT_SECONDS = 5
 READ_TIMEOUT_SECONDS = 5
 ATTEMPTS = 2
+# Throttling is not a timeout: AWS answered at once that the account's rate quota for the call is
+# used up (ListSecrets 100 a second, PutSecretValue and UpdateSecret 50 together, TagResource and
+# UntagResource 50: docs.aws.amazon.com/secretsmanager/latest/userguide/reference_limits.html),
+# shared with every other tool in the account and Region. ATTEMPTS bounds the wait on an endpoint
+# that does not answer; a throttled call gets up to THROTTLED_ATTEMPTS in all, with the retry
+# mode's full-jitter backoff (each wait up to 2^n s, at most THROTTLED_BACKOFF_CAP: about 7 s of
+# waiting at worst).
+THROTTLED_ATTEMPTS = 5
+THROTTLED_BACKOFF_CAP = 2.0
+_THROTTLING_CODES = frozenset(
+    {
+        "ThrottlingException",
+        "TooManyRequestsException",
+        "RequestLimitExceeded",
+        "Throttling",
+        "ThrottledException",
+    }
+)
 # Calls that change nothing: one that timed out is a read whose answer never came, not a change
 # whose outcome is unknown.
 _READ_OPERATIONS = frozenset(
@@ -243,6 +262,17 @@ def _bounded_config(attempts: int = ATTEMPTS, read_timeout: float = READ_TIMEOUT
         connect_timeout=min(CONNECT_TIMEOUT_SECONDS, read_timeout),
         read_timeout=read_timeout,
     )
+
+
+def _retry_throttling(attempts: int, response: Any = None, **_: Any) -> float | None:
+    """botocore's needs-retry handler, after the retry mode's own (the first to give a delay wins):
+    a call AWS throttled is sent again up to THROTTLED_ATTEMPTS times in all, past ATTEMPTS."""
+    if not isinstance(response, tuple) or len(response) != 2 or not isinstance(response[1], dict):
+        return None  # no answer (a timeout, a reset): ATTEMPTS alone bounds those
+    code = str((response[1].get("Error") or {}).get("Code") or "")
+    if code not in _THROTTLING_CODES or attempts >= THROTTLED_ATTEMPTS:
+        return None
+    return random.uniform(0, min(2.0 ** (attempts - 1), THROTTLED_BACKOFF_CAP))  # noqa: S311 (jitter)
 
 
 def connect_aws(region: str, *, attempts: int = ATTEMPTS, read_timeout: float = READ_TIMEOUT_SECONDS) -> Any:
@@ -384,6 +414,11 @@ class AwsStore:
         if not 7 <= recovery_window_days <= 30:
             raise InvalidInputError("the recovery window is 7 to 30 days (AWS's limits)")
         self._client = client
+        # Once per client (a store may share its client): see THROTTLED_ATTEMPTS.
+        events = client.meta.events
+        events.register(
+            "needs-retry.secrets-manager", _retry_throttling, unique_id="secrets-manager-throttled"
+        )
         self._prefix = prefix
         self._kms_keys = dict(kms_keys or {})
         self._default_kms_key = default_kms_key
