@@ -637,8 +637,19 @@ def test_get_of_another_tools_aws_secret_needs_no_list_versions_permission(
 
 
 def test_no_aws_credentials_is_exit_4(aws_cli: Cli) -> None:
+    """Also where to put them on a host (an IAM role), and that the instance role was not looked
+    for when AWS_EC2_METADATA_DISABLED says so (the test environment's)."""
     result = aws_cli("list", env={"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None})
-    assert_one_line_error(result, 4, "AWS credentials")
+    assert_one_line_error(result, 4, "no AWS credentials", "IAM role", "AWS_EC2_METADATA_DISABLED=true")
+
+
+def test_an_aws_profile_that_does_not_exist_is_named_in_one_line(aws_cli: Cli) -> None:
+    """AWS_PROFILE naming a profile neither ~/.aws file has was 'cannot configure AWS Secrets
+    Manager (ProfileNotFound)', exit 1, naming neither the profile nor the variable."""
+    result = aws_cli(
+        "list", env={"AWS_ACCESS_KEY_ID": None, "AWS_SECRET_ACCESS_KEY": None, "AWS_PROFILE": "trading-prod"}
+    )
+    assert_one_line_error(result, 4, "no AWS profile 'trading-prod'", "AWS_PROFILE names", "unset it")
 
 
 def test_the_cli_audits_aws_operations(aws_cli: Cli, boto: Any, aws_prefix: str) -> None:

@@ -806,3 +806,19 @@ def test_a_stage_with_a_target_is_tagged_and_refused_before_it_writes_when_the_t
     assert [v.version for v in store.describe("svc/FULL").versions] == [1]
     staged = store.stage("svc/FULL", b"v2")  # without a target, nothing to tag
     assert store.get("svc/FULL", label="pending").version == staged.version
+
+
+@pytest.mark.parametrize("connect", ["secretsmanager", "kms"])
+def test_a_missing_aws_profile_is_the_same_one_line_for_the_store_and_kms(
+    connect: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    """KMS (a store unlocked by AWS KMS, init --kms-key) said 'cannot configure AWS KMS
+    (ProfileNotFound): give the key as an ARN or set AWS_DEFAULT_REGION', which does not help."""
+    from secrets_manager.errors import MissingCredentialsError
+    from secrets_manager.store.kms import connect_kms
+
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "trading-prod")
+    with pytest.raises(MissingCredentialsError, match=r"no AWS profile 'trading-prod'.*AWS_PROFILE names"):
+        connect_aws("eu-west-1") if connect == "secretsmanager" else connect_kms("eu-west-1")

@@ -132,6 +132,7 @@ from secrets_manager.store.external import (
     TARGET_KEY,
     NoAnswerError,
     audit_anchor_name,
+    aws_profile_missing,
     checked_write,
     user_tags,
     utc,
@@ -208,10 +209,17 @@ _ERRORS: tuple[tuple[frozenset[str], type[SecretsManagerError], str], ...] = (
 )  # fmt: skip
 
 
-_NO_CREDENTIALS = (
-    "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
-    "or configure ~/.aws (boto3's standard sources)"
-)
+def _no_credentials() -> str:
+    """Where boto3 looked for credentials, including the role a host or container is given (found
+    through the instance metadata service, which AWS_EC2_METADATA_DISABLED turns off)."""
+    message = (
+        "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+        "configure ~/.aws, or give this host an IAM role (instance profile, ECS task role, EKS "
+        "service account); boto3 found none of them"
+    )
+    if os.environ.get("AWS_EC2_METADATA_DISABLED", "").strip().lower() == "true":
+        message += " (AWS_EC2_METADATA_DISABLED=true: an instance role is not looked for)"
+    return message
 
 
 # One call's bound: boto3's standard retry mode sends a call again after a timeout as after
@@ -284,6 +292,8 @@ def connect_aws(region: str, *, attempts: int = ATTEMPTS, read_timeout: float = 
     try:
         return _client(region, "secretsmanager", config)
     except BotoCoreError as exc:
+        if (missing := aws_profile_missing(exc)) is not None:
+            raise missing from None
         raise StorageError(f"cannot configure AWS Secrets Manager ({type(exc).__name__})") from None
 
 
@@ -356,7 +366,7 @@ def aws_account(region: str) -> AwsAccount:
             "the account: check the credentials, or name the log with --audit-file"
         ) from None
     except (NoCredentialsError, PartialCredentialsError):
-        raise MissingCredentialsError(_NO_CREDENTIALS) from None
+        raise MissingCredentialsError(_no_credentials()) from None
     except (BotoConnectionError, HTTPClientError) as exc:  # no answer: timeouts included
         raise StorageError(
             f"cannot reach AWS STS to learn the account the audit log is named after "
@@ -364,6 +374,8 @@ def aws_account(region: str) -> AwsAccount:
             "with --audit-file or SECRETS_MANAGER_AUDIT_FILE"
         ) from None
     except BotoCoreError as exc:
+        if (missing := aws_profile_missing(exc)) is not None:
+            raise missing from None
         raise StorageError(
             f"boto3 cannot ask AWS STS for the account the audit log is named after: its configuration "
             f"is incomplete or invalid ({type(exc).__name__}); fix it (AWS_PROFILE, ~/.aws/config), "
@@ -1333,7 +1345,7 @@ class AwsStore:
                     ) from None
             raise StorageError(f"AWS failed {action} ({code})") from None
         except (NoCredentialsError, PartialCredentialsError):
-            raise MissingCredentialsError(_NO_CREDENTIALS) from None
+            raise MissingCredentialsError(_no_credentials()) from None
         except ParamValidationError:
             raise InvalidInputError(f"AWS refused {action}: a parameter is invalid") from None
         except (ReadTimeoutError, ConnectTimeoutError):

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from secrets_manager.crypto.mac import value_fingerprint
-from secrets_manager.errors import InvalidInputError, StorageError
+from secrets_manager.errors import InvalidInputError, MissingCredentialsError, StorageError
 from secrets_manager.store.base import RESERVED_TAG_PREFIX, Secret, checked_metadata
 from secrets_manager.store.names import validate_name
 
@@ -102,6 +102,20 @@ def vault_namespace_sendable(namespace: str) -> bool:
     spaces around it): one that cannot was 'cannot reach Vault (InvalidHeader)' or an internal
     error (UnicodeEncodeError), from the URL's namespace= and VAULT_NAMESPACE alike."""
     return namespace.isascii() and namespace.isprintable() and namespace == namespace.strip()
+
+
+def aws_profile_missing(exc: BaseException) -> MissingCredentialsError | None:
+    """The one-line error for botocore's ProfileNotFound (AWS_PROFILE, or a profile's
+    source_profile, naming a profile neither AWS file has), for the Secrets Manager store and KMS
+    alike; None for any other exception. Checked by name: KMS does not import botocore up front."""
+    if type(exc).__name__ != "ProfileNotFound":
+        return None
+    profile = str((getattr(exc, "kwargs", None) or {}).get("profile") or "")
+    return MissingCredentialsError(
+        f"no AWS profile {profile!r} in ~/.aws/config or ~/.aws/credentials (AWS_CONFIG_FILE, "
+        "AWS_SHARED_CREDENTIALS_FILE), which AWS_PROFILE names: set AWS_PROFILE to a profile there, or "
+        "unset it to use the other sources (AWS_ACCESS_KEY_ID, an instance or task role)"
+    )
 
 
 def utc(moment: datetime) -> datetime:

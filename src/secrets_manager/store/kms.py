@@ -28,6 +28,7 @@ from secrets_manager.errors import (
     StorageError,
     UnlockError,
 )
+from secrets_manager.store.external import aws_profile_missing
 
 KIND = "aws-kms"
 CONTEXT_PURPOSE = "secrets-manager root key"
@@ -73,6 +74,8 @@ def connect_kms(region: str | None) -> Any:
     except ValueError:
         raise InvalidInputError(BAD_AWS_ENDPOINT) from None
     except BotoCoreError as exc:
+        if (missing := aws_profile_missing(exc)) is not None:
+            raise missing from None
         raise InvalidInputError(
             f"cannot configure AWS KMS ({type(exc).__name__}): give the key as an ARN or set "
             "AWS_DEFAULT_REGION"
