@@ -879,6 +879,31 @@ def test_an_expired_approle_token_is_replaced_by_a_new_login(fake_vault: FakeVau
         store.get("svc/K")
 
 
+def test_a_token_from_the_vault_token_file_is_read_again_once_vault_refuses_it(
+    fake_vault: FakeVault, tmp_path: Path
+) -> None:
+    """Vault Agent's auto-auth (a file sink) and `vault login` replace ~/.vault-token when its
+    token expires or is revoked; a serve that read it at start kept the old one and was denied
+    everything until restarted. Now a 403 the old token cannot look itself up after (a lapsed
+    token, not a policy) has the file read again, and the request repeated with its token; the
+    file's token is never revoked."""
+    (tmp_path / ".vault-token").write_text(fake_vault.add_token("hvs.agent-1") + "\n")
+    store = VaultStore(connect_vault(fake_vault.address, environ={"HOME": str(tmp_path)}), "secret")
+    store.put("svc/K", b"v1")
+    fake_vault.tokens.discard("hvs.agent-1")  # expired; the agent logs in again and writes the sink
+    (tmp_path / ".vault-token").write_text(fake_vault.add_token("hvs.agent-2") + "\n")
+    assert store.put("svc/K", b"v2").version == 2
+    assert store._client.token == "hvs.agent-2"
+    fake_vault.fail_next(403, errors=["permission denied"])  # a policy's 403: the token stands
+    (tmp_path / ".vault-token").write_text(fake_vault.add_token("hvs.agent-3") + "\n")
+    with pytest.raises(AccessDeniedError):
+        store.get("svc/K")
+    assert store._client.token == "hvs.agent-2"
+    store.close()
+    assert "hvs.agent-2" in fake_vault.tokens  # not ours to revoke
+    assert not any("revoke" in path for _, path in fake_vault.requests)
+
+
 # ---- a token with a TTL: renewed by a long-lived handle ---------------------------------------------
 
 

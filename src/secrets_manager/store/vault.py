@@ -170,6 +170,9 @@ _READ_METHODS = frozenset({"GET", "HEAD", "LIST", "OPTIONS"})
 # Clients whose token connect_vault got from an AppRole login, with how to log in again: that token
 # is ours to revoke at close and to replace when Vault stops honouring it; a token the user gave is not.
 _OWN_LOGINS: weakref.WeakKeyDictionary[hvac.Client, Callable[[], None]] = weakref.WeakKeyDictionary()
+# Clients whose token connect_vault read from ~/.vault-token, with that file: Vault Agent (auto-auth
+# with a file sink) and `vault login` replace it, so once Vault refuses the token it is read again.
+_TOKEN_FILES: weakref.WeakKeyDictionary[hvac.Client, Path] = weakref.WeakKeyDictionary()
 # What to do when a client's Vault presents a certificate it does not trust (from its environment).
 _TLS_ADVICE: weakref.WeakKeyDictionary[hvac.Client, str] = weakref.WeakKeyDictionary()
 _PROBE_NAME = ".secrets-manager/kv-version-probe"
@@ -341,6 +344,7 @@ def connect_vault(
         token = token_file.read_text(encoding="utf-8").strip()
         if token:
             client.token = token
+            _TOKEN_FILES[client] = token_file
             return client
     client.adapter.close()
     raise MissingCredentialsError(
@@ -629,9 +633,12 @@ class VaultStore:
         self._client.adapter.close()
 
     def _login_again(self) -> bool:
-        """Log in again with the AppRole (a long `serve` outlives its token's TTL): True if done."""
+        """Log in again with the AppRole (a long `serve` outlives its token's TTL), or take the
+        token now in ~/.vault-token if that is where ours came from (Vault Agent's file sink and
+        `vault login` replace it): True if there is a new token to repeat the request with."""
         login = _OWN_LOGINS.get(self._client)
-        if login is None:
+        token_file = _TOKEN_FILES.get(self._client)
+        if login is None and token_file is None:
             return False
         # A 403 may be a policy's, with the token still valid (Vault's default policy lets every
         # token look itself up): then it stands, and no other thread's token is swapped under it.
@@ -640,12 +647,22 @@ class VaultStore:
             return False
         except (vault_errors.VaultError, requests.exceptions.RequestException):
             pass
-        with suppress(vault_errors.VaultError, requests.exceptions.RequestException):
-            self._client.auth.token.revoke_self()  # a token refused its own lookup: not left behind
-        try:
-            login()
-        except SecretsManagerError:
-            return False
+        if login is None:
+            assert token_file is not None
+            try:
+                token = token_file.read_text(encoding="utf-8").strip()
+            except OSError:
+                return False
+            if not token or token == self._client.token or not (token.isascii() and token.isprintable()):
+                return False  # not replaced (yet): the refusal stands
+            self._client.token = token  # never revoked: the file's owner manages it
+        else:
+            with suppress(vault_errors.VaultError, requests.exceptions.RequestException):
+                self._client.auth.token.revoke_self()  # a token refused its own lookup: not left behind
+            try:
+                login()
+            except SecretsManagerError:
+                return False
         with self._token_lock:  # a new token: its lease is looked at afresh
             self._token_check_at = time.monotonic() + TOKEN_CHECK_AFTER_SECONDS
             self._token_renewable = self._token_lapses_at = None
@@ -1452,8 +1469,9 @@ class VaultStore:
             try:
                 response = request(method, f"/v1/{self._mount}/{path}", **kwargs)
             except vault_errors.Forbidden:
-                # An expired or revoked AppRole token of ours: Vault did not act, so once logged in
-                # again the request is repeated (once; a policy that denies it denies it again).
+                # An expired or revoked AppRole token of ours, or one ~/.vault-token held and
+                # something replaced since: Vault did not act, so once logged in again (or with
+                # the file's new token) the request is repeated (once; a policy denies it again).
                 if not self._login_again():
                     if (lapsed := self._token_lapsed()) is not None:
                         raise lapsed from None
