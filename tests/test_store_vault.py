@@ -904,6 +904,46 @@ def test_a_token_from_the_vault_token_file_is_read_again_once_vault_refuses_it(
     assert not any("revoke" in path for _, path in fake_vault.requests)
 
 
+NO_ACTIVE_NODE = ["local node not active but active cluster node not found"]
+
+
+def test_a_write_during_a_failover_waits_for_the_new_active_node(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    """While a Vault cluster elects a new leader (the active node restarted or failed), the node
+    we reach answers 500 'local node not active but active cluster node not found' having done
+    nothing (hashicorp/vault#20336, #13639). A write failed at once ('Vault failed store …'), a
+    read after urllib3's few retries (about a second). Both now wait for the new active node, up to
+    FAILOVER_WAIT_SECONDS; any other 500 to a write is still not sent again."""
+    store = make_vault()
+    store.put("svc/K", b"v1")
+    fake_vault.fail_next(500, count=10, errors=NO_ACTIVE_NODE)
+    started = time.monotonic()
+    assert store.put("svc/K", b"v2").version == 2
+    assert store.get("svc/K").value.reveal() == b"v2"
+    assert time.monotonic() - started < 9
+    handle, failed = fake_vault.handle, []
+
+    def fail_the_write(method: str, raw_path: str, *args: Any, **kwargs: Any) -> tuple[int, Any]:
+        if method == "POST" and raw_path == "/v1/secret/data/svc/K" and not failed:
+            failed.append(raw_path)  # another 500: it may have been done, so it is not repeated
+            return 500, {"errors": ["internal error"]}
+        return handle(method, raw_path, *args, **kwargs)
+
+    fake_vault.handle = fail_the_write  # type: ignore[method-assign]
+    posts = fake_vault.requests.count(("POST", "/v1/secret/data/svc/K"))
+    with pytest.raises(StorageError, match="Vault failed store svc/K: internal error"):
+        store.put("svc/K", b"v3")
+    assert failed and fake_vault.requests.count(("POST", "/v1/secret/data/svc/K")) == posts  # not sent again
+    fake_vault.handle = handle  # type: ignore[method-assign]
+    fake_vault.fail_next(500, count=1000, errors=NO_ACTIVE_NODE)  # no leader for good: bounded
+    started = time.monotonic()
+    with pytest.raises(StorageError, match="active cluster node not found"):
+        store.get("svc/K")
+    assert time.monotonic() - started < 15
+    fake_vault._failures.clear()
+
+
 # ---- a token with a TTL: renewed by a long-lived handle ---------------------------------------------
 
 

@@ -31,8 +31,10 @@ endpoint is refused, the first data write is preceded by a probe that writes not
 
 Transport: one `requests.Session` whose urllib3 `Retry` repeats what Vault refused without doing it
 (429 rate limit, 503 sealed or standby) for every method, and other 5xx answers for reads only (a
-write might have been applied). A request waits READ_TIMEOUT_SECONDS (VAULT_CLIENT_TIMEOUT) for
-its answer and is not sent again after a timeout: a write then has an unknown outcome
+write might have been applied); a 500 saying no active node could be found (a failover) is
+repeated for any method for up to FAILOVER_WAIT_SECONDS (`_through_failover`). A request waits
+READ_TIMEOUT_SECONDS (VAULT_CLIENT_TIMEOUT) for its answer and is not sent again after a timeout:
+a write then has an unknown outcome
 (OutcomeUnknownError), and requests in the following timeout's length fail at once
 (NoAnswerError), so a command waits for a Vault that does not answer once. Errors map to our
 exceptions through `_ERRORS`; each method's docstring names the endpoints it calls.
@@ -44,6 +46,7 @@ import base64
 import binascii
 import builtins
 import json
+import random
 import re
 import secrets
 import ssl
@@ -167,6 +170,10 @@ DELETE_ROUNDS = 5  # deletes of versions other writers keep adding meanwhile, be
 _REFUSED_STATUSES = frozenset({429, 503})  # Vault did not act on the request: safe to repeat any method
 _TRANSIENT_STATUSES = frozenset({500, 502, 504})  # may have acted: repeat reads only
 _READ_METHODS = frozenset({"GET", "HEAD", "LIST", "OPTIONS"})
+# A standby that cannot find the active node (a leader election, the active node restarting: seconds)
+# answers 500 with this error, having done nothing: any method is repeated, for this long at most.
+_NO_ACTIVE_NODE = "active cluster node not found"
+FAILOVER_WAIT_SECONDS = 10.0
 # Clients whose token connect_vault got from an AppRole login, with how to log in again: that token
 # is ours to revoke at close and to replace when Vault stops honouring it; a token the user gave is not.
 _OWN_LOGINS: weakref.WeakKeyDictionary[hvac.Client, Callable[[], None]] = weakref.WeakKeyDictionary()
@@ -1461,10 +1468,14 @@ class VaultStore:
             kwargs["json"] = json
         if params:
             kwargs["params"] = params
-        request = self._client.adapter.request
+        send = self._client.adapter.request
         if method == "PATCH":
             kwargs["headers"] = {"Content-Type": MERGE_PATCH}
-            request = self._patch
+            send = self._patch
+
+        def request(method: str, url: str, **kwargs: Any) -> Any:
+            return _through_failover(lambda: send(method, url, **kwargs))
+
         try:
             try:
                 response = request(method, f"/v1/{self._mount}/{path}", **kwargs)
@@ -1545,6 +1556,25 @@ class VaultStore:
             self._unanswered = None
             return
         raise NoAnswerError(f"{cause}; check that it is running and reachable")
+
+
+def _through_failover(send: Callable[[], Any]) -> Any:
+    """`send()`, repeated with backoff for up to FAILOVER_WAIT_SECONDS while Vault answers 500
+    "local node not active but active cluster node not found": a standby with no active node to
+    forward to (during a leader election or while the active node restarts) does nothing with the
+    request, so a write is as safe to repeat as a read. Any other 500 is not repeated here."""
+    deadline = time.monotonic() + FAILOVER_WAIT_SECONDS
+    delay = 0.25
+    while True:
+        try:
+            return send()
+        except vault_errors.InternalServerError as exc:
+            if not any(_NO_ACTIVE_NODE in str(e) for e in exc.errors or []):
+                raise
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(random.uniform(delay / 2, delay))  # noqa: S311 (jitter, not crypto)
+            delay = min(delay * 2, 2.0)
 
 
 def _surely_not_sent(exc: BaseException) -> bool:
