@@ -822,3 +822,23 @@ def test_a_missing_aws_profile_is_the_same_one_line_for_the_store_and_kms(
     monkeypatch.setenv("AWS_PROFILE", "trading-prod")
     with pytest.raises(MissingCredentialsError, match=r"no AWS profile 'trading-prod'.*AWS_PROFILE names"):
         connect_aws("eu-west-1") if connect == "secretsmanager" else connect_kms("eu-west-1")
+
+
+def test_a_secret_created_elsewhere_without_a_value_is_said_to_have_none(
+    make_aws: MakeAws, native: Any, prefix: str
+) -> None:
+    """Terraform's aws_secretsmanager_secret without an aws_secretsmanager_secret_version (or the
+    console's, or CreateSecret with no value) makes a secret with no version under our prefix:
+    `list` showed it, and `get` said 'secret ... not found'. It now says it has no value yet and how
+    to give it one; `store` does (version 1)."""
+    native.create_secret(Name=f"{prefix}/app/FROM_TERRAFORM")
+    store = make_aws()
+    assert [m.name for m in store.list()] == ["app/FROM_TERRAFORM"]
+    with pytest.raises(
+        NotFoundError, match=r"'app/FROM_TERRAFORM' has no value yet: .*'store app/FROM_TERRAFORM'"
+    ):
+        store.get("app/FROM_TERRAFORM")
+    with pytest.raises(NotFoundError, match=r"^secret 'app/MISSING' not found$"):
+        store.get("app/MISSING")
+    assert store.put("app/FROM_TERRAFORM", b"first").version == 1
+    assert store.get("app/FROM_TERRAFORM").value.reveal() == b"first"

@@ -583,6 +583,21 @@ class AwsStore:
         expires = expiry_of(expiry, secret.version)
         return secret if expires is None else replace(secret, expires=expires)
 
+    def _refuse_if_valueless(self, name: str, secret_id: str) -> None:
+        """After GetSecretValue found no current version: NotFoundError saying so if the secret
+        exists without any version (created by another tool with no value, e.g. Terraform's
+        aws_secretsmanager_secret without a secret version), which `list` shows; else nothing
+        (the secret is missing, or DescribeSecret is not allowed: the caller's 'not found' stands)."""
+        try:
+            described = self._client.describe_secret(SecretId=secret_id)
+        except ClientError:
+            return
+        if not described.get("DeletedDate") and not described.get("VersionIdsToStages"):
+            raise NotFoundError(
+                f"secret {name!r} has no value yet: it was created without one (by another tool); "
+                f"'store {name}' gives it its first"
+            )
+
     def _get(self, name: str, version: int | None, label: str | None) -> Secret:
         validate_name(name)
         if version is not None and label is not None:
@@ -598,7 +613,10 @@ class AwsStore:
                         SecretId=secret_id, VersionStage=STAGE_OF_LABEL[wanted]
                     )
                 except ClientError as exc:
-                    if _code(exc) != "ResourceNotFoundException" or wanted == CURRENT:
+                    if _code(exc) != "ResourceNotFoundException":
+                        raise
+                    if wanted == CURRENT:
+                        self._refuse_if_valueless(name, secret_id)
                         raise
                     self._client.describe_secret(SecretId=secret_id)  # NotFound if the secret is missing
                     raise NotFoundError(f"secret {name!r} has no version labelled {wanted!r}") from None
