@@ -79,6 +79,21 @@ def test_vault_store_passes_the_whole_conformance_suite(make_vault: MakeVault) -
     check_secret_store(make_vault)
 
 
+def test_vault_store_conforms_on_a_mount_that_requires_cas(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    """A production mount often sets cas_required=true (vault kv metadata/config): every data write
+    without `cas` is then refused 400. Every write of ours carries it (the version read, 0 for a new
+    secret, the audit key's and anchor's too), so the whole suite passes there (a guard)."""
+    fake_vault.configs["secret"].cas_required = True
+    check_secret_store(make_vault)
+    client = hvac.Client(url=fake_vault.address, token=fake_vault.root_token)
+    with pytest.raises(hvac.exceptions.InvalidRequest, match="check-and-set parameter required"):
+        client.secrets.kv.v2.create_or_update_secret(
+            path="svc/NO_CAS", secret={"value": "x"}, mount_point="secret"
+        )
+
+
 @pytest.mark.parametrize("behaviour", list(SECRET_STORE_CHECKS))
 def test_vault_store_conforms(behaviour: str, make_vault: MakeVault) -> None:
     run_check(make_vault, behaviour)
