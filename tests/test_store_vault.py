@@ -1000,7 +1000,8 @@ def test_a_token_that_cannot_be_renewed_further_fails_in_one_line_once_it_lapses
     with pytest.raises(AccessDeniedError) as caught:
         _use_for(store, 6)
     message = str(caught.value)
-    assert "token has expired" in message and "VAULT_TOKEN" in message and "VAULT_ROLE_ID" in message
+    assert "token has expired (its TTL ran out and it cannot be renewed further)" in message
+    assert "VAULT_TOKEN" in message and "VAULT_ROLE_ID" in message
     assert "\n" not in message and "hvs.capped" not in message
     fixed = make_vault(token=fake_vault.add_token("hvs.fixed", ttl=3, renewable=False))
     time.sleep(0.3)

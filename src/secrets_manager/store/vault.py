@@ -723,8 +723,9 @@ class VaultStore:
         lapses_at = self._token_lapses_at
         if lapses_at is None or time.monotonic() < lapses_at:
             return None
+        why = "it cannot be renewed further" if self._token_renewable is False else "its renewals failed"
         return AccessDeniedError(
-            "Vault's token has expired (its TTL ran out and it cannot be renewed further): give a new "
+            f"Vault's token has expired (its TTL ran out and {why}): give a new "
             f"one ({TOKEN_VARIABLE}) and restart, or use an AppRole ({ROLE_ID_VARIABLE} and "
             f"{SECRET_ID_VARIABLE}), with which a long-running command logs in again"
         )
