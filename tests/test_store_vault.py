@@ -919,6 +919,45 @@ def test_a_token_from_the_vault_token_file_is_read_again_once_vault_refuses_it(
     assert not any("revoke" in path for _, path in fake_vault.requests)
 
 
+def test_a_standby_that_redirects_to_the_active_node_is_followed_with_token_and_body(
+    fake_vault: FakeVault,
+) -> None:
+    """A Vault standby with request forwarding off answers every request 307 with the active node's
+    address (api-docs: HA, "standby nodes will redirect"): reads and writes (POST, PATCH with its
+    merge-patch type) must reach the active node with the token and body, as they do (a guard)."""
+    import http.server
+
+    class Standby(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def redirect(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(307)
+            self.send_header("Location", fake_vault.address + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_LIST = redirect
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    standby = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Standby)
+    threading.Thread(target=standby.serve_forever, daemon=True).start()
+    try:
+        address = f"http://127.0.0.1:{standby.server_address[1]}"
+        store = VaultStore(connect_vault(address, environ={"VAULT_TOKEN": fake_vault.root_token}), "secret")
+        store.put("svc/K", b"v1", tags={"team": "a"})
+        store.put("svc/K", b"v2")
+        store.update_metadata("svc/K", set_tags={"team": "b"})  # a PATCH
+        assert store.get("svc/K").value.reveal() == b"v2"
+        assert store.describe("svc/K").tags == {"team": "b"}
+        assert ("PATCH", "/v1/secret/metadata/svc/K") in fake_vault.requests
+    finally:
+        standby.shutdown()
+        standby.server_close()
+
+
 NO_ACTIVE_NODE = ["local node not active but active cluster node not found"]
 
 
