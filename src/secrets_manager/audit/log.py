@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 from secrets_manager.crypto.mac import page_token_mac as _page_token_mac
 from secrets_manager.crypto.mac import record_mac, record_mac_ok, sha256_hex
 from secrets_manager.crypto.mac import value_fingerprint as _value_fingerprint
-from secrets_manager.durable import fsync_directory
+from secrets_manager.durable import fsync_directory, remove_abandoned
 from secrets_manager.environment import Environment, user_name
 from secrets_manager.errors import (
     ConflictError,
@@ -2121,24 +2121,8 @@ def _remove_abandoned_copies(target: Path) -> None:
     except OSError:
         return
     for name in names:
-        if not name.startswith(prefix) or not name[len(prefix) :].isdigit() or not name.isascii():
-            continue
-        try:
-            fd = os.open(target.parent / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError:
-            continue  # gone meanwhile, a symbolic link, or not ours to open: left alone
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid():
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a prune is writing it now
-            with contextlib.suppress(FileNotFoundError):
-                (target.parent / name).unlink()
-        finally:
-            os.close(fd)
+        if name.startswith(prefix) and name[len(prefix) :].isdigit() and name.isascii():
+            remove_abandoned(target.parent / name, lambda _fd, info: info.st_uid == os.geteuid())
 
 
 def _pruned_floor(record: dict[str, Any]) -> tuple[int, str] | None:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -35,7 +34,6 @@ import math
 import os
 import re
 import secrets
-import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -62,7 +60,7 @@ from secrets_manager.crypto.stream import (
     open_chunk,
     payload_context,
 )
-from secrets_manager.durable import fsync_directory
+from secrets_manager.durable import fsync_directory, remove_abandoned
 from secrets_manager.environment import Environment
 from secrets_manager.errors import (
     ConflictError,
@@ -599,27 +597,12 @@ def _remove_abandoned_temporaries(path: Path) -> None:
     own = re.compile(rf"\.{re.escape(path.name)}\.[0-9a-f]{{12}}{re.escape(TEMPORARY_SUFFIX)}")
     anyone = re.compile(rf"\..+\.[0-9a-f]{{12}}{re.escape(TEMPORARY_SUFFIX)}", re.DOTALL)
     for leftover in path.parent.glob(f".*{TEMPORARY_SUFFIX}"):
-        ours = own.fullmatch(leftover.name) is not None
-        if not ours and anyone.fullmatch(leftover.name) is None:
-            continue
-        try:
-            fd = os.open(leftover, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
-            continue  # gone meanwhile, a symlink, or not ours to open: left alone
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                continue
-            if not ours and (info.st_uid != os.geteuid() or not _starts_as_a_backup(fd)):
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                continue  # a backup is writing it now
-            with contextlib.suppress(FileNotFoundError):
-                leftover.unlink()
-        finally:
-            os.close(fd)
+        if own.fullmatch(leftover.name) is not None:
+            remove_abandoned(leftover, lambda _fd, _info: True)
+        elif anyone.fullmatch(leftover.name) is not None:
+            remove_abandoned(
+                leftover, lambda fd, info: info.st_uid == os.geteuid() and _starts_as_a_backup(fd)
+            )
 
 
 def _starts_as_a_backup(fd: int) -> bool:
