@@ -402,13 +402,7 @@ def _tls_advice(environ: Mapping[str, str]) -> str:
 def _certificate_refused(client: hvac.Client, action: str, exc: BaseException) -> StorageError | None:
     """The one-line error for a request that failed because Vault's certificate is not trusted
     (unknown CA, wrong host name, expired), saying what to do; None for any other failure."""
-    pending: list[Any] = [exc]
-    seen: set[int] = set()
-    while pending:
-        error = pending.pop()
-        if not isinstance(error, BaseException) or id(error) in seen:
-            continue
-        seen.add(id(error))
+    for error in _errors_within(exc, contexts=True):
         if isinstance(error, ssl.SSLCertVerificationError):
             reason = error.verify_message or error.reason or "verification failed"
             advice = (
@@ -418,8 +412,23 @@ def _certificate_refused(client: hvac.Client, action: str, exc: BaseException) -
                 f"Vault at {client.url} presented a certificate that is not trusted ({reason}), so "
                 f"nothing was sent to {action}: {advice}"
             )
-        pending += [*error.args[:1], getattr(error, "reason", None), error.__cause__, error.__context__]
     return None
+
+
+def _errors_within(exc: BaseException, *, contexts: bool = False) -> Iterator[BaseException]:
+    """`exc` and the errors it wraps, as requests and urllib3 nest them (first argument, `reason`,
+    `__cause__`; and `__context__` with `contexts`), each once."""
+    pending: list[Any] = [exc]
+    seen: set[int] = set()
+    while pending:
+        error = pending.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        seen.add(id(error))
+        yield error
+        pending += [*error.args[:1], getattr(error, "reason", None), error.__cause__]
+        if contexts:
+            pending.append(error.__context__)
 
 
 def _timeout(environ: Mapping[str, str]) -> float:
@@ -1582,17 +1591,7 @@ def _surely_not_sent(exc: BaseException) -> bool:
     """Whether a failed request surely never reached Vault: no connection could be made (refused,
     unreachable, a name not resolved, the connect timed out, a certificate we refuse) or the URL
     was unusable. Anything else (reset, closed or timed out once sent) may have been carried out."""
-    pending: list[Any] = [exc]
-    seen: set[int] = set()
-    while pending:
-        error = pending.pop()
-        if not isinstance(error, BaseException) or id(error) in seen:
-            continue
-        seen.add(id(error))
-        if isinstance(error, _NOT_SENT):
-            return True
-        pending += [*error.args[:1], getattr(error, "reason", None), error.__cause__]
-    return False
+    return any(isinstance(error, _NOT_SENT) for error in _errors_within(exc))
 
 
 _NOT_SENT = (
