@@ -859,8 +859,8 @@ def test_a_commit_with_a_lock_wait_gives_up_when_another_transaction_holds_the_l
         assert storage.get("k") == Entry(b"before", before)  # reads do not wait for the lock
     later = storage.commit([Put("k", b"after")], lock_wait=0.2)  # the limit was its own
     assert later == before + 1 and storage.get("k") == Entry(b"after", later)
-    with storage._borrowed() as conn:  # the session's own (set per transaction, never for it)
-        assert conn.execute("SHOW lock_timeout").fetchone() == ("0",)
+    with storage._borrowed() as conn:  # the session's, ours (a direct connection's: set at connect)
+        assert conn.execute("SHOW lock_timeout").fetchone() == ("30s",)
 
 
 def test_the_audit_log_does_not_stall_on_a_store_whose_commit_lock_another_transaction_holds(
@@ -1745,8 +1745,10 @@ def test_a_snapshot_may_pause_past_the_write_transactions_idle_limit(
 def test_a_write_transactions_idle_limit_is_ours_unless_a_shorter_one_is_set(
     place: Place, monkeypatch: pytest.MonkeyPatch, options: str, session: str, limit: str
 ) -> None:
-    """Inside a commit the limits are ours (or the shorter one the role or URL set); the session
-    itself keeps its own (behind a pooler in transaction mode it is someone else's next)."""
+    """Inside a commit the limits are ours (or the shorter one the role or URL set). On a direct
+    connection they are its session's, set once at connect (per transaction, each write paid a
+    statement more); a snapshot puts the session's own idle limit back for itself. (Behind a
+    pooler, in test_postgres_pgbouncer.py, they are set per transaction, never for the session.)"""
     storage = PostgresStorage(f"{place.conninfo}{options}", schema=place.schema, create=True)
     shown: list[tuple[str, ...]] = []
     apply = PostgresStorage._apply
@@ -1766,7 +1768,9 @@ def test_a_write_transactions_idle_limit_is_ours_unless_a_shorter_one_is_set(
                 for name in ("idle_in_transaction_session_timeout", "lock_timeout")
             ]
         )
-        assert outside == [(session,), ("0",)]
+        assert outside == [(limit,), ("30s",)]
+        with storage.snapshot() as snapshot:
+            assert snapshot._conn.execute("SHOW idle_in_transaction_session_timeout").fetchone() == (session,)
     finally:
         storage.close()
 

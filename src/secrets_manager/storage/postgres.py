@@ -139,6 +139,10 @@ class _Connection(psycopg.Connection[tuple[Any, ...]]):
     answer_timeout: float = ANSWER_TIMEOUT_S
     lock_wait: float = 0.0
     expired_after: float | None = None
+    # A direct connection carries the writers' limits for its session (set once, at connect);
+    # `idle_timeout_ms` is the session's own idle limit before we lowered it, which a snapshot
+    # puts back for itself. None behind a pooler: there each write transaction sets its own.
+    idle_timeout_ms: int | None = None
 
     def wait(self, gen: Any, *args: Any, **kwargs: Any) -> Any:
         armed = WATCHDOG.arm(self, self.answer_timeout + self.lock_wait)
@@ -290,7 +294,8 @@ class PostgresStorage:
         conn = self._open_connection()
         try:
             row = conn.execute(
-                "SELECT current_setting('server_encoding'), pg_postmaster_start_time(), pg_backend_pid()"
+                "SELECT current_setting('server_encoding'), pg_postmaster_start_time(), pg_backend_pid(), "
+                "(SELECT setting::int FROM pg_settings WHERE name = 'idle_in_transaction_session_timeout')"
             ).fetchone()
             encoding = None if row is None else row[:1]
             if encoding is None or str(encoding[0]).upper() not in ("UTF8", "UTF-8"):
@@ -307,6 +312,8 @@ class PostgresStorage:
                 # prepared the same name for another statement.
                 conn.prepare_threshold = None
                 self.pooled = True
+            else:
+                _limit_session(conn, int(row[3]))
             self._found_server(row[1])
         except psycopg.Error as exc:
             _close_quietly(conn)
@@ -661,8 +668,16 @@ class PostgresStorage:
                     with conn.transaction():
                         # A reader may pause between pages (a backup piped to a pager) and holds
                         # no lock a writer waits for: the session's own idle limit, not the
-                        # writers' short one (_limit_transaction).
-                        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                        # writers' short one (_limit_session; behind a pooler it is never set).
+                        begin = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"
+                        if conn.idle_timeout_ms is None:
+                            conn.execute(begin)
+                        else:  # one round trip (no parameters: one query)
+                            conn.execute(
+                                sql.SQL(
+                                    begin + "; SET LOCAL idle_in_transaction_session_timeout = {}"
+                                ).format(sql.Literal(f"{conn.idle_timeout_ms}ms"))
+                            )
                         row = conn.execute(self._q.read_revision).fetchone()
                         if row is None:
                             raise StorageError(f"store {self.location}: its revision counter is missing")
@@ -871,13 +886,33 @@ def _pooled(conn: _Connection, server_pid: object) -> bool:
     return server_pid != conn.info.backend_pid
 
 
+def _limit_session(conn: _Connection, idle_timeout_ms: int) -> None:
+    """A direct connection's limits for the writers, set once for its session: the lock wait, and
+    the idle limit that ends a transaction whose client goes silent (STALLED_TRANSACTION_TIMEOUT_MS,
+    unless the role, the database or the URL set a shorter one). Per transaction instead, each
+    write paid one more statement (a read of pg_settings): about a fifth of put's throughput in
+    bench/postgres.py."""
+    settings = [sql.SQL("SET lock_timeout = {}").format(sql.Literal(f"{LOCK_TIMEOUT_MS}ms"))]
+    if idle_timeout_ms == 0 or idle_timeout_ms > STALLED_TRANSACTION_TIMEOUT_MS:
+        settings.append(
+            sql.SQL("SET idle_in_transaction_session_timeout = {}").format(
+                sql.Literal(f"{STALLED_TRANSACTION_TIMEOUT_MS}ms")
+            )
+        )
+    conn.execute(sql.SQL("; ").join(settings))  # one round trip (no parameters: one query)
+    conn.idle_timeout_ms = idle_timeout_ms
+
+
 def _limit_transaction(conn: _Connection, lock_wait_ms: int) -> None:
-    """The first statement of a write transaction: its lock wait, and the idle limit that ends it
-    if its client goes silent (STALLED_TRANSACTION_TIMEOUT_MS, unless the role, the database or the
-    URL set a shorter one), for this transaction only (`set_config(…, true)`, as SET LOCAL).
-    Never for the session: behind a pooler in transaction mode (pgbouncer) the next transaction may
-    run on another server connection, and a session setting would stay on this one for whoever
-    gets it next."""
+    """The first statement of a write transaction: on a direct connection, a lock wait other than
+    the session's (_limit_session) for this transaction only. Behind a pooler, where no session
+    setting may be made (in transaction mode (pgbouncer) the next transaction may run on another
+    server connection, and a session setting would stay on this one for whoever gets it next), its
+    lock wait and idle limit, for this transaction only (`set_config(…, true)`, as SET LOCAL)."""
+    if conn.idle_timeout_ms is not None:
+        if lock_wait_ms != LOCK_TIMEOUT_MS:
+            conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{lock_wait_ms}ms")))
+        return
     conn.execute(
         sql.SQL(
             "SELECT set_config('lock_timeout', {lock}, true), "
