@@ -23,8 +23,10 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import psycopg
+import pytest
 from psycopg import sql
 
 BIN_DIR = Path(os.environ.get("SECRETS_MANAGER_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
@@ -304,3 +306,26 @@ class PostgresCluster:
     def new_schema(self) -> str:
         """A fresh schema name nobody has used; the store creates it."""
         return f"t_{secrets.token_hex(6)}"
+
+
+def pause_once_in_a_write(monkeypatch: pytest.MonkeyPatch, before: str) -> list[str]:
+    """Make this process pause 0.5 s once inside the next write transaction: before "the bump" (the
+    revision counter's update) or before "COMMIT" (after the last statement, pg_notify), as a
+    process that stalled past the server's idle limit would. The list it returns holds the
+    statement paused at, once it was."""
+    paused: list[str] = []
+    execute = psycopg.Cursor.execute
+
+    def pausing_execute(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+        text = query.as_string(cursor.connection) if isinstance(query, sql.Composable) else str(query)
+        if before == "the bump" and "revision = revision + 1" in text and not paused:
+            paused.append(text)
+            time.sleep(0.5)
+        result = execute(cursor, query, *args, **kwargs)
+        if before == "COMMIT" and "pg_notify" in text and not paused:  # the last before COMMIT
+            paused.append(text)
+            time.sleep(0.5)
+        return result
+
+    monkeypatch.setattr(psycopg.Cursor, "execute", pausing_execute)
+    return paused

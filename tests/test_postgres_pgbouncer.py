@@ -24,14 +24,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 
 from pgbouncer import PgBouncer, missing_requirements
-from postgres_cluster import DATABASE, PostgresCluster
+from postgres_cluster import DATABASE, PostgresCluster, pause_once_in_a_write
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import OutcomeUnknownError
 from secrets_manager.rotators.postgres import PostgresRole
@@ -269,21 +268,7 @@ def test_a_commit_whose_process_paused_past_the_idle_limit_behind_pgbouncer_is_r
     )
     try:
         before = storage.put("k", b"before")
-        paused: list[str] = []
-        execute = psycopg.Cursor.execute
-
-        def pausing_execute(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-            text = query.as_string(cursor.connection) if isinstance(query, sql.Composable) else str(query)
-            if pause_before == "the bump" and "revision = revision + 1" in text and not paused:
-                paused.append(text)
-                time.sleep(0.5)
-            result = execute(cursor, query, *args, **kwargs)
-            if pause_before == "COMMIT" and "pg_notify" in text and not paused:  # the last before COMMIT
-                paused.append(text)
-                time.sleep(0.5)
-            return result
-
-        monkeypatch.setattr(psycopg.Cursor, "execute", pausing_execute)
+        paused = pause_once_in_a_write(monkeypatch, pause_before)
         if pause_before == "the bump":
             revision = storage.put("k", b"after")
             assert storage.get("k") == Entry(b"after", revision)

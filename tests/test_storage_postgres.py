@@ -28,7 +28,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from postgres_cluster import PostgresCluster
+from postgres_cluster import PostgresCluster, pause_once_in_a_write
 from secrets_manager.audit import Anchor, AuditError, AuditEvent, AuditLog
 from secrets_manager.audit.log import FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
 from secrets_manager.client import Client
@@ -1648,20 +1648,6 @@ def test_a_commit_whose_own_process_paused_mid_transaction_is_made_once_on_a_new
     monkeypatch.setattr(postgres_module, "STALLED_TRANSACTION_TIMEOUT_MS", 100)
     storage = place.open(create=True)
     storage.put("k", b"before")
-    paused: list[str] = []
-    execute = psycopg.Cursor.execute
-
-    def pausing_execute(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
-        text = query.as_string(cursor.connection) if isinstance(query, sql.Composable) else str(query)
-        if pause_before == "the bump" and "revision = revision + 1" in text and not paused:
-            paused.append(text)
-            time.sleep(0.5)
-        result = execute(cursor, query, *args, **kwargs)
-        if pause_before == "COMMIT" and "pg_notify" in text and not paused:  # the last before COMMIT
-            paused.append(text)
-            time.sleep(0.5)
-        return result
-
     opened = []
     open_connection = PostgresStorage._open_connection
 
@@ -1669,7 +1655,7 @@ def test_a_commit_whose_own_process_paused_mid_transaction_is_made_once_on_a_new
         opened.append(1)
         return open_connection(storage)
 
-    monkeypatch.setattr(psycopg.Cursor, "execute", pausing_execute)
+    paused = pause_once_in_a_write(monkeypatch, pause_before)
     monkeypatch.setattr(PostgresStorage, "_open_connection", counted_open)
     try:
         before = storage.change_head()
