@@ -1507,6 +1507,22 @@ def test_audit_prune_archives_into_a_directory_and_never_overwrites(cli: Cli, tm
     assert verify(cli).returncode == 0
 
 
+def _prune_archiving_killed_at(cli: Cli, archive: Path, path: Path, syscalls: str) -> None:
+    """`audit prune --keep-files 0 --archive ARCHIVE`, SIGKILLed (by strace) at its first call of
+    one of `syscalls` (comma-separated) on `path`."""
+    kill = ("-P", str(path), "-e", f"trace={syscalls}", "-e", f"inject={syscalls}:signal=KILL")
+    killed = cli(
+        "audit",
+        "prune",
+        "--keep-files",
+        "0",
+        "--archive",
+        str(archive),
+        prefix=("strace", "-f", "-qq", *kill),
+    )
+    assert killed.returncode == -signal.SIGKILL or killed.returncode == 128 + signal.SIGKILL, killed.stderr
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace kills the prune at one system call")
 def test_a_prune_killed_after_archiving_a_file_is_finished_by_the_next_one(cli: Cli, tmp_path: Path) -> None:
     """A prune killed (SIGKILL, here as it removes the first file it archived) between copying a
@@ -1519,17 +1535,7 @@ def test_a_prune_killed_after_archiving_a_file_is_finished_by_the_next_one(cli: 
     archive = tmp_path / "archive"
     archive.mkdir()
     # strace kills it at its first unlink of the oldest file: once that file is archived.
-    kill = ("-P", str(files[0]), "-e", "trace=unlink,unlinkat", "-e", "inject=unlink,unlinkat:signal=KILL")
-    killed = cli(
-        "audit",
-        "prune",
-        "--keep-files",
-        "0",
-        "--archive",
-        str(archive),
-        prefix=("strace", "-f", "-qq", *kill),
-    )
-    assert killed.returncode == -signal.SIGKILL or killed.returncode == 128 + signal.SIGKILL, killed.stderr
+    _prune_archiving_killed_at(cli, archive, files[0], "unlink,unlinkat")
     assert files[0].exists() and (archive / files[0].name).read_bytes() == contents[files[0].name]
     assert verify(cli).returncode == 0
     again = cli("audit", "prune", "--keep-files", "0", "--archive", str(archive))
@@ -1555,18 +1561,7 @@ def test_a_prune_killed_while_archiving_leaves_no_hidden_copy_for_good(cli: Cli,
     contents = {path.name: path.read_bytes() for path in files[:-1]}
     archive = tmp_path / "archive"
     archive.mkdir()
-    target = archive / files[0].name
-    kill = ("-P", str(target), "-e", "trace=link,linkat", "-e", "inject=link,linkat:signal=KILL")
-    killed = cli(
-        "audit",
-        "prune",
-        "--keep-files",
-        "0",
-        "--archive",
-        str(archive),
-        prefix=("strace", "-f", "-qq", *kill),
-    )
-    assert killed.returncode == -signal.SIGKILL or killed.returncode == 128 + signal.SIGKILL, killed.stderr
+    _prune_archiving_killed_at(cli, archive, archive / files[0].name, "link,linkat")
     left = [p.name for p in archive.iterdir()]
     assert len(left) == 1 and left[0].startswith(f".{files[0].name}.partial-"), left
     assert verify(cli).returncode == 0
