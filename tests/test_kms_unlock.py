@@ -194,9 +194,9 @@ def test_no_credentials_and_no_kms_each_say_what_to_do(cli: Cli, tmp_path: Path)
     assert unreachable.returncode == 1 and b"cannot reach AWS KMS" in unreachable.stderr
 
 
-def test_unlock_with_switches_to_a_password_and_back_without_re_encrypting(cli: Cli, key_arn: str) -> None:
+def _switch_to_password(cli: Cli) -> None:
+    """`unlock-with password` to NEW_PASSWORD (test KDF profile), from a password file."""
     (cli.dir / "new-password").write_text(NEW_PASSWORD + "\n")
-    records = _records(cli)
     switched = cli(
         "unlock-with",
         "password",
@@ -206,6 +206,11 @@ def test_unlock_with_switches_to_a_password_and_back_without_re_encrypting(cli: 
         "test",
     )
     assert switched.returncode == 0, switched.stderr
+
+
+def test_unlock_with_switches_to_a_password_and_back_without_re_encrypting(cli: Cli, key_arn: str) -> None:
+    records = _records(cli)
+    _switch_to_password(cli)
     assert cli.header()["unlock"]["kind"] == "password"
     assert cli("get", "binance/API_KEY").returncode == 4  # now it needs the password
     with_password = cli("get", "binance/API_KEY", env={"MASTER_PASSWORD": NEW_PASSWORD})
@@ -230,16 +235,7 @@ def test_status_names_the_kms_key_that_unlocks_the_store(cli: Cli, key_arn: str)
     assert f"aws-kms ({key_arn})" in shown.stdout.decode()
     doc = json.loads(cli("status", "--json").stdout)
     assert (doc["unlocked_by"], doc["kms_key"]) == ("aws-kms", key_arn)
-    (cli.dir / "new-password").write_text(NEW_PASSWORD + "\n")
-    switched = cli(
-        "unlock-with",
-        "password",
-        "--new-password-file",
-        str(cli.dir / "new-password"),
-        "--kdf-profile",
-        "test",
-    )
-    assert switched.returncode == 0, switched.stderr
+    _switch_to_password(cli)
     doc = json.loads(cli("status", "--json", env={"MASTER_PASSWORD": NEW_PASSWORD}).stdout)
     assert (doc["unlocked_by"], doc["kms_key"]) == ("password", None)
 
