@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from mounts import tmpfs
 from secrets_manager.audit import AuditEvent, AuditLog, AuditTamperError, local_actor
 from secrets_manager.audit import log as audit_log
 from secrets_manager.crypto import kdf
@@ -1884,23 +1885,12 @@ PAGE = 4096  # tmpfs allocates whole pages: a file can grow into the rest of its
 @pytest.fixture
 def log_on_small_tmpfs(tmp_path: Path) -> Iterator[Cli]:
     """A store whose audit log is on a small tmpfs of its own (mounted as root), to be filled."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mount_point)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI must be able to mount a tmpfs (runs as root)")
-        pytest.skip("needs root to mount a small tmpfs")
-    try:
+    with tmpfs(tmp_path / "small", "256k") as mount_point:
         c = Cli(tmp_path)
         c.audit = mount_point / "store.audit.jsonl"
         c.env["SECRETS_MANAGER_AUDIT_FILE"] = str(c.audit)
         assert c("init", "--kdf-profile", "test").returncode == 0
         yield c
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 def _fill_leaving(cli: Cli, room: int) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from mounts import remount_read_only, tmpfs
 from secrets_manager.environment import Environment
 from secrets_manager.store.url import open_store
 
@@ -190,22 +191,11 @@ def test_a_store_in_a_read_only_directory_is_read(cli: Cli, tmp_path: Path) -> N
 @pytest.fixture
 def read_only_mount(cli: Cli, tmp_path: Path) -> Iterator[Path]:
     """A tmpfs holding a copy of the store and its log, remounted read-only."""
-    mount_point = tmp_path / "mounted"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount_point)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI must be able to mount a read-only tmpfs (runs as root)")
-        pytest.skip("needs root to mount a tmpfs")
-    try:
+    with tmpfs(tmp_path / "mounted", "4m") as mount_point:
         for name in ("store.db", "store.audit.jsonl"):
             shutil.copy2(cli.store.parent / name, mount_point / name)
-        subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+        remount_read_only(mount_point)
         yield mount_point
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 def test_a_store_and_log_on_a_read_only_mount(cli: Cli, read_only_mount: Path, tmp_path: Path) -> None:
@@ -278,18 +268,9 @@ def test_serve_reads_a_store_on_a_read_only_mount(tmp_path: Path) -> None:
     }
     listed = subprocess.run([str(SCRIPT), "list"], env=environment, capture_output=True, timeout=60)
     assert listed.returncode == 0, listed.stderr  # the log begun, and the store anchored
-    mount_point = tmp_path / "mounted"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount_point)], capture_output=True
-    )
-    if mounted.returncode != 0:
-        if os.environ.get("CI"):
-            pytest.fail("CI must be able to mount a read-only tmpfs (runs as root)")
-        pytest.skip("needs root to mount a tmpfs")
-    try:
+    with tmpfs(tmp_path / "mounted", "4m") as mount_point:
         shutil.copy2(tmp_path / "store.db", mount_point / "store.db")
-        subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+        remount_read_only(mount_point)
         log = tmp_path / "store.audit.jsonl"
         server = start_server(
             tmp_path, store=str(mount_point / "store.db"), settings=f'audit_file = "{log}"\n'
@@ -313,8 +294,6 @@ def test_serve_reads_a_store_on_a_read_only_mount(tmp_path: Path) -> None:
             ("store", "pending"),
             ("store", "storage_error"),
         ]
-    finally:
-        subprocess.run(["umount", str(mount_point)], check=True)
     # The writable original, with the same log: the records serve wrote are anchored now.
     assert subprocess.run([str(SCRIPT), "list"], env=environment, capture_output=True).returncode == 0
     verified = subprocess.run([str(SCRIPT), "audit", "verify"], env=environment, capture_output=True)
