@@ -1,4 +1,4 @@
-"""Jittered exponential backoff for compare-and-set retries, with an overall deadline.
+"""Jittered exponential backoff with an overall deadline (a lost write race, a Vault failover).
 
 Every store retries a lost write race the same way: sleep a random time up to the current delay
 (full jitter, so racing writers spread out), double the delay up to a cap, and give up with one
@@ -22,7 +22,14 @@ class Backoff:
 
     def wait(self) -> None:
         """Sleep before the next attempt; StorageError once the deadline has passed."""
-        if time.monotonic() > self._deadline:
+        if not self.pause():
             raise StorageError(f"too many concurrent writes to {self._what}; try again")
+
+    def pause(self) -> bool:
+        """Sleep before the next attempt and say True; False, without sleeping, once the deadline
+        has passed (for a caller that gives up with the error it last had)."""
+        if time.monotonic() > self._deadline:
+            return False
         time.sleep(random.uniform(0, self._delay))  # noqa: S311 (jitter, not crypto)
         self._delay = min(self._delay * 2, self._cap)
+        return True

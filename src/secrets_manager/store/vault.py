@@ -46,7 +46,6 @@ import base64
 import binascii
 import builtins
 import json
-import random
 import re
 import secrets
 import ssl
@@ -1573,18 +1572,13 @@ def _through_failover(send: Callable[[], Any]) -> Any:
     "local node not active but active cluster node not found": a standby with no active node to
     forward to (during a leader election or while the active node restarts) does nothing with the
     request, so a write is as safe to repeat as a read. Any other 500 is not repeated here."""
-    deadline = time.monotonic() + FAILOVER_WAIT_SECONDS
-    delay = 0.25
+    backoff = Backoff(first=0.25, cap=2.0, deadline_seconds=FAILOVER_WAIT_SECONDS, what="Vault")
     while True:
         try:
             return send()
         except vault_errors.InternalServerError as exc:
-            if not any(_NO_ACTIVE_NODE in str(e) for e in exc.errors or []):
+            if not any(_NO_ACTIVE_NODE in str(e) for e in exc.errors or []) or not backoff.pause():
                 raise
-            if time.monotonic() + delay > deadline:
-                raise
-            time.sleep(random.uniform(delay / 2, delay))  # noqa: S311 (jitter, not crypto)
-            delay = min(delay * 2, 2.0)
 
 
 def _surely_not_sent(exc: BaseException) -> bool:
