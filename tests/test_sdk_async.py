@@ -14,7 +14,7 @@ import pytest
 
 from secrets_manager import AsyncClient, Credentials, get_credentials
 from secrets_manager.client import _client, close_default_client, remote
-from secrets_manager.errors import AccessDeniedError, StorageError
+from secrets_manager.errors import AccessDeniedError, InvalidInputError, StorageError
 from service_fixtures import SEED, Server, SilentListener, client_environ, make_pki, make_store, start_server
 
 AUTH = {name: value for name, value in SEED.items() if name.startswith("auth/")}
@@ -231,3 +231,26 @@ def test_async_client_gets_versions_describes_and_reports_denials(server: Server
             assert not client.stale
 
     asyncio.run(main())
+
+
+def test_a_closed_client_answers_no_read_not_even_from_its_cache(server: Server, service_dir: Path) -> None:
+    """After close() (or leaving `async with`) a read that the cache could answer was answered until
+    the TTL (300 s by default), though no watcher kept the values fresh any more: a rotated
+    credential was handed out as current. Now every read raises at once, as a closed file does."""
+
+    async def main() -> AsyncClient:
+        async with AsyncClient(environ=client_environ(service_dir, "auth", [server.address])) as client:
+            assert revealed(await client.credentials()) == AUTH
+            assert (await client.get("auth/JWT_KEY")).value.reveal() == AUTH["auth/JWT_KEY"]
+        for read in (client.credentials(), client.credentials("auth"), client.get("auth/JWT_KEY")):
+            started = time.monotonic()
+            with pytest.raises(InvalidInputError, match="client is closed: it serves nothing, cached values"):
+                await read
+            assert time.monotonic() - started < 0.5
+        return client
+
+    client = asyncio.run(main()).sync
+    for sync_read in (client.credentials, lambda: client.get("auth/DB_PASSWORD")):
+        with pytest.raises(InvalidInputError, match="client is closed") as error:
+            sync_read()
+        assert "SEEKRIT" not in str(error.value) and "\n" not in str(error.value)

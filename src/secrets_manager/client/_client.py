@@ -890,6 +890,8 @@ class Client:
         self._paused_backend: _Backend | None = None  # from before a fork until just after it
         self._queue = _RefreshQueue(clock)
         self._closed = threading.Event()
+        # close() was called (not a pause for fork(), which sets _closed too): reads raise at once
+        self._shut = False
         self._threads: list[threading.Thread] = []
         self._stream: _ChangeSource | None = None
         self._stream_lock = threading.Lock()
@@ -913,6 +915,8 @@ class Client:
         only that namespace's secrets, by their names inside it ('BINANCE_API_KEY'), fetched by
         the prefix 'namespace/' (the service reads nothing else; 'default', whose names have no
         '/', is picked out of everything)."""
+        if self._shut:
+            raise _closed_error()
         if namespace is not None:
             validate_namespace(namespace)
         hit = self._cached_credentials(namespace)
@@ -921,6 +925,8 @@ class Client:
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """One secret (GetSecret): the current version from the cache; a given version or label
         ('previous', 'pending') is always asked of the service."""
+        if self._shut:
+            raise _closed_error()
         checked_text(name, "secret name")  # before the cache: a list is unhashable, bytes miss
         if version is None and label is None:
             entry = self._secrets.get(name)
@@ -1004,6 +1010,7 @@ class Client:
     def close(self) -> None:
         """Stop the watcher and refresher threads and close the connections (or local store)."""
         with self._start_lock:
+            self._shut = True  # first: no read is answered from the cache from now on
             if self._closed.is_set():
                 return
             self._closed.set()
@@ -1486,7 +1493,11 @@ class Client:
             return backend
         with self._start_lock:
             if self._closed.is_set():
-                raise InvalidInputError("this secrets-manager client is closed")
+                raise (
+                    _closed_error()
+                    if self._shut
+                    else InvalidInputError("this secrets-manager client is closed")
+                )
             if self._backend is None:
                 target = self._config.target
                 if isinstance(target, RemoteTarget):
@@ -1812,6 +1823,16 @@ def _changed(name: str, before: Entry[Secret] | None, after: Secret | None) -> S
     return SecretChanged(name, after.version, previous.version if previous is not None else None)
 
 
+def _closed_error() -> InvalidInputError:
+    """A read of a closed client: raised at once, as by a closed file, rather than answered from
+    a cache that no watcher keeps fresh any more."""
+    return InvalidInputError(
+        "this secrets-manager client is closed: it serves nothing, cached values included; "
+        "read through a client that is open (after close_default_client(), get_credentials() "
+        "makes a new one)"
+    )
+
+
 def _value_bytes(value: bytes | str | SecretValue) -> bytes:
     """The bytes to write. Not UnicodeEncodeError for text that is not Unicode (a lone
     surrogate): it would carry the whole text (`.object`) and show it in its repr."""
@@ -1911,6 +1932,8 @@ class AsyncClient:
 
     async def credentials(self, namespace: str | None = None) -> Credentials:
         """See `Client.credentials` (BatchGetSecrets)."""
+        if self._client._shut:
+            raise _closed_error()
         if namespace is not None:
             validate_namespace(namespace)
         hit = self._client._cached_credentials(namespace)
@@ -1923,6 +1946,8 @@ class AsyncClient:
 
     async def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """See `Client.get` (GetSecret)."""
+        if self._client._shut:
+            raise _closed_error()
         checked_text(name, "secret name")
         if version is None and label is None:
             hit = self._client._cached_secret(name)
