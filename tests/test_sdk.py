@@ -2546,3 +2546,50 @@ def test_a_refresh_due_after_the_machine_slept_is_taken_soon_after_waking() -> N
     taker.join(timeout=3.0)
     queue.wake()
     assert taken == [{"auth/JWT_KEY"}]
+
+
+def test_a_read_refused_after_a_reload_drops_the_cached_values_and_a_later_outage_serves_none(
+    service_dir: Path,
+    make_client: ClientFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With no watch stream (the service at its stream limit), a reload that takes the identity's
+    last role is learnt by the next read past the TTL: refused, AccessDeniedError. That read kept
+    the listing and its values cached, and an outage after it served them, marked stale, though
+    the service had refused them. Now the refusal drops them (as the refresher's does) and names
+    them in a warning; the outage then has nothing to serve."""
+    monkeypatch.setattr(_client, "BACKOFF_INITIAL_SECONDS", 60.0)  # the refused watcher asks again
+    monkeypatch.setattr(_client, "BACKOFF_MAX_SECONDS", 60.0)  # only after the test: no race
+    server = start_server(service_dir, settings="max_watch_streams = 1\n")
+    try:
+        ops = make_client("ops", [server.address])
+        ops.credentials()
+        wait_until(lambda: ops._live_since is not None, timeout=10)  # it holds the one stream
+        client = make_client("auth", [server.address], ttl=1.0, stale_if_error=60.0)
+        assert revealed(client.credentials()) == AUTH
+        assert client._live_since is None
+        caplog.set_level(logging.WARNING, logger="secrets_manager.client")
+        policy = service_dir / "policy.toml"
+        policy.write_text(policy.read_text().replace(f'"spiffe://{TD}/auth" = ["auth-reader"]\n', ""))
+        server.process.send_signal(signal.SIGHUP)
+
+        def refused() -> bool:
+            try:
+                client.credentials()
+            except AccessDeniedError:
+                return True
+            return False
+
+        wait_until(refused, timeout=10, interval=0.05)
+        assert any(
+            "refused this identity the secrets; no longer served, cached copies dropped: "
+            "auth/DB_PASSWORD, auth/JWT_KEY" in message
+            for message in warnings_of(caplog)
+        )
+        server.kill()
+        for read in (client.credentials, lambda: client.get("auth/JWT_KEY")):
+            with pytest.raises(StorageError, match="nothing is cached for this read"):
+                read()
+    finally:
+        server.kill()

@@ -1181,6 +1181,11 @@ class Client:
                 if used is not None and self._reach.may_serve_stale(self._clock()):
                     return self._snapshot(namespace, used, stale=True)
                 raise self._unavailable(exc, cached=used is not None) from None
+            except (NotFoundError, AccessDeniedError):
+                # Refused (an identity the service no longer gives a role): what the listing held
+                # is forgotten, as the refresher forgets it, so no later outage serves it stale.
+                self._forget_listing(key)
+                raise
             except SecretsManagerError as exc:
                 used = self._listing_for(namespace)
                 if not _no_answer_now(exc) or used is None:
@@ -1372,6 +1377,15 @@ class Client:
             if refetch:
                 self._secrets.put_outdated({name: by_name[name] for name in refetch}, started=started)
             after = self._secrets.entries()
+        dropped_now = sorted(name for name in gone if name in before and name not in after)
+        if dropped_now:  # names are not secret: say which, since a policy reload can be why
+            log.info(
+                "secrets-manager (%s): %s no longer include (deleted, or no longer readable by this "
+                "identity), dropped from the cache: %s",
+                self._config.description,
+                _what(key),
+                ", ".join(dropped_now),
+            )
         if self._notifier.listening:
             changed = [
                 _changed(name, before.get(name), by_name[name])
@@ -1474,6 +1488,13 @@ class Client:
             for each in keys:
                 self._listing.discard(each)
             self._owed = {other: debt for other, debt in self._owed.items() if other not in keys}
+        if names:
+            log.warning(
+                "secrets-manager (%s) refused this identity %s; no longer served, cached copies dropped: %s",
+                self._config.description,
+                _what(key),
+                ", ".join(sorted(names)),
+            )
         for name in sorted(names):
             self._forget(name)
 
