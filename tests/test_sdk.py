@@ -933,11 +933,11 @@ def test_an_address_that_hangs_is_passed_over(server: Server, make_client: Clien
 
 def test_reads_against_hung_addresses_end_within_the_documented_bound(make_client: ClientFactory) -> None:
     """README (The Python SDK): with N addresses that all hang, a read fails within N timeouts and
-    a client's first within N + 1 (the wait for its watch stream comes first)."""
+    a client's first within one (its watch stream's health checks ask them all at once)."""
     silent = [SilentListener(), SilentListener()]
     try:
         client = make_client("auth", [listener.address for listener in silent], timeout=1.0)
-        for bound in (3, 2):  # the first read, then a later one
+        for bound in (1.25, 2):  # the first read (the timeout and a head start), then a later one
             started = time.monotonic()
             with pytest.raises(StorageError):
                 client.credentials()
@@ -947,6 +947,33 @@ def test_reads_against_hung_addresses_end_within_the_documented_bound(make_clien
             listener.close()
 
 
+def test_a_first_read_with_every_replica_stopped_fails_after_one_timeout_not_one_per_replica_and_one_more(
+    service_dir: Path, make_client: ClientFactory
+) -> None:
+    """Three real replicas, SIGSTOPped (each accepts a connection and never answers). A client's
+    first read waited the timeout for its watch stream, whose health checks found none serving,
+    then asked each replica again for a timeout each: 4 timeouts (20 s with the default 5 s). The
+    stream's checks asked them all at once, so the read now fails with their answer: one timeout
+    (and the head starts), naming each replica."""
+    servers = [start_server(service_dir, f"replica{index}") for index in range(3)]
+    try:
+        for each in servers:
+            each.process.send_signal(signal.SIGSTOP)
+        client = make_client("auth", [each.address for each in servers], timeout=1.0)
+        started = time.monotonic()
+        with pytest.raises(StorageError) as failure:
+            client.credentials()
+        assert time.monotonic() - started < 1.0 + 2 * 0.25 + 1.0  # 4 s and more before
+        message = str(failure.value)
+        assert "nothing is cached for this read" in message and "\n" not in message
+        for each in servers:
+            assert f"{each.address} did not answer its health check within 1 s" in message
+    finally:
+        for each in servers:
+            each.process.send_signal(signal.SIGCONT)
+            each.kill()
+
+
 def test_an_address_that_hangs_is_named_and_a_change_sent_to_it_is_said_to_be_unknown(
     make_client: ClientFactory,
 ) -> None:
@@ -954,6 +981,10 @@ def test_an_address_that_hangs_is_named_and_a_change_sent_to_it_is_said_to_be_un
     silent = SilentListener()
     try:
         client = make_client("writer", [silent.address], timeout=0.5)
+        with pytest.raises(
+            StorageError, match=f"{silent.address} did not answer its health check within 0.5 s"
+        ):
+            client.get("auth/DB_PASSWORD")  # the first read: its watch stream's health check said so
         with pytest.raises(StorageError) as read:
             client.get("auth/DB_PASSWORD")
         assert f"{silent.address} did not answer GetSecret within 0.5 s: is the service up" in str(read.value)

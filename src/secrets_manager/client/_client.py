@@ -89,6 +89,7 @@ from functools import partial, wraps
 from types import TracebackType
 from typing import Any, ParamSpec, Protocol, TypeVar
 
+from secrets_manager.client import remote
 from secrets_manager.client._cache import Entry, Reachability, TtlCache
 from secrets_manager.client._config import (
     TTL_JITTER,
@@ -568,7 +569,7 @@ class _ServiceReplicas:
         # Each address's reason, as the CLI gives them: a replica whose certificate this client's CA
         # does not trust (half-way through a CA rotation) was "not serving" with nothing that said so.
         reasons = f" ({'; '.join(whys)})" if whys else ""
-        raise StorageError(
+        raise _NoneServing(
             f"no service is serving at {', '.join(replica.address for _, replica in order)}{reasons}"
         )
 
@@ -621,6 +622,11 @@ class _ServiceReplicas:
             channels, self._open = self._open, []
         for each in channels:
             each.close()
+
+
+class _NoneServing(StorageError):
+    """No address said SERVING to the health checks of `_ServiceReplicas.open_watch`, asked of
+    them all at once (after head starts), each for the timeout."""
 
 
 def _no_answer_now(error: SecretsManagerError) -> bool:
@@ -902,6 +908,10 @@ class Client:
         # Set once the watcher's first stream went live (or its attempt failed): a first fetch
         # waits for it, so it starts after the stream's revision and needs no re-read.
         self._first_stream = threading.Event()
+        # Why the watcher's first attempt found no address serving (each health check failed or
+        # went unanswered for the timeout): the first reads waiting for it fail with it, rather
+        # than ask each address again for a timeout each (N + 1 timeouts in all, before).
+        self._first_stream_error: StorageError | None = None
         # Refreshes that failed and are owed: key (a name, or a listing's prefix) -> (start of
         # the first failed attempt, attempts failed). Copy-on-write under _write_lock, read without.
         self._owed: dict[str, tuple[float, int]] = {}
@@ -1083,6 +1093,7 @@ class Client:
         self._start_lock, self._stream_lock = threading.Lock(), threading.Lock()
         self._queue, self._closed = _RefreshQueue(self._clock), threading.Event()  # not set: checked
         self._first_stream = threading.Event()  # its first read waits for its own first stream
+        self._first_stream_error = None
         self._rng.seed()  # else every worker would jitter its TTLs and backoffs exactly alike
         self._owed = {}  # every value is expired: the next read fetches it
         self._notifier.reset_after_fork()
@@ -1168,13 +1179,15 @@ class Client:
     @_frames_withheld
     def _load_credentials(self, namespace: str | None) -> Credentials:
         key = _listing_key(namespace)
-        self._await_first_stream()
+        unserved = self._await_first_stream()
         with self._flight(key):
             hit = self._cached_credentials(namespace)  # another thread may just have fetched
             if hit is not None:
                 return hit
             started = self._clock()
             try:
+                if unserved is not None:
+                    raise unserved
                 secrets = self._call(lambda backend: backend.fetch_all(key))
             except StorageError as exc:
                 used = self._listing_for(namespace)
@@ -1199,13 +1212,15 @@ class Client:
 
     @_frames_withheld
     def _load_secret(self, name: str) -> Secret:
-        self._await_first_stream()
+        unserved = self._await_first_stream()
         with self._flight(name):
             hit = self._cached_secret(name)
             if hit is not None:
                 return hit
             started = self._clock()
             try:
+                if unserved is not None:
+                    raise unserved
                 secret = self._call(lambda backend: backend.fetch(name))
             except StorageError as exc:
                 entry = self._secrets.get(name)
@@ -1245,21 +1260,31 @@ class Client:
         self._snapshots[namespace] = (generation, key, credentials)
         return credentials
 
-    def _await_first_stream(self) -> None:
+    def _await_first_stream(self) -> StorageError | None:
         """Before the first fetch: start the backend and give the watcher's first stream up to the
         timeout to go live (a health check and the stream's first answer, milliseconds on a
         service that answers). Every change after the stream's starting revision reaches it and
         a fetch begun after that sees every change up to it, so nothing fetched needs reading
         again (before, the whole cache was re-read once the stream was live: every secret read,
         and audited, twice per start). If the stream is not live in time the fetch goes ahead
-        and what it read is read again once the stream is (`_reload_after_connect`)."""
+        and what it read is read again once the stream is (`_reload_after_connect`).
+
+        If that attempt found no address serving (each was asked at once, after a head start, and
+        none said SERVING within the timeout: hung, stopped, refusing), that error: the read fails
+        with it (or serves what it inherited, stale) rather than ask each address again for a
+        timeout each, so a first read with every address hung ends after one timeout, not N + 1."""
         if self._first_stream.is_set():
-            return
+            return None
         try:
             self._started_backend()
         except SecretsManagerError:
-            return  # the fetch raises it, where its callers expect it
-        self._first_stream.wait(self._config.timeout)
+            return None  # the fetch raises it, where its callers expect it
+        target = self._config.target
+        # The attempt's health checks: the timeout, plus each later address's head start.
+        heads = len(target.addresses) - 1 if isinstance(target, RemoteTarget) else 0
+        if not self._first_stream.wait(self._config.timeout + heads * remote.HEAD_START_SECONDS + 0.5):
+            return None
+        return self._first_stream_error
 
     @contextmanager
     def _flight(self, key: str) -> Iterator[None]:
@@ -1548,6 +1573,8 @@ class Client:
             try:
                 stream = backend.open_watch(resume, resume_history)
             except StorageError as exc:
+                if isinstance(exc, _NoneServing) and not self._first_stream.is_set():
+                    self._first_stream_error = exc
                 self._first_stream.set()  # a first fetch waits for this attempt only
                 self._unreachable(exc)
                 self._pause(backoff.next_delay())
