@@ -32,6 +32,7 @@ from secrets_manager.client import (
     Client,
     RemoteStore,
     SecretChanged,
+    _cache,
     _client,
     close_default_client,
 )
@@ -308,6 +309,39 @@ def test_a_new_secret_the_caller_may_read_appears_and_a_deleted_one_disappears(
     finally:
         ops.close()
     assert set(reader.credentials()) == set(AUTH)
+
+
+def test_names_created_and_deleted_leave_no_per_name_marker_behind(
+    server: Server, service_dir: Path, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each change event left a marker for its name in the cache (fetches that started before it
+    are refused), and a deleted name one more, never removed: a long-running service that sees
+    many names created and deleted grew by one or two entries per name for good. A marker matters
+    only to fetches in flight when it was set, so the cache now drops those older than every fetch
+    in flight once there are enough of them (256; 8 here)."""
+    monkeypatch.setattr(_cache, "MARKERS_BEFORE_PRUNE", 8, raising=False)
+    reader = make_client("auth", [server.address])
+    assert set(reader.credentials()) == set(AUTH)
+    wait_until(lambda: reader._live_since is not None, timeout=5.0)
+    ops = RemoteStore(server.address, tls_files(service_dir, "ops"))
+    names = [f"auth/SHORT_LIVED_{index}" for index in range(40)]
+    try:
+        for name in names:
+            ops.put(name, b"short-lived-SEEKRIT")
+        wait_until(lambda: set(names) <= set(reader.credentials()), timeout=20.0, interval=0.05)
+        for name in names:
+            ops.delete(name)
+        wait_until(lambda: set(reader.credentials()) == set(AUTH), timeout=20.0, interval=0.05)
+    finally:
+        ops.close()
+    cache = reader._secrets
+
+    def markers() -> int:
+        return len(cache._floors) + len(cache._removed)
+
+    time.sleep(1.0)  # the refresher's last fetches land
+    assert markers() < 16, markers()  # 80 and more before
+    assert revealed(reader.credentials()) == AUTH
 
 
 def _destroy(service_dir: Path, name: str) -> None:

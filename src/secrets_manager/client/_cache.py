@@ -10,6 +10,11 @@ Two invariants:
 - A slower, older fetch never overwrites a newer one. Each write carries the monotonic time its
   fetch *started*; the cache keeps the newer of the two, and `outdate()` (a change event arrived)
   refuses every fetch that started before it.
+
+Those per-key markers (when a change event outdated a key, when a key was discarded) matter only
+to fetches that started before them. Fetches say when they start and end (`fetching()`), so a
+marker older than every fetch in flight is dropped: a long-running client that sees many names
+created and deleted keeps markers for its fetches in flight, not one per name it ever heard of.
 """
 
 from __future__ import annotations
@@ -17,10 +22,15 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+# Markers kept before old ones are pruned (then twice what a prune leaves): each prune is one pass
+# over them, so their upkeep stays O(1) per change event.
+MARKERS_BEFORE_PRUNE = 256
 K = TypeVar("K")
 V = TypeVar("V")
 Clock = Callable[[], float]
@@ -54,6 +64,8 @@ class TtlCache(Generic[K, V]):
         self._entries: dict[K, Entry[V]] = {}
         self._floors: dict[K, float] = {}  # fetches that started before this are outdated
         self._removed: dict[K, float] = {}  # discarded (gone from the store) at this time
+        self._fetches: Counter[float] = Counter()  # start times of the fetches in flight
+        self._prune_at = MARKERS_BEFORE_PRUNE
         self._lock = threading.Lock()
         self.generation = 0  # bumped by every change: a key for anything derived from entries()
 
@@ -68,6 +80,40 @@ class TtlCache(Generic[K, V]):
 
     def lifetime(self) -> float:
         return self.ttl * (1.0 - self.jitter * self._rng.random())
+
+    # ---- fetches in flight ------------------------------------------------------------------------
+
+    @contextmanager
+    def fetching(self) -> Iterator[float]:
+        """A fetch whose result may be stored here: yields its start time (the `started` of
+        `put`, `put_many`, `put_outdated`), and keeps the markers it may be refused by until it
+        ends. Taken under the lock, so a fetch not registered yet starts after any prune."""
+        with self._lock:
+            started = self._clock()
+            self._fetches[started] += 1
+        try:
+            yield started
+        finally:
+            with self._lock:
+                self._fetches[started] -= 1
+                if not self._fetches[started]:
+                    del self._fetches[started]
+                self._prune_if_due()
+
+    def markers(self) -> int:
+        """How many per-key markers are kept (outdated and discarded keys)."""
+        return len(self._floors) + len(self._removed)
+
+    def _prune_if_due(self) -> None:
+        """(Under the lock.) Drop the markers older than every fetch in flight (all of them when
+        none is): each only refuses a fetch that started before it, and every fetch still to be
+        stored started after."""
+        if len(self._floors) + len(self._removed) < self._prune_at:
+            return
+        horizon = min(self._fetches) if self._fetches else self._clock()
+        self._floors = {key: at for key, at in self._floors.items() if at >= horizon}
+        self._removed = {key: at for key, at in self._removed.items() if at >= horizon}
+        self._prune_at = max(MARKERS_BEFORE_PRUNE, 2 * (len(self._floors) + len(self._removed)))
 
     # ---- writes: copy, change, swap ------------------------------------------------------------
 
@@ -127,10 +173,12 @@ class TtlCache(Generic[K, V]):
         with self._lock:
             self._floors[key] = self._clock()
             self.generation += 1
+            self._prune_if_due()
 
     def discard(self, key: K) -> None:
         with self._lock:
             self._removed[key] = self._clock()
+            self._prune_if_due()
             if key in self._entries:
                 entries = dict(self._entries)
                 del entries[key]
@@ -144,8 +192,10 @@ class TtlCache(Generic[K, V]):
 
     def reset_after_fork(self) -> None:
         """In a forked child: a new lock (the parent's may have been held by a thread that did not
-        survive the fork), and every value expired, since no watcher kept them fresh meanwhile."""
+        survive the fork), and every value expired, since no watcher kept them fresh meanwhile.
+        The parent's fetches in flight are not the child's: none will end here."""
         self._lock = threading.Lock()
+        self._fetches = Counter()
         self._swap({key: Entry(old.value, float("-inf"), old.started) for key, old in self._entries.items()})
 
     def _newest(self, entries: Mapping[K, Entry[V]], key: K) -> float:

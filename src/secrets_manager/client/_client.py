@@ -1184,31 +1184,31 @@ class Client:
             hit = self._cached_credentials(namespace)  # another thread may just have fetched
             if hit is not None:
                 return hit
-            started = self._clock()
-            try:
-                if unserved is not None:
-                    raise unserved
-                secrets = self._call(lambda backend: backend.fetch_all(key))
-            except StorageError as exc:
-                used = self._listing_for(namespace)
-                if used is not None and self._reach.may_serve_stale(self._clock()):
-                    return self._snapshot(namespace, used, stale=True)
-                raise self._unavailable(exc, cached=used is not None) from None
-            except (NotFoundError, AccessDeniedError):
-                # Refused (an identity the service no longer gives a role): what the listing held
-                # is forgotten, as the refresher forgets it, so no later outage serves it stale.
-                self._forget_listing(key)
-                raise
-            except SecretsManagerError as exc:
-                used = self._listing_for(namespace)
-                if not _no_answer_now(exc) or used is None:
+            with self._secrets.fetching() as started:
+                try:
+                    if unserved is not None:
+                        raise unserved
+                    secrets = self._call(lambda backend: backend.fetch_all(key))
+                except StorageError as exc:
+                    used = self._listing_for(namespace)
+                    if used is not None and self._reach.may_serve_stale(self._clock()):
+                        return self._snapshot(namespace, used, stale=True)
+                    raise self._unavailable(exc, cached=used is not None) from None
+                except (NotFoundError, AccessDeniedError):
+                    # Refused (an identity the service no longer gives a role): what the listing held
+                    # is forgotten, as the refresher forgets it, so no later outage serves it stale.
+                    self._forget_listing(key)
                     raise
-                self._owe(key, started, exc, by_read=True)
-                if self._owed_servable(self._owed.get(key, (started, 0))[0], self._clock()):
-                    return self._snapshot(namespace, used, stale=True)
-                raise
-            self._store_all(secrets, started, key)
-            return self._snapshot(namespace, key, stale=False, fetched=secrets)
+                except SecretsManagerError as exc:
+                    used = self._listing_for(namespace)
+                    if not _no_answer_now(exc) or used is None:
+                        raise
+                    self._owe(key, started, exc, by_read=True)
+                    if self._owed_servable(self._owed.get(key, (started, 0))[0], self._clock()):
+                        return self._snapshot(namespace, used, stale=True)
+                    raise
+                self._store_all(secrets, started, key)
+                return self._snapshot(namespace, key, stale=False, fetched=secrets)
 
     @_frames_withheld
     def _load_secret(self, name: str) -> Secret:
@@ -1217,29 +1217,29 @@ class Client:
             hit = self._cached_secret(name)
             if hit is not None:
                 return hit
-            started = self._clock()
-            try:
-                if unserved is not None:
-                    raise unserved
-                secret = self._call(lambda backend: backend.fetch(name))
-            except StorageError as exc:
-                entry = self._secrets.get(name)
-                if entry is not None and self._reach.may_serve_stale(self._clock()):
-                    return entry.value
-                raise self._unavailable(exc, cached=entry is not None) from None
-            except (NotFoundError, AccessDeniedError):
-                self._forget(name)
-                raise
-            except SecretsManagerError as exc:
-                entry = self._secrets.get(name)
-                if not _no_answer_now(exc) or entry is None:
+            with self._secrets.fetching() as started:
+                try:
+                    if unserved is not None:
+                        raise unserved
+                    secret = self._call(lambda backend: backend.fetch(name))
+                except StorageError as exc:
+                    entry = self._secrets.get(name)
+                    if entry is not None and self._reach.may_serve_stale(self._clock()):
+                        return entry.value
+                    raise self._unavailable(exc, cached=entry is not None) from None
+                except (NotFoundError, AccessDeniedError):
+                    self._forget(name)
                     raise
-                self._owe(name, started, exc, by_read=True)
-                if self._owed_servable(self._owed.get(name, (started, 0))[0], self._clock()):
-                    return entry.value
-                raise
-            self._store_secret(secret, started)
-            return secret
+                except SecretsManagerError as exc:
+                    entry = self._secrets.get(name)
+                    if not _no_answer_now(exc) or entry is None:
+                        raise
+                    self._owe(name, started, exc, by_read=True)
+                    if self._owed_servable(self._owed.get(name, (started, 0))[0], self._clock()):
+                        return entry.value
+                    raise
+                self._store_secret(secret, started)
+                return secret
 
     def _snapshot(
         self, namespace: str | None, key: str, *, stale: bool, fetched: Sequence[Secret] | None = None
@@ -1796,36 +1796,36 @@ class Client:
     def _refresh_listing(self, key: str) -> SecretsManagerError | None:
         """Fetch the listing `key` again; None if that succeeded (or was refused for good), else
         why not (it is owed)."""
-        started = self._clock()
-        try:
-            secrets = self._call(lambda backend: backend.fetch_all(key))
-        except (NotFoundError, AccessDeniedError):
-            # A listing by prefix is filtered, never refused, but for an identity the service
-            # refuses every call (no role left, a revoked certificate): nothing under it may be
-            # read any more, as a secret read by name that is refused is forgotten (`_refresh`).
-            # Not owed: retried every few seconds, each refusal audited, to no end.
-            self._forget_listing(key)
+        with self._secrets.fetching() as started:
+            try:
+                secrets = self._call(lambda backend: backend.fetch_all(key))
+            except (NotFoundError, AccessDeniedError):
+                # A listing by prefix is filtered, never refused, but for an identity the service
+                # refuses every call (no role left, a revoked certificate): nothing under it may be
+                # read any more, as a secret read by name that is refused is forgotten (`_refresh`).
+                # Not owed: retried every few seconds, each refusal audited, to no end.
+                self._forget_listing(key)
+                return None
+            except SecretsManagerError as exc:
+                log.debug("refresh of %s failed: %s", _what(key), exc)
+                self._owe(key, started, exc)
+                return exc
+            self._store_all(secrets, started, key, refresh=True)
             return None
-        except SecretsManagerError as exc:
-            log.debug("refresh of %s failed: %s", _what(key), exc)
-            self._owe(key, started, exc)
-            return exc
-        self._store_all(secrets, started, key, refresh=True)
-        return None
 
     def _refresh(self, name: str) -> None:
-        started = self._clock()
-        try:
-            secret = self._call(lambda backend: backend.fetch(name))
-        except (NotFoundError, AccessDeniedError):
-            self._forget(name)
-            return
-        except SecretsManagerError as exc:
-            log.debug("refresh of %s failed: %s", name, exc)
-            self._secrets.expire(name)
-            self._owe(name, started, exc)  # served stale until a retry succeeds
-            return
-        self._store_secret(secret, started, refresh=True)
+        with self._secrets.fetching() as started:
+            try:
+                secret = self._call(lambda backend: backend.fetch(name))
+            except (NotFoundError, AccessDeniedError):
+                self._forget(name)
+                return
+            except SecretsManagerError as exc:
+                log.debug("refresh of %s failed: %s", name, exc)
+                self._secrets.expire(name)
+                self._owe(name, started, exc)  # served stale until a retry succeeds
+                return
+            self._store_secret(secret, started, refresh=True)
 
 
 def _call_in_loop(
