@@ -1068,6 +1068,63 @@ def test_server_stopped_cached_values_are_served_until_the_bound_then_a_clear_er
         client.get("auth/JWT_KEY")
 
 
+def test_values_served_stale_say_which_they_are_and_for_how_long(
+    server: Server, make_client: ClientFactory
+) -> None:
+    """`Credentials.stale` said only that something was stale. Now `stale_names` says which values
+    and `staleness(name)` for how many seconds (None while fresh); neither is in the repr."""
+    client = make_client("auth", [server.address], stale_if_error=60.0)
+    fresh = client.credentials()
+    assert fresh.stale_names == frozenset() and fresh.staleness("auth/JWT_KEY") is None
+    server.kill()
+    wait_until(lambda: client.stale, timeout=30.0, interval=0.05)
+    stale = client.credentials()
+    assert stale.stale and stale.stale_names == frozenset(AUTH)
+    first = stale.staleness("JWT_KEY")  # a short name, as creds["JWT_KEY"]
+    assert first is not None and 0 <= first < 30
+    time.sleep(0.3)
+    later = stale.staleness("auth/JWT_KEY")
+    assert later is not None and later >= first + 0.25
+    namespace = client.credentials("auth")
+    assert namespace.stale_names == {"DB_PASSWORD", "JWT_KEY"}
+    with pytest.raises(KeyError):
+        stale.staleness("auth/NOT_HERE")
+    assert "SEEKRIT" not in repr(stale) and "SEEKRIT" not in str(namespace)
+
+
+def test_a_value_whose_re_fetch_fails_is_the_one_named_stale_not_those_beside_it(
+    server: Server, service_dir: Path, make_client: ClientFactory
+) -> None:
+    """One secret changes and its re-fetch fails (the service answers that it cannot now): that
+    value alone is served stale; `stale_names` and `staleness` say so of it, not of the others."""
+    client = make_client("auth", [server.address], stale_if_error=60.0)
+    assert revealed(client.credentials()) == AUTH
+    backend = _settled_backend(client)
+    fetch = backend.fetch
+
+    def refused_for_jwt(name: str, **kwargs: Any) -> Any:
+        if name == "auth/JWT_KEY":
+            raise ConflictError("the store changed under the service: restart it")
+        return fetch(name, **kwargs)
+
+    backend.fetch = refused_for_jwt  # type: ignore[method-assign]
+    ops = RemoteStore(server.address, tls_files(service_dir, "ops"))
+    try:
+        ops.put("auth/JWT_KEY", b"rotated-jwt-SEEKRIT")
+    finally:
+        ops.close()
+    wait_until(lambda: client.credentials().stale, timeout=10)
+    creds = client.credentials()
+    assert creds.stale_names == {"auth/JWT_KEY"}
+    assert creds.staleness("DB_PASSWORD") is None
+    staleness = creds.staleness("JWT_KEY")
+    assert staleness is not None and 0 <= staleness < 30
+    backend.fetch = fetch  # type: ignore[method-assign]
+    wait_until(lambda: not client.credentials().stale, timeout=15)
+    assert client.credentials().stale_names == frozenset()
+    assert client.credentials()["JWT_KEY"].reveal() == b"rotated-jwt-SEEKRIT"
+
+
 def test_with_stale_serving_off_the_outage_warning_does_not_promise_stale_values(
     server: Server, make_client: ClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -139,6 +139,7 @@ from secrets_manager.wire import MIN_PING_INTERVAL_WITHOUT_DATA_MS
 log = logging.getLogger("secrets_manager.client")
 
 T = TypeVar("T")
+V = TypeVar("V")
 P = ParamSpec("P")
 SETTLE_SECONDS = 0.5  # > the service's 0.2 s watch poll plus the time its stream takes to start
 LOCAL_POLL_SECONDS = 0.2  # the local store's change feed, polled as the service polls it
@@ -887,7 +888,7 @@ class Client:
             self._config.ttl, jitter=TTL_JITTER, clock=clock, rng=self._rng
         )
         self._reach = Reachability(self._config.stale_if_error, clock=clock)
-        self._snapshots: dict[str | None, tuple[tuple[int, int, bool], str, Credentials]] = {}
+        self._snapshots: dict[str | None, tuple[tuple[Any, ...], str, Credentials]] = {}
         self._write_lock = threading.RLock()  # every cache write; reads take no lock
         self._flights: dict[str, _Flight] = {}  # only keys with a request in flight
         self._flights_lock = threading.Lock()
@@ -1246,7 +1247,10 @@ class Client:
     ) -> Credentials:
         """Credentials from one generation of the cache (the listing `key`), built once per
         generation."""
-        generation = (self._secrets.generation, self._listing.generation, stale)
+        # Stale snapshots also hang on what is owed and on the outage: they say which values are
+        # stale and since when (the dict of debts is copy-on-write: the same object, the same debts).
+        owed, outage = (self._owed, self._reach.outage_since) if stale else (None, None)
+        generation = (self._secrets.generation, self._listing.generation, stale, owed, outage)
         cached = self._snapshots.get(namespace)
         if cached is not None and cached[0] == generation and cached[1] == key:
             return cached[2]
@@ -1256,9 +1260,32 @@ class Client:
             values = {name: entries[name].value.value for name in sorted(listing.value) if name in entries}
         else:  # only when the fetch just made was older than one stored meanwhile (rare)
             values = {secret.name: secret.value for secret in fetched or ()}
-        credentials = Credentials(_in_namespace(values, namespace), stale=stale)
+        stale_since = self._stale_since(values, key) if stale else {}
+        credentials = Credentials(
+            _in_namespace(values, namespace),
+            stale=stale,
+            stale_since=_in_namespace(stale_since, namespace),
+            clock=self._clock,
+        )
         self._snapshots[namespace] = (generation, key, credentials)
         return credentials
+
+    def _stale_since(self, names: Iterable[str], key: str) -> dict[str, float]:
+        """Since when (the client's clock) each of `names`, from the listing `key`, has been
+        served without the service vouching for it: the outage's start for every name during one;
+        otherwise the start of the first failed re-fetch owed for it, its own or its listing's.
+        A name owed nothing is absent: fresh, though others beside it are stale."""
+        outage = self._reach.outage_since
+        if outage is not None:
+            return dict.fromkeys(names, outage)
+        owed = self._owed
+        listed = [owed[each][0] for each in (key, _ALL) if each in owed]
+        since: dict[str, float] = {}
+        for name in names:
+            times = listed + ([owed[name][0]] if name in owed else [])
+            if times:
+                since[name] = min(times)
+        return since
 
     def _await_first_stream(self) -> StorageError | None:
         """Before the first fetch: start the backend and give the watcher's first stream up to the
@@ -1939,7 +1966,7 @@ def _what(key: str) -> str:
     return f"the secrets under {key}" if key.endswith("/") else key
 
 
-def _in_namespace(values: Mapping[str, SecretValue], namespace: str | None) -> dict[str, SecretValue]:
+def _in_namespace(values: Mapping[str, V], namespace: str | None) -> dict[str, V]:
     if namespace is None:
         return dict(values)
     if namespace == DEFAULT_NAMESPACE:

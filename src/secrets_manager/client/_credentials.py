@@ -12,7 +12,8 @@ Its `repr` and `str` show names only; the values are `SecretValue`s, redacted un
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, NoReturn
 
 from secrets_manager.values import SecretValue
@@ -51,18 +52,45 @@ class Credentials(Mapping[str, SecretValue]):
     ends in BINANCE_API_KEY (the seed's `creds.get("BINANCE_API_KEY")`). If two do, it is a
     KeyError that names both: never a guess between them. Iteration shows the full names."""
 
-    __slots__ = ("_short", "_stale", "_values")
+    __slots__ = ("_clock", "_short", "_stale", "_stale_since", "_values")
 
-    def __init__(self, values: Mapping[str, SecretValue], *, stale: bool = False) -> None:
+    def __init__(
+        self,
+        values: Mapping[str, SecretValue],
+        *,
+        stale: bool = False,
+        stale_since: Mapping[str, float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._values = dict(values)
         self._stale = stale
+        # Names served stale, and since when on `clock`; with `stale` and none given, all of them.
+        if stale_since is None:
+            stale_since = dict.fromkeys(self._values, clock()) if stale else {}
+        self._stale_since = dict(stale_since)
+        self._clock = clock
         self._short: dict[str, list[str]] | None = None  # built on the first short-name lookup
 
     @property
     def stale(self) -> bool:
-        """True when no service could be reached and these are the last good values, served
-        within the client's stale-if-error bound."""
+        """True when some of these values are served stale: no service could be reached (all of
+        them), or a value known to have changed could not be fetched again yet (that one); the
+        last good values, within the client's stale-if-error bound. `stale_names` says which."""
         return self._stale
+
+    @property
+    def stale_names(self) -> frozenset[str]:
+        """The names (as keys here) whose values are served stale; empty when none is."""
+        return frozenset(self._stale_since)
+
+    def staleness(self, name: str) -> float | None:
+        """None if the value of `name` is fresh (the service vouched for it within the TTL, or
+        the watch stream would have said it changed); else for how many seconds it has been
+        served without that (since the outage began, or the first failed re-fetch of it), now.
+        KeyError for a name not here, as `creds[name]`; a short name works as there."""
+        full = name if name in self._values else self._full_name(name)
+        since = self._stale_since.get(full)
+        return None if since is None else max(0.0, self._clock() - since)
 
     def __getitem__(self, name: str) -> SecretValue:
         value = self._values.get(name)
@@ -135,7 +163,7 @@ class Credentials(Mapping[str, SecretValue]):
         drop_tracebacks(error)
         raise error
 
-    def __repr__(self) -> str:
+    def __repr__(self) -> str:  # names only, never a value (nor how stale: it changes as it is read)
         stale = ", stale=True" if self._stale else ""
         return f"Credentials({sorted(self._values)!r}{stale})"
 
