@@ -484,10 +484,12 @@ def test_a_first_read_in_flight_when_its_secret_changes_is_not_cached_as_fresh(
 
 
 def test_a_policy_reload_reaches_a_running_client_at_once(
-    server: Server, service_dir: Path, make_client: ClientFactory
+    server: Server, service_dir: Path, make_client: ClientFactory, caplog: pytest.LogCaptureFixture
 ) -> None:
     """No change event says what a reload granted or took: the service sends RESYNC, and the
-    client reads again (it kept serving the old set as fresh until the TTL, 300 s)."""
+    client reads again (it kept serving the old set as fresh until the TTL, 300 s). The names it
+    no longer gets are said in the log (they went silently)."""
+    caplog.set_level(logging.INFO, logger="secrets_manager.client")
     client = make_client("auth", [server.address])
     assert sorted(client.credentials()) == ["auth/DB_PASSWORD", "auth/JWT_KEY"]
     time.sleep(1.5)  # past the re-read the client makes once its watch stream has settled
@@ -507,6 +509,11 @@ def test_a_policy_reload_reaches_a_running_client_at_once(
     expected = ["auth/DB_PASSWORD", "market-connector/BINANCE_API_KEY", "market-connector/BINANCE_SECRET"]
     wait_until(lambda: sorted(client.credentials()) == expected, timeout=5)
     assert not client.stale
+    assert any(
+        "the secrets no longer include (deleted, or no longer readable by this identity), dropped from "
+        "the cache: auth/JWT_KEY" in record.getMessage()
+        for record in caplog.records
+    )
 
 
 # The auth identity's role, as POLICY has it, and as two tests reload it: a second namespace's key
