@@ -978,7 +978,7 @@ def test_reads_against_hung_addresses_end_within_the_documented_bound(make_clien
     silent = [SilentListener(), SilentListener()]
     try:
         client = make_client("auth", [listener.address for listener in silent], timeout=1.0)
-        for bound in (1.25, 2):  # the first read (the timeout and a head start), then a later one
+        for bound in (1.75, 2):  # the first read (the timeout and a head start), then a later one
             started = time.monotonic()
             with pytest.raises(StorageError):
                 client.credentials()
@@ -1004,7 +1004,7 @@ def test_a_first_read_with_every_replica_stopped_fails_after_one_timeout_not_one
         started = time.monotonic()
         with pytest.raises(StorageError) as failure:
             client.credentials()
-        assert time.monotonic() - started < 1.0 + 2 * 0.25 + 1.0  # 4 s and more before
+        assert time.monotonic() - started < 1.0 + 2 * 0.25 + 1.5  # 4 s and more before
         message = str(failure.value)
         assert "nothing is cached for this read" in message and "\n" not in message
         for each in servers:

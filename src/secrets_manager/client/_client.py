@@ -1307,9 +1307,10 @@ class Client:
         except SecretsManagerError:
             return None  # the fetch raises it, where its callers expect it
         target = self._config.target
-        # The attempt's health checks: the timeout, plus each later address's head start.
+        # The attempt's health checks: the timeout, plus each later address's head start (and a
+        # margin for a loaded machine: the attempt ends by itself, this only bounds the wait).
         heads = len(target.addresses) - 1 if isinstance(target, RemoteTarget) else 0
-        if not self._first_stream.wait(self._config.timeout + heads * remote.HEAD_START_SECONDS + 0.5):
+        if not self._first_stream.wait(self._config.timeout + heads * remote.HEAD_START_SECONDS + 1.0):
             return None
         return self._first_stream_error
 
