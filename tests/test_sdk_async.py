@@ -4,8 +4,13 @@ many concurrent tasks are served, and the event loop never waits on the network.
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
+import logging
+import signal
+import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -254,3 +259,40 @@ def test_a_closed_client_answers_no_read_not_even_from_its_cache(server: Server,
         with pytest.raises(InvalidInputError, match="client is closed") as error:
             sync_read()
         assert "SEEKRIT" not in str(error.value) and "\n" not in str(error.value)
+
+
+def test_reads_cancelled_while_pending_leave_no_task_flight_or_debug_warning(
+    service_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Reads cancelled (wait_for) against a stopped replica, in asyncio's debug mode: they share one
+    worker call, which ends at its own timeout after the loop has gone, leaving no task, no entry
+    in the client's flights, no asyncio warning (a task destroyed pending, an exception never
+    retrieved, a callback on a closed loop) and no thread of the client once it is closed."""
+    server = start_server(service_dir)
+    server.process.send_signal(signal.SIGSTOP)
+    caplog.set_level(logging.WARNING)
+    client = AsyncClient(environ=client_environ(service_dir, "auth", [server.address]), timeout=1.0)
+    try:
+
+        async def cancelled_reads() -> list[asyncio.Task[Any]]:
+            for _ in range(3):
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(client.credentials(), 0.2)
+            assert len(client._in_flight) == 1  # the three shared one call
+            return [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            left = asyncio.run(cancelled_reads(), debug=True)
+            time.sleep(1.0 + 2.0)  # past the call's timeout: it lands after its loop closed
+            gc.collect()
+        assert all(task.done() for task in left) and client._in_flight == {}
+        assert not [w for w in warned if "secrets_manager" in str(w.filename) or "asyncio" in str(w.filename)]
+        assert not [r for r in caplog.records if r.name == "asyncio"]
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+        asyncio.run(client.close())
+        server.kill()
+    assert not [
+        t for t in threading.enumerate() if t.name in ("secrets-manager-watch", "secrets-manager-refresh")
+    ]
