@@ -2363,3 +2363,185 @@ def test_audit_prune_removes_nothing_while_the_store_cannot_anchor_its_record(
     pruned = log.prune(encrypted_store, AuditEvent(operation="audit.prune", actor="ops"), keep_files=0)
     assert pruned.files  # the store free again: the prune goes ahead
     assert log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) > 0
+
+
+# ---- archives and a witness off the host -----------------------------------------------------
+
+
+def test_verify_with_archive_walks_the_pruned_files_and_the_log_as_one_chain(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """`audit prune --archive DIR` kept the pruned files, but nothing checked them: an auditor
+    could not show that DIR and the log form one chain from record 1, or that an archived file
+    was altered. `audit verify --archive DIR` walks DIR's files of the log first."""
+    files = _rotated_log(cli)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    assert cli("audit", "prune", "--keep-files", "1", "--archive", str(archive)).returncode == 0
+    archived = sorted(archive.iterdir())
+    assert len(archived) == len(files) - 2
+    total = len(list(AuditLog(cli.audit).records())) + sum(len(p.read_text().splitlines()) for p in archived)
+    walked = cli("audit", "verify", "--archive", str(archive))
+    assert walked.returncode == 0, walked.stderr
+    in_log = len(AuditLog(cli.audit).files())
+    assert walked.stdout.decode() == (
+        f"audit log verified: {total} records in {in_log + len(archived)} files "
+        f"({len(archived)} files of them from {archive})\n"
+    )
+    # An archived record edited, or an archived file gone, is reported as in the log itself.
+    original = archived[1].read_bytes()
+    lines = original.decode().splitlines(keepends=True)
+    record = json.loads(lines[1])
+    record["actor"] = "someone-else"
+    lines[1] = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
+    archived[1].write_text("".join(lines))
+    edited = cli("audit", "verify", "--archive", str(archive))
+    assert (
+        edited.returncode == 6
+        and b"was edited" in edited.stderr
+        and archived[1].name.encode() in edited.stderr
+    )
+    assert edited.stderr.count(b"\n") == 1
+    archived[1].unlink()
+    gone = cli("audit", "verify", "--archive", str(archive))
+    assert gone.returncode == 6 and b"audit chain broken" in gone.stderr, gone.stderr
+    archived[1].write_bytes(original)
+    archived[0].unlink()  # the first file: records 1 on
+    first = json.loads(archived[1].read_text().splitlines()[0])["seq"]
+    begins = cli("audit", "verify", "--archive", str(archive))
+    assert begins.returncode == 6
+    assert f"records 1 to {first - 1} are in neither {archive} nor the log".encode() in begins.stderr
+    assert verify(cli).returncode == 0  # without --archive the prune record vouches for the start
+
+
+def test_verify_with_archive_checks_a_copy_a_killed_prune_left_beside_the_file(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A file still in the log and in the archive (a prune killed between copying and removing
+    it) is walked once, from the log; a copy that differs from it is reported."""
+    files = _rotated_log(cli)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    shutil.copyfile(files[0], archive / files[0].name)
+    both = cli("audit", "verify", "--archive", str(archive))
+    assert both.returncode == 0, both.stderr
+    assert f"in {len(files)} files (0 files of them from".encode() in both.stdout
+    (archive / files[0].name).write_bytes(files[0].read_bytes().replace(b'"svc/K0"', b'"svc/KX"'))
+    differs = cli("audit", "verify", "--archive", str(archive))
+    assert differs.returncode == 6 and b"is not a copy of the log's" in differs.stderr, differs.stderr
+
+
+def test_verify_with_archive_refuses_a_directory_that_is_not_there(cli: Cli, tmp_path: Path) -> None:
+    missing = cli("audit", "verify", "--archive", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and missing.stderr.count(b"\n") == 1
+    assert b"archive directory" in missing.stderr and b"does not exist" in missing.stderr
+
+
+HEAD_LINE = r"secrets-manager-audit-head/1 seq=(\d+) time=(\S+) hash=([0-9a-f]{64}) mac=([0-9a-f]{64})"
+
+
+def _head(cli: Cli) -> str:
+    printed = cli("audit", "head")
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout.count(b"\n") == 1
+    return printed.stdout.decode().strip()
+
+
+def test_a_witnessed_head_catches_the_store_and_its_log_rolled_back_together(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """docs/audit.md §7: a store restored together with its log (an older copy of both, a VM
+    snapshot reverted) verifies, and the records written since are gone without a trace. A head
+    `audit head` printed and shipped off the host names the newest record; `audit verify
+    --witness` fails (exit 6) once the log no longer holds it, and passes while the log grows."""
+    import re
+
+    busy_session(cli)
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(cli.store.parent, snapshot)
+    assert cli("store", "auth/LATER", input=b"v").returncode == 0
+    before = cli.audit.read_bytes()
+    line = _head(cli)
+    assert cli.audit.read_bytes() == before  # `audit head` only reads: not itself recorded
+    found = re.fullmatch(HEAD_LINE, line)
+    assert found is not None, line
+    last = cli.records()[-1]
+    assert (int(found[1]), found[2], found[3]) == (last["seq"], last["time"], last["hash"])
+    assert KNOWN_VALUE not in line
+    assert cli("get", "auth/LATER").returncode == 0  # the log grows past the head
+    grown = cli("audit", "verify", "--witness", line)
+    assert grown.returncode == 0, grown.stderr
+    assert f"it holds the witnessed head, record {last['seq']}".encode() in grown.stdout
+    # Store and log rolled back together: everything local still verifies.
+    shutil.rmtree(cli.store.parent)
+    shutil.copytree(snapshot, cli.store.parent)
+    assert verify(cli).returncode == 0 and cli("status").returncode == 0
+    rolled = cli("audit", "verify", "--witness", line)
+    assert rolled.returncode == 6 and rolled.stderr.count(b"\n") == 1
+    assert f"the witnessed head is record {last['seq']}".encode() in rolled.stderr
+    assert b"rolled back or cut" in rolled.stderr
+    # Written again past that seq after the rollback: the record there is another one.
+    for i in range(3):
+        assert cli("store", f"auth/AFTER{i}", input=b"v").returncode == 0
+    forked = cli("audit", "verify", "--witness", line)
+    assert (
+        forked.returncode == 6
+        and f"audit record {last['seq']} is not the one the witnessed head".encode() in (forked.stderr)
+    )
+
+
+def test_a_witness_file_counts_its_last_head_and_bad_heads_are_refused(cli: Cli, tmp_path: Path) -> None:
+    """--witness FILE: the file cron appends heads to (or syslog's, with its prefixes); the last
+    head line counts. A head edited, or another store's, is exit 6; no head at all is exit 2."""
+    first = _head(cli)
+    snapshot = tmp_path / "snapshot"
+    shutil.copytree(cli.store.parent, snapshot)
+    assert cli("store", "auth/X", input=b"v").returncode == 0
+    second = _head(cli)
+    witness = tmp_path / "heads.log"
+    witness.write_text(
+        f"Dec  1 12:00:01 host sm-head: {first}\nunrelated line\nDec  1 12:05:01 host sm-head: {second}\n"
+    )
+    assert cli("audit", "verify", "--witness", str(witness)).returncode == 0
+    seq = int(second.split(" seq=")[1].split()[0])
+    live = tmp_path / "live"
+    cli.store.parent.rename(live)
+    shutil.copytree(snapshot, cli.store.parent)  # the state of the first head: it verifies
+    assert cli("audit", "verify", "--witness", first).returncode == 0
+    cut = cli("audit", "verify", "--witness", str(witness))
+    assert cut.returncode == 6 and f"witnessed head is record {seq}".encode() in cut.stderr, cut.stderr
+    shutil.rmtree(cli.store.parent)
+    live.rename(cli.store.parent)
+    mac = second.rsplit("mac=", 1)[1]
+    forged = second.replace(f"seq={seq} ", f"seq={seq - 1} ")
+    edited = cli("audit", "verify", "--witness", forged)
+    assert edited.returncode == 6 and b"was not made with this store's audit key" in edited.stderr
+    other = Cli(tmp_path / "other")
+    assert other("init", "--kdf-profile", "test").returncode == 0
+    foreign = cli("audit", "verify", "--witness", _head(other))
+    assert foreign.returncode == 6 and b"another store's head" in foreign.stderr
+    for bad, says in [
+        (second.replace(mac, mac[:-1]), b"does not hold a whole audit head"),
+        (str(tmp_path / "no-such-file"), b"No such file or directory"),
+        (str(cli.audit), b"holds no audit head"),
+        (str(tmp_path), b"not a regular file"),
+    ]:
+        refused = cli("audit", "verify", "--witness", bad)
+        assert refused.returncode == 2 and says in refused.stderr and refused.stderr.count(b"\n") == 1, (
+            bad,
+            refused.stderr,
+        )
+
+
+def test_a_witnessed_head_that_was_pruned_is_checked_in_the_archive(cli: Cli, tmp_path: Path) -> None:
+    line = _head(cli)
+    _rotated_log(cli)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    assert cli("audit", "prune", "--keep-files", "0", "--archive", str(archive)).returncode == 0
+    pruned = cli("audit", "verify", "--witness", line)
+    assert (
+        pruned.returncode == 6 and b"pruned from the log" in pruned.stderr and b"--archive" in pruned.stderr
+    )
+    found = cli("audit", "verify", "--witness", line, "--archive", str(archive))
+    assert found.returncode == 0, found.stderr

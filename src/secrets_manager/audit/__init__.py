@@ -22,6 +22,7 @@ from secrets_manager.audit.log import (
     refuse_files_of_others,
     value_fingerprint,
 )
+from secrets_manager.audit.witness import Head, read_witness
 from secrets_manager.store.base import Anchor
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "AuditLog",
     "AuditPartialRecordError",
     "AuditTamperError",
+    "Head",
     "Pruned",
     "PrunedFile",
     "adopt_log",
@@ -40,6 +42,7 @@ __all__ = [
     "discard_adopted_lock",
     "local_actor",
     "page_token_mac",
+    "read_witness",
     "refuse_files_of_others",
     "value_fingerprint",
 ]

@@ -30,6 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
 
+from secrets_manager.audit.witness import Head, head_of
 from secrets_manager.crypto.mac import page_token_mac as _page_token_mac
 from secrets_manager.crypto.mac import record_mac, record_mac_ok, sha256_hex
 from secrets_manager.crypto.mac import value_fingerprint as _value_fingerprint
@@ -682,7 +683,7 @@ class AuditLog:
                             anchored,
                             locked=True,
                             anchor_required=not anchor.audit_anchor_scoped,
-                        )
+                        ).count
                     except AuditPartialRecordError:
                         # A crash's leftover after every anchored record: set aside on its own, as
                         # the next audited command would, not a reason to discard the chain.
@@ -692,7 +693,7 @@ class AuditLog:
                             anchor.audit_anchor(),
                             locked=True,
                             anchor_required=not anchor.audit_anchor_scoped,
-                        )
+                        ).count
                 except (AuditTamperError, AuditError) as exc:
                     moved = self._restart_locked(anchor, event)
                     return Reset(problem=str(exc), records=0, moved=moved, set_aside=aside)
@@ -731,7 +732,7 @@ class AuditLog:
             anchor.audit_anchor(),
             locked=False,
             anchor_required=not anchor.audit_anchor_scoped,
-        )
+        ).count
         with self._lock:
             self._flock(deadline=time.monotonic() + self.timeout)
             try:
@@ -1209,14 +1210,23 @@ class AuditLog:
 
     # ---- reading -----------------------------------------------------------------------------
 
-    def files(self) -> list[Path]:
-        """Rotated files oldest first, then the live file."""
-        rotated = sorted(
+    def files(self, archive: Path | None = None) -> list[Path]:
+        """Rotated files oldest first, then the live file. With `archive` (a directory `audit
+        prune --archive` moved files into), its files of this log too, in their place by the
+        seq their name gives; a name in both is the log's own file (a prune killed before it
+        removed what it copied: `verify` checks the copy holds the same bytes)."""
+        rotated = {p.name: p for p in self._rotated_in(self.path.parent)}
+        if archive is not None:
+            rotated = {**{p.name: p for p in self._rotated_in(archive)}, **rotated}
+        ordered = [rotated[name] for name in sorted(rotated)]
+        return [*ordered, *([self.path] if os.path.lexists(self.path) else [])]
+
+    def _rotated_in(self, directory: Path) -> list[Path]:
+        return [
             p
-            for p in self.path.parent.glob(f"{self.path.name}.*")
+            for p in directory.glob(f"{self.path.name}.*")
             if _is_seq_number(p.name[len(self.path.name) + 1 :])
-        )
-        return [*rotated, *([self.path] if os.path.lexists(self.path) else [])]
+        ]
 
     def records(self, *, on_partial: Callable[[Path, int], None] | None = None) -> Iterator[dict[str, Any]]:
         """Every record in order; AuditTamperError on a line that is not a record (or a file of the
@@ -1227,13 +1237,17 @@ class AuditLog:
             yield record
 
     def _numbered_records(
-        self, *, locked: bool = False, on_partial: Callable[[Path, int], None] | None = None
+        self,
+        *,
+        locked: bool = False,
+        on_partial: Callable[[Path, int], None] | None = None,
+        archive: Path | None = None,
     ) -> Iterator[tuple[Path, int, bytes, dict[str, Any]]]:
         """Every record in order, with the file and line number it is on, and that line.
         `locked`: the caller holds the writers' lock (nothing changes while this reads). A partial
         last line of the live file is given to `on_partial` (its file and line number), which may
         raise; by default it raises AuditPartialRecordError."""
-        files = self._snapshot(locked=locked)
+        files = self._snapshot(locked=locked, archive=archive)
         try:
             for path, handle in files:
                 live = path == self.path
@@ -1295,7 +1309,7 @@ class AuditLog:
                 handle.close()
             tail.close()
 
-    def _snapshot(self, *, locked: bool) -> list[tuple[Path, BinaryIO]]:
+    def _snapshot(self, *, locked: bool, archive: Path | None = None) -> list[tuple[Path, BinaryIO]]:
         """Every file of the log opened, as they were at one instant. A writer that rotated the
         live file between a reader's listing and its opening made the reader miss the rotated
         file and read the new live one in its place: a false 'chain broken' or 'records are
@@ -1305,19 +1319,19 @@ class AuditLog:
         writers' lock, which only takes as long as the opens. An open file stays whole: a rotated
         file is never written again, and the live one only grows (or is rotated whole)."""
         for _ in range(1 if locked else _SNAPSHOT_TRIES):
-            opened = self._open_listed()
+            opened = self._open_listed(archive)
             if opened is not None:
                 return opened
         if not locked:
             with self._reader_lock():
-                opened = self._open_listed()
+                opened = self._open_listed(archive)
             if opened is not None:
                 return opened
         raise AuditError(f"the files of audit log {self.path} kept changing while they were read; try again")
 
-    def _open_listed(self) -> list[tuple[Path, BinaryIO]] | None:
+    def _open_listed(self, archive: Path | None = None) -> list[tuple[Path, BinaryIO]] | None:
         """The log's files opened; None if one was renamed, replaced or added meanwhile."""
-        listed = self._listing()
+        listed = self._listing(archive)
         if listed is None:
             return None
         opened: list[tuple[Path, BinaryIO]] = []
@@ -1332,17 +1346,17 @@ class AuditLog:
                 if os.fstat(handle.fileno()).st_ino != inode:
                     break
             else:
-                consistent = self._listing() == listed
+                consistent = self._listing(archive) == listed
         finally:
             if not consistent:
                 for _, handle in opened:
                     handle.close()
         return opened if consistent else None
 
-    def _listing(self) -> list[tuple[Path, int]] | None:
+    def _listing(self, archive: Path | None = None) -> list[tuple[Path, int]] | None:
         """The log's files in order with their inodes; None if one went while they were listed."""
         listing = []
-        for path in self.files():
+        for path in self.files(archive):
             try:
                 listing.append((path, os.lstat(path).st_ino))
             except FileNotFoundError:
@@ -1405,7 +1419,15 @@ class AuditLog:
             return None
         return None
 
-    def verify(self, key: bytes, anchor: Anchor | None, *, anchor_required: bool = False) -> int:
+    def verify(
+        self,
+        key: bytes,
+        anchor: Anchor | None,
+        *,
+        anchor_required: bool = False,
+        archive: Path | None = None,
+        witness: Head | None = None,
+    ) -> int:
         """Walk the whole chain; return the number of records, or raise AuditTamperError naming
         the first record that does not hold (and the file and line it is on).
 
@@ -1414,11 +1436,45 @@ class AuditLog:
         writing, so none means the anchor row was deleted (hiding records cut from the end).
         Only for a store with one anchor (not `audit_anchor_scoped`): a scoped anchor is missing
         whenever the log's scope is new. Without it, None only means there is no anchor to check
-        against (a key alone is)."""
-        return self._verify(key, anchor, locked=False, anchor_required=anchor_required)
+        against (a key alone is).
 
-    def _verify(self, key: bytes, anchor: Anchor | None, *, locked: bool, anchor_required: bool) -> int:
+        `archive`: a directory `audit prune --archive` moved rotated files into. Its files of this
+        log are walked before the log's own, as one chain that must begin at record 1: what an
+        audit.prune record says was pruned must be there (a copy also in the log must hold the
+        same bytes). `witness`: a head `head()` gave, kept off the host: the chain must hold that
+        very record (at its seq, with its hash), or the log was rolled back or cut since."""
+        return self._verify(
+            key, anchor, locked=False, anchor_required=anchor_required, archive=archive, witness=witness
+        ).count
+
+    def head(self, key: bytes, anchor: Anchor | None, *, anchor_required: bool = False) -> Head:
+        """The head of the whole chain, verified as `verify` does: its newest record's seq, time
+        and hash, with a MAC under the audit key, for a witness off the host (`audit head`)."""
+        walked = self._verify(key, anchor, locked=False, anchor_required=anchor_required)
+        if walked.last is None:
+            raise AuditError(f"audit log {self.path} holds no record yet: there is no head to ship")
+        return head_of(key, walked.last)
+
+    def _verify(
+        self,
+        key: bytes,
+        anchor: Anchor | None,
+        *,
+        locked: bool,
+        anchor_required: bool,
+        archive: Path | None = None,
+        witness: Head | None = None,
+    ) -> _Walked:
+        if archive is not None:
+            self._check_archive(archive)
+        if witness is not None and not witness.authentic(key):
+            raise AuditTamperError(
+                f"the witnessed head (record {witness.seq}, {witness.time}) was not made with this store's "
+                "audit key: it is another store's head, or it was edited since it was shipped"
+            )
         previous_hash, expected_seq, count = GENESIS_HASH, 1, 0
+        last: dict[str, Any] | None = None
+        first_seq: int | None = None
         anchor_seen = anchor is None or anchor.seq == 0  # seq 0: the empty chain, before any record
         authenticated = False  # a record with a MAC seen
         # A log `audit prune` shortened begins after record 1. Its first record is taken on trust
@@ -1442,11 +1498,18 @@ class AuditLog:
                 )
             raise _partial_record(path)
 
-        for path, number, line, record in self._numbered_records(locked=locked, on_partial=partial):
+        walk = self._numbered_records(locked=locked, on_partial=partial, archive=archive)
+        for path, number, line, record in walk:
             seq = record.get("seq")
             where = f"record {seq}" if type(seq) is int else f"record #{count + 1}"
             at = f"{path.name} line {number}: {_RESTORE_HINT}"
             if count == 0 and type(seq) is int and seq > 1 and number == 1:
+                if archive is not None:
+                    raise AuditTamperError(
+                        f"audit log begins at record {seq} ({path.name}), and records 1 to {seq - 1} "
+                        f"are in neither {archive} nor the log (pruned without --archive, or archived "
+                        "files deleted or moved elsewhere)"
+                    )
                 pruned_start = (path, seq)
                 expected_seq, previous_hash = seq, str(record.get("prev"))
             if number == 1 and type(seq) is int:
@@ -1491,7 +1554,15 @@ class AuditLog:
                 if hashed != anchor.hash:
                     raise AuditTamperError(f"audit record {seq} is not the one the store anchored, in {at}")
                 anchor_seen = True
-            previous_hash, expected_seq, count = hashed, expected_seq + 1, count + 1
+            if witness is not None and seq == witness.seq and hashed != witness.hash:
+                raise AuditTamperError(
+                    f"audit record {seq} is not the one the witnessed head names ({witness.time}): the "
+                    f"log was rolled back (with the store, if nothing else is wrong) and written again "
+                    f"since that head was shipped, or replaced, in {path.name} line {number}"
+                )
+            if first_seq is None:
+                first_seq = seq
+            previous_hash, expected_seq, count, last = hashed, expected_seq + 1, count + 1, record
         if pruned_start is not None and not any(
             seq >= pruned_start[1] and file_starts.get(seq) == prev for seq, prev in vouched
         ):
@@ -1511,7 +1582,49 @@ class AuditLog:
                 f"audit log ends at record {count} but the store anchored record {anchor.seq}: "
                 f"records are missing at the end: {_RESTORE_HINT}"
             )
-        return count
+        if witness is not None:
+            _check_witness(witness, first_seq, expected_seq - 1, archive)
+        return _Walked(count, last)
+
+    def _check_archive(self, archive: Path) -> None:
+        """An archive directory to walk: one (InvalidInputError otherwise), whose copies of files
+        the log still holds (a prune killed between copying and removing) hold the same bytes."""
+        if not archive.is_dir():
+            raise InvalidInputError(
+                f"archive directory {archive} does not exist: give the one 'audit prune --archive' used"
+            )
+        for copy in self._rotated_in(archive):
+            own = self.path.with_name(copy.name)
+            if os.path.lexists(own) and not _same_bytes(own, copy):
+                raise AuditTamperError(
+                    f"archived file {copy} is not a copy of the log's {own.name}, which is still there: "
+                    "one of them was altered (the log's own is walked; compare them)"
+                )
+
+
+@dataclass(frozen=True)
+class _Walked:
+    """What a walk of the whole chain found: how many records, and the newest."""
+
+    count: int
+    last: dict[str, Any] | None
+
+
+def _check_witness(witness: Head, first_seq: int | None, last_seq: int, archive: Path | None) -> None:
+    """AuditTamperError unless the walk (records `first_seq` to `last_seq`) passed the record a
+    witnessed head names (its hash was compared on the way)."""
+    if last_seq < witness.seq:
+        raise AuditTamperError(
+            f"audit log ends at record {last_seq}, but the witnessed head is record {witness.seq} "
+            f"({witness.time}): the log was rolled back or cut since that head was shipped (the store "
+            "too, if nothing else is wrong): compare with the records shipped off the host"
+        )
+    if first_seq is not None and witness.seq < first_seq:
+        where = f"in neither {archive} nor the log" if archive is not None else "pruned from the log"
+        raise AuditTamperError(
+            f"record {witness.seq}, which the witnessed head names, is {where} (it begins at record "
+            f"{first_seq}): give --archive DIR holding the pruned files, or a newer head"
+        )
 
 
 @dataclass(frozen=True)
@@ -2079,6 +2192,17 @@ def _archived_already(source: Path, target: Path) -> bool:
             return not copy.read(1)
     except OSError:
         return False
+
+
+def _same_bytes(own: Path, copy: Path) -> bool:
+    """Whether `copy` (in an archive) is `own` itself, or a regular file holding exactly its bytes."""
+    with _open_for_reading(own) as original, _open_for_reading(copy) as copied:
+        if os.path.samestat(os.fstat(original.fileno()), os.fstat(copied.fileno())):
+            return True
+        while chunk := original.read(1 << 20):
+            if copied.read(len(chunk)) != chunk:
+                return False
+        return not copied.read(1)
 
 
 def _archive_file(source: Path, target: Path) -> None:

@@ -1,6 +1,6 @@
-"""`secrets-manager audit show|verify|prune|hash|reset`: read, check, prune and query the audit log.
+"""`secrets-manager audit show|verify|head|prune|hash|reset`: read, check, witness and prune the log.
 
-show and verify read the log and are not themselves recorded in it (show opens no store; verify
+show, verify and head read the log and are not themselves recorded in it (show opens no store; verify
 only reads, and a record of it would change the log it verifies; a failed unlock is recorded as
 denied, as everywhere). hash is recorded (`audit.hash`, no name, never the candidate or its
 fingerprint): it answers whether a guessed value is a record's, with the audit key. reset starts a
@@ -23,7 +23,7 @@ from typing import Any
 
 import click
 
-from secrets_manager.audit import value_fingerprint
+from secrets_manager.audit import read_witness, value_fingerprint
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
 from secrets_manager.cli.output import (
     counted,
@@ -198,22 +198,67 @@ def _print_records(records: list[dict[str, Any]], *, header: bool) -> None:
 
 
 @audit.command()
+@click.option(
+    "--archive",
+    metavar="DIR",
+    help="Walk the files 'audit prune --archive DIR' moved there first: one chain from record 1.",
+)
+@click.option(
+    "--witness",
+    metavar="HEAD_OR_FILE",
+    help="A head 'audit head' printed (the line, or a file whose last head line counts): the log "
+    "must still hold that record.",
+)
 @pass_session
-def verify(session: Session) -> None:
-    """Check the whole chain: exit 0 with the count, or exit 6 naming the first bad record."""
+def verify(session: Session, archive: str | None, witness: str | None) -> None:
+    """Check the whole chain: exit 0 with the count, or exit 6 naming the first bad record.
+
+    --archive DIR: with the files pruned into DIR, the chain must run unbroken from record 1.
+    --witness: exit 6 if the log no longer holds the record a head shipped off the host names
+    (the store and its log rolled back together, or records cut)."""
     session.require_local("audit verify")
+    head = read_witness(witness) if witness is not None else None
+    archived = Path(archive) if archive is not None else None
     log = session.audit_log()
     store = session.unlock()
     try:
         count = log.verify(
+            store.audit_key(),
+            store.audit_anchor(),
+            anchor_required=not store.audit_anchor_scoped,
+            archive=archived,
+            witness=head,
+        )
+    finally:
+        store.close()
+    files = log.files(archived)
+    first = log.first_seq() if archived is None else 1
+    pruned = f" (records {first} on; those before were pruned)" if first is not None and first > 1 else ""
+    if archived is not None:
+        kept = sum(1 for path in files if path.parent != log.path.parent)
+        pruned = f" ({counted(kept, 'file')} of them from {archived})"
+    witnessed = "" if head is None else f"; it holds the witnessed head, record {head.seq} ({head.time})"
+    click.echo(
+        f"audit log verified: {counted(count, 'record')} in {counted(len(files), 'file')}{pruned}{witnessed}"
+    )
+
+
+@audit.command()
+@pass_session
+def head(session: Session) -> None:
+    """Print the head of the verified log (its newest record's seq, time and hash, with a MAC
+    under the audit key) as one line to ship off the host; 'audit verify --witness' checks it.
+    Not itself recorded (it only reads)."""
+    session.require_local("audit head")
+    log = session.audit_log()
+    store = session.unlock()
+    try:
+        found = log.head(
             store.audit_key(), store.audit_anchor(), anchor_required=not store.audit_anchor_scoped
         )
     finally:
         store.close()
-    files = len(log.files())
-    first = log.first_seq()
-    pruned = f" (records {first} on; those before were pruned)" if first is not None and first > 1 else ""
-    click.echo(f"audit log verified: {counted(count, 'record')} in {counted(files, 'file')}{pruned}")
+    click.echo(found.line)
 
 
 @audit.command("reset")

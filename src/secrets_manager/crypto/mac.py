@@ -14,6 +14,7 @@ from secrets_manager.crypto.aead import KEY_SIZE
 _RECORD_LABEL = b"secrets-manager/audit-record\x00"
 _VALUE_LABEL = b"secrets-manager/audit-value\x00"
 _PAGE_TOKEN_LABEL = b"secrets-manager/page-token\x00"
+_HEAD_LABEL = b"secrets-manager/audit-head\x00"
 
 
 # The standard library's one-shot OpenSSL calls: the same SHA-256 and HMAC as `cryptography`'s, at
@@ -37,6 +38,16 @@ def record_mac(key: bytes, record_hash: str) -> str:
 
 def record_mac_ok(key: bytes, record_hash: str, mac: str) -> bool:
     return hmac.compare_digest(record_mac(key, record_hash), mac)
+
+
+def head_mac(key: bytes, head: str) -> str:
+    """MAC over the text of an audit log's head (`audit head`), shipped off the host as a witness:
+    its own label, so neither a record MAC nor a fingerprint can be passed off as one."""
+    return _hmac_hex(key, _HEAD_LABEL, head.encode("utf-8"))
+
+
+def head_mac_ok(key: bytes, head: str, mac: str) -> bool:
+    return hmac.compare_digest(head_mac(key, head), mac)
 
 
 def value_fingerprint(key: bytes, value: bytes) -> str:
