@@ -2604,3 +2604,16 @@ def test_verify_judges_odd_signed_records_as_encoding_them_whole_does(
     else:
         with pytest.raises(AuditTamperError, match="was edited"):
             AuditLog(path).verify(key, None)
+
+
+def test_audit_head_prints_no_head_for_a_log_that_does_not_verify(cli: Cli) -> None:
+    """docs/audit.md §7a: a head vouches for the chain before it, so a damaged log gets none."""
+    busy_session(cli)
+    lines = cli.audit.read_text().splitlines(keepends=True)
+    record = json.loads(lines[2])
+    record["actor"] = "someone-else"
+    lines[2] = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n"
+    cli.audit.write_text("".join(lines))
+    refused = cli("audit", "head")
+    assert refused.returncode == 6 and refused.stdout == b"" and b"was edited" in refused.stderr
+    assert refused.stderr.count(b"\n") == 1
