@@ -1524,10 +1524,9 @@ class AuditLog:
                     f"audit chain broken at {where}: it does not follow record {seq - 1}, in {at}"
                 )
             try:
-                body: bytes | None = _canonical({k: v for k, v in record.items() if k not in ("hash", "mac")})
+                hashed: str | None = record_hash(record)
             except (ValueError, RecursionError):  # no JSON the chain could have written (a lone surrogate)
-                body = None
-            hashed = None if body is None else sha256_hex(body)
+                hashed = None
             if hashed is None or hashed != record.get("hash"):
                 raise AuditTamperError(f"audit record {seq} was edited (its hash does not match), in {at}")
             mac = record.get("mac")
@@ -1543,8 +1542,7 @@ class AuditLog:
                 floor = _pruned_floor(record)
                 if floor is not None:
                     vouched.append(floor)
-            assert body is not None and hashed is not None
-            if line != _canonical_line(record, body, hashed, mac):
+            if line != _canonical(record) + b"\n":
                 # The hash covers the record as parsed, not the line: a key given twice (parsers
                 # differ on which value counts: this one takes the last, others the first), or
                 # spacing added, left a record verifying whose line reads otherwise elsewhere.
@@ -1975,28 +1973,6 @@ def record_hash(record: dict[str, Any]) -> str:
 # field after "mac" — found by its key, which cannot occur inside a JSON string (quotes are escaped).
 # (tests/test_audit.py checks the result is byte for byte what encoding the whole record gives.)
 _SPLICE_AT = b',"' + min(k for k in AuditEvent.__dataclass_fields__ if k > "mac").encode() + b'":'
-
-
-# Every key a writer puts in a record; those a writer always puts there (one before the splice
-# point, and the one after it), and the others that sort before the splice point.
-_RECORD_KEYS = frozenset([*AuditEvent.__dataclass_fields__, "seq", "time", "prev", "hash", "mac"])
-_SPLICE_KEYS = frozenset(["actor", _SPLICE_AT[2:-2].decode()])
-_BEFORE_SPLICE = tuple(k for k in _RECORD_KEYS if k < "mac" and k != "hash")
-
-
-def _canonical_line(record: dict[str, Any], body: bytes, hashed: str, mac: str | None) -> bytes:
-    """The canonical line of `record` (a verifier's, whose hash is `hashed`, the hash of its body's
-    canonical JSON `body`, and whose `mac` is None or hex), encoding it once more only where it
-    may be needed. A record of the writer's keys alone (its "actor" and "name" among them), with
-    no object or list before "name", is spliced as the writer does: the first `,"name":` in its
-    body is then its own key (a JSON string cannot hold `,"`), and no other key sorts between
-    "hash" and "mac", so the result is byte for byte `_canonical(record)`. Any other record (a
-    forgery, with the key) is encoded whole, as before."""
-    if _SPLICE_KEYS <= record.keys() <= _RECORD_KEYS and not any(
-        isinstance(record.get(k), dict | list) for k in _BEFORE_SPLICE
-    ):
-        return _with_hash_and_mac(body, hashed, mac)
-    return _canonical(record) + b"\n"
 
 
 def _with_hash_and_mac(body: bytes, hash_: str, mac: str | None) -> bytes:
