@@ -13,7 +13,6 @@ import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -23,41 +22,14 @@ from test_cli_external_stores import SCRIPT, Cli
 from vault_server import FakeVault
 
 
-class NamespacedVault(FakeVault):
-    """The fake Vault with one state per X-Vault-Namespace header, as Vault Enterprise keeps
-    namespaces apart (the root namespace is this object itself)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.spaces: dict[str, FakeVault] = {"": self}
-
-    def start(self) -> NamespacedVault:
-        super().start()
-        assert self._server is not None
-        vault = self
-
-        class Handler(self._server.RequestHandlerClass):  # type: ignore[name-defined,misc]
-            @property
-            def server_state(self) -> FakeVault:
-                namespace = (self.headers.get("X-Vault-Namespace") or "").strip("/")
-                return vault.spaces.setdefault(namespace, FakeVault(root_token=vault.root_token))
-
-            @server_state.setter
-            def server_state(self, _value: Any) -> None:
-                pass
-
-        self._server.RequestHandlerClass = Handler
-        return self
-
-
 @pytest.fixture
-def vault() -> Iterator[NamespacedVault]:
-    server = NamespacedVault().start()
+def vault() -> Iterator[FakeVault]:
+    server = FakeVault().start()
     yield server
     server.stop()
 
 
-def cli(vault: NamespacedVault, home: Path, namespace: str | None = None) -> Cli:
+def cli(vault: FakeVault, home: Path, namespace: str | None = None) -> Cli:
     url = vault.address.replace("http://", "vault+http://") + "/secret"
     return Cli(
         {
@@ -72,14 +44,14 @@ def logs(home: Path) -> list[str]:
     return sorted(p.name for p in (home / ".local/share/secrets-manager").glob("*.audit.jsonl"))
 
 
-def test_two_namespaces_of_one_vault_keep_two_logs(vault: NamespacedVault, tmp_path: Path) -> None:
+def test_two_namespaces_of_one_vault_keep_two_logs(vault: FakeVault, tmp_path: Path) -> None:
     team_a, team_b = cli(vault, tmp_path, "team-a"), cli(vault, tmp_path, "team-b")
     assert team_a("store", "auth/K", input=b"a").code == 0
     assert team_b("store", "auth/K", input=b"b").code == 0
     assert (team_a("get", "auth/K").out, team_b("get", "auth/K").out) == ("a\n", "b\n")
     assert (
-        vault.spaces["team-a"].mounts["secret"]["auth/K"]
-        is not vault.spaces["team-b"].mounts["secret"]["auth/K"]
+        vault.namespace("team-a").mounts["secret"]["auth/K"]
+        is not vault.namespace("team-b").mounts["secret"]["auth/K"]
     )
     for team in (team_a, team_b):
         assert team("audit", "verify").out.startswith("audit log verified: 3 records")
@@ -96,7 +68,7 @@ def test_two_namespaces_of_one_vault_keep_two_logs(vault: NamespacedVault, tmp_p
 
 
 def test_a_log_under_the_old_name_is_adopted_by_its_own_namespace_only(
-    vault: NamespacedVault, tmp_path: Path
+    vault: FakeVault, tmp_path: Path
 ) -> None:
     team_a, team_b = cli(vault, tmp_path, "team-a"), cli(vault, tmp_path, "team-b")
     port = vault.address.rsplit(":", 1)[1]
@@ -134,7 +106,7 @@ audit_log.os = _Os()
 
 @pytest.mark.parametrize("kill_at", [1, 2, 3, 4])
 def test_an_adoption_killed_after_any_rename_is_finished_by_the_next_command(
-    vault: NamespacedVault, tmp_path: Path, kill_at: int
+    vault: FakeVault, tmp_path: Path, kill_at: int
 ) -> None:
     """The old log has three rotated files and the live one, renamed oldest first. Killed between
     two renames, the log was split across both names: every later command failed as tampered
@@ -240,9 +212,7 @@ def test_only_the_rest_of_the_same_chain_is_moved_to_join_files_under_the_new_na
     ]
 
 
-def test_a_long_mount_gets_a_default_log_name_the_file_system_takes(
-    vault: NamespacedVault, tmp_path: Path
-) -> None:
+def test_a_long_mount_gets_a_default_log_name_the_file_system_takes(vault: FakeVault, tmp_path: Path) -> None:
     """A long mount (or namespace) made the default log's name pass NAME_MAX: every command failed
     to write its audit log. Names that fit stay as they were."""
     mount = "/".join(["m" * 60] * 5)

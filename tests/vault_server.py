@@ -64,8 +64,32 @@ disables it. A version is deleted only once that time has passed (pathDataRead:
 deletionTime.Before(now)); delete skips versions already past it and undelete applies the expiry
 anew from now, as pathUndeleteWrite does. Durations are Go's ("720h", "1h30m", "90s") or seconds.
 
-Every request needs a known X-Vault-Token (else 403 {"errors": ["permission denied"]}); read-only
-tokens get 403 on writes. `seal()` makes every request 503 {"errors": ["Vault is sealed"]};
+Every request needs a known X-Vault-Token (else 403 {"errors": ["permission denied"]}).
+
+ACL policies (docs/concepts/policies): a token carries policies (`add_token(policies=[…])`, or
+`POST auth/token/create {"policies": […]}`; `add_policy(name, hcl)` or `PUT sys/policies/acl/NAME
+{"policy": hcl}`), each `path "PATTERN" { capabilities = [...] }`. A request's path (after /v1/, a
+LIST's with a trailing slash) is matched by the exact pattern if there is one, else by the most
+specific of the matching patterns as Vault ranks them ("priority matching": a later first `+` or
+`*`, then no trailing `*`, fewer `+` segments, longer, lexicographically larger); the rules of one
+pattern in several policies are merged, and `deny` there denies everything. GET needs read, LIST
+list, DELETE delete, PATCH patch, POST/PUT update, or create where the endpoint has Vault's existence
+check and the path does not exist yet (KV v2 data/ and metadata/ of a secret with no metadata, a KV
+v1 key; delete/, undelete/, destroy/, config have none: update). A refusal is 403 {"errors": ["1
+error occurred:\n\t* permission denied\n\n"]}. Every token but one created with
+`no_default_policy` holds Vault's `default` policy (lookup-self read, renew-self and revoke-self
+update); the root token and `add_token()` without policies hold `root` (everything);
+`add_token(readonly=True)` a policy of read and list on `*`, `patch=False` one without `patch`.
+`auth/approle/login` and `sys/internal/ui/mounts/PATH` need no capability; the latter answers a
+token with any capability on a path in the mount (Vault's hasMountAccess), else 403.
+
+Namespaces (Vault Enterprise, docs/enterprise/namespaces): `namespace("team-a")` (made on first use,
+also by a request naming it) is a FakeVault of its own: mounts, tokens, policies. A request goes to
+the one its X-Vault-Namespace header names, and the path may carry the rest ("X-Vault-Namespace:
+team-a" and /v1/secret/… are /v1/team-a/secret/… with no header). A token is honoured in the
+namespace that made it and in those below it, with its own namespace's policies matched against
+the path relative to it (a parent's root token may do everything there); another namespace's
+tokens are unknown (403). `seal()` makes every request 503 {"errors": ["Vault is sealed"]};
 `fail_next(status, count)` answers the next requests with an error (for retry tests). Versions
 beyond max_versions (the larger of the secret's and the mount's, else 10) are removed oldest first
 by each data write, as Vault's KeyMetadata.AddVersion does (so a lowered max_versions removes
@@ -212,6 +236,59 @@ class KvConfig:
         return vault_time(now_ns + min(settings) * 1_000_000_000) if settings else ""
 
 
+PERMISSION_DENIED = "1 error occurred:\n\t* permission denied\n\n"
+ALL_CAPABILITIES = frozenset({"create", "read", "update", "patch", "delete", "list", "sudo"})
+# Vault's default policy, the parts a KV client uses (vault/policy_store.go defaultPolicy).
+DEFAULT_POLICY = """
+path "auth/token/lookup-self" { capabilities = ["read"] }
+path "auth/token/renew-self" { capabilities = ["update"] }
+path "auth/token/revoke-self" { capabilities = ["update"] }
+path "sys/capabilities-self" { capabilities = ["update"] }
+"""
+_RULE = re.compile(r'path\s+"([^"]*)"\s*\{\s*capabilities\s*=\s*\[([^\]]*)\]\s*\}')
+
+
+def parse_policy(hcl: str) -> list[tuple[str, frozenset[str]]]:
+    """The `path "PATTERN" { capabilities = [...] }` blocks of an HCL policy (comments dropped)."""
+    text = re.sub(r"(?m)^\s*#.*$", "", hcl)
+    rules = [(m[1].lstrip("/"), frozenset(re.findall(r'"([a-z]+)"', m[2]))) for m in _RULE.finditer(text)]
+    unknown = {c for _, caps in rules for c in caps} - ALL_CAPABILITIES - {"deny"}
+    if unknown or (text.strip() and not rules):
+        raise ValueError(f"not a policy this server reads: {sorted(unknown) or hcl!r}")
+    return rules
+
+
+def _pattern_matches(pattern: str, path: str) -> bool:
+    """A policy path against a request path: `+` one whole segment, a trailing `*` any rest."""
+    glob = pattern.endswith("*")
+    want = pattern[:-1] if glob else pattern
+    segments, got = want.split("/"), path.split("/")
+    if glob:
+        if len(got) < len(segments):
+            return False
+        fixed, last = segments[:-1], segments[-1]
+        head = got[: len(fixed)]
+        tail = "/".join(got[len(fixed) :])
+        return all(s in ("+", g) for s, g in zip(fixed, head, strict=True)) and (
+            tail.startswith(last) if last != "+" else bool(got[len(fixed)])
+        )
+    return len(segments) == len(got) and all(s in ("+", g) for s, g in zip(segments, got, strict=True))
+
+
+def _priority(pattern: str) -> tuple[int, bool, int, int, str]:
+    """Vault's priority of matching policy paths (docs/concepts/policies, "priority matching"):
+    the later the first `+` or `*`, then no trailing `*`, then fewer `+` segments, then longer,
+    then lexicographically larger wins."""
+    marks = [i for i in (pattern.find("+"), pattern.find("*")) if i >= 0]
+    return (
+        min(marks) if marks else len(pattern) + 1,
+        not pattern.endswith("*"),
+        -pattern.split("/").count("+"),
+        len(pattern),
+        pattern,
+    )
+
+
 class VaultError(Exception):
     def __init__(
         self, status: int, errors: list[str] | None = None, body: dict[str, Any] | None = None
@@ -278,8 +355,17 @@ class FakeVault:
         self.root_token = root_token
         self.metadata_patch = metadata_patch
         self.tokens = {root_token}
-        self.readonly_tokens: set[str] = set()
-        self.no_patch_tokens: set[str] = set()
+        self.policies: dict[str, list[tuple[str, frozenset[str]]]] = {
+            "default": parse_policy(DEFAULT_POLICY),
+            "read-only": parse_policy('path "*" { capabilities = ["read", "list"] }'),
+            "no-patch": parse_policy(
+                'path "*" { capabilities = ["create", "read", "update", "delete", "list"] }'
+            ),
+        }
+        self.token_policies: dict[str, list[str]] = {root_token: ["root"]}
+        self.parent: FakeVault | None = None
+        self.path = ""  # the namespace's path, "" for the root namespace
+        self.children: dict[str, FakeVault] = {}
         self.leases: dict[str, TokenLease] = {}  # tokens with a TTL
         self.approles: dict[str, str] = {}  # role_id -> secret_id
         self.mounts: dict[str, dict[str, KvSecret]] = {m: {} for m in mounts}
@@ -289,6 +375,7 @@ class FakeVault:
         self.sealed = False
         self.scheme = "http"
         self.requests: list[tuple[str, str]] = []
+        self.checks: list[tuple[str, str]] = []  # (capability, ACL path) of each request, in order
         self._failures: list[tuple[int, list[str]]] = []
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
@@ -346,11 +433,18 @@ class FakeVault:
         renewable: bool = True,
         period: int = 0,
         max_ttl: float | None = None,
+        policies: list[str] | None = None,
+        no_default_policy: bool = False,
     ) -> str:
-        """A token; `readonly`: 403 on every write; `patch=False`: a policy without the `patch`
-        capability (403 on PATCH, other writes allowed). With `ttl` (seconds) it lapses then unless
-        renewed (`renewable`; `period`: a periodic token; `max_ttl`: its explicit max TTL)."""
+        """A token; `policies`: the names of its policies (`add_policy`), beside `default` unless
+        `no_default_policy`; without them `root`, or with `readonly` a policy of read and list on
+        every path (403 on writes), with `patch=False` one without the `patch` capability (403 on
+        PATCH, other writes allowed). With `ttl` (seconds) it lapses then unless renewed
+        (`renewable`; `period`: a periodic token; `max_ttl`: its explicit max TTL)."""
         self.tokens.add(token)
+        if policies is None:
+            policies = ["read-only"] if readonly else ["no-patch"] if not patch else ["root"]
+        self.token_policies[token] = sorted({*policies, *(() if no_default_policy else ("default",))})
         if ttl is not None:
             now = time.monotonic()
             self.leases[token] = TokenLease(
@@ -360,11 +454,110 @@ class FakeVault:
                 period=period,
                 max_expires=None if max_ttl is None else now + max_ttl,
             )
-        if readonly:
-            self.readonly_tokens.add(token)
-        if not patch:
-            self.no_patch_tokens.add(token)
         return token
+
+    def add_policy(self, name: str, rules: str) -> None:
+        """An ACL policy in HCL (`path "PATTERN" { capabilities = [...] }` blocks), as `vault policy
+        write NAME FILE` stores it; replaces one of that name."""
+        self.policies[name] = parse_policy(rules)
+
+    def namespace(self, path: str) -> FakeVault:
+        """The child namespace at `path` ("team-a" or "team-a/prod"), made on first use with the
+        same mounts as this one's at creation (empty) and no tokens of its own."""
+        head, _, rest = path.strip("/").partition("/")
+        with self._lock:
+            child = self.children.get(head)
+            if child is None:
+                child = FakeVault(
+                    mounts=tuple(self.configs), kv1_mounts=tuple(self.kv1), root_token=f"{head}-root-token"
+                )
+                child.tokens.clear()
+                child.token_policies.clear()
+                child.parent, child.path = self, f"{self.path}{head}/"
+                child.metadata_patch = self.metadata_patch
+                self.children[head] = child
+        return child.namespace(rest) if rest else child
+
+    def capabilities(self, token: str, path: str) -> frozenset[str]:
+        """The token's capabilities on `path` (relative to this namespace), as Vault's ACL grants
+        them: the exact rule, else the most specific matching one; `deny` grants nothing."""
+        owner, prefix = self, ""
+        while token not in owner.tokens:
+            if owner.parent is None:
+                return frozenset()
+            prefix, owner = owner.path[len(owner.parent.path) :] + prefix, owner.parent
+        names = owner.token_policies.get(token, [])
+        if "root" in names:
+            return ALL_CAPABILITIES
+        merged: dict[str, set[str]] = {}
+        for name in names:
+            for pattern, caps in owner.policies.get(name, []):
+                merged.setdefault(pattern, set()).update(caps)
+        full = prefix + path
+        if full in merged:
+            caps = merged[full]
+        else:
+            matching = [p for p in merged if _pattern_matches(p, full)]
+            if not matching:
+                return frozenset()
+            caps = merged[max(matching, key=_priority)]
+        return frozenset() if "deny" in caps else frozenset(caps)
+
+    def _known(self, token: str | None) -> bool:
+        owner: FakeVault | None = self
+        while owner is not None:
+            if token in owner.tokens:
+                return True
+            owner = owner.parent
+        return False
+
+    def _has_mount_access(self, token: str, mount: str) -> bool:
+        """Vault's hasMountAccess: any capability on some path in the mount."""
+        owner, prefix = self, ""
+        while token not in owner.tokens:
+            if owner.parent is None:
+                return False
+            prefix, owner = owner.path[len(owner.parent.path) :] + prefix, owner.parent
+        if "root" in owner.token_policies.get(token, []):
+            return True
+        base = f"{prefix}{mount}/"
+        for name in owner.token_policies.get(token, []):
+            for pattern, caps in owner.policies.get(name, []):
+                if "deny" in caps or not caps:
+                    continue
+                stem = pattern.rstrip("*")
+                if (
+                    stem.startswith(base)
+                    or _pattern_matches(pattern, base)
+                    or ("+" in pattern and _pattern_matches(pattern.split("+")[0] + "+", base + "x"))
+                ):
+                    return True
+        return False
+
+    def _capability_needed(self, method: str, rest: str) -> str:
+        """The capability a request needs; POST/PUT: create where the endpoint has an existence
+        check and the path does not exist, else update."""
+        if method in ("GET", "HEAD"):
+            return "read"
+        simple = {"LIST": "list", "DELETE": "delete", "PATCH": "patch"}
+        if method in simple:
+            return simple[method]
+        mount = self._mount_of(rest)
+        if mount is None or rest == mount:
+            return "update"
+        if mount in self.kv1:
+            return "update" if rest[len(mount) + 1 :].strip("/") in self.kv1[mount] else "create"
+        endpoint, _, key = rest[len(mount) + 1 :].partition("/")
+        if endpoint in ("data", "metadata") and key.strip("/") not in self.mounts[mount]:
+            return "create"
+        return "update"
+
+    def _authorize(self, method: str, rest: str, token: str) -> None:
+        acl_path = f"{rest}/" if method == "LIST" and not rest.endswith("/") else rest
+        needed = self._capability_needed(method, rest)
+        self.checks.append((needed, acl_path))
+        if needed not in self.capabilities(token, acl_path):
+            raise VaultError(403, [PERMISSION_DENIED])
 
     # ---- request handling --------------------------------------------------------------------------
 
@@ -376,6 +569,15 @@ class FakeVault:
         query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
         if method == "GET" and query.get("list") == "true":
             method = "LIST"
+        if path.startswith("/v1/"):
+            head = path[len("/v1/") :].split("/", 1)[0]
+            if head in self.children:  # the namespace in the path (Vault accepts either)
+                rest = path[len("/v1/") + len(head) :]
+                child = self.children[head]
+                query_part = f"?{parts.query}" if parts.query else ""
+                with self._lock:
+                    self.requests.append((method, path))
+                return child.handle(method, f"/v1{rest}{query_part}", token, body, content_type)
         with self._lock:
             self.requests.append((method, path))
             if self._failures:
@@ -391,8 +593,22 @@ class FakeVault:
                 if lease is not None and now >= lease.expires:  # Vault revokes a token at its TTL
                     self.tokens.discard(token or "")
                     del self.leases[token or ""]
-                if token not in self.tokens:
+                if not self._known(token):
                     raise VaultError(403, ["permission denied"])
+                assert token is not None
+                rest = path[len("/v1/") :]
+                if rest.startswith("sys/internal/ui/mounts/") and method == "GET":
+                    mount = self._mount_of(rest[len("sys/internal/ui/mounts/") :].strip("/"))
+                    if mount is None or not self._has_mount_access(token, mount):
+                        raise VaultError(403, ["permission denied"])
+                    return 200, self._ui_mount(rest[len("sys/internal/ui/mounts/") :])
+                self._authorize(method, rest, token)
+                if rest.startswith(("sys/policies/acl/", "sys/policy/")) and method in ("POST", "PUT"):
+                    rules = (body or {}).get("policy") or (body or {}).get("rules") or ""
+                    self.policies[rest.rsplit("/", 1)[1]] = parse_policy(rules)
+                    return 204, None
+                if rest == "auth/token/create" and method in ("POST", "PUT"):
+                    return 200, self._create_token(token, body or {})
                 if path == "/v1/auth/token/lookup-self" and method == "GET":
                     return 200, _envelope(self._token_data(token, lease, now))
                 if path == "/v1/auth/token/renew-self" and method in ("POST", "PUT"):
@@ -404,13 +620,9 @@ class FakeVault:
                     return 200, _envelope(None, auth={**auth, "renewable": lease.renewable})
                 if path == "/v1/auth/token/revoke-self" and method in ("POST", "PUT"):
                     self.tokens.discard(token)
-                    self.readonly_tokens.discard(token)
+                    self.token_policies.pop(token, None)
                     self.leases.pop(token, None)
                     return 204, None
-                if token in self.readonly_tokens and method not in ("GET", "LIST"):
-                    raise VaultError(403, ["1 error occurred:\n\t* permission denied\n\n"])
-                if method == "PATCH" and token in self.no_patch_tokens:
-                    raise VaultError(403, ["1 error occurred:\n\t* permission denied\n\n"])
                 if method == "PATCH" and not self.metadata_patch:
                     raise VaultError(405, [])  # a Vault from before it: no PATCH at all
                 if method == "PATCH" and (content_type or "").split(";")[0].strip() != MERGE_PATCH:
@@ -419,10 +631,29 @@ class FakeVault:
             except VaultError as exc:
                 return exc.status, exc.body
 
-    @staticmethod
-    def _token_data(token: str, lease: TokenLease | None, now: float) -> dict[str, Any]:
+    def _create_token(self, creator: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST auth/token/create (api-docs/auth/token): a token of `policies` (beside `default`
+        unless `no_default_policy`), with `ttl` if given; a creator that is not root may only give
+        policies it holds."""
+        policies = [str(p) for p in body.get("policies") or []]
+        held = self.token_policies.get(creator, [])
+        if "root" not in held and not set(policies) <= set(held):
+            raise VaultError(400, ["child policies must be subset of parent"])
+        token = f"hvs.{uuid.uuid4().hex}"
+        ttl = duration_seconds(body["ttl"]) if body.get("ttl") else None
+        self.tokens.add(token)
+        self.token_policies[token] = sorted(
+            {*policies, *(() if body.get("no_default_policy") else ("default",))}
+        )
+        if ttl is not None:
+            self.leases[token] = TokenLease(expires=time.monotonic() + ttl, creation_ttl=ttl)
+        auth = {"client_token": token, "policies": self.token_policies[token], "lease_duration": ttl or 0}
+        return _envelope(None, auth={**auth, "renewable": ttl is not None})
+
+    def _token_data(self, token: str, lease: TokenLease | None, now: float) -> dict[str, Any]:
         """lookup-self's data: a root-like token has ttl 0 and is not renewable."""
-        data: dict[str, Any] = {"id": token, "policies": ["default"], "ttl": 0, "renewable": False}
+        policies = self.token_policies.get(token, ["default"])
+        data: dict[str, Any] = {"id": token, "policies": policies, "ttl": 0, "renewable": False}
         if lease is not None:
             data.update(
                 ttl=lease.left(now),
@@ -439,6 +670,7 @@ class FakeVault:
             raise VaultError(400, ["invalid role or secret ID"])
         token = f"hvs.{uuid.uuid4().hex}"
         self.tokens.add(token)
+        self.token_policies[token] = ["root"]  # the role's policies: everything, as before
         self.leases[token] = TokenLease(expires=time.monotonic() + 3600, creation_ttl=3600)
         return _envelope(None, auth={"client_token": token, "policies": ["default"], "lease_duration": 3600})
 
@@ -726,7 +958,11 @@ class _Handler(BaseHTTPRequestHandler):
             return
         # The Content-Type matters to a PATCH only (tests that wrap `handle` take four arguments).
         extra = {"content_type": self.headers.get("Content-Type")} if self.command == "PATCH" else {}
-        status, answer = self.server_state.handle(
+        state = self.server_state
+        namespace = (self.headers.get("X-Vault-Namespace") or "").strip().strip("/")
+        if namespace:
+            state = state.namespace(namespace)
+        status, answer = state.handle(
             self.command, self.path, self.headers.get("X-Vault-Token"), body, **extra
         )
         self._answer(status, answer)
