@@ -517,3 +517,32 @@ def test_the_expiry_gauge_lists_a_vault_store_at_most_every_five_minutes(
         assert metadata_reads() == listed
     finally:
         server.stop()
+
+
+def test_serve_works_under_a_vault_namespace_with_that_namespaces_token(
+    make_backend: Callable[[str], Backend], service_dir: Path
+) -> None:
+    """VAULT_NAMESPACE (Vault Enterprise) in serve's environment: every request it makes (its
+    clients' calls, the audit anchor, the health check's probe) goes to that namespace, whose token
+    the root namespace does not know (developer.hashicorp.com/vault/docs/enterprise/namespaces)."""
+    backend = make_backend("vault")
+    assert backend.vault is not None
+    team = backend.vault.namespace("team-a")
+    team.add_policy(
+        "kv", 'path "secret/*" { capabilities = ["create", "read", "update", "patch", "delete", "list"] }'
+    )
+    backend.env = {
+        "VAULT_TOKEN": team.add_token("team-a-token", policies=["kv"]),
+        "VAULT_NAMESPACE": "team-a",
+    }
+    backend.seed(SEED)
+    server = serve(service_dir, backend)
+    try:
+        assert server.cli("ops", "store", "auth/NEW", input=b"x").returncode == 0
+        assert server.cli("auth", "get", "auth/NEW").stdout == b"x\n"
+        assert server.cli("ops", "list").stdout.decode().split() == sorted([*SEED, "auth/NEW"])
+    finally:
+        server.stop()
+    assert "auth/NEW" in team.mounts["secret"] and backend.vault.requests == []
+    probes = [p for m, p in team.requests if m == "GET" and "/metadata/.secrets-manager/audit-anchor/" in p]
+    assert probes  # the health check's, in team-a too

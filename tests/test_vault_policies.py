@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from secrets_manager.errors import AccessDeniedError
+from secrets_manager.store.vault import VaultStore, connect_vault
 from test_cli_external_stores import Cli, Result, assert_one_line_error
 from vault_server import FakeVault
 
@@ -367,3 +369,31 @@ def test_the_test_server_creates_tokens_and_policies_through_vaults_api() -> Non
     assert vault.handle("GET", "/v1/sys/internal/ui/mounts/secret", reader, None)[0] == 200
     outsider = vault.add_token("o", policies=[])
     assert vault.handle("GET", "/v1/sys/internal/ui/mounts/secret", outsider, None)[0] == 403
+
+
+# ---- serve: the polled feed behind Watch, and the health check ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("call", "rules"),
+    [
+        pytest.param("version_snapshot", {META: ("list", "read")}, id="watch"),
+        pytest.param("probe", {ANCHOR_META: ("read",)}, id="health-check"),
+    ],
+)
+def test_serve_needs_what_the_table_says_for_watch_and_its_health_check(
+    seeded: Seeded, call: str, rules: dict[str, tuple[str, ...]]
+) -> None:
+    """docs/stores.md's Watch and serve rows, on the store serve holds (in-process: its calls are
+    the store's, and serve's own requests are the audit log's, checked above)."""
+    seeded.reset()
+
+    def store(rules: dict[str, tuple[str, ...]]) -> VaultStore:
+        client = connect_vault(seeded.vault.address, environ={"VAULT_TOKEN": seeded.token_with(rules)})
+        return VaultStore(client, M, actor="tester")
+
+    answer = getattr(store(rules), call)()
+    assert call == "probe" or {"app/A", "app/B"} <= set(answer)
+    for _path, _cap, fewer in _without_each(rules):
+        with pytest.raises(AccessDeniedError):
+            getattr(store(fewer), call)()
