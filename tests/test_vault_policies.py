@@ -60,12 +60,19 @@ ROWS: dict[str, Row] = {
     "get": Row(("get", "app/A"), {DATA: ("read",)}),
     "get --version": Row(("get", "app/A", "--version", "1"), {DATA: ("read",), META: ("read",)}),
     "run --secret": Row(("run", "--secret", "app/A=X", "--", "true"), {DATA: ("read",)}),
+    "inject": Row(("inject", "-i", "-"), {DATA: ("read",)}, b"key={{ sm://app/A }}\n"),
     "list": Row(("list",), {META: ("list", "read")}),
+    "status": Row(("status",), {META: ("list", "read")}),
     "history": Row(("history", "app/A"), {META: ("read",)}),
     "metadata": Row(("metadata", "app/A"), {META: ("read",)}),
     "metadata --tag": Row(("metadata", "app/A", "--tag", "x=y"), {META: ("read", "patch")}),
     "metadata --max-versions": Row(("metadata", "app/A", "--max-versions", "5"), {META: ("read", "update")}),
     "store (new secret)": Row(("store", "app/NEW"), {META: ("read", "patch"), DATA: ("create",)}, b"n1"),
+    "import": Row(
+        ("import", "-", "--service", "imp", "--format", "env"),
+        {META: ("list", "read", "patch"), DATA: ("create",)},
+        b"K=v\n",
+    ),
     "store (new version)": Row(("store", "app/A"), {META: ("read",), DATA: ("update",)}, b"a3"),
     "store --description": Row(
         ("store", "app/A", "--description", "new"), {META: ("read", "patch"), DATA: ("update",)}, b"a3"
@@ -92,6 +99,7 @@ ROWS: dict[str, Row] = {
         spare=((META, ("delete",)),),
     ),
     # Reads the log's anchor and key, writes nothing.
+    "cp": Row(("cp", "app/B", "app/C"), {DATA: ("read", "create"), META: ("read", "patch")}),
     "audit verify": Row(
         ("audit", "verify"), {}, audit=((AUDIT_KEY, ("read",)), (ANCHOR, ("read",)), (ANCHOR_META, ("read",)))
     ),
@@ -222,7 +230,13 @@ def _without_each(rules: dict[str, tuple[str, ...]]) -> Iterator[tuple[str, str,
 
 
 # Rows whose capabilities another row's cases already take away one by one.
-SAME_AS = {"run --secret": "get", "metadata": "history"}
+SAME_AS = {
+    "run --secret": "get",
+    "inject": "get",
+    "status": "list",
+    "metadata": "history",
+    "cp": "mv",
+}
 # The audit log's capabilities are every command's: taken away one by one from `get`'s policy only
 # (and `audit verify`'s, which needs fewer); the others' own ones from theirs.
 CASES = [
