@@ -411,3 +411,22 @@ def test_serve_needs_what_the_table_says_for_watch_and_its_health_check(
     for _path, _cap, fewer in _without_each(rules):
         with pytest.raises(AccessDeniedError):
             getattr(store(fewer), call)()
+
+
+PROBE = f"{M}/data/.secrets-manager/kv-version-probe"
+
+
+def test_where_the_mounts_endpoint_is_refused_the_first_write_needs_create_on_the_probe(used: Seeded) -> None:
+    """docs/stores.md: a Vault that refuses sys/internal/ui/mounts (in front of it, a proxy's rule)
+    gets the KV v2 probe before the first write: `create` on the probe path, which `create` on
+    M/data/* already grants (KV v2 refuses its `cas` and writes nothing, so `delete`, for KV v1's
+    stored probe, is not used here). A policy that takes it away is refused before any value is sent."""
+    used.vault.refuse_mounts_endpoint = True
+    try:
+        row = ROWS["store (new secret)"]
+        assert run(used, row, row.policy()).code == 0
+        assert ("create", PROBE) in used.vault.checks
+        used.reset()
+        assert_denied(used, row, {**row.policy(), PROBE: ()})
+    finally:
+        used.vault.refuse_mounts_endpoint = False
