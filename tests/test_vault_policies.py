@@ -430,3 +430,16 @@ def test_where_the_mounts_endpoint_is_refused_the_first_write_needs_create_on_th
         assert_denied(used, row, {**row.policy(), PROBE: ()})
     finally:
         used.vault.refuse_mounts_endpoint = False
+
+
+def test_a_version_stored_before_its_metadata_was_denied_is_said_to_be_stored(used: Seeded) -> None:
+    """`store` writes the version, then its metadata (docs/stores.md: "if the second fails, the
+    version is stored without them and the command reports the error"). Without `patch` and
+    `update` on M/metadata/* the error said only "Vault denied store metadata of app/NEW" (exit 5),
+    so the value looked refused, and storing it again made a second version."""
+    row = ROWS["store (new secret)"]
+    result = run(used, row, {**row.policy(), META: ("read",)})
+    assert_one_line_error(
+        result, 5, "version 1 of 'app/NEW' was stored", "denied", "do not store the value again"
+    )
+    assert secrets_of(used.vault)["app/NEW"][0]["current_version"] == 1

@@ -443,6 +443,19 @@ def _timeout(environ: Mapping[str, str]) -> float:
     return seconds
 
 
+def _after_the_version(exc: SecretsManagerError, name: str, number: int) -> SecretsManagerError:
+    """`exc` (of the same class, so the same exit code) saying that version `number` of `name` was
+    stored before the metadata write it reports failed."""
+    message = (
+        f"version {number} of {name!r} was stored, but not its metadata (description, tags, expiry, "
+        f"max versions): {exc}; do not store the value again ('metadata {name} …' sets them)"
+    )
+    try:
+        return type(exc)(message)
+    except TypeError:  # pragma: no cover (an error class with other arguments: as it is)
+        return exc
+
+
 class _NotThere(Exception):
     """Vault answered 404; `body` is its JSON (a soft-deleted version's carries its metadata)."""
 
@@ -954,22 +967,31 @@ class VaultStore:
         if expiry:
             changes[EXPIRES_KEY] = expiry
         patchable = meta is not None and tags is None and bool(changes)
-        if meta is None:
-            # A new secret: Vault made its metadata with the version, so any key there now is
-            # another writer's since (its own version's expiry, a description): a merge patch of
-            # ours keeps it, where the whole POST would drop it.
-            changes = {k: v for k, v in changes.items() if v is not None}
-            changes[CREATED_BY_KEY] = acting_actor(self._actor)
-            changes.update(tags or {})
-            first_max = self._max_versions if max_versions is None else max_versions
-            if not self._patch_metadata(name, changes, first_max):
+        try:
+            if meta is None:
+                # A new secret: Vault made its metadata with the version, so any key there now is
+                # another writer's since (its own version's expiry, a description): a merge patch of
+                # ours keeps it, where the whole POST would drop it.
+                changes = {k: v for k, v in changes.items() if v is not None}
+                changes[CREATED_BY_KEY] = acting_actor(self._actor)
+                changes.update(tags or {})
+                first_max = self._max_versions if max_versions is None else max_versions
+                if not self._patch_metadata(name, changes, first_max):
+                    self._write_metadata(name, meta, description, tags, max_versions, expiry=expiry)
+            elif patchable and self._patch_metadata(name, changes, max_versions):
+                pass  # done: the keys given, and max_versions
+            elif (
+                meta is None
+                or description is not None
+                or tags is not None
+                or max_versions is not None
+                or expiry
+            ):
                 self._write_metadata(name, meta, description, tags, max_versions, expiry=expiry)
-        elif patchable and self._patch_metadata(name, changes, max_versions):
-            pass  # done: the keys given, and max_versions
-        elif (
-            meta is None or description is not None or tags is not None or max_versions is not None or expiry
-        ):
-            self._write_metadata(name, meta, description, tags, max_versions, expiry=expiry)
+        except SecretsManagerError as exc:
+            # The version stands: a caller told only "denied" (a policy without `patch` or `update`
+            # on MOUNT/metadata/) would store the value again, as a new version.
+            raise _after_the_version(exc, name, number) from None
         return VersionInfo(
             version=int(written["version"]),
             created=_vault_time(written["created_time"]),
