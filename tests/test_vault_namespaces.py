@@ -53,11 +53,11 @@ def test_every_request_of_a_store_goes_to_its_namespace(
     """Reads, writes, metadata, delete/undelete, the audit key, and a renewable token's lookup and
     renewals: all in team-a, none in the root namespace."""
     monkeypatch.setattr("secrets_manager.store.vault.TOKEN_CHECK_AFTER_SECONDS", 0.2)
-    token = team_token(vault, "team-a", ttl=3)
+    token = team_token(vault, "team-a", ttl=4)
     store = open_in(vault, VAULT_TOKEN=token, VAULT_NAMESPACE="team-a")
     store.put("svc/K", b"v1", description="d")
     store.put("svc/K", b"v2")
-    deadline = time.monotonic() + 4  # over a TTL: lapsed unless renewed in team-a
+    deadline = time.monotonic() + 5  # over a TTL (renewed every 2 s: 2 s to spare under load)
     while time.monotonic() < deadline:
         store.probe()
         time.sleep(0.2)
