@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from secrets_manager.errors import AccessDeniedError
+from secrets_manager.errors import AccessDeniedError, ConflictError
 from secrets_manager.store.vault import VaultStore, connect_vault
 from test_cli_external_stores import Cli, Result, assert_one_line_error
 from vault_server import FakeVault
@@ -443,3 +443,41 @@ def test_a_version_stored_before_its_metadata_was_denied_is_said_to_be_stored(us
         result, 5, "version 1 of 'app/NEW' was stored", "denied", "do not store the value again"
     )
     assert secrets_of(used.vault)["app/NEW"][0]["current_version"] == 1
+
+
+@pytest.mark.parametrize("undelete", [True, False], ids=["with-undelete", "without-undelete"])
+def test_a_conditional_delete_overtaken_by_a_write_needs_update_on_undelete(
+    seeded: Seeded, undelete: bool
+) -> None:
+    """docs/stores.md's delete row: `delete --expect-version` (and mv's delete) undoes its delete
+    POST when a newer version landed meanwhile, with `update` on M/undelete/*. Without it the
+    versions stay soft-deleted, and the one-line error says so and how to restore them."""
+    seeded.reset()
+    rules = {
+        META: ("read",),
+        f"{M}/delete/*": ("update",),
+        **({f"{M}/undelete/*": ("update",)} if undelete else {}),
+    }
+    store = VaultStore(
+        connect_vault(seeded.vault.address, environ={"VAULT_TOKEN": seeded.token_with(rules)}), M, actor="t"
+    )
+    root = VaultStore(
+        connect_vault(seeded.vault.address, environ={"VAULT_TOKEN": seeded.vault.root_token}), M
+    )
+    send, written = store._send, []
+
+    def write_before_the_delete(method: str, path: str, **kwargs: Any) -> Any:
+        if (method, path) == ("POST", "delete/app/B") and not written:
+            written.append(root.put("app/B", b"b2"))
+        return send(method, path, **kwargs)
+
+    store._send = write_before_the_delete  # type: ignore[method-assign]
+    expected = ConflictError if undelete else AccessDeniedError
+    with pytest.raises(expected) as raised:
+        store.delete("app/B", expect_version=1)
+    version_1 = seeded.vault.mounts[M]["app/B"].versions[1]
+    assert written and (version_1.deletion_time == "") == undelete
+    if not undelete:
+        assert "stayed soft-deleted" in str(raised.value) and "'undelete app/B' restores them" in str(
+            raised.value
+        )
