@@ -46,7 +46,7 @@ from typing import Any
 import grpc
 
 from secrets_manager.crypto import kdf
-from secrets_manager.service.config import DEFAULT_MAX_WORKERS
+from secrets_manager.service.config import DEFAULT_MAX_WORKERS, Limits
 from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
@@ -179,6 +179,11 @@ def start(command: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[byt
     raise RuntimeError(f"server did not start: {command}")
 
 
+# One identity calls as fast as it can: a rate it never reaches, so every request still pays for
+# the per-identity check (service/limits.py) and none is throttled.
+UNTHROTTLED = "[limits]\nrequests_per_second = 1000000\nrequest_burst = 1000000\n"
+
+
 def prepare(directory: Path, max_workers: int = DEFAULT_MAX_WORKERS) -> None:
     ca_cert, ca_key = pki.new_ca()
     (directory / "ca.pem").write_bytes(ca_cert)
@@ -195,6 +200,7 @@ def prepare(directory: Path, max_workers: int = DEFAULT_MAX_WORKERS) -> None:
             f'listen = "127.0.0.1:0"\nstore = "{server}.db"\npolicy = "policy.toml"\n'
             f'audit_sync = "{sync}"\nmax_workers = {max_workers}\n'
             '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
+            f"{UNTHROTTLED}"
         )
         # One store (and so one audit log and anchor) per server.
         store = EncryptedStore.create(
@@ -234,7 +240,10 @@ def handler_cost(directory: Path, calls: int = 4000) -> float:
     for name in names():
         store.put(name, VALUE)
     audit = AuditLog(directory / "in-process.audit.jsonl")
-    servicer = SecretsServicer(store, PolicyHolder(directory / "policy.toml"), audit, Metrics(None))
+    unthrottled = Limits(requests_per_second=1_000_000, request_burst=1_000_000)  # as UNTHROTTLED
+    servicer = SecretsServicer(
+        store, PolicyHolder(directory / "policy.toml"), audit, Metrics(None), limits=unthrottled
+    )
     context = _InProcessContext((directory / "bench.pem").read_bytes())
     rng = random.Random(7)
     requests = [pb.GetSecretRequest(name=rng.choice(names())) for _ in range(calls)]
@@ -264,6 +273,7 @@ def prepare_postgres(directory: Path, cluster: Any, max_workers: int) -> None:
         f'listen = "127.0.0.1:0"\nstore = "{cluster.url()}?schema={schema}"\npolicy = "policy.toml"\n'
         f'audit_file = "ours-pg.audit.jsonl"\nmax_workers = {max_workers}\n'
         '[tls]\ncert = "server.pem"\nkey = "server-key.pem"\nclient_ca = "ca.pem"\n'
+        f"{UNTHROTTLED}"
     )
 
 

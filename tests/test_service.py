@@ -95,6 +95,17 @@ def server(tmp_path: Path) -> Iterator[Server]:
     running.stop()
 
 
+@pytest.fixture
+def unlimited_server(tmp_path: Path) -> Iterator[Server]:
+    """`server` without a per-identity request rate ([limits]): for load that one identity sends
+    in a loop on purpose, which the default rate would throttle."""
+    make_pki(tmp_path)
+    make_store(tmp_path, SEED, POLICY)
+    running = start_server(tmp_path, metrics=True, settings="[limits]\nrequests_per_second = 0\n")
+    yield running
+    running.stop()
+
+
 def code_of(call: object) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as caught:
         call()  # type: ignore[operator]
@@ -1046,7 +1057,8 @@ def test_a_revoked_certificates_open_watch_stream_ends_at_the_reload(server: Ser
     assert events == []
 
 
-def test_sigterm_under_load_finishes_in_flight_calls_and_exits_0(server: Server) -> None:
+def test_sigterm_under_load_finishes_in_flight_calls_and_exits_0(unlimited_server: Server) -> None:
+    server = unlimited_server  # four threads call in a loop: past the default rate
     store = EncryptedStore.open(SqliteStorage(server.dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
     for i in range(1500):
         store.put(f"load/bulk/K{i:04d}", b"bulk-%d" % i)

@@ -367,7 +367,8 @@ def service_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def small_server(service_dir: Path) -> Iterator[Server]:
-    running = start_server(service_dir, max_workers=20)  # max_watch_streams: 20 - 16 = 4
+    # max_watch_streams: 20 - 16 = 4, all of which one identity may hold here (by default, half)
+    running = start_server(service_dir, max_workers=20, settings="[limits]\nwatch_streams_per_identity = 4\n")
     yield running
     running.stop()
 

@@ -19,6 +19,7 @@
     │   ├── StoreBusyError              exit 1   another writer held the store's lock too long
     │   ├── StoreReadOnlyError          exit 1   a write to a store this process can only read
     │   ├── ResourceExhaustedError      exit 1   the service is at a capacity limit (max_watch_streams)
+    │   │   └── ThrottledError          exit 1   the service throttles this identity ([limits]): retry later
     │   └── HandshakeFailedError        exit 1   the TLS handshake failed or the server closed it
     ├── RotationStepFailed              exit 1   a rotation's set or test command failed
     └── OperationInterrupted            exit 130 Ctrl-C part-way through a multi-write command
@@ -197,6 +198,14 @@ class ResourceExhaustedError(StorageError):
     now, like an unreachable service. Messages say which limit and how to raise it."""
 
     kind = "resource_exhausted"
+
+
+class ThrottledError(ResourceExhaustedError):
+    """The service refused the request because its identity sent more than its per-identity rate
+    (server.toml [limits]): nothing was read or changed, so sending it again later is safe. The SDK
+    retries it with backoff; the CLI exits 1 saying the service is throttling this identity."""
+
+    kind = "throttled"
 
 
 class HandshakeFailedError(StorageError):

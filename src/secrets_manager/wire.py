@@ -23,6 +23,7 @@ from secrets_manager.errors import (
     SecretsManagerError,
     SecretStateError,
     StorageError,
+    ThrottledError,
     UnlockError,
     UnsafeConfigurationError,
     UnsupportedOperationError,
@@ -81,6 +82,7 @@ _REFINED_ERRORS: dict[str, type[SecretsManagerError]] = {
         NothingToChangeError,
         RotationInProgressError,
         SecretStateError,
+        ThrottledError,
         UnsafeConfigurationError,
         UnsupportedOperationError,
     )

@@ -161,11 +161,14 @@ class AuditEvent:
     certificate_serial: str | None = None
     # `audit prune` names where the chain now begins: {"seq": first record kept, "prev": its prev}.
     pruned_before: dict[str, Any] | None = None
+    # The service's summary of an identity's throttled requests (operation `throttled`): how many,
+    # by method, first and last; no other record has this key.
+    throttled: dict[str, Any] | None = None
 
     def as_record(self) -> dict[str, Any]:
         """The record's fields from this event (the optional ones only where set)."""
         found = dict(vars(self))
-        for optional in ("certificate_serial", "pruned_before"):
+        for optional in ("certificate_serial", "pruned_before", "throttled"):
             if found[optional] is None:
                 del found[optional]
         return found

@@ -20,6 +20,12 @@
     key = "server-key.pem"
     client_ca = "ca.pem"
 
+    [limits]                            # per certificate identity; reloaded on SIGHUP
+    requests_per_second = 100           # sustained rate; 0: no rate limit
+    request_burst = 500                 # requests at once above the rate (the bucket's size)
+    watch_streams_per_identity = 120    # default: half of max_watch_streams (at least 1)
+    throttled_summary_seconds = 60      # how often throttled requests are summed up in the audit log
+
 Relative paths are relative to the config file. There is no plaintext port: [tls] is required.
 
 Watch streams. Each open Watch stream (every SDK client holds one) occupies one of the
@@ -29,6 +35,20 @@ always find a free thread; a Watch beyond the cap is refused with RESOURCE_EXHAU
 serving from its cache and retries with backoff). It must be 1..max_workers-1 (1 if max_workers is
 1); the default leaves 16 threads for other calls. Waiting threads are cheap, so to serve more
 clients raise both settings.
+
+Per-identity limits ([limits], service/limits.py). Each client certificate identity has a token
+bucket: `request_burst` requests at once, refilled at `requests_per_second`. A request past it is
+refused at once with RESOURCE_EXHAUSTED ("throttled; retry later"), before the policy is asked or
+the store read; the SDK retries it with backoff, the CLI says the service is throttling its
+identity (exit 1). Throttled requests are not audited one by one (Vault's rate limit quotas are
+not either, by default): every `throttled_summary_seconds` one record per throttled identity
+(operation `throttled`) gives their count by method, so a client refused 1,400 times a second no
+longer writes 780 KB/s of audit log (docs/audit.md). The defaults are far above a normal client
+(the SDK reads once and then follows its Watch stream; a fleet starting at once sharing one
+identity takes the burst) and far below what one runaway client sends (a loop with no sleep: a
+few thousand a second). `watch_streams_per_identity` keeps one identity from holding every Watch
+slot: by default half of `max_watch_streams`. The section is read again on SIGHUP (the rest of
+server.toml is not); a section that no longer loads keeps the limits in force.
 
 Watch on a Vault or AWS store. Neither keeps a log of its changes, so the service polls them for
 its Watch streams: one snapshot of the store (AWS: ListSecrets, one request per 100 secrets; Vault:
@@ -73,13 +93,39 @@ _KNOWN = {
     "rotation_schedule",
     "rotation_check_seconds",
     "watch_poll_seconds",
+    "limits",
 }
+_LIMITS_KNOWN = {
+    "requests_per_second",
+    "request_burst",
+    "watch_streams_per_identity",
+    "throttled_summary_seconds",
+}
+DEFAULT_REQUESTS_PER_SECOND = 100.0
+DEFAULT_REQUEST_BURST = 500
+DEFAULT_THROTTLED_SUMMARY_SECONDS = 60.0
 _TLS_KNOWN = {"cert", "key", "client_ca"}
 MAX_CONFIG_BYTES = 1 << 20  # a server config larger than this is a wrong file
 AUDIT_SYNC_MODES = ("interval", "always")
 DEFAULT_MAX_WORKERS = 256
 WORKERS_KEPT_FROM_WATCH = 16  # default max_watch_streams: max_workers minus this, at least 1
 _PORT = re.compile(r"[0-9]{1,5}")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """server.toml's [limits]: per certificate identity (service/limits.py)."""
+
+    requests_per_second: float = DEFAULT_REQUESTS_PER_SECOND  # 0: no rate limit
+    request_burst: int = DEFAULT_REQUEST_BURST
+    watch_streams_per_identity: int | None = None  # None: half the Watch stream limit, at least 1
+    throttled_summary_seconds: float = DEFAULT_THROTTLED_SUMMARY_SECONDS
+
+    def watch_streams_of(self, watch_stream_limit: int) -> int:
+        """How many Watch streams one identity may hold: the setting, by default half of all."""
+        if self.watch_streams_per_identity is not None:
+            return self.watch_streams_per_identity
+        return max(1, watch_stream_limit // 2)
 
 
 @dataclass(frozen=True)
@@ -101,6 +147,7 @@ class ServerConfig:
     rotation_schedule: Path | None = None
     rotation_check_seconds: float = 60.0
     watch_poll_seconds: float | None = None  # None: the store's default (Vault 30 s, AWS 10 s)
+    limits: Limits = field(default_factory=Limits)  # taken again at SIGHUP
 
     @property
     def watch_stream_limit(self) -> int:
@@ -210,6 +257,7 @@ def load_config(path: str | Path, *, environment: Environment | None = None) -> 
         raise InvalidInputError(
             f"server config {path}: metrics_listen must be HOST:PORT with a port of 1..65535"
         )
+    limits = _limits(doc.get("limits", {}), path, watch_upper)
     return ServerConfig(
         listen=listen,
         store=store,
@@ -230,7 +278,37 @@ def load_config(path: str | Path, *, environment: Environment | None = None) -> 
         ),
         rotation_check_seconds=float(check),
         watch_poll_seconds=None if watch_poll is None else float(watch_poll),
+        limits=limits,
     )
+
+
+def _limits(section: object, path: Path, watch_upper: int) -> Limits:
+    """[limits], checked: InvalidInputError names the setting and its range."""
+    if not isinstance(section, dict):
+        raise InvalidInputError(f"server config {path}: limits must be a table ([limits])")
+    unknown = set(section) - _LIMITS_KNOWN
+    if unknown:
+        raise InvalidInputError(
+            f"server config {path}: unknown setting {'limits.' + sorted(unknown)[0]!r}; [limits] has "
+            + ", ".join(sorted(_LIMITS_KNOWN))
+        )
+    rate = section.get("requests_per_second", DEFAULT_REQUESTS_PER_SECOND)
+    if not _is_number(rate) or not (rate == 0 or 0.01 <= rate <= 1_000_000):
+        raise InvalidInputError(
+            f"server config {path}: limits.requests_per_second must be 0 (no limit) or 0.01..1000000"
+        )
+    burst = section.get("request_burst", DEFAULT_REQUEST_BURST)
+    if not _is_int(burst) or not 1 <= burst <= 1_000_000:
+        raise InvalidInputError(f"server config {path}: limits.request_burst must be 1..1000000")
+    watch = section.get("watch_streams_per_identity")
+    if watch is not None and (not _is_int(watch) or not 1 <= watch <= watch_upper):
+        raise InvalidInputError(
+            f"server config {path}: limits.watch_streams_per_identity must be 1..{watch_upper}"
+        )
+    summary = section.get("throttled_summary_seconds", DEFAULT_THROTTLED_SUMMARY_SECONDS)
+    if not _is_number(summary) or not 1 <= summary <= 3600:
+        raise InvalidInputError(f"server config {path}: limits.throttled_summary_seconds must be 1..3600")
+    return Limits(float(rate), burst, watch, float(summary))
 
 
 _TOML_NAMES = {"tls_cert": "tls.cert", "tls_key": "tls.key", "tls_client_ca": "tls.client_ca"}
@@ -238,12 +316,16 @@ _TOML_NAMES = {"tls_cert": "tls.cert", "tls_key": "tls.key", "tls_client_ca": "t
 
 def changed_settings(before: ServerConfig, after: ServerConfig) -> list[str]:
     """The settings (as server.toml names them: `listen`, `tls.client_ca`) whose value differs
-    between two loads of one config file; never the values (a store URL may hold a password)."""
+    between two loads of one config file, but for [limits], which SIGHUP takes; never the values
+    (a store URL may hold a password)."""
     return [
         _TOML_NAMES.get(each.name, each.name)
         for each in fields(ServerConfig)
-        if getattr(before, each.name) != getattr(after, each.name)
+        if each.name not in RELOADED_SETTINGS and getattr(before, each.name) != getattr(after, each.name)
     ]
+
+
+RELOADED_SETTINGS = frozenset({"limits"})  # taken at SIGHUP: not a change that needs a restart
 
 
 def _is_int(value: object) -> TypeGuard[int]:

@@ -121,6 +121,13 @@ class Metrics:
             registry=self.registry,
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
         )
+        self.throttled = Counter(
+            "secrets_manager_throttled_requests",
+            "Requests refused (RESOURCE_EXHAUSTED) because their identity was past its request rate "
+            "(server.toml [limits]), by method. Not audited one by one: see the `throttled` records.",
+            ["method"],
+            registry=self.registry,
+        )
         self.audit_failures = Counter(
             "secrets_manager_audit_failures",
             "Requests' audit records the audit log refused (could not write in time): each such "
@@ -301,6 +308,9 @@ class Metrics:
 
     def observe_probe(self, check: str, seconds: float) -> None:
         self.probe_seconds.labels(check).observe(seconds)
+
+    def count_throttled(self, method: str) -> None:
+        self.throttled.labels(method).inc()
 
     def count_audit_failure(self) -> None:
         self.audit_failures.inc()

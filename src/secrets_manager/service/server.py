@@ -1,7 +1,8 @@
 """The Secrets gRPC servicer and the process around it (TLS, health, reflection, signals, metrics).
 
-Every RPC runs through `SecretsServicer._call`: identity from the client certificate (refused if
-the policy revokes that certificate) → name
+Every RPC runs through `SecretsServicer._call`: identity from the client certificate → its
+per-identity rate (service/limits.py; throttled: RESOURCE_EXHAUSTED, counted for a periodic summary
+record instead of one each) → refused if the policy revokes that certificate → name
 validation → policy → (for changes) a durable audit request record → the store → the audit
 record → the response. Denials and failures are audited too. Values are only ever in responses.
 """
@@ -45,6 +46,7 @@ from secrets_manager.errors import (
     NotFoundError,
     SecretsManagerError,
     StorageError,
+    ThrottledError,
     WatchUnsupportedError,
 )
 from secrets_manager.rotation import end_running_commands
@@ -52,11 +54,13 @@ from secrets_manager.service.certificates import ServerCertificates
 from secrets_manager.service.config import (
     DEFAULT_MAX_WORKERS,
     WORKERS_KEPT_FROM_WATCH,
+    Limits,
     ServerConfig,
     changed_settings,
     load_config,
 )
 from secrets_manager.service.health_probe import StoreHealth
+from secrets_manager.service.limits import THROTTLED_MESSAGE, IdentityLimits, Throttled
 from secrets_manager.service.metrics import Metrics, version
 from secrets_manager.service.paging import Page, TokenBinding
 from secrets_manager.service.schedule import RotationScheduler
@@ -412,8 +416,11 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         watch_poll_seconds: float | None = None,
         scheduler: RotationScheduler | None = None,
         retired: Callable[[], RetiredAuthorities] = RetiredAuthorities,
+        limits: Limits | None = None,
     ) -> None:
         self._store = store
+        # Per-identity request rate and Watch streams ([limits]); `configure`d again at SIGHUP.
+        self.limits = IdentityLimits(limits or Limits(), max_watch_streams)
         # The client CAs a [tls] reload took out of the trusted bundle (certificates.py): the
         # certificates they signed are refused on connections made before the reload too.
         self._retired = retired
@@ -502,6 +509,8 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             auth = context.auth_context()
             caller = caller_from_auth_context(auth)  # parsed once per certificate
             identity = caller.identity
+            if not self.limits.admit(identity, method, peer):
+                self._refuse_throttled(context, method, identity, started, count)
             revoked = self._policy.current.revocation(caller.serial, caller.fingerprint)  # set lookups
             if revoked is not None:
                 raise IdentityError(revoked)
@@ -595,6 +604,48 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         finally:
             if not stream or code is not grpc.StatusCode.OK:
                 count(method, code, started)
+
+    def _refuse_throttled(
+        self,
+        context: grpc.ServicerContext,
+        method: str,
+        identity: str,
+        started: float,
+        count: Callable[[str, grpc.StatusCode, float], None],
+    ) -> None:
+        """Answer a request past its identity's rate: RESOURCE_EXHAUSTED naming ThrottledError,
+        counted in the metrics; audited only in the identity's next summary record (Vault's rate
+        limit quotas are not audited either): one per request let a runaway client fill the disk."""
+        self._metrics.count_throttled(method)
+        count(method, grpc.StatusCode.RESOURCE_EXHAUSTED, started)
+        error = ThrottledError(THROTTLED_MESSAGE.format(identity=identity))
+        context.set_trailing_metadata(error_metadata(error))
+        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(error))
+
+    def summarise_throttled(self) -> None:
+        """One audit record (`throttled`) and one log line per identity throttled since the last
+        summary: how many of its requests were, by method. Run every `throttled_summary_seconds`
+        and once at shutdown."""
+        for throttled in self.limits.drain():
+            self._record(_throttled_event(throttled), durable=False)
+            log.warning(
+                "requests throttled",
+                extra={
+                    "event": "limits.throttled",
+                    "identity": throttled.identity,
+                    "peer": throttled.peer,
+                    "count": throttled.count,
+                    "methods": dict(sorted(throttled.methods.items())),
+                },
+            )
+
+    def summarise_throttled_until_stopped(self) -> None:
+        """The summary loop (a thread of its own): never ends on an error, which it logs."""
+        while not self.stopping.wait(self.limits.limits.throttled_summary_seconds):
+            try:
+                self.summarise_throttled()
+            except Exception as exc:  # a bug: logged, and the next summary still comes
+                _log_internal_error("summarise_throttled", exc)
 
     @contextmanager
     def _counted_stream(self, context: grpc.ServicerContext, method: str, started: float) -> Iterator[None]:
@@ -947,8 +998,13 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             if not self._watchable:  # UNIMPLEMENTED: the client refreshes by TTL, and says so once
                 raise WatchUnsupportedError(WATCH_UNSUPPORTED)
             subscription = self.watch_hub.subscribe(since, since_history)
-        # Its place under the limit is freed however the stream ends; it is counted then.
-        with subscription, self._counted_stream(context, "Watch", started):
+            try:  # then its identity's cap ([limits]); the global one's refusal says more when both are full
+                slot = self.limits.open_watch(call.identity)
+            except BaseException:
+                subscription.close()
+                raise
+        # Its places under the limits are freed however the stream ends; it is counted then.
+        with slot, subscription, self._counted_stream(context, "Watch", started):
             if not context.add_callback(subscription.close):  # the client has gone already
                 return
             # Tell the client the stream is live: every change after this revision will reach it.
@@ -1005,6 +1061,26 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 context.abort(status_for(error), str(error))
             elif error is not None:  # a bug in the poller, logged there; its message is withheld
                 context.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+def _throttled_event(throttled: Throttled) -> AuditEvent:
+    """The summary record of an identity's throttled requests (docs/audit.md): `deny`, outcome
+    `throttled`, and `throttled` = how many, by method, and the first and last one's time."""
+    return AuditEvent(
+        "throttled",
+        throttled.identity,
+        "grpc",
+        throttled.peer,
+        None,
+        decision="deny",
+        outcome="throttled",
+        throttled={
+            "count": throttled.count,
+            "methods": dict(sorted(throttled.methods.items())),
+            "first": datetime.fromtimestamp(throttled.first, UTC).isoformat(),
+            "last": datetime.fromtimestamp(throttled.last, UTC).isoformat(),
+        },
+    )
 
 
 def _probe_audit(audit: AuditLog, store: ServedStore) -> None:
@@ -1085,6 +1161,7 @@ class RunningServer:
         self.servicer.stopping.set()
         self.servicer.watch_hub.close()  # every watch stream ends now, and the feed poller stops
         self.server.stop(grace).wait()
+        self.servicer.summarise_throttled()  # the last summary: what was throttled since the one before
         self.metrics.close()
 
 
@@ -1142,6 +1219,7 @@ def _start(
         watch_poll_seconds=config.watch_poll_seconds,
         scheduler=scheduler,
         retired=lambda: certificates.retired,
+        limits=config.limits,
     )
     pb_grpc.add_SecretsServicer_to_server(_withholding_errors(servicer), server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
@@ -1188,6 +1266,9 @@ def _start(
     refresh = 0.0 if isinstance(store, ChangeFeed) else EXTERNAL_EXPIRY_REFRESH_SECONDS
     metrics.track_expiries(lambda: store.list(""), refresh_seconds=refresh)
     store_health.start()
+    threading.Thread(
+        target=servicer.summarise_throttled_until_stopped, name="throttled-summary", daemon=True
+    ).start()
     return RunningServer(server, servicer, port, health_servicer, metrics, store_health)
 
 
@@ -1305,6 +1386,7 @@ def run_server(
                 audit,
                 running.servicer.watch_mode,
             ),
+            **_limits_summary(running.servicer.limits),
         },
     )
     refusal = getattr(store, "read_only_error", None)
@@ -1342,7 +1424,8 @@ def run_server(
             requested.reload = False
             _reload(reloadable, running.metrics)
             if config_path is not None and in_force is not None:
-                running.metrics.count_reload("config", _config_unchanged(config_path, in_force))
+                taken = _config_unchanged(config_path, in_force, running.servicer.limits)
+                running.metrics.count_reload("config", taken)
         elif certificates.retry_due():  # a renewal that was not valid yet at its SIGHUP
             _reload([certificates], running.metrics)
         time.sleep(SIGNAL_POLL_SECONDS)
@@ -1525,9 +1608,12 @@ def _load_quietly(config_path: Path | None) -> ServerConfig | None:
         return None
 
 
-def _config_unchanged(config_path: Path, in_force: ServerConfig) -> bool:
-    """At SIGHUP: whether server.toml still says what is in force. SIGHUP reloads the files it
-    names (the policy, the [tls] files), not its settings: an edited path, listen address or
+def _config_unchanged(
+    config_path: Path, in_force: ServerConfig, limits: IdentityLimits | None = None
+) -> bool:
+    """At SIGHUP: take server.toml's [limits] into `limits`, and say whether the rest still says
+    what is in force. SIGHUP reloads the files it names (the policy, the [tls] files) and the
+    limits, not its other settings: an edited path, listen address or
     store was ignored while the reload said "reloaded", so an operator who edited the file (a new
     client_ca path for a CA rotation, say) thought it taken. Now a changed file is logged with the
     settings that changed (never their values), and one that no longer loads with why a restart
@@ -1541,14 +1627,31 @@ def _config_unchanged(config_path: Path, in_force: ServerConfig) -> bool:
             extra={"event": "config.invalid", "config": str(config_path), "error": str(exc)},
         )
         return False
+    if limits is not None and now.limits != limits.limits:
+        limits.configure(now.limits)
+        log.info(
+            "limits reloaded",
+            extra={"event": "limits.reloaded", "config": str(config_path), **_limits_summary(limits)},
+        )
     changed = changed_settings(in_force, now)
     if changed:
         log.warning(
-            "the server config changed since serve started: SIGHUP reloads the policy and the [tls] "
-            "files at the paths in force, not the config's settings; restart serve to apply them",
+            "the server config changed since serve started: SIGHUP reloads the policy, the [tls] "
+            "files at the paths in force and [limits], not the config's other settings; restart "
+            "serve to apply them",
             extra={"event": "config.restart_required", "config": str(config_path), "changed": changed},
         )
     return not changed
+
+
+def _limits_summary(limits: IdentityLimits) -> dict[str, object]:
+    """The per-identity limits in force, for the start line and the reload's."""
+    return {
+        "requests_per_second": limits.limits.requests_per_second,
+        "request_burst": limits.limits.request_burst,
+        "watch_streams_per_identity": limits.watch_streams_per_identity,
+        "throttled_summary_seconds": limits.limits.throttled_summary_seconds,
+    }
 
 
 class JsonLogFormatter(logging.Formatter):
