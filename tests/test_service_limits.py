@@ -18,11 +18,12 @@ from pathlib import Path
 import grpc
 import pytest
 
+from secrets_manager.client.remote import RemoteStore
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.service.config import load_config
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.wire import WATCH_REVISION_KEY
-from service_fixtures import PASSWORD, TD, Server, eventually, make_pki, make_store, start_server
+from service_fixtures import PASSWORD, TD, Server, eventually, make_pki, make_store, start_server, tls_files
 
 SLOW = "[limits]\nrequests_per_second = 0.1\nrequest_burst = {burst}\nthrottled_summary_seconds = 1\n"
 
@@ -109,6 +110,42 @@ def test_a_throttled_identity_is_refused_while_another_is_served_and_summed_up_i
     assert len(served) == 4 and all(r["outcome"] == "ok" for r in served)
     assert any('"event": "limits.throttled"' in line for line in server.log_lines)
     _verify(server)
+
+
+def test_the_sdk_retries_a_throttled_call_and_the_cli_says_in_one_line_that_it_is_throttled(
+    tmp_path: Path,
+) -> None:
+    """A throttled call reached the SDK as an error at once. Now RemoteStore (the SDK's and
+    --server's) sends it again with backoff, for a bounded time: a call throttled for a moment
+    succeeds; one throttled for longer ends ThrottledError, which the CLI reports in one line
+    (exit 1, no traceback). Fails on the old code (no [limits])."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path, settings="[limits]\nrequests_per_second = 0.5\nrequest_burst = 1\n")
+    try:
+        store = RemoteStore(server.address, tls_files(tmp_path, "auth"))
+        try:
+            assert store.get("auth/DB_PASSWORD").value.reveal() == b"auth-db-pass-SEEKRIT-1"  # the burst
+            started = time.monotonic()
+            assert store.get("auth/JWT_KEY").value.reveal() == b"auth-jwt-key-SEEKRIT-2"  # after a retry
+            assert time.monotonic() - started >= 0.5  # it waited for the bucket to refill
+        finally:
+            store.close()
+    finally:
+        server.stop()
+    server = start_server(
+        tmp_path, name="slow", settings="[limits]\nrequests_per_second = 0.01\nrequest_burst = 1\n"
+    )
+    try:
+        assert server.cli("auth", "get", "auth/DB_PASSWORD").returncode == 0
+        failed = server.cli("auth", "get", "auth/DB_PASSWORD")
+    finally:
+        server.stop()
+    assert failed.returncode == 1
+    stderr = failed.stderr.decode()
+    assert stderr.count("\n") == 1 and "Traceback" not in stderr, stderr
+    assert "throttling" in stderr and "retry later" in stderr
+    assert "SEEKRIT" not in stderr and not failed.stdout
 
 
 def _watch(server: Server, identity: str) -> tuple[grpc.Channel, object]:

@@ -18,8 +18,11 @@ How a value reaches a caller:
   flight then is fetched again once it lands (a service that does not say its stream's revision:
   everything cached, now and `SETTLE_SECONDS` later). A RESYNC event (the service's change feed
   was trimmed, or this client fell behind) re-reads everything.
-  A service at its watch-stream limit refuses the stream (RESOURCE_EXHAUSTED): values are then
-  refreshed by TTL only while the watcher retries with backoff. A service whose store has no
+  A service at its watch-stream limit (or its per-identity one) refuses the stream
+  (RESOURCE_EXHAUSTED): values are then refreshed by TTL only while the watcher retries with
+  backoff. A call the service throttles (its identity past server.toml's [limits] rate) is sent
+  again with backoff by RemoteStore for at most THROTTLED_RETRY_SECONDS, then ThrottledError:
+  a cached value is served stale meanwhile, as in an outage. A service whose store has no
   change feed (Vault or AWS Secrets Manager with watch_poll_seconds = 0, or a service from before
   it polled them) refuses it for good (UNIMPLEMENTED, WatchUnsupportedError): values are refreshed
   by TTL only, so a changed value is served within the TTL, not at once; one warning, and the

@@ -43,10 +43,12 @@ from secrets_manager.errors import (
     OutcomeUnknownError,
     SecretsManagerError,
     StorageError,
+    ThrottledError,
     UnsupportedOperationError,
 )
 from secrets_manager.rotation import MAX_TIMEOUT, Rotated
 from secrets_manager.store import CURRENT, PENDING, Secret, SecretMetadata, VersionInfo
+from secrets_manager.store.backoff import Backoff
 from secrets_manager.store.base import (
     checked_expect_version,
     checked_expiry,
@@ -78,6 +80,12 @@ FAILOVER_HEALTH_CHECK_SECONDS = 3.0  # per replica, before a read that got no an
 HEAD_START_SECONDS = 0.25
 ENDED_WAIT_SECONDS = 1.0  # a Watch call whose initial metadata named no revision: has it ended?
 HEALTH_POLL_SECONDS = 1.0  # a read unanswered this long (several replicas) checks its replica's health
+# A call the service throttled (its identity past server.toml's [limits]: nothing was done) is sent
+# again after a jittered pause from THROTTLED_FIRST_DELAY doubling to THROTTLED_MAX_DELAY, for at
+# most THROTTLED_RETRY_SECONDS; then ThrottledError (the SDK serves from its cache; the CLI exits 1).
+THROTTLED_FIRST_DELAY = 0.25
+THROTTLED_MAX_DELAY = 2.0
+THROTTLED_RETRY_SECONDS = 6.0
 PAGE_SIZE = 100  # secrets per BatchGetSecrets / ListSecrets page (AWS ListSecrets' maximum)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Secrets"].full_name
 _CHANGE_KIND = {
@@ -287,14 +295,30 @@ class RemoteStore:
         not made (no connection could be made: it was never sent), but never one that may have
         been (made twice, it would be two versions).
         A read whose channel was replaced while it waited (`renew_connection` or `fail_over` in
-        another thread: gRPC cancels it, "Channel closed!") is sent again on the new one."""
+        another thread: gRPC cancels it, "Channel closed!") is sent again on the new one.
+        A call the service throttled (nothing was done, a change included) is sent again with
+        backoff, for at most THROTTLED_RETRY_SECONDS; then ThrottledError."""
         worth_another = _no_answer if method in _READS else _never_sent
         tried: set[str] = set()
         replaced = 0
+        throttled: Backoff | None = None
         while True:
             channel, address = self._channel, self.address
             try:
                 return self._call_here(method, request, timeout=timeout)
+            except ThrottledError as exc:
+                if throttled is None:
+                    throttled = Backoff(
+                        first=THROTTLED_FIRST_DELAY,
+                        cap=THROTTLED_MAX_DELAY,
+                        deadline_seconds=THROTTLED_RETRY_SECONDS,
+                        what=address,
+                    )
+                if not throttled.pause():
+                    raise ThrottledError(
+                        f"{address} is throttling this client's identity (retried for "
+                        f"{THROTTLED_RETRY_SECONDS:g} s): {exc}"
+                    ) from None
             except StorageError as exc:
                 if method in _READS and self._channel is not channel and replaced < len(self.replicas) + 1:
                     replaced += 1
