@@ -220,7 +220,8 @@ def test_one_identity_may_hold_only_its_share_of_watch_streams(tmp_path: Path) -
 def test_sighup_takes_new_limits_without_a_restart(tmp_path: Path) -> None:
     """Limits are tuned under load, when a restart is the last thing wanted. Now SIGHUP reads
     server.toml's [limits] again (as it reloads the policy), logs limits.reloaded, and does not
-    call the edit one that needs a restart. Fails on the old code (no [limits])."""
+    call the edit one that needs a restart; a [limits] that no longer loads keeps what is in force.
+    Fails on the old code (no [limits])."""
     make_pki(tmp_path)
     make_store(tmp_path)
     server = start_server(tmp_path, settings="[limits]\nrequests_per_second = 0\n")
@@ -238,8 +239,16 @@ def test_sighup_takes_new_limits_without_a_restart(tmp_path: Path) -> None:
         os.kill(server.process.pid, signal.SIGHUP)
         assert eventually(lambda: sum("limits.reloaded" in line for line in server.log_lines) == 2)
         assert _get(server, auth) is grpc.StatusCode.OK
+        # A [limits] that no longer loads keeps the limits in force (no rate), said as config.invalid.
+        config.write_text(
+            config.read_text().replace("requests_per_second = 0\n", "requests_per_second = -1\n")
+        )
+        os.kill(server.process.pid, signal.SIGHUP)
+        assert eventually(lambda: any("config.invalid" in line for line in server.log_lines))
+        assert [_get(server, auth) for _ in range(4)] == [grpc.StatusCode.OK] * 4
     finally:
         server.stop()
+    assert sum("limits.reloaded" in line for line in server.log_lines) == 2
     assert not any("config.restart_required" in line for line in server.log_lines)
     reloaded = [json.loads(line) for line in server.log_lines if "limits.reloaded" in line]
     assert reloaded[0]["request_burst"] == 2 and reloaded[1]["requests_per_second"] == 0
