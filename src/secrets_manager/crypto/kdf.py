@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
+from argon2.exceptions import HashingError
 from argon2.low_level import ARGON2_VERSION, Type, hash_secret_raw
 
 from secrets_manager.crypto.aead import KEY_SIZE
+from secrets_manager.errors import StorageError
 
 SALT_SIZE = 16
 
@@ -63,15 +65,28 @@ PROFILES: dict[str, KdfParams] = {"default": DEFAULT, "test": TEST}
 
 
 def derive_unlock_key(password: bytes, params: KdfParams) -> bytes:
-    """Argon2id(password, salt) → 32-byte unlock key. Slow on purpose."""
+    """Argon2id(password, salt) → 32-byte unlock key. Slow on purpose.
+
+    StorageError (exit 1, one line saying what to do) when Argon2id cannot run with these
+    parameters: within the bounds of `validate`, a header may still ask for more memory than the
+    process may have (a container's limit, `ulimit -v`), which argon2 reports as a HashingError."""
     params.validate()
-    return hash_secret_raw(
-        secret=password,
-        salt=params.salt,
-        time_cost=params.time_cost,
-        memory_cost=params.memory_cost_kib,
-        parallelism=params.parallelism,
-        hash_len=KEY_SIZE,
-        type=Type.ID,
-        version=params.version,
-    )
+    try:
+        return hash_secret_raw(
+            secret=password,
+            salt=params.salt,
+            time_cost=params.time_cost,
+            memory_cost=params.memory_cost_kib,
+            parallelism=params.parallelism,
+            hash_len=KEY_SIZE,
+            type=Type.ID,
+            version=params.version,
+        )
+    except HashingError:
+        raise StorageError(
+            f"Argon2id could not run with the parameters it was given (t={params.time_cost}, "
+            f"m={params.memory_cost_kib} KiB, p={params.parallelism}): this process may not have "
+            f"{params.memory_cost_kib // 1024} MiB; raise its memory limit, or, if these are not "
+            "the parameters the store or backup was written with, its header was edited: restore "
+            "it from a backup"
+        ) from None
