@@ -9,8 +9,16 @@ import os
 import resource
 import sqlite3
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from secrets_manager.crypto import kdf
+from secrets_manager.errors import IntegrityError, NotFoundError
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.store.backup import write_backup
 from service_fixtures import SCRIPT
 
 PASSWORD = "the master password"
@@ -76,3 +84,89 @@ def test_a_header_asking_argon2id_for_more_memory_than_the_process_has_is_a_one_
     assert len(err.strip().splitlines()) == 1, err
     assert VALUE.decode() not in err and PASSWORD not in err
     assert _entries(store) == before
+
+
+# ---- moving and replaying records (docs/format.md 5.2, 13) ------------------------------------
+
+
+@pytest.fixture
+def raw(encrypted_store: EncryptedStore, tmp_store_path: Path) -> Iterator[SqliteStorage]:
+    """A second, plain Storage handle on the store file: the attacker's view."""
+    handle = SqliteStorage(tmp_store_path)
+    yield handle
+    handle.close()
+
+
+def _value(storage: SqliteStorage, key: str) -> bytes:
+    entry = storage.get(key)
+    assert entry is not None, key
+    return entry.value
+
+
+def test_a_metadata_record_moved_into_a_value_row_and_back_does_not_open(
+    encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    """Same key, same name: only the purpose (and version) in the associated data tell them apart."""
+    encrypted_store.put("svc/a", VALUE)
+    meta, data = _value(raw, "meta/svc/a"), _value(raw, "data/svc/a#1")
+    raw.put("data/svc/a#1", meta)
+    with pytest.raises(IntegrityError, match="integrity check failed"):
+        encrypted_store.get("svc/a")
+    raw.put("data/svc/a#1", data)
+    raw.put("meta/svc/a", data)
+    with pytest.raises(IntegrityError, match="integrity check failed"):
+        encrypted_store.describe("svc/a")
+
+
+def test_a_record_of_another_store_does_not_open_under_the_same_name(
+    encrypted_store: EncryptedStore, raw: SqliteStorage, tmp_path: Path
+) -> None:
+    """Another store (its own root key, keysets): same name, version and namespace, no key in common."""
+    other_storage = SqliteStorage(tmp_path / "other.db", create=True)
+    other = EncryptedStore.create(other_storage, PasswordUnlock("the master password", kdf.TEST))
+    try:
+        other.put("svc/a", b"the other store's value")
+        encrypted_store.put("svc/a", VALUE)
+        raw.put("data/svc/a#1", _value(other_storage, "data/svc/a#1"))
+        with pytest.raises(IntegrityError, match="integrity check failed"):
+            encrypted_store.get("svc/a")
+        raw.put("meta/svc/a", _value(other_storage, "meta/svc/a"))
+        with pytest.raises(IntegrityError, match="integrity check failed"):
+            encrypted_store.describe("svc/a")
+    finally:
+        other.close()
+
+
+def test_a_destroyed_version_put_back_is_not_served(
+    encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    """Its metadata says destroyed: the row is never read, whatever the storage puts there."""
+    encrypted_store.put("svc/a", b"old value")
+    encrypted_store.put("svc/a", VALUE)
+    saved = _value(raw, "data/svc/a#1")
+    encrypted_store.destroy("svc/a", [1])
+    raw.put("data/svc/a#1", saved)
+    with pytest.raises(NotFoundError, match="version 1 of 'svc/a' was destroyed"):
+        encrypted_store.get("svc/a", version=1)
+    assert encrypted_store.get("svc/a").value.reveal() == VALUE
+
+
+def test_a_value_of_a_purged_secret_replayed_into_its_recreated_namesake_is_refused(
+    encrypted_store: EncryptedStore, raw: SqliteStorage, tmp_path: Path
+) -> None:
+    """`destroy --all` forgets a secret's metadata, so the name starts again at version 1, under the
+    same namespace key: the old `data/svc/a#1` has the very (purpose, name, version, key) the new one
+    has, and opened as the new current value on the old code, silently. Each version's metadata
+    now carries the SHA-256 of its value (format.md 7), and a value that does not match is damage."""
+    encrypted_store.put("svc/a", b"the revoked credential")
+    saved = _value(raw, "data/svc/a#1")
+    encrypted_store.destroy_secret("svc/a")
+    encrypted_store.put("svc/a", VALUE)
+    raw.put("data/svc/a#1", saved)
+    with pytest.raises(IntegrityError, match=r"version 1 of 'svc/a'.*integrity check failed"):
+        encrypted_store.get("svc/a")
+    with pytest.raises(IntegrityError, match=r"version 1 of 'svc/a'.*integrity check failed"):
+        encrypted_store.get("svc/a", version=1)
+    with pytest.raises(IntegrityError):  # and a backup refuses to carry it
+        write_backup(encrypted_store, tmp_path / "backup.smb")
+    assert not (tmp_path / "backup.smb").exists()

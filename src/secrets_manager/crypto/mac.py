@@ -25,6 +25,16 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def value_digest(value: bytes) -> str:
+    """SHA-256 (hex) of a secret's value, kept in its version's sealed metadata (docs/format.md 7):
+    binds the value record to the metadata that lists it."""
+    return hashlib.sha256(value).hexdigest()
+
+
+def value_digest_ok(value: bytes, digest: str) -> bool:
+    return hmac.compare_digest(value_digest(value), digest)
+
+
 def _hmac_hex(key: bytes, label: bytes, data: bytes) -> str:
     if len(key) != KEY_SIZE:
         raise ValueError("audit keys are 32 bytes")

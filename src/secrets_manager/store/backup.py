@@ -53,6 +53,7 @@ from secrets_manager.crypto import (
 from secrets_manager.crypto import kdf as kdf_module
 from secrets_manager.crypto.aead import KEY_SIZE, new_key
 from secrets_manager.crypto.keyset import new_key_id
+from secrets_manager.crypto.mac import value_digest
 from secrets_manager.crypto.stream import (
     MIN_SEALED_CHUNK_SIZE,
     SEALED_CHUNK_SIZE,
@@ -94,6 +95,7 @@ from secrets_manager.store.encrypted import (
     RECOVERY_KEY,
     SCOPED_ANCHOR_PREFIX,
     STORE_FORMAT,
+    VALUE_DIGEST,
     EncryptedStore,
     _dump,
     _Meta,
@@ -185,6 +187,7 @@ class BackupSecret:
             labels=dict(self.labels),
             versions={
                 v.version: {"created": v.created, "created_by": v.created_by, "destroyed": v.destroyed}
+                | ({} if v.value is None else {VALUE_DIGEST: value_digest(v.value)})
                 | ({} if v.expires is None else {"expires": v.expires})
                 | ({} if v.target is None else {"target": v.target})
                 for v in self.versions
@@ -1136,6 +1139,7 @@ def decode_store(
                 plaintexts[number] = open_record(
                     keyset.key_for_decryption, Purpose.SECRET_VALUE, name, number, sealed
                 )
+            meta.check_value(name, number, plaintexts[number])
         decoded.append(BackupSecret.from_metadata(name, meta, plaintexts))
         if done % 1000 == 0 or done == len(metas):
             progress("checking", done, len(metas))

@@ -49,7 +49,7 @@ from secrets_manager.crypto import (
 )
 from secrets_manager.crypto.aead import new_key
 from secrets_manager.crypto.keyset import DEFAULT_POLICY, KeyStatus, new_key_id
-from secrets_manager.crypto.mac import value_fingerprint
+from secrets_manager.crypto.mac import value_digest, value_digest_ok, value_fingerprint
 from secrets_manager.crypto.record import record_key_id
 from secrets_manager.errors import (
     ConflictError,
@@ -460,6 +460,7 @@ class EncryptedStore:
                         )
                     except IntegrityError as exc:
                         raise _named(exc, _value_damaged(name, number)) from None
+                    cached.meta.check_value(name, number, plaintext)
                     if fingerprint and sealed.fingerprint is None:
                         sealed.fingerprint = value_fingerprint(self.audit_key(), plaintext)
                     return _secret(name, number, cached.meta, plaintext), sealed.fingerprint
@@ -490,6 +491,7 @@ class EncryptedStore:
                 )
             except IntegrityError as exc:  # a damaged keyset names itself, and stays so
                 raise _named(exc, _value_damaged(name, number)) from None
+            meta.check_value(name, number, plaintext)
             value_hmac = value_fingerprint(self.audit_key(), plaintext) if fingerprint else None
             # Kept only if nothing changed while it was read (the head is where it was before).
             if head is not None and self._cache_head() == head:
@@ -701,7 +703,7 @@ class EncryptedStore:
         """Inside a retried attempt: seal `value` as the next version, labelled `label`, prune,
         and commit it with the metadata (compare-and-set on the metadata read)."""
         number = meta.next_version
-        meta.add_version(number, now, acting_actor(self._actor), label=label)
+        meta.add_version(number, now, acting_actor(self._actor), label=label, value=value)
         if expires is not None:
             meta.set_expiry(number, expires)
         if target is not None:
@@ -1494,6 +1496,10 @@ class EncryptedStore:
                 backoff.wait()
 
 
+# The member of a version's metadata that holds the SHA-256 (hex) of its value (docs/format.md 7).
+VALUE_DIGEST = "sha256"
+
+
 @dataclass
 class _Meta:
     """The decrypted metadata document of one secret (docs/format.md, "Metadata")."""
@@ -1513,10 +1519,14 @@ class _Meta:
     def new(cls, now: float, actor: str, max_versions: int) -> _Meta:
         return cls(created=now, updated=now, created_by=actor, max_versions=max_versions)
 
-    def add_version(self, number: int, now: float, actor: str, *, label: str = CURRENT) -> None:
+    def add_version(
+        self, number: int, now: float, actor: str, *, label: str = CURRENT, value: bytes | None = None
+    ) -> None:
         """A new version that takes `label`: `current` (the old current becomes `previous`), or
-        `pending` (staged for rotation; no other label moves)."""
+        `pending` (staged for rotation; no other label moves). With its `value`'s digest."""
         self.versions[number] = {"created": now, "created_by": actor, "destroyed": False}
+        if value is not None:
+            self.versions[number][VALUE_DIGEST] = value_digest(value)
         if label == CURRENT and CURRENT in self.labels:
             self.labels[PREVIOUS] = self.labels[CURRENT]
         self.labels[label] = number
@@ -1532,6 +1542,17 @@ class _Meta:
         for number in pruned:
             del self.versions[number]
         return pruned
+
+    def check_value(self, name: str, number: int, value: bytes) -> None:
+        """IntegrityError naming the version unless `value` is the one this metadata recorded for
+        it (docs/format.md 7: a version without a digest, written before it, is not checked). The
+        record of another value with the same name, version and key (the namesake of a purged
+        secret, replayed by the storage) opens; this tells it apart."""
+        digest = self.versions.get(number, {}).get(VALUE_DIGEST)
+        if digest is None:
+            return
+        if not isinstance(digest, str) or not value_digest_ok(value, digest):
+            raise IntegrityError(_value_damaged(name, number))
 
     def labels_of(self, number: int) -> tuple[str, ...]:
         return tuple(label for label in LABELS if self.labels.get(label) == number)
