@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 
 from secrets_manager.crypto import kdf
+from secrets_manager.crypto.stream import SEALED_CHUNK_SIZE
 from secrets_manager.errors import IntegrityError, NotFoundError
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
-from secrets_manager.store.backup import write_backup
+from secrets_manager.store.backup import BackupDamagedError, read_backup, write_backup
 from service_fixtures import SCRIPT
 
 PASSWORD = "the master password"
@@ -170,3 +171,41 @@ def test_a_value_of_a_purged_secret_replayed_into_its_recreated_namesake_is_refu
     with pytest.raises(IntegrityError):  # and a backup refuses to carry it
         write_backup(encrypted_store, tmp_path / "backup.smb")
     assert not (tmp_path / "backup.smb").exists()
+
+
+# ---- backups (docs/backup-format.md 6) -----------------------------------------------------------
+
+
+def _split_backup(data: bytes) -> tuple[bytes, list[bytes]]:
+    """The version and header lines, and the sealed chunks after them."""
+    cut = data.index(b"\n", data.index(b"\n") + 1) + 1
+    payload = data[cut:]
+    return data[:cut], [payload[i : i + SEALED_CHUNK_SIZE] for i in range(0, len(payload), SEALED_CHUNK_SIZE)]
+
+
+@pytest.mark.parametrize("password", [None, b"a backup password"], ids=["store", "password"])
+def test_a_chunk_of_another_backup_of_the_same_store_does_not_open(
+    password: bytes | None, encrypted_store: EncryptedStore, store_password: str, tmp_path: Path
+) -> None:
+    """Two backups of one store, taken one after the other: same root key, same content. Each has
+    its own file key and header (hence AD), so a chunk spliced from one into the other fails, at
+    the same place or any other, as does the first backup's header over the second's chunks."""
+    for n in range(3):
+        encrypted_store.put(f"svc/big{n}", bytes([n]) * 60000)
+    first, second = tmp_path / "first.smb", tmp_path / "second.smb"
+    for path in (first, second):
+        write_backup(encrypted_store, path, password=password, kdf=kdf.TEST)
+    opener = store_password.encode() if password is None else password
+    assert len(read_backup(first, opener).secrets) == 3
+    head_a, chunks_a = _split_backup(first.read_bytes())
+    _, chunks_b = _split_backup(second.read_bytes())
+    assert len(chunks_a) == len(chunks_b) >= 3
+    spliced = tmp_path / "spliced.smb"
+    for forged in (
+        head_a + chunks_b[0] + b"".join(chunks_a[1:]),
+        head_a + b"".join(chunks_a[:-1]) + chunks_b[-1],
+        head_a + b"".join(chunks_b),
+    ):
+        spliced.write_bytes(forged)
+        with pytest.raises(BackupDamagedError):
+            read_backup(spliced, opener)
