@@ -14,9 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from postgres_cluster import PostgresCluster
 from secrets_manager.crypto import kdf
 from secrets_manager.crypto.stream import SEALED_CHUNK_SIZE
 from secrets_manager.errors import IntegrityError, NotFoundError
+from secrets_manager.storage import Storage
+from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.store.backup import BackupDamagedError, read_backup, write_backup
@@ -98,7 +101,7 @@ def raw(encrypted_store: EncryptedStore, tmp_store_path: Path) -> Iterator[Sqlit
     handle.close()
 
 
-def _value(storage: SqliteStorage, key: str) -> bytes:
+def _value(storage: Storage, key: str) -> bytes:
     entry = storage.get(key)
     assert entry is not None, key
     return entry.value
@@ -152,25 +155,46 @@ def test_a_destroyed_version_put_back_is_not_served(
     assert encrypted_store.get("svc/a").value.reveal() == VALUE
 
 
-def test_a_value_of_a_purged_secret_replayed_into_its_recreated_namesake_is_refused(
-    encrypted_store: EncryptedStore, raw: SqliteStorage, tmp_path: Path
-) -> None:
+def _replay_an_erased_namesake(store: EncryptedStore, raw: Storage) -> None:
     """`destroy --all` forgets a secret's metadata, so the name starts again at version 1, under the
     same namespace key: the old `data/svc/a#1` has the very (purpose, name, version, key) the new one
     has, and opened as the new current value on the old code, silently. Each version's metadata
     now carries the SHA-256 of its value (format.md 7), and a value that does not match is damage."""
-    encrypted_store.put("svc/a", b"the revoked credential")
+    store.put("svc/a", b"the revoked credential")
     saved = _value(raw, "data/svc/a#1")
-    encrypted_store.destroy_secret("svc/a")
-    encrypted_store.put("svc/a", VALUE)
-    raw.put("data/svc/a#1", saved)
+    store.destroy_secret("svc/a")
+    store.put("svc/a", VALUE)
+    entry = raw.get("data/svc/a#1")
+    assert entry is not None
+    raw.put("data/svc/a#1", saved, expect=entry.revision)
     with pytest.raises(IntegrityError, match=r"version 1 of 'svc/a'.*integrity check failed"):
-        encrypted_store.get("svc/a")
+        store.get("svc/a")
     with pytest.raises(IntegrityError, match=r"version 1 of 'svc/a'.*integrity check failed"):
-        encrypted_store.get("svc/a", version=1)
+        store.get("svc/a", version=1)
+
+
+def test_a_value_of_a_purged_secret_replayed_into_its_recreated_namesake_is_refused(
+    encrypted_store: EncryptedStore, raw: SqliteStorage, tmp_path: Path
+) -> None:
+    _replay_an_erased_namesake(encrypted_store, raw)
     with pytest.raises(IntegrityError):  # and a backup refuses to carry it
         write_backup(encrypted_store, tmp_path / "backup.smb")
     assert not (tmp_path / "backup.smb").exists()
+
+
+def test_the_same_replay_on_postgresql_is_refused(postgres_cluster: PostgresCluster) -> None:
+    """The attacker as the database administrator: the same rows, in a PostgreSQL schema."""
+    schema = postgres_cluster.new_schema()
+    url = postgres_cluster.url(with_password=True)
+    store = EncryptedStore.create(
+        PostgresStorage(url, schema=schema, create=True), PasswordUnlock(PASSWORD, kdf.TEST)
+    )
+    raw = PostgresStorage(url, schema=schema)
+    try:
+        _replay_an_erased_namesake(store, raw)
+    finally:
+        raw.close()
+        store.close()
 
 
 # ---- backups (docs/backup-format.md 6) -----------------------------------------------------------
