@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from postgres_cluster import PostgresCluster
-from secrets_manager.crypto import kdf
+from secrets_manager.crypto import Purpose, kdf, open_record, seal_record
 from secrets_manager.crypto.stream import SEALED_CHUNK_SIZE
 from secrets_manager.errors import IntegrityError, NotFoundError
 from secrets_manager.storage import Storage
@@ -233,3 +233,19 @@ def test_a_chunk_of_another_backup_of_the_same_store_does_not_open(
         spliced.write_bytes(forged)
         with pytest.raises(BackupDamagedError):
             read_backup(spliced, opener)
+
+
+def test_a_version_written_before_value_digests_still_reads(
+    encrypted_store: EncryptedStore, raw: SqliteStorage
+) -> None:
+    """Metadata of an older build has no `sha256` for its versions (format.md 7): nothing to check."""
+    encrypted_store.put("svc/a", VALUE)
+    keyset = encrypted_store._keyset_for_read("svc")
+    doc = json.loads(
+        open_record(keyset.key_for_decryption, Purpose.SECRET_METADATA, "svc/a", 0, _value(raw, "meta/svc/a"))
+    )
+    assert set(doc["versions"]["1"]) == {"created", "created_by", "destroyed", "sha256"}
+    del doc["versions"]["1"]["sha256"]
+    older = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    raw.put("meta/svc/a", seal_record(keyset.primary, Purpose.SECRET_METADATA, "svc/a", 0, older))
+    assert encrypted_store.get("svc/a").value.reveal() == VALUE
