@@ -4,6 +4,7 @@ records, the header's KDF parameters, and the keys, against real store files."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -249,3 +250,14 @@ def test_a_version_written_before_value_digests_still_reads(
     older = json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
     raw.put("meta/svc/a", seal_record(keyset.primary, Purpose.SECRET_METADATA, "svc/a", 0, older))
     assert encrypted_store.get("svc/a").value.reveal() == VALUE
+
+
+def test_the_value_digest_is_never_shown(encrypted_store: EncryptedStore) -> None:
+    """A SHA-256 of a value tests guesses of it: not in the metadata the store hands out, nor in
+    the repr of its metadata document (which an assertion or a debug log could print)."""
+    encrypted_store.put("svc/a", VALUE)
+    digest = hashlib.sha256(VALUE).hexdigest()
+    _, meta = encrypted_store._read_meta("svc/a")
+    assert meta is not None and meta.versions[1]["sha256"] == digest
+    assert digest not in repr(meta)
+    assert digest not in repr(encrypted_store.describe("svc/a"))
