@@ -261,3 +261,64 @@ def test_the_value_digest_is_never_shown(encrypted_store: EncryptedStore) -> Non
     assert meta is not None and meta.versions[1]["sha256"] == digest
     assert digest not in repr(meta)
     assert digest not in repr(encrypted_store.describe("svc/a"))
+
+
+def _rewrite_header_text(path: Path, old: bytes, new: bytes) -> None:
+    header = _entries(path)["core/header"]
+    assert old in header
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE entries SET value = ? WHERE key = 'core/header'", (header.replace(old, new, 1),))
+
+
+@pytest.mark.parametrize("number", [b"Infinity", b"NaN", b"1e400"])
+@pytest.mark.parametrize("field", [b"memory_cost_kib", b"time_cost", b"root_key_id", b"created"])
+def test_a_header_number_python_reads_as_infinite_is_damage_not_an_internal_error(
+    field: bytes, number: bytes, tmp_path: Path
+) -> None:
+    """JSON has no NaN or Infinity, and 1e400 is no float; Python's reader took them, and int() of
+    them raised OverflowError: 'internal error ... report it' on the old code (exit 1). Now the
+    header is damaged (exit 6), before any password is asked for or Argon2id is run."""
+    store = tmp_path / "store.db"
+    env = _cli_env(tmp_path, store)
+    assert _run(env, "init", "--kdf-profile", "test").returncode == 0
+    assert _run(env, "store", "svc/a", input=VALUE).returncode == 0
+    header = _entries(store)["core/header"]
+    start = header.index(b'"' + field + b'":') + len(field) + 3
+    end = start
+    while header[end : end + 1].isdigit():
+        end += 1
+    _rewrite_header_text(store, header[start - len(field) - 3 : end], b'"' + field + b'":' + number)
+    before = _entries(store)
+    for args in (("get", "svc/a"), ("status",)):
+        proc = _run(env, *args)
+        err = proc.stderr.decode()
+        assert proc.returncode == 6, err
+        assert "internal error" not in err and "integrity check failed" in err
+    assert _entries(store) == before
+
+
+def test_a_backup_header_number_python_reads_as_infinite_is_damage(tmp_path: Path) -> None:
+    """The backup header must be canonical JSON, which json.dumps(inf) ('Infinity') passed."""
+    store = tmp_path / "store.db"
+    env = _cli_env(tmp_path, store)
+    (tmp_path / "backup-password").write_text("a backup password")
+    (tmp_path / "backup-password").chmod(0o600)
+    assert _run(env, "init", "--kdf-profile", "test").returncode == 0
+    assert _run(env, "store", "svc/a", input=VALUE).returncode == 0
+    backup = tmp_path / "b.smb"
+    assert (
+        _run(
+            env, "backup", str(backup), "--backup-password-file", str(tmp_path / "backup-password")
+        ).returncode
+        == 0
+    )
+    data = backup.read_bytes()
+    start = data.index(b'"time_cost":')
+    end = data.index(b",", start)
+    backup.write_bytes(data[:start] + b'"time_cost":Infinity' + data[end:])
+    proc = _run(
+        env, "backup", "verify", str(backup), "--backup-password-file", str(tmp_path / "backup-password")
+    )
+    err = proc.stderr.decode()
+    assert proc.returncode == 6, err
+    assert "internal error" not in err and f"backup {backup} is damaged" in err

@@ -100,6 +100,7 @@ from secrets_manager.store.encrypted import (
     _dump,
     _Meta,
     _unwrap_root,
+    strict_json_loads,
 )
 from secrets_manager.store.names import namespace_of, validate_name, validate_namespace
 from secrets_manager.store.recovery import RecoverySetup
@@ -769,7 +770,7 @@ def _read_header(source: BinaryIO, path: Path) -> BackupHeader:
         raise BackupDamagedError(path, "its header is cut short or too long")
     body = line[:-1]
     try:
-        doc = json.loads(body)
+        doc = strict_json_loads(body)
     except ValueError:
         raise BackupDamagedError(path, "its header is not JSON") from None
     if not isinstance(doc, dict) or _dump(doc) != body:

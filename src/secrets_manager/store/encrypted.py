@@ -30,6 +30,7 @@ import builtins
 import contextlib
 import hmac
 import json
+import math
 import re
 import threading
 import time
@@ -1828,9 +1829,27 @@ def _dump(doc: Mapping[str, Any]) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode("utf-8")
 
 
+def _refuse_non_finite(token: str) -> float:
+    raise ValueError(f"{token} is not JSON")
+
+
+def _finite_float(token: str) -> float:
+    number = float(token)
+    if not math.isfinite(number):  # 1e400: a float Python reads as inf
+        raise ValueError("a number out of range")
+    return number
+
+
+def strict_json_loads(data: bytes | str) -> Any:
+    """JSON as RFC 8259 has it: no NaN or Infinity, no number beyond a float's range (ValueError).
+    Python's reader takes both, and `int()` of either raised OverflowError (an 'internal error')
+    from an edited header; no writer of ours produces them."""
+    return json.loads(data, parse_constant=_refuse_non_finite, parse_float=_finite_float)
+
+
 def _load_json(data: bytes, what: str) -> dict[str, Any]:
     try:
-        doc = json.loads(data)
+        doc = strict_json_loads(data)
     except ValueError:
         raise IntegrityError(f"the {what} is damaged (integrity check failed)") from None
     if not isinstance(doc, dict):

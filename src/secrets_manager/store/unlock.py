@@ -80,7 +80,7 @@ class PasswordUnlock:
             params = _kdf_from_doc(kdf_doc)
             sealed = base64.b64decode(section["wrapped_root_key"], validate=True)
             root_id = record_key_id(sealed)
-        except (KeyError, TypeError, ValueError, IntegrityError):
+        except (KeyError, TypeError, ValueError, OverflowError, IntegrityError):
             raise IntegrityError("the store header is damaged (integrity check failed)") from None
         self._check_strength(params)
         wrapping = _unlock_key(self._password, params, root_id)
@@ -133,7 +133,7 @@ def unlock_key_header(section: dict[str, Any]) -> str:
     try:
         doc = section["kdf"]
         _kdf_from_doc(doc)
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise IntegrityError("the store header is damaged (integrity check failed)") from None
     return _canonical(doc)
 
@@ -171,7 +171,7 @@ class UnlockKeyUnlock:
             params = _kdf_from_doc(section["kdf"])
             sealed = base64.b64decode(section["wrapped_root_key"], validate=True)
             root_id = record_key_id(sealed)
-        except (KeyError, TypeError, ValueError, IntegrityError):
+        except (KeyError, TypeError, ValueError, OverflowError, IntegrityError):
             raise IntegrityError("the store header is damaged (integrity check failed)") from None
         material = self._find(header)
         if material is None or len(material) != KEY_SIZE:
