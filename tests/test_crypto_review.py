@@ -322,3 +322,19 @@ def test_a_backup_header_number_python_reads_as_infinite_is_damage(tmp_path: Pat
     err = proc.stderr.decode()
     assert proc.returncode == 6, err
     assert "internal error" not in err and f"backup {backup} is damaged" in err
+
+
+def test_a_header_nested_deeper_than_the_parser_recurses_is_damage(tmp_path: Path) -> None:
+    """'[[[[…' in the header made json raise RecursionError: 'internal error' on the old code."""
+    store = tmp_path / "store.db"
+    env = _cli_env(tmp_path, store)
+    assert _run(env, "init", "--kdf-profile", "test").returncode == 0
+    assert _run(env, "store", "svc/a", input=VALUE).returncode == 0
+    with sqlite3.connect(store) as db:
+        deep = b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        db.execute("UPDATE entries SET value = ? WHERE key = 'core/header'", (deep,))
+    for args in (("get", "svc/a"), ("status",)):
+        proc = _run(env, *args)
+        err = proc.stderr.decode()
+        assert proc.returncode == 6, err
+        assert "internal error" not in err and "integrity check failed" in err

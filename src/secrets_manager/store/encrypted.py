@@ -1843,8 +1843,12 @@ def _finite_float(token: str) -> float:
 def strict_json_loads(data: bytes | str) -> Any:
     """JSON as RFC 8259 has it: no NaN or Infinity, no number beyond a float's range (ValueError).
     Python's reader takes both, and `int()` of either raised OverflowError (an 'internal error')
-    from an edited header; no writer of ours produces them."""
-    return json.loads(data, parse_constant=_refuse_non_finite, parse_float=_finite_float)
+    from an edited header; no writer of ours produces them. Nesting deeper than the parser
+    recurses (RecursionError) is a ValueError too."""
+    try:
+        return json.loads(data, parse_constant=_refuse_non_finite, parse_float=_finite_float)
+    except RecursionError:  # '[[[[…': nested deeper than the parser recurses
+        raise ValueError("JSON nested too deeply") from None
 
 
 def _load_json(data: bytes, what: str) -> dict[str, Any]:
