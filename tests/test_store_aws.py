@@ -28,6 +28,7 @@ from secrets_manager.environment import Environment
 from secrets_manager.errors import (
     AccessDeniedError,
     ConflictError,
+    IntegrityError,
     InvalidInputError,
     NotFoundError,
     OutcomeUnknownError,
@@ -561,6 +562,24 @@ def test_the_audit_key_is_made_once_and_shared(make_aws: MakeAws, native: Any, p
     assert len(key) == 32 and second.audit_key() == key
     assert native.get_secret_value(SecretId=f"{prefix}/.secrets-manager/audit-key")["SecretBinary"] == key
     assert first.list(include_deleted=True) == []
+
+
+@pytest.mark.parametrize(
+    "description",
+    ['{"hash":"00","seq":Infinity}', '{"hash":"00","seq":1e400}', "[" * 1000 + "]" * 1000],
+    ids=["infinity", "out-of-range", "nested"],
+)
+def test_an_audit_anchor_description_edited_to_what_json_cannot_hold_is_damage(
+    make_aws: MakeAws, native: Any, prefix: str, description: str
+) -> None:
+    """Whoever may write the account can edit the anchor (a secret's Description). Infinity and
+    1e400 made int() raise OverflowError, deep nesting RecursionError: an 'internal error' on the
+    old code. Now the anchor is damaged (IntegrityError), as any other malformed one."""
+    laptop = make_aws(audit_scope="laptop")
+    laptop.set_audit_anchor(Anchor(seq=1, hash=f"{1:064x}"))
+    native.update_secret(SecretId=f"{prefix}/.secrets-manager/audit-anchor/laptop", Description=description)
+    with pytest.raises(IntegrityError, match="the audit anchor in AWS is damaged"):
+        laptop.audit_anchor()
 
 
 def test_each_audit_log_has_its_own_anchor_and_moving_it_makes_no_versions(

@@ -577,6 +577,19 @@ def test_each_audit_log_has_its_own_anchor(make_vault: MakeVault, fake_vault: Fa
     assert anchor.max_versions == 1 and list(anchor.versions) == [2]
 
 
+def test_an_anchor_edited_to_a_number_python_reads_as_infinite_is_damage(
+    make_vault: MakeVault, fake_vault: FakeVault
+) -> None:
+    """Whoever may write the mount can put {"seq": 1e400} in the anchor: JSON's reader gives inf,
+    and int() of it raised OverflowError, an 'internal error' on the old code."""
+    laptop = make_vault(audit_scope="laptop")
+    laptop.set_audit_anchor(Anchor(seq=1, hash="a" * 64))
+    anchor = kv(fake_vault, ".secrets-manager/audit-anchor/laptop")
+    anchor.versions[max(anchor.versions)].data["seq"] = float("inf")  # served as Infinity
+    with pytest.raises(IntegrityError, match="the audit anchor in Vault is damaged"):
+        make_vault(audit_scope="laptop").audit_anchor()
+
+
 def test_an_anchor_moved_by_another_writer_is_a_conflict(make_vault: MakeVault) -> None:
     mine, theirs = make_vault(audit_scope="log"), make_vault(audit_scope="log")
     assert mine.audit_anchor() is None

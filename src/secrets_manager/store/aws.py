@@ -1308,7 +1308,8 @@ class AwsStore:
         try:
             doc = json.loads(existing.get("Description") or "")
             return Anchor(seq=int(doc["seq"]), hash=str(doc["hash"]))
-        except (ValueError, KeyError, TypeError):
+        # OverflowError: int() of Infinity or 1e400; RecursionError: '[[[[…' nested too deep.
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError):
             raise IntegrityError("the audit anchor in AWS is damaged") from None
 
     def set_audit_anchor(

@@ -1367,7 +1367,7 @@ class VaultStore:
         try:
             data = body["data"]
             return Anchor(seq=int(data["seq"]), hash=str(data["hash"]))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # int() of Infinity or 1e400
             raise IntegrityError("the audit anchor in Vault is damaged") from None
 
     def set_audit_anchor(
