@@ -103,6 +103,14 @@ def encrypted_store(tmp_store_path: Path, store_password: str) -> Iterator[Encry
     store.close()
 
 
+@pytest.fixture
+def raw(encrypted_store: EncryptedStore, tmp_store_path: Path) -> Iterator[SqliteStorage]:
+    """A second, plain Storage handle on the store file: the attacker's view."""
+    handle = SqliteStorage(tmp_store_path)
+    yield handle
+    handle.close()
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """moto's ThreadedMotoServer on 127.0.0.1: a real HTTP endpoint that boto3 signs requests to.

@@ -10,7 +10,6 @@ import os
 import resource
 import sqlite3
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -92,14 +91,6 @@ def test_a_header_asking_argon2id_for_more_memory_than_the_process_has_is_a_one_
 
 
 # ---- moving and replaying records (docs/format.md 5.2, 13) ------------------------------------
-
-
-@pytest.fixture
-def raw(encrypted_store: EncryptedStore, tmp_store_path: Path) -> Iterator[SqliteStorage]:
-    """A second, plain Storage handle on the store file: the attacker's view."""
-    handle = SqliteStorage(tmp_store_path)
-    yield handle
-    handle.close()
 
 
 def _value(storage: Storage, key: str) -> bytes:

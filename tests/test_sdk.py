@@ -614,6 +614,23 @@ def test_while_the_re_read_of_everything_fails_a_namespace_listed_apart_is_serve
     assert not client.credentials("market-connector").stale and not client.credentials().stale
 
 
+def _take_auth_role_and_wait_for_refusal(server: Server, service_dir: Path, client: Client) -> None:
+    """Take the `auth` identity's role out of the policy, SIGHUP the server, and wait until
+    `client.credentials()` is refused."""
+    policy = service_dir / "policy.toml"
+    policy.write_text(policy.read_text().replace(f'"spiffe://{TD}/auth" = ["auth-reader"]\n', ""))
+    server.process.send_signal(signal.SIGHUP)
+
+    def refused() -> bool:
+        try:
+            client.credentials()
+        except AccessDeniedError:
+            return True
+        return False
+
+    wait_until(refused, timeout=10, interval=0.05)
+
+
 def test_a_namespace_whose_retry_came_with_a_re_read_of_everything_is_not_left_stale(
     server: Server, service_dir: Path, make_client: ClientFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -680,18 +697,7 @@ def test_a_reload_that_takes_the_last_role_stops_the_cached_values_being_served(
     heard = listening(client)
     wait_until(lambda: client._live_since is not None, timeout=5.0)
     time.sleep(_client.SETTLE_SECONDS + 0.5)
-    policy = service_dir / "policy.toml"
-    policy.write_text(policy.read_text().replace(f'"spiffe://{TD}/auth" = ["auth-reader"]\n', ""))
-    server.process.send_signal(signal.SIGHUP)
-
-    def refused() -> bool:
-        try:
-            client.credentials()
-        except AccessDeniedError:
-            return True
-        return False
-
-    wait_until(refused, timeout=10, interval=0.05)
+    _take_auth_role_and_wait_for_refusal(server, service_dir, client)
     for read in (lambda: client.credentials("auth"), lambda: client.get("auth/JWT_KEY")):
         with pytest.raises(AccessDeniedError):
             read()
@@ -2699,18 +2705,7 @@ def test_a_read_refused_after_a_reload_drops_the_cached_values_and_a_later_outag
         assert revealed(client.credentials()) == AUTH
         assert client._live_since is None
         caplog.set_level(logging.WARNING, logger="secrets_manager.client")
-        policy = service_dir / "policy.toml"
-        policy.write_text(policy.read_text().replace(f'"spiffe://{TD}/auth" = ["auth-reader"]\n', ""))
-        server.process.send_signal(signal.SIGHUP)
-
-        def refused() -> bool:
-            try:
-                client.credentials()
-            except AccessDeniedError:
-                return True
-            return False
-
-        wait_until(refused, timeout=10, interval=0.05)
+        _take_auth_role_and_wait_for_refusal(server, service_dir, client)
         assert any(
             "refused this identity the secrets; no longer served, cached copies dropped: "
             "auth/DB_PASSWORD, auth/JWT_KEY" in message

@@ -11,7 +11,7 @@ import base64
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +44,6 @@ def make_store(
     return lambda: EncryptedStore.open(
         SqliteStorage(tmp_store_path), PasswordUnlock(store_password, kdf.TEST)
     )
-
-
-@pytest.fixture
-def raw(encrypted_store: EncryptedStore, tmp_store_path: Path) -> Iterator[SqliteStorage]:
-    """A second, plain Storage handle on the store file: the attacker's view."""
-    handle = SqliteStorage(tmp_store_path)
-    yield handle
-    handle.close()
 
 
 def mv_overtaken_inside_its_delete(store: EncryptedStore, other: SecretStore) -> None:
