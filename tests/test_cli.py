@@ -1499,8 +1499,17 @@ def test_known_value_never_reaches_stderr_or_the_file(ready: Cli, tmp_path: Path
 
 
 def test_version_flag_prints_the_version(cli: Cli) -> None:
+    """The version the CLI prints, the SDK's __version__ and the installed distribution's (which
+    serve reports in service.started and secrets_manager_build_info) are one: the README's upgrade
+    steps wait for it to change."""
+    from importlib import metadata
+
+    import secrets_manager
+
     result = cli("--version")
     assert result.code == 0 and "secrets-manager" in result.out
+    assert secrets_manager.__version__ in result.out
+    assert metadata.version("secrets-manager") == secrets_manager.__version__
 
 
 def test_closed_pipe_is_not_an_error(ready: Cli) -> None:
