@@ -907,6 +907,91 @@ def test_an_expired_approle_token_is_replaced_by_a_new_login(fake_vault: FakeVau
         store.get("svc/K")
 
 
+APP_POLICY = """
+path "secret/data/svc/*" { capabilities = ["create", "read", "update", "delete"] }
+path "secret/metadata/svc/*" { capabilities = ["create", "read", "update", "delete", "list", "patch"] }
+"""
+
+
+def no_default_approle_store(vault: FakeVault) -> VaultStore:
+    """A store on an AppRole whose tokens lack Vault's `default` policy (the role's
+    token_no_default_policy): they may read and write svc/ only, and cannot look themselves up,
+    renew or revoke themselves."""
+    vault.add_policy("app", APP_POLICY)
+    vault.add_approle("role-app", "secret-app", policies=["app"], no_default_policy=True)
+    env = {"VAULT_ROLE_ID": "role-app", "VAULT_SECRET_ID": "secret-app"}
+    return VaultStore(connect_vault(vault.address, environ=env), "secret")
+
+
+def logins(vault: FakeVault) -> int:
+    return vault.requests.count(("POST", "/v1/auth/approle/login"))
+
+
+def test_a_policy_refusal_of_a_token_without_default_is_no_new_login(fake_vault: FakeVault) -> None:
+    """A token without `default` cannot look itself up, so every 403, a plain policy refusal too,
+    was taken for a lapsed token: an AppRole login each, a new token that the old one could not
+    revoke (no revoke-self either), left live until its TTL: tokens without bound for a client
+    denied in a loop (Vault's "lease explosion", developer.hashicorp.com/vault/docs/concepts/
+    lease-explosions). The mount's details (sys/internal/ui/mounts/MOUNT, which any valid token
+    with a capability on the mount may read) now tell a valid token's refusal from a lapsed one."""
+    store = no_default_approle_store(fake_vault)
+    store.put("svc/K", b"v1")
+    before = set(fake_vault.tokens)
+    for _ in range(10):
+        with pytest.raises(AccessDeniedError, match="permission denied"):
+            store.get("other/K")
+    assert logins(fake_vault) == 1  # the first, at connect
+    assert fake_vault.tokens == before
+    fake_vault.tokens.discard(store._client.token)  # its TTL ran out: a login replaces it
+    assert store.put("svc/K", b"v2").version == 2
+    assert logins(fake_vault) == 2
+
+
+def test_relogins_that_do_not_help_are_held_off(fake_vault: FakeVault) -> None:
+    """Where nothing tells a valid token from a lapsed one (no lookup-self, the mounts endpoint
+    refused), a 403 still has the store log in again and repeat the request; if the new token is
+    refused too, the refusal is the policy's: later 403s are not logged in again for a while
+    (RELOGIN_HOLD_SECONDS, doubled each time it happens again), so a loop of refusals makes one
+    token, not one per request."""
+    store = no_default_approle_store(fake_vault)
+    store.put("svc/K", b"v1")
+    fake_vault.refuse_mounts_endpoint = True
+    for _ in range(10):
+        with pytest.raises(AccessDeniedError, match="permission denied"):
+            store.get("other/K")
+    assert logins(fake_vault) == 2  # at connect, and the one that did not help
+    assert store.get("svc/K").value.reveal() == b"v1"  # the new token works where the policy allows
+    store._relogin_hold_until = 0.0  # the hold is over: a lapsed token is replaced again
+    fake_vault.tokens.discard(store._client.token)
+    assert store.put("svc/K", b"v2").version == 2
+    assert logins(fake_vault) == 3
+
+
+def test_threads_refused_with_one_lapsed_token_log_in_once(fake_vault: FakeVault) -> None:
+    """A serve's threads that all meet the lapsed token: one logs in, the others repeat their
+    request with its new token (before, each logged in: a token per thread)."""
+    store = approle_store(fake_vault)
+    store.put("svc/K", b"v1")
+    fake_vault.tokens.discard(store._client.token)
+    start = threading.Barrier(8)
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        start.wait()
+        try:
+            store.get("svc/K")
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=read) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert logins(fake_vault) == 2
+
+
 def test_a_token_from_the_vault_token_file_is_read_again_once_vault_refuses_it(
     fake_vault: FakeVault, tmp_path: Path
 ) -> None:

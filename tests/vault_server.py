@@ -31,7 +31,8 @@ error codes (https://developer.hashicorp.com/vault/api-docs/secret/kv/kv-v2):
                                               before it does (no handler for the method)
     DELETE /v1/MOUNT/metadata/PATH            every version and the metadata → 204
     LIST   /v1/MOUNT/metadata/FOLDER[/]       200 {"data": {"keys": [...]}} ("sub/" for folders), 404 if none
-    POST   /v1/auth/approle/login             {"role_id", "secret_id"} → {"auth": {"client_token": …}}
+    POST   /v1/auth/approle/login             {"role_id", "secret_id"} → {"auth": {"client_token": …}}:
+                                              a token of the role's policies (`add_approle`; else root)
     GET    /v1/auth/token/lookup-self         the calling token's data (the default policy allows it)
     POST   /v1/auth/token/revoke-self         the calling token is no longer honoured → 204
     POST   /v1/auth/token/renew-self          {"increment"?} → {"auth": {"lease_duration": …}}: a
@@ -368,6 +369,8 @@ class FakeVault:
         self.children: dict[str, FakeVault] = {}
         self.leases: dict[str, TokenLease] = {}  # tokens with a TTL
         self.approles: dict[str, str] = {}  # role_id -> secret_id
+        # role_id -> the policies its tokens get (`add_approle`); a role not here: `root`
+        self.approle_policies: dict[str, list[str]] = {}
         self.mounts: dict[str, dict[str, KvSecret]] = {m: {} for m in mounts}
         self.configs: dict[str, KvConfig] = {m: KvConfig() for m in mounts}
         self.kv1: dict[str, dict[str, dict[str, Any]]] = {m: {} for m in kv1_mounts}
@@ -455,6 +458,16 @@ class FakeVault:
                 max_expires=None if max_ttl is None else now + max_ttl,
             )
         return token
+
+    def add_approle(
+        self, role_id: str, secret_id: str, *, policies: list[str], no_default_policy: bool = False
+    ) -> None:
+        """An AppRole whose login tokens carry `policies`, beside `default` unless
+        `no_default_policy` (the role's `token_policies` and `token_no_default_policy`,
+        api-docs/auth/approle). A token without `default` may not look itself up, renew or revoke
+        itself."""
+        self.approles[role_id] = secret_id
+        self.approle_policies[role_id] = sorted({*policies, *(() if no_default_policy else ("default",))})
 
     def add_policy(self, name: str, rules: str) -> None:
         """An ACL policy in HCL (`path "PATTERN" { capabilities = [...] }` blocks), as `vault policy
@@ -670,9 +683,10 @@ class FakeVault:
             raise VaultError(400, ["invalid role or secret ID"])
         token = f"hvs.{uuid.uuid4().hex}"
         self.tokens.add(token)
-        self.token_policies[token] = ["root"]  # the role's policies: everything, as before
+        policies = self.approle_policies.get(role_id, ["root"])  # a role without: everything
+        self.token_policies[token] = list(policies)
         self.leases[token] = TokenLease(expires=time.monotonic() + 3600, creation_ttl=3600)
-        return _envelope(None, auth={"client_token": token, "policies": ["default"], "lease_duration": 3600})
+        return _envelope(None, auth={"client_token": token, "policies": policies, "lease_duration": 3600})
 
     def _mount_of(self, rest: str) -> str | None:
         for mount in sorted([*self.mounts, *self.kv1], key=len, reverse=True):

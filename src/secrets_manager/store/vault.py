@@ -165,6 +165,12 @@ WATCH_POLL_SECONDS = 30.0
 # (a command that ends sooner costs no request), then renewed each time half its TTL has passed.
 TOKEN_CHECK_AFTER_SECONDS = 60.0
 TOKEN_RETRY_SECONDS = 10.0  # after a lookup or renewal that failed (Vault down, sealed)
+# An AppRole login whose repeated request was refused again proved the refusal the policy's: the
+# 403s that follow are not logged in again for this long, doubled each time it happens again up to
+# RELOGIN_HOLD_MAX_SECONDS. Each login is a token (a lease) in Vault, and one without `default`
+# cannot revoke itself: a client refused in a loop would otherwise make tokens without bound.
+RELOGIN_HOLD_SECONDS = 60.0
+RELOGIN_HOLD_MAX_SECONDS = 900.0
 DELETE_ROUNDS = 5  # deletes of versions other writers keep adding meanwhile, before giving up
 _REFUSED_STATUSES = frozenset({429, 503})  # Vault did not act on the request: safe to repeat any method
 _TRANSIENT_STATUSES = frozenset({500, 502, 504})  # may have acted: repeat reads only
@@ -647,6 +653,11 @@ class VaultStore:
         self._token_check_at: float | None = time.monotonic() + TOKEN_CHECK_AFTER_SECONDS
         self._token_renewable: bool | None = None
         self._token_lapses_at: float | None = None
+        # One login at a time (a serve's threads all refused with one lapsed token log in once),
+        # and until when a 403 is not logged in again (RELOGIN_HOLD_SECONDS) and for how long next.
+        self._login_lock = threading.Lock()
+        self._relogin_hold_until = 0.0
+        self._relogin_hold = 0.0
 
     def __repr__(self) -> str:
         return f"VaultStore({self._client.url!r}, mount={self._mount!r})"
@@ -660,21 +671,59 @@ class VaultStore:
                 self._client.auth.token.revoke_self()
         self._client.adapter.close()
 
-    def _login_again(self) -> bool:
+    def _login_again(self, refused_token: str | None) -> bool:
         """Log in again with the AppRole (a long `serve` outlives its token's TTL), or take the
         token now in ~/.vault-token if that is where ours came from (Vault Agent's file sink and
-        `vault login` replace it): True if there is a new token to repeat the request with."""
+        `vault login` replace it): True if there is a new token to repeat the request with
+        (`refused_token` is the one the refused request carried: another thread may have replaced
+        it already, and then that thread's is the new one)."""
         login = _OWN_LOGINS.get(self._client)
         token_file = _TOKEN_FILES.get(self._client)
         if login is None and token_file is None:
             return False
-        # A 403 may be a policy's, with the token still valid (Vault's default policy lets every
-        # token look itself up): then it stands, and no other thread's token is swapped under it.
+        with self._login_lock:
+            if self._client.token != refused_token:
+                return True  # replaced meanwhile by another thread: repeat with that one
+            # A 403 may be a policy's, with the token still valid: then it stands, and no other
+            # thread's token is swapped under it.
+            if self._token_still_valid():
+                return False
+            if login is not None and time.monotonic() < self._relogin_hold_until:
+                return False  # a login did not help lately: the refusal is the policy's
+            return self._replace_token(login, token_file)
+
+    def _token_still_valid(self) -> bool:
+        """Whether Vault still honours our token: it may look itself up (Vault's `default` policy
+        lets every token), or, for a token without `default`, read the details of our mount
+        (GET sys/internal/ui/mounts/MOUNT: an authenticated endpoint answered to any token with a
+        capability on the mount, api-docs/system/internal-ui-mounts; a lapsed token is 403 there).
+        False when neither tells (then a login decides, bounded by the hold in `_send`)."""
         try:
             self._client.auth.token.lookup_self()
-            return False
+            return True
         except (vault_errors.VaultError, requests.exceptions.RequestException):
             pass
+        if self._engine == "unknown":
+            return False  # the mounts endpoint is refused to this token even when valid
+        try:
+            self._client.adapter.get(f"/v1/sys/internal/ui/mounts/{self._mount}")
+            return True
+        except (vault_errors.VaultError, requests.exceptions.RequestException):
+            return False
+
+    def _relogin_refused_again(self) -> None:
+        """A request repeated after an AppRole login was refused again: the new token is valid, so
+        the refusal is the policy's. Later 403s are not logged in again until the hold is over,
+        the hold doubling each time this happens again (one token a minute, then fewer, for a
+        client refused in a loop, instead of one per request)."""
+        with self._login_lock:
+            self._relogin_hold = min(
+                RELOGIN_HOLD_MAX_SECONDS, max(RELOGIN_HOLD_SECONDS, 2 * self._relogin_hold)
+            )
+            self._relogin_hold_until = time.monotonic() + self._relogin_hold
+
+    def _replace_token(self, login: Callable[[], None] | None, token_file: Path | None) -> bool:
+        """The new token of `_login_again`: the file's, or an AppRole login's."""
         if login is None:
             assert token_file is not None
             try:
@@ -1508,17 +1557,24 @@ class VaultStore:
             return _through_failover(lambda: send(method, url, **kwargs))
 
         try:
+            token = self._client.token
             try:
                 response = request(method, f"/v1/{self._mount}/{path}", **kwargs)
             except vault_errors.Forbidden:
                 # An expired or revoked AppRole token of ours, or one ~/.vault-token held and
                 # something replaced since: Vault did not act, so once logged in again (or with
                 # the file's new token) the request is repeated (once; a policy denies it again).
-                if not self._login_again():
+                if not self._login_again(token):
                     if (lapsed := self._token_lapsed()) is not None:
                         raise lapsed from None
                     raise
-                response = request(method, f"/v1/{self._mount}/{path}", **kwargs)
+                try:
+                    response = request(method, f"/v1/{self._mount}/{path}", **kwargs)
+                except vault_errors.Forbidden:
+                    if _OWN_LOGINS.get(self._client) is not None:
+                        self._relogin_refused_again()
+                    raise
+                self._relogin_hold = 0.0  # the new token helped: a later hold starts short again
         except vault_errors.InvalidPath as exc:
             body = exc.json if isinstance(exc.json, dict) else {}
             if any("no handler for route" in str(e) for e in body.get("errors") or []):
