@@ -490,6 +490,61 @@ class _Throttled:
         return AWSResponse(request.url, 400, headers, Raw())
 
 
+class _Denied:
+    """A botocore before-send handler answering every call of `operation` as IAM does for a
+    policy without that action (HTTP 400, AccessDeniedException), without sending it; the other
+    calls go to moto. `sent` counts the calls answered so."""
+
+    def __init__(self, client: Any, operation: str) -> None:
+        self.operation, self.sent = operation, 0
+        client.meta.events.register(f"before-send.secrets-manager.{operation}", self)
+
+    def __call__(self, request: Any, **_: Any) -> Any:
+        from botocore.awsrequest import AWSResponse
+
+        self.sent += 1
+        body = (
+            b'{"__type":"AccessDeniedException","message":"User: arn:aws:iam::123456789012:user/app '
+            b"is not authorized to perform: secretsmanager:" + self.operation.encode() + b'"}'
+        )
+
+        class Raw:
+            def stream(self) -> Any:
+                yield body
+
+        headers = {"Content-Type": "application/x-amz-json-1.1", "x-amzn-RequestId": "denied"}
+        return AWSResponse(request.url, 400, headers, Raw())
+
+
+@pytest.mark.parametrize(
+    ("operation", "metadata"),
+    [
+        ("TagResource", {"tags": {"team": "desk"}}),
+        ("UpdateSecret", {"description": "the desk's key"}),
+        ("UntagResource", {"tags": {}}),
+        ("TagResource", {"max_versions": 3}),
+    ],
+)
+def test_a_version_stored_whose_metadata_was_refused_says_it_was_stored(
+    make_aws: MakeAws, operation: str, metadata: dict[str, Any]
+) -> None:
+    """PutSecretValue succeeds, then the TagResource, UpdateSecret or UntagResource of the
+    description, tags, max_versions or expiry is refused (a policy granting PutSecretValue
+    alone): the error said only 'denied', so the user stored the value again, as yet another
+    version. It now says which version was stored (same class, same exit code)."""
+    store = make_aws()
+    store.put("svc/K", b"one", tags={"old": "tag"})
+    denied = _Denied(store._client, operation)
+    with pytest.raises(AccessDeniedError) as caught:
+        store.put("svc/K", b"two", **metadata)
+    message = str(caught.value)
+    assert denied.sent == 1
+    assert message.startswith("version 2 of 'svc/K' was stored, but not its metadata"), message
+    assert f"secretsmanager:{operation}" in message and "do not store the value again" in message
+    assert "\n" not in message and "two" not in message.replace("'svc/K'", "")
+    assert store.get("svc/K").version == 2
+
+
 def test_a_throttled_call_is_retried_more_than_one_that_got_no_answer(make_aws: MakeAws) -> None:
     """A call AWS throttles (ListSecrets' 100 a second, PutSecretValue's 50, shared by the whole
     account: a Watch poll of 10k secrets, replicas starting together) was sent twice in all, the

@@ -131,6 +131,7 @@ from secrets_manager.store.external import (
     RESERVED_KEY_PREFIX,
     TARGET_KEY,
     NoAnswerError,
+    after_the_version,
     audit_anchor_name,
     aws_profile_missing,
     checked_write,
@@ -851,7 +852,12 @@ class AwsStore:
             except _LostRace:
                 backoff.wait()
         expiry = None if expires is None else format_expiry(number, expires)
-        self._update_metadata(name, existing, description, tags, max_versions, expiry)
+        try:
+            self._update_metadata(name, existing, description, tags, max_versions, expiry)
+        except SecretsManagerError as exc:
+            # The version stands: a caller told only "denied" (a policy granting PutSecretValue but
+            # not TagResource or UpdateSecret) would store the value again, as a new version.
+            raise after_the_version(exc, name, number) from None
         return VersionInfo(version=number, created=datetime.now(UTC), created_by="", labels=(CURRENT,))
 
     def check_metadata_fits(

@@ -23,7 +23,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from secrets_manager.crypto.mac import value_fingerprint
-from secrets_manager.errors import InvalidInputError, MissingCredentialsError, StorageError
+from secrets_manager.errors import (
+    InvalidInputError,
+    MissingCredentialsError,
+    SecretsManagerError,
+    StorageError,
+    restated,
+)
 from secrets_manager.store.base import RESERVED_TAG_PREFIX, Secret, checked_metadata
 from secrets_manager.store.names import validate_name
 
@@ -55,6 +61,18 @@ def with_fingerprint(secret: Secret, audit_key: bytes) -> tuple[Secret, str]:
     audited reads record for these stores (audit.value_fingerprint), so the service's records of
     a value match the CLI's."""
     return secret, value_fingerprint(audit_key, secret.value.reveal())
+
+
+def after_the_version(exc: SecretsManagerError, name: str, number: int) -> SecretsManagerError:
+    """`exc` (of the same class, so the same exit code) saying that version `number` of `name` was
+    stored before the metadata write it reports failed (Vault's POST or PATCH of MOUNT/metadata/,
+    AWS's UpdateSecret, TagResource or UntagResource after PutSecretValue): told only "denied",
+    a user would store the value again, as one more version."""
+    return restated(
+        exc,
+        f"version {number} of {name!r} was stored, but not its metadata (description, tags, expiry, "
+        f"max versions): {exc}; do not store the value again ('metadata {name} …' sets them)",
+    )
 
 
 def audit_anchor_name(scope: str) -> str:

@@ -129,6 +129,7 @@ from secrets_manager.store.external import (
     EXPIRES_KEY,
     RESERVED_KEY_PREFIX,
     NoAnswerError,
+    after_the_version,
     audit_anchor_name,
     checked_write,
     user_tags,
@@ -447,19 +448,6 @@ def _timeout(environ: Mapping[str, str]) -> float:
     if not 0 < seconds <= 3600:
         raise InvalidInputError(f"{TIMEOUT_VARIABLE}={raw!r} is not a timeout; give seconds, e.g. 10 or 10s")
     return seconds
-
-
-def _after_the_version(exc: SecretsManagerError, name: str, number: int) -> SecretsManagerError:
-    """`exc` (of the same class, so the same exit code) saying that version `number` of `name` was
-    stored before the metadata write it reports failed."""
-    message = (
-        f"version {number} of {name!r} was stored, but not its metadata (description, tags, expiry, "
-        f"max versions): {exc}; do not store the value again ('metadata {name} …' sets them)"
-    )
-    try:
-        return type(exc)(message)
-    except TypeError:  # pragma: no cover (an error class with other arguments: as it is)
-        return exc
 
 
 class _NotThere(Exception):
@@ -1040,7 +1028,7 @@ class VaultStore:
         except SecretsManagerError as exc:
             # The version stands: a caller told only "denied" (a policy without `patch` or `update`
             # on MOUNT/metadata/) would store the value again, as a new version.
-            raise _after_the_version(exc, name, number) from None
+            raise after_the_version(exc, name, number) from None
         return VersionInfo(
             version=int(written["version"]),
             created=_vault_time(written["created_time"]),
