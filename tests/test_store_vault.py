@@ -134,6 +134,44 @@ def test_mv_whose_old_is_written_just_before_its_delete_leaves_old_in_place(
     assert other.get("svc/NEW").value.reveal() == b"KNOWN-1"
 
 
+def test_mv_whose_metadata_write_was_refused_says_so_and_a_rerun_finishes_it(
+    make_vault: MakeVault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """mv writes NEW's version, then its metadata (description, tags, limit, expiry): that second
+    write refused, the error said only that NEW's version was stored ("do not store the value
+    again"), not that OLD was left in place; and mv run again found NEW holding OLD's value, took it
+    for a move killed after its copy, and deleted OLD: NEW never got OLD's description and tags.
+    Now the error says what stands, and the rerun carries the metadata over before deleting OLD."""
+    from secrets_manager.cli.app import Note
+    from secrets_manager.cli.move_commands import copy_secret
+
+    store = make_vault()
+    store.put("svc/OLD", b"KNOWN-1", description="the desk's key", tags={"team": "desk"}, max_versions=4)
+    send = store._send
+
+    def metadata_refused(method: str, path: str, **kwargs: Any) -> Any:
+        if method in ("PATCH", "POST") and path == "metadata/svc/NEW":
+            raise AccessDeniedError("Vault denied change metadata of svc/NEW: permission denied")
+        return send(method, path, **kwargs)
+
+    monkeypatch.setattr(store, "_send", metadata_refused)
+    with pytest.raises(AccessDeniedError) as caught:
+        copy_secret(store, Note(), "svc/OLD", "svc/NEW", force=False, remove=True)
+    message = str(caught.value)
+    assert message.startswith(
+        "svc/NEW version 1 holds the value of version 1 of svc/OLD, but not its description, tags"
+    ), message
+    assert "svc/OLD was left in place" in message and "run the same mv again" in message, message
+    assert store.describe("svc/OLD").deleted is None
+    monkeypatch.undo()
+    copied = copy_secret(store, Note(), "svc/OLD", "svc/NEW", force=False, remove=True)
+    assert copied.finishing and copied.version == 1
+    new = store.describe("svc/NEW")
+    assert (new.description, dict(new.tags), new.max_versions) == ("the desk's key", {"team": "desk"}, 4)
+    assert store.describe("svc/OLD").deleted is not None
+    assert store.get("svc/NEW").version == 1  # nothing written to NEW's value
+
+
 @pytest.mark.skipif(
     not (os.environ.get("VAULT_ADDR") and os.environ.get("VAULT_TOKEN")),
     reason="set VAULT_ADDR and VAULT_TOKEN (and VAULT_KV_MOUNT, default 'secret') to run on a real Vault",

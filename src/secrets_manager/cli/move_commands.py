@@ -9,6 +9,9 @@ Locally this is one audited operation (one unlock): a record for NEW's write, ap
 as it is made, and the operation's own record for OLD. The copy and the delete are two commits: a
 `mv` killed between them left NEW holding OLD's value and OLD in place, and running it again
 finishes it (NEW already holding OLD's current value: nothing written to NEW, OLD deleted).
+On Vault and AWS NEW's write is itself two (its version, then its metadata): a copy whose metadata
+write was refused says so, and a rerun of mv sets on NEW what it lacks of OLD's description, tags,
+version limit and expiry before deleting OLD.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from secrets_manager.errors import (
     restated,
 )
 from secrets_manager.store import PENDING, SecretStore, validate_name
-from secrets_manager.store.base import DEFAULT_MAX_VERSIONS, Secret, VersionInfo
+from secrets_manager.store.base import DEFAULT_MAX_VERSIONS, Secret, SecretMetadata, VersionInfo
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -87,7 +90,7 @@ def _copy(
     if remove and copied.finishing:
         info_line(
             f"{new} version {copied.version} held the value of version {copied.from_version} of {old} "
-            f"already (a move interrupted after its copy): nothing was written to it; {old} is now "
+            f"already (a move interrupted after its copy): its value was not written again; {old} is now "
             f"deleted, which finishes the move (recoverable with '{suggested('undelete', old)}')"
         )
     elif remove:
@@ -143,8 +146,27 @@ def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bo
                 f"{old}'s value over it as a new version, or first undelete or destroy --all a deleted {new}"
             ) from None
         # A move killed between its copy and its delete (two commits) left NEW holding OLD's value
-        # and OLD in place: running it again finishes it, writing nothing to NEW.
+        # and OLD in place: running it again finishes it, writing nothing to NEW's value. On Vault
+        # and AWS the copy is itself two writes (the version, then its metadata): what a copy whose
+        # second write failed left out is carried over now.
+        _carry_metadata(store, old, new, copied.version, meta, secret)
         info, finishing = copied, True
+    except SecretsManagerError as error:
+        stored = getattr(error, "stored_version", None)
+        if stored is None:
+            raise
+        # Vault or AWS stored NEW's version, then refused its metadata: say what stands, in mv's
+        # or cp's words (the store's own says "do not store the value again", and nothing of OLD).
+        note.wrote(new, stored, secret.value.reveal())
+        done = (
+            f"{new} version {stored} holds the value of version {secret.version} of {old}, but not its "
+            f"description, tags, version limit or expiry: {getattr(error, 'metadata_error', error)}; "
+        )
+        if remove:
+            then = f"{old} was left in place: run the same mv again to finish it once that is allowed"
+        else:
+            then = f"do not copy it again: '{suggested('metadata', new)} …' sets them"
+        raise restated(error, done + then) from None
     else:
         finishing = False
         note.wrote(new, info.version, secret.value.reveal())
@@ -172,6 +194,40 @@ def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bo
     return Copied(
         from_version=secret.version, version=info.version, expires=secret.expires, finishing=finishing
     )
+
+
+def _carry_metadata(
+    store: SecretStore, old: str, new: str, version: int, meta: SecretMetadata, secret: Secret
+) -> None:
+    """Before a rerun of mv deletes OLD: set on NEW what of OLD's description, tags, version
+    limit and expiry it lacks (a copy whose metadata write failed), on condition that `version`
+    is still NEW's current. Nothing is sent when NEW has them all (a move killed between its two
+    commits, on our own store). NEW's other tags stay."""
+    try:
+        now = store.describe(new)
+    except SecretsManagerError:
+        return  # NEW read a moment ago: the delete of OLD goes on, and says what fails
+    description = meta.description if meta.description != now.description else None
+    tags = {k: v for k, v in meta.tags.items() if now.tags.get(k) != v}
+    max_versions = meta.max_versions if meta.max_versions != now.max_versions else None
+    expires = secret.expires if secret.expires is not None and secret.expires != now.expires else None
+    if description is None and not tags and max_versions is None and expires is None:
+        return
+    try:
+        store.update_metadata(
+            new,
+            description=description,
+            set_tags=tags or None,
+            max_versions=max_versions,
+            expires=expires,
+            expect_current=version,
+        )
+    except SecretsManagerError as error:
+        raise restated(
+            error,
+            f"{new} version {version} holds the value of {old} already, but its description, tags, "
+            f"version limit or expiry could not be set: {error}; {old} was left in place",
+        ) from None
 
 
 def _copied_already(store: SecretStore, new: str, secret: Secret) -> VersionInfo | None:

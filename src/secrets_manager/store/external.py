@@ -68,11 +68,14 @@ def after_the_version(exc: SecretsManagerError, name: str, number: int) -> Secre
     stored before the metadata write it reports failed (Vault's POST or PATCH of MOUNT/metadata/,
     AWS's UpdateSecret, TagResource or UntagResource after PutSecretValue): told only "denied",
     a user would store the value again, as one more version."""
-    return restated(
+    told = restated(
         exc,
         f"version {number} of {name!r} was stored, but not its metadata (description, tags, expiry, "
         f"max versions): {exc}; do not store the value again ('metadata {name} …' sets them)",
     )
+    # For a caller that writes on the user's behalf (mv, cp) and says it in its own words.
+    told.stored_version, told.metadata_error = number, str(exc)  # type: ignore[attr-defined]
+    return told
 
 
 def audit_anchor_name(scope: str) -> str:
