@@ -545,6 +545,61 @@ def test_a_version_stored_whose_metadata_was_refused_says_it_was_stored(
     assert store.get("svc/K").version == 2
 
 
+def test_a_destroy_of_a_deleted_secret_whose_forced_delete_is_refused_says_it_was_restored(
+    make_aws: MakeAws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """AWS refuses a forced DeleteSecret of a secret scheduled for deletion, so destroy --all
+    restores it first (RestoreSecret), then deletes it for good. That second DeleteSecret refused,
+    the error said only "AWS denied destroy svc/K", and the secret, deleted before, was live again
+    unnoticed: readable by every reader. Now it is deleted again (with its recovery window, as it
+    was), and the one line says the destroy was not made; if even that fails, that it is live."""
+    store = make_aws()
+    store.put("svc/K", b"v")
+    store.delete("svc/K")
+    client = store._client
+    delete_secret = client.delete_secret
+
+    def forced_refused(**kwargs: Any) -> Any:
+        """The first forced delete answered as AWS answers one of a secret scheduled for deletion
+        (moto takes it), the second (after the restore) refused."""
+        if kwargs.get("ForceDeleteWithoutRecovery"):
+            from botocore.exceptions import ClientError
+
+            forced_refused.calls += 1  # type: ignore[attr-defined]
+            if forced_refused.calls == 1:  # type: ignore[attr-defined]
+                scheduled = "You tried to perform the operation on a secret that's currently marked deleted."
+                error = {"Error": {"Code": "InvalidRequestException", "Message": scheduled}}
+            else:
+                error = {"Error": {"Code": "AccessDeniedException", "Message": "not authorized"}}
+            raise ClientError(error, "DeleteSecret")
+        return delete_secret(**kwargs)
+
+    forced_refused.calls = 0  # type: ignore[attr-defined]
+    monkeypatch.setattr(client, "delete_secret", forced_refused)
+    with pytest.raises(AccessDeniedError) as caught:
+        store.destroy_secret("svc/K")
+    message = str(caught.value)
+    assert forced_refused.calls == 2  # type: ignore[attr-defined]
+    assert "'svc/K' was not destroyed" in message and "it is deleted again" in message, message
+    assert store.describe("svc/K").deleted is not None  # deleted, as before the destroy
+    forced_refused.calls = 0  # type: ignore[attr-defined]
+
+    def soft_refused(**kwargs: Any) -> Any:
+        if kwargs.get("ForceDeleteWithoutRecovery"):
+            return forced_refused(**kwargs)
+        from botocore.exceptions import ClientError
+
+        raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}}, "DeleteSecret")
+
+    monkeypatch.setattr(client, "delete_secret", soft_refused)
+    with pytest.raises(AccessDeniedError) as caught:
+        store.destroy_secret("svc/K")
+    message = str(caught.value)
+    assert "'svc/K' was not destroyed and is no longer deleted" in message, message
+    assert "'delete svc/K'" in message, message
+    assert store.describe("svc/K").deleted is None
+
+
 def test_a_throttled_call_is_retried_more_than_one_that_got_no_answer(make_aws: MakeAws) -> None:
     """A call AWS throttles (ListSecrets' 100 a second, PutSecretValue's 50, shared by the whole
     account: a Watch poll of 10k secrets, replicas starting together) was sent twice in all, the

@@ -1252,11 +1252,40 @@ class AwsStore:
             self._client.describe_secret(SecretId=secret_id)
             try:
                 self._client.delete_secret(SecretId=secret_id, ForceDeleteWithoutRecovery=True)
+                return
             except ClientError as exc:
                 if _code(exc) != "InvalidRequestException":
                     raise
                 self._client.restore_secret(SecretId=secret_id)
+        try:
+            with self._aws(f"destroy {name}", name, state_error=SecretStateError):
                 self._client.delete_secret(SecretId=secret_id, ForceDeleteWithoutRecovery=True)
+        except SecretsManagerError as error:
+            # Restored, but not destroyed: a secret deleted before would be live again, unnoticed.
+            raise self._deleted_again(name, error) from None
+
+    def _deleted_again(self, name: str, error: SecretsManagerError) -> SecretsManagerError:
+        """The error of a destroy whose RestoreSecret (AWS's condition for a forced delete of a
+        secret scheduled for deletion) succeeded and whose forced DeleteSecret failed: the secret
+        is deleted again with the store's recovery window, as it was, and the error says so; if
+        that fails too, that it is live now."""
+        try:
+            with self._aws(f"delete {name} again", name, state_error=SecretStateError):
+                self._client.delete_secret(
+                    SecretId=self.aws_name(name), RecoveryWindowInDays=self._recovery_window_days
+                )
+        except SecretsManagerError:
+            return restated(
+                error,
+                f"secret {name!r} was not destroyed and is no longer deleted (AWS needs it restored "
+                f"before a forced delete, and the delete after that failed): {error}; run "
+                f"'delete {name}' to delete it again",
+            )
+        return restated(
+            error,
+            f"secret {name!r} was not destroyed: {error}; it is deleted again (recoverable for "
+            f"{self._recovery_window_days} days from now)",
+        )
 
     def _describe_or_none(self, secret_id: str) -> dict[str, Any] | None:
         try:
