@@ -600,6 +600,48 @@ def test_a_destroy_of_a_deleted_secret_whose_forced_delete_is_refused_says_it_wa
     assert store.describe("svc/K").deleted is None
 
 
+def test_a_promote_whose_second_call_failed_says_it_was_promoted_and_a_rerun_finishes_it(
+    make_aws: MakeAws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """promote is two UpdateSecretVersionStage calls (AWSCURRENT moved, then AWSPENDING removed).
+    The second refused, the error said only "AWS denied promote version 2 of svc/K", though
+    version 2 was current and the old one previous: a rotation retried on that took the promote
+    for undone. Now the error says it was promoted and still carries pending, and a promote run
+    again finishes it: AWSCURRENT is not moved again, only AWSPENDING removed."""
+    from botocore.exceptions import ClientError
+
+    store = make_aws()
+    store.put("svc/K", b"one")
+    staged = store.stage("svc/K", b"two")
+    client = store._client
+    move = client.update_secret_version_stage
+
+    def pending_kept(**kwargs: Any) -> Any:
+        if kwargs["VersionStage"] == "AWSPENDING":
+            raise ClientError({"Error": {"Code": "AccessDeniedException", "Message": "no"}}, "X")
+        return move(**kwargs)
+
+    monkeypatch.setattr(client, "update_secret_version_stage", pending_kept)
+    with pytest.raises(AccessDeniedError) as caught:
+        store.promote("svc/K", staged.version)
+    message = str(caught.value)
+    assert message.startswith("version 2 of 'svc/K' was promoted (current, 1 previous)"), message
+    assert "still labelled 'pending'" in message and "promote it again" in message, message
+    monkeypatch.undo()
+    calls: list[dict[str, Any]] = []
+
+    def counted(**kwargs: Any) -> Any:
+        calls.append(kwargs)
+        return move(**kwargs)
+
+    monkeypatch.setattr(client, "update_secret_version_stage", counted)
+    assert store.promote("svc/K", staged.version) == 1
+    assert [c["VersionStage"] for c in calls] == ["AWSPENDING"]
+    meta = store.describe("svc/K")
+    assert meta.labels == {"current": 2, "previous": 1}
+    assert store.get("svc/K").value.reveal() == b"two"
+
+
 def test_a_throttled_call_is_retried_more_than_one_that_got_no_answer(make_aws: MakeAws) -> None:
     """A call AWS throttles (ListSecrets' 100 a second, PutSecretValue's 50, shared by the whole
     account: a Watch poll of 10k secrets, replicas starting together) was sent twice in all, the

@@ -1014,21 +1014,38 @@ class AwsStore:
         current = next((v for v in reversed(versions) if CURRENT in v.labels), None)
         refuse_to_demote(name, version, None if current is None else current.number)
         secret_id = self.aws_name(name)
-        with self._aws(f"promote version {version} of {name}", name):
-            arguments: dict[str, Any] = {
-                "SecretId": secret_id,
-                "VersionStage": STAGE_OF_LABEL[CURRENT],
-                "MoveToVersionId": pending.version_id,
-            }
-            if current is not None:
-                arguments["RemoveFromVersionId"] = current.version_id
-            self._client.update_secret_version_stage(**arguments)
-            self._client.update_secret_version_stage(
-                SecretId=secret_id,
-                VersionStage=STAGE_OF_LABEL[PENDING],
-                RemoveFromVersionId=pending.version_id,
-            )
-        return None if current is None else current.number
+        if current is not None and current.number == version:
+            # A promote whose second call failed: AWSCURRENT is there already, only AWSPENDING is
+            # left to remove; the old current is the one AWS labelled AWSPREVIOUS then.
+            previous = next((v.number for v in versions if PREVIOUS in v.labels), None)
+        else:
+            previous = None if current is None else current.number
+            with self._aws(f"promote version {version} of {name}", name):
+                arguments: dict[str, Any] = {
+                    "SecretId": secret_id,
+                    "VersionStage": STAGE_OF_LABEL[CURRENT],
+                    "MoveToVersionId": pending.version_id,
+                }
+                if current is not None:
+                    arguments["RemoveFromVersionId"] = current.version_id
+                self._client.update_secret_version_stage(**arguments)
+        try:
+            with self._aws(f"promote version {version} of {name}", name):
+                self._client.update_secret_version_stage(
+                    SecretId=secret_id,
+                    VersionStage=STAGE_OF_LABEL[PENDING],
+                    RemoveFromVersionId=pending.version_id,
+                )
+        except SecretsManagerError as error:
+            # AWSCURRENT moved: told only "denied promote", a caller would take it for undone.
+            was = "" if previous is None else f", {previous} previous"
+            raise restated(
+                error,
+                f"version {version} of {name!r} was promoted (current{was}), but is still labelled "
+                f"'pending': {error}; promote it again to remove that label ('rotate {name} --resume "
+                f"--promote-only', or 'rotate {name} --discard')",
+            ) from None
+        return previous
 
     def discard_pending(self, name: str) -> int:
         """ListSecretVersionIds, then UpdateSecretVersionStage removing AWSPENDING from the version
