@@ -172,6 +172,35 @@ def test_mv_whose_metadata_write_was_refused_says_so_and_a_rerun_finishes_it(
     assert store.get("svc/NEW").version == 1  # nothing written to NEW's value
 
 
+def test_a_delete_whose_check_after_it_failed_says_the_secret_was_deleted(
+    make_vault: MakeVault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """delete POSTs MOUNT/delete/NAME, then reads the metadata again (a version written meanwhile
+    is deleted too). That read failing, the error was the read's ("Vault failed describe svc/K"),
+    though the delete was made: recorded as a failed delete, and its rerun said "already deleted".
+    Now it says the secret was deleted and that the check after it was not made (outcome unknown,
+    as for a conditional delete)."""
+    store = make_vault()
+    store.put("svc/K", b"v")
+    send, posted = store._send, []
+
+    def read_after_the_delete_fails(method: str, path: str, **kwargs: Any) -> Any:
+        if (method, path) == ("POST", "delete/svc/K"):
+            posted.append(path)
+        elif posted and (method, path) == ("GET", "metadata/svc/K"):
+            raise StorageError("Vault is sealed or unavailable (503) for describe svc/K; try again")
+        return send(method, path, **kwargs)
+
+    monkeypatch.setattr(store, "_send", read_after_the_delete_fails)
+    with pytest.raises(OutcomeUnknownError) as caught:
+        store.delete("svc/K")
+    message = str(caught.value)
+    assert message.startswith("secret 'svc/K' was deleted, but"), message
+    assert "503" in message and "'history svc/K'" in message, message
+    monkeypatch.undo()
+    assert store.describe("svc/K").deleted is not None
+
+
 @pytest.mark.skipif(
     not (os.environ.get("VAULT_ADDR") and os.environ.get("VAULT_TOKEN")),
     reason="set VAULT_ADDR and VAULT_TOKEN (and VAULT_KV_MOUNT, default 'secret') to run on a real Vault",

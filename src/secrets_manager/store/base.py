@@ -521,6 +521,16 @@ def unchecked_delete_error(name: str, error: Exception) -> OutcomeUnknownError:
     )
 
 
+def unread_delete_error(name: str, error: Exception) -> OutcomeUnknownError:
+    """A delete on Vault (no delete of a whole secret there: of the versions read) whose read after
+    it failed: the secret is deleted, and whether a version written meanwhile stays is unknown."""
+    return OutcomeUnknownError(
+        f"secret {name!r} was deleted, but whether a version written meanwhile stays readable is "
+        f"unknown: the check after it failed ({error}); read 'history {name}' and, if one is, "
+        f"'delete {name}' again"
+    )
+
+
 def refuse_to_demote(name: str, version: int, current: int | None) -> None:
     """ConflictError if promoting `version` would demote a newer current version: one written
     after the rotation staged `version` (a `store` meanwhile). Promoting would undo that write."""

@@ -117,6 +117,7 @@ from secrets_manager.store.base import (
     refuse_unless_still_current,
     unchecked_delete_error,
     unknown_label,
+    unread_delete_error,
     updated_metadata,
     utc_text,
 )
@@ -1245,7 +1246,12 @@ class VaultStore:
             return
         for _ in range(DELETE_ROUNDS):
             self._send("POST", f"delete/{name}", action=f"delete {name}", json={"versions": live})
-            live = _live_versions(self._require_meta(name))
+            try:
+                live = _live_versions(self._require_meta(name))
+            except NotFoundError:  # erased meanwhile (destroy --all): said as such
+                raise
+            except SecretsManagerError as error:  # the delete is done: not said as one that failed
+                raise unread_delete_error(name, error) from None
             if not live:
                 return
         raise ConflictError(
