@@ -642,6 +642,27 @@ def test_a_promote_whose_second_call_failed_says_it_was_promoted_and_a_rerun_fin
     assert store.get("svc/K").value.reveal() == b"two"
 
 
+def test_a_metadata_change_whose_later_call_was_refused_says_what_was_changed(
+    make_aws: MakeAws,
+) -> None:
+    """metadata --description --tag is UpdateSecret, then TagResource: the second refused, the
+    error said only "AWS denied store the metadata of svc/K", though the description was changed.
+    Now it says which part was made, and the same command run again makes the rest."""
+    store = make_aws()
+    store.put("svc/K", b"v", description="old", tags={"team": "desk"})
+    denied = _Denied(store._client, "TagResource")
+    with pytest.raises(AccessDeniedError) as caught:
+        store.update_metadata("svc/K", description="new", set_tags={"team": "ops"})
+    message = str(caught.value)
+    assert denied.sent == 1
+    assert message.startswith("the description of 'svc/K' was changed, but not the tags set"), message
+    assert "secretsmanager:TagResource" in message and "run the same change again" in message, message
+    store._client.meta.events.unregister("before-send.secrets-manager.TagResource", denied)
+    store.update_metadata("svc/K", description="new", set_tags={"team": "ops"})
+    meta = store.describe("svc/K")
+    assert (meta.description, dict(meta.tags)) == ("new", {"team": "ops"})
+
+
 def test_a_throttled_call_is_retried_more_than_one_that_got_no_answer(make_aws: MakeAws) -> None:
     """A call AWS throttles (ListSecrets' 100 a second, PutSecretValue's 50, shared by the whole
     account: a Watch poll of 10k secrets, replicas starting together) was sent twice in all, the

@@ -1176,15 +1176,29 @@ class AwsStore:
             setting[MAX_VERSIONS_KEY] = str(max_versions)
         if expiry_changes and expiry is not None:
             setting[EXPIRES_KEY] = expiry
-        with self._aws(f"store the metadata of {name}", name, state_error=SecretStateError):
-            if description is not None:
-                self._client.update_secret(SecretId=secret_id, Description=description)
-            if gone:
-                self._client.untag_resource(SecretId=secret_id, TagKeys=gone)
-            if setting:
-                self._client.tag_resource(
-                    SecretId=secret_id, Tags=[{"Key": k, "Value": v} for k, v in setting.items()]
-                )
+        done: builtins.list[str] = []  # what was changed, for an error after it
+        left = [*(["the tags removed"] if gone else []), *(["the tags set"] if setting else [])]
+        try:
+            with self._aws(f"store the metadata of {name}", name, state_error=SecretStateError):
+                if description is not None:
+                    self._client.update_secret(SecretId=secret_id, Description=description)
+                    done.append("the description")
+                if gone:
+                    self._client.untag_resource(SecretId=secret_id, TagKeys=gone)
+                    done.append(left.pop(0))
+                if setting:
+                    self._client.tag_resource(
+                        SecretId=secret_id, Tags=[{"Key": k, "Value": v} for k, v in setting.items()]
+                    )
+        except SecretsManagerError as error:
+            if not done:
+                raise
+            # Up to three calls, each its own change: say which were made (a rerun makes the rest).
+            raise restated(
+                error,
+                f"{' and '.join(done)} of {name!r} {'was' if len(done) == 1 else 'were'} changed, but "
+                f"not {' and '.join(left)}: {error}; run the same change again once that is allowed",
+            ) from None
 
     def delete(self, name: str, *, expect_version: int | None = None) -> None:
         """DescribeSecret, then DeleteSecret with RecoveryWindowInDays.
