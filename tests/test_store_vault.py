@@ -1023,10 +1023,13 @@ def test_relogins_that_do_not_help_are_held_off(fake_vault: FakeVault) -> None:
     store = no_default_approle_store(fake_vault)
     store.put("svc/K", b"v1")
     fake_vault.refuse_mounts_endpoint = True
+    live = len(fake_vault.tokens)
     for _ in range(10):
         with pytest.raises(AccessDeniedError, match="permission denied"):
             store.get("other/K")
     assert logins(fake_vault) == 2  # at connect, and the one that did not help
+    # the one it replaced could not revoke itself (no `default`): it lives until its TTL
+    assert len(fake_vault.tokens) == live + 1
     assert store.get("svc/K").value.reveal() == b"v1"  # the new token works where the policy allows
     store._relogin_hold_until = 0.0  # the hold is over: a lapsed token is replaced again
     fake_vault.tokens.discard(store._client.token)
