@@ -207,9 +207,13 @@ def _carry_metadata(
         now = store.describe(new)
     except SecretsManagerError:
         return  # NEW read a moment ago: the delete of OLD goes on, and says what fails
-    description = meta.description if meta.description != now.description else None
+    # What the copy's put sends, as it sends it: an empty description and the default limit are
+    # not sent (NEW's own stay, as with --force).
+    description = meta.description if meta.description and meta.description != now.description else None
     tags = {k: v for k, v in meta.tags.items() if now.tags.get(k) != v}
-    max_versions = meta.max_versions if meta.max_versions != now.max_versions else None
+    max_versions = (
+        meta.max_versions if meta.max_versions not in (now.max_versions, DEFAULT_MAX_VERSIONS) else None
+    )
     expires = secret.expires if secret.expires is not None and secret.expires != now.expires else None
     if description is None and not tags and max_versions is None and expires is None:
         return
