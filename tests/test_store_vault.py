@@ -201,6 +201,21 @@ def test_a_delete_whose_check_after_it_failed_says_the_secret_was_deleted(
     assert store.describe("svc/K").deleted is not None
 
 
+def test_a_mv_rerun_onto_new_holding_the_value_keeps_what_old_does_not_have(make_vault: MakeVault) -> None:
+    """A rerun of mv sets on NEW only what the copy's put would have sent: OLD's empty description
+    and default version limit are not sent, so NEW's own stay (as with --force)."""
+    from secrets_manager.cli.app import Note
+    from secrets_manager.cli.move_commands import copy_secret
+
+    store = make_vault()
+    store.put("svc/OLD", b"SAME", tags={"team": "desk"})
+    store.put("svc/NEW", b"SAME", description="mine", max_versions=5)
+    copied = copy_secret(store, Note(), "svc/OLD", "svc/NEW", force=False, remove=True)
+    assert copied.finishing
+    new = store.describe("svc/NEW")
+    assert (new.description, dict(new.tags), new.max_versions) == ("mine", {"team": "desk"}, 5)
+
+
 @pytest.mark.skipif(
     not (os.environ.get("VAULT_ADDR") and os.environ.get("VAULT_TOKEN")),
     reason="set VAULT_ADDR and VAULT_TOKEN (and VAULT_KV_MOUNT, default 'secret') to run on a real Vault",
