@@ -1247,6 +1247,31 @@ def test_a_token_without_a_ttl_is_looked_up_once_and_a_short_command_not_at_all(
     assert ("POST", "/v1/auth/token/renew-self") not in fake_vault.requests
 
 
+def test_a_token_refused_its_own_lookup_is_not_looked_up_again_and_again(
+    fake_vault: FakeVault, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token without `default` may not look itself up (nor renew itself): a serve's handle sent
+    a refused lookup-self every TOKEN_RETRY_SECONDS for its whole life, each a 403 in Vault's audit
+    log. Now a refused lookup is not sent again for that token (one from a new login is looked at
+    afresh); it lapses at its TTL, and an AppRole then logs in again."""
+    monkeypatch.setattr("secrets_manager.store.vault.TOKEN_CHECK_AFTER_SECONDS", 0.0)
+    monkeypatch.setattr("secrets_manager.store.vault.TOKEN_RETRY_SECONDS", 0.0)
+    store = no_default_approle_store(fake_vault)
+    store.put("svc/K", b"v1")
+
+    def use() -> None:  # as a serve does, on what its policy allows
+        for _ in range(5):
+            assert store.get("svc/K").value.reveal() == b"v1"
+            time.sleep(0.1)
+
+    use()
+    assert fake_vault.requests.count(("GET", "/v1/auth/token/lookup-self")) == 1
+    fake_vault.tokens.discard(store._client.token)  # lapsed: a new login, looked up once more
+    use()
+    assert logins(fake_vault) == 2
+    assert fake_vault.requests.count(("GET", "/v1/auth/token/lookup-self")) == 3  # + _login_again's
+
+
 # ---- TLS: VAULT_CACERT, and the Vault CLI's VAULT_CAPATH and VAULT_SKIP_VERIFY ------------------------
 
 

@@ -764,6 +764,14 @@ class VaultStore:
                     self._token_renewable = False  # not extended: it reached its max TTL
             else:  # pragma: no cover (no step is due for a token that cannot be renewed)
                 return None
+        except vault_errors.Forbidden:
+            if self._token_renewable is None:
+                # A lookup refused: a token without Vault's `default` policy (it may not look
+                # itself up, nor renew itself), or one lapsed. Not asked again for this token: a
+                # refused lookup every TOKEN_RETRY_SECONDS would fill Vault's audit log for the
+                # handle's life. A new token (`_replace_token`) is looked at afresh.
+                return None
+            return now + TOKEN_RETRY_SECONDS
         except (
             vault_errors.VaultError,
             requests.exceptions.RequestException,
