@@ -258,6 +258,42 @@ def test_vault_errors_reach_the_user_as_exit_codes(vault_cli: Cli, fake_vault: F
     assert_one_line_error(vault_cli("get", "svc/K"), 1, "sealed")
 
 
+def test_a_rollback_whose_expiry_write_was_refused_says_it_rolled_back_and_audits_the_version(
+    vault_cli: Cli, fake_vault: FakeVault, tmp_path: Path
+) -> None:
+    """rollback writes the old value as a new version, then that version's expiry (KV v2 metadata,
+    a second request). The second refused (a policy without `patch` or `update` on metadata), the
+    error was the store's "do not store the value again" and the audit record had no version: a
+    rollback that was made looked like one refused. Now the one line says the rollback was made
+    and only its expiry is missing, and the record names the version written."""
+    vault_cli("store", "svc/K", "--expires", "2099-01-01T00:00:00Z", input=b"first")
+    vault_cli("store", "svc/K", input=b"second")
+    fake_vault.add_policy(
+        "no-metadata",
+        'path "secret/data/*" { capabilities = ["create", "read", "update"] }\n'
+        'path "secret/metadata/*" { capabilities = ["read", "list"] }\n'
+        'path "secret/metadata/.secrets-manager/*" { capabilities = ["create", "read", "update"] }\n',
+    )
+    token = fake_vault.add_token("hvs.no-metadata", policies=["no-metadata"])
+    result = vault_cli("rollback", "svc/K", env={"VAULT_TOKEN": token})
+    assert_one_line_error(
+        result,
+        5,
+        "rolled back svc/K: version 3 is current, with the value of version 1",
+        "denied",
+        "do not roll back again",
+    )
+    assert vault_cli("get", "svc/K").out.rstrip("\n") == "first"
+    records = [json.loads(line) for line in _audit_log(tmp_path).read_text().splitlines()]
+    last = [r for r in records if r["operation"] == "rollback"][-1]
+    assert (last["outcome"], last["version"]) == ("access_denied", 3), last
+
+
+def _audit_log(home: Path) -> Path:
+    (log,) = (home / ".local/share/secrets-manager").glob("*.audit.jsonl")
+    return log
+
+
 def test_commands_of_our_own_encryption_are_not_supported_on_vault(vault_cli: Cli) -> None:
     assert_one_line_error(vault_cli("init"), 2, "not supported by this store")
     assert_one_line_error(vault_cli("passwd"), 2, "not supported by this store")

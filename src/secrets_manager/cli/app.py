@@ -82,6 +82,7 @@ from secrets_manager.errors import (
     UnlockError,
     UnsafeConfigurationError,
     UnsupportedOperationError,
+    restated,
 )
 from secrets_manager.rotation import (
     ALPHABETS,
@@ -1750,7 +1751,22 @@ def rollback(session: Session, name: str, version: int | None, as_json: bool) ->
                 f"version {old.version} of {name} is current already; nothing to roll back"
             )
         # the same credential as that version: its expiry, if one is recorded for it, goes with it
-        info = store.put(name, old.value.reveal(), expect_version=current, expires=old.expires)
+        try:
+            info = store.put(name, old.value.reveal(), expect_version=current, expires=old.expires)
+        except SecretsManagerError as error:
+            stored = getattr(error, "stored_version", None)
+            if stored is None:
+                raise
+            # Vault or AWS wrote the version, then refused its expiry: the rollback is made.
+            note.version(stored)
+            note.value(old.value.reveal())
+            raise restated(
+                error,
+                f"rolled back {name}: version {stored} is current, with the value of version "
+                f"{old.version}, but its expiry was not recorded: "
+                f"{getattr(error, 'metadata_error', error)}; do not roll back again "
+                f"('{suggested('metadata', name, '--expires')} …' sets it)",
+            ) from None
         note.version(info.version)
         note.value(old.value.reveal())
     if as_json:
