@@ -454,7 +454,11 @@ def test_audit_prune_beside_a_running_service_keeps_one_chain_that_verifies(tmp_
     on chaining onto it, and the log verifies afterwards, beginning where the prune record says."""
     make_pki(tmp_path)
     make_store(tmp_path)
-    server = start_server(tmp_path, environment={"SECRETS_MANAGER_AUDIT_MAX_BYTES": "4000"})
+    server = start_server(
+        tmp_path,
+        environment={"SECRETS_MANAGER_AUDIT_MAX_BYTES": "4000"},
+        settings="[limits]\nrequests_per_second = 0\n",  # the reader loops: past the default rate
+    )
     stop = threading.Event()
     failures: list[str] = []
 
