@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import sqlite3
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from secrets_manager.audit import Anchor, AuditError, AuditEvent, AuditLog, AuditTamperError
-from secrets_manager.audit.log import FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
+from secrets_manager.audit.log import FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS, _flock_with_deadline
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import StorageError
 from secrets_manager.storage.sqlite import SqliteStorage
@@ -553,3 +554,22 @@ def test_an_anchor_owed_to_a_store_closed_meanwhile_is_given_up_and_the_log_goes
         assert log.verify(again.audit_key(), again.audit_anchor()) == 5
     finally:
         again.close()
+
+
+def test_a_lock_wait_past_its_deadline_is_a_timeout(tmp_path: Path) -> None:
+    """The sink worker waits for another process's flock until its caller's deadline, and can give
+    up a moment before the caller does: its error is then the one the caller raises. It was not
+    marked timed_out, so the service, refused by the stuck log after one audit timeout, tried to
+    record the refusal and waited a second one (CI on 889333a: test_service_operability's
+    stuck-audit-log test answered after 3.0 s with a 1.5 s timeout). Fails on the old code."""
+    lock_path = tmp_path / "held.lock"
+    holder = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    waiter = os.open(lock_path, os.O_RDWR)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)
+        with pytest.raises(AuditError) as refused:
+            _flock_with_deadline(waiter, time.monotonic() + 0.05)
+        assert refused.value.timed_out
+    finally:
+        os.close(waiter)
+        os.close(holder)

@@ -2477,8 +2477,13 @@ def _flock_with_deadline(fd: int, deadline: float) -> None:
             return
         except BlockingIOError:
             if time.monotonic() > deadline:
+                # timed_out, as the caller's own wait: the sink worker's flock can pass the shared
+                # deadline a moment before its caller stops waiting, and then this is the error the
+                # caller raises (the service records no refusal after a timeout: it would wait as
+                # long again).
                 raise AuditError(
                     "another process holds the audit log lock; try again",
+                    timed_out=True,
                     cause="another process held the audit log's lock too long",
                 ) from None
             time.sleep(0.005)
