@@ -49,6 +49,11 @@ class SecretsManagerError(Exception):
 
     exit_code = 1
     kind = "error"
+    # Set (store/external.after_the_version) on an error of a write to Vault or AWS that stored its
+    # version before the metadata write it reports failed: that version, and that write's error.
+    # mv, cp and rollback, which write on the user's behalf, say what stands in their own words.
+    stored_version: int | None = None
+    metadata_error: str | None = None
 
 
 class InvalidInputError(SecretsManagerError):

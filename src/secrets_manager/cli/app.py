@@ -1754,7 +1754,7 @@ def rollback(session: Session, name: str, version: int | None, as_json: bool) ->
         try:
             info = store.put(name, old.value.reveal(), expect_version=current, expires=old.expires)
         except SecretsManagerError as error:
-            stored = getattr(error, "stored_version", None)
+            stored = error.stored_version
             if stored is None:
                 raise
             # Vault or AWS wrote the version, then refused its expiry: the rollback is made.
@@ -1764,7 +1764,7 @@ def rollback(session: Session, name: str, version: int | None, as_json: bool) ->
                 error,
                 f"rolled back {name}: version {stored} is current, with the value of version "
                 f"{old.version}, but its expiry was not recorded: "
-                f"{getattr(error, 'metadata_error', error)}; do not roll back again "
+                f"{error.metadata_error or error}; do not roll back again "
                 f"('{suggested('metadata', name, '--expires')} …' sets it)",
             ) from None
         note.version(info.version)

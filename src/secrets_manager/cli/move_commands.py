@@ -152,7 +152,7 @@ def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bo
         _carry_metadata(store, old, new, copied.version, meta, secret)
         info, finishing = copied, True
     except SecretsManagerError as error:
-        stored = getattr(error, "stored_version", None)
+        stored = error.stored_version
         if stored is None:
             raise
         # Vault or AWS stored NEW's version, then refused its metadata: say what stands, in mv's
@@ -160,7 +160,7 @@ def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bo
         note.wrote(new, stored, secret.value.reveal())
         done = (
             f"{new} version {stored} holds the value of version {secret.version} of {old}, but not its "
-            f"description, tags, version limit or expiry: {getattr(error, 'metadata_error', error)}; "
+            f"description, tags, version limit or expiry: {error.metadata_error or error}; "
         )
         if remove:
             then = f"{old} was left in place: run the same mv again to finish it once that is allowed"

@@ -28,7 +28,7 @@ def sha256_hex(data: bytes) -> str:
 def value_digest(value: bytes) -> str:
     """SHA-256 (hex) of a secret's value, kept in its version's sealed metadata (docs/format.md 7):
     binds the value record to the metadata that lists it."""
-    return hashlib.sha256(value).hexdigest()
+    return sha256_hex(value)
 
 
 def value_digest_ok(value: bytes, digest: str) -> bool:

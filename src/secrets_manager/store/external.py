@@ -74,7 +74,7 @@ def after_the_version(exc: SecretsManagerError, name: str, number: int) -> Secre
         f"max versions): {exc}; do not store the value again ('metadata {name} …' sets them)",
     )
     # For a caller that writes on the user's behalf (mv, cp) and says it in its own words.
-    told.stored_version, told.metadata_error = number, str(exc)  # type: ignore[attr-defined]
+    told.stored_version, told.metadata_error = number, str(exc)
     return told
 
 
