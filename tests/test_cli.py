@@ -235,6 +235,57 @@ def test_restore_into_a_new_store_derives_the_key_before_the_store_has_its_name(
     assert [(r["operation"], r["name"]) for r in records][:2] == [("restore", "a/K"), ("restore", None)]
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace shows the writes and the links")
+def test_restore_into_a_new_store_records_it_before_the_store_has_its_name(tmp_path: Path) -> None:
+    """After the Argon2id fix above, the restore's records (one per secret, then its own) were still
+    appended only once the store had its name: killed meanwhile (a shell loop that sent SIGKILL as
+    soon as the store appeared got in 3 times in 3 with 1,000 secrets), a whole store was left with
+    an empty log, and a second restore said 'the target store is not empty'. The records are now
+    written and fsynced into the new log under a temporary name before the store is linked, and
+    that log is linked into place right after it: a kill now leaves no store, or one whose log
+    holds its restore."""
+    cli = Cli(tmp_path / "vault" / "store.db", tmp_path)
+    assert cli("init", "--kdf-profile", "test").code == 0
+    assert cli("store", "a/K", input=b"KNOWN-1").code == 0
+    backup = tmp_path / "b.smbackup"
+    assert cli("backup", str(backup)).code == 0
+    new = tmp_path / "new" / "store.db"
+    log = new.with_name("store.audit.jsonl")
+    trace = tmp_path / "trace"
+    strace = ("strace", "-f", "-qq", "-o", str(trace), "-e", "trace=openat,link,linkat,fsync,fdatasync")
+    proc = subprocess.run(
+        [*strace, str(SCRIPT), "restore", str(backup), "--store", str(new)],
+        capture_output=True,
+        env=cli.env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    calls = [line.partition(" ")[2].strip() for line in trace.read_text().splitlines()]
+    opened: dict[str, str] = {}
+    synced: list[tuple[int, str]] = []
+    for i, call in enumerate(calls):
+        if call.startswith("openat(") and call.count('"') >= 2:
+            result = call.rsplit(" = ", 1)[-1].split()[0]
+            if result.isdigit():
+                opened[result] = call.split('"')[1]
+        elif call.startswith(("fsync(", "fdatasync(")) and call.endswith(" = 0"):
+            synced.append((i, opened.get(call.partition("(")[2].split(")")[0], "")))
+    links = [(i, c) for i, c in enumerate(calls) if c.startswith("link") and c.endswith(" = 0")]
+    store_link = next(i for i, c in links if f'"{new}"' in c)
+    log_link = next((i for i, c in links if f'"{log}"' in c), None)
+    assert log_link is not None, "the log was not linked into place: written under its name after the link"
+    assert store_link < log_link, (store_link, log_link)
+    assert not [i for i, _ in links if store_link < i < log_link]  # nothing between the two links
+    assert sorted(p.name for p in new.parent.iterdir()) == ["store.audit.jsonl", "store.db"]
+    records_synced = [i for i, path in synced if Path(path).name.startswith(".store.audit.jsonl.restore-")]
+    assert records_synced and records_synced[0] < store_link, (records_synced, store_link)
+    restored = Cli(new, tmp_path)
+    assert restored("get", "a/K").out == "KNOWN-1\n"
+    assert restored("audit", "verify").code == 0
+    records = json.loads(restored("audit", "show", "--json").out)
+    assert [(r["operation"], r["name"]) for r in records][:2] == [("restore", "a/K"), ("restore", None)]
+
+
 def test_init_never_overwrites_an_existing_store(ready: Cli) -> None:
     assert ready("store", "a/b", input=b"v1").code == 0
     before = ready.store_bytes()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import secrets
 import stat
 import sys
 from collections.abc import Sequence
@@ -30,9 +31,11 @@ import click
 
 from secrets_manager.audit import (
     AuditEvent,
+    AuditLog,
     AuditPartialRecordError,
     AuditTamperError,
     anchor_a_restored_store,
+    refuse_files_of_others,
     value_fingerprint,
 )
 from secrets_manager.cli.app import Session, cli, kdf_profile_option, pass_session
@@ -312,19 +315,34 @@ def _restore(
         raise _interrupted(exc, NOTHING_RESTORED) from None
     if new_store:
         derived: list[UnlockKey] = []
+        staged: list[Path] = []  # the new store's audit log, under its temporary name
         try:
-            with progress_bars("restore") as report:
-                result = restore_new_store(
-                    checked,
-                    session.store_url,
-                    password=new_password,
-                    kdf_profile=kdf_profile,
-                    environment=session.environment,
-                    actor=session.actor,
-                    progress=report,
-                    before_publish=functools.partial(_derive_unlock_key, session, new_password, derived),
-                )
-            _audit_new_store(session, new_password, mnemonics, checked.secrets, result, derived)
+            try:
+                with progress_bars("restore") as report:
+                    result = restore_new_store(
+                        checked,
+                        session.store_url,
+                        password=new_password,
+                        kdf_profile=kdf_profile,
+                        environment=session.environment,
+                        actor=session.actor,
+                        progress=report,
+                        before_publish=functools.partial(
+                            _before_publish,
+                            session,
+                            new_password,
+                            mnemonics,
+                            checked.secrets,
+                            derived,
+                            staged,
+                        ),
+                    )
+            finally:  # the log's temporary name and lock file (published or not, with the store)
+                for temporary in staged:
+                    for leftover in (temporary, Path(f"{temporary}.lock")):
+                        leftover.unlink(missing_ok=True)
+            if not staged:  # a log of this store survived it: continued now the store has its name
+                _audit_new_store(session, new_password, mnemonics, checked.secrets, result, derived)
         except KeyboardInterrupt as exc:  # the new store's files were removed: no store appeared
             store_file = sqlite_path(session.store_url)
             left = (
@@ -543,19 +561,45 @@ def _refuse_another_stores_log(session: Session, backup: Backup) -> None:
     )
 
 
-def _derive_unlock_key(session: Session, password: bytes | None, derived: list[UnlockKey], url: str) -> None:
-    """Run Argon2id on the new store under its temporary name (`url`), keeping the unlock key in
-    `derived`: once linked into place, the store is opened with it and audited at once. Argon2id
-    after the link (a second or more at the default cost) was a window where a kill (SIGKILL, a
-    timeout) left a store with no record of its restore, which a second restore then refused."""
-    if password is None:  # opened with recovery shares: no Argon2id
-        return
-    store = open_store(url, password, environment=session.environment, actor=session.actor)
+def _before_publish(
+    session: Session,
+    password: bytes | None,
+    mnemonics: list[str],
+    restored: Sequence[BackupSecret],
+    derived: list[UnlockKey],
+    staged: list[Path],
+    url: str,
+    result: RestoreResult,
+) -> list[tuple[Path, Path]]:
+    """On the new store under its temporary name (`url`), before it is linked into place: run
+    Argon2id (keeping the unlock key in `derived`), and record the restore in the new store's log
+    under a temporary name beside the log's (in `staged`), anchored in the store, which
+    restore_new_store links into place right after the store. Argon2id, then the audit append of
+    one record per secret, after the link was a window where a kill (SIGKILL, a timeout) left a
+    store with no record of its restore, which a second restore then refused ('the target store is
+    not empty'). A log that survived the store (`_refuse_another_stores_log` let it through) is
+    continued once the store has its name, as before: its records must not tell of a restore that
+    then found another store in its place."""
+    if password is None:
+        store = open_store_with_recovery(url, mnemonics, environment=session.environment, actor=session.actor)
+    else:
+        store = open_store(url, password, environment=session.environment, actor=session.actor)
     try:
         if store.unlock_key is not None:
             derived.append(store.unlock_key)
+        final = session.audit_path
+        if final.exists():
+            return []
+        refuse_files_of_others(final, session.files_not_for_audit())  # the store's file, say
+        temporary = final.with_name(f".{final.name}.restore-{secrets.token_hex(6)}")
+        staged.append(temporary)
+        event = session.event("restore")
+        anchor_a_restored_store(store)
+        log = AuditLog(temporary, environment=session.environment, **session.audit_options())
+        log.append([*_secret_records(event, store, restored, result), event], store)
     finally:
         store.close()
+    return [(temporary, final)]
 
 
 def _audit_new_store(

@@ -143,7 +143,7 @@ def restore_new_store(
     environment: Environment,
     actor: str,
     progress: Progress = _no_progress,
-    before_publish: Callable[[str], None] | None = None,
+    before_publish: Callable[[str, RestoreResult], Sequence[tuple[Path, Path]]] | None = None,
 ) -> RestoreResult:
     """Create the SQLite store `url` names from `backup`; ConflictError if something is there already
     (a store, or the -wal, -shm or -journal a removed store left: SQLite would read them as the new
@@ -153,9 +153,11 @@ def restore_new_store(
     is not used). Kind `password`: a new store locked by `password` (the new master password) with
     `kdf_profile`, then the logical form imported into it.
 
-    `before_publish(url)` is called with the URL of the complete, closed store under its
-    temporary name, just before it is linked into place (the CLI runs Argon2id there, so that the
-    store is audited at once once it has its name)."""
+    `before_publish(url, result)` is called with the URL of the complete, closed store under its
+    temporary name and what was restored, just before it is linked into place; it returns files
+    (temporary, final) to link into place with it, right after the store (the CLI runs Argon2id
+    there and records the restore in a new audit log under a temporary name, so that no store
+    appears without the record of its restore but for the instant between two links)."""
     path = sqlite_path(url)
     if path.exists():
         raise ConflictError(
@@ -195,8 +197,9 @@ def _refuse_what_open_storage_refuses(url: str | None, environment: Environment)
 
 
 # A restore into a new store builds it as `.NAME.restore-<12 hex>` (plus SQLite's -wal, -shm,
-# -journal) beside NAME, holding a shared flock on the directory until it is published or removed.
-_TEMPORARY = re.compile(r"\..+\.restore-[0-9a-f]{12}(-wal|-shm|-journal)?")
+# -journal) beside NAME, and the new audit log as `.LOG.restore-<12 hex>` (plus its `.lock`) beside
+# LOG, holding a shared flock on the store's directory until they are published or removed.
+_TEMPORARY = re.compile(r"\..+\.restore-[0-9a-f]{12}(-wal|-shm|-journal|\.lock)?")
 
 
 @contextlib.contextmanager
@@ -233,7 +236,7 @@ def _build_new_store(
     environment: Environment,
     actor: str,
     progress: Progress,
-    before_publish: Callable[[str], None] | None = None,
+    before_publish: Callable[[str, RestoreResult], Sequence[tuple[Path, Path]]] | None = None,
 ) -> RestoreResult:
     temporary = path.with_name(f".{path.name}.restore-{secrets.token_hex(6)}")
     try:
@@ -259,17 +262,21 @@ def _build_new_store(
                 result = _import_encrypted(store, backup.secrets, None, progress, silent=True)
             finally:
                 store.close()
+        companions: Sequence[tuple[Path, Path]] = ()
         if before_publish is not None:
-            before_publish(str(temporary))
-        _publish_store(temporary, path)
+            companions = before_publish(str(temporary), result)
+        _publish_store(temporary, path, companions)
     except BaseException:
         remove_store_files(temporary)
+        for companion, _ in companions:
+            companion.unlink(missing_ok=True)
         raise
     return result
 
 
-def _publish_store(temporary: Path, path: Path) -> None:
-    """Give a closed SQLite store its final name in one step, never replacing a file there."""
+def _publish_store(temporary: Path, path: Path, companions: Sequence[tuple[Path, Path]] = ()) -> None:
+    """Give a closed SQLite store its final name in one step, never replacing a file there, then
+    each of `companions` (temporary, final) its own; if one cannot be, the store is unlinked again."""
     for suffix in ("-wal", "-shm"):  # closing the last connection folds the log in and removes it
         companion = Path(f"{temporary}{suffix}")
         if companion.exists() and companion.stat().st_size and suffix == "-wal":
@@ -283,12 +290,32 @@ def _publish_store(temporary: Path, path: Path) -> None:
         raise ConflictError(f"a store appeared at {path} during the restore; nothing was restored") from None
     except OSError as exc:
         raise StorageError(f"cannot create {path}: {exc.strerror}") from None
-    temporary.unlink()
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    linked = [path]
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        for companion, final in companions:
+            try:
+                os.link(companion, final)
+                linked.append(final)
+            except FileExistsError:
+                raise ConflictError(
+                    f"{final} appeared during the restore; nothing was restored: move it away, then "
+                    "restore again"
+                ) from None
+            except OSError as exc:
+                raise StorageError(f"cannot create {final}: {exc.strerror}; nothing was restored") from None
+    except BaseException:
+        for published in linked:
+            published.unlink()
+        raise
+    temporary.unlink()
+    for companion, _ in companions:
+        companion.unlink()
+    for directory in dict.fromkeys([path.parent, *(final.parent for _, final in companions)]):
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 # ---- an existing store -------------------------------------------------------------------------------
