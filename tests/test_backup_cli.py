@@ -369,6 +369,23 @@ def test_a_non_empty_store_is_refused_without_on_existing(cli: Cli, copy_file: P
     assert entries(cli.store) == before
 
 
+def test_on_existing_fail_names_the_shared_names_in_good_english(cli: Cli, copy_file: Path) -> None:
+    """The refusal said "1 name of the backup already exist in the target store" (a drill's
+    restore into a store holding one of the backup's names); one name exists, two exist."""
+    other = cli.tmp / "other" / "store.db"
+    cli.ok("--store", str(other), "init", "--kdf-profile", "test")
+    cli.ok("--store", str(other), "store", "svc/DB", "theirs")
+    one = cli("restore", str(copy_file), "--store", str(other), "--on-existing", "fail")
+    assert_one_line_error(one, 7, "1 name of the backup already exists in the target store (first: svc/DB)")
+    cli.ok("--store", str(other), "store", "svc/API_KEY", "theirs too")
+    two = cli("restore", str(copy_file), "--store", str(other), "--on-existing", "fail")
+    assert_one_line_error(
+        two, 7, "2 names of the backup already exist in the target store (first: svc/API_KEY)"
+    )
+    assert cli.ok("--store", str(other), "get", "svc/DB").out == "theirs\n"
+    assert cli("--store", str(other), "get", "other/TOKEN").code == 3  # nothing restored
+
+
 def test_on_existing_skip_restores_only_missing_names(cli: Cli, copy_file: Path) -> None:
     cli.ok("destroy", "svc/DB", "--all")
     cli.ok("store", "svc/API_KEY", "kept-NEWER")

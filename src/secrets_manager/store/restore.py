@@ -348,9 +348,13 @@ def _clashes(
     clashes = {s.name for s in backup_secrets if s.name in held}
     if on_existing is OnExisting.FAIL and clashes:
         first = min(clashes)
+        names = (
+            "1 name of the backup already exists"
+            if len(clashes) == 1
+            else (f"{len(clashes)} names of the backup already exist")
+        )
         raise ConflictError(
-            f"{len(clashes)} name{'' if len(clashes) == 1 else 's'} of the backup already exist in the "
-            f"target store (first: {first}); pass --on-existing skip or overwrite"
+            f"{names} in the target store (first: {first}); pass --on-existing skip or overwrite"
         )
     return clashes
 
