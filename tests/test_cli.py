@@ -252,7 +252,10 @@ def test_restore_into_a_new_store_records_it_before_the_store_has_its_name(tmp_p
     new = tmp_path / "new" / "store.db"
     log = new.with_name("store.audit.jsonl")
     trace = tmp_path / "trace"
-    strace = ("strace", "-f", "-qq", "-o", str(trace), "-e", "trace=openat,link,linkat,fsync,fdatasync")
+    strace = (
+        *("strace", "-f", "-qq", "-o", str(trace)),
+        *("-e", "trace=openat,link,linkat,unlink,unlinkat,fsync,fdatasync"),
+    )
     proc = subprocess.run(
         [*strace, str(SCRIPT), "restore", str(backup), "--store", str(new)],
         capture_output=True,
@@ -277,6 +280,13 @@ def test_restore_into_a_new_store_records_it_before_the_store_has_its_name(tmp_p
     assert store_link < log_link, (store_link, log_link)
     assert not [i for i, _ in links if store_link < i < log_link]  # nothing between the two links
     assert sorted(p.name for p in new.parent.iterdir()) == ["store.audit.jsonl", "store.db"]
+    lock_removed = [
+        i
+        for i, c in enumerate(calls)
+        if c.startswith("unlink") and ".store.audit.jsonl.restore-" in c and '.lock"' in c
+    ]
+    # the temporary log's lock file is gone before the links: a kill after them leaves none behind
+    assert lock_removed and lock_removed[0] < store_link, (lock_removed, store_link)
     records_synced = [i for i, path in synced if Path(path).name.startswith(".store.audit.jsonl.restore-")]
     assert records_synced and records_synced[0] < store_link, (records_synced, store_link)
     restored = Cli(new, tmp_path)

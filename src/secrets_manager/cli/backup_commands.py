@@ -597,6 +597,8 @@ def _before_publish(
         anchor_a_restored_store(store)
         log = AuditLog(temporary, environment=session.environment, **session.audit_options())
         log.append([*_secret_records(event, store, restored, result), event], store)
+        # its lock file is of no more use: gone before the links, a kill leaves none of it behind
+        Path(f"{temporary}.lock").unlink(missing_ok=True)
     finally:
         store.close()
     return [(temporary, final)]
