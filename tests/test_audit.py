@@ -30,6 +30,7 @@ import pytest
 from mounts import tmpfs
 from secrets_manager.audit import AuditEvent, AuditLog, AuditTamperError, local_actor
 from secrets_manager.audit import log as audit_log
+from secrets_manager.audit import records as audit_records
 from secrets_manager.crypto import kdf
 from secrets_manager.crypto.mac import sha256_hex
 from secrets_manager.environment import Environment
@@ -2037,7 +2038,7 @@ def test_verify_with_another_stores_key_fails(encrypted_store: EncryptedStore, t
         log.verify(os.urandom(32), encrypted_store.audit_anchor())
 
 
-# ---- the one encoding of a record (log._with_hash_and_mac) ----------------------------------
+# ---- the one encoding of a record (records.with_hash_and_mac) -------------------------------
 
 # Strings that could fool a splice that looks for `,"name":` in the body: quotes, backslashes, the
 # key itself, the fields it inserts, JSON syntax, line breaks, control and non-ASCII characters.
@@ -2106,7 +2107,7 @@ def test_every_record_field_sorts_outside_the_spliced_hash_and_mac() -> None:
     fields = {"seq", "time", "prev", *AuditEvent.__dataclass_fields__}
     assert all(not ("hash" <= key <= "mac") for key in fields)
     first_after_mac = min(k for k in fields if k > "mac")
-    assert f',"{first_after_mac}":'.encode() == audit_log._SPLICE_AT
+    assert f',"{first_after_mac}":'.encode() == audit_records._SPLICE_AT
 
 
 @pytest.mark.parametrize("mac", [None, "f" * 64], ids=["no mac", "mac"])
@@ -2116,11 +2117,11 @@ def test_spliced_line_is_the_canonical_encoding_of_the_whole_record(mac: str | N
     previous = audit_log.GENESIS_HASH
     for seq, event in enumerate(events, start=1):
         body = _body_like_write_locked(seq, event, previous)
-        encoded = audit_log._canonical(body)
+        encoded = audit_records.canonical(body)
         record_hash = sha256_hex(encoded)
-        line = audit_log._with_hash_and_mac(encoded, record_hash, mac)
+        line = audit_records.with_hash_and_mac(encoded, record_hash, mac)
         whole = {**body, "hash": record_hash, "mac": mac}
-        assert line == audit_log._canonical(whole) + b"\n", (seq, event)
+        assert line == audit_records.canonical(whole) + b"\n", (seq, event)
         assert json.loads(line) == whole and line.count(b"\n") == 1
         assert audit_log.record_hash(json.loads(line)) == record_hash
         previous = record_hash
@@ -2144,7 +2145,7 @@ def test_hostile_events_are_written_canonically_and_verify(
     for line, record in zip(lines, returned, strict=True):
         parsed = json.loads(line)
         assert parsed == record
-        assert line == audit_log._canonical(parsed)  # what encoding the whole record gives
+        assert line == audit_records.canonical(parsed)  # what encoding the whole record gives
     assert log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) == len(events) + 1
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from secrets_manager.audit import Anchor, AuditError, AuditEvent, AuditLog, AuditTamperError
-from secrets_manager.audit.log import FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS, _flock_with_deadline
+from secrets_manager.audit.files import flock_with_deadline
+from secrets_manager.audit.log import FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import StorageError
 from secrets_manager.storage.sqlite import SqliteStorage
@@ -568,7 +569,7 @@ def test_a_lock_wait_past_its_deadline_is_a_timeout(tmp_path: Path) -> None:
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)
         with pytest.raises(AuditError) as refused:
-            _flock_with_deadline(waiter, time.monotonic() + 0.05)
+            flock_with_deadline(waiter, time.monotonic() + 0.05)
         assert refused.value.timed_out
     finally:
         os.close(waiter)

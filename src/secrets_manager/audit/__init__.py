@@ -5,23 +5,22 @@ behind the `AuditAnchor` it is given.
 """
 
 from secrets_manager.audit.actor import local_actor
-from secrets_manager.audit.log import (
-    GENESIS_HASH,
+from secrets_manager.audit.anchor import (
     AuditAnchor,
-    AuditError,
-    AuditEvent,
+    anchor_a_restored_store,
+    page_token_mac,
+    value_fingerprint,
+)
+from secrets_manager.audit.errors import AuditError, AuditPartialRecordError, AuditTamperError
+from secrets_manager.audit.files import refuse_files_of_others
+from secrets_manager.audit.log import (
     AuditLog,
-    AuditPartialRecordError,
-    AuditTamperError,
     Pruned,
     PrunedFile,
     adopt_log,
-    anchor_a_restored_store,
     discard_adopted_lock,
-    page_token_mac,
-    refuse_files_of_others,
-    value_fingerprint,
 )
+from secrets_manager.audit.records import GENESIS_HASH, AuditEvent
 from secrets_manager.audit.witness import Head, read_witness
 from secrets_manager.store.base import Anchor
 

@@ -23,19 +23,63 @@ import queue
 import stat
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, BinaryIO
 
+from secrets_manager.audit.anchor import (
+    AuditAnchor,
+    anchor_a_restored_store,
+    check_tail_against_anchor,
+    missing_anchor,
+    page_token_mac,
+    refuse_if_read_only,
+    value_fingerprint,
+)
+from secrets_manager.audit.errors import (
+    RESET_HINT,
+    RESTORE_HINT,
+    AuditError,
+    AuditPartialRecordError,
+    AuditTamperError,
+    not_an_audit_log,
+    partial_record,
+)
+from secrets_manager.audit.files import (
+    PARTIAL_LIMIT,
+    file_stamp,
+    first_record_in,
+    flock_with_deadline,
+    is_seq_number,
+    last_record_in,
+    lines_backwards,
+    make_directory,
+    open_for_reading,
+    open_private,
+    overlong_line,
+    read_lines,
+    refuse_files_of_others,
+    starts_with_a_record,
+    unused_path,
+)
+from secrets_manager.audit.records import (
+    GENESIS_HASH,
+    RECORD_START,
+    AuditEvent,
+    canonical,
+    may_be_unauthenticated,
+    new_request_id,
+    parse_line,
+    record_hash,
+    record_verifies,
+    with_hash_and_mac,
+)
 from secrets_manager.audit.witness import Head, head_of
-from secrets_manager.crypto.mac import page_token_mac as _page_token_mac
 from secrets_manager.crypto.mac import record_mac, record_mac_ok, sha256_hex
-from secrets_manager.crypto.mac import value_fingerprint as _value_fingerprint
 from secrets_manager.durable import fsync_directory, remove_abandoned
-from secrets_manager.environment import Environment, user_name
+from secrets_manager.environment import Environment
 from secrets_manager.errors import (
     ConflictError,
     IntegrityError,
@@ -47,7 +91,6 @@ from secrets_manager.errors import (
 )
 from secrets_manager.store.base import Anchor
 
-GENESIS_HASH = "0" * 64
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_TIMEOUT_SECONDS = 5.0
 DEFAULT_FLUSH_INTERVAL_SECONDS = 0.01
@@ -66,112 +109,39 @@ ANCHOR_ANSWER_MARGIN_SECONDS = 0.25
 # KiB; a rotation writes a new file's first record too): `require_space` fails, so the service's
 # health says NOT_SERVING for as long as the disk is full, rather than SERVING between refusals.
 MIN_FREE_BYTES = 64 * 1024
-_TAIL_CHUNK = 4096
-_PARTIAL_LIMIT = 1 << 20  # a partial record longer than this is not one a write cut short
 _SNAPSHOT_TRIES = 5  # lock-free listings of a log's files a reader tries before it takes the lock
 FOLLOW_POLL_SECONDS = 0.2  # how often `audit show --follow` looks for records appended since
-T = TypeVar("T")
 
-
-class AuditError(SecretsManagerError):
-    """The audit record could not be written in time; the operation must not go ahead.
-
-    `cause` is why, without what follows for the operation ("the operation was refused"): a
-    caller whose records report a change already made says that instead."""
-
-    exit_code = 1
-    kind = "audit_error"
-
-    def __init__(self, message: str, *, timed_out: bool = False, cause: str | None = None) -> None:
-        super().__init__(message)
-        self.timed_out = timed_out
-        self.cause = message if cause is None else cause
-
-
-class AuditTamperError(IntegrityError):
-    """The audit chain is broken: a record was edited, removed, reordered or cut off."""
-
-
-class AuditPartialRecordError(AuditError):
-    """The live file ends in a partial record a crash left (every record the store anchored is
-    there before it): not tampering. The next authenticated append sets it aside."""
-
-
-class AuditAnchor(Protocol):
-    """What the audit log needs from a store: a secret key and a tamper-proof anchor."""
-
-    def audit_key(self) -> bytes: ...
-
-    def audit_anchor(self) -> Anchor | None: ...
-
-    def set_audit_anchor(
-        self, anchor: Anchor, *, lock_wait: float | None = None, reset: bool = False
-    ) -> None: ...
-
-    @property
-    def audit_anchor_scoped(self) -> bool:
-        """Whether the anchor is one of many, kept under a scope derived from the host and the
-        log's path (a store several hosts share). A log then meets no anchor whenever that scope
-        is new (a new hostname, a moved log), and is anchored anew; an unscoped store has one
-        anchor, and none, for a log holding signed records, can only be the anchor deleted."""
-        ...
-
-
-class _RandomIds:
-    """Random (version 4) UUIDs cut from a buffer of os.urandom bytes: one system call per 256
-    ids instead of one per id, and every request takes one. A forked child starts a new buffer."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer = b""
-        self._at = 0
-        os.register_at_fork(after_in_child=self._forget)
-
-    def __call__(self) -> str:
-        with self._lock:
-            if self._at >= len(self._buffer):
-                self._buffer, self._at = os.urandom(4096), 0
-            raw = self._buffer[self._at : self._at + 16]
-            self._at += 16
-        return str(uuid.UUID(bytes=raw, version=4))
-
-    def _forget(self) -> None:
-        self._lock = threading.Lock()
-        self._buffer, self._at = b"", 0
-
-
-new_request_id = _RandomIds()
-
-
-@dataclass
-class AuditEvent:
-    """The facts of one operation. Never a value: at most its `hmac-sha256:` fingerprint."""
-
-    operation: str
-    actor: str
-    source: str = "cli"
-    peer: str | None = None
-    name: str | None = None
-    version: int | None = None
-    decision: str = "allow"
-    outcome: str = "ok"
-    value_hmac: str | None = None
-    request_id: str = field(default_factory=new_request_id)
-    # The service's refusal of a revoked client certificate names it; other records have no such key.
-    certificate_serial: str | None = None
-    # `audit prune` names where the chain now begins: {"seq": first record kept, "prev": its prev}.
-    pruned_before: dict[str, Any] | None = None
-    # The service's summary of an identity's throttled requests (operation `throttled`): how many,
-    # by method, first and last; no other record has this key.
-    throttled: dict[str, Any] | None = None
-
-    def as_record(self) -> dict[str, Any]:
-        """The record's fields from this event (the optional ones only where set)."""
-        found = dict(vars(self))
-        for optional in ("certificate_serial", "pruned_before", "throttled"):
-            if found[optional] is None:
-                del found[optional]
-        return found
+# What callers import from here; the audit package's __init__ re-exports most of it.
+__all__ = [
+    "ANCHOR_ANSWER_MARGIN_SECONDS",
+    "ANCHOR_FLOCK_RETRY_SECONDS",
+    "DEFAULT_FLUSH_INTERVAL_SECONDS",
+    "DEFAULT_MAX_BYTES",
+    "DEFAULT_TIMEOUT_SECONDS",
+    "FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS",
+    "FLUSH_ANCHOR_LOCK_WAIT_SECONDS",
+    "FOLLOW_POLL_SECONDS",
+    "GENESIS_HASH",
+    "MIN_FREE_BYTES",
+    "AuditAnchor",
+    "AuditError",
+    "AuditEvent",
+    "AuditLog",
+    "AuditPartialRecordError",
+    "AuditTamperError",
+    "Pruned",
+    "PrunedFile",
+    "Reset",
+    "adopt_log",
+    "anchor_a_restored_store",
+    "discard_adopted_lock",
+    "new_request_id",
+    "page_token_mac",
+    "record_hash",
+    "refuse_files_of_others",
+    "value_fingerprint",
+]
 
 
 class AuditLog:
@@ -362,7 +332,7 @@ class AuditLog:
             if fd is None:
                 fd = self._lock_fd = self._open_lock_file()
             if deadline is not None:
-                _flock_with_deadline(fd, deadline)
+                flock_with_deadline(fd, deadline)
             else:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -378,11 +348,11 @@ class AuditLog:
         what this made, until a record is written (a refused log leaves none of it behind)."""
         retries = 2
         while True:
-            made = _make_directory(self.path.parent)
+            made = make_directory(self.path.parent)
             try:
-                fd = _open_private(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+                fd = open_private(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
             except FileExistsError:
-                return self._guarded(_open_private(self.lock_path, os.O_RDWR | os.O_CREAT), self.lock_path)
+                return self._guarded(open_private(self.lock_path, os.O_RDWR | os.O_CREAT), self.lock_path)
             except FileNotFoundError:  # a refused writer removed the directory it had made
                 if not retries:
                     raise
@@ -468,7 +438,7 @@ class AuditLog:
                 if self._file is not None:
                     old, self._file = self._file[0], None
                     os.close(old)
-                fd = self._guarded(_open_private(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND), self.path)
+                fd = self._guarded(open_private(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND), self.path)
                 self._file = (fd, os.fstat(fd).st_ino)
                 self._name_unsynced = True
             # The live file is locked too: a lock file deleted while a writer held it (by hand)
@@ -476,7 +446,7 @@ class AuditLog:
             # chain). The live file cannot go without that being tampering the anchor shows;
             # held, it is checked to be still the file at the path (another writer rotated it).
             fd = self._file[0]
-            _flock_with_deadline(fd, time.monotonic() + self.timeout)
+            flock_with_deadline(fd, time.monotonic() + self.timeout)
             self._file_locked = True
             try:
                 now = os.stat(self.path, follow_symlinks=False)
@@ -529,12 +499,12 @@ class AuditLog:
         for owner, event in [*repair, *((job, event) for job in jobs for event in job.events)]:
             seq += 1
             record: dict[str, Any] = {"seq": seq, "time": now, **event.as_record(), "prev": previous}
-            body = _canonical(record)
+            body = canonical(record)
             record["hash"] = previous = sha256_hex(body)
             record["mac"] = None if key is None else record_mac(key, previous)
             if owner is not None:
                 owner.records.append(record)
-            lines.append(_with_hash_and_mac(body, record["hash"], record["mac"]))
+            lines.append(with_hash_and_mac(body, record["hash"], record["mac"]))
         if seq == first_seq:
             return
         data = b"".join(lines)
@@ -608,12 +578,12 @@ class AuditLog:
         cut through an anchored record), AuditTamperError, and nothing is changed."""
         if os.pread(fd, 1, size - 1) == b"\n":
             return None
-        window = min(size, _PARTIAL_LIMIT)
+        window = min(size, PARTIAL_LIMIT)
         chunk = os.pread(fd, window, size - window)
         cut = chunk.rfind(b"\n")
         if cut < 0 and window < size:
             raise AuditError(
-                f"audit log {self.path} ends in over {_PARTIAL_LIMIT} bytes that are not a record; "
+                f"audit log {self.path} ends in over {PARTIAL_LIMIT} bytes that are not a record; "
                 "run 'secrets-manager audit verify'"
             )
         keep = size - window + cut + 1
@@ -621,13 +591,13 @@ class AuditLog:
         # start of a record (canonical JSON: its first key is "actor"), and the file starts with a
         # whole record unless that partial write was its first. Anything else (a wrong
         # --audit-file: notes, the store file) is refused as it is, byte for byte.
-        partial = chunk[cut + 1 : cut + 1 + len(_RECORD_START)]
-        if not _RECORD_START.startswith(partial) or (keep and not _starts_with_a_record(self.path)):
-            raise _not_an_audit_log(self.path)
-        last = _last_record(self.path, end=keep) if keep else self._last_rotated_record()
+        partial = chunk[cut + 1 : cut + 1 + len(RECORD_START)]
+        if not RECORD_START.startswith(partial) or (keep and not starts_with_a_record(self.path)):
+            raise not_an_audit_log(self.path)
+        last = last_record_in(self.path, end=keep) if keep else self._last_rotated_record()
         self._check_tail(last, anchor, live_end=keep)
-        aside = _unused_path(self.path.with_name(f"{self.path.name}.partial-{_file_stamp(self._clock())}"))
-        aside_fd = _open_private(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        aside = unused_path(self.path.with_name(f"{self.path.name}.partial-{file_stamp(self._clock())}"))
+        aside_fd = open_private(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         try:
             os.write(aside_fd, chunk[cut + 1 :])
             os.fsync(aside_fd)
@@ -641,7 +611,7 @@ class AuditLog:
     def _last_rotated_record(self) -> dict[str, Any] | None:
         for path in reversed(self.files()):
             if path != self.path:
-                record = _last_record(path)
+                record = last_record_in(path)
                 if record is not None:
                     return record
         return None
@@ -651,7 +621,7 @@ class AuditLog:
         damaged (a store restored without its log, a deleted or edited file): every file of the
         old log is renamed `<file>.lost-<time>` and kept, the store's anchor is reset, and the new
         chain starts with `event`. Returns the renamed files."""
-        _refuse_if_read_only(anchor)
+        refuse_if_read_only(anchor)
         with self._lock:
             self._flock(deadline=time.monotonic() + self.timeout)
             try:
@@ -665,7 +635,7 @@ class AuditLog:
         make a good log look broken (and have it set aside) nor slip records in unchecked. A
         store that cannot be written is refused first: its anchor could not be reset once the old
         files were set aside."""
-        _refuse_if_read_only(anchor)
+        refuse_if_read_only(anchor)
         with self._lock:
             self._flock(deadline=time.monotonic() + self.timeout)
             try:
@@ -744,7 +714,7 @@ class AuditLog:
                 if not chosen or dry_run:
                     return Pruned(files=chosen, records=records, archived=targets)
                 # Its record must be anchored before any file goes, which such a store cannot do.
-                _refuse_if_read_only(anchor)
+                refuse_if_read_only(anchor)
                 last = chosen[-1]
                 begins = {"seq": last.last_seq + 1, "prev": last.last_hash}
                 # Its anchor update waits for the store's lock as an append's does (the writers
@@ -798,7 +768,7 @@ class AuditLog:
             identity = _file_identity(path)
             if identity is None or verified.get(path) != identity:
                 break
-            first, last = _first_record(path), _last_record(path)
+            first, last = first_record_in(path), last_record_in(path)
             if first is None or last is None or anchored is None or last["seq"] > anchored.seq:
                 break
             if older_than is not None and _record_moment(last) >= older_than:
@@ -812,12 +782,12 @@ class AuditLog:
         another file (the store's, notes) is refused and left where it is."""
         for path in self.files():
             try:
-                with _open_for_reading(path) as handle:
-                    start = handle.read(len(_RECORD_START))
+                with open_for_reading(path) as handle:
+                    start = handle.read(len(RECORD_START))
             except (OSError, AuditTamperError):
                 continue  # not a regular file (a FIFO, a directory): no one's data; set aside too
-            if not _RECORD_START.startswith(start):
-                raise _not_an_audit_log(path)
+            if not RECORD_START.startswith(start):
+                raise not_an_audit_log(path)
 
     def refuse_for_a_new_store(self) -> None:
         """Before a new store is created (init) with this log: ConflictError (exit 7) if a log is
@@ -829,14 +799,14 @@ class AuditLog:
         found: list[Path] = []
         for path in self.files():
             try:
-                with _open_for_reading(path) as handle:
-                    start = handle.read(len(_RECORD_START))
+                with open_for_reading(path) as handle:
+                    start = handle.read(len(RECORD_START))
             except (OSError, AuditTamperError):
                 continue
             if not start:
                 continue
-            if not _RECORD_START.startswith(start[: len(_RECORD_START)]):
-                raise _not_an_audit_log(path)
+            if not RECORD_START.startswith(start[: len(RECORD_START)]):
+                raise not_an_audit_log(path)
             found.append(path)
         if not found:
             return
@@ -861,10 +831,10 @@ class AuditLog:
         return aside
 
     def _restart_locked(self, anchor: AuditAnchor, event: AuditEvent) -> list[Path]:
-        stamp = _file_stamp(self._clock())
+        stamp = file_stamp(self._clock())
         moved = []
         for path in self.files():
-            target = _unused_path(path.with_name(f"{path.name}.lost-{stamp}"))
+            target = unused_path(path.with_name(f"{path.name}.lost-{stamp}"))
             path.rename(target)
             moved.append(target)
         if self._file is not None:
@@ -924,14 +894,14 @@ class AuditLog:
         with self._asking_store():
             anchored = anchor.audit_anchor()
             key = anchor.audit_key()
-        _check_tail_against_anchor(last, anchored, self.path, key)
+        check_tail_against_anchor(last, anchored, self.path, key)
         if (
             anchored is None
             and last is not None
             and not anchor.audit_anchor_scoped
             and self._holds_authenticated_record(live_end=live_end)
         ):
-            raise _missing_anchor(self.path)
+            raise missing_anchor(self.path)
         if last is None or anchored is None or anchored.seq < 1 or int(last["seq"]) <= anchored.seq:
             return
         found = self._record_at(anchored.seq, live_end=live_end)
@@ -940,16 +910,16 @@ class AuditLog:
                 f"audit log {self.path} is not the chain the store anchored: its record {anchored.seq} "
                 f"is {'missing' if found is None else 'another one'} (an older or another copy of the "
                 f"log put in its place?): run 'secrets-manager audit verify' and restore the log, or "
-                f"accept the loss with {_RESET_HINT}"
+                f"accept the loss with {RESET_HINT}"
             )
 
     def _holds_authenticated_record(self, *, live_end: int | None) -> bool:
         """Whether any record of the log carries a MAC (was written holding the audit key), read
         back from the end: mostly its last record; only denied unlocks (no MAC) are read past."""
         for path in reversed(self.files()):
-            for line in _lines_backwards(path, live_end if path == self.path else None):
+            for line in lines_backwards(path, live_end if path == self.path else None):
                 try:
-                    record = _parse_line(line, path, -1)
+                    record = parse_line(line, path, -1)
                 except AuditTamperError:
                     continue  # not a record: what verify reports; the question is about records
                 if record.get("mac") is not None:
@@ -960,9 +930,9 @@ class AuditLog:
         """The record `seq`, read backwards from the end of the log (newest file first); None if
         the lines pass below `seq` without it, or one on the way is no record."""
         for path in reversed(self.files()):
-            for line in _lines_backwards(path, live_end if path == self.path else None):
+            for line in lines_backwards(path, live_end if path == self.path else None):
                 try:
-                    record = _parse_line(line, path, -1)
+                    record = parse_line(line, path, -1)
                 except AuditTamperError:
                     return None
                 found = record.get("seq")
@@ -1199,7 +1169,7 @@ class AuditLog:
             end = handle.seek(0, os.SEEK_END)
             if end and (handle.seek(end - 1), handle.read(1))[1] != b"\n":
                 return False
-            first = _first_record(self.path)
+            first = first_record_in(self.path)
             if first is None:
                 return False
             if anchor is not None:
@@ -1228,7 +1198,7 @@ class AuditLog:
         return [
             p
             for p in directory.glob(f"{self.path.name}.*")
-            if _is_seq_number(p.name[len(self.path.name) + 1 :])
+            if is_seq_number(p.name[len(self.path.name) + 1 :])
         ]
 
     def records(self, *, on_partial: Callable[[Path, int], None] | None = None) -> Iterator[dict[str, Any]]:
@@ -1254,14 +1224,14 @@ class AuditLog:
         try:
             for path, handle in files:
                 live = path == self.path
-                lines = _lines(handle, None if locked or not live else self._reader_lock, path)
+                lines = read_lines(handle, None if locked or not live else self._reader_lock, path)
                 for number, line in enumerate(lines, start=1):
                     if not line.endswith(b"\n") and live:
                         if on_partial is None:
-                            raise _partial_record(path)
+                            raise partial_record(path)
                         on_partial(path, number)
                         return
-                    yield path, number, line, _parse_line(line, path, number)
+                    yield path, number, line, parse_line(line, path, number)
         finally:
             for _, handle in files:
                 handle.close()
@@ -1291,8 +1261,8 @@ class AuditLog:
                     tail.handle = handle
                     continue
                 with handle:  # read: not held open for the whole follow (pinning a pruned file)
-                    for n, line in enumerate(_lines(handle, None, path), start=1):
-                        yield tail.seen(_parse_line(line, path, n))
+                    for n, line in enumerate(read_lines(handle, None, path), start=1):
+                        yield tail.seen(parse_line(line, path, n))
             yield from tail.read()
             if on_partial is not None and tail.partial():
                 with self._reader_lock():
@@ -1342,7 +1312,7 @@ class AuditLog:
         try:
             for path, inode in listed:
                 try:
-                    handle = _open_for_reading(path)
+                    handle = open_for_reading(path)
                 except FileNotFoundError:
                     break
                 opened.append((path, handle))
@@ -1379,7 +1349,7 @@ class AuditLog:
                 yield
                 return
             try:
-                _flock_with_deadline(fd, deadline)
+                flock_with_deadline(fd, deadline)
                 if os.fstat(fd).st_nlink > 0:  # else deleted meanwhile: not the lock any more
                     yield
                     return
@@ -1390,18 +1360,18 @@ class AuditLog:
         """The seq of the log's oldest record (above 1 once `audit prune` removed files); None
         if the log holds none."""
         for path in self.files():
-            record = _first_record(path)
+            record = first_record_in(path)
             if record is not None:
                 return int(record["seq"])
         return None
 
     def last_record(self) -> dict[str, Any] | None:
         if self.path.exists():  # the common case: no need to look for rotated files
-            record = _last_record(self.path)
+            record = last_record_in(self.path)
             if record is not None:
                 return record
         for path in reversed(self.files()):
-            record = _last_record(path)
+            record = last_record_in(path)
             if record is not None:
                 return record
         return None
@@ -1413,8 +1383,8 @@ class AuditLog:
         password that the new one may hold. Reads the live file's last `look_back` records at
         most; None when there is no live file, or it cannot be read: it is a hint, never a check."""
         try:
-            for line in itertools.islice(_lines_backwards(self.path, None), look_back):
-                record = _parse_line(line, self.path, -1)
+            for line in itertools.islice(lines_backwards(self.path, None), look_back):
+                record = parse_line(line, self.path, -1)
                 if record.get("operation") == "unlock" and record.get("decision") == "deny":
                     continue
                 return record if record.get("outcome") == "pending" else None
@@ -1491,21 +1461,21 @@ class AuditLog:
             """A crash cuts short only a write never acknowledged, so never one the store anchored:
             a partial last line before the anchored record is records cut off, not a crash."""
             if anchor is None and anchor_required and authenticated:
-                raise _missing_anchor(self.path)
+                raise missing_anchor(self.path)
             if not anchor_seen:
                 assert anchor is not None
                 raise AuditTamperError(
                     f"audit log ends at record {count}, then a partial line ({path.name} line {number}), "
                     f"but the store anchored record {anchor.seq}: records are missing at the end "
-                    f"(a crash never cuts an anchored record short): {_RESTORE_HINT}"
+                    f"(a crash never cuts an anchored record short): {RESTORE_HINT}"
                 )
-            raise _partial_record(path)
+            raise partial_record(path)
 
         walk = self._numbered_records(locked=locked, on_partial=partial, archive=archive)
         for path, number, line, record in walk:
             seq = record.get("seq")
             where = f"record {seq}" if type(seq) is int else f"record #{count + 1}"
-            at = f"{path.name} line {number}: {_RESTORE_HINT}"
+            at = f"{path.name} line {number}: {RESTORE_HINT}"
             if count == 0 and type(seq) is int and seq > 1 and number == 1:
                 if archive is not None:
                     raise AuditTamperError(
@@ -1534,7 +1504,7 @@ class AuditLog:
                 raise AuditTamperError(f"audit record {seq} was edited (its hash does not match), in {at}")
             mac = record.get("mac")
             if mac is None:
-                if not _may_be_unauthenticated(record):
+                if not may_be_unauthenticated(record):
                     raise AuditTamperError(f"audit record {seq} lacks its MAC, in {at}")
             elif not (isinstance(mac, str) and record_mac_ok(key, hashed, mac)):
                 raise AuditTamperError(
@@ -1545,7 +1515,7 @@ class AuditLog:
                 floor = _pruned_floor(record)
                 if floor is not None:
                     vouched.append(floor)
-            if line != _canonical(record) + b"\n":
+            if line != canonical(record) + b"\n":
                 # The hash covers the record as parsed, not the line: a key given twice (parsers
                 # differ on which value counts: this one takes the last, others the first), or
                 # spacing added, left a record verifying whose line reads otherwise elsewhere.
@@ -1575,15 +1545,15 @@ class AuditLog:
                 f"audit log begins at record {seq} ({path.name}): records {since} to {seq - 1} are missing, "
                 "and no audit.prune record says they were pruned (a rotated file deleted or moved by "
                 f"hand; 'secrets-manager audit prune' removes old files so that the log verifies): "
-                f"{_RESTORE_HINT}"
+                f"{RESTORE_HINT}"
             )
         if anchor is None and anchor_required and authenticated:
-            raise _missing_anchor(self.path)
+            raise missing_anchor(self.path)
         if not anchor_seen:
             assert anchor is not None
             raise AuditTamperError(
                 f"audit log ends at record {count} but the store anchored record {anchor.seq}: "
-                f"records are missing at the end: {_RESTORE_HINT}"
+                f"records are missing at the end: {RESTORE_HINT}"
             )
         if witness is not None:
             _check_witness(witness, first_seq, expected_seq - 1, archive)
@@ -1685,7 +1655,7 @@ class _FollowedFile:
             records += self._whole_lines()  # the rest of the renamed file: complete by now
             self.close()
             try:
-                self.handle = _open_for_reading(self.path)
+                self.handle = open_for_reading(self.path)
             except FileNotFoundError:  # renamed again already: the next read finds the new one
                 self.handle = None
             self.offset = self.number = 0
@@ -1705,18 +1675,18 @@ class _FollowedFile:
         records: list[dict[str, Any]] = []
         for path in self.files():
             number = path.name[len(self.path.name) + 1 :]
-            if path == self.path or not _is_seq_number(number) or int(number) <= self.last_seq:
+            if path == self.path or not is_seq_number(number) or int(number) <= self.last_seq:
                 continue
             try:
-                handle = _open_for_reading(path)
+                handle = open_for_reading(path)
             except FileNotFoundError:  # pruned meanwhile
                 continue
             with handle:
                 if os.fstat(handle.fileno()).st_ino == current:
                     break
-                for n, line in enumerate(_lines(handle, None, path), start=1):
+                for n, line in enumerate(read_lines(handle, None, path), start=1):
                     if line.endswith(b"\n"):  # a rotated file never ends in a partial record
-                        records.append(self.seen(_parse_line(line, path, n)))
+                        records.append(self.seen(parse_line(line, path, n)))
         return records
 
     def _whole_lines(self) -> list[dict[str, Any]]:
@@ -1728,14 +1698,14 @@ class _FollowedFile:
         records = []
         # Line by line, none longer than a record can be: a line of gigabytes (damaged or forged)
         # is named, not read whole; one without its newline is read again, whole, next time.
-        while line := self.handle.readline(_PARTIAL_LIMIT + 1):
-            if len(line) > _PARTIAL_LIMIT:
-                raise _overlong_line(self.path, self.number + 1)
+        while line := self.handle.readline(PARTIAL_LIMIT + 1):
+            if len(line) > PARTIAL_LIMIT:
+                raise overlong_line(self.path, self.number + 1)
             if not line.endswith(b"\n"):
                 break
             self.offset += len(line)
             self.number += 1
-            records.append(self.seen(_parse_line(line, self.path, self.number)))
+            records.append(self.seen(parse_line(line, self.path, self.number)))
         return records
 
     def partial(self) -> bool:
@@ -1754,45 +1724,6 @@ class _FollowedFile:
         if self.handle is not None:
             self.handle.close()
             self.handle = None
-
-
-def _lines(
-    handle: BinaryIO,
-    reader_lock: Callable[[], contextlib.AbstractContextManager[None]] | None,
-    path: Path,
-) -> Iterator[bytes]:
-    """The lines of an open log file. A reader can see the first bytes of a write before its
-    last: with `reader_lock`, a last line without its newline is read again from its start
-    holding the writers' lock (no write under way then), so it is a partial record only if it
-    still is (a crash's leftover). What follows it by then (more records; or, if a writer set a
-    crash's partial record aside meanwhile, what replaced it) is read too. A line longer than
-    any record (`_PARTIAL_LIMIT`) is never read whole: AuditTamperError naming it (read whole,
-    a line of gigabytes took the reader's memory, and `verify` ended in an internal error)."""
-    start = number = 0
-    while line := handle.readline(_PARTIAL_LIMIT + 1):
-        number += 1
-        if len(line) > _PARTIAL_LIMIT:
-            raise _overlong_line(path, number)
-        if reader_lock is None or line.endswith(b"\n"):
-            start += len(line)
-            yield line
-            continue
-        rest: list[bytes] = []
-        with reader_lock():
-            handle.seek(start)
-            while piece := handle.readline(_PARTIAL_LIMIT + 1):
-                if len(piece) > _PARTIAL_LIMIT:
-                    raise _overlong_line(path, number + len(rest))
-                rest.append(piece)
-        yield from rest
-        return
-
-
-def _overlong_line(path: Path, number: int) -> AuditTamperError:
-    return AuditTamperError(
-        f"audit log {path.name} line {number} is not an audit record (over {_PARTIAL_LIMIT} bytes; "
-        f"damaged or forged): {_RESTORE_HINT}"
-    )
 
 
 @dataclass(eq=False)
@@ -1855,146 +1786,6 @@ class _Owed:
     anchor: AuditAnchor
 
 
-def _is_seq_number(text: str) -> bool:
-    """Whether a file name's suffix is a rotated file's first seq: ASCII digits only (str.isdigit
-    alone takes '²', which int() refuses, and other scripts' digits, which no rotation writes)."""
-    return text.isascii() and text.isdigit()
-
-
-def _file_stamp(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, tz=UTC).strftime("%Y%m%dT%H%M%SZ")
-
-
-def _unused_path(path: Path) -> Path:
-    """`path`, or `path-2`, `path-3`… if it is taken (a rename would silently replace it)."""
-    candidate, number = path, 1
-    while os.path.lexists(candidate):
-        number += 1
-        candidate = path.with_name(f"{path.name}-{number}")
-    return candidate
-
-
-_RESET_HINT = "'secrets-manager audit reset --accept-loss' (--share-file too if the password is lost)"
-_RESTORE_HINT = f"restore the log from a copy, or accept the loss with {_RESET_HINT}"
-
-
-def _refuse_if_read_only(anchor: AuditAnchor) -> None:
-    """StoreReadOnlyError if `anchor` is a store this process can only read (an EncryptedStore
-    on a file it cannot write; other stores have no such state): for what must move or reset
-    the anchor before it changes the log's files (`audit prune`, `audit reset`)."""
-    refusal = getattr(anchor, "read_only_error", None)
-    refused = refusal() if callable(refusal) else None
-    if isinstance(refused, StoreReadOnlyError):
-        raise refused
-
-
-def _missing_anchor(path: Path) -> AuditTamperError:
-    return AuditTamperError(
-        f"the store has no audit anchor, but audit log {path} holds records signed with the "
-        "store's audit key: the anchor was deleted from the store (which hides records cut from "
-        "the end of the log). If the store file was damaged or replaced, restore it from a backup; "
-        f"else check the log ('secrets-manager audit show') and start a new chain with {_RESET_HINT}"
-    )
-
-
-def _check_tail_against_anchor(
-    last: dict[str, Any] | None, anchored: Anchor | None, path: Path, key: bytes | None = None
-) -> None:
-    """Refuse to extend a log that lost records the store vouched for: that would hide the loss.
-    With the audit `key`, the last record must also verify (hash and MAC): a forged last line
-    with a large seq would otherwise pass for a log that grew."""
-    if key is not None and last is not None and not _record_verifies(last, key):
-        raise AuditTamperError(
-            f"the last record of audit log {path} does not verify (edited or forged): run "
-            f"'secrets-manager audit verify' and restore the log, or accept the loss with {_RESET_HINT}"
-        )
-    if anchored is None:
-        return
-    last_seq = 0 if last is None else int(last["seq"])
-    if last is None and anchored.seq > 0:
-        raise AuditTamperError(
-            f"audit log {path} holds no records, but the store anchored record {anchored.seq}: if this "
-            "is the wrong file, give the right one (--audit-file, SECRETS_MANAGER_AUDIT_FILE); if "
-            f"the log is lost, accept the loss with {_RESET_HINT}"
-        )
-    if last_seq < anchored.seq or (
-        last_seq == anchored.seq and last is not None and last["hash"] != anchored.hash
-    ):
-        raise AuditTamperError(
-            f"audit log {path} lost records the store anchored (up to record {anchored.seq}); "
-            f"run 'secrets-manager audit verify' and restore the log, or accept the loss with {_RESET_HINT}"
-        )
-
-
-def refuse_files_of_others(path: Path, others: Sequence[tuple[Path, str]]) -> None:
-    """InvalidInputError (exit 2) if the audit log `path` is one of `others` (each a file and what
-    it is: the store's own file, its -wal, the password file), so a writer never appends to it,
-    sets its end aside or renames it. Compared by device and inode where both exist (a hard link,
-    another name through a symbolic link), else by their resolved paths."""
-    try:
-        mine: tuple[int, int] | None = _identity(os.stat(path))
-    except OSError:
-        mine = None
-    for other, what in others:
-        try:
-            same = mine is not None and mine == _identity(os.stat(other))
-        except OSError:
-            same = False
-        if not same:
-            with contextlib.suppress(OSError, RuntimeError):
-                same = os.path.realpath(path) == os.path.realpath(other)
-        if same:
-            raise InvalidInputError(
-                f"the audit log {path} is {what} ({other}), which the log would overwrite: give the "
-                "audit log a file of its own (--audit-file, SECRETS_MANAGER_AUDIT_FILE, audit_file)"
-            )
-
-
-def _identity(found: os.stat_result) -> tuple[int, int]:
-    return found.st_dev, found.st_ino
-
-
-def value_fingerprint(anchor: AuditAnchor, value: bytes) -> str:
-    """`hmac-sha256:<hex>` of a value under the store's audit key (Vault's `sys/audit-hash`)."""
-    return _value_fingerprint(anchor.audit_key(), value)
-
-
-def page_token_mac(anchor: AuditAnchor, data: bytes) -> str:
-    """The service's page-token MAC under the store's audit key, which every replica of the store
-    shares (crypto.mac.page_token_mac)."""
-    return _page_token_mac(anchor.audit_key(), data)
-
-
-def record_hash(record: dict[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of a record without its `hash` and `mac`."""
-    body = {k: v for k, v in record.items() if k not in ("hash", "mac")}
-    return sha256_hex(_canonical(body))
-
-
-# The canonical line of a record is its body's canonical JSON with "hash" and "mac" in their sorted
-# places. Every other field sorts before "hash" or after "mac", so they go in just before the first
-# field after "mac" — found by its key, which cannot occur inside a JSON string (quotes are escaped).
-# (tests/test_audit.py checks the result is byte for byte what encoding the whole record gives.)
-_SPLICE_AT = b',"' + min(k for k in AuditEvent.__dataclass_fields__ if k > "mac").encode() + b'":'
-
-
-def _with_hash_and_mac(body: bytes, hash_: str, mac: str | None) -> bytes:
-    """The record's canonical line, from the canonical JSON of its body (the one encoding)."""
-    at = body.index(_SPLICE_AT)
-    fields = f',"hash":"{hash_}","mac":' + ("null" if mac is None else f'"{mac}"')
-    return body[:at] + fields.encode() + body[at:] + b"\n"
-
-
-def anchor_a_restored_store(anchor: AuditAnchor) -> None:
-    """A store just made from a backup copy has its audit key but no anchor (backups copy none),
-    while the log its source wrote may have survived it: the store vouches for the empty chain
-    (seq 0), so that log goes on verifying (its records by their MACs) and its next append anchors
-    its tail. Without this, a log with signed records and no anchor is taken for an anchor deleted.
-    Nothing is done if the store has an anchor."""
-    if anchor.audit_anchor() is None:
-        anchor.set_audit_anchor(Anchor(seq=0, hash=GENESIS_HASH))
-
-
 def adopt_log(
     old_path: Path,
     new_path: Path,
@@ -2035,7 +1826,7 @@ def adopt_log(
             last = _last_signed_record(old)
         except AuditTamperError:  # a file that cannot be read (a FIFO, a directory): not ours to move
             return []
-        if last is None or not _record_verifies(last, key):
+        if last is None or not record_verifies(last, key):
             return []
         anchored, current = old_anchor.audit_anchor(), anchor.audit_anchor()
         if current is not None and current != anchored:
@@ -2082,7 +1873,7 @@ def _continues(before: Path, after: Path, key: bytes) -> bool:
     the last one of `before`, and both verify under `key` (the halves of one log an adoption cut
     short, not two logs that happen to share a name)."""
     try:
-        last, first = _last_record(before), _first_record(after)
+        last, first = last_record_in(before), first_record_in(after)
     except (AuditError, AuditTamperError):
         return False
     return (
@@ -2090,8 +1881,8 @@ def _continues(before: Path, after: Path, key: bytes) -> bool:
         and first is not None
         and first["seq"] == last["seq"] + 1
         and first.get("prev") == last["hash"]
-        and _record_verifies(last, key)
-        and _record_verifies(first, key)
+        and record_verifies(last, key)
+        and record_verifies(first, key)
     )
 
 
@@ -2100,8 +1891,8 @@ def _last_signed_record(log: AuditLog) -> dict[str, Any] | None:
     are not records (a partial last write) are passed over."""
     for path in reversed(log.files()):
         last = None
-        with _open_for_reading(path) as handle:
-            for line in _lines(handle, None, path):
+        with open_for_reading(path) as handle:
+            for line in read_lines(handle, None, path):
                 try:
                     record = json.loads(line)
                 except (ValueError, RecursionError):
@@ -2111,19 +1902,6 @@ def _last_signed_record(log: AuditLog) -> dict[str, Any] | None:
         if last is not None:
             return last
     return None
-
-
-def _record_verifies(record: dict[str, Any], key: bytes) -> bool:
-    """Whether one record's hash matches its body and its MAC is right (or it may have none)."""
-    try:
-        if record_hash(record) != record.get("hash"):
-            return False
-    except (TypeError, ValueError, RecursionError):  # not JSON the chain could have written
-        return False
-    mac = record.get("mac")
-    if mac is None:
-        return _may_be_unauthenticated(record)
-    return isinstance(mac, str) and record_mac_ok(key, str(record["hash"]), mac)
 
 
 def _file_identity(path: Path) -> tuple[int, int, int] | None:
@@ -2188,7 +1966,7 @@ def _archived_already(source: Path, target: Path) -> bool:
             or os.path.samestat(found, os.stat(source))
         ):
             return False
-        with _open_for_reading(source) as original, target.open("rb") as copy:
+        with open_for_reading(source) as original, target.open("rb") as copy:
             while chunk := original.read(1 << 20):
                 if copy.read(len(chunk)) != chunk:
                     return False
@@ -2199,7 +1977,7 @@ def _archived_already(source: Path, target: Path) -> bool:
 
 def _same_bytes(own: Path, copy: Path) -> bool:
     """Whether `copy` (in an archive) is `own` itself, or a regular file holding exactly its bytes."""
-    with _open_for_reading(own) as original, _open_for_reading(copy) as copied:
+    with open_for_reading(own) as original, open_for_reading(copy) as copied:
         if os.path.samestat(os.fstat(original.fileno()), os.fstat(copied.fileno())):
             return True
         while chunk := original.read(1 << 20):
@@ -2220,7 +1998,7 @@ def _archive_file(source: Path, target: Path) -> None:
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: marks the copy as being written
-        with _open_for_reading(source) as reader, os.fdopen(fd, "wb", closefd=False) as writer:
+        with open_for_reading(source) as reader, os.fdopen(fd, "wb", closefd=False) as writer:
             while chunk := reader.read(1 << 20):
                 writer.write(chunk)
         os.fsync(fd)
@@ -2261,232 +2039,6 @@ def _pruned_floor(record: dict[str, Any]) -> tuple[int, str] | None:
         return None
     seq, prev = floor.get("seq"), floor.get("prev")
     return (seq, prev) if type(seq) is int and isinstance(prev, str) else None
-
-
-def _may_be_unauthenticated(record: dict[str, Any]) -> bool:
-    """Only a failed unlock is written without the audit key (the writer could not unlock)."""
-    return record.get("operation") == "unlock" and record.get("decision") == "deny"
-
-
-_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _canonical(doc: dict[str, Any]) -> bytes:
-    return _CANONICAL.encode(doc).encode("utf-8")
-
-
-def _parse_line(line: bytes, path: Path, number: int) -> dict[str, Any]:
-    try:
-        record = json.loads(line)
-    except (ValueError, RecursionError):  # RecursionError: arrays or objects nested too deep
-        record = None
-    if not isinstance(record, dict):
-        raise AuditTamperError(
-            f"audit log {path.name} line {number} is not an audit record (damaged or forged): {_RESTORE_HINT}"
-        )
-    return record
-
-
-def _chained(record: dict[str, Any], path: Path, number: int) -> dict[str, Any]:
-    """`record` if it has the chain's fields an append reads (an integer seq, a text hash);
-    AuditTamperError otherwise, so a forged or damaged line is reported, not a crash."""
-    if type(record.get("seq")) is not int or not isinstance(record.get("hash"), str):
-        raise AuditTamperError(f"{path.name} line {number} is not an audit record (damaged or forged)")
-    return record
-
-
-def _partial_record(path: Path) -> AuditPartialRecordError:
-    return AuditPartialRecordError(
-        f"audit log {path} ends in a partial record (a write cut short by a crash?); "
-        "the next audited operation sets it aside"
-    )
-
-
-def _first_record(path: Path) -> dict[str, Any] | None:
-    with _open_for_reading(path) as handle:
-        line = handle.readline(_PARTIAL_LIMIT + 1)  # a longer one is no record: not read whole
-    return _chained(_parse_line(line, path, 1), path, 1) if line.strip() else None
-
-
-def _last_record(path: Path, *, end: int | None = None) -> dict[str, Any] | None:
-    """The file's last record, reading backwards only as far as its start; `end`: of the file's
-    first `end` bytes only."""
-    with _open_for_reading(path) as handle:
-        if end is None:
-            end = handle.seek(0, os.SEEK_END)
-        if end == 0:
-            return None
-        chunk_size = _TAIL_CHUNK
-        while True:
-            start = max(0, end - chunk_size)
-            handle.seek(start)
-            chunk = handle.read(end - start)
-            body = chunk.rstrip(b"\n")
-            if b"\n" in body or start == 0:
-                break
-            if len(body) > _PARTIAL_LIMIT:  # no record is this long: not read whole (gigabytes)
-                if not _starts_with_a_record(path):
-                    raise _not_an_audit_log(path)
-                raise AuditTamperError(
-                    f"audit log {path} ends in a line of over {_PARTIAL_LIMIT} bytes, which is no "
-                    f"record (damaged or forged): run 'secrets-manager audit verify' and restore the "
-                    f"log, or accept the loss with {_RESET_HINT}"
-                )
-            chunk_size = min(chunk_size * 4, _PARTIAL_LIMIT + 2)  # a whole longest line and its newlines
-    if not chunk.endswith(b"\n"):
-        raise AuditError(f"audit log {path} ends in a partial record; run 'secrets-manager audit verify'")
-    try:
-        return _chained(_parse_line(body.rsplit(b"\n", 1)[-1], path, -1), path, -1)
-    except AuditTamperError:
-        if not _starts_with_a_record(path):
-            raise _not_an_audit_log(path) from None
-        raise AuditTamperError(
-            f"audit log {path} ends in a damaged record: run 'secrets-manager audit verify' and restore "
-            f"the log, or accept the loss with {_RESET_HINT}"
-        ) from None
-
-
-def _lines_backwards(path: Path, end: int | None) -> Iterator[bytes]:
-    """The whole lines of a file (of its first `end` bytes), last first; a last line without its
-    newline (a partial record) is passed over."""
-    with _open_for_reading(path) as handle:
-        position = handle.seek(0, os.SEEK_END) if end is None else end
-        rest = b""
-        after_last_newline = True  # the first piece split off is what follows the last newline
-        chunk_size = _TAIL_CHUNK
-        while position > 0:
-            start = max(0, position - chunk_size)
-            handle.seek(start)
-            data = handle.read(position - start) + rest
-            position = start
-            rest, *lines = data.split(b"\n")  # rest: a line that began before this chunk
-            if after_last_newline and lines:
-                lines.pop()  # empty, or a partial record
-                after_last_newline = False
-            yield from reversed(lines)
-            chunk_size = min(chunk_size * 2, 1 << 20)
-        if rest and not after_last_newline:
-            yield rest
-
-
-def _starts_with_a_record(path: Path) -> bool:
-    """Whether the file's first line is a whole record (read no further than a record can be
-    long: a file that is no log may have no newline for gigabytes)."""
-    try:
-        with _open_for_reading(path) as handle:
-            line = handle.readline(_PARTIAL_LIMIT)
-        return line.endswith(b"\n") and _chained(_parse_line(line, path, 1), path, 1) is not None
-    except AuditTamperError:
-        return False
-
-
-def _not_an_audit_log(path: Path) -> AuditTamperError:
-    return AuditTamperError(
-        f"{path} is not an audit log (its first line is no audit record), so it was left as it is: if "
-        "it is the wrong file, give the right one (--audit-file, SECRETS_MANAGER_AUDIT_FILE)"
-    )
-
-
-# How every record's line begins (canonical JSON, keys sorted: "actor" is the first field).
-_RECORD_START = b'{"actor":"'
-
-
-def _open_private(path: Path, flags: int) -> int:
-    """Open a regular file we own, created 0600. O_NONBLOCK so a FIFO cannot block the open."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o600)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise AuditError(f"{path} is a symbolic link; give the audit log's own path") from None
-        raise
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise AuditError(f"{path} is not a regular file; the audit log must be one")
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _open_for_reading(path: Path) -> BinaryIO:
-    """A file of the log opened for reading. Anything but a regular file is refused as damage
-    (AuditTamperError): a FIFO would hang the reader, a directory crash it, a symbolic link point
-    anywhere. O_NONBLOCK so a FIFO cannot block the open."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except PermissionError as exc:  # another user's file (one a root run rotated into place)
-        raise AuditError(f"cannot read audit log file {path}: {exc.strerror}{_owned_by(path)}") from None
-    except OSError as exc:
-        if exc.errno != errno.ELOOP:
-            raise
-        fd = None
-    try:
-        if fd is None or not stat.S_ISREG(os.fstat(fd).st_mode):
-            kind = "a symbolic link" if fd is None else "not a regular file (a directory, a FIFO?)"
-            raise AuditTamperError(
-                f"{path} is {kind}, so it cannot be a file of the audit log: move it away and run "
-                f"'secrets-manager audit verify', or accept the loss with {_RESET_HINT}"
-            )
-        os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        if fd is not None:
-            os.close(fd)
-        raise
-
-
-def _owned_by(path: Path) -> str:
-    """Whose `path` is, and what to do, for a file of the log this user may not open."""
-    try:
-        owner = os.stat(path).st_uid
-    except OSError:
-        return ""
-    if owner == os.getuid():
-        return ""
-    return (
-        f" (it belongs to {user_name(owner)}): run the command as the store's owner, or give the "
-        f"log's files back to it (chown)"
-    )
-
-
-def _make_directory(directory: Path) -> list[Path]:
-    """`directory` made (0700) if missing, with its missing parents (as mkdir -p, but 0700 each,
-    not 0777 less the umask: under umask 000 others could rename the log away); the ones this
-    made, outermost first."""
-    missing = []
-    for path in (directory, *directory.parents):
-        if os.path.lexists(path):
-            break
-        missing.append(path)
-    made = []
-    for path in reversed(missing):
-        try:
-            path.mkdir(mode=0o700)
-        except FileExistsError:
-            continue
-        made.append(path)
-        fsync_directory(path.parent)  # its name durable (the log's own directory is synced later)
-    return made
-
-
-def _flock_with_deadline(fd: int, deadline: float) -> None:
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return
-        except BlockingIOError:
-            if time.monotonic() > deadline:
-                # timed_out, as the caller's own wait: the sink worker's flock can pass the shared
-                # deadline a moment before its caller stops waiting, and then this is the error the
-                # caller raises (the service records no refusal after a timeout: it would wait as
-                # long again).
-                raise AuditError(
-                    "another process holds the audit log lock; try again",
-                    timed_out=True,
-                    cause="another process held the audit log's lock too long",
-                ) from None
-            time.sleep(0.005)
 
 
 class _SinkWorker:

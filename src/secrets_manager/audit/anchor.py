@@ -1,0 +1,107 @@
+"""What the audit log needs from a store (its audit key and the anchor pinning the log's tail),
+and what is checked or made with them.
+
+The store keeps the anchor (last seq and hash) where the log file's owner cannot forge it, so a
+cut tail is detected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol
+
+from secrets_manager.audit.errors import RESET_HINT, AuditTamperError
+from secrets_manager.audit.records import GENESIS_HASH, record_verifies
+from secrets_manager.crypto.mac import page_token_mac as _page_token_mac
+from secrets_manager.crypto.mac import value_fingerprint as _value_fingerprint
+from secrets_manager.errors import StoreReadOnlyError
+from secrets_manager.store.base import Anchor
+
+
+class AuditAnchor(Protocol):
+    """What the audit log needs from a store: a secret key and a tamper-proof anchor."""
+
+    def audit_key(self) -> bytes: ...
+
+    def audit_anchor(self) -> Anchor | None: ...
+
+    def set_audit_anchor(
+        self, anchor: Anchor, *, lock_wait: float | None = None, reset: bool = False
+    ) -> None: ...
+
+    @property
+    def audit_anchor_scoped(self) -> bool:
+        """Whether the anchor is one of many, kept under a scope derived from the host and the
+        log's path (a store several hosts share). A log then meets no anchor whenever that scope
+        is new (a new hostname, a moved log), and is anchored anew; an unscoped store has one
+        anchor, and none, for a log holding signed records, can only be the anchor deleted."""
+        ...
+
+
+def value_fingerprint(anchor: AuditAnchor, value: bytes) -> str:
+    """`hmac-sha256:<hex>` of a value under the store's audit key (Vault's `sys/audit-hash`)."""
+    return _value_fingerprint(anchor.audit_key(), value)
+
+
+def page_token_mac(anchor: AuditAnchor, data: bytes) -> str:
+    """The service's page-token MAC under the store's audit key, which every replica of the store
+    shares (crypto.mac.page_token_mac)."""
+    return _page_token_mac(anchor.audit_key(), data)
+
+
+def anchor_a_restored_store(anchor: AuditAnchor) -> None:
+    """A store just made from a backup copy has its audit key but no anchor (backups copy none),
+    while the log its source wrote may have survived it: the store vouches for the empty chain
+    (seq 0), so that log goes on verifying (its records by their MACs) and its next append anchors
+    its tail. Without this, a log with signed records and no anchor is taken for an anchor deleted.
+    Nothing is done if the store has an anchor."""
+    if anchor.audit_anchor() is None:
+        anchor.set_audit_anchor(Anchor(seq=0, hash=GENESIS_HASH))
+
+
+def refuse_if_read_only(anchor: AuditAnchor) -> None:
+    """StoreReadOnlyError if `anchor` is a store this process can only read (an EncryptedStore
+    on a file it cannot write; other stores have no such state): for what must move or reset
+    the anchor before it changes the log's files (`audit prune`, `audit reset`)."""
+    refusal = getattr(anchor, "read_only_error", None)
+    refused = refusal() if callable(refusal) else None
+    if isinstance(refused, StoreReadOnlyError):
+        raise refused
+
+
+def missing_anchor(path: Path) -> AuditTamperError:
+    return AuditTamperError(
+        f"the store has no audit anchor, but audit log {path} holds records signed with the "
+        "store's audit key: the anchor was deleted from the store (which hides records cut from "
+        "the end of the log). If the store file was damaged or replaced, restore it from a backup; "
+        f"else check the log ('secrets-manager audit show') and start a new chain with {RESET_HINT}"
+    )
+
+
+def check_tail_against_anchor(
+    last: dict[str, Any] | None, anchored: Anchor | None, path: Path, key: bytes | None = None
+) -> None:
+    """Refuse to extend a log that lost records the store vouched for: that would hide the loss.
+    With the audit `key`, the last record must also verify (hash and MAC): a forged last line
+    with a large seq would otherwise pass for a log that grew."""
+    if key is not None and last is not None and not record_verifies(last, key):
+        raise AuditTamperError(
+            f"the last record of audit log {path} does not verify (edited or forged): run "
+            f"'secrets-manager audit verify' and restore the log, or accept the loss with {RESET_HINT}"
+        )
+    if anchored is None:
+        return
+    last_seq = 0 if last is None else int(last["seq"])
+    if last is None and anchored.seq > 0:
+        raise AuditTamperError(
+            f"audit log {path} holds no records, but the store anchored record {anchored.seq}: if this "
+            "is the wrong file, give the right one (--audit-file, SECRETS_MANAGER_AUDIT_FILE); if "
+            f"the log is lost, accept the loss with {RESET_HINT}"
+        )
+    if last_seq < anchored.seq or (
+        last_seq == anchored.seq and last is not None and last["hash"] != anchored.hash
+    ):
+        raise AuditTamperError(
+            f"audit log {path} lost records the store anchored (up to record {anchored.seq}); "
+            f"run 'secrets-manager audit verify' and restore the log, or accept the loss with {RESET_HINT}"
+        )
