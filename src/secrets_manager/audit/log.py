@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import itertools
 import json
 import math
 import os
@@ -23,11 +22,11 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 from secrets_manager.audit.anchor import (
     AuditAnchor,
@@ -40,50 +39,55 @@ from secrets_manager.audit.anchor import (
 )
 from secrets_manager.audit.errors import (
     RESET_HINT,
-    RESTORE_HINT,
     AuditError,
     AuditPartialRecordError,
     AuditTamperError,
     not_an_audit_log,
-    partial_record,
 )
 from secrets_manager.audit.files import (
     PARTIAL_LIMIT,
     file_stamp,
     first_record_in,
     flock_with_deadline,
-    is_seq_number,
     last_record_in,
     lines_backwards,
     make_directory,
     open_for_reading,
     open_private,
-    overlong_line,
     read_lines,
     refuse_files_of_others,
     starts_with_a_record,
     unused_path,
 )
+from secrets_manager.audit.prune import (
+    Pruned,
+    PrunedFile,
+    archive_directory,
+    archive_targets,
+    file_identity,
+    prunable,
+    remove_pruned,
+)
+from secrets_manager.audit.reading import FOLLOW_POLL_SECONDS, LogFiles
 from secrets_manager.audit.records import (
     GENESIS_HASH,
     RECORD_START,
     AuditEvent,
     canonical,
-    may_be_unauthenticated,
     new_request_id,
     parse_line,
     record_hash,
     record_verifies,
     with_hash_and_mac,
 )
+from secrets_manager.audit.verify import Walked, walk_chain
 from secrets_manager.audit.witness import Head, head_of
-from secrets_manager.crypto.mac import record_mac, record_mac_ok, sha256_hex
-from secrets_manager.durable import fsync_directory, remove_abandoned
+from secrets_manager.crypto.mac import record_mac, sha256_hex
+from secrets_manager.durable import fsync_directory
 from secrets_manager.environment import Environment
 from secrets_manager.errors import (
     ConflictError,
     IntegrityError,
-    InvalidInputError,
     SecretsManagerError,
     StoreBusyError,
     StoreClosedError,
@@ -109,8 +113,6 @@ ANCHOR_ANSWER_MARGIN_SECONDS = 0.25
 # KiB; a rotation writes a new file's first record too): `require_space` fails, so the service's
 # health says NOT_SERVING for as long as the disk is full, rather than SERVING between refusals.
 MIN_FREE_BYTES = 64 * 1024
-_SNAPSHOT_TRIES = 5  # lock-free listings of a log's files a reader tries before it takes the lock
-FOLLOW_POLL_SECONDS = 0.2  # how often `audit show --follow` looks for records appended since
 
 # What callers import from here; the audit package's __init__ re-exports most of it.
 __all__ = [
@@ -144,7 +146,7 @@ __all__ = [
 ]
 
 
-class AuditLog:
+class AuditLog(LogFiles):
     """One audit log file (plus its rotated predecessors) and the anchor that pins its tail."""
 
     def __init__(
@@ -157,14 +159,12 @@ class AuditLog:
         clock: Callable[[], float] = time.time,
         environment: Environment = Environment.DEVELOPMENT,
     ) -> None:
-        self.path = Path(path)
+        super().__init__(path, timeout=timeout)
         # A log or lock file group or others can write (they could edit or truncate records, or
         # hold the lock) is refused in production and warned of elsewhere, once per file.
         self._environment = environment
         self._warned_loose: set[str] = set()
-        self.lock_path = Path(f"{self.path}.lock")
         self.max_bytes = max_bytes
-        self.timeout = timeout
         self.flush_interval = flush_interval
         self._clock = clock
         # Guards the file state below between this process's threads; the flock guards it
@@ -698,8 +698,8 @@ class AuditLog:
         between, the log still verifies: it begins at or before the record named, which is all
         verification asks."""
         if archive is not None:
-            _archive_directory(archive)  # a typo in a nightly job's --archive, said on its first run
-        verified = {path: _file_identity(path) for path in self.files() if path != self.path}
+            archive_directory(archive)  # a typo in a nightly job's --archive, said on its first run
+        verified = {path: file_identity(path) for path in self.files() if path != self.path}
         records = self._verify(
             anchor.audit_key(),
             anchor.audit_anchor(),
@@ -709,8 +709,8 @@ class AuditLog:
         with self._lock:
             self._flock(deadline=time.monotonic() + self.timeout)
             try:
-                chosen = self._prunable(anchor.audit_anchor(), older_than, keep_files, verified)
-                targets = _archive_targets(chosen, archive) if chosen and archive is not None else []
+                chosen = prunable(self, anchor.audit_anchor(), older_than, keep_files, verified)
+                targets = archive_targets(chosen, archive) if chosen and archive is not None else []
                 if not chosen or dry_run:
                     return Pruned(files=chosen, records=records, archived=targets)
                 # Its record must be anchored before any file goes, which such a store cannot do.
@@ -733,48 +733,10 @@ class AuditLog:
                         "(another writer held the store's lock), and the files go only once it is; "
                         "try again"
                     )
-                done = 0
-                try:
-                    for found, target in itertools.zip_longest(chosen, targets):
-                        if target is not None and not _archived_already(found.path, target):
-                            _archive_file(found.path, target)
-                        found.path.unlink()
-                        done += 1
-                    fsync_directory(self.path.parent)
-                except OSError as exc:
-                    raise AuditError(
-                        f"audit prune removed {done} of {len(chosen)} files, then {exc.strerror or exc} "
-                        f"({getattr(exc, 'filename', None) or self.path.parent}); the log still verifies: "
-                        "fix that and run the prune again"
-                    ) from None
+                remove_pruned(chosen, targets, self.path.parent)
                 return Pruned(files=chosen, records=records, archived=targets)
             finally:
                 self._unflock()
-
-    def _prunable(
-        self,
-        anchored: Anchor | None,
-        older_than: datetime | None,
-        keep_files: int | None,
-        verified: dict[Path, tuple[int, int, int] | None],
-    ) -> list[PrunedFile]:
-        """Holding the lock: the oldest rotated files that may go, oldest first (see prune); the
-        run stops at a file that is not as the verification read it."""
-        rotated = [path for path in self.files() if path != self.path]
-        if keep_files is not None:
-            rotated = rotated[: max(0, len(rotated) - keep_files)]
-        chosen = []
-        for path in rotated:
-            identity = _file_identity(path)
-            if identity is None or verified.get(path) != identity:
-                break
-            first, last = first_record_in(path), last_record_in(path)
-            if first is None or last is None or anchored is None or last["seq"] > anchored.seq:
-                break
-            if older_than is not None and _record_moment(last) >= older_than:
-                break
-            chosen.append(PrunedFile(path, first["seq"], last["seq"], str(last["time"]), last["hash"]))
-        return chosen
 
     def _refuse_unless_a_log(self) -> None:
         """Holding the lock, before a reset renames the log's files: each regular one must begin
@@ -1181,217 +1143,6 @@ class AuditLog:
     def _rotated_path(self, first_seq: int) -> Path:
         return self.path.with_name(f"{self.path.name}.{first_seq:012d}")
 
-    # ---- reading -----------------------------------------------------------------------------
-
-    def files(self, archive: Path | None = None) -> list[Path]:
-        """Rotated files oldest first, then the live file. With `archive` (a directory `audit
-        prune --archive` moved files into), its files of this log too, in their place by the
-        seq their name gives; a name in both is the log's own file (a prune killed before it
-        removed what it copied: `verify` checks the copy holds the same bytes)."""
-        rotated = {p.name: p for p in self._rotated_in(self.path.parent)}
-        if archive is not None:
-            rotated = {**{p.name: p for p in self._rotated_in(archive)}, **rotated}
-        ordered = [rotated[name] for name in sorted(rotated)]
-        return [*ordered, *([self.path] if os.path.lexists(self.path) else [])]
-
-    def _rotated_in(self, directory: Path) -> list[Path]:
-        return [
-            p
-            for p in directory.glob(f"{self.path.name}.*")
-            if is_seq_number(p.name[len(self.path.name) + 1 :])
-        ]
-
-    def records(self, *, on_partial: Callable[[Path, int], None] | None = None) -> Iterator[dict[str, Any]]:
-        """Every record in order; AuditTamperError on a line that is not a record (or a file of the
-        log that is not a regular file). A partial last line (a write cut short; records() does
-        not know whether records the store anchored are missing too: verify() does) is given to
-        `on_partial` (its file and line number); without one, AuditPartialRecordError."""
-        for _path, _number, _line, record in self._numbered_records(on_partial=on_partial):
-            yield record
-
-    def _numbered_records(
-        self,
-        *,
-        locked: bool = False,
-        on_partial: Callable[[Path, int], None] | None = None,
-        archive: Path | None = None,
-    ) -> Iterator[tuple[Path, int, bytes, dict[str, Any]]]:
-        """Every record in order, with the file and line number it is on, and that line.
-        `locked`: the caller holds the writers' lock (nothing changes while this reads). A partial
-        last line of the live file is given to `on_partial` (its file and line number), which may
-        raise; by default it raises AuditPartialRecordError."""
-        files = self._snapshot(locked=locked, archive=archive)
-        try:
-            for path, handle in files:
-                live = path == self.path
-                lines = read_lines(handle, None if locked or not live else self._reader_lock, path)
-                for number, line in enumerate(lines, start=1):
-                    if not line.endswith(b"\n") and live:
-                        if on_partial is None:
-                            raise partial_record(path)
-                        on_partial(path, number)
-                        return
-                    yield path, number, line, parse_line(line, path, number)
-        finally:
-            for _, handle in files:
-                handle.close()
-
-    def follow(
-        self,
-        stop: threading.Event,
-        *,
-        poll: float = FOLLOW_POLL_SECONDS,
-        on_partial: Callable[[Path, int], None] | None = None,
-    ) -> Iterator[Iterable[dict[str, Any]]]:
-        """Every record, as one first batch, then each list of records appended since, as they
-        are written, until `stop` is set (`audit show --follow`, as `tail -F`). The first batch
-        streams by, to be consumed before the next is asked for: as a list, the whole of a long
-        log was held in memory to show its last few records (`--follow --last 5`). A rotation is
-        followed: the renamed file is read to its end (it is never written again), then the new
-        live file from its start. A last line without its newline is a write under way (or a
-        crash's partial record, which the next writer cuts off and sets aside): read once whole.
-        One there as it starts, still there holding the writers' lock (no write under way), is a
-        crash's, given to `on_partial` (its file and line number) as `records` does."""
-        files = self._snapshot(locked=False)
-        tail = _FollowedFile(self.path, None, self.files)
-
-        def first() -> Iterator[dict[str, Any]]:
-            for path, handle in files:
-                if path == self.path:
-                    tail.handle = handle
-                    continue
-                with handle:  # read: not held open for the whole follow (pinning a pruned file)
-                    for n, line in enumerate(read_lines(handle, None, path), start=1):
-                        yield tail.seen(parse_line(line, path, n))
-            yield from tail.read()
-            if on_partial is not None and tail.partial():
-                with self._reader_lock():
-                    completed = tail.read()
-                yield from completed
-                if tail.partial():
-                    on_partial(self.path, tail.number + 1)
-
-        try:
-            yield first()
-            while not stop.wait(poll):
-                appended = tail.read()
-                if appended:
-                    yield appended
-        finally:
-            for _, handle in files:
-                handle.close()
-            tail.close()
-
-    def _snapshot(self, *, locked: bool, archive: Path | None = None) -> list[tuple[Path, BinaryIO]]:
-        """Every file of the log opened, as they were at one instant. A writer that rotated the
-        live file between a reader's listing and its opening made the reader miss the rotated
-        file and read the new live one in its place: a false 'chain broken' or 'records are
-        missing at the end' (with the default 10 MiB limit, a cron verify alerted at every
-        rotation). So the files are listed, opened and listed again, until the two listings
-        agree; after a few tries (a log rotating all the time) they are opened holding the
-        writers' lock, which only takes as long as the opens. An open file stays whole: a rotated
-        file is never written again, and the live one only grows (or is rotated whole)."""
-        for _ in range(1 if locked else _SNAPSHOT_TRIES):
-            opened = self._open_listed(archive)
-            if opened is not None:
-                return opened
-        if not locked:
-            with self._reader_lock():
-                opened = self._open_listed(archive)
-            if opened is not None:
-                return opened
-        raise AuditError(f"the files of audit log {self.path} kept changing while they were read; try again")
-
-    def _open_listed(self, archive: Path | None = None) -> list[tuple[Path, BinaryIO]] | None:
-        """The log's files opened; None if one was renamed, replaced or added meanwhile."""
-        listed = self._listing(archive)
-        if listed is None:
-            return None
-        opened: list[tuple[Path, BinaryIO]] = []
-        consistent = False
-        try:
-            for path, inode in listed:
-                try:
-                    handle = open_for_reading(path)
-                except FileNotFoundError:
-                    break
-                opened.append((path, handle))
-                if os.fstat(handle.fileno()).st_ino != inode:
-                    break
-            else:
-                consistent = self._listing(archive) == listed
-        finally:
-            if not consistent:
-                for _, handle in opened:
-                    handle.close()
-        return opened if consistent else None
-
-    def _listing(self, archive: Path | None = None) -> list[tuple[Path, int]] | None:
-        """The log's files in order with their inodes; None if one went while they were listed."""
-        listing = []
-        for path in self.files(archive):
-            try:
-                listing.append((path, os.lstat(path).st_ino))
-            except FileNotFoundError:
-                return None
-        return listing
-
-    @contextlib.contextmanager
-    def _reader_lock(self) -> Iterator[None]:
-        """The writers' lock, held for a moment by a reader, which writes nothing: on a descriptor
-        of its own, and never creating the lock file (without one, no writer is at work). Raises
-        AuditError if a writer holds it beyond the timeout."""
-        deadline = time.monotonic() + self.timeout
-        while True:
-            try:
-                fd = os.open(self.lock_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-            except (FileNotFoundError, PermissionError):
-                yield
-                return
-            try:
-                flock_with_deadline(fd, deadline)
-                if os.fstat(fd).st_nlink > 0:  # else deleted meanwhile: not the lock any more
-                    yield
-                    return
-            finally:
-                os.close(fd)  # and its flock
-
-    def first_seq(self) -> int | None:
-        """The seq of the log's oldest record (above 1 once `audit prune` removed files); None
-        if the log holds none."""
-        for path in self.files():
-            record = first_record_in(path)
-            if record is not None:
-                return int(record["seq"])
-        return None
-
-    def last_record(self) -> dict[str, Any] | None:
-        if self.path.exists():  # the common case: no need to look for rotated files
-            record = last_record_in(self.path)
-            if record is not None:
-                return record
-        for path in reversed(self.files()):
-            record = last_record_in(path)
-            if record is not None:
-                return record
-        return None
-
-    def unfinished_change(self, *, look_back: int = 1000) -> dict[str, Any] | None:
-        """The newest change the log holds, if it has no outcome: its `pending` record (written
-        before the change began) is followed by no record but refused unlocks. A command killed
-        part-way leaves this; after a killed `passwd` it tells a user refused with the old
-        password that the new one may hold. Reads the live file's last `look_back` records at
-        most; None when there is no live file, or it cannot be read: it is a hint, never a check."""
-        try:
-            for line in itertools.islice(lines_backwards(self.path, None), look_back):
-                record = parse_line(line, self.path, -1)
-                if record.get("operation") == "unlock" and record.get("decision") == "deny":
-                    continue
-                return record if record.get("outcome") == "pending" else None
-        except (OSError, SecretsManagerError):
-            return None
-        return None
-
     def verify(
         self,
         key: bytes,
@@ -1437,187 +1188,17 @@ class AuditLog:
         anchor_required: bool,
         archive: Path | None = None,
         witness: Head | None = None,
-    ) -> _Walked:
-        if archive is not None:
-            self._check_archive(archive)
-        if witness is not None and not witness.authentic(key):
-            raise AuditTamperError(
-                f"the witnessed head (record {witness.seq}, {witness.time}) was not made with this store's "
-                "audit key: it is another store's head, or it was edited since it was shipped"
-            )
-        previous_hash, expected_seq, count = GENESIS_HASH, 1, 0
-        last: dict[str, Any] | None = None
-        first_seq: int | None = None
-        anchor_seen = anchor is None or anchor.seq == 0  # seq 0: the empty chain, before any record
-        authenticated = False  # a record with a MAC seen
-        # A log `audit prune` shortened begins after record 1. Its first record is taken on trust
-        # until the walk is done; then an authenticated audit.prune record must name a file start
-        # at or after it as where the chain begins (`pruned_before`), or records are missing.
-        pruned_start: tuple[Path, int] | None = None
-        file_starts: dict[int, object] = {}  # each file's first seq -> that record's prev
-        vouched: list[tuple[int, str]] = []  # (seq, prev) of every audit.prune record's floor
-
-        def partial(path: Path, number: int) -> None:
-            """A crash cuts short only a write never acknowledged, so never one the store anchored:
-            a partial last line before the anchored record is records cut off, not a crash."""
-            if anchor is None and anchor_required and authenticated:
-                raise missing_anchor(self.path)
-            if not anchor_seen:
-                assert anchor is not None
-                raise AuditTamperError(
-                    f"audit log ends at record {count}, then a partial line ({path.name} line {number}), "
-                    f"but the store anchored record {anchor.seq}: records are missing at the end "
-                    f"(a crash never cuts an anchored record short): {RESTORE_HINT}"
-                )
-            raise partial_record(path)
-
-        walk = self._numbered_records(locked=locked, on_partial=partial, archive=archive)
-        for path, number, line, record in walk:
-            seq = record.get("seq")
-            where = f"record {seq}" if type(seq) is int else f"record #{count + 1}"
-            at = f"{path.name} line {number}: {RESTORE_HINT}"
-            if count == 0 and type(seq) is int and seq > 1 and number == 1:
-                if archive is not None:
-                    raise AuditTamperError(
-                        f"audit log begins at record {seq} ({path.name}), and records 1 to {seq - 1} "
-                        f"are in neither {archive} nor the log (pruned without --archive, or archived "
-                        "files deleted or moved elsewhere)"
-                    )
-                pruned_start = (path, seq)
-                expected_seq, previous_hash = seq, str(record.get("prev"))
-            if number == 1 and type(seq) is int:
-                file_starts[seq] = record.get("prev")
-            if seq != expected_seq:
-                raise AuditTamperError(
-                    f"audit chain broken at {where}: expected record {expected_seq} "
-                    f"(a record was deleted, reordered or inserted), in {at}"
-                )
-            if record.get("prev") != previous_hash:
-                raise AuditTamperError(
-                    f"audit chain broken at {where}: it does not follow record {seq - 1}, in {at}"
-                )
-            try:
-                hashed: str | None = record_hash(record)
-            except (ValueError, RecursionError):  # no JSON the chain could have written (a lone surrogate)
-                hashed = None
-            if hashed is None or hashed != record.get("hash"):
-                raise AuditTamperError(f"audit record {seq} was edited (its hash does not match), in {at}")
-            mac = record.get("mac")
-            if mac is None:
-                if not may_be_unauthenticated(record):
-                    raise AuditTamperError(f"audit record {seq} lacks its MAC, in {at}")
-            elif not (isinstance(mac, str) and record_mac_ok(key, hashed, mac)):
-                raise AuditTamperError(
-                    f"audit record {seq} was forged or edited (its MAC does not match), in {at}"
-                )
-            else:
-                authenticated = True
-                floor = _pruned_floor(record)
-                if floor is not None:
-                    vouched.append(floor)
-            if line != canonical(record) + b"\n":
-                # The hash covers the record as parsed, not the line: a key given twice (parsers
-                # differ on which value counts: this one takes the last, others the first), or
-                # spacing added, left a record verifying whose line reads otherwise elsewhere.
-                raise AuditTamperError(
-                    f"audit record {seq} was edited (its line is not the canonical JSON the log "
-                    f"writes: a key given twice, spacing added?), in {at}"
-                )
-            if anchor is not None and seq == anchor.seq:
-                if hashed != anchor.hash:
-                    raise AuditTamperError(f"audit record {seq} is not the one the store anchored, in {at}")
-                anchor_seen = True
-            if witness is not None and seq == witness.seq and hashed != witness.hash:
-                raise AuditTamperError(
-                    f"audit record {seq} is not the one the witnessed head names ({witness.time}): the "
-                    f"log was rolled back (with the store, if nothing else is wrong) and written again "
-                    f"since that head was shipped, or replaced, in {path.name} line {number}"
-                )
-            if first_seq is None:
-                first_seq = seq
-            previous_hash, expected_seq, count, last = hashed, expected_seq + 1, count + 1, record
-        if pruned_start is not None and not any(
-            seq >= pruned_start[1] and file_starts.get(seq) == prev for seq, prev in vouched
-        ):
-            path, seq = pruned_start
-            since = max((floor for floor, _ in vouched if floor < seq), default=1)
-            raise AuditTamperError(
-                f"audit log begins at record {seq} ({path.name}): records {since} to {seq - 1} are missing, "
-                "and no audit.prune record says they were pruned (a rotated file deleted or moved by "
-                f"hand; 'secrets-manager audit prune' removes old files so that the log verifies): "
-                f"{RESTORE_HINT}"
-            )
-        if anchor is None and anchor_required and authenticated:
-            raise missing_anchor(self.path)
-        if not anchor_seen:
-            assert anchor is not None
-            raise AuditTamperError(
-                f"audit log ends at record {count} but the store anchored record {anchor.seq}: "
-                f"records are missing at the end: {RESTORE_HINT}"
-            )
-        if witness is not None:
-            _check_witness(witness, first_seq, expected_seq - 1, archive)
-        return _Walked(count, last)
-
-    def _check_archive(self, archive: Path) -> None:
-        """An archive directory to walk: one (InvalidInputError otherwise), whose copies of files
-        the log still holds (a prune killed between copying and removing) hold the same bytes."""
-        if not archive.is_dir():
-            raise InvalidInputError(
-                f"archive directory {archive} does not exist: give the one 'audit prune --archive' used"
-            )
-        for copy in self._rotated_in(archive):
-            own = self.path.with_name(copy.name)
-            if os.path.lexists(own) and not _same_bytes(own, copy):
-                raise AuditTamperError(
-                    f"archived file {copy} is not a copy of the log's {own.name}, which is still there: "
-                    "one of them was altered (the log's own is walked; compare them)"
-                )
-
-
-@dataclass(frozen=True)
-class _Walked:
-    """What a walk of the whole chain found: how many records, and the newest."""
-
-    count: int
-    last: dict[str, Any] | None
-
-
-def _check_witness(witness: Head, first_seq: int | None, last_seq: int, archive: Path | None) -> None:
-    """AuditTamperError unless the walk (records `first_seq` to `last_seq`) passed the record a
-    witnessed head names (its hash was compared on the way)."""
-    if last_seq < witness.seq:
-        raise AuditTamperError(
-            f"audit log ends at record {last_seq}, but the witnessed head is record {witness.seq} "
-            f"({witness.time}): the log was rolled back or cut since that head was shipped (the store "
-            "too, if nothing else is wrong): compare with the records shipped off the host"
+    ) -> Walked:
+        """Every walk of this log's chain (verify, head, prune, reset) goes through here."""
+        return walk_chain(
+            self,
+            key,
+            anchor,
+            locked=locked,
+            anchor_required=anchor_required,
+            archive=archive,
+            witness=witness,
         )
-    if first_seq is not None and witness.seq < first_seq:
-        where = f"in neither {archive} nor the log" if archive is not None else "pruned from the log"
-        raise AuditTamperError(
-            f"record {witness.seq}, which the witnessed head names, is {where} (it begins at record "
-            f"{first_seq}): give --archive DIR holding the pruned files, or a newer head"
-        )
-
-
-@dataclass(frozen=True)
-class PrunedFile:
-    """A rotated file `audit prune` removes: its records and its newest record's time."""
-
-    path: Path
-    first_seq: int
-    last_seq: int
-    last_time: str
-    last_hash: str
-
-
-@dataclass(frozen=True)
-class Pruned:
-    """What `AuditLog.prune` removed (or, in a dry run, would remove), oldest first."""
-
-    files: list[PrunedFile]
-    records: int  # the records of the log, which verified, before anything was removed
-    archived: list[Path]  # where each file went, with an archive directory
 
 
 @dataclass(frozen=True)
@@ -1628,102 +1209,6 @@ class Reset:
     records: int  # the records of a log that verifies
     moved: list[Path]  # the old files, set aside as <file>.lost-<time>
     set_aside: Path | None = None  # a crash's partial last record, moved here (<file>.partial-<time>)
-
-
-class _FollowedFile:
-    """The live file as `follow` reads it: whole lines from where it left off, and on to the next
-    live file once a writer has rotated this one (or `audit reset` replaced it)."""
-
-    def __init__(self, path: Path, handle: BinaryIO | None, files: Callable[[], list[Path]]) -> None:
-        self.path = path
-        self.handle = handle  # None: no live file yet
-        self.offset = 0  # just past the last whole line read
-        self.number = 0  # lines read, for an error's line number
-        self.files = files  # the log's files, rotated ones oldest first
-        self.last_seq: int | None = None  # the last record's, read from any file
-
-    def seen(self, record: dict[str, Any]) -> dict[str, Any]:
-        seq = record.get("seq")
-        if type(seq) is int:
-            self.last_seq = seq
-        return record
-
-    def read(self) -> list[dict[str, Any]]:
-        """The records appended since the last read, the rotated file's last ones first."""
-        records = self._whole_lines()
-        if self._replaced():
-            records += self._whole_lines()  # the rest of the renamed file: complete by now
-            self.close()
-            try:
-                self.handle = open_for_reading(self.path)
-            except FileNotFoundError:  # renamed again already: the next read finds the new one
-                self.handle = None
-            self.offset = self.number = 0
-            records += self._rotated_between()
-            records += self._whole_lines()
-        return records
-
-    def _rotated_between(self) -> list[dict[str, Any]]:
-        """The files rotated after the one read to its end and before the one now open: on a busy
-        log the live file can be rotated twice between two reads, and the file between (never
-        open here) was skipped whole. Those whose first record (their name's number) is past the
-        last one read, in order, up to the file now open if it was rotated meanwhile too (read
-        after that one, once it is found replaced)."""
-        if self.last_seq is None:
-            return []
-        current = os.fstat(self.handle.fileno()).st_ino if self.handle is not None else None
-        records: list[dict[str, Any]] = []
-        for path in self.files():
-            number = path.name[len(self.path.name) + 1 :]
-            if path == self.path or not is_seq_number(number) or int(number) <= self.last_seq:
-                continue
-            try:
-                handle = open_for_reading(path)
-            except FileNotFoundError:  # pruned meanwhile
-                continue
-            with handle:
-                if os.fstat(handle.fileno()).st_ino == current:
-                    break
-                for n, line in enumerate(read_lines(handle, None, path), start=1):
-                    if line.endswith(b"\n"):  # a rotated file never ends in a partial record
-                        records.append(self.seen(parse_line(line, path, n)))
-        return records
-
-    def _whole_lines(self) -> list[dict[str, Any]]:
-        if self.handle is None:
-            return []
-        if os.fstat(self.handle.fileno()).st_size < self.offset:  # emptied in place: read anew
-            self.offset = self.number = 0
-        self.handle.seek(self.offset)
-        records = []
-        # Line by line, none longer than a record can be: a line of gigabytes (damaged or forged)
-        # is named, not read whole; one without its newline is read again, whole, next time.
-        while line := self.handle.readline(PARTIAL_LIMIT + 1):
-            if len(line) > PARTIAL_LIMIT:
-                raise overlong_line(self.path, self.number + 1)
-            if not line.endswith(b"\n"):
-                break
-            self.offset += len(line)
-            self.number += 1
-            records.append(self.seen(parse_line(line, self.path, self.number)))
-        return records
-
-    def partial(self) -> bool:
-        """Whether the file read ends in a line without its newline."""
-        return self.handle is not None and os.fstat(self.handle.fileno()).st_size > self.offset
-
-    def _replaced(self) -> bool:
-        """Whether another file than the one read is at the path now."""
-        try:
-            at_path = os.lstat(self.path).st_ino
-        except FileNotFoundError:  # renamed, its successor not made yet
-            return False
-        return self.handle is None or os.fstat(self.handle.fileno()).st_ino != at_path
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-            self.handle = None
 
 
 @dataclass(eq=False)
@@ -1902,143 +1387,6 @@ def _last_signed_record(log: AuditLog) -> dict[str, Any] | None:
         if last is not None:
             return last
     return None
-
-
-def _file_identity(path: Path) -> tuple[int, int, int] | None:
-    """Which file is at `path`, and whether it changed: inode, size, modification time (None:
-    no file there any more)."""
-    try:
-        found = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    return found.st_ino, found.st_size, found.st_mtime_ns
-
-
-def _record_moment(record: dict[str, Any]) -> datetime:
-    """A record's time; one that does not parse as an aware time counts as the latest possible,
-    so a damaged time never makes a file look old enough to prune."""
-    try:
-        moment = datetime.fromisoformat(str(record.get("time")))
-    except ValueError:
-        return datetime.max.replace(tzinfo=UTC)
-    return moment if moment.tzinfo is not None else datetime.max.replace(tzinfo=UTC)
-
-
-def _archive_directory(directory: Path) -> None:
-    """InvalidInputError unless `directory` is one (`audit prune --archive`), whether or not any
-    file is due to go there this time."""
-    if not directory.is_dir():
-        raise InvalidInputError(
-            f"archive directory {directory} does not exist: create it, or leave --archive out"
-        )
-
-
-def _archive_targets(files: Sequence[PrunedFile], directory: Path) -> list[Path]:
-    """Where each file goes in `directory`: refused before anything is written if the directory
-    is missing or already holds a file of that name (an archive is never overwritten)."""
-    _archive_directory(directory)
-    targets = [directory / found.path.name for found in files]
-    taken = [
-        target
-        for found, target in zip(files, targets, strict=True)
-        if os.path.lexists(target) and not _archived_already(found.path, target)
-    ]
-    if taken:
-        raise ConflictError(
-            f"{taken[0]} already exists: an archive is never overwritten; move it away or archive elsewhere"
-        )
-    return targets
-
-
-def _archived_already(source: Path, target: Path) -> bool:
-    """Whether `target` is a regular file holding exactly what `source` holds: the copy a prune
-    killed before it removed `source` made (it is linked into place complete, or not at all), which
-    the next prune need not, and must not refuse to, make again. Only such a copy: this user's,
-    that group and others may not write (a prune makes it 0600), and never `source` itself under
-    another name (`--archive` naming the log's own directory, a hard link), which the prune would
-    then delete with no copy left."""
-    try:
-        found = os.lstat(target)
-        if (
-            not stat.S_ISREG(found.st_mode)
-            or found.st_uid != os.geteuid()
-            or stat.S_IMODE(found.st_mode) & 0o022
-            or os.path.samestat(found, os.stat(source))
-        ):
-            return False
-        with open_for_reading(source) as original, target.open("rb") as copy:
-            while chunk := original.read(1 << 20):
-                if copy.read(len(chunk)) != chunk:
-                    return False
-            return not copy.read(1)
-    except OSError:
-        return False
-
-
-def _same_bytes(own: Path, copy: Path) -> bool:
-    """Whether `copy` (in an archive) is `own` itself, or a regular file holding exactly its bytes."""
-    with open_for_reading(own) as original, open_for_reading(copy) as copied:
-        if os.path.samestat(os.fstat(original.fileno()), os.fstat(copied.fileno())):
-            return True
-        while chunk := original.read(1 << 20):
-            if copied.read(len(chunk)) != chunk:
-                return False
-        return not copied.read(1)
-
-
-def _archive_file(source: Path, target: Path) -> None:
-    """Copy a log file to `target` (0600), durably, never over an existing file: written under a
-    temporary name, fsynced, then linked in place, so a crash leaves no half-copied archive. The
-    temporary copy is locked while it is written: one a killed prune left (unlocked, under another
-    pid) is removed first, so none stays in the archive for good."""
-    _remove_abandoned_copies(target)
-    temporary = target.with_name(f"{_ARCHIVE_COPY_PREFIX.format(target.name)}{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        temporary.unlink()
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # held until closed: marks the copy as being written
-        with open_for_reading(source) as reader, os.fdopen(fd, "wb", closefd=False) as writer:
-            while chunk := reader.read(1 << 20):
-                writer.write(chunk)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        temporary.unlink()
-        raise
-    os.close(fd)
-    try:
-        os.link(temporary, target)
-    finally:
-        temporary.unlink()
-    fsync_directory(target.parent)
-
-
-_ARCHIVE_COPY_PREFIX = ".{}.partial-"  # then the pid of the prune writing it
-
-
-def _remove_abandoned_copies(target: Path) -> None:
-    """Remove the temporary copies of `target` that prunes killed while archiving it left beside
-    it (regular files of ours, `.NAME.partial-<pid>`, that no live prune holds locked)."""
-    prefix = _ARCHIVE_COPY_PREFIX.format(target.name)
-    try:
-        names = os.listdir(target.parent)
-    except OSError:
-        return
-    for name in names:
-        if name.startswith(prefix) and name[len(prefix) :].isdigit() and name.isascii():
-            remove_abandoned(target.parent / name, lambda _fd, info: info.st_uid == os.geteuid())
-
-
-def _pruned_floor(record: dict[str, Any]) -> tuple[int, str] | None:
-    """Where an audit.prune record says the chain now begins: (seq, prev), or None."""
-    if record.get("operation") != "audit.prune" or record.get("outcome") != "ok":
-        return None
-    floor = record.get("pruned_before")
-    if not isinstance(floor, dict):
-        return None
-    seq, prev = floor.get("seq"), floor.get("prev")
-    return (seq, prev) if type(seq) is int and isinstance(prev, str) else None
 
 
 class _SinkWorker:
