@@ -88,7 +88,7 @@ def test_a_log_under_the_old_name_is_adopted_by_its_own_namespace_only(
 # Kills the CLI (SIGKILL: no finally, no atexit) right after adopt_log's KILL_AT_RENAME-th rename.
 _KILLED_ADOPTION = """
 import os, signal
-import secrets_manager.audit.log as audit_log
+import secrets_manager.audit.adopt as audit_adopt
 
 class _Os:
     renames = 0
@@ -100,7 +100,7 @@ class _Os:
         if _Os.renames == int(os.environ["KILL_AT_RENAME"]):
             os.kill(os.getpid(), signal.SIGKILL)
 
-audit_log.os = _Os()
+audit_adopt.os = _Os()
 """
 
 

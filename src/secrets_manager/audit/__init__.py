@@ -5,6 +5,7 @@ behind the `AuditAnchor` it is given.
 """
 
 from secrets_manager.audit.actor import local_actor
+from secrets_manager.audit.adopt import adopt_log, discard_adopted_lock
 from secrets_manager.audit.anchor import (
     AuditAnchor,
     anchor_a_restored_store,
@@ -13,13 +14,8 @@ from secrets_manager.audit.anchor import (
 )
 from secrets_manager.audit.errors import AuditError, AuditPartialRecordError, AuditTamperError
 from secrets_manager.audit.files import refuse_files_of_others
-from secrets_manager.audit.log import (
-    AuditLog,
-    Pruned,
-    PrunedFile,
-    adopt_log,
-    discard_adopted_lock,
-)
+from secrets_manager.audit.log import AuditLog
+from secrets_manager.audit.prune import Pruned, PrunedFile
 from secrets_manager.audit.records import GENESIS_HASH, AuditEvent
 from secrets_manager.audit.witness import Head, read_witness
 from secrets_manager.store.base import Anchor
