@@ -1671,18 +1671,18 @@ def test_audit_prune_verifies_without_holding_the_writers_lock(
     for i in range(12):
         log.append([AuditEvent(operation="get", actor="svc", name=f"a/{i}")], encrypted_store)
     files = log.files()
-    real_verify = AuditLog._verify
+    real_walk = audit_log.walk_chain
 
-    def verify_while_another_writer_appends(self: AuditLog, *args: object, **kwargs: object) -> int:
-        count = real_verify(self, *args, **kwargs)  # type: ignore[arg-type]
+    def walk_while_another_writer_appends(*args: object, **kwargs: object) -> object:
+        walked = real_walk(*args, **kwargs)  # type: ignore[arg-type]
         other = AuditLog(path, max_bytes=800, timeout=0.5)
         other.append([AuditEvent(operation="get", actor="service", name="during")], encrypted_store)
         with files[1].open("ab") as handle:  # the second file changes after the walk read it
             handle.write(b"")
         os.utime(files[1], ns=(0, 0))
-        return count
+        return walked
 
-    monkeypatch.setattr(AuditLog, "_verify", verify_while_another_writer_appends)
+    monkeypatch.setattr(audit_log, "walk_chain", walk_while_another_writer_appends)
     pruned = log.prune(encrypted_store, AuditEvent(operation="audit.prune", actor="ops"), keep_files=0)
     assert [found.path for found in pruned.files] == files[:1]
     assert any(record.get("name") == "during" for record in AuditLog(path).records())

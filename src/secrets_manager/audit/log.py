@@ -53,12 +53,12 @@ from secrets_manager.audit.prune import (
 from secrets_manager.audit.reading import FOLLOW_POLL_SECONDS
 from secrets_manager.audit.records import GENESIS_HASH, RECORD_START, AuditEvent, new_request_id, record_hash
 from secrets_manager.audit.sink import AppendJob
-from secrets_manager.audit.verify import Walked, walk_chain
+from secrets_manager.audit.verify import walk_chain
 from secrets_manager.audit.witness import Head, head_of
 from secrets_manager.errors import ConflictError, IntegrityError
 from secrets_manager.store.base import Anchor
 
-# What callers import from here; the audit package's __init__ re-exports most of it.
+# Every public name this module held before it was split up, so imports from here keep working.
 __all__ = [
     "ANCHOR_ANSWER_MARGIN_SECONDS",
     "ANCHOR_FLOCK_RETRY_SECONDS",
@@ -128,7 +128,8 @@ class AuditLog(LogWriter):
                     except IntegrityError as exc:  # damaged: the reset replaces it, never needing to read it
                         raise AuditError(str(exc)) from None
                     try:
-                        count = self._verify(
+                        count = walk_chain(
+                            self,
                             anchor.audit_key(),
                             anchored,
                             locked=True,
@@ -138,7 +139,8 @@ class AuditLog(LogWriter):
                         # A crash's leftover after every anchored record: set aside on its own, as
                         # the next audited command would, not a reason to discard the chain.
                         aside = self._repair_locked(anchor, event)
-                        count = self._verify(
+                        count = walk_chain(
+                            self,
                             anchor.audit_key(),
                             anchor.audit_anchor(),
                             locked=True,
@@ -177,7 +179,8 @@ class AuditLog(LogWriter):
         if archive is not None:
             archive_directory(archive)  # a typo in a nightly job's --archive, said on its first run
         verified = {path: file_identity(path) for path in self.files() if path != self.path}
-        records = self._verify(
+        records = walk_chain(
+            self,
             anchor.audit_key(),
             anchor.audit_anchor(),
             locked=False,
@@ -314,38 +317,17 @@ class AuditLog(LogWriter):
         audit.prune record says was pruned must be there (a copy also in the log must hold the
         same bytes). `witness`: a head `head()` gave, kept off the host: the chain must hold that
         very record (at its seq, with its hash), or the log was rolled back or cut since."""
-        return self._verify(
-            key, anchor, locked=False, anchor_required=anchor_required, archive=archive, witness=witness
+        return walk_chain(
+            self, key, anchor, locked=False, anchor_required=anchor_required, archive=archive, witness=witness
         ).count
 
     def head(self, key: bytes, anchor: Anchor | None, *, anchor_required: bool = False) -> Head:
         """The head of the whole chain, verified as `verify` does: its newest record's seq, time
         and hash, with a MAC under the audit key, for a witness off the host (`audit head`)."""
-        walked = self._verify(key, anchor, locked=False, anchor_required=anchor_required)
+        walked = walk_chain(self, key, anchor, locked=False, anchor_required=anchor_required)
         if walked.last is None:
             raise AuditError(f"audit log {self.path} holds no record yet: there is no head to ship")
         return head_of(key, walked.last)
-
-    def _verify(
-        self,
-        key: bytes,
-        anchor: Anchor | None,
-        *,
-        locked: bool,
-        anchor_required: bool,
-        archive: Path | None = None,
-        witness: Head | None = None,
-    ) -> Walked:
-        """Every walk of this log's chain (verify, head, prune, reset) goes through here."""
-        return walk_chain(
-            self,
-            key,
-            anchor,
-            locked=locked,
-            anchor_required=anchor_required,
-            archive=archive,
-            witness=witness,
-        )
 
 
 @dataclass(frozen=True)

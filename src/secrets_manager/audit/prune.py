@@ -80,7 +80,7 @@ def archive_targets(files: Sequence[PrunedFile], directory: Path) -> list[Path]:
     taken = [
         target
         for found, target in zip(files, targets, strict=True)
-        if os.path.lexists(target) and not archived_already(found.path, target)
+        if os.path.lexists(target) and not _archived_already(found.path, target)
     ]
     if taken:
         raise ConflictError(
@@ -89,7 +89,7 @@ def archive_targets(files: Sequence[PrunedFile], directory: Path) -> list[Path]:
     return targets
 
 
-def archived_already(source: Path, target: Path) -> bool:
+def _archived_already(source: Path, target: Path) -> bool:
     """Whether `target` is a regular file holding exactly what `source` holds: the copy a prune
     killed before it removed `source` made (it is linked into place complete, or not at all), which
     the next prune need not, and must not refuse to, make again. Only such a copy: this user's,
@@ -114,7 +114,7 @@ def archived_already(source: Path, target: Path) -> bool:
         return False
 
 
-def archive_file(source: Path, target: Path) -> None:
+def _archive_file(source: Path, target: Path) -> None:
     """Copy a log file to `target` (0600), durably, never over an existing file: written under a
     temporary name, fsynced, then linked in place, so a crash leaves no half-copied archive. The
     temporary copy is locked while it is written: one a killed prune left (unlocked, under another
@@ -190,8 +190,8 @@ def remove_pruned(chosen: Sequence[PrunedFile], targets: Sequence[Path], directo
     done = 0
     try:
         for found, target in itertools.zip_longest(chosen, targets):
-            if target is not None and not archived_already(found.path, target):
-                archive_file(found.path, target)
+            if target is not None and not _archived_already(found.path, target):
+                _archive_file(found.path, target)
             found.path.unlink()
             done += 1
         fsync_directory(directory)

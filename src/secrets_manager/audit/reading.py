@@ -33,8 +33,6 @@ from secrets_manager.audit.records import parse_line
 from secrets_manager.errors import SecretsManagerError
 
 _SNAPSHOT_TRIES = 5  # lock-free listings of a log's files a reader tries before it takes the lock
-
-
 FOLLOW_POLL_SECONDS = 0.2  # how often `audit show --follow` looks for records appended since
 
 
