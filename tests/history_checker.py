@@ -1,0 +1,466 @@
+"""A checker of recorded histories of concurrent clients, in the style of Jepsen's and Elle's.
+
+Each client records every operation it invokes and how it ended (`Op`): `ok` with what the store
+answered, `fail` with a definite refusal (`conflict`, `not_found`), or `info` when the outcome is
+unknown (the client was killed, timed out, or lost its connection). Values are unique per write,
+so a value read names the write that made it. `check` compares the history, and the store's state
+read afterwards (`Final`), with what a store that applies each operation at one instant between
+its invocation and its completion (linearizability) could show, for the properties below, and
+returns the anomalies found (empty: none). It checks necessary conditions, not a full search for a
+serial order: every anomaly it reports is real, and each names the operations that show it.
+
+- every acknowledged write is in the final state with its value (unless a later `destroy` of
+  that version, or pruning past the secret's version limit, erased it);
+- versions per name are unique, and contiguous; one write makes one version, never two (a write
+  retried after its answer was lost); every version the store holds was made by a write
+  of the history, with that write's value; a write refused (`fail`) is never seen;
+- a compare-and-set that succeeded had its expected version current: none newer was acknowledged
+  before it started (`current` only moves forward: no rollback in these histories);
+- a read returns a value some write of that name (or a copy into it) made, at a version at least
+  as new as every version acknowledged, or read, before the read started;
+- a read sees the secret live or deleted as the deletes and undeletes around it allow;
+- a cp or mv copies a version of its source that was current while it ran, and its value;
+- a read of a version by number finds it while nothing could have erased it, and not once a
+  destroy of it was acknowledged.
+
+The store's own guarantee for reads through its read cache (`store/read_cache.py`) is that one
+cheap read of the change head on every read drops whatever another process changed, so reads are
+held to every write acknowledged before they started, by any client, on any replica.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# What each kind of operation carries: `name`, and
+#   put: value, expect (None or a version; 0: create only)  → version
+#   get: asked (None: current)                              → version, value
+#   list: prefix                                            → listed {name: current version}
+#   delete, undelete                                        → nothing
+#   destroy: version                                        → nothing
+#   stage: value                                            → version (labelled pending)
+#   promote: version                                        → nothing
+#   cp, mv: to (the name written)                           → version (of `to`), from_version
+WRITES = ("put", "stage", "cp", "mv")
+SETS_CURRENT = ("put", "promote", "cp", "mv")  # an ok one leaves its version current
+
+
+@dataclass
+class Op:
+    process: str
+    kind: str
+    name: str
+    invoke: float  # seconds on one clock shared by every client (CLOCK_MONOTONIC)
+    complete: float  # for `info`: when the client stopped waiting (or +inf: killed)
+    status: str  # ok | fail | info
+    value: str | None = None  # written (put, stage) or read (get)
+    version: int | None = None  # answered (put, stage, cp, mv, get) or named (destroy, promote)
+    expect: int | None = None
+    asked: int | None = None  # get: the version asked for (None: the current one)
+    to: str | None = None
+    from_version: int | None = None  # cp, mv: the version of `name` copied
+    listed: Mapping[str, int | None] | None = None
+    error: str | None = None
+    index: int = 0
+
+    def __str__(self) -> str:
+        parts = [f"#{self.index} {self.process} {self.kind} {self.name}"]
+        for label in ("to", "from_version", "expect", "asked", "version", "value", "error"):
+            if getattr(self, label) is not None:
+                parts.append(f"{label}={getattr(self, label)}")
+        if self.listed is not None:
+            parts.append(f"listed={dict(self.listed)}")
+        return f"{' '.join(parts)} -> {self.status} [{self.invoke:.4f}, {self.complete:.4f}]"
+
+    @property
+    def writes_to(self) -> str:
+        return self.to if self.kind in ("cp", "mv") and self.to is not None else self.name
+
+
+@dataclass
+class FinalSecret:
+    """A secret as read after every client stopped: each version held, its value (None: destroyed)."""
+
+    deleted: bool
+    current: int | None
+    versions: dict[int, str | None] = field(default_factory=dict)
+
+
+Final = Mapping[str, FinalSecret]
+
+
+def ops_from_records(records: Iterable[Mapping[str, Any]]) -> list[Op]:
+    """Pair the clients' `invoke` and completion records (JSON lines: `p` the process, `i` its
+    operation counter, `t` invoke | ok | fail | info, `time`, and the fields of `Op`). An invoke
+    without a completion (a killed client) is `info`, unfinished for ever."""
+    invoked: dict[tuple[str, int], dict[str, Any]] = {}
+    ops: list[Op] = []
+    for record in records:
+        key = (str(record["p"]), int(record["i"]))
+        if record["t"] == "invoke":
+            invoked[key] = dict(record)
+            continue
+        start = invoked.pop(key)
+        ops.append(_op(start, record))
+    for start in invoked.values():
+        ops.append(_op(start, {"t": "info", "time": float("inf"), "error": "no answer"}))
+    ops.sort(key=lambda op: op.invoke)
+    for index, op in enumerate(ops):
+        op.index = index
+    return ops
+
+
+def _op(start: Mapping[str, Any], end: Mapping[str, Any]) -> Op:
+    listed = end.get("listed")
+    return Op(
+        process=str(start["p"]),
+        kind=start["f"],
+        name=start["name"],
+        invoke=float(start["time"]),
+        complete=float(end["time"]),
+        status=end["t"],
+        value=end.get("value", start.get("value")),
+        version=end.get("version", start.get("version")),
+        expect=start.get("expect"),
+        asked=start.get("asked"),
+        to=start.get("to"),
+        from_version=end.get("from_version"),
+        listed=None if listed is None else {str(k): v for k, v in listed.items()},
+        error=end.get("error"),
+    )
+
+
+def check(ops: list[Op], final: Final, *, max_versions: int = 100) -> list[str]:
+    """The anomalies in `ops` and `final` (see the module docstring); [] if none.
+    `max_versions`: the secrets' version limit, below which old unlabelled versions may be pruned."""
+    for index, op in enumerate(ops):
+        op.index = index
+    return _Checker(ops, final, max_versions).run()
+
+
+class _Checker:
+    def __init__(self, ops: list[Op], final: Final, max_versions: int) -> None:
+        self.ops = ops
+        self.final = final
+        # Labelled versions are never pruned, so a few more than the limit may be kept.
+        self.prune_margin = max_versions - 3
+        self.anomalies: list[str] = []
+        self.by_name: dict[str, list[Op]] = defaultdict(list)
+        for op in ops:
+            self.by_name[op.name].append(op)
+            if op.kind in ("cp", "mv") and op.to is not None:
+                self.by_name[op.to].append(op)
+        # Every value a put or stage tried to write (whatever its outcome), to the op that wrote it.
+        self.writer_of: dict[str, Op] = {}
+        for op in ops:
+            if op.kind in ("put", "stage") and op.value is not None:
+                self.writer_of[op.value] = op
+        # (name, version) -> the ok write that made it
+        self.made: dict[tuple[str, int], Op] = {}
+
+    def report(self, what: str, *ops: Op) -> None:
+        self.anomalies.append("; ".join([what, *(str(op) for op in ops)]))
+
+    def run(self) -> list[str]:
+        self.check_unique_versions()
+        self.check_final_state()
+        self.check_compare_and_set()
+        self.check_reads()
+        return self.anomalies
+
+    # ---- writes --------------------------------------------------------------------------------
+
+    def ok_writes(self, name: str) -> list[Op]:
+        return [
+            op
+            for op in self.by_name[name]
+            if op.kind in WRITES and op.status == "ok" and op.writes_to == name and op.version is not None
+        ]
+
+    def check_unique_versions(self) -> None:
+        for name in list(self.by_name):
+            for op in self.ok_writes(name):
+                assert op.version is not None
+                other = self.made.setdefault((name, op.version), op)
+                if other is not op:
+                    self.report(
+                        f"duplicate version: two writes acknowledged as {name} v{op.version}", other, op
+                    )
+
+    def values_allowed_in(self, name: str) -> set[str]:
+        """Values a version of `name` may hold: written to it, or copied into it from another."""
+        allowed = {op.value for op in self.by_name[name] if op.kind in ("put", "stage") and op.name == name}
+        sources = {op.name for op in self.by_name[name] if op.kind in ("cp", "mv") and op.to == name}
+        seen: set[str] = set()
+        while sources - seen:  # copies of copies
+            source = (sources - seen).pop()
+            seen.add(source)
+            allowed |= {
+                op.value for op in self.by_name[source] if op.kind in ("put", "stage") and op.name == source
+            }
+            sources |= {op.name for op in self.by_name[source] if op.kind in ("cp", "mv") and op.to == source}
+        return {value for value in allowed if value is not None}
+
+    def erased(self, name: str, version: int, before: float = float("inf")) -> bool:
+        """Whether a destroy of that version, or pruning, may have erased it (invoked before `before`)."""
+        for op in self.by_name[name]:
+            if op.kind == "destroy" and op.version == version and op.status != "fail" and op.invoke < before:
+                return True
+        newest = max((v for v in self.final.get(name, FinalSecret(False, None)).versions), default=0)
+        return newest - version >= self.prune_margin
+
+    def check_final_state(self) -> None:
+        for name in sorted(set(self.by_name) | set(self.final)):
+            held = self.final.get(name)
+            versions = held.versions if held is not None else {}
+            for op in self.ok_writes(name):
+                assert op.version is not None
+                if op.version not in versions:
+                    if not self.erased(name, op.version):
+                        self.report(
+                            f"lost write: {name} v{op.version} was acknowledged; the store does not hold it",
+                            op,
+                        )
+                    continue
+                stored = versions[op.version]
+                if stored is None:
+                    if not self.erased(name, op.version):
+                        self.report(
+                            f"lost write: {name} v{op.version} was acknowledged, and destroyed unasked",
+                            op,
+                        )
+                elif op.kind in ("put", "stage") and stored != op.value:
+                    self.report(
+                        f"wrong value: {name} v{op.version} holds {stored}, not the value acknowledged", op
+                    )
+            allowed = self.values_allowed_in(name)
+            if versions:
+                newest = max(versions)
+                for number in range(1, newest + 1):
+                    if (
+                        number not in versions
+                        and newest - number < self.prune_margin
+                        and not any(
+                            op.kind == "destroy" and op.version == number for op in self.by_name[name]
+                        )
+                    ):
+                        self.report(f"version gap: {name} holds v{newest} but not v{number}")
+            # A value may be held twice only by copies into this name (a cp of the version it holds).
+            copies = sum(
+                op.kind in ("cp", "mv") and op.to == name and op.status != "fail" for op in self.by_name[name]
+            )
+            at: dict[str, int] = {}
+            for number, stored in sorted(versions.items()):
+                if stored is None:
+                    continue
+                if stored in at and stored in self.writer_of:
+                    if copies == 0:
+                        self.report(
+                            f"write applied twice: {name} v{at[stored]} and v{number} hold one write's value",
+                            self.writer_of[stored],
+                        )
+                    copies -= 1
+                at.setdefault(stored, number)
+                writer = self.writer_of.get(stored)
+                if stored not in allowed:
+                    if writer is None:
+                        self.report(f"value never written: {name} v{number} holds {stored}")
+                    else:
+                        self.report(
+                            f"value of another secret: {name} v{number} holds one written to {writer.name}",
+                            writer,
+                        )
+                elif writer is not None and writer.status == "fail" and writer.name == name:
+                    self.report(
+                        f"refused write applied: {name} v{number} holds the value of a write that failed",
+                        writer,
+                    )
+
+    def check_compare_and_set(self) -> None:
+        for name, ops in self.by_name.items():
+            setters = [
+                op
+                for op in ops
+                if op.kind in SETS_CURRENT and op.status == "ok" and self.set_version(op) is not None
+            ]
+            for cas in ops:
+                if cas.kind != "put" or cas.expect is None or cas.status != "ok" or cas.name != name:
+                    continue
+                for setter in setters:
+                    version = self.set_version(setter)
+                    assert version is not None
+                    if setter is not cas and version > cas.expect and setter.complete < cas.invoke:
+                        self.report(
+                            f"compare-and-set on a stale version: {name} expected v{cas.expect}, "
+                            f"but v{version} was current before it started",
+                            setter,
+                            cas,
+                        )
+                        break
+
+    def set_version(self, op: Op) -> int | None:
+        """The version an ok operation made current."""
+        if op.kind == "promote" or op.kind in ("put", "cp", "mv"):
+            return op.version
+        return None
+
+    # ---- reads ---------------------------------------------------------------------------------
+
+    def check_reads(self) -> None:
+        for op in self.ops:
+            if op.status != "ok":
+                if op.kind == "get" and op.status == "fail" and op.error == "not_found":
+                    if op.asked is None:
+                        self.check_read_not_found(op.name, op)
+                    else:
+                        self.check_version_not_found(op)
+                continue
+            if op.kind == "get":
+                self.check_read_value(op)
+                if op.asked is not None:
+                    self.check_not_destroyed(op)
+                if op.version is not None and op.asked is None:
+                    self.check_read_current(op.name, op.version, op)
+            elif op.kind in ("cp", "mv") and op.from_version is not None:
+                self.check_copy(op)
+            elif op.kind == "list" and op.listed is not None:
+                for name, current in op.listed.items():
+                    if current is not None:
+                        self.check_read_current(name, current, op)
+                for name in self.by_name:
+                    if name.startswith(op.name) and name not in op.listed:
+                        self.check_read_not_found(name, op)
+
+    def check_copy(self, copy: Op) -> None:
+        """A cp or mv reads `name`'s current version and writes its value as a version of `to`."""
+        assert copy.from_version is not None and copy.to is not None
+        self.check_read_current(copy.name, copy.from_version, copy)
+        source = self.made.get((copy.name, copy.from_version))
+        held = self.final.get(copy.to)
+        if source is None or source.kind not in ("put", "stage") or held is None or copy.version is None:
+            return
+        copied = held.versions.get(copy.version)
+        if copied is not None and copied != source.value:
+            self.report(
+                f"wrong copy: {copy.to} v{copy.version} does not hold {copy.name} v{copy.from_version}",
+                source,
+                copy,
+            )
+
+    def check_read_value(self, read: Op) -> None:
+        name, version, value = read.name, read.version, read.value
+        if value is None or version is None:
+            return
+        writer = self.writer_of.get(value)
+        if value not in self.values_allowed_in(name):
+            if writer is None:
+                self.report(f"read of a value never written: {name} v{version}", read)
+            else:
+                self.report(f"read of another secret's value: {name} v{version}", writer, read)
+            return
+        if writer is not None:
+            if writer.status == "fail":
+                self.report(f"read of a refused write: {name} v{version}", writer, read)
+            if writer.invoke > read.complete:
+                self.report(
+                    f"read from the future: {name} v{version} read before its write began", writer, read
+                )
+        made = self.made.get((name, version))
+        if made is not None and made.kind in ("put", "stage") and made.value != value:
+            self.report(
+                f"wrong value read: {name} v{version} is not the value acknowledged for it", made, read
+            )
+
+    def check_not_destroyed(self, read: Op) -> None:
+        for op in self.by_name[read.name]:
+            if (
+                op.kind == "destroy"
+                and op.version == read.asked
+                and op.status == "ok"
+                and op.complete < read.invoke
+            ):
+                self.report(f"read of a destroyed version: {read.name} v{read.asked}", op, read)
+                return
+
+    def check_read_current(self, name: str, version: int, read: Op) -> None:
+        """A read of `name`'s current version (a get, or a list) that answered `version`."""
+        for op in self.by_name[name]:
+            if op is read or op.status != "ok" or op.complete >= read.invoke:
+                continue
+            newer: int | None = None
+            if (op.kind in SETS_CURRENT and op.writes_to == name) or (
+                op.kind == "get" and op.name == name and op.asked is None
+            ):
+                newer = op.version  # made current, or read as current
+            elif op.kind == "list" and op.listed is not None:
+                newer = op.listed.get(name)
+            if newer is not None and newer > version:
+                self.report(
+                    f"stale read: {name} v{version}, but v{newer} was current before the read started",
+                    op,
+                    read,
+                )
+                return
+        deleted = self.deleted_before(name, read)
+        if deleted is not None:
+            self.report(
+                f"read of a deleted secret: {name} was deleted before the read began, not undeleted since",
+                deleted,
+                read,
+            )
+
+    def deleted_before(self, name: str, read: Op) -> Op | None:
+        """An acknowledged delete of `name` before `read` began that no undelete can have undone."""
+        for delete in self.by_name[name]:
+            if not self.deletes(delete, name) or delete.status != "ok" or delete.complete >= read.invoke:
+                continue
+            undone = any(
+                op.kind == "undelete" and op.name == name and op.status != "fail"
+                and op.invoke < read.complete and op.complete > delete.invoke
+                for op in self.by_name[name]
+            )  # fmt: skip
+            if not undone:
+                return delete
+        return None
+
+    def deletes(self, op: Op, name: str) -> bool:
+        return op.name == name and op.kind in ("delete", "mv")
+
+    def check_read_not_found(self, name: str, read: Op) -> None:
+        """A read of `name`'s current version found nothing (or a list did not name it)."""
+        for live in self.by_name[name]:
+            if live.status != "ok" or live.complete >= read.invoke:
+                continue
+            if not (
+                (live.kind in ("put", "undelete", "promote") and live.name == name)
+                or (live.kind in ("cp", "mv") and live.to == name)
+            ):
+                continue
+            undone = any(
+                self.deletes(op, name) and op.status != "fail"
+                and op.invoke < read.complete and op.complete > live.invoke
+                for op in self.by_name[name]
+            )  # fmt: skip
+            if not undone:
+                self.report(
+                    f"read found no {name}, which was live before the read started and not deleted since",
+                    live,
+                    read,
+                )
+                return
+
+    def check_version_not_found(self, read: Op) -> None:
+        name, version = read.name, read.asked
+        assert version is not None
+        made = self.made.get((name, version))
+        if made is None or made.complete >= read.invoke or self.erased(name, version, read.complete):
+            return
+        if any(
+            self.deletes(op, name) and op.status != "fail" and op.invoke < read.complete
+            for op in self.by_name[name]
+        ):
+            return
+        self.report(f"acknowledged version not found: {name} v{version}", made, read)

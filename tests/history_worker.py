@@ -1,0 +1,263 @@
+"""One client of a recorded history test (tests/test_history.py): random operations on a few
+names for a while, each recorded as it is invoked and as it ends (tests/history_checker.py).
+
+Run as a process of its own: `python tests/history_worker.py CONFIG_JSON`. CONFIG's `target` says
+how it reaches the store: `store` (an EncryptedStore on a SQLite file or a PostgreSQL schema,
+through the Python API), `remote` (a `RemoteStore`: the service, over mutual TLS) or `cli` (the
+`secrets-manager` console script, one process per operation, on a store URL or `--server`). Each
+record is one JSON line, written and flushed to CONFIG's `out` before the operation is sent and
+after it returns, so a client killed mid-operation leaves an invoke without a completion: its
+outcome unknown. Values are unique (`process-counter-random`), never secret material.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError
+
+
+class Recorder:
+    def __init__(self, out: TextIO, process: str) -> None:
+        self.out = out
+        self.process = process
+        self.counter = 0
+
+    def record(self, **fields: Any) -> None:
+        fields.setdefault("time", time.monotonic())
+        self.out.write(json.dumps({"p": self.process, **fields}) + "\n")
+        self.out.flush()
+
+    def run(
+        self, kind: str, name: str, call: Callable[[], dict[str, Any]], **args: Any
+    ) -> dict[str, Any] | None:
+        """Record the invocation, call, record how it ended; the answer if ok, else None."""
+        self.counter += 1
+        index = self.counter
+        self.record(i=index, t="invoke", f=kind, name=name, **args)
+        try:
+            answer = call()
+        except Outcome as outcome:
+            self.record(i=index, t=outcome.status, error=outcome.error)
+            return None
+        except ConflictError as exc:
+            self.record(i=index, t="fail", error="conflict", detail=type(exc).__name__)
+            return None
+        except NotFoundError:
+            self.record(i=index, t="fail", error="not_found")
+            return None
+        except InvalidInputError as exc:  # refused before anything was sent
+            self.record(i=index, t="fail", error=f"invalid: {str(exc)[:200]}")
+            return None
+        except Exception as exc:  # anything else: the outcome is unknown
+            self.record(i=index, t="info", error=f"{type(exc).__name__}: {str(exc)[:200]}")
+            time.sleep(0.1)  # a store or service that is down: do not spin
+            return None
+        self.record(i=index, t="ok", **answer)
+        return answer
+
+
+class Outcome(Exception):
+    """A CLI run that did not succeed: `fail` (a definite refusal) or `info` (unknown)."""
+
+    def __init__(self, status: str, error: str) -> None:
+        super().__init__(error)
+        self.status, self.error = status, error
+
+
+class ApiClient:
+    """The operations through a `SecretStore` (EncryptedStore or RemoteStore)."""
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def put(self, name: str, value: str, expect: int | None) -> dict[str, Any]:
+        return {"version": self.store.put(name, value.encode(), expect_version=expect).version}
+
+    def get(self, name: str, version: int | None) -> dict[str, Any]:
+        secret = self.store.get(name, version=version)
+        return {"version": secret.version, "value": secret.value.reveal().decode()}
+
+    def delete(self, name: str) -> dict[str, Any]:
+        self.store.delete(name)
+        return {}
+
+    def undelete(self, name: str) -> dict[str, Any]:
+        self.store.undelete(name)
+        return {}
+
+    def destroy(self, name: str, version: int) -> dict[str, Any]:
+        self.store.destroy(name, [version])
+        return {}
+
+    def stage(self, name: str, value: str) -> dict[str, Any]:
+        return {"version": self.store.stage(name, value.encode()).version}
+
+    def promote(self, name: str, version: int) -> dict[str, Any]:
+        self.store.promote(name, version)
+        return {}
+
+    def discard(self, name: str) -> dict[str, Any]:
+        return {"version": self.store.discard_pending(name)}
+
+    def list(self, prefix: str) -> dict[str, Any]:
+        return {"listed": {meta.name: meta.current_version for meta in self.store.list(prefix)}}
+
+
+class CliClient:
+    """The operations through the console script, one process each."""
+
+    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+        self.command = command
+        self.env = env
+
+    def cli(self, *args: str, data: str = "") -> Any:
+        proc = subprocess.run(
+            [*self.command, *args], input=data.encode(), capture_output=True, env=self.env, timeout=60
+        )
+        if proc.returncode == 0:
+            return json.loads(proc.stdout) if proc.stdout.strip() else {}
+        error = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        if proc.returncode == 7:
+            raise Outcome("fail", "conflict")
+        if proc.returncode == 3:
+            raise Outcome("fail", "not_found")
+        if proc.returncode == 2:
+            raise Outcome("fail", f"invalid: {error[0][:200]}")
+        raise Outcome("info", f"exit {proc.returncode}: {error[0][:200]}")
+
+    def put(self, name: str, value: str, expect: int | None) -> dict[str, Any]:
+        extra = [] if expect is None else ["--expect-version", str(expect)]
+        return {"version": self.cli("store", name, "--json", *extra, data=value)["version"]}
+
+    def get(self, name: str, version: int | None) -> dict[str, Any]:
+        extra = [] if version is None else ["--version", str(version)]
+        doc = self.cli("get", name, "--json", *extra)
+        return {"version": doc["version"], "value": doc["value"]}
+
+    def delete(self, name: str) -> dict[str, Any]:
+        return dict(self.cli("delete", name))
+
+    def undelete(self, name: str) -> dict[str, Any]:
+        return dict(self.cli("undelete", name))
+
+    def destroy(self, name: str, version: int) -> dict[str, Any]:
+        return dict(self.cli("destroy", name, "--version", str(version)))
+
+    def copy(self, verb: str, old: str, new: str) -> dict[str, Any]:
+        doc = self.cli(verb, old, new, "--force", "--json")
+        return {"version": doc["version"], "from_version": doc["from_version"]}
+
+    def list(self, prefix: str) -> dict[str, Any]:
+        return {"listed": {doc["name"]: doc["current_version"] for doc in self.cli("list", prefix, "--json")}}
+
+
+def open_client(target: dict[str, Any]) -> tuple[Any, Callable[[], None]]:
+    kind = target["kind"]
+    if kind == "cli":
+        return CliClient(target["command"], dict(target["env"])), lambda: None
+    if kind == "remote":
+        from pathlib import Path
+
+        from secrets_manager.client import RemoteStore, TlsFiles
+
+        tls = TlsFiles(cert=Path(target["cert"]), key=Path(target["key"]), ca=Path(target["ca"]))
+        remote = RemoteStore(target["address"], tls, timeout=target.get("timeout", 10.0))
+        return ApiClient(remote), remote.close
+    from secrets_manager.crypto import kdf
+    from secrets_manager.store import EncryptedStore, PasswordUnlock
+
+    storage: Any
+    if kind == "sqlite":
+        from secrets_manager.storage.sqlite import SqliteStorage
+
+        storage = SqliteStorage(target["path"])
+    else:
+        from secrets_manager.storage.postgres import PostgresStorage
+
+        storage = PostgresStorage(target["conninfo"], schema=target["schema"])
+    store = EncryptedStore.open(storage, PasswordUnlock(target["password"], kdf.TEST))
+    return ApiClient(store), store.close
+
+
+def main(config: dict[str, Any]) -> None:
+    rng = random.Random(config["seed"])
+    names: list[str] = config["names"]
+    weights: dict[str, int] = config["weights"]
+    deadline = time.monotonic() + config["duration"]
+    client, close = open_client(config["target"])
+    seen: dict[str, int] = {}  # the newest version of each name this client saw
+    with open(config["out"], "a", encoding="utf-8") as out:
+        recorder = Recorder(out, config["process"])
+        kinds, chances = list(weights), list(weights.values())
+        while time.monotonic() < deadline:
+            kind = rng.choices(kinds, chances)[0]
+            name = rng.choice(names)
+            value = f"{config['process']}-{recorder.counter + 1}-{secrets.token_hex(3)}"
+            one_operation(rng, client, recorder, seen, names, config["prefix"], kind, name, value)
+    close()
+
+
+def one_operation(
+    rng: random.Random,
+    client: Any,
+    recorder: Recorder,
+    seen: dict[str, int],
+    names: list[str],
+    prefix: str,
+    kind: str,
+    name: str,
+    value: str,
+) -> None:
+    """One operation of `kind` on `name`, recorded; `seen` learns the versions it is told of."""
+    answer: dict[str, Any] | None = None
+    if kind == "put":
+        answer = recorder.run("put", name, lambda: client.put(name, value, None), value=value)
+    elif kind == "cas":
+        expect = seen.get(name, 1) - (1 if rng.random() < 0.2 else 0)
+        answer = recorder.run(
+            "put", name, lambda: client.put(name, value, expect), value=value, expect=expect
+        )
+    elif kind == "get":
+        answer = recorder.run("get", name, lambda: client.get(name, None))
+    elif kind == "get_version":
+        asked = rng.randint(1, max(1, seen.get(name, 1)))
+        answer = recorder.run("get", name, lambda: client.get(name, asked), asked=asked)
+    elif kind == "delete":
+        recorder.run("delete", name, lambda: client.delete(name))
+    elif kind == "undelete":
+        recorder.run("undelete", name, lambda: client.undelete(name))
+    elif kind == "destroy" and seen.get(name, 0) >= 4:
+        old = rng.randint(1, seen[name] - 3)  # never current or previous: current only grows
+        recorder.run("destroy", name, lambda: client.destroy(name, old), version=old)
+    elif kind == "rotate" and isinstance(client, ApiClient):
+        staged = recorder.run("stage", name, lambda: client.stage(name, value), value=value)
+        if staged is not None:
+            number = staged["version"]
+            if recorder.run("promote", name, lambda: client.promote(name, number), version=number) is None:
+                recorder.run("discard", name, lambda: client.discard(name))
+    elif kind in ("cp", "mv") and isinstance(client, CliClient):
+        to = rng.choice([n for n in names if n != name])
+        copied = recorder.run(kind, name, lambda: client.copy(kind, name, to), to=to)
+        if copied is not None:
+            seen[to] = max(seen.get(to, 0), copied["version"])
+    elif kind == "list":
+        listed = recorder.run("list", prefix, lambda: client.list(prefix))
+        for listed_name, current in (listed or {}).get("listed", {}).items():
+            if current is not None:
+                seen[listed_name] = max(seen.get(listed_name, 0), current)
+    if answer is not None and "version" in answer:
+        seen[name] = max(seen.get(name, 0), answer["version"])
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    main(json.loads(sys.argv[1]))
