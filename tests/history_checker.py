@@ -14,8 +14,9 @@ serial order: every anomaly it reports is real, and each names the operations th
 - versions per name are unique, and contiguous; one write makes one version, never two (a write
   retried after its answer was lost); every version the store holds was made by a write
   of the history, with that write's value; a write refused (`fail`) is never seen;
-- a compare-and-set that succeeded had its expected version current: none newer was acknowledged
-  before it started (`current` only moves forward: no rollback in these histories);
+- a compare-and-set (a put or delete with an expected version) that succeeded had that version
+  current: none newer was acknowledged before it started (`current` only moves forward: no
+  rollback in these histories);
 - a read returns a value some write of that name (or a copy into it) made, at a version at least
   as new as every version acknowledged, or read, before the read started;
 - a read sees the secret live or deleted as the deletes and undeletes around it allow;
@@ -39,7 +40,8 @@ from typing import Any
 #   put: value, expect (None or a version; 0: create only)  → version
 #   get: asked (None: current)                              → version, value
 #   list: prefix                                            → listed {name: current version}
-#   delete, undelete                                        → nothing
+#   delete: expect (None or the version that must be current) → nothing
+#   undelete                                                → nothing
 #   destroy: version                                        → nothing
 #   stage: value                                            → version (labelled pending)
 #   promote: version                                        → nothing
@@ -249,9 +251,8 @@ class _Checker:
                     ):
                         self.report(f"version gap: {name} holds v{newest} but not v{number}")
             # A value may be held twice only by copies into this name (a cp of the version it holds).
-            copies = sum(
-                op.kind in ("cp", "mv") and op.to == name and op.status != "fail" for op in self.by_name[name]
-            )
+            # (An mv refused after its copy, OLD having changed meanwhile, leaves the copy made.)
+            copies = sum(op.kind in ("cp", "mv") and op.to == name for op in self.by_name[name])
             at: dict[str, int] = {}
             for number, stored in sorted(versions.items()):
                 if stored is None:
@@ -284,10 +285,18 @@ class _Checker:
             setters = [
                 op
                 for op in ops
-                if op.kind in SETS_CURRENT and op.status == "ok" and self.set_version(op) is not None
+                if op.kind in SETS_CURRENT
+                and op.status == "ok"
+                and op.writes_to == name
+                and self.set_version(op) is not None
             ]
             for cas in ops:
-                if cas.kind != "put" or cas.expect is None or cas.status != "ok" or cas.name != name:
+                if (
+                    cas.kind not in ("put", "delete")
+                    or cas.expect is None
+                    or cas.status != "ok"
+                    or cas.name != name
+                ):
                     continue
                 for setter in setters:
                     version = self.set_version(setter)

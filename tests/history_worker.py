@@ -3,7 +3,8 @@ names for a while, each recorded as it is invoked and as it ends (tests/history_
 
 Run as a process of its own: `python tests/history_worker.py CONFIG_JSON`. CONFIG's `target` says
 how it reaches the store: `store` (an EncryptedStore on a SQLite file or a PostgreSQL schema,
-through the Python API), `remote` (a `RemoteStore`: the service, over mutual TLS) or `cli` (the
+through the Python API; cp and mv through the CLI's own `copy_secret`), `remote` (a `RemoteStore`:
+the service, over mutual TLS) or `cli` (the
 `secrets-manager` console script, one process per operation, on a store URL or `--server`). Each
 record is one JSON line, written and flushed to CONFIG's `out` before the operation is sent and
 after it returns, so a client killed mid-operation leaves an invoke without a completion: its
@@ -30,6 +31,7 @@ class Recorder:
         self.out = out
         self.process = process
         self.counter = 0
+        self.fail_over: Callable[[], object] | None = None  # after an unknown outcome
 
     def record(self, **fields: Any) -> None:
         fields.setdefault("time", time.monotonic())
@@ -60,6 +62,8 @@ class Recorder:
         except Exception as exc:  # anything else: the outcome is unknown
             self.record(i=index, t="info", error=f"{type(exc).__name__}: {str(exc)[:200]}")
             time.sleep(0.1)  # a store or service that is down: do not spin
+            if self.fail_over is not None:
+                self.fail_over()
             return None
         self.record(i=index, t="ok", **answer)
         return answer
@@ -86,8 +90,8 @@ class ApiClient:
         secret = self.store.get(name, version=version)
         return {"version": secret.version, "value": secret.value.reveal().decode()}
 
-    def delete(self, name: str) -> dict[str, Any]:
-        self.store.delete(name)
+    def delete(self, name: str, expect: int | None = None) -> dict[str, Any]:
+        self.store.delete(name, expect_version=expect)
         return {}
 
     def undelete(self, name: str) -> dict[str, Any]:
@@ -110,6 +114,14 @@ class ApiClient:
 
     def list(self, prefix: str) -> dict[str, Any]:
         return {"listed": {meta.name: meta.current_version for meta in self.store.list(prefix)}}
+
+    def copy(self, verb: str, old: str, new: str) -> dict[str, Any]:
+        """`mv`/`cp OLD NEW --force` as the CLI does them (its own function), on this store."""
+        from secrets_manager.cli.app import Note
+        from secrets_manager.cli.move_commands import copy_secret
+
+        copied = copy_secret(self.store, Note(), old, new, force=True, remove=verb == "mv")
+        return {"version": copied.version, "from_version": copied.from_version}
 
 
 class CliClient:
@@ -143,8 +155,9 @@ class CliClient:
         doc = self.cli("get", name, "--json", *extra)
         return {"version": doc["version"], "value": doc["value"]}
 
-    def delete(self, name: str) -> dict[str, Any]:
-        return dict(self.cli("delete", name))
+    def delete(self, name: str, expect: int | None = None) -> dict[str, Any]:
+        extra = [] if expect is None else ["--expect-version", str(expect)]
+        return dict(self.cli("delete", name, *extra))
 
     def undelete(self, name: str) -> dict[str, Any]:
         return dict(self.cli("undelete", name))
@@ -170,7 +183,9 @@ def open_client(target: dict[str, Any]) -> tuple[Any, Callable[[], None]]:
         from secrets_manager.client import RemoteStore, TlsFiles
 
         tls = TlsFiles(cert=Path(target["cert"]), key=Path(target["key"]), ca=Path(target["ca"]))
-        remote = RemoteStore(target["address"], tls, timeout=target.get("timeout", 10.0))
+        remote = RemoteStore(
+            target["address"], tls, timeout=target.get("timeout", 10.0), replicas=target.get("replicas", ())
+        )
         return ApiClient(remote), remote.close
     from secrets_manager.crypto import kdf
     from secrets_manager.store import EncryptedStore, PasswordUnlock
@@ -197,6 +212,8 @@ def main(config: dict[str, Any]) -> None:
     seen: dict[str, int] = {}  # the newest version of each name this client saw
     with open(config["out"], "a", encoding="utf-8") as out:
         recorder = Recorder(out, config["process"])
+        if isinstance(client, ApiClient) and hasattr(client.store, "fail_over"):
+            recorder.fail_over = lambda: client.store.fail_over(2.0)  # to another replica serving
         kinds, chances = list(weights), list(weights.values())
         while time.monotonic() < deadline:
             kind = rng.choices(kinds, chances)[0]
@@ -233,6 +250,9 @@ def one_operation(
         answer = recorder.run("get", name, lambda: client.get(name, asked), asked=asked)
     elif kind == "delete":
         recorder.run("delete", name, lambda: client.delete(name))
+    elif kind == "cdelete":
+        expect = seen.get(name, 1)
+        recorder.run("delete", name, lambda: client.delete(name, expect), expect=expect)
     elif kind == "undelete":
         recorder.run("undelete", name, lambda: client.undelete(name))
     elif kind == "destroy" and seen.get(name, 0) >= 4:
@@ -244,7 +264,7 @@ def one_operation(
             number = staged["version"]
             if recorder.run("promote", name, lambda: client.promote(name, number), version=number) is None:
                 recorder.run("discard", name, lambda: client.discard(name))
-    elif kind in ("cp", "mv") and isinstance(client, CliClient):
+    elif kind in ("cp", "mv"):
         to = rng.choice([n for n in names if n != name])
         copied = recorder.run(kind, name, lambda: client.copy(kind, name, to), to=to)
         if copied is not None:

@@ -38,11 +38,11 @@ WORKER = Path(__file__).with_name("history_worker.py")
 PREFIX = "hist/"
 NAMES = [f"{PREFIX}{letter}" for letter in "abcde"]
 MAX_VERSIONS = 100
-API_WEIGHTS = {"get": 30, "get_version": 8, "put": 15, "cas": 15, "list": 4, "delete": 5, "undelete": 7,
-               "destroy": 3, "rotate": 4}  # fmt: skip
+API_WEIGHTS = {"get": 30, "get_version": 8, "put": 15, "cas": 15, "list": 4, "delete": 3, "cdelete": 3,
+               "undelete": 7, "destroy": 3, "rotate": 4, "cp": 2, "mv": 2}  # fmt: skip
 RPC_WEIGHTS = {kind: weight for kind, weight in API_WEIGHTS.items() if kind != "destroy"}  # not offered
-CLI_WEIGHTS = {"get": 20, "get_version": 5, "put": 10, "cas": 10, "list": 4, "delete": 4, "undelete": 6,
-               "destroy": 2, "cp": 4, "mv": 3}  # fmt: skip
+CLI_WEIGHTS = {"get": 20, "get_version": 5, "put": 10, "cas": 10, "list": 4, "delete": 2, "cdelete": 2,
+               "undelete": 6, "destroy": 2, "cp": 4, "mv": 3}  # fmt: skip
 DURATION = float(os.environ.get("HISTORY_SECONDS", "10"))
 
 
@@ -457,20 +457,24 @@ def replicas(
             server.stop()
 
 
-def remote_target(server: Server) -> dict[str, Any]:
+def remote_target(server: Server, others: list[Server] = ()) -> dict[str, Any]:  # type: ignore[assignment]
+    """A client of `server` that moves to one of `others` that serves after an unknown outcome."""
     return {
         "kind": "remote",
         "address": server.address,
+        "replicas": [server.address, *(other.address for other in others)],
         "cert": str(server.dir / "ops.pem"),
         "key": str(server.dir / "ops-key.pem"),
         "ca": str(server.dir / "ca.pem"),
     }
 
 
-def remote_cli(server: Server) -> dict[str, Any]:
+def remote_cli(*servers: Server) -> dict[str, Any]:
+    """The CLI with these addresses (it asks them in turn: the next when one does not answer)."""
+    server = servers[0]
     return {
         "kind": "cli",
-        "command": [str(SCRIPT), "--server", server.address],
+        "command": [str(SCRIPT), "--server", ",".join(s.address for s in servers)],
         "env": {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "HOME": str(server.dir),
@@ -505,7 +509,13 @@ def test_a_replica_killed_mid_run_leaves_a_linearizable_history(
     conninfo, schema = postgres_store
     run = Run(tmp_path, run_seed())
     for index in range(4):
-        run.start(f"rpc{index}", remote_target(replicas[index % 2]), RPC_WEIGHTS, DURATION)
+        run.start(
+            f"rpc{index}",
+            remote_target(replicas[index % 2], [replicas[1 - index % 2]]),
+            RPC_WEIGHTS,
+            DURATION,
+        )
+    run.start("cli0", remote_cli(replicas[0], replicas[1]), CLI_WEIGHTS, DURATION)
     rng = random.Random(run.seed)
     time.sleep(rng.uniform(1, DURATION / 2))
     replicas[0].kill()
