@@ -19,7 +19,8 @@ serial order: every anomaly it reports is real, and each names the operations th
   rollback in these histories);
 - a read returns a value some write of that name (or a copy into it) made, at a version at least
   as new as every version acknowledged, or read, before the read started;
-- a read sees the secret live or deleted as the deletes and undeletes around it allow;
+- a read, delete, undelete or write sees the secret live or deleted as the deletes and undeletes
+  around it allow, and a compare-and-set is refused only if its version may not have been current;
 - a cp or mv copies a version of its source that was current while it ran, and its value;
 - a read of a version by number finds it while nothing could have erased it, and not once a
   destroy of it was acknowledged.
@@ -320,6 +321,7 @@ class _Checker:
 
     def check_reads(self) -> None:
         for op in self.ops:
+            self.check_deleted_state(op)
             if op.status != "ok":
                 if op.kind == "get" and op.status == "fail" and op.error == "not_found":
                     if op.asked is None:
@@ -342,6 +344,60 @@ class _Checker:
                 for name in self.by_name:
                     if name.startswith(op.name) and name not in op.listed:
                         self.check_read_not_found(name, op)
+
+    def check_deleted_state(self, op: Op) -> None:
+        """What deletes, undeletes and writes found of the secret's deleted state, and refusals of
+        compare-and-sets, against the deletes and undeletes around them."""
+        name = op.name
+        refused = op.status == "fail"
+        if op.kind == "delete" and op.status == "ok":
+            self.check_live(name, op, "delete of a deleted secret acknowledged")
+        elif op.kind == "delete" and refused and op.error == "not_found":
+            self.check_read_not_found(name, op, "delete found no")
+        elif op.kind == "undelete" and op.status == "ok":
+            self.check_read_not_found(name, op, "undelete acknowledged of a live")
+        elif op.kind == "undelete" and refused and op.error == "conflict":
+            deleted = self.deleted_before(name, op)
+            if deleted is not None:
+                self.report(f"undelete refused as if live: {name} was deleted before it began", deleted, op)
+        elif op.kind == "put" and refused and op.error == "conflict":
+            if op.expect is None:  # a plain write is refused only while the secret is deleted
+                self.check_read_not_found(name, op, "write refused as if deleted:")
+            else:
+                self.check_compare_and_set_refusal(op)
+
+    def check_compare_and_set_refusal(self, cas: Op) -> None:
+        """A put expecting version N was refused: N was not current, or the secret deleted, at some
+        instant while it ran. Not so if a write acknowledged before it began made N current, and
+        nothing that could change that (a write, a promote, a copy into it, a delete) can have
+        come between."""
+        name = cas.name
+        for setter in self.by_name[name]:
+            if not (
+                setter.kind in SETS_CURRENT
+                and setter.status == "ok"
+                and setter.writes_to == name
+                and setter.version == cas.expect
+                and setter.complete < cas.invoke
+            ):
+                continue
+            changed = any(
+                op is not setter
+                and op.invoke < cas.complete
+                and op.complete > setter.invoke
+                and (
+                    (
+                        op.kind in SETS_CURRENT
+                        and op.writes_to == name
+                        and (op.status != "fail" or op.kind == "mv")
+                    )
+                    or (self.deletes(op, name) and op.status != "fail")
+                )
+                for op in self.by_name[name]
+            )
+            if not changed:
+                self.report(f"compare-and-set refused while v{cas.expect} of {name} was current", setter, cas)
+            return
 
     def check_copy(self, copy: Op) -> None:
         """A cp or mv reads `name`'s current version and writes its value as a version of `to`."""
@@ -413,13 +469,13 @@ class _Checker:
                     read,
                 )
                 return
-        deleted = self.deleted_before(name, read)
+        self.check_live(name, read, "read of a deleted secret")
+
+    def check_live(self, name: str, op: Op, what: str) -> None:
+        """`op` found `name` live (not deleted)."""
+        deleted = self.deleted_before(name, op)
         if deleted is not None:
-            self.report(
-                f"read of a deleted secret: {name} was deleted before the read began, not undeleted since",
-                deleted,
-                read,
-            )
+            self.report(f"{what}: {name} was deleted before it began, not undeleted since", deleted, op)
 
     def deleted_before(self, name: str, read: Op) -> Op | None:
         """An acknowledged delete of `name` before `read` began that no undelete can have undone."""
@@ -438,7 +494,7 @@ class _Checker:
     def deletes(self, op: Op, name: str) -> bool:
         return op.name == name and op.kind in ("delete", "mv")
 
-    def check_read_not_found(self, name: str, read: Op) -> None:
+    def check_read_not_found(self, name: str, read: Op, what: str = "read found no") -> None:
         """A read of `name`'s current version found nothing (or a list did not name it)."""
         for live in self.by_name[name]:
             if live.status != "ok" or live.complete >= read.invoke:
@@ -455,7 +511,7 @@ class _Checker:
             )  # fmt: skip
             if not undone:
                 self.report(
-                    f"read found no {name}, which was live before the read started and not deleted since",
+                    f"{what} {name}, which was live before it started and not deleted since",
                     live,
                     read,
                 )

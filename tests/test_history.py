@@ -196,6 +196,32 @@ def test_the_checker_finds_a_refused_compare_and_set_that_was_applied() -> None:
     assert any(a.startswith("refused write applied") for a in anomalies), anomalies
 
 
+def test_the_checker_finds_a_compare_and_set_refused_while_its_version_was_current() -> None:
+    ops = [
+        _put("a", "x", "x1", 1, 0, 1),
+        Op("b", "put", "x", 2, 3, "fail", value="x2", expect=1, error="conflict"),
+        Op("b", "put", "x", 4, 5, "fail", value="x3", error="conflict"),
+    ]
+    anomalies = check(ops, {"x": FinalSecret(False, 1, {1: "x1"})})
+    assert any(a.startswith("compare-and-set refused while v1 of x was current") for a in anomalies), (
+        anomalies
+    )
+    assert any(a.startswith("write refused as if deleted: x") for a in anomalies), anomalies
+
+
+def test_the_checker_finds_a_delete_and_an_undelete_that_found_the_wrong_state() -> None:
+    ops = [
+        _put("a", "x", "x1", 1, 0, 1),
+        Op("a", "delete", "x", 2, 3, "ok"),
+        Op("b", "delete", "x", 4, 5, "ok"),
+        _put("a", "y", "y1", 1, 0, 1),
+        Op("b", "undelete", "y", 4, 5, "ok"),
+    ]
+    anomalies = check(ops, {"x": FinalSecret(True, 1, {1: "x1"}), "y": FinalSecret(False, 1, {1: "y1"})})
+    assert any(a.startswith("delete of a deleted secret acknowledged: x") for a in anomalies), anomalies
+    assert any(a.startswith("undelete acknowledged of a live y") for a in anomalies), anomalies
+
+
 def test_the_checker_finds_a_compare_and_set_that_succeeded_on_a_stale_version() -> None:
     ops = [
         _put("a", "x", "x1", 1, 0, 1),
@@ -503,9 +529,11 @@ def test_clients_spread_over_two_replicas_leave_a_linearizable_history(
 
 
 @pytest.mark.slow
-def test_a_replica_killed_mid_run_leaves_a_linearizable_history(
-    tmp_path: Path, postgres_store: tuple[str, str], replicas: list[Server]
+def test_a_replica_killed_mid_run_and_terminated_connections_leave_a_linearizable_history(
+    tmp_path: Path, postgres_cluster: Any, postgres_store: tuple[str, str], replicas: list[Server]
 ) -> None:
+    """Clients of the killed replica move to the other; meanwhile the replicas' database
+    connections are ended under them."""
     conninfo, schema = postgres_store
     run = Run(tmp_path, run_seed())
     for index in range(4):
@@ -516,10 +544,18 @@ def test_a_replica_killed_mid_run_leaves_a_linearizable_history(
             DURATION,
         )
     run.start("cli0", remote_cli(replicas[0], replicas[1]), CLI_WEIGHTS, DURATION)
-    rng = random.Random(run.seed)
+    stop = threading.Event()
+    ended: list[int] = []
+    terminator = threading.Thread(
+        target=lambda: ended.extend(terminate_backends(postgres_cluster, stop, random.Random(run.seed)))
+    )
+    terminator.start()
+    rng = random.Random(run.seed + 1)
     time.sleep(rng.uniform(1, DURATION / 2))
     replicas[0].kill()
     run.wait()
+    stop.set()
+    terminator.join(timeout=30)
     ops = assert_consistent(run, postgres_final(conninfo, schema))
-    print("replicas, kill", len(ops), summary(ops))
+    print("replicas, kill", len(ops), len(ended), "backends ended", summary(ops))
     assert sum(op.status == "ok" for op in ops) > 50
