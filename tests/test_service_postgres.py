@@ -28,7 +28,7 @@ from secrets_manager.crypto import kdf
 from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.v1 import secrets_pb2 as pb
-from secrets_manager.wire import WATCH_REVISION_KEY
+from secrets_manager.wire import WATCH_REVISION_KEY, status_for
 from service_fixtures import (
     PASSWORD,
     POLICY,
@@ -641,3 +641,52 @@ def test_the_sdk_with_several_addresses_watches_through_another_when_the_first_o
         first.kill()
         second.stop()
         proxy.close()
+
+
+def test_a_change_whose_commit_answer_the_service_lost_reaches_its_client_as_an_unknown_outcome(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """The service's store sent COMMIT and no answer came: the change may have been made (here it
+    was). Its client is told so as OutcomeUnknownError (INTERNAL, the class named in the trailing
+    metadata, as for ChangeUnrecordedError), which no client retries. It was UNAVAILABLE, read
+    back as a plain StorageError: a status gRPC retry policies retry (the change made twice), and
+    which the SDK counts as no service answering. Found by tests/test_history.py (a promote through
+    a replica whose database connection was terminated at its COMMIT)."""
+    from secrets_manager.client import RemoteStore
+    from secrets_manager.errors import OutcomeUnknownError
+    from service_fixtures import tls_files
+
+    make_pki(tmp_path)
+    (tmp_path / "policy.toml").write_text(POLICY)
+    schema = postgres_cluster.new_schema()
+    create_store(postgres_cluster.url(with_password=True), schema, SEED)
+    proxy = AnswersStop("127.0.0.1", postgres_cluster.port, b"COMMIT", after=b"data/auth/MAYBE#1")
+    through = (
+        f"host=127.0.0.1 port={proxy.port} dbname={DATABASE} user=sm_test "
+        f"password={postgres_cluster.role_password}"
+    )
+    store = EncryptedStore.open(
+        PostgresStorage(through, schema=schema, answer_timeout=1), PasswordUnlock(PASSWORD, kdf.TEST)
+    )
+    try:
+        with in_process_server(tmp_path, store, watch_tick=30, audit_timeout=5) as (running, _stub):
+            remote = RemoteStore(f"127.0.0.1:{running.port}", tls_files(tmp_path, "ops"), timeout=20)
+            try:
+                with pytest.raises(OutcomeUnknownError, match="the change may have been made") as caught:
+                    remote.put("auth/MAYBE", b"made-or-not-SEEKRIT")
+            finally:
+                remote.close()
+    finally:
+        proxy.close()
+        store.close()
+    assert proxy.stalled.is_set()
+    assert "no answer to COMMIT within 1 s" in str(caught.value) and "SEEKRIT" not in str(caught.value)
+    assert status_for(caught.value) is grpc.StatusCode.INTERNAL
+    direct = EncryptedStore.open(
+        PostgresStorage(postgres_cluster.url(with_password=True), schema=schema),
+        PasswordUnlock(PASSWORD, kdf.TEST),
+    )
+    try:
+        assert direct.get("auth/MAYBE").value.reveal() == b"made-or-not-SEEKRIT"
+    finally:
+        direct.close()

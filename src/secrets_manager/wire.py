@@ -17,6 +17,7 @@ from secrets_manager.errors import (
     InvalidInputError,
     NotFoundError,
     NothingToChangeError,
+    OutcomeUnknownError,
     ResourceExhaustedError,
     RotationInProgressError,
     RotationStepFailed,
@@ -64,6 +65,9 @@ STATUS_OF_ERROR: tuple[tuple[type[SecretsManagerError], grpc.StatusCode], ...] =
     # INTERNAL is what no client retries (an invariant of the service, every change audited,
     # broke); the trailing metadata names the class (the message says not to make it again).
     (ChangeUnrecordedError, grpc.StatusCode.INTERNAL),
+    # Likewise a change the service's store sent whose answer was lost (COMMIT sent, the database
+    # connection ended or went silent): it may have been made, and must not be made again elsewhere.
+    (OutcomeUnknownError, grpc.StatusCode.INTERNAL),
     (StorageError, grpc.StatusCode.UNAVAILABLE),
     (RotationStepFailed, grpc.StatusCode.FAILED_PRECONDITION),  # the target refused the new value
 )
@@ -74,12 +78,15 @@ ERROR_CLASS_KEY = "secrets-manager-error"
 # Classes a client raises for their status only when the metadata names them: INTERNAL without it
 # is a bug of the service ("internal error"), not a change made; FAILED_PRECONDITION without it is
 # a rotation's failed command (RotateSecret), as from services before SecretStateError.
-_ONLY_WHEN_NAMED: frozenset[type[SecretsManagerError]] = frozenset({ChangeUnrecordedError, SecretStateError})
+_ONLY_WHEN_NAMED: frozenset[type[SecretsManagerError]] = frozenset(
+    {ChangeUnrecordedError, OutcomeUnknownError, SecretStateError}
+)
 _REFINED_ERRORS: dict[str, type[SecretsManagerError]] = {
     cls.__name__: cls
     for cls in (
         ChangeUnrecordedError,
         NothingToChangeError,
+        OutcomeUnknownError,
         RotationInProgressError,
         SecretStateError,
         ThrottledError,
