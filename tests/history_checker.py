@@ -9,6 +9,7 @@ its invocation and its completion (linearizability) could show, for the properti
 returns the anomalies found (empty: none). It checks necessary conditions, not a full search for a
 serial order: every anomaly it reports is real, and each names the operations that show it.
 
+- a change whose outcome is unknown is raised as OutcomeUnknownError, never as another error;
 - every acknowledged write is in the final state with its value (unless a later `destroy` of
   that version, or pruning past the secret's version limit, erased it);
 - versions per name are unique, and contiguous; one write makes one version, never two (a write
@@ -168,11 +169,27 @@ class _Checker:
         self.anomalies.append("; ".join([what, *(str(op) for op in ops)]))
 
     def run(self) -> list[str]:
+        self.check_unknown_outcomes_say_so()
         self.check_unique_versions()
         self.check_final_state()
         self.check_compare_and_set()
         self.check_reads()
         return self.anomalies
+
+    def check_unknown_outcomes_say_so(self) -> None:
+        """A change whose outcome the store says is unknown ("may have been made") is raised as
+        such (`OutcomeUnknownError`, or `ChangeUnrecordedError`: made), through any client, so a
+        caller can tell it from a refusal that changed nothing. (`error` is "Class: message" from
+        API clients; the CLI's exit code is 1 for either.)"""
+        for op in self.ops:
+            said = op.error or ""
+            if (
+                op.status == "info"
+                and "may have been made" in said
+                and ":" in said.split()[0]
+                and not said.startswith(("OutcomeUnknownError:", "ChangeUnrecordedError:"))
+            ):
+                self.report(f"unknown outcome raised as {said.split(':')[0]}", op)
 
     # ---- writes --------------------------------------------------------------------------------
 

@@ -265,6 +265,17 @@ def test_the_checker_finds_a_copy_of_a_stale_version_and_a_copy_of_the_wrong_val
     assert any(a.startswith("wrong copy: y v2") for a in anomalies), anomalies
 
 
+def test_the_checker_finds_an_unknown_outcome_raised_as_another_error() -> None:
+    said = "store …: the connection ended before the answer to COMMIT came; the change may have been made"
+    ops = [
+        _put("a", "x", "x1", 1, 0, 1),
+        Op("a", "promote", "x", 2, 3, "info", version=1, error=f"StorageError: {said}"),
+        Op("a", "promote", "x", 4, 5, "info", version=1, error=f"OutcomeUnknownError: {said}"),
+    ]
+    anomalies = check(ops, {"x": FinalSecret(False, 1, {1: "x1"})})
+    assert [a.split(";")[0] for a in anomalies] == ["unknown outcome raised as StorageError"], anomalies
+
+
 def test_an_unfinished_operation_is_of_unknown_outcome() -> None:
     records = [
         {"p": "a", "i": 1, "t": "invoke", "f": "put", "name": "x", "value": "x1", "time": 0.0},
