@@ -469,6 +469,35 @@ def test_binary_value_is_not_printed_as_text(ready: Cli) -> None:
     assert_one_line_error(ready("get", "svc/BYTE"), 2, "the value of svc/BYTE is binary (1 byte);")
 
 
+def test_a_value_holding_a_nul_byte_is_binary(ready: Cli) -> None:
+    """Valid UTF-8 but no text: printed with a newline after it, a file piped from `get` would
+    not be the stored bytes; `--raw` gives them, `--json` the value escaped."""
+    assert ready("store", "--raw", "svc/NUL", input=b"a\x00b").code == 0
+    assert_one_line_error(ready("get", "svc/NUL"), 2, "the value of svc/NUL is binary (3 bytes); use --raw")
+    assert ready("get", "svc/NUL", "--raw").stdout == b"a\x00b"
+    assert json.loads(ready("get", "svc/NUL", "--json").out)["value"] == "a\x00b"
+
+
+def test_a_terminal_is_not_sent_the_control_characters_of_a_value(ready: Cli) -> None:
+    """An escape sequence in a value (whoever could write it) would act on the reader's terminal
+    (OSC 52 sets the clipboard, CSI 2J clears the screen): refused there, exit 2; a pipe still
+    gets the text as stored, and --raw the exact bytes."""
+    hostile = b"ok\x1b]52;c;aGk=\x07\x1b[2J"
+    assert ready("store", "--raw", "svc/ESC", input=hostile).code == 0
+    assert ready("store", "--raw", "svc/CRLF", input=b"line one\r\nline\ttwo").code == 0
+    env = {**ready.env, "TERM": "dumb"}
+    code, shown = on_a_terminal(["get", "svc/ESC"], env, lambda out: None)
+    assert code == 2 and "\x1b" not in shown
+    assert shown.strip() == (
+        "secrets-manager: error: the value of svc/ESC holds a control character (\\x1b) that a "
+        "terminal would act on; use --raw into a file or a pipe, or --json"
+    )
+    code, shown = on_a_terminal(["get", "svc/CRLF"], env, lambda out: None)
+    assert (code, shown) == (0, "line one\r\r\nline\ttwo\r\n")  # the pty turns each \n into \r\n
+    assert ready("get", "svc/ESC").stdout == hostile + b"\n"
+    assert ready("get", "svc/ESC", "--raw").stdout == hostile
+
+
 def test_counts_of_one_are_said_in_the_singular(ready: Cli, tmp_path: Path) -> None:
     """Not "1 names exist", "1 iterations", "1 records": each count the CLI says with its noun."""
     from secrets_manager.cli.output import byte_size, counted

@@ -52,6 +52,7 @@ from secrets_manager.cli.output import (
     print_table,
     printable,
     suggested,
+    terminal_control,
     timestamp,
     warning_line,
 )
@@ -1341,16 +1342,25 @@ def get(
             doc["value_base64"] = base64.b64encode(data).decode("ascii")
         print_json(doc)
         return
+    text: str | None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:  # no text holds a NUL: a file, a key, a C string's end
         raise InvalidInputError(
             f"the value of {name} is binary ({counted(len(data), 'byte')}); use --raw or --json"
-        ) from None
+        )
     if clipboard is not None:
         copy_to_clipboard(clipboard, data, f"{name}{selector}{field}")
         return
-    del text  # the stored bytes, not the text re-encoded in the locale's encoding (Latin-1: other bytes)
+    control = terminal_control(text) if sys.stdout.isatty() else None
+    if control is not None:  # an escape sequence could retitle the window, set the clipboard…
+        raise InvalidInputError(
+            f"the value of {name} holds a control character ({control}) that a terminal would act "
+            "on; use --raw into a file or a pipe, or --json"
+        )
+    # the stored bytes, not the text re-encoded in the locale's encoding (Latin-1: other bytes)
     click.echo(data)
 
 

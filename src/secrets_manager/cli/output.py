@@ -42,6 +42,9 @@ _ALSO_ESCAPED = frozenset("\u2028\u2029\u202a\u202b\u202c\u202d\u202e\u2066\u206
 # What json.dumps(ensure_ascii=False) leaves raw of those; they occur only inside JSON strings.
 # Lone surrogates too (a forged record's "\\ud800"): UTF-8 cannot write them.
 _JSON_UNSAFE = re.compile("[\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+# What a terminal acts on rather than shows, in a value `get` would print: C0 controls but tab and
+# newline (a carriage return only before a newline: CRLF text), DEL and the C1 controls.
+_TERMINAL_CONTROLS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]|\r(?!\n)")
 _AGE = re.compile(r"([0-9]+)([smhd])")
 _AGE_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
@@ -61,6 +64,13 @@ def _escaped(char: str) -> str:
         code = ord(char)
         return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
     return char
+
+
+def terminal_control(text: str) -> str | None:
+    """The first character of `text` a terminal would act on (escape, bell, a lone carriage
+    return…), escaped for an error line; None if it shows as it is."""
+    found = _TERMINAL_CONTROLS.search(text)
+    return printable(found[0]) if found else None
 
 
 class OutputClosed(Exception):  # not an OSError: click would turn EPIPE into exit 1
