@@ -1844,9 +1844,10 @@ def test_a_value_argument_is_stored_as_its_bytes_even_when_not_utf8(ready: Cli) 
 def test_a_byte_typed_at_a_prompt_that_is_not_utf8_is_a_one_line_error(
     ready: Cli, args: list[str], env: dict[str, str | None], what: str
 ) -> None:
-    """A Latin-1 byte typed at the value or password prompt: internal error (UnicodeDecodeError)."""
+    """A Latin-1 byte typed at the value or password prompt: internal error (UnicodeDecodeError).
+    At the master password's prompt it is an unlock that failed (4, as a wrong password; it was 2)."""
     code, out = _typed_at_the_prompt(ready, b"\xc3\r", *args, env=env)
-    assert code == 2, out
+    assert code == (4 if "password" in what else 2), out
     assert "Traceback" not in out and "internal error" not in out, out
     assert f"secrets-manager: error: {what}" in out, out
     assert ready("list").out == ""
@@ -3460,7 +3461,25 @@ def test_an_empty_password_source_says_what_to_do(ready: Cli, tmp_path: Path) ->
 
 
 def test_a_master_password_variable_that_is_not_utf8_is_a_one_line_error_without_it(ready: Cli) -> None:
-    """It was an internal error (UnicodeEncodeError, whose traceback and repr carry the password)."""
+    """It was an internal error (UnicodeEncodeError, whose traceback and repr carry the password).
+    It is a master password that cannot unlock the store: exit 4 and audited as a refused unlock,
+    as a wrong or empty one (it was exit 2, invalid input, and not audited); for `init`'s new
+    password it is input (2), as an empty or mistyped new password is."""
     result = ready("list", env={"MASTER_PASSWORD": os.fsdecode(b"hunter2-\xff-password")})
-    assert_one_line_error(result, 2, "MASTER_PASSWORD is not UTF-8 text")
+    assert_one_line_error(
+        result,
+        4,
+        "MASTER_PASSWORD is not UTF-8 text: put the password in a 0600 file and set MASTER_PASSWORD_FILE",
+    )
     assert "hunter2" not in result.stderr
+    [last] = json.loads(ready("audit", "show", "--json", "--last", "1").out)
+    assert (last["operation"], last["outcome"]) == ("unlock", "unlock_failed")
+    other = ready.store.with_name("other.db")
+    made = ready(
+        "init",
+        "--kdf-profile",
+        "test",
+        env={"MASTER_PASSWORD": os.fsdecode(b"hunter2-\xff-password"), "SECRETS_MANAGER_STORE": str(other)},
+    )
+    assert_one_line_error(made, 2, "MASTER_PASSWORD is not UTF-8 text")
+    assert not other.exists()

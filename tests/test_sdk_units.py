@@ -198,7 +198,7 @@ def test_a_master_password_variable_that_is_not_utf8_is_refused_without_repeatin
     """Bytes that are not UTF-8 in MASTER_PASSWORD (Python decodes them with surrogateescape) made
     resolve_config raise UnicodeEncodeError, which carries the whole password and shows it in its
     repr."""
-    with pytest.raises(InvalidInputError, match="MASTER_PASSWORD is not UTF-8 text") as refused:
+    with pytest.raises(UnlockError, match="MASTER_PASSWORD is not UTF-8 text") as refused:
         resolve_config(environ={"MASTER_PASSWORD": "hunter2-\udcff-password"})
     for shown in (str(refused.value), repr(refused.value)):
         assert "hunter2" not in shown

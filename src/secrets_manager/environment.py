@@ -11,7 +11,7 @@ import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-from secrets_manager.errors import InvalidInputError, UnsafeConfigurationError
+from secrets_manager.errors import InvalidInputError, UnlockError, UnsafeConfigurationError
 
 ENV_VARIABLE = "SHRIVENQUANT_ENV"
 PASSWORD_FILE_VARIABLE = "MASTER_PASSWORD_FILE"  # noqa: S105 (a variable name)
@@ -28,15 +28,16 @@ PRODUCTION_MIN_PASSWORD_LENGTH = 12  # characters: NIST SP 800-63B's 8 for a use
 log = logging.getLogger("secrets_manager.environment")
 
 
-def password_variable_bytes(value: str) -> bytes:
-    """MASTER_PASSWORD's value as the password's bytes (UTF-8); InvalidInputError if it holds bytes
-    that are not UTF-8 text (Python decodes them with surrogateescape). Never the
-    UnicodeEncodeError: it carries the whole password (`.object`) and shows it in its repr."""
+def password_variable_bytes(value: str, *, new: bool = False) -> bytes:
+    """MASTER_PASSWORD's value as the password's bytes (UTF-8). Bytes that are not UTF-8 text
+    (Python decodes them with surrogateescape) are a master password that cannot unlock the store,
+    UnlockError (exit 4, as a wrong or empty one), or, for a `new` one (`init`), invalid input.
+    Never the UnicodeEncodeError: it carries the whole password (`.object`) and shows it in its repr."""
     try:
         return value.encode("utf-8")
     except UnicodeEncodeError:
         pass  # raised below, outside this block: not even as its context
-    raise InvalidInputError(
+    raise (InvalidInputError if new else UnlockError)(
         f"{PASSWORD_VARIABLE} is not UTF-8 text: put the password in a 0600 file and set "
         f"{PASSWORD_FILE_VARIABLE} (or --password-file), which takes any bytes"
     )

@@ -51,7 +51,7 @@ def read_password(
     if PASSWORD_VARIABLE in environ:
         if environment is Environment.STAGING:
             warning_line(f"{PASSWORD_VARIABLE} is unsafe outside development; use {PASSWORD_FILE_VARIABLE}")
-        password = password_variable_bytes(environ[PASSWORD_VARIABLE])
+        password = password_variable_bytes(environ[PASSWORD_VARIABLE], new=confirm)
         if not password:
             raise UnlockError(
                 f"{PASSWORD_VARIABLE} is set but empty: set it to the master password, or unset it to be "
@@ -175,8 +175,8 @@ def prompt_password(label: str, *, confirm: bool, file_option: str | None = None
     try:
         password = getpass.getpass(f"{label}: ")
         again = getpass.getpass(f"{label} (again): ") if confirm else password
-    except UnicodeDecodeError:
-        raise InvalidInputError(
+    except UnicodeDecodeError:  # a password to unlock with: an unlock failure, as a wrong one
+        raise (InvalidInputError if confirm or file_option else UnlockError)(
             f"the {label.lower()} typed is not UTF-8 text (is the terminal set to UTF-8?); "
             "type it again in UTF-8, or give it in a file (see the command's --help)"
         ) from None
