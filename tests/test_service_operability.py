@@ -19,6 +19,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -749,6 +750,69 @@ def test_no_call_is_served_before_the_start_is_recorded(tmp_path: Path) -> None:
             signal.signal(number, handler)
         store.close()
     assert answers in ([grpc.StatusCode.UNAVAILABLE], [grpc.StatusCode.DEADLINE_EXCEEDED]), answers
+
+
+def _replica_with_certificate(base: Path, kind: str, pair: tuple[bytes, bytes]) -> Server:
+    """Another serve over base's store and policy, presenting the server certificate `pair`."""
+    directory = base / kind
+    directory.mkdir()
+    for name in ("ca.pem", "policy.toml"):
+        shutil.copy(base / name, directory / name)
+    (directory / "server.pem").write_bytes(pair[0])
+    (directory / "server-key.pem").write_bytes(pair[1])
+    (directory / "server-key.pem").chmod(0o600)
+    return start_server(directory, store=str(base / "store.db"))
+
+
+def test_health_names_each_replicas_certificate_problem_while_another_serves(tmp_path: Path) -> None:
+    """The on-call's view of `--server A,B,C,D`: one replica serves; one presents a certificate
+    from another CA, one a certificate for another host name, one a certificate that expired
+    while it served. Each is UNREACHABLE with its own cause in the one error line, exit 1. The
+    expired one was "check the certificate files (is the server's certificate signed by the CA …
+    and issued for this address?)", which sent them to the CA and the address, not to a renewal:
+    that part fails on the old code."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    ca_cert, ca_key = (tmp_path / "ca.pem").read_bytes(), (tmp_path / "ca-key.pem").read_bytes()
+    other_cert, other_key = pki.new_ca(trust_domain=TD)
+    servers = [start_server(tmp_path)]
+    try:
+        for kind, pair in (
+            ("foreign", pki.issue(other_cert, other_key, "server", server=True)),
+            ("elsewhere", pki.issue(ca_cert, ca_key, "server", server=True, dns=["elsewhere.example"])),
+        ):
+            servers.append(_replica_with_certificate(tmp_path, kind, pair))
+        # valid for as long as a start takes on a loaded machine (serve refuses an expired one)
+        expires = datetime.now(UTC) + timedelta(seconds=15)
+        last_day = expires - timedelta(days=1)
+        pair = pki.issue(ca_cert, ca_key, "server", server=True, days=1, not_before=last_day)
+        servers.append(_replica_with_certificate(tmp_path, "expiring", pair))
+        good, foreign, elsewhere, expiring = (server.address for server in servers)
+        addresses = ",".join((good, foreign, elsewhere, expiring))
+        time.sleep(max(0.0, (expires - datetime.now(UTC)).total_seconds()) + 0.5)
+        checked = servers[0].cli("ops", "health", "--json", env={"SECRETS_MANAGER_ADDR": addresses})
+        said = checked.stderr.decode()
+        assert checked.returncode == 1 and said.count("\n") == 1, said
+        statuses = {r["address"]: r["status"] for r in json.loads(checked.stdout)}
+        assert statuses == {
+            good: "SERVING",
+            foreign: "UNREACHABLE",
+            elsewhere: "UNREACHABLE",
+            expiring: "UNREACHABLE",
+        }
+        assert said.startswith(
+            f"secrets-manager: error: not serving: {foreign} UNREACHABLE, {elsewhere} UNREACHABLE, "
+            f"{expiring} UNREACHABLE; "
+        ), said
+        assert f"TLS handshake with {foreign} failed: check the certificate files" in said
+        assert f"the server at {elsewhere} presented a certificate not issued for 127.0.0.1" in said
+        assert (
+            f"TLS handshake with {expiring} failed: the server's certificate has expired: renew it "
+            "('pki issue NAME --server --force') and send serve SIGHUP, or check this host's clock"
+        ) in said
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def test_health_says_why_an_address_is_unreachable_not_to_read_a_log_it_never_wrote(tmp_path: Path) -> None:

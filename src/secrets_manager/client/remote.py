@@ -388,6 +388,19 @@ class RemoteStore:
                     f"TLS handshake with {self.address} failed: what answers there does not speak TLS "
                     "(a plain-text port, another service?): check the address"
                 )
+            # BoringSSL's words for a server certificate out of its dates: the generic line below
+            # sent the on-call to the CA and the address, where it is a renewal (or a clock) to see to.
+            if "certificate has expired" in details:
+                return HandshakeFailedError(
+                    f"TLS handshake with {self.address} failed: the server's certificate has expired: "
+                    "renew it ('pki issue NAME --server --force') and send serve SIGHUP, or check this "
+                    "host's clock"
+                )
+            if "certificate is not yet valid" in details:
+                return HandshakeFailedError(
+                    f"TLS handshake with {self.address} failed: the server's certificate is not valid "
+                    "yet: check this host's clock and the server's"
+                )
             return HandshakeFailedError(
                 f"TLS handshake with {self.address} failed: check the certificate files (is the "
                 f"server's certificate signed by the CA in {self._tls.ca} and issued for this address?)"
