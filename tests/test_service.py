@@ -970,6 +970,36 @@ def test_sighup_reloads_the_policy_and_a_broken_policy_is_rejected(server: Serve
     assert stub.GetSecret(request, timeout=10).secret.value == b"auth-db-pass"  # the old policy stays
 
 
+def test_serve_started_with_sighup_ignored_still_reloads_on_it(tmp_path: Path) -> None:
+    """`nohup secrets-manager serve …` (or a supervisor, or a test run under nohup) starts serve
+    with SIGHUP ignored. A reload signal is honoured all the same, as nginx, PostgreSQL and Vault
+    (Go's signal.Notify) do: serve installs its handler whatever it inherited. Every SIGHUP test
+    passed under nohup already; this one pins it however the suite is started."""
+    import service_fixtures
+
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # inherited by serve, as from nohup
+    try:
+        server = start_server(tmp_path)
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    try:
+        stub = server.stub("nobody")
+        request = pb.GetSecretRequest(name="auth/DB_PASSWORD")
+        assert code_of(lambda: stub.GetSecret(request, timeout=10)) is grpc.StatusCode.PERMISSION_DENIED
+        granted = f'"spiffe://{TD}/nobody" = ["auth-reader"]\n[roles.auth-reader]'
+        (tmp_path / "policy.toml").write_text(
+            service_fixtures.POLICY.replace("[roles.auth-reader]", granted, 1)
+        )
+        server.process.send_signal(signal.SIGHUP)
+        assert eventually(lambda: any('"message": "policy reloaded"' in line for line in server.log_lines))
+        assert server.process.poll() is None
+        assert stub.GetSecret(request, timeout=10).secret.value == service_fixtures.SEED["auth/DB_PASSWORD"]
+    finally:
+        server.stop()
+
+
 def test_a_reloaded_policy_naming_an_identity_no_certificate_can_present_is_warned_of(
     server: Server,
 ) -> None:
