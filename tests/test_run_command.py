@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shlex
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -107,6 +110,49 @@ def test_the_program_gets_sigpipe_as_from_a_shell(cli: Cli, mode: list[str]) -> 
     ignored = int(result.stdout.split()[1], 16)
     assert not ignored & (1 << (13 - 1) | 1 << (25 - 1)), result.stdout  # SIGPIPE 13, SIGXFSZ 25
     assert result.stdout.splitlines()[1] == "y" and "Broken pipe" not in result.stderr
+
+
+@pytest.mark.parametrize("mode", [[], ["--restart-on-change"]], ids=["exec", "supervised"])
+def test_a_background_run_keeps_sigint_ignored_and_passes_sigterm_on(
+    cli: Cli, tmp_path: Path, mode: list[str]
+) -> None:
+    """`secrets-manager run -- CMD &` in a script: a non-interactive POSIX shell starts a
+    background job with SIGINT and SIGQUIT ignored, so that an interrupt meant for the script
+    does not reach it. run leaves it so: CMD has SIGINT ignored, as `CMD &` would, and a SIGINT
+    sent to run is not passed on; SIGTERM (a stop) reaches CMD and run ends with its 143."""
+    said, pid_file = tmp_path / "said", tmp_path / "run.pid"
+    program = (
+        f"grep '^SigIgn:' /proc/self/status > {said}; trap 'echo TERM >> {said}; exit 143' TERM; "
+        "while :; do sleep 0.1; done"
+    )
+    run = shlex.join([str(SCRIPT), "run", *mode, "--secret", "auth/DB_PASSWORD", "--", "sh", "-c", program])
+    script = f'{run} & echo $! > {pid_file}; wait $!; echo "status $?" >> {said}'
+
+    def as_at_a_terminal() -> None:  # whatever this test run was started with
+        for signum in (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_DFL)
+
+    shell = subprocess.Popen(
+        ["/bin/sh", "-c", script], env=cli.env, start_new_session=True, preexec_fn=as_at_a_terminal
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (said.exists() and said.read_text() and pid_file.exists() and pid_file.read_text()):
+            assert time.monotonic() < deadline and shell.poll() is None, "run did not start its program"
+            time.sleep(0.05)
+        ignored = int(said.read_text().split()[1], 16)
+        assert ignored & 1 << (signal.SIGINT - 1), said.read_text()  # as `CMD &` would have it
+        run_pid = int(pid_file.read_text())
+        os.kill(run_pid, signal.SIGINT)
+        time.sleep(1)
+        assert shell.poll() is None and "TERM" not in said.read_text()  # not passed on, not ended
+        os.kill(run_pid, signal.SIGTERM)
+        assert shell.wait(timeout=30) == 0
+        assert said.read_text().splitlines()[1:] == ["TERM", "status 143"]
+    finally:
+        if shell.poll() is None:
+            os.killpg(shell.pid, signal.SIGKILL)
+            shell.wait()
 
 
 def test_a_program_not_found_is_127_even_with_standard_error_a_closed_pipe(cli: Cli) -> None:
