@@ -3446,6 +3446,34 @@ def test_a_global_option_after_the_command_says_where_it_goes(
     assert "--json" not in result.stderr
 
 
+def test_an_option_that_takes_one_value_is_refused_when_given_twice(ready: Cli) -> None:
+    """click keeps the last of two: `--store A --store B` acted on B, two `--expect-version`s
+    guarded a write with the second, two `--version`s rolled back to the second. Now exit 2 and
+    nothing done; options that repeat (`--tag`, `destroy --version`) and flags are unchanged."""
+    assert ready("store", "svc/KEPT", input=b"one").code == 0
+    assert ready("store", "svc/KEPT", input=b"two").code == 0
+    before = ready.store_bytes()
+    other = ready.store.with_name("other.db")
+    assert_one_line_error(
+        ready("--store", str(ready.store), "--store", str(other), "init", "--kdf-profile", "test"),
+        2,
+        "--store was given more than once; it takes one value: give it once",
+    )
+    assert not other.exists()
+    for args in (
+        ["store", "svc/KEPT", "--expect-version", "2", "--expect-version", "3"],
+        ["metadata", "svc/KEPT", "--description", "a", "--description", "b"],
+        ["rollback", "svc/KEPT", "--version", "1", "--version", "1"],
+    ):
+        option = args[2]
+        result = ready(*args, input=b"three")
+        assert_one_line_error(result, 2, f"{option} was given more than once", f"{args[0]} --help")
+    assert ready.store_bytes() == before
+    assert ready("get", "svc/KEPT").out == "two\n"
+    assert ready("store", "svc/KEPT", "--tag", "a=1", "--tag", "b=2", input=b"four").code == 0
+    assert ready("history", "svc/KEPT", "--json", "--json").code == 0
+
+
 def test_an_empty_password_source_says_what_to_do(ready: Cli, tmp_path: Path) -> None:
     """`MASTER_PASSWORD=` and an empty password file said only that they were empty."""
     assert_one_line_error(

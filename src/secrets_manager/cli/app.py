@@ -999,7 +999,50 @@ COMMAND_MODULES = {
 }
 
 
-class _CommandsOnDemand(click.Group):
+def refuse_repeated_options(command: click.Command, ctx: click.Context, args: Sequence[str]) -> None:
+    """InvalidInputError if an option that takes one value is given more than once. click keeps the
+    last silently, so `--store dev … --store prod` (a line put together from two places) would act
+    on prod, `--expect-version 3 --expect-version 4` would guard a write with one of two versions,
+    `destroy --version 3 --version 4` destroy 4. Flags and options that take several are not
+    values that one could override another."""
+    if ctx.resilient_parsing:  # shell completion: a half-typed line is not refused
+        return
+    _, _, order = command.make_parser(ctx).parse_args(args=list(args))  # parses a copy; no callbacks
+    seen: set[str] = set()
+    for param in order:
+        if not isinstance(param, click.Option) or param.multiple or param.count or param.is_flag:
+            continue
+        if param.name in seen:
+            option = max(param.opts, key=len)
+            raise InvalidInputError(
+                f"{option} was given more than once; it takes one value: give it once "
+                f"(see '{ctx.command_path} --help')"
+            )
+        seen.add(param.name or "")
+
+
+class OptionsOnceCommand(click.Command):
+    """A command whose single-value options may be given once (refuse_repeated_options)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        refuse_repeated_options(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+
+class OptionsOnceGroup(click.Group):
+    """A group whose options, and its commands' and subgroups', may be given once each."""
+
+    command_class = OptionsOnceCommand
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        refuse_repeated_options(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+
+OptionsOnceGroup.group_class = OptionsOnceGroup  # its subgroups, and the top level's (not on demand)
+
+
+class _CommandsOnDemand(OptionsOnceGroup):
     """The top-level group: a command of COMMAND_MODULES is imported when it is looked up."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -38,7 +38,7 @@ from secrets_manager.audit import (
     refuse_files_of_others,
     value_fingerprint,
 )
-from secrets_manager.cli.app import Session, cli, kdf_profile_option, pass_session
+from secrets_manager.cli.app import OptionsOnceGroup, Session, cli, kdf_profile_option, pass_session
 from secrets_manager.cli.output import (
     byte_size,
     info_line,
@@ -94,7 +94,7 @@ password_file_option = click.option(
 )
 
 
-class _BackupGroup(click.Group):
+class _BackupGroup(OptionsOnceGroup):
     """`backup FILE` is short for `backup create FILE`; `backup verify FILE` checks a backup.
 
     Its --help shows `backup FILE` and create's options, the form the README and most users type,
