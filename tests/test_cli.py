@@ -194,6 +194,27 @@ def test_init_derives_the_key_before_the_store_file_exists(tmp_path: Path) -> No
     assert cli("status").code == 0
 
 
+def restore_under_strace(tmp_path: Path, traced: str, *init_args: str) -> tuple[Path, list[str]]:
+    """A store holding a/K = KNOWN-1 (`init` given init_args), backed up and restored into
+    new/store.db under strace tracing `traced`: the new store's path and the calls, in order."""
+    cli = Cli(tmp_path / "vault" / "store.db", tmp_path)
+    assert cli("init", *init_args).code == 0
+    assert cli("store", "a/K", input=b"KNOWN-1").code == 0
+    backup = tmp_path / "b.smbackup"
+    assert cli("backup", str(backup)).code == 0
+    new = tmp_path / "new" / "store.db"
+    trace = tmp_path / "trace"
+    proc = subprocess.run(
+        ["strace", "-f", "-qq", "-o", str(trace), "-e", f"trace={traced}", str(SCRIPT), "restore",
+         str(backup), "--store", str(new)],
+        capture_output=True,
+        env=cli.env,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return new, [line.partition(" ")[2].strip() for line in trace.read_text().splitlines()]
+
+
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace shows the allocation and the link")
 def test_restore_into_a_new_store_derives_the_key_before_the_store_has_its_name(tmp_path: Path) -> None:
     """A restore into a new store links it into place, then opens it to record the restore in its
@@ -202,22 +223,7 @@ def test_restore_into_a_new_store_derives_the_key_before_the_store_has_its_name(
     record of its restore, which `status` and `audit verify` passed, and which a second restore
     refused ('the target store is not empty'). The derivation now runs on the store under its
     temporary name, before the link; the store is opened with the key it gave and audited at once."""
-    cli = Cli(tmp_path / "vault" / "store.db", tmp_path)
-    assert cli("init").code == 0
-    assert cli("store", "a/K", input=b"KNOWN-1").code == 0
-    backup = tmp_path / "b.smbackup"
-    assert cli("backup", str(backup)).code == 0
-    new = tmp_path / "new" / "store.db"
-    trace = tmp_path / "trace"
-    strace = ("strace", "-f", "-qq", "-o", str(trace), "-e", "trace=mmap,munmap,link,linkat")
-    proc = subprocess.run(
-        [*strace, str(SCRIPT), "restore", str(backup), "--store", str(new)],
-        capture_output=True,
-        env=cli.env,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    calls = [line.partition(" ")[2].strip() for line in trace.read_text().splitlines()]
+    new, calls = restore_under_strace(tmp_path, "mmap,munmap,link,linkat")
     linked = next(i for i, c in enumerate(calls) if c.startswith("link") and f'"{new}"' in c)
     argon2 = [
         i
@@ -244,26 +250,10 @@ def test_restore_into_a_new_store_records_it_before_the_store_has_its_name(tmp_p
     written and fsynced into the new log under a temporary name before the store is linked, and
     that log is linked into place right after it: a kill now leaves no store, or one whose log
     holds its restore."""
-    cli = Cli(tmp_path / "vault" / "store.db", tmp_path)
-    assert cli("init", "--kdf-profile", "test").code == 0
-    assert cli("store", "a/K", input=b"KNOWN-1").code == 0
-    backup = tmp_path / "b.smbackup"
-    assert cli("backup", str(backup)).code == 0
-    new = tmp_path / "new" / "store.db"
+    new, calls = restore_under_strace(
+        tmp_path, "openat,link,linkat,unlink,unlinkat,fsync,fdatasync", "--kdf-profile", "test"
+    )
     log = new.with_name("store.audit.jsonl")
-    trace = tmp_path / "trace"
-    strace = (
-        *("strace", "-f", "-qq", "-o", str(trace)),
-        *("-e", "trace=openat,link,linkat,unlink,unlinkat,fsync,fdatasync"),
-    )
-    proc = subprocess.run(
-        [*strace, str(SCRIPT), "restore", str(backup), "--store", str(new)],
-        capture_output=True,
-        env=cli.env,
-        timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr
-    calls = [line.partition(" ")[2].strip() for line in trace.read_text().splitlines()]
     opened: dict[str, str] = {}
     synced: list[tuple[int, str]] = []
     for i, call in enumerate(calls):
