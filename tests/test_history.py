@@ -12,6 +12,7 @@ with the operations that show them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -293,6 +294,13 @@ def test_an_unfinished_operation_is_of_unknown_outcome() -> None:
 # ---- the embedded SQLite store -----------------------------------------------------------------
 
 
+def start_api_and_cli_clients(run: Run, api: dict[str, Any], cli: dict[str, Any]) -> None:
+    """Three clients of the Python store API (api0-2) and one of the CLI (cli0), for DURATION."""
+    for index in range(3):
+        run.start(f"api{index}", api, API_WEIGHTS, DURATION)
+    run.start("cli0", cli, CLI_WEIGHTS, DURATION)
+
+
 @pytest.fixture
 def sqlite_store(tmp_path: Path) -> Path:
     path = tmp_path / "store" / "secrets.db"
@@ -332,10 +340,7 @@ def test_concurrent_api_and_cli_clients_on_sqlite_leave_a_linearizable_history(
     tmp_path: Path, sqlite_store: Path
 ) -> None:
     run = Run(tmp_path, run_seed())
-    api, cli = sqlite_targets(sqlite_store)
-    for index in range(3):
-        run.start(f"api{index}", api, API_WEIGHTS, DURATION)
-    run.start("cli0", cli, CLI_WEIGHTS, DURATION)
+    start_api_and_cli_clients(run, *sqlite_targets(sqlite_store))
     run.wait()
     ops = assert_consistent(run, sqlite_final(sqlite_store))
     print("sqlite", len(ops), summary(ops))
@@ -347,10 +352,7 @@ def test_clients_killed_mid_operation_on_sqlite_leave_a_linearizable_history(
     tmp_path: Path, sqlite_store: Path
 ) -> None:
     run = Run(tmp_path, run_seed())
-    api, cli = sqlite_targets(sqlite_store)
-    for index in range(3):
-        run.start(f"api{index}", api, API_WEIGHTS, DURATION)
-    run.start("cli0", cli, CLI_WEIGHTS, DURATION)
+    start_api_and_cli_clients(run, *sqlite_targets(sqlite_store))
     rng = random.Random(run.seed)
     time.sleep(rng.uniform(1, DURATION / 2))
     run.kill("api0")
@@ -407,10 +409,26 @@ def postgres_cli(postgres_cluster: Any, schema: str, directory: Path) -> dict[st
     }
 
 
-def terminate_backends(postgres_cluster: Any, stop: threading.Event, rng: random.Random) -> list[int]:
-    """End a random busy connection (in a statement or a transaction) every 20 to 300 ms until
-    `stop`; the pids ended."""
+@contextlib.contextmanager
+def backends_terminated(postgres_cluster: Any, seed: int) -> Iterator[list[int]]:
+    """While inside, a thread ends a random busy connection (in a statement or a transaction)
+    every 20 to 300 ms; yields the list of the pids it ended."""
+    stop = threading.Event()
     ended: list[int] = []
+    thread = threading.Thread(
+        target=terminate_backends, args=(postgres_cluster, stop, random.Random(seed), ended)
+    )
+    thread.start()
+    try:
+        yield ended
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
+def terminate_backends(
+    postgres_cluster: Any, stop: threading.Event, rng: random.Random, ended: list[int]
+) -> None:
     with postgres_cluster.connect(superuser=True) as admin:
         while not stop.wait(rng.uniform(0.02, 0.3)):
             rows = admin.execute(
@@ -421,7 +439,6 @@ def terminate_backends(postgres_cluster: Any, stop: threading.Event, rng: random
                 pid = int(rng.choice(rows)[0])
                 admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
                 ended.append(pid)
-    return ended
 
 
 @pytest.mark.slow
@@ -431,9 +448,7 @@ def test_concurrent_clients_on_postgresql_leave_a_linearizable_history(
     conninfo, schema = postgres_store
     run = Run(tmp_path, run_seed())
     api = {"kind": "postgres", "conninfo": conninfo, "schema": schema, "password": PASSWORD}
-    for index in range(3):
-        run.start(f"api{index}", api, API_WEIGHTS, DURATION)
-    run.start("cli0", postgres_cli(postgres_cluster, schema, tmp_path), CLI_WEIGHTS, DURATION)
+    start_api_and_cli_clients(run, api, postgres_cli(postgres_cluster, schema, tmp_path))
     run.wait()
     ops = assert_consistent(run, postgres_final(conninfo, schema))
     print("postgres", len(ops), summary(ops))
@@ -447,21 +462,12 @@ def test_clients_whose_connections_are_terminated_on_postgresql_leave_a_lineariz
     conninfo, schema = postgres_store
     run = Run(tmp_path, run_seed())
     api = {"kind": "postgres", "conninfo": conninfo, "schema": schema, "password": PASSWORD}
-    for index in range(3):
-        run.start(f"api{index}", api, API_WEIGHTS, DURATION)
-    run.start("cli0", postgres_cli(postgres_cluster, schema, tmp_path), CLI_WEIGHTS, DURATION)
-    stop = threading.Event()
-    ended: list[int] = []
-    terminator = threading.Thread(
-        target=lambda: ended.extend(terminate_backends(postgres_cluster, stop, random.Random(run.seed)))
-    )
-    terminator.start()
+    start_api_and_cli_clients(run, api, postgres_cli(postgres_cluster, schema, tmp_path))
     rng = random.Random(run.seed + 1)
-    time.sleep(rng.uniform(1, DURATION / 2))
-    run.kill("api1")
-    run.wait()
-    stop.set()
-    terminator.join(timeout=30)
+    with backends_terminated(postgres_cluster, run.seed) as ended:
+        time.sleep(rng.uniform(1, DURATION / 2))
+        run.kill("api1")
+        run.wait()
     ops = assert_consistent(run, postgres_final(conninfo, schema))
     print("postgres, faults", len(ops), len(ended), "backends ended", summary(ops))
     assert ended
@@ -555,18 +561,11 @@ def test_a_replica_killed_mid_run_and_terminated_connections_leave_a_linearizabl
             DURATION,
         )
     run.start("cli0", remote_cli(replicas[0], replicas[1]), CLI_WEIGHTS, DURATION)
-    stop = threading.Event()
-    ended: list[int] = []
-    terminator = threading.Thread(
-        target=lambda: ended.extend(terminate_backends(postgres_cluster, stop, random.Random(run.seed)))
-    )
-    terminator.start()
     rng = random.Random(run.seed + 1)
-    time.sleep(rng.uniform(1, DURATION / 2))
-    replicas[0].kill()
-    run.wait()
-    stop.set()
-    terminator.join(timeout=30)
+    with backends_terminated(postgres_cluster, run.seed) as ended:
+        time.sleep(rng.uniform(1, DURATION / 2))
+        replicas[0].kill()
+        run.wait()
     ops = assert_consistent(run, postgres_final(conninfo, schema))
     print("replicas, kill", len(ops), len(ended), "backends ended", summary(ops))
     assert sum(op.status == "ok" for op in ops) > 50
