@@ -687,6 +687,24 @@ def test_a_failure_while_building_a_new_store_leaves_no_store(
     assert list((tmp_path / "new").iterdir()) == []
 
 
+def test_a_failure_before_the_new_store_is_complete_is_raised_as_it_is(
+    backup: Backup, tmp_path: Path
+) -> None:
+    """A failure while the new store is still being written (here: its progress callback, as a
+    Ctrl-C there would) reached the caller as UnboundLocalError: the cleanup named the files to link
+    with the store (this session's audit log under a temporary name) before they were set."""
+
+    def progress(phase: str, done: int, total: int) -> None:
+        raise StorageError("disk full while writing")
+
+    with pytest.raises(StorageError, match="disk full while writing"):
+        restore_new_store(
+            backup, str(tmp_path / "new" / "store.db"), password=b"new master", kdf_profile="test",
+            environment=Environment.DEVELOPMENT, actor="t", progress=progress,
+        )  # fmt: skip
+    assert list((tmp_path / "new").iterdir()) == []
+
+
 def test_a_new_store_is_never_created_over_an_existing_file(backup: Backup, tmp_path: Path) -> None:
     (tmp_path / "taken.db").write_bytes(b"not ours")
     with pytest.raises(ConflictError, match="already exists"):

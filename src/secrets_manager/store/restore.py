@@ -239,6 +239,7 @@ def _build_new_store(
     before_publish: Callable[[str, RestoreResult], Sequence[tuple[Path, Path]]] | None = None,
 ) -> RestoreResult:
     temporary = path.with_name(f".{path.name}.restore-{secrets.token_hex(6)}")
+    companions: Sequence[tuple[Path, Path]] = ()  # bound before anything can fail: the cleanup reads it
     try:
         if backup.summary.kind == KIND_STORE:
             assert backup.store_header is not None
@@ -262,7 +263,6 @@ def _build_new_store(
                 result = _import_encrypted(store, backup.secrets, None, progress, silent=True)
             finally:
                 store.close()
-        companions: Sequence[tuple[Path, Path]] = ()
         if before_publish is not None:
             companions = before_publish(str(temporary), result)
         _publish_store(temporary, path, companions)
