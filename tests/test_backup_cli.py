@@ -526,6 +526,38 @@ def test_restore_with_shares_refuses_a_password_backup_and_another_sets_shares(
     assert not target.parent.exists() or not any(target.parent.iterdir())
 
 
+def test_backup_verify_checks_a_copy_of_store_backup_with_recovery_shares(
+    cli: Cli, password_file: Path, tmp_path: Path
+) -> None:
+    """An operator holding only the shares (the password forgotten) could restore a copy-of-store
+    backup with them but not check it first: `backup verify` asked for the master password. K
+    shares now verify it; a password backup is not sealed to them (exit 2), another store's shares
+    are a wrong unlock (exit 4), a damaged file is exit 6, as with the password."""
+    shares = shares_of(cli, cli.tmp / "shares")
+    backup = cli.tmp / "night.smbackup"
+    cli.ok("backup", str(backup))
+    forgotten = {"MASTER_PASSWORD": None}
+    share_args = ("--share-file", str(shares[2]), "--share-file", str(shares[0]))
+    result = cli("backup", "verify", str(backup), *share_args, env=forgotten)
+    assert result.code == 0, result.stderr
+    assert "is intact and complete" in result.out
+    result = cli("backup", "verify", str(password_file), *share_args, env=forgotten)
+    assert_one_line_error(result, 2, "recovery shares do not open", "--backup-password-file")
+    (tmp_path / "other").mkdir()
+    other = Cli(tmp_path / "other")
+    other.ok("init", "--kdf-profile", "test")
+    other_shares = shares_of(other, tmp_path / "other" / "shares")
+    other_args = ("--share-file", str(other_shares[0]), "--share-file", str(other_shares[1]))
+    assert_one_line_error(
+        cli("backup", "verify", str(backup), *other_args, env=forgotten), 4, "recovery shares are of set"
+    )
+    damaged = cli.tmp / "damaged.smbackup"
+    data = bytearray(backup.read_bytes())
+    data[-40] ^= 0x01
+    damaged.write_bytes(bytes(data))
+    assert cli("backup", "verify", str(damaged), *share_args, env=forgotten).code == 6
+
+
 def test_backup_never_replaces_a_file_without_force(cli: Cli, copy_file: Path) -> None:
     before = copy_file.read_bytes()
     assert_one_line_error(cli("backup", str(copy_file)), 7, "already exists", "--force")

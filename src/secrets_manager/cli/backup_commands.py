@@ -21,7 +21,7 @@ import functools
 import secrets
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -169,21 +169,37 @@ def create(
         )
 
 
+share_file_option = click.option(
+    "--share-file",
+    "share_files",
+    multiple=True,
+    metavar="PATH",
+    help="A recovery share file (repeat for each of K): open a copy-of-store backup with the store's "
+    "recovery shares instead of its master password (forgotten).",
+)
+
+
 @backup.command("verify")
 @click.argument("file")
 @password_file_option
+@share_file_option
 @click.option("--json", "as_json", is_flag=True, help="Print the kind, time and counts as JSON.")
 @pass_session
-def verify(session: Session, file: str, backup_password_file: str | None, as_json: bool) -> None:
+def verify(
+    session: Session, file: str, backup_password_file: str | None, share_files: tuple[str, ...], as_json: bool
+) -> None:
     """Check that FILE is a complete, intact backup, without restoring it: exit 0 with its counts,
     6 if it is damaged or cut short, 4 for a wrong password, 2 if a newer secrets-manager wrote it
     (upgrade to read it). A backup made without --backup-password-file opens with the master
-    password the store had when it was taken."""
+    password the store had when it was taken, or with K of its recovery shares (--share-file)."""
+    mnemonics = _share_mnemonics(session, share_files, backup_password_file)
     path = _file_argument(file, "backup verify")
     header = read_backup_header(path)
-    password = _backup_password(session, path, header.kind, backup_password_file)
+    password, root_from = _backup_opener(session, path, header.kind, backup_password_file, mnemonics)
     with progress_bars("verify") as report:
-        summary = read_backup(path, password, environment=session.environment, progress=report).summary
+        summary = read_backup(
+            path, password, environment=session.environment, progress=report, root_from=root_from
+        ).summary
     if as_json:
         print_json(summary_doc(summary))
         return
@@ -218,14 +234,7 @@ def verify(session: Session, file: str, backup_password_file: str | None, as_jso
     "secret as it is: a secret purged or overwritten by mistake. Without --on-existing a NAME the "
     "store still holds is refused (fail); overwrite replaces its history with the backup's.",
 )
-@click.option(
-    "--share-file",
-    "share_files",
-    multiple=True,
-    metavar="PATH",
-    help="A recovery share file (repeat for each of K): open a copy-of-store backup with the store's "
-    "recovery shares instead of its master password (forgotten).",
-)
+@share_file_option
 @kdf_profile_option(
     "Argon2id cost of a new store made from a password-protected backup ('test': test suites only)."
 )
@@ -258,6 +267,31 @@ def restore(
         _restore(session, file, target, backup_password_file, on_existing, names, share_files, kdf_profile)
 
 
+def _share_mnemonics(
+    session: Session, share_files: tuple[str, ...], backup_password_file: str | None
+) -> list[str]:
+    """The recovery shares of --share-file; shares and a backup password are two ways to open a
+    backup, never both."""
+    if share_files and backup_password_file:
+        raise InvalidInputError("give --share-file or --backup-password-file, not both")
+    return [read_share_file(Path(p), session.environment) for p in share_files]
+
+
+def _backup_opener(
+    session: Session, path: Path, kind: str, backup_password_file: str | None, mnemonics: list[str]
+) -> tuple[bytes | None, Callable[[dict[str, Any]], Any] | None]:
+    """What opens backup `path` for read_backup: (password, None), or (None, root_from) with
+    recovery shares, which open only a copy of a store (sealed to the same recovery key)."""
+    if not mnemonics:
+        return _backup_password(session, path, kind, backup_password_file), None
+    if kind != KIND_STORE:
+        raise InvalidInputError(
+            f"backup {path} is protected by a backup password, which recovery shares do not "
+            "open: pass --backup-password-file PATH"
+        )
+    return None, functools.partial(root_from_shares, mnemonics=mnemonics, what=f"backup {path}")
+
+
 def _restore(
     session: Session,
     file: str,
@@ -269,9 +303,7 @@ def _restore(
     kdf_profile: str,
 ) -> None:
     session.require_local("restore")
-    if share_files and backup_password_file:
-        raise InvalidInputError("give --share-file or --backup-password-file, not both")
-    mnemonics = [read_share_file(Path(p), session.environment) for p in share_files]
+    mnemonics = _share_mnemonics(session, share_files, backup_password_file)
     if target:
         session = dataclasses.replace(session, store_url=target)
     mode = OnExisting(on_existing) if on_existing else None
@@ -288,17 +320,7 @@ def _restore(
         mode = mode or OnExisting.FAIL  # the store holds other secrets: that is the point
     try:  # before any write: checking the file, asking for passwords
         header = read_backup_header(path)
-        if mnemonics:
-            if header.kind != KIND_STORE:
-                raise InvalidInputError(
-                    f"backup {path} is protected by a backup password, which recovery shares do not "
-                    "open: pass --backup-password-file PATH"
-                )
-            password = None
-            root_from = functools.partial(root_from_shares, mnemonics=mnemonics, what=f"backup {path}")
-        else:
-            password = _backup_password(session, path, header.kind, backup_password_file)
-            root_from = None
+        password, root_from = _backup_opener(session, path, header.kind, backup_password_file, mnemonics)
         with progress_bars("check") as report:
             checked = read_backup(
                 path, password, environment=session.environment, progress=report, root_from=root_from
