@@ -107,8 +107,24 @@ class Run:
         os.killpg(self.processes[process].pid, signal.SIGKILL)
 
     def wait(self, timeout: float = 120) -> None:
+        """Every client's end, at most `timeout` seconds from now in all; a client still running
+        then (an operation that never returned) fails the run with its last records, the others
+        killed, rather than leaving processes behind."""
+        deadline = time.monotonic() + timeout
         for process, proc in self.processes.items():
-            _, err = proc.communicate(timeout=timeout)
+            try:
+                _, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                for other in self.processes.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(other.pid, signal.SIGKILL)
+                _, err = proc.communicate()
+                records = self.directory / f"history-{process}.jsonl"
+                last = records.read_text().splitlines()[-3:] if records.exists() else []
+                raise AssertionError(
+                    f"client {process} still running {timeout:.0f} s on (seed {self.seed}); its last "
+                    f"records: {last}; its stderr: {err.decode()[-2000:]}"
+                ) from None
             if proc.returncode not in (0, -signal.SIGKILL):
                 raise AssertionError(f"client {process} failed (seed {self.seed}): {err.decode()[-2000:]}")
 
