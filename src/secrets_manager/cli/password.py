@@ -175,8 +175,10 @@ def prompt_password(label: str, *, confirm: bool, file_option: str | None = None
     try:
         password = getpass.getpass(f"{label}: ")
         again = getpass.getpass(f"{label} (again): ") if confirm else password
-    except UnicodeDecodeError:  # a password to unlock with: an unlock failure, as a wrong one
-        raise (InvalidInputError if confirm or file_option else UnlockError)(
+    except (
+        UnicodeDecodeError
+    ):  # a new (confirmed) password: invalid input; one to unlock with: a failed unlock
+        raise (InvalidInputError if confirm else UnlockError)(
             f"the {label.lower()} typed is not UTF-8 text (is the terminal set to UTF-8?); "
             "type it again in UTF-8, or give it in a file (see the command's --help)"
         ) from None
