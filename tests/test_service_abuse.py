@@ -88,18 +88,25 @@ def test_requests_with_too_many_headers_do_not_write_a_log_line_each(server: Ser
     assert core_lines == [], core_lines[:3]
 
 
-def test_a_burst_of_calls_on_one_connection_is_served_whole(server: Server) -> None:
+def test_a_burst_of_calls_on_one_connection_is_served_whole(tmp_path: Path) -> None:
     """With SETTINGS_MAX_CONCURRENT_STREAMS at 100 (against HTTP/2 "rapid reset"), gRPC's core
     refused the streams past it (RST_STREAM REFUSED_STREAM): of 300 calls started at once on one
     channel, fresh or not, about half failed UNAVAILABLE. The limit is gone; every call is served.
-    Fails on 226a5b1, which set it."""
-    stub = server.stub("ops")
-    for _ in range(2):  # a fresh connection, then the same one again
-        started = [
-            stub.PutSecret.future(pb.PutSecretRequest(name=f"auth/BURST_{i}", value=b"v"), timeout=60)
-            for i in range(300)
-        ]
-        assert [call.exception() for call in started] == [None] * 300
+    Fails on 226a5b1, which set it. The per-identity rate limit is off here: 600 calls in under a
+    second are past its default bucket (500, refilled at 100/s), a refusal this test is not about."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path, settings="[limits]\nrequests_per_second = 0\n")
+    try:
+        stub = server.stub("ops")
+        for _ in range(2):  # a fresh connection, then the same one again
+            started = [
+                stub.PutSecret.future(pb.PutSecretRequest(name=f"auth/BURST_{i}", value=b"v"), timeout=60)
+                for i in range(300)
+            ]
+            assert [call.exception() for call in started] == [None] * 300
+    finally:
+        server.stop()
 
 
 def _closed_within(sock: socket.socket, seconds: float) -> bool:
