@@ -333,7 +333,7 @@ def test_sigterm_is_not_held_by_a_poll_of_a_backend_that_does_not_answer(
         server.stop()
     took = time.monotonic() - started
     assert server.process.returncode == 0
-    assert took < 3, took
+    assert took < 4.5, took  # the join alone was 5 s; 3.7 s at a load of 20-40 on two cores
 
 
 @pytest.mark.parametrize(
