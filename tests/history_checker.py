@@ -24,7 +24,14 @@ serial order: every anomaly it reports is real, and each names the operations th
   around it allow, and a compare-and-set is refused only if its version may not have been current;
 - a cp or mv copies a version of its source that was current while it ran, and its value;
 - a read of a version by number finds it while nothing could have erased it, and not once a
-  destroy of it was acknowledged.
+  destroy of it was acknowledged;
+- beside key management (tests/history_maintenance.py): no operation fails an integrity check;
+  a sweep (every version read by number) finds each version acknowledged before it with its
+  value, sealed by a key no older than the primary when its write began, and after a rewrap with
+  no rotation since, by the primary; `keys status` agrees with the rotations, disables, enables and
+  destroys that ran; a client is refused for its master password only where the README says so
+  (a new process holding the password a `passwd` replaced; a running one after a `passwd` and a
+  root rotation, until it reads its password file again or, without one, is started again).
 
 The store's own guarantee for reads through its read cache (`store/read_cache.py`) is that one
 cheap read of the change head on every read drops whatever another process changed, so reads are
@@ -69,6 +76,10 @@ class Op:
     listed: Mapping[str, int | None] | None = None
     error: str | None = None
     index: int = 0
+    # What else the record held: `pw` (the master password's generation the client unlocked with,
+    # or "renew"), and the maintenance client's fields (history_maintenance: `key`, `keys`,
+    # `versions`, `errors`, `new_pw`).
+    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __str__(self) -> str:
         parts = [f"#{self.index} {self.process} {self.kind} {self.name}"]
@@ -117,6 +128,10 @@ def ops_from_records(records: Iterable[Mapping[str, Any]]) -> list[Op]:
     return ops
 
 
+_RECORD_FIELDS = {"p", "i", "t", "f", "name", "time", "value", "version", "expect", "asked", "to",
+                  "from_version", "listed", "error"}  # fmt: skip
+
+
 def _op(start: Mapping[str, Any], end: Mapping[str, Any]) -> Op:
     listed = end.get("listed")
     return Op(
@@ -134,6 +149,7 @@ def _op(start: Mapping[str, Any], end: Mapping[str, Any]) -> Op:
         from_version=end.get("from_version"),
         listed=None if listed is None else {str(k): v for k, v in listed.items()},
         error=end.get("error"),
+        extra={k: v for k, v in {**end, **start}.items() if k not in _RECORD_FIELDS},  # as invoked
     )
 
 
@@ -174,6 +190,7 @@ class _Checker:
         self.check_final_state()
         self.check_compare_and_set()
         self.check_reads()
+        self.check_keys()
         return self.anomalies
 
     def check_unknown_outcomes_say_so(self) -> None:
@@ -546,3 +563,185 @@ class _Checker:
         ):
             return
         self.report(f"acknowledged version not found: {name} v{version}", made, read)
+
+    # ---- key management under load (tests/history_maintenance.py) ------------------------------
+
+    def check_keys(self) -> None:
+        """The maintenance client's rotations, rewraps, retirements and passwd against what the
+        other clients and its own sweeps (every version read by number) saw."""
+        self.maintenance = sorted(
+            (op for op in self.ops if op.kind.startswith("keys_") or op.kind in ("passwd", "sweep")),
+            key=lambda op: op.invoke,
+        )
+        for op in self.ops:
+            if op.status != "ok" and (op.error or "").startswith(("IntegrityError", "exit 6")):
+                self.report(f"integrity error{self.after_maintenance(op)}", op)
+            elif (op.error or "").startswith("unlock"):
+                self.check_unlock_refusal(op)
+            elif op.kind == "sweep" and op.status == "ok":
+                self.check_sweep(op)
+            elif op.kind == "keys_status" and op.status == "ok":
+                self.check_key_status(op, [tuple(key) for key in op.extra.get("keys", [])])
+
+    def after_maintenance(self, op: Op) -> str:
+        """' after X' naming the last key operation that began before `op` ended, if any."""
+        before = [m for m in self.maintenance if m is not op and m.invoke < op.complete and m.kind != "sweep"]
+        return f" after {before[-1]}" if before else ""
+
+    def rotations(self) -> list[Op]:
+        return [op for op in self.maintenance if op.kind == "keys_rotate" and op.status != "fail"]
+
+    def check_sweep(self, sweep: Op) -> None:
+        """Every version acknowledged before the sweep began is read by number, with its value and
+        sealed by a key no older than the primary when its write began; after a rewrap with no
+        rotation since, by the primary."""
+        versions: Mapping[str, Mapping[str, list[Any]]] = sweep.extra.get("versions", {})
+        keys = [tuple(key) for key in sweep.extra.get("keys", [])]
+        order = {key[0]: position for position, key in enumerate(keys)}
+        for error in sweep.extra.get("errors", []):
+            if "IntegrityError" in error or "not stored" in error:
+                self.report(f"integrity error in a sweep: {error}{self.after_maintenance(sweep)}", sweep)
+        for (name, number), write in sorted(self.made.items(), key=lambda item: item[0]):
+            if write.complete >= sweep.invoke:
+                continue
+            held = versions.get(name, {}).get(str(number))
+            if held is None or held[0] is None:
+                if not self.erased(name, number, sweep.complete) and not any(
+                    e.startswith(f"{name} v{number}: skipped") for e in sweep.extra.get("errors", [])
+                ):
+                    self.report(
+                        f"version lost: {name} v{number} was acknowledged; a sweep did not find it"
+                        f"{self.after_maintenance(sweep)}",
+                        write,
+                        sweep,
+                    )
+                continue
+            value, key_id = held
+            expected = self.value_of(write)
+            if expected is not None and value != expected:
+                self.report(
+                    f"version changed: {name} v{number} reads {value}, not the value acknowledged"
+                    f"{self.after_maintenance(sweep)}",
+                    write,
+                    sweep,
+                )
+            rotated = [r for r in self.rotations() if r.status == "ok" and r.complete < write.invoke]
+            newest = rotated[-1].extra.get("key") if rotated else None
+            if key_id in order and newest in order and order[key_id] < order[newest]:
+                self.report(
+                    f"write acknowledged under an old key generation: {name} v{number} is sealed by "
+                    f"key {key_id}, older than key {newest}, primary before the write began",
+                    rotated[-1],
+                    write,
+                    sweep,
+                )
+        primary = next((key[0] for key in keys if key[1] == "primary"), None)
+        rewrap = self.rewrap_unrotated_since(sweep)
+        if rewrap is not None and primary is not None:
+            for name, held_versions in sorted(versions.items()):
+                for number, (value, key_id) in sorted(held_versions.items()):
+                    if value is not None and key_id != primary:
+                        self.report(
+                            f"rewrap skipped: {name} v{number} is sealed by key {key_id}, not the "
+                            f"primary {primary}, after a rewrap with no rotation since",
+                            rewrap,
+                            sweep,
+                        )
+
+    def value_of(self, write: Op) -> str | None:
+        """The value an ok write made: its own, or for a copy the value of the version copied."""
+        if write.kind in ("put", "stage"):
+            return write.value
+        source = self.made.get((write.name, write.from_version or 0))
+        return None if source is None or source is write else self.value_of(source)
+
+    def rewrap_unrotated_since(self, read: Op) -> Op | None:
+        """An acknowledged rewrap that ended before `read` began, with no rotation since it began."""
+        for rewrap in reversed(self.maintenance):
+            if rewrap.kind == "keys_rewrap" and rewrap.status == "ok" and rewrap.complete < read.invoke:
+                if any(r.invoke < read.complete and r.complete > rewrap.invoke for r in self.rotations()):
+                    return None
+                return rewrap
+        return None
+
+    def check_key_status(self, status: Op, keys: list[tuple[Any, ...]]) -> None:
+        """`keys status` names as primary the key the last rotation made, shows each retired key in
+        the state its last disable, enable or destroy left, and after a rewrap with no rotation
+        since, no record under any key but the primary."""
+        states = {key[0]: key[1] for key in keys}
+        before = [op for op in self.maintenance if op.complete < status.invoke]
+        rotated = [op for op in before if op.kind == "keys_rotate" and op.status != "fail"]
+        overlapping = any(
+            op.kind == "keys_rotate" and op.invoke < status.complete and op.complete > status.invoke
+            for op in self.maintenance
+        )
+        if rotated and rotated[-1].status == "ok" and not overlapping:
+            made = rotated[-1].extra.get("key")
+            if states.get(made) != "primary":
+                self.report(
+                    f"keys status inconsistent: key {made}, made primary by the last rotation, is "
+                    f"{states.get(made, 'missing')}",
+                    rotated[-1],
+                    status,
+                )
+        last: dict[Any, Op] = {}
+        for op in before:
+            if op.kind in ("keys_disable", "keys_enable", "keys_destroy") and op.status == "ok":
+                last[op.extra.get("key")] = op
+        expected = {"keys_disable": "disabled", "keys_enable": "enabled", "keys_destroy": "destroyed"}
+        for key, op in last.items():
+            if states.get(key) != expected[op.kind]:
+                self.report(
+                    f"keys status inconsistent: key {key} is {states.get(key, 'missing')} after {op.kind}",
+                    op,
+                    status,
+                )
+        rewrap = self.rewrap_unrotated_since(status)
+        if rewrap is not None:
+            for key in keys:
+                if key[1] != "primary" and key[2]:
+                    self.report(
+                        f"rewrap skipped: keys status counts {key[2]} record(s) under key {key[0]}, not "
+                        "the primary, after a rewrap with no rotation since",
+                        rewrap,
+                        status,
+                    )
+
+    def check_unlock_refusal(self, op: Op) -> None:
+        """A client refused for its master password only where the README says it may be: a new
+        process (a CLI run, a handle opened again) holding the password of generation g once a
+        passwd from g may have landed; a handle holding the root key (opened with g, not reading
+        its file again) once a passwd from g or later and then a root rotation may have landed; a
+        handle that reads its password file again (`renew`) within that, until the file holds the
+        new password and its RENEW_RETRY_SECONDS (5 s) spacing of attempts has passed."""
+        generation = op.extra.get("pw")
+        passwds = [
+            p
+            for p in self.maintenance
+            if p.kind == "passwd" and p.status != "fail" and p.invoke < op.complete
+        ]
+        roots = [
+            r
+            for r in self.ops
+            if r.kind == "keys_rotate_root" and r.status != "fail" and r.invoke < op.complete
+        ]
+        fresh = (op.error or "").startswith(("unlock: exit", "unlock: UnlockError"))
+        if generation == "renew":
+            allowed = any(
+                op.invoke < p.complete + 6.0 and any(r.complete > p.invoke for r in roots) for p in passwds
+            )
+            said = "a handle that reads its password file again"
+        elif fresh:
+            allowed = any(p.extra.get("pw") == generation for p in passwds)
+            said = f"a new process with password generation {generation}"
+        else:
+            allowed = any(
+                isinstance(generation, int) and p.extra.get("pw", -1) >= generation
+                and any(r.complete > p.invoke for r in roots)
+                for p in passwds
+            )  # fmt: skip
+            said = f"a running handle opened with password generation {generation}"
+        if not allowed:
+            self.report(
+                f"unlock refused where the README says it works: {said}", *passwds[-1:], *roots[-1:], op
+            )

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError
+from secrets_manager.errors import ConflictError, InvalidInputError, NotFoundError, UnlockError
 
 
 class Recorder:
@@ -32,9 +32,13 @@ class Recorder:
         self.process = process
         self.counter = 0
         self.fail_over: Callable[[], object] | None = None  # after an unknown outcome
+        self.context: dict[str, Any] = {}  # recorded with every invocation (`pw`: the password used)
+        self.last_error = ""  # of the last operation ("" if it succeeded)
 
     def record(self, **fields: Any) -> None:
         fields.setdefault("time", time.monotonic())
+        if fields.get("t") in ("ok", "fail", "info"):
+            self.last_error = str(fields.get("error", ""))
         self.out.write(json.dumps({"p": self.process, **fields}) + "\n")
         self.out.flush()
 
@@ -44,13 +48,19 @@ class Recorder:
         """Record the invocation, call, record how it ended; the answer if ok, else None."""
         self.counter += 1
         index = self.counter
-        self.record(i=index, t="invoke", f=kind, name=name, **args)
+        self.record(i=index, t="invoke", f=kind, name=name, **{**self.context, **args})
         try:
             answer = call()
         except Outcome as outcome:
             self.record(i=index, t=outcome.status, error=outcome.error)
             return None
+        except UnlockError as exc:
+            self.record(i=index, t="fail", error=f"unlock: {type(exc).__name__}: {str(exc)[:200]}")
+            return None
         except ConflictError as exc:
+            if unlock_refusal(str(exc)):  # the handle's password no longer opens the store
+                self.record(i=index, t="fail", error=f"unlock: {type(exc).__name__}: {str(exc)[:200]}")
+                return None
             self.record(i=index, t="fail", error="conflict", detail=type(exc).__name__)
             return None
         except NotFoundError:
@@ -67,6 +77,12 @@ class Recorder:
             return None
         self.record(i=index, t="ok", **answer)
         return answer
+
+
+def unlock_refusal(message: str) -> bool:
+    """Whether a ConflictError (exit 7) says the store's unlock changed under the caller: its
+    master password changed and root key rotated since it opened the store, not a write conflict."""
+    return "master password changed" in message or "open the store again" in message
 
 
 class Outcome(Exception):
@@ -127,17 +143,31 @@ class ApiClient:
 class CliClient:
     """The operations through the console script, one process each."""
 
-    def __init__(self, command: list[str], env: dict[str, str]) -> None:
+    def __init__(self, command: list[str], env: dict[str, str], password_file: str | None = None) -> None:
         self.command = command
         self.env = env
+        self.password_file = password_file  # read before every run: `passwd` may have changed it
+        self.password: str | None = None
+
+    def generation(self) -> int | None:
+        """The generation of the master password the next run uses (history_maintenance)."""
+        if self.password_file is None:
+            return None
+        from history_maintenance import generation_of, read_password
+
+        self.password = read_password(self.password_file)
+        return generation_of(self.password)
 
     def cli(self, *args: str, data: str = "") -> Any:
+        env = self.env if self.password is None else {**self.env, "MASTER_PASSWORD": self.password}
         proc = subprocess.run(
-            [*self.command, *args], input=data.encode(), capture_output=True, env=self.env, timeout=60
+            [*self.command, *args], input=data.encode(), capture_output=True, env=env, timeout=60
         )
         if proc.returncode == 0:
             return json.loads(proc.stdout) if proc.stdout.strip() else {}
         error = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        if proc.returncode == 4 or (proc.returncode == 7 and unlock_refusal(error[0])):
+            raise Outcome("fail", f"unlock: exit {proc.returncode}: {error[0][:200]}")
         if proc.returncode == 7:
             raise Outcome("fail", "conflict")
         if proc.returncode == 3:
@@ -176,7 +206,7 @@ class CliClient:
 def open_client(target: dict[str, Any]) -> tuple[Any, Callable[[], None]]:
     kind = target["kind"]
     if kind == "cli":
-        return CliClient(target["command"], dict(target["env"])), lambda: None
+        return CliClient(target["command"], dict(target["env"]), target.get("password_file")), lambda: None
     if kind == "remote":
         from pathlib import Path
 
@@ -199,8 +229,22 @@ def open_client(target: dict[str, Any]) -> tuple[Any, Callable[[], None]]:
         from secrets_manager.storage.postgres import PostgresStorage
 
         storage = PostgresStorage(target["conninfo"], schema=target["schema"])
-    store = EncryptedStore.open(storage, PasswordUnlock(target["password"], kdf.TEST))
-    return ApiClient(store), store.close
+    password_file = target.get("password_file")
+    if password_file is None:
+        store = EncryptedStore.open(storage, PasswordUnlock(target["password"], kdf.TEST))
+        return ApiClient(store), store.close
+    # A password read from a file (history_maintenance's passwd changes it): `renew` reads the file
+    # again when the held password stops opening the store, as serve and the SDK do; without it
+    # the client is one started with MASTER_PASSWORD, which the README says to start again.
+    from history_maintenance import generation_of, read_password
+
+    password = read_password(password_file)
+    store = EncryptedStore.open(storage, PasswordUnlock(password, kdf.TEST))
+    if target.get("renew"):
+        store.renew_unlock_with(lambda: PasswordUnlock(read_password(password_file), kdf.TEST))
+    client = ApiClient(store)
+    client.generation = generation_of(password)  # type: ignore[attr-defined]
+    return client, lambda: client.store.close()
 
 
 def main(config: dict[str, Any]) -> None:
@@ -208,6 +252,12 @@ def main(config: dict[str, Any]) -> None:
     names: list[str] = config["names"]
     weights: dict[str, int] = config["weights"]
     deadline = time.monotonic() + config["duration"]
+    if config["target"]["kind"] == "maint":
+        import history_maintenance
+
+        with open(config["out"], "a", encoding="utf-8") as out:
+            history_maintenance.main(config, Recorder(out, config["process"]))
+        return
     client, close = open_client(config["target"])
     seen: dict[str, int] = {}  # the newest version of each name this client saw
     with open(config["out"], "a", encoding="utf-8") as out:
@@ -219,8 +269,45 @@ def main(config: dict[str, Any]) -> None:
             kind = rng.choices(kinds, chances)[0]
             name = rng.choice(names)
             value = f"{config['process']}-{recorder.counter + 1}-{secrets.token_hex(3)}"
+            client, close = with_password_context(client, close, recorder, config["target"])
+            if client is None:  # started again, and its password did not open the store yet
+                time.sleep(0.1)
+                continue
             one_operation(rng, client, recorder, seen, names, config["prefix"], kind, name, value)
     close()
+
+
+def with_password_context(
+    client: Any, close: Callable[[], None], recorder: Recorder, target: dict[str, Any]
+) -> tuple[Any, Callable[[], None]]:
+    """Record which master password the next operation unlocks with (`pw`: its generation, or
+    "renew" for a handle that reads its file again). A handle without renewal whose last operation
+    was refused for its password is started again (an `open` operation, with the file's password)."""
+    if target.get("password_file") is None:
+        return client, close
+    if isinstance(client, CliClient):
+        recorder.context = {"pw": client.generation()}
+        return client, close
+    if target.get("renew"):
+        recorder.context = {"pw": "renew"}
+        return client, close
+    if client is None or recorder.last_error.startswith("unlock"):
+        close()
+        from history_maintenance import generation_of, read_password
+
+        generation = generation_of(read_password(target["password_file"]))
+        recorder.context = {"pw": generation}
+        opened: list[Any] = []
+
+        def reopen() -> dict[str, Any]:
+            opened.append(open_client(target))
+            return {}
+
+        if recorder.run("open", "", reopen) is None:
+            return None, lambda: None
+        client, close = opened[0]
+    recorder.context = {"pw": client.generation}
+    return client, close
 
 
 def one_operation(
@@ -280,4 +367,5 @@ def one_operation(
 
 if __name__ == "__main__":
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    sys.modules.setdefault("history_worker", sys.modules["__main__"])  # one Outcome class, not two
     main(json.loads(sys.argv[1]))

@@ -5,6 +5,10 @@ bounded time, on the embedded SQLite store (the Python API in several processes,
 PostgreSQL, and through two `serve` replicas on one PostgreSQL store (real mutual TLS), some with
 faults: a client SIGKILLed mid-operation, a replica SIGKILLed, PostgreSQL connections ended by
 pg_terminate_backend. tests/history_checker.py then checks the history and the state left.
+Beside them an operator's client (tests/history_maintenance.py) rotates keys and the root key,
+rewraps, retires keys and changes the master password through the CLI, some of it SIGKILLed
+part-way, and sweeps every version by number; the other clients unlock with the password file it
+rewrites (or, one of them, with the password they started with), and record which.
 
 Each run is seeded: HISTORY_SEED=N reruns one, and a failure names its seed and the anomalies
 with the operations that show them.
@@ -307,6 +311,119 @@ def test_an_unfinished_operation_is_of_unknown_outcome() -> None:
     assert check([first, second], {"x": FinalSecret(False, 1, {1: "x1"})}) == []
 
 
+def _maint(kind: str, start: float, end: float, status: str = "ok", **extra: Any) -> Op:
+    return Op("maint0", kind, "hist", start, end, status, extra=extra)
+
+
+def _sweep(start: float, end: float, versions: dict[str, dict[str, list[Any]]], keys: list[list[Any]],
+           errors: list[str] = ()) -> Op:  # type: ignore[assignment]  # fmt: skip
+    return _maint("sweep", start, end, versions=versions, keys=keys, errors=list(errors))
+
+
+def test_the_checker_finds_a_value_that_no_longer_decrypts_after_a_rewrap() -> None:
+    ops = [
+        _put("a", "x", "x1", 1, 0, 1),
+        _maint("keys_rotate", 2, 3, key=22),
+        _maint("keys_rewrap", 4, 5),
+        Op("b", "get", "x", 6, 7, "info", asked=1, error="IntegrityError: version 1 of 'x' is damaged"),
+        _sweep(8, 9, {}, [], errors=["x v1: IntegrityError: version 1 of 'x' is damaged"]),
+    ]
+    anomalies = check(ops, {"x": FinalSecret(False, 1, {1: "x1"})})
+    assert any(a.startswith("integrity error after #2 maint0 keys_rewrap") for a in anomalies), anomalies
+    assert any(a.startswith("integrity error in a sweep: x v1") for a in anomalies), anomalies
+
+
+def test_the_checker_finds_a_version_lost_or_changed_by_a_rewrap() -> None:
+    keys = [[11, "enabled", 0], [22, "primary", 1]]
+    ops = [
+        _put("a", "x", "x1", 1, 0, 1),
+        _put("a", "x", "x2", 2, 0, 1),
+        _maint("keys_rotate", 2, 3, key=22),
+        _maint("keys_rewrap", 4, 5),
+        _sweep(6, 7, {"x": {"2": ["x1", 22]}}, keys),
+    ]
+    anomalies = check(ops, {"x": FinalSecret(False, 2, {1: "x1", 2: "x2"})})
+    assert any(
+        a.startswith("version lost: x v1") and "after #3 maint0 keys_rewrap" in a for a in anomalies
+    ), anomalies
+    assert any(a.startswith("version changed: x v2 reads x1") for a in anomalies), anomalies
+
+
+def test_the_checker_finds_a_write_under_an_old_key_and_a_record_a_rewrap_skipped() -> None:
+    keys = [[11, "enabled", 1], [22, "primary", 1]]
+    ops = [
+        _put("a", "x", "x1", 1, 0, 1),
+        _maint("keys_rotate", 2, 3, key=22),
+        _put("a", "x", "x2", 2, 4, 5),  # began after key 22 was primary, sealed by key 11 below
+        _sweep(6, 7, {"x": {"1": ["x1", 22], "2": ["x2", 11]}}, keys),
+        _maint("keys_rewrap", 8, 9),
+        _sweep(10, 11, {"x": {"1": ["x1", 11], "2": ["x2", 22]}}, keys),
+        _maint("keys_status", 12, 13, keys=keys),
+    ]
+    anomalies = check(ops, {"x": FinalSecret(False, 2, {1: "x1", 2: "x2"})})
+    assert any(a.startswith("write acknowledged under an old key generation: x v2") for a in anomalies), (
+        anomalies
+    )
+    assert any(a.startswith("rewrap skipped: x v1 is sealed by key 11") for a in anomalies), anomalies
+    assert any(
+        a.startswith("rewrap skipped: keys status counts 1 record(s) under key 11") for a in anomalies
+    ), anomalies
+
+
+def test_the_checker_passes_records_left_under_an_old_key_by_a_rotation_during_the_rewrap() -> None:
+    keys = [[11, "enabled", 0], [22, "enabled", 1], [33, "primary", 1]]
+    ops = [
+        _put("a", "x", "x1", 1, 0, 1),
+        _maint("keys_rotate", 2, 3, key=22),
+        _maint("keys_rewrap", 4, 8),
+        _maint("keys_rotate", 5, 6, key=33),
+        _sweep(9, 10, {"x": {"1": ["x1", 22]}}, keys),
+        _maint("keys_status", 11, 12, keys=keys),
+    ]
+    assert check(ops, {"x": FinalSecret(False, 1, {1: "x1"})}) == []
+
+
+def test_the_checker_finds_keys_status_inconsistent_with_the_key_commands() -> None:
+    keys = [[11, "primary", 1], [22, "enabled", 0]]
+    ops = [
+        _put("a", "x", "x1", 1, 0, 1),
+        _maint("keys_rotate", 2, 3, key=22),
+        _maint("keys_disable", 4, 5, key=11),
+        _maint("keys_status", 6, 7, keys=keys),
+    ]
+    anomalies = check(ops, {"x": FinalSecret(False, 1, {1: "x1"})})
+    assert any(a.startswith("keys status inconsistent: key 22, made primary") for a in anomalies), anomalies
+    assert any(
+        a.startswith("keys status inconsistent: key 11 is primary after keys_disable") for a in anomalies
+    ), anomalies
+
+
+def test_the_checker_finds_a_passwd_that_leaves_a_client_unable_to_unlock() -> None:
+    refused = "unlock: ConflictError: the store's root key was rotated and its master password changed"
+    ops = [
+        _put("a", "x", "x1", 1, 0, 1),
+        _maint("passwd", 2, 3, pw=0, new_pw=1),
+        # A new process with the new password, refused; one with the old while passwd ran: allowed.
+        Op("c", "get", "x", 4, 5, "fail", error="unlock: exit 4: wrong master password", extra={"pw": 1}),
+        Op("c", "get", "x", 2.5, 3.5, "fail", error="unlock: exit 4: wrong master password", extra={"pw": 0}),
+        # A running handle after passwd alone (its root key unchanged), refused.
+        Op("b", "get", "x", 6, 7, "fail", error=refused, extra={"pw": 0}),
+        # A handle that reads its file again, refused long after the file held the new password.
+        _maint("keys_rotate_root", 8, 9),
+        Op("d", "get", "x", 20, 21, "fail", error=refused, extra={"pw": "renew"}),
+        # ... and one refused just after the rotation: allowed (its file, its 5 s between tries).
+        Op("d", "get", "x", 8.5, 9.5, "fail", error=refused, extra={"pw": "renew"}),
+        Op("b", "get", "x", 10, 11, "fail", error=refused, extra={"pw": 0}),  # allowed: restart it
+    ]
+    anomalies = check(ops, {"x": FinalSecret(False, 1, {1: "x1"})})
+    unlocks = sorted(a.split(";")[0] for a in anomalies)
+    assert unlocks == [
+        "unlock refused where the README says it works: a handle that reads its password file again",
+        "unlock refused where the README says it works: a new process with password generation 1",
+        "unlock refused where the README says it works: a running handle opened with password generation 0",
+    ], anomalies
+
+
 # ---- the embedded SQLite store -----------------------------------------------------------------
 
 
@@ -586,3 +703,152 @@ def test_a_replica_killed_mid_run_and_terminated_connections_leave_a_linearizabl
     ops = assert_consistent(run, postgres_final(conninfo, schema))
     print("replicas, kill", len(ops), len(ended), "backends ended", summary(ops))
     assert sum(op.status == "ok" for op in ops) > 50
+
+
+# ---- key management beside the clients (tests/history_maintenance.py) ------------------------------
+
+NAMESPACE = PREFIX.rstrip("/")
+
+
+def password_clients(
+    run: Run, api: dict[str, Any], cli: dict[str, Any], password_file: Path, *, kill: bool = False
+) -> None:
+    """api0 and api2 read the shared password file again when theirs stops opening the store (as
+    serve and the SDK with MASTER_PASSWORD_FILE do); api1 holds the password it was started with
+    (MASTER_PASSWORD) and is started again when refused; cli0 reads the file before each run; and
+    maint0 runs the key commands, passwd, sweeps, keys status and audit verify."""
+    for index in range(3):
+        target = {**api, "password_file": str(password_file), "renew": index != 1}
+        run.start(f"api{index}", target, API_WEIGHTS, DURATION)
+    run.start("cli0", {**cli, "password_file": str(password_file)}, CLI_WEIGHTS, DURATION)
+    store = {key: value for key, value in api.items() if key in ("kind", "path", "conninfo", "schema")}
+    maintenance = {
+        "kind": "maint",
+        "command": cli["command"],
+        "env": {key: value for key, value in cli["env"].items() if key != "MASTER_PASSWORD"},
+        "password_file": str(password_file),
+        "namespace": NAMESPACE,
+        "prefix": PREFIX,
+        "store": store,
+        "kill": kill,
+    }
+    run.start("maint0", maintenance, {}, DURATION)
+
+
+def new_password_file(directory: Path) -> Path:
+    path = directory / "master-password"
+    path.write_text(PASSWORD + "\n")
+    path.chmod(0o600)
+    return path
+
+
+def maintenance_summary(run: Run, ops: list[Op]) -> str:
+    """The maintenance operations' counts, and their durations (mean and max seconds)."""
+    counts = {
+        k: v
+        for k, v in summary(ops).items()
+        if k.split(":")[0].startswith(("keys_", "passwd", "sweep", "audit", "open"))
+    }
+    figures: dict[str, list[float]] = {}
+    for path in run.directory.glob("*.figures"):
+        figures = json.loads(path.read_text())
+    timing = {kind: f"{sum(d) / len(d):.2f}/{max(d):.2f}" for kind, d in figures.items() if d}
+    writes = [op.complete - op.invoke for op in ops if op.kind == "put" and op.status == "ok"]
+    during = [
+        op.complete - op.invoke
+        for op in ops
+        if op.kind == "put" and op.status == "ok"
+        and any(m.kind == "keys_rewrap" and m.invoke < op.complete and op.invoke < m.complete for m in ops)
+    ]  # fmt: skip
+    latency = (
+        f"writes {len(writes)}, mean {1000 * sum(writes) / max(1, len(writes)):.1f} ms; during rewraps "
+        f"{len(during)}, mean {1000 * sum(during) / max(1, len(during)):.1f} ms, "
+        f"max {1000 * max(during, default=0):.1f} ms"
+    )
+    return f"{counts} {timing} {latency}"
+
+
+def audit_verified(command: list[str], env: dict[str, str], password_file: Path) -> None:
+    proc = subprocess.run(
+        [*command, "audit", "verify"],
+        capture_output=True,
+        env={**env, "MASTER_PASSWORD": password_file.read_text().strip()},
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+
+def assert_maintained(run: Run, ops: list[Op]) -> None:
+    done = {op.kind for op in ops if op.status == "ok" and op.process == "maint0"}
+    assert {"keys_rotate", "keys_rewrap", "sweep", "keys_status", "audit_verify"} <= done, done
+    assert sum(op.status == "ok" and op.process != "maint0" for op in ops) > 50
+
+
+def key_maintenance_on_sqlite(tmp_path: Path, store_path: Path, *, kill: bool) -> None:
+    password_file = new_password_file(tmp_path)
+    run = Run(tmp_path, run_seed())
+    api, cli = sqlite_targets(store_path)
+    password_clients(run, api, cli, password_file, kill=kill)
+    run.wait()
+    store = EncryptedStore.open(
+        SqliteStorage(store_path), PasswordUnlock(password_file.read_text().strip(), kdf.TEST)
+    )
+    try:
+        final = final_state(store)
+    finally:
+        store.close()
+    ops = assert_consistent(run, final)
+    audit_verified(cli["command"], cli["env"], password_file)
+    print("sqlite, key maintenance", "kills" if kill else "", len(ops), maintenance_summary(run, ops))
+    assert_maintained(run, ops)
+
+
+@pytest.mark.slow
+def test_key_rotation_rewrap_and_passwd_beside_clients_on_sqlite_leave_a_linearizable_history(
+    tmp_path: Path, sqlite_store: Path
+) -> None:
+    key_maintenance_on_sqlite(tmp_path, sqlite_store, kill=False)
+
+
+@pytest.mark.slow
+def test_a_rewrap_and_a_passwd_killed_part_way_on_sqlite_leave_a_linearizable_history(
+    tmp_path: Path, sqlite_store: Path
+) -> None:
+    key_maintenance_on_sqlite(tmp_path, sqlite_store, kill=True)
+
+
+def key_maintenance_on_postgres(
+    tmp_path: Path, postgres_cluster: Any, postgres_store: tuple[str, str], *, kill: bool
+) -> None:
+    conninfo, schema = postgres_store
+    password_file = new_password_file(tmp_path)
+    run = Run(tmp_path, run_seed())
+    api = {"kind": "postgres", "conninfo": conninfo, "schema": schema, "password": PASSWORD}
+    cli = postgres_cli(postgres_cluster, schema, tmp_path)
+    password_clients(run, api, cli, password_file, kill=kill)
+    run.wait()
+    store = EncryptedStore.open(
+        PostgresStorage(conninfo, schema=schema), PasswordUnlock(password_file.read_text().strip(), kdf.TEST)
+    )
+    try:
+        final = final_state(store)
+    finally:
+        store.close()
+    ops = assert_consistent(run, final)
+    audit_verified(cli["command"], cli["env"], password_file)
+    print("postgres, key maintenance", "kills" if kill else "", len(ops), maintenance_summary(run, ops))
+    assert_maintained(run, ops)
+
+
+@pytest.mark.slow
+def test_key_rotation_rewrap_and_passwd_beside_clients_on_postgresql_leave_a_linearizable_history(
+    tmp_path: Path, postgres_cluster: Any, postgres_store: tuple[str, str]
+) -> None:
+    key_maintenance_on_postgres(tmp_path, postgres_cluster, postgres_store, kill=False)
+
+
+@pytest.mark.slow
+def test_a_rewrap_and_a_passwd_killed_part_way_on_postgresql_leave_a_linearizable_history(
+    tmp_path: Path, postgres_cluster: Any, postgres_store: tuple[str, str]
+) -> None:
+    key_maintenance_on_postgres(tmp_path, postgres_cluster, postgres_store, kill=True)
