@@ -859,3 +859,51 @@ def test_rewrap_is_invisible_to_watchers_but_new_versions_are_not(encrypted_stor
     encrypted_store.put("auth/K0", b"w")
     changes, _ = encrypted_store.changes_since(revision)
     assert [(c.kind.value, c.name, c.version) for c in changes] == [("version_added", "auth/K0", 2)]
+
+
+class _PausingStorage(SqliteStorage):
+    """A SQLite storage handle that runs `between` once, just before its next read of `key`:
+    another process's commits landing between two reads of one operation."""
+
+    def __init__(self, path: Path, key: str) -> None:
+        super().__init__(path)
+        self.key = key
+        self.between: Callable[[], None] | None = None
+
+    def get(self, key: str):  # type: ignore[no-untyped-def]
+        if key == self.key and self.between is not None:
+            between, self.between = self.between, None
+            between()
+        return super().get(key)
+
+
+@pytest.mark.parametrize("operation", ["get", "put", "describe"])
+def test_a_read_whose_metadata_key_is_rewrapped_and_disabled_between_its_reads_is_no_integrity_error(
+    filled: EncryptedStore, tmp_store_path: Path, store_password: str, operation: str
+) -> None:
+    """On SQLite a read takes a secret's metadata, then its namespace's keyset, in two reads. A
+    `keys rewrap` and `keys disable` of the old key landing between them (another process's
+    maintenance under load) left the metadata read under a key the keyset read says is disabled:
+    the read failed as 'metadata of svc/a is damaged (integrity check failed)', exit 6, and so did
+    writes, with nothing damaged at all."""
+    old = filled._keyset_for_read("svc").primary_id
+    keys.rotate_key(filled, "svc")
+    storage = _PausingStorage(tmp_store_path, "core/keyset/svc")
+    reader = EncryptedStore.open(storage, PasswordUnlock(store_password, kdf.TEST))
+    try:
+
+        def maintenance() -> None:
+            keys.rewrap(filled, "svc")
+            keys.disable_key(filled, old)
+
+        storage.between = maintenance
+        if operation == "get":
+            assert reader.get("svc/a").value.reveal() == b"a2"
+        elif operation == "put":
+            assert reader.put("svc/a", b"a3").version == 3
+        else:
+            assert reader.describe("svc/a").current_version == 2
+        assert storage.between is None  # the interleaving happened
+        assert state_of(filled, "svc")[old] == ("disabled", 0)
+    finally:
+        reader.close()

@@ -126,6 +126,7 @@ META_PREFIX = "meta/"
 DATA_PREFIX = "data/"
 AUDIT_KEY_KEY = "core/audit-key"
 OPEN_READ_ATTEMPTS = 5  # header and a root-sealed entry read again while root rotations land between
+META_READ_ATTEMPTS = 5  # metadata and keyset read again while rewraps and disables land between
 AUDIT_ANCHOR_KEY = "core/audit-anchor"
 SCOPED_ANCHOR_PREFIX = AUDIT_ANCHOR_KEY + "/"  # + scope: the anchor of one of several audit logs
 _AUDIT_SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -1337,19 +1338,34 @@ class EncryptedStore:
             raise _LostRace() from None
 
     def _read_meta(self, name: str) -> tuple[Entry | None, _Meta | None]:
+        """The secret's metadata entry and what it holds (None, None if there is none).
+
+        Where the metadata and the keyset are two reads (SQLite), a `keys rewrap` and a `keys
+        disable` (or destroy) of the old key can land between them: the metadata read under the key
+        the keyset read says is disabled. So a record that does not open is read again, and only
+        one that is still the same record is damaged."""
         namespace = namespace_of(name)
-        if self._multi_get is not None:  # both in one read: one round trip to a database server
-            both = self._multi_get.get_many([META_PREFIX + name, KEYSET_PREFIX + namespace])
-            entry, keyset_entry = both.get(META_PREFIX + name), both.get(KEYSET_PREFIX + namespace)
-            if entry is None:
-                return None, None
-            keyset = self._keyset_from(namespace, keyset_entry)
-        else:
-            entry = self._storage.get(META_PREFIX + name)
-            if entry is None:
-                return None, None
-            keyset = self._keyset_for_read(namespace)
-        return entry, _open_meta(keyset, name, entry.value)
+        failed = IntegrityError(_meta_damaged(name))
+        for _attempt in range(META_READ_ATTEMPTS):
+            if self._multi_get is not None:  # both in one read: one round trip to a database server
+                both = self._multi_get.get_many([META_PREFIX + name, KEYSET_PREFIX + namespace])
+                entry, keyset_entry = both.get(META_PREFIX + name), both.get(KEYSET_PREFIX + namespace)
+                if entry is None:
+                    return None, None
+                keyset = self._keyset_from(namespace, keyset_entry)
+            else:
+                entry = self._storage.get(META_PREFIX + name)
+                if entry is None:
+                    return None, None
+                keyset = self._keyset_for_read(namespace)
+            try:
+                return entry, _open_meta(keyset, name, entry.value)
+            except IntegrityError as exc:
+                again = self._storage.get(META_PREFIX + name)
+                if again is not None and again.revision == entry.revision:
+                    raise  # the same record, under the keyset as it is now: damaged
+                failed = exc
+        raise failed  # rewritten between the reads at every try
 
     def _seal_meta(self, key: DataKey, name: str, meta: _Meta) -> bytes:
         return seal_record(key, Purpose.SECRET_METADATA, name, 0, meta.to_json())
