@@ -311,8 +311,13 @@ def main(config: dict[str, Any], recorder: Recorder) -> None:
                 break
             getattr(maintenance, kind)()
             time.sleep(rng.uniform(0, 0.1))
+        if rounds == 1:
+            maintenance.rotate_root()  # after the round's passwd: running clients read theirs again
     maintenance.status()
     maintenance.sweep()
     maintenance.audit_verify()
     with open(config["out"] + ".figures", "w") as out:
         json.dump(maintenance.durations, out)
+    stop_file = config["target"].get("stop_file")
+    if stop_file:  # the other clients stop now: every operation above ran under their load
+        Path(stop_file).touch()

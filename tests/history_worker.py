@@ -265,7 +265,8 @@ def main(config: dict[str, Any]) -> None:
         if isinstance(client, ApiClient) and hasattr(client.store, "fail_over"):
             recorder.fail_over = lambda: client.store.fail_over(2.0)  # to another replica serving
         kinds, chances = list(weights), list(weights.values())
-        while time.monotonic() < deadline:
+        stop_file = config["target"].get("stop_file")  # the maintenance client's end, if given
+        while time.monotonic() < deadline and not (stop_file and os.path.exists(stop_file)):
             kind = rng.choices(kinds, chances)[0]
             name = rng.choice(names)
             value = f"{config['process']}-{recorder.counter + 1}-{secrets.token_hex(3)}"
@@ -274,6 +275,7 @@ def main(config: dict[str, Any]) -> None:
                 time.sleep(0.1)
                 continue
             one_operation(rng, client, recorder, seen, names, config["prefix"], kind, name, value)
+            time.sleep(config["target"].get("pace", 0))  # fewer operations over a longer history
     close()
 
 
@@ -284,6 +286,8 @@ def with_password_context(
     "renew" for a handle that reads its file again). A handle without renewal whose last operation
     was refused for its password is started again (an `open` operation, with the file's password)."""
     if target.get("password_file") is None:
+        if "unlock" in target:  # a client of a service: how the service unlocks (`renew`)
+            recorder.context = {"pw": target["unlock"]}
         return client, close
     if isinstance(client, CliClient):
         recorder.context = {"pw": client.generation()}

@@ -708,6 +708,10 @@ def test_a_replica_killed_mid_run_and_terminated_connections_leave_a_linearizabl
 # ---- key management beside the clients (tests/history_maintenance.py) ------------------------------
 
 NAMESPACE = PREFIX.rstrip("/")
+MAINTENANCE_CAP = 90.0  # seconds the other clients run at most, waiting for the maintenance client
+# Seconds each of them waits between operations: the maintenance client's round may take 30 s
+# under load, and the checker's cost grows faster than the history's length.
+PACE = 0.05
 
 
 def password_clients(
@@ -716,11 +720,14 @@ def password_clients(
     """api0 and api2 read the shared password file again when theirs stops opening the store (as
     serve and the SDK with MASTER_PASSWORD_FILE do); api1 holds the password it was started with
     (MASTER_PASSWORD) and is started again when refused; cli0 reads the file before each run; and
-    maint0 runs the key commands, passwd, sweeps, keys status and audit verify."""
+    maint0 runs the key commands, passwd, sweeps, keys status and audit verify. A CLI run takes
+    a second or more under load, so maint0 runs each of its operations once (in a random order)
+    however long that takes, and the others run until it ends (at most MAINTENANCE_CAP)."""
+    stop = {"stop_file": str(run.directory / "maintenance-done"), "pace": PACE}
     for index in range(3):
-        target = {**api, "password_file": str(password_file), "renew": index != 1}
-        run.start(f"api{index}", target, API_WEIGHTS, DURATION)
-    run.start("cli0", {**cli, "password_file": str(password_file)}, CLI_WEIGHTS, DURATION)
+        target = {**api, "password_file": str(password_file), "renew": index != 1, **stop}
+        run.start(f"api{index}", target, API_WEIGHTS, MAINTENANCE_CAP)
+    run.start("cli0", {**cli, "password_file": str(password_file), **stop}, CLI_WEIGHTS, MAINTENANCE_CAP)
     store = {key: value for key, value in api.items() if key in ("kind", "path", "conninfo", "schema")}
     maintenance = {
         "kind": "maint",
@@ -731,6 +738,7 @@ def password_clients(
         "prefix": PREFIX,
         "store": store,
         "kill": kill,
+        **stop,
     }
     run.start("maint0", maintenance, {}, DURATION)
 
@@ -852,3 +860,45 @@ def test_a_rewrap_and_a_passwd_killed_part_way_on_postgresql_leave_a_linearizabl
     tmp_path: Path, postgres_cluster: Any, postgres_store: tuple[str, str]
 ) -> None:
     key_maintenance_on_postgres(tmp_path, postgres_cluster, postgres_store, kill=True)
+
+
+@pytest.mark.slow
+def test_a_replica_beside_key_rotation_rewrap_and_passwd_keeps_serving_and_sealing_with_the_new_keys(
+    tmp_path: Path, postgres_cluster: Any, postgres_store: tuple[str, str]
+) -> None:
+    """A `serve` replica whose password comes from the shared password file (MASTER_PASSWORD_FILE)
+    while the maintenance client rotates keys and the root key, rewraps and changes the password:
+    its clients' calls are refused only while the README says (a passwd and a root rotation, until
+    it reads the file again), and its writes are sealed by the primary of their time (the sweeps)."""
+    conninfo, schema = postgres_store
+    password_file = new_password_file(tmp_path)
+    make_pki(tmp_path, clients=("ops",))
+    (tmp_path / "policy.toml").write_text(POLICY)
+    server = start_server(
+        tmp_path, "replica-a", store=f"{postgres_cluster.url()}?schema={schema}",
+        environment={**postgres_cluster.env(), "MASTER_PASSWORD_FILE": str(password_file)},
+        settings='audit_file = "replica-a.audit.jsonl"\n[limits]\nrequests_per_second = 0\n',
+    )  # fmt: skip
+    try:
+        run = Run(tmp_path, run_seed())
+        stop = {"stop_file": str(run.directory / "maintenance-done"), "pace": PACE}
+        for index in range(2):
+            target = {**remote_target(server), "unlock": "renew", **stop}
+            run.start(f"rpc{index}", target, RPC_WEIGHTS, MAINTENANCE_CAP)
+        api = {"kind": "postgres", "conninfo": conninfo, "schema": schema, "password": PASSWORD}
+        password_clients(run, api, postgres_cli(postgres_cluster, schema, tmp_path), password_file)
+        run.wait()
+        assert server.process.poll() is None, "".join(server.log_lines[-20:])
+    finally:
+        server.stop()
+    store = EncryptedStore.open(
+        PostgresStorage(conninfo, schema=schema), PasswordUnlock(password_file.read_text().strip(), kdf.TEST)
+    )
+    try:
+        final = final_state(store)
+    finally:
+        store.close()
+    ops = assert_consistent(run, final)
+    print("replica, key maintenance", len(ops), maintenance_summary(run, ops))
+    assert_maintained(run, ops)
+    assert sum(op.status == "ok" and op.process.startswith("rpc") for op in ops) > 20
