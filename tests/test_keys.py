@@ -862,19 +862,26 @@ def test_rewrap_is_invisible_to_watchers_but_new_versions_are_not(encrypted_stor
 
 
 class _PausingStorage(SqliteStorage):
-    """A SQLite storage handle that runs `between` once, just before its next read of `key`:
-    another process's commits landing between two reads of one operation."""
+    """A SQLite storage handle that runs `between` once, just before its next read of `key` (or
+    just after it, with `after`): another process's commits landing between two reads of one
+    operation."""
 
-    def __init__(self, path: Path, key: str) -> None:
+    def __init__(self, path: Path, key: str, *, after: bool = False) -> None:
         super().__init__(path)
         self.key = key
+        self.after = after
         self.between: Callable[[], None] | None = None
 
     def get(self, key: str):  # type: ignore[no-untyped-def]
-        if key == self.key and self.between is not None:
-            between, self.between = self.between, None
+        if key != self.key or self.between is None:
+            return super().get(key)
+        between, self.between = self.between, None
+        if not self.after:
             between()
-        return super().get(key)
+            return super().get(key)
+        entry = super().get(key)
+        between()
+        return entry
 
 
 @pytest.mark.parametrize("operation", ["get", "put", "describe"])
@@ -903,6 +910,33 @@ def test_a_read_whose_metadata_key_is_rewrapped_and_disabled_between_its_reads_i
             assert reader.put("svc/a", b"a3").version == 3
         else:
             assert reader.describe("svc/a").current_version == 2
+        assert storage.between is None  # the interleaving happened
+        assert state_of(filled, "svc")[old] == ("disabled", 0)
+    finally:
+        reader.close()
+
+
+def test_a_value_read_under_a_key_another_thread_then_saw_disabled_is_read_again(
+    filled: EncryptedStore, tmp_store_path: Path, store_password: str
+) -> None:
+    """A handle shared by threads (serve, the SDK): one thread read a value's record under the
+    old key; a `keys rewrap` and `keys disable` landed, and another thread's read put the keyset
+    with the key disabled in the handle's cache before the first decrypted. It failed as 'version
+    2 of svc/a is damaged (integrity check failed): restore the secret from a backup', exit 6 /
+    DATA_LOSS, on an intact store; the record, re-sealed meanwhile, is now read again."""
+    old = filled._keyset_for_read("svc").primary_id
+    keys.rotate_key(filled, "svc")
+    storage = _PausingStorage(tmp_store_path, "data/svc/a#2", after=True)
+    reader = EncryptedStore.open(storage, PasswordUnlock(store_password, kdf.TEST))
+    try:
+
+        def maintenance_and_another_thread() -> None:
+            keys.rewrap(filled, "svc")
+            keys.disable_key(filled, old)
+            reader._keyset_for_read("svc")  # what another thread's read leaves in the cache
+
+        storage.between = maintenance_and_another_thread
+        assert reader.get("svc/a").value.reveal() == b"a2"
         assert storage.between is None  # the interleaving happened
         assert state_of(filled, "svc")[old] == ("disabled", 0)
     finally:

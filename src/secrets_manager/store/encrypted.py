@@ -466,7 +466,8 @@ class EncryptedStore:
                     if fingerprint and sealed.fingerprint is None:
                         sealed.fingerprint = value_fingerprint(self.audit_key(), plaintext)
                     return _secret(name, number, cached.meta, plaintext), sealed.fingerprint
-        for _attempt in range(3):  # a concurrent prune between the two reads: read again
+        resealed: IntegrityError | None = None
+        for _attempt in range(3):  # a concurrent prune or rewrap between the reads: read again
             meta_entry, meta = self._read_meta(name)
             if meta_entry is None or meta is None:
                 raise NotFoundError(f"secret {name!r} not found")
@@ -492,6 +493,12 @@ class EncryptedStore:
                     entry.value,
                 )
             except IntegrityError as exc:  # a damaged keyset names itself, and stays so
+                # A record re-sealed since it was read (a rewrap), its old key disabled meanwhile
+                # (a thread sharing this handle may have cached that keyset): read it again.
+                again = self._storage.get(_data_key(name, number))
+                if again is not None and again.revision != entry.revision:
+                    resealed = _named(exc, _value_damaged(name, number))
+                    continue
                 raise _named(exc, _value_damaged(name, number)) from None
             meta.check_value(name, number, plaintext)
             value_hmac = value_fingerprint(self.audit_key(), plaintext) if fingerprint else None
@@ -502,6 +509,8 @@ class EncryptedStore:
                     cached.records[number] = _SealedValue(entry.value, used[0], value_hmac)
                     self._read_cache.put(head, name, cached)
             return _secret(name, number, meta, plaintext), value_hmac
+        if resealed is not None:  # re-sealed between the reads at every try
+            raise resealed
         raise NotFoundError(f"version {number} of {name!r} is no longer stored")
 
     def describe(self, name: str) -> SecretMetadata:
