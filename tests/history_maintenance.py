@@ -211,6 +211,12 @@ class Maintenance:
             "sweep", lambda: sweep(self.store, password_of(self.generation), self.namespace, self.prefix)
         )
 
+    def rotate_rewrap(self) -> None:
+        """A new primary, then every older record re-sealed under it, under the others' load."""
+        self.rotate()
+        self.rewrap()
+        self.status()
+
     def killed_rewrap(self) -> None:
         """`keys rewrap` SIGKILLed part-way; every version still opens; run again, it finishes."""
         self.rotate()
@@ -291,8 +297,8 @@ def sweep(target: dict[str, Any], password: str, namespace: str, prefix: str) ->
         store.close()
 
 
-ROUND = ["rotate", "rewrap", "retire", "rotate_root", "passwd", "status", "sweep", "audit_verify"]
-KILL_ROUND = ["killed_rewrap", "killed_passwd", "rotate_root", "retire"]  # each kill then sweeps
+ROUND = ["rotate", "rotate_rewrap", "retire", "rotate_root", "passwd", "status", "sweep", "audit_verify"]
+KILL_ROUND = ["killed_rewrap", "killed_passwd", "rotate_root", "retire", "audit_verify"]  # kills, then sweeps
 
 
 def main(config: dict[str, Any], recorder: Recorder) -> None:
@@ -302,7 +308,6 @@ def main(config: dict[str, Any], recorder: Recorder) -> None:
     maintenance = Maintenance(config["target"], recorder, rng)
     deadline = time.monotonic() + config["duration"]
     kinds = KILL_ROUND if maintenance.kill else ROUND
-    maintenance.sweep()
     rounds = 0
     while rounds == 0 or time.monotonic() < deadline:  # the first round whole
         rounds += 1
@@ -313,9 +318,7 @@ def main(config: dict[str, Any], recorder: Recorder) -> None:
             time.sleep(rng.uniform(0, 0.1))
         if rounds == 1:
             maintenance.rotate_root()  # after the round's passwd: running clients read theirs again
-    maintenance.status()
-    maintenance.sweep()
-    maintenance.audit_verify()
+    maintenance.sweep()  # the test then checks the final state, and runs audit verify
     with open(config["out"] + ".figures", "w") as out:
         json.dump(maintenance.durations, out)
     stop_file = config["target"].get("stop_file")
