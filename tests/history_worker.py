@@ -13,10 +13,12 @@ outcome unknown. Values are unique (`process-counter-random`), never secret mate
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import random
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -372,4 +374,7 @@ def one_operation(
 if __name__ == "__main__":
     os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     sys.modules.setdefault("history_worker", sys.modules["__main__"])  # one Outcome class, not two
+    # Run.wait sends SIGUSR1 to a client that outlived its wait: every thread's stack goes to
+    # stderr (the failure message), written by C code, so even from a call that never returns.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     main(json.loads(sys.argv[1]))

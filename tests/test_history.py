@@ -119,15 +119,30 @@ class Run:
             try:
                 _, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                # Each client still running writes its threads' stacks to its stderr (SIGUSR1,
+                # history_worker.py's faulthandler) before it is killed: where it hung. Its last
+                # records are read first: a client that was only slow goes on in the second
+                # given to the dumps.
+                running = [name for name, other in self.processes.items() if other.poll() is None]
+                last: dict[str, list[str]] = {}
+                for name in running:
+                    records = self.directory / f"history-{name}.jsonl"
+                    last[name] = records.read_text().splitlines()[-3:] if records.exists() else []
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.processes[name].pid, signal.SIGUSR1)
+                time.sleep(1)
                 for other in self.processes.values():
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(other.pid, signal.SIGKILL)
-                _, err = proc.communicate()
-                records = self.directory / f"history-{process}.jsonl"
-                last = records.read_text().splitlines()[-3:] if records.exists() else []
+                report = []
+                for name in running:
+                    _, err = self.processes[name].communicate()
+                    report.append(
+                        f"client {name}: its last records: {last[name]}; its stderr: {err.decode()[-8000:]}"
+                    )
                 raise AssertionError(
-                    f"client {process} still running {timeout:.0f} s on (seed {self.seed}); its last "
-                    f"records: {last}; its stderr: {err.decode()[-2000:]}"
+                    f"client {process} still running {timeout:.0f} s on (seed {self.seed}); "
+                    + "\n".join(report)
                 ) from None
             if proc.returncode not in (0, -signal.SIGKILL):
                 raise AssertionError(f"client {process} failed (seed {self.seed}): {err.decode()[-2000:]}")
