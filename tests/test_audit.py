@@ -353,6 +353,71 @@ def test_audit_show_selects_by_operation_denial_failure_request_and_last(cli: Cl
     assert shown("--last", "9" * 25) == records  # all of them
 
 
+def test_audit_show_read_answers_who_read_a_secret_and_until_ends_the_time_range(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """The incident question "who read market-connector/BINANCE_API_KEY since T" took seven
+    --operation globs (get, otp, run, inject and the reads before a write) and still listed the
+    refused and failed ones; there was no end to a time range (--since only)."""
+    busy_session(cli)
+    name = "market-connector/BINANCE_API_KEY"
+    assert cli("run", "--secret", name, "--", "true").returncode == 0
+    template = tmp_path / "app.tmpl"
+    template.write_text(f"key = {{{{ sm://{name} }}}}\n")
+    assert cli("inject", "-i", str(template)).returncode == 0
+    assert cli("get", "market-connector/NOPE").returncode == 3
+    assert cli("get", name, env={"MASTER_PASSWORD": "wrong"}).returncode == 4
+
+    def shown(*args: str) -> list[dict[str, object]]:
+        result = cli("audit", "show", *args, "--json")
+        assert result.returncode == 0, result.stderr
+        return list(json.loads(result.stdout))
+
+    reads = shown("--read", "--name", name, "--since", "1h")
+    assert [r["operation"] for r in reads] == ["get", "run", "inject"]
+    assert all(r["decision"] == "allow" and r["outcome"] == "ok" and r["version"] == 1 for r in reads)
+    everything = cli.records()
+    assert [r for r in shown("--read") if r["name"] != name] == [], "the miss and the store are not reads"
+    # --until: records at or before the time given, combined with --since as a range.
+    middle = str(everything[len(everything) // 2]["time"])
+    until = shown("--until", middle)
+    assert until and until == [r for r in everything if str(r["time"]) <= middle]
+    assert shown("--since", middle, "--until", middle) == [r for r in everything if r["time"] == middle]
+    for args, why in (
+        (("--since", "1h", "--until", "2h"), "is before --since"),
+        (("--until", "1h", "--follow"), "give one of them"),
+        (("--until", "tomorrow"), "give an ISO 8601 time"),
+    ):
+        refused = cli("audit", "show", *args)
+        assert refused.returncode == 2 and refused.stdout == b"", args
+        assert refused.stderr.decode().count("\n") == 1 and why in refused.stderr.decode(), refused.stderr
+
+
+def test_audit_show_actor_names_the_service_identity_a_short_name_meant(
+    cli: Cli, encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """`--actor market-connector` on a service's log selected nothing and said nothing (exit 0,
+    `[]`): the service records spiffe://…/market-connector, and an empty answer read as "this
+    identity read nothing"."""
+    path = tmp_path / "serve.audit.jsonl"
+    identity = "spiffe://shrivenquant.local/market-connector"
+    AuditLog(path).append(
+        [AuditEvent(operation="get", actor=identity, source="grpc", name="market-connector/KEY", version=1)],
+        encrypted_store,
+    )
+    short = cli("--audit-file", str(path), "audit", "show", "--actor", "market-connector", "--json")
+    assert short.returncode == 0 and json.loads(short.stdout) == []
+    (line,) = short.stderr.decode().splitlines()
+    assert line == (
+        "secrets-manager: warning: no record has actor 'market-connector'; the service records a "
+        f"client certificate's whole identity: --actor {identity}"
+    )
+    whole = cli("--audit-file", str(path), "audit", "show", "--actor", identity, "--json")
+    assert [r["actor"] for r in json.loads(whole.stdout)] == [identity] and whole.stderr == b""
+    nobody = cli("--audit-file", str(path), "audit", "show", "--actor", "nobody", "--json")
+    assert json.loads(nobody.stdout) == [] and nobody.stderr == b"", "no identity ends with it: no note"
+
+
 def test_audit_show_follow_prints_each_new_record_once_across_rotations(cli: Cli) -> None:
     """As `tail -F`: the records selected, then each matching one as it is written, none twice
     and none lost while the writers rotate the live file under it; SIGTERM ends it with exit 0."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import click
 
 import secrets_manager
+from secrets_manager.cli.audit_commands import VALUE_READS
 from secrets_manager.errors import SecretsManagerError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +99,12 @@ def test_every_recorded_operation_is_named_in_docs_audit_md() -> None:
     assert undocumented == {}, (
         f"operations recorded but not in docs/audit.md's `operation` row: {undocumented}"
     )
+
+
+def test_audit_show_read_selects_operations_the_code_records() -> None:
+    """`audit show --read` keys on operation names: one misspelt there would quietly leave its
+    reads out of "who read this secret"."""
+    assert VALUE_READS - set(recorded_operations()) == set()
 
 
 def test_every_error_kind_is_an_outcome_docs_audit_md_names() -> None:

@@ -45,11 +45,34 @@ def audit() -> None:
     """Read, verify and prune the tamper-evident audit log."""
 
 
+# The operations whose record says a secret's value was handed to its actor (docs/audit.md §2): a
+# read by name (`get`, the service's per-name records of BatchGetSecrets included), a TOTP seed
+# (`otp`), the values `run` and `inject` put in a program's environment or a file, and the current
+# value `store NAME#FIELD`, `edit` and a rotation read before writing. `list`, `history` and
+# `batch_get`'s request record name secrets without reading them; `backup` copies ciphertext.
+VALUE_READS = frozenset({"get", "otp", "run", "inject", "store.read", "edit.read", "rotate.read"})
+
+
 @audit.command()
 @click.option("--name", "name_prefix", metavar="PREFIX", help="Only records for names starting with PREFIX.")
-@click.option("--actor", metavar="ACTOR", help="Only records by this actor.")
+@click.option(
+    "--actor",
+    metavar="ACTOR",
+    help="Only records by this actor (an OS user, or a client certificate's identity as the "
+    "service records it: spiffe://DOMAIN/NAME).",
+)
 @click.option(
     "--since", metavar="TIME", help="Only records at or after TIME (ISO 8601, or 30m / 12h / 7d ago)."
+)
+@click.option(
+    "--until", metavar="TIME", help="Only records at or before TIME (ISO 8601, or 30m / 12h / 7d ago)."
+)
+@click.option(
+    "--read",
+    "reads",
+    is_flag=True,
+    help="Only the reads that handed a secret's value to their actor (get, otp, run, inject, "
+    "store.read, edit.read, rotate.read; allowed and ok): who read NAME since TIME.",
 )
 @click.option(
     "--operation",
@@ -83,6 +106,8 @@ def show(
     name_prefix: str | None,
     actor: str | None,
     since: str | None,
+    until: str | None,
+    reads: bool,
     operations: tuple[str, ...],
     denied: bool,
     failed: bool,
@@ -94,6 +119,13 @@ def show(
     """Print audit records (values never appear in them), oldest first."""
     session.require_local("audit show")
     cutoff = parse_cutoff(since, "--since", "leave --since out to show every record") if since else None
+    end = parse_cutoff(until, "--until", "leave --until out to show every record") if until else None
+    if end is not None and follow:
+        raise InvalidInputError("--until ends the selection, --follow never does: give one of them")
+    if end is not None and cutoff is not None and end < cutoff:
+        raise InvalidInputError(
+            f"--until {until} is before --since {since}: no record can be in between; swap them"
+        )
 
     def partial(path: Path, number: int) -> None:
         warning_line(
@@ -109,11 +141,24 @@ def show(
             "--audit-file the log to show"
         )
 
+    actors_seen: set[str] = set()
+
     def matches(record: dict[str, Any]) -> bool:
+        if actor is not None:
+            actors_seen.add(str(record.get("actor")))
         return (
             (name_prefix is None or str(record.get("name") or "").startswith(name_prefix))
             and (actor is None or record.get("actor") == actor)
             and (cutoff is None or record_time(record) >= cutoff)
+            and (end is None or record_time(record) <= end)
+            and (
+                not reads
+                or (
+                    record.get("operation") in VALUE_READS
+                    and record.get("decision") == "allow"
+                    and record.get("outcome") == "ok"
+                )
+            )
             and (
                 not operations
                 or any(fnmatch.fnmatchcase(str(record.get("operation")), op) for op in operations)
@@ -136,6 +181,8 @@ def show(
         _follow(lambda stop: log.follow(stop, on_partial=partial), matches, last_of, as_json)
         return
     selected = last_of(log.records(on_partial=partial))
+    if actor is not None and actor not in actors_seen:
+        _name_the_identities_meant(actor, actors_seen)
     if as_json:
         print_json(selected)
         return
@@ -173,6 +220,18 @@ def _follow(
         finally:
             os.close(devnull)
         return
+
+
+def _name_the_identities_meant(actor: str, actors_seen: set[str]) -> None:
+    """`--actor market-connector` selected nothing, silently, where the service had recorded
+    `spiffe://shrivenquant.local/market-connector`: at 3 a.m. an empty answer reads as "nobody".
+    Say which recorded identities end with the name given (the result stays what was asked)."""
+    meant = sorted(a for a in actors_seen if a.endswith("/" + actor))
+    if meant:
+        warning_line(
+            f"no record has actor {actor!r}; the service records a client certificate's whole "
+            f"identity: --actor {' or --actor '.join(meant)}"
+        )
 
 
 def _print_records(records: list[dict[str, Any]], *, header: bool) -> None:
