@@ -582,6 +582,30 @@ def test_cli_init_and_issue_make_a_working_set_without_a_store_or_password(tmp_p
     assert srv.x509.not_valid_after_utc - srv.x509.not_valid_before_utc == timedelta(days=30)
 
 
+def test_cli_issue_force_names_the_certificate_it_replaced_for_revocation(tmp_path: Path) -> None:
+    """Renewing after a stolen key (`pki issue NAME --force`) wrote over the only file that named
+    the old certificate and said nothing of it, though it stays valid until it expires: the serial
+    or fingerprint to list under [revoked] was lost unless read before the renewal."""
+    certs = str(tmp_path / "pki")
+    assert pki(tmp_path, "init", "--dir", certs).code == 0
+    first = pki(tmp_path, "issue", "market-connector", "--dir", certs)
+    assert first.code == 0 and "warning" not in first.stderr, first.stderr
+    old = x509.load_pem_x509_certificate((tmp_path / "pki" / "market-connector.pem").read_bytes())
+    serial = f"{old.serial_number:X}"
+    fingerprint = old.fingerprint(hashes.SHA256()).hex(":").upper()
+    renewed = pki(tmp_path, "issue", "market-connector", "--dir", certs, "--force")
+    assert renewed.code == 0, renewed.stderr
+    warning = renewed.stderr.splitlines()[-1]
+    assert warning.startswith("secrets-manager: warning: the certificate replaced (serial ")
+    assert f"serial {serial}, SHA-256 fingerprint {fingerprint})" in warning
+    assert f"stays valid until {old.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}" in warning
+    assert "[revoked]" in warning and "SIGHUP" in warning
+    # What was there is not a certificate (a half-written renewal): nothing to name, no error.
+    (tmp_path / "pki" / "market-connector.pem").write_bytes(b"not a certificate")
+    again = pki(tmp_path, "issue", "market-connector", "--dir", certs, "--force")
+    assert again.code == 0 and "warning" not in again.stderr, again.stderr
+
+
 def test_cli_init_refuses_to_replace_a_ca_without_force(tmp_path: Path) -> None:
     assert pki(tmp_path, "init", "--dir", str(tmp_path / "c")).code == 0
     before = (tmp_path / "c" / "ca-key.pem").read_bytes()

@@ -6,12 +6,13 @@ record. Key files and certificates are written 0600 in a directory created 0700.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
 from secrets_manager.cli.app import cli
-from secrets_manager.cli.output import info_line, timestamp
+from secrets_manager.cli.output import info_line, timestamp, warning_line
 from secrets_manager.environment import current_environment, refuse_open_directory
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.tls import DEFAULT_TRUST_DOMAIN, WrittenCertificate, init_ca, issue_certificate
@@ -80,6 +81,15 @@ def issue_command(
     )
     # What cuts this certificate off later, should its key leak: [revoked] in the policy.
     info_line(f"serial {written.serial}, SHA-256 fingerprint {written.fingerprint}")
+    old = written.replaced
+    if old is not None and old.not_after > datetime.now(UTC):
+        # The file that named it is gone: this line is where a renewal after a leak finds what to
+        # list under [revoked] (renewing does not end the old certificate).
+        warning_line(
+            f"the certificate replaced (serial {old.serial}, SHA-256 fingerprint {old.fingerprint}) "
+            f"stays valid until {timestamp(old.not_after)}: if its key may have leaked, list it "
+            "under [revoked] in the service's policy and send serve SIGHUP"
+        )
 
 
 def _refuse_open_directory(directory: Path) -> None:

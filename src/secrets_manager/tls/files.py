@@ -10,6 +10,7 @@ overwritten without `force`: replacing a CA invalidates every certificate it iss
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import grp
 import os
 import secrets
@@ -59,6 +60,19 @@ class WrittenCertificate:
     not_after: datetime
     serial: str  # as `openssl x509 -serial` prints it: what [revoked] serials in a policy takes
     fingerprint: str  # SHA-256, as `openssl x509 -fingerprint -sha256` prints it
+    # `issue --force`: the certificate the new one replaced, which stays valid until it expires
+    # (None when there was none, or what was there is not a certificate).
+    replaced: ReplacedCertificate | None = None
+
+
+@dataclass(frozen=True)
+class ReplacedCertificate:
+    """The certificate `pki issue --force` wrote over: what revokes it, and until when it works.
+    Once the file is replaced this is the only place an operator still finds it."""
+
+    not_after: datetime
+    serial: str
+    fingerprint: str
 
 
 def init_ca(
@@ -105,9 +119,24 @@ def issue_certificate(
     cert_path, key_path = folder / f"{name}.pem", folder / f"{name}-key.pem"
     if not force:
         _refuse_existing((cert_path, key_path), "{path} already exists; add --force to replace it")
+    replaced = _certificate_at(cert_path) if force else None
     cert_pem, key_pem = issue(ca_cert_pem, ca_key_pem, name, server=server, dns=dns, ips=ips, days=days)
     identity = identity_from_certificate(cert_pem)
-    return _write_pair(folder, cert_path, key_path, cert_pem, key_pem, identity, overwrite=force)
+    written = _write_pair(folder, cert_path, key_path, cert_pem, key_pem, identity, overwrite=force)
+    return dataclasses.replace(written, replaced=replaced)
+
+
+def _certificate_at(path: Path) -> ReplacedCertificate | None:
+    """The certificate in the file `--force` is about to replace, or None (no file, not one)."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    return ReplacedCertificate(
+        cert.not_valid_after_utc,
+        serial_text(cert.serial_number),
+        fingerprint_text(cert.fingerprint(hashes.SHA256())),
+    )
 
 
 def read_ca(directory: str | os.PathLike[str]) -> tuple[bytes, bytes]:
