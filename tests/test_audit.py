@@ -418,6 +418,51 @@ def test_audit_show_actor_names_the_service_identity_a_short_name_meant(
     assert json.loads(nobody.stdout) == [] and nobody.stderr == b"", "no identity ends with it: no note"
 
 
+def test_audit_show_summary_gives_who_read_what_from_where_in_a_row_each(
+    cli: Cli, encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """A fleet reads a secret at every start and change: "who read it in the last 7 days" was one
+    line per read (thousands), to be counted by hand. --summary gives one row per actor, secret
+    and version: how many, first and last, and from which addresses (ports dropped)."""
+    path = tmp_path / "serve.audit.jsonl"
+    mc, ops = "spiffe://shrivenquant.local/market-connector", "spiffe://shrivenquant.local/ops"
+    name = "market-connector/BINANCE_API_KEY"
+    reads = [
+        (mc, "ipv4:10.0.1.5:51000", 1),
+        (mc, "ipv4:10.0.1.5:51002", 1),
+        (mc, "ipv6:[fd00::7]:40000", 1),
+        (ops, "ipv4:10.0.9.9:3000", 1),
+        (mc, "ipv4:10.0.1.5:51003", 2),
+    ]
+    log = AuditLog(path)
+    for actor, peer, version in reads:
+        event = AuditEvent(operation="get", actor=actor, source="grpc", peer=peer, name=name, version=version)
+        log.append([event], encrypted_store)
+    log.append(
+        [
+            AuditEvent(
+                operation="get", actor=mc, source="grpc", name=name, decision="deny", outcome="access_denied"
+            )
+        ],
+        encrypted_store,
+    )
+    shown = cli("--audit-file", str(path), "audit", "show", "--read", "--summary", "--json")
+    assert shown.returncode == 0, shown.stderr
+    groups = json.loads(shown.stdout)
+    times = [r["time"] for r in log.records()]
+    assert [(g["actor"], g["version"], g["count"], g["peers"]) for g in groups] == [
+        (mc, 1, 3, ["ipv4:10.0.1.5", "ipv6:[fd00::7]"]),
+        (ops, 1, 1, ["ipv4:10.0.9.9"]),
+        (mc, 2, 1, ["ipv4:10.0.1.5"]),
+    ]
+    assert (groups[0]["first"], groups[0]["last"]) == (times[0], times[2])
+    assert all(g["name"] == name and g["source"] == "grpc" for g in groups)
+    table = cli("--audit-file", str(path), "audit", "show", "--read", "--summary").stdout.decode()
+    assert table.splitlines()[0].split("\t")[:5] == [mc, "grpc", name, "1", "3"]
+    refused = cli("--audit-file", str(path), "audit", "show", "--summary", "--follow")
+    assert refused.returncode == 2 and "give one of them" in refused.stderr.decode()
+
+
 def test_audit_show_follow_prints_each_new_record_once_across_rotations(cli: Cli) -> None:
     """As `tail -F`: the records selected, then each matching one as it is written, none twice
     and none lost while the writers rotate the live file under it; SIGTERM ends it with exit 0."""

@@ -99,6 +99,12 @@ VALUE_READS = frozenset({"get", "otp", "run", "inject", "store.read", "edit.read
     help="Then print each record that matches as it is written (as tail -f; rotations followed) "
     "until Ctrl-C or SIGTERM (exit 0); with --json one object per line.",
 )
+@click.option(
+    "--summary",
+    is_flag=True,
+    help="One row per actor, secret and version instead of each record: how many, first and last "
+    "time, and the peers' addresses (with --read: who read what, and from where).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the records as a JSON array.")
 @pass_session
 def show(
@@ -114,6 +120,7 @@ def show(
     request_id: str | None,
     last: int | None,
     follow: bool,
+    summary: bool,
     as_json: bool,
 ) -> None:
     """Print audit records (values never appear in them), oldest first."""
@@ -122,6 +129,10 @@ def show(
     end = parse_cutoff(until, "--until", "leave --until out to show every record") if until else None
     if end is not None and follow:
         raise InvalidInputError("--until ends the selection, --follow never does: give one of them")
+    if summary and follow:
+        raise InvalidInputError(
+            "--summary counts a selection that ends, --follow never does: give one of them"
+        )
     if end is not None and cutoff is not None and end < cutoff:
         raise InvalidInputError(
             f"--until {until} is before --since {since}: no record can be in between; swap them"
@@ -183,6 +194,13 @@ def show(
     selected = last_of(log.records(on_partial=partial))
     if actor is not None and actor not in actors_seen:
         _name_the_identities_meant(actor, actors_seen)
+    if summary:
+        groups = _summarised(selected)
+        if as_json:
+            print_json(groups)
+            return
+        _print_summary(groups)
+        return
     if as_json:
         print_json(selected)
         return
@@ -232,6 +250,71 @@ def _name_the_identities_meant(actor: str, actors_seen: set[str]) -> None:
             f"no record has actor {actor!r}; the service records a client certificate's whole "
             f"identity: --actor {' or --actor '.join(meant)}"
         )
+
+
+def _summarised(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`--summary`: one row per actor, secret and version (and source), with how many records,
+    the first and last time and the peers' addresses (their ports dropped: a connection each), so
+    a fleet's thousands of reads answer "who read NAME since T" in a few lines. In the order of
+    each group's first record."""
+    groups: dict[tuple[str, str, str | None, int | None], dict[str, Any]] = {}
+    for record in records:
+        key = (
+            str(record.get("actor")),
+            str(record.get("source")),
+            record.get("name"),
+            record.get("version"),
+        )
+        group = groups.get(key)
+        if group is None:
+            group = groups[key] = {
+                "actor": key[0],
+                "source": key[1],
+                "name": key[2],
+                "version": key[3],
+                "count": 0,
+                "first": record.get("time"),
+                "peers": [],
+            }
+        group["count"] += 1
+        group["last"] = record.get("time")
+        host = _peer_host(record.get("peer"))
+        if host is not None and host not in group["peers"]:
+            group["peers"].append(host)
+    return list(groups.values())
+
+
+def _peer_host(peer: object) -> str | None:
+    """gRPC's `ipv4:10.0.1.5:51234` / `ipv6:[fd00::1]:51234` without the port; else as written."""
+    if not isinstance(peer, str) or not peer:
+        return None
+    kind, _, address = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and address:
+        host, _, port = address.rpartition(":")
+        if port.isdigit() and host:
+            return f"{kind}:{host}"
+    return peer
+
+
+def _print_summary(groups: list[dict[str, Any]]) -> None:
+    print_table(
+        ["ACTOR", "SOURCE", "NAME", "VERSION", "RECORDS", "FIRST", "LAST", "PEERS"],
+        [
+            [
+                str(g["actor"]),
+                str(g["source"]),
+                str(g["name"] or ""),
+                "" if g["version"] is None else str(g["version"]),
+                str(g["count"]),
+                shown_time({"time": g["first"]}),
+                shown_time({"time": g["last"]}),
+                " ".join(g["peers"]),
+            ]
+            for g in groups
+        ],
+        free_text=["ACTOR", "PEERS"],
+        header=True,
+    )
 
 
 def _print_records(records: list[dict[str, Any]], *, header: bool) -> None:
