@@ -591,7 +591,9 @@ def test_cli_issue_force_names_the_certificate_it_replaced_for_revocation(tmp_pa
     first = pki(tmp_path, "issue", "market-connector", "--dir", certs)
     assert first.code == 0 and "warning" not in first.stderr, first.stderr
     old = x509.load_pem_x509_certificate((tmp_path / "pki" / "market-connector.pem").read_bytes())
-    serial = f"{old.serial_number:X}"
+    serial = (
+        old.serial_number.to_bytes((old.serial_number.bit_length() + 7) // 8).hex().upper()
+    )  # whole bytes
     fingerprint = old.fingerprint(hashes.SHA256()).hex(":").upper()
     renewed = pki(tmp_path, "issue", "market-connector", "--dir", certs, "--force")
     assert renewed.code == 0, renewed.stderr
