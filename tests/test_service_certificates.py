@@ -4,6 +4,7 @@ certificates, and a plain TLS handshake to see which certificate the server pres
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -116,6 +117,9 @@ def test_sighup_serves_a_renewed_certificate_and_keeps_open_connections(server: 
 
     new_serial = renew_server_certificate(server.dir)
     sighup_and_wait_for(server, "TLS certificate reloaded")
+    # The log names it as pki issue and openssl print it (it was lower-case hex, unlike them).
+    reloaded = [json.loads(line) for line in server.log_lines if '"tls.reloaded"' in line]
+    assert reloaded[-1]["serial"] == new_serial.to_bytes((new_serial.bit_length() + 7) // 8).hex().upper()
 
     assert presented_serial(server) == new_serial  # a new connection gets the renewed certificate
     assert open_stub.GetSecret(READ, timeout=10).secret.name == READ.name  # the open one still works

@@ -28,6 +28,7 @@ import grpc
 from secrets_manager.environment import Environment
 from secrets_manager.errors import CertificateNotYetValidError, SecretsManagerError
 from secrets_manager.tls import ServerTlsFiles, read_server_tls
+from secrets_manager.tls.identity import serial_text
 from secrets_manager.tls.retired import RetiredAuthorities
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,10 @@ def _configuration(files: ServerTlsFiles) -> grpc.ServerCertificateConfiguration
 
 
 def _serial(files: ServerTlsFiles) -> str:
-    return format(files.serial_number, "x")
+    # As `pki issue`, `openssl x509 -serial`, the audit log's certificate_serial and the client
+    # certificate log lines write it (upper-case hex): a lower-case one was not found by a search
+    # for the serial `pki issue` printed when a server key leaked.
+    return serial_text(files.serial_number)
 
 
 def _warn_if_ending_soon(files: ServerTlsFiles, cert: Path, client_ca: Path) -> None:
