@@ -1027,8 +1027,15 @@ def test_a_revoked_certificate_is_cut_off_on_sighup_and_its_renewal_works(server
     request = pb.GetSecretRequest(name="auth/DB_PASSWORD")
     old, new = server.stub("ops-leaked"), server.stub("ops")
     assert old.GetSecret(request, timeout=10).secret.value == new.GetSecret(request, timeout=10).secret.value
-
     leaked = x509.load_pem_x509_certificate((server.dir / "ops-leaked.pem").read_bytes())
+    renewed_serial = x509.load_pem_x509_certificate(renewed).serial_number
+    # Both reads are by ops: only the certificate's serial tells the thief's from the renewal's
+    # (the service recorded it on refusals alone, so the leaked certificate's reads were not found).
+    by_leaked, by_renewed = server.audit_records()[-2:]
+    assert by_leaked["actor"] == by_renewed["actor"] == f"spiffe://{TD}/ops"
+    assert int(str(by_leaked["certificate_serial"]), 16) == leaked.serial_number
+    assert int(str(by_renewed["certificate_serial"]), 16) == renewed_serial
+
     (server.dir / "policy.toml").write_text(
         POLICY + f'\n[revoked]\nserials = ["{leaked.serial_number.to_bytes(20).hex(":")}"]\n'
     )
@@ -1047,7 +1054,7 @@ def test_a_revoked_certificate_is_cut_off_on_sighup_and_its_renewal_works(server
     assert int(str(last["certificate_serial"]), 16) == leaked.serial_number
     assert str(last["peer"]).startswith("ipv4:127.0.0.1:") and last["name"] == "auth/DB_PASSWORD"
     assert new.GetSecret(request, timeout=10).secret.value == b"auth-db-pass"  # the renewal works
-    assert "certificate_serial" not in server.audit_records()[-1]  # only a revocation names one
+    assert int(str(server.audit_records()[-1]["certificate_serial"]), 16) == renewed_serial
 
     fingerprint = x509.load_pem_x509_certificate(renewed).fingerprint(hashes.SHA256()).hex(":").upper()
     (server.dir / "policy.toml").write_text(POLICY + f'\n[revoked]\nfingerprints = ["{fingerprint}"]\n')

@@ -532,8 +532,10 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             )
             count(method, grpc.StatusCode.UNAUTHENTICATED, started)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
-        event = AuditEvent(operation, identity, "grpc", peer, recorded)
         assert caller is not None  # else IdentityError aborted above
+        # Which certificate of the identity made it: after a key is stolen, its reads are told
+        # from those of the renewed certificate (and one shared identity's holders from each other).
+        event = AuditEvent(operation, identity, "grpc", peer, recorded, certificate_serial=caller.serial_text)
         request = _Request(identity, peer, peer_address(peer), event, [], caller)
         try:
             if name is not None:
@@ -771,6 +773,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                     version=secret.version,
                     value_hmac=fingerprint,
                     request_id=call.event.request_id,
+                    certificate_serial=call.event.certificate_serial,
                 )
                 call.extra_events.append(event)
                 messages.append(message)
