@@ -463,6 +463,37 @@ def test_audit_show_summary_gives_who_read_what_from_where_in_a_row_each(
     assert refused.returncode == 2 and "give one of them" in refused.stderr.decode()
 
 
+def test_audit_show_serial_selects_the_requests_of_one_certificate(
+    cli: Cli, encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """A stolen certificate and its renewal share one identity: what the stolen one did took
+    --json and a script over certificate_serial. --serial takes the serial as pki issue, openssl
+    (`serial=`, colons) or a policy's [revoked] write it."""
+    path = tmp_path / "serve.audit.jsonl"
+    ops = "spiffe://shrivenquant.local/ops"
+    stolen, renewed = "0A1B2C3D4E5F60718293A4B5C6D7E8F901234567", "7EF2296E887340B433257F4579A9E605CD49B906"
+    log = AuditLog(path)
+    for serial, name in ((stolen, "auth/A"), (renewed, "auth/B"), (stolen, "auth/C")):
+        event = AuditEvent(operation="get", actor=ops, source="grpc", name=name, certificate_serial=serial)
+        log.append([event], encrypted_store)
+    log.append([AuditEvent(operation="get", actor="alice", name="auth/D")], encrypted_store)
+
+    def names(spelling: str) -> list[object]:
+        shown = cli("--audit-file", str(path), "audit", "show", "--serial", spelling, "--json")
+        assert shown.returncode == 0, shown.stderr
+        return [r["name"] for r in json.loads(shown.stdout)]
+
+    assert names(stolen) == ["auth/A", "auth/C"]
+    assert names("serial=" + stolen.lower().lstrip("0")) == ["auth/A", "auth/C"]
+    assert names(":".join(renewed[i : i + 2] for i in range(0, 40, 2))) == ["auth/B"]
+    assert names("ABCDEF") == []
+    bad = cli("--audit-file", str(path), "audit", "show", "--serial", "not-a-serial")
+    assert bad.returncode == 2 and bad.stdout == b""
+    assert (
+        bad.stderr.decode().count("\n") == 1 and "is not a certificate serial number" in bad.stderr.decode()
+    )
+
+
 def test_audit_show_follow_prints_each_new_record_once_across_rotations(cli: Cli) -> None:
     """As `tail -F`: the records selected, then each matching one as it is written, none twice
     and none lost while the writers rotate the live file under it; SIGTERM ends it with exit 0."""

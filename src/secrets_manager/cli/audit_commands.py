@@ -13,6 +13,7 @@ import collections
 import contextlib
 import fnmatch
 import os
+import re
 import signal
 import sys
 import threading
@@ -60,6 +61,12 @@ VALUE_READS = frozenset({"get", "otp", "run", "inject", "store.read", "edit.read
     metavar="ACTOR",
     help="Only records by this actor (an OS user, or a client certificate's identity as the "
     "service records it: spiffe://DOMAIN/NAME).",
+)
+@click.option(
+    "--serial",
+    metavar="SERIAL",
+    help="Only the service's records of requests made with the client certificate of this serial "
+    "number (hex, as pki issue or openssl x509 -serial print it; colons allowed).",
 )
 @click.option(
     "--since", metavar="TIME", help="Only records at or after TIME (ISO 8601, or 30m / 12h / 7d ago)."
@@ -111,6 +118,7 @@ def show(
     session: Session,
     name_prefix: str | None,
     actor: str | None,
+    serial: str | None,
     since: str | None,
     until: str | None,
     reads: bool,
@@ -127,6 +135,7 @@ def show(
     session.require_local("audit show")
     cutoff = parse_cutoff(since, "--since", "leave --since out to show every record") if since else None
     end = parse_cutoff(until, "--until", "leave --until out to show every record") if until else None
+    certificate = _serial_number(serial, "--serial") if serial is not None else None
     if end is not None and follow:
         raise InvalidInputError("--until ends the selection, --follow never does: give one of them")
     if summary and follow:
@@ -160,6 +169,7 @@ def show(
         return (
             (name_prefix is None or str(record.get("name") or "").startswith(name_prefix))
             and (actor is None or record.get("actor") == actor)
+            and (certificate is None or _serial_number_of(record) == certificate)
             and (cutoff is None or record_time(record) >= cutoff)
             and (end is None or record_time(record) <= end)
             and (
@@ -238,6 +248,31 @@ def _follow(
         finally:
             os.close(devnull)
         return
+
+
+def _serial_number(text: str, option: str) -> int:
+    """A certificate serial as pki issue, openssl (`serial=…`) or a policy's [revoked] writes it."""
+    digits = text.strip()
+    if digits.lower().startswith("serial="):
+        digits = digits[len("serial=") :]
+    digits = digits.replace(":", "")
+    if not re.fullmatch(r"[0-9A-Fa-f]{1,64}", digits):
+        raise InvalidInputError(
+            f"{option} {text!r} is not a certificate serial number in hex (like 3F2A... or 3f:2a:..., "
+            "as 'pki issue' or 'openssl x509 -noout -serial' print it)"
+        )
+    return int(digits, 16)
+
+
+def _serial_number_of(record: dict[str, Any]) -> int | None:
+    """The serial a record names (the service writes upper-case hex), or None."""
+    written = record.get("certificate_serial")
+    if not isinstance(written, str):
+        return None
+    try:
+        return int(written, 16)
+    except ValueError:  # a forged or damaged record: it names no certificate
+        return None
 
 
 def _name_the_identities_meant(actor: str, actors_seen: set[str]) -> None:
