@@ -25,7 +25,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -835,23 +835,34 @@ def assert_maintained(run: Run, ops: list[Op]) -> None:
     assert sum(op.status == "ok" and op.process != "maint0" for op in ops) > 50
 
 
-def key_maintenance_on_sqlite(tmp_path: Path, store_path: Path, *, kill: bool) -> None:
+def key_maintenance(
+    tmp_path: Path,
+    api: dict[str, Any],
+    cli: dict[str, Any],
+    storage: Callable[[], Any],
+    label: str,
+    *,
+    kill: bool,
+) -> None:
+    """The maintenance client beside the API and CLI clients on one store, then the checks."""
     password_file = new_password_file(tmp_path)
     run = Run(tmp_path, run_seed())
-    api, cli = sqlite_targets(store_path)
     password_clients(run, api, cli, password_file, kill=kill)
     run.wait()
-    store = EncryptedStore.open(
-        SqliteStorage(store_path), PasswordUnlock(password_file.read_text().strip(), kdf.TEST)
-    )
+    store = EncryptedStore.open(storage(), PasswordUnlock(password_file.read_text().strip(), kdf.TEST))
     try:
         final = final_state(store)
     finally:
         store.close()
     ops = assert_consistent(run, final)
     audit_verified(cli["command"], cli["env"], password_file)
-    print("sqlite, key maintenance", "kills" if kill else "", len(ops), maintenance_summary(run, ops))
+    print(label, "key maintenance", "kills" if kill else "", len(ops), maintenance_summary(run, ops))
     assert_maintained(run, ops)
+
+
+def key_maintenance_on_sqlite(tmp_path: Path, store_path: Path, *, kill: bool) -> None:
+    api, cli = sqlite_targets(store_path)
+    key_maintenance(tmp_path, api, cli, lambda: SqliteStorage(store_path), "sqlite,", kill=kill)
 
 
 @pytest.mark.slow
@@ -872,23 +883,11 @@ def key_maintenance_on_postgres(
     tmp_path: Path, postgres_cluster: Any, postgres_store: tuple[str, str], *, kill: bool
 ) -> None:
     conninfo, schema = postgres_store
-    password_file = new_password_file(tmp_path)
-    run = Run(tmp_path, run_seed())
     api = {"kind": "postgres", "conninfo": conninfo, "schema": schema, "password": PASSWORD}
     cli = postgres_cli(postgres_cluster, schema, tmp_path)
-    password_clients(run, api, cli, password_file, kill=kill)
-    run.wait()
-    store = EncryptedStore.open(
-        PostgresStorage(conninfo, schema=schema), PasswordUnlock(password_file.read_text().strip(), kdf.TEST)
+    key_maintenance(
+        tmp_path, api, cli, lambda: PostgresStorage(conninfo, schema=schema), "postgres,", kill=kill
     )
-    try:
-        final = final_state(store)
-    finally:
-        store.close()
-    ops = assert_consistent(run, final)
-    audit_verified(cli["command"], cli["env"], password_file)
-    print("postgres, key maintenance", "kills" if kill else "", len(ops), maintenance_summary(run, ops))
-    assert_maintained(run, ops)
 
 
 @pytest.mark.slow
