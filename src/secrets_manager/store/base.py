@@ -258,8 +258,9 @@ class SecretStore(Protocol):
         if the current version is newer than `version` (`refuse_to_demote`)."""
 
     def discard_pending(self, name: str) -> int:
-        """Remove the `pending` label (the version stays, unlabelled). NotFoundError if none has it.
-        Returns the version that carried it, as the change saw it."""
+        """Remove the `pending` label (the version stays, unlabelled). NotFoundError if none has it,
+        SecretStateError (as `promote` and `stage`) if the secret is deleted. Returns the version
+        that carried it, as the change saw it."""
 
     def close(self) -> None:
         """Release the backend."""

@@ -868,12 +868,14 @@ class EncryptedStore:
 
     def discard_pending(self, name: str) -> int:
         """Remove the `pending` label; the version it was on stays, unlabelled. Returns that
-        version, read in the same commit."""
+        version, read in the same commit. SecretStateError if the secret is deleted."""
         self._require_pending_label()
         discarded = 0
 
         def change(meta: _Meta, now: float) -> Operations:
             nonlocal discarded
+            if meta.deleted is not None:  # as promote and stage: undelete first
+                raise SecretStateError(f"secret {name!r} is deleted; run 'undelete {name}' first")
             if PENDING not in meta.labels:
                 raise NotFoundError(f"secret {name!r} has no version labelled {PENDING!r}")
             discarded = meta.labels.pop(PENDING)

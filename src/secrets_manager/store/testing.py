@@ -583,6 +583,12 @@ def _check_pending_rotation(make_store: MakeStore, ns: str) -> None:
         labels = dict(store.describe(name).labels)
         _require(labels.get(CURRENT) == written.version, "a refused promote demoted the newer current")
         _require(store.get(name, label=PENDING).version == staged.version, "a refused promote lost pending")
+        # A deleted secret's rotation is neither promoted nor discarded until it is undeleted.
+        store.delete(name)
+        _raises(SecretStateError, lambda: store.discard_pending(name), "discard_pending on a deleted secret")
+        _raises(SecretStateError, lambda: store.promote(name, staged.version), "promote on a deleted secret")
+        store.undelete(name)
+        _require(store.get(name, label=PENDING).version == staged.version, "a refused discard lost pending")
         _require(store.discard_pending(name) == staged.version, "discard after a refused promote")
         # A field rotation stages a value built from the current version it read: a write made
         # since then must refuse the stage, or the promote would undo that write.
