@@ -829,7 +829,10 @@ class VaultStore:
                 "only its latest version (current) and the ones before it"
             )
         if version is None and label in (None, CURRENT):
-            body = self._read_data(name, None)
+            try:
+                body = self._read_data(name, None)
+            except _VersionDeletedError as error:
+                raise self._deleted_current_error(name, error) from None
             number = int(body["metadata"]["version"])
             return self._secret(name, number, body, (CURRENT,))
         meta = self._read_meta(name)
@@ -848,6 +851,19 @@ class VaultStore:
             raise NotFoundError(f"secret {name!r} has no version {number}")
         body = self._read_data(name, number)
         return self._secret(name, number, body, meta.labels_of(number))
+
+    def _deleted_current_error(self, name: str, error: NotFoundError) -> NotFoundError:
+        """The refusal of a get whose latest version is soft-deleted (`error`): worded as every
+        store words it when the whole secret is deleted (`delete`), else (another tool deleted only
+        the latest, `vault kv delete`) the version's own. A metadata read the policy refuses
+        (`get` needs only `read` on data) or that fails leaves the version's own words."""
+        try:
+            meta = self._read_meta(name)
+        except SecretsManagerError:
+            return error
+        if meta is not None and meta.deleted is not None:
+            return NotFoundError(f"secret {name!r} is deleted; 'undelete {name}' restores it")
+        return error
 
     def describe(self, name: str) -> SecretMetadata:
         """GET MOUNT/metadata/NAME."""
@@ -1686,6 +1702,10 @@ def _raise_mapped(exc: vault_errors.VaultError, action: str) -> NoReturn:
     raise StorageError(f"Vault failed {action}: {errors}") from None
 
 
+class _VersionDeletedError(NotFoundError):
+    """A read of a soft-deleted version (its 404 names a `deletion_time`)."""
+
+
 def _raise_unreadable(name: str, version: int | None, body: Any) -> NoReturn:
     """NotFoundError for a 404 on a version: soft-deleted, destroyed, or simply not there."""
     metadata = (body or {}).get("data", {}) if isinstance(body, dict) else {}
@@ -1699,7 +1719,7 @@ def _raise_unreadable(name: str, version: int | None, body: Any) -> NoReturn:
                 raise NotFoundError(destroyed_current_message(name, number))
             raise NotFoundError(f"{which} of {name!r} was destroyed")
         if metadata.get("deletion_time"):
-            raise NotFoundError(f"{which} of {name!r} is deleted; 'undelete {name}' restores it")
+            raise _VersionDeletedError(f"{which} of {name!r} is deleted; 'undelete {name}' restores it")
     if version is None:
         raise NotFoundError(f"secret {name!r} not found")
     raise NotFoundError(f"secret {name!r} has no version {version}")
