@@ -31,11 +31,12 @@ from secrets_manager.errors import (
     IntegrityError,
     InvalidInputError,
     NotFoundError,
+    NothingToChangeError,
     OutcomeUnknownError,
     StorageError,
     UnsupportedOperationError,
 )
-from secrets_manager.store import SecretStore
+from secrets_manager.store import EncryptedStore, SecretStore
 from secrets_manager.store.aws import AwsStore, connect_aws
 from secrets_manager.store.base import PENDING, PREVIOUS, Anchor, AuditedStore
 from secrets_manager.store.external import CREATED_BY_KEY, MAX_VERSIONS_KEY, NoAnswerError
@@ -1034,3 +1035,16 @@ def test_a_secret_created_elsewhere_without_a_value_is_said_to_have_none(
         store.get("app/MISSING")
     assert store.put("app/FROM_TERRAFORM", b"first").version == 1
     assert store.get("app/FROM_TERRAFORM").value.reveal() == b"first"
+
+
+def test_max_versions_set_to_the_default_a_secret_has_is_nothing_to_change(
+    make_aws: MakeAws, encrypted_store: EncryptedStore
+) -> None:
+    """A secret without our max-versions tag has the store's default (10, as describe shows): the
+    encrypted store refused `metadata --max-versions 10` on it as nothing to change (exit 2), AWS
+    wrote the tag (exit 0). Found by tests/test_store_differential.py, seed 41."""
+    for store in (make_aws(), encrypted_store):
+        store.put("svc/K", b"v1")
+        assert store.describe("svc/K").max_versions == 10
+        with pytest.raises(NothingToChangeError):
+            store.update_metadata("svc/K", max_versions=10)

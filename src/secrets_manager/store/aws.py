@@ -1163,7 +1163,8 @@ class AwsStore:
         expiry_changes = expiry_given and expiry != old_expiry and not clears_nothing
         refuse_if_unchanged(
             name,
-            (old_description, old_tags, own_max),
+            # no tag is the store's default (what describe shows): setting it is no change, as on ours
+            (old_description, old_tags, self._max_versions if own_max is None else own_max),
             (new_description, tags),
             max_versions,
             expiry_changes=expiry_changes,
