@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from secrets_manager.audit import AuditLog
-from secrets_manager.audit.log import DEFAULT_TIMEOUT_SECONDS
+from secrets_manager.audit.append import DEFAULT_TIMEOUT_SECONDS
 from secrets_manager.client import TlsFiles
 from secrets_manager.crypto import kdf
 from secrets_manager.service.config import load_config

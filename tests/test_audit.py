@@ -28,9 +28,17 @@ from pathlib import Path
 import pytest
 
 from mounts import tmpfs
-from secrets_manager.audit import AuditEvent, AuditLog, AuditTamperError, local_actor
+from secrets_manager.audit import (
+    GENESIS_HASH,
+    AuditError,
+    AuditEvent,
+    AuditLog,
+    AuditTamperError,
+    local_actor,
+)
 from secrets_manager.audit import log as audit_log
 from secrets_manager.audit import records as audit_records
+from secrets_manager.audit import verify as audit_verify
 from secrets_manager.crypto import kdf
 from secrets_manager.crypto.mac import sha256_hex
 from secrets_manager.environment import Environment
@@ -730,11 +738,9 @@ def _edit_field(lines: list[str]) -> list[str]:
 
 def _edit_field_and_rehash(lines: list[str]) -> list[str]:
     """A forger who knows the format recomputes the hash, but cannot recompute the MAC."""
-    from secrets_manager.audit.log import record_hash
-
     record = json.loads(lines[3])
     record["actor"] = "someone-else"
-    record["hash"] = record_hash(record)
+    record["hash"] = audit_records.record_hash(record)
     return [*lines[:3], json.dumps(record, sort_keys=True, separators=(",", ":")), *lines[4:]]
 
 
@@ -1789,7 +1795,7 @@ def test_a_prune_interrupted_while_removing_files_leaves_a_log_that_verifies(
 
     monkeypatch.setattr(Path, "unlink", unlink_once)
     event = AuditEvent(operation="audit.prune", actor="ops")
-    with pytest.raises(audit_log.AuditError, match="removed 1 of 3 files"):
+    with pytest.raises(AuditError, match="removed 1 of 3 files"):
         log.prune(encrypted_store, event, keep_files=len(files) - 4)
     monkeypatch.undo()
     assert removed == [files[0]]
@@ -1812,7 +1818,7 @@ def test_audit_prune_verifies_without_holding_the_writers_lock(
     for i in range(12):
         log.append([AuditEvent(operation="get", actor="svc", name=f"a/{i}")], encrypted_store)
     files = log.files()
-    real_walk = audit_log.walk_chain
+    real_walk = audit_verify.walk_chain
 
     def walk_while_another_writer_appends(*args: object, **kwargs: object) -> object:
         walked = real_walk(*args, **kwargs)  # type: ignore[arg-type]
@@ -1823,6 +1829,7 @@ def test_audit_prune_verifies_without_holding_the_writers_lock(
         os.utime(files[1], ns=(0, 0))
         return walked
 
+    # Patched where AuditLog.prune (log.py) looks it up at call time, not where verify.py defines it.
     monkeypatch.setattr(audit_log, "walk_chain", walk_while_another_writer_appends)
     pruned = log.prune(encrypted_store, AuditEvent(operation="audit.prune", actor="ops"), keep_files=0)
     assert [found.path for found in pruned.files] == files[:1]
@@ -1841,7 +1848,7 @@ def test_audit_prune_leaves_files_whose_records_are_not_anchored(
     unanchored = [path for path in files[:-1] if json.loads(path.read_text().splitlines()[-1])["seq"] > 3]
     # The store vouches only for records up to 3 (as if a process wrote the rest and died before
     # its flush anchored them): a file with later records stays.
-    encrypted_store.set_audit_anchor(Anchor(seq=0, hash=audit_log.GENESIS_HASH), reset=True)
+    encrypted_store.set_audit_anchor(Anchor(seq=0, hash=GENESIS_HASH), reset=True)
     third = next(record for record in log.records() if record["seq"] == 3)
     encrypted_store.set_audit_anchor(Anchor(seq=3, hash=third["hash"]))
     event = AuditEvent(operation="audit.prune", actor="ops")
@@ -2255,7 +2262,7 @@ def test_every_record_field_sorts_outside_the_spliced_hash_and_mac() -> None:
 def test_spliced_line_is_the_canonical_encoding_of_the_whole_record(mac: str | None) -> None:
     events = [_uniform_event(value) for value in [*HOSTILE, None]]
     events += _hostile_events(2000, seed=4)
-    previous = audit_log.GENESIS_HASH
+    previous = GENESIS_HASH
     for seq, event in enumerate(events, start=1):
         body = _body_like_write_locked(seq, event, previous)
         encoded = audit_records.canonical(body)
@@ -2264,7 +2271,7 @@ def test_spliced_line_is_the_canonical_encoding_of_the_whole_record(mac: str | N
         whole = {**body, "hash": record_hash, "mac": mac}
         assert line == audit_records.canonical(whole) + b"\n", (seq, event)
         assert json.loads(line) == whole and line.count(b"\n") == 1
-        assert audit_log.record_hash(json.loads(line)) == record_hash
+        assert audit_records.record_hash(json.loads(line)) == record_hash
         previous = record_hash
 
 
@@ -2389,7 +2396,7 @@ def test_records_carry_the_clocks_time_across_a_second_boundary(
     assert log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) == 4
 
 
-# ---- request ids (log.new_request_id) -------------------------------------------------------
+# ---- request ids (records.new_request_id) ---------------------------------------------------
 
 
 def _is_random_uuid(text: str) -> bool:
@@ -2398,11 +2405,11 @@ def _is_random_uuid(text: str) -> bool:
 
 
 def test_request_ids_are_unique_random_uuids() -> None:
-    ids = [audit_log.new_request_id() for _ in range(100_000)]
+    ids = [audit_records.new_request_id() for _ in range(100_000)]
     assert len(set(ids)) == len(ids)
     assert all(_is_random_uuid(text) for text in ids)
     assert len({text[:2] for text in ids}) == 256  # the random bits vary (the first byte, here)
-    assert AuditEvent.__dataclass_fields__["request_id"].default_factory is audit_log.new_request_id
+    assert AuditEvent.__dataclass_fields__["request_id"].default_factory is audit_records.new_request_id
     assert AuditEvent("get", "a").request_id != AuditEvent("get", "a").request_id
 
 
@@ -2410,7 +2417,7 @@ def test_request_ids_from_many_threads_are_unique() -> None:
     chunks: list[list[str]] = [[] for _ in range(4)]
 
     def take(chunk: list[str]) -> None:
-        chunk.extend(audit_log.new_request_id() for _ in range(10_000))
+        chunk.extend(audit_records.new_request_id() for _ in range(10_000))
 
     threads = [threading.Thread(target=take, args=(chunk,)) for chunk in chunks]
     for thread in threads:
@@ -2422,7 +2429,7 @@ def test_request_ids_from_many_threads_are_unique() -> None:
 
 
 def test_a_forked_child_never_hands_out_the_parents_request_ids() -> None:
-    audit_log.new_request_id()  # a buffer is in use, so the child inherits one
+    audit_records.new_request_id()  # a buffer is in use, so the child inherits one
     count = 600  # more than one buffer (256 ids)
     read_end, write_end = os.pipe()
     pid = os.fork()
@@ -2430,14 +2437,14 @@ def test_a_forked_child_never_hands_out_the_parents_request_ids() -> None:
         code = 1
         try:
             os.close(read_end)
-            data = "\n".join(audit_log.new_request_id() for _ in range(count)).encode()
+            data = "\n".join(audit_records.new_request_id() for _ in range(count)).encode()
             while data:
                 data = data[os.write(write_end, data) :]
             code = 0
         finally:
             os._exit(code)
     os.close(write_end)
-    parents = [audit_log.new_request_id() for _ in range(count)]
+    parents = [audit_records.new_request_id() for _ in range(count)]
     with os.fdopen(read_end, "rb") as pipe:
         childs = pipe.read().decode().split("\n")
     _, status = os.waitpid(pid, 0)
@@ -2469,7 +2476,7 @@ def test_a_read_waits_one_timeout_in_all_while_the_log_is_stuck_and_this_process
     try:
         held.wait(5)
         started = time.monotonic()
-        with pytest.raises(audit_log.AuditError) as refused:
+        with pytest.raises(AuditError) as refused:
             log.append([AuditEvent(operation="get", actor="svc", name="a/2")], encrypted_store, durable=False)
         waited = time.monotonic() - started
         assert refused.value.timed_out
@@ -2494,9 +2501,7 @@ def test_audit_prune_removes_nothing_while_the_store_cannot_anchor_its_record(
     holder = sqlite3.connect(encrypted_store._storage.path, isolation_level=None)  # type: ignore[attr-defined]
     holder.execute("BEGIN IMMEDIATE")  # another writer holds the store's lock
     try:
-        with pytest.raises(
-            audit_log.AuditError, match="audit prune removed nothing: its record could not be"
-        ):
+        with pytest.raises(AuditError, match="audit prune removed nothing: its record could not be"):
             log.prune(encrypted_store, AuditEvent(operation="audit.prune", actor="ops"), keep_files=0)
     finally:
         holder.execute("ROLLBACK")

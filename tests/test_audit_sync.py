@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from secrets_manager.audit import Anchor, AuditError, AuditEvent, AuditLog, AuditTamperError
+from secrets_manager.audit.append import FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
 from secrets_manager.audit.files import flock_with_deadline
-from secrets_manager.audit.log import FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import StorageError
 from secrets_manager.storage.sqlite import SqliteStorage

@@ -1093,7 +1093,7 @@ def test_a_secret_another_purge_erased_meanwhile_is_not_said_to_be_left(
 
 
 def test_an_error_restated_after_a_partial_change_keeps_its_class_and_attributes() -> None:
-    from secrets_manager.audit.log import AuditError
+    from secrets_manager.audit import AuditError
     from secrets_manager.errors import AccessDeniedError, StoreNotFoundError, restated
 
     denied = restated(AccessDeniedError("x may not delete 'a/OLD'"), "a/NEW was written, but: x may not ...")
@@ -1210,7 +1210,7 @@ def test_passwd_rewraps_and_old_password_stops_working(ready: Cli, tmp_path: Pat
 
 KILLED_AFTER_THE_CHANGE = """
 import os, sys
-from secrets_manager.audit.log import AuditLog
+from secrets_manager.audit import AuditLog
 from secrets_manager.cli import run
 
 append = AuditLog.append

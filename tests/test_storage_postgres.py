@@ -30,7 +30,7 @@ from psycopg import sql
 
 from postgres_cluster import PostgresCluster, pause_once_in_a_write
 from secrets_manager.audit import Anchor, AuditError, AuditEvent, AuditLog
-from secrets_manager.audit.log import FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
+from secrets_manager.audit.append import FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
 from secrets_manager.client import Client
 from secrets_manager.client import _client as client_module
 from secrets_manager.crypto import Keyset, kdf
