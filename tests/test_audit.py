@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+import secrets_manager.audit as audit_package
 from mounts import tmpfs
 from secrets_manager.audit import (
     GENESIS_HASH,
@@ -2155,6 +2156,36 @@ def test_stuck_audit_sink_fails_the_request_in_bounded_time(cli: Cli) -> None:
 
 
 # ---- library level -------------------------------------------------------------------------
+
+
+def test_the_audit_packages_names_are_pinned_and_log_py_exports_only_its_own() -> None:
+    """The SDK, CLI and service import `secrets_manager.audit`'s names: they change only on purpose.
+    log.py re-exported every name it held before it was split; callers now import a part's names
+    from the module that defines it (or the package), and log.py exports what it defines."""
+    assert sorted(audit_package.__all__) == [
+        "Anchor",
+        "AuditAnchor",
+        "AuditError",
+        "AuditEvent",
+        "AuditLog",
+        "AuditPartialRecordError",
+        "AuditTamperError",
+        "GENESIS_HASH",
+        "Head",
+        "Pruned",
+        "PrunedFile",
+        "adopt_log",
+        "anchor_a_restored_store",
+        "discard_adopted_lock",
+        "local_actor",
+        "page_token_mac",
+        "read_witness",
+        "refuse_files_of_others",
+        "value_fingerprint",
+    ]
+    assert all(hasattr(audit_package, name) for name in audit_package.__all__)
+    assert audit_log.__all__ == ["AuditLog", "Reset"]
+    assert all(getattr(audit_log, name).__module__ == audit_log.__name__ for name in audit_log.__all__)
 
 
 def test_library_records_chain_and_verify(encrypted_store: EncryptedStore, tmp_path: Path) -> None:

@@ -15,79 +15,33 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from secrets_manager.audit.adopt import adopt_log, discard_adopted_lock
-from secrets_manager.audit.anchor import (
-    AuditAnchor,
-    anchor_a_restored_store,
-    page_token_mac,
-    refuse_if_read_only,
-    value_fingerprint,
-)
-from secrets_manager.audit.append import (
-    ANCHOR_ANSWER_MARGIN_SECONDS,
-    ANCHOR_FLOCK_RETRY_SECONDS,
-    DEFAULT_FLUSH_INTERVAL_SECONDS,
-    DEFAULT_MAX_BYTES,
-    DEFAULT_TIMEOUT_SECONDS,
-    FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS,
-    FLUSH_ANCHOR_LOCK_WAIT_SECONDS,
-    MIN_FREE_BYTES,
-    LogWriter,
-)
+from secrets_manager.audit.anchor import AuditAnchor, refuse_if_read_only
+from secrets_manager.audit.append import LogWriter
 from secrets_manager.audit.errors import (
     AuditError,
     AuditPartialRecordError,
     AuditTamperError,
     not_an_audit_log,
 )
-from secrets_manager.audit.files import file_stamp, open_for_reading, refuse_files_of_others, unused_path
+from secrets_manager.audit.files import file_stamp, open_for_reading, unused_path
 from secrets_manager.audit.prune import (
     Pruned,
-    PrunedFile,
     archive_directory,
     archive_targets,
     file_identity,
     prunable,
     remove_pruned,
 )
-from secrets_manager.audit.reading import FOLLOW_POLL_SECONDS
-from secrets_manager.audit.records import GENESIS_HASH, RECORD_START, AuditEvent, new_request_id, record_hash
+from secrets_manager.audit.records import GENESIS_HASH, RECORD_START, AuditEvent
 from secrets_manager.audit.sink import AppendJob
 from secrets_manager.audit.verify import walk_chain
 from secrets_manager.audit.witness import Head, head_of
 from secrets_manager.errors import ConflictError, IntegrityError
 from secrets_manager.store.base import Anchor
 
-# Every public name this module held before it was split up, so imports from here keep working.
-__all__ = [
-    "ANCHOR_ANSWER_MARGIN_SECONDS",
-    "ANCHOR_FLOCK_RETRY_SECONDS",
-    "DEFAULT_FLUSH_INTERVAL_SECONDS",
-    "DEFAULT_MAX_BYTES",
-    "DEFAULT_TIMEOUT_SECONDS",
-    "FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS",
-    "FLUSH_ANCHOR_LOCK_WAIT_SECONDS",
-    "FOLLOW_POLL_SECONDS",
-    "GENESIS_HASH",
-    "MIN_FREE_BYTES",
-    "AuditAnchor",
-    "AuditError",
-    "AuditEvent",
-    "AuditLog",
-    "AuditPartialRecordError",
-    "AuditTamperError",
-    "Pruned",
-    "PrunedFile",
-    "Reset",
-    "adopt_log",
-    "anchor_a_restored_store",
-    "discard_adopted_lock",
-    "new_request_id",
-    "page_token_mac",
-    "record_hash",
-    "refuse_files_of_others",
-    "value_fingerprint",
-]
+# What this module defines. The parts' names are imported from the modules that define them, and
+# the package's public ones from `secrets_manager.audit` (its __init__).
+__all__ = ["AuditLog", "Reset"]
 
 
 class AuditLog(LogWriter):
