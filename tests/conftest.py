@@ -1,5 +1,6 @@
 """Shared fixtures: a store file in a fresh private directory, an unlocked EncryptedStore on it,
-moto's AWS server for the AWS store tests, and a private PostgreSQL cluster for the PostgreSQL ones.
+moto's AWS server for the AWS store tests, the Vault test server (tests/vault_server.py) for the
+Vault ones, and a private PostgreSQL cluster for the PostgreSQL ones.
 
 Stores here use the cheap Argon2id profile `kdf.TEST` (production refuses it), so unlocking costs
 milliseconds. Keep this file generic; fixtures for one test module belong in that module.
@@ -11,7 +12,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -26,6 +27,9 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 from secrets_manager.crypto import kdf
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
+
+if TYPE_CHECKING:
+    from vault_server import FakeVault
 
 TEST_PASSWORD = "correct horse battery staple"
 
@@ -109,6 +113,16 @@ def raw(encrypted_store: EncryptedStore, tmp_store_path: Path) -> Iterator[Sqlit
     handle = SqliteStorage(tmp_store_path)
     yield handle
     handle.close()
+
+
+@pytest.fixture
+def fake_vault() -> Iterator[FakeVault]:
+    """The Vault test server (it follows Vault's documented HTTP API), started for one test."""
+    from vault_server import FakeVault  # here, not at the top: most test modules never need it
+
+    vault = FakeVault().start()
+    yield vault
+    vault.stop()
 
 
 @pytest.fixture(scope="session")

@@ -83,13 +83,6 @@ def assert_one_line_error(result: Result, code: int, *needles: str) -> None:
 
 
 @pytest.fixture
-def fake_vault() -> Iterator[FakeVault]:
-    vault = FakeVault().start()
-    yield vault
-    vault.stop()
-
-
-@pytest.fixture
 def vault_cli(fake_vault: FakeVault, tmp_path: Path) -> Cli:
     return Cli(
         {

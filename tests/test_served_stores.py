@@ -46,13 +46,6 @@ def unused_endpoint() -> str:
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-@pytest.fixture
-def fake_vault() -> Iterator[FakeVault]:
-    vault = FakeVault().start()
-    yield vault
-    vault.stop()
-
-
 def vault_store(vault: FakeVault, token: str | None = None, address: str | None = None) -> VaultStore:
     environ = {"VAULT_TOKEN": vault.root_token if token is None else token}
     session = retrying_session(attempts=1, backoff=0.001)

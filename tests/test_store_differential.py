@@ -73,13 +73,6 @@ def run_seed() -> int:
 
 
 @pytest.fixture
-def fake_vault() -> Iterator[FakeVault]:
-    vault = FakeVault().start()
-    yield vault
-    vault.stop()
-
-
-@pytest.fixture
 def stores(
     tmp_path: Path, postgres_cluster: Any, fake_vault: FakeVault, moto_endpoint: str
 ) -> Iterator[dict[str, Any]]:

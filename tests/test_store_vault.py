@@ -49,13 +49,6 @@ MakeVault = Callable[..., VaultStore]
 
 
 @pytest.fixture
-def fake_vault() -> Iterator[FakeVault]:
-    vault = FakeVault().start()
-    yield vault
-    vault.stop()
-
-
-@pytest.fixture
 def make_vault(fake_vault: FakeVault) -> MakeVault:
     """Open a VaultStore on the test server (token, mount and options can be changed per call)."""
 
