@@ -378,7 +378,7 @@ def _strings(raw: Any, where: str, source: str) -> list[str]:
     return raw
 
 
-def _hex_digits(text: str, label: str) -> str | None:
+def hex_digits(text: str, label: str) -> str | None:
     """The hex digits of `text` without colons and an optional `label=` (openssl's
     `serial=…`, `sha256 Fingerprint=…`), or None if that leaves anything else."""
     digits = text.strip()
@@ -389,7 +389,7 @@ def _hex_digits(text: str, label: str) -> str | None:
 
 
 def _serial(text: str, where: str, source: str) -> int:
-    digits = _hex_digits(text, "serial=")
+    digits = hex_digits(text, "serial=")
     if digits is None:
         raise _problem(source, where, f"{text!r} is not a serial number in hex (like 3F2A... or 3f:2a:...)")
     serial = int(digits, 16)
@@ -404,7 +404,7 @@ def _serial(text: str, where: str, source: str) -> int:
 
 
 def _fingerprint(text: str, where: str, source: str) -> bytes:
-    digits = _hex_digits(text, "sha256 fingerprint=")
+    digits = hex_digits(text, "sha256 fingerprint=")
     if digits is None or len(digits) != 64:
         raise _problem(
             source,

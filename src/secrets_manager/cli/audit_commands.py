@@ -13,7 +13,6 @@ import collections
 import contextlib
 import fnmatch
 import os
-import re
 import signal
 import sys
 import threading
@@ -24,6 +23,7 @@ from typing import Any
 
 import click
 
+from secrets_manager.access.policy import hex_digits
 from secrets_manager.audit import read_witness, value_fingerprint
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
 from secrets_manager.cli.output import (
@@ -252,11 +252,8 @@ def _follow(
 
 def _serial_number(text: str, option: str) -> int:
     """A certificate serial as pki issue, openssl (`serial=…`) or a policy's [revoked] writes it."""
-    digits = text.strip()
-    if digits.lower().startswith("serial="):
-        digits = digits[len("serial=") :]
-    digits = digits.replace(":", "")
-    if not re.fullmatch(r"[0-9A-Fa-f]{1,64}", digits):
+    digits = hex_digits(text, "serial=")  # as the policy reads [revoked] serials
+    if digits is None or len(digits) > 64:
         raise InvalidInputError(
             f"{option} {text!r} is not a certificate serial number in hex (like 3F2A... or 3f:2a:..., "
             "as 'pki issue' or 'openssl x509 -noout -serial' print it)"
