@@ -1356,7 +1356,7 @@ class EncryptedStore:
         the keyset read says is disabled. So a record that does not open is read again, and only
         one that is still the same record is damaged."""
         namespace = namespace_of(name)
-        failed = IntegrityError(_meta_damaged(name))
+        failed: IntegrityError | None = None
         for _attempt in range(META_READ_ATTEMPTS):
             if self._multi_get is not None:  # both in one read: one round trip to a database server
                 both = self._multi_get.get_many([META_PREFIX + name, KEYSET_PREFIX + namespace])
@@ -1376,7 +1376,8 @@ class EncryptedStore:
                 if again is not None and again.revision == entry.revision:
                     raise  # the same record, under the keyset as it is now: damaged
                 failed = exc
-        raise failed  # rewritten between the reads at every try
+        assert failed is not None  # rewritten between the reads at every try
+        raise failed
 
     def _seal_meta(self, key: DataKey, name: str, meta: _Meta) -> bytes:
         return seal_record(key, Purpose.SECRET_METADATA, name, 0, meta.to_json())
