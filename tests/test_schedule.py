@@ -23,6 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from cryptography import x509
 
 from secrets_manager.audit import AuditLog
 from secrets_manager.audit.actor import local_actor
@@ -36,7 +37,7 @@ from secrets_manager.rotation import Due, load_schedule, parse_every, plan
 from secrets_manager.service.schedule import RotationScheduler, _Ledger
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import CURRENT, EncryptedStore, PasswordUnlock
-from secrets_manager.tls.identity import unpresentable_identity
+from secrets_manager.tls.identity import serial_text, unpresentable_identity
 from secrets_manager.v1 import secrets_pb2 as pb
 from service_fixtures import PASSWORD as SERVICE_PASSWORD
 from service_fixtures import (
@@ -881,6 +882,14 @@ def test_rotate_on_server_runs_the_configured_rotation_there_and_audits_each_ste
     assert (outer["actor"], outer["source"], outer["version"]) == (f"spiffe://{TD}/ops", "grpc", 2)
     steps = [(r["operation"], r["outcome"]) for r in records if r["request_id"] == outer["request_id"]]
     assert steps == [("rotate", "pending"), *STEP_RECORDS, ("rotate", "ok")]
+    # Each step names the certificate the request came with, as the request's own records do: a
+    # stolen certificate's rotate.read (a read of the value) is found by `audit show --serial`.
+    ops_serial = serial_text(
+        x509.load_pem_x509_certificate((tmp_path / "ops.pem").read_bytes()).serial_number
+    )
+    assert {r.get("certificate_serial") for r in records if r["request_id"] == outer["request_id"]} == {
+        ops_serial
+    }
     assert [
         r["outcome"] for r in records if r["operation"] == "rotate" and r["actor"] == f"spiffe://{TD}/writer"
     ] == ["access_denied"]

@@ -62,7 +62,8 @@ class AuditEvent:
     outcome: str = "ok"
     value_hmac: str | None = None
     request_id: str = field(default_factory=new_request_id)
-    # The service's refusal of a revoked client certificate names it; other records have no such key.
+    # The serial of the client certificate a service request came with (its refusal included, and
+    # the steps of a RotateSecret); the CLI's and the service's own records have no such key.
     certificate_serial: str | None = None
     # `audit prune` names where the chain now begins: {"seq": first record kept, "prev": its prev}.
     pruned_before: dict[str, Any] | None = None

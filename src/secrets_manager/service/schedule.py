@@ -281,8 +281,9 @@ class _Ledger:
 class _ServiceSteps:
     """RotationSteps on the service's own store, each step audited in the service's log (a change
     with a durable request record before it, like a client's request) as `actor`: the schedule's,
-    or a RotateSecret caller's (with its peer and request id). The versions it stages are created
-    by ACTOR either way: the schedule generated their values."""
+    or a RotateSecret caller's (with its peer, request id and certificate serial, so `audit show
+    --serial` finds the steps a certificate caused, `rotate.read` among them). The versions it
+    stages are created by ACTOR either way: the schedule generated their values."""
 
     def __init__(
         self,
@@ -293,6 +294,7 @@ class _ServiceSteps:
         source: str = SOURCE,
         peer: str | None = None,
         request_id: str | None = None,
+        certificate_serial: str | None = None,
         ledger: _Ledger | None = None,
     ) -> None:
         self._store = store
@@ -302,12 +304,20 @@ class _ServiceSteps:
         self._source = source
         self._peer = peer
         self._request_id = request_id
+        self._certificate_serial = certificate_serial
 
     @contextmanager
     def _audited(
         self, operation: str, name: str, *, mutating: bool, version: int | None = None
     ) -> Iterator[AuditEvent]:
-        event = AuditEvent(operation, self._actor, self._source, self._peer, name)
+        event = AuditEvent(
+            operation,
+            self._actor,
+            self._source,
+            self._peer,
+            name,
+            certificate_serial=self._certificate_serial,
+        )
         event.version = version
         if self._request_id is not None:
             event.request_id = self._request_id
@@ -519,7 +529,15 @@ class RotationScheduler:
             else:
                 self._on_reload(True)
 
-    def rotate_now(self, name: str, *, actor: str, peer: str | None, request_id: str) -> Rotated:
+    def rotate_now(
+        self,
+        name: str,
+        *,
+        actor: str,
+        peer: str | None,
+        request_id: str,
+        certificate_serial: str | None = None,
+    ) -> Rotated:
         """RotateSecret: run `name`'s configured rotation at once, due or not, audited as `actor`.
         A stale pending version is resumed; a young one is another rotation in progress, which
         the store's stage refuses (RotationInProgressError)."""
@@ -541,6 +559,7 @@ class RotationScheduler:
             source="grpc",
             peer=peer,
             request_id=request_id,
+            certificate_serial=certificate_serial,
             ledger=self._ledger,
         )
         with self._rotating(name):  # refused first if one runs here: its ledger entry is not ours

@@ -974,7 +974,11 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                     f"{request.name!r} from the client with 'secrets-manager rotate', or configure one"
                 )
             rotated = self._scheduler.rotate_now(
-                request.name, actor=call.identity, peer=call.peer, request_id=call.event.request_id
+                request.name,
+                actor=call.identity,
+                peer=call.peer,
+                request_id=call.event.request_id,
+                certificate_serial=call.event.certificate_serial,
             )
             call.event.version = rotated.version
         response = pb.RotateSecretResponse(
