@@ -62,17 +62,27 @@ class WrittenCertificate:
     fingerprint: str  # SHA-256, as `openssl x509 -fingerprint -sha256` prints it
     # `issue --force`: the certificate the new one replaced, which stays valid until it expires
     # (None when there was none, or what was there is not a certificate).
-    replaced: ReplacedCertificate | None = None
+    replaced: CertificateFacts | None = None
 
 
 @dataclass(frozen=True)
-class ReplacedCertificate:
-    """The certificate `pki issue --force` wrote over: what revokes it, and until when it works.
-    Once the file is replaced this is the only place an operator still finds it."""
+class CertificateFacts:
+    """A certificate's end, serial and fingerprint: for the one `pki issue --force` wrote over,
+    what revokes it and until when it works (once the file is replaced, the only place an
+    operator still finds it)."""
 
     not_after: datetime
     serial: str
     fingerprint: str
+
+    @classmethod
+    def of(cls, cert: x509.Certificate) -> CertificateFacts:
+        """Its end, serial and fingerprint, each as `openssl x509` prints it."""
+        return cls(
+            cert.not_valid_after_utc,
+            serial_text(cert.serial_number),
+            fingerprint_text(cert.fingerprint(hashes.SHA256())),
+        )
 
 
 def init_ca(
@@ -126,17 +136,13 @@ def issue_certificate(
     return dataclasses.replace(written, replaced=replaced)
 
 
-def _certificate_at(path: Path) -> ReplacedCertificate | None:
+def _certificate_at(path: Path) -> CertificateFacts | None:
     """The certificate in the file `--force` is about to replace, or None (no file, not one)."""
     try:
         cert = x509.load_pem_x509_certificate(path.read_bytes())
     except (OSError, ValueError):
         return None
-    return ReplacedCertificate(
-        cert.not_valid_after_utc,
-        serial_text(cert.serial_number),
-        fingerprint_text(cert.fingerprint(hashes.SHA256())),
-    )
+    return CertificateFacts.of(cert)
 
 
 def read_ca(directory: str | os.PathLike[str]) -> tuple[bytes, bytes]:
@@ -538,15 +544,8 @@ def _write_pair(
             with contextlib.suppress(OSError):
                 key_path.unlink()
         raise
-    cert = x509.load_pem_x509_certificate(cert_pem)
-    return WrittenCertificate(
-        cert_path,
-        key_path,
-        identity,
-        cert.not_valid_after_utc,
-        serial_text(cert.serial_number),
-        fingerprint_text(cert.fingerprint(hashes.SHA256())),
-    )
+    facts = CertificateFacts.of(x509.load_pem_x509_certificate(cert_pem))
+    return WrittenCertificate(cert_path, key_path, identity, facts.not_after, facts.serial, facts.fingerprint)
 
 
 def _refuse_existing(paths: Iterable[Path], message: str) -> None:
