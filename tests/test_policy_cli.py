@@ -189,8 +189,8 @@ def test_explain_takes_the_identity_from_a_certificate_as_the_service_does(
         == 2
     )
     assert "with --cert give only NAME" in capsys.readouterr().err
-    assert run(["policy", "explain", str(policy_file), "auth/DB"]) == 2
-    assert "give IDENTITY and NAME" in capsys.readouterr().err
+    assert run(["policy", "explain", str(policy_file), "auth/DB"]) == 2  # IDENTITY left out
+    assert "give IDENTITY NAME, or IDENTITY alone" in capsys.readouterr().err
 
 
 def test_check_and_explain_warn_of_identities_no_certificate_can_carry(

@@ -221,6 +221,19 @@ class Policy:
             self._allowed[question] = allowed
         return allowed
 
+    def granted(
+        self,
+        identity: str,
+        name: str,
+        address: Address = UNCHECKED,
+        capabilities: Iterable[Capability] = tuple(Capability),
+    ) -> tuple[Decision, ...]:
+        """The decisions that allow `identity` one of `capabilities` on `name`, in that order, each
+        naming the role and rule that grant it: `decide`'s, which `allows` (what the service asks
+        before every call) caches, so `policy explain` answers with the code that authorises."""
+        decisions = (self.decide(identity, capability, name, address) for capability in capabilities)
+        return tuple(decision for decision in decisions if decision.allowed)
+
     def revocation(self, serial: int | None, fingerprint: bytes | None) -> str | None:
         """Why the service refuses a client certificate with this serial number and SHA-256
         fingerprint, whatever its identity may do; None if it is not revoked. A certificate

@@ -1,7 +1,12 @@
-"""`secrets-manager policy check|explain`: test an access policy before the service loads it.
+"""`secrets-manager policy check|explain`: test an access policy before the service loads it, and
+say what an identity may reach.
 
-Like `nginx -t` for the file and Vault's `token capabilities` for a decision. They read the
-policy file (and a certificate) only: no store, no password, no audit record.
+Like `nginx -t` for the file and Vault's `token capabilities` for a decision. `check` and
+`explain` of one NAME read the policy file (and a certificate) only: no store, no password, no
+audit record. `explain` without NAME answers "what can this identity read?" during an incident,
+as AWS's IAM policy simulator does: it also reads the store's names (a `list` of the store, so
+audited as one), and decides each with `Policy.decide`, the code the service's `allows` asks
+before every call, so the answer is what `serve` would let the identity do.
 """
 
 from __future__ import annotations
@@ -13,8 +18,15 @@ import click
 
 from secrets_manager.access import Capability, Decision, Policy, load_policy
 from secrets_manager.access.policy import UNCHECKED, Address
-from secrets_manager.cli.app import cli
-from secrets_manager.cli.output import counted, info_line, print_json, printable, warning_line
+from secrets_manager.cli.app import Session, cli
+from secrets_manager.cli.output import (
+    counted,
+    info_line,
+    print_json,
+    print_table,
+    printable,
+    warning_line,
+)
 from secrets_manager.cli.password import read_small_file
 from secrets_manager.errors import AccessDeniedError, InvalidInputError
 from secrets_manager.store.names import validate_name
@@ -32,6 +44,7 @@ def policy() -> None:
     secrets-manager policy check policy.toml
     secrets-manager policy explain policy.toml spiffe://shrivenquant.local/auth auth/DB_PASSWORD
     secrets-manager policy explain policy.toml --cert auth.pem auth/DB_PASSWORD --capability read
+    secrets-manager --store URL policy explain policy.toml --cert stolen.pem --capability read
     """
 
 
@@ -65,19 +78,21 @@ def check(policy_file: Path) -> None:
 
 @policy.command("explain")
 @click.argument("policy_file", metavar="POLICY_FILE", type=_POLICY_FILE)
-@click.argument("identity_and_name", metavar="[IDENTITY] NAME", nargs=-1, required=True)
+@click.argument("identity_and_name", metavar="(IDENTITY | --cert PEM) [NAME]", nargs=-1)
 @click.option(
     "--cert",
     "cert_file",
     type=click.Path(dir_okay=False, path_type=Path),
     metavar="PEM",
     help="Take the identity from this client certificate, as the service does (SPIFFE ID, else CN), "
-    "and deny everything if the policy revokes it.",
+    "and deny everything if the policy revokes it (without NAME: say so, and list what it could do "
+    "before).",
 )
 @click.option(
     "--capability",
     type=click.Choice([c.value for c in Capability]),
-    help="Decide only this one: exit 0 if allowed, 5 if denied.",
+    help="Decide only this one: exit 0 if allowed, 5 if denied. Without NAME: only the secrets it "
+    "holds this one on.",
 )
 @click.option(
     "--from",
@@ -99,9 +114,18 @@ def explain(
 
     The last line says where NAME shows up unasked: ListSecrets shows the names IDENTITY may
     `list`; BatchGetSecrets by prefix (get_credentials, run --service) and Watch show those it may
-    `read`, so `read` alone reveals a name there. A deny of `list` hides it from all of them."""
+    `read`, so `read` alone reveals a name there. A deny of `list` hides it from all of them.
+
+    Without NAME: every secret of the store (the global --store, any kind; deleted ones too) on
+    which IDENTITY holds a capability, with its capabilities and the role and rule granting each,
+    decided as `serve` decides: with `--capability read`, what to rotate after its certificate
+    leaked. An identity that holds no role is one line, exit 5. A revoked --cert is said, and what
+    it could do before is listed. Audited as a `list` of the store; not with --server."""
     caller, name = _caller_and_name(identity_and_name, cert_file)
     address = _address(from_address)
+    if name is None:
+        _explain_store(policy_file, caller, cert_file, capability, address, as_json)
+        return
     try:
         validate_name(name)
     except InvalidInputError as exc:  # IDENTITY and NAME swapped, most often
@@ -192,18 +216,38 @@ def _roles_line(parsed: Policy, identity: str, address: Address) -> str:
     return ", ".join(roles)
 
 
-def _caller_and_name(arguments: tuple[str, ...], cert_file: Path | None) -> tuple[Caller, str]:
+def _caller_and_name(arguments: tuple[str, ...], cert_file: Path | None) -> tuple[Caller, str | None]:
+    """The caller and NAME (None: every secret of the store)."""
     if cert_file is None:
-        if len(arguments) != 2:
-            raise InvalidInputError("give IDENTITY and NAME, or --cert PEM and NAME")
-        return Caller(arguments[0]), arguments[1]
-    if len(arguments) != 1:
-        raise InvalidInputError("with --cert give only NAME: the certificate names the identity")
+        if len(arguments) not in (1, 2):
+            raise InvalidInputError(
+                "give IDENTITY and NAME, IDENTITY alone (every secret it may reach), or --cert PEM"
+            )
+        if len(arguments) == 1 and _a_name_not_an_identity(arguments[0]):
+            raise InvalidInputError(
+                f"{arguments[0]!r} is a secret name, not an identity a certificate can carry: give "
+                "IDENTITY NAME, or IDENTITY alone for every secret it may reach"
+            )
+        return Caller(arguments[0]), arguments[1] if len(arguments) == 2 else None
+    if len(arguments) > 1:
+        raise InvalidInputError("with --cert give only NAME, or nothing: the certificate names the identity")
     pem = read_small_file(cert_file, MAX_CERTIFICATE_BYTES, f"certificate file {cert_file}")
     try:
-        return caller_from_certificate(pem), arguments[0]
+        return caller_from_certificate(pem), arguments[0] if arguments else None
     except IdentityError as exc:
         raise InvalidInputError(f"{cert_file}: {exc}") from None
+
+
+def _a_name_not_an_identity(text: str) -> bool:
+    """Whether `text`, given as IDENTITY alone, is a secret name (`auth/DB_PASSWORD`) that no
+    certificate can carry: IDENTITY left out before NAME, most often."""
+    if unpresentable_identity(text) is None:
+        return False
+    try:
+        validate_name(text)
+    except InvalidInputError:
+        return False
+    return "/" in text
 
 
 def _print_decisions(
@@ -245,3 +289,130 @@ def _shown_line(parsed: Policy, identity: str, name: str, shown: tuple[bool, boo
     if not parsed.allows(identity, Capability.READ, name, address):
         return line + "no (read is not allowed)"
     return line + f"no (list is {parsed.decide(identity, Capability.LIST, name, address).reason})"
+
+
+def _explain_store(
+    policy_file: Path,
+    caller: Caller,
+    cert_file: Path | None,
+    capability: str | None,
+    address: Address,
+    as_json: bool,
+) -> None:
+    """`policy explain POLICY (IDENTITY | --cert PEM)`: every secret of the store on which the
+    identity holds a capability. The policy is read (and the identity checked) before the store
+    is opened, so a policy that does not parse or an identity with no role asks no password."""
+    identity = caller.identity
+    parsed = load_policy(policy_file)
+    problem = unpresentable_identity(identity)
+    if problem is not None:
+        warning_line(f"'{printable(identity)}' is {problem}: the service never sees a caller with it")
+    roles = parsed.roles_of(identity, address)
+    if not roles:
+        raise AccessDeniedError(_no_role(parsed, identity, address))
+    revoked = parsed.revocation(caller.serial, caller.fingerprint) if cert_file is not None else None
+    if revoked is not None:
+        warning_line(
+            f"{cert_file} (serial {caller.serial_text}) is refused by the service: {revoked}. It can "
+            f"read nothing now; listed is what it could do before, as {identity}'s other "
+            "certificates still can"
+        )
+    session = click.get_current_context().find_object(Session)
+    assert session is not None  # the `cli` group made it
+    session.environment  # noqa: B018  (an invalid SHRIVENQUANT_ENV is an error here, as for `list`)
+    session.require_local("policy explain POLICY_FILE IDENTITY")
+    with session.store_operation("list") as (store, _):
+        listed = store.list("", include_deleted=True)
+    wanted = (Capability(capability),) if capability else tuple(Capability)
+    reached = [
+        (meta, granted)
+        for meta in listed
+        if (granted := parsed.granted(identity, meta.name, address, wanted))
+    ]
+    if as_json:
+        print_json(
+            {
+                "identity": identity,
+                "roles": list(roles),
+                "address": None if address is UNCHECKED else str(address),
+                "certificate": None
+                if cert_file is None
+                else {
+                    "serial": caller.serial_text,
+                    "sha256_fingerprint": caller.fingerprint_text,
+                    "revoked": revoked is not None,
+                },
+                "capability": capability,
+                "secrets_in_store": len(listed),
+                "secrets": [
+                    {
+                        "name": meta.name,
+                        "deleted": None if meta.deleted is None else meta.deleted.isoformat(),
+                        "capabilities": {
+                            d.capability.value: {
+                                "reason": d.reason,
+                                "role": d.role,
+                                "rule": d.rule.path if d.rule is not None else None,
+                            }
+                            for d in granted
+                        },
+                        "shown": dict(
+                            zip(
+                                ("list", "batch_get_and_watch"),
+                                _shown(parsed, identity, meta.name, address),
+                                strict=True,
+                            )
+                        ),
+                    }
+                    for meta, granted in reached
+                ],
+            }
+        )
+        return
+    what = f"may {capability}" if capability else "holds a capability on"
+    info_line(
+        f"{identity} ({', '.join(roles)}) {what} {len(reached)} of the "
+        f"{counted(len(listed), 'secret')} in the store"
+        + (" (deleted ones serve nothing until undeleted)" if any(m.deleted for m, _ in reached) else "")
+    )
+    print_table(
+        ["NAME", "STATE", "CAPABILITIES", "GRANTED BY"],
+        [
+            [
+                meta.name,
+                "deleted" if meta.deleted else "active",
+                ", ".join(d.capability.value for d in granted),
+                _granted_by(granted),
+            ]
+            for meta, granted in reached
+        ],
+        free_text=["GRANTED BY"],
+    )
+
+
+def _granted_by(granted: tuple[Decision, ...]) -> str:
+    """Which role and rule grant which capabilities: "read, list: role auth rule 'auth/*'"."""
+    grants: dict[tuple[str | None, str | None], list[str]] = {}
+    for decision in granted:
+        rule = decision.rule.path if decision.rule is not None else None
+        grants.setdefault((decision.role, rule), []).append(decision.capability.value)
+    return "; ".join(
+        f"{', '.join(capabilities)}: role {role} rule {rule!r}"
+        for (role, rule), capabilities in grants.items()
+    )
+
+
+def _no_role(parsed: Policy, identity: str, address: Address) -> str:
+    """Why `identity` holds no role (from `address`), in one line, with the identities a short
+    name may mean (the service knows a SPIFFE ID whole)."""
+    if parsed.roles_of(identity):
+        return (
+            f"{identity}'s roles are bound to networks that do not hold {address}: the service "
+            "refuses it every call from there, so it can read nothing"
+        )
+    meant = sorted(known for known in parsed.identities if known.endswith("/" + identity))
+    hint = f" (did you mean {' or '.join(meant)}?)" if meant else ""
+    named = "holds no role in" if identity in parsed.identities else "is not an identity of"
+    return (
+        f"{identity} {named} {parsed.source}: the service refuses it every call, so it can read nothing{hint}"
+    )
