@@ -170,6 +170,25 @@ def test_capability_read_keeps_the_secrets_it_may_read_and_json_says_why_and_whe
     assert deleted["name"] == DELETED and deleted["deleted"] is not None
 
 
+def test_from_an_address_leaves_out_what_roles_bound_elsewhere_grant(
+    local: tuple[dict[str, str], Path],
+) -> None:
+    environ, policy = local
+    policy.write_text(
+        POLICY.replace("[roles.mc-reader]\n", '[roles.mc-reader]\nbound_cidrs = ["10.0.1.0/24"]\n')
+    )
+    proc = run_script(environ, "policy", "explain", str(policy), MC)
+    assert rows(proc.stdout) == MC_ROWS  # without --from every role counts, the bound one said
+    assert f"{MC} (mc-reader (only from 10.0.1.0/24), janitor) holds" in proc.stderr.decode()
+    proc = run_script(environ, "policy", "explain", str(policy), MC, "--from", "10.0.2.7")
+    assert proc.returncode == 0, proc.stderr
+    assert rows(proc.stdout) == MC_ROWS[2:]
+    assert "mc-reader (not held: only from 10.0.1.0/24), janitor) holds a capability on 2 of" in (
+        proc.stderr.decode()
+    )
+    assert explain(environ, policy, MC, "--from", "10.0.1.7")["roles"] == ["mc-reader", "janitor"]
+
+
 def test_an_identity_with_no_role_is_one_line_exit_5_without_opening_the_store(tmp_path: Path) -> None:
     """No store and no password here: the policy alone answers, before any password is asked."""
     (tmp_path / "policy.toml").write_text(POLICY)

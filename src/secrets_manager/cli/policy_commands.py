@@ -371,7 +371,7 @@ def _explain_store(
         return
     what = f"may {capability}" if capability else "holds a capability on"
     info_line(
-        f"{identity} ({', '.join(roles)}) {what} {len(reached)} of the "
+        f"{identity} ({_roles_line(parsed, identity, address)}) {what} {len(reached)} of the "
         f"{counted(len(listed), 'secret')} in the store"
         + (" (deleted ones serve nothing until undeleted)" if any(m.deleted for m, _ in reached) else "")
     )
