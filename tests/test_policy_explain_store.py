@@ -285,6 +285,15 @@ def test_a_revoked_certificate_is_said_and_what_it_could_read_before_is_listed(
     assert len(doc["secrets"]) == 3
     doc = explain(environ, policy, "--cert", str(directory / "market-connector.pem"))
     assert doc["certificate"]["revoked"] is False and doc["identity"] == MC
+    own = x509.load_pem_x509_certificate((directory / "market-connector.pem").read_bytes())
+    proc = run_script(
+        environ, "policy", "explain", str(policy), "--cert", str(directory / "market-connector.pem")
+    )
+    assert rows(proc.stdout) == MC_ROWS
+    said = proc.stderr.decode().splitlines()[0]  # what to list under [revoked], were it stolen
+    assert said.startswith(f"secrets-manager: {directory / 'market-connector.pem'}: serial ")
+    assert int(said.split("serial ")[1].split(",")[0].replace(":", ""), 16) == own.serial_number
+    assert said.endswith(f"not revoked in {policy}")
 
 
 # ---- every store -----------------------------------------------------------------------------------

@@ -317,6 +317,11 @@ def _explain_store(
             f"read nothing now; listed is what it could do before, as {identity}'s other "
             "certificates still can"
         )
+    elif cert_file is not None:  # what to put under [revoked] if it leaked
+        info_line(
+            f"{cert_file}: serial {caller.serial_text}, sha256 {caller.fingerprint_text}; "
+            f"not revoked in {policy_file}"
+        )
     session = click.get_current_context().find_object(Session)
     assert session is not None  # the `cli` group made it
     session.environment  # noqa: B018  (an invalid SHRIVENQUANT_ENV is an error here, as for `list`)
