@@ -167,7 +167,9 @@ def test_capability_read_keeps_the_secrets_it_may_read_and_json_says_why_and_whe
         },
     ]
     deleted = explain(environ, policy, MC)["secrets"][1]
+    listed = json.loads(run_script(environ, "list", "--deleted", "--json").stdout)
     assert deleted["name"] == DELETED and deleted["deleted"] is not None
+    assert deleted["deleted"] == next(meta["deleted"] for meta in listed if meta["name"] == DELETED)
 
 
 def test_from_an_address_leaves_out_what_roles_bound_elsewhere_grant(

@@ -25,6 +25,7 @@ from secrets_manager.cli.output import (
     print_json,
     print_table,
     printable,
+    timestamp,
     warning_line,
 )
 from secrets_manager.cli.password import read_small_file
@@ -352,7 +353,7 @@ def _explain_store(
                 "secrets": [
                     {
                         "name": meta.name,
-                        "deleted": None if meta.deleted is None else meta.deleted.isoformat(),
+                        "deleted": timestamp(meta.deleted) or None,  # as `list --json` says it
                         "capabilities": {
                             d.capability.value: {
                                 "reason": d.reason,
