@@ -750,3 +750,25 @@ def test_a_policy_whose_bound_networks_change_is_a_different_policy() -> None:
     """The service tells open Watch streams to read again when a reload changes the policy."""
     wider = Policy.parse(BOUND_POLICY.replace('"127.0.0.0/8"', '"0.0.0.0/0"'))
     assert wider != Policy.parse(BOUND_POLICY) and wider.binds_addresses
+
+
+@pytest.mark.parametrize("identity", [AUTH, MARKET, "ops", "deployer", "nobody", "stranger"])
+def test_granted_is_every_capability_allows_with_the_rule_that_grants_it(
+    policy: Policy, identity: str
+) -> None:
+    """`policy explain` without NAME lists `granted`: it must hold exactly what the service's
+    `allows` lets through, a deny (`auth/ROOT_*` write) and an invalid name included."""
+    names = ["auth/DB", "auth/ROOT_KEY", "auth/sub/X", "market-connector/K", "other/Y", "auth/../x", "auth"]
+    for name in names:
+        granted = policy.granted(identity, name)
+        assert [d.capability for d in granted] == [c for c in Capability if policy.allows(identity, c, name)]
+        assert all(d.allowed and d.role in policy.roles_of(identity) and d.rule is not None for d in granted)
+        assert policy.granted(identity, name, capabilities=[Capability.READ]) == tuple(
+            d for d in granted if d.capability is Capability.READ
+        )
+    assert [d.capability for d in policy.granted("ops", "auth/ROOT_KEY")] == [
+        Capability.READ,
+        Capability.LIST,
+        Capability.DELETE,
+        Capability.ROTATE,
+    ]  # admin's grant less the deny of write, and so not admin itself
