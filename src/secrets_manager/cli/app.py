@@ -979,6 +979,7 @@ COMMAND_MODULES = {
     "backup": "backup_commands",
     "restore": "backup_commands",
     "edit": "edit_command",
+    "export": "export_command",
     "health": "health_command",
     "import": "import_command",
     "inject": "inject_command",

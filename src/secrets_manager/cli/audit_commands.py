@@ -51,7 +51,7 @@ def audit() -> None:
 # (`otp`), the values `run` and `inject` put in a program's environment or a file, and the current
 # value `store NAME#FIELD`, `edit` and a rotation read before writing. `list`, `history` and
 # `batch_get`'s request record name secrets without reading them; `backup` copies ciphertext.
-VALUE_READS = frozenset({"get", "otp", "run", "inject", "store.read", "edit.read", "rotate.read"})
+VALUE_READS = frozenset({"get", "otp", "run", "inject", "export", "store.read", "edit.read", "rotate.read"})
 
 
 @audit.command()

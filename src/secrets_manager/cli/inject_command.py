@@ -143,7 +143,7 @@ def inject(
         # Before any secret is read (and audited) for a FILE never written; the store's own files
         # first, so that a refusal does not suggest --force.
         session.refuse_own_file(Path(output), "give -o another file; nothing was written")
-        _check_out_file(output, force)
+        check_out_file(output, force)
     if watch:
         assert output is not None
         # Ctrl-C, SIGTERM or SIGHUP (a closed terminal), at any point: exit 0, with --on-change's
@@ -419,7 +419,7 @@ def _run_on_change(command: str, withheld: tuple[str, ...]) -> None:
         info_line("--on-change ran (exit 0)")
 
 
-def _check_out_file(output: str, force: bool) -> None:
+def check_out_file(output: str, force: bool) -> None:
     """FILE's directory must exist (said so, with what to do), and FILE must not, unless `force`
     (write_private_file checks again as it writes). A named pipe or a device at FILE
     (or where its symbolic link leads: /dev/stdout) would be replaced by a regular file, on disk,

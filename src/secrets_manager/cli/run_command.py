@@ -314,7 +314,7 @@ def _read_variables(
     read: dict[str, Secret] = {}
     found: list[tuple[str, Secret]] = []
     for namespace in namespaces:
-        secrets = _read_namespace(store, namespace)
+        secrets = read_namespace(store, namespace)
         if not secrets:
             unslashed = (
                 " (names without '/' are under no NAMESPACE/: take them with --secret NAME)"
@@ -532,7 +532,7 @@ def _variable_for(relative_name: str) -> str:
     return variable if _VARIABLE.fullmatch(variable) else f"_{variable}"
 
 
-def _read_namespace(store: SecretStore, namespace: str) -> list[Secret]:
+def read_namespace(store: SecretStore, namespace: str) -> list[Secret]:
     """Every current secret under `namespace/` the caller may read: from a service one
     BatchGetSecrets, which its policy filters by `read` (a caller may read what it may not list);
     locally list then get (a secret deleted in between is skipped)."""
