@@ -245,6 +245,22 @@ def test_role_without_the_capability_is_denied_and_audited(server: Server) -> No
     assert reply.secret.value == b"auth-db-pass"
 
 
+def test_a_name_without_a_namespace_is_refused_saying_to_give_the_full_name(server: Server) -> None:
+    """The seed's short names (`get DB_PASSWORD`, `run --secret DB_PASSWORD`) through the service
+    by a client whose policy grants auth/*: refused "may not read 'DB_PASSWORD'", as if the policy
+    were wrong; the name is in the default namespace, which nothing said."""
+    for args in (("get", "DB_PASSWORD"), ("run", "--secret", "DB_PASSWORD", "--", "true")):
+        refused = server.cli("auth", *args)
+        assert refused.returncode == 5, refused.stderr
+        lines = refused.stderr.decode().strip().splitlines()
+        assert len(lines) == 1, lines
+        assert "may not read 'DB_PASSWORD'" in lines[0]
+        assert "'default' namespace" in lines[0] and "NAMESPACE/DB_PASSWORD" in lines[0]
+    assert server.cli("auth", "get", "auth/DB_PASSWORD").stdout == b"auth-db-pass\n"
+    other = server.cli("auth", "get", "market-connector/BINANCE_API_KEY")
+    assert other.returncode == 5 and b"namespace" not in other.stderr  # a full name needs no hint
+
+
 @pytest.mark.parametrize(
     "name",
     [

@@ -74,7 +74,7 @@ from secrets_manager.service.served import (
 from secrets_manager.service.watch import ChangeFeed, ChangeHub
 from secrets_manager.store.base import SecretMetadata, checked_expiry, checked_value
 from secrets_manager.store.changes import ChangeKind
-from secrets_manager.store.names import as_recorded, validate_name, validate_prefix
+from secrets_manager.store.names import DEFAULT_NAMESPACE, as_recorded, validate_name, validate_prefix
 from secrets_manager.store.polled import PolledChangeFeed
 from secrets_manager.store.url import display_url
 from secrets_manager.tls.identity import (
@@ -236,6 +236,19 @@ def _still_wanted(context: grpc.ServicerContext) -> None:
     """Raise `_CallEnded` once the call is no longer active (checked between secrets)."""
     if not context.is_active():
         raise _CallEnded()
+
+
+def denied(identity: str, capability: str, name: str) -> AccessDeniedError:
+    """The refusal of `capability` on `name`. A name without '/' is in the default namespace,
+    which a service's rules (`market-connector/*`) do not cover: the seed's short names
+    (`get BINANCE_API_KEY`) were refused as if the policy were wrong, with nothing to say so."""
+    hint = ""
+    if name and "/" not in name:
+        hint = (
+            f" (a name without '/' is in the '{DEFAULT_NAMESPACE}' namespace, not a service's: "
+            f"give the full name, NAMESPACE/{name})"
+        )
+    return AccessDeniedError(f"{identity} may not {capability} {name!r}{hint}")
 
 
 def peer_address(peer: str) -> IPAddress | None:
@@ -548,7 +561,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             if capability is not None and not policy.allows(
                 identity, capability, name or "", request.address
             ):
-                raise AccessDeniedError(f"{identity} may not {capability} {name!r}")
+                raise denied(identity, capability, name or "")
             request.allowed = capability is not None
             if mutating:
                 self._append([replace(event, outcome="pending")], durable=True)
@@ -721,10 +734,10 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 for name in names:
                     call.event.name = as_recorded(name)
                     validate_name(name)
-                denied = [n for n in names if not policy.allows(call.identity, "read", n, call.address)]
-                if denied:
-                    call.event.name = denied[0]
-                    raise AccessDeniedError(f"{call.identity} may not read {denied[0]!r}")
+                refused = [n for n in names if not policy.allows(call.identity, "read", n, call.address)]
+                if refused:
+                    call.event.name = refused[0]
+                    raise denied(call.identity, "read", refused[0])
                 call.event.name = request.prefix or None
                 call.allowed = True
             else:
