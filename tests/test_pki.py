@@ -617,6 +617,28 @@ def test_cli_init_refuses_to_replace_a_ca_without_force(tmp_path: Path) -> None:
     assert (tmp_path / "c" / "ca-key.pem").read_bytes() != before
 
 
+def test_cli_issue_in_another_directory_says_where_it_looked_and_that_a_new_ca_is_new(
+    tmp_path: Path,
+) -> None:
+    """`pki issue auth --dir pki` run outside the directory holding pki/ said to run
+    `pki init --dir pki` "first": a second CA, whose certificates no service of the first trusts."""
+    team = tmp_path / "team"
+    assert pki(tmp_path, "init", "--dir", str(team / "pki")).code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(
+        [str(SCRIPT), "pki", "issue", "auth", "--dir", "pki"],
+        capture_output=True, cwd=elsewhere, timeout=60,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)},
+    )  # fmt: skip
+    run = Run(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
+    assert_one_line(
+        run, 3, f"no CA in pki ({elsewhere / 'pki'})", "give --dir the directory 'pki init' made", "new CA"
+    )
+    assert "first" not in run.stderr
+    assert list(elsewhere.iterdir()) == []
+
+
 def test_cli_issue_exit_codes(tmp_path: Path) -> None:
     certs = str(tmp_path / "certs")
     assert_one_line(pki(tmp_path, "issue", "auth", "--dir", certs), 3, "no CA", "pki init")

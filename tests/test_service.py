@@ -704,6 +704,21 @@ def test_serve_on_a_missing_store_names_the_config_setting_and_the_init_command(
     assert f"or set store in {config}" in stderr and "--store with" not in stderr
 
 
+def test_serve_run_in_another_directory_says_where_it_looked_for_the_config(tmp_path: Path) -> None:
+    """`serve --config server.toml` from another directory than the config's said only "server
+    config server.toml does not exist", with nothing to say where it had looked."""
+    elsewhere = tmp_path / "home"
+    elsewhere.mkdir()
+    result = subprocess.run(
+        [str(SCRIPT), "serve", "--config", "server.toml"],
+        capture_output=True, cwd=elsewhere, timeout=30,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)},
+    )  # fmt: skip
+    stderr = result.stderr.decode()
+    assert result.returncode == 3 and stderr.count("\n") == 1, stderr
+    assert f"server config server.toml does not exist in {elsewhere} (the current directory)" in stderr
+
+
 def test_a_server_config_that_is_a_directory_is_refused_in_one_line(tmp_path: Path) -> None:
     result = _serve(tmp_path, tmp_path)  # IsADirectoryError before
     stderr = result.stderr.decode()

@@ -173,7 +173,9 @@ def load_config(path: str | Path, *, environment: Environment | None = None) -> 
             raise InvalidInputError(f"server config {path} is larger than {MAX_CONFIG_BYTES} bytes")
         doc = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
-        raise NotFoundError(f"server config {path} does not exist") from None
+        # serve run from another directory than server.toml's: say which one it looked in
+        looked = "" if path.is_absolute() else f" in {Path.cwd()} (the current directory)"
+        raise NotFoundError(f"server config {path} does not exist{looked}") from None
     except (OSError, UnicodeDecodeError) as exc:  # a directory, unreadable, not UTF-8
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise InvalidInputError(f"server config {path}: cannot read it ({reason})") from None

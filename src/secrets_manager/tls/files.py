@@ -153,9 +153,14 @@ def read_ca(directory: str | os.PathLike[str]) -> tuple[bytes, bytes]:
         try:
             found.append(path.read_bytes())
         except FileNotFoundError:
+            # Run from another directory than the CA's, `pki init` as said made a second CA,
+            # whose certificates no service of the first one trusts: say where it looked, and
+            # that a new CA is new.
+            where = "" if folder.is_absolute() else f" ({folder.resolve()})"
             raise NotFoundError(
-                f"no CA in {folder}: {path.name} is missing; "
-                f"run 'secrets-manager pki init --dir {folder}' first"
+                f"no CA in {folder}{where}: {path.name} is missing; give --dir the directory "
+                f"'pki init' made, or run 'secrets-manager pki init --dir {folder}' for a new CA "
+                "(which no service trusts yet)"
             ) from None
         except OSError as exc:
             raise InvalidInputError(f"cannot read {path}: {exc.strerror}") from None
