@@ -97,6 +97,33 @@ def test_explain_shows_every_capability_with_the_deciding_rule(
     assert sorted(decided) == ["admin", "delete", "list", "read", "rotate", "write"]
 
 
+def test_explain_of_an_identity_without_roles_names_the_policys_near_spelling(
+    policy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A policy whose identity is misspelt ("market-conector", a trust domain "shrivenquant.lcoal")
+    passes `policy check` (valid TOML, valid identities); `explain` for the real one said only
+    that every request is denied."""
+    typo = tmp_path / "typo.toml"
+    typo.write_text(
+        POLICY.replace('"market-connector"', '"market-conector"').replace(
+            f'"{AUTH}"', '"spiffe://shrivenquant.lcoal/auth"'
+        )
+    )
+    assert run(["policy", "check", str(typo)]) == 0
+    for identity, near in (
+        ("market-connector", "market-conector"),
+        (AUTH, "spiffe://shrivenquant.lcoal/auth"),
+    ):
+        capsys.readouterr()
+        assert run(["policy", "explain", str(typo), identity, "auth/DB_PASSWORD"]) == 0
+        assert capsys.readouterr().out.splitlines()[1] == (
+            f"roles     none: every request is denied (the policy names {near}: a typo of this identity?)"
+        )
+    # another service's identity, which shares the trust domain, is no typo of auth's
+    assert run(["policy", "explain", str(policy_file), "spiffe://shrivenquant.local/ops", "x/y"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == "roles     none: every request is denied"
+
+
 def test_explain_says_where_a_name_shows_up_and_that_a_list_deny_hides_it(
     policy_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,7 +11,9 @@ before every call, so the answer is what `serve` would let the identity do.
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+from collections.abc import Iterable
 from pathlib import Path
 
 import click
@@ -211,10 +213,27 @@ def _roles_line(parsed: Policy, identity: str, address: Address) -> str:
         else:
             roles.append(f"{role} (not held: only from {bound})")
     if not roles:
-        return "none: every request is denied"
+        # A policy's identity misspelt (market-conector) is valid TOML and a valid identity, so
+        # `policy check` passes it: name the near one here, where the caller is seen to hold none.
+        near = _misspelt_as(identity, parsed.identities)
+        misspelt = f" (the policy names {near}: a typo of this identity?)" if near else ""
+        return f"none: every request is denied{misspelt}"
     if not parsed.roles_of(identity, address):
         return ", ".join(roles) + f": none held from {address}, every request is denied"
     return ", ".join(roles)
+
+
+def _misspelt_as(identity: str, named: Iterable[str]) -> str | None:
+    """The identity of the policy's that `identity` is most likely a typo of, or None. Compared on
+    the last part (a SPIFFE path's, which shares its trust domain with the others: on the whole
+    ID every service's looked alike) and on the whole (a trust domain misspelt)."""
+    best, best_ratio = None, 0.0
+    for other in named:
+        last = difflib.SequenceMatcher(None, identity.rsplit("/", 1)[-1], other.rsplit("/", 1)[-1]).ratio()
+        whole = difflib.SequenceMatcher(None, identity, other).ratio()
+        if last >= 0.8 and whole >= 0.85 and last + whole > best_ratio:
+            best, best_ratio = other, last + whole
+    return best
 
 
 def _caller_and_name(arguments: tuple[str, ...], cert_file: Path | None) -> tuple[Caller, str | None]:
@@ -417,6 +436,9 @@ def _no_role(parsed: Policy, identity: str, address: Address) -> str:
             "refuses it every call from there, so it can read nothing"
         )
     meant = sorted(known for known in parsed.identities if known.endswith("/" + identity))
+    if not meant and identity not in parsed.identities:  # a typo of one the policy names?
+        near = _misspelt_as(identity, parsed.identities)
+        meant = [near] if near is not None else []
     hint = f" (did you mean {' or '.join(meant)}?)" if meant else ""
     named = "holds no role in" if identity in parsed.identities else "is not an identity of"
     return (
