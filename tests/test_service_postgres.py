@@ -361,6 +361,47 @@ def test_two_replicas_running_one_rotation_schedule_set_each_version_once(
     assert (tmp_path / "target").read_text() == current
 
 
+def test_a_postgres_role_schedule_beside_the_stores_pgpassword_is_warned_of_at_the_start(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """libpq sends PGPASSWORD (here the store's database password) before a passfile, so every
+    postgres_role rotation is refused the administrator's login: said by one log line when the
+    rotation first came due (30 days in, say), nothing at the start. Now said at the start;
+    with the passwords in a passfile instead, nothing is."""
+    make_pki(tmp_path)
+    (tmp_path / "policy.toml").write_text(POLICY)
+    schema = postgres_cluster.new_schema()
+    create_store(postgres_cluster.url(with_password=True), schema, {"db/app": b"app-value-SEEKRIT"})
+    url = f"{postgres_cluster.url()}?schema={schema}"
+    (tmp_path / "rotation.toml").write_text(
+        '[[rotation]]\nname = "db/app"\nevery = "30d"\npostgres_role = "app"\n'
+        'postgres = "host=127.0.0.1 dbname=postgres user=admin"\n'
+    )
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"127.0.0.1:{postgres_cluster.port}:*:sm_test:{postgres_cluster.role_password}\n")
+    passfile.chmod(0o600)
+    schedule = 'rotation_schedule = "rotation.toml"\n'
+    warned = {}
+    for how, environment in (
+        ("PGPASSWORD", dict(postgres_cluster.env())),
+        ("PGPASSFILE", {"PGPASSFILE": str(passfile), "PGCONNECT_TIMEOUT": "10"}),
+    ):
+        server = start_server(tmp_path, f"by-{how}", store=url, environment=environment, settings=schedule)
+        try:
+            lines = server.log_lines
+            assert eventually(lambda lines=lines: any('"schedule.started"' in line for line in lines))
+            time.sleep(0.5)  # a warning is logged right after the start line
+        finally:
+            server.stop()
+        lines = [json.loads(line) for line in server.log_lines if line.startswith("{")]
+        warned[how] = [line for line in lines if line.get("event") == "schedule.pgpassword"]
+    (warning,) = warned["PGPASSWORD"]
+    assert warning["level"] == "warning" and warning["secrets"] == ["db/app"]
+    assert "unset PGPASSWORD" in warning["message"] and "PGPASSFILE" in warning["message"]
+    assert warned["PGPASSFILE"] == []
+    assert all(postgres_cluster.role_password not in line for line in server.log_lines)
+
+
 def test_a_watch_hears_a_commit_by_another_process_at_once_on_postgresql(
     tmp_path: Path, postgres_cluster: Any
 ) -> None:

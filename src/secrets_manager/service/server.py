@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -49,7 +49,7 @@ from secrets_manager.errors import (
     ThrottledError,
     WatchUnsupportedError,
 )
-from secrets_manager.rotation import end_running_commands
+from secrets_manager.rotation import ScheduledRotation, end_running_commands
 from secrets_manager.service.certificates import ServerCertificates
 from secrets_manager.service.config import (
     DEFAULT_MAX_WORKERS,
@@ -1340,6 +1340,23 @@ def raise_open_files_limit() -> int:
     return wanted
 
 
+def _warn_of_pgpassword(rules: Sequence[ScheduledRotation], store_url: str | None, schedule: Path) -> None:
+    """A PostgreSQL store's password in PGPASSWORD, beside `postgres_role` entries: libpq sends it to
+    the administrator's connection before it reads a passfile, so each of those rotations fails,
+    first when it comes due (30 days after the start, say), with one log line. Said at the start."""
+    roles = [rule.name for rule in rules if rule.postgres is not None]
+    scheme = (store_url or "").split("://", 1)[0].lower()
+    if not roles or scheme not in ("postgresql", "postgres") or not os.environ.get("PGPASSWORD"):
+        return
+    log.warning(
+        "PGPASSWORD (the store's database password) is set, and libpq sends it before it reads a "
+        "passfile, so the administrator's connection of each postgres_role rotation is sent the "
+        "store role's password and refused: unset PGPASSWORD and put both passwords in a passfile "
+        "(PGPASSFILE, one line per role)",
+        extra={"event": "schedule.pgpassword", "schedule": str(schedule), "secrets": roles},
+    )
+
+
 def run_server(
     config: ServerConfig,
     store: ServedStore,
@@ -1437,6 +1454,7 @@ def run_server(
                 "entries": len(scheduler.rules),
             },
         )
+        _warn_of_pgpassword(scheduler.rules, store_url, scheduler.path)
     # The handlers' flags are read every SIGNAL_POLL_SECONDS (a signal also cuts a sleep short
     # only to run its handler; the sleep then goes on).
     while not requested.stop:
