@@ -361,6 +361,27 @@ def test_a_name_missing_from_empty_credentials_says_they_are_empty() -> None:
     assert caught.value.args == ("BINANCE_API_KEY",)
 
 
+def test_a_name_missing_from_credentials_says_what_they_hold() -> None:
+    """market-connector asking for auth's secret (`creds["DB_PASSWORD"]`), or a full name of
+    credentials read by namespace (whose keys are short), saw only `KeyError: 'DB_PASSWORD'`."""
+    held = {f"market-connector/KEY_{n}": SecretValue(b"value-SEEKRIT") for n in range(7)}
+    with pytest.raises(KeyError) as caught:
+        Credentials(held)["DB_PASSWORD"]
+    assert caught.value.args == ("DB_PASSWORD",)  # as a dict's KeyError
+    said = str(caught.value)
+    assert said.startswith("'DB_PASSWORD' is not in these credentials, by full name or as the last part")
+    assert "they hold 7: market-connector/KEY_0, " in said and "KEY_4, and 2 more" in said
+    assert "KEY_5" not in said and "policy explain" in said and "SEEKRIT" not in said
+    by_namespace = Credentials({"BINANCE_API_KEY": SecretValue(b"k"), "BINANCE_SECRET": SecretValue(b"s")})
+    with pytest.raises(KeyError) as caught:
+        by_namespace["market-connector/BINANCE_API_KEY"]
+    assert str(caught.value).startswith(
+        "'market-connector/BINANCE_API_KEY' is not in these credentials; they hold 2: BINANCE_API_KEY, "
+        "BINANCE_SECRET"
+    )
+    assert pickle.loads(pickle.dumps(caught.value)).args == ("market-connector/BINANCE_API_KEY",)  # noqa: S301 (our own bytes)
+
+
 def test_a_short_name_finds_the_one_secret_it_ends_and_never_guesses_between_two() -> None:
     creds = Credentials(
         {

@@ -44,6 +44,29 @@ class AmbiguousNameError(KeyError):
     """A short name that more than one full name ends in."""
 
 
+SHOWN_NAMES = 5  # names a missing name's message lists of those held
+
+
+class _NotHeld(KeyError):
+    """A name these credentials do not hold. `args` is the name alone, as a dict's KeyError; the
+    message says what they hold: a service asking for another's secret (`creds["DB_PASSWORD"]`
+    in market-connector) saw only `KeyError: 'DB_PASSWORD'`, nothing that pointed at the policy."""
+
+    def __init__(self, name: object, held: tuple[str, ...] = ()) -> None:
+        super().__init__(name)
+        self.held = held
+
+    def __str__(self) -> str:
+        name = self.args[0]
+        how = "" if isinstance(name, str) and "/" in name else ", by full name or as the last part of one"
+        shown = ", ".join(self.held[:SHOWN_NAMES])
+        more = f", and {len(self.held) - SHOWN_NAMES} more" if len(self.held) > SHOWN_NAMES else ""
+        return (
+            f"{name!r} is not in these credentials{how}; they hold {len(self.held)}: {shown}{more} "
+            "('secrets-manager policy explain' shows what the policy grants this identity)"
+        )
+
+
 class Credentials(Mapping[str, SecretValue]):
     """Secret values by name (`creds["auth/DB_PASSWORD"].reveal_text()`), read-only.
 
@@ -137,7 +160,7 @@ class Credentials(Mapping[str, SecretValue]):
                 f"{name}: these credentials are empty (no secret under the prefix asked for that this "
                 "identity may read; 'secrets-manager policy explain' shows what the policy grants)"
             )
-        raise KeyError(name)
+        raise _NotHeld(name, tuple(sorted(self._values)))
 
     def get(self, name: str, default: SecretValue | None = None) -> SecretValue | None:  # type: ignore[override]
         """Like dict.get, except that an ambiguous short name raises (it is a bug, not absence)."""
