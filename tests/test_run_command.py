@@ -91,6 +91,32 @@ def cli(tmp_path: Path) -> Cli:
     return cli
 
 
+def test_a_namespace_given_with_a_trailing_slash_is_refused_saying_to_drop_it(cli: Cli) -> None:
+    """`run --service market-connector/`, as `list` and the README write prefixes: the error
+    explained what a namespace is, not that the '/' was the one thing wrong. The same check
+    serves import, export, keys and the SDK's get_credentials(NAMESPACE)."""
+    for args in (
+        ("run", "--service", "market-connector/", "--", "true"),
+        ("export", "--service", "auth/"),
+        ("import", "-", "--service", "auth/"),
+    ):
+        refused = cli(*args, input=b"KEY=value\n")
+        assert refused.returncode == 2, refused.stderr
+        lines = refused.stderr.strip().splitlines()
+        assert len(lines) == 1, lines
+        bare = args[args.index("--service") + 1].rstrip("/")
+        assert lines[0] == (
+            f"secrets-manager: error: invalid namespace '{bare}/': give it without the trailing '/', '{bare}'"
+        )
+    other = cli("run", "--service", "a/b", "--", "true")  # not a namespace at all: what one is
+    assert other.returncode == 2 and "a namespace is the first segment of a name" in other.stderr
+    code = "from secrets_manager import get_credentials_sync; get_credentials_sync('auth/')"
+    sdk = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=cli.env, timeout=60
+    )
+    assert "give it without the trailing '/', 'auth'" in sdk.stderr
+
+
 def test_a_service_namespace_becomes_variables_named_after_the_rest_of_each_name(cli: Cli) -> None:
     environment = cli.environment_of("--service", "auth")
     assert environment["DB_PASSWORD"] == DB_PASSWORD

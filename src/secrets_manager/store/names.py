@@ -64,6 +64,13 @@ def validate_namespace(namespace: str) -> str:
         or len(namespace) > MAX_NAME_LENGTH
         or not _ONE_SEGMENT.fullmatch(namespace)
     ):
+        # 'market-connector/' as `list` and the docs write prefixes: say what to give instead
+        slash = isinstance(namespace, str) and namespace.endswith("/")
+        bare = namespace[:-1] if slash else ""
+        if bare and len(bare) <= MAX_NAME_LENGTH and _ONE_SEGMENT.fullmatch(bare):
+            raise InvalidInputError(
+                f"invalid namespace {namespace!r}: give it without the trailing '/', {bare!r}"
+            )
         raise InvalidInputError(
             f"invalid namespace {namespace!r}: a namespace is the first segment of a name, "
             "like 'auth' in 'auth/DB_PASSWORD' ('default' holds names without '/')"
