@@ -1288,6 +1288,28 @@ def test_production_refuses_master_password_variable(ready: Cli) -> None:
     assert_one_line_error(result, 2, "MASTER_PASSWORD_FILE")
 
 
+def test_staging_warns_of_a_short_new_password_that_production_would_refuse(cli: Cli, tmp_path: Path) -> None:
+    """Staging is production's rehearsal: a store made there with a 7-character master password
+    was taken without a word, and went on to production (the same file, or restored), which
+    checks new passwords only. Development stays quiet (the README's demo password is short)."""
+    short = tmp_path / "short"
+    short.write_text("hunter2")
+    short.chmod(0o600)
+    staging = {"SHRIVENQUANT_ENV": "staging", "MASTER_PASSWORD": None}
+    made = cli("--password-file", str(short), "init", "--kdf-profile", "test", env=staging)
+    assert made.code == 0, made.stderr
+    assert made.stderr.splitlines()[0] == (
+        "secrets-manager: warning: the master password is 7 characters; production needs at least 12 "
+        "(a passphrase of several words is easiest)"
+    )
+    assert "hunter2" not in made.stderr
+    other = Cli(tmp_path / "dev" / "store.db", tmp_path)
+    quiet = other(
+        "--password-file", str(short), "init", "--kdf-profile", "test", env={"MASTER_PASSWORD": None}
+    )
+    assert quiet.code == 0 and "warning" not in quiet.stderr, quiet.stderr
+
+
 def test_production_refuses_a_short_new_password_everywhere_one_is_set(cli: Cli, tmp_path: Path) -> None:
     short, long = tmp_path / "short", tmp_path / "long"
     short.write_text("hunter2")

@@ -54,13 +54,20 @@ class Environment(enum.StrEnum):
 
     def check_new_password(self, password: bytes, what: str = "the master password") -> bytes:
         """`password` if this environment accepts it as a new one: production refuses one shorter
-        than PRODUCTION_MIN_PASSWORD_LENGTH characters (it opens every secret, or a backup of them)."""
+        than PRODUCTION_MIN_PASSWORD_LENGTH characters (it opens every secret, or a backup of them),
+        and staging warns of it."""
         length = len(password.decode("utf-8", errors="replace"))
-        if self.is_production and length < PRODUCTION_MIN_PASSWORD_LENGTH:
-            raise UnsafeConfigurationError(
-                f"{what} is {length} character{'' if length == 1 else 's'}; production needs at least "
-                f"{PRODUCTION_MIN_PASSWORD_LENGTH} (a passphrase of several words is easiest)"
-            )
+        if length >= PRODUCTION_MIN_PASSWORD_LENGTH or self is Environment.DEVELOPMENT:
+            return password
+        problem = (
+            f"{what} is {length} character{'' if length == 1 else 's'}; production needs at least "
+            f"{PRODUCTION_MIN_PASSWORD_LENGTH} (a passphrase of several words is easiest)"
+        )
+        if self.is_production:
+            raise UnsafeConfigurationError(problem)
+        # Staging is production's rehearsal: a store made there with a short password went on to
+        # production (restored, or the same file) without a word, since only new ones are checked.
+        log.warning(problem)
         return password
 
     def guard(self, problem: str | None, warn: Callable[[str], None] | None = None) -> None:
