@@ -124,6 +124,27 @@ def test_explain_of_an_identity_without_roles_names_the_policys_near_spelling(
     assert capsys.readouterr().out.splitlines()[1] == "roles     none: every request is denied"
 
 
+def test_explain_of_a_certificate_whose_cn_the_policy_names_says_to_name_its_spiffe_id(
+    policy_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The policy's `"market-connector" = [...]` is a CN; the certificate `pki issue
+    market-connector` makes carries a SPIFFE ID, which is the identity the service reads, so
+    every request was denied and `explain` said only that (the walk met it writing the policy
+    from the README's words "its SPIFFE URI SAN, else its CN")."""
+    ca_cert, ca_key = pki.new_ca()
+    cert, _key = pki.issue(ca_cert, ca_key, "market-connector", server=False)
+    (tmp_path / "mc.pem").write_bytes(cert)
+    args = ["policy", "explain", str(policy_file), "--cert", str(tmp_path / "mc.pem"), "market-connector/K"]
+    assert run(args) == 0
+    assert capsys.readouterr().out.splitlines()[1] == (
+        "roles     none: every request is denied (the policy names market-connector, a CN: a "
+        "certificate with a SPIFFE ID is known by it, so write "
+        '"spiffe://shrivenquant.local/market-connector" there)'
+    )
+    assert run(["policy", "explain", str(policy_file), "market-connector", "market-connector/K"]) == 0
+    assert capsys.readouterr().out.splitlines()[1] == "roles     mc-reader"  # a CN-only certificate's
+
+
 def test_explain_says_where_a_name_shows_up_and_that_a_list_deny_hides_it(
     policy_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -204,7 +204,7 @@ def test_an_identity_with_no_role_is_one_line_exit_5_without_opening_the_store(t
         (f"spiffe://{TD}/nobody", f"spiffe://{TD}/nobody holds no role in {policy}"),
         ("stranger", f"stranger is not an identity of {policy}"),
         ("market-connector", f"(did you mean {MC}?)"),
-        (f"spiffe://{TD}/market-conector", f"so it can read nothing (did you mean {MC}?)"),
+        (f"spiffe://{TD}/market-conector", f"(the policy names {MC}: a typo of this identity?)"),
     ):
         proc = run_script(environ, "policy", "explain", policy, identity)
         assert (proc.returncode, proc.stdout) == (5, b"")

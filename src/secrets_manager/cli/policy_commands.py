@@ -213,14 +213,27 @@ def _roles_line(parsed: Policy, identity: str, address: Address) -> str:
         else:
             roles.append(f"{role} (not held: only from {bound})")
     if not roles:
-        # A policy's identity misspelt (market-conector) is valid TOML and a valid identity, so
-        # `policy check` passes it: name the near one here, where the caller is seen to hold none.
-        near = _misspelt_as(identity, parsed.identities)
-        misspelt = f" (the policy names {near}: a typo of this identity?)" if near else ""
-        return f"none: every request is denied{misspelt}"
+        hint = _named_otherwise(parsed, identity)
+        return "none: every request is denied" + (f" ({hint})" if hint else "")
     if not parsed.roles_of(identity, address):
         return ", ".join(roles) + f": none held from {address}, every request is denied"
     return ", ".join(roles)
+
+
+def _named_otherwise(parsed: Policy, identity: str) -> str | None:
+    """Where the policy most likely meant `identity`, which holds no role, or None. Both pass
+    `policy check` (valid TOML, a valid identity), so they are named where the caller is seen to
+    hold none: its CN (`"market-connector" = [...]`: a certificate with a SPIFFE ID, as every one
+    `pki issue` makes, is known by the ID alone, so that entry never applies to it), or a
+    misspelling (market-conector)."""
+    last = identity.rsplit("/", 1)[-1]
+    if identity.startswith("spiffe://") and last in parsed.identities:
+        return (
+            f"the policy names {last}, a CN: a certificate with a SPIFFE ID is known by it, so "
+            f'write "{identity}" there'
+        )
+    near = _misspelt_as(identity, parsed.identities)
+    return f"the policy names {near}: a typo of this identity?" if near else None
 
 
 def _misspelt_as(identity: str, named: Iterable[str]) -> str | None:
@@ -436,10 +449,8 @@ def _no_role(parsed: Policy, identity: str, address: Address) -> str:
             "refuses it every call from there, so it can read nothing"
         )
     meant = sorted(known for known in parsed.identities if known.endswith("/" + identity))
-    if not meant and identity not in parsed.identities:  # a typo of one the policy names?
-        near = _misspelt_as(identity, parsed.identities)
-        meant = [near] if near is not None else []
-    hint = f" (did you mean {' or '.join(meant)}?)" if meant else ""
+    otherwise = None if meant or identity in parsed.identities else _named_otherwise(parsed, identity)
+    hint = f" (did you mean {' or '.join(meant)}?)" if meant else f" ({otherwise})" if otherwise else ""
     named = "holds no role in" if identity in parsed.identities else "is not an identity of"
     return (
         f"{identity} {named} {parsed.source}: the service refuses it every call, so it can read nothing{hint}"
