@@ -1251,6 +1251,21 @@ def test_a_wrong_password_after_a_killed_passwd_says_the_new_one_may_hold(ready:
     assert_one_line_error(after, 4, "wrong master password")
 
 
+def test_no_master_password_names_the_store_it_was_for(ready: Cli, tmp_path: Path) -> None:
+    """`schedule check rotation.toml` in a service's directory, without --store: it opened the
+    user's default store and said only "no master password: pass --password-file…", so the
+    newcomer went looking for the service's password rather than for the store they meant."""
+    for args in (("list",), ("get", "svc/A")):
+        refused = ready(*args, env={"MASTER_PASSWORD": None})
+        assert_one_line_error(
+            refused, 4, f"no master password for the store {ready.store}: pass --password-file"
+        )
+    other = tmp_path / "elsewhere" / "new.db"
+    made = ready("--store", str(other), "init", env={"MASTER_PASSWORD": None})
+    assert_one_line_error(made, 4, f"no master password for the store {other}:")
+    assert not other.exists()
+
+
 def test_passwd_without_a_terminal_says_the_new_password_is_missing(ready: Cli) -> None:
     """With MASTER_PASSWORD set, the message was "no master password: pass --password-file…",
     exit 4: what is missing is the new one."""

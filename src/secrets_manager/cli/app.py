@@ -286,7 +286,11 @@ class Session:
             raise PasswordNotAsked("no master password without asking for it")
         try:
             return read_password(
-                self.password_file, environment=self.environment, environ=self.environ, confirm=confirm
+                self.password_file,
+                environment=self.environment,
+                environ=self.environ,
+                confirm=confirm,
+                store=store_location(self.store_url),
             )
         except UnlockError as exc:
             if self.prompts:

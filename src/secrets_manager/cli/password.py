@@ -42,8 +42,10 @@ def read_password(
     environment: Environment,
     environ: Mapping[str, str],
     confirm: bool = False,
+    store: str | None = None,
 ) -> bytes:
-    """The master password from the first source that has one; UnlockError if none does."""
+    """The master password from the first source that has one; UnlockError if none does, naming
+    `store` (where the store is, for the message) if given."""
     refuse_password_variable(environment, environ)
     path = password_file or environ.get(PASSWORD_FILE_VARIABLE)
     if path:
@@ -58,7 +60,7 @@ def read_password(
                 "asked on the terminal"
             )
         return password
-    return prompt_password("Master password", confirm=confirm)
+    return prompt_password("Master password", confirm=confirm, store=store)
 
 
 def refuse_password_variable(environment: Environment, environ: Mapping[str, str]) -> None:
@@ -160,17 +162,24 @@ def read_bounded(
     return data
 
 
-def prompt_password(label: str, *, confirm: bool, file_option: str | None = None) -> bytes:
+def prompt_password(
+    label: str, *, confirm: bool, file_option: str | None = None, store: str | None = None
+) -> bytes:
     """Ask on the controlling terminal without echo; never read a password from piped stdin.
     `file_option`: for a new password, the option that gives it from a file instead (with no
-    terminal it is that password that is missing, invalid input, not an unlock failure)."""
+    terminal it is that password that is missing, invalid input, not an unlock failure).
+    `store`: the store the master password is for, named when none can be asked for: a command
+    run without --store (or SECRETS_MANAGER_ADDR) opens the default store, which the one asking
+    may not have meant."""
     if not terminal_available():
         if file_option:
             raise InvalidInputError(
                 f"no {label.lower()} given: pass {file_option} PATH, or run on a terminal to type it"
             )
+        opening = f" for the store {store}" if store else ""
         raise UnlockError(
-            "no master password: pass --password-file, set MASTER_PASSWORD_FILE, or run on a terminal"
+            f"no master password{opening}: pass --password-file, set MASTER_PASSWORD_FILE, or run on "
+            "a terminal"
         )
     try:
         password = getpass.getpass(f"{label}: ")
