@@ -719,6 +719,15 @@ def test_serve_run_in_another_directory_says_where_it_looked_for_the_config(tmp_
     assert f"server config server.toml does not exist in {elsewhere} (the current directory)" in stderr
 
 
+def test_serve_help_says_the_configs_paths_are_relative_to_the_config_and_whose_store_it_serves() -> None:
+    """`serve --help` said neither (the README did): a newcomer who ran serve from another
+    directory, or passed --store beside a config naming its store, had to guess."""
+    shown = subprocess.run([str(SCRIPT), "serve", "--help"], capture_output=True, text=True, timeout=30)
+    said = " ".join(shown.stdout.split())
+    assert "relative to the config file's directory, wherever serve runs" in said
+    assert "--store and SECRETS_MANAGER_STORE only when the config names none" in said
+
+
 def test_a_server_config_that_is_a_directory_is_refused_in_one_line(tmp_path: Path) -> None:
     result = _serve(tmp_path, tmp_path)  # IsADirectoryError before
     stderr = result.stderr.decode()

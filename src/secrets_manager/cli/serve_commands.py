@@ -40,6 +40,11 @@ if TYPE_CHECKING:
 def serve(session: Session, config_path: str) -> None:
     """Serve the store over gRPC with mutual TLS, access control and audit, until SIGTERM.
 
+    It serves the config's store (a file, or a postgresql://… URL; --store and SECRETS_MANAGER_STORE
+    only when the config names none). Relative paths in the config (store, policy, password_file,
+    audit_file, rotation_schedule, the [tls] files) are relative to the config file's directory,
+    wherever serve runs.
+
     The master password comes from the config's password_file, else the usual sources; a store
     that AWS KMS unlocks (init --kms-key, unlock-with kms) needs none, nor does a Vault or AWS
     store (vault://…, aws-secretsmanager://…: credentials from VAULT_TOKEN or an AppRole, the AWS
