@@ -78,7 +78,7 @@ VALUE_READS = frozenset({"get", "otp", "run", "inject", "export", "store.read", 
     "--read",
     "reads",
     is_flag=True,
-    help="Only the reads that handed a secret's value to their actor (get, otp, run, inject, "
+    help="Only the reads that handed a secret's value to their actor (get, otp, run, inject, export, "
     "store.read, edit.read, rotate.read; allowed and ok): who read NAME since TIME.",
 )
 @click.option(
