@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -113,6 +114,28 @@ def raw(encrypted_store: EncryptedStore, tmp_store_path: Path) -> Iterator[Sqlit
     handle = SqliteStorage(tmp_store_path)
     yield handle
     handle.close()
+
+
+MadeOnce = Callable[[str, Callable[[Path], object], Path], None]
+
+
+@pytest.fixture(scope="session")
+def made_once(tmp_path_factory: pytest.TempPathFactory) -> MadeOnce:
+    """`made_once(key, make, into)`: the first time `key` is asked for in this test process (one
+    xdist worker), `make(directory)` builds in a new empty directory what a test starts from (a
+    store made by the real CLI: `init`, `store`); every call then copies that directory's tree
+    into `into` (file modes kept, nothing in it refers to its path), so each test still gets
+    files of its own, as if made for it, without paying a CLI process per step each time."""
+    made: dict[str, Path] = {}
+
+    def copy(key: str, make: Callable[[Path], object], into: Path) -> None:
+        if key not in made:
+            directory = tmp_path_factory.mktemp("made-once")
+            make(directory)
+            made[key] = directory
+        shutil.copytree(made[key], into, symlinks=True, dirs_exist_ok=True)
+
+    return copy
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -20,6 +21,9 @@ from secrets_manager.errors import InvalidInputError
 from secrets_manager.tls.files import write_private_file
 from service_fixtures import SCRIPT, SEED, client_environ, make_pki, make_store, start_server
 from test_cli import KNOWN_VALUE, PASSWORD, Cli, assert_one_line_error
+
+if TYPE_CHECKING:
+    from conftest import MadeOnce
 
 TEMPLATE = """\
 # market-connector.yaml: {{ not ours }} stays as it is (Helm, Jinja)
@@ -33,14 +37,19 @@ database:
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Cli:
-    cli = Cli(tmp_path / "vault" / "store.db", tmp_path)
-    assert cli("init", "--kdf-profile", "test").code == 0
-    assert cli("store", "market-connector/BINANCE_API_KEY", input=KNOWN_VALUE.encode()).code == 0
-    database = json.dumps({"username": "app", "password": "db-Pa55-SEEKRIT"}).encode()
-    assert cli("store", "db/main", input=database).code == 0
+def cli(tmp_path: Path, made_once: MadeOnce) -> Cli:
+    """A store holding two secrets, made by the CLI (once per worker, then copied), and a template."""
+
+    def make(home: Path) -> None:
+        cli = Cli(home / "vault" / "store.db", home)
+        assert cli("init", "--kdf-profile", "test").code == 0
+        assert cli("store", "market-connector/BINANCE_API_KEY", input=KNOWN_VALUE.encode()).code == 0
+        database = json.dumps({"username": "app", "password": "db-Pa55-SEEKRIT"}).encode()
+        assert cli("store", "db/main", input=database).code == 0
+
+    made_once("test_inject cli", make, tmp_path)
     (tmp_path / "template.yaml").write_text(TEMPLATE)
-    return cli
+    return Cli(tmp_path / "vault" / "store.db", tmp_path)
 
 
 def audit_records(cli: Cli) -> list[dict[str, object]]:

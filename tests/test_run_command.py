@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import pytest
@@ -22,6 +22,9 @@ import pytest
 from secrets_manager.cli.run_command import service_variable_problems
 from service_fixtures import SEED, make_pki, make_store, start_server
 from vault_server import FakeVault
+
+if TYPE_CHECKING:
+    from conftest import MadeOnce
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 PASSWORD = "run-command-test-password"
@@ -79,16 +82,21 @@ def through_service(directory: Path, address: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Cli:
-    cli = Cli(tmp_path)
-    assert cli("init", "--kdf-profile", "test").returncode == 0
-    for name, value in {
-        "auth/DB_PASSWORD": DB_PASSWORD,
-        "auth/jwt/signing-key": SIGNING_KEY,
-        "market-connector/BINANCE_API_KEY": "binance-key",
-    }.items():
-        assert cli("store", name, input=value.encode()).returncode == 0
-    return cli
+def cli(tmp_path: Path, made_once: MadeOnce) -> Cli:
+    """A store holding three secrets, made by the CLI (once per worker, then copied)."""
+
+    def make(home: Path) -> None:
+        cli = Cli(home)
+        assert cli("init", "--kdf-profile", "test").returncode == 0
+        for name, value in {
+            "auth/DB_PASSWORD": DB_PASSWORD,
+            "auth/jwt/signing-key": SIGNING_KEY,
+            "market-connector/BINANCE_API_KEY": "binance-key",
+        }.items():
+            assert cli("store", name, input=value.encode()).returncode == 0
+
+    made_once("test_run_command cli", make, tmp_path)
+    return Cli(tmp_path)
 
 
 def test_a_namespace_given_with_a_trailing_slash_is_refused_saying_to_drop_it(cli: Cli) -> None:
