@@ -22,11 +22,14 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from terminal import AnsweringEach, on_a_terminal, typing_once
+
+if TYPE_CHECKING:
+    from conftest import MadeOnce
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 PASSWORD = "correct horse battery staple"
@@ -89,9 +92,14 @@ def cli(tmp_path: Path) -> Cli:
 
 
 @pytest.fixture
-def ready(cli: Cli) -> Cli:
-    result = cli("init", "--kdf-profile", "test")
-    assert result.code == 0, result.stderr
+def ready(cli: Cli, tmp_path: Path, made_once: MadeOnce) -> Cli:
+    """`cli` on a store made by `init --kdf-profile test` (once per worker, then copied)."""
+
+    def init(home: Path) -> None:
+        result = Cli(home / "vault" / "store.db", home)("init", "--kdf-profile", "test")
+        assert result.code == 0, result.stderr
+
+    made_once("test_cli ready", init, tmp_path)
     return cli
 
 
