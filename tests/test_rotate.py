@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import pytest
@@ -32,6 +32,9 @@ from secrets_manager.store.testing import run_check
 from secrets_manager.store.vault import VaultStore, connect_vault, retrying_session
 from secrets_manager.values import SecretValue
 from vault_server import FakeVault
+
+if TYPE_CHECKING:
+    from conftest import MadeOnce
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 PASSWORD = "correct horse battery staple"
@@ -286,11 +289,16 @@ class Cli:
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Cli:
-    cli = Cli(tmp_path)
-    assert cli("init", "--kdf-profile", "test").code == 0
-    assert cli("store", "db/app", input=OLD_VALUE.encode()).code == 0
-    return cli
+def cli(tmp_path: Path, made_once: MadeOnce) -> Cli:
+    """A store holding db/app, made by the CLI (once per worker, then copied)."""
+
+    def make(home: Path) -> None:
+        cli = Cli(home)
+        assert cli("init", "--kdf-profile", "test").code == 0
+        assert cli("store", "db/app", input=OLD_VALUE.encode()).code == 0
+
+    made_once("test_rotate cli", make, tmp_path)
+    return Cli(tmp_path)
 
 
 def test_get_json_shows_what_a_pending_version_was_staged_for(cli: Cli) -> None:

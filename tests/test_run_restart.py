@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from unittest import mock
 
 import pytest
@@ -35,6 +35,9 @@ from test_serve_external_stores import (  # noqa: F401 (fixtures)
     serve,
     service_dir,
 )
+
+if TYPE_CHECKING:
+    from conftest import MadeOnce
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 PASSWORD = "run-restart-test-password"
@@ -232,12 +235,17 @@ class Cli:
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Cli:
-    cli = Cli(tmp_path)
-    assert cli("init", "--kdf-profile", "test").returncode == 0
-    cli.store("app/KEY", "first-SEEKRIT")
-    cli.store("other/KEY", "unrelated-SEEKRIT")
-    return cli
+def cli(tmp_path: Path, made_once: MadeOnce) -> Cli:
+    """A store holding app/KEY and other/KEY, made by the CLI (once per worker, then copied)."""
+
+    def make(home: Path) -> None:
+        cli = Cli(home)
+        assert cli("init", "--kdf-profile", "test").returncode == 0
+        cli.store("app/KEY", "first-SEEKRIT")
+        cli.store("other/KEY", "unrelated-SEEKRIT")
+
+    made_once("test_run_restart cli", make, tmp_path)
+    return Cli(tmp_path)
 
 
 def test_a_changed_value_restarts_the_program_with_it_and_the_old_one_is_stopped(cli: Cli) -> None:
