@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -21,6 +22,9 @@ from test_cli import Cli
 from test_run_command import through_service
 from test_run_restart import store_in_served_store
 from test_watch_command import signals_at_their_defaults
+
+if TYPE_CHECKING:
+    from conftest import MadeOnce
 
 TEMPLATE = "user={{ sm://db/main#username }}\npassword={{ sm://db/main#password }}\nkey={{ sm://app/KEY }}\n"
 # COMMAND: counts its runs and keeps what FILE held when it ran, and the variables it was given
@@ -36,14 +40,19 @@ def database(password: str, **more: object) -> bytes:
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Cli:
-    cli = Cli(tmp_path / "store.db", tmp_path)
-    assert cli("init", "--kdf-profile", "test").code == 0
-    assert cli("store", "db/main", input=database("first-SEEKRIT")).code == 0
-    assert cli("store", "app/KEY", input=b"key-SEEKRIT").code == 0
-    assert cli("store", "other/KEY", input=b"other-SEEKRIT").code == 0
+def cli(tmp_path: Path, made_once: MadeOnce) -> Cli:
+    """A store holding three secrets, made by the CLI (once per worker, then copied), and a template."""
+
+    def make(home: Path) -> None:
+        cli = Cli(home / "store.db", home)
+        assert cli("init", "--kdf-profile", "test").code == 0
+        assert cli("store", "db/main", input=database("first-SEEKRIT")).code == 0
+        assert cli("store", "app/KEY", input=b"key-SEEKRIT").code == 0
+        assert cli("store", "other/KEY", input=b"other-SEEKRIT").code == 0
+
+    made_once("test_inject_watch cli", make, tmp_path)
     (tmp_path / "out.tpl").write_text(TEMPLATE)
-    return cli
+    return Cli(tmp_path / "store.db", tmp_path)
 
 
 class Watcher:
