@@ -21,8 +21,10 @@ The mapping (docs/stores.md has it in full):
     KMS key                  per namespace, given when a secret is created (`?kms.NAMESPACE=KEY`)
 
 Compare-and-set: the VersionId of version N is fixed, and AWS refuses a second version with an id
-it already has (ResourceExistsException) unless its value is identical, so two secrets-manager
-writers racing for version N cannot both win. Other tools do not take part in this.
+it already has (ResourceExistsException), so two secrets-manager writers racing for version N with
+different values cannot both win. With the identical value AWS takes the second PutSecretValue for
+a retry of the first: both succeed, one version is written (docs/stores.md, "Version numbers on
+AWS"). Other tools do not take part in this.
 
 Not supported (UnsupportedOperationError): destroying single versions (AWS cannot erase one
 version) and empty values (AWS needs a non-empty SecretString or SecretBinary). AWS keeps older,
