@@ -38,8 +38,9 @@ from secrets_manager.errors import (
 )
 from secrets_manager.store import EncryptedStore, SecretStore
 from secrets_manager.store.aws import AwsStore, connect_aws
-from secrets_manager.store.base import PENDING, PREVIOUS, Anchor, AuditedStore
+from secrets_manager.store.base import PENDING, PREVIOUS, Anchor, AuditedStore, check_metadata_fits
 from secrets_manager.store.external import CREATED_BY_KEY, MAX_VERSIONS_KEY, NoAnswerError
+from secrets_manager.store.names import MAX_NAME_LENGTH
 from secrets_manager.store.testing import SECRET_STORE_CHECKS, check_secret_store, run_check
 from secrets_manager.store.url import AwsLocation, external_location, open_external_store
 from tcp_proxy import SilentServer, TcpProxy, Verdict
@@ -1048,3 +1049,29 @@ def test_max_versions_set_to_the_default_a_secret_has_is_nothing_to_change(
         assert store.describe("svc/K").max_versions == 10
         with pytest.raises(NothingToChangeError):
             store.update_metadata("svc/K", max_versions=10)
+
+
+def test_a_name_longer_than_aws_takes_under_the_prefix_is_refused_before_anything_is_written(
+    make_aws: MakeAws, native: Any
+) -> None:
+    """AWS takes secret names of at most 512 characters, the prefix and '/' included; ours are up to
+    256 under a prefix of up to 256, so PREFIX/NAME could be 513. moto takes it (AWS would refuse
+    the CreateSecret): the store refused nothing. Refused now in one line (exit 2, not supported
+    by this store) before anything is written, by put and by restore's check; 512 still works."""
+    prefix = "p" * MAX_NAME_LENGTH
+    store = make_aws(prefix=prefix)
+    fits, over = "n" * (511 - len(prefix)), "n" * (512 - len(prefix))
+    assert store.put(fits, b"v").version == 1 and len(store.aws_name(fits)) == 512
+    for refused in (
+        lambda: store.put(over, b"v"),
+        lambda: store.put(over, b"v", description="d", tags={"team": "x"}),
+        lambda: check_metadata_fits(store, over, description=None, tags=None, max_versions=None),
+    ):
+        with pytest.raises(UnsupportedOperationError) as caught:
+            refused()
+        assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
+        assert "not supported by this store" in str(caught.value) and "leave 255" in str(caught.value)
+    listed = native.list_secrets(Filters=[{"Key": "name", "Values": [prefix]}])["SecretList"]
+    assert [entry["Name"] for entry in listed] == [store.aws_name(fits)]
+    with pytest.raises(NotFoundError):
+        store.describe(over)

@@ -27,7 +27,8 @@ a retry of the first: both succeed, one version is written (docs/stores.md, "Ver
 AWS"). Other tools do not take part in this.
 
 Not supported (UnsupportedOperationError): destroying single versions (AWS cannot erase one
-version) and empty values (AWS needs a non-empty SecretString or SecretBinary). AWS keeps older,
+version), empty values (AWS needs a non-empty SecretString or SecretBinary) and names whose
+PREFIX/NAME is longer than AWS's 512 characters. AWS keeps older,
 unlabelled versions itself (it removes them past its own limit); we show and read only the newest
 `max_versions` of them, plus any version that carries a label. So a lower max_versions hides the
 older versions at once, and a higher one shows them again while AWS still keeps them.
@@ -165,6 +166,7 @@ UNKNOWN_VERSION = 0  # the number of a version read without the right to list th
 RETRY_DEADLINE_SECONDS = 30.0
 _OUR_VERSION_ID = re.compile(re.escape(VERSION_ID_PREFIX) + r"(\d{10})")
 MAX_AWS_TAGS = 50  # per secret, ours included (TagResource)
+MAX_AWS_NAME_LENGTH = 512  # an AWS secret's Name, our prefix and '/' included (CreateSecret)
 # The characters AWS allows in tag keys and values. Secrets Manager's TagResource reference
 # (docs.aws.amazon.com/secretsmanager/latest/apireference/API_TagResource.html) lists them as
 # "letters, spaces, and numbers representable in UTF-8, plus the following special characters:
@@ -517,6 +519,19 @@ class AwsStore:
         """The AWS secret name of our secret `name`."""
         return f"{self._prefix}/{name}" if self._prefix else name
 
+    def _refuse_unless_name_fits(self, name: str) -> None:
+        """AWS takes names of at most 512 characters, the prefix and its '/' included, and ours of
+        up to 256 under a prefix of up to 256 could be longer: refused before anything is written
+        (moto takes longer ones; AWS would refuse the CreateSecret)."""
+        length = len(self.aws_name(name))
+        if length > MAX_AWS_NAME_LENGTH:
+            room = MAX_AWS_NAME_LENGTH - len(self._prefix) - 1
+            raise UnsupportedOperationError(
+                f"a secret name of {len(name)} characters is not supported by this store: AWS takes "
+                f"names of at most {MAX_AWS_NAME_LENGTH} characters, and the prefix ({len(self._prefix)} "
+                f"characters) and its '/' leave {room}; use a shorter name, or a shorter prefix"
+            )
+
     def kms_key_for(self, name: str) -> str | None:
         """The KMS key new secrets of `name`'s namespace are encrypted with (None: AWS's default)."""
         return self._kms_keys.get(namespace_of(name), self._default_kms_key)
@@ -835,6 +850,7 @@ class AwsStore:
         _refuse_tags_aws_refuses(name, tags)
         checked_max_versions(name, max_versions)
         payload = _payload(checked_value(value, empty_supported=False))
+        self._refuse_unless_name_fits(name)
         secret_id = self.aws_name(name)
         backoff = Backoff(first=0.05, cap=1.0, deadline_seconds=RETRY_DEADLINE_SECONDS, what=repr(name))
         while True:
@@ -871,7 +887,9 @@ class AwsStore:
         max_versions: int | None,
     ) -> None:
         """What `put` creating `name` would refuse before writing: a tag character AWS does not
-        allow, more tags than fit beside ours (`store.base.check_metadata_fits`)."""
+        allow, more tags than fit beside ours (`store.base.check_metadata_fits`), a name longer
+        than AWS takes under the prefix."""
+        self._refuse_unless_name_fits(name)
         _refuse_tags_aws_refuses(name, tags)
         _refuse_unless_tags_fit(name, None, tags, max_versions)
 
