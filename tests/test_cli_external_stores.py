@@ -602,6 +602,24 @@ def test_import_metadata_and_status_work_on_aws(aws_cli: Cli, tmp_path: Path) ->
     check_import_metadata_and_status(aws_cli, tmp_path, "aws-secretsmanager")
 
 
+def test_an_import_aws_cannot_hold_whole_imports_nothing(aws_cli: Cli, tmp_path: Path) -> None:
+    """import checks the file before its first write, but not what AWS's put refuses: an empty
+    value (--allow-empty) after a good one left the good one imported, exit 2 with "1 of 2 secret(s)
+    were imported"; the encrypted store and Vault import both. Found by the differential test's
+    probe of import. Refused now before the first write, in one line, as is a name too long for
+    AWS under the prefix (PREFIX/NAME over 512 characters)."""
+    (tmp_path / "mixed.env").write_text("GOOD=v1\nEMPTY=\n")
+    refused = aws_cli("import", str(tmp_path / "mixed.env"), "--service", "svc", "--allow-empty")
+    assert_one_line_error(refused, 2, "not supported by this store", "EMPTY", "nothing was imported")
+    assert aws_cli("list", "--deleted").out == ""
+    prefix = "p" * 248 + secrets.token_hex(4)  # 256 characters, leaving 255 for a name
+    long_prefix = Cli({**aws_cli.env, "SECRETS_MANAGER_STORE": f"aws-secretsmanager://{REGION}/{prefix}"})
+    (tmp_path / "long.env").write_text(f"A=v1\n{'K' * 252}=v2\n")  # svc/KKK…: 256 characters
+    refused = long_prefix("import", str(tmp_path / "long.env"), "--service", "svc")
+    assert_one_line_error(refused, 2, "not supported by this store", "at most 512", "nothing was imported")
+    assert long_prefix("list", "--deleted").out == ""
+
+
 def test_list_older_than_and_history_times_on_aws(aws_cli: Cli) -> None:
     """The version's creation time, not the time of the call (moto is patched to AWS's behaviour)."""
     assert aws_cli("store", "svc/OLD", input=b"a").code == 0

@@ -26,8 +26,10 @@ from secrets_manager.errors import (
     InvalidInputError,
     OperationInterrupted,
     SecretsManagerError,
+    UnsupportedOperationError,
 )
 from secrets_manager.store import MAX_VALUE_SIZE, SecretMetadata, SecretStore, validate_name
+from secrets_manager.store.base import Capability, check_metadata_fits, unsupported_capabilities
 from secrets_manager.store.names import validate_namespace
 
 MAX_IMPORT_FILE_BYTES = 16 * 1024 * 1024
@@ -121,6 +123,9 @@ def import_command(
                 f"{'exists' if len(clashes) == 1 else 'exist'} already ({clashes[0]} first); nothing "
                 "was imported: pass --on-existing skip or --on-existing overwrite"
             )
+        _refuse_what_the_store_cannot_hold(
+            store, [entry for entry in entries if not (entry.name in existing and on_existing == "skip")]
+        )
         try:
             for entry in entries:
                 item = _import_one(store, entry, existing, on_existing, expiry)
@@ -146,6 +151,24 @@ def import_command(
     info_line(f"imported {written} of {len(done)} secret(s) into {service}/{until}")
     if written and file != "-" and path.is_file():  # not stdin, nor a pipe such as <(…)
         warning_line(f"{file} still holds these values in plain text: delete it once nothing reads it")
+
+
+def _refuse_what_the_store_cannot_hold(store: SecretStore, entries: list[Entry]) -> None:
+    """Before the first write, what this store's `put` would refuse of an entry to be written: an
+    empty value (AWS), a name too long for the backend (AWS's 512 characters with the prefix). Found
+    at its write, it left the entries before it imported."""
+    if Capability.EMPTY_VALUE in unsupported_capabilities(store):
+        empty = [entry.name for entry in entries if not entry.value]
+        if empty:
+            raise UnsupportedOperationError(
+                f"an empty value is not supported by this store ({counted(len(empty), 'key')} of the file "
+                f"{'has' if len(empty) == 1 else 'have'} one, {empty[0]} first); nothing was imported"
+            )
+    for entry in entries:
+        try:
+            check_metadata_fits(store, entry.name, description=None, tags=None, max_versions=None)
+        except InvalidInputError as exc:  # UnsupportedOperationError too, and kept as such
+            raise type(exc)(f"{exc}; nothing was imported") from None
 
 
 def _import_one(
