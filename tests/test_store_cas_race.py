@@ -10,6 +10,11 @@ request, after each has read and checked the current version, so the backend alo
 window the store's own check cannot close. AWS treats a PutSecretValue with an id it has and the
 same value as a retry of the first: two writers of the identical value both succeed, with one
 version written (docs/stores.md, "Version numbers on AWS"); tested as promised.
+
+moto is not AWS here in one way: its check of a ClientRequestToken and its write of the version
+are not under one lock (its server's lock covers the dispatch only), so two requests interleaved
+in that window of a few microseconds could both be taken; AWS decides them atomically. Not seen in
+the runs so far; a failure showing two successes with different values on AWS alone is that.
 """
 
 from __future__ import annotations

@@ -513,6 +513,7 @@ IMPORT_FILES = {
     "good.json": '{"a": "from-json", "Az09_.-x": "x"}',
     "bad.json": '{"a": "from-json", "ab": 5}',
     "empty.env": "a=\n",
+    "mixed.env": "ab=v\na=\n",  # an empty value after a good one: AWS refuses the whole file
 }
 AGES = ["0s", "2000-01-01T00:00:00Z", "30d", "9999d", "bogus"]
 
