@@ -482,16 +482,23 @@ class Answer:
         """The store's URL, which a hint names ("'secrets-manager --store URL list' shows them"),
         is shown as <store>, the store's own directory (a backup's path) as <home>; the backends'
         own stamps as <time>; who wrote each version (`history`'s CREATED BY,
-        `versions[].created_by` in JSON) as blank, for Vault and AWS do not record it
-        (docs/stores.md, "who wrote a version"), and so a backup's size as <size>."""
+        `versions[].created_by` in the JSON of history, metadata and list) as blank, for Vault
+        and AWS do not record it (docs/stores.md, "who wrote a version"), and so a backup's size
+        as <size>."""
         err = proc.stderr.decode("utf-8", "replace")
         assert "Traceback" not in err, err
         first = err.strip().splitlines()[0] if err.strip() else ""
         out = proc.stdout.decode("utf-8", "replace")
-        if "--json" in args and proc.returncode == 0 and args[0] in ("history", "metadata") and out.strip():
+        if (
+            "--json" in args
+            and proc.returncode == 0
+            and args[0] in ("history", "metadata", "list")
+            and out.strip()
+        ):
             doc = json.loads(out)
-            for version in doc.get("versions", []):
-                version["created_by"] = ""
+            for secret in doc if isinstance(doc, list) else [doc]:  # list: one per secret
+                for version in secret.get("versions", []):
+                    version["created_by"] = ""
             out = json.dumps(doc, indent=2, sort_keys=True)
         elif args[0] == "history":
             user = getpass.getuser()
