@@ -6,7 +6,7 @@ A store must give what the others give, or refuse what it documents it cannot do
 (docs/stores.md, "Not supported by these stores") with UnsupportedOperationError, changing
 nothing. Each run prints its seed on failure; STORE_DIFF_SEED=N reruns one.
 
-The CLI pass runs random commands (STORE_DIFF_COMMANDS, 24 a run, two runs) with --store URL on
+The CLI pass runs random commands (STORE_DIFF_COMMANDS, 20 a run, two runs) with --store URL on
 each store and compares exit code, stdout and stderr's first line: store, get, list with every
 filter, history and metadata (--json too), metadata's changes, delete/undelete, destroy, cp/mv,
 rollback, rotate (stage, a failed test, --resume, --promote-only, --discard), purge, import (.env
@@ -459,7 +459,7 @@ def test_the_four_stores_answer_a_random_sequence_alike(stores: dict[str, Any], 
 # ---- the CLI pass ------------------------------------------------------------------------------
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
-CLI_COMMANDS = int(os.environ.get("STORE_DIFF_COMMANDS", "24"))  # per run: two runs, each its own seed
+CLI_COMMANDS = int(os.environ.get("STORE_DIFF_COMMANDS", "20"))  # per run: two runs, each its own seed
 CLI_NAMES = ["cli/a", "cli/ab", "cli/a/b", "cli/Az09_.-x", LONG]
 # Times each backend stamps itself (created, updated, deleted): not the expiry times given here.
 STAMP = re.compile(r"(?!2099-)\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)?")
