@@ -33,6 +33,7 @@ from secrets_manager.errors import (
     NotFoundError,
     NothingToChangeError,
     OutcomeUnknownError,
+    SecretStateError,
     StorageError,
     UnsupportedOperationError,
 )
@@ -1075,3 +1076,26 @@ def test_a_name_longer_than_aws_takes_under_the_prefix_is_refused_before_anythin
     assert [entry["Name"] for entry in listed] == [store.aws_name(fits)]
     with pytest.raises(NotFoundError):
         store.describe(over)
+
+
+def test_promote_and_discard_of_a_deleted_secret_say_what_the_encrypted_store_says(
+    make_aws: MakeAws, encrypted_store: EncryptedStore
+) -> None:
+    """`rotate --discard` (and a promote) of a deleted secret: exit 7 on both, but AWS said
+    "...first, or 'destroy NAME --all'", the encrypted store "...first" (destroying it would leave
+    nothing to promote). Found by the differential test's CLI pass (seed 4274544168, command 24)."""
+    answers = []
+    for store in (make_aws(), encrypted_store):
+        store.put("svc/K", b"v1")
+        store.stage("svc/K", b"v2")
+        store.delete("svc/K")
+        said = []
+        for call in (
+            lambda store=store: store.discard_pending("svc/K"),
+            lambda store=store: store.promote("svc/K", 2),
+        ):
+            with pytest.raises(SecretStateError) as caught:
+                call()
+            said.append((caught.value.exit_code, str(caught.value)))
+        answers.append(said)
+    assert answers[0] == answers[1] == [(7, "secret 'svc/K' is deleted; run 'undelete svc/K' first")] * 2

@@ -1020,7 +1020,7 @@ class AwsStore:
         carries AWSPENDING too (as after AWS's own rotation Lambdas); the second call removes it.
         Returns the old current, the version the move named in RemoveFromVersionId."""
         validate_name(name)
-        self._require_live(name)
+        self._require_live(name, writes_a_version=False)
         versions = self._versions(name)
         pending = next((v for v in versions if PENDING in v.labels), None)
         if pending is None or pending.number != version:
@@ -1072,7 +1072,7 @@ class AwsStore:
         that carried it, which is returned (AWS has no compare-and-set on labels: a concurrent stage
         in between is a race this backend cannot close)."""
         validate_name(name)
-        self._require_live(name)
+        self._require_live(name, writes_a_version=False)
         pending = next((v for v in self._versions(name) if PENDING in v.labels), None)
         if pending is None:
             raise NotFoundError(f"secret {name!r} has no version labelled {PENDING!r}")
@@ -1084,17 +1084,17 @@ class AwsStore:
             )
         return pending.number
 
-    def _require_live(self, name: str) -> Mapping[str, Any]:
+    def _require_live(self, name: str, *, writes_a_version: bool = True) -> Mapping[str, Any]:
         """DescribeSecret: NotFoundError if the secret is missing, SecretStateError if it is deleted;
-        else its answer."""
+        else its answer. The refusal words are the encrypted store's: a write of a version (stage)
+        may also start anew after 'destroy --all'; promote and discard only after 'undelete'."""
         with self._aws(f"read {name}", name):
             existing = self._describe_or_none(self.aws_name(name))
         if existing is None:
             raise NotFoundError(f"secret {name!r} not found")
         if existing.get("DeletedDate"):
-            raise SecretStateError(
-                f"secret {name!r} is deleted; run 'undelete {name}' first, or 'destroy {name} --all'"
-            )
+            also = f", or 'destroy {name} --all'" if writes_a_version else ""
+            raise SecretStateError(f"secret {name!r} is deleted; run 'undelete {name}' first{also}")
         return existing
 
     def _update_metadata(
