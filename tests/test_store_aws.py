@@ -1059,7 +1059,9 @@ def test_a_name_longer_than_aws_takes_under_the_prefix_is_refused_before_anythin
     256 under a prefix of up to 256, so PREFIX/NAME could be 513. moto takes it (AWS would refuse
     the CreateSecret): the store refused nothing. Refused now in one line (exit 2, not supported
     by this store) before anything is written, by put and by restore's check; 512 still works."""
-    prefix = "p" * MAX_NAME_LENGTH
+    # A prefix of its own: the moto server is shared, and the differential test's size edges use
+    # "ppp…" too (run on one worker, the second test's put found the first's secret: version 2)
+    prefix = (secrets.token_hex(8) + "p" * MAX_NAME_LENGTH)[:MAX_NAME_LENGTH]
     store = make_aws(prefix=prefix)
     fits, over = "n" * (511 - len(prefix)), "n" * (512 - len(prefix))
     assert store.put(fits, b"v").version == 1 and len(store.aws_name(fits)) == 512
