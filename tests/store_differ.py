@@ -23,11 +23,19 @@ did what it could not.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from moto_fixtures import moto_environ
+from secrets_manager.crypto import kdf
 from secrets_manager.errors import NotFoundError, SecretsManagerError
+from secrets_manager.storage.postgres import PostgresStorage
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.store.base import Secret, SecretMetadata, VersionInfo
 
 
@@ -179,3 +187,49 @@ def state_differences(
                     (name, f"{store} holds {name}: {state.get(name)}\n    but {reference}: {base.get(name)}")
                 )
     return lines
+
+
+def four_cli_stores(
+    tmp_path: Path,
+    postgres_cluster: Any,
+    vault_address: str,
+    vault_token: str,
+    moto_endpoint: str,
+    *,
+    password: str,
+    aws_prefix: str,
+) -> tuple[dict[str, str], dict[str, dict[str, str]]]:
+    """For the CLI: a new, empty store of each kind (an encrypted one on SQLite and on PostgreSQL,
+    Vault's `secret` mount, AWS under `aws_prefix`-RANDOM), and each one's `--store` URL and the
+    environment a command on it runs with (a HOME of its own under `tmp_path`)."""
+    path = tmp_path / "store.db"
+    EncryptedStore.create(SqliteStorage(path, create=True), PasswordUnlock(password, kdf.TEST)).close()
+    schema = postgres_cluster.new_schema()
+    EncryptedStore.create(
+        PostgresStorage(postgres_cluster.url(with_password=True), schema=schema, create=True),
+        PasswordUnlock(password, kdf.TEST),
+    ).close()
+    urls = {
+        "sqlite": str(path),
+        "postgres": f"{postgres_cluster.url()}?schema={schema}",
+        "vault": vault_address.replace("http://", "vault+http://") + "/secret",
+        "aws": f"aws-secretsmanager://us-east-1/{aws_prefix}-{secrets.token_hex(4)}",
+    }
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GRPC_ENABLE_FORK_SUPPORT": "false"}
+    own = {
+        "sqlite": {"MASTER_PASSWORD": password},
+        "postgres": {"MASTER_PASSWORD": password, **postgres_cluster.env()},
+        "vault": {"VAULT_TOKEN": vault_token},
+        "aws": moto_environ(moto_endpoint, "us-east-1"),
+    }
+    environs = {}
+    for label in urls:
+        home = tmp_path / label
+        home.mkdir()
+        environs[label] = {
+            **base,
+            "HOME": str(home),
+            "XDG_RUNTIME_DIR": os.environ["XDG_RUNTIME_DIR"],
+            **own[label],
+        }
+    return urls, environs

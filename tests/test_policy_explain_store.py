@@ -357,28 +357,17 @@ def test_the_answer_is_the_same_on_every_store(any_store: dict[str, str], tmp_pa
 # ---- against a real `serve` ------------------------------------------------------------------------
 
 
-def test_what_it_lists_is_what_serve_lets_each_certificate_do(tmp_path: Path) -> None:
+def test_what_it_lists_is_what_serve_lets_each_certificate_do(local: tuple[dict[str, str], Path]) -> None:
     """For each identity, with its real client certificate: the secrets the command says it may
     read are those GetSecret serves it; those it says BatchGetSecrets by prefix shows are what
     that returns (get_credentials' read of everything), and those it may list what ListSecrets
     shows. A revoked certificate of market-connector is listed as its identity, and refused."""
+    environ, policy = local
+    tmp_path = policy.parent
     clients = ("auth", "market-connector", "ops", "writer", "nobody")
     make_pki(tmp_path, clients)
-    make_store(tmp_path, SEED, POLICY)
     stolen = issue_client(tmp_path, "stolen", "market-connector")
     (tmp_path / "policy.toml").write_text(POLICY + f'\n[revoked]\nserials = ["{stolen:X}"]\n')
-    store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
-    try:
-        store.delete(DELETED)
-    finally:
-        store.close()
-    environ = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "SECRETS_MANAGER_STORE": str(tmp_path / "store.db"),
-        "MASTER_PASSWORD": PASSWORD,
-    }
-    policy = tmp_path / "policy.toml"
     server = start_server(tmp_path)
     try:
         for client in (*clients, "stolen"):

@@ -20,7 +20,6 @@ the runs so far; a failure showing two successes with different values on AWS al
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import subprocess
 import sys
@@ -34,7 +33,6 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from moto_fixtures import moto_environ
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import ConflictError
 from secrets_manager.storage.postgres import PostgresStorage
@@ -42,6 +40,7 @@ from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.store.aws import AwsStore
 from secrets_manager.store.vault import VaultStore, connect_vault, retrying_session
+from store_differ import four_cli_stores
 from vault_server import FakeVault
 
 PASSWORD = "correct horse battery staple"
@@ -222,32 +221,17 @@ def test_two_store_commands_with_the_same_expect_version_give_one_success_and_on
 ) -> None:
     """The same through the CLI, two `store --expect-version 1` processes started together on each
     store: exit 0 and exit 7 (in one line), and the store holds versions 1 and the winner's 2."""
-    path = tmp_path / "store.db"
-    EncryptedStore.create(SqliteStorage(path, create=True), PasswordUnlock(PASSWORD, kdf.TEST)).close()
-    schema = postgres_cluster.new_schema()
-    EncryptedStore.create(
-        PostgresStorage(postgres_cluster.url(with_password=True), schema=schema, create=True),
-        PasswordUnlock(PASSWORD, kdf.TEST),
-    ).close()
-    urls = {
-        "sqlite": str(path),
-        "postgres": f"{postgres_cluster.url()}?schema={schema}",
-        "vault": fake_vault.address.replace("http://", "vault+http://") + "/secret",
-        "aws": f"aws-secretsmanager://us-east-1/race-{secrets.token_hex(4)}",
-    }
-    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GRPC_ENABLE_FORK_SUPPORT": "false"}
+    urls, environs = four_cli_stores(
+        tmp_path,
+        postgres_cluster,
+        fake_vault.address,
+        fake_vault.root_token,
+        moto_endpoint,
+        password=PASSWORD,
+        aws_prefix="race",
+    )
     for label, url in urls.items():
-        home = tmp_path / label
-        home.mkdir()
-        env = {**base, "HOME": str(home), "XDG_RUNTIME_DIR": os.environ["XDG_RUNTIME_DIR"]}
-        env.update(
-            {
-                "sqlite": {"MASTER_PASSWORD": PASSWORD},
-                "postgres": {"MASTER_PASSWORD": PASSWORD, **postgres_cluster.env()},
-                "vault": {"VAULT_TOKEN": fake_vault.root_token},
-                "aws": moto_environ(moto_endpoint, "us-east-1"),
-            }[label]
-        )
+        env = environs[label]
 
         def run(args: list[str], value: bytes, env: dict[str, str] = env, url: str = url) -> Any:
             return subprocess.run(

@@ -36,7 +36,6 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from moto_fixtures import moto_environ
 from secrets_manager.cli.app import Note
 from secrets_manager.cli.move_commands import copy_secret
 from secrets_manager.crypto import kdf
@@ -48,7 +47,15 @@ from secrets_manager.store.aws import AwsStore
 from secrets_manager.store.base import MAX_VALUE_SIZE, PENDING, PREVIOUS, Capability, unsupported_capabilities
 from secrets_manager.store.names import MAX_NAME_LENGTH
 from secrets_manager.store.vault import VaultStore, connect_vault, retrying_session
-from store_differ import Divergence, Outcome, differences, outcome_of, state_differences, state_of
+from store_differ import (
+    Divergence,
+    Outcome,
+    differences,
+    four_cli_stores,
+    outcome_of,
+    state_differences,
+    state_of,
+)
 from vault_server import FakeVault
 
 AWS_TAG_TEXT = re.compile(r"[\w\s_.:/=+\-@]*")  # near enough for the tags generated here
@@ -651,29 +658,15 @@ def test_the_four_stores_answer_random_commands_alike(
     tmp_path: Path, postgres_cluster: Any, fake_vault: FakeVault, moto_endpoint: str, run_number: int
 ) -> None:
     seed = run_seed()
-    path = tmp_path / "store.db"
-    EncryptedStore.create(SqliteStorage(path, create=True), PasswordUnlock(PASSWORD, kdf.TEST)).close()
-    schema = postgres_cluster.new_schema()
-    EncryptedStore.create(
-        PostgresStorage(postgres_cluster.url(with_password=True), schema=schema, create=True),
-        PasswordUnlock(PASSWORD, kdf.TEST),
-    ).close()
-    urls = {
-        "sqlite": str(path),
-        "postgres": f"{postgres_cluster.url()}?schema={schema}",
-        "vault": fake_vault.address.replace("http://", "vault+http://") + "/secret",
-        "aws": f"aws-secretsmanager://us-east-1/cli-{secrets.token_hex(4)}",
-    }
-    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GRPC_ENABLE_FORK_SUPPORT": "false"}
-    env = {}
-    for label in urls:
-        home = tmp_path / label
-        home.mkdir()
-        env[label] = {**base, "HOME": str(home), "XDG_RUNTIME_DIR": os.environ["XDG_RUNTIME_DIR"]}
-    env["sqlite"]["MASTER_PASSWORD"] = env["postgres"]["MASTER_PASSWORD"] = PASSWORD
-    env["postgres"].update(postgres_cluster.env())
-    env["vault"]["VAULT_TOKEN"] = fake_vault.root_token
-    env["aws"].update(moto_environ(moto_endpoint, "us-east-1"))
+    urls, env = four_cli_stores(
+        tmp_path,
+        postgres_cluster,
+        fake_vault.address,
+        fake_vault.root_token,
+        moto_endpoint,
+        password=PASSWORD,
+        aws_prefix="cli",
+    )
     files = tmp_path / "files"
     files.mkdir()
     for file, text in IMPORT_FILES.items():

@@ -15,6 +15,7 @@ import difflib
 import ipaddress
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -160,13 +161,7 @@ def explain(
                     if parsed.roles[role].bound_cidrs
                 },
                 "name": name,
-                "certificate": None
-                if cert_file is None
-                else {
-                    "serial": caller.serial_text,
-                    "sha256_fingerprint": caller.fingerprint_text,
-                    "revoked": revoked is not None,
-                },
+                "certificate": _certificate_json(caller, cert_file, revoked),
                 "decisions": {
                     d.capability.value: {"allowed": d.allowed, "reason": d.reason, "role": d.role}
                     for d in decisions
@@ -373,13 +368,7 @@ def _explain_store(
                 "identity": identity,
                 "roles": list(roles),
                 "address": None if address is UNCHECKED else str(address),
-                "certificate": None
-                if cert_file is None
-                else {
-                    "serial": caller.serial_text,
-                    "sha256_fingerprint": caller.fingerprint_text,
-                    "revoked": revoked is not None,
-                },
+                "certificate": _certificate_json(caller, cert_file, revoked),
                 "capability": capability,
                 "secrets_in_store": len(listed),
                 "secrets": [
@@ -426,6 +415,17 @@ def _explain_store(
         ],
         free_text=["GRANTED BY"],
     )
+
+
+def _certificate_json(caller: Caller, cert_file: Path | None, revoked: str | None) -> dict[str, Any] | None:
+    """--json's `certificate`: what `[revoked]` takes of a --cert, and whether it is; None without."""
+    if cert_file is None:
+        return None
+    return {
+        "serial": caller.serial_text,
+        "sha256_fingerprint": caller.fingerprint_text,
+        "revoked": revoked is not None,
+    }
 
 
 def _granted_by(granted: tuple[Decision, ...]) -> str:
