@@ -238,7 +238,7 @@ def _still_wanted(context: grpc.ServicerContext) -> None:
         raise _CallEnded()
 
 
-def denied(identity: str, capability: str, name: str) -> AccessDeniedError:
+def _denied(identity: str, capability: str, name: str) -> AccessDeniedError:
     """The refusal of `capability` on `name`. A name without '/' is in the default namespace,
     which a service's rules (`market-connector/*`) do not cover: the seed's short names
     (`get BINANCE_API_KEY`) were refused as if the policy were wrong, with nothing to say so."""
@@ -561,7 +561,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             if capability is not None and not policy.allows(
                 identity, capability, name or "", request.address
             ):
-                raise denied(identity, capability, name or "")
+                raise _denied(identity, capability, name or "")
             request.allowed = capability is not None
             if mutating:
                 self._append([replace(event, outcome="pending")], durable=True)
@@ -737,7 +737,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 refused = [n for n in names if not policy.allows(call.identity, "read", n, call.address)]
                 if refused:
                     call.event.name = refused[0]
-                    raise denied(call.identity, "read", refused[0])
+                    raise _denied(call.identity, "read", refused[0])
                 call.event.name = request.prefix or None
                 call.allowed = True
             else:
