@@ -640,6 +640,25 @@ def test_a_mistyped_name_is_told_where_to_look(ready: Cli) -> None:
     assert_one_line_error(given, 3, f"'secrets-manager --store {ready.store} list' shows them")
 
 
+def test_a_short_name_is_told_the_full_names_that_end_in_it(ready: Cli) -> None:
+    """`get BINANCE_API_KEY`, as the seed writes it, where the store holds it under a service's
+    namespace: only "not found ... list shows them". A name without '/' is in the default
+    namespace; the full names ending in it are named (never guessed: exit 3, no value printed)."""
+    for name in ("market-connector/BINANCE_API_KEY", "auth/BINANCE_API_KEY", "auth/BINANCE_API_KEY_OLD"):
+        assert ready("store", name, input=b"KNOWN-value").code == 0
+    result = ready("get", "BINANCE_API_KEY")
+    assert_one_line_error(
+        result,
+        3,
+        "secret 'BINANCE_API_KEY' not found: a name without '/' is in the 'default' namespace; did "
+        "you mean auth/BINANCE_API_KEY or market-connector/BINANCE_API_KEY?",
+    )
+    assert result.out == "" and "KNOWN" not in result.stderr
+    # Nothing ends in it, or the name has a '/': as before
+    assert_one_line_error(ready("get", "NOPE"), 3, "'secrets-manager list' shows them")
+    assert_one_line_error(ready("get", "svc/BINANCE_API_KEY"), 3, "'secrets-manager list' shows them")
+
+
 def test_unsupported_store_url_scheme_exits_2(ready: Cli) -> None:
     assert_one_line_error(ready("--store", "ftp://127.0.0.1/kv", "list"), 2, "not supported")
 

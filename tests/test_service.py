@@ -1207,6 +1207,8 @@ def test_cli_verbs_work_remotely_with_the_same_exit_codes(server: Server) -> Non
     assert server.cli("auth", "list", "--tag", "team=db").stdout == b"auth/NEW\n"  # ListSecrets has tags
     assert server.cli("auth", "list", "--tag", "team=web").stdout == b""
     assert server.cli("ops", "get", "auth/MISSING").returncode == 3
+    short = server.cli("ops", "get", "DB_PASSWORD")  # the full names ending in it, from ListSecrets
+    assert short.returncode == 3 and b"did you mean auth/DB_PASSWORD?" in short.stderr, short.stderr
     history = json.loads(server.cli("ops", "history", "auth/DB_PASSWORD", "--json").stdout)
     assert [v["version"] for v in history["versions"]] == [1]
     assert server.cli("ops", "delete", "auth/NEW").returncode == 0

@@ -113,7 +113,7 @@ from secrets_manager.store.base import (
 )
 from secrets_manager.store.external import NoAnswerError
 from secrets_manager.store.kms import AwsKmsUnlock
-from secrets_manager.store.names import validate_prefix
+from secrets_manager.store.names import DEFAULT_NAMESPACE, validate_prefix
 from secrets_manager.store.unlock import PasswordUnlock, UnlockKeyRefused, UnlockKeyUnlock, UnlockSource
 from secrets_manager.store.url import (
     KDF_PROFILE_NAMES,
@@ -1363,7 +1363,10 @@ def get(
         raise InvalidInputError("give --version or --label, not both")
     clipboard = clipboard_found_first() if clip else None
     with session.secret_operation("get", name) as (store, note):
-        secret = store.get(name, version=version, label=label)
+        try:
+            secret = store.get(name, version=version, label=label)
+        except NotFoundError as exc:
+            raise _naming_full_names(store, name, exc) from None
         note.version(secret.version)
         note.value(secret.value.reveal())
     warn_if_expired(secret)
@@ -1410,6 +1413,31 @@ def get(
         )
     # the stored bytes, not the text re-encoded in the locale's encoding (Latin-1: other bytes)
     click.echo(data)
+
+
+# Full names a short name's miss lists at most (`get BINANCE_API_KEY`)
+SHOWN_FULL_NAMES = 5
+
+
+def _naming_full_names(store: SecretStore, name: str, missing: NotFoundError) -> NotFoundError:
+    """`get BINANCE_API_KEY`, as the seed writes it, where the store holds
+    market-connector/BINANCE_API_KEY: a name without '/' is in the default namespace, so it is not
+    found; the full names that end in it are what was meant (the SDK's credentials take the short
+    name; the CLI does not guess which secret to print). `missing` as it is when there are none,
+    the name has a '/', or the names cannot be listed (a caller who may not list)."""
+    if "/" in name or type(missing) is not NotFoundError or not _SECRET_NOT_FOUND.fullmatch(str(missing)):
+        return missing
+    try:
+        meant = [meta.name for meta in store.list("") if meta.name.endswith("/" + name)]
+    except SecretsManagerError:
+        return missing
+    if not meant:
+        return missing
+    more = f" and {len(meant) - SHOWN_FULL_NAMES} more" if len(meant) > SHOWN_FULL_NAMES else ""
+    return NotFoundError(
+        f"{missing}: a name without '/' is in the '{DEFAULT_NAMESPACE}' namespace; did you mean "
+        f"{' or '.join(meant[:SHOWN_FULL_NAMES])}{more}?"
+    )
 
 
 def clipboard_found_first() -> tuple[ClipboardTool, int, Path]:
