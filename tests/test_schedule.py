@@ -211,6 +211,32 @@ def test_a_missing_schedule_file_is_not_found(tmp_path: Path) -> None:
         load_schedule(tmp_path / "nowhere.toml", environment=DEV)
 
 
+def test_a_missing_relative_file_names_the_directory_it_was_looked_for_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`schedule check rotation.toml` or `policy check policy.toml` run from another directory than
+    the file's said only "rotation schedule rotation.toml does not exist", as serve's config did
+    before it named the current directory: all three name it now (an absolute path: as given)."""
+    monkeypatch.chdir(tmp_path)
+    for args, what in (
+        (["schedule", "check", "rotation.toml"], "rotation schedule rotation.toml"),
+        (["policy", "check", "policy.toml"], "policy file policy.toml"),
+        (["policy", "check", str(tmp_path / "policy.toml")], f"policy file {tmp_path / 'policy.toml'}"),
+    ):
+        result = subprocess.run(
+            [str(Path(sys.executable).with_name("secrets-manager")), *args],
+            capture_output=True,
+            text=True,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)},
+            timeout=60,
+        )
+        looked = "" if args[-1].startswith("/") else f" in {tmp_path} (the current directory)"
+        assert (result.returncode, result.stderr) == (
+            3,
+            f"secrets-manager: error: {what} does not exist{looked}\n",
+        ), result.stderr
+
+
 def test_what_is_due_follows_the_current_version_and_the_pending_label(
     encrypted_store: EncryptedStore, tmp_path: Path
 ) -> None:

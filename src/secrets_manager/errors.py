@@ -103,6 +103,14 @@ class NotFoundError(SecretsManagerError):
     kind = "not_found"
 
 
+def file_not_found(what: str, path: str | os.PathLike[str]) -> NotFoundError:
+    """`WHAT PATH does not exist`, and for a relative PATH the directory it was looked for in: a
+    command run from another directory than its file's (serve, policy check, schedule run) said
+    only the name it had been given."""
+    looked = "" if os.path.isabs(path) else f" in {os.getcwd()} (the current directory)"
+    return NotFoundError(f"{what} {os.fspath(path)} does not exist{looked}")
+
+
 class StoreNotFoundError(NotFoundError):
     """No store where the URL points. `location` is where (never a password); `init_command` is
     the exact command that creates one there, so a caller that knows better advice (serve: the

@@ -69,6 +69,7 @@ from secrets_manager.errors import (
     SecretsManagerError,
     Terminated,
     UnlockError,
+    file_not_found,
     shell_join,
 )
 from secrets_manager.rotators.postgres import PASSWORD_FIELD, PostgresRole, PostgresStepError
@@ -848,7 +849,7 @@ def load_schedule(
     try:
         data, found, folder = read_in_directory(path, MAX_SCHEDULE_BYTES)
     except FileNotFoundError:
-        raise NotFoundError(f"rotation schedule {path} does not exist") from None
+        raise file_not_found("rotation schedule", path) from None
     except OSError as exc:
         raise InvalidInputError(
             f"rotation schedule {path}: cannot read it ({exc.strerror or type(exc).__name__})"

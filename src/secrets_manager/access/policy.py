@@ -50,7 +50,7 @@ from typing import Any, Final
 
 from secrets_manager.access.patterns import GlobError, compile_glob
 from secrets_manager.environment import Environment, loose_file_problem, open_in_directory
-from secrets_manager.errors import InvalidInputError, NotFoundError
+from secrets_manager.errors import InvalidInputError, file_not_found
 from secrets_manager.store.names import validate_name
 
 
@@ -304,7 +304,7 @@ def load_policy(path: str | Path, *, environment: Environment | None = None) -> 
     try:
         fd, folder = open_in_directory(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
-        raise NotFoundError(f"policy file {source} does not exist") from None
+        raise file_not_found("policy file", source) from None
     except OSError as exc:
         raise InvalidInputError(f"cannot read policy file {source}: {exc.strerror}") from None
     try:

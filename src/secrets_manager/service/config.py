@@ -75,7 +75,7 @@ from pathlib import Path
 from typing import Any, TypeGuard
 
 from secrets_manager.environment import Environment, loose_file_problem, read_in_directory
-from secrets_manager.errors import InvalidInputError, NotFoundError
+from secrets_manager.errors import InvalidInputError, file_not_found
 
 _KNOWN = {
     "listen",
@@ -173,9 +173,7 @@ def load_config(path: str | Path, *, environment: Environment | None = None) -> 
             raise InvalidInputError(f"server config {path} is larger than {MAX_CONFIG_BYTES} bytes")
         doc = tomllib.loads(data.decode("utf-8"))
     except FileNotFoundError:
-        # serve run from another directory than server.toml's: say which one it looked in
-        looked = "" if path.is_absolute() else f" in {Path.cwd()} (the current directory)"
-        raise NotFoundError(f"server config {path} does not exist{looked}") from None
+        raise file_not_found("server config", path) from None
     except (OSError, UnicodeDecodeError) as exc:  # a directory, unreadable, not UTF-8
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
         raise InvalidInputError(f"server config {path}: cannot read it ({reason})") from None
