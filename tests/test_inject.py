@@ -94,12 +94,17 @@ def test_out_file_is_private_and_replaced_only_with_force(cli: Cli, tmp_path: Pa
 @pytest.mark.parametrize(
     ("template", "code", "needle"),
     [
-        ("a: {{ sm://db/missing }}\nb: {{ sm://db/main#password }}\n", 3, "db/missing"),
+        # a read refused names the line that refers to it (the first, where several do)
+        (
+            "a: {{ sm://db/main#password }}\nb: {{ sm://db/missing }}\nc: {{ sm://db/missing }}\n",
+            3,
+            "secret 'db/missing' not found (the reference on line 2 of the template)",
+        ),
         ("a: {{ sm://db/main#password }}\nb: {{ sm:/db/main }}\n", 2, "line 2 of the template"),
         ('a: {{ sm://db/main#password }}\nb: {{ "sm://db/main" }}\n', 2, "line 2 of the template"),
         ("a: {{ sm://db/main#password }}\nb: {{sm://db/main\n", 2, "line 2 of the template"),
         ("a: {{ sm://db/main#nofield }}\n", 3, "nofield"),
-        ("a: {{ sm://../etc/passwd }}\n", 2, "name"),
+        ("a: 1\nb: {{ sm://../etc/passwd }}\n", 2, "line 2 of the template: invalid secret name"),
         ("plain: text\n", 2, "refers to no secret"),
         ("a: {{ sm://bin/ARY }}\n", 2, "binary"),
     ],
@@ -152,6 +157,7 @@ def test_through_the_service_a_denied_secret_writes_nothing(tmp_path: Path) -> N
     assert allowed.returncode == 0, allowed.stderr
     assert (tmp_path / "auth.env").read_text() == f"DB_PASSWORD={SEED['auth/DB_PASSWORD'].decode()}\n"
     assert denied.returncode == 5, denied.stderr
+    assert "(the reference on line 2 of the template)" in denied.stderr, denied.stderr
     assert not (tmp_path / "mixed.env").exists()
     assert SEED["auth/DB_PASSWORD"].decode() not in denied.stderr
 

@@ -58,6 +58,7 @@ from secrets_manager.errors import (
     SecretsManagerError,
     StorageError,
     Terminated,
+    restated,
 )
 from secrets_manager.rotation import run_in_own_group
 from secrets_manager.store import Secret, SecretStore
@@ -153,7 +154,7 @@ def inject(
             _inject_and_watch(session, text, references, Path(output), force, permissions, on_change)
         return
     with session.secret_operation("inject") as (store, note):
-        filled = _fill(text, references, _read(store, note, references))
+        filled = _fill(text, references, _read(store, note, references, text))
     if output is None:
         sys.stdout.buffer.write(filled.rendered)
         sys.stdout.buffer.flush()
@@ -223,11 +224,17 @@ class Filled:
     values: dict[str, Secret]  # a NAME#FIELD one holds the field
 
 
-def _read(store: SecretStore, note: Note, references: list[tuple[str, str]]) -> dict[str, Secret]:
-    """Each secret the template refers to, read once, recorded, and warned of if expired."""
+def _read(store: SecretStore, note: Note, references: list[tuple[str, str]], text: str) -> dict[str, Secret]:
+    """Each secret the template refers to, read once, recorded, and warned of if expired. A read
+    refused (not found, denied) says the line of `text` that refers to it."""
     secrets = {}
     for name in dict.fromkeys(name for name, _ in references):
-        secret = store.get(name)
+        try:
+            secret = store.get(name)
+        except SecretsManagerError as exc:
+            raise restated(
+                exc, f"{exc} (the reference on line {_line_of(text, name)} of the template)"
+            ) from None
         note.read(secret)
         warn_if_expired(secret)
         secrets[name] = secret
@@ -287,7 +294,7 @@ def _inject_and_watch(
 
         def read() -> Filled:
             with audited() as note:
-                return _fill(text, references, _read(store, note, references))
+                return _fill(text, references, _read(store, note, references, text))
 
         filled = read()
         before = _content_of(output)
@@ -468,6 +475,14 @@ def _template_text(template: str) -> str:
         raise InvalidInputError("the template is not UTF-8 text") from None
 
 
+def _line_of(text: str, name: str) -> int:
+    """The number of the first line of `text` that refers to `name`."""
+    for number, line in enumerate(text.splitlines(), start=1):
+        if any(match[1] == name for match in REFERENCE.finditer(line)):
+            return number
+    raise AssertionError(f"no reference to {name!r}")  # the references came from this text
+
+
 def _references(text: str) -> list[tuple[str, str]]:
     """Every (NAME, FIELD) the template refers to; InvalidInputError, with its line, for a
     reference that is malformed (it would otherwise be copied as it is, secret missing)."""
@@ -481,7 +496,12 @@ def _references(text: str) -> list[tuple[str, str]]:
             )
         for match in REFERENCE.finditer(line):
             name = match[1]
-            validate_name(name)
+            try:
+                validate_name(name)
+            except InvalidInputError as exc:
+                raise InvalidInputError(
+                    f"line {number} of the template: {exc}; nothing was written"
+                ) from None
             references.append((name, match[2] or ""))
     if not references:
         raise InvalidInputError("the template refers to no secret ({{ sm://NAME }}); nothing was written")
