@@ -235,6 +235,20 @@ def test_a_missing_relative_file_names_the_directory_it_was_looked_for_in(
             3,
             f"secrets-manager: error: {what} does not exist{looked}\n",
         ), result.stderr
+    # Run in a directory removed under it (getcwd fails): still one line, exit 3, not a traceback
+    script = str(Path(sys.executable).with_name("secrets-manager"))
+    gone = subprocess.run(
+        ["sh", "-c", f'mkdir gone && cd gone && rmdir ../gone && exec "{script}" policy check policy.toml'],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path)},
+        timeout=60,
+    )
+    assert (gone.returncode, gone.stderr) == (
+        3,
+        "secrets-manager: error: policy file policy.toml does not exist (the current directory no longer "
+        "exists)\n",
+    ), gone.stderr
 
 
 def test_what_is_due_follows_the_current_version_and_the_pending_label(

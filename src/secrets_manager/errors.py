@@ -107,7 +107,12 @@ def file_not_found(what: str, path: str | os.PathLike[str]) -> NotFoundError:
     """`WHAT PATH does not exist`, and for a relative PATH the directory it was looked for in: a
     command run from another directory than its file's (serve, policy check, schedule run) said
     only the name it had been given."""
-    looked = "" if os.path.isabs(path) else f" in {os.getcwd()} (the current directory)"
+    looked = ""
+    if not os.path.isabs(path):
+        try:
+            looked = f" in {os.getcwd()} (the current directory)"
+        except OSError:  # the current directory was removed: there is none to name
+            looked = " (the current directory no longer exists)"
     return NotFoundError(f"{what} {os.fspath(path)} does not exist{looked}")
 
 
