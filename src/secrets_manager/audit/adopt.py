@@ -48,7 +48,7 @@ def adopt_log(
         if not files or new_path.exists():
             return []  # adopted meanwhile by another process
         targets = [new_path.with_name(new_path.name + path.name[len(old_path.name) :]) for path in files]
-        key = anchor.audit_key()
+        key = anchor.audit_keys()
         begun = new.files()
         if begun and not _continues(begun[-1], files[0], key):
             return []
@@ -100,10 +100,10 @@ def discard_adopted_lock(old_path: Path) -> None:
             old._lock_fd = None
 
 
-def _continues(before: Path, after: Path, key: bytes) -> bool:
+def _continues(before: Path, after: Path, key: tuple[bytes, ...]) -> bool:
     """Whether file `after` takes up the chain where file `before` ends: its first record follows
-    the last one of `before`, and both verify under `key` (the halves of one log an adoption cut
-    short, not two logs that happen to share a name)."""
+    the last one of `before`, and both verify under the audit keys `key` (the halves of one log
+    an adoption cut short, not two logs that happen to share a name)."""
     try:
         last, first = last_record_in(before), first_record_in(after)
     except (AuditError, AuditTamperError):

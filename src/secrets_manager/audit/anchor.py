@@ -7,6 +7,7 @@ cut tail is detected.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -22,6 +23,12 @@ class AuditAnchor(Protocol):
     """What the audit log needs from a store: a secret key and a tamper-proof anchor."""
 
     def audit_key(self) -> bytes: ...
+
+    def audit_keys(self, *, reload: bool = False) -> tuple[bytes, ...]:
+        """Every audit key the store holds, oldest first (generation N is the N-th; the newest
+        is `audit_key()`); `reload`: read them from the store again, not from this handle's
+        cache (a writer that found a record under a key newer than it knows)."""
+        ...
 
     def audit_anchor(self) -> Anchor | None: ...
 
@@ -79,12 +86,15 @@ def missing_anchor(path: Path) -> AuditTamperError:
 
 
 def check_tail_against_anchor(
-    last: dict[str, Any] | None, anchored: Anchor | None, path: Path, key: bytes | None = None
+    last: dict[str, Any] | None,
+    anchored: Anchor | None,
+    path: Path,
+    keys: Sequence[bytes] | None = None,
 ) -> None:
     """Refuse to extend a log that lost records the store vouched for: that would hide the loss.
-    With the audit `key`, the last record must also verify (hash and MAC): a forged last line
-    with a large seq would otherwise pass for a log that grew."""
-    if key is not None and last is not None and not record_verifies(last, key):
+    With the audit `keys`, the last record must also verify (hash and MAC, under the key it
+    names): a forged last line with a large seq would otherwise pass for a log that grew."""
+    if keys is not None and last is not None and not record_verifies(last, keys):
         raise AuditTamperError(
             f"the last record of audit log {path} does not verify (edited or forged): run "
             f"'secrets-manager audit verify' and restore the log, or accept the loss with {RESET_HINT}"

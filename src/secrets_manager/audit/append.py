@@ -39,9 +39,12 @@ from secrets_manager.audit.files import (
 from secrets_manager.audit.reading import LogFiles
 from secrets_manager.audit.records import (
     GENESIS_HASH,
+    KEY_ROTATION,
     RECORD_START,
     AuditEvent,
     canonical,
+    generation_after,
+    key_generation,
     parse_line,
     record_hash,
     with_hash_and_mac,
@@ -405,10 +408,10 @@ class LogWriter(LogFiles):
             before = os.fstat(fd)
             repaired = AuditEvent("audit.repair", first.actor, first.source, outcome="partial_set_aside")
             repair.append((None, repaired))
-        seq, previous = self._tail_of(before, anchor)
+        seq, previous, generation = self._tail_of(before, anchor)
         first_seq = seq
         with self._asking_store():
-            key = None if anchor is None else anchor.audit_key()
+            keys = None if anchor is None else self._keys_reaching(anchor, generation)
             if (
                 anchor is not None
                 and seq == 0
@@ -422,12 +425,28 @@ class LogWriter(LogFiles):
                 anchor.set_audit_anchor(Anchor(seq=0, hash=GENESIS_HASH), lock_wait=self._lock_wait_of(jobs))
         now = self._timestamp(self._clock())
         lines = []
-        for owner, event in [*repair, *((job, event) for job in jobs for event in job.events)]:
+        entries = [*repair, *((job, event) for job in jobs for event in job.events)]
+        if keys is not None:
+            # The log moves to the store's newest audit key with a rotation record under the key
+            # in force before it: the one `audit rotate-key` appends, else one this writer adds
+            # (the rotation's own record was lost to a crash, or it went to another host's log),
+            # so no record is ever MAC'd under a key the chain has not named.
+            generation = entries_rotated_to(entries, generation, len(keys))
+        lines_generation = generation
+        for owner, event in entries:
             seq += 1
             record: dict[str, Any] = {"seq": seq, "time": now, **event.as_record(), "prev": previous}
+            if keys is not None and lines_generation is not None and lines_generation > 1:
+                record["key_id"] = lines_generation
             body = canonical(record)
             record["hash"] = previous = sha256_hex(body)
-            record["mac"] = None if key is None else record_mac(key, previous)
+            record["mac"] = (
+                None
+                if keys is None or lines_generation is None
+                else record_mac(keys[lines_generation - 1], previous)
+            )
+            if keys is not None and event.operation == KEY_ROTATION and event.outcome == "ok":
+                lines_generation = event.version
             if owner is not None:
                 owner.records.append(record)
             lines.append(with_hash_and_mac(body, record["hash"], record["mac"]))
@@ -450,7 +469,9 @@ class LogWriter(LogFiles):
             os.ftruncate(fd, before.st_size)  # never leave half a record behind
             raise
         self._writes += 1
-        written = self._tail = _Tail(before.st_ino, before.st_size + len(data), seq, previous, self._writes)
+        written = self._tail = _Tail(
+            before.st_ino, before.st_size + len(data), seq, previous, self._writes, lines_generation
+        )
         self._created = None  # a record is written: the lock file and its directory are in use
         if not durable:
             self._note_unsynced(fd, before.st_ino, anchor)
@@ -559,19 +580,49 @@ class LogWriter(LogFiles):
             )
         return f"{formatted[1]}.{micro:06d}+00:00"
 
-    def _tail_of(self, now: os.stat_result, anchor: AuditAnchor | None) -> tuple[int, str]:
-        """The last record's seq and hash. Read from the file (and checked against the store's
+    def _tail_of(self, now: os.stat_result, anchor: AuditAnchor | None) -> tuple[int, str, int | None]:
+        """The last record's seq and hash, and the generation of the audit key in force after it
+        (None: no record carries a MAC). Read from the file (and checked against the store's
         anchor) unless the file is as this process left it (same file, same size: every other
         writer only appends, and a same-size rewrite breaks the chain `verify` walks)."""
         tail = self._tail
         if tail is not None and (now.st_ino, now.st_size) == tail.stamp:
-            return tail.seq, tail.hash
+            return tail.seq, tail.hash, tail.generation
         last = self.last_record()
         if anchor is not None:
             self._check_tail(last, anchor)
         if last is None:
-            return 0, GENESIS_HASH
-        return int(last["seq"]), str(last["hash"])
+            return 0, GENESIS_HASH, None
+        generation = generation_after(last) if last.get("mac") is not None else self._generation_at_end()
+        return int(last["seq"]), str(last["hash"]), generation
+
+    def _generation_at_end(self) -> int | None:
+        """The generation of the audit key in force at the end of the log: that after its newest
+        record with a MAC, read back past denied unlocks (which carry none); None if none has."""
+        for path in reversed(self.files()):
+            for line in lines_backwards(path, None):
+                try:
+                    record = parse_line(line, path, -1)
+                except AuditTamperError:
+                    continue
+                if record.get("mac") is not None:
+                    return generation_after(record)
+        return None
+
+    def _keys_reaching(self, anchor: AuditAnchor, generation: int | None) -> tuple[bytes, ...]:
+        """The store's audit keys, read again from the store when the log names a newer one than
+        this process holds (another process rotated it: from then on this one writes under it
+        too, and computes fingerprints with it); AuditTamperError if the store holds none such."""
+        keys = anchor.audit_keys()
+        if generation is not None and generation > len(keys):
+            keys = anchor.audit_keys(reload=True)
+            if generation > len(keys):
+                raise AuditTamperError(
+                    f"audit log {self.path} is under audit key {generation}, which the store does not "
+                    "hold (the store restored from an older backup, or the log forged?): run "
+                    f"'secrets-manager audit verify', restore the store or the log, or {RESET_HINT}"
+                )
+        return keys
 
     def _check_tail(
         self, last: dict[str, Any] | None, anchor: AuditAnchor, *, live_end: int | None = None
@@ -584,8 +635,9 @@ class LogWriter(LogFiles):
         `live_end`: the live file's whole records end there (a partial line follows)."""
         with self._asking_store():
             anchored = anchor.audit_anchor()
-            key = anchor.audit_key()
-        check_tail_against_anchor(last, anchored, self.path, key)
+            named = None if last is None else max(key_generation(last) or 1, generation_after(last) or 1)
+            keys = self._keys_reaching(anchor, named)
+        check_tail_against_anchor(last, anchored, self.path, keys)
         if (
             anchored is None
             and last is not None
@@ -873,6 +925,23 @@ class LogWriter(LogFiles):
         return self.path.with_name(f"{self.path.name}.{first_seq:012d}")
 
 
+def entries_rotated_to(
+    entries: list[tuple[AppendJob | None, AuditEvent]], generation: int | None, newest: int
+) -> int:
+    """Where the log's key is behind the store's newest (`generation` < `newest`), make the
+    entries begin the move: a key rotation among them is made to name `newest`, else one is
+    put first. Returns the generation the first entry is written under."""
+    rotations = [event for _, event in entries if event.operation == KEY_ROTATION and event.outcome == "ok"]
+    for event in rotations:
+        event.version = newest
+    if generation is None:
+        return newest  # a new chain (or only denied unlocks so far): its first record sets the key
+    if generation < newest and not rotations and entries:
+        first = entries[0][1]
+        entries.insert(0, (None, AuditEvent(KEY_ROTATION, first.actor, first.source, version=newest)))
+    return generation
+
+
 @dataclass(frozen=True)
 class _Tail:
     """The live file as this process last left it, and its last record."""
@@ -882,6 +951,7 @@ class _Tail:
     seq: int
     hash: str
     written: int = 0  # which write of this process left it (later writes, higher numbers)
+    generation: int | None = None  # the audit key in force after it (None: no MAC in the log yet)
 
     @property
     def stamp(self) -> tuple[int, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -84,7 +85,7 @@ class AuditLog(LogWriter):
                     try:
                         count = walk_chain(
                             self,
-                            anchor.audit_key(),
+                            anchor.audit_keys(),
                             anchored,
                             locked=True,
                             anchor_required=not anchor.audit_anchor_scoped,
@@ -95,7 +96,7 @@ class AuditLog(LogWriter):
                         aside = self._repair_locked(anchor, event)
                         count = walk_chain(
                             self,
-                            anchor.audit_key(),
+                            anchor.audit_keys(),
                             anchor.audit_anchor(),
                             locked=True,
                             anchor_required=not anchor.audit_anchor_scoped,
@@ -135,7 +136,7 @@ class AuditLog(LogWriter):
         verified = {path: file_identity(path) for path in self.files() if path != self.path}
         records = walk_chain(
             self,
-            anchor.audit_key(),
+            anchor.audit_keys(),
             anchor.audit_anchor(),
             locked=False,
             anchor_required=not anchor.audit_anchor_scoped,
@@ -249,7 +250,7 @@ class AuditLog(LogWriter):
 
     def verify(
         self,
-        key: bytes,
+        keys: Sequence[bytes] | bytes,
         anchor: Anchor | None,
         *,
         anchor_required: bool = False,
@@ -257,7 +258,8 @@ class AuditLog(LogWriter):
         witness: Head | None = None,
     ) -> int:
         """Walk the whole chain; return the number of records, or raise AuditTamperError naming
-        the first record that does not hold (and the file and line it is on).
+        the first record that does not hold (and the file and line it is on). `keys`: the
+        store's audit keys, oldest first (`AuditAnchor.audit_keys`).
 
         `anchor_required`: `anchor` is what the store holds (None: it holds none). A log with
         authenticated records then needs one: its first append anchors the empty chain before
@@ -272,16 +274,27 @@ class AuditLog(LogWriter):
         same bytes). `witness`: a head `head()` gave, kept off the host: the chain must hold that
         very record (at its seq, with its hash), or the log was rolled back or cut since."""
         return walk_chain(
-            self, key, anchor, locked=False, anchor_required=anchor_required, archive=archive, witness=witness
+            self,
+            keys,
+            anchor,
+            locked=False,
+            anchor_required=anchor_required,
+            archive=archive,
+            witness=witness,
         ).count
 
-    def head(self, key: bytes, anchor: Anchor | None, *, anchor_required: bool = False) -> Head:
+    def head(
+        self, keys: Sequence[bytes] | bytes, anchor: Anchor | None, *, anchor_required: bool = False
+    ) -> Head:
         """The head of the whole chain, verified as `verify` does: its newest record's seq, time
-        and hash, with a MAC under the audit key, for a witness off the host (`audit head`)."""
-        walked = walk_chain(self, key, anchor, locked=False, anchor_required=anchor_required)
+        and hash, with a MAC under the audit key in force after it (the newest of `keys` where
+        no record carries a MAC), for a witness off the host (`audit head`)."""
+        keys = (keys,) if isinstance(keys, bytes) else keys
+        walked = walk_chain(self, keys, anchor, locked=False, anchor_required=anchor_required)
         if walked.last is None:
             raise AuditError(f"audit log {self.path} holds no record yet: there is no head to ship")
-        return head_of(key, walked.last)
+        generation = walked.generation if walked.generation is not None else len(keys)
+        return head_of(keys[generation - 1], walked.last)
 
 
 @dataclass(frozen=True)

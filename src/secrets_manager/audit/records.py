@@ -12,6 +12,7 @@ import json
 import os
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,10 @@ from secrets_manager.audit.errors import RESTORE_HINT, AuditTamperError
 from secrets_manager.crypto.mac import record_mac_ok, sha256_hex
 
 GENESIS_HASH = "0" * 64
+# The operation of the record that moves the log to a newer audit key (`audit rotate-key`, or a
+# writer recording a rotation it found made): MAC'd under the key in force before it, its
+# `version` names the new key's generation; every authenticated record after it is under that key.
+KEY_ROTATION = "audit.rotate_key"
 
 
 class _RandomIds:
@@ -93,11 +98,19 @@ def record_hash(record: dict[str, Any]) -> str:
 _SPLICE_AT = b',"' + min(k for k in AuditEvent.__dataclass_fields__ if k > "mac").encode() + b'":'
 
 
+# `key_id` (a record under a rotated audit key) is the one field that sorts between the two.
+_KEY_ID_AT = b',"key_id":'
+
+
 def with_hash_and_mac(body: bytes, hash_: str, mac: str | None) -> bytes:
     """The record's canonical line, from the canonical JSON of its body (the one encoding)."""
     at = body.index(_SPLICE_AT)
-    fields = f',"hash":"{hash_}","mac":' + ("null" if mac is None else f'"{mac}"')
-    return body[:at] + fields.encode() + body[at:] + b"\n"
+    hashed = f',"hash":"{hash_}"'.encode()
+    signed = (',"mac":' + ("null" if mac is None else f'"{mac}"')).encode()
+    key_at = body.find(_KEY_ID_AT, 0, at)
+    if key_at < 0:
+        return body[:at] + hashed + signed + body[at:] + b"\n"
+    return body[:key_at] + hashed + body[key_at:at] + signed + body[at:] + b"\n"
 
 
 _CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -136,8 +149,28 @@ def may_be_unauthenticated(record: dict[str, Any]) -> bool:
     return record.get("operation") == "unlock" and record.get("decision") == "deny"
 
 
-def record_verifies(record: dict[str, Any], key: bytes) -> bool:
-    """Whether one record's hash matches its body and its MAC is right (or it may have none)."""
+def key_generation(record: dict[str, Any]) -> int | None:
+    """The generation of the audit key a record's MAC is under (`key_id`; absent: 1, the store's
+    first key); None if the field is not a positive integer (damaged or forged)."""
+    found = record.get("key_id", 1)
+    return found if type(found) is int and found >= 1 else None
+
+
+def generation_after(record: dict[str, Any]) -> int | None:
+    """The generation of the audit key in force after an authenticated record: the one its
+    `version` names if it is a completed key rotation, else its own; None for a record without
+    a MAC (a denied unlock says nothing about the key) or with a damaged `key_id`."""
+    if record.get("mac") is None:
+        return None
+    if record.get("operation") == KEY_ROTATION and record.get("outcome") == "ok":
+        named = record.get("version")
+        return named if type(named) is int and named >= 1 else None
+    return key_generation(record)
+
+
+def record_verifies(record: dict[str, Any], keys: Sequence[bytes]) -> bool:
+    """Whether one record's hash matches its body and its MAC is right under the audit key it
+    names (`keys`: the store's, oldest first), or it may have none."""
     try:
         if record_hash(record) != record.get("hash"):
             return False
@@ -146,4 +179,7 @@ def record_verifies(record: dict[str, Any], key: bytes) -> bool:
     mac = record.get("mac")
     if mac is None:
         return may_be_unauthenticated(record)
-    return isinstance(mac, str) and record_mac_ok(key, str(record["hash"]), mac)
+    generation = key_generation(record)
+    if generation is None or generation > len(keys):
+        return False
+    return isinstance(mac, str) and record_mac_ok(keys[generation - 1], str(record["hash"]), mac)

@@ -6,6 +6,7 @@ witnessed head.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,14 @@ from secrets_manager.audit.anchor import missing_anchor
 from secrets_manager.audit.errors import RESTORE_HINT, AuditTamperError, partial_record
 from secrets_manager.audit.files import open_for_reading
 from secrets_manager.audit.reading import LogFiles
-from secrets_manager.audit.records import GENESIS_HASH, canonical, may_be_unauthenticated, record_hash
+from secrets_manager.audit.records import (
+    GENESIS_HASH,
+    canonical,
+    generation_after,
+    key_generation,
+    may_be_unauthenticated,
+    record_hash,
+)
 from secrets_manager.audit.witness import Head
 from secrets_manager.crypto.mac import record_mac_ok
 from secrets_manager.errors import InvalidInputError
@@ -23,7 +31,7 @@ from secrets_manager.store.base import Anchor
 
 def walk_chain(
     log: LogFiles,
-    key: bytes,
+    keys: Sequence[bytes] | bytes,
     anchor: Anchor | None,
     *,
     locked: bool,
@@ -32,10 +40,16 @@ def walk_chain(
     witness: Head | None = None,
 ) -> Walked:
     """The walk `AuditLog.verify` describes: every record checked in order, from the first file
-    to the live one; what it found, or AuditTamperError at the first record that does not hold."""
+    to the live one; what it found, or AuditTamperError at the first record that does not hold.
+    `keys`: the store's audit keys, oldest first. The chain's first authenticated record sets the
+    key in force (the one it names); an authenticated `audit.rotate_key` record moves it to the
+    newer one its `version` names; every other authenticated record must be under the key in
+    force (one under a retired key after a rotation is a forgery made with that key)."""
+    if isinstance(keys, bytes):  # one key: a store that was never rotated
+        keys = (keys,)
     if archive is not None:
         _check_archive(log, archive)
-    if witness is not None and not witness.authentic(key):
+    if witness is not None and not any(witness.authentic(key) for key in keys):
         raise AuditTamperError(
             f"the witnessed head (record {witness.seq}, {witness.time}) was not made with this store's "
             "audit key: it is another store's head, or it was edited since it was shipped"
@@ -45,6 +59,8 @@ def walk_chain(
     first_seq: int | None = None
     anchor_seen = anchor is None or anchor.seq == 0  # seq 0: the empty chain, before any record
     authenticated = False  # a record with a MAC seen
+    in_force: int | None = None  # the generation of the audit key in force (None: none seen yet)
+    rotated_at: int | None = None  # the seq of the record that put it in force, if a rotation
     # A log `audit prune` shortened begins after record 1. Its first record is taken on trust
     # until the walk is done; then an authenticated audit.prune record must name a file start
     # at or after it as where the chain begins (`pruned_before`), or records are missing.
@@ -98,15 +114,36 @@ def walk_chain(
         if hashed is None or hashed != record.get("hash"):
             raise AuditTamperError(f"audit record {seq} was edited (its hash does not match), in {at}")
         mac = record.get("mac")
+        generation = key_generation(record)
         if mac is None:
             if not may_be_unauthenticated(record):
                 raise AuditTamperError(f"audit record {seq} lacks its MAC, in {at}")
-        elif not (isinstance(mac, str) and record_mac_ok(key, hashed, mac)):
+        elif generation is None or generation > len(keys):
+            raise AuditTamperError(
+                f"audit record {seq} names an audit key this store does not hold "
+                f"(key_id {record.get('key_id')!r}): forged or edited, or another store's, in {at}"
+            )
+        elif in_force is not None and generation != in_force:
+            rotation = f" since record {rotated_at}" if rotated_at is not None else ""
+            raise AuditTamperError(
+                f"audit record {seq} is MAC'd under audit key {generation}, but key {in_force} is "
+                f"in force{rotation}: a record made with a retired audit key is a forgery, in {at}"
+            )
+        elif not (isinstance(mac, str) and record_mac_ok(keys[generation - 1], hashed, mac)):
             raise AuditTamperError(
                 f"audit record {seq} was forged or edited (its MAC does not match), in {at}"
             )
         else:
             authenticated = True
+            after = generation_after(record)
+            if after is None or not generation <= after <= len(keys):
+                raise AuditTamperError(
+                    f"audit record {seq} moves the audit key to key {record.get('version')!r}, which "
+                    f"this store does not hold after key {generation}: forged or edited, in {at}"
+                )
+            if after != generation:
+                rotated_at = expected_seq
+            in_force = after
             floor = _pruned_floor(record)
             if floor is not None:
                 vouched.append(floor)
@@ -152,7 +189,7 @@ def walk_chain(
         )
     if witness is not None:
         _check_witness(witness, first_seq, expected_seq - 1, archive)
-    return Walked(count, last)
+    return Walked(count, last, in_force)
 
 
 def _check_archive(log: LogFiles, archive: Path) -> None:
@@ -177,6 +214,7 @@ class Walked:
 
     count: int
     last: dict[str, Any] | None
+    generation: int | None = None  # the audit key in force after the last record (None: no MAC seen)
 
 
 def _check_witness(witness: Head, first_seq: int | None, last_seq: int, archive: Path | None) -> None:

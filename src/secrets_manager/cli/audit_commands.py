@@ -1,10 +1,12 @@
-"""`secrets-manager audit show|verify|head|prune|hash|reset`: read, check, witness and prune the log.
+"""`secrets-manager audit show|verify|head|prune|hash|reset|rotate-key`: read, check, witness and
+prune the log, and rotate its key.
 
 show, verify and head read the log and are not themselves recorded in it (show opens no store; verify
 only reads, and a record of it would change the log it verifies; a failed unlock is recorded as
 denied, as everywhere). hash is recorded (`audit.hash`, no name, never the candidate or its
 fingerprint): it answers whether a guessed value is a record's, with the audit key. reset starts a
-new chain (its first record is `audit.reset`) when the old one lost records.
+new chain (its first record is `audit.reset`) when the old one lost records. rotate-key makes a
+new audit key and keeps the chain (`audit.rotate_key`, docs/audit.md §3a).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from secrets_manager.cli.output import (
 )
 from secrets_manager.cli.recovery_commands import read_share_file
 from secrets_manager.cli.rotate_commands import terminate_as_interrupt
-from secrets_manager.errors import InvalidInputError, NotFoundError, Terminated
+from secrets_manager.errors import InvalidInputError, NotFoundError, Terminated, UnsupportedOperationError
 from secrets_manager.store.base import AuditedStore
 
 
@@ -397,7 +399,7 @@ def verify(session: Session, archive: str | None, witness: str | None) -> None:
     store = session.unlock()
     try:
         count = log.verify(
-            store.audit_key(),
+            store.audit_keys(),
             store.audit_anchor(),
             anchor_required=not store.audit_anchor_scoped,
             archive=archived,
@@ -428,7 +430,7 @@ def head(session: Session) -> None:
     store = session.unlock()
     try:
         found = log.head(
-            store.audit_key(), store.audit_anchor(), anchor_required=not store.audit_anchor_scoped
+            store.audit_keys(), store.audit_anchor(), anchor_required=not store.audit_anchor_scoped
         )
     finally:
         store.close()
@@ -488,6 +490,29 @@ def reset(session: Session, accept_loss: bool, share_files: tuple[str, ...]) -> 
     moved = outcome.moved
     kept = f"; the old files are kept as {', '.join(p.name for p in moved)}" if moved else ""
     info_line(f"a new audit chain begins at {log.path}{kept}")
+
+
+@audit.command("rotate-key")
+@pass_session
+def rotate_key(session: Session) -> None:
+    """Make a new audit key and MAC every record from now on (and fingerprint every value) under
+    it, keeping the one chain: the old keys stay, sealed in the store, so 'audit verify' still
+    checks what they signed, and an 'audit.rotate_key' record, MAC'd under the old key, names the
+    new one (never the key itself). A record MAC'd under the old key after it is a forgery. Run it
+    after a copy of the store and its password may have leaked. A local SQLite store only."""
+    session.require_local("audit rotate-key")
+    with session.operation("audit.rotate_key", mutating=True) as (store, event):
+        if store.audit_anchor_scoped:
+            raise UnsupportedOperationError(
+                "'audit rotate-key' is not supported by this store yet: the logs of a store several "
+                "hosts share (PostgreSQL) would not all learn of the new key"
+            )
+        event.version = store.rotate_audit_key()
+    info_line(
+        f"audit key {event.version} is in force: records from now on are MAC'd under it; the "
+        f"older {'key stays' if event.version == 2 else 'keys stay'} in the store to verify "
+        "what they signed"
+    )
 
 
 @audit.command("prune")

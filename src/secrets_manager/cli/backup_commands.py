@@ -568,9 +568,9 @@ def _refuse_another_stores_log(session: Session, backup: Backup) -> None:
     record, once the whole store had been built; ConflictError (exit 7) instead, up front."""
     if not session.audit_path.exists():
         return
-    if backup.audit_key is not None:
+    if backup.audit_keys is not None:
         try:
-            session.audit_log().verify(backup.audit_key, None)
+            session.audit_log().verify(backup.audit_keys, None)
         except AuditTamperError:
             pass  # not signed with this store's audit key: another store's log
         except AuditPartialRecordError:

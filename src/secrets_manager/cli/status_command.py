@@ -93,7 +93,7 @@ def status(session: Session, as_json: bool) -> None:
         log = session.audit_log()
         try:
             doc["audit_records"] = log.verify(
-                store.audit_key(), store.audit_anchor(), anchor_required=not store.audit_anchor_scoped
+                store.audit_keys(), store.audit_anchor(), anchor_required=not store.audit_anchor_scoped
             )
         except IntegrityError as exc:
             audit_problem = str(exc)

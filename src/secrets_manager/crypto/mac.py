@@ -41,6 +41,15 @@ def _hmac_hex(key: bytes, label: bytes, data: bytes) -> str:
     return hmac.digest(key, label + data, "sha256").hex()
 
 
+def audit_keys_of(keyring: bytes) -> tuple[bytes, ...]:
+    """The audit keys in a stored keyring (docs/format.md, purpose 5): 32 bytes each, oldest
+    first, so key N (its generation, `key_id` in a record) is the N-th. ValueError if `keyring`
+    is not a whole number of keys, at least one."""
+    if not keyring or len(keyring) % KEY_SIZE:
+        raise ValueError("an audit keyring is one or more 32-byte keys")
+    return tuple(keyring[at : at + KEY_SIZE] for at in range(0, len(keyring), KEY_SIZE))
+
+
 def record_mac(key: bytes, record_hash: str) -> str:
     """MAC over a record's chained hash: proves the writer held the audit key."""
     return _hmac_hex(key, _RECORD_LABEL, record_hash.encode("ascii"))

@@ -1385,6 +1385,11 @@ class AwsStore:
             self._audit_key = key
         return self._audit_key
 
+    def audit_keys(self, *, reload: bool = False) -> tuple[bytes, ...]:
+        """The store's one audit key: AWS stores keep no retired ones (`audit rotate-key` is
+        refused on them, as on every store whose log is one of several)."""
+        return (self.audit_key(),)
+
     def audit_anchor(self) -> Anchor | None:
         """DescribeSecret of PREFIX/.secrets-manager/audit-anchor/SCOPE: the anchor is its
         Description (a JSON object), so moving it creates no secret versions (AWS caps those)."""

@@ -53,7 +53,7 @@ from secrets_manager.crypto import (
 from secrets_manager.crypto import kdf as kdf_module
 from secrets_manager.crypto.aead import KEY_SIZE, new_key
 from secrets_manager.crypto.keyset import new_key_id
-from secrets_manager.crypto.mac import value_digest
+from secrets_manager.crypto.mac import audit_keys_of, value_digest
 from secrets_manager.crypto.stream import (
     MIN_SEALED_CHUNK_SIZE,
     SEALED_CHUNK_SIZE,
@@ -260,9 +260,15 @@ class Backup:
     secrets: tuple[BackupSecret, ...] = field(repr=False)
     store_header: Mapping[str, Any] | None = field(default=None, repr=False)
     entries: tuple[tuple[str, bytes], ...] = field(default=(), repr=False)
-    # kind `store`: the store's audit key (None if it had none yet), which a restored copy keeps,
+    # kind `store`: the store's audit keys, one after the other, oldest first (None if it had none
+    # yet), which a restored copy keeps,
     # so that store's audit log goes on verifying (the log of a lost store file can be continued)
     audit_key: bytes | None = field(default=None, repr=False)
+
+    @property
+    def audit_keys(self) -> tuple[bytes, ...] | None:
+        """The audit keys in `audit_key`, oldest first (None: the store had none yet)."""
+        return None if self.audit_key is None else audit_keys_of(self.audit_key)
 
 
 class BackupDamagedError(IntegrityError):
@@ -1105,8 +1111,10 @@ def decode_store(
                     open_record(lookup, Purpose.KEYSET, namespace, 0, value)
                 )
             elif key == AUDIT_KEY_KEY:
-                if len(open_record(lookup, Purpose.AUDIT_KEY, AUDIT_KEY_KEY, 0, value)) != KEY_SIZE:
-                    raise IntegrityError()
+                try:  # the store's audit keys, oldest first (one more per `audit rotate-key`)
+                    audit_keys_of(open_record(lookup, Purpose.AUDIT_KEY, AUDIT_KEY_KEY, 0, value))
+                except ValueError:
+                    raise IntegrityError() from None
             elif key == KEY_POLICY_KEY:
                 RotationPolicy.from_bytes(open_record(lookup, Purpose.KEY_POLICY, KEY_POLICY_KEY, 0, value))
             elif key == RECOVERY_KEY:

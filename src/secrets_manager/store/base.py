@@ -273,6 +273,10 @@ class AuditedStore(SecretStore, Protocol):
     def audit_key(self) -> bytes:
         """The secret HMAC key of the audit log, created on first use."""
 
+    def audit_keys(self, *, reload: bool = False) -> tuple[bytes, ...]:
+        """Every audit key the store keeps, oldest first (the newest is `audit_key()`), to verify
+        records made before a rotation; `reload`: read again, not from this handle's cache."""
+
     def audit_anchor(self) -> Anchor | None:
         """The newest audit record this store vouched for, or None before the first one."""
 

@@ -50,7 +50,7 @@ from secrets_manager.crypto import (
 )
 from secrets_manager.crypto.aead import new_key
 from secrets_manager.crypto.keyset import DEFAULT_POLICY, KeyStatus, new_key_id
-from secrets_manager.crypto.mac import value_digest, value_digest_ok, value_fingerprint
+from secrets_manager.crypto.mac import audit_keys_of, value_digest, value_digest_ok, value_fingerprint
 from secrets_manager.crypto.record import record_key_id
 from secrets_manager.errors import (
     ConflictError,
@@ -211,7 +211,8 @@ class EncryptedStore:
         self._max_versions = max_versions
         self._keysets: dict[str, tuple[int, Keyset]] = {}
         self._policy: tuple[int, RotationPolicy] | None = None
-        self._audit_key: bytes | None = None
+        self._audit_key: bytes | None = None  # the audit keys, oldest first (`audit_keys`)
+        self._audit_keys_cache: tuple[bytes, tuple[bytes, ...]] | None = None
         # One anchor per audit log: a store shared by several hosts (PostgreSQL) has one log each.
         self._anchor_key = AUDIT_ANCHOR_KEY if audit_scope is None else SCOPED_ANCHOR_PREFIX + audit_scope
         self._unlock: UnlockSource | None = None
@@ -463,8 +464,13 @@ class EncryptedStore:
                     except IntegrityError as exc:
                         raise _named(exc, _value_damaged(name, number)) from None
                     cached.meta.check_value(name, number, plaintext)
-                    if fingerprint and sealed.fingerprint is None:
-                        sealed.fingerprint = value_fingerprint(self.audit_key(), plaintext)
+                    if fingerprint:
+                        # Under the audit key in force: one cached before `audit rotate-key` (the
+                        # keys read again since) is computed anew, as every fingerprint after it is.
+                        audit_key = self.audit_key()
+                        if sealed.fingerprint is None or sealed.fingerprint_key is not audit_key:
+                            sealed.fingerprint = value_fingerprint(audit_key, plaintext)
+                            sealed.fingerprint_key = audit_key
                     return _secret(name, number, cached.meta, plaintext), sealed.fingerprint
         resealed: IntegrityError | None = None
         for _attempt in range(3):  # a concurrent prune or rewrap between the reads: read again
@@ -501,12 +507,13 @@ class EncryptedStore:
                     continue
                 raise _named(exc, _value_damaged(name, number)) from None
             meta.check_value(name, number, plaintext)
-            value_hmac = value_fingerprint(self.audit_key(), plaintext) if fingerprint else None
+            fingerprinted = self.audit_key() if fingerprint else None
+            value_hmac = value_fingerprint(fingerprinted, plaintext) if fingerprinted is not None else None
             # Kept only if nothing changed while it was read (the head is where it was before).
             if head is not None and self._cache_head() == head:
                 cached = self._read_cache.get(head, name) or _CachedSecret(meta, {})
                 if cached.meta == meta:
-                    cached.records[number] = _SealedValue(entry.value, used[0], value_hmac)
+                    cached.records[number] = _SealedValue(entry.value, used[0], value_hmac, fingerprinted)
                     self._read_cache.put(head, name, cached)
             return _secret(name, number, meta, plaintext), value_hmac
         if resealed is not None:  # re-sealed between the reads at every try
@@ -1416,7 +1423,52 @@ class EncryptedStore:
         return self._anchor_key != AUDIT_ANCHOR_KEY
 
     def audit_key(self) -> bytes:
-        """The store's secret audit key, created on first use; sealed under the root key."""
+        """The store's secret audit key (the newest of `audit_keys`), created on first use."""
+        return self.audit_keys()[-1]
+
+    def audit_keys(self, *, reload: bool = False) -> tuple[bytes, ...]:
+        """Every audit key of the store, oldest first: `core/audit-key` holds them one after the
+        other (docs/format.md, purpose 5), sealed under the root key; `audit rotate-key` appends
+        one. Read once per handle; `reload`: read again (another process rotated it)."""
+        if reload:
+            self._audit_key = None
+        keyring = self._audit_keyring()
+        cached = self._audit_keys_cache
+        if cached is None or cached[0] is not keyring:
+            try:
+                cached = self._audit_keys_cache = (keyring, audit_keys_of(keyring))
+            except ValueError:
+                raise IntegrityError(_core_damaged(f"audit key ({AUDIT_KEY_KEY})")) from None
+        return cached[1]
+
+    def rotate_audit_key(self) -> int:
+        """Append a new random audit key to the store's (`audit rotate-key`) in one
+        compare-and-set commit of `core/audit-key`, and return its generation. The older keys stay
+        to verify what they signed. The log names the new key in its next record (docs/audit.md
+        §3a): until then no writer uses it."""
+        self.audit_keys()  # made first if the store has none yet
+
+        def attempt() -> bytes:
+            entry = self._storage.get(AUDIT_KEY_KEY)
+            if entry is None:
+                raise IntegrityError(_core_damaged(f"audit key ({AUDIT_KEY_KEY})"))
+            if self._sealed_under(entry) != self._root.id:
+                self._refresh_root(self._sealed_under(entry))
+            try:
+                keyring = open_record(self._root_lookup, Purpose.AUDIT_KEY, AUDIT_KEY_KEY, 0, entry.value)
+                audit_keys_of(keyring)
+            except (IntegrityError, ValueError) as exc:
+                raise IntegrityError(_core_damaged(f"audit key ({AUDIT_KEY_KEY})")) from exc
+            rotated = keyring + new_key()
+            sealed = seal_record(self._root, Purpose.AUDIT_KEY, AUDIT_KEY_KEY, 0, rotated)
+            self._commit([Put(AUDIT_KEY_KEY, sealed, _expect(entry))])
+            return rotated
+
+        self._audit_key = self._retry(attempt)
+        return len(self.audit_keys())
+
+    def _audit_keyring(self) -> bytes:
+        """The sealed keyring's plaintext: the audit keys one after the other, oldest first."""
         if self._audit_key is None:
 
             def attempt() -> Entry:
@@ -1897,6 +1949,7 @@ class _SealedValue:
     record: bytes
     key: DataKey
     fingerprint: str | None
+    fingerprint_key: bytes | None = field(default=None, repr=False)  # the audit key it is under
 
 
 @dataclass

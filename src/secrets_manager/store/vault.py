@@ -1412,6 +1412,11 @@ class VaultStore:
             with suppress(_CasMismatch, SecretsManagerError):  # someone else refreshed it, or may not
                 self._write_data(name, body["data"], cas=int(metadata["version"]), action=f"refresh {what}")
 
+    def audit_keys(self, *, reload: bool = False) -> tuple[bytes, ...]:
+        """The store's one audit key: Vault stores keep no retired ones (`audit rotate-key` is
+        refused on them, as on every store whose log is one of several)."""
+        return (self.audit_key(),)
+
     def audit_anchor(self) -> Anchor | None:
         """The anchor of this audit log, GET MOUNT/data/.secrets-manager/audit-anchor/SCOPE."""
         meta = self._read_meta(self._anchor_name, action="read the audit anchor")

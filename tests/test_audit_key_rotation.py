@@ -1,0 +1,267 @@
+"""`audit rotate-key`: a new audit key that keeps the one chain (docs/audit.md §3a). Records
+before the rotation verify under the old key, the rotation record (MAC'd under the old key)
+names the new one, and every record after it is under the new key: one made with the old key
+after it is a forgery. Other writers (a running `serve`, a later CLI) pick the new key up."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from secrets_manager.audit.records import canonical, record_hash
+from secrets_manager.crypto import kdf
+from secrets_manager.crypto.mac import record_mac, value_fingerprint
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.v1 import secrets_pb2 as pb
+from service_fixtures import PASSWORD, SEED, make_pki, make_store, run_script, start_server
+from store_differ import four_cli_stores
+from test_audit import PASSWORD as CLI_PASSWORD
+from test_audit import Cli
+from test_read_only_store import BOUND, _require_setpriv
+from vault_server import FakeVault
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    c = Cli(tmp_path)
+    assert c("init", "--kdf-profile", "test").returncode == 0
+    return c
+
+
+def _keys(store_path: Path, password: str) -> tuple[bytes, ...]:
+    store = EncryptedStore.open(SqliteStorage(store_path), PasswordUnlock(password, kdf.TEST))
+    try:
+        return store.audit_keys()
+    finally:
+        store.close()
+
+
+def _authenticated(records: list[dict[str, object]]) -> list[dict[str, object]]:
+    return [r for r in records if r.get("mac") is not None]
+
+
+def test_records_after_a_rotation_are_under_the_new_key_and_the_chain_verifies(cli: Cli) -> None:
+    assert cli("store", "auth/DB_PASSWORD", input=b"db-pass").returncode == 0
+    head_before = cli("audit", "head")
+    assert head_before.returncode == 0, head_before.stderr
+    rotated = cli("audit", "rotate-key")
+    assert rotated.returncode == 0, rotated.stderr
+    assert b"audit key 2 is in force" in rotated.stderr
+    assert cli("get", "auth/DB_PASSWORD").returncode == 0
+    records = cli.records()
+    at = next(
+        i for i, r in enumerate(records) if r["operation"] == "audit.rotate_key" and r["outcome"] == "ok"
+    )
+    rotation = records[at]
+    assert rotation["version"] == 2 and "key_id" not in rotation  # under the old key, naming the new
+    assert all("key_id" not in r for r in records[:at])
+    after = _authenticated(records[at + 1 :])
+    assert after and all(r["key_id"] == 2 for r in after)
+    keys = _keys(cli.store, CLI_PASSWORD)
+    assert len(keys) == 2 and keys[0] != keys[1]
+    assert record_mac(keys[0], str(rotation["hash"])) == rotation["mac"]
+    assert all(record_mac(keys[1], str(r["hash"])) == r["mac"] for r in after)
+    # the value fingerprint of the read after the rotation is under the new key
+    get = next(r for r in records[at:] if r["operation"] == "get")
+    single = cli("audit", "hash", input=b"db-pass")
+    assert single.stdout.decode().strip() == get["value_hmac"]
+    verified = cli("audit", "verify")
+    assert verified.returncode == 0, verified.stderr
+    # a head shipped before the rotation, and one after, are both still checked
+    for head in (head_before.stdout.decode().strip(), cli("audit", "head").stdout.decode().strip()):
+        witnessed = cli("audit", "verify", "--witness", head)
+        assert witnessed.returncode == 0, witnessed.stderr
+
+
+def test_a_record_made_with_the_retired_key_after_the_rotation_is_a_forgery(cli: Cli) -> None:
+    old_key = _keys(cli.store, CLI_PASSWORD)[0]  # what a leaked copy of the store holds
+    assert cli("audit", "rotate-key").returncode == 0
+    last = cli.records()[-1]
+    forged: dict[str, object] = {
+        "actor": "mallory",
+        "decision": "allow",
+        "name": "auth/DB_PASSWORD",
+        "operation": "get",
+        "outcome": "ok",
+        "peer": None,
+        "prev": last["hash"],
+        "request_id": "00000000-0000-4000-8000-000000000000",
+        "seq": int(str(last["seq"])) + 1,
+        "source": "cli",
+        "time": last["time"],
+        "value_hmac": None,
+        "version": 1,
+    }
+    forged["hash"] = record_hash(forged)
+    forged["mac"] = record_mac(old_key, str(forged["hash"]))
+    with cli.audit.open("ab") as handle:
+        handle.write(canonical(forged) + b"\n")
+    found = cli("audit", "verify")
+    assert found.returncode == 6
+    assert b"retired audit key is a forgery" in found.stderr
+    # the same forgery claiming the new key does not verify either
+    lines = cli.audit.read_bytes().splitlines(keepends=True)[:-1]
+    forged.pop("mac")
+    forged["key_id"] = 2
+    forged["hash"] = record_hash(forged)
+    forged["mac"] = record_mac(old_key, str(forged["hash"]))
+    cli.audit.write_bytes(b"".join(lines) + canonical(forged) + b"\n")
+    again = cli("audit", "verify")
+    assert again.returncode == 6
+    assert b"MAC does not match" in again.stderr
+
+
+def test_a_rotation_whose_record_was_lost_is_recorded_by_the_next_writer(cli: Cli) -> None:
+    """The crash point between storing the new key and appending its record: the log stays under
+    the old key (it verifies), and the next writer that reads the new key records the rotation
+    (under the old key) before its own records, which are under the new one."""
+    assert cli("store", "auth/DB_PASSWORD", input=b"db-pass").returncode == 0
+    store = EncryptedStore.open(SqliteStorage(cli.store), PasswordUnlock(CLI_PASSWORD, kdf.TEST))
+    try:
+        assert store.rotate_audit_key() == 2  # the key stored; the process dies before its record
+    finally:
+        store.close()
+    verified = cli("audit", "verify")
+    assert verified.returncode == 0, verified.stderr
+    before = len(cli.records())
+    assert cli("get", "auth/DB_PASSWORD").returncode == 0
+    new = cli.records()[before:]
+    assert new[0]["operation"] == "audit.rotate_key" and new[0]["version"] == 2 and "key_id" not in new[0]
+    assert all(r["key_id"] == 2 for r in new[1:])
+    assert cli("audit", "verify").returncode == 0
+
+
+def test_rotate_key_is_refused_without_the_password(cli: Cli) -> None:
+    wrong = cli("audit", "rotate-key", env={"MASTER_PASSWORD": "wrong"})
+    assert wrong.returncode == 4
+    assert len(wrong.stderr.decode().strip().splitlines()) == 1
+    assert len(_keys(cli.store, CLI_PASSWORD)) == 1
+    assert cli("audit", "verify").returncode == 0
+
+
+def test_rotate_key_is_refused_on_a_store_this_process_can_only_read(cli: Cli) -> None:
+    _require_setpriv()
+    os.chmod(cli.store, 0o400)
+    try:
+        before = cli.store.read_bytes()
+        refused = cli("audit", "rotate-key", prefix=tuple(BOUND))
+        assert cli.store.read_bytes() == before
+    finally:
+        os.chmod(cli.store, 0o600)
+    assert refused.returncode == 1, refused.stderr
+    lines = refused.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and "is read-only (" in lines[0], lines
+    assert len(_keys(cli.store, CLI_PASSWORD)) == 1
+    assert cli.records()[-1]["operation"] == "audit.rotate_key"
+    assert cli.records()[-1]["outcome"] == "storage_error"
+    assert cli("audit", "verify").returncode == 0
+
+
+def test_rotate_key_is_refused_through_a_server(cli: Cli) -> None:
+    refused = cli("audit", "rotate-key", env={"SECRETS_MANAGER_ADDR": "127.0.0.1:1"})
+    assert refused.returncode == 2
+    assert b"local store only" in refused.stderr
+
+
+def test_a_running_serve_writes_under_the_new_key_after_a_rotation(tmp_path: Path) -> None:
+    make_pki(tmp_path)
+    store_path = make_store(tmp_path)
+    running = start_server(tmp_path)
+    environ = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "SECRETS_MANAGER_STORE": str(store_path),
+        "MASTER_PASSWORD": PASSWORD,
+    }
+    try:
+        stub = running.stub("auth")
+        stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+        rotated = run_script(environ, "audit", "rotate-key")
+        assert rotated.returncode == 0, rotated.stderr
+        stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+        stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+    finally:
+        running.stop()
+    records = [json.loads(line) for line in (tmp_path / "store.audit.jsonl").read_text().splitlines()]
+    at = max(
+        i for i, r in enumerate(records) if r["operation"] == "audit.rotate_key" and r["outcome"] == "ok"
+    )
+    served = [r for r in records[at + 1 :] if r["source"] == "grpc" and r["operation"] == "get"]
+    assert len(served) == 2 and all(r["key_id"] == 2 for r in served)
+    assert all(r["key_id"] == 2 for r in _authenticated(records[at + 1 :]))
+    keys = _keys(store_path, PASSWORD)
+    assert all(record_mac(keys[1], r["hash"]) == r["mac"] for r in served)
+    # Its first read after the rotation was fingerprinted before it met the rotation in the log
+    # (docs/audit.md §3a); the next, served from its read cache, is fingerprinted anew.
+    value = SEED["auth/DB_PASSWORD"]
+    assert served[0]["value_hmac"] == value_fingerprint(keys[0], value)
+    assert served[1]["value_hmac"] == value_fingerprint(keys[1], value)
+    verified = run_script(environ, "audit", "verify")
+    assert verified.returncode == 0, verified.stderr
+
+
+def _lose_the_store(cli: Cli) -> None:
+    for path in cli.store.parent.glob(cli.store.name + "*"):
+        path.unlink()
+
+
+def test_a_store_restored_from_a_copy_made_after_a_rotation_verifies_the_log_across_it(cli: Cli) -> None:
+    assert cli("store", "auth/DB_PASSWORD", input=b"db-pass").returncode == 0
+    assert cli("audit", "rotate-key").returncode == 0
+    assert cli("get", "auth/DB_PASSWORD").returncode == 0
+    copy = cli.store.parent / "copy.smbackup"
+    assert cli("backup", str(copy)).returncode == 0
+    _lose_the_store(cli)  # the store file is lost; its log survives
+    restored = cli("restore", str(copy))
+    assert restored.returncode == 0, restored.stderr
+    assert len(_keys(cli.store, CLI_PASSWORD)) == 2
+    assert cli("get", "auth/DB_PASSWORD").returncode == 0
+    assert cli.records()[-1]["key_id"] == 2
+    verified = cli("audit", "verify")
+    assert verified.returncode == 0, verified.stderr
+
+
+def test_a_copy_made_before_a_rotation_is_refused_over_the_log_that_spans_it(cli: Cli) -> None:
+    """That copy lacks the new key, so the log's records after the rotation cannot be checked:
+    refused as another store's log (exit 7), up front, nothing built."""
+    copy = cli.store.parent / "copy.smbackup"
+    assert cli("backup", str(copy)).returncode == 0
+    assert cli("audit", "rotate-key").returncode == 0
+    _lose_the_store(cli)
+    refused = cli("restore", str(copy))
+    assert refused.returncode == 7, refused.stderr
+    assert not cli.store.exists()
+
+
+def test_on_the_four_stores_only_sqlite_rotates_and_the_others_refuse_in_one_line(
+    tmp_path: Path, postgres_cluster: Any, fake_vault: FakeVault, moto_endpoint: str
+) -> None:
+    """PostgreSQL (each host keeps a log of its own, which would not all learn of the key), Vault
+    and AWS (one key) refuse with exit 2, leaving the log verifying; SQLite rotates."""
+    urls, environs = four_cli_stores(
+        tmp_path,
+        postgres_cluster,
+        fake_vault.address,
+        fake_vault.root_token,
+        moto_endpoint,
+        password=CLI_PASSWORD,
+        aws_prefix="akey",
+    )
+    for label, url in urls.items():
+        environ = {**environs[label], "SECRETS_MANAGER_STORE": url}
+        assert run_script(environ, "store", "app/KEY", input=b"value").returncode == 0
+        rotated = run_script(environ, "audit", "rotate-key")
+        if label == "sqlite":
+            assert rotated.returncode == 0, rotated.stderr
+        else:
+            assert rotated.returncode == 2, (label, rotated.stderr)
+            lines = rotated.stderr.decode().strip().splitlines()
+            assert len(lines) == 1 and "not supported by this store" in lines[0], (label, lines)
+        assert run_script(environ, "get", "app/KEY").returncode == 0
+        verified = run_script(environ, "audit", "verify")
+        assert verified.returncode == 0, (label, verified.stderr)
