@@ -265,3 +265,19 @@ def test_on_the_four_stores_only_sqlite_rotates_and_the_others_refuse_in_one_lin
         assert run_script(environ, "get", "app/KEY").returncode == 0
         verified = run_script(environ, "audit", "verify")
         assert verified.returncode == 0, (label, verified.stderr)
+
+
+def test_a_new_chain_after_a_rotation_begins_under_the_newest_key(cli: Cli) -> None:
+    """`audit reset` keeps the keys: the new chain's first record is under the newest one, and the
+    log verifies (status too)."""
+    assert cli("audit", "rotate-key").returncode == 0
+    cli.audit.unlink()  # the log lost
+    reset = cli("audit", "reset", "--accept-loss")
+    assert reset.returncode == 0, reset.stderr
+    assert cli("store", "auth/DB_PASSWORD", input=b"db-pass").returncode == 0
+    records = cli.records()
+    assert records[0]["operation"] == "audit.reset" and records[0]["seq"] == 1
+    assert all(r["key_id"] == 2 for r in _authenticated(records))
+    assert not any(r["operation"] == "audit.rotate_key" for r in records)
+    assert cli("audit", "verify").returncode == 0
+    assert cli("status").returncode == 0
