@@ -281,3 +281,9 @@ def test_a_new_chain_after_a_rotation_begins_under_the_newest_key(cli: Cli) -> N
     assert not any(r["operation"] == "audit.rotate_key" for r in records)
     assert cli("audit", "verify").returncode == 0
     assert cli("status").returncode == 0
+
+
+def test_audit_help_names_the_key_rotation(cli: Cli) -> None:
+    shown = cli("audit", "--help")
+    assert shown.returncode == 0
+    assert b"and rotate its key" in shown.stdout and b"rotate-key" in shown.stdout

@@ -45,7 +45,7 @@ from secrets_manager.store.base import AuditedStore
 
 @cli.group()
 def audit() -> None:
-    """Read, verify and prune the tamper-evident audit log."""
+    """Read, verify and prune the tamper-evident audit log, and rotate its key."""
 
 
 # The operations whose record says a secret's value was handed to its actor (docs/audit.md §2): a
