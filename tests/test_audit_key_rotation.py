@@ -287,3 +287,19 @@ def test_audit_help_names_the_key_rotation(cli: Cli) -> None:
     shown = cli("audit", "--help")
     assert shown.returncode == 0
     assert b"and rotate its key" in shown.stdout and b"rotate-key" in shown.stdout
+
+
+def test_a_log_pruned_past_its_rotation_record_still_verifies(cli: Cli) -> None:
+    """The chain then begins under the new key: its first record with a MAC sets the key in force."""
+    small = {"SECRETS_MANAGER_AUDIT_MAX_BYTES": "1500"}  # a new live file every command or two
+    assert cli("audit", "rotate-key", env=small).returncode == 0
+    for i in range(6):
+        assert cli("store", f"app/K{i}", input=b"v", env=small).returncode == 0
+    pruned = cli("audit", "prune", "--keep-files", "1", env=small)
+    assert pruned.returncode == 0, pruned.stderr
+    remaining = cli.records_of_every_file()
+    assert remaining[0]["seq"] > 1
+    assert not any(r["operation"] == "audit.rotate_key" for r in remaining)
+    verified = cli("audit", "verify", env=small)
+    assert verified.returncode == 0, verified.stderr
+    assert b"those before were pruned" in verified.stdout
