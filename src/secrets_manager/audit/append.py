@@ -22,7 +22,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from secrets_manager.audit.anchor import AuditAnchor, check_tail_against_anchor, missing_anchor
+from secrets_manager.audit.anchor import AuditAnchor, audit_keys_of, check_tail_against_anchor, missing_anchor
 from secrets_manager.audit.errors import RESET_HINT, AuditError, AuditTamperError, not_an_audit_log
 from secrets_manager.audit.files import (
     PARTIAL_LIMIT,
@@ -613,9 +613,9 @@ class LogWriter(LogFiles):
         """The store's audit keys, read again from the store when the log names a newer one than
         this process holds (another process rotated it: from then on this one writes under it
         too, and computes fingerprints with it); AuditTamperError if the store holds none such."""
-        keys = anchor.audit_keys()
+        keys = audit_keys_of(anchor)
         if generation is not None and generation > len(keys):
-            keys = anchor.audit_keys(reload=True)
+            keys = audit_keys_of(anchor, reload=True)
             if generation > len(keys):
                 raise AuditTamperError(
                     f"audit log {self.path} is under audit key {generation}, which the store does not "
