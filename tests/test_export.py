@@ -15,8 +15,10 @@ from test_cli import PASSWORD, Cli, assert_one_line_error
 
 # What a .env file makes hard: quotes of both kinds, backslashes (one at the end), a '$' that
 # must not expand, '#' that must not start a comment, spaces at both ends, lines, a CR, non-ASCII.
+# (A value with both ' and '$' fits no line a shell and python-dotenv read alike: refused below.)
 AWKWARD = {
-    "DB_PASSWORD": "pa$$word with 'single' and \"double\" quotes # not a comment",
+    "DB_PASSWORD": 'pa$$word with "double" quotes # not a comment',
+    "QUOTED": "it's 'single' and \"double\" # not a comment",
     "WINDOWS_PATH": "C:\\new\\table\\",
     "ESCAPED": "\\' and \\\\ and \\n as typed",
     "PADDED": "  spaces at both ends  ",
@@ -49,7 +51,7 @@ def test_an_export_imported_again_gives_the_same_names_and_values(
     result = cli("export", "--service", "auth", "--format", file_format, "-o", str(exported))
     assert result.code == 0, result.stderr
     assert result.stdout == b""
-    assert f"exported 7 secrets under auth/ to {exported}" in result.stderr
+    assert f"exported 8 secrets under auth/ to {exported}" in result.stderr
     assert "plain text" in result.stderr
     assert stat.S_IMODE(exported.stat().st_mode) == 0o600
     back = cli("import", str(exported), "--service", "copy", "--format", file_format)
@@ -59,13 +61,69 @@ def test_an_export_imported_again_gives_the_same_names_and_values(
     assert cli("list", "copy/").out.split() == sorted(f"copy/{key}" for key in AWKWARD)
 
 
-def test_the_env_format_is_key_equals_a_single_quoted_value_in_name_order(cli: Cli) -> None:
+def test_the_env_format_is_key_equals_a_quoted_value_in_name_order(cli: Cli) -> None:
     result = cli("export", "--service", "auth")
     assert result.code == 0, result.stderr
     lines = result.out.splitlines()
-    assert lines[0] == "DB_PASSWORD='pa$$word with \\'single\\' and \"double\" quotes # not a comment'"
-    assert "WINDOWS_PATH='C:\\\\new\\\\table\\\\'" in lines
+    assert lines[0] == "DB_PASSWORD='pa$$word with \"double\" quotes # not a comment'"
+    assert 'QUOTED="it\'s \'single\' and \\"double\\" # not a comment"' in lines
+    assert 'WINDOWS_PATH="C:\\\\new\\\\table\\\\"' in lines
     assert not any("KNOWN-other-namespace" in line for line in lines)  # authz/ is not auth/
+
+
+def _sourced(path: Path) -> dict[str, str]:
+    """The variables a POSIX shell has after `set -a; . FILE`, as `set -a; . ./app.env` reads a
+    .env file into a deployment script: the export's values, or whatever its lines made it run."""
+    shown = subprocess.run(
+        ["/bin/sh", "-c", 'set -a; . "$1"; exec env -0', "sh", str(path)],
+        cwd=path.parent, env={"PATH": "/usr/bin:/bin"}, capture_output=True, timeout=30,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    pairs = (entry.split("=", 1) for entry in shown.stdout.decode().split("\0") if "=" in entry)
+    return dict(pairs)
+
+
+def test_a_shell_sourcing_the_env_file_reads_the_values_and_runs_none_of_them(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A value was single-quoted with its ' escaped as python-dotenv reads it (\\'), which ends the
+    quotes for a shell: a value (a service's own, in its namespace) of `x';touch PWNED;#` made
+    every script that sources the export run `touch PWNED`. Each value is now quoted so that a
+    shell reads the same text as python-dotenv, or at least runs nothing of it."""
+    bait = {
+        "CLOSES_QUOTES": "x';touch PWNED;#",  # ' and no '$': double quotes
+        "SUBSTITUTES": '$(touch PWNED)`touch PWNED` and \\ then "',  # '$' and \\, no ': single quotes
+    }
+    for key, value in bait.items():
+        assert cli("store", f"auth/{key}", "--raw", input=value.encode()).code == 0
+    exported = tmp_path / "auth.env"
+    assert cli("export", "--service", "auth", "-o", str(exported)).code == 0
+    variables = _sourced(exported)
+    assert not (tmp_path / "PWNED").exists()
+    for key, value in {**AWKWARD, "CLOSES_QUOTES": bait["CLOSES_QUOTES"]}.items():
+        if "/" not in key:  # jwt/signing-key is no shell variable name (python-dotenv takes it)
+            assert variables[key] == value, key
+    # the one a shell cannot read exactly: its backslashes doubled, and nothing of it run
+    assert variables["SUBSTITUTES"] == bait["SUBSTITUTES"].replace("\\", "\\\\")
+    back = cli("import", str(exported), "--service", "copy")
+    assert back.code == 0, back.stderr
+    for key, value in bait.items():
+        assert cli("get", f"copy/{key}", "--raw").stdout == value.encode(), key
+
+
+def test_a_value_with_a_quote_and_a_dollar_is_refused_in_the_env_format_only(
+    cli: Cli, tmp_path: Path
+) -> None:
+    value = "pa$$word with 'single' quotes"
+    assert cli("store", "auth/BOTH", "--raw", input=value.encode()).code == 0
+    target = tmp_path / "auth.env"
+    refused = cli("export", "--service", "auth", "-o", str(target))
+    assert_one_line_error(refused, 2, "auth/BOTH", "nothing was written", "--format json")
+    assert "pa$$word" not in refused.stderr
+    assert not target.exists()
+    as_json = cli("export", "--service", "auth", "--format", "json")
+    assert as_json.code == 0, as_json.stderr
+    assert json.loads(as_json.out)["BOTH"] == value
 
 
 def test_each_secret_read_is_audited_and_no_value_reaches_the_log(cli: Cli) -> None:

@@ -3,10 +3,11 @@ of `import` (as `chamber export` is of `chamber import`).
 
 Each secret NAME/KEY under the namespace that the caller may read becomes the binding KEY, with
 its current value: `import FILE --service NAME` reads the file back to the same names and values
-(a .env value is single-quoted, with `\\` and `'` escaped, as python-dotenv reads it; JSON holds
-text). Every secret is read (one audited operation, a record per secret) before anything is
-written: a binary value, which neither format holds as text, writes nothing. `-o FILE` is written
-0600, atomically and durably; an existing FILE only with `--force`.
+(a .env value quoted as python-dotenv reads it, and so that a shell sourcing the file, as
+`set -a; . ./FILE` does, runs nothing of it; JSON holds text). Every secret is read (one audited
+operation, a record per secret) before anything is written: a binary value, which neither format
+holds as text, writes nothing. `-o FILE` is written 0600, atomically and durably; an existing FILE
+only with `--force`.
 """
 
 from __future__ import annotations
@@ -101,10 +102,29 @@ def _rendered(secrets: list[Secret], service: str, file_format: str) -> bytes:
         values[secret.name[len(service) + 1 :]] = text
     if file_format == "json":
         return (json.dumps(values, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    return "".join(f"{key}={_single_quoted(text)}\n" for key, text in values.items()).encode("utf-8")
+    return "".join(f"{key}={_quoted(f'{service}/{key}', text)}\n" for key, text in values.items()).encode(
+        "utf-8"
+    )
 
 
-def _single_quoted(text: str) -> str:
-    """`text` as python-dotenv reads a single-quoted value back: only `\\` and `'` are escapes
-    there, and nothing inside is expanded (`$`, `#`, newlines stay)."""
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+def _quoted(name: str, text: str) -> str:
+    """`text` quoted so that python-dotenv (and `import`) read it back exactly, and a POSIX shell
+    sourcing the file reads it as one word and runs nothing of it: a .env file is sourced as often
+    as it is parsed, and a value (a service's own, a generated one) is not ours to trust there.
+
+    Single quotes where the value has no `'` or `\\` (both read it as written); else double
+    quotes with `\\` and `"` escaped (both read those escapes alike) where it has no `$` or
+    backtick, which a shell expands between double quotes; else single quotes with `\\` escaped,
+    where it has no `'` (a shell reads its backslashes doubled, but runs nothing). A value with
+    `'` and `$` or a backtick fits no such form: InvalidInputError (nothing is written)."""
+    if "'" not in text and "\\" not in text:
+        return f"'{text}'"
+    if "$" not in text and "`" not in text:
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if "'" not in text:
+        return "'" + text.replace("\\", "\\\\") + "'"
+    raise InvalidInputError(
+        f"the value of {name} holds both ' and $ or `: no KEY=value line both python-dotenv and a "
+        "shell sourcing the file read as that text (a shell would run part of it); nothing was "
+        "written (use --format json)"
+    )
