@@ -3413,6 +3413,34 @@ def test_production_names_a_relative_stores_directory_by_its_full_path(ready: Cl
     assert f"'chmod 700 {ready.store.parent}'" in done.stderr
 
 
+def test_outside_production_a_store_others_can_reach_is_a_warning(ready: Cli, tmp_path: Path) -> None:
+    """The README: outside production each of production's refusals is a warning. The store's
+    were checked in production only: a store in a directory others may write (/tmp, a 0777 share)
+    opened without a word, though another user could put a -wal file of theirs beside it before a
+    write, into which SQLite then wrote the store's pages (its header, for guessing the master
+    password offline, and every ciphertext). Now warned of, once per command."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    store = shared / "store.db"
+    made = ready("--store", str(store), "init", "--kdf-profile", "test")
+    assert made.code == 0, made.stderr
+    said = f"warning: the store's directory {shared} has mode 1777"
+    assert made.stderr.count(said) == 1, made.stderr
+    assert f"'chmod 700 {shared}'" in made.stderr
+    listed = ready("--store", str(store), "list")
+    assert listed.code == 0 and listed.stderr.count(said) == 1, listed.stderr
+    shared.chmod(0o700)
+    store.chmod(0o644)
+    loose = ready("--store", str(store), "list")
+    assert loose.code == 0, loose.stderr
+    assert f"warning: store file {store} has mode 0644" in loose.stderr
+    assert f"'chmod 600 {store}'" in loose.stderr
+    store.chmod(0o600)
+    quiet = ready("--store", str(store), "list")
+    assert quiet.code == 0 and quiet.stderr == "", quiet.stderr
+
+
 def test_production_refuses_master_password_even_beside_a_password_file(ready: Cli, tmp_path: Path) -> None:
     prod = {**_production(tmp_path / "pw"), "MASTER_PASSWORD": PASSWORD}
     for args in (("--password-file", str(tmp_path / "pw"), "list"), ("list",)):

@@ -666,8 +666,11 @@ def open_storage(url: str | None, *, create: bool, environment: Environment) -> 
         except StoreNotFoundError as exc:  # the command to create it keeps the URL's options
             raise StoreNotFoundError(exc.location, url_without_password(url or "")) from None
     path = sqlite_path(url)
-    if environment.is_production and path.parent.is_dir():
-        _refuse_unprotected_store(path, create=create)
+    if path.parent.is_dir():
+        problem = _unprotected_store_problem(path, create=create, production=environment.is_production)
+        if problem is not None and (environment.is_production or problem not in _warned_store_problems):
+            _warned_store_problems.add(problem)  # once per process: the SDK may open it again
+            environment.guard(problem)
     try:
         return SqliteStorage(path, create=create)
     except StoreNotFoundError as exc:
@@ -676,16 +679,23 @@ def open_storage(url: str | None, *, create: bool, environment: Environment) -> 
         raise StoreNotFoundError(exc.location, None) from None  # the default: a bare `init` makes it
 
 
-def _refuse_unprotected_store(path: Path, *, create: bool) -> None:
-    """Production's guard rails for a store file: it and its directory must be this user's (or
-    root's), the file unreadable and the directory unwritable by group or others. Checked with
-    fstat of the directory as opened and of the file opened in it, not by stat of their paths
-    (which may name other files a moment later); while the directory is safe, nobody else can
-    put another file under the store's name before SQLite opens it."""
+# The problems of store files already warned of outside production (once per process each).
+_warned_store_problems: set[str] = set()
+
+
+def _unprotected_store_problem(path: Path, *, create: bool, production: bool) -> str | None:
+    """Why a store file is not safe from other users, or None: it and its directory must be this
+    user's (or root's), the file unreadable and the directory unwritable by group or others (who
+    may write the directory may put a -wal file of theirs beside the store before SQLite makes
+    one, and SQLite then writes the store's pages, its header included, into their file).
+    Production refuses it; elsewhere it is a warning (`Environment.guard`), except for a store
+    file another user owns (theirs, read through its group: theirs to protect, not this user's).
+    Checked with fstat of the directory as opened and of the file opened in it, not by stat of
+    their paths (which may name other files a moment later)."""
     try:
         folder_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
-        return  # SqliteStorage reports what is wrong with it
+        return None  # SqliteStorage reports what is wrong with it
     try:
         folder = os.fstat(folder_fd)
         found: os.stat_result | None = None
@@ -704,24 +714,24 @@ def _refuse_unprotected_store(path: Path, *, create: bool) -> None:
     if found is not None:
         problem = owner_problem(path, found, "store file")
         if problem is not None:
-            raise UnsafeConfigurationError(f"{problem} (production refuses it)")
+            return problem if production else None
         mode = stat.S_IMODE(found.st_mode)
         if mode & 0o077:
-            raise UnsafeConfigurationError(
+            return (
                 f"store file {path} has mode {mode:04o}, which group or others can access; "
-                f"run 'chmod 600 {path}' (production refuses unprotected store files)"
+                f"run 'chmod 600 {path}'"
             )
     # Who may write the directory may replace the store file (or its -wal) with one of theirs.
     directory = path.absolute().parent  # a relative store's is '.', which says nothing in a message
     problem = owner_problem(directory, folder, "the store's directory")
     if problem is not None:
-        raise UnsafeConfigurationError(f"{problem} (production refuses it)")
+        return problem
     if stat.S_IMODE(folder.st_mode) & 0o022:
-        raise UnsafeConfigurationError(
+        return (
             f"the store's directory {directory} has mode {stat.S_IMODE(folder.st_mode):04o}, which "
-            f"lets group or others replace the store file; run 'chmod 700 {directory}' (production "
-            "refuses it)"
+            f"lets group or others replace the store file or read its writes; run 'chmod 700 {directory}'"
         )
+    return None
 
 
 def _open_postgres(location: PostgresLocation, *, create: bool, environment: Environment) -> Storage:
