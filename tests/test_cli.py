@@ -17,6 +17,7 @@ import stat
 import string
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -3439,6 +3440,44 @@ def test_outside_production_a_store_others_can_reach_is_a_warning(ready: Cli, tm
     store.chmod(0o600)
     quiet = ready("--store", str(store), "list")
     assert quiet.code == 0 and quiet.stderr == "", quiet.stderr
+
+
+def test_a_wal_file_another_user_put_beside_the_store_is_refused(ready: Cli, tmp_path: Path) -> None:
+    """SQLite opens a -wal (or -shm) file it finds beside the store as it is: `nobody`, who may
+    write a 1777 directory holding a store, made one before a `store`, which then wrote the
+    store's pages into nobody's file (the header, to guess the master password offline, and the
+    new ciphertext), or through a symbolic link into a file of ours. Now refused, exit 2, before
+    anything is read or written. Fails on the old code (the store succeeded; the file grew)."""
+    if os.geteuid() != 0:
+        pytest.skip("a file of another user needs root to make")
+    shared = Path(tempfile.mkdtemp(prefix="wal-test-"))  # in /tmp: nobody reaches it (not tmp_path)
+    try:
+        shared.chmod(0o1777)
+        _refused_beside(ready, tmp_path, shared / "store.db")
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def _refused_beside(ready: Cli, tmp_path: Path, store: Path) -> None:
+    assert ready("--store", str(store), "init", "--kdf-profile", "test").code == 0
+    wal = Path(f"{store}-wal")
+    subprocess.run(["sh", "-c", 'umask 0; : > "$1"', "sh", str(wal)], user=NOBODY, check=True, timeout=30)
+    before = store.read_bytes()
+    refused = ready("--store", str(store), "store", "auth/KEY", input=b"KNOWN-value")
+    assert refused.code == 2, refused.stderr
+    assert f"the store's -wal file {wal} belongs to nobody, not to you" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert wal.stat().st_size == 0 and store.read_bytes() == before
+    wal.unlink()
+    aimed = tmp_path / "ours"
+    wal.symlink_to(aimed)
+    linked = ready("--store", str(store), "list")
+    assert linked.code == 2 and "-wal file" in linked.stderr and "is a symbolic link" in linked.stderr
+    assert not aimed.exists()
+    wal.unlink()
+    stored = ready("--store", str(store), "store", "auth/KEY", input=b"KNOWN-value")
+    assert stored.code == 0, stored.stderr
+    assert ready("--store", str(store), "get", "auth/KEY").out == "KNOWN-value\n"
 
 
 def test_production_refuses_master_password_even_beside_a_password_file(ready: Cli, tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from secrets_manager.errors import (
     StoreClosedError,
     StoreNotFoundError,
     StoreReadOnlyError,
+    UnsafeConfigurationError,
 )
 from secrets_manager.storage.base import (
     ABSENT,
@@ -106,6 +107,7 @@ class SqliteStorage:
     def _connect(self, create: bool) -> None:
         if self.path.is_dir():
             raise InvalidInputError(f"store {self.path} is a directory; give the store file's path")
+        _refuse_companions_of_others(self._where)
         # A store this process cannot write (its mode, its directory, a read-only file system) is
         # opened read-only: reads work, and every write is refused saying why (StoreReadOnlyError).
         self.read_only = None if create else read_only_reason(self._where)
@@ -515,6 +517,41 @@ def read_only_reason(path: Path) -> str | None:
             "store's -wal and -shm files there"
         )
     return None
+
+
+def _refuse_companions_of_others(path: Path) -> None:
+    """UnsafeConfigurationError if a -wal or -shm file beside this user's store file `path` is a
+    symbolic link or another user's (root's are fine): SQLite opens an existing one as it finds
+    it, so a user who may write the store's directory (/tmp, a 0777 share) could make one before a
+    command runs and get the store's pages written into their file (its header, to guess the
+    master password offline, and every ciphertext), or through a link into a file of ours. A
+    store file of another user (read through its group) has that user's companions: not checked."""
+    me = os.geteuid()
+    try:
+        if os.lstat(path).st_uid not in (0, me):
+            return
+    except OSError:
+        pass  # no store file yet (init), or none: SqliteStorage says so
+    for suffix in ("-wal", "-shm"):
+        companion = Path(f"{path}{suffix}")
+        try:
+            found = os.lstat(companion)
+        except OSError:
+            continue
+        if stat.S_ISLNK(found.st_mode):
+            problem = "is a symbolic link"
+        elif found.st_uid not in (0, me):
+            try:
+                problem = f"belongs to {pwd.getpwuid(found.st_uid).pw_name}"
+            except KeyError:
+                problem = f"belongs to uid {found.st_uid}"
+        else:
+            continue
+        raise UnsafeConfigurationError(
+            f"the store's {suffix} file {companion} {problem}, not to you: SQLite would write the "
+            f"store's pages into it; nothing was read or written. Remove it, and keep the store in a "
+            f"directory of your own (whoever may write {path.parent} can make such a file)"
+        )
 
 
 def _user() -> str:
