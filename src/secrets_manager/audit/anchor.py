@@ -57,7 +57,8 @@ def audit_keys_of(anchor: AuditAnchor, *, reload: bool = False) -> tuple[bytes, 
 
 def value_fingerprint(anchor: AuditAnchor, value: bytes) -> str:
     """`hmac-sha256:<hex>` of a value under the store's audit key (Vault's `sys/audit-hash`)."""
-    return _value_fingerprint(anchor.audit_key(), value)
+    keys = audit_keys_of(anchor)
+    return _value_fingerprint(keys[-1], value, len(keys))
 
 
 def page_token_mac(anchor: AuditAnchor, data: bytes) -> str:

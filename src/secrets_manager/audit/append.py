@@ -438,6 +438,10 @@ class LogWriter(LogFiles):
             record: dict[str, Any] = {"seq": seq, "time": now, **event.as_record(), "prev": previous}
             if keys is not None and lines_generation is not None and lines_generation > 1:
                 record["key_id"] = lines_generation
+            if keys is not None and _fingerprinted_under_another_key(event.value_hmac, lines_generation):
+                # A read made just before this process met a rotation: its fingerprint is under
+                # the key before, which a holder of that key could test guesses against.
+                record["value_hmac"] = None
             body = canonical(record)
             record["hash"] = previous = sha256_hex(body)
             record["mac"] = (
@@ -940,6 +944,13 @@ def entries_rotated_to(
         first = entries[0][1]
         entries.insert(0, (None, AuditEvent(KEY_ROTATION, first.actor, first.source, version=newest)))
     return generation
+
+
+def _fingerprinted_under_another_key(value_hmac: str | None, generation: int | None) -> bool:
+    """Whether a record's fingerprint was made under another audit key than the one (generation)
+    it is written under; a fingerprint that does not say which key made it is kept."""
+    made_under = getattr(value_hmac, "generation", None)
+    return made_under is not None and generation is not None and made_under != generation
 
 
 @dataclass(frozen=True)

@@ -69,9 +69,23 @@ def head_mac_ok(key: bytes, head: str, mac: str) -> bool:
     return hmac.compare_digest(head_mac(key, head), mac)
 
 
-def value_fingerprint(key: bytes, value: bytes) -> str:
-    """`hmac-sha256:<hex>` of a value: identifies it later without revealing it (Vault's audit-hash)."""
-    return "hmac-sha256:" + _hmac_hex(key, _VALUE_LABEL, value)
+class Fingerprint(str):
+    """A value's fingerprint that knows the generation of the audit key it was made under: a
+    writer that has met a newer key since leaves it out of its record rather than write one that
+    the old key's holder could test guesses against (docs/audit.md §3a)."""
+
+    generation: int
+
+    def __new__(cls, text: str, generation: int) -> Fingerprint:
+        made = super().__new__(cls, text)
+        made.generation = generation
+        return made
+
+
+def value_fingerprint(key: bytes, value: bytes, generation: int = 1) -> Fingerprint:
+    """`hmac-sha256:<hex>` of a value: identifies it later without revealing it (Vault's
+    audit-hash). `generation`: which of the store's audit keys `key` is (1: the first)."""
+    return Fingerprint("hmac-sha256:" + _hmac_hex(key, _VALUE_LABEL, value), generation)
 
 
 def page_token_mac(key: bytes, data: bytes) -> str:

@@ -467,10 +467,10 @@ class EncryptedStore:
                     if fingerprint:
                         # Under the audit key in force: one cached before `audit rotate-key` (the
                         # keys read again since) is computed anew, as every fingerprint after it is.
-                        audit_key = self.audit_key()
-                        if sealed.fingerprint is None or sealed.fingerprint_key is not audit_key:
-                            sealed.fingerprint = value_fingerprint(audit_key, plaintext)
-                            sealed.fingerprint_key = audit_key
+                        audit_keys = self.audit_keys()
+                        if sealed.fingerprint is None or sealed.fingerprint_key is not audit_keys[-1]:
+                            sealed.fingerprint = value_fingerprint(audit_keys[-1], plaintext, len(audit_keys))
+                            sealed.fingerprint_key = audit_keys[-1]
                     return _secret(name, number, cached.meta, plaintext), sealed.fingerprint
         resealed: IntegrityError | None = None
         for _attempt in range(3):  # a concurrent prune or rewrap between the reads: read again
@@ -507,8 +507,9 @@ class EncryptedStore:
                     continue
                 raise _named(exc, _value_damaged(name, number)) from None
             meta.check_value(name, number, plaintext)
-            fingerprinted = self.audit_key() if fingerprint else None
-            value_hmac = value_fingerprint(fingerprinted, plaintext) if fingerprinted is not None else None
+            audit_keys = self.audit_keys() if fingerprint else ()
+            fingerprinted = audit_keys[-1] if audit_keys else None
+            value_hmac = value_fingerprint(audit_keys[-1], plaintext, len(audit_keys)) if audit_keys else None
             # Kept only if nothing changed while it was read (the head is where it was before).
             if head is not None and self._cache_head() == head:
                 cached = self._read_cache.get(head, name) or _CachedSecret(meta, {})
