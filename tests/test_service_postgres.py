@@ -731,3 +731,64 @@ def test_a_change_whose_commit_answer_the_service_lost_reaches_its_client_as_an_
         assert direct.get("auth/MAYBE").value.reveal() == b"made-or-not-SEEKRIT"
     finally:
         direct.close()
+
+
+def test_a_replica_whose_password_file_is_still_the_old_one_says_not_serving_after_a_root_rotation(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """The monthly drill on two replicas: a new master password (`passwd`, or `recovery
+    unlock-with password`) and `keys rotate --root` while they serve. A replica whose password file
+    already holds the new password adopts the new root key; one whose file still holds the old one
+    fails every call (ABORTED, "put the new password in its password file"), so its health must
+    say NOT_SERVING, or clients given both addresses keep choosing it. Before, its health check
+    read only the change feed's head and said SERVING throughout."""
+    make_pki(tmp_path)
+    (tmp_path / "policy.toml").write_text(POLICY)
+    schema = postgres_cluster.new_schema()
+    create_store(postgres_cluster.url(with_password=True), schema, SEED)
+    url = f"{postgres_cluster.url()}?schema={schema}"
+    new_password = "the new master password after the drill"
+    for name, content in (("pw-a", PASSWORD), ("pw-b", PASSWORD), ("new-pw", new_password)):
+        (tmp_path / name).write_text(content + "\n")
+        (tmp_path / name).chmod(0o600)
+    servers: list[Server] = []
+    try:
+        for name, password_file in (("replica-a", "pw-a"), ("replica-b", "pw-b")):
+            servers.append(
+                start_server(
+                    tmp_path,
+                    name,
+                    store=url,
+                    environment=postgres_cluster.env(),
+                    settings=f'audit_file = "{name}.audit.jsonl"\npassword_file = "{password_file}"\n',
+                )
+            )
+        a, b = servers
+        wait_for_health(a, health_pb2.HealthCheckResponse.SERVING)
+        wait_for_health(b, health_pb2.HealthCheckResponse.SERVING)
+        changed = local_cli(
+            url, tmp_path, postgres_cluster.env(), "passwd", "--new-password-file", str(tmp_path / "new-pw"),
+            audit_file="cli.audit.jsonl",
+        )  # fmt: skip
+        assert changed.returncode == 0, changed.stderr
+        (tmp_path / "pw-a").write_text(new_password + "\n")  # replica a's host got it first, as documented
+        rotated = local_cli(
+            url, tmp_path, postgres_cluster.env(), "--password-file", str(tmp_path / "new-pw"),
+            "keys", "rotate", "--root", audit_file="cli.audit.jsonl",
+        )  # fmt: skip
+        assert rotated.returncode == 0, rotated.stderr
+        wait_for_health(b, health_pb2.HealthCheckResponse.NOT_SERVING)
+        wait_for_health(a, health_pb2.HealthCheckResponse.SERVING, seconds=5)
+        request = pb.GetSecretRequest(name="auth/DB_PASSWORD")
+        assert a.stub("auth").GetSecret(request, timeout=30).secret.value == SEED["auth/DB_PASSWORD"]
+        with pytest.raises(grpc.RpcError) as refused:
+            b.stub("auth").GetSecret(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.ABORTED
+        assert "password file" in str(refused.value.details())
+        (tmp_path / "pw-b").write_text(new_password + "\n")  # and then replica b's: it serves again
+        wait_for_health(b, health_pb2.HealthCheckResponse.SERVING)
+        assert b.stub("auth").GetSecret(request, timeout=30).secret.value == SEED["auth/DB_PASSWORD"]
+    finally:
+        for server in servers:
+            server.stop()
+    assert not any(new_password in line or PASSWORD in line for s in servers for line in s.log_lines)

@@ -6,7 +6,9 @@ waits out its deadline. Two things every call needs are checked on a thread of t
 `interval` seconds:
 
 - `store`: a cheap store read. It fails while the store fails (the database down, the file
-  removed) or has not answered within `timeout` seconds (a hung database, a lock that never comes).
+  removed) or has not answered within `timeout` seconds (a hung database, a lock that never comes),
+  and, on our encrypted store, while the root key another process rotated cannot be adopted (the
+  password file still holds the old password: every call fails so meanwhile).
 - `audit`: an append of no record to the audit log (its locks taken, its live file opened and
   checked against the store's anchor, nothing written). Every call writes an audit record and is
   refused if it cannot (audit fails closed), so a log that cannot be written is a service that

@@ -96,7 +96,8 @@ def change_feed(store: ServedStore, *, poll_seconds: float | None = None) -> Cha
 
 
 def store_probe(store: ServedStore) -> Callable[[], object]:
-    """The health check's store read: the store's own `probe()`, else the change feed's head."""
+    """The health check's store read: the store's own `probe()` (our encrypted store's also checks
+    that its root key is the one in force), else the change feed's head."""
     if isinstance(store, Probed):
         return store.probe
     feed = store if isinstance(store, ChangeFeed) else None

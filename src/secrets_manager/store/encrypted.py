@@ -1407,6 +1407,16 @@ class EncryptedStore:
         batch = self._storage.changes_since(revision)
         return secret_changes(batch), batch.revision
 
+    def probe(self) -> None:
+        """The service's health check: the storage answers (the change feed's head, one read), and
+        the root key the header names is the one this handle holds, or is adopted now (another
+        process ran `keys rotate --root`; after a `passwd` too, reading the password file again, at
+        most every RENEW_RETRY_SECONDS). While it cannot be adopted every call fails with the
+        same ConflictError this raises, so the replica must not say SERVING: clients would keep
+        choosing it over one whose password file already holds the new password."""
+        self.changes_since(None)
+        self._adopt_the_headers_root()
+
     def change_history(self) -> str | None:
         """The line of the database's history the change feed's revisions are on (storage/base.py
         ChangeHead), or None where the storage cannot tell. A revision kept from another process
