@@ -792,3 +792,69 @@ def test_a_replica_whose_password_file_is_still_the_old_one_says_not_serving_aft
         for server in servers:
             server.stop()
     assert not any(new_password in line or PASSWORD in line for s in servers for line in s.log_lines)
+
+
+def test_a_replica_pointed_at_a_restored_database_with_its_old_audit_log_says_the_log_is_another_stores(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """The restore drill: last night's backup restored into a new database (its own audit key,
+    README "When the day comes"), and a replica's server.toml pointed at it, its `audit_file`
+    unchanged. The replica must refuse to start (exit 6) saying the log is the old store's and to
+    give its log another path, and leave that log as it was. Before, it said the log's last
+    record was "edited or forged" and to accept the loss with `audit reset`."""
+    make_pki(tmp_path)
+    (tmp_path / "policy.toml").write_text(POLICY)
+    old_schema, new_schema = postgres_cluster.new_schema(), postgres_cluster.new_schema()
+    create_store(postgres_cluster.url(with_password=True), old_schema, SEED)
+    old_url = f"{postgres_cluster.url()}?schema={old_schema}"
+    new_url = f"{postgres_cluster.url()}?schema={new_schema}"
+    replica = start_server(
+        tmp_path, "replica-a", store=old_url, environment=postgres_cluster.env(),
+        settings='audit_file = "replica-a.audit.jsonl"\n',
+    )  # fmt: skip
+    try:
+        request = pb.GetSecretRequest(name="auth/DB_PASSWORD")
+        assert replica.stub("auth").GetSecret(request, timeout=30).secret.value == SEED["auth/DB_PASSWORD"]
+    finally:
+        replica.stop()
+    env = postgres_cluster.env()
+    backup = tmp_path / "secrets-night.smbackup"
+    for url, args, cli_log in (
+        (old_url, ("backup", str(backup)), "cli-old.audit.jsonl"),
+        (new_url, ("init", "--kdf-profile", "test"), "cli-new.audit.jsonl"),
+        (new_url, ("restore", str(backup), "--store", new_url), "cli-new.audit.jsonl"),
+    ):
+        done = local_cli(url, tmp_path, env, *args, audit_file=cli_log)
+        assert done.returncode == 0, done.stderr
+    log = tmp_path / "replica-a.audit.jsonl"
+    before = log.read_bytes()
+    config = tmp_path / "replica-a.toml"
+    config.write_text(config.read_text().replace(old_url, new_url))
+    started = subprocess.run(
+        [str(SCRIPT), "serve", "--config", str(config)],
+        capture_output=True,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
+             "MASTER_PASSWORD": PASSWORD, **env},
+        timeout=60,
+    )  # fmt: skip
+    error = started.stderr.decode()
+    assert started.returncode == 6, error
+    assert f"audit log {log} is another store's" in error
+    assert "give this store's log another path (audit_file in server.toml" in error
+    assert "forged" not in error and "Traceback" not in error
+    assert len(error.strip().splitlines()) == 1
+    assert log.read_bytes() == before
+    # The CLI given that log on the restored store says the same.
+    listed = local_cli(new_url, tmp_path, env, "list", audit_file="replica-a.audit.jsonl")
+    assert listed.returncode == 6
+    assert "is another store's" in listed.stderr.decode()
+    assert log.read_bytes() == before
+    # With a log of its own the replica serves the restored secrets.
+    restored = start_server(
+        tmp_path, "replica-a", store=new_url, environment=env,
+        settings='audit_file = "replica-a-restored.audit.jsonl"\n',
+    )  # fmt: skip
+    try:
+        assert restored.stub("auth").GetSecret(request, timeout=30).secret.value == SEED["auth/DB_PASSWORD"]
+    finally:
+        restored.stop()

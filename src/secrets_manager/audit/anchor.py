@@ -96,6 +96,18 @@ def missing_anchor(path: Path) -> AuditTamperError:
     )
 
 
+def another_stores_log(path: Path) -> AuditTamperError:
+    """A log whose first and last records are both signed with another audit key, met by a store
+    that anchored none of it: the log of the store this one replaced (a store restored from a
+    backup into a new database, or made anew, has an audit key of its own), not a forgery."""
+    return AuditTamperError(
+        f"audit log {path} is another store's: neither its first nor its last record is signed "
+        "with this store's audit key (a store restored from a backup or created anew has a key of "
+        "its own). Keep that log as the other store's record and give this store's log another "
+        "path (audit_file in server.toml, --audit-file, SECRETS_MANAGER_AUDIT_FILE); nothing was written"
+    )
+
+
 def check_tail_against_anchor(
     last: dict[str, Any] | None,
     anchored: Anchor | None,

@@ -22,7 +22,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from secrets_manager.audit.anchor import AuditAnchor, audit_keys_of, check_tail_against_anchor, missing_anchor
+from secrets_manager.audit.anchor import (
+    AuditAnchor,
+    another_stores_log,
+    audit_keys_of,
+    check_tail_against_anchor,
+    missing_anchor,
+)
 from secrets_manager.audit.errors import RESET_HINT, AuditError, AuditTamperError, not_an_audit_log
 from secrets_manager.audit.files import (
     PARTIAL_LIMIT,
@@ -47,6 +53,7 @@ from secrets_manager.audit.records import (
     key_generation,
     parse_line,
     record_hash,
+    record_verifies,
     with_hash_and_mac,
 )
 from secrets_manager.audit.sink import AppendJob, SinkWorker
@@ -641,6 +648,13 @@ class LogWriter(LogFiles):
             anchored = anchor.audit_anchor()
             named = None if last is None else max(key_generation(last) or 1, generation_after(last) or 1)
             keys = self._keys_reaching(anchor, named)
+        if (
+            last is not None
+            and (anchored is None or anchored.seq == 0)
+            and not record_verifies(last, keys)
+            and self._begins_under_another_key(keys)
+        ):
+            raise another_stores_log(self.path)
         check_tail_against_anchor(last, anchored, self.path, keys)
         if (
             anchored is None
@@ -659,6 +673,19 @@ class LogWriter(LogFiles):
                 f"log put in its place?): run 'secrets-manager audit verify' and restore the log, or "
                 f"accept the loss with {RESET_HINT}"
             )
+
+    def _begins_under_another_key(self, keys: Sequence[bytes]) -> bool:
+        """Whether the log's first record carries a MAC that none of `keys` verifies: with its last
+        record failing too, and no anchor in the store for it, the log is another store's (an
+        edited or forged record leaves those before it verifying)."""
+        files = self.files()
+        if not files:
+            return False
+        try:
+            first = first_record_in(files[0])
+        except (AuditError, AuditTamperError):
+            return False
+        return first is not None and bool(first.get("mac")) and not record_verifies(first, keys)
 
     def _holds_authenticated_record(self, *, live_end: int | None) -> bool:
         """Whether any record of the log carries a MAC (was written holding the audit key), read
