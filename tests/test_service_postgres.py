@@ -858,3 +858,31 @@ def test_a_replica_pointed_at_a_restored_database_with_its_old_audit_log_says_th
         assert restored.stub("auth").GetSecret(request, timeout=30).secret.value == SEED["auth/DB_PASSWORD"]
     finally:
         restored.stop()
+
+
+def test_a_witnessed_head_of_the_other_replicas_log_is_refused_naming_that_possibility(
+    replicas: Replicas,
+) -> None:
+    """Each replica's log has its own chain, and `audit head` signs every log's heads with the
+    store's one audit key, so a head shipped from replica a and checked against replica b's log
+    (one tag for both heads on the log host) passes as b's. The refusal (exit 6) must say that the
+    head may be another log's, not only that the log was rolled back: before, it said only that,
+    a false rollback alarm on the monthly check."""
+    request = pb.GetSecretRequest(name="auth/DB_PASSWORD")
+    for _ in range(5):
+        replicas.a.stub("auth").GetSecret(request, timeout=30)
+    replicas.b.stub("auth").GetSecret(request, timeout=30)
+    heads = {}
+    for name in ("replica-a", "replica-b"):
+        head = replicas.cli("audit", "head", audit_file=f"{name}.audit.jsonl")
+        assert head.returncode == 0, head.stderr
+        heads[name] = head.stdout.decode().strip()
+    own = replicas.cli("audit", "verify", "--witness", heads["replica-a"], audit_file="replica-a.audit.jsonl")
+    assert own.returncode == 0, own.stderr
+    for log, other in (("replica-b", "replica-a"), ("replica-a", "replica-b")):
+        crossed = replicas.cli("audit", "verify", "--witness", heads[other], audit_file=f"{log}.audit.jsonl")
+        error = crossed.stderr.decode()
+        assert crossed.returncode == 6, error
+        assert "rolled back" in error
+        assert "unless the head is another log's of this store" in error
+        assert len(error.strip().splitlines()) == 1

@@ -163,7 +163,7 @@ def walk_chain(
             raise AuditTamperError(
                 f"audit record {seq} is not the one the witnessed head names ({witness.time}): the "
                 f"log was rolled back (with the store, if nothing else is wrong) and written again "
-                f"since that head was shipped, or replaced, in {path.name} line {number}"
+                f"since that head was shipped, or replaced, in {path.name} line {number}; {_ANOTHER_LOG}"
             )
         if first_seq is None:
             first_seq = seq
@@ -217,6 +217,14 @@ class Walked:
     generation: int | None = None  # the audit key in force after the last record (None: no MAC seen)
 
 
+# Every log of one store (the CLI's own, each serve replica's) signs its heads with the store's one
+# audit key, so a head of another of them passes as this log's and reads as a rollback.
+_ANOTHER_LOG = (
+    "unless the head is another log's of this store (the CLI's own and each replica's log has its "
+    "own heads: give the head shipped from this log, --audit-file PATH)"
+)
+
+
 def _check_witness(witness: Head, first_seq: int | None, last_seq: int, archive: Path | None) -> None:
     """AuditTamperError unless the walk (records `first_seq` to `last_seq`) passed the record a
     witnessed head names (its hash was compared on the way)."""
@@ -224,7 +232,7 @@ def _check_witness(witness: Head, first_seq: int | None, last_seq: int, archive:
         raise AuditTamperError(
             f"audit log ends at record {last_seq}, but the witnessed head is record {witness.seq} "
             f"({witness.time}): the log was rolled back or cut since that head was shipped (the store "
-            "too, if nothing else is wrong): compare with the records shipped off the host"
+            f"too, if nothing else is wrong): compare with the records shipped off the host; {_ANOTHER_LOG}"
         )
     if first_seq is not None and witness.seq < first_seq:
         where = f"in neither {archive} nor the log" if archive is not None else "pruned from the log"
