@@ -12,6 +12,10 @@ each store and compares exit code, stdout and stderr's first line: store, get, l
 filter, history and metadata (--json too), metadata's changes, delete/undelete, destroy, cp/mv,
 rollback, rotate (stage, a failed test, --resume, --promote-only, --discard), purge, import (.env
 and JSON files, existing names, a bad line) and backup. A documented limit must be one line.
+After each command, every store is read through the store API (StoresHeld): a command that exits
+non-zero must leave each store holding what it held (every name, deleted or not, every version's
+value, labels, metadata), its audit log grown only by the refusal's records (README: bad input
+"leaves stored data untouched"). REFUSALS adds the refusals the random commands seldom meet.
 The sizes at each backend's edge have a test of their own.
 """
 
@@ -695,10 +699,189 @@ def test_the_four_stores_answer_random_commands_alike(
         (files / file).write_text(text)
     (files / "backup-password").write_text("a backup password\n")
     homes = {label: env[label]["HOME"] for label in urls}
-    cli = CliRun(seed, urls, env, homes, files)
-    cli.run(CLI_COMMANDS)
+    held = held_by_cli_stores(tmp_path, urls, postgres_cluster, fake_vault, moto_endpoint)
+    try:
+        cli = CliRun(seed, urls, env, homes, files, held=held)
+        cli.run(CLI_COMMANDS)
+    finally:
+        held.close()
     assert not cli.problems, f"seed {seed} (rerun with STORE_DIFF_SEED={seed}):\n" + "\n".join(cli.problems)
-    print(f"CLI seed {seed}: {cli.compared} answers compared, {cli.skipped} left out (a documented limit)")
+    print(
+        f"CLI seed {seed}: {cli.compared} answers compared, {cli.skipped} left out (a documented limit), "
+        f"{cli.checked_refusals} refusals found to change nothing"
+    )
+
+
+@dataclass(frozen=True)
+class Held:
+    """What one CLI store holds (store_differ.state_of: every name, deleted or not, each version's
+    value, labels and metadata) and its audit log's lines, one tuple per file."""
+
+    state: dict[str, Any]
+    audit: dict[str, tuple[str, ...]]
+
+
+class StoresHeld:
+    """The four CLI stores read through the store API on the same stores, and their audit logs
+    (the store file's beside it; the others' in the HOME each command runs with)."""
+
+    def __init__(self, stores: dict[str, Any], logs: dict[str, Callable[[], list[Path]]]) -> None:
+        self.stores, self.logs = stores, logs
+
+    def now(self) -> dict[str, Held]:
+        def held(label: str) -> Held:
+            audit = {str(path): tuple(path.read_text().splitlines()) for path in self.logs[label]()}
+            return Held(state_of(self.stores[label]), audit)
+
+        with ThreadPoolExecutor(len(self.stores)) as pool:
+            return dict(zip(self.stores, pool.map(held, self.stores), strict=True))
+
+    def close(self) -> None:
+        for store in self.stores.values():
+            store.close()
+
+    @staticmethod
+    def changes(before: Held, after: Held, *, state: bool = True) -> list[str]:
+        """How `after` differs from `before` beyond what a refusal may do: nothing in the store;
+        only new lines in an audit log, none of them recording a success."""
+        found = []
+        if state:
+            for name in sorted(set(before.state) | set(after.state)):
+                if before.state.get(name) != after.state.get(name):
+                    found.append(
+                        f"{name} changed from {before.state.get(name)}\n    to {after.state.get(name)}"
+                    )
+        for path, lines in after.audit.items():
+            kept = before.audit.get(path, ())
+            if lines[: len(kept)] != kept:
+                found.append(f"its audit log {path} lost or changed records")
+                continue
+            open_requests: dict[str, str] = {}  # a `pending` record's request → its line
+            for line in lines[len(kept) :]:
+                record = json.loads(line)
+                if record["operation"] == "unlock":  # the command's own, before what it refused
+                    continue
+                if record["outcome"] == "ok":
+                    found.append(f"its audit log recorded a success: {line}")
+                elif record["outcome"] == "pending":
+                    open_requests[record["request_id"]] = line
+                else:
+                    open_requests.pop(record["request_id"], None)
+            found += [
+                f"its audit log has a change begun and never refused: {line}"
+                for line in open_requests.values()
+            ]
+        return found
+
+
+def held_by_cli_stores(
+    tmp_path: Path, urls: dict[str, str], postgres_cluster: Any, fake_vault: FakeVault, moto_endpoint: str
+) -> StoresHeld:
+    """The stores `four_cli_stores` made, opened here through the store API (as the API pass uses
+    them) to read what each holds between two commands."""
+    sqlite = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    schema = urls["postgres"].rsplit("schema=", 1)[1]
+    postgres = EncryptedStore.open(
+        PostgresStorage(postgres_cluster.url(with_password=True), schema=schema),
+        PasswordUnlock(PASSWORD, kdf.TEST),
+    )
+    vault = VaultStore(
+        connect_vault(fake_vault.address, environ={"VAULT_TOKEN": fake_vault.root_token}),
+        "secret",
+        actor=ACTOR,
+    )
+    location = urls["aws"].rsplit("/", 1)[1]
+    aws_client = boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    ).client("secretsmanager", endpoint_url=moto_endpoint, config=Config(retries={"max_attempts": 2}))
+    aws = AwsStore(aws_client, location, actor=ACTOR)
+
+    def logs_in(home: Path, *also: Path) -> Callable[[], list[Path]]:
+        return lambda: sorted({*home.rglob("*.jsonl"), *(path for path in also if path.exists())})
+
+    logs = {label: logs_in(tmp_path / label) for label in urls}
+    logs["sqlite"] = logs_in(tmp_path / "sqlite", tmp_path / "store.audit.jsonl")
+    return StoresHeld({"sqlite": sqlite, "postgres": postgres, "vault": vault, "aws": aws}, logs)
+
+
+# Refusals the random commands meet seldom or never, each after the commands that set it up (the
+# others, cp/mv onto a name and import of a bad file, for good measure; each costs a second): (args,
+# stdin, the exit codes the reference store may give; None: a set-up command, which must succeed).
+# CliRun compares every store's answer with the reference store's and checks that each refusal
+# left every store as it was (its audit log grown by the refusal's records only).
+RAW = ["--raw"]
+REFUSALS: list[tuple[list[str], bytes, set[int] | None]] = [
+    (["store", "cli/a"], b"one", None),
+    (["store", "cli/a"], b"two", None),
+    (["store", "cli/ab"], b"ab", None),
+    (["backup", "{home}/b.smbackup", "--backup-password-file", "{files}/backup-password"], b"", None),
+    (["store", "cli/a", *RAW], b"x" * (MAX_VALUE_SIZE + 1), {2}),  # a value over 64 KiB
+    (["store", "cli/bad name"], b"v", {2}),
+    (["store", LONG + "n"], b"v", {2}),
+    (["store", "cli/a", "--expect-version", "1"], b"three", {7}),
+    (["destroy", "cli/a", "--version", "1"], b"", None),
+    (["rollback", "cli/a", "--version", "1"], b"", {2, 3}),  # a destroyed version
+    (["rotate", "cli/a", "--resume", "--promote-only"], b"", {2, 3}),  # nothing pending
+    # a damaged backup, into a store that holds secrets
+    (
+        [
+            "restore",
+            "{home}/damaged.smbackup",
+            "--backup-password-file",
+            "{files}/backup-password",
+            "--on-existing",
+            "overwrite",
+        ],
+        b"",
+        {6},
+    ),
+    (["import", "{files}/bad.env", "--service", "cli", "--on-existing", "overwrite"], b"", {2}),
+    (["import", "{files}/new-then-existing.env", "--service", "cli"], b"", {7}),  # nothing written
+    (["import", "{files}/mixed.env", "--service", "cli", "--on-existing", "overwrite"], b"", {2}),
+    (["cp", "cli/ab", "cli/a"], b"", {7}),
+    (["mv", "cli/ab", "cli/a"], b"", {7}),
+]
+
+
+@pytest.mark.slow
+def test_the_four_stores_refuse_alike_and_change_nothing(
+    tmp_path: Path, postgres_cluster: Any, fake_vault: FakeVault, moto_endpoint: str
+) -> None:
+    urls, env = four_cli_stores(
+        tmp_path,
+        postgres_cluster,
+        fake_vault.address,
+        fake_vault.root_token,
+        moto_endpoint,
+        password=PASSWORD,
+        aws_prefix="refuse",
+    )
+    files = tmp_path / "files"
+    files.mkdir()
+    for file, text in IMPORT_FILES.items():
+        (files / file).write_text(text)
+    (files / "new-then-existing.env").write_text("new=v\nab=x\n")
+    (files / "backup-password").write_text("a backup password\n")
+    homes = {label: env[label]["HOME"] for label in urls}
+    held = held_by_cli_stores(tmp_path, urls, postgres_cluster, fake_vault, moto_endpoint)
+    try:
+        cli = CliRun(0, urls, env, homes, files, held=held)
+        for args, value, refused in REFUSALS:
+            if args[0] == "restore":
+                for home in homes.values():  # a byte of the backup's ciphertext changed
+                    backup = bytearray(Path(home, "b.smbackup").read_bytes())
+                    backup[len(backup) // 2] ^= 1
+                    Path(home, "damaged.smbackup").write_bytes(bytes(backup))
+            cli.step([arg.replace("{files}", str(files)) for arg in args], value)
+            code = cli.last[REFERENCE].code
+            expected = {0} if refused is None else refused
+            assert code in expected, (
+                f"{cli.log[-1]}: exit {code}, not {expected}: {cli.last[REFERENCE].err_all}"
+            )
+            assert not cli.problems, "\n".join(cli.problems)
+    finally:
+        held.close()
+    assert cli.checked_refusals == 4 * sum(refused is not None for _, _, refused in REFUSALS)
 
 
 # What a command does to the names it names, for the divergence bookkeeping of the CLI pass
@@ -728,9 +911,13 @@ class CliRun:
         env: dict[str, dict[str, str]],
         homes: dict[str, str],
         files: Path,
+        held: StoresHeld | None = None,
     ) -> None:
         self.rng = random.Random(seed)
         self.urls, self.env, self.homes, self.files = urls, env, homes, files
+        self.held = held
+        self.before: dict[str, Held] = held.now() if held is not None else {}
+        self.checked_refusals = 0
         self.diverged: dict[str, dict[str, str]] = {label: {} for label in urls}  # store → name → why
         self.healing: dict[str, set[str]] = {label: set() for label in urls}  # alike after a new version
         self.problems: list[str] = []
@@ -748,6 +935,7 @@ class CliRun:
     def step(self, args: list[str], value: bytes) -> None:
         self.log.append(" ".join(a if len(a) < 40 else f"<{len(a)} chars>" for a in args))
         answers = cli_answers(self.urls, self.env, args, value, self.homes)
+        self.last = answers
         reference = answers[REFERENCE]
         names = touched(args)
         for label, answer in answers.items():
@@ -766,11 +954,33 @@ class CliRun:
                     + "\n  the commands before:\n    "
                     + "\n    ".join(self.log[-25:-1])
                 )
+        if self.held is not None:
+            self._refusals_changed_nothing(answers, args)
         if args[0] == "destroy" and "--all" in args and all(a.code in (0, 3) for a in answers.values()):
             for label in self.urls:  # gone from every store: alike again
                 for name in names:
                     self.diverged[label].pop(name, None)
                     self.healing[label].discard(name)
+
+    def _refusals_changed_nothing(self, answers: dict[str, Answer], args: list[str]) -> None:
+        """Each store whose command exited non-zero holds what it held before (README: bad input
+        "leaves stored data untouched"), and its audit log only grew by records of the refusal.
+        A rotate that failed after its set command ran keeps its `pending` version (README,
+        credential rotation): its state is not compared, only its log's growth."""
+        assert self.held is not None
+        after = self.held.now()
+        for label, answer in answers.items():
+            if answer.code == 0:
+                continue
+            self.checked_refusals += 1
+            kept_pending = args[0] == "rotate" and "stays `pending`" in answer.err_all
+            for line in self.held.changes(self.before[label], after[label], state=not kept_pending):
+                self.problems.append(
+                    f"command {len(self.log)}: {self.log[-1]}\n  {label} refused it (exit {answer.code}: "
+                    f"{answer.err}) but {line}\n  the commands before:\n    "
+                    + "\n    ".join(self.log[-25:-1])
+                )
+        self.before = after
 
     def _left_out(
         self, label: str, args: list[str], names: set[str], answer: Answer, reference: Answer
