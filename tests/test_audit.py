@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -47,6 +48,9 @@ from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.store.base import Anchor
 from secrets_manager.store.url import open_store
+
+if TYPE_CHECKING:
+    from conftest import MadeOnce
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 PASSWORD = "audit test password"
@@ -96,11 +100,24 @@ class Cli:
         return {p.name: p.read_bytes() for p in self.store.parent.glob(self.store.name + "*")}
 
 
-@pytest.fixture
-def cli(tmp_path: Path) -> Cli:
-    c = Cli(tmp_path)
+def initialised(home: Path) -> Cli:
+    c = Cli(home)
     assert c("init", "--kdf-profile", "test").returncode == 0
     return c
+
+
+@pytest.fixture
+def cli(tmp_path: Path, made_once: MadeOnce) -> Cli:
+    """A new store made by `init` (once per worker, then copied with its log): its `init` record
+    is older than the test, by up to the worker's run so far (`new_cli` where that matters)."""
+    made_once("test_audit cli", initialised, tmp_path)
+    return Cli(tmp_path)
+
+
+@pytest.fixture
+def new_cli(tmp_path: Path) -> Cli:
+    """A store made by `init` in this test: every record of its log is as young as the test."""
+    return initialised(tmp_path)
 
 
 def busy_session(cli: Cli) -> None:
@@ -290,7 +307,8 @@ def test_a_wrong_password_is_reported_as_one_whatever_breaks_its_audit_record(cl
     assert note.startswith("secrets-manager: warning: the failed unlock ") and "audited" in note
 
 
-def test_audit_show_filters_and_prints_json(cli: Cli) -> None:
+def test_audit_show_filters_and_prints_json(new_cli: Cli) -> None:
+    cli = new_cli  # `--since 1h` shows every record, init's too
     busy_session(cli)
     shown = cli("audit", "show", "--name", "auth/", "--json")
     assert shown.returncode == 0
@@ -1487,6 +1505,7 @@ def test_a_lock_file_deleted_while_a_writer_waits_for_it_is_not_shared_by_two_wr
 _APPENDER = """
 import sys, time
 from pathlib import Path
+from typing import TYPE_CHECKING
 from secrets_manager.audit import AuditEvent, AuditLog
 from secrets_manager.environment import Environment
 from secrets_manager.store.url import open_store
@@ -1617,7 +1636,8 @@ def test_deleting_the_oldest_rotated_file_by_hand_is_reported_with_the_way_to_pr
     assert b"records 1 to" in checked.stderr and b"secrets-manager audit prune" in checked.stderr
 
 
-def test_audit_prune_by_age_keeps_files_with_newer_records(cli: Cli) -> None:
+def test_audit_prune_by_age_keeps_files_with_newer_records(new_cli: Cli) -> None:
+    cli = new_cli  # `--older-than 1h` prunes nothing: init's record is the test's age too
     files = _rotated_log(cli)
     nothing = cli("audit", "prune", "--older-than", "1h")
     assert nothing.returncode == 0 and b"nothing to prune" in nothing.stdout

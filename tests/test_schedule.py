@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
@@ -51,6 +51,9 @@ from service_fixtures import (
     start_server,
     tls_files,
 )
+
+if TYPE_CHECKING:
+    from conftest import MadeOnce
 
 SCRIPT = Path(sys.executable).with_name("secrets-manager")
 DEV = Environment.DEVELOPMENT
@@ -334,12 +337,20 @@ class Cli:
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> Cli:
-    cli = Cli(tmp_path)
-    assert cli("init", "--kdf-profile", "test").code == 0
-    for name in ("db/app", "db/other"):
-        assert cli("store", name, input=f"{name} FIRST-VALUE".encode()).code == 0
-    return cli
+def cli(tmp_path: Path, made_once: MadeOnce) -> Cli:
+    """A store holding db/app and db/other, made by the CLI (once per worker, then copied). Their
+    versions are then older than the test, by up to the worker's run so far: every test here makes
+    them due with `every = "1s"` (after sleeping 1.1 s, for the first copy), checks an entry of
+    30 days as not due, or stages and ages what it checks itself (a pending version's staleness)."""
+
+    def make(home: Path) -> None:
+        cli = Cli(home)
+        assert cli("init", "--kdf-profile", "test").code == 0
+        for name in ("db/app", "db/other"):
+            assert cli("store", name, input=f"{name} FIRST-VALUE".encode()).code == 0
+
+    made_once("test_schedule cli", make, tmp_path)
+    return Cli(tmp_path)
 
 
 def test_a_schedule_entry_can_rotate_one_field_of_a_json_object(cli: Cli) -> None:
