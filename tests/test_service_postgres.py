@@ -27,6 +27,7 @@ from postgres_cluster import DATABASE
 from secrets_manager.crypto import kdf
 from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.store.encrypted import AUDIT_KEYS_RECHECK_SECONDS
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.wire import WATCH_REVISION_KEY, status_for
 from service_fixtures import (
@@ -886,3 +887,41 @@ def test_a_witnessed_head_of_the_other_replicas_log_is_refused_naming_that_possi
         assert "rolled back" in error
         assert "unless the head is another log's of this store" in error
         assert len(error.strip().splitlines()) == 1
+
+
+def test_an_audit_key_rotation_reaches_each_replicas_log_and_every_log_verifies(replicas: Replicas) -> None:
+    """On PostgreSQL each host (each replica) writes a log of its own, which the CLI's rotation
+    record never reaches: a replica reads the store's audit keys again every
+    AUDIT_KEYS_RECHECK_SECONDS, so its next record after that begins its log's move to the new key
+    (an `audit.rotate_key` record under the old one), and its reads are fingerprinted under the
+    new key. Before, a replica would have gone on under the old key until restarted."""
+    request = pb.GetSecretRequest(name="auth/DB_PASSWORD")
+    for server in (replicas.a, replicas.b):
+        server.stub("auth").GetSecret(request, timeout=30)
+    rotated = replicas.cli("audit", "rotate-key", audit_file="cli.audit.jsonl")
+    assert rotated.returncode == 0, rotated.stderr
+    time.sleep(AUDIT_KEYS_RECHECK_SECONDS + 1)
+    for server in (replicas.a, replicas.b):
+        for _ in range(2):
+            server.stub("auth").GetSecret(request, timeout=30)
+    for server in (replicas.a, replicas.b):
+        server.stop()
+    candidate = replicas.cli("audit", "hash", data=SEED["auth/DB_PASSWORD"], audit_file="cli.audit.jsonl")
+    assert candidate.returncode == 0, candidate.stderr
+    new_fingerprint = candidate.stdout.decode().strip()
+    for server in (replicas.a, replicas.b):
+        records = replicas.audit_records(server)
+        moved = [i for i, r in enumerate(records) if r["operation"] == "audit.rotate_key"]
+        assert len(moved) == 1, records
+        assert records[moved[0]]["version"] == 2 and "key_id" not in records[moved[0]]
+        before = [r for r in records[: moved[0]] if r["operation"] == "get"]
+        after = [r for r in records[moved[0] + 1 :] if r["operation"] == "get"]
+        assert len(before) == 1 and len(after) == 2
+        assert all(r.get("key_id") == 2 for r in records[moved[0] + 1 :] if r.get("mac") is not None)
+        assert before[0]["value_hmac"] != new_fingerprint  # under the old key
+        assert after[-1]["value_hmac"] == new_fingerprint
+        assert all(r["value_hmac"] in (None, new_fingerprint) for r in after)  # never the old key's
+        verified = replicas.cli("audit", "verify", audit_file=f"{replicas.name_of(server)}.audit.jsonl")
+        assert verified.returncode == 0, verified.stderr
+    verified = replicas.cli("audit", "verify", audit_file="cli.audit.jsonl")
+    assert verified.returncode == 0, verified.stderr

@@ -39,7 +39,7 @@ from secrets_manager.cli.output import (
 )
 from secrets_manager.cli.recovery_commands import read_share_file
 from secrets_manager.cli.rotate_commands import terminate_as_interrupt
-from secrets_manager.errors import InvalidInputError, NotFoundError, Terminated, UnsupportedOperationError
+from secrets_manager.errors import InvalidInputError, NotFoundError, Terminated
 from secrets_manager.store.base import AuditedStore
 
 
@@ -499,14 +499,10 @@ def rotate_key(session: Session) -> None:
     it, keeping the one chain: the old keys stay, sealed in the store, so 'audit verify' still
     checks what they signed, and an 'audit.rotate_key' record, MAC'd under the old key, names the
     new one (never the key itself). A record MAC'd under the old key after it is a forgery. Run it
-    after a copy of the store and its password may have leaked. A local SQLite store only."""
+    after a copy of the store and its password may have leaked. Our store only (SQLite or
+    PostgreSQL; on PostgreSQL each host's log moves to the new key within seconds)."""
     session.require_local("audit rotate-key")
     with session.operation("audit.rotate_key", mutating=True) as (store, event):
-        if store.audit_anchor_scoped:
-            raise UnsupportedOperationError(
-                "'audit rotate-key' is not supported by this store yet: the logs of a store several "
-                "hosts share (PostgreSQL) would not all learn of the new key"
-            )
         event.version = store.rotate_audit_key()
     info_line(
         f"audit key {event.version} is in force: records from now on are MAC'd under it; the "

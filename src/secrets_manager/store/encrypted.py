@@ -132,6 +132,9 @@ SCOPED_ANCHOR_PREFIX = AUDIT_ANCHOR_KEY + "/"  # + scope: the anchor of one of s
 _AUDIT_SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SNAPSHOT_ATTEMPTS = 3  # reads of a snapshot tried again after the root key changed under it
 RENEW_RETRY_SECONDS = 5.0  # between attempts to read an unlock source again that failed
+# A store several hosts share (PostgreSQL): how long a handle uses the audit keys it read before it
+# reads them again, so a process whose log never meets another host's `audit rotate-key` moves on.
+AUDIT_KEYS_RECHECK_SECONDS = 5.0
 KEY_POLICY_KEY = "core/key-policy"
 RECOVERY_KEY = "core/recovery"  # the recovery public key, sealed under the root key
 RETRY_DEADLINE_SECONDS = 30.0
@@ -213,6 +216,7 @@ class EncryptedStore:
         self._policy: tuple[int, RotationPolicy] | None = None
         self._audit_key: bytes | None = None  # the audit keys, oldest first (`audit_keys`)
         self._audit_keys_cache: tuple[bytes, tuple[bytes, ...]] | None = None
+        self._audit_keys_read_at = 0.0  # time.monotonic() of the last read of the keyring
         # One anchor per audit log: a store shared by several hosts (PostgreSQL) has one log each.
         self._anchor_key = AUDIT_ANCHOR_KEY if audit_scope is None else SCOPED_ANCHOR_PREFIX + audit_scope
         self._unlock: UnlockSource | None = None
@@ -1440,11 +1444,19 @@ class EncryptedStore:
     def audit_keys(self, *, reload: bool = False) -> tuple[bytes, ...]:
         """Every audit key of the store, oldest first: `core/audit-key` holds them one after the
         other (docs/format.md, purpose 5), sealed under the root key; `audit rotate-key` appends
-        one. Read once per handle; `reload`: read again (another process rotated it)."""
-        if reload:
-            self._audit_key = None
-        keyring = self._audit_keyring()
+        one. Read once per handle, and on a store several hosts share again every
+        AUDIT_KEYS_RECHECK_SECONDS (another host's rotation reaches no log of this one: its writer
+        learns of it here); `reload`: read again now (another process rotated it)."""
+        read_again = reload or (
+            self._audit_key is not None
+            and self.audit_anchor_scoped
+            and time.monotonic() - self._audit_keys_read_at >= AUDIT_KEYS_RECHECK_SECONDS
+        )
+        keyring = self._audit_keyring(read_again=read_again)
         cached = self._audit_keys_cache
+        if cached is not None and cached[0] is not keyring and cached[0] == keyring:
+            # The same keys read again: the same objects (fingerprints are cached by key identity).
+            self._audit_key = keyring = cached[0]
         if cached is None or cached[0] is not keyring:
             try:
                 cached = self._audit_keys_cache = (keyring, audit_keys_of(keyring))
@@ -1478,9 +1490,9 @@ class EncryptedStore:
         self._audit_key = self._retry(attempt)
         return len(self.audit_keys())
 
-    def _audit_keyring(self) -> bytes:
+    def _audit_keyring(self, *, read_again: bool = False) -> bytes:
         """The sealed keyring's plaintext: the audit keys one after the other, oldest first."""
-        if self._audit_key is None:
+        if self._audit_key is None or read_again:
 
             def attempt() -> Entry:
                 entry = self._storage.get(AUDIT_KEY_KEY)
@@ -1501,6 +1513,7 @@ class EncryptedStore:
                 )
             except IntegrityError as exc:
                 raise _named(exc, _core_damaged(f"audit key ({AUDIT_KEY_KEY})")) from None
+            self._audit_keys_read_at = time.monotonic()
         return self._audit_key
 
     def audit_anchor(self) -> Anchor | None:
