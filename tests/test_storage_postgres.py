@@ -569,6 +569,37 @@ def test_the_printed_init_command_keeps_the_urls_options_and_creates_that_store(
     assert postgres_cluster.role_password not in with_password.stderr and "passfile=" in with_password.stderr
 
 
+def test_a_database_the_server_does_not_have_is_not_found_and_says_to_create_it(
+    postgres_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    """A URL naming a database the server does not have (SQLSTATE 3D000) was exit 1, "connection
+    failed: ... FATAL: database ... does not exist", where a store file that is not there is
+    exit 3 with what to do. It is exit 3 now, for init too, which cannot create a database: one
+    line naming the database, `createdb` and the URL to correct; no password shown."""
+    url = postgres_cluster.url(database="no_such_db")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "SECRETS_MANAGER_", "MASTER_"))}
+    env |= {"HOME": str(tmp_path), "XDG_DATA_HOME": str(tmp_path / "data"), "MASTER_PASSWORD": "pw"}
+    env |= postgres_cluster.env()
+    said = {}
+    for command in (["list"], ["init", "--kdf-profile", "test"]):
+        done = subprocess.run(
+            [str(SCRIPT), "--store", url, *command], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 3, done.stderr
+        assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+        assert 'database "no_such_db" does not exist' in done.stderr, done.stderr
+        assert "'createdb no_such_db'" in done.stderr and "correct the database name" in done.stderr
+        assert postgres_cluster.role_password not in done.stderr
+        said[command[0]] = done.stderr
+    assert "init makes a store in a database, not the database" in said["init"], said["init"]
+    assert "init makes a store" not in said["list"], said["list"]
+    with postgres_cluster.connect(superuser=True) as conn:
+        found = conn.execute("SELECT 1 FROM pg_database WHERE datname = 'no_such_db'").fetchone()
+        assert found is None  # nothing was made
+    with pytest.raises(NotFoundError, match=r'database "no_such_db" does not exist'):
+        PostgresStorage(postgres_cluster.url(with_password=True, database="no_such_db"))
+
+
 def test_a_percent_encoded_password_option_is_never_shown(
     place: Place, postgres_cluster: PostgresCluster, tmp_path: Path
 ) -> None:

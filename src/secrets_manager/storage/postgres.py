@@ -62,11 +62,13 @@ from psycopg.pq import TransactionStatus
 from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
+    NotFoundError,
     OutcomeUnknownError,
     StorageError,
     StoreBusyError,
     StoreClosedError,
     StoreNotFoundError,
+    shell_quote,
 )
 from secrets_manager.storage.base import (
     ABSENT,
@@ -89,6 +91,11 @@ CHANGE_LOG_RETAINED = 100_000  # revisions of change history kept for watchers (
 # libpq's words for a connection refused for want of the right password (no password given, or
 # the wrong one): the error then says where libpq takes it from.
 PASSWORD_REFUSALS = ("no password supplied", "password authentication failed")
+# The server's refusal of a connection to a database it does not have (SQLSTATE 3D000,
+# invalid_catalog_name). libpq gives a refused connection no SQLSTATE (psycopg's `sqlstate` is
+# None), so it is told by the server's words; a server whose lc_messages is not English says
+# them otherwise, and that refusal stays a connection failure (exit 1).
+_NO_SUCH_DATABASE = re.compile(r'FATAL:\s+database "(.+?)" does not exist')
 LOCK_TIMEOUT_MS = 30_000  # how long a commit waits for another writer (SqliteStorage's busy timeout)
 # How long the server lets one of our write transactions sit between statements before it ends the
 # session (idle_in_transaction_session_timeout). Ours run their statements back to back (a few ms),
@@ -217,6 +224,7 @@ class PostgresStorage:
                 "the PostgreSQL connection string is not valid (it is not shown: it may hold a password)"
             ) from None
         self._conninfo = conninfo
+        self._creating = create  # for the advice when the database itself is missing
         self._secrets = [str(s) for s in (params.get("password"), os.environ.get("PGPASSWORD")) if s]
         self._role = str(params.get("user") or os.environ.get("PGUSER") or "") or None
         self._database = str(params.get("dbname") or os.environ.get("PGDATABASE") or "") or None
@@ -362,10 +370,11 @@ class PostgresStorage:
         *,
         lock_wait_ms: int = LOCK_TIMEOUT_MS,
         reached_commit: bool = False,
-    ) -> StorageError:
+    ) -> StorageError | NotFoundError:
         """One line naming the store and what failed, with no password in it. `reached_commit`:
         the error came at or after COMMIT was sent; if it is not the server's answer (the
-        connection ended, or its answer never came), the change may have been made."""
+        connection ended, or its answer never came), the change may have been made. A database
+        that does not exist is NotFoundError (exit 3), as a store file that does not exist is."""
         waited = conn.expired_after if conn is not None else None
         not_the_servers_answer = (
             waited is not None or exc.sqlstate is None or (conn is not None and conn.broken)
@@ -389,6 +398,9 @@ class PostgresStorage:
                 f"store {self.location}: no answer from the server within {waited:g} s; is it up and "
                 "reachable?"
             )
+        missing = _missing_database(exc)
+        if missing is not None:
+            return NotFoundError(f"store {self.location}: {self._create_database_advice(missing)}")
         if isinstance(exc, psycopg.errors.LockNotAvailable):
             return StoreBusyError(
                 f"store {self.location}: another writer held the store's lock for "
@@ -437,6 +449,22 @@ class PostgresStorage:
         for secret in self._secrets:
             message = message.replace(secret, "***")
         return StorageError(f"store {self.location}: {message}")
+
+    def _create_database_advice(self, database: str) -> str:
+        """What to do about a database the server does not have: create it, or correct the URL.
+        `init` cannot do it for you (it makes the store's schema and tables in a database)."""
+        create = f"createdb {shell_quote(database)}"
+        if self._creating:
+            return (
+                f'database "{database}" does not exist on the server, and init makes a store in a '
+                f"database, not the database: create it first ('{create}', as a role allowed to "
+                "create databases) and run init again, or correct the database name in the store URL"
+            )
+        return (
+            f"database \"{database}\" does not exist on the server: create it ('{create}', as a "
+            "role allowed to create databases) and make the store in it with init, or correct the "
+            "database name in the store URL"
+        )
 
     def _privileges_needed(self, refusal: str) -> str:
         """What the store's role lacks, by what the server refused (its message names the object,
@@ -760,7 +788,7 @@ class PostgresSnapshot:
         conn: _Connection,
         queries: _Queries,
         revision: int,
-        error: Callable[[psycopg.Error], StorageError],
+        error: Callable[[psycopg.Error], StorageError | NotFoundError],
     ) -> None:
         self._conn = conn
         self._q = queries
@@ -967,6 +995,17 @@ def _check_precondition(key: str, expect: Expect, revision: int | None) -> None:
             raise ConflictError(f"storage key {key!r} already exists")
     elif revision is None or revision != expect:
         raise ConflictError(f"storage key {key!r} changed concurrently")
+
+
+def _missing_database(exc: psycopg.Error) -> str | None:
+    """The database named by the server's refusal of a connection to a database it does not have
+    (or a 3D000 answer), else None."""
+    found = _NO_SUCH_DATABASE.search(str(exc))
+    if found is None:
+        return None
+    if exc.sqlstate is None or exc.sqlstate == "3D000":  # a connection's refusal has none
+        return found.group(1)
+    return None
 
 
 def describe(params: dict[str, Any], schema: str = DEFAULT_SCHEMA) -> str:
