@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +21,16 @@ from secrets_manager.crypto import kdf
 from secrets_manager.crypto.mac import record_mac, value_fingerprint
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.store.aws import AwsStore
+from secrets_manager.store.base import AUDIT_KEYS_RECHECK_SECONDS, AuditedStore
+from secrets_manager.store.vault import VaultStore, connect_vault
 from secrets_manager.v1 import secrets_pb2 as pb
 from service_fixtures import PASSWORD, SEED, make_pki, make_store, run_script, start_server
 from store_differ import four_cli_stores
 from test_audit import PASSWORD as CLI_PASSWORD
 from test_audit import Cli
 from test_read_only_store import BOUND, _require_setpriv
+from test_store_aws import aws_client
 from vault_server import FakeVault
 
 
@@ -240,11 +248,12 @@ def test_a_copy_made_before_a_rotation_is_refused_over_the_log_that_spans_it(cli
     assert not cli.store.exists()
 
 
-def test_on_the_four_stores_ours_rotates_and_vault_and_aws_refuse_in_one_line(
+def test_on_the_four_stores_audit_rotate_key_rotates_and_later_reads_are_under_key_2(
     tmp_path: Path, postgres_cluster: Any, fake_vault: FakeVault, moto_endpoint: str
 ) -> None:
-    """Vault and AWS (one key) refuse with exit 2, leaving the log verifying; our store rotates,
-    on SQLite and on PostgreSQL."""
+    """SQLite, PostgreSQL, Vault and AWS alike: the rotation lands (key 2), a read after it is
+    recorded under key 2 with the value's fingerprint under the new key (what `audit hash` says),
+    and the log verifies across the rotation."""
     urls, environs = four_cli_stores(
         tmp_path,
         postgres_cluster,
@@ -255,16 +264,19 @@ def test_on_the_four_stores_ours_rotates_and_vault_and_aws_refuse_in_one_line(
         aws_prefix="akey",
     )
     for label, url in urls.items():
-        environ = {**environs[label], "SECRETS_MANAGER_STORE": url}
+        log = tmp_path / f"{label}.audit.jsonl"
+        environ = {**environs[label], "SECRETS_MANAGER_STORE": url, "SECRETS_MANAGER_AUDIT_FILE": str(log)}
         assert run_script(environ, "store", "app/KEY", input=b"value").returncode == 0
         rotated = run_script(environ, "audit", "rotate-key")
-        if label in ("sqlite", "postgres"):
-            assert rotated.returncode == 0, (label, rotated.stderr)
-        else:
-            assert rotated.returncode == 2, (label, rotated.stderr)
-            lines = rotated.stderr.decode().strip().splitlines()
-            assert len(lines) == 1 and "not supported by this store" in lines[0], (label, lines)
+        assert rotated.returncode == 0, (label, rotated.stderr)
+        assert b"audit key 2 is in force" in rotated.stderr, (label, rotated.stderr)
         assert run_script(environ, "get", "app/KEY").returncode == 0
+        records = [json.loads(line) for line in log.read_text().splitlines()]
+        [read] = [r for r in records if r["operation"] == "get"]
+        hashed = run_script(environ, "audit", "hash", input=b"value")
+        assert hashed.returncode == 0, (label, hashed.stderr)
+        assert read["key_id"] == 2 and read["value_hmac"] == hashed.stdout.decode().strip(), (label, read)
+        assert any(r["operation"] == "audit.rotate_key" and r["outcome"] == "ok" for r in records), label
         verified = run_script(environ, "audit", "verify")
         assert verified.returncode == 0, (label, verified.stderr)
 
@@ -305,3 +317,80 @@ def test_a_log_pruned_past_its_rotation_record_still_verifies(cli: Cli) -> None:
     verified = cli("audit", "verify", env=small)
     assert verified.returncode == 0, verified.stderr
     assert b"those before were pruned" in verified.stdout
+
+
+@pytest.fixture(params=["vault", "aws"])
+def two_handles(request: pytest.FixtureRequest) -> Iterator[tuple[AuditedStore, AuditedStore]]:
+    """Two handles (as two processes hold them) on one new Vault or AWS (moto) store."""
+    if request.param == "vault":
+        server = FakeVault().start()
+
+        def vault_handle() -> AuditedStore:
+            client = connect_vault(server.address, environ={"VAULT_TOKEN": server.root_token})
+            return VaultStore(client, "secret", actor="tester")
+
+        handles = (vault_handle(), vault_handle())
+    else:
+        endpoint = request.getfixturevalue("moto_endpoint")
+        prefix = f"akey-{secrets.token_hex(4)}"
+        handles = (AwsStore(aws_client(endpoint), prefix), AwsStore(aws_client(endpoint), prefix))
+    yield handles
+    for handle in handles:
+        handle.close()
+    if request.param == "vault":
+        server.stop()
+
+
+def test_a_second_handle_on_vault_or_aws_moves_to_the_new_key_after_the_recheck_interval(
+    two_handles: tuple[AuditedStore, AuditedStore],
+) -> None:
+    """A long-running process (serve, SDK) keeps the keys it read for AUDIT_KEYS_RECHECK_SECONDS,
+    then reads them again: it moves on to another process's rotation, the old key kept first."""
+    reader, rotator = two_handles
+    [first] = reader.audit_keys()
+    assert rotator.audit_keys() == (first,)  # the one key the first use made, not a second
+    assert rotator.rotate_audit_key() == 2
+    assert reader.audit_keys() == (first,)  # read moments ago: not yet again
+    time.sleep(AUDIT_KEYS_RECHECK_SECONDS + 0.5)
+    keys = reader.audit_keys()
+    assert len(keys) == 2 and keys[0] == first and keys == rotator.audit_keys()
+    assert reader.audit_key() == keys[1]
+    assert reader.audit_keys() is keys  # kept, not read again, until the next interval
+
+
+def test_two_rotations_at_once_on_vault_or_aws_lose_no_key(
+    two_handles: tuple[AuditedStore, AuditedStore],
+) -> None:
+    """Both rotations read the same one key; the store's compare-and-set refuses the second
+    write, which then appends to the first's: three keys, none lost."""
+    one, other = two_handles
+    [first] = one.audit_keys()
+    assert other.audit_keys() == (first,)
+    barrier = threading.Barrier(2)
+    generations: list[int] = []
+    reads = {id(one): 0, id(other): 0}
+
+    def rotate(store: AuditedStore) -> None:
+        reading = store._read_audit_keys  # type: ignore[attr-defined]
+
+        def read_together() -> Any:
+            read = reading()
+            reads[id(store)] += 1
+            if reads[id(store)] == 1:
+                barrier.wait(timeout=10)  # both have read the one key before either writes
+            return read
+
+        store._read_audit_keys = read_together  # type: ignore[attr-defined]
+        generations.append(store.rotate_audit_key())
+
+    threads = [threading.Thread(target=rotate, args=(store,)) for store in (one, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(generations) == [2, 3]
+    # Each read once to rotate and once after its write; the loser once more, after its refusal.
+    assert sorted(reads.values()) == [2, 3]
+    keys = one.audit_keys(reload=True)
+    assert len(keys) == 3 and keys[0] == first and len(set(keys)) == 3
+    assert other.audit_keys(reload=True) == keys

@@ -34,6 +34,7 @@ from secrets_manager import get_credentials_sync
 from secrets_manager.client import close_default_client
 from secrets_manager.errors import WatchUnsupportedError
 from secrets_manager.store.aws import AwsStore
+from secrets_manager.store.base import AUDIT_KEYS_RECHECK_SECONDS
 from secrets_manager.store.external import DEFAULT_AUDIT_SCOPE, audit_scope_for
 from secrets_manager.store.vault import VaultStore, connect_vault
 from secrets_manager.v1 import secrets_pb2 as pb
@@ -546,3 +547,42 @@ def test_serve_works_under_a_vault_namespace_with_that_namespaces_token(
     assert "auth/NEW" in team.mounts["secret"] and backend.vault.requests == []
     probes = [p for m, p in team.requests if m == "GET" and "/metadata/.secrets-manager/audit-anchor/" in p]
     assert probes  # the health check's, in team-a too
+
+
+@pytest.mark.parametrize("kind", ["vault", "aws"])
+def test_a_serve_on_vault_or_aws_moves_to_the_new_audit_key_after_a_cli_rotation(
+    kind: str, make_backend: Callable[[str], Backend], service_dir: Path, tmp_path: Path
+) -> None:
+    """The serve's log is not the CLI's: the serve reads the store's audit keys again every
+    AUDIT_KEYS_RECHECK_SECONDS, records the rotation in its own log (under the old key), and
+    MACs and fingerprints its later reads under key 2; both logs verify."""
+    backend = make_backend(kind)
+    backend.seed(SEED)
+    server = serve(service_dir, backend)
+    try:
+        assert server.cli("auth", "get", "auth/DB_PASSWORD").returncode == 0
+        rotated = backend.cli(tmp_path, "audit", "rotate-key")
+        assert rotated.returncode == 0, rotated.stderr
+        time.sleep(AUDIT_KEYS_RECHECK_SECONDS + 1)
+        for _ in range(2):
+            assert server.cli("auth", "get", "auth/DB_PASSWORD").returncode == 0
+    finally:
+        server.stop()
+    candidate = backend.cli(tmp_path, "audit", "hash", input=SEED["auth/DB_PASSWORD"])
+    assert candidate.returncode == 0, candidate.stderr
+    new_fingerprint = candidate.stdout.decode().strip()
+    records = audit_records(server)
+    moved = [i for i, r in enumerate(records) if r["operation"] == "audit.rotate_key"]
+    assert len(moved) == 1, records
+    assert records[moved[0]]["version"] == 2 and "key_id" not in records[moved[0]]
+    before = [r for r in records[: moved[0]] if r["operation"] == "get"]
+    after = [r for r in records[moved[0] + 1 :] if r["operation"] == "get"]
+    assert len(before) == 1 and len(after) == 2
+    assert all(r.get("key_id") == 2 for r in records[moved[0] + 1 :] if r.get("mac") is not None)
+    assert before[0]["value_hmac"] != new_fingerprint  # under the old key
+    assert after[-1]["value_hmac"] == new_fingerprint
+    assert all(r["value_hmac"] in (None, new_fingerprint) for r in after)  # never the old key's
+    log = str(service_dir / "store.audit.jsonl")
+    verified = backend.cli(tmp_path, "--audit-file", log, "audit", "verify")
+    assert verified.returncode == 0, verified.stderr
+    assert backend.cli(tmp_path, "audit", "verify").returncode == 0

@@ -499,10 +499,16 @@ def rotate_key(session: Session) -> None:
     it, keeping the one chain: the old keys stay, sealed in the store, so 'audit verify' still
     checks what they signed, and an 'audit.rotate_key' record, MAC'd under the old key, names the
     new one (never the key itself). A record MAC'd under the old key after it is a forgery. Run it
-    after a copy of the store and its password may have leaked. Our store only (SQLite or
-    PostgreSQL; on PostgreSQL each host's log moves to the new key within seconds)."""
+    after a copy of the store and its password may have leaked. On a store several hosts share
+    (PostgreSQL, Vault, AWS) each host's log moves to the new key within seconds."""
     session.require_local("audit rotate-key")
-    with session.operation("audit.rotate_key", mutating=True) as (store, event):
+    # Our store proves its password (never the agent's key); Vault and AWS need no unlock.
+    opened = (
+        session.operation("audit.rotate_key", mutating=True)
+        if session.needs_password
+        else session.store_operation("audit.rotate_key", mutating=True)
+    )
+    with opened as (store, event):
         event.version = store.rotate_audit_key()
     info_line(
         f"audit key {event.version} is in force: records from now on are MAC'd under it; the "

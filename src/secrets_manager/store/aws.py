@@ -71,6 +71,7 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from secrets_manager.crypto.mac import audit_keys_of
 from secrets_manager.errors import (
     AccessDeniedError,
     ConflictError,
@@ -87,6 +88,7 @@ from secrets_manager.errors import (
 )
 from secrets_manager.store.backoff import Backoff
 from secrets_manager.store.base import (
+    AUDIT_KEYS_RECHECK_SECONDS,
     CURRENT,
     DEFAULT_MAX_VERSIONS,
     LABELS,
@@ -132,6 +134,7 @@ from secrets_manager.store.external import (
     EXPIRES_KEY,
     MAX_VERSIONS_KEY,
     RESERVED_KEY_PREFIX,
+    ROTATE_AUDIT_KEY_ATTEMPTS,
     TARGET_KEY,
     NoAnswerError,
     after_the_version,
@@ -443,7 +446,8 @@ class AwsStore:
         self._actor = actor
         self._anchor_name = audit_anchor_name(audit_scope)
         self._max_versions = max_versions
-        self._audit_key: bytes | None = None
+        self._audit_keys: tuple[bytes, ...] | None = None  # oldest first (`audit_keys`)
+        self._audit_keys_read_at = 0.0  # time.monotonic() of the last read of them
         # After a call AWS did not answer: until when later calls fail at once, and why.
         self._unanswered: tuple[float, str] | None = None
         self._calls = threading.local()  # the operation in flight on this thread
@@ -553,7 +557,7 @@ class AwsStore:
         self, name: str, *, version: int | None = None, label: str | None = None
     ) -> tuple[Secret, str]:
         """`get`, and the value's audit fingerprint (the service audits every read with it)."""
-        return with_fingerprint(self.get(name, version=version, label=label), self.audit_key())
+        return with_fingerprint(self.get(name, version=version, label=label), self.audit_keys())
 
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """`_get_with_expiry`; a read of the pending version also makes a DescribeSecret for its
@@ -1356,39 +1360,80 @@ class AwsStore:
         return True
 
     def audit_key(self) -> bytes:
-        """The audit HMAC key, SecretBinary of PREFIX/.secrets-manager/audit-key: GetSecretValue,
-        or CreateSecret on first use (if another process wins that race, theirs is used)."""
-        if self._audit_key is None:
-            secret_id = self.aws_name(AUDIT_KEY_NAME)
-            with self._aws("read the audit key", None, state_error=IntegrityError):
-                try:
-                    reply = self._client.get_secret_value(SecretId=secret_id)
-                except ClientError as exc:
-                    if _code(exc) != "ResourceNotFoundException":
-                        raise
-                    arguments: dict[str, Any] = {
-                        "Name": secret_id,
-                        "SecretBinary": secrets.token_bytes(AUDIT_KEY_SIZE),
-                        "Description": "secrets-manager: the audit log's HMAC key",
-                    }
-                    if self._default_kms_key:
-                        arguments["KmsKeyId"] = self._default_kms_key
-                    try:
-                        self._client.create_secret(**arguments)
-                    except ClientError as create_exc:
-                        if _code(create_exc) != "ResourceExistsException":
-                            raise
-                    reply = self._client.get_secret_value(SecretId=secret_id)
-            key = reply.get("SecretBinary")
-            if not isinstance(key, bytes) or len(key) != AUDIT_KEY_SIZE:
-                raise IntegrityError(f"the audit key in AWS ({secret_id}) is damaged")
-            self._audit_key = key
-        return self._audit_key
+        """The store's audit HMAC key (the newest of `audit_keys`), created on first use."""
+        return self.audit_keys()[-1]
 
     def audit_keys(self, *, reload: bool = False) -> tuple[bytes, ...]:
-        """The store's one audit key: AWS stores keep no retired ones (`audit rotate-key` is
-        refused on them, as on every store whose log is one of several)."""
-        return (self.audit_key(),)
+        """Every audit key of the store, oldest first: the SecretBinary of
+        PREFIX/.secrets-manager/audit-key holds them one after the other (32 bytes each; a store
+        made before 0.5.0 holds one), made by CreateSecret on first use (if another process wins
+        that race, theirs is used); `audit rotate-key` appends one. Read once per handle and again
+        every AUDIT_KEYS_RECHECK_SECONDS (another process's rotation reaches no log of this one:
+        its writer learns of it here); `reload`: read again now."""
+        keys = self._audit_keys
+        if (
+            keys is None
+            or reload
+            or time.monotonic() - self._audit_keys_read_at >= AUDIT_KEYS_RECHECK_SECONDS
+        ):
+            read = self._read_audit_keys()
+            if keys is None or read != keys:  # the same keys read again: the same objects
+                keys = self._audit_keys = read
+            self._audit_keys_read_at = time.monotonic()
+        return keys
+
+    def _read_audit_keys(self) -> tuple[bytes, ...]:
+        """The stored audit keys (GetSecretValue of AWSCURRENT), made first if there are none."""
+        secret_id = self.aws_name(AUDIT_KEY_NAME)
+        with self._aws("read the audit key", None, state_error=IntegrityError):
+            try:
+                reply = self._client.get_secret_value(SecretId=secret_id)
+            except ClientError as exc:
+                if _code(exc) != "ResourceNotFoundException":
+                    raise
+                arguments: dict[str, Any] = {
+                    "Name": secret_id,
+                    "SecretBinary": secrets.token_bytes(AUDIT_KEY_SIZE),
+                    "Description": "secrets-manager: the audit log's HMAC key",
+                }
+                if self._default_kms_key:
+                    arguments["KmsKeyId"] = self._default_kms_key
+                try:
+                    self._client.create_secret(**arguments)
+                except ClientError as create_exc:
+                    if _code(create_exc) != "ResourceExistsException":
+                        raise
+                reply = self._client.get_secret_value(SecretId=secret_id)
+        keyring = reply.get("SecretBinary")
+        try:
+            if not isinstance(keyring, bytes):
+                raise ValueError("not binary")
+            return audit_keys_of(keyring)
+        except ValueError:
+            raise IntegrityError(f"the audit key in AWS ({secret_id}) is damaged") from None
+
+    def rotate_audit_key(self) -> int:
+        """Append a new random audit key to the stored ones (`audit rotate-key`) and return its
+        generation: PutSecretValue with ClientRequestToken = `_version_id(generation)`, so of two
+        rotations at once from the same keys the second is refused by AWS (that version id is
+        taken, with another value) and appends to the first's. The older keys stay to verify what
+        they signed."""
+        secret_id = self.aws_name(AUDIT_KEY_NAME)
+        for _attempt in range(ROTATE_AUDIT_KEY_ATTEMPTS):
+            keys = self._read_audit_keys()
+            generation = len(keys) + 1
+            rotated = b"".join(keys) + secrets.token_bytes(AUDIT_KEY_SIZE)
+            with self._aws("rotate the audit key", None, state_error=IntegrityError):
+                try:
+                    self._client.put_secret_value(
+                        SecretId=secret_id, ClientRequestToken=_version_id(generation), SecretBinary=rotated
+                    )
+                except ClientError as exc:
+                    if _code(exc) != "ResourceExistsException":
+                        raise
+                    continue  # another rotation took this generation first: append to it
+            return len(self.audit_keys(reload=True))
+        raise ConflictError("the audit key changed under every attempt to rotate it; try again")
 
     def audit_anchor(self) -> Anchor | None:
         """DescribeSecret of PREFIX/.secrets-manager/audit-anchor/SCOPE: the anchor is its

@@ -266,6 +266,12 @@ class SecretStore(Protocol):
         """Release the backend."""
 
 
+# A store several hosts share (PostgreSQL, Vault, AWS): how long a handle uses the audit keys it read
+# before it reads them again, so a process whose log never meets another host's or process's
+# `audit rotate-key` moves on.
+AUDIT_KEYS_RECHECK_SECONDS = 5.0
+
+
 @runtime_checkable
 class AuditedStore(SecretStore, Protocol):
     """A store that also keeps the audit log's key and anchor (the `AuditAnchor` of audit/)."""
@@ -276,6 +282,10 @@ class AuditedStore(SecretStore, Protocol):
     def audit_keys(self, *, reload: bool = False) -> tuple[bytes, ...]:
         """Every audit key the store keeps, oldest first (the newest is `audit_key()`), to verify
         records made before a rotation; `reload`: read again, not from this handle's cache."""
+
+    def rotate_audit_key(self) -> int:
+        """Append a new random audit key to the store's (`audit rotate-key`) in one
+        compare-and-set write, and return its generation (the number of keys kept)."""
 
     def audit_anchor(self) -> Anchor | None:
         """The newest audit record this store vouched for, or None before the first one."""

@@ -78,6 +78,7 @@ from secrets_manager.storage import (
 from secrets_manager.storage.base import Expect, Operation
 from secrets_manager.store.backoff import Backoff
 from secrets_manager.store.base import (
+    AUDIT_KEYS_RECHECK_SECONDS,
     CURRENT,
     DEFAULT_MAX_VERSIONS,
     LABELS,
@@ -132,9 +133,6 @@ SCOPED_ANCHOR_PREFIX = AUDIT_ANCHOR_KEY + "/"  # + scope: the anchor of one of s
 _AUDIT_SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 SNAPSHOT_ATTEMPTS = 3  # reads of a snapshot tried again after the root key changed under it
 RENEW_RETRY_SECONDS = 5.0  # between attempts to read an unlock source again that failed
-# A store several hosts share (PostgreSQL): how long a handle uses the audit keys it read before it
-# reads them again, so a process whose log never meets another host's `audit rotate-key` moves on.
-AUDIT_KEYS_RECHECK_SECONDS = 5.0
 KEY_POLICY_KEY = "core/key-policy"
 RECOVERY_KEY = "core/recovery"  # the recovery public key, sealed under the root key
 RETRY_DEADLINE_SECONDS = 30.0

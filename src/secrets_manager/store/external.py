@@ -51,16 +51,17 @@ EXPIRES_KEY = f"{RESERVED_KEY_PREFIX}expires"
 # AWS tag: the rotation target of the version staged last, `store.base.format_target`
 TARGET_KEY = f"{RESERVED_KEY_PREFIX}pending-target"
 AUDIT_KEY_SIZE = 32
+ROTATE_AUDIT_KEY_ATTEMPTS = 10  # `audit rotate-key` tries again after losing its compare-and-set
 DEFAULT_AUDIT_SCOPE = "default"
 DEFAULT_RECOVERY_WINDOW_DAYS = 30  # AWS's own default for DeleteSecret
 _SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
-def with_fingerprint(secret: Secret, audit_key: bytes) -> tuple[Secret, str]:
-    """`secret` and its value's audit fingerprint under the store's audit key: what the CLI's
-    audited reads record for these stores (audit.value_fingerprint), so the service's records of
-    a value match the CLI's."""
-    return secret, value_fingerprint(audit_key, secret.value.reveal())
+def with_fingerprint(secret: Secret, audit_keys: tuple[bytes, ...]) -> tuple[Secret, str]:
+    """`secret` and its value's audit fingerprint under the store's newest audit key (its
+    generation the number of keys): what the CLI's audited reads record for these stores
+    (audit.value_fingerprint), so the service's records of a value match the CLI's."""
+    return secret, value_fingerprint(audit_keys[-1], secret.value.reveal(), len(audit_keys))
 
 
 def after_the_version(exc: SecretsManagerError, name: str, number: int) -> SecretsManagerError:

@@ -71,6 +71,7 @@ from urllib3.connectionpool import ConnectionPool
 from urllib3.exceptions import ConnectTimeoutError, MaxRetryError, NewConnectionError, ReadTimeoutError
 from urllib3.util.retry import Retry
 
+from secrets_manager.crypto.mac import audit_keys_of
 from secrets_manager.errors import (
     AccessDeniedError,
     ConflictError,
@@ -88,6 +89,7 @@ from secrets_manager.errors import (
 )
 from secrets_manager.store.backoff import Backoff
 from secrets_manager.store.base import (
+    AUDIT_KEYS_RECHECK_SECONDS,
     CURRENT,
     DEFAULT_MAX_VERSIONS,
     LABELS,
@@ -129,6 +131,7 @@ from secrets_manager.store.external import (
     DESCRIPTION_KEY,
     EXPIRES_KEY,
     RESERVED_KEY_PREFIX,
+    ROTATE_AUDIT_KEY_ATTEMPTS,
     NoAnswerError,
     after_the_version,
     audit_anchor_name,
@@ -626,7 +629,8 @@ class VaultStore:
         self._anchor_name = audit_anchor_name(audit_scope)
         self._anchor_version: int | None = None
         self._max_versions = max_versions
-        self._audit_key: bytes | None = None
+        self._audit_keys: tuple[bytes, ...] | None = None  # oldest first (`audit_keys`)
+        self._audit_keys_read_at = 0.0  # time.monotonic() of the last read of them
         self._engine: str | None = None  # "kv2" once known; "unknown" if the mounts endpoint refused
         # After a request Vault did not answer: until when later requests fail at once, and why.
         self._unanswered: tuple[float, str] | None = None
@@ -813,7 +817,7 @@ class VaultStore:
         self, name: str, *, version: int | None = None, label: str | None = None
     ) -> tuple[Secret, str]:
         """`get`, and the value's audit fingerprint (the service audits every read with it)."""
-        return with_fingerprint(self.get(name, version=version, label=label), self.audit_key())
+        return with_fingerprint(self.get(name, version=version, label=label), self.audit_keys())
 
     def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
         """GET MOUNT/data/NAME (the latest version), or MOUNT/metadata/NAME then
@@ -1372,28 +1376,63 @@ class VaultStore:
         return True
 
     def audit_key(self) -> bytes:
-        """The audit HMAC key at MOUNT/data/.secrets-manager/audit-key, created (cas=0) on first use."""
-        if self._audit_key is None:
-            for _attempt in range(3):
-                try:
-                    body = self._read_data(AUDIT_KEY_NAME, None, action="read the audit key")
-                except NotFoundError:
-                    fresh = {BINARY_FIELD: base64.b64encode(secrets.token_bytes(AUDIT_KEY_SIZE)).decode()}
-                    with suppress(_CasMismatch):  # another process created it first: use theirs
-                        self._write_data(AUDIT_KEY_NAME, fresh, cas=0, action="create the audit key")
-                    continue
-                key = _decode_data(body["data"])
-                if len(key) != AUDIT_KEY_SIZE:
-                    raise IntegrityError(f"the audit key in Vault ({AUDIT_KEY_NAME}) is damaged")
-                self._refresh_if_expiring(AUDIT_KEY_NAME, body, what="the audit key")
-                self._audit_key = key
-                break
-            else:
-                raise StorageError(
-                    f"the audit key in Vault ({self._mount}/{AUDIT_KEY_NAME}) cannot be read: if it was "
-                    "deleted, 'vault kv undelete' restores it"
-                )
-        return self._audit_key
+        """The store's audit HMAC key (the newest of `audit_keys`), created on first use."""
+        return self.audit_keys()[-1]
+
+    def audit_keys(self, *, reload: bool = False) -> tuple[bytes, ...]:
+        """Every audit key of the store, oldest first: MOUNT/data/.secrets-manager/audit-key holds
+        them one after the other in base64 (32 bytes each; a store made before 0.5.0 holds one),
+        created (cas=0) on first use; `audit rotate-key` appends one. Read once per handle and
+        again every AUDIT_KEYS_RECHECK_SECONDS (another process's rotation reaches no log of this
+        one: its writer learns of it here); `reload`: read again now."""
+        keys = self._audit_keys
+        if (
+            keys is None
+            or reload
+            or time.monotonic() - self._audit_keys_read_at >= AUDIT_KEYS_RECHECK_SECONDS
+        ):
+            read, _version = self._read_audit_keys()
+            if keys is None or read != keys:  # the same keys read again: the same objects
+                keys = self._audit_keys = read
+            self._audit_keys_read_at = time.monotonic()
+        return keys
+
+    def _read_audit_keys(self) -> tuple[tuple[bytes, ...], int]:
+        """The stored audit keys and the KV version holding them, made first if there are none."""
+        for _attempt in range(3):
+            try:
+                body = self._read_data(AUDIT_KEY_NAME, None, action="read the audit key")
+            except NotFoundError:
+                fresh = {BINARY_FIELD: base64.b64encode(secrets.token_bytes(AUDIT_KEY_SIZE)).decode()}
+                with suppress(_CasMismatch):  # another process created it first: use theirs
+                    self._write_data(AUDIT_KEY_NAME, fresh, cas=0, action="create the audit key")
+                continue
+            try:
+                keys = audit_keys_of(_decode_data(body["data"]))
+                version = int(body["metadata"]["version"])
+            except (KeyError, TypeError, ValueError):
+                raise IntegrityError(f"the audit key in Vault ({AUDIT_KEY_NAME}) is damaged") from None
+            self._refresh_if_expiring(AUDIT_KEY_NAME, body, what="the audit key")
+            return keys, version
+        raise StorageError(
+            f"the audit key in Vault ({self._mount}/{AUDIT_KEY_NAME}) cannot be read: if it was "
+            "deleted, 'vault kv undelete' restores it"
+        )
+
+    def rotate_audit_key(self) -> int:
+        """Append a new random audit key to the stored ones (`audit rotate-key`), written with
+        cas = the version read, so two rotations at once both land, one after the other; return
+        its generation. The older keys stay to verify what they signed."""
+        for _attempt in range(ROTATE_AUDIT_KEY_ATTEMPTS):
+            keys, version = self._read_audit_keys()
+            rotated = b"".join(keys) + secrets.token_bytes(AUDIT_KEY_SIZE)
+            data = {BINARY_FIELD: base64.b64encode(rotated).decode()}
+            try:
+                self._write_data(AUDIT_KEY_NAME, data, cas=version, action="rotate the audit key")
+            except _CasMismatch:  # another rotation landed first: append to it
+                continue
+            return len(self.audit_keys(reload=True))
+        raise ConflictError("the audit key changed under every attempt to rotate it; try again")
 
     def _refresh_if_expiring(self, name: str, body: Mapping[str, Any], *, what: str) -> None:
         """Write the same data again (cas = the version read) when a delete_version_after has given
@@ -1411,11 +1450,6 @@ class VaultStore:
                 return
             with suppress(_CasMismatch, SecretsManagerError):  # someone else refreshed it, or may not
                 self._write_data(name, body["data"], cas=int(metadata["version"]), action=f"refresh {what}")
-
-    def audit_keys(self, *, reload: bool = False) -> tuple[bytes, ...]:
-        """The store's one audit key: Vault stores keep no retired ones (`audit rotate-key` is
-        refused on them, as on every store whose log is one of several)."""
-        return (self.audit_key(),)
 
     def audit_anchor(self) -> Anchor | None:
         """The anchor of this audit log, GET MOUNT/data/.secrets-manager/audit-anchor/SCOPE."""
