@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography import x509
@@ -405,3 +406,20 @@ def free_address() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return f"127.0.0.1:{sock.getsockname()[1]}"
+
+
+def assert_moved_to_the_second_audit_key(records: list[dict[str, Any]], new_fingerprint: str) -> None:
+    """A log written by a process that held the store open across an `audit rotate-key` made
+    elsewhere (one read before, two after the recheck interval): one `audit.rotate_key` record of
+    its own, under the old key, naming key 2; every authenticated record after it under key 2; its
+    reads fingerprinted under the new key from then on, never the old one's (docs/audit.md §3a)."""
+    moved = [i for i, r in enumerate(records) if r["operation"] == "audit.rotate_key"]
+    assert len(moved) == 1, records
+    assert records[moved[0]]["version"] == 2 and "key_id" not in records[moved[0]]
+    before = [r for r in records[: moved[0]] if r["operation"] == "get"]
+    after = [r for r in records[moved[0] + 1 :] if r["operation"] == "get"]
+    assert len(before) == 1 and len(after) == 2
+    assert all(r.get("key_id") == 2 for r in records[moved[0] + 1 :] if r.get("mac") is not None)
+    assert before[0]["value_hmac"] != new_fingerprint  # under the old key
+    assert after[-1]["value_hmac"] == new_fingerprint
+    assert all(r["value_hmac"] in (None, new_fingerprint) for r in after)  # never the old key's

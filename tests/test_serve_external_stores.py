@@ -39,7 +39,17 @@ from secrets_manager.store.external import DEFAULT_AUDIT_SCOPE, audit_scope_for
 from secrets_manager.store.vault import VaultStore, connect_vault
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.wire import error_for
-from service_fixtures import POLICY, SCRIPT, SEED, Server, client_environ, eventually, make_pki, start_server
+from service_fixtures import (
+    POLICY,
+    SCRIPT,
+    SEED,
+    Server,
+    assert_moved_to_the_second_audit_key,
+    client_environ,
+    eventually,
+    make_pki,
+    start_server,
+)
 from tcp_proxy import TcpProxy, Verdict
 from vault_server import FakeVault
 
@@ -572,16 +582,7 @@ def test_a_serve_on_vault_or_aws_moves_to_the_new_audit_key_after_a_cli_rotation
     assert candidate.returncode == 0, candidate.stderr
     new_fingerprint = candidate.stdout.decode().strip()
     records = audit_records(server)
-    moved = [i for i, r in enumerate(records) if r["operation"] == "audit.rotate_key"]
-    assert len(moved) == 1, records
-    assert records[moved[0]]["version"] == 2 and "key_id" not in records[moved[0]]
-    before = [r for r in records[: moved[0]] if r["operation"] == "get"]
-    after = [r for r in records[moved[0] + 1 :] if r["operation"] == "get"]
-    assert len(before) == 1 and len(after) == 2
-    assert all(r.get("key_id") == 2 for r in records[moved[0] + 1 :] if r.get("mac") is not None)
-    assert before[0]["value_hmac"] != new_fingerprint  # under the old key
-    assert after[-1]["value_hmac"] == new_fingerprint
-    assert all(r["value_hmac"] in (None, new_fingerprint) for r in after)  # never the old key's
+    assert_moved_to_the_second_audit_key(records, new_fingerprint)
     log = str(service_dir / "store.audit.jsonl")
     verified = backend.cli(tmp_path, "--audit-file", log, "audit", "verify")
     assert verified.returncode == 0, verified.stderr

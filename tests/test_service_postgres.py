@@ -36,6 +36,7 @@ from service_fixtures import (
     SCRIPT,
     SEED,
     Server,
+    assert_moved_to_the_second_audit_key,
     eventually,
     in_process_server,
     make_pki,
@@ -911,16 +912,7 @@ def test_an_audit_key_rotation_reaches_each_replicas_log_and_every_log_verifies(
     new_fingerprint = candidate.stdout.decode().strip()
     for server in (replicas.a, replicas.b):
         records = replicas.audit_records(server)
-        moved = [i for i, r in enumerate(records) if r["operation"] == "audit.rotate_key"]
-        assert len(moved) == 1, records
-        assert records[moved[0]]["version"] == 2 and "key_id" not in records[moved[0]]
-        before = [r for r in records[: moved[0]] if r["operation"] == "get"]
-        after = [r for r in records[moved[0] + 1 :] if r["operation"] == "get"]
-        assert len(before) == 1 and len(after) == 2
-        assert all(r.get("key_id") == 2 for r in records[moved[0] + 1 :] if r.get("mac") is not None)
-        assert before[0]["value_hmac"] != new_fingerprint  # under the old key
-        assert after[-1]["value_hmac"] == new_fingerprint
-        assert all(r["value_hmac"] in (None, new_fingerprint) for r in after)  # never the old key's
+        assert_moved_to_the_second_audit_key(records, new_fingerprint)
         verified = replicas.cli("audit", "verify", audit_file=f"{replicas.name_of(server)}.audit.jsonl")
         assert verified.returncode == 0, verified.stderr
     verified = replicas.cli("audit", "verify", audit_file="cli.audit.jsonl")

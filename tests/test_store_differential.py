@@ -678,6 +678,17 @@ def cli_answers(
         return dict(zip(urls, pool.map(run, urls), strict=True))
 
 
+def command_files(tmp_path: Path, extra: dict[str, str] | None = None) -> Path:
+    """The directory the CLI commands' {files} names: the import files, `extra` beside them, and
+    a backup password."""
+    files = tmp_path / "files"
+    files.mkdir()
+    for file, text in {**IMPORT_FILES, **(extra or {})}.items():
+        (files / file).write_text(text)
+    (files / "backup-password").write_text("a backup password\n")
+    return files
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("run_number", range(2))
 def test_the_four_stores_answer_random_commands_alike(
@@ -693,11 +704,7 @@ def test_the_four_stores_answer_random_commands_alike(
         password=PASSWORD,
         aws_prefix="cli",
     )
-    files = tmp_path / "files"
-    files.mkdir()
-    for file, text in IMPORT_FILES.items():
-        (files / file).write_text(text)
-    (files / "backup-password").write_text("a backup password\n")
+    files = command_files(tmp_path)
     homes = {label: env[label]["HOME"] for label in urls}
     held = held_by_cli_stores(tmp_path, urls, postgres_cluster, fake_vault, moto_endpoint)
     try:
@@ -866,12 +873,7 @@ def test_the_four_stores_refuse_alike_and_change_nothing(
         password=PASSWORD,
         aws_prefix="refuse",
     )
-    files = tmp_path / "files"
-    files.mkdir()
-    for file, text in IMPORT_FILES.items():
-        (files / file).write_text(text)
-    (files / "new-then-existing.env").write_text("new=v\nab=x\n")
-    (files / "backup-password").write_text("a backup password\n")
+    files = command_files(tmp_path, {"new-then-existing.env": "new=v\nab=x\n"})
     homes = {label: env[label]["HOME"] for label in urls}
     held = held_by_cli_stores(tmp_path, urls, postgres_cluster, fake_vault, moto_endpoint)
     try:
