@@ -27,7 +27,7 @@ from postgres_cluster import DATABASE
 from secrets_manager.crypto import kdf
 from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
-from secrets_manager.store.encrypted import AUDIT_KEYS_RECHECK_SECONDS
+from secrets_manager.store.base import AUDIT_KEYS_RECHECK_SECONDS
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.wire import WATCH_REVISION_KEY, status_for
 from service_fixtures import (

@@ -88,7 +88,6 @@ from secrets_manager.errors import (
 )
 from secrets_manager.store.backoff import Backoff
 from secrets_manager.store.base import (
-    AUDIT_KEYS_RECHECK_SECONDS,
     CURRENT,
     DEFAULT_MAX_VERSIONS,
     LABELS,
@@ -137,6 +136,7 @@ from secrets_manager.store.external import (
     ROTATE_AUDIT_KEY_ATTEMPTS,
     TARGET_KEY,
     NoAnswerError,
+    RecheckedAuditKeys,
     after_the_version,
     audit_anchor_name,
     aws_profile_missing,
@@ -446,8 +446,7 @@ class AwsStore:
         self._actor = actor
         self._anchor_name = audit_anchor_name(audit_scope)
         self._max_versions = max_versions
-        self._audit_keys: tuple[bytes, ...] | None = None  # oldest first (`audit_keys`)
-        self._audit_keys_read_at = 0.0  # time.monotonic() of the last read of them
+        self._audit_keys = RecheckedAuditKeys(lambda: self._read_audit_keys())
         # After a call AWS did not answer: until when later calls fail at once, and why.
         self._unanswered: tuple[float, str] | None = None
         self._calls = threading.local()  # the operation in flight on this thread
@@ -1370,17 +1369,7 @@ class AwsStore:
         that race, theirs is used); `audit rotate-key` appends one. Read once per handle and again
         every AUDIT_KEYS_RECHECK_SECONDS (another process's rotation reaches no log of this one:
         its writer learns of it here); `reload`: read again now."""
-        keys = self._audit_keys
-        if (
-            keys is None
-            or reload
-            or time.monotonic() - self._audit_keys_read_at >= AUDIT_KEYS_RECHECK_SECONDS
-        ):
-            read = self._read_audit_keys()
-            if keys is None or read != keys:  # the same keys read again: the same objects
-                keys = self._audit_keys = read
-            self._audit_keys_read_at = time.monotonic()
-        return keys
+        return self._audit_keys.get(reload=reload)
 
     def _read_audit_keys(self) -> tuple[bytes, ...]:
         """The stored audit keys (GetSecretValue of AWSCURRENT), made first if there are none."""

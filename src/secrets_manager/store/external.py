@@ -18,7 +18,8 @@ from __future__ import annotations
 import hashlib
 import re
 import socket
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -30,7 +31,12 @@ from secrets_manager.errors import (
     StorageError,
     restated,
 )
-from secrets_manager.store.base import RESERVED_TAG_PREFIX, Secret, checked_metadata
+from secrets_manager.store.base import (
+    AUDIT_KEYS_RECHECK_SECONDS,
+    RESERVED_TAG_PREFIX,
+    Secret,
+    checked_metadata,
+)
 from secrets_manager.store.names import validate_name
 
 
@@ -55,6 +61,27 @@ ROTATE_AUDIT_KEY_ATTEMPTS = 10  # `audit rotate-key` tries again after losing it
 DEFAULT_AUDIT_SCOPE = "default"
 DEFAULT_RECOVERY_WINDOW_DAYS = 30  # AWS's own default for DeleteSecret
 _SCOPE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+class RecheckedAuditKeys:
+    """The audit keys a Vault or AWS handle read, read again every AUDIT_KEYS_RECHECK_SECONDS
+    (another host's `audit rotate-key` reaches no log of this one: its writer learns of it here),
+    the same objects kept while they are unchanged (fingerprints are cached by key identity)."""
+
+    def __init__(self, read: Callable[[], tuple[bytes, ...]]) -> None:
+        self._read = read
+        self._keys: tuple[bytes, ...] | None = None
+        self._read_at = 0.0  # time.monotonic() of the last read
+
+    def get(self, *, reload: bool = False) -> tuple[bytes, ...]:
+        """The keys, oldest first; `reload`: read them again now."""
+        keys = self._keys
+        if keys is None or reload or time.monotonic() - self._read_at >= AUDIT_KEYS_RECHECK_SECONDS:
+            read = self._read()
+            if keys is None or read != keys:
+                keys = self._keys = read
+            self._read_at = time.monotonic()
+        return keys
 
 
 def with_fingerprint(secret: Secret, audit_keys: tuple[bytes, ...]) -> tuple[Secret, str]:

@@ -89,7 +89,6 @@ from secrets_manager.errors import (
 )
 from secrets_manager.store.backoff import Backoff
 from secrets_manager.store.base import (
-    AUDIT_KEYS_RECHECK_SECONDS,
     CURRENT,
     DEFAULT_MAX_VERSIONS,
     LABELS,
@@ -133,6 +132,7 @@ from secrets_manager.store.external import (
     RESERVED_KEY_PREFIX,
     ROTATE_AUDIT_KEY_ATTEMPTS,
     NoAnswerError,
+    RecheckedAuditKeys,
     after_the_version,
     audit_anchor_name,
     checked_write,
@@ -629,8 +629,7 @@ class VaultStore:
         self._anchor_name = audit_anchor_name(audit_scope)
         self._anchor_version: int | None = None
         self._max_versions = max_versions
-        self._audit_keys: tuple[bytes, ...] | None = None  # oldest first (`audit_keys`)
-        self._audit_keys_read_at = 0.0  # time.monotonic() of the last read of them
+        self._audit_keys = RecheckedAuditKeys(lambda: self._read_audit_keys()[0])
         self._engine: str | None = None  # "kv2" once known; "unknown" if the mounts endpoint refused
         # After a request Vault did not answer: until when later requests fail at once, and why.
         self._unanswered: tuple[float, str] | None = None
@@ -1385,17 +1384,7 @@ class VaultStore:
         created (cas=0) on first use; `audit rotate-key` appends one. Read once per handle and
         again every AUDIT_KEYS_RECHECK_SECONDS (another process's rotation reaches no log of this
         one: its writer learns of it here); `reload`: read again now."""
-        keys = self._audit_keys
-        if (
-            keys is None
-            or reload
-            or time.monotonic() - self._audit_keys_read_at >= AUDIT_KEYS_RECHECK_SECONDS
-        ):
-            read, _version = self._read_audit_keys()
-            if keys is None or read != keys:  # the same keys read again: the same objects
-                keys = self._audit_keys = read
-            self._audit_keys_read_at = time.monotonic()
-        return keys
+        return self._audit_keys.get(reload=reload)
 
     def _read_audit_keys(self) -> tuple[tuple[bytes, ...], int]:
         """The stored audit keys and the KV version holding them, made first if there are none."""
