@@ -150,6 +150,9 @@ class _Anchors:
     def audit_key(self) -> bytes:
         return self.key
 
+    def audit_keys(self, *, reload: bool = False) -> tuple[bytes, ...]:
+        return (self.key,)
+
     def audit_anchor(self) -> Anchor | None:
         return self.anchor
 

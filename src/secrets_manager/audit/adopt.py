@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from secrets_manager.audit.anchor import AuditAnchor, audit_keys_of
+from secrets_manager.audit.anchor import AuditAnchor
 from secrets_manager.audit.append import DEFAULT_TIMEOUT_SECONDS, LogWriter
 from secrets_manager.audit.errors import AuditError, AuditTamperError
 from secrets_manager.audit.files import first_record_in, last_record_in, open_for_reading, read_lines
@@ -48,7 +48,7 @@ def adopt_log(
         if not files or new_path.exists():
             return []  # adopted meanwhile by another process
         targets = [new_path.with_name(new_path.name + path.name[len(old_path.name) :]) for path in files]
-        key = audit_keys_of(anchor)
+        key = anchor.audit_keys()
         begun = new.files()
         if begun and not _continues(begun[-1], files[0], key):
             return []

@@ -45,19 +45,9 @@ class AuditAnchor(Protocol):
         ...
 
 
-def audit_keys_of(anchor: AuditAnchor, *, reload: bool = False) -> tuple[bytes, ...]:
-    """`anchor.audit_keys()`; for an anchor that keeps one key and predates rotation (an
-    in-memory one a caller made with `audit_key` alone), that key."""
-    keys = getattr(anchor, "audit_keys", None)
-    if keys is None:
-        return (anchor.audit_key(),)
-    found: tuple[bytes, ...] = keys(reload=reload)
-    return found
-
-
 def value_fingerprint(anchor: AuditAnchor, value: bytes) -> str:
     """`hmac-sha256:<hex>` of a value under the store's audit key (Vault's `sys/audit-hash`)."""
-    keys = audit_keys_of(anchor)
+    keys = anchor.audit_keys()
     return _value_fingerprint(keys[-1], value, len(keys))
 
 

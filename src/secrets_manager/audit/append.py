@@ -25,7 +25,6 @@ from typing import Any
 from secrets_manager.audit.anchor import (
     AuditAnchor,
     another_stores_log,
-    audit_keys_of,
     check_tail_against_anchor,
     missing_anchor,
 )
@@ -624,9 +623,9 @@ class LogWriter(LogFiles):
         """The store's audit keys, read again from the store when the log names a newer one than
         this process holds (another process rotated it: from then on this one writes under it
         too, and computes fingerprints with it); AuditTamperError if the store holds none such."""
-        keys = audit_keys_of(anchor)
+        keys = anchor.audit_keys()
         if generation is not None and generation > len(keys):
-            keys = audit_keys_of(anchor, reload=True)
+            keys = anchor.audit_keys(reload=True)
             if generation > len(keys):
                 raise AuditTamperError(
                     f"audit log {self.path} is under audit key {generation}, which the store does not "

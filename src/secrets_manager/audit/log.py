@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from secrets_manager.audit.anchor import AuditAnchor, audit_keys_of, refuse_if_read_only
+from secrets_manager.audit.anchor import AuditAnchor, refuse_if_read_only
 from secrets_manager.audit.append import LogWriter
 from secrets_manager.audit.errors import (
     AuditError,
@@ -85,7 +85,7 @@ class AuditLog(LogWriter):
                     try:
                         count = walk_chain(
                             self,
-                            audit_keys_of(anchor),
+                            anchor.audit_keys(),
                             anchored,
                             locked=True,
                             anchor_required=not anchor.audit_anchor_scoped,
@@ -96,7 +96,7 @@ class AuditLog(LogWriter):
                         aside = self._repair_locked(anchor, event)
                         count = walk_chain(
                             self,
-                            audit_keys_of(anchor),
+                            anchor.audit_keys(),
                             anchor.audit_anchor(),
                             locked=True,
                             anchor_required=not anchor.audit_anchor_scoped,
@@ -136,7 +136,7 @@ class AuditLog(LogWriter):
         verified = {path: file_identity(path) for path in self.files() if path != self.path}
         records = walk_chain(
             self,
-            audit_keys_of(anchor),
+            anchor.audit_keys(),
             anchor.audit_anchor(),
             locked=False,
             anchor_required=not anchor.audit_anchor_scoped,
