@@ -420,6 +420,28 @@ def test_audit_show_read_answers_who_read_a_secret_and_until_ends_the_time_range
         assert refused.stderr.decode().count("\n") == 1 and why in refused.stderr.decode(), refused.stderr
 
 
+def test_audit_show_exact_selects_one_name_and_not_the_names_it_begins(cli: Cli) -> None:
+    """ "Who read market-connector/BINANCE_API_KEY" with `--read --name` (a prefix, as documented)
+    also listed every read of market-connector/BINANCE_API_KEY_TESTNET: an auditor was handed
+    another secret's readers, and no option selected one name alone."""
+    name = "market-connector/BINANCE_API_KEY"
+    for secret in (name, name + "_TESTNET", name + "/old"):
+        assert cli("store", secret, input=KNOWN_VALUE.encode()).returncode == 0
+        assert cli("get", secret).returncode == 0
+
+    def shown(*args: str) -> list[dict[str, object]]:
+        result = cli("audit", "show", "--read", *args, "--json")
+        assert result.returncode == 0, result.stderr
+        return list(json.loads(result.stdout))
+
+    assert [r["name"] for r in shown("--name", name)] == [name, name + "_TESTNET", name + "/old"]
+    exact = shown("--name", name, "--exact")
+    assert [(r["operation"], r["name"]) for r in exact] == [("get", name)]
+    refused = cli("audit", "show", "--exact")
+    assert refused.returncode == 2 and refused.stdout == b""
+    assert refused.stderr.decode().count("\n") == 1 and "give --name NAME" in refused.stderr.decode()
+
+
 def test_audit_show_actor_names_the_service_identity_a_short_name_meant(
     cli: Cli, encrypted_store: EncryptedStore, tmp_path: Path
 ) -> None:

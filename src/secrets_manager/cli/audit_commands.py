@@ -59,6 +59,12 @@ VALUE_READS = frozenset({"get", "otp", "run", "inject", "export", "store.read", 
 @audit.command()
 @click.option("--name", "name_prefix", metavar="PREFIX", help="Only records for names starting with PREFIX.")
 @click.option(
+    "--exact",
+    is_flag=True,
+    help="With --name: only records for that very name, not for the names it begins "
+    "(BINANCE_API_KEY without BINANCE_API_KEY_TESTNET).",
+)
+@click.option(
     "--actor",
     metavar="ACTOR",
     help="Only records by this actor (an OS user, or a client certificate's identity as the "
@@ -119,6 +125,7 @@ VALUE_READS = frozenset({"get", "otp", "run", "inject", "export", "store.read", 
 def show(
     session: Session,
     name_prefix: str | None,
+    exact: bool,
     actor: str | None,
     serial: str | None,
     since: str | None,
@@ -135,6 +142,8 @@ def show(
 ) -> None:
     """Print audit records (values never appear in them), oldest first."""
     session.require_local("audit show")
+    if exact and name_prefix is None:
+        raise InvalidInputError("--exact selects the name --name gives: give --name NAME with it")
     cutoff = parse_cutoff(since, "--since", "leave --since out to show every record") if since else None
     end = parse_cutoff(until, "--until", "leave --until out to show every record") if until else None
     certificate = _serial_number(serial, "--serial") if serial is not None else None
@@ -169,7 +178,14 @@ def show(
         if actor is not None:
             actors_seen.add(str(record.get("actor")))
         return (
-            (name_prefix is None or str(record.get("name") or "").startswith(name_prefix))
+            (
+                name_prefix is None
+                or (
+                    record.get("name") == name_prefix
+                    if exact
+                    else str(record.get("name") or "").startswith(name_prefix)
+                )
+            )
             and (actor is None or record.get("actor") == actor)
             and (certificate is None or _serial_number_of(record) == certificate)
             and (cutoff is None or record_time(record) >= cutoff)
