@@ -442,6 +442,39 @@ def test_audit_show_exact_selects_one_name_and_not_the_names_it_begins(cli: Cli)
     assert refused.stderr.decode().count("\n") == 1 and "give --name NAME" in refused.stderr.decode()
 
 
+def test_audit_show_until_a_time_printed_to_the_second_keeps_that_seconds_records(cli: Cli) -> None:
+    """Records keep microseconds and the table prints them to the second: a record of
+    23:59:59.407 shows as 23:59:59Z, and `--until` that time, copied from the table (or a day's
+    end, `--until 2026-03-20T23:59:59Z`), left it out: the last records of a range were lost."""
+    busy_session(cli)
+    records = cli.records()
+    record = next(r for r in records if datetime.fromisoformat(str(r["time"])).microsecond)
+    second = datetime.fromisoformat(str(record["time"])).replace(microsecond=0)
+    printed = cli("audit", "show", "--request-id", str(record["request_id"]))
+    assert printed.returncode == 0 and second.strftime("%Y-%m-%dT%H:%M:%SZ") in printed.stdout.decode()
+
+    def shown(*args: str) -> list[dict[str, object]]:
+        result = cli("audit", "show", *args, "--json")
+        assert result.returncode == 0, result.stderr
+        return list(json.loads(result.stdout))
+
+    def through(end: datetime) -> list[dict[str, object]]:
+        return [r for r in records if datetime.fromisoformat(str(r["time"])) <= end]
+
+    end_of_second = second.replace(microsecond=999_999)
+    for until in (
+        second.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        second.isoformat(),
+        second.strftime("%Y-%m-%dT%H:%M:%S"),
+    ):
+        kept = shown("--until", until)
+        assert record in kept and kept == through(end_of_second), until
+    # Given with a fraction, a time is exact, as before.
+    exact = shown("--until", str(record["time"]))
+    assert exact == through(datetime.fromisoformat(str(record["time"])))
+    assert shown("--until", second.strftime("%Y-%m-%dT%H:%M:%S.000000Z")) == through(second)
+
+
 def test_audit_show_actor_names_the_service_identity_a_short_name_meant(
     cli: Cli, encrypted_store: EncryptedStore, tmp_path: Path
 ) -> None:

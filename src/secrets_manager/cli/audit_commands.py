@@ -15,6 +15,7 @@ import collections
 import contextlib
 import fnmatch
 import os
+import re
 import signal
 import sys
 import threading
@@ -145,7 +146,11 @@ def show(
     if exact and name_prefix is None:
         raise InvalidInputError("--exact selects the name --name gives: give --name NAME with it")
     cutoff = parse_cutoff(since, "--since", "leave --since out to show every record") if since else None
-    end = parse_cutoff(until, "--until", "leave --until out to show every record") if until else None
+    end = (
+        _through_its_second(until, parse_cutoff(until, "--until", "leave --until out to show every record"))
+        if until
+        else None
+    )
     certificate = _serial_number(serial, "--serial") if serial is not None else None
     if end is not None and follow:
         raise InvalidInputError("--until ends the selection, --follow never does: give one of them")
@@ -266,6 +271,21 @@ def _follow(
         finally:
             os.close(devnull)
         return
+
+
+# A time written with a fraction of a second (`23:59:59.5`), and an age (`30m`, `7d`).
+_FRACTION = re.compile(r":[0-9]{2}[.,][0-9]")
+_AGE_TEXT = re.compile(r"[0-9]+[smhd]")
+
+
+def _through_its_second(text: str, moment: datetime) -> datetime:
+    """`--until T` for a T given to the second or coarser (a date, a minute), as every command
+    prints times: the end of that second. The table showed a record of 23:59:59.407 as
+    `23:59:59Z`, and `--until 23:59:59Z` (its time, copied) left it out, as it did a day's last
+    records for `--until 2026-03-20T23:59:59Z`. A time with a fraction, or an age, is exact."""
+    if _FRACTION.search(text) or _AGE_TEXT.fullmatch(text.strip()):
+        return moment
+    return moment.replace(microsecond=999_999)
 
 
 def _serial_number(text: str, option: str) -> int:
