@@ -1797,6 +1797,41 @@ def test_a_prune_killed_while_archiving_leaves_no_hidden_copy_for_good(cli: Cli,
     assert verify(cli).returncode == 0
 
 
+def test_audit_show_archive_shows_the_records_pruned_into_it_in_their_place(cli: Cli, tmp_path: Path) -> None:
+    """`audit prune --archive DIR` moved a month's files out of the log, and `audit show` read
+    the log alone: "who read NAME in March" had no answer once March was pruned (only
+    `audit verify --archive` read DIR). `--archive DIR` shows them, before the log's own."""
+    assert cli("store", "svc/K0", input=b"v").returncode == 0
+    assert cli("get", "svc/K0").returncode == 0
+    _rotated_log(cli)
+    before = cli.records_of_every_file()
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    assert cli("audit", "prune", "--keep-files", "0", "--archive", str(archive)).returncode == 0
+    after = cli.records_of_every_file()
+    assert after[0]["seq"] != 1 and after[-1]["operation"] == "audit.prune"
+
+    def shown(*args: str) -> list[dict[str, object]]:
+        result = cli("audit", "show", *args, "--json")
+        assert result.returncode == 0, result.stderr
+        return list(json.loads(result.stdout))
+
+    assert shown() == after, "without --archive: the log alone, as before"
+    everything = shown("--archive", str(archive))
+    assert [r["seq"] for r in everything] == list(range(1, len(everything) + 1))
+    assert everything[: len(before)] == before and everything[len(before) :] == after[-1:]
+    reads = shown("--archive", str(archive), "--read", "--name", "svc/K0", "--exact")
+    assert [r["operation"] for r in reads] == ["get"]
+    assert reads[0]["seq"] < after[0]["seq"], "the read was pruned from the log"
+    for args, why in (
+        (("--archive", str(tmp_path / "nope")), "does not exist"),
+        (("--archive", str(archive), "--follow"), "give one of them"),
+    ):
+        refused = cli("audit", "show", *args)
+        assert refused.returncode == 2 and refused.stdout == b"", args
+        assert refused.stderr.decode().count("\n") == 1 and why in refused.stderr.decode(), refused.stderr
+
+
 def test_a_prune_never_takes_the_log_file_itself_for_its_archived_copy(cli: Cli, tmp_path: Path) -> None:
     """Since a file of the archive's name holding the file's bytes counts as archived (0e2cbb8),
     `--archive` naming the log's own directory (or holding another name of the log's file, a hard

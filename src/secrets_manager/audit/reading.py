@@ -63,12 +63,15 @@ class LogFiles:
             if is_seq_number(p.name[len(self.path.name) + 1 :])
         ]
 
-    def records(self, *, on_partial: Callable[[Path, int], None] | None = None) -> Iterator[dict[str, Any]]:
+    def records(
+        self, *, on_partial: Callable[[Path, int], None] | None = None, archive: Path | None = None
+    ) -> Iterator[dict[str, Any]]:
         """Every record in order; AuditTamperError on a line that is not a record (or a file of the
         log that is not a regular file). A partial last line (a write cut short; records() does
         not know whether records the store anchored are missing too: verify() does) is given to
-        `on_partial` (its file and line number); without one, AuditPartialRecordError."""
-        for _path, _number, _line, record in self._numbered_records(on_partial=on_partial):
+        `on_partial` (its file and line number); without one, AuditPartialRecordError. With
+        `archive`, the files `audit prune --archive` moved there first, as `files` orders them."""
+        for _path, _number, _line, record in self._numbered_records(on_partial=on_partial, archive=archive):
             yield record
 
     def _numbered_records(

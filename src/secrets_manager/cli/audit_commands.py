@@ -121,6 +121,12 @@ VALUE_READS = frozenset({"get", "otp", "run", "inject", "export", "store.read", 
     help="One row per actor, secret and version instead of each record: how many, first and last "
     "time, and the peers' addresses (with --read: who read what, and from where).",
 )
+@click.option(
+    "--archive",
+    metavar="DIR",
+    help="Show the files 'audit prune --archive DIR' moved there first, in their place in the "
+    "chain: the records pruned from the log too.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the records as a JSON array.")
 @pass_session
 def show(
@@ -139,6 +145,7 @@ def show(
     last: int | None,
     follow: bool,
     summary: bool,
+    archive: str | None,
     as_json: bool,
 ) -> None:
     """Print audit records (values never appear in them), oldest first."""
@@ -158,6 +165,15 @@ def show(
         raise InvalidInputError(
             "--summary counts a selection that ends, --follow never does: give one of them"
         )
+    if archive is not None and follow:
+        raise InvalidInputError(
+            "--archive shows records pruned from the log, --follow the records written next: give one of them"
+        )
+    archived = Path(archive) if archive is not None else None
+    if archived is not None and not archived.is_dir():
+        raise InvalidInputError(
+            f"archive directory {archive} does not exist: give the one 'audit prune --archive' used"
+        )
     if end is not None and cutoff is not None and end < cutoff:
         raise InvalidInputError(
             f"--until {until} is before --since {since}: no record can be in between; swap them"
@@ -171,7 +187,7 @@ def show(
         )
 
     log = session.audit_log()
-    if not log.files():  # a mistyped --store or --audit-file: not an empty log, say so
+    if not log.files(archived):  # a mistyped --store or --audit-file: not an empty log, say so
         raise NotFoundError(
             f"no audit log at {log.path}: check --store (the log is beside the store) or give "
             "--audit-file the log to show"
@@ -224,7 +240,7 @@ def show(
     if follow:
         _follow(lambda stop: log.follow(stop, on_partial=partial), matches, last_of, as_json)
         return
-    selected = last_of(log.records(on_partial=partial))
+    selected = last_of(log.records(on_partial=partial, archive=archived))
     if actor is not None and actor not in actors_seen:
         _name_the_identities_meant(actor, actors_seen)
     if summary:
