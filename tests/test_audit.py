@@ -545,6 +545,34 @@ def test_audit_show_summary_gives_who_read_what_from_where_in_a_row_each(
     assert refused.returncode == 2 and "give one of them" in refused.stderr.decode()
 
 
+def test_audit_show_summary_tells_a_revoked_certificates_reads_from_its_renewed_ones(
+    cli: Cli, encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """ "Who read NAME, with which certificate": --summary put every read of one identity in one
+    row, so the reads made with a certificate later revoked (its key leaked) were counted with
+    those of its renewed one; the serial is part of the row now."""
+    path = tmp_path / "serve.audit.jsonl"
+    mc, name = "spiffe://shrivenquant.local/market-connector", "market-connector/BINANCE_API_KEY"
+    stolen, renewed = "0A1B2C3D4E5F60718293A4B5C6D7E8F901234567", "7EF2296E887340B433257F4579A9E605CD49B906"
+    log = AuditLog(path)
+    for serial in (stolen, renewed, stolen):
+        event = AuditEvent(
+            operation="get", actor=mc, source="grpc", name=name, version=1, certificate_serial=serial
+        )
+        log.append([event], encrypted_store)
+    log.append([AuditEvent(operation="get", actor="alice", name=name, version=1)], encrypted_store)
+    shown = cli("--audit-file", str(path), "audit", "show", "--read", "--summary", "--json")
+    assert shown.returncode == 0, shown.stderr
+    groups = json.loads(shown.stdout)
+    assert [(g["actor"], g["certificate_serial"], g["count"]) for g in groups] == [
+        (mc, stolen, 2),
+        (mc, renewed, 1),
+        ("alice", None, 1),
+    ]
+    table = cli("--audit-file", str(path), "audit", "show", "--read", "--summary").stdout.decode()
+    assert [line.split("\t")[-1] for line in table.splitlines()] == [stolen, renewed, ""]
+
+
 def test_audit_show_serial_selects_the_requests_of_one_certificate(
     cli: Cli, encrypted_store: EncryptedStore, tmp_path: Path
 ) -> None:

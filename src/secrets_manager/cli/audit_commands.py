@@ -118,8 +118,9 @@ VALUE_READS = frozenset({"get", "otp", "run", "inject", "export", "store.read", 
 @click.option(
     "--summary",
     is_flag=True,
-    help="One row per actor, secret and version instead of each record: how many, first and last "
-    "time, and the peers' addresses (with --read: who read what, and from where).",
+    help="One row per actor, secret, version and client certificate serial instead of each "
+    "record: how many, first and last time, and the peers' addresses (with --read: who read "
+    "what, from where, with which certificate).",
 )
 @click.option(
     "--archive",
@@ -339,17 +340,20 @@ def _name_the_identities_meant(actor: str, actors_seen: set[str]) -> None:
 
 
 def _summarised(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`--summary`: one row per actor, secret and version (and source), with how many records,
-    the first and last time and the peers' addresses (their ports dropped: a connection each), so
-    a fleet's thousands of reads answer "who read NAME since T" in a few lines. In the order of
-    each group's first record."""
-    groups: dict[tuple[str, str, str | None, int | None], dict[str, Any]] = {}
+    """`--summary`: one row per actor, secret and version (and source, and client certificate
+    serial), with how many records, the first and last time and the peers' addresses (their
+    ports dropped: a connection each), so a fleet's thousands of reads answer "who read NAME
+    since T" in a few lines. In the order of each group's first record. The serial is part of the
+    row: the reads made with a certificate later revoked (stolen) were counted in one row with
+    those of its identity's renewed one, and the summary could not say which read which."""
+    groups: dict[tuple[str, str, str | None, int | None, str | None], dict[str, Any]] = {}
     for record in records:
         key = (
             str(record.get("actor")),
             str(record.get("source")),
             record.get("name"),
             record.get("version"),
+            _written_serial(record),
         )
         group = groups.get(key)
         if group is None:
@@ -358,6 +362,7 @@ def _summarised(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "source": key[1],
                 "name": key[2],
                 "version": key[3],
+                "certificate_serial": key[4],
                 "count": 0,
                 "first": record.get("time"),
                 "peers": [],
@@ -368,6 +373,12 @@ def _summarised(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if host is not None and host not in group["peers"]:
             group["peers"].append(host)
     return list(groups.values())
+
+
+def _written_serial(record: dict[str, Any]) -> str | None:
+    """The serial a record names, in upper-case hex as the service writes it (None: none, or not
+    hex: a damaged or forged record names no certificate)."""
+    return str(record["certificate_serial"]).upper() if _serial_number_of(record) is not None else None
 
 
 def _peer_host(peer: object) -> str | None:
@@ -384,7 +395,7 @@ def _peer_host(peer: object) -> str | None:
 
 def _print_summary(groups: list[dict[str, Any]]) -> None:
     print_table(
-        ["ACTOR", "SOURCE", "NAME", "VERSION", "RECORDS", "FIRST", "LAST", "PEERS"],
+        ["ACTOR", "SOURCE", "NAME", "VERSION", "RECORDS", "FIRST", "LAST", "PEERS", "SERIAL"],
         [
             [
                 str(g["actor"]),
@@ -395,6 +406,7 @@ def _print_summary(groups: list[dict[str, Any]]) -> None:
                 shown_time({"time": g["first"]}),
                 shown_time({"time": g["last"]}),
                 " ".join(g["peers"]),
+                g["certificate_serial"] or "",
             ]
             for g in groups
         ],
