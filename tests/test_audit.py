@@ -475,6 +475,26 @@ def test_audit_show_until_a_time_printed_to_the_second_keeps_that_seconds_record
     assert shown("--until", second.strftime("%Y-%m-%dT%H:%M:%S.000000Z")) == through(second)
 
 
+def test_audit_show_json_lines_exports_each_record_as_the_log_holds_it(cli: Cli) -> None:
+    """A period exported to a SIEM needs one record per line: --json printed one indented array
+    (a record over 20 lines), and only --follow gave lines, never ending. --json-lines prints
+    each record selected on a line of its own, the very line the log holds, so the export can
+    be checked against the log line for line."""
+    busy_session(cli)
+    lines = cli.audit.read_bytes().splitlines()
+    every = cli("audit", "show", "--json-lines")
+    assert every.returncode == 0, every.stderr
+    assert every.stdout.splitlines() == lines
+    reads = cli("audit", "show", "--json-lines", "--read", "--name", "market-connector/BINANCE_API_KEY")
+    assert reads.returncode == 0 and reads.stdout
+    assert all(line in lines for line in reads.stdout.splitlines())
+    assert [json.loads(line)["operation"] for line in reads.stdout.splitlines()] == ["get"]
+    summary = cli("audit", "show", "--json-lines", "--read", "--summary")
+    assert [json.loads(line)["count"] for line in summary.stdout.splitlines()] == [1]
+    both = cli("audit", "show", "--json-lines", "--json")
+    assert both.returncode == 2 and both.stdout == b"" and b"give one of them" in both.stderr
+
+
 def test_audit_show_actor_names_the_service_identity_a_short_name_meant(
     cli: Cli, encrypted_store: EncryptedStore, tmp_path: Path
 ) -> None:
