@@ -890,6 +890,36 @@ def test_a_witnessed_head_of_the_other_replicas_log_is_refused_naming_that_possi
         assert len(error.strip().splitlines()) == 1
 
 
+def test_a_witnessed_head_of_another_log_that_this_one_pruned_past_says_it_may_be_that(
+    tmp_path: Path, postgres_cluster: Any
+) -> None:
+    """A head shipped from one host's log, checked against another host's log that was pruned
+    past its seq, was refused saying only "give --archive DIR holding the pruned files": an auditor
+    went looking for an archive, to be told then that the record did not match. The message now
+    says, as the two others do, that the head may be another log's of this store."""
+    schema = postgres_cluster.new_schema()
+    create_store(postgres_cluster.url(with_password=True), schema, SEED)
+    url = f"{postgres_cluster.url()}?schema={schema}"
+    env = {**postgres_cluster.env(), "SECRETS_MANAGER_AUDIT_MAX_BYTES": "1500"}
+
+    def cli(log: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+        return local_cli(url, tmp_path, env, *args, audit_file=log)
+
+    assert cli("host-b.audit.jsonl", "get", "auth/DB_PASSWORD").returncode == 0
+    head = cli("host-b.audit.jsonl", "audit", "head")
+    assert head.returncode == 0, head.stderr
+    for _ in range(8):
+        assert cli("host-a.audit.jsonl", "get", "auth/DB_PASSWORD").returncode == 0
+    pruned = cli("host-a.audit.jsonl", "audit", "prune", "--keep-files", "0")
+    assert pruned.returncode == 0, pruned.stderr
+    crossed = cli("host-a.audit.jsonl", "audit", "verify", "--witness", head.stdout.decode().strip())
+    error = crossed.stderr.decode()
+    assert crossed.returncode == 6, error
+    assert "pruned from the log" in error and "give --archive DIR" in error
+    assert "unless the head is another log's of this store" in error
+    assert len(error.strip().splitlines()) == 1
+
+
 def test_an_audit_key_rotation_reaches_each_replicas_log_and_every_log_verifies(replicas: Replicas) -> None:
     """On PostgreSQL each host (each replica) writes a log of its own, which the CLI's rotation
     record never reaches: a replica reads the store's audit keys again every

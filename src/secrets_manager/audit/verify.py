@@ -238,7 +238,7 @@ def _check_witness(witness: Head, first_seq: int | None, last_seq: int, archive:
         where = f"in neither {archive} nor the log" if archive is not None else "pruned from the log"
         raise AuditTamperError(
             f"record {witness.seq}, which the witnessed head names, is {where} (it begins at record "
-            f"{first_seq}): give --archive DIR holding the pruned files, or a newer head"
+            f"{first_seq}): give --archive DIR holding the pruned files, or a newer head; {_ANOTHER_LOG}"
         )
 
 
