@@ -181,7 +181,12 @@ def load_config(path: str | Path, *, environment: Environment | None = None) -> 
         raise InvalidInputError(f"server config {path}: {exc}") from None
     unknown = set(doc) - _KNOWN
     if unknown:
-        raise InvalidInputError(f"server config {path}: unknown setting {sorted(unknown)[0]!r}")
+        setting = sorted(unknown)[0]
+        # A table's setting written above its table (throttled_summary_seconds at the top, as
+        # docs/audit.md named it without its table): say where it goes, not only that it is unknown.
+        table = "limits" if setting in _LIMITS_KNOWN else "tls" if setting in _TLS_KNOWN else None
+        where = f"; it is a [{table}] setting: put it under the [{table}] line" if table else ""
+        raise InvalidInputError(f"server config {path}: unknown setting {setting!r}{where}")
     # Absolute, so what the start line and errors name is the file whatever serve's directory is
     # (`--config server.toml` logged "audit_file": "log/audit.jsonl", relative to a directory it
     # did not name: no path a log shipper could follow).
