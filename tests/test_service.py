@@ -27,6 +27,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from secrets_manager.audit import local_actor
 from secrets_manager.client import RemoteStore
 from secrets_manager.crypto import kdf
 from secrets_manager.environment import Environment
@@ -941,6 +942,36 @@ def test_a_store_file_removed_under_the_service_is_not_serving_and_refuses_write
         assert time.monotonic() < deadline, "health stayed SERVING"
         time.sleep(0.1)
     assert server.process.poll() is None  # still running, and saying why it does not serve
+
+
+def test_a_policy_reload_is_recorded_in_the_audit_log_taken_or_refused(server: Server) -> None:
+    """The policy decides every request, yet its reload at SIGHUP was only a line on serve's
+    stderr: an auditor asking for every administrative change found no policy change in the
+    tamper-evident log. Each reload is a `policy.reload` record now, `ok` or, for a file that was
+    refused (the policy in force stays), `invalid_input`; the log still verifies."""
+    (server.dir / "policy.toml").write_text(POLICY.replace(f'"spiffe://{TD}/auth" = ["auth-reader"]', ""))
+    server.process.send_signal(signal.SIGHUP)
+    assert eventually(lambda: any('"message": "policy reloaded"' in line for line in server.log_lines))
+    (server.dir / "policy.toml").write_text("[identities\n")  # does not parse
+    server.process.send_signal(signal.SIGHUP)
+    assert eventually(lambda: any("policy reload rejected" in line for line in server.log_lines))
+
+    def reloads() -> list[dict[str, object]]:
+        return [r for r in server.audit_records() if r["operation"] == "policy.reload"]
+
+    assert eventually(lambda: len(reloads()) == 2)
+    assert [r["outcome"] for r in reloads()] == ["ok", "invalid_input"]
+    assert all(
+        (r["actor"], r["source"], r["decision"], r["name"]) == (local_actor(), "grpc", "allow", None)
+        for r in reloads()
+    )
+    environ = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(server.dir),
+        "MASTER_PASSWORD": PASSWORD,
+    }
+    verified = run_script(environ, "--store", str(server.dir / "store.db"), "audit", "verify")
+    assert verified.returncode == 0, verified.stderr
 
 
 def test_a_reload_that_takes_a_watchers_last_role_ends_its_stream(server: Server) -> None:

@@ -37,7 +37,14 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from secrets_manager.access import Capability, Policy, load_policy
 from secrets_manager.access.policy import IPAddress
-from secrets_manager.audit import AuditError, AuditEvent, AuditLog, page_token_mac, value_fingerprint
+from secrets_manager.audit import (
+    AuditError,
+    AuditEvent,
+    AuditLog,
+    local_actor,
+    page_token_mac,
+    value_fingerprint,
+)
 from secrets_manager.environment import Environment
 from secrets_manager.errors import (
     AccessDeniedError,
@@ -1460,7 +1467,7 @@ def run_server(
     while not requested.stop:
         if requested.reload:
             requested.reload = False
-            _reload(reloadable, running.metrics)
+            _audit_policy_reload(audit, store, _reload(reloadable, running.metrics))
             if config_path is not None and in_force is not None:
                 taken = _config_unchanged(config_path, in_force, running.servicer.limits)
                 running.metrics.count_reload("config", taken)
@@ -1617,11 +1624,14 @@ class _Requested:
     stop = 0  # the number of the signal that asked to stop
 
 
-def _reload(reloadable: list[PolicyHolder | ServerCertificates], metrics: Metrics | None = None) -> None:
+def _reload(
+    reloadable: list[PolicyHolder | ServerCertificates], metrics: Metrics | None = None
+) -> bool | None:
     """After SIGHUP: reload each on its own, counted in `metrics`. A reload rejects bad files
     itself; anything it raises besides is a bug, logged without its message (it could quote a
     file), never fatal: this runs in serve's main loop, and an exception there would end the
-    service."""
+    service. Returns whether the policy was taken (None: no policy among them)."""
+    policy_taken = None
     for each in reloadable:
         file = "policy" if isinstance(each, PolicyHolder) else "tls"
         try:
@@ -1634,6 +1644,27 @@ def _reload(reloadable: list[PolicyHolder | ServerCertificates], metrics: Metric
             )
         if metrics is not None:
             metrics.count_reload(file, taken)
+        if isinstance(each, PolicyHolder):
+            policy_taken = taken
+    return policy_taken
+
+
+def _audit_policy_reload(audit: AuditLog, store: ServedStore, taken: bool | None) -> None:
+    """The policy decides every request, so its reload at SIGHUP is an administrative change:
+    recorded as `policy.reload` (docs/audit.md §2), actor the OS user serve runs as, outcome `ok`,
+    or `invalid_input` when the file was refused and the policy in force stays. Before, only the
+    service's stderr log said so, which no audit check covers. The reload has happened either way:
+    a record that cannot be written is logged, and the service goes on."""
+    if taken is None:
+        return
+    event = AuditEvent("policy.reload", local_actor(), "grpc", outcome="ok" if taken else "invalid_input")
+    try:
+        audit.append([event], store)
+    except SecretsManagerError as exc:
+        log.error(
+            "the policy reload's audit record could not be written",
+            extra={"event": "audit.write_failed", "operation": "policy.reload", "error": str(exc)},
+        )
 
 
 def _load_quietly(config_path: Path | None) -> ServerConfig | None:
