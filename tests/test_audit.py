@@ -41,6 +41,7 @@ from secrets_manager.audit import (
 from secrets_manager.audit import log as audit_log
 from secrets_manager.audit import records as audit_records
 from secrets_manager.audit import verify as audit_verify
+from secrets_manager.cli import audit_commands
 from secrets_manager.crypto import kdf
 from secrets_manager.crypto.mac import sha256_hex
 from secrets_manager.environment import Environment
@@ -2894,3 +2895,26 @@ def test_audit_head_prints_no_head_for_a_log_that_does_not_verify(cli: Cli) -> N
     refused = cli("audit", "head")
     assert refused.returncode == 6 and refused.stdout == b"" and b"was edited" in refused.stderr
     assert refused.stderr.count(b"\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "through_the_second"),
+    [
+        ("2026-03-20T23:59:59Z", True),
+        ("2026-03-20T23:59:59+01:00", True),
+        ("20260320T235959Z", True),
+        ("2026-03-21", False),  # a date is its midnight, not its first second
+        ("2026-03-20T23:59Z", False),
+        ("2026-03-20T23:59:59.5Z", False),
+        ("2026-03-20T23:59:59,000Z", False),
+        ("7d", False),
+    ],
+)
+def test_audit_show_until_widens_only_a_time_written_to_the_second(
+    text: str, through_the_second: bool
+) -> None:
+    """Only a time written to the second, as the table prints one, covers that whole second: a date
+    alone, `--until 2026-03-21`, once kept the records of that day's first second as well."""
+    moment = datetime(2026, 3, 21, tzinfo=UTC)
+    widened = audit_commands._through_its_second(text, moment)
+    assert widened == (moment.replace(microsecond=999_999) if through_the_second else moment)

@@ -309,19 +309,19 @@ def _follow(
         return
 
 
-# A time written with a fraction of a second (`23:59:59.5`), and an age (`30m`, `7d`).
-_FRACTION = re.compile(r":[0-9]{2}[.,][0-9]")
-_AGE_TEXT = re.compile(r"[0-9]+[smhd]")
+# A time written to the second and no finer: `23:59:59` (not `23:59:59.5`), or ISO's basic `T235959`.
+_TO_THE_SECOND = re.compile(r"(?:[0-9]{2}:[0-9]{2}:[0-9]{2}|T[0-9]{6})(?![.,]?[0-9])")
 
 
 def _through_its_second(text: str, moment: datetime) -> datetime:
-    """`--until T` for a T given to the second or coarser (a date, a minute), as every command
-    prints times: the end of that second. The table showed a record of 23:59:59.407 as
-    `23:59:59Z`, and `--until 23:59:59Z` (its time, copied) left it out, as it did a day's last
-    records for `--until 2026-03-20T23:59:59Z`. A time with a fraction, or an age, is exact."""
-    if _FRACTION.search(text) or _AGE_TEXT.fullmatch(text.strip()):
-        return moment
-    return moment.replace(microsecond=999_999)
+    """`--until T` for a T written to the second, as every command prints times: the end of that
+    second. The table showed a record of 23:59:59.407 as `23:59:59Z`, and `--until 23:59:59Z`
+    (its time, copied) left it out, as it did a day's last records for `--until
+    2026-03-20T23:59:59Z`. A date, a time to the minute or with a fraction, and an age are the
+    moment they name."""
+    if _TO_THE_SECOND.search(text):
+        return moment.replace(microsecond=999_999)
+    return moment
 
 
 def _serial_number(text: str, option: str) -> int:
