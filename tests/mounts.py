@@ -1,5 +1,6 @@
 """A tmpfs of a test's own (mounting needs root, as CI runs): a small disk to fill, or a place to
-remount read-only. Where it cannot be mounted the test is skipped, saying why, and fails under CI."""
+remount read-only; a process with no writable temporary directory. Where it cannot be mounted the
+test is skipped, saying why, and fails under CI."""
 
 from __future__ import annotations
 
@@ -34,3 +35,22 @@ def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
 
 def remount_read_only(mount_point: Path) -> None:
     subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], check=True)
+
+
+def without_writable_temporary_directory(writable: Path) -> list[str]:
+    """A command prefix: the command after it runs in a mount namespace of its own where /tmp and
+    /var/tmp are read-only, and so its working directory (/tmp), as in a container whose root file
+    system is read-only and that mounts no /tmp: Python's tempfile finds no directory to use. Only
+    `writable` (a test's tmp_path, under /tmp or not) is left writable."""
+    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True)
+    if probe.returncode != 0:
+        reason = f"cannot make a mount namespace here ({probe.stderr.decode().strip()}): needs root"
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must be able to make a mount namespace (runs as root): {reason}")
+        pytest.skip(reason)
+    script = (
+        'mount --bind /tmp /tmp && mount --bind "$0" "$0" && mount -o remount,ro,bind /tmp'
+        " && mount --bind /var/tmp /var/tmp && mount -o remount,ro,bind /var/tmp"
+        ' && cd /tmp && exec "$@"'
+    )
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, str(writable)]

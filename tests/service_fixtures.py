@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -282,10 +282,12 @@ def start_server(
     store: str = "store.db",
     environment: Mapping[str, str] | None = None,
     port: int = 0,
+    wrapper: Sequence[str] = (),
 ) -> Server:
     """`secrets-manager serve` on `port` (default: a free one; a restart may pass the port it had)
     over `store` (default `directory/store.db`; any store
     URL, with what it needs, e.g. PGPASSWORD, in `environment`); returns once it listens.
+    `wrapper`: a command it runs under (mounts.without_writable_temporary_directory).
 
     Every watch stream holds one of the server's worker threads (at most `max_workers` - 16 of them
     by default), so tests with many subscribed clients pass a larger `max_workers`."""
@@ -304,7 +306,7 @@ def start_server(
         **(environment or {}),
     }
     process = subprocess.Popen(
-        [str(SCRIPT), "serve", "--config", str(config)],
+        [*wrapper, str(SCRIPT), "serve", "--config", str(config)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=env,

@@ -26,6 +26,7 @@ import grpc
 import pytest
 from cryptography import x509
 
+from mounts import without_writable_temporary_directory
 from secrets_manager import __version__
 from secrets_manager.crypto import kdf
 from secrets_manager.storage.sqlite import SqliteStorage
@@ -845,3 +846,18 @@ def test_health_says_why_an_address_is_unreachable_not_to_read_a_log_it_never_wr
         assert json.loads(foreign_ca.stdout)[0]["error"].startswith("UNAVAILABLE: failed to connect")
     finally:
         server.stop()
+
+
+def test_serve_starts_and_serves_with_no_writable_temporary_directory(tmp_path: Path) -> None:
+    """A container whose root file system is read-only and that mounts no /tmp: the store's
+    directory is all `serve` may write. It held gRPC's bind messages in a temporary file, and so
+    failed to start with "internal error (FileNotFoundError)"."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path, wrapper=without_writable_temporary_directory(tmp_path))
+    try:
+        got = server.cli("market-connector", "get", "market-connector/BINANCE_API_KEY")
+        assert (got.returncode, got.stdout) == (0, b"binance-key-SEEKRIT-3\n"), got.stderr
+    finally:
+        server.stop()
+    assert server.process.returncode == 0, "".join(server.log_lines)

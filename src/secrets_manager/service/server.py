@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -1308,7 +1308,7 @@ def _bind(server: grpc.Server, listen: str, credentials: grpc.ServerCredentials)
         saved = os.dup(2)
     except OSError:  # no stderr at all: nothing to hold back
         saved = -1
-    with tempfile.TemporaryFile() as held:
+    with _held_output() as held:
         if saved >= 0:
             os.dup2(held.fileno(), 2)
         try:
@@ -1326,6 +1326,16 @@ def _bind(server: grpc.Server, listen: str, credentials: grpc.ServerCredentials)
     if not port:
         raise StorageError(f"cannot listen on {listen} (in use, or not an address of this host)")
     return port
+
+
+def _held_output() -> IO[bytes]:
+    """A file to hold gRPC's lines in: in memory (memfd) on Linux, so `serve` needs no writable
+    temporary directory (a container's read-only root file system with no /tmp mounted: a
+    temporary file there failed the start, "internal error (FileNotFoundError)"); elsewhere a
+    temporary file."""
+    if hasattr(os, "memfd_create"):
+        return open(os.memfd_create("secrets-manager-bind", os.MFD_CLOEXEC), "w+b")
+    return tempfile.TemporaryFile()
 
 
 def raise_open_files_limit() -> int:
