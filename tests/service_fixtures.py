@@ -282,11 +282,13 @@ def start_server(
     store: str = "store.db",
     environment: Mapping[str, str] | None = None,
     port: int = 0,
+    script: Path = SCRIPT,
     wrapper: Sequence[str] = (),
 ) -> Server:
     """`secrets-manager serve` on `port` (default: a free one; a restart may pass the port it had)
     over `store` (default `directory/store.db`; any store
     URL, with what it needs, e.g. PGPASSWORD, in `environment`); returns once it listens.
+    `script`: another installation's `secrets-manager` (tests/test_packaging.py's wheel);
     `wrapper`: a command it runs under (mounts.without_writable_temporary_directory).
 
     Every watch stream holds one of the server's worker threads (at most `max_workers` - 16 of them
@@ -306,7 +308,7 @@ def start_server(
         **(environment or {}),
     }
     process = subprocess.Popen(
-        [*wrapper, str(SCRIPT), "serve", "--config", str(config)],
+        [*wrapper, str(script), "serve", "--config", str(config)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=env,

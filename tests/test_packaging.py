@@ -2,15 +2,19 @@
 and wheel `python -m build` makes from this tree; the wheel installed into a fresh virtual
 environment outside the tree and used from another directory (the README's quick start,
 `--version`, a user's program that uses the SDK as the README shows, type-checked with
-`mypy --strict` against the installed wheel).
+`mypy --strict` against the installed wheel); and the wheel with the lowest version of each runtime
+dependency that pyproject.toml allows (the quick start, every module imported, `serve` and the
+README's SDK example).
 
 One build per test run, shared by the xdist workers under a lock (about 10 s, no network: the
-build's own requirements are the dev environment's, `--no-isolation`). All slow.
+build's own requirements are the dev environment's, `--no-isolation`). The lowest versions come
+from the package index (about 20 s with pip's cache warm). All slow.
 """
 
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
 import re
 import shutil
@@ -27,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from service_fixtures import client_environ, make_pki, make_store, start_server
 from test_readme_mtls import readme_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +40,12 @@ VERSION = PYPROJECT["project"]["version"]
 # what the sdist must hold beside src/: the directories a packager builds, tests and reviews from
 SDIST_DIRECTORIES = ("proto", "docs", "tests", "bench", "scripts")
 LEFT_BY_BUILDS = (".git", ".venv", "*.egg-info", "build", "dist", "__pycache__", ".*_cache")
+# `NAME[EXTRAS]==LOWEST` for each runtime dependency, as scripts/lowest_versions.py makes them
+_spec = importlib.util.spec_from_file_location("lowest_versions", ROOT / "scripts" / "lowest_versions.py")
+assert _spec is not None and _spec.loader is not None
+_lowest_versions = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_lowest_versions)
+LOWEST_PINS: list[str] = _lowest_versions.lowest_pins()
 MYPY = [sys.executable, "-m", "mypy", "--strict", "--no-incremental"]
 
 pytestmark = pytest.mark.slow
@@ -278,3 +289,58 @@ def test_a_users_program_type_checks_strictly_against_the_installed_wheel(
     )
     assert checked.returncode == 0, checked.stdout + checked.stderr
     assert checked.stdout.startswith("Success")
+
+
+@pytest.fixture(scope="session")
+def lowest(tmp_path_factory: pytest.TempPathFactory, built: Built) -> Path:
+    """The wheel with the lowest version of every runtime dependency pyproject.toml allows, from
+    the package index (wheels only, as a slim image installs them); its python."""
+    with _locked(tmp_path_factory, "packaging-lowest") as directory:
+        python = directory / "bin" / "python"
+        if not python.exists():
+            _venv(directory, with_pip=False)
+            done = subprocess.run(
+                [*_pip_into(python), "--only-binary", ":all:", str(built.wheel), *LOWEST_PINS],
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
+            if done.returncode != 0:
+                python.unlink()  # the next test tries again, and fails the same way
+            assert done.returncode == 0, f"the lowest versions do not install: {done.stderr[-3000:]}"
+        return python
+
+
+def test_the_lowest_dependency_versions_import_every_module_and_run_the_quick_start(
+    lowest: Path, tmp_path: Path
+) -> None:
+    every_module = (
+        "import importlib, pkgutil, secrets_manager\n"
+        "for module in pkgutil.walk_packages(secrets_manager.__path__, 'secrets_manager.'):\n"
+        "    if not module.name.endswith('__main__'):\n"
+        "        importlib.import_module(module.name)\n"
+    )
+    done = _run([str(lowest), "-c", every_module], tmp_path, _user_environ(tmp_path, lowest))
+    assert done.returncode == 0, done.stderr[-3000:]
+    _quick_start(lowest, tmp_path)
+
+
+def test_the_lowest_dependency_versions_serve_the_readme_sdk_example(lowest: Path, tmp_path: Path) -> None:
+    (example,) = [block for block in readme_blocks("python") if "get_credentials_sync(" in block]
+    (tmp_path / "example.py").write_text(example)
+    make_pki(tmp_path, ("market-connector",))
+    make_store(tmp_path)
+    server = start_server(tmp_path, script=lowest.parent / "secrets-manager")
+    try:
+        done = _run(
+            [str(lowest), str(tmp_path / "example.py")],
+            tmp_path,
+            {
+                **_user_environ(tmp_path, lowest),
+                **client_environ(tmp_path, "market-connector", [server.address]),
+            },
+        )
+    finally:
+        server.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == "Credentials(['BINANCE_API_KEY', 'BINANCE_SECRET'])\n"
