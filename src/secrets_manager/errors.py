@@ -252,6 +252,47 @@ class OutcomeUnknownError(StorageError):
     kind = "outcome_unknown"
 
 
+# The distribution that provides each top-level module of a runtime dependency (pyproject.toml).
+_DISTRIBUTION_OF_MODULE = {
+    "argon2": "argon2-cffi",
+    "boto3": "boto3",
+    "botocore": "boto3",
+    "click": "click",
+    "cryptography": "cryptography",
+    "dotenv": "python-dotenv",
+    "google": "protobuf",
+    "grpc": "grpcio",
+    "grpc_health": "grpcio-health-checking",
+    "grpc_reflection": "grpcio-reflection",
+    "hvac": "hvac",
+    "platformdirs": "platformdirs",
+    "prometheus_client": "prometheus-client",
+    "psycopg": "psycopg[binary]",
+    "pyotp": "pyotp",
+    "rich": "rich",
+    "shamir_mnemonic": "shamir-mnemonic",
+}
+
+
+def missing_module_line(module: str | None, prefix: str) -> str:
+    """The one line for a module this Python environment (`prefix`, sys.prefix) lacks: a
+    dependency left out (`pip install --no-deps`, an image that copied some packages only) or
+    removed since. Every store's library is a dependency of the package, so the fix is to install
+    it, or reinstall secrets-manager with its dependencies."""
+    top = (module or "").partition(".")[0]
+    distribution = _DISTRIBUTION_OF_MODULE.get(top)
+    if distribution is None:  # one of our own modules, or another's: the install itself is broken
+        return (
+            f"the module {module!r} is missing from the Python environment at {prefix}: reinstall "
+            "secrets-manager there (pip install --force-reinstall secrets-manager)"
+        )
+    return (
+        f"the Python package {distribution!r}, which secrets-manager needs for this, is not installed in "
+        f"the environment at {prefix}: install it there (pip install '{distribution}'), or install "
+        "secrets-manager with its dependencies (not --no-deps)"
+    )
+
+
 def shell_quote(word: str) -> str:
     """`word` as a shell gives it back to a program, for a command a message says to run:
     `shlex.quote`, except for a word with bytes that are not UTF-8 (an argument or path given as

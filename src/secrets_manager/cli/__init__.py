@@ -25,7 +25,7 @@ from secrets_manager.cli.output import (
 )
 from secrets_manager.core_dumps import keep_secrets_out_of_core_dumps
 from secrets_manager.environment import Environment, current_environment
-from secrets_manager.errors import SecretsManagerError
+from secrets_manager.errors import SecretsManagerError, missing_module_line
 
 DEBUG_VARIABLE = "SECRETS_MANAGER_DEBUG"
 # The options `secrets-manager` takes before its command (README: "Global options").
@@ -186,6 +186,11 @@ def _run(argv: list[str] | None) -> int:
         error_line("interrupted")
         exit_code: int = getattr(exc, "exit_code", 130)
         return exit_code
+    except ModuleNotFoundError as exc:  # a dependency this environment lacks (pip --no-deps): not a bug
+        if _debugging():
+            raise
+        error_line(missing_module_line(exc.name, sys.prefix))
+        return 1
     except Exception as exc:  # a bug: say so in one line; the message is withheld (it could hold data)
         if _debugging():
             raise
