@@ -78,6 +78,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
             # from a copy without what earlier builds and installs left here (an egg-info's
             # SOURCES.txt from an old build puts its files in the sdist, whatever MANIFEST.in says)
             tree = out / "tree"
+            shutil.rmtree(tree, ignore_errors=True)  # a build that failed before, in this run
             shutil.copytree(ROOT, tree, ignore=shutil.ignore_patterns(*LEFT_BY_BUILDS))
             done = subprocess.run(
                 [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(tree)],
@@ -94,10 +95,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
         )
 
 
-def _venv(directory: Path, *, with_pip: bool) -> Path:
-    """A new virtual environment at `directory`; its python."""
-    flags = [] if with_pip else ["--without-pip"]
-    subprocess.run([sys.executable, "-m", "venv", *flags, str(directory)], check=True, timeout=120)
+def _venv(directory: Path) -> Path:
+    """A new virtual environment at `directory` (anew, if one is there: an install that failed
+    before, in this run), without pip (this environment's installs into it); its python."""
+    subprocess.run(
+        [sys.executable, "-m", "venv", "--clear", "--without-pip", str(directory)], check=True, timeout=120
+    )
     return directory / "bin" / "python"
 
 
@@ -122,9 +125,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory, built: Built) -> Path:
     are the dev environment's, on its path after its own site-packages (a plain path line: the
     editable install's .pth there, which points at src/, is not processed)."""
     with _locked(tmp_path_factory, "packaging-venv") as directory:
-        python = directory / "bin" / "python"
-        if not python.exists():
-            _venv(directory, with_pip=False)
+        python, made = directory / "bin" / "python", directory / "made"
+        if not made.exists():
+            _venv(directory)
             own = _site_packages(python)
             (own / "dev-dependencies.pth").write_text(
                 "".join(f"{sysconfig.get_paths()[key]}\n" for key in ("purelib", "platlib"))
@@ -135,6 +138,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory, built: Built) -> Path:
                 capture_output=True,
                 timeout=120,
             )
+            made.touch()
         return python
 
 
@@ -296,18 +300,17 @@ def lowest(tmp_path_factory: pytest.TempPathFactory, built: Built) -> Path:
     """The wheel with the lowest version of every runtime dependency pyproject.toml allows, from
     the package index (wheels only, as a slim image installs them); its python."""
     with _locked(tmp_path_factory, "packaging-lowest") as directory:
-        python = directory / "bin" / "python"
-        if not python.exists():
-            _venv(directory, with_pip=False)
+        python, made = directory / "bin" / "python", directory / "made"
+        if not made.exists():
+            _venv(directory)
             done = subprocess.run(
                 [*_pip_into(python), "--only-binary", ":all:", str(built.wheel), *LOWEST_PINS],
                 capture_output=True,
                 text=True,
                 timeout=600,
             )
-            if done.returncode != 0:
-                python.unlink()  # the next test tries again, and fails the same way
             assert done.returncode == 0, f"the lowest versions do not install: {done.stderr[-3000:]}"
+            made.touch()
         return python
 
 
