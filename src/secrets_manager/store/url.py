@@ -456,8 +456,22 @@ def _aws_location(url: str) -> AwsLocation:
 
 
 def default_store_path() -> Path:
-    """The per-user default store file, e.g. ~/.local/share/secrets-manager/secrets.db."""
-    return user_data_path("secrets-manager", appauthor=False) / DEFAULT_FILE_NAME
+    """The per-user default store file, e.g. ~/.local/share/secrets-manager/secrets.db.
+    InvalidInputError where this user has no home directory to be had: a container run as a user
+    ID the password database does not name (`docker run --user 12345`, OpenShift) with HOME unset,
+    where platformdirs 4.14 raises RuntimeError and 4.0 gives "~/.local/share" unexpanded (a path
+    relative to the working directory)."""
+    try:
+        directory = user_data_path("secrets-manager", appauthor=False)
+    except RuntimeError:
+        directory = None
+    if directory is None or not directory.is_absolute():
+        raise InvalidInputError(
+            "no home directory for secrets-manager's default files (the store file, and the audit log "
+            f"of a PostgreSQL, Vault or AWS store): HOME is unset and user ID {os.getuid()} has none in "
+            "the password database; pass --store (and --audit-file), or set HOME or XDG_DATA_HOME"
+        )
+    return directory / DEFAULT_FILE_NAME
 
 
 def sqlite_path(url: str | None) -> Path:
