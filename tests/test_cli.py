@@ -3049,73 +3049,67 @@ def test_import_refuses_a_bad_service_and_takes_empty_values_when_allowed(ready:
     assert ready("get", "svc/EMPTY", "--raw").stdout == b""
 
 
-def test_an_import_that_fails_part_way_audits_the_secrets_it_wrote(
+def _failing_commit_of(name: str, error: BaseException, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SqliteStorage.commit raises `error` for a commit that writes `name`'s metadata."""
+    from secrets_manager.storage.sqlite import SqliteStorage
+
+    commit = SqliteStorage.commit
+
+    def failing_commit(self: SqliteStorage, operations: Any, **options: Any) -> int:
+        if any(op.key == f"meta/{name}" for op in operations):
+            raise error
+        return commit(self, operations, **options)
+
+    monkeypatch.setattr(SqliteStorage, "commit", failing_commit)
+
+
+def test_an_import_whose_write_fails_on_a_local_store_writes_nothing(
     ready: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """In process, with the store's put failing on the third secret: the two written before are
-    in the audit log (with their fingerprints), durably before the next write begins (a killed
-    import leaves them too), then the failure, whose message says how far it got."""
+    """In process, with the store's commit of the third secret failing: the import is one commit,
+    so nothing was written (before, the two secrets before it were, and a rerun had to skip them);
+    the log has the import's pending record and its failure, no secret's record."""
     from secrets_manager.errors import StorageError
-    from secrets_manager.store import EncryptedStore
 
     source = tmp_path / "three.env"
     source.write_bytes(b"ONE=1\nTWO=2\nTHREE=3\n")
-    put = EncryptedStore.put
-    calls = []
-
-    logged_before_third: list[str] = []
-
-    def failing_put(self: EncryptedStore, name: str, value: bytes, **options: object) -> object:
-        calls.append(name)
-        if len(calls) == 3:
-            log = ready.store.with_name("store.audit.jsonl").read_text().splitlines()
-            logged_before_third.extend(json.loads(line)["name"] or "" for line in log)
-            raise StorageError("the disk went away")
-        return put(self, name, value, **options)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(EncryptedStore, "put", failing_put)
+    _failing_commit_of("svc/THREE", StorageError("the disk went away"), monkeypatch)
     assert run_in_process(ready, monkeypatch, "import", str(source), "--service", "svc") == 1
-    assert logged_before_third[-2:] == ["svc/ONE", "svc/TWO"]
-    assert "2 of 3 secret(s) were imported (the last svc/TWO)" in capsys.readouterr().err
-    assert ready("list", "svc/").out == "svc/ONE\nsvc/TWO\n"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["secrets-manager: error: the disk went away"], err
+    assert ready("list", "svc/").out == ""
     records = [r for r in json.loads(ready("audit", "show", "--json").out) if r["operation"] == "import"]
-    assert [(r["name"], r["outcome"]) for r in records] == [
+    assert [(r["name"], r["outcome"]) for r in records] == [("svc/", "pending"), ("svc/", "storage_error")]
+    rerun = ready("import", str(source), "--service", "svc")
+    assert rerun.code == 0, rerun.stderr
+    assert ready("list", "svc/").out == "svc/ONE\nsvc/THREE\nsvc/TWO\n"
+    records = [r for r in json.loads(ready("audit", "show", "--json").out) if r["operation"] == "import"]
+    assert [(r["name"], r["outcome"]) for r in records[-5:]] == [
         ("svc/", "pending"),
         ("svc/ONE", "ok"),
         ("svc/TWO", "ok"),
-        ("svc/", "storage_error"),
+        ("svc/THREE", "ok"),
+        ("svc/", "ok"),
     ]
-    assert all(r["value_hmac"] for r in records[1:3])
+    assert all(r["value_hmac"] for r in records[-4:-1])
 
 
-def test_ctrl_c_part_way_through_an_import_says_how_many_were_imported_and_how_to_go_on(
+def test_ctrl_c_during_an_import_on_a_local_store_says_all_or_none_and_how_to_tell(
     ready: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """In process, with Ctrl-C (KeyboardInterrupt) arriving as the third secret is written: exit
-    130 and one line that names the count, the last written, the one being written, and how to
-    resume; not a bare "aborted"."""
-    from secrets_manager.store import EncryptedStore
-
+    """In process, with Ctrl-C (KeyboardInterrupt) arriving in the import's one commit: exit 130
+    and one line saying it wrote all or none and how to tell; not a bare "aborted"."""
     source = tmp_path / "four.env"
     source.write_bytes(b"ONE=1\nTWO=2\nTHREE=3\nFOUR=4\n")
-    put = EncryptedStore.put
-    calls = []
-
-    def interrupted_put(self: EncryptedStore, name: str, value: bytes, **options: object) -> object:
-        calls.append(name)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return put(self, name, value, **options)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(EncryptedStore, "put", interrupted_put)
+    _failing_commit_of("svc/THREE", KeyboardInterrupt(), monkeypatch)
     assert run_in_process(ready, monkeypatch, "import", str(source), "--service", "svc") == 130
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines == [
-        "secrets-manager: error: interrupted; 2 of 4 secret(s) were imported (the last svc/TWO); "
-        "svc/THREE, being written then, may have been too: rerun with --on-existing skip to import the rest"
+        "secrets-manager: error: interrupted while the import's one commit ran: it wrote all 4 "
+        "secret(s) or none ('list svc/' tells which)"
     ]
-    assert ready("list", "svc/").out == "svc/ONE\nsvc/TWO\n"
-    resumed = ready("import", str(source), "--service", "svc", "--on-existing", "skip")
+    assert ready("list", "svc/").out == ""
+    resumed = ready("import", str(source), "--service", "svc")
     assert resumed.code == 0, resumed.stderr
     assert ready("list", "svc/").out == "svc/FOUR\nsvc/ONE\nsvc/THREE\nsvc/TWO\n"
 
@@ -3304,12 +3298,12 @@ def test_shell_completion_scripts_and_command_completion(cli: Cli) -> None:
     assert completed.out.split() == ["plain,metadata"]
 
 
-def test_an_import_whose_audit_log_fails_part_way_still_says_how_far_it_got(
+def test_an_import_whose_audit_records_fail_says_every_secret_was_written(
     ready: Cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The log refusing a secret's record (here: it vanished mid-import) stops the import; the
-    error says that secret was written all the same and still counts it, and the failure record,
-    refused for the same reason, adds no second message."""
+    """The log refusing the import's records (here: it vanished after the pending record) after
+    the one commit: the error says the change was made, naming the first and last secret and how
+    many, and the failure record, refused for the same reason, adds no second message."""
     from secrets_manager.audit import AuditLog, AuditTamperError
 
     source = tmp_path / "three.env"
@@ -3319,7 +3313,7 @@ def test_an_import_whose_audit_log_fails_part_way_still_says_how_far_it_got(
 
     def failing_append(self: AuditLog, events: object, anchor: object, **options: object) -> object:
         calls.append(events)
-        if len(calls) >= 3:  # the pending record and ONE's are written; TWO's is refused
+        if len(calls) >= 2:  # the pending record is written; the secrets' records are refused
             raise AuditTamperError("the audit log vanished")
         return append(self, events, anchor, **options)  # type: ignore[arg-type]
 
@@ -3328,11 +3322,10 @@ def test_an_import_whose_audit_log_fails_part_way_still_says_how_far_it_got(
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1
     assert err[0].startswith(
-        "secrets-manager: error: the change was made (import svc/TWO, version 1), but its audit record "
-        "could not be written (the audit log vanished)"
-    )
-    assert "; 2 of 3 secret(s) were imported" in err[0]
-    assert ready("list", "svc/").out == "svc/ONE\nsvc/TWO\n"
+        "secrets-manager: error: the change was made (import svc/ONE … svc/THREE (3 secrets)), but "
+        "its audit record could not be written (the audit log vanished)"
+    ), err
+    assert ready("list", "svc/").out == "svc/ONE\nsvc/THREE\nsvc/TWO\n"
 
 
 @pytest.mark.parametrize(("setting", "traceback"), [("0", False), ("false", False), ("", False), ("1", True)])

@@ -929,6 +929,30 @@ class Note:
             )
         )
 
+    def wrote_all(self, changes: Sequence[tuple[str, int, bytes]]) -> None:
+        """`wrote` of each (name, version, value) of a change of several secrets made at once (one
+        commit): their records appended durably together, with one fsync and anchor move."""
+        if self._event is None or self._store is None or self._reads is None or not changes:
+            return
+        store = self._store
+        records = [
+            replace(
+                self._event, name=name, version=version or None, value_hmac=value_fingerprint(store, data)
+            )
+            for name, version, data in changes
+        ]
+        if self._recorder is not None and self._recorder.append is not None:
+            try:
+                self._recorder.append(records)
+            except SecretsManagerError as exc:  # written already: say so, never "refused"
+                made = records[0]
+                if len(records) > 1:  # "import a/K1 … a/K9 (9 secrets)"
+                    what = f"{made.name} … {records[-1].name} ({len(records)} secrets)"
+                    made = replace(made, name=what, version=None)
+                raise UnrecordedChangeError(change_made(made), exc) from None
+        else:
+            self._reads.extend(records)
+
     def erased(self, name: str) -> None:
         """Record one secret an operation of several erased for good (no value, no version)."""
         if self._event is not None:

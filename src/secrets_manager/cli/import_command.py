@@ -3,7 +3,9 @@
 The inverse of `run --service NAME`: each KEY of the file becomes the secret NAME/KEY, which `run`
 hands back to the service as the variable KEY. The whole file is parsed and checked before the
 store is opened, and the names it would overwrite are checked before anything is written, so a
-mistake in line 40 writes nothing. Each secret written gets its own audit record.
+mistake in line 40 writes nothing. Into our store (a `BatchWriter`) every secret is written in one
+commit, all or none; on Vault and AWS, which have no transactions, one after another, each audited
+before the next. Each secret written gets its own audit record.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from secrets_manager.cli.app import Session, cli, expires_option, future_expiry, pass_session
+from secrets_manager.cli.app import Note, Session, cli, expires_option, future_expiry, pass_session
 from secrets_manager.cli.env_files import parse_env
 from secrets_manager.cli.output import counted, info_line, print_json, timestamp, warning_line
 from secrets_manager.cli.password import read_small_file
@@ -29,8 +31,14 @@ from secrets_manager.errors import (
     UnsupportedOperationError,
 )
 from secrets_manager.store import MAX_VALUE_SIZE, SecretMetadata, SecretStore, validate_name
-from secrets_manager.store.base import Capability, check_metadata_fits, unsupported_capabilities
-from secrets_manager.store.names import validate_namespace
+from secrets_manager.store.base import (
+    BatchWriter,
+    Capability,
+    SecretExistsError,
+    check_metadata_fits,
+    unsupported_capabilities,
+)
+from secrets_manager.store.names import namespace_of, validate_namespace
 
 MAX_IMPORT_FILE_BYTES = 16 * 1024 * 1024
 ON_EXISTING = ("fail", "skip", "overwrite")
@@ -126,20 +134,10 @@ def import_command(
         _refuse_what_the_store_cannot_hold(
             store, [entry for entry in entries if not (entry.name in existing and on_existing == "skip")]
         )
-        try:
-            for entry in entries:
-                item = _import_one(store, entry, existing, on_existing, expiry)
-                done.append(item)  # before its record: a failing append still counts it written
-                version = item["version"]
-                if isinstance(version, int):
-                    note.wrote(entry.name, version, entry.value)
-        except SecretsManagerError as exc:
-            _say_what_was_imported(exc, done, len(entries))
-            raise
-        except KeyboardInterrupt:
-            # Ctrl-C between or during writes: those done are committed and audited; say how far
-            # it got, as any failure part-way does.
-            raise _interrupted(done, entries) from None
+        if isinstance(store, BatchWriter):
+            done = _import_at_once(store, entries, existing, on_existing, expiry, note)
+        else:
+            _import_one_by_one(store, entries, existing, on_existing, expiry, note, done)
     if as_json:
         print_json(done)
     else:
@@ -151,6 +149,77 @@ def import_command(
     info_line(f"imported {written} of {len(done)} secret(s) into {service}/{until}")
     if written and file != "-" and path.is_file():  # not stdin, nor a pipe such as <(…)
         warning_line(f"{file} still holds these values in plain text: delete it once nothing reads it")
+
+
+def _import_at_once(
+    store: BatchWriter,
+    entries: list[Entry],
+    existing: dict[str, SecretMetadata],
+    on_existing: str,
+    expiry: datetime | None,
+    note: Note,
+) -> list[dict[str, object]]:
+    """A store with transactions (our encrypted store, on SQLite or PostgreSQL): every secret in
+    one commit, all or none, then one durable append of a record for each (after the operation's
+    `pending` record, written first, as for any change)."""
+    skipped = {entry.name for entry in entries if entry.name in existing and on_existing == "skip"}
+    writes = [(entry.name, entry.value) for entry in entries if entry.name not in skipped]
+    try:
+        versions = iter(store.put_batch(writes, if_exists=on_existing, expires=expiry))
+    except SecretExistsError as exc:
+        raise ConflictError(
+            f"{exc.name} exists already, though it was not listed before the import (created "
+            "meanwhile); nothing was imported: pass --on-existing skip or --on-existing overwrite"
+        ) from None
+    except KeyboardInterrupt:
+        raise OperationInterrupted(
+            f"interrupted while the import's one commit ran: it wrote all {len(writes)} secret(s) or "
+            f"none ('list {namespace_of(entries[0].name)}/' tells which)"
+        ) from None
+    done: list[dict[str, object]] = []
+    for entry in entries:
+        item: dict[str, object] = {"name": entry.name, "key": entry.key, "action": "skipped", "version": None}
+        info = None if entry.name in skipped else next(versions)
+        if info is not None:
+            item["action"] = "overwritten" if entry.name in existing or info.version > 1 else "created"
+            item["version"] = info.version
+        done.append(item)
+    note.wrote_all(
+        [
+            (entry.name, item["version"], entry.value)
+            for entry, item in zip(entries, done, strict=True)
+            if isinstance(item["version"], int)
+        ]
+    )
+    return done
+
+
+def _import_one_by_one(
+    store: SecretStore,
+    entries: list[Entry],
+    existing: dict[str, SecretMetadata],
+    on_existing: str,
+    expiry: datetime | None,
+    note: Note,
+    done: list[dict[str, object]],
+) -> None:
+    """A store without transactions (Vault, AWS, a service): one write after another, each
+    audited durably before the next, so a failure part-way leaves those before it written and
+    recorded, and says how many (`done` holds them)."""
+    try:
+        for entry in entries:
+            item = _import_one(store, entry, existing, on_existing, expiry)
+            done.append(item)  # before its record: a failing append still counts it written
+            version = item["version"]
+            if isinstance(version, int):
+                note.wrote(entry.name, version, entry.value)
+    except SecretsManagerError as exc:
+        _say_what_was_imported(exc, done, len(entries))
+        raise
+    except KeyboardInterrupt:
+        # Ctrl-C between or during writes: those done are committed and audited; say how far
+        # it got, as any failure part-way does.
+        raise _interrupted(done, entries) from None
 
 
 def _refuse_what_the_store_cannot_hold(store: SecretStore, entries: list[Entry]) -> None:

@@ -10,7 +10,7 @@ import base64
 import contextlib
 import enum
 import unicodedata
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -270,6 +270,35 @@ class SecretStore(Protocol):
 # before it reads them again, so a process whose log never meets another host's or process's
 # `audit rotate-key` moves on.
 AUDIT_KEYS_RECHECK_SECONDS = 5.0
+
+
+IF_EXISTS = ("fail", "skip", "overwrite")
+
+
+class SecretExistsError(ConflictError):
+    """`put_batch` with if_exists="fail" met a secret that exists already: nothing was written."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"secret {name!r} exists already; nothing was written")
+        self.name = name
+
+
+@runtime_checkable
+class BatchWriter(Protocol):
+    """Optional for a store whose backend has transactions (our encrypted store): several new
+    versions written in one commit, all or none."""
+
+    def put_batch(
+        self,
+        writes: Sequence[tuple[str, bytes]],
+        *,
+        if_exists: str = "fail",
+        expires: datetime | None = None,
+    ) -> list[VersionInfo | None]:
+        """A new current version of each `(name, value)`, every one or none of them, with one
+        commit. A name that exists (deleted or not): `fail` raises SecretExistsError, `skip`
+        leaves it (None in the result), `overwrite` writes its new version (a deleted one is
+        refused as `put` refuses it). Each result in the order of `writes`."""
 
 
 @runtime_checkable

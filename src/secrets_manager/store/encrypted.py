@@ -34,7 +34,7 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
@@ -81,12 +81,14 @@ from secrets_manager.store.base import (
     AUDIT_KEYS_RECHECK_SECONDS,
     CURRENT,
     DEFAULT_MAX_VERSIONS,
+    IF_EXISTS,
     LABELS,
     PENDING,
     PREVIOUS,
     Anchor,
     Capability,
     Secret,
+    SecretExistsError,
     SecretMetadata,
     VersionInfo,
     acting_actor,
@@ -708,6 +710,107 @@ class EncryptedStore:
             return self._write_version(name, value, meta_entry, meta, now, label=CURRENT, expires=expires)
 
         return self._retry(attempt)
+
+    def put_batch(
+        self,
+        writes: Sequence[tuple[str, bytes]],
+        *,
+        if_exists: str = "fail",
+        expires: datetime | None = None,
+    ) -> builtins.list[VersionInfo | None]:
+        """`BatchWriter.put_batch`: every new version (values, metadata and the keysets' use
+        counts) in one storage commit, so a failure or a crash leaves none of them and a lost race
+        with another writer retries the whole batch, reading each secret again."""
+        if if_exists not in IF_EXISTS:
+            raise InvalidInputError(f"if_exists must be one of {', '.join(IF_EXISTS)}")
+        names = [name for name, _ in writes]
+        if len(set(names)) != len(names):
+            raise InvalidInputError("a batch names a secret twice")
+        checked: builtins.list[tuple[str, bytes]] = []
+        for name, value in writes:
+            validate_name(name)
+            checked.append((name, checked_value(value)))
+        expires = None if not checked else checked_expiry(checked[0][0], expires)
+
+        def attempt() -> builtins.list[VersionInfo | None]:
+            now = self._clock()
+            actor = acting_actor(self._actor)
+            found = self._meta_entries([name for name, _ in checked])
+            planned: builtins.list[tuple[str, bytes, Entry | None, _Meta] | None] = []
+            for name, value in checked:
+                meta_entry, meta = self._read_meta(name) if name in found else (None, None)
+                if meta is not None and if_exists == "skip":
+                    planned.append(None)
+                    continue
+                if meta is not None and if_exists == "fail":
+                    raise SecretExistsError(name)
+                if meta is not None and meta.deleted is not None:
+                    raise SecretStateError(
+                        f"secret {name!r} is deleted; run 'undelete {name}' first, or 'destroy {name} --all'"
+                    )
+                planned.append((name, value, meta_entry, meta or _Meta.new(now, actor, self._max_versions)))
+            keysets: dict[str, tuple[Expect, Keyset]] = {}
+            ops: Operations = []
+            numbers: builtins.list[int | None] = []
+            for plan in planned:
+                if plan is None:
+                    numbers.append(None)
+                    continue
+                name, value, meta_entry, meta = plan
+                ns = namespace_of(name)
+                if ns not in keysets:
+                    keysets[ns] = self._keyset_for_write(ns)
+                expect, keyset = keysets[ns]
+                number = meta.next_version
+                meta.add_version(number, now, actor, label=CURRENT, value=value)
+                if expires is not None:
+                    meta.set_expiry(number, expires)
+                ops.extend(Delete(_data_key(name, old)) for old in meta.prune())
+                key = keyset.primary
+                ops.append(
+                    Put(
+                        _data_key(name, number),
+                        seal_record(key, Purpose.SECRET_VALUE, name, number, value),
+                        expect=ABSENT,
+                    )
+                )
+                ops.append(Put(META_PREFIX + name, self._seal_meta(key, name, meta), _expect(meta_entry)))
+                keysets[ns] = (expect, keyset.with_uses(2))
+                numbers.append(number)
+            if not ops:
+                return [None] * len(planned)
+            sealed: dict[str, Keyset] = {}
+            for ns, (expect, keyset) in keysets.items():
+                if expect is ABSENT:
+                    ops.append(self._root_guard())
+                record = seal_record(self._root, Purpose.KEYSET, ns, 0, keyset.to_bytes())
+                ops.append(Put(KEYSET_PREFIX + ns, record, expect))
+                sealed[ns] = keyset
+            try:
+                revision = self._commit(ops)
+            except _LostRace:
+                for plan, written in zip(planned, numbers, strict=True):
+                    if plan is not None and written is not None:
+                        self._refuse_if_rolled_back(plan[0], written, plan[2])
+                raise
+            for ns, keyset in sealed.items():
+                self._keysets[ns] = (revision, keyset)
+            return [
+                None
+                if plan is None or written is None
+                else next(v for v in plan[3].public(plan[0]).versions if v.version == written)
+                for plan, written in zip(planned, numbers, strict=True)
+            ]
+
+        return self._retry(attempt)
+
+    def _meta_entries(self, names: builtins.list[str]) -> set[str]:
+        """Which of `names` have a metadata row (one read of them all where the storage can)."""
+        keys = [META_PREFIX + name for name in names]
+        if self._multi_get is not None:
+            found = self._multi_get.get_many(keys)
+            return {key[len(META_PREFIX) :] for key in found}
+        return {key[len(META_PREFIX) :] for key in keys if self._storage.get(key) is not None}
 
     def _write_version(
         self,
