@@ -42,7 +42,7 @@ from secrets_manager.crypto.aead import new_key
 from secrets_manager.crypto.keyset import DEFAULT_POLICY, ROTATE_AFTER_USES, new_key_id
 from secrets_manager.crypto.record import record_key_id
 from secrets_manager.errors import ConflictError, IntegrityError, InvalidInputError, NotFoundError
-from secrets_manager.storage import ABSENT, Entry, Put
+from secrets_manager.storage import ABSENT, Entry, Put, Snapshotting
 from secrets_manager.store.encrypted import (
     AUDIT_ANCHOR_KEY,
     AUDIT_KEY_KEY,
@@ -206,8 +206,8 @@ def rewrap(
         primary_id = store._keyset_for_read(namespace).primary_id
         pending = [
             key
-            for key in _record_keys(store, namespace)
-            if key not in unreadable and _key_id_at(store, key) not in (None, primary_id)
+            for key, key_id in _record_key_ids(store, namespace)
+            if key not in unreadable and key_id not in (None, primary_id)
         ]
         if not pending:
             break
@@ -228,8 +228,8 @@ def rewrap(
         primary_id = store._keyset_for_read(namespace).primary_id
         left = sum(
             1
-            for key in _record_keys(store, namespace)
-            if key not in unreadable and _key_id_at(store, key) not in (None, primary_id)
+            for key, key_id in _record_key_ids(store, namespace)
+            if key not in unreadable and key_id not in (None, primary_id)
         )
         return RewrapResult(namespace, primary_id, rewrapped, _sorted(unreadable), left)
     return RewrapResult(
@@ -500,8 +500,12 @@ def _rewrap_batch(
         raise _keyset_missing(namespace)
     ops: Operations = []
     unreadable: dict[str, UnreadableRecord] = {}
+    if store._multi_get is not None:  # one round trip for the batch, not one per record
+        entries: dict[str, Entry | None] = dict(store._multi_get.get_many(batch))
+    else:
+        entries = {key: store._storage.get(key) for key in batch}
     for key in batch:
-        entry = store._storage.get(key)
+        entry = entries.get(key)
         if entry is None:  # pruned or destroyed since the scan
             continue
         purpose, name, version = _record_place(key)
@@ -525,14 +529,40 @@ def _rewrap_batch(
 
 def _record_keys(store: EncryptedStore, namespace: str | None) -> Iterator[str]:
     """Storage keys of the value and metadata records of one namespace (or of all)."""
-    if namespace is None or namespace == DEFAULT_NAMESPACE:
-        prefixes = [META_PREFIX, DATA_PREFIX]  # `default` also holds names without '/'
-    else:
-        prefixes = [f"{META_PREFIX}{namespace}/", f"{DATA_PREFIX}{namespace}/"]
-    for prefix in prefixes:
+    for prefix in _record_prefixes(namespace):
         for key in store._storage.list(prefix):
             if namespace is None or namespace_of(_record_place(key)[1]) == namespace:
                 yield key
+
+
+def _record_key_ids(store: EncryptedStore, namespace: str | None) -> list[tuple[str, int | None]]:
+    """(storage key, id of the key its record names or None) of every value and metadata record
+    of one namespace (or of all): where the storage can, read in one pass of a snapshot (one
+    query per prefix) instead of one read per record, which on a database server was a round
+    trip each (30,000 for 15,000 secrets)."""
+    storage = store._storage
+    if not isinstance(storage, Snapshotting):
+        return [(key, _key_id_at(store, key)) for key in _record_keys(store, namespace)]
+    found: list[tuple[str, int | None]] = []
+    with storage.snapshot() as snapshot:
+        for prefix in _record_prefixes(namespace):
+            for key, entry in snapshot.scan(prefix):
+                if namespace is None or namespace_of(_record_place(key)[1]) == namespace:
+                    found.append((key, _header_key_id(entry.value)))
+    return found
+
+
+def _record_prefixes(namespace: str | None) -> list[str]:
+    if namespace is None or namespace == DEFAULT_NAMESPACE:
+        return [META_PREFIX, DATA_PREFIX]  # `default` also holds names without '/'
+    return [f"{META_PREFIX}{namespace}/", f"{DATA_PREFIX}{namespace}/"]
+
+
+def _header_key_id(record: bytes) -> int | None:
+    try:
+        return record_key_id(record)
+    except IntegrityError:
+        return None
 
 
 def _record_place(key: str) -> tuple[Purpose, str, int]:
@@ -562,19 +592,13 @@ def _stray_entry(key: str) -> IntegrityError:
 def _key_id_at(store: EncryptedStore, key: str) -> int | None:
     """The key id in the header of the record stored under `key`; None if missing or malformed."""
     entry = store._storage.get(key)
-    if entry is None:
-        return None
-    try:
-        return record_key_id(entry.value)
-    except IntegrityError:
-        return None
+    return None if entry is None else _header_key_id(entry.value)
 
 
 def _count_records(store: EncryptedStore, namespace: str | None) -> Counter[tuple[str, int]]:
     """How many records each (namespace, key id) seals, read from record headers alone."""
     counts: Counter[tuple[str, int]] = Counter()
-    for key in _record_keys(store, namespace):
-        key_id = _key_id_at(store, key)
+    for key, key_id in _record_key_ids(store, namespace):
         if key_id is not None:
             counts[namespace_of(_record_place(key)[1]), key_id] += 1
     return counts
