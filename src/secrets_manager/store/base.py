@@ -302,6 +302,17 @@ class BatchWriter(Protocol):
 
 
 @runtime_checkable
+class NameLister(Protocol):
+    """Optional for a store whose `list` costs a read per secret (Vault: a metadata GET each): the
+    names alone, for a caller that reads each secret anyway (the service's BatchGetSecrets, page
+    after page)."""
+
+    def list_names(self, prefix: str = "") -> list[str]:
+        """Every valid secret name under `prefix`, sorted, without reading any secret's metadata.
+        A deleted secret may be among them (`get` of it is NotFoundError)."""
+
+
+@runtime_checkable
 class AuditedStore(SecretStore, Protocol):
     """A store that also keeps the audit log's key and anchor (the `AuditAnchor` of audit/)."""
 

@@ -887,6 +887,20 @@ class VaultStore:
                 result.append(meta.public(name))
         return result
 
+    def list_names(self, prefix: str = "") -> builtins.list[str]:
+        """`NameLister.list_names`: LIST MOUNT/metadata/FOLDER/ (recursively below the prefix)
+        alone, one request per folder, where `list` also GETs each secret's metadata."""
+        validate_prefix(prefix)
+        folder, _, start = prefix.rpartition("/")
+        names = []
+        for name in sorted(self._walk(f"{folder}/" if folder else "", start)):
+            try:
+                validate_name(name)
+            except InvalidInputError:
+                continue
+            names.append(name)
+        return names
+
     def version_snapshot(self) -> dict[str, SecretState]:
         """Every secret's versions, labels, deletion and metadata: LIST MOUNT/metadata/ (one request
         per folder) and GET each secret's metadata (one request per secret), as `list` does. For
