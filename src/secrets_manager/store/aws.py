@@ -691,6 +691,17 @@ class AwsStore:
                 continue  # destroyed since ListSecrets answered
         return sorted(result, key=lambda meta: meta.name)
 
+    def list_names(self, prefix: str = "") -> builtins.list[str]:
+        """`NameLister.list_names`: ListSecrets alone (one request per 100 secrets), where `list`
+        also asks ListSecretVersionIds of each secret."""
+        validate_prefix(prefix)
+        names = (
+            name
+            for name, entry in self._listed(prefix, include_deleted=False)
+            if not entry.get("DeletedDate")
+        )
+        return sorted(names)
+
     def version_snapshot(self) -> dict[str, SecretState]:
         """Every secret's versions (those with a staging label), labels, deletion and metadata, from
         ListSecrets: one request per 100 secrets (the service's polled change feed,
