@@ -761,20 +761,10 @@ class EncryptedStore:
                 if ns not in keysets:
                     keysets[ns] = self._keyset_for_write(ns)
                 expect, keyset = keysets[ns]
-                number = meta.next_version
-                meta.add_version(number, now, actor, label=CURRENT, value=value)
-                if expires is not None:
-                    meta.set_expiry(number, expires)
-                ops.extend(Delete(_data_key(name, old)) for old in meta.prune())
-                key = keyset.primary
-                ops.append(
-                    Put(
-                        _data_key(name, number),
-                        seal_record(key, Purpose.SECRET_VALUE, name, number, value),
-                        expect=ABSENT,
-                    )
+                number, version_ops = self._version_ops(
+                    name, value, meta_entry, meta, now, actor, keyset.primary, label=CURRENT, expires=expires
                 )
-                ops.append(Put(META_PREFIX + name, self._seal_meta(key, name, meta), _expect(meta_entry)))
+                ops.extend(version_ops)
                 keysets[ns] = (expect, keyset.with_uses(2))
                 numbers.append(number)
             if not ops:
@@ -826,17 +816,51 @@ class EncryptedStore:
     ) -> VersionInfo:
         """Inside a retried attempt: seal `value` as the next version, labelled `label`, prune,
         and commit it with the metadata (compare-and-set on the metadata read)."""
+        ns = namespace_of(name)
+        ks_expect, keyset = self._keyset_for_write(ns)
+        number, ops = self._version_ops(
+            name,
+            value,
+            meta_entry,
+            meta,
+            now,
+            acting_actor(self._actor),
+            keyset.primary,
+            label=label,
+            expires=expires,
+            target=target,
+        )
+        try:
+            self._commit_with_keyset(ns, ks_expect, keyset.with_uses(2), ops)
+        except _LostRace:
+            self._refuse_if_rolled_back(name, number, meta_entry)
+            raise
+        return next(v for v in meta.public(name).versions if v.version == number)
+
+    def _version_ops(
+        self,
+        name: str,
+        value: bytes,
+        meta_entry: Entry | None,
+        meta: _Meta,
+        now: float,
+        actor: str,
+        key: DataKey,
+        *,
+        label: str,
+        expires: datetime | None = None,
+        target: str | None = None,
+    ) -> tuple[int, Operations]:
+        """The next version of `name` added to `meta` (labelled, pruned) and the operations that
+        store it: the pruned values' deletes, the sealed value, the metadata (compare-and-set on
+        `meta_entry`). `put` commits them alone, `put_batch` with the rest of its batch."""
         number = meta.next_version
-        meta.add_version(number, now, acting_actor(self._actor), label=label, value=value)
+        meta.add_version(number, now, actor, label=label, value=value)
         if expires is not None:
             meta.set_expiry(number, expires)
         if target is not None:
             meta.versions[number]["target"] = target
-        pruned = meta.prune()
-        ops: Operations = [Delete(_data_key(name, old)) for old in pruned]
-        ns = namespace_of(name)
-        ks_expect, keyset = self._keyset_for_write(ns)
-        key = keyset.primary
+        ops: Operations = [Delete(_data_key(name, old)) for old in meta.prune()]
         ops.append(
             Put(
                 _data_key(name, number),
@@ -845,12 +869,7 @@ class EncryptedStore:
             )
         )
         ops.append(Put(META_PREFIX + name, self._seal_meta(key, name, meta), _expect(meta_entry)))
-        try:
-            self._commit_with_keyset(ns, ks_expect, keyset.with_uses(2), ops)
-        except _LostRace:
-            self._refuse_if_rolled_back(name, number, meta_entry)
-            raise
-        return next(v for v in meta.public(name).versions if v.version == number)
+        return number, ops
 
     def _refuse_if_rolled_back(self, name: str, number: int, meta_entry: Entry | None) -> None:
         """After a lost commit of version `number`: IntegrityError if its value row was already
