@@ -2374,6 +2374,31 @@ def test_verify_with_another_stores_key_fails(encrypted_store: EncryptedStore, t
         log.verify(os.urandom(32), encrypted_store.audit_anchor())
 
 
+def test_a_denied_unlock_rewritten_with_its_hash_recomputed_breaks_the_chain_at_the_next_record(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """A denied unlock is written without a MAC (its writer could not unlock the store), so anyone
+    who may write the file can rewrite it and recompute its hash. Only the next record's `prev`,
+    which its MAC covers, still names the record as written: verify must follow that link."""
+    path = tmp_path / "lib.audit.jsonl"
+    log = AuditLog(path)
+    log.append([AuditEvent(operation="get", actor="svc", name="a/1")], encrypted_store)
+    log.append(
+        [AuditEvent(operation="unlock", actor="intruder", decision="deny", outcome="unlock_failed")], None
+    )
+    log.append([AuditEvent(operation="get", actor="svc", name="a/2")], encrypted_store)
+    assert log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) == 3
+    lines = path.read_bytes().splitlines(keepends=True)
+    denied = json.loads(lines[1])
+    assert denied["mac"] is None and denied["actor"] == "intruder"
+    denied["actor"] = "svc"  # the attempt made to look like another's
+    denied["hash"] = audit_records.record_hash(denied)
+    lines[1] = audit_records.canonical(denied) + b"\n"
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(AuditTamperError, match="audit chain broken at record 3: it does not follow record 2"):
+        log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor())
+
+
 # ---- the one encoding of a record (records.with_hash_and_mac) -------------------------------
 
 # Strings that could fool a splice that looks for `,"name":` in the body: quotes, backslashes, the
