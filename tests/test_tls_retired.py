@@ -105,3 +105,42 @@ def test_an_intermediate_taken_out_beside_the_root_it_chains_to_is_not_retired()
     chained = RetiredAuthorities().after_reload(root + issuing + lower, root)
     assert len(chained) == 0 and chained.issuer_of(lower_leaf) is None
     assert replaced.after_reload(other, other).issuer_of(leaf) == "CN=issuing CA"  # stays retired
+
+
+def reissued_under(ca_pem: bytes, issuer_pem: bytes, issuer_key_pem: bytes) -> bytes:
+    """The CA `ca_pem` (its subject and key) in a certificate `issuer_pem` signed: an intermediate
+    moved under a new root, as when a PKI changes roots and keeps its issuing CA's key."""
+    ca = x509.load_pem_x509_certificate(ca_pem)
+    issuer = x509.load_pem_x509_certificate(issuer_pem)
+    issuer_key = serialization.load_pem_private_key(issuer_key_pem, None)
+    now = datetime.now(UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(ca.subject)
+        .issuer_name(issuer.subject)
+        .public_key(ca.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=1))
+        .not_valid_after(now + timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+    )
+    return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
+
+
+def test_an_intermediate_moved_under_a_new_root_with_its_key_keeps_its_certificates() -> None:
+    """client_ca goes from an old root and its intermediate to a new root and the same intermediate
+    (same name, same key) issued again under it. The old copy of the intermediate is retired, yet
+    the certificates it issued are the new copy's too (the handshake accepts them under the new
+    bundle): calls on connections made before must not be refused for them. A certificate of the
+    old root itself is still cut off."""
+    old_root, old_root_key = pki.new_ca(common_name="old root CA")
+    issuing, issuing_key = signed_by(old_root, old_root_key, "issuing CA", ca=True)
+    leaf, _ = signed_by(issuing, issuing_key, "auth", ca=False)
+    new_root, new_root_key = pki.new_ca(common_name="new root CA")
+    moved = reissued_under(issuing, new_root, new_root_key)
+
+    after = RetiredAuthorities().after_reload(old_root + issuing, new_root + moved)
+    assert len(after) == 2  # the old root, and the intermediate's old certificate
+    assert after.issuer_of(leaf) is None
+    old_roots_leaf, _ = pki.issue(old_root, old_root_key, "auth")
+    assert after.issuer_of(old_roots_leaf) == "CN=old root CA"
