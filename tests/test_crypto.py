@@ -22,6 +22,7 @@ from secrets_manager.crypto import (
     Keyset,
     KeyStatus,
     Purpose,
+    aead,
     derive_unlock_key,
     mac,
     open_record,
@@ -81,6 +82,15 @@ def test_record_round_trips_for_each_purpose() -> None:
 def test_seal_refuses_a_nonce_that_is_not_96_bits() -> None:
     with pytest.raises(ValueError):
         seal_record(enabled_key(), Purpose.SECRET_VALUE, NAME, 1, b"x", nonce=bytes(8))
+
+
+@pytest.mark.parametrize("size", [16, 24, 31, 33])
+def test_the_cipher_refuses_a_key_that_is_not_256_bits(size: int) -> None:
+    """AES-GCM also takes 128- and 192-bit keys: only this check keeps a short key, from a caller
+    that did not check its own (a chunk's file key, a key's material), from sealing at all."""
+    with pytest.raises(ValueError, match="32-byte key"):
+        aead.cipher_for(bytes(size))
+    assert aead.cipher_for(bytes(32)).encrypt(bytes(12), b"x", None)
 
 
 def test_every_record_shorter_than_the_minimum_fails_integrity_check() -> None:
