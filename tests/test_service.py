@@ -501,6 +501,38 @@ def test_a_role_bound_to_other_networks_is_not_held_and_a_reload_that_binds_it_h
         running.stop()
 
 
+def test_a_role_bound_elsewhere_grants_nothing_beside_a_role_held_here(tmp_path: Path) -> None:
+    """An identity holding one role from anywhere and another bound to other networks: from here
+    it may read only what the first grants. Named in a batch get, a name only the bound role grants
+    is refused as a get of it is (the whole batch, naming it); by prefix, and in a list, it is not
+    shown. (The caller holds a role here, so it is each name's check that must use its address.)"""
+    split = POLICY.replace(
+        f'"spiffe://{TD}/auth" = ["auth-reader"]', f'"spiffe://{TD}/auth" = ["auth-reader", "mc-reader"]'
+    ).replace("[roles.mc-reader]\n", '[roles.mc-reader]\nbound_cidrs = ["10.0.0.0/8"]\n')
+    assert split.count("bound_cidrs") == 1 and '["auth-reader", "mc-reader"]' in split
+    make_pki(tmp_path)
+    make_store(tmp_path, SEED, split)
+    running = start_server(tmp_path)
+    try:
+        auth = running.stub("auth")
+        bound_only = "market-connector/BINANCE_SECRET"
+        get = pb.GetSecretRequest(name=bound_only)
+        assert code_of(lambda: auth.GetSecret(get, timeout=10)) is grpc.StatusCode.PERMISSION_DENIED
+        named = pb.BatchGetSecretsRequest(names=["auth/DB_PASSWORD", bound_only])
+        assert code_of(lambda: auth.BatchGetSecrets(named, timeout=10)) is grpc.StatusCode.PERMISSION_DENIED
+        last = running.audit_records()[-1]
+        assert (last["operation"], last["name"], last["decision"]) == ("batch_get", bound_only, "deny")
+        mine = auth.BatchGetSecrets(pb.BatchGetSecretsRequest(names=["auth/DB_PASSWORD"]), timeout=10)
+        assert [s.value for s in mine.secrets] == [SEED["auth/DB_PASSWORD"]]
+        everything = auth.BatchGetSecrets(pb.BatchGetSecretsRequest(), timeout=10).secrets
+        listed = auth.ListSecrets(pb.ListSecretsRequest(), timeout=10).secrets
+        own = sorted(n for n in SEED if n.startswith("auth/"))
+        assert sorted(s.name for s in everything) == own
+        assert [m.name for m in listed] == own
+    finally:
+        running.stop()
+
+
 @pytest.mark.parametrize(
     ("peer", "address"),
     [
