@@ -2374,6 +2374,27 @@ def test_verify_with_another_stores_key_fails(encrypted_store: EncryptedStore, t
         log.verify(os.urandom(32), encrypted_store.audit_anchor())
 
 
+def test_a_record_whose_mac_was_taken_off_is_refused_though_its_hash_and_links_hold(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """A record's hash leaves out its MAC, so a MAC set to null leaves hash, chain and anchor as they
+    were: only the rule that no record but a denied unlock goes without one catches it. Without it,
+    a record after the anchor could be rewritten (and its hash recomputed) by anyone who may write
+    the file."""
+    path = tmp_path / "lib.audit.jsonl"
+    log = AuditLog(path)
+    for name in ("a/1", "a/2"):
+        log.append([AuditEvent(operation="get", actor="svc", name=name)], encrypted_store)
+    lines = path.read_bytes().splitlines(keepends=True)
+    stripped = json.loads(lines[1])
+    assert isinstance(stripped["mac"], str)
+    stripped["mac"] = None
+    lines[1] = audit_records.canonical(stripped) + b"\n"
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(AuditTamperError, match="audit record 2 lacks its MAC"):
+        log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor())
+
+
 def test_a_denied_unlock_rewritten_with_its_hash_recomputed_breaks_the_chain_at_the_next_record(
     encrypted_store: EncryptedStore, tmp_path: Path
 ) -> None:
