@@ -628,6 +628,20 @@ def build() -> dict[str, dict[str, Any]]:
             store_kind_file(edit_entries=lambda lines: [lines[1], lines[0], *lines[2:]])[0],
             MASTER_PASSWORD,
         ),
+        "bad_entries_end_count_wrong": vector(
+            "the end line of a store copy counts one entry too many",
+            bad,
+            store_kind_file(edit_entries=lambda lines: [*lines[:-1], {"entries": len(lines), "type": "end"}])[
+                0
+            ],
+            MASTER_PASSWORD,
+        ),
+        "bad_entries_line_after_end": vector(
+            "an entry of a store copy after its end line (the first entry again)",
+            bad,
+            store_kind_file(edit_entries=lambda lines: [*lines, lines[0]])[0],
+            MASTER_PASSWORD,
+        ),
         "bad_unknown_storage_key": vector(
             "an entry outside the store layout (other/unknown)",
             bad,
