@@ -2374,6 +2374,26 @@ def test_verify_with_another_stores_key_fails(encrypted_store: EncryptedStore, t
         log.verify(os.urandom(32), encrypted_store.audit_anchor())
 
 
+def test_a_record_naming_an_audit_key_the_store_does_not_hold_is_tampering_not_a_crash(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """`key_id` names the audit key a record's MAC is under (1: the store's first). One the store
+    does not hold (here 2, on a store never rotated) is a forged or another store's record, said so
+    before any MAC is checked: it must not index past the store's keys."""
+    path = tmp_path / "lib.audit.jsonl"
+    log = AuditLog(path)
+    log.append([AuditEvent(operation="get", actor="svc", name="a/1")], encrypted_store)
+    assert len(encrypted_store.audit_keys()) == 1
+    lines = path.read_bytes().splitlines(keepends=True)
+    forged = json.loads(lines[0])
+    forged["key_id"] = 2
+    forged["hash"] = audit_records.record_hash(forged)
+    lines[0] = audit_records.canonical(forged) + b"\n"
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(AuditTamperError, match="audit record 1 names an audit key this store does not hold"):
+        log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor())
+
+
 def test_a_record_whose_mac_was_taken_off_is_refused_though_its_hash_and_links_hold(
     encrypted_store: EncryptedStore, tmp_path: Path
 ) -> None:
