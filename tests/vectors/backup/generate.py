@@ -642,6 +642,14 @@ def build() -> dict[str, dict[str, Any]]:
             store_kind_file(edit_entries=lambda lines: [*lines, lines[0]])[0],
             MASTER_PASSWORD,
         ),
+        "bad_entries_label_on_missing_version": vector(
+            "a store copy whose metadata of svc/binary (sealed properly) labels current a version it lacks",
+            bad,
+            store_kind_file(edit_entries=with_metadata(SECRETS[1], {**SECRETS[1], "labels": {"current": 2}}))[
+                0
+            ],
+            MASTER_PASSWORD,
+        ),
         "bad_unknown_storage_key": vector(
             "an entry outside the store layout (other/unknown)",
             bad,
@@ -750,6 +758,17 @@ def with_entry(key: str) -> Any:
     return lambda lines: [
         *sorted([*lines[:-1], {"key": key, "type": "entry", "value": ""}], key=lambda line: line["key"]),
         {"entries": len(lines), "type": "end"},
+    ]
+
+
+def with_metadata(secret: dict[str, Any], edited: dict[str, Any]) -> Any:
+    """An entry-lines edit putting `edited`'s metadata, sealed as the writer seals it, in place of
+    `secret`'s (a distinct nonce: the 0x5a counter from 9000)."""
+    name = secret["name"]
+    key_id, material = (SVC_ID, SVC_KEY) if name.startswith("svc/") else (DEFAULT_ID, DEFAULT_KEY)
+    sealed = record(material, key_id, 2, name, 0, metadata_json(edited), next(Nonces(9000)))
+    return lambda lines: [
+        {**line, "value": b64(sealed)} if line.get("key") == f"meta/{name}" else line for line in lines
     ]
 
 
