@@ -1435,6 +1435,25 @@ def test_delete_secret_if_current_deletes_only_the_version_read(server: Server) 
     assert server.cli("ops", "get", "load/CAS").returncode == 3
 
 
+def test_delete_and_undelete_need_delete_which_write_does_not_grant(server: Server) -> None:
+    """writer may write rw/* but holds no delete there: DeleteSecret and UndeleteSecret are refused
+    (PERMISSION_DENIED, audited as denials), and the secret is as it was each time."""
+    writer, ops = server.stub("writer"), server.stub("ops")
+    writer.PutSecret(pb.PutSecretRequest(name="rw/KEEP", value=b"kept-value"), timeout=10)
+    delete = pb.DeleteSecretRequest(name="rw/KEEP")
+    assert code_of(lambda: writer.DeleteSecret(delete, timeout=10)) is grpc.StatusCode.PERMISSION_DENIED
+    last = server.audit_records()[-1]
+    assert (last["operation"], last["name"], last["decision"]) == ("delete", "rw/KEEP", "deny")
+    assert writer.GetSecret(pb.GetSecretRequest(name="rw/KEEP"), timeout=10).secret.value == b"kept-value"
+    ops.DeleteSecret(delete, timeout=10)
+    undelete = pb.UndeleteSecretRequest(name="rw/KEEP")
+    assert code_of(lambda: writer.UndeleteSecret(undelete, timeout=10)) is grpc.StatusCode.PERMISSION_DENIED
+    last = server.audit_records()[-1]
+    assert (last["operation"], last["name"], last["decision"]) == ("undelete", "rw/KEEP", "deny")
+    get = pb.GetSecretRequest(name="rw/KEEP")
+    assert code_of(lambda: writer.GetSecret(get, timeout=10)) is grpc.StatusCode.NOT_FOUND
+
+
 def test_a_service_from_before_conditional_deletes_is_refused_the_delete_not_asked_an_unconditional_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
