@@ -650,6 +650,12 @@ def build() -> dict[str, dict[str, Any]]:
             ],
             MASTER_PASSWORD,
         ),
+        "bad_entries_value_without_metadata": vector(
+            "a store copy with a value entry (data/svc/orphan#1) of a secret it has no metadata for",
+            bad,
+            store_kind_file(edit_entries=with_entry("data/svc/orphan#1"))[0],
+            MASTER_PASSWORD,
+        ),
         "bad_unknown_storage_key": vector(
             "an entry outside the store layout (other/unknown)",
             bad,
