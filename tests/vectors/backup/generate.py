@@ -645,9 +645,9 @@ def build() -> dict[str, dict[str, Any]]:
         "bad_entries_label_on_missing_version": vector(
             "a store copy whose metadata of svc/binary (sealed properly) labels current a version it lacks",
             bad,
-            store_kind_file(edit_entries=with_metadata(SECRETS[1], {**SECRETS[1], "labels": {"current": 2}}))[
-                0
-            ],
+            store_kind_file(
+                edit_entries=with_metadata(SECRETS[1], lambda doc: {**doc, "labels": {"current": 2}})
+            )[0],
             MASTER_PASSWORD,
         ),
         "bad_entries_value_without_metadata": vector(
@@ -655,6 +655,28 @@ def build() -> dict[str, dict[str, Any]]:
             bad,
             store_kind_file(edit_entries=with_entry("data/svc/orphan#1"))[0],
             MASTER_PASSWORD,
+        ),
+        "bad_entries_value_digest_mismatch": vector(
+            "a store copy whose metadata of svc/binary gives version 1 the SHA-256 of another value "
+            "(a namesake's record, same name, version and key, in its place)",
+            bad,
+            store_kind_file(
+                edit_entries=with_metadata(
+                    SECRETS[1], with_value_digest(hashlib.sha256(b"another value").hexdigest(), "1")
+                )
+            )[0],
+            MASTER_PASSWORD,
+        ),
+        "good_store_copy_value_digest": vector(
+            "a store copy whose metadata of svc/binary gives version 1 its value's SHA-256",
+            "ok",
+            store_kind_file(
+                edit_entries=with_metadata(
+                    SECRETS[1], with_value_digest(hashlib.sha256(BINARY).hexdigest(), "1")
+                )
+            )[0],
+            MASTER_PASSWORD,
+            **expected(SECRETS, "store", store_entry_count),
         ),
         "bad_unknown_storage_key": vector(
             "an entry outside the store layout (other/unknown)",
@@ -767,15 +789,24 @@ def with_entry(key: str) -> Any:
     ]
 
 
-def with_metadata(secret: dict[str, Any], edited: dict[str, Any]) -> Any:
-    """An entry-lines edit putting `edited`'s metadata, sealed as the writer seals it, in place of
-    `secret`'s (a distinct nonce: the 0x5a counter from 9000)."""
+def with_metadata(secret: dict[str, Any], edit: Any) -> Any:
+    """An entry-lines edit putting `secret`'s metadata document, changed by `edit`, sealed as the
+    writer seals it, in place of its own (a distinct nonce: the 0x5a counter from 9000)."""
     name = secret["name"]
     key_id, material = (SVC_ID, SVC_KEY) if name.startswith("svc/") else (DEFAULT_ID, DEFAULT_KEY)
-    sealed = record(material, key_id, 2, name, 0, metadata_json(edited), next(Nonces(9000)))
+    document = canonical(edit(json.loads(metadata_json(secret))))
+    sealed = record(material, key_id, 2, name, 0, document, next(Nonces(9000)))
     return lambda lines: [
         {**line, "value": b64(sealed)} if line.get("key") == f"meta/{name}" else line for line in lines
     ]
+
+
+def with_value_digest(digest: str, version: str) -> Any:
+    """A metadata edit giving `version` the value digest (format.md 7) `digest`."""
+    return lambda doc: {
+        **doc,
+        "versions": {**doc["versions"], version: {**doc["versions"][version], "sha256": digest}},
+    }
 
 
 def main() -> None:
