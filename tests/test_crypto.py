@@ -27,6 +27,7 @@ from secrets_manager.crypto import (
     mac,
     open_record,
     seal_record,
+    stream,
 )
 from secrets_manager.crypto import kdf as kdf_module
 from secrets_manager.crypto.keyset import ROTATE_AFTER_USES
@@ -91,6 +92,32 @@ def test_the_cipher_refuses_a_key_that_is_not_256_bits(size: int) -> None:
     with pytest.raises(ValueError, match="32-byte key"):
         aead.cipher_for(bytes(size))
     assert aead.cipher_for(bytes(32)).encrypt(bytes(12), b"x", None)
+
+
+def test_opening_anything_shorter_than_a_nonce_and_a_tag_is_the_one_integrity_error() -> None:
+    """Shorter than 28 bytes, AES-GCM would get a nonce it refuses (ValueError, under 8 bytes) or
+    no whole tag: the same opaque IntegrityError as a wrong tag, whatever the length."""
+    cipher = aead.cipher_for(bytes(32))
+    for length in range(NONCE_SIZE + TAG_SIZE):
+        with pytest.raises(IntegrityError):
+            aead.open_sealed(cipher, bytes(length), b"ad")
+
+
+def test_a_chunk_of_the_wrong_size_for_its_place_does_not_open_though_its_tag_holds() -> None:
+    """A chunk's AD binds its index and whether it is the last, not its length: a chunk before
+    the last must hold exactly CHUNK_SIZE bytes, and the last at least one (docs/backup-format.md
+    6), or the payload was not cut as the writer cuts it."""
+    key, context = bytes(32), bytes(stream.CONTEXT_SIZE)
+    cipher = aead.cipher_for(key)
+
+    def sealed(plaintext: bytes, index: int, final: bool) -> bytes:
+        return aead.seal(cipher, plaintext, stream.chunk_associated_data(context, index, final))
+
+    assert stream.open_chunk(key, context, 0, False, sealed(bytes(stream.CHUNK_SIZE), 0, False))
+    assert stream.open_chunk(key, context, 1, True, sealed(b"x", 1, True)) == b"x"
+    for plaintext, final in ((bytes(stream.CHUNK_SIZE - 1), False), (b"", True)):
+        with pytest.raises(IntegrityError):
+            stream.open_chunk(key, context, 0, final, sealed(plaintext, 0, final))
 
 
 def test_every_record_shorter_than_the_minimum_fails_integrity_check() -> None:
