@@ -339,12 +339,12 @@ def _no_progress(_what: str, _done: int, _total: int) -> None:
 
 
 def store_kind_file(
-    edit_entries: Any = None, file_key_name: str = "backup/file-key"
+    edit_entries: Any = None, file_key_name: str = "backup/file-key", sealed_file_key: bytes = FILE_KEY
 ) -> tuple[bytes, dict[str, Any]]:
     nonces = Nonces(0)
     header = {
         "created": TAKEN,
-        "file_key": b64(record(ROOT_KEY, ROOT_ID, 8, file_key_name, 0, FILE_KEY, next(nonces))),
+        "file_key": b64(record(ROOT_KEY, ROOT_ID, 8, file_key_name, 0, sealed_file_key, next(nonces))),
         "kind": "store",
         "store_header": store_header(nonces),
     }
@@ -610,6 +610,12 @@ def build() -> dict[str, dict[str, Any]]:
             "the file key sealed under the root key for another name",
             bad,
             store_kind_file(edit_entries=lambda lines: lines, file_key_name="backup/other")[0],
+            MASTER_PASSWORD,
+        ),
+        "bad_file_key_16_bytes": vector(
+            "the file key sealed under the root key is 16 bytes (an AES-128 key), not 32",
+            bad,
+            store_kind_file(edit_entries=lambda lines: lines, sealed_file_key=FILE_KEY[:16])[0],
             MASTER_PASSWORD,
         ),
         # damaged: the content (sealed properly)
