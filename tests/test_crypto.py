@@ -328,6 +328,26 @@ def test_test_profile_is_cheap_and_weaker_than_default() -> None:
     assert kdf_module.PROFILES == {"default": kdf_module.DEFAULT, "test": kdf_module.TEST}
 
 
+@pytest.mark.parametrize("cost", ["time_cost", "memory_cost_kib", "parallelism"])
+def test_one_cost_below_the_minimum_is_weaker_whatever_the_others(cost: str) -> None:
+    """Production refuses a store or backup whose Argon2id costs are weaker than its minimum: one
+    cost below it is enough, however high the others (the test profile is below in all three, so it
+    cannot tell a check that ignores one of them)."""
+    minimum = kdf_module.DEFAULT
+    lowered = replace(minimum, **{cost: getattr(minimum, cost) - 1})
+    others_raised = replace(
+        lowered,
+        **{
+            other: getattr(minimum, other) * 2
+            for other in ("time_cost", "memory_cost_kib", "parallelism")
+            if other != cost
+        },
+    )
+    assert lowered.is_weaker_than(minimum)
+    assert others_raised.is_weaker_than(minimum)
+    assert not replace(minimum, **{cost: getattr(minimum, cost) + 1}).is_weaker_than(minimum)
+
+
 def test_new_salt_is_16_random_bytes() -> None:
     first, second = kdf_module.TEST.with_new_salt(), kdf_module.TEST.with_new_salt()
     assert len(first.salt) == len(second.salt) == 16
