@@ -1835,3 +1835,40 @@ def test_the_cli_ends_with_one_line_when_postgres_stops_answering(cli: Cli, plac
         ("store", "pending"),
         ("store", "outcome_unknown"),
     ]
+
+
+def test_opening_a_store_whose_first_connection_is_ended_under_it_opens_on_a_new_one(
+    place: Place, postgres_cluster: PostgresCluster
+) -> None:
+    """A server ending connections (a failover, pg_terminate_backend) while a process opens the
+    store: its schema check on the ended connection failed the open ("terminating connection due
+    to administrator command"), though every later read is retried once on a new connection. CI
+    saw test_history's restarted client die of it."""
+    place.open(create=True).close()
+    ended: list[int] = []
+
+    class FirstConnectionEnded(PostgresStorage):
+        def _connect(self) -> Any:
+            conn = super()._connect()  # set up, and then ended before the open's schema check
+            if not ended:
+                ended.append(conn.info.backend_pid)
+                with postgres_cluster.connect(superuser=True) as admin:
+                    admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+                deadline = time.monotonic() + 10
+                with postgres_cluster.connect(superuser=True) as admin:
+                    while admin.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (conn.info.backend_pid,)
+                    ).fetchone():
+                        assert time.monotonic() < deadline, "the backend outlived pg_terminate_backend"
+                        time.sleep(0.02)
+            return conn
+
+    for create in (False, True):
+        ended.clear()
+        storage = FirstConnectionEnded(place.conninfo, schema=place.schema, create=create)
+        try:
+            assert ended, "the first connection was not ended"
+            storage.commit([Put(f"opened-{create}", b"after the cut")])
+            assert storage.get(f"opened-{create}") is not None
+        finally:
+            storage.close()

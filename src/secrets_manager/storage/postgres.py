@@ -251,14 +251,16 @@ class PostgresStorage:
         # Whether a connection found a pooler between us and the server (pgbouncer: _pooled).
         self.pooled = False
         self._server_started: object = None
+
+        def set_up(conn: _Connection) -> None:
+            if create:
+                self._create_schema(conn)  # idempotent: made again on a new connection, it finds it
+            self._check_schema(conn)
+
         try:
-            with self._borrowed() as conn:
-                try:
-                    if create:
-                        self._create_schema(conn)
-                    self._check_schema(conn)
-                except psycopg.Error as exc:
-                    raise self._error(exc, conn) from None
+            # As any read: once more on a new connection if this one was ended under it (a failover,
+            # pg_terminate_backend), rather than failing the command that opens the store.
+            self._read(set_up)
         except BaseException:
             self.close()  # a database we refuse must not keep a connection open
             raise
