@@ -1848,19 +1848,11 @@ def test_opening_a_store_whose_first_connection_is_ended_under_it_opens_on_a_new
     ended: list[int] = []
 
     class FirstConnectionEnded(PostgresStorage):
-        def _connect(self) -> Any:
-            conn = super()._connect()  # set up, and then ended before the open's schema check
+        def _connect(self, **options: Any) -> Any:
+            conn = super()._connect(**options)  # set up, and then ended before the open's schema check
             if not ended:
                 ended.append(conn.info.backend_pid)
-                with postgres_cluster.connect(superuser=True) as admin:
-                    admin.execute("SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
-                deadline = time.monotonic() + 10
-                with postgres_cluster.connect(superuser=True) as admin:
-                    while admin.execute(
-                        "SELECT 1 FROM pg_stat_activity WHERE pid = %s", (conn.info.backend_pid,)
-                    ).fetchone():
-                        assert time.monotonic() < deadline, "the backend outlived pg_terminate_backend"
-                        time.sleep(0.02)
+                end_backend(postgres_cluster, conn.info.backend_pid)
             return conn
 
     for create in (False, True):
@@ -1872,3 +1864,38 @@ def test_opening_a_store_whose_first_connection_is_ended_under_it_opens_on_a_new
             assert storage.get(f"opened-{create}") is not None
         finally:
             storage.close()
+
+
+def test_a_new_connection_ended_in_its_set_up_query_is_opened_again(
+    place: Place, postgres_cluster: PostgresCluster
+) -> None:
+    """The same on a new connection's own set-up query (encoding, server start time, pooler): a
+    connection ended there failed the call that needed it, whatever it was."""
+    place.open(create=True).close()
+    ended: list[int] = []
+
+    class EndedInSetUp(PostgresStorage):
+        def _open_connection(self) -> Any:
+            conn = super()._open_connection()  # connected, its set-up query not yet sent
+            if not ended:
+                ended.append(conn.info.backend_pid)
+                end_backend(postgres_cluster, conn.info.backend_pid)
+            return conn
+
+    storage = EndedInSetUp(place.conninfo, schema=place.schema)
+    try:
+        assert ended, "the first connection was not ended"
+        storage.commit([Put("opened", b"after the cut")])
+        assert storage.get("opened") is not None
+    finally:
+        storage.close()
+
+
+def end_backend(postgres_cluster: PostgresCluster, pid: int) -> None:
+    """pg_terminate_backend(pid), returning once the backend is gone."""
+    deadline = time.monotonic() + 10
+    with postgres_cluster.connect(superuser=True) as admin:
+        admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        while admin.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone():
+            assert time.monotonic() < deadline, "the backend outlived pg_terminate_backend"
+            time.sleep(0.02)

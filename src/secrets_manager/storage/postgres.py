@@ -180,6 +180,10 @@ def valid_schema_name(name: str) -> bool:
     return _SCHEMA_NAME.fullmatch(name) is not None
 
 
+class _EndedInSetUp(Exception):
+    """A new connection the server ended during its set-up query: open another."""
+
+
 class PostgresStorage:
     """`Storage` (and `Snapshotting`) on PostgreSQL. Thread-safe: each call borrows one of at most
     `max_connections` connections, so one thread's long scan does not hold up another's read (a
@@ -295,12 +299,18 @@ class PostgresStorage:
                 if not conn.closed and not conn.broken:
                     return conn
                 _close_quietly(conn)
-        try:
-            return self._connect()
-        except psycopg.Error as exc:
-            raise self._error(exc) from None
+        for attempt in (1, 2):
+            try:
+                return self._connect(again=attempt == 1)
+            except psycopg.Error as exc:
+                raise self._error(exc) from None
+            except _EndedInSetUp:
+                continue  # the server ended it (a failover, pg_terminate_backend): once more
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    def _connect(self) -> _Connection:
+    def _connect(self, *, again: bool = False) -> _Connection:
+        """A new connection, set up. `again`: _EndedInSetUp if the server ended it during the
+        set-up query (not when it never answered), for the caller to open one more."""
         conn = self._open_connection()
         try:
             row = conn.execute(
@@ -325,6 +335,12 @@ class PostgresStorage:
             else:
                 _limit_session(conn, int(row[3]))
             self._found_server(row[1])
+        except psycopg.OperationalError as exc:
+            ended = conn.broken and conn.expired_after is None  # read before close clears it
+            _close_quietly(conn)
+            if again and ended:
+                raise _EndedInSetUp() from None
+            raise self._error(exc, conn) from None
         except psycopg.Error as exc:
             _close_quietly(conn)
             raise self._error(exc, conn) from None
