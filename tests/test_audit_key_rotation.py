@@ -358,6 +358,63 @@ def test_a_second_handle_on_vault_or_aws_moves_to_the_new_key_after_the_recheck_
     assert reader.audit_keys() is keys  # kept, not read again, until the next interval
 
 
+def test_a_rotation_returns_the_generation_it_wrote_though_another_lands_before_its_reread(
+    two_handles: tuple[AuditedStore, AuditedStore],
+) -> None:
+    """The first rotation writes key 2; the second lands (key 3) before the first reads the keys
+    again: the first still reports 2 (its audit record names the key it made), not 3."""
+    one, other = two_handles
+    [first] = one.audit_keys()
+    reading = one._read_audit_keys  # type: ignore[attr-defined]
+    reads = 0
+
+    def read_after_the_other_rotated() -> Any:
+        nonlocal reads
+        reads += 1
+        if reads == 2:  # one's write has landed; the other rotates before one reads again
+            assert other.rotate_audit_key() == 3
+        return reading()
+
+    one._read_audit_keys = read_after_the_other_rotated  # type: ignore[attr-defined]
+    assert one.rotate_audit_key() == 2
+    assert reads == 2
+    keys = one.audit_keys()
+    assert len(keys) == 3 and keys[0] == first and keys == other.audit_keys(reload=True)
+
+
+def test_a_rotation_on_a_shared_store_returns_its_generation_past_the_recheck_interval(
+    tmp_path: Path,
+) -> None:
+    """On a store several hosts share (a scoped anchor), the keys are read again once
+    AUDIT_KEYS_RECHECK_SECONDS have gone: a rotation whose commit came after that must still
+    report the key it made, not another host's that landed after it."""
+    storage = SqliteStorage(tmp_path / "shared.db", create=True)
+    EncryptedStore.create(storage, PasswordUnlock(PASSWORD, kdf.TEST), audit_scope="host-a").close()
+    one = EncryptedStore.open(
+        SqliteStorage(tmp_path / "shared.db"), PasswordUnlock(PASSWORD, kdf.TEST), audit_scope="host-a"
+    )
+    other = EncryptedStore.open(
+        SqliteStorage(tmp_path / "shared.db"), PasswordUnlock(PASSWORD, kdf.TEST), audit_scope="host-b"
+    )
+    try:
+        [first] = one.audit_keys()
+        committing = one._commit  # type: ignore[attr-defined]
+
+        def commit_then_the_other_rotates(*args: Any, **kwargs: Any) -> Any:
+            result = committing(*args, **kwargs)
+            assert other.rotate_audit_key() == 3
+            one._audit_keys_read_at -= AUDIT_KEYS_RECHECK_SECONDS  # type: ignore[attr-defined]
+            return result
+
+        one._commit = commit_then_the_other_rotates  # type: ignore[attr-defined]
+        assert one.rotate_audit_key() == 2
+        keys = one.audit_keys(reload=True)
+        assert len(keys) == 3 and keys[0] == first
+    finally:
+        one.close()
+        other.close()
+
+
 def test_two_rotations_at_once_on_vault_or_aws_lose_no_key(
     two_handles: tuple[AuditedStore, AuditedStore],
 ) -> None:

@@ -1432,7 +1432,8 @@ class AwsStore:
                     if _code(exc) != "ResourceExistsException":
                         raise
                     continue  # another rotation took this generation first: append to it
-            return len(self.audit_keys(reload=True))
+            self.audit_keys(reload=True)  # this handle's writer moves on to the new key now
+            return generation  # not len() of that reload: a rotation may land in between
         raise ConflictError("the audit key changed under every attempt to rotate it; try again")
 
     def audit_anchor(self) -> Anchor | None:

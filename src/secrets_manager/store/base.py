@@ -325,7 +325,8 @@ class AuditedStore(SecretStore, Protocol):
 
     def rotate_audit_key(self) -> int:
         """Append a new random audit key to the store's (`audit rotate-key`) in one
-        compare-and-set write, and return its generation (the number of keys kept)."""
+        compare-and-set write, and return its generation (the number of keys kept once it landed,
+        not counting a rotation that lands after it)."""
 
     def audit_anchor(self) -> Anchor | None:
         """The newest audit record this store vouched for, or None before the first one."""

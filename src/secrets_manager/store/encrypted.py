@@ -1608,7 +1608,10 @@ class EncryptedStore:
             return rotated
 
         self._audit_key = self._retry(attempt)
-        return len(self.audit_keys())
+        self._audit_keys_read_at = time.monotonic()
+        # The generation written: audit_keys() here could read again (a shared store's recheck
+        # interval) and count a rotation another host landed after this one.
+        return len(audit_keys_of(self._audit_key))
 
     def _audit_keyring(self, *, read_again: bool = False) -> bytes:
         """The sealed keyring's plaintext: the audit keys one after the other, oldest first."""

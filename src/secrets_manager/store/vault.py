@@ -1434,7 +1434,10 @@ class VaultStore:
                 self._write_data(AUDIT_KEY_NAME, data, cas=version, action="rotate the audit key")
             except _CasMismatch:  # another rotation landed first: append to it
                 continue
-            return len(self.audit_keys(reload=True))
+            self.audit_keys(reload=True)  # this handle's writer moves on to the new key now
+            # The generation written, not len() of that reload: a rotation landing in between
+            # would make both report the later one (and their audit records name it twice).
+            return len(keys) + 1
         raise ConflictError("the audit key changed under every attempt to rotate it; try again")
 
     def _refresh_if_expiring(self, name: str, body: Mapping[str, Any], *, what: str) -> None:
