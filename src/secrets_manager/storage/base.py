@@ -155,7 +155,10 @@ class Scrubbable(Protocol):
 
 
 class StorageSnapshot(Protocol):
-    """Reads of a `Storage` as it was at one instant (what `Snapshotting.snapshot` yields)."""
+    """Reads of a `Storage` as it was at one instant (what `Snapshotting.snapshot` yields).
+
+    A snapshot of a storage behind a network may also be a `MultiGet` (PostgreSQL's is): several
+    keys in one round trip, at the snapshot's instant."""
 
     revision: int
     """The newest commit the snapshot includes."""

@@ -820,6 +820,17 @@ class PostgresSnapshot:
             raise self._error(exc) from None
         return None if row is None else Entry(value=bytes(row[0]), revision=int(row[1]))
 
+    def get_many(self, keys: Sequence[str]) -> dict[str, Entry]:
+        """`MultiGet` inside the snapshot: one statement for all of `keys`, at its instant."""
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return {}
+        try:
+            rows = self._conn.execute(self._q.get_many, (unique,)).fetchall()
+        except psycopg.Error as exc:
+            raise self._error(exc) from None
+        return {key: Entry(value=bytes(value), revision=int(revision)) for key, value, revision in rows}
+
     def list(self, prefix: str) -> list[str]:
         try:
             return [row[0] for row in _list(self._conn, self._q, prefix)]

@@ -521,6 +521,12 @@ def _check_snapshot_sees_one_instant(make_storage: MakeStorage) -> None:
             entry = snap.get(prefix + "a")
             _require(entry is not None and entry.value == b"a1", "snapshot get() saw a later commit")
             _require(snap.get(prefix + "b") is None, "snapshot get() saw a key created after it began")
+            if isinstance(snap, MultiGet):
+                many = snap.get_many([prefix + "a", prefix + "b", prefix + "doomed"])
+                _require(
+                    {key: (entry.value, entry.revision) for key, entry in many.items()} == before,
+                    "snapshot get_many() saw commits made after it began",
+                )
             _require(snap.revision < last, "a snapshot's revision includes later commits")
         after = _snapshot(storage, prefix)
         _require(
