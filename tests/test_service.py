@@ -16,7 +16,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from secrets_manager.client import RemoteStore
 from secrets_manager.crypto import kdf
 from secrets_manager.environment import Environment
 from secrets_manager.errors import InvalidInputError
+from secrets_manager.service import server as server_module
 from secrets_manager.service.certificates import ServerCertificates
 from secrets_manager.service.config import load_config
 from secrets_manager.service.server import PolicyHolder
@@ -2555,7 +2556,10 @@ def test_a_batch_get_whose_caller_gave_up_stops_reading(
     """The handler went on reading every secret of the page for a caller whose deadline had passed
     (and audited them as read, though nothing was sent): a few clients timing out on a large store
     kept every worker busy, and SIGTERM waited for them. It stops at the next secret, and the call
-    is audited `cancelled` without `get` records. Fails on the previous commit (reads go on)."""
+    is audited `cancelled` without `get` records. Fails on the commit before it (reads go on).
+
+    A page's secrets are read a few at a time (`read_current`, at one instant each): here 5 at a
+    time, a slow store taking 0.1 s a secret, and the handler stops before the next few."""
     make_pki(tmp_path)
     make_store(tmp_path, SEED, POLICY)
     store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
@@ -2563,14 +2567,15 @@ def test_a_batch_get_whose_caller_gave_up_stops_reading(
     for name in names:
         store.put(name, b"bulk value")
     read: list[str] = []
-    real_get = store.get_with_fingerprint
+    real_read = store.read_current
 
-    def slow_get(name: str, **selector: object):  # type: ignore[no-untyped-def]
-        read.append(name)
-        time.sleep(0.1)
-        return real_get(name, **selector)  # type: ignore[arg-type]
+    def slow_read(names: Sequence[str] = (), **options: Any) -> Any:
+        read.extend(names)
+        time.sleep(0.1 * len(names))
+        return real_read(names, **options)
 
-    monkeypatch.setattr(store, "get_with_fingerprint", slow_get)
+    monkeypatch.setattr(store, "read_current", slow_read)
+    monkeypatch.setattr(server_module, "PAGE_READ_BATCH", 5)
     request = (
         pb.BatchGetSecretsRequest(prefix="auth/BULK_", page_size=100)
         if by == "prefix"

@@ -62,6 +62,7 @@ from secrets_manager.errors import (
 )
 from secrets_manager.rotation import run_in_own_group
 from secrets_manager.store import Secret, SecretStore
+from secrets_manager.store.base import BulkReader
 from secrets_manager.store.changes import ChangeKind, SecretChange
 from secrets_manager.store.names import validate_name
 from secrets_manager.tls.files import write_private_file
@@ -228,9 +229,20 @@ def _read(store: SecretStore, note: Note, references: list[tuple[str, str]], tex
     """Each secret the template refers to, read once, recorded, and warned of if expired. A read
     refused (not found, denied) says the line of `text` that refers to it."""
     secrets = {}
-    for name in dict.fromkeys(name for name, _ in references):
+    names = list(dict.fromkeys(name for name, _ in references))
+    # Our encrypted store reads them all at one instant, in a few reads; elsewhere each is a `get`,
+    # and the reads stop at the first that fails, as they did (a service audits each read).
+    ahead = {read.name: read for read in store.read_current(names)} if isinstance(store, BulkReader) else {}
+    for name in names:
         try:
-            secret = store.get(name)
+            read = ahead.get(name)
+            if read is None:
+                secret = store.get(name)
+            elif read.error is not None:
+                raise read.error
+            else:
+                assert read.secret is not None
+                secret = read.secret
         except SecretsManagerError as exc:
             raise restated(
                 exc, f"{exc} (the reference on line {_line_of(text, name)} of the template)"

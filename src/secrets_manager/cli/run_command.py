@@ -61,6 +61,7 @@ from secrets_manager.cli.run_supervisor import (
 from secrets_manager.environment import PASSWORD_VARIABLES, VAULT_CREDENTIAL_VARIABLES
 from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError, restated
 from secrets_manager.store import EncryptedStore, Secret, SecretStore
+from secrets_manager.store.base import BulkReader, CurrentRead, read_current
 from secrets_manager.store.kms import AwsKmsUnlock
 from secrets_manager.store.names import DEFAULT_NAMESPACE, MAX_NAME_LENGTH, validate_name, validate_namespace
 from secrets_manager.store.url import AwsLocation, external_location
@@ -313,6 +314,7 @@ def _read_variables(
     nothing_run = "; nothing was run" if first else ""
     read: dict[str, Secret] = {}
     found: list[tuple[str, Secret]] = []
+    named = _read_named(store, [name for name, _ in wanted] + [reference.name for reference in references])
     for namespace in namespaces:
         secrets = read_namespace(store, namespace)
         if not secrets:
@@ -332,7 +334,7 @@ def _read_variables(
                 )
             found.append((variable, read.setdefault(secret.name, secret)))
     for name, variable in wanted:
-        found.append((variable, _read_once(store, read, name)))
+        found.append((variable, _read_once(store, read, name, named)))
     variables: dict[str, Secret] = {}
     for variable, secret in found:
         earlier = variables.get(variable)
@@ -352,7 +354,7 @@ def _read_variables(
                 f"{reference.origin}; leave one out{nothing_run}"
             )
         try:
-            secret = _read_once(store, read, reference.name)
+            secret = _read_once(store, read, reference.name, named)
             if reference.field:
                 field = select_field(secret.value.reveal(), secret.name, reference.field)
                 secret = replace(secret, value=SecretValue(field))
@@ -368,11 +370,38 @@ def _read_variables(
     return Reading(variables, list(read.values()))
 
 
-def _read_once(store: SecretStore, read: dict[str, Secret], name: str) -> Secret:
-    """NAME's current version, read from `store` only if this reading has not read it yet: a
-    secret given twice (a reference and --secret, two fields) is one version."""
+def _read_named(store: SecretStore, names: list[str]) -> dict[str, CurrentRead]:
+    """The secrets `run` is given by name (--secret, references), read at once where the store
+    reads many at one instant (our encrypted store): a few reads instead of a `get` each. Each
+    read's error is raised where `_read_once` takes it, as its `get` raised it; a name that is
+    not valid is left to that `get`, which says so. Elsewhere nothing is read ahead (a service
+    audits each read, and a reading that fails earlier reads no further)."""
+    if not isinstance(store, BulkReader):
+        return {}
+    valid = []
+    for name in dict.fromkeys(names):
+        try:
+            valid.append(validate_name(name))
+        except InvalidInputError:
+            continue
+    return {read.name: read for read in store.read_current(valid)} if valid else {}
+
+
+def _read_once(
+    store: SecretStore, read: dict[str, Secret], name: str, named: dict[str, CurrentRead]
+) -> Secret:
+    """NAME's current version, read from `store` (or taken from `named`, read ahead) only if
+    this reading has not read it yet: a secret given twice (a reference and --secret, two fields)
+    is one version."""
     if name not in read:
-        read[name] = store.get(name)
+        ahead = named.get(name)
+        if ahead is None:
+            read[name] = store.get(name)
+        elif ahead.error is not None:
+            raise ahead.error
+        else:
+            assert ahead.secret is not None
+            read[name] = ahead.secret
     return read[name]
 
 
@@ -535,15 +564,18 @@ def _variable_for(relative_name: str) -> str:
 def read_namespace(store: SecretStore, namespace: str) -> list[Secret]:
     """Every current secret under `namespace/` the caller may read: from a service one
     BatchGetSecrets, which its policy filters by `read` (a caller may read what it may not list);
-    locally list then get (a secret deleted in between is skipped)."""
+    locally `read_current` of the prefix (our encrypted store: at one instant; Vault, AWS: list
+    then get, a secret deleted in between skipped). A damaged record is its IntegrityError."""
     if is_remote_store(store):
         return store.get_many(prefix=f"{namespace}/")
     secrets = []
-    for meta in store.list(f"{namespace}/"):
-        try:
-            secrets.append(store.get(meta.name))
-        except NotFoundError:
-            continue
+    for read in read_current(store, prefix=f"{namespace}/"):
+        if isinstance(read.error, NotFoundError):
+            continue  # no current version to give (or, on Vault or AWS, deleted since the list)
+        if read.error is not None:
+            raise read.error
+        assert read.secret is not None
+        secrets.append(read.secret)
     return secrets
 
 

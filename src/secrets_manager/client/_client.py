@@ -678,13 +678,16 @@ class _LocalStore:
         )
 
     def fetch_all(self, prefix: str = "") -> list[Secret]:
-        """Every secret under `prefix`: the store lists (and decrypts) only that part of it."""
+        """Every secret under `prefix` with a current version, read at one instant (the store
+        reads only that part of it); a damaged record is its IntegrityError."""
         secrets = []
-        for meta in self._store.list(prefix):
-            try:
-                secrets.append(self._store.get(meta.name))
-            except NotFoundError:
-                continue  # deleted between list and get
+        for read in self._store.read_current(prefix=prefix):
+            if isinstance(read.error, NotFoundError):
+                continue  # no current version to give
+            if read.error is not None:
+                raise read.error
+            assert read.secret is not None
+            secrets.append(read.secret)
         return secrets
 
     def fetch(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:

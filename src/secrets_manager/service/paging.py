@@ -109,6 +109,10 @@ class Page:
             return False
         return True
 
+    def room(self) -> int | None:
+        """How many more secrets may go in by count (None: no count limit, an unpaged answer)."""
+        return self._size - self._count if self._size else None
+
     def fits(self, name: str, size: int) -> bool:
         """Take `name` (its message is `size` bytes) unless it would burst the byte budget; the
         first secret of a page always fits. False means another page follows. In an unpaged

@@ -19,9 +19,11 @@ from typing import Protocol, runtime_checkable
 from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
+    NotFoundError,
     NothingToChangeError,
     OutcomeUnknownError,
     RotationInProgressError,
+    SecretsManagerError,
     SecretStateError,
     UnsupportedOperationError,
 )
@@ -310,6 +312,69 @@ class NameLister(Protocol):
     def list_names(self, prefix: str = "") -> list[str]:
         """Every valid secret name under `prefix`, sorted, without reading any secret's metadata.
         A deleted secret may be among them (`get` of it is NotFoundError)."""
+
+
+@dataclass(frozen=True)
+class CurrentRead:
+    """One secret of a read of many current values (`read_current`): its current version (and
+    with `fingerprints` the value's audit fingerprint), or the error a `get` of it raised: the
+    NotFoundError of a secret deleted, without a current version, destroyed or gone, the
+    IntegrityError that names its damaged record, or (a store read secret by secret) whatever
+    ended the read there. Never both a secret and an error."""
+
+    name: str
+    secret: Secret | None = None
+    fingerprint: str | None = None
+    error: SecretsManagerError | None = None
+
+
+@runtime_checkable
+class BulkReader(Protocol):
+    """Optional for a store whose storage can read many records at one instant (our encrypted
+    store on SQLite and PostgreSQL): `read_current` of many secrets in a few reads of one
+    snapshot, instead of a `get` each (four round trips each on PostgreSQL)."""
+
+    def read_current(
+        self, names: Sequence[str] = (), *, prefix: str | None = None, fingerprints: bool = False
+    ) -> list[CurrentRead]:
+        """What `read_current` (the function) returns, read at one instant; only NotFoundError
+        and IntegrityError are kept in a read, anything else is raised."""
+
+
+def read_current(
+    store: SecretStore, names: Sequence[str] = (), *, prefix: str | None = None, fingerprints: bool = False
+) -> list[CurrentRead]:
+    """The current version of each of `names` (in their order), or with `prefix` of every secret
+    under it that is not deleted (in name order): what `get` of each gives, with every check of
+    `get` made for each. `fingerprints`: each value's audit fingerprint too (the service audits
+    its reads with them; for a store that can give them). A caller takes the reads in order and
+    raises a read's error where `get` of it would have raised (skipping a NotFoundError where a
+    secret may vanish between list and read).
+
+    A `BulkReader` reads them all at one instant (so a prefix is never half before and half after
+    a concurrent write), keeps a NotFoundError or IntegrityError in its secret's read and raises
+    anything else. Any other store lists, then gets each secret in turn, and stops at the first
+    error that is not NotFoundError (kept in the last read): the reads after it are not made, as
+    a loop of `get` would not make them (on a service, each is audited as read)."""
+    if isinstance(store, BulkReader):
+        return store.read_current(names, prefix=prefix, fingerprints=fingerprints)
+    if prefix is not None:
+        names = [meta.name for meta in store.list(prefix)]
+    reads = []
+    for name in names:
+        try:
+            if fingerprints:
+                secret, fingerprint = store.get_with_fingerprint(name)  # type: ignore[attr-defined]
+            else:
+                secret, fingerprint = store.get(name), None
+        except NotFoundError as exc:
+            reads.append(CurrentRead(name, error=exc))
+            continue
+        except SecretsManagerError as exc:
+            reads.append(CurrentRead(name, error=exc))
+            break
+        reads.append(CurrentRead(name, secret, fingerprint))
+    return reads
 
 
 @runtime_checkable
