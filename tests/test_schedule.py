@@ -1377,8 +1377,9 @@ def test_the_service_keeps_its_schedule_and_runs_nothing_from_a_file_made_writab
 def test_the_service_schedule_never_undoes_a_store_made_between_its_read_and_its_stage(cli: Cli) -> None:
     """A schedule entry with `field =` read version 1 of a JSON object, a client stored version 2
     (a new host), and the rotation staged and promoted version 3 built from version 1: the new
-    host was lost. The stage is now conditional on the version read: the pass fails, nothing is
-    staged, no command runs, and the stored value stays current."""
+    host was lost. The stage is now conditional on the version read: nothing is staged, no command
+    runs, and the stored value stays current; being a new current value, it is not due (the pass
+    says so, rather than a failure to back off from)."""
     credentials = {"host": "db-old.internal", "password": "FIRST-PASSWORD", "username": "app"}
     assert cli("store", "db/json", input=json.dumps(credentials).encode()).code == 0
     schedule = write_schedule(
@@ -1400,7 +1401,7 @@ def test_the_service_schedule_never_undoes_a_store_made_between_its_read_and_its
     store.get = get_then_another_writer_stores  # type: ignore[method-assign]
     try:
         scheduler = scheduler_for(cli, schedule, store)
-        assert scheduler.run_due()["db/json"] == "failed"
+        assert scheduler.run_due()["db/json"] == "not due"
         assert store.describe("db/json").labels == {CURRENT: 2, "previous": 1}
         assert store.get("db/json").value.reveal() == changed
         scheduler.join(1)
@@ -1708,3 +1709,86 @@ def test_schedule_run_on_a_local_store_trusts_no_caller_that_bears_its_users_nam
     assert b"resumed and rotated auth/JWT_KEY" in local.stderr  # its own failed rotation is resumed
     _, _, authors = _store_values(tmp_path, "auth/JWT_KEY")
     assert authors[-1] == "rotation-schedule"
+
+
+# ---- a rotation found due, then made meanwhile by another runner ------------------------------------
+
+
+def test_the_service_schedule_does_not_rotate_a_secret_stored_again_after_it_found_it_due(
+    cli: Cli,
+) -> None:
+    """The pass reads db/app's metadata (version 1, due); another process stores version 2 before
+    the rotation reads the current value. Version 2 restarts the clock: the pass must not rotate
+    it away (nor run the set command with a new value), it is no longer due."""
+    schedule = write_schedule(
+        cli.dir / "rotation.toml",
+        {"name": "db/app", "every": "1h", "set_command": SET_TARGET, "test_command": TEST_TARGET},
+    )
+    store = EncryptedStore.open(SqliteStorage(cli.dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    other = EncryptedStore.open(SqliteStorage(cli.dir / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        getting = store.get
+
+        def get_after_another_store(name: str, **kwargs: Any) -> Any:
+            if name == "db/app" and other.describe("db/app").current_version == 1:
+                other.put("db/app", b"stored-by-another-process")  # after the pass found it due
+            return getting(name, **kwargs)
+
+        store.get = get_after_another_store  # type: ignore[method-assign]
+        later = datetime.now(UTC) + timedelta(hours=2)  # version 1 is due, version 2 is not
+        scheduler = scheduler_for(cli, schedule, store, clock=lambda: later)
+        assert scheduler.run_due()["db/app"] == "not due"
+        meta = other.describe("db/app")
+        assert meta.labels == {CURRENT: 2, "previous": 1} and [v.version for v in meta.versions] == [1, 2]
+        assert other.get("db/app").value.reveal() == b"stored-by-another-process"
+        assert not (cli.dir / "target").exists()  # no set command ran
+    finally:
+        store.close()
+        other.close()
+
+
+_STORED_AGAIN_BEFORE_THE_READ = """
+import os
+from secrets_manager.crypto import kdf
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+_get = EncryptedStore.get
+def _get_after_another_store(self, name, **kwargs):
+    if name == "db/app" and not os.path.exists("stored-again"):
+        open("stored-again", "w").close()
+        other = EncryptedStore.open(
+            SqliteStorage(os.environ["SECRETS_MANAGER_STORE"]),
+            PasswordUnlock(os.environ["MASTER_PASSWORD"], kdf.TEST),
+        )
+        try:
+            other.put("db/app", b"stored-by-another-process")
+        finally:
+            other.close()
+    return _get(self, name, **kwargs)
+EncryptedStore.get = _get_after_another_store
+"""
+
+
+def test_schedule_run_does_not_rotate_a_secret_stored_again_after_it_found_it_due(cli: Cli) -> None:
+    """`schedule run` reads every entry's metadata first, then rotates them one by one (each may
+    take its commands' time): a value stored after that read and before the rotation of its entry
+    restarts the clock, and is not rotated away. Another process stores it as the rotation reads
+    the current value (a sitecustomize holds it there)."""
+    schedule = write_schedule(
+        cli.dir / "rotation.toml",
+        {"name": "db/app", "every": "1s", "set_command": SET_TARGET, "test_command": TEST_TARGET},
+        {"name": "db/other", "every": "1s", "set_command": "sh -c 'cat > other-target'"},
+    )
+    hook = cli.dir / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_STORED_AGAIN_BEFORE_THE_READ)
+    time.sleep(1.1)
+    result = cli("schedule", "run", str(schedule), "--json", env={"PYTHONPATH": str(hook)})
+    assert result.code == 0, result.stderr
+    assert (cli.dir / "stored-again").exists()
+    outcomes = {r["name"]: r["outcome"] for r in json.loads(result.stdout)}
+    assert outcomes == {"db/app": "skipped", "db/other": "rotated"}, result.stderr
+    assert "db/app: stored again since it was found due (now version 2); not rotated" in result.stderr
+    assert cli.history("db/app")["labels"] == {"current": 2, "previous": 1}
+    assert cli.value("db/app") == "stored-by-another-process"
+    assert not (cli.dir / "target").exists() and (cli.dir / "other-target").exists()

@@ -382,6 +382,17 @@ class RotationSteps(Protocol):
         """Around the set or test command (audited with its outcome where there is a log)."""
 
 
+class NoLongerDue(ConflictError):
+    """A scheduled rotation found due on one current version (its plan) found another current
+    when it came to stage: a value stored, or a rotation another runner finished, in between. That
+    new value restarts the clock: nothing was staged and no command ran."""
+
+    def __init__(self, name: str, found_due: int, current: int | None) -> None:
+        now = "it has no current version now" if current is None else f"now version {current}"
+        super().__init__(f"{name}: stored again since it was found due ({now}); not rotated")
+        self.current = current
+
+
 @dataclass(frozen=True)
 class Rotated:
     name: str
@@ -405,6 +416,7 @@ def rotate(
     scheduled: bool = False,
     set_ran: bool = False,
     warn: Callable[[str], None] | None = None,
+    found_due: int | None = None,
 ) -> Rotated:
     """Stage `value` (or, if None, resume the pending version), set, test, promote. A failed
     command raises RotationStepFailed and leaves the version pending; nothing else moves.
@@ -430,7 +442,13 @@ def rotate(
     checks the target still takes the value after whatever interrupted us), then promote.
     The version is staged with its target (`Commands.target`, the PostgreSQL role); a resume of a
     version that recorded a role sets that role's password only, and only named (`resumed_commands`).
-    `warn`: where a warning goes (default: logged)."""
+    `warn`: where a warning goes (default: logged).
+    `found_due`: the current version when the caller found the rotation due (a schedule's plan,
+    read before this call, perhaps long before: `schedule run` reads every entry first). A new
+    value is staged only if that version is still current, checked in the stage's own commit:
+    a value stored meanwhile (or another runner's rotation) restarts the clock, and rotating it
+    away would replace a fresh credential and run the set command for nothing. NoLongerDue
+    (a ConflictError) then, nothing staged, no command run."""
     resumed = value is None
     expect_current = None
     if value is not None:
@@ -453,9 +471,20 @@ def rotate(
         if current is not None and current > version:  # before the target is touched
             refuse_to_demote(name, version, current)
     else:
+        if found_due is not None:
+            if expect_current is not None and expect_current != found_due:
+                raise NoLongerDue(name, found_due, expect_current)
+            expect_current = found_due  # where nothing was read (a client through a service)
         commands.check(value, field=field)  # the whole object, now that a field rotation built it
         commands.check_target(name)
-        version = steps.stage(name, value, expect_current=expect_current, target=commands.target)
+        try:
+            version = steps.stage(name, value, expect_current=expect_current, target=commands.target)
+        except ConflictError as exc:
+            # The store's refuse_if_changed (a plain ConflictError, over gRPC too): current moved
+            # after the read. Its subclasses (a rotation in progress, a deleted secret) stay theirs.
+            if found_due is None or type(exc) is not ConflictError:
+                raise
+            raise NoLongerDue(name, found_due, _current_or_none(steps, name)) from None
     at_target = resumed and set_ran  # the target holds the value: its set command exited 0
     promoting = False
     try:
@@ -807,8 +836,11 @@ class ScheduledRotation:
         *,
         set_ran: bool = False,
         warn: Callable[[str], None] | None = None,
+        found_due: int | None = None,
     ) -> Rotated:
-        """This entry's rotation in `state` (resume, or a new generated value), as `rotate` does it."""
+        """This entry's rotation in `state` (resume, or a new generated value), as `rotate` does it.
+        `found_due`: the current version of the plan that found it due (`Plan.current`): a new
+        value is staged only while that version is current (NoLongerDue otherwise)."""
         value = self.value_for(state)
         return rotate(
             steps,
@@ -820,6 +852,7 @@ class ScheduledRotation:
             scheduled=True,
             set_ran=set_ran,
             warn=warn,
+            found_due=found_due if state is Due.DUE else None,
         )
 
 
@@ -987,6 +1020,8 @@ class Plan:
     # Who staged the pending version, when it is stale but not the schedule's to resume (`plan`'s
     # `stagers`): left in progress. "" where the store does not record it (AWS).
     staged_by_another: str | None = None
+    # The version current when the plan was made: a rotation found due stages only while it is.
+    current: int | None = None
 
 
 def plan(
@@ -1018,12 +1053,14 @@ def plan(
         state = Due.IN_PROGRESS if young else Due.RESUME
         author = authors.get(pending, "")
         if state is Due.RESUME and stagers is not None and author not in stagers:
-            return Plan(Due.IN_PROGRESS, last, next_due, pending, staged_by_another=author)
+            return Plan(Due.IN_PROGRESS, last, next_due, pending, staged_by_another=author, current=current)
     elif next_due is None or now >= next_due:
         state = Due.DUE
     else:
         state = Due.NOT_DUE
-    return Plan(state, last, next_due, pending if state in (Due.IN_PROGRESS, Due.RESUME) else None)
+    return Plan(
+        state, last, next_due, pending if state in (Due.IN_PROGRESS, Due.RESUME) else None, current=current
+    )
 
 
 def staged_by_another(name: str, planned: Plan, invocation: Sequence[str] = ("secrets-manager",)) -> str:

@@ -42,6 +42,7 @@ from secrets_manager.errors import (
 from secrets_manager.rotation import (
     SCHEDULE_ACTOR,
     Due,
+    NoLongerDue,
     Plan,
     ScheduledRotation,
     load_schedule,
@@ -174,9 +175,15 @@ def run(session: Session, file: str, as_json: bool) -> int:
             # SIGTERM / SIGHUP end the command, as Ctrl-C does. On a local store the versions it
             # stages are the schedule's, as the service's are (with --server, the caller's).
             with terminate_as_interrupt(), nullcontext() if session.server else acting_for(SCHEDULE_ACTOR):
-                rotated = rule.run(steps, session.environ, entry.plan.state, warn=warning_line)
+                rotated = rule.run(
+                    steps, session.environ, entry.plan.state, warn=warning_line, found_due=entry.plan.current
+                )
         except OperationInterrupted:  # stop here: the entries after it are not started
             raise
+        except NoLongerDue as exc:  # stored (or rotated elsewhere) since _entries read it
+            info_line(str(exc))
+            result["outcome"] = "skipped"
+            continue
         except RotationInProgressError:  # another runner staged first (the store refused ours)
             info_line(f"{rule.name}: another rotation started first; skipped")
             result["outcome"] = "skipped"

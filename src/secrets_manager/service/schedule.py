@@ -56,6 +56,7 @@ from secrets_manager.errors import (
 from secrets_manager.rotation import (
     SCHEDULE_ACTOR,
     Due,
+    NoLongerDue,
     Plan,
     Rotated,
     ScheduledRotation,
@@ -660,9 +661,17 @@ class RotationScheduler:
         started = time.monotonic()
         try:
             with self._rotating(rule.name):
-                rotated = rule.run(self._steps, self._environ, state, set_ran=set_ran)
+                rotated = rule.run(
+                    self._steps, self._environ, state, set_ran=set_ran, found_due=planned.current
+                )
         except RotationInProgressError:  # another replica (or a person) staged first: theirs runs
             return Due.IN_PROGRESS.value
+        except NoLongerDue as exc:  # stored, or rotated by another replica, since `meta` was read
+            log.info(
+                "scheduled secret stored again since it was found due; not rotated",
+                extra={"event": "rotation.no_longer_due", "secret": rule.name, "version": exc.current},
+            )
+            return Due.NOT_DUE.value
         except SecretsManagerError as exc:  # never a value in these messages
             self._ledger.failed(rule.name)
             failures = 1 if failing is None else failing[0] + 1
