@@ -607,6 +607,48 @@ def test_rollback_refuses_what_it_cannot_do_and_writes_nothing(ready: Cli) -> No
     assert ready("get", "svc/ONCE").out == "two\n"
 
 
+def test_a_rollback_overtaken_between_its_two_reads_is_a_conflict_not_already_current(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """rollback reads the current version (2), then the one labelled previous. Another process
+    stores version 3 in between, so previous is now 2, the version it read as current: that is a
+    change made meanwhile (exit 7, run it again), not "version 2 is current already" (exit 2, as if
+    the request made no sense). Nothing is written either way."""
+    from secrets_manager.crypto import kdf
+    from secrets_manager.storage.sqlite import SqliteStorage
+    from secrets_manager.store import EncryptedStore, PasswordUnlock
+
+    for value in (b"one", b"two"):
+        assert ready("store", "svc/ROLL", input=value).code == 0
+    getting = EncryptedStore.get
+    reads: list[dict[str, object]] = []
+
+    def get_then_another_stores(self: EncryptedStore, name: str, **kwargs: Any) -> Any:
+        secret = getting(self, name, **kwargs)
+        reads.append(kwargs)
+        if len(reads) == 1:  # the read of the current version: another process stores now
+            other = EncryptedStore.open(SqliteStorage(ready.store), PasswordUnlock(PASSWORD, kdf.TEST))
+            try:
+                other.put("svc/ROLL", b"three")
+            finally:
+                other.close()
+        return secret
+
+    monkeypatch.setattr(EncryptedStore, "get", get_then_another_stores)
+    capsys.readouterr()
+    assert run_in_process(ready, monkeypatch, "rollback", "svc/ROLL") == 7
+    message = capsys.readouterr().err.strip()
+    assert reads == [{}, {"label": "previous"}]
+    assert message.count("\n") == 0 and "changed while" in message and "run the rollback again" in message
+    assert "current already" not in message
+    assert [v["version"] for v in json.loads(ready("history", "svc/ROLL", "--json").out)["versions"]] == [
+        1,
+        2,
+        3,
+    ]
+    assert ready("get", "svc/ROLL").out == "three\n"
+
+
 def test_expect_version_conflict_exits_7_and_writes_nothing(ready: Cli) -> None:
     assert ready("store", "svc/CAS", "--expect-version", "0", input=b"first").code == 0
     assert_one_line_error(ready("store", "svc/CAS", "--expect-version", "0", input=b"x"), 7, "version 1")

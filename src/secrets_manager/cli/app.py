@@ -1856,6 +1856,13 @@ def rollback(session: Session, name: str, version: int | None, as_json: bool) ->
                 ) from None
         else:
             old = store.get(name, version=version)
+        if version is None and old.version == current:
+            # `previous` is never on the current version: read after `current`, it is on it only
+            # because a version was stored between the two reads (a conflict, not a bad request).
+            raise ConflictError(
+                f"{name} changed while the rollback read it (version {current} was current, and is now "
+                f"labelled previous); nothing was written: run the rollback again"
+            )
         if old.version == current:
             raise InvalidInputError(
                 f"version {old.version} of {name} is current already; nothing to roll back"
