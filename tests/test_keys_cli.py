@@ -12,7 +12,6 @@ import sqlite3
 import struct
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -192,47 +191,56 @@ def test_rotate_all_and_rewrap_all_cover_every_namespace(used: Cli) -> None:
     ]
 
 
+_ROTATE_AFTER_EACH_BATCH = """
+import os
+from secrets_manager.crypto import kdf
+from secrets_manager.storage.sqlite import SqliteStorage
+from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.store import keys
+_batch = keys._rewrap_batch
+def _batch_then_another_process_rotates(store, namespace, batch):
+    result = _batch(store, namespace, batch)
+    other = EncryptedStore.open(
+        SqliteStorage(os.environ["SECRETS_MANAGER_STORE"]),
+        PasswordUnlock(os.environ["MASTER_PASSWORD"], kdf.TEST),
+    )
+    try:
+        keys.rotate_key(other, namespace)
+    finally:
+        other.close()
+    with open(os.environ["ROTATIONS_LOG"], "a") as log:
+        log.write("rotated\\n")
+    return result
+keys._rewrap_batch = _batch_then_another_process_rotates
+"""
+
+
 def test_a_rewrap_outrun_by_rotations_exits_7_saying_what_is_left_and_what_to_run(tmp_path: Path) -> None:
-    """Another process rotating the namespace's key all along: every pass of the rewrap is outrun
+    """Another process rotates the namespace's key after every batch the rewrap commits (a
+    sitecustomize in the rewrap's process does it through a second handle): every pass is outrun
     (a rotation puts every record under an older key again). It must not say every record is
-    under the primary, and `keys disable` would then be refused anyway."""
+    under the primary, and `keys disable` would then be refused anyway. (This used a thread that
+    rotated whenever it saw a record under the primary, with strace slowing the rewrap's nonce
+    draws so that it got the store's lock within every pass: whether it did was up to the
+    machine's scheduling.)"""
     cli = Cli(tmp_path)
     create_store(cli, [(f"svc/k{i:03d}", f"value {i}".encode()) for i in range(10)])
-    rotator = open_checking(cli)
-    stop = threading.Event()
-
-    def rotate_all_along() -> None:  # as soon as the rewrap seals a record under the primary
-        db = sqlite3.connect(cli.store)
-        try:
-            while not stop.is_set():
-                if count_under(db, rotator._keyset_for_read("svc").primary_id):
-                    key_lifecycle.rotate_key(rotator, "svc")
-                else:
-                    time.sleep(0.002)
-        finally:
-            db.close()
-
-    thread = threading.Thread(target=rotate_all_along)
-    thread.start()
-    try:
-        # strace holds each of the rewrap's nonce draws (getrandom, outside its commits) for 5 ms,
-        # so the rotator gets the store's lock within every pass, as a busy writer would.
-        slowed = subprocess.run(
-            ["strace", "-f", "-qq", "-o", "/dev/null", "-e", "trace=getrandom",
-             "-e", "inject=getrandom:delay_enter=5000", str(SCRIPT), "keys", "rewrap", "svc",
-             "--batch-size", "1"],
-            env=cli.env, capture_output=True, start_new_session=True, timeout=TIMEOUT,
-        )  # fmt: skip
-        result = Result(slowed.returncode, slowed.stdout.decode(), slowed.stderr.decode())
-    finally:
-        stop.set()
-        thread.join()
-        rotator.close()
-    assert_one_line_error(result, 7, "namespace svc: ", "records still under older keys", "keys rewrap svc")
-    assert "every record is under key" not in result.stderr
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_ROTATE_AFTER_EACH_BATCH)
+    cli.ok("keys", "rotate", "svc")  # every record under an older key: the rewrap has work
+    rotations = tmp_path / "rotations.log"
+    outrun = cli(
+        "keys", "rewrap", "svc", "--batch-size", "5",
+        env={"PYTHONPATH": str(hook), "ROTATIONS_LOG": str(rotations)},
+    )  # fmt: skip
+    # 20 records (a value and its metadata each), 4 batches of 5 a pass, every pass outrun
+    assert rotations.read_text().count("rotated") == 4 * key_lifecycle.MAX_REWRAP_PASSES
+    assert_one_line_error(outrun, 7, "namespace svc: ", "records still under older keys", "keys rewrap svc")
+    assert "every record is under key" not in outrun.stderr
     doc = cli.status("svc")
     keys_doc = [k for k in doc["keys"] if isinstance(k, dict)]  # type: ignore[union-attr]
-    assert sum(int(k["records"]) for k in keys_doc if k["state"] != "primary") > 0
+    assert sum(int(k["records"]) for k in keys_doc if k["state"] != "primary") == 20
     cli.ok("keys", "rewrap", "svc")  # nothing rotating now: it finishes
     assert cli.ok("get", "svc/k007").out == "value 7\n"
 
