@@ -202,6 +202,57 @@ def test_the_undo_keeps_the_write_that_made_a_restore_into_aws_fail(
         other.close()
 
 
+@pytest.mark.parametrize("kind", ["vault", "aws"])
+def test_an_overwriting_restore_never_destroys_a_version_stored_after_its_copy_aside(
+    kind: str, backup: Backup, moto_endpoint: str
+) -> None:
+    """Every secret to overwrite is copied aside before the first write; svc/K is destroyed only
+    when its turn comes. Another writer stores svc/K while the restore writes svc/A: destroying
+    svc/K then erased that acknowledged version for good, and when the restore failed later (at
+    svc/Z) the undo wrote svc/K back from the older copy. svc/K is checked against its copy just
+    before it is destroyed: the restore is refused (exit 7), undone, and svc/K keeps the write."""
+    vault = None
+    if kind == "vault":
+        vault = FakeVault().start()
+        client = hvac.Client(url=vault.address, token=vault.root_token)
+        other: Any = VaultStore(client, "secret", actor="other-writer")
+        base: Any = VaultStore
+
+        def restorer(cls: Any) -> Any:
+            return cls(client, "secret", actor="restorer")
+    else:
+        prefix = f"restore-{secrets.token_hex(4)}"
+        other = AwsStore(aws_client(moto_endpoint), prefix, actor="other-writer")
+        base = AwsStore
+
+        def restorer(cls: Any) -> Any:
+            return cls(aws_client(moto_endpoint), prefix, actor="restorer")
+
+    class RacedThenFails(base):  # type: ignore[misc, valid-type]
+        def put(self, name: str, value: bytes, **options: Any) -> Any:
+            if name == "svc/A":
+                other.put("svc/K", b"written-meanwhile")  # after the copy aside, before K's turn
+            if name == "svc/Z":
+                raise StorageError("the backend went away")
+            return super().put(name, value, **options)
+
+    other.put("svc/K", FOREIGN)
+    store = restorer(RacedThenFails)
+    try:
+        with pytest.raises(
+            ConflictError, match=r"svc/K was written by another writer after .*nothing was restored"
+        ):
+            restore_into(store, backup.secrets, on_existing=OnExisting.OVERWRITE)
+        assert other.get("svc/K").value.reveal() == b"written-meanwhile"
+        assert [v.version for v in other.describe("svc/K").versions] == [1, 2]
+        assert [m.name for m in other.list("", include_deleted=True)] == ["svc/K"]  # svc/A undone
+    finally:
+        store.close()
+        other.close()
+        if vault is not None:
+            vault.stop()
+
+
 # ---- a first write whose answer was lost --------------------------------------------------------------
 
 

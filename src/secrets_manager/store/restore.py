@@ -594,6 +594,7 @@ def _replace_or_create(
                 journal.append(_Journalled(secret.name, None, wrote))
 
         return _write_secret(store, secret, created=created, doubtful=doubtful, wrote=wrote)
+    _refuse_if_changed_since_copied(store, original)
     entry = _Journalled(secret.name, original)
     journal.append(entry)
     store.destroy_secret(secret.name)
@@ -605,6 +606,27 @@ def _replace_or_create(
             f"{secret.name} was written by another writer while the restore replaced it; nothing "
             "was restored, retry"
         ) from None
+
+
+def _refuse_if_changed_since_copied(store: SecretStore, original: BackupSecret) -> None:
+    """Just before a name being overwritten is destroyed: ConflictError unless it is still as its
+    copy aside (read before the restore's first write, perhaps long before). A version another
+    writer stored since would be destroyed with it for good and, were the restore then undone,
+    not put back (the undo writes the copy). Neither Vault nor AWS can make the destroy
+    conditional: a write landing between this read and the destroy (one round trip) is lost so."""
+    now = store.describe(original.name)
+    if (
+        now.deleted is None
+        and {info.version for info in now.versions} == {v.version for v in original.versions}
+        and dict(now.labels) == dict(original.labels)
+        and now.description == original.description
+        and dict(now.tags) == dict(original.tags)
+    ):
+        return
+    raise ConflictError(
+        f"{original.name} was written by another writer after the restore copied it aside, before "
+        "it was overwritten; it was left as it is and nothing was restored: retry"
+    )
 
 
 def _created_by_us(store: SecretStore, name: str, value: bytes) -> int | Literal[False] | None:
