@@ -645,6 +645,75 @@ def test_a_promote_whose_second_call_failed_says_it_was_promoted_and_a_rerun_fin
     assert store.get("svc/K").value.reveal() == b"two"
 
 
+def test_a_discard_between_the_two_calls_of_a_promote_discards_nothing_and_the_promote_stands(
+    make_aws: MakeAws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """promote moves AWSCURRENT to the pending version, then removes AWSPENDING from it. A
+    `rotate --discard` by another process in between found AWSPENDING (on the version now
+    current), removed it and said "discarded the pending version 2; current is unchanged", while
+    version 2 was current; the promote's second call was then refused, and it said the version was
+    promoted but "still labelled 'pending'" (it was not). The discard now refuses a pending label
+    on the current version (nothing to discard: a promote is finishing), and the promote ends."""
+    store, other = make_aws(), make_aws()
+    store.put("svc/K", b"one")
+    staged = store.stage("svc/K", b"two")
+    client = store._client
+    move = client.update_secret_version_stage
+    discarded: list[object] = []
+
+    def discard_after_the_first_call(**kwargs: Any) -> Any:
+        answer = move(**kwargs)
+        if kwargs["VersionStage"] == "AWSCURRENT":  # moved; AWSPENDING not yet removed
+            try:
+                discarded.append(other.discard_pending("svc/K"))
+            except ConflictError as exc:
+                discarded.append(exc)
+        return answer
+
+    monkeypatch.setattr(client, "update_secret_version_stage", discard_after_the_first_call)
+    assert store.promote("svc/K", staged.version) == 1
+    [refusal] = discarded
+    assert isinstance(refusal, ConflictError), refusal
+    assert "version 2 of 'svc/K' is current" in str(refusal) and "nothing was discarded" in str(refusal)
+    assert store.describe("svc/K").labels == {"current": 2, "previous": 1}
+    assert store.get("svc/K").value.reveal() == b"two"
+
+
+def test_a_discard_whose_read_came_before_a_promote_and_its_removal_after_says_it_was_promoted(
+    make_aws: MakeAws, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The discard reads version 2 pending (not current); the promote moves AWSCURRENT to it; the
+    discard removes AWSPENDING (the promote's second call's work). The discard said "discarded
+    the pending version 2" and the promote failed at its second call saying the version was still
+    labelled pending. Now the discard reads the labels back and says version 2 is current,
+    nothing discarded, and the promote, finding its label gone and the version current, stands."""
+    store, other = make_aws(), make_aws()
+    store.put("svc/K", b"one")
+    staged = store.stage("svc/K", b"two")
+    reads = iter([other._versions("svc/K")])  # the discard's read, before the promote's first call
+    versions = other._versions
+    monkeypatch.setattr(other, "_versions", lambda name: next(reads, None) or versions(name))
+    client = store._client
+    move = client.update_secret_version_stage
+    discarded: list[object] = []
+
+    def discard_after_the_first_call(**kwargs: Any) -> Any:
+        answer = move(**kwargs)
+        if kwargs["VersionStage"] == "AWSCURRENT":
+            try:
+                discarded.append(other.discard_pending("svc/K"))
+            except ConflictError as exc:
+                discarded.append(exc)
+        return answer
+
+    monkeypatch.setattr(client, "update_secret_version_stage", discard_after_the_first_call)
+    assert store.promote("svc/K", staged.version) == 1
+    [refusal] = discarded
+    assert isinstance(refusal, ConflictError), refusal
+    assert "version 2 of 'svc/K' is current" in str(refusal) and "nothing was discarded" in str(refusal)
+    assert store.describe("svc/K").labels == {"current": 2, "previous": 1}
+
+
 def test_a_metadata_change_whose_later_call_was_refused_says_what_was_changed(
     make_aws: MakeAws,
 ) -> None:

@@ -1071,31 +1071,55 @@ class AwsStore:
                     RemoveFromVersionId=pending.version_id,
                 )
         except SecretsManagerError as error:
+            if self._promoted_unlabelled(name, pending.version_id):
+                return previous  # another call removed AWSPENDING first (a discard): promoted
             # AWSCURRENT moved: told only "denied promote", a caller would take it for undone.
             was = "" if previous is None else f", {previous} previous"
             raise restated(
                 error,
                 f"version {version} of {name!r} was promoted (current{was}), but is still labelled "
                 f"'pending': {error}; promote it again to remove that label ('rotate {name} --resume "
-                f"--promote-only', or 'rotate {name} --discard')",
+                "--promote-only')",
             ) from None
         return previous
 
+    def _promoted_unlabelled(self, name: str, version_id: str) -> bool:
+        """Whether the version `version_id` carries AWSCURRENT and no longer AWSPENDING (False if
+        that cannot be read)."""
+        try:
+            now = next((v for v in self._versions(name) if v.version_id == version_id), None)
+        except SecretsManagerError:
+            return False
+        return now is not None and CURRENT in now.labels and PENDING not in now.labels
+
     def discard_pending(self, name: str) -> int:
         """ListSecretVersionIds, then UpdateSecretVersionStage removing AWSPENDING from the version
-        that carried it, which is returned (AWS has no compare-and-set on labels: a concurrent stage
-        in between is a race this backend cannot close)."""
+        that carried it, which is returned. A version that carries AWSCURRENT too is one a promote
+        moved there and has yet to (or failed to) remove AWSPENDING from: nothing to discard
+        (ConflictError; a promote run again removes the label). AWS has no compare-and-set on
+        labels: a promote whose first call lands between the read and the removal makes the
+        removal its second call's work, which is read back and said (ConflictError, nothing
+        discarded); a concurrent stage in between is a race this backend cannot close."""
         validate_name(name)
         self._require_live(name, writes_a_version=False)
         pending = next((v for v in self._versions(name) if PENDING in v.labels), None)
         if pending is None:
             raise NotFoundError(f"secret {name!r} has no version labelled {PENDING!r}")
-        with self._aws(f"discard the pending version of {name}", name):
-            self._client.update_secret_version_stage(
-                SecretId=self.aws_name(name),
-                VersionStage=STAGE_OF_LABEL[PENDING],
-                RemoveFromVersionId=pending.version_id,
-            )
+        if CURRENT in pending.labels:
+            raise _promoted_not_discarded(name, pending.number)
+        try:
+            with self._aws(f"discard the pending version of {name}", name):
+                self._client.update_secret_version_stage(
+                    SecretId=self.aws_name(name),
+                    VersionStage=STAGE_OF_LABEL[PENDING],
+                    RemoveFromVersionId=pending.version_id,
+                )
+        except SecretsManagerError:
+            if self._promoted_unlabelled(name, pending.version_id):  # its promote finished first
+                raise _promoted_not_discarded(name, pending.number) from None
+            raise
+        if self._promoted_unlabelled(name, pending.version_id):
+            raise _promoted_not_discarded(name, pending.number)
         return pending.number
 
     def _require_live(self, name: str, *, writes_a_version: bool = True) -> Mapping[str, Any]:
@@ -1536,6 +1560,16 @@ class AwsStore:
 
 class _LostRace(Exception):
     """Another writer created the secret or took the version number first: read again, retry."""
+
+
+def _promoted_not_discarded(name: str, number: int) -> ConflictError:
+    """A discard that found its pending version made current by a promote (before its read, or
+    between its read and its removal of AWSPENDING)."""
+    return ConflictError(
+        f"version {number} of {name!r} is current: a promote made it so while it was pending, so "
+        f"nothing was discarded (if it is still labelled 'pending', 'rotate {name} --resume "
+        "--promote-only' removes that label)"
+    )
 
 
 def _code(exc: ClientError) -> str:
