@@ -451,3 +451,91 @@ def test_two_rotations_at_once_on_vault_or_aws_lose_no_key(
     keys = one.audit_keys(reload=True)
     assert len(keys) == 3 and keys[0] == first and len(set(keys)) == 3
     assert other.audit_keys(reload=True) == keys
+
+
+_ROTATED_BEFORE_THE_WALK = """
+import os, subprocess, sys
+from pathlib import Path
+from secrets_manager.store import EncryptedStore
+_anchor = EncryptedStore.audit_anchor
+def _anchor_after_another_rotation(self):
+    if not os.path.exists(os.environ["ROTATED_MARK"]):
+        open(os.environ["ROTATED_MARK"], "w").close()
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+        script = str(Path(sys.executable).with_name("secrets-manager"))
+        for args in (["audit", "rotate-key"], ["get", "auth/DB_PASSWORD"]):
+            subprocess.run([script, *args], env=env, check=True, capture_output=True)
+    return _anchor(self)
+EncryptedStore.audit_anchor = _anchor_after_another_rotation
+"""
+
+
+@pytest.mark.parametrize("command", ["verify", "head", "status", "prune"])
+def test_audit_verify_and_head_beside_a_rotation_landing_after_they_read_the_keys(
+    cli: Cli, command: str
+) -> None:
+    """`audit verify`, `audit head`, `status` and `audit prune` read the store's audit keys, then
+    walk the log. Another process's `audit rotate-key` (and a record under the new key) landing
+    between the two made the walk meet a rotation to a key it did not hold: exit 6 (status:
+    "audit_verified": false), "forged or edited", a false alarm about a log that verifies. The
+    keys are read again when the walk meets a newer one."""
+    assert cli("store", "auth/DB_PASSWORD", input=b"db-pass").returncode == 0
+    hook = cli.store.parent.parent / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_ROTATED_BEFORE_THE_WALK)
+    mark = hook / "rotated"
+    args = {
+        "verify": ("audit", "verify"),
+        "head": ("audit", "head"),
+        "status": ("status", "--json"),
+        "prune": ("audit", "prune", "--keep-files", "0", "--dry-run"),
+    }[command]
+    found = cli(*args, env={"PYTHONPATH": str(hook), "ROTATED_MARK": str(mark)})
+    assert mark.exists()
+    assert found.returncode == 0, found.stderr
+    records = cli.records()
+    assert [r["key_id"] for r in records[-2:]] == [2, 2]  # the rotation landed, and a record under key 2
+    if command == "head":
+        last = records[-1]
+        assert f"seq={last['seq']} " in found.stdout.decode() and str(last["hash"]) in found.stdout.decode()
+        witnessed = cli("audit", "verify", "--witness", found.stdout.decode().strip())
+        assert witnessed.returncode == 0, witnessed.stderr
+    elif command == "status":
+        doc = json.loads(found.stdout)
+        assert doc["audit_verified"] is True and doc["audit_records"] >= len(records) - 2, doc
+    elif command == "verify":
+        assert f"audit log verified: {len(records)} records".encode() in found.stdout
+
+
+_ROTATED_BEFORE_THE_RESET = """
+import os, subprocess, sys
+from pathlib import Path
+from secrets_manager.audit import AuditLog
+_reset = AuditLog.reset
+def _reset_after_another_rotation(self, anchor, event):
+    anchor.audit_keys()  # this handle holds the keys, as any command's has by now
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = str(Path(sys.executable).with_name("secrets-manager"))
+    for args in (["audit", "rotate-key"], ["get", "auth/DB_PASSWORD"]):
+        subprocess.run([script, *args], env=env, check=True, capture_output=True)
+    return _reset(self, anchor, event)
+AuditLog.reset = _reset_after_another_rotation
+"""
+
+
+def test_audit_reset_after_a_rotation_its_handle_did_not_see_keeps_the_log(cli: Cli) -> None:
+    """`audit reset --accept-loss` starts a new chain only over a log that does not verify. Its
+    handle held the keys from before another process's `audit rotate-key`, so the log (rotation
+    record and one under key 2) did not verify under them: the reset set the good log aside and
+    began a new chain. The keys are read again first; the log verifies, nothing is reset (exit 2)."""
+    assert cli("store", "auth/DB_PASSWORD", input=b"db-pass").returncode == 0
+    hook = cli.store.parent.parent / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_ROTATED_BEFORE_THE_RESET)
+    reset = cli("audit", "reset", "--accept-loss", env={"PYTHONPATH": str(hook)})
+    assert reset.returncode == 2, reset.stderr
+    assert b"the audit log verifies" in reset.stderr and b"nothing to reset" in reset.stderr
+    assert [p.name for p in cli.audit.parent.iterdir() if ".lost-" in p.name] == []
+    records = cli.records()
+    assert records[0]["seq"] == 1 and [r["key_id"] for r in records[-2:]] == [2, 2]
+    assert cli("audit", "verify").returncode == 0

@@ -7,9 +7,9 @@ cut tail is detected.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from secrets_manager.audit.errors import RESET_HINT, AuditTamperError
 from secrets_manager.audit.records import GENESIS_HASH, record_verifies
@@ -17,6 +17,8 @@ from secrets_manager.crypto.mac import page_token_mac as _page_token_mac
 from secrets_manager.crypto.mac import value_fingerprint as _value_fingerprint
 from secrets_manager.errors import StoreReadOnlyError
 from secrets_manager.store.base import Anchor
+
+T = TypeVar("T")
 
 
 class AuditAnchor(Protocol):
@@ -43,6 +45,23 @@ class AuditAnchor(Protocol):
         is new (a new hostname, a moved log), and is anchored anew; an unscoped store has one
         anchor, and none, for a log holding signed records, can only be the anchor deleted."""
         ...
+
+
+def with_fresh_keys(anchor: AuditAnchor, walk: Callable[[tuple[bytes, ...]], T]) -> T:
+    """`walk` (a walk of the log) under the store's audit keys; again under the keys read anew
+    from the store if it finds the log not holding and the store now holds more keys. The keys
+    are read before the walk, perhaps long before it reaches the newest records (a handle reads
+    them once; a long log takes seconds): another process's `audit rotate-key`, and records under
+    its new key, landing in between are no forgery. A log that fails under those too is reported
+    as it is."""
+    keys = anchor.audit_keys()
+    try:
+        return walk(keys)
+    except AuditTamperError:
+        fresh = anchor.audit_keys(reload=True)
+        if len(fresh) <= len(keys):
+            raise
+    return walk(fresh)
 
 
 def value_fingerprint(anchor: AuditAnchor, value: bytes) -> str:

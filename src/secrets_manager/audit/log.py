@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
-from secrets_manager.audit.anchor import AuditAnchor, refuse_if_read_only
+from secrets_manager.audit.anchor import AuditAnchor, refuse_if_read_only, with_fresh_keys
 from secrets_manager.audit.append import LogWriter
 from secrets_manager.audit.errors import (
     AuditError,
@@ -83,12 +83,17 @@ class AuditLog(LogWriter):
                     except IntegrityError as exc:  # damaged: the reset replaces it, never needing to read it
                         raise AuditError(str(exc)) from None
                     try:
-                        count = walk_chain(
-                            self,
-                            anchor.audit_keys(),
-                            anchored,
-                            locked=True,
-                            anchor_required=not anchor.audit_anchor_scoped,
+                        # Keys read anew if the log names a newer one than this handle holds: a
+                        # reset must not start a new chain over a log that verifies.
+                        count = with_fresh_keys(
+                            anchor,
+                            lambda keys: walk_chain(
+                                self,
+                                keys,
+                                anchored,
+                                locked=True,
+                                anchor_required=not anchor.audit_anchor_scoped,
+                            ),
                         ).count
                     except AuditPartialRecordError:
                         # A crash's leftover after every anchored record: set aside on its own, as
@@ -134,12 +139,12 @@ class AuditLog(LogWriter):
         if archive is not None:
             archive_directory(archive)  # a typo in a nightly job's --archive, said on its first run
         verified = {path: file_identity(path) for path in self.files() if path != self.path}
-        records = walk_chain(
-            self,
-            anchor.audit_keys(),
-            anchor.audit_anchor(),
-            locked=False,
-            anchor_required=not anchor.audit_anchor_scoped,
+        anchored = anchor.audit_anchor()
+        records = with_fresh_keys(
+            anchor,
+            lambda keys: walk_chain(
+                self, keys, anchored, locked=False, anchor_required=not anchor.audit_anchor_scoped
+            ),
         ).count
         with self._lock:
             self._flock(deadline=time.monotonic() + self.timeout)

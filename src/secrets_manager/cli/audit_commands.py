@@ -28,6 +28,7 @@ import click
 
 from secrets_manager.access.policy import hex_digits
 from secrets_manager.audit import read_witness, value_fingerprint
+from secrets_manager.audit.anchor import with_fresh_keys
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
 from secrets_manager.cli.output import (
     counted,
@@ -481,12 +482,12 @@ def verify(session: Session, archive: str | None, witness: str | None) -> None:
     log = session.audit_log()
     store = session.unlock()
     try:
-        count = log.verify(
-            store.audit_keys(),
-            store.audit_anchor(),
-            anchor_required=not store.audit_anchor_scoped,
-            archive=archived,
-            witness=head,
+        anchor = store.audit_anchor()
+        count = with_fresh_keys(
+            store,
+            lambda keys: log.verify(
+                keys, anchor, anchor_required=not store.audit_anchor_scoped, archive=archived, witness=head
+            ),
         )
     finally:
         store.close()
@@ -512,8 +513,9 @@ def head(session: Session) -> None:
     log = session.audit_log()
     store = session.unlock()
     try:
-        found = log.head(
-            store.audit_keys(), store.audit_anchor(), anchor_required=not store.audit_anchor_scoped
+        anchor = store.audit_anchor()
+        found = with_fresh_keys(
+            store, lambda keys: log.head(keys, anchor, anchor_required=not store.audit_anchor_scoped)
         )
     finally:
         store.close()

@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from secrets_manager.audit.anchor import with_fresh_keys
 from secrets_manager.cli.app import Session, cli, current_value_time, pass_session
 from secrets_manager.cli.output import byte_size, counted, print_json, printable, suggested, timestamp
 from secrets_manager.errors import IntegrityError, SecretsManagerError
@@ -92,8 +93,9 @@ def status(session: Session, as_json: bool) -> None:
         )
         log = session.audit_log()
         try:
-            doc["audit_records"] = log.verify(
-                store.audit_keys(), store.audit_anchor(), anchor_required=not store.audit_anchor_scoped
+            anchor = store.audit_anchor()
+            doc["audit_records"] = with_fresh_keys(
+                store, lambda keys: log.verify(keys, anchor, anchor_required=not store.audit_anchor_scoped)
             )
         except IntegrityError as exc:
             audit_problem = str(exc)
