@@ -294,3 +294,50 @@ def test_a_pending_rotation_is_left_out_of_vault(vault: SecretStore, tmp_path: P
     assert vault.get("svc/DB").value.reveal() == b"db-deployed-TWO"
     assert [v.version for v in vault.describe("svc/DB").versions] == [1, 2]
     assert (result.served, result.pending_left_out) == ((("svc/DB", 2, 2),), ("svc/DB",))
+
+
+def test_a_backup_of_vault_reads_again_a_secret_written_or_deleted_after_its_listing(tmp_path: Path) -> None:
+    """A backup through the protocol lists every secret's metadata, then reads each one's versions.
+    Another writer stored svc/A (its max_versions of 2 pruning version 1, listed) and deleted svc/B
+    after the listing: the read of version 1 was refused, and the whole backup failed, exit 3
+    ("no version 1"), as svc/B's read would have. A secret whose read fails so is read again
+    whole (its metadata, then its versions): svc/A is backed up as it now is, svc/B is left out as
+    deleted, as if the listing had come after."""
+    from secrets_manager.store.vault import VaultStore, connect_vault
+
+    server = FakeVault().start()
+
+    def handle(actor: str) -> VaultStore:
+        client = connect_vault(server.address, environ={"VAULT_TOKEN": server.root_token})
+        return VaultStore(client, "secret", actor=actor)
+
+    store, other = handle("backup"), handle("other-writer")
+    try:
+        store.put("svc/A", b"a-1", max_versions=2)
+        store.put("svc/A", b"a-2")
+        store.put("svc/B", b"b-1")
+        store.put("svc/C", b"c-1")
+        getting = store.get
+        wrote: list[str] = []
+
+        def get_after_another_writer(name: str, **selector: Any) -> Any:
+            if name == "svc/A" and not wrote:
+                wrote.append(name)
+                other.put("svc/A", b"a-3")  # Vault prunes version 1, which the listing named
+                other.delete("svc/B")
+            return getting(name, **selector)
+
+        store.get = get_after_another_writer  # type: ignore[method-assign]
+        summary = write_backup(store, tmp_path / "b.smbackup", password=b"backup pw", kdf=kdf.TEST)
+        assert wrote == ["svc/A"]
+        assert summary.not_included == ("svc/B",)
+        backup = read_backup(tmp_path / "b.smbackup", b"backup pw")
+        by_name = {s.name: s for s in backup.secrets}
+        assert sorted(by_name) == ["svc/A", "svc/C"]
+        a = by_name["svc/A"]
+        assert [(v.version, v.value) for v in a.versions] == [(2, b"a-2"), (3, b"a-3")]
+        assert a.labels["current"] == 3
+    finally:
+        store.close()
+        other.close()
+        server.stop()

@@ -126,6 +126,9 @@ NOT_COPIED = (HEADER_KEY, AUDIT_ANCHOR_KEY)
 _CORE_PREFIX = "core/"  # the store's own entries (format.md 8); a newer version may add some
 _DATA_KEY = re.compile(r"(?P<name>[^#]+)#(?P<version>[1-9][0-9]{0,18})")
 _NEWER_VERSION = re.compile(rb"secrets-manager-backup/v(?P<version>[1-9][0-9]{0,8})\n")
+# Reads of one secret (its metadata, then its versions) through the protocol, a version gone
+# between them each time (a busy secret whose writes prune what was listed), before giving up.
+PROTOCOL_READ_ATTEMPTS = 3
 
 # progress(what, done, total)
 Progress = Callable[[str, int, int], None]
@@ -441,11 +444,15 @@ def _read_through_protocol(
     listed = store.list("", include_deleted=True)
     result = []
     skipped = []
-    for done, meta in enumerate(listed, 1):
+    for done, listed_meta in enumerate(listed, 1):
+        read = _versions_through_protocol(store, listed_meta)
+        progress("secrets", done, len(listed))
+        if read is None:
+            continue  # destroyed since the listing: as if it had come after
+        meta, versions = read
         if meta.deleted is not None:
             skipped.append(meta.name)  # the protocol hands out no value of a deleted secret
             continue
-        versions = tuple(_version_through_protocol(store, meta, info) for info in meta.versions)
         numbers = [v.version for v in versions]
         result.append(
             BackupSecret(
@@ -462,8 +469,29 @@ def _read_through_protocol(
                 versions=versions,
             )
         )
-        progress("secrets", done, len(listed))
     return result, tuple(skipped)
+
+
+def _versions_through_protocol(
+    store: SecretStore, meta: SecretMetadata
+) -> tuple[SecretMetadata, tuple[BackupVersion, ...]] | None:
+    """`meta`'s secret and its versions, each secret whole: the listing came before the reads, so
+    a version it names may be gone by its read (pruned by a write since, destroyed, the secret
+    deleted or destroyed). Then the secret is read again, its metadata and then its versions, as
+    if the listing had come after (a few times at most). None: the secret is gone."""
+    for attempt in range(PROTOCOL_READ_ATTEMPTS):
+        if meta.deleted is not None:
+            return meta, ()
+        try:
+            return meta, tuple(_version_through_protocol(store, meta, info) for info in meta.versions)
+        except NotFoundError:
+            if attempt == PROTOCOL_READ_ATTEMPTS - 1:
+                raise
+        try:
+            meta = store.describe(meta.name)
+        except NotFoundError:
+            return None
+    raise AssertionError("unreachable")
 
 
 def _with_pending_target_only(secret: BackupSecret) -> BackupSecret:
