@@ -624,6 +624,43 @@ def test_a_service_from_before_the_conditional_stage_is_refused_the_stage_not_as
 EXPIRY = "2032-01-02T03:04:05+00:00"
 
 
+def test_schedule_run_through_a_service_from_before_the_conditional_stage_still_rotates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`schedule run --server` stages only while the version it found due is current (nothing is
+    read through a service, so that is its only condition). A service from before
+    StageSecretVersionIfCurrent cannot take it: the run asked such a service for a plain stage
+    before, and still does, saying the check was not made, rather than failing every entry."""
+    import time
+
+    from secrets_manager.crypto import kdf
+    from secrets_manager.service.server import SecretsServicer
+    from secrets_manager.storage.sqlite import SqliteStorage
+    from secrets_manager.store import EncryptedStore, PasswordUnlock
+    from service_fixtures import PASSWORD, in_process_server
+
+    make_pki(tmp_path, CLIENTS)
+    make_store(tmp_path, {"db/app": b"first-app-value"}, POLICY)
+    generated = pb_grpc.SecretsServicer.StageSecretVersionIfCurrent  # the generated UNIMPLEMENTED answer
+    monkeypatch.setattr(SecretsServicer, "StageSecretVersionIfCurrent", generated)
+    schedule = tmp_path / "rotation.toml"
+    schedule.write_text('[[rotation]]\nname = "db/app"\nevery = "1s"\n')  # no command to run
+    time.sleep(1.1)  # version 1 is due
+    store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
+        with in_process_server(tmp_path, store, watch_tick=30) as (running, stub):
+            address = f"127.0.0.1:{running.port}"
+            capsys.readouterr()
+            code = cli_in_process(monkeypatch, tmp_path, address, "ops", "schedule", "run", str(schedule))
+            message = capsys.readouterr().err
+            assert code == 0, message
+            assert "the service cannot stage on condition" in message, message
+            assert "rotated db/app: version 2 is current (previous: 1)" in message, message
+            assert _pending_of(stub("ops"), "db/app") == {"current": 2, "previous": 1}
+    finally:
+        store.close()
+
+
 def _expiry_of(stub: pb_grpc.SecretsStub, name: str = "db/app") -> tuple[int, str | None]:
     reply = stub.DescribeSecret(pb.DescribeSecretRequest(name=name), timeout=10)
     meta = reply.metadata

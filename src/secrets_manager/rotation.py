@@ -69,6 +69,7 @@ from secrets_manager.errors import (
     SecretsManagerError,
     Terminated,
     UnlockError,
+    UnsupportedOperationError,
     file_not_found,
     shell_join,
 )
@@ -471,6 +472,7 @@ def rotate(
         if current is not None and current > version:  # before the target is touched
             refuse_to_demote(name, version, current)
     else:
+        read_version = expect_current
         if found_due is not None:
             if expect_current is not None and expect_current != found_due:
                 raise NoLongerDue(name, found_due, expect_current)
@@ -478,7 +480,19 @@ def rotate(
         commands.check(value, field=field)  # the whole object, now that a field rotation built it
         commands.check_target(name)
         try:
-            version = steps.stage(name, value, expect_current=expect_current, target=commands.target)
+            try:
+                version = steps.stage(name, value, expect_current=expect_current, target=commands.target)
+            except UnsupportedOperationError:
+                # A service from before StageSecretVersionIfCurrent. Where nothing was read, the
+                # condition is the plan's alone, and such a service was always asked without one.
+                if found_due is None or read_version is not None:
+                    raise
+                (warn or _log.warning)(
+                    f"{name}: the service cannot stage on condition (it is older than this client), so "
+                    f"the new value is staged without checking that version {found_due}, found due, "
+                    "is still current"
+                )
+                version = steps.stage(name, value, expect_current=None, target=commands.target)
         except ConflictError as exc:
             # The store's refuse_if_changed (a plain ConflictError, over gRPC too): current moved
             # after the read. Its subclasses (a rotation in progress, a deleted secret) stay theirs.
