@@ -13,8 +13,9 @@ version written (docs/stores.md, "Version numbers on AWS"); tested as promised.
 
 moto is not AWS here in one way: its check of a ClientRequestToken and its write of the version
 are not under one lock (its server's lock covers the dispatch only), so two requests interleaved
-in that window of a few microseconds could both be taken; AWS decides them atomically. Not seen in
-the runs so far; a failure showing two successes with different values on AWS alone is that.
+in that window of a few microseconds could both be taken; AWS decides them atomically. So the gate
+lets the two write requests through one after the other (each writer has passed its own check by
+then): the backend decides the second by what the first wrote, whichever the scheduler sent first.
 """
 
 from __future__ import annotations
@@ -50,16 +51,26 @@ BACKENDS = ["sqlite", "postgres", "vault", "aws"]
 
 class Gate:
     """Holds each of two writers just before its write request until both are there (or 5 s pass:
-    a writer refused before it writes, by its own check, never arrives)."""
+    a writer refused before it writes, by its own check, never arrives), then lets their write
+    requests through one at a time (`wait` … `done`): both have passed their own check, and the
+    backend decides the second by what the first wrote. Let go together, which reached the backend
+    first, and whether their requests overlapped there, was up to the scheduler; moto checks a
+    ClientRequestToken and writes the version in two steps its lock does not cover, so overlapping
+    requests could both be taken there (never on AWS)."""
 
     def __init__(self) -> None:
         self.barrier = threading.Barrier(2, timeout=5)
+        self.turn = threading.Semaphore(1)
         self.held = 0
 
     def wait(self) -> None:
         self.held += 1
         with contextlib.suppress(threading.BrokenBarrierError):
             self.barrier.wait()
+        self.turn.acquire(timeout=30)  # never a hang: past it the test fails on what it sees
+
+    def done(self) -> None:
+        self.turn.release()
 
 
 def _pair(
@@ -98,9 +109,13 @@ def _pair(
                 request = session.request
 
                 def held(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-                    if method.upper() in ("POST", "PUT") and "/secret/data/race/" in url:
-                        gate.wait()
-                    return request(method, url, *args, **kwargs)
+                    if method.upper() not in ("POST", "PUT") or "/secret/data/race/" not in url:
+                        return request(method, url, *args, **kwargs)
+                    gate.wait()
+                    try:
+                        return request(method, url, *args, **kwargs)
+                    finally:
+                        gate.done()
 
                 session.request = held  # type: ignore[method-assign]
             client = connect_vault(
@@ -118,9 +133,10 @@ def _pair(
                 aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
             ).client("secretsmanager", endpoint_url=moto_endpoint, config=Config(retries={"max_attempts": 2}))
             if gate is not None:
-                client.meta.events.register(
-                    "before-call.secretsmanager.PutSecretValue", lambda **_: gate.wait()
-                )
+                events = client.meta.events
+                events.register("before-call.secretsmanager.PutSecretValue", lambda **_: gate.wait())
+                for answered in ("after-call", "after-call-error"):
+                    events.register(f"{answered}.secretsmanager.PutSecretValue", lambda **_: gate.done())
             store = AwsStore(client, prefix, actor="tester")
             opened.append(store)
             return store
