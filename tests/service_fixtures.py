@@ -330,6 +330,7 @@ def start_server(
     if not port:
         process.kill()
         process.wait(timeout=10)
+        process.stderr.close()
         raise AssertionError(f"server did not start: {''.join(lines)}")
     reader = threading.Thread(target=_drain, args=(process, lines), daemon=True)
     reader.start()
@@ -387,9 +388,13 @@ def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
 
 
 def _drain(process: subprocess.Popen[bytes], lines: list[str]) -> None:
+    """Reads the server's stderr into `lines` until its end, then closes the pipe: left open, it
+    outlived the stopped server and was closed only by the garbage collector, with a
+    ResourceWarning in whichever test happened to collect it."""
     assert process.stderr is not None
-    for raw in process.stderr:
-        lines.append(raw.decode())
+    with process.stderr:
+        for raw in process.stderr:
+            lines.append(raw.decode())
 
 
 class SilentListener:
