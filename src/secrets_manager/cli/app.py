@@ -9,6 +9,7 @@ import importlib
 import os
 import re
 import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -147,6 +148,32 @@ def quiet_grpc() -> None:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
+@contextmanager
+def _closed_at_the_end(remote: RemoteStore) -> Iterator[RemoteStore]:
+    """`remote`, closed when the block ends; after Ctrl-C or SIGTERM (KeyboardInterrupt, and
+    Terminated, which terminate_as_interrupt's handler raises) from a thread of its own, waited for
+    CLOSE_AFTER_INTERRUPT_SECONDS at most. Such an exception is raised at whatever line the main
+    thread is on, gRPC's own code included, and there it can leave one of gRPC's locks held (raised
+    between a `with lock:`'s acquire and its block, or in its `__exit__` before the release): the
+    channel's close then waited for good for a call that could no longer finish. `watch --server`
+    stopped by SIGTERM while it started hung so (bench/soak.py: 2 of about 280), ignoring the
+    SIGTERMs after it, its stream held open at the service until it was killed. The command is
+    ending: its connection closes with the process."""
+    interrupted = False
+    try:
+        yield remote
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
+    finally:
+        if interrupted:
+            closer = threading.Thread(target=remote.close, name="close-after-interrupt", daemon=True)
+            closer.start()
+            closer.join(CLOSE_AFTER_INTERRUPT_SECONDS)
+        else:
+            remote.close()
+
+
 def is_remote_store(store: object) -> TypeGuard[RemoteStore]:
     """Whether `store` is a service's (a RemoteStore), without importing the client (gRPC) for a
     local store: a RemoteStore exists only once its module was imported."""
@@ -158,6 +185,7 @@ STDIN_PATH = "-"  # a path option's spelling of standard input (refused for a pa
 STORE_VARIABLE = "SECRETS_MANAGER_STORE"
 SERVER_VARIABLE = "SECRETS_MANAGER_ADDR"
 HEALTH_CHECK_SECONDS = 3.0  # each address's health check, when --server names several
+CLOSE_AFTER_INTERRUPT_SECONDS = 2.0  # the most a command ended by Ctrl-C or SIGTERM waits for its close
 TLS_VARIABLES = ("SECRETS_MANAGER_CERT", "SECRETS_MANAGER_KEY", "SECRETS_MANAGER_CA")
 AUDIT_FILE_VARIABLE = "SECRETS_MANAGER_AUDIT_FILE"
 AUDIT_MAX_BYTES_VARIABLE = "SECRETS_MANAGER_AUDIT_MAX_BYTES"
@@ -639,11 +667,8 @@ class Session:
     ) -> Iterator[tuple[SecretStore, Note]]:
         """A store operation that works locally (audited here) or against a service (audited there)."""
         if self.server:
-            remote = self.remote_store()
-            try:
+            with _closed_at_the_end(self.remote_store()) as remote:
                 yield remote, Note()
-            finally:
-                remote.close()
             return
         reads: list[AuditEvent] = []
         recorder = Recorder() if mutating else None
@@ -756,11 +781,8 @@ class Session:
             quiet_grpc()
             from secrets_manager.client._client import CHANNEL_OPTIONS
 
-            remote = self.remote_store(CHANNEL_OPTIONS)
-            try:
+            with _closed_at_the_end(self.remote_store(CHANNEL_OPTIONS)) as remote:
                 yield remote, lambda name=None: nullcontext(Note())
-            finally:
-                remote.close()
             return
         audit = self.audit_log()
         store = self.unlock()
