@@ -10,9 +10,11 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 from pathlib import Path
 
-from service_fixtures import SCRIPT, client_environ, make_pki, make_store, start_server
+from secrets_manager.client import Client
+from service_fixtures import SCRIPT, client_environ, eventually, make_pki, make_store, start_server
 
 
 def _descriptors_to(target: str) -> list[int]:
@@ -92,4 +94,52 @@ def test_watch_stopped_by_sigterm_ends_even_when_its_channel_never_finishes_clos
             watcher.wait(timeout=10)
         assert watcher.stderr is not None
         watcher.stderr.close()
+        server.stop()
+
+
+def _held_by(pid: int) -> tuple[int, int]:
+    """`pid`'s open descriptors and, of them, sockets (/proc/PID/fd)."""
+    links = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{name}"))
+        except OSError:
+            continue
+    return len(links), sum(link.startswith("socket:") for link in links)
+
+
+def test_clients_that_come_and_go_leave_serve_holding_what_it_held(tmp_path: Path) -> None:
+    """Test only (bench/soak.py's churn, counted): 40 SDK clients that connect, read (each opens
+    its Watch stream) and close, and 10 SDK processes killed with SIGKILL while their stream is
+    open (no goodbye), leave serve with the descriptors and sockets it had after the first client:
+    each connection's socket, and its stream's, is given back."""
+    make_pki(tmp_path, ("auth",))
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    environ = client_environ(tmp_path, "auth", [server.address])
+    pid = server.process.pid
+    try:
+        with Client(environ=environ) as first:  # gRPC's and the service's lasting set-up, done once
+            first.credentials("auth")
+        assert eventually(lambda: _held_by(pid)[1] <= 1)  # the listener alone
+        level = _held_by(pid)
+        for _ in range(40):
+            with Client(environ=environ) as client:
+                client.credentials("auth")
+        child = (
+            "import sys, time\nfrom secrets_manager.client import Client\n"
+            "Client().credentials('auth'); print('read', flush=True); time.sleep(600)\n"
+        )
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), **environ}
+        for _ in range(10):
+            killed = subprocess.Popen(
+                [sys.executable, "-c", child], env=env, stdout=subprocess.PIPE, start_new_session=True
+            )
+            assert killed.stdout is not None
+            assert killed.stdout.readline() == b"read\n"
+            killed.kill()
+            killed.wait(timeout=10)
+            killed.stdout.close()
+        assert eventually(lambda: _held_by(pid) == level, timeout=30), (_held_by(pid), level)
+    finally:
         server.stop()
