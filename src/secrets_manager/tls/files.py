@@ -15,7 +15,8 @@ import grp
 import os
 import secrets
 import tempfile
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,6 +48,11 @@ from secrets_manager.tls.pki import (
 
 CA_CERT_FILE = "ca.pem"
 MAX_TLS_FILE_BYTES = 4 << 20  # a certificate, key or CA bundle larger than this is a wrong file
+# A key that does not match its certificate is read again this many times, PAIR_REREAD_SECONDS
+# apart (then twice that, …): a renewal (`pki issue --force`, cert-manager) renames the key, then
+# the certificate, and a process starting between the two renames reads half of each pair.
+PAIR_READ_ATTEMPTS = 4
+PAIR_REREAD_SECONDS = 0.05
 CA_KEY_FILE = "ca-key.pem"
 
 
@@ -194,10 +200,15 @@ def read_server_tls(
     With `environment` (the service's): a key that group or others can read, or a client CA
     whose writer could let in any certificate it likes (another user's file, writable by group
     or others, in a directory they may write), is refused in production, a warning elsewhere."""
-    cert_pem = read_tls_file(cert, "tls.cert")
-    key_pem = read_tls_file(key, "tls.key", environment=environment, private=True)
-    ca_pem = read_tls_file(client_ca, "tls.client_ca", environment=environment)
-    leaf = _checked_pair(cert_pem, key_pem, (cert, "tls.cert"), (key, "tls.key"))
+    (cert_pem, key_pem, ca_pem), leaf = _read_pair(
+        lambda: (
+            read_tls_file(cert, "tls.cert"),
+            read_tls_file(key, "tls.key", environment=environment, private=True),
+            read_tls_file(client_ca, "tls.client_ca", environment=environment),
+        ),
+        (cert, "tls.cert"),
+        (key, "tls.key"),
+    )
     authorities = _certificates(ca_pem, client_ca, "tls.client_ca")
     if not any(_may_sign(authority) for authority in authorities):
         # gRPC serves with it, and then refuses every client certificate in the handshake.
@@ -241,10 +252,11 @@ def read_client_tls(cert: tuple[Path, str], key: tuple[Path, str], ca: tuple[Pat
     a server refuses an expired one by closing the connection, which the client can only report
     as "Socket closed", like an outage. Once per load of the files, never per call."""
     hint = "; point {} at a readable PEM file"
-    cert_pem, key_pem, ca_pem = (
-        read_tls_file(path, name, hint.format(name)) for path, name in (cert, key, ca)
+    (cert_pem, key_pem, ca_pem), leaf = _read_pair(
+        lambda: tuple(read_tls_file(path, name, hint.format(name)) for path, name in (cert, key, ca)),
+        cert,
+        key,
     )
-    leaf = _checked_pair(cert_pem, key_pem, cert, key)
     _certificates(ca_pem, *ca)
     _check_client_purpose(leaf, cert)
     _check_dates(leaf, cert, "client", "secrets-manager pki issue {} --force --dir CA-DIR")
@@ -323,10 +335,34 @@ def _common_name(leaf: x509.Certificate) -> str:
     return names[0] if names else "NAME"
 
 
+class _MismatchedPair(InvalidInputError):
+    """The key read does not belong to the certificate read (perhaps half of a renewal)."""
+
+
+def _read_pair(
+    read_files: Callable[[], tuple[bytes, ...]], cert: tuple[Path, str], key: tuple[Path, str]
+) -> tuple[tuple[bytes, ...], x509.Certificate]:
+    """The files `read_files` reads (the certificate's and the key's bytes first) and the leaf
+    certificate, once the two belong together. A renewal replaces them one after the other
+    (`pki issue --force` renames the key, then the certificate), so a process starting between
+    the two reads the old certificate beside the new key: they are read again,
+    PAIR_READ_ATTEMPTS times in all (about 0.3 s), before a mismatch is reported as the wrong key."""
+    for attempt in range(1, PAIR_READ_ATTEMPTS + 1):
+        files = read_files()
+        try:
+            return files, _checked_pair(files[0], files[1], cert, key)
+        except _MismatchedPair:
+            if attempt == PAIR_READ_ATTEMPTS:
+                raise
+            time.sleep(PAIR_REREAD_SECONDS * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def _checked_pair(
     cert_pem: bytes, key_pem: bytes, cert: tuple[Path, str], key: tuple[Path, str]
 ) -> x509.Certificate:
-    """The leaf certificate, once it and the key parse and belong together."""
+    """The leaf certificate, once it and the key parse and belong together (_MismatchedPair if
+    they parse but do not)."""
     leaf = _certificates(cert_pem, *cert)[0]
     try:
         private_key = serialization.load_pem_private_key(key_pem, password=None)
@@ -335,7 +371,7 @@ def _checked_pair(
             f"the TLS key {key[0]} ({key[1]}) is not an unencrypted PEM private key"
         ) from None
     if _public_der(private_key.public_key()) != _public_der(leaf.public_key()):
-        raise InvalidInputError(
+        raise _MismatchedPair(
             f"the TLS key {key[0]} ({key[1]}) does not match the certificate {cert[0]} ({cert[1]}); "
             "give the key issued with that certificate"
         )
