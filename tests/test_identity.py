@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 from cryptography import x509
 
+from secrets_manager.rotation import SCHEDULE_ACTOR
 from secrets_manager.tls import (
     IdentityError,
     identity_from_auth_context,
@@ -66,6 +67,23 @@ def test_a_policy_identity_no_certificate_can_present_is_named_by_the_same_rule(
         return
     reason = unpresentable_identity(cn)
     assert reason is not None and problem in reason
+
+
+def test_the_rotation_schedules_own_name_is_no_certificates_identity() -> None:
+    """The service's rotation schedule acts as `rotation.SCHEDULE_ACTOR`: its audit records, and
+    the versions it stages (which it alone resumes), carry that name. A certificate with it as its
+    CN would pass for the schedule, and is refused; tls/identity.py keeps its own copy of the name
+    (it may not import rotation), so this also fails if the two drift apart. (Mutant: the
+    `name == _SCHEDULE_ACTOR` check removed; every test passed.)"""
+    with pytest.raises(IdentityError, match="rotation schedule acts as") as caught:
+        identity_from_certificate(self_signed([SCHEDULE_ACTOR]))
+    assert "\n" not in str(caught.value)
+    reason = unpresentable_identity(SCHEDULE_ACTOR)
+    assert reason is not None and "rotation schedule acts as" in reason
+    with pytest.raises(IdentityError):
+        identity_from_auth_context(
+            {"transport_security_type": [b"ssl"], "x509_common_name": [SCHEDULE_ACTOR.encode()]}
+        )
 
 
 def test_a_spiffe_id_in_a_uri_san_is_still_the_identity_whatever_the_cn() -> None:
