@@ -910,6 +910,34 @@ def test_a_log_that_lost_anchored_records_is_not_extended(cli: Cli) -> None:
     assert len(cli.audit.read_text().splitlines()) == len(lines) - 2
 
 
+@pytest.mark.parametrize("tampering", ["last record cut", "last record replaced by a denied unlock"])
+def test_a_log_one_record_off_its_anchor_is_not_extended(cli: Cli, tampering: str) -> None:
+    """The writer's own check of the tail against the anchor, at its edge: the test above cuts
+    two records, which a check off by one still refused. Mutants of check_tail_against_anchor,
+    each with every audit test passing: `last_seq < anchored.seq` -> `last_seq < anchored.seq - 1`
+    (the anchored record cut alone went unseen, and the next record took its seq), and the
+    same-seq-another-hash clause removed (a denied unlock, which carries no MAC, so anyone who may
+    write the log can forge one, put in the anchored record's place). Only `audit verify` said so
+    afterwards; the commands in between chained onto the forged tail and hid where it began."""
+    busy_session(cli)
+    lines = cli.audit.read_bytes().splitlines(keepends=True)
+    if tampering == "last record cut":
+        tampered = b"".join(lines[:-1])
+    else:
+        last = json.loads(lines[-1])
+        forged = {k: v for k, v in last.items() if k not in ("hash", "mac", "key_id", "value_hmac")}
+        forged.update(operation="unlock", decision="deny", outcome="unlock_failed", name=None, version=None)
+        forged["hash"] = audit_records.record_hash(forged)
+        forged["mac"] = None
+        assert forged["seq"] == last["seq"] and forged["prev"] == last["prev"]
+        tampered = b"".join(lines[:-1]) + audit_records.canonical(forged) + b"\n"
+    cli.audit.write_bytes(tampered)
+    result = cli("get", "auth/DB_PASSWORD")
+    assert result.returncode == 6 and result.stdout == b"", result.stderr
+    assert b"lost records the store anchored" in result.stderr and result.stderr.count(b"\n") == 1
+    assert cli.audit.read_bytes() == tampered  # nothing chained onto it
+
+
 def test_an_older_longer_chain_put_back_after_a_reset_is_not_extended(cli: Cli) -> None:
     """After 'audit reset' the old chain (.lost-*, MAC'd under the same key) is longer than the new
     one. Copied back as the log, its last record verified and its seq passed the anchor's, so the
