@@ -2443,6 +2443,29 @@ def test_a_record_whose_mac_was_taken_off_is_refused_though_its_hash_and_links_h
         log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor())
 
 
+def test_an_allowed_unlock_whose_mac_was_taken_off_is_refused(
+    encrypted_store: EncryptedStore, tmp_path: Path
+) -> None:
+    """Only a denied unlock may go without a MAC (its writer could not unlock the store); an
+    allowed one was written holding the audit key, as every other record. Mutant: the rule
+    `operation == "unlock" and decision == "deny"` without its decision half, so any unlock
+    record could lack its MAC; every audit test passed, the MAC'd records they strip being gets.
+    The last record here, so the next record's `prev` does not catch it, and the anchor names its
+    hash, which a MAC set to null leaves as it was."""
+    path = tmp_path / "lib.audit.jsonl"
+    log = AuditLog(path)
+    log.append([AuditEvent(operation="get", actor="svc", name="a/1")], encrypted_store)
+    log.append([AuditEvent(operation="unlock", actor="svc")], encrypted_store)
+    lines = path.read_bytes().splitlines(keepends=True)
+    stripped = json.loads(lines[1])
+    assert stripped["decision"] == "allow" and isinstance(stripped["mac"], str)
+    stripped["mac"] = None
+    lines[1] = audit_records.canonical(stripped) + b"\n"
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(AuditTamperError, match="audit record 2 lacks its MAC"):
+        log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor())
+
+
 def test_a_denied_unlock_rewritten_with_its_hash_recomputed_breaks_the_chain_at_the_next_record(
     encrypted_store: EncryptedStore, tmp_path: Path
 ) -> None:
