@@ -1440,6 +1440,23 @@ def test_production_refuses_a_short_new_password_everywhere_one_is_set(cli: Cli,
     assert cli("--password-file", str(long), "list", env=prod).code == 0  # the store still opens as before
 
 
+def test_the_production_password_minimum_is_twelve_characters_not_bytes() -> None:
+    """The edge of the rule the test above checks with 7 and 1 characters, both short of any
+    plausible minimum: with PRODUCTION_MIN_PASSWORD_LENGTH's use in check_new_password lowered
+    to 8 (mutant), every test passed, the message still saying 12. Characters, not bytes: eleven
+    two-byte characters are eleven."""
+    from secrets_manager.environment import Environment
+    from secrets_manager.errors import UnsafeConfigurationError
+
+    production = Environment.PRODUCTION
+    for eleven in (b"a" * 11, ("\u00e9" * 11).encode()):
+        with pytest.raises(UnsafeConfigurationError, match="is 11 characters; production needs at least 12"):
+            production.check_new_password(eleven)
+    assert production.check_new_password(b"a" * 12) == b"a" * 12
+    assert production.check_new_password(("\u00e9" * 12).encode()) == ("\u00e9" * 12).encode()
+    assert Environment.DEVELOPMENT.check_new_password(b"a") == b"a"
+
+
 def test_production_refuses_weak_kdf_and_unprotected_files(cli: Cli, tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_text(PASSWORD)
