@@ -1457,6 +1457,31 @@ def test_the_production_password_minimum_is_twelve_characters_not_bytes() -> Non
     assert Environment.DEVELOPMENT.check_new_password(b"a") == b"a"
 
 
+def test_a_file_that_decides_trust_is_unsafe_if_its_group_may_write_it(tmp_path: Path) -> None:
+    """loose_file_problem, which production's refusals of a policy, CA, schedule or key file
+    rest on, with the group's write bit alone: every test made such files 0666 or their
+    directory 0777, so with its mask 0o022 -> 0o002 (mutant) they all passed, though anyone in
+    the file's group could then grant themselves any secret. Also a directory the group may
+    write (without the sticky bit), where the file can be replaced."""
+    from secrets_manager.environment import loose_file_problem
+
+    folder = tmp_path / "config"
+    folder.mkdir()
+    path = folder / "policy.toml"
+    path.write_text("x")
+    for mode, unsafe in ((0o664, True), (0o620, True), (0o646, True), (0o644, False), (0o640, False)):
+        path.chmod(mode)
+        problem = loose_file_problem(path, os.stat(path), "policy", folder=os.stat(folder))
+        assert (problem is not None) is unsafe, (oct(mode), problem)
+        assert problem is None or "which group or others can write" in problem
+    path.chmod(0o600)
+    for mode, unsafe in ((0o775, True), (0o757, True), (0o1775, False), (0o755, False)):
+        folder.chmod(mode)
+        problem = loose_file_problem(path, os.stat(path), "policy", folder=os.stat(folder))
+        assert (problem is not None) is unsafe, (oct(mode), problem)
+        assert problem is None or "where group or others can replace it" in problem
+
+
 def test_production_refuses_weak_kdf_and_unprotected_files(cli: Cli, tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_text(PASSWORD)
