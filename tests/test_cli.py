@@ -1482,6 +1482,24 @@ def test_a_file_that_decides_trust_is_unsafe_if_its_group_may_write_it(tmp_path:
         assert problem is None or "where group or others can replace it" in problem
 
 
+def test_a_file_that_decides_trust_is_unsafe_in_a_directory_another_user_owns(tmp_path: Path) -> None:
+    """loose_file_problem's other directory rule: a 0700 directory of another user's, where that
+    user can replace the policy or CA with one of theirs. With it removed (mutant: `if
+    folder.st_uid not in (0, me)` -> `if False`) every test passed: the directories they give
+    away to nobody are the store's, which url.py checks on its own."""
+    from secrets_manager.environment import loose_file_problem
+
+    folder = tmp_path / "config"
+    folder.mkdir(mode=0o700)
+    path = folder / "ca.pem"
+    path.write_text("x")
+    path.chmod(0o600)
+    assert loose_file_problem(path, os.stat(path), "client CA", folder=os.stat(folder)) is None
+    os.chown(folder, NOBODY, -1)
+    problem = loose_file_problem(path, os.stat(path), "client CA", folder=os.stat(folder))
+    assert problem is not None and f"is in {folder}, which belongs to nobody" in problem
+
+
 def test_production_refuses_weak_kdf_and_unprotected_files(cli: Cli, tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_text(PASSWORD)
