@@ -1500,6 +1500,24 @@ def test_a_file_that_decides_trust_is_unsafe_in_a_directory_another_user_owns(tm
     assert problem is not None and f"is in {folder}, which belongs to nobody" in problem
 
 
+def test_production_refuses_a_password_file_its_group_may_read(tmp_path: Path) -> None:
+    """check_password_file with the group's read bit alone: the tests made password files 0644,
+    so with its mask 0o077 -> 0o007 (mutant) they all passed, though anyone in the file's group
+    could then read the master password."""
+    from secrets_manager.cli.password import check_password_file
+    from secrets_manager.environment import Environment
+    from secrets_manager.errors import UnsafeConfigurationError
+
+    path = tmp_path / "pw"
+    path.write_text(PASSWORD)
+    for mode in (0o640, 0o604):
+        path.chmod(mode)
+        with pytest.raises(UnsafeConfigurationError, match="can be read by group or others; run 'chmod 600"):
+            check_password_file(path, os.stat(path), Environment.PRODUCTION)
+    path.chmod(0o600)
+    check_password_file(path, os.stat(path), Environment.PRODUCTION)
+
+
 def test_production_refuses_weak_kdf_and_unprotected_files(cli: Cli, tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_text(PASSWORD)
