@@ -892,6 +892,27 @@ def test_shares_open_a_store_whose_password_and_audit_log_are_both_lost(cli: Cli
     assert cli.with_password("audit", "verify", password=cli.new_password_file).returncode == 0
 
 
+def test_production_refuses_a_share_directory_others_may_only_read(tmp_path: Path) -> None:
+    """--out-dir must be private in production, not only closed to writers: shares written into a
+    0755 directory can be read by anyone who can list it before their own 0600 is set, and each
+    is a part of the key to every secret. Mutant: refuse_open_directory's `readable` mask 0o077
+    -> 0o022 (the one pki's --dir uses); the test above, with a 0777 directory, still passed."""
+    cli = Cli(tmp_path)
+    for path in (cli.password_file, cli.new_password_file):
+        path.chmod(0o600)
+    cli.env["SHRIVENQUANT_ENV"] = "production"
+    assert cli.with_password("init").returncode == 0
+    listed = tmp_path / "listed"
+    listed.mkdir()
+    listed.chmod(0o755)
+    refused = cli.with_password(
+        "recovery", "init", "--shares", "2", "--threshold", "2", "--out-dir", str(listed)
+    )
+    assert refused.returncode == 2 and b"can be read or written by group or others" in refused.stderr
+    assert b"chmod 700" in refused.stderr and refused.stderr.count(b"\n") == 1
+    assert not list(listed.iterdir())
+
+
 def test_production_refuses_share_files_and_directories_others_can_read(tmp_path: Path) -> None:
     cli = Cli(tmp_path)
     for path in (cli.password_file, cli.new_password_file):
