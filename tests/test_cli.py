@@ -1518,6 +1518,26 @@ def test_production_refuses_a_password_file_its_group_may_read(tmp_path: Path) -
     check_password_file(path, os.stat(path), Environment.PRODUCTION)
 
 
+def test_a_bug_while_auditing_a_refused_unlock_leaves_it_a_wrong_password(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A wrong password is exit 4 whatever keeps its audit record from being written, a bug
+    included (cli/app.py _audit_denied_unlock's last `except Exception`): an internal error
+    instead (exit 1) left password guessing unanswered and unrecorded. With that clause narrowed
+    (mutant: `except Exception` -> `except ZeroDivisionError`) every test passed."""
+    from secrets_manager.audit import AuditLog
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(AuditLog, "append", broken)
+    ready.env["MASTER_PASSWORD"] = "wrong"  # run_in_process sets the fixture's environment
+    assert run_in_process(ready, monkeypatch, "get", "svc/ANY") == 4
+    err = capsys.readouterr().err
+    assert "wrong master password" in err and "the failed unlock was not audited: internal error" in err
+    assert "a bug" not in err and "Traceback" not in err
+
+
 def test_production_refuses_weak_kdf_and_unprotected_files(cli: Cli, tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_text(PASSWORD)
