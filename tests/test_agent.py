@@ -25,7 +25,7 @@ import pytest
 
 import secrets_manager.agent as agent_module
 from agent_fixtures import AgentCli, agent_cli, alive, require_root, wait_until_gone
-from secrets_manager.agent import AgentClient, receive_message, send_message
+from secrets_manager.agent import AgentClient, check_socket, receive_message, send_message
 from secrets_manager.agent import process as agent_process
 from secrets_manager.errors import StorageError, UnsafeConfigurationError
 from terminal import SCRIPT
@@ -540,6 +540,26 @@ def _refused_and_logged(cli: AgentCli) -> None:
         cli.socket.chmod(0o600)
     assert f"refused uid={pwd.getpwnam('nobody').pw_uid}" in cli.log.read_text()
     assert AgentClient(cli.socket).give(STORE, HEADER, KEY)  # we still are served
+
+
+def test_a_socket_another_user_owns_is_not_taken_for_the_agents(tmp_path: Path) -> None:
+    """check_socket, before any connection: a socket at the agent's path is the agent's only if
+    it is ours. With its owner check removed (mutant) every test passed, the client's SO_PEERCRED
+    check refusing such a socket's listener later; this is the check before it, which says what
+    the file is and never connects to it."""
+    require_root("only root can give a socket to another user")
+    directory = tmp_path / "agent"
+    directory.mkdir(mode=0o700)
+    path = directory / "agent.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(path))
+        assert check_socket(path) is True
+        os.chown(path, pwd.getpwnam("nobody").pw_uid, -1, follow_symlinks=False)
+        with pytest.raises(UnsafeConfigurationError, match="is not the agent's socket"):
+            check_socket(path)
+    finally:
+        listener.close()
 
 
 def test_the_client_talks_only_to_an_agent_of_its_own_uid(cli: AgentCli, open_tmp: Path) -> None:
