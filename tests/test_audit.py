@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -2402,6 +2402,18 @@ def test_verify_with_another_stores_key_fails(encrypted_store: EncryptedStore, t
         log.verify(os.urandom(32), encrypted_store.audit_anchor())
 
 
+def _rewrite_record(path: Path, index: int, edit: Callable[[dict[str, Any]], None], *, rehash: bool) -> None:
+    """Record `index` of the log at `path` edited in place as anyone who may write the file could:
+    `edit` changes the parsed record, the hash recomputed if `rehash` (the MAC left as written)."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    record = json.loads(lines[index])
+    edit(record)
+    if rehash:
+        record["hash"] = audit_records.record_hash(record)
+    lines[index] = audit_records.canonical(record) + b"\n"
+    path.write_bytes(b"".join(lines))
+
+
 def test_a_record_naming_an_audit_key_the_store_does_not_hold_is_tampering_not_a_crash(
     encrypted_store: EncryptedStore, tmp_path: Path
 ) -> None:
@@ -2412,12 +2424,7 @@ def test_a_record_naming_an_audit_key_the_store_does_not_hold_is_tampering_not_a
     log = AuditLog(path)
     log.append([AuditEvent(operation="get", actor="svc", name="a/1")], encrypted_store)
     assert len(encrypted_store.audit_keys()) == 1
-    lines = path.read_bytes().splitlines(keepends=True)
-    forged = json.loads(lines[0])
-    forged["key_id"] = 2
-    forged["hash"] = audit_records.record_hash(forged)
-    lines[0] = audit_records.canonical(forged) + b"\n"
-    path.write_bytes(b"".join(lines))
+    _rewrite_record(path, 0, lambda record: record.update(key_id=2), rehash=True)
     with pytest.raises(AuditTamperError, match="audit record 1 names an audit key this store does not hold"):
         log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor())
 
@@ -2433,12 +2440,12 @@ def test_a_record_whose_mac_was_taken_off_is_refused_though_its_hash_and_links_h
     log = AuditLog(path)
     for name in ("a/1", "a/2"):
         log.append([AuditEvent(operation="get", actor="svc", name=name)], encrypted_store)
-    lines = path.read_bytes().splitlines(keepends=True)
-    stripped = json.loads(lines[1])
-    assert isinstance(stripped["mac"], str)
-    stripped["mac"] = None
-    lines[1] = audit_records.canonical(stripped) + b"\n"
-    path.write_bytes(b"".join(lines))
+
+    def strip_the_mac(record: dict[str, Any]) -> None:
+        assert isinstance(record["mac"], str)
+        record["mac"] = None
+
+    _rewrite_record(path, 1, strip_the_mac, rehash=False)
     with pytest.raises(AuditTamperError, match="audit record 2 lacks its MAC"):
         log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor())
 
@@ -2456,12 +2463,12 @@ def test_an_allowed_unlock_whose_mac_was_taken_off_is_refused(
     log = AuditLog(path)
     log.append([AuditEvent(operation="get", actor="svc", name="a/1")], encrypted_store)
     log.append([AuditEvent(operation="unlock", actor="svc")], encrypted_store)
-    lines = path.read_bytes().splitlines(keepends=True)
-    stripped = json.loads(lines[1])
-    assert stripped["decision"] == "allow" and isinstance(stripped["mac"], str)
-    stripped["mac"] = None
-    lines[1] = audit_records.canonical(stripped) + b"\n"
-    path.write_bytes(b"".join(lines))
+
+    def strip_the_mac(record: dict[str, Any]) -> None:
+        assert record["decision"] == "allow" and isinstance(record["mac"], str)
+        record["mac"] = None
+
+    _rewrite_record(path, 1, strip_the_mac, rehash=False)
     with pytest.raises(AuditTamperError, match="audit record 2 lacks its MAC"):
         log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor())
 
@@ -2480,13 +2487,12 @@ def test_a_denied_unlock_rewritten_with_its_hash_recomputed_breaks_the_chain_at_
     )
     log.append([AuditEvent(operation="get", actor="svc", name="a/2")], encrypted_store)
     assert log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor()) == 3
-    lines = path.read_bytes().splitlines(keepends=True)
-    denied = json.loads(lines[1])
-    assert denied["mac"] is None and denied["actor"] == "intruder"
-    denied["actor"] = "svc"  # the attempt made to look like another's
-    denied["hash"] = audit_records.record_hash(denied)
-    lines[1] = audit_records.canonical(denied) + b"\n"
-    path.write_bytes(b"".join(lines))
+
+    def make_it_look_like_anothers(record: dict[str, Any]) -> None:
+        assert record["mac"] is None and record["actor"] == "intruder"
+        record["actor"] = "svc"
+
+    _rewrite_record(path, 1, make_it_look_like_anothers, rehash=True)
     with pytest.raises(AuditTamperError, match="audit chain broken at record 3: it does not follow record 2"):
         log.verify(encrypted_store.audit_key(), encrypted_store.audit_anchor())
 

@@ -645,6 +645,27 @@ def test_a_promote_whose_second_call_failed_says_it_was_promoted_and_a_rerun_fin
     assert store.get("svc/K").value.reveal() == b"two"
 
 
+def _discard_between_the_two_calls_of_a_promote(
+    store: AwsStore, other: AwsStore, monkeypatch: pytest.MonkeyPatch
+) -> list[object]:
+    """What `other`'s discard of svc/K's pending version gives (or the ConflictError it raises),
+    run when `store`'s promote has moved AWSCURRENT and not yet removed AWSPENDING."""
+    move = store._client.update_secret_version_stage
+    discarded: list[object] = []
+
+    def discard_after_the_first_call(**kwargs: Any) -> Any:
+        answer = move(**kwargs)
+        if kwargs["VersionStage"] == "AWSCURRENT":  # moved; AWSPENDING not yet removed
+            try:
+                discarded.append(other.discard_pending("svc/K"))
+            except ConflictError as exc:
+                discarded.append(exc)
+        return answer
+
+    monkeypatch.setattr(store._client, "update_secret_version_stage", discard_after_the_first_call)
+    return discarded
+
+
 def test_a_discard_between_the_two_calls_of_a_promote_discards_nothing_and_the_promote_stands(
     make_aws: MakeAws, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -657,20 +678,7 @@ def test_a_discard_between_the_two_calls_of_a_promote_discards_nothing_and_the_p
     store, other = make_aws(), make_aws()
     store.put("svc/K", b"one")
     staged = store.stage("svc/K", b"two")
-    client = store._client
-    move = client.update_secret_version_stage
-    discarded: list[object] = []
-
-    def discard_after_the_first_call(**kwargs: Any) -> Any:
-        answer = move(**kwargs)
-        if kwargs["VersionStage"] == "AWSCURRENT":  # moved; AWSPENDING not yet removed
-            try:
-                discarded.append(other.discard_pending("svc/K"))
-            except ConflictError as exc:
-                discarded.append(exc)
-        return answer
-
-    monkeypatch.setattr(client, "update_secret_version_stage", discard_after_the_first_call)
+    discarded = _discard_between_the_two_calls_of_a_promote(store, other, monkeypatch)
     assert store.promote("svc/K", staged.version) == 1
     [refusal] = discarded
     assert isinstance(refusal, ConflictError), refusal
@@ -693,20 +701,7 @@ def test_a_discard_whose_read_came_before_a_promote_and_its_removal_after_says_i
     reads = iter([other._versions("svc/K")])  # the discard's read, before the promote's first call
     versions = other._versions
     monkeypatch.setattr(other, "_versions", lambda name: next(reads, None) or versions(name))
-    client = store._client
-    move = client.update_secret_version_stage
-    discarded: list[object] = []
-
-    def discard_after_the_first_call(**kwargs: Any) -> Any:
-        answer = move(**kwargs)
-        if kwargs["VersionStage"] == "AWSCURRENT":
-            try:
-                discarded.append(other.discard_pending("svc/K"))
-            except ConflictError as exc:
-                discarded.append(exc)
-        return answer
-
-    monkeypatch.setattr(client, "update_secret_version_stage", discard_after_the_first_call)
+    discarded = _discard_between_the_two_calls_of_a_promote(store, other, monkeypatch)
     assert store.promote("svc/K", staged.version) == 1
     [refusal] = discarded
     assert isinstance(refusal, ConflictError), refusal
