@@ -28,7 +28,7 @@ from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.values import SecretValue
 from service_fixtures import Server, make_pki, make_store, start_server
 from tcp_proxy import TcpProxy, Verdict
-from test_rotate import OLD_VALUE, SCRIPT, Cli
+from test_rotate import OLD_VALUE, PASSWORD, SCRIPT, Cli
 
 
 @dataclass
@@ -96,7 +96,11 @@ def cli(tmp_path: Path, roles: Roles) -> Cli:
 
 
 def _rotate(cli: Cli, roles: Roles, *extra: str, name: str = "db/app", **kwargs: Any) -> Any:
-    return cli("rotate", name, "--postgres-role", roles.app, "--postgres", roles.conninfo, *extra, **kwargs)
+    return cli(*_rotate_args(roles, name), *extra, **kwargs)
+
+
+def _rotate_args(roles: Roles, name: str = "db/app") -> tuple[str, ...]:
+    return ("rotate", name, "--postgres-role", roles.app, "--postgres", roles.conninfo)
 
 
 def test_rotate_sets_the_roles_password_and_logs_in_with_it(cli: Cli, roles: Roles) -> None:
@@ -293,6 +297,42 @@ def test_a_role_or_administrator_that_cannot_be_reached_refuses_the_rotation_bef
         "PostgreSQL role 'no_such_role' does not exist on that server; nothing was staged" in missing.stderr
     )
     assert cli("history", "db/app", "--json").stdout == history
+
+
+def test_production_refuses_an_administrator_connection_whose_certificate_is_not_checked(
+    roles: Roles, tmp_path: Path
+) -> None:
+    """The built-in rotator's connection gets the store URL's guard rail: a server on another host
+    is reached with sslmode=verify-full, or not at all (before anything is staged or connected to:
+    the host does not even resolve)."""
+    cli = Cli(tmp_path)  # a store production opens: the default Argon2id parameters
+    cli.env.update(roles.env)
+    assert cli("init", "--kdf-profile", "default").code == 0
+    assert cli("store", "db/app", input=OLD_VALUE.encode()).code == 0
+    password_file = tmp_path / "master"
+    password_file.write_text(PASSWORD)
+    password_file.chmod(0o600)
+    del cli.env["MASTER_PASSWORD"]  # production refuses it: the file instead
+    cli.env.update({"MASTER_PASSWORD_FILE": str(password_file), "SHRIVENQUANT_ENV": "production"})
+    history = cli("history", "db/app", "--json").stdout
+    refused = cli(
+        "rotate",
+        "db/app",
+        "--postgres-role",
+        roles.app,
+        "--postgres",
+        "host=db.example.invalid dbname=trading sslmode=require",
+    )
+    assert refused.code == 2, refused.stderr
+    assert (
+        "the rotation's PostgreSQL connection reaches PostgreSQL at db.example.invalid with "
+        "sslmode=require, which does not check the server's certificate" in refused.stderr
+    )
+    assert "(production refuses it)" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert cli("history", "db/app", "--json").stdout == history
+    # On this host's loopback address (the test cluster's) there is no network to cross: it runs.
+    done = cli(*_rotate_args(roles))
+    assert done.code == 0, done.stderr
 
 
 def test_pgpassword_of_another_role_is_named_when_the_administrator_is_refused(

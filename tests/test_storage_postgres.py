@@ -14,6 +14,7 @@ import logging
 import multiprocessing
 import os
 import re
+import secrets
 import shlex
 import subprocess
 import sys
@@ -34,7 +35,7 @@ from secrets_manager.audit.append import FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
 from secrets_manager.client import Client
 from secrets_manager.client import _client as client_module
 from secrets_manager.crypto import Keyset, kdf
-from secrets_manager.environment import Environment
+from secrets_manager.environment import Environment, guard_postgres_tls, postgres_tls_problem
 from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
@@ -1448,6 +1449,94 @@ def test_the_cli_refuses_a_password_in_the_url_in_production(
     result = cli("--password-file", str(password_file), "list")
     assert result.code == 2 and "production refuses" in result.stderr
     assert postgres_cluster.role_password not in result.stderr
+
+
+# ---- production: a database on another host is reached over verified TLS -------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "environ", "unchecked_host"),
+    [
+        ("postgresql://u@db.internal:5432/d", {}, "db.internal"),  # libpq's default: sslmode=prefer
+        ("postgresql://u@db.internal/d?sslmode=require", {}, "db.internal"),  # encrypted, anyone's server
+        ("postgresql://u@db.internal/d?sslmode=verify-ca", {}, "db.internal"),  # any name the CA signed
+        ("postgresql://u@db.internal/d?sslmode=verify-full&sslrootcert=/etc/ca.pem", {}, None),
+        ("postgresql://u@db.internal/d", {"PGSSLMODE": "verify-full"}, None),  # as libpq reads it
+        ("postgresql://u@db.internal/d?sslmode=require", {"PGSSLMODE": "verify-full"}, "db.internal"),
+        ("postgresql://u@127.0.0.1:5432/d", {}, None),  # loopback crosses no network
+        ("postgresql://u@[::1]:5433/d", {}, None),
+        ("postgresql://u@localhost/d?sslmode=disable", {}, None),
+        ("postgresql://u@%2Fvar%2Frun%2Fpostgresql/d", {}, None),  # a Unix socket's directory
+        ("postgresql://u@db.internal/d?hostaddr=127.0.0.1", {}, None),  # the address libpq connects to
+        ("postgresql://u@localhost/d?hostaddr=10.0.0.5", {}, "10.0.0.5"),
+        ("postgresql://u@127.0.0.1,db.internal:5433/d", {}, "db.internal"),  # every host it may try
+        ("postgresql://u@[2001:db8::1]:5432/d?sslmode=require", {}, "2001:db8::1"),
+    ],
+)
+def test_which_postgresql_urls_reach_a_server_whose_certificate_is_not_checked(
+    url: str, environ: dict[str, str], unchecked_host: str | None
+) -> None:
+    location = postgres_location(url)
+    assert location is not None
+    problem = postgres_tls_problem("the store URL", dict(location.tls_options), environ)
+    if unchecked_host is None:
+        assert problem is None
+    else:
+        assert problem is not None and f"PostgreSQL at {unchecked_host} with sslmode=" in problem
+        assert "add sslmode=verify-full and sslrootcert=CA.pem" in problem
+
+
+@pytest.mark.parametrize(
+    ("conninfo", "environ", "unchecked"),
+    [
+        ("", {}, False),  # libpq's default: the local Unix socket
+        ("", {"PGHOST": "db.internal"}, True),
+        ("host=db.internal dbname=trading sslmode=verify-full", {}, False),
+        ("host=db.internal dbname=trading", {"PGSSLMODE": "verify-full"}, False),
+        ("hostaddr=10.0.0.5 dbname=trading", {}, True),
+        ("postgresql://admin@db.internal/trading?sslmode=require", {}, True),
+        ("host=/var/run/postgresql user=admin", {}, False),
+    ],
+)
+def test_a_rotations_connection_string_is_judged_as_libpq_reads_it(
+    conninfo: str, environ: dict[str, str], unchecked: bool
+) -> None:
+    params = {k: str(v) for k, v in psycopg.conninfo.conninfo_to_dict(conninfo).items() if v is not None}
+    assert (postgres_tls_problem("the rotation", params, environ) is not None) is unchecked
+
+
+def test_production_refuses_a_remote_database_without_verify_full_and_staging_warns_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    params = {"host": "db.internal", "sslmode": "require"}
+    what = f"the store URL of {secrets.token_hex(4)}"  # not warned of yet in this process
+    with pytest.raises(UnsafeConfigurationError, match=r"sslmode=require.*\(production refuses it\)$"):
+        guard_postgres_tls(Environment.PRODUCTION, what, params, {})
+    with caplog.at_level(logging.WARNING):
+        guard_postgres_tls(Environment.DEVELOPMENT, what, params, {})
+        assert caplog.records == []  # development: a database on a developer's network, no word
+        for _ in range(3):
+            guard_postgres_tls(Environment.STAGING, what, params, {})
+    (warning,) = caplog.records  # staging, production's rehearsal: once per process
+    assert "sslmode=require" in warning.getMessage()
+    guard_postgres_tls(Environment.PRODUCTION, what, {**params, "sslmode": "verify-full"}, {})
+
+
+def test_the_cli_in_production_refuses_a_remote_database_before_connecting(tmp_path: Path) -> None:
+    """No connection is tried (the host does not resolve: libpq would say so, exit 1)."""
+    password_file = tmp_path / "master"
+    password_file.write_text(MASTER_PASSWORD)
+    password_file.chmod(0o600)
+    url = "postgresql://sm@db.example.invalid:5432/trading?sslmode=require"
+    cli = Cli(url, tmp_path, {"SHRIVENQUANT_ENV": "production"})
+    result = cli("--password-file", str(password_file), "list")
+    assert result.code == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "secrets-manager: error: the store URL postgresql://sm@db.example.invalid:5432/trading reaches "
+        "PostgreSQL at db.example.invalid with sslmode=require, which does not check the server's "
+        "certificate, so anyone on the network path could pose as the database; add sslmode=verify-full "
+        "and sslrootcert=CA.pem (or set PGSSLMODE=verify-full) (production refuses it)"
+    ]
 
 
 def test_the_cli_warns_of_a_password_in_the_url_in_its_own_words(

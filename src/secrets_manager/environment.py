@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import ipaddress
 import logging
 import os
 import pwd
@@ -79,6 +80,26 @@ class Environment(enum.StrEnum):
         if self.is_production:
             raise UnsafeConfigurationError(f"{problem} (production refuses it)")
         (warn or log.warning)(problem)
+
+
+def guard_postgres_tls(
+    environment: Environment, what: str, params: Mapping[str, str], environ: Mapping[str, str]
+) -> None:
+    """Production refuses a PostgreSQL connection that `postgres_tls_problem` finds unsafe
+    (UnsafeConfigurationError, exit 2, before it is made); staging, production's rehearsal, warns
+    of it once per process; development says nothing (a database on another host of a developer's
+    network, as `vault+http://` is for a dev server)."""
+    if environment is Environment.DEVELOPMENT:
+        return
+    problem = postgres_tls_problem(what, params, environ)
+    if problem is None or (not environment.is_production and problem in _warned_tls_problems):
+        return
+    if not environment.is_production:
+        _warned_tls_problems.add(problem)
+    environment.guard(problem)
+
+
+_warned_tls_problems: set[str] = set()
 
 
 def refuse_open_directory(
@@ -197,6 +218,42 @@ def read_in_directory(path: Path | str, limit: int) -> tuple[bytes, os.stat_resu
             raise OSError(errno.EINVAL, "not a regular file")
         os.set_blocking(fd, True)
         return handle.read(limit + 1), found, folder
+
+
+def postgres_tls_problem(what: str, params: Mapping[str, str], environ: Mapping[str, str]) -> str | None:
+    """Why a PostgreSQL connection is not safe for production: it would reach a server over the
+    network without checking that server's certificate against its name (libpq's sslmode below
+    verify-full, its default being prefer: TLS if offered, unchecked), so anyone on the path could
+    pose as the database and read what is sent (ALTER ROLE's new password, our encrypted records
+    and who reads them). `params` are libpq's connection options (host, hostaddr, sslmode), filled
+    from PGHOST, PGHOSTADDR and PGSSLMODE as libpq fills them. A Unix socket or a loopback address
+    crosses no network: no problem. None if safe."""
+    sslmode = params.get("sslmode") or environ.get("PGSSLMODE") or "prefer"
+    if sslmode == "verify-full":
+        return None
+    hosts = (params.get("host") or environ.get("PGHOST") or "").split(",")
+    addresses = (params.get("hostaddr") or environ.get("PGHOSTADDR") or "").split(",")
+    for index, host in enumerate(hosts):
+        address = addresses[index] if index < len(addresses) else ""
+        target = (address or host).strip()
+        if not _crosses_no_network(target):
+            return (
+                f"{what} reaches PostgreSQL at {target} with sslmode={sslmode}, which does not check "
+                "the server's certificate, so anyone on the network path could pose as the database; "
+                "add sslmode=verify-full and sslrootcert=CA.pem (or set PGSSLMODE=verify-full)"
+            )
+    return None
+
+
+def _crosses_no_network(target: str) -> bool:
+    """Whether libpq's host or hostaddr `target` is a Unix socket (a directory, an abstract
+    socket, or none given: the default socket) or a loopback name or address."""
+    if not target or target.startswith(("/", "@")) or target.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(target.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def current_environment(environ: Mapping[str, str] | None = None) -> Environment:

@@ -26,6 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from secrets_manager.environment import current_environment, guard_postgres_tls
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.storage.deadline import WATCHDOG, Armed
 from secrets_manager.values import SecretValue, read_json_object
@@ -253,6 +254,10 @@ def _session(
     wait). psycopg's errors become PostgresStepError, on one line, without `secret`; `doing`
     prefixes them."""
     import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    params = {key: str(value) for key, value in conninfo_to_dict(conninfo).items() if value is not None}
+    guard_postgres_tls(current_environment(), "the rotation's PostgreSQL connection", params, os.environ)
 
     def failure(exc: BaseException, armed: Armed | None) -> PostgresStepError:
         if armed is not None and armed.expired:

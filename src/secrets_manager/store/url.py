@@ -34,7 +34,7 @@ from platformdirs import user_data_path
 
 from secrets_manager.crypto.kdf import DEFAULT as PRODUCTION_KDF_MINIMUM
 from secrets_manager.crypto.kdf import PROFILES as KDF_PROFILES
-from secrets_manager.environment import Environment, owner_problem
+from secrets_manager.environment import Environment, guard_postgres_tls, owner_problem
 from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
@@ -144,6 +144,9 @@ class PostgresLocation:
     password_in_url: bool = False
     max_connections: int | None = None  # None: the storage's default
     user: str = ""
+    # libpq's host, hostaddr and sslmode as the URL gives them ("": not given), for the guard
+    # against a connection that crosses a network unchecked (environment.postgres_tls_problem).
+    tls_options: tuple[tuple[str, str], ...] = ()
 
     @property
     def identity(self) -> str:
@@ -249,9 +252,34 @@ def postgres_location(url: str | None) -> PostgresLocation | None:
     display = f"postgresql://{shown_user}{hosts}{':' + port if port else ''}/{dbname}"
     if schema != POSTGRES_DEFAULT_SCHEMA:
         display += f"?schema={schema}"
-    return PostgresLocation(
-        conninfo, display, hosts, port, dbname, schema, password_in_url, max_connections, unquote(user)
+    tls_options = (
+        ("host", _host_names(hosts)),
+        *((key, value) for key, value in passed if key in ("hostaddr", "sslmode")),
     )
+    return PostgresLocation(
+        conninfo,
+        display,
+        hosts,
+        port,
+        dbname,
+        schema,
+        password_in_url,
+        max_connections,
+        unquote(user),
+        tls_options,
+    )
+
+
+def _host_names(netloc_hosts: str) -> str:
+    """The host part of a postgresql:// URL (`h1:5432,h2`, `[::1]:5433`, `%2Fvar%2Frun`) as libpq's
+    `host` option: names or addresses without ports, comma-separated, percent-decoded."""
+    names = []
+    for piece in netloc_hosts.split(","):
+        if piece.startswith("["):
+            names.append(piece[1 : piece.find("]")] if "]" in piece else piece[1:])
+        else:
+            names.append(unquote(re.sub(r":\d*$", "", piece)))
+    return ",".join(names)
 
 
 # Query parameters whose value may be a credential, whatever the scheme: compared after
@@ -749,6 +777,9 @@ def _unprotected_store_problem(path: Path, *, create: bool, production: bool) ->
 
 
 def _open_postgres(location: PostgresLocation, *, create: bool, environment: Environment) -> Storage:
+    guard_postgres_tls(
+        environment, f"the store URL {location.display}", dict(location.tls_options), os.environ
+    )
     if location.password_in_url:
         if environment.is_production:
             raise UnsafeConfigurationError(
