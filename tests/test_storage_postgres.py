@@ -1496,6 +1496,10 @@ def test_which_postgresql_urls_reach_a_server_whose_certificate_is_not_checked(
         ("hostaddr=10.0.0.5 dbname=trading", {}, True),
         ("postgresql://admin@db.internal/trading?sslmode=require", {}, True),
         ("host=/var/run/postgresql user=admin", {}, False),
+        ("service=prod dbname=trading", {}, True),  # pg_service.conf's host, not read here
+        ("", {"PGSERVICE": "prod"}, True),
+        ("service=prod sslmode=verify-full", {}, False),
+        ("service=prod host=127.0.0.1", {}, False),  # the string's host beats the entry's
     ],
 )
 def test_a_rotations_connection_string_is_judged_as_libpq_reads_it(

@@ -227,12 +227,16 @@ def postgres_tls_problem(what: str, params: Mapping[str, str], environ: Mapping[
     pose as the database and read what is sent (ALTER ROLE's new password, our encrypted records
     and who reads them). `params` are libpq's connection options (host, hostaddr, sslmode), filled
     from PGHOST, PGHOSTADDR and PGSSLMODE as libpq fills them. A Unix socket or a loopback address
-    crosses no network: no problem. None if safe."""
+    crosses no network: no problem (a pg_service.conf entry's host is not read: taken as remote).
+    None if safe."""
     sslmode = params.get("sslmode") or environ.get("PGSSLMODE") or "prefer"
     if sslmode == "verify-full":
         return None
     hosts = (params.get("host") or environ.get("PGHOST") or "").split(",")
     addresses = (params.get("hostaddr") or environ.get("PGHOSTADDR") or "").split(",")
+    service = params.get("service") or environ.get("PGSERVICE")
+    if service and hosts == [""] and addresses == [""]:  # pg_service.conf names the host: unseen here
+        hosts = [f"the host of service {service!r}"]
     for index, host in enumerate(hosts):
         address = addresses[index] if index < len(addresses) else ""
         target = (address or host).strip()
