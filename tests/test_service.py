@@ -4,6 +4,7 @@ mutual TLS certificates, a real SQLite store and its audit log."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pwd
@@ -981,8 +982,12 @@ def test_a_policy_reload_is_recorded_in_the_audit_log_taken_or_refused(server: S
     """The policy decides every request, yet its reload at SIGHUP was only a line on serve's
     stderr: an auditor asking for every administrative change found no policy change in the
     tamper-evident log. Each reload is a `policy.reload` record now, `ok` or, for a file that was
-    refused (the policy in force stays), `invalid_input`; the log still verifies."""
-    (server.dir / "policy.toml").write_text(POLICY.replace(f'"spiffe://{TD}/auth" = ["auth-reader"]', ""))
+    refused (the policy in force stays), `invalid_input`; the log still verifies. Each names the
+    policy in force after it by its SHA-256 (as `sha256sum` prints it), as serve's start does, so
+    an auditor can tell which file of its version control decided the requests in between."""
+    first = hashlib.sha256((server.dir / "policy.toml").read_bytes()).hexdigest()
+    edited = POLICY.replace(f'"spiffe://{TD}/auth" = ["auth-reader"]', "").encode()
+    (server.dir / "policy.toml").write_bytes(edited)
     server.process.send_signal(signal.SIGHUP)
     assert eventually(lambda: any('"message": "policy reloaded"' in line for line in server.log_lines))
     (server.dir / "policy.toml").write_text("[identities\n")  # does not parse
@@ -994,6 +999,11 @@ def test_a_policy_reload_is_recorded_in_the_audit_log_taken_or_refused(server: S
 
     assert eventually(lambda: len(reloads()) == 2)
     assert [r["outcome"] for r in reloads()] == ["ok", "invalid_input"]
+    (started,) = [r for r in server.audit_records() if (r["operation"], r["outcome"]) == ("serve", "ok")]
+    assert started["policy_sha256"] == first
+    second = hashlib.sha256(edited).hexdigest()
+    assert second != first
+    assert [r["policy_sha256"] for r in reloads()] == [second, second]  # the refused file is not in force
     assert all(
         (r["actor"], r["source"], r["decision"], r["name"]) == (local_actor(), "grpc", "allow", None)
         for r in reloads()

@@ -35,13 +35,14 @@ rejected whole with an InvalidInputError naming the file and the place, never ha
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
 import stat
 import tomllib
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum, StrEnum
 from pathlib import Path
 from re import Pattern
@@ -143,6 +144,9 @@ class Policy:
     source: str = "<policy>"
     revoked_serials: frozenset[int] = frozenset()
     revoked_fingerprints: frozenset[bytes] = frozenset()  # SHA-256 of the certificate's DER
+    # The SHA-256 (hex) of the file's bytes as `load_policy` read them, as `sha256sum` prints it:
+    # the audit records of serve's start and of each reload name the policy in force by it.
+    digest: str = field(default="", compare=False)
     # Decisions already made: a policy never changes (a reload builds a new one), so neither do
     # they, and the service asks the same few questions on every request.
     _allowed: dict[tuple[tuple[str, ...], str, str], bool] = field(
@@ -324,7 +328,7 @@ def load_policy(path: str | Path, *, environment: Environment | None = None) -> 
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidInputError(f"{source}: not UTF-8 text") from None
-    return Policy.parse(text, source)
+    return replace(Policy.parse(text, source), digest=hashlib.sha256(data).hexdigest())
 
 
 # ---- parsing --------------------------------------------------------------------------------------

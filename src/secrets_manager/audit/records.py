@@ -75,11 +75,14 @@ class AuditEvent:
     # The service's summary of an identity's throttled requests (operation `throttled`): how many,
     # by method, first and last; no other record has this key.
     throttled: dict[str, Any] | None = None
+    # `serve` (ok) and `policy.reload`: the SHA-256 of the access policy file in force from then on
+    # (access/policy.py's Policy.digest); no other record has this key.
+    policy_sha256: str | None = None
 
     def as_record(self) -> dict[str, Any]:
         """The record's fields from this event (the optional ones only where set)."""
         found = dict(vars(self))
-        for optional in ("certificate_serial", "pruned_before", "throttled"):
+        for optional in ("certificate_serial", "pruned_before", "throttled", "policy_sha256"):
             if found[optional] is None:
                 del found[optional]
         return found

@@ -157,8 +157,8 @@ def serve(session: Session, config_path: str) -> None:
         event = session.event("serve", source="grpc", peer=config.listen)
         audit.append([replace(event, outcome="pending")], store)
 
-        def listening(_port: int) -> None:
-            audit.append([event], store)
+        def listening(_port: int, policy_sha256: str) -> None:
+            audit.append([replace(event, policy_sha256=policy_sha256)], store)
 
         try:
             run_server(

@@ -194,10 +194,12 @@ class PolicyHolder:
         return True
 
     def summary(self) -> dict[str, object]:
-        """What a log line says of the policy in force: its file and sizes (never a rule's text)."""
+        """What a log line says of the policy in force: its file, digest and sizes (never a rule's
+        text)."""
         policy = self.current
         return {
             "policy": str(self.path),
+            "policy_sha256": policy.digest,
             "identities": len(policy.identities),
             "roles": len(policy.roles),
             "revoked": len(policy.revoked_serials) + len(policy.revoked_fingerprints),
@@ -1422,13 +1424,15 @@ def run_server(
     store: ServedStore,
     audit: AuditLog,
     *,
-    ready: Callable[[int], None] = lambda port: None,
+    ready: Callable[[int, str], None] = lambda port, policy_sha256: None,
     environment: Environment = Environment.DEVELOPMENT,
     config_path: Path | None = None,
     store_url: str | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT (graceful stop, exit 0); SIGHUP reloads the policy and the TLS
-    files, each on its own (a rejected one keeps what is in force, the other still reloads)."""
+    files, each on its own (a rejected one keeps what is in force, the other still reloads).
+    `ready` gets the bound port and the SHA-256 of the policy file in force before any call is
+    served (the start's audit record names it)."""
     # A handler only sets a flag: it runs between two bytecodes of the main thread, which may be
     # inside a write to stderr (a log line from the handler then failed, "reentrant call") or hold
     # a lock the handler would wait for. The main loop below acts on the flags. Set from before
@@ -1453,7 +1457,15 @@ def run_server(
         )
     # The start's audit record ("serve", ok) is written once the port is bound and before any
     # call is served, so it comes before every request's; unwritten, nothing is served.
-    running = build_server(config, store, audit, policy, scheduler, certificates, bound=ready)
+    running = build_server(
+        config,
+        store,
+        audit,
+        policy,
+        scheduler,
+        certificates,
+        bound=lambda port: ready(port, policy.current.digest),
+    )
     running.metrics.track_reloads(
         ["policy", "tls"]
         + (["rotation_schedule"] if scheduler else [])
@@ -1520,7 +1532,7 @@ def run_server(
     while not requested.stop:
         if requested.reload:
             requested.reload = False
-            _audit_policy_reload(audit, store, _reload(reloadable, running.metrics))
+            _audit_policy_reload(audit, store, _reload(reloadable, running.metrics), policy.current.digest)
             if config_path is not None and in_force is not None:
                 taken = _config_unchanged(config_path, in_force, running.servicer.limits)
                 running.metrics.count_reload("config", taken)
@@ -1702,15 +1714,22 @@ def _reload(
     return policy_taken
 
 
-def _audit_policy_reload(audit: AuditLog, store: ServedStore, taken: bool | None) -> None:
+def _audit_policy_reload(audit: AuditLog, store: ServedStore, taken: bool | None, in_force: str) -> None:
     """The policy decides every request, so its reload at SIGHUP is an administrative change:
     recorded as `policy.reload` (docs/audit.md §2), actor the OS user serve runs as, outcome `ok`,
     or `invalid_input` when the file was refused and the policy in force stays. Before, only the
     service's stderr log said so, which no audit check covers. The reload has happened either way:
-    a record that cannot be written is logged, and the service goes on."""
+    a record that cannot be written is logged, and the service goes on. `in_force` is the SHA-256
+    of the policy file in force after it (the new file's, or the old one's that stays)."""
     if taken is None:
         return
-    event = AuditEvent("policy.reload", local_actor(), "grpc", outcome="ok" if taken else "invalid_input")
+    event = AuditEvent(
+        "policy.reload",
+        local_actor(),
+        "grpc",
+        outcome="ok" if taken else "invalid_input",
+        policy_sha256=in_force,
+    )
     try:
         audit.append([event], store)
     except SecretsManagerError as exc:
