@@ -1797,6 +1797,32 @@ def test_version_flag_prints_the_version(cli: Cli) -> None:
     assert metadata.version("secrets-manager") == secrets_manager.__version__
 
 
+def test_python_dash_m_runs_the_same_cli(ready: Cli) -> None:
+    """`python -m secrets_manager` where the scripts directory is not on PATH: the same commands,
+    output and exit codes as the console script."""
+    import secrets_manager
+
+    def module(*args: str, input: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [sys.executable, "-m", "secrets_manager", *args],
+            input=input,
+            capture_output=True,
+            env=ready.env,
+            start_new_session=True,
+            timeout=60,
+        )
+
+    assert module("store", "svc/BY_MODULE", input=b"from-python-m").returncode == 0
+    assert ready("get", "svc/BY_MODULE").out == "from-python-m\n"
+    got = module("get", "svc/BY_MODULE")
+    assert (got.returncode, got.stdout) == (0, b"from-python-m\n")
+    missing = module("get", "svc/NOT_THERE")
+    assert missing.returncode == 3 and b"Traceback" not in missing.stderr
+    assert missing.stderr.decode().startswith("secrets-manager: error: ")
+    version = module("--version")
+    assert version.returncode == 0 and secrets_manager.__version__ in version.stdout.decode()
+
+
 def test_closed_pipe_is_not_an_error(ready: Cli, tmp_path: Path) -> None:
     # 50 secrets, more than one write of output: one import, not 50 CLI processes
     (tmp_path / "fifty.env").write_text("".join(f"K{i:03}=v\n" for i in range(50)))
