@@ -85,6 +85,48 @@ def test_records_after_a_rotation_are_under_the_new_key_and_the_chain_verifies(c
         assert witnessed.returncode == 0, witnessed.stderr
 
 
+def test_audit_show_finds_a_values_records_under_every_audit_key_they_were_written_under(cli: Cli) -> None:
+    """The leaked-value runbook: 'audit hash' fingerprints under the key in force only, so the
+    reads of a leaked value from before an 'audit rotate-key' were not found by its fingerprint.
+    'audit hash --every-key' gives one per key (oldest first), and 'audit show --value-hmac'
+    selects the records of any of them."""
+    assert cli("store", "auth/DB_PASSWORD", input=b"db-pass").returncode == 0
+    assert cli("get", "auth/DB_PASSWORD").returncode == 0
+    assert cli("audit", "rotate-key").returncode == 0
+    assert cli("get", "auth/DB_PASSWORD").returncode == 0
+    assert cli("store", "auth/OTHER", input=b"another value").returncode == 0
+    every = cli("audit", "hash", "--every-key", input=b"db-pass")
+    assert every.returncode == 0, every.stderr
+    old, new = every.stdout.decode().splitlines()
+    assert new == cli("audit", "hash", input=b"db-pass").stdout.decode().strip() != old
+    records = cli.records()
+    of_the_value = [r for r in records if r.get("value_hmac") in (old, new)]
+    assert [(r["operation"], r.get("key_id")) for r in of_the_value if r["outcome"] == "ok"] == [
+        ("store", None),
+        ("get", None),
+        ("get", 2),
+    ]
+    assert any(r.get("value_hmac") not in (None, old, new) for r in records)  # auth/OTHER's
+
+    def shown(*fingerprints: str) -> list[dict[str, Any]]:
+        args = [arg for fingerprint in fingerprints for arg in ("--value-hmac", fingerprint)]
+        result = cli("audit", "show", "--json", *args)
+        assert result.returncode == 0, result.stderr
+        found: list[dict[str, Any]] = json.loads(result.stdout)
+        return found
+
+    assert [r["request_id"] for r in shown(old, new)] == [r["request_id"] for r in of_the_value]
+    assert [r["request_id"] for r in shown(new)] == [
+        r["request_id"] for r in of_the_value if r["value_hmac"] == new
+    ]
+    refused = cli("audit", "show", "--value-hmac", "db-pass")  # the value itself, by mistake
+    assert refused.returncode == 2
+    assert refused.stderr.decode().strip().splitlines() == [
+        "secrets-manager: error: --value-hmac takes a value's fingerprint, as 'secrets-manager audit "
+        "hash' prints it (hmac-sha256: and 64 hex digits), never the value"
+    ]
+
+
 def test_a_record_made_with_the_retired_key_after_the_rotation_is_a_forgery(cli: Cli) -> None:
     old_key = _keys(cli.store, CLI_PASSWORD)[0]  # what a leaked copy of the store holds
     assert cli("audit", "rotate-key").returncode == 0

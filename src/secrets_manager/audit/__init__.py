@@ -11,6 +11,7 @@ from secrets_manager.audit.anchor import (
     anchor_a_restored_store,
     page_token_mac,
     value_fingerprint,
+    value_fingerprints,
 )
 from secrets_manager.audit.errors import AuditError, AuditPartialRecordError, AuditTamperError
 from secrets_manager.audit.files import refuse_files_of_others
@@ -40,4 +41,5 @@ __all__ = [
     "read_witness",
     "refuse_files_of_others",
     "value_fingerprint",
+    "value_fingerprints",
 ]

@@ -70,6 +70,13 @@ def value_fingerprint(anchor: AuditAnchor, value: bytes) -> str:
     return _value_fingerprint(keys[-1], value, len(keys))
 
 
+def value_fingerprints(anchor: AuditAnchor, value: bytes) -> list[str]:
+    """The fingerprint of a value under each audit key the store holds, oldest first (the one in
+    force last): a record written before an `audit rotate-key` holds the one under its own key."""
+    keys = anchor.audit_keys()
+    return [_value_fingerprint(key, value, generation) for generation, key in enumerate(keys, 1)]
+
+
 def page_token_mac(anchor: AuditAnchor, data: bytes) -> str:
     """The service's page-token MAC under the store's audit key, which every replica of the store
     shares (crypto.mac.page_token_mac)."""

@@ -27,7 +27,7 @@ from typing import Any
 import click
 
 from secrets_manager.access.policy import hex_digits
-from secrets_manager.audit import read_witness, value_fingerprint
+from secrets_manager.audit import read_witness, value_fingerprint, value_fingerprints
 from secrets_manager.audit.anchor import with_fresh_keys
 from secrets_manager.cli.app import Session, cli, pass_session, read_value
 from secrets_manager.cli.output import (
@@ -56,6 +56,9 @@ def audit() -> None:
 # value `store NAME#FIELD`, `edit` and a rotation read before writing. `list`, `history` and
 # `batch_get`'s request record name secrets without reading them; `backup` copies ciphertext.
 VALUE_READS = frozenset({"get", "otp", "run", "inject", "export", "store.read", "edit.read", "rotate.read"})
+
+
+_FINGERPRINT = re.compile(r"hmac-sha256:[0-9a-f]{64}")
 
 
 @audit.command()
@@ -107,6 +110,15 @@ VALUE_READS = frozenset({"get", "otp", "run", "inject", "export", "store.read", 
 @click.option("--failed", is_flag=True, help="Only records whose outcome is not ok (denials and errors).")
 @click.option("--request-id", metavar="ID", help="Only the records of one request.")
 @click.option(
+    "--value-hmac",
+    "fingerprints",
+    multiple=True,
+    metavar="FINGERPRINT",
+    help="Only the records of the value with this fingerprint (hmac-sha256:…, as 'audit hash' "
+    "prints it; repeatable: 'audit hash --every-key' gives one per audit key): who read or wrote "
+    "a leaked value.",
+)
+@click.option(
     "--last", type=click.IntRange(min=1), metavar="N", help="Only the last N of the records selected."
 )
 @click.option(
@@ -150,6 +162,7 @@ def show(
     denied: bool,
     failed: bool,
     request_id: str | None,
+    fingerprints: tuple[str, ...],
     last: int | None,
     follow: bool,
     summary: bool,
@@ -168,6 +181,12 @@ def show(
         else None
     )
     certificate = _serial_number(serial, "--serial") if serial is not None else None
+    for fingerprint in fingerprints:
+        if not _FINGERPRINT.fullmatch(fingerprint):
+            raise InvalidInputError(  # not echoed: it may be the value itself, given by mistake
+                "--value-hmac takes a value's fingerprint, as 'secrets-manager audit hash' prints it "
+                "(hmac-sha256: and 64 hex digits), never the value"
+            )
     if as_json and json_lines:
         raise InvalidInputError(
             "--json prints one JSON array, --json-lines a record per line: give one of them"
@@ -239,6 +258,7 @@ def show(
             and (not denied or record.get("decision") == "deny")
             and (not failed or record.get("outcome") not in ("ok", "pending"))
             and (request_id is None or record.get("request_id") == request_id)
+            and (not fingerprints or record.get("value_hmac") in fingerprints)
         )
 
     def last_of(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -683,15 +703,25 @@ def prune(
 
 @audit.command("hash")
 @click.option("--raw", is_flag=True, help="Keep stdin byte for byte (else one trailing newline is dropped).")
+@click.option(
+    "--every-key",
+    is_flag=True,
+    help="One fingerprint per audit key the store holds, oldest first (the key in force last): "
+    "records from before an 'audit rotate-key' hold the one under their own key.",
+)
 @pass_session
-def hash_command(session: Session, raw: bool) -> None:
-    """HMAC a candidate value from stdin as the audit log does, to see if a record refers to it.
-    Recorded as 'audit.hash' (never the candidate or its fingerprint): it tests a guess."""
+def hash_command(session: Session, raw: bool, every_key: bool) -> None:
+    """HMAC a candidate value from stdin as the audit log does, to see if a record refers to it
+    ('audit show --value-hmac'). Recorded as 'audit.hash' (never the candidate or its
+    fingerprint): it tests a guess."""
     session.require_local("audit hash")
     candidate = read_value(None, None, raw=raw, allow_empty=True)
     with session.store_operation("audit.hash") as (store, _):
-        fingerprint = value_fingerprint(store, candidate.reveal())
-    click.echo(fingerprint)  # shown only once its record is written, as a read's result is
+        if every_key:
+            fingerprints = value_fingerprints(store, candidate.reveal())
+        else:
+            fingerprints = [value_fingerprint(store, candidate.reveal())]
+    click.echo("\n".join(fingerprints))  # shown only once its record is written, as a read's result is
 
 
 def record_time(record: dict[str, Any]) -> datetime:
