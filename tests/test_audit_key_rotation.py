@@ -256,6 +256,38 @@ def test_a_running_serve_writes_under_the_new_key_after_a_rotation(tmp_path: Pat
     assert verified.returncode == 0, verified.stderr
 
 
+def test_a_listing_paged_across_an_audit_key_rotation_goes_on_to_its_end(tmp_path: Path) -> None:
+    """A page token holds a MAC under the store's audit key: once serve had moved to the key an
+    'audit rotate-key' made, a token it issued before was refused (INVALID_ARGUMENT, start
+    again), so a listing or get_credentials() paging through the rotation failed."""
+    make_pki(tmp_path)
+    store_path = make_store(tmp_path)
+    running = start_server(tmp_path)
+    environ = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "SECRETS_MANAGER_STORE": str(store_path),
+        "MASTER_PASSWORD": PASSWORD,
+    }
+    try:
+        stub = running.stub("ops")
+        first = stub.ListSecrets(pb.ListSecretsRequest(page_size=1), timeout=10)
+        assert first.next_page_token
+        rotated = run_script(environ, "audit", "rotate-key")
+        assert rotated.returncode == 0, rotated.stderr
+        stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)  # serve meets key 2
+        names, token = [s.name for s in first.secrets], first.next_page_token
+        while token:
+            page = stub.ListSecrets(pb.ListSecretsRequest(page_size=1, page_token=token), timeout=10)
+            names += [s.name for s in page.secrets]
+            token = page.next_page_token
+    finally:
+        running.stop()
+    assert names == sorted(SEED)
+    records = [json.loads(line) for line in (tmp_path / "store.audit.jsonl").read_text().splitlines()]
+    assert any(r.get("key_id") == 2 and r["operation"] == "list" for r in records)  # paged under key 2
+
+
 def _lose_the_store(cli: Cli) -> None:
     for path in cli.store.parent.glob(cli.store.name + "*"):
         path.unlink()

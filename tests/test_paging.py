@@ -31,6 +31,38 @@ def binding(identity: str = "ops", method: str = "ListSecrets", **request: objec
     return TokenBinding(mac, method, identity, **{"prefix": "", **request})
 
 
+def test_a_token_under_an_earlier_or_a_newer_audit_key_is_accepted_and_a_forged_one_is_not() -> None:
+    """Across an `audit rotate-key` between two pages: the binding signs under the key in force
+    and takes a token under any key the store holds, asking the store again (reload) once before
+    refusing one, which a replica that has not yet read the new key needs."""
+    old_key, new_key = b"o" * 32, b"n" * 32
+    asked: list[bool] = []
+
+    def accepted(data: bytes, reload: bool) -> list[str]:
+        asked.append(reload)
+        held = [new_key, old_key] if reload else [old_key]  # the new key read only on a reload
+        return [page_token_mac(key, data) for key in held]
+
+    def under(key: bytes) -> TokenBinding:
+        return TokenBinding(lambda data: page_token_mac(key, data), "ListSecrets", "ops", accepted, prefix="")
+
+    issued_before = under(old_key).token("after:a/B")
+    assert under(new_key).place(issued_before) == "after:a/B"  # after the rotation, here
+    assert asked == [False]
+    issued_elsewhere = under(new_key).token("after:a/C")
+    assert under(old_key).place(issued_elsewhere) == "after:a/C"  # a replica not yet on the new key
+    assert asked == [False, False, True]
+    forged = f"{'0' * 24}.after:a/D"
+    with pytest.raises(InvalidInputError):
+        under(old_key).place(forged)
+    with pytest.raises(InvalidInputError):  # a token of another caller, under a key held
+        under(old_key).place(
+            TokenBinding(lambda d: page_token_mac(old_key, d), "ListSecrets", "auth", prefix="").token(
+                "after:a/B"
+            )
+        )
+
+
 def take(page: Page, names: list[str], size: int = 10) -> list[str]:
     taken = []
     for name in page.start(names):

@@ -10,6 +10,7 @@ from secrets_manager.audit.anchor import (
     AuditAnchor,
     anchor_a_restored_store,
     page_token_mac,
+    page_token_macs,
     value_fingerprint,
     value_fingerprints,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "discard_adopted_lock",
     "local_actor",
     "page_token_mac",
+    "page_token_macs",
     "read_witness",
     "refuse_files_of_others",
     "value_fingerprint",

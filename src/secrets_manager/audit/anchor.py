@@ -83,6 +83,14 @@ def page_token_mac(anchor: AuditAnchor, data: bytes) -> str:
     return _page_token_mac(anchor.audit_key(), data)
 
 
+def page_token_macs(anchor: AuditAnchor, data: bytes, *, reload: bool = False) -> list[str]:
+    """The page-token MAC under each audit key the store holds, the one in force first: a token
+    issued before an `audit rotate-key` (or by a replica that read the new key first, with
+    `reload`) is still the service's own."""
+    keys = anchor.audit_keys(reload=reload)
+    return [_page_token_mac(key, data) for key in reversed(keys)]
+
+
 def anchor_a_restored_store(anchor: AuditAnchor) -> None:
     """A store just made from a backup copy has its audit key but no anchor (backups copy none),
     while the log its source wrote may have survived it: the store vouches for the empty chain

@@ -43,15 +43,26 @@ class TokenBinding:
     """What a page token may be sent back with: `method`, the caller and the request's fields.
 
     `mac` is a keyed MAC shared by every replica (the server's: audit.page_token_mac, under the
-    store's audit key with a label of its own); tokens carry a prefix of its hex digest."""
+    store's audit key with a label of its own); tokens carry a prefix of its hex digest.
+    `accepted(data, reload)`, if given, is every MAC a token of this binding may carry (the
+    server's: under each audit key the store holds, so a token survives an `audit rotate-key`
+    between two pages; with `reload`, the keys read again, once a token matched none)."""
 
-    def __init__(self, mac: Callable[[bytes], str], method: str, identity: str, **request: object) -> None:
+    def __init__(
+        self,
+        mac: Callable[[bytes], str],
+        method: str,
+        identity: str,
+        accepted: Callable[[bytes, bool], list[str]] | None = None,
+        **request: object,
+    ) -> None:
         self._mac = mac
+        self._accepted = accepted
         fields = sorted(request.items())
         self._request = json.dumps([method, identity, fields], separators=(",", ":"), ensure_ascii=True)
 
     def sign(self, place: str) -> str:
-        return self._mac(f"{self._request}\x00{place}".encode())[:_MAC_CHARS]
+        return self._mac(self._signed(place))[:_MAC_CHARS]
 
     def token(self, place: str) -> str:
         # The MAC first: a server from before tokens were bound refuses this token as invalid
@@ -61,9 +72,22 @@ class TokenBinding:
     def place(self, token: str) -> str:
         """The place `token` names, if this binding issued it; else InvalidInputError."""
         mac, dot, place = token.partition(".")
-        if not dot or not secrets.compare_digest(mac.encode(), self.sign(place).encode()):
+        if not dot:
             raise _bad_token()
-        return place
+        if secrets.compare_digest(mac.encode(), self.sign(place).encode()):
+            return place
+        if self._accepted is not None:
+            data = self._signed(place)
+            for reload in (False, True):
+                if any(
+                    secrets.compare_digest(mac.encode(), each[:_MAC_CHARS].encode())
+                    for each in self._accepted(data, reload)
+                ):
+                    return place
+        raise _bad_token()
+
+    def _signed(self, place: str) -> bytes:
+        return f"{self._request}\x00{place}".encode()
 
 
 class Page:

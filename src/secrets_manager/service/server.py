@@ -44,6 +44,7 @@ from secrets_manager.audit import (
     AuditLog,
     local_actor,
     page_token_mac,
+    page_token_macs,
     value_fingerprint,
 )
 from secrets_manager.environment import Environment
@@ -908,7 +909,13 @@ class SecretsServicer(pb_grpc.SecretsServicer):
     def _page_binding(self, method: str, identity: str, **request: object) -> TokenBinding:
         """What a page token of `method` is bound to; keyed by the store's audit key, which every
         replica of the store shares (service/paging.py)."""
-        return TokenBinding(lambda data: page_token_mac(self._store, data), method, identity, **request)
+        return TokenBinding(
+            lambda data: page_token_mac(self._store, data),
+            method,
+            identity,
+            lambda data, reload: page_token_macs(self._store, data, reload=reload),
+            **request,
+        )
 
     def DescribeSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._call(context, "DescribeSecret", "history", request.name, "list"):
