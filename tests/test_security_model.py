@@ -10,6 +10,7 @@ import hashlib
 import hmac
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -29,7 +30,7 @@ from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
-from service_fixtures import PASSWORD, SEED, Server, make_pki, make_store, run_script, start_server
+from service_fixtures import PASSWORD, SCRIPT, SEED, Server, make_pki, make_store, run_script, start_server
 from tcp_proxy import TcpProxy, Verdict
 
 
@@ -156,9 +157,9 @@ def open_tmp() -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def read_as_nobody(path: Path) -> subprocess.CompletedProcess[bytes]:
+def read_as_nobody(path: Path, count: int = 1) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(
-        ["head", "-c", "1", str(path)],
+        ["head", "-c", str(count), str(path)],
         user="nobody",
         group="nogroup" if _group_exists("nogroup") else "nobody",
         extra_groups=[],
@@ -226,6 +227,53 @@ def test_another_local_user_can_read_none_of_the_files_the_cli_writes(open_tmp: 
     control.write_bytes(b"x")
     control.chmod(0o644)
     assert read_as_nobody(control).stdout == b"x"
+
+
+NOBODY_WRAPPER = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
+
+
+@pytest.mark.parametrize(("environment", "readable"), [("staging", False), ("development", True)])
+def test_outside_development_other_processes_of_serves_user_cannot_read_its_memory(
+    environment: str, readable: bool
+) -> None:
+    """PR_SET_DUMPABLE 0 outside development: /proc/PID/mem and /proc/PID/environ (which holds
+    MASTER_PASSWORD where that is how serve was given it) become root's, so another process of the
+    user serve runs as (here nobody) cannot read them; development keeps them readable for a
+    developer's own debugger, which shows the check can fail."""
+    require_root("serve as another user, and a process of that user, need setuid")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) runs serve as nobody")
+    probe = subprocess.run([*NOBODY_WRAPPER, str(SCRIPT), "--version"], capture_output=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip(f"nobody cannot run this checkout's secrets-manager: {probe.stderr.decode().strip()}")
+    directory = Path(tempfile.mkdtemp(prefix="security-model-serve-"))
+    try:
+        directory.chmod(0o755)
+        make_pki(directory, ("auth",))
+        make_store(directory)
+        (directory / "server.toml").write_text("")  # start_server writes it: nobody's, as the rest
+        subprocess.run(["chown", "-R", "nobody:nogroup", str(directory)], check=True, timeout=30)
+        running = start_server(
+            directory, environment={"SHRIVENQUANT_ENV": environment}, wrapper=NOBODY_WRAPPER
+        )
+        try:
+            reply = running.stub("auth").GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+            assert reply.secret.value == SEED["auth/DB_PASSWORD"]  # it serves, as nobody
+            pid = running.process.pid
+            (uids,) = [
+                line.split()[1:]
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith("Uid:")
+            ]
+            assert set(uids) == {str(pwd.getpwnam("nobody").pw_uid)}  # it runs as nobody
+            environ = read_as_nobody(Path(f"/proc/{pid}/environ"), count=100_000)
+            mem = read_as_nobody(Path(f"/proc/{pid}/mem"))
+        finally:
+            running.stop()
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    assert (PASSWORD.encode() in environ.stdout) is readable, environ.stderr
+    assert (b"Permission denied" in mem.stderr) is not readable, mem.stderr
 
 
 # ---- someone who can read the database ---------------------------------------------------------
