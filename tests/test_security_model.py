@@ -12,6 +12,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 
 from agent_fixtures import require_root
@@ -30,7 +33,17 @@ from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
-from service_fixtures import PASSWORD, SCRIPT, SEED, Server, make_pki, make_store, run_script, start_server
+from service_fixtures import (
+    PASSWORD,
+    SCRIPT,
+    SEED,
+    Server,
+    eventually,
+    make_pki,
+    make_store,
+    run_script,
+    start_server,
+)
 from tcp_proxy import TcpProxy, Verdict
 
 
@@ -46,6 +59,31 @@ def server(tmp_path: Path) -> Iterator[Server]:
 def spellings(material: bytes) -> list[bytes]:
     """Raw, hex and base64 forms of key material, as they might land somewhere."""
     return [material, material.hex().encode(), base64.b64encode(material)]
+
+
+# ---- a compromised service ---------------------------------------------------------------------
+
+
+def test_a_revoked_certificate_still_gets_health_but_no_secret_call(server: Server) -> None:
+    """What docs/security.md says a revoked certificate keeps: grpc.health (and reflection), which
+    answer any certificate the CA signed and touch no secret. Every Secrets call is refused."""
+    serial = format(x509.load_pem_x509_certificate((server.dir / "auth.pem").read_bytes()).serial_number, "X")
+    policy = server.dir / "policy.toml"
+    policy.write_text(policy.read_text() + f'\n[revoked]\nserials = ["{serial}"]\n')
+    server.process.send_signal(signal.SIGHUP)
+    stub = server.stub("auth")
+
+    def refused() -> bool:
+        try:
+            stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
+        except grpc.RpcError as error:
+            return error.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined,no-any-return]
+        return False
+
+    assert eventually(refused)
+    health = health_pb2_grpc.HealthStub(server.channel("auth"))  # type: ignore[no-untyped-call]
+    answer = health.Check(health_pb2.HealthCheckRequest(service="secrets_manager.v1.Secrets"), timeout=10)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
 # ---- a network attacker ------------------------------------------------------------------------
