@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,6 +85,56 @@ def test_a_revoked_certificate_still_gets_health_but_no_secret_call(server: Serv
     health = health_pb2_grpc.HealthStub(server.channel("auth"))  # type: ignore[no-untyped-call]
     answer = health.Check(health_pb2.HealthCheckRequest(service="secrets_manager.v1.Secrets"), timeout=10)
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# ---- someone who can write the audit log ------------------------------------------------------
+
+
+def _append_forged_record(log: Path, **fields: object) -> None:
+    """A record appended as anyone who may write the log could: chained to the last line, its
+    hash computed (SHA-256 of the canonical line without `hash` and `mac`), no MAC (no audit key)."""
+    last = json.loads(log.read_text().splitlines()[-1])
+    record: dict[str, object] = {
+        "actor": "alice", "decision": "deny", "name": None, "operation": "unlock",
+        "outcome": "unlock_failed", "peer": None, "prev": last["hash"], "request_id": str(uuid.uuid4()),
+        "seq": last["seq"] + 1, "source": "cli", "time": "2026-12-02T12:00:00.000000+00:00",
+        "value_hmac": None, "version": None, **fields,
+    }  # fmt: skip
+    canonical = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    record["hash"] = hashlib.sha256(canonical.encode()).hexdigest()
+    record["mac"] = None
+    with log.open("a") as out:
+        out.write(json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n")
+
+
+def test_who_may_write_the_log_alone_can_append_failed_unlocks_and_no_other_record(tmp_path: Path) -> None:
+    """A failed unlock is recorded by a process that could not open the store, so without the
+    audit key: it has no MAC, and anyone who may write the log can append one that `audit verify`
+    accepts (a failed attempt of their making, here in alice's name). Any other record without a
+    MAC is refused; so the forger can add failed unlocks, not reads or changes."""
+    environ = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "SECRETS_MANAGER_STORE": str(tmp_path / "store" / "secrets.db"),
+        "MASTER_PASSWORD": PASSWORD,
+    }
+    for args, stdin in ((["init", "--kdf-profile", "test"], b""), (["store", "auth/KEY"], b"v")):
+        assert run_script(environ, *args, input=stdin).returncode == 0
+    log = tmp_path / "store" / "secrets.audit.jsonl"
+    kept = log.read_bytes()
+    _append_forged_record(log)
+    verified = run_script(environ, "audit", "verify")
+    assert verified.returncode == 0, verified.stderr
+    assert run_script(environ, "get", "auth/KEY").returncode == 0  # and the next writer chains on
+    assert run_script(environ, "audit", "verify").returncode == 0
+    denied = [json.loads(line) for line in log.read_text().splitlines() if '"unlock_failed"' in line]
+    assert [r["actor"] for r in denied] == ["alice"]
+
+    log.write_bytes(kept)
+    _append_forged_record(log, actor=pwd.getpwuid(os.geteuid()).pw_name, decision="allow", operation="get",
+                          outcome="ok", name="auth/KEY", version=1)  # fmt: skip
+    refused = run_script(environ, "audit", "verify")
+    assert refused.returncode == 6 and b"lacks its MAC" in refused.stderr, refused.stderr
 
 
 # ---- a network attacker ------------------------------------------------------------------------
