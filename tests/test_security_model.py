@@ -137,6 +137,37 @@ def test_who_may_write_the_log_alone_can_append_failed_unlocks_and_no_other_reco
     assert refused.returncode == 6 and b"lacks its MAC" in refused.stderr, refused.stderr
 
 
+def test_who_may_write_the_log_alone_can_cut_failed_unlocks_from_its_end_but_no_anchored_record(
+    tmp_path: Path,
+) -> None:
+    """Failed unlocks move no anchor (their process holds no key): cut from the end of the log,
+    they go unseen (docs/audit.md §6), and the next writer chains on. A record the store anchored
+    cannot be cut so."""
+    environ = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "SECRETS_MANAGER_STORE": str(tmp_path / "store" / "secrets.db"),
+        "MASTER_PASSWORD": PASSWORD,
+    }
+    for args, stdin in ((["init", "--kdf-profile", "test"], b""), (["store", "auth/KEY"], b"v")):
+        assert run_script(environ, *args, input=stdin).returncode == 0
+    assert run_script(environ, "get", "auth/KEY").returncode == 0
+    log = tmp_path / "store" / "secrets.audit.jsonl"
+    anchored = log.read_text().splitlines()
+    for guess in ("guess-1", "guess-2"):
+        assert run_script(environ, "get", "auth/KEY", env={"MASTER_PASSWORD": guess}).returncode == 4
+    assert len(log.read_text().splitlines()) == len(anchored) + 2
+    log.write_text("\n".join(anchored) + "\n")  # the two failed unlocks cut
+    assert run_script(environ, "audit", "verify").returncode == 0
+    assert run_script(environ, "get", "auth/KEY").stdout == b"v\n"
+    assert run_script(environ, "audit", "verify").returncode == 0
+    assert '"unlock_failed"' not in log.read_text()
+
+    log.write_text("\n".join(log.read_text().splitlines()[:-1]) + "\n")  # the anchored get cut
+    cut = run_script(environ, "audit", "verify")
+    assert cut.returncode == 6 and b"missing at the end" in cut.stderr, cut.stderr
+
+
 # ---- a network attacker ------------------------------------------------------------------------
 
 
