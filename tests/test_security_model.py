@@ -29,6 +29,7 @@ from psycopg import sql
 
 from agent_fixtures import require_root
 from postgres_cluster import PostgresCluster
+from secrets_manager.client import Client
 from secrets_manager.crypto import kdf
 from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
@@ -166,6 +167,27 @@ def test_who_may_write_the_log_alone_can_cut_failed_unlocks_from_its_end_but_no_
     log.write_text("\n".join(log.read_text().splitlines()[:-1]) + "\n")  # the anchored get cut
     cut = run_script(environ, "audit", "verify")
     assert cut.returncode == 6 and b"missing at the end" in cut.stderr, cut.stderr
+
+
+def test_the_sdks_development_local_mode_reads_without_an_audit_record(tmp_path: Path) -> None:
+    """What docs/security.md lists as not protected: with no service address (development), the
+    SDK reads the store file directly, and nothing is appended to the store's audit log."""
+    environ = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "SECRETS_MANAGER_STORE": str(tmp_path / "store" / "secrets.db"),
+        "MASTER_PASSWORD": PASSWORD,
+    }
+    for args, stdin in ((["init", "--kdf-profile", "test"], b""), (["store", "auth/KEY"], b"local-value")):
+        assert run_script(environ, *args, input=stdin).returncode == 0
+    log = tmp_path / "store" / "secrets.audit.jsonl"
+    before = log.read_bytes()
+    with Client(environ={**environ, "SHRIVENQUANT_ENV": "development"}) as client:
+        assert client.credentials()["auth/KEY"].reveal() == b"local-value"
+    assert log.read_bytes() == before
+    # The same read through the CLI is recorded.
+    assert run_script(environ, "get", "auth/KEY").returncode == 0
+    assert log.read_bytes() != before
 
 
 # ---- a network attacker ------------------------------------------------------------------------
