@@ -374,6 +374,13 @@ def test_another_local_user_can_read_none_of_the_files_the_cli_writes(open_tmp: 
 NOBODY_WRAPPER = ("setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups")
 
 
+def _cannot_run_here(why: str) -> None:
+    """Skip, saying why; under CI, where the test must run, fail instead."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run this: {why}")
+    pytest.skip(why)
+
+
 @pytest.mark.parametrize(("environment", "readable"), [("staging", False), ("development", True)])
 def test_outside_development_other_processes_of_serves_user_cannot_read_its_memory(
     environment: str, readable: bool
@@ -384,10 +391,12 @@ def test_outside_development_other_processes_of_serves_user_cannot_read_its_memo
     developer's own debugger, which shows the check can fail."""
     require_root("serve as another user, and a process of that user, need setuid")
     if shutil.which("setpriv") is None:
-        pytest.skip("setpriv (util-linux) runs serve as nobody")
+        _cannot_run_here("setpriv (util-linux) runs serve as nobody")
     probe = subprocess.run([*NOBODY_WRAPPER, str(SCRIPT), "--version"], capture_output=True, timeout=60)
     if probe.returncode != 0:
-        pytest.skip(f"nobody cannot run this checkout's secrets-manager: {probe.stderr.decode().strip()}")
+        _cannot_run_here(
+            f"nobody cannot run this checkout's secrets-manager: {probe.stderr.decode().strip()}"
+        )
     directory = Path(tempfile.mkdtemp(prefix="security-model-serve-"))
     try:
         directory.chmod(0o755)
