@@ -585,3 +585,20 @@ def test_check_secret_store_notices_a_delete_that_ignores_its_expected_version(
         match="'delete-expect-version' failed: delete with expect_version=1 while version 2 is current",
     ):
         check_secret_store(make_store)
+
+
+def test_check_secret_store_notices_a_delete_that_ignores_a_pending_rotation(
+    make_store: Callable[[], SecretStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = encrypted_module.EncryptedStore.delete
+
+    def delete_ignoring_pending(self: EncryptedStore, name: str, **kwargs: Any) -> None:
+        kwargs.pop("expect_no_pending", None)
+        original(self, name, **kwargs)
+
+    monkeypatch.setattr(encrypted_module.EncryptedStore, "delete", delete_ignoring_pending)
+    with pytest.raises(
+        AssertionError,
+        match=r"'delete-expect-no-pending' failed: delete with expect_no_pending \(expect_version=None\)",
+    ):
+        check_secret_store(make_store)

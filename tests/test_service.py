@@ -1446,6 +1446,26 @@ def test_delete_secret_if_current_deletes_only_the_version_read(server: Server) 
     assert server.cli("ops", "get", "load/CAS").returncode == 3
 
 
+def test_delete_secret_if_unchanged_is_refused_while_a_rotation_is_pending(server: Server) -> None:
+    ops = server.stub("ops")
+    ops.PutSecret(pb.PutSecretRequest(name="load/CAS", value=b"SEEKRIT-1"), timeout=10)  # version 1
+    ops.StageSecretVersion(pb.StageSecretVersionRequest(name="load/CAS", value=b"SEEKRIT-2"), timeout=10)
+    for expect, code in ((1, grpc.StatusCode.ABORTED), (2, grpc.StatusCode.ABORTED)):
+        request = pb.DeleteSecretIfUnchangedRequest(name="load/CAS", expect_version=expect)
+        assert code_of(lambda request=request: ops.DeleteSecretIfUnchanged(request, timeout=10)) == code
+    zero = pb.DeleteSecretIfUnchangedRequest(name="load/CAS", expect_version=0)
+    assert code_of(lambda: ops.DeleteSecretIfUnchanged(zero, timeout=10)) == grpc.StatusCode.INVALID_ARGUMENT
+    writer = pb.DeleteSecretIfUnchangedRequest(name="load/CAS", expect_version=1)
+    denied = code_of(lambda: server.stub("writer").DeleteSecretIfUnchanged(writer, timeout=10))
+    assert denied == grpc.StatusCode.PERMISSION_DENIED  # it needs delete, as DeleteSecret
+    assert server.cli("ops", "get", "load/CAS").stdout == b"SEEKRIT-1\n"  # nothing deleted
+    ops.DiscardPendingVersion(pb.DiscardPendingVersionRequest(name="load/CAS"), timeout=10)
+    ops.DeleteSecretIfUnchanged(
+        pb.DeleteSecretIfUnchangedRequest(name="load/CAS", expect_version=1), timeout=10
+    )
+    assert server.cli("ops", "get", "load/CAS").returncode == 3
+
+
 def test_delete_and_undelete_need_delete_which_write_does_not_grant(server: Server) -> None:
     """writer may write rw/* but holds no delete there: DeleteSecret and UndeleteSecret are refused
     (PERMISSION_DENIED, audited as denials), and the secret is as it was each time."""
@@ -2631,6 +2651,9 @@ def test_a_refusal_says_the_same_of_a_missing_name_as_of_a_present_one(server: S
             lambda: stub.DeleteSecret(pb.DeleteSecretRequest(name=name), timeout=10),
             lambda: stub.DeleteSecretIfCurrent(
                 pb.DeleteSecretIfCurrentRequest(name=name, expect_version=1), timeout=10
+            ),
+            lambda: stub.DeleteSecretIfUnchanged(
+                pb.DeleteSecretIfUnchangedRequest(name=name, expect_version=1), timeout=10
             ),
             lambda: stub.UndeleteSecret(pb.UndeleteSecretRequest(name=name), timeout=10),
             lambda: stub.StageSecretVersion(pb.StageSecretVersionRequest(name=name, value=b"x"), timeout=10),

@@ -156,6 +156,7 @@ def test_encrypted_store_on_postgres_passes_the_whole_secret_store_suite(
     [
         "expect-version",
         "delete-expect-version",
+        "delete-expect-no-pending",
         "max-versions",
         "max-versions-setting",
         "repr-redacted",

@@ -702,16 +702,31 @@ class RemoteStore:
         except AccessDeniedError:
             return asked
 
-    def delete(self, name: str, *, expect_version: int | None = None) -> None:
+    def delete(
+        self, name: str, *, expect_version: int | None = None, expect_no_pending: bool = False
+    ) -> None:
         """DeleteSecret; with `expect_version`, DeleteSecretIfCurrent (ConflictError, nothing
-        deleted, if that version is no longer current). A service from before that RPC answers
-        UNIMPLEMENTED (UnsupportedOperationError): the delete is refused, never made unconditional."""
-        if expect_version is None:
+        deleted, if that version is no longer current), and with `expect_no_pending` too,
+        DeleteSecretIfUnchanged (also refused while a rotation is in progress; it needs
+        `expect_version`). A service from before either RPC answers UNIMPLEMENTED
+        (UnsupportedOperationError): the delete is refused, never made with less condition."""
+        if expect_version is None and not expect_no_pending:
             self._call("DeleteSecret", pb.DeleteSecretRequest(name=name))
             return
+        if expect_version is None:
+            raise InvalidInputError(
+                "a delete through the service on condition of no pending version needs the version read"
+            )
         checked_expect_version(expect_version)  # uint64 holds no -1
+        if not expect_no_pending:
+            self._call(
+                "DeleteSecretIfCurrent",
+                pb.DeleteSecretIfCurrentRequest(name=name, expect_version=expect_version),
+            )
+            return
         self._call(
-            "DeleteSecretIfCurrent", pb.DeleteSecretIfCurrentRequest(name=name, expect_version=expect_version)
+            "DeleteSecretIfUnchanged",
+            pb.DeleteSecretIfUnchangedRequest(name=name, expect_version=expect_version),
         )
 
     def undelete(self, name: str) -> None:

@@ -977,6 +977,19 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             self._store.delete(request.name, expect_version=request.expect_version)
         return pb.DeleteSecretResponse()
 
+    def DeleteSecretIfUnchanged(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """DeleteSecretIfCurrent that is also refused while a rotation is in progress (store.delete's
+        expect_no_pending): ABORTED, nothing deleted, if a version other than current is pending.
+        Audited as `delete` with the version."""
+        with self._call(
+            context, "DeleteSecretIfUnchanged", "delete", request.name, "delete", mutating=True
+        ) as call:
+            call.event.version = request.expect_version or None
+            if not request.expect_version:
+                raise InvalidInputError("expect_version is the version read as current: 1 or more")
+            self._store.delete(request.name, expect_version=request.expect_version, expect_no_pending=True)
+        return pb.DeleteSecretResponse()
+
     def UndeleteSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
         with self._call(context, "UndeleteSecret", "undelete", request.name, "delete", mutating=True):
             self._store.undelete(request.name)

@@ -116,6 +116,7 @@ from secrets_manager.store.base import (
     refuse_expiry_without_current,
     refuse_if_changed,
     refuse_if_rotating,
+    refuse_if_staged,
     refuse_if_unchanged,
     refuse_to_demote,
     refuse_unless_current,
@@ -1259,34 +1260,48 @@ class AwsStore:
                 f"not {' and '.join(left)}: {error}; run the same change again once that is allowed",
             ) from None
 
-    def delete(self, name: str, *, expect_version: int | None = None) -> None:
+    def delete(
+        self, name: str, *, expect_version: int | None = None, expect_no_pending: bool = False
+    ) -> None:
         """DescribeSecret, then DeleteSecret with RecoveryWindowInDays.
 
         DeleteSecret has no condition (only SecretId and the recovery window), so `expect_version`
-        is checked around it: ListSecretVersionIds before (that version must carry AWSCURRENT),
-        DescribeSecret after. A version made current between the two (a PutSecretValue landing
-        just before the DeleteSecret) is deleted with the secret until RestoreSecret undoes the
-        delete, which is then refused: the window docs/stores.md names."""
+        and `expect_no_pending` are checked around it: ListSecretVersionIds before (that version
+        must carry AWSCURRENT; no other may carry AWSPENDING), DescribeSecret after. A version made
+        current or pending between the two (a PutSecretValue landing just before the DeleteSecret)
+        is deleted with the secret until RestoreSecret undoes the delete, which is then refused: the
+        window docs/stores.md names. After the DeleteSecret, AWS refuses any new version."""
         validate_name(name)
         checked_expect_version(expect_version)
+        conditional = expect_version is not None or expect_no_pending
         checked_id = None
         with self._aws(f"delete {name}", name, state_error=NotFoundError):
             existing = self._client.describe_secret(SecretId=self.aws_name(name))
             if existing.get("DeletedDate"):
                 raise NotFoundError(f"secret {name!r} is already deleted")
-            if expect_version is not None:
-                current = next((v for v in reversed(self._versions(name)) if CURRENT in v.labels), None)
-                refuse_unless_current(name, expect_version, None if current is None else current.number)
+            if conditional:
+                versions = self._versions(name)
+                current = next((v for v in reversed(versions) if CURRENT in v.labels), None)
+                pending = next((v for v in reversed(versions) if PENDING in v.labels), None)
+                current_number = None if current is None else current.number
+                refuse_unless_current(name, expect_version, current_number)
+                refuse_if_staged(
+                    name, expect_no_pending, None if pending is None else pending.number, current_number
+                )
                 checked_id = None if current is None else current.version_id
             self._client.delete_secret(
                 SecretId=self.aws_name(name), RecoveryWindowInDays=self._recovery_window_days
             )
-        if expect_version is not None:
-            self._undelete_unless_still_current(name, expect_version, checked_id)
+        if conditional:
+            self._undelete_unless_unchanged(name, expect_version, expect_no_pending, checked_id)
 
-    def _undelete_unless_still_current(self, name: str, expect_version: int, checked_id: str | None) -> None:
-        """After a conditional delete: DescribeSecret; if AWSCURRENT moved off the version checked,
-        RestoreSecret and ConflictError (nothing is left deleted)."""
+    def _undelete_unless_unchanged(
+        self, name: str, expect_version: int | None, expect_no_pending: bool, checked_id: str | None
+    ) -> None:
+        """After a conditional delete: DescribeSecret; if AWSCURRENT moved off the version checked
+        (with `expect_version`), or AWSPENDING is on another version than AWSCURRENT (with
+        `expect_no_pending`: a stage landed before the delete), RestoreSecret and ConflictError
+        (nothing is left deleted)."""
         try:
             with self._aws(f"delete {name}", name, state_error=NotFoundError):
                 after = self._client.describe_secret(SecretId=self.aws_name(name))
@@ -1294,19 +1309,32 @@ class AwsStore:
             raise unchecked_delete_error(name, error) from None
         stages = after.get("VersionIdsToStages") or {}
         now_id = next((i for i, s in stages.items() if STAGE_OF_LABEL[CURRENT] in s), None)
-        if now_id == checked_id:
+        pending_id = next((i for i, s in stages.items() if STAGE_OF_LABEL[PENDING] in s), None)
+        moved = expect_version is not None and now_id != checked_id
+        staged = expect_no_pending and pending_id is not None and pending_id != now_id
+        if not moved and not staged:
             return
         try:
             with self._aws(f"undelete {name}", name, state_error=SecretStateError):
                 self._client.restore_secret(SecretId=self.aws_name(name))
         except SecretsManagerError as error:
+            what = "a new version" if moved else "a pending version (a rotation was staged)"
             raise restated(
                 error,
-                f"secret {name!r} got a new version while it was being deleted, and the delete could "
+                f"secret {name!r} got {what} while it was being deleted, and the delete could "
                 f"not be undone: {error}; 'undelete {name}' restores it with that version",
             ) from None
-        current = next((v.number for v in reversed(self._versions(name)) if CURRENT in v.labels), None)
-        raise not_current_error(name, expect_version, current)
+        versions = self._versions(name)
+        current = next((v.number for v in reversed(versions) if CURRENT in v.labels), None)
+        if moved:
+            assert expect_version is not None
+            raise not_current_error(name, expect_version, current)
+        pending = next((v.number for v in reversed(versions) if PENDING in v.labels), None)
+        refuse_if_staged(name, True, pending, current)
+        raise ConflictError(  # the rotation ended between the restore and this read: it was there
+            f"secret {name!r} got a pending version while it was being deleted (a rotation was staged "
+            "after it was read); nothing was deleted: read it again and retry"
+        )
 
     def undelete(self, name: str) -> None:
         """DescribeSecret, then RestoreSecret."""

@@ -219,13 +219,18 @@ class SecretStore(Protocol):
         them at once). NotFoundError if the secret is missing, SecretStateError if it is deleted; the
         checks of `put` on the result."""
 
-    def delete(self, name: str, *, expect_version: int | None = None) -> None:
+    def delete(
+        self, name: str, *, expect_version: int | None = None, expect_no_pending: bool = False
+    ) -> None:
         """Soft delete: hidden from get and list until `undelete`. NotFoundError if the secret is
         missing or already deleted (deleted, it is not found by reads either). `expect_version`:
         only if that version is still current (`refuse_unless_current`: ConflictError, nothing
         deleted, if a write landed since the caller read it), decided in the delete's own commit
         on our stores; Vault and AWS, which have no conditional delete, check around theirs
-        (docs/stores.md says what window remains)."""
+        (docs/stores.md says what window remains). `expect_no_pending`: only if no rotation is
+        in progress (`refuse_if_staged`: ConflictError, nothing deleted, if a version other than
+        current carries `pending`), decided the same way: a rotation staged after the caller read
+        the secret is not hidden with it (`mv`, which checked for one before its copy)."""
 
     def undelete(self, name: str) -> None:
         """Undo a soft delete. SecretStateError (a ConflictError) if the secret is not deleted."""
@@ -609,6 +614,17 @@ def refuse_unless_current(name: str, expect_version: int | None, current: int | 
     landed after the caller read it, and deleting would hide that value."""
     if expect_version is not None and current != expect_version:
         raise not_current_error(name, expect_version, current)
+
+
+def refuse_if_staged(name: str, expect_no_pending: bool, pending: int | None, current: int | None) -> None:
+    """ConflictError if a delete's `expect_no_pending` finds a rotation of `name` in progress (the
+    `pending` label on a version that is not current, as `refuse_if_rotating` counts one): it was
+    staged after the caller read the secret, and deleting would hide it with the secret."""
+    if expect_no_pending and pending is not None and pending != current:
+        raise ConflictError(
+            f"secret {name!r} has a pending version {pending} now (a rotation was staged after it was "
+            "read); nothing was deleted: read it again and retry"
+        )
 
 
 def refuse_unless_still_current(name: str, expect_current: int | None, current: int | None) -> None:

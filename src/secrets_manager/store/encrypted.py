@@ -108,6 +108,7 @@ from secrets_manager.store.base import (
     refuse_expiry_without_current,
     refuse_if_changed,
     refuse_if_rotating,
+    refuse_if_staged,
     refuse_if_unchanged,
     refuse_to_demote,
     refuse_unless_current,
@@ -1202,15 +1203,19 @@ class EncryptedStore:
 
         self._update_meta(name, change)
 
-    def delete(self, name: str, *, expect_version: int | None = None) -> None:
-        """`expect_version` is checked on the metadata the commit is conditional on: a write landing
-        between the read and the commit makes the commit fail and this run again, and refuse."""
+    def delete(
+        self, name: str, *, expect_version: int | None = None, expect_no_pending: bool = False
+    ) -> None:
+        """`expect_version` and `expect_no_pending` are checked on the metadata the commit is
+        conditional on: a write or a stage landing between the read and the commit makes the commit
+        fail and this run again, and refuse."""
         checked_expect_version(expect_version)
 
         def change(meta: _Meta, now: float) -> Operations:
             if meta.deleted is not None:
                 raise NotFoundError(f"secret {name!r} is already deleted")
             refuse_unless_current(name, expect_version, meta.labels.get(CURRENT))
+            refuse_if_staged(name, expect_no_pending, meta.labels.get(PENDING), meta.labels.get(CURRENT))
             meta.deleted = now
             return []
 

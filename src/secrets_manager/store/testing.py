@@ -329,6 +329,30 @@ def _check_delete_expect_version(make_store: MakeStore, ns: str) -> None:
         )
 
 
+def _check_delete_expect_no_pending(make_store: MakeStore, ns: str) -> None:
+    """A delete on condition that no rotation is in progress (what `mv` asks with its version):
+    refused as a conflict, nothing deleted, while a version other than current is pending; made
+    once the rotation is discarded. On a store without the pending label it always holds."""
+    name = f"{ns}/rotating"
+    with _opened(make_store) as store:
+        store.put(name, b"v1")
+        if not _lacks(store, Capability.PENDING_LABEL):
+            store.stage(name, b"v2")
+            for expect in (None, 1):
+                _raises(
+                    ConflictError,
+                    partial(store.delete, name, expect_version=expect, expect_no_pending=True),
+                    f"delete with expect_no_pending (expect_version={expect}) while version 2 is pending",
+                )
+                meta = store.describe(name)
+                _require(meta.deleted is None, "a refused conditional delete deleted the secret")
+                _require(meta.labels.get(PENDING) == 2, "a refused conditional delete moved pending")
+                _require(_revealed(store.get(name, label=PENDING)) == b"v2", "a refused delete hid pending")
+            store.discard_pending(name)
+        store.delete(name, expect_version=1, expect_no_pending=True)
+        _require(store.describe(name).deleted is not None, "a delete with no rotation pending was not made")
+
+
 def _check_list_by_prefix(make_store: MakeStore, ns: str) -> None:
     value = MARKER.encode()
     names = [f"{ns}/b/one", f"{ns}/a", f"{ns}/b/two", f"{ns}/ab", f"{ns}/B"]
@@ -1145,6 +1169,7 @@ SECRET_STORE_CHECKS: dict[str, Check] = {
     "invalid-names": _check_invalid_names_refused,
     "max-versions": _check_max_versions_pruning,
     "pending-rotation": _check_pending_rotation,
+    "delete-expect-no-pending": _check_delete_expect_no_pending,
     "repr-redacted": _check_repr_never_shows_values,
     "metadata-limits": _check_metadata_limits,
     "update-metadata": _check_update_metadata,

@@ -1266,14 +1266,17 @@ class VaultStore:
             raise NotFoundError(f"secret {name!r} not found") from None
         return True
 
-    def delete(self, name: str, *, expect_version: int | None = None) -> None:
+    def delete(
+        self, name: str, *, expect_version: int | None = None, expect_no_pending: bool = False
+    ) -> None:
         """POST MOUNT/delete/NAME {"versions": every live version} (after reading the metadata),
         then read the metadata again: a version another writer added between the read and the
         delete (KV v2 has no check-and-set for deletes) is deleted too, so an acknowledged delete
         never leaves the secret readable, as if that write had come first.
 
         With `expect_version` that version must be current on the metadata read, and a version
-        added before the POST is not deleted but refused: `_delete_if_still_current`."""
+        added before the POST is not deleted but refused: `_delete_if_still_current`.
+        `expect_no_pending` holds always: KV v2 has no labels, so no version is ever pending here."""
         validate_name(name)
         checked_expect_version(expect_version)
         meta = self._require_meta(name)

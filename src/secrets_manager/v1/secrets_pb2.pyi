@@ -255,6 +255,14 @@ class DeleteSecretIfCurrentRequest(_message.Message):
     expect_version: int
     def __init__(self, name: _Optional[str] = ..., expect_version: _Optional[int] = ...) -> None: ...
 
+class DeleteSecretIfUnchangedRequest(_message.Message):
+    __slots__ = ("name", "expect_version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    expect_version: int
+    def __init__(self, name: _Optional[str] = ..., expect_version: _Optional[int] = ...) -> None: ...
+
 class UndeleteSecretRequest(_message.Message):
     __slots__ = ("name",)
     NAME_FIELD_NUMBER: _ClassVar[int]

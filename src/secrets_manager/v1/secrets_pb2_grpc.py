@@ -84,6 +84,11 @@ class SecretsStub:
                 request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretIfCurrentRequest.SerializeToString,
                 response_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretResponse.FromString,
                 _registered_method=True)
+        self.DeleteSecretIfUnchanged = channel.unary_unary(
+                '/secrets_manager.v1.Secrets/DeleteSecretIfUnchanged',
+                request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretIfUnchangedRequest.SerializeToString,
+                response_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretResponse.FromString,
+                _registered_method=True)
         self.StageSecretVersion = channel.unary_unary(
                 '/secrets_manager.v1.Secrets/StageSecretVersion',
                 request_serializer=secrets__manager_dot_v1_dot_secrets__pb2.StageSecretVersionRequest.SerializeToString,
@@ -211,6 +216,17 @@ class SecretsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteSecretIfUnchanged(self, request, context):
+        """DeleteSecretIfCurrent that is also refused while a rotation is in progress: ABORTED, nothing
+        deleted, if a version other than the current one is "pending" (a rotation staged after the
+        caller read the secret, which the delete would hide with it: mv checks for one, then deletes
+        with this). Otherwise as DeleteSecretIfCurrent ("delete", audited as delete). A method of its
+        own: a service from before it answers UNIMPLEMENTED, where it would ignore a new field.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def StageSecretVersion(self, request, context):
         """Credential rotation, step 1: a new version labelled "pending"; current and previous do not
         move. ABORTED while another rotation is in progress (a version other than current is
@@ -332,6 +348,11 @@ def add_SecretsServicer_to_server(servicer, server):
             'DeleteSecretIfCurrent': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteSecretIfCurrent,
                     request_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretIfCurrentRequest.FromString,
+                    response_serializer=secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretResponse.SerializeToString,
+            ),
+            'DeleteSecretIfUnchanged': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteSecretIfUnchanged,
+                    request_deserializer=secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretIfUnchangedRequest.FromString,
                     response_serializer=secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretResponse.SerializeToString,
             ),
             'StageSecretVersion': grpc.unary_unary_rpc_method_handler(
@@ -634,6 +655,33 @@ class Secrets:
             target,
             '/secrets_manager.v1.Secrets/DeleteSecretIfCurrent',
             secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretIfCurrentRequest.SerializeToString,
+            secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteSecretIfUnchanged(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/secrets_manager.v1.Secrets/DeleteSecretIfUnchanged',
+            secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretIfUnchangedRequest.SerializeToString,
             secrets__manager_dot_v1_dot_secrets__pb2.DeleteSecretResponse.FromString,
             options,
             channel_credentials,
