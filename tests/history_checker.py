@@ -297,7 +297,7 @@ class _Checker:
                     ):
                         self.report(f"version gap: {name} holds v{newest} but not v{number}")
             # A value may be held twice only by copies into this name (a cp of the version it holds).
-            # (An mv refused after its copy, OLD having changed meanwhile, leaves the copy made.)
+            # (An mv whose copy's metadata write failed on Vault or AWS leaves the copy made.)
             copies = sum(op.kind in ("cp", "mv") and op.to == name for op in self.by_name[name])
             at: dict[str, int] = {}
             for number, stored in sorted(versions.items()):
@@ -436,7 +436,9 @@ class _Checker:
                         and op.writes_to == name
                         and (op.status != "fail" or op.kind == "mv")
                     )
-                    or (self.deletes(op, name) and op.status != "fail")
+                    # a failed mv too: it deletes OLD before it writes NEW, and undeletes OLD if
+                    # that write fails (a put meanwhile finds OLD deleted: a conflict)
+                    or (self.deletes(op, name) and (op.status != "fail" or op.kind == "mv"))
                 )
                 for op in self.by_name[name]
             )
@@ -534,13 +536,14 @@ class _Checker:
 
     def last_undo_end(self, name: str, kind: str, before: float) -> float:
         """The latest end of an op of `name` that may have undone a state (an undelete, or for
-        kind "delete" a delete or an mv from it; not refused) invoked before `before`; -inf if none.
+        kind "delete" a delete or an mv from it; not refused, except an mv, which deletes OLD before
+        it writes NEW and undeletes it if that write fails) invoked before `before`; -inf if none.
         Such an op can have undone a state made by an op invoked at t iff it ended after t."""
         if (name, kind) not in self._undoers:
             undoers = sorted(
                 (op.invoke, op.complete)
                 for op in self.by_name[name]
-                if op.status != "fail"
+                if (op.status != "fail" or (kind == "delete" and op.kind == "mv"))
                 and (self.deletes(op, name) if kind == "delete" else op.kind == kind and op.name == name)
             )
             latest, ends = float("-inf"), []

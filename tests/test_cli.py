@@ -2897,8 +2897,8 @@ def test_mv_refuses_a_secret_with_a_pending_rotation(ready: Cli) -> None:
 def _before_mv_deletes_old(
     monkeypatch: pytest.MonkeyPatch, another_writer: Callable[[Any, str], object]
 ) -> None:
-    """`another_writer(store, OLD)` runs when mv deletes OLD, after its copy to NEW and whatever
-    it checked before, just before the delete itself: another process got there first."""
+    """`another_writer(store, OLD)` runs when mv deletes OLD, after whatever it checked before, just
+    before the delete itself: another process got there first."""
     from secrets_manager.store import EncryptedStore
 
     delete = EncryptedStore.delete
@@ -2913,12 +2913,17 @@ def _before_mv_deletes_old(
     monkeypatch.setattr(EncryptedStore, "delete", delete_after_another_writer)
 
 
-def test_mv_leaves_old_when_a_store_lands_while_it_moves(
+def _mv_records(ready: Cli) -> list[tuple[str, int | None, str]]:
+    records = json.loads(ready("audit", "show", "--json").out)
+    return [(r["name"], r["version"], r["outcome"]) for r in records if r["operation"] == "mv"]
+
+
+def test_mv_leaves_old_and_new_as_they_were_when_a_store_lands_while_it_moves(
     ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """OLD written between the copy and the delete, after any check mv could make before it: the
-    delete is conditional on the version copied, so the newer value is never hidden, and the one
-    line says what stands and what to run."""
+    """OLD written between mv's read and its delete, after any check mv could make before it: the
+    delete is conditional on the version read, so the newer value is never hidden; NEW is written
+    only after that delete, so it is not written at all, and the one line says to run mv again."""
     ready("store", "a/OLD", input=b"KNOWN-1")
     _before_mv_deletes_old(monkeypatch, lambda store, name: store.put(name, b"KNOWN-2"))
     capsys.readouterr()
@@ -2926,24 +2931,47 @@ def test_mv_leaves_old_when_a_store_lands_while_it_moves(
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("secrets-manager: error: "), lines
     for needle in (
-        "a/NEW version 1 holds the value of version 1 of a/OLD",
-        "a/OLD changed while it was moved (now version 2) and was left in place",
-        "get a/OLD'",
-        "get a/NEW'",
-        "delete a/OLD'",
-        "mv a/OLD a/NEW --force'",
+        "a/OLD changed since mv read it (now version 2, not 1)",
+        "nothing was renamed and a/NEW was not written",
+        "run the same mv again",
     ):
         assert needle in lines[0], lines[0]
     assert "KNOWN" not in lines[0]
     assert ready("get", "a/OLD").out == "KNOWN-2\n"  # not deleted
-    assert ready("get", "a/NEW").out == "KNOWN-1\n"
-    records = [r for r in json.loads(ready("audit", "show", "--json").out) if r["operation"] == "mv"]
-    assert [(r["name"], r["version"], r["outcome"]) for r in records] == [
-        ("a/OLD", None, "pending"),
-        ("a/NEW", 1, "ok"),
-        ("a/OLD", 1, "conflict"),
-    ]
-    assert ready("delete", "a/OLD").code == 0  # one way the message gives to finish
+    assert ready("list").out == "a/OLD\n"  # no a/NEW
+    assert _mv_records(ready) == [("a/OLD", None, "pending"), ("a/OLD", 1, "conflict")]
+    assert ready("mv", "a/OLD", "a/NEW").code == 0  # what the message says to run
+    assert ready("get", "a/NEW").out == "KNOWN-2\n"
+
+
+def test_mv_hides_no_rotation_staged_between_its_check_and_its_delete(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rotation staged on OLD (another process's rotate, the service's schedule) after mv found
+    none pending and before its delete: OLD's current version is the one read, but the delete is
+    also conditional on no pending version, so the staged version is not soft-deleted with OLD;
+    nothing is renamed and NEW is never written."""
+    ready("store", "a/OLD", input=b"KNOWN-1")
+    ready("store", "a/NEW", input=b"KNOWN-N")
+    _before_mv_deletes_old(monkeypatch, lambda store, name: store.stage(name, b"KNOWN-2"))
+    capsys.readouterr()
+    assert run_in_process(ready, monkeypatch, "mv", "a/OLD", "a/NEW", "--force") == 7
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("secrets-manager: error: "), lines
+    for needle in (
+        "a/OLD changed since mv read it (a rotation was staged: version 2 is pending",
+        "nothing was renamed and a/NEW was not written",
+        "run the same mv again",
+    ):
+        assert needle in lines[0], lines[0]
+    assert "KNOWN" not in lines[0]
+    shown = json.loads(ready("metadata", "a/OLD", "--json").out)
+    assert shown["deleted"] is None and shown["labels"] == {"current": 1, "pending": 2}
+    assert ready("get", "a/OLD", "--label", "pending").out == "KNOWN-2\n"
+    new = json.loads(ready("metadata", "a/NEW", "--json").out)  # exactly as before: one version
+    assert [v["version"] for v in new["versions"]] == [1] and new["labels"] == {"current": 1}
+    assert ready("get", "a/NEW").out == "KNOWN-N\n"
+    assert _mv_records(ready) == [("a/OLD", None, "pending"), ("a/OLD", 1, "conflict")]
 
 
 def test_delete_expect_version_deletes_only_the_version_read(ready: Cli) -> None:
@@ -2978,75 +3006,100 @@ def test_get_of_a_destroyed_current_version_says_how_to_have_a_value_again(ready
     assert ready("get", "a/GONE").out == "KNOWN-1\n"
 
 
-def test_mv_whose_old_was_deleted_meanwhile_says_new_holds_the_copy(
+def test_mv_whose_old_was_deleted_meanwhile_writes_nothing(
     ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """OLD deleted between the copy and the delete (another mv of it, a delete): NEW is written,
-    so the error is a conflict that says so, not 'OLD is already deleted' (exit 3) as if nothing
-    had happened."""
+    """OLD deleted between mv's read and its delete (another mv of it, a delete): a conflict that
+    says so, not 'OLD is already deleted' (exit 3) as if mv had been asked wrongly; NEW not written."""
     ready("store", "a/OLD", input=b"KNOWN-1")
     _before_mv_deletes_old(monkeypatch, lambda store, name: store.delete(name))
     capsys.readouterr()
     assert run_in_process(ready, monkeypatch, "mv", "a/OLD", "a/NEW") == 7
     message = capsys.readouterr().err
-    assert "a/NEW version 1 holds the value of version 1 of a/OLD" in message, message
-    assert "already deleted" in message and "KNOWN" not in message, message
-    assert ready("get", "a/NEW").out == "KNOWN-1\n"
+    assert "a/OLD changed since mv read it" in message and "already deleted" in message, message
+    assert "a/NEW was not written" in message and "KNOWN" not in message, message
+    assert ready("list", "--deleted").out.split() == ["a/OLD"]
 
 
-KILLED_BEFORE_MV_DELETES_OLD = """
+KILLED_WHEN_MV_WRITES_NEW = """
 import os, signal, sys
 from secrets_manager.store import EncryptedStore
 from secrets_manager.cli import run
 
-def delete(self, name, **kwargs):
-    os.kill(os.getpid(), signal.SIGKILL)  # NEW is committed, OLD's delete not begun
+def put(self, name, *args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)  # OLD's delete is committed, NEW's write not begun
 
-EncryptedStore.delete = delete
+EncryptedStore.put = put
 sys.exit(run(sys.argv[1:]))
 """
 
 
-def test_a_mv_killed_between_its_copy_and_its_delete_is_finished_by_running_it_again(ready: Cli) -> None:
-    """The copy to NEW and the delete of OLD are two commits. Killed between them (SIGKILL, the
-    OOM killer), mv left NEW with OLD's value and OLD in place; running it again was refused, exit 7
-    "NEW exists already … nothing was written: give --force", and --force wrote NEW a second
-    version of the same value. Run again, it finishes the move: nothing written to NEW, OLD deleted."""
+def test_a_mv_killed_between_its_delete_and_its_copy_leaves_old_recoverable_and_new_as_it_was(
+    ready: Cli,
+) -> None:
+    """mv deletes OLD (on condition) before it writes NEW, so a refusal leaves NEW as it was.
+    Killed between the two commits (SIGKILL, the OOM killer), it leaves OLD deleted with its value
+    and NEW unwritten: 'undelete OLD' and the same mv finish it."""
     ready("store", "a/OLD", input=b"KNOWN-1")
     ready("metadata", "a/OLD", "--description", "the key", "--tag", "k=v")
     killed = subprocess.run(
-        [sys.executable, "-c", KILLED_BEFORE_MV_DELETES_OLD, "mv", "a/OLD", "a/NEW"],
+        [sys.executable, "-c", KILLED_WHEN_MV_WRITES_NEW, "mv", "a/OLD", "a/NEW"],
         env=ready.env,
         capture_output=True,
         timeout=60,
     )
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    assert ready("list").out.split() == ["a/NEW", "a/OLD"]  # half done: both live
+    assert ready("list", "--deleted").out.split() == ["a/OLD"]  # no a/NEW
+    assert_one_line_error(ready("mv", "a/OLD", "a/NEW"), 3, "'a/OLD' is deleted", "'undelete a/OLD'")
+    assert ready("undelete", "a/OLD").code == 0
+    again = ready("mv", "a/OLD", "a/NEW", "--json")
+    assert again.code == 0, again.stderr
+    assert json.loads(again.out) == {"from": "a/OLD", "from_version": 1, "name": "a/NEW", "version": 1}
+    assert ready("get", "a/NEW").out == "KNOWN-1\n"
+    shown = json.loads(ready("metadata", "a/NEW", "--json").out)
+    assert shown["description"] == "the key" and shown["tags"] == {"k": "v"}
+    assert ready("audit", "verify").code == 0
 
+
+def test_a_copy_made_already_is_finished_by_mv_without_writing_new_again(ready: Cli) -> None:
+    """NEW holding OLD's value already (a mv of a version that copied before it deleted, killed
+    between the two; or cp then mv): mv writes nothing to NEW's value and deletes OLD."""
+    ready("store", "a/OLD", input=b"KNOWN-1")
+    ready("metadata", "a/OLD", "--description", "the key", "--tag", "k=v")
+    ready("store", "a/NEW", input=b"KNOWN-1")  # the value only: its metadata is carried over
     again = ready("mv", "a/OLD", "a/NEW", "--json")
     assert again.code == 0, again.stderr
     assert json.loads(again.out) == {"from": "a/OLD", "from_version": 1, "name": "a/NEW", "version": 1}
     assert "a/NEW version 1 held the value of version 1 of a/OLD already" in again.stderr
     assert "KNOWN" not in again.stderr
     assert ready("list").out.split() == ["a/NEW"]
-    assert ready("get", "a/NEW").out == "KNOWN-1\n"
     shown = json.loads(ready("metadata", "a/NEW", "--json").out)
     assert [v["version"] for v in shown["versions"]] == [1]  # no second copy of the value
     assert shown["description"] == "the key" and shown["tags"] == {"k": "v"}
     assert ready("audit", "verify").code == 0
-    records = [r for r in json.loads(ready("audit", "show", "--json").out) if r["operation"] == "mv"]
-    assert [(r["name"], r["version"], r["outcome"]) for r in records] == [
-        ("a/OLD", None, "pending"),
-        ("a/NEW", 1, "ok"),  # the killed run's copy
-        ("a/OLD", None, "pending"),
-        ("a/OLD", 1, "ok"),  # the second run: only OLD's delete
-    ]
+    assert _mv_records(ready) == [("a/OLD", None, "pending"), ("a/OLD", 1, "ok")]
     # NEW holding another value is still another secret: refused, nothing written, OLD stays
     ready("store", "a/OTHER", input=b"KNOWN-2")
     ready("store", "a/THIRD", input=b"KNOWN-3")
     refused = ready("mv", "a/OTHER", "a/THIRD")
     assert_one_line_error(refused, 7, "a/THIRD exists already", "nothing was written")
     assert ready("get", "a/OTHER").out == "KNOWN-2\n"
+    assert ready("get", "a/THIRD").out == "KNOWN-3\n"
+
+
+def test_mv_whose_write_of_new_fails_after_its_delete_puts_old_back(
+    ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NEW created by another writer between mv's look at it and its write (after OLD's delete):
+    the write is refused, OLD is undeleted and the error says nothing was written."""
+    ready("store", "a/OLD", input=b"KNOWN-1")
+    _before_mv_deletes_old(monkeypatch, lambda store, name: store.put("a/NEW", b"KNOWN-N"))
+    capsys.readouterr()
+    assert run_in_process(ready, monkeypatch, "mv", "a/OLD", "a/NEW") == 7
+    message = capsys.readouterr().err
+    assert "a/NEW exists already" in message and "nothing was written" in message, message
+    assert ready("get", "a/OLD").out == "KNOWN-1\n"
+    assert ready("get", "a/NEW").out == "KNOWN-N\n"
 
 
 # ---- import ----------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from secrets_manager.audit import local_actor
 from secrets_manager.client import RemoteStore
 from secrets_manager.crypto import kdf
 from secrets_manager.environment import Environment
-from secrets_manager.errors import InvalidInputError
+from secrets_manager.errors import InvalidInputError, NotFoundError
 from secrets_manager.service import server as server_module
 from secrets_manager.service.certificates import ServerCertificates
 from secrets_manager.service.config import load_config
@@ -1361,18 +1361,18 @@ def test_mv_works_remotely_and_needs_list_to_read_the_description(server: Server
     assert b"SEEKRIT" not in moved.stderr + moved.stdout
 
 
-def test_mv_by_one_who_may_not_delete_old_says_new_was_written_and_old_stays(server: Server) -> None:
-    """mv writes NEW before it deletes OLD: a caller allowed read, write and list but not delete
-    is refused at the delete, with NEW written; the one-line error says so and how to finish."""
+def test_mv_by_one_who_may_not_delete_old_writes_nothing(server: Server) -> None:
+    """mv deletes OLD before it writes NEW: a caller allowed read, write and list but not delete
+    is refused at the delete, before NEW is written; the one-line error says so."""
     assert server.cli("ops", "store", "load/OLD", input=b"SEEKRIT-1").returncode == 0
     moved = server.cli("writer", "mv", "load/OLD", "load/NEW")
     assert moved.returncode == 5, moved.stderr
     message = moved.stderr.decode()
     assert message.count("\n") == 1 and message.startswith("secrets-manager: error: "), message
-    assert "load/NEW version 1 holds the value of version 1 of load/OLD" in message, message
-    assert "load/OLD was not deleted" in message and "may not delete 'load/OLD'" in message, message
-    assert "delete load/OLD' to finish the move" in message and "SEEKRIT" not in message, message
-    assert server.cli("ops", "get", "load/NEW").stdout == server.cli("ops", "get", "load/OLD").stdout
+    assert "may not delete 'load/OLD'" in message, message
+    assert "nothing was renamed and load/NEW was not written" in message and "SEEKRIT" not in message, message
+    assert server.cli("ops", "get", "load/NEW").returncode == 3
+    assert server.cli("ops", "get", "load/OLD").stdout == b"SEEKRIT-1\n"
 
 
 def cli_in_process(
@@ -1402,48 +1402,82 @@ def cli_in_process(
         return run(list(args))
 
 
+def _mv_with_another_client_before_its_delete(
+    server: Server,
+    monkeypatch: pytest.MonkeyPatch,
+    another_client: Callable[[str], object],
+    *args: str,
+) -> int:
+    """mv through the service (in this process), `another_client(OLD)` landing between mv's read
+    (and any check it could make) and its delete."""
+    delete = RemoteStore.delete
+
+    def delete_after_another_client(self: RemoteStore, name: str, **kwargs: object) -> None:
+        another_client(name)
+        delete(self, name, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(RemoteStore, "delete", delete_after_another_client)
+    try:
+        return cli_in_process(monkeypatch, server.dir, server.address, "ops", "mv", *args)
+    finally:
+        monkeypatch.undo()
+
+
 def test_mv_through_the_service_leaves_old_when_a_store_lands_just_before_its_delete(
     server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Another client's store of OLD lands between mv's copy (and any check it could make) and
-    its delete: DeleteSecretIfCurrent is refused (ABORTED) by the service's store, OLD keeps the
-    newer value, and mv's one line (exit 7) says what stands. The service audits the refusal."""
+    """Another client's store of OLD lands between mv's read (and any check it could make) and
+    its delete: DeleteSecretIfUnchanged is refused (ABORTED) by the service's store, OLD keeps the
+    newer value, NEW is not written, and mv's one line (exit 7) says so. The service audits it."""
     assert server.cli("ops", "store", "load/OLD", input=b"SEEKRIT-1").returncode == 0
-    delete = RemoteStore.delete
-
-    def delete_after_another_store(self: RemoteStore, name: str, **kwargs: object) -> None:
-        assert server.cli("ops", "store", name, input=b"SEEKRIT-2").returncode == 0
-        delete(self, name, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(RemoteStore, "delete", delete_after_another_store)
     capsys.readouterr()
-    assert cli_in_process(monkeypatch, server.dir, server.address, "ops", "mv", "load/OLD", "load/NEW") == 7
-    monkeypatch.undo()
+    code = _mv_with_another_client_before_its_delete(
+        server,
+        monkeypatch,
+        lambda name: server.cli("ops", "store", name, input=b"SEEKRIT-2").returncode,
+        "load/OLD",
+        "load/NEW",
+    )
+    assert code == 7
     message = capsys.readouterr().err
     assert message.count("\n") == 1 and message.startswith("secrets-manager: error: "), message
-    assert "load/NEW version 1 holds the value of version 1 of load/OLD" in message, message
-    assert "load/OLD changed while it was moved (now version 2) and was left in place" in message, message
-    assert "SEEKRIT" not in message
+    assert "load/OLD changed since mv read it (now version 2, not 1)" in message, message
+    assert "nothing was renamed and load/NEW was not written" in message and "SEEKRIT" not in message
     assert server.cli("ops", "get", "load/OLD").stdout == b"SEEKRIT-2\n"
-    assert server.cli("ops", "get", "load/NEW").stdout == b"SEEKRIT-1\n"
+    assert server.cli("ops", "get", "load/NEW").returncode == 3
     refused = [r for r in server.audit_records() if r["operation"] == "delete" and r["outcome"] != "pending"]
     assert [(r["name"], r["version"], r["outcome"]) for r in refused] == [("load/OLD", 1, "conflict")]
 
 
-def test_delete_secret_if_current_deletes_only_the_version_read(server: Server) -> None:
-    ops = server.stub("ops")
-    ops.PutSecret(pb.PutSecretRequest(name="load/CAS", value=b"SEEKRIT-2"), timeout=10)  # version 1
-    ops.PutSecret(pb.PutSecretRequest(name="load/CAS", value=b"SEEKRIT-3"), timeout=10)  # version 2
-    for expect, code in ((1, grpc.StatusCode.ABORTED), (0, grpc.StatusCode.INVALID_ARGUMENT)):
-        request = pb.DeleteSecretIfCurrentRequest(name="load/CAS", expect_version=expect)
-        assert code_of(lambda request=request: ops.DeleteSecretIfCurrent(request, timeout=10)) == code
-    writer = pb.DeleteSecretIfCurrentRequest(name="load/CAS", expect_version=2)
-    denied = code_of(lambda: server.stub("writer").DeleteSecretIfCurrent(writer, timeout=10))
-    assert denied == grpc.StatusCode.PERMISSION_DENIED  # it needs delete, as DeleteSecret
-    assert server.cli("ops", "get", "load/CAS").stdout == b"SEEKRIT-3\n"  # nothing deleted
-    assert server.cli("ops", "delete", "load/CAS", "--expect-version", "1").returncode == 7
-    assert server.cli("ops", "delete", "load/CAS", "--expect-version", "2").returncode == 0
-    assert server.cli("ops", "get", "load/CAS").returncode == 3
+def test_mv_through_the_service_hides_no_rotation_staged_just_before_its_delete(
+    server: Server, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another client stages a rotation of OLD between mv's check for one and its delete: OLD's
+    current version is unchanged, but the delete (DeleteSecretIfUnchanged) is refused while a
+    version is pending, so the staged value is not deleted with OLD; NEW is as it was."""
+    assert server.cli("ops", "store", "load/OLD", input=b"SEEKRIT-1").returncode == 0
+    assert server.cli("ops", "store", "load/NEW", input=b"SEEKRIT-N").returncode == 0
+    stage = pb.StageSecretVersionRequest(name="load/OLD", value=b"SEEKRIT-2")
+    capsys.readouterr()
+    code = _mv_with_another_client_before_its_delete(
+        server,
+        monkeypatch,
+        lambda name: server.stub("ops").StageSecretVersion(stage, timeout=10),
+        "load/OLD",
+        "load/NEW",
+        "--force",
+    )
+    assert code == 7
+    message = capsys.readouterr().err
+    assert message.count("\n") == 1 and message.startswith("secrets-manager: error: "), message
+    assert "load/OLD changed since mv read it (a rotation was staged: version 2 is pending" in message
+    assert "nothing was renamed and load/NEW was not written" in message and "SEEKRIT" not in message
+    assert server.cli("ops", "get", "load/OLD", "--label", "pending").stdout == b"SEEKRIT-2\n"
+    assert server.cli("ops", "get", "load/NEW").stdout == b"SEEKRIT-N\n"
+    shown = json.loads(server.cli("ops", "metadata", "load/NEW", "--json").stdout)
+    assert [v["version"] for v in shown["versions"]] == [1]
+    refused = [r for r in server.audit_records() if r["operation"] == "delete" and r["outcome"] != "pending"]
+    assert [(r["name"], r["version"], r["outcome"]) for r in refused] == [("load/OLD", 1, "conflict")]
 
 
 def test_delete_secret_if_unchanged_is_refused_while_a_rotation_is_pending(server: Server) -> None:
@@ -1463,6 +1497,22 @@ def test_delete_secret_if_unchanged_is_refused_while_a_rotation_is_pending(serve
     ops.DeleteSecretIfUnchanged(
         pb.DeleteSecretIfUnchangedRequest(name="load/CAS", expect_version=1), timeout=10
     )
+    assert server.cli("ops", "get", "load/CAS").returncode == 3
+
+
+def test_delete_secret_if_current_deletes_only_the_version_read(server: Server) -> None:
+    ops = server.stub("ops")
+    ops.PutSecret(pb.PutSecretRequest(name="load/CAS", value=b"SEEKRIT-2"), timeout=10)  # version 1
+    ops.PutSecret(pb.PutSecretRequest(name="load/CAS", value=b"SEEKRIT-3"), timeout=10)  # version 2
+    for expect, code in ((1, grpc.StatusCode.ABORTED), (0, grpc.StatusCode.INVALID_ARGUMENT)):
+        request = pb.DeleteSecretIfCurrentRequest(name="load/CAS", expect_version=expect)
+        assert code_of(lambda request=request: ops.DeleteSecretIfCurrent(request, timeout=10)) == code
+    writer = pb.DeleteSecretIfCurrentRequest(name="load/CAS", expect_version=2)
+    denied = code_of(lambda: server.stub("writer").DeleteSecretIfCurrent(writer, timeout=10))
+    assert denied == grpc.StatusCode.PERMISSION_DENIED  # it needs delete, as DeleteSecret
+    assert server.cli("ops", "get", "load/CAS").stdout == b"SEEKRIT-3\n"  # nothing deleted
+    assert server.cli("ops", "delete", "load/CAS", "--expect-version", "1").returncode == 7
+    assert server.cli("ops", "delete", "load/CAS", "--expect-version", "2").returncode == 0
     assert server.cli("ops", "get", "load/CAS").returncode == 3
 
 
@@ -1489,16 +1539,17 @@ def test_a_service_from_before_conditional_deletes_is_refused_the_delete_not_ask
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """An older `serve` would ignore an expect_version field in DeleteSecretRequest and delete
-    whatever is current; DeleteSecretIfCurrent is a method of its own, which it does not have
-    (UNIMPLEMENTED). mv then leaves OLD in place and says so; delete --expect-version deletes nothing."""
+    whatever is current; DeleteSecretIfCurrent and DeleteSecretIfUnchanged are methods of their
+    own, which it does not have (UNIMPLEMENTED). mv then renames nothing and says so; delete
+    --expect-version deletes nothing."""
     from secrets_manager.service.server import SecretsServicer
     from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
 
     make_pki(tmp_path)
     make_store(tmp_path, SEED, POLICY)
     store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
-    older = pb_grpc.SecretsServicer.DeleteSecretIfCurrent  # the generated UNIMPLEMENTED answer
-    monkeypatch.setattr(SecretsServicer, "DeleteSecretIfCurrent", older)
+    for method in ("DeleteSecretIfCurrent", "DeleteSecretIfUnchanged"):  # the generated UNIMPLEMENTED
+        monkeypatch.setattr(SecretsServicer, method, getattr(pb_grpc.SecretsServicer, method))
     try:
         with in_process_server(tmp_path, store, watch_tick=30) as (running, _stub):
             address = f"127.0.0.1:{running.port}"
@@ -1507,8 +1558,7 @@ def test_a_service_from_before_conditional_deletes_is_refused_the_delete_not_ask
             assert cli_in_process(monkeypatch, tmp_path, address, "ops", "mv", *cli) == 2
             message = capsys.readouterr().err
             assert message.count("\n") == 1, message
-            assert "auth/MOVED version 1 holds the value of version 1 of auth/JWT_KEY" in message, message
-            assert "auth/JWT_KEY was not deleted" in message, message
+            assert "nothing was renamed and auth/MOVED was not written" in message, message
             assert "DeleteSecretIfCurrent is not supported by the service" in message, message
             code = cli_in_process(
                 monkeypatch, tmp_path, address, "ops", "delete", "auth/DB_PASSWORD", "--expect-version", "1"
@@ -1520,7 +1570,43 @@ def test_a_service_from_before_conditional_deletes_is_refused_the_delete_not_ask
     try:
         assert store.get("auth/JWT_KEY").value.reveal() == b"auth-jwt-key"  # not deleted
         assert store.get("auth/DB_PASSWORD").value.reveal() == b"auth-db-pass"
+        with pytest.raises(NotFoundError):
+            store.get("auth/MOVED")
+    finally:
+        store.close()
+
+
+def test_mv_through_a_service_from_before_delete_if_unchanged_deletes_on_the_version_and_warns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A service with DeleteSecretIfCurrent but not DeleteSecretIfUnchanged (the release before):
+    mv deletes OLD on condition of the version it read, as it always asked such a service, and
+    warns that a rotation staged after its own check would not be seen; the move is made."""
+    from secrets_manager.service.server import SecretsServicer
+    from secrets_manager.v1 import secrets_pb2_grpc as pb_grpc
+
+    make_pki(tmp_path)
+    make_store(tmp_path, SEED, POLICY)
+    store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    older = pb_grpc.SecretsServicer.DeleteSecretIfUnchanged
+    monkeypatch.setattr(SecretsServicer, "DeleteSecretIfUnchanged", older)
+    try:
+        with in_process_server(tmp_path, store, watch_tick=30) as (running, _stub):
+            address = f"127.0.0.1:{running.port}"
+            capsys.readouterr()
+            assert (
+                cli_in_process(monkeypatch, tmp_path, address, "ops", "mv", "auth/JWT_KEY", "auth/MOVED") == 0
+            )
+            message = capsys.readouterr().err
+            assert "cannot delete on condition that no rotation was staged" in message, message
+            assert "auth/JWT_KEY was deleted on condition that version 1 was still current" in message
+            assert "moved auth/JWT_KEY (version 1) to auth/MOVED version 1" in message, message
+    finally:
+        store.close()
+    store = EncryptedStore.open(SqliteStorage(tmp_path / "store.db"), PasswordUnlock(PASSWORD, kdf.TEST))
+    try:
         assert store.get("auth/MOVED").value.reveal() == b"auth-jwt-key"
+        assert store.describe("auth/JWT_KEY").deleted is not None
     finally:
         store.close()
 

@@ -168,14 +168,15 @@ def test_encrypted_store_on_postgres_conforms(behaviour: str, make_store: Callab
     run_check(make_store, behaviour)
 
 
+@pytest.mark.parametrize("land", ["store", "stage"])
 def test_mv_overtaken_inside_its_delete_leaves_old_in_place_on_postgres(
-    make_store: Callable[[], SecretStore],
+    make_store: Callable[[], SecretStore], land: str
 ) -> None:
     """The conditional delete in one PostgreSQL transaction (test_store_encrypted.py has the story)."""
     store, other = make_store(), make_store()
     try:
         assert isinstance(store, EncryptedStore)
-        mv_overtaken_inside_its_delete(store, other)
+        mv_overtaken_inside_its_delete(store, other, land)
     finally:
         store.close()
         other.close()

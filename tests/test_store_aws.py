@@ -14,6 +14,7 @@ them first).
 
 from __future__ import annotations
 
+import re
 import secrets
 import threading
 import time
@@ -95,12 +96,14 @@ def test_aws_store_conforms(behaviour: str, make_aws: MakeAws) -> None:
     run_check(make_aws, behaviour)
 
 
+@pytest.mark.parametrize("land", ["store", "stage"])
 def test_mv_whose_old_is_written_just_before_its_delete_leaves_old_in_place(
-    make_aws: MakeAws, monkeypatch: pytest.MonkeyPatch
+    make_aws: MakeAws, monkeypatch: pytest.MonkeyPatch, land: str
 ) -> None:
-    """DeleteSecret has no condition: another writer's PutSecretValue lands after the delete's
-    check, just before DeleteSecret. The check after it sees AWSCURRENT moved, restores the secret
-    and refuses; mv (its delete refused) leaves OLD in place with the newer value."""
+    """DeleteSecret has no condition: another writer's PutSecretValue (a store, or a rotation's
+    stage: AWSPENDING) lands after the delete's check, just before DeleteSecret. The check after it
+    sees AWSCURRENT moved or AWSPENDING on another version, restores the secret and refuses; mv
+    (its delete refused) leaves OLD in place with the newer or staged value, NEW not written."""
     from secrets_manager.cli.app import Note
     from secrets_manager.cli.move_commands import copy_secret
 
@@ -111,24 +114,30 @@ def test_mv_whose_old_is_written_just_before_its_delete_leaves_old_in_place(
 
     def write_before_the_delete(**kwargs: Any) -> Any:
         if not written:
-            written.append(other.put("svc/OLD", b"KNOWN-2"))
+            write = other.put if land == "store" else other.stage
+            written.append(write("svc/OLD", b"KNOWN-2"))
         return delete_secret(**kwargs)
 
     monkeypatch.setattr(client, "delete_secret", write_before_the_delete)
-    with pytest.raises(ConflictError, match=r"svc/OLD changed while it was moved \(now version 2\)"):
+    changed = "now version 2, not 1" if land == "store" else "a rotation was staged: version 2 is pending"
+    with pytest.raises(ConflictError, match=re.escape(f"svc/OLD changed since mv read it ({changed}")):
         copy_secret(store, Note(), "svc/OLD", "svc/NEW", force=False, remove=True)
     assert written
     meta = other.describe("svc/OLD")
-    assert meta.deleted is None and meta.current_version == 2
-    assert other.get("svc/OLD").value.reveal() == b"KNOWN-2"
-    assert other.get("svc/NEW").value.reveal() == b"KNOWN-1"
+    assert meta.deleted is None and meta.current_version == (2 if land == "store" else 1)
+    assert (
+        other.get("svc/OLD", label="current" if land == "store" else "pending").value.reveal() == b"KNOWN-2"
+    )
+    with pytest.raises(NotFoundError):
+        other.get("svc/NEW")
 
 
 def test_mv_whose_overtaken_delete_cannot_be_undone_says_old_is_deleted_with_its_newer_version(
     make_aws: MakeAws, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The same race, and RestoreSecret refused (a policy without it): OLD stays deleted with the
-    newer version. The one line says so (not 'OLD was not deleted') and how to bring it back."""
+    newer version. The one line says so (not 'OLD was not deleted'), how to bring it back, and
+    that NEW was not written."""
     from botocore.exceptions import ClientError
 
     from secrets_manager.cli.app import Note
@@ -151,12 +160,15 @@ def test_mv_whose_overtaken_delete_cannot_be_undone_says_old_is_deleted_with_its
     with pytest.raises(AccessDeniedError) as caught:
         copy_secret(store, Note(), "svc/OLD", "svc/NEW", force=False, remove=True)
     message = str(caught.value)
-    assert "svc/NEW version 1 holds the value of version 1 of svc/OLD" in message, message
-    assert "is deleted with its newer version" in message and "not deleted" not in message, message
+    assert "'svc/OLD' got a new version while it was being deleted" in message, message
+    assert "could not be undone" in message and "not deleted" not in message, message
     assert "'undelete svc/OLD' restores it" in message, message
+    assert "nothing was renamed and svc/NEW was not written" in message, message
     monkeypatch.undo()
     other.undelete("svc/OLD")
     assert other.get("svc/OLD").value.reveal() == b"KNOWN-2"
+    with pytest.raises(NotFoundError):
+        other.get("svc/NEW")
 
 
 def test_aws_store_conforms_with_no_prefix(make_aws: MakeAws) -> None:
@@ -1006,11 +1018,12 @@ def test_a_conditional_delete_whose_check_after_is_lost_says_the_secret_is_delet
     assert store.describe("svc/OLD").deleted is not None
 
 
-def test_mv_whose_delete_check_is_lost_says_new_holds_the_value_and_old_is_deleted(
+def test_mv_whose_delete_check_is_lost_says_old_is_deleted_and_new_not_written(
     make_aws: MakeAws, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """mv said such a delete as 'svc/OLD may or may not have been deleted …; delete it with
-    'delete svc/OLD' to finish the move', though OLD read as deleted."""
+    'delete svc/OLD' to finish the move', though OLD read as deleted. Now NEW is not written
+    (it comes after the delete, and whether a newer version was hidden is unknown)."""
     from botocore.exceptions import ClientError
 
     from secrets_manager.cli.app import Note
@@ -1040,8 +1053,10 @@ def test_mv_whose_delete_check_is_lost_says_new_holds_the_value_and_old_is_delet
     with pytest.raises(OutcomeUnknownError) as caught:
         copy_secret(store, Note(), "svc/OLD", "svc/NEW", force=False, remove=True)
     message = str(caught.value)
-    assert message.startswith("svc/NEW version 1 holds the value of version 1 of svc/OLD; "), message
     assert "svc/OLD' was deleted" in message and "may or may not" not in message, message
+    assert "svc/NEW was not written" in message and "'undelete svc/OLD'" in message, message
+    with pytest.raises(NotFoundError):
+        store.get("svc/NEW")
 
 
 def test_a_stage_with_a_target_is_tagged_and_refused_before_it_writes_when_the_tags_are_full(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -46,11 +47,13 @@ def make_store(
     )
 
 
-def mv_overtaken_inside_its_delete(store: EncryptedStore, other: SecretStore) -> None:
-    """mv's copy of svc/OLD to svc/NEW, then its delete of OLD, into which `other`'s store of OLD
-    lands: after the delete read the metadata, before its commit. The commit is conditional on that
-    read, so it fails, is tried again, and refuses: OLD stays with the newer value, nothing deleted.
-    (With a check before an unconditional delete, the retry deleted OLD and hid that value.)"""
+def mv_overtaken_inside_its_delete(store: EncryptedStore, other: SecretStore, land: str = "store") -> None:
+    """mv of svc/OLD to svc/NEW, whose delete of OLD (before NEW is written) `other`'s store of OLD
+    (`land` "store") or stage of a rotation of it ("stage") lands into: after the delete read the
+    metadata, before its commit. The commit is conditional on that read, so it fails, is tried
+    again, and refuses: OLD stays with the newer or staged value, nothing deleted, NEW not written.
+    (With a check before an unconditional delete, the retry deleted OLD and hid that value; with
+    a delete conditional on the current version alone, it hid the staged one.)"""
     from secrets_manager.cli.app import Note
     from secrets_manager.cli.move_commands import copy_secret
 
@@ -61,7 +64,10 @@ def mv_overtaken_inside_its_delete(store: EncryptedStore, other: SecretStore) ->
     def commit_after_another_write(*args: Any, **kwargs: Any) -> None:
         if deleting:
             deleting.clear()
-            other.put("svc/OLD", b"KNOWN-2")
+            if land == "store":
+                other.put("svc/OLD", b"KNOWN-2")
+            else:
+                other.stage("svc/OLD", b"KNOWN-2")
         commit(*args, **kwargs)
 
     def delete_and_watch(name: str, **kwargs: Any) -> None:
@@ -70,20 +76,32 @@ def mv_overtaken_inside_its_delete(store: EncryptedStore, other: SecretStore) ->
 
     store._commit_with_keyset = commit_after_another_write  # type: ignore[method-assign]
     store.delete = delete_and_watch  # type: ignore[method-assign]
-    with pytest.raises(ConflictError, match=r"svc/OLD changed while it was moved \(now version 2\)"):
+    changed = "now version 2, not 1" if land == "store" else "a rotation was staged: version 2 is pending"
+    with pytest.raises(ConflictError, match=re.escape(f"svc/OLD changed since mv read it ({changed}")):
         copy_secret(store, Note(), "svc/OLD", "svc/NEW", force=False, remove=True)
     assert other.describe("svc/OLD").deleted is None
-    assert other.get("svc/OLD").value.reveal() == b"KNOWN-2"
-    assert other.get("svc/NEW").value.reveal() == b"KNOWN-1"
-    with pytest.raises(ConflictError, match="is not at version 1 \\(now version 2\\); nothing was deleted"):
-        other.delete("svc/OLD", expect_version=1)
+    label = "current" if land == "store" else "pending"
+    assert other.get("svc/OLD", label=label).value.reveal() == b"KNOWN-2"
+    with pytest.raises(NotFoundError):
+        other.get("svc/NEW")
+    if land == "store":
+        with pytest.raises(
+            ConflictError, match="is not at version 1 \\(now version 2\\); nothing was deleted"
+        ):
+            other.delete("svc/OLD", expect_version=1)
+    else:
+        with pytest.raises(ConflictError, match="has a pending version 2 now"):
+            other.delete("svc/OLD", expect_version=1, expect_no_pending=True)
 
 
-def test_mv_overtaken_inside_its_delete_leaves_old_in_place(make_store: Callable[[], SecretStore]) -> None:
+@pytest.mark.parametrize("land", ["store", "stage"])
+def test_mv_overtaken_inside_its_delete_leaves_old_in_place(
+    make_store: Callable[[], SecretStore], land: str
+) -> None:
     store, other = make_store(), make_store()
     try:
         assert isinstance(store, EncryptedStore)
-        mv_overtaken_inside_its_delete(store, other)
+        mv_overtaken_inside_its_delete(store, other, land)
     finally:
         store.close()
         other.close()

@@ -103,7 +103,8 @@ def test_mv_whose_old_is_written_just_before_its_delete_leaves_old_in_place(
 ) -> None:
     """KV v2 has no conditional delete: another writer's version lands after the delete's check,
     before its POST. The POST names the versions read, so the new one stays readable; the POST is
-    then undone, so nothing is left deleted, and mv (its delete refused) leaves OLD in place."""
+    then undone, so nothing is left deleted, and mv (its delete refused) leaves OLD in place and
+    writes nothing to NEW. (A stage cannot land so on Vault: KV v2 has no pending label.)"""
     from secrets_manager.cli.app import Note
     from secrets_manager.cli.move_commands import copy_secret
 
@@ -117,14 +118,15 @@ def test_mv_whose_old_is_written_just_before_its_delete_leaves_old_in_place(
         return send(method, path, **kwargs)
 
     monkeypatch.setattr(store, "_send", write_before_the_delete)
-    with pytest.raises(ConflictError, match=r"svc/OLD changed while it was moved \(now version 2\)"):
+    with pytest.raises(ConflictError, match=r"svc/OLD changed since mv read it \(now version 2, not 1\)"):
         copy_secret(store, Note(), "svc/OLD", "svc/NEW", force=False, remove=True)
     assert written
     meta = other.describe("svc/OLD")
     assert meta.deleted is None and meta.current_version == 2
     assert other.get("svc/OLD").value.reveal() == b"KNOWN-2"
     assert other.get("svc/OLD", version=1).value.reveal() == b"KNOWN-1"  # the POST was undone
-    assert other.get("svc/NEW").value.reveal() == b"KNOWN-1"
+    with pytest.raises(NotFoundError):  # written only after OLD's delete: not at all
+        other.get("svc/NEW")
 
 
 def test_mv_whose_metadata_write_was_refused_says_so_and_a_rerun_finishes_it(

@@ -2,16 +2,20 @@
 
 OLD's current value, description, tags, version limit and expiry are written to NEW: a new secret (its
 version 1), or with --force a new version of an existing NEW. The value is encrypted under NEW's
-service key. `mv` then soft-deletes OLD (its history stays; `undelete OLD` brings it back), and
-only if OLD is still at the version copied (a delete with expect_version, decided in the delete's
-own commit): a store that landed meanwhile is never hidden.
-Locally this is one audited operation (one unlock): a record for NEW's write, appended durably
-as it is made, and the operation's own record for OLD. The copy and the delete are two commits: a
-`mv` killed between them left NEW holding OLD's value and OLD in place, and running it again
-finishes it (NEW already holding OLD's current value: nothing written to NEW, OLD deleted).
-On Vault and AWS NEW's write is itself two (its version, then its metadata): a copy whose metadata
-write was refused says so, and a rerun of mv sets on NEW what it lacks of OLD's description, tags,
-version limit and expiry before deleting OLD.
+service key. `mv` soft-deletes OLD (its history stays; `undelete OLD` brings it back) first, and
+only while OLD is as mv read it: the version read still current and no rotation staged (a delete
+with expect_version and expect_no_pending, decided in the delete's own commit): a store or a stage
+that landed meanwhile is never hidden, and as NEW is not written yet, a refused mv leaves NEW as it
+was (nothing of NEW ever needs undoing; writing NEW first, a refusal would leave a copy in NEW that
+no store can take back exactly: not a --force version, nor, through a service, a new secret).
+Then NEW is written; if that fails, OLD is undeleted. Locally this is one audited operation (one
+unlock): a record for NEW's write, appended durably as it is made, and the operation's own record
+for OLD. The delete and the copy are two commits: a `mv` killed between them leaves OLD deleted
+(its value kept) and NEW unwritten; `undelete OLD` and the same mv finish it. NEW holding OLD's
+current value already (a copy made by a mv that copied first, or by cp) is not written again: OLD
+is deleted and NEW given what it lacks of OLD's description, tags, version limit and expiry (on
+Vault and AWS NEW's write is itself two, its version then its metadata: a copy whose metadata
+write was refused says so, OLD is undeleted, and a rerun finishes it this way).
 """
 
 from __future__ import annotations
@@ -26,13 +30,14 @@ import click
 
 from secrets_manager.cli.app import Note, Session, cli, pass_session, warn_if_written_expired
 from secrets_manager.cli.completion import complete_secret_names
-from secrets_manager.cli.output import info_line, print_json, suggested
+from secrets_manager.cli.output import info_line, print_json, suggested, warning_line
 from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,
     NotFoundError,
     OutcomeUnknownError,
     SecretsManagerError,
+    UnsupportedOperationError,
     restated,
 )
 from secrets_manager.store import PENDING, SecretStore, validate_name
@@ -115,17 +120,57 @@ class Copied:
 
 def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bool, remove: bool) -> Copied:
     """Write OLD's current value, description, tags, version limit and expiry to NEW; with `remove`,
-    soft-delete OLD if it is still at the version copied (ConflictError, OLD left, if not)."""
+    first soft-delete OLD on condition that it is still as read (ConflictError, nothing written, if
+    not), then write NEW (OLD undeleted if that fails)."""
     secret = store.get(old)
     note.version(secret.version)
     note.value(secret.value.reveal())
     meta = store.describe(old)
-    if remove and PENDING in meta.labels:
+    if not remove:
+        info = _write_new(store, note, old, new, secret, meta, force=force, remove=False)
+        return Copied(from_version=secret.version, version=info.version, expires=secret.expires)
+    if PENDING in meta.labels:
         raise ConflictError(
             f"{old} has a pending version {meta.labels[PENDING]} (a rotation not finished), which "
             f"would stay behind: finish it ('{suggested('rotate', old, '--resume')} …') or discard "
             f"it ('{suggested('rotate', old, '--discard')}') first; nothing was written"
         )
+    # Known before anything changes: NEW another secret (refused), or holding OLD's value already
+    # (a move killed after its copy, by a version that copied first; or a copy whose metadata
+    # write failed on Vault or AWS): then only what it lacks of OLD's metadata is written.
+    held = None if force else _held_by_new(store, old, new, secret)
+    # OLD goes first, on condition that it is as read: current still the version copied and no
+    # rotation staged since the check above (decided in the delete's own commit on our stores,
+    # by DeleteSecretIfUnchanged through a service; Vault and AWS check around theirs). Refused,
+    # nothing was written anywhere: NEW is as it was. Only then is NEW written, so nothing of it
+    # ever needs undoing; what may need undoing is OLD's delete, an undelete, if NEW's write fails.
+    _delete_old(store, old, new, secret.version)
+    try:
+        if held is not None:
+            _carry_metadata(store, old, new, held.version, meta, secret)
+            info, finishing = held, True
+        else:
+            info, finishing = _write_new(store, note, old, new, secret, meta, force=force, remove=True), False
+    except SecretsManagerError as error:
+        raise _undeleted(store, old, new, error) from None
+    return Copied(
+        from_version=secret.version, version=info.version, expires=secret.expires, finishing=finishing
+    )
+
+
+def _write_new(
+    store: SecretStore,
+    note: Note,
+    old: str,
+    new: str,
+    secret: Secret,
+    meta: SecretMetadata,
+    *,
+    force: bool,
+    remove: bool,
+) -> VersionInfo:
+    """NEW's version holding OLD's value, with OLD's description, tags, version limit and expiry;
+    on condition that NEW does not exist unless `force`. Its errors say what stands of NEW."""
     try:
         info = store.put(
             new,
@@ -139,20 +184,15 @@ def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bo
     except ConflictError:
         if force:
             raise
-        copied = _copied_already(store, new, secret) if remove else None
-        if copied is None:
-            raise ConflictError(
-                f"{new} exists already (or is deleted); nothing was written: give --force to write "
-                f"{old}'s value over it as a new version, or first undelete or destroy --all a deleted {new}"
-            ) from None
-        # A move killed between its copy and its delete (two commits) left NEW holding OLD's value
-        # and OLD in place: running it again finishes it, writing nothing to NEW's value. On Vault
-        # and AWS the copy is itself two writes (the version, then its metadata): what a copy whose
-        # second write failed left out is carried over now.
-        _carry_metadata(store, old, new, copied.version, meta, secret)
-        info, finishing = copied, True
+        raise _new_exists(old, new) from None
     except SecretsManagerError as error:
         stored = error.stored_version
+        if stored is None and remove and isinstance(error, OutcomeUnknownError):
+            raise restated(
+                error, f"{error}; {old} was left in place: run the same mv again (it finishes a copy made)"
+            ) from None
+        if stored is None and remove:
+            raise restated(error, f"{error}; nothing was renamed: {old} was left in place") from None
         if stored is None:
             raise
         # Vault or AWS stored NEW's version, then refused its metadata: say what stands, in mv's
@@ -167,33 +207,103 @@ def copy_secret(store: SecretStore, note: Note, old: str, new: str, *, force: bo
         else:
             then = f"do not copy it again: '{suggested('metadata', new)} …' sets them"
         raise restated(error, done + then) from None
-    else:
-        finishing = False
-        note.wrote(new, info.version, secret.value.reveal())
-    if remove:
-        try:  # on condition, in the delete's own commit: a store landing at any point is not hidden
-            store.delete(old, expect_version=secret.version)
-        except SecretsManagerError as error:  # NEW is written: the message must say so
-            if type(error) is ConflictError:  # not a state error: OLD has another current version
-                raise _old_changed(store, old, new, info.version, secret.version) from None
-            if isinstance(error, OutcomeUnknownError) and _deleted_now(store, old):
-                # the delete was made; what is unknown is said by the error (not 'may or may not')
-                raise restated(
-                    error,
-                    f"{new} version {info.version} holds the value of version {secret.version} of "
-                    f"{old}; {error}",
-                ) from None
-            if not isinstance(error, NotFoundError | OutcomeUnknownError) and _deleted_now(store, old):
-                # Vault or AWS: a write overtook the delete, whose undo then failed (the error says so)
-                raise restated(
-                    error,
-                    f"{new} version {info.version} holds the value of version {secret.version} of {old}, "
-                    f"but {old} changed while it was moved and is deleted with its newer version: {error}",
-                ) from None
-            raise _half_moved(error, old, new, info.version, secret.version) from None
-    return Copied(
-        from_version=secret.version, version=info.version, expires=secret.expires, finishing=finishing
+    note.wrote(new, info.version, secret.value.reveal())
+    return info
+
+
+def _new_exists(old: str, new: str) -> ConflictError:
+    return ConflictError(
+        f"{new} exists already (or is deleted); nothing was written: give --force to write "
+        f"{old}'s value over it as a new version, or first undelete or destroy --all a deleted {new}"
     )
+
+
+def _held_by_new(store: SecretStore, old: str, new: str, secret: Secret) -> VersionInfo | None:
+    """Before a move changes anything: NEW's current version if it holds OLD's value already (a
+    move that was killed after its copy), None if NEW cannot be read (absent, deleted, or not
+    readable by this caller: the write decides then), ConflictError if it holds another value."""
+    try:
+        current = store.get(new)
+    except SecretsManagerError:
+        return None
+    if not hmac.compare_digest(current.value.reveal(), secret.value.reveal()):
+        raise _new_exists(old, new)
+    return VersionInfo(version=current.version, created=current.created, created_by="", labels=current.labels)
+
+
+def _delete_old(store: SecretStore, old: str, new: str, version: int) -> None:
+    """Soft-delete OLD on condition that `version` is still current and no rotation was staged:
+    its refusals say that nothing was renamed (NEW is not written yet)."""
+    try:
+        store.delete(old, expect_version=version, expect_no_pending=True)
+    except UnsupportedOperationError:
+        # A service from before DeleteSecretIfUnchanged: delete on the version read alone, as such
+        # a service always was asked, and say the pending check was mv's own read only. A service
+        # from before DeleteSecretIfCurrent too is refused again (nothing renamed).
+        try:
+            store.delete(old, expect_version=version)
+        except SecretsManagerError as error:
+            raise _not_renamed(store, old, new, version, error) from None
+        warning_line(
+            f"the service cannot delete on condition that no rotation was staged (it is older than this "
+            f"client), so {old} was deleted on condition that version {version} was still current; a "
+            f"rotation staged after mv read {old} would be deleted with it ('history {old}' shows one)"
+        )
+    except SecretsManagerError as error:
+        raise _not_renamed(store, old, new, version, error) from None
+
+
+def _not_renamed(
+    store: SecretStore, old: str, new: str, version: int, error: SecretsManagerError
+) -> SecretsManagerError:
+    """The error of a move whose conditional delete of OLD failed: nothing was written to NEW."""
+    if type(error) is ConflictError:  # the condition, not a state error: OLD changed since read
+        return ConflictError(
+            f"{old} changed since mv read it ({_what_changed(store, old, version)}); nothing was "
+            f"renamed and {new} was not written: run the same mv again"
+        )
+    if isinstance(error, NotFoundError):  # deleted or erased meanwhile (another mv, a delete)
+        return ConflictError(
+            f"{old} changed since mv read it ({error}); nothing was renamed and {new} was not written: "
+            f"check '{suggested('history', old)}'"
+        )
+    if isinstance(error, OutcomeUnknownError):
+        return restated(
+            error,
+            f"{error}; {new} was not written: if {old} is deleted ('{suggested('history', old)}'), "
+            f"'{suggested('undelete', old)}' and run the same mv again",
+        )
+    return restated(error, f"{error}; nothing was renamed and {new} was not written")
+
+
+def _what_changed(store: SecretStore, old: str, version: int) -> str:
+    """What a refused conditional delete of OLD found, read again: another current version, or a
+    rotation staged (mv checked for none when it read OLD)."""
+    try:
+        now = store.describe(old)
+    except SecretsManagerError:  # gone or unreadable meanwhile: the refusal stands
+        return "a write or a rotation landed"
+    if now.current_version != version:
+        current = "no current version" if now.current_version is None else f"version {now.current_version}"
+        return f"now {current}, not {version}"
+    if PENDING in now.labels:
+        return f"a rotation was staged: version {now.labels[PENDING]} is pending; finish or discard it first"
+    return "a rotation was staged and has finished or been discarded since"
+
+
+def _undeleted(store: SecretStore, old: str, new: str, error: SecretsManagerError) -> SecretsManagerError:
+    """NEW's write failed after OLD's delete: undelete OLD, so the move leaves both as they were,
+    and give `error` (which says OLD was left in place where it matters); if the undelete fails
+    too, say so and what to run."""
+    try:
+        store.undelete(old)
+    except SecretsManagerError as undo:
+        return restated(
+            error,
+            f"{error}; {old} was deleted before {new} was to be written, and could not be undeleted "
+            f"({undo}): run '{suggested('undelete', old)}'",
+        )
+    return error
 
 
 def _carry_metadata(
@@ -232,57 +342,3 @@ def _carry_metadata(
             f"{new} version {version} holds the value of {old} already, but its description, tags, "
             f"version limit or expiry could not be set: {error}; {old} was left in place",
         ) from None
-
-
-def _copied_already(store: SecretStore, new: str, secret: Secret) -> VersionInfo | None:
-    """NEW's current version, if it holds `secret`'s value (OLD's, as read): what a move that was
-    killed after its copy of OLD and before its delete of OLD left. None otherwise, or if NEW
-    cannot be read (deleted, or its current version destroyed): then NEW is another secret."""
-    try:
-        current = store.get(new)
-    except SecretsManagerError:
-        return None
-    if not hmac.compare_digest(current.value.reveal(), secret.value.reveal()):
-        return None
-    return VersionInfo(version=current.version, created=current.created, created_by="", labels=current.labels)
-
-
-def _old_changed(store: SecretStore, old: str, new: str, version: int, from_version: int) -> ConflictError:
-    """The error of a move whose conditional delete of OLD was refused: a write landed on OLD
-    after its value was read, so OLD stays (its newer value is not hidden) and NEW has the older."""
-    try:
-        now = f"now version {store.describe(old).current_version}"
-    except SecretsManagerError:  # gone or unreadable meanwhile: the refusal stands, the number is unknown
-        now = "now another version"
-    return ConflictError(
-        f"{new} version {version} holds the value of version {from_version} of {old}, but {old} changed "
-        f"while it was moved ({now}) and was left in place: compare them ('{suggested('get', old)}', "
-        f"'{suggested('get', new)}'), then run '{suggested('delete', old)}' to finish the move, or "
-        f"store the newer value again ('{suggested('mv', old, new, '--force')}')"
-    )
-
-
-def _deleted_now(store: SecretStore, name: str) -> bool:
-    """Whether `name` reads as deleted now (False if that cannot be read)."""
-    try:
-        return store.describe(name).deleted is not None
-    except SecretsManagerError:
-        return False
-
-
-def _half_moved(
-    error: SecretsManagerError, old: str, new: str, version: int, from_version: int
-) -> SecretsManagerError:
-    """The error of a move whose write of NEW was made and whose delete of OLD was not: the same
-    class (exit code) with a message that says what stands. OLD deleted or erased meanwhile (by
-    another mv, delete or destroy) is a conflict: NEW has the copy, and the change was not ours."""
-    done = f"{new} version {version} holds the value of version {from_version} of {old}, but"
-    if isinstance(error, NotFoundError):
-        return ConflictError(
-            f"{done} {old} changed while it was moved ({error}); check '{suggested('history', old)}'"
-        )
-    state = (
-        "may or may not have been deleted" if isinstance(error, OutcomeUnknownError) else "was not deleted"
-    )
-    message = f"{done} {old} {state}: {error}; delete it with '{suggested('delete', old)}' to finish the move"
-    return restated(error, message)
