@@ -742,8 +742,8 @@ class ProtocolOnly:
     def update_metadata(self, name: str, **change: Any) -> None:
         self._inner.update_metadata(name, **change)
 
-    def delete(self, name: str) -> None:
-        self._inner.delete(name)
+    def delete(self, name: str, **condition: Any) -> None:
+        self._inner.delete(name, **condition)
 
     def undelete(self, name: str) -> None:
         self._inner.undelete(name)

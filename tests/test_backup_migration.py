@@ -350,3 +350,59 @@ def test_a_backup_reads_again_a_secret_written_or_deleted_after_its_listing(
         store.close()
         other.close()
         server.stop()
+
+
+@pytest.mark.parametrize("kind", ["vault", "aws"])
+def test_a_restored_deleted_secret_is_deleted_only_at_the_version_the_restore_wrote(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A deleted secret of the backup is restored as its versions, then deleted. Another writer's
+    store landing between the restore's last write and that delete was hidden with it: the delete
+    had no condition, the restore said it was done, and the writer's acknowledged value read as
+    deleted. The delete is now on condition that the version the restore wrote is current: it is
+    refused, and the restore is undone but for that name, which holds the other writer's version."""
+    from secrets_manager.store.aws import AwsStore
+    from secrets_manager.store.vault import VaultStore, connect_vault
+
+    server = FakeVault().start()
+    prefix = f"migration/deleted-{request.node.callspec.id}"
+
+    def handle(actor: str) -> Any:
+        if kind == "aws":
+            from test_store_aws import aws_client
+
+            return AwsStore(aws_client(request.getfixturevalue("moto_endpoint")), prefix, actor=actor)
+        client = connect_vault(server.address, environ={"VAULT_TOKEN": server.root_token})
+        return VaultStore(client, "secret", actor=actor)
+
+    source = EncryptedStore.create(
+        SqliteStorage(tmp_path / "gone.db", create=True), PasswordUnlock("source", kdf.TEST)
+    )
+    try:
+        source.put("svc/GONE", b"gone-ONE")
+        source.delete("svc/GONE")
+        write_backup(source, tmp_path / "gone.smbackup", password=BACKUP_PASSWORD, kdf=kdf.TEST)
+    finally:
+        source.close()
+    secrets = list(read_backup(tmp_path / "gone.smbackup", BACKUP_PASSWORD).secrets)
+    store, other = handle("restore"), handle("other-writer")
+    try:
+        deleting = store.delete
+        wrote: list[object] = []
+
+        def delete_after_another_writer(name: str, **kwargs: Any) -> None:
+            if not wrote:
+                wrote.append(other.put(name, b"other-WRITE"))
+            deleting(name, **kwargs)
+
+        store.delete = delete_after_another_writer  # type: ignore[method-assign]
+        with pytest.raises(Exception, match="svc/GONE") as caught:
+            restore_into(store, secrets)
+        assert wrote
+        assert "did not write" in str(caught.value), caught.value
+        assert other.describe("svc/GONE").deleted is None
+        assert other.get("svc/GONE").value.reveal() == b"other-WRITE"
+    finally:
+        store.close()
+        other.close()
+        server.stop()

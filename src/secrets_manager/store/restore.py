@@ -778,7 +778,10 @@ def _write_secret(
     if room != wanted:
         store.update_metadata(secret.name, max_versions=wanted)
     if secret.deleted is not None:
-        store.delete(secret.name)
+        # Only while the version last written is current: a store landing since (another writer)
+        # would be hidden by the delete; refused (ConflictError), the restore fails and is undone
+        # but for this name, which holds that writer's version.
+        store.delete(secret.name, expect_version=expect or None)
     return _Written(
         versions=len(order) + stage, served=served, pending_left_out=pending is not None and not stage
     )
