@@ -514,7 +514,16 @@ class EncryptedStore:
                     resealed = _named(exc, _value_damaged(name, number))
                     continue
                 raise _named(exc, _value_damaged(name, number)) from None
-            meta.check_value(name, number, plaintext)
+            try:
+                meta.check_value(name, number, plaintext)
+            except IntegrityError:
+                # Another value of the same name and version (a secret destroyed and stored anew
+                # since the metadata was read): only metadata still at the revision read makes it
+                # damage. Revisions only grow, so that is the state the value was read in.
+                again = self._storage.get(META_PREFIX + name)
+                if again is None or again.revision != meta_entry.revision:
+                    continue
+                raise
             audit_keys = self.audit_keys() if fingerprint else ()
             fingerprinted = audit_keys[-1] if audit_keys else None
             value_hmac = value_fingerprint(audit_keys[-1], plaintext, len(audit_keys)) if audit_keys else None
