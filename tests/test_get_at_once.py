@@ -1,5 +1,7 @@
-"""One `get` of an encrypted store gives a whole secret while another writer commits: never the
-metadata of before with a value of after.
+"""One `get` of an encrypted store reads its secret at one instant, and on PostgreSQL in one
+statement: the metadata, the namespace's keyset, the value record and the change head (the read
+cache's tag) together, where it was four (the change head, metadata and keyset, the value, the
+change head again), each a network round trip to the database.
 
 On both encrypted stores (a real SQLite file, the tests' private PostgreSQL cluster). Another
 writer's commit is put at the exact moment by wrapping the storage's read methods: it lands right
@@ -10,12 +12,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import psycopg
 import pytest
 
 from secrets_manager.crypto import kdf
+from secrets_manager.errors import IntegrityError, NotFoundError
+from secrets_manager.storage import postgres as pg_storage
 from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.storage.sqlite import SqliteStorage
-from secrets_manager.store import EncryptedStore, PasswordUnlock
+from secrets_manager.store import EncryptedStore, PasswordUnlock, keys
 
 PASSWORD = "get at once password"
 NAME = "svc/DB_PASSWORD"
@@ -111,8 +116,8 @@ def test_a_namesake_written_right_after_the_metadata_is_read_is_no_integrity_fai
     """`destroy --all` then a new `store` of the same name, landing after the reader read the
     metadata: the new secret's version 1 is another value under the same name, version and key.
     Read with the old metadata (a mixed view) its digest does not match, and the get failed as
-    damaged (exit 6). The metadata is now read again once the digest does not match: a newer
-    record means another writer, and the get reads again, whole."""
+    damaged (exit 6). Read at one instant it is the value from before (PostgreSQL: one statement),
+    or from after (SQLite: the metadata read again once the digest does not match): whole."""
     writer = place.open()
     writer.put(NAME, b"old value")
     reader = place.open()
@@ -125,5 +130,148 @@ def test_a_namesake_written_right_after_the_metadata_is_read_is_no_integrity_fai
     secret = reader.get(NAME)
     monkeypatch.undo()
     assert landed == ["landed"]
-    assert (secret.version, secret.value.reveal()) == (1, b"new value")
+    expected = b"old value" if place.kind == "postgres" else b"new value"
+    assert (secret.version, secret.value.reveal()) == (1, expected)
     assert reader.get(NAME).value.reveal() == b"new value"  # it did land, and is read next
+
+
+@pytest.mark.parametrize("change", ["data key rotated, rewrapped, disabled", "root key rotated"])
+def test_a_key_rotation_right_after_the_metadata_is_read_leaves_the_get_whole(
+    place: Place, monkeypatch: pytest.MonkeyPatch, change: str
+) -> None:
+    writer = place.open()
+    writer.put(NAME, b"first")
+    writer.put(NAME, b"second")
+    reader = place.open()
+    old = writer._keyset_for_read("svc").primary_id
+
+    def rotate() -> None:
+        if change == "root key rotated":
+            keys.rotate_root_key(writer)
+            return
+        keys.rotate_key(writer, "svc")
+        assert not keys.rewrap(writer, "svc").unreadable
+        keys.disable_key(writer, old, "svc")
+
+    reader.get(NAME)  # its keyset decoded and cached under the old keys
+    writer.put("other/CHANGE", b"moves the change head")  # so the next get reads the store
+    landed = _land_after_the_metadata_is_read(monkeypatch, NAME, rotate)
+    secret = reader.get(NAME)
+    monkeypatch.undo()
+    assert landed == ["landed"]
+    assert (secret.version, secret.value.reveal(), secret.labels) == (2, b"second", ("current",))
+    assert reader.get(NAME, version=1).value.reveal() == b"first"
+
+
+class Counted:
+    """Statements (psycopg `Cursor.execute`) and round trips (waits for the server's answer: each
+    statement, BEGIN, COMMIT) on the store's PostgreSQL connections."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.statements: list[str] = []
+        self.round_trips = 0
+        execute = psycopg.Cursor.execute
+        wait = pg_storage._Connection.wait
+
+        def counted_execute(cursor: Any, query: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(cursor.connection, pg_storage._Connection):
+                self.statements.append(str(query))
+            return execute(cursor, query, *args, **kwargs)
+
+        def counted_wait(conn: Any, *args: Any, **kwargs: Any) -> Any:
+            self.round_trips += 1
+            return wait(conn, *args, **kwargs)
+
+        monkeypatch.setattr(psycopg.Cursor, "execute", counted_execute)
+        monkeypatch.setattr(pg_storage._Connection, "wait", counted_wait)
+
+    def reset(self) -> None:
+        self.statements.clear()
+        self.round_trips = 0
+
+
+def test_on_postgresql_a_get_is_one_statement_and_one_round_trip(
+    postgres_cluster: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A get the read cache cannot answer (another handle committed since), of the current
+    version, of a version by number, and of a secret that does not exist: one statement each;
+    one whose current version is not its newest record (a version staged beside it) two.
+    Before, each was four: the change head, metadata and keyset, the value, the change head."""
+    place = _on_postgres(postgres_cluster)
+    writer = place.open()
+    writer.put(NAME, b"one")
+    writer.put(NAME, b"two")
+    writer.put("svc/ROTATING", b"current")
+    writer.stage("svc/ROTATING", b"pending")
+    reader = place.open()
+    reader.get(NAME)  # the connection opened, the audit-free read path warm
+    counted = Counted(monkeypatch)
+    for read, statements in [
+        (lambda: reader.get(NAME), 1),
+        (lambda: reader.get(NAME, version=1), 1),
+        (lambda: reader.get("svc/ROTATING"), 2),
+        (lambda: reader.get("svc/ROTATING", label="pending"), 1),
+    ]:
+        writer.put("other/CHANGE", b"x")  # the change head moves: nothing cached is used
+        counted.reset()
+        read()
+        assert (len(counted.statements), counted.round_trips) == (statements, statements), counted.statements
+    writer.put("other/CHANGE", b"x")
+    counted.reset()
+    with pytest.raises(NotFoundError, match="not found"):
+        reader.get("svc/NEVER")
+    assert (len(counted.statements), counted.round_trips) == (1, 1)
+    counted.reset()
+    assert reader.get(NAME).value.reveal() == b"two"  # cached: still one
+    assert (len(counted.statements), counted.round_trips) == (1, 1)
+    place.close()
+
+
+@pytest.mark.parametrize(
+    "record", ["data/svc/DB_PASSWORD#2", "meta/svc/DB_PASSWORD", "core/keyset/svc", "missing value"]
+)
+def test_a_damaged_record_fails_the_get_naming_it(place: Place, record: str) -> None:
+    """Damage found in one read is damage: the error names the record, as before."""
+    writer = place.open()
+    writer.put(NAME, b"one")
+    writer.put(NAME, b"two")
+    raw = place.raw()
+    if record == "missing value":
+        raw.delete("data/svc/DB_PASSWORD#2")
+        needle = "the value of version 2 of 'svc/DB_PASSWORD' is missing"
+    else:
+        entry = raw.get(record)
+        damaged = bytearray(entry.value)
+        damaged[-1] ^= 1
+        raw.put(record, bytes(damaged))
+        needle = {"d": "version 2 of 'svc/DB_PASSWORD' is damaged", "m": "the metadata of", "c": "keyset"}[
+            record[0]
+        ]
+    with pytest.raises(IntegrityError, match=needle):
+        place.open().get(NAME)
+
+
+def test_what_a_get_refuses_it_refuses_alike_on_both_stores(place: Place) -> None:
+    writer = place.open()
+    writer.put(NAME, b"one")
+    writer.put(NAME, b"two")
+    writer.put("svc/GONE", b"x")
+    writer.delete("svc/GONE")
+    writer.put("svc/DESTROYED", b"x")
+    writer.put("svc/DESTROYED", b"y")
+    writer.destroy("svc/DESTROYED", [2])
+    reader = place.open()
+    refusals = {
+        "svc/NEVER": "secret 'svc/NEVER' not found",
+        "svc/GONE": "is deleted; 'undelete svc/GONE' restores it",
+        "svc/DESTROYED": r"the current version \(2\) of 'svc/DESTROYED' was destroyed",
+    }
+    for name, needle in refusals.items():
+        with pytest.raises(NotFoundError, match=needle):
+            reader.get(name)
+    with pytest.raises(NotFoundError, match="has no version 7"):
+        reader.get(NAME, version=7)
+    with pytest.raises(NotFoundError, match="no version labelled 'pending'"):
+        reader.get(NAME, label="pending")
+    previous = reader.get(NAME, label="previous")
+    assert (previous.version, previous.value.reveal(), previous.labels) == (1, b"one", ("previous",))

@@ -117,6 +117,42 @@ class MultiGet(Protocol):
         """The entries of those `keys` that exist."""
 
 
+@dataclass(frozen=True)
+class PointRead:
+    """What `ReadAtOnce.read_at_once` found, all at one instant."""
+
+    entries: dict[str, Entry]
+    """The entries of the keys asked for that exist."""
+    newest: tuple[str, Entry] | None
+    """The newest entry under the prefix asked for (key, entry), if any."""
+    head: int
+    """The change head (`ChangeHead.change_head`) at that instant."""
+    unchanged: bool = False
+    """The head was still the `unless_head` asked with: nothing but the head was read."""
+
+
+@runtime_checkable
+class ReadAtOnce(Protocol):
+    """Optional for a `Storage`: a few keys, the newest entry under a prefix and the change head
+    in one read (one statement: one round trip to a database server, and one instant).
+
+    A secret read needs its metadata, its namespace's keyset and a value record whose key only the
+    decrypted metadata names; the newest record under the secret's name is the current version's
+    unless a version is staged beside it, so in one round trip the read has everything it
+    needs, and the change head its read cache is tagged with, all of one instant. "Newest": the
+    highest revision; among records of one commit (a rewrap), the longest key, then the greatest
+    (so a numeric suffix without leading zeros orders as a number). Only for storage behind a
+    network (PostgreSQL), as `MultiGet`. A reader whose cache holds what it asks for at some
+    change head gives it as `unless_head`: while the head is still there, the read returns the
+    head alone (`unchanged`), as cheap as `change_head`."""
+
+    def read_at_once(
+        self, keys: Sequence[str], *, newest_under: str | None = None, unless_head: int | None = None
+    ) -> PointRead:
+        """The entries of those `keys` that exist, the newest entry under `newest_under` (none if
+        None), and the change head, all at one instant; only the head if it is `unless_head`."""
+
+
 @runtime_checkable
 class ChangeHead(Protocol):
     """Optional for a `Storage`: the revision of the newest change-feed entry, in one cheap read.

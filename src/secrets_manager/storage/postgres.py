@@ -78,6 +78,7 @@ from secrets_manager.storage.base import (
     Entry,
     Expect,
     Operation,
+    PointRead,
     Put,
 )
 from secrets_manager.storage.deadline import WATCHDOG
@@ -124,6 +125,7 @@ LISTEN_RETRY_SECONDS = (0.5, 10.0)  # first and longest wait before a listener r
 SCAN_PAGE = 512  # rows per round trip when a snapshot scans
 MAX_CONNECTIONS = 4  # per handle: calls of more threads than this at once wait for a connection
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_AT_ONCE_KEY, _AT_ONCE_NEWEST, _AT_ONCE_HEAD = 0, 1, 2  # the kinds of read_at_once's rows
 
 # The server's refusals of a new connection when it has no slot left for it (SQLSTATE 53300; a
 # refused connection carries the text alone).
@@ -576,6 +578,38 @@ class PostgresStorage:
         rows = self._read(lambda conn: conn.execute(self._q.get_many, (unique,)).fetchall())
         return {key: Entry(value=bytes(value), revision=int(revision)) for key, value, revision in rows}
 
+    def read_at_once(
+        self, keys: Sequence[str], *, newest_under: str | None = None, unless_head: int | None = None
+    ) -> PointRead:
+        """`ReadAtOnce`: one statement, so one round trip and one instant (READ COMMITTED gives
+        each statement one snapshot), for the entries of `keys`, the newest entry under
+        `newest_under` and the change head; the head alone while it is still `unless_head`."""
+        unique = list(dict.fromkeys(keys))
+        prefix = newest_under or ""
+        end = _prefix_end(prefix)
+        limit = 0 if newest_under is None else 1
+        params: tuple[object, ...]
+        if end is None:  # a prefix above which no key can sort: no upper bound
+            query, params = self._q.read_at_once_open, (unique, unless_head, prefix, unless_head, limit)
+        else:  # both bounds given as values, so a generic plan still scans the prefix's range only
+            query, params = self._q.read_at_once, (unique, unless_head, prefix, end, unless_head, limit)
+        rows = self._read(lambda conn: conn.execute(query, params).fetchall())
+        entries: dict[str, Entry] = {}
+        newest: tuple[str, Entry] | None = None
+        head = 0
+        for kind, key, value, revision, started in rows:
+            if kind == _AT_ONCE_HEAD:
+                self._found_server(started)
+                head = 0 if revision is None else int(revision)
+                continue
+            entry = Entry(value=bytes(value), revision=int(revision))
+            if kind == _AT_ONCE_KEY:
+                entries[key] = entry
+            else:
+                newest = (key, entry)
+        unchanged = unless_head is not None and head == unless_head
+        return PointRead(entries=entries, newest=newest, head=head, unchanged=unchanged)
+
     def put(self, key: str, value: bytes, *, expect: Expect = None) -> int:
         return self.commit([Put(key, value, expect)])
 
@@ -905,6 +939,21 @@ class _Queries:
             " FROM unnest(%s::text[], %s::boolean[]) AS rows (key, deleted)"
         )
         self.change_head = q("SELECT max(revision), pg_postmaster_start_time() FROM {s}.changes")
+        # read_at_once: the keys' rows, the newest row under a prefix (LIMIT 0: none asked for) and
+        # the change head with the server's start time, told apart by the first column (_AT_ONCE_*);
+        # no rows but the head's while the head is still the one given (the reader's cache holds it).
+        at_once = (
+            "WITH h AS (SELECT max(revision) AS head, pg_postmaster_start_time() AS started"
+            " FROM {s}.changes)"
+            " SELECT 0, key, value, revision, NULL::timestamptz FROM {s}.entries"
+            " WHERE key = ANY(%s) AND (SELECT head FROM h) IS DISTINCT FROM %s::bigint"
+            " UNION ALL (SELECT 1, key, value, revision, NULL FROM {s}.entries"
+            " WHERE key >= %s{below} AND (SELECT head FROM h) IS DISTINCT FROM %s::bigint"
+            " ORDER BY revision DESC, length(key) DESC, key DESC LIMIT %s)"
+            " UNION ALL SELECT 2, NULL, NULL, head, started FROM h"
+        )
+        self.read_at_once = sql.SQL(at_once).format(s=sql.Identifier(schema), below=sql.SQL(" AND key < %s"))
+        self.read_at_once_open = sql.SQL(at_once).format(s=sql.Identifier(schema), below=sql.SQL(""))
         # Never the newest entry: that is the change head that readers' caches compare.
         self.prune = q(
             "DELETE FROM {s}.changes WHERE revision <= %s "

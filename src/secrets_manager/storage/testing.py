@@ -22,6 +22,9 @@ handles commit, what a consistent backup needs); its check is skipped for a back
 `get_many()` is optional too (the `MultiGet` protocol: several keys in one read, one round trip
 to a database server); its check is skipped for a backend without it.
 
+`read_at_once()` is optional too (the `ReadAtOnce` protocol: a few keys, the newest entry under a
+prefix and the change head in one read); its check is skipped for a backend without it.
+
 `change_head()` is optional too (the `ChangeHead` protocol: the revision of the newest change-feed
 entry, which readers' caches compare); its check is skipped for a backend without it.
 
@@ -55,6 +58,7 @@ from secrets_manager.storage.base import (
     MultiGet,
     Operation,
     Put,
+    ReadAtOnce,
     Scrubbable,
     Snapshotting,
     Storage,
@@ -500,6 +504,40 @@ def _check_get_many_answers_as_get_does(make_storage: MakeStorage) -> None:
         _require(found == expected, "get_many does not return what get returns for each key")
 
 
+def _check_read_at_once_answers_as_get_and_change_head_do(make_storage: MakeStorage) -> None:
+    """Only for backends that implement the optional `ReadAtOnce`: the entries of the keys that
+    exist as `get` returns them, the change head as `change_head` gives it, and the newest entry
+    under the prefix: the highest revision, then among one commit's the longest key, then the
+    greatest (`#10` after `#9`); none when no prefix is asked for or nothing is under it. Given
+    the head as it is (`unless_head`), the head alone; given another, everything."""
+    prefix = ROOT + "at-once/"
+    with _handle(make_storage) as storage:
+        if not isinstance(storage, ReadAtOnce):
+            return
+        storage.commit([Put(prefix + "meta", b"m"), Put(prefix + "v#1", b"1"), Put(prefix + "v#2", b"2")])
+        storage.put(prefix + "v#1", b"1 again")  # the newest by revision, though not the greatest key
+        found = storage.read_at_once([prefix + "meta", prefix + "missing"], newest_under=prefix + "v#")
+        _require(found.entries == {prefix + "meta": storage.get(prefix + "meta")}, "read_at_once entries")
+        _require(found.newest == (prefix + "v#1", storage.get(prefix + "v#1")), "newest is not by revision")
+        if isinstance(storage, ChangeHead):
+            _require(found.head == storage.change_head(), "read_at_once head is not change_head()")
+        _require(not found.unchanged, "read_at_once unchanged though no head was given")
+        same = storage.read_at_once([prefix + "meta"], newest_under=prefix + "v#", unless_head=found.head)
+        _require(
+            same.unchanged and same.head == found.head and not same.entries and same.newest is None,
+            "read_at_once read more than the head while it was unless_head",
+        )
+        moved = storage.read_at_once([prefix + "meta"], unless_head=found.head - 1)
+        _require(not moved.unchanged and prefix + "meta" in moved.entries, "read_at_once: head moved")
+        storage.commit([Put(prefix + f"v#{n}", str(n).encode()) for n in (2, 9, 10, 3)])
+        found = storage.read_at_once([], newest_under=prefix + "v#")
+        _require(found.newest is not None and found.newest[0] == prefix + "v#10", "newest of one commit")
+        _require(storage.read_at_once([prefix + "meta"]).newest is None, "newest given unasked")
+        _require(
+            storage.read_at_once([], newest_under=prefix + "nothing#").newest is None, "newest of nothing"
+        )
+
+
 def _check_snapshot_sees_one_instant(make_storage: MakeStorage) -> None:
     """Only for backends that implement the optional `Snapshotting`: commits through another handle
     while a snapshot is open are invisible to it (puts, overwrites, deletes alike), and visible after."""
@@ -664,6 +702,9 @@ STORAGE_CHECKS: dict[str, Check] = {
     "snapshot (optional) sees one instant": _check_snapshot_sees_one_instant,
     "snapshot (optional) lets the same thread read through the handle": _check_reads_inside_a_snapshot_return,
     "get_many (optional) answers as get does": _check_get_many_answers_as_get_does,
+    "read_at_once (optional) answers as get and change_head do": (
+        _check_read_at_once_answers_as_get_and_change_head_do
+    ),
     "change_head (optional) moves with every commit that is not silent, and only then": (
         _check_change_head_follows_non_silent_commits
     ),

@@ -72,6 +72,7 @@ from secrets_manager.storage import (
     Entry,
     MultiGet,
     Put,
+    ReadAtOnce,
     Scrubbable,
     Snapshotting,
     Storage,
@@ -202,6 +203,8 @@ class EncryptedStore:
             raise InvalidInputError(f"invalid audit scope {audit_scope!r}")
         self._storage = storage
         self._multi_get = storage if isinstance(storage, MultiGet) else None
+        # A get in one statement (metadata, keyset, value and change head): PostgreSQL.
+        self._read_at_once = storage if isinstance(storage, ReadAtOnce) else None
         # Reads decoded since the storage's last change (store/read_cache.py); needs its change head.
         self._change_head = storage if isinstance(storage, ChangeHead) else None
         self._read_cache: ReadCache[_CachedSecret] = ReadCache()
@@ -458,28 +461,13 @@ class EncryptedStore:
         if label is not None and label not in LABELS:
             raise unknown_label(label)
         label = label or (CURRENT if version is None else None)
+        if self._read_at_once is not None:
+            return self._get_at_once(self._read_at_once, name, version, label, fingerprint=fingerprint)
         head = self._cache_head()
         if head is not None:
-            cached = self._read_cache.get(head, name)
-            if cached is not None:
-                number = self._resolve(cached.meta, name, version, label)
-                sealed = cached.records.get(number)
-                if sealed is not None:
-                    try:
-                        plaintext = open_record(
-                            _only(sealed.key), Purpose.SECRET_VALUE, name, number, sealed.record
-                        )
-                    except IntegrityError as exc:
-                        raise _named(exc, _value_damaged(name, number)) from None
-                    cached.meta.check_value(name, number, plaintext)
-                    if fingerprint:
-                        # Under the audit key in force: one cached before `audit rotate-key` (the
-                        # keys read again since) is computed anew, as every fingerprint after it is.
-                        audit_keys = self.audit_keys()
-                        if sealed.fingerprint is None or sealed.fingerprint_key is not audit_keys[-1]:
-                            sealed.fingerprint = value_fingerprint(audit_keys[-1], plaintext, len(audit_keys))
-                            sealed.fingerprint_key = audit_keys[-1]
-                    return _secret(name, number, cached.meta, plaintext), sealed.fingerprint
+            hit = self._cached_get(head, name, version, label, fingerprint=fingerprint)
+            if hit is not None:
+                return hit
         resealed: IntegrityError | None = None
         for _attempt in range(3):  # a concurrent prune or rewrap between the reads: read again
             meta_entry, meta = self._read_meta(name)
@@ -524,18 +512,141 @@ class EncryptedStore:
                 if again is None or again.revision != meta_entry.revision:
                     continue
                 raise
-            audit_keys = self.audit_keys() if fingerprint else ()
-            fingerprinted = audit_keys[-1] if audit_keys else None
-            value_hmac = value_fingerprint(audit_keys[-1], plaintext, len(audit_keys)) if audit_keys else None
             # Kept only if nothing changed while it was read (the head is where it was before).
-            if head is not None and self._cache_head() == head:
-                cached = self._read_cache.get(head, name) or _CachedSecret(meta, {})
-                if cached.meta == meta:
-                    cached.records[number] = _SealedValue(entry.value, used[0], value_hmac, fingerprinted)
-                    self._read_cache.put(head, name, cached)
-            return _secret(name, number, meta, plaintext), value_hmac
+            keep = head is not None and self._cache_head() == head
+            return self._read_done(
+                head if keep else None, name, number, meta, plaintext, (entry.value, used[0]), fingerprint
+            )
         if resealed is not None:  # re-sealed between the reads at every try
             raise resealed
+        raise NotFoundError(f"version {number} of {name!r} is no longer stored")
+
+    def _cached_get(
+        self, head: int, name: str, version: int | None, label: str | None, *, fingerprint: bool
+    ) -> tuple[Secret, str | None] | None:
+        """`get` from the read cache, if it holds the version asked for at `head`."""
+        cached = self._read_cache.get(head, name)
+        if cached is None:
+            return None
+        number = self._resolve(cached.meta, name, version, label)
+        sealed = cached.records.get(number)
+        if sealed is None:
+            return None
+        try:
+            plaintext = open_record(_only(sealed.key), Purpose.SECRET_VALUE, name, number, sealed.record)
+        except IntegrityError as exc:
+            raise _named(exc, _value_damaged(name, number)) from None
+        cached.meta.check_value(name, number, plaintext)
+        if fingerprint:
+            # Under the audit key in force: one cached before `audit rotate-key` (the keys read
+            # again since) is computed anew, as every fingerprint after it is.
+            audit_keys = self.audit_keys()
+            if sealed.fingerprint is None or sealed.fingerprint_key is not audit_keys[-1]:
+                sealed.fingerprint = value_fingerprint(audit_keys[-1], plaintext, len(audit_keys))
+                sealed.fingerprint_key = audit_keys[-1]
+        return _secret(name, number, cached.meta, plaintext), sealed.fingerprint
+
+    def _cached_at(self, name: str, version: int | None, label: str | None) -> int | None:
+        """The change head (the storage's revision) at which the read cache holds the record a
+        get of `name` asks for, if it does: a read then asks for the head alone while it is there."""
+        held = self._read_cache.holding(name)
+        if held is None or held[0] >> 64 != getattr(self._storage, "incarnation", 0):
+            return None
+        head, cached = held
+        try:
+            number = self._resolve(cached.meta, name, version, label)
+        except NotFoundError:
+            return None
+        return head & (2**64 - 1) if number in cached.records else None
+
+    def _read_done(
+        self,
+        head: int | None,
+        name: str,
+        number: int,
+        meta: _Meta,
+        plaintext: bytes,
+        sealed: tuple[bytes, DataKey],
+        fingerprint: bool,
+    ) -> tuple[Secret, str | None]:
+        """The secret a get read, with its fingerprint if asked for; its record kept in the read
+        cache under `head` (None: not kept), which everything read must be of."""
+        audit_keys = self.audit_keys() if fingerprint else ()
+        fingerprinted = audit_keys[-1] if audit_keys else None
+        value_hmac = value_fingerprint(audit_keys[-1], plaintext, len(audit_keys)) if audit_keys else None
+        if head is not None:
+            cached = self._read_cache.get(head, name) or _CachedSecret(meta, {})
+            if cached.meta == meta:
+                cached.records[number] = _SealedValue(sealed[0], sealed[1], value_hmac, fingerprinted)
+                self._read_cache.put(head, name, cached)
+        return _secret(name, number, meta, plaintext), value_hmac
+
+    def _get_at_once(
+        self, storage: ReadAtOnce, name: str, version: int | None, label: str | None, *, fingerprint: bool
+    ) -> tuple[Secret, str | None]:
+        """`get` on a storage that reads several keys, the newest record under a prefix and its
+        change head in one statement (`ReadAtOnce`: PostgreSQL). The metadata, the namespace's
+        keyset, the value record (of the version asked for by number, else the newest under the
+        name: the current version's unless another is staged beside it) and the
+        change head the read cache is tagged with are all of one instant: one round trip, and no
+        view mixed of before and after another writer's commit. Where the newest record is not
+        the version the metadata names, a second read takes the metadata, the keyset and that
+        record again at one instant of their own (and again, a few times, while writers keep
+        moving it). Where the read cache holds the record asked for, the read gives the head it
+        holds it at (`unless_head`): while the head is still there, only the head comes back,
+        and the cache answers (the decryption saved, and the bytes).
+
+        Every check of `get` holds: a record that does not open in a read where all are of one
+        instant is damaged (no read again, as `read_current`'s snapshot), a value its metadata
+        keeps that is missing from such a read is missing, and a keyset sealed under a root key
+        another process rotated to is adopted as `_root_lookup` adopts it."""
+        namespace = namespace_of(name)
+        meta_key, keyset_key = META_PREFIX + name, KEYSET_PREFIX + namespace
+        wanted = None if version is None else _data_key(name, version)
+        number = version
+        unless_head = self._cached_at(name, version, label)
+        for _attempt in range(META_READ_ATTEMPTS):
+            before = getattr(self._storage, "incarnation", 0)
+            asked = wanted
+            found = storage.read_at_once(
+                [meta_key, keyset_key] if asked is None else [meta_key, keyset_key, asked],
+                newest_under=f"{DATA_PREFIX}{name}#" if asked is None else None,
+                unless_head=unless_head,
+            )
+            unless_head = None
+            head = self._cache_tag(before, found.head)
+            if head is not None:
+                hit = self._cached_get(head, name, version, label, fingerprint=fingerprint)
+                if hit is not None:
+                    return hit
+            if found.unchanged:  # the head alone came back, and the cache cannot answer after all
+                continue
+            meta_entry = found.entries.get(meta_key)
+            if meta_entry is None:
+                raise NotFoundError(f"secret {name!r} not found")
+            keyset = self._keyset_from(namespace, found.entries.get(keyset_key))
+            meta = _open_meta(keyset, name, meta_entry.value)
+            if meta.deleted is not None:  # as AwsStore says it: a deleted secret can come back
+                raise NotFoundError(f"secret {name!r} is deleted; 'undelete {name}' restores it")
+            number = self._resolve(meta, name, version, label)
+            key = _data_key(name, number)
+            entry = found.entries.get(key)
+            if entry is None and found.newest is not None and found.newest[0] == key:
+                entry = found.newest[1]
+            if entry is None:
+                if asked == key:  # the metadata and the values of one instant: the value is gone
+                    raise _value_missing(name, number)
+                wanted = key
+                continue
+            used: list[DataKey] = []
+            try:
+                plaintext = open_record(
+                    _noting(keyset.key_for_decryption, used), Purpose.SECRET_VALUE, name, number, entry.value
+                )
+            except IntegrityError as exc:
+                raise _named(exc, _value_damaged(name, number)) from None
+            meta.check_value(name, number, plaintext)
+            return self._read_done(head, name, number, meta, plaintext, (entry.value, used[0]), fingerprint)
         raise NotFoundError(f"version {number} of {name!r} is no longer stored")
 
     def describe(self, name: str) -> SecretMetadata:
@@ -596,7 +707,11 @@ class EncryptedStore:
         if self._change_head is None:
             return None
         before = getattr(self._storage, "incarnation", 0)
-        revision = self._change_head.change_head()
+        return self._cache_tag(before, self._change_head.change_head())
+
+    def _cache_tag(self, before: int, revision: int) -> int | None:
+        """The tag of a change head `revision` read while the storage's incarnation was `before`
+        (see `_cache_head`); None if it moved meanwhile."""
         incarnation = getattr(self._storage, "incarnation", 0)
         if incarnation != before:
             return None
