@@ -9,6 +9,7 @@ after the first read that returned the secret's metadata, by whatever path reads
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -21,6 +22,8 @@ from secrets_manager.storage import postgres as pg_storage
 from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock, keys
+from test_cli import PASSWORD as CLI_PASSWORD
+from test_cli import Cli
 
 PASSWORD = "get at once password"
 NAME = "svc/DB_PASSWORD"
@@ -275,3 +278,53 @@ def test_what_a_get_refuses_it_refuses_alike_on_both_stores(place: Place) -> Non
         reader.get(NAME, label="pending")
     previous = reader.get(NAME, label="previous")
     assert (previous.version, previous.value.reveal(), previous.labels) == (1, b"one", ("previous",))
+
+
+def test_the_clis_get_on_postgresql_keeps_its_exit_codes_messages_and_audit_records(
+    postgres_cluster: Any, tmp_path: Any
+) -> None:
+    """`secrets-manager get` (a real process) on PostgreSQL: the value and one `get` audit record
+    with its version and fingerprint; not found, deleted and a destroyed current version exit 3;
+    a damaged value exits 6 in one line naming it, with nothing of it printed."""
+    schema = postgres_cluster.new_schema()
+    url = postgres_cluster.url(with_password=True)
+    unlock = PasswordUnlock(CLI_PASSWORD, kdf.TEST)
+    store = EncryptedStore.create(PostgresStorage(url, schema=schema, create=True), unlock)
+    store.put(NAME, b"first value")
+    store.put(NAME, b"second value")
+    store.put("svc/GONE", b"x")
+    store.delete("svc/GONE")
+    store.put("svc/DESTROYED", b"x")
+    store.destroy("svc/DESTROYED", [1])
+    store.put("svc/DAMAGED", b"damaged value")
+    cli = Cli(tmp_path / "unused.db", tmp_path)
+    cli.env.update(postgres_cluster.env())
+    cli.env["SECRETS_MANAGER_STORE"] = f"{postgres_cluster.url()}?schema={schema}"
+    audit = tmp_path / "audit.jsonl"
+    cli.env["SECRETS_MANAGER_AUDIT_FILE"] = str(audit)
+    result = cli("get", NAME)
+    assert (result.code, result.stdout.strip()) == (0, b"second value"), result.stderr
+    gets = [json.loads(line) for line in audit.read_text().splitlines()]
+    gets = [record for record in gets if record["operation"] == "get"]
+    fingerprint = store.get_with_fingerprint(NAME)[1]
+    assert [(r["name"], r["version"], r["outcome"], r["value_hmac"]) for r in gets] == [
+        (NAME, 2, "ok", fingerprint)
+    ]
+    for name, needle in [
+        ("svc/NEVER", "not found"),
+        ("svc/GONE", "is deleted"),
+        ("svc/DESTROYED", "the current version (1) of 'svc/DESTROYED' was destroyed"),
+    ]:
+        result = cli("get", name)
+        assert result.code == 3 and needle in result.stderr, (name, result.code, result.stderr)
+    raw = PostgresStorage(url, schema=schema)
+    entry = raw.get("data/svc/DAMAGED#1")
+    assert entry is not None
+    raw.put("data/svc/DAMAGED#1", entry.value[:-1] + bytes([entry.value[-1] ^ 1]))
+    raw.close()
+    result = cli("get", "svc/DAMAGED")
+    lines = result.stderr.strip().splitlines()
+    assert result.code == 6 and len(lines) == 1, result.stderr
+    assert "version 1 of 'svc/DAMAGED' is damaged" in lines[0]
+    assert result.stdout == b"" and "damaged value" not in result.stderr
+    store.close()
