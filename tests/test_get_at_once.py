@@ -196,18 +196,18 @@ class Counted:
 def test_on_postgresql_a_get_is_one_statement_and_one_round_trip(
     postgres_cluster: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A get the read cache cannot answer (another handle committed since), of the current
-    version, of a version by number, and of a secret that does not exist: one statement each;
-    one whose current version is not its newest record (a version staged beside it) two.
-    Before, each was four: the change head, metadata and keyset, the value, the change head."""
+    """A get the read cache does not hold: of the current version, of a version by number, of a
+    secret that does not exist, one statement each; of a secret whose current version is not its
+    newest record (a version staged beside it), two. Before, each was four: the change head,
+    metadata and keyset, the value, the change head again. One the cache holds: the head alone
+    while nothing changed; the head, then the whole read, once something did."""
     place = _on_postgres(postgres_cluster)
     writer = place.open()
     writer.put(NAME, b"one")
     writer.put(NAME, b"two")
     writer.put("svc/ROTATING", b"current")
     writer.stage("svc/ROTATING", b"pending")
-    reader = place.open()
-    reader.get(NAME)  # the connection opened, the audit-free read path warm
+    reader = place.open()  # its connection opened by reading the header: nothing cached
     counted = Counted(monkeypatch)
     for read, statements in [
         (lambda: reader.get(NAME), 1),
@@ -215,18 +215,23 @@ def test_on_postgresql_a_get_is_one_statement_and_one_round_trip(
         (lambda: reader.get("svc/ROTATING"), 2),
         (lambda: reader.get("svc/ROTATING", label="pending"), 1),
     ]:
-        writer.put("other/CHANGE", b"x")  # the change head moves: nothing cached is used
+        writer.put("other/CHANGE", b"x")  # the change head moves
         counted.reset()
         read()
         assert (len(counted.statements), counted.round_trips) == (statements, statements), counted.statements
-    writer.put("other/CHANGE", b"x")
     counted.reset()
     with pytest.raises(NotFoundError, match="not found"):
         reader.get("svc/NEVER")
     assert (len(counted.statements), counted.round_trips) == (1, 1)
+    reader.get(NAME)
     counted.reset()
-    assert reader.get(NAME).value.reveal() == b"two"  # cached: still one
+    assert reader.get(NAME).value.reveal() == b"two"  # cached, nothing changed: the head alone
     assert (len(counted.statements), counted.round_trips) == (1, 1)
+    assert "changes" in counted.statements[0] and "entries" not in counted.statements[0]
+    writer.put(NAME, b"three")
+    counted.reset()
+    assert reader.get(NAME).value.reveal() == b"three"  # cached, then changed: head, whole read
+    assert (len(counted.statements), counted.round_trips) == (2, 2)
     place.close()
 
 

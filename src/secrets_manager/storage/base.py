@@ -127,8 +127,6 @@ class PointRead:
     """The newest entry under the prefix asked for (key, entry), if any."""
     head: int
     """The change head (`ChangeHead.change_head`) at that instant."""
-    unchanged: bool = False
-    """The head was still the `unless_head` asked with: nothing but the head was read."""
 
 
 @runtime_checkable
@@ -142,15 +140,11 @@ class ReadAtOnce(Protocol):
     needs, and the change head its read cache is tagged with, all of one instant. "Newest": the
     highest revision; among records of one commit (a rewrap), the longest key, then the greatest
     (so a numeric suffix without leading zeros orders as a number). Only for storage behind a
-    network (PostgreSQL), as `MultiGet`. A reader whose cache holds what it asks for at some
-    change head gives it as `unless_head`: while the head is still there, the read returns the
-    head alone (`unchanged`), as cheap as `change_head`."""
+    network (PostgreSQL), as `MultiGet`."""
 
-    def read_at_once(
-        self, keys: Sequence[str], *, newest_under: str | None = None, unless_head: int | None = None
-    ) -> PointRead:
+    def read_at_once(self, keys: Sequence[str], *, newest_under: str | None = None) -> PointRead:
         """The entries of those `keys` that exist, the newest entry under `newest_under` (none if
-        None), and the change head, all at one instant; only the head if it is `unless_head`."""
+        None), and the change head, all at one instant."""
 
 
 @runtime_checkable

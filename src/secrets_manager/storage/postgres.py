@@ -578,21 +578,19 @@ class PostgresStorage:
         rows = self._read(lambda conn: conn.execute(self._q.get_many, (unique,)).fetchall())
         return {key: Entry(value=bytes(value), revision=int(revision)) for key, value, revision in rows}
 
-    def read_at_once(
-        self, keys: Sequence[str], *, newest_under: str | None = None, unless_head: int | None = None
-    ) -> PointRead:
+    def read_at_once(self, keys: Sequence[str], *, newest_under: str | None = None) -> PointRead:
         """`ReadAtOnce`: one statement, so one round trip and one instant (READ COMMITTED gives
         each statement one snapshot), for the entries of `keys`, the newest entry under
-        `newest_under` and the change head; the head alone while it is still `unless_head`."""
+        `newest_under` and the change head."""
         unique = list(dict.fromkeys(keys))
         prefix = newest_under or ""
         end = _prefix_end(prefix)
         limit = 0 if newest_under is None else 1
         params: tuple[object, ...]
         if end is None:  # a prefix above which no key can sort: no upper bound
-            query, params = self._q.read_at_once_open, (unique, unless_head, prefix, unless_head, limit)
+            query, params = self._q.read_at_once_open, (unique, prefix, limit)
         else:  # both bounds given as values, so a generic plan still scans the prefix's range only
-            query, params = self._q.read_at_once, (unique, unless_head, prefix, end, unless_head, limit)
+            query, params = self._q.read_at_once, (unique, prefix, end, limit)
         rows = self._read(lambda conn: conn.execute(query, params).fetchall())
         entries: dict[str, Entry] = {}
         newest: tuple[str, Entry] | None = None
@@ -607,8 +605,7 @@ class PostgresStorage:
                 entries[key] = entry
             else:
                 newest = (key, entry)
-        unchanged = unless_head is not None and head == unless_head
-        return PointRead(entries=entries, newest=newest, head=head, unchanged=unchanged)
+        return PointRead(entries=entries, newest=newest, head=head)
 
     def put(self, key: str, value: bytes, *, expect: Expect = None) -> int:
         return self.commit([Put(key, value, expect)])
@@ -940,17 +937,12 @@ class _Queries:
         )
         self.change_head = q("SELECT max(revision), pg_postmaster_start_time() FROM {s}.changes")
         # read_at_once: the keys' rows, the newest row under a prefix (LIMIT 0: none asked for) and
-        # the change head with the server's start time, told apart by the first column (_AT_ONCE_*);
-        # no rows but the head's while the head is still the one given (the reader's cache holds it).
+        # the change head with the server's start time, told apart by the first column (_AT_ONCE_*).
         at_once = (
-            "WITH h AS (SELECT max(revision) AS head, pg_postmaster_start_time() AS started"
-            " FROM {s}.changes)"
-            " SELECT 0, key, value, revision, NULL::timestamptz FROM {s}.entries"
-            " WHERE key = ANY(%s) AND (SELECT head FROM h) IS DISTINCT FROM %s::bigint"
-            " UNION ALL (SELECT 1, key, value, revision, NULL FROM {s}.entries"
-            " WHERE key >= %s{below} AND (SELECT head FROM h) IS DISTINCT FROM %s::bigint"
+            "SELECT 0, key, value, revision, NULL::timestamptz FROM {s}.entries WHERE key = ANY(%s)"
+            " UNION ALL (SELECT 1, key, value, revision, NULL FROM {s}.entries WHERE key >= %s{below}"
             " ORDER BY revision DESC, length(key) DESC, key DESC LIMIT %s)"
-            " UNION ALL SELECT 2, NULL, NULL, head, started FROM h"
+            " UNION ALL SELECT 2, NULL, NULL, max(revision), pg_postmaster_start_time() FROM {s}.changes"
         )
         self.read_at_once = sql.SQL(at_once).format(s=sql.Identifier(schema), below=sql.SQL(" AND key < %s"))
         self.read_at_once_open = sql.SQL(at_once).format(s=sql.Identifier(schema), below=sql.SQL(""))

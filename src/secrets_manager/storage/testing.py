@@ -508,8 +508,7 @@ def _check_read_at_once_answers_as_get_and_change_head_do(make_storage: MakeStor
     """Only for backends that implement the optional `ReadAtOnce`: the entries of the keys that
     exist as `get` returns them, the change head as `change_head` gives it, and the newest entry
     under the prefix: the highest revision, then among one commit's the longest key, then the
-    greatest (`#10` after `#9`); none when no prefix is asked for or nothing is under it. Given
-    the head as it is (`unless_head`), the head alone; given another, everything."""
+    greatest (`#10` after `#9`); none when no prefix is asked for or nothing is under it."""
     prefix = ROOT + "at-once/"
     with _handle(make_storage) as storage:
         if not isinstance(storage, ReadAtOnce):
@@ -521,14 +520,6 @@ def _check_read_at_once_answers_as_get_and_change_head_do(make_storage: MakeStor
         _require(found.newest == (prefix + "v#1", storage.get(prefix + "v#1")), "newest is not by revision")
         if isinstance(storage, ChangeHead):
             _require(found.head == storage.change_head(), "read_at_once head is not change_head()")
-        _require(not found.unchanged, "read_at_once unchanged though no head was given")
-        same = storage.read_at_once([prefix + "meta"], newest_under=prefix + "v#", unless_head=found.head)
-        _require(
-            same.unchanged and same.head == found.head and not same.entries and same.newest is None,
-            "read_at_once read more than the head while it was unless_head",
-        )
-        moved = storage.read_at_once([prefix + "meta"], unless_head=found.head - 1)
-        _require(not moved.unchanged and prefix + "meta" in moved.entries, "read_at_once: head moved")
         storage.commit([Put(prefix + f"v#{n}", str(n).encode()) for n in (2, 9, 10, 3)])
         found = storage.read_at_once([], newest_under=prefix + "v#")
         _require(found.newest is not None and found.newest[0] == prefix + "v#10", "newest of one commit")

@@ -5,9 +5,8 @@ it for every request. This cache keeps, per secret, the decrypted metadata and t
 already read — still sealed, with the data key that opens them, so no plaintext value is kept — and
 is valid only while the storage's change head (`storage.ChangeHead`) is where it was when they were
 read. Any change by any process moves the head, and the next read drops everything: one cheap read
-of the head replaces the rest (on PostgreSQL the head comes with the read itself, one statement
-that returns the head alone while it is where the cache holds the secret at). Vault's physical
-cache keeps ciphertext the same way.
+of the head replaces the rest (on PostgreSQL a read that is not cached gets the head with the
+secret's records, in one statement). Vault's physical cache keeps ciphertext the same way.
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ class ReadCache(Generic[T]):
 
     def holding(self, name: str) -> tuple[int, T] | None:
         """The head the cache is at and its entry for `name`, if it has one (it may be stale: the
-        caller checks the head against the storage's)."""
+        caller reads the head before using it)."""
         with self._lock:
             entry = self._entries.get(name)
             return None if entry is None else (self._head, entry)
