@@ -99,8 +99,35 @@ with open(sys.argv[1], "w") as f:
 """
 
 
+HEAP_MAX = 64 * 1024 * 1024  # glibc's HEAP_MAX_SIZE on 64-bit: each arena but the main one reserves this
+
+
+def malloc_arenas(pid: int) -> int:
+    """How many glibc malloc arenas besides the main one `pid` has: anonymous mappings that start on
+    a 64 MiB boundary and, with the reserved (---p) rest that follows, span at most 64 MiB (how
+    glibc's new_heap maps one). An estimate from /proc/PID/maps, not glibc's own count."""
+    regions = []
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        parts = line.split()
+        if len(parts) > 5:  # a file or [heap], [stack]...: not an arena's heap
+            continue
+        start, end = (int(x, 16) for x in parts[0].split("-"))
+        regions.append((start, end, parts[1]))
+    count = 0
+    for i, (start, end, perms) in enumerate(regions):
+        if start % HEAP_MAX or not perms.startswith("rw"):
+            continue
+        span = end
+        if i + 1 < len(regions) and regions[i + 1][0] == end and regions[i + 1][2] == "---p":
+            span = regions[i + 1][1]
+        if span - start <= HEAP_MAX:
+            count += 1
+    return count
+
+
 def process_figures(pid: int) -> dict[str, float]:
-    """RSS (MiB), open descriptors, threads and sockets of `pid`, from /proc."""
+    """RSS (MiB; and its anonymous part, the heaps), open descriptors, threads and sockets of
+    `pid`, and its malloc arenas (estimated), from /proc."""
     status = Path(f"/proc/{pid}/status").read_text()
     fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
     links = []
@@ -111,6 +138,8 @@ def process_figures(pid: int) -> dict[str, float]:
             continue
     return {
         "rss MiB": int(fields["VmRSS"].split()[0]) / 1024,
+        "anonymous rss MiB": int(fields["RssAnon"].split()[0]) / 1024,
+        "malloc arenas": malloc_arenas(pid),
         "fds": len(links),
         "threads": int(fields["Threads"]),
         "sockets": sum(link.startswith("socket:") for link in links),
@@ -154,6 +183,8 @@ class Target:
     store: str  # the store's path or URL, as serve and the CLI are given it
     environment: dict[str, str]  # what serve and the CLI need beyond the basics (PGPASSWORD)
     pg_port: int | None = None
+    serve_environment: dict[str, str] = field(default_factory=dict)  # --serve-env: serve's alone
+    trace: Path | None = None  # --trace: serve under tracemalloc, its snapshots in trace/STORE
     server: Server | None = None
     sdk: subprocess.Popen[bytes] | None = None
     samples: list[tuple[float, dict[str, float]]] = field(default_factory=list)
@@ -219,11 +250,20 @@ def prepare(target: Target) -> None:
                 store.put(name, value)
         finally:
             store.close()
+    wrapper: tuple[str, ...] = ()
+    if target.trace is not None:
+        wrapper = (sys.executable, "-X", "tracemalloc=25", str(Path(__file__).with_name("traced_serve.py")))
     target.server = start_server(
         home,
         store=target.store,
         settings=f'audit_file = "{target.audit_file().name}"\n[limits]\nrequests_per_second = 0\n',
-        environment={"SECRETS_MANAGER_AUDIT_MAX_BYTES": str(AUDIT_MAX_BYTES), **target.environment},
+        environment={
+            "SECRETS_MANAGER_AUDIT_MAX_BYTES": str(AUDIT_MAX_BYTES),
+            **target.environment,
+            **target.serve_environment,
+            **({"SOAK_TRACE_DIR": str(target.trace)} if target.trace is not None else {}),
+        },
+        wrapper=wrapper,
     )
     child = home / "sdk_child.py"
     child.write_text(SDK_CHILD)
@@ -418,7 +458,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 minutes")
     parser.add_argument("--interval", type=float, default=3.0, help="seconds between samples")
     parser.add_argument("--stores", default="sqlite,postgres")
+    parser.add_argument(
+        "--serve-env", action="append", default=[], metavar="NAME=VALUE",
+        help="set in serve's environment only (e.g. MALLOC_ARENA_MAX=2); may be repeated",
+    )  # fmt: skip
+    parser.add_argument(
+        "--trace", type=Path, metavar="DIR",
+        help="run serve under tracemalloc (bench/traced_serve.py), a snapshot a minute in DIR/STORE/",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    serve_environment = dict(item.split("=", 1) for item in args.serve_env)
     seconds = (3.0 if args.quick else args.minutes) * 60
     stores = args.stores.split(",")
     cluster: PostgresCluster | None = None
@@ -440,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
                 url = f"{cluster.url()}?schema={cluster.new_schema()}"
                 targets.append(Target("postgres", home, url, dict(cluster.env()), pg_port=cluster.port))
             for target in targets:
+                target.serve_environment = serve_environment
+                if args.trace is not None:
+                    target.trace = args.trace / target.label
+                    target.trace.mkdir(parents=True, exist_ok=True)
                 print(f"starting {target.label}", file=sys.stderr)
                 if target.pg_port is not None:
                     os.environ.update(target.environment)  # the seed's own connection
