@@ -145,6 +145,7 @@ RECOVERY_KEY = "core/recovery"  # the recovery public key, sealed under the root
 RETRY_DEADLINE_SECONDS = 30.0
 LISTINGS_KEPT = 8  # listings (prefix, include_deleted) kept while the change head stays put
 DECODED_META_KEPT = 200_000  # decrypted metadata kept by row for listings; past it, all dropped
+# (rows a listing no longer finds are dropped as it ends: _forget_decoded_rows_gone)
 # The root-sealed entries (docs/format.md 8) under a key of their own, and what each is sealed for.
 _FIXED_ROOT_SEALED = {
     AUDIT_KEY_KEY: Purpose.AUDIT_KEY,
@@ -209,12 +210,13 @@ class EncryptedStore:
         self._change_head = storage if isinstance(storage, ChangeHead) else None
         self._read_cache: ReadCache[_CachedSecret] = ReadCache()
         # The last few listings (store.list), by prefix, while the change head stays put; and the
-        # metadata they decrypted, by row key: (the sealed record, id of the key that sealed it,
-        # metadata). The record itself, not its row's revision: a database that came back with
-        # less history (a failover, a restore) gives the same revision to another record.
+        # metadata they decrypted, by namespace then row key: (the sealed record, id of the key
+        # that sealed it, metadata). The record itself, not its row's revision: a database that
+        # came back with less history (a failover, a restore) gives the same revision to another
+        # record. Used and changed under _listing_lock.
         self._listings: ReadCache[tuple[SecretMetadata, ...]] = ReadCache(LISTINGS_KEPT)
         self._listing_lock = threading.Lock()
-        self._decoded_meta: dict[str, tuple[bytes, int, SecretMetadata]] = {}
+        self._decoded_meta: dict[str, dict[str, tuple[bytes, int, SecretMetadata]]] = {}
         self._root = root_key
         self._actor = actor
         self._clock = clock
@@ -748,8 +750,9 @@ class EncryptedStore:
         result = []
         keysets: dict[str, Keyset] = {}
         decoded = self._decoded_meta
-        if len(decoded) > DECODED_META_KEPT:
+        if sum(len(group) for group in decoded.values()) > DECODED_META_KEPT:
             decoded.clear()
+        self._forget_decoded_rows_gone(prefix, {key for key, _ in rows})
         for key, entry in rows:
             name = key[len(META_PREFIX) :]
             namespace = namespace_of(name)
@@ -762,7 +765,8 @@ class EncryptedStore:
                     exc.namespace = namespace
                     raise
             keyset = keysets[namespace]
-            known = decoded.get(key)
+            group = decoded.setdefault(namespace, {})
+            known = group.get(key)
             meta = None
             if known is not None and known[0] == entry.value:
                 # The same record as decrypted before, if the key that sealed it still opens it.
@@ -771,11 +775,29 @@ class EncryptedStore:
                     meta = known[2]
             if meta is None:
                 meta = _open_meta(keyset, name, entry.value).public(name)
-                decoded[key] = (entry.value, record_key_id(entry.value), meta)
+                group[key] = (entry.value, record_key_id(entry.value), meta)
             if include_deleted or meta.deleted is None:
                 result.append(meta)
         result.sort(key=_by_name)  # storage order is key order, but a database may collate otherwise
         return result
+
+    def _forget_decoded_rows_gone(self, prefix: str, found: set[str]) -> None:
+        """Drop the metadata kept for rows under `prefix` that a scan of it no longer `found`: the
+        secret was purged or destroyed (here or by another process: `purge` from cron). Kept, each
+        name that ever came and went stayed decrypted in serve until DECODED_META_KEPT, about 2 KB
+        a name: serve grew by megabytes an hour under names made and purged every second. A prefix
+        naming a namespace (it has a '/') looks at that namespace's rows alone."""
+        start = META_PREFIX + prefix
+        head, slash, _ = prefix.partition("/")
+        reached = [head] if slash else builtins.list(self._decoded_meta)
+        for namespace in reached:
+            group = self._decoded_meta.get(namespace)
+            if group is None:
+                continue
+            for key in [key for key in group if key.startswith(start) and key not in found]:
+                del group[key]
+            if not group:
+                del self._decoded_meta[namespace]
 
     def read_current(
         self, names: Sequence[str] = (), *, prefix: str | None = None, fingerprints: bool = False
