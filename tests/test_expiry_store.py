@@ -169,6 +169,27 @@ def test_aws_reads_again_without_a_describe_for_the_expiry_and_see_writes(
     assert aws.get(NAME).expires == EXPIRES
 
 
+def test_aws_the_expiry_notes_of_names_gone_by_do_not_pile_up(
+    aws: AwsStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store notes, per SecretId, the expiry tag it saw and when it last began a write: a
+    long-lived process (serve) kept a note for every name it ever read or wrote, made and purged
+    or not. Past EXPIRY_NOTES_BEFORE_PRUNE (8 here) those older than EXPIRY_SEEN_SECONDS (0 here)
+    are dropped, and reads and writes still see each other. Fails on the old code (10 notes after
+    5 names, two more for each name)."""
+    import secrets_manager.store.aws as aws_module
+
+    monkeypatch.setattr(aws_module, "EXPIRY_NOTES_BEFORE_PRUNE", 8, raising=False)
+    monkeypatch.setattr(aws_module, "EXPIRY_SEEN_SECONDS", 0.0)
+    for index in range(40):
+        aws.put(f"{NAME}_{index}", b"v1", expires=EXPIRES)
+        assert aws.get(f"{NAME}_{index}").expires == EXPIRES
+        assert len(aws._written_at) + len(aws._expiries_seen) <= 8
+    aws.update_metadata(f"{NAME}_39", clear_expiry=True)
+    assert aws.get(f"{NAME}_39").expires is None
+    assert aws.get(f"{NAME}_0").expires == EXPIRES
+
+
 @pytest.mark.parametrize("kind", ["vault", "aws"])
 def test_an_expiry_before_year_1000_is_kept_as_given(kind: str, request: pytest.FixtureRequest) -> None:
     """A typed 0227-03-01 (a typo, or a date learnt late) was written as '227-03-01T…Z', which no

@@ -270,6 +270,10 @@ _READ_OPERATIONS = frozenset(
 # "might not reflect changes from the last five minutes", so it would bring back a tag from
 # before a write (the polled Watch feed lists every 10 s).
 EXPIRY_SEEN_SECONDS = 60.0
+# The expiry tags seen and the writes begun, per SecretId, past which those older than
+# EXPIRY_SEEN_SECONDS are dropped (then at twice what is left): kept, every name a long-lived
+# process (serve) ever read or wrote stayed noted.
+EXPIRY_NOTES_BEFORE_PRUNE = 4096
 _WRITTEN = "secrets_manager_written"  # in a botocore call's context: the secrets it may change
 
 
@@ -457,6 +461,11 @@ class AwsStore:
         # from many threads.
         self._expiries_seen: dict[str, tuple[float, int | None, tuple[int, datetime] | None]] = {}
         self._written_at: dict[str, float] = {}
+        # Writes noted in _written_at and dropped since (_prune_expiry_notes): the latest of them
+        # stands for every SecretId not in it, so a read asked for before it is not kept.
+        self._written_floor = float("-inf")
+        self._notes_lock = threading.Lock()  # _written_at's changes and the pruning
+        self._notes_left = 0  # how many notes the last pruning left
         # SecretId → [writes in flight, when the last began, when the last ended] for the secrets
         # this store wrote in the last LIST_LAG_SECONDS (version_snapshot describes them).
         self._recent_writes: dict[str, list[float]] = {}
@@ -501,17 +510,38 @@ class AwsStore:
                     record[2] = now
 
     def _forget(self, secret_ids: Iterable[str]) -> None:
-        for secret_id in secret_ids:
-            self._written_at[secret_id] = time.monotonic()
-            self._expiries_seen.pop(secret_id, None)
+        with self._notes_lock:
+            for secret_id in secret_ids:
+                self._written_at[secret_id] = time.monotonic()
+                self._expiries_seen.pop(secret_id, None)
+        self._prune_expiry_notes()
 
     def _saw(self, secret_id: str, entry: Mapping[str, Any], asked_at: float) -> tuple[int, datetime] | None:
         """Note the expiry tag of a DescribeSecret answer asked for at `asked_at`
         (unless this store began a write of the secret since: the answer may predate it); return it."""
         expiry = _own_expiry(entry)
-        if self._written_at.get(secret_id, float("-inf")) < asked_at:
+        if self._written_at.get(secret_id, self._written_floor) < asked_at:
             self._expiries_seen[secret_id] = (asked_at, _current_number(entry), expiry)
+            self._prune_expiry_notes()
         return expiry
+
+    def _prune_expiry_notes(self) -> None:
+        """Once the notes pass EXPIRY_NOTES_BEFORE_PRUNE (or twice what the last pruning left),
+        drop those older than EXPIRY_SEEN_SECONDS: a tag seen that long ago is asked for again
+        anyway, and a write begun that long ago is stood for by `_written_floor`."""
+        if len(self._written_at) + len(self._expiries_seen) < max(
+            EXPIRY_NOTES_BEFORE_PRUNE, 2 * self._notes_left
+        ):
+            return
+        with self._notes_lock:
+            now = time.monotonic()
+            horizon = now - EXPIRY_SEEN_SECONDS
+            written = builtins.list(self._written_at.items())
+            self._written_floor = max([self._written_floor, *(at for _, at in written if at < horizon)])
+            self._written_at = {secret_id: at for secret_id, at in written if at >= horizon}
+            seen = builtins.list(self._expiries_seen.items())  # _saw adds to it without the lock
+            self._expiries_seen = {secret_id: note for secret_id, note in seen if note[0] >= horizon}
+            self._notes_left = len(self._written_at) + len(self._expiries_seen)
 
     def __repr__(self) -> str:
         return f"AwsStore(region={self._client.meta.region_name!r}, prefix={self._prefix!r})"
