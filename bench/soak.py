@@ -35,6 +35,7 @@ third only: a figure that grows early and not late has plateaued.
     python bench/soak.py              # 8 minutes (about 9 with set-up)
     python bench/soak.py --quick      # 3 minutes
     python bench/soak.py --minutes 30 --stores sqlite
+    python bench/soak.py --stores sqlite --serve-env MALLOC_ARENA_MAX=2 --samples /tmp/soak.tsv
 """
 
 from __future__ import annotations
@@ -452,6 +453,16 @@ def rows_of(target: Target, seconds: float) -> list[list[str]]:
     return rows
 
 
+def write_samples(path: Path, targets: list[Target]) -> None:
+    with path.open("w") as out:
+        for target in targets:
+            names = list(target.samples[0][1]) if target.samples else []
+            out.write("\t".join(["store", "seconds", *names]) + "\n")
+            for t, figures in target.samples:
+                values = [f"{figures[name]:g}" if name in figures else "" for name in names]
+                out.write("\t".join([target.label, f"{t:.1f}", *values]) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=8.0)
@@ -465,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--trace", type=Path, metavar="DIR",
         help="run serve under tracemalloc (bench/traced_serve.py), a snapshot a minute in DIR/STORE/",
+    )  # fmt: skip
+    parser.add_argument(
+        "--samples", type=Path, metavar="FILE",
+        help="also write every sample to FILE (tab-separated: store, seconds, then each figure)",
     )  # fmt: skip
     args = parser.parse_args(argv)
     serve_environment = dict(item.split("=", 1) for item in args.serve_env)
@@ -557,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
             notes,
             left_columns=2,
         )
+        if args.samples is not None:
+            write_samples(args.samples, targets)
     return 0
 
 
