@@ -2364,9 +2364,11 @@ def test_the_audit_packages_names_are_pinned_and_log_py_exports_only_its_own() -
         "discard_adopted_lock",
         "local_actor",
         "page_token_mac",
+        "page_token_macs",
         "read_witness",
         "refuse_files_of_others",
         "value_fingerprint",
+        "value_fingerprints",
     ]
     assert all(hasattr(audit_package, name) for name in audit_package.__all__)
     assert audit_log.__all__ == ["AuditLog", "Reset"]

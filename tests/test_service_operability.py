@@ -720,7 +720,7 @@ def test_no_call_is_served_before_the_start_is_recorded(tmp_path: Path) -> None:
     )
     answers: list[object] = []
 
-    def recording_the_start(port: int) -> None:
+    def recording_the_start(port: int, _policy_sha256: str) -> None:
         def check() -> None:
             channel = grpc.secure_channel(f"127.0.0.1:{port}", tls_files(tmp_path, "ops").credentials())
             try:
