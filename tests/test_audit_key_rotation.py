@@ -24,7 +24,7 @@ from secrets_manager.store.aws import AwsStore
 from secrets_manager.store.base import AUDIT_KEYS_RECHECK_SECONDS, AuditedStore
 from secrets_manager.store.vault import VaultStore, connect_vault
 from secrets_manager.v1 import secrets_pb2 as pb
-from service_fixtures import PASSWORD, SEED, make_pki, make_store, run_script, start_server
+from service_fixtures import PASSWORD, SEED, Server, make_pki, make_store, run_script, start_server
 from store_differ import four_cli_stores
 from test_audit import PASSWORD as CLI_PASSWORD
 from test_audit import Cli
@@ -217,7 +217,8 @@ def test_rotate_key_is_refused_through_a_server(cli: Cli) -> None:
     assert b"local store only" in refused.stderr
 
 
-def test_a_running_serve_writes_under_the_new_key_after_a_rotation(tmp_path: Path) -> None:
+def _served(tmp_path: Path) -> tuple[Server, dict[str, str], Path]:
+    """A real serve on a new SQLite store, the CLI's environment on that store, and its path."""
     make_pki(tmp_path)
     store_path = make_store(tmp_path)
     running = start_server(tmp_path)
@@ -227,6 +228,11 @@ def test_a_running_serve_writes_under_the_new_key_after_a_rotation(tmp_path: Pat
         "SECRETS_MANAGER_STORE": str(store_path),
         "MASTER_PASSWORD": PASSWORD,
     }
+    return running, environ, store_path
+
+
+def test_a_running_serve_writes_under_the_new_key_after_a_rotation(tmp_path: Path) -> None:
+    running, environ, store_path = _served(tmp_path)
     try:
         stub = running.stub("auth")
         stub.GetSecret(pb.GetSecretRequest(name="auth/DB_PASSWORD"), timeout=10)
@@ -260,15 +266,7 @@ def test_a_listing_paged_across_an_audit_key_rotation_goes_on_to_its_end(tmp_pat
     """A page token holds a MAC under the store's audit key: once serve had moved to the key an
     'audit rotate-key' made, a token it issued before was refused (INVALID_ARGUMENT, start
     again), so a listing or get_credentials() paging through the rotation failed."""
-    make_pki(tmp_path)
-    store_path = make_store(tmp_path)
-    running = start_server(tmp_path)
-    environ = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "SECRETS_MANAGER_STORE": str(store_path),
-        "MASTER_PASSWORD": PASSWORD,
-    }
+    running, environ, _ = _served(tmp_path)
     try:
         stub = running.stub("ops")
         first = stub.ListSecrets(pb.ListSecretsRequest(page_size=1), timeout=10)

@@ -108,19 +108,26 @@ def _append_forged_record(log: Path, **fields: object) -> None:
         out.write(json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False) + "\n")
 
 
-def test_who_may_write_the_log_alone_can_append_failed_unlocks_and_no_other_record(tmp_path: Path) -> None:
-    """A failed unlock is recorded by a process that could not open the store, so without the
-    audit key: it has no MAC, and anyone who may write the log can append one that `audit verify`
-    accepts (a failed attempt of their making, here in alice's name). Any other record without a
-    MAC is refused; so the forger can add failed unlocks, not reads or changes."""
+def _store_holding(tmp_path: Path, value: bytes) -> dict[str, str]:
+    """The CLI's environment on a new store under tmp_path/store that holds auth/KEY = `value`
+    (its log: secrets.audit.jsonl beside it)."""
     environ = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "HOME": str(tmp_path),
         "SECRETS_MANAGER_STORE": str(tmp_path / "store" / "secrets.db"),
         "MASTER_PASSWORD": PASSWORD,
     }
-    for args, stdin in ((["init", "--kdf-profile", "test"], b""), (["store", "auth/KEY"], b"v")):
+    for args, stdin in ((["init", "--kdf-profile", "test"], b""), (["store", "auth/KEY"], value)):
         assert run_script(environ, *args, input=stdin).returncode == 0
+    return environ
+
+
+def test_who_may_write_the_log_alone_can_append_failed_unlocks_and_no_other_record(tmp_path: Path) -> None:
+    """A failed unlock is recorded by a process that could not open the store, so without the
+    audit key: it has no MAC, and anyone who may write the log can append one that `audit verify`
+    accepts (a failed attempt of their making, here in alice's name). Any other record without a
+    MAC is refused; so the forger can add failed unlocks, not reads or changes."""
+    environ = _store_holding(tmp_path, b"v")
     log = tmp_path / "store" / "secrets.audit.jsonl"
     kept = log.read_bytes()
     _append_forged_record(log)
@@ -172,14 +179,7 @@ def test_who_may_write_the_log_alone_can_cut_failed_unlocks_from_its_end_but_no_
 def test_the_sdks_development_local_mode_reads_without_an_audit_record(tmp_path: Path) -> None:
     """What docs/security.md lists as not protected: with no service address (development), the
     SDK reads the store file directly, and nothing is appended to the store's audit log."""
-    environ = {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        "HOME": str(tmp_path),
-        "SECRETS_MANAGER_STORE": str(tmp_path / "store" / "secrets.db"),
-        "MASTER_PASSWORD": PASSWORD,
-    }
-    for args, stdin in ((["init", "--kdf-profile", "test"], b""), (["store", "auth/KEY"], b"local-value")):
-        assert run_script(environ, *args, input=stdin).returncode == 0
+    environ = _store_holding(tmp_path, b"local-value")
     log = tmp_path / "store" / "secrets.audit.jsonl"
     before = log.read_bytes()
     with Client(environ={**environ, "SHRIVENQUANT_ENV": "development"}) as client:
