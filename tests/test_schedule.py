@@ -209,6 +209,31 @@ def test_a_bad_schedule_file_is_refused_with_what_is_wrong_where(
     assert "\n" not in message
 
 
+def test_production_refuses_a_schedule_whose_postgres_connection_is_unchecked_when_it_loads(
+    tmp_path: Path,
+) -> None:
+    """A postgres_role entry whose administrator connection would reach another host without
+    sslmode=verify-full: the rotation refuses it when it runs (19a4a54); the schedule refuses it
+    as it loads, so a production serve or 'schedule check' says so at once, not 30 days later."""
+    path = tmp_path / "rotation.toml"
+    entry = '[[rotation]]\nname = "db/app"\nevery = "30d"\npostgres_role = "app"\npostgres = "{}"\n'
+    path.write_text(entry.format("host=db.internal dbname=trading sslmode=require"))
+    path.chmod(0o600)
+    with pytest.raises(UnsafeConfigurationError) as caught:
+        load_schedule(path, environment=Environment.PRODUCTION)
+    assert str(caught.value) == (
+        f"rotation schedule {path}, 'db/app': its postgres connection reaches PostgreSQL at db.internal "
+        "with sslmode=require, which does not check the server's certificate, so anyone on the network "
+        "path could pose as the database; add sslmode=verify-full and sslrootcert=CA.pem (or set "
+        "PGSSLMODE=verify-full) (production refuses it)"
+    )
+    assert load_schedule(path, environment=DEV)[0].name == "db/app"  # development: no word
+    path.write_text(entry.format("host=db.internal dbname=trading sslmode=verify-full"))
+    assert load_schedule(path, environment=Environment.PRODUCTION)[0].name == "db/app"
+    path.write_text(entry.format("host=/var/run/postgresql dbname=trading"))  # a Unix socket
+    assert load_schedule(path, environment=Environment.PRODUCTION)[0].name == "db/app"
+
+
 def test_a_missing_schedule_file_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(NotFoundError, match="does not exist"):
         load_schedule(tmp_path / "nowhere.toml", environment=DEV)

@@ -891,7 +891,9 @@ def load_schedule(
 
     Its commands run as this user, so whoever can change the file runs commands as us: one that
     another user owns, or group or others can write (or replace: its directory), is refused in
-    production (UnsafeConfigurationError) and a warning elsewhere (`warn`, default: logged)."""
+    production (UnsafeConfigurationError) and a warning elsewhere (`warn`, default: logged). So is
+    a postgres_role entry whose connection would reach another host without sslmode=verify-full
+    (rotators/postgres.py's guard_tls), at once rather than when the rotation runs."""
     path = Path(path)
     try:
         data, found, folder = read_in_directory(path, MAX_SCHEDULE_BYTES)
@@ -928,6 +930,11 @@ def load_schedule(
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate is not None:
         raise InvalidInputError(f"rotation schedule {path}: {duplicate!r} is listed twice")
+    for rule in schedule:
+        if rule.postgres is not None:
+            rule.postgres.guard_tls(
+                environment, f"rotation schedule {path}, {rule.name!r}: its postgres connection"
+            )
     return tuple(schedule)
 
 

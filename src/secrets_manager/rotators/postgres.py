@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from secrets_manager.environment import current_environment, guard_postgres_tls
+from secrets_manager.environment import Environment, current_environment, guard_postgres_tls
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.storage.deadline import WATCHDOG, Armed
 from secrets_manager.values import SecretValue, read_json_object
@@ -100,6 +100,12 @@ class PostgresRole:
                 "read): give the administrator's in ~/.pgpass, PGPASSFILE or PGPASSWORD"
             )
         return cls(role, conninfo)
+
+    def guard_tls(self, environment: Environment, what: str) -> None:
+        """Production refuses this rotator's connection if it would reach a server on another host
+        without sslmode=verify-full (environment.guard_postgres_tls): asked when a schedule is
+        loaded, so a serve or `schedule check` refuses it at once rather than at the rotation."""
+        _guard_tls(self.conninfo, environment, what)
 
     @property
     def target(self) -> str:
@@ -242,6 +248,13 @@ class PostgresRole:
             raise PostgresStepError(f"logged in, but as {row[0] if row else 'nobody'!r}, not {self.role!r}")
 
 
+def _guard_tls(conninfo: str, environment: Environment, what: str) -> None:
+    from psycopg.conninfo import conninfo_to_dict  # only where a rotation uses PostgreSQL
+
+    params = {key: str(value) for key, value in conninfo_to_dict(conninfo).items() if value is not None}
+    guard_postgres_tls(environment, what, params, os.environ)
+
+
 @contextmanager
 def _session(
     conninfo: str, timeout: float, secret: str | None, *, doing: str | None = None, **overrides: Any
@@ -254,10 +267,8 @@ def _session(
     wait). psycopg's errors become PostgresStepError, on one line, without `secret`; `doing`
     prefixes them."""
     import psycopg
-    from psycopg.conninfo import conninfo_to_dict
 
-    params = {key: str(value) for key, value in conninfo_to_dict(conninfo).items() if value is not None}
-    guard_postgres_tls(current_environment(), "the rotation's PostgreSQL connection", params, os.environ)
+    _guard_tls(conninfo, current_environment(), "the rotation's PostgreSQL connection")
 
     def failure(exc: BaseException, armed: Armed | None) -> PostgresStepError:
         if armed is not None and armed.expired:
