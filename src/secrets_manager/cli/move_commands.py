@@ -67,9 +67,9 @@ def _old_new_force_json(command: F) -> F:
 @cli.command("mv")
 @_old_new_force_json
 def move(session: Session, old: str, new: str, force: bool, as_json: bool) -> None:
-    """Rename OLD to NEW: its current value, description, tags, version limit and expiry go to
-    NEW, then OLD is soft-deleted ('undelete OLD' brings it back). NEW must not exist unless
-    --force."""
+    """Rename OLD to NEW: OLD is soft-deleted ('undelete OLD' brings it back) while it is as read,
+    then its current value, description, tags, version limit and expiry go to NEW. NEW must not
+    exist unless --force."""
     _copy(session, "mv", old, new, force=force, as_json=as_json, remove=True)
 
 
