@@ -135,8 +135,8 @@ class ApiClient:
 
     def copy(self, verb: str, old: str, new: str) -> dict[str, Any]:
         """`mv`/`cp OLD NEW --force` as the CLI does them (its own function), on this store."""
-        from secrets_manager.cli.app import Note
         from secrets_manager.cli.move_commands import copy_secret
+        from secrets_manager.cli.session import Note
 
         copied = copy_secret(self.store, Note(), old, new, force=True, remove=verb == "mv")
         return {"version": copied.version, "from_version": copied.from_version}

@@ -17,7 +17,7 @@ import pytest
 
 from agent_fixtures import PASSWORD, AgentCli, agent_cli, wait_until_gone
 from secrets_manager.agent import AgentClient
-from secrets_manager.cli.app import Session
+from secrets_manager.cli.session import Session
 from secrets_manager.crypto.kdf import KdfParams, derive_unlock_key
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store.unlock import unlock_key_header

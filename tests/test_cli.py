@@ -1522,7 +1522,7 @@ def test_a_bug_while_auditing_a_refused_unlock_leaves_it_a_wrong_password(
     ready: Cli, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A wrong password is exit 4 whatever keeps its audit record from being written, a bug
-    included (cli/app.py _audit_denied_unlock's last `except Exception`): an internal error
+    included (cli/session.py _audit_denied_unlock's last `except Exception`): an internal error
     instead (exit 1) left password guessing unanswered and unrecorded. With that clause narrowed
     (mutant: `except Exception` -> `except ZeroDivisionError`) every test passed."""
     from secrets_manager.audit import AuditLog

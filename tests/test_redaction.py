@@ -138,8 +138,8 @@ def test_a_cli_session_never_shows_the_environment_or_a_typed_password() -> None
     """Every command's Session (and a rotation's or edit's, which keeps the master password typed
     once) showed, in its dataclass repr, the whole environment (MASTER_PASSWORD, VAULT_TOKEN, ...),
     the password typed at the prompt and a store URL's password."""
-    from secrets_manager.cli.app import Session
     from secrets_manager.cli.rotate_commands import _OnePasswordSession
+    from secrets_manager.cli.session import Session
 
     environ = {"MASTER_PASSWORD": KNOWN, "VAULT_TOKEN": KNOWN + "-token"}
     url = f"postgresql://app:{KNOWN}-url@db.internal/trading"

@@ -104,8 +104,8 @@ def test_mv_whose_old_is_written_just_before_its_delete_leaves_old_in_place(
     stage: AWSPENDING) lands after the delete's check, just before DeleteSecret. The check after it
     sees AWSCURRENT moved or AWSPENDING on another version, restores the secret and refuses; mv
     (its delete refused) leaves OLD in place with the newer or staged value, NEW not written."""
-    from secrets_manager.cli.app import Note
     from secrets_manager.cli.move_commands import copy_secret
+    from secrets_manager.cli.session import Note
 
     store, other = make_aws(), make_aws()
     store.put("svc/OLD", b"KNOWN-1")
@@ -140,8 +140,8 @@ def test_mv_whose_overtaken_delete_cannot_be_undone_says_old_is_deleted_with_its
     that NEW was not written."""
     from botocore.exceptions import ClientError
 
-    from secrets_manager.cli.app import Note
     from secrets_manager.cli.move_commands import copy_secret
+    from secrets_manager.cli.session import Note
 
     store, other = make_aws(), make_aws()
     store.put("svc/OLD", b"KNOWN-1")
@@ -1026,8 +1026,8 @@ def test_mv_whose_delete_check_is_lost_says_old_is_deleted_and_new_not_written(
     (it comes after the delete, and whether a newer version was hidden is unknown)."""
     from botocore.exceptions import ClientError
 
-    from secrets_manager.cli.app import Note
     from secrets_manager.cli.move_commands import copy_secret
+    from secrets_manager.cli.session import Note
     from secrets_manager.errors import OutcomeUnknownError
 
     store = make_aws()

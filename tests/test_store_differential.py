@@ -41,8 +41,8 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from secrets_manager.cli.app import Note
 from secrets_manager.cli.move_commands import copy_secret
+from secrets_manager.cli.session import Note
 from secrets_manager.crypto import kdf
 from secrets_manager.errors import InvalidInputError, NotFoundError, UnsupportedOperationError
 from secrets_manager.storage.postgres import PostgresStorage

@@ -54,8 +54,8 @@ def mv_overtaken_inside_its_delete(store: EncryptedStore, other: SecretStore, la
     again, and refuses: OLD stays with the newer or staged value, nothing deleted, NEW not written.
     (With a check before an unconditional delete, the retry deleted OLD and hid that value; with
     a delete conditional on the current version alone, it hid the staged one.)"""
-    from secrets_manager.cli.app import Note
     from secrets_manager.cli.move_commands import copy_secret
+    from secrets_manager.cli.session import Note
 
     store.put("svc/OLD", b"KNOWN-1")
     commit, delete = store._commit_with_keyset, store.delete

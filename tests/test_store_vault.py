@@ -105,8 +105,8 @@ def test_mv_whose_old_is_written_just_before_its_delete_leaves_old_in_place(
     before its POST. The POST names the versions read, so the new one stays readable; the POST is
     then undone, so nothing is left deleted, and mv (its delete refused) leaves OLD in place and
     writes nothing to NEW. (A stage cannot land so on Vault: KV v2 has no pending label.)"""
-    from secrets_manager.cli.app import Note
     from secrets_manager.cli.move_commands import copy_secret
+    from secrets_manager.cli.session import Note
 
     store, other = make_vault(), make_vault()
     store.put("svc/OLD", b"KNOWN-1")
@@ -137,8 +137,8 @@ def test_mv_whose_metadata_write_was_refused_says_so_and_a_rerun_finishes_it(
     again"), not that OLD was left in place; and mv run again found NEW holding OLD's value, took it
     for a move killed after its copy, and deleted OLD: NEW never got OLD's description and tags.
     Now the error says what stands, and the rerun carries the metadata over before deleting OLD."""
-    from secrets_manager.cli.app import Note
     from secrets_manager.cli.move_commands import copy_secret
+    from secrets_manager.cli.session import Note
 
     store = make_vault()
     store.put("svc/OLD", b"KNOWN-1", description="the desk's key", tags={"team": "desk"}, max_versions=4)
@@ -199,8 +199,8 @@ def test_a_delete_whose_check_after_it_failed_says_the_secret_was_deleted(
 def test_a_mv_rerun_onto_new_holding_the_value_keeps_what_old_does_not_have(make_vault: MakeVault) -> None:
     """A rerun of mv sets on NEW only what the copy's put would have sent: OLD's empty description
     and default version limit are not sent, so NEW's own stay (as with --force)."""
-    from secrets_manager.cli.app import Note
     from secrets_manager.cli.move_commands import copy_secret
+    from secrets_manager.cli.session import Note
 
     store = make_vault()
     store.put("svc/OLD", b"SAME", tags={"team": "desk"})

@@ -3,7 +3,7 @@
 As gpg-agent does for pass, one background process per user keeps what a password gave, for a
 while: here the unlock key Argon2id derived from it for one store header (never the password,
 which may open other things too; the key opens that store's root key only). The CLI asks it
-before it would prompt, and gives it the key after a prompted unlock (cli/app.py).
+before it would prompt, and gives it the key after a prompted unlock (cli/session.py).
 
 - Where: a Unix socket at a fixed per-user path, `$XDG_RUNTIME_DIR/secrets-manager/agent.sock`,
   else `<temp dir>/secrets-manager-<uid>/agent.sock`. The directory must be a real directory (no

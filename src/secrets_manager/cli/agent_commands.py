@@ -9,8 +9,9 @@ import time
 import click
 
 from secrets_manager.agent import AgentClient, AgentNotRunning, start_agent
-from secrets_manager.cli.app import Session, cli, pass_session
+from secrets_manager.cli.app import cli, pass_session
 from secrets_manager.cli.output import info_line, print_json, printable
+from secrets_manager.cli.session import Session
 from secrets_manager.errors import InvalidInputError, UnsafeConfigurationError
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)([smh]?)")

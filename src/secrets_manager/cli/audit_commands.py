@@ -29,7 +29,7 @@ import click
 from secrets_manager.access.policy import hex_digits
 from secrets_manager.audit import read_witness, value_fingerprint, value_fingerprints
 from secrets_manager.audit.anchor import with_fresh_keys
-from secrets_manager.cli.app import Session, cli, pass_session, read_value
+from secrets_manager.cli.app import cli, pass_session, read_value
 from secrets_manager.cli.output import (
     counted,
     info_line,
@@ -41,6 +41,7 @@ from secrets_manager.cli.output import (
 )
 from secrets_manager.cli.recovery_commands import read_share_file
 from secrets_manager.cli.rotate_commands import terminate_as_interrupt
+from secrets_manager.cli.session import Session
 from secrets_manager.errors import InvalidInputError, NotFoundError, Terminated
 from secrets_manager.store.base import AuditedStore
 

@@ -38,7 +38,7 @@ from secrets_manager.audit import (
     refuse_files_of_others,
     value_fingerprint,
 )
-from secrets_manager.cli.app import OptionsOnceGroup, Session, cli, kdf_profile_option, pass_session
+from secrets_manager.cli.app import OptionsOnceGroup, cli, kdf_profile_option, pass_session
 from secrets_manager.cli.output import (
     byte_size,
     info_line,
@@ -50,6 +50,7 @@ from secrets_manager.cli.output import (
 from secrets_manager.cli.password import prompt_password, read_password_file, terminal_available
 from secrets_manager.cli.recovery_commands import read_share_file
 from secrets_manager.cli.rotate_commands import terminate_as_interrupt
+from secrets_manager.cli.session import Session
 from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,

@@ -12,25 +12,21 @@ import contextlib
 import io
 import os
 import threading
-from typing import TYPE_CHECKING
 
 import click
 from click.shell_completion import CompletionItem
+
+from secrets_manager.cli.session import Session
 
 COMPLETION_SECONDS = 3.0  # a TAB that waits longer for the store completes nothing
 # Each of several --server addresses' health check: a hung first one must leave the next time to
 # answer within COMPLETION_SECONDS (a replica that serves answers in milliseconds).
 COMPLETION_HEALTH_CHECK_SECONDS = 1.0
 
-if TYPE_CHECKING:
-    from secrets_manager.cli.app import Session
-
 
 def complete_secret_names(
     ctx: click.Context, param: click.Parameter, incomplete: str
 ) -> list[CompletionItem]:
-    from secrets_manager.cli.app import Session  # app imports this module for its arguments
-
     root = ctx.find_root().params
     session = Session(
         store_url=root.get("store_url") or None,

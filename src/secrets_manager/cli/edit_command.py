@@ -27,11 +27,9 @@ import click
 
 from secrets_manager.cli.app import (
     FIELD_SEPARATOR,
-    Session,
     cli,
     expires_option,
     future_expiry,
-    is_remote_store,
     pass_session,
     select_field,
 )
@@ -39,6 +37,7 @@ from secrets_manager.cli.completion import complete_secret_names
 from secrets_manager.cli.output import info_line, timestamp, warning_line
 from secrets_manager.cli.rotate_commands import one_password_session, terminate_as_interrupt
 from secrets_manager.cli.run_command import WITHHELD_VARIABLES, credentials_that_reached
+from secrets_manager.cli.session import Session, is_remote_store
 from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import click
 
-from secrets_manager.cli.app import Session, cli, pass_session, warn_if_expired
+from secrets_manager.cli.app import cli, pass_session, warn_if_expired
 from secrets_manager.cli.inject_command import Permissions, check_out_file
 from secrets_manager.cli.output import counted, info_line, warning_line
 from secrets_manager.cli.rotate_commands import terminate_as_interrupt
 from secrets_manager.cli.run_command import read_namespace
+from secrets_manager.cli.session import Session
 from secrets_manager.errors import InvalidInputError, NotFoundError
 from secrets_manager.store import Secret
 from secrets_manager.store.names import DEFAULT_NAMESPACE, validate_namespace

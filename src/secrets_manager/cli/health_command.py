@@ -10,15 +10,9 @@ from __future__ import annotations
 
 import click
 
-from secrets_manager.cli.app import (
-    HEALTH_CHECK_SECONDS,
-    SERVER_VARIABLE,
-    Session,
-    cli,
-    pass_session,
-    quiet_grpc,
-)
+from secrets_manager.cli.app import cli, pass_session
 from secrets_manager.cli.output import print_json, print_table
+from secrets_manager.cli.session import HEALTH_CHECK_SECONDS, SERVER_VARIABLE, Session, quiet_grpc
 from secrets_manager.errors import InvalidInputError, StorageError
 
 

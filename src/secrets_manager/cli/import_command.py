@@ -18,11 +18,12 @@ from pathlib import Path
 
 import click
 
-from secrets_manager.cli.app import Note, Session, cli, expires_option, future_expiry, pass_session
+from secrets_manager.cli.app import cli, expires_option, future_expiry, pass_session
 from secrets_manager.cli.env_files import parse_env
 from secrets_manager.cli.output import counted, info_line, print_json, timestamp, warning_line
 from secrets_manager.cli.password import read_small_file
 from secrets_manager.cli.run_command import service_variable_problems
+from secrets_manager.cli.session import Note, Session
 from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,

@@ -32,8 +32,6 @@ import click
 from secrets_manager.cli.app import (
     FIELD_SEPARATOR,
     REFERENCE_PATTERN,
-    Note,
-    Session,
     cli,
     pass_session,
     select_field,
@@ -50,6 +48,7 @@ from secrets_manager.cli.run_supervisor import (
     ReadAgain,
     differences,
 )
+from secrets_manager.cli.session import Note, Session
 from secrets_manager.cli.watch_command import change_source
 from secrets_manager.errors import (
     ConflictError,

@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from secrets_manager.cli.app import Session, cli, pass_session
+from secrets_manager.cli.app import cli, pass_session
 from secrets_manager.cli.output import (
     counted,
     info_line,
@@ -29,6 +29,7 @@ from secrets_manager.cli.output import (
     timestamp,
     warning_line,
 )
+from secrets_manager.cli.session import Session
 from secrets_manager.errors import (
     ConflictError,
     IntegrityError,

@@ -28,9 +28,10 @@ from typing import Any, TypeVar
 
 import click
 
-from secrets_manager.cli.app import Note, Session, cli, pass_session, warn_if_written_expired
+from secrets_manager.cli.app import cli, pass_session, warn_if_written_expired
 from secrets_manager.cli.completion import complete_secret_names
 from secrets_manager.cli.output import info_line, print_json, suggested, warning_line
+from secrets_manager.cli.session import Note, Session
 from secrets_manager.errors import (
     ConflictError,
     InvalidInputError,

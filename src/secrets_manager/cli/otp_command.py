@@ -11,7 +11,6 @@ import math
 import click
 
 from secrets_manager.cli.app import (
-    Session,
     cli,
     clipboard_found_first,
     copy_to_clipboard,
@@ -22,6 +21,7 @@ from secrets_manager.cli.app import (
 )
 from secrets_manager.cli.completion import complete_secret_names
 from secrets_manager.cli.output import print_json
+from secrets_manager.cli.session import Session
 from secrets_manager.errors import InvalidInputError
 
 

@@ -21,7 +21,7 @@ import click
 
 from secrets_manager.access import Capability, Decision, Policy, load_policy
 from secrets_manager.access.policy import UNCHECKED, Address
-from secrets_manager.cli.app import Session, cli
+from secrets_manager.cli.app import cli
 from secrets_manager.cli.output import (
     counted,
     info_line,
@@ -32,6 +32,7 @@ from secrets_manager.cli.output import (
     warning_line,
 )
 from secrets_manager.cli.password import read_small_file
+from secrets_manager.cli.session import Session
 from secrets_manager.errors import AccessDeniedError, InvalidInputError
 from secrets_manager.store.names import validate_name
 from secrets_manager.tls import Caller, IdentityError, caller_from_certificate, unpresentable_identity

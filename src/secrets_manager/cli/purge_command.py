@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import click
 
-from secrets_manager.cli.app import Session, cli, pass_session
+from secrets_manager.cli.app import cli, pass_session
 from secrets_manager.cli.output import (
     info_line,
     parse_cutoff,
@@ -20,6 +20,7 @@ from secrets_manager.cli.output import (
     timestamp,
     warning_line,
 )
+from secrets_manager.cli.session import Session
 from secrets_manager.errors import (
     NotFoundError,
     SecretsManagerError,

@@ -22,7 +22,6 @@ from pathlib import Path
 import click
 
 from secrets_manager.cli.app import (
-    Session,
     cli,
     kdf_profile_option,
     new_unlock_arguments,
@@ -33,6 +32,7 @@ from secrets_manager.cli.app import (
 )
 from secrets_manager.cli.output import info_line, print_json, print_table, timestamp, warning_line
 from secrets_manager.cli.password import read_small_file, terminal_available
+from secrets_manager.cli.session import Session
 from secrets_manager.environment import Environment, refuse_open_directory
 from secrets_manager.errors import (
     ConflictError,

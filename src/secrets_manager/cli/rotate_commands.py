@@ -32,7 +32,6 @@ import click
 
 from secrets_manager.cli.app import (
     FIELD_SEPARATOR,
-    Session,
     alphabet_option,
     cli,
     expires_option,
@@ -51,6 +50,7 @@ from secrets_manager.cli.output import (
     timestamp,
     warning_line,
 )
+from secrets_manager.cli.session import Session
 from secrets_manager.errors import ConflictError, InvalidInputError, SecretsManagerError, Terminated
 from secrets_manager.rotation import (
     DEFAULT_TIMEOUT,

@@ -34,17 +34,7 @@ from typing import NoReturn
 import click
 
 from secrets_manager.cli.agent_commands import parse_duration
-from secrets_manager.cli.app import (
-    REFERENCE_PATTERN,
-    STORE_VARIABLE,
-    TLS_VARIABLES,
-    Session,
-    cli,
-    is_remote_store,
-    pass_session,
-    select_field,
-    warn_if_expired,
-)
+from secrets_manager.cli.app import REFERENCE_PATTERN, cli, pass_session, select_field, warn_if_expired
 from secrets_manager.cli.env_files import parse_env
 from secrets_manager.cli.output import warning_line
 from secrets_manager.cli.password import read_small_file
@@ -58,6 +48,7 @@ from secrets_manager.cli.run_supervisor import (
     relevant_names,
     with_shell_fallback,
 )
+from secrets_manager.cli.session import STORE_VARIABLE, TLS_VARIABLES, Session, is_remote_store
 from secrets_manager.environment import PASSWORD_VARIABLES, VAULT_CREDENTIAL_VARIABLES
 from secrets_manager.errors import InvalidInputError, NotFoundError, SecretsManagerError, restated
 from secrets_manager.store import EncryptedStore, Secret, SecretStore

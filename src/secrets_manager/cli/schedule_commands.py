@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from secrets_manager.cli.app import Session, cli, is_remote_store, pass_session
+from secrets_manager.cli.app import cli, pass_session
 from secrets_manager.cli.output import (
     error_line,
     info_line,
@@ -33,6 +33,7 @@ from secrets_manager.cli.rotate_commands import (
     report_rotated,
     terminate_as_interrupt,
 )
+from secrets_manager.cli.session import Session, is_remote_store
 from secrets_manager.errors import (
     NotFoundError,
     OperationInterrupted,

@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, cast
 import click
 
 from secrets_manager.audit import AuditLog, refuse_files_of_others
-from secrets_manager.cli.app import Session, cli, pass_session
+from secrets_manager.cli.app import cli, pass_session
 from secrets_manager.cli.password import read_password_file, refuse_password_variable
+from secrets_manager.cli.session import Session
 from secrets_manager.errors import (
     NotFoundError,
     SecretsManagerError,

@@ -16,10 +16,11 @@ from datetime import UTC, datetime
 
 import click
 
-from secrets_manager.cli.app import Session, cli, is_remote_store, pass_session
+from secrets_manager.cli.app import cli, pass_session
 from secrets_manager.cli.output import info_line, print_json, timestamp
 from secrets_manager.cli.rotate_commands import terminate_as_interrupt
 from secrets_manager.cli.run_supervisor import ChangeSource, FeedSource, WatchSource
+from secrets_manager.cli.session import Session, is_remote_store
 from secrets_manager.errors import InvalidInputError, Terminated, WatchUnsupportedError
 from secrets_manager.store import SecretStore
 from secrets_manager.store.changes import ChangeKind, SecretChange
