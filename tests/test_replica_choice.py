@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from secrets_manager.client import Client, RemoteStore, TlsFiles, _client, remote
+from secrets_manager.client import Client, RemoteStore, TlsFiles, _replicas, remote
 from secrets_manager.client._config import RemoteTarget
 from secrets_manager.errors import StorageError
 from service_fixtures import (
@@ -379,7 +379,7 @@ def test_the_sdk_watches_on_a_slower_replica_rather_than_race_the_one_that_refus
     refusing replica)."""
     slow = SlowProxy("127.0.0.1", int(served.address.rpartition(":")[2]))
     tls = TlsFiles(served.dir / "auth.pem", served.dir / "auth-key.pem", served.dir / "ca.pem")
-    replicas = _client._ServiceReplicas(RemoteTarget((served.address, slow.address), tls), 3.0)
+    replicas = _replicas._ServiceReplicas(RemoteTarget((served.address, slow.address), tls), 3.0)
     try:
         replicas._watch_refused_by = 0  # as the SDK's watcher marks it on RESOURCE_EXHAUSTED
         stream = replicas.open_watch()

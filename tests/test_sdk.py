@@ -34,6 +34,7 @@ from secrets_manager.client import (
     SecretChanged,
     _cache,
     _client,
+    _replicas,
     close_default_client,
 )
 from secrets_manager.client import remote as remote_module
@@ -913,7 +914,7 @@ def test_a_compare_and_set_tried_again_after_a_certificate_renewal_still_knows_i
     try:
         with _answers_lost_at_the_first_replica(service_dir, make_client, foreign.address) as (proxy, writer):
             backend = writer._backend
-            assert isinstance(backend, _client._ServiceReplicas)
+            assert isinstance(backend, _replicas._ServiceReplicas)
 
             def renewed(*, refused_on: object = None) -> bool:  # as if renewed files were found
                 proxy.armed.clear()  # answers pass again
@@ -942,14 +943,14 @@ def test_a_replica_that_hangs_under_the_watch_stream_is_left_within_seconds(
         client = make_client("auth", [first.address, second.address], ttl=300, timeout=1.0)
         assert revealed(client.credentials()) == AUTH
         wait_until(lambda: client._live_since is not None, timeout=5.0)
-        assert isinstance(client._backend, _client._ServiceReplicas)
+        assert isinstance(client._backend, _replicas._ServiceReplicas)
         assert client._backend._watching == 0  # the stream is on `first`
         writer = make_client("writer", [second.address])
         time.sleep(_client.SETTLE_SECONDS + 0.5)  # its settle re-read done: only an event brings news
         first.process.send_signal(signal.SIGSTOP)
         try:
             writer.put("auth/JWT_KEY", b"rotated-while-a-hangs")
-            bound = (_client.KEEPALIVE_TIME_MS + _client.KEEPALIVE_TIMEOUT_MS) / 1000 + 5
+            bound = (_replicas.KEEPALIVE_TIME_MS + _replicas.KEEPALIVE_TIMEOUT_MS) / 1000 + 5
             took = wait_until(
                 lambda: client.credentials()["auth/JWT_KEY"].reveal() == b"rotated-while-a-hangs", bound, 0.05
             )
@@ -1518,7 +1519,7 @@ def test_twenty_renewals_leave_no_channel_or_thread_behind(
             closed.add(id(self))
             super().close()
 
-    monkeypatch.setattr(_client, "RemoteStore", Tracked)
+    monkeypatch.setattr(_replicas, "RemoteStore", Tracked)
     client = make_client("auth", [server.address])
     assert revealed(client.credentials()) == AUTH
     wait_until(lambda: client._live_since is not None, timeout=5.0)  # the watch stream is up
@@ -1728,7 +1729,7 @@ def test_children_forked_right_after_a_read_under_grpc_fork_support_do_not_hang(
 _FORKING_AFTER_CLOSE_HOOK = """
 import os, sys, threading, time
 from secrets_manager import get_credentials_sync
-from secrets_manager.client import RemoteStore, _client, default_client
+from secrets_manager.client import RemoteStore, _replicas, default_client
 
 made, closed = [], set()
 
@@ -1741,7 +1742,7 @@ class Tracked(RemoteStore):
         closed.add(id(self))
         super().close()
 
-_client.RemoteStore = Tracked
+_replicas.RemoteStore = Tracked
 at_fork = {}
 
 def last_before_fork():  # registered first, so it runs after the SDK's and gRPC's before-hooks

@@ -462,10 +462,10 @@ def test_a_totp_refused_carries_no_frame_holding_the_value() -> None:
 def test_keepalive_pings_stay_within_what_the_service_permits() -> None:
     """The SDK's keepalive (which notices a hung replica) must never ping an idle watch stream more
     often than the service allows, or it would answer GOAWAY too_many_pings and end the stream."""
-    from secrets_manager.client import _client
+    from secrets_manager.client import _replicas
     from secrets_manager.wire import MIN_PING_INTERVAL_WITHOUT_DATA_MS
 
-    options = dict(_client.CHANNEL_OPTIONS)
+    options = dict(_replicas.CHANNEL_OPTIONS)
     assert options["grpc.keepalive_time_ms"] > MIN_PING_INTERVAL_WITHOUT_DATA_MS
     assert options["grpc.http2.max_pings_without_data"] == 0  # keep pinging an idle stream
     assert options.get("grpc.keepalive_permit_without_calls", 0) == 0

@@ -2449,7 +2449,7 @@ def test_a_change_whose_record_cannot_be_written_is_internal_not_a_retryable_una
     bundled client still raises ChangeUnrecordedError (exit 1), and a bare INTERNAL (a bug) is not
     one. Fails on the previous commit (UNAVAILABLE)."""
     from secrets_manager.audit import AuditError
-    from secrets_manager.client._client import _worth_another_address
+    from secrets_manager.client._replicas import _worth_another_address
     from secrets_manager.errors import ChangeUnrecordedError, SecretsManagerError
     from secrets_manager.wire import ERROR_CLASS_KEY, error_for
 

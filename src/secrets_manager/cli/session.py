@@ -643,7 +643,7 @@ class Session:
             # stream would otherwise wait, silent, for good) and a lost connection is tried again
             # within seconds. Importing them starts gRPC: its log level first (remote_store).
             quiet_grpc()
-            from secrets_manager.client._client import CHANNEL_OPTIONS
+            from secrets_manager.client._replicas import CHANNEL_OPTIONS
 
             with _closed_at_the_end(self.remote_store(CHANNEL_OPTIONS)) as remote:
                 yield remote, lambda name=None: nullcontext(Note())

@@ -2,7 +2,7 @@
 
 The CLI uses it for `--server`, so `store`, `get`, `list`, `history`, `delete`, `rotate` behave
 the same locally and remotely; status codes come back as the same exceptions (wire.STATUS_OF_ERROR).
-The SDK (client/_client.py) also uses its `watch` stream, one RemoteStore per address (its own
+The SDK (client/_replicas.py) also uses its `watch` stream, one RemoteStore per address (its own
 failover). `first_serving` chooses among several addresses by their health checks, each started
 once the one before has failed or had a short head start (RFC 8305's "happy eyeballs"): the CLI,
 the SDK's watch stream and the moves below choose so. Given several `replicas` (the CLI's
