@@ -32,8 +32,7 @@ from psycopg import sql
 from postgres_cluster import PostgresCluster, pause_once_in_a_write
 from secrets_manager.audit import Anchor, AuditError, AuditEvent, AuditLog
 from secrets_manager.audit.append import FLUSH_ANCHOR_BUSY_BACKOFF_SECONDS
-from secrets_manager.client import Client
-from secrets_manager.client import _client as client_module
+from secrets_manager.client import Client, _local
 from secrets_manager.crypto import Keyset, kdf
 from secrets_manager.environment import Environment, guard_postgres_tls, postgres_tls_problem
 from secrets_manager.errors import (
@@ -826,7 +825,7 @@ def test_an_sdk_client_picks_up_a_value_written_after_a_failover_to_less_history
 
     Its feed is read every 4 s here, so that the failover and the new write land between two
     reads (right after the one that brought the lost value), as a quick failover does."""
-    monkeypatch.setattr(client_module, "LOCAL_POLL_SECONDS", 4.0)
+    monkeypatch.setattr(_local, "LOCAL_POLL_SECONDS", 4.0)
     store = EncryptedStore.create(place.open(create=True), PasswordUnlock(MASTER_PASSWORD, kdf.TEST))
     store.put("auth/X", b"kept-value")
     standby = StandbyCopy(place, postgres_cluster)
