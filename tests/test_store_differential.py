@@ -489,7 +489,7 @@ CLI_NAMES = ["cli/a", "cli/ab", "cli/a/b", "cli/Az09_.-x", LONG]
 STAMP = re.compile(r"(?!2099-)\d{4}-\d\d-\d\d[T ]\d\d:\d\d:\d\d(?:\.\d+)?(?:Z|[+-]\d\d:\d\d)?")
 
 
-# cli/app.py's words for when a new max_versions takes effect, on AWS and on the other stores
+# cli/metadata_commands.py's words for when a new max_versions takes effect, on AWS and on the other stores
 AWS_HIDES_AT_ONCE = "versions past it are hidden at once (AWS keeps them: a higher limit shows them again)"
 PRUNED_AT_NEXT_WRITE = "the next write prunes the oldest unlabelled versions past it"
 

@@ -14,7 +14,8 @@ from typing import Any
 import click
 
 from secrets_manager.audit.anchor import with_fresh_keys
-from secrets_manager.cli.app import cli, current_value_time, pass_session
+from secrets_manager.cli.app import cli, pass_session
+from secrets_manager.cli.metadata_commands import current_value_time
 from secrets_manager.cli.output import byte_size, counted, print_json, printable, suggested, timestamp
 from secrets_manager.cli.session import Session
 from secrets_manager.errors import IntegrityError, SecretsManagerError
