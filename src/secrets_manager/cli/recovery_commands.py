@@ -21,18 +21,16 @@ from pathlib import Path
 
 import click
 
-from secrets_manager.cli.app import (
-    cli,
-    kdf_profile_option,
-    new_unlock_arguments,
-    new_unlock_source,
-    pass_session,
-    unlocked_by,
-    warn_if_not_scrubbed,
-)
+from secrets_manager.cli.app import cli, kdf_profile_option, pass_session
 from secrets_manager.cli.output import info_line, print_json, print_table, timestamp, warning_line
 from secrets_manager.cli.password import read_small_file, terminal_available
 from secrets_manager.cli.session import Session
+from secrets_manager.cli.unlock_commands import (
+    new_unlock_arguments,
+    new_unlock_source,
+    unlocked_by,
+    warn_if_not_scrubbed,
+)
 from secrets_manager.environment import Environment, refuse_open_directory
 from secrets_manager.errors import (
     ConflictError,
