@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from secrets_manager import AsyncClient, Credentials, get_credentials
-from secrets_manager.client import _client, close_default_client, remote
+from secrets_manager.client import Client, _async, _default, close_default_client, remote
 from secrets_manager.errors import AccessDeniedError, InvalidInputError, StorageError
 from service_fixtures import SEED, Server, SilentListener, client_environ, make_pki, make_store, start_server
 
@@ -132,7 +132,7 @@ def test_cached_reads_are_answered_in_the_loop_without_a_thread(
 ) -> None:
     client = AsyncClient(environ=client_environ(service_dir, "auth", [server.address]))
     threads_started = 0
-    to_thread = _client._in_thread
+    to_thread = _async._in_thread
 
     async def counting_to_thread(function: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         nonlocal threads_started
@@ -142,7 +142,7 @@ def test_cached_reads_are_answered_in_the_loop_without_a_thread(
     async def main() -> None:
         await client.credentials()
         await client.get("auth/JWT_KEY")
-        monkeypatch.setattr(_client, "_in_thread", counting_to_thread)
+        monkeypatch.setattr(_async, "_in_thread", counting_to_thread)
         for _ in range(1000):
             await client.credentials()
             await client.get("auth/JWT_KEY")
@@ -180,7 +180,7 @@ def test_aclose_default_client_leaves_the_event_loop_running(
         ticker = asyncio.create_task(ticking(stop))
         await asyncio.sleep(0.05)
         started = time.monotonic()
-        await _client.aclose_default_client()
+        await _default.aclose_default_client()
         closing = time.monotonic() - started
         stop.set()
         beats = await ticker
@@ -195,7 +195,7 @@ def test_aclose_default_client_leaves_the_event_loop_running(
     assert closing >= 0.3, "the close was meant to wait for the watcher's hung health check"
     gaps = [later - earlier for earlier, later in itertools.pairwise(beats)]
     assert max(gaps) < 0.25, f"the loop stalled for {max(gaps) * 1000:.0f} ms during the close"
-    assert _client._default_client is None and _client._default_async_client is None
+    assert _default._default_client is None and _default._default_async_client is None
 
 
 def test_a_close_racing_the_first_get_credentials_leaves_no_closed_client_behind(
@@ -206,18 +206,18 @@ def test_a_close_racing_the_first_get_credentials_leaves_no_closed_client_behind
     'this secrets-manager client is closed' until the default client was closed again."""
     for variable, value in client_environ(service_dir, "auth", ["127.0.0.1:9"]).items():
         monkeypatch.setenv(variable, value)  # nothing is contacted: no read is made
-    made = _client.default_client
+    made = _default.default_client
 
-    def closed_right_after() -> _client.Client:
+    def closed_right_after() -> Client:
         client = made()
         close_default_client()
         return client
 
-    monkeypatch.setattr(_client, "default_client", closed_right_after)
+    monkeypatch.setattr(_default, "default_client", closed_right_after)
     try:
-        async_client = _client._default_async()
+        async_client = _default._default_async()
         assert not async_client.sync._closed.is_set()
-        assert _client._default_async() is async_client
+        assert _default._default_async() is async_client
         assert made() is async_client.sync
     finally:
         close_default_client()

@@ -8,16 +8,16 @@ Configuration comes from the environment (SECRETS_MANAGER_ADDR, SECRETS_MANAGER_
 `RemoteStore` / `TlsFiles` are the plain `SecretStore` over gRPC that the CLI uses.
 """
 
-from secrets_manager.client._client import (
-    AsyncClient,
-    Client,
+from secrets_manager.client._async import AsyncClient
+from secrets_manager.client._client import Client
+from secrets_manager.client._credentials import AmbiguousNameError, Credentials
+from secrets_manager.client._default import (
     aclose_default_client,
     close_default_client,
     default_client,
     get_credentials,
     get_credentials_sync,
 )
-from secrets_manager.client._credentials import AmbiguousNameError, Credentials
 from secrets_manager.client._logging import SecretRedactionFilter, install_log_redaction
 from secrets_manager.client._notify import SecretChanged, Subscription
 from secrets_manager.client.remote import RemoteStore, TlsFiles

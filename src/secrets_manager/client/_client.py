@@ -73,21 +73,17 @@ so the process-wide client behind `get_credentials()` survives `asyncio.run()` b
 
 from __future__ import annotations
 
-import asyncio
-import contextvars
 import heapq
-import inspect
 import itertools
 import logging
 import os
 import random
 import threading
 import weakref
-from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from functools import partial, wraps
+from functools import wraps
 from types import TracebackType
 from typing import Any, ParamSpec, TypeVar
 
@@ -177,23 +173,6 @@ def _frames_withheld(method: Callable[P, T]) -> Callable[P, T]:
         del args, kwargs  # the caller's own arguments: not shown again in this frame
         drop_tracebacks(error)
         raise error  # outside the except block: nothing new is chained to it
-
-    return call
-
-
-def _frames_withheld_async(method: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-    """`_frames_withheld` for a coroutine method (AsyncClient's: not `get` and `credentials`,
-    whose hits are answered in the loop and whose misses run Client's, which trims them)."""
-
-    @wraps(method)
-    async def call(*args: P.args, **kwargs: P.kwargs) -> T:
-        try:
-            return await method(*args, **kwargs)
-        except Exception as exc:
-            error = exc
-        del args, kwargs
-        drop_tracebacks(error)
-        raise error
 
     return call
 
@@ -1286,38 +1265,6 @@ class Client:
             self._store_secret(secret, started, refresh=True)
 
 
-def _call_in_loop(
-    callback: Callable[[SecretChanged], object], change: SecretChanged, running: set[Any]
-) -> None:
-    """In AsyncClient.on_change's loop: the callback; what it returns, if awaitable (a coroutine
-    function, or an object whose `__call__` is one), as a task of the loop."""
-    try:
-        result = callback(change)
-    except Exception:  # the application's own error: said, as for the Client's callbacks
-        log.exception(
-            "an on_change callback (%s) failed for %s",
-            getattr(callback, "__qualname__", type(callback).__name__),
-            change.name,
-        )
-        return
-    if inspect.isawaitable(result):
-        task = asyncio.ensure_future(result)
-        running.add(task)
-        task.add_done_callback(running.discard)
-        task.add_done_callback(partial(_said_if_failed, callback, change.name))
-
-
-def _said_if_failed(callback: object, name: str, done: Any) -> None:
-    """A coroutine callback of AsyncClient.on_change that raised: logged, as the sync ones are."""
-    if not done.cancelled() and done.exception() is not None:
-        log.error(
-            "an on_change callback (%s) failed for %s",
-            getattr(callback, "__qualname__", type(callback).__name__),
-            name,
-            exc_info=done.exception(),
-        )
-
-
 def _changed(name: str, before: Entry[Secret] | None, after: Secret | None) -> SecretChanged | None:
     """What on_change callbacks hear of `name` going from the cached `before` to `after` (None:
     gone); None if nothing they would see changed (the same version and value, fetched again)."""
@@ -1356,26 +1303,6 @@ def _value_bytes(value: bytes | str | SecretValue) -> bytes:
     raise InvalidInputError("the value is text that UTF-8 cannot encode (a lone surrogate): pass bytes")
 
 
-# Threads for AsyncClient's blocking calls, each bounded by the client's timeout. Not the event
-# loop's default executor: its min(32, CPUs + 4) workers are the application's too (getaddrinfo,
-# its own to_thread calls), and misses against a hung service queued there behind each other, past
-# the timeout. Threads start only as calls need them.
-SDK_THREADS = 64
-_executor: ThreadPoolExecutor | None = None
-_executor_lock = threading.Lock()
-
-
-async def _in_thread(function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
-    """`asyncio.to_thread` on the SDK's own threads."""
-    global _executor
-    if _executor is None:
-        with _executor_lock:
-            if _executor is None:
-                _executor = ThreadPoolExecutor(SDK_THREADS, thread_name_prefix="secrets-manager-async")
-    call = partial(contextvars.copy_context().run, function, *args, **kwargs)
-    return await asyncio.get_running_loop().run_in_executor(_executor, call)
-
-
 def _listing_key(namespace: str | None) -> str:
     """The listing (and the prefix it is fetched with) that holds `namespace`'s secrets: its own,
     'namespace/'; every secret for None, and for the default namespace, whose names have no '/'
@@ -1406,156 +1333,6 @@ def _in_namespace(values: Mapping[str, V], namespace: str | None) -> dict[str, V
     return {name[len(prefix) :]: value for name, value in values.items() if name.startswith(prefix)}
 
 
-class AsyncClient:
-    """The asyncio face of a `Client`: a cached read is answered in the event loop without
-    waiting; anything else runs in a worker thread, so the loop is never blocked."""
-
-    def __init__(
-        self,
-        addresses: str | Sequence[str] | None = None,
-        *,
-        tls: TlsFiles | None = None,
-        ttl: float | None = None,
-        stale_if_error: float | None = None,
-        timeout: float | None = None,
-        environ: Mapping[str, str] | None = None,
-        client: Client | None = None,
-    ) -> None:
-        self._client = client or Client(
-            addresses, tls=tls, ttl=ttl, stale_if_error=stale_if_error, timeout=timeout, environ=environ
-        )
-        self._in_flight: dict[tuple[asyncio.AbstractEventLoop, Hashable], asyncio.Future[Any]] = {}
-
-    @property
-    def sync(self) -> Client:
-        """The synchronous client underneath (same cache, same watcher)."""
-        return self._client
-
-    @property
-    def stale(self) -> bool:
-        """See `Client.stale`."""
-        return self._client.stale
-
-    async def credentials(self, namespace: str | None = None) -> Credentials:
-        """See `Client.credentials` (BatchGetSecrets)."""
-        if self._client._shut:
-            raise _closed_error()
-        if namespace is not None:
-            validate_namespace(namespace)
-        hit = self._client._cached_credentials(namespace)
-        if hit is not None:
-            return hit
-        result: Credentials = await self._shared(
-            ("credentials", namespace), self._client.credentials, namespace
-        )
-        return result
-
-    async def get(self, name: str, *, version: int | None = None, label: str | None = None) -> Secret:
-        """See `Client.get` (GetSecret)."""
-        if self._client._shut:
-            raise _closed_error()
-        checked_text(name, "secret name")
-        if version is None and label is None:
-            hit = self._client._cached_secret(name)
-            if hit is not None:
-                return hit
-            result: Secret = await self._shared(("get", name), self._client.get, name)
-            return result
-        return await _in_thread(self._client.get, name, version=version, label=label)
-
-    @_frames_withheld_async
-    async def describe(self, name: str) -> SecretMetadata:
-        """See `Client.describe` (DescribeSecret)."""
-        return await _in_thread(self._client.describe, name)
-
-    @_frames_withheld_async
-    async def list(self, prefix: str = "", *, include_deleted: bool = False) -> list[SecretMetadata]:
-        """See `Client.list` (ListSecrets)."""
-        return await _in_thread(self._client.list, prefix, include_deleted=include_deleted)
-
-    @_frames_withheld_async
-    async def put(
-        self,
-        name: str,
-        value: bytes | str | SecretValue,
-        *,
-        expect_version: int | None = None,
-        description: str | None = None,
-        tags: Mapping[str, str] | None = None,
-        expires: datetime | None = None,
-    ) -> int:
-        """See `Client.put` (PutSecret)."""
-        return await _in_thread(
-            self._client.put,
-            name,
-            value,
-            expect_version=expect_version,
-            description=description,
-            tags=tags,
-            expires=expires,
-        )
-
-    def on_change(
-        self, callback: Callable[[SecretChanged], Awaitable[object] | object], prefix: str = ""
-    ) -> Subscription:
-        """See `Client.on_change`. Called from the event loop, whose thread runs the callback: a
-        callback called in that loop, what it returns, if awaitable (a coroutine function, or an
-        object whose `__call__` is one), as a task of the loop. Once the loop has closed the
-        subscription cancels itself (at the next change), so it does not keep the loop alive."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            raise InvalidInputError(
-                "AsyncClient.on_change is called from a coroutine (it delivers to the running event "
-                "loop); without one, use the Client's on_change (AsyncClient.sync)"
-            ) from None
-        if not callable(callback):
-            raise InvalidInputError(f"callback must be callable, not {type(callback).__name__}")
-
-        running: set[asyncio.Future[Any]] = set()  # its tasks, referenced until done
-        subscription: Subscription | None = None
-
-        def in_the_loop(change: SecretChanged) -> None:
-            try:
-                loop.call_soon_threadsafe(_call_in_loop, callback, change, running)
-            except RuntimeError:  # the loop has closed: nothing runs there again, nor is it kept
-                if subscription is not None:
-                    subscription.cancel()
-
-        subscription = self._client.on_change(in_the_loop, prefix)
-        return subscription
-
-    async def close(self) -> None:
-        await _in_thread(self._client.close)
-
-    async def __aenter__(self) -> AsyncClient:
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None
-    ) -> None:
-        await self.close()
-
-    def __repr__(self) -> str:
-        return f"Async{self._client!r}"
-
-    async def _shared(self, key: Hashable, function: Callable[..., Any], *args: Any) -> Any:
-        """Run `function` in a worker thread; concurrent callers with the same key share one run.
-        A caller's cancellation does not cancel the run the others are waiting for."""
-        loop = asyncio.get_running_loop()
-        flight = self._in_flight.get((loop, key))
-        if flight is None:
-            flight = asyncio.ensure_future(_in_thread(function, *args))
-            self._in_flight[(loop, key)] = flight
-            flight.add_done_callback(lambda done: self._landed(loop, key, done))
-        return await asyncio.shield(flight)
-
-    def _landed(self, loop: asyncio.AbstractEventLoop, key: Hashable, flight: asyncio.Future[Any]) -> None:
-        self._in_flight.pop((loop, key), None)
-        if not flight.cancelled():
-            flight.exception()  # retrieved: no "never retrieved" warning if every waiter left
-
-
 # ---- fork() ---------------------------------------------------------------------------------------
 
 _CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()  # every client of this process, not kept alive
@@ -1582,9 +1359,6 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
-    global _default_lock, _executor, _executor_lock
-    _default_lock = threading.Lock()
-    _executor, _executor_lock = None, threading.Lock()  # its threads are the parent's
     _PAUSED_FOR_FORK.clear()
     for client in list(_CLIENTS):
         if not client._closed.is_set():
@@ -1606,79 +1380,3 @@ def _register_fork_pause() -> None:
         if not _fork_pause_registered:
             os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent)
             _fork_pause_registered = True
-
-
-# ---- the process-wide client behind get_credentials() --------------------------------------------
-
-_default_lock = threading.Lock()
-_default_client: Client | None = None
-_default_async_client: AsyncClient | None = None
-
-
-def default_client() -> Client:
-    """The process-wide client, configured from the environment on first use."""
-    client = _default_client
-    if client is None:
-        with _default_lock:
-            client = _default_client_locked()
-    return client
-
-
-def _default_client_locked() -> Client:
-    """Holding `_default_lock`: the process-wide client, made if there is none."""
-    global _default_client
-    if _default_client is None:
-        _default_client = Client()
-    return _default_client
-
-
-def _default_async() -> AsyncClient:
-    """The process-wide client's asyncio face. Made under the same lock as the client it wraps
-    (and as `close_default_client` takes both away), so a close racing a first call cannot leave
-    it wrapping a client that was closed meanwhile: after a close, the next call makes both anew."""
-    global _default_async_client
-    client = _default_async_client
-    if client is None:
-        with _default_lock:
-            if _default_async_client is None:
-                _default_async_client = AsyncClient(client=_default_client_locked())
-            client = _default_async_client
-    return client
-
-
-async def get_credentials(namespace: str | None = None) -> Credentials:
-    """The secrets this service may read, from the process-wide client (see `Client.credentials`).
-
-    `creds = await get_credentials(); creds["market-connector/BINANCE_API_KEY"].reveal_text()`"""
-    return await _default_async().credentials(namespace)
-
-
-def get_credentials_sync(namespace: str | None = None) -> Credentials:
-    """`get_credentials` for code without an event loop."""
-    return default_client().credentials(namespace)
-
-
-def _take_default_client() -> Client | None:
-    """The process-wide client (sync and async faces alike), no longer the default: the next call
-    makes a new one from the environment as it is then."""
-    global _default_client, _default_async_client
-    with _default_lock:
-        client, _default_client, _default_async_client = _default_client, None, None
-    return client
-
-
-def close_default_client() -> None:
-    """Close the process-wide client; the next `get_credentials()` makes a new one from the
-    environment as it is then. It waits for the client's threads (a call in flight ends within
-    the timeout): in a coroutine, `await aclose_default_client()` instead."""
-    client = _take_default_client()
-    if client is not None:
-        client.close()
-
-
-async def aclose_default_client() -> None:
-    """`close_default_client` for a coroutine: the wait for the client's threads happens in a
-    worker thread, so the event loop keeps running meanwhile."""
-    client = _take_default_client()
-    if client is not None:
-        await _in_thread(client.close)

@@ -6,7 +6,7 @@ read and checked (`read_client_tls`). A renewal caught half-written (a new certi
 old key, an empty file) is not used: one warning names what is wrong (never key material), and the
 files are read again once they change again. A renewal that is only not valid yet (an issuer that
 does not backdate, this clock a little behind) is read again once it is valid, changed or not.
-`client._client` decides when to check and swaps the channels.
+`client._client` decides when to check, and `client._replicas` swaps the channels.
 """
 
 from __future__ import annotations
