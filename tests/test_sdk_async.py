@@ -206,19 +206,28 @@ def test_a_close_racing_the_first_get_credentials_leaves_no_closed_client_behind
     'this secrets-manager client is closed' until the default client was closed again."""
     for variable, value in client_environ(service_dir, "auth", ["127.0.0.1:9"]).items():
         monkeypatch.setenv(variable, value)  # nothing is contacted: no read is made
-    made = _default.default_client
+    make_face = _default.AsyncClient
+    closers: list[threading.Thread] = []
 
-    def closed_right_after() -> Client:
-        client = made()
-        close_default_client()
-        return client
+    def face_with_a_close_racing_it(client: Client) -> AsyncClient:
+        # The close starts once the process-wide client exists and the face is being made; it
+        # is given time to finish before the face is: it may only if nothing holds it off.
+        closer = threading.Thread(target=close_default_client)
+        closers.append(closer)
+        closer.start()
+        closer.join(timeout=0.5)
+        return make_face(client=client)
 
-    monkeypatch.setattr(_default, "default_client", closed_right_after)
+    monkeypatch.setattr(_default, "AsyncClient", face_with_a_close_racing_it)
     try:
-        async_client = _default._default_async()
-        assert not async_client.sync._closed.is_set()
-        assert _default._default_async() is async_client
-        assert made() is async_client.sync
+        first = _default._default_async()
+        for closer in closers:
+            closer.join(timeout=10)
+        assert closers and not any(closer.is_alive() for closer in closers)
+        monkeypatch.setattr(_default, "AsyncClient", make_face)
+        after_the_close = _default._default_async()
+        assert after_the_close is not first  # the close took the first away ...
+        assert not after_the_close.sync._closed.is_set()  # ... and the next call made a live one
     finally:
         close_default_client()
 
