@@ -288,6 +288,7 @@ ODD_SEGMENTS = [
 words = st.sampled_from(WORDS)
 segments = st.one_of(words, words, words, st.sampled_from(ODD_SEGMENTS))
 valid_names = st.lists(words, min_size=1, max_size=4).map("/".join)
+NEAR = ("auth/KEY", "auth/API_KEY", "auth-admin/KEY", "authz/a/b", "AUTH/x.y", "a/b/KEY", "k-1")
 
 
 @st.composite
@@ -310,13 +311,38 @@ def names(draw: st.DrawFn) -> str:
 
 
 @st.composite
-def globs(draw: st.DrawFn) -> str:
+def globs_near(draw: st.DrawFn, name: str) -> str:
+    """A glob made from `name`, so that it matches it or just misses it: each segment kept, made a
+    wildcard, cut to a prefix with `*` or `**`, a character made `?`; perhaps cut short with `**`."""
+    out = []
+    for segment in name.split("/"):
+        kind = draw(st.integers(0, 6))
+        if kind <= 2:
+            out.append(segment)
+        elif kind == 3:
+            out.append(draw(st.sampled_from(["*", "**"])))
+        elif kind == 4:
+            out.append(segment[: draw(st.integers(0, len(segment)))] + draw(st.sampled_from(["*", "**"])))
+        elif kind == 5:
+            i = draw(st.integers(0, len(segment) - 1))
+            out.append(segment[:i] + "?" + segment[i + 1 :])
+        else:
+            out.append(segment.swapcase() if segment.swapcase() != segment else segment + "x")
+    if len(out) > 1 and draw(st.booleans()):
+        out = [*out[: draw(st.integers(1, len(out) - 1))], "**"]
+    return "/".join(out)
+
+
+@st.composite
+def globs(draw: st.DrawFn, near: tuple[str, ...] = ()) -> str:
+    if near and draw(st.booleans()):
+        return draw(globs_near(draw(st.sampled_from(near))))
     return "/".join(draw(st.lists(st.sampled_from(GLOB_SEGMENTS), min_size=1, max_size=4)))
 
 
 @st.composite
-def rules(draw: st.DrawFn) -> RuleModel:
-    glob = draw(globs())
+def rules(draw: st.DrawFn, near: tuple[str, ...] = ()) -> RuleModel:
+    glob = draw(globs(near))
     kind = draw(st.integers(0, 5))
     capabilities = st.frozensets(st.sampled_from(CAPABILITIES), min_size=1, max_size=3)
     if kind <= 3:
@@ -357,7 +383,7 @@ def policies(draw: st.DrawFn) -> PolicyModel:
     role_names = [f"r{i}" for i in range(draw(st.integers(1, 3)))]
     roles = {
         name: RoleModel(
-            tuple(draw(st.lists(rules(), min_size=1, max_size=4))),
+            tuple(draw(st.lists(rules(NEAR), min_size=1, max_size=4))),
             draw(st.sampled_from([(), (), ("10.0.1.0/24",), ("fd00:1::/64", "10.0.2.5")])),
         )
         for name in role_names
@@ -397,7 +423,7 @@ def _check(model: PolicyModel, policy: Policy, identity: str, name: str, address
     assert policy.filter_names(identity, Capability.LIST, [name], address) == [name] * listable
 
 
-@MODEL
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     policies(),
     st.lists(
