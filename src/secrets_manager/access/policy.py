@@ -45,11 +45,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import Enum, StrEnum
 from pathlib import Path
-from re import Pattern
 from types import MappingProxyType
 from typing import Any, Final
 
-from secrets_manager.access.patterns import GlobError, compile_glob
+from secrets_manager.access.patterns import Glob, GlobError, compile_glob
 from secrets_manager.environment import Environment, loose_file_problem, open_in_directory
 from secrets_manager.errors import InvalidInputError, file_not_found
 from secrets_manager.store.names import validate_name
@@ -92,13 +91,13 @@ class Rule:
     path: str
     allow: frozenset[Capability] = frozenset()
     deny: frozenset[Capability] = frozenset()
-    pattern: Pattern[str] = field(init=False, repr=False, compare=False)
+    pattern: Glob = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", compile_glob(self.path))  # raises GlobError
 
     def matches(self, name: str) -> bool:
-        return self.pattern.fullmatch(name) is not None
+        return self.pattern.matches(name)
 
 
 @dataclass(frozen=True)
