@@ -160,6 +160,7 @@ def test_encrypted_store_on_postgres_passes_the_whole_secret_store_suite(
         "max-versions-setting",
         "repr-redacted",
         "metadata-limits",
+        "names-case-sensitive",  # the entries' COLLATE "C" keeps AUTH/KEY and auth/KEY apart
     ],
 )
 def test_encrypted_store_on_postgres_conforms(behaviour: str, make_store: Callable[[], SecretStore]) -> None:

@@ -375,6 +375,28 @@ def _check_list_by_prefix(make_store: MakeStore, ns: str) -> None:
         _raises(InvalidInputError, lambda: store.list("bad prefix!"), "list of an invalid prefix")
 
 
+def _check_names_differing_in_case_are_different_secrets(make_store: MakeStore, ns: str) -> None:
+    """The access policy matches names case and all (`auth/*` does not grant `AUTH/KEY`): a store
+    that folded case would hand `AUTH/KEY`'s caller the secret `auth/KEY`, which the policy
+    decided for another name. Every store keeps them apart, as SQLite's and PostgreSQL's byte
+    order, Vault's paths and AWS's names do."""
+    spellings = [f"{ns}/KEY", f"{ns}/key", f"{ns}/Key"]
+    with _opened(make_store) as store:
+        for index, name in enumerate(spellings):
+            store.put(name, f"{MARKER}-{index}".encode())
+        for index, name in enumerate(spellings):
+            got = _revealed(store.get(name))
+            _require(got == f"{MARKER}-{index}".encode(), f"get({name!r}) gave another spelling's value")
+            _require(store.describe(name).current_version == 1, f"{name!r} shares versions with another")
+        _require(_names(store.list(f"{ns}/")) == sorted(spellings), f"list of {ns}/ merged spellings")
+        _require(_names(store.list(f"{ns}/k")) == [f"{ns}/key"], "a list prefix matched another case")
+        store.delete(f"{ns}/key")
+        _require(
+            _names(store.list(f"{ns}/")) == sorted(set(spellings) - {f"{ns}/key"}), "a delete took others"
+        )
+        _raises(NotFoundError, lambda: store.get(f"{ns}/key"), "get of the deleted spelling")
+
+
 def _check_describe_and_history(make_store: MakeStore, ns: str) -> None:
     name = f"{ns}/described"
     with _opened(make_store) as store:
@@ -1160,6 +1182,7 @@ SECRET_STORE_CHECKS: dict[str, Check] = {
     "get-version-label": _check_get_by_version_and_label,
     "expect-version": _check_expect_version,
     "list-prefix": _check_list_by_prefix,
+    "names-case-sensitive": _check_names_differing_in_case_are_different_secrets,
     "describe-history": _check_describe_and_history,
     "delete-undelete": _check_delete_and_undelete,
     "delete-expect-version": _check_delete_expect_version,
