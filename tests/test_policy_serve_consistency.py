@@ -28,6 +28,7 @@ import hashlib
 import ipaddress
 import json
 import signal
+import subprocess
 import threading
 import unicodedata
 from collections.abc import Callable, Iterator
@@ -48,6 +49,7 @@ from secrets_manager.store import EncryptedStore, PasswordUnlock
 from secrets_manager.v1 import secrets_pb2 as pb
 from service_fixtures import (
     PASSWORD,
+    SCRIPT,
     TD,
     Server,
     eventually,
@@ -371,3 +373,58 @@ def test_every_rpc_list_batch_get_watch_and_explain_agree_with_the_decision_func
         assert {(meta.name, meta.current_version) for meta in store.list("")} == {(n, 1) for n in STORED}
     finally:
         store.close()
+
+
+def test_a_page_token_serves_no_other_identity_and_no_name_a_reloaded_policy_denies(
+    served: tuple[Server, dict[str, Any]],
+) -> None:
+    """A ListSecrets or BatchGetSecrets page token of auth's, sent by ops (who may list and read
+    everything), is refused: it cannot continue another's listing. Sent by auth after a reload
+    that denies it `list` on every name (a grant of `list` on auth/a/** beside the deny does not
+    outweigh it), the rest of its listing and of its batch read by prefix is empty; after a reload
+    that takes its last role, PERMISSION_DENIED. The installed `secrets-manager policy explain`
+    says the same of auth/KEY."""
+    server, stubs = served
+    grant = f"""[identities]
+"{AUTH}" = ["reader"]
+"{OPS}" = ["admin"]
+[roles.reader]
+rules = [{{ path = "**", capabilities = ["read", "list"] }}]
+[roles.admin]
+rules = [{{ path = "**", capabilities = ["admin"] }}]
+"""
+    _put_in_force(server, grant)
+    auth, ops = stubs["auth"], stubs["ops"]
+    listing = auth.ListSecrets(pb.ListSecretsRequest(page_size=2))
+    batch = auth.BatchGetSecrets(pb.BatchGetSecretsRequest(prefix="", page_size=2))
+    assert [m.name for m in listing.secrets] == sorted(STORED)[:2] and listing.next_page_token
+    for call, request in (
+        (ops.ListSecrets, pb.ListSecretsRequest(page_size=2, page_token=listing.next_page_token)),
+        (
+            ops.BatchGetSecrets,
+            pb.BatchGetSecretsRequest(prefix="", page_size=2, page_token=batch.next_page_token),
+        ),
+    ):
+        assert _code(call, request) is grpc.StatusCode.INVALID_ARGUMENT
+    narrowed = grant.replace(
+        'rules = [{ path = "**", capabilities = ["read", "list"] }]',
+        'rules = [{ path = "**", capabilities = ["read", "list"] }, { path = "**", deny = ["list"] },'
+        ' { path = "auth/a/**", capabilities = ["list"] }]',
+    )
+    assert narrowed != grant
+    _put_in_force(server, narrowed)
+    assert _listed(auth, listing.next_page_token) == []  # the deny wins over the later grant too
+    rest = auth.BatchGetSecrets(
+        pb.BatchGetSecretsRequest(prefix="", page_size=100, page_token=batch.next_page_token)
+    )
+    assert [s.name for s in rest.secrets] == []  # list denied: not enumerable by read either
+    proc = subprocess.run(
+        [str(SCRIPT), "policy", "explain", str(server.dir / "policy.toml"), AUTH, "auth/KEY", "--json"],
+        capture_output=True,
+        timeout=60,
+    )
+    said = json.loads(proc.stdout)
+    assert said["decisions"]["read"]["allowed"] is True and said["decisions"]["list"]["allowed"] is False
+    assert said["shown"] == {"list": False, "batch_get_and_watch": False}
+    _put_in_force(server, grant.replace(f'"{AUTH}" = ["reader"]\n', ""))
+    assert _code(_listed, auth, listing.next_page_token) is grpc.StatusCode.PERMISSION_DENIED
