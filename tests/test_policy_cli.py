@@ -54,6 +54,37 @@ def test_check_summarises_a_valid_policy_and_warns_of_roles_nobody_holds(
     ]
 
 
+def test_check_warns_of_rules_whose_path_no_secret_name_can_match(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A segment of a name starts with a letter, digit or '_', and a name has at most 256
+    characters: `auth/.env`, `-x/*` and a 300-character path were taken without a word, a grant
+    or deny that never applies (found by test_policy_model's review of what globs can match).
+    They still load, as they did (README's upgrade promise); `policy check` now says so."""
+    path = tmp_path / "unmatchable.toml"
+    long = "a/" + "b" * 300
+    path.write_text(
+        '[identities]\n"auth" = ["r"]\n[roles.r]\nrules = [\n'
+        '  { path = "auth/*", capabilities = ["read"] },\n'
+        '  { path = "auth/.env", capabilities = ["read"] },\n'
+        '  { path = "**/-x*", deny = ["read"] },\n'
+        f'  {{ path = "{long}", capabilities = ["read"] }},\n'
+        '  { path = "auth/?env*", capabilities = ["read"] },\n'
+        "]\n"
+    )
+    assert run(["policy", "check", str(path)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [
+        f"secrets-manager: warning: {path}: roles.r.rules[1]: path 'auth/.env' matches no secret name "
+        "(its segment '.env' starts with '.', and no name's segment does): it grants nothing",
+        f"secrets-manager: warning: {path}: roles.r.rules[2]: path '**/-x*' matches no secret name "
+        "(its segment '-x*' starts with '-', and no name's segment does): it denies nothing",
+        f"secrets-manager: warning: {path}: roles.r.rules[3]: path '{long}' matches no secret name "
+        "(a name it matches has at least 302 characters, and names have at most 256): it grants nothing",
+        f"secrets-manager: {path}: valid: 1 identity, 1 role, 5 rules",
+    ]
+
+
 def test_check_says_counts_of_one_in_the_singular(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "one.toml"
     path.write_text(

@@ -19,13 +19,18 @@ expression (at most 256^2 ways to fail, a few milliseconds), ten times faster on
 
 Invariant: a pattern that could never match a valid secret name (an empty segment, a leading or
 trailing '/', '.' or '..' segments, characters no name may contain, '***') is rejected when the
-policy is loaded, so a typo cannot silently grant or deny nothing.
+policy is loaded, so a typo cannot silently grant or deny nothing. Two more kinds never match
+either, a segment that starts with '.' or '-' (`auth/.env`) and more than 256 characters a name
+must hold: they were taken by earlier releases, so they still load (README's upgrade promise),
+and `unmatchable` says why for `policy check` to warn.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
+from secrets_manager.store.names import MAX_NAME_LENGTH
 
 _PATTERN_CHARACTERS = re.compile(r"[A-Za-z0-9_.\-*?]+")
 _BACKTRACKING_BOUND = 2  # wildcards that take a run of characters, past which no regex is used
@@ -100,6 +105,17 @@ class Glob:
                     found.add(index + step)
                     pending.append(index + step)
         return found
+
+
+def unmatchable(glob: str) -> str | None:
+    """Why the well-formed `glob` matches no valid secret name, or None if it may match one."""
+    for segment in glob.split("/"):
+        if segment[0] in ".-":
+            return f"its segment {segment!r} starts with {segment[0]!r}, and no name's segment does"
+    least = len(glob.replace("**", "").replace("*", ""))  # every other character takes one
+    if least > MAX_NAME_LENGTH:
+        return f"a name it matches has at least {least} characters, and names have at most {MAX_NAME_LENGTH}"
+    return None
 
 
 def compile_glob(glob: str) -> Glob:

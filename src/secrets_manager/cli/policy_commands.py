@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from secrets_manager.access import Capability, Decision, Policy, load_policy
+from secrets_manager.access.patterns import unmatchable
 from secrets_manager.access.policy import UNCHECKED, Address
 from secrets_manager.cli.app import cli
 from secrets_manager.cli.output import (
@@ -59,9 +60,9 @@ def check(policy_file: Path) -> None:
     """Parse POLICY_FILE as `serve` and SIGHUP would: exit 0 with a summary, 2 naming the problem,
     3 if the file does not exist.
 
-    Roles no identity holds are warned about (often a typo in [identities]), and identities no
-    client certificate can present. [revoked] entries must be serial numbers or SHA-256
-    fingerprints in hex (colons and case as you like)."""
+    Roles no identity holds are warned about (often a typo in [identities]), identities no
+    client certificate can present, and rules whose path no secret name can match. [revoked]
+    entries must be serial numbers or SHA-256 fingerprints in hex (colons and case as you like)."""
     parsed = load_policy(policy_file)
     held = {role for roles in parsed.identities.values() for role in roles}
     for role in sorted(set(parsed.roles) - held):
@@ -72,6 +73,15 @@ def check(policy_file: Path) -> None:
             warning_line(f"{policy_file}: identity '{printable(identity)}' is {problem}: it grants nothing")
         elif not roles:
             warning_line(f"{policy_file}: identity '{printable(identity)}' holds no role")
+    for role_name, defined in parsed.roles.items():
+        for index, rule in enumerate(defined.rules):
+            reason = unmatchable(rule.path)
+            if reason is not None:
+                verb = "grants" if rule.allow else "denies"
+                warning_line(
+                    f"{policy_file}: roles.{role_name}.rules[{index}]: path {rule.path!r} matches no "
+                    f"secret name ({reason}): it {verb} nothing"
+                )
     rules = sum(len(role.rules) for role in parsed.roles.values())
     revoked = len(parsed.revoked_serials) + len(parsed.revoked_fingerprints)
     info_line(
