@@ -17,10 +17,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
 
 from secrets_manager.client.remote import RemoteStore
 from secrets_manager.errors import InvalidInputError
 from secrets_manager.service.config import load_config
+from secrets_manager.tls import pki
+from secrets_manager.tls.identity import serial_text
 from secrets_manager.v1 import secrets_pb2 as pb
 from secrets_manager.wire import WATCH_REVISION_KEY
 from service_fixtures import PASSWORD, TD, Server, eventually, make_pki, make_store, start_server, tls_files
@@ -109,6 +112,44 @@ def test_a_throttled_identity_is_refused_while_another_is_served_and_summed_up_i
     served = [r for r in records if r["actor"] == f"spiffe://{TD}/auth" and r["operation"] == "get"]
     assert len(served) == 4 and all(r["outcome"] == "ok" for r in served)
     assert any('"event": "limits.throttled"' in line for line in server.log_lines)
+    _verify(server)
+
+
+def test_a_throttled_summary_names_the_client_certificate_its_requests_came_with(tmp_path: Path) -> None:
+    """Every other record of a request names the serial of the client certificate it came with,
+    so the calls of a stolen certificate are told from those of its identity's renewed one; the
+    `throttled` summary named the identity alone. Now there is one summary per identity and
+    certificate, with its `certificate_serial`: two certificates of one identity throttled give
+    two summaries, each with its own serial and count (the rate is still the identity's). Fails
+    on the old code (one summary, no certificate_serial)."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    ca_cert, ca_key = (tmp_path / "ca.pem").read_bytes(), (tmp_path / "ca-key.pem").read_bytes()
+    renewed_cert, renewed_key = pki.issue(ca_cert, ca_key, "nobody")  # the identity's second certificate
+    (tmp_path / "nobody2.pem").write_bytes(renewed_cert)
+    (tmp_path / "nobody2-key.pem").write_bytes(renewed_key)
+    serials = {
+        name: serial_text(
+            x509.load_pem_x509_certificate((tmp_path / f"{name}.pem").read_bytes()).serial_number
+        )
+        for name in ("nobody", "nobody2")
+    }
+    server = start_server(tmp_path, settings=SLOW.format(burst=2))
+    try:
+        first, second = server.stub("nobody"), server.stub("nobody2")
+        codes = [_get(server, first) for _ in range(4)] + [_get(server, second) for _ in range(3)]
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 5, codes
+        assert eventually(lambda: sum(r["throttled"]["count"] for r in _throttled_records(server)) == 5, 20)  # type: ignore[index]
+    finally:
+        server.stop()
+    summaries = _throttled_records(server)
+    counted: dict[object, int] = {}
+    for record in summaries:
+        assert record["actor"] == f"spiffe://{TD}/nobody"
+        counted[record.get("certificate_serial")] = (
+            counted.get(record.get("certificate_serial"), 0) + record["throttled"]["count"]
+        )  # type: ignore[index]
+    assert counted == {serials["nobody"]: 2, serials["nobody2"]: 3}
     _verify(server)
 
 

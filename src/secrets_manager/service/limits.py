@@ -4,7 +4,8 @@ Each client certificate identity has a token bucket of `request_burst` tokens re
 `requests_per_second`; a request that finds it empty is throttled (the servicer answers
 RESOURCE_EXHAUSTED and does not audit it on its own). The check is a dict lookup and some
 arithmetic under one lock that is never held across I/O. Throttled requests are counted per
-identity and method until `drain` hands the counts to the periodic summary record (docs/audit.md).
+identity, client certificate (serial) and method until `drain` hands the counts to the periodic
+summary record (docs/audit.md).
 No store, no crypto, no gRPC here: the servicer (server.py) asks and answers.
 """
 
@@ -25,10 +26,13 @@ MAX_IDLE_BUCKETS = 10_000
 
 @dataclass
 class Throttled:
-    """The requests of one identity throttled since the last summary."""
+    """The requests of one identity's certificate throttled since the last summary."""
 
     identity: str
     peer: str  # the peer of the last one
+    # The serial of the client certificate they came with (upper-case hex), as every other record of
+    # a request names it: a stolen certificate's throttled calls are told from the renewed one's.
+    certificate_serial: str | None = None
     methods: dict[str, int] = field(default_factory=dict)
     first: float = 0.0  # wall-clock time of the first and the last
     last: float = 0.0
@@ -53,7 +57,7 @@ class IdentityLimits:
         self._wall_clock = wall_clock
         self._lock = threading.Lock()  # arithmetic and dict updates only: never held across I/O
         self._buckets: dict[str, list[float]] = {}  # identity -> [tokens, when last refilled]
-        self._throttled: dict[str, Throttled] = {}
+        self._throttled: dict[tuple[str, str | None], Throttled] = {}  # by identity and serial
         self._watching: dict[str, int] = {}  # identity -> open Watch streams
         self._watch_stream_limit = watch_stream_limit
         self.configure(limits)
@@ -68,8 +72,10 @@ class IdentityLimits:
             for bucket in self._buckets.values():
                 bucket[0] = min(bucket[0], self._burst)
 
-    def admit(self, identity: str, method: str, peer: str) -> bool:
-        """Take a token of `identity`'s bucket: False (throttled, counted) if there is none."""
+    def admit(self, identity: str, method: str, peer: str, serial: str | None = None) -> bool:
+        """Take a token of `identity`'s bucket: False (throttled, counted under the identity and
+        the certificate's `serial`) if there is none. The bucket is the identity's, whichever of its
+        certificates asks."""
         rate = self._rate
         if rate == 0:
             return True
@@ -85,16 +91,17 @@ class IdentityLimits:
                 bucket[0] = tokens - 1
                 return True
             bucket[0] = tokens
-            seen = self._throttled.get(identity)
+            seen = self._throttled.get((identity, serial))
             wall = self._wall_clock()
             if seen is None:
-                seen = self._throttled[identity] = Throttled(identity, peer, first=wall)
+                seen = self._throttled[identity, serial] = Throttled(identity, peer, serial, first=wall)
             seen.peer, seen.last = peer, wall
             seen.methods[method] = seen.methods.get(method, 0) + 1
             return False
 
     def drain(self) -> list[Throttled]:
-        """The throttled requests counted since the last drain, per identity (then forgotten);
+        """The throttled requests counted since the last drain, per identity and certificate (then
+        forgotten);
         also forgets buckets that have filled up again once there are many."""
         with self._lock:
             throttled, self._throttled = list(self._throttled.values()), {}

@@ -569,7 +569,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
             auth = context.auth_context()
             caller = caller_from_auth_context(auth)  # parsed once per certificate
             identity = caller.identity
-            if not self.limits.admit(identity, method, peer):
+            if not self.limits.admit(identity, method, peer, caller.serial_text):
                 self._refuse_throttled(context, method, identity, started, count)
             revoked = self._policy.current.revocation(caller.serial, caller.fingerprint)  # set lookups
             if revoked is not None:
@@ -1166,6 +1166,7 @@ def _throttled_event(throttled: Throttled) -> AuditEvent:
         None,
         decision="deny",
         outcome="throttled",
+        certificate_serial=throttled.certificate_serial,
         throttled={
             "count": throttled.count,
             "methods": dict(sorted(throttled.methods.items())),
