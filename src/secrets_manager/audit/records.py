@@ -78,11 +78,14 @@ class AuditEvent:
     # `serve` (ok) and `policy.reload`: the SHA-256 of the access policy file in force from then on
     # (access/policy.py's Policy.digest); no other record has this key.
     policy_sha256: str | None = None
+    # `serve.stop` (a graceful stop): the signal, the requests in flight then, how long they took
+    # to end and how many the grace period cut (service/server.py's Drained); no other record.
+    stopped: dict[str, Any] | None = None
 
     def as_record(self) -> dict[str, Any]:
         """The record's fields from this event (the optional ones only where set)."""
         found = dict(vars(self))
-        for optional in ("certificate_serial", "pruned_before", "throttled", "policy_sha256"):
+        for optional in ("certificate_serial", "pruned_before", "throttled", "policy_sha256", "stopped"):
             if found[optional] is None:
                 del found[optional]
         return found

@@ -142,6 +142,13 @@ _FINGERPRINT = re.compile(r"hmac-sha256:[0-9a-f]{64}")
     help="Show the files 'audit prune --archive DIR' moved there first, in their place in the "
     "chain: the records pruned from the log too.",
 )
+@click.option(
+    "--serve-periods",
+    is_flag=True,
+    help="Instead of records: one row per 'serve' this log recorded (its start's request id), when "
+    "it started and stopped and how: a clean stop's signal and drain, or no stop record (crashed, "
+    "killed, or still running). Reads the whole log; other selections do not apply.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the records as a JSON array.")
 @click.option(
     "--json-lines",
@@ -168,6 +175,7 @@ def show(
     follow: bool,
     summary: bool,
     archive: str | None,
+    serve_periods: bool,
     as_json: bool,
     json_lines: bool,
 ) -> None:
@@ -271,6 +279,21 @@ def show(
             collections.deque(matching, maxlen=min(last, sys.maxsize)) if last is not None else matching
         )
 
+    if serve_periods:
+        if follow or summary:
+            raise InvalidInputError(
+                "--serve-periods lists the service's runs in the whole log: give it without "
+                "--follow and --summary"
+            )
+        periods = serve_periods_of(log.records(on_partial=partial, archive=archived))
+        if json_lines:
+            for period in periods:
+                print_json(period, compact=True)
+        elif as_json:
+            print_json(periods)
+        else:
+            _print_periods(periods)
+        return
     if follow:
         _follow(lambda stop: log.follow(stop, on_partial=partial), matches, last_of, as_json or json_lines)
         return
@@ -414,6 +437,78 @@ def _summarised(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if host is not None and host not in group["peers"]:
             group["peers"].append(host)
     return list(groups.values())
+
+
+def serve_periods_of(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`--serve-periods`: each `serve` of the log, found by its request id (the start's `pending`,
+    then `ok` or why it could not start, then a clean stop's `serve.stop`, docs/audit.md §2), in
+    the order of their starts. Pairing by request id, not by order, keeps several serve processes
+    writing one log apart. A start with no stop record ended in a crash or a kill (or a log cut
+    after it), unless it is still running; a later serve on the same listen address says it ended
+    before that one started."""
+    periods: dict[str, dict[str, Any]] = {}
+    for record in records:
+        operation = record.get("operation")
+        if operation not in ("serve", "serve.stop") or record.get("source") != "grpc":
+            continue
+        rid = str(record.get("request_id"))
+        period = periods.setdefault(
+            rid,
+            {
+                "request_id": rid,
+                "actor": record.get("actor"),
+                "listen": record.get("peer"),
+                "started": None,
+                "policy_sha256": None,
+                "stopped": None,
+                "stop": None,
+                "ended": "no stop record: crashed or killed, or still running",
+            },
+        )
+        outcome = record.get("outcome")
+        if operation == "serve.stop":
+            period["stopped"] = record.get("time")
+            stop = record.get("stopped")
+            period["stop"] = stop if isinstance(stop, dict) else None  # else damaged: show verifies nothing
+            signal_name = stop.get("signal", "?") if isinstance(stop, dict) else "?"
+            period["ended"] = f"stopped cleanly ({signal_name})"
+        elif outcome == "ok":
+            period["started"] = record.get("time")
+            period["policy_sha256"] = record.get("policy_sha256")
+        elif outcome != "pending":
+            period["ended"] = f"did not start ({outcome})"
+    found = list(periods.values())
+    for at, period in enumerate(found):
+        if period["stopped"] is None and period["started"] is not None:
+            later = next(
+                (p for p in found[at + 1 :] if p["listen"] == period["listen"] and p["started"]), None
+            )
+            if later is not None:
+                period["ended"] = (
+                    f"no stop record: crashed or killed before the serve that started at {later['started']}"
+                )
+    return found
+
+
+def _print_periods(periods: list[dict[str, Any]]) -> None:
+    print_table(
+        ["STARTED", "STOPPED", "ACTOR", "LISTEN", "HOW IT ENDED", "IN FLIGHT", "CUT", "REQUEST ID"],
+        [
+            [
+                "" if p["started"] is None else shown_time({"time": p["started"]}),
+                "" if p["stopped"] is None else shown_time({"time": p["stopped"]}),
+                str(p["actor"]),
+                str(p["listen"] or ""),
+                str(p["ended"]),
+                "" if p["stop"] is None else str(p["stop"].get("in_flight", "")),
+                "" if p["stop"] is None else str(p["stop"].get("cut", "")),
+                p["request_id"],
+            ]
+            for p in periods
+        ],
+        free_text=["ACTOR", "HOW IT ENDED"],
+        header=True,
+    )
 
 
 def _written_serial(record: dict[str, Any]) -> str | None:

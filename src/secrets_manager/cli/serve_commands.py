@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -161,12 +162,24 @@ def serve(session: Session, config_path: str) -> None:
         def listening(_port: int, policy_sha256: str) -> None:
             audit.append([replace(event, policy_sha256=policy_sha256)], store)
 
+        def stopped(summary: dict[str, object]) -> None:
+            # The clean stop's record, under the start's request id (docs/audit.md: serve.stop):
+            # a start with none after it ended in a crash, a kill or a cut log.
+            try:
+                audit.append([replace(event, operation="serve.stop", stopped=summary)], store)
+            except SecretsManagerError as exc:  # stopping anyway: said in the service's log
+                logging.getLogger("secrets_manager.service").error(
+                    "the stop's audit record could not be written",
+                    extra={"event": "audit.write_failed", "operation": "serve.stop", "error": str(exc)},
+                )
+
         try:
             run_server(
                 config,
                 store,
                 audit,
                 ready=listening,
+                stopped=stopped,
                 environment=session.environment,
                 config_path=Path(config_path).resolve(),
                 store_url=store_url,

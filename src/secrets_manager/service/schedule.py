@@ -453,6 +453,10 @@ class RotationScheduler:
         """Run no further rotation; one already running finishes (see `join`)."""
         self._stopping.set()
 
+    def running(self) -> bool:
+        """Whether a pass is still running (after `join`: one that outlived it)."""
+        return self._thread.is_alive()
+
     def join(self, timeout: float) -> None:
         """Wait for the running pass, then close the marker file: it goes unless a rotation is
         left, and is not written again (the rotation ended at exit must stay in it)."""

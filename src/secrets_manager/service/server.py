@@ -120,6 +120,9 @@ log = logging.getLogger("secrets_manager.service")
 REFLECTION_STREAMS = 4  # server reflection streams open at once, at most (fewer on a small pool)
 REFLECTION_WARNING_SECONDS = 60.0  # at most one "reflection stream refused" warning per interval
 SIGNAL_POLL_SECONDS = 0.1  # how soon serve's main loop acts on SIGHUP, SIGTERM and SIGINT
+# After the grace period, how long the stop waits for handlers gRPC cancelled to end (each writes its
+# record then) before the stop record counts them as unfinished.
+CUT_HANDLERS_WAIT_SECONDS = 1.0
 CLIENT_EXPIRY_WARNING_SECONDS = 7 * 86400  # a client certificate ending sooner is warned of
 CLIENT_EXPIRY_NOTICE_SECONDS = 86400  # once a day per certificate
 REQUEST_FAILURE_LOG_SECONDS = 10.0  # at most one "request failed" line per method and code this often
@@ -463,6 +466,64 @@ _SERVICE_SIDE = frozenset(
 )
 
 
+class InFlight:
+    """The Secrets RPCs whose handler is running (unary calls and Watch streams apart), for the
+    stop record (docs/audit.md: `serve.stop`): a handler leaves only once its audit record is
+    written, so none running means no request's record is still to come."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self.calls = 0
+        self.streams = 0
+
+    @contextmanager
+    def held(self, *, stream: bool) -> Iterator[None]:
+        with self._changed:
+            if stream:
+                self.streams += 1
+            else:
+                self.calls += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                if stream:
+                    self.streams -= 1
+                else:
+                    self.calls -= 1
+                self._changed.notify_all()
+
+    def wait_until_idle(self, timeout: float) -> int:
+        """Wait at most `timeout` seconds for every handler to end; how many still run."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while self.calls + self.streams and (left := deadline - time.monotonic()) > 0:
+                self._changed.wait(left)
+            return self.calls + self.streams
+
+
+@dataclass(frozen=True)
+class Drained:
+    """How a graceful stop ended the requests in flight (the `stopped` object of the stop record)."""
+
+    in_flight: int  # unary calls running when the stop began
+    watch_streams: int  # Watch streams open then, which the stop ends
+    drain_seconds: float  # from the stop's start until the last handler ended (or the bound)
+    cut: int  # handlers still running when the grace period ended: gRPC cancelled their calls
+    unfinished: int  # of those, still running CUT_HANDLERS_WAIT_SECONDS later: their records may be missing
+
+    def as_record(self, signal_name: str, grace: float) -> dict[str, object]:
+        return {
+            "signal": signal_name,
+            "in_flight": self.in_flight,
+            "watch_streams": self.watch_streams,
+            "drain_seconds": round(self.drain_seconds, 3),
+            "grace_seconds": grace,
+            "cut": self.cut,
+            "unfinished": self.unfinished,
+        }
+
+
 class SecretsServicer(pb_grpc.SecretsServicer):
     def __init__(
         self,
@@ -491,6 +552,7 @@ class SecretsServicer(pb_grpc.SecretsServicer):
         # Changes are always audited durably; reads only if asked (config `audit_sync`).
         self._fsync_reads = fsync_reads
         self.stopping = threading.Event()
+        self.in_flight = InFlight()  # counted by _withholding_errors's wrappers, for the stop record
         self.audit_refused: Callable[[], None] = lambda: None  # the health check hears of a refusal
         self._failures = _FailureLog()
         self._audit_failures = _Throttle()  # the lines saying a refusal's record was not written
@@ -1247,15 +1309,24 @@ class RunningServer:
     metrics: Metrics
     store_health: StoreHealth
 
-    def stop(self, grace: float) -> None:
-        """Refuse new calls, end watch streams, let in-flight calls finish within `grace` seconds."""
+    def stop(self, grace: float) -> Drained:
+        """Refuse new calls, end watch streams, let in-flight calls finish within `grace` seconds;
+        what it ended, for the stop record. Calls gRPC cancelled at the end of the grace period
+        (`cut`) are given CUT_HANDLERS_WAIT_SECONDS more to end, and so to write their records."""
+        began = time.monotonic()
+        in_flight = self.servicer.in_flight
+        calls, streams = in_flight.calls, in_flight.streams
         self.health.enter_graceful_shutdown()
         self.store_health.stop()
         self.servicer.stopping.set()
         self.servicer.watch_hub.close()  # every watch stream ends now, and the feed poller stops
-        self.server.stop(grace).wait()
+        self.server.stop(grace).wait()  # returns once every call ended, or at the grace's end
+        cut = in_flight.wait_until_idle(0.0)
+        unfinished = in_flight.wait_until_idle(CUT_HANDLERS_WAIT_SECONDS) if cut else 0
+        drained = Drained(calls, streams, time.monotonic() - began, cut, unfinished)
         self.servicer.summarise_throttled()  # the last summary: what was throttled since the one before
         self.metrics.close()
+        return drained
 
 
 def build_server(
@@ -1446,6 +1517,7 @@ def run_server(
     audit: AuditLog,
     *,
     ready: Callable[[int, str], None] = lambda port, policy_sha256: None,
+    stopped: Callable[[dict[str, object]], None] = lambda summary: None,
     environment: Environment = Environment.DEVELOPMENT,
     config_path: Path | None = None,
     store_url: str | None = None,
@@ -1453,7 +1525,10 @@ def run_server(
     """Serve until SIGTERM/SIGINT (graceful stop, exit 0); SIGHUP reloads the policy and the TLS
     files, each on its own (a rejected one keeps what is in force, the other still reloads).
     `ready` gets the bound port and the SHA-256 of the policy file in force before any call is
-    served (the start's audit record names it)."""
+    served (the start's audit record names it); `stopped` gets what the graceful stop ended (the
+    signal, the requests in flight, how long they took, how many the grace period cut: the stop
+    record's `stopped` object) once no request's record is still to come, before the log's last
+    flush."""
     # A handler only sets a flag: it runs between two bytecodes of the main thread, which may be
     # inside a write to stderr (a log line from the handler then failed, "reentrant call") or hold
     # a lock the handler would wait for. The main loop below acts on the flags. Set from before
@@ -1571,7 +1646,7 @@ def run_server(
     deadline = time.monotonic() + config.shutdown_grace_seconds
     if scheduler is not None:
         scheduler.request_stop()
-    running.stop(config.shutdown_grace_seconds)
+    drained = running.stop(config.shutdown_grace_seconds)
     if scheduler is not None:  # a rotation running now gets what is left of the grace period
         scheduler.join(max(0.0, deadline - time.monotonic()))
     # A set or test command still running (the schedule's, or a RotateSecret's) is ended as at a
@@ -1582,8 +1657,12 @@ def run_server(
             "rotation commands still running at the end of the grace period were ended",
             extra={"event": "rotation.commands_ended", "commands": ended},
         )
+    summary = drained.as_record(signal.Signals(requested.stop).name, config.shutdown_grace_seconds)
+    if scheduler is not None and scheduler.running():
+        summary["rotation_unfinished"] = True  # a scheduled rotation outlived the grace period
+    stopped(summary)  # the stop record: after every request's, before the log's last flush
     _flush_at_shutdown(audit)
-    log.info("stopped", extra={"event": "service.stopped"})
+    log.info("stopped", extra={"event": "service.stopped", **summary})
     return 0
 
 
@@ -1667,30 +1746,34 @@ def _withholding_errors(servicer: SecretsServicer) -> Any:
     for method in pb.DESCRIPTOR.services_by_name["Secrets"].methods:
         handler = getattr(servicer, method.name)
         if method.server_streaming:
-            setattr(wrapped, method.name, _withheld_stream(handler, method.name))
+            setattr(wrapped, method.name, _withheld_stream(handler, method.name, servicer.in_flight))
         else:
-            setattr(wrapped, method.name, _withheld_unary(handler, method.name))
+            setattr(wrapped, method.name, _withheld_unary(handler, method.name, servicer.in_flight))
     return wrapped
 
 
-def _withheld_unary(handler: Callable[[Any, grpc.ServicerContext], Any], method: str) -> Callable[..., Any]:
+def _withheld_unary(
+    handler: Callable[[Any, grpc.ServicerContext], Any], method: str, in_flight: InFlight
+) -> Callable[..., Any]:
     def unary_call(request: Any, context: grpc.ServicerContext) -> Any:
-        try:
-            return handler(request, context)
-        except Exception as exc:
-            _withhold(exc, context, method)
+        with in_flight.held(stream=False):
+            try:
+                return handler(request, context)
+            except Exception as exc:
+                _withhold(exc, context, method)
 
     return unary_call
 
 
 def _withheld_stream(
-    handler: Callable[[Any, grpc.ServicerContext], Iterator[Any]], method: str
+    handler: Callable[[Any, grpc.ServicerContext], Iterator[Any]], method: str, in_flight: InFlight
 ) -> Callable[..., Iterator[Any]]:
     def stream_call(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        try:
-            yield from handler(request, context)
-        except Exception as exc:
-            _withhold(exc, context, method)
+        with in_flight.held(stream=True):
+            try:
+                yield from handler(request, context)
+            except Exception as exc:
+                _withhold(exc, context, method)
 
     return stream_call
 
