@@ -13,8 +13,27 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
+import pytest
+from cryptography import x509
+from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
+from grpc_health.v1.health_pb2_grpc import HealthStub
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from secrets_manager.tls import pki
+from secrets_manager.tls.identity import serial_text
 from secrets_manager.v1 import secrets_pb2 as pb
-from service_fixtures import PASSWORD, Server, make_pki, make_store, start_server
+from service_fixtures import (
+    PASSWORD,
+    TD,
+    Server,
+    eventually,
+    make_pki,
+    make_store,
+    start_server,
+)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Secrets"].full_name
 
 
 def _local(server: Server) -> dict[str, str]:
@@ -102,3 +121,104 @@ def test_a_graceful_stop_is_recorded_after_the_last_requests_record_and_a_kill_l
     table = third.cli("ops", "audit", "show", "--serve-periods", env=_local(third))
     assert table.returncode == 0 and "stopped cleanly (SIGTERM)" in table.stdout.decode()
     _verify(third)
+
+
+def _revoked_auth_certificate(directory: Path) -> str:
+    """A second certificate of identity auth, written as stolen.pem, whose serial the policy
+    revokes (as after a key was stolen and auth's certificate renewed); its serial."""
+    ca_cert, ca_key = (directory / "ca.pem").read_bytes(), (directory / "ca-key.pem").read_bytes()
+    cert, key = pki.issue(ca_cert, ca_key, "auth")
+    (directory / "stolen.pem").write_bytes(cert)
+    (directory / "stolen-key.pem").write_bytes(key)
+    (directory / "stolen-key.pem").chmod(0o600)
+    serial = serial_text(x509.load_pem_x509_certificate(cert).serial_number)
+    with open(directory / "policy.toml", "a") as policy:
+        policy.write(f'\n[revoked]\nserials = ["{serial}"]\n')
+    return serial
+
+
+def test_a_revoked_certificate_gets_nothing_from_health_or_reflection_and_each_refusal_is_recorded(
+    tmp_path: Path,
+) -> None:
+    """The policy's `[revoked]` was checked only in the Secrets RPCs: a revoked certificate was
+    answered SERVING by grpc.health.v1 (Check and Watch) and listed the services through server
+    reflection. Now both refuse it UNAUTHENTICATED, naming the revocation, and each refusal is
+    recorded where the other refusals are (operation `health` or `reflection`, `deny`,
+    `unauthenticated`, the identity, the certificate's serial, the peer); the health checks of
+    other certificates are answered as before and not recorded. Fails on the old code (SERVING)."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    serial = _revoked_auth_certificate(tmp_path)
+    server = start_server(tmp_path)
+    try:
+        checked = HealthStub(server.channel("auth")).Check(HealthCheckRequest(service=SERVICE), timeout=20)
+        assert checked.status == HealthCheckResponse.SERVING
+        before = len(_records(server))
+        stolen = server.channel("stolen")
+        with pytest.raises(grpc.RpcError) as raised:
+            HealthStub(stolen).Check(HealthCheckRequest(service=SERVICE), timeout=20)
+        assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+        assert "revoked" in (raised.value.details() or "")  # type: ignore[attr-defined]
+        with pytest.raises(grpc.RpcError) as raised:
+            next(iter(HealthStub(stolen).Watch(HealthCheckRequest(service=""), timeout=20)))
+        assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+        reflect = reflection_pb2_grpc.ServerReflectionStub(stolen)
+        with pytest.raises(grpc.RpcError) as raised:
+            list(
+                reflect.ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=20
+                )
+            )
+        assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+        listed = list(
+            reflection_pb2_grpc.ServerReflectionStub(server.channel("auth")).ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=20
+            )
+        )
+        assert SERVICE in {s.name for s in listed[0].list_services_response.service}
+        assert eventually(lambda: len(_records(server)) >= before + 3)
+    finally:
+        server.stop()
+    refused = [r for r in _records(server)[before:] if r["operation"] in ("health", "reflection")]
+    assert [(r["operation"], r["name"]) for r in refused] == [
+        ("health", SERVICE),
+        ("health", ""),
+        ("reflection", None),
+    ]
+    for record in refused:
+        assert record["actor"] == f"spiffe://{TD}/auth" and record["certificate_serial"] == serial
+        assert record["decision"] == "deny" and record["outcome"] == "unauthenticated"
+        assert str(record["peer"]).startswith("ipv4:127.0.0.1:") and record["source"] == "grpc"
+    assert not [
+        r for r in _records(server) if r["operation"] == "health" and r["actor"] != f"spiffe://{TD}/auth"
+    ]
+    _verify(server)
+
+
+def test_a_revoked_certificate_is_told_it_is_revoked_when_the_client_chooses_among_replicas(
+    tmp_path: Path,
+) -> None:
+    """The SDK and --server choose a replica by its health check. A revoked certificate refused
+    there must still be told what a call tells it (its certificate revoked, exit 5 as with one
+    address), not that no replica is serving, which the SDK treats as an outage (and so would
+    serve its cache). A valid certificate still reads through two replicas."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    _revoked_auth_certificate(tmp_path)
+    first, second = start_server(tmp_path), start_server(tmp_path, "second")
+    try:
+        both = f"{first.address},{second.address}"
+        alone = first.cli("stolen", "get", "auth/DB_PASSWORD")
+        chosen = first.cli("stolen", "get", "auth/DB_PASSWORD", env={"SECRETS_MANAGER_ADDR": both})
+        assert chosen.returncode == alone.returncode != 0, (chosen.stderr, alone.stderr)
+        assert b"revoked" in chosen.stderr and b"no secrets-manager service is serving" not in chosen.stderr
+        health = first.cli("stolen", "health", "--json", env={"SECRETS_MANAGER_ADDR": both})
+        assert health.returncode == 1
+        assert [(h["status"], "revoked" in h["error"]) for h in json.loads(health.stdout)] == [
+            ("UNREACHABLE", True)
+        ] * 2
+        good = first.cli("auth", "get", "auth/DB_PASSWORD", env={"SECRETS_MANAGER_ADDR": both})
+        assert good.returncode == 0 and good.stdout.strip() == b"auth-db-pass-SEEKRIT-1"
+    finally:
+        first.stop()
+        second.stop()

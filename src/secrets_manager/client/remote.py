@@ -453,7 +453,7 @@ class RemoteStore:
             reply = check.result()
         except grpc.RpcError as exc:
             code = exc.code()
-            if code is grpc.StatusCode.UNIMPLEMENTED:  # answered, just no health service
+            if code in _ANSWERED:  # answered: no health service, or this certificate refused
                 return None
             details = exc.details() or code.name
             if code is grpc.StatusCode.DEADLINE_EXCEEDED:
@@ -1018,8 +1018,16 @@ def _serving(health: health_pb2_grpc.HealthStub, timeout: float) -> bool:
     try:
         reply = health.Check(request, timeout=timeout)
     except grpc.RpcError as exc:
-        return bool(exc.code() is grpc.StatusCode.UNIMPLEMENTED)  # answered, just no health service
+        return bool(exc.code() in _ANSWERED)  # no health service, or this certificate refused
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+# A health check ending with one of these was answered by a running service: UNIMPLEMENTED, it has
+# no health service; UNAUTHENTICATED, it refuses this client certificate (revoked, or its CA
+# retired), which it also does to health checks. Choosing replicas, either counts as serving, so
+# the call made next is refused with the service's own message (its certificate), not
+# "no service is serving", which the SDK would take for an outage and serve its cache through.
+_ANSWERED = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED)
 
 
 @dataclass(frozen=True)

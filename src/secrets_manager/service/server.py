@@ -597,6 +597,44 @@ class SecretsServicer(pb_grpc.SecretsServicer):
                 serial=caller.serial,
             )
 
+    def refuse_unauthenticated(
+        self, context: grpc.ServicerContext, method: str, operation: str, name: str | None
+    ) -> None:
+        """Health and server reflection: abort UNAUTHENTICATED, recorded (`operation`, `deny`,
+        `unauthenticated`, the identity, serial and peer) as the Secrets RPCs record it, a caller
+        they would refuse as unauthenticated: a certificate the policy revokes, one a reload's
+        retired CA signed, or one naming no usable identity. A revoked credential gets nothing,
+        not even whether the service is up. Anyone else is let through, unrecorded (a load
+        balancer's probes would fill the log). As in `_call`, a refused identity past its rate
+        is throttled instead of recorded each time."""
+        peer = context.peer()
+        identity, caller = "<unidentified>", None
+        try:
+            auth = context.auth_context()
+            caller = caller_from_auth_context(auth)
+            identity = caller.identity
+            revoked = self._policy.current.revocation(caller.serial, caller.fingerprint)  # set lookups
+            if revoked is not None:
+                raise IdentityError(revoked)
+            self._refuse_if_retired(auth, caller)
+        except IdentityError as exc:
+            started = time.perf_counter()
+            if caller is not None and not self.limits.admit(identity, method, peer, caller.serial_text):
+                self._refuse_throttled(context, method, identity, started, self._metrics.observe)
+            event = AuditEvent(
+                operation,
+                identity,
+                "grpc",
+                peer,
+                as_recorded(name),
+                decision="deny",
+                outcome="unauthenticated",
+                certificate_serial=_serial_of(caller, exc),
+            )
+            self._record(event, self._fsync_reads)
+            self._metrics.observe(method, grpc.StatusCode.UNAUTHENTICATED, started)
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+
     @contextmanager
     def _call(
         self,
@@ -1266,13 +1304,20 @@ class BoundedReflection:
     never closed them took every thread, and every other call waited until its deadline. One
     more is refused at once with RESOURCE_EXHAUSTED."""
 
-    def __init__(self, service_names: tuple[str, ...], limit: int) -> None:
+    def __init__(
+        self,
+        service_names: tuple[str, ...],
+        limit: int,
+        refuse: Callable[[grpc.ServicerContext, str, str, str | None], None] = lambda *_: None,
+    ) -> None:
         self._servicer = reflection.ReflectionServicer(service_names)
+        self._refuse = refuse  # a revoked certificate is not shown the services either
         self._limit = limit
         self._places = threading.BoundedSemaphore(limit)
         self._last_warning = -REFLECTION_WARNING_SECONDS
 
     def ServerReflectionInfo(self, requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
+        self._refuse(context, "ServerReflectionInfo", "reflection", None)
         if not self._places.acquire(blocking=False):
             self._warn(context)
             context.abort(
@@ -1298,6 +1343,26 @@ class BoundedReflection:
                     "peer": context.peer(),
                 },
             )
+
+
+class GatedHealth(health.HealthServicer):  # type: ignore[misc]
+    """grpc.health.v1 (Check, Watch) that first refuses a caller the Secrets RPCs would refuse as
+    unauthenticated (`SecretsServicer.refuse_unauthenticated`): a revoked certificate is not told
+    whether the service serves. The SDK and --server take such a refusal from a replica as the
+    replica answering (client/remote.py), so the call they make next is refused with the
+    revocation's message, as before."""
+
+    def __init__(self, refuse: Callable[[grpc.ServicerContext, str, str, str | None], None]) -> None:
+        super().__init__()
+        self._refuse = refuse
+
+    def Check(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._refuse(context, "Health/Check", "health", request.service)
+        return super().Check(request, context)
+
+    def Watch(self, request: Any, context: grpc.ServicerContext, send_response_callback: Any = None) -> Any:
+        self._refuse(context, "Health/Watch", "health", request.service)
+        return super().Watch(request, context, send_response_callback)
 
 
 @dataclass
@@ -1386,7 +1451,7 @@ def _start(
         limits=config.limits,
     )
     pb_grpc.add_SecretsServicer_to_server(_withholding_errors(servicer), server)  # type: ignore[no-untyped-call]
-    health_servicer = health.HealthServicer()
+    health_servicer = GatedHealth(servicer.refuse_unauthenticated)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_name = pb.DESCRIPTOR.services_by_name["Secrets"].full_name
     for name in (service_name, ""):
@@ -1397,7 +1462,11 @@ def _start(
         reflection.SERVICE_NAME,
     )
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
-        BoundedReflection(reflected, reflection_stream_limit(config.max_workers, config.watch_stream_limit)),
+        BoundedReflection(
+            reflected,
+            reflection_stream_limit(config.max_workers, config.watch_stream_limit),
+            servicer.refuse_unauthenticated,
+        ),
         server,
     )
     port = _bind(server, config.listen, certificates.credentials())
