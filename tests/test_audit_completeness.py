@@ -28,6 +28,7 @@ from service_fixtures import (
     TD,
     Server,
     eventually,
+    make_odd_client,
     make_pki,
     make_store,
     start_server,
@@ -222,3 +223,330 @@ def test_a_revoked_certificate_is_told_it_is_revoked_when_the_client_chooses_amo
     finally:
         first.stop()
         second.stop()
+
+
+def _serial_of(directory: Path, client: str) -> str:
+    return serial_text(
+        x509.load_pem_x509_certificate((directory / f"{client}.pem").read_bytes()).serial_number
+    )
+
+
+def test_every_request_that_reaches_the_service_has_exactly_one_record_with_who_where_and_what(
+    tmp_path: Path,
+) -> None:
+    """An auditor must find, for each request, one record (a change's `pending` request record
+    apart) naming the identity, the client certificate's serial, the peer, the operation, the
+    name and the outcome, for every RPC and every way a request is refused: a certificate naming
+    no usable identity, a revoked one, an identity with no role, a capability not granted, a
+    malformed name, a secret not found, a compare-and-set refused, a deadline that passed while
+    its record waited for the log, a Watch opened and cancelled. Never a value."""
+    make_pki(tmp_path)
+    make_odd_client(tmp_path, "odd", cn="auth/evil")  # a CN with '/': no usable identity
+    make_store(tmp_path)
+    _revoked_auth_certificate(tmp_path)
+    server = start_server(tmp_path)
+    written = b"matrix-value-SEEKRIT-9"
+    checked: list[str] = []
+    try:
+        stubs = {name: server.stub(name) for name in ("auth", "ops", "writer", "nobody", "stolen", "odd")}
+
+        def expect(
+            client: str,
+            method: str,
+            request: object,
+            code: grpc.StatusCode,
+            operation: str,
+            name: str | None,
+            outcome: str,
+            decision: str,
+            *,
+            actor: str | None = None,
+            names: list[str] | None = None,
+        ) -> None:
+            before = len(_records(server))
+            try:
+                getattr(stubs[client], method)(request, timeout=20)
+                got = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                got = exc.code()  # type: ignore[attr-defined]
+            assert got is code, (method, client, got)
+            assert eventually(lambda: len(_records(server)) > before, 10), method
+            time.sleep(0.1)  # a second record of the same request would be written by now
+            new = [r for r in _records(server)[before:] if r["outcome"] != "pending"]
+            mine = [r for r in new if r["operation"] == operation]
+            assert len(mine) == len(names or [name]) == len(new), (method, client, new)
+            assert len({r["request_id"] for r in new}) == 1, (method, new)  # nothing else was recorded
+            for record, named in zip(mine, names or [name], strict=True):
+                assert record["actor"] == (actor or f"spiffe://{TD}/{client}"), (method, record)
+                assert record["certificate_serial"] == _serial_of(tmp_path, client), (method, record)
+                assert str(record["peer"]).startswith("ipv4:127.0.0.1:"), (method, record)
+                assert (record["name"], record["outcome"], record["decision"]) == (
+                    named,
+                    outcome,
+                    decision,
+                ), (
+                    method,
+                    record,
+                )
+            checked.append(method)
+
+        get = pb.GetSecretRequest(name="auth/DB_PASSWORD")
+        ok, denied = grpc.StatusCode.OK, grpc.StatusCode.PERMISSION_DENIED
+        unauthenticated = grpc.StatusCode.UNAUTHENTICATED
+        expect(
+            "odd",
+            "GetSecret",
+            get,
+            unauthenticated,
+            "get",
+            "auth/DB_PASSWORD",
+            "unauthenticated",
+            "deny",
+            actor="<unidentified>",
+        )
+        expect(
+            "stolen",
+            "GetSecret",
+            get,
+            unauthenticated,
+            "get",
+            "auth/DB_PASSWORD",
+            "unauthenticated",
+            "deny",
+            actor=f"spiffe://{TD}/auth",
+        )
+        expect("nobody", "GetSecret", get, denied, "get", "auth/DB_PASSWORD", "access_denied", "deny")
+        expect(
+            "nobody",
+            "ListSecrets",
+            pb.ListSecretsRequest(prefix="auth/"),
+            denied,
+            "list",
+            "auth/",
+            "access_denied",
+            "deny",
+        )
+        expect(
+            "auth",
+            "GetSecret",
+            pb.GetSecretRequest(name="market-connector/BINANCE_SECRET"),
+            denied,
+            "get",
+            "market-connector/BINANCE_SECRET",
+            "access_denied",
+            "deny",
+        )
+        expect(
+            "auth",
+            "GetSecret",
+            pb.GetSecretRequest(name="auth//bad"),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "get",
+            "auth//bad",
+            "invalid_input",
+            "deny",
+        )
+        expect(
+            "auth",
+            "GetSecret",
+            pb.GetSecretRequest(name="auth/NOPE"),
+            grpc.StatusCode.NOT_FOUND,
+            "get",
+            "auth/NOPE",
+            "not_found",
+            "allow",
+        )
+        expect("auth", "GetSecret", get, ok, "get", "auth/DB_PASSWORD", "ok", "allow")
+        expect(
+            "auth",
+            "BatchGetSecrets",
+            pb.BatchGetSecretsRequest(prefix="auth/"),
+            ok,
+            "get",
+            "auth/",
+            "ok",
+            "allow",
+            names=["auth/DB_PASSWORD", "auth/JWT_KEY"],
+        )
+        expect(
+            "auth", "ListSecrets", pb.ListSecretsRequest(prefix="auth/"), ok, "list", "auth/", "ok", "allow"
+        )
+        expect(
+            "auth",
+            "DescribeSecret",
+            pb.DescribeSecretRequest(name="auth/JWT_KEY"),
+            ok,
+            "history",
+            "auth/JWT_KEY",
+            "ok",
+            "allow",
+        )
+        expect(
+            "writer",
+            "PutSecret",
+            pb.PutSecretRequest(name="auth/NEW", value=written),
+            ok,
+            "store",
+            "auth/NEW",
+            "ok",
+            "allow",
+        )
+        expect(
+            "writer",
+            "PutSecret",
+            pb.PutSecretRequest(name="auth/NEW", value=written, expect_version=0),
+            grpc.StatusCode.ABORTED,
+            "store",
+            "auth/NEW",
+            "conflict",
+            "allow",
+        )
+        expect(
+            "auth",
+            "PutSecret",
+            pb.PutSecretRequest(name="auth/NEW", value=written),
+            denied,
+            "store",
+            "auth/NEW",
+            "access_denied",
+            "deny",
+        )
+        expect(
+            "ops",
+            "UpdateSecretMetadata",
+            pb.UpdateSecretMetadataRequest(name="auth/NEW", description="d"),
+            ok,
+            "metadata",
+            "auth/NEW",
+            "ok",
+            "allow",
+        )
+        expect(
+            "ops",
+            "UpdateSecretMetadataIfCurrent",
+            pb.UpdateSecretMetadataIfCurrentRequest(name="auth/NEW", description="e", expect_current=7),
+            grpc.StatusCode.ABORTED,
+            "metadata",
+            "auth/NEW",
+            "conflict",
+            "allow",
+        )
+        expect(
+            "ops",
+            "StageSecretVersion",
+            pb.StageSecretVersionRequest(name="auth/NEW", value=written + b"2"),
+            ok,
+            "rotate.stage",
+            "auth/NEW",
+            "ok",
+            "allow",
+        )
+        expect(
+            "ops",
+            "DiscardPendingVersion",
+            pb.DiscardPendingVersionRequest(name="auth/NEW"),
+            ok,
+            "rotate.discard",
+            "auth/NEW",
+            "ok",
+            "allow",
+        )
+        expect(
+            "ops",
+            "StageSecretVersionIfCurrent",
+            pb.StageSecretVersionIfCurrentRequest(name="auth/NEW", value=written + b"3", expect_current=1),
+            ok,
+            "rotate.stage",
+            "auth/NEW",
+            "ok",
+            "allow",
+        )
+        expect(
+            "ops",
+            "PromoteSecretVersion",
+            pb.PromoteSecretVersionRequest(name="auth/NEW", version=3),
+            ok,
+            "rotate.promote",
+            "auth/NEW",
+            "ok",
+            "allow",
+        )
+        expect(
+            "ops",
+            "DeleteSecretIfCurrent",
+            pb.DeleteSecretIfCurrentRequest(name="auth/NEW", expect_version=1),
+            grpc.StatusCode.ABORTED,
+            "delete",
+            "auth/NEW",
+            "conflict",
+            "allow",
+        )
+        expect(
+            "ops",
+            "DeleteSecretIfUnchanged",
+            pb.DeleteSecretIfUnchangedRequest(name="auth/NEW", expect_version=3),
+            ok,
+            "delete",
+            "auth/NEW",
+            "ok",
+            "allow",
+        )
+        expect(
+            "ops",
+            "UndeleteSecret",
+            pb.UndeleteSecretRequest(name="auth/NEW"),
+            ok,
+            "undelete",
+            "auth/NEW",
+            "ok",
+            "allow",
+        )
+        expect(
+            "ops",
+            "DeleteSecret",
+            pb.DeleteSecretRequest(name="auth/NEW"),
+            ok,
+            "delete",
+            "auth/NEW",
+            "ok",
+            "allow",
+        )
+        expect(
+            "ops",
+            "RotateSecret",
+            pb.RotateSecretRequest(name="auth/JWT_KEY"),
+            grpc.StatusCode.NOT_FOUND,
+            "rotate",
+            "auth/JWT_KEY",
+            "not_found",
+            "allow",
+        )
+
+        # A deadline that passes while the request's record waits for the log's lock: one record.
+        before = len(_records(server))
+        with open(tmp_path / "store.audit.jsonl.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with pytest.raises(grpc.RpcError) as raised:
+                stubs["auth"].GetSecret(pb.GetSecretRequest(name="auth/JWT_KEY"), timeout=1)
+            assert raised.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        assert eventually(lambda: len(_records(server)) > before)
+        time.sleep(0.3)
+        late = [r for r in _records(server)[before:] if r["operation"] == "get"]
+        assert len(late) == 1 and late[0]["name"] == "auth/JWT_KEY", late
+
+        # A Watch: one record when it opens, none more when its client cancels it.
+        before = len(_records(server))
+        watch = stubs["auth"].Watch(pb.WatchRequest(prefix="auth/"), timeout=30)
+        watch.initial_metadata()
+        watch.cancel()
+        time.sleep(0.5)
+        opened = [r for r in _records(server)[before:]]
+        assert [(r["operation"], r["name"], r["outcome"]) for r in opened] == [("watch", "auth/", "ok")]
+        assert opened[0]["certificate_serial"] == _serial_of(tmp_path, "auth")
+    finally:
+        server.stop()
+    text = (tmp_path / "store.audit.jsonl").read_bytes()
+    assert b"SEEKRIT" not in text
+    assert len(checked) == 25
+    _verify(server)
