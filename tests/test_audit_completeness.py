@@ -124,6 +124,47 @@ def test_a_graceful_stop_is_recorded_after_the_last_requests_record_and_a_kill_l
     _verify(third)
 
 
+def test_a_stop_record_says_how_many_calls_the_grace_period_cut(tmp_path: Path) -> None:
+    """A call still running when `shutdown_grace_seconds` (5 s here) ends is cancelled by gRPC;
+    its handler still writes its record as it ends, before the stop record, which counts it as
+    cut (and not unfinished: it ended within the second given after the grace period)."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path, environment={"SECRETS_MANAGER_AUDIT_TIMEOUT": "30"})
+    codes: list[grpc.StatusCode] = []
+    try:
+        auth = server.stub("auth")
+
+        def held_get() -> None:
+            try:
+                auth.GetSecret(pb.GetSecretRequest(name="auth/JWT_KEY"), timeout=30)
+                codes.append(grpc.StatusCode.OK)
+            except grpc.RpcError as exc:
+                codes.append(exc.code())  # type: ignore[attr-defined]
+
+        with open(tmp_path / "store.audit.jsonl.lock", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            held = threading.Thread(target=held_get)
+            held.start()
+            time.sleep(1.0)
+            server.process.send_signal(signal.SIGTERM)
+            assert eventually(lambda: any("service.stopping" in line for line in server.log_lines))
+            time.sleep(5.3)  # past the grace period: gRPC has cancelled the call
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        held.join(timeout=30)
+        assert server.process.wait(timeout=30) == 0
+    finally:
+        server.stop()
+    assert codes in ([grpc.StatusCode.CANCELLED], [grpc.StatusCode.UNAVAILABLE])  # never answered
+    records = _records(server)
+    stop = records[-1]
+    assert stop["operation"] == "serve.stop"
+    assert stop["stopped"]["in_flight"] == 1 and stop["stopped"]["cut"] == 1
+    assert stop["stopped"]["unfinished"] == 0 and stop["stopped"]["drain_seconds"] >= 5
+    assert [r["name"] for r in records if r["operation"] == "get"] == ["auth/JWT_KEY"]
+    _verify(server)
+
+
 def _revoked_auth_certificate(directory: Path) -> str:
     """A second certificate of identity auth, written as stolen.pem, whose serial the policy
     revokes (as after a key was stolen and auth's certificate renewed); its serial."""
