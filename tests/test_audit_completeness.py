@@ -20,6 +20,7 @@ from grpc_health.v1.health_pb2 import HealthCheckRequest, HealthCheckResponse
 from grpc_health.v1.health_pb2_grpc import HealthStub
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from secrets_manager.cli.audit_commands import serve_periods_of
 from secrets_manager.tls import pki
 from secrets_manager.tls.identity import serial_text
 from secrets_manager.v1 import secrets_pb2 as pb
@@ -163,6 +164,46 @@ def test_a_stop_record_says_how_many_calls_the_grace_period_cut(tmp_path: Path) 
     assert stop["stopped"]["unfinished"] == 0 and stop["stopped"]["drain_seconds"] >= 5
     assert [r["name"] for r in records if r["operation"] == "get"] == ["auth/JWT_KEY"]
     _verify(server)
+
+
+def test_serve_periods_pair_each_runs_records_by_request_id_when_several_serves_share_one_log() -> None:
+    """Two serve processes writing one log interleave their records: each run is its start's
+    request id, never the record order. A start with a stop is clean; one followed by a later
+    serve on its address without a stop crashed before it; an error after the start ended it;
+    one that never listened did not start."""
+
+    def record(
+        rid: str, operation: str, outcome: str, time: str, peer: str, **more: object
+    ) -> dict[str, Any]:
+        return {"request_id": rid, "operation": operation, "outcome": outcome, "time": time, "peer": peer,
+                "source": "grpc", "actor": "svc", **more}  # fmt: skip
+
+    a, b = "127.0.0.1:7001", "127.0.0.1:7002"
+    stop = {"signal": "SIGINT", "in_flight": 0}
+    records = [
+        record("r1", "serve", "pending", "2026-01-01T00:00:00+00:00", a),
+        record("r2", "serve", "pending", "2026-01-01T00:00:01+00:00", b),
+        record("r1", "serve", "ok", "2026-01-01T00:00:02+00:00", a, policy_sha256="p1"),
+        record("r2", "serve", "ok", "2026-01-01T00:00:03+00:00", b, policy_sha256="p1"),
+        {"request_id": "x", "operation": "get", "outcome": "ok", "source": "grpc", "time": "T"},
+        record("r2", "serve.stop", "ok", "2026-01-01T00:00:05+00:00", b, stopped=stop),
+        record("r3", "serve", "pending", "2026-01-01T00:01:00+00:00", a),
+        record("r3", "serve", "ok", "2026-01-01T00:01:01+00:00", a),
+        record("r3", "serve", "storage_error", "2026-01-01T00:02:00+00:00", a),
+        record("r4", "serve", "pending", "2026-01-01T00:03:00+00:00", b),
+        record("r4", "serve", "storage_error", "2026-01-01T00:03:01+00:00", b),
+    ]  # fmt: skip
+    periods = serve_periods_of(records)
+    assert [(p["request_id"], p["ended"]) for p in periods] == [
+        (
+            "r1",
+            "no stop record: crashed or killed before the serve that started at 2026-01-01T00:01:01+00:00",
+        ),
+        ("r2", "stopped cleanly (SIGINT)"),
+        ("r3", "ended on an error (storage_error)"),
+        ("r4", "did not start (storage_error)"),
+    ]
+    assert periods[1]["stop"] == {"signal": "SIGINT", "in_flight": 0} and periods[0]["policy_sha256"] == "p1"
 
 
 def _revoked_auth_certificate(directory: Path) -> str:

@@ -475,8 +475,12 @@ def serve_periods_of(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         elif outcome == "ok":
             period["started"] = record.get("time")
             period["policy_sha256"] = record.get("policy_sha256")
-        elif outcome != "pending":
-            period["ended"] = f"did not start ({outcome})"
+        elif outcome != "pending":  # why it could not start, or the error that ended it once started
+            period["ended"] = (
+                f"did not start ({outcome})"
+                if period["started"] is None
+                else f"ended on an error ({outcome})"
+            )
     found = list(periods.values())
     for at, period in enumerate(found):
         if period["stopped"] is None and period["started"] is not None:
