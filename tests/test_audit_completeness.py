@@ -236,6 +236,9 @@ def test_a_revoked_certificate_gets_nothing_from_health_or_reflection_and_each_r
     try:
         checked = HealthStub(server.channel("auth")).Check(HealthCheckRequest(service=SERVICE), timeout=20)
         assert checked.status == HealthCheckResponse.SERVING
+        watched = HealthStub(server.channel("auth")).Watch(HealthCheckRequest(service=""), timeout=20)
+        assert next(iter(watched)).status == HealthCheckResponse.SERVING  # Watch still answers the others
+        watched.cancel()
         before = len(_records(server))
         stolen = server.channel("stolen")
         with pytest.raises(grpc.RpcError) as raised:
