@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import json
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -635,3 +636,40 @@ def test_every_request_that_reaches_the_service_has_exactly_one_record_with_who_
     assert b"SEEKRIT" not in text
     assert len(checked) == 25
     _verify(server)
+
+
+def test_a_damaged_store_and_a_failing_one_each_give_one_record_of_the_refused_read(tmp_path: Path) -> None:
+    """DATA_LOSS (a secret's value row gone) and UNAVAILABLE (the store's table gone, as a store
+    that fails under a running serve): each GetSecret still has exactly one record, allowed, with
+    the store's outcome (`integrity_error`, `storage_error`), its identity, serial and peer."""
+    make_pki(tmp_path)
+    make_store(tmp_path)
+    server = start_server(tmp_path)
+    auth = server.stub("auth")
+    outcomes = []
+    try:
+        for damage, name, code in (
+            (
+                "DELETE FROM entries WHERE key = 'data/auth/JWT_KEY#1'",
+                "auth/JWT_KEY",
+                grpc.StatusCode.DATA_LOSS,
+            ),
+            ("DROP TABLE entries", "auth/DB_PASSWORD", grpc.StatusCode.UNAVAILABLE),
+        ):
+            db = sqlite3.connect(tmp_path / "store.db")
+            db.execute(damage)
+            db.commit()
+            db.close()
+            before = len(_records(server))
+            with pytest.raises(grpc.RpcError) as raised:
+                auth.GetSecret(pb.GetSecretRequest(name=name), timeout=20)
+            assert raised.value.code() is code  # type: ignore[attr-defined]
+            time.sleep(0.2)
+            new = _records(server)[before:]
+            assert [(r["operation"], r["name"], r["decision"]) for r in new] == [("get", name, "allow")], new
+            assert new[0]["certificate_serial"] == _serial_of(tmp_path, "auth")
+            assert str(new[0]["peer"]).startswith("ipv4:127.0.0.1:")
+            outcomes.append(new[0]["outcome"])
+    finally:
+        server.stop()
+    assert outcomes == ["integrity_error", "storage_error"]
