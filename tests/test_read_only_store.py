@@ -287,12 +287,13 @@ def test_serve_reads_a_store_on_a_read_only_mount(tmp_path: Path) -> None:
         assert '"event": "service.store_read_only"' in said, said
         assert "they are anchored by the first command that can write the store" in said, said
         outcomes = [(r["operation"], r["outcome"]) for r in server.audit_records()]
-        assert outcomes[-5:] == [
+        assert outcomes[-6:] == [
             ("serve", "pending"),
             ("serve", "ok"),
             ("get", "ok"),
             ("store", "pending"),
             ("store", "storage_error"),
+            ("serve.stop", "ok"),  # appended and fsynced; its anchor owed, as the others'
         ]
     # The writable original, with the same log: the records serve wrote are anchored now.
     assert subprocess.run([str(SCRIPT), "list"], env=environment, capture_output=True).returncode == 0

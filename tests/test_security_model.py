@@ -66,9 +66,10 @@ def spellings(material: bytes) -> list[bytes]:
 # ---- a compromised service ---------------------------------------------------------------------
 
 
-def test_a_revoked_certificate_still_gets_health_but_no_secret_call(server: Server) -> None:
-    """What docs/security.md says a revoked certificate keeps: grpc.health (and reflection), which
-    answer any certificate the CA signed and touch no secret. Every Secrets call is refused."""
+def test_a_revoked_certificate_gets_no_health_answer_and_no_secret_call(server: Server) -> None:
+    """What docs/security.md says a revoked certificate gets: nothing. Every Secrets call is
+    refused, and so is grpc.health (it was answered SERVING before; reflection likewise,
+    tests/test_audit_completeness.py), each refusal audited with the certificate's serial."""
     serial = format(x509.load_pem_x509_certificate((server.dir / "auth.pem").read_bytes()).serial_number, "X")
     policy = server.dir / "policy.toml"
     policy.write_text(policy.read_text() + f'\n[revoked]\nserials = ["{serial}"]\n')
@@ -84,8 +85,13 @@ def test_a_revoked_certificate_still_gets_health_but_no_secret_call(server: Serv
 
     assert eventually(refused)
     health = health_pb2_grpc.HealthStub(server.channel("auth"))  # type: ignore[no-untyped-call]
-    answer = health.Check(health_pb2.HealthCheckRequest(service="secrets_manager.v1.Secrets"), timeout=10)
-    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as raised:
+        health.Check(health_pb2.HealthCheckRequest(service="secrets_manager.v1.Secrets"), timeout=10)
+    assert raised.value.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    refusals = [r for r in server.audit_records() if r["operation"] == "health"]
+    assert [(r["outcome"], int(str(r["certificate_serial"]), 16)) for r in refusals] == [
+        ("unauthenticated", int(serial, 16))
+    ]
 
 
 # ---- someone who can write the audit log ------------------------------------------------------

@@ -211,7 +211,8 @@ def test_each_replica_keeps_its_own_audit_log_and_both_verify(replicas: Replicas
         server.stop()  # flushes its log and anchors it in the store
     reads = [(r["operation"], r["name"]) for r in replicas.audit_records(replicas.a)]
     writes = [(r["operation"], r["name"]) for r in replicas.audit_records(replicas.b)]
-    assert reads == [("serve", None), ("serve", None), ("get", "auth/JWT_KEY")]  # pending, ok
+    # pending, ok, the read, and the stop's record (SIGTERM)
+    assert reads == [("serve", None), ("serve", None), ("get", "auth/JWT_KEY"), ("serve.stop", None)]
     assert ("store", "auth/new") in writes and ("get", "auth/JWT_KEY") not in writes
     for server in (replicas.a, replicas.b):
         verified = replicas.cli("audit", "verify", audit_file=f"{replicas.name_of(server)}.audit.jsonl")
@@ -304,6 +305,7 @@ def test_a_database_outage_is_unavailable_and_the_service_recovers_without_a_res
         ("get", "ok"),
         ("store", "pending"),
         ("store", "ok"),
+        ("serve.stop", "ok"),
     ]
     assert postgres_cluster.role_password not in "".join(server.log_lines)
 
