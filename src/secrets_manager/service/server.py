@@ -1068,26 +1068,24 @@ class SecretsServicer(pb_grpc.SecretsServicer):
     def DeleteSecretIfCurrent(self, request: Any, context: grpc.ServicerContext) -> Any:
         """DeleteSecret on condition (store.delete's expect_version): ABORTED (a ConflictError),
         nothing deleted, if `expect_version` is no longer current. Audited as `delete` with it."""
-        with self._call(
-            context, "DeleteSecretIfCurrent", "delete", request.name, "delete", mutating=True
-        ) as call:
-            call.event.version = request.expect_version or None
-            if not request.expect_version:
-                raise InvalidInputError("expect_version is the version read as current: 1 or more")
-            self._store.delete(request.name, expect_version=request.expect_version)
-        return pb.DeleteSecretResponse()
+        return self._delete_on_condition(request, context, "DeleteSecretIfCurrent", expect_no_pending=False)
 
     def DeleteSecretIfUnchanged(self, request: Any, context: grpc.ServicerContext) -> Any:
         """DeleteSecretIfCurrent that is also refused while a rotation is in progress (store.delete's
         expect_no_pending): ABORTED, nothing deleted, if a version other than current is pending.
         Audited as `delete` with the version."""
-        with self._call(
-            context, "DeleteSecretIfUnchanged", "delete", request.name, "delete", mutating=True
-        ) as call:
+        return self._delete_on_condition(request, context, "DeleteSecretIfUnchanged", expect_no_pending=True)
+
+    def _delete_on_condition(
+        self, request: Any, context: grpc.ServicerContext, method: str, *, expect_no_pending: bool
+    ) -> Any:
+        with self._call(context, method, "delete", request.name, "delete", mutating=True) as call:
             call.event.version = request.expect_version or None
             if not request.expect_version:
                 raise InvalidInputError("expect_version is the version read as current: 1 or more")
-            self._store.delete(request.name, expect_version=request.expect_version, expect_no_pending=True)
+            self._store.delete(
+                request.name, expect_version=request.expect_version, expect_no_pending=expect_no_pending
+            )
         return pb.DeleteSecretResponse()
 
     def UndeleteSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
