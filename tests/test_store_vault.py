@@ -26,6 +26,7 @@ from secrets_manager.errors import (
     InvalidInputError,
     NotFoundError,
     OutcomeUnknownError,
+    SecretStateError,
     StorageError,
     UnlockError,
     UnsafeConfigurationError,
@@ -1761,3 +1762,27 @@ def test_the_test_server_refuses_empty_or_unprintable_custom_metadata_as_vault_d
     assert not kv(fake_vault, "p/z").custom_metadata
     ok = requests.post(url, json={"custom_metadata": {"ü key": "a value"}}, headers=token, timeout=10)
     assert ok.status_code == 204
+
+
+def test_destroying_the_last_versions_of_a_deleted_secret_is_refused_and_it_stays_deleted(
+    make_vault: MakeVault,
+) -> None:
+    """KV v2 keeps no deleted flag (a secret is deleted while every version not destroyed is
+    soft-deleted): destroying the last ones made a deleted secret read as live, listed, written
+    to and refused an undelete. Found by tests/test_store_model.py: put, delete, destroy [1]."""
+    store = make_vault()
+    store.put("app/gone", b"v1")
+    store.put("app/gone", b"v2")
+    store.destroy("app/gone", [1])
+    store.delete("app/gone")
+    with pytest.raises(SecretStateError, match="nothing was destroyed"):
+        store.destroy("app/gone", [2])
+    meta = store.describe("app/gone")
+    assert meta.deleted is not None and [v.destroyed for v in meta.versions] == [True, False]
+    assert "app/gone" not in [m.name for m in store.list("app/")]
+    with pytest.raises(SecretStateError):
+        store.put("app/gone", b"v3")
+    store.undelete("app/gone")
+    assert store.get("app/gone").value.reveal() == b"v2"
+    store.destroy("app/gone", [2])  # a live secret's last version: destroyed, as on every store
+    assert store.describe("app/gone").deleted is None

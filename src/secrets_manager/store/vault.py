@@ -1343,7 +1343,12 @@ class VaultStore:
         self._send("POST", f"undelete/{name}", action=f"undelete {name}", json={"versions": deleted})
 
     def destroy(self, name: str, versions: Iterable[int]) -> None:
-        """POST MOUNT/destroy/NAME {"versions": […]} (Vault ignores unknown versions; we refuse them)."""
+        """POST MOUNT/destroy/NAME {"versions": […]} (Vault ignores unknown versions; we refuse them).
+
+        KV v2 keeps no deleted flag: a secret is deleted while every version not destroyed is
+        soft-deleted, so destroying the last such versions of a deleted secret would make it read
+        as live (listed, written to, refused an undelete). That is refused (SecretStateError),
+        nothing destroyed: `destroy_secret` erases it, or `undelete` first."""
         validate_name(name)
         wanted = sorted(set(versions))
         if not wanted:
@@ -1352,6 +1357,13 @@ class VaultStore:
         missing = [v for v in wanted if v not in meta.versions]
         if missing:
             raise NotFoundError(f"secret {name!r} has no version {missing[0]}")
+        undestroyed = {v.number for v in meta.versions.values() if not v.destroyed}
+        if meta.deleted is not None and undestroyed <= set(wanted):
+            raise SecretStateError(
+                f"secret {name!r} is deleted, and destroying its last versions would make Vault show it "
+                f"as live again (KV v2 keeps a deletion in its versions alone); nothing was destroyed: "
+                f"'destroy {name} --all' erases it, or 'undelete {name}' first"
+            )
         self._send("POST", f"destroy/{name}", action=f"destroy {name}", json={"versions": wanted})
 
     def destroy_secret(self, name: str, *, deleted_before: datetime | None = None) -> None:
