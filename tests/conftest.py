@@ -164,6 +164,7 @@ def moto_endpoint() -> Iterator[str]:
         pytest.skip("moto[server] is not installed (pip install -e '.[dev]' brings it)")
     _clear_descriptions_as_aws_does()
     _date_versions_as_aws_does()
+    _keep_one_current_version_as_aws_does()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
@@ -210,6 +211,31 @@ def _date_versions_as_aws_does() -> None:
 
     dated.dates_versions = True  # type: ignore[attr-defined]
     SecretsManagerBackend.list_secret_version_ids = dated  # type: ignore[method-assign]
+
+
+def _keep_one_current_version_as_aws_does() -> None:
+    """moto's UpdateSecretVersionStage moves AWSCURRENT's label but not the version moto's
+    PutSecretValue takes for current (`default_version_id`), so the next PutSecretValue made the
+    version current before the move AWSPREVIOUS and left AWSCURRENT on the promoted one too: two
+    versions current, and `previous` on the wrong one. AWS keeps a stage on one version, and
+    PutSecretValue moves AWSPREVIOUS to the version that held AWSCURRENT. Patched here to AWS's
+    behaviour (found by tests/test_store_model.py: put, stage, promote, put)."""
+    from moto.secretsmanager.models import SecretsManagerBackend
+
+    update_stage = SecretsManagerBackend.update_secret_version_stage
+    if getattr(update_stage, "keeps_one_current", False):
+        return
+
+    def moving_current(
+        self: Any, secret_id: str, version_stage: str, remove_from_version_id: str, move_to_version_id: str
+    ) -> Any:
+        result = update_stage(self, secret_id, version_stage, remove_from_version_id, move_to_version_id)
+        if version_stage == "AWSCURRENT" and move_to_version_id:
+            self.secrets[secret_id].default_version_id = move_to_version_id
+        return result
+
+    moving_current.keeps_one_current = True  # type: ignore[attr-defined]
+    SecretsManagerBackend.update_secret_version_stage = moving_current  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session")
