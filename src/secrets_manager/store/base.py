@@ -205,7 +205,10 @@ class SecretStore(Protocol):
         expect_current: int | None = None,
     ) -> None:
         """`expires` records when the current version stops working, `clear_expiry` forgets it
-        (InvalidInputError if the secret has no current version, `refuse_expiry_without_current`).
+        (InvalidInputError if the secret has no current version, `refuse_expiry_without_current`);
+        a clear forgets only the current version's (another's, which a rollback carries, stays), and
+        an expiry set or cleared as it already is changes nothing (NothingToChangeError, as any
+        update that changes nothing).
         `expect_current`: only if that version is current (`refuse_unless_still_current`:
         ConflictError, nothing changed), so an expiry meant for it never lands on a version written
         meanwhile; decided in the update's own commit on our stores (through a service too:
@@ -262,7 +265,9 @@ class SecretStore(Protocol):
         step: the old current becomes `previous` and the `pending` label is removed. Returns the
         version that became `previous` (None if nothing was current), as the change saw it: a
         describe afterwards could report another rotation's labels. ConflictError, nothing moved,
-        if the current version is newer than `version` (`refuse_to_demote`)."""
+        if the current version is newer than `version` (`refuse_to_demote`), or if `version` was
+        destroyed (`destroy` of the pending version: it has no value to make current;
+        `discard_pending` drops it)."""
 
     def discard_pending(self, name: str) -> int:
         """Remove the `pending` label (the version stays, unlabelled). NotFoundError if none has it,
