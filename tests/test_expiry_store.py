@@ -20,7 +20,7 @@ from secrets_manager.errors import InvalidInputError
 from secrets_manager.store import EncryptedStore
 from secrets_manager.store.aws import AwsStore
 from secrets_manager.store.backup import read_backup, write_backup
-from secrets_manager.store.base import format_expiry, parse_expiry
+from secrets_manager.store.base import PREVIOUS, format_expiry, parse_expiry
 from secrets_manager.store.encrypted import META_PREFIX, _Meta
 from secrets_manager.store.external import EXPIRES_KEY
 from secrets_manager.store.names import namespace_of
@@ -293,3 +293,23 @@ def test_aws_a_new_version_written_by_another_process_is_read_with_its_expiry_at
     aws.version_snapshot()  # a listing notes the current version too: still no stale reuse
     secret = aws.get(NAME)
     assert (secret.version, secret.expires) == (2, later)
+
+
+def test_aws_previous_after_another_process_wrote_is_read_without_the_expiry_seen_when_it_was_current(
+    aws: AwsStore, moto_endpoint: str
+) -> None:
+    """The expiry tag seen stands in for a DescribeSecret only while the version read is the one
+    seen current: a read of `previous` after another process wrote version 2 is the version that
+    was current when the tag was seen, and was served that tag's expiry, which the write had moved
+    to version 2. Found by tests/test_store_model.py (put with an expiry, get, a put with another
+    expiry through a second handle, get --label previous). Fails on the old code (version 1 read
+    with the expiry version 2 now has)."""
+    later = datetime(2032, 1, 2, 3, 4, 5, tzinfo=UTC)
+    aws.put(NAME, b"v1", expires=EXPIRES)
+    assert aws.get(NAME).expires == EXPIRES  # seen here, version 1 current
+    other = AwsStore(aws_client(moto_endpoint), aws._prefix)
+    other.put(NAME, b"v2", expires=later)
+    other.close()
+    previous = aws.get(NAME, label=PREVIOUS)
+    assert (previous.version, previous.expires) == (1, None)
+    assert (aws.get(NAME).version, aws.get(NAME).expires) == (2, later)

@@ -622,6 +622,10 @@ class AwsStore:
             # A version of ours written since (by another process): its tag is asked for. Another
             # tool's version has no number in the listing: the tag seen stands for it.
             and seen[1] in (None, secret.version)
+            # Only the current version's read can tell a write since: `previous` (or `pending`)
+            # is the version that was current when the tag was seen, once another process wrote
+            # a new one, and that tag (now the new version's) would be served for it.
+            and (label or CURRENT) == CURRENT
         ):
             expiry = seen[2]
         else:
