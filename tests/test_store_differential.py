@@ -44,7 +44,12 @@ from botocore.config import Config
 from secrets_manager.cli.move_commands import copy_secret
 from secrets_manager.cli.session import Note
 from secrets_manager.crypto import kdf
-from secrets_manager.errors import InvalidInputError, NotFoundError, UnsupportedOperationError
+from secrets_manager.errors import (
+    InvalidInputError,
+    NotFoundError,
+    SecretStateError,
+    UnsupportedOperationError,
+)
 from secrets_manager.storage.postgres import PostgresStorage
 from secrets_manager.storage.sqlite import SqliteStorage
 from secrets_manager.store import EncryptedStore, PasswordUnlock
@@ -433,6 +438,13 @@ def documented_limit(store: Any, op: Op, outcome: Outcome) -> bool:
         # a description or tags the backend cannot hold (Vault's custom_metadata, AWS's 50 tags)
         carries_metadata = any(key in op.args for key in ("description", "tags", "set_tags"))
         if Capability.METADATA_AT_LIMITS in lacks and (carries_metadata or op.kind in ("cp", "mv")):
+            return True
+    # Vault keeps a deletion in its versions alone (docs/stores.md, `destroy --version N`): a
+    # deleted secret's last versions are not destroyed, nor is a secret deleted with none left
+    if isinstance(store, VaultStore) and outcome.error == SecretStateError.__name__:
+        if op.kind == "destroy" and "would make Vault show it as live again" in outcome.message:
+            return True
+        if op.kind == "delete" and "no version left to delete" in outcome.message:
             return True
     # AWS's tag characters (docs/stores.md: "That rule is AWS's alone"), exit 2 naming the key
     tags = {**op.args.get("tags", {}), **op.args.get("set_tags", {})}
@@ -1023,6 +1035,19 @@ class CliRun:
                 }
             # exit 1 too: a rotate whose --test-command failed has staged its version there
             if reference.code in (0, 1) and (writes or args[0] == "purge"):
+                for name in names:
+                    diverged[name] = f"refused: {answer.err}"
+            return "a documented limit"
+        if (
+            label == "vault"
+            and answer.code == 7
+            and (
+                "would make Vault show it as live again" in answer.err
+                or "no version left to delete" in answer.err
+            )
+        ):
+            # Vault keeps a deletion in its versions alone (docs/stores.md, `destroy --version N`)
+            if reference.code == 0:
                 for name in names:
                     diverged[name] = f"refused: {answer.err}"
             return "a documented limit"
