@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from secrets_manager.store import EncryptedStore, PasswordUnlock, Secret, SecretMetadata, SecretStore
     from secrets_manager.values import SecretValue
 
-__version__ = "0.7.0"
+__version__ = "0.8.0"
 
 _WHERE = {
     **dict.fromkeys(
