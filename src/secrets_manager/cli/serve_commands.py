@@ -164,9 +164,11 @@ def serve(session: Session, config_path: str) -> None:
 
         def stopped(summary: dict[str, object]) -> None:
             # The clean stop's record, under the start's request id (docs/audit.md: serve.stop):
-            # a start with none after it ended in a crash, a kill or a cut log.
+            # a start with none after it ended in a crash, a kill or a cut log. In the file when
+            # this returns; the shutdown's flush fsyncs it and then anchors it in the store within
+            # its bound, so a store that stopped answering does not hold the exit a second time.
             try:
-                audit.append([replace(event, operation="serve.stop", stopped=summary)], store)
+                audit.append([replace(event, operation="serve.stop", stopped=summary)], store, durable=False)
             except SecretsManagerError as exc:  # stopping anyway: said in the service's log
                 logging.getLogger("secrets_manager.service").error(
                     "the stop's audit record could not be written",

@@ -1727,21 +1727,24 @@ def run_server(
     summary = drained.as_record(signal.Signals(requested.stop).name, config.shutdown_grace_seconds)
     if scheduler is not None and scheduler.running():
         summary["rotation_unfinished"] = True  # a scheduled rotation outlived the grace period
-    stopped(summary)  # the stop record: after every request's, before the log's last flush
-    _flush_at_shutdown(audit)
+    # The stop record (after every request's), then the log's last flush, within one bound.
+    _flush_at_shutdown(audit, lambda: stopped(summary))
     log.info("stopped", extra={"event": "service.stopped", **summary})
     return 0
 
 
-def _flush_at_shutdown(audit: AuditLog) -> None:
-    """Fsync the audit log and anchor it in the store, waiting at most the log's timeout (and a
-    second) for it: a store that stopped answering would otherwise hold the exit for its own answer
-    timeout (30 s on PostgreSQL) and a connect timeout on top, past what SIGTERM is documented to
-    take. The records are written already; what is left undone is an anchor that lags."""
+def _flush_at_shutdown(audit: AuditLog, record_stop: Callable[[], None] = lambda: None) -> None:
+    """Write the stop record (`record_stop`), then fsync the audit log and anchor it in the store,
+    waiting at most the log's timeout (and a second) for both: a store that stopped answering
+    (the stop record's MAC may need its audit keys read again) would otherwise hold the exit for
+    its own answer timeout (10 s on Vault, 30 s on PostgreSQL), past what SIGTERM is documented
+    to take. The requests' records are written already; what is left undone then is the stop
+    record, or an anchor that lags."""
     errors: list[SecretsManagerError] = []
 
     def flush() -> None:
         try:
+            record_stop()
             audit.flush()
         except SecretsManagerError as exc:
             errors.append(exc)
@@ -1754,8 +1757,9 @@ def _flush_at_shutdown(audit: AuditLog) -> None:
             "audit log could not be flushed at shutdown",
             extra={
                 "event": "audit.flush_failed",
-                "error": f"the store did not answer within {audit.timeout + 1:g} s; the records are "
-                "written, and the store's anchor lags until a writer of this log moves it",
+                "error": f"the store did not answer within {audit.timeout + 1:g} s; the requests' records "
+                "are written, the stop's record may not be, and the store's anchor lags until a writer "
+                "of this log moves it",
             },
         )
     elif errors:
